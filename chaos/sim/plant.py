@@ -1,0 +1,77 @@
+"""Known Raft bugs that can be planted into the real core, to prove the simulator finds them.
+
+Each bug replaces one method of the core for the duration of a `with planted(name):` block. The core
+itself carries no trace of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from kvstore.raft import HardState, RaftNode
+from kvstore.raft.log import RaftLog
+from kvstore.raft.readonly import ReadRequest
+
+
+def _commit_previous_term(self: RaftLog, max_index: int, term: int) -> bool:
+    # BUG: commits an entry by counting replicas even if it is from an earlier term (Figure 8).
+    if max_index > self.committed:
+        self.commit_to(max_index)
+        return True
+    return False
+
+
+def _vote_without_log_check(self: RaftLog, last_index: int, term: int) -> bool:
+    # BUG: grants votes without the "candidate's log is at least as up-to-date" check.
+    return True
+
+
+def _read_without_confirmation(self: RaftNode, req: ReadRequest) -> None:
+    # BUG: a leader answers ReadIndex at its commit index without confirming it is still leader.
+    self._release_read(self.log.committed, req)
+
+
+def _forget_vote(self: RaftNode) -> HardState:
+    # BUG: the vote is never part of the persisted hard state, so a restart forgets it.
+    return HardState(self.term, 0, self.log.committed)
+
+
+def _skip_log_consistency_check(self: RaftLog, index: int, term: int) -> bool:
+    # BUG: a follower accepts entries without checking that its log matches at the previous entry
+    # (and, through find_conflict, never truncates a conflicting suffix).
+    return index <= self.last_index()
+
+
+def _apply_before_commit(self: RaftLog, max_size: int | None = None) -> list[Any]:
+    # BUG: hands out entries for applying as soon as they are in the log, committed or not.
+    lo = max(self.applied + 1, self.first_index())
+    hi = self.last_index() + 1
+    if self.committed < hi - 1:
+        self.committed = hi - 1  # keep the log's own invariant applied <= committed
+    return self.slice(lo, hi, max_size) if hi > lo else []
+
+
+BUGS: dict[str, tuple[type, str, Callable[..., Any]]] = {
+    "commit-previous-term": (RaftLog, "maybe_commit", _commit_previous_term),
+    "vote-without-log-check": (RaftLog, "is_up_to_date", _vote_without_log_check),
+    "read-without-confirmation": (RaftNode, "_leader_read", _read_without_confirmation),
+    "forget-vote": (RaftNode, "_hard_state", _forget_vote),
+    "apply-before-commit": (RaftLog, "next_committed_entries", _apply_before_commit),
+    "skip-log-consistency-check": (RaftLog, "match_term", _skip_log_consistency_check),
+}
+
+
+@contextmanager
+def planted(name: str | None) -> Iterator[None]:
+    if name is None:
+        yield
+        return
+    cls, attr, bug = BUGS[name]
+    original = cls.__dict__[attr]
+    setattr(cls, attr, bug)
+    try:
+        yield
+    finally:
+        setattr(cls, attr, original)

@@ -1,0 +1,898 @@
+"""RaftNode: one member of one Raft group, as a pure deterministic state machine.
+
+Inputs are method calls: `step(message)`, `tick()`, `propose(...)`, `propose_conf_change(...)`,
+`read_index(ctx)`, `transfer_leader(id)`, `report_snapshot(...)`, `report_unreachable(...)`.
+Output is a `Ready` batch from `ready()`, acknowledged by `advance(ready)`. The core never touches a
+clock, a socket, a disk or global randomness: time is `tick()`, randomness comes from the
+`random.Random` it is handed, and storage is read through the `LogStorage` it is handed.
+
+Safety-relevant rules kept here:
+- Votes (and the term) are durable before a vote response leaves: all non-leader messages are
+  in `Ready.persisted_messages`. A leader's own log entries count toward commitment only after
+  `advance()` reports them durable.
+- An entry is committed only by counting replicas of an entry of the leader's current term
+  (Raft §5.4.2); a new leader appends an empty entry to get there.
+- A ReadIndex read is released only after the leader has committed an entry of its term and a
+  majority has confirmed its leadership after the read arrived (or, in lease mode, while the
+  leader's lease holds).
+
+Membership changes are single-server changes (Ongaro's dissertation §4.1): each CONF_CHANGE entry
+adds or removes one voter (or changes learners, which never count toward a quorum). A node uses
+the latest configuration in its log, committed or not, and reverts it if that entry is
+truncated. The majorities of two configurations that differ by one voter always intersect, so two
+leaders cannot be elected in one term even while members disagree on the configuration. The leader
+proposes a change only when (a) no earlier change is uncommitted, so at most two configurations
+are in use at any time, and (b) it has committed an entry of its own term, which fixes the known
+flaw of single-server changes across leader changes (Ongaro, raft-dev 2015): it ensures a change
+appended by a previous leader that never committed cannot coexist with the new one. A leader that
+removes itself keeps leading (without counting itself) until the change commits, then steps down.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+from . import quorum
+from .log import RaftLog
+from .progress import Progress, ProgressState
+from .readonly import ReadOnly, ReadRequest
+from .storage import CompactedError, LogStorage, SnapshotTemporarilyUnavailable
+from .types import (
+    NONE,
+    ConfChange,
+    ConfState,
+    Entry,
+    EntryType,
+    HardState,
+    Message,
+    MessageType,
+    ProposalDropped,
+    RaftError,
+    ReadState,
+    Ready,
+    Role,
+    Snapshot,
+    SoftState,
+)
+
+MT = MessageType
+CAMPAIGN_TRANSFER = b"transfer"
+
+# Messages a leader may send before its Ready is durable: they depend only on its term (already
+# durable: it was persisted as candidate) and on entries it does not count until durable.
+_LEADER_IMMEDIATE = frozenset({MT.APP, MT.HEARTBEAT, MT.SNAP, MT.TIMEOUT_NOW, MT.READ_INDEX_RESP})
+
+
+@dataclass(slots=True)
+class Config:
+    id: int
+    group: int = 0
+    election_tick: int = 10
+    """Ticks a follower waits without hearing from a leader before it campaigns (randomized
+    in [election_tick, 2 * election_tick))."""
+    heartbeat_tick: int = 1
+    applied: int = 0
+    """Index the application's state machine had applied when this node was (re)started."""
+    max_size_per_msg: int = 1 << 20
+    max_inflight_msgs: int = 256
+    max_committed_size_per_ready: int | None = 8 << 20
+    check_quorum: bool = True
+    pre_vote: bool = True
+    lease_read: bool = False
+    """Serve ReadIndex from the leader lease instead of a heartbeat round. Relies on
+    check_quorum and on clocks drifting less than `lease_drift_ticks` per election timeout."""
+    lease_drift_ticks: int = 2
+
+    def validate(self) -> None:
+        if self.id == NONE:
+            raise RaftError("node id must be >= 1")
+        if self.heartbeat_tick <= 0 or self.election_tick <= self.heartbeat_tick:
+            raise RaftError("need 0 < heartbeat_tick < election_tick")
+        if self.max_inflight_msgs <= 0:
+            raise RaftError("max_inflight_msgs must be > 0")
+        if self.lease_read and not self.check_quorum:
+            raise RaftError("lease_read requires check_quorum")
+        if self.lease_read and not 0 <= self.lease_drift_ticks < self.election_tick:
+            raise RaftError("lease_drift_ticks must be in [0, election_tick)")
+
+
+class RaftNode:
+    def __init__(
+        self,
+        config: Config,
+        storage: LogStorage,
+        rng: random.Random,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        config.validate()
+        self.cfg = config
+        self.id = config.id
+        self.group = config.group
+        self.rng = rng
+        self.logger = logger
+        self.log = RaftLog(storage, config.applied)
+        hs, snap_conf = storage.initial_state()
+        self.term = hs.term
+        self.vote = hs.vote
+        self.lead = NONE
+        self.role = Role.FOLLOWER
+        # Configuration history: (index of the CONF_CHANGE entry, configuration after it).
+        self._conf_history: list[tuple[int, ConfState]] = [(self.log.first_index() - 1, snap_conf)]
+        first, last = self.log.first_index(), self.log.last_index()
+        if last >= first:
+            self._scan_conf(storage.entries(first, last + 1))
+        self.prs: dict[int, Progress] = {}
+        self.votes: dict[int, bool] = {}
+        self.msgs: list[Message] = []
+        self.msgs_after_persist: list[Message] = []
+        self.read_states: list[ReadState] = []
+        self.read_only = ReadOnly()
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.randomized_election_timeout = config.election_tick
+        self.lead_transferee = NONE
+        self.transfer_sent_this_term = False
+        self.tick_count = 0
+        self.boot_ticks = 0
+        self._prev_hs = hs
+        self._prev_ss = SoftState()
+        self._ready_number = 0
+        self._outstanding: Ready | None = None
+        self._reset(self.term)
+
+    # --- configuration ----------------------------------------------------------------------
+    @property
+    def conf(self) -> ConfState:
+        return self._conf_history[-1][1]
+
+    def _scan_conf(self, ents: list[Entry]) -> bool:
+        changed = False
+        for e in ents:
+            if e.type == EntryType.CONF_CHANGE:
+                try:
+                    new = self.conf.apply(ConfChange.decode(e.data))
+                except ValueError as err:
+                    self._warn("ignoring invalid conf change at %d: %s", e.index, err)
+                    continue
+                self._conf_history.append((e.index, new))
+                changed = True
+        return changed
+
+    def _truncate_conf(self, from_index: int) -> bool:
+        changed = False
+        while len(self._conf_history) > 1 and self._conf_history[-1][0] >= from_index:
+            self._conf_history.pop()
+            changed = True
+        return changed
+
+    def _conf_changed(self) -> None:
+        conf = self.conf
+        members = set(conf.voters) | set(conf.learners)
+        last = self.log.last_index()
+        for nid in list(self.prs):
+            if nid not in members:
+                del self.prs[nid]
+        for nid in sorted(members):
+            pr = self.prs.get(nid)
+            if pr is None:
+                pr = self.prs[nid] = Progress(next=last + 1)
+                pr.recent_active = True
+            pr.is_learner = nid in conf.learners
+        if self.lead_transferee != NONE and self.lead_transferee not in conf.voters:
+            self.lead_transferee = NONE
+        if self.role == Role.LEADER:
+            self._maybe_commit()
+
+    def conf_state_at(self, index: int) -> ConfState:
+        """The configuration in force after the entry at `index` (for snapshots taken there)."""
+        conf = self._conf_history[0][1]
+        for i, c in self._conf_history:
+            if i > index:
+                break
+            conf = c
+        return conf
+
+    def _pending_conf_change(self) -> bool:
+        return len(self._conf_history) > 1 and self._conf_history[-1][0] > self.log.committed
+
+    def promotable(self) -> bool:
+        return self.id in self.conf.voters
+
+    # --- helpers ----------------------------------------------------------------------------
+    def _warn(self, msg: str, *args: object) -> None:
+        if self.logger is not None:
+            self.logger.warning("[g%d n%d t%d] " + msg, self.group, self.id, self.term, *args)
+
+    def _debug(self, msg: str, *args: object) -> None:
+        if self.logger is not None and self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("[g%d n%d t%d] " + msg, self.group, self.id, self.term, *args)
+
+    def _send(self, m: Message) -> None:
+        m.frm = self.id
+        m.group = self.group
+        if m.type not in (MT.VOTE, MT.VOTE_RESP, MT.PRE_VOTE, MT.PRE_VOTE_RESP):
+            m.term = self.term
+        if self.role == Role.LEADER and m.type in _LEADER_IMMEDIATE:
+            self.msgs.append(m)
+        else:
+            self.msgs_after_persist.append(m)
+
+    def _stable_last_index(self) -> int:
+        log = self.log
+        if log.unstable_snapshot is not None:
+            return 0
+        if log.unstable:
+            return log.unstable_offset - 1
+        return log.last_index()
+
+    def _in_lease(self) -> bool:
+        """This node has heard from a live leader within an election timeout.
+
+        With lease reads, a node that has just (re)started also counts as in lease for its first
+        election timeout: it may have acknowledged a leader's heartbeat just before crashing, and
+        that leader's lease relies on it not voting for anyone else until the lease runs out.
+        """
+        if self.cfg.lease_read and self.boot_ticks < self.cfg.election_tick:
+            return True
+        return self.lead != NONE and self.election_elapsed < self.cfg.election_tick
+
+    # --- role transitions -------------------------------------------------------------------
+    def _reset(self, term: int) -> None:
+        if term != self.term:
+            self.term = term
+            self.vote = NONE
+        self.lead = NONE
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.randomized_election_timeout = self.rng.randrange(
+            self.cfg.election_tick, 2 * self.cfg.election_tick
+        )
+        self.lead_transferee = NONE
+        self.votes = {}
+        last = self.log.last_index()
+        self.prs = {}
+        for nid in self.conf.members():
+            pr = Progress(next=last + 1, is_learner=nid in self.conf.learners)
+            if nid == self.id:
+                pr.match = self._stable_last_index()
+                pr.next = max(pr.match + 1, last + 1)
+            self.prs[nid] = pr
+        self.read_only.reset()
+
+    def _become_follower(self, term: int, lead: int) -> None:
+        self._reset(term)
+        self.lead = lead
+        self.role = Role.FOLLOWER
+        self._debug("became follower, leader %d", lead)
+
+    def _become_pre_candidate(self) -> None:
+        if self.role == Role.LEADER:
+            raise RaftError("leader cannot become pre-candidate")
+        self.role = Role.PRE_CANDIDATE
+        self.votes = {}
+        self.lead = NONE
+
+    def _become_candidate(self) -> None:
+        if self.role == Role.LEADER:
+            raise RaftError("leader cannot become candidate")
+        self._reset(self.term + 1)
+        self.vote = self.id
+        self.role = Role.CANDIDATE
+        self._debug("became candidate")
+
+    def _become_leader(self) -> None:
+        if self.role == Role.FOLLOWER:
+            raise RaftError("follower cannot become leader")
+        self._reset(self.term)
+        self.lead = self.id
+        self.role = Role.LEADER
+        self.transfer_sent_this_term = False
+        for pr in self.prs.values():
+            pr.recent_active = True
+        self._debug("became leader")
+        self._append_entries([Entry(self.term, 0)])
+
+    def campaign(self) -> None:
+        """Start an election now (with pre-vote if enabled), as if the election timer fired."""
+        self._hup()
+
+    def _hup(self, transfer: bool = False) -> None:
+        if self.role == Role.LEADER or not self.promotable():
+            return
+        if self.cfg.pre_vote and not transfer:
+            self._campaign(pre=True, transfer=False)
+        else:
+            self._campaign(pre=False, transfer=transfer)
+
+    def _campaign(self, pre: bool, transfer: bool) -> None:
+        if pre:
+            self._become_pre_candidate()
+            vote_type, term = MT.PRE_VOTE, self.term + 1
+        else:
+            self._become_candidate()
+            vote_type, term = MT.VOTE, self.term
+        self.votes[self.id] = True
+        if self._tally_votes():
+            return
+        last, lt = self.log.last_index(), self.log.last_term()
+        ctx = CAMPAIGN_TRANSFER if transfer else b""
+        for nid in self.conf.voters:
+            if nid != self.id:
+                self._send(Message(vote_type, nid, self.id, term=term, index=last, log_term=lt, context=ctx))
+
+    def _tally_votes(self) -> bool:
+        """Returns True if the campaign ended (won or lost)."""
+        res = quorum.vote_result(self.conf.voters, self.votes)
+        if res is True:
+            if self.role == Role.PRE_CANDIDATE:
+                self._campaign(pre=False, transfer=False)
+            else:
+                self._become_leader()
+                self._bcast_append()
+            return True
+        if res is False:
+            self._become_follower(self.term, NONE)
+            return True
+        return False
+
+    # --- ticks ------------------------------------------------------------------------------
+    def tick(self) -> None:
+        self.tick_count += 1
+        if self.boot_ticks < self.cfg.election_tick:
+            self.boot_ticks += 1
+        if self.role == Role.LEADER:
+            self._tick_heartbeat()
+        else:
+            self.election_elapsed += 1
+            if self.promotable() and self.election_elapsed >= self.randomized_election_timeout:
+                self.election_elapsed = 0
+                self._hup()
+
+    def _tick_heartbeat(self) -> None:
+        self.heartbeat_elapsed += 1
+        self.election_elapsed += 1
+        if self.election_elapsed >= self.cfg.election_tick:
+            self.election_elapsed = 0
+            if self.cfg.check_quorum:
+                active = [
+                    nid for nid in self.conf.voters if nid == self.id or self.prs[nid].recent_active
+                ]
+                if len(active) < quorum.majority(len(self.conf.voters)):
+                    self._warn("stepping down: no quorum heard within an election timeout")
+                    self._become_follower(self.term, NONE)
+                    return
+                for nid, pr in self.prs.items():
+                    if nid != self.id:
+                        pr.recent_active = False
+            if self.lead_transferee != NONE:
+                self._debug("leadership transfer to %d timed out", self.lead_transferee)
+                self.lead_transferee = NONE
+        if self.heartbeat_elapsed >= self.cfg.heartbeat_tick:
+            self.heartbeat_elapsed = 0
+            self._bcast_heartbeat()
+
+    # --- leader: replication ----------------------------------------------------------------
+    def _append_entries(self, ents: list[Entry]) -> None:
+        idx = self.log.last_index()
+        for e in ents:
+            idx += 1
+            e.term = self.term
+            e.index = idx
+            e.group = self.group
+        self.log.append(ents)
+        if self._scan_conf(ents):
+            self._conf_changed()
+
+    def _send_append(self, to: int, send_if_empty: bool = True) -> bool:
+        pr = self.prs[to]
+        if pr.is_paused(self.cfg.max_inflight_msgs):
+            return False
+        try:
+            prev_term = self.log.term(pr.next - 1)
+            ents = self.log.entries_from(pr.next, self.cfg.max_size_per_msg)
+        except CompactedError:
+            return self._send_snapshot(to, pr)
+        if not ents and not send_if_empty:
+            return False
+        self._send(
+            Message(
+                MT.APP, to, self.id, index=pr.next - 1, log_term=prev_term, entries=ents,
+                commit=self.log.committed,
+            )
+        )
+        pr.sent_entries(ents[-1].index if ents else pr.next - 1)
+        return True
+
+    def _send_snapshot(self, to: int, pr: Progress) -> bool:
+        try:
+            snap = self.log.storage.snapshot()
+        except SnapshotTemporarilyUnavailable:
+            self._debug("snapshot for %d temporarily unavailable", to)
+            return False
+        if snap.is_empty():
+            raise RaftError("need a snapshot but storage has none")
+        pr.become_snapshot(snap.meta.index)
+        self._debug("sending snapshot %d to %d", snap.meta.index, to)
+        self._send(Message(MT.SNAP, to, self.id, snapshot=snap))
+        return True
+
+    def _bcast_append(self) -> None:
+        for nid in sorted(self.prs):
+            if nid != self.id:
+                self._send_append(nid)
+
+    def _bcast_heartbeat(self) -> None:
+        seq = self.read_only.last_round
+        for nid in sorted(self.prs):
+            if nid != self.id:
+                pr = self.prs[nid]
+                self._send(
+                    Message(
+                        MT.HEARTBEAT, nid, self.id, commit=min(pr.match, self.log.committed), seq=seq,
+                        index=self.tick_count,
+                    )
+                )
+
+    def _maybe_commit(self) -> bool:
+        prs = self.prs
+        voters = self.conf.voters
+        mci = quorum.committed_index(voters, lambda v: prs[v].match if v in prs else 0)
+        if not self.log.maybe_commit(mci, self.term):
+            return False
+        self._on_leader_commit()
+        return True
+
+    def _on_leader_commit(self) -> None:
+        # Reads that waited for the first commit of this term can now proceed.
+        if self.read_only.waiting_for_commit and self._committed_in_term():
+            waiting = self.read_only.waiting_for_commit
+            self.read_only.waiting_for_commit = []
+            for req in waiting:
+                self._leader_read(req)
+        # A leader removed from the configuration steps down once the removal is committed.
+        if not self.promotable() and not self._pending_conf_change():
+            self._debug("removed from the configuration; stepping down")
+            self._bcast_append()
+            self._become_follower(self.term, NONE)
+
+    def _committed_in_term(self) -> bool:
+        return self.log.term_or_zero(self.log.committed) == self.term
+
+    # --- proposals --------------------------------------------------------------------------
+    def _check_can_propose(self) -> None:
+        if self.role != Role.LEADER:
+            raise ProposalDropped(f"not leader (leader is {self.lead})")
+        if self.lead_transferee != NONE:
+            raise ProposalDropped(f"leadership transfer to {self.lead_transferee} in progress")
+        if not self.promotable():
+            raise ProposalDropped("leader is being removed from the configuration")
+
+    def propose(self, data: bytes | list[bytes]) -> int:
+        """Append normal entries; returns the index of the last one. Raises ProposalDropped."""
+        self._check_can_propose()
+        items = [data] if isinstance(data, bytes | bytearray | memoryview) else data
+        if not items:
+            return self.log.last_index()
+        self._append_entries([Entry(0, 0, EntryType.NORMAL, bytes(d)) for d in items])
+        self._bcast_append()
+        return self.log.last_index()
+
+    def propose_conf_change(self, cc: ConfChange) -> int:
+        """Append a single-server membership change; returns its index. Raises ProposalDropped."""
+        self._check_can_propose()
+        if self._pending_conf_change():
+            raise ProposalDropped("a membership change is already in progress")
+        if not self._committed_in_term():
+            raise ProposalDropped("leader has not yet committed an entry of its term")
+        try:
+            new = self.conf.apply(cc)
+        except ValueError as err:
+            raise ProposalDropped(f"invalid membership change: {err}") from err
+        if new == self.conf:
+            raise ProposalDropped("membership change is a no-op")
+        self._append_entries([Entry(0, 0, EntryType.CONF_CHANGE, cc.encode())])
+        self._bcast_append()
+        return self.log.last_index()
+
+    # --- reads ------------------------------------------------------------------------------
+    def read_index(self, context: bytes) -> None:
+        """Request a linearizable read. The answer is a ReadState in a later Ready, carrying the
+        same context; the application serves it once it has applied through ReadState.index.
+        Raises ProposalDropped if no leader is known."""
+        if self.role == Role.LEADER:
+            self._leader_read(ReadRequest(context, self.id))
+        elif self.lead != NONE:
+            self._send(Message(MT.READ_INDEX, self.lead, self.id, context=context))
+        else:
+            raise ProposalDropped("no leader known")
+
+    def _leader_read(self, req: ReadRequest) -> None:
+        if not self._committed_in_term():
+            self.read_only.waiting_for_commit.append(req)
+            return
+        if self.conf.voters == (self.id,):
+            self._release_read(self.log.committed, req)
+            return
+        if self.cfg.lease_read and self._lease_valid():
+            self._release_read(self.log.committed, req)
+            return
+        self.read_only.unsent.append(req)
+
+    def _lease_valid(self) -> bool:
+        if self.transfer_sent_this_term or not self.promotable():
+            return False
+        prs = self.prs
+        tc = self.tick_count
+        start = quorum.committed_index(
+            self.conf.voters, lambda v: tc if v == self.id else (prs[v].lease_tick if v in prs else -1)
+        )
+        return start >= 0 and tc < start + self.cfg.election_tick - self.cfg.lease_drift_ticks
+
+    def _release_read(self, index: int, req: ReadRequest) -> None:
+        if req.frm == self.id:
+            self.read_states.append(ReadState(index, req.context))
+        else:
+            self._send(Message(MT.READ_INDEX_RESP, req.frm, self.id, index=index, context=req.context))
+
+    def _flush_reads(self) -> None:
+        if self.role != Role.LEADER or not self.read_only.unsent:
+            return
+        rnd = self.read_only.start_round(self.log.committed)
+        if rnd is not None:
+            self._bcast_heartbeat()
+            self._check_read_rounds()
+
+    def _check_read_rounds(self) -> None:
+        prs = self.prs
+        last = self.read_only.last_round
+        confirmed = quorum.committed_index(
+            self.conf.voters, lambda v: last if v == self.id else (prs[v].read_round if v in prs else 0)
+        )
+        if not self.promotable():
+            confirmed = 0
+        for rnd in self.read_only.confirm(confirmed):
+            for req in rnd.requests:
+                self._release_read(rnd.index, req)
+
+    # --- leadership transfer ----------------------------------------------------------------
+    def transfer_leader(self, target: int) -> None:
+        if self.role != Role.LEADER:
+            if self.lead != NONE:
+                self._send(Message(MT.TRANSFER_LEADER, self.lead, self.id, index=target))
+            return
+        self._handle_transfer(target)
+
+    def _handle_transfer(self, target: int) -> None:
+        if target not in self.conf.voters or target == self.id:
+            return
+        if self.lead_transferee == target:
+            return
+        self.lead_transferee = target
+        self.election_elapsed = 0
+        if self.prs[target].match == self.log.last_index():
+            self._send_timeout_now(target)
+        else:
+            self._send_append(target)
+
+    def _send_timeout_now(self, target: int) -> None:
+        self.transfer_sent_this_term = True
+        self._send(Message(MT.TIMEOUT_NOW, target, self.id))
+
+    # --- status reports from the transport -------------------------------------------------
+    def report_snapshot(self, to: int, failed: bool) -> None:
+        pr = self.prs.get(to)
+        if self.role != Role.LEADER or pr is None or pr.state != ProgressState.SNAPSHOT:
+            return
+        if failed:
+            pr.pending_snapshot = 0
+        pr.become_probe()
+        pr.paused = True  # wait for a heartbeat response before probing again
+
+    def report_unreachable(self, to: int) -> None:
+        pr = self.prs.get(to)
+        if self.role == Role.LEADER and pr is not None and pr.state == ProgressState.REPLICATE:
+            pr.become_probe()
+
+    # --- messages ---------------------------------------------------------------------------
+    def step(self, m: Message) -> None:
+        if m.group != self.group:
+            raise RaftError(f"message for group {m.group} stepped into group {self.group}")
+        if m.frm == self.id or m.to != self.id:
+            return
+        if m.term > self.term:
+            if m.type in (MT.VOTE, MT.PRE_VOTE):
+                force = m.context == CAMPAIGN_TRANSFER
+                if self.cfg.check_quorum and not force and self._in_lease():
+                    self._debug("ignoring %s from %d: in leader lease", m.type.name, m.frm)
+                    return
+            if m.type == MT.PRE_VOTE or (m.type == MT.PRE_VOTE_RESP and not m.reject):
+                pass  # pre-votes never change the term
+            elif m.type in (MT.APP, MT.HEARTBEAT, MT.SNAP):
+                self._become_follower(m.term, m.frm)
+            else:
+                self._become_follower(m.term, NONE)
+        elif m.term < self.term:
+            if (self.cfg.check_quorum or self.cfg.pre_vote) and m.type in (MT.HEARTBEAT, MT.APP):
+                # Tell a stale leader about the newer term so it steps down.
+                self._send(Message(MT.APP_RESP, m.frm, self.id))
+            elif m.type == MT.PRE_VOTE:
+                self._send(Message(MT.PRE_VOTE_RESP, m.frm, self.id, term=self.term, reject=True))
+            return
+
+        if m.type in (MT.VOTE, MT.PRE_VOTE):
+            self._handle_vote_request(m)
+            return
+        if self.role == Role.LEADER:
+            self._step_leader(m)
+        elif self.role == Role.FOLLOWER:
+            self._step_follower(m)
+        else:
+            self._step_candidate(m)
+
+    def _handle_vote_request(self, m: Message) -> None:
+        can_vote = (
+            self.vote == m.frm
+            or (self.vote == NONE and self.lead == NONE)
+            or (m.type == MT.PRE_VOTE and m.term > self.term)
+        )
+        resp = MT.VOTE_RESP if m.type == MT.VOTE else MT.PRE_VOTE_RESP
+        if can_vote and self.log.is_up_to_date(m.index, m.log_term):
+            self._send(Message(resp, m.frm, self.id, term=m.term))
+            if m.type == MT.VOTE:
+                self.election_elapsed = 0
+                self.vote = m.frm
+        else:
+            self._send(Message(resp, m.frm, self.id, term=self.term, reject=True))
+
+    def _step_follower(self, m: Message) -> None:
+        t = m.type
+        if t == MT.APP:
+            self.election_elapsed = 0
+            self.lead = m.frm
+            self._handle_append(m)
+        elif t == MT.HEARTBEAT:
+            self.election_elapsed = 0
+            self.lead = m.frm
+            self._handle_heartbeat(m)
+        elif t == MT.SNAP:
+            self.election_elapsed = 0
+            self.lead = m.frm
+            self._handle_snapshot(m)
+        elif t == MT.TIMEOUT_NOW:
+            if self.promotable():
+                self._debug("received TimeoutNow from %d; campaigning", m.frm)
+                self._hup(transfer=True)
+        elif t == MT.READ_INDEX_RESP:
+            self.read_states.append(ReadState(m.index, m.context))
+        elif t == MT.TRANSFER_LEADER and self.lead != NONE:
+            self._send(Message(MT.TRANSFER_LEADER, self.lead, self.id, index=m.index))
+
+    def _step_candidate(self, m: Message) -> None:
+        t = m.type
+        if t in (MT.APP, MT.HEARTBEAT, MT.SNAP):
+            self._become_follower(m.term, m.frm)
+            self._step_follower(m)
+        elif (t == MT.PRE_VOTE_RESP and self.role == Role.PRE_CANDIDATE) or (
+            t == MT.VOTE_RESP and self.role == Role.CANDIDATE
+        ):
+            self.votes.setdefault(m.frm, not m.reject)
+            self._tally_votes()
+
+    def _step_leader(self, m: Message) -> None:
+        t = m.type
+        if t == MT.READ_INDEX:
+            if m.frm in self.prs:
+                self._leader_read(ReadRequest(m.context, m.frm))
+            return
+        if t == MT.TRANSFER_LEADER:
+            self._handle_transfer(m.index)
+            return
+        pr = self.prs.get(m.frm)
+        if pr is None:
+            return
+        if t == MT.APP_RESP:
+            pr.recent_active = True
+            self._handle_append_response(m, pr)
+        elif t == MT.HEARTBEAT_RESP:
+            pr.recent_active = True
+            pr.paused = False
+            if m.seq > pr.read_round:
+                pr.read_round = m.seq
+            if m.index > pr.lease_tick:
+                pr.lease_tick = m.index
+            if pr.state == ProgressState.REPLICATE and len(pr.inflight) >= self.cfg.max_inflight_msgs:
+                # The window is full and the follower is alive: an append was probably lost.
+                # Free one slot so the next append (which will be rejected if there is a gap)
+                # gets the pipeline moving again.
+                pr.inflight.popleft()
+            if pr.match < self.log.last_index():
+                self._send_append(m.frm)
+            if self.read_only.rounds and not pr.is_learner:
+                self._check_read_rounds()
+
+    def _handle_append_response(self, m: Message, pr: Progress) -> None:
+        if m.reject:
+            hint = m.reject_hint
+            if m.log_term > 0:
+                hint, _ = self.log.find_conflict_by_term(hint, m.log_term)
+            if pr.maybe_decr_to(m.index, hint):
+                if pr.state == ProgressState.REPLICATE:
+                    pr.become_probe()
+                self._send_append(m.frm)
+            return
+        if pr.maybe_update(m.index):
+            if pr.state == ProgressState.PROBE:
+                pr.become_replicate()
+            elif pr.state == ProgressState.SNAPSHOT and pr.match >= pr.pending_snapshot:
+                pr.become_probe()
+                pr.become_replicate()
+            if self._maybe_commit():
+                if self.role != Role.LEADER:
+                    return
+                self._bcast_append()
+            while self._send_append(m.frm, send_if_empty=False):
+                pass
+            if m.frm == self.lead_transferee and pr.match == self.log.last_index():
+                self._send_timeout_now(m.frm)
+
+    def _handle_append(self, m: Message) -> None:
+        log = self.log
+        if m.index < log.committed:
+            self._send(Message(MT.APP_RESP, m.frm, self.id, index=log.committed))
+            return
+        if log.match_term(m.index, m.log_term):
+            ents = m.entries
+            last_new = m.index + len(ents)
+            ci = log.find_conflict(ents)
+            if ci:
+                if ci <= log.committed:
+                    raise RaftError(f"entry {ci} conflicts with committed entry {log.committed}")
+                new = ents[ci - ents[0].index :]
+                changed = self._truncate_conf(ci)
+                log.append(new)
+                changed = self._scan_conf(new) or changed
+                if changed:
+                    self._conf_changed()
+            log.commit_to(min(m.commit, last_new))
+            self._send(Message(MT.APP_RESP, m.frm, self.id, index=last_new))
+            return
+        hint = min(m.index, log.last_index())
+        hint, hint_term = log.find_conflict_by_term(hint, m.log_term)
+        self._send(
+            Message(
+                MT.APP_RESP, m.frm, self.id, index=m.index, reject=True, reject_hint=hint, log_term=hint_term
+            )
+        )
+
+    def _handle_heartbeat(self, m: Message) -> None:
+        self.log.commit_to(m.commit)
+        self._send(Message(MT.HEARTBEAT_RESP, m.frm, self.id, seq=m.seq, index=m.index))
+
+    def _handle_snapshot(self, m: Message) -> None:
+        snap = m.snapshot
+        if snap is None:
+            return
+        if self._restore(snap):
+            self._send(Message(MT.APP_RESP, m.frm, self.id, index=self.log.last_index()))
+        else:
+            self._send(Message(MT.APP_RESP, m.frm, self.id, index=self.log.committed))
+
+    def _restore(self, snap: Snapshot) -> bool:
+        meta = snap.meta
+        if meta.index <= self.log.committed:
+            return False
+        if self.log.match_term(meta.index, meta.term):
+            # We already have the snapshot's last entry: just fast-forward the commit index.
+            self.log.commit_to(meta.index)
+            return False
+        self._debug("restoring snapshot at %d", meta.index)
+        self.log.restore(snap)
+        self._conf_history = [(meta.index, meta.conf_state)]
+        self._conf_changed()
+        return True
+
+    # --- Ready / advance --------------------------------------------------------------------
+    def _soft_state(self) -> SoftState:
+        return SoftState(self.lead, self.role)
+
+    def _hard_state(self) -> HardState:
+        return HardState(self.term, self.vote, self.log.committed)
+
+    def has_ready(self) -> bool:
+        if self._outstanding is not None:
+            return False
+        log = self.log
+        return bool(
+            self.msgs
+            or self.msgs_after_persist
+            or self.read_states
+            or log.unstable
+            or log.unstable_snapshot is not None
+            or log.committed > log.applied
+            or self._hard_state() != self._prev_hs
+            or self._soft_state() != self._prev_ss
+            or (self.role == Role.LEADER and self.read_only.unsent)
+        )
+
+    def ready(self) -> Ready:
+        """Collect everything the application must do. Only one Ready may be outstanding."""
+        if self._outstanding is not None:
+            raise RaftError("ready() called again before advance()")
+        self._flush_reads()
+        self._ready_number += 1
+        rd = Ready(self._ready_number)
+        ss = self._soft_state()
+        if ss != self._prev_ss:
+            rd.soft_state = ss
+            self._prev_ss = ss
+        hs = self._hard_state()
+        if hs != self._prev_hs:
+            rd.hard_state = hs
+        log = self.log
+        rd.entries = list(log.unstable)
+        rd.snapshot = log.unstable_snapshot
+        if log.committed > log.applied:
+            rd.committed_entries = log.next_committed_entries(self.cfg.max_committed_size_per_ready)
+        rd.messages = self.msgs
+        rd.persisted_messages = self.msgs_after_persist
+        rd.read_states = self.read_states
+        self.msgs = []
+        self.msgs_after_persist = []
+        self.read_states = []
+        self._outstanding = rd
+        return rd
+
+    def advance(self, rd: Ready) -> None:
+        """The application has persisted `rd`, sent its messages and applied its committed entries."""
+        if rd is not self._outstanding:
+            raise RaftError("advance() with a Ready that is not the outstanding one")
+        self._outstanding = None
+        log = self.log
+        if rd.hard_state is not None:
+            self._prev_hs = rd.hard_state
+        if rd.snapshot is not None:
+            log.stable_snap_to(rd.snapshot.meta.index)
+            if rd.snapshot.meta.index > log.applied:
+                log.applied = rd.snapshot.meta.index
+        if rd.entries:
+            last = rd.entries[-1]
+            log.stable_to(last.index, last.term)
+        if rd.committed_entries:
+            log.applied_to(rd.committed_entries[-1].index)
+        if self.role == Role.LEADER:
+            pr = self.prs.get(self.id)
+            stable = self._stable_last_index()
+            if pr is not None and pr.maybe_update(stable) and self._maybe_commit() and self.role == Role.LEADER:
+                self._bcast_append()
+
+    # --- introspection ----------------------------------------------------------------------
+    @property
+    def committed(self) -> int:
+        return self.log.committed
+
+    @property
+    def applied(self) -> int:
+        return self.log.applied
+
+    def status(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "group": self.group,
+            "term": self.term,
+            "vote": self.vote,
+            "leader": self.lead,
+            "role": self.role.name.lower(),
+            "commit": self.log.committed,
+            "applied": self.log.applied,
+            "last_index": self.log.last_index(),
+            "voters": list(self.conf.voters),
+            "learners": list(self.conf.learners),
+            "progress": {
+                nid: {"match": pr.match, "next": pr.next, "state": pr.state.name.lower()}
+                for nid, pr in sorted(self.prs.items())
+            }
+            if self.role == Role.LEADER
+            else {},
+        }

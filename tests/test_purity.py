@@ -1,0 +1,36 @@
+"""The Raft core (and the simulator's state machine) import only the standard library."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PURE = [ROOT / "kvstore" / "raft", ROOT / "chaos" / "sim" / "kvsm.py"]
+FORBIDDEN_STDLIB = {"asyncio", "socket", "time", "threading", "os", "select", "selectors", "subprocess"}
+
+
+def _imports(path: Path) -> set[str]:
+    mods: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            mods.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            mods.add(node.module.split(".")[0])
+    return mods
+
+
+def test_core_imports_only_the_standard_library_and_no_io() -> None:
+    files = [p for base in PURE for p in ([base] if base.is_file() else sorted(base.rglob("*.py")))]
+    assert len(files) >= 8
+    for f in files:
+        for mod in _imports(f):
+            assert mod in sys.stdlib_module_names or mod == "__future__", f"{f.name} imports {mod}"
+            assert mod not in FORBIDDEN_STDLIB, f"{f.name} imports {mod}: the core must stay free of I/O and clocks"
+
+
+def test_core_uses_no_global_randomness() -> None:
+    for f in sorted((ROOT / "kvstore" / "raft").rglob("*.py")):
+        text = f.read_text()
+        assert "random.random(" not in text and "random.randrange(" not in text and "random.choice(" not in text, f.name
