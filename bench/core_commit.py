@@ -12,7 +12,7 @@ import argparse
 import random
 import time
 
-from kvstore.raft import ConfState, Config, MemoryStorage, Message, RaftNode, Role
+from kvstore.raft import Config, ConfState, MemoryStorage, Message, RaftNode, Role
 
 
 def run(entries: int, batch: int, payload: int) -> float:
