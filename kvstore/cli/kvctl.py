@@ -1,0 +1,497 @@
+"""kvctl: the kvstore command-line client.
+
+Exit codes (every command):
+  0  success
+  1  the answer is "no": get found no such key; cas did not swap
+  2  usage error, or the operation failed and definitely did not take effect
+  3  the operation failed and MAY have taken effect (indeterminate write)
+Errors are reported as one line on stderr, starting with "kvctl: ".
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import click
+
+from kvstore.client import Client, NodeStatus
+from kvstore.client.routing import DEFAULT_GROUP, parse_endpoints
+from kvstore.errors import KVError
+from kvstore.v1 import admin_pb2
+
+DEFAULT_ENDPOINTS = "127.0.0.1:2379,127.0.0.1:2380,127.0.0.1:2381"
+
+EXIT_OK = 0
+EXIT_NO = 1
+EXIT_FAILED = 2
+EXIT_INDETERMINATE = 3
+
+_EPILOG = """\b
+Exit codes:
+  0  success
+  1  get: no such key; cas: not swapped
+  2  usage error, or the operation definitely did not take effect
+  3  the outcome is unknown: the write may have been applied
+"""
+
+
+@dataclass
+class _Ctx:
+    endpoints: list[str]
+    timeout: float
+    output: str
+    hex: bool
+    _client: Client | None = field(default=None, repr=False)
+
+    @property
+    def json(self) -> bool:
+        return self.output == "json"
+
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.endpoints, timeout=self.timeout, attempt_timeout=min(2.0, self.timeout))
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # keys and values on the command line / in the output
+    def parse(self, text: str, what: str) -> bytes:
+        if self.hex:
+            try:
+                return bytes.fromhex(text)
+            except ValueError:
+                raise click.BadParameter(f"{what} is not valid hex: {text!r}") from None
+        return text.encode("utf-8", "surrogateescape")
+
+    def show(self, data: bytes) -> str:
+        return data.hex() if self.hex else data.decode("utf-8", "backslashreplace")
+
+    def raw(self, data: bytes) -> bytes:
+        return data.hex().encode() if self.hex else data
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    click.echo(f"kvctl: {message}", err=True)
+    sys.exit(code)
+
+
+def _report(err: KVError, *, is_write: bool) -> NoReturn:
+    if err.indeterminate:
+        what = "write" if is_write else "operation"
+        _fail(f"{err.message} (indeterminate: the {what} may have been applied)", EXIT_INDETERMINATE)
+    _fail(err.message)
+
+
+@contextmanager
+def _errors(*, is_write: bool) -> Iterator[None]:
+    """Turn client errors into one stderr line and the documented exit code."""
+    try:
+        yield
+    except KVError as err:
+        _report(err, is_write=is_write)
+    except (TypeError, ValueError) as err:
+        _fail(str(err))
+
+
+def _emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, sort_keys=True))
+
+
+@click.group("kvctl", context_settings={"help_option_names": ["-h", "--help"]}, epilog=_EPILOG)
+@click.option(
+    "--endpoints",
+    envvar="KVSTORE_ENDPOINTS",
+    default=DEFAULT_ENDPOINTS,
+    show_default=True,
+    metavar="HOST:PORT,...",
+    help="Comma-separated node addresses (any subset; the rest is discovered). Env: KVSTORE_ENDPOINTS.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.001),
+    default=10.0,
+    show_default=True,
+    envvar="KVSTORE_TIMEOUT",
+    help="Total deadline of the operation in seconds, retries included.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Output format.",
+)
+@click.option("--hex", "hex_", is_flag=True, help="Keys and values are given and printed as hex.")
+@click.pass_context
+def cli(ctx: click.Context, endpoints: str, timeout: float, output: str, hex_: bool) -> None:
+    """Talk to a kvstore cluster.
+
+    Keys and values on the command line are UTF-8 text (hex with --hex).
+    """
+    eps = parse_endpoints(endpoints)
+    if not eps:
+        raise click.BadParameter("no endpoints given", param_hint="--endpoints")
+    obj = _Ctx(endpoints=eps, timeout=timeout, output=output, hex=hex_)
+    ctx.obj = obj
+    ctx.call_on_close(obj.close)
+
+
+pass_ctx = click.make_pass_decorator(_Ctx)
+
+
+def _output_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Accept `-o/--output` after the subcommand too (`kvctl status -o json`)."""
+
+    @click.option(
+        "-o", "--output", "sub_output", type=click.Choice(["text", "json"]), default=None,
+        help="Output format (same as the global -o).",
+    )
+    @functools.wraps(f)
+    def wrapper(*args: Any, sub_output: str | None = None, **kwargs: Any) -> Any:
+        if sub_output:
+            obj = click.get_current_context().find_object(_Ctx)
+            if obj is not None:
+                obj.output = sub_output
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+# ----- KV -----
+
+
+@cli.command()
+@click.argument("key")
+@click.option("--serializable", is_flag=True, help="Read the answering node's local state (may be stale).")
+@_output_option
+@pass_ctx
+def get(c: _Ctx, key: str, serializable: bool) -> None:
+    """Print the value of KEY (exit 1, printing nothing, if there is no such key)."""
+    k = c.parse(key, "KEY")
+    with _errors(is_write=False):
+        value = c.client().get(k, consistency="serializable" if serializable else "linearizable")
+    if c.json:
+        _emit_json({"key": c.show(k), "found": value is not None, "value": None if value is None else c.show(value)})
+    elif value is not None:
+        click.echo(c.raw(value))
+    if value is None:
+        sys.exit(EXIT_NO)
+
+
+@cli.command()
+@click.argument("key")
+@click.argument("value")
+@_output_option
+@pass_ctx
+def put(c: _Ctx, key: str, value: str) -> None:
+    """Set KEY to VALUE."""
+    k, v = c.parse(key, "KEY"), c.parse(value, "VALUE")
+    with _errors(is_write=True):
+        c.client().put(k, v)
+    if c.json:
+        _emit_json({"key": c.show(k), "ok": True})
+
+
+@cli.command()
+@click.argument("key")
+@_output_option
+@pass_ctx
+def delete(c: _Ctx, key: str) -> None:
+    """Delete KEY (exit 0 whether or not it existed; -o json says which)."""
+    k = c.parse(key, "KEY")
+    with _errors(is_write=True):
+        existed = c.client().delete(k)
+    if c.json:
+        _emit_json({"key": c.show(k), "existed": existed})
+
+
+@cli.command(
+    epilog="\b\nExamples:\n  kvctl cas counter 41 42       # set counter to 42 if it is 41\n"
+    "  kvctl cas --absent lock me    # create lock only if it does not exist"
+)
+@click.argument("args", nargs=-1, metavar="KEY [EXPECTED] NEW")
+@click.option("--absent", is_flag=True, help="Swap only if KEY does not exist; then EXPECTED is omitted.")
+@pass_ctx
+def cas(c: _Ctx, args: tuple[str, ...], absent: bool) -> None:
+    """Compare-and-swap: set KEY to NEW if its value is EXPECTED (or, with --absent, if KEY
+    does not exist). Exit 0 if swapped, 1 if not."""
+    want = 2 if absent else 3
+    if len(args) != want:
+        usage = "KEY NEW (with --absent)" if absent else "KEY EXPECTED NEW (or --absent KEY NEW)"
+        raise click.UsageError(f"cas takes {usage}; got {len(args)} argument(s)")
+    k = c.parse(args[0], "KEY")
+    expected = None if absent else c.parse(args[1], "EXPECTED")
+    new = c.parse(args[-1], "NEW")
+    with _errors(is_write=True):
+        swapped = c.client().cas(k, expected, new)
+    if c.json:
+        _emit_json({"key": c.show(k), "swapped": swapped})
+    if not swapped:
+        sys.exit(EXIT_NO)
+
+
+@cli.command()
+@click.argument("prefix", required=False, default="")
+@click.option("--limit", type=click.IntRange(min=0), default=0, help="At most N pairs (0 = all).")
+@click.option("--start", default=None, help="Only keys >= START.")
+@click.option("--end", default=None, help="Only keys < END.")
+@click.option("--keys-only", is_flag=True, help="Print keys only.")
+@_output_option
+@pass_ctx
+def scan(c: _Ctx, prefix: str, limit: int, start: str | None, end: str | None, keys_only: bool) -> None:
+    """Print the pairs whose key starts with PREFIX, as KEY<TAB>VALUE lines in key order
+    (-o json: one JSON object per line)."""
+    p = c.parse(prefix, "PREFIX")
+    lo = None if start is None else c.parse(start, "--start")
+    hi = None if end is None else c.parse(end, "--end")
+    with _errors(is_write=False):
+        for key, value in c.client().scan(p, start=lo, end=hi, limit=limit):
+            if c.json:
+                obj = {"key": c.show(key)} if keys_only else {"key": c.show(key), "value": c.show(value)}
+                _emit_json(obj)
+            elif keys_only:
+                click.echo(c.raw(key))
+            else:
+                click.echo(c.raw(key) + b"\t" + c.raw(value))
+
+
+# ----- status -----
+
+
+def _group(st: admin_pb2.StatusResponse, group: int = DEFAULT_GROUP) -> admin_pb2.GroupStatus | None:
+    for g in st.groups:
+        if g.group == group:
+            return g
+    return None
+
+
+def _members(nodes: list[NodeStatus]) -> list[admin_pb2.Member]:
+    """The member list of the most recent view (highest term of the default group)."""
+    best: admin_pb2.StatusResponse | None = None
+    best_term = -1
+    for ns in nodes:
+        if ns.status is None:
+            continue
+        g = _group(ns.status)
+        term = g.term if g is not None else 0
+        if term > best_term:
+            best, best_term = ns.status, term
+    return list(best.members) if best is not None else []
+
+
+def _leader(nodes: list[NodeStatus]) -> tuple[int, int]:
+    """(leader id, term) of the default group, from the answer with the highest term."""
+    lead, term = 0, 0
+    for ns in nodes:
+        g = _group(ns.status) if ns.status is not None else None
+        if g is not None and g.leader_id and g.term >= term:
+            lead, term = g.leader_id, g.term
+    return lead, term
+
+
+def _status_json(nodes: list[NodeStatus]) -> dict[str, Any]:
+    lead, term = _leader(nodes)
+    members = _members(nodes)
+    out: dict[str, Any] = {
+        "leader": {"id": lead, "address": next((m.address for m in members if m.id == lead), ""), "term": term},
+        "members": [{"id": m.id, "address": m.address, "learner": m.learner} for m in members],
+        "nodes": [],
+    }
+    for ns in nodes:
+        node: dict[str, Any] = {"endpoint": ns.address, "reachable": ns.status is not None}
+        if ns.status is None:
+            node["error"] = ns.error.message if ns.error is not None else "unknown"
+        else:
+            st = ns.status
+            node.update(
+                node_id=st.node_id,
+                cluster_id=st.cluster_id,
+                address=st.address,
+                storage_full=st.storage_full,
+                groups=[
+                    {
+                        "group": g.group,
+                        "role": g.role,
+                        "term": g.term,
+                        "leader_id": g.leader_id,
+                        "commit": g.commit,
+                        "applied": g.applied,
+                        "first_index": g.first_index,
+                        "last_index": g.last_index,
+                        "voters": list(g.voters),
+                        "learners": list(g.learners),
+                    }
+                    for g in st.groups
+                ],
+            )
+        out["nodes"].append(node)
+    return out
+
+
+def _status_table(nodes: list[NodeStatus]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=sys.stdout, highlight=False)
+    lead, term = _leader(nodes)
+    members = _members(nodes)
+    learners = {m.id for m in members if m.learner}
+    cluster = next((ns.status.cluster_id for ns in nodes if ns.status is not None and ns.status.cluster_id), "")
+    lead_addr = next((m.address for m in members if m.id == lead), "")
+    head = f"cluster {cluster}: " if cluster else ""
+    if lead:
+        console.print(f"{head}leader node {lead} ({lead_addr or '?'}), term {term}, {len(members)} members")
+    else:
+        console.print(f"{head}no leader known, {len(members)} members")
+    multi = any(ns.status is not None and len(ns.status.groups) > 1 for ns in nodes)
+    table = Table(show_edge=False, header_style="bold")
+    for col in ["ID", "ENDPOINT", *(["GROUP"] if multi else []), "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LOG"]:
+        table.add_column(
+            col,
+            justify="right" if col in ("ID", "TERM", "LEADER", "COMMIT", "APPLIED") else "left",
+            no_wrap=col in ("ID", "ENDPOINT"),
+            min_width=len(max((ns.address for ns in nodes), key=len, default="")) if col == "ENDPOINT" else None,
+        )
+    problems: list[str] = []
+    for ns in nodes:
+        st = ns.status
+        if st is None:
+            problems.append(ns.error.message if ns.error is not None else f"{ns.address}: unreachable")
+            table.add_row("?", ns.address, *([""] if multi else []), "[red]unreachable[/red]", "", "", "", "", "")
+            continue
+        groups = list(st.groups) or [admin_pb2.GroupStatus(group=DEFAULT_GROUP)]
+        for g in groups:
+            role = g.role or "?"
+            if st.node_id in learners and "learner" not in role:
+                role += " (learner)"
+            if g.role == "leader":
+                role = f"[bold green]{role}[/bold green]"
+            if st.storage_full:
+                role += " [red]storage full[/red]"
+            table.add_row(
+                str(st.node_id),
+                ns.address,
+                *([str(g.group)] if multi else []),
+                role,
+                str(g.term),
+                str(g.leader_id or "-"),
+                str(g.commit),
+                str(g.applied),
+                f"{g.first_index}..{g.last_index}",
+            )
+    console.print(table)
+    for line in problems:
+        console.print(f"[red]![/red] {line}", soft_wrap=True)
+
+
+@cli.command()
+@_output_option
+@pass_ctx
+def status(c: _Ctx) -> None:
+    """Show every node: role, term, leader, commit and applied indexes (queries each endpoint
+    and every member they report)."""
+    with _errors(is_write=False):
+        nodes = c.client().cluster_status()
+    if c.json:
+        _emit_json(_status_json(nodes))
+    else:
+        _status_table(nodes)
+
+
+# ----- admin -----
+
+
+def _admin_result(c: _Ctx, resp: admin_pb2.AdminResponse, default: str) -> None:
+    if c.json:
+        _emit_json(
+            {
+                "ok": True,
+                "message": resp.message or default,
+                "members": [{"id": m.id, "address": m.address, "learner": m.learner} for m in resp.members],
+            }
+        )
+    else:
+        click.echo(resp.message or default)
+
+
+def _admin(c: _Ctx, call: Callable[[Client], admin_pb2.AdminResponse], default: str) -> None:
+    with _errors(is_write=True):
+        resp = call(c.client())
+    _admin_result(c, resp, default)
+
+
+@cli.group()
+def member() -> None:
+    """Cluster membership: add (as learner), promote, remove."""
+
+
+@member.command("add")
+@click.argument("node_id", metavar="ID", type=click.IntRange(min=1))
+@click.argument("address")
+@click.option("--voter", is_flag=True, help="Add as a voter instead of a learner (the server may insist on learner first).")
+@_output_option
+@pass_ctx
+def member_add(c: _Ctx, node_id: int, address: str, voter: bool) -> None:
+    """Add node ID at ADDRESS (HOST:PORT), as a learner unless --voter."""
+    kind = "voter" if voter else "learner"
+    _admin(c, lambda cl: cl.add_member(node_id, address, learner=not voter), f"added {kind} {node_id} at {address}")
+
+
+@member.command("promote")
+@click.argument("node_id", metavar="ID", type=click.IntRange(min=1))
+@_output_option
+@pass_ctx
+def member_promote(c: _Ctx, node_id: int) -> None:
+    """Promote learner ID to voter."""
+    _admin(c, lambda cl: cl.promote_member(node_id), f"promoted {node_id} to voter")
+
+
+@member.command("remove")
+@click.argument("node_id", metavar="ID", type=click.IntRange(min=1))
+@_output_option
+@pass_ctx
+def member_remove(c: _Ctx, node_id: int) -> None:
+    """Remove node ID from the cluster."""
+    _admin(c, lambda cl: cl.remove_member(node_id), f"removed {node_id}")
+
+
+@cli.command("transfer-leader")
+@click.argument("node_id", metavar="[ID]", type=click.IntRange(min=0), required=False, default=0)
+@_output_option
+@pass_ctx
+def transfer_leader(c: _Ctx, node_id: int) -> None:
+    """Hand leadership to node ID (default: the most up-to-date voter)."""
+    target = f"node {node_id}" if node_id else "the most up-to-date voter"
+    _admin(c, lambda cl: cl.transfer_leader(node_id), f"leadership transferred to {target}")
+
+
+@cli.command()
+@click.option("--node", "node", default=None, metavar="HOST:PORT", help="Snapshot this node instead of the leader.")
+@_output_option
+@pass_ctx
+def snapshot(c: _Ctx, node: str | None) -> None:
+    """Take a snapshot now (and compact the log) on the leader, or on --node."""
+    _admin(c, lambda cl: cl.snapshot(node), "snapshot taken")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        cli.main(prog_name="kvctl")
+    except KeyboardInterrupt:
+        click.echo("kvctl: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""`kvstore`: run a node (`serve`) or a whole local cluster (`dev`)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from kvstore.server.config import NodeConfig, parse_peers
+from kvstore.server.host import RaftSettings
+
+DEV_BASE_PORT = 2379
+
+
+@click.group(context_settings={"auto_envvar_prefix": "KVSTORE", "help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """kvstore: a Raft-based, linearizable key-value store."""
+
+
+@cli.command()
+@click.option("--id", "node_id", type=int, required=True, help="This node's id (>= 1).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--listen", required=True, help="HOST:PORT to serve clients and peers on.")
+@click.option("--peers", required=True, help="The initial cluster: 1=HOST:PORT,2=HOST:PORT,... (includes this node).")
+@click.option("--cluster-id", default="kvstore", show_default=True, help="Nodes of other clusters are refused.")
+@click.option("--join", is_flag=True, help="Do not bootstrap: wait to be added with `kvctl member add`.")
+@click.option("--advertise", default="", help="Address others reach this node at (default: its --peers entry).")
+@click.option("--metrics-listen", default="", help="HOST:PORT for the Prometheus /metrics endpoint.")
+@click.option("--tick-ms", type=int, default=100, show_default=True)
+@click.option("--election-ticks", type=int, default=10, show_default=True)
+@click.option("--lease-read", is_flag=True, help="Serve linearizable reads from the leader lease.")
+@click.option("--request-timeout", type=float, default=5.0, show_default=True)
+@click.option("--max-key", type=int, default=4 << 10, show_default=True)
+@click.option("--max-value", type=int, default=1 << 20, show_default=True)
+@click.option("--max-request", type=int, default=4 << 20, show_default=True)
+@click.option("--compact-threshold", type=int, default=10_000, show_default=True)
+@click.option("--log-level", default="info", show_default=True)
+def serve(
+    node_id: int, data_dir: Path, listen: str, peers: str, cluster_id: str, join: bool, advertise: str,
+    metrics_listen: str, tick_ms: int, election_ticks: int, lease_read: bool, request_timeout: float,
+    max_key: int, max_value: int, max_request: int, compact_threshold: int, log_level: str,
+) -> None:
+    """Run one node of a cluster. Restarting with the same --data-dir resumes it."""
+    from kvstore.server.config import Limits
+    from kvstore.server.main import run
+
+    logging.basicConfig(
+        level=log_level.upper(), format=f"%(asctime)s n{node_id} %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        cfg = NodeConfig(
+            id=node_id, data_dir=data_dir, listen=listen, peers=parse_peers(peers), cluster_id=cluster_id,
+            join=join, advertise=advertise, metrics_listen=metrics_listen, request_timeout=request_timeout,
+            raft=RaftSettings(
+                tick_ms=tick_ms, election_tick=election_ticks, lease_read=lease_read,
+                compact_threshold=compact_threshold, compact_keep=min(1000, compact_threshold // 2),
+            ),
+            limits=Limits(max_key, max_value, max_request),
+        )
+        cfg.validate()
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    sys.exit(run(cfg))
+
+
+@cli.command()
+@click.option("--nodes", type=click.Choice(["3", "5"]), default="3", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("kvstore-dev-data"),
+              show_default=True)
+@click.option("--base-port", type=int, default=DEV_BASE_PORT, show_default=True)
+def dev(nodes: str, data_dir: Path, base_port: int) -> None:
+    """Run a local cluster in the foreground (data under --data-dir); Ctrl-C stops it."""
+    n = int(nodes)
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Explicit handlers: a shell may start us with SIGINT ignored (e.g. in the background).
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
+    peers = ",".join(f"{i}=127.0.0.1:{base_port + i - 1}" for i in range(1, n + 1))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen[bytes]] = []
+    endpoints = [f"127.0.0.1:{base_port + i - 1}" for i in range(1, n + 1)]
+    click.echo(f"kvstore dev: {n} nodes, data in {data_dir.resolve()}")
+    try:
+        for i in range(1, n + 1):
+            log = open(data_dir / f"node{i}.log", "ab")  # noqa: SIM115 - kept open for the child
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "kvstore.cli.server", "serve", "--id", str(i),
+                     "--data-dir", str(data_dir / f"node{i}"), "--listen", endpoints[i - 1], "--peers", peers],
+                    stdout=log, stderr=subprocess.STDOUT,
+                )
+            )
+        click.echo("endpoints: " + ",".join(endpoints))
+        click.echo(f"logs: {data_dir.resolve()}/node*.log")
+        click.echo(f"try: kvctl --endpoints {','.join(endpoints)} put hello world")
+        click.echo("Ctrl-C stops the cluster.")
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        dead = [i + 1 for i, p in enumerate(procs) if p.poll() is not None]
+        click.echo(f"kvstore dev: node(s) {dead} exited; see their logs", err=True)
+    except KeyboardInterrupt:
+        click.echo("\nstopping...")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            if p.poll() is None:
+                p.kill()
+    os._exit(0)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1057 @@
+"""The kvstore client: :class:`AsyncClient` on grpc.aio and a synchronous :class:`Client` over it.
+
+Semantics every caller can rely on:
+
+- Every operation has one total deadline (``timeout``, default 10 s) covering all attempts,
+  redirects and backoff. Each RPC attempt is further bounded by ``attempt_timeout`` so one hung
+  node cannot consume the whole deadline.
+- Writes (put, delete, cas) carry a session ``(client_id, seq, ack)``: ``seq`` is fresh per write
+  and reused unchanged on every retry of that write, so the server applies it at most once.
+  ``ack`` is the lowest seq still in flight ("replies for every seq < ack were received").
+- Retried without hesitation: NOT_LEADER (at the hinted leader), NO_LEADER, PROPOSAL_DROPPED,
+  SHUTTING_DOWN, connection failures before the request was sent. Outcomes that leave a write
+  indeterminate (TIMEOUT, LEADERSHIP_LOST, INTERNAL, a connection lost after sending) are retried
+  too: the session makes that safe. Reads are always safe to retry.
+- When the deadline passes: if any attempt of a write was indeterminate, :class:`Timeout` with
+  ``indeterminate=True``; if every attempt definitely failed, a definite error (the class of the
+  last failure, or :class:`Unavailable` when no endpoint could be reached).
+- Errors that retrying cannot fix (too large, invalid argument, storage full) are raised at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+import threading
+import time
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import grpc
+import grpc.aio
+
+from kvstore.client.retry import (
+    DEFAULT_ATTEMPT_TIMEOUT,
+    DEFAULT_BACKOFF_BASE,
+    DEFAULT_BACKOFF_CAP,
+    DEFAULT_BREAKER_COOLDOWN,
+    DEFAULT_BREAKER_THRESHOLD,
+    DEFAULT_TIMEOUT,
+    Backoff,
+    Deadline,
+    RetryPolicy,
+)
+from kvstore.client.routing import DEFAULT_GROUP, Router
+from kvstore.errors import (
+    InternalError,
+    InvalidArgument,
+    KeyTooLarge,
+    KVError,
+    LeadershipLost,
+    NoLeader,
+    NotLeader,
+    ProposalDropped,
+    RequestTooLarge,
+    ShuttingDown,
+    Timeout,
+    Unavailable,
+    ValueTooLarge,
+    WrongShard,
+    from_proto,
+)
+from kvstore.v1 import admin_pb2, admin_pb2_grpc, kv_pb2, kv_pb2_grpc
+
+__all__ = [
+    "DEFAULT_MAX_KEY_SIZE",
+    "DEFAULT_MAX_VALUE_SIZE",
+    "AsyncClient",
+    "Client",
+    "Consistency",
+    "NodeStatus",
+]
+
+DEFAULT_MAX_KEY_SIZE = 4 * 1024
+DEFAULT_MAX_VALUE_SIZE = 1024 * 1024
+
+#: Follow this many NOT_LEADER redirects in a row without sleeping, then back off.
+_FREE_REDIRECTS = 3
+#: Don't ask every endpoint for Admin.Status more often than this when the leader is unknown.
+_DISCOVERY_INTERVAL = 0.5
+#: Upper bound of one discovery round.
+_DISCOVERY_TIMEOUT = 1.0
+
+Consistency = Literal["linearizable", "serializable"]
+_CONSISTENCY = {"linearizable": kv_pb2.LINEARIZABLE, "serializable": kv_pb2.SERIALIZABLE}
+
+_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    # Reconnect quickly to a node that comes back (gRPC's default backoff grows to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", -1),
+]
+
+# Substrings of gRPC UNAVAILABLE details that mean the request never left this process.
+_NOT_SENT_MARKERS = (
+    "failed to connect",
+    "connection refused",
+    "connect failed",
+    "dns resolution failed",
+    "name resolution",
+    "no route to host",
+    "network is unreachable",
+    "failed to pick subchannel",
+    "empty address list",
+    "no address",
+)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(slots=True)
+class NodeStatus:
+    """One node's answer to Admin.Status (or why it did not answer)."""
+
+    address: str
+    status: admin_pb2.StatusResponse | None = None
+    error: KVError | None = None
+
+
+class _RpcFailure(Exception):
+    """Internal: an attempt failed at the gRPC level, already classified."""
+
+    def __init__(self, error: KVError, *, transport: bool, retryable: bool, reason: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.transport = transport  # counts against the endpoint's circuit breaker
+        self.retryable = retryable
+        self.reason = reason  # short reason for "cannot reach any endpoint (...): reason"
+
+
+def _short_reason(details: str) -> str:
+    low = details.lower()
+    if "connection refused" in low:
+        return "connection refused"
+    if "deadline" in low:
+        return "timed out"
+    if "connection reset" in low:
+        return "connection reset"
+    if "socket closed" in low:
+        return "connection closed"
+    if "dns resolution failed" in low or "name resolution" in low:
+        return "name resolution failed"
+    first = details.strip().splitlines()[0] if details.strip() else "unavailable"
+    return first[:160]
+
+
+def _classify(exc: grpc.aio.AioRpcError, *, endpoint: str, is_write: bool) -> _RpcFailure:
+    """Turn a gRPC-level failure into a kvstore error, deciding whether it is indeterminate."""
+    code = exc.code()
+    details = exc.details() or ""
+    low = details.lower()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        reason = _short_reason(details)
+        if any(marker in low for marker in _NOT_SENT_MARKERS):
+            return _RpcFailure(
+                Unavailable(f"cannot reach {endpoint}: {reason}"),
+                transport=True,
+                retryable=True,
+                reason=reason,
+            )
+        return _RpcFailure(
+            Unavailable(f"connection to {endpoint} lost: {reason}", indeterminate=is_write),
+            transport=True,
+            retryable=True,
+            reason=reason,
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return _RpcFailure(
+            Timeout(f"{endpoint} did not answer in time", indeterminate=is_write),
+            transport=True,
+            retryable=True,
+            reason="timed out",
+        )
+    if code == grpc.StatusCode.CANCELLED:
+        return _RpcFailure(
+            Unavailable(f"call to {endpoint} cancelled: {details}", indeterminate=is_write),
+            transport=True,
+            retryable=True,
+            reason="cancelled",
+        )
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in low:
+        return _RpcFailure(
+            RequestTooLarge(message=f"request too large: {details}", indeterminate=False),
+            transport=False,
+            retryable=False,
+            reason=details,
+        )
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return _RpcFailure(
+            InternalError(f"{endpoint} does not implement this call: {details}", indeterminate=False),
+            transport=False,
+            retryable=False,
+            reason=details,
+        )
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return _RpcFailure(
+            InvalidArgument(f"{endpoint} rejected the request: {details}", indeterminate=False),
+            transport=False,
+            retryable=False,
+            reason=details,
+        )
+    # UNKNOWN (the handler raised), INTERNAL, RESOURCE_EXHAUSTED (overload), ...: the server got the
+    # request and failed somewhere; for a write that is indeterminate, and a retry is safe.
+    return _RpcFailure(
+        InternalError(f"{endpoint}: {code.name}: {details}", indeterminate=is_write),
+        transport=False,
+        retryable=True,
+        reason=details,
+    )
+
+
+def _with_message(err: KVError, message: str, *, indeterminate: bool | None = None) -> KVError:
+    out = type(err).__new__(type(err))
+    out.__dict__.update(err.__dict__)
+    out.message = message
+    out.args = (message,)
+    if indeterminate is not None:
+        out.indeterminate = indeterminate
+    return out
+
+
+def _retryable(err: KVError) -> bool:
+    return isinstance(
+        err,
+        NotLeader | NoLeader | ProposalDropped | ShuttingDown | WrongShard | Timeout | LeadershipLost
+        | InternalError | Unavailable,
+    )
+
+
+def _prefix_end(prefix: bytes) -> bytes | None:
+    """The smallest key greater than every key starting with ``prefix`` (None: unbounded)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+def scan_range(prefix: bytes, start: bytes | None, end: bytes | None) -> tuple[bytes, bytes | None]:
+    """Combine a prefix and optional ``[start, end)`` bounds into one range (end None = open)."""
+    lo = max(start or b"", prefix)
+    hi = end or None
+    if prefix:
+        pend = _prefix_end(prefix)
+        if pend is not None and (hi is None or pend < hi):
+            hi = pend
+    return lo, hi
+
+
+def _check_bytes(name: str, value: object) -> bytes:
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    if not isinstance(value, bytes):
+        raise TypeError(f"{name} must be bytes, not {type(value).__name__}")
+    return value
+
+
+class AsyncClient:
+    """Asynchronous kvstore client (grpc.aio). Use it from one event loop.
+
+    ``endpoints``: ``["host:port", ...]`` (or a comma-separated string); any node will do, the
+    client discovers the leader and the other members. ``timeout`` is the default total deadline
+    of one operation. ``client_id`` identifies the write session (random 63-bit if None).
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str] | str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        client_id: int | None = None,
+        attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
+        backoff_base: float = DEFAULT_BACKOFF_BASE,
+        backoff_cap: float = DEFAULT_BACKOFF_CAP,
+        breaker_threshold: int = DEFAULT_BREAKER_THRESHOLD,
+        breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN,
+        max_key_size: int = DEFAULT_MAX_KEY_SIZE,
+        max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
+        seed: int | None = None,
+        channel_options: Iterable[tuple[str, Any]] = (),
+    ) -> None:
+        self.policy = RetryPolicy(
+            timeout=timeout,
+            attempt_timeout=attempt_timeout,
+            backoff_base=backoff_base,
+            backoff_cap=backoff_cap,
+            breaker_threshold=breaker_threshold,
+            breaker_cooldown=breaker_cooldown,
+        )
+        eps = [e for e in endpoints.split(",")] if isinstance(endpoints, str) else list(endpoints)
+        self.router = Router(eps, breaker_threshold=breaker_threshold, breaker_cooldown=breaker_cooldown)
+        if client_id is None:
+            client_id = secrets.randbits(63) or 1
+        if not 0 < client_id < 2**64:
+            raise ValueError("client_id must be a positive 64-bit integer")
+        self.client_id = client_id
+        self.max_key_size = max_key_size
+        self.max_value_size = max_value_size
+        self._rng = random.Random(seed)
+        self._channel_options = [*_CHANNEL_OPTIONS, *channel_options]
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._kv_stubs: dict[str, kv_pb2_grpc.KVStub] = {}
+        self._admin_stubs: dict[str, admin_pb2_grpc.AdminStub] = {}
+        self._next_seq = 1
+        self._inflight: dict[int, None] = {}  # seqs of writes in flight, in increasing order
+        self._closed = False
+        self._discovery: asyncio.Task[None] | None = None
+
+    # ----- lifecycle -----
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every channel. Idempotent."""
+        self._closed = True
+        if self._discovery is not None and not self._discovery.done():
+            self._discovery.cancel()
+        channels = list(self._channels.values())
+        self._channels.clear()
+        self._kv_stubs.clear()
+        self._admin_stubs.clear()
+        for ch in channels:
+            await ch.close()
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return self.router.endpoints
+
+    # ----- channels -----
+
+    def _channel(self, endpoint: str) -> grpc.aio.Channel:
+        if self._closed:
+            raise RuntimeError("client is closed")
+        ch = self._channels.get(endpoint)
+        if ch is None:
+            ch = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=self._channel_options)
+        return ch
+
+    def _kv(self, endpoint: str) -> kv_pb2_grpc.KVStub:
+        stub = self._kv_stubs.get(endpoint)
+        if stub is None:
+            stub = self._kv_stubs[endpoint] = kv_pb2_grpc.KVStub(self._channel(endpoint))
+        return stub
+
+    def _admin(self, endpoint: str) -> admin_pb2_grpc.AdminStub:
+        stub = self._admin_stubs.get(endpoint)
+        if stub is None:
+            stub = self._admin_stubs[endpoint] = admin_pb2_grpc.AdminStub(self._channel(endpoint))
+        return stub
+
+    # ----- sessions and validation -----
+
+    def _begin_write(self) -> kv_pb2.Session:
+        seq = self._next_seq
+        self._next_seq += 1
+        self._inflight[seq] = None
+        ack = next(iter(self._inflight))
+        return kv_pb2.Session(client_id=self.client_id, seq=seq, ack=ack)
+
+    def _end_write(self, session: kv_pb2.Session) -> None:
+        self._inflight.pop(session.seq, None)
+
+    def _check_key(self, key: object) -> bytes:
+        k = _check_bytes("key", key)
+        if not k:
+            raise InvalidArgument("key must not be empty")
+        if len(k) > self.max_key_size:
+            raise KeyTooLarge(len(k), self.max_key_size)
+        return k
+
+    def _check_value(self, value: object) -> bytes:
+        v = _check_bytes("value", value)
+        if len(v) > self.max_value_size:
+            raise ValueTooLarge(len(v), self.max_value_size)
+        return v
+
+    def _deadline(self, timeout: float | None) -> Deadline:
+        t = self.policy.timeout if timeout is None else timeout
+        if t <= 0:
+            raise ValueError("timeout must be positive")
+        return Deadline(t)
+
+    @staticmethod
+    def _consistency(consistency: str) -> kv_pb2.Consistency:
+        try:
+            return _CONSISTENCY[consistency]
+        except KeyError:
+            raise InvalidArgument(
+                f"consistency must be 'linearizable' or 'serializable', not {consistency!r}"
+            ) from None
+
+    # ----- discovery -----
+
+    async def _status_once(self, endpoint: str, timeout: float) -> admin_pb2.StatusResponse:
+        """One Admin.Status call; learns from the answer; raises _RpcFailure."""
+        try:
+            resp: admin_pb2.StatusResponse = await self._admin(endpoint).Status(
+                admin_pb2.StatusRequest(), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as e:
+            failure = _classify(e, endpoint=endpoint, is_write=False)
+            if failure.transport:
+                self.router.on_transport_failure(None, endpoint, failure.reason)
+            raise failure from None
+        self._learn(endpoint, resp)
+        return resp
+
+    def _learn(self, endpoint: str, resp: admin_pb2.StatusResponse) -> None:
+        self.router.learn_status(
+            endpoint,
+            resp.node_id,
+            [(m.id, m.address) for m in resp.members],
+            [(g.group, g.leader_id, g.term) for g in resp.groups],
+        )
+
+    async def _discover(self, group: int, deadline: Deadline) -> None:
+        """Ask every endpoint whose breaker allows it for Admin.Status, concurrently; stop at the
+        first answer that names a leader for ``group``. Failures are ignored (rotation remains)."""
+        timeout = deadline.bound(min(self.policy.attempt_timeout, _DISCOVERY_TIMEOUT))
+        if timeout <= 0:
+            return
+        eps = [ep for ep in self.router.endpoints if self.router.breaker(ep).would_allow()]
+        if not eps:
+            return
+        tasks = [asyncio.ensure_future(self._status_once(ep, timeout)) for ep in eps]
+        try:
+            for fut in asyncio.as_completed(tasks, timeout=timeout + 0.05):
+                try:
+                    await fut
+                except (_RpcFailure, TimeoutError, grpc.aio.AioRpcError):
+                    continue
+                if self.router.leader(group) is not None:
+                    return
+        except TimeoutError:
+            return
+        finally:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _maybe_discover(self, group: int, deadline: Deadline) -> None:
+        if self.router.leader(group) is not None:
+            return
+        # Concurrent operations share one discovery round.
+        if self._discovery is not None and not self._discovery.done():
+            await asyncio.wait([self._discovery], timeout=deadline.remaining())
+            return
+        now = time.monotonic()
+        if now - self.router.last_discovery < _DISCOVERY_INTERVAL:
+            return
+        self.router.last_discovery = now
+        self._discovery = asyncio.ensure_future(self._discover(group, deadline))
+        await asyncio.wait([self._discovery], timeout=deadline.remaining())
+
+    # ----- the retry loop -----
+
+    async def _invoke(
+        self,
+        op: str,
+        call: Callable[[str, float], Awaitable[R]],
+        *,
+        deadline: Deadline,
+        is_write: bool,
+        group: int = DEFAULT_GROUP,
+        endpoint: str | None = None,
+        retry_indeterminate: bool = True,
+        error_of: Callable[[R], kv_pb2.Error | None] = lambda r: r.error,  # type: ignore[attr-defined]
+        learns_leader: bool = True,
+    ) -> R:
+        """Run ``call(endpoint, attempt_timeout)`` until it succeeds, fails for good, or the
+        deadline passes. ``endpoint`` pins every attempt to one node (no routing)."""
+        backoff = Backoff(self.policy.backoff_base, self.policy.backoff_cap, rng=self._rng)
+        attempts = 0
+        redirects = 0
+        last: KVError | None = None
+        indeterminate: KVError | None = None
+        only_transport = True
+        unreachable: dict[str, str] = {}
+        if endpoint is not None:
+            endpoint = self.router.add_endpoint(endpoint)
+        while not deadline.expired:
+            if endpoint is None:
+                await self._maybe_discover(group, deadline)
+                target = self.router.pick(group)
+            else:
+                target = endpoint
+            if target is None:
+                # Every endpoint's breaker is open: wait for the first to go half-open.
+                wait = max(0.01, self.router.next_retry_at() - time.monotonic())
+                await asyncio.sleep(deadline.bound(max(wait, backoff.next_delay())))
+                continue
+            attempt_timeout = deadline.bound(self.policy.attempt_timeout)
+            if attempt_timeout <= 0:
+                break
+            attempts += 1
+            err: KVError
+            try:
+                resp = await call(target, attempt_timeout)
+            except grpc.aio.AioRpcError as e:
+                failure = _classify(e, endpoint=target, is_write=is_write)
+                err = failure.error
+                if failure.transport:
+                    self.router.on_transport_failure(group, target, failure.reason)
+                    unreachable[target] = failure.reason
+                else:
+                    only_transport = False
+                    self.router.on_reply(target)
+                retryable = failure.retryable
+            else:
+                proto_err = error_of(resp)
+                maybe = from_proto(proto_err, is_write=is_write) if proto_err is not None else None
+                if maybe is None:
+                    if learns_leader and endpoint is None:
+                        self.router.on_success(group, target)
+                    else:
+                        self.router.on_reply(target)
+                    return resp
+                err = maybe
+                only_transport = False
+                self.router.on_reply(target)
+                retryable = _retryable(err)
+            if err.indeterminate:
+                indeterminate = err
+            last = err
+            if not retryable or (err.indeterminate and not retry_indeterminate):
+                if indeterminate is not None and not err.indeterminate:
+                    raise _with_message(
+                        err, f"{err.message} (after an earlier attempt: {indeterminate.message})", indeterminate=True
+                    )
+                raise err
+            if endpoint is None and self._reroute(group, target, err) and redirects < _FREE_REDIRECTS:
+                redirects += 1
+                continue
+            redirects = 0
+            await asyncio.sleep(deadline.bound(backoff.next_delay()))
+        raise self._give_up(op, deadline, attempts, last, indeterminate, only_transport, unreachable, endpoint)
+
+    def _give_up(
+        self,
+        op: str,
+        deadline: Deadline,
+        attempts: int,
+        last: KVError | None,
+        indeterminate: KVError | None,
+        only_transport: bool,
+        unreachable: dict[str, str],
+        endpoint: str | None,
+    ) -> KVError:
+        budget = f"{deadline.timeout:g}s"
+        if indeterminate is not None:
+            assert last is not None
+            return Timeout(
+                f"{op} did not complete within {budget} ({attempts} attempts; last error: {last.message})",
+                indeterminate=True,
+            )
+        if last is None or (only_transport and isinstance(last, Unavailable)):
+            eps_list = [endpoint] if endpoint is not None else list(self.router.endpoints)
+            eps = ", ".join(eps_list)
+            known = unreachable or {ep: self.router.last_failure[ep] for ep in eps_list if ep in self.router.last_failure}
+            reasons = sorted(set(known.values()))
+            reason = "; ".join(reasons) if reasons else "every endpoint's circuit breaker is open"
+            return Unavailable(f"cannot reach any endpoint ({eps}): {reason}")
+        if only_transport:
+            return Timeout(f"{op} did not complete within {budget} ({attempts} attempts; {last.message})")
+        return _with_message(last, f"{last.message} (gave up after {attempts} attempts in {budget})")
+
+    # ----- KV -----
+
+    async def get(
+        self, key: bytes, *, consistency: Consistency = "linearizable", timeout: float | None = None
+    ) -> bytes | None:
+        """The value of ``key``, or None if it does not exist."""
+        k = self._check_key(key)
+        req = kv_pb2.GetRequest(key=k, consistency=self._consistency(consistency))
+
+        def call(ep: str, t: float) -> Awaitable[kv_pb2.GetResponse]:
+            return self._kv(ep).Get(req, timeout=t)
+
+        resp = await self._invoke(
+            "get",
+            call,
+            deadline=self._deadline(timeout),
+            is_write=False,
+            group=self.router.group_for_key(k),
+            learns_leader=consistency == "linearizable",
+        )
+        return resp.value if resp.found else None
+
+    async def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> None:
+        """Set ``key`` to ``value``."""
+        k, v = self._check_key(key), self._check_value(value)
+        session = self._begin_write()
+        try:
+            req = kv_pb2.PutRequest(key=k, value=v, session=session)
+
+            def call(ep: str, t: float) -> Awaitable[kv_pb2.PutResponse]:
+                return self._kv(ep).Put(req, timeout=t)
+
+            await self._invoke(
+                "put", call, deadline=self._deadline(timeout), is_write=True, group=self.router.group_for_key(k)
+            )
+        finally:
+            self._end_write(session)
+
+    async def delete(self, key: bytes, *, timeout: float | None = None) -> bool:
+        """Delete ``key``; True if it existed."""
+        k = self._check_key(key)
+        session = self._begin_write()
+        try:
+            req = kv_pb2.DeleteRequest(key=k, session=session)
+
+            def call(ep: str, t: float) -> Awaitable[kv_pb2.DeleteResponse]:
+                return self._kv(ep).Delete(req, timeout=t)
+
+            resp = await self._invoke(
+                "delete", call, deadline=self._deadline(timeout), is_write=True, group=self.router.group_for_key(k)
+            )
+            return bool(resp.existed)
+        finally:
+            self._end_write(session)
+
+    async def cas(
+        self, key: bytes, expected: bytes | None, new: bytes, *, timeout: float | None = None
+    ) -> bool:
+        """Set ``key`` to ``new`` if its current value is ``expected`` (None: if it does not
+        exist). True if swapped."""
+        k, v = self._check_key(key), self._check_value(new)
+        exp = b"" if expected is None else self._check_value(expected)
+        session = self._begin_write()
+        try:
+            req = kv_pb2.CasRequest(
+                key=k, expect_absent=expected is None, expected=exp, value=v, session=session
+            )
+
+            def call(ep: str, t: float) -> Awaitable[kv_pb2.CasResponse]:
+                return self._kv(ep).Cas(req, timeout=t)
+
+            resp = await self._invoke(
+                "cas", call, deadline=self._deadline(timeout), is_write=True, group=self.router.group_for_key(k)
+            )
+            return bool(resp.swapped)
+        finally:
+            self._end_write(session)
+
+    async def scan(
+        self,
+        prefix: bytes = b"",
+        *,
+        start: bytes | None = None,
+        end: bytes | None = None,
+        limit: int = 0,
+        consistency: Consistency = "linearizable",
+        timeout: float | None = None,
+    ) -> AsyncIterator[tuple[bytes, bytes]]:
+        """Stream ``(key, value)`` pairs in key order: keys starting with ``prefix`` and within
+        ``[start, end)`` (both optional), at most ``limit`` (0 = all).
+
+        Use as ``async for key, value in client.scan(b"user/"):``. If the stream breaks, the
+        scan resumes after the last key received (each chunk is read at the leader, but the scan
+        as a whole is not one atomic snapshot across a resumption). ``timeout`` bounds the wait
+        for each chunk, retries included, rather than the whole scan.
+        """
+        async for chunk in self.scan_chunks(
+            prefix, start=start, end=end, limit=limit, consistency=consistency, timeout=timeout
+        ):
+            for item in chunk:
+                yield item
+
+    async def scan_chunks(
+        self,
+        prefix: bytes = b"",
+        *,
+        start: bytes | None = None,
+        end: bytes | None = None,
+        limit: int = 0,
+        consistency: Consistency = "linearizable",
+        timeout: float | None = None,
+    ) -> AsyncGenerator[list[tuple[bytes, bytes]], None]:
+        """Like :meth:`scan`, one list of pairs per message the server streams."""
+        prefix = _check_bytes("prefix", prefix)
+        start = None if start is None else _check_bytes("start", start)
+        end = None if end is None else _check_bytes("end", end)
+        if limit < 0:
+            raise InvalidArgument("limit must be >= 0")
+        level = self._consistency(consistency)
+        lo, hi = scan_range(prefix, start, end)
+        if hi is not None and lo >= hi:
+            return
+        remaining = limit  # 0 = unlimited
+        group = self.router.groups_for_range(lo, hi)[0]
+        learns_leader = consistency == "linearizable"
+        backoff = Backoff(self.policy.backoff_base, self.policy.backoff_cap, rng=self._rng)
+        deadline = self._deadline(timeout)
+        attempts = redirects = 0
+        last: KVError | None = None
+        only_transport = True
+        unreachable: dict[str, str] = {}
+        while True:
+            if deadline.expired:
+                raise self._give_up("scan", deadline, attempts, last, None, only_transport, unreachable, None)
+            await self._maybe_discover(group, deadline)
+            target = self.router.pick(group)
+            if target is None:
+                wait = max(0.01, self.router.next_retry_at() - time.monotonic())
+                await asyncio.sleep(deadline.bound(max(wait, backoff.next_delay())))
+                continue
+            attempts += 1
+            req = kv_pb2.ScanRequest(start=lo, end=hi or b"", limit=remaining, consistency=level)
+            # No gRPC deadline on the stream: a long scan may legitimately outlive `timeout`.
+            # Instead every message must arrive within the attempt timeout and the deadline.
+            stream = self._kv(target).Scan(req)
+            err: KVError
+            retryable = True
+            try:
+                while True:
+                    wait = deadline.bound(self.policy.attempt_timeout)
+                    try:
+                        resp = await asyncio.wait_for(stream.read(), wait if wait > 0 else 0.001)
+                    except TimeoutError:
+                        err = Timeout(f"{target} did not answer in time")
+                        self.router.on_transport_failure(group, target, "timed out")
+                        unreachable[target] = "timed out"
+                        break
+                    if resp is grpc.aio.EOF:
+                        self._scan_reply(group, target, learns_leader)
+                        return
+                    maybe = from_proto(resp.error, is_write=False)
+                    if maybe is not None:
+                        err = maybe
+                        only_transport = False
+                        retryable = _retryable(err)
+                        self.router.on_reply(target)
+                        break
+                    self._scan_reply(group, target, learns_leader)
+                    items = [(kv.key, kv.value) for kv in resp.items]
+                    if not items:
+                        continue
+                    if remaining:
+                        items = items[:remaining]
+                        remaining -= len(items)
+                    lo = items[-1][0] + b"\x00"
+                    yield items
+                    if (limit and remaining <= 0) or (hi is not None and lo >= hi):
+                        return
+                    # Progress: the next chunk gets a fresh deadline and backoff.
+                    deadline = self._deadline(timeout)
+                    backoff.reset()
+                    attempts = 0
+                    last = None
+                    only_transport = True
+                    unreachable.clear()
+            except grpc.aio.AioRpcError as e:
+                failure = _classify(e, endpoint=target, is_write=False)
+                err = failure.error
+                retryable = failure.retryable
+                if failure.transport:
+                    self.router.on_transport_failure(group, target, failure.reason)
+                    unreachable[target] = failure.reason
+                else:
+                    only_transport = False
+                    self.router.on_reply(target)
+            finally:
+                stream.cancel()
+            last = err
+            if not retryable:
+                raise err
+            if self._reroute(group, target, err) and redirects < _FREE_REDIRECTS:
+                redirects += 1
+                continue
+            redirects = 0
+            await asyncio.sleep(deadline.bound(backoff.next_delay()))
+
+    def _scan_reply(self, group: int, target: str, learns_leader: bool) -> None:
+        if learns_leader:
+            self.router.on_success(group, target)
+        else:
+            self.router.on_reply(target)
+
+    def _reroute(self, group: int, target: str, err: KVError) -> bool:
+        """Update routing after a retryable failure at ``target``; True if a redirect names a
+        new leader worth trying at once."""
+        if isinstance(err, NotLeader):
+            return self.router.on_redirect(group, target, err.leader_id, err.leader_address) is not None
+        if isinstance(err, NoLeader | LeadershipLost | ShuttingDown | Timeout | InternalError):
+            self.router.forget_leader(group, target)
+        elif isinstance(err, WrongShard):
+            self.router.invalidate_shard_map()
+        return False
+
+    # ----- admin -----
+
+    async def status(self, endpoint: str | None = None, *, timeout: float | None = None) -> admin_pb2.StatusResponse:
+        """Admin.Status of ``endpoint``, or of whichever node answers first (the leader if known)."""
+
+        async def call(ep: str, t: float) -> admin_pb2.StatusResponse:
+            resp: admin_pb2.StatusResponse = await self._admin(ep).Status(admin_pb2.StatusRequest(), timeout=t)
+            self._learn(ep, resp)
+            return resp
+
+        return await self._invoke(
+            "status",
+            call,
+            deadline=self._deadline(timeout),
+            is_write=False,
+            endpoint=endpoint,
+            error_of=lambda r: None,
+            learns_leader=False,
+        )
+
+    async def cluster_status(self, *, timeout: float | None = None) -> list[NodeStatus]:
+        """Admin.Status of every known endpoint and every member they report, concurrently.
+
+        One attempt per node, each bounded by the attempt timeout. Nodes that cannot be reached
+        are listed with their error. Ordered by node id (unreachable ones last, by address).
+        Raises :class:`Unavailable` if no node answers.
+        """
+        deadline = self._deadline(timeout)
+        results: dict[str, NodeStatus] = {}
+        reasons: set[str] = set()
+        seen_ids: set[int] = set()
+        while True:
+            todo = [ep for ep in self.router.endpoints if ep not in results]
+            if not todo or deadline.expired:
+                break
+            t = deadline.bound(self.policy.attempt_timeout)
+            answers = await asyncio.gather(*(self._status_once(ep, t) for ep in todo), return_exceptions=True)
+            for ep, ans in zip(todo, answers, strict=True):
+                if isinstance(ans, admin_pb2.StatusResponse):
+                    results[ep] = NodeStatus(ep, status=ans)
+                elif isinstance(ans, _RpcFailure):
+                    results[ep] = NodeStatus(ep, error=ans.error)
+                    reasons.add(ans.reason)
+                elif isinstance(ans, BaseException) and not isinstance(ans, Exception):
+                    raise ans
+                else:
+                    results[ep] = NodeStatus(ep, error=InternalError(str(ans), indeterminate=False))
+        if not any(ns.status is not None for ns in results.values()):
+            eps = ", ".join(self.router.endpoints)
+            raise Unavailable(f"cannot reach any endpoint ({eps}): {'; '.join(sorted(reasons)) or 'timed out'}")
+        # An advertised address and a dialed one may name the same node: keep the first answer.
+        out: list[NodeStatus] = []
+        for ns in results.values():
+            if ns.status is not None:
+                if ns.status.node_id in seen_ids:
+                    continue
+                seen_ids.add(ns.status.node_id)
+            out.append(ns)
+        out.sort(key=lambda ns: (ns.status is None, ns.status.node_id if ns.status else 0, ns.address))
+        return out
+
+    async def _admin_call(
+        self,
+        op: str,
+        call: Callable[[admin_pb2_grpc.AdminStub, float], Awaitable[admin_pb2.AdminResponse]],
+        *,
+        endpoint: str | None = None,
+        timeout: float | None = None,
+    ) -> admin_pb2.AdminResponse:
+        # Admin operations carry no session, so an indeterminate outcome is not retried.
+        return await self._invoke(
+            op,
+            lambda ep, t: call(self._admin(ep), t),
+            deadline=self._deadline(timeout),
+            is_write=True,
+            endpoint=endpoint,
+            retry_indeterminate=False,
+        )
+
+    async def add_member(
+        self, id: int, address: str, learner: bool = True, *, timeout: float | None = None
+    ) -> admin_pb2.AdminResponse:
+        """Add node ``id`` at ``address``, as a learner by default (promote it once caught up)."""
+        req = admin_pb2.AddMemberRequest(id=id, address=address, learner=learner)
+        return await self._admin_call("add member", lambda s, t: s.AddMember(req, timeout=t), timeout=timeout)
+
+    async def promote_member(self, id: int, *, timeout: float | None = None) -> admin_pb2.AdminResponse:
+        """Promote learner ``id`` to voter."""
+        req = admin_pb2.PromoteMemberRequest(id=id)
+        return await self._admin_call(
+            "promote member", lambda s, t: s.PromoteMember(req, timeout=t), timeout=timeout
+        )
+
+    async def remove_member(self, id: int, *, timeout: float | None = None) -> admin_pb2.AdminResponse:
+        """Remove node ``id`` from the cluster."""
+        req = admin_pb2.RemoveMemberRequest(id=id)
+        return await self._admin_call(
+            "remove member", lambda s, t: s.RemoveMember(req, timeout=t), timeout=timeout
+        )
+
+    async def transfer_leader(self, to: int = 0, *, timeout: float | None = None) -> admin_pb2.AdminResponse:
+        """Ask the leader to hand leadership to node ``to`` (0: the most up-to-date voter)."""
+        req = admin_pb2.TransferLeaderRequest(to=to)
+        resp = await self._admin_call(
+            "transfer leader", lambda s, t: s.TransferLeader(req, timeout=t), timeout=timeout
+        )
+        self.router.forget_leader(DEFAULT_GROUP)
+        return resp
+
+    async def snapshot(
+        self, endpoint: str | None = None, *, timeout: float | None = None
+    ) -> admin_pb2.AdminResponse:
+        """Trigger a snapshot (and log compaction) at ``endpoint``, or at the leader."""
+        req = admin_pb2.SnapshotRequest()
+        return await self._admin_call(
+            "snapshot", lambda s, t: s.Snapshot(req, timeout=t), endpoint=endpoint, timeout=timeout
+        )
+
+
+class Client:
+    """Synchronous kvstore client: the same methods as :class:`AsyncClient`, run on a private
+    event loop in a background daemon thread. Safe to call from any thread (but not from a
+    callback running on its own loop). ``scan`` returns a plain iterator.
+
+    Accepts the same arguments as :class:`AsyncClient`.
+    """
+
+    def __init__(self, endpoints: Sequence[str] | str, **kwargs: Any) -> None:
+        self._async = AsyncClient(endpoints, **kwargs)
+        self._loop = asyncio.new_event_loop()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run_loop, name="kvstore-client", daemon=True)
+        self._thread.start()
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._closed:
+            coro.close()
+            raise RuntimeError("client is closed")
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("the synchronous Client cannot be called from its own event loop")
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result()
+        except BaseException:
+            fut.cancel()
+            raise
+
+    @property
+    def async_client(self) -> AsyncClient:
+        return self._async
+
+    @property
+    def client_id(self) -> int:
+        return self._async.client_id
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return self._async.endpoints
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channels and stop the background thread. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            if threading.current_thread() is self._thread:
+                raise RuntimeError("the synchronous Client cannot be closed from its own event loop")
+            self._closed = True
+        try:
+            asyncio.run_coroutine_threadsafe(self._async.close(), self._loop).result(timeout=5)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+            if not self._thread.is_alive():
+                self._loop.close()
+
+    def get(
+        self, key: bytes, *, consistency: Consistency = "linearizable", timeout: float | None = None
+    ) -> bytes | None:
+        return self._run(self._async.get(key, consistency=consistency, timeout=timeout))
+
+    def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> None:
+        return self._run(self._async.put(key, value, timeout=timeout))
+
+    def delete(self, key: bytes, *, timeout: float | None = None) -> bool:
+        return self._run(self._async.delete(key, timeout=timeout))
+
+    def cas(self, key: bytes, expected: bytes | None, new: bytes, *, timeout: float | None = None) -> bool:
+        return self._run(self._async.cas(key, expected, new, timeout=timeout))
+
+    def scan(
+        self,
+        prefix: bytes = b"",
+        *,
+        start: bytes | None = None,
+        end: bytes | None = None,
+        limit: int = 0,
+        consistency: Consistency = "linearizable",
+        timeout: float | None = None,
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Iterate ``(key, value)`` pairs; fetched chunk by chunk as the iteration proceeds."""
+        agen = self._async.scan_chunks(
+            prefix, start=start, end=end, limit=limit, consistency=consistency, timeout=timeout
+        )
+
+        async def next_chunk() -> list[tuple[bytes, bytes]] | None:
+            try:
+                return await anext(agen)
+            except StopAsyncIteration:
+                return None
+
+        try:
+            while (chunk := self._run(next_chunk())) is not None:
+                yield from chunk
+        finally:
+            if not self._closed:
+                self._run(agen.aclose())
+
+    def status(self, endpoint: str | None = None, *, timeout: float | None = None) -> admin_pb2.StatusResponse:
+        return self._run(self._async.status(endpoint, timeout=timeout))
+
+    def cluster_status(self, *, timeout: float | None = None) -> list[NodeStatus]:
+        return self._run(self._async.cluster_status(timeout=timeout))
+
+    def add_member(
+        self, id: int, address: str, learner: bool = True, *, timeout: float | None = None
+    ) -> admin_pb2.AdminResponse:
+        return self._run(self._async.add_member(id, address, learner, timeout=timeout))
+
+    def promote_member(self, id: int, *, timeout: float | None = None) -> admin_pb2.AdminResponse:
+        return self._run(self._async.promote_member(id, timeout=timeout))
+
+    def remove_member(self, id: int, *, timeout: float | None = None) -> admin_pb2.AdminResponse:
+        return self._run(self._async.remove_member(id, timeout=timeout))
+
+    def transfer_leader(self, to: int = 0, *, timeout: float | None = None) -> admin_pb2.AdminResponse:
+        return self._run(self._async.transfer_leader(to, timeout=timeout))
+
+    def snapshot(self, endpoint: str | None = None, *, timeout: float | None = None) -> admin_pb2.AdminResponse:
+        return self._run(self._async.snapshot(endpoint, timeout=timeout))

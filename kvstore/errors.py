@@ -1,0 +1,305 @@
+"""The error hierarchy shared by the server and the client.
+
+Every error says whether the operation it reports *definitely did not happen* (``indeterminate``
+is False) or *may have happened* (``indeterminate`` is True). A client that gets an indeterminate
+error for a write must not assume the write was lost: it may have been applied, and retrying it
+with the same session (client id + sequence number) is the only safe way to find out.
+
+On the wire, errors travel in the ``error`` field of every response (``kv_pb2.Error``), never only
+in the gRPC status; :func:`to_proto` and :func:`from_proto` convert between the two.
+
+Standard library and generated protobuf code only.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from kvstore.v1 import kv_pb2
+
+__all__ = [
+    "InternalError",
+    "InvalidArgument",
+    "KVError",
+    "KeyTooLarge",
+    "LeadershipLost",
+    "NoLeader",
+    "NotLeader",
+    "ProposalDropped",
+    "RequestTooLarge",
+    "ShuttingDown",
+    "StorageFull",
+    "Timeout",
+    "Unavailable",
+    "ValueTooLarge",
+    "WrongShard",
+    "error_class",
+    "from_proto",
+    "to_proto",
+]
+
+_INDETERMINATE_NOTE = "indeterminate: the operation may have been applied"
+_DEFINITE_NOTE = "definite: the operation was not applied"
+
+
+class KVError(Exception):
+    """Base class of every kvstore error.
+
+    Attributes:
+        message: the human-readable description, without the definite/indeterminate note.
+        indeterminate: True if the operation may have taken effect (only ever True for writes);
+            False if it definitely did not.
+        code: the ``kv_pb2.ErrorCode`` this error travels as on the wire.
+        code_name: the symbolic name of that code (``"NOT_LEADER"``; ``"UNAVAILABLE"`` for the
+            client-only :class:`Unavailable`).
+
+    ``str(err)`` is the message followed by ``(definite: ...)`` or ``(indeterminate: ...)``.
+    """
+
+    code: ClassVar[int] = kv_pb2.INTERNAL
+    code_name: ClassVar[str] = "INTERNAL"
+    #: Whether this kind of error, reported for a write, means the write may have been applied.
+    write_may_have_applied: ClassVar[bool] = False
+    default_message: ClassVar[str] = "kvstore error"
+
+    def __init__(self, message: str = "", *, indeterminate: bool | None = None) -> None:
+        self.message = message or self.default_message
+        self.indeterminate = self.write_may_have_applied if indeterminate is None else indeterminate
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        note = _INDETERMINATE_NOTE if self.indeterminate else _DEFINITE_NOTE
+        return f"{self.message} ({note})"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, indeterminate={self.indeterminate})"
+
+    @property
+    def definite(self) -> bool:
+        """True if the operation definitely did not take effect."""
+        return not self.indeterminate
+
+
+class NotLeader(KVError):
+    """Definite: the node is not the leader; retry at ``leader_address`` (node ``leader_id``).
+
+    ``NotLeader(leader_id, leader_address)``; either may be unknown (0 / "").
+    """
+
+    code = kv_pb2.NOT_LEADER
+    code_name = "NOT_LEADER"
+    default_message = "not the leader"
+
+    def __init__(
+        self,
+        leader_id: int = 0,
+        leader_address: str = "",
+        *,
+        message: str = "",
+        indeterminate: bool | None = None,
+    ) -> None:
+        self.leader_id = leader_id
+        self.leader_address = leader_address
+        if not message:
+            if leader_address or leader_id:
+                message = f"not the leader; the leader is node {leader_id or '?'} at {leader_address or '?'}"
+            else:
+                message = "not the leader"
+        super().__init__(message, indeterminate=indeterminate)
+
+
+class NoLeader(KVError):
+    """Definite: the group has no known leader right now (an election is probably under way)."""
+
+    code = kv_pb2.NO_LEADER
+    code_name = "NO_LEADER"
+    default_message = "no leader"
+
+
+class _SizeError(KVError):
+    """Base of the "too large" errors: ``Cls(size, limit)`` or ``Cls(message="...")``."""
+
+    what: ClassVar[str] = "request"
+
+    def __init__(
+        self, size: int = 0, limit: int = 0, *, message: str = "", indeterminate: bool | None = None
+    ) -> None:
+        self.size = size
+        self.limit = limit
+        if not message:
+            message = f"{self.what} too large"
+            if size or limit:
+                message += f": {size} bytes > {limit}"
+        super().__init__(message, indeterminate=indeterminate)
+
+
+class KeyTooLarge(_SizeError):
+    """Definite: the key exceeds the maximum key size; nothing was applied."""
+
+    code = kv_pb2.KEY_TOO_LARGE
+    code_name = "KEY_TOO_LARGE"
+    what = "key"
+
+
+class ValueTooLarge(_SizeError):
+    """Definite: the value exceeds the maximum value size; nothing was applied."""
+
+    code = kv_pb2.VALUE_TOO_LARGE
+    code_name = "VALUE_TOO_LARGE"
+    what = "value"
+
+
+class RequestTooLarge(_SizeError):
+    """Definite: the request exceeds the maximum request size; nothing was applied."""
+
+    code = kv_pb2.REQUEST_TOO_LARGE
+    code_name = "REQUEST_TOO_LARGE"
+    what = "request"
+
+
+class InvalidArgument(KVError):
+    """Definite: the request is malformed; nothing was applied."""
+
+    code = kv_pb2.INVALID_ARGUMENT
+    code_name = "INVALID_ARGUMENT"
+    default_message = "invalid argument"
+
+
+class Timeout(KVError):
+    """The operation did not complete in time.
+
+    Indeterminate for writes (the write may have been applied); definite for reads.
+    """
+
+    code = kv_pb2.TIMEOUT
+    code_name = "TIMEOUT"
+    write_may_have_applied = True
+    default_message = "timed out"
+
+
+class LeadershipLost(KVError):
+    """Indeterminate (for writes): the write was proposed, then the leader stepped down before it
+    was known to commit; it may yet be applied by the new leader."""
+
+    code = kv_pb2.LEADERSHIP_LOST
+    code_name = "LEADERSHIP_LOST"
+    write_may_have_applied = True
+    default_message = "leadership lost"
+
+
+class ProposalDropped(KVError):
+    """Definite: the leader refused the proposal (e.g. a leadership transfer is in progress)."""
+
+    code = kv_pb2.PROPOSAL_DROPPED
+    code_name = "PROPOSAL_DROPPED"
+    default_message = "proposal dropped"
+
+
+class StorageFull(KVError):
+    """Definite: the node refuses writes until disk space is freed; nothing was applied."""
+
+    code = kv_pb2.STORAGE_FULL
+    code_name = "STORAGE_FULL"
+    default_message = "storage full"
+
+
+class WrongShard(KVError):
+    """Definite: the key lives in another Raft group; refresh the shard map and retry."""
+
+    code = kv_pb2.WRONG_SHARD
+    code_name = "WRONG_SHARD"
+    default_message = "wrong shard"
+
+
+class ShuttingDown(KVError):
+    """Definite: the node is shutting down and did not accept the operation."""
+
+    code = kv_pb2.SHUTTING_DOWN
+    code_name = "SHUTTING_DOWN"
+    default_message = "shutting down"
+
+
+class InternalError(KVError):
+    """Indeterminate (for writes): an unexpected server failure; the write may have been applied."""
+
+    code = kv_pb2.INTERNAL
+    code_name = "INTERNAL"
+    write_may_have_applied = True
+    default_message = "internal error"
+
+
+class Unavailable(KVError):
+    """Definite: no endpoint could be reached, so the operation was never delivered.
+
+    (The client also uses it, with ``indeterminate=True``, for a connection that broke after a
+    write was sent; when it gives up it reports that case as an indeterminate :class:`Timeout`.)
+
+    Client-side only: there is no UNAVAILABLE on the wire; :func:`to_proto` sends it as NO_LEADER
+    (also "not applied; try again later").
+    """
+
+    code = kv_pb2.NO_LEADER
+    code_name = "UNAVAILABLE"
+    default_message = "cannot reach any endpoint"
+
+
+_BY_CODE: dict[int, type[KVError]] = {
+    kv_pb2.NOT_LEADER: NotLeader,
+    kv_pb2.NO_LEADER: NoLeader,
+    kv_pb2.KEY_TOO_LARGE: KeyTooLarge,
+    kv_pb2.VALUE_TOO_LARGE: ValueTooLarge,
+    kv_pb2.REQUEST_TOO_LARGE: RequestTooLarge,
+    kv_pb2.INVALID_ARGUMENT: InvalidArgument,
+    kv_pb2.TIMEOUT: Timeout,
+    kv_pb2.LEADERSHIP_LOST: LeadershipLost,
+    kv_pb2.PROPOSAL_DROPPED: ProposalDropped,
+    kv_pb2.STORAGE_FULL: StorageFull,
+    kv_pb2.WRONG_SHARD: WrongShard,
+    kv_pb2.SHUTTING_DOWN: ShuttingDown,
+    kv_pb2.INTERNAL: InternalError,
+}
+
+
+def error_class(code: int) -> type[KVError]:
+    """The class for a wire error code (unknown codes map to :class:`InternalError`)."""
+    return _BY_CODE.get(code, InternalError)
+
+
+def from_proto(error: kv_pb2.Error | None, *, is_write: bool) -> KVError | None:
+    """Convert a response's ``error`` field to an exception, or None if it reports success.
+
+    For a write, the result is indeterminate if the server said so *or* if the code is one that
+    may have applied (TIMEOUT, LEADERSHIP_LOST, INTERNAL, unknown codes): when in doubt we err on
+    the safe side. For a read nothing can have been applied, so the result is always definite.
+
+    ``NOT_LEADER`` with neither a leader id nor an address means nobody knows the leader and
+    becomes :class:`NoLeader`.
+    """
+    if error is None or error.code == kv_pb2.OK:
+        return None
+    cls = error_class(error.code)
+    indeterminate = is_write and (error.indeterminate or cls.write_may_have_applied)
+    message = error.message
+    if cls is InternalError and error.code not in _BY_CODE:
+        message = f"unknown error code {error.code}: {message}" if message else f"unknown error code {error.code}"
+    if cls is NotLeader:
+        if not error.leader_hint and not error.leader_id:
+            return NoLeader(message or "no leader known", indeterminate=indeterminate)
+        return NotLeader(
+            error.leader_id, error.leader_hint, message=message, indeterminate=indeterminate
+        )
+    if issubclass(cls, _SizeError):
+        return cls(message=message, indeterminate=indeterminate)
+    return cls(message, indeterminate=indeterminate)
+
+
+def to_proto(exc: BaseException) -> kv_pb2.Error:
+    """Convert an exception to a wire error. Anything that is not a :class:`KVError` becomes an
+    indeterminate INTERNAL error (the server cannot know how far the operation got)."""
+    if not isinstance(exc, KVError):
+        return kv_pb2.Error(code=kv_pb2.INTERNAL, message=f"{type(exc).__name__}: {exc}", indeterminate=True)
+    err = kv_pb2.Error(code=exc.code, message=exc.message, indeterminate=exc.indeterminate)  # type: ignore[arg-type]
+    if isinstance(exc, NotLeader):
+        err.leader_id = exc.leader_id
+        err.leader_hint = exc.leader_address
+    return err

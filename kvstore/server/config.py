@@ -1,0 +1,62 @@
+"""Node configuration: flags, environment (KVSTORE_*) and defaults, loaded once into NodeConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .host import RaftSettings
+
+DATA_GROUP = 1
+"""The single data group of this milestone (group 0 is reserved for the shard map)."""
+
+
+@dataclass(slots=True)
+class Limits:
+    max_key: int = 4 << 10
+    max_value: int = 1 << 20
+    max_request: int = 4 << 20
+
+
+@dataclass(slots=True)
+class NodeConfig:
+    id: int
+    data_dir: Path
+    listen: str
+    peers: dict[int, str]
+    cluster_id: str = "kvstore"
+    join: bool = False
+    """Start without bootstrapping: wait to be added to an existing cluster (`kvctl member add`)."""
+    advertise: str = ""
+    """Address peers and clients use to reach this node (defaults to `listen`)."""
+    metrics_listen: str = ""
+    request_timeout: float = 5.0
+    sync: bool = True
+    raft: RaftSettings = field(default_factory=RaftSettings)
+    limits: Limits = field(default_factory=Limits)
+
+    def validate(self) -> None:
+        if self.id < 1:
+            raise ValueError("--id must be >= 1")
+        if not self.join and self.id not in self.peers:
+            raise ValueError(f"--peers must include this node (id {self.id})")
+        for nid, addr in self.peers.items():
+            if nid < 1 or ":" not in addr:
+                raise ValueError(f"bad peer {nid}={addr!r}: expected ID=HOST:PORT")
+        if ":" not in self.listen:
+            raise ValueError(f"bad --listen {self.listen!r}: expected HOST:PORT")
+
+    @property
+    def address(self) -> str:
+        return self.advertise or self.peers.get(self.id) or self.listen
+
+
+def parse_peers(text: str) -> dict[int, str]:
+    """`1=127.0.0.1:2379,2=127.0.0.1:2380` -> {1: "127.0.0.1:2379", 2: ...}."""
+    peers: dict[int, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        nid, sep, addr = part.partition("=")
+        if not sep or not nid.strip().isdigit():
+            raise ValueError(f"bad peer {part!r}: expected ID=HOST:PORT")
+        peers[int(nid)] = addr.strip()
+    return peers

@@ -1,0 +1,376 @@
+"""The multi-raft host: owns a node's Raft groups and runs their Ready loop.
+
+Plain synchronous code. The asyncio driver (`node.py`) calls `tick()` on a timer, `step()` for each
+message the transport delivers, `propose()` / `read()` for client requests, and `run_cycle()`
+whenever `has_work()`; everything with a socket stays outside.
+
+One cycle (`run_cycle`):
+1. collect the Ready of every group that has one;
+2. hand the messages that need not wait to the transport;
+3. ONE storage call for all groups: persist snapshots, entries and hard states, and apply the
+   committed entries, in one LMDB write transaction with one fsync;
+4. hand the remaining messages (vote and append responses) to the transport;
+5. answer the waiting clients (writes by (index, term), reads once applied through their index);
+6. advance every group.
+
+Invariants:
+- a write is answered only after its entry is committed and applied (step 3 made it durable);
+  a different term applied at its index means it can never commit: answered as definitely failed;
+- a read is answered only after a ReadIndex round confirmed leadership and the group has applied
+  through that index;
+- a failed storage call (disk full) stops the loop before any dependent message leaves or any
+  group advances: the node keeps its last durable state and refuses further work.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvstore import errors
+from kvstore.raft import (
+    NONE,
+    ConfChange,
+    ConfChangeType,
+    Config,
+    ConfState,
+    EntryType,
+    Message,
+    MessageType,
+    ProposalDropped,
+    RaftNode,
+    Ready,
+    Role,
+)
+from kvstore.storage.errors import StorageFullError
+from kvstore.storage.store import ApplyBatch, GroupWrite, NodeStore
+
+log = logging.getLogger("kvstore.host")
+
+WriteCallback = Callable[[Any, errors.KVError | None], None]
+ReadCallback = Callable[[int, errors.KVError | None], None]
+
+
+@dataclass(slots=True)
+class RaftSettings:
+    tick_ms: int = 100
+    election_tick: int = 10
+    heartbeat_tick: int = 1
+    lease_read: bool = False
+    max_inflight_msgs: int = 256
+    max_size_per_msg: int = 1 << 20
+    compact_threshold: int = 10_000
+    """Compact a group's log once it holds this many applied entries."""
+    compact_keep: int = 1_000
+    """Entries kept behind the applied index after compaction, for slow followers."""
+
+
+@dataclass(slots=True)
+class PendingWrite:
+    term: int
+    callback: WriteCallback
+
+
+@dataclass(slots=True)
+class Group:
+    id: int
+    core: RaftNode
+    writes: dict[int, PendingWrite] = field(default_factory=dict)
+    reads: dict[bytes, ReadCallback] = field(default_factory=dict)
+    """Reads waiting for their ReadState, by context."""
+    ready_reads: list[tuple[int, ReadCallback]] = field(default_factory=list)
+    """Reads whose index is known, waiting for the group to apply through it."""
+
+
+class Host:
+    def __init__(
+        self,
+        node_id: int,
+        store: NodeStore,
+        send: Callable[[list[Message]], None],
+        settings: RaftSettings,
+        rng: random.Random | None = None,
+        members: dict[int, str] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.store = store
+        self.send = send
+        self.settings = settings
+        self.rng = rng or random.Random()
+        self.groups: dict[int, Group] = {}
+        self.members: dict[int, str] = dict(members or {})
+        """node id -> address; initial peers plus every member added at runtime."""
+        self.failed: str | None = None
+        self._ctx = 0
+        self.on_leader_change: Callable[[int, int], None] | None = None
+        self.on_snapshot_needed: Callable[[Message], None] | None = None
+
+    # --- groups -----------------------------------------------------------------------------
+    def open_group(self, group: int, bootstrap: ConfState | None) -> Group:
+        """Open a group from storage; with `bootstrap`, create it first if it has no state."""
+        if bootstrap is not None:
+            self.store.bootstrap(group, bootstrap)
+        s = self.settings
+        cfg = Config(
+            id=self.node_id,
+            group=group,
+            election_tick=s.election_tick,
+            heartbeat_tick=s.heartbeat_tick,
+            applied=self.store.applied_index(group),
+            lease_read=s.lease_read,
+            max_inflight_msgs=s.max_inflight_msgs,
+            max_size_per_msg=s.max_size_per_msg,
+        )
+        core = RaftNode(cfg, self.store.log_storage(group), random.Random(self.rng.getrandbits(64)), log)
+        g = self.groups[group] = Group(group, core)
+        return g
+
+    def leader_of(self, group: int) -> tuple[int, str]:
+        g = self.groups.get(group)
+        if g is None:
+            return NONE, ""
+        lead = g.core.lead
+        return lead, self.members.get(lead, "")
+
+    def _not_leader(self, g: Group) -> errors.KVError:
+        lead = g.core.lead
+        if lead == NONE or lead == self.node_id:
+            return errors.NoLeader(f"group {g.id} has no leader right now")
+        return errors.NotLeader(lead, self.members.get(lead, ""))
+
+    def _check_writable(self) -> None:
+        if self.failed is not None:
+            raise errors.StorageFull(self.failed)
+
+    # --- inputs -----------------------------------------------------------------------------
+    def step(self, m: Message) -> None:
+        g = self.groups.get(m.group)
+        if g is None:
+            log.warning("message for unknown group %d from node %d dropped", m.group, m.frm)
+            return
+        g.core.step(m)
+
+    def tick(self) -> None:
+        for g in self.groups.values():
+            g.core.tick()
+
+    def propose(self, group: int, data: bytes, callback: WriteCallback) -> int:
+        """Propose a command; `callback(result, None)` once applied, or `(None, error)`.
+
+        Raises a definite KVError (not leader, transfer in progress, storage full) if the
+        command could not even be appended.
+        """
+        self._check_writable()
+        g = self.groups[group]
+        if g.core.role != Role.LEADER:
+            raise self._not_leader(g)
+        try:
+            index = g.core.propose(data)
+        except ProposalDropped as err:
+            raise errors.ProposalDropped(str(err)) from err
+        g.writes[index] = PendingWrite(g.core.term, callback)
+        return index
+
+    def propose_conf_change(self, group: int, cc: ConfChange, callback: WriteCallback) -> int:
+        self._check_writable()
+        g = self.groups[group]
+        if g.core.role != Role.LEADER:
+            raise self._not_leader(g)
+        try:
+            index = g.core.propose_conf_change(cc)
+        except ProposalDropped as err:
+            raise errors.ProposalDropped(str(err)) from err
+        g.writes[index] = PendingWrite(g.core.term, callback)
+        return index
+
+    def read(self, group: int, callback: ReadCallback) -> None:
+        """Linearizable read: `callback(applied_index, None)` once it is safe to read local state."""
+        self._check_writable()
+        g = self.groups[group]
+        if g.core.role != Role.LEADER:
+            raise self._not_leader(g)
+        self._ctx += 1
+        ctx = self._ctx.to_bytes(8, "big")
+        try:
+            g.core.read_index(ctx)
+        except ProposalDropped as err:
+            raise errors.NoLeader(str(err)) from err
+        g.reads[ctx] = callback
+
+    def transfer_leader(self, group: int, to: int) -> None:
+        g = self.groups[group]
+        if g.core.role != Role.LEADER:
+            raise self._not_leader(g)
+        if to == NONE:
+            # The most up-to-date voter other than us.
+            cands = [
+                (pr.match, nid) for nid, pr in sorted(g.core.prs.items())
+                if nid != self.node_id and nid in g.core.conf.voters
+            ]
+            if not cands:
+                raise errors.InvalidArgument("no other voter to transfer leadership to")
+            to = max(cands)[1]
+        if to not in g.core.conf.voters:
+            raise errors.InvalidArgument(f"node {to} is not a voter of group {group}")
+        g.core.transfer_leader(to)
+
+    def report_snapshot(self, group: int, to: int, failed: bool) -> None:
+        g = self.groups.get(group)
+        if g is not None:
+            g.core.report_snapshot(to, failed)
+
+    def report_unreachable(self, to: int) -> None:
+        for g in self.groups.values():
+            g.core.report_unreachable(to)
+
+    # --- the Ready loop ---------------------------------------------------------------------
+    def has_work(self) -> bool:
+        if self.failed is not None:
+            return False
+        return any(g.core.has_ready() for g in self.groups.values())
+
+    def run_cycle(self) -> int:
+        """One iteration of the Ready loop over all groups. Returns the number of groups handled."""
+        if self.failed is not None:
+            return 0
+        readies: list[tuple[Group, Ready]] = [
+            (g, g.core.ready()) for g in self.groups.values() if g.core.has_ready()
+        ]
+        if not readies:
+            return 0
+        immediate = [m for _, rd in readies for m in rd.messages]
+        if immediate:
+            self._send(immediate)
+        writes: list[GroupWrite] = []
+        applies: list[ApplyBatch] = []
+        for g, rd in readies:
+            if rd.snapshot is not None:
+                log.info(
+                    "installing snapshot of group %d at index %d (term %d)",
+                    g.id, rd.snapshot.meta.index, rd.snapshot.meta.term,
+                )
+            if rd.entries or rd.hard_state is not None or rd.snapshot is not None:
+                writes.append(
+                    GroupWrite(
+                        g.id,
+                        rd.entries,
+                        rd.hard_state,
+                        rd.snapshot.meta if rd.snapshot is not None else None,
+                        Path(rd.snapshot.data.decode()) if rd.snapshot is not None else None,
+                    )
+                )
+            if rd.committed_entries:
+                last = rd.committed_entries[-1].index
+                applies.append(ApplyBatch(g.id, rd.committed_entries, g.core.conf_state_at(last)))
+        try:
+            results = self.store.persist_and_apply(writes, applies)
+        except StorageFullError as err:
+            self._fail(str(err))
+            return 0
+        later = [m for _, rd in readies for m in rd.persisted_messages]
+        if later:
+            self._send(later)
+        by_group = {a.group: r for a, r in zip(applies, results, strict=True)}
+        for g, rd in readies:
+            self._finish(g, rd, by_group.get(g.id, []))
+        return len(readies)
+
+    def _send(self, msgs: list[Message]) -> None:
+        out = []
+        for m in msgs:
+            if m.type == MessageType.SNAP and self.on_snapshot_needed is not None:
+                self.on_snapshot_needed(m)
+            else:
+                out.append(m)
+        if out:
+            self.send(out)
+
+    def _finish(self, g: Group, rd: Ready, results: list[Any]) -> None:
+        core = g.core
+        was_leader = core.role == Role.LEADER
+        for e, res in zip(rd.committed_entries, results, strict=True):
+            if e.type == EntryType.CONF_CHANGE:
+                self._applied_conf_change(e.data)
+            w = g.writes.pop(e.index, None)
+            if w is not None:
+                if w.term == e.term:
+                    w.callback(res, None)
+                else:
+                    w.callback(None, errors.ProposalDropped("another leader's entry took this log position"))
+        for rs in rd.read_states:
+            cb = g.reads.pop(rs.context, None)
+            if cb is not None:
+                g.ready_reads.append((rs.index, cb))
+        core.advance(rd)
+        if rd.soft_state is not None:
+            if self.on_leader_change is not None:
+                self.on_leader_change(g.id, rd.soft_state.leader)
+            if was_leader or rd.soft_state.role != Role.LEADER:
+                self._drop_reads(g)
+        self._serve_reads(g)
+        self._maybe_compact(g)
+
+    def _serve_reads(self, g: Group) -> None:
+        if not g.ready_reads:
+            return
+        applied = g.core.applied
+        keep = []
+        for index, cb in g.ready_reads:
+            if index <= applied:
+                cb(applied, None)
+            else:
+                keep.append((index, cb))
+        g.ready_reads = keep
+
+    def _drop_reads(self, g: Group) -> None:
+        if g.core.role == Role.LEADER or not (g.reads or g.ready_reads):
+            return
+        err = self._not_leader(g)
+        reads, g.reads = g.reads, {}
+        for cb in reads.values():
+            cb(0, err)
+
+    def _maybe_compact(self, g: Group) -> None:
+        st = self.store.log_storage(g.id)
+        applied = g.core.applied
+        if applied - st.first_index() >= self.settings.compact_threshold:
+            self.store.compact(g.id, applied - self.settings.compact_keep)
+
+    def _applied_conf_change(self, data: bytes) -> None:
+        cc = ConfChange.decode(data)
+        if cc.type == ConfChangeType.REMOVE_NODE:
+            if cc.node_id != self.node_id:
+                self.members.pop(cc.node_id, None)
+        elif cc.context:
+            self.members[cc.node_id] = cc.context.decode()
+
+    def _fail(self, reason: str) -> None:
+        """Stop: the last batch is not durable, so nothing that depends on it may happen."""
+        log.error("storage failed, node stops accepting work: %s", reason)
+        self.failed = reason
+        err = errors.StorageFull(reason)
+        lost = errors.InternalError(f"storage failed before the write was known to be applied: {reason}")
+        for g in self.groups.values():
+            writes, g.writes = g.writes, {}
+            for w in writes.values():
+                w.callback(None, lost)
+            reads, g.reads = g.reads, {}
+            for cb in reads.values():
+                cb(0, err)
+            ready_reads, g.ready_reads = g.ready_reads, []
+            for _, cb in ready_reads:
+                cb(0, err)
+
+    # --- introspection ----------------------------------------------------------------------
+    def status(self) -> list[dict[str, Any]]:
+        out = []
+        for gid in sorted(self.groups):
+            core = self.groups[gid].core
+            st = core.status()
+            st["first_index"] = self.store.log_storage(gid).first_index()
+            out.append(st)
+        return out

@@ -1,0 +1,52 @@
+"""Process entry for one node: uvloop (asyncio fallback), signals, graceful shutdown, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from .config import NodeConfig
+from .node import Node
+
+log = logging.getLogger("kvstore")
+
+
+def install_event_loop() -> str:
+    """Use uvloop when available (it is a dependency on POSIX); fall back to asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+async def serve(cfg: NodeConfig) -> None:
+    node = Node(cfg)
+    await node.start()
+    if cfg.metrics_listen:
+        from prometheus_client import start_http_server
+
+        host, _, port = cfg.metrics_listen.rpartition(":")
+        start_http_server(int(port), addr=host or "127.0.0.1", registry=node.metrics.registry)
+        log.info("metrics on http://%s/metrics", cfg.metrics_listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"kvstore node {cfg.id} ready on {cfg.listen} (event loop: {type(loop).__module__})", flush=True)
+    await stop.wait()
+    log.info("shutting down")
+    await node.stop()
+
+
+def run(cfg: NodeConfig) -> int:
+    install_event_loop()
+    try:
+        asyncio.run(serve(cfg))
+    except OSError as err:
+        print(f"kvstore: {err}", file=sys.stderr)
+        return 2
+    return 0

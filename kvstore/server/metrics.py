@@ -1,0 +1,31 @@
+"""Prometheus metrics of a node (served on --metrics-listen when given)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.term = Gauge("kvstore_raft_term", "Current Raft term", ["group"], registry=r)
+        self.leader = Gauge("kvstore_raft_leader", "Leader node id as seen by this node", ["group"], registry=r)
+        self.is_leader = Gauge("kvstore_raft_is_leader", "1 if this node leads the group", ["group"], registry=r)
+        self.commit = Gauge("kvstore_raft_commit_index", "Commit index", ["group"], registry=r)
+        self.applied = Gauge("kvstore_raft_applied_index", "Applied index", ["group"], registry=r)
+        self.proposal_seconds = Histogram(
+            "kvstore_proposal_seconds", "Time from proposal to applied", registry=r,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+        )
+        self.fsync_seconds = Histogram(
+            "kvstore_persist_seconds", "Time of one persist+apply transaction (including fsync)", registry=r,
+            buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
+        )
+        self.ready_groups = Histogram(
+            "kvstore_ready_groups", "Groups handled per Ready cycle", registry=r, buckets=(1, 2, 4, 8, 16, 64, 256)
+        )
+        self.messages_sent = Counter("kvstore_raft_messages_sent_total", "Raft messages sent", registry=r)
+        self.messages_received = Counter("kvstore_raft_messages_received_total", "Raft messages received", registry=r)
+        self.reads = Counter("kvstore_reads_total", "Reads served", registry=r)
+        self.writes = Counter("kvstore_writes_total", "Writes applied and answered", registry=r)
+        self.storage_full = Gauge("kvstore_storage_full", "1 if the node stopped on a full disk", registry=r)

@@ -1,0 +1,177 @@
+"""One kvstore node process: wires storage, host, transport and gRPC services on asyncio.
+
+Startup: open the store, open (or bootstrap) the data group, start the gRPC server (Raft, KV,
+Admin and the standard grpc.health.v1 service), then the tick timer and the Ready loop.
+Shutdown (SIGTERM / SIGINT): health goes NOT_SERVING, the server stops taking requests and gives
+in-flight ones a grace period, the loops stop, the store closes. Nothing durable depends on a
+graceful stop: kill -9 at any moment loses no acknowledged write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from kvstore.raft import ConfState, Message, Role
+from kvstore.storage.store import NodeStore
+from kvstore.transport.peer import CHANNEL_OPTIONS, Transport
+from kvstore.transport.service import RaftService
+from kvstore.v1 import admin_pb2_grpc, kv_pb2_grpc, raft_pb2_grpc
+
+from .admin_service import AdminService
+from .config import DATA_GROUP, NodeConfig
+from .host import Host
+from .kv_service import KVService
+from .metrics import Metrics
+
+log = logging.getLogger("kvstore.node")
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.store: NodeStore | None = None
+        self.host: Host | None = None
+        self.transport: Transport | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health = health.HealthServicer()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._members_seen: dict[int, str] = {}
+        self.port = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = store = NodeStore(cfg.data_dir / "db", sync=cfg.sync)
+        members = dict(cfg.peers)
+        members.update(store.members())
+        host = self.host = Host(cfg.id, store, self._send, cfg.raft, random.Random(), members)
+        self.transport = Transport(
+            cfg.id, cfg.cluster_id, store, on_unreachable=host.report_unreachable,
+            on_snapshot_done=self._snapshot_done,
+        )
+        host.on_snapshot_needed = self._send_snapshot
+        bootstrap = None
+        if not cfg.join and DATA_GROUP not in store.groups():
+            bootstrap = ConfState(tuple(sorted(cfg.peers)))
+            log.info("bootstrapping group %d with voters %s", DATA_GROUP, list(bootstrap.voters))
+        host.open_group(DATA_GROUP, bootstrap)
+
+        server = self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        raft_pb2_grpc.add_RaftServicer_to_server(
+            RaftService(cfg.id, cfg.cluster_id, self._deliver, store.snapshot_dir), server
+        )
+        kv_pb2_grpc.add_KVServicer_to_server(KVService(cfg, host, self.wake, self.metrics), server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(cfg, host, self.wake), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.port = server.add_insecure_port(cfg.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {cfg.listen}")
+        await server.start()
+        self._sync_members()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._ticker(), name="ticker"),
+            loop.create_task(self._ready_loop(), name="ready-loop"),
+        ]
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.SERVING)
+        log.info("node %d of cluster %r serving on %s", cfg.id, cfg.cluster_id, cfg.listen)
+
+    # --- wiring -----------------------------------------------------------------------------
+    def _deliver(self, m: Message) -> None:
+        assert self.host is not None
+        self.metrics.messages_received.inc()
+        self.host.step(m)
+        self.wake()
+
+    def _send(self, msgs: list[Message]) -> None:
+        assert self.transport is not None
+        self.metrics.messages_sent.inc(len(msgs))
+        self.transport.send(msgs)
+
+    def _send_snapshot(self, m: Message) -> None:
+        assert self.transport is not None
+        self.transport.send_snapshot(m)
+
+    def _snapshot_done(self, group: int, to: int, failed: bool) -> None:
+        assert self.host is not None
+        self.host.report_snapshot(group, to, failed)
+        self.wake()
+
+    def _sync_members(self) -> None:
+        assert self.host is not None and self.transport is not None
+        if self.host.members != self._members_seen:
+            self._members_seen = dict(self.host.members)
+            self.transport.set_addresses(self._members_seen)
+
+    async def _ticker(self) -> None:
+        assert self.host is not None
+        loop = asyncio.get_running_loop()
+        period = self.cfg.raft.tick_ms / 1000
+        next_at = loop.time() + period
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            next_at += period
+            if loop.time() - next_at > 5 * period:
+                next_at = loop.time() + period  # we were paused (SIGSTOP): do not tick in a burst
+            self.host.tick()
+            self.wake()
+
+    async def _ready_loop(self) -> None:
+        host = self.host
+        assert host is not None
+        m = self.metrics
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while host.has_work():
+                t0 = time.perf_counter()
+                n = host.run_cycle()
+                m.fsync_seconds.observe(time.perf_counter() - t0)
+                m.ready_groups.observe(n)
+                self._sync_members()
+                # Let the loop take in more requests: the next cycle batches them.
+                await asyncio.sleep(0)
+            if host.failed is not None:
+                m.storage_full.set(1)
+                self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.NOT_SERVING)
+            self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        assert self.host is not None
+        for gid, g in self.host.groups.items():
+            label = str(gid)
+            core = g.core
+            self.metrics.term.labels(label).set(core.term)
+            self.metrics.leader.labels(label).set(core.lead)
+            self.metrics.is_leader.labels(label).set(1 if core.role == Role.LEADER else 0)
+            self.metrics.commit.labels(label).set(core.committed)
+            self.metrics.applied.labels(label).set(core.applied)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self.transport is not None:
+            await self.transport.close()
+        if self.store is not None:
+            self.store.close()
+        log.info("node %d stopped", self.cfg.id)

@@ -1,0 +1,55 @@
+"""kvstore.storage: a node's durable state on LMDB (one environment, every Raft group in it).
+
+Modules: `lmdb_env` (open, durability, map growth, full disk), `layout` (keys and encodings),
+`raftlog` (LogStorage per group), `commands` + `machine` (command encoding and the pure apply
+logic, standard library only), `kvstate` (the state machine on LMDB), `snapfile` (snapshot
+stream format), `store` (`NodeStore`, the facade the server uses).
+
+Importing this package does not import LMDB: the pure modules (`commands`, `machine`) stay usable by
+the deterministic simulator. `NodeStore`, `GroupWrite` and `ApplyBatch` load `store` on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .commands import ApplyResult, Command, Op, decode_command, encode_command
+from .errors import (
+    ReadInvalidatedError,
+    SnapshotFormatError,
+    StorageClosedError,
+    StorageError,
+    StorageFullError,
+    StorageIOError,
+)
+
+if TYPE_CHECKING:
+    from .store import ApplyBatch, GroupWrite, NodeStore
+
+_LAZY = {"NodeStore", "GroupWrite", "ApplyBatch"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from . import store
+
+        return getattr(store, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "ApplyBatch",
+    "ApplyResult",
+    "Command",
+    "GroupWrite",
+    "NodeStore",
+    "Op",
+    "ReadInvalidatedError",
+    "SnapshotFormatError",
+    "StorageClosedError",
+    "StorageError",
+    "StorageFullError",
+    "StorageIOError",
+    "decode_command",
+    "encode_command",
+]

@@ -1,0 +1,260 @@
+"""State-machine commands carried in Raft entries, and their results. STANDARD LIBRARY ONLY.
+
+The deterministic simulator imports this module; `tests/test_storage.py` walks its imports.
+
+Command wire format (big-endian, `struct`; never pickle or json):
+
+    header   version:u8 (=1)  op:u8  client_id:u64  seq:u64  ack:u64        26 bytes
+    PUT      key_len:u32  key  value                          (value = the rest)
+    DELETE   key_len:u32  key                                 (nothing may follow)
+    CAS      flags:u8 (bit 0 = expect_absent)  key_len:u32  expected_len:u32  key  expected  value
+
+Session fields: `client_id` 0 means "no session" (no deduplication); otherwise (client_id, seq)
+names the request for exactly-once application, and `ack` says "the client has received replies
+for every seq < ack" so the state machine may forget those results.
+
+Result format: version:u8 (=1)  flags:u8  [current_len:u32 current]  [error: utf-8, the rest]
+with flags bit 0 swapped, 1 found, 2 existed, 3 current present, 4 error present.
+
+Invariants:
+- `decode_command(encode_command(c)) == c` for every valid command;
+- decoding anything else raises `ValueError` with a message saying what is wrong (never another
+  exception type), so the apply logic can turn garbage into a deterministic error result;
+- keys are at most `MAX_KEY_SIZE` bytes (LMDB's 511-byte key limit minus the 8-byte group prefix);
+  longer keys are rejected by both encoding and decoding.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+FORMAT_VERSION = 1
+RESULT_VERSION = 1
+
+MAX_KEY_SIZE = 503
+"""Longest user key: LMDB's default maximum key size (511) minus the 8-byte group prefix."""
+
+U64_MAX = (1 << 64) - 1
+
+_HEAD = struct.Struct(">BBQQQ")
+_U32 = struct.Struct(">I")
+_CAS = struct.Struct(">BII")
+_RES = struct.Struct(">BB")
+
+_CAS_EXPECT_ABSENT = 0x01
+
+_R_SWAPPED = 0x01
+_R_FOUND = 0x02
+_R_EXISTED = 0x04
+_R_CURRENT = 0x08
+_R_ERROR = 0x10
+_R_ALL = _R_SWAPPED | _R_FOUND | _R_EXISTED | _R_CURRENT | _R_ERROR
+
+
+class Op(enum.IntEnum):
+    PUT = 1
+    DELETE = 2
+    CAS = 3
+
+
+_OPS = {int(o): o for o in Op}
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One state-machine command. `value` is used by PUT and CAS; `expected`/`expect_absent` by CAS.
+
+    CAS: with `expect_absent`, swap iff the key is absent (`expected` must then be empty);
+    otherwise swap iff the key is present and its value equals `expected`.
+    """
+
+    op: Op
+    key: bytes
+    value: bytes = b""
+    expected: bytes = b""
+    expect_absent: bool = False
+    client_id: int = 0
+    seq: int = 0
+    ack: int = 0
+
+    @classmethod
+    def put(cls, key: bytes, value: bytes, client_id: int = 0, seq: int = 0, ack: int = 0) -> Command:
+        return cls(Op.PUT, key, value, client_id=client_id, seq=seq, ack=ack)
+
+    @classmethod
+    def delete(cls, key: bytes, client_id: int = 0, seq: int = 0, ack: int = 0) -> Command:
+        return cls(Op.DELETE, key, client_id=client_id, seq=seq, ack=ack)
+
+    @classmethod
+    def cas(
+        cls,
+        key: bytes,
+        expect_absent: bool,
+        expected: bytes,
+        value: bytes,
+        client_id: int = 0,
+        seq: int = 0,
+        ack: int = 0,
+    ) -> Command:
+        return cls(Op.CAS, key, value, expected, expect_absent, client_id, seq, ack)
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    """What applying one command did. Cached per (client_id, seq) in the session table.
+
+    PUT: all flags False. DELETE: `existed`. CAS: `swapped`, `found` (the key was present) and
+    `current` (the value found, when not swapped and found). `error` is set instead when the command
+    could not be applied (malformed, or a stale retry below the session's ack floor); such a command
+    changed nothing.
+    """
+
+    swapped: bool = False
+    found: bool = False
+    existed: bool = False
+    current: bytes | None = None
+    error: str | None = None
+
+
+# --- commands ------------------------------------------------------------------------------------
+def encode_command(cmd: Command) -> bytes:
+    """Encode `cmd`. Raises ValueError for invalid commands (key too long, out-of-range session
+    numbers, CAS with expect_absent and a non-empty expected value)."""
+    key = bytes(cmd.key)
+    if len(key) > MAX_KEY_SIZE:
+        raise ValueError(f"key of {len(key)} bytes exceeds the maximum of {MAX_KEY_SIZE}")
+    for name, n in (("client_id", cmd.client_id), ("seq", cmd.seq), ("ack", cmd.ack)):
+        if not 0 <= n <= U64_MAX:
+            raise ValueError(f"{name} {n} is not a 64-bit unsigned integer")
+    head = _HEAD.pack(FORMAT_VERSION, int(cmd.op), cmd.client_id, cmd.seq, cmd.ack)
+    if cmd.op == Op.PUT:
+        return b"".join((head, _U32.pack(len(key)), key, cmd.value))
+    if cmd.op == Op.DELETE:
+        return b"".join((head, _U32.pack(len(key)), key))
+    if cmd.op == Op.CAS:
+        if cmd.expect_absent and cmd.expected:
+            raise ValueError("CAS with expect_absent must not carry an expected value")
+        flags = _CAS_EXPECT_ABSENT if cmd.expect_absent else 0
+        return b"".join((head, _CAS.pack(flags, len(key), len(cmd.expected)), key, cmd.expected, cmd.value))
+    raise ValueError(f"unknown command op {cmd.op!r}")
+
+
+def encode_put(key: bytes, value: bytes, client_id: int = 0, seq: int = 0, ack: int = 0) -> bytes:
+    return encode_command(Command.put(key, value, client_id, seq, ack))
+
+
+def encode_delete(key: bytes, client_id: int = 0, seq: int = 0, ack: int = 0) -> bytes:
+    return encode_command(Command.delete(key, client_id, seq, ack))
+
+
+def encode_cas(
+    key: bytes,
+    expect_absent: bool,
+    expected: bytes,
+    value: bytes,
+    client_id: int = 0,
+    seq: int = 0,
+    ack: int = 0,
+) -> bytes:
+    return encode_command(Command.cas(key, expect_absent, expected, value, client_id, seq, ack))
+
+
+def decode_command(data: bytes) -> Command:
+    """Decode a command. Raises ValueError (with a clear message) for anything malformed."""
+    data = bytes(data)
+    n = len(data)
+    if n < _HEAD.size:
+        raise ValueError(f"command too short: {n} bytes, the header alone is {_HEAD.size}")
+    version, op, client_id, seq, ack = _HEAD.unpack_from(data)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"unknown command format version {version} (expected {FORMAT_VERSION})")
+    kind = _OPS.get(op)
+    if kind is None:
+        raise ValueError(f"unknown command op {op}")
+    pos = _HEAD.size
+    if kind == Op.CAS:
+        if n < pos + _CAS.size:
+            raise ValueError("CAS command truncated in its length fields")
+        flags, klen, elen = _CAS.unpack_from(data, pos)
+        if flags & ~_CAS_EXPECT_ABSENT:
+            raise ValueError(f"CAS command has unknown flags {flags:#x}")
+        pos += _CAS.size
+        if klen > MAX_KEY_SIZE:
+            raise ValueError(f"key of {klen} bytes exceeds the maximum of {MAX_KEY_SIZE}")
+        if pos + klen + elen > n:
+            raise ValueError(f"CAS command truncated: needs {pos + klen + elen} bytes, has {n}")
+        absent = bool(flags & _CAS_EXPECT_ABSENT)
+        if absent and elen:
+            raise ValueError("CAS with expect_absent carries an expected value")
+        key = data[pos : pos + klen]
+        expected = data[pos + klen : pos + klen + elen]
+        value = data[pos + klen + elen :]
+        return Command(Op.CAS, key, value, expected, absent, client_id, seq, ack)
+    if n < pos + _U32.size:
+        raise ValueError(f"{kind.name} command truncated in its key length")
+    (klen,) = _U32.unpack_from(data, pos)
+    pos += _U32.size
+    if klen > MAX_KEY_SIZE:
+        raise ValueError(f"key of {klen} bytes exceeds the maximum of {MAX_KEY_SIZE}")
+    if pos + klen > n:
+        raise ValueError(f"{kind.name} command truncated: key needs {pos + klen} bytes, has {n}")
+    key = data[pos : pos + klen]
+    if kind == Op.PUT:
+        return Command(Op.PUT, key, data[pos + klen :], client_id=client_id, seq=seq, ack=ack)
+    if pos + klen != n:
+        raise ValueError(f"DELETE command has {n - pos - klen} trailing bytes")
+    return Command(Op.DELETE, key, client_id=client_id, seq=seq, ack=ack)
+
+
+# --- results -------------------------------------------------------------------------------------
+def encode_result(res: ApplyResult) -> bytes:
+    flags = (
+        (_R_SWAPPED if res.swapped else 0)
+        | (_R_FOUND if res.found else 0)
+        | (_R_EXISTED if res.existed else 0)
+        | (_R_CURRENT if res.current is not None else 0)
+        | (_R_ERROR if res.error is not None else 0)
+    )
+    parts = [_RES.pack(RESULT_VERSION, flags)]
+    if res.current is not None:
+        parts += (_U32.pack(len(res.current)), res.current)
+    if res.error is not None:
+        parts.append(res.error.encode())
+    return b"".join(parts)
+
+
+def decode_result(data: bytes) -> ApplyResult:
+    """Decode a result. Raises ValueError for anything malformed."""
+    data = bytes(data)
+    n = len(data)
+    if n < _RES.size:
+        raise ValueError(f"result too short: {n} bytes")
+    version, flags = _RES.unpack_from(data)
+    if version != RESULT_VERSION:
+        raise ValueError(f"unknown result format version {version} (expected {RESULT_VERSION})")
+    if flags & ~_R_ALL:
+        raise ValueError(f"result has unknown flags {flags:#x}")
+    pos = _RES.size
+    current = None
+    if flags & _R_CURRENT:
+        if n < pos + _U32.size:
+            raise ValueError("result truncated in its value length")
+        (clen,) = _U32.unpack_from(data, pos)
+        pos += _U32.size
+        if pos + clen > n:
+            raise ValueError(f"result truncated: value needs {pos + clen} bytes, has {n}")
+        current = data[pos : pos + clen]
+        pos += clen
+    error = None
+    if flags & _R_ERROR:
+        try:
+            error = data[pos:].decode()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"result error text is not UTF-8: {err}") from None
+    elif pos != n:
+        raise ValueError(f"result has {n - pos} trailing bytes")
+    return ApplyResult(
+        bool(flags & _R_SWAPPED), bool(flags & _R_FOUND), bool(flags & _R_EXISTED), current, error
+    )

@@ -1,0 +1,388 @@
+"""The KV state machine on LMDB: apply committed entries, reads, and snapshots (stream out, install in).
+
+The apply logic itself is `machine.py` (standard library only, shared with the simulator); this
+module runs it on an `LmdbGroupView` inside the node's write transaction.
+
+Invariants:
+- the applied index of a group (sub-db `applied`) and the data, sessions and members it covers
+  change in the SAME write transaction (`stage_apply`, `stage_install`): a crash never applies an
+  entry twice or loses one;
+- entries are applied strictly in index order, each exactly once: an entry at or below the applied
+  index is skipped (result None), a gap raises RaftError (nothing of the batch is written);
+- the applied index is recorded with the configuration in force at it (`ApplyBatch.conf_state`),
+  which is what a snapshot taken there carries;
+- a snapshot stream is read from ONE read transaction, so its metadata (applied index, its term,
+  configuration) and its rows are one consistent view.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from kvstore.raft.storage import SnapshotTemporarilyUnavailable
+from kvstore.raft.types import (
+    ConfChange,
+    ConfChangeType,
+    ConfState,
+    Entry,
+    EntryType,
+    RaftError,
+    SnapshotMeta,
+)
+
+from .commands import MAX_KEY_SIZE, ApplyResult
+from .errors import SnapshotFormatError, StorageError
+from .layout import (
+    DB_APPLIED,
+    DB_DATA,
+    DB_MEMBERS,
+    DB_RAFTLOG,
+    DB_RAFTSTATE,
+    DB_SESSIONS,
+    LOG_BASE_TAG,
+    LOG_VALUE,
+    U64,
+    U64_PAIR,
+    decode_applied,
+    decode_log_base,
+    encode_applied,
+    group_end,
+    group_prefix,
+    log_key,
+)
+from .machine import apply_data
+from .snapfile import TAG_DATA, TAG_MEMBER, TAG_SESSION, Record, SnapshotFile, encode_snapshot
+
+if TYPE_CHECKING:
+    from .lmdb_env import Db, LmdbEnv, Reader, Txn
+
+T = TypeVar("T")
+
+_NORMAL = EntryType.NORMAL
+_CONF_CHANGE = EntryType.CONF_CHANGE
+
+
+@dataclass(slots=True)
+class AppliedState:
+    """A group's applied index and the configuration in force at it."""
+
+    index: int = 0
+    conf_state: ConfState = field(default_factory=ConfState)
+
+
+class LmdbGroupView:
+    """`machine.StateView` of one group inside a write transaction."""
+
+    __slots__ = ("_data", "_p", "_sessions", "_txn")
+
+    def __init__(self, txn: Txn, group: int, data: Db, sessions: Db) -> None:
+        self._txn = txn
+        self._p = group_prefix(group)
+        self._data = data
+        self._sessions = sessions
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._txn.get(self._p + key, db=self._data)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._txn.put(self._p + key, value, db=self._data)
+
+    def delete(self, key: bytes) -> bool:
+        return self._txn.delete(self._p + key, db=self._data)
+
+    def session_floor(self, client_id: int) -> int:
+        raw = self._txn.get(self._p + U64.pack(client_id), db=self._sessions)
+        return 0 if raw is None else int(U64.unpack(raw)[0])
+
+    def session_result(self, client_id: int, seq: int) -> bytes | None:
+        return self._txn.get(self._p + U64_PAIR.pack(client_id, seq), db=self._sessions)
+
+    def record_session(self, client_id: int, seq: int, result: bytes, old_floor: int, new_floor: int) -> None:
+        txn, db, p = self._txn, self._sessions, self._p
+        txn.put(p + U64_PAIR.pack(client_id, seq), result, db=db)
+        if new_floor <= old_floor:
+            return
+        txn.put(p + U64.pack(client_id), U64.pack(new_floor), db=db)
+        # Rows below old_floor are already gone: only [old_floor, new_floor) can remain.
+        if new_floor - old_floor <= 16:
+            for s in range(old_floor, new_floor):
+                txn.delete(p + U64_PAIR.pack(client_id, s), db=db)
+            return
+        cur = txn.cursor(db=db)
+        end = p + U64_PAIR.pack(client_id, new_floor)
+        if not cur.set_range(p + U64_PAIR.pack(client_id, 0)):
+            return
+        while cur.key() < end:
+            if not cur.delete():
+                break
+
+
+def _apply_member(txn: Txn, db: Db, group: int, data: bytes) -> None:
+    """Remember member addresses from applied conf changes (context = address)."""
+    try:
+        cc = ConfChange.decode(data)
+    except (ValueError, struct.error):
+        return
+    key = group_prefix(group) + U64.pack(cc.node_id)
+    if cc.type == ConfChangeType.REMOVE_NODE:
+        txn.delete(key, db=db)
+    elif cc.context:
+        txn.put(key, cc.context, db=db)
+
+
+class TxnStream(Generic[T]):
+    """An iterator over items produced from one long-lived read transaction (a consistent view).
+
+    Every `next()` first checks the transaction is still valid (ReadInvalidatedError otherwise:
+    the map grew meanwhile). Exhaustion, an error or `close()` releases the transaction."""
+
+    __slots__ = ("_gen", "_reader")
+
+    def __init__(self, reader: Reader, gen: Iterator[T]) -> None:
+        self._reader = reader
+        self._gen = gen
+
+    def __iter__(self) -> TxnStream[T]:
+        return self
+
+    def __next__(self) -> T:
+        try:
+            self._reader.check()
+            return next(self._gen)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+class KVState:
+    """The state machine of every group on one node's env; caches each group's `AppliedState`."""
+
+    __slots__ = ("_applied", "_env")
+
+    def __init__(self, env: LmdbEnv) -> None:
+        self._env = env
+        self._applied: dict[int, AppliedState] = {}
+
+    # --- applied index ----------------------------------------------------------------------
+    def applied(self, group: int) -> AppliedState:
+        st = self._applied.get(group)
+        if st is None:
+            with self._env.read() as txn:
+                raw = txn.get(group_prefix(group), db=self._env.db(DB_APPLIED))
+            st = AppliedState() if raw is None else AppliedState(*decode_applied(raw))
+            self._applied[group] = st
+        return st
+
+    def commit_applied(self, group: int, st: AppliedState) -> None:
+        self._applied[group] = st
+
+    def forget(self, group: int) -> None:
+        self._applied.pop(group, None)
+
+    # --- staged writes -----------------------------------------------------------------------
+    def stage_apply(
+        self, txn: Txn, group: int, cur: AppliedState, entries: list[Entry], conf_state: ConfState
+    ) -> tuple[list[ApplyResult | None], AppliedState]:
+        """Apply `entries` (committed, in order) after `cur`; returns the results and the new state."""
+        env = self._env
+        view = LmdbGroupView(txn, group, env.db(DB_DATA), env.db(DB_SESSIONS))
+        idx = cur.index
+        results: list[ApplyResult | None] = []
+        for e in entries:
+            if e.index <= idx:
+                results.append(None)  # already applied: never twice
+                continue
+            if e.index != idx + 1:
+                raise RaftError(f"group {group}: entry {e.index} applied after {idx}: entries would be lost")
+            idx = e.index
+            if e.type == _NORMAL:
+                results.append(apply_data(view, e.data) if e.data else None)
+            else:
+                results.append(None)
+                if e.type == _CONF_CHANGE:
+                    _apply_member(txn, env.db(DB_MEMBERS), group, e.data)
+        if idx == cur.index:
+            return results, cur
+        txn.put(group_prefix(group), encode_applied(idx, conf_state), db=env.db(DB_APPLIED))
+        return results, AppliedState(idx, conf_state)
+
+    def stage_install(self, txn: Txn, group: int, meta: SnapshotMeta, path: Path) -> AppliedState:
+        """Replace the group's data, sessions and members by the snapshot file's, and set the
+        applied index + configuration to the snapshot's. Streams the file (bounded memory)."""
+        env = self._env
+        try:
+            sf = SnapshotFile(path)
+        except FileNotFoundError:
+            raise StorageError(f"snapshot file {path} does not exist") from None
+        p = group_prefix(group)
+        with sf:
+            h = sf.header
+            if h.group != group:
+                raise SnapshotFormatError(f"snapshot file {path} is of group {h.group}, not {group}")
+            hm = h.meta
+            if (hm.index, hm.term) != (meta.index, meta.term) or (
+                sorted(hm.conf_state.voters),
+                sorted(hm.conf_state.learners),
+            ) != (sorted(meta.conf_state.voters), sorted(meta.conf_state.learners)):
+                raise SnapshotFormatError(
+                    f"snapshot file {path} is at index {hm.index} term {hm.term} {hm.conf_state}, "
+                    f"but is installed as index {meta.index} term {meta.term} {meta.conf_state}"
+                )
+            self.stage_delete_rows(txn, group)
+            dbs = {
+                TAG_DATA: env.db(DB_DATA),
+                TAG_SESSION: env.db(DB_SESSIONS),
+                TAG_MEMBER: env.db(DB_MEMBERS),
+            }
+            put = txn.put
+            for tag, key, value in sf.records():
+                if len(key) > MAX_KEY_SIZE:
+                    raise SnapshotFormatError(f"snapshot file {path} has a key of {len(key)} bytes")
+                put(p + key, value, db=dbs[tag])
+        txn.put(p, encode_applied(hm.index, hm.conf_state), db=env.db(DB_APPLIED))
+        return AppliedState(hm.index, hm.conf_state)
+
+    def stage_delete_rows(self, txn: Txn, group: int) -> None:
+        """Delete the group's data, sessions and members (not its applied index)."""
+        env = self._env
+        for name in (DB_DATA, DB_SESSIONS, DB_MEMBERS):
+            _delete_prefix(txn, env.db(name), group)
+
+    def stage_destroy(self, txn: Txn, group: int) -> None:
+        self.stage_delete_rows(txn, group)
+        txn.delete(group_prefix(group), db=self._env.db(DB_APPLIED))
+
+    # --- reads --------------------------------------------------------------------------------
+    def get(self, group: int, key: bytes) -> bytes | None:
+        if len(key) > MAX_KEY_SIZE:
+            return None
+        env = self._env
+        return env.get(env.db(DB_DATA), group_prefix(group) + key)
+
+    def scan(self, group: int, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        out: list[tuple[bytes, bytes]] = []
+        with self._env.read() as txn:
+            for kv in _iter_range(txn, self._env.db(DB_DATA), group, start, end):
+                out.append(kv)
+                if len(out) == limit:
+                    break
+        return out
+
+    def scan_chunks(
+        self,
+        group: int,
+        start: bytes,
+        end: bytes | None,
+        limit: int,
+        chunk_items: int,
+        chunk_bytes: int,
+    ) -> TxnStream[list[tuple[bytes, bytes]]]:
+        reader = self._env.reader()
+        db = self._env.db(DB_DATA)
+
+        def gen() -> Iterator[list[tuple[bytes, bytes]]]:
+            txn = reader.check()
+            chunk: list[tuple[bytes, bytes]] = []
+            size = 0
+            for n, (k, v) in enumerate(_iter_range(txn, db, group, start, end), 1):
+                chunk.append((k, v))
+                size += len(k) + len(v)
+                if n == limit:
+                    break
+                if len(chunk) >= chunk_items or size >= chunk_bytes:
+                    yield chunk
+                    chunk, size = [], 0
+            if chunk:
+                yield chunk
+
+        return TxnStream(reader, gen())
+
+    def members(self) -> dict[int, str]:
+        out: dict[int, str] = {}
+        with self._env.read() as txn:
+            for key, value in txn.cursor(db=self._env.db(DB_MEMBERS)).iternext():
+                out[U64_PAIR.unpack(key)[1]] = value.decode(errors="replace")
+        return out
+
+    # --- snapshots out ------------------------------------------------------------------------
+    def snapshot_stream(self, group: int, chunk_size: int) -> tuple[SnapshotMeta, TxnStream[bytes]]:
+        """The group's state at its applied index as (meta, chunks), from ONE read transaction.
+        Raises SnapshotTemporarilyUnavailable if the term of the applied index is not in the log."""
+        env = self._env
+        reader = env.reader()
+        try:
+            txn = reader.check()
+            p = group_prefix(group)
+            raw = txn.get(p, db=env.db(DB_APPLIED))
+            index, conf = (0, ConfState()) if raw is None else decode_applied(raw)
+            term = _term_in(txn, env, group, index)
+            if term is None:
+                raise SnapshotTemporarilyUnavailable()
+        except BaseException:
+            reader.close()
+            raise
+        meta = SnapshotMeta(index, term, conf)
+
+        def records() -> Iterator[Record]:
+            for tag, name in ((TAG_DATA, DB_DATA), (TAG_SESSION, DB_SESSIONS), (TAG_MEMBER, DB_MEMBERS)):
+                for k, v in _iter_range(txn, env.db(name), group, b"", None):
+                    yield tag, k, v
+
+        return meta, TxnStream(reader, encode_snapshot(group, meta, records(), chunk_size))
+
+
+def _term_in(txn: Txn, env: LmdbEnv, group: int, index: int) -> int | None:
+    """The term of entry `index` as seen by `txn` (log entry, or the log base), or None."""
+    if index == 0:
+        return 0
+    raw = txn.get(log_key(group, index), db=env.db(DB_RAFTLOG))
+    if raw is not None:
+        return int(LOG_VALUE.unpack_from(raw)[0])
+    raw = txn.get(group_prefix(group) + LOG_BASE_TAG, db=env.db(DB_RAFTSTATE))
+    if raw is not None:
+        base = decode_log_base(raw)
+        if base.index == index:
+            return base.term
+    return None
+
+
+def _iter_range(
+    txn: Txn, db: Db, group: int, start: bytes, end: bytes | None
+) -> Iterator[tuple[bytes, bytes]]:
+    """(user key, value) of `group` with start <= key < end (end None: to the group's last key)."""
+    p = group_prefix(group)
+    lo = p + start
+    hi = p + end if end is not None else group_end(group)
+    if hi is not None and hi <= lo:
+        return
+    cur = txn.cursor(db=db)
+    # LMDB cannot seek to a key longer than its limit; no stored key equals such a bound anyway.
+    if not cur.set_range(lo if len(start) <= MAX_KEY_SIZE else p + start[:MAX_KEY_SIZE]):
+        return
+    for k, v in cur.iternext():
+        if hi is not None and k >= hi:
+            return
+        if k < lo:
+            continue
+        yield k[8:], v
+
+
+def _delete_prefix(txn: Txn, db: Db, group: int) -> None:
+    p = group_prefix(group)
+    end = group_end(group)
+    cur = txn.cursor(db=db)
+    if not cur.set_range(p):
+        return
+    while True:
+        k = cur.key()
+        if not k or (end is not None and k >= end):
+            return
+        if not cur.delete():
+            return

@@ -1,0 +1,99 @@
+"""The on-disk layout: LMDB sub-database names and the `struct` encodings of their keys and values.
+
+One LMDB environment per node holds every Raft group; every key starts with the group id as 8
+big-endian bytes, so one group's rows are one contiguous key range in each sub-database and byte
+order equals numeric order.
+
+    raftlog    group:u64 index:u64             -> term:u64 type:u8 data
+    raftstate  group:u64 b"h"                  -> hard state   term:u64 vote:u64 commit:u64
+               group:u64 b"b"                  -> log base     index:u64 term:u64 conf
+    data       group:u64 user_key              -> value
+    sessions   group:u64 client:u64            -> ack floor:u64
+               group:u64 client:u64 seq:u64    -> encoded ApplyResult (commands.encode_result)
+    applied    group:u64                       -> applied index:u64 conf
+    members    group:u64 node:u64              -> address (utf-8), from applied conf changes
+
+    conf = n_voters:u32 n_learners:u32 voter:u64 * n_voters learner:u64 * n_learners
+
+The log base is the (index, term, configuration) of the last entry discarded by compaction or
+replaced by an installed snapshot: `first_index() == base.index + 1`.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from kvstore.raft.types import ConfState, HardState, SnapshotMeta
+
+from .errors import StorageError
+
+DB_RAFTLOG = b"raftlog"
+DB_RAFTSTATE = b"raftstate"
+DB_DATA = b"data"
+DB_SESSIONS = b"sessions"
+DB_APPLIED = b"applied"
+DB_MEMBERS = b"members"
+DB_NAMES = (DB_RAFTLOG, DB_RAFTSTATE, DB_DATA, DB_SESSIONS, DB_APPLIED, DB_MEMBERS)
+
+U64 = struct.Struct(">Q")
+U64_PAIR = struct.Struct(">QQ")
+LOG_VALUE = struct.Struct(">QB")
+HARD_STATE = struct.Struct(">QQQ")
+_CONF_HEAD = struct.Struct(">II")
+
+HARD_STATE_TAG = b"h"
+LOG_BASE_TAG = b"b"
+GROUP_MAX = (1 << 64) - 1
+
+
+def group_prefix(group: int) -> bytes:
+    return U64.pack(group)
+
+
+def group_end(group: int) -> bytes | None:
+    """The smallest key after every key of `group` (None for the last possible group)."""
+    return None if group == GROUP_MAX else U64.pack(group + 1)
+
+
+def log_key(group: int, index: int) -> bytes:
+    return U64_PAIR.pack(group, index)
+
+
+def encode_conf(cs: ConfState) -> bytes:
+    ids = (*cs.voters, *cs.learners)
+    return _CONF_HEAD.pack(len(cs.voters), len(cs.learners)) + struct.pack(f">{len(ids)}Q", *ids)
+
+
+def decode_conf(data: bytes, pos: int = 0) -> ConfState:
+    try:
+        nv, nl = _CONF_HEAD.unpack_from(data, pos)
+        ids = struct.unpack_from(f">{nv + nl}Q", data, pos + _CONF_HEAD.size)
+    except struct.error as err:
+        raise StorageError(f"corrupt configuration record: {err}") from None
+    return ConfState(tuple(ids[:nv]), tuple(ids[nv:]))
+
+
+def encode_hard_state(hs: HardState) -> bytes:
+    return HARD_STATE.pack(hs.term, hs.vote, hs.commit)
+
+
+def decode_hard_state(data: bytes) -> HardState:
+    return HardState(*HARD_STATE.unpack(data))
+
+
+def encode_log_base(meta: SnapshotMeta) -> bytes:
+    return U64_PAIR.pack(meta.index, meta.term) + encode_conf(meta.conf_state)
+
+
+def decode_log_base(data: bytes) -> SnapshotMeta:
+    index, term = U64_PAIR.unpack_from(data)
+    return SnapshotMeta(index, term, decode_conf(data, U64_PAIR.size))
+
+
+def encode_applied(index: int, cs: ConfState) -> bytes:
+    return U64.pack(index) + encode_conf(cs)
+
+
+def decode_applied(data: bytes) -> tuple[int, ConfState]:
+    (index,) = U64.unpack_from(data)
+    return index, decode_conf(data, U64.size)

@@ -1,0 +1,350 @@
+"""`GroupLogStorage`: the `kvstore.raft.storage.LogStorage` of one Raft group, on the node's LMDB env.
+
+Same semantics as `kvstore.raft.MemoryStorage` (append truncates a conflicting suffix, compaction
+keeps the term of the last discarded entry, the same errors). Layout: see `layout.py`.
+
+Reads: `first_index`, `last_index`, `initial_state` and (almost always) `term` are answered from a
+cache (`LogState`) without touching LMDB; `entries` reads with a cursor in a short read transaction.
+
+Writes happen only through `NodeStore`, inside its single write transaction: the `stage_*`
+methods write into the transaction and update a *draft* copy of the cache; `NodeStore` installs the
+draft with `commit_draft` once the transaction committed. A failed or retried transaction therefore
+never leaves the cache ahead of (or behind) the disk.
+
+Invariants (of the cache and of the disk):
+- entries are contiguous: keys (group, first_index) .. (group, last_index) exist, no others;
+- `base` is the (index, term, configuration) of the last entry discarded (0, 0, empty initially);
+  `first_index == base.index + 1`, `last_index >= base.index`;
+- `base.conf_state` is the configuration in force after entry `base.index`, which is what the core
+  takes as its starting configuration before scanning the remaining entries.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kvstore.raft.storage import CompactedError, SnapshotTemporarilyUnavailable, UnavailableError
+from kvstore.raft.types import (
+    ConfChange,
+    ConfState,
+    Entry,
+    EntryType,
+    HardState,
+    RaftError,
+    Snapshot,
+    SnapshotMeta,
+)
+
+from .errors import StorageError
+from .layout import (
+    DB_RAFTLOG,
+    DB_RAFTSTATE,
+    HARD_STATE_TAG,
+    LOG_BASE_TAG,
+    LOG_VALUE,
+    U64_PAIR,
+    decode_hard_state,
+    decode_log_base,
+    encode_hard_state,
+    encode_log_base,
+    group_end,
+    group_prefix,
+    log_key,
+)
+
+if TYPE_CHECKING:
+    from .lmdb_env import LmdbEnv, Txn
+
+_ENTRY_TYPES = {int(t): t for t in EntryType}
+
+
+@dataclass(slots=True)
+class LogState:
+    """The cached view of one group's log. `run_starts`/`run_terms` are runs of equal terms:
+    entry i (run_starts[0] <= i <= last) has term run_terms[k] for the last k with run_starts[k] <= i.
+    They cover the entries appended since the store was opened (plus the last entry at open)."""
+
+    hard_state: HardState = field(default_factory=HardState)
+    base: SnapshotMeta = field(default_factory=SnapshotMeta)
+    last: int = 0
+    run_starts: list[int] = field(default_factory=list)
+    run_terms: list[int] = field(default_factory=list)
+
+    @property
+    def first(self) -> int:
+        return self.base.index + 1
+
+    def copy(self) -> LogState:
+        return LogState(self.hard_state, self.base, self.last, list(self.run_starts), list(self.run_terms))
+
+    def is_empty(self) -> bool:
+        return self.hard_state == HardState() and self.base.index == 0 and self.last == 0
+
+
+class GroupLogStorage:
+    """`LogStorage` for one group. Obtain it from `NodeStore.log_storage(group)`."""
+
+    __slots__ = ("_applied", "_env", "_prefix", "_st", "group")
+
+    def __init__(self, env: LmdbEnv, group: int, applied: Callable[[], tuple[int, ConfState]]) -> None:
+        self._env = env
+        self.group = group
+        self._prefix = group_prefix(group)
+        self._applied = applied
+        self._st = self._load()
+
+    def _load(self) -> LogState:
+        g = self.group
+        st = LogState()
+        with self._env.read() as txn:
+            raw = txn.get(self._prefix + HARD_STATE_TAG, db=self._env.db(DB_RAFTSTATE))
+            if raw is not None:
+                st.hard_state = decode_hard_state(raw)
+            raw = txn.get(self._prefix + LOG_BASE_TAG, db=self._env.db(DB_RAFTSTATE))
+            if raw is not None:
+                st.base = decode_log_base(raw)
+            st.last = st.base.index
+            cur = txn.cursor(db=self._env.db(DB_RAFTLOG))
+            end = group_end(g)
+            found = cur.prev() if end is not None and cur.set_range(end) else cur.last()
+            if found:
+                kg, last = U64_PAIR.unpack(cur.key())
+                if kg == g:
+                    first_ok = cur.set_key(log_key(g, st.first))
+                    if not first_ok:
+                        raise StorageError(f"raft log of group {g} is corrupt: entry {st.first} is missing")
+                    if last < st.first:
+                        raise StorageError(
+                            f"raft log of group {g} has entries below its base {st.base.index}"
+                        )
+                    st.last = last
+                    cur.set_key(log_key(g, last))
+                    (term, _) = LOG_VALUE.unpack_from(cur.value())
+                    st.run_starts.append(last)
+                    st.run_terms.append(term)
+        return st
+
+    # --- LogStorage ---------------------------------------------------------------------------
+    def initial_state(self) -> tuple[HardState, ConfState]:
+        return self._st.hard_state, self._st.base.conf_state
+
+    def first_index(self) -> int:
+        return self._st.base.index + 1
+
+    def last_index(self) -> int:
+        return self._st.last
+
+    def term(self, index: int) -> int:
+        st = self._st
+        base = st.base
+        if index < base.index:
+            raise CompactedError(index)
+        if index > st.last:
+            raise UnavailableError(index)
+        if index == base.index:
+            return base.term
+        starts = st.run_starts
+        if starts and index >= starts[0]:
+            if index >= starts[-1]:
+                return st.run_terms[-1]
+            return st.run_terms[bisect_right(starts, index) - 1]
+        with self._env.read() as txn:
+            raw = txn.get(log_key(self.group, index), db=self._env.db(DB_RAFTLOG))
+        if raw is None:
+            raise StorageError(f"raft log of group {self.group} is corrupt: entry {index} is missing")
+        return int(LOG_VALUE.unpack_from(raw)[0])
+
+    def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
+        st = self._st
+        if lo <= st.base.index:
+            raise CompactedError(lo)
+        if hi > st.last + 1:
+            raise UnavailableError(hi)
+        if lo >= hi:
+            return []
+        with self._env.read() as txn:
+            return self._read_entries(txn, lo, hi, max_size)
+
+    def _read_entries(self, txn: Txn, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
+        group = self.group
+        out: list[Entry] = []
+        cur = txn.cursor(db=self._env.db(DB_RAFTLOG))
+        if not cur.set_key(log_key(group, lo)):
+            raise StorageError(f"raft log of group {group} is corrupt: entry {lo} is missing")
+        size = 0
+        types = _ENTRY_TYPES
+        unpack = LOG_VALUE.unpack_from
+        hdr = LOG_VALUE.size
+        expect = lo
+        for key, value in cur.iternext():
+            if expect >= hi:
+                break
+            kg, index = U64_PAIR.unpack(key)
+            if kg != group or index != expect:
+                break
+            term, etype = unpack(value)
+            data = value[hdr:]
+            if max_size is not None:
+                size += len(data) + 24
+                if out and size > max_size:
+                    return out
+            out.append(Entry(term, index, types[etype], data, group))
+            expect += 1
+        if expect < hi:
+            raise StorageError(f"raft log of group {group} is corrupt: entry {expect} is missing")
+        return out
+
+    def snapshot(self) -> Snapshot:
+        """The snapshot of the state machine at its applied index (data streamed separately by
+        `NodeStore.snapshot_chunks`, whose metadata may be newer)."""
+        index, conf = self._applied()
+        try:
+            term = self.term(index)
+        except (CompactedError, UnavailableError):
+            raise SnapshotTemporarilyUnavailable() from None
+        return Snapshot(SnapshotMeta(index, term, conf), b"")
+
+    # --- cache access for NodeStore --------------------------------------------------------
+    @property
+    def state(self) -> LogState:
+        return self._st
+
+    @property
+    def hard_state(self) -> HardState:
+        return self._st.hard_state
+
+    @property
+    def base(self) -> SnapshotMeta:
+        return self._st.base
+
+    def draft(self) -> LogState:
+        return self._st.copy()
+
+    def commit_draft(self, draft: LogState) -> None:
+        self._st = draft
+
+    def reset(self) -> None:
+        self._st = LogState()
+
+    # --- staged writes (inside NodeStore's write transaction) -------------------------------
+    def stage_append(self, txn: Txn, st: LogState, entries: list[Entry]) -> None:
+        """Append `entries`, truncating any suffix they conflict with (MemoryStorage.append)."""
+        if not entries:
+            return
+        first = st.base.index + 1
+        if entries[-1].index < first:
+            return
+        if entries[0].index < first:
+            entries = entries[first - entries[0].index :]
+        start = entries[0].index
+        new_last = entries[-1].index
+        if start > st.last + 1:
+            raise RaftError(f"missing log entry: last {st.last}, appended at {start}")
+        if new_last - start + 1 != len(entries):
+            raise RaftError(f"appended entries {start}..{new_last} are not contiguous")
+        group = self.group
+        db = self._env.db(DB_RAFTLOG)
+        for i in range(new_last + 1, st.last + 1):
+            txn.delete(log_key(group, i), db=db)
+        pack_val = LOG_VALUE.pack
+        pack_key = U64_PAIR.pack
+        cur = txn.cursor(db=db)
+        cur.putmulti([(pack_key(group, e.index), pack_val(e.term, int(e.type)) + e.data) for e in entries])
+        starts, terms = st.run_starts, st.run_terms
+        if not starts or start <= starts[0]:
+            starts.clear()
+            terms.clear()
+        else:
+            k = bisect_left(starts, start)
+            del starts[k:]
+            del terms[k:]
+        for e in entries:
+            if not terms or terms[-1] != e.term:
+                starts.append(e.index)
+                terms.append(e.term)
+        st.last = new_last
+
+    def stage_hard_state(self, txn: Txn, st: LogState, hs: HardState) -> None:
+        if hs == st.hard_state:
+            return
+        txn.put(self._prefix + HARD_STATE_TAG, encode_hard_state(hs), db=self._env.db(DB_RAFTSTATE))
+        st.hard_state = hs
+
+    def stage_snapshot(self, txn: Txn, st: LogState, meta: SnapshotMeta) -> None:
+        """Drop every entry of the group and make `meta` the log's base (first = meta.index + 1)."""
+        self._delete_range(txn, st.first, st.last)
+        self._put_base(txn, st, meta)
+        st.last = meta.index
+        st.run_starts.clear()
+        st.run_terms.clear()
+
+    def stage_compact(self, txn: Txn, st: LogState, index: int, applied_index: int) -> bool:
+        """Discard entries <= `index`; the base becomes (index, term(index), conf in force there).
+        Returns False (and changes nothing) if `index` is already compacted."""
+        if index <= st.base.index:
+            return False
+        if index > st.last:
+            raise RaftError(f"compact {index} beyond last index {st.last}")
+        if index > applied_index:
+            raise RaftError(f"compact {index} beyond applied index {applied_index}")
+        conf, term = self._conf_and_term_at(txn, st, index)
+        self._delete_range(txn, st.first, index)
+        self._put_base(txn, st, SnapshotMeta(index, term, conf))
+        starts, terms = st.run_starts, st.run_terms
+        if starts:
+            k = bisect_right(starts, index + 1) - 1
+            if k > 0:
+                del starts[:k]
+                del terms[:k]
+            if starts and starts[0] < index + 1:
+                starts[0] = index + 1
+        return True
+
+    def _conf_and_term_at(self, txn: Txn, st: LogState, index: int) -> tuple[ConfState, int]:
+        """The configuration in force after entry `index` (base configuration plus the CONF_CHANGE
+        entries up to `index`, skipping invalid ones exactly as the core does) and its term."""
+        group = self.group
+        conf = st.base.conf_state
+        cur = txn.cursor(db=self._env.db(DB_RAFTLOG))
+        if not cur.set_key(log_key(group, st.first)):
+            raise StorageError(f"raft log of group {group} is corrupt: entry {st.first} is missing")
+        term = st.base.term
+        end = log_key(group, index)
+        unpack = LOG_VALUE.unpack_from
+        cc = int(EntryType.CONF_CHANGE)
+        for key, value in cur.iternext():
+            if key > end:
+                break
+            term, etype = unpack(value)
+            if etype == cc:
+                try:
+                    conf = conf.apply(ConfChange.decode(value[LOG_VALUE.size :]))
+                except ValueError:
+                    continue
+        return conf, term
+
+    def stage_destroy(self, txn: Txn) -> None:
+        st = self._st
+        self._delete_range(txn, st.first, st.last)
+        db = self._env.db(DB_RAFTSTATE)
+        txn.delete(self._prefix + HARD_STATE_TAG, db=db)
+        txn.delete(self._prefix + LOG_BASE_TAG, db=db)
+
+    def _put_base(self, txn: Txn, st: LogState, meta: SnapshotMeta) -> None:
+        txn.put(self._prefix + LOG_BASE_TAG, encode_log_base(meta), db=self._env.db(DB_RAFTSTATE))
+        st.base = meta
+
+    def _delete_range(self, txn: Txn, lo: int, hi: int) -> None:
+        """Delete entries lo..hi (inclusive)."""
+        if hi < lo:
+            return
+        cur = txn.cursor(db=self._env.db(DB_RAFTLOG))
+        end = log_key(self.group, hi)
+        if not cur.set_range(log_key(self.group, lo)):
+            return
+        while cur.key() <= end:
+            if not cur.delete():
+                break

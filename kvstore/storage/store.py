@@ -1,0 +1,355 @@
+"""`NodeStore`: a node's durable state (every Raft group's log, hard state and KV state machine) in
+one LMDB environment, behind the calls the server's Ready loop makes.
+
+One call = ONE write transaction = one fsync (with sync=True), for ALL groups: `persist_and_apply`
+persists every group's snapshot, entries and hard state and applies every group's committed
+entries atomically; `persist` and `apply` are its two halves. If a call raises, nothing of it was
+written and every cache is unchanged (the call may be retried); `StorageFullError` also sets `full`.
+
+After a restart (even kill -9) the store returns exactly what committed calls wrote: hard states,
+logs, log bases, KV data, applied indexes (with their configurations), sessions and members.
+
+Snapshots: `snapshot_chunks` streams a group's state at its applied index from one read
+transaction; the receiver stores the chunks in a file (`receive_snapshot`) and installs it with
+`persist(GroupWrite(..., snapshot=meta, snapshot_file=path))` inside the normal write
+transaction, which deletes the file after commit. `meta` must be the metadata `snapshot_chunks`
+returned on the sender (the file's header is checked against it).
+
+Use a NodeStore from one thread only (the node's event loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kvstore.raft.types import ConfState, Entry, HardState, SnapshotMeta, bootstrap_entries
+
+from .commands import ApplyResult
+from .kvstate import AppliedState, KVState, TxnStream
+from .layout import DB_APPLIED, DB_RAFTLOG, DB_RAFTSTATE, U64
+from .lmdb_env import LmdbEnv
+from .raftlog import GroupLogStorage, LogState
+from .snapfile import SnapshotHeader, read_snapshot_header, write_frames
+
+if TYPE_CHECKING:
+    from .lmdb_env import Txn
+
+SNAPSHOT_DIR = "snapshots"
+SNAPSHOT_SUFFIX = ".snap"
+
+
+@dataclass(slots=True)
+class GroupWrite:
+    """What to persist for one group (from its Ready): an installed snapshot (metadata + the file
+    holding its data), new entries (a conflicting suffix is truncated) and the hard state."""
+
+    group: int
+    entries: list[Entry]
+    hard_state: HardState | None = None
+    snapshot: SnapshotMeta | None = None
+    snapshot_file: Path | None = None
+
+
+@dataclass(slots=True)
+class ApplyBatch:
+    """Committed entries of one group to apply, in order, and the configuration in force after
+    the last of them (`RaftNode.conf_state_at(last index)`)."""
+
+    group: int
+    entries: list[Entry]
+    conf_state: ConfState
+
+
+class NodeStore:
+    """The node's durable state. See the module docstring."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        sync: bool = True,
+        map_size: int = 64 << 20,
+        snapshot_chunk_size: int = 1 << 20,
+        max_map_size: int = 1 << 40,
+    ) -> None:
+        self.path = Path(path)
+        self.sync = sync
+        self.snapshot_chunk_size = snapshot_chunk_size
+        self.snapshot_dir = self.path / SNAPSHOT_DIR
+        self._env = LmdbEnv(self.path, sync=sync, map_size=map_size, max_map_size=max_map_size)
+        self._kv = KVState(self._env)
+        self._logs: dict[int, GroupLogStorage] = {}
+        self._groups: set[int] = self._scan_groups()
+        for g in self._groups:
+            self.log_storage(g)
+            self._kv.applied(g)
+        self._clean_snapshot_dir()
+
+    # --- groups ---------------------------------------------------------------------------------
+    def _scan_groups(self) -> set[int]:
+        found: set[int] = set()
+        with self._env.read() as txn:
+            for name in (DB_RAFTSTATE, DB_APPLIED):
+                for key in txn.cursor(db=self._env.db(name)).iternext(values=False):
+                    found.add(U64.unpack_from(key)[0])
+            cur = txn.cursor(db=self._env.db(DB_RAFTLOG))
+            ok = cur.first()
+            while ok:  # one seek per group, not one step per entry
+                g = U64.unpack_from(cur.key())[0]
+                found.add(g)
+                ok = g < (1 << 64) - 1 and cur.set_range(U64.pack(g + 1))
+        return found
+
+    def groups(self) -> list[int]:
+        """Groups with state on disk, sorted."""
+        return sorted(self._groups)
+
+    def log_storage(self, group: int) -> GroupLogStorage:
+        """The group's LogStorage (the same object on every call)."""
+        ls = self._logs.get(group)
+        if ls is None:
+            kv = self._kv
+
+            def applied() -> tuple[int, ConfState]:
+                st = kv.applied(group)
+                return st.index, st.conf_state
+
+            ls = self._logs[group] = GroupLogStorage(self._env, group, applied)
+        return ls
+
+    def bootstrap(self, group: int, conf: ConfState) -> bool:
+        """Give a new group its initial log (`bootstrap_entries`) and HardState(1, 0, len).
+        Does nothing and returns False if the group already has state."""
+        if self._has_state(group):
+            return False
+        ents = bootstrap_entries(conf, group)
+        self.persist([GroupWrite(group, ents, HardState(1, 0, len(ents)))])
+        return True
+
+    def _has_state(self, group: int) -> bool:
+        return not self.log_storage(group).state.is_empty() or self._kv.applied(group).index != 0
+
+    def destroy_group(self, group: int) -> None:
+        """Delete everything of `group` (log, hard state, data, sessions, members, applied index)."""
+        ls = self.log_storage(group)
+
+        def fn(txn: Txn) -> None:
+            ls.stage_destroy(txn)
+            self._kv.stage_destroy(txn, group)
+
+        self._env.write(fn)
+        ls.reset()
+        self._kv.forget(group)
+        self._groups.discard(group)
+
+    # --- the Ready loop ----------------------------------------------------------------------
+    def persist(self, writes: Sequence[GroupWrite]) -> None:
+        """ONE transaction + fsync: per group, in order, install the snapshot (if any), append the
+        entries (truncating a conflicting suffix) and set the hard state."""
+        self.persist_and_apply(writes, ())
+
+    def apply(self, batches: Sequence[ApplyBatch]) -> list[list[ApplyResult | None]]:
+        """ONE transaction: apply each batch's committed entries and record the new applied index
+        with its configuration. Returns one result per entry (None for non-data entries)."""
+        return self.persist_and_apply((), batches)
+
+    def persist_and_apply(
+        self, writes: Sequence[GroupWrite], batches: Sequence[ApplyBatch]
+    ) -> list[list[ApplyResult | None]]:
+        """`persist(writes)` then `apply(batches)`, in ONE transaction and one fsync."""
+        if not writes and not batches:
+            return []
+        kv = self._kv
+
+        def fn(
+            txn: Txn,
+        ) -> tuple[list[list[ApplyResult | None]], dict[int, LogState], dict[int, AppliedState], list[Path]]:
+            drafts: dict[int, LogState] = {}
+            applied: dict[int, AppliedState] = {}
+            files: list[Path] = []
+            for w in writes:
+                g = w.group
+                ls = self.log_storage(g)
+                d = drafts.get(g)
+                if d is None:
+                    d = drafts[g] = ls.draft()
+                if w.snapshot is not None:
+                    if w.snapshot_file is None:
+                        raise ValueError(f"group {g}: a snapshot write needs its snapshot_file")
+                    files.append(Path(w.snapshot_file))
+                    cur = applied.get(g)
+                    if cur is None:
+                        cur = kv.applied(g)
+                    # A snapshot not newer than what we have is superseded: only its file is dropped.
+                    if w.snapshot.index > max(cur.index, d.base.index):
+                        applied[g] = kv.stage_install(txn, g, w.snapshot, Path(w.snapshot_file))
+                        ls.stage_snapshot(txn, d, w.snapshot)
+                ls.stage_append(txn, d, w.entries)
+                if w.hard_state is not None:
+                    ls.stage_hard_state(txn, d, w.hard_state)
+            results: list[list[ApplyResult | None]] = []
+            for b in batches:
+                cur = applied.get(b.group)
+                if cur is None:
+                    cur = kv.applied(b.group)
+                res, applied[b.group] = kv.stage_apply(txn, b.group, cur, b.entries, b.conf_state)
+                results.append(res)
+            return results, drafts, applied, files
+
+        results, drafts, applied, files = self._env.write(fn)
+        for g, d in drafts.items():
+            self._logs[g].commit_draft(d)
+            if not d.is_empty():
+                self._groups.add(g)
+        for g, a in applied.items():
+            kv.commit_applied(g, a)
+            if a.index:
+                self._groups.add(g)
+        for f in files:
+            with contextlib.suppress(OSError):
+                f.unlink()
+        return results
+
+    def compact(self, group: int, index: int) -> None:
+        """Discard log entries <= `index` (which must be <= the applied index) and record (index,
+        term, configuration there) as the log's base. A no-op if already compacted that far."""
+        ls = self.log_storage(group)
+        if index <= ls.base.index:
+            return
+        applied = self._kv.applied(group).index
+
+        def fn(txn: Txn) -> LogState:
+            d = ls.draft()
+            ls.stage_compact(txn, d, index, applied)
+            return d
+
+        ls.commit_draft(self._env.write(fn))
+
+    # --- state ----------------------------------------------------------------------------------
+    def applied_index(self, group: int) -> int:
+        return self._kv.applied(group).index
+
+    def applied_conf_state(self, group: int) -> ConfState:
+        return self._kv.applied(group).conf_state
+
+    def hard_state(self, group: int) -> HardState:
+        return self.log_storage(group).hard_state
+
+    def members(self) -> dict[int, str]:
+        """node id -> address, from the contexts of applied conf changes (all groups)."""
+        return self._kv.members()
+
+    @property
+    def full(self) -> bool:
+        """True after a StorageFullError, until a write succeeds with enough free disk space."""
+        return self._env.full
+
+    # --- reads -----------------------------------------------------------------------------------
+    def get(self, group: int, key: bytes) -> bytes | None:
+        return self._kv.get(group, key)
+
+    def scan(self, group: int, start: bytes, end: bytes | None, limit: int = 0) -> list[tuple[bytes, bytes]]:
+        """Pairs with start <= key < end (end None: unbounded), in key order; limit <= 0: no limit."""
+        return self._kv.scan(group, start, end, limit)
+
+    def scan_chunks(
+        self,
+        group: int,
+        start: bytes,
+        end: bytes | None,
+        limit: int = 0,
+        *,
+        chunk_items: int = 512,
+        chunk_bytes: int = 256 << 10,
+    ) -> TxnStream[list[tuple[bytes, bytes]]]:
+        """Like `scan`, streamed in chunks of at most `chunk_items` pairs and about `chunk_bytes`
+        (a chunk ends after the pair that reaches it), all from ONE read transaction opened by this
+        call. Raises ReadInvalidatedError mid-stream if the map had to grow meanwhile."""
+        return self._kv.scan_chunks(group, start, end, limit, chunk_items, chunk_bytes)
+
+    # --- snapshots --------------------------------------------------------------------------------
+    def snapshot_chunks(self, group: int) -> tuple[SnapshotMeta, Iterator[bytes]]:
+        """(meta, chunks) of the group's state at its applied index, from ONE read transaction;
+        chunks are at most `snapshot_chunk_size` bytes. Raises SnapshotTemporarilyUnavailable if
+        the term of the applied index is not available."""
+        return self._kv.snapshot_stream(group, self.snapshot_chunk_size)
+
+    def receive_snapshot(self, group: int, chunks: Iterable[bytes], directory: Path | None = None) -> Path:
+        """Write incoming chunks to a new file (under the data dir by default) and return its path.
+        Memory stays bounded by one chunk. A full disk raises StorageFullError (file removed).
+        The file is not fsynced: after a restart it is useless anyway and removed."""
+        d = Path(directory) if directory is not None else self.snapshot_dir
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f"recv-{group}-", suffix=SNAPSHOT_SUFFIX, dir=d)
+        except OSError as err:
+            raise self._env.translate_error(err, "creating a snapshot file") from err
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write_frames(f, chunks)
+        except BaseException as err:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            if isinstance(err, OSError):
+                raise self._env.translate_error(err, "receiving a snapshot") from err
+            raise
+        return path
+
+    @staticmethod
+    def snapshot_file_header(path: str | os.PathLike[str]) -> SnapshotHeader:
+        """The group and metadata carried by a received snapshot file."""
+        return read_snapshot_header(Path(path))
+
+    def _clean_snapshot_dir(self) -> None:
+        """Received snapshot files left by a previous run can never be installed: delete them."""
+        if self.snapshot_dir.is_dir():
+            for f in self.snapshot_dir.glob(f"recv-*{SNAPSHOT_SUFFIX}"):
+                with contextlib.suppress(OSError):
+                    f.unlink()
+
+    # --- metrics ---------------------------------------------------------------------------------
+    def disk_usage(self) -> dict[str, int]:
+        """map_size, used_bytes (pages in use), file_bytes, fs_free_bytes, fs_total_bytes."""
+        return self._env.disk_usage()
+
+    def stats(self) -> dict[str, Any]:
+        groups: dict[int, dict[str, int]] = {}
+        for g in sorted(self._groups):
+            st = self.log_storage(g).state
+            groups[g] = {
+                "first_index": st.first,
+                "last_index": st.last,
+                "log_entries": st.last - st.base.index,
+                "applied_index": self._kv.applied(g).index,
+                "term": st.hard_state.term,
+                "commit": st.hard_state.commit,
+            }
+        return {
+            **self.disk_usage(),
+            "full": self.full,
+            "map_grow_count": self._env.grow_count,
+            "rows": self._env.db_entries(),
+            "groups": groups,
+        }
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._env.closed
+
+    def close(self) -> None:
+        """Close the environment (open streams become invalid). Idempotent."""
+        self._env.close()
+
+    def __enter__(self) -> NodeStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

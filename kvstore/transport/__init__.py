@@ -1,0 +1,1 @@
+"""gRPC transport between kvstore nodes: one long-lived batching stream per peer, snapshots apart."""

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Regenerate the Python code for proto/kvstore/v1/*.proto into kvstore/v1/ (committed).
+# tests/test_proto_current.py fails if the committed code differs from what this produces.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-.}
+PY=${PYTHON:-.venv/bin/python}
+"$PY" -m grpc_tools.protoc -Iproto \
+  --python_out="$OUT" --pyi_out="$OUT" --grpc_python_out="$OUT" \
+  proto/kvstore/v1/raft.proto proto/kvstore/v1/kv.proto proto/kvstore/v1/admin.proto

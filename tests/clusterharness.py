@@ -1,0 +1,159 @@
+"""Real kvstore node processes on loopback for integration tests.
+
+Every process is started by this harness and stopped by PID (never by name); ports are picked
+free on 127.0.0.1; data lives under the test's tmp_path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from kvstore.v1 import admin_pb2, admin_pb2_grpc
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class NodeProc:
+    id: int
+    address: str
+    data_dir: Path
+    log_path: Path
+    args: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvstore.cli.server", "serve", *self.args],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 10) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def status(self, timeout: float = 1.0) -> admin_pb2.StatusResponse | None:
+        try:
+            with grpc.insecure_channel(self.address) as ch:
+                return admin_pb2_grpc.AdminStub(ch).Status(admin_pb2.StatusRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class Cluster:
+    root: Path
+    n: int = 3
+    extra_args: list[str] = field(default_factory=list)
+    nodes: dict[int, NodeProc] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        ports = free_ports(self.n)
+        self.peers = {i + 1: f"127.0.0.1:{p}" for i, p in enumerate(ports)}
+        for nid, addr in self.peers.items():
+            self.nodes[nid] = self._make(nid, addr, self._peer_arg(), join=False)
+
+    def _peer_arg(self) -> str:
+        return ",".join(f"{i}={a}" for i, a in sorted(self.peers.items()))
+
+    def _make(self, nid: int, addr: str, peers: str, join: bool) -> NodeProc:
+        d = self.root / f"n{nid}"
+        args = [
+            "--id", str(nid), "--data-dir", str(d), "--listen", addr, "--peers", peers,
+            "--tick-ms", "50", "--log-level", "info", *self.extra_args,
+        ]
+        if join:
+            args.append("--join")
+        return NodeProc(nid, addr, d, self.root / f"n{nid}.log", args)
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [n.address for _, n in sorted(self.nodes.items())]
+
+    def start(self) -> Cluster:
+        for n in self.nodes.values():
+            n.start()
+        self.wait_leader()
+        return self
+
+    def add_node(self, nid: int) -> NodeProc:
+        (port,) = free_ports(1)
+        addr = f"127.0.0.1:{port}"
+        peers = dict(self.peers)
+        peers[nid] = addr
+        node = self._make(nid, addr, ",".join(f"{i}={a}" for i, a in sorted(peers.items())), join=True)
+        self.nodes[nid] = node
+        self.peers[nid] = addr
+        node.start()
+        return node
+
+    def leader(self) -> NodeProc | None:
+        for n in self.nodes.values():
+            if not n.alive:
+                continue
+            st = n.status()
+            if st is not None and st.groups and st.groups[0].role == "leader":
+                return n
+        return None
+
+    def wait_leader(self, timeout: float = 20.0, exclude: int | None = None) -> NodeProc:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ld = self.leader()
+            if ld is not None and ld.id != exclude:
+                return ld
+            for n in self.nodes.values():
+                if n.proc is not None and not n.alive and n.id != exclude and n.proc.returncode not in (-9, 0):
+                    raise AssertionError(f"node {n.id} exited with {n.proc.returncode}:\n{n.log_text()[-3000:]}")
+            time.sleep(0.05)
+        logs = "\n".join(f"--- n{n.id}\n{n.log_text()[-2000:]}" for n in self.nodes.values())
+        raise AssertionError(f"no leader within {timeout}s\n{logs}")
+
+    def stop(self) -> None:
+        for n in self.nodes.values():
+            with contextlib.suppress(Exception):
+                n.terminate()

@@ -1,0 +1,226 @@
+"""Integration tests: real `kvstore serve` processes on loopback, driven through the client library."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from clusterharness import Cluster
+
+from kvstore import errors
+from kvstore.client import Client
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, 3)
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+def test_put_get_through_every_node(cluster: Cluster) -> None:
+    with Client(cluster.endpoints) as c:
+        c.put(b"hello", b"world")
+    for ep in cluster.endpoints:  # each client knows only one node and is redirected
+        with Client([ep]) as c:
+            assert c.get(b"hello") == b"world"
+            c.put(b"via-" + ep.encode(), b"1")
+    with Client(cluster.endpoints) as c:
+        assert sorted(k for k, _ in c.scan(b"via-")) == sorted(b"via-" + e.encode() for e in cluster.endpoints)
+        assert c.delete(b"hello") is True
+        assert c.get(b"hello") is None
+        assert c.delete(b"hello") is False
+
+
+def test_cas_race_has_exactly_one_winner(cluster: Cluster) -> None:
+    with Client(cluster.endpoints) as c:
+        c.put(b"lock", b"free")
+    wins: list[int] = []
+    barrier = threading.Barrier(8)
+
+    def contender(i: int) -> None:
+        with Client(cluster.endpoints) as c:
+            barrier.wait()
+            if c.cas(b"lock", b"free", b"held-%d" % i):
+                wins.append(i)
+
+    threads = [threading.Thread(target=contender, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(wins) == 1
+    with Client(cluster.endpoints) as c:
+        assert c.get(b"lock") == b"held-%d" % wins[0]
+        assert c.cas(b"new", None, b"x") is True
+        assert c.cas(b"new", None, b"y") is False
+
+
+def test_limits_and_garbage_give_clear_errors_and_the_node_keeps_serving(cluster: Cluster) -> None:
+    with Client(cluster.endpoints) as c:
+        with pytest.raises(errors.KeyTooLarge) as ki:
+            c.put(b"k" * 5000, b"v")
+        assert not ki.value.indeterminate
+        with pytest.raises(errors.ValueTooLarge):
+            c.put(b"k", b"v" * (1 << 20 + 1))
+        host, port = cluster.endpoints[0].rsplit(":", 1)
+        for junk in (b"\x00" * 100, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", bytes(range(256)) * 40):
+            with socket.create_connection((host, int(port)), timeout=5) as s:
+                s.sendall(junk)
+                s.settimeout(2)
+                with contextlib.suppress(OSError):
+                    s.recv(1024)
+        c.put(b"still", b"serving")
+        assert c.get(b"still") == b"serving"
+    assert all(n.alive for n in cluster.nodes.values())
+
+
+def test_leader_kill9_during_writes_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, 3).start()
+    try:
+        acked: list[bytes] = []
+        failovers: list[float] = []
+        with Client(cluster.endpoints, timeout=20) as c:
+            for round_ in range(3):
+                for i in range(30):
+                    k = b"k-%d-%d" % (round_, i)
+                    c.put(k, k)
+                    acked.append(k)
+                leader = cluster.wait_leader()
+                leader.kill9()
+                t0 = time.monotonic()
+                k = b"after-kill-%d" % round_
+                c.put(k, k)
+                failovers.append(time.monotonic() - t0)
+                acked.append(k)
+                leader.start()  # it comes back and catches up
+                cluster.wait_leader()
+            for k in acked:
+                assert c.get(k) == k
+        print(f"\nleader kill -9 -> next acknowledged write: {[round(f, 3) for f in failovers]} s, "
+              f"median {statistics.median(failovers):.3f} s")
+        assert max(failovers) < 15
+    finally:
+        cluster.stop()
+
+
+def test_full_restart_brings_back_all_data(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, 3).start()
+    try:
+        with Client(cluster.endpoints) as c:
+            for i in range(200):
+                c.put(b"r%04d" % i, b"v%d" % i)
+        for n in cluster.nodes.values():
+            assert n.terminate() == 0  # graceful stop on SIGTERM
+        t0 = time.monotonic()
+        for n in cluster.nodes.values():
+            n.start()
+        cluster.wait_leader()
+        with Client(cluster.endpoints) as c:
+            assert c.get(b"r0199") == b"v199"
+            print(f"\nrestart to first read: {time.monotonic() - t0:.2f} s")
+            assert len(list(c.scan(b"r"))) == 200
+    finally:
+        cluster.stop()
+
+
+def test_lagging_node_catches_up_by_snapshot(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, 3, extra_args=["--compact-threshold", "50"]).start()
+    try:
+        leader = cluster.wait_leader()
+        lagger = next(n for n in cluster.nodes.values() if n.id != leader.id)
+        lagger.kill9()
+        with Client(cluster.endpoints) as c:
+            for i in range(300):
+                c.put(b"s%04d" % i, b"x" * 100)
+        st = leader.status()
+        assert st is not None and st.groups[0].first_index > 100  # the log was compacted
+        t0 = time.monotonic()
+        lagger.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            s = lagger.status()
+            if s is not None and s.groups[0].applied >= st.groups[0].commit:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"node {lagger.id} did not catch up:\n{lagger.log_text()[-3000:]}")
+        print(f"\nsnapshot catch-up of 300 keys: {time.monotonic() - t0:.2f} s")
+        assert "installed snapshot" in lagger.log_text() or "snapshot" in lagger.log_text()
+        with Client([lagger.address]) as c:
+            assert c.get(b"s0299", consistency="serializable") == b"x" * 100
+    finally:
+        cluster.stop()
+
+
+def test_add_learner_promote_remove_old_member_and_transfer(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, 3).start()
+    try:
+        with Client(cluster.endpoints) as c:
+            for i in range(20):
+                c.put(b"m%d" % i, b"v")
+            new = cluster.add_node(4)
+            c.add_member(4, new.address, learner=True)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                s = new.status()
+                if s is not None and s.groups and s.groups[0].applied >= 20:
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError(new.log_text()[-3000:])
+            c.promote_member(4)
+            leader = cluster.wait_leader()
+            victim = next(n for n in cluster.nodes.values() if n.id not in (leader.id, 4))
+            c.remove_member(victim.id)
+            victim.terminate()
+            c.put(b"after-change", b"ok")
+            c.transfer_leader(4)
+            assert cluster.wait_leader().id == 4
+            assert c.get(b"after-change") == b"ok"
+            st = new.status()
+            assert st is not None and sorted(st.groups[0].voters) == sorted({1, 2, 3, 4} - {victim.id})
+    finally:
+        cluster.stop()
+
+
+def test_five_node_cluster_survives_two_failures(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, 5).start()
+    try:
+        with Client(cluster.endpoints) as c:
+            c.put(b"five", b"1")
+            leader = cluster.wait_leader()
+            others = [n for n in cluster.nodes.values() if n.id != leader.id]
+            others[0].kill9()
+            leader.kill9()
+            c.put(b"five", b"2")
+            assert c.get(b"five") == b"2"
+    finally:
+        cluster.stop()
+
+
+def test_node_of_another_cluster_is_refused(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, 3).start()
+    try:
+        stranger = Cluster(tmp_path / "other", 1, extra_args=["--cluster-id", "other"])
+        # The stranger believes node 1 of the real cluster is its peer 2.
+        n = stranger.nodes[1]
+        n.args[n.args.index("--peers") + 1] = f"1={n.address},2={cluster.nodes[1].address}"
+        n.start()
+        time.sleep(3)
+        n.terminate()
+        assert "cluster id mismatch" in cluster.nodes[1].log_text() or "rejected traffic" in cluster.nodes[1].log_text()
+        with Client(cluster.endpoints) as c:
+            c.put(b"unharmed", b"1")
+    finally:
+        cluster.stop()

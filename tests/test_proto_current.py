@@ -1,0 +1,22 @@
+"""The committed generated code in kvstore/v1 is exactly what scripts/gen_proto.sh produces."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generated_code_is_current(tmp_path: Path) -> None:
+    subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gen_proto.sh"), str(tmp_path)],
+        check=True, cwd=ROOT, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+    )
+    generated = sorted(p.relative_to(tmp_path) for p in (tmp_path / "kvstore" / "v1").iterdir())
+    assert generated, "protoc produced nothing"
+    for rel in generated:
+        committed = ROOT / rel
+        assert committed.exists(), f"{rel} is not committed; run scripts/gen_proto.sh"
+        assert committed.read_bytes() == (tmp_path / rel).read_bytes(), f"{rel} is stale; run scripts/gen_proto.sh"
