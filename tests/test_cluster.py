@@ -224,3 +224,46 @@ def test_node_of_another_cluster_is_refused(tmp_path: Path) -> None:
             c.put(b"unharmed", b"1")
     finally:
         cluster.stop()
+
+
+def test_health_metrics_and_new_member_catches_up_by_snapshot(tmp_path: Path) -> None:
+    from clusterharness import free_ports
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    (mport,) = free_ports(1)
+    cluster = Cluster(tmp_path, 3, extra_args=["--compact-threshold", "40"])
+    cluster.nodes[1].args += ["--metrics-listen", f"127.0.0.1:{mport}"]
+    cluster.start()
+    try:
+        import grpc
+
+        with grpc.insecure_channel(cluster.nodes[1].address) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        with Client(cluster.endpoints) as c:
+            for i in range(200):
+                c.put(b"c%03d" % i, b"v%d" % i)
+            import urllib.request
+
+            text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+            for metric in ("kvstore_raft_term", "kvstore_raft_commit_index", "kvstore_proposal_seconds",
+                           "kvstore_persist_seconds", "kvstore_raft_messages_sent_total"):
+                assert metric in text
+            leader = cluster.wait_leader()
+            st = leader.status()
+            assert st is not None and st.groups[0].first_index > 1  # the log before was compacted
+            new = cluster.add_node(4)
+            c.add_member(4, new.address, learner=True)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                s = new.status()
+                if s is not None and s.groups and s.groups[0].applied >= 200:
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError(new.log_text()[-3000:])
+            assert "installing snapshot" in new.log_text()
+            with Client([new.address]) as c4:
+                assert c4.get(b"c199", consistency="serializable") == b"v199"
+    finally:
+        cluster.stop()

@@ -7,7 +7,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PURE = [ROOT / "kvstore" / "raft", ROOT / "chaos" / "sim" / "kvsm.py"]
+PURE = [
+    ROOT / "kvstore" / "raft",
+    ROOT / "chaos" / "sim" / "kvsm.py",
+    ROOT / "kvstore" / "storage" / "commands.py",
+    ROOT / "kvstore" / "storage" / "machine.py",
+]
 FORBIDDEN_STDLIB = {"asyncio", "socket", "time", "threading", "os", "select", "selectors", "subprocess"}
 
 

@@ -54,7 +54,9 @@ class Node:
     async def start(self) -> None:
         cfg = self.cfg
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = store = NodeStore(cfg.data_dir / "db", sync=cfg.sync)
+        # A large map reserves address space only; it spares growing the map (which would
+        # invalidate open read transactions such as streaming scans) in all but huge stores.
+        self.store = store = NodeStore(cfg.data_dir / "db", sync=cfg.sync, map_size=1 << 36)
         members = dict(cfg.peers)
         members.update(store.members())
         host = self.host = Host(cfg.id, store, self._send, cfg.raft, random.Random(), members)
