@@ -8,7 +8,8 @@ One cycle (`run_cycle`):
 1. collect the Ready of every group that has one;
 2. hand the messages that need not wait to the transport;
 3. ONE storage call for all groups: persist snapshots, entries and hard states, and apply the
-   committed entries, in one LMDB write transaction with one fsync;
+   committed entries, in one LMDB write transaction with one fsync (the driver runs this step
+   on a worker thread, so the event loop keeps taking requests, which the next cycle batches);
 4. hand the remaining messages (vote and append responses) to the transport;
 5. answer the waiting clients (writes by (index, term), reads once applied through their index);
 6. advance every group.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +48,7 @@ from kvstore.raft import (
     Ready,
     Role,
 )
-from kvstore.storage.errors import StorageFullError
+from kvstore.storage.errors import StorageError
 from kvstore.storage.store import ApplyBatch, GroupWrite, NodeStore
 
 log = logging.getLogger("kvstore.host")
@@ -84,6 +86,29 @@ class Group:
     """Reads waiting for their ReadState, by context."""
     ready_reads: list[tuple[int, ReadCallback]] = field(default_factory=list)
     """Reads whose index is known, waiting for the group to apply through it."""
+
+
+@dataclass(slots=True)
+class Cycle:
+    """One Ready-loop iteration in flight: the batch to persist and apply, and its outcome."""
+
+    store: NodeStore
+    readies: list[tuple[Group, Ready]]
+    writes: list[GroupWrite] = field(default_factory=list)
+    applies: list[ApplyBatch] = field(default_factory=list)
+    results: list[list[Any]] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+
+    def persist(self) -> None:
+        """Step 3: one LMDB write transaction and one fsync for every group. Thread-safe with
+        respect to the host: touches only the store and this cycle."""
+        t0 = time.perf_counter()
+        try:
+            self.results = self.store.persist_and_apply(self.writes, self.applies)
+        except StorageError as err:
+            self.error = str(err)
+        self.seconds = time.perf_counter() - t0
 
 
 class Host:
@@ -234,19 +259,32 @@ class Host:
         return any(g.core.has_ready() for g in self.groups.values())
 
     def run_cycle(self) -> int:
-        """One iteration of the Ready loop over all groups. Returns the number of groups handled."""
-        if self.failed is not None:
+        """One whole iteration of the Ready loop over all groups (begin, persist, end).
+
+        Returns the number of groups handled."""
+        cycle = self.begin_cycle()
+        if cycle is None:
             return 0
+        cycle.persist()
+        return self.end_cycle(cycle)
+
+    def begin_cycle(self) -> Cycle | None:
+        """Steps 1-2: take every group's Ready, send what need not wait, prepare the batch.
+
+        Until `end_cycle`, the groups in the cycle hand out no new Ready, but they keep taking
+        messages, ticks and proposals; `Cycle.persist` touches only the store and may run on
+        another thread meanwhile."""
+        if self.failed is not None:
+            return None
         readies: list[tuple[Group, Ready]] = [
             (g, g.core.ready()) for g in self.groups.values() if g.core.has_ready()
         ]
         if not readies:
-            return 0
+            return None
         immediate = [m for _, rd in readies for m in rd.messages]
         if immediate:
             self._send(immediate)
-        writes: list[GroupWrite] = []
-        applies: list[ApplyBatch] = []
+        cycle = Cycle(self.store, readies)
         for g, rd in readies:
             if rd.snapshot is not None:
                 log.info(
@@ -254,7 +292,7 @@ class Host:
                     g.id, rd.snapshot.meta.index, rd.snapshot.meta.term,
                 )
             if rd.entries or rd.hard_state is not None or rd.snapshot is not None:
-                writes.append(
+                cycle.writes.append(
                     GroupWrite(
                         g.id,
                         rd.entries,
@@ -265,16 +303,19 @@ class Host:
                 )
             if rd.committed_entries:
                 last = rd.committed_entries[-1].index
-                applies.append(ApplyBatch(g.id, rd.committed_entries, g.core.conf_state_at(last)))
-        try:
-            results = self.store.persist_and_apply(writes, applies)
-        except StorageFullError as err:
-            self._fail(str(err))
+                cycle.applies.append(ApplyBatch(g.id, rd.committed_entries, g.core.conf_state_at(last)))
+        return cycle
+
+    def end_cycle(self, cycle: Cycle) -> int:
+        """Steps 4-6, once `cycle.persist()` returned: send the rest, answer clients, advance."""
+        if cycle.error is not None:
+            self._fail(cycle.error)
             return 0
+        readies = cycle.readies
         later = [m for _, rd in readies for m in rd.persisted_messages]
         if later:
             self._send(later)
-        by_group = {a.group: r for a, r in zip(applies, results, strict=True)}
+        by_group = {a.group: r for a, r in zip(cycle.applies, cycle.results, strict=True)}
         for g, rd in readies:
             self._finish(g, rd, by_group.get(g.id, []))
         return len(readies)

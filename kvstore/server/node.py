@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -136,21 +136,26 @@ class Node:
         host = self.host
         assert host is not None
         m = self.metrics
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while host.has_work():
-                t0 = time.perf_counter()
-                n = host.run_cycle()
-                m.fsync_seconds.observe(time.perf_counter() - t0)
-                m.ready_groups.observe(n)
-                self._sync_members()
-                # Let the loop take in more requests: the next cycle batches them.
-                await asyncio.sleep(0)
-            if host.failed is not None:
-                m.storage_full.set(1)
-                self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.NOT_SERVING)
-            self._update_gauges()
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="persist") as io:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while True:
+                    cycle = host.begin_cycle()
+                    if cycle is None:
+                        break
+                    # The fsync runs off the event loop: requests and messages that arrive
+                    # meanwhile are stepped into the cores and go out in the next cycle.
+                    await loop.run_in_executor(io, cycle.persist)
+                    n = host.end_cycle(cycle)
+                    m.fsync_seconds.observe(cycle.seconds)
+                    m.ready_groups.observe(n)
+                    self._sync_members()
+                if host.failed is not None:
+                    m.storage_full.set(1)
+                    self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.NOT_SERVING)
+                self._update_gauges()
 
     def _update_gauges(self) -> None:
         assert self.host is not None
