@@ -307,11 +307,11 @@ def test_indeterminate_until_deadline_raises_indeterminate_timeout(cluster: Fake
 
 def test_indeterminate_then_definite_stays_indeterminate(cluster: FakeCluster) -> None:
     cluster.script(1, Action("error", kv_pb2.INTERNAL, indeterminate=True),
-                   Action("error", kv_pb2.STORAGE_FULL))
+                   Action("error", kv_pb2.INVALID_ARGUMENT))
 
     async def main() -> None:
         async with AsyncClient(cluster.endpoints, **FAST) as c:
-            with pytest.raises(errors.StorageFull) as ei:
+            with pytest.raises(errors.InvalidArgument) as ei:
                 await c.put(b"k", b"v")
             assert ei.value.indeterminate
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -267,3 +269,50 @@ def test_health_metrics_and_new_member_catches_up_by_snapshot(tmp_path: Path) ->
                 assert c4.get(b"c199", consistency="serializable") == b"v199"
     finally:
         cluster.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs (CI runs as root)")
+def test_node_with_a_full_disk_stops_cleanly_and_recovers(tmp_path: Path) -> None:
+    fs = tmp_path / "smallfs"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(fs)], check=True)
+    cluster = Cluster(tmp_path, 3)
+    try:
+        victim = cluster.nodes[3]
+        victim.args[victim.args.index("--data-dir") + 1] = str(fs / "n3")
+        cluster.start()
+        with Client(cluster.endpoints) as c:
+            c.transfer_leader(3)  # the hard case: the leader's disk fills up
+            assert cluster.wait_leader().id == 3
+            value = b"x" * 60_000
+            written = 0
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                c.put(b"fill%05d" % written, value)  # the other two nodes keep the cluster writable
+                written += 1
+                if written % 10 == 0:
+                    st = victim.status()
+                    if st is not None and st.storage_full:
+                        break
+            else:
+                raise AssertionError("the small disk never filled")
+            assert victim.alive, "a full disk must not crash the node"
+            assert "storage failed" in victim.log_text() and "storage full" in victim.log_text()
+            c.put(b"after-full", b"ok")
+            victim.kill9()
+            subprocess.run(["mount", "-o", "remount,size=64m", str(fs)], check=True)
+            victim.start()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                s = victim.status()
+                if s is not None and not s.storage_full and s.groups and s.groups[0].applied >= written:
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError(victim.log_text()[-3000:])
+            with Client([victim.address]) as c3:
+                assert c3.get(b"after-full", consistency="serializable") == b"ok"
+                assert c3.get(b"fill00000", consistency="serializable") == value
+    finally:
+        cluster.stop()
+        subprocess.run(["umount", "-l", str(fs)], check=False)

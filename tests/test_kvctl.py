@@ -172,7 +172,7 @@ def test_indeterminate_is_exit_3(cluster: FakeCluster) -> None:
 
 
 def test_definite_server_error_is_exit_2(cluster: FakeCluster) -> None:
-    cluster.script(1, Action("error", kv_pb2.STORAGE_FULL))
+    cluster.script(1, Action("error", kv_pb2.INVALID_ARGUMENT))
     r = kvctl(cluster, "put", "k", "v")
     assert r.exit_code == 2 and r.stderr == "kvctl: scripted\n"
 

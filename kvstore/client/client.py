@@ -64,6 +64,7 @@ from kvstore.errors import (
     ProposalDropped,
     RequestTooLarge,
     ShuttingDown,
+    StorageFull,
     Timeout,
     Unavailable,
     ValueTooLarge,
@@ -236,7 +237,7 @@ def _retryable(err: KVError) -> bool:
     return isinstance(
         err,
         NotLeader | NoLeader | ProposalDropped | ShuttingDown | WrongShard | Timeout | LeadershipLost
-        | InternalError | Unavailable,
+        | InternalError | Unavailable | StorageFull,
     )
 
 
@@ -798,7 +799,8 @@ class AsyncClient:
         new leader worth trying at once."""
         if isinstance(err, NotLeader):
             return self.router.on_redirect(group, target, err.leader_id, err.leader_address) is not None
-        if isinstance(err, NoLeader | LeadershipLost | ShuttingDown | Timeout | InternalError):
+        # A node whose disk is full stops: another node will lead once it notices.
+        if isinstance(err, NoLeader | LeadershipLost | ShuttingDown | Timeout | InternalError | StorageFull):
             self.router.forget_leader(group, target)
         elif isinstance(err, WrongShard):
             self.router.invalidate_shard_map()

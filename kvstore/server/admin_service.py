@@ -94,9 +94,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     async def TransferLeader(self, request: admin_pb2.TransferLeaderRequest, context: grpc.aio.ServicerContext) -> admin_pb2.AdminResponse:
         try:
+            core = self.host.groups[DATA_GROUP].core
+            if request.to == self.cfg.id and core.role == Role.LEADER:
+                return admin_pb2.AdminResponse(message=f"node {self.cfg.id} is already the leader")
             self.host.transfer_leader(DATA_GROUP, request.to)
             self.wake()
-            core = self.host.groups[DATA_GROUP].core
             deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout
             while core.role == Role.LEADER and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.01)
