@@ -316,3 +316,19 @@ def test_node_with_a_full_disk_stops_cleanly_and_recovers(tmp_path: Path) -> Non
     finally:
         cluster.stop()
         subprocess.run(["umount", "-l", str(fs)], check=False)
+
+
+def test_lease_reads_serve_the_latest_write(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, 3, extra_args=["--lease-read"]).start()
+    try:
+        with Client(cluster.endpoints) as c:
+            for i in range(50):
+                c.put(b"lease", b"%d" % i)
+                assert c.get(b"lease") == b"%d" % i
+            leader = cluster.wait_leader()
+            c.transfer_leader(0)  # to whichever voter is most up to date
+            assert cluster.wait_leader(exclude=leader.id).id != leader.id
+            c.put(b"lease", b"after-transfer")
+            assert c.get(b"lease") == b"after-transfer"
+    finally:
+        cluster.stop()
