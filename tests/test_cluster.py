@@ -282,6 +282,11 @@ def test_node_with_a_full_disk_stops_cleanly_and_recovers(tmp_path: Path) -> Non
         victim.args[victim.args.index("--data-dir") + 1] = str(fs / "n3")
         cluster.start()
         with Client(cluster.endpoints) as c:
+            c.put(b"warm-up", b"1")
+            deadline = time.monotonic() + 20
+            while (s3 := victim.status()) is None or s3.groups[0].applied < s3.groups[0].commit or not s3.groups[0].commit:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
             c.transfer_leader(3)  # the hard case: the leader's disk fills up
             assert cluster.wait_leader().id == 3
             value = b"x" * 60_000

@@ -99,8 +99,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 return admin_pb2.AdminResponse(message=f"node {self.cfg.id} is already the leader")
             self.host.transfer_leader(DATA_GROUP, request.to)
             self.wake()
+            target = core.lead_transferee
             deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout
             while core.role == Role.LEADER and asyncio.get_running_loop().time() < deadline:
+                if core.lead_transferee == 0:
+                    # The core gave up (the target did not catch up within an election timeout).
+                    raise errors.ProposalDropped(f"leadership transfer to node {target} did not complete; retry")
                 await asyncio.sleep(0.01)
             if core.role == Role.LEADER:
                 raise errors.Timeout("leadership transfer did not complete in time", indeterminate=True)

@@ -115,7 +115,7 @@ class Peer:
             self.queue.clear()
             self.t.on_unreachable(self.id)
             await asyncio.sleep(backoff * (0.5 + rng.random()))
-            backoff = min(backoff * 2, 2.0)
+            backoff = min(backoff * 2, 1.0)
 
 
 class Transport:

@@ -1,0 +1,166 @@
+"""`kvchaos`: Jepsen-style chaos runs against real kvstore clusters.
+
+    kvchaos run --nodes 3 --time 60 --nemesis partition,kill --workload register
+    kvchaos clean --all-stale
+    kvchaos check RUN_DIR
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .nemesis import ALL_FAMILIES, parse_families
+from .workload import WORKLOADS
+
+RUN_HELP = f"""Run a cluster under a workload and a nemesis, check the history, write a report.
+
+Prints progress, then a last line `verdict: valid|invalid|unknown`; exits 0 only on valid.
+The run folder (under --out) holds history.jsonl, ops.jsonl (with the clients' errors),
+summary.json, faults.json, nodes/*.log and index.html.
+
+\b
+Backends:
+  netns  (root) one network namespace per node on a bridge in its own namespace, nodes on
+         10.77.X.N:2379; the harness's clients run in a client namespace; partitions are
+         iptables DROP rules in both directions.
+  local  nodes on 127.0.0.1 ports, no root. Partitions cannot be made there: the partition
+         nemesis PAUSES (SIGSTOP) the side that would be cut off instead.
+
+\b
+Nemesis families (comma-separated, or `all`): {", ".join(ALL_FAMILIES)}
+  partition: one node, the leader, halves, bridge, random cuts, ring
+  kill:      kill -9 one node, the leader or a majority; restart
+  pause:     SIGSTOP / SIGCONT one node or the leader
+  transfer:  leadership transfer to a random voter
+  member:    remove a voter, re-add it as a NEW id with an empty data dir
+The schedule always ends with every fault healed and a quiet period.
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "KVCHAOS"})
+def cli() -> None:
+    """kvchaos: break a real kvstore cluster and check that it stays linearizable."""
+
+
+def _nemesis(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    try:
+        return parse_families(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from err
+
+
+@cli.command(help=RUN_HELP)
+@click.option("--nodes", type=click.Choice(["3", "5"]), default="3", show_default=True)
+@click.option("--time", "seconds", type=float, default=60.0, show_default=True, help="Length of the workload (s).")
+@click.option("--nemesis", default="partition,kill", show_default=True, callback=_nemesis,
+              help="Comma-separated nemesis families, `all` or `none`.")
+@click.option("--workload", type=click.Choice(sorted(WORKLOADS)), default="register", show_default=True)
+@click.option("--backend", type=click.Choice(["netns", "local"]), default="netns", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the nemesis schedule and the workload.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("kvchaos-runs"),
+              show_default=True, help="Folder for run folders.")
+@click.option("--concurrency", type=int, default=5, show_default=True, help="Client processes.")
+@click.option("--rate", type=float, default=150.0, show_default=True, help="Target ops/s (0: unlimited).")
+@click.option("--quiet", type=float, default=None, help="Quiet period after the final heal (s; default scales with --time).")
+@click.option("--tick-ms", type=int, default=50, show_default=True, help="Raft tick of the nodes.")
+@click.option("--op-timeout", type=float, default=2.0, show_default=True, help="Client deadline per operation (s).")
+@click.option("--fault-min", type=float, default=None, help="Shortest fault (s).")
+@click.option("--fault-max", type=float, default=None, help="Longest fault (s).")
+@click.option("--check-timeout", type=float, default=60.0, show_default=True, help="Linearizability checker budget (s).")
+@click.option("--keep-data", is_flag=True, help="Keep the nodes' data dirs even when the run is valid.")
+@click.option("--stale-reads", is_flag=True, hidden=True,
+              help="PLANTED BUG for testing the harness: serve gets from a random node's local state.")
+def run(
+    nodes: str, seconds: float, nemesis: list[str], workload: str, backend: str, seed: int, out: Path,
+    concurrency: int, rate: float, quiet: float | None, tick_ms: int, op_timeout: float,
+    fault_min: float | None, fault_max: float | None, check_timeout: float, keep_data: bool, stale_reads: bool,
+) -> None:
+    from . import netns
+    from .runner import RunConfig
+    from .runner import run as do_run
+
+    cfg = RunConfig(
+        nodes=int(nodes), time=seconds, nemesis=nemesis, workload=workload, backend=backend, seed=seed,
+        out=str(out), tick_ms=tick_ms, concurrency=concurrency, rate=rate, quiet=quiet, op_timeout=op_timeout,
+        fault_min=fault_min, fault_max=fault_max, stale_reads=stale_reads, keep_data=keep_data,
+        check_timeout=check_timeout,
+    )
+    try:
+        code, _run_dir, _summary = do_run(cfg)
+    except netns.NetnsError as err:
+        click.echo(f"kvchaos: {err}", err=True)
+        click.echo("verdict: unknown")
+        sys.exit(2)
+    sys.exit(code)
+
+
+@cli.command(hidden=True)
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def execute(run_dir: Path) -> None:
+    """The execute phase of a run (started by `kvchaos run`, inside the client namespace)."""
+    from .runner import execute as do_execute
+
+    try:
+        sys.exit(do_execute(run_dir))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--check-timeout", type=float, default=None, help="Linearizability checker budget (s).")
+def check(run_dir: Path, check_timeout: float | None) -> None:
+    """Check a finished run's history again and rewrite its summary and report."""
+    from .runner import analyze
+
+    summary = analyze(run_dir, check_timeout=check_timeout)
+    for reason in summary["analysis"]["reasons"]:
+        click.echo(reason)
+    click.echo(f"verdict: {summary['verdict']}")
+    sys.exit(0 if summary["verdict"] == "valid" else 1)
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--all-stale", is_flag=True, help="Every registered run whose harness is no longer running.")
+def clean(run_dirs: tuple[Path, ...], all_stale: bool) -> None:
+    """Remove what runs left behind (processes, namespaces with their bridge and iptables
+    rules), from each run's record (RUN_DIR/state.json)."""
+    from . import netns
+    from .runner import _teardown_local
+    from .state import REGISTRY, RunState, registered_states
+
+    states: list[RunState] = [RunState(Path(d) / "state.json") for d in run_dirs]
+    if all_stale:
+        for st in registered_states():
+            if not st.path.exists():
+                click.echo(f"{st.path}: record gone; dropping its registry entry")
+                for entry in REGISTRY.glob("*.json"):
+                    if str(st.path) in entry.read_text():
+                        entry.unlink(missing_ok=True)
+                continue
+            if st.owner_alive():
+                click.echo(f"{st.path}: its harness is still running; left alone")
+                continue
+            states.append(st)
+    if not states:
+        click.echo("nothing to clean")
+        return
+    for st in states:
+        if not st.path.exists():
+            click.echo(f"{st.path}: no such record", err=True)
+            continue
+        data = st.read()
+        done = netns.teardown(st) if data.get("backend") == "netns" else _teardown_local(st)
+        click.echo(f"{data.get('run_dir', st.path.parent)}: " + ("; ".join(done) if done else "nothing left"))
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

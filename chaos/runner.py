@@ -1,0 +1,374 @@
+"""One chaos run: set up hosts, run the cluster under workload and nemesis, tear down, judge.
+
+Two phases, so that the harness's own client traffic never needs a route from the root
+namespace into the test network:
+
+* :func:`run` (the ``kvchaos run`` command, root namespace): creates the run folder and its
+  state record, sets up the hosts, starts the *execute* phase (inside the client namespace on
+  the netns backend, in-process on the local backend), and always tears everything down from
+  the record, even if the execute phase crashed. Then it checks the history and writes the
+  report, and prints ``verdict: ...`` as its last line.
+* :func:`execute` (``kvchaos execute RUN_DIR``, hidden): starts the nodes, runs the workload and
+  the nemesis schedule, heals, waits the quiet period, makes the final reads, and writes
+  ``ops.jsonl`` (every operation with its error text), ``faults.json`` and ``execution.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chaos.checker import dump_jsonl
+
+from . import netns
+from .checks import analyze_records
+from .cluster import Backend, Cluster, LocalBackend, NetnsBackend
+from .nemesis import Nemesis, NemesisOptions
+from .state import RunState
+from .workload import OpRecord, Recorder, WorkloadOptions, make_workload
+
+__all__ = ["RunConfig", "analyze", "execute", "run"]
+
+
+@dataclass
+class RunConfig:
+    nodes: int = 3
+    time: float = 30.0
+    nemesis: list[str] = field(default_factory=lambda: ["partition", "kill"])
+    workload: str = "register"
+    backend: str = "netns"
+    seed: int = 0
+    out: str = "kvchaos-runs"
+    tick_ms: int = 50
+    concurrency: int = 5
+    rate: float = 150.0
+    quiet: float | None = None  # seconds of calm at the end (default: scaled with --time)
+    op_timeout: float = 2.0
+    fault_min: float | None = None
+    fault_max: float | None = None
+    stale_reads: bool = False
+    keep_data: bool = False
+    check_timeout: float = 60.0
+    log_level: str = "info"
+    run_id: str = ""
+    ports: list[int] = field(default_factory=list)
+
+    def quiet_seconds(self) -> float:
+        if self.quiet is not None:
+            return self.quiet
+        return max(3.0, min(10.0, self.time * 0.2))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RunConfig:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# execute phase
+
+
+def _backend(cfg: RunConfig) -> Backend:
+    if cfg.backend == "netns":
+        return NetnsBackend(netns.Topology(cfg.run_id, cfg.nodes))
+    return LocalBackend(cfg.nodes, cfg.ports or None)
+
+
+def execute(run_dir: Path) -> int:
+    """The execute phase (see the module doc). Returns 0 if it completed, 2 if the cluster never
+    became ready (the analysis then says unknown)."""
+    run_dir = Path(run_dir)
+    cfg = RunConfig.from_json(json.loads((run_dir / "config.json").read_text()))
+    state = RunState(run_dir / "state.json")
+    backend = _backend(cfg)
+    cluster = Cluster(backend, run_dir, cfg.nodes, state, tick_ms=cfg.tick_ms, log_level=cfg.log_level)
+    # SIGTERM (e.g. from the outer harness) unwinds like Ctrl-C so the nodes are stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return asyncio.run(_execute(cfg, run_dir, cluster))
+    finally:
+        cluster.stop_all()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+async def _execute(cfg: RunConfig, run_dir: Path, cluster: Cluster) -> int:
+    t_setup = time.monotonic()
+    cluster.start_all()
+    leader = await cluster.wait_leader(30)
+    execution: dict[str, Any] = {"endpoints": cluster.endpoints, "backend": cfg.backend}
+    if leader is None:
+        _say("kvchaos: the cluster did not elect a leader within 30 s; see nodes/*.log")
+        execution["error"] = "no leader at start"
+        (run_dir / "execution.json").write_text(json.dumps(execution, indent=1))
+        await cluster.close()
+        return 2
+    _say(f"kvchaos: cluster up in {time.monotonic() - t_setup:.1f}s, leader on host {leader}; "
+         f"endpoints {', '.join(cluster.endpoints)}")
+    rec = Recorder()
+    wopts = WorkloadOptions(
+        concurrency=cfg.concurrency, rate=cfg.rate, op_timeout=cfg.op_timeout,
+        attempt_timeout=min(0.6, cfg.op_timeout / 2), stale_reads=cfg.stale_reads, seed=cfg.seed,
+        endpoints=cluster.endpoints,
+    )
+    wl = make_workload(cfg.workload, wopts, rec)
+    quiet = cfg.quiet_seconds()
+    fault_until = max(0.0, cfg.time - quiet)
+    scale = min(1.0, max(0.3, cfg.time / 60.0))
+    nopts = NemesisOptions(
+        families=cfg.nemesis,
+        fault_min=cfg.fault_min if cfg.fault_min is not None else 3.0 * scale + 1.0,
+        fault_max=cfg.fault_max if cfg.fault_max is not None else 6.0 * scale + 1.0,
+        heal_min=1.5 * scale + 0.5, heal_max=3.0 * scale + 1.0, seed=cfg.seed,
+    )
+
+    def log(msg: str) -> None:
+        _say(f"[{rec.now():6.1f}s] {msg}")
+
+    nem = Nemesis(cluster, nopts, rec.now, log)
+    stop_wl = asyncio.Event()
+    stop_nem = asyncio.Event()
+    log(f"workload {cfg.workload} x{cfg.concurrency} for {cfg.time:g}s; nemesis {','.join(cfg.nemesis) or 'none'} "
+        f"until {fault_until:.0f}s, then heal and {quiet:.0f}s quiet")
+    wl_task = asyncio.ensure_future(wl.run(stop_wl))
+    warmup = min(2.0, cfg.time * 0.1)
+
+    async def nemesis_after_warmup() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop_nem.wait(), warmup)
+        if not stop_nem.is_set():
+            await nem.run(fault_until, stop_nem)
+
+    nem_task = asyncio.ensure_future(nemesis_after_warmup())
+
+    async def progress() -> None:
+        last = 0
+        while True:
+            await asyncio.sleep(3.0)
+            n = len(rec.ops)
+            c = rec.counts
+            fault = nem.current.family + " " + nem.current.kind if nem.current else "-"
+            log(f"ops {n} (+{(n - last) / 3:.0f}/s) ok {c['ok']} fail {c['fail']} info {c['info']} | fault: {fault}")
+            last = n
+
+    prog_task = asyncio.ensure_future(progress())
+    try:
+        end_at = rec.t0 + cfg.time
+        while time.monotonic() < end_at and not wl_task.done():
+            await asyncio.sleep(min(0.2, max(0.0, end_at - time.monotonic())))
+        stop_nem.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nem_task, 60)
+        stop_wl.set()
+        try:
+            await asyncio.wait_for(wl_task, cfg.op_timeout * 3 + 5)
+        except TimeoutError:
+            log("workload did not stop in time")
+        workload_end = rec.now()
+        log(f"workload stopped: {len(rec.ops)} ops; final reads")
+        # heal again in case the nemesis task was cancelled
+        await nem.heal_all()
+        await wl.final(time.monotonic() + 30)
+        finals = [r for r in rec.ops if r.final]
+        log(f"final reads: {sum(1 for r in finals if r.status == 'ok')} ok of {len(finals)} attempts")
+    finally:
+        prog_task.cancel()
+        for t in (nem_task, wl_task):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(prog_task, nem_task, wl_task, return_exceptions=True)
+        await wl.close()
+        await cluster.close()
+        _write_ops(run_dir / "ops.jsonl", rec.ops)
+        (run_dir / "faults.json").write_text(json.dumps([w.to_json() for w in nem.windows], indent=1))
+    execution.update(
+        workload_end=workload_end, fault_until=fault_until, time=cfg.time, quiet=quiet,
+        keys=wl.keys_used(), bank_total=getattr(wl, "total", None),
+        bank_accounts=wopts.accounts if cfg.workload == "bank" else None,
+        nodes={str(h): {"node_id": nh.node_id, "address": nh.address, "history": nh.history}
+               for h, nh in cluster.hosts.items()},
+    )
+    (run_dir / "execution.json").write_text(json.dumps(execution, indent=1))
+    return 0
+
+
+def _write_ops(path: Path, ops: list[OpRecord]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in ops:
+            fh.write(json.dumps(r.to_json(), separators=(",", ":")) + "\n")
+
+
+def load_ops(path: Path) -> list[OpRecord]:
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                out.append(OpRecord.from_json(json.loads(line)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# analysis
+
+
+def analyze(run_dir: Path, *, check_timeout: float | None = None) -> dict[str, Any]:
+    """Check the run's history, write history.jsonl, summary.json and index.html; return the
+    summary."""
+    from .report import write_report
+
+    run_dir = Path(run_dir)
+    cfg = RunConfig.from_json(json.loads((run_dir / "config.json").read_text()))
+    execution = _load_json(run_dir / "execution.json", {})
+    faults = _load_json(run_dir / "faults.json", [])
+    records = load_ops(run_dir / "ops.jsonl") if (run_dir / "ops.jsonl").exists() else []
+    expected_keys = execution.get("keys") or [] if cfg.workload in ("register", "bank") else []
+    a = analyze_records(
+        records, workload=cfg.workload, check_timeout=check_timeout or cfg.check_timeout,
+        bank_total=execution.get("bank_total"), bank_accounts=execution.get("bank_accounts"),
+        expected_final_keys=expected_keys,
+    )
+    if execution.get("error"):
+        a.verdict = "unknown"
+        a.reasons.insert(0, execution["error"])
+    for f in faults:
+        for note in f.get("notes") or []:
+            if "was not running" in note:
+                a.reasons.append(f"{note} (a node exited on its own: see its log)")
+    if not records and not execution.get("error"):
+        a.verdict = "unknown"
+        a.reasons.insert(0, "no history recorded (the execute phase failed; see harness.log)")
+    dump_jsonl(a.operations, run_dir / "history.jsonl")
+    summary: dict[str, Any] = {
+        "verdict": a.verdict,
+        "config": cfg.to_json(),
+        "analysis": a.to_json(),
+        "execution": execution,
+        "faults": faults,
+        "throughput": round(a.counts.get("ok", 0) / cfg.time, 1) if cfg.time else None,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_report(run_dir, cfg, records, faults, a, execution)
+    return summary
+
+
+def _load_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+# --------------------------------------------------------------------------------------------
+# the whole run
+
+
+def new_run_dir(out: Path, cfg: RunConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    d = Path(out) / f"{stamp}-{cfg.workload}-{cfg.run_id}"
+    d.mkdir(parents=True, exist_ok=False)
+    return d
+
+
+def run(cfg: RunConfig) -> tuple[int, Path, dict[str, Any]]:
+    """A whole run; returns (exit code, run dir, summary). Exit code 0 only on valid."""
+    if not cfg.run_id:
+        cfg.run_id = secrets.token_hex(3)
+    if cfg.backend == "netns":
+        netns.require_tools()
+    run_dir = new_run_dir(Path(cfg.out), cfg)
+    state = RunState.create(run_dir, cfg.run_id, cfg.backend)
+    if cfg.backend == "local" and not cfg.ports:
+        from .cluster import free_ports
+
+        cfg.ports = free_ports(cfg.nodes)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
+    _say(f"kvchaos: run {cfg.run_id} in {run_dir} ({cfg.nodes} nodes, {cfg.backend} backend, seed {cfg.seed})")
+    t0 = time.monotonic()
+    interrupted = False
+    try:
+        if cfg.backend == "netns":
+            topo = netns.Topology(cfg.run_id, cfg.nodes)
+            netns.setup(topo, state)
+            _say(f"kvchaos: hosts {', '.join(topo.address(h) for h in range(1, cfg.nodes + 1))} "
+                 f"(namespaces {topo.prefix}-*); client in {topo.client_ns} ({topo.client_ip})")
+            cmd = [*netns.ip_netns_exec(topo.client_ns), sys.executable, "-m", "chaos.cli", "execute", str(run_dir)]
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+            state.add_pid(proc.pid, "execute phase", topo.client_ns)
+            try:
+                code = proc.wait()
+            except KeyboardInterrupt:
+                interrupted = True
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(20)
+                code = -1
+            state.remove_pid(proc.pid)
+        else:
+            try:
+                code = execute(run_dir)
+            except KeyboardInterrupt:
+                interrupted = True
+                code = -1
+        if code not in (0, 2):
+            _say(f"kvchaos: the execute phase exited with {code}")
+            execution = _load_json(run_dir / "execution.json", {})
+            execution.setdefault("error", f"the execute phase exited with {code}: the history may be incomplete")
+            (run_dir / "execution.json").write_text(json.dumps(execution, indent=1))
+    finally:
+        done = netns.teardown(state) if cfg.backend == "netns" else _teardown_local(state)
+        _say(f"kvchaos: teardown: {len(done)} action(s); everything the run created is gone")
+    if interrupted:
+        _say("verdict: unknown")
+        return 1, run_dir, {"verdict": "unknown"}
+    _say("kvchaos: checking the history ...")
+    summary = analyze(run_dir)
+    a = summary["analysis"]
+    _say(f"kvchaos: {a['counts'].get('total', 0)} ops (ok {a['counts'].get('ok', 0)}, info {a['counts'].get('info', 0)},"
+         f" fail {a['counts'].get('fail', 0)}) in {time.monotonic() - t0:.0f}s; linearizability "
+         f"{a['linearizability'].get('verdict')} over {a['linearizability'].get('keys')} keys")
+    for reason in a["reasons"]:
+        _say(f"kvchaos: {reason}")
+    _say(f"kvchaos: report {run_dir / 'index.html'}")
+    if summary["verdict"] == "valid" and not cfg.keep_data:
+        shutil.rmtree(run_dir / "data", ignore_errors=True)
+    _say(f"verdict: {summary['verdict']}")
+    return (0 if summary["verdict"] == "valid" else 1), run_dir, summary
+
+
+def _teardown_local(state: RunState) -> list[str]:
+    """Kill any recorded process that is still alive (the execute phase normally stops them)."""
+    from .state import pid_alive
+
+    log = []
+    data = state.read()
+    for spid, info in (data.get("pids") or {}).items():
+        pid = int(spid)
+        if pid != os.getpid() and pid_alive(pid, info.get("start")):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                log.append(f"killed pid {pid}")
+    with state.update() as d:
+        d["pids"] = {}
+        d["torn_down"] = True
+    state.unregister()
+    return log

@@ -1,0 +1,372 @@
+"""The chaos harness (`kvchaos`), end to end and in parts.
+
+The netns runs need root (CI runs as root) and `ip` / `iptables`; they are skipped only when not
+root. Every network address they use lives in namespaces the run creates (10.77.X.0/24 behind a
+bridge in its own namespace); the local-backend run uses 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chaos import netns
+from chaos.checker import Status
+from chaos.checks import analyze_records
+from chaos.nemesis import ALL_FAMILIES, Nemesis, NemesisOptions, parse_families
+from chaos.state import RunState, pid_alive
+from chaos.workload import OpRecord, bank_value, to_operations
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the netns backend needs root")
+
+
+def kvchaos(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 240) -> tuple[int, str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "chaos.cli", *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def run_dir_of(out: Path) -> Path:
+    (d,) = [p for p in out.iterdir() if p.is_dir()]
+    return d
+
+
+def assert_cleaned(run_dir: Path, registry: Path | None = None) -> None:
+    """Nothing the run created is left: namespaces (with the bridge and the iptables rules
+    inside them), processes, the registry entry."""
+    st = RunState(run_dir / "state.json")
+    data = st.read()
+    assert data["torn_down"] is True
+    for ns in data["namespaces"]:
+        assert not netns.namespace_exists(ns), ns
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout if shutil.which("ip") else ""
+    assert f"kvc-{data['run_id']}-" not in listing
+    assert data["pids"] == {}
+    reg = registry or Path(os.environ["KVCHAOS_REGISTRY"])
+    assert reg.is_dir() and not list(reg.glob(f"{data['run_id']}.json"))
+
+
+def node_pids_of(run_dir: Path) -> list[int]:
+    """PIDs of the processes of this run's nodes still running (by the data dir in their
+    command line: only this run's nodes have it)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if str(run_dir / "data") in cmd and pid_alive(int(entry.name)):
+            out.append(int(entry.name))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def private_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVCHAOS_REGISTRY", str(tmp_path / "registry"))
+
+
+# --------------------------------------------------------------------------------------------
+# end to end
+
+
+@needs_root
+def test_netns_partition_and_kill_run_is_valid_and_cleans_up(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    code, text = kvchaos(["run", "--nodes", "3", "--time", "60", "--nemesis", "partition,kill",
+                          "--workload", "register", "--seed", "7", "--out", str(out)])
+    lines = text.strip().splitlines()
+    assert lines[-1] == "verdict: valid", text[-4000:]
+    assert code == 0
+    d = run_dir_of(out)
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["verdict"] == "valid"
+    assert summary["analysis"]["counts"]["ok"] > 500, summary["analysis"]["counts"]
+    families = {f["family"] for f in summary["faults"]}
+    assert {"partition", "kill"} <= families, summary["faults"]
+    assert any(f["family"] == "partition" and f["end"] is not None for f in summary["faults"])
+    for name in ("history.jsonl", "ops.jsonl", "index.html", "faults.json", "nodes/n1.log", "nodes/n3.log"):
+        assert (d / name).exists(), name
+    # the history is the checker's format, and every op has an invoke and a completion
+    from chaos.checker import load_jsonl
+
+    ops = load_jsonl(d / "history.jsonl")
+    assert len(ops) >= summary["analysis"]["counts"]["ok"]
+    assert "kvstore node 1 ready on 10.77." in (d / "nodes" / "n1.log").read_text()
+    assert_cleaned(d)
+    assert node_pids_of(d) == []
+
+
+@needs_root
+def test_netns_five_nodes_all_nemeses_set_is_valid(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    code, text = kvchaos(["run", "--nodes", "5", "--time", "60", "--nemesis", "all", "--workload", "set",
+                          "--seed", "5", "--out", str(out)])
+    assert text.strip().splitlines()[-1] == "verdict: valid", text[-4000:]
+    assert code == 0
+    d = run_dir_of(out)
+    summary = json.loads((d / "summary.json").read_text())
+    s = summary["analysis"]["set"]
+    assert s["valid"] is True and s["lost_count"] == 0 and s["acknowledged"] > 500, s
+    families = {f["family"] for f in summary["faults"]}
+    assert len(families - {"heal"}) >= 3, summary["faults"]
+    assert_cleaned(d)
+    assert node_pids_of(d) == []
+
+
+@pytest.fixture(scope="module")
+def stale_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, Path, Path]:
+    if os.geteuid() != 0:
+        pytest.skip("the netns backend needs root")
+    out = tmp_path_factory.mktemp("stale")
+    reg = tmp_path_factory.mktemp("registry")
+    code, text = kvchaos(
+        ["run", "--nodes", "3", "--time", "12", "--nemesis", "partition", "--workload", "register",
+         "--seed", "1", "--stale-reads", "--fault-min", "3", "--fault-max", "4", "--out", str(out)],
+        env={"KVCHAOS_REGISTRY": str(reg)},
+    )
+    return code, text, run_dir_of(out), reg
+
+
+@needs_root
+def test_planted_stale_reads_make_the_run_invalid(stale_run: tuple[int, str, Path, Path]) -> None:
+    code, text, d, reg = stale_run
+    assert text.strip().splitlines()[-1] == "verdict: invalid", text[-4000:]
+    assert code == 1
+    summary = json.loads((d / "summary.json").read_text())
+    a = summary["analysis"]
+    assert a["linearizability"]["verdict"] == "not linearizable"
+    assert a["bad_key"] and a["counterexample"]
+    page = (d / "index.html").read_text()
+    assert "is not linearizable" in page
+    assert 'class="timeline"' in page and 'class="op bad"' in page
+    # every operation of the counterexample is listed, and a read served by one node's local
+    # state (the planted bug) is among them
+    import html
+
+    for op in a["counterexample"]:
+        assert html.escape(op, quote=True) in page, op
+    assert page.count("<tr class='cx'>") == len(a["counterexample"])
+    assert "served by 10.77." in page
+    assert_cleaned(d, reg)
+
+
+@needs_root
+def test_report_renders_in_headless_chromium(stale_run: tuple[int, str, Path, Path], tmp_path: Path) -> None:
+    _code, _text, d, _reg = stale_run
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("CI"):
+            raise AssertionError("chromium is not installed (apt-get install -y chromium)")
+        pytest.skip("chromium is not installed")
+    base = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = tmp_path / "report.png"
+    subprocess.run([*base, "--window-size=1200,1600", f"--screenshot={shot}", (d / "index.html").as_uri()],
+                   capture_output=True, timeout=90, check=False)
+    assert shot.exists() and shot.stat().st_size > 20_000
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    dom = subprocess.run([*base, "--dump-dom", (d / "index.html").as_uri()],
+                         capture_output=True, text=True, timeout=90, check=False).stdout
+    assert 'id="verdict"' in dom and ">invalid<" in dom
+    assert dom.count("<svg") >= 3  # throughput, latency, timeline
+
+
+@needs_root
+def test_clean_removes_what_a_crashed_harness_left(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chaos.cli", "run", "--nodes", "3", "--time", "60", "--nemesis", "partition",
+         "--out", str(out), "--seed", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        d: Path | None = None
+        while time.monotonic() < deadline:
+            dirs = [p for p in out.iterdir()] if out.exists() else []
+            if dirs and (dirs[0] / "state.json").exists():
+                d = dirs[0]
+                data = RunState(d / "state.json").read()
+                if len(data.get("pids") or {}) >= 4 and (d / "nodes" / "n3.log").exists():
+                    break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the run did not start its nodes")
+        assert d is not None
+        time.sleep(3)  # let the nemesis cut something
+        data = RunState(d / "state.json").read()
+        assert all(netns.namespace_exists(ns) for ns in data["namespaces"])
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # the harness dies: no teardown runs
+        proc.wait(10)
+    assert node_pids_of(d), "the nodes should outlive the killed harness"
+    code, text = kvchaos(["clean", "--all-stale"])
+    assert code == 0, text
+    assert "deleted namespace" in text
+    assert_cleaned(d)
+    assert node_pids_of(d) == []
+    # idempotent
+    code, text = kvchaos(["clean", str(d)])
+    assert code == 0 and "nothing left" in text, text
+
+
+def test_local_backend_kill_and_pause_is_valid(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    code, text = kvchaos(["run", "--backend", "local", "--nodes", "3", "--time", "10", "--nemesis", "kill,pause",
+                          "--workload", "bank", "--seed", "3", "--out", str(out)])
+    assert text.strip().splitlines()[-1] == "verdict: valid", text[-4000:]
+    assert code == 0
+    d = run_dir_of(out)
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["analysis"]["bank"]["valid"] is True
+    assert summary["analysis"]["bank"]["reads"] > 50
+    assert node_pids_of(d) == []
+
+
+def test_run_help_explains_local_partitions() -> None:
+    code, text = kvchaos(["run", "--help"])
+    assert code == 0
+    assert "PAUSES" in text and "netns" in text and "member" in text
+
+
+# --------------------------------------------------------------------------------------------
+# parts
+
+
+def test_parse_families() -> None:
+    assert parse_families("partition,kill") == ["partition", "kill"]
+    assert parse_families("all") == list(ALL_FAMILIES)
+    assert parse_families("kill,all") == ["kill", *[f for f in ALL_FAMILIES if f != "kill"]]
+    with pytest.raises(ValueError):
+        parse_families("partition,flood")
+
+
+class _FakeCluster:
+    def __init__(self, n: int) -> None:
+        self.hosts = {h: None for h in range(1, n + 1)}
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_partition_topologies(n: int) -> None:
+    nem = Nemesis(_FakeCluster(n), NemesisOptions(families=["partition"], seed=1), lambda: 0.0,  # type: ignore[arg-type]
+                  log=lambda s: None)
+    hosts = set(range(1, n + 1))
+
+    def connected(cuts: set[tuple[int, int]], a: int, b: int) -> bool:
+        return (a, b) not in cuts and (b, a) not in cuts
+
+    groups, cuts, _ = nem._topology("halves", None)
+    assert len(groups[0]) == n // 2 and set(groups[0]) | set(groups[1]) == hosts
+    assert all(not connected(cuts, a, b) for a in groups[0] for b in groups[1])
+    groups, cuts, _ = nem._topology("leader", 2)
+    assert groups[0] == [2] and all(not connected(cuts, 2, b) for b in hosts - {2})
+    groups, cuts, _ = nem._topology("bridge", None)
+    a, (b,), c = groups
+    assert all(connected(cuts, b, x) for x in hosts - {b})
+    assert all(not connected(cuts, x, y) for x in a for y in c)
+    _, cuts, _ = nem._topology("ring", None)
+    assert cuts
+    for h in hosts:  # everybody still sees a majority (itself included)
+        assert 1 + sum(connected(cuts, h, o) for o in hosts - {h}) >= n // 2 + 1
+    if n == 5:  # and no two nodes see the same majority
+        views = {frozenset({h} | {o for o in hosts - {h} if connected(cuts, h, o)}) for h in hosts}
+        assert len(views) == 5
+    _, cuts, _ = nem._topology("random", None)
+    assert cuts
+
+
+def _op(p: int, f: str, key: str, value: Any, output: Any, t0: float, t1: float | None, status: str = "ok",
+        final: bool = False) -> OpRecord:
+    return OpRecord(p, f, key, value, output, t0, t1, status, workload="x", final=final)
+
+
+def test_register_stale_read_is_invalid() -> None:
+    recs = [
+        _op(1, "put", "r/0", "a", None, 0.0, 1.0),
+        _op(2, "put", "r/0", "b", None, 2.0, 3.0),
+        _op(3, "get", "r/0", None, "a", 4.0, 5.0),  # reads the old value after b was acknowledged
+        _op(4, "get", "r/0", None, "b", 6.0, 7.0, final=True),
+    ]
+    a = analyze_records(recs, workload="register", expected_final_keys=["r/0"])
+    assert a.verdict == "invalid" and a.bad_key == "r/0"
+    assert len(a.counterexample) >= 2
+
+
+def test_register_info_write_may_take_effect_later() -> None:
+    recs = [
+        _op(1, "put", "r/0", "a", None, 0.0, 1.0),
+        _op(2, "cas", "r/0", ["a", "b"], None, 2.0, 3.0, status="info"),
+        _op(3, "get", "r/0", None, "a", 4.0, 5.0),
+        _op(4, "get", "r/0", None, "b", 6.0, 7.0, final=True),
+    ]
+    a = analyze_records(recs, workload="register", expected_final_keys=["r/0"])
+    assert a.verdict == "valid", a.reasons
+
+
+def test_missing_final_read_is_unknown() -> None:
+    recs = [_op(1, "put", "r/0", "a", None, 0.0, 1.0)]
+    a = analyze_records(recs, workload="register", expected_final_keys=["r/0"])
+    assert a.verdict == "unknown"
+
+
+def test_set_lost_acknowledged_add_is_invalid() -> None:
+    recs = [
+        _op(1, "put", "s/1-1", "1-1", None, 0.0, 1.0),
+        _op(2, "put", "s/2-2", "2-2", None, 0.0, 1.0),
+        _op(3, "put", "s/3-3", "3-3", None, 0.0, None, status="info"),
+        _op(9, "scan", "s/", "s/", {"s/1-1": "1-1"}, 5.0, 6.0, final=True),
+    ]
+    a = analyze_records(recs, workload="set")
+    assert a.verdict == "invalid"
+    assert a.set is not None and a.set["lost"] == ["2-2"]
+    # the final scan is also a read of every key: the lost add is a linearizability violation too
+    ops = to_operations(recs)
+    gets = [o for o in ops if o.f == "get"]
+    assert {o.key for o in gets} == {"s/1-1", "s/2-2", "s/3-3"}
+    assert all(o.status is Status.OK for o in gets)
+    recs[-1] = _op(9, "scan", "s/", "s/", {"s/1-1": "1-1", "s/2-2": "2-2"}, 5.0, 6.0, final=True)
+    assert analyze_records(recs, workload="set").verdict == "valid"
+
+
+def test_bank_total_must_be_conserved() -> None:
+    good = bank_value("init", [100, 100])
+    bad = bank_value("1-1", [100, 90])
+    recs = [
+        _op(1, "cas", "b/0", [None, good], True, 0.0, 1.0),
+        _op(2, "cas", "b/0", [good, bad], True, 2.0, 3.0),
+        _op(3, "get", "b/0", None, bad, 4.0, 5.0, final=True),
+    ]
+    a = analyze_records(recs, workload="bank", bank_total=200, bank_accounts=2, expected_final_keys=["b/0"])
+    assert a.verdict == "invalid" and a.bank is not None and a.bank["bad_count"] == 1
+
+
+def test_report_of_a_synthetic_violation(tmp_path: Path) -> None:
+    from chaos.report import write_report
+    from chaos.runner import RunConfig
+
+    recs = [
+        _op(1, "put", "r/0", "a", None, 0.0, 1.0),
+        _op(2, "put", "r/0", "b", None, 2.0, 3.0),
+        _op(3, "get", "r/0", None, "a", 4.0, 5.0),
+    ]
+    recs[2].node = "10.77.1.1:2379"
+    a = analyze_records(recs, workload="register")
+    faults = [{"family": "partition", "kind": "one", "detail": "[1] | [2, 3]", "start": 1.5, "end": 4.5}]
+    page = write_report(tmp_path, RunConfig(time=6), recs, faults, a, {}).read_text()
+    assert "Key r/0 is not linearizable" in page
+    assert "served by 10.77.1.1:2379" in page
+    assert "partition one" in page
+    assert page.count('class="fault"') == 2  # shaded in both plots
