@@ -192,3 +192,12 @@ def test_console_script_subprocess(cluster: FakeCluster) -> None:
     assert p.returncode == 0 and p.stdout == b"process\n", p.stderr
     p = subprocess.run([*cmd[:-1], "nope"], capture_output=True, cwd=ROOT, timeout=20)
     assert p.returncode == 1 and p.stdout == b"" and p.stderr == b""
+
+
+def test_put_value_from_stdin(cluster: FakeCluster) -> None:
+    big = bytes(range(256)) * 1200  # 300 KiB: more than one command-line argument may hold
+    r = CliRunner().invoke(
+        cli, ["--endpoints", ",".join(cluster.endpoints), "put", "blob", "-"], input=big, catch_exceptions=False
+    )
+    assert r.exit_code == 0, r.stderr
+    assert cluster.store[b"blob"] == big

@@ -194,8 +194,10 @@ def get(c: _Ctx, key: str, serializable: bool) -> None:
 @_output_option
 @pass_ctx
 def put(c: _Ctx, key: str, value: str) -> None:
-    """Set KEY to VALUE."""
-    k, v = c.parse(key, "KEY"), c.parse(value, "VALUE")
+    """Set KEY to VALUE. A VALUE of `-` reads the value (raw bytes) from standard input, for
+    values larger than a command-line argument may be."""
+    k = c.parse(key, "KEY")
+    v = sys.stdin.buffer.read() if value == "-" else c.parse(value, "VALUE")
     with _errors(is_write=True):
         c.client().put(k, v)
     if c.json:
