@@ -604,38 +604,33 @@ class AsyncClient:
         )
         return resp.value if resp.found else None
 
-    async def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> None:
-        """Set ``key`` to ``value``."""
-        k, v = self._check_key(key), self._check_value(value)
+    async def _write(
+        self, op: str, rpc: str, key: bytes, make_request: Callable[[kv_pb2.Session], Any], timeout: float | None
+    ) -> Any:
+        """Run one write under a fresh session; every retry reuses that session (exactly-once)."""
         session = self._begin_write()
         try:
-            req = kv_pb2.PutRequest(key=k, value=v, session=session)
+            req = make_request(session)
 
-            def call(ep: str, t: float) -> Awaitable[kv_pb2.PutResponse]:
-                return self._kv(ep).Put(req, timeout=t)
+            def call(ep: str, t: float) -> Awaitable[Any]:
+                return getattr(self._kv(ep), rpc)(req, timeout=t)
 
-            await self._invoke(
-                "put", call, deadline=self._deadline(timeout), is_write=True, group=self.router.group_for_key(k)
+            return await self._invoke(
+                op, call, deadline=self._deadline(timeout), is_write=True, group=self.router.group_for_key(key)
             )
         finally:
             self._end_write(session)
+
+    async def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> None:
+        """Set ``key`` to ``value``."""
+        k, v = self._check_key(key), self._check_value(value)
+        await self._write("put", "Put", k, lambda s: kv_pb2.PutRequest(key=k, value=v, session=s), timeout)
 
     async def delete(self, key: bytes, *, timeout: float | None = None) -> bool:
         """Delete ``key``; True if it existed."""
         k = self._check_key(key)
-        session = self._begin_write()
-        try:
-            req = kv_pb2.DeleteRequest(key=k, session=session)
-
-            def call(ep: str, t: float) -> Awaitable[kv_pb2.DeleteResponse]:
-                return self._kv(ep).Delete(req, timeout=t)
-
-            resp = await self._invoke(
-                "delete", call, deadline=self._deadline(timeout), is_write=True, group=self.router.group_for_key(k)
-            )
-            return bool(resp.existed)
-        finally:
-            self._end_write(session)
+        resp = await self._write("delete", "Delete", k, lambda s: kv_pb2.DeleteRequest(key=k, session=s), timeout)
+        return bool(resp.existed)
 
     async def cas(
         self, key: bytes, expected: bytes | None, new: bytes, *, timeout: float | None = None
@@ -644,21 +639,14 @@ class AsyncClient:
         exist). True if swapped."""
         k, v = self._check_key(key), self._check_value(new)
         exp = b"" if expected is None else self._check_value(expected)
-        session = self._begin_write()
-        try:
-            req = kv_pb2.CasRequest(
-                key=k, expect_absent=expected is None, expected=exp, value=v, session=session
-            )
-
-            def call(ep: str, t: float) -> Awaitable[kv_pb2.CasResponse]:
-                return self._kv(ep).Cas(req, timeout=t)
-
-            resp = await self._invoke(
-                "cas", call, deadline=self._deadline(timeout), is_write=True, group=self.router.group_for_key(k)
-            )
-            return bool(resp.swapped)
-        finally:
-            self._end_write(session)
+        resp = await self._write(
+            "cas",
+            "Cas",
+            k,
+            lambda s: kv_pb2.CasRequest(key=k, expect_absent=expected is None, expected=exp, value=v, session=s),
+            timeout,
+        )
+        return bool(resp.swapped)
 
     async def scan(
         self,
