@@ -204,11 +204,16 @@ class StorageFull(KVError):
 
 
 class WrongShard(KVError):
-    """Definite: the key lives in another Raft group; refresh the shard map and retry."""
+    """Definite: the key lives in another Raft group (or its group is not on the node asked);
+    refresh the shard map (to at least ``shard_version``) and retry."""
 
     code = kv_pb2.WRONG_SHARD
     code_name = "WRONG_SHARD"
     default_message = "wrong shard"
+
+    def __init__(self, message: str = "", *, shard_version: int = 0, indeterminate: bool | None = None) -> None:
+        self.shard_version = shard_version
+        super().__init__(message, indeterminate=indeterminate)
 
 
 class ShuttingDown(KVError):
@@ -290,6 +295,8 @@ def from_proto(error: kv_pb2.Error | None, *, is_write: bool) -> KVError | None:
         )
     if issubclass(cls, _SizeError):
         return cls(message=message, indeterminate=indeterminate)
+    if cls is WrongShard:
+        return WrongShard(message, shard_version=error.shard_version, indeterminate=indeterminate)
     return cls(message, indeterminate=indeterminate)
 
 
@@ -302,4 +309,6 @@ def to_proto(exc: BaseException) -> kv_pb2.Error:
     if isinstance(exc, NotLeader):
         err.leader_id = exc.leader_id
         err.leader_hint = exc.leader_address
+    elif isinstance(exc, WrongShard):
+        err.shard_version = exc.shard_version
     return err

@@ -12,6 +12,8 @@ PURE = [
     ROOT / "chaos" / "sim" / "kvsm.py",
     ROOT / "kvstore" / "storage" / "commands.py",
     ROOT / "kvstore" / "storage" / "machine.py",
+    ROOT / "kvstore" / "storage" / "shardcmd.py",
+    ROOT / "kvstore" / "shard" / "ranges.py",
 ]
 FORBIDDEN_STDLIB = {"asyncio", "socket", "time", "threading", "os", "select", "selectors", "subprocess"}
 

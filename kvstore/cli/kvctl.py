@@ -270,10 +270,14 @@ def scan(c: _Ctx, prefix: str, limit: int, start: str | None, end: str | None, k
 # ----- status -----
 
 
-def _group(st: admin_pb2.StatusResponse, group: int = DEFAULT_GROUP) -> admin_pb2.GroupStatus | None:
-    for g in st.groups:
-        if g.group == group:
-            return g
+def _group(st: admin_pb2.StatusResponse, group: int | None = None) -> admin_pb2.GroupStatus | None:
+    """The given group's status; by default the metadata group's (group 0, whose leader leads
+    the cluster's membership), or the data group's for a server without one."""
+    wanted = (0, DEFAULT_GROUP) if group is None else (group,)
+    for want in wanted:
+        for g in st.groups:
+            if g.group == want:
+                return g
     return None
 
 
@@ -469,12 +473,107 @@ def member_remove(c: _Ctx, node_id: int) -> None:
 
 @cli.command("transfer-leader")
 @click.argument("node_id", metavar="[ID]", type=click.IntRange(min=0), required=False, default=0)
+@click.option("--group", "groups", type=click.IntRange(min=0), multiple=True,
+              help="Only this group (repeatable; 0 is the metadata group). Default: every group.")
 @_output_option
 @pass_ctx
-def transfer_leader(c: _Ctx, node_id: int) -> None:
-    """Hand leadership to node ID (default: the most up-to-date voter)."""
+def transfer_leader(c: _Ctx, node_id: int, groups: tuple[int, ...]) -> None:
+    """Hand leadership to node ID (default: the most up-to-date voter), of every group or of
+    the --group(s) given. The leader balancer later hands data groups back to their preferred
+    leaders."""
     target = f"node {node_id}" if node_id else "the most up-to-date voter"
-    _admin(c, lambda cl: cl.transfer_leader(node_id), f"leadership transferred to {target}")
+    _admin(c, lambda cl: cl.transfer_leader(node_id, groups=list(groups)), f"leadership transferred to {target}")
+
+
+# ----- shards -----
+
+
+def _shards_table(resp: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=sys.stdout, highlight=False)
+    total = sum(g.keys for g in resp.groups)
+    console.print(f"shard map version {resp.version}: {len(resp.groups)} data groups, {total} keys; {resp.message}")
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("GROUP", "LEADER", "VOTERS", "LEARNERS", "RANGES", "SHARE", "KEYS", "APPLIED"):
+        table.add_column(col, justify="left" if col in ("VOTERS", "LEARNERS") else "right")
+    for g in resp.groups:
+        table.add_row(
+            str(g.id), str(g.leader_id or "-"), ",".join(map(str, g.voters)), ",".join(map(str, g.learners)) or "-",
+            str(g.ranges), f"{100 * g.share:.1f}%", str(g.keys), str(g.applied),
+        )
+    console.print(table)
+
+
+def _shard_result(c: _Ctx, resp: Any) -> None:
+    if c.json:
+        _emit_json({"ok": True, "message": resp.message, "version": resp.version, "moves_pending": resp.moves_pending})
+    else:
+        click.echo(resp.message)
+
+
+@cli.group(invoke_without_command=True)
+@_output_option
+@click.pass_context
+def shards(ctx: click.Context) -> None:
+    """The shard map: groups, their ranges, key counts and leaders (and changing it)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    c = ctx.find_object(_Ctx)
+    assert c is not None
+    with _errors(is_write=False):
+        resp = c.client().shards()
+    if c.json:
+        _emit_json({
+            "version": resp.version,
+            "moves_pending": resp.moves_pending,
+            "moves": resp.message,
+            "groups": [
+                {"id": g.id, "leader_id": g.leader_id, "voters": list(g.voters), "learners": list(g.learners),
+                 "ranges": g.ranges, "share": g.share, "keys": g.keys, "applied": g.applied}
+                for g in resp.groups
+            ],
+        })
+    else:
+        _shards_table(resp)
+
+
+@shards.command("add-group")
+@click.option("--no-wait", is_flag=True, help="Return once the moves are planned, not when they are done.")
+@click.option("--wait-timeout", type=float, default=300.0, show_default=True)
+@_output_option
+@pass_ctx
+def shards_add_group(c: _Ctx, no_wait: bool, wait_timeout: float) -> None:
+    """Add a data group; ranges of the ring move into it, with their data."""
+    with _errors(is_write=True):
+        resp = c.client().add_group(wait=not no_wait, timeout=wait_timeout)
+    _shard_result(c, resp)
+
+
+@shards.command("remove-group")
+@click.argument("group", type=click.IntRange(min=1))
+@click.option("--no-wait", is_flag=True, help="Return once the moves are planned, not when they are done.")
+@click.option("--wait-timeout", type=float, default=300.0, show_default=True)
+@_output_option
+@pass_ctx
+def shards_remove_group(c: _Ctx, group: int, no_wait: bool, wait_timeout: float) -> None:
+    """Move GROUP's ranges to the other groups, then drop it."""
+    with _errors(is_write=True):
+        resp = c.client().remove_group(group, wait=not no_wait, timeout=wait_timeout)
+    _shard_result(c, resp)
+
+
+@shards.command("rebalance")
+@click.option("--no-wait", is_flag=True, help="Return once the moves are planned, not when they are done.")
+@click.option("--wait-timeout", type=float, default=300.0, show_default=True)
+@_output_option
+@pass_ctx
+def shards_rebalance(c: _Ctx, no_wait: bool, wait_timeout: float) -> None:
+    """Give every group its even share of the ring again, moving ranges as needed."""
+    with _errors(is_write=True):
+        resp = c.client().rebalance(wait=not no_wait, timeout=wait_timeout)
+    _shard_result(c, resp)
 
 
 @cli.command()

@@ -41,11 +41,18 @@ def cli() -> None:
 @click.option("--max-value", type=int, default=1 << 20, show_default=True)
 @click.option("--max-request", type=int, default=4 << 20, show_default=True)
 @click.option("--compact-threshold", type=int, default=10_000, show_default=True)
+@click.option("--groups", type=click.IntRange(1, 100_000), default=1, show_default=True,
+              help="Data Raft groups a new cluster starts with (keys are spread over them by consistent hashing).")
+@click.option("--replication", type=click.IntRange(1, 7), default=3, show_default=True,
+              help="Replicas per data group (at most the number of nodes).")
+@click.option("--vnodes", type=click.IntRange(1, 4096), default=128, show_default=True,
+              help="Virtual nodes per group on the hash ring.")
 @click.option("--log-level", default="info", show_default=True)
 def serve(
     node_id: int, data_dir: Path, listen: str, peers: str, cluster_id: str, join: bool, advertise: str,
     metrics_listen: str, tick_ms: int, election_ticks: int, lease_read: bool, request_timeout: float,
-    max_key: int, max_value: int, max_request: int, compact_threshold: int, log_level: str,
+    max_key: int, max_value: int, max_request: int, compact_threshold: int, groups: int, replication: int,
+    vnodes: int, log_level: str,
 ) -> None:
     """Run one node of a cluster. Restarting with the same --data-dir resumes it."""
     from kvstore.server.config import Limits
@@ -63,6 +70,7 @@ def serve(
                 compact_threshold=compact_threshold, compact_keep=min(1000, compact_threshold // 2),
             ),
             limits=Limits(max_key, max_value, max_request),
+            groups=groups, replication=replication, vnodes=vnodes,
         )
         cfg.validate()
     except ValueError as err:
@@ -75,7 +83,9 @@ def serve(
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("kvstore-dev-data"),
               show_default=True)
 @click.option("--base-port", type=int, default=DEV_BASE_PORT, show_default=True)
-def dev(nodes: str, data_dir: Path, base_port: int) -> None:
+@click.option("--groups", type=click.IntRange(1, 100_000), default=4, show_default=True,
+              help="Data Raft groups (shards) of the new cluster.")
+def dev(nodes: str, data_dir: Path, base_port: int, groups: int) -> None:
     """Run a local cluster in the foreground (data under --data-dir); Ctrl-C stops it."""
     n = int(nodes)
 
@@ -96,7 +106,8 @@ def dev(nodes: str, data_dir: Path, base_port: int) -> None:
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "kvstore.cli.server", "serve", "--id", str(i),
-                     "--data-dir", str(data_dir / f"node{i}"), "--listen", endpoints[i - 1], "--peers", peers],
+                     "--data-dir", str(data_dir / f"node{i}"), "--listen", endpoints[i - 1], "--peers", peers,
+                     "--groups", str(groups)],
                     stdout=log, stderr=subprocess.STDOUT,
                 )
             )

@@ -21,6 +21,7 @@ Semantics every caller can rely on:
 from __future__ import annotations
 
 import asyncio
+import heapq
 import random
 import secrets
 import threading
@@ -71,7 +72,9 @@ from kvstore.errors import (
     WrongShard,
     from_proto,
 )
-from kvstore.v1 import admin_pb2, admin_pb2_grpc, kv_pb2, kv_pb2_grpc
+from kvstore.shard.ranges import HASH_MAX, IntervalSet
+from kvstore.shard.shardmap import ShardMap, ShardMapError
+from kvstore.v1 import admin_pb2, admin_pb2_grpc, kv_pb2, kv_pb2_grpc, shard_pb2, shard_pb2_grpc
 
 __all__ = [
     "DEFAULT_MAX_KEY_SIZE",
@@ -314,6 +317,8 @@ class AsyncClient:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._kv_stubs: dict[str, kv_pb2_grpc.KVStub] = {}
         self._admin_stubs: dict[str, admin_pb2_grpc.AdminStub] = {}
+        self._shard_stubs: dict[str, shard_pb2_grpc.ShardStub] = {}
+        self._map_fetch: asyncio.Task[None] | None = None
         self._next_seq = 1
         self._inflight: dict[int, None] = {}  # seqs of writes in flight, in increasing order
         self._closed = False
@@ -336,6 +341,9 @@ class AsyncClient:
         self._channels.clear()
         self._kv_stubs.clear()
         self._admin_stubs.clear()
+        self._shard_stubs.clear()
+        if self._map_fetch is not None and not self._map_fetch.done():
+            self._map_fetch.cancel()
         for ch in channels:
             await ch.close()
 
@@ -364,6 +372,65 @@ class AsyncClient:
         if stub is None:
             stub = self._admin_stubs[endpoint] = admin_pb2_grpc.AdminStub(self._channel(endpoint))
         return stub
+
+    def _shard(self, endpoint: str) -> shard_pb2_grpc.ShardStub:
+        stub = self._shard_stubs.get(endpoint)
+        if stub is None:
+            stub = self._shard_stubs[endpoint] = shard_pb2_grpc.ShardStub(self._channel(endpoint))
+        return stub
+
+    # ----- the shard map -----
+
+    async def _fetch_map(self, deadline: Deadline) -> None:
+        """Ask the endpoints (breakers permitting) for the shard map, one after the other, until
+        one has a version we want; keep the newest seen."""
+        router = self.router
+        unimplemented = 0
+        asked = 0
+        for ep in list(router.endpoints):
+            if not router.needs_map() or deadline.expired:
+                return
+            if not router.breaker(ep).would_allow():
+                continue
+            asked += 1
+            try:
+                resp = await self._shard(ep).GetShardMap(
+                    shard_pb2.GetShardMapRequest(), timeout=deadline.bound(self.policy.attempt_timeout)
+                )
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    unimplemented += 1
+                    continue
+                failure = _classify(e, endpoint=ep, is_write=False)
+                if failure.transport:
+                    router.on_transport_failure(None, ep, failure.reason)
+                continue
+            router.on_reply(ep)
+            if resp.error.code or not resp.map:
+                continue
+            try:
+                router.set_shard_map(ShardMap.decode(resp.map))
+            except ShardMapError:
+                continue
+        if asked and unimplemented == asked and router.shard_map is None:
+            router.unsharded = True
+        elif router.shard_map is not None:
+            router.map_settled()  # nobody has a newer one yet: route with ours, WRONG_SHARD asks again
+
+    async def _ensure_map(self, deadline: Deadline) -> None:
+        if not self.router.needs_map():
+            return
+        if self._map_fetch is None or self._map_fetch.done():
+            self._map_fetch = asyncio.ensure_future(self._fetch_map(deadline))
+        await asyncio.wait([self._map_fetch], timeout=deadline.remaining())
+
+    async def shard_map(self, *, refresh: bool = False, timeout: float | None = None) -> ShardMap | None:
+        """The cached shard map (fetched first if needed or if ``refresh``); None for a server
+        without sharding."""
+        if refresh:
+            self.router.invalidate_shard_map()
+        await self._ensure_map(self._deadline(timeout))
+        return self.router.shard_map
 
     # ----- sessions and validation -----
 
@@ -480,6 +547,7 @@ class AsyncClient:
         deadline: Deadline,
         is_write: bool,
         group: int = DEFAULT_GROUP,
+        key: bytes | None = None,
         endpoint: str | None = None,
         retry_indeterminate: bool = True,
         error_of: Callable[[R], kv_pb2.Error | None] = lambda r: r.error,  # type: ignore[attr-defined]
@@ -497,6 +565,10 @@ class AsyncClient:
         if endpoint is not None:
             endpoint = self.router.add_endpoint(endpoint)
         while not deadline.expired:
+            if key is not None:
+                # Routed by key: the map may change between attempts (WRONG_SHARD).
+                await self._ensure_map(deadline)
+                group = self.router.group_for_key(key)
             if endpoint is None:
                 await self._maybe_discover(group, deadline)
                 target = self.router.pick(group)
@@ -599,7 +671,7 @@ class AsyncClient:
             call,
             deadline=self._deadline(timeout),
             is_write=False,
-            group=self.router.group_for_key(k),
+            key=k,
             learns_leader=consistency == "linearizable",
         )
         return resp.value if resp.found else None
@@ -616,7 +688,7 @@ class AsyncClient:
                 return getattr(self._kv(ep), rpc)(req, timeout=t)
 
             return await self._invoke(
-                op, call, deadline=self._deadline(timeout), is_write=True, group=self.router.group_for_key(key)
+                op, call, deadline=self._deadline(timeout), is_write=True, key=key
             )
         finally:
             self._end_write(session)
@@ -661,10 +733,12 @@ class AsyncClient:
         """Stream ``(key, value)`` pairs in key order: keys starting with ``prefix`` and within
         ``[start, end)`` (both optional), at most ``limit`` (0 = all).
 
-        Use as ``async for key, value in client.scan(b"user/"):``. If the stream breaks, the
-        scan resumes after the last key received (each chunk is read at the leader, but the scan
-        as a whole is not one atomic snapshot across a resumption). ``timeout`` bounds the wait
-        for each chunk, retries included, rather than the whole scan.
+        Use as ``async for key, value in client.scan(b"user/"):``. Keys are spread over every
+        data group by hashing, so the scan asks every group (concurrently) for its part and merges
+        them. Each part is read at its group's leader (linearizable per group), and the parts must
+        cover the hash space exactly once (otherwise a range was moving: the scan is retried with
+        a fresh shard map). The scan as a whole is not one atomic snapshot across groups.
+        ``timeout`` bounds the whole scan, retries included.
         """
         async for chunk in self.scan_chunks(
             prefix, start=start, end=end, limit=limit, consistency=consistency, timeout=timeout
@@ -682,7 +756,7 @@ class AsyncClient:
         consistency: Consistency = "linearizable",
         timeout: float | None = None,
     ) -> AsyncGenerator[list[tuple[bytes, bytes]], None]:
-        """Like :meth:`scan`, one list of pairs per message the server streams."""
+        """Like :meth:`scan`, in lists of pairs."""
         prefix = _check_bytes("prefix", prefix)
         start = None if start is None else _check_bytes("start", start)
         end = None if end is None else _check_bytes("end", end)
@@ -692,11 +766,51 @@ class AsyncClient:
         lo, hi = scan_range(prefix, start, end)
         if hi is not None and lo >= hi:
             return
-        remaining = limit  # 0 = unlimited
-        group = self.router.groups_for_range(lo, hi)[0]
-        learns_leader = consistency == "linearizable"
-        backoff = Backoff(self.policy.backoff_base, self.policy.backoff_cap, rng=self._rng)
         deadline = self._deadline(timeout)
+        backoff = Backoff(self.policy.backoff_base, self.policy.backoff_cap, rng=self._rng)
+        learns_leader = consistency == "linearizable"
+        while True:
+            await self._ensure_map(deadline)
+            groups = self.router.scan_groups()
+            sharded = self.router.shard_map is not None
+            parts = await asyncio.gather(
+                *(self._scan_group(g, lo, hi, limit, level, deadline, learns_leader) for g in groups)
+            )
+            if not sharded or _covers_once([owned for _, owned in parts]):
+                break
+            # A range moved between the parts' read points: try again with a newer map.
+            self.router.invalidate_shard_map()
+            if deadline.expired:
+                raise Timeout(f"scan did not get a consistent set of parts within {deadline.timeout:g}s "
+                              "(ranges kept moving between groups)")
+            await asyncio.sleep(deadline.bound(backoff.next_delay()))
+        remaining = limit
+        chunk: list[tuple[bytes, bytes]] = []
+        for item in heapq.merge(*(items for items, _ in parts)):
+            chunk.append(item)
+            if remaining:
+                remaining -= 1
+                if remaining == 0:
+                    break
+            if len(chunk) >= 512:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    async def _scan_group(
+        self,
+        group: int,
+        lo: bytes,
+        hi: bytes | None,
+        limit: int,
+        level: kv_pb2.Consistency,
+        deadline: Deadline,
+        learns_leader: bool,
+    ) -> tuple[list[tuple[bytes, bytes]], IntervalSet]:
+        """One group's part of a scan: its keys in range (at most `limit`) and the hash ranges
+        it served at its read point. A broken stream restarts the part from scratch."""
+        backoff = Backoff(self.policy.backoff_base, self.policy.backoff_cap, rng=self._rng)
         attempts = redirects = 0
         last: KVError | None = None
         only_transport = True
@@ -711,12 +825,13 @@ class AsyncClient:
                 await asyncio.sleep(deadline.bound(max(wait, backoff.next_delay())))
                 continue
             attempts += 1
-            req = kv_pb2.ScanRequest(start=lo, end=hi or b"", limit=remaining, consistency=level)
-            # No gRPC deadline on the stream: a long scan may legitimately outlive `timeout`.
-            # Instead every message must arrive within the attempt timeout and the deadline.
+            req = kv_pb2.ScanRequest(start=lo, end=hi or b"", limit=limit, consistency=level, group=group)
+            # No gRPC deadline on the stream: every message must arrive within the attempt
+            # timeout and the deadline instead.
             stream = self._kv(target).Scan(req)
             err: KVError
             retryable = True
+            items: list[tuple[bytes, bytes]] = []
             try:
                 while True:
                     wait = deadline.bound(self.policy.attempt_timeout)
@@ -728,8 +843,8 @@ class AsyncClient:
                         unreachable[target] = "timed out"
                         break
                     if resp is grpc.aio.EOF:
-                        self._scan_reply(group, target, learns_leader)
-                        return
+                        err = Unavailable(f"{target} ended the scan stream early")
+                        break
                     maybe = from_proto(resp.error, is_write=False)
                     if maybe is not None:
                         err = maybe
@@ -738,23 +853,10 @@ class AsyncClient:
                         self.router.on_reply(target)
                         break
                     self._scan_reply(group, target, learns_leader)
-                    items = [(kv.key, kv.value) for kv in resp.items]
-                    if not items:
-                        continue
-                    if remaining:
-                        items = items[:remaining]
-                        remaining -= len(items)
-                    lo = items[-1][0] + b"\x00"
-                    yield items
-                    if (limit and remaining <= 0) or (hi is not None and lo >= hi):
-                        return
-                    # Progress: the next chunk gets a fresh deadline and backoff.
-                    deadline = self._deadline(timeout)
-                    backoff.reset()
-                    attempts = 0
-                    last = None
-                    only_transport = True
-                    unreachable.clear()
+                    items.extend((kv.key, kv.value) for kv in resp.items)
+                    if not resp.more:
+                        owned = IntervalSet(zip(resp.owned_lo, resp.owned_hi, strict=True))
+                        return items, owned
             except grpc.aio.AioRpcError as e:
                 failure = _classify(e, endpoint=target, is_write=False)
                 err = failure.error
@@ -791,7 +893,12 @@ class AsyncClient:
         if isinstance(err, NoLeader | LeadershipLost | ShuttingDown | Timeout | InternalError | StorageFull):
             self.router.forget_leader(group, target)
         elif isinstance(err, WrongShard):
-            self.router.invalidate_shard_map()
+            # Either our map is stale (fetch a newer one at once), or the range is moving
+            # between groups right now (back off, then ask again).
+            self.router.forget_leader(group, target)
+            have = self.router.shard_map.version if self.router.shard_map is not None else 0
+            self.router.invalidate_shard_map(err.shard_version)
+            return err.shard_version > have
         return False
 
     # ----- admin -----
@@ -894,14 +1001,54 @@ class AsyncClient:
             "remove member", lambda s, t: s.RemoveMember(req, timeout=t), timeout=timeout
         )
 
-    async def transfer_leader(self, to: int = 0, *, timeout: float | None = None) -> admin_pb2.AdminResponse:
-        """Ask the leader to hand leadership to node ``to`` (0: the most up-to-date voter)."""
-        req = admin_pb2.TransferLeaderRequest(to=to)
+    async def transfer_leader(
+        self, to: int = 0, *, groups: Sequence[int] = (), timeout: float | None = None
+    ) -> admin_pb2.AdminResponse:
+        """Hand leadership of every group (or of ``groups``) to node ``to`` (0: each group's
+        most up-to-date other voter)."""
+        req = admin_pb2.TransferLeaderRequest(to=to, groups=list(groups))
         resp = await self._admin_call(
             "transfer leader", lambda s, t: s.TransferLeader(req, timeout=t), timeout=timeout
         )
-        self.router.forget_leader(DEFAULT_GROUP)
+        for g in [DEFAULT_GROUP, 0, *self.router.scan_groups()]:
+            self.router.forget_leader(g)
         return resp
+
+    # ----- shards -----
+
+    async def _shard_op(
+        self, op: str, req: shard_pb2.ShardOpRequest, timeout: float | None, *, write: bool
+    ) -> shard_pb2.ShardOpResponse:
+        resp: shard_pb2.ShardOpResponse = await self._invoke(
+            op,
+            lambda ep, t: self._shard(ep).ShardOp(req, timeout=t),
+            deadline=self._deadline(timeout),
+            is_write=write,
+            retry_indeterminate=False,
+            learns_leader=False,
+        )
+        return resp
+
+    async def shards(self, *, timeout: float | None = None) -> shard_pb2.ShardOpResponse:
+        """The shard map's groups: replicas, leader, key count, share of the hash space."""
+        return await self._shard_op("shards", shard_pb2.ShardOpRequest(op=shard_pb2.ShardOpRequest.INFO), timeout,
+                                    write=False)
+
+    async def add_group(self, *, wait: bool = True, timeout: float = 300.0) -> shard_pb2.ShardOpResponse:
+        """Add a data group; with ``wait``, return once its ranges have moved in."""
+        req = shard_pb2.ShardOpRequest(op=shard_pb2.ShardOpRequest.ADD_GROUP, wait=wait, timeout=timeout)
+        return await self._shard_op("add group", req, timeout + 10, write=True)
+
+    async def remove_group(self, group: int, *, wait: bool = True, timeout: float = 300.0) -> shard_pb2.ShardOpResponse:
+        """Move every range of ``group`` to the other groups, then drop it."""
+        req = shard_pb2.ShardOpRequest(op=shard_pb2.ShardOpRequest.REMOVE_GROUP, group=group, wait=wait,
+                                       timeout=timeout)
+        return await self._shard_op("remove group", req, timeout + 10, write=True)
+
+    async def rebalance(self, *, wait: bool = True, timeout: float = 300.0) -> shard_pb2.ShardOpResponse:
+        """Return every group to its even share of the ring, moving ranges as needed."""
+        req = shard_pb2.ShardOpRequest(op=shard_pb2.ShardOpRequest.REBALANCE, wait=wait, timeout=timeout)
+        return await self._shard_op("rebalance", req, timeout + 10, write=True)
 
     async def snapshot(
         self, endpoint: str | None = None, *, timeout: float | None = None
@@ -911,6 +1058,17 @@ class AsyncClient:
         return await self._admin_call(
             "snapshot", lambda s, t: s.Snapshot(req, timeout=t), endpoint=endpoint, timeout=timeout
         )
+
+
+def _covers_once(parts: list[IntervalSet]) -> bool:
+    """True if the sets are disjoint and together cover the whole hash space."""
+    total = sum(p.size() for p in parts)
+    if total != HASH_MAX + 1:
+        return False
+    union = IntervalSet()
+    for p in parts:
+        union = union.union(p)
+    return union.size() == total
 
 
 class Client:
@@ -1040,8 +1198,25 @@ class Client:
     def remove_member(self, id: int, *, timeout: float | None = None) -> admin_pb2.AdminResponse:
         return self._run(self._async.remove_member(id, timeout=timeout))
 
-    def transfer_leader(self, to: int = 0, *, timeout: float | None = None) -> admin_pb2.AdminResponse:
-        return self._run(self._async.transfer_leader(to, timeout=timeout))
+    def transfer_leader(
+        self, to: int = 0, *, groups: Sequence[int] = (), timeout: float | None = None
+    ) -> admin_pb2.AdminResponse:
+        return self._run(self._async.transfer_leader(to, groups=groups, timeout=timeout))
 
     def snapshot(self, endpoint: str | None = None, *, timeout: float | None = None) -> admin_pb2.AdminResponse:
         return self._run(self._async.snapshot(endpoint, timeout=timeout))
+
+    def shard_map(self, *, refresh: bool = False, timeout: float | None = None) -> ShardMap | None:
+        return self._run(self._async.shard_map(refresh=refresh, timeout=timeout))
+
+    def shards(self, *, timeout: float | None = None) -> shard_pb2.ShardOpResponse:
+        return self._run(self._async.shards(timeout=timeout))
+
+    def add_group(self, *, wait: bool = True, timeout: float = 300.0) -> shard_pb2.ShardOpResponse:
+        return self._run(self._async.add_group(wait=wait, timeout=timeout))
+
+    def remove_group(self, group: int, *, wait: bool = True, timeout: float = 300.0) -> shard_pb2.ShardOpResponse:
+        return self._run(self._async.remove_group(group, wait=wait, timeout=timeout))
+
+    def rebalance(self, *, wait: bool = True, timeout: float = 300.0) -> shard_pb2.ShardOpResponse:
+        return self._run(self._async.rebalance(wait=wait, timeout=timeout))

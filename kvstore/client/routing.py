@@ -1,9 +1,10 @@
-"""Where to send a request: the endpoint list, the leader cache and the circuit breakers.
+"""Where to send a request: the shard map, the leader cache and the circuit breakers.
 
-Today the cluster is one Raft group (id 1) that owns every key. The shape is already multi-raft:
-``key -> group -> leader endpoint``. When the shard map arrives, :meth:`Router.group_for_key`
-consults it (and :meth:`Router.invalidate_shard_map` on WRONG_SHARD refreshes it); everything
-else already keys leaders by group id.
+``key -> group -> leader endpoint``: the cached shard map (fetched from any node with
+Shard.GetShardMap) names the group of a key and the nodes that replicate it; the leader cache
+names the group's leader. WRONG_SHARD marks the map stale (:meth:`Router.invalidate_shard_map`),
+and the client fetches a newer one before its next attempt. A server without the Shard service
+(or before the map is known) is treated as one group, id 1, that owns every key.
 
 Plain synchronous code with an injectable clock: the asyncio client drives it.
 """
@@ -15,10 +16,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from kvstore.client.retry import DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_THRESHOLD, CircuitBreaker, Clock
+from kvstore.shard.shardmap import ShardMap
 
 __all__ = ["DEFAULT_GROUP", "GroupRoute", "Router", "normalize_endpoint", "parse_endpoints"]
 
-#: The single Raft group that holds all keys until sharding lands (group 0 is reserved for metadata).
+#: The group of every key when no shard map is known (group 0 is the metadata group).
 DEFAULT_GROUP = 1
 
 
@@ -49,6 +51,7 @@ class GroupRoute:
     leader: str | None = None  # endpoint address of the leader, if known
     leader_id: int = 0  # node id of the leader, if known
     term: int = 0  # highest term seen in a status report (0 = learned from a reply, no term)
+    rotation: int = 0  # which of the group's replicas to try first when the leader is unknown
 
 
 class Router:
@@ -88,6 +91,11 @@ class Router:
         self.last_discovery = float("-inf")
         #: The last transport failure seen at each endpoint ("connection refused", "timed out").
         self.last_failure: dict[str, str] = {}
+        self.shard_map: ShardMap | None = None
+        #: Fetch a map of at least this version before the next routed attempt (0: no need).
+        self.want_map_version = 1
+        #: The servers do not offer shard maps (an unsharded fake or old server): stop asking.
+        self.unsharded = False
 
     # ----- endpoints -----
 
@@ -122,17 +130,41 @@ class Router:
     # ----- groups / shards -----
 
     def group_for_key(self, key: bytes) -> int:
-        """The Raft group owning ``key`` (one group today; the shard map plugs in here)."""
-        return DEFAULT_GROUP
+        """The Raft group serving ``key`` according to the cached map."""
+        if self.shard_map is None:
+            return DEFAULT_GROUP
+        return self.shard_map.group_for_key(key)
 
-    def groups_for_range(self, start: bytes, end: bytes | None) -> list[int]:
-        """The groups covering ``[start, end)``, in key order (one group today)."""
-        return [DEFAULT_GROUP]
+    def scan_groups(self) -> list[int]:
+        """Every data group (a scan's keys are spread over all of them by hashing)."""
+        if self.shard_map is None:
+            return [DEFAULT_GROUP]
+        return self.shard_map.data_groups()
 
-    def invalidate_shard_map(self) -> None:
-        """Called on WRONG_SHARD: the shard map is stale (nothing to refresh yet)."""
-        for route in self._groups.values():
-            route.leader = None
+    def needs_map(self) -> bool:
+        if self.unsharded:
+            return False
+        have = self.shard_map.version if self.shard_map is not None else 0
+        return have < self.want_map_version
+
+    def invalidate_shard_map(self, version: int = 0) -> None:
+        """WRONG_SHARD: fetch a map newer than ours (and at least ``version``) before retrying."""
+        have = self.shard_map.version if self.shard_map is not None else 0
+        self.want_map_version = max(self.want_map_version, version, have + 1)
+
+    def set_shard_map(self, m: ShardMap) -> None:
+        if self.shard_map is not None and m.version < self.shard_map.version:
+            return
+        self.shard_map = m
+        if m.version >= self.want_map_version:
+            self.want_map_version = 0
+        for node, address in m.nodes.items():
+            if address and node not in self._dialed_ids and node not in self._addr_by_id:
+                self._addr_by_id[node] = self.add_endpoint(address)
+
+    def map_settled(self) -> None:
+        """A fetch found no newer map: stop asking until the next WRONG_SHARD."""
+        self.want_map_version = 0
 
     def route(self, group: int) -> GroupRoute:
         r = self._groups.get(group)
@@ -151,6 +183,17 @@ class Router:
             if self._breakers[route.leader].allow():
                 return route.leader
             route.leader = None  # its breaker is open: treat the leader as unknown
+        m = self.shard_map
+        if m is not None and group in m.groups:
+            # The group's replicas, its preferred leader first, rotating past failed ones.
+            reps = [self._addr_by_id.get(n) for n in m.groups[group].voters]
+            cands = [ep for ep in reps if ep is not None and ep in self._breakers]
+            if cands:
+                k = route.rotation % len(cands)
+                for ep in cands[k:] + cands[:k]:
+                    if self._breakers[ep].would_allow():
+                        self._breakers[ep].allow()
+                        return ep
         n = len(self._endpoints)
         for i in range(n):
             idx = (self._next + i) % n
@@ -186,12 +229,15 @@ class Router:
         for route in self._groups.values() if group is None else [self.route(group)]:
             if route.leader == endpoint:
                 route.leader = None
+        if group is not None:
+            self.route(group).rotation += 1
         self.rotate_past(endpoint)
 
     def forget_leader(self, group: int, endpoint: str | None = None) -> None:
         route = self.route(group)
         if endpoint is None or route.leader == endpoint:
             route.leader = None
+        route.rotation += 1
         if endpoint is not None:
             self.rotate_past(endpoint)
 

@@ -1,4 +1,11 @@
-"""Cluster administration (kvstore.v1.Admin): status, membership, leadership transfer, snapshots."""
+"""Cluster administration (kvstore.v1.Admin): status, membership, leadership transfer, snapshots.
+
+Membership is cluster-wide: a change applies to the metadata group and then to every data group
+(or to the data groups a request lists), each at its own leader wherever that is, one group
+after the other; the shard map's record of each group's replicas follows. A failure part-way
+reports which groups were changed, and the same request can simply be repeated: groups that
+already have the change are skipped.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +15,29 @@ from typing import Any
 import grpc
 
 from kvstore import errors
-from kvstore.raft import ConfChange, ConfChangeType, Role
+from kvstore.raft import ConfChange, ConfChangeType
+from kvstore.shard.rebalance import Coordinator
+from kvstore.shard.shardmap import META_GROUP, ShardMap
 from kvstore.v1 import admin_pb2, admin_pb2_grpc
 
-from .config import DATA_GROUP, NodeConfig
+from .config import NodeConfig
 from .host import Host
+from .shards import GroupCaller, ShardTracker
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
-    def __init__(self, cfg: NodeConfig, host: Host, wake: Any) -> None:
+    def __init__(
+        self, cfg: NodeConfig, host: Host, wake: Any, tracker: ShardTracker, caller: GroupCaller, coordinator: Coordinator
+    ) -> None:
+        self.coordinator = coordinator
         self.cfg = cfg
         self.host = host
         self.wake = wake
+        self.tracker = tracker
+        self.caller = caller
 
     def _members(self) -> list[admin_pb2.Member]:
-        g = self.host.groups.get(DATA_GROUP)
+        g = self.host.groups.get(META_GROUP)
         learners = set(g.core.conf.learners) if g is not None else set()
         ids = set(self.host.members)
         if g is not None:
@@ -49,72 +64,138 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             members=self._members(), groups=groups, storage_full=self.host.failed is not None,
         )
 
-    async def _conf_change(self, cc: ConfChange) -> admin_pb2.AdminResponse:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+    # --- membership -----------------------------------------------------------------------------
+    def _targets(self, listed: Any) -> list[int]:
+        m = self.tracker.map
+        if listed:
+            if m is not None:
+                unknown = [g for g in listed if g not in m.groups]
+                if unknown:
+                    raise errors.InvalidArgument(f"no data group(s) {unknown}")
+            return sorted(set(listed))
+        return [META_GROUP, *(m.data_groups() if m is not None else [])]
 
-        def done(_res: Any, err: errors.KVError | None) -> None:
-            if not fut.done():
-                if err is not None:
-                    fut.set_exception(err)
-                else:
-                    fut.set_result(None)
+    def _conf_of(self, group: int) -> tuple[set[int], set[int]] | None:
+        """(voters, learners) of `group` as this node knows them (None if not known here)."""
+        g = self.host.groups.get(group)
+        if g is not None and g.core.conf.voters:
+            return set(g.core.conf.voters), set(g.core.conf.learners)
+        m = self.tracker.map
+        if m is not None and group in m.groups:
+            p = m.groups[group]
+            return set(p.voters), set(p.learners)
+        return None
 
+    async def _change(self, cc: ConfChange, groups: list[int]) -> admin_pb2.AdminResponse:
+        done: list[int] = []
         try:
-            self.host.propose_conf_change(DATA_GROUP, cc, done)
-            self.wake()
-            try:
-                await asyncio.wait_for(asyncio.shield(fut), self.cfg.request_timeout)
-            except TimeoutError:
-                raise errors.Timeout("membership change not applied in time", indeterminate=True) from None
+            for gid in groups:
+                conf = self._conf_of(gid)
+                if conf is not None and _already(cc, *conf):
+                    continue
+                await self.caller.conf_change(gid, cc, timeout=self.cfg.request_timeout * 2)
+                done.append(gid)
+                if gid != META_GROUP:
+                    await self._record(gid, cc)
         except errors.KVError as err:
-            return admin_pb2.AdminResponse(error=errors.to_proto(err), members=self._members())
-        return admin_pb2.AdminResponse(message=f"{cc.type.name.lower()} {cc.node_id}: done", members=self._members())
+            note = f" (applied to groups {done}; repeat the request to finish)" if done else ""
+            wrapped = type(err)(err.message + note, indeterminate=err.indeterminate) if type(err) in (
+                errors.Timeout, errors.ProposalDropped, errors.InvalidArgument, errors.NoLeader, errors.LeadershipLost,
+            ) else err
+            return admin_pb2.AdminResponse(error=errors.to_proto(wrapped), members=self._members())
+        what = f"{cc.type.name.lower()} {cc.node_id}"
+        return admin_pb2.AdminResponse(message=f"{what}: done in groups {groups}", members=self._members())
+
+    async def _record(self, gid: int, cc: ConfChange) -> None:
+        """Make the shard map's replica list of `gid` follow an applied change."""
+        def change(m: ShardMap) -> ShardMap:
+            if gid not in m.groups:
+                return m
+            p = m.groups[gid]
+            voters, learners = list(p.voters), set(p.learners)
+            n = cc.node_id
+            if cc.type == ConfChangeType.ADD_LEARNER:
+                learners.add(n)
+            elif cc.type == ConfChangeType.ADD_VOTER:
+                learners.discard(n)
+                if n not in voters:
+                    voters.append(n)
+            else:
+                learners.discard(n)
+                voters = [v for v in voters if v != n]
+            return m.with_group_members(gid, voters, sorted(learners))
+
+        await self.coordinator.update(change)
 
     async def AddMember(self, request: admin_pb2.AddMemberRequest, context: grpc.aio.ServicerContext) -> admin_pb2.AdminResponse:
-        if request.id < 1 or ":" not in request.address:
-            err = errors.InvalidArgument("member needs an id >= 1 and an address HOST:PORT")
-            return admin_pb2.AdminResponse(error=errors.to_proto(err))
-        kind = ConfChangeType.ADD_LEARNER if request.learner else ConfChangeType.ADD_VOTER
-        return await self._conf_change(ConfChange(kind, request.id, request.address.encode()))
-
-    async def PromoteMember(self, request: admin_pb2.PromoteMemberRequest, context: grpc.aio.ServicerContext) -> admin_pb2.AdminResponse:
-        g = self.host.groups[DATA_GROUP]
-        if request.id not in g.core.conf.learners:
-            err = errors.InvalidArgument(f"node {request.id} is not a learner")
-            return admin_pb2.AdminResponse(error=errors.to_proto(err), members=self._members())
-        return await self._conf_change(ConfChange(ConfChangeType.ADD_VOTER, request.id))
-
-    async def RemoveMember(self, request: admin_pb2.RemoveMemberRequest, context: grpc.aio.ServicerContext) -> admin_pb2.AdminResponse:
-        g = self.host.groups[DATA_GROUP]
-        if request.id not in g.core.conf.members():
-            err = errors.InvalidArgument(f"node {request.id} is not a member")
-            return admin_pb2.AdminResponse(error=errors.to_proto(err), members=self._members())
-        return await self._conf_change(ConfChange(ConfChangeType.REMOVE_NODE, request.id))
-
-    async def TransferLeader(self, request: admin_pb2.TransferLeaderRequest, context: grpc.aio.ServicerContext) -> admin_pb2.AdminResponse:
         try:
-            core = self.host.groups[DATA_GROUP].core
-            if request.to == self.cfg.id and core.role == Role.LEADER:
-                return admin_pb2.AdminResponse(message=f"node {self.cfg.id} is already the leader")
-            self.host.transfer_leader(DATA_GROUP, request.to)
-            self.wake()
-            target = core.lead_transferee
-            deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout
-            while core.role == Role.LEADER and asyncio.get_running_loop().time() < deadline:
-                if core.lead_transferee == 0:
-                    # The core gave up (the target did not catch up within an election timeout).
-                    raise errors.ProposalDropped(f"leadership transfer to node {target} did not complete; retry")
-                await asyncio.sleep(0.01)
-            if core.role == Role.LEADER:
-                raise errors.Timeout("leadership transfer did not complete in time", indeterminate=True)
+            if request.id < 1 or ":" not in request.address:
+                raise errors.InvalidArgument("member needs an id >= 1 and an address HOST:PORT")
+            groups = self._targets(request.groups)
         except errors.KVError as err:
             return admin_pb2.AdminResponse(error=errors.to_proto(err))
-        lead, addr = self.host.leader_of(DATA_GROUP)
-        return admin_pb2.AdminResponse(message=f"leader is now node {lead} ({addr})")
+        kind = ConfChangeType.ADD_LEARNER if request.learner else ConfChangeType.ADD_VOTER
+        return await self._change(ConfChange(kind, request.id, request.address.encode()), groups)
+
+    async def PromoteMember(self, request: admin_pb2.PromoteMemberRequest, context: grpc.aio.ServicerContext) -> admin_pb2.AdminResponse:
+        try:
+            groups = self._targets(request.groups)
+            meta = self._conf_of(META_GROUP)
+            if not request.groups and meta is not None and request.id not in meta[1] | meta[0]:
+                raise errors.InvalidArgument(f"node {request.id} is not a learner")
+        except errors.KVError as err:
+            return admin_pb2.AdminResponse(error=errors.to_proto(err), members=self._members())
+        return await self._change(ConfChange(ConfChangeType.ADD_VOTER, request.id), groups)
+
+    async def RemoveMember(self, request: admin_pb2.RemoveMemberRequest, context: grpc.aio.ServicerContext) -> admin_pb2.AdminResponse:
+        try:
+            groups = self._targets(request.groups)
+            meta = self._conf_of(META_GROUP)
+            if not request.groups and meta is not None and request.id not in meta[0] | meta[1]:
+                raise errors.InvalidArgument(f"node {request.id} is not a member")
+        except errors.KVError as err:
+            return admin_pb2.AdminResponse(error=errors.to_proto(err), members=self._members())
+        # Data groups first, the metadata group last: the node keeps receiving the map until
+        # it is out of every data group.
+        order = [g for g in groups if g != META_GROUP] + [g for g in groups if g == META_GROUP]
+        return await self._change(ConfChange(ConfChangeType.REMOVE_NODE, request.id), order)
+
+    # --- leadership and snapshots ---------------------------------------------------------------
+    async def TransferLeader(self, request: admin_pb2.TransferLeaderRequest, context: grpc.aio.ServicerContext) -> admin_pb2.AdminResponse:
+        try:
+            groups = self._targets(request.groups)
+            results = await asyncio.gather(
+                *(self.caller.transfer(g, request.to, timeout=self.cfg.request_timeout) for g in groups),
+                return_exceptions=True,
+            )
+            failed = [(g, r) for g, r in zip(groups, results, strict=True) if isinstance(r, BaseException)]
+            if failed:
+                g, r = failed[0]
+                if isinstance(r, errors.KVError):
+                    raise type(r)(f"group {g}: {r.message}", indeterminate=r.indeterminate) if type(r) in (
+                        errors.Timeout, errors.ProposalDropped, errors.InvalidArgument, errors.NoLeader,
+                    ) else r
+                raise errors.InternalError(f"group {g}: {r}", indeterminate=True)
+        except errors.KVError as err:
+            return admin_pb2.AdminResponse(error=errors.to_proto(err))
+        leaders = {g: self.host.leader_of(g)[0] for g in groups if g in self.host.groups}
+        desc = ", ".join(f"group {g}: node {n}" for g, n in leaders.items())
+        return admin_pb2.AdminResponse(message=f"leadership transferred ({desc})" if desc else "leadership transferred")
 
     async def Snapshot(self, request: admin_pb2.SnapshotRequest, context: grpc.aio.ServicerContext) -> admin_pb2.AdminResponse:
-        g = self.host.groups[DATA_GROUP]
-        applied = g.core.applied
-        self.host.store.compact(DATA_GROUP, applied)
-        return admin_pb2.AdminResponse(message=f"log compacted through index {applied}")
+        out = []
+        for gid, g in sorted(self.host.groups.items()):
+            applied = g.core.applied
+            if applied > self.host.store.log_storage(gid).first_index():
+                self.host.store.compact(gid, applied)
+            out.append(f"{gid}@{applied}")
+        return admin_pb2.AdminResponse(message="log compacted through " + ", ".join(out))
+
+
+def _already(cc: ConfChange, voters: set[int], learners: set[int]) -> bool:
+    n = cc.node_id
+    if cc.type == ConfChangeType.ADD_LEARNER:
+        return n in voters or n in learners
+    if cc.type == ConfChangeType.ADD_VOTER:
+        return n in voters
+    return n not in voters and n not in learners

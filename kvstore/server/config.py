@@ -7,8 +7,8 @@ from pathlib import Path
 
 from .host import RaftSettings
 
-DATA_GROUP = 1
-"""The single data group of this milestone (group 0 is reserved for the shard map)."""
+META_GROUP = 0
+"""The metadata group: holds the shard map, replicated on every voter of the cluster."""
 
 
 @dataclass(slots=True)
@@ -34,6 +34,10 @@ class NodeConfig:
     sync: bool = True
     raft: RaftSettings = field(default_factory=RaftSettings)
     limits: Limits = field(default_factory=Limits)
+    groups: int = 1
+    """Data groups a new cluster starts with."""
+    replication: int = 3
+    vnodes: int = 128
 
     def validate(self) -> None:
         if self.id < 1:
@@ -43,6 +47,8 @@ class NodeConfig:
         for nid, addr in self.peers.items():
             if nid < 1 or ":" not in addr:
                 raise ValueError(f"bad peer {nid}={addr!r}: expected ID=HOST:PORT")
+        if self.groups < 1 or self.replication < 1 or not 1 <= self.vnodes <= 4096:
+            raise ValueError("--groups and --replication must be >= 1, --vnodes in 1..4096")
         if ":" not in self.listen:
             raise ValueError(f"bad --listen {self.listen!r}: expected HOST:PORT")
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,12 +133,24 @@ class Host:
         self._ctx = 0
         self.on_leader_change: Callable[[int, int], None] | None = None
         self.on_snapshot_needed: Callable[[Message], None] | None = None
+        self.on_unknown_group: Callable[[Message], bool] | None = None
+        """Called with a message for a group this node does not host; returns True if it opened
+        the group (the message is then stepped into it)."""
+        self.preferred_leader: dict[int, int] = {}
+        """group -> the node that should lead it (leader balancing); see `_balance_leaders`."""
+        self.balance_every_ticks = 20
+        self.balance_backoff_ticks = 300
+        self._ticks = 0
+        self._balance_next: dict[int, int] = {}
 
     # --- groups -----------------------------------------------------------------------------
-    def open_group(self, group: int, bootstrap: ConfState | None) -> Group:
-        """Open a group from storage; with `bootstrap`, create it first if it has no state."""
+    def open_group(self, group: int, bootstrap: ConfState | None, data: Sequence[bytes] = ()) -> Group:
+        """Open a group from storage; with `bootstrap`, create it first if it has no state (its
+        log then starts with one CONF_CHANGE per member and the commands `data`, all committed)."""
+        if group in self.groups:
+            return self.groups[group]
         if bootstrap is not None:
-            self.store.bootstrap(group, bootstrap)
+            self.store.bootstrap(group, bootstrap, data)
         s = self.settings
         cfg = Config(
             id=self.node_id,
@@ -153,6 +165,23 @@ class Host:
         core = RaftNode(cfg, self.store.log_storage(group), random.Random(self.rng.getrandbits(64)), log)
         g = self.groups[group] = Group(group, core)
         return g
+
+    def close_group(self, group: int, destroy: bool) -> None:
+        """Stop hosting `group`: its waiting clients get an indeterminate error (writes may still
+        commit on the remaining replicas) and, with `destroy`, its state is deleted and a tombstone
+        keeps it from being recreated by a late message. Call only between cycles."""
+        g = self.groups.pop(group, None)
+        if g is not None:
+            err = errors.LeadershipLost(f"group {group} left this node", indeterminate=True)
+            for w in g.writes.values():
+                w.callback(None, err)
+            gone = errors.WrongShard(f"group {group} left this node")
+            for cb in g.reads.values():
+                cb(0, gone)
+            for _, cb in g.ready_reads:
+                cb(0, gone)
+        if destroy:
+            self.store.destroy_group(group, tombstone=True)
 
     def leader_of(self, group: int) -> tuple[int, str]:
         g = self.groups.get(group)
@@ -175,13 +204,38 @@ class Host:
     def step(self, m: Message) -> None:
         g = self.groups.get(m.group)
         if g is None:
-            log.warning("message for unknown group %d from node %d dropped", m.group, m.frm)
-            return
+            if self.on_unknown_group is None or not self.on_unknown_group(m):
+                log.debug("message for unknown group %d from node %d dropped", m.group, m.frm)
+                return
+            g = self.groups[m.group]
         g.core.step(m)
 
     def tick(self) -> None:
         for g in self.groups.values():
             g.core.tick()
+        self._ticks += 1
+        if self.preferred_leader and self._ticks % self.balance_every_ticks == 0:
+            self._balance_leaders()
+
+    def _balance_leaders(self) -> None:
+        """Hand each group this node leads to its preferred leader, once that node is a voter,
+        reachable (recently active) and fully caught up. A failed attempt backs off for a while,
+        so a slow or flaky preferred node does not make the group flap."""
+        for gid, g in self.groups.items():
+            core = g.core
+            want = self.preferred_leader.get(gid)
+            if core.role != Role.LEADER or want is None or want == self.node_id:
+                continue
+            if core.lead_transferee != NONE or self._balance_next.get(gid, 0) > self._ticks:
+                continue
+            pr = core.prs.get(want)
+            if pr is None or want not in core.conf.voters or not pr.recent_active:
+                continue
+            if pr.match != core.log.last_index():
+                continue
+            self._balance_next[gid] = self._ticks + self.balance_backoff_ticks
+            log.info("group %d: handing leadership to its preferred leader %d", gid, want)
+            core.transfer_leader(want)
 
     def propose(self, group: int, data: bytes, callback: WriteCallback) -> int:
         """Propose a command; `callback(result, None)` once applied, or `(None, error)`.

@@ -16,24 +16,32 @@ from typing import Any
 import grpc
 
 from kvstore import errors
+from kvstore.shard.ranges import IntervalSet, key_hash
 from kvstore.storage import commands
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
-from .config import DATA_GROUP, NodeConfig
+from . import waiters
+from .config import NodeConfig
 from .host import Host
 from .metrics import Metrics
+from .shards import ShardTracker
 
 log = logging.getLogger("kvstore.kv")
 
 
 class KVService(kv_pb2_grpc.KVServicer):
-    def __init__(self, cfg: NodeConfig, host: Host, wake: Any, metrics: Metrics) -> None:
+    """Each key is served by the data group the shard map routes it to, if that group is on this
+    node and led here. The group itself decides ownership: a write it does not own is refused by
+    its state machine (never applied, so definite), and a read checks the group's applied ranges
+    at the read point."""
+
+    def __init__(self, cfg: NodeConfig, host: Host, wake: Any, metrics: Metrics, tracker: ShardTracker) -> None:
         self.cfg = cfg
         self.host = host
         self.store = host.store
         self.wake = wake
         self.metrics = metrics
-        self.group = DATA_GROUP
+        self.tracker = tracker
 
     # --- helpers ----------------------------------------------------------------------------
     def _check_key(self, key: bytes) -> None:
@@ -46,60 +54,43 @@ class KVService(kv_pb2_grpc.KVServicer):
         if len(value) > self.cfg.limits.max_value:
             raise errors.ValueTooLarge(len(value), self.cfg.limits.max_value)
 
-    async def _write(self, data: bytes) -> Any:
+    def _wrong_shard(self, message: str) -> errors.WrongShard:
+        return errors.WrongShard(message, shard_version=self.tracker.version)
+
+    def _group_for(self, key: bytes) -> int:
+        m = self.tracker.map
+        if m is None:
+            raise errors.NoLeader("this node has no shard map yet")
+        gid = m.group_for_key(key)
+        if gid not in self.host.groups:
+            raise self._wrong_shard(f"the key's group {gid} is not on node {self.cfg.id}")
+        return gid
+
+    def _check_owned(self, gid: int, key: bytes) -> None:
+        st = self.store.shard_state(gid)
+        if st is not None and key_hash(key) not in st.active:
+            raise self._wrong_shard(f"group {gid} does not serve the key (it moved)")
+
+    async def _write(self, key: bytes, data: bytes) -> Any:
         if len(data) > self.cfg.limits.max_request:
             raise errors.RequestTooLarge(len(data), self.cfg.limits.max_request)
+        gid = self._group_for(key)
+        self._check_owned(gid, key)
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-
-        def done(result: Any, err: errors.KVError | None) -> None:
-            if fut.done():
-                return
-            if err is not None:
-                fut.set_exception(err)
-            else:
-                fut.set_result(result)
-
         t0 = loop.time()
-        self.host.propose(self.group, data, done)
-        self.wake()
-        try:
-            result = await asyncio.wait_for(asyncio.shield(fut), self.cfg.request_timeout)
-        except TimeoutError:
-            raise errors.Timeout(
-                f"write not applied within {self.cfg.request_timeout:g}s", indeterminate=True
-            ) from None
+        result = await waiters.propose(self.host, self.wake, gid, data, self.cfg.request_timeout)
         self.metrics.proposal_seconds.observe(loop.time() - t0)
+        if result is not None and result.wrong_shard:
+            raise self._wrong_shard(f"group {gid} no longer serves the key (it moved)")
         if result is not None and result.error:
             # The state machine refused it (e.g. a retry older than the session's ack): no effect.
             raise errors.InvalidArgument(result.error)
         return result
 
-    async def _linearizable(self) -> int:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[int] = loop.create_future()
-
-        def done(index: int, err: errors.KVError | None) -> None:
-            if fut.done():
-                return
-            if err is not None:
-                fut.set_exception(err)
-            else:
-                fut.set_result(index)
-
-        self.host.read(self.group, done)
-        self.wake()
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), self.cfg.request_timeout)
-        except TimeoutError:
-            raise errors.Timeout(
-                f"read not confirmed within {self.cfg.request_timeout:g}s", indeterminate=False
-            ) from None
-
-    async def _read_point(self, consistency: int) -> int:
+    async def _read_point(self, gid: int, consistency: int) -> int:
         if consistency == kv_pb2.SERIALIZABLE:
-            return self.store.applied_index(self.group)
-        return await self._linearizable()
+            return self.store.applied_index(gid)
+        return await waiters.read_point(self.host, self.wake, gid, self.cfg.request_timeout)
 
     @staticmethod
     def _session(s: kv_pb2.Session) -> tuple[int, int, int]:
@@ -109,8 +100,10 @@ class KVService(kv_pb2_grpc.KVServicer):
     async def Get(self, request: kv_pb2.GetRequest, context: grpc.aio.ServicerContext) -> kv_pb2.GetResponse:
         try:
             self._check_key(request.key)
-            index = await self._read_point(request.consistency)
-            value = self.store.get(self.group, request.key)
+            gid = self._group_for(request.key)
+            index = await self._read_point(gid, request.consistency)
+            self._check_owned(gid, request.key)
+            value = self.store.get(gid, request.key)
             self.metrics.reads.inc()
             return kv_pb2.GetResponse(found=value is not None, value=value or b"", index=index)
         except errors.KVError as err:
@@ -121,7 +114,7 @@ class KVService(kv_pb2_grpc.KVServicer):
             self._check_key(request.key)
             self._check_value(request.value)
             cid, seq, ack = self._session(request.session)
-            await self._write(commands.encode_put(request.key, request.value, cid, seq, ack))
+            await self._write(request.key, commands.encode_put(request.key, request.value, cid, seq, ack))
             self.metrics.writes.inc()
             return kv_pb2.PutResponse()
         except errors.KVError as err:
@@ -131,7 +124,7 @@ class KVService(kv_pb2_grpc.KVServicer):
         try:
             self._check_key(request.key)
             cid, seq, ack = self._session(request.session)
-            res = await self._write(commands.encode_delete(request.key, cid, seq, ack))
+            res = await self._write(request.key, commands.encode_delete(request.key, cid, seq, ack))
             self.metrics.writes.inc()
             return kv_pb2.DeleteResponse(existed=bool(res.existed))
         except errors.KVError as err:
@@ -146,7 +139,7 @@ class KVService(kv_pb2_grpc.KVServicer):
             data = commands.encode_cas(
                 request.key, request.expect_absent, request.expected, request.value, cid, seq, ack
             )
-            res = await self._write(data)
+            res = await self._write(request.key, data)
             self.metrics.writes.inc()
             return kv_pb2.CasResponse(
                 swapped=bool(res.swapped), found=bool(res.found), current=res.current or b""
@@ -157,21 +150,27 @@ class KVService(kv_pb2_grpc.KVServicer):
     async def Scan(
         self, request: kv_pb2.ScanRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[kv_pb2.ScanResponse]:
+        """One group's part of a scan: the keys in range that the group serves at the read
+        point, then (in the last message) the ranges it served, so that the client can check
+        that the parts of a fanned-out scan cover the hash space exactly once."""
         try:
             if request.prefix:
                 start, end = request.prefix, _prefix_end(request.prefix)
             else:
                 start, end = request.start, request.end or None
-            await self._read_point(request.consistency)
+            gid = request.group
+            if gid == 0 or gid not in self.host.groups:
+                raise self._wrong_shard(f"group {gid} is not on node {self.cfg.id}")
+            await self._read_point(gid, request.consistency)
+            st = self.store.shard_state(gid)
+            owned = st.active if st is not None else IntervalSet.full()
+            stream = self.store.scan_chunks(gid, start, end, request.limit or 0, owned=owned)
         except errors.KVError as err:
             yield kv_pb2.ScanResponse(error=errors.to_proto(err))
             return
-        limit = request.limit or 0
-        sent = 0
-        for chunk in self.store.scan_chunks(self.group, start, end, limit):
-            sent += len(chunk)
+        for chunk in stream:
             yield kv_pb2.ScanResponse(items=[kv_pb2.KeyValue(key=k, value=v) for k, v in chunk], more=True)
-        yield kv_pb2.ScanResponse(more=False)
+        yield kv_pb2.ScanResponse(more=False, owned_lo=[a for a, _ in owned], owned_hi=[b for _, b in owned])
         self.metrics.reads.inc()
 
 

@@ -1,7 +1,13 @@
 """One kvstore node process: wires storage, host, transport and gRPC services on asyncio.
 
-Startup: open the store, open (or bootstrap) the data group, start the gRPC server (Raft, KV,
-Admin and the standard grpc.health.v1 service), then the tick timer and the Ready loop.
+Startup: open the store and every group on it; a new cluster bootstraps the metadata group
+(group 0, every voter, holding the initial shard map) and this node's data groups, all computed
+identically on every node from the flags. Then the gRPC server (Raft, KV, Admin, Shard and the
+standard grpc.health.v1 service), the tick timer, the Ready loop and the shard coordinator.
+
+After every Ready cycle the node re-reads the shard map if the metadata group applied something,
+and reconciles: it opens the data groups the map places on it (bootstrapping those it is an
+initial member of), and destroys, leaving a tombstone, the groups the map dropped.
 Shutdown (SIGTERM / SIGINT): health goes NOT_SERVING, the server stops taking requests and gives
 in-flight ones a grace period, the loops stop, the store closes. Nothing durable depends on a
 graceful stop: kill -9 at any moment loses no acknowledged write.
@@ -18,17 +24,22 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kvstore.raft import ConfState, Message, Role
+from kvstore.raft import ConfState, Message, MessageType, Role
+from kvstore.shard.rebalance import Coordinator
+from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, ShardMap
+from kvstore.storage import commands
+from kvstore.storage.shardcmd import ShardOp, encode_shard_command
 from kvstore.storage.store import NodeStore
 from kvstore.transport.peer import CHANNEL_OPTIONS, Transport
 from kvstore.transport.service import RaftService
-from kvstore.v1 import admin_pb2_grpc, kv_pb2_grpc, raft_pb2_grpc
+from kvstore.v1 import admin_pb2_grpc, kv_pb2_grpc, raft_pb2_grpc, shard_pb2_grpc
 
 from .admin_service import AdminService
-from .config import DATA_GROUP, NodeConfig
+from .config import NodeConfig
 from .host import Host
 from .kv_service import KVService
 from .metrics import Metrics
+from .shards import GroupCaller, NodeCluster, ShardService, ShardTracker
 
 log = logging.getLogger("kvstore.node")
 
@@ -47,6 +58,10 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._members_seen: dict[int, str] = {}
         self.port = 0
+        self.tracker: ShardTracker | None = None
+        self.caller: GroupCaller | None = None
+        self.coordinator: Coordinator | None = None
+        self._tombstones: set[int] = set()
 
     def wake(self) -> None:
         self._wake.set()
@@ -65,18 +80,29 @@ class Node:
             on_snapshot_done=self._snapshot_done,
         )
         host.on_snapshot_needed = self._send_snapshot
-        bootstrap = None
-        if not cfg.join and DATA_GROUP not in store.groups():
-            bootstrap = ConfState(tuple(sorted(cfg.peers)))
-            log.info("bootstrapping group %d with voters %s", DATA_GROUP, list(bootstrap.voters))
-        host.open_group(DATA_GROUP, bootstrap)
+        host.on_unknown_group = self._unknown_group
+        self._tombstones = store.tombstones()
+        existing = store.groups()
+        if not cfg.join and META_GROUP not in existing:
+            self._bootstrap_cluster()
+        for gid in existing:
+            host.open_group(gid, None)
+        if META_GROUP not in host.groups:
+            host.open_group(META_GROUP, None)  # joining: filled by the leader (log or snapshot)
+        tracker = self.tracker = ShardTracker(store)
+        caller = self.caller = GroupCaller(cfg.id, host, self.wake, tracker, cfg.request_timeout)
+        self.coordinator = Coordinator(NodeCluster(host, tracker, caller))
+        self._reconcile()
 
         server = self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
         raft_pb2_grpc.add_RaftServicer_to_server(
             RaftService(cfg.id, cfg.cluster_id, self._deliver, store.snapshot_dir), server
         )
-        kv_pb2_grpc.add_KVServicer_to_server(KVService(cfg, host, self.wake, self.metrics), server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(cfg, host, self.wake), server)
+        kv_pb2_grpc.add_KVServicer_to_server(KVService(cfg, host, self.wake, self.metrics, tracker), server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(cfg, host, self.wake, tracker, caller, self.coordinator), server)
+        shard_pb2_grpc.add_ShardServicer_to_server(
+            ShardService(cfg.id, host, self.wake, tracker, caller, self.coordinator, cfg.request_timeout), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.port = server.add_insecure_port(cfg.listen)
         if self.port == 0:
@@ -87,10 +113,63 @@ class Node:
         self._tasks = [
             loop.create_task(self._ticker(), name="ticker"),
             loop.create_task(self._ready_loop(), name="ready-loop"),
+            loop.create_task(self.coordinator.run(), name="shard-coordinator"),
         ]
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.SERVING)
         log.info("node %d of cluster %r serving on %s", cfg.id, cfg.cluster_id, cfg.listen)
+
+    # --- groups and the shard map ------------------------------------------------------------
+    def _bootstrap_cluster(self) -> None:
+        """A new cluster: the metadata group with the initial shard map, then this node's data
+        groups. Every node computes the same logs from the same flags."""
+        cfg = self.cfg
+        assert self.host is not None
+        voters = tuple(sorted(cfg.peers))
+        smap = ShardMap.initial(voters, cfg.groups, cfg.replication, cfg.vnodes, dict(cfg.peers))
+        log.info(
+            "bootstrapping a new cluster: voters %s, %d data groups, replication %d",
+            list(voters), cfg.groups, smap.replication,
+        )
+        self.host.open_group(META_GROUP, ConfState(voters), [commands.encode_put(SHARD_MAP_KEY, smap.encode())])
+
+    def _reconcile(self) -> None:
+        """Open the data groups the map places here; destroy the ones it dropped."""
+        host, tracker = self.host, self.tracker
+        assert host is not None and tracker is not None
+        tracker.refresh()
+        m = tracker.map
+        if m is None:
+            return
+        for gid in m.groups_of_node(self.cfg.id):
+            if gid in host.groups or gid in self._tombstones:
+                continue
+            p = m.groups[gid]
+            if self.cfg.id in p.bootstrap:
+                ranges = m.bootstrap_ranges(gid)
+                log.info("creating data group %d (voters %s, %.1f%% of the keys)", gid, list(p.bootstrap),
+                         100 * ranges.size() / 2**64)
+                host.open_group(gid, ConfState(tuple(sorted(p.bootstrap))),
+                                [encode_shard_command(ShardOp.SET, ranges)])
+            else:
+                host.open_group(gid, None)
+        for gid in [g for g in host.groups if g != META_GROUP and g not in m.groups]:
+            if gid < m.next_group:
+                log.info("destroying data group %d: the shard map dropped it", gid)
+                host.close_group(gid, destroy=True)
+                self._tombstones.add(gid)
+        host.preferred_leader = {g: p.voters[0] for g, p in m.groups.items() if p.voters}
+
+    def _unknown_group(self, m: Message) -> bool:
+        """A leader's message for a group not on this node: open it empty (the leader fills it by
+        log or snapshot) unless it was destroyed here. (Our map may not list us yet: the leader
+        added us first.)"""
+        assert self.host is not None
+        if m.group in self._tombstones or m.type not in (MessageType.APP, MessageType.HEARTBEAT, MessageType.SNAP):
+            return False
+        log.info("opening group %d on a message from node %d", m.group, m.frm)
+        self.host.open_group(m.group, None)
+        return True
 
     # --- wiring -----------------------------------------------------------------------------
     def _deliver(self, m: Message) -> None:
@@ -152,6 +231,8 @@ class Node:
                     m.fsync_seconds.observe(cycle.seconds)
                     m.ready_groups.observe(n)
                     self._sync_members()
+                    if self.tracker is not None and self.tracker.refresh():
+                        self._reconcile()
                 if host.failed is not None:
                     m.storage_full.set(1)
                     self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -179,6 +260,8 @@ class Node:
                 await t
         if self.transport is not None:
             await self.transport.close()
+        if self.caller is not None:
+            await self.caller.close()
         if self.store is not None:
             self.store.close()
         log.info("node %d stopped", self.cfg.id)

@@ -50,7 +50,8 @@ _R_FOUND = 0x02
 _R_EXISTED = 0x04
 _R_CURRENT = 0x08
 _R_ERROR = 0x10
-_R_ALL = _R_SWAPPED | _R_FOUND | _R_EXISTED | _R_CURRENT | _R_ERROR
+_R_WRONG_SHARD = 0x20
+_R_ALL = _R_SWAPPED | _R_FOUND | _R_EXISTED | _R_CURRENT | _R_ERROR | _R_WRONG_SHARD
 
 
 class Op(enum.IntEnum):
@@ -116,6 +117,8 @@ class ApplyResult:
     existed: bool = False
     current: bytes | None = None
     error: str | None = None
+    wrong_shard: bool = False
+    """The group does not serve the key (not applied, never cached; `error` says so too)."""
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -216,6 +219,7 @@ def encode_result(res: ApplyResult) -> bytes:
         | (_R_EXISTED if res.existed else 0)
         | (_R_CURRENT if res.current is not None else 0)
         | (_R_ERROR if res.error is not None else 0)
+        | (_R_WRONG_SHARD if res.wrong_shard else 0)
     )
     parts = [_RES.pack(RESULT_VERSION, flags)]
     if res.current is not None:
@@ -256,5 +260,6 @@ def decode_result(data: bytes) -> ApplyResult:
     elif pos != n:
         raise ValueError(f"result has {n - pos} trailing bytes")
     return ApplyResult(
-        bool(flags & _R_SWAPPED), bool(flags & _R_FOUND), bool(flags & _R_EXISTED), current, error
+        bool(flags & _R_SWAPPED), bool(flags & _R_FOUND), bool(flags & _R_EXISTED), current, error,
+        bool(flags & _R_WRONG_SHARD),
     )

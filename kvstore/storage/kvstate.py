@@ -33,6 +33,7 @@ from kvstore.raft.types import (
     RaftError,
     SnapshotMeta,
 )
+from kvstore.shard.ranges import IntervalSet, key_hash
 
 from .commands import MAX_KEY_SIZE, ApplyResult
 from .errors import SnapshotFormatError, StorageError
@@ -43,6 +44,7 @@ from .layout import (
     DB_RAFTLOG,
     DB_RAFTSTATE,
     DB_SESSIONS,
+    DB_SHARDS,
     LOG_BASE_TAG,
     LOG_VALUE,
     U64,
@@ -55,7 +57,8 @@ from .layout import (
     log_key,
 )
 from .machine import apply_data
-from .snapfile import TAG_DATA, TAG_MEMBER, TAG_SESSION, Record, SnapshotFile, encode_snapshot
+from .shardcmd import REC_DATA, REC_FLOOR, REC_RESULT, ShardState, encode_record
+from .snapfile import TAG_DATA, TAG_MEMBER, TAG_SESSION, TAG_SHARDS, Record, SnapshotFile, encode_snapshot
 
 if TYPE_CHECKING:
     from .lmdb_env import Db, LmdbEnv, Reader, Txn
@@ -68,22 +71,55 @@ _CONF_CHANGE = EntryType.CONF_CHANGE
 
 @dataclass(slots=True)
 class AppliedState:
-    """A group's applied index and the configuration in force at it."""
+    """A group's applied index, the configuration in force at it, and its shard state. Published
+    (`KVState.commit_applied`) only after the transaction that wrote it committed, so readers
+    never see ranges whose data is not durable yet."""
 
     index: int = 0
     conf_state: ConfState = field(default_factory=ConfState)
+    shards: ShardState | None = None
 
 
 class LmdbGroupView:
     """`machine.StateView` of one group inside a write transaction."""
 
-    __slots__ = ("_data", "_p", "_sessions", "_txn")
+    __slots__ = ("_data", "_p", "_sessions", "_shards_db", "_txn", "changed", "shards")
 
-    def __init__(self, txn: Txn, group: int, data: Db, sessions: Db) -> None:
+    def __init__(
+        self, txn: Txn, group: int, data: Db, sessions: Db, shards_db: Db, shards: ShardState | None
+    ) -> None:
         self._txn = txn
         self._p = group_prefix(group)
         self._data = data
         self._sessions = sessions
+        self._shards_db = shards_db
+        self.shards = shards
+        self.changed = False
+
+    def set_shards(self, st: ShardState) -> None:
+        self.shards = st
+        self.changed = True
+        self._txn.put(self._p, st.encode(), db=self._shards_db)
+
+    def delete_hashes(self, ranges: IntervalSet) -> int:
+        p = self._p
+        cur = self._txn.cursor(db=self._data)
+        n = 0
+        if not cur.set_range(p):
+            return 0
+        while True:
+            k = cur.key()
+            if not k.startswith(p):
+                return n
+            if key_hash(k[8:]) in ranges:
+                n += 1
+                if not cur.delete():
+                    return n
+            elif not cur.next():
+                return n
+
+    def raise_floor(self, client_id: int, old_floor: int, new_floor: int) -> None:
+        self._set_floor(client_id, old_floor, new_floor)
 
     def get(self, key: bytes) -> bytes | None:
         return self._txn.get(self._p + key, db=self._data)
@@ -102,8 +138,11 @@ class LmdbGroupView:
         return self._txn.get(self._p + U64_PAIR.pack(client_id, seq), db=self._sessions)
 
     def record_session(self, client_id: int, seq: int, result: bytes, old_floor: int, new_floor: int) -> None:
+        self._txn.put(self._p + U64_PAIR.pack(client_id, seq), result, db=self._sessions)
+        self._set_floor(client_id, old_floor, new_floor)
+
+    def _set_floor(self, client_id: int, old_floor: int, new_floor: int) -> None:
         txn, db, p = self._txn, self._sessions, self._p
-        txn.put(p + U64_PAIR.pack(client_id, seq), result, db=db)
         if new_floor <= old_floor:
             return
         txn.put(p + U64.pack(client_id), U64.pack(new_floor), db=db)
@@ -176,7 +215,10 @@ class KVState:
         if st is None:
             with self._env.read() as txn:
                 raw = txn.get(group_prefix(group), db=self._env.db(DB_APPLIED))
+                sraw = txn.get(group_prefix(group), db=self._env.db(DB_SHARDS))
             st = AppliedState() if raw is None else AppliedState(*decode_applied(raw))
+            if sraw is not None:
+                st.shards = _decode_shards(sraw)
             self._applied[group] = st
         return st
 
@@ -192,7 +234,7 @@ class KVState:
     ) -> tuple[list[ApplyResult | None], AppliedState]:
         """Apply `entries` (committed, in order) after `cur`; returns the results and the new state."""
         env = self._env
-        view = LmdbGroupView(txn, group, env.db(DB_DATA), env.db(DB_SESSIONS))
+        view = LmdbGroupView(txn, group, env.db(DB_DATA), env.db(DB_SESSIONS), env.db(DB_SHARDS), cur.shards)
         idx = cur.index
         results: list[ApplyResult | None] = []
         for e in entries:
@@ -211,7 +253,7 @@ class KVState:
         if idx == cur.index:
             return results, cur
         txn.put(group_prefix(group), encode_applied(idx, conf_state), db=env.db(DB_APPLIED))
-        return results, AppliedState(idx, conf_state)
+        return results, AppliedState(idx, conf_state, view.shards)
 
     def stage_install(self, txn: Txn, group: int, meta: SnapshotMeta, path: Path) -> AppliedState:
         """Replace the group's data, sessions and members by the snapshot file's, and set the
@@ -242,18 +284,24 @@ class KVState:
                 TAG_MEMBER: env.db(DB_MEMBERS),
             }
             put = txn.put
+            shards = None
             for tag, key, value in sf.records():
+                if tag == TAG_SHARDS:
+                    shards = _decode_shards(value)
+                    put(p, value, db=env.db(DB_SHARDS))
+                    continue
                 if len(key) > MAX_KEY_SIZE:
                     raise SnapshotFormatError(f"snapshot file {path} has a key of {len(key)} bytes")
                 put(p + key, value, db=dbs[tag])
         txn.put(p, encode_applied(hm.index, hm.conf_state), db=env.db(DB_APPLIED))
-        return AppliedState(hm.index, hm.conf_state)
+        return AppliedState(hm.index, hm.conf_state, shards)
 
     def stage_delete_rows(self, txn: Txn, group: int) -> None:
         """Delete the group's data, sessions and members (not its applied index)."""
         env = self._env
         for name in (DB_DATA, DB_SESSIONS, DB_MEMBERS):
             _delete_prefix(txn, env.db(name), group)
+        txn.delete(group_prefix(group), db=env.db(DB_SHARDS))
 
     def stage_destroy(self, txn: Txn, group: int) -> None:
         self.stage_delete_rows(txn, group)
@@ -283,6 +331,7 @@ class KVState:
         limit: int,
         chunk_items: int,
         chunk_bytes: int,
+        owned: IntervalSet | None = None,
     ) -> TxnStream[list[tuple[bytes, bytes]]]:
         reader = self._env.reader()
         db = self._env.db(DB_DATA)
@@ -290,8 +339,11 @@ class KVState:
         def gen() -> Iterator[list[tuple[bytes, bytes]]]:
             txn = reader.check()
             chunk: list[tuple[bytes, bytes]] = []
-            size = 0
-            for n, (k, v) in enumerate(_iter_range(txn, db, group, start, end), 1):
+            size = n = 0
+            for k, v in _iter_range(txn, db, group, start, end):
+                if owned is not None and key_hash(k) not in owned:
+                    continue
+                n += 1
                 chunk.append((k, v))
                 size += len(k) + len(v)
                 if n == limit:
@@ -331,11 +383,70 @@ class KVState:
         meta = SnapshotMeta(index, term, conf)
 
         def records() -> Iterator[Record]:
+            shards = txn.get(p, db=env.db(DB_SHARDS))
+            if shards is not None:
+                yield TAG_SHARDS, b"", shards
             for tag, name in ((TAG_DATA, DB_DATA), (TAG_SESSION, DB_SESSIONS), (TAG_MEMBER, DB_MEMBERS)):
                 for k, v in _iter_range(txn, env.db(name), group, b"", None):
                     yield tag, k, v
 
         return meta, TxnStream(reader, encode_snapshot(group, meta, records(), chunk_size))
+
+
+    # --- range export (moving ranges between groups) ---------------------------------------
+    def export_range(self, group: int, ranges: IntervalSet, chunk_bytes: int) -> TxnStream[tuple[bytes, int]]:
+        """The group's data rows whose key hash is in `ranges`, and all its session rows, as
+        `shardcmd` install records in chunks of about `chunk_bytes` (each with its data-row count),
+        from ONE read transaction. Raises StorageError unless `ranges` are frozen in the group
+        (their data is then immutable, so any replica applied past the FREEZE exports the same)."""
+        env = self._env
+        reader = env.reader()
+        try:
+            txn = reader.check()
+            p = group_prefix(group)
+            raw = txn.get(p, db=env.db(DB_SHARDS))
+            st = None if raw is None else _decode_shards(raw)
+            if st is None or not ranges.issubset(st.frozen):
+                raise StorageError(f"group {group} has not frozen the ranges to export")
+        except BaseException:
+            reader.close()
+            raise
+
+        def gen() -> Iterator[tuple[bytes, int]]:
+            buf: list[bytes] = []
+            size = keys = 0
+            for k, v in _iter_range(txn, env.db(DB_DATA), group, b"", None):
+                if key_hash(k) not in ranges:
+                    continue
+                rec = encode_record(REC_DATA, k, v)
+                buf.append(rec)
+                size += len(rec)
+                keys += 1
+                if size >= chunk_bytes:
+                    yield b"".join(buf), keys
+                    buf, size, keys = [], 0, 0
+            for k, v in _iter_range(txn, env.db(DB_SESSIONS), group, b"", None):
+                rec = encode_record(REC_FLOOR if len(k) == 8 else REC_RESULT, k, v)
+                buf.append(rec)
+                size += len(rec)
+                if size >= chunk_bytes:
+                    yield b"".join(buf), keys
+                    buf, size, keys = [], 0, 0
+            if buf:
+                yield b"".join(buf), keys
+
+        return TxnStream(reader, gen())
+
+    def count_keys(self, group: int) -> int:
+        with self._env.read() as txn:
+            return sum(1 for _ in _iter_range(txn, self._env.db(DB_DATA), group, b"", None))
+
+
+def _decode_shards(raw: bytes) -> ShardState:
+    try:
+        return ShardState.decode(bytes(raw))
+    except ValueError as err:
+        raise StorageError(f"corrupt shard state: {err}") from None
 
 
 def _term_in(txn: Txn, env: LmdbEnv, group: int, index: int) -> int | None:

@@ -12,6 +12,8 @@ order equals numeric order.
                group:u64 client:u64 seq:u64    -> encoded ApplyResult (commands.encode_result)
     applied    group:u64                       -> applied index:u64 conf
     members    group:u64 node:u64              -> address (utf-8), from applied conf changes
+    shards     group:u64                       -> shardcmd.ShardState (served and frozen ranges)
+               group:u64 b"T"                  -> b"" (tombstone: the group was destroyed here)
 
     conf = n_voters:u32 n_learners:u32 voter:u64 * n_voters learner:u64 * n_learners
 
@@ -33,7 +35,8 @@ DB_DATA = b"data"
 DB_SESSIONS = b"sessions"
 DB_APPLIED = b"applied"
 DB_MEMBERS = b"members"
-DB_NAMES = (DB_RAFTLOG, DB_RAFTSTATE, DB_DATA, DB_SESSIONS, DB_APPLIED, DB_MEMBERS)
+DB_SHARDS = b"shards"
+DB_NAMES = (DB_RAFTLOG, DB_RAFTSTATE, DB_DATA, DB_SESSIONS, DB_APPLIED, DB_MEMBERS, DB_SHARDS)
 
 U64 = struct.Struct(">Q")
 U64_PAIR = struct.Struct(">QQ")
@@ -42,6 +45,7 @@ HARD_STATE = struct.Struct(">QQQ")
 _CONF_HEAD = struct.Struct(">II")
 
 HARD_STATE_TAG = b"h"
+TOMBSTONE_TAG = b"T"
 LOG_BASE_TAG = b"b"
 GROUP_MAX = (1 << 64) - 1
 

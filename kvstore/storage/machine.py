@@ -14,6 +14,10 @@ Semantics (deterministic: every replica computes the same result and the same ne
   the client already received: it changes nothing (error result). A command whose (client_id, seq)
   has a cached result returns that result and changes nothing. Otherwise it is applied, its result
   cached, and if the floor rises, the client's cached results with seq < new floor are forgotten.
+- Ownership (multi-raft): after the session checks, a KV command whose key the group does not
+  serve (`StateView.owns`) changes nothing and gives a `wrong_shard` result, which is NOT cached:
+  its retry, at the group that serves the key, applies it. Shard commands (`shardcmd`) change
+  which ranges the group serves; see that module for their rules.
 """
 
 from __future__ import annotations
@@ -21,7 +25,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..shard.ranges import IntervalSet, key_hash
 from .commands import ApplyResult, Command, Op, decode_command, decode_result, encode_result
+from .shardcmd import (
+    REC_DATA,
+    REC_FLOOR,
+    REC_RESULT,
+    U64,
+    U64_PAIR,
+    ShardOp,
+    ShardState,
+    decode_shard_command,
+    is_shard_command,
+    iter_records,
+)
 
 STALE_REQUEST = "stale request: the client already acknowledged the reply for this sequence number"
 
@@ -50,6 +67,21 @@ class StateView(Protocol):
         forget the client's cached results with seq < new_floor."""
         ...
 
+    @property
+    def shards(self) -> ShardState | None:
+        """The ranges the group serves and has frozen; None: an unsharded group (serves all)."""
+        ...
+
+    def set_shards(self, st: ShardState) -> None: ...
+
+    def raise_floor(self, client_id: int, old_floor: int, new_floor: int) -> None:
+        """Store new_floor (> old_floor) and forget the client's cached results below it."""
+        ...
+
+    def delete_hashes(self, ranges: IntervalSet) -> int:
+        """Delete every data key whose hash is in `ranges`; returns how many."""
+        ...
+
 
 def execute(view: StateView, cmd: Command) -> ApplyResult:
     """Apply `cmd` without any session handling."""
@@ -73,6 +105,9 @@ def apply_command(view: StateView, cmd: Command) -> ApplyResult:
     """Apply `cmd` with exactly-once session handling (see the module docstring)."""
     cid = cmd.client_id
     if cid == 0:
+        st = view.shards
+        if st is not None and key_hash(cmd.key) not in st.active:
+            return ApplyResult(wrong_shard=True, error="the key is not served by this group")
         return execute(view, cmd)
     floor = view.session_floor(cid)
     if cmd.seq < floor:
@@ -80,14 +115,84 @@ def apply_command(view: StateView, cmd: Command) -> ApplyResult:
     cached = view.session_result(cid, cmd.seq)
     if cached is not None:
         return decode_result(cached)
+    st = view.shards
+    if st is not None and key_hash(cmd.key) not in st.active:
+        return ApplyResult(wrong_shard=True, error="the key is not served by this group")
     result = execute(view, cmd)
     new_floor = max(floor, min(cmd.ack, cmd.seq))
     view.record_session(cid, cmd.seq, encode_result(result), floor, new_floor)
     return result
 
 
+def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
+    """Apply a shard command (see `shardcmd`). Refusals change nothing and carry an error."""
+    try:
+        cmd = decode_shard_command(data)
+    except ValueError as err:
+        return ApplyResult(error=f"malformed shard command: {err}")
+    st = view.shards
+    empty = IntervalSet()
+    if cmd.op == ShardOp.SET:
+        if st is not None and (st.active or st.frozen):
+            return ApplyResult(error="the group already has ranges")
+        view.set_shards(ShardState(cmd.ranges, empty))
+        return ApplyResult()
+    if st is None:
+        st = ShardState(empty, empty) if cmd.op != ShardOp.FREEZE else ShardState(IntervalSet.full(), empty)
+    r = cmd.ranges
+    if cmd.op == ShardOp.FREEZE:
+        if r.issubset(st.frozen):
+            return ApplyResult()
+        if not r.difference(st.frozen).issubset(st.active):
+            return ApplyResult(error="cannot freeze ranges the group does not serve")
+        view.set_shards(ShardState(st.active.difference(r), st.frozen.union(r)))
+        return ApplyResult()
+    if cmd.op == ShardOp.BEGIN:
+        if r.issubset(st.active):
+            return ApplyResult(existed=True)
+        if r.overlaps(st.active) or r.overlaps(st.frozen):
+            return ApplyResult(error="ranges to receive overlap ranges the group serves or froze")
+        view.delete_hashes(r)
+        if view.shards is None:
+            view.set_shards(st)
+        return ApplyResult()
+    if cmd.op == ShardOp.INSTALL:
+        for tag, key, value in iter_records(cmd.records):
+            if tag == REC_DATA:
+                if key_hash(key) in st.active:
+                    return ApplyResult(error="install would overwrite a served key")
+                view.put(key, value)
+            elif tag == REC_FLOOR:
+                (cid,) = U64.unpack(key)
+                (floor,) = U64.unpack(value)
+                old = view.session_floor(cid)
+                if floor > old:
+                    view.raise_floor(cid, old, floor)
+            elif tag == REC_RESULT:
+                cid, seq = U64_PAIR.unpack(key)
+                if seq >= view.session_floor(cid) and view.session_result(cid, seq) is None:
+                    view.record_session(cid, seq, value, 0, 0)
+        return ApplyResult()
+    if cmd.op == ShardOp.ACTIVATE:
+        if r.issubset(st.active):
+            return ApplyResult()
+        if r.overlaps(st.frozen):
+            return ApplyResult(error="cannot activate ranges the group froze")
+        view.set_shards(ShardState(st.active.union(r), st.frozen))
+        return ApplyResult()
+    if cmd.op == ShardOp.DROP:
+        if r.overlaps(st.active):
+            return ApplyResult(error="cannot drop ranges the group serves")
+        view.delete_hashes(r)
+        view.set_shards(ShardState(st.active, st.frozen.difference(r)))
+        return ApplyResult()
+    return ApplyResult(error=f"unknown shard op {cmd.op!r}")
+
+
 def apply_data(view: StateView, data: bytes) -> ApplyResult:
     """Apply the data of a NORMAL entry. Garbage yields an error result and changes nothing."""
+    if is_shard_command(data):
+        return apply_shard_command(view, data)
     try:
         cmd = decode_command(data)
     except ValueError as err:
@@ -102,6 +207,7 @@ class DictState:
     data: dict[bytes, bytes] = field(default_factory=dict)
     sessions: dict[tuple[int, int], bytes] = field(default_factory=dict)
     floors: dict[int, int] = field(default_factory=dict)
+    shard_state: ShardState | None = None
 
     def get(self, key: bytes) -> bytes | None:
         return self.data.get(key)
@@ -120,7 +226,23 @@ class DictState:
 
     def record_session(self, client_id: int, seq: int, result: bytes, old_floor: int, new_floor: int) -> None:
         self.sessions[(client_id, seq)] = result
+        self.raise_floor(client_id, old_floor, new_floor)
+
+    def raise_floor(self, client_id: int, old_floor: int, new_floor: int) -> None:
         if new_floor > old_floor:
             self.floors[client_id] = new_floor
             for k in [k for k in self.sessions if k[0] == client_id and k[1] < new_floor]:
                 del self.sessions[k]
+
+    @property
+    def shards(self) -> ShardState | None:
+        return self.shard_state
+
+    def set_shards(self, st: ShardState) -> None:
+        self.shard_state = st
+
+    def delete_hashes(self, ranges: IntervalSet) -> int:
+        gone = [k for k in self.data if key_hash(k) in ranges]
+        for k in gone:
+            del self.data[k]
+        return len(gone)

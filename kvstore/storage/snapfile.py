@@ -38,7 +38,8 @@ TAG_END = 0
 TAG_DATA = 1
 TAG_SESSION = 2
 TAG_MEMBER = 3
-_TAGS = frozenset({TAG_DATA, TAG_SESSION, TAG_MEMBER})
+TAG_SHARDS = 4
+_TAGS = frozenset({TAG_DATA, TAG_SESSION, TAG_MEMBER, TAG_SHARDS})
 
 _HEAD = struct.Struct(">4sBQQQII")
 _REC = struct.Struct(">BII")

@@ -28,13 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvstore.raft.types import ConfState, Entry, HardState, SnapshotMeta, bootstrap_entries
+from kvstore.raft.types import ConfState, Entry, EntryType, HardState, SnapshotMeta, bootstrap_entries
+from kvstore.shard.ranges import IntervalSet
 
 from .commands import ApplyResult
 from .kvstate import AppliedState, KVState, TxnStream
-from .layout import DB_APPLIED, DB_RAFTLOG, DB_RAFTSTATE, U64
+from .layout import DB_APPLIED, DB_RAFTLOG, DB_RAFTSTATE, DB_SHARDS, TOMBSTONE_TAG, U64
 from .lmdb_env import LmdbEnv
 from .raftlog import GroupLogStorage, LogState
+from .shardcmd import ShardState
 from .snapfile import SnapshotHeader, read_snapshot_header, write_frames
 
 if TYPE_CHECKING:
@@ -123,25 +125,40 @@ class NodeStore:
             ls = self._logs[group] = GroupLogStorage(self._env, group, applied)
         return ls
 
-    def bootstrap(self, group: int, conf: ConfState) -> bool:
-        """Give a new group its initial log (`bootstrap_entries`) and HardState(1, 0, len).
-        Does nothing and returns False if the group already has state."""
-        if self._has_state(group):
+    def bootstrap(self, group: int, conf: ConfState, data: Sequence[bytes] = ()) -> bool:
+        """Give a new group its initial log (`bootstrap_entries`, then one NORMAL entry per item of
+        `data`, all at term 1 and committed) and HardState(1, 0, len). Every initial member must
+        be given the same arguments. Does nothing and returns False if the group already has
+        state or a tombstone."""
+        if self._has_state(group) or group in self.tombstones():
             return False
         ents = bootstrap_entries(conf, group)
+        ents += [Entry(1, len(ents) + i, EntryType.NORMAL, d, group) for i, d in enumerate(data, 1)]
         self.persist([GroupWrite(group, ents, HardState(1, 0, len(ents)))])
         return True
+
+    def tombstones(self) -> set[int]:
+        """Groups destroyed on this node; they are never recreated here."""
+        out: set[int] = set()
+        with self._env.read() as txn:
+            for key in txn.cursor(db=self._env.db(DB_SHARDS)).iternext(values=False):
+                if len(key) == 9 and key[8:] == TOMBSTONE_TAG:
+                    out.add(U64.unpack_from(key)[0])
+        return out
 
     def _has_state(self, group: int) -> bool:
         return not self.log_storage(group).state.is_empty() or self._kv.applied(group).index != 0
 
-    def destroy_group(self, group: int) -> None:
-        """Delete everything of `group` (log, hard state, data, sessions, members, applied index)."""
+    def destroy_group(self, group: int, tombstone: bool = False) -> None:
+        """Delete everything of `group` (log, hard state, data, sessions, members, applied index),
+        in one transaction; with `tombstone`, also record that it must never come back here."""
         ls = self.log_storage(group)
 
         def fn(txn: Txn) -> None:
             ls.stage_destroy(txn)
             self._kv.stage_destroy(txn, group)
+            if tombstone:
+                txn.put(U64.pack(group) + TOMBSTONE_TAG, b"", db=self._env.db(DB_SHARDS))
 
         self._env.write(fn)
         ls.reset()
@@ -238,6 +255,17 @@ class NodeStore:
     def applied_conf_state(self, group: int) -> ConfState:
         return self._kv.applied(group).conf_state
 
+    def shard_state(self, group: int) -> ShardState | None:
+        """The ranges the group serves as of its last durable apply (None: an unsharded group)."""
+        return self._kv.applied(group).shards
+
+    def export_range(self, group: int, ranges: IntervalSet, chunk_bytes: int = 512 << 10) -> TxnStream[tuple[bytes, int]]:
+        """Install records of the frozen `ranges` (see `KVState.export_range`)."""
+        return self._kv.export_range(group, ranges, chunk_bytes)
+
+    def count_keys(self, group: int) -> int:
+        return self._kv.count_keys(group)
+
     def hard_state(self, group: int) -> HardState:
         return self.log_storage(group).hard_state
 
@@ -267,11 +295,13 @@ class NodeStore:
         *,
         chunk_items: int = 512,
         chunk_bytes: int = 256 << 10,
+        owned: IntervalSet | None = None,
     ) -> TxnStream[list[tuple[bytes, bytes]]]:
         """Like `scan`, streamed in chunks of at most `chunk_items` pairs and about `chunk_bytes`
         (a chunk ends after the pair that reaches it), all from ONE read transaction opened by this
-        call. Raises ReadInvalidatedError mid-stream if the map had to grow meanwhile."""
-        return self._kv.scan_chunks(group, start, end, limit, chunk_items, chunk_bytes)
+        call. With `owned`, only keys whose hash is in it. Raises ReadInvalidatedError mid-stream
+        if the map had to grow meanwhile."""
+        return self._kv.scan_chunks(group, start, end, limit, chunk_items, chunk_bytes, owned)
 
     # --- snapshots --------------------------------------------------------------------------------
     def snapshot_chunks(self, group: int) -> tuple[SnapshotMeta, Iterator[bytes]]:

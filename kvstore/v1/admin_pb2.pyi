@@ -75,32 +75,40 @@ class StatusResponse(_message.Message):
     def __init__(self, node_id: _Optional[int] = ..., cluster_id: _Optional[str] = ..., address: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., storage_full: _Optional[bool] = ...) -> None: ...
 
 class AddMemberRequest(_message.Message):
-    __slots__ = ("id", "address", "learner")
+    __slots__ = ("id", "address", "learner", "groups")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LEARNER_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     id: int
     address: str
     learner: bool
-    def __init__(self, id: _Optional[int] = ..., address: _Optional[str] = ..., learner: _Optional[bool] = ...) -> None: ...
+    groups: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, id: _Optional[int] = ..., address: _Optional[str] = ..., learner: _Optional[bool] = ..., groups: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PromoteMemberRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "groups")
     ID_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     id: int
-    def __init__(self, id: _Optional[int] = ...) -> None: ...
+    groups: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, id: _Optional[int] = ..., groups: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RemoveMemberRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "groups")
     ID_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     id: int
-    def __init__(self, id: _Optional[int] = ...) -> None: ...
+    groups: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, id: _Optional[int] = ..., groups: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TransferLeaderRequest(_message.Message):
-    __slots__ = ("to",)
+    __slots__ = ("to", "groups")
     TO_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     to: int
-    def __init__(self, to: _Optional[int] = ...) -> None: ...
+    groups: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, to: _Optional[int] = ..., groups: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SnapshotRequest(_message.Message):
     __slots__ = ()

@@ -46,18 +46,20 @@ LINEARIZABLE: Consistency
 SERIALIZABLE: Consistency
 
 class Error(_message.Message):
-    __slots__ = ("code", "message", "leader_id", "leader_hint", "indeterminate")
+    __slots__ = ("code", "message", "leader_id", "leader_hint", "indeterminate", "shard_version")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
     LEADER_HINT_FIELD_NUMBER: _ClassVar[int]
     INDETERMINATE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_VERSION_FIELD_NUMBER: _ClassVar[int]
     code: ErrorCode
     message: str
     leader_id: int
     leader_hint: str
     indeterminate: bool
-    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., leader_id: _Optional[int] = ..., leader_hint: _Optional[str] = ..., indeterminate: _Optional[bool] = ...) -> None: ...
+    shard_version: int
+    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., leader_id: _Optional[int] = ..., leader_hint: _Optional[str] = ..., indeterminate: _Optional[bool] = ..., shard_version: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("client_id", "seq", "ack")
@@ -154,18 +156,20 @@ class CasResponse(_message.Message):
     def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., swapped: _Optional[bool] = ..., found: _Optional[bool] = ..., current: _Optional[bytes] = ..., index: _Optional[int] = ...) -> None: ...
 
 class ScanRequest(_message.Message):
-    __slots__ = ("start", "end", "prefix", "limit", "consistency")
+    __slots__ = ("start", "end", "prefix", "limit", "consistency", "group")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     start: bytes
     end: bytes
     prefix: bytes
     limit: int
     consistency: Consistency
-    def __init__(self, start: _Optional[bytes] = ..., end: _Optional[bytes] = ..., prefix: _Optional[bytes] = ..., limit: _Optional[int] = ..., consistency: _Optional[_Union[Consistency, str]] = ...) -> None: ...
+    group: int
+    def __init__(self, start: _Optional[bytes] = ..., end: _Optional[bytes] = ..., prefix: _Optional[bytes] = ..., limit: _Optional[int] = ..., consistency: _Optional[_Union[Consistency, str]] = ..., group: _Optional[int] = ...) -> None: ...
 
 class KeyValue(_message.Message):
     __slots__ = ("key", "value")
@@ -176,11 +180,15 @@ class KeyValue(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ...) -> None: ...
 
 class ScanResponse(_message.Message):
-    __slots__ = ("error", "items", "more")
+    __slots__ = ("error", "items", "more", "owned_lo", "owned_hi")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    OWNED_LO_FIELD_NUMBER: _ClassVar[int]
+    OWNED_HI_FIELD_NUMBER: _ClassVar[int]
     error: Error
     items: _containers.RepeatedCompositeFieldContainer[KeyValue]
     more: bool
-    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., items: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
+    owned_lo: _containers.RepeatedScalarFieldContainer[int]
+    owned_hi: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., items: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ..., more: _Optional[bool] = ..., owned_lo: _Optional[_Iterable[int]] = ..., owned_hi: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -1,0 +1,478 @@
+"""The node's side of sharding: its view of the shard map, calls to any group's leader, and the
+Shard gRPC service (map, group proposals, range export, `kvctl shards` operations).
+
+- `ShardTracker` decodes the map from the metadata group's *applied* state: it may lag the
+  committed map, which is safe because every group checks ownership itself (a stale map only
+  costs a WRONG_SHARD round trip).
+- `GroupCaller` runs a command on a group's leader wherever it is: locally through the host, or
+  over `Shard.GroupPropose` on the node that leads it, following NOT_LEADER hints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from kvstore import errors
+from kvstore.raft import ConfChange, Role
+from kvstore.shard.ranges import IntervalSet
+from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, ShardMap, ShardMapError
+from kvstore.storage import commands
+from kvstore.storage.commands import ApplyResult
+from kvstore.storage.errors import StorageError
+from kvstore.storage.store import NodeStore
+from kvstore.transport.peer import CHANNEL_OPTIONS
+from kvstore.v1 import shard_pb2, shard_pb2_grpc
+
+from . import waiters
+from .host import Host
+
+log = logging.getLogger("kvstore.shards")
+
+
+class ShardTracker:
+    """The shard map as of the metadata group's applied state on this node."""
+
+    def __init__(self, store: NodeStore) -> None:
+        self.store = store
+        self.map: ShardMap | None = None
+        self.raw: bytes = b""
+        self._seen_applied = -1
+        self.changed = asyncio.Event()
+
+    def refresh(self) -> bool:
+        """Re-read the map if the metadata group applied something; True if the map changed."""
+        if META_GROUP not in self.store.groups():
+            return False
+        applied = self.store.applied_index(META_GROUP)
+        if applied == self._seen_applied:
+            return False
+        self._seen_applied = applied
+        raw = self.store.get(META_GROUP, SHARD_MAP_KEY)
+        if raw is None or raw == self.raw:
+            return False
+        try:
+            m = ShardMap.decode(raw)
+        except ShardMapError as err:
+            log.error("cannot decode the shard map: %s", err)
+            return False
+        self.map, self.raw = m, bytes(raw)
+        self.changed.set()
+        self.changed = asyncio.Event()
+        return True
+
+    @property
+    def version(self) -> int:
+        return self.map.version if self.map is not None else 0
+
+    async def wait_version(self, version: int, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self.version < version:
+            left = end - loop.time()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self.changed.wait(), left)
+            except TimeoutError:
+                return False
+        return True
+
+
+class GroupCaller:
+    """Propose to / read from / export from any group's leader, local or remote."""
+
+    def __init__(
+        self,
+        node_id: int,
+        host: Host,
+        wake: Callable[[], None],
+        tracker: ShardTracker,
+        request_timeout: float,
+    ) -> None:
+        self.node_id = node_id
+        self.host = host
+        self.wake = wake
+        self.tracker = tracker
+        self.request_timeout = request_timeout
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._rng = random.Random()
+
+    def _stub(self, addr: str) -> shard_pb2_grpc.ShardStub:
+        ch = self._channels.get(addr)
+        if ch is None:
+            ch = self._channels[addr] = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+        return shard_pb2_grpc.ShardStub(ch)
+
+    async def close(self) -> None:
+        chans, self._channels = list(self._channels.values()), {}
+        for ch in chans:
+            await ch.close()
+
+    def _address(self, node: int) -> str:
+        addr = self.host.members.get(node, "")
+        if not addr and self.tracker.map is not None:
+            addr = self.tracker.map.nodes.get(node, "")
+        return addr
+
+    def _candidates(self, group: int) -> list[int]:
+        """Nodes to try for `group`'s leader, best guess first."""
+        out: list[int] = []
+        lead, _ = self.host.leader_of(group)
+        if lead:
+            out.append(lead)
+        m = self.tracker.map
+        if m is not None and group in m.groups:
+            out += [n for n in m.groups[group].members() if n not in out]
+        g = self.host.groups.get(group)
+        if g is not None:
+            out += [n for n in sorted(g.core.conf.members()) if n not in out]
+        if group == META_GROUP or not out:
+            out += [n for n in sorted(self.host.members) if n not in out]
+        return out
+
+    async def call(
+        self,
+        group: int,
+        request: shard_pb2.GroupProposeRequest,
+        *,
+        timeout: float | None = None,
+        retry_indeterminate: bool = True,
+    ) -> shard_pb2.GroupProposeResponse:
+        """Run `request` at `group`'s leader until it succeeds or fails for good. Shard commands
+        and map CAS are idempotent or self-checking, so by default an indeterminate outcome is
+        retried too."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + (timeout if timeout is not None else self.request_timeout * 4)
+        delay = 0.02
+        last: errors.KVError | None = None
+        hint: int = 0
+        tried = 0
+        while loop.time() < end:
+            cands = self._candidates(group)
+            target = hint if hint else cands[tried % len(cands)] if cands else self.node_id
+            hint = 0
+            tried += 1
+            attempt = min(self.request_timeout, max(0.05, end - loop.time()))
+            try:
+                if target == self.node_id:
+                    resp = await local_group_call(self.host, self.wake, request, attempt)
+                else:
+                    addr = self._address(target)
+                    if not addr:
+                        raise errors.NoLeader(f"no address for node {target}")
+                    resp = await self._stub(addr).GroupPropose(request, timeout=attempt + 0.5)
+            except grpc.aio.AioRpcError as e:
+                last = errors.Unavailable(f"node {target}: {e.code().name}")
+            else:
+                err = errors.from_proto(resp.error, is_write=True)
+                if err is None:
+                    return resp
+                last = err
+                if isinstance(err, errors.NotLeader) and err.leader_id and err.leader_id != target:
+                    hint = err.leader_id
+                    continue
+                if isinstance(err, errors.InvalidArgument):
+                    raise err
+                if err.indeterminate and not retry_indeterminate:
+                    raise err
+            await asyncio.sleep(delay * (0.5 + self._rng.random()))
+            delay = min(delay * 2, 0.5)
+        raise errors.Timeout(
+            f"group {group}: no leader completed the request in time (last error: {last})", indeterminate=True
+        )
+
+    async def propose(self, group: int, data: bytes, *, timeout: float | None = None) -> ApplyResult:
+        resp = await self.call(group, shard_pb2.GroupProposeRequest(group=group, command=data), timeout=timeout)
+        return commands.decode_result(resp.result) if resp.result else ApplyResult()
+
+    async def transfer(self, group: int, to: int, *, timeout: float | None = None) -> None:
+        await self.call(
+            group, shard_pb2.GroupProposeRequest(group=group, transfer=True, transfer_to=to),
+            timeout=timeout, retry_indeterminate=False,
+        )
+
+    async def conf_change(self, group: int, cc: ConfChange, *, timeout: float | None = None) -> None:
+        await self.call(
+            group, shard_pb2.GroupProposeRequest(group=group, conf_change=cc.encode()),
+            timeout=timeout, retry_indeterminate=False,
+        )
+
+    async def export(self, group: int, ranges: IntervalSet, *, timeout: float | None = None) -> AsyncIterator[bytes]:
+        """The install records of `ranges` (frozen in `group`), read at the group's leader after a
+        read barrier. Retries from the start on failure before the first chunk only."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + (timeout if timeout is not None else self.request_timeout * 4)
+        req = shard_pb2.ExportRangeRequest(
+            group=group, lo=[a for a, _ in ranges], hi=[b for _, b in ranges], chunk_bytes=512 << 10
+        )
+        tried = 0
+        hint = 0
+        last: Exception | None = None
+        while loop.time() < end:
+            cands = self._candidates(group)
+            target = hint if hint else cands[tried % len(cands)] if cands else self.node_id
+            hint = 0
+            tried += 1
+            addr = self._address(target) if target != self.node_id else ""
+            if target != self.node_id and not addr:
+                await asyncio.sleep(0.05)
+                continue
+            stream: Any = (
+                local_export(self.host, self.wake, req, self.request_timeout)
+                if target == self.node_id
+                else self._stub(addr).ExportRange(req)
+            )
+            started = False
+            try:
+                async for chunk in stream:
+                    err = errors.from_proto(chunk.error, is_write=False) if chunk.HasField("error") else None
+                    if err is not None:
+                        if isinstance(err, errors.NotLeader) and err.leader_id:
+                            hint = err.leader_id
+                        raise err
+                    started = True
+                    yield chunk.records
+                return
+            except (grpc.aio.AioRpcError, errors.KVError) as e:
+                if started:
+                    raise errors.Unavailable(f"export from group {group} broke: {e}") from None
+                last = e
+            await asyncio.sleep(0.05)
+        raise errors.Timeout(f"export from group {group} did not complete (last error: {last})")
+
+
+async def local_group_call(
+    host: Host, wake: Callable[[], None], request: shard_pb2.GroupProposeRequest, timeout: float
+) -> shard_pb2.GroupProposeResponse:
+    """Run a GroupPropose request on this node (which must lead the group); errors in the reply."""
+    try:
+        if request.group not in host.groups:
+            raise errors.WrongShard(f"group {request.group} is not on this node")
+        if request.conf_change:
+            await waiters.propose_conf_change(host, wake, request.group, ConfChange.decode(request.conf_change), timeout)
+            return shard_pb2.GroupProposeResponse()
+        if request.read_barrier:
+            index = await waiters.read_point(host, wake, request.group, timeout)
+            return shard_pb2.GroupProposeResponse(index=index)
+        if request.transfer:
+            await transfer_leader(host, wake, request.group, request.transfer_to, timeout)
+            return shard_pb2.GroupProposeResponse()
+        res = await waiters.propose(host, wake, request.group, request.command, timeout)
+        return shard_pb2.GroupProposeResponse(result=commands.encode_result(res) if res is not None else b"")
+    except errors.KVError as err:
+        return shard_pb2.GroupProposeResponse(error=errors.to_proto(err))
+
+
+async def local_export(
+    host: Host, wake: Callable[[], None], request: shard_pb2.ExportRangeRequest, timeout: float
+) -> AsyncIterator[shard_pb2.ExportRangeChunk]:
+    try:
+        if request.group not in host.groups:
+            raise errors.WrongShard(f"group {request.group} is not on this node")
+        ranges = IntervalSet(zip(request.lo, request.hi, strict=True))
+        await waiters.read_point(host, wake, request.group, timeout)
+        stream = host.store.export_range(request.group, ranges, request.chunk_bytes or (512 << 10))
+    except (errors.KVError, StorageError, ValueError) as err:
+        kv_err = err if isinstance(err, errors.KVError) else errors.InvalidArgument(str(err))
+        yield shard_pb2.ExportRangeChunk(error=errors.to_proto(kv_err))
+        return
+    try:
+        for records, keys in stream:
+            yield shard_pb2.ExportRangeChunk(records=records, keys=keys)
+            await asyncio.sleep(0)
+    finally:
+        stream.close()
+
+
+async def transfer_leader(host: Host, wake: Callable[[], None], group: int, to: int, timeout: float) -> None:
+    """Hand `group`'s leadership (held here) to `to` and wait until this node stepped down."""
+    core = host.groups[group].core
+    if to == host.node_id and core.role == Role.LEADER:
+        return
+    host.transfer_leader(group, to)
+    wake()
+    target = core.lead_transferee
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while core.role == Role.LEADER and loop.time() < deadline:
+        if core.lead_transferee == 0:
+            # The core gave up (the target did not catch up within an election timeout).
+            raise errors.ProposalDropped(f"leadership transfer to node {target} did not complete; retry")
+        await asyncio.sleep(0.01)
+    if core.role == Role.LEADER:
+        raise errors.Timeout("leadership transfer did not complete in time", indeterminate=True)
+
+
+def leader_role(host: Host, group: int) -> bool:
+    g = host.groups.get(group)
+    return g is not None and g.core.role == Role.LEADER
+
+
+class NodeCluster:
+    """`rebalance.Cluster` for this node."""
+
+    def __init__(self, host: Host, tracker: ShardTracker, caller: GroupCaller) -> None:
+        self.host = host
+        self.tracker = tracker
+        self.caller = caller
+
+    def is_meta_leader(self) -> bool:
+        return leader_role(self.host, META_GROUP)
+
+    def current_map(self) -> tuple[ShardMap | None, bytes]:
+        return self.tracker.map, self.tracker.raw
+
+    def node_addresses(self) -> dict[int, str]:
+        g = self.host.groups.get(META_GROUP)
+        if g is None:
+            return {}
+        return {n: self.host.members[n] for n in g.core.conf.members() if n in self.host.members}
+
+    async def propose(self, group: int, data: bytes) -> ApplyResult:
+        return await self.caller.propose(group, data)
+
+    def export(self, group: int, ranges: IntervalSet) -> AsyncIterator[bytes]:
+        return self.caller.export(group, ranges)
+
+    async def wait_map(self, version: int, timeout: float) -> bool:
+        return await self.tracker.wait_version(version, timeout)
+
+
+class ShardService(shard_pb2_grpc.ShardServicer):
+    def __init__(
+        self,
+        node_id: int,
+        host: Host,
+        wake: Callable[[], None],
+        tracker: ShardTracker,
+        caller: GroupCaller,
+        coordinator: Any,
+        request_timeout: float,
+    ) -> None:
+        self.node_id = node_id
+        self.host = host
+        self.wake = wake
+        self.tracker = tracker
+        self.caller = caller
+        self.coordinator = coordinator
+        self.request_timeout = request_timeout
+
+    async def GetShardMap(
+        self, request: shard_pb2.GetShardMapRequest, context: grpc.aio.ServicerContext
+    ) -> shard_pb2.GetShardMapResponse:
+        if self.tracker.map is None:
+            err = errors.NoLeader("this node has no shard map yet")
+            return shard_pb2.GetShardMapResponse(error=errors.to_proto(err))
+        return shard_pb2.GetShardMapResponse(map=self.tracker.raw, version=self.tracker.version)
+
+    async def GroupPropose(
+        self, request: shard_pb2.GroupProposeRequest, context: grpc.aio.ServicerContext
+    ) -> shard_pb2.GroupProposeResponse:
+        return await local_group_call(self.host, self.wake, request, self.request_timeout)
+
+    async def ExportRange(
+        self, request: shard_pb2.ExportRangeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[shard_pb2.ExportRangeChunk]:
+        async for chunk in local_export(self.host, self.wake, request, self.request_timeout):
+            yield chunk
+
+    def _local_info(self, gid: int) -> shard_pb2.GroupInfo:
+        g = self.host.groups[gid]
+        m = self.tracker.map
+        st = self.host.store.shard_state(gid)
+        return shard_pb2.GroupInfo(
+            id=gid, voters=sorted(g.core.conf.voters), learners=sorted(g.core.conf.learners),
+            leader_id=g.core.lead, keys=self.host.store.count_keys(gid),
+            ranges=len(st.active) if st is not None else 0,
+            share=m.share(gid) if m is not None else 0.0, applied=g.core.applied,
+        )
+
+    async def _remote_info(self, gid: int, nodes: list[int]) -> shard_pb2.GroupInfo:
+        for n in nodes:
+            addr = self.caller._address(n)
+            if not addr or n == self.node_id:
+                continue
+            try:
+                resp = await self.caller._stub(addr).ShardOp(
+                    shard_pb2.ShardOpRequest(op=shard_pb2.ShardOpRequest.INFO, group=gid), timeout=2.0
+                )
+            except grpc.aio.AioRpcError:
+                continue
+            if resp.groups:
+                return resp.groups[0]
+        m = self.tracker.map
+        return shard_pb2.GroupInfo(id=gid, share=m.share(gid) if m is not None else 0.0)
+
+    async def ShardOp(self, request: shard_pb2.ShardOpRequest, context: grpc.aio.ServicerContext) -> shard_pb2.ShardOpResponse:
+        Op = shard_pb2.ShardOpRequest
+        try:
+            m = self.tracker.map
+            if m is None:
+                raise errors.NoLeader("this node has no shard map yet")
+            if request.op == Op.INFO:
+                if request.group:
+                    if request.group not in self.host.groups:
+                        raise errors.WrongShard(f"group {request.group} is not on this node")
+                    return shard_pb2.ShardOpResponse(version=m.version, groups=[self._local_info(request.group)])
+                infos = []
+                for gid in m.data_groups():
+                    if gid in self.host.groups:
+                        infos.append(self._local_info(gid))
+                    else:
+                        infos.append(await self._remote_info(gid, list(m.groups[gid].members())))
+                return shard_pb2.ShardOpResponse(
+                    version=m.version, groups=infos, moves_pending=len(m.moves),
+                    message=_describe_moves(m),
+                )
+            meta = self.host.groups.get(META_GROUP)
+            nodes = sorted(meta.core.conf.voters) if meta is not None else sorted(m.nodes)
+            if request.op == Op.ADD_GROUP:
+                new = await self.coordinator.update(lambda cur: cur.plan_add_group(nodes))
+                what = f"added group {new.next_group - 1} on nodes {list(new.groups[new.next_group - 1].voters)}"
+            elif request.op == Op.REMOVE_GROUP:
+                new = await self.coordinator.update(lambda cur: cur.plan_remove_group(request.group))
+                what = f"removing group {request.group}"
+            elif request.op == Op.REBALANCE:
+                new = await self.coordinator.update(lambda cur: cur.plan_rebalance())
+                what = "rebalancing"
+            else:
+                raise errors.InvalidArgument(f"unknown shard operation {request.op}")
+            self.coordinator.wakeup.set()
+            msg = f"{what}: {len(new.moves)} range moves planned (map version {new.version})"
+            if request.wait:
+                done = await self._wait_settled(request.timeout or 300.0)
+                cur = self.tracker.map
+                if not done:
+                    raise errors.Timeout(f"{msg}; moves still pending after {request.timeout or 300.0:g}s", indeterminate=True)
+                msg += f"; all moves done (map version {cur.version if cur else 0})"
+            return shard_pb2.ShardOpResponse(message=msg, version=self.tracker.version,
+                                             moves_pending=len(self.tracker.map.moves) if self.tracker.map else 0)
+        except ShardMapError as err:
+            return shard_pb2.ShardOpResponse(error=errors.to_proto(errors.InvalidArgument(str(err))))
+        except errors.KVError as err:
+            return shard_pb2.ShardOpResponse(error=errors.to_proto(err))
+
+    async def _wait_settled(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while loop.time() < end:
+            m = self.tracker.map
+            if m is not None and not m.moves and all(g in m.ring.owners or m.routes.get(g) for g in m.groups):
+                return True
+            ev = self.tracker.changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ev.wait(), min(1.0, max(0.01, end - loop.time())))
+        return False
+
+
+def _describe_moves(m: ShardMap) -> str:
+    if not m.moves:
+        return "no range moves in progress"
+    return "; ".join(f"move {mv.id}: group {mv.source} -> {mv.target} ({mv.state.name.lower()})" for mv in m.moves)

@@ -1,0 +1,1 @@
+"""Consistent-hash sharding across Raft groups: the ring, the versioned shard map, range moves."""

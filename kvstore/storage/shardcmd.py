@@ -1,0 +1,129 @@
+"""Shard commands: how a data group takes on and gives up hash ranges. STANDARD LIBRARY ONLY.
+
+They travel in NORMAL entries like KV commands; the first byte tells them apart (KV commands start
+with their format version 1, shard commands with `SHARD_MAGIC`).
+
+    SET        ranges         the group's initial ranges (bootstrap log only): active := ranges
+    FREEZE     ranges         stop serving ranges (must be active or already frozen): from this log
+                              position on, reads and writes of their keys are refused (WRONG_SHARD)
+                              and their data never changes again
+    BEGIN      ranges         prepare to receive ranges: delete any leftover data in them. If they
+                              are already active here, does nothing and reports `existed`
+    INSTALL    records        data rows and session rows exported from the source (idempotent)
+    ACTIVATE   ranges         start serving ranges (idempotent)
+    DROP       ranges         forget frozen ranges: delete their data, unmark them (idempotent)
+
+    wire: SHARD_MAGIC:u8 op:u8 payload; ranges = IntervalSet.encode();
+    records = (tag:u8 key_len:u32 value_len:u32 key value)*, tag 1 = data row (key, value),
+    2 = session floor (client:u64, floor:u64), 3 = session result (client:u64 seq:u64, result)
+
+Invariants (with `machine.apply_command`):
+- a group serves a key iff its hash is in the group's active set (a group without shard state,
+  e.g. the metadata group, serves every key);
+- active and frozen never overlap; a frozen range's data is immutable until DROP;
+- a command refused for ownership is not recorded in the session table, so its retry at the new
+  owner applies it; a command whose result is cached returns it wherever the cache travelled.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ..shard.ranges import IntervalSet
+
+SHARD_MAGIC = 0xA5
+
+_HEAD = struct.Struct(">BB")
+_REC = struct.Struct(">BII")
+U64 = struct.Struct(">Q")
+U64_PAIR = struct.Struct(">QQ")
+
+REC_DATA = 1
+REC_FLOOR = 2
+REC_RESULT = 3
+
+
+class ShardOp(enum.IntEnum):
+    SET = 1
+    FREEZE = 2
+    BEGIN = 3
+    INSTALL = 4
+    ACTIVATE = 5
+    DROP = 6
+
+
+@dataclass(frozen=True, slots=True)
+class ShardState:
+    """What a data group serves (`active`) and what it gave up but still holds (`frozen`)."""
+
+    active: IntervalSet
+    frozen: IntervalSet
+
+    def encode(self) -> bytes:
+        return self.active.encode() + self.frozen.encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> ShardState:
+        active, pos = IntervalSet.decode_from(data)
+        frozen, pos = IntervalSet.decode_from(data, pos)
+        if pos != len(data):
+            raise ValueError("shard state has trailing bytes")
+        return cls(active, frozen)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardCommand:
+    op: ShardOp
+    ranges: IntervalSet = field(default_factory=IntervalSet)
+    records: bytes = b""
+
+
+def is_shard_command(data: bytes) -> bool:
+    return bool(data) and data[0] == SHARD_MAGIC
+
+
+def encode_shard_command(op: ShardOp, ranges: IntervalSet | None = None, records: bytes = b"") -> bytes:
+    head = _HEAD.pack(SHARD_MAGIC, int(op))
+    if op == ShardOp.INSTALL:
+        return head + records
+    if ranges is None:
+        raise ValueError(f"{op.name} needs ranges")
+    return head + ranges.encode()
+
+
+def decode_shard_command(data: bytes) -> ShardCommand:
+    if len(data) < _HEAD.size:
+        raise ValueError("shard command too short")
+    magic, op = _HEAD.unpack_from(data)
+    if magic != SHARD_MAGIC:
+        raise ValueError("not a shard command")
+    try:
+        kind = ShardOp(op)
+    except ValueError:
+        raise ValueError(f"unknown shard op {op}") from None
+    body = data[_HEAD.size :]
+    if kind == ShardOp.INSTALL:
+        for _ in iter_records(body):  # validate the framing before anything is applied
+            pass
+        return ShardCommand(kind, records=body)
+    return ShardCommand(kind, IntervalSet.decode(body))
+
+
+def encode_record(tag: int, key: bytes, value: bytes) -> bytes:
+    return _REC.pack(tag, len(key), len(value)) + key + value
+
+
+def iter_records(data: bytes) -> Iterator[tuple[int, bytes, bytes]]:
+    pos, n = 0, len(data)
+    while pos < n:
+        if pos + _REC.size > n:
+            raise ValueError("install records truncated in a header")
+        tag, kl, vl = _REC.unpack_from(data, pos)
+        pos += _REC.size
+        if tag not in (REC_DATA, REC_FLOOR, REC_RESULT) or pos + kl + vl > n:
+            raise ValueError("install records malformed")
+        yield tag, data[pos : pos + kl], data[pos + kl : pos + kl + vl]
+        pos += kl + vl
