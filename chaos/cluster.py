@@ -24,6 +24,7 @@ from typing import Protocol
 import grpc
 import grpc.aio
 
+from kvstore.client import group_status
 from kvstore.v1 import admin_pb2, admin_pb2_grpc
 
 from . import netns
@@ -166,7 +167,7 @@ class Cluster:
         args = [
             "--id", str(node_id), "--data-dir", str(self.data_root / f"n{node_id}"), "--listen", addr,
             "--peers", peers, "--cluster-id", self.cluster_id, "--tick-ms", str(self.tick_ms),
-            "--log-level", self.log_level, *self.extra_args,
+            "--log-level", self.log_level, "--replication", str(max(3, self.n)), *self.extra_args,
         ]
         if join:
             args.append("--join")
@@ -315,8 +316,9 @@ class Cluster:
         """The host of the node that claims leadership in the highest term (None if none)."""
         best: tuple[int, int] | None = None
         for h, st in (await self.statuses(timeout)).items():
-            if st.groups and st.groups[0].role == "leader":
-                term = st.groups[0].term
+            g = group_status(st)
+            if g is not None and g.role == "leader":
+                term = g.term
                 if best is None or term > best[0]:
                     best = (term, h)
         return best[1] if best is not None else None

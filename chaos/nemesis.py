@@ -33,9 +33,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kvstore.client import group_status
 from kvstore.v1 import admin_pb2
 
 from .cluster import Cluster
+
+
+def _g(st: admin_pb2.StatusResponse) -> admin_pb2.GroupStatus:
+    """The data group's status (empty if the node does not have it yet)."""
+    return group_status(st) or admin_pb2.GroupStatus()
 
 __all__ = ["ALL_FAMILIES", "FaultWindow", "Nemesis", "NemesisOptions", "parse_families"]
 
@@ -322,7 +328,7 @@ class Nemesis:
         if ld is None or ld not in st:
             self.log("nemesis: transfer skipped (no leader)")
             return
-        voters = [v for v in st[ld].groups[0].voters if v != self.cluster.hosts[ld].node_id]
+        voters = [v for v in _g(st[ld]).voters if v != self.cluster.hosts[ld].node_id]
         if not voters:
             return
         to = self.rng.choice(sorted(voters))
@@ -345,7 +351,7 @@ class Nemesis:
         st = await self.cluster.status(ld)
         if st is None or not st.groups:
             return None
-        return sorted(st.groups[0].voters)
+        return sorted(_g(st).voters)
 
     async def _member(self) -> None:
         if self._pending_member is not None:
@@ -417,7 +423,7 @@ class Nemesis:
         # 1. learner
         ld = await self._leader()
         st = await self.cluster.status(ld) if ld is not None else None
-        learners = list(st.groups[0].learners) if st is not None and st.groups else []
+        learners = list(_g(st).learners) if st is not None else []
         if nh.node_id not in learners:
             try:
                 resp = await self._admin_at_leader(
@@ -436,9 +442,9 @@ class Nemesis:
             lst = await self.cluster.status(ld) if ld is not None else None
             mine = await self.cluster.status(host)
             if lst is not None and mine is not None and mine.groups and lst.groups:
-                if nh.node_id in lst.groups[0].voters:
+                if nh.node_id in _g(lst).voters:
                     break
-                if nh.node_id in lst.groups[0].learners and mine.groups[0].applied + 5 >= lst.groups[0].commit:
+                if nh.node_id in _g(lst).learners and _g(mine).applied + 5 >= _g(lst).commit:
                     try:
                         resp = await self._admin_at_leader(
                             lambda s: s.PromoteMember(admin_pb2.PromoteMemberRequest(id=nh.node_id), timeout=8),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 
+from kvstore.client import group_status
 from kvstore.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -104,7 +105,7 @@ class Cluster:
         d = self.root / f"n{nid}"
         args = [
             "--id", str(nid), "--data-dir", str(d), "--listen", addr, "--peers", peers,
-            "--tick-ms", "50", "--log-level", "info", *self.extra_args,
+            "--tick-ms", "50", "--log-level", "info", "--replication", str(max(3, self.n)), *self.extra_args,
         ]
         if join:
             args.append("--join")
@@ -136,7 +137,7 @@ class Cluster:
             if not n.alive:
                 continue
             st = n.status()
-            if st is not None and st.groups and st.groups[0].role == "leader":
+            if st is not None and (g := group_status(st)) is not None and g.role == "leader":
                 return n
         return None
 

@@ -16,9 +16,16 @@ import pytest
 from clusterharness import Cluster
 
 from kvstore import errors
-from kvstore.client import Client
+from kvstore.client import Client, group_status
+from kvstore.v1 import admin_pb2
 
 pytestmark = pytest.mark.timeout(300)
+
+
+def _g(st: admin_pb2.StatusResponse) -> admin_pb2.GroupStatus:
+    g = group_status(st)
+    assert g is not None, "the node has no data group 1"
+    return g
 
 
 @pytest.fixture
@@ -146,13 +153,13 @@ def test_lagging_node_catches_up_by_snapshot(tmp_path: Path) -> None:
             for i in range(300):
                 c.put(b"s%04d" % i, b"x" * 100)
         st = leader.status()
-        assert st is not None and st.groups[0].first_index > 100  # the log was compacted
+        assert st is not None and _g(st).first_index > 100  # the log was compacted
         t0 = time.monotonic()
         lagger.start()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             s = lagger.status()
-            if s is not None and s.groups[0].applied >= st.groups[0].commit:
+            if s is not None and _g(s).applied >= _g(st).commit:
                 break
             time.sleep(0.05)
         else:
@@ -176,7 +183,7 @@ def test_add_learner_promote_remove_old_member_and_transfer(tmp_path: Path) -> N
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
                 s = new.status()
-                if s is not None and s.groups and s.groups[0].applied >= 20:
+                if s is not None and (gs := group_status(s)) is not None and gs.applied >= 20:
                     break
                 time.sleep(0.05)
             else:
@@ -191,7 +198,7 @@ def test_add_learner_promote_remove_old_member_and_transfer(tmp_path: Path) -> N
             assert cluster.wait_leader().id == 4
             assert c.get(b"after-change") == b"ok"
             st = new.status()
-            assert st is not None and sorted(st.groups[0].voters) == sorted({1, 2, 3, 4} - {victim.id})
+            assert st is not None and sorted(_g(st).voters) == sorted({1, 2, 3, 4} - {victim.id})
     finally:
         cluster.stop()
 
@@ -253,13 +260,13 @@ def test_health_metrics_and_new_member_catches_up_by_snapshot(tmp_path: Path) ->
                 assert metric in text
             leader = cluster.wait_leader()
             st = leader.status()
-            assert st is not None and st.groups[0].first_index > 1  # the log before was compacted
+            assert st is not None and _g(st).first_index > 1  # the log before was compacted
             new = cluster.add_node(4)
             c.add_member(4, new.address, learner=True)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 s = new.status()
-                if s is not None and s.groups and s.groups[0].applied >= 200:
+                if s is not None and (gs := group_status(s)) is not None and gs.applied >= 200:
                     break
                 time.sleep(0.05)
             else:
@@ -284,7 +291,7 @@ def test_node_with_a_full_disk_stops_cleanly_and_recovers(tmp_path: Path) -> Non
         with Client(cluster.endpoints) as c:
             c.put(b"warm-up", b"1")
             deadline = time.monotonic() + 20
-            while (s3 := victim.status()) is None or s3.groups[0].applied < s3.groups[0].commit or not s3.groups[0].commit:
+            while (s3 := victim.status()) is None or _g(s3).applied < _g(s3).commit or not _g(s3).commit:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             c.transfer_leader(3)  # the hard case: the leader's disk fills up
@@ -310,7 +317,7 @@ def test_node_with_a_full_disk_stops_cleanly_and_recovers(tmp_path: Path) -> Non
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 s = victim.status()
-                if s is not None and not s.storage_full and s.groups and s.groups[0].applied >= written:
+                if s is not None and not s.storage_full and (gs := group_status(s)) is not None and gs.applied >= written:
                     break
                 time.sleep(0.1)
             else:

@@ -14,6 +14,7 @@ from kvstore.client.client import (
     Client,
     Consistency,
     NodeStatus,
+    group_status,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "Client",
     "Consistency",
     "NodeStatus",
+    "group_status",
 ]

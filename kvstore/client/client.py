@@ -26,6 +26,7 @@ import random
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -773,43 +774,61 @@ class AsyncClient:
             await self._ensure_map(deadline)
             groups = self.router.scan_groups()
             sharded = self.router.shard_map is not None
-            parts = await asyncio.gather(
-                *(self._scan_group(g, lo, hi, limit, level, deadline, learns_leader) for g in groups)
-            )
-            if not sharded or _covers_once([owned for _, owned in parts]):
+            parts = [_ScanPart(g, lo, hi) for g in groups]
+            try:
+                await asyncio.gather(*(self._scan_open(p, limit, level, deadline, learns_leader) for p in parts))
+            except BaseException:
+                for p in parts:
+                    p.close()
+                raise
+            if not sharded or _covers_once([p.owned or IntervalSet() for p in parts]):
                 break
+            for p in parts:
+                p.close()
             # A range moved between the parts' read points: try again with a newer map.
             self.router.invalidate_shard_map()
             if deadline.expired:
                 raise Timeout(f"scan did not get a consistent set of parts within {deadline.timeout:g}s "
                               "(ranges kept moving between groups)")
             await asyncio.sleep(deadline.bound(backoff.next_delay()))
-        remaining = limit
-        chunk: list[tuple[bytes, bytes]] = []
-        for item in heapq.merge(*(items for items, _ in parts)):
-            chunk.append(item)
-            if remaining:
-                remaining -= 1
-                if remaining == 0:
-                    break
-            if len(chunk) >= 512:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
+        try:
+            remaining = limit
+            heap: list[tuple[bytes, int]] = []
+            for i, p in enumerate(parts):
+                if await self._scan_fill(p, limit, level, timeout, learns_leader):
+                    heap.append((p.buf[0][0], i))
+            heapq.heapify(heap)
+            out: list[tuple[bytes, bytes]] = []
+            while heap:
+                _, i = heapq.heappop(heap)
+                p = parts[i]
+                out.append(p.buf.popleft())
+                if remaining:
+                    remaining -= 1
+                    if remaining == 0:
+                        break
+                if not p.buf and not p.done:
+                    if out:  # hand over what we have before waiting for the network
+                        yield out
+                        out = []
+                    await self._scan_fill(p, limit, level, timeout, learns_leader)
+                if p.buf:
+                    heapq.heappush(heap, (p.buf[0][0], i))
+                if len(out) >= 512:
+                    yield out
+                    out = []
+            if out:
+                yield out
+        finally:
+            for p in parts:
+                p.close()
 
-    async def _scan_group(
-        self,
-        group: int,
-        lo: bytes,
-        hi: bytes | None,
-        limit: int,
-        level: kv_pb2.Consistency,
-        deadline: Deadline,
-        learns_leader: bool,
-    ) -> tuple[list[tuple[bytes, bytes]], IntervalSet]:
-        """One group's part of a scan: its keys in range (at most `limit`) and the hash ranges
-        it served at its read point. A broken stream restarts the part from scratch."""
+    async def _scan_open(
+        self, part: _ScanPart, limit: int, level: kv_pb2.Consistency, deadline: Deadline, learns_leader: bool
+    ) -> None:
+        """Open ``part``'s stream at its group's leader (retrying as any read) and read its first
+        message, which carries the hash ranges the group serves at its read point."""
+        group = part.group
         backoff = Backoff(self.policy.backoff_base, self.policy.backoff_cap, rng=self._rng)
         attempts = redirects = 0
         last: KVError | None = None
@@ -825,38 +844,41 @@ class AsyncClient:
                 await asyncio.sleep(deadline.bound(max(wait, backoff.next_delay())))
                 continue
             attempts += 1
-            req = kv_pb2.ScanRequest(start=lo, end=hi or b"", limit=limit, consistency=level, group=group)
+            want = max(0, limit - part.received) if limit else 0
+            req = kv_pb2.ScanRequest(start=part.lo, end=part.hi or b"", limit=want, consistency=level, group=group)
             # No gRPC deadline on the stream: every message must arrive within the attempt
             # timeout and the deadline instead.
             stream = self._kv(target).Scan(req)
             err: KVError
             retryable = True
-            items: list[tuple[bytes, bytes]] = []
             try:
-                while True:
-                    wait = deadline.bound(self.policy.attempt_timeout)
-                    try:
-                        resp = await asyncio.wait_for(stream.read(), wait if wait > 0 else 0.001)
-                    except TimeoutError:
-                        err = Timeout(f"{target} did not answer in time")
-                        self.router.on_transport_failure(group, target, "timed out")
-                        unreachable[target] = "timed out"
-                        break
+                wait = deadline.bound(self.policy.attempt_timeout)
+                try:
+                    resp = await asyncio.wait_for(stream.read(), wait if wait > 0 else 0.001)
+                except TimeoutError:
+                    err = Timeout(f"{target} did not answer in time")
+                    self.router.on_transport_failure(group, target, "timed out")
+                    unreachable[target] = "timed out"
+                else:
                     if resp is grpc.aio.EOF:
                         err = Unavailable(f"{target} ended the scan stream early")
-                        break
-                    maybe = from_proto(resp.error, is_write=False)
-                    if maybe is not None:
+                    elif (maybe := from_proto(resp.error, is_write=False)) is not None:
                         err = maybe
                         only_transport = False
                         retryable = _retryable(err)
                         self.router.on_reply(target)
-                        break
-                    self._scan_reply(group, target, learns_leader)
-                    items.extend((kv.key, kv.value) for kv in resp.items)
-                    if not resp.more:
+                    else:
+                        self._scan_reply(group, target, learns_leader)
                         owned = IntervalSet(zip(resp.owned_lo, resp.owned_hi, strict=True))
-                        return items, owned
+                        if part.owned is not None and owned != part.owned:
+                            stream.cancel()
+                            raise Unavailable(
+                                f"scan interrupted: group {group}'s ranges changed while it was resumed; retry the scan"
+                            )
+                        part.owned = owned
+                        part.stream, part.target = stream, target
+                        part.take(resp)
+                        return
             except grpc.aio.AioRpcError as e:
                 failure = _classify(e, endpoint=target, is_write=False)
                 err = failure.error
@@ -867,8 +889,7 @@ class AsyncClient:
                 else:
                     only_transport = False
                     self.router.on_reply(target)
-            finally:
-                stream.cancel()
+            stream.cancel()
             last = err
             if not retryable:
                 raise err
@@ -877,6 +898,45 @@ class AsyncClient:
                 continue
             redirects = 0
             await asyncio.sleep(deadline.bound(backoff.next_delay()))
+
+    async def _scan_fill(
+        self, part: _ScanPart, limit: int, level: kv_pb2.Consistency, timeout: float | None, learns_leader: bool
+    ) -> bool:
+        """Read until ``part`` has buffered items or is done; a broken stream is resumed after
+        the last key received. True if items are buffered."""
+        while not part.buf and not part.done:
+            deadline = self._deadline(timeout)  # each chunk gets a fresh deadline
+            if part.stream is None:
+                await self._scan_open(part, limit, level, deadline, learns_leader)
+                continue
+            target = part.target
+            try:
+                wait = deadline.bound(self.policy.attempt_timeout)
+                resp = await asyncio.wait_for(part.stream.read(), wait if wait > 0 else 0.001)
+            except TimeoutError:
+                self.router.on_transport_failure(part.group, target, "timed out")
+                part.close()
+                continue
+            except grpc.aio.AioRpcError as e:
+                failure = _classify(e, endpoint=target, is_write=False)
+                if failure.transport:
+                    self.router.on_transport_failure(part.group, target, failure.reason)
+                if not failure.retryable:
+                    raise failure.error from None
+                part.close()
+                continue
+            if resp is grpc.aio.EOF:
+                part.close()
+                continue
+            maybe = from_proto(resp.error, is_write=False)
+            if maybe is not None:
+                part.close()
+                if not _retryable(maybe):
+                    raise maybe
+                self._reroute(part.group, target, maybe)
+                continue
+            part.take(resp)
+        return bool(part.buf)
 
     def _scan_reply(self, group: int, target: str, learns_leader: bool) -> None:
         if learns_leader:
@@ -1058,6 +1118,46 @@ class AsyncClient:
         return await self._admin_call(
             "snapshot", lambda s, t: s.Snapshot(req, timeout=t), endpoint=endpoint, timeout=timeout
         )
+
+
+class _ScanPart:
+    """One group's stream of a fanned-out scan."""
+
+    __slots__ = ("buf", "done", "group", "hi", "lo", "owned", "received", "stream", "target")
+
+    def __init__(self, group: int, lo: bytes, hi: bytes | None) -> None:
+        self.group = group
+        self.lo = lo  # where to resume: after the last key received
+        self.hi = hi
+        self.owned: IntervalSet | None = None
+        self.buf: deque[tuple[bytes, bytes]] = deque()
+        self.done = False
+        self.received = 0
+        self.stream: Any = None
+        self.target = ""
+
+    def take(self, resp: kv_pb2.ScanResponse) -> None:
+        items = [(kv.key, kv.value) for kv in resp.items]
+        if items:
+            self.buf.extend(items)
+            self.received += len(items)
+            self.lo = items[-1][0] + b"\x00"
+        if not resp.more:
+            self.done = True
+            self.close()
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.cancel()
+            self.stream = None
+
+
+def group_status(st: admin_pb2.StatusResponse, group: int = DEFAULT_GROUP) -> admin_pb2.GroupStatus | None:
+    """The status of ``group`` in a node's Admin.Status answer (None if the node lacks it)."""
+    for g in st.groups:
+        if g.group == group:
+            return g
+    return None
 
 
 def _covers_once(parts: list[IntervalSet]) -> bool:

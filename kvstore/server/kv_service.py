@@ -150,9 +150,9 @@ class KVService(kv_pb2_grpc.KVServicer):
     async def Scan(
         self, request: kv_pb2.ScanRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[kv_pb2.ScanResponse]:
-        """One group's part of a scan: the keys in range that the group serves at the read
-        point, then (in the last message) the ranges it served, so that the client can check
-        that the parts of a fanned-out scan cover the hash space exactly once."""
+        """One group's part of a scan: first (with no items) the hash ranges the group serves at
+        the read point, so that the client can check that the parts of a fanned-out scan cover
+        the hash space exactly once; then the keys in range that the group serves."""
         try:
             if request.prefix:
                 start, end = request.prefix, _prefix_end(request.prefix)
@@ -168,9 +168,10 @@ class KVService(kv_pb2_grpc.KVServicer):
         except errors.KVError as err:
             yield kv_pb2.ScanResponse(error=errors.to_proto(err))
             return
+        yield kv_pb2.ScanResponse(more=True, owned_lo=[a for a, _ in owned], owned_hi=[b for _, b in owned])
         for chunk in stream:
             yield kv_pb2.ScanResponse(items=[kv_pb2.KeyValue(key=k, value=v) for k, v in chunk], more=True)
-        yield kv_pb2.ScanResponse(more=False, owned_lo=[a for a, _ in owned], owned_hi=[b for _, b in owned])
+        yield kv_pb2.ScanResponse(more=False)
         self.metrics.reads.inc()
 
 

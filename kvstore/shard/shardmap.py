@@ -65,12 +65,20 @@ class ShardMapError(Exception):
     """A shard-map change that is not allowed (the message says why)."""
 
 
-def place(nodes: Sequence[int], count: int, replication: int, first: int = 0) -> list[tuple[int, ...]]:
-    """Initial placement of `count` groups: replicas rotate over the sorted nodes, so every node
-    holds about the same number of replicas and is the preferred leader of about as many groups."""
+def place(nodes: Sequence[int], count: int, replication: int) -> list[tuple[int, ...]]:
+    """Initial placement of `count` groups: group i takes the next `rf` nodes round robin
+    (positions i*rf .. i*rf+rf-1), so replica counts differ by at most one between nodes; each
+    group's preferred leader (first) is the member that leads the fewest groups so far."""
     ns = sorted(nodes)
     rf = min(replication, len(ns))
-    return [tuple(ns[(first + i + j) % len(ns)] for j in range(rf)) for i in range(count)]
+    leads = dict.fromkeys(ns, 0)
+    out = []
+    for i in range(count):
+        members = [ns[(i * rf + j) % len(ns)] for j in range(rf)]
+        first = min(members, key=lambda n: (leads[n], members.index(n)))
+        leads[first] += 1
+        out.append((first, *(m for m in members if m != first)))
+    return out
 
 
 @dataclass(slots=True)
@@ -87,7 +95,7 @@ class ShardMap:
     nodes: dict[int, str] = field(default_factory=dict)
     initial_groups: int = 0
     """Groups 1..initial_groups were created with the cluster, serving their ring arcs."""
-    _table: tuple[list[int], list[int], list[int]] | None = None
+    _table: tuple[list[int], list[int], list[int]] | None = field(default=None, compare=False, repr=False)
 
     # --- construction -------------------------------------------------------------------------
     @classmethod

@@ -138,7 +138,7 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
         view.set_shards(ShardState(cmd.ranges, empty))
         return ApplyResult()
     if st is None:
-        st = ShardState(empty, empty) if cmd.op != ShardOp.FREEZE else ShardState(IntervalSet.full(), empty)
+        st = ShardState(IntervalSet.full(), empty)  # an unsharded group serves every key
     r = cmd.ranges
     if cmd.op == ShardOp.FREEZE:
         if r.issubset(st.frozen):
@@ -153,14 +153,16 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
         if r.overlaps(st.active) or r.overlaps(st.frozen):
             return ApplyResult(error="ranges to receive overlap ranges the group serves or froze")
         view.delete_hashes(r)
-        if view.shards is None:
-            view.set_shards(st)
         return ApplyResult()
     if cmd.op == ShardOp.INSTALL:
-        for tag, key, value in iter_records(cmd.records):
+        records = list(iter_records(cmd.records))
+        for tag, key, _ in records:  # all checks first: a refused INSTALL changes nothing
             if tag == REC_DATA:
-                if key_hash(key) in st.active:
-                    return ApplyResult(error="install would overwrite a served key")
+                h = key_hash(key)
+                if h in st.active or h in st.frozen:
+                    return ApplyResult(error="install would overwrite a served key (or a frozen one)")
+        for tag, key, value in records:
+            if tag == REC_DATA:
                 view.put(key, value)
             elif tag == REC_FLOOR:
                 (cid,) = U64.unpack(key)

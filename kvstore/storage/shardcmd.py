@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..shard.ranges import IntervalSet
+from .commands import MAX_KEY_SIZE, decode_result
 
 SHARD_MAGIC = 0xA5
 
@@ -125,5 +126,14 @@ def iter_records(data: bytes) -> Iterator[tuple[int, bytes, bytes]]:
         pos += _REC.size
         if tag not in (REC_DATA, REC_FLOOR, REC_RESULT) or pos + kl + vl > n:
             raise ValueError("install records malformed")
-        yield tag, data[pos : pos + kl], data[pos + kl : pos + kl + vl]
+        key, value = data[pos : pos + kl], data[pos + kl : pos + kl + vl]
+        if tag == REC_DATA and not 0 < kl <= MAX_KEY_SIZE:
+            raise ValueError(f"install data key of {kl} bytes")
+        if tag == REC_FLOOR and (kl != 8 or vl != 8):
+            raise ValueError("install floor record is not (u64, u64)")
+        if tag == REC_RESULT:
+            if kl != 16:
+                raise ValueError("install result record key is not (u64, u64)")
+            decode_result(value)  # raises ValueError if it is not an encoded result
+        yield tag, key, value
         pos += kl + vl
