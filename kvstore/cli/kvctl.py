@@ -445,30 +445,37 @@ def member() -> None:
 @click.argument("node_id", metavar="ID", type=click.IntRange(min=1))
 @click.argument("address")
 @click.option("--voter", is_flag=True, help="Add as a voter instead of a learner (the server may insist on learner first).")
+@click.option("--group", "groups", type=click.IntRange(min=1), multiple=True,
+              help="Only this data group (repeatable). Default: the metadata group and every data group.")
 @_output_option
 @pass_ctx
-def member_add(c: _Ctx, node_id: int, address: str, voter: bool) -> None:
+def member_add(c: _Ctx, node_id: int, address: str, voter: bool, groups: tuple[int, ...]) -> None:
     """Add node ID at ADDRESS (HOST:PORT), as a learner unless --voter."""
     kind = "voter" if voter else "learner"
-    _admin(c, lambda cl: cl.add_member(node_id, address, learner=not voter), f"added {kind} {node_id} at {address}")
+    _admin(c, lambda cl: cl.add_member(node_id, address, learner=not voter, groups=list(groups)),
+           f"added {kind} {node_id} at {address}")
 
 
 @member.command("promote")
 @click.argument("node_id", metavar="ID", type=click.IntRange(min=1))
+@click.option("--group", "groups", type=click.IntRange(min=1), multiple=True,
+              help="Only this data group (repeatable). Default: the metadata group and every data group.")
 @_output_option
 @pass_ctx
-def member_promote(c: _Ctx, node_id: int) -> None:
+def member_promote(c: _Ctx, node_id: int, groups: tuple[int, ...]) -> None:
     """Promote learner ID to voter."""
-    _admin(c, lambda cl: cl.promote_member(node_id), f"promoted {node_id} to voter")
+    _admin(c, lambda cl: cl.promote_member(node_id, groups=list(groups)), f"promoted {node_id} to voter")
 
 
 @member.command("remove")
 @click.argument("node_id", metavar="ID", type=click.IntRange(min=1))
+@click.option("--group", "groups", type=click.IntRange(min=1), multiple=True,
+              help="Only this data group (repeatable). Default: the metadata group and every data group.")
 @_output_option
 @pass_ctx
-def member_remove(c: _Ctx, node_id: int) -> None:
-    """Remove node ID from the cluster."""
-    _admin(c, lambda cl: cl.remove_member(node_id), f"removed {node_id}")
+def member_remove(c: _Ctx, node_id: int, groups: tuple[int, ...]) -> None:
+    """Remove node ID from the cluster (or from the --group(s) given)."""
+    _admin(c, lambda cl: cl.remove_member(node_id, groups=list(groups)), f"removed {node_id}")
 
 
 @cli.command("transfer-leader")

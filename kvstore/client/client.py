@@ -1041,22 +1041,27 @@ class AsyncClient:
         )
 
     async def add_member(
-        self, id: int, address: str, learner: bool = True, *, timeout: float | None = None
+        self, id: int, address: str, learner: bool = True, *, groups: Sequence[int] = (), timeout: float | None = None
     ) -> admin_pb2.AdminResponse:
-        """Add node ``id`` at ``address``, as a learner by default (promote it once caught up)."""
-        req = admin_pb2.AddMemberRequest(id=id, address=address, learner=learner)
+        """Add node ``id`` at ``address``, as a learner by default (promote it once caught up), to
+        the metadata group and every data group, or only to the data ``groups`` given."""
+        req = admin_pb2.AddMemberRequest(id=id, address=address, learner=learner, groups=list(groups))
         return await self._admin_call("add member", lambda s, t: s.AddMember(req, timeout=t), timeout=timeout)
 
-    async def promote_member(self, id: int, *, timeout: float | None = None) -> admin_pb2.AdminResponse:
-        """Promote learner ``id`` to voter."""
-        req = admin_pb2.PromoteMemberRequest(id=id)
+    async def promote_member(
+        self, id: int, *, groups: Sequence[int] = (), timeout: float | None = None
+    ) -> admin_pb2.AdminResponse:
+        """Promote learner ``id`` to voter (everywhere, or in the data ``groups`` given)."""
+        req = admin_pb2.PromoteMemberRequest(id=id, groups=list(groups))
         return await self._admin_call(
             "promote member", lambda s, t: s.PromoteMember(req, timeout=t), timeout=timeout
         )
 
-    async def remove_member(self, id: int, *, timeout: float | None = None) -> admin_pb2.AdminResponse:
-        """Remove node ``id`` from the cluster."""
-        req = admin_pb2.RemoveMemberRequest(id=id)
+    async def remove_member(
+        self, id: int, *, groups: Sequence[int] = (), timeout: float | None = None
+    ) -> admin_pb2.AdminResponse:
+        """Remove node ``id`` from the cluster (or only from the data ``groups`` given)."""
+        req = admin_pb2.RemoveMemberRequest(id=id, groups=list(groups))
         return await self._admin_call(
             "remove member", lambda s, t: s.RemoveMember(req, timeout=t), timeout=timeout
         )
@@ -1288,15 +1293,19 @@ class Client:
         return self._run(self._async.cluster_status(timeout=timeout))
 
     def add_member(
-        self, id: int, address: str, learner: bool = True, *, timeout: float | None = None
+        self, id: int, address: str, learner: bool = True, *, groups: Sequence[int] = (), timeout: float | None = None
     ) -> admin_pb2.AdminResponse:
-        return self._run(self._async.add_member(id, address, learner, timeout=timeout))
+        return self._run(self._async.add_member(id, address, learner, groups=groups, timeout=timeout))
 
-    def promote_member(self, id: int, *, timeout: float | None = None) -> admin_pb2.AdminResponse:
-        return self._run(self._async.promote_member(id, timeout=timeout))
+    def promote_member(
+        self, id: int, *, groups: Sequence[int] = (), timeout: float | None = None
+    ) -> admin_pb2.AdminResponse:
+        return self._run(self._async.promote_member(id, groups=groups, timeout=timeout))
 
-    def remove_member(self, id: int, *, timeout: float | None = None) -> admin_pb2.AdminResponse:
-        return self._run(self._async.remove_member(id, timeout=timeout))
+    def remove_member(
+        self, id: int, *, groups: Sequence[int] = (), timeout: float | None = None
+    ) -> admin_pb2.AdminResponse:
+        return self._run(self._async.remove_member(id, groups=groups, timeout=timeout))
 
     def transfer_leader(
         self, to: int = 0, *, groups: Sequence[int] = (), timeout: float | None = None

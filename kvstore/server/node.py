@@ -62,6 +62,7 @@ class Node:
         self.caller: GroupCaller | None = None
         self.coordinator: Coordinator | None = None
         self._tombstones: set[int] = set()
+        self._gauges_at = 0.0
 
     def wake(self) -> None:
         self._wake.set()
@@ -239,7 +240,12 @@ class Node:
                 self._update_gauges()
 
     def _update_gauges(self) -> None:
+        """Per-group gauges, at most once a second (a node may host thousands of groups)."""
         assert self.host is not None
+        now = asyncio.get_running_loop().time()
+        if now < self._gauges_at:
+            return
+        self._gauges_at = now + 1.0
         for gid, g in self.host.groups.items():
             label = str(gid)
             core = g.core
