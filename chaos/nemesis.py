@@ -16,10 +16,21 @@ Families (``--nemesis`` takes a comma-separated list of them, or ``all``):
 * ``transfer``: ask the leader to hand leadership to a random voter.
 * ``member``: remove a voter (Admin.RemoveMember), stop it, start a NEW node (fresh id, empty
   data dir, ``--join``) on its host, add it as a learner, wait for it to catch up, promote it.
+* ``rebalance`` (not part of ``all``; meant for clusters started with ``--groups N``): change
+  the shard layout through the Shard service (``ShardOp`` ADD_GROUP, REMOVE_GROUP of a random
+  data group but never the last one, or REBALANCE, with ``wait=False``) on any reachable node,
+  record how many range moves it planned, and then, while those moves are running, inject a
+  partition, a kill (or a pause, if that family is enabled) exactly as those nemeses do, with
+  their "leader" variants aimed at the metadata group's leader (which runs the move
+  coordinator). The layout change's window stays open until that fault is healed, so faults
+  always overlap moves; a change refused because an earlier one is still moving is noted and
+  the fault is injected anyway (it then hits the earlier moves).
 
 The schedule alternates one fault and a healthy interval, and always ends with every fault
 healed (partitions removed, paused nodes continued, killed nodes restarted, membership
-restored to N voters) followed by a quiet period.
+restored to N voters) followed by a quiet period. :meth:`Nemesis.wait_moves_settled` then
+checks (bounded) that every planned range move finished: a liveness check, judged apart from
+linearizability.
 """
 
 from __future__ import annotations
@@ -28,13 +39,17 @@ import asyncio
 import contextlib
 import itertools
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import grpc
+import grpc.aio
+
 from kvstore.client import group_status
-from kvstore.v1 import admin_pb2
+from kvstore.v1 import admin_pb2, shard_pb2, shard_pb2_grpc
 
 from .cluster import Cluster
 
@@ -43,10 +58,17 @@ def _g(st: admin_pb2.StatusResponse) -> admin_pb2.GroupStatus:
     """The data group's status (empty if the node does not have it yet)."""
     return group_status(st) or admin_pb2.GroupStatus()
 
-__all__ = ["ALL_FAMILIES", "FaultWindow", "Nemesis", "NemesisOptions", "parse_families"]
+__all__ = ["ALL_FAMILIES", "EXTRA_FAMILIES", "FAMILIES", "FaultWindow", "Nemesis", "NemesisOptions",
+           "parse_families"]
 
 ALL_FAMILIES = ("partition", "kill", "pause", "transfer", "member")
+#: Families that ``all`` does not include (they change what a run does beyond faults).
+EXTRA_FAMILIES = ("rebalance",)
+FAMILIES = (*ALL_FAMILIES, *EXTRA_FAMILIES)
 TOPOLOGIES = ("one", "leader", "halves", "bridge", "random", "ring")
+#: Faults the rebalance nemesis injects while its range moves run (those enabled, else the first two).
+REBALANCE_COMPANIONS = ("partition", "kill", "pause")
+META_GROUP = 0
 
 
 def parse_families(spec: str) -> list[str]:
@@ -56,11 +78,11 @@ def parse_families(spec: str) -> list[str]:
             out += [f for f in ALL_FAMILIES if f not in out]
         elif part == "none":
             continue
-        elif part in ALL_FAMILIES:
+        elif part in FAMILIES:
             if part not in out:
                 out.append(part)
         else:
-            raise ValueError(f"unknown nemesis {part!r} (families: {', '.join(ALL_FAMILIES)}, all, none)")
+            raise ValueError(f"unknown nemesis {part!r} (families: {', '.join(FAMILIES)}, all, none)")
     return out
 
 
@@ -74,6 +96,7 @@ class FaultWindow:
     hosts: list[int] = field(default_factory=list)
     ok: bool = True
     notes: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # structured details (rebalance: the plan)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +110,8 @@ class NemesisOptions:
     heal_min: float = 2.0
     heal_max: float = 4.0
     seed: int = 0
+    max_groups: int = 6  # rebalance: add data groups only while there are fewer
+    companion_delay: float = 1.0  # rebalance: at most this long between the plan and the fault
 
 
 class Nemesis:
@@ -109,6 +134,7 @@ class Nemesis:
         self._paused: set[int] = set()
         self._killed: set[int] = set()
         self._pending_member: int | None = None  # host whose replacement is not yet a voter
+        self._meta_leader_first = False  # "leader" faults aim at the metadata group's leader
 
     # ----- helpers -----
 
@@ -117,7 +143,24 @@ class Nemesis:
         return sorted(self.cluster.hosts)
 
     async def _leader(self) -> int | None:
-        return await self.cluster.leader()
+        if self._meta_leader_first:
+            ld = await self._group_leader(META_GROUP)
+            if ld is not None:
+                return ld
+        ld = await self.cluster.leader()
+        if ld is None and "rebalance" in self.opts.families:
+            # the cluster's leader is group 1's, which the rebalance nemesis may have removed
+            ld = await self._group_leader(META_GROUP)
+        return ld
+
+    async def _group_leader(self, group: int) -> int | None:
+        """The host of the node that claims leadership of ``group`` in the highest term."""
+        best: tuple[int, int] | None = None
+        for h, st in (await self.cluster.statuses()).items():
+            g = group_status(st, group)
+            if g is not None and g.role == "leader" and (best is None or g.term > best[0]):
+                best = (g.term, h)
+        return best[1] if best is not None else None
 
     async def _leader_or_random(self) -> tuple[int, str]:
         ld = await self._leader()
@@ -171,6 +214,8 @@ class Nemesis:
             await self._transfer()
         elif family == "member":
             await self._member()
+        elif family == "rebalance":
+            await self._rebalance(duration, stop)
         else:  # pragma: no cover - parse_families validates
             raise ValueError(family)
 
@@ -466,6 +511,167 @@ class Nemesis:
         self.log(f"nemesis: member: node {nh.node_id} not a voter yet (will retry)")
         return False
 
+
+    # ----- shard layout (range moves) -----
+
+    def _reachable(self) -> list[int]:
+        return [h for h in self.hosts if self.cluster.hosts[h].alive and not self.cluster.hosts[h].paused]
+
+    def _shard_stub(self, host: int) -> shard_pb2_grpc.ShardStub:
+        """A Shard stub on the cluster's (admin) channel to ``host``: closed with the cluster."""
+        addr = self.cluster.hosts[host].address
+        self.cluster._admin(addr)
+        return shard_pb2_grpc.ShardStub(self.cluster._admin_channels[addr])
+
+    async def _shard_info_at(self, host: int, timeout: float = 4.0) -> shard_pb2.ShardOpResponse | None:
+        try:
+            resp: shard_pb2.ShardOpResponse = await self._shard_stub(host).ShardOp(
+                shard_pb2.ShardOpRequest(op=shard_pb2.ShardOpRequest.INFO), timeout=timeout
+            )
+        except grpc.aio.AioRpcError:
+            return None
+        return None if resp.error.code else resp
+
+    async def shard_infos(self, timeout: float = 4.0) -> dict[int, shard_pb2.ShardOpResponse]:
+        """ShardOp INFO from every reachable node that answers (each node's view of the map)."""
+        hosts = self._reachable()
+        answers = await asyncio.gather(*(self._shard_info_at(h, timeout) for h in hosts))
+        return {h: a for h, a in zip(hosts, answers, strict=True) if a is not None}
+
+    async def _shard_op(
+        self, request: shard_pb2.ShardOpRequest, timeout: float = 10.0
+    ) -> tuple[int | None, shard_pb2.ShardOpResponse | None, str]:
+        """Send a layout change to the first reachable node that takes it. Another node is tried
+        only when the change certainly did not happen there (connection refused / no map yet).
+        Returns (host, response or None, note)."""
+        hosts = self._reachable()
+        self.rng.shuffle(hosts)
+        note = "no node reachable"
+        for h in hosts:
+            try:
+                resp: shard_pb2.ShardOpResponse = await self._shard_stub(h).ShardOp(request, timeout=timeout)
+            except grpc.aio.AioRpcError as err:
+                note = f"host {h}: {err.code().name}: {err.details()}"
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    continue
+                return h, None, note + " (indeterminate: the change may have happened)"
+            if resp.error.code == 2 and "no shard map" in resp.error.message:  # NO_LEADER, definite
+                note = f"host {h}: {resp.error.message}"
+                continue
+            return h, resp, resp.error.message if resp.error.code else resp.message
+        return None, None, note
+
+    def _choose_change(self, groups: list[int]) -> tuple[str, int]:
+        """add / remove (a random data group, never the last) / rebalance; the group to remove."""
+        options = (["add"] if len(groups) < self.opts.max_groups else []) + (["remove"] if len(groups) > 1 else [])
+        if options and self.rng.random() < 0.8:  # rebalance alone often has nothing to move
+            kind = self.rng.choice(options)
+            return kind, self.rng.choice(groups) if kind == "remove" else 0
+        return "rebalance", 0
+
+    async def _rebalance(self, duration: float, stop: asyncio.Event) -> None:
+        """Plan a layout change (range moves, not awaited), then inject a partition / kill /
+        pause while the moves run; the change's window ends when that fault is healed."""
+        infos = await self.shard_infos()
+        view = max(infos.values(), key=lambda r: r.version) if infos else None
+        groups = sorted(g.id for g in view.groups) if view is not None else []
+        kind, victim = self._choose_change(groups) if view is not None else ("rebalance", 0)
+        Op = shard_pb2.ShardOpRequest
+        if kind == "add":
+            req, detail = Op(op=Op.ADD_GROUP, wait=False), f"add a data group to {groups}"
+        elif kind == "remove":
+            req, detail = Op(op=Op.REMOVE_GROUP, group=victim, wait=False), f"remove group {victim} of {groups}"
+        else:
+            req, detail = Op(op=Op.REBALANCE, wait=False), f"rebalance groups {groups}"
+        w = self._begin("rebalance", kind, detail, [])
+        w.info.update(groups_before=groups, version_before=view.version if view is not None else None,
+                      pending_before=view.moves_pending if view is not None else None)
+        try:
+            host, resp, note = await self._shard_op(req)
+            if host is not None:
+                w.hosts = [host]
+            planned: int | None = None
+            if resp is not None and not resp.error.code:
+                m = re.search(r"(\d+) range moves planned", resp.message)
+                planned = int(m.group(1)) if m else resp.moves_pending
+                w.info.update(planned_moves=planned, version=resp.version)
+                w.notes.append(f"{note} (via host {host})")
+                self.log(f"nemesis: rebalance: {note}")
+            else:
+                w.ok = False
+                w.info.update(planned_moves=None, error=note)
+                w.notes.append(f"not planned: {note}")
+                self.log(f"nemesis: rebalance: not planned: {note}")
+            companions = [f for f in REBALANCE_COMPANIONS if f in self.opts.families] or ["partition", "kill"]
+            companion = self.rng.choice(companions)
+            await _sleep(self.rng.uniform(0.0, self.opts.companion_delay), stop)
+            if stop.is_set():
+                return
+            w.info["companion"] = companion
+            self._meta_leader_first = True
+            try:
+                await self._one(companion, duration, stop)
+            finally:
+                self._meta_leader_first = False
+            after = await self.shard_infos()
+            if after:
+                latest = max(after.values(), key=lambda r: r.version)
+                w.info.update(pending_at_heal=latest.moves_pending, version_at_heal=latest.version)
+                w.notes.append(f"{companion} during the moves; {latest.moves_pending} move(s) pending when it healed "
+                               f"(map version {latest.version})")
+            else:
+                w.notes.append(f"{companion} during the moves; no node answered INFO after it")
+        finally:
+            w.end = self.now()
+            if self.current is w:
+                self.current = None
+
+    async def wait_moves_settled(self, timeout: float) -> dict[str, Any]:
+        """After the heal: poll ShardOp INFO on every reachable node until the newest map any of
+        them has shows no range move pending and no group waiting to be dropped, or until
+        ``timeout``. Recorded as a "heal moves" window; returns the outcome."""
+        t0 = self.now()
+        deadline = time.monotonic() + timeout
+        latest: shard_pb2.ShardOpResponse | None = None
+        answered = 0
+        settled = False
+        polls = 0
+        while True:
+            polls += 1
+            infos = await self.shard_infos(timeout=min(4.0, max(0.5, deadline - time.monotonic())))
+            if infos:
+                answered = len(infos)
+                latest = max(infos.values(), key=lambda r: r.version)
+                if latest.moves_pending == 0 and all(g.share > 0 for g in latest.groups):
+                    settled = True
+                    break
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.5)
+        waited = self.now() - t0
+        out: dict[str, Any] = {
+            "settled": settled, "waited": round(waited, 2), "timeout": timeout, "polls": polls,
+            "nodes_answering": answered,
+            "moves_pending": latest.moves_pending if latest is not None else None,
+            "version": latest.version if latest is not None else None,
+            "groups": [{"id": g.id, "share": round(g.share, 4), "leader": g.leader_id, "keys": g.keys,
+                        "voters": list(g.voters)} for g in latest.groups] if latest is not None else [],
+            "awaiting_drop": [g.id for g in latest.groups if g.share <= 0] if latest is not None else [],
+            "message": latest.message if latest is not None else "no node answered ShardOp INFO",
+        }
+        w = FaultWindow("heal", "moves", "wait for every range move to finish", t0, hosts=[], info=dict(out))
+        if settled:
+            w.notes.append(f"no range move pending after {waited:.1f}s (map version {out['version']}, "
+                           f"groups {[g['id'] for g in out['groups']]})")
+        else:
+            w.ok = False
+            w.notes.append(f"range moves did not finish within {timeout:g}s: {out['moves_pending']} pending, "
+                           f"groups awaiting drop {out['awaiting_drop']} ({out['message']})")
+        w.end = self.now()
+        self.windows.append(w)
+        self.log(f"nemesis: moves: {w.notes[-1]}")
+        return out
+
     # ----- heal -----
 
     async def heal_all(self) -> None:
@@ -473,6 +679,9 @@ class Nemesis:
         bring the membership back to N voters."""
         if self.current is not None:
             self._end(self.current)
+        for open_w in self.windows:  # e.g. a rebalance window whose fault was cancelled
+            if open_w.end is None:
+                open_w.end = self.now()
         w = FaultWindow("heal", "all", "heal everything", self.now())
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.cluster.backend.heal)

@@ -238,7 +238,7 @@ def test_wrong_shard_is_not_applied_not_cached_and_its_retry_applies_after_activ
     assert after == before  # no data, no floor raised by the ack, no cached result
     assert after.floors.get(7, 0) == 0 and set(after.results) == {(7, 1)}
     # The range becomes served: the very same requests are applied, once.
-    assert b.run(1, sc(ShardOp.ACTIVATE, HIGH)) == [OK]
+    assert b.run(1, sc(ShardOp.BEGIN, HIGH), sc(ShardOp.ACTIVATE, HIGH)) == [OK, OK]
     assert b.run(1, *writes) == [OK, ApplyResult(existed=False), ApplyResult(swapped=True)]
     img = b.image(1)
     assert img.data == {k_in: b"v", out[0]: b"x", out[2]: b"c"}
@@ -317,7 +317,7 @@ def test_begin_rules(backend: Backend) -> None:
     assert b.run(1, sc(ShardOp.BEGIN, Q[2])) == [OK]
     img = b.image(1)
     assert set(img.data) == set(lows) | {k for k in highs if key_hash(k) in Q[3]}
-    assert img.shards == ShardState(LOW, EMPTY)
+    assert img.shards == ShardState(LOW, EMPTY, Q[2], 0)
     assert b.run(1, sc(ShardOp.BEGIN, Q[2])) == [OK] and b.image(1) == img  # idempotent
     # Ranges overlapping frozen ones cannot be received.
     assert b.run(1, sc(ShardOp.FREEZE, Q[0])) == [OK]
@@ -343,7 +343,7 @@ def test_install_activate_drop_move_a_range(backend: Backend) -> None:
     records = b"".join(encode_record(REC_DATA, k, v) for k, v in sorted(moving.items()))
     assert b.run(2, sc(ShardOp.BEGIN, Q[1])) == [OK]
     before_install = b.image(2)
-    assert before_install.shards == ShardState(HIGH, EMPTY)
+    assert before_install.shards == ShardState(HIGH, EMPTY, Q[1], 0)
     assert b.run(2, sc(ShardOp.INSTALL, records=records)) == [OK]
     installed = b.image(2)
     assert installed.data == {**before_install.data, **moving}
@@ -783,3 +783,34 @@ def test_destroy_group_with_tombstone(tmp_path: Path) -> None:
     s.destroy_group(9, tombstone=True)
     assert s.tombstones() == {1, 9} and s.groups() == [2, 3]
     s.close()
+
+
+def test_racing_installations_never_activate_wiped_data(backend: Backend) -> None:
+    """Two coordinators (an old metadata leader that has not noticed yet, and the new one) both
+    install the same range: the later BEGIN supersedes the earlier installation, whose INSTALL and
+    ACTIVATE are then refused, so no ACTIVATE ever serves data another BEGIN wiped."""
+    b = backend
+    b.run(2, sc(ShardOp.SET, LOW))
+    key = keys_in(Q[2], 1)[0]
+    rows = encode_record(REC_DATA, key, b"v1")
+
+    def tok(op: ShardOp, token: int, ranges: IntervalSet | None = None, records: bytes = b"") -> bytes:
+        return encode_shard_command(op, ranges, records, token=token)
+
+    assert b.run(2, tok(ShardOp.BEGIN, 11, Q[2]), tok(ShardOp.INSTALL, 11, records=rows)) == [OK, OK]
+    # The second coordinator begins: the first one's rows are wiped...
+    assert b.run(2, tok(ShardOp.BEGIN, 22, Q[2])) == [OK]
+    assert b.image(2).data == {}
+    # ...and the first coordinator can neither install more nor activate what is left.
+    late = b.run(2, tok(ShardOp.INSTALL, 11, records=rows), tok(ShardOp.ACTIVATE, 11, Q[2]))
+    assert all(r.error is not None for r in late)
+    assert b.image(2).shards is not None and not b.image(2).shards.active.overlaps(Q[2])
+    # The second one finishes normally; a late duplicate ACTIVATE of either is harmless.
+    assert b.run(2, tok(ShardOp.INSTALL, 22, records=rows), tok(ShardOp.ACTIVATE, 22, Q[2])) == [OK, OK]
+    assert b.run(2, tok(ShardOp.ACTIVATE, 11, Q[2]), tok(ShardOp.ACTIVATE, 22, Q[2])) == [OK, OK]
+    img = b.image(2)
+    assert img.data == {key: b"v1"} and img.shards is not None and Q[2].issubset(img.shards.active)
+    # Installing into a range that is served now is refused (a straggler's BEGIN reports existed).
+    assert b.run(2, tok(ShardOp.BEGIN, 33, Q[2]))[0].existed
+    assert b.run(2, tok(ShardOp.INSTALL, 22, records=encode_record(REC_DATA, key, b"old")))[0].error is not None
+    assert b.image(2).data == {key: b"v1"}

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
@@ -134,8 +135,8 @@ class Coordinator:
                 return True
         return False
 
-    async def _shard(self, group: int, op: ShardOp, ranges: IntervalSet) -> ApplyResult:
-        res = await self.cluster.propose(group, encode_shard_command(op, ranges))
+    async def _shard(self, group: int, op: ShardOp, ranges: IntervalSet, token: int = 0) -> ApplyResult:
+        res = await self.cluster.propose(group, encode_shard_command(op, ranges, token=token))
         if res.error:
             raise MoveFailed(f"{op.name} in group {group} refused: {res.error}")
         return res
@@ -147,18 +148,21 @@ class Coordinator:
             await self._shard(mv.source, ShardOp.FREEZE, mv.ranges)
             await self.update(lambda cur: cur.set_move_state(mv.id, MoveState.FROZEN))
         elif mv.state == MoveState.FROZEN:
-            res = await self._shard(mv.target, ShardOp.BEGIN, mv.ranges)
+            # A fresh token per attempt: a racing coordinator's BEGIN makes our INSTALL and
+            # ACTIVATE fail (and be retried) instead of activating half-wiped data.
+            token = secrets.randbits(63) | 1
+            res = await self._shard(mv.target, ShardOp.BEGIN, mv.ranges, token)
             if not res.existed:
                 keys = 0
                 async for records in self.cluster.export(mv.source, mv.ranges):
                     res = await self.cluster.propose(
-                        mv.target, encode_shard_command(ShardOp.INSTALL, records=records)
+                        mv.target, encode_shard_command(ShardOp.INSTALL, records=records, token=token)
                     )
                     if res.error:
                         raise MoveFailed(f"INSTALL in group {mv.target} refused: {res.error}")
                     keys += _count_data(records)
                 self._move_keys[mv.id] = keys
-                await self._shard(mv.target, ShardOp.ACTIVATE, mv.ranges)
+                await self._shard(mv.target, ShardOp.ACTIVATE, mv.ranges, token)
             await self.update(lambda cur: cur.set_move_state(mv.id, MoveState.FLIPPED))
             log.info("move %d: group %d serves the ranges now (%d keys)", mv.id, mv.target, self._move_keys.get(mv.id, -1))
         elif mv.state == MoveState.FLIPPED:

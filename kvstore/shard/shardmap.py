@@ -230,8 +230,8 @@ class ShardMap:
         moves = []
         routes = dict(self.routes)
         for m in self.moves:
-            if m.id == move_id:
-                if state == MoveState.FLIPPED and m.state != MoveState.FLIPPED:
+            if m.id == move_id and state > m.state:  # states only advance (a stale coordinator)
+                if state == MoveState.FLIPPED:
                     routes[m.source] = routes.get(m.source, IntervalSet()).difference(m.ranges)
                     routes[m.target] = routes.get(m.target, IntervalSet()).union(m.ranges)
                     if not routes[m.source]:

@@ -22,7 +22,7 @@ Semantics (deterministic: every replica computes the same result and the same ne
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from ..shard.ranges import IntervalSet, key_hash
@@ -145,22 +145,27 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
             return ApplyResult()
         if not r.difference(st.frozen).issubset(st.active):
             return ApplyResult(error="cannot freeze ranges the group does not serve")
-        view.set_shards(ShardState(st.active.difference(r), st.frozen.union(r)))
+        view.set_shards(replace(st, active=st.active.difference(r), frozen=st.frozen.union(r)))
         return ApplyResult()
     if cmd.op == ShardOp.BEGIN:
         if r.issubset(st.active):
             return ApplyResult(existed=True)
         if r.overlaps(st.active) or r.overlaps(st.frozen):
             return ApplyResult(error="ranges to receive overlap ranges the group serves or froze")
-        view.delete_hashes(r)
+        view.delete_hashes(r.union(st.installing))
+        view.set_shards(replace(st, installing=r, token=cmd.token))
         return ApplyResult()
     if cmd.op == ShardOp.INSTALL:
+        if cmd.token != st.token:
+            return ApplyResult(error="install superseded by another installation (token mismatch)")
         records = list(iter_records(cmd.records))
         for tag, key, _ in records:  # all checks first: a refused INSTALL changes nothing
             if tag == REC_DATA:
                 h = key_hash(key)
                 if h in st.active or h in st.frozen:
                     return ApplyResult(error="install would overwrite a served key (or a frozen one)")
+                if h not in st.installing:
+                    return ApplyResult(error="install of a key outside the ranges being installed")
         for tag, key, value in records:
             if tag == REC_DATA:
                 view.put(key, value)
@@ -180,13 +185,15 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
             return ApplyResult()
         if r.overlaps(st.frozen):
             return ApplyResult(error="cannot activate ranges the group froze")
-        view.set_shards(ShardState(st.active.union(r), st.frozen))
+        if cmd.token != st.token or r != st.installing:
+            return ApplyResult(error="activate of an installation that is not the current one")
+        view.set_shards(replace(st, active=st.active.union(r), installing=IntervalSet(), token=0))
         return ApplyResult()
     if cmd.op == ShardOp.DROP:
         if r.overlaps(st.active):
             return ApplyResult(error="cannot drop ranges the group serves")
         view.delete_hashes(r)
-        view.set_shards(ShardState(st.active, st.frozen.difference(r)))
+        view.set_shards(replace(st, frozen=st.frozen.difference(r)))
         return ApplyResult()
     return ApplyResult(error=f"unknown shard op {cmd.op!r}")
 

@@ -7,13 +7,16 @@ with their format version 1, shard commands with `SHARD_MAGIC`).
     FREEZE     ranges         stop serving ranges (must be active or already frozen): from this log
                               position on, reads and writes of their keys are refused (WRONG_SHARD)
                               and their data never changes again
-    BEGIN      ranges         prepare to receive ranges: delete any leftover data in them. If they
-                              are already active here, does nothing and reports `existed`
-    INSTALL    records        data rows and session rows exported from the source (idempotent)
-    ACTIVATE   ranges         start serving ranges (idempotent)
+    BEGIN      token ranges   prepare to receive ranges: delete any leftover data in them and
+                              remember (token, ranges) as the one installation in progress. If
+                              they are already active here, does nothing and reports `existed`
+    INSTALL    token records  data rows (of the ranges being installed) and session rows
+                              exported from the source; refused unless `token` is the current one
+    ACTIVATE   token ranges   start serving ranges: refused unless (token, ranges) is the current
+                              installation; idempotent once active
     DROP       ranges         forget frozen ranges: delete their data, unmark them (idempotent)
 
-    wire: SHARD_MAGIC:u8 op:u8 payload; ranges = IntervalSet.encode();
+    wire: SHARD_MAGIC:u8 op:u8 payload; ranges = IntervalSet.encode(); token = u64;
     records = (tag:u8 key_len:u32 value_len:u32 key value)*, tag 1 = data row (key, value),
     2 = session floor (client:u64, floor:u64), 3 = session result (client:u64 seq:u64, result)
 
@@ -21,6 +24,10 @@ Invariants (with `machine.apply_command`):
 - a group serves a key iff its hash is in the group's active set (a group without shard state,
   e.g. the metadata group, serves every key);
 - active and frozen never overlap; a frozen range's data is immutable until DROP;
+- ranges become active only through ACTIVATE of the installation whose BEGIN and INSTALLs ran
+  under the same token, with no other BEGIN in between: two coordinators racing (an old
+  metadata leader that has not noticed yet) can make each other fail and retry, but a BEGIN of
+  one can never wipe data the other's ACTIVATE then serves;
 - a command refused for ownership is not recorded in the session table, so its retry at the new
   owner applies it; a command whose result is cached returns it wherever the cache travelled.
 """
@@ -58,21 +65,33 @@ class ShardOp(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class ShardState:
-    """What a data group serves (`active`) and what it gave up but still holds (`frozen`)."""
+    """What a data group serves (`active`), what it gave up but still holds (`frozen`), and the
+    installation in progress (`installing` under `token`)."""
 
     active: IntervalSet
     frozen: IntervalSet
+    installing: IntervalSet = field(default_factory=IntervalSet)
+    token: int = 0
 
     def encode(self) -> bytes:
-        return self.active.encode() + self.frozen.encode()
+        out = self.active.encode() + self.frozen.encode()
+        if self.installing or self.token:
+            out += U64.pack(self.token) + self.installing.encode()
+        return out
 
     @classmethod
     def decode(cls, data: bytes) -> ShardState:
         active, pos = IntervalSet.decode_from(data)
         frozen, pos = IntervalSet.decode_from(data, pos)
+        installing, token = IntervalSet(), 0
+        if pos < len(data):
+            if len(data) < pos + 8:
+                raise ValueError("shard state truncated in its install token")
+            (token,) = U64.unpack_from(data, pos)
+            installing, pos = IntervalSet.decode_from(data, pos + 8)
         if pos != len(data):
             raise ValueError("shard state has trailing bytes")
-        return cls(active, frozen)
+        return cls(active, frozen, installing, token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,14 +99,21 @@ class ShardCommand:
     op: ShardOp
     ranges: IntervalSet = field(default_factory=IntervalSet)
     records: bytes = b""
+    token: int = 0
+
+_TOKEN_OPS = frozenset({ShardOp.BEGIN, ShardOp.INSTALL, ShardOp.ACTIVATE})
 
 
 def is_shard_command(data: bytes) -> bool:
     return bool(data) and data[0] == SHARD_MAGIC
 
 
-def encode_shard_command(op: ShardOp, ranges: IntervalSet | None = None, records: bytes = b"") -> bytes:
+def encode_shard_command(
+    op: ShardOp, ranges: IntervalSet | None = None, records: bytes = b"", token: int = 0
+) -> bytes:
     head = _HEAD.pack(SHARD_MAGIC, int(op))
+    if op in _TOKEN_OPS:
+        head += U64.pack(token)
     if op == ShardOp.INSTALL:
         return head + records
     if ranges is None:
@@ -106,11 +132,17 @@ def decode_shard_command(data: bytes) -> ShardCommand:
     except ValueError:
         raise ValueError(f"unknown shard op {op}") from None
     body = data[_HEAD.size :]
+    token = 0
+    if kind in _TOKEN_OPS:
+        if len(body) < 8:
+            raise ValueError(f"{kind.name} command truncated in its token")
+        (token,) = U64.unpack_from(body)
+        body = body[8:]
     if kind == ShardOp.INSTALL:
         for _ in iter_records(body):  # validate the framing before anything is applied
             pass
-        return ShardCommand(kind, records=body)
-    return ShardCommand(kind, IntervalSet.decode(body))
+        return ShardCommand(kind, records=body, token=token)
+    return ShardCommand(kind, IntervalSet.decode(body), token=token)
 
 
 def encode_record(tag: int, key: bytes, value: bytes) -> bytes:

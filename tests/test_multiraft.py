@@ -1,0 +1,457 @@
+"""Multi-raft integration tests: real `kvstore serve` processes with several data groups.
+
+Leader balancing over the nodes, replica placement on 5 nodes, adding and removing a data group
+while clients write (no acknowledged write lost, counters exact), a client with a stale shard
+map, and exactly-once retries of a write whose key moved to another group.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from clusterharness import Cluster
+
+from kvstore import errors
+from kvstore.client import Client
+from kvstore.shard.shardmap import ShardMap
+from kvstore.v1 import admin_pb2, kv_pb2, kv_pb2_grpc
+
+pytestmark = pytest.mark.timeout(300)
+
+ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+
+
+# --- helpers --------------------------------------------------------------------------------------
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.1) -> T:
+    """Poll `probe` until it returns something other than None/False; fail with `what`."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last is not None and last is not False:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
+
+
+def statuses(cluster: Cluster) -> dict[int, admin_pb2.StatusResponse]:
+    """Admin.Status of every live node that answers, by node id."""
+    out = {}
+    for nid, n in sorted(cluster.nodes.items()):
+        if n.alive and (st := n.status(timeout=2.0)) is not None:
+            out[nid] = st
+    return out
+
+
+def leaders(cluster: Cluster) -> dict[int, int]:
+    """group -> node that currently claims leadership (the highest term wins)."""
+    best: dict[int, tuple[int, int]] = {}
+    for nid, st in statuses(cluster).items():
+        for g in st.groups:
+            if g.role == "leader" and g.term >= best.get(g.group, (-1, 0))[0]:
+                best[g.group] = (g.term, nid)
+    return {g: nid for g, (_, nid) in best.items()}
+
+
+def hosted(st: admin_pb2.StatusResponse) -> set[int]:
+    return {g.group for g in st.groups}
+
+
+def fresh_map(c: Client) -> ShardMap:
+    m = c.shard_map(refresh=True)
+    assert m is not None, "the cluster serves no shard map"
+    return m
+
+
+def cached_version(c: Client) -> int:
+    """The version of the map the client routes by now (no refresh)."""
+    m = c.shard_map()
+    assert m is not None
+    return m.version
+
+
+def keys_per_group(m: ShardMap, groups: list[int], per_group: int, prefix: bytes) -> dict[int, list[bytes]]:
+    """`per_group` keys `prefix<n>` routed to each of `groups` by `m`."""
+    out: dict[int, list[bytes]] = {g: [] for g in groups}
+    i = 0
+    while any(len(v) < per_group for v in out.values()):
+        k = prefix + b"%d" % i
+        g = m.group_for_key(k)
+        if g in out and len(out[g]) < per_group:
+            out[g].append(k)
+        i += 1
+        assert i < 100_000
+    return out
+
+
+def node_logs(cluster: Cluster, tail: int = 2500) -> str:
+    return "\n".join(f"--- n{n.id}\n{n.log_text()[-tail:]}" for n in cluster.nodes.values())
+
+
+@contextlib.contextmanager
+def running(cluster: Cluster) -> Iterator[Cluster]:
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+def kvctl_json(endpoints: list[str], *args: str) -> Any:
+    r = subprocess.run(
+        [sys.executable, "-m", "kvstore.cli.kvctl", "--endpoints", ",".join(endpoints), "--timeout", "20", *args],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert r.returncode == 0, f"kvctl {' '.join(args)} exited {r.returncode}: {r.stderr}{r.stdout}"
+    return json.loads(r.stdout)
+
+
+# --- 1. leader balance over 8 groups ------------------------------------------------------------
+def test_eight_groups_leaders_spread_over_all_nodes_and_scan_merges_in_order(tmp_path: Path) -> None:
+    with running(Cluster(tmp_path, 3, extra_args=["--groups", "8"])) as cluster, Client(cluster.endpoints) as c:
+        m = fresh_map(c)
+        assert m.data_groups() == list(range(1, 9))
+        for g in m.data_groups():
+            assert sorted(m.groups[g].voters) == [1, 2, 3], f"group {g}: {m.groups[g]}"
+        preferred = {g: m.groups[g].voters[0] for g in m.data_groups()}
+        per_node = collections.Counter(preferred.values())
+        assert set(per_node) == {1, 2, 3} and min(per_node.values()) >= 2, f"preferred leaders {preferred}"
+
+        # The balancer hands every group to its preferred leader.
+        def converged() -> dict[int, int] | None:
+            cur = leaders(cluster)
+            return cur if all(cur.get(g) == n for g, n in preferred.items()) else None
+
+        try:
+            actual = wait_for("leaders to converge to the preferred leaders", converged, 60.0, 0.25)
+        except AssertionError as err:
+            raise AssertionError(f"{err}\npreferred {preferred}, actual {leaders(cluster)}\n{node_logs(cluster)}") from None
+        led = collections.Counter(actual[g] for g in m.data_groups())
+        assert set(led) == {1, 2, 3} and min(led.values()) >= 2, f"leaders {actual}"
+
+        keys = [b"key-%04d" % i for i in range(300)]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda k: c.put(k, b"v-" + k), keys))
+        got = list(c.scan(b"key-"))
+        assert [k for k, _ in got] == keys  # all of them, merged from 8 groups in key order
+        assert all(v == b"v-" + k for k, v in got)
+        used = {m.group_for_key(k) for k in keys}
+        assert used == set(m.data_groups())
+
+        def counted() -> dict[str, Any] | None:
+            out = kvctl_json(cluster.endpoints, "shards", "-o", "json")
+            return out if sum(g["keys"] for g in out["groups"]) == 300 else None
+
+        info = wait_for("kvctl shards to count 300 keys", counted, 20.0, 0.5)
+        assert sorted(g["id"] for g in info["groups"]) == list(range(1, 9))
+        assert info["moves_pending"] == 0
+        assert all(g["keys"] > 0 for g in info["groups"])
+        assert abs(sum(g["share"] for g in info["groups"]) - 1.0) < 1e-9
+
+
+# --- 2. placement on 5 nodes ----------------------------------------------------------------------
+def test_five_nodes_place_three_replicas_and_single_endpoint_clients_reach_every_group(tmp_path: Path) -> None:
+    extra = ["--groups", "5", "--replication", "3"]  # overrides the harness's --replication 5
+    with running(Cluster(tmp_path, 5, extra_args=extra)) as cluster:
+        with Client(cluster.endpoints) as c:
+            m = fresh_map(c)
+        groups = m.data_groups()
+        assert groups == [1, 2, 3, 4, 5]
+        for g in groups:
+            assert len(set(m.groups[g].voters)) == 3, f"group {g}: {m.groups[g]}"
+        for nid in cluster.nodes:
+            assert len(m.groups_of_node(nid)) == 3, f"node {nid} replicates {m.groups_of_node(nid)}"
+        assert set(m.nodes) == set(cluster.nodes)
+
+        # Every node hosts the metadata group and exactly its data groups, with the map's voters.
+        def placed() -> dict[int, admin_pb2.StatusResponse] | None:
+            sts = statuses(cluster)
+            if set(sts) != set(cluster.nodes):
+                return None
+            if any(hosted(st) != {0, *m.groups_of_node(nid)} for nid, st in sts.items()):
+                return None
+            return sts
+
+        try:
+            sts = wait_for("every node to host exactly its groups", placed, 20.0)
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{ {n: sorted(hosted(s)) for n, s in statuses(cluster).items()} }") from None
+        for nid, st in sts.items():
+            for gs in st.groups:
+                want = sorted(cluster.nodes) if gs.group == 0 else sorted(m.groups[gs.group].voters)
+                assert sorted(gs.voters) == want, f"node {nid} group {gs.group}: voters {list(gs.voters)}"
+
+        keys = keys_per_group(m, groups, 3, b"five-")
+        all_keys = [k for g in groups for k in keys[g]]
+        # A client that knows one node reaches every group, including those the node does not host.
+        for nid, node in sorted(cluster.nodes.items()):
+            foreign = [g for g in groups if g not in m.groups_of_node(nid)]
+            assert foreign, f"node {nid} hosts every group"
+            with Client([node.address], timeout=20) as c1:
+                for k in all_keys:
+                    c1.put(k, b"from-%d" % nid)
+                    assert c1.get(k) == b"from-%d" % nid
+        with Client([cluster.nodes[1].address], timeout=20) as c1:
+            assert sorted(k for k, _ in c1.scan(b"five-")) == sorted(all_keys)
+
+        # kill -9 the node leading the most groups: every key stays writable.
+        lead = leaders(cluster)
+        victim_id = collections.Counter(lead[g] for g in groups if g in lead).most_common(1)[0][0]
+        cluster.nodes[victim_id].kill9()
+        survivor = next(n for nid, n in sorted(cluster.nodes.items()) if nid != victim_id)
+        with Client([survivor.address], timeout=30) as c1:
+            for k in all_keys:
+                c1.put(k, b"after-kill")
+            for k in all_keys:
+                assert c1.get(k) == b"after-kill"
+
+
+# --- 3. add and remove a group under load ---------------------------------------------------------
+@dataclass
+class Load:
+    """Concurrent writers recording what was acknowledged: unique-key puts and cas counters."""
+
+    endpoints: list[str]
+    prefix: bytes
+    max_keys: int = 4000
+    counters: tuple[bytes, ...] = (b"ctr-a", b"ctr-b", b"ctr-c")
+    attempted: list[bytes] = field(default_factory=list)
+    acked: dict[bytes, bytes] = field(default_factory=dict)
+    indeterminate: set[bytes] = field(default_factory=set)
+    failed: set[bytes] = field(default_factory=set)
+    incr_acked: collections.Counter[bytes] = field(default_factory=collections.Counter)
+    incr_indeterminate: collections.Counter[bytes] = field(default_factory=collections.Counter)
+    errors: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+    marks: list[tuple[str, float]] = field(default_factory=list)
+    acked_at: list[float] = field(default_factory=list)
+
+    def start(self) -> Load:
+        self.threads = [threading.Thread(target=self._puts, daemon=True), threading.Thread(target=self._cas, daemon=True)]
+        for t in self.threads:
+            t.start()
+        return self
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+            assert not t.is_alive(), "a writer did not stop"
+
+    def _puts(self) -> None:
+        with Client(self.endpoints, timeout=20) as c:
+            i = 0
+            while not self.stop.is_set() and i < self.max_keys:
+                k = self.prefix + b"%05d" % i
+                v = b"v" + k
+                i += 1
+                self.attempted.append(k)
+                try:
+                    c.put(k, v)
+                except errors.KVError as err:
+                    (self.indeterminate if err.indeterminate else self.failed).add(k)
+                    self.errors.append(f"put {k!r}: {err!r}")
+                    continue
+                self.acked[k] = v
+                self.acked_at.append(time.monotonic())
+
+    def _cas(self) -> None:
+        with Client(self.endpoints, timeout=20) as c:
+            j = 0
+            while not self.stop.is_set():
+                k = self.counters[j % len(self.counters)]
+                j += 1
+                try:
+                    cur = c.get(k)
+                except errors.KVError as err:
+                    self.errors.append(f"get {k!r}: {err!r}")
+                    continue
+                new = b"%d" % (int(cur or b"0") + 1)
+                try:
+                    swapped = c.cas(k, cur, new)
+                except errors.KVError as err:
+                    if err.indeterminate:
+                        self.incr_indeterminate[k] += 1
+                    self.errors.append(f"cas {k!r}: {err!r}")
+                    continue
+                if swapped:
+                    self.incr_acked[k] += 1
+
+    def acked_between(self, t0: float, t1: float) -> int:
+        return sum(1 for t in list(self.acked_at) if t0 <= t <= t1)
+
+
+def check_load(c: Client, load: Load) -> None:
+    """Every acknowledged write reads back; nothing appears that was not attempted; counters exact."""
+    for k, v in load.acked.items():
+        assert c.get(k) == v, f"acknowledged {k!r} lost or wrong"
+    scanned = dict(c.scan(load.prefix))
+    attempted = set(load.attempted)
+    assert set(scanned) <= attempted, f"keys never written: {sorted(set(scanned) - attempted)[:5]}"
+    assert set(load.acked) <= set(scanned), f"acknowledged keys missing from the scan: {sorted(set(load.acked) - set(scanned))[:5]}"
+    extra = set(scanned) - set(load.acked)
+    assert extra <= load.indeterminate, f"keys whose writes definitely failed are present: {sorted(extra)[:5]}"
+    for k in load.failed:
+        assert k not in scanned, f"definitely failed put of {k!r} was applied"
+    for k in load.counters:
+        value = int(c.get(k) or b"0")
+        lo, hi = load.incr_acked[k], load.incr_acked[k] + load.incr_indeterminate[k]
+        assert lo <= value <= hi, f"counter {k!r} = {value}, acknowledged increments {lo}, indeterminate {hi - lo}"
+
+
+def test_add_then_remove_a_group_under_write_load_loses_nothing(tmp_path: Path) -> None:
+    with running(Cluster(tmp_path, 3, extra_args=["--groups", "2"])) as cluster, Client(cluster.endpoints, timeout=30) as c:
+        m0 = fresh_map(c)
+        assert m0.data_groups() == [1, 2]
+        load = Load(cluster.endpoints, b"load-").start()
+        try:
+            wait_for("the writers to get going", lambda: len(load.acked) >= 30 and sum(load.incr_acked.values()) >= 5,
+                     30.0, 0.05)
+            t0 = time.monotonic()
+            resp = c.add_group(wait=True, timeout=120)
+            t1 = time.monotonic()
+            assert resp.moves_pending == 0, resp.message
+            time.sleep(0.5)  # keep writing on the new layout for a moment
+            during_add = load.acked_between(t0, t1)
+            m1 = fresh_map(c)
+            assert m1.data_groups() == [1, 2, 3], m1.groups
+            assert not m1.moves and 3 in m1.ring.owners and m1.share(3) > 0
+            assert m1.version > m0.version
+            check_load(c, load)  # consistency while the writers keep going
+
+            t2 = time.monotonic()
+            resp = c.remove_group(1, wait=True, timeout=120)
+            t3 = time.monotonic()
+            assert resp.moves_pending == 0, resp.message
+            time.sleep(0.5)
+        finally:
+            load.finish()
+        during_remove = load.acked_between(t2, t3)
+        print(f"\nadd group: {t1 - t0:.2f}s ({during_add} puts acknowledged meanwhile); remove group: "
+              f"{t3 - t2:.2f}s ({during_remove} meanwhile); {len(load.acked)} puts, "
+              f"{sum(load.incr_acked.values())} increments, {len(load.errors)} errors {load.errors[:3]}")
+
+        m2 = fresh_map(c)
+        assert m2.data_groups() == [2, 3] and not m2.moves
+        assert 1 not in m2.ring.owners and 1 not in m2.routes
+        check_load(c, load)
+        scanned = [k for k, _ in c.scan(load.prefix)]
+        assert scanned == sorted(set(scanned))  # key order, no duplicates across groups
+        assert set(load.acked) <= set(scanned) <= set(load.acked) | load.indeterminate
+
+        info = c.shards()
+        assert info.moves_pending == 0
+        assert sorted(g.id for g in info.groups) == [2, 3]
+        assert all(g.share > 0 for g in info.groups)
+
+        def group3_keys() -> int | None:
+            n = next(g.keys for g in c.shards().groups if g.id == 3)
+            return n if n > 0 else None
+
+        wait_for("group 3 to report its keys", group3_keys, 20.0, 0.25)
+        # Every node destroys its replica of the removed group.
+        wait_for("group 1 to be destroyed everywhere",
+                 lambda: all(1 not in hosted(st) for st in statuses(cluster).values()), 30.0, 0.25)
+
+
+# --- 4. a client with a stale map ---------------------------------------------------------------
+def test_client_with_stale_map_is_redirected_and_refreshes(tmp_path: Path) -> None:
+    with running(Cluster(tmp_path, 3, extra_args=["--groups", "2"])) as cluster, \
+            Client(cluster.endpoints) as a, Client(cluster.endpoints) as b:
+        old = fresh_map(a)
+        new_ring = old.plan_add_group(sorted(cluster.nodes)).ring
+        gid = old.next_group
+        moving = [k for k in (b"stale-%d" % i for i in range(2000)) if new_ring.group_for_key(k) == gid][:12]
+        assert len(moving) == 12
+        for k in moving:
+            b.put(k, b"before")
+            assert a.get(k) == b"before"  # A routes by the old map and learns the old leaders
+        b.add_group(wait=True, timeout=120)
+        new = fresh_map(b)
+        assert new.version > old.version
+        assert all(new.group_for_key(k) == gid and old.group_for_key(k) != gid for k in moving)
+        assert cached_version(a) == old.version  # A has not looked yet
+
+        for k in moving:
+            assert a.get(k) == b"before"
+            a.put(k, b"after-" + k)
+        for k in moving:
+            assert b.get(k) == b"after-" + k
+        have = cached_version(a)
+        assert have == new.version, f"A still routes by map version {have}, current is {new.version}"
+
+
+# --- 5. exactly-once across a move --------------------------------------------------------------
+def kv_call(endpoints: list[str], rpc: str, request: Any, timeout: float = 30.0) -> Any:
+    """Send `request` to each endpoint in turn until one answers without error (following leader
+    changes); return that reply. Errors other than "not the leader here" fail the test."""
+    retry = {kv_pb2.NOT_LEADER, kv_pb2.NO_LEADER, kv_pb2.PROPOSAL_DROPPED, kv_pb2.WRONG_SHARD}
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        for ep in endpoints:
+            with grpc.insecure_channel(ep) as ch:
+                try:
+                    resp = getattr(kv_pb2_grpc.KVStub(ch), rpc)(request, timeout=5.0)
+                except grpc.RpcError as err:
+                    last = err
+                    continue
+            if resp.error.code == kv_pb2.OK:
+                return resp
+            last = resp.error
+            assert resp.error.code in retry, f"{rpc} failed at {ep}: {resp.error}"
+        time.sleep(0.1)
+    raise AssertionError(f"{rpc} got no successful answer in {timeout:g}s (last: {last})")
+
+
+def test_retry_of_a_write_applied_before_its_key_moved_is_not_applied_again(tmp_path: Path) -> None:
+    with running(Cluster(tmp_path, 3, extra_args=["--groups", "2"])) as cluster, Client(cluster.endpoints) as c:
+        eps = cluster.endpoints
+        old = fresh_map(c)
+        gid = old.next_group
+        new_ring = old.plan_add_group(sorted(cluster.nodes)).ring
+        k_put, k_cas = [k for k in (b"once-%d" % i for i in range(2000)) if new_ring.group_for_key(k) == gid][:2]
+        src_put, src_cas = old.group_for_key(k_put), old.group_for_key(k_cas)
+        cid = secrets.randbits(62) | 1
+        s1 = kv_pb2.Session(client_id=cid, seq=1, ack=1)
+        s2 = kv_pb2.Session(client_id=cid, seq=2, ack=1)
+
+        # Applied in the source groups; the results are cached in their session tables.
+        kv_call(eps, "Put", kv_pb2.PutRequest(key=k_put, value=b"first", session=s1))
+        r = kv_call(eps, "Cas", kv_pb2.CasRequest(key=k_cas, expect_absent=True, value=b"c-first", session=s2))
+        assert r.swapped
+
+        c.add_group(wait=True, timeout=120)
+        new = fresh_map(c)
+        assert new.group_for_key(k_put) == gid != src_put and new.group_for_key(k_cas) == gid != src_cas
+
+        # The same requests again, "retried" by a client that never saw the replies, but with other
+        # values: the new owner answers from the session table that moved with the keys.
+        kv_call(eps, "Put", kv_pb2.PutRequest(key=k_put, value=b"second", session=s1))
+        r = kv_call(eps, "Cas", kv_pb2.CasRequest(key=k_cas, expect_absent=True, value=b"c-second", session=s2))
+        assert r.swapped, "the retried CAS must return the original result (swapped), not re-evaluate it"
+        assert c.get(k_put) == b"first", "a retried put was applied twice (once per group)"
+        assert c.get(k_cas) == b"c-first", "a retried cas was applied twice"
+
+        # The session goes on in the new group: a new sequence number is applied once.
+        s3 = kv_pb2.Session(client_id=cid, seq=3, ack=1)
+        r = kv_call(eps, "Cas", kv_pb2.CasRequest(key=k_put, expected=b"first", value=b"third", session=s3))
+        assert r.swapped
+        r = kv_call(eps, "Cas", kv_pb2.CasRequest(key=k_put, expected=b"first", value=b"fourth", session=s3))
+        assert r.swapped
+        assert c.get(k_put) == b"third"
