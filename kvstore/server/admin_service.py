@@ -13,13 +13,15 @@ from kvstore.v1 import admin_pb2, admin_pb2_grpc
 
 from .config import DATA_GROUP, NodeConfig
 from .host import Host
+from .reads import ReplicaReads
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
-    def __init__(self, cfg: NodeConfig, host: Host, wake: Any) -> None:
+    def __init__(self, cfg: NodeConfig, host: Host, wake: Any, reads: ReplicaReads | None = None) -> None:
         self.cfg = cfg
         self.host = host
         self.wake = wake
+        self.reads = reads
 
     def _members(self) -> list[admin_pb2.Member]:
         g = self.host.groups.get(DATA_GROUP)
@@ -39,6 +41,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 applied=st["applied"], last_index=st["last_index"], first_index=st["first_index"],
                 voters=st["voters"], learners=st["learners"],
             )
+            self._replica_status(gs)
             for nid, pr in st["progress"].items():
                 gs.progress.append(
                     admin_pb2.GroupStatus.Progress(id=nid, match=pr["match"], next=pr["next"], state=pr["state"])
@@ -48,6 +51,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             node_id=self.cfg.id, cluster_id=self.cfg.cluster_id, address=self.cfg.address,
             members=self._members(), groups=groups, storage_full=self.host.failed is not None,
         )
+
+    def _replica_status(self, gs: admin_pb2.GroupStatus) -> None:
+        """Read-replica fields: staleness bound and time since leader contact."""
+        contact = None
+        if self.reads is not None:
+            s = self.reads.staleness(gs.group)
+            gs.staleness_ms = -1 if s is None else int(s * 1000 + 0.999)
+            contact = self.reads.leader_contact_seconds(gs.group)
+        else:
+            gs.staleness_ms = -1
+        gs.leader_contact_ms = -1 if contact is None else int(contact * 1000)
 
     async def _conf_change(self, cc: ConfChange) -> admin_pb2.AdminResponse:
         loop = asyncio.get_running_loop()

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .host import RaftSettings
+from .reads import ReadSettings
 
 DATA_GROUP = 1
 """The single data group of this milestone (group 0 is reserved for the shard map)."""
@@ -27,6 +28,8 @@ class NodeConfig:
     cluster_id: str = "kvstore"
     join: bool = False
     """Start without bootstrapping: wait to be added to an existing cluster (`kvctl member add`)."""
+    learner: bool = False
+    """A read replica: start like `join`, and ask the cluster to add this node as a learner."""
     advertise: str = ""
     """Address peers and clients use to reach this node (defaults to `listen`)."""
     metrics_listen: str = ""
@@ -34,6 +37,7 @@ class NodeConfig:
     sync: bool = True
     raft: RaftSettings = field(default_factory=RaftSettings)
     limits: Limits = field(default_factory=Limits)
+    reads: ReadSettings = field(default_factory=ReadSettings)
 
     def validate(self) -> None:
         if self.id < 1:

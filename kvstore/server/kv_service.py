@@ -22,18 +22,22 @@ from kvstore.v1 import kv_pb2, kv_pb2_grpc
 from .config import DATA_GROUP, NodeConfig
 from .host import Host
 from .metrics import Metrics
+from .reads import ReadPoint, ReplicaReads
 
 log = logging.getLogger("kvstore.kv")
 
 
 class KVService(kv_pb2_grpc.KVServicer):
-    def __init__(self, cfg: NodeConfig, host: Host, wake: Any, metrics: Metrics) -> None:
+    def __init__(
+        self, cfg: NodeConfig, host: Host, wake: Any, metrics: Metrics, reads: ReplicaReads | None = None
+    ) -> None:
         self.cfg = cfg
         self.host = host
         self.store = host.store
         self.wake = wake
         self.metrics = metrics
         self.group = DATA_GROUP
+        self.reads = reads or ReplicaReads(host, request_timeout=cfg.request_timeout)
 
     # --- helpers ----------------------------------------------------------------------------
     def _check_key(self, key: bytes) -> None:
@@ -96,10 +100,9 @@ class KVService(kv_pb2_grpc.KVServicer):
                 f"read not confirmed within {self.cfg.request_timeout:g}s", indeterminate=False
             ) from None
 
-    async def _read_point(self, consistency: int) -> int:
-        if consistency == kv_pb2.SERIALIZABLE:
-            return self.store.applied_index(self.group)
-        return await self._linearizable()
+    async def _read_point(self, consistency: int, max_staleness_ms: int = 0) -> ReadPoint:
+        """Wait until the group may be read at `consistency` (see reads.py: replicas serve too)."""
+        return await self.reads.read_point(self.group, consistency, max_staleness_ms, self._linearizable, self.wake)
 
     @staticmethod
     def _session(s: kv_pb2.Session) -> tuple[int, int, int]:
@@ -109,10 +112,13 @@ class KVService(kv_pb2_grpc.KVServicer):
     async def Get(self, request: kv_pb2.GetRequest, context: grpc.aio.ServicerContext) -> kv_pb2.GetResponse:
         try:
             self._check_key(request.key)
-            index = await self._read_point(request.consistency)
+            point = await self._read_point(request.consistency, request.max_staleness_ms)
             value = self.store.get(self.group, request.key)
             self.metrics.reads.inc()
-            return kv_pb2.GetResponse(found=value is not None, value=value or b"", index=index)
+            return kv_pb2.GetResponse(
+                found=value is not None, value=value or b"", index=point.index,
+                staleness_ms=point.staleness_ms, node_id=self.cfg.id,
+            )
         except errors.KVError as err:
             return kv_pb2.GetResponse(error=errors.to_proto(err))
 
@@ -162,17 +168,32 @@ class KVService(kv_pb2_grpc.KVServicer):
                 start, end = request.prefix, _prefix_end(request.prefix)
             else:
                 start, end = request.start, request.end or None
-            await self._read_point(request.consistency)
+            point = await self._read_point(request.consistency, request.max_staleness_ms)
         except errors.KVError as err:
             yield kv_pb2.ScanResponse(error=errors.to_proto(err))
             return
         limit = request.limit or 0
         sent = 0
+        first = True
         for chunk in self.store.scan_chunks(self.group, start, end, limit):
             sent += len(chunk)
-            yield kv_pb2.ScanResponse(items=[kv_pb2.KeyValue(key=k, value=v) for k, v in chunk], more=True)
-        yield kv_pb2.ScanResponse(more=False)
+            resp = kv_pb2.ScanResponse(items=[kv_pb2.KeyValue(key=k, value=v) for k, v in chunk], more=True)
+            if first:
+                _scan_meta(resp, point, self.cfg.id)
+                first = False
+            yield resp
+        resp = kv_pb2.ScanResponse(more=False)
+        if first:
+            _scan_meta(resp, point, self.cfg.id)
+        yield resp
         self.metrics.reads.inc()
+
+
+def _scan_meta(resp: kv_pb2.ScanResponse, point: ReadPoint, node_id: int) -> None:
+    """Where the scan was served: on the first message of the stream."""
+    resp.index = point.index
+    resp.staleness_ms = point.staleness_ms
+    resp.node_id = node_id
 
 
 def _prefix_end(prefix: bytes) -> bytes | None:
