@@ -14,6 +14,8 @@ from kvstore.client.client import (
     Client,
     Consistency,
     NodeStatus,
+    ReadPreference,
+    ReadResult,
 )
 
 __all__ = [
@@ -23,4 +25,6 @@ __all__ = [
     "Client",
     "Consistency",
     "NodeStatus",
+    "ReadPreference",
+    "ReadResult",
 ]
