@@ -160,6 +160,10 @@ class Cluster:
         raise AssertionError(f"no leader within {timeout}s\n{logs}")
 
     def stop(self) -> None:
+        for n in self.nodes.values():  # all at once: each node's graceful stop takes a while
+            if n.alive and n.proc is not None:
+                with contextlib.suppress(Exception):
+                    n.proc.send_signal(signal.SIGTERM)
         for n in self.nodes.values():
             with contextlib.suppress(Exception):
                 n.terminate()
