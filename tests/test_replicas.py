@@ -10,7 +10,6 @@ import collections
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
