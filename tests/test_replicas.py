@@ -110,6 +110,18 @@ def test_kvctl_status_and_get_through_replicas(cluster: Cluster) -> None:
     assert code == 0 and got["value"] == "v" and got["node_id"] in (4, 5) and got["staleness_ms"] < 2000, got
     code, out = kvctl("get", "cli", "--read-from", "nearest", "--consistency", "stale")
     assert code == 0 and out.strip() == "v"
+    code, out = kvctl("scan", "pre/00", "--keys-only", "--read-from", "replica", "--consistency", "stale")
+    assert code == 0 and out.split() == [f"pre/{i:03d}" for i in range(10)], out
+
+
+def test_scans_through_replicas(cluster: Cluster) -> None:
+    with Client(cluster.endpoints) as writer, Client(cluster.endpoints, read_preference="replica") as reader:
+        writer.put(b"scan/x", b"1")
+        assert list(reader.scan(b"scan/")) == [(b"scan/x", b"1")]
+        assert len(list(reader.scan(b"pre/", consistency="bounded", max_staleness=2.0))) == 400
+        learners = {cluster.nodes[4].address, cluster.nodes[5].address}
+        assert set(reader.async_client.replicas.served) <= learners
+        assert sum(reader.async_client.replicas.served.values()) == 2
 
 
 def test_killing_learners_never_affects_writes(cluster: Cluster) -> None:

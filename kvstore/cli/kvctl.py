@@ -287,16 +287,32 @@ def cas(c: _Ctx, args: tuple[str, ...], absent: bool) -> None:
 @click.option("--start", default=None, help="Only keys >= START.")
 @click.option("--end", default=None, help="Only keys < END.")
 @click.option("--keys-only", is_flag=True, help="Print keys only.")
+@click.option("--consistency", type=click.Choice(["linearizable", "bounded", "stale"]), default=None,
+              help="As for get (default linearizable).")
+@click.option("--max-staleness", callback=_duration, default=None, metavar="DURATION",
+              help="For bounded scans (implies --consistency bounded).")
+@click.option("--read-from", "read_from", type=click.Choice(list(READ_PREFERENCES)), default="leader",
+              show_default=True, help="Read preference, as for get.")
 @_output_option
 @pass_ctx
-def scan(c: _Ctx, prefix: str, limit: int, start: str | None, end: str | None, keys_only: bool) -> None:
+def scan(
+    c: _Ctx, prefix: str, limit: int, start: str | None, end: str | None, keys_only: bool,
+    consistency: str | None, max_staleness: float | None, read_from: str,
+) -> None:
     """Print the pairs whose key starts with PREFIX, as KEY<TAB>VALUE lines in key order
     (-o json: one JSON object per line)."""
     p = c.parse(prefix, "PREFIX")
     lo = None if start is None else c.parse(start, "--start")
     hi = None if end is None else c.parse(end, "--end")
+    level = consistency or ("bounded" if max_staleness is not None else "linearizable")
+    if level == "bounded" and not max_staleness:
+        raise click.UsageError("--consistency bounded needs --max-staleness (e.g. 500ms)")
     with _errors(is_write=False):
-        for key, value in c.client().scan(p, start=lo, end=hi, limit=limit):
+        items = c.client().scan(
+            p, start=lo, end=hi, limit=limit, consistency=level,  # type: ignore[arg-type]
+            max_staleness=max_staleness, read_preference=read_from,  # type: ignore[arg-type]
+        )
+        for key, value in items:
             if c.json:
                 obj = {"key": c.show(key)} if keys_only else {"key": c.show(key), "value": c.show(value)}
                 _emit_json(obj)

@@ -919,6 +919,8 @@ class AsyncClient:
                         break
                     if resp is grpc.aio.EOF:
                         self._scan_reply(group, target, learns_leader)
+                        if target in replicas_tried:
+                            self.replicas.record_served(target)
                         return
                     maybe = from_proto(resp.error, is_write=False)
                     if maybe is not None:
