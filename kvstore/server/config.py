@@ -44,6 +44,8 @@ class NodeConfig:
             raise ValueError("--id must be >= 1")
         if not self.join and self.id not in self.peers:
             raise ValueError(f"--peers must include this node (id {self.id})")
+        if self.learner and not any(nid != self.id for nid in self.peers):
+            raise ValueError("--learner needs the address of at least one other member in --peers")
         for nid, addr in self.peers.items():
             if nid < 1 or ":" not in addr:
                 raise ValueError(f"bad peer {nid}={addr!r}: expected ID=HOST:PORT")
