@@ -3,10 +3,18 @@
 The verdict is ``valid`` only if every check passed, ``invalid`` if any check found a
 violation, and ``unknown`` otherwise (the checker ran out of time, or the final reads after
 healing could not be made, so acknowledged writes could not be verified).
+
+Reads below linearizable (``stale`` / ``bounded`` through replicas) are held to what their reply
+claimed: a read that reported a staleness bound ``S`` says its state includes every write
+acknowledged more than ``S`` before it was served, so it must be linearizable within
+``[invoke - S, complete]``. The *staleness* check runs the linearizability checker on the history
+with each such read widened that way (an unknown bound widens it to the start of the run). The
+plain linearizability verdict still applies to them: stale reads are expected to fail it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +34,7 @@ class Analysis:
     linearizability: dict[str, Any] = field(default_factory=dict)
     set: dict[str, Any] | None = None
     bank: dict[str, Any] | None = None
+    staleness: dict[str, Any] | None = None
     counts: dict[str, int] = field(default_factory=dict)
     bad_key: str | None = None
     counterexample: list[Operation] = field(default_factory=list)
@@ -39,6 +48,7 @@ class Analysis:
             "linearizability": self.linearizability,
             "set": self.set,
             "bank": self.bank,
+            "staleness": self.staleness,
             "counts": self.counts,
             "bad_key": self.bad_key,
             "counterexample": [format_op(o) for o in self.counterexample],
@@ -100,6 +110,32 @@ def _bank_check(records: Sequence[OpRecord], total: int | None, accounts: int | 
     }
 
 
+def _staleness_check(records: Sequence[OpRecord], check_timeout: float) -> dict[str, Any]:
+    """Linearizability with every stale / bounded read widened by the staleness it reported."""
+    relaxed = [r for r in records if r.f == "get" and r.consistency in ("stale", "bounded") and r.status == "ok"]
+    widened: list[OpRecord] = []
+    pid = 30_000_000
+    reported = [r.staleness for r in relaxed if r.staleness is not None]
+    relaxed_ids = {id(r) for r in relaxed}
+    for r in records:
+        if id(r) in relaxed_ids:
+            pid += 1  # its own process: the widened interval may overlap the process's previous op
+            start = 0.0 if r.staleness is None else r.invoke - r.staleness
+            widened.append(dataclasses.replace(r, process=pid, invoke=min(r.invoke, start)))
+        else:
+            widened.append(r)
+    res = check(to_operations(widened), timeout=check_timeout)
+    return {
+        "reads": len(relaxed),
+        "unknown_bound": len(relaxed) - len(reported),
+        "max_bound": round(max(reported), 3) if reported else None,
+        "verdict": res.verdict.value,
+        "bad_key": res.bad_key,
+        "counterexample": [format_op(o) for o in res.counterexample][:20],
+        "valid": {Verdict.LINEARIZABLE: True, Verdict.NOT_LINEARIZABLE: False}.get(res.verdict),
+    }
+
+
 def analyze_records(
     records: Sequence[OpRecord],
     *,
@@ -144,6 +180,14 @@ def analyze_records(
         a.bank = _bank_check(records, bank_total, bank_accounts)
         if not a.bank["valid"]:
             a.reasons.append(f"bank: {a.bank['bad_count']} read(s) break the conservation of the total")
+    if any(r.consistency in ("stale", "bounded") for r in records):
+        a.staleness = _staleness_check(records, check_timeout)
+        if a.staleness["valid"] is False:
+            a.reasons.append(
+                f"staleness: a read through a replica was staler than the bound it reported (key {a.staleness['bad_key']!r})"
+            )
+        elif a.staleness["valid"] is None:
+            a.reasons.append("staleness check unknown (checker budget)")
     # lost-write check for the keyed workloads: every key must have been read after heal
     finals = {r.key for r in records if r.final and r.status == "ok"}
     missing = [k for k in expected_final_keys if k not in finals]
@@ -155,6 +199,7 @@ def analyze_records(
         res.verdict is Verdict.NOT_LINEARIZABLE
         or (a.set is not None and a.set["valid"] is False)
         or (a.bank is not None and not a.bank["valid"])
+        or (a.staleness is not None and a.staleness["valid"] is False)
     )
     if invalid:
         a.verdict = "invalid"

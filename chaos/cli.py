@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .nemesis import ALL_FAMILIES, parse_families
+from .nemesis import ALL_FAMILIES, EXTRA_FAMILIES, parse_families
 from .workload import WORKLOADS
 
 RUN_HELP = f"""Run a cluster under a workload and a nemesis, check the history, write a report.
@@ -36,7 +36,15 @@ Nemesis families (comma-separated, or `all`): {", ".join(ALL_FAMILIES)}
   pause:     SIGSTOP / SIGCONT one node or the leader
   transfer:  leadership transfer to a random voter
   member:    remove a voter, re-add it as a NEW id with an empty data dir
+Not in `all` ({", ".join(EXTRA_FAMILIES)}):
+  replicas:  cut the read replicas (--learners) off from every other node
 The schedule always ends with every fault healed and a quiet period.
+
+\b
+Read replicas: --learners N adds N learner hosts (`kvstore serve --learner`). The `replicas`
+workload reads through them at --read-consistency (half routed by the client library with
+--read-from, half pinned to one replica); at `stale` the run is expected to be invalid, and
+every run checks that each read was no staler than the bound it reported.
 """
 
 
@@ -73,10 +81,18 @@ def _nemesis(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 @click.option("--keep-data", is_flag=True, help="Keep the nodes' data dirs even when the run is valid.")
 @click.option("--stale-reads", is_flag=True, hidden=True,
               help="PLANTED BUG for testing the harness: serve gets from a random node's local state.")
+@click.option("--learners", type=click.IntRange(0, 5), default=None,
+              help="Read replicas (learner hosts) besides the voters [default: 2 for --workload replicas, else 0].")
+@click.option("--read-from", type=click.Choice(["leader", "nearest", "replica"]), default=None,
+              help="Read preference of the replicas workload's routed gets [default: replica].")
+@click.option("--read-consistency", type=click.Choice(["linearizable", "bounded", "stale"]), default="linearizable",
+              show_default=True, help="Consistency of the replicas workload's gets.")
+@click.option("--max-staleness", type=float, default=0.5, show_default=True, help="Bound of bounded reads (s).")
 def run(
     nodes: str, seconds: float, nemesis: list[str], workload: str, backend: str, seed: int, out: Path,
     concurrency: int, rate: float, quiet: float | None, tick_ms: int, op_timeout: float,
     fault_min: float | None, fault_max: float | None, check_timeout: float, keep_data: bool, stale_reads: bool,
+    learners: int | None, read_from: str | None, read_consistency: str, max_staleness: float,
 ) -> None:
     from . import netns
     from .runner import RunConfig
@@ -87,6 +103,8 @@ def run(
         out=str(out), tick_ms=tick_ms, concurrency=concurrency, rate=rate, quiet=quiet, op_timeout=op_timeout,
         fault_min=fault_min, fault_max=fault_max, stale_reads=stale_reads, keep_data=keep_data,
         check_timeout=check_timeout,
+        learners=learners if learners is not None else (2 if workload == "replicas" else 0),
+        read_from=read_from or "", read_consistency=read_consistency, max_staleness=max_staleness,
     )
     try:
         code, _run_dir, _summary = do_run(cfg)

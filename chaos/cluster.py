@@ -4,7 +4,8 @@ replaced by the harness, always by PID.
 A *host* is a place a node runs: a network namespace (netns backend) or a loopback port (local
 backend). Hosts are numbered 1..N and keep their address for the whole run; the node *id* on a
 host changes when the membership nemesis replaces the node (a new id with an empty data dir,
-never a reused one).
+never a reused one). With ``learners=L``, hosts N+1..N+L run read replicas (``kvstore serve
+--learner``, which register themselves as learners once the voters have a leader).
 """
 
 from __future__ import annotations
@@ -140,10 +141,12 @@ class Cluster:
         cluster_id: str = "kvchaos",
         extra_args: list[str] | None = None,
         log_level: str = "info",
+        learners: int = 0,
     ) -> None:
         self.backend = backend
         self.run_dir = Path(run_dir)
         self.n = n
+        self.learners = learners
         self.state = state
         self.tick_ms = tick_ms
         self.cluster_id = cluster_id
@@ -153,23 +156,36 @@ class Cluster:
         self.log_root = self.run_dir / "nodes"
         self.data_root.mkdir(parents=True, exist_ok=True)
         self.log_root.mkdir(parents=True, exist_ok=True)
-        self.next_id = n + 1
+        self.next_id = n + learners + 1
         peers = ",".join(f"{h}={backend.address(h)}" for h in range(1, n + 1))
         self.hosts: dict[int, NodeHost] = {}
         for h in range(1, n + 1):
             self.hosts[h] = self._make(h, h, peers, join=False)
+        for h in range(n + 1, n + learners + 1):
+            self.hosts[h] = self._make(h, h, f"{peers},{h}={backend.address(h)}", join=True, learner=True)
         self._admin_channels: dict[str, grpc.aio.Channel] = {}
 
     # ----- processes -----
 
-    def _make(self, host: int, node_id: int, peers: str, *, join: bool) -> NodeHost:
+    @property
+    def voter_hosts(self) -> list[int]:
+        """The hosts started as voters (the learner hosts are the rest)."""
+        return [h for h in sorted(self.hosts) if h <= self.n]
+
+    @property
+    def learner_hosts(self) -> list[int]:
+        return [h for h in sorted(self.hosts) if h > self.n]
+
+    def _make(self, host: int, node_id: int, peers: str, *, join: bool, learner: bool = False) -> NodeHost:
         addr = self.backend.address(host)
         args = [
             "--id", str(node_id), "--data-dir", str(self.data_root / f"n{node_id}"), "--listen", addr,
             "--peers", peers, "--cluster-id", self.cluster_id, "--tick-ms", str(self.tick_ms),
             "--log-level", self.log_level, "--replication", str(max(3, self.n)), *self.extra_args,
         ]
-        if join:
+        if learner:
+            args.append("--learner")
+        elif join:
             args.append("--join")
         return NodeHost(host, node_id, addr, args, self.log_root / f"n{node_id}.log")
 
@@ -322,6 +338,26 @@ class Cluster:
                 if best is None or term > best[0]:
                     best = (term, h)
         return best[1] if best is not None else None
+
+    async def wait_learners(self, timeout: float = 30.0) -> bool:
+        """Wait until every learner host's node is a learner that hears from a leader and has
+        applied what the leader had committed when we looked."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            sts = await self.statuses()
+            ld = await self.leader()
+            commit = sts[ld].groups[0].commit if ld is not None and ld in sts and sts[ld].groups else None
+            ok = commit is not None
+            for h in self.learner_hosts:
+                st = sts.get(h)
+                g = st.groups[0] if st is not None and st.groups else None
+                nid = self.hosts[h].node_id
+                if g is None or nid not in g.learners or g.leader_contact_ms < 0 or commit is None or g.applied < commit:
+                    ok = False
+            if ok:
+                return True
+            await asyncio.sleep(0.2)
+        return False
 
     async def wait_leader(self, timeout: float = 20.0) -> int | None:
         deadline = time.monotonic() + timeout

@@ -25,6 +25,9 @@ Families (``--nemesis`` takes a comma-separated list of them, or ``all``):
   coordinator). The layout change's window stays open until that fault is healed, so faults
   always overlap moves; a change refused because an earlier one is still moving is noted and
   the fault is injected anyway (it then hits the earlier moves).
+* ``replicas`` (not part of ``all``; for runs with read replicas): cut every read replica
+  (learner host) off from every other node, while the clients still reach it. On the ``local``
+  backend the replicas are paused instead.
 
 The schedule alternates one fault and a healthy interval, and always ends with every fault
 healed (partitions removed, paused nodes continued, killed nodes restarted, membership
@@ -63,7 +66,7 @@ __all__ = ["ALL_FAMILIES", "EXTRA_FAMILIES", "FAMILIES", "FaultWindow", "Nemesis
 
 ALL_FAMILIES = ("partition", "kill", "pause", "transfer", "member")
 #: Families that ``all`` does not include (they change what a run does beyond faults).
-EXTRA_FAMILIES = ("rebalance",)
+EXTRA_FAMILIES = ("rebalance", "replicas")
 FAMILIES = (*ALL_FAMILIES, *EXTRA_FAMILIES)
 TOPOLOGIES = ("one", "leader", "halves", "bridge", "random", "ring")
 #: Faults the rebalance nemesis injects while its range moves run (those enabled, else the first two).
@@ -216,6 +219,8 @@ class Nemesis:
             await self._member()
         elif family == "rebalance":
             await self._rebalance(duration, stop)
+        elif family == "replicas":
+            await self._replicas(duration, stop)
         else:  # pragma: no cover - parse_families validates
             raise ValueError(family)
 
@@ -294,6 +299,37 @@ class Nemesis:
             self._paused.discard(h)
         self._end(w)
 
+    async def _replicas(self, duration: float, stop: asyncio.Event) -> None:
+        learners = list(getattr(self.cluster, "learner_hosts", []))
+        if not learners:
+            self.log("nemesis: replicas skipped (the run has no read replicas)")
+            return
+        cuts = {(a, b) for a in learners for b in self.hosts if b != a}
+        if self.cluster.backend.supports_partitions:
+            w = self._begin("replicas", "isolate", f"read replicas {learners} cut off from every other node", learners)
+            self._cut = True
+            try:
+                await asyncio.to_thread(self.cluster.backend.partition, cuts)
+            except Exception as err:
+                w.ok = False
+                w.notes.append(f"partition failed: {err}")
+                self.log(f"nemesis: partition failed: {err}")
+            await _sleep(duration, stop)
+            await asyncio.to_thread(self.cluster.backend.heal)
+            self._cut = False
+            self._end(w)
+            self.log("nemesis: healed partition")
+            return
+        w = self._begin("replicas", "isolate", f"read replicas {learners} (emulated: pause them)", learners)
+        for h in learners:
+            self.cluster.pause(h)
+            self._paused.add(h)
+        await _sleep(duration, stop)
+        for h in learners:
+            self.cluster.resume(h)
+            self._paused.discard(h)
+        self._end(w)
+
     # ----- kill / pause -----
 
     async def _kill(self, duration: float, stop: asyncio.Event) -> None:
@@ -305,7 +341,8 @@ class Nemesis:
             h, how = await self._leader_or_random()
             victims, detail = [h], f"host {h} ({how})"
         elif kind == "majority":
-            victims = sorted(self.rng.sample(self.hosts, len(self.hosts) // 2 + 1))
+            voters = self.cluster.voter_hosts
+            victims = sorted(self.rng.sample(voters, len(voters) // 2 + 1))
             detail = f"hosts {victims}"
         else:
             victims = [self.rng.choice(alive)]
@@ -406,7 +443,7 @@ class Nemesis:
             self._end(w)
             return
         voters = await self._voters()
-        if voters is None or len(voters) < len(self.hosts):
+        if voters is None or len(voters) < len(self.cluster.voter_hosts):
             self.log("nemesis: member change skipped (no leader or not all voters present)")
             return
         victim_id = self.rng.choice(voters)

@@ -63,6 +63,14 @@ class RunConfig:
     log_level: str = "info"
     run_id: str = ""
     ports: list[int] = field(default_factory=list)
+    learners: int = 0  # read replicas, on hosts nodes+1..nodes+learners
+    read_from: str = ""  # read preference of the workload's gets ("": the workload's default)
+    read_consistency: str = "linearizable"
+    max_staleness: float = 0.5  # bounded reads
+
+    @property
+    def hosts(self) -> int:
+        return self.nodes + self.learners
 
     def quiet_seconds(self) -> float:
         if self.quiet is not None:
@@ -87,8 +95,8 @@ def _say(msg: str) -> None:
 
 def _backend(cfg: RunConfig) -> Backend:
     if cfg.backend == "netns":
-        return NetnsBackend(netns.Topology(cfg.run_id, cfg.nodes))
-    return LocalBackend(cfg.nodes, cfg.ports or None)
+        return NetnsBackend(netns.Topology(cfg.run_id, cfg.hosts))
+    return LocalBackend(cfg.hosts, cfg.ports or None)
 
 
 def execute(run_dir: Path) -> int:
@@ -98,7 +106,9 @@ def execute(run_dir: Path) -> int:
     cfg = RunConfig.from_json(json.loads((run_dir / "config.json").read_text()))
     state = RunState(run_dir / "state.json")
     backend = _backend(cfg)
-    cluster = Cluster(backend, run_dir, cfg.nodes, state, tick_ms=cfg.tick_ms, log_level=cfg.log_level)
+    cluster = Cluster(
+        backend, run_dir, cfg.nodes, state, tick_ms=cfg.tick_ms, log_level=cfg.log_level, learners=cfg.learners
+    )
     # SIGTERM (e.g. from the outer harness) unwinds like Ctrl-C so the nodes are stopped.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -122,13 +132,18 @@ async def _execute(cfg: RunConfig, run_dir: Path, cluster: Cluster) -> int:
         (run_dir / "execution.json").write_text(json.dumps(execution, indent=1))
         await cluster.close()
         return 2
+    if cfg.learners:
+        ready = await cluster.wait_learners(30)
+        _say(f"kvchaos: read replicas on hosts {cluster.learner_hosts}: "
+             + ("registered and caught up" if ready else "NOT all registered within 30 s"))
     _say(f"kvchaos: cluster up in {time.monotonic() - t_setup:.1f}s, leader on host {leader}; "
          f"endpoints {', '.join(cluster.endpoints)}")
     rec = Recorder()
     wopts = WorkloadOptions(
         concurrency=cfg.concurrency, rate=cfg.rate, op_timeout=cfg.op_timeout,
         attempt_timeout=min(0.6, cfg.op_timeout / 2), stale_reads=cfg.stale_reads, seed=cfg.seed,
-        endpoints=cluster.endpoints,
+        endpoints=cluster.endpoints, replica_endpoints=[cluster.hosts[h].address for h in cluster.learner_hosts],
+        read_from=cfg.read_from, read_consistency=cfg.read_consistency, max_staleness=cfg.max_staleness,
     )
     wl = make_workload(cfg.workload, wopts, rec)
     quiet = cfg.quiet_seconds()
@@ -299,16 +314,16 @@ def run(cfg: RunConfig) -> tuple[int, Path, dict[str, Any]]:
     if cfg.backend == "local" and not cfg.ports:
         from .cluster import free_ports
 
-        cfg.ports = free_ports(cfg.nodes)
+        cfg.ports = free_ports(cfg.hosts)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
     _say(f"kvchaos: run {cfg.run_id} in {run_dir} ({cfg.nodes} nodes, {cfg.backend} backend, seed {cfg.seed})")
     t0 = time.monotonic()
     interrupted = False
     try:
         if cfg.backend == "netns":
-            topo = netns.Topology(cfg.run_id, cfg.nodes)
+            topo = netns.Topology(cfg.run_id, cfg.hosts)
             netns.setup(topo, state)
-            _say(f"kvchaos: hosts {', '.join(topo.address(h) for h in range(1, cfg.nodes + 1))} "
+            _say(f"kvchaos: hosts {', '.join(topo.address(h) for h in range(1, cfg.hosts + 1))} "
                  f"(namespaces {topo.prefix}-*); client in {topo.client_ns} ({topo.client_ip})")
             cmd = [*netns.ip_netns_exec(topo.client_ns), sys.executable, "-m", "chaos.cli", "execute", str(run_dir)]
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)

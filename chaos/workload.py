@@ -16,7 +16,15 @@ Workloads:
 * ``bank``: one key per bank holds all the balances; a transfer reads the bank and cas-es it to
   the new balances. Every read must show the same total and no negative balance.
 
-All three record their operations as get / put / cas on keys, so every workload's history is
+* ``replicas``: ``register`` with every get read through the read replicas (learners) at the
+  run's read consistency: half routed by the client library (read preference, ``replica`` unless
+  the run says otherwise, with its load balancing and fallbacks), half pinned to one replica (one
+  attempt, no fallback), so that a replica's own answers and refusals are in the history. Each
+  read records the node that served it and its staleness bound; at ``linearizable`` the history
+  must stay linearizable under partitions, at ``stale`` it is expected not to be (the checker
+  must see the stale reads), and either way every read must be honest about its staleness.
+
+All of them record their operations as get / put / cas on keys, so every workload's history is
 also checked for linearizability, key by key.
 
 ``stale_reads`` is a planted bug for testing the harness: gets are served by a random node's
@@ -66,6 +74,8 @@ class OpRecord:
     workload: str = ""
     final: bool = False  # a read of the final phase, after heal
     node: str | None = None  # endpoint that served a pinned (stale) read
+    consistency: str | None = None  # reads below linearizable: stale / bounded
+    staleness: float | None = None  # the staleness bound the serving node reported (seconds)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -133,6 +143,11 @@ class WorkloadOptions:
     stale_reads: bool = False
     seed: int = 0
     endpoints: list[str] = field(default_factory=list)
+    replica_endpoints: list[str] = field(default_factory=list)  # the learners (read replicas)
+    read_from: str = ""  # read preference of gets ("": the workload's default)
+    read_consistency: str = "linearizable"
+    max_staleness: float = 0.5
+    pinned_reads: float = 0.5  # replicas workload: fraction of gets pinned to one replica
 
 
 class _KeyRing:
@@ -417,10 +432,71 @@ class BankWorkload(Workload):
             await cl.close()
 
 
+class ReplicasWorkload(RegisterWorkload):
+    """``register`` with its gets read through the read replicas (see the module doc)."""
+
+    name = "replicas"
+
+    async def _pinned_get(self, endpoint: str, key: bytes, meta: dict[str, Any]) -> bytes | None:
+        """One attempt at one replica, at the run's consistency: its own answer or refusal."""
+        ch = self._stale_channels.get(endpoint)
+        if ch is None:
+            ch = self._stale_channels[endpoint] = grpc.aio.insecure_channel(endpoint)
+        level = self.opts.read_consistency
+        cons = {"linearizable": kv_pb2.LINEARIZABLE, "bounded": kv_pb2.BOUNDED, "stale": kv_pb2.STALE}[level]
+        ms = round(self.opts.max_staleness * 1000) if level == "bounded" else 0
+        resp = await kv_pb2_grpc.KVStub(ch).Get(
+            kv_pb2.GetRequest(key=key, consistency=cons, max_staleness_ms=ms), timeout=self.opts.attempt_timeout
+        )
+        err = from_proto(resp.error, is_write=False)
+        if err is not None:
+            raise err
+        meta["staleness"] = None if level != "linearizable" and resp.staleness_ms < 0 else resp.staleness_ms / 1000
+        return resp.value if resp.found else None
+
+    async def get(self, cl: AsyncClient, p: int, key: str, *, final: bool = False) -> OpRecord:
+        if final or self.opts.stale_reads:
+            return await super().get(cl, p, key, final=final)
+        level = self.opts.read_consistency
+        targets = self.opts.replica_endpoints or self.opts.endpoints
+        meta: dict[str, Any] = {}
+        node: str | None = None
+        if self.rng.random() < self.opts.pinned_reads:
+            node = self.rng.choice(targets)
+
+            async def pinned() -> str | None:
+                assert node is not None
+                v = await self._pinned_get(node, key.encode(), meta)
+                return None if v is None else v.decode()
+
+            fn: Callable[[], Awaitable[Any]] = pinned
+        else:
+
+            async def routed() -> str | None:
+                res = await cl.read(
+                    key.encode(), consistency=level,  # type: ignore[arg-type]
+                    max_staleness=self.opts.max_staleness if level == "bounded" else None,
+                    read_preference=self.opts.read_from or "replica",  # type: ignore[arg-type]
+                )
+                meta["staleness"] = res.staleness
+                meta["node"] = f"node {res.node_id}"
+                return None if res.value is None else res.value.decode()
+
+            fn = routed
+        rec = await self.rec.call(p, "get", key, None, fn, is_write=False, workload=self.name, node=node)
+        if level != "linearizable":
+            rec.consistency = level
+        if rec.status == "ok":
+            rec.staleness = meta.get("staleness")
+            rec.node = rec.node or meta.get("node")
+        return rec
+
+
 WORKLOADS: dict[str, type[Workload]] = {
     "register": RegisterWorkload,
     "set": SetWorkload,
     "bank": BankWorkload,
+    "replicas": ReplicasWorkload,
 }
 
 

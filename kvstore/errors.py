@@ -28,6 +28,7 @@ __all__ = [
     "ProposalDropped",
     "RequestTooLarge",
     "ShuttingDown",
+    "StaleReplica",
     "StorageFull",
     "Timeout",
     "Unavailable",
@@ -224,6 +225,16 @@ class ShuttingDown(KVError):
     default_message = "shutting down"
 
 
+class StaleReplica(KVError):
+    """Definite (reads only): the replica that was asked cannot serve the read at the requested
+    consistency right now: it is cut off from the leader (linearizable), or it cannot show that
+    it is within the requested staleness (bounded). Another replica or the leader can."""
+
+    code = kv_pb2.STALE_REPLICA
+    code_name = "STALE_REPLICA"
+    default_message = "replica cannot serve this read now"
+
+
 class InternalError(KVError):
     """Indeterminate (for writes): an unexpected server failure; the write may have been applied."""
 
@@ -262,6 +273,7 @@ _BY_CODE: dict[int, type[KVError]] = {
     kv_pb2.WRONG_SHARD: WrongShard,
     kv_pb2.SHUTTING_DOWN: ShuttingDown,
     kv_pb2.INTERNAL: InternalError,
+    kv_pb2.STALE_REPLICA: StaleReplica,
 }
 
 

@@ -101,13 +101,15 @@ class Cluster:
     def _peer_arg(self) -> str:
         return ",".join(f"{i}={a}" for i, a in sorted(self.peers.items()))
 
-    def _make(self, nid: int, addr: str, peers: str, join: bool) -> NodeProc:
+    def _make(self, nid: int, addr: str, peers: str, join: bool, learner: bool = False) -> NodeProc:
         d = self.root / f"n{nid}"
         args = [
             "--id", str(nid), "--data-dir", str(d), "--listen", addr, "--peers", peers,
             "--tick-ms", "50", "--log-level", "info", "--replication", str(max(3, self.n)), *self.extra_args,
         ]
-        if join:
+        if learner:
+            args.append("--learner")
+        elif join:
             args.append("--join")
         return NodeProc(nid, addr, d, self.root / f"n{nid}.log", args)
 
@@ -121,12 +123,16 @@ class Cluster:
         self.wait_leader()
         return self
 
-    def add_node(self, nid: int) -> NodeProc:
+    def add_node(self, nid: int, *, learner: bool = False) -> NodeProc:
+        """Start node `nid` with --join (to be added by hand), or with --learner (it registers
+        itself as a read replica)."""
         (port,) = free_ports(1)
         addr = f"127.0.0.1:{port}"
         peers = dict(self.peers)
         peers[nid] = addr
-        node = self._make(nid, addr, ",".join(f"{i}={a}" for i, a in sorted(peers.items())), join=True)
+        node = self._make(
+            nid, addr, ",".join(f"{i}={a}" for i, a in sorted(peers.items())), join=True, learner=learner
+        )
         self.nodes[nid] = node
         self.peers[nid] = addr
         node.start()
@@ -155,6 +161,10 @@ class Cluster:
         raise AssertionError(f"no leader within {timeout}s\n{logs}")
 
     def stop(self) -> None:
+        for n in self.nodes.values():  # all at once: each node's graceful stop takes a while
+            if n.alive and n.proc is not None:
+                with contextlib.suppress(Exception):
+                    n.proc.send_signal(signal.SIGTERM)
         for n in self.nodes.values():
             with contextlib.suppress(Exception):
                 n.terminate()

@@ -185,6 +185,55 @@ def test_report_renders_in_headless_chromium(stale_run: tuple[int, str, Path, Pa
 
 
 @needs_root
+def test_netns_replica_reads_stay_linearizable_under_partitions(tmp_path: Path) -> None:
+    """3 voters + 2 read replicas; gets through the replicas at linearizable, partitions that cut
+    the replicas off and partitions of the voters: valid; a cut-off replica refuses."""
+    out = tmp_path / "runs"
+    code, text = kvchaos(["run", "--nodes", "3", "--learners", "2", "--time", "60", "--nemesis",
+                          "replicas,partition,kill", "--workload", "replicas", "--seed", "11", "--out", str(out)])
+    assert text.strip().splitlines()[-1] == "verdict: valid", text[-4000:]
+    assert code == 0
+    d = run_dir_of(out)
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["analysis"]["counts"]["ok"] > 500, summary["analysis"]["counts"]
+    assert "replicas" in {f["family"] for f in summary["faults"]}, summary["faults"]
+    from chaos.runner import load_ops
+
+    ops = load_ops(d / "ops.jsonl")
+    learners = {summary["execution"]["nodes"][h]["address"] for h in ("4", "5")}
+    gets = [r for r in ops if r.f == "get" and not r.final]
+    pinned_ok = [r for r in gets if r.node in learners and r.status == "ok"]
+    routed_by_learner = [r for r in gets if r.node in ("node 4", "node 5") and r.status == "ok"]
+    refused = [r for r in gets if r.node in learners and r.status == "fail" and "StaleReplica" in (r.error or "")]
+    assert len(pinned_ok) > 100 and len(routed_by_learner) > 100, (len(pinned_ok), len(routed_by_learner))
+    # a replica cut off from the leader refused linearizable reads (never answered them stale)
+    windows = [(f["start"], f["end"]) for f in summary["faults"] if f["family"] == "replicas"]
+    assert any(any(a <= r.invoke <= b for a, b in windows) for r in refused), len(refused)
+    assert_cleaned(d)
+    assert node_pids_of(d) == []
+
+
+@needs_root
+def test_netns_stale_replica_reads_are_invalid_but_report_honest_staleness(tmp_path: Path) -> None:
+    """The same workload at `stale` while the replicas are cut off: the checker must see the stale
+    reads (invalid), and every read must still be within the staleness bound it reported."""
+    out = tmp_path / "runs"
+    code, text = kvchaos(["run", "--nodes", "3", "--time", "12", "--nemesis", "replicas", "--workload", "replicas",
+                          "--read-consistency", "stale", "--seed", "1", "--fault-min", "3", "--fault-max", "4",
+                          "--out", str(out)])
+    assert text.strip().splitlines()[-1] == "verdict: invalid", text[-4000:]
+    assert code == 1
+    d = run_dir_of(out)
+    a = json.loads((d / "summary.json").read_text())["analysis"]
+    assert a["linearizability"]["verdict"] == "not linearizable"
+    st = a["staleness"]
+    assert st["valid"] is True and st["reads"] > 200 and st["unknown_bound"] == 0, st
+    assert st["max_bound"] >= 2.0, st  # the bound grew with the partition
+    assert not any("staleness" in r for r in a["reasons"]), a["reasons"]
+    assert_cleaned(d)
+
+
+@needs_root
 def test_clean_removes_what_a_crashed_harness_left(tmp_path: Path) -> None:
     out = tmp_path / "runs"
     proc = subprocess.Popen(
@@ -303,6 +352,29 @@ def test_register_stale_read_is_invalid() -> None:
     a = analyze_records(recs, workload="register", expected_final_keys=["r/0"])
     assert a.verdict == "invalid" and a.bad_key == "r/0"
     assert len(a.counterexample) >= 2
+
+
+def test_stale_read_must_be_within_its_reported_staleness() -> None:
+    def recs(bound: float | None) -> list[OpRecord]:
+        read = _op(3, "get", "r/0", None, "a", 4.0, 5.0)
+        read.consistency, read.staleness = "stale", bound
+        return [
+            _op(1, "put", "r/0", "a", None, 0.0, 1.0),
+            _op(2, "put", "r/0", "b", None, 2.0, 3.0),
+            read,  # "a" after "b" was acknowledged: stale
+            _op(4, "get", "r/0", None, "b", 6.0, 7.0, final=True),
+        ]
+
+    honest = analyze_records(recs(2.5), workload="replicas", expected_final_keys=["r/0"])
+    assert honest.linearizability["verdict"] == "not linearizable"  # stale reads are not linearizable
+    assert honest.staleness is not None and honest.staleness["valid"] is True
+    assert not any("staleness" in r for r in honest.reasons)
+    lying = analyze_records(recs(0.5), workload="replicas", expected_final_keys=["r/0"])
+    assert lying.staleness is not None and lying.staleness["valid"] is False
+    assert any("staler than the bound" in r for r in lying.reasons)
+    unknown = analyze_records(recs(None), workload="replicas", expected_final_keys=["r/0"])
+    assert unknown.staleness is not None and unknown.staleness["valid"] is True
+    assert unknown.staleness["unknown_bound"] == 1
 
 
 def test_register_info_write_may_take_effect_later() -> None:

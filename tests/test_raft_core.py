@@ -496,3 +496,30 @@ def test_vote_survives_a_restart() -> None:
     rd = n3.ready()
     (resp,) = [m for m in rd.persisted_messages if m.type == MT.VOTE_RESP]
     assert resp.reject
+
+
+def test_learner_read_index_and_leader_contact_ticks() -> None:
+    net = Network((1, 2, 3), learners=(4,))
+    leader = net.elect(1)
+    net.propose(1, b"x")
+    learner = net.node(4)
+    assert leader.leader_contact_ticks == 0
+    assert learner.leader_contact_ticks == 0 and learner.lead == 1
+    # A learner's read index comes from the leader, at the leader's commit index.
+    learner.read_index(b"l1")
+    net.stabilize()
+    assert [(r.index, r.context) for r in net.members[4].reads] == [(leader.committed, b"l1")]
+    # Cut off, it never gets an answer, and the ticks since leader contact keep growing (a
+    # learner never campaigns, so it keeps believing in its last leader).
+    net.isolate(4)
+    learner.read_index(b"l2")
+    net.tick(3 * learner.cfg.election_tick)
+    assert [r.context for r in net.members[4].reads] == [b"l1"]
+    assert learner.lead == 1 and learner.leader_contact_ticks == 3 * learner.cfg.election_tick
+    net.heal()
+    net.tick(1)
+    assert learner.leader_contact_ticks == 0
+    # A node without a leader reports None.
+    net.isolate(2)
+    net.tick(3 * net.node(2).cfg.election_tick, only=[2])
+    assert net.node(2).leader_contact_ticks is None

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import click
 
 from kvstore.client import Client, NodeStatus
+from kvstore.client.readpref import READ_PREFERENCES, parse_duration
 from kvstore.client.routing import DEFAULT_GROUP, parse_endpoints
 from kvstore.errors import KVError
 from kvstore.v1 import admin_pb2
@@ -170,18 +171,56 @@ def _output_option(f: Callable[..., Any]) -> Callable[..., Any]:
 # ----- KV -----
 
 
-@cli.command()
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+@cli.command(
+    epilog="\b\nExamples:\n  kvctl get k --consistency stale --read-from replica\n"
+    "  kvctl get k --consistency bounded --max-staleness 500ms --read-from nearest -o json"
+)
 @click.argument("key")
-@click.option("--serializable", is_flag=True, help="Read the answering node's local state (may be stale).")
+@click.option(
+    "--consistency", type=click.Choice(["linearizable", "bounded", "stale"]), default=None,
+    help="linearizable (default): never stale, from the leader or a replica that confirmed a read index; "
+    "bounded: at most --max-staleness behind; stale: the answering node's local state at once.",
+)
+@click.option("--max-staleness", callback=_duration, default=None, metavar="DURATION",
+              help="For bounded reads: how far behind the answer may be (500ms, 2s; implies --consistency bounded).")
+@click.option("--read-from", "read_from", type=click.Choice(list(READ_PREFERENCES)), default="leader",
+              show_default=True, help="Read preference: the leader, any member (nearest), or replicas (learners first).")
+@click.option("--serializable", is_flag=True, help="Same as --consistency stale.")
 @_output_option
 @pass_ctx
-def get(c: _Ctx, key: str, serializable: bool) -> None:
-    """Print the value of KEY (exit 1, printing nothing, if there is no such key)."""
+def get(
+    c: _Ctx, key: str, consistency: str | None, max_staleness: float | None, read_from: str, serializable: bool
+) -> None:
+    """Print the value of KEY (exit 1, printing nothing, if there is no such key).
+
+    With -o json, a read that is not a linearizable read at the leader also says which node served
+    it, at which applied index, and how stale it may be (staleness_ms: null if unknown)."""
     k = c.parse(key, "KEY")
+    level = consistency or ("stale" if serializable else "bounded" if max_staleness is not None else "linearizable")
+    if level == "bounded" and not max_staleness:
+        raise click.UsageError("--consistency bounded needs --max-staleness (e.g. 500ms)")
     with _errors(is_write=False):
-        value = c.client().get(k, consistency="serializable" if serializable else "linearizable")
+        res = c.client().read(
+            k, consistency=level, max_staleness=max_staleness, read_preference=read_from  # type: ignore[arg-type]
+        )
+    value = res.value
     if c.json:
-        _emit_json({"key": c.show(k), "found": value is not None, "value": None if value is None else c.show(value)})
+        out: dict[str, Any] = {"key": c.show(k), "found": value is not None, "value": None if value is None else c.show(value)}
+        if level != "linearizable" or read_from != "leader":
+            out.update(
+                consistency=level, node_id=res.node_id, index=res.index,
+                staleness_ms=None if res.staleness is None else round(res.staleness * 1000),
+            )
+        _emit_json(out)
     elif value is not None:
         click.echo(c.raw(value))
     if value is None:
@@ -248,16 +287,32 @@ def cas(c: _Ctx, args: tuple[str, ...], absent: bool) -> None:
 @click.option("--start", default=None, help="Only keys >= START.")
 @click.option("--end", default=None, help="Only keys < END.")
 @click.option("--keys-only", is_flag=True, help="Print keys only.")
+@click.option("--consistency", type=click.Choice(["linearizable", "bounded", "stale"]), default=None,
+              help="As for get (default linearizable).")
+@click.option("--max-staleness", callback=_duration, default=None, metavar="DURATION",
+              help="For bounded scans (implies --consistency bounded).")
+@click.option("--read-from", "read_from", type=click.Choice(list(READ_PREFERENCES)), default="leader",
+              show_default=True, help="Read preference, as for get.")
 @_output_option
 @pass_ctx
-def scan(c: _Ctx, prefix: str, limit: int, start: str | None, end: str | None, keys_only: bool) -> None:
+def scan(
+    c: _Ctx, prefix: str, limit: int, start: str | None, end: str | None, keys_only: bool,
+    consistency: str | None, max_staleness: float | None, read_from: str,
+) -> None:
     """Print the pairs whose key starts with PREFIX, as KEY<TAB>VALUE lines in key order
     (-o json: one JSON object per line)."""
     p = c.parse(prefix, "PREFIX")
     lo = None if start is None else c.parse(start, "--start")
     hi = None if end is None else c.parse(end, "--end")
+    level = consistency or ("bounded" if max_staleness is not None else "linearizable")
+    if level == "bounded" and not max_staleness:
+        raise click.UsageError("--consistency bounded needs --max-staleness (e.g. 500ms)")
     with _errors(is_write=False):
-        for key, value in c.client().scan(p, start=lo, end=hi, limit=limit):
+        items = c.client().scan(
+            p, start=lo, end=hi, limit=limit, consistency=level,  # type: ignore[arg-type]
+            max_staleness=max_staleness, read_preference=read_from,  # type: ignore[arg-type]
+        )
+        for key, value in items:
             if c.json:
                 obj = {"key": c.show(key)} if keys_only else {"key": c.show(key), "value": c.show(value)}
                 _emit_json(obj)
@@ -305,6 +360,31 @@ def _leader(nodes: list[NodeStatus]) -> tuple[int, int]:
     return lead, term
 
 
+def _leader_commit(nodes: list[NodeStatus], group: int) -> int | None:
+    """The commit index reported by the leader of ``group`` (highest term), if it answered."""
+    best: tuple[int, int] | None = None
+    for ns in nodes:
+        g = _group(ns.status, group) if ns.status is not None else None
+        if g is not None and g.role == "leader" and (best is None or g.term > best[0]):
+            best = (g.term, g.commit)
+    return best[1] if best is not None else None
+
+
+def _lag(g: admin_pb2.GroupStatus, leader_commit: int | None) -> tuple[int | None, int | None]:
+    """(entries behind the leader's commit index, staleness bound in ms) of one node's group;
+    None where unknown. The leader is 0 entries behind by definition."""
+    if g.role == "leader":
+        return 0, max(0, g.staleness_ms) if g.staleness_ms >= 0 else None
+    entries = None if leader_commit is None else max(0, leader_commit - g.applied)
+    return entries, g.staleness_ms if g.staleness_ms >= 0 else None
+
+
+def _lag_text(entries: int | None, ms: int | None) -> str:
+    e = "?" if entries is None else str(entries)
+    s = "?" if ms is None else f"{ms / 1000:.2f}s"
+    return f"{e} / {s}"
+
+
 def _status_json(nodes: list[NodeStatus]) -> dict[str, Any]:
     lead, term = _leader(nodes)
     members = _members(nodes)
@@ -326,6 +406,9 @@ def _status_json(nodes: list[NodeStatus]) -> dict[str, Any]:
                 storage_full=st.storage_full,
                 groups=[
                     {
+                        "lag_entries": _lag(g, _leader_commit(nodes, g.group))[0],
+                        "staleness_ms": _lag(g, _leader_commit(nodes, g.group))[1],
+                        "leader_contact_ms": g.leader_contact_ms if g.leader_contact_ms >= 0 else None,
                         "group": g.group,
                         "role": g.role,
                         "term": g.term,
@@ -361,10 +444,11 @@ def _status_table(nodes: list[NodeStatus]) -> None:
         console.print(f"{head}no leader known, {len(members)} members")
     multi = any(ns.status is not None and len(ns.status.groups) > 1 for ns in nodes)
     table = Table(show_edge=False, header_style="bold")
-    for col in ["ID", "ENDPOINT", *(["GROUP"] if multi else []), "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LOG"]:
+    cols = ["ID", "ENDPOINT", *(["GROUP"] if multi else []), "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LOG", "LAG"]
+    for col in cols:
         table.add_column(
             col,
-            justify="right" if col in ("ID", "TERM", "LEADER", "COMMIT", "APPLIED") else "left",
+            justify="right" if col in ("ID", "TERM", "LEADER", "COMMIT", "APPLIED", "LAG") else "left",
             no_wrap=col in ("ID", "ENDPOINT"),
             min_width=len(max((ns.address for ns in nodes), key=len, default="")) if col == "ENDPOINT" else None,
         )
@@ -373,7 +457,7 @@ def _status_table(nodes: list[NodeStatus]) -> None:
         st = ns.status
         if st is None:
             problems.append(ns.error.message if ns.error is not None else f"{ns.address}: unreachable")
-            table.add_row("?", ns.address, *([""] if multi else []), "[red]unreachable[/red]", "", "", "", "", "")
+            table.add_row("?", ns.address, *([""] if multi else []), "[red]unreachable[/red]", "", "", "", "", "", "")
             continue
         groups = list(st.groups) or [admin_pb2.GroupStatus(group=DEFAULT_GROUP)]
         for g in groups:
@@ -394,8 +478,11 @@ def _status_table(nodes: list[NodeStatus]) -> None:
                 str(g.commit),
                 str(g.applied),
                 f"{g.first_index}..{g.last_index}",
+                "-" if g.role == "leader" else _lag_text(*_lag(g, _leader_commit(nodes, g.group))),
             )
     console.print(table)
+    if any(ns.status is not None and any(g.role != "leader" for g in ns.status.groups) for ns in nodes):
+        console.print("LAG: entries behind the leader's commit index / upper bound on how far behind in time")
     for line in problems:
         console.print(f"[red]![/red] {line}", soft_wrap=True)
 
@@ -445,12 +532,16 @@ def member() -> None:
 @click.argument("node_id", metavar="ID", type=click.IntRange(min=1))
 @click.argument("address")
 @click.option("--voter", is_flag=True, help="Add as a voter instead of a learner (the server may insist on learner first).")
+@click.option("--learner", is_flag=True, help="Add as a learner: a read replica (the default).")
 @click.option("--group", "groups", type=click.IntRange(min=1), multiple=True,
               help="Only this data group (repeatable). Default: the metadata group and every data group.")
 @_output_option
 @pass_ctx
-def member_add(c: _Ctx, node_id: int, address: str, voter: bool, groups: tuple[int, ...]) -> None:
-    """Add node ID at ADDRESS (HOST:PORT), as a learner unless --voter."""
+def member_add(c: _Ctx, node_id: int, address: str, voter: bool, learner: bool, groups: tuple[int, ...]) -> None:
+    """Add node ID at ADDRESS (HOST:PORT), as a learner (a read replica, which never votes) unless
+    --voter. Promote a learner with `kvctl member promote ID`."""
+    if voter and learner:
+        raise click.UsageError("--voter and --learner exclude each other")
     kind = "voter" if voter else "learner"
     _admin(c, lambda cl: cl.add_member(node_id, address, learner=not voter, groups=list(groups)),
            f"added {kind} {node_id} at {address}")

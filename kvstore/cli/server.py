@@ -31,6 +31,10 @@ def cli() -> None:
 @click.option("--peers", required=True, help="The initial cluster: 1=HOST:PORT,2=HOST:PORT,... (includes this node).")
 @click.option("--cluster-id", default="kvstore", show_default=True, help="Nodes of other clusters are refused.")
 @click.option("--join", is_flag=True, help="Do not bootstrap: wait to be added with `kvctl member add`.")
+@click.option("--learner", is_flag=True,
+              help="Start a read replica: like --join, and ask the members in --peers to add this node as a learner.")
+@click.option("--probe-ticks", type=int, default=2, show_default=True,
+              help="Ticks between two staleness probes (ReadIndex) of each group; 0 disables bounded reads on replicas.")
 @click.option("--advertise", default="", help="Address others reach this node at (default: its --peers entry).")
 @click.option("--metrics-listen", default="", help="HOST:PORT for the Prometheus /metrics endpoint.")
 @click.option("--tick-ms", type=int, default=100, show_default=True)
@@ -49,14 +53,15 @@ def cli() -> None:
               help="Virtual nodes per group on the hash ring.")
 @click.option("--log-level", default="info", show_default=True)
 def serve(
-    node_id: int, data_dir: Path, listen: str, peers: str, cluster_id: str, join: bool, advertise: str,
-    metrics_listen: str, tick_ms: int, election_ticks: int, lease_read: bool, request_timeout: float,
-    max_key: int, max_value: int, max_request: int, compact_threshold: int, groups: int, replication: int,
-    vnodes: int, log_level: str,
+    node_id: int, data_dir: Path, listen: str, peers: str, cluster_id: str, join: bool, learner: bool,
+    probe_ticks: int, advertise: str, metrics_listen: str, tick_ms: int, election_ticks: int, lease_read: bool,
+    request_timeout: float, max_key: int, max_value: int, max_request: int, compact_threshold: int, groups: int,
+    replication: int, vnodes: int, log_level: str,
 ) -> None:
     """Run one node of a cluster. Restarting with the same --data-dir resumes it."""
     from kvstore.server.config import Limits
     from kvstore.server.main import run
+    from kvstore.server.reads import ReadSettings
 
     logging.basicConfig(
         level=log_level.upper(), format=f"%(asctime)s n{node_id} %(levelname)s %(name)s: %(message)s"
@@ -64,13 +69,15 @@ def serve(
     try:
         cfg = NodeConfig(
             id=node_id, data_dir=data_dir, listen=listen, peers=parse_peers(peers), cluster_id=cluster_id,
-            join=join, advertise=advertise, metrics_listen=metrics_listen, request_timeout=request_timeout,
+            join=join or learner, learner=learner, advertise=advertise, metrics_listen=metrics_listen,
+            request_timeout=request_timeout,
             raft=RaftSettings(
                 tick_ms=tick_ms, election_tick=election_ticks, lease_read=lease_read,
                 compact_threshold=compact_threshold, compact_keep=min(1000, compact_threshold // 2),
             ),
             limits=Limits(max_key, max_value, max_request),
             groups=groups, replication=replication, vnodes=vnodes,
+            reads=ReadSettings(probe_ticks=max(0, probe_ticks)),
         )
         cfg.validate()
     except ValueError as err:

@@ -14,6 +14,8 @@ from kvstore.client.client import (
     Client,
     Consistency,
     NodeStatus,
+    ReadPreference,
+    ReadResult,
     group_status,
 )
 
@@ -24,5 +26,7 @@ __all__ = [
     "Client",
     "Consistency",
     "NodeStatus",
+    "ReadPreference",
+    "ReadResult",
     "group_status",
 ]

@@ -16,6 +16,10 @@ Semantics every caller can rely on:
   ``indeterminate=True``; if every attempt definitely failed, a definite error (the class of the
   last failure, or :class:`Unavailable` when no endpoint could be reached).
 - Errors that retrying cannot fix (too large, invalid argument, storage full) are raised at once.
+- Reads take a consistency level (``linearizable``, ``bounded`` with a ``max_staleness``, or
+  ``stale``) and a read preference (``leader``, ``nearest``, ``replica``: see
+  :mod:`kvstore.client.readpref`); :meth:`AsyncClient.read` also says which node served the read,
+  at which applied index and how stale it may be. Writes always go to the leader.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from typing import Any, Literal, TypeVar
 import grpc
 import grpc.aio
 
+from kvstore.client.readpref import READ_PREFERENCES, ReplicaRouter, parse_duration
 from kvstore.client.retry import (
     DEFAULT_ATTEMPT_TIMEOUT,
     DEFAULT_BACKOFF_BASE,
@@ -66,6 +71,7 @@ from kvstore.errors import (
     ProposalDropped,
     RequestTooLarge,
     ShuttingDown,
+    StaleReplica,
     StorageFull,
     Timeout,
     Unavailable,
@@ -84,6 +90,8 @@ __all__ = [
     "Client",
     "Consistency",
     "NodeStatus",
+    "ReadPreference",
+    "ReadResult",
 ]
 
 DEFAULT_MAX_KEY_SIZE = 4 * 1024
@@ -96,8 +104,14 @@ _DISCOVERY_INTERVAL = 0.5
 #: Upper bound of one discovery round.
 _DISCOVERY_TIMEOUT = 1.0
 
-Consistency = Literal["linearizable", "serializable"]
-_CONSISTENCY = {"linearizable": kv_pb2.LINEARIZABLE, "serializable": kv_pb2.SERIALIZABLE}
+Consistency = Literal["linearizable", "bounded", "stale", "serializable"]
+_CONSISTENCY = {
+    "linearizable": kv_pb2.LINEARIZABLE,
+    "bounded": kv_pb2.BOUNDED,
+    "stale": kv_pb2.STALE,
+    "serializable": kv_pb2.STALE,  # the older name of `stale`
+}
+ReadPreference = Literal["leader", "nearest", "replica"]
 
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     # Reconnect quickly to a node that comes back (gRPC's default backoff grows to 120 s).
@@ -124,6 +138,21 @@ _NOT_SENT_MARKERS = (
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+@dataclass(slots=True)
+class ReadResult:
+    """A read and where it was served."""
+
+    value: bytes | None  # None: no such key
+    index: int  # the applied index of the node that served it
+    staleness: float | None  # seconds it may be behind the leader (0.0: linearizable; None: unknown)
+    node_id: int  # the node that served it
+    consistency: str
+
+    @property
+    def found(self) -> bool:
+        return self.value is not None
 
 
 @dataclass(slots=True)
@@ -241,8 +270,17 @@ def _retryable(err: KVError) -> bool:
     return isinstance(
         err,
         NotLeader | NoLeader | ProposalDropped | ShuttingDown | WrongShard | Timeout | LeadershipLost
-        | InternalError | Unavailable | StorageFull,
+        | InternalError | Unavailable | StorageFull | StaleReplica,
     )
+
+
+def _staleness(consistency: str, resp: kv_pb2.GetResponse | kv_pb2.ScanResponse) -> float | None:
+    """The staleness bound of a read reply in seconds (None: unknown)."""
+    if consistency == "linearizable":
+        return 0.0
+    if resp.staleness_ms < 0 or not resp.node_id:  # -1, or a server that does not report it
+        return None
+    return resp.staleness_ms / 1000
 
 
 def _prefix_end(prefix: bytes) -> bytes | None:
@@ -295,6 +333,9 @@ class AsyncClient:
         max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
         seed: int | None = None,
         channel_options: Iterable[tuple[str, Any]] = (),
+        read_preference: ReadPreference = "leader",
+        load_balancing: str = "least_outstanding",
+        max_staleness: float | str | None = None,
     ) -> None:
         self.policy = RetryPolicy(
             timeout=timeout,
@@ -324,6 +365,13 @@ class AsyncClient:
         self._inflight: dict[int, None] = {}  # seqs of writes in flight, in increasing order
         self._closed = False
         self._discovery: asyncio.Task[None] | None = None
+        if read_preference not in READ_PREFERENCES:
+            raise ValueError(f"read_preference must be one of {', '.join(READ_PREFERENCES)}")
+        self.read_preference: str = read_preference
+        #: Default bound of ``bounded`` reads (seconds), if the call gives none.
+        self.max_staleness = None if max_staleness is None else parse_duration(max_staleness)
+        self.replicas = ReplicaRouter(self.router, balancing=load_balancing)
+        self._members_refresh: asyncio.Task[None] | None = None
 
     # ----- lifecycle -----
 
@@ -336,8 +384,9 @@ class AsyncClient:
     async def close(self) -> None:
         """Close every channel. Idempotent."""
         self._closed = True
-        if self._discovery is not None and not self._discovery.done():
-            self._discovery.cancel()
+        for task in (self._discovery, self._members_refresh):
+            if task is not None and not task.done():
+                task.cancel()
         channels = list(self._channels.values())
         self._channels.clear()
         self._kv_stubs.clear()
@@ -471,8 +520,17 @@ class AsyncClient:
             return _CONSISTENCY[consistency]
         except KeyError:
             raise InvalidArgument(
-                f"consistency must be 'linearizable' or 'serializable', not {consistency!r}"
+                f"consistency must be one of {', '.join(_CONSISTENCY)}, not {consistency!r}"
             ) from None
+
+    def _staleness_ms(self, consistency: str, max_staleness: float | str | None) -> int:
+        """The wire's max_staleness_ms of a read (0 unless bounded)."""
+        if consistency != "bounded":
+            return 0
+        bound = self.max_staleness if max_staleness is None else parse_duration(max_staleness)
+        if bound is None or bound <= 0:
+            raise InvalidArgument("bounded reads need a max_staleness > 0 (e.g. 0.5 or '500ms')")
+        return max(1, round(bound * 1000))
 
     # ----- discovery -----
 
@@ -497,6 +555,7 @@ class AsyncClient:
             [(m.id, m.address) for m in resp.members],
             [(g.group, g.leader_id, g.term) for g in resp.groups],
         )
+        self._learn_members(resp)
 
     async def _discover(self, group: int, deadline: Deadline) -> None:
         """Ask every endpoint whose breaker allows it for Admin.Status, concurrently; stop at the
@@ -652,30 +711,150 @@ class AsyncClient:
             reason = "; ".join(reasons) if reasons else "every endpoint's circuit breaker is open"
             return Unavailable(f"cannot reach any endpoint ({eps}): {reason}")
         if only_transport:
-            return Timeout(f"{op} did not complete within {budget} ({attempts} attempts; {last.message})")
+            # No attempt may have applied (that would have set `indeterminate`): definite.
+            return Timeout(
+                f"{op} did not complete within {budget} ({attempts} attempts; {last.message})", indeterminate=False
+            )
         return _with_message(last, f"{last.message} (gave up after {attempts} attempts in {budget})")
 
     # ----- KV -----
 
     async def get(
-        self, key: bytes, *, consistency: Consistency = "linearizable", timeout: float | None = None
+        self,
+        key: bytes,
+        *,
+        consistency: Consistency = "linearizable",
+        timeout: float | None = None,
+        max_staleness: float | str | None = None,
+        read_preference: ReadPreference | None = None,
     ) -> bytes | None:
-        """The value of ``key``, or None if it does not exist."""
+        """The value of ``key``, or None if it does not exist (see :meth:`read`)."""
+        res = await self.read(
+            key, consistency=consistency, timeout=timeout, max_staleness=max_staleness,
+            read_preference=read_preference,
+        )
+        return res.value
+
+    async def read(
+        self,
+        key: bytes,
+        *,
+        consistency: Consistency = "linearizable",
+        timeout: float | None = None,
+        max_staleness: float | str | None = None,
+        read_preference: ReadPreference | None = None,
+    ) -> ReadResult:
+        """Read ``key`` and say where: the value (None: no such key), the node that served it, its
+        applied index and how stale the answer may be.
+
+        ``consistency``: ``linearizable`` (default; any member may serve it after confirming a
+        read index with the leader), ``bounded`` (a member that can show it is at most
+        ``max_staleness`` behind, in seconds or ``"500ms"``), ``stale`` (any member's local state
+        at once). ``read_preference`` (default: the client's): ``leader``, ``nearest`` or
+        ``replica`` (see :mod:`kvstore.client.readpref`).
+        """
         k = self._check_key(key)
-        req = kv_pb2.GetRequest(key=k, consistency=self._consistency(consistency))
+        req = kv_pb2.GetRequest(
+            key=k, consistency=self._consistency(consistency),
+            max_staleness_ms=self._staleness_ms(consistency, max_staleness),
+        )
 
         def call(ep: str, t: float) -> Awaitable[kv_pb2.GetResponse]:
             return self._kv(ep).Get(req, timeout=t)
 
-        resp = await self._invoke(
-            "get",
-            call,
-            deadline=self._deadline(timeout),
-            is_write=False,
-            key=k,
-            learns_leader=consistency == "linearizable",
+        deadline = self._deadline(timeout)
+        pref = read_preference or self.read_preference
+        learns = consistency == "linearizable"
+        if pref == "leader":
+            resp = await self._invoke("get", call, deadline=deadline, is_write=False, key=k, learns_leader=learns)
+        else:
+            await self._ensure_map(deadline)
+            resp = await self._replica_invoke("get", call, deadline=deadline, group=self.router.group_for_key(k),
+                                              key=k, preference=pref, learns_leader=learns)
+        return ReadResult(
+            resp.value if resp.found else None, resp.index, _staleness(consistency, resp), resp.node_id, consistency
         )
-        return resp.value if resp.found else None
+
+    # ----- replica reads -----
+
+    def _learn_members(self, resp: admin_pb2.StatusResponse) -> None:
+        self.replicas.learn(
+            (g.group, g.role, g.leader_id, g.term, list(g.voters), list(g.learners)) for g in resp.groups
+        )
+
+    async def _refresh_members(self, timeout: float) -> None:
+        """Admin.Status of every endpoint whose breaker allows it, concurrently (learns members,
+        their addresses and roles)."""
+        eps = [ep for ep in self.router.endpoints if self.router.breaker(ep).would_allow()]
+        await asyncio.gather(*(self._status_once(ep, timeout) for ep in eps), return_exceptions=True)
+
+    async def _ensure_members(self, group: int, deadline: Deadline) -> None:
+        """Keep the membership fresh: wait for it the first time, refresh it in the background."""
+        if not self.replicas.needs_refresh(group):
+            return
+        if self._members_refresh is None or self._members_refresh.done():
+            self.replicas.last_refresh = time.monotonic()
+            timeout = max(0.05, deadline.bound(min(self.policy.attempt_timeout, _DISCOVERY_TIMEOUT)))
+            self._members_refresh = asyncio.ensure_future(self._refresh_members(timeout))
+        if not self.replicas.knows(group):
+            await asyncio.wait([self._members_refresh], timeout=deadline.remaining())
+
+    async def _replica_invoke(
+        self,
+        op: str,
+        call: Callable[[str, float], Awaitable[R]],
+        *,
+        deadline: Deadline,
+        group: int,
+        preference: str,
+        learns_leader: bool,
+        key: bytes | None = None,
+    ) -> R:
+        """One attempt at each eligible endpoint in order of ``preference`` (see readpref); if
+        none could serve the read, the leader path (retried until the deadline)."""
+        await self._ensure_members(group, deadline)
+        tried: list[str] = []
+        last: KVError | None = None
+        while not deadline.expired:
+            ep = self.replicas.pick(group, preference, exclude=tried)
+            if ep is None:
+                break
+            tried.append(ep)
+            t = deadline.bound(self.policy.attempt_timeout)
+            if t <= 0:
+                break
+            self.replicas.begin(ep)
+            try:
+                resp = await call(ep, t)
+            except grpc.aio.AioRpcError as e:
+                failure = _classify(e, endpoint=ep, is_write=False)
+                if failure.transport:
+                    self.router.on_transport_failure(group, ep, failure.reason)
+                else:
+                    self.router.on_reply(ep)
+                if not failure.retryable:
+                    raise failure.error from None
+                last = failure.error
+                continue
+            finally:
+                self.replicas.end(ep)
+            err = from_proto(resp.error, is_write=False)  # type: ignore[attr-defined]
+            self.router.on_reply(ep)
+            if err is None:
+                self.replicas.record_served(ep)
+                return resp
+            if not _retryable(err):
+                raise err
+            if isinstance(err, StaleReplica):
+                self.replicas.mark_behind(group, ep)
+            last = err
+        if deadline.expired:
+            if last is None:
+                raise Timeout(f"{op} did not complete within {deadline.timeout:g}s")
+            raise _with_message(last, f"{last.message} (gave up after {len(tried)} replicas in {deadline.timeout:g}s)")
+        return await self._invoke(
+            op, call, deadline=deadline, is_write=False, group=group, key=key, learns_leader=learns_leader
+        )
 
     async def _write(
         self, op: str, rpc: str, key: bytes, make_request: Callable[[kv_pb2.Session], Any], timeout: float | None
@@ -730,6 +909,8 @@ class AsyncClient:
         limit: int = 0,
         consistency: Consistency = "linearizable",
         timeout: float | None = None,
+        max_staleness: float | str | None = None,
+        read_preference: ReadPreference | None = None,
     ) -> AsyncIterator[tuple[bytes, bytes]]:
         """Stream ``(key, value)`` pairs in key order: keys starting with ``prefix`` and within
         ``[start, end)`` (both optional), at most ``limit`` (0 = all).
@@ -742,7 +923,8 @@ class AsyncClient:
         ``timeout`` bounds the whole scan, retries included.
         """
         async for chunk in self.scan_chunks(
-            prefix, start=start, end=end, limit=limit, consistency=consistency, timeout=timeout
+            prefix, start=start, end=end, limit=limit, consistency=consistency, timeout=timeout,
+            max_staleness=max_staleness, read_preference=read_preference,
         ):
             for item in chunk:
                 yield item
@@ -756,6 +938,8 @@ class AsyncClient:
         limit: int = 0,
         consistency: Consistency = "linearizable",
         timeout: float | None = None,
+        max_staleness: float | str | None = None,
+        read_preference: ReadPreference | None = None,
     ) -> AsyncGenerator[list[tuple[bytes, bytes]], None]:
         """Like :meth:`scan`, in lists of pairs."""
         prefix = _check_bytes("prefix", prefix)
@@ -764,17 +948,19 @@ class AsyncClient:
         if limit < 0:
             raise InvalidArgument("limit must be >= 0")
         level = self._consistency(consistency)
+        staleness_ms = self._staleness_ms(consistency, max_staleness)
+        pref = read_preference or self.read_preference
         lo, hi = scan_range(prefix, start, end)
         if hi is not None and lo >= hi:
             return
         deadline = self._deadline(timeout)
         backoff = Backoff(self.policy.backoff_base, self.policy.backoff_cap, rng=self._rng)
-        learns_leader = consistency == "linearizable"
+        learns_leader = consistency == "linearizable" and pref == "leader"
         while True:
             await self._ensure_map(deadline)
             groups = self.router.scan_groups()
             sharded = self.router.shard_map is not None
-            parts = [_ScanPart(g, lo, hi) for g in groups]
+            parts = [_ScanPart(g, lo, hi, level, staleness_ms, pref) for g in groups]
             try:
                 await asyncio.gather(*(self._scan_open(p, limit, level, deadline, learns_leader) for p in parts))
             except BaseException:
@@ -837,15 +1023,25 @@ class AsyncClient:
         while True:
             if deadline.expired:
                 raise self._give_up("scan", deadline, attempts, last, None, only_transport, unreachable, None)
-            await self._maybe_discover(group, deadline)
-            target = self.router.pick(group)
+            target = None
+            if part.pref != "leader":  # each eligible replica once, then the leader path
+                await self._ensure_members(group, deadline)
+                target = self.replicas.pick(group, part.pref, exclude=part.replicas_tried)
+                if target is not None:
+                    part.replicas_tried.append(target)
+            if target is None:
+                await self._maybe_discover(group, deadline)
+                target = self.router.pick(group)
             if target is None:
                 wait = max(0.01, self.router.next_retry_at() - time.monotonic())
                 await asyncio.sleep(deadline.bound(max(wait, backoff.next_delay())))
                 continue
             attempts += 1
             want = max(0, limit - part.received) if limit else 0
-            req = kv_pb2.ScanRequest(start=part.lo, end=part.hi or b"", limit=want, consistency=level, group=group)
+            req = kv_pb2.ScanRequest(
+                start=part.lo, end=part.hi or b"", limit=want, consistency=level, group=group,
+                max_staleness_ms=part.staleness_ms,
+            )
             # No gRPC deadline on the stream: every message must arrive within the attempt
             # timeout and the deadline instead.
             stream = self._kv(target).Scan(req)
@@ -869,6 +1065,8 @@ class AsyncClient:
                         self.router.on_reply(target)
                     else:
                         self._scan_reply(group, target, learns_leader)
+                        if target in part.replicas_tried:
+                            self.replicas.record_served(target)
                         owned = IntervalSet(zip(resp.owned_lo, resp.owned_hi, strict=True))
                         if part.owned is not None and owned != part.owned:
                             stream.cancel()
@@ -959,6 +1157,9 @@ class AsyncClient:
             have = self.router.shard_map.version if self.router.shard_map is not None else 0
             self.router.invalidate_shard_map(err.shard_version)
             return err.shard_version > have
+        elif isinstance(err, StaleReplica):
+            self.replicas.mark_behind(group, target)
+            self.router.rotate_past(target)
         return False
 
     # ----- admin -----
@@ -1128,10 +1329,19 @@ class AsyncClient:
 class _ScanPart:
     """One group's stream of a fanned-out scan."""
 
-    __slots__ = ("buf", "done", "group", "hi", "lo", "owned", "received", "stream", "target")
+    __slots__ = (
+        "buf", "done", "group", "hi", "level", "lo", "owned", "pref", "received", "replicas_tried",
+        "staleness_ms", "stream", "target",
+    )
 
-    def __init__(self, group: int, lo: bytes, hi: bytes | None) -> None:
+    def __init__(
+        self, group: int, lo: bytes, hi: bytes | None, level: kv_pb2.Consistency, staleness_ms: int, pref: str
+    ) -> None:
         self.group = group
+        self.level = level
+        self.staleness_ms = staleness_ms
+        self.pref = pref
+        self.replicas_tried: list[str] = []
         self.lo = lo  # where to resume: after the last key received
         self.hi = hi
         self.owned: IntervalSet | None = None
@@ -1245,9 +1455,36 @@ class Client:
                 self._loop.close()
 
     def get(
-        self, key: bytes, *, consistency: Consistency = "linearizable", timeout: float | None = None
+        self,
+        key: bytes,
+        *,
+        consistency: Consistency = "linearizable",
+        timeout: float | None = None,
+        max_staleness: float | str | None = None,
+        read_preference: ReadPreference | None = None,
     ) -> bytes | None:
-        return self._run(self._async.get(key, consistency=consistency, timeout=timeout))
+        return self._run(
+            self._async.get(
+                key, consistency=consistency, timeout=timeout, max_staleness=max_staleness,
+                read_preference=read_preference,
+            )
+        )
+
+    def read(
+        self,
+        key: bytes,
+        *,
+        consistency: Consistency = "linearizable",
+        timeout: float | None = None,
+        max_staleness: float | str | None = None,
+        read_preference: ReadPreference | None = None,
+    ) -> ReadResult:
+        return self._run(
+            self._async.read(
+                key, consistency=consistency, timeout=timeout, max_staleness=max_staleness,
+                read_preference=read_preference,
+            )
+        )
 
     def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> None:
         return self._run(self._async.put(key, value, timeout=timeout))
@@ -1267,10 +1504,13 @@ class Client:
         limit: int = 0,
         consistency: Consistency = "linearizable",
         timeout: float | None = None,
+        max_staleness: float | str | None = None,
+        read_preference: ReadPreference | None = None,
     ) -> Iterator[tuple[bytes, bytes]]:
         """Iterate ``(key, value)`` pairs; fetched chunk by chunk as the iteration proceeds."""
         agen = self._async.scan_chunks(
-            prefix, start=start, end=end, limit=limit, consistency=consistency, timeout=timeout
+            prefix, start=start, end=end, limit=limit, consistency=consistency, timeout=timeout,
+            max_staleness=max_staleness, read_preference=read_preference,
         )
 
         async def next_chunk() -> list[tuple[bytes, bytes]] | None:

@@ -876,6 +876,17 @@ class RaftNode:
     def applied(self) -> int:
         return self.log.applied
 
+    @property
+    def leader_contact_ticks(self) -> int | None:
+        """Ticks since this node last heard from its leader (an append, heartbeat or snapshot):
+        0 on the leader itself, None while no leader is known. Read-only; the host uses it to
+        refuse reads on a replica that is cut off from the leader."""
+        if self.role == Role.LEADER:
+            return 0
+        if self.lead == NONE:
+            return None
+        return self.election_elapsed
+
     def status(self) -> dict[str, object]:
         return {
             "id": self.id,

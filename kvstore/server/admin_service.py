@@ -22,12 +22,20 @@ from kvstore.v1 import admin_pb2, admin_pb2_grpc
 
 from .config import NodeConfig
 from .host import Host
+from .reads import ReplicaReads
 from .shards import GroupCaller, ShardTracker
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
     def __init__(
-        self, cfg: NodeConfig, host: Host, wake: Any, tracker: ShardTracker, caller: GroupCaller, coordinator: Coordinator
+        self,
+        cfg: NodeConfig,
+        host: Host,
+        wake: Any,
+        tracker: ShardTracker,
+        caller: GroupCaller,
+        coordinator: Coordinator,
+        reads: ReplicaReads | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.cfg = cfg
@@ -35,6 +43,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self.wake = wake
         self.tracker = tracker
         self.caller = caller
+        self.reads = reads
 
     def _members(self) -> list[admin_pb2.Member]:
         g = self.host.groups.get(META_GROUP)
@@ -54,6 +63,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 applied=st["applied"], last_index=st["last_index"], first_index=st["first_index"],
                 voters=st["voters"], learners=st["learners"],
             )
+            self._replica_status(gs)
             for nid, pr in st["progress"].items():
                 gs.progress.append(
                     admin_pb2.GroupStatus.Progress(id=nid, match=pr["match"], next=pr["next"], state=pr["state"])
@@ -63,6 +73,18 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             node_id=self.cfg.id, cluster_id=self.cfg.cluster_id, address=self.cfg.address,
             members=self._members(), groups=groups, storage_full=self.host.failed is not None,
         )
+
+    def _replica_status(self, gs: admin_pb2.GroupStatus) -> None:
+        """Read-replica fields: staleness bound and time since leader contact."""
+        contact = None
+        if self.reads is not None:
+            s = self.reads.staleness(gs.group)
+            gs.staleness_ms = -1 if s is None else int(s * 1000 + 0.999)
+            contact = self.reads.leader_contact_seconds(gs.group)
+        else:
+            gs.staleness_ms = -1
+        gs.leader_contact_ms = -1 if contact is None else int(contact * 1000)
+
 
     # --- membership -----------------------------------------------------------------------------
     def _targets(self, listed: Any) -> list[int]:

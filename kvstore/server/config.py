@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .host import RaftSettings
+from .reads import ReadSettings
 
 META_GROUP = 0
 """The metadata group: holds the shard map, replicated on every voter of the cluster."""
@@ -27,6 +28,8 @@ class NodeConfig:
     cluster_id: str = "kvstore"
     join: bool = False
     """Start without bootstrapping: wait to be added to an existing cluster (`kvctl member add`)."""
+    learner: bool = False
+    """A read replica: start like `join`, and ask the cluster to add this node as a learner."""
     advertise: str = ""
     """Address peers and clients use to reach this node (defaults to `listen`)."""
     metrics_listen: str = ""
@@ -38,12 +41,15 @@ class NodeConfig:
     """Data groups a new cluster starts with."""
     replication: int = 3
     vnodes: int = 128
+    reads: ReadSettings = field(default_factory=ReadSettings)
 
     def validate(self) -> None:
         if self.id < 1:
             raise ValueError("--id must be >= 1")
         if not self.join and self.id not in self.peers:
             raise ValueError(f"--peers must include this node (id {self.id})")
+        if self.learner and not any(nid != self.id for nid in self.peers):
+            raise ValueError("--learner needs the address of at least one other member in --peers")
         for nid, addr in self.peers.items():
             if nid < 1 or ":" not in addr:
                 raise ValueError(f"bad peer {nid}={addr!r}: expected ID=HOST:PORT")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import grpc
@@ -24,6 +24,7 @@ from . import waiters
 from .config import NodeConfig
 from .host import Host
 from .metrics import Metrics
+from .reads import ReadPoint, ReplicaReads
 from .shards import ShardTracker
 
 log = logging.getLogger("kvstore.kv")
@@ -31,17 +32,26 @@ log = logging.getLogger("kvstore.kv")
 
 class KVService(kv_pb2_grpc.KVServicer):
     """Each key is served by the data group the shard map routes it to, if that group is on this
-    node and led here. The group itself decides ownership: a write it does not own is refused by
-    its state machine (never applied, so definite), and a read checks the group's applied ranges
-    at the read point."""
+    node (led here, or, for reads, a replica that may serve them; see reads.py). The group itself
+    decides ownership: a write it does not own is refused by its state machine (never applied,
+    so definite), and a read checks the group's applied ranges at the read point."""
 
-    def __init__(self, cfg: NodeConfig, host: Host, wake: Any, metrics: Metrics, tracker: ShardTracker) -> None:
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        host: Host,
+        wake: Any,
+        metrics: Metrics,
+        tracker: ShardTracker,
+        reads: ReplicaReads | None = None,
+    ) -> None:
         self.cfg = cfg
         self.host = host
         self.store = host.store
         self.wake = wake
         self.metrics = metrics
         self.tracker = tracker
+        self.reads = reads or ReplicaReads(host, request_timeout=cfg.request_timeout)
 
     # --- helpers ----------------------------------------------------------------------------
     def _check_key(self, key: bytes) -> None:
@@ -87,10 +97,13 @@ class KVService(kv_pb2_grpc.KVServicer):
             raise errors.InvalidArgument(result.error)
         return result
 
-    async def _read_point(self, gid: int, consistency: int) -> int:
-        if consistency == kv_pb2.SERIALIZABLE:
-            return self.store.applied_index(gid)
-        return await waiters.read_point(self.host, self.wake, gid, self.cfg.request_timeout)
+    async def _read_point(self, gid: int, consistency: int, max_staleness_ms: int = 0) -> ReadPoint:
+        """Wait until the group may be read at `consistency` (see reads.py: replicas serve too)."""
+
+        def leader_read() -> Awaitable[int]:
+            return waiters.read_point(self.host, self.wake, gid, self.cfg.request_timeout)
+
+        return await self.reads.read_point(gid, consistency, max_staleness_ms, leader_read, self.wake)
 
     @staticmethod
     def _session(s: kv_pb2.Session) -> tuple[int, int, int]:
@@ -101,11 +114,14 @@ class KVService(kv_pb2_grpc.KVServicer):
         try:
             self._check_key(request.key)
             gid = self._group_for(request.key)
-            index = await self._read_point(gid, request.consistency)
+            point = await self._read_point(gid, request.consistency, request.max_staleness_ms)
             self._check_owned(gid, request.key)
             value = self.store.get(gid, request.key)
             self.metrics.reads.inc()
-            return kv_pb2.GetResponse(found=value is not None, value=value or b"", index=index)
+            return kv_pb2.GetResponse(
+                found=value is not None, value=value or b"", index=point.index,
+                staleness_ms=point.staleness_ms, node_id=self.cfg.id,
+            )
         except errors.KVError as err:
             return kv_pb2.GetResponse(error=errors.to_proto(err))
 
@@ -161,18 +177,27 @@ class KVService(kv_pb2_grpc.KVServicer):
             gid = request.group
             if gid == 0 or gid not in self.host.groups:
                 raise self._wrong_shard(f"group {gid} is not on node {self.cfg.id}")
-            await self._read_point(gid, request.consistency)
+            point = await self._read_point(gid, request.consistency, request.max_staleness_ms)
             st = self.store.shard_state(gid)
             owned = st.active if st is not None else IntervalSet.full()
             stream = self.store.scan_chunks(gid, start, end, request.limit or 0, owned=owned)
         except errors.KVError as err:
             yield kv_pb2.ScanResponse(error=errors.to_proto(err))
             return
-        yield kv_pb2.ScanResponse(more=True, owned_lo=[a for a, _ in owned], owned_hi=[b for _, b in owned])
+        first = kv_pb2.ScanResponse(more=True, owned_lo=[a for a, _ in owned], owned_hi=[b for _, b in owned])
+        _scan_meta(first, point, self.cfg.id)
+        yield first
         for chunk in stream:
             yield kv_pb2.ScanResponse(items=[kv_pb2.KeyValue(key=k, value=v) for k, v in chunk], more=True)
         yield kv_pb2.ScanResponse(more=False)
         self.metrics.reads.inc()
+
+
+def _scan_meta(resp: kv_pb2.ScanResponse, point: ReadPoint, node_id: int) -> None:
+    """Where the scan was served: on the first message of the stream."""
+    resp.index = point.index
+    resp.staleness_ms = point.staleness_ms
+    resp.node_id = node_id
 
 
 def _prefix_end(prefix: bytes) -> bytes | None:

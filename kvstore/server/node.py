@@ -38,7 +38,9 @@ from .admin_service import AdminService
 from .config import NodeConfig
 from .host import Host
 from .kv_service import KVService
+from .learner import register_learner
 from .metrics import Metrics
+from .reads import ReadMetrics, ReplicaReads
 from .shards import GroupCaller, NodeCluster, ShardService, ShardTracker
 
 log = logging.getLogger("kvstore.node")
@@ -51,6 +53,7 @@ class Node:
         self.metrics = Metrics()
         self.store: NodeStore | None = None
         self.host: Host | None = None
+        self.reads: ReplicaReads | None = None
         self.transport: Transport | None = None
         self.server: grpc.aio.Server | None = None
         self.health = health.HealthServicer()
@@ -94,13 +97,18 @@ class Node:
         caller = self.caller = GroupCaller(cfg.id, host, self.wake, tracker, cfg.request_timeout)
         self.coordinator = Coordinator(NodeCluster(host, tracker, caller))
         self._reconcile()
+        self.reads = ReplicaReads(
+            host, cfg.reads, metrics=ReadMetrics(self.metrics.registry), request_timeout=cfg.request_timeout
+        )
 
         server = self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
         raft_pb2_grpc.add_RaftServicer_to_server(
             RaftService(cfg.id, cfg.cluster_id, self._deliver, store.snapshot_dir), server
         )
-        kv_pb2_grpc.add_KVServicer_to_server(KVService(cfg, host, self.wake, self.metrics, tracker), server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(cfg, host, self.wake, tracker, caller, self.coordinator), server)
+        kv_pb2_grpc.add_KVServicer_to_server(KVService(cfg, host, self.wake, self.metrics, tracker, self.reads), server)
+        admin_pb2_grpc.add_AdminServicer_to_server(
+            AdminService(cfg, host, self.wake, tracker, caller, self.coordinator, self.reads), server
+        )
         shard_pb2_grpc.add_ShardServicer_to_server(
             ShardService(cfg.id, host, self.wake, tracker, caller, self.coordinator, cfg.request_timeout), server
         )
@@ -116,6 +124,8 @@ class Node:
             loop.create_task(self._ready_loop(), name="ready-loop"),
             loop.create_task(self.coordinator.run(), name="shard-coordinator"),
         ]
+        if cfg.learner:
+            self._tasks.append(loop.create_task(self._register_learner(), name="register-learner"))
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.SERVING)
         log.info("node %d of cluster %r serving on %s", cfg.id, cfg.cluster_id, cfg.listen)
@@ -210,6 +220,8 @@ class Node:
             if loop.time() - next_at > 5 * period:
                 next_at = loop.time() + period  # we were paused (SIGSTOP): do not tick in a burst
             self.host.tick()
+            if self.reads is not None:
+                self.reads.tick()
             self.wake()
 
     async def _ready_loop(self) -> None:
@@ -254,6 +266,18 @@ class Node:
             self.metrics.is_leader.labels(label).set(1 if core.role == Role.LEADER else 0)
             self.metrics.commit.labels(label).set(core.committed)
             self.metrics.applied.labels(label).set(core.applied)
+        if self.reads is not None:
+            self.reads.update_gauges()
+
+    async def _register_learner(self) -> None:
+        assert self.host is not None
+        host = self.host
+        others = [addr for nid, addr in sorted(self.cfg.peers.items()) if nid != self.cfg.id]
+        await register_learner(
+            self.cfg.id, self.cfg.address, others,
+            lambda: (g := host.groups.get(META_GROUP)) is not None and self.cfg.id in g.core.conf.members(),
+            META_GROUP,
+        )
 
     async def stop(self, grace: float = 2.0) -> None:
         self.health.enter_graceful_shutdown()

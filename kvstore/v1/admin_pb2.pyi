@@ -18,7 +18,7 @@ class Member(_message.Message):
     def __init__(self, id: _Optional[int] = ..., address: _Optional[str] = ..., learner: _Optional[bool] = ...) -> None: ...
 
 class GroupStatus(_message.Message):
-    __slots__ = ("group", "role", "term", "leader_id", "commit", "applied", "last_index", "first_index", "voters", "learners", "progress")
+    __slots__ = ("group", "role", "term", "leader_id", "commit", "applied", "last_index", "first_index", "voters", "learners", "progress", "staleness_ms", "leader_contact_ms")
     class Progress(_message.Message):
         __slots__ = ("id", "match", "next", "state")
         ID_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,8 @@ class GroupStatus(_message.Message):
     VOTERS_FIELD_NUMBER: _ClassVar[int]
     LEARNERS_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_MS_FIELD_NUMBER: _ClassVar[int]
+    LEADER_CONTACT_MS_FIELD_NUMBER: _ClassVar[int]
     group: int
     role: str
     term: int
@@ -52,7 +54,9 @@ class GroupStatus(_message.Message):
     voters: _containers.RepeatedScalarFieldContainer[int]
     learners: _containers.RepeatedScalarFieldContainer[int]
     progress: _containers.RepeatedCompositeFieldContainer[GroupStatus.Progress]
-    def __init__(self, group: _Optional[int] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., commit: _Optional[int] = ..., applied: _Optional[int] = ..., last_index: _Optional[int] = ..., first_index: _Optional[int] = ..., voters: _Optional[_Iterable[int]] = ..., learners: _Optional[_Iterable[int]] = ..., progress: _Optional[_Iterable[_Union[GroupStatus.Progress, _Mapping]]] = ...) -> None: ...
+    staleness_ms: int
+    leader_contact_ms: int
+    def __init__(self, group: _Optional[int] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., commit: _Optional[int] = ..., applied: _Optional[int] = ..., last_index: _Optional[int] = ..., first_index: _Optional[int] = ..., voters: _Optional[_Iterable[int]] = ..., learners: _Optional[_Iterable[int]] = ..., progress: _Optional[_Iterable[_Union[GroupStatus.Progress, _Mapping]]] = ..., staleness_ms: _Optional[int] = ..., leader_contact_ms: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

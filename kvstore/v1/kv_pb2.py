@@ -24,43 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kvstore/v1/kv.proto\x12\nkvstore.v1\"\x93\x01\n\x05\x45rror\x12#\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x15.kvstore.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tleader_id\x18\x03 \x01(\x04\x12\x13\n\x0bleader_hint\x18\x04 \x01(\t\x12\x15\n\rindeterminate\x18\x05 \x01(\x08\x12\x15\n\rshard_version\x18\x06 \x01(\x04\"6\n\x07Session\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0b\n\x03\x61\x63k\x18\x03 \x01(\x04\"G\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12,\n\x0b\x63onsistency\x18\x02 \x01(\x0e\x32\x17.kvstore.v1.Consistency\"\\\n\x0bGetResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\r\n\x05index\x18\x04 \x01(\x04\"N\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12$\n\x07session\x18\x03 \x01(\x0b\x32\x13.kvstore.v1.Session\">\n\x0bPutResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\r\n\x05index\x18\x02 \x01(\x04\"B\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12$\n\x07session\x18\x02 \x01(\x0b\x32\x13.kvstore.v1.Session\"R\n\x0e\x44\x65leteResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\x0f\n\x07\x65xisted\x18\x02 \x01(\x08\x12\r\n\x05index\x18\x03 \x01(\x04\"w\n\nCasRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x15\n\rexpect_absent\x18\x02 \x01(\x08\x12\x10\n\x08\x65xpected\x18\x03 \x01(\x0c\x12\r\n\x05value\x18\x04 \x01(\x0c\x12$\n\x07session\x18\x05 \x01(\x0b\x32\x13.kvstore.v1.Session\"o\n\x0b\x43\x61sResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\x0f\n\x07swapped\x18\x02 \x01(\x08\x12\r\n\x05\x66ound\x18\x03 \x01(\x08\x12\x0f\n\x07\x63urrent\x18\x04 \x01(\x0c\x12\r\n\x05index\x18\x05 \x01(\x04\"\x85\x01\n\x0bScanRequest\x12\r\n\x05start\x18\x01 \x01(\x0c\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x0c\x12\x0e\n\x06prefix\x18\x03 \x01(\x0c\x12\r\n\x05limit\x18\x04 \x01(\x04\x12,\n\x0b\x63onsistency\x18\x05 \x01(\x0e\x32\x17.kvstore.v1.Consistency\x12\r\n\x05group\x18\x06 \x01(\x04\"&\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"\x87\x01\n\x0cScanResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12#\n\x05items\x18\x02 \x03(\x0b\x32\x14.kvstore.v1.KeyValue\x12\x0c\n\x04more\x18\x03 \x01(\x08\x12\x10\n\x08owned_lo\x18\x04 \x03(\x06\x12\x10\n\x08owned_hi\x18\x05 \x03(\x06*\x83\x02\n\tErrorCode\x12\x06\n\x02OK\x10\x00\x12\x0e\n\nNOT_LEADER\x10\x01\x12\r\n\tNO_LEADER\x10\x02\x12\x11\n\rKEY_TOO_LARGE\x10\x03\x12\x13\n\x0fVALUE_TOO_LARGE\x10\x04\x12\x15\n\x11REQUEST_TOO_LARGE\x10\x05\x12\x14\n\x10INVALID_ARGUMENT\x10\x06\x12\x0b\n\x07TIMEOUT\x10\x07\x12\x13\n\x0fLEADERSHIP_LOST\x10\x08\x12\x14\n\x10PROPOSAL_DROPPED\x10\t\x12\x10\n\x0cSTORAGE_FULL\x10\n\x12\x0f\n\x0bWRONG_SHARD\x10\x0b\x12\x11\n\rSHUTTING_DOWN\x10\x0c\x12\x0c\n\x08INTERNAL\x10\r*1\n\x0b\x43onsistency\x12\x10\n\x0cLINEARIZABLE\x10\x00\x12\x10\n\x0cSERIALIZABLE\x10\x01\x32\xaa\x02\n\x02KV\x12\x36\n\x03Get\x12\x16.kvstore.v1.GetRequest\x1a\x17.kvstore.v1.GetResponse\x12\x36\n\x03Put\x12\x16.kvstore.v1.PutRequest\x1a\x17.kvstore.v1.PutResponse\x12?\n\x06\x44\x65lete\x12\x19.kvstore.v1.DeleteRequest\x1a\x1a.kvstore.v1.DeleteResponse\x12\x36\n\x03\x43\x61s\x12\x16.kvstore.v1.CasRequest\x1a\x17.kvstore.v1.CasResponse\x12;\n\x04Scan\x12\x17.kvstore.v1.ScanRequest\x1a\x18.kvstore.v1.ScanResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kvstore/v1/kv.proto\x12\nkvstore.v1\"\x93\x01\n\x05\x45rror\x12#\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x15.kvstore.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tleader_id\x18\x03 \x01(\x04\x12\x13\n\x0bleader_hint\x18\x04 \x01(\t\x12\x15\n\rindeterminate\x18\x05 \x01(\x08\x12\x15\n\rshard_version\x18\x06 \x01(\x04\"6\n\x07Session\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0b\n\x03\x61\x63k\x18\x03 \x01(\x04\"a\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12,\n\x0b\x63onsistency\x18\x02 \x01(\x0e\x32\x17.kvstore.v1.Consistency\x12\x18\n\x10max_staleness_ms\x18\x14 \x01(\x04\"\x83\x01\n\x0bGetResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\r\n\x05index\x18\x04 \x01(\x04\x12\x14\n\x0cstaleness_ms\x18\x14 \x01(\x03\x12\x0f\n\x07node_id\x18\x15 \x01(\x04\"N\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12$\n\x07session\x18\x03 \x01(\x0b\x32\x13.kvstore.v1.Session\">\n\x0bPutResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\r\n\x05index\x18\x02 \x01(\x04\"B\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12$\n\x07session\x18\x02 \x01(\x0b\x32\x13.kvstore.v1.Session\"R\n\x0e\x44\x65leteResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\x0f\n\x07\x65xisted\x18\x02 \x01(\x08\x12\r\n\x05index\x18\x03 \x01(\x04\"w\n\nCasRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x15\n\rexpect_absent\x18\x02 \x01(\x08\x12\x10\n\x08\x65xpected\x18\x03 \x01(\x0c\x12\r\n\x05value\x18\x04 \x01(\x0c\x12$\n\x07session\x18\x05 \x01(\x0b\x32\x13.kvstore.v1.Session\"o\n\x0b\x43\x61sResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\x0f\n\x07swapped\x18\x02 \x01(\x08\x12\r\n\x05\x66ound\x18\x03 \x01(\x08\x12\x0f\n\x07\x63urrent\x18\x04 \x01(\x0c\x12\r\n\x05index\x18\x05 \x01(\x04\"\x9f\x01\n\x0bScanRequest\x12\r\n\x05start\x18\x01 \x01(\x0c\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x0c\x12\x0e\n\x06prefix\x18\x03 \x01(\x0c\x12\r\n\x05limit\x18\x04 \x01(\x04\x12,\n\x0b\x63onsistency\x18\x05 \x01(\x0e\x32\x17.kvstore.v1.Consistency\x12\r\n\x05group\x18\x06 \x01(\x04\x12\x18\n\x10max_staleness_ms\x18\x14 \x01(\x04\"&\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"\xbd\x01\n\x0cScanResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12#\n\x05items\x18\x02 \x03(\x0b\x32\x14.kvstore.v1.KeyValue\x12\x0c\n\x04more\x18\x03 \x01(\x08\x12\x10\n\x08owned_lo\x18\x04 \x03(\x06\x12\x10\n\x08owned_hi\x18\x05 \x03(\x06\x12\r\n\x05index\x18\x14 \x01(\x04\x12\x14\n\x0cstaleness_ms\x18\x15 \x01(\x03\x12\x0f\n\x07node_id\x18\x16 \x01(\x04*\x96\x02\n\tErrorCode\x12\x06\n\x02OK\x10\x00\x12\x0e\n\nNOT_LEADER\x10\x01\x12\r\n\tNO_LEADER\x10\x02\x12\x11\n\rKEY_TOO_LARGE\x10\x03\x12\x13\n\x0fVALUE_TOO_LARGE\x10\x04\x12\x15\n\x11REQUEST_TOO_LARGE\x10\x05\x12\x14\n\x10INVALID_ARGUMENT\x10\x06\x12\x0b\n\x07TIMEOUT\x10\x07\x12\x13\n\x0fLEADERSHIP_LOST\x10\x08\x12\x14\n\x10PROPOSAL_DROPPED\x10\t\x12\x10\n\x0cSTORAGE_FULL\x10\n\x12\x0f\n\x0bWRONG_SHARD\x10\x0b\x12\x11\n\rSHUTTING_DOWN\x10\x0c\x12\x0c\n\x08INTERNAL\x10\r\x12\x11\n\rSTALE_REPLICA\x10\x14*M\n\x0b\x43onsistency\x12\x10\n\x0cLINEARIZABLE\x10\x00\x12\x10\n\x0cSERIALIZABLE\x10\x01\x12\t\n\x05STALE\x10\x01\x12\x0b\n\x07\x42OUNDED\x10\x14\x1a\x02\x10\x01\x32\xaa\x02\n\x02KV\x12\x36\n\x03Get\x12\x16.kvstore.v1.GetRequest\x1a\x17.kvstore.v1.GetResponse\x12\x36\n\x03Put\x12\x16.kvstore.v1.PutRequest\x1a\x17.kvstore.v1.PutResponse\x12?\n\x06\x44\x65lete\x12\x19.kvstore.v1.DeleteRequest\x1a\x1a.kvstore.v1.DeleteResponse\x12\x36\n\x03\x43\x61s\x12\x16.kvstore.v1.CasRequest\x1a\x17.kvstore.v1.CasResponse\x12;\n\x04Scan\x12\x17.kvstore.v1.ScanRequest\x1a\x18.kvstore.v1.ScanResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvstore.v1.kv_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORCODE']._serialized_start=1253
-  _globals['_ERRORCODE']._serialized_end=1512
-  _globals['_CONSISTENCY']._serialized_start=1514
-  _globals['_CONSISTENCY']._serialized_end=1563
+  _globals['_CONSISTENCY']._loaded_options = None
+  _globals['_CONSISTENCY']._serialized_options = b'\020\001'
+  _globals['_ERRORCODE']._serialized_start=1399
+  _globals['_ERRORCODE']._serialized_end=1677
+  _globals['_CONSISTENCY']._serialized_start=1679
+  _globals['_CONSISTENCY']._serialized_end=1756
   _globals['_ERROR']._serialized_start=36
   _globals['_ERROR']._serialized_end=183
   _globals['_SESSION']._serialized_start=185
   _globals['_SESSION']._serialized_end=239
   _globals['_GETREQUEST']._serialized_start=241
-  _globals['_GETREQUEST']._serialized_end=312
-  _globals['_GETRESPONSE']._serialized_start=314
-  _globals['_GETRESPONSE']._serialized_end=406
-  _globals['_PUTREQUEST']._serialized_start=408
-  _globals['_PUTREQUEST']._serialized_end=486
-  _globals['_PUTRESPONSE']._serialized_start=488
-  _globals['_PUTRESPONSE']._serialized_end=550
-  _globals['_DELETEREQUEST']._serialized_start=552
-  _globals['_DELETEREQUEST']._serialized_end=618
-  _globals['_DELETERESPONSE']._serialized_start=620
-  _globals['_DELETERESPONSE']._serialized_end=702
-  _globals['_CASREQUEST']._serialized_start=704
-  _globals['_CASREQUEST']._serialized_end=823
-  _globals['_CASRESPONSE']._serialized_start=825
-  _globals['_CASRESPONSE']._serialized_end=936
-  _globals['_SCANREQUEST']._serialized_start=939
-  _globals['_SCANREQUEST']._serialized_end=1072
-  _globals['_KEYVALUE']._serialized_start=1074
-  _globals['_KEYVALUE']._serialized_end=1112
-  _globals['_SCANRESPONSE']._serialized_start=1115
-  _globals['_SCANRESPONSE']._serialized_end=1250
-  _globals['_KV']._serialized_start=1566
-  _globals['_KV']._serialized_end=1864
+  _globals['_GETREQUEST']._serialized_end=338
+  _globals['_GETRESPONSE']._serialized_start=341
+  _globals['_GETRESPONSE']._serialized_end=472
+  _globals['_PUTREQUEST']._serialized_start=474
+  _globals['_PUTREQUEST']._serialized_end=552
+  _globals['_PUTRESPONSE']._serialized_start=554
+  _globals['_PUTRESPONSE']._serialized_end=616
+  _globals['_DELETEREQUEST']._serialized_start=618
+  _globals['_DELETEREQUEST']._serialized_end=684
+  _globals['_DELETERESPONSE']._serialized_start=686
+  _globals['_DELETERESPONSE']._serialized_end=768
+  _globals['_CASREQUEST']._serialized_start=770
+  _globals['_CASREQUEST']._serialized_end=889
+  _globals['_CASRESPONSE']._serialized_start=891
+  _globals['_CASRESPONSE']._serialized_end=1002
+  _globals['_SCANREQUEST']._serialized_start=1005
+  _globals['_SCANREQUEST']._serialized_end=1164
+  _globals['_KEYVALUE']._serialized_start=1166
+  _globals['_KEYVALUE']._serialized_end=1204
+  _globals['_SCANRESPONSE']._serialized_start=1207
+  _globals['_SCANRESPONSE']._serialized_end=1396
+  _globals['_KV']._serialized_start=1759
+  _globals['_KV']._serialized_end=2057
 # @@protoc_insertion_point(module_scope)

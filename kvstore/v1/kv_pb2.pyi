@@ -23,11 +23,14 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WRONG_SHARD: _ClassVar[ErrorCode]
     SHUTTING_DOWN: _ClassVar[ErrorCode]
     INTERNAL: _ClassVar[ErrorCode]
+    STALE_REPLICA: _ClassVar[ErrorCode]
 
 class Consistency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     LINEARIZABLE: _ClassVar[Consistency]
     SERIALIZABLE: _ClassVar[Consistency]
+    STALE: _ClassVar[Consistency]
+    BOUNDED: _ClassVar[Consistency]
 OK: ErrorCode
 NOT_LEADER: ErrorCode
 NO_LEADER: ErrorCode
@@ -42,8 +45,11 @@ STORAGE_FULL: ErrorCode
 WRONG_SHARD: ErrorCode
 SHUTTING_DOWN: ErrorCode
 INTERNAL: ErrorCode
+STALE_REPLICA: ErrorCode
 LINEARIZABLE: Consistency
 SERIALIZABLE: Consistency
+STALE: Consistency
+BOUNDED: Consistency
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "leader_id", "leader_hint", "indeterminate", "shard_version")
@@ -72,24 +78,30 @@ class Session(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., seq: _Optional[int] = ..., ack: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("key", "consistency")
+    __slots__ = ("key", "consistency", "max_staleness_ms")
     KEY_FIELD_NUMBER: _ClassVar[int]
     CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_MS_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     consistency: Consistency
-    def __init__(self, key: _Optional[bytes] = ..., consistency: _Optional[_Union[Consistency, str]] = ...) -> None: ...
+    max_staleness_ms: int
+    def __init__(self, key: _Optional[bytes] = ..., consistency: _Optional[_Union[Consistency, str]] = ..., max_staleness_ms: _Optional[int] = ...) -> None: ...
 
 class GetResponse(_message.Message):
-    __slots__ = ("error", "found", "value", "index")
+    __slots__ = ("error", "found", "value", "index", "staleness_ms", "node_id")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     FOUND_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_MS_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
     error: Error
     found: bool
     value: bytes
     index: int
-    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., found: _Optional[bool] = ..., value: _Optional[bytes] = ..., index: _Optional[int] = ...) -> None: ...
+    staleness_ms: int
+    node_id: int
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., found: _Optional[bool] = ..., value: _Optional[bytes] = ..., index: _Optional[int] = ..., staleness_ms: _Optional[int] = ..., node_id: _Optional[int] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("key", "value", "session")
@@ -156,20 +168,22 @@ class CasResponse(_message.Message):
     def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., swapped: _Optional[bool] = ..., found: _Optional[bool] = ..., current: _Optional[bytes] = ..., index: _Optional[int] = ...) -> None: ...
 
 class ScanRequest(_message.Message):
-    __slots__ = ("start", "end", "prefix", "limit", "consistency", "group")
+    __slots__ = ("start", "end", "prefix", "limit", "consistency", "group", "max_staleness_ms")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_MS_FIELD_NUMBER: _ClassVar[int]
     start: bytes
     end: bytes
     prefix: bytes
     limit: int
     consistency: Consistency
     group: int
-    def __init__(self, start: _Optional[bytes] = ..., end: _Optional[bytes] = ..., prefix: _Optional[bytes] = ..., limit: _Optional[int] = ..., consistency: _Optional[_Union[Consistency, str]] = ..., group: _Optional[int] = ...) -> None: ...
+    max_staleness_ms: int
+    def __init__(self, start: _Optional[bytes] = ..., end: _Optional[bytes] = ..., prefix: _Optional[bytes] = ..., limit: _Optional[int] = ..., consistency: _Optional[_Union[Consistency, str]] = ..., group: _Optional[int] = ..., max_staleness_ms: _Optional[int] = ...) -> None: ...
 
 class KeyValue(_message.Message):
     __slots__ = ("key", "value")
@@ -180,15 +194,21 @@ class KeyValue(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ...) -> None: ...
 
 class ScanResponse(_message.Message):
-    __slots__ = ("error", "items", "more", "owned_lo", "owned_hi")
+    __slots__ = ("error", "items", "more", "owned_lo", "owned_hi", "index", "staleness_ms", "node_id")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
     OWNED_LO_FIELD_NUMBER: _ClassVar[int]
     OWNED_HI_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_MS_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
     error: Error
     items: _containers.RepeatedCompositeFieldContainer[KeyValue]
     more: bool
     owned_lo: _containers.RepeatedScalarFieldContainer[int]
     owned_hi: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., items: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ..., more: _Optional[bool] = ..., owned_lo: _Optional[_Iterable[int]] = ..., owned_hi: _Optional[_Iterable[int]] = ...) -> None: ...
+    index: int
+    staleness_ms: int
+    node_id: int
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., items: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ..., more: _Optional[bool] = ..., owned_lo: _Optional[_Iterable[int]] = ..., owned_hi: _Optional[_Iterable[int]] = ..., index: _Optional[int] = ..., staleness_ms: _Optional[int] = ..., node_id: _Optional[int] = ...) -> None: ...
