@@ -30,13 +30,16 @@ from typing import Any, TextIO, TypeVar
 
 import click
 
+from bench.kvbench import profile as prof
 from bench.kvbench import report
 from bench.kvbench.adapters import Adapter, make_adapter
 from bench.kvbench.clusters import (
     SYSTEMS,
     BenchCluster,
     ClusterError,
+    KvstoreCluster,
     check_real_disk,
+    free_ports,
     make_cluster,
     proc_cpu_seconds,
 )
@@ -306,8 +309,38 @@ def _wait_healthy(cluster: BenchCluster, timeout: float) -> None:
     raise ClusterError(f"{cluster.system} cluster not healthy within {timeout:g} s\n{cluster.logs()}")
 
 
+async def probe_until_ack(
+    adapter: Adapter, key: bytes, value: bytes, *, timeout: float, interval: float
+) -> tuple[float, int]:
+    """Start a put probe every ``interval`` seconds (each bounded by what is left of ``timeout``)
+    until one is acknowledged: (seconds to that ack, probes started). Overlapping probes make the
+    figure the cluster's recovery time, not one client's retry timer. Bounded by time and by
+    ``timeout / interval`` probes."""
+    t0 = time.perf_counter()
+    tasks: set[asyncio.Future[None]] = set()
+    probes = 0
+    try:
+        while probes < int(timeout / interval) + 1:
+            left = timeout - (time.perf_counter() - t0)
+            if left <= 0:
+                break
+            tasks.add(asyncio.ensure_future(adapter.probe_put(key + b"/%d" % probes, value, probes, left)))
+            probes += 1
+            done, _ = await asyncio.wait(tasks, timeout=min(interval, left), return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                tasks.discard(t)
+                if not t.cancelled() and t.exception() is None:
+                    return time.perf_counter() - t0, probes
+        raise TimeoutError(f"no write acknowledged within {timeout:g} s")
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def _failover(
-    cluster: BenchCluster, reps: int, timeout: float, settle: float, emit: Callable[[dict[str, Any]], None]
+    cluster: BenchCluster, reps: int, timeout: float, settle: float, interval: float,
+    emit: Callable[[dict[str, Any]], None],
 ) -> list[dict[str, Any]]:
     value = make_value()
     out = []
@@ -324,10 +357,12 @@ async def _failover(
             t0 = time.perf_counter()
             cluster.kill9(lead)
             killed = time.perf_counter() - t0
-            attempts = await adapter.put_until_ack(b"failover/%04d" % i, value, timeout)
+            _, probes = await probe_until_ack(
+                adapter, b"failover/%04d" % i, value, timeout=timeout, interval=interval
+            )
             dt = time.perf_counter() - t0
             rec = {"kind": "failover", "system": cluster.system, "rep": i, "killed": lead,
-                   "seconds": round(dt, 4), "kill_s": round(killed, 4), "attempts": attempts}
+                   "seconds": round(dt, 4), "kill_s": round(killed, 4), "probes": probes}
             emit(rec)
             out.append(rec)
             cluster.restart(lead)
@@ -342,12 +377,17 @@ async def _failover(
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Give up on one failover after this.")
 @click.option("--settle", type=float, default=1.0, show_default=True,
               help="Seconds to wait once the cluster is healthy again before the next kill.")
+@click.option("--probe-interval", type=float, default=0.1, show_default=True,
+              help="A new put probe starts this often until one is acknowledged.")
 def failover(
     systems: list[str], out: Path, data_root: Path | None, kvstore_args: tuple[str, ...],
-    etcd_args: tuple[str, ...], keep_data: bool, reps: int, timeout: float, settle: float,
+    etcd_args: tuple[str, ...], keep_data: bool, reps: int, timeout: float, settle: float, probe_interval: float,
 ) -> None:
-    """Time from kill -9 of the leader to the next acknowledged write (the restarted node
-    rejoins between kills). The write is issued right after the kill, at the old leader first."""
+    """Time from kill -9 of the leader to the next acknowledged write (the killed node is
+    restarted and the cluster healthy again between kills). Right after the kill, a put probe
+    starts every --probe-interval s (kvstore: through the client library, which retries and
+    finds the new leader; etcd: one Put per probe, rotating over the members from the old
+    leader); the first acknowledgement stops the clock."""
     root, fstype = _data_root(data_root)
     o = Output(out, "failover")
     meta = report.machine_info(root, fstype)
@@ -358,7 +398,7 @@ def failover(
         for system in systems:
             try:
                 with _cluster(system, root, kvstore_args, etcd_args, keep_data) as cluster:
-                    records += _run(_failover(cluster, reps, timeout, settle, o.emit))
+                    records += _run(_failover(cluster, reps, timeout, settle, probe_interval, o.emit))
             except (ClusterError, TimeoutError, OSError) as err:
                 failures += 1
                 o.emit({"kind": "error", "system": system, "error": str(err)[-2000:]})
@@ -368,7 +408,8 @@ def failover(
                 o.emit({"kind": "failover_summary", "system": s, "n": len(xs), "median_s": statistics.median(xs),
                         "min_s": min(xs), "max_s": max(xs)})
         o.table(report.failover_table(records, systems),
-                f"Leader kill -9 to next acknowledged write, default settings. Machine: {report.machine_line(meta)}")
+                f"Leader kill -9 to the next acknowledged write (a put probe every {probe_interval:g} s), "
+                f"default settings. Machine: {report.machine_line(meta)}")
     finally:
         o.close()
     if failures:
@@ -538,12 +579,168 @@ def idle_cpu(
             except (ClusterError, TimeoutError, OSError) as err:
                 failed = True
                 o.emit({"kind": "error", "system": system, "groups": ngroups, "error": str(err)[-2000:]})
-                lines.append(f"| {system} | {ngroups} | failed: {str(err).splitlines()[0][:80]} | - |")
+                lines.append(f"| {system} | {ngroups} | failed: {report.one_line(str(err))} | - |")
         o.table("\n".join(lines), "CPU of idle nodes")
     finally:
         o.close()
     if failed:
         raise SystemExit(1)
+
+
+# ----- profile -----------------------------------------------------------------------------------
+
+
+def _pyspy_binary(given: str | None) -> str:
+    if given:
+        return given
+    here = Path(sys.executable).parent / "py-spy"
+    found = str(here) if here.exists() else shutil.which("py-spy")
+    if not found:
+        raise click.UsageError("py-spy not found: pip install -e '.[bench]' (or --py-spy PATH)")
+    return found
+
+
+async def _pyspy(cmd: list[str], timeout: float) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return "py-spy timed out"
+    return "" if proc.returncode == 0 else err.decode(errors="replace")[-2000:]
+
+
+async def _profile(
+    cluster: KvstoreCluster, metrics: dict[int, str], *, pyspy: str, out: Path, inflight: int, warmup: float,
+    duration: float, rate: int, native: bool, keys: Sequence[bytes], value: bytes,
+) -> dict[str, Any]:
+    lead = await asyncio.to_thread(cluster.leader)
+    if lead is None:
+        raise ClusterError("no leader")
+    node = cluster.nodes[lead]
+    assert node.proc is not None
+    pid = node.proc.pid
+    adapter = make_adapter("kvstore", cluster.endpoints, timeout=10)
+    try:
+        await preload(adapter, keys, value, inflight=64, timeout=600)
+        window = 2 * duration + 4
+        load = asyncio.ensure_future(run_point(
+            adapter, workload="put", inflight=inflight, warmup=warmup, duration=window, keys=keys, value=value,
+            server_pids=cluster.pids(),
+        ))
+        await asyncio.sleep(warmup + 1)
+        base = [pyspy, "record", "--pid", str(pid), "--duration", str(int(duration)), "--rate", str(rate),
+                "--format", "raw", "--threads"] + (["--native"] if native else [])
+        m0 = await asyncio.to_thread(prof.scrape, metrics[lead])
+        c0, t0 = prof.thread_cpu(pid), time.perf_counter()
+        err_cpu = await _pyspy([*base, "-o", str(out / "profile-cpu.txt")], duration + 60)
+        m1 = await asyncio.to_thread(prof.scrape, metrics[lead])
+        c1, t1 = prof.thread_cpu(pid), time.perf_counter()
+        err_wall = await _pyspy([*base, "--gil", "-o", str(out / "profile-gil.txt")], duration + 60)
+        result = await load
+    finally:
+        await adapter.close()
+    return {
+        "leader": lead, "pid": pid, "load": result.to_json(), "seconds": t1 - t0,
+        "metrics": prof.metrics_delta(m0, m1, t1 - t0),
+        "threads": prof.thread_cpu_delta(c0, c1, pid),
+        "pyspy_errors": [e for e in (err_cpu, err_wall) if e],
+    }
+
+
+def _profile_report(res: dict[str, Any], out: Path, inflight: int) -> str:
+    cpu = prof.read_raw(out / "profile-cpu.txt")
+    gil = prof.read_raw(out / "profile-gil.txt")
+    ld = res["load"]
+    m = res["metrics"]
+    secs = res["seconds"]
+    parts = [
+        f"Leader (node {res['leader']}, pid {res['pid']}) under `put` at {inflight} in flight: whole run "
+        f"{ld['ops_per_s']:,.0f} puts/s, p50 {ld['p50_us'] / 1000:.1f} ms, p99 {ld['p99_us'] / 1000:.1f} ms "
+        f"(py-spy pauses the process to sample, which slows it somewhat).",
+        "",
+        "Node metrics over the on-CPU recording window:",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *(f"| {k} | {v:,.3f} |" for k, v in m.items()),
+        "",
+        "CPU by thread of the leader process (/proc/PID/task, same window):",
+        "",
+        prof.thread_table(res["threads"], secs),
+    ]
+    for stacks, what in (
+        (cpu, "on-CPU samples (py-spy's idle filter; with --native, C frames too)"),
+        (prof.busy(cpu), "of those not waiting for work (epoll/poll waits and the idle persist worker removed)"),
+        (gil, "samples holding the GIL (py-spy --gil: the Python work, which one core at most can do)"),
+    ):
+        if not stacks:
+            continue
+        total = sum(stacks.values())
+        parts += [
+            "",
+            f"{total} {what}, by category (first match from the innermost frame outwards):",
+            "",
+            prof.pct_table(prof.categorize(stacks), total, "category"),
+            "",
+            "Top self time (innermost frame):",
+            "",
+            prof.pct_table(prof.self_time(stacks), total, "function (file:line)", limit=30),
+            "",
+            "By thread:",
+            "",
+            prof.pct_table(prof.by_thread(stacks), total, "thread"),
+        ]
+    if res["pyspy_errors"]:
+        parts += ["", "py-spy reported: " + " / ".join(e.strip().splitlines()[-1] for e in res["pyspy_errors"])]
+    return "\n".join(parts)
+
+
+@cli.command("profile")
+@common
+@click.option("--inflight", type=int, default=64, show_default=True)
+@click.option("--warmup", type=float, default=3.0, show_default=True)
+@click.option("--duration", type=float, default=10.0, show_default=True,
+              help="Seconds of each of the two py-spy recordings (on-CPU, then GIL-holding).")
+@click.option("--rate", type=int, default=100, show_default=True, help="py-spy samples per second.")
+@click.option("--native", is_flag=True, help="py-spy --native (C frames of gRPC, LMDB, ...).")
+@click.option("--py-spy", "pyspy", default=None, help="The py-spy binary (default: beside this python, or PATH).")
+@click.option("--keys", "nkeys", type=int, default=DEFAULT_KEYS, show_default=True)
+def profile_cmd(
+    systems: list[str], out: Path, data_root: Path | None, kvstore_args: tuple[str, ...],
+    etcd_args: tuple[str, ...], keep_data: bool, inflight: int, warmup: float, duration: float, rate: int,
+    native: bool, pyspy: str | None, nkeys: int,
+) -> None:
+    """Profile the kvstore leader under put load: py-spy twice (on-CPU, then only samples holding
+    the GIL), CPU and run-queue wait per thread from /proc, and the node's metrics. Writes
+    OUT/profile-cpu.txt and OUT/profile-gil.txt (py-spy raw / collapsed stacks, which speedscope
+    opens) and OUT/profile.md. kvstore only."""
+    binary = _pyspy_binary(pyspy)
+    root, _ = _data_root(data_root)
+    o = Output(out, "profile")
+    keys, value = make_keys(nkeys), make_value()
+    dirpath = Path(tempfile.mkdtemp(prefix="kvbench-profile-", dir=root))
+    cluster = KvstoreCluster(dirpath, kvstore_args)
+    ports = free_ports(len(cluster.nodes))
+    metrics = {}
+    for (nid, node), port in zip(sorted(cluster.nodes.items()), ports, strict=True):
+        metrics[nid] = f"127.0.0.1:{port}"
+        node.args += ["--metrics-listen", metrics[nid]]
+    try:
+        cluster.start()
+        res = _run(_profile(cluster, metrics, pyspy=binary, out=out, inflight=inflight, warmup=warmup,
+                            duration=duration, rate=rate, native=native, keys=keys, value=value))
+        o.emit({"kind": "profile", **{k: v for k, v in res.items() if k != "load"}})
+        o.emit(res["load"])
+        o.table(_profile_report(res, out, inflight), "kvstore leader profile under put load")
+    finally:
+        cluster.stop()
+        o.close()
+        if not keep_data:
+            shutil.rmtree(dirpath, ignore_errors=True)
 
 
 def main() -> None:

@@ -42,6 +42,8 @@ class Adapter(Protocol):
 
     async def put_until_ack(self, key: bytes, value: bytes, timeout: float) -> int: ...
 
+    async def probe_put(self, key: bytes, value: bytes, probe: int, timeout: float) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -81,6 +83,10 @@ class KvstoreAdapter:
                 return attempts
             except KVError:
                 await asyncio.sleep(0.01)
+
+    async def probe_put(self, key: bytes, value: bytes, probe: int, timeout: float) -> None:
+        """One failover probe: a put through the client library (its own retries included)."""
+        await self.client.put(key, value, timeout=timeout)
 
     async def close(self) -> None:
         await self.client.close()
@@ -140,6 +146,14 @@ class EtcdAdapter:
                 return attempts
             except grpc.aio.AioRpcError:
                 await asyncio.sleep(0.01)
+
+    async def probe_put(self, key: bytes, value: bytes, probe: int, timeout: float) -> None:
+        """One failover probe: one Put at the next member in turn, starting at the preferred one
+        (a follower forwards it to the leader it knows, which may be the dead one: then only the
+        deadline ends it, so probes overlap)."""
+        start = self.endpoints.index(self.target) if self.target in self.endpoints else 0
+        ep = self.endpoints[(start + probe) % len(self.endpoints)]
+        await self._stub(ep).Put(etcd_pb2.PutRequest(key=key, value=value), timeout=timeout)
 
     async def close(self) -> None:
         channels = list(self._channels.values())

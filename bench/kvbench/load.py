@@ -34,11 +34,9 @@ DRAIN_GRACE = 5.0
 
 def make_keys(n: int) -> list[bytes]:
     """``n`` distinct keys of exactly 16 bytes, in key order: ``key/000000000042``."""
-    if n > 10**12:
-        raise ValueError("at most 10**12 keys")
-    keys = [b"key/%012d" % i for i in range(n)]
-    assert all(len(k) == KEY_SIZE for k in keys[:1])
-    return keys
+    if not 0 < n <= 10**12:
+        raise ValueError("between 1 and 10**12 keys")
+    return [b"key/%012d" % i for i in range(n)]
 
 
 def make_value(seed: int = 0) -> bytes:
@@ -49,6 +47,15 @@ def make_value(seed: int = 0) -> bytes:
 def cpu_self() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
+
+
+def loadavg() -> float:
+    """The machine's 1-minute load average (how busy the shared cores were: other work counts)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return -1.0
 
 
 def percentile(sorted_ns: Sequence[int], q: float) -> float:
@@ -211,6 +218,7 @@ async def run_point(
         warmup_s=warmup,
         warmup_errors=st.warm_errors,
         error_sample=st.sample,
+        extra={"loadavg_1m": loadavg()},
     )
 
 

@@ -237,13 +237,19 @@ def restart_table(records: Sequence[dict[str, Any]]) -> str:
     ]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['system']} | {r['keys']:,} | - | - | failed: {r['error'][:80]} |")
+            lines.append(f"| {r['system']} | {r['keys']:,} | - | - | failed: {one_line(r['error'])} |")
         else:
             lines.append(
                 f"| {r['system']} | {r['keys']:,} | {r['load_ops_per_s']:,.0f} | {r['disk_mib']:,.0f} MiB "
                 f"| {r['restart_s']:.2f} |"
             )
     return "\n".join(lines)
+
+
+def one_line(text: str, limit: int = 120) -> str:
+    """An error message flattened for a table cell: its last ``limit`` characters on one line."""
+    flat = " ".join(text.replace("|", "/").split())
+    return flat if len(flat) <= limit else "..." + flat[-limit:]
 
 
 def groups_table(records: Sequence[dict[str, Any]]) -> str:
@@ -253,7 +259,7 @@ def groups_table(records: Sequence[dict[str, Any]]) -> str:
     ]
     for r in records:
         if r.get("kind") == "error":
-            lines.append(f"| {r['groups']} | {r.get('inflight', '-')} | - | - | - | - | failed: {r['error'][:100]} |")
+            lines.append(f"| {r['groups']} | {r.get('inflight', '-')} | - | - | - | - | failed: {one_line(r['error'])} |")
         else:
             lines.append(
                 f"| {r['extra']['groups']} | {r['inflight']} | {r['ops_per_s']:,.0f} | {_lat(r)} | {r['errors']} "
