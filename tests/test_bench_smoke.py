@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `bench` is not an installed package: import it from the checkout
+    sys.path.insert(0, str(ROOT))
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -78,3 +80,45 @@ def test_bench_smoke_kvstore_vs_etcd(tmp_path: Path) -> None:
             assert row is not None, f"no table row for {workload} {inflight}:\n{out[-3000:]}"
     assert "cores on this machine" in out  # the note that servers and load generator compete
     assert (out_dir / "run.md").read_text().count("\n| ") >= 5
+
+
+def _point(system: str, rep: int, ops_per_s: float, p99: float) -> dict[str, object]:
+    return {
+        "kind": "point", "system": system, "workload": "put", "inflight": 16, "rep": rep, "ops": 100,
+        "ops_per_s": ops_per_s, "errors": 0, "p50_us": p99 / 2, "p99_us": p99, "p999_us": p99 * 2,
+        "server_cores": 1.0, "loadgen_cores": 0.2, "server_cpu_us_per_op": 500.0, "loadgen_cpu_us_per_op": 90.0,
+    }
+
+
+def test_summary_takes_medians_and_ratios_pair_by_pair() -> None:
+    from bench.kvbench import report
+
+    # Drift: rep 1 is slow for both systems; the ratio of each pair is 0.5 whatever the drift.
+    pts = [
+        _point("kvstore", 0, 1000, 10_000), _point("etcd", 0, 2000, 5_000),
+        _point("kvstore", 1, 100, 100_000), _point("etcd", 1, 200, 50_000),
+        _point("kvstore", 2, 900, 11_000), _point("etcd", 2, 1800, 5_500),
+    ]
+    (row,) = report.summarize(pts, ["kvstore", "etcd"])
+    assert row["kvstore"]["ops_per_s"] == 900 and row["etcd"]["ops_per_s"] == 1800
+    assert row["ratio_ops_per_s"] == 0.5 and row["ratio_p99"] == 2.0 and row["ratio_pairs"] == 3
+    table = report.markdown_table([row])
+    assert "| put | 16 | 900 | 1,800 | 0.50 |" in table
+
+
+def test_profile_categories_walk_from_the_innermost_frame() -> None:
+    from bench.kvbench import profile
+
+    raw = "\n".join([
+        "thread (1): MainThread;run (asyncio/runners.py:118);Put (kvstore/server/kv_service.py:90);"
+        "propose (kvstore/raft/core.py:470) 7",
+        "thread (2): persist_0;persist (kvstore/server/host.py:108);write (kvstore/storage/lmdb_env.py:161);"
+        "fdatasync (libc.so.6) 3",
+        "thread (1): MainThread;uv_run (core.c:464);epoll_wait (libc.so.6) 90",
+    ])
+    stacks = profile.parse_raw(raw)
+    cats = profile.categorize(stacks)
+    assert cats["Raft core (kvstore/raft)"] == 7
+    assert cats["fsync (fdatasync, in the LMDB commit)"] == 3
+    assert sum(profile.busy(stacks).values()) == 10
+    assert profile.by_thread(stacks)["thread (1): MainThread"] == 97
