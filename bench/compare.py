@@ -4,6 +4,7 @@
         --inflight 1,16,64,256 --duration 10 --warmup 2 --reps 3 --out results/
     python -m bench.compare failover --reps 10
     python -m bench.compare restart --keys 1000000
+    python -m bench.compare profile --inflight 64 --duration 10 --native   # py-spy on the kvstore leader
     python -m bench.compare groups --groups 1,4,8          # needs `kvstore serve --groups N`
     python -m bench.compare idle-cpu --groups 1000         # needs `kvstore serve --groups N`
 
