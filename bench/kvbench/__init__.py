@@ -1,0 +1,1 @@
+"""kvstore vs etcd benchmark: clusters, adapters, load generator, reports (CLI: bench/compare.py)."""

@@ -1,0 +1,171 @@
+"""One interface over both systems for the load generator: put, get, scan, and a put that keeps
+trying until acknowledged (for failover).
+
+- kvstore goes through its own client library (``kvstore.client.AsyncClient``): leader
+  discovery, sessions, retries and all, as an application would use it.
+- etcd goes through its v3 gRPC KV API with the generated stubs of ``bench/etcdpb`` over one
+  grpc.aio channel to one member (the leader by default, as the kvstore client also talks to the
+  leader; a follower would forward writes to the leader, one more hop). Range is linearizable
+  (etcd's default: ``serializable`` false).
+
+Each adapter holds one channel per member it talks to and is used from one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import grpc
+import grpc.aio
+
+from bench.etcdpb import etcd_pb2, etcd_pb2_grpc
+from kvstore.client import AsyncClient
+from kvstore.errors import KVError
+
+#: The range end that makes an etcd Range cover every key >= its start.
+ETCD_RANGE_TO_END = b"\x00"
+
+
+class Adapter(Protocol):
+    system: str
+
+    async def put(self, key: bytes, value: bytes) -> None: ...
+
+    async def get(self, key: bytes) -> bytes | None: ...
+
+    async def scan(self, start: bytes, limit: int) -> int: ...
+
+    def prefer(self, endpoint: str) -> None: ...
+
+    async def put_until_ack(self, key: bytes, value: bytes, timeout: float) -> int: ...
+
+    async def probe_put(self, key: bytes, value: bytes, probe: int, timeout: float) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class KvstoreAdapter:
+    system = "kvstore"
+
+    def __init__(self, endpoints: Sequence[str], timeout: float = 10.0) -> None:
+        self.client = AsyncClient(list(endpoints), timeout=timeout)
+
+    async def put(self, key: bytes, value: bytes) -> None:
+        await self.client.put(key, value)
+
+    async def get(self, key: bytes) -> bytes | None:
+        return await self.client.get(key)  # linearizable (the default)
+
+    async def scan(self, start: bytes, limit: int) -> int:
+        n = 0
+        async for chunk in self.client.scan_chunks(start=start, limit=limit):
+            n += len(chunk)
+        return n
+
+    def prefer(self, endpoint: str) -> None:
+        """The client finds the leader by itself."""
+
+    async def put_until_ack(self, key: bytes, value: bytes, timeout: float) -> int:
+        """The client's own retry loop (redirects, discovery, backoff) within ``timeout``; a
+        definite error before the deadline is retried after 10 ms. Returns the attempts made."""
+        deadline = time.monotonic() + timeout
+        attempts = 0
+        while True:
+            attempts += 1
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no write acknowledged within {timeout:g} s")
+            try:
+                await self.client.put(key, value, timeout=left)
+                return attempts
+            except KVError:
+                await asyncio.sleep(0.01)
+
+    async def probe_put(self, key: bytes, value: bytes, probe: int, timeout: float) -> None:
+        """One failover probe: a put through the client library (its own retries included)."""
+        await self.client.put(key, value, timeout=timeout)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class EtcdAdapter:
+    system = "etcd"
+
+    def __init__(self, endpoints: Sequence[str], timeout: float = 10.0, target: str | None = None) -> None:
+        self.endpoints = list(endpoints)
+        self.timeout = timeout
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, etcd_pb2_grpc.KVStub] = {}
+        self.target = target or self.endpoints[0]
+        self._kv = self._stub(self.target)
+
+    def _stub(self, endpoint: str) -> etcd_pb2_grpc.KVStub:
+        stub = self._stubs.get(endpoint)
+        if stub is None:
+            ch = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint)
+            stub = self._stubs[endpoint] = etcd_pb2_grpc.KVStub(ch)
+        return stub
+
+    def prefer(self, endpoint: str) -> None:
+        self.target = endpoint
+        self._kv = self._stub(endpoint)
+
+    async def put(self, key: bytes, value: bytes) -> None:
+        await self._kv.Put(etcd_pb2.PutRequest(key=key, value=value), timeout=self.timeout)
+
+    async def get(self, key: bytes) -> bytes | None:
+        resp: etcd_pb2.RangeResponse = await self._kv.Range(etcd_pb2.RangeRequest(key=key), timeout=self.timeout)
+        return resp.kvs[0].value if resp.kvs else None
+
+    async def scan(self, start: bytes, limit: int) -> int:
+        req = etcd_pb2.RangeRequest(key=start, range_end=ETCD_RANGE_TO_END, limit=limit)
+        resp: etcd_pb2.RangeResponse = await self._kv.Range(req, timeout=self.timeout)
+        return len(resp.kvs)
+
+    async def put_until_ack(self, key: bytes, value: bytes, timeout: float, attempt_timeout: float = 2.0) -> int:
+        """Put at the preferred member; on any error try the next member after 10 ms (as
+        clientv3 moves to another endpoint), each attempt bounded by ``attempt_timeout``."""
+        deadline = time.monotonic() + timeout
+        order = self.endpoints.index(self.target) if self.target in self.endpoints else 0
+        attempts = 0
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no write acknowledged within {timeout:g} s")
+            ep = self.endpoints[(order + attempts) % len(self.endpoints)]
+            attempts += 1
+            try:
+                await self._stub(ep).Put(
+                    etcd_pb2.PutRequest(key=key, value=value), timeout=min(left, attempt_timeout)
+                )
+                self.prefer(ep)
+                return attempts
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.01)
+
+    async def probe_put(self, key: bytes, value: bytes, probe: int, timeout: float) -> None:
+        """One failover probe: one Put at the next member in turn, starting at the preferred one
+        (a follower forwards it to the leader it knows, which may be the dead one: then only the
+        deadline ends it, so probes overlap)."""
+        start = self.endpoints.index(self.target) if self.target in self.endpoints else 0
+        ep = self.endpoints[(start + probe) % len(self.endpoints)]
+        await self._stub(ep).Put(etcd_pb2.PutRequest(key=key, value=value), timeout=timeout)
+
+    async def close(self) -> None:
+        channels = list(self._channels.values())
+        self._channels.clear()
+        self._stubs.clear()
+        for ch in channels:
+            await ch.close()
+
+
+def make_adapter(system: str, endpoints: Sequence[str], *, leader: str | None = None, timeout: float = 10.0) -> Adapter:
+    if system == "kvstore":
+        return KvstoreAdapter(endpoints, timeout)
+    if system == "etcd":
+        return EtcdAdapter(endpoints, timeout, target=leader)
+    raise ValueError(f"unknown system {system!r}")

@@ -1,0 +1,124 @@
+"""Smoke of the kvstore-vs-etcd benchmark (bench/compare.py): it runs and prints a table.
+
+Nothing about speed is asserted: ~1.5 s per point, in-flight 1 and 16, workloads put and get,
+one repetition, kvstore and etcd 3.4 (Debian's etcd-server, which .ci/run installs). Every server
+process is started and stopped by the benchmark itself, by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `bench` is not an installed package: import it from the checkout
+    sys.path.insert(0, str(ROOT))
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_etcd_proto_code_is_current(tmp_path: Path) -> None:
+    subprocess.run(
+        ["bash", str(ROOT / "bench" / "gen_proto.sh"), str(tmp_path)],
+        check=True, cwd=ROOT, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+    )
+    generated = sorted((tmp_path / "bench" / "etcdpb").iterdir())
+    assert generated, "protoc produced nothing"
+    for path in generated:
+        committed = ROOT / path.relative_to(tmp_path)
+        assert committed.exists(), f"{committed} is not committed; run bench/gen_proto.sh"
+        assert committed.read_bytes() == path.read_bytes(), f"{committed} is stale; run bench/gen_proto.sh"
+
+
+def _need_etcd() -> None:
+    if shutil.which("etcd") is None:
+        if os.environ.get("CI"):
+            pytest.fail("etcd is not installed (.ci/run installs etcd-server)")
+        pytest.skip("etcd is not installed: apt-get install -y etcd-server etcd-client")
+
+
+def test_bench_smoke_kvstore_vs_etcd(tmp_path: Path) -> None:
+    _need_etcd()
+    out_dir = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "bench.compare", "run", "--systems", "kvstore,etcd", "--workloads", "put,get",
+        "--inflight", "1,16", "--duration", "1.5", "--warmup", "0.5", "--reps", "1", "--keys", "1000",
+        "--out", str(out_dir), "--data-root", str(tmp_path), "--no-plot",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)  # the benchmark stops its clusters on the way out
+        out, _ = proc.communicate(timeout=60)
+        pytest.fail(f"the benchmark did not finish in 180 s:\n{out[-5000:]}")
+    assert proc.returncode == 0, out[-5000:]
+
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert records == [json.loads(line) for line in (out_dir / "run.jsonl").read_text().splitlines()]
+    points = {(r["system"], r["workload"], r["inflight"]): r for r in records if r["kind"] == "point"}
+    for system in ("kvstore", "etcd"):
+        for workload in ("put", "get"):
+            for inflight in (1, 16):
+                p = points.get((system, workload, inflight))
+                assert p is not None, f"no result for {system} {workload} {inflight}:\n{out[-3000:]}"
+                assert p["ops"] > 0 and p["ops_per_s"] > 0, p
+                assert p["errors"] == 0, p
+                assert p["p50_us"] > 0 and p["p99_us"] >= p["p50_us"], p
+                assert p["server_cpu_s"] > 0, p
+    for workload in ("put", "get"):
+        for inflight in (1, 16):
+            row = re.search(rf"^\| {workload} \| {inflight} \| ([\d,]+) \| ([\d,]+) \| ([\d.]+) \|", out, re.M)
+            assert row is not None, f"no table row for {workload} {inflight}:\n{out[-3000:]}"
+    assert "cores on this machine" in out  # the note that servers and load generator compete
+    assert (out_dir / "run.md").read_text().count("\n| ") >= 5
+
+
+def _point(system: str, rep: int, ops_per_s: float, p99: float) -> dict[str, object]:
+    return {
+        "kind": "point", "system": system, "workload": "put", "inflight": 16, "rep": rep, "ops": 100,
+        "ops_per_s": ops_per_s, "errors": 0, "p50_us": p99 / 2, "p99_us": p99, "p999_us": p99 * 2,
+        "server_cores": 1.0, "loadgen_cores": 0.2, "server_cpu_us_per_op": 500.0, "loadgen_cpu_us_per_op": 90.0,
+    }
+
+
+def test_summary_takes_medians_and_ratios_pair_by_pair() -> None:
+    from bench.kvbench import report
+
+    # Drift: rep 1 is slow for both systems; the ratio of each pair is 0.5 whatever the drift.
+    pts = [
+        _point("kvstore", 0, 1000, 10_000), _point("etcd", 0, 2000, 5_000),
+        _point("kvstore", 1, 100, 100_000), _point("etcd", 1, 200, 50_000),
+        _point("kvstore", 2, 900, 11_000), _point("etcd", 2, 1800, 5_500),
+    ]
+    (row,) = report.summarize(pts, ["kvstore", "etcd"])
+    assert row["kvstore"]["ops_per_s"] == 900 and row["etcd"]["ops_per_s"] == 1800
+    assert row["ratio_ops_per_s"] == 0.5 and row["ratio_p99"] == 2.0 and row["ratio_pairs"] == 3
+    table = report.markdown_table([row])
+    assert "| put | 16 | 900 | 1,800 | 0.50 |" in table
+
+
+def test_profile_categories_walk_from_the_innermost_frame() -> None:
+    from bench.kvbench import profile
+
+    raw = "\n".join([
+        "thread (1): MainThread;run (asyncio/runners.py:118);Put (kvstore/server/kv_service.py:90);"
+        "propose (kvstore/raft/core.py:470) 7",
+        "thread (2): persist_0;persist (kvstore/server/host.py:108);write (kvstore/storage/lmdb_env.py:161);"
+        "fdatasync (libc.so.6) 3",
+        "thread (1): MainThread;uv_run (core.c:464);epoll_wait (libc.so.6) 90",
+    ])
+    stacks = profile.parse_raw(raw)
+    cats = profile.categorize(stacks)
+    assert cats["Raft core (kvstore/raft)"] == 7
+    assert cats["fsync (fdatasync, in the LMDB commit)"] == 3
+    assert sum(profile.busy(stacks).values()) == 10
+    assert profile.by_thread(stacks)["thread (1): MainThread"] == 97
