@@ -30,7 +30,7 @@ Backends:
          nemesis PAUSES (SIGSTOP) the side that would be cut off instead.
 
 \b
-Nemesis families (comma-separated, or `all`): {", ".join(ALL_FAMILIES)}
+Nemesis families (comma-separated, or `all`): {", ".join(ALL_FAMILIES)}; and {", ".join(EXTRA_FAMILIES)}
   partition: one node, the leader, halves, bridge, random cuts, ring
   kill:      kill -9 one node, the leader or a majority; restart
   pause:     SIGSTOP / SIGCONT one node or the leader
@@ -38,7 +38,12 @@ Nemesis families (comma-separated, or `all`): {", ".join(ALL_FAMILIES)}
   member:    remove a voter, re-add it as a NEW id with an empty data dir
 Not in `all` ({", ".join(EXTRA_FAMILIES)}):
   replicas:  cut the read replicas (--learners) off from every other node
-The schedule always ends with every fault healed and a quiet period.
+  rebalance: (use with --groups N) add a data group, remove one (never the last) or rebalance,
+             without waiting for the range moves, then partition / kill (/ pause, if enabled)
+             while the moves run; "leader" faults hit the metadata leader, which drives the moves
+The schedule always ends with every fault healed and a quiet period. With --groups > 1 or the
+rebalance nemesis, every range move must then finish within --moves-timeout, or the run fails
+(liveness, reported apart from linearizability).
 
 \b
 Read replicas: --learners N adds N learner hosts (`kvstore serve --learner`). The `replicas`
@@ -78,6 +83,10 @@ def _nemesis(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 @click.option("--fault-min", type=float, default=None, help="Shortest fault (s).")
 @click.option("--fault-max", type=float, default=None, help="Longest fault (s).")
 @click.option("--check-timeout", type=float, default=60.0, show_default=True, help="Linearizability checker budget (s).")
+@click.option("--groups", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Data Raft groups the cluster starts with (kvstore serve --groups).")
+@click.option("--moves-timeout", type=float, default=60.0, show_default=True,
+              help="After the heal: how long range moves may take to finish (s).")
 @click.option("--keep-data", is_flag=True, help="Keep the nodes' data dirs even when the run is valid.")
 @click.option("--stale-reads", is_flag=True, hidden=True,
               help="PLANTED BUG for testing the harness: serve gets from a random node's local state.")
@@ -91,7 +100,8 @@ def _nemesis(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 def run(
     nodes: str, seconds: float, nemesis: list[str], workload: str, backend: str, seed: int, out: Path,
     concurrency: int, rate: float, quiet: float | None, tick_ms: int, op_timeout: float,
-    fault_min: float | None, fault_max: float | None, check_timeout: float, keep_data: bool, stale_reads: bool,
+    fault_min: float | None, fault_max: float | None, check_timeout: float, groups: int, moves_timeout: float,
+    keep_data: bool, stale_reads: bool,
     learners: int | None, read_from: str | None, read_consistency: str, max_staleness: float,
 ) -> None:
     from . import netns
@@ -102,7 +112,7 @@ def run(
         nodes=int(nodes), time=seconds, nemesis=nemesis, workload=workload, backend=backend, seed=seed,
         out=str(out), tick_ms=tick_ms, concurrency=concurrency, rate=rate, quiet=quiet, op_timeout=op_timeout,
         fault_min=fault_min, fault_max=fault_max, stale_reads=stale_reads, keep_data=keep_data,
-        check_timeout=check_timeout,
+        check_timeout=check_timeout, groups=groups, moves_timeout=moves_timeout,
         learners=learners if learners is not None else (2 if workload == "replicas" else 0),
         read_from=read_from or "", read_consistency=read_consistency, max_staleness=max_staleness,
     )

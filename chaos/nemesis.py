@@ -18,13 +18,15 @@ Families (``--nemesis`` takes a comma-separated list of them, or ``all``):
   data dir, ``--join``) on its host, add it as a learner, wait for it to catch up, promote it.
 * ``rebalance`` (not part of ``all``; meant for clusters started with ``--groups N``): change
   the shard layout through the Shard service (``ShardOp`` ADD_GROUP, REMOVE_GROUP of a random
-  data group but never the last one, or REBALANCE, with ``wait=False``) on any reachable node,
-  record how many range moves it planned, and then, while those moves are running, inject a
-  partition, a kill (or a pause, if that family is enabled) exactly as those nemeses do, with
-  their "leader" variants aimed at the metadata group's leader (which runs the move
-  coordinator). The layout change's window stays open until that fault is healed, so faults
-  always overlap moves; a change refused because an earlier one is still moving is noted and
-  the fault is injected anyway (it then hits the earlier moves).
+  data group but never the last one, or REBALANCE, with ``wait=False``) on any reachable node
+  (the metadata leader first), record how many range moves it planned, and overlap those moves
+  with a partition, a kill (or a pause, if that family is enabled) injected exactly as those
+  nemeses do, their "leader" variants aimed at the metadata group's leader (which runs the
+  move coordinator). Faults otherwise come one at a time, so the overlap is built in, in one
+  of two seeded orders: *plan, then fault* (the fault hits 0-0.3 s after the plan, while its
+  moves run) or *fault, then plan* (the change is planned 1-2 s into the fault, so its moves
+  start under it). The change's window ends when that fault is healed; a change refused
+  because earlier moves are still running is noted, and the fault is injected anyway.
 * ``replicas`` (not part of ``all``; for runs with read replicas): cut every read replica
   (learner host) off from every other node, while the clients still reach it. On the ``local``
   backend the replicas are paused instead.
@@ -114,7 +116,7 @@ class NemesisOptions:
     heal_max: float = 4.0
     seed: int = 0
     max_groups: int = 6  # rebalance: add data groups only while there are fewer
-    companion_delay: float = 1.0  # rebalance: at most this long between the plan and the fault
+    companion_delay: float = 0.3  # rebalance: at most this long between the plan and the fault
 
 
 class Nemesis:
@@ -138,6 +140,7 @@ class Nemesis:
         self._killed: set[int] = set()
         self._pending_member: int | None = None  # host whose replacement is not yet a voter
         self._meta_leader_first = False  # "leader" faults aim at the metadata group's leader
+        self._ring_uneven = False  # a group was removed since the last rebalance
 
     # ----- helpers -----
 
@@ -583,6 +586,10 @@ class Nemesis:
         Returns (host, response or None, note)."""
         hosts = self._reachable()
         self.rng.shuffle(hosts)
+        meta = await self._group_leader(META_GROUP)
+        if meta in hosts:  # the metadata leader first: a node cut off from it would time out
+            hosts.remove(meta)
+            hosts.insert(0, meta)
         note = "no node reachable"
         for h in hosts:
             try:
@@ -601,14 +608,20 @@ class Nemesis:
     def _choose_change(self, groups: list[int]) -> tuple[str, int]:
         """add / remove (a random data group, never the last) / rebalance; the group to remove."""
         options = (["add"] if len(groups) < self.opts.max_groups else []) + (["remove"] if len(groups) > 1 else [])
-        if options and self.rng.random() < 0.8:  # rebalance alone often has nothing to move
+        if self._ring_uneven:  # a removal spread its ring points unevenly: rebalancing moves ranges
+            options.append("rebalance")
+        if options and self.rng.random() < 0.9:  # otherwise a rebalance may well have nothing to move
             kind = self.rng.choice(options)
             return kind, self.rng.choice(groups) if kind == "remove" else 0
         return "rebalance", 0
 
     async def _rebalance(self, duration: float, stop: asyncio.Event) -> None:
-        """Plan a layout change (range moves, not awaited), then inject a partition / kill /
-        pause while the moves run; the change's window ends when that fault is healed."""
+        """A layout change (range moves, not awaited) overlapping a partition / kill / pause, in
+        one of two orders (seeded): *plan, then fault* (the fault comes 0..companion_delay s after
+        the plan, while its moves run) or *fault, then plan* (the change is planned, through the
+        metadata leader if one is known, 1-2 s into the fault so that a cut-off leader has been
+        replaced, so its moves start under it). The change's window ends when the fault is
+        healed."""
         infos = await self.shard_infos()
         view = max(infos.values(), key=lambda r: r.version) if infos else None
         groups = sorted(g.id for g in view.groups) if view is not None else []
@@ -620,48 +633,78 @@ class Nemesis:
             req, detail = Op(op=Op.REMOVE_GROUP, group=victim, wait=False), f"remove group {victim} of {groups}"
         else:
             req, detail = Op(op=Op.REBALANCE, wait=False), f"rebalance groups {groups}"
-        w = self._begin("rebalance", kind, detail, [])
+        companions = [f for f in REBALANCE_COMPANIONS if f in self.opts.families] or ["partition", "kill"]
+        companion = self.rng.choice(companions)
+        order = self.rng.choice(("plan-then-fault", "fault-then-plan"))
+        w = self._begin("rebalance", kind, f"{detail}; {companion} ({order.replace('-', ' ')})", [])
         w.info.update(groups_before=groups, version_before=view.version if view is not None else None,
-                      pending_before=view.moves_pending if view is not None else None)
+                      pending_before=view.moves_pending if view is not None else None,
+                      companion=companion, order=order)
+        fault: asyncio.Future[None] | None = None
+        self._meta_leader_first = True  # "leader" faults hit the node that drives the moves
         try:
-            host, resp, note = await self._shard_op(req)
-            if host is not None:
-                w.hosts = [host]
-            planned: int | None = None
-            if resp is not None and not resp.error.code:
-                m = re.search(r"(\d+) range moves planned", resp.message)
-                planned = int(m.group(1)) if m else resp.moves_pending
-                w.info.update(planned_moves=planned, version=resp.version)
-                w.notes.append(f"{note} (via host {host})")
-                self.log(f"nemesis: rebalance: {note}")
+            if order == "fault-then-plan":
+                n0 = len(self.windows)
+                fault = asyncio.ensure_future(self._one(companion, duration, stop))
+                t_end = time.monotonic() + 5.0
+                while not fault.done() and len(self.windows) == n0 and time.monotonic() < t_end:
+                    await asyncio.sleep(0.05)
+                # the fault is in effect, and a cut-off metadata leader has been replaced
+                await _sleep(self.rng.uniform(1.0, 2.0), stop)
+                if stop.is_set():
+                    return
+                planned = await self._plan(w, req)
+                if planned is not None and not fault.done():
+                    w.info["moves_during_fault"] = planned
+                await fault
             else:
-                w.ok = False
-                w.info.update(planned_moves=None, error=note)
-                w.notes.append(f"not planned: {note}")
-                self.log(f"nemesis: rebalance: not planned: {note}")
-            companions = [f for f in REBALANCE_COMPANIONS if f in self.opts.families] or ["partition", "kill"]
-            companion = self.rng.choice(companions)
-            await _sleep(self.rng.uniform(0.0, self.opts.companion_delay), stop)
-            if stop.is_set():
-                return
-            w.info["companion"] = companion
-            self._meta_leader_first = True
-            try:
+                planned = await self._plan(w, req)
+                await _sleep(self.rng.uniform(0.0, self.opts.companion_delay), stop)
+                if stop.is_set():
+                    return
+                if w.hosts and planned:  # how many of the moves are still to run as the fault hits
+                    at = await self._shard_info_at(w.hosts[0], timeout=1.0)
+                    if at is not None:
+                        w.info["pending_at_fault"] = w.info["moves_during_fault"] = at.moves_pending
                 await self._one(companion, duration, stop)
-            finally:
-                self._meta_leader_first = False
             after = await self.shard_infos()
             if after:
                 latest = max(after.values(), key=lambda r: r.version)
                 w.info.update(pending_at_heal=latest.moves_pending, version_at_heal=latest.version)
-                w.notes.append(f"{companion} during the moves; {latest.moves_pending} move(s) pending when it healed "
+                w.notes.append(f"{companion} {order.replace('-', ' ')}: {w.info.get('moves_during_fault', 0)} move(s) "
+                               f"in flight under the fault; {latest.moves_pending} pending when it healed "
                                f"(map version {latest.version})")
             else:
-                w.notes.append(f"{companion} during the moves; no node answered INFO after it")
+                w.notes.append(f"{companion} {order.replace('-', ' ')}; no node answered INFO after it")
         finally:
+            self._meta_leader_first = False
+            if fault is not None and not fault.done():
+                fault.cancel()  # heal_all undoes what it did
+                with contextlib.suppress(BaseException):
+                    await fault
             w.end = self.now()
             if self.current is w:
                 self.current = None
+
+    async def _plan(self, w: FaultWindow, req: shard_pb2.ShardOpRequest) -> int | None:
+        """Send the layout change; record the outcome in ``w``; the number of planned moves."""
+        host, resp, note = await self._shard_op(req)
+        if host is not None:
+            w.hosts = [host]
+        if resp is not None and not resp.error.code:
+            m = re.search(r"(\d+) range moves planned", resp.message)
+            planned = int(m.group(1)) if m else resp.moves_pending
+            w.info.update(planned_moves=planned, version=resp.version)
+            w.notes.append(f"{note} (via host {host})")
+            if req.op in (req.REMOVE_GROUP, req.REBALANCE):
+                self._ring_uneven = req.op == req.REMOVE_GROUP
+            self.log(f"nemesis: rebalance: {note}")
+            return planned
+        w.ok = False
+        w.info.update(planned_moves=None, error=note)
+        w.notes.append(f"not planned: {note}")
+        self.log(f"nemesis: rebalance: not planned: {note}")
+        return None
 
     async def wait_moves_settled(self, timeout: float) -> dict[str, Any]:
         """After the heal: poll ShardOp INFO on every reachable node until the newest map any of

@@ -30,7 +30,7 @@ __all__ = ["write_report"]
 COLORS = {"ok": "#2e7d32", "fail": "#c62828", "info": "#ef8f00"}
 FAMILY_COLORS = {
     "partition": "#90caf9", "kill": "#ef9a9a", "pause": "#ce93d8", "transfer": "#fff59d",
-    "member": "#a5d6a7", "heal": "#e0e0e0",
+    "member": "#a5d6a7", "heal": "#e0e0e0", "rebalance": "#ffcc80", "replicas": "#80cbc4",
 }
 MAX_POINTS = 15000
 

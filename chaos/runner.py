@@ -11,6 +11,10 @@ namespace into the test network:
 * :func:`execute` (``kvchaos execute RUN_DIR``, hidden): starts the nodes, runs the workload and
   the nemesis schedule, heals, waits the quiet period, makes the final reads, and writes
   ``ops.jsonl`` (every operation with its error text), ``faults.json`` and ``execution.json``.
+  On a sharded run (``--groups`` > 1 or the ``rebalance`` nemesis) it first waits, bounded by
+  ``--moves-timeout``, for every range move to finish (``execution.json["shards"]``); moves that
+  never finish fail the run as a *liveness* failure, reported apart from linearizability
+  (``summary.json["liveness"]``).
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class RunConfig:
     stale_reads: bool = False
     keep_data: bool = False
     check_timeout: float = 60.0
+    groups: int = 1  # data groups the cluster starts with (kvstore serve --groups)
+    moves_timeout: float = 60.0  # after the heal: how long range moves may take to finish
     log_level: str = "info"
     run_id: str = ""
     ports: list[int] = field(default_factory=list)
@@ -76,6 +82,14 @@ class RunConfig:
         if self.quiet is not None:
             return self.quiet
         return max(3.0, min(10.0, self.time * 0.2))
+
+    def sharded(self) -> bool:
+        """Range moves can happen: check after the heal that they all finished."""
+        return self.groups > 1 or "rebalance" in self.nemesis
+
+    def server_args(self) -> list[str]:
+        """kvstore serve flags beyond the ones the cluster always passes."""
+        return ["--groups", str(self.groups)] if self.groups != 1 else []
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,7 +121,8 @@ def execute(run_dir: Path) -> int:
     state = RunState(run_dir / "state.json")
     backend = _backend(cfg)
     cluster = Cluster(
-        backend, run_dir, cfg.nodes, state, tick_ms=cfg.tick_ms, log_level=cfg.log_level, learners=cfg.learners
+        backend, run_dir, cfg.nodes, state, tick_ms=cfg.tick_ms, log_level=cfg.log_level, learners=cfg.learners,
+        extra_args=cfg.server_args(),
     )
     # SIGTERM (e.g. from the outer harness) unwinds like Ctrl-C so the nodes are stopped.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -123,6 +138,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 async def _execute(cfg: RunConfig, run_dir: Path, cluster: Cluster) -> int:
     t_setup = time.monotonic()
+    shards: dict[str, Any] | None = None
     cluster.start_all()
     leader = await cluster.wait_leader(30)
     execution: dict[str, Any] = {"endpoints": cluster.endpoints, "backend": cfg.backend}
@@ -202,6 +218,8 @@ async def _execute(cfg: RunConfig, run_dir: Path, cluster: Cluster) -> int:
         log(f"workload stopped: {len(rec.ops)} ops; final reads")
         # heal again in case the nemesis task was cancelled
         await nem.heal_all()
+        if cfg.sharded():
+            shards = await nem.wait_moves_settled(cfg.moves_timeout)
         await wl.final(time.monotonic() + 30)
         finals = [r for r in rec.ops if r.final]
         log(f"final reads: {sum(1 for r in finals if r.status == 'ok')} ok of {len(finals)} attempts")
@@ -219,6 +237,7 @@ async def _execute(cfg: RunConfig, run_dir: Path, cluster: Cluster) -> int:
         workload_end=workload_end, fault_until=fault_until, time=cfg.time, quiet=quiet,
         keys=wl.keys_used(), bank_total=getattr(wl, "total", None),
         bank_accounts=wopts.accounts if cfg.workload == "bank" else None,
+        shards=shards,
         nodes={str(h): {"node_id": nh.node_id, "address": nh.address, "history": nh.history}
                for h, nh in cluster.hosts.items()},
     )
@@ -268,6 +287,13 @@ def analyze(run_dir: Path, *, check_timeout: float | None = None) -> dict[str, A
         for note in f.get("notes") or []:
             if "was not running" in note:
                 a.reasons.append(f"{note} (a node exited on its own: see its log)")
+    liveness = _liveness(cfg, execution, faults)
+    if liveness.get("valid") is False:
+        a.verdict = "invalid"
+        a.reasons.append(liveness["reason"])
+    elif liveness.get("valid") is None and liveness.get("reason") and a.verdict == "valid":
+        a.verdict = "unknown"
+        a.reasons.append(liveness["reason"])
     if not records and not execution.get("error"):
         a.verdict = "unknown"
         a.reasons.insert(0, "no history recorded (the execute phase failed; see harness.log)")
@@ -279,10 +305,41 @@ def analyze(run_dir: Path, *, check_timeout: float | None = None) -> dict[str, A
         "execution": execution,
         "faults": faults,
         "throughput": round(a.counts.get("ok", 0) / cfg.time, 1) if cfg.time else None,
+        "liveness": liveness,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     write_report(run_dir, cfg, records, faults, a, execution)
     return summary
+
+
+def _liveness(cfg: RunConfig, execution: dict[str, Any], faults: list[dict[str, Any]]) -> dict[str, Any]:
+    """Did every range move finish once the faults healed? ``valid`` is True / False, or None
+    when it was not checked (not a sharded run: nothing to say; a sharded run: unknown)."""
+    changes = [f for f in faults if f.get("family") == "rebalance"]
+    out: dict[str, Any] = {
+        "checked": False, "valid": None,
+        "layout_changes": len(changes),
+        "layout_changes_planned": sum(1 for f in changes if (f.get("info") or {}).get("planned_moves") is not None),
+        "moves_planned": sum((f.get("info") or {}).get("planned_moves") or 0 for f in changes),
+        "changes_with_moves_pending_at_fault_heal": sum(
+            1 for f in changes if ((f.get("info") or {}).get("pending_at_heal") or 0) > 0
+        ),
+    }
+    if not cfg.sharded():
+        return out
+    shards = execution.get("shards")
+    if not shards:
+        if not execution.get("error"):
+            out["reason"] = "liveness unknown: the range moves were not checked after the heal"
+        return out
+    out.update(checked=True, valid=bool(shards.get("settled")), moves=shards)
+    if not out["valid"]:
+        out["reason"] = (
+            f"liveness: range moves did not finish within {shards.get('timeout')}s after the faults healed "
+            f"({shards.get('moves_pending')} pending, groups awaiting drop {shards.get('awaiting_drop')}; "
+            f"{shards.get('message')}) - a liveness failure, not a linearizability one"
+        )
+    return out
 
 
 def _load_json(path: Path, default: Any) -> Any:
@@ -361,6 +418,14 @@ def run(cfg: RunConfig) -> tuple[int, Path, dict[str, Any]]:
     _say(f"kvchaos: {a['counts'].get('total', 0)} ops (ok {a['counts'].get('ok', 0)}, info {a['counts'].get('info', 0)},"
          f" fail {a['counts'].get('fail', 0)}) in {time.monotonic() - t0:.0f}s; linearizability "
          f"{a['linearizability'].get('verdict')} over {a['linearizability'].get('keys')} keys")
+    lv = summary.get("liveness") or {}
+    if lv.get("checked"):
+        mv = lv.get("moves") or {}
+        _say(f"kvchaos: range moves: {lv['layout_changes_planned']} of {lv['layout_changes']} layout change(s) "
+             f"planned {lv['moves_planned']} move(s); after the heal "
+             + (f"none pending within {mv.get('waited')}s (map version {mv.get('version')}, "
+                f"groups {[g['id'] for g in mv.get('groups') or []]})" if lv["valid"]
+                else f"{mv.get('moves_pending')} still pending after {mv.get('waited')}s: LIVENESS FAILURE"))
     for reason in a["reasons"]:
         _say(f"kvchaos: {reason}")
     _say(f"kvchaos: report {run_dir / 'index.html'}")

@@ -22,7 +22,7 @@ import pytest
 from chaos import netns
 from chaos.checker import Status
 from chaos.checks import analyze_records
-from chaos.nemesis import ALL_FAMILIES, Nemesis, NemesisOptions, parse_families
+from chaos.nemesis import ALL_FAMILIES, FaultWindow, Nemesis, NemesisOptions, parse_families
 from chaos.state import RunState, pid_alive
 from chaos.workload import OpRecord, bank_value, to_operations
 
@@ -122,6 +122,56 @@ def test_netns_five_nodes_all_nemeses_set_is_valid(tmp_path: Path) -> None:
     assert s["valid"] is True and s["lost_count"] == 0 and s["acknowledged"] > 500, s
     families = {f["family"] for f in summary["faults"]}
     assert len(families - {"heal"}) >= 3, summary["faults"]
+    assert_cleaned(d)
+    assert node_pids_of(d) == []
+
+
+@needs_root
+def test_netns_rebalance_during_partitions_and_kills_is_valid(tmp_path: Path) -> None:
+    """Range moves (add / remove a data group, rebalance) with a partition or a kill injected
+    while they run: the history stays linearizable, nothing acknowledged is lost, and every
+    move finishes once the faults are healed."""
+    out = tmp_path / "runs"
+    code, text = kvchaos(["run", "--nodes", "3", "--groups", "4", "--time", "60", "--nemesis",
+                          "rebalance,partition,kill", "--workload", "register", "--seed", "11", "--out", str(out)],
+                         timeout=420)
+    lines = text.strip().splitlines()
+    assert lines[-1] == "verdict: valid", text[-6000:]
+    assert code == 0
+    d = run_dir_of(out)
+    summary = json.loads((d / "summary.json").read_text())
+    a = summary["analysis"]
+    assert summary["verdict"] == "valid" and a["reasons"] == [], a["reasons"]
+    assert a["linearizability"]["verdict"] == "linearizable"
+    assert a["counts"]["ok"] > 300, a["counts"]
+    # no lost writes: every key of the run was read after the heal (the checker saw those reads)
+    finals = {r["key"] for r in map(json.loads, (d / "ops.jsonl").read_text().splitlines())
+              if r.get("final") and r["status"] == "ok"}
+    assert set(summary["execution"]["keys"]) <= finals
+    # the cluster was sharded, and the layout changed under faults
+    assert summary["config"]["groups"] == 4
+    assert "4 data groups" in (d / "nodes" / "n1.log").read_text()
+    faults = summary["faults"]
+    changes = [f for f in faults if f["family"] == "rebalance"]
+    assert changes, faults
+    assert changes[0]["info"]["groups_before"] == [1, 2, 3, 4], changes[0]
+    planned = [f for f in changes if (f["info"].get("planned_moves") or 0) > 0]
+    assert planned, changes
+    overlapping = [
+        (c, f) for c in planned for f in faults
+        if f["family"] in ("partition", "kill") and c["start"] <= f["start"] <= (c["end"] or 1e9)
+    ]
+    assert overlapping, faults
+    # ... and the moves were in flight while a partition or a kill was in place
+    assert any((c["info"].get("moves_during_fault") or 0) > 0 for c in planned), changes
+    # liveness: every range move finished after the heal, and that is reported
+    lv = summary["liveness"]
+    assert lv["checked"] is True and lv["valid"] is True, lv
+    assert lv["moves"]["settled"] is True and lv["moves"]["moves_pending"] == 0
+    assert lv["moves_planned"] >= sum(f["info"]["planned_moves"] for f in planned) > 0
+    assert any(f["family"] == "heal" and f["kind"] == "moves" and f["ok"] for f in faults)
+    assert "kvchaos: range moves:" in text and "none pending" in text
+    assert "rebalance" in (d / "index.html").read_text()
     assert_cleaned(d)
     assert node_pids_of(d) == []
 
@@ -301,6 +351,24 @@ def test_parse_families() -> None:
     assert parse_families("kill,all") == ["kill", *[f for f in ALL_FAMILIES if f != "kill"]]
     with pytest.raises(ValueError):
         parse_families("partition,flood")
+    # rebalance is opt-in: `all` keeps meaning the classic faults
+    assert "rebalance" not in parse_families("all")
+    assert parse_families("rebalance,partition,kill") == ["rebalance", "partition", "kill"]
+    assert parse_families("all,rebalance")[-1] == "rebalance"
+
+
+def test_rebalance_never_removes_the_last_group() -> None:
+    nem = Nemesis(_FakeCluster(3), NemesisOptions(families=["rebalance"], seed=4, max_groups=3),  # type: ignore[arg-type]
+                  lambda: 0.0, log=lambda s: None)
+    seen = set()
+    for _ in range(300):
+        kind, g = nem._choose_change([7])
+        assert kind in ("add", "rebalance") and g == 0
+        kind, g = nem._choose_change([1, 2, 3])  # at max_groups: no add
+        assert kind in ("remove", "rebalance")
+        assert kind != "remove" or g in (1, 2, 3)
+        seen.add(nem._choose_change([1, 2])[0])
+    assert seen == {"add", "remove", "rebalance"}
 
 
 class _FakeCluster:
@@ -423,6 +491,85 @@ def test_bank_total_must_be_conserved() -> None:
     ]
     a = analyze_records(recs, workload="bank", bank_total=200, bank_accounts=2, expected_final_keys=["b/0"])
     assert a.verdict == "invalid" and a.bank is not None and a.bank["bad_count"] == 1
+
+
+def test_wait_moves_settled_is_bounded_and_reports_stuck_moves() -> None:
+    import asyncio
+
+    from kvstore.v1 import shard_pb2
+
+    nem = Nemesis(_FakeCluster(3), NemesisOptions(families=["rebalance"]), lambda: 0.0,  # type: ignore[arg-type]
+                  log=lambda s: None)
+    answers = [
+        {1: shard_pb2.ShardOpResponse(version=7, moves_pending=0,  # a node with an old map
+                                      groups=[shard_pb2.GroupInfo(id=1, share=1.0)]),
+         2: shard_pb2.ShardOpResponse(version=9, moves_pending=2, message="move 3: group 2 -> 5 (frozen)",
+                                      groups=[shard_pb2.GroupInfo(id=1, share=0.5), shard_pb2.GroupInfo(id=5, share=0.5)])},
+    ]
+
+    async def infos(timeout: float = 4.0) -> dict[int, shard_pb2.ShardOpResponse]:
+        return answers[-1]
+
+    nem.shard_infos = infos  # type: ignore[method-assign]
+    t0 = time.monotonic()
+    out = asyncio.run(nem.wait_moves_settled(1.0))
+    assert time.monotonic() - t0 < 5
+    assert out["settled"] is False and out["moves_pending"] == 2 and out["version"] == 9  # the newest map
+    assert nem.windows[-1].family == "heal" and nem.windows[-1].kind == "moves" and not nem.windows[-1].ok
+    # a removed group still in the map (serving nothing) is not settled either
+    answers.append({1: shard_pb2.ShardOpResponse(version=10, groups=[shard_pb2.GroupInfo(id=1, share=1.0),
+                                                                       shard_pb2.GroupInfo(id=5, share=0.0)])})
+    out = asyncio.run(nem.wait_moves_settled(0.6))
+    assert out["settled"] is False and out["awaiting_drop"] == [5]
+    answers.append({3: shard_pb2.ShardOpResponse(version=11, groups=[shard_pb2.GroupInfo(id=1, share=1.0)])})
+    out = asyncio.run(nem.wait_moves_settled(5.0))
+    assert out["settled"] is True and out["polls"] == 1 and nem.windows[-1].ok
+
+
+def _write_run(d: Path, cfg: Any, execution: dict[str, Any], faults: list[dict[str, Any]],
+               recs: list[OpRecord]) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg.to_json()))
+    (d / "execution.json").write_text(json.dumps(execution))
+    (d / "faults.json").write_text(json.dumps(faults))
+    (d / "ops.jsonl").write_text("".join(json.dumps(r.to_json()) + "\n" for r in recs))
+
+
+def test_moves_that_never_finish_fail_the_run_as_liveness(tmp_path: Path) -> None:
+    from chaos.runner import RunConfig, analyze
+
+    cfg = RunConfig(time=6, nemesis=["rebalance", "kill"], groups=4, run_id="t")
+    recs = [
+        _op(1, "put", "r/0", "a", None, 0.0, 1.0),
+        _op(2, "get", "r/0", None, "a", 2.0, 3.0),
+        _op(3, "get", "r/0", None, "a", 6.0, 7.0, final=True),
+    ]
+    change = FaultWindow("rebalance", "add", "add a data group to [1, 2, 3, 4]", 1.0, 4.0, hosts=[2],
+                         info={"planned_moves": 4, "pending_at_heal": 3}).to_json()
+    stuck = {"settled": False, "waited": 60.0, "timeout": 60.0, "moves_pending": 2, "version": 9,
+             "groups": [], "awaiting_drop": [], "message": "move 3: group 2 -> 5 (frozen)"}
+    _write_run(tmp_path / "stuck", cfg, {"keys": ["r/0"], "shards": stuck}, [change], recs)
+    summary = analyze(tmp_path / "stuck")
+    assert summary["verdict"] == "invalid"
+    assert summary["analysis"]["linearizability"]["verdict"] == "linearizable"  # judged apart
+    lv = summary["liveness"]
+    assert lv["valid"] is False and lv["moves_planned"] == 4 and lv["changes_with_moves_pending_at_fault_heal"] == 1
+    assert any(r.startswith("liveness: range moves did not finish") for r in summary["analysis"]["reasons"])
+    assert "liveness: range moves did not finish" in (tmp_path / "stuck" / "index.html").read_text()
+
+    _write_run(tmp_path / "done", cfg, {"keys": ["r/0"], "shards": {**stuck, "settled": True, "moves_pending": 0}},
+               [change], recs)
+    summary = analyze(tmp_path / "done")
+    assert summary["verdict"] == "valid" and summary["liveness"]["valid"] is True
+
+    _write_run(tmp_path / "unchecked", cfg, {"keys": ["r/0"]}, [change], recs)
+    assert analyze(tmp_path / "unchecked")["verdict"] == "unknown"
+
+    # an unsharded run without the rebalance nemesis has nothing to check
+    plain = RunConfig(time=6, nemesis=["kill"], run_id="t")
+    _write_run(tmp_path / "plain", plain, {"keys": ["r/0"]}, [], recs)
+    summary = analyze(tmp_path / "plain")
+    assert summary["verdict"] == "valid" and summary["liveness"]["checked"] is False
 
 
 def test_report_of_a_synthetic_violation(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import random
 import secrets
 import subprocess
 import sys
@@ -27,7 +28,10 @@ from clusterharness import Cluster
 
 from kvstore import errors
 from kvstore.client import Client
+from kvstore.raft import ConfState, Message, Role
+from kvstore.server.host import Host, RaftSettings
 from kvstore.shard.shardmap import ShardMap
+from kvstore.storage.store import NodeStore
 from kvstore.v1 import admin_pb2, kv_pb2, kv_pb2_grpc
 
 pytestmark = pytest.mark.timeout(300)
@@ -100,7 +104,11 @@ def keys_per_group(m: ShardMap, groups: list[int], per_group: int, prefix: bytes
 
 
 def node_logs(cluster: Cluster, tail: int = 2500) -> str:
-    return "\n".join(f"--- n{n.id}\n{n.log_text()[-tail:]}" for n in cluster.nodes.values())
+    """The end of every node's log, without the connection noise of startup."""
+    def text(n: Any) -> str:
+        return "\n".join(ln for ln in n.log_text().splitlines() if "stream to node" not in ln)[-tail:]
+
+    return "\n".join(f"--- n{n.id}\n{text(n)}" for n in cluster.nodes.values())
 
 
 @contextlib.contextmanager
@@ -120,7 +128,64 @@ def kvctl_json(endpoints: list[str], *args: str) -> Any:
     return json.loads(r.stdout)
 
 
-# --- 1. leader balance over 8 groups ------------------------------------------------------------
+# --- the leader balancer, in process and deterministic ---------------------------------------------
+def test_leader_balancer_hands_over_whatever_the_phase_of_the_check_quorum_timer(tmp_path: Path) -> None:
+    """Three in-process Hosts on an instant in-memory network, one group led by node 2, preferred
+    leader node 1. For every phase of the leader's check-quorum timer relative to the balancer's
+    period, leadership reaches node 1 within a few balancer rounds.
+
+    (A check-quorum round clears every follower's `recent_active` inside `core.tick()`; if the
+    balancer runs in the same `Host.tick()` right after it, it sees no active follower, and since
+    the round (election_tick) divides the balancer period, it sees that again every time.)"""
+    settings = RaftSettings()
+    period = settings.election_tick * 2
+    rounds: dict[int, int | None] = {}
+    for offset in range(period):
+        queue: list[Message] = []
+        hosts: dict[int, Host] = {}
+        for nid in (1, 2, 3):
+            store = NodeStore(tmp_path / f"p{offset}" / f"n{nid}", sync=False)
+            h = Host(nid, store, queue.extend, RaftSettings(), random.Random(nid))
+            h.open_group(1, ConfState((1, 2, 3)))
+            h.preferred_leader = {1: 1}
+            hosts[nid] = h
+
+        def pump(hosts: dict[int, Host] = hosts, queue: list[Message] = queue) -> None:
+            while True:
+                for h in hosts.values():
+                    while h.has_work():
+                        h.run_cycle()
+                if not queue:
+                    return
+                msgs = queue[:]
+                queue.clear()
+                for m in msgs:
+                    hosts[m.to].step(m)
+
+        try:
+            pump()
+            hosts[2].groups[1].core.campaign()
+            pump()
+            assert hosts[2].groups[1].core.role == Role.LEADER
+            for _ in range(offset):  # shift the leader's timers against the host's tick count
+                hosts[2].groups[1].core.tick()
+                pump()
+            rounds[offset] = None
+            for t in range(10 * hosts[2].balance_every_ticks):
+                for h in hosts.values():
+                    h.tick()
+                pump()
+                if hosts[1].groups[1].core.role == Role.LEADER:
+                    rounds[offset] = t // hosts[2].balance_every_ticks
+                    break
+        finally:
+            for h in hosts.values():
+                h.store.close()
+    stuck = [off for off, r in rounds.items() if r is None]
+    assert not stuck, f"the balancer never handed leadership over at timer offsets {stuck} (of {period})"
+
+
+# --- leader balance over 8 groups (3 nodes) ----------------------------------------------------------
 def test_eight_groups_leaders_spread_over_all_nodes_and_scan_merges_in_order(tmp_path: Path) -> None:
     with running(Cluster(tmp_path, 3, extra_args=["--groups", "8"])) as cluster, Client(cluster.endpoints) as c:
         m = fresh_map(c)
@@ -163,7 +228,7 @@ def test_eight_groups_leaders_spread_over_all_nodes_and_scan_merges_in_order(tmp
         assert abs(sum(g["share"] for g in info["groups"]) - 1.0) < 1e-9
 
 
-# --- 2. placement on 5 nodes ----------------------------------------------------------------------
+# --- placement on 5 nodes ------------------------------------------------------------------------------
 def test_five_nodes_place_three_replicas_and_single_endpoint_clients_reach_every_group(tmp_path: Path) -> None:
     extra = ["--groups", "5", "--replication", "3"]  # overrides the harness's --replication 5
     with running(Cluster(tmp_path, 5, extra_args=extra)) as cluster:
@@ -208,6 +273,16 @@ def test_five_nodes_place_three_replicas_and_single_endpoint_clients_reach_every
         with Client([cluster.nodes[1].address], timeout=20) as c1:
             assert sorted(k for k, _ in c1.scan(b"five-")) == sorted(all_keys)
 
+            # `shards` from one node reports every group, asking other nodes for those it lacks.
+            def reported() -> dict[int, Any] | None:
+                info = {g.id: g for g in c1.shards().groups}
+                ok = sorted(info) == groups and all(g.leader_id and g.keys == 3 for g in info.values())
+                return info if ok else None
+
+            info = wait_for("shards to report every group's leader and keys", reported, 20.0, 0.25)
+            for g in groups:
+                assert sorted(info[g].voters) == sorted(m.groups[g].voters)
+
         # kill -9 the node leading the most groups: every key stays writable.
         lead = leaders(cluster)
         victim_id = collections.Counter(lead[g] for g in groups if g in lead).most_common(1)[0][0]
@@ -220,13 +295,17 @@ def test_five_nodes_place_three_replicas_and_single_endpoint_clients_reach_every
                 assert c1.get(k) == b"after-kill"
 
 
-# --- 3. add and remove a group under load ---------------------------------------------------------
+# --- adding and removing a group under load --------------------------------------------------------
 @dataclass
 class Load:
-    """Concurrent writers recording what was acknowledged: unique-key puts and cas counters."""
+    """Concurrent writers recording what was acknowledged: puts of unique keys (`put_threads`
+    sharing one client) and read-then-cas increments of a few counters (`cas_threads` clients
+    contending for them)."""
 
     endpoints: list[str]
     prefix: bytes
+    put_threads: int = 3
+    cas_threads: int = 2
     max_keys: int = 4000
     counters: tuple[bytes, ...] = (b"ctr-a", b"ctr-b", b"ctr-c")
     attempted: list[bytes] = field(default_factory=list)
@@ -238,66 +317,98 @@ class Load:
     errors: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
-    marks: list[tuple[str, float]] = field(default_factory=list)
     acked_at: list[float] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _next: int = 0
+    _clients: list[Client] = field(default_factory=list)
 
     def start(self) -> Load:
-        self.threads = [threading.Thread(target=self._puts, daemon=True), threading.Thread(target=self._cas, daemon=True)]
+        shared = Client(self.endpoints, timeout=20)
+        self._clients = [shared, *(Client(self.endpoints, timeout=20) for _ in range(self.cas_threads))]
+        self.threads = [threading.Thread(target=self._puts, args=(shared,), daemon=True)
+                        for _ in range(self.put_threads)]
+        self.threads += [threading.Thread(target=self._cas, args=(c, i), daemon=True)
+                         for i, c in enumerate(self._clients[1:])]
         for t in self.threads:
             t.start()
         return self
 
     def finish(self) -> None:
         self.stop.set()
-        for t in self.threads:
-            t.join(60)
-            assert not t.is_alive(), "a writer did not stop"
+        try:
+            for t in self.threads:
+                t.join(60)
+                assert not t.is_alive(), "a writer did not stop"
+        finally:
+            for c in self._clients:
+                c.close()
 
-    def _puts(self) -> None:
-        with Client(self.endpoints, timeout=20) as c:
-            i = 0
-            while not self.stop.is_set() and i < self.max_keys:
-                k = self.prefix + b"%05d" % i
-                v = b"v" + k
-                i += 1
-                self.attempted.append(k)
-                try:
-                    c.put(k, v)
-                except errors.KVError as err:
+    def _key(self) -> bytes | None:
+        with self.lock:
+            if self._next >= self.max_keys:
+                return None
+            k = self.prefix + b"%05d" % self._next
+            self._next += 1
+            self.attempted.append(k)
+            return k
+
+    def _puts(self, c: Client) -> None:
+        while not self.stop.is_set() and (k := self._key()) is not None:
+            v = b"v" + k
+            try:
+                c.put(k, v)
+            except errors.KVError as err:
+                with self.lock:
                     (self.indeterminate if err.indeterminate else self.failed).add(k)
                     self.errors.append(f"put {k!r}: {err!r}")
-                    continue
+                continue
+            with self.lock:
                 self.acked[k] = v
                 self.acked_at.append(time.monotonic())
 
-    def _cas(self) -> None:
-        with Client(self.endpoints, timeout=20) as c:
-            j = 0
-            while not self.stop.is_set():
-                k = self.counters[j % len(self.counters)]
-                j += 1
-                try:
-                    cur = c.get(k)
-                except errors.KVError as err:
+    def _cas(self, c: Client, start: int) -> None:
+        j = start
+        while not self.stop.is_set():
+            k = self.counters[j % len(self.counters)]
+            j += 1
+            try:
+                cur = c.get(k)
+            except errors.KVError as err:
+                with self.lock:
                     self.errors.append(f"get {k!r}: {err!r}")
-                    continue
-                new = b"%d" % (int(cur or b"0") + 1)
-                try:
-                    swapped = c.cas(k, cur, new)
-                except errors.KVError as err:
+                continue
+            new = b"%d" % (int(cur or b"0") + 1)
+            try:
+                swapped = c.cas(k, cur, new)
+            except errors.KVError as err:
+                with self.lock:
                     if err.indeterminate:
                         self.incr_indeterminate[k] += 1
                     self.errors.append(f"cas {k!r}: {err!r}")
-                    continue
-                if swapped:
+                continue
+            if swapped:
+                with self.lock:
                     self.incr_acked[k] += 1
 
     def acked_between(self, t0: float, t1: float) -> int:
-        return sum(1 for t in list(self.acked_at) if t0 <= t <= t1)
+        with self.lock:
+            return sum(1 for t in self.acked_at if t0 <= t <= t1)
+
+    def acked_so_far(self) -> dict[bytes, bytes]:
+        with self.lock:
+            return dict(self.acked)
+
+
+def group_keys(c: Client, group: int) -> int | None:
+    """The key count `shards()` reports for `group`, if positive."""
+    n = next((g.keys for g in c.shards().groups if g.id == group), 0)
+    return n if n > 0 else None
 
 
 def check_load(c: Client, load: Load) -> None:
-    """Every acknowledged write reads back; nothing appears that was not attempted; counters exact."""
+    """Every acknowledged write reads back; nothing appears that was not attempted; counters exact.
+    (Call once the writers have stopped.)"""
+    assert load.stop.is_set()
     for k, v in load.acked.items():
         assert c.get(k) == v, f"acknowledged {k!r} lost or wrong"
     scanned = dict(c.scan(load.prefix))
@@ -332,7 +443,9 @@ def test_add_then_remove_a_group_under_write_load_loses_nothing(tmp_path: Path) 
             assert m1.data_groups() == [1, 2, 3], m1.groups
             assert not m1.moves and 3 in m1.ring.owners and m1.share(3) > 0
             assert m1.version > m0.version
-            check_load(c, load)  # consistency while the writers keep going
+            wait_for("the new group to report keys", lambda: group_keys(c, 3), 20.0, 0.25)
+            for k, v in load.acked_so_far().items():  # while the writers keep going
+                assert c.get(k) == v, f"acknowledged {k!r} lost or wrong after the group was added"
 
             t2 = time.monotonic()
             resp = c.remove_group(1, wait=True, timeout=120)
@@ -358,49 +471,37 @@ def test_add_then_remove_a_group_under_write_load_loses_nothing(tmp_path: Path) 
         assert info.moves_pending == 0
         assert sorted(g.id for g in info.groups) == [2, 3]
         assert all(g.share > 0 for g in info.groups)
-
-        def group3_keys() -> int | None:
-            n = next(g.keys for g in c.shards().groups if g.id == 3)
-            return n if n > 0 else None
-
-        wait_for("group 3 to report its keys", group3_keys, 20.0, 0.25)
+        wait_for("group 3 to report its keys", lambda: group_keys(c, 3), 20.0, 0.25)
         # Every node destroys its replica of the removed group.
         wait_for("group 1 to be destroyed everywhere",
                  lambda: all(1 not in hosted(st) for st in statuses(cluster).values()), 30.0, 0.25)
 
 
-# --- 4. a client with a stale map ---------------------------------------------------------------
-def test_client_with_stale_map_is_redirected_and_refreshes(tmp_path: Path) -> None:
-    with running(Cluster(tmp_path, 3, extra_args=["--groups", "2"])) as cluster, \
-            Client(cluster.endpoints) as a, Client(cluster.endpoints) as b:
-        old = fresh_map(a)
-        new_ring = old.plan_add_group(sorted(cluster.nodes)).ring
-        gid = old.next_group
-        moving = [k for k in (b"stale-%d" % i for i in range(2000)) if new_ring.group_for_key(k) == gid][:12]
-        assert len(moving) == 12
-        for k in moving:
-            b.put(k, b"before")
-            assert a.get(k) == b"before"  # A routes by the old map and learns the old leaders
-        b.add_group(wait=True, timeout=120)
-        new = fresh_map(b)
-        assert new.version > old.version
-        assert all(new.group_for_key(k) == gid and old.group_for_key(k) != gid for k in moving)
-        assert cached_version(a) == old.version  # A has not looked yet
-
-        for k in moving:
-            assert a.get(k) == b"before"
-            a.put(k, b"after-" + k)
-        for k in moving:
-            assert b.get(k) == b"after-" + k
-        have = cached_version(a)
-        assert have == new.version, f"A still routes by map version {have}, current is {new.version}"
+# --- waiting for a shard operation ------------------------------------------------------------------
+def test_add_and_remove_group_with_wait_return_when_done_even_after_the_attempt_timeout(tmp_path: Path) -> None:
+    """`add_group(wait=True, timeout=T)` waits up to T for the moves: a move that takes longer
+    than one RPC attempt (`attempt_timeout`, 2 s by default) must not turn into a Timeout. A short
+    attempt timeout makes the moves outlast it on any machine."""
+    with running(Cluster(tmp_path, 3, extra_args=["--groups", "2"])) as cluster, Client(cluster.endpoints) as c:
+        for i in range(100):
+            c.put(b"w%03d" % i, b"v%d" % i)
+        with Client(cluster.endpoints, attempt_timeout=0.3) as admin:
+            resp = admin.add_group(wait=True, timeout=60)
+            assert resp.moves_pending == 0, resp.message
+            assert fresh_map(c).data_groups() == [1, 2, 3]
+            resp = admin.remove_group(2, wait=True, timeout=60)
+            assert resp.moves_pending == 0, resp.message
+        m = fresh_map(c)
+        assert m.data_groups() == [1, 3] and not m.moves
+        assert dict(c.scan(b"w")) == {b"w%03d" % i: b"v%d" % i for i in range(100)}
 
 
-# --- 5. exactly-once across a move --------------------------------------------------------------
+# --- exactly-once across a move ---------------------------------------------------------------------
 def kv_call(endpoints: list[str], rpc: str, request: Any, timeout: float = 30.0) -> Any:
-    """Send `request` to each endpoint in turn until one answers without error (following leader
-    changes); return that reply. Errors other than "not the leader here" fail the test."""
-    retry = {kv_pb2.NOT_LEADER, kv_pb2.NO_LEADER, kv_pb2.PROPOSAL_DROPPED, kv_pb2.WRONG_SHARD}
+    """Send `request` (unchanged, so a write keeps its session) to each endpoint in turn until one
+    answers without error; return that reply. Errors a retry cannot fix fail the test."""
+    retry = {kv_pb2.NOT_LEADER, kv_pb2.NO_LEADER, kv_pb2.PROPOSAL_DROPPED, kv_pb2.WRONG_SHARD,
+             kv_pb2.TIMEOUT, kv_pb2.LEADERSHIP_LOST, kv_pb2.SHUTTING_DOWN}
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -455,3 +556,33 @@ def test_retry_of_a_write_applied_before_its_key_moved_is_not_applied_again(tmp_
         r = kv_call(eps, "Cas", kv_pb2.CasRequest(key=k_put, expected=b"first", value=b"fourth", session=s3))
         assert r.swapped
         assert c.get(k_put) == b"third"
+
+
+# --- a client with a stale map ----------------------------------------------------------------------
+def test_client_with_stale_map_is_redirected_and_refreshes(tmp_path: Path) -> None:
+    """Client A keeps the map it read before a group was added. Its reads and writes of keys that
+    moved to the new group must succeed, and A must end up routing by the current map (a stale
+    map is discovered through WRONG_SHARD, see kvstore.client.routing)."""
+    with running(Cluster(tmp_path, 3, extra_args=["--groups", "2"])) as cluster, \
+            Client(cluster.endpoints) as a, Client(cluster.endpoints) as b:
+        old = fresh_map(a)
+        new_ring = old.plan_add_group(sorted(cluster.nodes)).ring
+        gid = old.next_group
+        moving = [k for k in (b"stale-%d" % i for i in range(2000)) if new_ring.group_for_key(k) == gid][:12]
+        assert len(moving) == 12
+        for k in moving:
+            b.put(k, b"before")
+            assert a.get(k) == b"before"  # A routes by the old map and learns the old leaders
+        b.add_group(wait=True, timeout=120)
+        new = fresh_map(b)
+        assert new.version > old.version
+        assert all(new.group_for_key(k) == gid and old.group_for_key(k) != gid for k in moving)
+        assert cached_version(a) == old.version  # A has not looked yet
+
+        for k in moving:
+            assert a.get(k) == b"before"
+            a.put(k, b"after-" + k)
+        for k in moving:
+            assert b.get(k) == b"after-" + k
+        have = cached_version(a)
+        assert have == new.version, f"A still routes by map version {have}, current is {new.version}"

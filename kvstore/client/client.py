@@ -658,6 +658,10 @@ class AsyncClient:
                 retryable = failure.retryable
             else:
                 proto_err = error_of(resp)
+                if proto_err is not None and proto_err.shard_version:
+                    have = self.router.shard_map.version if self.router.shard_map is not None else 0
+                    if proto_err.shard_version > have:  # e.g. a NOT_LEADER from a node with a newer map
+                        self.router.invalidate_shard_map(proto_err.shard_version)
                 maybe = from_proto(proto_err, is_write=is_write) if proto_err is not None else None
                 if maybe is None:
                     if learns_leader and endpoint is None:
@@ -1287,7 +1291,9 @@ class AsyncClient:
     ) -> shard_pb2.ShardOpResponse:
         resp: shard_pb2.ShardOpResponse = await self._invoke(
             op,
-            lambda ep, t: self._shard(ep).ShardOp(req, timeout=t),
+            # With `wait`, the server answers once every move is done: the attempt may take as
+            # long as the request's own timeout.
+            lambda ep, t: self._shard(ep).ShardOp(req, timeout=max(t, req.timeout + 5.0) if req.wait else t),
             deadline=self._deadline(timeout),
             is_write=write,
             retry_indeterminate=False,

@@ -211,11 +211,14 @@ class Host:
         g.core.step(m)
 
     def tick(self) -> None:
-        for g in self.groups.values():
-            g.core.tick()
+        # The balancer looks at `recent_active`, which a leader's check-quorum round (inside
+        # core.tick) resets: look before ticking, or a round that lines up with the balancer's
+        # period would hide every follower forever.
         self._ticks += 1
         if self.preferred_leader and self._ticks % self.balance_every_ticks == 0:
             self._balance_leaders()
+        for g in self.groups.values():
+            g.core.tick()
 
     def _balance_leaders(self) -> None:
         """Hand each group this node leads to its preferred leader, once that node is a voter,

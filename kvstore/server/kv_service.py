@@ -64,6 +64,13 @@ class KVService(kv_pb2_grpc.KVServicer):
         if len(value) > self.cfg.limits.max_value:
             raise errors.ValueTooLarge(len(value), self.cfg.limits.max_value)
 
+    def _err(self, err: errors.KVError) -> kv_pb2.Error:
+        """The wire error, stamped with our shard map version: a client whose map is older
+        refreshes it (a NOT_LEADER may come from routing by a stale map)."""
+        e = errors.to_proto(err)
+        e.shard_version = self.tracker.version
+        return e
+
     def _wrong_shard(self, message: str) -> errors.WrongShard:
         return errors.WrongShard(message, shard_version=self.tracker.version)
 
@@ -123,7 +130,7 @@ class KVService(kv_pb2_grpc.KVServicer):
                 staleness_ms=point.staleness_ms, node_id=self.cfg.id,
             )
         except errors.KVError as err:
-            return kv_pb2.GetResponse(error=errors.to_proto(err))
+            return kv_pb2.GetResponse(error=self._err(err))
 
     async def Put(self, request: kv_pb2.PutRequest, context: grpc.aio.ServicerContext) -> kv_pb2.PutResponse:
         try:
@@ -134,7 +141,7 @@ class KVService(kv_pb2_grpc.KVServicer):
             self.metrics.writes.inc()
             return kv_pb2.PutResponse()
         except errors.KVError as err:
-            return kv_pb2.PutResponse(error=errors.to_proto(err))
+            return kv_pb2.PutResponse(error=self._err(err))
 
     async def Delete(self, request: kv_pb2.DeleteRequest, context: grpc.aio.ServicerContext) -> kv_pb2.DeleteResponse:
         try:
@@ -144,7 +151,7 @@ class KVService(kv_pb2_grpc.KVServicer):
             self.metrics.writes.inc()
             return kv_pb2.DeleteResponse(existed=bool(res.existed))
         except errors.KVError as err:
-            return kv_pb2.DeleteResponse(error=errors.to_proto(err))
+            return kv_pb2.DeleteResponse(error=self._err(err))
 
     async def Cas(self, request: kv_pb2.CasRequest, context: grpc.aio.ServicerContext) -> kv_pb2.CasResponse:
         try:
@@ -161,7 +168,7 @@ class KVService(kv_pb2_grpc.KVServicer):
                 swapped=bool(res.swapped), found=bool(res.found), current=res.current or b""
             )
         except errors.KVError as err:
-            return kv_pb2.CasResponse(error=errors.to_proto(err))
+            return kv_pb2.CasResponse(error=self._err(err))
 
     async def Scan(
         self, request: kv_pb2.ScanRequest, context: grpc.aio.ServicerContext
@@ -182,7 +189,7 @@ class KVService(kv_pb2_grpc.KVServicer):
             owned = st.active if st is not None else IntervalSet.full()
             stream = self.store.scan_chunks(gid, start, end, request.limit or 0, owned=owned)
         except errors.KVError as err:
-            yield kv_pb2.ScanResponse(error=errors.to_proto(err))
+            yield kv_pb2.ScanResponse(error=self._err(err))
             return
         first = kv_pb2.ScanResponse(more=True, owned_lo=[a for a, _ in owned], owned_hi=[b for _, b in owned])
         _scan_meta(first, point, self.cfg.id)

@@ -19,6 +19,9 @@ from .host import Host
 
 def _future() -> tuple[asyncio.Future[Any], Callable[[Any, errors.KVError | None], None]]:
     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    # The waiter may have given up (timeout, cancelled RPC) before the host answers: retrieve
+    # the exception anyway, so asyncio does not log it as never retrieved.
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def done(result: Any, err: errors.KVError | None) -> None:
         if fut.done():

@@ -75,6 +75,11 @@ class Peer:
         self.queue.append(m)
         self.wake.set()
 
+    def ping(self) -> None:
+        """Send a batch now even if nothing is queued: node-level liveness, one small batch per
+        peer per tick however many groups (idle groups stop heartbeating; see Host.suspect)."""
+        self.wake.set()
+
     def _channel(self) -> grpc.aio.Channel:
         if self.channel is None:
             self.channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
@@ -85,6 +90,7 @@ class Peer:
             if not self.queue:
                 self.wake.clear()
                 await self.wake.wait()
+            self.wake.clear()
             msgs, self.queue = self.queue, []
             self.sent_batches += 1
             self.sent_messages += len(msgs)
@@ -155,6 +161,10 @@ class Transport:
             if nid not in addresses:
                 asyncio.get_running_loop().create_task(self.peers.pop(nid).stop())
         self.addresses = dict(addresses)
+
+    def ping(self) -> None:
+        for p in self.peers.values():
+            p.ping()
 
     def send(self, messages: list[Message]) -> None:
         for m in messages:

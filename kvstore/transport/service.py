@@ -32,7 +32,10 @@ class RaftService(raft_pb2_grpc.RaftServicer):
         cluster_id: str,
         deliver: Callable[[Message], None],
         snapshot_dir: Path,
+        on_heard: Callable[[int], None] | None = None,
     ) -> None:
+        self.on_heard = on_heard
+        """Called with the sender of every accepted batch (node-level liveness)."""
         self.node_id = node_id
         self.cluster_id = cluster_id
         self.deliver = deliver
@@ -63,6 +66,8 @@ class RaftService(raft_pb2_grpc.RaftServicer):
                 await self._check(batch.cluster_id, frm, batch.to, context)
                 checked = True
             self.received_batches += 1
+            if self.on_heard is not None:
+                self.on_heard(frm)
             for pm in batch.messages:
                 try:
                     m = from_proto(pm)
