@@ -814,3 +814,27 @@ def test_racing_installations_never_activate_wiped_data(backend: Backend) -> Non
     assert b.run(2, tok(ShardOp.BEGIN, 33, Q[2]))[0].existed
     assert b.run(2, tok(ShardOp.INSTALL, 22, records=encode_record(REC_DATA, key, b"old")))[0].error is not None
     assert b.image(2).data == {key: b"v1"}
+
+
+def test_commands_of_an_older_move_are_refused(backend: Backend) -> None:
+    """Shard commands are fenced by move id: once a group accepted a command of move N, a late
+    command of an older move (a paused coordinator resuming, a retry reaching the leader late)
+    is refused and changes nothing; DROP never touches a range being installed."""
+    b = backend
+    b.run(1, sc(ShardOp.SET, LOW))
+
+    def mv(op: ShardOp, move: int, ranges: IntervalSet, token: int = 0) -> bytes:
+        return encode_shard_command(op, ranges, token=token, move=move)
+
+    assert b.run(1, mv(ShardOp.FREEZE, 3, Q[0]), mv(ShardOp.DROP, 3, Q[0])) == [OK, OK]
+    # Move 5 brings Q[0] back: BEGIN under a token, then a late DROP of move 3 arrives.
+    assert b.run(1, mv(ShardOp.BEGIN, 5, Q[0], token=9)) == [OK]
+    before = b.image(1)
+    late = b.run(1, mv(ShardOp.DROP, 3, Q[0]), mv(ShardOp.FREEZE, 3, Q[1]))
+    assert all(r.error is not None and "stale" in r.error for r in late)
+    assert b.image(1) == before
+    # A DROP of the current move is refused too while the range is being installed.
+    assert b.run(1, mv(ShardOp.DROP, 5, Q[0]))[0].error is not None
+    assert b.run(1, mv(ShardOp.ACTIVATE, 5, Q[0], token=9)) == [OK]
+    st = b.image(1).shards
+    assert st is not None and st.move == 5 and LOW.issubset(st.active)

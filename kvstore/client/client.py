@@ -1235,11 +1235,14 @@ class AsyncClient:
         endpoint: str | None = None,
         timeout: float | None = None,
     ) -> admin_pb2.AdminResponse:
-        # Admin operations carry no session, so an indeterminate outcome is not retried.
+        # Admin operations carry no session, so an indeterminate outcome is not retried. A
+        # membership change or transfer runs group after group on the server: each attempt may
+        # use the whole budget rather than the per-attempt timeout of a single read or write.
+        deadline = self._deadline(timeout)
         return await self._invoke(
             op,
-            lambda ep, t: call(self._admin(ep), t),
-            deadline=self._deadline(timeout),
+            lambda ep, t: call(self._admin(ep), max(t, deadline.remaining())),
+            deadline=deadline,
             is_write=True,
             endpoint=endpoint,
             retry_indeterminate=False,

@@ -135,8 +135,8 @@ class Coordinator:
                 return True
         return False
 
-    async def _shard(self, group: int, op: ShardOp, ranges: IntervalSet, token: int = 0) -> ApplyResult:
-        res = await self.cluster.propose(group, encode_shard_command(op, ranges, token=token))
+    async def _shard(self, group: int, op: ShardOp, ranges: IntervalSet, move: int, token: int = 0) -> ApplyResult:
+        res = await self.cluster.propose(group, encode_shard_command(op, ranges, token=token, move=move))
         if res.error:
             raise MoveFailed(f"{op.name} in group {group} refused: {res.error}")
         return res
@@ -145,28 +145,28 @@ class Coordinator:
         started = self._move_started.setdefault(mv.id, time.monotonic())
         if mv.state == MoveState.PENDING:
             log.info("move %d: freezing %d ranges in group %d (for group %d)", mv.id, len(mv.ranges), mv.source, mv.target)
-            await self._shard(mv.source, ShardOp.FREEZE, mv.ranges)
+            await self._shard(mv.source, ShardOp.FREEZE, mv.ranges, mv.id)
             await self.update(lambda cur: cur.set_move_state(mv.id, MoveState.FROZEN))
         elif mv.state == MoveState.FROZEN:
             # A fresh token per attempt: a racing coordinator's BEGIN makes our INSTALL and
             # ACTIVATE fail (and be retried) instead of activating half-wiped data.
             token = secrets.randbits(63) | 1
-            res = await self._shard(mv.target, ShardOp.BEGIN, mv.ranges, token)
+            res = await self._shard(mv.target, ShardOp.BEGIN, mv.ranges, mv.id, token)
             if not res.existed:
                 keys = 0
                 async for records in self.cluster.export(mv.source, mv.ranges):
                     res = await self.cluster.propose(
-                        mv.target, encode_shard_command(ShardOp.INSTALL, records=records, token=token)
+                        mv.target, encode_shard_command(ShardOp.INSTALL, records=records, token=token, move=mv.id)
                     )
                     if res.error:
                         raise MoveFailed(f"INSTALL in group {mv.target} refused: {res.error}")
                     keys += _count_data(records)
                 self._move_keys[mv.id] = keys
-                await self._shard(mv.target, ShardOp.ACTIVATE, mv.ranges, token)
+                await self._shard(mv.target, ShardOp.ACTIVATE, mv.ranges, mv.id, token)
             await self.update(lambda cur: cur.set_move_state(mv.id, MoveState.FLIPPED))
             log.info("move %d: group %d serves the ranges now (%d keys)", mv.id, mv.target, self._move_keys.get(mv.id, -1))
         elif mv.state == MoveState.FLIPPED:
-            await self._shard(mv.source, ShardOp.DROP, mv.ranges)
+            await self._shard(mv.source, ShardOp.DROP, mv.ranges, mv.id)
             await self.update(lambda cur: cur.finish_move(mv.id))
             keys = self._move_keys.pop(mv.id, 0)
             self.moved_keys += keys

@@ -206,14 +206,16 @@ class ShardMap:
         The group stays in the map, serving nothing, until `drop_group` once the moves are done."""
         if group not in self.groups:
             raise ShardMapError(f"no data group {group}")
-        heirs = [g for g in self.data_groups() if g != group]
+        # Heirs: groups that still own ring points (not ones being removed themselves).
+        heirs = [g for g in self.data_groups() if g != group and g in self.ring.owners]
         if not heirs:
             raise ShardMapError("cannot remove the last data group")
         return self._plan(self.ring.without_group(group, heirs), dict(self.groups))
 
     def plan_rebalance(self) -> ShardMap:
         """Return to the canonical ring (`vnodes` points per group) and plan the moves."""
-        ring = Ring.build(self.data_groups(), self.vnodes)
+        live = [g for g in self.data_groups() if g in self.ring.owners]  # not groups being removed
+        ring = Ring.build(live, self.vnodes)
         return self._plan(ring, dict(self.groups))
 
     def drop_group(self, group: int) -> ShardMap:

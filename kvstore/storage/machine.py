@@ -124,6 +124,12 @@ def apply_command(view: StateView, cmd: Command) -> ApplyResult:
     return result
 
 
+def _keep(view: StateView, st: ShardState) -> None:
+    """Store `st` (e.g. a newer move id) if it differs from the view's."""
+    if view.shards != st:
+        view.set_shards(st)
+
+
 def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
     """Apply a shard command (see `shardcmd`). Refusals change nothing and carry an error."""
     try:
@@ -139,9 +145,14 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
         return ApplyResult()
     if st is None:
         st = ShardState(IntervalSet.full(), empty)  # an unsharded group serves every key
+    if cmd.move < st.move:
+        return ApplyResult(error=f"stale request of move {cmd.move}: the group has seen move {st.move}")
+    if cmd.move > st.move:  # recorded with the command's effect (refusals below change nothing)
+        st = replace(st, move=cmd.move)
     r = cmd.ranges
     if cmd.op == ShardOp.FREEZE:
         if r.issubset(st.frozen):
+            _keep(view, st)
             return ApplyResult()
         if not r.difference(st.frozen).issubset(st.active):
             return ApplyResult(error="cannot freeze ranges the group does not serve")
@@ -149,6 +160,7 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
         return ApplyResult()
     if cmd.op == ShardOp.BEGIN:
         if r.issubset(st.active):
+            _keep(view, st)
             return ApplyResult(existed=True)
         if r.overlaps(st.active) or r.overlaps(st.frozen):
             return ApplyResult(error="ranges to receive overlap ranges the group serves or froze")
@@ -182,6 +194,7 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
         return ApplyResult()
     if cmd.op == ShardOp.ACTIVATE:
         if r.issubset(st.active):
+            _keep(view, st)
             return ApplyResult()
         if r.overlaps(st.frozen):
             return ApplyResult(error="cannot activate ranges the group froze")
@@ -190,9 +203,9 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
         view.set_shards(replace(st, active=st.active.union(r), installing=IntervalSet(), token=0))
         return ApplyResult()
     if cmd.op == ShardOp.DROP:
-        if r.overlaps(st.active):
-            return ApplyResult(error="cannot drop ranges the group serves")
-        view.delete_hashes(r)
+        if r.overlaps(st.active) or r.overlaps(st.installing):
+            return ApplyResult(error="cannot drop ranges the group serves or is installing")
+        view.delete_hashes(r.intersection(st.frozen))
         view.set_shards(replace(st, frozen=st.frozen.difference(r)))
         return ApplyResult()
     return ApplyResult(error=f"unknown shard op {cmd.op!r}")

@@ -16,7 +16,14 @@ with their format version 1, shard commands with `SHARD_MAGIC`).
                               installation; idempotent once active
     DROP       ranges         forget frozen ranges: delete their data, unmark them (idempotent)
 
-    wire: SHARD_MAGIC:u8 op:u8 payload; ranges = IntervalSet.encode(); token = u64;
+    Every command but SET carries the id of the move it belongs to (move ids only grow, and the
+    coordinator runs one move at a time); a group refuses a command of a move older than the
+    newest it has accepted one of, so a request of a finished move that arrives late (a
+    coordinator resuming after a pause, a retry that reached the leader late) cannot freeze,
+    drop or install anything any more.
+
+    wire: SHARD_MAGIC:u8 op:u8 [move:u64 unless SET] payload; ranges = IntervalSet.encode();
+    token = u64;
     records = (tag:u8 key_len:u32 value_len:u32 key value)*, tag 1 = data row (key, value),
     2 = session floor (client:u64, floor:u64), 3 = session result (client:u64 seq:u64, result)
 
@@ -72,11 +79,13 @@ class ShardState:
     frozen: IntervalSet
     installing: IntervalSet = field(default_factory=IntervalSet)
     token: int = 0
+    move: int = 0
+    """The newest move the group accepted a command of."""
 
     def encode(self) -> bytes:
         out = self.active.encode() + self.frozen.encode()
-        if self.installing or self.token:
-            out += U64.pack(self.token) + self.installing.encode()
+        if self.installing or self.token or self.move:
+            out += U64.pack(self.token) + self.installing.encode() + U64.pack(self.move)
         return out
 
     @classmethod
@@ -89,9 +98,15 @@ class ShardState:
                 raise ValueError("shard state truncated in its install token")
             (token,) = U64.unpack_from(data, pos)
             installing, pos = IntervalSet.decode_from(data, pos + 8)
+        move = 0
+        if pos < len(data):
+            if len(data) < pos + 8:
+                raise ValueError("shard state truncated in its move id")
+            (move,) = U64.unpack_from(data, pos)
+            pos += 8
         if pos != len(data):
             raise ValueError("shard state has trailing bytes")
-        return cls(active, frozen, installing, token)
+        return cls(active, frozen, installing, token, move)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +115,7 @@ class ShardCommand:
     ranges: IntervalSet = field(default_factory=IntervalSet)
     records: bytes = b""
     token: int = 0
+    move: int = 0
 
 _TOKEN_OPS = frozenset({ShardOp.BEGIN, ShardOp.INSTALL, ShardOp.ACTIVATE})
 
@@ -109,9 +125,11 @@ def is_shard_command(data: bytes) -> bool:
 
 
 def encode_shard_command(
-    op: ShardOp, ranges: IntervalSet | None = None, records: bytes = b"", token: int = 0
+    op: ShardOp, ranges: IntervalSet | None = None, records: bytes = b"", token: int = 0, move: int = 0
 ) -> bytes:
     head = _HEAD.pack(SHARD_MAGIC, int(op))
+    if op != ShardOp.SET:
+        head += U64.pack(move)
     if op in _TOKEN_OPS:
         head += U64.pack(token)
     if op == ShardOp.INSTALL:
@@ -132,7 +150,12 @@ def decode_shard_command(data: bytes) -> ShardCommand:
     except ValueError:
         raise ValueError(f"unknown shard op {op}") from None
     body = data[_HEAD.size :]
-    token = 0
+    token = move = 0
+    if kind != ShardOp.SET:
+        if len(body) < 8:
+            raise ValueError(f"{kind.name} command truncated in its move id")
+        (move,) = U64.unpack_from(body)
+        body = body[8:]
     if kind in _TOKEN_OPS:
         if len(body) < 8:
             raise ValueError(f"{kind.name} command truncated in its token")
@@ -141,8 +164,8 @@ def decode_shard_command(data: bytes) -> ShardCommand:
     if kind == ShardOp.INSTALL:
         for _ in iter_records(body):  # validate the framing before anything is applied
             pass
-        return ShardCommand(kind, records=body, token=token)
-    return ShardCommand(kind, IntervalSet.decode(body), token=token)
+        return ShardCommand(kind, records=body, token=token, move=move)
+    return ShardCommand(kind, IntervalSet.decode(body), token=token, move=move)
 
 
 def encode_record(tag: int, key: bytes, value: bytes) -> bytes:
