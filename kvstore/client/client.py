@@ -25,6 +25,7 @@ Semantics every caller can rely on:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import random
 import secrets
@@ -475,11 +476,22 @@ class AsyncClient:
         await asyncio.wait([self._map_fetch], timeout=deadline.remaining())
 
     async def shard_map(self, *, refresh: bool = False, timeout: float | None = None) -> ShardMap | None:
-        """The cached shard map (fetched first if needed or if ``refresh``); None for a server
+        """The cached shard map (fetched first if needed); with ``refresh``, the newest map any
+        reachable node has (nodes apply map changes at their own pace). None for a server
         without sharding."""
+        deadline = self._deadline(timeout)
         if refresh:
-            self.router.invalidate_shard_map()
-        await self._ensure_map(self._deadline(timeout))
+            eps = [ep for ep in self.router.endpoints if self.router.breaker(ep).would_allow()]
+            t = deadline.bound(self.policy.attempt_timeout)
+            answers = await asyncio.gather(
+                *(self._shard(ep).GetShardMap(shard_pb2.GetShardMapRequest(), timeout=t) for ep in eps),
+                return_exceptions=True,
+            )
+            for ans in answers:
+                if isinstance(ans, shard_pb2.GetShardMapResponse) and not ans.error.code and ans.map:
+                    with contextlib.suppress(ShardMapError):
+                        self.router.set_shard_map(ShardMap.decode(ans.map))
+        await self._ensure_map(deadline)
         return self.router.shard_map
 
     # ----- sessions and validation -----
