@@ -9,6 +9,7 @@ import pytest
 
 from chaos.sim import run_seed
 from chaos.sim.plant import BUGS, planted
+from chaos.sim.simulator import quiesce_by_default
 
 # Planted bugs the simulator must find within this many seeds (3 nodes, seeds 0..N-1).
 SEED_BUDGET = 100
@@ -17,6 +18,9 @@ FOUND_BY_SIMULATION = [
     "read-without-confirmation",
     "apply-before-commit",
     "skip-log-consistency-check",
+    # Quiescence (found on the seeds that run with it, about half of them):
+    "lease-across-quiescence",  # safety: a stale lease read on a woken, deposed leader
+    "wake-does-nothing",  # liveness: followers of a dead quiesced leader never campaign
 ]
 
 
@@ -54,6 +58,34 @@ def test_simulator_finds_planted_bug(bug: str) -> None:
     pytest.fail(f"planted bug {bug!r} not found in {SEED_BUDGET} seeds")
 
 
+def test_quiescence_runs_on_half_the_seeds_and_is_exercised() -> None:
+    on = [s for s in range(1000, 1200) if quiesce_by_default(s)]
+    assert 70 <= len(on) <= 130
+    results = [run_seed(seed, quiesce=True) for seed in range(200, 215)]
+    assert [r.violation for r in results if not r.ok] == []
+    assert all(r.quiesce_ticks > 0 for r in results)
+    # The group went quiet (and woke up again) in every run, the host's liveness woke followers
+    # of lost leaders, and every run's quiesced-leader scenario recovered within its bound.
+    assert all(r.quiesce.leader_quiesces > 0 and r.quiesce.follower_quiesces > 0 for r in results)
+    under_faults = [r for r in results if r.quiesce.leader_quiesces_under_faults > 0]
+    assert len(under_faults) >= 0.7 * len(results)
+    assert all(r.quiesce.wakes > 0 for r in results)
+    assert sum(r.quiesce.host_wakes for r in results) > 0
+    assert all(r.quiesce.scenario in ("crash", "isolate") for r in results)
+    assert {r.quiesce.scenario for r in results} == {"crash", "isolate"}
+    assert all(r.quiesce.recovered_ms is not None for r in results)
+
+
+def test_runs_without_quiescence_are_unchanged_by_it() -> None:
+    seed = next(s for s in range(100) if not quiesce_by_default(s))
+    a = run_seed(seed, trace=True)
+    b = run_seed(seed, trace=True, quiesce=False)
+    assert a.quiesce_ticks == b.quiesce_ticks == 0
+    assert a.trace == b.trace and a.events == b.events
+    assert a.quiesce.leader_quiesces == a.quiesce.wakes == 0 and a.quiesce.scenario == ""
+    assert not any("QUIESCED" in line or "IDLE" in line for line in a.trace)
+
+
 def test_plant_restores_the_core() -> None:
     cls, attr, bug = BUGS["forget-vote"]
     original = cls.__dict__[attr]
@@ -69,6 +101,13 @@ def test_cli_reports_seeds_and_violations() -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip().splitlines()[-1] == "seeds: 3, violations: 0"
+    on = subprocess.run(
+        [sys.executable, "-m", "chaos.sim", "--seeds", "2", "--start", "100", "--quiesce", "on"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert on.returncode == 0, on.stdout + on.stderr
+    summary = on.stdout.strip().splitlines()[-2]
+    assert summary.startswith("quiescence: on in 2/2 seeds; leader quiesced in 2/2"), summary
     bad = subprocess.run(
         [sys.executable, "-m", "chaos.sim", "--seeds", "5", "--plant", "apply-before-commit"],
         capture_output=True, text=True, timeout=300,

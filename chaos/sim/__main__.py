@@ -1,6 +1,7 @@
-"""`python -m chaos.sim --seeds N [--nodes 3|5] [--start S]` or `--seed S --trace`.
+"""`python -m chaos.sim --seeds N [--nodes 3|5] [--start S] [--quiesce auto|on|off]` or `--seed S --trace`.
 
-Prints one line per failing seed and a last line `seeds: N, violations: V`; exits 0 only if V == 0.
+Prints one line per failing seed, a summary of what quiescence did, and a last line
+`seeds: N, violations: V`; exits 0 only if V == 0.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 import time
 
 from .plant import BUGS, planted
-from .simulator import run_seed
+from .simulator import SimResult, run_seed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,15 +23,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trace", action="store_true", help="print a readable trace of the run")
     ap.add_argument("--plant", choices=sorted(BUGS), help="plant a known bug (to see the simulator catch it)")
     ap.add_argument("--stop-on-failure", action="store_true")
+    ap.add_argument(
+        "--quiesce", choices=("auto", "on", "off"), default="auto",
+        help="quiescence of idle groups: on a fixed half of the seeds (auto), on every seed, or off",
+    )
     args = ap.parse_args(argv)
+    quiesce = {"auto": None, "on": True, "off": False}[args.quiesce]
 
     seeds = [args.seed] if args.seed is not None else list(range(args.start, args.start + args.seeds))
     violations = 0
     ops = 0
     t0 = time.perf_counter()
+    results: list[SimResult] = []
     with planted(args.plant):
         for seed in seeds:
-            res = run_seed(seed, nodes=args.nodes, trace=args.trace)
+            res = run_seed(seed, nodes=args.nodes, trace=args.trace, quiesce=quiesce)
+            results.append(res)
             ops += res.ops
             if args.trace:
                 print("\n".join(res.trace))
@@ -44,8 +52,30 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t0
     n = len(seeds)
     print(f"elapsed {elapsed:.1f}s, {n / elapsed:.1f} seeds/s, {ops} client operations checked", file=sys.stderr)
+    print(quiesce_summary(results))
     print(f"seeds: {n}, violations: {violations}")
     return 0 if violations == 0 else 1
+
+
+def quiesce_summary(results: list[SimResult]) -> str:
+    on = [r for r in results if r.quiesce_ticks]
+    if not on:
+        return f"quiescence: off in all {len(results)} seeds"
+    qs = [r.quiesce for r in on]
+    slept = sum(1 for q in qs if q.leader_quiesces)
+    under_faults = sum(1 for q in qs if q.leader_quiesces_under_faults)
+    kinds = {k: sum(1 for q in qs if q.scenario == k) for k in ("crash", "isolate")}
+    skipped = sum(1 for q in qs if q.scenario.startswith("skipped"))
+    rec = [q.recovered_ms for q in qs if q.recovered_ms is not None]
+    worst = f", new leader + write within {max(rec)} ms (worst), {sum(rec) // len(rec)} ms (mean)" if rec else ""
+    return (
+        f"quiescence: on in {len(on)}/{len(results)} seeds; leader quiesced in {slept}/{len(on)} seeds "
+        f"({sum(q.leader_quiesces for q in qs)} times), under faults in {under_faults}/{len(on)} "
+        f"({sum(q.leader_quiesces_under_faults for q in qs)} times); followers quiesced "
+        f"{sum(q.follower_quiesces for q in qs)} times; {sum(q.wakes for q in qs)} wake-ups, "
+        f"{sum(q.host_wakes for q in qs)} by host liveness; quiesced-leader scenario: crash {kinds['crash']}, "
+        f"isolate {kinds['isolate']}, skipped {skipped}{worst}"
+    )
 
 
 if __name__ == "__main__":

@@ -53,6 +53,19 @@ def _apply_before_commit(self: RaftLog, max_size: int | None = None) -> list[Any
     return self.slice(lo, hi, max_size) if hi > lo else []
 
 
+def _keep_lease_across_quiescence(self: RaftNode) -> None:
+    # BUG: a quiescing leader keeps the heartbeat acknowledgements it had, so after waking (its
+    # tick count frozen meanwhile) it serves lease reads although its followers, once quiesced,
+    # may vote for another leader at once.
+    return
+
+
+def _wake_does_nothing(self: RaftNode) -> None:
+    # BUG: wake() is ignored, so a quiesced follower whose leader died never campaigns (nothing
+    # else will ever wake it: the dead leader sends nothing).
+    return
+
+
 BUGS: dict[str, tuple[type, str, Callable[..., Any]]] = {
     "commit-previous-term": (RaftLog, "maybe_commit", _commit_previous_term),
     "vote-without-log-check": (RaftLog, "is_up_to_date", _vote_without_log_check),
@@ -60,6 +73,8 @@ BUGS: dict[str, tuple[type, str, Callable[..., Any]]] = {
     "forget-vote": (RaftNode, "_hard_state", _forget_vote),
     "apply-before-commit": (RaftLog, "next_committed_entries", _apply_before_commit),
     "skip-log-consistency-check": (RaftLog, "match_term", _skip_log_consistency_check),
+    "lease-across-quiescence": (RaftNode, "_forfeit_lease", _keep_lease_across_quiescence),
+    "wake-does-nothing": (RaftNode, "wake", _wake_does_nothing),
 }
 
 

@@ -7,6 +7,15 @@ snapshots and log compaction; clients doing put / delete / cas / linearizable ge
 properties are checked after every event (see `invariants`), the client history is checked for
 linearizability at the end, and liveness is checked after the faults heal.
 
+Quiescence (on for about half the seeds by default, see `quiesce_by_default`; `--quiesce on|off`
+forces it): nodes run with `Config.quiesce_ticks`, the workload pauses now and then so the group
+goes quiet, and every node models the host's node-level liveness: each tick it pings every peer
+through the simulated network (partitions, loss, delay and crashes apply; pings are not part of
+the client history) and calls `wake()` when it has not heard from its group's leader for an
+election timeout. Before the final heal a scenario stops the faults, lets the group quiesce,
+then crashes or isolates the quiesced leader: a new leader must be elected and commit a client
+write within a bound, and (isolation) a read sent to the old leader must not see stale data.
+
 Time is integer milliseconds of simulated time. A node's work on a Ready is split in two events,
 as a real host does it: *start* (take the Ready, send the messages that need not wait) and
 *persist* (make entries and hard state durable, send the rest, apply, advance). A crash between
@@ -76,6 +85,18 @@ class SimParams:
     crash_after_ack: float = 0.0
     """Chance a node crashes right after acknowledging client writes (before telling followers
     the new commit index)."""
+    quiesce_ticks: int = 0
+    """Config.quiesce_ticks of every node; 0 runs without quiescence (and without pings, idle
+    gaps and the quiesced-leader scenario, so such runs are exactly what they were before)."""
+    idle_every_ms: tuple[int, int] = (300, 900)
+    """With quiescence: time between the starts of two pauses of the whole workload."""
+    idle_ms: tuple[int, int] = (150, 700)
+    """With quiescence: length of one pause of the workload."""
+    quiesce_within_ms: int = 4000
+    """Scenario bound: once faults stop and clients idle, the leader must quiesce within this."""
+    recover_within_ms: int = 3000
+    """Scenario bound: after its quiesced leader is crashed or isolated, the group must elect a
+    new leader that commits a client write within this."""
 
     @classmethod
     def draw(cls, rng: random.Random, nodes: int) -> SimParams:
@@ -99,6 +120,29 @@ class SimParams:
         )
 
 
+def quiesce_by_default(seed: int) -> bool:
+    """Whether a seed runs with quiescence unless told otherwise: a fixed half of all seeds,
+    decided apart from the seed's own random stream."""
+    return random.Random(f"quiesce:{seed}").random() < 0.5
+
+
+@dataclass(slots=True)
+class QuiesceStats:
+    """What quiescence did in one run (all zero when it is off)."""
+
+    leader_quiesces: int = 0
+    leader_quiesces_under_faults: int = 0
+    """Of those, while the nemesis was active (before the scenario)."""
+    follower_quiesces: int = 0
+    wakes: int = 0
+    host_wakes: int = 0
+    """wake() calls by the simulated host's node-level liveness that woke a quiesced node."""
+    scenario: str = ""
+    """The quiesced-leader scenario: "crash", "isolate", "skipped (...)" or "" (not run)."""
+    recovered_ms: int | None = None
+    """Scenario: time from the fault to a new leader that committed a client write."""
+
+
 @dataclass(slots=True)
 class PendingWrite:
     term: int
@@ -119,6 +163,10 @@ class SimNode:
     ready_reads: list[tuple[int, bytes]] = field(default_factory=list)
     removed: bool = False
     seen_commit: int = 0
+    last_heard: dict[int, int] = field(default_factory=dict)
+    """Host liveness (quiescence runs): when a ping from each peer last arrived."""
+    booted_at: int = 0
+    quiesced_seen: bool = False
 
     @property
     def alive(self) -> bool:
@@ -140,13 +188,37 @@ class SimResult:
     verdict: str
     history: list[Operation]
     trace: list[str]
+    quiesce_ticks: int = 0
+    quiesce: QuiesceStats = field(default_factory=QuiesceStats)
 
 
 class Simulation:
-    def __init__(self, seed: int, nodes: int = 3, params: SimParams | None = None, trace: bool = False) -> None:
+    def __init__(
+        self,
+        seed: int,
+        nodes: int = 3,
+        params: SimParams | None = None,
+        trace: bool = False,
+        quiesce: bool | None = None,
+    ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.p = params or SimParams.draw(self.rng, nodes)
+        if quiesce is None and params is None:
+            quiesce = quiesce_by_default(seed)
+        if quiesce is not None and quiesce != bool(self.p.quiesce_ticks):
+            # (Only quiescence runs draw anything more from the seed's random stream.)
+            self.p.quiesce_ticks = self.rng.choice((2, 4, 8)) if quiesce else 0
+        self.qstats = QuiesceStats()
+        self.idle_until = -1
+        """With quiescence: clients start no operation before this time."""
+        self.calm = False
+        """The quiesced-leader scenario runs: no nemesis, no crash_after_* faults."""
+        self.end: int | None = None
+        """End of the run: set when the faults heal."""
+        self._one_shot: set[int] = set()
+        """Client processes that do one operation only (the scenario's)."""
+        self._ping_cb = self._deliver_ping
         self.now = 0
         self._seq = itertools.count()
         self._events: list[tuple[int, int, Callable[..., None], tuple[Any, ...]]] = []
@@ -183,13 +255,14 @@ class Simulation:
         violation: str | None = None
         try:
             self._start()
-            end = self.p.fault_ms + self.p.heal_ms
-            while self._events and self._events[0][0] <= end:
+            ping = self._ping_cb
+            while self._events and (self.end is None or self._events[0][0] <= self.end):
                 t, _, fn, args = heapq.heappop(self._events)
                 self.now = t
                 fn(*args)
                 self.events_run += 1
-                self._check_nodes()
+                if fn is not ping:  # a ping changes no core
+                    self._check_nodes()
             self._check_liveness()
             # Operations still in flight at the end are indeterminate (writes) or void (reads).
             for op_timeout in list(self.pending.values()):
@@ -211,7 +284,7 @@ class Simulation:
                 violation = "linearizability: checker gave up (unknown)"
         return SimResult(
             self.seed, violation is None, violation, len(self.history), self.events_run, self.now,
-            verdict, self.history, self.trace,
+            verdict, self.history, self.trace, self.p.quiesce_ticks, self.qstats,
         )
 
     def _start(self) -> None:
@@ -220,7 +293,14 @@ class Simulation:
         for _ in range(self.p.clients):
             self.at(self.rng.randrange(50, 300), self._client_next, self._new_process())
         self.at(self.rng.randrange(*self.p.nemesis_every_ms), self._nemesis)
-        self.at(self.p.fault_ms, self._heal_all)
+        if self.p.quiesce_ticks:
+            self.at(self.rng.randrange(*self.p.idle_every_ms), self._idle_gap)
+            self.at(self.p.fault_ms, self._quiet_scenario)
+        else:
+            self.at(self.p.fault_ms, self._heal_all)
+
+    def _faults_on(self) -> bool:
+        return self.healed_at is None and not self.calm
 
     def _sorted_nodes(self) -> list[SimNode]:
         return [self.nodes[k] for k in sorted(self.nodes)]
@@ -242,9 +322,13 @@ class Simulation:
             lease_drift_ticks=2,
             max_inflight_msgs=self.rng.choice((1, 4, 64)),
             max_size_per_msg=self.rng.choice((200, 4096, 1 << 20)),
+            quiesce_ticks=self.p.quiesce_ticks,
         )
         n.core = RaftNode(cfg, n.storage, random.Random(self.rng.getrandbits(64)))
         n.seen_commit = n.core.committed
+        n.last_heard = {}
+        n.booted_at = self.now
+        n.quiesced_seen = False
         n.ready_busy = False
         n.writes = {}
         n.reads = {}
@@ -275,9 +359,43 @@ class Simulation:
         n = self.nodes[nid]
         if n.epoch != epoch or n.core is None:
             return
+        if self.p.quiesce_ticks:
+            self._host_liveness(n)
         n.core.tick()
         self._kick(n)
         self.at(n.tick_ms, self._tick, nid, epoch)
+
+    # --- node-level liveness (the host's, with quiescence) ---------------------------------
+    def _host_liveness(self, n: SimNode) -> None:
+        """What the real host does every tick: ping every peer, and wake the groups whose
+        leader's node has been silent for an election timeout."""
+        for peer in sorted(self.nodes):
+            if peer != n.id and not self.nodes[peer].removed:
+                self._send_ping(n.id, peer)
+        core = n.core
+        assert core is not None
+        lead = core.lead
+        if lead in (NONE, n.id):
+            return
+        if self.now - n.last_heard.get(lead, n.booted_at) >= self.p.election_tick * n.tick_ms:
+            if core.quiesced:
+                self.qstats.host_wakes += 1
+                self.log(f"n{n.id} host: no ping from leader n{lead} for an election timeout; wake()")
+            core.wake()
+            self._kick(n)
+
+    def _send_ping(self, frm: int, to: int) -> None:
+        if self.rng.random() < self.p.loss:
+            return
+        d = self.rng.randint(*self.p.delay_ms)
+        if self.rng.random() < self.p.long_delay:
+            d += self.rng.randint(20, 300)
+        self.at(d, self._ping_cb, frm, to)
+
+    def _deliver_ping(self, frm: int, to: int) -> None:
+        dst = self.nodes.get(to)
+        if dst is not None and dst.core is not None and (frm, to) not in self.blocked:
+            dst.last_heard[frm] = self.now
 
     def _kick(self, n: SimNode) -> None:
         if n.core is not None and not n.ready_busy and n.core.has_ready():
@@ -292,7 +410,7 @@ class Simulation:
         for m in rd.messages:
             self._send(m)
         if (
-            self.healed_at is None
+            self._faults_on()
             and any(m.type == MessageType.APP and m.entries for m in rd.messages)
             and self.rng.random() < self.p.crash_after_append
         ):
@@ -339,12 +457,12 @@ class Simulation:
         n.ready_reads.extend((rs.index, rs.context) for rs in rd.read_states)
         core.advance(rd)
         n.ready_busy = False
-        if acked and self.healed_at is None and self.rng.random() < self.p.crash_after_ack:
+        if acked and self._faults_on() and self.rng.random() < self.p.crash_after_ack:
             self.crash(nid)
             self.at(self.rng.randrange(20, 300), self.restart, nid)
             return
         if (
-            self.healed_at is None
+            self._faults_on()
             and self.p.crash_after_vote
             and any(m.type == MessageType.VOTE_RESP and not m.reject for m in rd.persisted_messages)
             and self.rng.random() < self.p.crash_after_vote
@@ -433,6 +551,20 @@ class Simulation:
                 if self.safety.leaders.get(core.term) is None:
                     self.log(f"n{n.id} LEADER term {core.term} (last {core.log.last_index()})")
                 self.safety.on_leader(core)
+            if core.quiesced != n.quiesced_seen:
+                n.quiesced_seen = core.quiesced
+                qs = self.qstats
+                if not core.quiesced:
+                    qs.wakes += 1
+                    self.log(f"n{n.id} WOKE ({core.role.name.lower()}, term {core.term})")
+                else:
+                    if core.role == Role.LEADER:
+                        qs.leader_quiesces += 1
+                        if self._faults_on():
+                            qs.leader_quiesces_under_faults += 1
+                    else:
+                        qs.follower_quiesces += 1
+                    self.log(f"n{n.id} QUIESCED ({core.role.name.lower()}, term {core.term}, commit {core.committed})")
 
     def current_leader(self) -> SimNode | None:
         best: SimNode | None = None
@@ -449,9 +581,12 @@ class Simulation:
         return self._next_process
 
     def _client_next(self, process: int) -> None:
-        if not self.workload_on:
+        if not self.workload_on or process in self._one_shot:
             return
         rng = self.rng
+        if self.now < self.idle_until:  # (only with quiescence) the workload pauses
+            self.at(min(self.idle_until - self.now, 100) + rng.randrange(0, 30), self._client_next, process)
+            return
         key = f"k{rng.randrange(self.p.keys)}"
         r = rng.random()
         value: Any
@@ -472,7 +607,15 @@ class Simulation:
             target = rng.choice(members)
         self._invoke(process, f, key, value, target)
 
-    def _invoke(self, process: int, f: str, key: str, value: Any, target: SimNode) -> None:
+    def _invoke(
+        self,
+        process: int,
+        f: str,
+        key: str,
+        value: Any,
+        target: SimNode,
+        after: Callable[[Status], None] | None = None,
+    ) -> None:
         invoked = self.now
         finished = False
 
@@ -498,6 +641,10 @@ class Simulation:
             )
             self.history.append(op)
             self.log(f"client p{process} {f} {key} {value!r} -> {status.value} {output!r} (via n{target.id})")
+            if after is not None:
+                after(status)
+            if process in self._one_shot:
+                return
             nxt = process
             if status == Status.INFO:  # Jepsen retires a process whose operation is indeterminate
                 nxt = self._new_process()
@@ -536,7 +683,7 @@ class Simulation:
 
     # --- nemesis ----------------------------------------------------------------------------
     def _nemesis(self) -> None:
-        if self.healed_at is not None:
+        if not self._faults_on():
             return
         rng = self.rng
         r = rng.random()
@@ -668,11 +815,145 @@ class Simulation:
 
     def _heal_all(self) -> None:
         self.healed_at = self.now
+        self.end = self.now + self.p.heal_ms
+        self.idle_until = min(self.idle_until, self.now)
         self.blocked.clear()
         self.log("HEAL ALL: network healed, nodes restarted, nemesis stopped")
         for n in self._sorted_nodes():
             if not n.alive and not n.removed:
                 self.restart(n.id)
+
+    # --- quiescence: idle workload and the quiesced-leader scenario ---------------------------
+    def _idle_gap(self) -> None:
+        """Pause the whole workload for a while, so that the group quiesces (and is then woken
+        by the clients' next requests, or by faults hitting it while it sleeps)."""
+        if self.calm or (self.healed_at is not None and self.now >= self.healed_at + self.p.liveness_ms - 1000):
+            return
+        gap = self.rng.randrange(*self.p.idle_ms)
+        self.idle_until = max(self.idle_until, self.now + gap)
+        self.log(f"IDLE: clients pause for {gap} ms")
+        self.at(gap + self.rng.randrange(*self.p.idle_every_ms), self._idle_gap)
+
+    def _quiet_scenario(self) -> None:
+        """Faults stop and clients idle; once the leader has quiesced, crash or isolate it."""
+        self.calm = True
+        self.blocked.clear()
+        self.idle_until = 1 << 60
+        self.log("SCENARIO: faults stop, clients idle; waiting for the leader to quiesce")
+        for n in self._sorted_nodes():
+            if not n.alive and not n.removed:
+                self.restart(n.id)
+        self.at(20, self._scenario_strike, self.now)
+
+    def _scenario_strike(self, started: int) -> None:
+        leader = self.current_leader()
+        core = leader.core if leader is not None else None
+        if leader is None or core is None or not self._all_quiesced(core.conf.members()):
+            if self.now - started > self.p.quiesce_within_ms:
+                raise SimulationFailure(
+                    f"liveness: the group did not quiesce within {self.p.quiesce_within_ms} ms after the "
+                    "faults stopped and the clients went idle"
+                )
+            self.at(20, self._scenario_strike, started)
+            return
+        voters = core.conf.voters
+        if len(voters) < 3:
+            # Membership churn left too few voters for a majority without the leader: add one
+            # (which wakes the group), then wait for it to quiesce again.
+            if not self._scenario_grow(leader):
+                self.qstats.scenario = f"skipped ({len(voters)} voters)"
+                self.log(f"SCENARIO skipped: only {len(voters)} voters")
+                self._scenario_end()
+                return
+            self.at(20, self._scenario_strike, self.now)
+            return
+        # Isolation is what tests lease reads (the old leader stays up, unaware): favour it then.
+        isolate = self.rng.random() < (0.75 if self.p.lease_read else 0.5)
+        kind = "isolate" if isolate else "crash"
+        self.qstats.scenario = kind
+        self.log(f"SCENARIO: {kind} the quiesced leader n{leader.id} (term {core.term})")
+        if kind == "crash":
+            self.crash(leader.id)
+        else:
+            self._isolate(leader.id, sorted(n.id for n in self.nodes.values() if not n.removed))
+        self.at(20, self._scenario_recover, leader.id, core.term, kind, self.now)
+
+    def _all_quiesced(self, members: tuple[int, ...]) -> bool:
+        """Every running member is quiesced (so only the host's liveness can wake them now)."""
+        for nid in members:
+            n = self.nodes.get(nid)
+            if n is not None and n.core is not None and not n.core.quiesced:
+                return False
+        return True
+
+    def _scenario_grow(self, leader: SimNode) -> bool:
+        core = leader.core
+        assert core is not None
+        learners = [i for i in core.conf.learners if i in self.nodes and self.nodes[i].alive]
+        if learners:
+            cc = ConfChange(ConfChangeType.ADD_VOTER, learners[0])
+        elif self.next_id <= 2 * self.p.nodes + 5:
+            nid = self.next_id
+            self.next_id += 1
+            n = self._create_node(nid, ConfState())
+            self.at(self.rng.randrange(n.tick_ms), self._tick, nid, n.epoch)
+            cc = ConfChange(ConfChangeType.ADD_LEARNER, nid)
+        else:
+            return False
+        try:
+            index = core.propose_conf_change(cc)
+        except ProposalDropped as err:
+            self.log(f"SCENARIO: {cc.type.name} n{cc.node_id} dropped: {err}")
+            return False
+        self.log(f"SCENARIO: {cc.type.name} n{cc.node_id} proposed by n{leader.id} at {index}")
+        self._kick(leader)
+        return True
+
+    def _scenario_recover(self, victim: int, term: int, kind: str, struck: int) -> None:
+        """Wait for a new leader that committed an entry of its term, then write through it."""
+        if self.now - struck > self.p.recover_within_ms:
+            raise SimulationFailure(
+                f"liveness: {self.now - struck} ms after its quiesced leader n{victim} (term {term}) was "
+                f"{'crashed' if kind == 'crash' else 'isolated'}, the group has no new leader serving writes"
+            )
+        new = self.current_leader()
+        core = new.core if new is not None else None
+        if (
+            new is None
+            or core is None
+            or new.id == victim
+            or core.term <= term
+            or core.log.term_or_zero(core.committed) != core.term
+        ):
+            self.at(20, self._scenario_recover, victim, term, kind, struck)
+            return
+        process = self._new_process()
+        self._one_shot.add(process)
+
+        def written(status: Status) -> None:
+            if status != Status.OK:
+                self.at(20, self._scenario_recover, victim, term, kind, struck)
+                return
+            self.qstats.recovered_ms = self.now - struck
+            self.log(f"SCENARIO: n{new.id} leads term {core.term} and committed a write {self.now - struck} ms after the fault")
+            old = self.nodes[victim]
+            if kind == "isolate" and old.core is not None:
+                # The old leader (quiesced, cut off, unaware of the new term) must not serve a
+                # read from a lease it held before it quiesced.
+                # (Invoked strictly after the write completed, so that the two are not concurrent.)
+                reader = self._new_process()
+                self._one_shot.add(reader)
+                self.at(
+                    5, self._invoke, reader, "get", "k0", None, old, lambda _status: self._scenario_end()
+                )
+            else:
+                self._scenario_end()
+
+        self._invoke(process, "put", "k0", f"v{next(self._value)}", new, after=written)
+
+    def _scenario_end(self) -> None:
+        self._heal_all()
+        self.at(self.rng.randrange(200, 600), self._idle_gap)
 
     # --- liveness ---------------------------------------------------------------------------
     def _check_liveness(self) -> None:
@@ -713,5 +994,12 @@ def _fmt_msg(m: Message) -> str:
     return f"n{m.frm} -> n{m.to} {m.type.name} t{m.term}{extra}"
 
 
-def run_seed(seed: int, nodes: int = 3, trace: bool = False, params: SimParams | None = None) -> SimResult:
-    return Simulation(seed, nodes, params, trace).run()
+def run_seed(
+    seed: int,
+    nodes: int = 3,
+    trace: bool = False,
+    params: SimParams | None = None,
+    quiesce: bool | None = None,
+) -> SimResult:
+    """Run one seed. `quiesce`: None = the seed's default (`quiesce_by_default`), or force it."""
+    return Simulation(seed, nodes, params, trace, quiesce).run()

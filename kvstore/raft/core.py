@@ -26,6 +26,57 @@ are in use at any time, and (b) it has committed an entry of its own term, which
 flaw of single-server changes across leader changes (Ongaro, raft-dev 2015): it ensures a change
 appended by a previous leader that never committed cannot coexist with the new one. A leader that
 removes itself keeps leading (without counting itself) until the change commits, then steps down.
+
+Quiescence (`Config.quiesce_ticks` > 0; with 0 none of this happens). A node may host thousands of
+groups, so idle ones stop ticking and heartbeating:
+- A leader quiesces after `quiesce_ticks` consecutive ticks on which nothing was proposed, read or
+  transferred, its commit index is its last index, and every member (voters and learners) is in
+  REPLICATE state with match == last index and has reported (in a heartbeat response) a commit
+  index == last index. It then sends every member one last heartbeat marked `quiesce`, carrying
+  commit == last index and the term of that entry.
+- A follower quiesces on such a heartbeat from its leader of its term if its log ends exactly there
+  (same index and term) and it has received no newer heartbeat (heartbeat `index` grows with every
+  heartbeat a leader sends in a term, also across its quiescence); it answers "quiesced too".
+  Otherwise it answers with a wake request (HEARTBEAT_RESP with reject set) and stays awake.
+- `tick()` on a quiesced node returns at once: no timers, no check-quorum, no messages.
+- Waking: `wake()`, any local request (propose, read_index, propose_conf_change, transfer_leader,
+  campaign), or a message. A quiesced leader wakes on every message of its term or newer except
+  late acknowledgements of what it sent before quiescing (heartbeat responses without reject,
+  append responses at or below match): they carry no news, and waking on them would keep a
+  group with a round trip longer than a tick from ever staying quiescent. A quiesced follower
+  wakes on every such message except heartbeats from its leader that are no newer than the one
+  it quiesced on (duplicates, reordered ones), and quiesces again on a newer quiesce heartbeat.
+  Messages of older terms never wake anyone; they are answered as usual. A woken leader
+  heartbeats at once (waking its followers); a follower woken by anything but its leader's
+  heartbeat sends its leader a wake request. A woken follower restarts its election timer with a
+  fresh randomized timeout, so it waits a full timeout for its leader before campaigning. An
+  awake voter that hears nothing from its leader for an election timeout campaigns as usual (its
+  pre-vote wakes the leader); an awake learner, which cannot campaign, sends its leader (if it
+  knows none, every voter) a wake request instead.
+- Quiescence is only about cost and liveness: elections, commitment and ReadIndex rounds are
+  untouched (a read round needs acknowledgements of a heartbeat sent after the read arrived, so
+  quiescence cannot confirm it). The one rule it touches is the leader lease.
+
+Why lease reads stay safe. Without quiescence, a leader's lease rests on a majority that
+acknowledged a heartbeat sent at leader tick t: each of them ignores vote requests for an election
+timeout after receiving it (the "in leader lease" rule), and the leader serves lease reads only
+until t + election_tick - lease_drift_ticks by its own clock. A quiesced node has no clock, and a
+quiesced follower woken by a (pre-)vote request must be free to vote at once: the leader may be
+dead, and the follower has not heard from it for an unknown real time. Quiescence therefore ends
+the lease, on both sides:
+- the leader, when it quiesces, forgets every heartbeat acknowledgement (lease ticks cleared) and
+  raises a floor so that only heartbeats sent after it quiesced (that is, after it woke: it sends
+  none while quiesced) ever count again, however late an older acknowledgement arrives; answers
+  to quiesce heartbeats and wake requests never count. A quiesced leader serves no read at all:
+  a read wakes it first, and its lease then needs a majority acknowledging post-wake heartbeats.
+- a follower that acknowledges a post-wake heartbeat received it while awake (a quiesced follower
+  wakes on it, and a woken follower is bound by the lease rule again from the moment it hears
+  from its leader); it quiesces again only on a quiesce heartbeat newer than every heartbeat it
+  has received, i.e. only after the leader quiesced again and gave that lease up. So every
+  acknowledgement that counts toward a lease comes from a follower that was awake, heard the
+  leader after it woke, and keeps the ordinary lease promise until the leader quiesces again; a
+  follower released from the promise by quiescence (`_lease_void`) is never part of a live lease.
+  After a restart the boot rule still applies first: quiescence never shortens it.
 """
 
 from __future__ import annotations
@@ -84,6 +135,11 @@ class Config:
     """Serve ReadIndex from the leader lease instead of a heartbeat round. Relies on
     check_quorum and on clocks drifting less than `lease_drift_ticks` per election timeout."""
     lease_drift_ticks: int = 2
+    quiesce_ticks: int = 0
+    """Quiescence (hibernation) of idle groups: a leader that has been idle for this many
+    consecutive ticks, with every member caught up, quiesces and tells its followers to quiesce
+    too; quiesced nodes stop ticking until `wake()`, a local request or a message wakes them.
+    0 disables quiescence (see "Quiescence" in the module docstring)."""
 
     def validate(self) -> None:
         if self.id == NONE:
@@ -96,6 +152,8 @@ class Config:
             raise RaftError("lease_read requires check_quorum")
         if self.lease_read and not 0 <= self.lease_drift_ticks < self.election_tick:
             raise RaftError("lease_drift_ticks must be in [0, election_tick)")
+        if self.quiesce_ticks < 0:
+            raise RaftError("quiesce_ticks must be >= 0 (0 disables quiescence)")
 
 
 class RaftNode:
@@ -140,6 +198,19 @@ class RaftNode:
         self._prev_ss = SoftState()
         self._ready_number = 0
         self._outstanding: Ready | None = None
+        # Quiescence (all stay at their initial values while cfg.quiesce_ticks == 0).
+        self._quiesced = False
+        self._idle_ticks = 0
+        """Leader: consecutive ticks on which the group was idle and fully caught up."""
+        self._lease_floor = 0
+        """Leader: only heartbeats sent at or after this tick count toward the lease."""
+        self._quiesce_index = 0
+        """Follower: index (leader tick) of the quiesce heartbeat it went to sleep on."""
+        self._leader_hb = (0, -1)
+        """Follower: (term, index) of the newest heartbeat received from a leader."""
+        self._lease_void = False
+        """Follower: woke from quiescence and has not heard from a leader since, so it is not
+        bound by the leader-lease rule (the leader gave its lease up when it quiesced)."""
         self._reset(self.term)
 
     # --- configuration ----------------------------------------------------------------------
@@ -236,6 +307,8 @@ class RaftNode:
         """
         if self.cfg.lease_read and self.boot_ticks < self.cfg.election_tick:
             return True
+        if self._lease_void:
+            return False
         return self.lead != NONE and self.election_elapsed < self.cfg.election_tick
 
     # --- role transitions -------------------------------------------------------------------
@@ -251,6 +324,9 @@ class RaftNode:
         )
         self.lead_transferee = NONE
         self.votes = {}
+        self._quiesced = False
+        self._idle_ticks = 0
+        self._lease_void = False
         last = self.log.last_index()
         self.prs = {}
         for nid in self.conf.members():
@@ -296,6 +372,8 @@ class RaftNode:
 
     def campaign(self) -> None:
         """Start an election now (with pre-vote if enabled), as if the election timer fired."""
+        if self._quiesced:
+            self._wake(notify=True)
         self._hup()
 
     def _hup(self, transfer: bool = False) -> None:
@@ -339,6 +417,8 @@ class RaftNode:
 
     # --- ticks ------------------------------------------------------------------------------
     def tick(self) -> None:
+        if self._quiesced:
+            return
         self.tick_count += 1
         if self.boot_ticks < self.cfg.election_tick:
             self.boot_ticks += 1
@@ -349,6 +429,17 @@ class RaftNode:
             if self.promotable() and self.election_elapsed >= self.randomized_election_timeout:
                 self.election_elapsed = 0
                 self._hup()
+            elif (
+                self.cfg.quiesce_ticks
+                and self.election_elapsed >= self.randomized_election_timeout
+                and self.id in self.conf.learners
+            ):
+                # A learner cannot campaign: if it missed its leader's quiesce heartbeat (or
+                # restarted while the group was quiescent) it would wait for a heartbeat forever.
+                # Ask the leader (unknown: every voter) to wake; the group then quiesces again.
+                self.election_elapsed = 0
+                for nid in [self.lead] if self.lead != NONE else self.conf.voters:
+                    self._send(Message(MT.HEARTBEAT_RESP, nid, self.id, reject=True))
 
     def _tick_heartbeat(self) -> None:
         self.heartbeat_elapsed += 1
@@ -369,12 +460,137 @@ class RaftNode:
             if self.lead_transferee != NONE:
                 self._debug("leadership transfer to %d timed out", self.lead_transferee)
                 self.lead_transferee = NONE
+        if self.cfg.quiesce_ticks and self._tick_quiesce():
+            return
         if self.heartbeat_elapsed >= self.cfg.heartbeat_tick:
             self.heartbeat_elapsed = 0
             self._bcast_heartbeat()
 
+    # --- quiescence -------------------------------------------------------------------------
+    @property
+    def quiesced(self) -> bool:
+        """The node is quiescent: `tick()` does nothing until it is woken."""
+        return self._quiesced
+
+    def wake(self) -> None:
+        """Leave quiescence (no-op if not quiesced). Always safe to call.
+
+        The host calls it on every group whose leader's node it suspects dead; a woken follower
+        waits a full randomized election timeout for its leader before it campaigns, and asks
+        the leader to wake too. A woken leader resumes heartbeats (which wake its followers)."""
+        if self._quiesced:
+            self._wake(notify=True)
+
+    def _tick_quiesce(self) -> bool:
+        """Leader, once per tick with quiescence enabled: returns True if it just quiesced."""
+        if not self._quiescable():
+            self._idle_ticks = 0
+            return False
+        self._idle_ticks += 1
+        if self._idle_ticks < self.cfg.quiesce_ticks:
+            return False
+        self._quiesce()
+        return True
+
+    def _quiescable(self) -> bool:
+        """Nothing is in flight and every member (voters and learners) holds, and knows to be
+        committed, the leader's whole log."""
+        log = self.log
+        last = log.last_index()
+        ro = self.read_only
+        if (
+            log.committed != last
+            or self.lead_transferee != NONE
+            or not self.promotable()
+            or ro.waiting_for_commit
+            or ro.unsent
+            or ro.rounds
+        ):
+            return False
+        for nid, pr in self.prs.items():
+            if pr.match != last:
+                return False
+            if nid != self.id and (pr.state != ProgressState.REPLICATE or pr.commit_known < last):
+                return False
+        return True
+
+    def _quiesce(self) -> None:
+        self._debug("quiescing after %d idle ticks", self._idle_ticks)
+        self._quiesced = True
+        self._idle_ticks = 0
+        log = self.log
+        last, last_term = log.last_index(), log.last_term()
+        seq = self.read_only.last_round
+        for nid in sorted(self.prs):
+            if nid != self.id:
+                self._send(
+                    Message(
+                        MT.HEARTBEAT, nid, self.id, commit=last, log_term=last_term, seq=seq,
+                        index=self.tick_count, quiesce=True,
+                    )
+                )
+        # Heartbeats sent after waking carry a larger index than the quiesce heartbeat, so a
+        # follower can tell a late quiesce heartbeat from a fresh one.
+        self.tick_count += 1
+        self._forfeit_lease()
+
+    def _forfeit_lease(self) -> None:
+        """A quiescing leader gives its lease up: no acknowledgement of a heartbeat sent before
+        now will ever count toward a lease again (see the module docstring)."""
+        for pr in self.prs.values():
+            pr.lease_tick = -1
+        self._lease_floor = self.tick_count
+
+    def _wake(self, notify: bool) -> None:
+        self._quiesced = False
+        self._idle_ticks = 0
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        if self.role == Role.LEADER:
+            self._debug("waking up")
+            # Check-quorum starts a fresh round: followers must answer after the wake-up.
+            for nid, pr in self.prs.items():
+                if nid != self.id:
+                    pr.recent_active = False
+            self._bcast_heartbeat()  # wakes the followers
+            return
+        self.randomized_election_timeout = self.rng.randrange(
+            self.cfg.election_tick, 2 * self.cfg.election_tick
+        )
+        self._lease_void = True
+        if notify and self.lead not in (NONE, self.id):
+            self._debug("waking up; asking leader %d to wake", self.lead)
+            self._send(Message(MT.HEARTBEAT_RESP, self.lead, self.id, reject=True))
+
+    def _step_quiesced(self, m: Message) -> bool:
+        """A message (of this node's term or newer) reaches a quiesced node: wake it unless the
+        message carries no news. Returns True if the message is fully handled (dropped)."""
+        if self.role == Role.LEADER:
+            if m.term == self.term:
+                # Late acknowledgements of traffic sent before quiescing carry no news: the
+                # leader quiesced only after every member had acknowledged everything.
+                if m.type == MT.HEARTBEAT_RESP and not m.reject:
+                    return True
+                if m.type == MT.APP_RESP:
+                    pr = self.prs.get(m.frm)
+                    if pr is not None and m.index <= pr.match:
+                        return True
+            self._wake(notify=False)
+            return False
+        if m.type == MT.HEARTBEAT and m.term == self.term and m.frm == self.lead:
+            if m.index <= self._quiesce_index:
+                return True  # a duplicate or a late heartbeat from before this node quiesced
+            if m.quiesce:
+                self._quiesced = False  # a newer quiesce round: handled normally (sleeps again)
+            else:
+                self._wake(notify=False)  # the leader is awake and heartbeating again
+            return False
+        self._wake(notify=True)
+        return False
+
     # --- leader: replication ----------------------------------------------------------------
     def _append_entries(self, ents: list[Entry]) -> None:
+        self._idle_ticks = 0
         idx = self.log.last_index()
         for e in ents:
             idx += 1
@@ -471,6 +687,8 @@ class RaftNode:
 
     def propose(self, data: bytes | list[bytes]) -> int:
         """Append normal entries; returns the index of the last one. Raises ProposalDropped."""
+        if self._quiesced:
+            self._wake(notify=True)
         self._check_can_propose()
         items = [data] if isinstance(data, bytes | bytearray | memoryview) else data
         if not items:
@@ -481,6 +699,8 @@ class RaftNode:
 
     def propose_conf_change(self, cc: ConfChange) -> int:
         """Append a single-server membership change; returns its index. Raises ProposalDropped."""
+        if self._quiesced:
+            self._wake(notify=True)
         self._check_can_propose()
         if self._pending_conf_change():
             raise ProposalDropped("a membership change is already in progress")
@@ -501,6 +721,8 @@ class RaftNode:
         """Request a linearizable read. The answer is a ReadState in a later Ready, carrying the
         same context; the application serves it once it has applied through ReadState.index.
         Raises ProposalDropped if no leader is known."""
+        if self._quiesced:
+            self._wake(notify=True)
         if self.role == Role.LEADER:
             self._leader_read(ReadRequest(context, self.id))
         elif self.lead != NONE:
@@ -509,6 +731,7 @@ class RaftNode:
             raise ProposalDropped("no leader known")
 
     def _leader_read(self, req: ReadRequest) -> None:
+        self._idle_ticks = 0
         if not self._committed_in_term():
             self.read_only.waiting_for_commit.append(req)
             return
@@ -528,7 +751,7 @@ class RaftNode:
         start = quorum.committed_index(
             self.conf.voters, lambda v: tc if v == self.id else (prs[v].lease_tick if v in prs else -1)
         )
-        return start >= 0 and tc < start + self.cfg.election_tick - self.cfg.lease_drift_ticks
+        return start >= self._lease_floor and tc < start + self.cfg.election_tick - self.cfg.lease_drift_ticks
 
     def _release_read(self, index: int, req: ReadRequest) -> None:
         if req.frm == self.id:
@@ -558,6 +781,8 @@ class RaftNode:
 
     # --- leadership transfer ----------------------------------------------------------------
     def transfer_leader(self, target: int) -> None:
+        if self._quiesced:
+            self._wake(notify=True)
         if self.role != Role.LEADER:
             if self.lead != NONE:
                 self._send(Message(MT.TRANSFER_LEADER, self.lead, self.id, index=target))
@@ -569,6 +794,7 @@ class RaftNode:
             return
         if self.lead_transferee == target:
             return
+        self._idle_ticks = 0
         self.lead_transferee = target
         self.election_elapsed = 0
         if self.prs[target].match == self.log.last_index():
@@ -600,6 +826,8 @@ class RaftNode:
         if m.group != self.group:
             raise RaftError(f"message for group {m.group} stepped into group {self.group}")
         if m.frm == self.id or m.to != self.id:
+            return
+        if self._quiesced and m.term >= self.term and self._step_quiesced(m):
             return
         if m.term > self.term:
             if m.type in (MT.VOTE, MT.PRE_VOTE):
@@ -651,14 +879,17 @@ class RaftNode:
         if t == MT.APP:
             self.election_elapsed = 0
             self.lead = m.frm
+            self._lease_void = False
             self._handle_append(m)
         elif t == MT.HEARTBEAT:
             self.election_elapsed = 0
             self.lead = m.frm
+            self._lease_void = False
             self._handle_heartbeat(m)
         elif t == MT.SNAP:
             self.election_elapsed = 0
             self.lead = m.frm
+            self._lease_void = False
             self._handle_snapshot(m)
         elif t == MT.TIMEOUT_NOW:
             if self.promotable():
@@ -698,16 +929,24 @@ class RaftNode:
         elif t == MT.HEARTBEAT_RESP:
             pr.recent_active = True
             pr.paused = False
-            if m.seq > pr.read_round:
-                pr.read_round = m.seq
-            if m.index > pr.lease_tick:
-                pr.lease_tick = m.index
+            if m.commit > pr.commit_known:
+                pr.commit_known = m.commit
+            if not (m.reject or m.quiesce):
+                # (Answers to quiesce heartbeats and wake requests never confirm leadership.)
+                if m.seq > pr.read_round:
+                    pr.read_round = m.seq
+                if m.index > pr.lease_tick:
+                    pr.lease_tick = m.index
             if pr.state == ProgressState.REPLICATE and len(pr.inflight) >= self.cfg.max_inflight_msgs:
                 # The window is full and the follower is alive: an append was probably lost.
                 # Free one slot so the next append (which will be rejected if there is a gap)
                 # gets the pipeline moving again.
                 pr.inflight.popleft()
-            if pr.match < self.log.last_index():
+            if pr.match < self.log.last_index() or (
+                self.cfg.quiesce_ticks and pr.state == ProgressState.PROBE
+            ):
+                # (With quiescence, also probe a caught-up follower stuck in PROBE, e.g. after
+                # report_unreachable, so that it returns to REPLICATE and the group can quiesce.)
                 self._send_append(m.frm)
             if self.read_only.rounds and not pr.is_learner:
                 self._check_read_rounds()
@@ -736,6 +975,8 @@ class RaftNode:
                 pass
             if m.frm == self.lead_transferee and pr.match == self.log.last_index():
                 self._send_timeout_now(m.frm)
+        elif self.cfg.quiesce_ticks and pr.state == ProgressState.PROBE and m.index == pr.match:
+            pr.become_replicate()  # a caught-up follower answered a probe (as etcd does)
 
     def _handle_append(self, m: Message) -> None:
         log = self.log
@@ -768,7 +1009,25 @@ class RaftNode:
 
     def _handle_heartbeat(self, m: Message) -> None:
         self.log.commit_to(m.commit)
-        self._send(Message(MT.HEARTBEAT_RESP, m.frm, self.id, seq=m.seq, index=m.index))
+        resp = Message(MT.HEARTBEAT_RESP, m.frm, self.id, seq=m.seq, index=m.index)
+        hb_term, hb_index = self._leader_hb
+        fresh = hb_term != m.term or m.index >= hb_index
+        if fresh:
+            self._leader_hb = (m.term, m.index)
+        if self.cfg.quiesce_ticks:
+            log = self.log
+            resp.commit = log.committed
+            # A quiesce heartbeat older than a heartbeat already received is stale: the leader
+            # has woken since, and may count on this follower's lease promise again.
+            if m.quiesce and fresh:
+                if log.last_index() == m.commit and log.last_term() == m.log_term:
+                    self._quiesced = True
+                    self._quiesce_index = m.index
+                    resp.quiesce = True
+                    self._debug("quiesced with leader %d at index %d", m.frm, m.commit)
+                else:
+                    resp.reject = True  # not caught up: keep the leader awake
+        self._send(resp)
 
     def _handle_snapshot(self, m: Message) -> None:
         snap = m.snapshot
@@ -900,6 +1159,7 @@ class RaftNode:
             "last_index": self.log.last_index(),
             "voters": list(self.conf.voters),
             "learners": list(self.conf.learners),
+            "quiesced": self._quiesced,
             "progress": {
                 nid: {"match": pr.match, "next": pr.next, "state": pr.state.name.lower()}
                 for nid, pr in sorted(self.prs.items())

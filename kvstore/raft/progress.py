@@ -41,6 +41,9 @@ class Progress:
     """Highest ReadIndex round this follower has acknowledged (by heartbeat response)."""
     lease_tick: int = -1
     """Leader tick at which the newest heartbeat this follower acknowledged was sent."""
+    commit_known: int = 0
+    """Highest commit index the follower reported having (heartbeat responses, only with
+    quiescence enabled): a leader quiesces only once every follower knows its commit index."""
 
     def become_probe(self) -> None:
         if self.state == ProgressState.SNAPSHOT:

@@ -163,8 +163,15 @@ class Message:
       reject_hint/log_term = the follower's hint for fast backtracking.
     - VOTE/PRE_VOTE: index/log_term = candidate's last entry; context = b"transfer" for a
       leadership-transfer campaign (voters then ignore their leader lease).
-    - HEARTBEAT: commit = min(leader commit, follower match); seq = latest ReadIndex round.
-    - HEARTBEAT_RESP: seq = echoed round.
+    - HEARTBEAT: commit = min(leader commit, follower match); seq = latest ReadIndex round;
+      index = the leader's tick when it was sent (lease bookkeeping; increases with every
+      heartbeat the leader sends within a term). quiesce = True marks the leader's last heartbeat
+      before it quiesces; it then also carries log_term = the term of the leader's last entry
+      (whose index is `commit`).
+    - HEARTBEAT_RESP: seq and index = echoed. With quiescence enabled: commit = the follower's
+      commit index; quiesce = True answers a quiesce heartbeat with "I quiesced too";
+      reject = True asks a quiesced leader to wake ("I am awake": the follower could not
+      quiesce, or it left quiescence on its own).
     - READ_INDEX/READ_INDEX_RESP: context = the application's request context; index = read index.
     - SNAP: snapshot.
     """
@@ -183,6 +190,7 @@ class Message:
     snapshot: Snapshot | None = None
     context: bytes = b""
     seq: int = 0
+    quiesce: bool = False
 
 
 @dataclass(slots=True, frozen=True)

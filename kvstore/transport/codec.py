@@ -13,7 +13,7 @@ def to_proto(m: Message) -> raft_pb2.RaftMessage:
     pm = raft_pb2.RaftMessage(
         group=m.group, type=int(m.type), to=m.to, term=m.term, log_term=m.log_term,
         index=m.index, commit=m.commit, reject=m.reject, reject_hint=m.reject_hint, context=m.context,
-        seq=m.seq,
+        seq=m.seq, quiesce=m.quiesce,
     )
     setattr(pm, "from", m.frm)
     if m.entries:
@@ -52,5 +52,5 @@ def from_proto(pm: raft_pb2.RaftMessage, snapshot_data: bytes = b"") -> Message:
     return Message(
         mtype, pm.to, getattr(pm, "from"), term=pm.term, group=group, log_term=pm.log_term,
         index=pm.index, entries=entries, commit=pm.commit, reject=pm.reject,
-        reject_hint=pm.reject_hint, snapshot=snap, context=pm.context, seq=pm.seq,
+        reject_hint=pm.reject_hint, snapshot=snap, context=pm.context, seq=pm.seq, quiesce=pm.quiesce,
     )

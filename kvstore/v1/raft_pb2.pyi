@@ -37,7 +37,7 @@ class SnapshotMeta(_message.Message):
     def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., conf_state: _Optional[_Union[ConfState, _Mapping]] = ...) -> None: ...
 
 class RaftMessage(_message.Message):
-    __slots__ = ("group", "type", "to", "term", "log_term", "index", "entries", "commit", "reject", "reject_hint", "context", "seq", "snapshot")
+    __slots__ = ("group", "type", "to", "term", "log_term", "index", "entries", "commit", "reject", "reject_hint", "context", "seq", "snapshot", "quiesce")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class RaftMessage(_message.Message):
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    QUIESCE_FIELD_NUMBER: _ClassVar[int]
     group: int
     type: int
     to: int
@@ -65,7 +66,8 @@ class RaftMessage(_message.Message):
     context: bytes
     seq: int
     snapshot: SnapshotMeta
-    def __init__(self, group: _Optional[int] = ..., type: _Optional[int] = ..., to: _Optional[int] = ..., term: _Optional[int] = ..., log_term: _Optional[int] = ..., index: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., commit: _Optional[int] = ..., reject: _Optional[bool] = ..., reject_hint: _Optional[int] = ..., context: _Optional[bytes] = ..., seq: _Optional[int] = ..., snapshot: _Optional[_Union[SnapshotMeta, _Mapping]] = ..., **kwargs) -> None: ...
+    quiesce: bool
+    def __init__(self, group: _Optional[int] = ..., type: _Optional[int] = ..., to: _Optional[int] = ..., term: _Optional[int] = ..., log_term: _Optional[int] = ..., index: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., commit: _Optional[int] = ..., reject: _Optional[bool] = ..., reject_hint: _Optional[int] = ..., context: _Optional[bytes] = ..., seq: _Optional[int] = ..., snapshot: _Optional[_Union[SnapshotMeta, _Mapping]] = ..., quiesce: _Optional[bool] = ..., **kwargs) -> None: ...
 
 class RaftBatch(_message.Message):
     __slots__ = ("cluster_id", "to", "messages")
