@@ -40,6 +40,8 @@ def cli() -> None:
 @click.option("--tick-ms", type=int, default=100, show_default=True)
 @click.option("--election-ticks", type=int, default=10, show_default=True)
 @click.option("--lease-read", is_flag=True, help="Serve linearizable reads from the leader lease.")
+@click.option("--quiesce-ticks", type=click.IntRange(min=0), default=20, show_default=True,
+              help="An idle Raft group stops heartbeating after this many ticks (0: never).")
 @click.option("--request-timeout", type=float, default=5.0, show_default=True)
 @click.option("--max-key", type=int, default=4 << 10, show_default=True)
 @click.option("--max-value", type=int, default=1 << 20, show_default=True)
@@ -55,6 +57,7 @@ def cli() -> None:
 def serve(
     node_id: int, data_dir: Path, listen: str, peers: str, cluster_id: str, join: bool, learner: bool,
     probe_ticks: int, advertise: str, metrics_listen: str, tick_ms: int, election_ticks: int, lease_read: bool,
+    quiesce_ticks: int,
     request_timeout: float, max_key: int, max_value: int, max_request: int, compact_threshold: int, groups: int,
     replication: int, vnodes: int, log_level: str,
 ) -> None:
@@ -72,7 +75,7 @@ def serve(
             join=join or learner, learner=learner, advertise=advertise, metrics_listen=metrics_listen,
             request_timeout=request_timeout,
             raft=RaftSettings(
-                tick_ms=tick_ms, election_tick=election_ticks, lease_read=lease_read,
+                tick_ms=tick_ms, election_tick=election_ticks, lease_read=lease_read, quiesce_ticks=quiesce_ticks,
                 compact_threshold=compact_threshold, compact_keep=min(1000, compact_threshold // 2),
             ),
             limits=Limits(max_key, max_value, max_request),

@@ -69,6 +69,10 @@ class RaftSettings:
     """Compact a group's log once it holds this many applied entries."""
     compact_keep: int = 1_000
     """Entries kept behind the applied index after compaction, for slow followers."""
+    quiesce_ticks: int = 20
+    """An idle group stops heartbeating and ticking after this many ticks (0: never). The node's
+    own liveness pings (one small batch per peer per tick, whatever the number of groups) wake a
+    quiesced group whose leader's node falls silent; see `Host.suspect`."""
 
 
 @dataclass(slots=True)
@@ -142,6 +146,13 @@ class Host:
         self.balance_backoff_ticks = 300
         self._ticks = 0
         self._balance_next: dict[int, int] = {}
+        self._dirty: set[int] = set()
+        """Groups that may have a Ready: stepped, proposed to, read, ticked while awake, woken or
+        just handled. Only these are asked `has_ready()` (thousands of idle groups cost nothing);
+        every `full_scan_ticks` all groups are asked anyway, as a safety net."""
+        self.full_scan_ticks = 10
+        self.suspected: set[int] = set()
+        """Nodes whose liveness pings stopped (see `suspect`)."""
 
     # --- groups -----------------------------------------------------------------------------
     def open_group(self, group: int, bootstrap: ConfState | None, data: Sequence[bytes] = ()) -> Group:
@@ -159,12 +170,31 @@ class Host:
             heartbeat_tick=s.heartbeat_tick,
             applied=self.store.applied_index(group),
             lease_read=s.lease_read,
+            quiesce_ticks=s.quiesce_ticks,
             max_inflight_msgs=s.max_inflight_msgs,
             max_size_per_msg=s.max_size_per_msg,
         )
         core = RaftNode(cfg, self.store.log_storage(group), random.Random(self.rng.getrandbits(64)), log)
         g = self.groups[group] = Group(group, core)
+        self._dirty.add(group)
         return g
+
+    def touch(self, group: int) -> None:
+        """`group`'s core was driven outside the host (e.g. a replica ReadIndex): look at it."""
+        self._dirty.add(group)
+
+    def suspect(self, silent: set[int]) -> None:
+        """The node's liveness view: `silent` nodes sent nothing (not even a ping) for an election
+        timeout. Wake every quiesced group led by one of them, so its followers time out and
+        elect a new leader."""
+        self.suspected = silent
+        if not silent:
+            return
+        for gid, g in self.groups.items():
+            core = g.core
+            if core.quiesced and core.lead in silent:
+                core.wake()
+                self._dirty.add(gid)
 
     def close_group(self, group: int, destroy: bool) -> None:
         """Stop hosting `group`: its waiting clients get an indeterminate error (writes may still
@@ -209,6 +239,7 @@ class Host:
                 return
             g = self.groups[m.group]
         g.core.step(m)
+        self._dirty.add(m.group)
 
     def tick(self) -> None:
         # The balancer looks at `recent_active`, which a leader's check-quorum round (inside
@@ -217,8 +248,16 @@ class Host:
         self._ticks += 1
         if self.preferred_leader and self._ticks % self.balance_every_ticks == 0:
             self._balance_leaders()
-        for g in self.groups.values():
-            g.core.tick()
+        dirty = self._dirty
+        for gid, g in self.groups.items():
+            core = g.core
+            if core.quiesced:
+                core.tick()  # O(1), never makes the group ready
+            else:
+                core.tick()
+                dirty.add(gid)
+        if self._ticks % self.full_scan_ticks == 0:
+            dirty.update(self.groups)
 
     def _balance_leaders(self) -> None:
         """Hand each group this node leads to its preferred leader, once that node is a voter,
@@ -239,6 +278,7 @@ class Host:
             self._balance_next[gid] = self._ticks + self.balance_backoff_ticks
             log.info("group %d: handing leadership to its preferred leader %d", gid, want)
             core.transfer_leader(want)
+            self._dirty.add(gid)
 
     def propose(self, group: int, data: bytes, callback: WriteCallback) -> int:
         """Propose a command; `callback(result, None)` once applied, or `(None, error)`.
@@ -254,6 +294,7 @@ class Host:
             index = g.core.propose(data)
         except ProposalDropped as err:
             raise errors.ProposalDropped(str(err)) from err
+        self._dirty.add(group)
         g.writes[index] = PendingWrite(g.core.term, callback)
         return index
 
@@ -266,6 +307,7 @@ class Host:
             index = g.core.propose_conf_change(cc)
         except ProposalDropped as err:
             raise errors.ProposalDropped(str(err)) from err
+        self._dirty.add(group)
         g.writes[index] = PendingWrite(g.core.term, callback)
         return index
 
@@ -281,6 +323,7 @@ class Host:
             g.core.read_index(ctx)
         except ProposalDropped as err:
             raise errors.NoLeader(str(err)) from err
+        self._dirty.add(group)
         g.reads[ctx] = callback
 
     def transfer_leader(self, group: int, to: int) -> None:
@@ -299,21 +342,35 @@ class Host:
         if to not in g.core.conf.voters:
             raise errors.InvalidArgument(f"node {to} is not a voter of group {group}")
         g.core.transfer_leader(to)
+        self._dirty.add(group)
 
     def report_snapshot(self, group: int, to: int, failed: bool) -> None:
         g = self.groups.get(group)
         if g is not None:
             g.core.report_snapshot(to, failed)
+            self._dirty.add(group)
 
     def report_unreachable(self, to: int) -> None:
-        for g in self.groups.values():
+        for gid, g in self.groups.items():
             g.core.report_unreachable(to)
+            self._dirty.add(gid)
 
     # --- the Ready loop ---------------------------------------------------------------------
+    def _ready_groups(self) -> list[Group]:
+        """The dirty groups that have a Ready; the others are clean until touched again."""
+        out = []
+        groups = self.groups
+        for gid in self._dirty:
+            g = groups.get(gid)
+            if g is not None and g.core.has_ready():
+                out.append(g)
+        self._dirty = {g.id for g in out}
+        return out
+
     def has_work(self) -> bool:
         if self.failed is not None:
             return False
-        return any(g.core.has_ready() for g in self.groups.values())
+        return bool(self._ready_groups())
 
     def run_cycle(self) -> int:
         """One whole iteration of the Ready loop over all groups (begin, persist, end).
@@ -333,9 +390,7 @@ class Host:
         another thread meanwhile."""
         if self.failed is not None:
             return None
-        readies: list[tuple[Group, Ready]] = [
-            (g, g.core.ready()) for g in self.groups.values() if g.core.has_ready()
-        ]
+        readies: list[tuple[Group, Ready]] = [(g, g.core.ready()) for g in self._ready_groups()]
         if not readies:
             return None
         immediate = [m for _, rd in readies for m in rd.messages]
@@ -375,6 +430,7 @@ class Host:
         by_group = {a.group: r for a, r in zip(cycle.applies, cycle.results, strict=True)}
         for g, rd in readies:
             self._finish(g, rd, by_group.get(g.id, []))
+            self._dirty.add(g.id)  # advancing may have made more ready (e.g. newly committed entries)
         return len(readies)
 
     def _send(self, msgs: list[Message]) -> None:

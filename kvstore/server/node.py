@@ -66,6 +66,8 @@ class Node:
         self.coordinator: Coordinator | None = None
         self._tombstones: set[int] = set()
         self._gauges_at = 0.0
+        self._last_heard: dict[int, float] = {}
+        self._started_at = 0.0
 
     def wake(self) -> None:
         self._wake.set()
@@ -103,7 +105,7 @@ class Node:
 
         server = self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
         raft_pb2_grpc.add_RaftServicer_to_server(
-            RaftService(cfg.id, cfg.cluster_id, self._deliver, store.snapshot_dir), server
+            RaftService(cfg.id, cfg.cluster_id, self._deliver, store.snapshot_dir, on_heard=self._heard), server
         )
         kv_pb2_grpc.add_KVServicer_to_server(KVService(cfg, host, self.wake, self.metrics, tracker, self.reads), server)
         admin_pb2_grpc.add_AdminServicer_to_server(
@@ -209,11 +211,29 @@ class Node:
             self._members_seen = dict(self.host.members)
             self.transport.set_addresses(self._members_seen)
 
+    def _heard(self, node: int) -> None:
+        self._last_heard[node] = asyncio.get_running_loop().time()
+
+    def _liveness(self, now: float) -> None:
+        """Node-level liveness, one small batch per peer per tick however many groups there are:
+        ping every peer, and tell the host which peers have been silent for an election timeout
+        (it wakes the quiesced groups they lead)."""
+        assert self.host is not None and self.transport is not None
+        self.transport.ping()
+        timeout = self.cfg.raft.election_tick * self.cfg.raft.tick_ms / 1000
+        silent = {
+            n for n in self.transport.peers
+            if now - self._last_heard.get(n, self._started_at) > timeout
+        }
+        if silent or self.host.suspected:
+            self.host.suspect(silent)
+
     async def _ticker(self) -> None:
         assert self.host is not None
         loop = asyncio.get_running_loop()
         period = self.cfg.raft.tick_ms / 1000
         next_at = loop.time() + period
+        self._started_at = loop.time()
         while True:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             next_at += period
@@ -222,6 +242,7 @@ class Node:
             self.host.tick()
             if self.reads is not None:
                 self.reads.tick()
+            self._liveness(loop.time())
             self.wake()
 
     async def _ready_loop(self) -> None:

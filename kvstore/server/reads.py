@@ -216,6 +216,10 @@ class ReplicaReads:
         return self.settings.expire_ticks or 4 * self._wait_ticks(core)
 
     def _in_contact(self, core: RaftNode) -> bool:
+        if core.quiesced:
+            # A quiesced group sends no heartbeats: its leader is as alive as its node, whose
+            # liveness pings keep arriving (Host.suspect); the read index will wake the group.
+            return core.lead != 0 and core.lead not in self.host.suspected
         ticks = core.leader_contact_ticks
         return ticks is not None and ticks < core.cfg.election_tick
 
@@ -248,6 +252,7 @@ class ReplicaReads:
 
         try:
             g.core.read_index(ctx)
+            self.host.touch(group)
         except ProposalDropped as err:
             raise errors.StaleReplica(f"node {self.host.node_id} knows no leader of group {group}: {err}") from err
         g.reads[ctx] = done
