@@ -165,10 +165,12 @@ def test_leader_balancer_hands_over_whatever_the_phase_of_the_check_quorum_timer
         try:
             pump()
             hosts[2].groups[1].core.campaign()
+            hosts[2].touch(1)  # driven outside the host: tell it to look at the group
             pump()
             assert hosts[2].groups[1].core.role == Role.LEADER
             for _ in range(offset):  # shift the leader's timers against the host's tick count
                 hosts[2].groups[1].core.tick()
+                hosts[2].touch(1)
                 pump()
             rounds[offset] = None
             for t in range(10 * hosts[2].balance_every_ticks):

@@ -66,6 +66,7 @@ class Node:
         self.coordinator: Coordinator | None = None
         self._tombstones: set[int] = set()
         self._gauges_at = 0.0
+        self._gauge_seen: dict[int, tuple[int, ...]] = {}
         self._last_heard: dict[int, float] = {}
         self._started_at = 0.0
 
@@ -279,9 +280,14 @@ class Node:
         if now < self._gauges_at:
             return
         self._gauges_at = now + 1.0
+        seen = self._gauge_seen
         for gid, g in self.host.groups.items():
-            label = str(gid)
             core = g.core
+            key = (core.term, core.lead, core.role, core.committed, core.applied)
+            if seen.get(gid) == key:
+                continue  # unchanged (most groups of a node hosting thousands are idle)
+            seen[gid] = key
+            label = str(gid)
             self.metrics.term.labels(label).set(core.term)
             self.metrics.leader.labels(label).set(core.lead)
             self.metrics.is_leader.labels(label).set(1 if core.role == Role.LEADER else 0)

@@ -182,6 +182,7 @@ class ReplicaReads:
         self._ticks = 0
         self._pending: dict[bytes, _Pending] = {}
         self._fresh: dict[int, _Freshness] = {}
+        self._gauge_seen: dict[int, tuple[object, ...]] = {}
 
     # --- evidence ---------------------------------------------------------------------------
     def _freshness(self, group: int) -> _Freshness:
@@ -417,11 +418,16 @@ class ReplicaReads:
         m = self.metrics
         if m is None:
             return
+        seen = self._gauge_seen
         for gid, g in self.host.groups.items():
-            label = str(gid)
-            s = self.staleness(gid)
-            m.staleness.labels(label).set(-1 if s is None else s)
             core = g.core
+            s = self.staleness(gid)
+            key = (s, core.committed, core.applied, core.role, core.quiesced)
+            if core.quiesced and seen.get(gid) == key:
+                continue  # an idle group: its gauges are already right (thousands per node)
+            seen[gid] = key
+            label = str(gid)
+            m.staleness.labels(label).set(-1 if s is None else s)
             m.lag_entries.labels(label).set(max(0, core.committed - core.applied))
             if core.role == Role.LEADER:
                 for nid, pr in core.prs.items():

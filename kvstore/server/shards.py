@@ -464,7 +464,8 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         end = loop.time() + timeout
         while loop.time() < end:
             m = self.tracker.map
-            if m is not None and not m.moves and all(g in m.ring.owners or m.routes.get(g) for g in m.groups):
+            owners = set(m.ring.owners) if m is not None else set()
+            if m is not None and not m.moves and all(g in owners or m.routes.get(g) for g in m.groups):
                 return True
             ev = self.tracker.changed
             with contextlib.suppress(TimeoutError):

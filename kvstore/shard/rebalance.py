@@ -73,6 +73,7 @@ class Coordinator:
         """Statistics of the last completed move: keys, seconds."""
         self._move_started: dict[int, float] = {}
         self._move_keys: dict[int, int] = {}
+        self._settled_version = -1
 
     async def run(self) -> None:
         while True:
@@ -128,11 +129,15 @@ class Coordinator:
         if m.moves:
             await self.drive(m.moves[0])
             return True
+        if m.version == self._settled_version:
+            return False  # nothing changed since the last look (the usual case: cheap)
+        owners = set(m.ring.owners)
         for g in m.data_groups():
-            if g not in m.ring.owners and not m.routes.get(g):
+            if g not in owners and not m.routes.get(g):
                 log.info("dropping data group %d: it serves nothing any more", g)
                 await self.update(functools.partial(ShardMap.drop_group, group=g))
                 return True
+        self._settled_version = m.version
         return False
 
     async def _shard(self, group: int, op: ShardOp, ranges: IntervalSet, move: int, token: int = 0) -> ApplyResult:

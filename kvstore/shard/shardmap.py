@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -134,7 +135,7 @@ class ShardMap:
         initial groups, nothing for groups added later (they receive ranges by moves)."""
         if not 1 <= group <= self.initial_groups:
             return IntervalSet()
-        return Ring.build(range(1, self.initial_groups + 1), self.vnodes).ranges_of(group)
+        return _initial_ownership(self.initial_groups, self.vnodes).get(group, IntervalSet())
 
     # --- lookups ------------------------------------------------------------------------------
     def _lookup(self) -> tuple[list[int], list[int], list[int]]:
@@ -341,6 +342,12 @@ class ShardMap:
             initial_groups=pb.initial_groups,
         )
         return m
+
+
+@functools.lru_cache(maxsize=4)
+def _initial_ownership(groups: int, vnodes: int) -> dict[int, IntervalSet]:
+    """The initial ring's arcs per group, computed once (a node creates thousands of groups)."""
+    return Ring.build(range(1, groups + 1), vnodes).ownership()
 
 
 def ring_diff_routes(
