@@ -1250,7 +1250,8 @@ class AsyncClient:
         # Admin operations carry no session, so an indeterminate outcome is not retried. A
         # membership change or transfer runs group after group on the server: each attempt may
         # use the whole budget rather than the per-attempt timeout of a single read or write.
-        deadline = self._deadline(timeout)
+        # Default budget: 3x a read's or write's (a change commits in every group, one by one).
+        deadline = self._deadline(timeout if timeout is not None else 3 * self.policy.timeout)
         return await self._invoke(
             op,
             lambda ep, t: call(self._admin(ep), max(t, deadline.remaining())),
