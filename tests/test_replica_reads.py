@@ -197,12 +197,14 @@ def test_leader_bounded_read_falls_back_to_read_index(net: Net) -> None:
 
 
 def test_probes_follow_demand_and_an_idle_bounded_read_gets_fresh_evidence(net: Net) -> None:
-    """With demand-driven probing (the default), an idle group sends no probes at all; a bounded
-    read on a replica then runs one read-index round and is served with an honest, small bound;
-    and from then on the group is probed until it goes idle again."""
+    """With demand-driven probing (the default), a follower of an idle group sends no probes at
+    all (learners, read replicas, always probe); a bounded read on it then runs one read-index
+    round and is served with an honest, small bound; and from then on the group is probed until
+    it goes idle again."""
     net.put(b"k", b"v")
-    r = ReplicaReads(net.hosts[LEARNER], ReadSettings(probe_ticks=1, demand_ticks=5), clock=lambda: net.now)
-    net.reads[LEARNER] = r
+    follower = next(n for n in VOTERS if net.core(n).role != Role.LEADER)
+    r = ReplicaReads(net.hosts[follower], ReadSettings(probe_ticks=1, demand_ticks=5), clock=lambda: net.now)
+    net.reads[follower] = r
     net.tick(3)
     assert r.staleness(GROUP) is None and not r._pending  # idle: nothing was probed
 
@@ -222,7 +224,7 @@ def test_probes_follow_demand_and_an_idle_bounded_read_gets_fresh_evidence(net: 
 
     point = asyncio.run(bounded())
     assert point.staleness is not None and point.staleness <= 0.5
-    assert net.hosts[LEARNER].store.get(GROUP, b"k") == b"v"
+    assert net.hosts[follower].store.get(GROUP, b"k") == b"v"
     net.tick(2)
     assert r._fresh[GROUP].last_probe_tick > 0  # probing while in demand
     last = r._fresh[GROUP].last_probe_tick

@@ -89,6 +89,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     # --- membership -----------------------------------------------------------------------------
     def _targets(self, listed: Any) -> list[int]:
         m = self.tracker.map
+        if m is None:
+            # E.g. a node still joining: it cannot know the data groups. Definite; the client
+            # retries at another node.
+            raise errors.NoLeader(f"node {self.cfg.id} has no shard map yet; ask another member")
         if listed:
             if m is not None:
                 unknown = [g for g in listed if g not in m.groups]

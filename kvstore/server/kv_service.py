@@ -71,6 +71,11 @@ class KVService(kv_pb2_grpc.KVServicer):
         e.shard_version = self.tracker.version
         return e
 
+    def _ok(self) -> kv_pb2.Error:
+        """Success (code OK) carrying our shard map version, so that a client routing by an
+        older map learns of the newer one even when its request happened to land right."""
+        return kv_pb2.Error(shard_version=self.tracker.version)
+
     def _wrong_shard(self, message: str) -> errors.WrongShard:
         return errors.WrongShard(message, shard_version=self.tracker.version)
 
@@ -127,7 +132,7 @@ class KVService(kv_pb2_grpc.KVServicer):
             self.metrics.reads.inc()
             return kv_pb2.GetResponse(
                 found=value is not None, value=value or b"", index=point.index,
-                staleness_ms=point.staleness_ms, node_id=self.cfg.id,
+                staleness_ms=point.staleness_ms, node_id=self.cfg.id, error=self._ok(),
             )
         except errors.KVError as err:
             return kv_pb2.GetResponse(error=self._err(err))
@@ -139,7 +144,7 @@ class KVService(kv_pb2_grpc.KVServicer):
             cid, seq, ack = self._session(request.session)
             await self._write(request.key, commands.encode_put(request.key, request.value, cid, seq, ack))
             self.metrics.writes.inc()
-            return kv_pb2.PutResponse()
+            return kv_pb2.PutResponse(error=self._ok())
         except errors.KVError as err:
             return kv_pb2.PutResponse(error=self._err(err))
 
@@ -149,7 +154,7 @@ class KVService(kv_pb2_grpc.KVServicer):
             cid, seq, ack = self._session(request.session)
             res = await self._write(request.key, commands.encode_delete(request.key, cid, seq, ack))
             self.metrics.writes.inc()
-            return kv_pb2.DeleteResponse(existed=bool(res.existed))
+            return kv_pb2.DeleteResponse(existed=bool(res.existed), error=self._ok())
         except errors.KVError as err:
             return kv_pb2.DeleteResponse(error=self._err(err))
 
@@ -165,7 +170,7 @@ class KVService(kv_pb2_grpc.KVServicer):
             res = await self._write(request.key, data)
             self.metrics.writes.inc()
             return kv_pb2.CasResponse(
-                swapped=bool(res.swapped), found=bool(res.found), current=res.current or b""
+                swapped=bool(res.swapped), found=bool(res.found), current=res.current or b"", error=self._ok()
             )
         except errors.KVError as err:
             return kv_pb2.CasResponse(error=self._err(err))

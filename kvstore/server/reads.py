@@ -69,9 +69,10 @@ class ReadSettings:
     """Ticks between two staleness probes of a group (0: no probes; bounded reads on replicas then
     wait for a read-index round and stale reads report an unknown staleness)."""
     demand_ticks: int = 100
-    """Probe a group only while it served a bounded or stale read here within this many ticks:
-    idle groups (thousands per node, most of them quiesced) cost nothing. 0: probe every group
-    all the time."""
+    """Probe a group only while it served a bounded or stale read here within this many ticks,
+    or while this node is one of its learners (read replicas keep their evidence fresh): idle
+    groups (thousands per node, most of them quiesced) cost nothing. 0: probe every group all
+    the time."""
     index_wait_ticks: int = 0
     """A replica's linearizable read fails if its read index has not arrived within this many
     ticks (0: one election timeout)."""
@@ -310,10 +311,13 @@ class ReplicaReads:
         step = self.settings.probe_ticks
         if step > 0 and self.host.failed is None:
             demand = self.settings.demand_ticks
-            for gid in list(self._fresh) if demand else list(self.host.groups):
-                f = self._freshness(gid)
-                if demand and now - f.last_demand_tick > demand:
+            me = self.host.node_id
+            for gid, grp in list(self.host.groups.items()):
+                fr = self._fresh.get(gid)
+                recent = fr is not None and now - fr.last_demand_tick <= demand
+                if demand and not recent and me not in grp.core.conf.learners:
                     continue
+                f = self._freshness(gid)
                 if f.probe is not None or now - f.last_probe_tick < step:
                     continue
                 g = self.host.groups.get(gid)
