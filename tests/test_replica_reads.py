@@ -35,7 +35,7 @@ class Net:
         conf = ConfState(VOTERS, (LEARNER,))
         for nid in (*VOTERS, LEARNER):
             store = NodeStore(root / f"n{nid}", sync=False)
-            host = Host(nid, store, self.queue.extend, RaftSettings(tick_ms=TICK_MS), random.Random(nid))
+            host = Host(nid, store, self.queue.extend, RaftSettings(tick_ms=TICK_MS, election_tick=10), random.Random(nid))
             host.open_group(GROUP, conf)
             self.hosts[nid] = host
             self.reads[nid] = ReplicaReads(host, ReadSettings(probe_ticks=1, demand_ticks=0), clock=lambda: self.now)

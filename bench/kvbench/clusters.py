@@ -24,6 +24,7 @@ from typing import Protocol
 import grpc
 
 from bench.etcdpb import etcd_pb2, etcd_pb2_grpc
+from kvstore.client import group_status
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
@@ -169,7 +170,10 @@ class KvstoreCluster:
             if not n.alive:
                 continue
             st = n.status()
-            if st is not None and st.groups and st.groups[0].role == "leader":
+            # The data group's leader (group 1; group 0 holds the shard map and may be led
+            # elsewhere): the node whose death interrupts the benchmark's writes.
+            g = group_status(st) if st is not None else None
+            if g is not None and g.role == "leader":
                 return n.id
         return None
 
@@ -178,9 +182,9 @@ class KvstoreCluster:
         leads, commits, applied = set(), [], []
         for n in self.nodes.values():
             st = n.status() if n.alive else None
-            if st is None or not st.groups:
+            g = group_status(st) if st is not None else None
+            if g is None:
                 return False
-            g = st.groups[0]
             leads.add(g.leader_id)
             commits.append(g.commit)
             applied.append(g.applied)

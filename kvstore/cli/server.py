@@ -38,7 +38,7 @@ def cli() -> None:
 @click.option("--advertise", default="", help="Address others reach this node at (default: its --peers entry).")
 @click.option("--metrics-listen", default="", help="HOST:PORT for the Prometheus /metrics endpoint.")
 @click.option("--tick-ms", type=int, default=100, show_default=True)
-@click.option("--election-ticks", type=int, default=10, show_default=True)
+@click.option("--election-ticks", type=int, default=5, show_default=True)
 @click.option("--lease-read", is_flag=True, help="Serve linearizable reads from the leader lease.")
 @click.option("--quiesce-ticks", type=click.IntRange(min=0), default=20, show_default=True,
               help="An idle Raft group stops heartbeating after this many ticks (0: never).")

@@ -60,7 +60,9 @@ ReadCallback = Callable[[int, errors.KVError | None], None]
 @dataclass(slots=True)
 class RaftSettings:
     tick_ms: int = 100
-    election_tick: int = 10
+    election_tick: int = 5
+    """Ticks without a leader before a follower campaigns (randomized in [n, 2n)): 500 ms to 1 s
+    at the default tick, so a failed leader is replaced within about a second."""
     heartbeat_tick: int = 1
     lease_read: bool = False
     max_inflight_msgs: int = 256
