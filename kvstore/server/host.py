@@ -252,11 +252,9 @@ class Host:
             self._balance_leaders()
         dirty = self._dirty
         for gid, g in self.groups.items():
-            core = g.core
-            if core.quiesced:
-                core.tick()  # O(1), never makes the group ready
-            else:
-                core.tick()
+            awake = not g.core.quiesced  # a quiesced group's tick is O(1) and never makes it ready
+            g.core.tick()
+            if awake:
                 dirty.add(gid)
         if self._ticks % self.full_scan_ticks == 0:
             dirty.update(self.groups)

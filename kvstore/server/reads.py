@@ -320,10 +320,7 @@ class ReplicaReads:
                 f = self._freshness(gid)
                 if f.probe is not None or now - f.last_probe_tick < step:
                     continue
-                g = self.host.groups.get(gid)
-                if g is None:
-                    continue
-                core = g.core
+                core = grp.core
                 if core.role != Role.LEADER and not self._in_contact(core):
                     continue
                 f.last_probe_tick = now

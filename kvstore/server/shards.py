@@ -104,7 +104,7 @@ class GroupCaller:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._rng = random.Random()
 
-    def _stub(self, addr: str) -> shard_pb2_grpc.ShardStub:
+    def stub(self, addr: str) -> shard_pb2_grpc.ShardStub:
         ch = self._channels.get(addr)
         if ch is None:
             ch = self._channels[addr] = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
@@ -115,11 +115,17 @@ class GroupCaller:
         for ch in chans:
             await ch.close()
 
-    def _address(self, node: int) -> str:
+    def address(self, node: int) -> str:
         addr = self.host.members.get(node, "")
         if not addr and self.tracker.map is not None:
             addr = self.tracker.map.nodes.get(node, "")
         return addr
+
+    def _pick(self, group: int, tried: int) -> int:
+        """The node to try for `group` on attempt number `tried`: round robin over the
+        candidates, best guess first (this node if it knows none)."""
+        cands = self._candidates(group)
+        return cands[tried % len(cands)] if cands else self.node_id
 
     def _candidates(self, group: int) -> list[int]:
         """Nodes to try for `group`'s leader, best guess first."""
@@ -155,8 +161,7 @@ class GroupCaller:
         hint: int = 0
         tried = 0
         while loop.time() < end:
-            cands = self._candidates(group)
-            target = hint if hint else cands[tried % len(cands)] if cands else self.node_id
+            target = hint or self._pick(group, tried)
             hint = 0
             tried += 1
             attempt = min(self.request_timeout, max(0.05, end - loop.time()))
@@ -164,10 +169,10 @@ class GroupCaller:
                 if target == self.node_id:
                     resp = await local_group_call(self.host, self.wake, request, attempt)
                 else:
-                    addr = self._address(target)
+                    addr = self.address(target)
                     if not addr:
                         raise errors.NoLeader(f"no address for node {target}")
-                    resp = await self._stub(addr).GroupPropose(request, timeout=attempt + 0.5)
+                    resp = await self.stub(addr).GroupPropose(request, timeout=attempt + 0.5)
             except grpc.aio.AioRpcError as e:
                 last = errors.Unavailable(f"node {target}: {e.code().name}")
             else:
@@ -216,18 +221,17 @@ class GroupCaller:
         hint = 0
         last: Exception | None = None
         while loop.time() < end:
-            cands = self._candidates(group)
-            target = hint if hint else cands[tried % len(cands)] if cands else self.node_id
+            target = hint or self._pick(group, tried)
             hint = 0
             tried += 1
-            addr = self._address(target) if target != self.node_id else ""
+            addr = self.address(target) if target != self.node_id else ""
             if target != self.node_id and not addr:
                 await asyncio.sleep(0.05)
                 continue
             stream: Any = (
                 local_export(self.host, self.wake, req, self.request_timeout)
                 if target == self.node_id
-                else self._stub(addr).ExportRange(req)
+                else self.stub(addr).ExportRange(req)
             )
             started = False
             try:
@@ -396,11 +400,11 @@ class ShardService(shard_pb2_grpc.ShardServicer):
 
     async def _remote_info(self, gid: int, nodes: list[int]) -> shard_pb2.GroupInfo:
         for n in nodes:
-            addr = self.caller._address(n)
+            addr = self.caller.address(n)
             if not addr or n == self.node_id:
                 continue
             try:
-                resp = await self.caller._stub(addr).ShardOp(
+                resp = await self.caller.stub(addr).ShardOp(
                     shard_pb2.ShardOpRequest(op=shard_pb2.ShardOpRequest.INFO, group=gid), timeout=2.0
                 )
             except grpc.aio.AioRpcError:
