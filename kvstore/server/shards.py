@@ -48,7 +48,7 @@ class ShardTracker:
 
     def refresh(self) -> bool:
         """Re-read the map if the metadata group applied something; True if the map changed."""
-        if META_GROUP not in self.store.groups():
+        if not self.store.has_group(META_GROUP):  # runs after every Ready cycle: no sorting
             return False
         applied = self.store.applied_index(META_GROUP)
         if applied == self._seen_applied:

@@ -112,6 +112,9 @@ class NodeStore:
         """Groups with state on disk, sorted."""
         return sorted(self._groups)
 
+    def has_group(self, group: int) -> bool:
+        return group in self._groups
+
     def log_storage(self, group: int) -> GroupLogStorage:
         """The group's LogStorage (the same object on every call)."""
         ls = self._logs.get(group)
