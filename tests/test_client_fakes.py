@@ -173,10 +173,62 @@ class FakeCluster:
         return resp
 
 
+class _Abort(Exception):
+    def __init__(self, status: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.status = status
+        self.details = details
+
+
+class _OpContext:
+    """The context a scripted action sees for one operation of a KV.Stream: aborting it breaks
+    the whole stream (as a real broken connection would)."""
+
+    async def abort(self, status: grpc.StatusCode, details: str) -> None:
+        raise _Abort(status, details)
+
+
 class _KV(kv_pb2_grpc.KVServicer):
     def __init__(self, cluster: FakeCluster, node: FakeNode) -> None:
         self.c = cluster
         self.node = node
+
+    async def Stream(self, request_iterator: Any, context: Any) -> Any:
+        """Each operation runs its unary handler (scripts and all), concurrently."""
+        out: asyncio.Queue[Any] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+        handlers = {"get": self.Get, "put": self.Put, "delete": self.Delete, "cas": self.Cas}
+
+        async def one(op: kv_pb2.Op) -> None:
+            kind = op.WhichOneof("op")
+            assert kind is not None
+            try:
+                reply = await handlers[kind](getattr(op, kind), _OpContext())
+            except _Abort as a:
+                await out.put(a)
+                return
+            r = kv_pb2.OpResult(id=op.id)
+            getattr(r, kind).CopyFrom(reply)
+            await out.put(r)
+
+        async def read() -> None:
+            async for batch in request_iterator:
+                for op in batch.ops:
+                    t = asyncio.get_running_loop().create_task(one(op))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while True:
+                item = await out.get()
+                if isinstance(item, _Abort):
+                    await context.abort(item.status, item.details)
+                yield kv_pb2.ResultBatch(results=[item])
+        finally:
+            reader.cancel()
+            for t in list(tasks):
+                t.cancel()
 
     async def _gate(self, method: str, request: Any, context: Any, apply: Callable[[], Any] | None) -> Any:
         """Record the call, then: None to proceed, or a kv_pb2.Error to answer with."""

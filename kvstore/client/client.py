@@ -48,6 +48,7 @@ from typing import Any, Literal, TypeVar
 import grpc
 import grpc.aio
 
+from kvstore.client.mux import OpMux, StreamError
 from kvstore.client.readpref import READ_PREFERENCES, ReplicaRouter, parse_duration
 from kvstore.client.retry import (
     DEFAULT_ATTEMPT_TIMEOUT,
@@ -197,6 +198,10 @@ def _classify(exc: grpc.aio.AioRpcError, *, endpoint: str, is_write: bool) -> _R
     code = exc.code()
     details = exc.details() or ""
     low = details.lower()
+    if isinstance(exc, StreamError) and not exc.sent:
+        return _RpcFailure(
+            Unavailable(f"cannot reach {endpoint}: {details}"), transport=True, retryable=True, reason="stream broke"
+        )
     if code == grpc.StatusCode.UNAVAILABLE:
         reason = _short_reason(details)
         if any(marker in low for marker in _NOT_SENT_MARKERS):
@@ -359,6 +364,7 @@ class AsyncClient:
         self._channel_options = [*_CHANNEL_OPTIONS, *channel_options]
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._kv_stubs: dict[str, kv_pb2_grpc.KVStub] = {}
+        self._muxes: dict[str, OpMux] = {}
         self._admin_stubs: dict[str, admin_pb2_grpc.AdminStub] = {}
         self._shard_stubs: dict[str, shard_pb2_grpc.ShardStub] = {}
         self._map_fetch: asyncio.Task[None] | None = None
@@ -388,6 +394,10 @@ class AsyncClient:
         for task in (self._discovery, self._members_refresh):
             if task is not None and not task.done():
                 task.cancel()
+        muxes = list(self._muxes.values())
+        self._muxes.clear()
+        for mux in muxes:
+            await mux.close()
         channels = list(self._channels.values())
         self._channels.clear()
         self._kv_stubs.clear()
@@ -417,6 +427,13 @@ class AsyncClient:
         if stub is None:
             stub = self._kv_stubs[endpoint] = kv_pb2_grpc.KVStub(self._channel(endpoint))
         return stub
+
+    def _mux(self, endpoint: str) -> OpMux:
+        """The endpoint's multiplexed KV stream (get, put, delete and cas travel on it)."""
+        mux = self._muxes.get(endpoint)
+        if mux is None:
+            mux = self._muxes[endpoint] = OpMux(self._channel(endpoint), endpoint)
+        return mux
 
     def _admin(self, endpoint: str) -> admin_pb2_grpc.AdminStub:
         stub = self._admin_stubs.get(endpoint)
@@ -776,7 +793,7 @@ class AsyncClient:
         )
 
         def call(ep: str, t: float) -> Awaitable[kv_pb2.GetResponse]:
-            return self._kv(ep).Get(req, timeout=t)
+            return self._mux(ep).call("get", req, t)
 
         deadline = self._deadline(timeout)
         pref = read_preference or self.read_preference
@@ -873,7 +890,7 @@ class AsyncClient:
         )
 
     async def _write(
-        self, op: str, rpc: str, key: bytes, make_request: Callable[[kv_pb2.Session], Any], timeout: float | None
+        self, op: str, kind: str, key: bytes, make_request: Callable[[kv_pb2.Session], Any], timeout: float | None
     ) -> Any:
         """Run one write under a fresh session; every retry reuses that session (exactly-once)."""
         session = self._begin_write()
@@ -881,7 +898,7 @@ class AsyncClient:
             req = make_request(session)
 
             def call(ep: str, t: float) -> Awaitable[Any]:
-                return getattr(self._kv(ep), rpc)(req, timeout=t)
+                return self._mux(ep).call(kind, req, t)
 
             return await self._invoke(
                 op, call, deadline=self._deadline(timeout), is_write=True, key=key
@@ -892,12 +909,12 @@ class AsyncClient:
     async def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> None:
         """Set ``key`` to ``value``."""
         k, v = self._check_key(key), self._check_value(value)
-        await self._write("put", "Put", k, lambda s: kv_pb2.PutRequest(key=k, value=v, session=s), timeout)
+        await self._write("put", "put", k, lambda s: kv_pb2.PutRequest(key=k, value=v, session=s), timeout)
 
     async def delete(self, key: bytes, *, timeout: float | None = None) -> bool:
         """Delete ``key``; True if it existed."""
         k = self._check_key(key)
-        resp = await self._write("delete", "Delete", k, lambda s: kv_pb2.DeleteRequest(key=k, session=s), timeout)
+        resp = await self._write("delete", "delete", k, lambda s: kv_pb2.DeleteRequest(key=k, session=s), timeout)
         return bool(resp.existed)
 
     async def cas(
@@ -909,7 +926,7 @@ class AsyncClient:
         exp = b"" if expected is None else self._check_value(expected)
         resp = await self._write(
             "cas",
-            "Cas",
+            "cas",
             k,
             lambda s: kv_pb2.CasRequest(key=k, expect_absent=expected is None, expected=exp, value=v, session=s),
             timeout,

@@ -18,12 +18,14 @@ import grpc
 from kvstore import errors
 from kvstore.shard.ranges import IntervalSet, key_hash
 from kvstore.storage import commands
+from kvstore.storage.commands import ApplyResult
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 from . import waiters
 from .config import NodeConfig
 from .host import Host
 from .metrics import Metrics
+from .op_stream import OpStream
 from .reads import ReadPoint, ReplicaReads
 from .shards import ShardTracker
 
@@ -93,21 +95,73 @@ class KVService(kv_pb2_grpc.KVServicer):
         if st is not None and key_hash(key) not in st.active:
             raise self._wrong_shard(f"group {gid} does not serve the key (it moved)")
 
-    async def _write(self, key: bytes, data: bytes) -> Any:
+    def route_write(self, key: bytes, data: bytes) -> int:
+        """The group (led here, serving `key`) to propose the command `data` to; raises a definite
+        KVError otherwise."""
         if len(data) > self.cfg.limits.max_request:
             raise errors.RequestTooLarge(len(data), self.cfg.limits.max_request)
         gid = self._group_for(key)
         self._check_owned(gid, key)
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        result = await waiters.propose(self.host, self.wake, gid, data, self.cfg.request_timeout)
-        self.metrics.proposal_seconds.observe(loop.time() - t0)
+        return gid
+
+    def write_outcome(self, gid: int, result: ApplyResult | None) -> ApplyResult | None:
+        """The applied command's result, or the definite error its state machine answered."""
         if result is not None and result.wrong_shard:
             raise self._wrong_shard(f"group {gid} no longer serves the key (it moved)")
         if result is not None and result.error:
             # The state machine refused it (e.g. a retry older than the session's ack): no effect.
             raise errors.InvalidArgument(result.error)
         return result
+
+    async def _write(self, key: bytes, data: bytes) -> Any:
+        gid = self.route_write(key, data)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        result = await waiters.propose(self.host, self.wake, gid, data, self.cfg.request_timeout)
+        self.metrics.proposal_seconds.observe(loop.time() - t0)
+        return self.write_outcome(gid, result)
+
+    # --- requests as commands, results as replies (shared by the unary calls and the stream) --
+    def prepare_put(self, r: kv_pb2.PutRequest) -> tuple[bytes, bytes]:
+        self._check_key(r.key)
+        self._check_value(r.value)
+        s = r.session
+        return r.key, commands.encode_put(r.key, r.value, s.client_id, s.seq, s.ack)
+
+    def prepare_delete(self, r: kv_pb2.DeleteRequest) -> tuple[bytes, bytes]:
+        self._check_key(r.key)
+        s = r.session
+        return r.key, commands.encode_delete(r.key, s.client_id, s.seq, s.ack)
+
+    def prepare_cas(self, r: kv_pb2.CasRequest) -> tuple[bytes, bytes]:
+        self._check_key(r.key)
+        self._check_value(r.value)
+        self._check_value(r.expected)
+        s = r.session
+        return r.key, commands.encode_cas(r.key, r.expect_absent, r.expected, r.value, s.client_id, s.seq, s.ack)
+
+    def put_reply(self, res: ApplyResult | None) -> kv_pb2.PutResponse:
+        return kv_pb2.PutResponse(error=self._ok())
+
+    def delete_reply(self, res: ApplyResult | None) -> kv_pb2.DeleteResponse:
+        return kv_pb2.DeleteResponse(existed=bool(res is not None and res.existed), error=self._ok())
+
+    def cas_reply(self, res: ApplyResult | None) -> kv_pb2.CasResponse:
+        if res is None:
+            return kv_pb2.CasResponse(error=self._ok())
+        return kv_pb2.CasResponse(
+            swapped=bool(res.swapped), found=bool(res.found), current=res.current or b"", error=self._ok()
+        )
+
+    def get_reply(self, gid: int, key: bytes, point: ReadPoint) -> kv_pb2.GetResponse:
+        """Read `key` from `gid`'s local state at `point` (ownership checked at the read point)."""
+        self._check_owned(gid, key)
+        value = self.store.get(gid, key)
+        self.metrics.reads.inc()
+        return kv_pb2.GetResponse(
+            found=value is not None, value=value or b"", index=point.index,
+            staleness_ms=point.staleness_ms, node_id=self.cfg.id, error=self._ok(),
+        )
 
     async def _read_point(self, gid: int, consistency: int, max_staleness_ms: int = 0) -> ReadPoint:
         """Wait until the group may be read at `consistency` (see reads.py: replicas serve too)."""
@@ -122,58 +176,45 @@ class KVService(kv_pb2_grpc.KVServicer):
         return s.client_id, s.seq, s.ack
 
     # --- RPCs -------------------------------------------------------------------------------
-    async def Get(self, request: kv_pb2.GetRequest, context: grpc.aio.ServicerContext) -> kv_pb2.GetResponse:
+    async def Get(self, request: kv_pb2.GetRequest, context: grpc.aio.ServicerContext | None) -> kv_pb2.GetResponse:
         try:
             self._check_key(request.key)
             gid = self._group_for(request.key)
             point = await self._read_point(gid, request.consistency, request.max_staleness_ms)
-            self._check_owned(gid, request.key)
-            value = self.store.get(gid, request.key)
-            self.metrics.reads.inc()
-            return kv_pb2.GetResponse(
-                found=value is not None, value=value or b"", index=point.index,
-                staleness_ms=point.staleness_ms, node_id=self.cfg.id, error=self._ok(),
-            )
+            return self.get_reply(gid, request.key, point)
         except errors.KVError as err:
             return kv_pb2.GetResponse(error=self._err(err))
 
     async def Put(self, request: kv_pb2.PutRequest, context: grpc.aio.ServicerContext) -> kv_pb2.PutResponse:
         try:
-            self._check_key(request.key)
-            self._check_value(request.value)
-            cid, seq, ack = self._session(request.session)
-            await self._write(request.key, commands.encode_put(request.key, request.value, cid, seq, ack))
+            res = await self._write(*self.prepare_put(request))
             self.metrics.writes.inc()
-            return kv_pb2.PutResponse(error=self._ok())
+            return self.put_reply(res)
         except errors.KVError as err:
             return kv_pb2.PutResponse(error=self._err(err))
 
     async def Delete(self, request: kv_pb2.DeleteRequest, context: grpc.aio.ServicerContext) -> kv_pb2.DeleteResponse:
         try:
-            self._check_key(request.key)
-            cid, seq, ack = self._session(request.session)
-            res = await self._write(request.key, commands.encode_delete(request.key, cid, seq, ack))
+            res = await self._write(*self.prepare_delete(request))
             self.metrics.writes.inc()
-            return kv_pb2.DeleteResponse(existed=bool(res.existed), error=self._ok())
+            return self.delete_reply(res)
         except errors.KVError as err:
             return kv_pb2.DeleteResponse(error=self._err(err))
 
     async def Cas(self, request: kv_pb2.CasRequest, context: grpc.aio.ServicerContext) -> kv_pb2.CasResponse:
         try:
-            self._check_key(request.key)
-            self._check_value(request.value)
-            self._check_value(request.expected)
-            cid, seq, ack = self._session(request.session)
-            data = commands.encode_cas(
-                request.key, request.expect_absent, request.expected, request.value, cid, seq, ack
-            )
-            res = await self._write(request.key, data)
+            res = await self._write(*self.prepare_cas(request))
             self.metrics.writes.inc()
-            return kv_pb2.CasResponse(
-                swapped=bool(res.swapped), found=bool(res.found), current=res.current or b"", error=self._ok()
-            )
+            return self.cas_reply(res)
         except errors.KVError as err:
             return kv_pb2.CasResponse(error=self._err(err))
+
+    async def Stream(
+        self, request_iterator: AsyncIterator[kv_pb2.OpBatch], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[kv_pb2.ResultBatch]:
+        """Multiplexed operations (see op_stream.py)."""
+        async for batch in OpStream(self).run(request_iterator):
+            yield batch
 
     async def Scan(
         self, request: kv_pb2.ScanRequest, context: grpc.aio.ServicerContext

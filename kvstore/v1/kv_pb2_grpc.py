@@ -34,6 +34,11 @@ class KVStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Stream = channel.stream_stream(
+                '/kvstore.v1.KV/Stream',
+                request_serializer=kvstore_dot_v1_dot_kv__pb2.OpBatch.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kv__pb2.ResultBatch.FromString,
+                _registered_method=True)
         self.Get = channel.unary_unary(
                 '/kvstore.v1.KV/Get',
                 request_serializer=kvstore_dot_v1_dot_kv__pb2.GetRequest.SerializeToString,
@@ -63,6 +68,13 @@ class KVStub:
 
 class KVServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def Stream(self, request_iterator, context):
+        """Any number of get/put/delete/cas operations, multiplexed (see Op).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Get(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -97,6 +109,11 @@ class KVServicer:
 
 def add_KVServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Stream': grpc.stream_stream_rpc_method_handler(
+                    servicer.Stream,
+                    request_deserializer=kvstore_dot_v1_dot_kv__pb2.OpBatch.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kv__pb2.ResultBatch.SerializeToString,
+            ),
             'Get': grpc.unary_unary_rpc_method_handler(
                     servicer.Get,
                     request_deserializer=kvstore_dot_v1_dot_kv__pb2.GetRequest.FromString,
@@ -132,6 +149,33 @@ def add_KVServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class KV:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Stream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kvstore.v1.KV/Stream',
+            kvstore_dot_v1_dot_kv__pb2.OpBatch.SerializeToString,
+            kvstore_dot_v1_dot_kv__pb2.ResultBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Get(request,

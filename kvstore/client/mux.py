@@ -1,0 +1,192 @@
+"""A client's operations to one endpoint, multiplexed over one `KV.Stream` call.
+
+A unary gRPC call per operation costs a call's setup on both sides; here every operation issued
+while the previous batch was being written leaves in one `OpBatch`, and answers come back in
+`ResultBatch`es matched by id. The retry loop above (`AsyncClient._invoke`) sees the same
+interface as a unary stub: `await mux.call(kind, request, timeout)` returns the reply or raises
+`grpc.aio.AioRpcError`.
+
+Failure semantics (what the retry loop needs to tell "did not happen" from "may have happened"):
+- the stream breaks: every operation already written to it fails with the stream's error, which
+  the client classifies as it classifies a broken unary call (a write is indeterminate); an
+  operation not yet written fails with `StreamError(sent=False)`: definitely not applied;
+- an operation's own timeout: DEADLINE_EXCEEDED (a write is indeterminate), as for a unary call;
+  the server is told the same timeout and gives up on its side too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from kvstore.v1 import kv_pb2, kv_pb2_grpc
+
+
+class StreamError(grpc.aio.AioRpcError):
+    """An operation failed with its stream; `sent` says whether it may have reached the server."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, *, sent: bool) -> None:
+        super().__init__(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+        self.sent = sent
+
+
+@dataclass(slots=True)
+class _Waiting:
+    fut: asyncio.Future[Any]
+    timer: asyncio.TimerHandle
+    sent: bool = False
+
+
+class OpMux:
+    def __init__(self, channel: grpc.aio.Channel, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self._stub = kv_pb2_grpc.KVStub(channel)
+        self._call: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._queue: list[kv_pb2.Op] = []
+        self._pending: dict[int, _Waiting] = {}
+        self._next_id = 1
+        self._wake = asyncio.Event()
+        self._closed = False
+
+    async def call(self, kind: str, request: Any, timeout: float) -> Any:
+        """Send one operation (`kind`: get, put, delete or cas) and wait for its reply."""
+        if self._closed:
+            raise StreamError(grpc.StatusCode.CANCELLED, "client closed", sent=False)
+        loop = asyncio.get_running_loop()
+        if self._task is None:
+            self._open(loop)
+        op_id = self._next_id
+        self._next_id += 1
+        op = kv_pb2.Op(id=op_id, timeout_ms=max(1, int(timeout * 1000)))
+        getattr(op, kind).CopyFrom(request)
+        fut = loop.create_future()
+        self._pending[op_id] = _Waiting(fut, loop.call_later(timeout, self._timed_out, op_id))
+        self._queue.append(op)
+        self._wake.set()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            w = self._pending.pop(op_id, None)
+            if w is not None:
+                w.timer.cancel()
+            raise
+
+    def _timed_out(self, op_id: int) -> None:
+        w = self._pending.pop(op_id, None)
+        if w is not None and not w.fut.done():
+            w.fut.set_exception(
+                StreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", sent=True)
+            )
+
+    # --- the stream ---------------------------------------------------------------------------
+    def _open(self, loop: asyncio.AbstractEventLoop) -> None:
+        call = self._call = self._stub.Stream()
+        self._task = loop.create_task(self._run(call), name=f"kv-stream-{self.endpoint}")
+
+    async def _write_loop(self, call: Any) -> None:
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            ops, self._queue = self._queue, []
+            pending = self._pending
+            for op in ops:
+                w = pending.get(op.id)
+                if w is not None:
+                    w.sent = True
+            await call.write(kv_pb2.OpBatch(ops=ops))
+
+    async def _read_loop(self, call: Any) -> None:
+        pending = self._pending
+        while True:
+            batch = await call.read()
+            if batch is grpc.aio.EOF:
+                return
+            for r in batch.results:
+                w = pending.pop(r.id, None)
+                if w is None:
+                    continue  # timed out or cancelled meanwhile
+                w.timer.cancel()
+                kind = r.WhichOneof("result")
+                if w.fut.done():
+                    continue
+                if kind is None:
+                    w.fut.set_exception(StreamError(
+                        grpc.StatusCode.UNIMPLEMENTED, f"{self.endpoint} does not know this operation", sent=True
+                    ))
+                else:
+                    w.fut.set_result(getattr(r, kind))
+
+    async def _run(self, call: Any) -> None:
+        loop = asyncio.get_running_loop()
+        writer = loop.create_task(self._write_loop(call))
+        reader = loop.create_task(self._read_loop(call))
+        for t in (reader, writer):
+            t.add_done_callback(_retrieve)
+        failure: grpc.aio.AioRpcError
+        me = asyncio.current_task()
+        try:
+            done, _ = await asyncio.wait([reader, writer], return_when=asyncio.FIRST_COMPLETED)
+            failure = StreamError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.endpoint} closed", sent=True)
+            for t in (reader, writer):
+                if t in done and not t.cancelled() and isinstance(t.exception(), grpc.aio.AioRpcError):
+                    failure = t.exception()
+                    break
+            else:
+                for t in done:
+                    if not t.cancelled() and t.exception() is not None:
+                        failure = StreamError(
+                            grpc.StatusCode.UNAVAILABLE, f"stream to {self.endpoint} failed: {t.exception()!r}",
+                            sent=True,
+                        )
+        except asyncio.CancelledError:
+            failure = StreamError(grpc.StatusCode.CANCELLED, "client closed", sent=True)
+            if me is not None and me.cancelling():
+                self._fail(failure)
+                raise
+        finally:
+            reader.cancel()
+            writer.cancel()
+            call.cancel()
+            if self._call is call:
+                self._call = None
+                self._task = None
+        self._fail(failure)
+
+    def _fail(self, failure: grpc.aio.AioRpcError) -> None:
+        """The stream is gone: fail every operation of it (those not yet written definitely)."""
+        self._queue.clear()
+        pending, self._pending = self._pending, {}
+        code, details = failure.code(), failure.details() or ""
+        for w in pending.values():
+            w.timer.cancel()
+            if w.fut.done():
+                continue
+            if w.sent:
+                w.fut.set_exception(StreamError(code, details, sent=True))
+            else:
+                w.fut.set_exception(StreamError(
+                    grpc.StatusCode.UNAVAILABLE, f"not sent: the stream to {self.endpoint} broke ({details})",
+                    sent=False,
+                ))
+
+    async def close(self) -> None:
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._fail(StreamError(grpc.StatusCode.CANCELLED, "client closed", sent=True))
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a loop task's exception as seen (`_run` reports the stream's failure itself)."""
+    if not task.cancelled():
+        task.exception()

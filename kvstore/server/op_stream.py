@@ -1,0 +1,229 @@
+"""`KV.Stream`: one client's operations multiplexed over one long-lived gRPC stream.
+
+The unary calls cost a gRPC call (and a coroutine, a future and a timer) per operation; here a
+batch of operations arrives in one message and their answers leave in batches. Writes and the
+leader's linearizable reads go straight to the host with a callback: nothing is awaited per
+operation. Anything else (reads on replicas, bounded or stale reads) runs the unary handler's
+coroutine. Every answer is exactly what the unary call would have answered.
+
+Invariants:
+- every operation read from the stream gets exactly one answer (result, error or TIMEOUT) while
+  the stream lives; a callback arriving after the answer (a late commit after a TIMEOUT) is
+  dropped, and an indeterminate TIMEOUT says so;
+- at most `MAX_PENDING` operations per stream wait for the host: beyond that the stream stops
+  reading, and gRPC flow control pushes back on the client;
+- when the stream ends, pending operations are forgotten (their timers cancelled); the client
+  treats them as it treats a broken connection (writes indeterminate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from kvstore import errors
+from kvstore.raft import Role
+from kvstore.storage.commands import ApplyResult
+from kvstore.v1 import kv_pb2
+
+from .reads import LINEARIZABLE, ReadPoint
+
+if TYPE_CHECKING:
+    from .kv_service import KVService
+
+MAX_PENDING = 4096
+
+_ERROR_REPLY: dict[str, Callable[[kv_pb2.Error], Any]] = {
+    "get": lambda e: kv_pb2.GetResponse(error=e),
+    "put": lambda e: kv_pb2.PutResponse(error=e),
+    "delete": lambda e: kv_pb2.DeleteResponse(error=e),
+    "cas": lambda e: kv_pb2.CasResponse(error=e),
+}
+
+
+class OpStream:
+    def __init__(self, svc: KVService) -> None:
+        self.svc = svc
+        self.loop = asyncio.get_running_loop()
+        self.pending: dict[int, asyncio.TimerHandle] = {}
+        """Operations handed to the host, by id: their timeout timers."""
+        self.tasks: set[asyncio.Task[None]] = set()
+        """Operations running a unary handler's coroutine (the slow paths)."""
+        self.out: list[kv_pb2.OpResult] = []
+        self.has_out = asyncio.Event()
+        self.room = asyncio.Event()
+        self.reading = True
+        reads = svc.reads.metrics
+        self._leader_reads = reads.reads.labels(LINEARIZABLE, "leader") if reads is not None else None
+        self._prepare: dict[str, Callable[[Any], tuple[bytes, bytes]]] = {
+            "put": svc.prepare_put, "delete": svc.prepare_delete, "cas": svc.prepare_cas,
+        }
+        self._reply: dict[str, Callable[[ApplyResult | None], Any]] = {
+            "put": svc.put_reply, "delete": svc.delete_reply, "cas": svc.cas_reply,
+        }
+
+    # --- the call ---------------------------------------------------------------------------
+    async def run(self, requests: AsyncIterator[kv_pb2.OpBatch]) -> AsyncIterator[kv_pb2.ResultBatch]:
+        reader = self.loop.create_task(self._read(requests))
+        try:
+            while True:
+                if not self.out:
+                    if not self.reading and not self.pending and not self.tasks:
+                        break
+                    self.has_out.clear()
+                    await self.has_out.wait()
+                    continue
+                out, self.out = self.out, []
+                yield kv_pb2.ResultBatch(results=out)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            self._close()
+
+    async def _read(self, requests: AsyncIterator[kv_pb2.OpBatch]) -> None:
+        try:
+            async for batch in requests:
+                for op in batch.ops:
+                    self._start(op)
+                self.svc.wake()
+                while len(self.pending) + len(self.tasks) >= MAX_PENDING:
+                    self.room.clear()
+                    await self.room.wait()
+        finally:
+            self.reading = False
+            self.has_out.set()
+
+    def _close(self) -> None:
+        for h in self.pending.values():
+            h.cancel()
+        self.pending.clear()
+        for t in self.tasks:
+            t.cancel()
+
+    # --- answers ----------------------------------------------------------------------------
+    def _answer(self, op_id: int, kind: str, reply: Any) -> None:
+        r = kv_pb2.OpResult(id=op_id)
+        getattr(r, kind).CopyFrom(reply)
+        self.out.append(r)
+        self.has_out.set()
+
+    def _error(self, op_id: int, kind: str, err: errors.KVError) -> None:
+        self._answer(op_id, kind, _ERROR_REPLY[kind](self.svc._err(err)))
+
+    def _settle(self, op_id: int) -> bool:
+        """Take `op_id` off the pending list; False if it was already answered (timed out)."""
+        h = self.pending.pop(op_id, None)
+        if h is None:
+            return False
+        h.cancel()
+        if not self.room.is_set():
+            self.room.set()
+        return True
+
+    def _expire(self, op_id: int, kind: str, timeout: float) -> None:
+        if self.pending.pop(op_id, None) is None:
+            return
+        self.room.set()
+        if kind == "get":
+            self._error(op_id, kind, errors.Timeout(f"read not confirmed within {timeout:g}s", indeterminate=False))
+        else:
+            self._error(op_id, kind, errors.Timeout(f"write not applied within {timeout:g}s", indeterminate=True))
+
+    # --- operations -------------------------------------------------------------------------
+    def _start(self, op: kv_pb2.Op) -> None:
+        kind = op.WhichOneof("op")
+        if kind is None:
+            self.out.append(kv_pb2.OpResult(id=op.id))  # an operation this server does not know
+            self.has_out.set()
+            return
+        if op.id in self.pending:
+            self._error(op.id, kind, errors.InvalidArgument(f"operation id {op.id} is already in flight"))
+            return
+        timeout = self.svc.cfg.request_timeout
+        if op.timeout_ms:
+            timeout = min(timeout, op.timeout_ms / 1000)
+        if kind == "get":
+            self._get(op.id, op.get, timeout)
+        else:
+            self._write(op.id, kind, getattr(op, kind), timeout)
+
+    def _write(self, op_id: int, kind: str, req: Any, timeout: float) -> None:
+        svc = self.svc
+        try:
+            key, data = self._prepare[kind](req)
+            gid = svc.route_write(key, data)
+            t0 = self.loop.time()
+
+            def done(result: Any, err: errors.KVError | None) -> None:
+                if not self._settle(op_id):
+                    return
+                if err is not None:
+                    self._error(op_id, kind, err)
+                    return
+                try:
+                    res = svc.write_outcome(gid, result)
+                except errors.KVError as e:
+                    self._error(op_id, kind, e)
+                    return
+                svc.metrics.writes.inc()
+                svc.metrics.proposal_seconds.observe(self.loop.time() - t0)
+                self._answer(op_id, kind, self._reply[kind](res))
+
+            svc.host.propose(gid, data, done)
+        except errors.KVError as err:
+            self._error(op_id, kind, err)
+            return
+        self.pending[op_id] = self.loop.call_later(timeout, self._expire, op_id, kind, timeout)
+
+    def _get(self, op_id: int, req: kv_pb2.GetRequest, timeout: float) -> None:
+        svc = self.svc
+        try:
+            svc._check_key(req.key)
+            gid = svc._group_for(req.key)
+            g = svc.host.groups[gid]
+            if req.consistency != kv_pb2.LINEARIZABLE or g.core.role != Role.LEADER:
+                self._slow_get(op_id, req)
+                return
+            key = req.key
+
+            def done(index: int, err: errors.KVError | None) -> None:
+                if not self._settle(op_id):
+                    return
+                if err is not None:
+                    self._error(op_id, "get", err)
+                    return
+                if self._leader_reads is not None:
+                    self._leader_reads.inc()
+                try:
+                    reply = svc.get_reply(gid, key, ReadPoint(index, 0.0, LINEARIZABLE))
+                except errors.KVError as e:
+                    self._error(op_id, "get", e)
+                    return
+                self._answer(op_id, "get", reply)
+
+            svc.host.read(gid, done)
+        except errors.KVError as err:
+            self._error(op_id, "get", err)
+            return
+        self.pending[op_id] = self.loop.call_later(timeout, self._expire, op_id, "get", timeout)
+
+    def _slow_get(self, op_id: int, req: kv_pb2.GetRequest) -> None:
+        """Replica, bounded and stale reads: the unary handler (which has its own timeouts)."""
+
+        async def serve() -> None:
+            reply = await self.svc.Get(req, None)
+            self._answer(op_id, "get", reply)
+
+        t = self.loop.create_task(serve())
+        self.tasks.add(t)
+
+        def finished(task: asyncio.Task[None]) -> None:
+            self.tasks.discard(task)
+            self.room.set()
+            if not task.cancelled() and task.exception() is not None:
+                self._error(op_id, "get", errors.InternalError(f"read failed: {task.exception()}"))
+
+        t.add_done_callback(finished)

@@ -1,0 +1,217 @@
+"""KV.Stream, the multiplexed operation stream the client library uses: real node processes.
+
+Every operation sent on a stream gets exactly one answer with its id, the same answer the unary
+call gives, and errors keep saying whether the operation may have happened."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from clusterharness import Cluster, NodeProc
+
+from kvstore import errors
+from kvstore.client import AsyncClient
+from kvstore.v1 import kv_pb2, kv_pb2_grpc
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, 3)
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+def _settled_leader(cluster: Cluster) -> NodeProc:
+    """The data group's leader once it stays put (right after start the leader balancer may hand
+    the group to its preferred leader)."""
+    deadline = time.monotonic() + 30
+    while True:
+        ld = cluster.wait_leader()
+        time.sleep(1.5)
+        again = cluster.leader()
+        if (again is not None and again.id == ld.id) or time.monotonic() > deadline:
+            return ld
+
+
+def _session(seq: int) -> kv_pb2.Session:
+    return kv_pb2.Session(client_id=4242, seq=seq, ack=1)
+
+
+async def _exchange(address: str, batches: list[list[kv_pb2.Op]], timeout: float = 20.0) -> dict[int, list[kv_pb2.OpResult]]:
+    """Send each batch, wait for all of its answers, then send the next; answers by id."""
+    async with grpc.aio.insecure_channel(address) as ch:
+        call = kv_pb2_grpc.KVStub(ch).Stream()
+        got: dict[int, list[kv_pb2.OpResult]] = {}
+        for ops in batches:
+            await call.write(kv_pb2.OpBatch(ops=ops))
+            want = {op.id for op in ops}
+            deadline = time.monotonic() + timeout
+            while not want <= set(got):
+                batch = await asyncio.wait_for(call.read(), max(0.01, deadline - time.monotonic()))
+                assert batch is not grpc.aio.EOF
+                for r in batch.results:
+                    got.setdefault(r.id, []).append(r)
+        await call.done_writing()
+        # Nothing more arrives: the stream ends once every operation is answered.
+        while (batch := await asyncio.wait_for(call.read(), timeout)) is not grpc.aio.EOF:
+            for r in batch.results:
+                got.setdefault(r.id, []).append(r)
+        return got
+
+
+def test_each_operation_is_answered_once_like_the_unary_call(cluster: Cluster) -> None:
+    leader = _settled_leader(cluster)
+    first = [
+        kv_pb2.Op(id=i, put=kv_pb2.PutRequest(key=b"s/%d" % i, value=b"v%d" % i, session=_session(i)))
+        for i in range(1, 51)
+    ]
+    first += [
+        kv_pb2.Op(id=100, put=kv_pb2.PutRequest(key=b"", value=b"x", session=_session(100))),
+        kv_pb2.Op(id=101, put=kv_pb2.PutRequest(key=b"big", value=b"x" * (2 << 20), session=_session(101))),
+        kv_pb2.Op(id=102),  # no operation in it
+    ]
+    second = [kv_pb2.Op(id=200 + i, get=kv_pb2.GetRequest(key=b"s/%d" % i)) for i in range(1, 51)]
+    third = [
+        kv_pb2.Op(id=300, get=kv_pb2.GetRequest(key=b"missing")),
+        kv_pb2.Op(id=301, cas=kv_pb2.CasRequest(key=b"s/1", expected=b"v1", value=b"new", session=_session(301))),
+        kv_pb2.Op(id=302, cas=kv_pb2.CasRequest(key=b"s/2", expected=b"nope", value=b"new", session=_session(302))),
+        kv_pb2.Op(id=303, delete=kv_pb2.DeleteRequest(key=b"s/3", session=_session(303))),
+        kv_pb2.Op(id=304, delete=kv_pb2.DeleteRequest(key=b"never", session=_session(304))),
+    ]
+    got = asyncio.run(_exchange(leader.address, [first, second, third]))
+    assert sorted(got) == sorted(op.id for op in first + second + third)
+    assert all(len(rs) == 1 for rs in got.values()), "an operation was answered twice"
+    res = {i: rs[0] for i, rs in got.items()}
+    for i in range(1, 51):
+        assert res[i].WhichOneof("result") == "put" and res[i].put.error.code == kv_pb2.OK
+        g = res[200 + i]
+        assert g.get.error.code == kv_pb2.OK and g.get.found and g.get.value == b"v%d" % i
+        assert g.get.node_id == leader.id
+    assert res[100].put.error.code == kv_pb2.INVALID_ARGUMENT and not res[100].put.error.indeterminate
+    assert res[101].put.error.code == kv_pb2.VALUE_TOO_LARGE and not res[101].put.error.indeterminate
+    assert res[102].WhichOneof("result") is None
+    assert res[300].get.error.code == kv_pb2.OK and not res[300].get.found
+    assert res[301].cas.swapped and res[301].cas.found
+    assert not res[302].cas.swapped and res[302].cas.current == b"v2"
+    assert res[303].delete.existed and not res[304].delete.existed
+
+    # A retry of an applied write (same session) is answered from the session table, not applied
+    # again: the CAS that swapped says so again although the value is no longer "v1".
+    again = asyncio.run(_exchange(leader.address, [[
+        kv_pb2.Op(id=1, cas=kv_pb2.CasRequest(key=b"s/1", expected=b"v1", value=b"new", session=_session(301))),
+        kv_pb2.Op(id=2, get=kv_pb2.GetRequest(key=b"s/1")),
+    ]]))
+    assert again[1][0].cas.swapped
+    assert again[2][0].get.value == b"new"
+
+
+def test_stream_to_a_follower_redirects_writes_and_serves_reads(cluster: Cluster) -> None:
+    leader = _settled_leader(cluster)
+    follower = next(n for n in cluster.nodes.values() if n.id != leader.id)
+    asyncio.run(_exchange(leader.address, [[
+        kv_pb2.Op(id=1, put=kv_pb2.PutRequest(key=b"f", value=b"1", session=_session(1))),
+    ]]))
+    got = asyncio.run(_exchange(follower.address, [[
+        kv_pb2.Op(id=1, put=kv_pb2.PutRequest(key=b"g", value=b"2", session=_session(2))),
+        kv_pb2.Op(id=2, get=kv_pb2.GetRequest(key=b"f")),  # linearizable, through the leader's read index
+        kv_pb2.Op(id=3, get=kv_pb2.GetRequest(key=b"f", consistency=kv_pb2.STALE)),
+    ]]))
+    put = got[1][0].put
+    assert put.error.code == kv_pb2.NOT_LEADER and not put.error.indeterminate
+    assert put.error.leader_hint == leader.address
+    assert got[2][0].get.value == b"1" and got[2][0].get.node_id == follower.id
+    assert got[3][0].get.error.code == kv_pb2.OK and got[3][0].get.node_id == follower.id
+
+
+def test_server_times_out_operations_it_cannot_finish(cluster: Cluster) -> None:
+    """Without a quorum a write cannot commit: the stream answers TIMEOUT, indeterminate for the
+    write (it may still commit later), definite for the read, within the operation's timeout."""
+    leader = _settled_leader(cluster)
+    asyncio.run(_exchange(leader.address, [[
+        kv_pb2.Op(id=1, put=kv_pb2.PutRequest(key=b"t", value=b"1", session=_session(1))),
+    ]]))
+    stopped = [n for n in cluster.nodes.values() if n.id != leader.id]
+    for n in stopped:
+        assert n.proc is not None
+        os.kill(n.proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        got = asyncio.run(_exchange(leader.address, [[
+            kv_pb2.Op(id=1, timeout_ms=400, put=kv_pb2.PutRequest(key=b"t", value=b"2", session=_session(2))),
+            kv_pb2.Op(id=2, timeout_ms=400, get=kv_pb2.GetRequest(key=b"t")),
+        ]]))
+        took = time.monotonic() - t0
+    finally:
+        for n in stopped:
+            assert n.proc is not None
+            os.kill(n.proc.pid, signal.SIGCONT)
+    put, get = got[1][0].put, got[2][0].get
+    assert put.error.code == kv_pb2.TIMEOUT and put.error.indeterminate
+    assert get.error.code == kv_pb2.TIMEOUT and not get.error.indeterminate
+    assert took < 5.0
+
+
+def test_client_multiplexes_concurrent_operations(cluster: Cluster) -> None:
+    async def run() -> None:
+        async with AsyncClient(cluster.endpoints, timeout=20) as c:
+            await asyncio.gather(*(c.put(b"m/%03d" % i, b"%d" % i) for i in range(300)))
+            values = await asyncio.gather(*(c.get(b"m/%03d" % i) for i in range(300)))
+            assert values == [b"%d" % i for i in range(300)]
+            swaps = await asyncio.gather(*(c.cas(b"m/000", b"0", b"w%d" % i) for i in range(20)))
+            assert sum(swaps) == 1
+            deleted = await asyncio.gather(*(c.delete(b"m/%03d" % i) for i in range(0, 300, 3)))
+            assert all(deleted)
+            assert await c.get(b"m/003") is None and await c.get(b"m/004") == b"4"
+            assert len(c._muxes) >= 1 and all(m._pending == {} for m in c._muxes.values())
+
+    asyncio.run(run())
+
+
+def test_client_errors_from_a_broken_stream_say_whether_the_write_may_have_happened(cluster: Cluster) -> None:
+    """Writes in flight when the leader dies are either acknowledged (and then readable) or fail
+    as indeterminate; none fails as definite and then turns out applied."""
+    leader = _settled_leader(cluster)
+
+    async def run() -> tuple[list[int], list[tuple[int, errors.KVError]]]:
+        ok: list[int] = []
+        failed: list[tuple[int, errors.KVError]] = []
+        async with AsyncClient([leader.address], timeout=1.5, attempt_timeout=1.0) as c:
+            await c.put(b"warm", b"1")
+
+            async def one(i: int) -> None:
+                try:
+                    await c.put(b"b/%03d" % i, b"x")
+                    ok.append(i)
+                except errors.KVError as e:
+                    failed.append((i, e))
+
+            tasks = [asyncio.ensure_future(one(i)) for i in range(200)]
+            await asyncio.sleep(0.01)
+            leader.kill9()
+            await asyncio.gather(*tasks)
+        return ok, failed
+
+    ok, failed = asyncio.run(run())
+    assert len(ok) + len(failed) == 200
+    cluster.wait_leader(exclude=leader.id)
+
+    async def check() -> dict[int, bool]:
+        async with AsyncClient([n.address for n in cluster.nodes.values() if n.id != leader.id], timeout=20) as c:
+            return {i: (await c.get(b"b/%03d" % i)) is not None for i in range(200)}
+
+    present = asyncio.run(check())
+    assert all(present[i] for i in ok), "an acknowledged write was lost"
+    for i, e in failed:
+        if present[i]:
+            assert e.indeterminate, f"write {i} failed as definite ({e}) but was applied"
