@@ -161,6 +161,11 @@ class Network:
                 return node
         raise AssertionError(f"node {nid} did not become leader")
 
+    def heartbeat(self, nid: int) -> None:
+        """Tick leader `nid` until it heartbeats, and deliver: followers learn its commit index
+        (a leader does not broadcast commit advances by themselves; see kvstore.raft.core)."""
+        self.tick(self.node(nid).cfg.heartbeat_tick, only=[nid])
+
     def propose(self, nid: int, data: bytes) -> int:
         idx = self.node(nid).propose(data)
         self.stabilize()

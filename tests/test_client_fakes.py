@@ -221,7 +221,12 @@ class _KV(kv_pb2_grpc.KVServicer):
         reader = asyncio.get_running_loop().create_task(read())
         try:
             while True:
-                item = await out.get()
+                if reader.done() and not tasks and out.empty():
+                    return  # the client half-closed and everything is answered: end the stream
+                try:
+                    item = await asyncio.wait_for(out.get(), 0.05)
+                except TimeoutError:
+                    continue
                 if isinstance(item, _Abort):
                     await context.abort(item.status, item.details)
                 yield kv_pb2.ResultBatch(results=[item])

@@ -157,8 +157,11 @@ def test_server_times_out_operations_it_cannot_finish(cluster: Cluster) -> None:
             assert n.proc is not None
             os.kill(n.proc.pid, signal.SIGCONT)
     put, get = got[1][0].put, got[2][0].get
-    assert put.error.code == kv_pb2.TIMEOUT and put.error.indeterminate
-    assert get.error.code == kv_pb2.TIMEOUT and not get.error.indeterminate
+    assert put.error.code == kv_pb2.TIMEOUT and put.error.indeterminate, put
+    # The read times out, or fails at once when check-quorum deposes the cut-off leader first:
+    # definite either way.
+    assert get.error.code in (kv_pb2.TIMEOUT, kv_pb2.NOT_LEADER, kv_pb2.NO_LEADER), get
+    assert not get.error.indeterminate
     assert took < 5.0
 
 

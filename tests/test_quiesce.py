@@ -101,6 +101,7 @@ def test_proposal_wakes_the_leader_and_commits_normally() -> None:
     assert not leader.quiesced
     net.stabilize()
     assert all(not net.node(i).quiesced for i in (1, 2, 3))  # the wake-up heartbeat woke them
+    net.heartbeat(1)  # followers learn the commit index with the next heartbeat
     for nid in (1, 2, 3):
         assert net.applied_data(nid)[-1] == b"wake"
         assert net.node(nid).committed == idx
@@ -173,6 +174,7 @@ def test_host_wake_then_election_after_leader_death() -> None:
     assert n2.role == Role.LEADER and n2.term == old_term + 1
     assert n3.lead == 2 and n3.vote == 2 and not n3.quiesced
     net.propose(2, b"after")
+    net.heartbeat(2)
     assert net.applied_data(3)[-1] == b"after"
     # The old leader, still quiesced, steps down as soon as it hears from the new one.
     net.heal()

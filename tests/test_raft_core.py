@@ -33,9 +33,53 @@ def test_single_leader_elected_and_log_replicated() -> None:
     assert [net.node(i).lead for i in (1, 2, 3)] == [1, 1, 1]
     for i in range(10):
         net.propose(1, b"x%d" % i)
+    net.heartbeat(1)
     for nid in (1, 2, 3):
         assert net.applied_data(nid) == [b"x%d" % i for i in range(10)]
         assert net.node(nid).committed == leader.log.last_index()
+
+
+def test_commit_reaches_followers_with_the_next_append_heartbeat_or_read_index() -> None:
+    """The leader does not send an append just to announce a commit: each follower learns it
+    from the next append with entries, the next heartbeat, or right after a read index."""
+    net = Network()
+    leader = net.elect(1)
+    for i in range(5):
+        net.propose(1, b"y%d" % i)
+    assert net.applied_data(1) == [b"y%d" % i for i in range(5)]
+    for nid in (2, 3):  # the last commit has not been announced yet
+        assert net.applied_data(nid) == [b"y%d" % i for i in range(4)]
+        assert net.node(nid).committed == leader.committed - 1
+    appends = [m for m in net.delivered if m.type == MT.APP and m.to == 2]
+    assert all(m.entries for m in appends[-5:]), "an append carried no entries (a bare commit notice)"
+    net.heartbeat(1)
+    for nid in (2, 3):
+        assert net.applied_data(nid)[-1] == b"y4" and net.node(nid).committed == leader.committed
+    net.propose(1, b"z")
+    n3 = net.node(3)
+    assert n3.committed == leader.committed - 1
+    net.delivered.clear()
+    n3.read_index(b"r")
+    net.stabilize()
+    assert [r.context for r in net.members[3].reads] == [b"r"]
+    assert n3.committed == leader.committed and net.applied_data(3)[-1] == b"z"
+    to3 = [m.type for m in net.delivered if m.frm == 1 and m.to == 3]
+    assert MT.APP in to3[to3.index(MT.READ_INDEX_RESP):], "no commit notice after the read index"
+
+
+def test_lease_read_on_a_follower_gets_the_commit_index_at_once() -> None:
+    """With lease reads there is no heartbeat round: the append after the answer is what tells
+    the follower the commit index it must apply through."""
+    net = Network(check_quorum=True, lease_read=True)
+    leader = net.elect(1)
+    net.tick(2)  # heartbeats acknowledged: the lease holds
+    net.propose(1, b"w")
+    n2 = net.node(2)
+    assert n2.committed == leader.committed - 1
+    n2.read_index(b"q")
+    net.stabilize()
+    assert [r.index for r in net.members[2].reads] == [leader.committed]
+    assert n2.committed == leader.committed and net.applied_data(2)[-1] == b"w"
 
 
 def test_new_leader_appends_empty_entry_of_its_term() -> None:
@@ -366,6 +410,7 @@ def test_leadership_transfer_and_proposals_refused_meanwhile() -> None:
     assert net.node(3).role == Role.LEADER
     assert leader.role == Role.FOLLOWER and leader.lead == 3
     net.propose(3, b"after")
+    net.heartbeat(3)
     assert net.applied_data(1)[-2:] == [b"a", b"after"]
 
 
@@ -462,6 +507,7 @@ def test_restart_restores_term_vote_log_and_configuration() -> None:
     assert (after.term, after.vote, after.committed, after.conf) == (term, vote, commit, conf)
     assert after.role == Role.FOLLOWER
     net.propose(1, b"after-restart")
+    net.heartbeat(1)
     assert net.applied_data(2)[-1] == b"after-restart"
 
 

@@ -62,6 +62,9 @@ def serve(
     replication: int, vnodes: int, log_level: str,
 ) -> None:
     """Run one node of a cluster. Restarting with the same --data-dir resumes it."""
+    from kvstore.server import grpc_env
+
+    grpc_env.apply()  # before anything imports grpc
     from kvstore.server.config import Limits
     from kvstore.server.main import run
     from kvstore.server.reads import ReadSettings

@@ -25,6 +25,9 @@ import grpc
 
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
+CLOSE_GRACE = 1.0
+"""Seconds a closing mux waits for the server to answer what is in flight and end the stream."""
+
 
 class StreamError(grpc.aio.AioRpcError):
     """An operation failed with its stream; `sent` says whether it may have reached the server."""
@@ -89,8 +92,13 @@ class OpMux:
         self._task = loop.create_task(self._run(call), name=f"kv-stream-{self.endpoint}")
 
     async def _write_loop(self, call: Any) -> None:
+        """Write batches until the mux is closed, then half-close the stream (the server ends it
+        once it has answered everything, and the read loop sees the end)."""
         while True:
             if not self._queue:
+                if self._closed:
+                    await call.done_writing()
+                    return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -133,6 +141,10 @@ class OpMux:
         me = asyncio.current_task()
         try:
             done, _ = await asyncio.wait([reader, writer], return_when=asyncio.FIRST_COMPLETED)
+            if done == {writer} and not writer.cancelled() and writer.exception() is None:
+                # Closing: the stream is half-closed; take the last answers until the server ends it.
+                await asyncio.wait([reader], timeout=CLOSE_GRACE)
+                done = {reader} if reader.done() else set()
             failure = StreamError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.endpoint} closed", sent=True)
             for t in (reader, writer):
                 if t in done and not t.cancelled() and isinstance(t.exception(), grpc.aio.AioRpcError):
@@ -177,12 +189,18 @@ class OpMux:
                 ))
 
     async def close(self) -> None:
+        """Half-close the stream and let the server end it (up to CLOSE_GRACE), so that no gRPC
+        task is left behind; operations still waiting then fail as on a broken stream."""
         self._closed = True
-        task, self._task = self._task, None
+        self._wake.set()
+        task = self._task
         if task is not None:
-            task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                await asyncio.wait_for(asyncio.shield(task), 2 * CLOSE_GRACE)
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         self._fail(StreamError(grpc.StatusCode.CANCELLED, "client closed", sent=True))
 
 

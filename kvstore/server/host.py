@@ -14,9 +14,18 @@ One cycle (`run_cycle`):
 5. answer the waiting clients (writes by (index, term), reads once applied through their index);
 6. advance every group.
 
+Writes are answered as soon as step 3 has computed their results (`Cycle.on_applied`, called
+from inside the transaction, before its fsync), not after the transaction is durable: an entry
+being applied is committed (durable on a majority), so its outcome is decided whatever happens
+to this node's transaction, and a crash re-applies it from the log with the same result (the
+session table makes that deterministic). What the answer must not precede is visibility to
+reads, and it does not: a linearizable read waits for the group's applied index, which moves
+only in step 6, after the transaction committed.
+
 Invariants:
-- a write is answered only after its entry is committed and applied (step 3 made it durable);
-  a different term applied at its index means it can never commit: answered as definitely failed;
+- a write is answered only after its entry is committed and its result computed by the state
+  machine (above); a different term applied at its index means it can never commit: answered as
+  definitely failed;
 - a read is answered only after a ReadIndex round confirmed leadership and the group has applied
   through that index;
 - a failed storage call (disk full) stops the loop before any dependent message leaves or any
@@ -105,13 +114,19 @@ class Cycle:
     results: list[list[Any]] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
+    on_applied: Callable[[Cycle, list[list[Any]]], None] | None = None
+    """Called (on the persist thread, inside the transaction, before its fsync) with the apply
+    results, so the driver can have `Host.answer_writes` run early; see the module docstring."""
 
     def persist(self) -> None:
         """Step 3: one LMDB write transaction and one fsync for every group. Thread-safe with
         respect to the host: touches only the store and this cycle."""
         t0 = time.perf_counter()
+        early = self.on_applied
         try:
-            self.results = self.store.persist_and_apply(self.writes, self.applies)
+            self.results = self.store.persist_and_apply(
+                self.writes, self.applies, None if early is None else (lambda res: early(self, res))
+            )
         except StorageError as err:
             self.error = str(err)
         self.seconds = time.perf_counter() - t0
@@ -433,6 +448,21 @@ class Host:
             self._dirty.add(g.id)  # advancing may have made more ready (e.g. newly committed entries)
         return len(readies)
 
+    def answer_writes(self, cycle: Cycle, results: list[list[Any]]) -> None:
+        """Answer the writes whose entries `cycle` is applying, from `results` (computed inside
+        its transaction, maybe before the fsync). Idempotent; `end_cycle` answers whatever is
+        left. Call on the host's thread."""
+        if self.failed is not None:
+            return
+        for a, res in zip(cycle.applies, results, strict=True):
+            g = self.groups.get(a.group)
+            if g is None or not g.writes:
+                continue
+            for e, r in zip(a.entries, res, strict=True):
+                w = g.writes.pop(e.index, None)
+                if w is not None:
+                    _answer(w, e.term, r)
+
     def _send(self, msgs: list[Message]) -> None:
         out = []
         for m in msgs:
@@ -451,10 +481,7 @@ class Host:
                 self._applied_conf_change(e.data)
             w = g.writes.pop(e.index, None)
             if w is not None:
-                if w.term == e.term:
-                    w.callback(res, None)
-                else:
-                    w.callback(None, errors.ProposalDropped("another leader's entry took this log position"))
+                _answer(w, e.term, res)
         for rs in rd.read_states:
             cb = g.reads.pop(rs.context, None)
             if cb is not None:
@@ -528,3 +555,12 @@ class Host:
             st["first_index"] = self.store.log_storage(gid).first_index()
             out.append(st)
         return out
+
+
+def _answer(w: PendingWrite, term: int, result: Any) -> None:
+    """The entry at a waiting write's index was applied with `term`: its own entry (same term)
+    or another leader's, which means the write can never commit."""
+    if w.term == term:
+        w.callback(result, None)
+    else:
+        w.callback(None, errors.ProposalDropped("another leader's entry took this log position"))

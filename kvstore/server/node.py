@@ -20,6 +20,7 @@ import contextlib
 import logging
 import random
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -36,7 +37,7 @@ from kvstore.v1 import admin_pb2_grpc, kv_pb2_grpc, raft_pb2_grpc, shard_pb2_grp
 
 from .admin_service import AdminService
 from .config import NodeConfig
-from .host import Host
+from .host import Cycle, Host
 from .kv_service import KVService
 from .learner import register_learner
 from .metrics import Metrics
@@ -251,6 +252,12 @@ class Node:
         assert host is not None
         m = self.metrics
         loop = asyncio.get_running_loop()
+
+        def early(cycle: Cycle, results: list[list[Any]]) -> None:
+            # Answer the writes being applied while the transaction is still being made durable
+            # (see host.py: their outcome is decided; reads still wait for the applied index).
+            loop.call_soon_threadsafe(host.answer_writes, cycle, results)
+
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="persist") as io:
             while True:
                 await self._wake.wait()
@@ -259,6 +266,8 @@ class Node:
                     cycle = host.begin_cycle()
                     if cycle is None:
                         break
+                    if cycle.applies:
+                        cycle.on_applied = early
                     # The fsync runs off the event loop: requests and messages that arrive
                     # meanwhile are stepped into the cores and go out in the next cycle.
                     await loop.run_in_executor(io, cycle.persist)

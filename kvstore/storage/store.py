@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -180,9 +180,17 @@ class NodeStore:
         return self.persist_and_apply((), batches)
 
     def persist_and_apply(
-        self, writes: Sequence[GroupWrite], batches: Sequence[ApplyBatch]
+        self,
+        writes: Sequence[GroupWrite],
+        batches: Sequence[ApplyBatch],
+        on_applied: Callable[[list[list[ApplyResult | None]]], None] | None = None,
     ) -> list[list[ApplyResult | None]]:
-        """`persist(writes)` then `apply(batches)`, in ONE transaction and one fsync."""
+        """`persist(writes)` then `apply(batches)`, in ONE transaction and one fsync.
+
+        `on_applied(results)`, if given, is called inside the transaction as soon as the results
+        are known, before the commit and its fsync (and again, with the same results, if the
+        transaction is retried after growing the map): the entries applied are committed, so
+        their outcome is decided whether or not this transaction becomes durable."""
         if not writes and not batches:
             return []
         kv = self._kv
@@ -220,6 +228,8 @@ class NodeStore:
                     cur = kv.applied(b.group)
                 res, applied[b.group] = kv.stage_apply(txn, b.group, cur, b.entries, b.conf_state)
                 results.append(res)
+            if on_applied is not None and results:
+                on_applied(results)
             return results, drafts, applied, files
 
         results, drafts, applied, files = self._env.write(fn)
