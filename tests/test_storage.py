@@ -34,6 +34,7 @@ from kvstore.raft import (
     UnavailableError,
 )
 from kvstore.storage import commands as cmds
+from kvstore.storage import raftlog
 from kvstore.storage.commands import ApplyResult, Command, Op, decode_command, encode_command
 from kvstore.storage.errors import ReadInvalidatedError, SnapshotFormatError, StorageFullError
 from kvstore.storage.machine import STALE_REQUEST, DictState, apply_data
@@ -234,9 +235,14 @@ def _observe(s: Any) -> tuple[Any, ...]:
     return first, last, s.initial_state(), tuple(terms), tuple(s.entries(first, last + 1))
 
 
-def test_log_differential_random_against_memory_storage(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tail", [512, 3])
+def test_log_differential_random_against_memory_storage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tail: int
+) -> None:
     """Random appends/truncations/compactions/snapshots/hard states on two interleaved groups of one
-    env behave exactly like two MemoryStorages, across reopens."""
+    env behave exactly like two MemoryStorages, across reopens; with the default in-memory tail
+    of the log, and with a tail of 3 entries (reads then straddle it and the disk)."""
+    monkeypatch.setattr(raftlog, "TAIL_ENTRIES", tail)
     rng = random.Random(7)
     store = open_store(tmp_path / "n")
     mems = {1: MemAdapter(1), 2: MemAdapter(2)}

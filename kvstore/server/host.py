@@ -114,6 +114,8 @@ class Cycle:
     results: list[list[Any]] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
+    sent_early: bool = False
+    """Step 2 handed messages to the transport (they may leave before the batch is durable)."""
     on_applied: Callable[[Cycle, list[list[Any]]], None] | None = None
     """Called (on the persist thread, inside the transaction, before its fsync) with the apply
     results, so the driver can have `Host.answer_writes` run early; see the module docstring."""
@@ -411,7 +413,7 @@ class Host:
         immediate = [m for _, rd in readies for m in rd.messages]
         if immediate:
             self._send(immediate)
-        cycle = Cycle(self.store, readies)
+        cycle = Cycle(self.store, readies, sent_early=bool(immediate))
         for g, rd in readies:
             if rd.snapshot is not None:
                 log.info(
@@ -447,6 +449,11 @@ class Host:
             self._finish(g, rd, by_group.get(g.id, []))
             self._dirty.add(g.id)  # advancing may have made more ready (e.g. newly committed entries)
         return len(readies)
+
+    def awaits_writes(self, cycle: Cycle) -> bool:
+        """Does any group `cycle` applies have writes waiting here (worth answering early)?"""
+        groups = self.groups
+        return any((g := groups.get(a.group)) is not None and g.writes for a in cycle.applies)
 
     def answer_writes(self, cycle: Cycle, results: list[list[Any]]) -> None:
         """Answer the writes whose entries `cycle` is applying, from `results` (computed inside

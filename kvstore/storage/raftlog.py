@@ -4,7 +4,10 @@ Same semantics as `kvstore.raft.MemoryStorage` (append truncates a conflicting s
 keeps the term of the last discarded entry, the same errors). Layout: see `layout.py`.
 
 Reads: `first_index`, `last_index`, `initial_state` and (almost always) `term` are answered from a
-cache (`LogState`) without touching LMDB; `entries` reads with a cursor in a short read transaction.
+cache (`LogState`) without touching LMDB; `entries` are answered from the cached tail of the log
+(the last `TAIL_ENTRIES` entries appended since the store was opened: what the state machine
+applies next and what followers usually need) or else read with a cursor in a short read
+transaction.
 
 Writes happen only through `NodeStore`, inside its single write transaction: the `stage_*`
 methods write into the transaction and update a *draft* copy of the cache; `NodeStore` installs the
@@ -60,6 +63,9 @@ if TYPE_CHECKING:
 
 _ENTRY_TYPES = {int(t): t for t in EntryType}
 
+TAIL_ENTRIES = 512
+"""How many of the most recently appended entries a group keeps in memory (`LogState.tail`)."""
+
 
 @dataclass(slots=True)
 class LogState:
@@ -72,13 +78,18 @@ class LogState:
     last: int = 0
     run_starts: list[int] = field(default_factory=list)
     run_terms: list[int] = field(default_factory=list)
+    tail: list[Entry] = field(default_factory=list)
+    """The newest entries exactly as on disk: contiguous, ending at `last` when not empty, never
+    below `first`; at most TAIL_ENTRIES of them."""
 
     @property
     def first(self) -> int:
         return self.base.index + 1
 
     def copy(self) -> LogState:
-        return LogState(self.hard_state, self.base, self.last, list(self.run_starts), list(self.run_terms))
+        return LogState(
+            self.hard_state, self.base, self.last, list(self.run_starts), list(self.run_terms), list(self.tail)
+        )
 
     def is_empty(self) -> bool:
         return self.hard_state == HardState() and self.base.index == 0 and self.last == 0
@@ -165,6 +176,19 @@ class GroupLogStorage:
             raise UnavailableError(hi)
         if lo >= hi:
             return []
+        tail = st.tail
+        if tail and tail[0].index <= lo:
+            t0 = tail[0].index
+            if max_size is None:
+                return tail[lo - t0 : hi - t0]
+            out: list[Entry] = []
+            size = 0
+            for e in tail[lo - t0 : hi - t0]:
+                size += len(e.data) + 24
+                if out and size > max_size:
+                    break
+                out.append(e)
+            return out
         with self._env.read() as txn:
             return self._read_entries(txn, lo, hi, max_size)
 
@@ -265,6 +289,14 @@ class GroupLogStorage:
             if not terms or terms[-1] != e.term:
                 starts.append(e.index)
                 terms.append(e.term)
+        tail = st.tail
+        if tail and tail[0].index < start:
+            del tail[start - tail[0].index :]
+            tail.extend(entries)
+        else:
+            st.tail = tail = list(entries)
+        if len(tail) > TAIL_ENTRIES:
+            del tail[: len(tail) - TAIL_ENTRIES]
         st.last = new_last
 
     def stage_hard_state(self, txn: Txn, st: LogState, hs: HardState) -> None:
@@ -280,6 +312,7 @@ class GroupLogStorage:
         st.last = meta.index
         st.run_starts.clear()
         st.run_terms.clear()
+        st.tail = []
 
     def stage_compact(self, txn: Txn, st: LogState, index: int, applied_index: int) -> bool:
         """Discard entries <= `index`; the base becomes (index, term(index), conf in force there).
@@ -301,6 +334,8 @@ class GroupLogStorage:
                 del terms[:k]
             if starts and starts[0] < index + 1:
                 starts[0] = index + 1
+        if st.tail and st.tail[0].index <= index:
+            del st.tail[: index + 1 - st.tail[0].index]
         return True
 
     def _conf_and_term_at(self, txn: Txn, st: LogState, index: int) -> tuple[ConfState, int]:
