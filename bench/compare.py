@@ -635,11 +635,16 @@ async def _profile(
         await asyncio.sleep(warmup + 1)
         base = [pyspy, "record", "--pid", str(pid), "--duration", str(int(duration)), "--rate", str(rate),
                 "--format", "raw", "--threads"] + (["--native"] if native else [])
-        m0 = await asyncio.to_thread(prof.scrape, metrics[lead])
-        c0, t0 = prof.thread_cpu(pid), time.perf_counter()
-        err_cpu = await _pyspy([*base, "-o", str(out / "profile-cpu.txt")], duration + 60)
-        m1 = await asyncio.to_thread(prof.scrape, metrics[lead])
-        c1, t1 = prof.thread_cpu(pid), time.perf_counter()
+        for _attempt in range(3):
+            # (A py-spy started while the load generator's gRPC threads are busy sometimes exits
+            # at once without recording: try again.)
+            m0 = await asyncio.to_thread(prof.scrape, metrics[lead])
+            c0, t0 = prof.thread_cpu(pid), time.perf_counter()
+            err_cpu = await _pyspy([*base, "-o", str(out / "profile-cpu.txt")], duration + 60)
+            m1 = await asyncio.to_thread(prof.scrape, metrics[lead])
+            c1, t1 = prof.thread_cpu(pid), time.perf_counter()
+            if err_cpu or (out / "profile-cpu.txt").exists():
+                break
         err_wall = await _pyspy([*base, "--gil", "-o", str(out / "profile-gil.txt")], duration + 60)
         result = await load
     finally:
