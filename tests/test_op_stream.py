@@ -9,8 +9,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -21,15 +19,6 @@ from kvstore.client import AsyncClient
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, 3)
-    try:
-        yield c.start()
-    finally:
-        c.stop()
 
 
 def _settled_leader(cluster: Cluster) -> NodeProc:

@@ -396,8 +396,7 @@ class AsyncClient:
                 task.cancel()
         muxes = list(self._muxes.values())
         self._muxes.clear()
-        for mux in muxes:
-            await mux.close()
+        await asyncio.gather(*(mux.close() for mux in muxes))  # each waits up to mux.CLOSE_GRACE
         channels = list(self._channels.values())
         self._channels.clear()
         self._kv_stubs.clear()
