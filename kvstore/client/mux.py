@@ -137,31 +137,16 @@ class OpMux:
         reader = loop.create_task(self._read_loop(call))
         for t in (reader, writer):
             t.add_done_callback(_retrieve)
-        failure: grpc.aio.AioRpcError
-        me = asyncio.current_task()
         try:
             done, _ = await asyncio.wait([reader, writer], return_when=asyncio.FIRST_COMPLETED)
             if done == {writer} and not writer.cancelled() and writer.exception() is None:
                 # Closing: the stream is half-closed; take the last answers until the server ends it.
                 await asyncio.wait([reader], timeout=CLOSE_GRACE)
                 done = {reader} if reader.done() else set()
-            failure = StreamError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.endpoint} closed", sent=True)
-            for t in (reader, writer):
-                if t in done and not t.cancelled() and isinstance(t.exception(), grpc.aio.AioRpcError):
-                    failure = t.exception()
-                    break
-            else:
-                for t in done:
-                    if not t.cancelled() and t.exception() is not None:
-                        failure = StreamError(
-                            grpc.StatusCode.UNAVAILABLE, f"stream to {self.endpoint} failed: {t.exception()!r}",
-                            sent=True,
-                        )
-        except asyncio.CancelledError:
-            failure = StreamError(grpc.StatusCode.CANCELLED, "client closed", sent=True)
-            if me is not None and me.cancelling():
-                self._fail(failure)
-                raise
+            failure = self._failure_of([t for t in (reader, writer) if t in done])
+        except asyncio.CancelledError:  # close()
+            self._fail(StreamError(grpc.StatusCode.CANCELLED, "client closed", sent=True))
+            raise
         finally:
             reader.cancel()
             writer.cancel()
@@ -170,6 +155,17 @@ class OpMux:
                 self._call = None
                 self._task = None
         self._fail(failure)
+
+    def _failure_of(self, finished: list[asyncio.Task[None]]) -> grpc.aio.AioRpcError:
+        """Why the stream ended: the first gRPC error of the finished loops (reader first), any
+        other exception, or the server closing it."""
+        errs = [e for t in finished if not t.cancelled() and (e := t.exception()) is not None]
+        for e in errs:
+            if isinstance(e, grpc.aio.AioRpcError):
+                return e
+        if errs:
+            return StreamError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.endpoint} failed: {errs[0]!r}", sent=True)
+        return StreamError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.endpoint} closed", sent=True)
 
     def _fail(self, failure: grpc.aio.AioRpcError) -> None:
         """The stream is gone: fail every operation of it (those not yet written definitely)."""
