@@ -42,7 +42,7 @@ def cluster(shared: FakeCluster) -> FakeCluster:
     c.applied.clear()
     c.calls.clear()
     c.admin_calls.clear()
-    c.scan_chunk, c.scan_break_after = 3, None
+    c.scan_chunk, c.scan_break_after, c.stream_scans = 3, None, True
     for n in c.nodes.values():
         n.hang = False
         n.script.clear()
@@ -469,6 +469,35 @@ def test_scan_streams_and_resumes(cluster: FakeCluster) -> None:
                 break
 
     run(main())
+
+
+def test_small_scan_is_one_message_on_the_operation_stream(cluster: FakeCluster) -> None:
+    """A scan with a small limit asks on KV.Stream; a part that does not fit in one message (the
+    node answers more=True and nothing) is streamed from the start; so is every part on a node
+    whose KV.Stream does not know scans."""
+    for i in range(10):
+        cluster.store[b"p/%02d" % i] = b"v%d" % i
+
+    async def main() -> None:
+        async with AsyncClient(cluster.endpoints, **FAST) as c:
+            assert await _scan(c, b"p/", 3) == [b"p/00", b"p/01", b"p/02"]
+            assert [s.method for s in cluster.calls] == ["ScanOnce"]
+            cluster.calls.clear()
+            assert await _scan(c, b"p/", 5) == [b"p/%02d" % i for i in range(5)]
+            assert [(s.method, s.key) for s in cluster.calls] == [("ScanOnce", b"p/"), ("Scan", b"p/")]
+            cluster.calls.clear()
+            assert await _scan(c, b"p/", 0) == [b"p/%02d" % i for i in range(10)]  # no limit: streamed
+            assert [s.method for s in cluster.calls] == ["Scan"]
+            cluster.calls.clear()
+            cluster.stream_scans = False
+            assert await _scan(c, b"p/", 2) == [b"p/00", b"p/01"]
+            assert [s.method for s in cluster.calls] == ["Scan"]
+
+    run(main())
+
+
+async def _scan(c: AsyncClient, prefix: bytes, limit: int) -> list[bytes]:
+    return [k async for k, _ in c.scan(prefix, limit=limit)]
 
 
 def test_scan_follows_redirect(cluster: FakeCluster) -> None:

@@ -90,6 +90,7 @@ class FakeCluster:
         self.admin_calls: list[tuple[int, str, Any]] = []
         self.scan_chunk = 3
         self.scan_break_after: int | None = None  # abort a scan stream after this many messages (once)
+        self.stream_scans = True  # False: KV.Stream does not know scans (an older node)
         self.index = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fake-cluster", daemon=True)
@@ -197,11 +198,14 @@ class _KV(kv_pb2_grpc.KVServicer):
         """Each operation runs its unary handler (scripts and all), concurrently."""
         out: asyncio.Queue[Any] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
-        handlers = {"get": self.Get, "put": self.Put, "delete": self.Delete, "cas": self.Cas}
+        handlers = {"get": self.Get, "put": self.Put, "delete": self.Delete, "cas": self.Cas, "scan": self.scan_once}
 
         async def one(op: kv_pb2.Op) -> None:
             kind = op.WhichOneof("op")
             assert kind is not None
+            if kind == "scan" and not self.c.stream_scans:
+                await out.put(kv_pb2.OpResult(id=op.id))  # what a node answers an operation it does not know
+                return
             try:
                 reply = await handlers[kind](getattr(op, kind), _OpContext())
             except _Abort as a:
@@ -240,7 +244,7 @@ class _KV(kv_pb2_grpc.KVServicer):
         s = getattr(request, "session", None)
         self.c.calls.append(
             Call(self.node.id, method, s.client_id if s else 0, s.seq if s else 0, s.ack if s else 0,
-                 request.start if method == "Scan" else request.key)
+                 request.start if method in ("Scan", "ScanOnce") else request.key)
         )
         if self.node.hang:
             await asyncio.sleep(60)
@@ -260,7 +264,7 @@ class _KV(kv_pb2_grpc.KVServicer):
         err = self.c.leader_error(self.node)
         if err is not None:
             return err
-        if method != "Scan" and len(request.key) > MAX_KEY:
+        if method not in ("Scan", "ScanOnce") and len(request.key) > MAX_KEY:
             return kv_pb2.Error(code=kv_pb2.KEY_TOO_LARGE, message=f"key too large: {len(request.key)} bytes > {MAX_KEY}")
         value = getattr(request, "value", b"")
         if len(value) > MAX_VALUE:
@@ -316,17 +320,30 @@ class _KV(kv_pb2_grpc.KVServicer):
             return kv_pb2.CasResponse(error=err)
         return apply()
 
+    def _scan_keys(self, request: kv_pb2.ScanRequest) -> list[bytes]:
+        if request.prefix:
+            keys = [k for k in sorted(self.c.store) if k.startswith(request.prefix)]
+        else:
+            keys = [k for k in sorted(self.c.store) if k >= request.start and (not request.end or k < request.end)]
+        return keys[: request.limit] if request.limit else keys
+
+    async def scan_once(self, request: kv_pb2.ScanRequest, context: Any) -> kv_pb2.ScanResponse:
+        """A scan on KV.Stream (recorded as "ScanOnce"): whole if it fits in one chunk, else
+        more=True and nothing."""
+        err = await self._gate("ScanOnce", request, context, None)
+        if err is not None:
+            return kv_pb2.ScanResponse(error=err)
+        keys = self._scan_keys(request)
+        if len(keys) > self.c.scan_chunk:
+            return kv_pb2.ScanResponse(more=True)
+        return kv_pb2.ScanResponse(items=[kv_pb2.KeyValue(key=k, value=self.c.store[k]) for k in keys])
+
     async def Scan(self, request: kv_pb2.ScanRequest, context: Any) -> Any:
         err = await self._gate("Scan", request, context, None)
         if err is not None:
             yield kv_pb2.ScanResponse(error=err)
             return
-        if request.prefix:
-            keys = [k for k in sorted(self.c.store) if k.startswith(request.prefix)]
-        else:
-            keys = [k for k in sorted(self.c.store) if k >= request.start and (not request.end or k < request.end)]
-        if request.limit:
-            keys = keys[: request.limit]
+        keys = self._scan_keys(request)
         n = self.c.scan_chunk
         chunks = [keys[i : i + n] for i in range(0, len(keys), n)]
         for i, chunk in enumerate(chunks):

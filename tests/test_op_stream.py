@@ -207,3 +207,64 @@ def test_client_errors_from_a_broken_stream_say_whether_the_write_may_have_happe
     for i, e in failed:
         if present[i]:
             assert e.indeterminate, f"write {i} failed as definite ({e}) but was applied"
+
+
+def test_scans_take_as_few_messages_as_their_chunks_allow(cluster: Cluster) -> None:
+    """KV.Scan: the ranges served ride with the first chunk and more=False with the last (a scan
+    that fits in one chunk of 512 pairs is one message). KV.Stream: a scan is answered in one
+    message, whole, or with more=True and nothing when it does not fit; the client falls back to
+    KV.Scan for such a part and gets the same keys."""
+    leader = _settled_leader(cluster)
+    keys = [b"sc/%05d" % i for i in range(1100)]
+
+    async def fill() -> None:
+        async with AsyncClient(cluster.endpoints, timeout=20) as c:
+            sem = asyncio.Semaphore(64)
+
+            async def put(k: bytes) -> None:
+                async with sem:
+                    await c.put(k, k[::-1])
+
+            await asyncio.gather(*(put(k) for k in keys))
+
+    asyncio.run(fill())
+    g = 1  # the data group of a 3-node cluster
+
+    async def scan_rpc(req: kv_pb2.ScanRequest) -> list[kv_pb2.ScanResponse]:
+        async with grpc.aio.insecure_channel(leader.address) as ch:
+            return [m async for m in kv_pb2_grpc.KVStub(ch).Scan(req)]
+
+    whole = asyncio.run(scan_rpc(kv_pb2.ScanRequest(prefix=b"sc/", group=g)))
+    assert [(len(m.items), m.more) for m in whole] == [(512, True), (512, True), (76, False)]
+    assert [kv.key for m in whole for kv in m.items] == keys
+    assert all(kv.value == kv.key[::-1] for m in whole for kv in m.items)
+    first = whole[0]
+    assert list(first.owned_lo) == [0] and list(first.owned_hi) == [2**64 - 1]
+    assert first.node_id == leader.id and first.index > 0
+    small = asyncio.run(scan_rpc(kv_pb2.ScanRequest(prefix=b"sc/", limit=100, group=g)))
+    assert [(len(m.items), m.more) for m in small] == [(100, False)] and small[0].owned_hi
+    empty = asyncio.run(scan_rpc(kv_pb2.ScanRequest(prefix=b"none/", group=g)))
+    assert [(len(m.items), m.more) for m in empty] == [(0, False)] and empty[0].owned_hi
+
+    got = asyncio.run(_exchange(leader.address, [[
+        kv_pb2.Op(id=1, scan=kv_pb2.ScanRequest(prefix=b"sc/", limit=100, group=g)),
+        kv_pb2.Op(id=2, scan=kv_pb2.ScanRequest(prefix=b"sc/", limit=600, group=g)),
+        kv_pb2.Op(id=3, scan=kv_pb2.ScanRequest(start=b"sc/01000", group=g)),
+        kv_pb2.Op(id=4, scan=kv_pb2.ScanRequest(prefix=b"sc/", group=99)),
+    ]]))
+    assert all(len(rs) == 1 for rs in got.values()) and sorted(got) == [1, 2, 3, 4]
+    one = got[1][0].scan
+    assert one.error.code == kv_pb2.OK and not one.more
+    assert [kv.key for kv in one.items] == keys[:100] and one.node_id == leader.id and one.owned_hi
+    too_big = got[2][0].scan
+    assert too_big.error.code == kv_pb2.OK and too_big.more and not too_big.items
+    tail = got[3][0].scan
+    assert not tail.more and [kv.key for kv in tail.items] == keys[1000:]
+    assert got[4][0].scan.error.code == kv_pb2.WRONG_SHARD
+
+    async def client_scans() -> tuple[list[bytes], list[bytes]]:
+        async with AsyncClient(cluster.endpoints, timeout=20) as c:
+            return [k async for k, _ in c.scan(b"sc/", limit=60)], [k async for k, _ in c.scan(b"sc/", limit=600)]
+
+    sixty, six_hundred = asyncio.run(client_scans())
+    assert sixty == keys[:60] and six_hundred == keys[:600]

@@ -101,6 +101,10 @@ DEFAULT_MAX_VALUE_SIZE = 1024 * 1024
 
 #: Follow this many NOT_LEADER redirects in a row without sleeping, then back off.
 _FREE_REDIRECTS = 3
+#: A scan with a limit up to this asks each group for its part in one message on the node's
+#: operation stream (no gRPC call per part; a node's chunks hold 512 pairs), falling back to a
+#: `KV.Scan` stream for a part that does not fit.
+ONE_MESSAGE_SCAN = 512
 #: Don't ask every endpoint for Admin.Status more often than this when the leader is unknown.
 _DISCOVERY_INTERVAL = 0.5
 #: Upper bound of one discovery round.
@@ -992,7 +996,7 @@ class AsyncClient:
             await self._ensure_map(deadline)
             groups = self.router.scan_groups()
             sharded = self.router.shard_map is not None
-            parts = [_ScanPart(g, lo, hi, level, staleness_ms, pref) for g in groups]
+            parts = [_ScanPart(g, lo, hi, level, staleness_ms, pref, 0 < limit <= ONE_MESSAGE_SCAN) for g in groups]
             try:
                 await asyncio.gather(*(self._scan_open(p, limit, level, deadline, learns_leader) for p in parts))
             except BaseException:
@@ -1074,15 +1078,19 @@ class AsyncClient:
                 start=part.lo, end=part.hi or b"", limit=want, consistency=level, group=group,
                 max_staleness_ms=part.staleness_ms,
             )
-            # No gRPC deadline on the stream: every message must arrive within the attempt
-            # timeout and the deadline instead.
-            stream = self._kv(target).Scan(req)
+            # A small part is asked for in one message on the node's operation stream; others
+            # get a KV.Scan stream, with no gRPC deadline: every message must arrive within the
+            # attempt timeout and the deadline instead.
+            stream = None if part.one_message else self._kv(target).Scan(req)
             err: KVError
             retryable = True
             try:
                 wait = deadline.bound(self.policy.attempt_timeout)
                 try:
-                    resp = await asyncio.wait_for(stream.read(), wait if wait > 0 else 0.001)
+                    if stream is None:
+                        resp = await self._mux(target).call("scan", req, wait if wait > 0 else 0.001)
+                    else:
+                        resp = await asyncio.wait_for(stream.read(), wait if wait > 0 else 0.001)
                 except TimeoutError:
                     err = Timeout(f"{target} did not answer in time")
                     self.router.on_transport_failure(group, target, "timed out")
@@ -1095,13 +1103,17 @@ class AsyncClient:
                         only_transport = False
                         retryable = _retryable(err)
                         self.router.on_reply(target)
+                    elif stream is None and resp.more:
+                        part.one_message = False  # it does not fit in one message: stream it
+                        continue
                     else:
                         self._scan_reply(group, target, learns_leader)
                         if target in part.replicas_tried:
                             self.replicas.record_served(target)
                         owned = IntervalSet(zip(resp.owned_lo, resp.owned_hi, strict=True))
                         if part.owned is not None and owned != part.owned:
-                            stream.cancel()
+                            if stream is not None:
+                                stream.cancel()
                             raise Unavailable(
                                 f"scan interrupted: group {group}'s ranges changed while it was resumed; retry the scan"
                             )
@@ -1110,6 +1122,9 @@ class AsyncClient:
                         part.take(resp)
                         return
             except grpc.aio.AioRpcError as e:
+                if stream is None and e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    part.one_message = False  # a node that cannot scan on its operation stream
+                    continue
                 failure = _classify(e, endpoint=target, is_write=False)
                 err = failure.error
                 retryable = failure.retryable
@@ -1119,7 +1134,8 @@ class AsyncClient:
                 else:
                     only_transport = False
                     self.router.on_reply(target)
-            stream.cancel()
+            if stream is not None:
+                stream.cancel()
             last = err
             if not retryable:
                 raise err
@@ -1368,14 +1384,17 @@ class _ScanPart:
     """One group's stream of a fanned-out scan."""
 
     __slots__ = (
-        "buf", "done", "group", "hi", "level", "lo", "owned", "pref", "received", "replicas_tried",
-        "staleness_ms", "stream", "target",
+        "buf", "done", "group", "hi", "level", "lo", "one_message", "owned", "pref", "received",
+        "replicas_tried", "staleness_ms", "stream", "target",
     )
 
     def __init__(
-        self, group: int, lo: bytes, hi: bytes | None, level: kv_pb2.Consistency, staleness_ms: int, pref: str
+        self, group: int, lo: bytes, hi: bytes | None, level: kv_pb2.Consistency, staleness_ms: int, pref: str,
+        one_message: bool = False,
     ) -> None:
         self.group = group
+        self.one_message = one_message
+        """Ask for the part in one message on the operation stream (until it turns out not to fit)."""
         self.level = level
         self.staleness_ms = staleness_ms
         self.pref = pref

@@ -19,6 +19,8 @@ from kvstore import errors
 from kvstore.shard.ranges import IntervalSet, key_hash
 from kvstore.storage import commands
 from kvstore.storage.commands import ApplyResult
+from kvstore.storage.errors import StorageError
+from kvstore.storage.kvstate import TxnStream
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 from . import waiters
@@ -219,31 +221,77 @@ class KVService(kv_pb2_grpc.KVServicer):
     async def Scan(
         self, request: kv_pb2.ScanRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[kv_pb2.ScanResponse]:
-        """One group's part of a scan: first (with no items) the hash ranges the group serves at
-        the read point, so that the client can check that the parts of a fanned-out scan cover
-        the hash space exactly once; then the keys in range that the group serves."""
+        """One group's part of a scan: the hash ranges the group serves at the read point (so
+        that the client can check that the parts of a fanned-out scan cover the hash space exactly
+        once), then the keys in range that the group serves.
+
+        As few messages as the chunks allow (each costs a stream write on both sides): the ranges
+        ride with the first chunk and `more=False` with the last, so a scan that fits in one chunk
+        is one message. A chunk is held back until the next one (or the end) is known: at most
+        two chunks are in memory."""
         try:
-            if request.prefix:
-                start, end = request.prefix, _prefix_end(request.prefix)
-            else:
-                start, end = request.start, request.end or None
-            gid = request.group
-            if gid == 0 or gid not in self.host.groups:
-                raise self._wrong_shard(f"group {gid} is not on node {self.cfg.id}")
-            point = await self._read_point(gid, request.consistency, request.max_staleness_ms)
-            st = self.store.shard_state(gid)
-            owned = st.active if st is not None else IntervalSet.full()
-            stream = self.store.scan_chunks(gid, start, end, request.limit or 0, owned=owned)
+            msg, stream = await self._scan_start(request)
         except errors.KVError as err:
             yield kv_pb2.ScanResponse(error=self._err(err))
             return
-        first = kv_pb2.ScanResponse(more=True, owned_lo=[a for a, _ in owned], owned_hi=[b for _, b in owned])
-        _scan_meta(first, point, self.cfg.id)
-        yield first
+        filled = False
         for chunk in stream:
-            yield kv_pb2.ScanResponse(items=[kv_pb2.KeyValue(key=k, value=v) for k, v in chunk], more=True)
-        yield kv_pb2.ScanResponse(more=False)
+            if filled:
+                yield msg
+                msg = kv_pb2.ScanResponse(more=True)
+            _add_items(msg, chunk)
+            filled = True
+        msg.more = False
         self.metrics.reads.inc()
+        yield msg
+
+    async def scan_once(self, request: kv_pb2.ScanRequest) -> kv_pb2.ScanResponse:
+        """A scan answered in ONE message (for `KV.Stream`): the whole part, from one read
+        transaction, if it fits in one chunk; otherwise `more=True` and no items (nothing of it
+        is served: the client asks again with `KV.Scan`)."""
+        try:
+            msg, stream = await self._scan_start(request)
+            try:
+                first = next(stream, None)
+                if first is not None and next(stream, None) is not None:
+                    return kv_pb2.ScanResponse(more=True)
+            except StorageError as err:
+                raise errors.Unavailable(f"scan interrupted on node {self.cfg.id}: {err}") from err
+            finally:
+                stream.close()
+        except errors.KVError as err:
+            return kv_pb2.ScanResponse(error=self._err(err))
+        if first is not None:
+            _add_items(msg, first)
+        msg.more = False
+        self.metrics.reads.inc()
+        return msg
+
+    async def _scan_start(
+        self, request: kv_pb2.ScanRequest
+    ) -> tuple[kv_pb2.ScanResponse, TxnStream[list[tuple[bytes, bytes]]]]:
+        """Check the request, wait for its read point and open the scan: the first message (the
+        ranges served and where the scan is served, more=True, no items) and the chunks."""
+        if request.prefix:
+            start, end = request.prefix, _prefix_end(request.prefix)
+        else:
+            start, end = request.start, request.end or None
+        gid = request.group
+        if gid == 0 or gid not in self.host.groups:
+            raise self._wrong_shard(f"group {gid} is not on node {self.cfg.id}")
+        point = await self._read_point(gid, request.consistency, request.max_staleness_ms)
+        st = self.store.shard_state(gid)
+        owned = st.active if st is not None else IntervalSet.full()
+        stream = self.store.scan_chunks(gid, start, end, request.limit or 0, owned=owned)
+        msg = kv_pb2.ScanResponse(more=True, owned_lo=[a for a, _ in owned], owned_hi=[b for _, b in owned])
+        _scan_meta(msg, point, self.cfg.id)
+        return msg, stream
+
+
+def _add_items(msg: kv_pb2.ScanResponse, chunk: list[tuple[bytes, bytes]]) -> None:
+    add = msg.items.add  # in place: no KeyValue objects to build and then copy
+    for k, v in chunk:
+        add(key=k, value=v)
 
 
 def _scan_meta(resp: kv_pb2.ScanResponse, point: ReadPoint, node_id: int) -> None:

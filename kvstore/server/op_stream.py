@@ -3,8 +3,8 @@
 The unary calls cost a gRPC call (and a coroutine, a future and a timer) per operation; here a
 batch of operations arrives in one message and their answers leave in batches. Writes and the
 leader's linearizable reads go straight to the host with a callback: nothing is awaited per
-operation. Anything else (reads on replicas, bounded or stale reads) runs the unary handler's
-coroutine. Every answer is exactly what the unary call would have answered.
+operation. Anything else (reads on replicas, bounded or stale reads, scans answered in one
+message) runs the unary handler's coroutine. Every answer is exactly what the unary call would have answered.
 
 Invariants:
 - every operation read from the stream gets exactly one answer (result, error or TIMEOUT) while
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from kvstore import errors
@@ -40,6 +40,7 @@ _ERROR_REPLY: dict[str, Callable[[kv_pb2.Error], Any]] = {
     "put": lambda e: kv_pb2.PutResponse(error=e),
     "delete": lambda e: kv_pb2.DeleteResponse(error=e),
     "cas": lambda e: kv_pb2.CasResponse(error=e),
+    "scan": lambda e: kv_pb2.ScanResponse(error=e),
 }
 
 
@@ -147,6 +148,8 @@ class OpStream:
             timeout = min(timeout, op.timeout_ms / 1000)
         if kind == "get":
             self._get(op.id, op.get, timeout)
+        elif kind == "scan":
+            self._slow(op.id, "scan", self.svc.scan_once(op.scan))
         else:
             self._write(op.id, kind, getattr(op, kind), timeout)
 
@@ -185,7 +188,7 @@ class OpStream:
             gid = svc._group_for(req.key)
             g = svc.host.groups[gid]
             if req.consistency != kv_pb2.LINEARIZABLE or g.core.role != Role.LEADER:
-                self._slow_get(op_id, req)
+                self._slow(op_id, "get", self.svc.Get(req, None))
                 return
             key = req.key
 
@@ -210,12 +213,12 @@ class OpStream:
             return
         self.pending[op_id] = self.loop.call_later(timeout, self._expire, op_id, "get", timeout)
 
-    def _slow_get(self, op_id: int, req: kv_pb2.GetRequest) -> None:
-        """Replica, bounded and stale reads: the unary handler (which has its own timeouts)."""
+    def _slow(self, op_id: int, kind: str, answer: Coroutine[Any, Any, Any]) -> None:
+        """Run a handler's coroutine (with its own timeouts) and answer with its reply: replica,
+        bounded and stale reads, and scans."""
 
         async def serve() -> None:
-            reply = await self.svc.Get(req, None)
-            self._answer(op_id, "get", reply)
+            self._answer(op_id, kind, await answer)
 
         t = self.loop.create_task(serve())
         self.tasks.add(t)
@@ -224,6 +227,6 @@ class OpStream:
             self.tasks.discard(task)
             self.room.set()
             if not task.cancelled() and task.exception() is not None:
-                self._error(op_id, "get", errors.InternalError(f"read failed: {task.exception()}"))
+                self._error(op_id, kind, errors.InternalError(f"read failed: {task.exception()}"))
 
         t.add_done_callback(finished)

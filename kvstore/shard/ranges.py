@@ -53,6 +53,10 @@ class IntervalSet:
     def full(cls) -> IntervalSet:
         return cls([(0, HASH_MAX)])
 
+    def is_full(self) -> bool:
+        """Does the set hold every hash value?"""
+        return self.intervals == ((0, HASH_MAX),)
+
     def __contains__(self, h: int) -> bool:
         i = bisect.bisect_right(self._los, h) - 1
         return i >= 0 and h <= self._his[i]
