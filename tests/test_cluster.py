@@ -339,3 +339,42 @@ def test_lease_reads_serve_the_latest_write(tmp_path: Path) -> None:
             assert c.get(b"lease") == b"after-transfer"
     finally:
         cluster.stop()
+
+
+def _persist_cycles(port: int) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith("kvstore_persist_seconds_count"):
+            return float(line.split()[-1])
+    raise AssertionError("kvstore_persist_seconds_count not exported")
+
+
+def test_read_index_rounds_write_nothing(tmp_path: Path) -> None:
+    """A Ready cycle with only messages and read states (a read-index round, a heartbeat) makes
+    no storage transaction: linearizable reads cost the followers no persist cycle (each used to
+    cost one round trip through the persist thread per read)."""
+    from clusterharness import free_ports
+
+    ports = free_ports(3)
+    cluster = Cluster(tmp_path, 3)
+    for (_, node), port in zip(sorted(cluster.nodes.items()), ports, strict=True):
+        node.args += ["--metrics-listen", f"127.0.0.1:{port}"]
+    cluster.start()
+    try:
+        with Client(cluster.endpoints) as c:
+            c.put(b"read-me", b"1")
+            leader = cluster.wait_leader()
+            for _ in range(20):  # settled: the write's commit reached the followers
+                assert c.get(b"read-me") == b"1"
+            time.sleep(0.5)
+            before = {nid: _persist_cycles(ports[nid - 1]) for nid in cluster.nodes}
+            for _ in range(100):
+                assert c.get(b"read-me") == b"1"
+            after = {nid: _persist_cycles(ports[nid - 1]) for nid in cluster.nodes}
+        assert cluster.leader() is not None and cluster.leader().id == leader.id  # type: ignore[union-attr]
+        grown = {nid: after[nid] - before[nid] for nid in cluster.nodes}
+        assert all(n < 10 for n in grown.values()), f"persist cycles during 100 reads: {grown}"
+    finally:
+        cluster.stop()

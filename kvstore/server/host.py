@@ -120,6 +120,10 @@ class Cycle:
     """Called (on the persist thread, inside the transaction, before its fsync) with the apply
     results, so the driver can have `Host.answer_writes` run early; see the module docstring."""
 
+    def touches_storage(self) -> bool:
+        """Has step 3 anything to write or apply? (If not, `persist` is a no-op.)"""
+        return bool(self.writes or self.applies)
+
     def persist(self) -> None:
         """Step 3: one LMDB write transaction and one fsync for every group. Thread-safe with
         respect to the host: touches only the store and this cycle."""

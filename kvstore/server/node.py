@@ -269,17 +269,22 @@ class Node:
                     cycle = host.begin_cycle()
                     if cycle is None:
                         break
-                    if host.awaits_writes(cycle):
-                        cycle.on_applied = early
-                    # The fsync runs off the event loop: requests and messages that arrive
-                    # meanwhile are stepped into the cores and go out in the next cycle.
-                    if cycle.sent_early:
-                        # Let the peer streams write the appends first: the persist thread takes
-                        # the GIL for its Python part and would hold them back.
-                        await asyncio.sleep(0)
-                    await io.run(cycle.persist)
+                    stored = cycle.touches_storage()
+                    if stored:
+                        if host.awaits_writes(cycle):
+                            cycle.on_applied = early
+                        # The fsync runs off the event loop: requests and messages that arrive
+                        # meanwhile are stepped into the cores and go out in the next cycle.
+                        if cycle.sent_early:
+                            # Let the peer streams write the appends first: the persist thread
+                            # takes the GIL for its Python part and would hold them back.
+                            await asyncio.sleep(0)
+                        await io.run(cycle.persist)
+                    # else only messages and read states (heartbeats, read-index rounds): no
+                    # thread round trip for an empty transaction.
                     n = host.end_cycle(cycle)
-                    m.fsync_seconds.observe(cycle.seconds)
+                    if stored:
+                        m.fsync_seconds.observe(cycle.seconds)
                     m.ready_groups.observe(n)
                     self._sync_members()
                     if self.tracker is not None and self.tracker.refresh():
