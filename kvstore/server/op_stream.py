@@ -4,7 +4,8 @@ The unary calls cost a gRPC call (and a coroutine, a future and a timer) per ope
 batch of operations arrives in one message and their answers leave in batches. Writes and the
 leader's linearizable reads go straight to the host with a callback: nothing is awaited per
 operation. Anything else (reads on replicas, bounded or stale reads, scans answered in one
-message) runs the unary handler's coroutine. Every answer is exactly what the unary call would have answered.
+message) runs a handler's coroutine. Every answer is exactly what the unary call would have
+answered (a scan: its whole part in one message, or "does not fit" and nothing).
 
 Invariants:
 - every operation read from the stream gets exactly one answer (result, error or TIMEOUT) while
