@@ -618,15 +618,15 @@ async def _profile(
     cluster: KvstoreCluster, metrics: dict[int, str], *, pyspy: str, out: Path, inflight: int, warmup: float,
     duration: float, rate: int, native: bool, keys: Sequence[bytes], value: bytes,
 ) -> dict[str, Any]:
-    lead = await asyncio.to_thread(cluster.leader)
-    if lead is None:
-        raise ClusterError("no leader")
-    node = cluster.nodes[lead]
-    assert node.proc is not None
-    pid = node.proc.pid
     adapter = make_adapter("kvstore", cluster.endpoints, timeout=10)
     try:
         await preload(adapter, keys, value, inflight=64, timeout=600)
+        # Right after start the leader balancer may hand the group to its preferred leader:
+        # profile the node that leads once leadership stays put.
+        lead = await _settled_leader(cluster)
+        node = cluster.nodes[lead]
+        assert node.proc is not None
+        pid = node.proc.pid
         window = 2 * duration + 4
         load = asyncio.ensure_future(run_point(
             adapter, workload="put", inflight=inflight, warmup=warmup, duration=window, keys=keys, value=value,
@@ -638,13 +638,15 @@ async def _profile(
         for _attempt in range(3):
             # (A py-spy started while the load generator's gRPC threads are busy sometimes exits
             # at once without recording: try again.)
+            (out / "profile-cpu.txt").unlink(missing_ok=True)
             m0 = await asyncio.to_thread(prof.scrape, metrics[lead])
             c0, t0 = prof.thread_cpu(pid), time.perf_counter()
             err_cpu = await _pyspy([*base, "-o", str(out / "profile-cpu.txt")], duration + 60)
             m1 = await asyncio.to_thread(prof.scrape, metrics[lead])
             c1, t1 = prof.thread_cpu(pid), time.perf_counter()
-            if err_cpu or (out / "profile-cpu.txt").exists():
+            if err_cpu or ((out / "profile-cpu.txt").exists() and t1 - t0 >= duration / 2):
                 break
+        (out / "profile-gil.txt").unlink(missing_ok=True)
         err_wall = await _pyspy([*base, "--gil", "-o", str(out / "profile-gil.txt")], duration + 60)
         result = await load
     finally:
@@ -655,6 +657,20 @@ async def _profile(
         "threads": prof.thread_cpu_delta(c0, c1, pid),
         "pyspy_errors": [e for e in (err_cpu, err_wall) if e],
     }
+
+
+async def _settled_leader(cluster: KvstoreCluster, timeout: float = 30.0) -> int:
+    """The data group's leader once two looks 1.5 s apart agree."""
+    deadline = time.monotonic() + timeout
+    lead = await asyncio.to_thread(cluster.leader)
+    while True:
+        await asyncio.sleep(1.5)
+        again = await asyncio.to_thread(cluster.leader)
+        if again is not None and again == lead:
+            return again
+        if time.monotonic() > deadline:
+            raise ClusterError(f"no settled leader within {timeout:g} s")
+        lead = again
 
 
 def _profile_report(res: dict[str, Any], out: Path, inflight: int) -> str:
