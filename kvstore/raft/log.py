@@ -11,7 +11,7 @@ Invariants:
 from __future__ import annotations
 
 from .storage import CompactedError, LogStorage, UnavailableError
-from .types import Entry, RaftError, Snapshot
+from .types import Entry, RaftError, Snapshot, limit_size
 
 
 class RaftLog:
@@ -141,16 +141,8 @@ class RaftLog:
             if len(out) < min(hi, off) - lo:
                 return out  # size limit reached
         if hi > off:
-            u = self.unstable[max(lo, off) - off : hi - off]
-            if max_size is None:
-                out.extend(u)
-            else:
-                size = sum(e.size() for e in out)
-                for e in u:
-                    size += e.size()
-                    if out and size > max_size:
-                        break
-                    out.append(e)
+            # (The stored part is already within the limit: limiting the whole keeps it.)
+            out = limit_size(out + self.unstable[max(lo, off) - off : hi - off], max_size)
         return out
 
     def entries_from(self, lo: int, max_size: int | None = None) -> list[Entry]:

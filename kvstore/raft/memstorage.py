@@ -7,7 +7,16 @@ its MemoryStorage and dropping all in-memory state of the core.
 from __future__ import annotations
 
 from .storage import CompactedError, SnapshotTemporarilyUnavailable, UnavailableError
-from .types import ConfState, Entry, HardState, RaftError, Snapshot, SnapshotMeta, bootstrap_entries
+from .types import (
+    ConfState,
+    Entry,
+    HardState,
+    RaftError,
+    Snapshot,
+    SnapshotMeta,
+    bootstrap_entries,
+    limit_size,
+)
 
 
 class MemoryStorage:
@@ -53,17 +62,7 @@ class MemoryStorage:
             raise CompactedError(lo)
         if hi > self.last_index() + 1:
             raise UnavailableError(hi)
-        ents = self._ents[lo - offset : hi - offset]
-        if max_size is None or not ents:
-            return list(ents)
-        out = [ents[0]]
-        size = ents[0].size()
-        for e in ents[1:]:
-            size += e.size()
-            if size > max_size:
-                break
-            out.append(e)
-        return out
+        return limit_size(self._ents[lo - offset : hi - offset], max_size)
 
     def snapshot(self) -> Snapshot:
         if self._snapshot.meta.index == 0 and self._ents[0].index != 0:

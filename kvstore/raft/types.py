@@ -68,6 +68,19 @@ class Entry:
         return len(self.data) + 24
 
 
+def limit_size(ents: list[Entry], max_size: int | None) -> list[Entry]:
+    """The longest prefix of `ents` whose total `size()` is at most `max_size`, but never less than
+    one entry (a single entry over the limit still goes); all of them if `max_size` is None."""
+    if max_size is None or not ents:
+        return ents
+    size = 0
+    for i, e in enumerate(ents):
+        size += e.size()
+        if i and size > max_size:
+            return ents[:i]
+    return ents
+
+
 @dataclass(slots=True, frozen=True)
 class HardState:
     """State that must be durable before any message that depends on it is sent."""

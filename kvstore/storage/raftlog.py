@@ -39,6 +39,7 @@ from kvstore.raft.types import (
     RaftError,
     Snapshot,
     SnapshotMeta,
+    limit_size,
 )
 
 from .errors import StorageError
@@ -179,16 +180,7 @@ class GroupLogStorage:
         tail = st.tail
         if tail and tail[0].index <= lo:
             t0 = tail[0].index
-            if max_size is None:
-                return tail[lo - t0 : hi - t0]
-            out: list[Entry] = []
-            size = 0
-            for e in tail[lo - t0 : hi - t0]:
-                size += len(e.data) + 24
-                if out and size > max_size:
-                    break
-                out.append(e)
-            return out
+            return limit_size(tail[lo - t0 : hi - t0], max_size)
         with self._env.read() as txn:
             return self._read_entries(txn, lo, hi, max_size)
 
