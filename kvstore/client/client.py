@@ -893,15 +893,16 @@ class AsyncClient:
         )
 
     async def _write(
-        self, op: str, kind: str, key: bytes, make_request: Callable[[kv_pb2.Session], Any], timeout: float | None
+        self, op: str, key: bytes, make_request: Callable[[kv_pb2.Session], Any], timeout: float | None
     ) -> Any:
-        """Run one write under a fresh session; every retry reuses that session (exactly-once)."""
+        """Run one write (`op`: put, delete or cas, the operation's name on the stream) under a
+        fresh session; every retry reuses that session (exactly-once)."""
         session = self._begin_write()
         try:
             req = make_request(session)
 
             def call(ep: str, t: float) -> Awaitable[Any]:
-                return self._mux(ep).call(kind, req, t)
+                return self._mux(ep).call(op, req, t)
 
             return await self._invoke(
                 op, call, deadline=self._deadline(timeout), is_write=True, key=key
@@ -912,12 +913,12 @@ class AsyncClient:
     async def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> None:
         """Set ``key`` to ``value``."""
         k, v = self._check_key(key), self._check_value(value)
-        await self._write("put", "put", k, lambda s: kv_pb2.PutRequest(key=k, value=v, session=s), timeout)
+        await self._write("put", k, lambda s: kv_pb2.PutRequest(key=k, value=v, session=s), timeout)
 
     async def delete(self, key: bytes, *, timeout: float | None = None) -> bool:
         """Delete ``key``; True if it existed."""
         k = self._check_key(key)
-        resp = await self._write("delete", "delete", k, lambda s: kv_pb2.DeleteRequest(key=k, session=s), timeout)
+        resp = await self._write("delete", k, lambda s: kv_pb2.DeleteRequest(key=k, session=s), timeout)
         return bool(resp.existed)
 
     async def cas(
@@ -928,7 +929,6 @@ class AsyncClient:
         k, v = self._check_key(key), self._check_value(new)
         exp = b"" if expected is None else self._check_value(expected)
         resp = await self._write(
-            "cas",
             "cas",
             k,
             lambda s: kv_pb2.CasRequest(key=k, expect_absent=expected is None, expected=exp, value=v, session=s),
