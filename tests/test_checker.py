@@ -33,7 +33,7 @@ def _vectors_dir() -> Path:
     env = os.environ.get("KVSTORE_VECTORS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared/vectors/porcupine"
+    return Path(__file__).resolve().parent / "vectors/porcupine"
 
 
 VECTORS = _vectors_dir()
