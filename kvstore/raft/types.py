@@ -124,6 +124,13 @@ class ConfState:
 
 _CC = struct.Struct(">BQ")
 
+MAX_U63 = 1 << 63
+"""Every term, index and node id is below this: values that arrive from outside at or above it
+are refused before they reach a core (their successors must still encode as u64)."""
+
+MAX_CONF_CONTEXT = 1024
+"""Longest conf-change context (the application's: a member's address)."""
+
 
 @dataclass(slots=True, frozen=True)
 class ConfChange:
@@ -141,8 +148,21 @@ class ConfChange:
 
     @classmethod
     def decode(cls, data: bytes) -> ConfChange:
+        """Decode a CONF_CHANGE entry's data. Total: anything malformed (short, unknown type,
+        node id 0 or not below `MAX_U63`, a context over `MAX_CONF_CONTEXT` bytes) raises
+        ValueError and nothing else."""
+        if len(data) < _CC.size:
+            raise ValueError(f"conf change of {len(data)} bytes is shorter than its {_CC.size}-byte header")
         t, node = _CC.unpack_from(data)
-        return cls(ConfChangeType(t), node, bytes(data[_CC.size :]))
+        try:
+            kind = ConfChangeType(t)
+        except ValueError:
+            raise ValueError(f"unknown conf change type {t}") from None
+        if not 0 < node < MAX_U63:
+            raise ValueError(f"conf change names node {node}")
+        if len(data) - _CC.size > MAX_CONF_CONTEXT:
+            raise ValueError(f"conf change context of {len(data) - _CC.size} bytes exceeds {MAX_CONF_CONTEXT}")
+        return cls(kind, node, bytes(data[_CC.size :]))
 
 
 @dataclass(slots=True, frozen=True)

@@ -53,6 +53,7 @@ from kvstore.raft import (
     Message,
     MessageType,
     ProposalDropped,
+    RaftError,
     RaftNode,
     Ready,
     Role,
@@ -160,9 +161,6 @@ class Host:
         self._ctx = 0
         self.on_leader_change: Callable[[int, int], None] | None = None
         self.on_snapshot_needed: Callable[[Message], None] | None = None
-        self.on_unknown_group: Callable[[Message], bool] | None = None
-        """Called with a message for a group this node does not host; returns True if it opened
-        the group (the message is then stepped into it)."""
         self.preferred_leader: dict[int, int] = {}
         """group -> the node that should lead it (leader balancing); see `_balance_leaders`."""
         self.balance_every_ticks = 20
@@ -254,15 +252,24 @@ class Host:
             raise errors.StorageFull(self.failed)
 
     # --- inputs -----------------------------------------------------------------------------
-    def step(self, m: Message) -> None:
+    def step(self, m: Message) -> bool:
+        """Step a peer's message into its group's core. The caller has admitted it (see
+        `kvstore.server.inbound`); a message for a group not hosted here is dropped. A message
+        the core finds inconsistent with its log (RaftError: e.g. a commit index beyond the
+        log, an append conflicting with committed entries; no correct member sends either) is
+        dropped too, with a warning, leaving the core as any message of its term would: it can
+        neither crash the node nor change the log. Returns False if the message was dropped."""
         g = self.groups.get(m.group)
         if g is None:
-            if self.on_unknown_group is None or not self.on_unknown_group(m):
-                log.debug("message for unknown group %d from node %d dropped", m.group, m.frm)
-                return
-            g = self.groups[m.group]
-        g.core.step(m)
+            log.debug("message for unknown group %d from node %d dropped", m.group, m.frm)
+            return False
         self._dirty.add(m.group)
+        try:
+            g.core.step(m)
+        except RaftError as err:
+            log.warning("group %d: dropped %s from node %d: %s", m.group, m.type.name, m.frm, err)
+            return False
+        return True
 
     def tick(self) -> None:
         # The balancer looks at `recent_active`, which a leader's check-quorum round (inside
@@ -533,7 +540,10 @@ class Host:
             self.store.compact(g.id, applied - self.settings.compact_keep)
 
     def _applied_conf_change(self, data: bytes) -> None:
-        cc = ConfChange.decode(data)
+        try:
+            cc = ConfChange.decode(data)
+        except ValueError:
+            return  # the core skips an invalid conf change too (never written since validation)
         if cc.type == ConfChangeType.REMOVE_NODE:
             if cc.node_id != self.node_id:
                 self.members.pop(cc.node_id, None)

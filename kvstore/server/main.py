@@ -23,7 +23,9 @@ def install_event_loop() -> str:
     return "uvloop"
 
 
-async def serve(cfg: NodeConfig) -> None:
+async def serve(cfg: NodeConfig) -> int:
+    """Run a node until SIGTERM / SIGINT (returns 0) or until one of its loops dies (returns 1,
+    after logging why: a supervisor should restart it)."""
     node = Node(cfg)
     await node.start()
     if cfg.metrics_listen:
@@ -37,16 +39,24 @@ async def serve(cfg: NodeConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"kvstore node {cfg.id} ready on {cfg.listen} (event loop: {type(loop).__module__})", flush=True)
-    await stop.wait()
+    stopped = loop.create_task(stop.wait())
+    died = loop.create_task(node.died.wait())
+    await asyncio.wait([stopped, died], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    died.cancel()
+    if node.fatal is not None:
+        log.critical("node %d exits: %s", cfg.id, node.fatal)
+        await node.stop(grace=0.5)
+        return 1
     log.info("shutting down")
     await node.stop()
+    return 0
 
 
 def run(cfg: NodeConfig) -> int:
     install_event_loop()
     try:
-        asyncio.run(serve(cfg))
+        return asyncio.run(serve(cfg))
     except OSError as err:
         print(f"kvstore: {err}", file=sys.stderr)
         return 2
-    return 0

@@ -26,6 +26,12 @@ class Metrics:
         )
         self.messages_sent = Counter("kvstore_raft_messages_sent_total", "Raft messages sent", registry=r)
         self.messages_received = Counter("kvstore_raft_messages_received_total", "Raft messages received", registry=r)
+        self.inbound_refused = Counter(
+            "kvstore_inbound_refused_total",
+            "Raft traffic from other nodes refused before reaching a core, by reason (malformed, "
+            "not_member, unknown_group, not_group_member, term_jump, timeout_now, beyond_log, snapshot)",
+            ["reason"], registry=r,
+        )
         self.reads = Counter("kvstore_reads_total", "Reads served", registry=r)
         self.writes = Counter("kvstore_writes_total", "Writes applied and answered", registry=r)
         self.storage_full = Gauge("kvstore_storage_full", "1 if the node stopped on a full disk", registry=r)

@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kvstore.raft import ConfState, Message, MessageType, Role
+from kvstore.raft import ConfState, Message, Role
 from kvstore.shard.rebalance import Coordinator
 from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, ShardMap
 from kvstore.storage import commands
@@ -41,6 +41,7 @@ from kvstore.v1 import admin_pb2_grpc, kv_pb2_grpc, raft_pb2_grpc, shard_pb2_grp
 from .admin_service import AdminService
 from .config import NodeConfig
 from .host import Cycle, Host
+from .inbound import Inbound, RefusalLog
 from .kv_service import KVService
 from .learner import register_learner
 from .metrics import Metrics
@@ -73,9 +74,31 @@ class Node:
         self._gauge_seen: dict[int, tuple[int, ...]] = {}
         self._last_heard: dict[int, float] = {}
         self._started_at = 0.0
+        self.inbound: Inbound
+        self.died = asyncio.Event()
+        """Set when a loop the node needs ended (see `_task_ended`): the process must exit."""
+        self.fatal: str | None = None
+        self._stopping = False
 
     def wake(self) -> None:
         self._wake.set()
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        """A loop the node cannot live without ended (they run until `stop` cancels them): log
+        why, stop serving (health NOT_SERVING) and set `died`, so the process exits non-zero and
+        a supervisor restarts it, instead of lingering as a node that answers nothing."""
+        if self._stopping or task.cancelled():
+            return
+        err = task.exception()
+        if err is not None:
+            log.critical("node %d: task %s died; the node stops", self.cfg.id, task.get_name(),
+                         exc_info=(type(err), err, err.__traceback__))
+        else:
+            log.critical("node %d: task %s ended unexpectedly; the node stops", self.cfg.id, task.get_name())
+        self.fatal = f"task {task.get_name()} ended: {err!r}"
+        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.died.set()
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -91,7 +114,6 @@ class Node:
             on_snapshot_done=self._snapshot_done,
         )
         host.on_snapshot_needed = self._send_snapshot
-        host.on_unknown_group = self._unknown_group
         self._tombstones = store.tombstones()
         existing = store.groups()
         if not cfg.join and META_GROUP not in existing:
@@ -101,7 +123,12 @@ class Node:
         if META_GROUP not in host.groups:
             host.open_group(META_GROUP, None)  # joining: filled by the leader (log or snapshot)
         tracker = self.tracker = ShardTracker(store)
-        caller = self.caller = GroupCaller(cfg.id, host, self.wake, tracker, cfg.request_timeout)
+        refused = self.metrics.inbound_refused
+        self.inbound = Inbound(
+            cfg.id, host, lambda: tracker.map, self._tombstones,
+            RefusalLog(time.monotonic, on_refused=lambda reason: refused.labels(reason).inc()),
+        )
+        caller = self.caller = GroupCaller(cfg.id, host, self.wake, tracker, cfg.request_timeout, cfg.cluster_id)
         self.coordinator = Coordinator(NodeCluster(host, tracker, caller))
         self._reconcile()
         self.reads = ReplicaReads(
@@ -110,14 +137,22 @@ class Node:
 
         server = self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
         raft_pb2_grpc.add_RaftServicer_to_server(
-            RaftService(cfg.id, cfg.cluster_id, self._deliver, store.snapshot_dir, on_heard=self._heard), server
+            RaftService(
+                cfg.id, cfg.cluster_id, self._deliver, store.snapshot_dir, on_heard=self._heard,
+                is_member=self.inbound.is_member, refusals=self.inbound.refusals,
+            ),
+            server,
         )
         kv_pb2_grpc.add_KVServicer_to_server(KVService(cfg, host, self.wake, self.metrics, tracker, self.reads), server)
         admin_pb2_grpc.add_AdminServicer_to_server(
             AdminService(cfg, host, self.wake, tracker, caller, self.coordinator, self.reads), server
         )
         shard_pb2_grpc.add_ShardServicer_to_server(
-            ShardService(cfg.id, host, self.wake, tracker, caller, self.coordinator, cfg.request_timeout), server
+            ShardService(
+                cfg.id, host, self.wake, tracker, caller, self.coordinator, cfg.request_timeout,
+                cluster_id=cfg.cluster_id, is_member=self.inbound.is_member,
+            ),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.port = server.add_insecure_port(cfg.listen)
@@ -131,6 +166,8 @@ class Node:
             loop.create_task(self._ready_loop(), name="ready-loop"),
             loop.create_task(self.coordinator.run(), name="shard-coordinator"),
         ]
+        for t in self._tasks:
+            t.add_done_callback(self._task_ended)
         if cfg.learner:
             self._tasks.append(loop.create_task(self._register_learner(), name="register-learner"))
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -178,23 +215,12 @@ class Node:
                 self._tombstones.add(gid)
         host.preferred_leader = {g: p.voters[0] for g, p in m.groups.items() if p.voters}
 
-    def _unknown_group(self, m: Message) -> bool:
-        """A leader's message for a group not on this node: open it empty (the leader fills it by
-        log or snapshot) unless it was destroyed here. (Our map may not list us yet: the leader
-        added us first.)"""
-        assert self.host is not None
-        if m.group in self._tombstones or m.type not in (MessageType.APP, MessageType.HEARTBEAT, MessageType.SNAP):
-            return False
-        log.info("opening group %d on a message from node %d", m.group, m.frm)
-        self.host.open_group(m.group, None)
-        return True
-
     # --- wiring -----------------------------------------------------------------------------
     def _deliver(self, m: Message) -> None:
         assert self.host is not None
         self.metrics.messages_received.inc()
-        self.host.step(m)
-        self.wake()
+        if self.inbound.admit(m) and self.host.step(m):
+            self.wake()
 
     def _send(self, msgs: list[Message]) -> None:
         assert self.transport is not None
@@ -328,13 +354,14 @@ class Node:
         )
 
     async def stop(self, grace: float = 2.0) -> None:
+        self._stopping = True
         self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # a death is logged already
                 await t
         if self.transport is not None:
             await self.transport.close()

@@ -26,6 +26,7 @@ from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, ShardMap, ShardMap
 from kvstore.storage import commands
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
+from kvstore.storage.shardcmd import ShardOp, decode_shard_command
 from kvstore.storage.store import NodeStore
 from kvstore.transport.peer import CHANNEL_OPTIONS
 from kvstore.v1 import shard_pb2, shard_pb2_grpc
@@ -95,12 +96,15 @@ class GroupCaller:
         wake: Callable[[], None],
         tracker: ShardTracker,
         request_timeout: float,
+        cluster_id: str = "kvstore",
     ) -> None:
         self.node_id = node_id
         self.host = host
         self.wake = wake
         self.tracker = tracker
         self.request_timeout = request_timeout
+        self.cluster_id = cluster_id
+        """Stamped with `node_id` on every request to another node (internal RPCs)."""
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._rng = random.Random()
 
@@ -154,6 +158,7 @@ class GroupCaller:
         """Run `request` at `group`'s leader until it succeeds or fails for good. Shard commands
         and map CAS are idempotent or self-checking, so by default an indeterminate outcome is
         retried too."""
+        request.cluster_id, request.from_node = self.cluster_id, self.node_id
         loop = asyncio.get_running_loop()
         end = loop.time() + (timeout if timeout is not None else self.request_timeout * 4)
         delay = 0.02
@@ -167,7 +172,7 @@ class GroupCaller:
             attempt = min(self.request_timeout, max(0.05, end - loop.time()))
             try:
                 if target == self.node_id:
-                    resp = await local_group_call(self.host, self.wake, request, attempt)
+                    resp = await local_group_call(self.host, self.wake, request, attempt, self.tracker.map)
                 else:
                     addr = self.address(target)
                     if not addr:
@@ -215,7 +220,8 @@ class GroupCaller:
         loop = asyncio.get_running_loop()
         end = loop.time() + (timeout if timeout is not None else self.request_timeout * 4)
         req = shard_pb2.ExportRangeRequest(
-            group=group, lo=[a for a, _ in ranges], hi=[b for _, b in ranges], chunk_bytes=512 << 10
+            group=group, lo=[a for a, _ in ranges], hi=[b for _, b in ranges], chunk_bytes=512 << 10,
+            cluster_id=self.cluster_id, from_node=self.node_id,
         )
         tried = 0
         hint = 0
@@ -252,15 +258,67 @@ class GroupCaller:
         raise errors.Timeout(f"export from group {group} did not complete (last error: {last})")
 
 
+def check_group_request(request: shard_pb2.GroupProposeRequest, smap: ShardMap | None) -> ConfChange | None:
+    """Refuse (definite InvalidArgument) a GroupPropose request that the node's own code would
+    never send: the metadata group takes only compare-and-swaps of the shard map whose new value
+    is a valid map of a higher version; a data group only shard commands that decode (never SET,
+    which only a group's bootstrap log carries) and that belong to a range move of the shard map
+    `smap`, with that move's ranges, in the group that plays that part in it (FREEZE and DROP in
+    the source, BEGIN, INSTALL and ACTIVATE in the target); a conf change must decode. A move
+    this node's map does not show yet is refused as WRONG_SHARD (the caller retries: the map
+    may lag the coordinator's by a little). Returns the decoded conf change, if any. So no
+    request can write garbage into group 0, a malformed command into any log, or freeze or drop
+    ranges no move is moving, whoever sends it."""
+    if request.conf_change:
+        try:
+            return ConfChange.decode(request.conf_change)
+        except ValueError as err:
+            raise errors.InvalidArgument(f"malformed conf change: {err}") from None
+    if request.read_barrier or request.transfer:
+        return None
+    data = request.command
+    if request.group == META_GROUP:
+        try:
+            cmd = commands.decode_command(data)
+        except ValueError as err:
+            raise errors.InvalidArgument(f"malformed command for the metadata group: {err}") from None
+        if cmd.op != commands.Op.CAS or cmd.key != SHARD_MAP_KEY or cmd.expect_absent:
+            raise errors.InvalidArgument("the metadata group takes only compare-and-swaps of the shard map")
+        try:
+            old, new = ShardMap.decode(cmd.expected), ShardMap.decode(cmd.value)
+        except ShardMapError as err:
+            raise errors.InvalidArgument(f"not a valid shard map: {err}") from None
+        if new.version <= old.version:
+            raise errors.InvalidArgument(f"shard map version {new.version} does not follow {old.version}")
+        return None
+    try:
+        sc = decode_shard_command(data)
+    except ValueError as err:
+        raise errors.InvalidArgument(f"not a shard command: {err}") from None
+    if sc.op == ShardOp.SET:
+        raise errors.InvalidArgument("SET is carried only by a group's bootstrap log")
+    mv = next((x for x in smap.moves if x.id == sc.move), None) if smap is not None else None
+    if mv is None:
+        version = smap.version if smap is not None else 0
+        raise errors.WrongShard(f"no range move {sc.move} in this node's shard map (version {version})",
+                                shard_version=version)
+    part = mv.source if sc.op in (ShardOp.FREEZE, ShardOp.DROP) else mv.target
+    if request.group != part or (sc.op != ShardOp.INSTALL and sc.ranges != mv.ranges):
+        raise errors.InvalidArgument(f"{sc.op.name} in group {request.group} is not a step of range move {mv.id}")
+    return None
+
+
 async def local_group_call(
-    host: Host, wake: Callable[[], None], request: shard_pb2.GroupProposeRequest, timeout: float
+    host: Host, wake: Callable[[], None], request: shard_pb2.GroupProposeRequest, timeout: float,
+    smap: ShardMap | None,
 ) -> shard_pb2.GroupProposeResponse:
     """Run a GroupPropose request on this node (which must lead the group); errors in the reply."""
     try:
         if request.group not in host.groups:
             raise errors.WrongShard(f"group {request.group} is not on this node")
-        if request.conf_change:
-            await waiters.propose_conf_change(host, wake, request.group, ConfChange.decode(request.conf_change), timeout)
+        cc = check_group_request(request, smap)
+        if cc is not None:
+            await waiters.propose_conf_change(host, wake, request.group, cc, timeout)
             return shard_pb2.GroupProposeResponse()
         if request.read_barrier:
             index = await waiters.read_point(host, wake, request.group, timeout)
@@ -359,7 +417,11 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         caller: GroupCaller,
         coordinator: Any,
         request_timeout: float,
+        cluster_id: str = "kvstore",
+        is_member: Callable[[int], bool] = lambda node: True,
     ) -> None:
+        self.cluster_id = cluster_id
+        self.is_member = is_member
         self.node_id = node_id
         self.host = host
         self.wake = wake
@@ -376,14 +438,26 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             return shard_pb2.GetShardMapResponse(error=errors.to_proto(err))
         return shard_pb2.GetShardMapResponse(map=self.tracker.raw, version=self.tracker.version)
 
+    async def _internal(self, cluster_id: str, frm: int, what: str, context: grpc.aio.ServicerContext) -> None:
+        """Internal RPCs answer only members of this cluster (by the caller's cluster id and node
+        id now; by its certificate once nodes authenticate each other)."""
+        if cluster_id != self.cluster_id or not self.is_member(frm):
+            log.warning("refused %s from node %d of cluster %r: not a member", what, frm, cluster_id[:64])
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{what} is internal: only members of cluster {self.cluster_id!r} may call it",
+            )
+
     async def GroupPropose(
         self, request: shard_pb2.GroupProposeRequest, context: grpc.aio.ServicerContext
     ) -> shard_pb2.GroupProposeResponse:
-        return await local_group_call(self.host, self.wake, request, self.request_timeout)
+        await self._internal(request.cluster_id, request.from_node, "Shard.GroupPropose", context)
+        return await local_group_call(self.host, self.wake, request, self.request_timeout, self.tracker.map)
 
     async def ExportRange(
         self, request: shard_pb2.ExportRangeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[shard_pb2.ExportRangeChunk]:
+        await self._internal(request.cluster_id, request.from_node, "Shard.ExportRange", context)
         async for chunk in local_export(self.host, self.wake, request, self.request_timeout):
             yield chunk
 

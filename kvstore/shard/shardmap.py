@@ -165,7 +165,23 @@ class ShardMap:
         return 0.0 if s is None else s.size() / (HASH_MAX + 1)
 
     def check(self) -> None:
-        """Raise ShardMapError unless the invariants hold."""
+        """Raise ShardMapError unless the invariants hold: every group has at least one voter,
+        its replicas are distinct node ids >= 1 and it is below `next_group`; the ring's owners,
+        the routes and the moves name only groups of the map; the routes cover the hash space
+        exactly once."""
+        if self.version < 1 or self.replication < 1:
+            raise ShardMapError(f"version {self.version} / replication {self.replication} must be >= 1")
+        for g, p in self.groups.items():
+            ids = p.members()
+            if g != p.id or not 0 < g < self.next_group:
+                raise ShardMapError(f"group {g} is not a data group id below next_group {self.next_group}")
+            if not p.voters or len(set(ids)) != len(ids) or any(n < 1 for n in ids):
+                raise ShardMapError(f"group {g} has no voter, a replica twice, or node 0")
+        if any(o not in self.groups for o in self.ring.owners):
+            raise ShardMapError("the ring names a group that is not in the map")
+        for mv in self.moves:
+            if mv.source not in self.groups or mv.target not in self.groups or mv.id >= self.next_move:
+                raise ShardMapError(f"move {mv.id} names an unknown group or an id at or past next_move")
         total = 0
         seen = IntervalSet()
         for g, s in self.routes.items():
@@ -305,12 +321,20 @@ class ShardMap:
 
     @classmethod
     def decode(cls, data: bytes) -> ShardMap:
+        """Decode and check (`check`) a map. Total: anything else raises ShardMapError."""
         pb = shard_pb2.ShardMap()
         try:
             pb.ParseFromString(data)
         except Exception as err:  # protobuf's DecodeError
             raise ShardMapError(f"corrupt shard map: {err}") from None
-        return cls.from_proto(pb)
+        try:
+            m = cls.from_proto(pb)
+            m.check()
+        except ShardMapError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError) as err:
+            raise ShardMapError(f"corrupt shard map: {err}") from None
+        return m
 
     @classmethod
     def from_proto(cls, pb: shard_pb2.ShardMap) -> ShardMap:

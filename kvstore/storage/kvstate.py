@@ -17,7 +17,6 @@ Invariants:
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,7 +163,7 @@ def _apply_member(txn: Txn, db: Db, group: int, data: bytes) -> None:
     """Remember member addresses from applied conf changes (context = address)."""
     try:
         cc = ConfChange.decode(data)
-    except (ValueError, struct.error):
+    except ValueError:
         return
     key = group_prefix(group) + U64.pack(cc.node_id)
     if cc.type == ConfChangeType.REMOVE_NODE:

@@ -16,7 +16,10 @@ receiver can write chunks as they arrive without parsing them. Reading a file ch
 the record structure, the count and the checksum: any damage raises `SnapshotFormatError`; a
 consumer that installs records as it reads them must do so in a transaction it aborts on error.
 
-Memory: encoding and decoding hold at most one chunk plus one record.
+Memory: encoding and decoding hold at most one chunk plus one record. Decoding is total and
+bounded: a configuration of more than `MAX_MEMBERS` ids, a key over `MAX_RECORD_KEY` bytes or a
+value over `MAX_RECORD_VALUE` bytes is refused as soon as its lengths are read, before any of
+it is buffered, so a forged length cannot make a reader hold gigabytes.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ TAG_SESSION = 2
 TAG_MEMBER = 3
 TAG_SHARDS = 4
 _TAGS = frozenset({TAG_DATA, TAG_SESSION, TAG_MEMBER, TAG_SHARDS})
+
+MAX_MEMBERS = 4096
+MAX_RECORD_KEY = 4096
+MAX_RECORD_VALUE = 64 << 20
 
 _HEAD = struct.Struct(">4sBQQQII")
 _REC = struct.Struct(">BII")
@@ -129,6 +136,8 @@ class SnapshotDecoder:
                     raise SnapshotFormatError(f"not a kvstore snapshot (magic {bytes(magic)!r})")
                 if version != VERSION:
                     raise SnapshotFormatError(f"unknown snapshot format version {version}")
+                if nv + nl > MAX_MEMBERS:
+                    raise SnapshotFormatError(f"snapshot configuration of {nv + nl} ids (at most {MAX_MEMBERS})")
                 end = _HEAD.size + 8 * (nv + nl)
                 if n < end:
                     return out
@@ -139,6 +148,8 @@ class SnapshotDecoder:
             crc = self._crc
             while n - pos >= _REC.size:
                 tag, klen, vlen = _REC.unpack_from(buf, pos)
+                if klen > MAX_RECORD_KEY or vlen > MAX_RECORD_VALUE:
+                    raise SnapshotFormatError(f"snapshot record of {klen}+{vlen} bytes exceeds the limits")
                 total = _REC.size + klen + vlen
                 if n - pos < total:
                     break

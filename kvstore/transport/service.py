@@ -1,26 +1,41 @@
 """Inbound Raft traffic: the `Raft` gRPC service.
 
-A batch from a node of another cluster (cluster id mismatch) or addressed to another node id is
-refused with FAILED_PRECONDITION and logged; malformed messages are dropped and logged. Nothing
-from a peer is trusted beyond what the Raft core itself checks.
+What arrives here is hostile until shown otherwise:
+- a batch or snapshot from a node of another cluster (cluster id mismatch) or addressed to
+  another node id is refused with FAILED_PRECONDITION; one from a node that is not a member of
+  this cluster (`is_member`) with PERMISSION_DENIED. Membership is checked on every batch, so a
+  node removed while its stream is open is cut off at its next batch;
+- each message is decoded by the total `codec.from_proto` (malformed: dropped, counted); its
+  sender and addressee must be those of its batch; the node then admits it or not
+  (`kvstore.server.inbound`) before any core sees it;
+- a received snapshot is checked whole (framing, every record, count, checksum, and a header
+  naming the same group, index, term and configuration as its message) before it is delivered,
+  so a damaged or forged snapshot never reaches the store's install transaction.
+Refusals are logged once per sender and reason per minute (`RefusalLog`), never per message.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
 from kvstore.raft import Message, MessageType
-from kvstore.storage.snapfile import write_frames
+from kvstore.storage.errors import SnapshotFormatError
+from kvstore.storage.snapfile import SnapshotFile, write_frames
 from kvstore.v1 import raft_pb2, raft_pb2_grpc
 
-from .codec import from_proto
+from .codec import MessageError, from_proto
+
+if TYPE_CHECKING:
+    from kvstore.server.inbound import RefusalLog
 
 log = logging.getLogger("kvstore.transport")
 
@@ -33,9 +48,14 @@ class RaftService(raft_pb2_grpc.RaftServicer):
         deliver: Callable[[Message], None],
         snapshot_dir: Path,
         on_heard: Callable[[int], None] | None = None,
+        is_member: Callable[[int], bool] | None = None,
+        refusals: RefusalLog | None = None,
     ) -> None:
         self.on_heard = on_heard
         """Called with the sender of every accepted batch (node-level liveness)."""
+        self.is_member = is_member
+        """Is this node id a member of the cluster? (None: everyone is, for tests of the codec.)"""
+        self.refusals = refusals
         self.node_id = node_id
         self.cluster_id = cluster_id
         self.deliver = deliver
@@ -44,38 +64,50 @@ class RaftService(raft_pb2_grpc.RaftServicer):
         self.received_messages = 0
         self.rejected = 0
 
+    def _refuse(self, frm: int, reason: str, detail: str) -> None:
+        self.rejected += 1
+        if self.refusals is not None:
+            self.refusals.refuse(frm, reason, detail)
+        else:
+            log.warning("refused traffic from node %d (%s): %s", frm, reason, detail)
+
     async def _check(self, cluster_id: str, frm: int, to: int, context: grpc.aio.ServicerContext) -> None:
         if cluster_id != self.cluster_id:
-            self.rejected += 1
-            log.error(
-                "rejected traffic from node %d of cluster %r (this is cluster %r)", frm, cluster_id, self.cluster_id
-            )
+            self._refuse(frm, "cluster_id", f"cluster id mismatch: it is of cluster {cluster_id[:64]!r}, "
+                         f"this is {self.cluster_id!r}")
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cluster id mismatch: this is {self.cluster_id!r}")
         if to != self.node_id:
-            self.rejected += 1
-            log.error("rejected traffic for node %d from node %d: this is node %d", to, frm, self.node_id)
+            self._refuse(frm, "wrong_node", f"addressed to node {to}; this is node {self.node_id}")
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this is node {self.node_id}, not {to}")
+        if self.is_member is not None and not self.is_member(frm):
+            self._refuse(frm, "not_member", f"node {frm} is not a member of cluster {self.cluster_id!r}")
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"node {frm} is not a member of cluster {self.cluster_id!r}"
+            )
 
     async def Send(
         self, request_iterator: AsyncIterator[raft_pb2.RaftBatch], context: grpc.aio.ServicerContext
     ) -> raft_pb2.RaftDone:
-        checked = False
+        first: tuple[str, int, int] | None = None
         async for batch in request_iterator:
             frm = getattr(batch, "from")
-            if not checked:
-                await self._check(batch.cluster_id, frm, batch.to, context)
-                checked = True
+            if first is None:
+                first = (batch.cluster_id, frm, batch.to)
+            elif (batch.cluster_id, frm, batch.to) != first:
+                self._refuse(frm, "addressing", "a batch's cluster, sender or addressee changed mid-stream")
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "addressing changed mid-stream")
+            await self._check(batch.cluster_id, frm, batch.to, context)
             self.received_batches += 1
             if self.on_heard is not None:
                 self.on_heard(frm)
             for pm in batch.messages:
                 try:
                     m = from_proto(pm)
-                except ValueError as err:
-                    log.warning("dropping malformed message from node %d: %s", frm, err)
+                except MessageError as err:
+                    self._refuse(frm, "malformed", str(err))
                     continue
                 if m.frm != frm or m.to != self.node_id or m.type == MessageType.SNAP:
-                    log.warning("dropping message with forged addressing from node %d", frm)
+                    self._refuse(frm, "addressing", f"{m.type.name} from {m.frm} to {m.to} in a batch from {frm}")
                     continue
                 self.received_messages += 1
                 self.deliver(m)
@@ -85,6 +117,7 @@ class RaftService(raft_pb2_grpc.RaftServicer):
         self, request_iterator: AsyncIterator[raft_pb2.SnapshotChunk], context: grpc.aio.ServicerContext
     ) -> raft_pb2.SnapshotDone:
         head: raft_pb2.RaftMessage | None = None
+        sender = 0
         self.snapshot_dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix="recv-", suffix=".snap", dir=self.snapshot_dir)
         path = Path(name)
@@ -93,7 +126,8 @@ class RaftService(raft_pb2_grpc.RaftServicer):
             with os.fdopen(fd, "wb") as f:
                 async for chunk in request_iterator:
                     if head is None:
-                        await self._check(chunk.cluster_id, getattr(chunk, "from"), chunk.to, context)
+                        sender = getattr(chunk, "from")
+                        await self._check(chunk.cluster_id, sender, chunk.to, context)
                         if not chunk.HasField("message"):
                             return raft_pb2.SnapshotDone(installed=False, error="first chunk carries no message")
                         head = chunk.message
@@ -106,9 +140,17 @@ class RaftService(raft_pb2_grpc.RaftServicer):
                 os.fsync(f.fileno())
             if head is None or not complete:
                 return raft_pb2.SnapshotDone(installed=False, error="snapshot stream ended early")
-            m = from_proto(head, snapshot_data=str(path).encode())
-            if m.type != MessageType.SNAP or m.snapshot is None:
-                return raft_pb2.SnapshotDone(installed=False, error="first chunk is not a snapshot message")
+            frm = sender
+            try:
+                m = from_proto(head, snapshot_data=str(path).encode())
+                if m.type != MessageType.SNAP or m.snapshot is None:
+                    raise MessageError("first chunk is not a snapshot message")
+                if m.to != self.node_id or m.frm != frm:
+                    raise MessageError(f"snapshot message from {m.frm} to {m.to} in a stream from {frm}")
+                await asyncio.to_thread(_verify_snapshot_file, path, m)  # reads the whole file
+            except (MessageError, SnapshotFormatError) as err:
+                self._refuse(frm, "snapshot", str(err))
+                return raft_pb2.SnapshotDone(installed=False, error=f"refused: {err}")
             self.deliver(m)
             path = Path()  # handed over: the store deletes it once installed (or it is superseded)
             return raft_pb2.SnapshotDone(installed=True)
@@ -116,3 +158,21 @@ class RaftService(raft_pb2_grpc.RaftServicer):
             if path != Path():
                 with contextlib.suppress(OSError):
                     path.unlink()
+
+
+def _verify_snapshot_file(path: Path, m: Message) -> None:
+    """Read the whole received file (bounded memory) and check it is the snapshot `m` announces:
+    raises SnapshotFormatError otherwise."""
+    assert m.snapshot is not None
+    meta = m.snapshot.meta
+    with SnapshotFile(path) as sf:
+        h = sf.header
+        if h.group != m.group or (h.meta.index, h.meta.term) != (meta.index, meta.term) or (
+            sorted(h.meta.conf_state.voters), sorted(h.meta.conf_state.learners)
+        ) != (list(meta.conf_state.voters), list(meta.conf_state.learners)):
+            raise SnapshotFormatError(
+                f"snapshot file of group {h.group} at {h.meta.index}/{h.meta.term} does not match its message "
+                f"(group {m.group} at {meta.index}/{meta.term})"
+            )
+        for _ in sf.records():
+            pass

@@ -101,20 +101,24 @@ class GetShardMapResponse(_message.Message):
     def __init__(self, error: _Optional[_Union[_kv_pb2.Error, _Mapping]] = ..., map: _Optional[bytes] = ..., version: _Optional[int] = ...) -> None: ...
 
 class GroupProposeRequest(_message.Message):
-    __slots__ = ("group", "command", "conf_change", "read_barrier", "transfer", "transfer_to")
+    __slots__ = ("group", "command", "conf_change", "read_barrier", "transfer", "transfer_to", "cluster_id", "from_node")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
     CONF_CHANGE_FIELD_NUMBER: _ClassVar[int]
     READ_BARRIER_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_TO_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_NODE_FIELD_NUMBER: _ClassVar[int]
     group: int
     command: bytes
     conf_change: bytes
     read_barrier: bool
     transfer: bool
     transfer_to: int
-    def __init__(self, group: _Optional[int] = ..., command: _Optional[bytes] = ..., conf_change: _Optional[bytes] = ..., read_barrier: _Optional[bool] = ..., transfer: _Optional[bool] = ..., transfer_to: _Optional[int] = ...) -> None: ...
+    cluster_id: str
+    from_node: int
+    def __init__(self, group: _Optional[int] = ..., command: _Optional[bytes] = ..., conf_change: _Optional[bytes] = ..., read_barrier: _Optional[bool] = ..., transfer: _Optional[bool] = ..., transfer_to: _Optional[int] = ..., cluster_id: _Optional[str] = ..., from_node: _Optional[int] = ...) -> None: ...
 
 class GroupProposeResponse(_message.Message):
     __slots__ = ("error", "result", "index")
@@ -127,16 +131,20 @@ class GroupProposeResponse(_message.Message):
     def __init__(self, error: _Optional[_Union[_kv_pb2.Error, _Mapping]] = ..., result: _Optional[bytes] = ..., index: _Optional[int] = ...) -> None: ...
 
 class ExportRangeRequest(_message.Message):
-    __slots__ = ("group", "lo", "hi", "chunk_bytes")
+    __slots__ = ("group", "lo", "hi", "chunk_bytes", "cluster_id", "from_node")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     LO_FIELD_NUMBER: _ClassVar[int]
     HI_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_NODE_FIELD_NUMBER: _ClassVar[int]
     group: int
     lo: _containers.RepeatedScalarFieldContainer[int]
     hi: _containers.RepeatedScalarFieldContainer[int]
     chunk_bytes: int
-    def __init__(self, group: _Optional[int] = ..., lo: _Optional[_Iterable[int]] = ..., hi: _Optional[_Iterable[int]] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    cluster_id: str
+    from_node: int
+    def __init__(self, group: _Optional[int] = ..., lo: _Optional[_Iterable[int]] = ..., hi: _Optional[_Iterable[int]] = ..., chunk_bytes: _Optional[int] = ..., cluster_id: _Optional[str] = ..., from_node: _Optional[int] = ...) -> None: ...
 
 class ExportRangeChunk(_message.Message):
     __slots__ = ("error", "records", "keys")
