@@ -912,7 +912,7 @@ def test_garbage_messages_are_clear() -> None:
         good[:1] + b"\x09" + good[2:]: "unknown command op 9",
         good[:-1]: "truncated",
         good + b"x": "trailing",
-        cmds.encode_put(b"k", b"v")[:28]: "truncated",
+        cmds.encode_put(b"k", b"v")[:37]: "truncated",
     }
     for data, msg in cases.items():
         with pytest.raises(ValueError, match=msg):
