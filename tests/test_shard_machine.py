@@ -17,7 +17,7 @@ from kvstore.shard.ranges import HASH_MAX, IntervalSet, key_hash
 from kvstore.storage import commands as cmds
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
-from kvstore.storage.machine import STALE_REQUEST, DictState, SessionHead, apply_data
+from kvstore.storage.machine import STALE_REQUEST, DictState, SessionHead
 from kvstore.storage.shardcmd import (
     REC_DATA,
     REC_FLOOR,
