@@ -27,6 +27,7 @@ __all__ = [
     "NotLeader",
     "ProposalDropped",
     "RequestTooLarge",
+    "SessionExpired",
     "ShuttingDown",
     "StaleReplica",
     "StorageFull",
@@ -235,6 +236,18 @@ class StaleReplica(KVError):
     default_message = "replica cannot serve this read now"
 
 
+class SessionExpired(KVError):
+    """Indeterminate: a retried write reached its group after the client's session there had
+    expired (groups keep a bounded number of sessions, evicting the least recently used and idle
+    ones). The retry was not applied, but an earlier attempt of the write may have been; retrying
+    again cannot tell, so the client reports it to the caller."""
+
+    code = kv_pb2.SESSION_EXPIRED
+    code_name = "SESSION_EXPIRED"
+    write_may_have_applied = True
+    default_message = "session expired"
+
+
 class InternalError(KVError):
     """Indeterminate (for writes): an unexpected server failure; the write may have been applied."""
 
@@ -274,6 +287,7 @@ _BY_CODE: dict[int, type[KVError]] = {
     kv_pb2.SHUTTING_DOWN: ShuttingDown,
     kv_pb2.INTERNAL: InternalError,
     kv_pb2.STALE_REPLICA: StaleReplica,
+    kv_pb2.SESSION_EXPIRED: SessionExpired,
 }
 
 

@@ -287,6 +287,47 @@ def test_indeterminate_retries_reuse_session_exactly_once(cluster: FakeCluster) 
     assert [a for a in cluster.applied if a[0] == "Put"] == [("Put", puts[0].client_id, puts[0].seq, b"k")]
 
 
+def test_retry_after_indeterminate_carries_retry_and_horizon(cluster: FakeCluster) -> None:
+    """A write's attempts after an indeterminate outcome say `retry` and carry the highest index
+    the client had seen from the group before the first attempt; definite refusals do not."""
+    cluster.script(1, Action("error", kv_pb2.PROPOSAL_DROPPED, methods=("Put",)))  # definite
+    seen = []
+
+    async def main() -> None:
+        async with AsyncClient(cluster.endpoints, **FAST) as c:
+            await c.put(b"a", b"1")
+            await c.put(b"b", b"2")  # the reply carries the fake's entry index
+            seen.append(cluster.index)
+            cluster.script(1, Action("error", kv_pb2.TIMEOUT, indeterminate=True, apply=True, methods=("Put",)),
+                           Action("error", kv_pb2.LEADERSHIP_LOST, indeterminate=True, methods=("Put",)))
+            await c.put(b"c", b"3")
+
+    run(main())
+    # (The client may also try another node after a TIMEOUT: it answers NOT_LEADER.)
+    puts = [(p.key, p.retry, p.horizon) for p in cluster.kv_calls("Put") if p.node == 1]
+    assert puts == [
+        (b"a", False, 0), (b"a", False, 0),  # a definite refusal is not a reason for `retry`
+        (b"b", False, 0),
+        (b"c", False, 0), (b"c", True, seen[0]), (b"c", True, seen[0]),
+    ], puts
+    assert seen[0] > 0
+
+
+def test_session_expired_is_indeterminate_and_not_retried(cluster: FakeCluster) -> None:
+    cluster.script(1, Action("error", kv_pb2.TIMEOUT, indeterminate=True, apply=True, methods=("Put",)),
+                   Action("error", kv_pb2.SESSION_EXPIRED, methods=("Put",)))
+
+    async def main() -> None:
+        async with AsyncClient(cluster.endpoints, **FAST) as c:
+            with pytest.raises(errors.SessionExpired) as ei:
+                await c.put(b"k", b"v")
+            assert ei.value.indeterminate and "may have been applied" in str(ei.value)
+
+    run(main())
+    puts = [(p.retry, p.horizon) for p in cluster.kv_calls("Put") if p.node == 1]
+    assert puts == [(False, 0), (True, 0)], puts  # answered SESSION_EXPIRED: not tried again
+
+
 def test_indeterminate_until_deadline_raises_indeterminate_timeout(cluster: FakeCluster) -> None:
     cluster.script(1, *[Action("error", kv_pb2.TIMEOUT, indeterminate=True, methods=("Put",))] * 1000)
 

@@ -37,6 +37,8 @@ class Call:
     seq: int = 0
     ack: int = 0
     key: bytes = b""
+    retry: bool = False
+    horizon: int = 0
 
 
 @dataclass
@@ -244,7 +246,8 @@ class _KV(kv_pb2_grpc.KVServicer):
         s = getattr(request, "session", None)
         self.c.calls.append(
             Call(self.node.id, method, s.client_id if s else 0, s.seq if s else 0, s.ack if s else 0,
-                 request.start if method in ("Scan", "ScanOnce") else request.key)
+                 request.start if method in ("Scan", "ScanOnce") else request.key,
+                 bool(s.retry) if s else False, s.horizon if s else 0)
         )
         if self.node.hang:
             await asyncio.sleep(60)

@@ -17,7 +17,7 @@ from kvstore.shard.ranges import HASH_MAX, IntervalSet, key_hash
 from kvstore.storage import commands as cmds
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
-from kvstore.storage.machine import STALE_REQUEST, DictState, apply_data
+from kvstore.storage.machine import STALE_REQUEST, DictState, SessionHead
 from kvstore.storage.shardcmd import (
     REC_DATA,
     REC_FLOOR,
@@ -98,7 +98,7 @@ class DictBackend:
 
     def run(self, g: int, *datas: bytes) -> list[ApplyResult]:
         st = self.states.setdefault(g, DictState())
-        return [apply_data(st, d) for d in datas]
+        return [st.apply(d) for d in datas]
 
     def image(self, g: int) -> Image:
         st = self.states.setdefault(g, DictState())
@@ -129,8 +129,8 @@ def lmdb_image(store: NodeStore, g: int) -> Image:
         if tag == TAG_DATA:
             img.data[k] = v
         elif tag == TAG_SESSION and len(k) == 8:
-            img.floors[int.from_bytes(k, "big")] = int.from_bytes(v, "big")
-        elif tag == TAG_SESSION:
+            img.floors[int.from_bytes(k, "big")] = SessionHead.decode(v).floor
+        elif tag == TAG_SESSION and len(k) == 16:
             img.results[(int.from_bytes(k[:8], "big"), int.from_bytes(k[8:], "big"))] = v
         elif tag == TAG_SHARDS:
             img.shards = ShardState.decode(v)

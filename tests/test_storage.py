@@ -578,11 +578,11 @@ def test_exactly_once_sessions(tmp_path: Path) -> None:
     # Another client and client 0 (no session) are independent.
     r = _apply(store, 1, [cmds.encode_put(b"k", b"x", 10, 1, 1), cmds.encode_put(b"k", b"v2")])
     assert r == [ApplyResult(), ApplyResult()]
-    # Client 9: floor row + results of seq 1 and 2; client 10: floor row + seq 1.
-    assert store.stats()["rows"]["sessions"] == 3 + 2
+    # Client 9: head row + results of seq 1 and 2; client 10: head row + seq 1; the meta row.
+    assert store.stats()["rows"]["sessions"] == 3 + 2 + 1
     # ack=3 says the replies for seq 1 and 2 arrived: their rows are garbage-collected.
     r = _apply(store, 1, [cmds.encode_put(b"j", b"1", 9, 3, 3)])
-    assert store.stats()["rows"]["sessions"] == 2 + 2
+    assert store.stats()["rows"]["sessions"] == 2 + 2 + 1
     # A delayed duplicate of an acknowledged request is refused, not re-applied.
     r = _apply(
         store, 1, [cmds.encode_cas(b"k", True, b"", b"v1", 9, 1, 1), cmds.encode_delete(b"k", 9, 2, 1)]
@@ -912,7 +912,7 @@ def test_garbage_messages_are_clear() -> None:
         good[:1] + b"\x09" + good[2:]: "unknown command op 9",
         good[:-1]: "truncated",
         good + b"x": "trailing",
-        cmds.encode_put(b"k", b"v")[:28]: "truncated",
+        cmds.encode_put(b"k", b"v")[:37]: "truncated",
     }
     for data, msg in cases.items():
         with pytest.raises(ValueError, match=msg):

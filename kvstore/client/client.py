@@ -374,6 +374,9 @@ class AsyncClient:
         self._map_fetch: asyncio.Task[None] | None = None
         self._next_seq = 1
         self._inflight: dict[int, None] = {}  # seqs of writes in flight, in increasing order
+        #: Per group, the highest applied index seen in a write reply (a committed index): a write's
+        #: retry sends it as the session's horizon (see :mod:`kvstore.storage.machine`).
+        self._seen: dict[int, int] = {}
         self._closed = False
         self._discovery: asyncio.Task[None] | None = None
         if read_preference not in READ_PREFERENCES:
@@ -644,9 +647,12 @@ class AsyncClient:
         retry_indeterminate: bool = True,
         error_of: Callable[[R], kv_pb2.Error | None] = lambda r: r.error,  # type: ignore[attr-defined]
         learns_leader: bool = True,
+        before_attempt: Callable[[int, bool], None] | None = None,
     ) -> R:
         """Run ``call(endpoint, attempt_timeout)`` until it succeeds, fails for good, or the
-        deadline passes. ``endpoint`` pins every attempt to one node (no routing)."""
+        deadline passes. ``endpoint`` pins every attempt to one node (no routing).
+        ``before_attempt(group, retry)`` runs before each attempt, ``retry`` saying whether an
+        earlier attempt's outcome was indeterminate."""
         backoff = Backoff(self.policy.backoff_base, self.policy.backoff_cap, rng=self._rng)
         attempts = 0
         redirects = 0
@@ -676,6 +682,8 @@ class AsyncClient:
                 break
             attempts += 1
             err: KVError
+            if before_attempt is not None:
+                before_attempt(group, indeterminate is not None)
             try:
                 resp = await call(target, attempt_timeout)
             except grpc.aio.AioRpcError as e:
@@ -896,17 +904,41 @@ class AsyncClient:
         self, op: str, key: bytes, make_request: Callable[[kv_pb2.Session], Any], timeout: float | None
     ) -> Any:
         """Run one write (`op`: put, delete or cas, the operation's name on the stream) under a
-        fresh session; every retry reuses that session (exactly-once)."""
+        fresh session; every retry reuses that session (exactly-once).
+
+        Until an attempt's outcome is indeterminate, each attempt records its group and the
+        highest index this client has seen from that group (the horizon). Once one is, every
+        later attempt carries ``retry`` and, if it goes to the recorded group, that horizon (0
+        otherwise): a group that evicted the session since then refuses it (SESSION_EXPIRED,
+        indeterminate) rather than applying it a second time."""
         session = self._begin_write()
+        seen = self._seen
+        # The group and horizon of the first attempt that may have applied, and the latest group.
+        first = [0, 0, 0]
+
         try:
             req = make_request(session)
+            s = req.session
+
+            def before_attempt(group: int, retry: bool) -> None:
+                if not retry:
+                    first[0] = group
+                    first[1] = seen.get(group, 0)
+                else:
+                    s.retry = True
+                    s.horizon = first[1] if group == first[0] else 0
+                first[2] = group
 
             def call(ep: str, t: float) -> Awaitable[Any]:
                 return self._mux(ep).call(op, req, t)
 
-            return await self._invoke(
-                op, call, deadline=self._deadline(timeout), is_write=True, key=key
+            resp = await self._invoke(
+                op, call, deadline=self._deadline(timeout), is_write=True, key=key, before_attempt=before_attempt
             )
+            group = first[2]
+            if resp.index > seen.get(group, 0):
+                seen[group] = resp.index
+            return resp
         finally:
             self._end_write(session)
 

@@ -64,6 +64,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 voters=st["voters"], learners=st["learners"],
             )
             self._replica_status(gs)
+            sm = self.host.store.session_meta(st["group"])
+            gs.sessions, gs.sessions_evicted = sm.count, sm.evicted
             for nid, pr in st["progress"].items():
                 gs.progress.append(
                     admin_pb2.GroupStatus.Progress(id=nid, match=pr["match"], next=pr["next"], state=pr["state"])

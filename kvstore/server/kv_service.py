@@ -110,6 +110,9 @@ class KVService(kv_pb2_grpc.KVServicer):
         """The applied command's result, or the definite error its state machine answered."""
         if result is not None and result.wrong_shard:
             raise self._wrong_shard(f"group {gid} no longer serves the key (it moved)")
+        if result is not None and result.session_expired:
+            # A retry after its session was evicted: not applied now; an earlier attempt may have been.
+            raise errors.SessionExpired(f"group {gid}: {result.error}")
         if result is not None and result.error:
             # The state machine refused it (e.g. a retry older than the session's ack): no effect.
             raise errors.InvalidArgument(result.error)
@@ -128,31 +131,38 @@ class KVService(kv_pb2_grpc.KVServicer):
         self._check_key(r.key)
         self._check_value(r.value)
         s = r.session
-        return r.key, commands.encode_put(r.key, r.value, s.client_id, s.seq, s.ack)
+        return r.key, commands.encode_put(r.key, r.value, s.client_id, s.seq, s.ack, s.retry, s.horizon)
 
     def prepare_delete(self, r: kv_pb2.DeleteRequest) -> tuple[bytes, bytes]:
         self._check_key(r.key)
         s = r.session
-        return r.key, commands.encode_delete(r.key, s.client_id, s.seq, s.ack)
+        return r.key, commands.encode_delete(r.key, s.client_id, s.seq, s.ack, s.retry, s.horizon)
 
     def prepare_cas(self, r: kv_pb2.CasRequest) -> tuple[bytes, bytes]:
         self._check_key(r.key)
         self._check_value(r.value)
         self._check_value(r.expected)
         s = r.session
-        return r.key, commands.encode_cas(r.key, r.expect_absent, r.expected, r.value, s.client_id, s.seq, s.ack)
+        return r.key, commands.encode_cas(
+            r.key, r.expect_absent, r.expected, r.value, s.client_id, s.seq, s.ack, s.retry, s.horizon
+        )
 
+    # Write replies carry the index of the entry that applied them (a committed index: the client
+    # learns the group's horizon from it, see kvstore.storage.machine).
     def put_reply(self, res: ApplyResult | None) -> kv_pb2.PutResponse:
-        return kv_pb2.PutResponse(error=self._ok())
+        return kv_pb2.PutResponse(error=self._ok(), index=0 if res is None else res.index)
 
     def delete_reply(self, res: ApplyResult | None) -> kv_pb2.DeleteResponse:
-        return kv_pb2.DeleteResponse(existed=bool(res is not None and res.existed), error=self._ok())
+        if res is None:
+            return kv_pb2.DeleteResponse(error=self._ok())
+        return kv_pb2.DeleteResponse(existed=bool(res.existed), error=self._ok(), index=res.index)
 
     def cas_reply(self, res: ApplyResult | None) -> kv_pb2.CasResponse:
         if res is None:
             return kv_pb2.CasResponse(error=self._ok())
         return kv_pb2.CasResponse(
-            swapped=bool(res.swapped), found=bool(res.found), current=res.current or b"", error=self._ok()
+            swapped=bool(res.swapped), found=bool(res.found), current=res.current or b"", error=self._ok(),
+            index=res.index,
         )
 
     def get_reply(self, gid: int, key: bytes, point: ReadPoint) -> kv_pb2.GetResponse:

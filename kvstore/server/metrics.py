@@ -13,6 +13,13 @@ class Metrics:
         self.is_leader = Gauge("kvstore_raft_is_leader", "1 if this node leads the group", ["group"], registry=r)
         self.commit = Gauge("kvstore_raft_commit_index", "Commit index", ["group"], registry=r)
         self.applied = Gauge("kvstore_raft_applied_index", "Applied index", ["group"], registry=r)
+        self.sessions = Gauge(
+            "kvstore_sessions", "Client sessions the group keeps (replicated state, capped)", ["group"], registry=r
+        )
+        self.sessions_evicted = Gauge(
+            "kvstore_sessions_evicted", "Client sessions the group evicted so far (replicated state)", ["group"],
+            registry=r,
+        )
         self.proposal_seconds = Histogram(
             "kvstore_proposal_seconds", "Time from proposal to applied", registry=r,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),

@@ -340,6 +340,9 @@ class Node:
             self.metrics.is_leader.labels(label).set(1 if core.role == Role.LEADER else 0)
             self.metrics.commit.labels(label).set(core.committed)
             self.metrics.applied.labels(label).set(core.applied)
+            sm = self.host.store.session_meta(gid)
+            self.metrics.sessions.labels(label).set(sm.count)
+            self.metrics.sessions_evicted.labels(label).set(sm.evicted)
         if self.reads is not None:
             self.reads.update_gauges()
 

@@ -4,17 +4,25 @@ The deterministic simulator imports this module; `tests/test_storage.py` walks i
 
 Command wire format (big-endian, `struct`; never pickle or json):
 
-    header   version:u8 (=1)  op:u8  client_id:u64  seq:u64  ack:u64        26 bytes
+    header   version:u8 (=2)  op:u8  client_id:u64  seq:u64  ack:u64
+             flags:u8 (bit 0 = retry)  horizon:u64                            35 bytes
+             (version 1, written by the previous release, is decoded too: its 26-byte header
+             stops after ack, with retry = False and horizon = 0)
     PUT      key_len:u32  key  value                          (value = the rest)
     DELETE   key_len:u32  key                                 (nothing may follow)
     CAS      flags:u8 (bit 0 = expect_absent)  key_len:u32  expected_len:u32  key  expected  value
 
 Session fields: `client_id` 0 means "no session" (no deduplication); otherwise (client_id, seq)
 names the request for exactly-once application, and `ack` says "the client has received replies
-for every seq < ack" so the state machine may forget those results.
+for every seq < ack" so the state machine may forget those results. `retry` says "an earlier
+attempt of this write may have been applied" and `horizon` is the highest applied index of the
+target group the client had seen in any reply before its first attempt that may have applied
+(0 = unknown); together they let the state machine refuse a retry whose session expired
+(`machine.apply_command`, result flag `session_expired`) instead of applying it a second time.
 
 Result format: version:u8 (=1)  flags:u8  [current_len:u32 current]  [error: utf-8, the rest]
-with flags bit 0 swapped, 1 found, 2 existed, 3 current present, 4 error present.
+with flags bit 0 swapped, 1 found, 2 existed, 3 current present, 4 error present, 5 wrong shard,
+6 session expired (never cached: such a result only answers the request that got it).
 
 Invariants:
 - `decode_command(encode_command(c)) == c` for every valid command;
@@ -28,9 +36,11 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FORMAT_VERSION_1 = 1
+"""The previous release's format (no retry flag, no horizon): still decoded."""
 RESULT_VERSION = 1
 
 MAX_KEY_SIZE = 503
@@ -38,7 +48,9 @@ MAX_KEY_SIZE = 503
 
 U64_MAX = (1 << 64) - 1
 
-_HEAD = struct.Struct(">BBQQQ")
+_HEAD = struct.Struct(">BBQQQBQ")
+_HEAD_V1 = struct.Struct(">BBQQQ")
+_RETRY = 0x01
 _U32 = struct.Struct(">I")
 _CAS = struct.Struct(">BII")
 _RES = struct.Struct(">BB")
@@ -51,7 +63,8 @@ _R_EXISTED = 0x04
 _R_CURRENT = 0x08
 _R_ERROR = 0x10
 _R_WRONG_SHARD = 0x20
-_R_ALL = _R_SWAPPED | _R_FOUND | _R_EXISTED | _R_CURRENT | _R_ERROR | _R_WRONG_SHARD
+_R_SESSION_EXPIRED = 0x40
+_R_ALL = _R_SWAPPED | _R_FOUND | _R_EXISTED | _R_CURRENT | _R_ERROR | _R_WRONG_SHARD | _R_SESSION_EXPIRED
 
 
 class Op(enum.IntEnum):
@@ -79,14 +92,24 @@ class Command:
     client_id: int = 0
     seq: int = 0
     ack: int = 0
+    retry: bool = False
+    """An earlier attempt of this write may have been applied."""
+    horizon: int = 0
+    """The highest applied index of the target group the client had seen before its first attempt
+    that may have applied (0 = unknown)."""
 
     @classmethod
-    def put(cls, key: bytes, value: bytes, client_id: int = 0, seq: int = 0, ack: int = 0) -> Command:
-        return cls(Op.PUT, key, value, client_id=client_id, seq=seq, ack=ack)
+    def put(
+        cls, key: bytes, value: bytes, client_id: int = 0, seq: int = 0, ack: int = 0,
+        retry: bool = False, horizon: int = 0,
+    ) -> Command:
+        return cls(Op.PUT, key, value, b"", False, client_id, seq, ack, retry, horizon)
 
     @classmethod
-    def delete(cls, key: bytes, client_id: int = 0, seq: int = 0, ack: int = 0) -> Command:
-        return cls(Op.DELETE, key, client_id=client_id, seq=seq, ack=ack)
+    def delete(
+        cls, key: bytes, client_id: int = 0, seq: int = 0, ack: int = 0, retry: bool = False, horizon: int = 0
+    ) -> Command:
+        return cls(Op.DELETE, key, b"", b"", False, client_id, seq, ack, retry, horizon)
 
     @classmethod
     def cas(
@@ -98,8 +121,10 @@ class Command:
         client_id: int = 0,
         seq: int = 0,
         ack: int = 0,
+        retry: bool = False,
+        horizon: int = 0,
     ) -> Command:
-        return cls(Op.CAS, key, value, expected, expect_absent, client_id, seq, ack)
+        return cls(Op.CAS, key, value, expected, expect_absent, client_id, seq, ack, retry, horizon)
 
 
 @dataclass(slots=True)
@@ -119,6 +144,12 @@ class ApplyResult:
     error: str | None = None
     wrong_shard: bool = False
     """The group does not serve the key (not applied, never cached; `error` says so too)."""
+    session_expired: bool = False
+    """A retry whose session expired: not applied now, never cached, `error` says so too; an
+    earlier attempt may have been applied (indeterminate for the client)."""
+    index: int = field(default=0, compare=False)
+    """The log index of the entry that produced this result (set by the caller that applied it;
+    not part of the encoded result)."""
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -128,10 +159,12 @@ def encode_command(cmd: Command) -> bytes:
     key = bytes(cmd.key)
     if len(key) > MAX_KEY_SIZE:
         raise ValueError(f"key of {len(key)} bytes exceeds the maximum of {MAX_KEY_SIZE}")
-    for name, n in (("client_id", cmd.client_id), ("seq", cmd.seq), ("ack", cmd.ack)):
+    for name, n in (("client_id", cmd.client_id), ("seq", cmd.seq), ("ack", cmd.ack), ("horizon", cmd.horizon)):
         if not 0 <= n <= U64_MAX:
             raise ValueError(f"{name} {n} is not a 64-bit unsigned integer")
-    head = _HEAD.pack(FORMAT_VERSION, int(cmd.op), cmd.client_id, cmd.seq, cmd.ack)
+    head = _HEAD.pack(
+        FORMAT_VERSION, int(cmd.op), cmd.client_id, cmd.seq, cmd.ack, _RETRY if cmd.retry else 0, cmd.horizon
+    )
     if cmd.op == Op.PUT:
         return b"".join((head, _U32.pack(len(key)), key, cmd.value))
     if cmd.op == Op.DELETE:
@@ -144,12 +177,16 @@ def encode_command(cmd: Command) -> bytes:
     raise ValueError(f"unknown command op {cmd.op!r}")
 
 
-def encode_put(key: bytes, value: bytes, client_id: int = 0, seq: int = 0, ack: int = 0) -> bytes:
-    return encode_command(Command.put(key, value, client_id, seq, ack))
+def encode_put(
+    key: bytes, value: bytes, client_id: int = 0, seq: int = 0, ack: int = 0, retry: bool = False, horizon: int = 0
+) -> bytes:
+    return encode_command(Command.put(key, value, client_id, seq, ack, retry, horizon))
 
 
-def encode_delete(key: bytes, client_id: int = 0, seq: int = 0, ack: int = 0) -> bytes:
-    return encode_command(Command.delete(key, client_id, seq, ack))
+def encode_delete(
+    key: bytes, client_id: int = 0, seq: int = 0, ack: int = 0, retry: bool = False, horizon: int = 0
+) -> bytes:
+    return encode_command(Command.delete(key, client_id, seq, ack, retry, horizon))
 
 
 def encode_cas(
@@ -160,23 +197,38 @@ def encode_cas(
     client_id: int = 0,
     seq: int = 0,
     ack: int = 0,
+    retry: bool = False,
+    horizon: int = 0,
 ) -> bytes:
-    return encode_command(Command.cas(key, expect_absent, expected, value, client_id, seq, ack))
+    return encode_command(Command.cas(key, expect_absent, expected, value, client_id, seq, ack, retry, horizon))
 
 
 def decode_command(data: bytes) -> Command:
     """Decode a command. Raises ValueError (with a clear message) for anything malformed."""
     data = bytes(data)
     n = len(data)
-    if n < _HEAD.size:
-        raise ValueError(f"command too short: {n} bytes, the header alone is {_HEAD.size}")
-    version, op, client_id, seq, ack = _HEAD.unpack_from(data)
-    if version != FORMAT_VERSION:
-        raise ValueError(f"unknown command format version {version} (expected {FORMAT_VERSION})")
+    if n < 1:
+        raise ValueError("command too short: 0 bytes")
+    version = data[0]
+    if version == FORMAT_VERSION:
+        if n < _HEAD.size:
+            raise ValueError(f"command too short: {n} bytes, the header alone is {_HEAD.size}")
+        _, op, client_id, seq, ack, cflags, horizon = _HEAD.unpack_from(data)
+        if cflags & ~_RETRY:
+            raise ValueError(f"command has unknown session flags {cflags:#x}")
+        retry = bool(cflags & _RETRY)
+        pos = _HEAD.size
+    elif version == FORMAT_VERSION_1:
+        if n < _HEAD_V1.size:
+            raise ValueError(f"command too short: {n} bytes, the header alone is {_HEAD_V1.size}")
+        _, op, client_id, seq, ack = _HEAD_V1.unpack_from(data)
+        retry, horizon = False, 0
+        pos = _HEAD_V1.size
+    else:
+        raise ValueError(f"unknown command format version {version} (expected {FORMAT_VERSION} or {FORMAT_VERSION_1})")
     kind = _OPS.get(op)
     if kind is None:
         raise ValueError(f"unknown command op {op}")
-    pos = _HEAD.size
     if kind == Op.CAS:
         if n < pos + _CAS.size:
             raise ValueError("CAS command truncated in its length fields")
@@ -194,7 +246,7 @@ def decode_command(data: bytes) -> Command:
         key = data[pos : pos + klen]
         expected = data[pos + klen : pos + klen + elen]
         value = data[pos + klen + elen :]
-        return Command(Op.CAS, key, value, expected, absent, client_id, seq, ack)
+        return Command(Op.CAS, key, value, expected, absent, client_id, seq, ack, retry, horizon)
     if n < pos + _U32.size:
         raise ValueError(f"{kind.name} command truncated in its key length")
     (klen,) = _U32.unpack_from(data, pos)
@@ -205,10 +257,10 @@ def decode_command(data: bytes) -> Command:
         raise ValueError(f"{kind.name} command truncated: key needs {pos + klen} bytes, has {n}")
     key = data[pos : pos + klen]
     if kind == Op.PUT:
-        return Command(Op.PUT, key, data[pos + klen :], client_id=client_id, seq=seq, ack=ack)
+        return Command(Op.PUT, key, data[pos + klen :], b"", False, client_id, seq, ack, retry, horizon)
     if pos + klen != n:
         raise ValueError(f"DELETE command has {n - pos - klen} trailing bytes")
-    return Command(Op.DELETE, key, client_id=client_id, seq=seq, ack=ack)
+    return Command(Op.DELETE, key, b"", b"", False, client_id, seq, ack, retry, horizon)
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -220,6 +272,7 @@ def encode_result(res: ApplyResult) -> bytes:
         | (_R_CURRENT if res.current is not None else 0)
         | (_R_ERROR if res.error is not None else 0)
         | (_R_WRONG_SHARD if res.wrong_shard else 0)
+        | (_R_SESSION_EXPIRED if res.session_expired else 0)
     )
     parts = [_RES.pack(RESULT_VERSION, flags)]
     if res.current is not None:
@@ -261,5 +314,5 @@ def decode_result(data: bytes) -> ApplyResult:
         raise ValueError(f"result has {n - pos} trailing bytes")
     return ApplyResult(
         bool(flags & _R_SWAPPED), bool(flags & _R_FOUND), bool(flags & _R_EXISTED), current, error,
-        bool(flags & _R_WRONG_SHARD),
+        bool(flags & _R_WRONG_SHARD), bool(flags & _R_SESSION_EXPIRED),
     )

@@ -34,7 +34,7 @@ from kvstore.raft.types import (
 )
 from kvstore.shard.ranges import IntervalSet, key_hash
 
-from .commands import MAX_KEY_SIZE, ApplyResult
+from .commands import MAX_KEY_SIZE, ApplyResult, decode_result
 from .errors import SnapshotFormatError, StorageError
 from .layout import (
     DB_APPLIED,
@@ -42,10 +42,12 @@ from .layout import (
     DB_MEMBERS,
     DB_RAFTLOG,
     DB_RAFTSTATE,
+    DB_SESSION_LRU,
     DB_SESSIONS,
     DB_SHARDS,
     LOG_BASE_TAG,
     LOG_VALUE,
+    SESSION_META_TAG,
     U64,
     U64_PAIR,
     decode_applied,
@@ -55,7 +57,7 @@ from .layout import (
     group_prefix,
     log_key,
 )
-from .machine import apply_data
+from .machine import LIMITS, SessionHead, SessionLimits, SessionMeta, apply_data
 from .shardcmd import REC_DATA, REC_FLOOR, REC_RESULT, ShardState, encode_record
 from .snapfile import TAG_DATA, TAG_MEMBER, TAG_SESSION, TAG_SHARDS, Record, SnapshotFile, encode_snapshot
 
@@ -80,20 +82,25 @@ class AppliedState:
 
 
 class LmdbGroupView:
-    """`machine.StateView` of one group inside a write transaction."""
+    """`machine.StateView` of one group inside a write transaction. The session meta row is read
+    once and written through on every change."""
 
-    __slots__ = ("_data", "_p", "_sessions", "_shards_db", "_txn", "changed", "shards")
+    __slots__ = ("_data", "_lru", "_meta", "_p", "_sessions", "_shards_db", "_txn", "changed", "index", "shards")
 
     def __init__(
-        self, txn: Txn, group: int, data: Db, sessions: Db, shards_db: Db, shards: ShardState | None
+        self, txn: Txn, group: int, data: Db, sessions: Db, shards_db: Db, shards: ShardState | None,
+        lru: Db,
     ) -> None:
         self._txn = txn
         self._p = group_prefix(group)
         self._data = data
         self._sessions = sessions
         self._shards_db = shards_db
+        self._lru = lru
+        self._meta: SessionMeta | None = None
         self.shards = shards
         self.changed = False
+        self.index = 0
 
     def set_shards(self, st: ShardState) -> None:
         self.shards = st
@@ -117,9 +124,6 @@ class LmdbGroupView:
             elif not cur.next():
                 return n
 
-    def raise_floor(self, client_id: int, old_floor: int, new_floor: int) -> None:
-        self._set_floor(client_id, old_floor, new_floor)
-
     def get(self, key: bytes) -> bytes | None:
         return self._txn.get(self._p + key, db=self._data)
 
@@ -129,22 +133,63 @@ class LmdbGroupView:
     def delete(self, key: bytes) -> bool:
         return self._txn.delete(self._p + key, db=self._data)
 
-    def session_floor(self, client_id: int) -> int:
+    # --- sessions -----------------------------------------------------------------------------
+    def session_head(self, client_id: int) -> SessionHead | None:
         raw = self._txn.get(self._p + U64.pack(client_id), db=self._sessions)
-        return 0 if raw is None else int(U64.unpack(raw)[0])
+        return None if raw is None else _decode_head(raw)
+
+    def set_session_head(self, client_id: int, head: SessionHead, old: SessionHead | None) -> None:
+        txn, p = self._txn, self._p
+        if old is not None:
+            txn.delete(p + U64_PAIR.pack(old.last, client_id), db=self._lru)
+        txn.put(p + U64.pack(client_id), head.encode(), db=self._sessions)
+        txn.put(p + U64_PAIR.pack(head.last, client_id), b"", db=self._lru)
+
+    def delete_session(self, client_id: int, head: SessionHead) -> None:
+        txn, db, p = self._txn, self._sessions, self._p
+        txn.delete(p + U64_PAIR.pack(head.last, client_id), db=self._lru)
+        txn.delete(p + U64.pack(client_id), db=db)
+        # The cached results: group + client + seq keys, contiguous after the head row.
+        start = p + U64.pack(client_id)
+        cur = txn.cursor(db=db)
+        if not cur.set_range(start + bytes(8)):
+            return
+        while cur.key()[:16] == start:
+            if not cur.delete():
+                break
+
+    def oldest_session(self) -> tuple[int, int] | None:
+        p = self._p
+        cur = self._txn.cursor(db=self._lru)
+        if not cur.set_range(p):
+            return None
+        k = cur.key()
+        if k[:8] != p:
+            return None
+        last, cid = U64_PAIR.unpack_from(k, 8)
+        return int(last), int(cid)
+
+    def session_meta(self) -> SessionMeta:
+        m = self._meta
+        if m is None:
+            raw = self._txn.get(self._p + SESSION_META_TAG, db=self._sessions)
+            m = self._meta = SessionMeta() if raw is None else _decode_meta(raw)
+        return m
+
+    def set_session_meta(self, meta: SessionMeta) -> None:
+        self._meta = meta
+        self._txn.put(self._p + SESSION_META_TAG, meta.encode(), db=self._sessions)
 
     def session_result(self, client_id: int, seq: int) -> bytes | None:
         return self._txn.get(self._p + U64_PAIR.pack(client_id, seq), db=self._sessions)
 
-    def record_session(self, client_id: int, seq: int, result: bytes, old_floor: int, new_floor: int) -> None:
+    def put_session_result(self, client_id: int, seq: int, result: bytes) -> None:
         self._txn.put(self._p + U64_PAIR.pack(client_id, seq), result, db=self._sessions)
-        self._set_floor(client_id, old_floor, new_floor)
 
-    def _set_floor(self, client_id: int, old_floor: int, new_floor: int) -> None:
+    def forget_results(self, client_id: int, old_floor: int, new_floor: int) -> None:
         txn, db, p = self._txn, self._sessions, self._p
         if new_floor <= old_floor:
             return
-        txn.put(p + U64.pack(client_id), U64.pack(new_floor), db=db)
         # Rows below old_floor are already gone: only [old_floor, new_floor) can remain.
         if new_floor - old_floor <= 16:
             for s in range(old_floor, new_floor):
@@ -157,6 +202,20 @@ class LmdbGroupView:
         while cur.key() < end:
             if not cur.delete():
                 break
+
+
+def _decode_head(raw: bytes) -> SessionHead:
+    try:
+        return SessionHead.decode(bytes(raw))
+    except ValueError as err:
+        raise StorageError(f"corrupt session head row: {err}") from None
+
+
+def _decode_meta(raw: bytes) -> SessionMeta:
+    try:
+        return SessionMeta.decode(bytes(raw))
+    except ValueError as err:
+        raise StorageError(f"corrupt session meta row: {err}") from None
 
 
 def _apply_member(txn: Txn, db: Db, group: int, data: bytes) -> None:
@@ -202,11 +261,14 @@ class TxnStream(Generic[T]):
 class KVState:
     """The state machine of every group on one node's env; caches each group's `AppliedState`."""
 
-    __slots__ = ("_applied", "_env")
+    __slots__ = ("_applied", "_env", "session_limits")
 
-    def __init__(self, env: LmdbEnv) -> None:
+    def __init__(self, env: LmdbEnv, session_limits: SessionLimits = LIMITS) -> None:
         self._env = env
         self._applied: dict[int, AppliedState] = {}
+        self.session_limits = session_limits
+        """Part of the replicated apply logic: the defaults everywhere (tests may use small ones
+        on every replica alike); never a per-node setting."""
 
     # --- applied index ----------------------------------------------------------------------
     def applied(self, group: int) -> AppliedState:
@@ -233,7 +295,10 @@ class KVState:
     ) -> tuple[list[ApplyResult | None], AppliedState]:
         """Apply `entries` (committed, in order) after `cur`; returns the results and the new state."""
         env = self._env
-        view = LmdbGroupView(txn, group, env.db(DB_DATA), env.db(DB_SESSIONS), env.db(DB_SHARDS), cur.shards)
+        view = LmdbGroupView(
+            txn, group, env.db(DB_DATA), env.db(DB_SESSIONS), env.db(DB_SHARDS), cur.shards, env.db(DB_SESSION_LRU)
+        )
+        limits = self.session_limits
         idx = cur.index
         results: list[ApplyResult | None] = []
         for e in entries:
@@ -243,8 +308,13 @@ class KVState:
             if e.index != idx + 1:
                 raise RaftError(f"group {group}: entry {e.index} applied after {idx}: entries would be lost")
             idx = e.index
-            if e.type == _NORMAL:
-                results.append(apply_data(view, e.data) if e.data else None)
+            if e.type == _NORMAL and e.data:
+                view.index = idx
+                res = apply_data(view, e.data, limits)
+                res.index = idx
+                results.append(res)
+            elif e.type == _NORMAL:
+                results.append(None)
             else:
                 results.append(None)
                 if e.type == _CONF_CHANGE:
@@ -284,6 +354,9 @@ class KVState:
             }
             put = txn.put
             shards = None
+            lru = env.db(DB_SESSION_LRU)
+            heads = 0
+            smeta = SessionMeta()
             for tag, key, value in sf.records():
                 if tag == TAG_SHARDS:
                     shards = _decode_shards(value)
@@ -291,14 +364,31 @@ class KVState:
                     continue
                 if len(key) > MAX_KEY_SIZE:
                     raise SnapshotFormatError(f"snapshot file {path} has a key of {len(key)} bytes")
+                if tag == TAG_SESSION:
+                    try:
+                        if len(key) == 8:  # a head row: its LRU row is derived from it
+                            head = SessionHead.decode(value)
+                            put(p + U64_PAIR.pack(head.last, U64.unpack(key)[0]), b"", db=lru)
+                            heads += 1
+                        elif len(key) == 16:
+                            decode_result(value)
+                        elif key == SESSION_META_TAG:
+                            smeta = SessionMeta.decode(value)
+                            continue  # written below, with the count of the heads installed
+                        else:
+                            raise ValueError(f"session row key of {len(key)} bytes")
+                    except ValueError as err:
+                        raise SnapshotFormatError(f"snapshot file {path} has a bad session row: {err}") from None
                 put(p + key, value, db=dbs[tag])
+            if heads or smeta != SessionMeta():
+                put(p + SESSION_META_TAG, SessionMeta(heads, smeta.horizon, smeta.evicted).encode(), db=env.db(DB_SESSIONS))
         txn.put(p, encode_applied(hm.index, hm.conf_state), db=env.db(DB_APPLIED))
         return AppliedState(hm.index, hm.conf_state, shards)
 
     def stage_delete_rows(self, txn: Txn, group: int) -> None:
         """Delete the group's data, sessions and members (not its applied index)."""
         env = self._env
-        for name in (DB_DATA, DB_SESSIONS, DB_MEMBERS):
+        for name in (DB_DATA, DB_SESSIONS, DB_MEMBERS, DB_SESSION_LRU):
             _delete_prefix(txn, env.db(name), group)
         txn.delete(group_prefix(group), db=env.db(DB_SHARDS))
 
@@ -396,8 +486,9 @@ class KVState:
 
     # --- range export (moving ranges between groups) ---------------------------------------
     def export_range(self, group: int, ranges: IntervalSet, chunk_bytes: int) -> TxnStream[tuple[bytes, int]]:
-        """The group's data rows whose key hash is in `ranges`, and all its session rows, as
-        `shardcmd` install records in chunks of about `chunk_bytes` (each with its data-row count),
+        """The group's data rows whose key hash is in `ranges`, and all its sessions (each head row
+        as a REC_FLOOR of its floor alone, each cached result as a REC_RESULT; not the session meta
+        row: the eviction horizon stays with its group), as `shardcmd` install records in chunks of about `chunk_bytes` (each with its data-row count),
         from ONE read transaction. Raises StorageError unless `ranges` are frozen in the group
         (their data is then immutable, so any replica applied past the FREEZE exports the same)."""
         env = self._env
@@ -427,7 +518,12 @@ class KVState:
                     yield b"".join(buf), keys
                     buf, size, keys = [], 0, 0
             for k, v in _iter_range(txn, env.db(DB_SESSIONS), group, b"", None):
-                rec = encode_record(REC_FLOOR if len(k) == 8 else REC_RESULT, k, v)
+                if len(k) == 8:
+                    rec = encode_record(REC_FLOOR, k, U64.pack(_decode_head(v).floor))
+                elif len(k) == 16:
+                    rec = encode_record(REC_RESULT, k, v)
+                else:
+                    continue  # the session meta row
                 buf.append(rec)
                 size += len(rec)
                 if size >= chunk_bytes:
@@ -437,6 +533,12 @@ class KVState:
                 yield b"".join(buf), keys
 
         return TxnStream(reader, gen())
+
+    def session_meta(self, group: int) -> SessionMeta:
+        """The group's session count, eviction horizon and evictions so far (committed state)."""
+        env = self._env
+        raw = env.get(env.db(DB_SESSIONS), group_prefix(group) + SESSION_META_TAG)
+        return SessionMeta() if raw is None else _decode_meta(raw)
 
     def count_keys(self, group: int) -> int:
         with self._env.read() as txn:

@@ -8,8 +8,13 @@ order equals numeric order.
     raftstate  group:u64 b"h"                  -> hard state   term:u64 vote:u64 commit:u64
                group:u64 b"b"                  -> log base     index:u64 term:u64 conf
     data       group:u64 user_key              -> value
-    sessions   group:u64 client:u64            -> ack floor:u64
+    sessions   group:u64 client:u64            -> session head: floor:u64 last:u64 created:u64
+                                                  (machine.SessionHead; the previous release
+                                                  wrote floor:u64 only, still decoded)
                group:u64 client:u64 seq:u64    -> encoded ApplyResult (commands.encode_result)
+               group:u64 b"M"                  -> session meta: count:u64 horizon:u64 evicted:u64
+    session_lru group:u64 last:u64 client:u64  -> b"" (one row per head row: the LRU order;
+                                                  derived from the head rows, rebuilt on install)
     applied    group:u64                       -> applied index:u64 conf
     members    group:u64 node:u64              -> address (utf-8), from applied conf changes
     shards     group:u64                       -> shardcmd.ShardState (served and frozen ranges)
@@ -36,7 +41,12 @@ DB_SESSIONS = b"sessions"
 DB_APPLIED = b"applied"
 DB_MEMBERS = b"members"
 DB_SHARDS = b"shards"
-DB_NAMES = (DB_RAFTLOG, DB_RAFTSTATE, DB_DATA, DB_SESSIONS, DB_APPLIED, DB_MEMBERS, DB_SHARDS)
+DB_SESSION_LRU = b"session_lru"
+DB_NAMES = (DB_RAFTLOG, DB_RAFTSTATE, DB_DATA, DB_SESSIONS, DB_APPLIED, DB_MEMBERS, DB_SHARDS, DB_SESSION_LRU)
+
+SESSION_META_TAG = b"M"
+"""Key suffix (after the group prefix) of a group's session meta row in `sessions`; its 9-byte key
+never collides with a head row (16 bytes) or a result row (24 bytes)."""
 
 U64 = struct.Struct(">Q")
 U64_PAIR = struct.Struct(">QQ")

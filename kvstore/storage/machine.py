@@ -14,14 +14,50 @@ Semantics (deterministic: every replica computes the same result and the same ne
   the client already received: it changes nothing (error result). A command whose (client_id, seq)
   has a cached result returns that result and changes nothing. Otherwise it is applied, its result
   cached, and if the floor rises, the client's cached results with seq < new floor are forgotten.
+- Sessions expire (Raft dissertation §6.3, by log position): see "Session expiry" below.
 - Ownership (multi-raft): after the session checks, a KV command whose key the group does not
   serve (`StateView.owns`) changes nothing and gives a `wrong_shard` result, which is NOT cached:
   its retry, at the group that serves the key, applies it. Shard commands (`shardcmd`) change
   which ranges the group serves; see that module for their rules.
+
+Session expiry (deterministic: only the log decides, never a clock or a node-local setting).
+The view's `index` is the log index of the entry being applied; the caller sets it first.
+- Every session (client_id != 0) has a *head* (`SessionHead`: floor, last, created): `last` is the
+  index of the entry that last touched it (created it, applied a command under it, or installed
+  it by a range move), `created` the index of the entry that created this incarnation of it. An
+  LRU index orders the sessions by (last, client_id); `SessionMeta` holds the group's session
+  count, its *eviction horizon* H (the largest `last` of any session ever evicted from the group)
+  and the number of evictions so far.
+- After every applied entry: while count > `max_sessions`, the least recently touched session is
+  evicted (head, cached results and LRU row removed, H raised to its `last`); then at most
+  `idle_evictions` sessions untouched for `idle_entries` entries are evicted. The work per entry
+  is bounded (an INSTALL adds at most the sessions it carries, and evicts as many).
+- The retry rule: a command with client_id != 0, seq >= floor and no cached result, with `retry`
+  set, is REFUSED (nothing changes, nothing cached, result `session_expired`) iff H > horizon and
+  the session is unknown since the horizon (no head, or head.created > horizon).
+  Why a retry is never applied twice: suppose an earlier attempt was applied at index t1 in this
+  group. The client sent `horizon` from replies it had received before sending its first attempt
+  that may have applied, and every index a reply carries is a committed (applied) index, while
+  an entry proposed later lands after every committed entry: t1 > horizon. Applying it set the
+  session's last >= t1 and cached its result. If the result is no longer cached and seq >= floor,
+  the incarnation holding it was evicted (a floor raise past seq would make seq < floor), and the
+  eviction raised H >= last >= t1 > horizon; a session recreated afterwards has created > t1 >
+  horizon. So the refusal condition holds and the retry is refused. Conversely, if H <= horizon
+  or the head existed since before the horizon (created <= horizon), no incarnation that could
+  hold t1 was evicted, so the attempt was not applied and applying the retry is the first time.
+  Range moves: an installed session gets last = created = the INSTALL's index in the target
+  group (> any index the target had answered before), and a client whose retry goes to another
+  group than its first attempt sends horizon 0, so the rule never relies on another group's
+  indices. H is the group's own: snapshots carry it, range moves do not.
+- A refused retry is indeterminate for the client (SESSION_EXPIRED): its first attempt may have
+  been applied. Not covered: a first attempt (retry unset) delayed inside a server past the
+  client's attempt timeout and proposed only after the client's retry was applied and the session
+  then evicted; gRPC deadlines make the server drop late unary requests.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -41,6 +77,85 @@ from .shardcmd import (
 )
 
 STALE_REQUEST = "stale request: the client already acknowledged the reply for this sequence number"
+SESSION_EXPIRED = (
+    "session expired: the client's session was evicted, so an earlier attempt of this write may have "
+    "been applied; it was not applied again"
+)
+
+MAX_SESSIONS_PER_GROUP = 10_000
+"""A group keeps at most this many client sessions; the least recently used one is evicted."""
+SESSION_IDLE_ENTRIES = 1_000_000
+"""A session untouched for this many entries of its group expires."""
+IDLE_EVICTIONS_PER_ENTRY = 2
+"""At most this many idle sessions are evicted per applied entry (bounded work; more than the one
+session an entry can create, so idle sessions drain)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """The session limits of the apply logic. Part of the replicated logic: every replica must use
+    the same ones (the defaults; tests use small ones), never a per-node setting."""
+
+    max_sessions: int = MAX_SESSIONS_PER_GROUP
+    idle_entries: int = SESSION_IDLE_ENTRIES
+    idle_evictions: int = IDLE_EVICTIONS_PER_ENTRY
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1 or self.idle_entries < 1 or self.idle_evictions < 0:
+            raise ValueError(f"invalid session limits {self}")
+
+
+LIMITS = SessionLimits()
+
+_HEAD = struct.Struct(">QQQ")
+_HEAD_V1 = struct.Struct(">Q")
+_META = struct.Struct(">QQQ")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionHead:
+    """A session's head row: its ack floor, the index of the entry that last touched it, and the
+    index of the entry that created this incarnation of it."""
+
+    floor: int = 0
+    last: int = 0
+    created: int = 0
+
+    def encode(self) -> bytes:
+        return _HEAD.pack(self.floor, self.last, self.created)
+
+    @staticmethod
+    def decode(raw: bytes) -> SessionHead:
+        """Decode a head row; the previous release's 8-byte rows (floor only) give last = created
+        = 0. Raises ValueError for anything else."""
+        n = len(raw)
+        if n == _HEAD.size:
+            floor, last, created = _HEAD.unpack(raw)
+            if created > last:
+                raise ValueError(f"session head created at {created} after its last use at {last}")
+            return SessionHead(floor, last, created)
+        if n == _HEAD_V1.size:
+            return SessionHead(_HEAD_V1.unpack(raw)[0], 0, 0)
+        raise ValueError(f"session head row of {n} bytes (expected {_HEAD.size} or {_HEAD_V1.size})")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionMeta:
+    """A group's session bookkeeping: how many sessions it holds, its eviction horizon H (the
+    largest `last` of any session evicted from it) and how many sessions it evicted so far."""
+
+    count: int = 0
+    horizon: int = 0
+    evicted: int = 0
+
+    def encode(self) -> bytes:
+        return _META.pack(self.count, self.horizon, self.evicted)
+
+    @staticmethod
+    def decode(raw: bytes) -> SessionMeta:
+        if len(raw) != _META.size:
+            raise ValueError(f"session meta row of {len(raw)} bytes (expected {_META.size})")
+        return SessionMeta(*_META.unpack(raw))
 
 
 class StateView(Protocol):
@@ -54,17 +169,39 @@ class StateView(Protocol):
         """Remove `key`; True if it existed."""
         ...
 
-    def session_floor(self, client_id: int) -> int:
-        """The client's ack floor (0 if the client has no session yet)."""
+    index: int
+    """The log index of the entry being applied (the caller sets it before each entry)."""
+
+    def session_head(self, client_id: int) -> SessionHead | None:
+        """The client's head row (None: the group has no session of this client)."""
         ...
+
+    def set_session_head(self, client_id: int, head: SessionHead, old: SessionHead | None) -> None:
+        """Store `head` (old: the current head row, or None if there is none), keeping the LRU
+        index in step (one row per head, ordered by (last, client_id))."""
+        ...
+
+    def delete_session(self, client_id: int, head: SessionHead) -> None:
+        """Remove the client's head row, its LRU row and all its cached results."""
+        ...
+
+    def oldest_session(self) -> tuple[int, int] | None:
+        """(last, client_id) of the least recently touched session (LRU order), or None."""
+        ...
+
+    def session_meta(self) -> SessionMeta: ...
+
+    def set_session_meta(self, meta: SessionMeta) -> None: ...
 
     def session_result(self, client_id: int, seq: int) -> bytes | None:
         """The cached encoded result of (client_id, seq), if any."""
         ...
 
-    def record_session(self, client_id: int, seq: int, result: bytes, old_floor: int, new_floor: int) -> None:
-        """Cache `result` for (client_id, seq); if new_floor > old_floor, store the new floor and
-        forget the client's cached results with seq < new_floor."""
+    def put_session_result(self, client_id: int, seq: int, result: bytes) -> None: ...
+
+    def forget_results(self, client_id: int, old_floor: int, new_floor: int) -> None:
+        """Forget the client's cached results with seq < new_floor (those below old_floor are
+        already gone)."""
         ...
 
     @property
@@ -73,10 +210,6 @@ class StateView(Protocol):
         ...
 
     def set_shards(self, st: ShardState) -> None: ...
-
-    def raise_floor(self, client_id: int, old_floor: int, new_floor: int) -> None:
-        """Store new_floor (> old_floor) and forget the client's cached results below it."""
-        ...
 
     def delete_hashes(self, ranges: IntervalSet) -> int:
         """Delete every data key whose hash is in `ranges`; returns how many."""
@@ -101,26 +234,71 @@ def execute(view: StateView, cmd: Command) -> ApplyResult:
     return ApplyResult(error=f"unknown command op {op!r}")
 
 
+def touch_session(view: StateView, client_id: int, old: SessionHead | None, floor: int) -> None:
+    """Record that the entry being applied touched the session: last := view.index (creating the
+    head, with created := view.index, if there is none; the count grows then)."""
+    idx = view.index
+    if old is None:
+        view.set_session_head(client_id, SessionHead(floor, idx, idx), None)
+        m = view.session_meta()
+        view.set_session_meta(replace(m, count=m.count + 1))
+    elif old.floor != floor or old.last != idx:
+        view.set_session_head(client_id, SessionHead(floor, idx, old.created), old)
+
+
+def evict_sessions(view: StateView, limits: SessionLimits = LIMITS) -> int:
+    """Evict over-cap sessions, then at most `limits.idle_evictions` idle ones (see the module
+    docstring). Returns how many were evicted."""
+    m = view.session_meta()
+    n = 0
+    idle = 0
+    while m.count > 0:
+        oldest = view.oldest_session()
+        if oldest is None:
+            break
+        last, cid = oldest
+        if m.count <= limits.max_sessions:
+            if idle >= limits.idle_evictions or last + limits.idle_entries > view.index:
+                break
+            idle += 1
+        head = view.session_head(cid)
+        if head is None:  # an LRU row without its head: cannot happen (they change together)
+            raise AssertionError(f"session LRU row of client {cid} has no head row")
+        view.delete_session(cid, head)
+        m = SessionMeta(m.count - 1, max(m.horizon, head.last), m.evicted + 1)
+        n += 1
+    if n:
+        view.set_session_meta(m)
+    return n
+
+
 def apply_command(view: StateView, cmd: Command) -> ApplyResult:
-    """Apply `cmd` with exactly-once session handling (see the module docstring)."""
+    """Apply `cmd` with exactly-once session handling (see the module docstring). Evicting
+    sessions is the caller's (`apply_data`) job, after the entry."""
     cid = cmd.client_id
     if cid == 0:
         st = view.shards
         if st is not None and key_hash(cmd.key) not in st.active:
             return ApplyResult(wrong_shard=True, error="the key is not served by this group")
         return execute(view, cmd)
-    floor = view.session_floor(cid)
+    head = view.session_head(cid)
+    floor = 0 if head is None else head.floor
     if cmd.seq < floor:
         return ApplyResult(error=STALE_REQUEST)
     cached = view.session_result(cid, cmd.seq)
     if cached is not None:
         return decode_result(cached)
+    if cmd.retry and (head is None or head.created > cmd.horizon) and view.session_meta().horizon > cmd.horizon:
+        return ApplyResult(session_expired=True, error=SESSION_EXPIRED)
     st = view.shards
     if st is not None and key_hash(cmd.key) not in st.active:
         return ApplyResult(wrong_shard=True, error="the key is not served by this group")
     result = execute(view, cmd)
     new_floor = max(floor, min(cmd.ack, cmd.seq))
-    view.record_session(cid, cmd.seq, encode_result(result), floor, new_floor)
+    view.put_session_result(cid, cmd.seq, encode_result(result))
+    if new_floor > floor:
+        view.forget_results(cid, floor, new_floor)
+    touch_session(view, cid, head, new_floor)
     return result
 
 
@@ -181,16 +359,21 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
         for tag, key, value in records:
             if tag == REC_DATA:
                 view.put(key, value)
-            elif tag == REC_FLOOR:
+            elif tag == REC_FLOOR:  # the session arrives: last := this INSTALL's index
                 (cid,) = U64.unpack(key)
                 (floor,) = U64.unpack(value)
-                old = view.session_floor(cid)
+                head = view.session_head(cid)
+                old = 0 if head is None else head.floor
                 if floor > old:
-                    view.raise_floor(cid, old, floor)
+                    view.forget_results(cid, old, floor)
+                touch_session(view, cid, head, max(old, floor))
             elif tag == REC_RESULT:
                 cid, seq = U64_PAIR.unpack(key)
-                if seq >= view.session_floor(cid) and view.session_result(cid, seq) is None:
-                    view.record_session(cid, seq, value, 0, 0)
+                head = view.session_head(cid)
+                floor = 0 if head is None else head.floor
+                if seq >= floor and view.session_result(cid, seq) is None:
+                    view.put_session_result(cid, seq, value)
+                touch_session(view, cid, head, floor)
         return ApplyResult()
     if cmd.op == ShardOp.ACTIVATE:
         if r.issubset(st.active):
@@ -211,25 +394,44 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
     return ApplyResult(error=f"unknown shard op {cmd.op!r}")
 
 
-def apply_data(view: StateView, data: bytes) -> ApplyResult:
-    """Apply the data of a NORMAL entry. Garbage yields an error result and changes nothing."""
+def apply_data(view: StateView, data: bytes, limits: SessionLimits = LIMITS) -> ApplyResult:
+    """Apply the data of the NORMAL entry at `view.index`, then evict sessions as `limits` say.
+    Garbage yields an error result and changes nothing (but sessions may still expire)."""
     if is_shard_command(data):
-        return apply_shard_command(view, data)
-    try:
-        cmd = decode_command(data)
-    except ValueError as err:
-        return ApplyResult(error=f"malformed command: {err}")
-    return apply_command(view, cmd)
+        res = apply_shard_command(view, data)
+    else:
+        try:
+            cmd = decode_command(data)
+        except ValueError as err:
+            res = ApplyResult(error=f"malformed command: {err}")
+        else:
+            res = apply_command(view, cmd)
+    evict_sessions(view, limits)
+    return res
 
 
 @dataclass(slots=True)
 class DictState:
-    """An in-memory `StateView` (for the simulator and tests)."""
+    """An in-memory `StateView` (for the simulator and tests). `apply` sets `index` to the next
+    entry's index and applies it; callers with their own log positions set `index` themselves."""
 
     data: dict[bytes, bytes] = field(default_factory=dict)
     sessions: dict[tuple[int, int], bytes] = field(default_factory=dict)
-    floors: dict[int, int] = field(default_factory=dict)
+    heads: dict[int, SessionHead] = field(default_factory=dict)
+    lru: set[tuple[int, int]] = field(default_factory=set)
+    meta: SessionMeta = field(default_factory=SessionMeta)
     shard_state: ShardState | None = None
+    index: int = 0
+
+    def apply(self, data: bytes, limits: SessionLimits = LIMITS) -> ApplyResult:
+        """Apply `data` as the next entry (index + 1)."""
+        self.index += 1
+        return apply_data(self, data, limits)
+
+    @property
+    def floors(self) -> dict[int, int]:
+        """Each session's ack floor (sessions with floor 0 included)."""
+        return {cid: h.floor for cid, h in self.heads.items()}
 
     def get(self, key: bytes) -> bytes | None:
         return self.data.get(key)
@@ -240,21 +442,39 @@ class DictState:
     def delete(self, key: bytes) -> bool:
         return self.data.pop(key, None) is not None
 
-    def session_floor(self, client_id: int) -> int:
-        return self.floors.get(client_id, 0)
+    def session_head(self, client_id: int) -> SessionHead | None:
+        return self.heads.get(client_id)
+
+    def set_session_head(self, client_id: int, head: SessionHead, old: SessionHead | None) -> None:
+        if old is not None:
+            self.lru.discard((old.last, client_id))
+        self.heads[client_id] = head
+        self.lru.add((head.last, client_id))
+
+    def delete_session(self, client_id: int, head: SessionHead) -> None:
+        del self.heads[client_id]
+        self.lru.discard((head.last, client_id))
+        for k in [k for k in self.sessions if k[0] == client_id]:
+            del self.sessions[k]
+
+    def oldest_session(self) -> tuple[int, int] | None:
+        return min(self.lru) if self.lru else None
+
+    def session_meta(self) -> SessionMeta:
+        return self.meta
+
+    def set_session_meta(self, meta: SessionMeta) -> None:
+        self.meta = meta
 
     def session_result(self, client_id: int, seq: int) -> bytes | None:
         return self.sessions.get((client_id, seq))
 
-    def record_session(self, client_id: int, seq: int, result: bytes, old_floor: int, new_floor: int) -> None:
+    def put_session_result(self, client_id: int, seq: int, result: bytes) -> None:
         self.sessions[(client_id, seq)] = result
-        self.raise_floor(client_id, old_floor, new_floor)
 
-    def raise_floor(self, client_id: int, old_floor: int, new_floor: int) -> None:
-        if new_floor > old_floor:
-            self.floors[client_id] = new_floor
-            for k in [k for k in self.sessions if k[0] == client_id and k[1] < new_floor]:
-                del self.sessions[k]
+    def forget_results(self, client_id: int, old_floor: int, new_floor: int) -> None:
+        for k in [k for k in self.sessions if k[0] == client_id and k[1] < new_floor]:
+            del self.sessions[k]
 
     @property
     def shards(self) -> ShardState | None:

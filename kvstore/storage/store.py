@@ -35,6 +35,7 @@ from .commands import ApplyResult
 from .kvstate import AppliedState, KVState, TxnStream
 from .layout import DB_APPLIED, DB_RAFTLOG, DB_RAFTSTATE, DB_SHARDS, TOMBSTONE_TAG, U64
 from .lmdb_env import LmdbEnv
+from .machine import SessionMeta
 from .raftlog import GroupLogStorage, LogState
 from .shardcmd import ShardState
 from .snapfile import SnapshotHeader, read_snapshot_header, write_frames
@@ -278,6 +279,10 @@ class NodeStore:
 
     def count_keys(self, group: int) -> int:
         return self._kv.count_keys(group)
+
+    def session_meta(self, group: int) -> SessionMeta:
+        """The group's session count, eviction horizon and evictions so far (committed state)."""
+        return self._kv.session_meta(group)
 
     def hard_state(self, group: int) -> HardState:
         return self.log_storage(group).hard_state

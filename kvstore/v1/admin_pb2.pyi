@@ -18,7 +18,7 @@ class Member(_message.Message):
     def __init__(self, id: _Optional[int] = ..., address: _Optional[str] = ..., learner: _Optional[bool] = ...) -> None: ...
 
 class GroupStatus(_message.Message):
-    __slots__ = ("group", "role", "term", "leader_id", "commit", "applied", "last_index", "first_index", "voters", "learners", "progress", "staleness_ms", "leader_contact_ms")
+    __slots__ = ("group", "role", "term", "leader_id", "commit", "applied", "last_index", "first_index", "voters", "learners", "progress", "staleness_ms", "leader_contact_ms", "sessions", "sessions_evicted")
     class Progress(_message.Message):
         __slots__ = ("id", "match", "next", "state")
         ID_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,8 @@ class GroupStatus(_message.Message):
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     STALENESS_MS_FIELD_NUMBER: _ClassVar[int]
     LEADER_CONTACT_MS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_EVICTED_FIELD_NUMBER: _ClassVar[int]
     group: int
     role: str
     term: int
@@ -56,7 +58,9 @@ class GroupStatus(_message.Message):
     progress: _containers.RepeatedCompositeFieldContainer[GroupStatus.Progress]
     staleness_ms: int
     leader_contact_ms: int
-    def __init__(self, group: _Optional[int] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., commit: _Optional[int] = ..., applied: _Optional[int] = ..., last_index: _Optional[int] = ..., first_index: _Optional[int] = ..., voters: _Optional[_Iterable[int]] = ..., learners: _Optional[_Iterable[int]] = ..., progress: _Optional[_Iterable[_Union[GroupStatus.Progress, _Mapping]]] = ..., staleness_ms: _Optional[int] = ..., leader_contact_ms: _Optional[int] = ...) -> None: ...
+    sessions: int
+    sessions_evicted: int
+    def __init__(self, group: _Optional[int] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., commit: _Optional[int] = ..., applied: _Optional[int] = ..., last_index: _Optional[int] = ..., first_index: _Optional[int] = ..., voters: _Optional[_Iterable[int]] = ..., learners: _Optional[_Iterable[int]] = ..., progress: _Optional[_Iterable[_Union[GroupStatus.Progress, _Mapping]]] = ..., staleness_ms: _Optional[int] = ..., leader_contact_ms: _Optional[int] = ..., sessions: _Optional[int] = ..., sessions_evicted: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

@@ -24,6 +24,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SHUTTING_DOWN: _ClassVar[ErrorCode]
     INTERNAL: _ClassVar[ErrorCode]
     STALE_REPLICA: _ClassVar[ErrorCode]
+    SESSION_EXPIRED: _ClassVar[ErrorCode]
 
 class Consistency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -46,6 +47,7 @@ WRONG_SHARD: ErrorCode
 SHUTTING_DOWN: ErrorCode
 INTERNAL: ErrorCode
 STALE_REPLICA: ErrorCode
+SESSION_EXPIRED: ErrorCode
 LINEARIZABLE: Consistency
 SERIALIZABLE: Consistency
 STALE: Consistency
@@ -68,14 +70,18 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., leader_id: _Optional[int] = ..., leader_hint: _Optional[str] = ..., indeterminate: _Optional[bool] = ..., shard_version: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("client_id", "seq", "ack")
+    __slots__ = ("client_id", "seq", "ack", "retry", "horizon")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
+    HORIZON_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     seq: int
     ack: int
-    def __init__(self, client_id: _Optional[int] = ..., seq: _Optional[int] = ..., ack: _Optional[int] = ...) -> None: ...
+    retry: bool
+    horizon: int
+    def __init__(self, client_id: _Optional[int] = ..., seq: _Optional[int] = ..., ack: _Optional[int] = ..., retry: _Optional[bool] = ..., horizon: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
     __slots__ = ("key", "consistency", "max_staleness_ms")

@@ -82,10 +82,12 @@ _real_apply_command = machine.apply_command
 
 def _apply_command_caching_refusals(view: machine.StateView, cmd: Command) -> ApplyResult:
     res = _real_apply_command(view, cmd)
-    floor = view.session_floor(cmd.client_id)
+    head = view.session_head(cmd.client_id) if cmd.client_id else None
+    floor = 0 if head is None else head.floor
     if res.wrong_shard and cmd.client_id and cmd.seq >= floor and view.session_result(cmd.client_id, cmd.seq) is None:
         # BUG: the refusal is cached like a result, so the retry at the new owner returns it.
-        view.record_session(cmd.client_id, cmd.seq, encode_result(res), floor, floor)
+        view.put_session_result(cmd.client_id, cmd.seq, encode_result(res))
+        machine.touch_session(view, cmd.client_id, head, floor)
     return res
 
 

@@ -26,7 +26,7 @@ from kvstore.shard.rebalance import Coordinator
 from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, ShardMap
 from kvstore.storage import commands
 from kvstore.storage.commands import ApplyResult
-from kvstore.storage.machine import DictState, apply_data
+from kvstore.storage.machine import DictState
 from kvstore.storage.shardcmd import ShardOp, decode_shard_command, encode_shard_command, is_shard_command
 
 from . import world
@@ -95,7 +95,7 @@ class ScriptedWorld:
         self.holds: dict[tuple[str, ShardOp | None], asyncio.Event] = {}
         self.after: dict[tuple[str, ShardOp | None], asyncio.Event] = {}
         m0 = ShardMap.initial([1, 2, 3], 1, vnodes=4)
-        apply_data(self.groups[META_GROUP], commands.encode_put(SHARD_MAP_KEY, m0.encode()))
+        self.groups[META_GROUP].apply(commands.encode_put(SHARD_MAP_KEY, m0.encode()))
         self.apply(1, b"")  # creates group 1
         for i in range(keys):
             self.apply(1, commands.encode_put(f"k{i}".encode(), f"v{i}".encode()))
@@ -108,8 +108,8 @@ class ScriptedWorld:
             raw = self.groups[META_GROUP].get(SHARD_MAP_KEY)
             assert raw is not None
             st = self.groups[group] = DictState()
-            apply_data(st, encode_shard_command(ShardOp.SET, ShardMap.decode(raw).bootstrap_ranges(group)))
-        return apply_data(self.groups[group], data) if data else ApplyResult()
+            st.apply(encode_shard_command(ShardOp.SET, ShardMap.decode(raw).bootstrap_ranges(group)))
+        return self.groups[group].apply(data) if data else ApplyResult()
 
     def coordinator(self, name: str) -> Coordinator:
         return Coordinator(ScriptedCluster(name, self))

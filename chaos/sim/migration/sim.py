@@ -480,6 +480,7 @@ class Simulation:
                 kv = commands.decode_command(data)
         had = kv is not None and kv.client_id != 0 and st.session_result(kv.client_id, kv.seq) is not None
         before = st.shard_state
+        st.index = g.applied + 1
         res = apply_data(st, data)
         g.applied += 1
         if kv is not None:
