@@ -52,18 +52,37 @@ async def _fresh_clients(leader: str, n: int, seed: int) -> int:
 
 
 def _put(leader: str, key: bytes, value: bytes, session: kv_pb2.Session) -> kv_pb2.PutResponse:
-    with grpc.insecure_channel(leader) as ch:
-        resp: kv_pb2.PutResponse = kv_pb2_grpc.KVStub(ch).Put(
-            kv_pb2.PutRequest(key=key, value=value, session=session), timeout=10
-        )
-        return resp
+    """A raw Put at `leader`, following NOT_LEADER hints (a definite refusal: nothing applied)."""
+    for _ in range(10):
+        with grpc.insecure_channel(leader) as ch:
+            resp: kv_pb2.PutResponse = kv_pb2_grpc.KVStub(ch).Put(
+                kv_pb2.PutRequest(key=key, value=value, session=session), timeout=10
+            )
+        if resp.error.code != kv_pb2.NOT_LEADER or not resp.error.leader_hint:
+            return resp
+        leader = resp.error.leader_hint
+    return resp
+
+
+def _settled_leader(cluster: Cluster) -> str:
+    """The address of group 1's leader once it is the group's preferred node (the leader
+    balancer moves it there first, and then leaves it)."""
+    with Client(cluster.endpoints) as c:
+        smap = c.shard_map(refresh=True)
+    assert smap is not None
+    preferred = smap.groups[1].voters[0]
+    deadline = time.monotonic() + 30
+    while (ld := cluster.wait_leader()).id != preferred:
+        assert time.monotonic() < deadline, "the leader never settled on its preferred node"
+        time.sleep(0.1)
+    return ld.address
 
 
 def test_session_table_stays_flat_and_an_expired_retry_is_not_applied_twice(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path, 3)
     try:
         cluster.start()
-        leader = cluster.wait_leader().address
+        leader = _settled_leader(cluster)
         client_id = 0x5E55_1011
         # A client writes once (the reply carries the entry's index) ...
         first = _put(leader, b"target", b"once", kv_pb2.Session(client_id=client_id, seq=1, ack=1))
