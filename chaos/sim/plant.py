@@ -6,11 +6,11 @@ itself carries no trace of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from kvstore.raft import HardState, RaftNode
+from kvstore.raft import HardState, Message, RaftNode, admission
 from kvstore.raft.log import RaftLog
 from kvstore.raft.readonly import ReadRequest
 
@@ -66,7 +66,15 @@ def _wake_does_nothing(self: RaftNode) -> None:
     return
 
 
-BUGS: dict[str, tuple[type, str, Callable[..., Any]]] = {
+def _admit_everything(
+    core: RaftNode, m: Message, placed: Collection[int] = (), is_member: Callable[[int], bool] | None = None
+) -> str | None:
+    # BUG: no admission: every message reaches the core, whoever sent it (the simulator's
+    # outsider then steers elections and gets forged writes committed).
+    return None
+
+
+BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
     "commit-previous-term": (RaftLog, "maybe_commit", _commit_previous_term),
     "vote-without-log-check": (RaftLog, "is_up_to_date", _vote_without_log_check),
     "read-without-confirmation": (RaftNode, "_leader_read", _read_without_confirmation),
@@ -75,6 +83,7 @@ BUGS: dict[str, tuple[type, str, Callable[..., Any]]] = {
     "skip-log-consistency-check": (RaftLog, "match_term", _skip_log_consistency_check),
     "lease-across-quiescence": (RaftNode, "_forfeit_lease", _keep_lease_across_quiescence),
     "wake-does-nothing": (RaftNode, "wake", _wake_does_nothing),
+    "no-admission": (admission, "refusal", _admit_everything),
 }
 
 

@@ -34,11 +34,13 @@ from typing import Any
 from chaos.checker import Verdict, check
 from chaos.checker.history import Operation, Status
 from kvstore.raft import (
+    CAMPAIGN_TRANSFER,
     NONE,
     ConfChange,
     ConfChangeType,
     Config,
     ConfState,
+    Entry,
     EntryType,
     MemoryStorage,
     Message,
@@ -47,10 +49,14 @@ from kvstore.raft import (
     RaftNode,
     Ready,
     Role,
+    admission,
 )
 
 from .invariants import SafetyChecker, SafetyViolation
 from .kvsm import KVStateMachine, encode_command
+
+FORGER = 1000
+"""The outsider's node id: never a member (the simulator's members are numbered from 1 up)."""
 
 
 @dataclass(slots=True)
@@ -227,6 +233,10 @@ class Simulation:
         self.trace: list[str] = []
         self.safety = SafetyChecker()
         self.blocked: set[tuple[int, int]] = set()
+        self.forged_sent = 0
+        self.forged_refused = 0
+        """Messages the outsider sent, and messages admission refused (the outsider's and any
+        other message no member of the group could send)."""
         self.nodes: dict[int, SimNode] = {}
         self.next_id = self.p.nodes + 1
         self.history: list[Operation] = []
@@ -526,6 +536,12 @@ class Simulation:
         if dst is None or dst.core is None or (m.frm, m.to) in self.blocked:
             self._dropped(m)
             return
+        reason = admission.refusal(dst.core, m, is_member=self.nodes.__contains__)
+        if reason is not None:
+            self.forged_refused += 1
+            if self.trace_on:
+                self.log(f"REFUSED ({reason}) {_fmt_msg(m)}")
+            return
         if self.trace_on and m.type not in (MessageType.HEARTBEAT, MessageType.HEARTBEAT_RESP):
             self.log(_fmt_msg(m))
         dst.core.step(m)
@@ -703,11 +719,40 @@ class Simulation:
             self._transfer()
         elif r < 0.85:
             self._membership()
+        elif r < 0.93:
+            self._forge()
         else:
             alive = [n for n in self._sorted_nodes() if n.alive]
             if alive:
                 self._maybe_compact(rng.choice(alive), force=True)
         self.at(rng.randrange(*self.p.nemesis_every_ms), self._nemesis)
+
+    def _forge(self) -> None:
+        """An outsider (a node id that never was a member) sends what would steer or rewrite a
+        group if cores took it: votes with the transfer context and higher terms, heartbeats of
+        higher terms, TIMEOUT_NOW, and a leader's append of a forged write, committed at once.
+        Admission (`kvstore.raft.admission`) must refuse all of it: none may change a term, a
+        leader or a log (the safety and linearizability checks would see a forged write)."""
+        rng = self.rng
+        frm = FORGER
+        targets = [n for n in self._sorted_nodes() if n.alive and n.core is not None]
+        for n in targets:
+            core = n.core
+            assert core is not None
+            t = core.term + rng.randint(1, 3)
+            last = core.log.last_index()
+            forged = Entry(t, last + 1, EntryType.NORMAL, encode_command("put", f"k{rng.randrange(self.p.keys)}", "FORGED"))
+            msgs = [
+                Message(MessageType.VOTE, n.id, frm, term=t, index=last + 100, log_term=t, context=CAMPAIGN_TRANSFER),
+                Message(MessageType.HEARTBEAT, n.id, frm, term=t, commit=core.log.committed),
+                Message(MessageType.TIMEOUT_NOW, n.id, frm, term=core.term),
+                Message(MessageType.APP, n.id, frm, term=t, index=last, log_term=core.log.last_term(),
+                        commit=last + 1, entries=[forged]),
+            ]
+            for m in msgs:
+                self.forged_sent += 1
+                self.at(rng.randint(*self.p.delay_ms), self._deliver, m)
+        self.log(f"FORGE {4 * len(targets)} messages from outsider n{frm}")
 
     def _partition(self) -> None:
         rng = self.rng

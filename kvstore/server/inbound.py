@@ -10,12 +10,10 @@ node's state:
   not destroyed here), the sender is one of the group's replicas by the map, and it is a leader's
   APP, HEARTBEAT or SNAP (then the group is opened empty and the leader fills it). So messages can
   create only groups that exist, never phantom ones;
-- a sender that is not in the group's configuration here nor among its replicas in the shard map
-  (a node that holds no state of the group yet, with an empty configuration, accepts any member);
-- a term more than `MAX_TERM_JUMP` above the group's: terms grow by one per election round and
-  rounds are an election timeout apart, so such a jump would take decades of failed elections;
-- TIMEOUT_NOW from anyone but the group's current leader (only a leader transferring its
-  leadership sends it), and an APP_RESP accepting entries beyond the log's end.
+- then the group-level rules of `kvstore.raft.admission` (shared with the simulator), with the
+  group's replicas in the shard map counted as members: a sender outside the group, a term jump
+  of more than `MAX_TERM_JUMP`, TIMEOUT_NOW from anyone but the leader, an APP_RESP beyond the
+  log's end.
 
 Refusals are counted per reason (`on_refused`) and logged once per sender and reason per minute,
 never per message, so a flood cannot flood the log. Nothing here changes any state but the
@@ -29,14 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvstore.raft import Message, MessageType
+from kvstore.raft.admission import refusal
 from kvstore.shard.shardmap import META_GROUP, ShardMap
 
 from .host import Host
 
 log = logging.getLogger("kvstore.inbound")
-
-MAX_TERM_JUMP = 1 << 32
-"""Largest term increase a message may bring (see the module docstring)."""
 
 LOG_EVERY = 60.0
 """Seconds between two log lines about the same sender and reason."""
@@ -114,24 +110,9 @@ class Inbound:
                 return False  # only a leader's traffic opens a group; anything else waits for it
             log.info("opening group %d on a message from node %d", m.group, frm)
             g = self.host.open_group(m.group, None)
-        core = g.core
-        conf = core.conf
-        if conf.voters and frm not in conf.voters and frm not in conf.learners and (
-            placed is None or frm not in placed.members()
-        ):
-            self.refusals.refuse(frm, "not_group_member", f"{m.type.name} for group {m.group}, of which it is "
-                                 "not a member")
-            return False
-        if m.term > core.term + MAX_TERM_JUMP:
-            self.refusals.refuse(frm, "term_jump", f"{m.type.name} for group {m.group} with term {m.term}, "
-                                 f"the group is at term {core.term}")
-            return False
-        if m.type == MessageType.APP_RESP and not m.reject and m.index > core.log.last_index():
-            self.refusals.refuse(frm, "beyond_log", f"APP_RESP for group {m.group} matching index {m.index}, "
-                                 f"beyond the log's last index {core.log.last_index()}")
-            return False
-        if m.type == MessageType.TIMEOUT_NOW and (frm != core.lead or m.term != core.term):
-            self.refusals.refuse(frm, "timeout_now", f"TIMEOUT_NOW for group {m.group} from a node that is not "
-                                 "its leader")
+        reason = refusal(g.core, m, placed.members() if placed is not None else ())
+        if reason is not None:
+            self.refusals.refuse(frm, reason, f"{m.type.name} for group {m.group} (term {m.term}; the group is "
+                                 f"at term {g.core.term}, led by {g.core.lead})")
             return False
         return True
