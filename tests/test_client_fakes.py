@@ -21,11 +21,12 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
+from kvstore.storage.commands import MAX_KEY_SIZE
 from kvstore.v1 import admin_pb2, admin_pb2_grpc, kv_pb2, kv_pb2_grpc
 
 T = TypeVar("T")
 
-MAX_KEY = 4096
+MAX_KEY = MAX_KEY_SIZE  # the real server's limit (one limit per quantity)
 MAX_VALUE = 1024 * 1024
 
 

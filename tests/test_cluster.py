@@ -11,8 +11,10 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
-from clusterharness import Cluster
+from clusterharness import Cluster, NodeProc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvstore import errors
 from kvstore.client import Client, group_status
@@ -270,6 +272,51 @@ def test_health_metrics_and_new_member_catches_up_by_snapshot(tmp_path: Path) ->
         cluster.stop()
 
 
+FILL_VALUE = b"x" * 60_000
+
+
+def _fill_the_leaders_disk(cluster: Cluster, c: Client, victim: NodeProc) -> int:
+    """Make `victim` (its data dir on a small tmpfs) the leader, then write until its disk is
+    full; returns the number of fill keys written (the other two nodes keep the cluster writable)."""
+    c.put(b"warm-up", b"1")
+    deadline = time.monotonic() + 20
+    while (s3 := victim.status()) is None or _g(s3).applied < _g(s3).commit or not _g(s3).commit:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    c.transfer_leader(victim.id)  # the hard case: the leader's disk fills up
+    # (The leader balancer may later hand the group back to its preferred leader; the
+    # transfer itself must happen.)
+    deadline = time.monotonic() + 10
+    while (ld := cluster.leader()) is None or ld.id != victim.id:
+        assert time.monotonic() < deadline, f"leadership never moved to node {victim.id}"
+        time.sleep(0.02)
+    written = 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        c.put(b"fill%05d" % written, FILL_VALUE)
+        written += 1
+        if written % 10 == 0:
+            st = victim.status()
+            if st is not None and st.storage_full:
+                break
+    else:
+        raise AssertionError("the small disk never filled")
+    assert victim.alive, "a full disk must not crash the node"
+    assert "storage failed" in victim.log_text() and "storage full" in victim.log_text()
+    c.put(b"after-full", b"ok")
+    return written
+
+
+def _caught_up(victim: NodeProc, written: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = victim.status()
+        if s is not None and not s.storage_full and (gs := group_status(s)) is not None and gs.applied >= written:
+            return
+        time.sleep(0.1)
+    raise AssertionError(victim.log_text()[-3000:])
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs (CI runs as root)")
 def test_node_with_a_full_disk_stops_cleanly_and_recovers(tmp_path: Path) -> None:
     fs = tmp_path / "smallfs"
@@ -281,47 +328,58 @@ def test_node_with_a_full_disk_stops_cleanly_and_recovers(tmp_path: Path) -> Non
         victim.args[victim.args.index("--data-dir") + 1] = str(fs / "n3")
         cluster.start()
         with Client(cluster.endpoints) as c:
-            c.put(b"warm-up", b"1")
-            deadline = time.monotonic() + 20
-            while (s3 := victim.status()) is None or _g(s3).applied < _g(s3).commit or not _g(s3).commit:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            c.transfer_leader(3)  # the hard case: the leader's disk fills up
-            # (The leader balancer may later hand the group back to its preferred leader; the
-            # transfer itself must happen.)
-            deadline = time.monotonic() + 10
-            while (ld := cluster.leader()) is None or ld.id != 3:
-                assert time.monotonic() < deadline, "leadership never moved to node 3"
-                time.sleep(0.02)
-            value = b"x" * 60_000
-            written = 0
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                c.put(b"fill%05d" % written, value)  # the other two nodes keep the cluster writable
-                written += 1
-                if written % 10 == 0:
-                    st = victim.status()
-                    if st is not None and st.storage_full:
-                        break
-            else:
-                raise AssertionError("the small disk never filled")
-            assert victim.alive, "a full disk must not crash the node"
-            assert "storage failed" in victim.log_text() and "storage full" in victim.log_text()
-            c.put(b"after-full", b"ok")
+            written = _fill_the_leaders_disk(cluster, c, victim)
             victim.kill9()
             subprocess.run(["mount", "-o", "remount,size=64m", str(fs)], check=True)
             victim.start()
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                s = victim.status()
-                if s is not None and not s.storage_full and (gs := group_status(s)) is not None and gs.applied >= written:
-                    break
-                time.sleep(0.1)
-            else:
-                raise AssertionError(victim.log_text()[-3000:])
+            _caught_up(victim, written)
             with Client([victim.address]) as c3:
                 assert c3.get(b"after-full", consistency="serializable") == b"ok"
-                assert c3.get(b"fill00000", consistency="serializable") == value
+                assert c3.get(b"fill00000", consistency="serializable") == FILL_VALUE
+    finally:
+        cluster.stop()
+        subprocess.run(["umount", "-l", str(fs)], check=False)
+
+
+def _kv_health(address: str) -> int:
+    with grpc.insecure_channel(address) as ch:
+        req = health_pb2.HealthCheckRequest(service="kvstore.v1.KV")
+        return int(health_pb2_grpc.HealthStub(ch).Check(req, timeout=2).status)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs (CI runs as root)")
+def test_a_full_disk_recovers_by_itself_once_space_is_freed(tmp_path: Path) -> None:
+    """No restart: once the tmpfs is made bigger, the node's retry of its failed cycle succeeds;
+    it clears storage_full, goes SERVING again, catches up, serves reads and can lead again."""
+    fs = tmp_path / "smallfs"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(fs)], check=True)
+    cluster = Cluster(tmp_path, 3)
+    try:
+        victim = cluster.nodes[3]
+        victim.args[victim.args.index("--data-dir") + 1] = str(fs / "n3")
+        cluster.start()
+        with Client(cluster.endpoints) as c:
+            written = _fill_the_leaders_disk(cluster, c, victim)
+            assert victim.proc is not None
+            pid = victim.proc.pid
+            assert _kv_health(victim.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+            subprocess.run(["mount", "-o", "remount,size=64m", str(fs)], check=True)
+            _caught_up(victim, written)
+            assert victim.alive and victim.proc.pid == pid, "recovered without a restart"
+            assert _kv_health(victim.address) == health_pb2.HealthCheckResponse.SERVING
+            assert "storage works again" in victim.log_text()
+            assert victim.log_text().count("storage failed") == 1  # logged once, not per retry
+            with Client([victim.address]) as c3:
+                assert c3.get(b"after-full", consistency="serializable") == b"ok"
+                assert c3.get(b"fill00000", consistency="serializable") == FILL_VALUE
+            c.transfer_leader(victim.id)
+            deadline = time.monotonic() + 15
+            while (ld := cluster.leader()) is None or ld.id != victim.id:
+                assert time.monotonic() < deadline, "the recovered node never led again"
+                time.sleep(0.02)
+            c.put(b"led-again", b"yes")
+            assert c.get(b"led-again") == b"yes"
     finally:
         cluster.stop()
         subprocess.run(["umount", "-l", str(fs)], check=False)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from kvstore import errors
 from kvstore.raft import ConfState, Message, Role
 from kvstore.server.host import Host, RaftSettings
 from kvstore.storage import commands
+from kvstore.storage.errors import StorageFullError
 from kvstore.storage.store import NodeStore
 
 
@@ -65,5 +71,118 @@ def test_without_an_early_hook_end_cycle_answers(tmp_path: Path) -> None:
         while host.has_work():
             host.run_cycle()
         assert answers == [None] and store.applied_index(1) == idx
+    finally:
+        store.close()
+
+
+class _FullDisk:
+    """Wraps the store's LMDB environment: the next `left` write transactions run in full and
+    then fail as a full disk does at commit (the transaction is aborted, nothing of it stays)."""
+
+    def __init__(self, store: NodeStore) -> None:
+        self.env = store._env
+        self.real_write = self.env.write
+        self.left = 0
+        self.failed = 0
+        self.env.write = self.write  # type: ignore[method-assign]
+
+    def write(self, fn: Callable[[Any], Any]) -> Any:
+        if self.left <= 0:
+            return self.real_write(fn)
+        self.left -= 1
+        self.failed += 1
+
+        def failing(txn: Any) -> Any:
+            fn(txn)  # everything staged, then the commit fails
+            raise StorageFullError("injected: no space left on device")
+
+        return self.real_write(failing)
+
+
+def _retry_until_resumed(host: Host, disk: _FullDisk, clock: list[float]) -> int:
+    """Drive the failed host the way node.py's Ready loop does: retry the failed cycle whenever
+    one is due, one simulated tick apart. Returns the number of retries."""
+    retries = 0
+    for _ in range(1000):
+        if host.failed is None:
+            return retries
+        clock[0] += host.settings.tick_ms / 1000
+        assert host.begin_cycle() is None  # no new cycle while storage is failed
+        cycle = host.retry_cycle(clock[0])
+        if cycle is None:
+            continue
+        retries += 1
+        cycle.persist()
+        host.end_cycle(cycle)
+    raise AssertionError("the host never resumed")
+
+
+def test_a_cycle_that_failed_on_a_full_disk_is_retried_until_it_persists(tmp_path: Path) -> None:
+    """Persist fails (full disk) three times, then succeeds: the host refuses work meanwhile with
+    definite errors, fails the waiting write as INDETERMINATE (it is committed on recovery, once),
+    then resumes without a restart; nothing is lost, nothing applied twice."""
+    host, store = _single_voter(tmp_path)
+    disk = _FullDisk(store)
+    clock = [0.0]
+    try:
+        answers: list[tuple[Any, Any]] = []
+        idx = host.propose(1, commands.encode_cas(b"k", True, b"", b"v1", 7, 1, 1), lambda r, e: answers.append((r, e)))
+        disk.left = 3
+        cycle = host.begin_cycle()
+        assert cycle is not None and cycle.writes  # the entry, to be made durable
+        cycle.persist()
+        host.end_cycle(cycle)
+        assert host.failed is not None and disk.failed == 1
+        [(res, err)] = answers
+        assert res is None and isinstance(err, errors.InternalError) and err.indeterminate
+        with pytest.raises(errors.StorageFull) as full:
+            host.propose(1, commands.encode_put(b"x", b"1"), lambda r, e: None)
+        assert full.value.definite
+        with pytest.raises(errors.StorageFull):
+            host.read(1, lambda i, e: None)
+        retry = host.retry_cycle(clock[0])  # the first retry is due at once: the same cycle
+        assert retry is cycle
+        retry.persist()
+        host.end_cycle(retry)
+        assert host.failed is not None and disk.failed == 2
+        assert host.retry_cycle(clock[0]) is None  # the next one only after the backoff
+        assert _retry_until_resumed(host, disk, clock) == 2 and disk.failed == 3
+        while host.has_work():
+            host.run_cycle()
+        assert store.get(1, b"k") == b"v1"
+        assert store.applied_index(1) == host.groups[1].core.applied >= idx
+        assert store.log_storage(1).last_index() == host.groups[1].core.log.last_index()
+        # The client's retry of the indeterminate write (same session) gets the result it had.
+        again: list[tuple[Any, Any]] = []
+        host.propose(1, commands.encode_cas(b"k", True, b"", b"v1", 7, 1, 1), lambda r, e: again.append((r, e)))
+        while host.has_work():
+            host.run_cycle()
+        [(res, err)] = again
+        assert err is None and res.swapped
+
+        # A failure of the APPLY transaction, with the write answered early from inside it.
+        answers.clear()
+        idx2 = host.propose(1, commands.encode_cas(b"k", False, b"v1", b"v2", 7, 2, 2), lambda r, e: answers.append((r, e)))
+        cycle = host.begin_cycle()
+        assert cycle is not None
+        cycle.persist()
+        host.end_cycle(cycle)  # the entry is durable and committed (one voter)
+        cycle = host.begin_cycle()
+        assert cycle is not None and [e.index for a in cycle.applies for e in a.entries] == [idx2]
+        cycle.on_applied = host.answer_writes
+        disk.left = 1
+        cycle.persist()
+        host.end_cycle(cycle)
+        assert host.failed is not None and store.get(1, b"k") == b"v1"  # the apply was aborted
+        assert len(answers) == 1 and answers[0][1] is None and answers[0][0].swapped  # decided
+        assert _retry_until_resumed(host, disk, clock) == 1
+        assert len(answers) == 1  # not answered twice
+        assert store.get(1, b"k") == b"v2" and store.applied_index(1) == idx2
+        # Applied once: the CAS from v1 would fail now, and the session still has its result.
+        late: list[tuple[Any, Any]] = []
+        host.propose(1, commands.encode_cas(b"k", False, b"v1", b"v3", 7, 3, 3), lambda r, e: late.append((r, e)))
+        while host.has_work():
+            host.run_cycle()
+        assert late[0][1] is None and not late[0][0].swapped and late[0][0].current == b"v2"
     finally:
         store.close()

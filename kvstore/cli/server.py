@@ -15,6 +15,7 @@ import click
 
 from kvstore.server.config import NodeConfig, parse_peers
 from kvstore.server.host import RaftSettings
+from kvstore.storage.commands import MAX_KEY_SIZE
 
 DEV_BASE_PORT = 2379
 
@@ -43,7 +44,8 @@ def cli() -> None:
 @click.option("--quiesce-ticks", type=click.IntRange(min=0), default=20, show_default=True,
               help="An idle Raft group stops heartbeating after this many ticks (0: never).")
 @click.option("--request-timeout", type=float, default=5.0, show_default=True)
-@click.option("--max-key", type=int, default=4 << 10, show_default=True)
+@click.option("--max-key", type=click.IntRange(1, MAX_KEY_SIZE), default=MAX_KEY_SIZE, show_default=True,
+              help="Longest key accepted, in bytes (at most the storage's key limit).")
 @click.option("--max-value", type=int, default=1 << 20, show_default=True)
 @click.option("--max-request", type=int, default=4 << 20, show_default=True)
 @click.option("--compact-threshold", type=int, default=10_000, show_default=True)

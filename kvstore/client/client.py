@@ -83,6 +83,7 @@ from kvstore.errors import (
 )
 from kvstore.shard.ranges import HASH_MAX, IntervalSet
 from kvstore.shard.shardmap import ShardMap, ShardMapError
+from kvstore.storage.commands import MAX_KEY_SIZE, U64_MAX
 from kvstore.v1 import admin_pb2, admin_pb2_grpc, kv_pb2, kv_pb2_grpc, shard_pb2, shard_pb2_grpc
 
 __all__ = [
@@ -96,7 +97,8 @@ __all__ = [
     "ReadResult",
 ]
 
-DEFAULT_MAX_KEY_SIZE = 4 * 1024
+DEFAULT_MAX_KEY_SIZE = MAX_KEY_SIZE
+"""The server's key-size limit (one limit: `kvstore.storage.commands.MAX_KEY_SIZE`)."""
 DEFAULT_MAX_VALUE_SIZE = 1024 * 1024
 
 #: Follow this many NOT_LEADER redirects in a row without sleeping, then back off.
@@ -563,9 +565,9 @@ class AsyncClient:
         if consistency != "bounded":
             return 0
         bound = self.max_staleness if max_staleness is None else parse_duration(max_staleness)
-        if bound is None or bound <= 0:
-            raise InvalidArgument("bounded reads need a max_staleness > 0 (e.g. 0.5 or '500ms')")
-        return max(1, round(bound * 1000))
+        if bound is None or not 0 < bound <= U64_MAX / 1000:  # also refuses NaN and infinity
+            raise InvalidArgument("bounded reads need a finite max_staleness > 0 (e.g. 0.5 or '500ms')")
+        return min(U64_MAX, max(1, round(bound * 1000)))
 
     # ----- discovery -----
 
@@ -1013,8 +1015,8 @@ class AsyncClient:
         prefix = _check_bytes("prefix", prefix)
         start = None if start is None else _check_bytes("start", start)
         end = None if end is None else _check_bytes("end", end)
-        if limit < 0:
-            raise InvalidArgument("limit must be >= 0")
+        if not 0 <= limit <= U64_MAX:
+            raise InvalidArgument(f"limit must be in 0..{U64_MAX}")
         level = self._consistency(consistency)
         staleness_ms = self._staleness_ms(consistency, max_staleness)
         pref = read_preference or self.read_preference

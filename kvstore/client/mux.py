@@ -10,6 +10,8 @@ Failure semantics (what the retry loop needs to tell "did not happen" from "may 
 - the stream breaks: every operation already written to it fails with the stream's error, which
   the client classifies as it classifies a broken unary call (a write is indeterminate); an
   operation not yet written fails with `StreamError(sent=False)`: definitely not applied;
+- the server ends the stream (status OK) with operations of it unanswered: they fail with
+  INTERNAL (a write indeterminate, a read definite), never hang until their timeouts;
 - an operation's own timeout: DEADLINE_EXCEEDED (a write is indeterminate), as for a unary call;
   the server is told the same timeout and gives up on its side too.
 """
@@ -165,7 +167,12 @@ class OpMux:
                 return e
         if errs:
             return StreamError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.endpoint} failed: {errs[0]!r}", sent=True)
-        return StreamError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.endpoint} closed", sent=True)
+        # The server ended the stream with OK: it owes an answer to every operation it read, so
+        # any still waiting was dropped by it (a server fault, not the network): INTERNAL, which
+        # the client takes as "may have applied" for a write and as definite for a read.
+        return StreamError(
+            grpc.StatusCode.INTERNAL, f"{self.endpoint} ended the stream without answering the operation", sent=True
+        )
 
     def _fail(self, failure: grpc.aio.AioRpcError) -> None:
         """The stream is gone: fail every operation of it (those not yet written definitely)."""

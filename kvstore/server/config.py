@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvstore.storage.commands import MAX_KEY_SIZE, command_size_bound
+
 from .host import RaftSettings
 from .reads import ReadSettings
 
@@ -14,9 +16,29 @@ META_GROUP = 0
 
 @dataclass(slots=True)
 class Limits:
-    max_key: int = 4 << 10
+    """Size limits of client requests: ONE limit per quantity, enforced identically by the client
+    library (its defaults are these), the server's validation and the command encoder.
+
+    Invariants (`validate`): `max_key` is at most `MAX_KEY_SIZE`, the longest key the storage can
+    hold (so a key the server accepts can always be encoded and stored), and `max_request` admits
+    the largest valid command (a CAS with a key and two values at their limits), so that a key or
+    value at exactly its limit always works and one byte over gets KEY/VALUE_TOO_LARGE (definite).
+    """
+
+    max_key: int = MAX_KEY_SIZE
     max_value: int = 1 << 20
     max_request: int = 4 << 20
+
+    def validate(self) -> None:
+        if not 1 <= self.max_key <= MAX_KEY_SIZE:
+            raise ValueError(f"--max-key must be in 1..{MAX_KEY_SIZE} (the storage's key limit)")
+        if self.max_value < 0:
+            raise ValueError("--max-value must be >= 0")
+        need = command_size_bound(self.max_key, self.max_value)
+        if self.max_request < need:
+            raise ValueError(
+                f"--max-request must be >= {need} (a CAS with a key and two values at their limits)"
+            )
 
 
 @dataclass(slots=True)
@@ -44,6 +66,7 @@ class NodeConfig:
     reads: ReadSettings = field(default_factory=ReadSettings)
 
     def validate(self) -> None:
+        self.limits.validate()
         if self.id < 1:
             raise ValueError("--id must be >= 1")
         if not self.join and self.id not in self.peers:

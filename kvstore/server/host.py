@@ -29,7 +29,23 @@ Invariants:
 - a read is answered only after a ReadIndex round confirmed leadership and the group has applied
   through that index;
 - a failed storage call (disk full) stops the loop before any dependent message leaves or any
-  group advances: the node keeps its last durable state and refuses further work.
+  group advances: the node keeps its last durable state and refuses further work (new
+  proposals and reads get a definite STORAGE_FULL) until the same cycle persists.
+
+Recovering from a full disk (no restart): the failed cycle's transaction was aborted entirely
+(nothing of it is visible, in LMDB or in the store's in-memory state) and its groups were not
+advanced, so their Readys are still outstanding and the cores keep stepping messages meanwhile,
+as they do while any cycle is in flight. `retry_cycle` hands the SAME cycle back to be persisted
+again (with backoff: every tick at first, at most once a second); once that succeeds,
+`end_cycle` finishes it as if nothing had happened and the node serves again. Nothing is lost
+(the cycle is the only one not yet durable) and nothing is applied twice (the aborted apply left
+no trace; the retry applies the same entries once, with the same results).
+
+What a waiting client gets when the disk fills: a write whose entry was being applied when the
+transaction failed may already be answered with its result (it is committed, so its outcome is
+decided; see above); every other waiting write fails with an INDETERMINATE INTERNAL error, because
+it may have committed on the other nodes and be applied by them (and by this one once it
+recovers); waiting reads fail with a definite STORAGE_FULL.
 """
 
 from __future__ import annotations
@@ -158,6 +174,10 @@ class Host:
         self.members: dict[int, str] = dict(members or {})
         """node id -> address; initial peers plus every member added at runtime."""
         self.failed: str | None = None
+        """Why storage failed (the node refuses work until `_failed_cycle` persists), or None."""
+        self._failed_cycle: Cycle | None = None
+        self._retry_at = 0.0
+        self._retry_delay = 0.0
         self._ctx = 0
         self.on_leader_change: Callable[[int, int], None] | None = None
         self.on_snapshot_needed: Callable[[Message], None] | None = None
@@ -447,10 +467,16 @@ class Host:
         return cycle
 
     def end_cycle(self, cycle: Cycle) -> int:
-        """Steps 4-6, once `cycle.persist()` returned: send the rest, answer clients, advance."""
+        """Steps 4-6, once `cycle.persist()` returned: send the rest, answer clients, advance.
+        A failed persist stops the host (see `_fail`); a retried one that succeeded resumes it."""
         if cycle.error is not None:
-            self._fail(cycle.error)
+            self._fail(cycle.error, cycle)
             return 0
+        if self._failed_cycle is not None:
+            assert cycle is self._failed_cycle, "only the failed cycle may end while storage is failed"
+            log.warning("storage works again: the node resumes (it had stopped on: %s)", self.failed)
+            self.failed = None
+            self._failed_cycle = None
         readies = cycle.readies
         later = [m for _, rd in readies for m in rd.persisted_messages]
         if later:
@@ -537,7 +563,10 @@ class Host:
         st = self.store.log_storage(g.id)
         applied = g.core.applied
         if applied - st.first_index() >= self.settings.compact_threshold:
-            self.store.compact(g.id, applied - self.settings.compact_keep)
+            try:
+                self.store.compact(g.id, applied - self.settings.compact_keep)
+            except StorageError as err:  # optional work: the next cycle tries again
+                log.warning("compacting group %d failed: %s", g.id, err)
 
     def _applied_conf_change(self, data: bytes) -> None:
         try:
@@ -550,10 +579,30 @@ class Host:
         elif cc.context:
             self.members[cc.node_id] = cc.context.decode()
 
-    def _fail(self, reason: str) -> None:
-        """Stop: the last batch is not durable, so nothing that depends on it may happen."""
-        log.error("storage failed, node stops accepting work: %s", reason)
+    def retry_cycle(self, now: float) -> Cycle | None:
+        """The failed cycle, to persist again and then end (`end_cycle`), if storage failed and a
+        retry is due at `now` (seconds, any monotonic clock); else None. Retries back off from
+        one tick to one second."""
+        cycle = self._failed_cycle
+        if cycle is None or now < self._retry_at:
+            return None
+        tick = self.settings.tick_ms / 1000
+        self._retry_delay = min(1.0, max(tick, 2 * self._retry_delay))
+        self._retry_at = now + self._retry_delay
+        cycle.error = None
+        return cycle
+
+    def _fail(self, reason: str, cycle: Cycle) -> None:
+        """Stop: `cycle` is not durable, so nothing that depends on it may happen until it is
+        (`retry_cycle`). Logged once per failure, not once per retry."""
+        self._failed_cycle = cycle
+        if self.failed is not None:
+            self.failed = reason
+            return  # a retry failed again: nothing is waiting any more
+        log.error("storage failed, node stops accepting work until the disk has room: %s", reason)
         self.failed = reason
+        self._retry_at = 0.0
+        self._retry_delay = 0.0
         err = errors.StorageFull(reason)
         lost = errors.InternalError(f"storage failed before the write was known to be applied: {reason}")
         for g in self.groups.values():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -75,6 +75,14 @@ class KVService(kv_pb2_grpc.KVServicer):
         e.shard_version = self.tracker.version
         return e
 
+    @staticmethod
+    def internal(op: str, err: BaseException, *, indeterminate: bool | None = None) -> errors.InternalError:
+        """An unexpected exception while serving one operation: logged, and answered as INTERNAL
+        for that operation only (indeterminate for a write unless the caller knows it was not
+        proposed; a read's is definite on the client whatever this says)."""
+        log.error("%s failed unexpectedly: %s: %s", op, type(err).__name__, err, exc_info=err)
+        return errors.InternalError(f"{op} failed: {type(err).__name__}: {err}", indeterminate=indeterminate)
+
     def _ok(self) -> kv_pb2.Error:
         """Success (code OK) carrying our shard map version, so that a client routing by an
         older map learns of the newer one even when its request happened to land right."""
@@ -131,20 +139,23 @@ class KVService(kv_pb2_grpc.KVServicer):
         self._check_key(r.key)
         self._check_value(r.value)
         s = r.session
-        return r.key, commands.encode_put(r.key, r.value, s.client_id, s.seq, s.ack, s.retry, s.horizon)
+        return r.key, _encode(commands.encode_put, r.key, r.value, s.client_id, s.seq, s.ack, s.retry, s.horizon)
 
     def prepare_delete(self, r: kv_pb2.DeleteRequest) -> tuple[bytes, bytes]:
         self._check_key(r.key)
         s = r.session
-        return r.key, commands.encode_delete(r.key, s.client_id, s.seq, s.ack, s.retry, s.horizon)
+        return r.key, _encode(commands.encode_delete, r.key, s.client_id, s.seq, s.ack, s.retry, s.horizon)
 
     def prepare_cas(self, r: kv_pb2.CasRequest) -> tuple[bytes, bytes]:
         self._check_key(r.key)
         self._check_value(r.value)
         self._check_value(r.expected)
+        if r.expect_absent and r.expected:
+            raise errors.InvalidArgument("a CAS that expects the key absent must not carry an expected value")
         s = r.session
-        return r.key, commands.encode_cas(
-            r.key, r.expect_absent, r.expected, r.value, s.client_id, s.seq, s.ack, s.retry, s.horizon
+        return r.key, _encode(
+            commands.encode_cas, r.key, r.expect_absent, r.expected, r.value, s.client_id, s.seq, s.ack,
+            s.retry, s.horizon,
         )
 
     # Write replies carry the index of the entry that applied them (a committed index: the client
@@ -196,6 +207,8 @@ class KVService(kv_pb2_grpc.KVServicer):
             return self.get_reply(gid, request.key, point)
         except errors.KVError as err:
             return kv_pb2.GetResponse(error=self._err(err))
+        except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
+            return kv_pb2.GetResponse(error=self._err(self.internal("Get", err)))
 
     async def Put(self, request: kv_pb2.PutRequest, context: grpc.aio.ServicerContext) -> kv_pb2.PutResponse:
         try:
@@ -204,6 +217,8 @@ class KVService(kv_pb2_grpc.KVServicer):
             return self.put_reply(res)
         except errors.KVError as err:
             return kv_pb2.PutResponse(error=self._err(err))
+        except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
+            return kv_pb2.PutResponse(error=self._err(self.internal("Put", err)))
 
     async def Delete(self, request: kv_pb2.DeleteRequest, context: grpc.aio.ServicerContext) -> kv_pb2.DeleteResponse:
         try:
@@ -212,6 +227,8 @@ class KVService(kv_pb2_grpc.KVServicer):
             return self.delete_reply(res)
         except errors.KVError as err:
             return kv_pb2.DeleteResponse(error=self._err(err))
+        except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
+            return kv_pb2.DeleteResponse(error=self._err(self.internal("Delete", err)))
 
     async def Cas(self, request: kv_pb2.CasRequest, context: grpc.aio.ServicerContext) -> kv_pb2.CasResponse:
         try:
@@ -220,6 +237,8 @@ class KVService(kv_pb2_grpc.KVServicer):
             return self.cas_reply(res)
         except errors.KVError as err:
             return kv_pb2.CasResponse(error=self._err(err))
+        except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
+            return kv_pb2.CasResponse(error=self._err(self.internal("Cas", err)))
 
     async def Stream(
         self, request_iterator: AsyncIterator[kv_pb2.OpBatch], context: grpc.aio.ServicerContext
@@ -244,13 +263,22 @@ class KVService(kv_pb2_grpc.KVServicer):
         except errors.KVError as err:
             yield kv_pb2.ScanResponse(error=self._err(err))
             return
+        except Exception as err:
+            yield kv_pb2.ScanResponse(error=self._err(self.internal("Scan", err)))
+            return
         filled = False
-        for chunk in stream:
-            if filled:
-                yield msg
-                msg = kv_pb2.ScanResponse(more=True)
-            _add_items(msg, chunk)
-            filled = True
+        try:
+            for chunk in stream:
+                if filled:
+                    yield msg
+                    msg = kv_pb2.ScanResponse(more=True)
+                _add_items(msg, chunk)
+                filled = True
+        except StorageError as err:
+            yield kv_pb2.ScanResponse(error=self._err(errors.Unavailable(f"scan interrupted on node {self.cfg.id}: {err}")))
+            return
+        finally:
+            stream.close()
         msg.more = False
         self.metrics.reads.inc()
         yield msg
@@ -271,6 +299,8 @@ class KVService(kv_pb2_grpc.KVServicer):
                 stream.close()
         except errors.KVError as err:
             return kv_pb2.ScanResponse(error=self._err(err))
+        except Exception as err:
+            return kv_pb2.ScanResponse(error=self._err(self.internal("Scan", err)))
         if first is not None:
             _add_items(msg, first)
         msg.more = False
@@ -282,6 +312,12 @@ class KVService(kv_pb2_grpc.KVServicer):
     ) -> tuple[kv_pb2.ScanResponse, TxnStream[list[tuple[bytes, bytes]]]]:
         """Check the request, wait for its read point and open the scan: the first message (the
         ranges served and where the scan is served, more=True, no items) and the chunks."""
+        for name in ("prefix", "start", "end"):
+            bound = getattr(request, name)
+            if len(bound) > self.cfg.limits.max_key:
+                raise errors.KeyTooLarge(message=(
+                    f"scan {name} of {len(bound)} bytes is longer than the longest key ({self.cfg.limits.max_key})"
+                ))
         if request.prefix:
             start, end = request.prefix, _prefix_end(request.prefix)
         else:
@@ -296,6 +332,15 @@ class KVService(kv_pb2_grpc.KVServicer):
         msg = kv_pb2.ScanResponse(more=True, owned_lo=[a for a, _ in owned], owned_hi=[b for _, b in owned])
         _scan_meta(msg, point, self.cfg.id)
         return msg, stream
+
+
+def _encode(encoder: Callable[..., bytes], *args: Any) -> bytes:
+    """A command from checked request fields; whatever the encoder still refuses is the request's
+    fault: a definite INVALID_ARGUMENT, never a raw ValueError."""
+    try:
+        return encoder(*args)
+    except ValueError as err:
+        raise errors.InvalidArgument(f"invalid request: {err}") from None
 
 
 def _add_items(msg: kv_pb2.ScanResponse, chunk: list[tuple[bytes, bytes]]) -> None:

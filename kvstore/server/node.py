@@ -318,6 +318,13 @@ class Node:
                 if host.failed is not None:
                     m.storage_full.set(1)
                     self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.NOT_SERVING)
+                    if (failed := host.retry_cycle(loop.time())) is not None:  # disk full: retry
+                        await io.run(failed.persist)
+                        host.end_cycle(failed)
+                        if host.failed is None:
+                            m.storage_full.set(0)
+                            self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.SERVING)
+                            self.wake()
                 self._update_gauges()
 
     def _update_gauges(self) -> None:

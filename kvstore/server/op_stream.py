@@ -9,7 +9,8 @@ answered (a scan: its whole part in one message, or "does not fit" and nothing).
 
 Invariants:
 - every operation read from the stream gets exactly one answer (result, error or TIMEOUT) while
-  the stream lives; a callback arriving after the answer (a late commit after a TIMEOUT) is
+  the stream lives; one operation's failure, whatever it is (a definite KVError, or INTERNAL
+  for an unexpected exception, logged), is that operation's answer and never ends the stream; a callback arriving after the answer (a late commit after a TIMEOUT) is
   dropped, and an indeterminate TIMEOUT says so;
 - at most `MAX_PENDING` operations per stream wait for the host: beyond that the stream stops
   reading, and gRPC flow control pushes back on the client;
@@ -53,6 +54,8 @@ class OpStream:
         """Operations handed to the host, by id: their timeout timers."""
         self.tasks: set[asyncio.Task[None]] = set()
         """Operations running a unary handler's coroutine (the slow paths)."""
+        self.running: set[int] = set()
+        """The ids of the operations in `tasks`."""
         self.out: list[kv_pb2.OpResult] = []
         self.has_out = asyncio.Event()
         self.room = asyncio.Event()
@@ -136,98 +139,121 @@ class OpStream:
 
     # --- operations -------------------------------------------------------------------------
     def _start(self, op: kv_pb2.Op) -> None:
+        """Start one operation. Never raises: whatever goes wrong is this operation's answer (a
+        definite KVError, or INTERNAL for an unexpected exception), and the stream goes on."""
         kind = op.WhichOneof("op")
         if kind is None:
             self.out.append(kv_pb2.OpResult(id=op.id))  # an operation this server does not know
             self.has_out.set()
             return
-        if op.id in self.pending:
-            self._error(op.id, kind, errors.InvalidArgument(f"operation id {op.id} is already in flight"))
-            return
-        timeout = self.svc.cfg.request_timeout
-        if op.timeout_ms:
-            timeout = min(timeout, op.timeout_ms / 1000)
-        if kind == "get":
-            self._get(op.id, op.get, timeout)
-        elif kind == "scan":
-            self._slow(op.id, "scan", self.svc.scan_once(op.scan))
-        else:
-            self._write(op.id, kind, getattr(op, kind), timeout)
+        try:
+            if op.id in self.pending or op.id in self.running:
+                raise errors.InvalidArgument(f"operation id {op.id} is already in flight")
+            timeout = self.svc.cfg.request_timeout
+            if op.timeout_ms:
+                timeout = min(timeout, op.timeout_ms / 1000)
+            if kind == "get":
+                self._get(op.id, op.get, timeout)
+            elif kind == "scan":
+                self._slow(op.id, "scan", self.svc.scan_once(op.scan))
+            else:
+                self._write(op.id, kind, getattr(op, kind), timeout)
+        except errors.KVError as err:
+            self._error(op.id, kind, err)
+        except Exception as err:
+            # Not proposed (_write answers its own failures once it has proposed): definite.
+            self._error(op.id, kind, self.svc.internal(f"stream {kind}", err, indeterminate=False))
 
     def _write(self, op_id: int, kind: str, req: Any, timeout: float) -> None:
+        """Validate and propose; raises (KVError or anything else) only before proposing."""
         svc = self.svc
-        try:
-            key, data = self._prepare[kind](req)
-            gid = svc.route_write(key, data)
-            t0 = self.loop.time()
+        key, data = self._prepare[kind](req)
+        gid = svc.route_write(key, data)
+        t0 = self.loop.time()
 
-            def done(result: Any, err: errors.KVError | None) -> None:
-                if not self._settle(op_id):
-                    return
+        def done(result: Any, err: errors.KVError | None) -> None:
+            # Called by the host's Ready loop: must not raise.
+            if not self._settle(op_id):
+                return
+            try:
                 if err is not None:
-                    self._error(op_id, kind, err)
-                    return
-                try:
-                    res = svc.write_outcome(gid, result)
-                except errors.KVError as e:
-                    self._error(op_id, kind, e)
-                    return
+                    raise err
+                res = svc.write_outcome(gid, result)
                 svc.metrics.writes.inc()
                 svc.metrics.proposal_seconds.observe(self.loop.time() - t0)
-                self._answer(op_id, kind, self._reply[kind](res))
+                reply = self._reply[kind](res)
+            except errors.KVError as e:
+                self._error(op_id, kind, e)
+                return
+            except Exception as e:
+                self._error(op_id, kind, svc.internal(f"stream {kind}", e))
+                return
+            self._answer(op_id, kind, reply)
 
+        try:
             svc.host.propose(gid, data, done)
-        except errors.KVError as err:
-            self._error(op_id, kind, err)
+        except errors.KVError:
+            raise  # refused before appending: definite
+        except Exception as err:
+            # The core may have appended it: indeterminate.
+            self._error(op_id, kind, svc.internal(f"stream {kind}", err, indeterminate=True))
             return
         self.pending[op_id] = self.loop.call_later(timeout, self._expire, op_id, kind, timeout)
 
     def _get(self, op_id: int, req: kv_pb2.GetRequest, timeout: float) -> None:
         svc = self.svc
-        try:
-            svc._check_key(req.key)
-            gid = svc._group_for(req.key)
-            g = svc.host.groups[gid]
-            if req.consistency != kv_pb2.LINEARIZABLE or g.core.role != Role.LEADER:
-                self._slow(op_id, "get", self.svc.Get(req, None))
-                return
-            key = req.key
+        svc._check_key(req.key)
+        gid = svc._group_for(req.key)
+        g = svc.host.groups[gid]
+        if req.consistency != kv_pb2.LINEARIZABLE or g.core.role != Role.LEADER:
+            self._slow(op_id, "get", self.svc.Get(req, None))
+            return
+        key = req.key
 
-            def done(index: int, err: errors.KVError | None) -> None:
-                if not self._settle(op_id):
-                    return
+        def done(index: int, err: errors.KVError | None) -> None:
+            # Called by the host's Ready loop: must not raise.
+            if not self._settle(op_id):
+                return
+            try:
                 if err is not None:
-                    self._error(op_id, "get", err)
-                    return
+                    raise err
                 if self._leader_reads is not None:
                     self._leader_reads.inc()
-                try:
-                    reply = svc.get_reply(gid, key, ReadPoint(index, 0.0, LINEARIZABLE))
-                except errors.KVError as e:
-                    self._error(op_id, "get", e)
-                    return
-                self._answer(op_id, "get", reply)
+                reply = svc.get_reply(gid, key, ReadPoint(index, 0.0, LINEARIZABLE))
+            except errors.KVError as e:
+                self._error(op_id, "get", e)
+                return
+            except Exception as e:
+                self._error(op_id, "get", svc.internal("stream get", e, indeterminate=False))
+                return
+            self._answer(op_id, "get", reply)
 
-            svc.host.read(gid, done)
-        except errors.KVError as err:
-            self._error(op_id, "get", err)
-            return
+        svc.host.read(gid, done)
         self.pending[op_id] = self.loop.call_later(timeout, self._expire, op_id, "get", timeout)
 
     def _slow(self, op_id: int, kind: str, answer: Coroutine[Any, Any, Any]) -> None:
         """Run a handler's coroutine (with its own timeouts) and answer with its reply: replica,
-        bounded and stale reads, and scans."""
+        bounded and stale reads, and scans (none of them writes: any failure is definite)."""
 
         async def serve() -> None:
-            self._answer(op_id, kind, await answer)
+            try:
+                reply = await answer
+            except errors.KVError as err:
+                self._error(op_id, kind, err)
+                return
+            except Exception as err:
+                self._error(op_id, kind, self.svc.internal(f"stream {kind}", err, indeterminate=False))
+                return
+            self._answer(op_id, kind, reply)
 
         t = self.loop.create_task(serve())
         self.tasks.add(t)
+        self.running.add(op_id)
 
         def finished(task: asyncio.Task[None]) -> None:
             self.tasks.discard(task)
+            self.running.discard(op_id)
             self.room.set()
-            if not task.cancelled() and task.exception() is not None:
-                self._error(op_id, kind, errors.InternalError(f"read failed: {task.exception()}"))
+            self.has_out.set()  # the stream may be done
 
         t.add_done_callback(finished)

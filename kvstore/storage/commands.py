@@ -44,7 +44,9 @@ FORMAT_VERSION_1 = 1
 RESULT_VERSION = 1
 
 MAX_KEY_SIZE = 503
-"""Longest user key: LMDB's default maximum key size (511) minus the 8-byte group prefix."""
+"""Longest user key: LMDB's default maximum key size (511) minus the 8-byte group prefix. The one
+key-size limit: the server's `Limits.max_key` may not exceed it, and the client library's default
+`max_key_size` is it."""
 
 U64_MAX = (1 << 64) - 1
 
@@ -56,6 +58,12 @@ _CAS = struct.Struct(">BII")
 _RES = struct.Struct(">BB")
 
 _CAS_EXPECT_ABSENT = 0x01
+
+
+def command_size_bound(key_len: int, value_len: int) -> int:
+    """The size of the largest command with a key of `key_len` bytes and values of at most
+    `value_len` bytes (a CAS: its expected value and its new value)."""
+    return _HEAD.size + _CAS.size + key_len + 2 * value_len
 
 _R_SWAPPED = 0x01
 _R_FOUND = 0x02

@@ -1,0 +1,51 @@
+"""A one-node cluster inside the test's own event loop (no subprocess): cheap enough to start per
+test, and its services can be patched to fail in ways a real node only fails by accident."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from clusterharness import free_ports
+
+from kvstore.server.config import NodeConfig
+from kvstore.server.host import RaftSettings
+from kvstore.server.node import Node
+from kvstore.v1 import kv_pb2, kv_pb2_grpc
+
+
+@dataclass
+class OneNode:
+    node: Node
+    address: str
+
+
+@contextlib.asynccontextmanager
+async def one_node(tmp_path: Path, *, request_timeout: float = 3.0) -> AsyncIterator[OneNode]:
+    """Start node 1 of a one-member cluster (one data group) and wait until it leads it."""
+    (port,) = free_ports(1)
+    address = f"127.0.0.1:{port}"
+    cfg = NodeConfig(
+        id=1, data_dir=tmp_path / "n1", listen=address, peers={1: address}, sync=False,
+        request_timeout=request_timeout, raft=RaftSettings(tick_ms=20), groups=1, replication=1,
+    )
+    node = Node(cfg)
+    await node.start()
+    try:
+        async with grpc.aio.insecure_channel(address) as ch:
+            stub = kv_pb2_grpc.KVStub(ch)
+            deadline = time.monotonic() + 20
+            while True:  # the data group elects itself and the shard map is applied
+                r = await stub.Put(kv_pb2.PutRequest(key=b"warm", value=b"up"), timeout=2)
+                if r.error.code == kv_pb2.OK:
+                    break
+                assert time.monotonic() < deadline, f"the node never served a write: {r.error}"
+                await asyncio.sleep(0.05)
+        yield OneNode(node, address)
+    finally:
+        await node.stop(grace=0.5)
