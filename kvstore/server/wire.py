@@ -1,0 +1,163 @@
+"""Registering gRPC services so that malformed request bytes get INVALID_ARGUMENT, never UNKNOWN.
+
+grpc's request deserializer cannot choose the call's status: a `DecodeError` raised there ends
+the call with UNKNOWN, which a client must treat as "may have happened". Here every method of a
+service is registered from the service's descriptor (so a new RPC cannot be forgotten) with:
+- a total deserializer: bytes that do not decode become a `Malformed` marker (never an exception);
+- a thin wrapper around the servicer's method that aborts a call whose request is `Malformed` with
+  INVALID_ARGUMENT (definite) and a message naming the message type and what was wrong. For a
+  streaming request (KV.Stream, Raft.Send, Raft.SendSnapshot) a malformed message mid-stream ends
+  the handler's request iteration with `MalformedRequest` (as a broken stream would: what it read
+  before is handled as usual, e.g. KV.Stream answers every operation it read), then the call
+  aborts with INVALID_ARGUMENT. Nothing after the malformed message is read.
+
+Other calls are not disturbed: each malformed request fails only its own call.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+
+__all__ = ["Malformed", "MalformedRequest", "add_services", "decoder"]
+
+
+class Malformed:
+    """What the deserializer hands the handler instead of a request it could not decode."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class MalformedRequest(Exception):
+    """Raised into a streaming handler's request iteration at a malformed message."""
+
+
+def decoder(cls: Any) -> Callable[[bytes], Any]:
+    """A total deserializer for the message class `cls`: the message, or `Malformed`."""
+    name = cls.DESCRIPTOR.full_name
+
+    def decode(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except Exception as err:  # DecodeError; anything else the parser may raise on garbage
+            return Malformed(f"malformed {name} ({len(data)} bytes): {err}")
+
+    return decode
+
+
+def _abort_sync(context: Any, bad: Malformed) -> None:
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.message)
+
+
+async def _abort(context: grpc.aio.ServicerContext, bad: Malformed) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.message)
+
+
+async def _until_malformed(requests: AsyncIterator[Any], seen: list[Malformed]) -> AsyncIterator[Any]:
+    async for r in requests:
+        if isinstance(r, Malformed):
+            seen.append(r)
+            raise MalformedRequest(r.message)
+        yield r
+
+
+def _wrap(fn: Callable[..., Any], m: MethodDescriptor) -> Callable[..., Any]:
+    """`fn` (a servicer's bound method) guarded against `Malformed` requests."""
+    where = m.full_name
+    if m.client_streaming:
+        if not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
+            raise TypeError(f"{where}: a streaming-request handler must be async")
+        if m.server_streaming:
+
+            async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                seen: list[Malformed] = []
+                try:
+                    async for resp in fn(_until_malformed(requests, seen), context):
+                        yield resp
+                except MalformedRequest:
+                    pass
+                if seen:
+                    await _abort(context, seen[0])
+
+            return stream_stream
+
+        async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            seen: list[Malformed] = []
+            try:
+                resp = await fn(_until_malformed(requests, seen), context)
+            except MalformedRequest:
+                resp = None
+            if seen:
+                await _abort(context, seen[0])
+            return resp
+
+        return stream_unary
+    if m.server_streaming:
+        if inspect.isasyncgenfunction(fn):
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, Malformed):
+                    await _abort(context, request)
+                async for resp in fn(request, context):
+                    yield resp
+
+            return unary_stream
+
+        def unary_stream_sync(request: Any, context: Any) -> Iterator[Any]:
+            if isinstance(request, Malformed):
+                _abort_sync(context, request)
+            yield from fn(request, context)
+
+        return unary_stream_sync
+    if inspect.iscoroutinefunction(fn):
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, Malformed):
+                await _abort(context, request)
+            return await fn(request, context)
+
+        return unary_unary
+
+    def unary_unary_sync(request: Any, context: Any) -> Any:
+        if isinstance(request, Malformed):
+            _abort_sync(context, request)
+        return fn(request, context)
+
+    return unary_unary_sync
+
+
+_HANDLER = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_services(server: grpc.aio.Server, services: Iterable[tuple[object, ServiceDescriptor]]) -> list[str]:
+    """Register each `(servicer, service descriptor)` on `server`, every method of the descriptor
+    with a total deserializer and the `Malformed` guard. Returns the paths of the methods
+    registered (`/package.Service/Method`)."""
+    paths = []
+    for servicer, service in services:
+        handlers = {}
+        for m in service.methods:
+            request_cls = message_factory.GetMessageClass(m.input_type)
+            response_cls = message_factory.GetMessageClass(m.output_type)
+            make = _HANDLER[(m.client_streaming, m.server_streaming)]
+            handlers[m.name] = make(
+                _wrap(getattr(servicer, m.name), m),
+                request_deserializer=decoder(request_cls),
+                response_serializer=response_cls.SerializeToString,
+            )
+            paths.append(f"/{service.full_name}/{m.name}")
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    return paths
