@@ -31,6 +31,12 @@ Families (``--nemesis`` takes a comma-separated list of them, or ``all``):
   (learner host) off from every other node, while the clients still reach it. On the ``local``
   backend the replicas are paused instead.
 
+* ``forge`` (alias ``garbage``; not part of ``all``): forged inter-node traffic as non-member
+  node 99 and malformed traffic under member ids (:mod:`chaos.forge`) to every live node for the
+  window; the nodes' ``kvstore_inbound_refused_total`` is scraped before and after, and every
+  node must still be alive and answering afterwards (``info``: what was sent, the status codes
+  seen, the refusals by reason, the health check).
+
 The schedule alternates one fault and a healthy interval, and always ends with every fault
 healed (partitions removed, paused nodes continued, killed nodes restarted, membership
 restored to N voters) followed by a quiet period. :meth:`Nemesis.wait_moves_settled` then
