@@ -31,7 +31,7 @@ Families (``--nemesis`` takes a comma-separated list of them, or ``all``):
   (learner host) off from every other node, while the clients still reach it. On the ``local``
   backend the replicas are paused instead.
 
-* ``forge`` (alias ``garbage``; not part of ``all``): forged inter-node traffic as non-member
+* ``forge`` (alias ``garbage``; part of ``all``): forged inter-node traffic as non-member
   node 99 and malformed traffic under member ids (:mod:`chaos.forge`) to every live node for the
   window; the nodes' ``kvstore_inbound_refused_total`` is scraped before and after, and every
   node must still be alive and answering afterwards (``info``: what was sent, the status codes
@@ -73,9 +73,9 @@ def _g(st: admin_pb2.StatusResponse) -> admin_pb2.GroupStatus:
 __all__ = ["ALL_FAMILIES", "EXTRA_FAMILIES", "FAMILIES", "FaultWindow", "Nemesis", "NemesisOptions",
            "parse_families"]
 
-ALL_FAMILIES = ("partition", "kill", "pause", "transfer", "member")
+ALL_FAMILIES = ("partition", "kill", "pause", "transfer", "member", "forge")
 #: Families that ``all`` does not include (they change what a run does beyond faults).
-EXTRA_FAMILIES = ("rebalance", "replicas", "forge")
+EXTRA_FAMILIES = ("rebalance", "replicas")
 #: Other names of families.
 ALIASES = {"garbage": "forge"}
 FAMILIES = (*ALL_FAMILIES, *EXTRA_FAMILIES)
