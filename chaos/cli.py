@@ -36,6 +36,9 @@ Nemesis families (comma-separated, or `all`): {", ".join(ALL_FAMILIES)}; and {",
   pause:     SIGSTOP / SIGCONT one node or the leader
   transfer:  leadership transfer to a random voter
   member:    remove a voter, re-add it as a NEW id with an empty data dir
+  forge:     (alias garbage) forged Raft / Shard traffic as non-member node 99 (must be refused:
+             PERMISSION_DENIED) and malformed traffic under member ids (dropped); checks that no
+             node dies or wedges, no forged value is read, and throughput holds
 Not in `all` ({", ".join(EXTRA_FAMILIES)}):
   replicas:  cut the read replicas (--learners) off from every other node
   rebalance: (use with --groups N) add a data group, remove one (never the last) or rebalance,

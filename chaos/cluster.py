@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -33,12 +35,17 @@ from .state import RunState
 
 __all__ = ["Backend", "Cluster", "LocalBackend", "NetnsBackend", "NodeHost"]
 
+METRICS_PORT = 9379
+"""The nodes' Prometheus endpoint (``--metrics-listen``) on the netns backend, when enabled."""
+
 
 class Backend(Protocol):
     name: str
     supports_partitions: bool
 
     def address(self, host: int) -> str: ...
+
+    def metrics_address(self, host: int) -> str: ...
 
     def prefix(self, host: int) -> list[str]: ...
 
@@ -58,6 +65,9 @@ class NetnsBackend:
 
     def address(self, host: int) -> str:
         return self.topo.address(host)
+
+    def metrics_address(self, host: int) -> str:
+        return f"{self.topo.ip(host)}:{METRICS_PORT}"
 
     def prefix(self, host: int) -> list[str]:
         return netns.ip_netns_exec(self.topo.node_ns(host))
@@ -92,9 +102,15 @@ class LocalBackend:
 
     def __init__(self, hosts: int, ports: list[int] | None = None) -> None:
         self.ports = ports or free_ports(hosts)
+        self._metrics_ports: list[int] = []
 
     def address(self, host: int) -> str:
         return f"127.0.0.1:{self.ports[host - 1]}"
+
+    def metrics_address(self, host: int) -> str:
+        if not self._metrics_ports:
+            self._metrics_ports = free_ports(len(self.ports))
+        return f"127.0.0.1:{self._metrics_ports[host - 1]}"
 
     def prefix(self, host: int) -> list[str]:
         return []
@@ -142,8 +158,10 @@ class Cluster:
         extra_args: list[str] | None = None,
         log_level: str = "info",
         learners: int = 0,
+        metrics: bool = False,
     ) -> None:
         self.backend = backend
+        self.metrics = metrics  # start the nodes with --metrics-listen (scraped by the forge nemesis)
         self.run_dir = Path(run_dir)
         self.n = n
         self.learners = learners
@@ -183,6 +201,8 @@ class Cluster:
             "--peers", peers, "--cluster-id", self.cluster_id, "--tick-ms", str(self.tick_ms),
             "--log-level", self.log_level, "--replication", str(max(3, self.n)), *self.extra_args,
         ]
+        if self.metrics:
+            args += ["--metrics-listen", self.backend.metrics_address(host)]
         if learner:
             args.append("--learner")
         elif join:
@@ -367,6 +387,27 @@ class Cluster:
                 return ld
             await asyncio.sleep(0.1)
         return None
+
+    async def refused(self, host: int, timeout: float = 2.0) -> dict[str, float] | None:
+        """The node's ``kvstore_inbound_refused_total`` by reason, from its metrics endpoint (None
+        if metrics are off or it does not answer). Never through a proxy."""
+        if not self.metrics or not self.hosts[host].alive or self.hosts[host].paused:
+            return None
+        url = f"http://{self.backend.metrics_address(host)}/metrics"
+
+        def scrape() -> str:
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(url, timeout=timeout) as resp:
+                return str(resp.read().decode())
+
+        try:
+            text = await asyncio.to_thread(scrape)
+        except (OSError, ValueError):
+            return None
+        out: dict[str, float] = {}
+        for m in re.finditer(r'^kvstore_inbound_refused_total\{reason="([^"]+)"\} (\S+)$', text, re.M):
+            out[m.group(1)] = float(m.group(2))
+        return out
 
     def host_of_id(self, node_id: int) -> int | None:
         for h, nh in self.hosts.items():

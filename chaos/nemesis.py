@@ -31,6 +31,12 @@ Families (``--nemesis`` takes a comma-separated list of them, or ``all``):
   (learner host) off from every other node, while the clients still reach it. On the ``local``
   backend the replicas are paused instead.
 
+* ``forge`` (alias ``garbage``; part of ``all``): forged inter-node traffic as non-member
+  node 99 and malformed traffic under member ids (:mod:`chaos.forge`) to every live node for the
+  window; the nodes' ``kvstore_inbound_refused_total`` is scraped before and after, and every
+  node must still be alive and answering afterwards (``info``: what was sent, the status codes
+  seen, the refusals by reason, the health check).
+
 The schedule alternates one fault and a healthy interval, and always ends with every fault
 healed (partitions removed, paused nodes continued, killed nodes restarted, membership
 restored to N voters) followed by a quiet period. :meth:`Nemesis.wait_moves_settled` then
@@ -56,6 +62,7 @@ import grpc.aio
 from kvstore.client import group_status
 from kvstore.v1 import admin_pb2, shard_pb2, shard_pb2_grpc
 
+from . import forge as forgery
 from .cluster import Cluster
 
 
@@ -66,9 +73,11 @@ def _g(st: admin_pb2.StatusResponse) -> admin_pb2.GroupStatus:
 __all__ = ["ALL_FAMILIES", "EXTRA_FAMILIES", "FAMILIES", "FaultWindow", "Nemesis", "NemesisOptions",
            "parse_families"]
 
-ALL_FAMILIES = ("partition", "kill", "pause", "transfer", "member")
+ALL_FAMILIES = ("partition", "kill", "pause", "transfer", "member", "forge")
 #: Families that ``all`` does not include (they change what a run does beyond faults).
 EXTRA_FAMILIES = ("rebalance", "replicas")
+#: Other names of families.
+ALIASES = {"garbage": "forge"}
 FAMILIES = (*ALL_FAMILIES, *EXTRA_FAMILIES)
 TOPOLOGIES = ("one", "leader", "halves", "bridge", "random", "ring")
 #: Faults the rebalance nemesis injects while its range moves run (those enabled, else the first two).
@@ -79,6 +88,7 @@ META_GROUP = 0
 def parse_families(spec: str) -> list[str]:
     out: list[str] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
+        part = ALIASES.get(part, part)
         if part == "all":
             out += [f for f in ALL_FAMILIES if f not in out]
         elif part == "none":
@@ -87,7 +97,8 @@ def parse_families(spec: str) -> list[str]:
             if part not in out:
                 out.append(part)
         else:
-            raise ValueError(f"unknown nemesis {part!r} (families: {', '.join(FAMILIES)}, all, none)")
+            raise ValueError(f"unknown nemesis {part!r} (families: {', '.join(FAMILIES)}, all, none; "
+                             f"aliases: {', '.join(f'{a}={f}' for a, f in ALIASES.items())})")
     return out
 
 
@@ -224,6 +235,8 @@ class Nemesis:
             await self._rebalance(duration, stop)
         elif family == "replicas":
             await self._replicas(duration, stop)
+        elif family == "forge":
+            await self._forge(duration, stop)
         else:  # pragma: no cover - parse_families validates
             raise ValueError(family)
 
@@ -332,6 +345,93 @@ class Nemesis:
             self.cluster.resume(h)
             self._paused.discard(h)
         self._end(w)
+
+    # ----- forged and malformed inter-node traffic -----
+
+    async def _forge(self, duration: float, stop: asyncio.Event) -> None:
+        """Send forged traffic as a non-member and malformed traffic under member ids
+        (:mod:`chaos.forge`) to every live node for ``duration``; then check that every node is
+        alive and answers. ``info`` gets what was sent, the status codes seen, the nodes'
+        refusal counters (their increase over the window, by reason) and the health check."""
+        live = self._reachable()
+        sts = await self.cluster.statuses()
+        targets = [
+            forgery.Target(h, self.cluster.hosts[h].node_id, self.cluster.hosts[h].address,
+                           tuple(forgery.GroupView(g.group, g.term, g.last_index, g.commit) for g in sts[h].groups))
+            for h in live if h in sts
+        ]
+        if not targets:
+            self.log("nemesis: forge skipped (no node answers)")
+            return
+        members = sorted(nh.node_id for nh in self.cluster.hosts.values() if nh.member)
+        w = self._begin("forge", "outsider+malformed",
+                        f"forged traffic as node {forgery.OUTSIDER} and malformed traffic under member ids "
+                        f"{members} to hosts {[t.host for t in targets]}", [t.host for t in targets])
+        before = {t.host: await self.cluster.refused(t.host) for t in targets}
+        terms_before = {t.host: {g.group: g.term for g in t.groups} for t in targets}
+        stats = forgery.ForgeStats()
+        job = asyncio.ensure_future(forgery.forge(
+            targets, members, self.cluster.cluster_id, duration=duration, keys=self.forge_keys(),
+            seed=self.rng.randrange(1 << 30), stats=stats))
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait([job, stopper], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            if not job.done():
+                job.cancel()
+            with contextlib.suppress(BaseException):
+                await job
+        w.info.update(stats.to_info())
+        # the nodes: every one alive, answering, and counting what it refused
+        refused: dict[str, float] = {}
+        scraped = 0
+        for t in targets:
+            after = await self.cluster.refused(t.host)
+            if after is None:
+                continue
+            scraped += 1
+            prev = before.get(t.host) or {}
+            for reason, v in after.items():
+                d = v - prev.get(reason, 0.0) if v >= prev.get(reason, 0.0) else v  # restarted: count anew
+                if d:
+                    refused[reason] = refused.get(reason, 0) + int(d)
+        w.info.update(refused=dict(sorted(refused.items())), refused_total=sum(refused.values()),
+                      nodes_scraped=scraped)
+        dead, silent = await self._check_nodes([t.host for t in targets])
+        sts_after = await self.cluster.statuses()
+        w.info.update(nodes_dead=dead, nodes_unresponsive=silent, terms_before=terms_before,
+                      terms_after={h: {g.group: g.term for g in st.groups} for h, st in sts_after.items()})
+        if stats.accepted_from_outsider:
+            w.ok = False
+            w.notes.append(f"{stats.accepted_from_outsider} call(s) from non-member node {forgery.OUTSIDER} were "
+                           f"not refused: {stats.accepted_detail[:3]}")
+        if dead or silent:
+            w.ok = False
+            w.notes.append(f"after forged traffic: nodes dead on hosts {dead}, not answering on hosts {silent}")
+        w.notes.append(f"{w.info['forged_messages']} forged message(s) in {stats.rpcs} RPC(s); non-member "
+                       f"codes {w.info['outsider_codes']}, member-id codes {w.info['member_codes']}; "
+                       f"refused on the nodes: {w.info['refused']}")
+        self._end(w)
+        self.log(f"nemesis: forge: {w.notes[-1]}")
+
+    def forge_keys(self) -> list[bytes]:
+        """Keys whose forged PUTs a read would show (the workload's key space, roughly)."""
+        return [f"r/{i}".encode() for i in range(200)] + [b"b/0"] + [f"s/{i}".encode() for i in range(4)]
+
+    async def _check_nodes(self, hosts: list[int], timeout: float = 8.0) -> tuple[list[int], list[int]]:
+        """Hosts whose node process died, and hosts whose node does not answer Status within
+        ``timeout`` (wedged)."""
+        dead = [h for h in hosts if not self.cluster.hosts[h].alive]
+        pending = [h for h in hosts if h not in dead]
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            answers = await asyncio.gather(*(self.cluster.status(h, timeout=1.0) for h in pending))
+            pending = [h for h, a in zip(pending, answers, strict=True) if a is None]
+            if pending:
+                await asyncio.sleep(0.3)
+        dead += [h for h in pending if not self.cluster.hosts[h].alive]
+        return sorted(dead), sorted(h for h in pending if h not in dead)
 
     # ----- kill / pause -----
 

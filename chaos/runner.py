@@ -122,7 +122,7 @@ def execute(run_dir: Path) -> int:
     backend = _backend(cfg)
     cluster = Cluster(
         backend, run_dir, cfg.nodes, state, tick_ms=cfg.tick_ms, log_level=cfg.log_level, learners=cfg.learners,
-        extra_args=cfg.server_args(),
+        extra_args=cfg.server_args(), metrics="forge" in cfg.nemesis,
     )
     # SIGTERM (e.g. from the outer harness) unwinds like Ctrl-C so the nodes are stopped.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -287,6 +287,10 @@ def analyze(run_dir: Path, *, check_timeout: float | None = None) -> dict[str, A
         for note in f.get("notes") or []:
             if "was not running" in note:
                 a.reasons.append(f"{note} (a node exited on its own: see its log)")
+    forge = _forge_check(cfg, records, faults, execution)
+    if forge.get("valid") is False:
+        a.verdict = "invalid"
+        a.reasons.extend(forge["reasons"])
     liveness = _liveness(cfg, execution, faults)
     if liveness.get("valid") is False:
         a.verdict = "invalid"
@@ -306,10 +310,89 @@ def analyze(run_dir: Path, *, check_timeout: float | None = None) -> dict[str, A
         "faults": faults,
         "throughput": round(a.counts.get("ok", 0) / cfg.time, 1) if cfg.time else None,
         "liveness": liveness,
+        "forge": forge,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     write_report(run_dir, cfg, records, faults, a, execution)
     return summary
+
+
+#: Least ok throughput during forge windows, as a share of the healthy throughput.
+FORGE_MIN_AVAILABILITY = 0.5
+
+
+def _forge_check(
+    cfg: RunConfig, records: list[OpRecord], faults: list[dict[str, Any]], execution: dict[str, Any]
+) -> dict[str, Any]:
+    """The forge nemesis's verdict (``valid`` None when the run had none): no read ever returned
+    a forged value; every non-member call was refused; no node died or wedged under forged
+    traffic (nor exited on its own anywhere in the run); and the ok throughput during the forge
+    windows stayed at least ``FORGE_MIN_AVAILABILITY`` of the throughput outside every fault."""
+    from .forge import FORGED_VALUE
+
+    windows = [f for f in faults if f.get("family") == "forge"]
+    out: dict[str, Any] = {"checked": False, "valid": None, "windows": len(windows)}
+    if "forge" not in cfg.nemesis:
+        return out
+    forged = FORGED_VALUE.decode()
+    seen = [r for r in records if r.output is not None and forged in json.dumps(r.output)]
+    infos = [f.get("info") or {} for f in windows]
+
+    def total(name: str) -> dict[str, int]:
+        acc: dict[str, int] = {}
+        for i in infos:
+            for k, v in (i.get(name) or {}).items():
+                acc[k] = acc.get(k, 0) + int(v)
+        return dict(sorted(acc.items()))
+
+    spans = [(f["start"], f["end"]) for f in windows if f.get("end") is not None]
+    faulted = [(f["start"], f["end"]) for f in faults if f.get("end") is not None and f.get("family") != "heal"]
+    ok = [r.complete for r in records if r.status == "ok" and not r.final and r.complete is not None]
+    end = execution.get("fault_until") or cfg.time
+    start = min((s for s, _ in faulted), default=0.0)
+
+    def rate(inside: list[tuple[float, float]]) -> float | None:
+        length = sum(b - a for a, b in inside)
+        return sum(1 for t in ok if any(a <= t <= b for a, b in inside)) / length if length > 0 else None
+
+    healthy_len = max(0.0, end - start) - sum(b - a for a, b in faulted)
+    healthy_ok = sum(1 for t in ok if start <= t <= end and not any(a <= t <= b for a, b in faulted))
+    healthy = healthy_ok / healthy_len if healthy_len > 1.0 else None
+    during = rate(spans)
+    ratio = during / healthy if during is not None and healthy else None
+    failed = sum(1 for r in records if r.status != "ok" and not r.final and any(a <= r.invoke <= b for a, b in spans))
+    exited = [n for f in faults for n in f.get("notes") or [] if "was not running" in n]
+    out.update(
+        checked=True,
+        forged_messages=sum(int(i.get("forged_messages") or 0) for i in infos),
+        forged_rpcs=sum(int(i.get("forged_rpcs") or 0) for i in infos),
+        outsider_codes=total("outsider_codes"), member_codes=total("member_codes"), refused=total("refused"),
+        refused_total=sum(int(i.get("refused_total") or 0) for i in infos),
+        accepted_from_outsider=sum(int(i.get("accepted_from_outsider") or 0) for i in infos),
+        nodes_dead=sorted({h for i in infos for h in i.get("nodes_dead") or []}),
+        nodes_unresponsive=sorted({h for i in infos for h in i.get("nodes_unresponsive") or []}),
+        nodes_exited=exited, forged_reads=len(seen),
+        ok_per_s_healthy=round(healthy, 1) if healthy is not None else None,
+        ok_per_s_forge=round(during, 1) if during is not None else None,
+        availability=round(ratio, 3) if ratio is not None else None,
+        failed_or_info_during_forge=failed,
+    )
+    reasons = []
+    if seen:
+        reasons.append(f"forge: {len(seen)} read(s) returned the forged value {forged!r} (first: {seen[0].f} "
+                       f"{seen[0].key} -> {seen[0].output!r})")
+    if out["accepted_from_outsider"]:
+        reasons.append(f"forge: {out['accepted_from_outsider']} call(s) from a non-member were not refused")
+    if out["nodes_dead"] or out["nodes_unresponsive"]:
+        reasons.append(f"forge: after forged traffic, nodes dead on hosts {out['nodes_dead']}, wedged on hosts "
+                       f"{out['nodes_unresponsive']}")
+    if exited:
+        reasons.append(f"forge: a node exited on its own during a run with forged traffic: {exited[0]}")
+    if ratio is not None and ratio < FORGE_MIN_AVAILABILITY:
+        reasons.append(f"forge: availability dented: {during:.1f} ok/s during forged traffic, {healthy:.1f} ok/s "
+                       f"when healthy ({ratio:.0%} < {FORGE_MIN_AVAILABILITY:.0%})")
+    out.update(valid=not reasons, reasons=reasons)
+    return out
 
 
 def _liveness(cfg: RunConfig, execution: dict[str, Any], faults: list[dict[str, Any]]) -> dict[str, Any]:
@@ -426,6 +509,13 @@ def run(cfg: RunConfig) -> tuple[int, Path, dict[str, Any]]:
              + (f"none pending within {mv.get('waited')}s (map version {mv.get('version')}, "
                 f"groups {[g['id'] for g in mv.get('groups') or []]})" if lv["valid"]
                 else f"{mv.get('moves_pending')} still pending after {mv.get('waited')}s: LIVENESS FAILURE"))
+    fg = summary.get("forge") or {}
+    if fg.get("checked"):
+        _say(f"kvchaos: forge: {fg['windows']} window(s), {fg['forged_messages']} forged message(s) in "
+             f"{fg['forged_rpcs']} RPC(s); non-member codes {fg['outsider_codes']}; member-id codes "
+             f"{fg['member_codes']}; refused on the nodes {fg['refused_total']} {fg['refused']}; forged reads "
+             f"{fg['forged_reads']}; ok/s {fg['ok_per_s_forge']} under forged traffic vs {fg['ok_per_s_healthy']} "
+             f"healthy; nodes dead {fg['nodes_dead']}, wedged {fg['nodes_unresponsive']}")
     for reason in a["reasons"]:
         _say(f"kvchaos: {reason}")
     _say(f"kvchaos: report {run_dir / 'index.html'}")

@@ -176,6 +176,66 @@ def test_netns_rebalance_during_partitions_and_kills_is_valid(tmp_path: Path) ->
     assert node_pids_of(d) == []
 
 
+@needs_root
+def test_netns_forged_and_malformed_traffic_is_refused_and_the_run_stays_valid(tmp_path: Path) -> None:
+    """The forge nemesis (forged traffic as a non-member, malformed traffic under member ids)
+    between partitions and kills: linearizable, every non-member call refused with
+    PERMISSION_DENIED, the nodes counted their refusals, no forged value was ever read, no node
+    died or wedged, and the throughput under forged traffic did not drop."""
+    out = tmp_path / "runs"
+    code, text = kvchaos(["run", "--nodes", "3", "--time", "30", "--nemesis", "forge,partition,kill",
+                          "--workload", "register", "--seed", "13", "--out", str(out)], timeout=180)
+    assert text.strip().splitlines()[-1] == "verdict: valid", text[-4000:]
+    assert code == 0
+    d = run_dir_of(out)
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["analysis"]["linearizability"]["verdict"] == "linearizable"
+    fg = summary["forge"]
+    assert fg["checked"] is True and fg["valid"] is True and fg["windows"] >= 1, fg
+    assert fg["forged_messages"] > 1000 and fg["forged_rpcs"] > 100, fg
+    assert fg["outsider_codes"].get("PERMISSION_DENIED", 0) > 50 and fg["accepted_from_outsider"] == 0, fg
+    assert fg["member_codes"].get("OK", 0) > 0, fg  # malformed messages under member ids: dropped, stream fine
+    for reason in ("not_member", "malformed", "unknown_group", "snapshot"):
+        assert fg["refused"].get(reason, 0) > 0, fg["refused"]
+    assert fg["forged_reads"] == 0 and fg["nodes_dead"] == [] and fg["nodes_unresponsive"] == []
+    assert fg["availability"] is not None and fg["availability"] >= 0.5, fg
+    (w, *_) = [f for f in summary["faults"] if f["family"] == "forge"]
+    assert w["ok"] and w["info"]["refused_total"] > 0 and w["info"]["nodes_scraped"] == 3, w
+    assert {"partition", "kill"} <= {f["family"] for f in summary["faults"]}
+    assert "kvchaos: forge:" in text
+    assert_cleaned(d)
+    assert node_pids_of(d) == []
+
+
+def test_forge_check_fails_on_forged_reads_accepted_outsiders_and_dead_nodes(tmp_path: Path) -> None:
+    from chaos.runner import RunConfig, analyze
+
+    cfg = RunConfig(time=6, nemesis=["forge"], run_id="t")
+    recs = [
+        _op(1, "put", "r/0", "a", None, 0.0, 1.0),
+        _op(2, "get", "r/0", None, "a", 2.0, 2.2),  # under forged traffic
+        _op(2, "get", "r/0", None, "a", 3.5, 4.0),
+        _op(3, "get", "r/0", None, "a", 6.0, 7.0, final=True),
+    ]
+    info = {"forged_messages": 500, "forged_rpcs": 40, "outsider_codes": {"PERMISSION_DENIED": 20},
+            "member_codes": {"OK": 20}, "refused": {"not_member": 20, "malformed": 200}, "refused_total": 220,
+            "accepted_from_outsider": 0, "nodes_dead": [], "nodes_unresponsive": []}
+    window = FaultWindow("forge", "outsider+malformed", "x", 1.5, 2.5, hosts=[1, 2, 3], info=info).to_json()
+    _write_run(tmp_path / "good", cfg, {"keys": ["r/0"]}, [window], recs)
+    summary = analyze(tmp_path / "good")
+    assert summary["forge"]["valid"] is True and summary["forge"]["refused_total"] == 220, summary["forge"]
+    assert summary["verdict"] == "valid"
+    bad_read = [*recs[:3], _op(4, "get", "r/0", None, "FORGED", 4.0, 5.0), recs[3]]
+    _write_run(tmp_path / "read", cfg, {"keys": ["r/0"]}, [window], bad_read)
+    summary = analyze(tmp_path / "read")
+    assert summary["verdict"] == "invalid" and summary["forge"]["forged_reads"] == 1
+    assert any(r.startswith("forge: 1 read(s) returned the forged value") for r in summary["analysis"]["reasons"])
+    dead = {**window, "info": {**info, "nodes_dead": [2], "accepted_from_outsider": 3}}
+    _write_run(tmp_path / "dead", cfg, {"keys": ["r/0"]}, [dead], recs)
+    reasons = analyze(tmp_path / "dead")["forge"]["reasons"]
+    assert any("not refused" in r for r in reasons) and any("dead on hosts [2]" in r for r in reasons), reasons
+
+
 @pytest.fixture(scope="module")
 def stale_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, Path, Path]:
     if os.geteuid() != 0:
@@ -355,6 +415,8 @@ def test_parse_families() -> None:
     assert "rebalance" not in parse_families("all")
     assert parse_families("rebalance,partition,kill") == ["rebalance", "partition", "kill"]
     assert parse_families("all,rebalance")[-1] == "rebalance"
+    assert parse_families("garbage,kill") == ["forge", "kill"]  # an alias
+    assert parse_families("forge,garbage") == ["forge"]
 
 
 def test_rebalance_never_removes_the_last_group() -> None:
