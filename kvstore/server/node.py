@@ -150,7 +150,8 @@ class Node:
             (AdminService(cfg, host, self.wake, tracker, caller, self.coordinator, self.reads),
              admin_pb2.DESCRIPTOR.services_by_name["Admin"]),
             (ShardService(cfg.id, host, self.wake, tracker, caller, self.coordinator, cfg.request_timeout,
-                          cluster_id=cfg.cluster_id, is_member=self.inbound.is_member),
+                          cluster_id=cfg.cluster_id, is_member=self.inbound.is_member,
+                          refusals=self.inbound.refusals),
              shard_pb2.DESCRIPTOR.services_by_name["Shard"]),
             (self.health, health_pb2.DESCRIPTOR.services_by_name["Health"]),
         ])

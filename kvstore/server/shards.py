@@ -33,6 +33,7 @@ from kvstore.v1 import shard_pb2, shard_pb2_grpc
 
 from . import waiters
 from .host import Host
+from .inbound import RefusalLog
 
 log = logging.getLogger("kvstore.shards")
 
@@ -419,9 +420,11 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         request_timeout: float,
         cluster_id: str = "kvstore",
         is_member: Callable[[int], bool] = lambda node: True,
+        refusals: RefusalLog | None = None,
     ) -> None:
         self.cluster_id = cluster_id
         self.is_member = is_member
+        self.refusals = refusals
         self.node_id = node_id
         self.host = host
         self.wake = wake
@@ -442,7 +445,8 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         """Internal RPCs answer only members of this cluster (by the caller's cluster id and node
         id now; by its certificate once nodes authenticate each other)."""
         if cluster_id != self.cluster_id or not self.is_member(frm):
-            log.warning("refused %s from node %d of cluster %r: not a member", what, frm, cluster_id[:64])
+            if self.refusals is not None:  # counted, logged once per sender per minute
+                self.refusals.refuse(frm, "not_member", f"{what} (cluster {cluster_id[:64]!r}): not a member")
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{what} is internal: only members of cluster {self.cluster_id!r} may call it",
