@@ -234,3 +234,66 @@ def test_client_fails_operations_of_a_stream_the_server_ended_with_ok() -> None:
             await server.stop(0)
 
     asyncio.run(main())
+
+
+# --- admin requests with hostile values ----------------------------------------------------------
+_U63 = 1 << 63
+_U64_MAX = (1 << 64) - 1
+
+
+def test_admin_requests_with_hostile_ids_get_definite_errors_and_change_nothing(tmp_path: Path) -> None:
+    """Member ids at or above 2^63 (a conf change no replica could decode, which would stop the
+    group's replication for good once appended), addresses longer than a conf change carries,
+    unknown groups and transfer targets: each gets a definite error, and the membership and the
+    node's service are unchanged."""
+    from kvstore.v1 import admin_pb2, admin_pb2_grpc
+
+    async def scenario() -> None:
+        async with one_node(tmp_path) as one, grpc.aio.insecure_channel(one.address) as ch:
+            admin = admin_pb2_grpc.AdminStub(ch)
+            kv = kv_pb2_grpc.KVStub(ch)
+            before = await admin.Status(admin_pb2.StatusRequest(), timeout=5)
+            bad = [
+                admin.AddMember(admin_pb2.AddMemberRequest(id=_U63, address="a:1", learner=True)),
+                admin.AddMember(admin_pb2.AddMemberRequest(id=_U64_MAX, address="a:1", learner=True)),
+                admin.AddMember(admin_pb2.AddMemberRequest(id=0, address="a:1", learner=True)),
+                admin.AddMember(admin_pb2.AddMemberRequest(id=5, address="a:" + "9" * 2000, learner=True)),
+                admin.AddMember(admin_pb2.AddMemberRequest(id=5, address="no-port", learner=True)),
+                admin.AddMember(admin_pb2.AddMemberRequest(id=5, address="a:1", learner=True, groups=[_U64_MAX])),
+                admin.PromoteMember(admin_pb2.PromoteMemberRequest(id=_U64_MAX)),
+                admin.PromoteMember(admin_pb2.PromoteMemberRequest(id=_U63, groups=[1])),
+                admin.RemoveMember(admin_pb2.RemoveMemberRequest(id=_U64_MAX)),
+                admin.RemoveMember(admin_pb2.RemoveMemberRequest(id=_U63, groups=[1])),
+                admin.TransferLeader(admin_pb2.TransferLeaderRequest(to=_U64_MAX, groups=[1])),
+                admin.TransferLeader(admin_pb2.TransferLeaderRequest(to=7, groups=[_U63])),
+            ]
+            for call in bad:
+                resp = await call
+                assert resp.error.code != kv_pb2.OK, resp
+                assert not resp.error.indeterminate, resp
+            after = await admin.Status(admin_pb2.StatusRequest(), timeout=5)
+            assert [(g.group, list(g.voters), list(g.learners)) for g in after.groups] == [
+                (g.group, list(g.voters), list(g.learners)) for g in before.groups
+            ]
+            r = await kv.Put(kv_pb2.PutRequest(key=b"still", value=b"serving"), timeout=5)
+            assert r.error.code == kv_pb2.OK
+
+    asyncio.run(scenario())
+
+
+def test_the_core_refuses_a_conf_change_no_replica_could_decode() -> None:
+    import random as _random
+
+    from kvstore.raft import Config, ConfState, MemoryStorage, ProposalDropped, RaftNode
+    from kvstore.raft.types import ConfChange, ConfChangeType
+
+    core = RaftNode(Config(id=1), MemoryStorage.bootstrap(ConfState((1,))), _random.Random(1))
+    core.campaign()
+    while core.has_ready():
+        rd = core.ready()
+        core.log.storage.append(rd.entries)  # type: ignore[attr-defined]
+        core.advance(rd)
+    for cc in (ConfChange(ConfChangeType.ADD_LEARNER, _U63, b"a:1"),
+               ConfChange(ConfChangeType.ADD_LEARNER, 5, b"x" * 2000)):
+        with pytest.raises(ProposalDropped, match="invalid membership change"):
+            core.propose_conf_change(cc)

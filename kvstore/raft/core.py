@@ -92,6 +92,7 @@ from __future__ import annotations
 
 import logging
 import random
+import struct
 from dataclasses import dataclass
 
 from . import quorum
@@ -719,12 +720,16 @@ class RaftNode:
         if not self._committed_in_term():
             raise ProposalDropped("leader has not yet committed an entry of its term")
         try:
+            # Only a change every replica can decode goes into the log (followers refuse appends
+            # carrying one they cannot: it would stop replication of the group for good).
+            data = cc.encode()
+            ConfChange.decode(data)
             new = self.conf.apply(cc)
-        except ValueError as err:
+        except (ValueError, OverflowError, struct.error) as err:
             raise ProposalDropped(f"invalid membership change: {err}") from err
         if new == self.conf:
             raise ProposalDropped("membership change is a no-op")
-        self._append_entries([Entry(0, 0, EntryType.CONF_CHANGE, cc.encode())])
+        self._append_entries([Entry(0, 0, EntryType.CONF_CHANGE, data)])
         self._bcast_append()
         return self.log.last_index()
 

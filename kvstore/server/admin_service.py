@@ -16,6 +16,7 @@ import grpc
 
 from kvstore import errors
 from kvstore.raft import ConfChange, ConfChangeType
+from kvstore.raft.types import MAX_CONF_CONTEXT, MAX_U63
 from kvstore.shard.rebalance import Coordinator
 from kvstore.shard.shardmap import META_GROUP, ShardMap
 from kvstore.v1 import admin_pb2, admin_pb2_grpc
@@ -157,8 +158,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     async def AddMember(self, request: admin_pb2.AddMemberRequest, context: grpc.aio.ServicerContext) -> admin_pb2.AdminResponse:
         try:
-            if request.id < 1 or ":" not in request.address:
-                raise errors.InvalidArgument("member needs an id >= 1 and an address HOST:PORT")
+            if not 0 < request.id < MAX_U63 or ":" not in request.address:
+                raise errors.InvalidArgument("member needs an id in 1..2^63-1 and an address HOST:PORT")
+            if len(request.address.encode()) > MAX_CONF_CONTEXT:
+                raise errors.InvalidArgument(f"member address longer than {MAX_CONF_CONTEXT} bytes")
             groups = self._targets(request.groups)
         except errors.KVError as err:
             return admin_pb2.AdminResponse(error=errors.to_proto(err))
@@ -167,6 +170,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     async def PromoteMember(self, request: admin_pb2.PromoteMemberRequest, context: grpc.aio.ServicerContext) -> admin_pb2.AdminResponse:
         try:
+            _check_node_id(request.id, allow_zero=False)
             groups = self._targets(request.groups)
             meta = self._conf_of(META_GROUP)
             if not request.groups and meta is not None and request.id not in meta[1] | meta[0]:
@@ -177,6 +181,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     async def RemoveMember(self, request: admin_pb2.RemoveMemberRequest, context: grpc.aio.ServicerContext) -> admin_pb2.AdminResponse:
         try:
+            _check_node_id(request.id, allow_zero=False)
             groups = self._targets(request.groups)
             meta = self._conf_of(META_GROUP)
             if not request.groups and meta is not None and request.id not in meta[0] | meta[1]:
@@ -191,6 +196,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     # --- leadership and snapshots ---------------------------------------------------------------
     async def TransferLeader(self, request: admin_pb2.TransferLeaderRequest, context: grpc.aio.ServicerContext) -> admin_pb2.AdminResponse:
         try:
+            _check_node_id(request.to, allow_zero=True)
             groups = self._targets(request.groups)
             results = await asyncio.gather(
                 *(self.caller.transfer(g, request.to, timeout=self.cfg.request_timeout) for g in groups),
@@ -227,3 +233,10 @@ def _already(cc: ConfChange, voters: set[int], learners: set[int]) -> bool:
     if cc.type == ConfChangeType.ADD_VOTER:
         return n in voters
     return n not in voters and n not in learners
+
+
+def _check_node_id(node: int, allow_zero: bool = False) -> None:
+    """Node ids are 1..2^63-1 (0: "none", where the request allows it); anything else is a
+    definite InvalidArgument before any group is asked."""
+    if not (allow_zero and node == 0) and not 0 < node < MAX_U63:
+        raise errors.InvalidArgument(f"node id {node} is outside 1..2^63-1")
