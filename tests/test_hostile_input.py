@@ -297,3 +297,36 @@ def test_the_core_refuses_a_conf_change_no_replica_could_decode() -> None:
                ConfChange(ConfChangeType.ADD_LEARNER, 5, b"x" * 2000)):
         with pytest.raises(ProposalDropped, match="invalid membership change"):
             core.propose_conf_change(cc)
+
+
+def test_shard_requests_with_hostile_values_get_definite_errors(tmp_path: Path) -> None:
+    """ShardOp waits bounded by a finite timeout; ExportRange (internal) refuses non-members,
+    chunks it would have to hold gigabytes for, and malformed ranges."""
+    from kvstore.v1 import shard_pb2, shard_pb2_grpc
+
+    async def scenario() -> None:
+        async with one_node(tmp_path) as one, grpc.aio.insecure_channel(one.address) as ch:
+            shard = shard_pb2_grpc.ShardStub(ch)
+            for t in (float("nan"), float("inf"), -1.0, 1e9):
+                r = await shard.ShardOp(shard_pb2.ShardOpRequest(op=shard_pb2.ShardOpRequest.REBALANCE, wait=True,
+                                                                 timeout=t), timeout=10)
+                assert r.error.code == kv_pb2.INVALID_ARGUMENT and not r.error.indeterminate, r
+            r = await shard.ShardOp(shard_pb2.ShardOpRequest(op=77), timeout=10)
+            assert r.error.code == kv_pb2.INVALID_ARGUMENT
+            r = await shard.ShardOp(shard_pb2.ShardOpRequest(op=shard_pb2.ShardOpRequest.REMOVE_GROUP,
+                                                             group=_U64_MAX), timeout=10)
+            assert r.error.code == kv_pb2.INVALID_ARGUMENT
+            member = {"cluster_id": "kvstore", "from_node": 1}
+            with pytest.raises(grpc.aio.AioRpcError) as ei:
+                async for _ in shard.ExportRange(shard_pb2.ExportRangeRequest(group=1, lo=[0], hi=[5]), timeout=10):
+                    pass
+            assert ei.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            for req in (
+                shard_pb2.ExportRangeRequest(group=1, lo=[0], hi=[5], chunk_bytes=(1 << 32) - 1, **member),
+                shard_pb2.ExportRangeRequest(group=1, lo=[0, 9], hi=[5], **member),
+                shard_pb2.ExportRangeRequest(group=1, lo=[9], hi=[5], **member),
+            ):
+                chunks = [c async for c in shard.ExportRange(req, timeout=10)]
+                assert len(chunks) == 1 and chunks[0].error.code == kv_pb2.INVALID_ARGUMENT, chunks
+
+    asyncio.run(scenario())

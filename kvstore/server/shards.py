@@ -37,6 +37,11 @@ from .inbound import RefusalLog
 
 log = logging.getLogger("kvstore.shards")
 
+MAX_EXPORT_CHUNK = 4 << 20
+"""Largest chunk an ExportRange caller may ask for (a chunk is held in memory whole)."""
+MAX_WAIT = 3600.0
+"""Longest a ShardOp with `wait` may wait, in seconds."""
+
 
 class ShardTracker:
     """The shard map as of the metadata group's applied state on this node."""
@@ -339,6 +344,8 @@ async def local_export(
     try:
         if request.group not in host.groups:
             raise errors.WrongShard(f"group {request.group} is not on this node")
+        if request.chunk_bytes > MAX_EXPORT_CHUNK:
+            raise errors.InvalidArgument(f"chunk_bytes {request.chunk_bytes} exceeds {MAX_EXPORT_CHUNK}")
         ranges = IntervalSet(zip(request.lo, request.hi, strict=True))
         await waiters.read_point(host, wake, request.group, timeout)
         stream = host.store.export_range(request.group, ranges, request.chunk_bytes or (512 << 10))
@@ -513,6 +520,8 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                     version=m.version, groups=infos, moves_pending=len(m.moves),
                     message=_describe_moves(m),
                 )
+            if request.wait and not 0 <= request.timeout <= MAX_WAIT:  # NaN fails both comparisons
+                raise errors.InvalidArgument(f"timeout {request.timeout} is outside 0..{MAX_WAIT:g} seconds")
             meta = self.host.groups.get(META_GROUP)
             nodes = sorted(meta.core.conf.voters) if meta is not None else sorted(m.nodes)
             if request.op == Op.ADD_GROUP:
