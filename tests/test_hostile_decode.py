@@ -258,3 +258,49 @@ def test_refusals_are_logged_once_per_sender_and_reason_per_minute(node: _Node, 
     node.inbound.admit(Message(MessageType.HEARTBEAT, 1, 99, term=5, group=1))
     assert len([r for r in caplog.records if "node 99" in r.getMessage()]) == 2
     assert node.refusals.counted["not_member"] == 52
+
+
+# --- records read back from the disk -------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["hard_state", "log_base", "entry_short", "entry_type", "applied", "conf_ids"])
+def test_damaged_records_on_disk_raise_storage_error_only(tmp_path: Path, damage: str) -> None:
+    """Every stored record decodes totally: damage is reported as StorageError (the node then
+    refuses to start with a clear message), never a struct.error or a KeyError."""
+    from kvstore.storage import layout
+    from kvstore.storage.errors import StorageError
+
+    path = tmp_path / "n1"
+    store = NodeStore(path, sync=False)
+    store.bootstrap(1, ConfState((1, 2, 3)), [commands.encode_put(b"k", b"v")])
+    store.close()
+    store = NodeStore(path, sync=False)
+    env = store._env
+    p = layout.group_prefix(1)
+
+    def put(db: bytes, key: bytes, value: bytes) -> None:
+        env.write(lambda txn: txn.put(key, value, db=env.db(db)))
+
+    if damage == "hard_state":
+        put(layout.DB_RAFTSTATE, p + layout.HARD_STATE_TAG, b"\x01\x02")
+    elif damage == "log_base":
+        put(layout.DB_RAFTSTATE, p + layout.LOG_BASE_TAG, b"\x00" * 5)
+    elif damage == "entry_short":
+        put(layout.DB_RAFTLOG, layout.log_key(1, 1), b"\x00")
+    elif damage == "entry_type":
+        put(layout.DB_RAFTLOG, layout.log_key(1, 2), layout.LOG_VALUE.pack(1, 77) + b"x")
+    elif damage == "applied":
+        put(layout.DB_APPLIED, p, b"\x00\x01")
+    else:
+        put(layout.DB_APPLIED, p, struct.pack(">QII", 1, 1 << 30, 1 << 30))
+    store.close()
+    with pytest.raises(StorageError):
+        store = NodeStore(path, sync=False)
+        try:
+            ls = store.log_storage(1)
+            ls.initial_state()
+            ls.entries(ls.first_index(), ls.last_index() + 1)
+            ls.term(ls.last_index())
+            store.applied_index(1)
+            store.applied_conf_state(1)
+            raise AssertionError(f"damage {damage!r} went unnoticed")  # pragma: no cover
+        finally:
+            store.close()

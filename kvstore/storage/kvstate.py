@@ -46,12 +46,12 @@ from .layout import (
     DB_SESSIONS,
     DB_SHARDS,
     LOG_BASE_TAG,
-    LOG_VALUE,
     SESSION_META_TAG,
     U64,
     U64_PAIR,
     decode_applied,
     decode_log_base,
+    decode_log_term,
     encode_applied,
     group_end,
     group_prefix,
@@ -558,7 +558,7 @@ def _term_in(txn: Txn, env: LmdbEnv, group: int, index: int) -> int | None:
         return 0
     raw = txn.get(log_key(group, index), db=env.db(DB_RAFTLOG))
     if raw is not None:
-        return int(LOG_VALUE.unpack_from(raw)[0])
+        return decode_log_term(raw)
     raw = txn.get(group_prefix(group) + LOG_BASE_TAG, db=env.db(DB_RAFTSTATE))
     if raw is not None:
         base = decode_log_base(raw)

@@ -81,6 +81,8 @@ def encode_conf(cs: ConfState) -> bytes:
 def decode_conf(data: bytes, pos: int = 0) -> ConfState:
     try:
         nv, nl = _CONF_HEAD.unpack_from(data, pos)
+        if nv + nl > 4096:
+            raise struct.error(f"{nv + nl} member ids")
         ids = struct.unpack_from(f">{nv + nl}Q", data, pos + _CONF_HEAD.size)
     except struct.error as err:
         raise StorageError(f"corrupt configuration record: {err}") from None
@@ -92,7 +94,11 @@ def encode_hard_state(hs: HardState) -> bytes:
 
 
 def decode_hard_state(data: bytes) -> HardState:
-    return HardState(*HARD_STATE.unpack(data))
+    """Total: a record that is not one raises StorageError (as every decoder here does)."""
+    try:
+        return HardState(*HARD_STATE.unpack(data))
+    except struct.error as err:
+        raise StorageError(f"corrupt hard state record ({len(data)} bytes): {err}") from None
 
 
 def encode_log_base(meta: SnapshotMeta) -> bytes:
@@ -100,7 +106,10 @@ def encode_log_base(meta: SnapshotMeta) -> bytes:
 
 
 def decode_log_base(data: bytes) -> SnapshotMeta:
-    index, term = U64_PAIR.unpack_from(data)
+    try:
+        index, term = U64_PAIR.unpack_from(data)
+    except struct.error as err:
+        raise StorageError(f"corrupt log base record: {err}") from None
     return SnapshotMeta(index, term, decode_conf(data, U64_PAIR.size))
 
 
@@ -109,5 +118,16 @@ def encode_applied(index: int, cs: ConfState) -> bytes:
 
 
 def decode_applied(data: bytes) -> tuple[int, ConfState]:
-    (index,) = U64.unpack_from(data)
+    try:
+        (index,) = U64.unpack_from(data)
+    except struct.error as err:
+        raise StorageError(f"corrupt applied-index record: {err}") from None
     return index, decode_conf(data, U64.size)
+
+
+def decode_log_term(data: bytes) -> int:
+    """The term of a stored log entry's value (StorageError if it is not one)."""
+    try:
+        return int(LOG_VALUE.unpack_from(data)[0])
+    except struct.error as err:
+        raise StorageError(f"corrupt log entry record: {err}") from None

@@ -24,6 +24,7 @@ Invariants (of the cache and of the disk):
 
 from __future__ import annotations
 
+import struct
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from .layout import (
     U64_PAIR,
     decode_hard_state,
     decode_log_base,
+    decode_log_term,
     encode_hard_state,
     encode_log_base,
     group_end,
@@ -134,7 +136,7 @@ class GroupLogStorage:
                         )
                     st.last = last
                     cur.set_key(log_key(g, last))
-                    (term, _) = LOG_VALUE.unpack_from(cur.value())
+                    term = decode_log_term(cur.value())
                     st.run_starts.append(last)
                     st.run_terms.append(term)
         return st
@@ -167,7 +169,7 @@ class GroupLogStorage:
             raw = txn.get(log_key(self.group, index), db=self._env.db(DB_RAFTLOG))
         if raw is None:
             raise StorageError(f"raft log of group {self.group} is corrupt: entry {index} is missing")
-        return int(LOG_VALUE.unpack_from(raw)[0])
+        return decode_log_term(raw)
 
     def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
         st = self._st
@@ -195,20 +197,23 @@ class GroupLogStorage:
         unpack = LOG_VALUE.unpack_from
         hdr = LOG_VALUE.size
         expect = lo
-        for key, value in cur.iternext():
-            if expect >= hi:
-                break
-            kg, index = U64_PAIR.unpack(key)
-            if kg != group or index != expect:
-                break
-            term, etype = unpack(value)
-            data = value[hdr:]
-            if max_size is not None:
-                size += len(data) + 24
-                if out and size > max_size:
-                    return out
-            out.append(Entry(term, index, types[etype], data, group))
-            expect += 1
+        try:
+            for key, value in cur.iternext():
+                if expect >= hi:
+                    break
+                kg, index = U64_PAIR.unpack(key)
+                if kg != group or index != expect:
+                    break
+                term, etype = unpack(value)
+                data = value[hdr:]
+                if max_size is not None:
+                    size += len(data) + 24
+                    if out and size > max_size:
+                        return out
+                out.append(Entry(term, index, types[etype], data, group))
+                expect += 1
+        except (struct.error, KeyError) as err:  # a damaged record: one error type, as everywhere
+            raise StorageError(f"raft log of group {group} is corrupt at entry {expect}: {err!r}") from None
         if expect < hi:
             raise StorageError(f"raft log of group {group} is corrupt: entry {expect} is missing")
         return out
@@ -345,7 +350,10 @@ class GroupLogStorage:
         for key, value in cur.iternext():
             if key > end:
                 break
-            term, etype = unpack(value)
+            try:
+                term, etype = unpack(value)
+            except struct.error as err:
+                raise StorageError(f"raft log of group {group} is corrupt: {err}") from None
             if etype == cc:
                 try:
                     conf = conf.apply(ConfChange.decode(value[LOG_VALUE.size :]))
