@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 from clusterharness import free_ports
 
+from kvstore.node.host import RaftSettings
 from kvstore.server.config import NodeConfig
-from kvstore.server.host import RaftSettings
 from kvstore.server.node import Node
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 

@@ -112,7 +112,7 @@ def test_profile_categories_walk_from_the_innermost_frame() -> None:
     raw = "\n".join([
         "thread (1): MainThread;run (asyncio/runners.py:118);Put (kvstore/server/kv_service.py:90);"
         "propose (kvstore/raft/core.py:470) 7",
-        "thread (2): persist_0;persist (kvstore/server/host.py:108);write (kvstore/storage/lmdb_env.py:161);"
+        "thread (2): persist_0;persist (kvstore/node/host.py:108);write (kvstore/storage/lmdb_env.py:161);"
         "fdatasync (libc.so.6) 3",
         "thread (1): MainThread;uv_run (core.c:464);epoll_wait (libc.so.6) 90",
     ])

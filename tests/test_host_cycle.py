@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from kvstore import errors
+from kvstore.node.host import Host, RaftSettings
 from kvstore.raft import ConfState, Message, Role
-from kvstore.server.host import Host, RaftSettings
 from kvstore.storage import commands
 from kvstore.storage.errors import StorageFullError
 from kvstore.storage.store import NodeStore

@@ -28,8 +28,8 @@ from clusterharness import Cluster
 
 from kvstore import errors
 from kvstore.client import Client
+from kvstore.node.host import Host, RaftSettings
 from kvstore.raft import ConfState, Message, Role
-from kvstore.server.host import Host, RaftSettings
 from kvstore.shard.shardmap import ShardMap
 from kvstore.storage.store import NodeStore
 from kvstore.v1 import admin_pb2, kv_pb2, kv_pb2_grpc

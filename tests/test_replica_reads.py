@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from kvstore import errors
+from kvstore.node.host import Host, RaftSettings
 from kvstore.raft import ConfState, Message, Role
-from kvstore.server.host import Host, RaftSettings
 from kvstore.server.reads import ReadPoint, ReadSettings, ReplicaReads
 from kvstore.storage import commands
 from kvstore.storage.store import NodeStore

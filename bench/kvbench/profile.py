@@ -118,7 +118,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("LMDB: write txn, commit + fsync (lmdb_env/store)", ("kvstore/storage/lmdb_env.py", "kvstore/storage/store.py")),
     ("storage, other", ("kvstore/storage/",)),
     ("replication transport (peer streams, codec)", ("kvstore/transport/",)),
-    ("host: Ready loop, answering waiters (host.py)", ("kvstore/server/host.py",)),
+    ("host: Ready loop, answering waiters (host.py)", ("kvstore/node/host.py",)),
     ("KV service: request, proposal, reply (kv_service.py, op_stream.py)", (
         "kvstore/server/kv_service.py", "kvstore/server/op_stream.py")),
     ("node driver (ready loop, ticker: node.py)", ("kvstore/server/node.py",)),

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
+from kvstore.node.host import RaftSettings
 from kvstore.server.config import NodeConfig, parse_peers
-from kvstore.server.host import RaftSettings
 from kvstore.storage.commands import MAX_KEY_SIZE
 
 DEV_BASE_PORT = 2379

@@ -1,6 +1,6 @@
 """Which messages a group's core may be handed at all: the group-level admission rules.
 
-Pure and deterministic (standard library only): the node (`kvstore.server.inbound`) and the
+Pure and deterministic (standard library only): the node (`kvstore.node.inbound`) and the
 simulator apply the same rules to every message before `RaftNode.step`. A message is refused
 (the reason is returned) when no correct member of the group could have sent it to this core:
 - its sender is not a member of the cluster (`is_member`, the application's knowledge), or is

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from kvstore import errors
+from kvstore.node.host import Host
 from kvstore.raft import ConfChange, ConfChangeType
 from kvstore.raft.types import MAX_CONF_CONTEXT, MAX_U63
 from kvstore.shard.rebalance import Coordinator
@@ -22,7 +23,6 @@ from kvstore.shard.shardmap import META_GROUP, ShardMap
 from kvstore.v1 import admin_pb2, admin_pb2_grpc
 
 from .config import NodeConfig
-from .host import Host
 from .reads import ReplicaReads
 from .shards import GroupCaller, ShardTracker
 

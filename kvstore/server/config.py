@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvstore.node.host import RaftSettings
 from kvstore.storage.commands import MAX_KEY_SIZE, command_size_bound
 
-from .host import RaftSettings
 from .reads import ReadSettings
 
 META_GROUP = 0

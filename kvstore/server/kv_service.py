@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from kvstore import errors
+from kvstore.node.host import Host
 from kvstore.shard.ranges import IntervalSet, key_hash
 from kvstore.storage import commands
 from kvstore.storage.commands import ApplyResult
@@ -25,7 +26,6 @@ from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 from . import waiters
 from .config import NodeConfig
-from .host import Host
 from .metrics import Metrics
 from .op_stream import OpStream
 from .reads import ReadPoint, ReplicaReads

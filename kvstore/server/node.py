@@ -1,13 +1,11 @@
-"""One kvstore node process: wires storage, host, transport and gRPC services on asyncio.
+"""One kvstore node process: the asyncio and gRPC shell around `kvstore.node.logic.NodeLogic`.
 
-Startup: open the store and every group on it; a new cluster bootstraps the metadata group
-(group 0, every voter, holding the initial shard map) and this node's data groups, all computed
-identically on every node from the flags. Then the gRPC server (Raft, KV, Admin, Shard and the
+Startup: open the store, start the node logic (which opens every group and bootstraps a new
+cluster: see `kvstore.node.logic`), then the gRPC server (Raft, KV, Admin, Shard and the
 standard grpc.health.v1 service), the tick timer, the Ready loop and the shard coordinator.
-
-After every Ready cycle the node re-reads the shard map if the metadata group applied something,
-and reconciles: it opens the data groups the map places on it (bootstrapping those it is an
-initial member of), and destroys, leaving a tombstone, the groups the map dropped.
+The shell only drives the logic: ticks on a timer (`NodeLogic.tick`), peer messages as they
+arrive (`NodeLogic.deliver`), each Ready cycle with its persist step on a thread, then
+`NodeLogic.after_cycle` (membership and shard map).
 Shutdown (SIGTERM / SIGINT): health goes NOT_SERVING, the server stops taking requests and gives
 in-flight ones a grace period, the loops stop, the store closes. Nothing durable depends on a
 graceful stop: kill -9 at any moment loses no acknowledged write.
@@ -28,11 +26,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from kvstore.raft import ConfState, Message, Role
+from kvstore.node.host import Cycle, Host
+from kvstore.node.inbound import Inbound, RefusalLog
+from kvstore.node.logic import Bootstrap, NodeLogic
+from kvstore.raft import Message, Role
 from kvstore.shard.rebalance import Coordinator
-from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, ShardMap
-from kvstore.storage import commands
-from kvstore.storage.shardcmd import ShardOp, encode_shard_command
+from kvstore.shard.shardmap import META_GROUP
 from kvstore.storage.store import NodeStore
 from kvstore.transport.peer import CHANNEL_OPTIONS, Transport
 from kvstore.transport.service import RaftService
@@ -41,13 +40,11 @@ from kvstore.v1 import admin_pb2, kv_pb2, raft_pb2, shard_pb2
 from . import wire
 from .admin_service import AdminService
 from .config import NodeConfig
-from .host import Cycle, Host
-from .inbound import Inbound, RefusalLog
 from .kv_service import KVService
 from .learner import register_learner
 from .metrics import Metrics
 from .reads import ReadMetrics, ReplicaReads
-from .shards import GroupCaller, NodeCluster, ShardService, ShardTracker
+from .shards import AsyncShardTracker, GroupCaller, NodeCluster, ShardService
 
 log = logging.getLogger("kvstore.node")
 
@@ -65,19 +62,16 @@ class Node:
         self.health = health.HealthServicer()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._members_seen: dict[int, str] = {}
         self.port = 0
         self.rpc_methods: list[str] = []
         """Every gRPC method the node serves (`/package.Service/Method`)."""
-        self.tracker: ShardTracker | None = None
+        self.tracker: AsyncShardTracker | None = None
         self.caller: GroupCaller | None = None
         self.coordinator: Coordinator | None = None
-        self._tombstones: set[int] = set()
         self._gauges_at = 0.0
         self._gauge_seen: dict[int, tuple[int, ...]] = {}
-        self._last_heard: dict[int, float] = {}
-        self._started_at = 0.0
         self.inbound: Inbound
+        self.logic: NodeLogic
         self.died = asyncio.Event()
         """Set when a loop the node needs ended (see `_task_ended`): the process must exit."""
         self.fatal: str | None = None
@@ -109,31 +103,22 @@ class Node:
         # A large map reserves address space only; it spares growing the map (which would
         # invalidate open read transactions such as streaming scans) in all but huge stores.
         self.store = store = NodeStore(cfg.data_dir / "db", sync=cfg.sync, map_size=1 << 36)
-        members = dict(cfg.peers)
-        members.update(store.members())
-        host = self.host = Host(cfg.id, store, self._send, cfg.raft, random.Random(), members)
         self.transport = Transport(
-            cfg.id, cfg.cluster_id, store, on_unreachable=host.report_unreachable,
+            cfg.id, cfg.cluster_id, store, on_unreachable=lambda n: self.logic.host.report_unreachable(n),
             on_snapshot_done=self._snapshot_done,
         )
-        host.on_snapshot_needed = self._send_snapshot
-        self._tombstones = store.tombstones()
-        existing = store.groups()
-        if not cfg.join and META_GROUP not in existing:
-            self._bootstrap_cluster()
-        for gid in existing:
-            host.open_group(gid, None)
-        if META_GROUP not in host.groups:
-            host.open_group(META_GROUP, None)  # joining: filled by the leader (log or snapshot)
-        tracker = self.tracker = ShardTracker(store)
+        tracker = self.tracker = AsyncShardTracker(store)
         refused = self.metrics.inbound_refused
-        self.inbound = Inbound(
-            cfg.id, host, lambda: tracker.map, self._tombstones,
-            RefusalLog(time.monotonic, on_refused=lambda reason: refused.labels(reason).inc()),
+        self.logic = logic = NodeLogic(
+            cfg.id, store, _CountingTransport(self.transport, self.metrics), cfg.raft,
+            Bootstrap(dict(cfg.peers), cfg.groups, cfg.replication, cfg.vnodes, cfg.join), random.Random(),
+            RefusalLog(time.monotonic, on_refused=lambda reason: refused.labels(reason).inc()), tracker,
         )
+        host = self.host = logic.host
+        self.inbound = logic.inbound
         caller = self.caller = GroupCaller(cfg.id, host, self.wake, tracker, cfg.request_timeout, cfg.cluster_id)
         self.coordinator = Coordinator(NodeCluster(host, tracker, caller))
-        self._reconcile()
+        logic.start(time.monotonic())
         self.reads = ReplicaReads(
             host, cfg.reads, metrics=ReadMetrics(self.metrics.registry), request_timeout=cfg.request_timeout
         )
@@ -159,7 +144,6 @@ class Node:
         if self.port == 0:
             raise OSError(f"cannot listen on {cfg.listen}")
         await server.start()
-        self._sync_members()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._ticker(), name="ticker"),
@@ -174,106 +158,33 @@ class Node:
         self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.SERVING)
         log.info("node %d of cluster %r serving on %s", cfg.id, cfg.cluster_id, cfg.listen)
 
-    # --- groups and the shard map ------------------------------------------------------------
-    def _bootstrap_cluster(self) -> None:
-        """A new cluster: the metadata group with the initial shard map, then this node's data
-        groups. Every node computes the same logs from the same flags."""
-        cfg = self.cfg
-        assert self.host is not None
-        voters = tuple(sorted(cfg.peers))
-        smap = ShardMap.initial(voters, cfg.groups, cfg.replication, cfg.vnodes, dict(cfg.peers))
-        log.info(
-            "bootstrapping a new cluster: voters %s, %d data groups, replication %d",
-            list(voters), cfg.groups, smap.replication,
-        )
-        self.host.open_group(META_GROUP, ConfState(voters), [commands.encode_put(SHARD_MAP_KEY, smap.encode())])
-
-    def _reconcile(self) -> None:
-        """Open the data groups the map places here; destroy the ones it dropped."""
-        host, tracker = self.host, self.tracker
-        assert host is not None and tracker is not None
-        tracker.refresh()
-        m = tracker.map
-        if m is None:
-            return
-        for gid in m.groups_of_node(self.cfg.id):
-            if gid in host.groups or gid in self._tombstones:
-                continue
-            p = m.groups[gid]
-            if self.cfg.id in p.bootstrap:
-                ranges = m.bootstrap_ranges(gid)
-                log.info("creating data group %d (voters %s, %.1f%% of the keys)", gid, list(p.bootstrap),
-                         100 * ranges.size() / 2**64)
-                host.open_group(gid, ConfState(tuple(sorted(p.bootstrap))),
-                                [encode_shard_command(ShardOp.SET, ranges)])
-            else:
-                host.open_group(gid, None)
-        for gid in [g for g in host.groups if g != META_GROUP and g not in m.groups]:
-            if gid < m.next_group:
-                log.info("destroying data group %d: the shard map dropped it", gid)
-                host.close_group(gid, destroy=True)
-                self._tombstones.add(gid)
-        host.preferred_leader = {g: p.voters[0] for g, p in m.groups.items() if p.voters}
-
     # --- wiring -----------------------------------------------------------------------------
     def _deliver(self, m: Message) -> None:
-        assert self.host is not None
         self.metrics.messages_received.inc()
-        if self.inbound.admit(m) and self.host.step(m):
+        if self.logic.deliver(m):
             self.wake()
-
-    def _send(self, msgs: list[Message]) -> None:
-        assert self.transport is not None
-        self.metrics.messages_sent.inc(len(msgs))
-        self.transport.send(msgs)
-
-    def _send_snapshot(self, m: Message) -> None:
-        assert self.transport is not None
-        self.transport.send_snapshot(m)
 
     def _snapshot_done(self, group: int, to: int, failed: bool) -> None:
         assert self.host is not None
         self.host.report_snapshot(group, to, failed)
         self.wake()
 
-    def _sync_members(self) -> None:
-        assert self.host is not None and self.transport is not None
-        if self.host.members != self._members_seen:
-            self._members_seen = dict(self.host.members)
-            self.transport.set_addresses(self._members_seen)
-
     def _heard(self, node: int) -> None:
-        self._last_heard[node] = time.monotonic()  # the event loop's clock
-
-    def _liveness(self, now: float) -> None:
-        """Node-level liveness, one small batch per peer per tick however many groups there are:
-        ping every peer, and tell the host which peers have been silent for an election timeout
-        (it wakes the quiesced groups they lead)."""
-        assert self.host is not None and self.transport is not None
-        self.transport.ping()
-        timeout = self.cfg.raft.election_tick * self.cfg.raft.tick_ms / 1000
-        silent = {
-            n for n in self.transport.peers
-            if now - self._last_heard.get(n, self._started_at) > timeout
-        }
-        if silent or self.host.suspected:
-            self.host.suspect(silent)
+        self.logic.heard(node, time.monotonic())  # the event loop's clock
 
     async def _ticker(self) -> None:
         assert self.host is not None
         loop = asyncio.get_running_loop()
         period = self.cfg.raft.tick_ms / 1000
         next_at = loop.time() + period
-        self._started_at = loop.time()
         while True:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             next_at += period
             if loop.time() - next_at > 5 * period:
                 next_at = loop.time() + period  # we were paused (SIGSTOP): do not tick in a burst
-            self.host.tick()
+            self.logic.tick(loop.time())
             if self.reads is not None:
                 self.reads.tick()
-            self._liveness(loop.time())
             self.wake()
 
     async def _ready_loop(self) -> None:
@@ -312,9 +223,7 @@ class Node:
                     if stored:
                         m.fsync_seconds.observe(cycle.seconds)
                     m.ready_groups.observe(n)
-                    self._sync_members()
-                    if self.tracker is not None and self.tracker.refresh():
-                        self._reconcile()
+                    self.logic.after_cycle()
                 if host.failed is not None:
                     m.storage_full.set(1)
                     self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -422,3 +331,22 @@ def _settle(fut: asyncio.Future[None], err: BaseException | None) -> None:
         fut.set_result(None)
     else:
         fut.set_exception(err)
+
+
+class _CountingTransport:
+    """The node's `PeerTransport`: the gRPC transport, counting the Raft messages sent."""
+
+    def __init__(self, transport: Transport, metrics: Metrics) -> None:
+        self._t = transport
+        self._sent = metrics.messages_sent
+        self.send_snapshot = transport.send_snapshot
+        self.set_addresses = transport.set_addresses
+        self.ping = transport.ping
+
+    def send(self, messages: list[Message]) -> None:
+        self._sent.inc(len(messages))
+        self._t.send(messages)
+
+    @property
+    def peer_ids(self) -> list[int]:
+        return self._t.peer_ids

@@ -40,10 +40,9 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kvstore import errors
+from kvstore.node.host import Host, ReadCallback
 from kvstore.raft import ProposalDropped, RaftNode, Role
 from kvstore.v1 import kv_pb2
-
-from .host import Host, ReadCallback
 
 log = logging.getLogger("kvstore.reads")
 

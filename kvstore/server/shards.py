@@ -1,9 +1,8 @@
 """The node's side of sharding: its view of the shard map, calls to any group's leader, and the
 Shard gRPC service (map, group proposals, range export, `kvctl shards` operations).
 
-- `ShardTracker` decodes the map from the metadata group's *applied* state: it may lag the
-  committed map, which is safe because every group checks ownership itself (a stale map only
-  costs a WRONG_SHARD round trip).
+- `AsyncShardTracker` is `kvstore.node.tracker.ShardTracker` (the map as of the metadata
+  group's applied state here) with a way to wait for a map version.
 - `GroupCaller` runs a command on a group's leader wherever it is: locally through the host, or
   over `Shard.GroupPropose` on the node that leads it, following NOT_LEADER hints.
 """
@@ -20,6 +19,9 @@ from typing import Any
 import grpc
 
 from kvstore import errors
+from kvstore.node.host import Host
+from kvstore.node.inbound import RefusalLog
+from kvstore.node.tracker import ShardTracker
 from kvstore.raft import ConfChange, Role
 from kvstore.shard.ranges import IntervalSet
 from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, ShardMap, ShardMapError
@@ -32,8 +34,6 @@ from kvstore.transport.peer import CHANNEL_OPTIONS
 from kvstore.v1 import shard_pb2, shard_pb2_grpc
 
 from . import waiters
-from .host import Host
-from .inbound import RefusalLog
 
 log = logging.getLogger("kvstore.shards")
 
@@ -43,40 +43,17 @@ MAX_WAIT = 3600.0
 """Longest a ShardOp with `wait` may wait, in seconds."""
 
 
-class ShardTracker:
-    """The shard map as of the metadata group's applied state on this node."""
+class AsyncShardTracker(ShardTracker):
+    """`ShardTracker` with what asyncio callers need: wait until the map reaches a version."""
 
     def __init__(self, store: NodeStore) -> None:
-        self.store = store
-        self.map: ShardMap | None = None
-        self.raw: bytes = b""
-        self._seen_applied = -1
+        super().__init__(store)
         self.changed = asyncio.Event()
+        self.on_change.append(self._changed)
 
-    def refresh(self) -> bool:
-        """Re-read the map if the metadata group applied something; True if the map changed."""
-        if not self.store.has_group(META_GROUP):  # runs after every Ready cycle: no sorting
-            return False
-        applied = self.store.applied_index(META_GROUP)
-        if applied == self._seen_applied:
-            return False
-        self._seen_applied = applied
-        raw = self.store.get(META_GROUP, SHARD_MAP_KEY)
-        if raw is None or raw == self.raw:
-            return False
-        try:
-            m = ShardMap.decode(raw)
-        except ShardMapError as err:
-            log.error("cannot decode the shard map: %s", err)
-            return False
-        self.map, self.raw = m, bytes(raw)
+    def _changed(self) -> None:
         self.changed.set()
         self.changed = asyncio.Event()
-        return True
-
-    @property
-    def version(self) -> int:
-        return self.map.version if self.map is not None else 0
 
     async def wait_version(self, version: int, timeout: float) -> bool:
         loop = asyncio.get_running_loop()
@@ -388,7 +365,7 @@ def leader_role(host: Host, group: int) -> bool:
 class NodeCluster:
     """`rebalance.Cluster` for this node."""
 
-    def __init__(self, host: Host, tracker: ShardTracker, caller: GroupCaller) -> None:
+    def __init__(self, host: Host, tracker: AsyncShardTracker, caller: GroupCaller) -> None:
         self.host = host
         self.tracker = tracker
         self.caller = caller
@@ -421,7 +398,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         node_id: int,
         host: Host,
         wake: Callable[[], None],
-        tracker: ShardTracker,
+        tracker: AsyncShardTracker,
         caller: GroupCaller,
         coordinator: Any,
         request_timeout: float,

@@ -11,10 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 from kvstore import errors
+from kvstore.node.host import Host
 from kvstore.raft import ConfChange
 from kvstore.storage.commands import ApplyResult
-
-from .host import Host
 
 
 def _future() -> tuple[asyncio.Future[Any], Callable[[Any, errors.KVError | None], None]]:

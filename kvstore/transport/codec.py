@@ -12,7 +12,7 @@ means, whatever the receiver's state:
   learners, at an index >= 1;
 - its context is at most `MAX_CONTEXT` bytes.
 What depends on the receiver (does it host the group, is the sender a member, is the term jump
-one the protocol can produce) is checked by `kvstore.server.inbound` before the message is
+one the protocol can produce) is checked by `kvstore.node.inbound` before the message is
 stepped into a core.
 """
 

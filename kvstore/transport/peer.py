@@ -166,6 +166,10 @@ class Transport:
                 asyncio.get_running_loop().create_task(self.peers.pop(nid).stop())
         self.addresses = dict(addresses)
 
+    @property
+    def peer_ids(self) -> list[int]:
+        return list(self.peers)
+
     def ping(self) -> None:
         for p in self.peers.values():
             p.ping()

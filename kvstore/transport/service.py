@@ -7,7 +7,7 @@ What arrives here is hostile until shown otherwise:
   node removed while its stream is open is cut off at its next batch;
 - each message is decoded by the total `codec.from_proto` (malformed: dropped, counted); its
   sender and addressee must be those of its batch; the node then admits it or not
-  (`kvstore.server.inbound`) before any core sees it;
+  (`kvstore.node.inbound`) before any core sees it;
 - a received snapshot is checked whole (framing, every record, count, checksum, and a header
   naming the same group, index, term and configuration as its message) before it is delivered,
   so a damaged or forged snapshot never reaches the store's install transaction.
@@ -35,7 +35,7 @@ from kvstore.v1 import raft_pb2, raft_pb2_grpc
 from .codec import MessageError, from_proto
 
 if TYPE_CHECKING:
-    from kvstore.server.inbound import RefusalLog
+    from kvstore.node.inbound import RefusalLog
 
 log = logging.getLogger("kvstore.transport")
 

@@ -274,7 +274,7 @@ class Host:
     # --- inputs -----------------------------------------------------------------------------
     def step(self, m: Message) -> bool:
         """Step a peer's message into its group's core. The caller has admitted it (see
-        `kvstore.server.inbound`); a message for a group not hosted here is dropped. A message
+        `kvstore.node.inbound`); a message for a group not hosted here is dropped. A message
         the core finds inconsistent with its log (RaftError: e.g. a commit index beyond the
         log, an append conflicting with committed entries; no correct member sends either) is
         dropped too, with a warning, leaving the core as any message of its term would: it can
