@@ -1,0 +1,735 @@
+"""Deterministic simulation of whole kvstore nodes: the real node logic on a simulated network.
+
+Each simulated node runs the code a `kvstore serve` process runs between its sockets:
+`kvstore.node.logic.NodeLogic` (bootstrap from the same flags, the shard map, reconcile,
+admission of peer messages, ticks and peer liveness) around the real multi-raft host and its
+Ready cycle, the real state machine (commands with client sessions, shard state) and a real
+`NodeStore`. Only the shell differs: virtual time instead of a clock, scheduled events instead of
+asyncio, a simulated network instead of gRPC.
+
+Faults, all drawn from the seed (a seed replays exactly): message loss, duplication, delay and
+reordering; partitions; crashes and restarts (the store recovers what it made durable: with the
+in-memory store everything not synced is lost); per-node clock offsets and tick rates (skew);
+leadership transfers; a forging outsider (node 1000, never a member) sending votes, higher-term
+heartbeats, TIMEOUT_NOW and forged committed appends through the node's admission path.
+
+Checked on every seed: Raft's safety properties for every group after every event
+(`invariants.SafetyChecker`), the clients' history for linearizability (`chaos.checker`), and
+liveness: once the faults heal, operations invoked after a grace period must succeed.
+
+This engine is the start of the one simulator issue 14 asks for; the Raft-only simulator
+(`simulator.py`) and the migration simulator still run beside it until this one covers what they
+do (shard moves, quiescence scenarios, membership changes).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import shutil
+import tempfile
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chaos.checker import Verdict, check
+from chaos.checker.history import Operation, Status
+from kvstore import errors
+from kvstore.node.host import RaftSettings
+from kvstore.node.inbound import RefusalLog
+from kvstore.node.logic import Bootstrap, NodeLogic
+from kvstore.raft import (
+    CAMPAIGN_TRANSFER,
+    Entry,
+    EntryType,
+    Message,
+    MessageType,
+    Role,
+    Snapshot,
+)
+from kvstore.shard.ranges import key_hash
+from kvstore.storage import commands
+from kvstore.storage.commands import ApplyResult
+from kvstore.storage.store import NodeStore
+
+from .invariants import SafetyChecker, SafetyViolation
+
+FORGER = 1000
+"""The outsider's node id: never a member."""
+
+StoreFactory = Callable[[int, Path], NodeStore]
+"""Opens (or, after a crash, recovers) node `id`'s store under a directory of the run."""
+
+
+@dataclass(slots=True)
+class NodeSimParams:
+    """Knobs of one run, drawn from the seed."""
+
+    nodes: int = 3
+    groups: int = 1
+    tick_ms: int = 10
+    election_tick: int = 10
+    heartbeat_tick: int = 2
+    fault_ms: int = 3000
+    heal_ms: int = 3000
+    liveness_ms: int = 2000
+    clients: int = 4
+    keys: int = 3
+    client_timeout_ms: int = 600
+    loss: float = 0.02
+    duplicate: float = 0.02
+    delay_ms: tuple[int, int] = (1, 8)
+    long_delay: float = 0.02
+    persist_ms: tuple[int, int] = (0, 4)
+    nemesis_every_ms: tuple[int, int] = (80, 400)
+    clock_offset_ms: int = 0
+    """Largest offset of a node's clock from true time (either way)."""
+    tick_skew: float = 0.0
+    """Largest relative difference of a node's tick period from the nominal one."""
+
+    @classmethod
+    def draw(cls, rng: random.Random, nodes: int) -> NodeSimParams:
+        return cls(
+            nodes=nodes,
+            groups=rng.choice((1, 1, 2)),
+            election_tick=rng.choice((5, 10)),
+            heartbeat_tick=rng.choice((1, 2)),
+            loss=rng.choice((0.0, 0.01, 0.05, 0.1)),
+            duplicate=rng.choice((0.0, 0.02, 0.1)),
+            delay_ms=rng.choice(((1, 3), (1, 8), (2, 20))),
+            long_delay=rng.choice((0.0, 0.02, 0.05)),
+            persist_ms=rng.choice(((0, 1), (0, 4), (1, 15))),
+            nemesis_every_ms=rng.choice(((50, 250), (80, 400), (200, 800))),
+            keys=rng.choice((1, 2, 3)),
+            clients=rng.choice((3, 4, 6)),
+            clock_offset_ms=rng.choice((0, 50, 2000)),
+            tick_skew=rng.choice((0.0, 0.05, 0.2)),
+        )
+
+
+class SimulationFailure(AssertionError):
+    pass
+
+
+@dataclass
+class NodeSimResult:
+    seed: int
+    ok: bool
+    violation: str | None
+    ops: int
+    events: int
+    sim_ms: int
+    verdict: str
+    history: list[Operation]
+    trace: list[str]
+    forged: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+
+
+class SimTransport:
+    """A node's `PeerTransport` on the simulated network."""
+
+    def __init__(self, sim: NodeSimulation, node_id: int) -> None:
+        self.sim = sim
+        self.node_id = node_id
+        self.addresses: dict[int, str] = {}
+
+    def send(self, messages: list[Message]) -> None:
+        for m in messages:
+            self.sim._send(m)
+
+    def send_snapshot(self, m: Message) -> None:
+        self.sim._send_snapshot(self.node_id, m)
+
+    def set_addresses(self, addresses: dict[int, str]) -> None:
+        self.addresses = {n: a for n, a in addresses.items() if n != self.node_id}
+
+    def ping(self) -> None:
+        self.sim._ping(self.node_id, sorted(self.addresses))
+
+    @property
+    def peer_ids(self) -> Collection[int]:
+        return list(self.addresses)
+
+
+@dataclass(slots=True)
+class SimNode:
+    id: int
+    dir: Path
+    store: NodeStore | None = None
+    logic: NodeLogic | None = None
+    epoch: int = 0
+    """Bumped at every crash: events scheduled for an earlier life of the node are dropped."""
+    cycling: bool = False
+    offset_ms: int = 0
+    tick_ms: float = 10.0
+    seen_commit: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def alive(self) -> bool:
+        return self.logic is not None
+
+
+class NodeSimulation:
+    def __init__(
+        self,
+        seed: int,
+        nodes: int = 3,
+        params: NodeSimParams | None = None,
+        trace: bool = False,
+        store_factory: StoreFactory | None = None,
+        root: Path | None = None,
+    ) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.p = params or NodeSimParams.draw(self.rng, nodes)
+        self.store_factory = store_factory or lmdb_store
+        self._own_root = root is None
+        self.root = root or Path(tempfile.mkdtemp(prefix=f"nodesim-{seed}-"))
+        self.now = 0
+        self._seq = itertools.count()
+        self._events: list[tuple[int, int, Callable[..., None], tuple[Any, ...]]] = []
+        self.events_run = 0
+        self.trace_on = trace
+        self.trace: list[str] = []
+        self.safety: dict[int, SafetyChecker] = {}
+        self.blocked: set[tuple[int, int]] = set()
+        self.history: list[Operation] = []
+        self.healed_at: int | None = None
+        self.end: int | None = None
+        self.forged = 0
+        self.refused: dict[str, int] = {}
+        self.peers = {i: f"sim-{i}:2379" for i in range(1, self.p.nodes + 1)}
+        self.nodes: dict[int, SimNode] = {}
+        self._next_process = 0
+        self._value = itertools.count(1)
+        self._client_ids = itertools.count(1)
+        self.leader_hint: dict[int, int] = {}
+        self.sessions: dict[int, list[int]] = {}
+        """process -> [client id, next seq]."""
+        self.pending: dict[int, Callable[[], None]] = {}
+        self.late_timeouts: list[str] = []
+        self.leader_seen: dict[int, int] = {}
+        """group -> the last time some node was its leader."""
+        self._op_ids = itertools.count()
+        for nid in self.peers:
+            d = self.root / f"n{nid}"
+            n = SimNode(nid, d)
+            n.offset_ms = self.rng.randint(-self.p.clock_offset_ms, self.p.clock_offset_ms)
+            n.tick_ms = self.p.tick_ms * (1 + self.rng.uniform(-self.p.tick_skew, self.p.tick_skew))
+            self.nodes[nid] = n
+
+    # --- event loop -------------------------------------------------------------------------
+    def at(self, delay: float, fn: Callable[..., None], *args: Any) -> None:
+        heapq.heappush(self._events, (self.now + max(0, int(delay)), next(self._seq), fn, args))
+
+    def log(self, msg: str) -> None:
+        if self.trace_on:
+            self.trace.append(f"{self.now:>7}ms {msg}")
+
+    def run(self) -> NodeSimResult:
+        violation: str | None = None
+        try:
+            for n in self.nodes.values():
+                self._boot(n)
+            for _ in range(self.p.clients):
+                self.at(self.rng.randrange(0, 50), self._client_next, self._new_process())
+            self.at(self.rng.randrange(*self.p.nemesis_every_ms), self._nemesis)
+            self.at(self.p.fault_ms, self._heal_all)
+            while self._events:
+                t, _, fn, args = heapq.heappop(self._events)
+                if self.end is not None and t > self.end:
+                    break
+                self.now = t
+                fn(*args)
+                self.events_run += 1
+                self._check_safety()
+            for timeout in list(self.pending.values()):
+                timeout()
+            self._check_liveness()
+            res = check(self.history, timeout=20.0)
+            verdict = res.verdict.value
+            if res.verdict == Verdict.NOT_LINEARIZABLE:
+                violation = f"linearizability: {res}"
+        except (SafetyViolation, SimulationFailure) as err:
+            violation = f"{type(err).__name__}: {err}"
+            verdict = "violation"
+        finally:
+            self._close()
+        return NodeSimResult(
+            self.seed, violation is None, violation, len(self.history), self.events_run, self.now, verdict,
+            self.history, self.trace, self.forged, dict(self.refused),
+        )
+
+    def _close(self) -> None:
+        for n in self.nodes.values():
+            if n.store is not None:
+                n.store.close()
+                n.store = None
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    # --- nodes ------------------------------------------------------------------------------
+    def _node_now(self, n: SimNode) -> float:
+        """Node `n`'s clock in seconds (offset from true time)."""
+        return (self.now + n.offset_ms) / 1000
+
+    def _boot(self, n: SimNode) -> None:
+        if n.store is None:
+            n.store = self.store_factory(n.id, n.dir)
+        p = self.p
+        settings = RaftSettings(
+            tick_ms=p.tick_ms, election_tick=p.election_tick, heartbeat_tick=p.heartbeat_tick,
+            quiesce_ticks=0, compact_threshold=self.rng.choice((40, 200, 10_000)), compact_keep=self.rng.choice((0, 5, 20)),
+        )
+
+        def refused(reason: str) -> None:
+            self.refused[reason] = self.refused.get(reason, 0) + 1
+
+        n.logic = NodeLogic(
+            n.id, n.store, SimTransport(self, n.id), settings,
+            Bootstrap(dict(self.peers), p.groups, 3, 16), random.Random(self.rng.getrandbits(64)),
+            RefusalLog(lambda: self._node_now(n), on_refused=refused),
+        )
+        n.logic.start(self._node_now(n))
+        n.seen_commit = {}
+        self.log(f"n{n.id} BOOT (groups {sorted(n.logic.host.groups)})")
+        self.at(n.tick_ms, self._tick, n.id, n.epoch)
+        self._kick(n)
+
+    def crash(self, nid: int) -> None:
+        n = self.nodes[nid]
+        if n.logic is None:
+            return
+        self.log(f"n{nid} CRASH")
+        n.epoch += 1
+        n.logic = None
+        n.cycling = False
+        assert n.store is not None
+        recover = getattr(n.store, "crash", None)
+        if callable(recover):
+            n.store = recover()  # the in-memory store: what was not synced is gone
+        else:
+            n.store.close()  # LMDB: a reopen recovers the last committed transaction
+            n.store = None
+
+    def restart(self, nid: int) -> None:
+        n = self.nodes[nid]
+        if n.logic is None:
+            self._boot(n)
+
+    def _tick(self, nid: int, epoch: int) -> None:
+        n = self.nodes[nid]
+        if n.epoch != epoch or n.logic is None:
+            return
+        n.logic.tick(self._node_now(n))
+        self._kick(n)
+        self.at(n.tick_ms, self._tick, nid, epoch)
+
+    def _kick(self, n: SimNode) -> None:
+        if not n.cycling and n.logic is not None:
+            n.cycling = True
+            self.at(0, self._cycle, n.id, n.epoch)
+
+    def _cycle(self, nid: int, epoch: int) -> None:
+        n = self.nodes[nid]
+        if n.epoch != epoch or n.logic is None:
+            return
+        host = n.logic.host
+        cycle = host.begin_cycle()
+        if cycle is None:
+            n.cycling = False
+            if host.failed is not None:
+                raise SimulationFailure(f"n{nid} storage failed: {host.failed}")
+            return
+        delay = self.rng.randint(*self.p.persist_ms) if cycle.touches_storage() else 0
+
+        def finish() -> None:
+            if n.epoch != epoch or n.logic is None:
+                return  # crashed while persisting: the transaction never happened
+            cycle.persist()
+            host.end_cycle(cycle)
+            n.logic.after_cycle()
+            self.at(0, self._cycle, nid, epoch)
+
+        self.at(delay, finish)
+
+    # --- network ----------------------------------------------------------------------------
+    def _send(self, m: Message) -> None:
+        if self.rng.random() < self.p.loss:
+            return
+        copies = 2 if self.rng.random() < self.p.duplicate else 1
+        for _ in range(copies):
+            d = self.rng.randint(*self.p.delay_ms)
+            if self.rng.random() < self.p.long_delay:
+                d += self.rng.randint(20, 300)
+            self.at(d, self._deliver, m)
+
+    def _deliver(self, m: Message) -> None:
+        dst = self.nodes.get(m.to)
+        if dst is None or dst.logic is None or (m.frm, m.to) in self.blocked:
+            return
+        dst.logic.heard(m.frm, self._node_now(dst))
+        ok = dst.logic.deliver(m)
+        if self.trace_on:
+            self.log(f"{'' if ok else 'REFUSED '}n{m.frm} -> n{m.to} g{m.group} {m.type.name} t{m.term} "
+                     f"i{m.index}/{m.log_term} c{m.commit} n{len(m.entries)}{' reject' if m.reject else ''}")
+        if ok:
+            self._kick(dst)
+
+    def _ping(self, frm: int, peers: list[int]) -> None:
+        for to in peers:
+            if (frm, to) not in self.blocked and self.rng.random() >= self.p.loss:
+                self.at(self.rng.randint(*self.p.delay_ms), self._heard, frm, to)
+
+    def _heard(self, frm: int, to: int) -> None:
+        dst = self.nodes.get(to)
+        if dst is not None and dst.logic is not None and (frm, to) not in self.blocked:
+            dst.logic.heard(frm, self._node_now(dst))
+
+    def _send_snapshot(self, frm: int, m: Message) -> None:
+        """The sender streams its group's state (one consistent read) to the receiver, which
+        keeps it in a file and steps the SNAP message naming it; the sender learns the outcome."""
+        src = self.nodes[frm]
+        epoch = src.epoch
+        assert src.store is not None
+        try:
+            meta, chunks = src.store.snapshot_chunks(m.group)
+            data = list(chunks)
+        except Exception as err:  # e.g. the applied index's term was compacted: retried later
+            self.log(f"n{frm} snapshot of g{m.group} unavailable: {err}")
+            self.at(1, self._snapshot_done, frm, epoch, m.group, m.to, True)
+            return
+        lost = self.rng.random() < self.p.loss or (frm, m.to) in self.blocked
+
+        def arrive() -> None:
+            dst = self.nodes.get(m.to)
+            ok = False
+            if not lost and dst is not None and dst.logic is not None and dst.store is not None \
+                    and (frm, m.to) not in self.blocked:
+                path = dst.store.receive_snapshot(m.group, iter(data))
+                snap = Message(
+                    MessageType.SNAP, m.to, frm, term=m.term, group=m.group,
+                    snapshot=Snapshot(meta, str(path).encode()),
+                )
+                ok = dst.logic.deliver(snap)
+                self._kick(dst)
+                self.log(f"n{frm} -> n{m.to} SNAPSHOT g{m.group} at {meta.index} ({'stepped' if ok else 'refused'})")
+            self.at(self.rng.randint(*self.p.delay_ms), self._snapshot_done, frm, epoch, m.group, m.to, not ok)
+
+        self.at(self.rng.randint(*self.p.delay_ms) * 3, arrive)
+
+    def _snapshot_done(self, frm: int, epoch: int, group: int, to: int, failed: bool) -> None:
+        src = self.nodes[frm]
+        if src.epoch == epoch and src.logic is not None:
+            src.logic.host.report_snapshot(group, to, failed)
+            self._kick(src)
+
+    # --- safety -----------------------------------------------------------------------------
+    def _check_safety(self) -> None:
+        for n in self.nodes.values():
+            if n.logic is None:
+                continue
+            for gid, g in n.logic.host.groups.items():
+                core = g.core
+                checker = self.safety.setdefault(gid, SafetyChecker())
+                seen = n.seen_commit.get(gid, 0)
+                if core.committed > seen:
+                    log = core.log
+                    for i in range(max(seen + 1, log.first_index()), core.committed + 1):
+                        checker.on_commit(n.id, i, log.term(i))
+                    n.seen_commit[gid] = core.committed
+                if core.role == Role.LEADER:
+                    checker.on_leader(core)
+                    self.leader_seen[gid] = self.now
+
+    def _check_liveness(self) -> None:
+        """Once the faults healed and the cluster had `liveness_ms` to settle: every group has a
+        leader, no operation invoked since timed out, and some succeeded (definite refusals, e.g.
+        NOT_LEADER at a follower, are fine: the client goes to the leader next)."""
+        healed = self.healed_at
+        if healed is None:
+            return
+        bound = 4 * self.p.election_tick * self.p.tick_ms  # (the leader balancer may be moving one)
+        for gid in sorted(self.safety):
+            if self.now - self.leader_seen.get(gid, -bound - 1) > bound:
+                raise SimulationFailure(
+                    f"liveness: group {gid} had no leader in the last {bound} ms ({self.p.heal_ms} ms after the heal)"
+                )
+        if self.late_timeouts:
+            raise SimulationFailure(
+                f"liveness: {len(self.late_timeouts)} operations invoked after the cluster settled timed out, "
+                f"e.g. {self.late_timeouts[0]}"
+            )
+        cutoff = healed + self.p.liveness_ms
+        if not any(o.invoke >= cutoff and o.status == Status.OK for o in self.history):
+            raise SimulationFailure("liveness: no operation succeeded after the cluster settled")
+
+    # --- clients ----------------------------------------------------------------------------
+    def _new_process(self) -> int:
+        p = self._next_process
+        self._next_process += 1
+        self.sessions[p] = [next(self._client_ids), 1]
+        return p
+
+    def _client_next(self, process: int) -> None:
+        if self.end is not None and self.now >= self.end - self.p.client_timeout_ms:
+            return
+        rng = self.rng
+        key = f"k{rng.randrange(self.p.keys)}"
+        r = rng.random()
+        value: Any
+        if r < 0.4:
+            f, value = "get", None
+        elif r < 0.75:
+            f, value = "put", f"v{next(self._value)}"
+        elif r < 0.95:
+            exp = None if rng.random() < 0.2 else f"v{rng.randrange(max(1, next(self._value) - 1)) + 1}"
+            f, value = "cas", (exp, f"v{next(self._value)}")
+        else:
+            f, value = "delete", None
+        hint = self.leader_hint.get(process, 0)
+        target = self.nodes[hint] if hint in self.nodes and rng.random() < 0.8 else rng.choice(list(self.nodes.values()))
+        self._invoke(process, f, key, value, target)
+
+    def _invoke(self, process: int, f: str, key: str, value: Any, target: SimNode) -> None:
+        """One client operation, as the client library does it: reads go to one node; writes
+        carry the process's session (client id, seq) and are retried at the leader (hinted or
+        another node) under the same session while an attempt's outcome is unknown, so the state
+        machine's deduplication is what keeps a retried write from applying twice."""
+        invoked = self.now
+        finished = False
+        op_id = next(self._op_ids)
+        maybe_applied = False
+
+        def done(status: Status, output: Any = None, via: int = 0) -> None:
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            self.pending.pop(op_id, None)
+            if status == Status.OK and via:
+                self.leader_hint[process] = via
+            if status == Status.FAIL and maybe_applied:
+                status = Status.INFO  # an earlier attempt may have applied: indeterminate
+            self.history.append(Operation(
+                process=process, f=f, key=key, value=value, output=output, invoke=float(invoked),
+                complete=None if status == Status.INFO else float(self.now), status=status,
+            ))
+            self.log(f"client p{process} {f} {key} {value!r} -> {status.value} {output!r}")
+            nxt = process
+            if status == Status.INFO:  # Jepsen retires a process whose operation is indeterminate
+                nxt = self._new_process()
+                self.leader_hint[nxt] = self.leader_hint.pop(process, 0)
+            self.at(self.rng.randrange(0, 30), self._client_next, nxt)
+
+        def timeout() -> None:
+            if not finished and self.healed_at is not None and invoked >= self.healed_at + self.p.liveness_ms:
+                self.late_timeouts.append(f"p{process} {f} {key} invoked at {invoked} ms")
+            done(Status.INFO if f != "get" else Status.FAIL)
+
+        self.pending[op_id] = timeout
+        self.at(self.p.client_timeout_ms, timeout)
+        k = key.encode()
+        if f == "get":
+            self._read(target, k, lambda out, ok, lead: done(Status.OK, out, target.id) if ok else done(Status.FAIL))
+            return
+        session = self.sessions[process]
+        cid, seq = session
+        session[1] += 1
+
+        def command(retry: bool) -> bytes:
+            if f == "put":
+                return commands.encode_put(k, value.encode(), cid, seq, seq, retry)
+            if f == "delete":
+                return commands.encode_delete(k, cid, seq, seq, retry)
+            exp, new = value
+            return commands.encode_cas(k, exp is None, (exp or "").encode(), new.encode(), cid, seq, seq, retry)
+
+        def attempt(node: SimNode, n: int) -> None:
+            if finished:
+                return
+            tried = False
+            epoch = node.epoch
+
+            def outcome(res: ApplyResult | None, err: errors.KVError | None, lead: int) -> None:
+                nonlocal maybe_applied, tried
+                if finished or tried:
+                    return
+                tried = True
+                if err is None and res is not None and res.session_expired:
+                    maybe_applied = True
+                    done(Status.INFO)
+                    return
+                if err is None and not (res is not None and (res.wrong_shard or res.error)):
+                    done(Status.OK, bool(res.swapped) if (f == "cas" and res is not None) else None, node.id)
+                    return
+                if err is not None and err.indeterminate:
+                    maybe_applied = True
+                if n >= 4 or (err is None and res is not None and res.wrong_shard):
+                    done(Status.FAIL)
+                    return
+                nxt = self.nodes.get(lead) if lead and lead != node.id else None
+                if nxt is None:
+                    others = [x for x in self.nodes.values() if x.id != node.id]
+                    nxt = self.rng.choice(others)
+                self.at(self.rng.randrange(5, 40), attempt, nxt, n + 1)
+
+            def lost() -> None:  # this attempt's reply never came: its outcome is unknown
+                if not tried and node.epoch == epoch:
+                    outcome(None, errors.Timeout("attempt timed out", indeterminate=True), 0)
+                elif not tried:
+                    outcome(None, errors.LeadershipLost("node crashed", indeterminate=True), 0)
+
+            self.at(self.p.client_timeout_ms // 4, lost)
+            self._write(node, k, command(retry=n > 0 and maybe_applied), outcome)
+
+        attempt(target, 0)
+
+    def _route(self, node: SimNode, k: bytes) -> int:
+        """The group `node` would serve `k` from (by its own shard map); raises a definite error
+        when it cannot."""
+        logic = node.logic
+        if logic is None:
+            raise errors.Unavailable(f"n{node.id} is down")
+        smap = logic.shard_tracker.map
+        if smap is None:
+            raise errors.NoLeader(f"n{node.id} has no shard map yet")
+        gid = smap.group_for_key(k)
+        if gid not in logic.host.groups:
+            raise errors.WrongShard(f"group {gid} is not on n{node.id}")
+        return gid
+
+    def _lead(self, node: SimNode, gid: int) -> int:
+        g = node.logic.host.groups.get(gid) if node.logic is not None else None
+        return g.core.lead if g is not None else 0
+
+    def _write(self, node: SimNode, k: bytes, data: bytes,
+               outcome: Callable[[ApplyResult | None, errors.KVError | None, int], None]) -> None:
+        """Propose `data` at `node` (which must lead `k`'s group); `outcome(result, error, leader
+        hint)` once applied or refused."""
+        try:
+            gid = self._route(node, k)
+            assert node.logic is not None
+            node.logic.host.propose(
+                gid, data, lambda res, err: outcome(res, err, self._lead(node, gid))
+            )
+        except errors.KVError as err:
+            lead = err.leader_id if isinstance(err, errors.NotLeader) else 0
+            self.at(1, outcome, None, err, lead)
+            return
+        self._kick(node)
+
+    def _read(self, node: SimNode, k: bytes, answer: Callable[[str | None, bool, int], None]) -> None:
+        """A linearizable read at `node` (its leader path): `answer(value, ok, leader hint)`."""
+        epoch = node.epoch
+        try:
+            gid = self._route(node, k)
+            assert node.logic is not None and node.store is not None
+            store = node.store
+
+            def read_done(index: int, err: errors.KVError | None) -> None:
+                if err is not None or node.epoch != epoch:
+                    answer(None, False, self._lead(node, gid))
+                    return
+                st = store.shard_state(gid)
+                if st is not None and key_hash(k) not in st.active:
+                    answer(None, False, 0)
+                    return
+                got = store.get(gid, k)
+                answer(None if got is None else got.decode(), True, node.id)
+
+            node.logic.host.read(gid, read_done)
+        except errors.KVError as err:
+            lead = err.leader_id if isinstance(err, errors.NotLeader) else 0
+            self.at(1, answer, None, False, lead)
+            return
+        self._kick(node)
+
+    # --- nemesis ----------------------------------------------------------------------------
+    def _faults_on(self) -> bool:
+        return self.healed_at is None
+
+    def _nemesis(self) -> None:
+        if not self._faults_on():
+            return
+        rng = self.rng
+        r = rng.random()
+        alive = [n for n in self.nodes.values() if n.alive]
+        if r < 0.3:
+            ids = sorted(self.nodes)
+            rng.shuffle(ids)
+            cut = rng.randint(1, len(ids) - 1)
+            a, b = ids[:cut], ids[cut:]
+            self.blocked = {(x, y) for x in a for y in b} | {(y, x) for x in a for y in b}
+            self.log(f"PARTITION {sorted(a)} | {sorted(b)}")
+        elif r < 0.45:
+            self.blocked.clear()
+            self.log("HEAL network")
+        elif r < 0.65 and alive:
+            victim = rng.choice(alive)
+            self.crash(victim.id)
+            self.at(rng.randrange(20, 600), self.restart, victim.id)
+        elif r < 0.75 and alive:
+            n = rng.choice(alive)
+            assert n.logic is not None
+            for gid, g in sorted(n.logic.host.groups.items()):
+                if g.core.role == Role.LEADER:
+                    try:
+                        n.logic.host.transfer_leader(gid, 0)
+                        self.log(f"n{n.id} TRANSFER g{gid}")
+                    except errors.KVError:
+                        pass
+            self._kick(n)
+        elif r < 0.9:
+            self._forge()
+        self.at(rng.randrange(*self.p.nemesis_every_ms), self._nemesis)
+
+    def _forge(self) -> None:
+        """The outsider's burst: what would steer a group or rewrite its log if it got through."""
+        rng = self.rng
+        for n in sorted(self.nodes.values(), key=lambda x: x.id):
+            if n.logic is None:
+                continue
+            for gid, g in sorted(n.logic.host.groups.items()):
+                core = g.core
+                t = core.term + rng.randint(1, 3)
+                last = core.log.last_index()
+                put = commands.encode_put(f"k{rng.randrange(self.p.keys)}".encode(), b"FORGED")
+                for m in (
+                    Message(MessageType.VOTE, n.id, FORGER, term=t, group=gid, index=last + 100, log_term=t,
+                            context=CAMPAIGN_TRANSFER),
+                    Message(MessageType.HEARTBEAT, n.id, FORGER, term=t, group=gid, commit=core.log.committed),
+                    Message(MessageType.TIMEOUT_NOW, n.id, FORGER, term=core.term, group=gid),
+                    Message(MessageType.APP, n.id, FORGER, term=t, group=gid, index=last,
+                            log_term=core.log.last_term(), commit=last + 1,
+                            entries=[Entry(t, last + 1, EntryType.NORMAL, put, gid)]),
+                    Message(MessageType.HEARTBEAT, n.id, FORGER, term=t, group=gid + 500),
+                ):
+                    self.forged += 1
+                    self.at(rng.randint(*self.p.delay_ms), self._deliver, m)
+        self.log("FORGE burst from outsider n1000")
+
+    def _heal_all(self) -> None:
+        self.blocked.clear()
+        for nid, n in sorted(self.nodes.items()):
+            if n.logic is None:
+                self.restart(nid)
+        self.healed_at = self.now
+        self.end = self.now + self.p.heal_ms
+        self.log("HEAL ALL (faults stop)")
+
+
+def lmdb_store(node_id: int, directory: Path) -> NodeStore:
+    """The real LMDB store without fsync (a crash here recovers the last committed transaction:
+    the page cache survives a simulated crash, as it survives kill -9)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return NodeStore(directory / "db", sync=False, map_size=1 << 26)
+
+
+def run_node_seed(seed: int, nodes: int = 3, trace: bool = False, params: NodeSimParams | None = None,
+                  store_factory: StoreFactory | None = None) -> NodeSimResult:
+    return NodeSimulation(seed, nodes, params, trace, store_factory).run()
+
