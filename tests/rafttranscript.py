@@ -16,7 +16,7 @@ Running with `KVSTORE_REWRITE_TRANSCRIPTS=1` (or `pytest --rewrite`, or
 Commands (IDs are node ids; `[...]` optional):
 
 - `add-nodes N [voters=(1,2,3)] [learners=(4)] [index=I] [prevote=B] [checkquorum=B]
-  [election=E] [heartbeat=H] [quiesce=Q] [lease=B] [seed=S]`: add N nodes with the next free
+  [election=E] [heartbeat=H] [quiesce=Q] [lease=B] [max-msg-size=BYTES] [seed=S]`: add N nodes with the next free
   ids. With voters, each starts as a bootstrapped member (log = one conf-change entry per member
   at term 1, already applied) or, with index=I, from a snapshot at I/1 of that configuration.
   Without voters, a node starts empty (a joiner that learns the group by replication).
@@ -26,7 +26,7 @@ Commands (IDs are node ids; `[...]` optional):
 - `tick ID... [n=K]`, `tick-heartbeat ID`, `tick-election ID` (ticks until the node's
   randomized election timer, or as leader its check-quorum timer, fires; prints how many ticks).
 - `process-ready ID...`, `deliver-msgs ID... [from=ID] [type=MsgX]`,
-  `deliver-msgs drop=(IDs) [from=ID] [type=MsgX]`, `stabilize [ID...]`.
+  `deliver-msgs drop=(IDs) [from=ID] [type=MsgX]`, `stabilize [ID...] [log-level=none]`.
 - `isolate ID`, `cut A B`, `heal`, `crash ID`, `restart ID`, `compact ID INDEX`.
 - `status ID`, `raft-state`, `raft-log ID`, `log-level debug|none`.
 
@@ -364,6 +364,7 @@ class InteractionEnv:
         self.cut: set[tuple[int, int]] = set()
         self._lines: list[str] = []
         self._indent = 0
+        self._quiet = False
         self.logger = logging.Logger("rafttranscript")  # unmanaged: never touches the root logger
         self.logger.setLevel(logging.DEBUG)
         self.logger.propagate = False
@@ -397,7 +398,8 @@ class InteractionEnv:
 
     # --- output ---------------------------------------------------------------------------
     def out(self, line: str) -> None:
-        self._lines.append("  " * self._indent + line)
+        if not self._quiet:
+            self._lines.append("  " * self._indent + line)
 
     @contextmanager
     def indent(self) -> Iterator[None]:
@@ -411,6 +413,7 @@ class InteractionEnv:
         """Run one directive and return its output ("ok" if it printed nothing)."""
         self._lines = []
         self._indent = 0
+        self._quiet = False
         tokens = _TOKEN.findall(command)
         name, args = tokens[0], Args.parse(tokens[1:])
         try:
@@ -458,7 +461,7 @@ class InteractionEnv:
             if v is not None:
                 cfg[name] = args.flag(key, False)
         for key, name in (("election", "election_tick"), ("heartbeat", "heartbeat_tick"),
-                          ("quiesce", "quiesce_ticks")):
+                          ("quiesce", "quiesce_ticks"), ("max-msg-size", "max_size_per_msg")):
             if args.get(key) is not None:
                 cfg[name] = args.num(key, 0)
         seed = args.num("seed", 0)
@@ -654,6 +657,12 @@ class InteractionEnv:
                 self.deliver(nid, frm, typ)
 
     def cmd_stabilize(self, args: Args) -> None:
+        """`stabilize [ID...] [log-level=none]`: handle Readies and deliver messages among the
+        nodes (all by default) until nothing is left; log-level=none prints nothing (set-up)."""
+        level = args.get("log-level")
+        if level not in (None, "none", "debug"):
+            raise TranscriptError("stabilize log-level=none|debug")
+        self._quiet = level == "none"
         ids = args.pos_ids() or sorted(self.nodes)
         for _ in range(1000):
             done = True
