@@ -18,3 +18,12 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield c.start()
     finally:
         c.stop()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--rewrite",
+        action="store_true",
+        default=False,
+        help="rewrite the expected outputs of the Raft transcripts (tests/raft_transcripts/)",
+    )
