@@ -10,9 +10,11 @@ from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from kvstore.node.inbound import Inbound
 from kvstore.raft import HardState, Message, RaftNode, admission
 from kvstore.raft.log import RaftLog
 from kvstore.raft.readonly import ReadRequest
+from kvstore.storage import machine
 
 
 def _commit_previous_term(self: RaftLog, max_index: int, term: int) -> bool:
@@ -74,6 +76,26 @@ def _admit_everything(
     return None
 
 
+def _admit_all_traffic(self: Inbound, m: Message) -> bool:
+    # BUG (node): no admission at all: whatever arrives, from whoever, reaches the cores.
+    return True
+
+
+def _forget_cached_results(view: Any, cmd: Any) -> Any:
+    # BUG (node): the session table does not deduplicate: a retried write is applied again.
+    cid = cmd.client_id
+    head = view.session_head(cid) if cid else None
+    if cid and cmd.seq < (0 if head is None else head.floor):
+        return machine.ApplyResult(error=machine.STALE_REQUEST)
+    st = view.shards
+    if st is not None and machine.key_hash(cmd.key) not in st.active:
+        return machine.ApplyResult(wrong_shard=True, error="the key is not served by this group")
+    result = machine.execute(view, cmd)
+    if cid:
+        view.put_session_result(cid, cmd.seq, machine.encode_result(result))
+    return result
+
+
 BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
     "commit-previous-term": (RaftLog, "maybe_commit", _commit_previous_term),
     "vote-without-log-check": (RaftLog, "is_up_to_date", _vote_without_log_check),
@@ -86,13 +108,22 @@ BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
     "no-admission": (admission, "refusal", _admit_everything),
 }
 
+NODE_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
+    "node-no-inbound": (Inbound, "admit", _admit_all_traffic),
+    "node-no-dedup": (machine, "apply_command", _forget_cached_results),
+}
+"""Bugs planted into the node's logic (not the core): only the whole-node simulator
+(`chaos/sim/nodes.py`) runs that code."""
+
+ALL_BUGS = {**BUGS, **NODE_BUGS}
+
 
 @contextmanager
 def planted(name: str | None) -> Iterator[None]:
     if name is None:
         yield
         return
-    cls, attr, bug = BUGS[name]
+    cls, attr, bug = ALL_BUGS[name]
     original = cls.__dict__[attr]
     setattr(cls, attr, bug)
     try:
