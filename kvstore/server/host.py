@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstore import errors
+from kvstore.node.store import ApplyBatch, GroupWrite, NodeStore
 from kvstore.raft import (
     NONE,
     ConfChange,
@@ -75,7 +76,6 @@ from kvstore.raft import (
     Role,
 )
 from kvstore.storage.errors import StorageError
-from kvstore.storage.store import ApplyBatch, GroupWrite, NodeStore
 
 log = logging.getLogger("kvstore.host")
 

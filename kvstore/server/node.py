@@ -28,12 +28,13 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from kvstore.node.store import NodeStore
 from kvstore.raft import ConfState, Message, Role
 from kvstore.shard.rebalance import Coordinator
 from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, ShardMap
 from kvstore.storage import commands
 from kvstore.storage.shardcmd import ShardOp, encode_shard_command
-from kvstore.storage.store import NodeStore
+from kvstore.storage.store import LmdbNodeStore
 from kvstore.transport.peer import CHANNEL_OPTIONS, Transport
 from kvstore.transport.service import RaftService
 from kvstore.v1 import admin_pb2, kv_pb2, raft_pb2, shard_pb2
@@ -108,7 +109,7 @@ class Node:
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         # A large map reserves address space only; it spares growing the map (which would
         # invalidate open read transactions such as streaming scans) in all but huge stores.
-        self.store = store = NodeStore(cfg.data_dir / "db", sync=cfg.sync, map_size=1 << 36)
+        self.store = store = LmdbNodeStore(cfg.data_dir / "db", sync=cfg.sync, map_size=1 << 36)
         members = dict(cfg.peers)
         members.update(store.members())
         host = self.host = Host(cfg.id, store, self._send, cfg.raft, random.Random(), members)

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from kvstore import errors
+from kvstore.node.store import NodeStore
 from kvstore.raft import ConfChange, Role
 from kvstore.shard.ranges import IntervalSet
 from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, ShardMap, ShardMapError
@@ -27,7 +28,6 @@ from kvstore.storage import commands
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
 from kvstore.storage.shardcmd import ShardOp, decode_shard_command
-from kvstore.storage.store import NodeStore
 from kvstore.transport.peer import CHANNEL_OPTIONS
 from kvstore.v1 import shard_pb2, shard_pb2_grpc
 

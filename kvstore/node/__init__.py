@@ -1,0 +1,13 @@
+"""kvstore.node: one node's logic, synchronous and deterministic, with everything that touches the
+world injected (clock, randomness, storage, transport), so that the same code runs in the server
+and under the deterministic simulator (issue 14, as FoundationDB and TigerBeetle run their real
+server code under simulation).
+
+Modules: `store` (the `NodeStore` protocol: a node's durable state, every Raft group's log, hard
+state and state machine, behind the calls the node makes; `GroupWrite` and `ApplyBatch`, what one
+Ready cycle hands it), `memstore` (`MemoryNodeStore`, the in-memory implementation for the
+simulator, with an honest durability model and injectable disk faults). The LMDB implementation is
+`kvstore.storage.store.LmdbNodeStore`.
+
+STANDARD LIBRARY ONLY (a test walks the imports): importing this package never loads LMDB or gRPC.
+"""
