@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvstore.node.store import ApplyBatch, GroupWrite
+from kvstore.node.store import NodeStore as ProtocolNodeStore
 from kvstore.raft.types import ConfState, Entry, EntryType, HardState, SnapshotMeta, bootstrap_entries
 from kvstore.shard.ranges import IntervalSet
 
@@ -386,3 +387,8 @@ NodeStore = LmdbNodeStore
 """Old name of `LmdbNodeStore` (the protocol is `kvstore.node.store.NodeStore`); kept so nothing breaks."""
 
 __all__ = ["ApplyBatch", "GroupWrite", "LmdbNodeStore", "NodeStore"]
+
+
+def _is_a_node_store(store: LmdbNodeStore) -> ProtocolNodeStore:
+    """Never called: makes mypy check that `LmdbNodeStore` implements the protocol."""
+    return store
