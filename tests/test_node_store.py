@@ -8,6 +8,7 @@ hypothesis test applies random operation sequences to both and compares everythi
 
 from __future__ import annotations
 
+import os
 import random
 import tempfile
 from collections.abc import Callable, Iterator
@@ -34,7 +35,14 @@ from kvstore.storage.errors import (
     StorageIOError,
 )
 from kvstore.storage.machine import SessionLimits
-from kvstore.storage.shardcmd import REC_DATA, REC_FLOOR, REC_RESULT, ShardOp, encode_shard_command, iter_records
+from kvstore.storage.shardcmd import (
+    REC_DATA,
+    REC_FLOOR,
+    REC_RESULT,
+    ShardOp,
+    encode_shard_command,
+    iter_records,
+)
 from kvstore.storage.store import LmdbNodeStore
 
 CONF = ConfState((1, 2, 3))
@@ -420,13 +428,14 @@ def test_rate_based_faults_are_deterministic_and_leave_no_trace() -> None:
         s = MemoryNodeStore(rng=random.Random(seed), rates=FaultRates(fsync=0.2, full_disk=0.1))
         twin = MemoryNodeStore()
         log: list[str] = []
-        for st in (s, twin):
-            st.rates, rates = FaultRates(), st.rates
-            st.bootstrap(1, CONF)
-            st.rates = rates
+        for x in (s, twin):
+            x.rates, rates = FaultRates(), x.rates
+            x.bootstrap(1, CONF)
+            x.rates = rates
         for i in range(60):
             s.free_space()
-            for call in (lambda x: append(x, 1, [put(b"k%d" % i)]), lambda x: apply_all(x, 1)):
+            key = b"k%d" % i
+            for call in (lambda x: append(x, 1, [put(key)]), lambda x: apply_all(x, 1)):  # noqa: B023 - called at once
                 try:
                     call(s)
                 except (StorageIOError, StorageFullError) as err:
@@ -595,7 +604,7 @@ def _step(s: NodeStore, o: tuple[Any, ...], term: int) -> Any:
     return None
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("NODE_STORE_EXAMPLES", "40")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(op, min_size=1, max_size=25))
 def test_both_stores_agree_on_random_operations(ops: list[tuple[Any, ...]]) -> None:
     limits = SessionLimits(3, 10, 1)

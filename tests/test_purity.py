@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ PURE = [
     ROOT / "kvstore" / "storage" / "machine.py",
     ROOT / "kvstore" / "storage" / "shardcmd.py",
     ROOT / "kvstore" / "shard" / "ranges.py",
+    ROOT / "kvstore" / "node",
 ]
 FORBIDDEN_STDLIB = {"asyncio", "socket", "time", "threading", "os", "select", "selectors", "subprocess"}
 
@@ -41,3 +43,13 @@ def test_core_uses_no_global_randomness() -> None:
     for f in sorted((ROOT / "kvstore" / "raft").rglob("*.py")):
         text = f.read_text()
         assert "random.random(" not in text and "random.randrange(" not in text and "random.choice(" not in text, f.name
+
+
+def test_the_node_package_loads_no_lmdb_and_no_grpc() -> None:
+    """Transitively: the simulator's store (and the protocol) import nothing outside the stdlib."""
+    code = (
+        "import sys, kvstore.node.memstore, kvstore.node.store;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'lmdb', 'grpc', 'google'});"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
