@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvstore.node.memstore import MemoryNodeStore
 from kvstore.raft.types import ConfState, Entry, EntryType, HardState
 from kvstore.shard.ranges import IntervalSet, key_hash
 from kvstore.storage import commands as cmds
@@ -120,7 +121,44 @@ class LmdbBackend:
         return self.store.applied_index(G)
 
 
-@pytest.fixture(params=["dict", "lmdb"])
+class MemBackend:
+    """The simulator's store (`MemoryNodeStore`), through the same calls as `LmdbBackend`."""
+
+    def __init__(self, limits: SessionLimits) -> None:
+        self.store = MemoryNodeStore(session_limits=limits)
+
+    def run(self, *datas: bytes) -> list[ApplyResult]:
+        start = self.store.applied_index(G) + 1
+        es = [Entry(1, start + i, EntryType.NORMAL, d) for i, d in enumerate(datas)]
+        self.store.persist([GroupWrite(G, es)])
+        out = self.store.apply([ApplyBatch(G, es, CONF)])[0]
+        assert [r.index for r in out if r is not None] == [e.index for e in es]
+        return [r for r in out if r is not None]
+
+    def _g(self) -> Any:
+        return self.store._groups[G]
+
+    def heads(self) -> dict[int, SessionHead]:
+        return dict(self._g().heads)
+
+    def results(self) -> dict[tuple[int, int], bytes]:
+        return {(c, q): v for c, d in self._g().results.items() for q, v in d.items()}
+
+    def meta(self) -> SessionMeta:
+        return self.store.session_meta(G)
+
+    def lru(self) -> list[tuple[int, int]]:
+        return list(self._g().lru)
+
+    def data(self, key: bytes) -> bytes | None:
+        return self.store.get(G, key)
+
+    @property
+    def index(self) -> int:
+        return self.store.applied_index(G)
+
+
+@pytest.fixture(params=["dict", "lmdb", "mem"])
 def make(request: Any, tmp_path: Path) -> Iterator[Any]:
     opened: list[LmdbBackend] = []
 
@@ -128,6 +166,8 @@ def make(request: Any, tmp_path: Path) -> Iterator[Any]:
         limits = SessionLimits(max_sessions, idle_entries, idle_evictions)
         if request.param == "dict":
             return DictBackend(limits)
+        if request.param == "mem":
+            return MemBackend(limits)
         b = LmdbBackend(tmp_path / f"n{len(opened)}", limits)
         opened.append(b)
         return b
@@ -250,10 +290,11 @@ def test_stale_floor_still_wins_over_expiry(make: Any) -> None:
 
 
 # --- random agreement of DictState and LMDB --------------------------------------------------------
-def test_dict_and_lmdb_agree_under_churn(tmp_path: Path) -> None:
+def test_dict_lmdb_and_memory_agree_under_churn(tmp_path: Path) -> None:
     limits = SessionLimits(4, 7, 1)
     d = DictBackend(limits)
     lm = LmdbBackend(tmp_path / "n", limits)
+    mem = MemBackend(limits)
     rng = random.Random(5)
     try:
         for _ in range(20):
@@ -263,9 +304,11 @@ def test_dict_and_lmdb_agree_under_churn(tmp_path: Path) -> None:
                 seq = rng.randint(1, 6)
                 batch.append(put(bytes([rng.randint(97, 100)]), cid, seq, ack=rng.randint(0, seq),
                                  retry=rng.random() < 0.3, horizon=rng.randint(0, d.index + 5)))
-            assert lm.run(*batch) == d.run(*batch)
+            assert lm.run(*batch) == d.run(*batch) == mem.run(*batch)
             assert (lm.heads(), lm.results(), lm.meta(), lm.lru()) == (d.heads(), d.results(), d.meta(), d.lru())
+            assert (mem.heads(), mem.results(), mem.meta(), mem.lru()) == (d.heads(), d.results(), d.meta(), d.lru())
             consistent(lm)
+            consistent(mem)
         assert d.meta().evicted > 10
     finally:
         lm.store.close()

@@ -40,6 +40,8 @@ from kvstore import errors
 from kvstore.node.host import RaftSettings
 from kvstore.node.inbound import RefusalLog
 from kvstore.node.logic import Bootstrap, NodeLogic
+from kvstore.node.memstore import FaultRates, MemoryNodeStore, SimulatedCrash
+from kvstore.node.store import NodeStore
 from kvstore.raft import (
     CAMPAIGN_TRANSFER,
     Entry,
@@ -52,7 +54,8 @@ from kvstore.raft import (
 from kvstore.shard.ranges import key_hash
 from kvstore.storage import commands
 from kvstore.storage.commands import ApplyResult
-from kvstore.storage.store import NodeStore
+from kvstore.storage.errors import StorageError
+from kvstore.storage.store import LmdbNodeStore
 
 from .invariants import SafetyChecker, SafetyViolation
 
@@ -88,6 +91,12 @@ class NodeSimParams:
     """Largest offset of a node's clock from true time (either way)."""
     tick_skew: float = 0.0
     """Largest relative difference of a node's tick period from the nominal one."""
+    fsync_fail: float = 0.0
+    """Chance a synced transaction's fsync fails (the host retries it)."""
+    torn_write: float = 0.0
+    """Chance the machine crashes during a sync (all or nothing of that transaction survives)."""
+    sync: bool = True
+    """Stores make transactions durable (False only to plant "acknowledge before fsync")."""
 
     @classmethod
     def draw(cls, rng: random.Random, nodes: int) -> NodeSimParams:
@@ -106,6 +115,8 @@ class NodeSimParams:
             clients=rng.choice((3, 4, 6)),
             clock_offset_ms=rng.choice((0, 50, 2000)),
             tick_skew=rng.choice((0.0, 0.05, 0.2)),
+            fsync_fail=rng.choice((0.0, 0.0, 0.01, 0.05)),
+            torn_write=rng.choice((0.0, 0.0, 0.002, 0.01)),
         )
 
 
@@ -185,7 +196,7 @@ class NodeSimulation:
         self.seed = seed
         self.rng = random.Random(seed)
         self.p = params or NodeSimParams.draw(self.rng, nodes)
-        self.store_factory = store_factory or lmdb_store
+        self.store_factory = store_factory or memory_store(self)
         self._own_root = root is None
         self.root = root or Path(tempfile.mkdtemp(prefix=f"nodesim-{seed}-"))
         self.now = 0
@@ -233,7 +244,7 @@ class NodeSimulation:
         violation: str | None = None
         try:
             for n in self.nodes.values():
-                self._boot(n)
+                self.at(0, self._boot, n)
             for _ in range(self.p.clients):
                 self.at(self.rng.randrange(0, 50), self._client_next, self._new_process())
             self.at(self.rng.randrange(*self.p.nemesis_every_ms), self._nemesis)
@@ -243,7 +254,10 @@ class NodeSimulation:
                 if self.end is not None and t > self.end:
                     break
                 self.now = t
-                fn(*args)
+                try:
+                    fn(*args)
+                except SimulatedCrash:  # a torn write, whatever store call it happened in
+                    self._torn()
                 self.events_run += 1
                 self._check_safety()
             for timeout in list(self.pending.values()):
@@ -252,7 +266,8 @@ class NodeSimulation:
             res = check(self.history, timeout=20.0)
             verdict = res.verdict.value
             if res.verdict == Verdict.NOT_LINEARIZABLE:
-                violation = f"linearizability: {res}"
+                shown = "; ".join(str(o) for o in (res.counterexample or [])[:6])
+                violation = f"linearizability: key {res.bad_key} is not linearizable: {shown}"
         except (SafetyViolation, SimulationFailure) as err:
             violation = f"{type(err).__name__}: {err}"
             verdict = "violation"
@@ -288,12 +303,18 @@ class NodeSimulation:
         def refused(reason: str) -> None:
             self.refused[reason] = self.refused.get(reason, 0) + 1
 
-        n.logic = NodeLogic(
+        logic = NodeLogic(
             n.id, n.store, SimTransport(self, n.id), settings,
             Bootstrap(dict(self.peers), p.groups, 3, 16), random.Random(self.rng.getrandbits(64)),
             RefusalLog(lambda: self._node_now(n), on_refused=refused),
         )
-        n.logic.start(self._node_now(n))
+        try:
+            logic.start(self._node_now(n))
+        except StorageError as err:  # the process exits at start (its supervisor restarts it)
+            self.log(f"n{n.id} START FAILED: {err}")
+            self.at(self.rng.randrange(20, 200), self.restart, n.id)
+            return
+        n.logic = logic
         n.seen_commit = {}
         self.log(f"n{n.id} BOOT (groups {sorted(n.logic.host.groups)})")
         self.at(n.tick_ms, self._tick, n.id, n.epoch)
@@ -308,9 +329,8 @@ class NodeSimulation:
         n.logic = None
         n.cycling = False
         assert n.store is not None
-        recover = getattr(n.store, "crash", None)
-        if callable(recover):
-            n.store = recover()  # the in-memory store: what was not synced is gone
+        if isinstance(n.store, MemoryNodeStore):
+            n.store = n.store.crash()  # what was not synced is gone
         else:
             n.store.close()  # LMDB: a reopen recovers the last committed transaction
             n.store = None
@@ -340,21 +360,63 @@ class NodeSimulation:
         host = n.logic.host
         cycle = host.begin_cycle()
         if cycle is None:
-            n.cycling = False
-            if host.failed is not None:
-                raise SimulationFailure(f"n{nid} storage failed: {host.failed}")
+            n.cycling = False  # (a failed store: `_retry_storage` is running)
             return
         delay = self.rng.randint(*self.p.persist_ms) if cycle.touches_storage() else 0
 
         def finish() -> None:
             if n.epoch != epoch or n.logic is None:
                 return  # crashed while persisting: the transaction never happened
-            cycle.persist()
+            if not self._persist(n, cycle):
+                return
             host.end_cycle(cycle)
             n.logic.after_cycle()
+            if host.failed is not None:
+                self.log(f"n{nid} STORAGE FAILED: {host.failed}")
+                self.at(n.tick_ms, self._retry_storage, nid, epoch)
+                return
             self.at(0, self._cycle, nid, epoch)
 
         self.at(delay, finish)
+
+    def _persist(self, n: SimNode, cycle: Any) -> bool:
+        """Run the cycle's transaction; a torn write crashes the machine (False)."""
+        try:
+            cycle.persist()
+        except SimulatedCrash:
+            self._torn()
+            return False
+        return True
+
+    def _torn(self) -> None:
+        """A store crashed during a sync: its machine goes down with it, and restarts later."""
+        for n in self.nodes.values():
+            if isinstance(n.store, MemoryNodeStore) and n.store.crashed:
+                self.log(f"n{n.id} TORN WRITE: the machine crashes during its sync")
+                if n.logic is None:  # (it was starting)
+                    n.store = n.store.crash()
+                else:
+                    self.crash(n.id)
+                self.at(self.rng.randrange(20, 400), self.restart, n.id)
+
+    def _retry_storage(self, nid: int, epoch: int) -> None:
+        """What the shell does while storage fails: retry the failed cycle with backoff."""
+        n = self.nodes[nid]
+        if n.epoch != epoch or n.logic is None:
+            return
+        host = n.logic.host
+        cycle = host.retry_cycle(self._node_now(n))
+        if cycle is not None:
+            if not self._persist(n, cycle):
+                return
+            host.end_cycle(cycle)
+            n.logic.after_cycle()
+        if host.failed is None:
+            self.log(f"n{nid} STORAGE WORKS AGAIN")
+            n.cycling = False
+            self._kick(n)
+            return
+        self.at(n.tick_ms, self._retry_storage, nid, epoch)
 
     # --- network ----------------------------------------------------------------------------
     def _send(self, m: Message) -> None:
@@ -409,7 +471,12 @@ class NodeSimulation:
             ok = False
             if not lost and dst is not None and dst.logic is not None and dst.store is not None \
                     and (frm, m.to) not in self.blocked:
-                path = dst.store.receive_snapshot(m.group, iter(data))
+                try:
+                    path = dst.store.receive_snapshot(m.group, iter(data))
+                except StorageError as err:  # e.g. a full disk: the stream fails, retried later
+                    self.log(f"n{m.to} cannot keep the snapshot of g{m.group}: {err}")
+                    self.at(self.rng.randint(*self.p.delay_ms), self._snapshot_done, frm, epoch, m.group, m.to, True)
+                    return
                 snap = Message(
                     MessageType.SNAP, m.to, frm, term=m.term, group=m.group,
                     snapshot=Snapshot(meta, str(path).encode()),
@@ -685,6 +752,12 @@ class NodeSimulation:
             self._kick(n)
         elif r < 0.9:
             self._forge()
+        elif r < 0.95 and alive:
+            n = rng.choice(alive)
+            if isinstance(n.store, MemoryNodeStore):
+                n.store.fill_disk()
+                self.log(f"n{n.id} DISK FULL")
+                self.at(rng.randrange(50, 800), self._free_space, n.id, n.store)
         self.at(rng.randrange(*self.p.nemesis_every_ms), self._nemesis)
 
     def _forge(self) -> None:
@@ -712,9 +785,17 @@ class NodeSimulation:
                     self.at(rng.randint(*self.p.delay_ms), self._deliver, m)
         self.log("FORGE burst from outsider n1000")
 
+    def _free_space(self, nid: int, store: NodeStore) -> None:
+        if isinstance(store, MemoryNodeStore):
+            store.free_space()
+            self.log(f"n{nid} DISK HAS ROOM AGAIN")
+
     def _heal_all(self) -> None:
         self.blocked.clear()
         for nid, n in sorted(self.nodes.items()):
+            if isinstance(n.store, MemoryNodeStore):
+                n.store.free_space()
+                n.store.rates = FaultRates()
             if n.logic is None:
                 self.restart(nid)
         self.healed_at = self.now
@@ -722,11 +803,29 @@ class NodeSimulation:
         self.log("HEAL ALL (faults stop)")
 
 
+def syncs_writes(params: NodeSimParams) -> bool:
+    """Do the nodes' stores make each transaction durable before the node goes on? (The planted
+    bug "ack-before-fsync" says no: acknowledgements then precede durability.)"""
+    return params.sync
+
+
+def memory_store(sim: NodeSimulation) -> StoreFactory:
+    """In-memory stores with the run's disk faults: failed fsyncs and torn writes at the seed's
+    rates (a crash recovers only what was synced)."""
+    rates = FaultRates(fsync=sim.p.fsync_fail, torn=sim.p.torn_write)
+
+    def factory(node_id: int, directory: Path) -> NodeStore:
+        return MemoryNodeStore(sync=syncs_writes(sim.p), rng=random.Random(sim.rng.getrandbits(64)),
+                               rates=rates, snapshot_chunk_size=4096)
+
+    return factory
+
+
 def lmdb_store(node_id: int, directory: Path) -> NodeStore:
     """The real LMDB store without fsync (a crash here recovers the last committed transaction:
     the page cache survives a simulated crash, as it survives kill -9)."""
     directory.mkdir(parents=True, exist_ok=True)
-    return NodeStore(directory / "db", sync=False, map_size=1 << 26)
+    return LmdbNodeStore(directory / "db", sync=False, map_size=1 << 26)
 
 
 def run_node_seed(seed: int, nodes: int = 3, trace: bool = False, params: NodeSimParams | None = None,

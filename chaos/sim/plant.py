@@ -16,6 +16,8 @@ from kvstore.raft.log import RaftLog
 from kvstore.raft.readonly import ReadRequest
 from kvstore.storage import machine
 
+from . import nodes
+
 
 def _commit_previous_term(self: RaftLog, max_index: int, term: int) -> bool:
     # BUG: commits an entry by counting replicas even if it is from an earlier term (Figure 8).
@@ -108,7 +110,14 @@ BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
     "no-admission": (admission, "refusal", _admit_everything),
 }
 
+def _no_fsync(params: Any) -> bool:
+    # BUG (node): the store never makes a transaction durable before the node acknowledges (a
+    # missing fsync): votes, appends and writes are acknowledged, then lost in a crash.
+    return False
+
+
 NODE_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
+    "node-ack-before-fsync": (nodes, "syncs_writes", _no_fsync),
     "node-no-inbound": (Inbound, "admit", _admit_all_traffic),
     "node-no-dedup": (machine, "apply_command", _forget_cached_results),
 }

@@ -52,13 +52,13 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvstore import errors
+from kvstore.node.store import ApplyBatch, GroupWrite, NodeStore
 from kvstore.raft import (
     NONE,
     ConfChange,
@@ -75,7 +75,6 @@ from kvstore.raft import (
     Role,
 )
 from kvstore.storage.errors import StorageError
-from kvstore.storage.store import ApplyBatch, GroupWrite, NodeStore
 
 log = logging.getLogger("kvstore.host")
 
@@ -131,6 +130,7 @@ class Cycle:
     results: list[list[Any]] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
+    """How long `persist` took, if the driver timed it (the host reads no clock)."""
     sent_early: bool = False
     """Step 2 handed messages to the transport (they may leave before the batch is durable)."""
     on_applied: Callable[[Cycle, list[list[Any]]], None] | None = None
@@ -144,7 +144,6 @@ class Cycle:
     def persist(self) -> None:
         """Step 3: one LMDB write transaction and one fsync for every group. Thread-safe with
         respect to the host: touches only the store and this cycle."""
-        t0 = time.perf_counter()
         early = self.on_applied
         try:
             self.results = self.store.persist_and_apply(
@@ -152,7 +151,6 @@ class Cycle:
             )
         except StorageError as err:
             self.error = str(err)
-        self.seconds = time.perf_counter() - t0
 
 
 class Host:
@@ -162,14 +160,14 @@ class Host:
         store: NodeStore,
         send: Callable[[list[Message]], None],
         settings: RaftSettings,
-        rng: random.Random | None = None,
+        rng: random.Random,
         members: dict[int, str] | None = None,
     ) -> None:
         self.node_id = node_id
         self.store = store
         self.send = send
         self.settings = settings
-        self.rng = rng or random.Random()
+        self.rng = rng
         self.groups: dict[int, Group] = {}
         self.members: dict[int, str] = dict(members or {})
         """node id -> address; initial peers plus every member added at runtime."""

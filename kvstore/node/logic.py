@@ -28,11 +28,12 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from kvstore.node.store import NodeStore
 from kvstore.raft import ConfState, Message
 from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, ShardMap
 from kvstore.storage import commands
+from kvstore.storage.errors import StorageError
 from kvstore.storage.shardcmd import ShardOp, encode_shard_command
-from kvstore.storage.store import NodeStore
 
 from .host import Host, RaftSettings
 from .inbound import Inbound, RefusalLog
@@ -95,6 +96,8 @@ class NodeLogic:
     started_at: float = 0.0
     _members_seen: dict[int, str] = field(default_factory=dict)
     on_reconciled: Callable[[], None] | None = None
+    reconcile_due: bool = False
+    """A reconcile failed on a storage error: the next tick tries again."""
 
     def __post_init__(self) -> None:
         store = self.store
@@ -143,23 +146,30 @@ class NodeLogic:
         m = tracker.map
         if m is None:
             return
-        for gid in m.groups_of_node(self.node_id):
-            if gid in host.groups or gid in self.tombstones:
-                continue
-            p = m.groups[gid]
-            if self.node_id in p.bootstrap:
-                ranges = m.bootstrap_ranges(gid)
-                log.info("creating data group %d (voters %s, %.1f%% of the keys)", gid, list(p.bootstrap),
-                         100 * ranges.size() / 2**64)
-                host.open_group(gid, ConfState(tuple(sorted(p.bootstrap))),
-                                [encode_shard_command(ShardOp.SET, ranges)])
-            else:
-                host.open_group(gid, None)
-        for gid in [g for g in host.groups if g != META_GROUP and g not in m.groups]:
-            if gid < m.next_group:
-                log.info("destroying data group %d: the shard map dropped it", gid)
-                host.close_group(gid, destroy=True)
-                self.tombstones.add(gid)
+        self.reconcile_due = False
+        try:
+            for gid in m.groups_of_node(self.node_id):
+                if gid in host.groups or gid in self.tombstones:
+                    continue
+                p = m.groups[gid]
+                if self.node_id in p.bootstrap:
+                    ranges = m.bootstrap_ranges(gid)
+                    log.info("creating data group %d (voters %s, %.1f%% of the keys)", gid, list(p.bootstrap),
+                             100 * ranges.size() / 2**64)
+                    host.open_group(gid, ConfState(tuple(sorted(p.bootstrap))),
+                                    [encode_shard_command(ShardOp.SET, ranges)])
+                else:
+                    host.open_group(gid, None)
+            for gid in [g for g in host.groups if g != META_GROUP and g not in m.groups]:
+                if gid < m.next_group:
+                    log.info("destroying data group %d: the shard map dropped it", gid)
+                    host.close_group(gid, destroy=True)
+                    self.tombstones.add(gid)
+        except StorageError as err:
+            # Creating or destroying a group writes to the store; if that failed (a full disk, a
+            # failed fsync), nothing of it happened: try again at the next tick.
+            log.warning("reconciling with the shard map failed, retrying: %s", err)
+            self.reconcile_due = True
         host.preferred_leader = {g: p.voters[0] for g, p in m.groups.items() if p.voters}
         if self.on_reconciled is not None:
             self.on_reconciled()
@@ -176,6 +186,8 @@ class NodeLogic:
     def tick(self, now: float) -> None:
         """One tick of logical time at `now` (seconds on the node's own clock)."""
         self.host.tick()
+        if self.reconcile_due:
+            self.reconcile()
         self.transport.ping()
         s = self.settings
         timeout = s.election_tick * s.tick_ms / 1000

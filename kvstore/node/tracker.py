@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from kvstore.node.store import NodeStore
 from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, ShardMap, ShardMapError
-from kvstore.storage.store import NodeStore
 
 log = logging.getLogger("kvstore.shards")
 

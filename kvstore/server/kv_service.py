@@ -17,11 +17,11 @@ import grpc
 
 from kvstore import errors
 from kvstore.node.host import Host
+from kvstore.node.store import ReadStream
 from kvstore.shard.ranges import IntervalSet, key_hash
 from kvstore.storage import commands
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
-from kvstore.storage.kvstate import TxnStream
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 from . import waiters
@@ -309,7 +309,7 @@ class KVService(kv_pb2_grpc.KVServicer):
 
     async def _scan_start(
         self, request: kv_pb2.ScanRequest
-    ) -> tuple[kv_pb2.ScanResponse, TxnStream[list[tuple[bytes, bytes]]]]:
+    ) -> tuple[kv_pb2.ScanResponse, ReadStream[list[tuple[bytes, bytes]]]]:
         """Check the request, wait for its read point and open the scan: the first message (the
         ranges served and where the scan is served, more=True, no items) and the chunks."""
         for name in ("prefix", "start", "end"):

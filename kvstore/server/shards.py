@@ -21,6 +21,7 @@ import grpc
 from kvstore import errors
 from kvstore.node.host import Host
 from kvstore.node.inbound import RefusalLog
+from kvstore.node.store import NodeStore
 from kvstore.node.tracker import ShardTracker
 from kvstore.raft import ConfChange, Role
 from kvstore.shard.ranges import IntervalSet
@@ -29,7 +30,6 @@ from kvstore.storage import commands
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
 from kvstore.storage.shardcmd import ShardOp, decode_shard_command
-from kvstore.storage.store import NodeStore
 from kvstore.transport.peer import CHANNEL_OPTIONS
 from kvstore.v1 import shard_pb2, shard_pb2_grpc
 

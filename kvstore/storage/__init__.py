@@ -3,7 +3,8 @@
 Modules: `lmdb_env` (open, durability, map growth, full disk), `layout` (keys and encodings),
 `raftlog` (LogStorage per group), `commands` + `machine` (command encoding and the pure apply
 logic, standard library only), `kvstate` (the state machine on LMDB), `snapfile` (snapshot
-stream format), `store` (`NodeStore`, the facade the server uses).
+stream format), `store` (`LmdbNodeStore`, the facade the server uses: the LMDB implementation of
+the `kvstore.node.store.NodeStore` protocol; `NodeStore` here is its old name).
 
 Importing this package does not import LMDB: the pure modules (`commands`, `machine`) stay usable by
 the deterministic simulator. `NodeStore`, `GroupWrite` and `ApplyBatch` load `store` on first use.
@@ -24,9 +25,9 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .store import ApplyBatch, GroupWrite, NodeStore
+    from .store import ApplyBatch, GroupWrite, LmdbNodeStore, NodeStore
 
-_LAZY = {"NodeStore", "GroupWrite", "ApplyBatch"}
+_LAZY = {"NodeStore", "LmdbNodeStore", "GroupWrite", "ApplyBatch"}
 
 
 def __getattr__(name: str) -> Any:
@@ -42,6 +43,7 @@ __all__ = [
     "ApplyResult",
     "Command",
     "GroupWrite",
+    "LmdbNodeStore",
     "NodeStore",
     "Op",
     "ReadInvalidatedError",

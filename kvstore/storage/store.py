@@ -1,4 +1,4 @@
-"""`NodeStore`: a node's durable state (every Raft group's log, hard state and KV state machine) in
+"""`LmdbNodeStore`: a node's durable state (every Raft group's log, hard state and KV state machine) in
 one LMDB environment, behind the calls the server's Ready loop makes.
 
 One call = ONE write transaction = one fsync (with sync=True), for ALL groups: `persist_and_apply`
@@ -24,10 +24,11 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvstore.node.store import ApplyBatch, GroupWrite
+from kvstore.node.store import NodeStore as ProtocolNodeStore
 from kvstore.raft.types import ConfState, Entry, EntryType, HardState, SnapshotMeta, bootstrap_entries
 from kvstore.shard.ranges import IntervalSet
 
@@ -47,30 +48,9 @@ SNAPSHOT_DIR = "snapshots"
 SNAPSHOT_SUFFIX = ".snap"
 
 
-@dataclass(slots=True)
-class GroupWrite:
-    """What to persist for one group (from its Ready): an installed snapshot (metadata + the file
-    holding its data), new entries (a conflicting suffix is truncated) and the hard state."""
-
-    group: int
-    entries: list[Entry]
-    hard_state: HardState | None = None
-    snapshot: SnapshotMeta | None = None
-    snapshot_file: Path | None = None
-
-
-@dataclass(slots=True)
-class ApplyBatch:
-    """Committed entries of one group to apply, in order, and the configuration in force after
-    the last of them (`RaftNode.conf_state_at(last index)`)."""
-
-    group: int
-    entries: list[Entry]
-    conf_state: ConfState
-
-
-class NodeStore:
-    """The node's durable state. See the module docstring."""
+class LmdbNodeStore:
+    """The node's durable state on LMDB: the `kvstore.node.store.NodeStore` protocol. See the
+    module docstring."""
 
     def __init__(
         self,
@@ -396,8 +376,19 @@ class NodeStore:
         """Close the environment (open streams become invalid). Idempotent."""
         self._env.close()
 
-    def __enter__(self) -> NodeStore:
+    def __enter__(self) -> LmdbNodeStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+NodeStore = LmdbNodeStore
+"""Old name of `LmdbNodeStore` (the protocol is `kvstore.node.store.NodeStore`); kept so nothing breaks."""
+
+__all__ = ["ApplyBatch", "GroupWrite", "LmdbNodeStore", "NodeStore"]
+
+
+def _is_a_node_store(store: LmdbNodeStore) -> ProtocolNodeStore:
+    """Never called: makes mypy check that `LmdbNodeStore` implements the protocol."""
+    return store

@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from kvstore.node.store import NodeStore
 from kvstore.raft import Message, Snapshot
-from kvstore.storage.store import NodeStore
 from kvstore.v1 import raft_pb2, raft_pb2_grpc
 
 from .codec import to_proto

@@ -1,0 +1,1048 @@
+"""`MemoryNodeStore`: the `NodeStore` on plain Python data, for the deterministic simulator. STANDARD LIBRARY ONLY.
+
+Same behaviour as `LmdbNodeStore` (the contract test runs one suite on both): the apply logic is
+`machine.apply_data` on `MemGroupView` (same session, LRU and shard semantics as the LMDB view),
+snapshots use the `snapfile` format and come out byte-identical to LMDB's for the same state, and
+`export_range` yields the same `shardcmd` records in the same order. No clock; randomness only from
+the injected `random.Random`, and only for fault injection.
+
+Durability model (what the simulator relies on). Every write call is one transaction:
+- it mutates the live state in place, recording an undo record per change; it becomes VISIBLE
+  when the call returns (published scalars such as the applied index and the logs are switched at
+  commit, so `on_applied` still sees the previous ones);
+- it becomes DURABLE at its sync: with `sync=True` at commit (a sync flushes everything before it
+  too: the journal is dropped); with `sync=False` its undo records are kept in the journal of
+  unsynced transactions until `fsync()` or a later synced transaction;
+- `crash()` kills the store and returns a new one recovered from the durable image only: the
+  journal is undone newest first, so everything not synced is gone (with `sync=False`, nothing
+  since the last synced transaction survives: "acknowledge before fsync" planted). Received
+  snapshot files are gone too (LMDB deletes them at open).
+- a call that raises undoes its records at once: nothing of it is visible or durable.
+
+Faults (deterministic: one-shot, or a rate drawn from the injected rng per synced transaction; the
+rng is drawn only for a rate > 0, so adding no faults changes no random sequence):
+- failed fsync (`fail_next_fsync`, `FaultRates.fsync`): the transaction raises StorageIOError and
+  is undone. A caller may assume exactly what `StorageError` promises: this transaction is not
+  visible and never will be, every earlier synced transaction is still durable, and the same call
+  may be retried. It may not assume the retry succeeds, nor (as PostgreSQL learnt of real fsync
+  errors) that anything written since the last successful sync reached the disk: with sync=False
+  earlier unsynced transactions stay visible but remain exactly as undurable as before;
+- full disk (`fill_disk`, `FaultRates.full_disk`): every write (and `receive_snapshot`) raises
+  StorageFullError and sets `full`, until `free_space()`; the next successful write clears `full`
+  (as LMDB's does), so the host's retry path can be exercised. The disk stays full across a crash;
+- torn write (`tear_next_sync`, `FaultRates.torn`): the machine crashes DURING the sync. The call
+  raises `SimulatedCrash` (not a StorageError: the process is gone, nothing may handle it) after
+  `on_applied` ran; the store is dead until `crash()`, which recovers the torn transaction (and
+  the unsynced ones before it, which its sync was flushing) all or nothing, chosen by the rng: the
+  real store is LMDB, whose transactions are atomic via its meta-page flip. A write-ahead log
+  (issue 20) will need record-level tearing (a prefix of a transaction's records on disk, then
+  garbage): `TornWriteModel` is the hook, it returns how many of the torn transaction's records
+  survive, and `crash()` keeps exactly those (today: 0 or all).
+
+Memory is not bounded (the simulator runs small states); the costs per transaction are the changes
+it makes (no copy of the durable image: the undo journal is the difference), plus a copy of a
+group's log list when a transaction truncates, compacts or replaces it (rare).
+"""
+
+from __future__ import annotations
+
+import random
+from bisect import bisect_left, insort
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from ..raft.storage import CompactedError, SnapshotTemporarilyUnavailable, UnavailableError
+from ..raft.types import (
+    ConfChange,
+    ConfChangeType,
+    ConfState,
+    Entry,
+    EntryType,
+    HardState,
+    RaftError,
+    Snapshot,
+    SnapshotMeta,
+    bootstrap_entries,
+    limit_size,
+)
+from ..shard.ranges import IntervalSet, key_hash
+from ..storage.commands import MAX_KEY_SIZE, ApplyResult, decode_result
+from ..storage.errors import (
+    SnapshotFormatError,
+    StorageClosedError,
+    StorageError,
+    StorageFullError,
+    StorageIOError,
+)
+from ..storage.machine import LIMITS, SessionHead, SessionLimits, SessionMeta, apply_data
+from ..storage.shardcmd import REC_DATA, REC_FLOOR, REC_RESULT, U64, U64_PAIR, ShardState, encode_record
+from ..storage.snapfile import (
+    TAG_DATA,
+    TAG_MEMBER,
+    TAG_SESSION,
+    TAG_SHARDS,
+    Record,
+    SnapshotDecoder,
+    encode_snapshot,
+)
+from .store import ApplyBatch, ApplyResults, GroupWrite, NodeStore
+
+T = TypeVar("T")
+
+SESSION_META_KEY = b"M"
+"""The session meta row's key in a snapshot (as LMDB's `layout.SESSION_META_TAG`)."""
+SNAPSHOT_DIR = Path("/memstore/snapshots")
+"""A virtual directory: received snapshots live in memory under paths in it (nothing touches a disk)."""
+
+_MISSING: Any = object()
+_NORMAL = EntryType.NORMAL
+_CONF_CHANGE = EntryType.CONF_CHANGE
+
+
+class SimulatedCrash(Exception):
+    """The machine crashed during a sync (a torn write). The store is dead: call `crash()`."""
+
+
+TornWriteModel = Callable[[random.Random, int], int]
+"""(rng, records in the torn transaction) -> how many of them survive the crash, a prefix."""
+
+
+def all_or_nothing(rng: random.Random, records: int) -> int:
+    """LMDB's model: a transaction is durable whole (its meta page made it) or not at all."""
+    return records if rng.random() < 0.5 else 0
+
+
+@dataclass(slots=True)
+class FaultRates:
+    """Probabilities per synced write transaction (drawn from the store's rng)."""
+
+    fsync: float = 0.0
+    full_disk: float = 0.0
+    torn: float = 0.0
+
+
+@dataclass(slots=True)
+class _Log:
+    """A group's published log. `entries[i]` is entry `base.index + 1 + i`; outside a transaction
+    `len(entries) == last - base.index` (a transaction may extend the list in place beyond `last`:
+    invisible until the new `_Log` is published)."""
+
+    hard_state: HardState = field(default_factory=HardState)
+    base: SnapshotMeta = field(default_factory=SnapshotMeta)
+    entries: list[Entry] = field(default_factory=list)
+    last: int = 0
+
+    def is_empty(self) -> bool:
+        return self.hard_state == HardState() and self.base.index == 0 and self.last == 0
+
+
+@dataclass(slots=True, frozen=True)
+class _Applied:
+    """Published: applied index, the configuration in force there, and the shard state."""
+
+    index: int = 0
+    conf_state: ConfState = field(default_factory=ConfState)
+    shards: ShardState | None = None
+
+
+@dataclass(slots=True)
+class _Group:
+    """One group's state. Invariants: `lru` is sorted and holds exactly (head.last, cid) for each
+    head; `results` keys are clients (possibly with an empty dict); `keys` is None or the sorted
+    keys of `data`; `meta` None means no session meta row (as in LMDB)."""
+
+    log: _Log = field(default_factory=_Log)
+    applied: _Applied = field(default_factory=_Applied)
+    data: dict[bytes, bytes] = field(default_factory=dict)
+    heads: dict[int, SessionHead] = field(default_factory=dict)
+    results: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    lru: list[tuple[int, int]] = field(default_factory=list)
+    meta: SessionMeta | None = None
+    members: dict[int, bytes] = field(default_factory=dict)
+    keys: list[bytes] | None = None
+
+    def has_state(self) -> bool:
+        return not self.log.is_empty() or self.applied.index != 0
+
+    def sorted_keys(self) -> list[bytes]:
+        k = self.keys
+        if k is None:
+            k = self.keys = sorted(self.data)
+        return k
+
+
+# Undo records: (op, target, key, old).
+_U_DICT = 0  # target: dict; old value or _MISSING (pop)
+_U_DATA = 1  # target: _Group; a data key (also invalidates the sorted key cache)
+_U_ATTR = 2  # target: object; key: attribute name
+_U_LRU_ADD = 3  # target: _Group; key: the LRU item added
+_U_LRU_DEL = 4  # target: _Group; key: the LRU item removed
+_U_LOG = 5  # target: _Group; old: the previous _Log (trimmed back to its length)
+_U_SET_ADD = 6  # target: set; key: the item added
+Undo = tuple[int, Any, Any, Any]
+
+
+def _undo(records: list[Undo], keep: int = 0) -> None:
+    """Undo `records[keep:]`, newest first."""
+    for i in range(len(records) - 1, keep - 1, -1):
+        op, target, key, old = records[i]
+        if op == _U_DATA:
+            if old is _MISSING:
+                del target.data[key]
+            else:
+                target.data[key] = old
+            target.keys = None
+        elif op == _U_DICT:
+            if old is _MISSING:
+                del target[key]
+            else:
+                target[key] = old
+        elif op == _U_ATTR:
+            setattr(target, key, old)
+        elif op == _U_LRU_ADD:
+            lru = target.lru
+            del lru[bisect_left(lru, key)]
+        elif op == _U_LRU_DEL:
+            insort(target.lru, key)
+        elif op == _U_LOG:
+            target.log = old
+            del old.entries[old.last - old.base.index :]
+        elif op == _U_SET_ADD:
+            target.discard(key)
+
+
+class MemGroupView:
+    """`machine.StateView` of one group inside a transaction; every change is recorded in `undo`."""
+
+    __slots__ = ("_g", "_u", "changed", "index", "shards")
+
+    def __init__(self, g: _Group, undo: list[Undo], shards: ShardState | None) -> None:
+        self._g = g
+        self._u = undo
+        self.shards = shards
+        self.changed = False
+        self.index = 0
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._g.data.get(key)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        g = self._g
+        old = g.data.get(key, _MISSING)
+        g.data[key] = value
+        self._u.append((_U_DATA, g, key, old))
+        if old is _MISSING:
+            g.keys = None
+
+    def delete(self, key: bytes) -> bool:
+        g = self._g
+        old = g.data.pop(key, _MISSING)
+        if old is _MISSING:
+            return False
+        self._u.append((_U_DATA, g, key, old))
+        g.keys = None
+        return True
+
+    def session_head(self, client_id: int) -> SessionHead | None:
+        return self._g.heads.get(client_id)
+
+    def _lru_del(self, item: tuple[int, int]) -> None:
+        lru = self._g.lru
+        i = bisect_left(lru, item)
+        if i < len(lru) and lru[i] == item:
+            del lru[i]
+            self._u.append((_U_LRU_DEL, self._g, item, None))
+
+    def _lru_add(self, item: tuple[int, int]) -> None:
+        lru = self._g.lru
+        i = bisect_left(lru, item)
+        if i == len(lru) or lru[i] != item:
+            lru.insert(i, item)
+            self._u.append((_U_LRU_ADD, self._g, item, None))
+
+    def set_session_head(self, client_id: int, head: SessionHead, old: SessionHead | None) -> None:
+        g = self._g
+        if old is not None:
+            self._lru_del((old.last, client_id))
+        self._u.append((_U_DICT, g.heads, client_id, g.heads.get(client_id, _MISSING)))
+        g.heads[client_id] = head
+        self._lru_add((head.last, client_id))
+
+    def delete_session(self, client_id: int, head: SessionHead) -> None:
+        g = self._g
+        self._lru_del((head.last, client_id))
+        old = g.heads.pop(client_id, _MISSING)
+        if old is not _MISSING:
+            self._u.append((_U_DICT, g.heads, client_id, old))
+        res = g.results.pop(client_id, _MISSING)
+        if res is not _MISSING:
+            self._u.append((_U_DICT, g.results, client_id, res))  # the detached dict is not mutated again
+
+    def oldest_session(self) -> tuple[int, int] | None:
+        lru = self._g.lru
+        return lru[0] if lru else None
+
+    def session_meta(self) -> SessionMeta:
+        m = self._g.meta
+        return SessionMeta() if m is None else m
+
+    def set_session_meta(self, meta: SessionMeta) -> None:
+        g = self._g
+        self._u.append((_U_ATTR, g, "meta", g.meta))
+        g.meta = meta
+
+    def session_result(self, client_id: int, seq: int) -> bytes | None:
+        d = self._g.results.get(client_id)
+        return None if d is None else d.get(seq)
+
+    def put_session_result(self, client_id: int, seq: int, result: bytes) -> None:
+        g = self._g
+        d = g.results.get(client_id)
+        if d is None:
+            d = g.results[client_id] = {}
+            self._u.append((_U_DICT, g.results, client_id, _MISSING))
+        self._u.append((_U_DICT, d, seq, d.get(seq, _MISSING)))
+        d[seq] = result
+
+    def forget_results(self, client_id: int, old_floor: int, new_floor: int) -> None:
+        d = self._g.results.get(client_id)
+        if not d or new_floor <= old_floor:
+            return
+        for s in [s for s in d if s < new_floor]:
+            self._u.append((_U_DICT, d, s, d.pop(s)))
+
+    def set_shards(self, st: ShardState) -> None:
+        self.shards = st
+        self.changed = True
+
+    def delete_hashes(self, ranges: IntervalSet) -> int:
+        gone = [k for k in self._g.data if key_hash(k) in ranges]
+        for k in gone:
+            self.delete(k)
+        return len(gone)
+
+
+class MemLogStorage:
+    """`LogStorage` of one group of a `MemoryNodeStore`: reads the group's published `_Log`."""
+
+    __slots__ = ("_store", "group")
+
+    def __init__(self, store: MemoryNodeStore, group: int) -> None:
+        self._store = store
+        self.group = group
+
+    def _log(self) -> _Log:
+        g = self._store._live().get(self.group)
+        return _EMPTY_LOG if g is None else g.log
+
+    def initial_state(self) -> tuple[HardState, ConfState]:
+        lg = self._log()
+        return lg.hard_state, lg.base.conf_state
+
+    def first_index(self) -> int:
+        return self._log().base.index + 1
+
+    def last_index(self) -> int:
+        return self._log().last
+
+    def term(self, index: int) -> int:
+        lg = self._log()
+        b = lg.base.index
+        if index < b:
+            raise CompactedError(index)
+        if index > lg.last:
+            raise UnavailableError(index)
+        if index == b:
+            return lg.base.term
+        return lg.entries[index - b - 1].term
+
+    def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
+        lg = self._log()
+        b = lg.base.index
+        if lo <= b:
+            raise CompactedError(lo)
+        if hi > lg.last + 1:
+            raise UnavailableError(hi)
+        if lo >= hi:
+            return []
+        return limit_size(lg.entries[lo - b - 1 : hi - b - 1], max_size)
+
+    def snapshot(self) -> Snapshot:
+        g = self._store._live().get(self.group)
+        a = _EMPTY_APPLIED if g is None else g.applied
+        try:
+            term = self.term(a.index)
+        except (CompactedError, UnavailableError):
+            raise SnapshotTemporarilyUnavailable() from None
+        return Snapshot(SnapshotMeta(a.index, term, a.conf_state), b"")
+
+
+_EMPTY_LOG = _Log()
+_EMPTY_APPLIED = _Applied()
+
+
+class ListStream(Generic[T]):
+    """A `ReadStream` over items computed when the read was made (one consistent view)."""
+
+    __slots__ = ("_it",)
+
+    def __init__(self, it: Iterator[T]) -> None:
+        self._it = it
+
+    def __iter__(self) -> ListStream[T]:
+        return self
+
+    def __next__(self) -> T:
+        return next(self._it)
+
+    def close(self) -> None:
+        self._it = iter(())
+
+
+class MemoryNodeStore:
+    """The in-memory `NodeStore`. See the module docstring for the durability model and faults."""
+
+    def __init__(
+        self,
+        *,
+        sync: bool = True,
+        rng: random.Random | None = None,
+        rates: FaultRates | None = None,
+        snapshot_chunk_size: int = 1 << 20,
+        session_limits: SessionLimits = LIMITS,
+        torn_model: TornWriteModel = all_or_nothing,
+    ) -> None:
+        self.sync = sync
+        """With False, transactions are visible at once but durable only at the next sync."""
+        self.rng = rng if rng is not None else random.Random(0)
+        self.rates = rates if rates is not None else FaultRates()
+        self.snapshot_chunk_size = snapshot_chunk_size
+        self.session_limits = session_limits
+        """Part of the replicated apply logic: the same on every replica (as `KVState`'s)."""
+        self.torn_model = torn_model
+        self._groups: dict[int, _Group] = {}
+        self._tombstones: set[int] = set()
+        self._logs: dict[int, MemLogStorage] = {}
+        self._journal: list[list[Undo]] = []
+        """Undo records of the transactions committed since the last sync, oldest first."""
+        self._torn: list[Undo] | None = None
+        self._received: dict[str, list[bytes]] = {}
+        self._recv_seq = 0
+        self._in_txn = False
+        self._closed = False
+        self._dead = False
+        self._full = False
+        self._disk_full = False
+        self._fail_fsync = 0
+        self._tear = 0
+        self.syncs = 0
+        self.transactions = 0
+
+    # --- faults and crashes -----------------------------------------------------------------
+    def fail_next_fsync(self, n: int = 1) -> None:
+        """The next `n` synced transactions fail their fsync (StorageIOError, undone)."""
+        self._fail_fsync += n
+
+    def fill_disk(self) -> None:
+        """The disk is full from now on, until `free_space()`."""
+        self._disk_full = True
+
+    def free_space(self) -> None:
+        """The disk has room again (`full` clears at the next successful write)."""
+        self._disk_full = False
+
+    def tear_next_sync(self) -> None:
+        """The machine crashes during the next sync (see the module docstring)."""
+        self._tear += 1
+
+    @property
+    def unsynced(self) -> int:
+        """How many committed transactions a crash would lose right now."""
+        return len(self._journal)
+
+    def fsync(self) -> None:
+        """Make everything visible durable (as a sync would; no fault is injected here)."""
+        self._check_open()
+        self._journal.clear()
+        self.syncs += 1
+
+    def crash(self, keep_unsynced: int = 0) -> MemoryNodeStore:
+        """The machine crashed (or the process died): this store becomes unusable, and the store a
+        restart finds is returned, built from the durable image only. `keep_unsynced`: how many of
+        the oldest unsynced transactions the OS happened to write back anyway (default 0). A torn
+        sync in flight survives as `torn_model` decides (with the unsynced ones it was flushing)."""
+        if self._in_txn:
+            raise RuntimeError("crash() from inside a write transaction")
+        torn = self._torn
+        if torn is not None:
+            keep = self.torn_model(self.rng, len(torn))
+            if keep == len(torn):  # its sync completed: everything before it is durable too
+                self._journal.clear()
+            else:
+                _undo(torn, keep)
+                if keep:  # the WAL hook: a prefix of a sequential log means all before it was written
+                    self._journal.clear()
+        for undo in reversed(self._journal[keep_unsynced:]):
+            _undo(undo)
+        self._journal.clear()
+        self._torn = None
+        self._dead = self._closed = True
+        new = MemoryNodeStore(
+            sync=self.sync, rng=self.rng, rates=self.rates, snapshot_chunk_size=self.snapshot_chunk_size,
+            session_limits=self.session_limits, torn_model=self.torn_model,
+        )
+        new._groups = self._groups
+        new._tombstones = self._tombstones
+        new._disk_full = self._disk_full
+        self._groups = {}
+        self._tombstones = set()
+        return new
+
+    # --- transactions --------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._dead:
+            raise StorageClosedError("the store crashed; recover it with crash()")
+        if self._closed:
+            raise StorageClosedError("the store is closed")
+
+    def _live(self) -> dict[int, _Group]:
+        self._check_open()
+        return self._groups
+
+    def _read(self, group: int) -> _Group | None:
+        self._check_open()
+        if self._in_txn:
+            raise RuntimeError("the store's data was read from inside its write transaction")
+        return self._groups.get(group)
+
+    def _group_for_write(self, group: int, undo: list[Undo]) -> _Group:
+        g = self._groups.get(group)
+        if g is None:
+            g = self._groups[group] = _Group()
+            undo.append((_U_DICT, self._groups, group, _MISSING))
+        return g
+
+    def _write(self, fn: Callable[[list[Undo]], T]) -> T:
+        """Run `fn(undo)` as one transaction, then commit it (faults strike here)."""
+        self._check_open()
+        if self._in_txn:
+            raise RuntimeError("nested write transaction")
+        undo: list[Undo] = []
+        self._in_txn = True
+        try:
+            out = fn(undo)
+            self._commit(undo)
+        except SimulatedCrash:
+            self._torn = undo
+            self._dead = True
+            raise
+        except BaseException:
+            _undo(undo)
+            raise
+        finally:
+            self._in_txn = False
+        return out
+
+    def _draw(self, rate: float) -> bool:
+        return rate > 0 and self.rng.random() < rate
+
+    def _commit(self, undo: list[Undo]) -> None:
+        if self._disk_full or self._draw(self.rates.full_disk):
+            self._disk_full = self._full = True
+            raise StorageFullError("simulated: no space left on device")
+        self.transactions += 1
+        if not self.sync:
+            self._journal.append(undo)
+            self._full = False
+            return
+        if self._fail_fsync > 0 or self._draw(self.rates.fsync):
+            self._fail_fsync = max(0, self._fail_fsync - 1)
+            self.transactions -= 1
+            raise StorageIOError("simulated: fsync failed (EIO)")
+        if self._tear > 0 or self._draw(self.rates.torn):
+            self._tear = max(0, self._tear - 1)
+            raise SimulatedCrash("simulated: the machine crashed during fsync")
+        self._journal.clear()
+        self.syncs += 1
+        self._full = False
+
+    # --- groups ------------------------------------------------------------------------------
+    @property
+    def snapshot_dir(self) -> Path:
+        return SNAPSHOT_DIR
+
+    @property
+    def full(self) -> bool:
+        return self._full
+
+    def groups(self) -> list[int]:
+        return sorted(g for g, st in self._live().items() if st.has_state())
+
+    def has_group(self, group: int) -> bool:
+        g = self._live().get(group)
+        return g is not None and g.has_state()
+
+    def tombstones(self) -> set[int]:
+        self._check_open()
+        return set(self._tombstones)
+
+    def log_storage(self, group: int) -> MemLogStorage:
+        ls = self._logs.get(group)
+        if ls is None:
+            ls = self._logs[group] = MemLogStorage(self, group)
+        return ls
+
+    def hard_state(self, group: int) -> HardState:
+        g = self._live().get(group)
+        return HardState() if g is None else g.log.hard_state
+
+    def bootstrap(self, group: int, conf: ConfState, data: Sequence[bytes] = ()) -> bool:
+        if self.has_group(group) or group in self._tombstones:
+            return False
+        ents = bootstrap_entries(conf, group)
+        ents += [Entry(1, len(ents) + i, EntryType.NORMAL, d, group) for i, d in enumerate(data, 1)]
+        self.persist([GroupWrite(group, ents, HardState(1, 0, len(ents)))])
+        return True
+
+    def destroy_group(self, group: int, tombstone: bool = False) -> None:
+        def fn(undo: list[Undo]) -> None:
+            old = self._groups.pop(group, _MISSING)
+            if old is not _MISSING:
+                undo.append((_U_DICT, self._groups, group, old))  # detached: never mutated again
+            if tombstone and group not in self._tombstones:
+                self._tombstones.add(group)
+                undo.append((_U_SET_ADD, self._tombstones, group, None))
+
+        self._write(fn)
+
+    # --- the Ready loop -------------------------------------------------------------------------
+    def persist(self, writes: Sequence[GroupWrite]) -> None:
+        self.persist_and_apply(writes, ())
+
+    def apply(self, batches: Sequence[ApplyBatch]) -> ApplyResults:
+        return self.persist_and_apply((), batches)
+
+    def persist_and_apply(
+        self,
+        writes: Sequence[GroupWrite],
+        batches: Sequence[ApplyBatch],
+        on_applied: Callable[[ApplyResults], None] | None = None,
+    ) -> ApplyResults:
+        if not writes and not batches:
+            return []
+        files: list[str] = []
+
+        def fn(undo: list[Undo]) -> ApplyResults:
+            drafts: dict[int, _Log] = {}
+            applied: dict[int, _Applied] = {}
+            for w in writes:
+                gid = w.group
+                g = self._group_for_write(gid, undo)
+                d = drafts.get(gid)
+                if d is None:
+                    lg = g.log
+                    undo.append((_U_LOG, g, None, lg))  # also trims an in-place extension on abort
+                    d = drafts[gid] = _Log(lg.hard_state, lg.base, lg.entries, lg.last)
+                if w.snapshot is not None:
+                    if w.snapshot_file is None:
+                        raise ValueError(f"group {gid}: a snapshot write needs its snapshot_file")
+                    files.append(str(w.snapshot_file))
+                    cur = applied.get(gid, g.applied)
+                    if w.snapshot.index > max(cur.index, d.base.index):
+                        applied[gid] = self._install(g, gid, w.snapshot, str(w.snapshot_file), undo)
+                        d.base, d.entries, d.last = w.snapshot, [], w.snapshot.index
+                _append(d, w.entries, g.log)
+                if w.hard_state is not None:
+                    d.hard_state = w.hard_state
+            results: ApplyResults = []
+            for b in batches:
+                g = self._group_for_write(b.group, undo)
+                cur = applied.get(b.group, g.applied)
+                res, applied[b.group] = self._apply(g, b, cur, undo)
+                results.append(res)
+            if on_applied is not None and results:
+                on_applied(results)
+            # Publish (still inside the transaction: a failing commit undoes it).
+            for gid, d in drafts.items():
+                self._groups[gid].log = d
+            for gid, a in applied.items():
+                g = self._groups[gid]
+                if a is not g.applied:
+                    undo.append((_U_ATTR, g, "applied", g.applied))
+                    g.applied = a
+            return results
+
+        results = self._write(fn)
+        for f in files:
+            self._received.pop(f, None)
+        return results
+
+    def _apply(
+        self, g: _Group, b: ApplyBatch, cur: _Applied, undo: list[Undo]
+    ) -> tuple[list[ApplyResult | None], _Applied]:
+        """`KVState.stage_apply` on memory."""
+        view = MemGroupView(g, undo, cur.shards)
+        limits = self.session_limits
+        idx = cur.index
+        results: list[ApplyResult | None] = []
+        for e in b.entries:
+            if e.index <= idx:
+                results.append(None)
+                continue
+            if e.index != idx + 1:
+                raise RaftError(f"group {b.group}: entry {e.index} applied after {idx}: entries would be lost")
+            idx = e.index
+            if e.type == _NORMAL and e.data:
+                view.index = idx
+                res = apply_data(view, e.data, limits)
+                res.index = idx
+                results.append(res)
+            else:
+                results.append(None)
+                if e.type == _CONF_CHANGE:
+                    _apply_member(g, e.data, undo)
+        if idx == cur.index:
+            return results, cur
+        return results, _Applied(idx, b.conf_state, view.shards)
+
+    def _install(self, g: _Group, gid: int, meta: SnapshotMeta, name: str, undo: list[Undo]) -> _Applied:
+        """`KVState.stage_install` on memory: replace the group's rows by the received snapshot's."""
+        chunks = self._received.get(name)
+        if chunks is None:
+            raise StorageError(f"snapshot file {name} does not exist")
+        dec = SnapshotDecoder()
+        records: list[Record] = []
+        for c in chunks:
+            records += dec.feed(c)
+        dec.finish()
+        h = dec.header
+        assert h is not None  # finish() raised otherwise
+        if h.group != gid:
+            raise SnapshotFormatError(f"snapshot file {name} is of group {h.group}, not {gid}")
+        hm = h.meta
+        if (hm.index, hm.term) != (meta.index, meta.term) or (
+            sorted(hm.conf_state.voters), sorted(hm.conf_state.learners)
+        ) != (sorted(meta.conf_state.voters), sorted(meta.conf_state.learners)):
+            raise SnapshotFormatError(
+                f"snapshot file {name} is at index {hm.index} term {hm.term} {hm.conf_state}, "
+                f"but is installed as index {meta.index} term {meta.term} {meta.conf_state}"
+            )
+        data: dict[bytes, bytes] = {}
+        heads: dict[int, SessionHead] = {}
+        results: dict[int, dict[int, bytes]] = {}
+        members: dict[int, bytes] = {}
+        shards: ShardState | None = None
+        smeta = SessionMeta()
+        for tag, key, value in records:
+            if tag == TAG_SHARDS:
+                shards = _decode_shards(value)
+                continue
+            if len(key) > MAX_KEY_SIZE:
+                raise SnapshotFormatError(f"snapshot file {name} has a key of {len(key)} bytes")
+            try:
+                if tag == TAG_DATA:
+                    data[key] = value
+                elif tag == TAG_SESSION:
+                    if len(key) == 8:
+                        heads[U64.unpack(key)[0]] = SessionHead.decode(value)
+                    elif len(key) == 16:
+                        decode_result(value)
+                        cid, seq = U64_PAIR.unpack(key)
+                        results.setdefault(cid, {})[seq] = value
+                    elif key == SESSION_META_KEY:
+                        smeta = SessionMeta.decode(value)
+                    else:
+                        raise ValueError(f"session row key of {len(key)} bytes")
+                elif tag == TAG_MEMBER:
+                    if len(key) != 8:
+                        raise ValueError(f"member row key of {len(key)} bytes")
+                    members[U64.unpack(key)[0]] = value
+            except ValueError as err:
+                raise SnapshotFormatError(f"snapshot file {name} has a bad row: {err}") from None
+        for attr, new in (
+            ("data", data), ("heads", heads), ("results", results), ("members", members),
+            ("lru", sorted((h.last, cid) for cid, h in heads.items())),
+            ("meta", SessionMeta(len(heads), smeta.horizon, smeta.evicted)
+             if heads or smeta != SessionMeta() else None),
+            ("keys", None),
+        ):
+            undo.append((_U_ATTR, g, attr, getattr(g, attr)))
+            setattr(g, attr, new)
+        return _Applied(hm.index, hm.conf_state, shards)
+
+    def compact(self, group: int, index: int) -> None:
+        g = self._live().get(group)
+        lg = _EMPTY_LOG if g is None else g.log
+        if index <= lg.base.index:
+            return
+        if index > lg.last:
+            raise RaftError(f"compact {index} beyond last index {lg.last}")
+        applied = 0 if g is None else g.applied.index
+        if index > applied:
+            raise RaftError(f"compact {index} beyond applied index {applied}")
+        assert g is not None
+        b = lg.base.index
+        conf = lg.base.conf_state
+        for e in lg.entries[: index - b]:
+            if e.type == _CONF_CHANGE:
+                try:
+                    conf = conf.apply(ConfChange.decode(e.data))
+                except ValueError:
+                    continue
+        new = _Log(lg.hard_state, SnapshotMeta(index, lg.entries[index - b - 1].term, conf),
+                   lg.entries[index - b :], lg.last)
+
+        def fn(undo: list[Undo]) -> None:
+            undo.append((_U_LOG, g, None, g.log))
+            g.log = new
+
+        self._write(fn)
+
+    # --- state ----------------------------------------------------------------------------------
+    def applied_index(self, group: int) -> int:
+        g = self._live().get(group)
+        return 0 if g is None else g.applied.index
+
+    def applied_conf_state(self, group: int) -> ConfState:
+        g = self._live().get(group)
+        return ConfState() if g is None else g.applied.conf_state
+
+    def shard_state(self, group: int) -> ShardState | None:
+        g = self._live().get(group)
+        return None if g is None else g.applied.shards
+
+    def session_meta(self, group: int) -> SessionMeta:
+        g = self._read(group)
+        return SessionMeta() if g is None or g.meta is None else g.meta
+
+    def count_keys(self, group: int) -> int:
+        g = self._read(group)
+        return 0 if g is None else len(g.data)
+
+    def members(self) -> dict[int, str]:
+        self._check_open()
+        out: dict[int, str] = {}
+        for gid in sorted(self._groups):
+            m = self._groups[gid].members
+            for node in sorted(m):
+                out[node] = m[node].decode(errors="replace")
+        return out
+
+    def export_range(
+        self, group: int, ranges: IntervalSet, chunk_bytes: int = 512 << 10
+    ) -> ListStream[tuple[bytes, int]]:
+        g = self._read(group)
+        st = None if g is None else g.applied.shards
+        if g is None or st is None or not ranges.issubset(st.frozen):
+            raise StorageError(f"group {group} has not frozen the ranges to export")
+        recs: list[tuple[bytes, bool]] = []
+        data = g.data
+        for k in g.sorted_keys():
+            if key_hash(k) in ranges:
+                recs.append((encode_record(REC_DATA, k, data[k]), True))
+        for key, value in _session_rows(g, meta=False):
+            if len(key) == 8:
+                recs.append((encode_record(REC_FLOOR, key, U64.pack(SessionHead.decode(value).floor)), False))
+            else:
+                recs.append((encode_record(REC_RESULT, key, value), False))
+
+        def gen() -> Iterator[tuple[bytes, int]]:
+            buf: list[bytes] = []
+            size = keys = 0
+            for rec, is_data in recs:
+                buf.append(rec)
+                size += len(rec)
+                keys += is_data
+                if size >= chunk_bytes:
+                    yield b"".join(buf), keys
+                    buf, size, keys = [], 0, 0
+            if buf:
+                yield b"".join(buf), keys
+
+        return ListStream(gen())
+
+    # --- reads -----------------------------------------------------------------------------------
+    def get(self, group: int, key: bytes) -> bytes | None:
+        g = self._read(group)
+        if g is None or len(key) > MAX_KEY_SIZE:
+            return None
+        return g.data.get(key)
+
+    def _range(self, g: _Group, start: bytes, end: bytes | None) -> list[bytes]:
+        keys = g.sorted_keys()
+        lo = bisect_left(keys, start)
+        hi = len(keys) if end is None else bisect_left(keys, end)
+        return keys[lo:hi] if hi > lo else []
+
+    def scan(self, group: int, start: bytes, end: bytes | None, limit: int = 0) -> list[tuple[bytes, bytes]]:
+        g = self._read(group)
+        if g is None:
+            return []
+        keys = self._range(g, start, end)
+        if limit > 0:
+            keys = keys[:limit]
+        return [(k, g.data[k]) for k in keys]
+
+    def scan_chunks(
+        self,
+        group: int,
+        start: bytes,
+        end: bytes | None,
+        limit: int = 0,
+        *,
+        chunk_items: int = 512,
+        chunk_bytes: int = 256 << 10,
+        owned: IntervalSet | None = None,
+    ) -> ListStream[list[tuple[bytes, bytes]]]:
+        g = self._read(group)
+        pairs: list[tuple[bytes, bytes]] = []
+        if g is not None:
+            data = g.data
+            if owned is not None and owned.is_full():
+                owned = None
+            for k in self._range(g, start, end):
+                if owned is not None and key_hash(k) not in owned:
+                    continue
+                pairs.append((k, data[k]))
+                if len(pairs) == limit:
+                    break
+
+        def gen() -> Iterator[list[tuple[bytes, bytes]]]:
+            chunk: list[tuple[bytes, bytes]] = []
+            size = 0
+            for k, v in pairs:
+                chunk.append((k, v))
+                size += len(k) + len(v)
+                if len(chunk) >= chunk_items or size >= chunk_bytes:
+                    yield chunk
+                    chunk, size = [], 0
+            if chunk:
+                yield chunk
+
+        return ListStream(gen())
+
+    # --- snapshots --------------------------------------------------------------------------------
+    def snapshot_chunks(self, group: int) -> tuple[SnapshotMeta, Iterator[bytes]]:
+        g = self._read(group)
+        if g is None:
+            return SnapshotMeta(), encode_snapshot(group, SnapshotMeta(), iter(()), self.snapshot_chunk_size)
+        a = g.applied
+        meta = SnapshotMeta(a.index, self.log_storage(group).snapshot().meta.term, a.conf_state)
+        records: list[Record] = []
+        if a.shards is not None:
+            records.append((TAG_SHARDS, b"", a.shards.encode()))
+        data = g.data
+        records += [(TAG_DATA, k, data[k]) for k in g.sorted_keys()]
+        records += [(TAG_SESSION, k, v) for k, v in _session_rows(g, meta=True)]
+        records += [(TAG_MEMBER, U64.pack(n), g.members[n]) for n in sorted(g.members)]
+        return meta, encode_snapshot(group, meta, records, self.snapshot_chunk_size)
+
+    def receive_snapshot(self, group: int, chunks: Iterable[bytes], directory: Path | None = None) -> Path:
+        """Keep the chunks in memory under a new virtual path (`directory` is ignored)."""
+        self._check_open()
+        if self._disk_full:
+            self._full = True
+            raise StorageFullError("simulated: no space left on device (receiving a snapshot)")
+        kept = [bytes(c) for c in chunks if c]
+        self._recv_seq += 1
+        path = SNAPSHOT_DIR / f"recv-{group}-{self._recv_seq}.snap"
+        self._received[str(path)] = kept
+        return path
+
+    # --- metrics and lifecycle ----------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        groups: dict[int, dict[str, int]] = {}
+        for gid in self.groups():
+            g = self._groups[gid]
+            lg = g.log
+            groups[gid] = {
+                "first_index": lg.base.index + 1,
+                "last_index": lg.last,
+                "log_entries": lg.last - lg.base.index,
+                "applied_index": g.applied.index,
+                "term": lg.hard_state.term,
+                "commit": lg.hard_state.commit,
+            }
+        return {
+            "full": self.full,
+            "groups": groups,
+            "transactions": self.transactions,
+            "syncs": self.syncs,
+            "unsynced": self.unsynced,
+        }
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def crashed(self) -> bool:
+        """The machine crashed during a sync (a torn write): recover with `crash()`."""
+        return self._dead
+
+    def close(self) -> None:
+        self._closed = True
+
+
+def _append(d: _Log, entries: list[Entry], published: _Log) -> None:
+    """`GroupLogStorage.stage_append` on a draft: append, truncating a conflicting suffix. Extends
+    the published list in place when nothing visible changes, else works on a copy."""
+    if not entries:
+        return
+    first = d.base.index + 1
+    if entries[-1].index < first:
+        return
+    if entries[0].index < first:
+        entries = entries[first - entries[0].index :]
+    start = entries[0].index
+    new_last = entries[-1].index
+    if start > d.last + 1:
+        raise RaftError(f"missing log entry: last {d.last}, appended at {start}")
+    if new_last - start + 1 != len(entries):
+        raise RaftError(f"appended entries {start}..{new_last} are not contiguous")
+    keep = start - 1 - d.base.index
+    if d.entries is published.entries and (keep != len(d.entries) or keep != published.last - published.base.index):
+        d.entries = d.entries[:keep]  # a truncation of visible entries: copy
+    else:
+        del d.entries[keep:]
+    d.entries.extend(entries)
+    d.last = new_last
+
+
+def _apply_member(g: _Group, data: bytes, undo: list[Undo]) -> None:
+    try:
+        cc = ConfChange.decode(data)
+    except ValueError:
+        return
+    m = g.members
+    if cc.type == ConfChangeType.REMOVE_NODE:
+        if cc.node_id in m:
+            undo.append((_U_DICT, m, cc.node_id, m.pop(cc.node_id)))
+    elif cc.context:
+        undo.append((_U_DICT, m, cc.node_id, m.get(cc.node_id, _MISSING)))
+        m[cc.node_id] = cc.context
+
+
+def _session_rows(g: _Group, meta: bool) -> list[tuple[bytes, bytes]]:
+    """The group's session rows as LMDB stores them (key without the group prefix), in key order."""
+    rows = [(U64.pack(cid), h.encode()) for cid, h in g.heads.items()]
+    for cid, d in g.results.items():
+        rows += [(U64_PAIR.pack(cid, seq), v) for seq, v in d.items()]
+    if meta and g.meta is not None:
+        rows.append((SESSION_META_KEY, g.meta.encode()))
+    rows.sort()
+    return rows
+
+
+def _decode_shards(raw: bytes) -> ShardState:
+    try:
+        return ShardState.decode(bytes(raw))
+    except ValueError as err:
+        raise StorageError(f"corrupt shard state: {err}") from None
+
+
+def _is_a_node_store(store: MemoryNodeStore) -> NodeStore:
+    """Never called: makes mypy check that `MemoryNodeStore` implements the protocol."""
+    return store

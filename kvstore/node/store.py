@@ -1,0 +1,233 @@
+"""`NodeStore`: the one storage interface of a node, and what a Ready cycle hands it. STANDARD LIBRARY ONLY.
+
+Two implementations: `kvstore.storage.store.LmdbNodeStore` (the server: one LMDB environment, one
+write transaction and one fsync per call) and `kvstore.node.memstore.MemoryNodeStore` (the
+simulator: plain Python data, deterministic, with a durability model and disk faults). A contract
+test (`tests/test_node_store.py`) runs the same suite on both and checks they agree.
+
+Contract shared by every method that writes (`persist_and_apply`, `bootstrap`, `destroy_group`,
+`compact`):
+- a call is ONE atomic transaction: when it returns, all of it is visible; if it raises, none of
+  it is (nor ever becomes durable) and every cache is unchanged, so the same call may be retried;
+- when it returns on a store opened with `sync=True`, all of it is durable: after a crash (kill -9,
+  power loss) the store returns exactly what returned calls wrote. With `sync=False` it is visible
+  but may be lost by a machine crash (never half of it);
+- `StorageFullError`: the disk is full; nothing was written; `full` is True until a later write
+  succeeds. `StorageIOError`: the device failed (e.g. a failed fsync); nothing was written.
+
+Reads see the last returned transaction. Streams (`scan_chunks`, `export_range`,
+`snapshot_chunks`) are one consistent view taken when the call was made.
+
+Use a store from one thread (the LMDB server runs `persist_and_apply` on a worker thread while its
+event loop reads: allowed, LMDB readers see the last committed state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from ..raft.storage import LogStorage
+from ..raft.types import ConfState, Entry, HardState, SnapshotMeta
+from ..shard.ranges import IntervalSet
+from ..storage.commands import ApplyResult
+from ..storage.machine import SessionMeta
+from ..storage.shardcmd import ShardState
+
+T_co = TypeVar("T_co", covariant=True)
+
+ApplyResults = list[list[ApplyResult | None]]
+"""One list per `ApplyBatch`, one item per entry (None for entries without a data result)."""
+
+
+@dataclass(slots=True)
+class GroupWrite:
+    """What to persist for one group (from its Ready): an installed snapshot (metadata + the file
+    holding its data, from `receive_snapshot`), new entries (a conflicting suffix is truncated) and
+    the hard state."""
+
+    group: int
+    entries: list[Entry]
+    hard_state: HardState | None = None
+    snapshot: SnapshotMeta | None = None
+    snapshot_file: Path | None = None
+
+
+@dataclass(slots=True)
+class ApplyBatch:
+    """Committed entries of one group to apply, in order, and the configuration in force after
+    the last of them (`RaftNode.conf_state_at(last index)`)."""
+
+    group: int
+    entries: list[Entry]
+    conf_state: ConfState
+
+
+class ReadStream(Protocol[T_co]):
+    """An iterator over one consistent read view; `close()` releases it early (idempotent)."""
+
+    def __iter__(self) -> Iterator[T_co]: ...
+
+    def __next__(self) -> T_co: ...
+
+    def close(self) -> None: ...
+
+
+class NodeStore(Protocol):
+    """A node's durable state: every Raft group's log, hard state and KV state machine. See the
+    module docstring for what every write guarantees."""
+
+    @property
+    def snapshot_dir(self) -> Path:
+        """Where the transport may put received snapshot files (LMDB: under the data directory;
+        removed at open, since a received file is useless after a restart)."""
+        ...
+
+    @property
+    def full(self) -> bool:
+        """True after a StorageFullError, until a write succeeds with enough free space."""
+        ...
+
+    # --- groups ----------------------------------------------------------------------------
+    def groups(self) -> list[int]:
+        """Groups with state (log, hard state or applied index), sorted."""
+        ...
+
+    def has_group(self, group: int) -> bool:
+        """`group in groups()`, in O(1)."""
+        ...
+
+    def tombstones(self) -> set[int]:
+        """Groups destroyed here with `tombstone=True`: never recreated here (durable like any write)."""
+        ...
+
+    def log_storage(self, group: int) -> LogStorage:
+        """The group's `LogStorage` (the same object on every call; it follows the group through
+        later writes). It shows only what returned transactions wrote."""
+        ...
+
+    def bootstrap(self, group: int, conf: ConfState, data: Sequence[bytes] = ()) -> bool:
+        """Give a new group its initial log (`bootstrap_entries`, then one NORMAL entry per item of
+        `data`, all at term 1 and committed) and HardState(1, 0, len), in one transaction. Every
+        initial member must be given the same arguments. Does nothing and returns False if the
+        group already has state or a tombstone."""
+        ...
+
+    def destroy_group(self, group: int, tombstone: bool = False) -> None:
+        """Delete everything of `group` (log, hard state, data, sessions, members, applied index,
+        shard state) in one transaction; with `tombstone`, also record that it never comes back."""
+        ...
+
+    # --- the Ready loop ------------------------------------------------------------------------
+    def persist_and_apply(
+        self,
+        writes: Sequence[GroupWrite],
+        batches: Sequence[ApplyBatch],
+        on_applied: Callable[[ApplyResults], None] | None = None,
+    ) -> ApplyResults:
+        """ONE transaction (one fsync with sync=True) for ALL groups: per write, in order, install
+        its snapshot (if newer than the group's applied index and log base; the file is consumed
+        either way once the transaction commits), append its entries (truncating a conflicting
+        suffix) and set its hard state; then per batch apply its committed entries, in order,
+        each exactly once (an entry at or below the applied index is skipped with result None; a
+        gap raises RaftError and nothing is written), and record the new applied index with
+        `conf_state`. The applied index and the data, sessions, members and shard state it covers
+        change together; the results are computed inside the transaction, so they are those of
+        the state the transaction commits.
+
+        `on_applied(results)`, if given, is called inside the transaction as soon as the results
+        are known, before the commit and its fsync (possibly more than once with the same
+        results): the entries applied are committed, so their outcome is decided whether or not
+        this transaction becomes durable. It must not read the store's data nor write: the
+        applied index, shard state and logs it could see are still the previous ones.
+
+        Returns the results (`[]` for a call with nothing to do, which touches nothing)."""
+        ...
+
+    def compact(self, group: int, index: int) -> None:
+        """Discard log entries <= `index` (which must be <= the applied index and the last index,
+        else RaftError) and record (index, term, configuration in force there) as the log's base.
+        A no-op (no transaction) if already compacted that far."""
+        ...
+
+    # --- state ----------------------------------------------------------------------------------
+    def applied_index(self, group: int) -> int:
+        """The group's last applied index (0 for an unknown group)."""
+        ...
+
+    def shard_state(self, group: int) -> ShardState | None:
+        """The ranges the group serves as of its last applied transaction (None: unsharded)."""
+        ...
+
+    def session_meta(self, group: int) -> SessionMeta:
+        """The group's session count, eviction horizon and evictions so far."""
+        ...
+
+    def count_keys(self, group: int) -> int:
+        """How many data keys the group holds."""
+        ...
+
+    def members(self) -> dict[int, str]:
+        """node id -> address, from the contexts of applied conf changes (all groups, in group
+        order: a later group's address wins)."""
+        ...
+
+    def export_range(
+        self, group: int, ranges: IntervalSet, chunk_bytes: int = 512 << 10
+    ) -> ReadStream[tuple[bytes, int]]:
+        """`shardcmd` install records of the frozen `ranges`: the data rows whose key hash is in
+        them (key order), then every session (key order: a head as REC_FLOOR of its floor, each
+        cached result as REC_RESULT; not the session meta), in chunks of about `chunk_bytes` with
+        each chunk's data-row count. Raises StorageError unless `ranges` are frozen."""
+        ...
+
+    # --- reads -----------------------------------------------------------------------------------
+    def get(self, group: int, key: bytes) -> bytes | None:
+        """The value of `key` (None if absent or longer than the key limit)."""
+        ...
+
+    def scan(self, group: int, start: bytes, end: bytes | None, limit: int = 0) -> list[tuple[bytes, bytes]]:
+        """Pairs with start <= key < end (end None: unbounded), in key order; limit <= 0: no limit."""
+        ...
+
+    def scan_chunks(
+        self,
+        group: int,
+        start: bytes,
+        end: bytes | None,
+        limit: int = 0,
+        *,
+        chunk_items: int = 512,
+        chunk_bytes: int = 256 << 10,
+        owned: IntervalSet | None = None,
+    ) -> ReadStream[list[tuple[bytes, bytes]]]:
+        """Like `scan` (with `owned`, only keys whose hash is in it; `limit` counts those), in
+        chunks of at most `chunk_items` pairs and about `chunk_bytes` (a chunk ends after the pair
+        that reaches it); never an empty chunk. May raise ReadInvalidatedError mid-stream."""
+        ...
+
+    # --- snapshots ---------------------------------------------------------------------------------
+    def snapshot_chunks(self, group: int) -> tuple[SnapshotMeta, Iterator[bytes]]:
+        """(meta, chunks) of the group's state at its applied index in the `snapfile` format, one
+        consistent view. Raises SnapshotTemporarilyUnavailable if the term of the applied index
+        is not in the log any more."""
+        ...
+
+    def receive_snapshot(self, group: int, chunks: Iterable[bytes], directory: Path | None = None) -> Path:
+        """Keep incoming snapshot chunks as a received file and return its path, to be installed by
+        `persist_and_apply(GroupWrite(..., snapshot=meta, snapshot_file=path))`. Not durable: after
+        a crash the file is gone. A full disk raises StorageFullError (nothing kept)."""
+        ...
+
+    # --- metrics and lifecycle ---------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Implementation-specific numbers; always `full` and `groups` (group -> first_index,
+        last_index, log_entries, applied_index, term, commit)."""
+        ...
+
+    def close(self) -> None:
+        """Release the store (open streams become invalid; later calls raise StorageClosedError).
+        Idempotent."""
+        ...
