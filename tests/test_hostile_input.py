@@ -16,7 +16,7 @@ from onenode import one_node
 
 from kvstore.cli.server import cli
 from kvstore.client import DEFAULT_MAX_KEY_SIZE
-from kvstore.client.client import _classify
+from kvstore.client.failures import classify as _classify
 from kvstore.client.mux import OpMux
 from kvstore.errors import InternalError
 from kvstore.server.config import Limits
