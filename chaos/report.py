@@ -23,7 +23,7 @@ from .workload import OpRecord
 
 if TYPE_CHECKING:
     from .checks import Analysis
-    from .runner import RunConfig
+    from .config import RunConfig
 
 __all__ = ["write_report"]
 

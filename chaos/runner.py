@@ -29,7 +29,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,65 +37,12 @@ from chaos.checker import dump_jsonl
 from . import netns
 from .checks import analyze_records
 from .cluster import Backend, Cluster, LocalBackend, NetnsBackend
+from .config import RunConfig
 from .nemesis import Nemesis, NemesisOptions
 from .state import RunState
 from .workload import OpRecord, Recorder, WorkloadOptions, make_workload
 
 __all__ = ["RunConfig", "analyze", "execute", "run"]
-
-
-@dataclass
-class RunConfig:
-    nodes: int = 3
-    time: float = 30.0
-    nemesis: list[str] = field(default_factory=lambda: ["partition", "kill"])
-    workload: str = "register"
-    backend: str = "netns"
-    seed: int = 0
-    out: str = "kvchaos-runs"
-    tick_ms: int = 50
-    concurrency: int = 5
-    rate: float = 150.0
-    quiet: float | None = None  # seconds of calm at the end (default: scaled with --time)
-    op_timeout: float = 2.0
-    fault_min: float | None = None
-    fault_max: float | None = None
-    stale_reads: bool = False
-    keep_data: bool = False
-    check_timeout: float = 60.0
-    groups: int = 1  # data groups the cluster starts with (kvstore serve --groups)
-    moves_timeout: float = 60.0  # after the heal: how long range moves may take to finish
-    log_level: str = "info"
-    run_id: str = ""
-    ports: list[int] = field(default_factory=list)
-    learners: int = 0  # read replicas, on hosts nodes+1..nodes+learners
-    read_from: str = ""  # read preference of the workload's gets ("": the workload's default)
-    read_consistency: str = "linearizable"
-    max_staleness: float = 0.5  # bounded reads
-
-    @property
-    def hosts(self) -> int:
-        return self.nodes + self.learners
-
-    def quiet_seconds(self) -> float:
-        if self.quiet is not None:
-            return self.quiet
-        return max(3.0, min(10.0, self.time * 0.2))
-
-    def sharded(self) -> bool:
-        """Range moves can happen: check after the heal that they all finished."""
-        return self.groups > 1 or "rebalance" in self.nemesis
-
-    def server_args(self) -> list[str]:
-        """kvstore serve flags beyond the ones the cluster always passes."""
-        return ["--groups", str(self.groups)] if self.groups != 1 else []
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> RunConfig:
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 def _say(msg: str) -> None:

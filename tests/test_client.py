@@ -15,9 +15,9 @@ from test_client_fakes import Action, FakeCluster, closed_port
 
 from kvstore import errors
 from kvstore.client import AsyncClient, Client
-from kvstore.client.client import scan_range
 from kvstore.client.retry import Backoff, BreakerState, CircuitBreaker, Deadline, RetryPolicy
 from kvstore.client.routing import DEFAULT_GROUP, Router
+from kvstore.client.scans import scan_range
 from kvstore.v1 import kv_pb2
 
 pytestmark = pytest.mark.timeout(30)

@@ -14,7 +14,7 @@ from kvstore.node.host import Host, RaftSettings
 from kvstore.raft import ConfState, Message, Role
 from kvstore.storage import commands
 from kvstore.storage.errors import StorageFullError
-from kvstore.storage.store import NodeStore
+from kvstore.storage.store import LmdbNodeStore as NodeStore
 
 
 def _single_voter(tmp_path: Path) -> tuple[Host, NodeStore]:

@@ -26,7 +26,7 @@ from kvstore.storage import commands
 from kvstore.storage.errors import SnapshotFormatError
 from kvstore.storage.shardcmd import ShardOp, encode_shard_command
 from kvstore.storage.snapfile import MAX_MEMBERS, SnapshotDecoder
-from kvstore.storage.store import NodeStore
+from kvstore.storage.store import LmdbNodeStore as NodeStore
 from kvstore.transport.codec import MessageError, from_proto, to_proto
 from kvstore.v1 import raft_pb2, shard_pb2
 

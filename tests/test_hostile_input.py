@@ -16,11 +16,11 @@ from onenode import one_node
 
 from kvstore.cli.server import cli
 from kvstore.client import DEFAULT_MAX_KEY_SIZE
-from kvstore.client.client import _classify
+from kvstore.client.failures import classify as _classify
 from kvstore.client.mux import OpMux
 from kvstore.errors import InternalError
 from kvstore.server.config import Limits
-from kvstore.server.kv_service import KVService
+from kvstore.server.requests import KVRequests
 from kvstore.storage import commands
 from kvstore.storage.commands import MAX_KEY_SIZE, U64_MAX
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
@@ -146,28 +146,28 @@ def test_a_bad_operation_on_the_stream_gets_its_own_answer_and_the_stream_goes_o
 
 @pytest.fixture
 def faulty(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """KVService with bugs: preparing a put of b"boom", reading b"boom" and scanning b"boom"
+    """KVRequests with bugs: preparing a put of b"boom", reading b"boom" and scanning b"boom"
     raise exceptions that are no KVError (the read's from inside the host's Ready loop)."""
-    prepare, reply, scan = KVService.prepare_put, KVService.get_reply, KVService.scan_once
+    prepare, reply, scan = KVRequests.prepare_put, KVRequests.get_reply, KVRequests.scan_once
 
-    def bad_prepare(self: KVService, r: kv_pb2.PutRequest) -> tuple[bytes, bytes]:
+    def bad_prepare(self: KVRequests, r: kv_pb2.PutRequest) -> tuple[bytes, bytes]:
         if r.key == b"boom":
             raise RuntimeError("planted bug in prepare_put")
         return prepare(self, r)
 
-    def bad_reply(self: KVService, gid: int, key: bytes, point: Any) -> kv_pb2.GetResponse:
+    def bad_reply(self: KVRequests, gid: int, key: bytes, point: Any) -> kv_pb2.GetResponse:
         if key == b"boom":
             raise KeyError("planted bug in get_reply")
         return reply(self, gid, key, point)
 
-    async def bad_scan(self: KVService, request: kv_pb2.ScanRequest) -> kv_pb2.ScanResponse:
+    async def bad_scan(self: KVRequests, request: kv_pb2.ScanRequest) -> kv_pb2.ScanResponse:
         if request.prefix == b"boom":
             raise ZeroDivisionError("planted bug in scan_once")
         return await scan(self, request)
 
-    monkeypatch.setattr(KVService, "prepare_put", bad_prepare)
-    monkeypatch.setattr(KVService, "get_reply", bad_reply)
-    monkeypatch.setattr(KVService, "scan_once", bad_scan)
+    monkeypatch.setattr(KVRequests, "prepare_put", bad_prepare)
+    monkeypatch.setattr(KVRequests, "get_reply", bad_reply)
+    monkeypatch.setattr(KVRequests, "scan_once", bad_scan)
     yield
 
 

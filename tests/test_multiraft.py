@@ -31,7 +31,7 @@ from kvstore.client import Client
 from kvstore.node.host import Host, RaftSettings
 from kvstore.raft import ConfState, Message, Role
 from kvstore.shard.shardmap import ShardMap
-from kvstore.storage.store import NodeStore
+from kvstore.storage.store import LmdbNodeStore as NodeStore
 from kvstore.v1 import admin_pb2, kv_pb2, kv_pb2_grpc
 
 pytestmark = pytest.mark.timeout(300)

@@ -165,7 +165,7 @@ def test_client_multiplexes_concurrent_operations(cluster: Cluster) -> None:
             deleted = await asyncio.gather(*(c.delete(b"m/%03d" % i) for i in range(0, 300, 3)))
             assert all(deleted)
             assert await c.get(b"m/003") is None and await c.get(b"m/004") == b"4"
-            assert len(c._muxes) >= 1 and all(m._pending == {} for m in c._muxes.values())
+            assert len(c.channels.muxes) >= 1 and all(m._pending == {} for m in c.channels.muxes.values())
 
     asyncio.run(run())
 

@@ -16,7 +16,7 @@ from kvstore.node.host import Host, RaftSettings
 from kvstore.raft import ConfState, Message, Role
 from kvstore.server.reads import ReadPoint, ReadSettings, ReplicaReads
 from kvstore.storage import commands
-from kvstore.storage.store import NodeStore
+from kvstore.storage.store import LmdbNodeStore as NodeStore
 from kvstore.v1 import kv_pb2
 
 GROUP = 1

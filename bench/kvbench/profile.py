@@ -119,8 +119,8 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("storage, other", ("kvstore/storage/",)),
     ("replication transport (peer streams, codec)", ("kvstore/transport/",)),
     ("host: Ready loop, answering waiters (host.py)", ("kvstore/node/host.py",)),
-    ("KV service: request, proposal, reply (kv_service.py, op_stream.py)", (
-        "kvstore/server/kv_service.py", "kvstore/server/op_stream.py")),
+    ("KV service: request, proposal, reply (kv_service.py, requests.py, op_stream.py)", (
+        "kvstore/server/kv_service.py", "kvstore/server/requests.py", "kvstore/server/op_stream.py")),
     ("node driver (ready loop, ticker: node.py)", ("kvstore/server/node.py",)),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
     ("protobuf", ("google/protobuf/", "_pb2", "upb_", "_upb")),

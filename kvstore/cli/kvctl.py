@@ -20,11 +20,10 @@ from typing import Any, NoReturn
 
 import click
 
-from kvstore.client import Client, NodeStatus
+from kvstore.client import AdminResult, Client, GroupStatus, Member, NodeStatus, Status
 from kvstore.client.readpref import READ_PREFERENCES, parse_duration
 from kvstore.client.routing import DEFAULT_GROUP, parse_endpoints
 from kvstore.errors import KVError
-from kvstore.v1 import admin_pb2
 
 DEFAULT_ENDPOINTS = "127.0.0.1:2379,127.0.0.1:2380,127.0.0.1:2381"
 
@@ -325,7 +324,7 @@ def scan(
 # ----- status -----
 
 
-def _group(st: admin_pb2.StatusResponse, group: int | None = None) -> admin_pb2.GroupStatus | None:
+def _group(st: Status, group: int | None = None) -> GroupStatus | None:
     """The given group's status; by default the metadata group's (group 0, whose leader leads
     the cluster's membership), or the data group's for a server without one."""
     wanted = (0, DEFAULT_GROUP) if group is None else (group,)
@@ -336,9 +335,9 @@ def _group(st: admin_pb2.StatusResponse, group: int | None = None) -> admin_pb2.
     return None
 
 
-def _members(nodes: list[NodeStatus]) -> list[admin_pb2.Member]:
+def _members(nodes: list[NodeStatus]) -> list[Member]:
     """The member list of the most recent view (highest term of the default group)."""
-    best: admin_pb2.StatusResponse | None = None
+    best: Status | None = None
     best_term = -1
     for ns in nodes:
         if ns.status is None:
@@ -370,7 +369,7 @@ def _leader_commit(nodes: list[NodeStatus], group: int) -> int | None:
     return best[1] if best is not None else None
 
 
-def _lag(g: admin_pb2.GroupStatus, leader_commit: int | None) -> tuple[int | None, int | None]:
+def _lag(g: GroupStatus, leader_commit: int | None) -> tuple[int | None, int | None]:
     """(entries behind the leader's commit index, staleness bound in ms) of one node's group;
     None where unknown. The leader is 0 entries behind by definition."""
     if g.role == "leader":
@@ -459,7 +458,7 @@ def _status_table(nodes: list[NodeStatus]) -> None:
             problems.append(ns.error.message if ns.error is not None else f"{ns.address}: unreachable")
             table.add_row("?", ns.address, *([""] if multi else []), "[red]unreachable[/red]", "", "", "", "", "", "")
             continue
-        groups = list(st.groups) or [admin_pb2.GroupStatus(group=DEFAULT_GROUP)]
+        groups = list(st.groups) or [GroupStatus(group=DEFAULT_GROUP)]
         for g in groups:
             role = g.role or "?"
             if st.node_id in learners and "learner" not in role:
@@ -504,7 +503,7 @@ def status(c: _Ctx) -> None:
 # ----- admin -----
 
 
-def _admin_result(c: _Ctx, resp: admin_pb2.AdminResponse, default: str) -> None:
+def _admin_result(c: _Ctx, resp: AdminResult, default: str) -> None:
     if c.json:
         _emit_json(
             {
@@ -517,7 +516,7 @@ def _admin_result(c: _Ctx, resp: admin_pb2.AdminResponse, default: str) -> None:
         click.echo(resp.message or default)
 
 
-def _admin(c: _Ctx, call: Callable[[Client], admin_pb2.AdminResponse], default: str) -> None:
+def _admin(c: _Ctx, call: Callable[[Client], AdminResult], default: str) -> None:
     with _errors(is_write=True):
         resp = call(c.client())
     _admin_result(c, resp, default)

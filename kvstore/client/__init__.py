@@ -5,28 +5,44 @@
     with Client(["127.0.0.1:2379", "127.0.0.1:2380", "127.0.0.1:2381"]) as kv:
         kv.put(b"k", b"v")
         assert kv.get(b"k") == b"v"
+
+`AsyncClient` (`async_client.py`) is the client; `Client` (`client.py`) runs it on a private
+event loop. Results are kvstore types (`types.py`), never wire messages.
 """
 
-from kvstore.client.client import (
-    DEFAULT_MAX_KEY_SIZE,
-    DEFAULT_MAX_VALUE_SIZE,
-    AsyncClient,
-    Client,
+from kvstore.client.async_client import AsyncClient
+from kvstore.client.checks import DEFAULT_MAX_KEY_SIZE, DEFAULT_MAX_VALUE_SIZE
+from kvstore.client.client import Client
+from kvstore.client.types import (
+    AdminResult,
     Consistency,
+    GroupInfo,
+    GroupStatus,
+    Member,
     NodeStatus,
+    Progress,
     ReadPreference,
     ReadResult,
+    ShardOpResult,
+    Status,
     group_status,
 )
 
 __all__ = [
     "DEFAULT_MAX_KEY_SIZE",
     "DEFAULT_MAX_VALUE_SIZE",
+    "AdminResult",
     "AsyncClient",
     "Client",
     "Consistency",
+    "GroupInfo",
+    "GroupStatus",
+    "Member",
     "NodeStatus",
+    "Progress",
     "ReadPreference",
     "ReadResult",
+    "ShardOpResult",
+    "Status",
     "group_status",
 ]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kvstore import errors
 from kvstore.raft import Role
@@ -31,9 +31,7 @@ from kvstore.storage.commands import ApplyResult
 from kvstore.v1 import kv_pb2
 
 from .reads import LINEARIZABLE, ReadPoint
-
-if TYPE_CHECKING:
-    from .kv_service import KVService
+from .requests import KVRequests
 
 MAX_PENDING = 4096
 
@@ -47,7 +45,7 @@ _ERROR_REPLY: dict[str, Callable[[kv_pb2.Error], Any]] = {
 
 
 class OpStream:
-    def __init__(self, svc: KVService) -> None:
+    def __init__(self, svc: KVRequests) -> None:
         self.svc = svc
         self.loop = asyncio.get_running_loop()
         self.pending: dict[int, asyncio.TimerHandle] = {}
@@ -116,7 +114,7 @@ class OpStream:
         self.has_out.set()
 
     def _error(self, op_id: int, kind: str, err: errors.KVError) -> None:
-        self._answer(op_id, kind, _ERROR_REPLY[kind](self.svc._err(err)))
+        self._answer(op_id, kind, _ERROR_REPLY[kind](self.svc.err(err)))
 
     def _settle(self, op_id: int) -> bool:
         """Take `op_id` off the pending list; False if it was already answered (timed out)."""
@@ -202,11 +200,11 @@ class OpStream:
 
     def _get(self, op_id: int, req: kv_pb2.GetRequest, timeout: float) -> None:
         svc = self.svc
-        svc._check_key(req.key)
-        gid = svc._group_for(req.key)
+        svc.check_key(req.key)
+        gid = svc.group_for(req.key)
         g = svc.host.groups[gid]
         if req.consistency != kv_pb2.LINEARIZABLE or g.core.role != Role.LEADER:
-            self._slow(op_id, "get", self.svc.Get(req, None))
+            self._slow(op_id, "get", self.svc.get(req))
             return
         key = req.key
 

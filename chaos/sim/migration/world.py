@@ -35,9 +35,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import random
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kvstore import errors
 from kvstore.shard.ranges import IntervalSet, key_hash
@@ -49,7 +50,6 @@ from kvstore.storage.shardcmd import REC_DATA, REC_FLOOR, REC_RESULT, U64, U64_P
 if TYPE_CHECKING:
     from kvstore.shard.rebalance import Coordinator
 
-    from .sim import Simulation
 
 EXPORT_REQUIRES_FROZEN = True
 """Like KVState.export_range, refuse to export ranges the group has not frozen (a plant lifts it)."""
@@ -151,10 +151,52 @@ class Node:
             await self.resumed.wait()
 
 
+class SimParams(Protocol):
+    """The knobs `SimCluster` reads (`sim.MigParams` has them)."""
+
+    @property
+    def coord_attempt(self) -> float: ...
+
+    @property
+    def p_export_break(self) -> float: ...
+
+
+class SimWorld(Protocol):
+    """What `SimCluster` needs of the simulation (`sim.Simulation` provides it). A protocol, so
+    that this module does not import `sim` (which imports this module)."""
+
+    @property
+    def p(self) -> SimParams: ...
+
+    @property
+    def rng(self) -> random.Random: ...
+
+    @property
+    def faults_on(self) -> bool: ...
+
+    @property
+    def meta_leader(self) -> int: ...
+
+    @property
+    def now(self) -> float: ...
+
+    def pause(self, node: Node, d: float) -> None: ...
+
+    def sleep(self, delay: float) -> asyncio.Future[None]: ...
+
+    def net(self) -> asyncio.Future[None]: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]: ...
+
+    async def submit(self, gid: int, data: bytes, origin: str, timeout: float, *, hop: bool = True) -> ApplyResult: ...
+
+    def export_now(self, gid: int, ranges: IntervalSet) -> list[bytes]: ...
+
+
 class SimCluster:
     """`rebalance.Cluster` of one simulated node."""
 
-    def __init__(self, sim: Simulation, node: Node) -> None:
+    def __init__(self, sim: SimWorld, node: Node) -> None:
         self.sim = sim
         self.node = node
         self.origin = f"coord n{node.id}#{node.incarnation}"

@@ -1,0 +1,321 @@
+"""`AsyncClient`: the asynchronous kvstore client, a facade over the modules that do the work.
+
+Semantics every caller can rely on:
+
+- Every operation has one total deadline (``timeout``, default 10 s) covering all attempts,
+  redirects and backoff. Each RPC attempt is further bounded by ``attempt_timeout`` so one hung
+  node cannot consume the whole deadline.
+- Writes (put, delete, cas) carry a session ``(client_id, seq, ack)``: ``seq`` is fresh per write
+  and reused unchanged on every retry of that write, so the server applies it at most once.
+  ``ack`` is the lowest seq still in flight ("replies for every seq < ack were received").
+- Retried without hesitation: NOT_LEADER (at the hinted leader), NO_LEADER, PROPOSAL_DROPPED,
+  SHUTTING_DOWN, connection failures before the request was sent. Outcomes that leave a write
+  indeterminate (TIMEOUT, LEADERSHIP_LOST, INTERNAL, a connection lost after sending) are retried
+  too: the session makes that safe. Reads are always safe to retry.
+- When the deadline passes: if any attempt of a write was indeterminate, :class:`Timeout` with
+  ``indeterminate=True``; if every attempt definitely failed, a definite error (the class of the
+  last failure, or :class:`Unavailable` when no endpoint could be reached).
+- Errors that retrying cannot fix (too large, invalid argument, storage full) are raised at once.
+- Reads take a consistency level (``linearizable``, ``bounded`` with a ``max_staleness``, or
+  ``stale``) and a read preference (``leader``, ``nearest``, ``replica``: see
+  :mod:`kvstore.client.readpref`); :meth:`AsyncClient.read` also says which node served the read,
+  at which applied index and how stale it may be. Writes always go to the leader.
+
+The parts, one job each: `channels` (connections), `cluster_view` (shard map, leaders,
+members), `invoke` (the retry loop), `writes` (sessions), `reads`, `scans`, `admin`
+(status, membership, shards); `checks` validates requests before anything is sent and
+`failures` classifies failed RPCs. The synchronous `Client` (`client.py`) runs this one on a
+private event loop.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from typing import Any
+
+from kvstore.client.admin import Admin
+from kvstore.client.channels import Channels, close_all_streams
+from kvstore.client.checks import DEFAULT_MAX_KEY_SIZE, DEFAULT_MAX_VALUE_SIZE, RequestChecks
+from kvstore.client.cluster_view import ClusterView
+from kvstore.client.invoke import Invoker
+from kvstore.client.readpref import ReplicaRouter
+from kvstore.client.reads import Reads
+from kvstore.client.retry import (
+    DEFAULT_ATTEMPT_TIMEOUT,
+    DEFAULT_BACKOFF_BASE,
+    DEFAULT_BACKOFF_CAP,
+    DEFAULT_BREAKER_COOLDOWN,
+    DEFAULT_BREAKER_THRESHOLD,
+    DEFAULT_TIMEOUT,
+    RetryPolicy,
+)
+from kvstore.client.routing import Router
+from kvstore.client.scans import Scans
+from kvstore.client.types import (
+    AdminResult,
+    Consistency,
+    NodeStatus,
+    ReadPreference,
+    ReadResult,
+    ShardOpResult,
+    Status,
+)
+from kvstore.client.writes import Writes
+from kvstore.shard.shardmap import ShardMap
+
+__all__ = ["AsyncClient"]
+
+
+class AsyncClient:
+    """Asynchronous kvstore client (grpc.aio). Use it from one event loop.
+
+    ``endpoints``: ``["host:port", ...]`` (or a comma-separated string); any node will do, the
+    client discovers the leader and the other members. ``timeout`` is the default total deadline
+    of one operation. ``client_id`` identifies the write session (random 63-bit if None).
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str] | str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        client_id: int | None = None,
+        attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
+        backoff_base: float = DEFAULT_BACKOFF_BASE,
+        backoff_cap: float = DEFAULT_BACKOFF_CAP,
+        breaker_threshold: int = DEFAULT_BREAKER_THRESHOLD,
+        breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN,
+        max_key_size: int = DEFAULT_MAX_KEY_SIZE,
+        max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
+        seed: int | None = None,
+        channel_options: Iterable[tuple[str, Any]] = (),
+        read_preference: ReadPreference = "leader",
+        load_balancing: str = "least_outstanding",
+        max_staleness: float | str | None = None,
+    ) -> None:
+        self.policy = RetryPolicy(
+            timeout=timeout,
+            attempt_timeout=attempt_timeout,
+            backoff_base=backoff_base,
+            backoff_cap=backoff_cap,
+            breaker_threshold=breaker_threshold,
+            breaker_cooldown=breaker_cooldown,
+        )
+        eps = [e for e in endpoints.split(",")] if isinstance(endpoints, str) else list(endpoints)
+        self.router = Router(eps, breaker_threshold=breaker_threshold, breaker_cooldown=breaker_cooldown)
+        if client_id is None:
+            client_id = secrets.randbits(63) or 1
+        if not 0 < client_id < 2**64:
+            raise ValueError("client_id must be a positive 64-bit integer")
+        self.client_id = client_id
+        rng = random.Random(seed)
+        self.channels = Channels(channel_options)
+        self.checks = RequestChecks(
+            timeout=timeout, max_key_size=max_key_size, max_value_size=max_value_size,
+            read_preference=read_preference, max_staleness=max_staleness,
+        )
+        self.replicas = ReplicaRouter(self.router, balancing=load_balancing)
+        self.view = ClusterView(self.router, self.replicas, self.channels, self.policy)
+        invoker = Invoker(self.view, self.policy, rng)
+        self._writes = Writes(client_id, self.checks, self.channels, invoker)
+        self._reads = Reads(self.checks, self.channels, self.view, invoker)
+        self._scans = Scans(self.checks, self.channels, self.view, invoker, self.policy, rng)
+        self._admin = Admin(self.checks, self.channels, self.view, invoker, self.policy)
+
+    # ----- settings -----
+
+    @property
+    def read_preference(self) -> str:
+        """The default read preference of reads and scans."""
+        return self.checks.read_preference
+
+    @read_preference.setter
+    def read_preference(self, value: str) -> None:
+        self.checks.read_preference = value
+
+    @property
+    def max_staleness(self) -> float | None:
+        """The default bound of ``bounded`` reads (seconds)."""
+        return self.checks.max_staleness
+
+    @property
+    def max_key_size(self) -> int:
+        return self.checks.max_key_size
+
+    @property
+    def max_value_size(self) -> int:
+        return self.checks.max_value_size
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return self.router.endpoints
+
+    # ----- lifecycle -----
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every channel. Idempotent."""
+        self.view.cancel_background()
+        streams = self.channels.close_streams()
+        await close_all_streams(streams)
+        self.view.cancel_map_fetch()
+        await self.channels.close_channels()
+
+    # ----- KV -----
+
+    async def get(
+        self,
+        key: bytes,
+        *,
+        consistency: Consistency = "linearizable",
+        timeout: float | None = None,
+        max_staleness: float | str | None = None,
+        read_preference: ReadPreference | None = None,
+    ) -> bytes | None:
+        """The value of ``key``, or None if it does not exist (see :meth:`read`)."""
+        return await self._reads.get(
+            key, consistency=consistency, timeout=timeout, max_staleness=max_staleness,
+            read_preference=read_preference,
+        )
+
+    async def read(
+        self,
+        key: bytes,
+        *,
+        consistency: Consistency = "linearizable",
+        timeout: float | None = None,
+        max_staleness: float | str | None = None,
+        read_preference: ReadPreference | None = None,
+    ) -> ReadResult:
+        """Read ``key`` and say where: the value (None: no such key), the node that served it, its
+        applied index and how stale the answer may be.
+
+        ``consistency``: ``linearizable`` (default; any member may serve it after confirming a
+        read index with the leader), ``bounded`` (a member that can show it is at most
+        ``max_staleness`` behind, in seconds or ``"500ms"``), ``stale`` (any member's local state
+        at once). ``read_preference`` (default: the client's): ``leader``, ``nearest`` or
+        ``replica`` (see :mod:`kvstore.client.readpref`).
+        """
+        return await self._reads.read(
+            key, consistency=consistency, timeout=timeout, max_staleness=max_staleness,
+            read_preference=read_preference,
+        )
+
+    async def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> None:
+        """Set ``key`` to ``value``."""
+        await self._writes.put(key, value, timeout=timeout)
+
+    async def delete(self, key: bytes, *, timeout: float | None = None) -> bool:
+        """Delete ``key``; True if it existed."""
+        return await self._writes.delete(key, timeout=timeout)
+
+    async def cas(self, key: bytes, expected: bytes | None, new: bytes, *, timeout: float | None = None) -> bool:
+        """Set ``key`` to ``new`` if its current value is ``expected`` (None: if it does not
+        exist). True if swapped."""
+        return await self._writes.cas(key, expected, new, timeout=timeout)
+
+    def scan(
+        self,
+        prefix: bytes = b"",
+        *,
+        start: bytes | None = None,
+        end: bytes | None = None,
+        limit: int = 0,
+        consistency: Consistency = "linearizable",
+        timeout: float | None = None,
+        max_staleness: float | str | None = None,
+        read_preference: ReadPreference | None = None,
+    ) -> AsyncIterator[tuple[bytes, bytes]]:
+        """Stream ``(key, value)`` pairs in key order: keys starting with ``prefix`` and within
+        ``[start, end)`` (both optional), at most ``limit`` (0 = all). See
+        :meth:`kvstore.client.scans.Scans.scan`."""
+        return self._scans.scan(
+            prefix, start=start, end=end, limit=limit, consistency=consistency, timeout=timeout,
+            max_staleness=max_staleness, read_preference=read_preference,
+        )
+
+    def scan_chunks(
+        self,
+        prefix: bytes = b"",
+        *,
+        start: bytes | None = None,
+        end: bytes | None = None,
+        limit: int = 0,
+        consistency: Consistency = "linearizable",
+        timeout: float | None = None,
+        max_staleness: float | str | None = None,
+        read_preference: ReadPreference | None = None,
+    ) -> AsyncGenerator[list[tuple[bytes, bytes]], None]:
+        """Like :meth:`scan`, in lists of pairs."""
+        return self._scans.scan_chunks(
+            prefix, start=start, end=end, limit=limit, consistency=consistency, timeout=timeout,
+            max_staleness=max_staleness, read_preference=read_preference,
+        )
+
+    # ----- the shard map -----
+
+    async def shard_map(self, *, refresh: bool = False, timeout: float | None = None) -> ShardMap | None:
+        """The cached shard map (fetched first if needed); with ``refresh``, the newest map any
+        reachable node has (nodes apply map changes at their own pace). None for a server
+        without sharding."""
+        return await self.view.shard_map(self.checks.deadline(timeout), refresh=refresh)
+
+    # ----- admin -----
+
+    async def status(self, endpoint: str | None = None, *, timeout: float | None = None) -> Status:
+        """Admin.Status of ``endpoint``, or of whichever node answers first (the leader if known)."""
+        return await self._admin.status(endpoint, timeout=timeout)
+
+    async def cluster_status(self, *, timeout: float | None = None) -> list[NodeStatus]:
+        """Admin.Status of every known endpoint and every member they report (see
+        :meth:`kvstore.client.admin.Admin.cluster_status`)."""
+        return await self._admin.cluster_status(timeout=timeout)
+
+    async def add_member(
+        self, id: int, address: str, learner: bool = True, *, groups: Sequence[int] = (), timeout: float | None = None
+    ) -> AdminResult:
+        """Add node ``id`` at ``address``, as a learner by default (promote it once caught up), to
+        the metadata group and every data group, or only to the data ``groups`` given."""
+        return await self._admin.add_member(id, address, learner, groups=groups, timeout=timeout)
+
+    async def promote_member(self, id: int, *, groups: Sequence[int] = (), timeout: float | None = None) -> AdminResult:
+        """Promote learner ``id`` to voter (everywhere, or in the data ``groups`` given)."""
+        return await self._admin.promote_member(id, groups=groups, timeout=timeout)
+
+    async def remove_member(self, id: int, *, groups: Sequence[int] = (), timeout: float | None = None) -> AdminResult:
+        """Remove node ``id`` from the cluster (or only from the data ``groups`` given)."""
+        return await self._admin.remove_member(id, groups=groups, timeout=timeout)
+
+    async def transfer_leader(
+        self, to: int = 0, *, groups: Sequence[int] = (), timeout: float | None = None
+    ) -> AdminResult:
+        """Hand leadership of every group (or of ``groups``) to node ``to`` (0: each group's
+        most up-to-date other voter)."""
+        return await self._admin.transfer_leader(to, groups=groups, timeout=timeout)
+
+    async def snapshot(self, endpoint: str | None = None, *, timeout: float | None = None) -> AdminResult:
+        """Trigger a snapshot (and log compaction) at ``endpoint``, or at the leader."""
+        return await self._admin.snapshot(endpoint, timeout=timeout)
+
+    async def shards(self, *, timeout: float | None = None) -> ShardOpResult:
+        """The shard map's groups: replicas, leader, key count, share of the hash space."""
+        return await self._admin.shards(timeout=timeout)
+
+    async def add_group(self, *, wait: bool = True, timeout: float = 300.0) -> ShardOpResult:
+        """Add a data group; with ``wait``, return once its ranges have moved in."""
+        return await self._admin.add_group(wait=wait, timeout=timeout)
+
+    async def remove_group(self, group: int, *, wait: bool = True, timeout: float = 300.0) -> ShardOpResult:
+        """Move every range of ``group`` to the other groups, then drop it."""
+        return await self._admin.remove_group(group, wait=wait, timeout=timeout)
+
+    async def rebalance(self, *, wait: bool = True, timeout: float = 300.0) -> ShardOpResult:
+        """Return every group to its even share of the ring, moving ranges as needed."""
+        return await self._admin.rebalance(wait=wait, timeout=timeout)

@@ -1,0 +1,391 @@
+"""Scans across groups: each data group is asked (concurrently) for its part, and the parts are
+merged in key order.
+
+Invariants:
+- the parts' owned hash ranges, reported by each group at its read point, must cover the hash
+  space exactly once; otherwise a range moved between the read points and the scan starts again
+  with a fresh shard map (so no key is missed or returned twice);
+- each part is as consistent as the requested level at its own read point; the scan as a whole
+  is not one atomic snapshot across groups;
+- a part whose stream breaks is resumed after the last key received, and only if its group
+  still owns the same ranges (otherwise the scan fails with a definite Unavailable);
+- at most ``limit`` pairs are returned (0: all); a small limit asks each part in one message on
+  the operation stream (`ONE_MESSAGE_SCAN`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import random
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from kvstore.client.channels import Channels
+from kvstore.client.checks import RequestChecks, check_bytes
+from kvstore.client.cluster_view import ClusterView
+from kvstore.client.failures import classify, is_retryable
+from kvstore.client.invoke import FREE_REDIRECTS, Invoker
+from kvstore.client.retry import Backoff, Deadline, RetryPolicy
+from kvstore.client.types import Consistency, ReadPreference
+from kvstore.errors import InvalidArgument, KVError, Timeout, Unavailable, from_proto
+from kvstore.shard.ranges import HASH_MAX, IntervalSet
+from kvstore.storage.commands import U64_MAX
+from kvstore.v1 import kv_pb2
+
+__all__ = ["ONE_MESSAGE_SCAN", "Scans", "scan_range"]
+
+#: A scan with a limit up to this asks each group for its part in one message on the node's
+#: operation stream (no gRPC call per part; a node's chunks hold 512 pairs), falling back to a
+#: `KV.Scan` stream for a part that does not fit.
+ONE_MESSAGE_SCAN = 512
+
+
+class Scans:
+    """The scan path."""
+
+    def __init__(
+        self, checks: RequestChecks, channels: Channels, view: ClusterView, invoker: Invoker, policy: RetryPolicy,
+        rng: random.Random,
+    ) -> None:
+        self.checks = checks
+        self.channels = channels
+        self.view = view
+        self.router = view.router
+        self.replicas = view.replicas
+        self.invoker = invoker
+        self.policy = policy
+        self._rng = rng
+
+    async def scan(
+        self,
+        prefix: bytes = b"",
+        *,
+        start: bytes | None = None,
+        end: bytes | None = None,
+        limit: int = 0,
+        consistency: Consistency = "linearizable",
+        timeout: float | None = None,
+        max_staleness: float | str | None = None,
+        read_preference: ReadPreference | None = None,
+    ) -> AsyncIterator[tuple[bytes, bytes]]:
+        """Stream ``(key, value)`` pairs in key order: keys starting with ``prefix`` and within
+        ``[start, end)`` (both optional), at most ``limit`` (0 = all).
+
+        Use as ``async for key, value in client.scan(b"user/"):``. Keys are spread over every
+        data group by hashing, so the scan asks every group (concurrently) for its part and merges
+        them. Each part is read at its group's leader (linearizable per group), and the parts must
+        cover the hash space exactly once (otherwise a range was moving: the scan is retried with
+        a fresh shard map). The scan as a whole is not one atomic snapshot across groups.
+        ``timeout`` bounds the whole scan, retries included.
+        """
+        async for chunk in self.scan_chunks(
+            prefix, start=start, end=end, limit=limit, consistency=consistency, timeout=timeout,
+            max_staleness=max_staleness, read_preference=read_preference,
+        ):
+            for item in chunk:
+                yield item
+
+    async def scan_chunks(
+        self,
+        prefix: bytes = b"",
+        *,
+        start: bytes | None = None,
+        end: bytes | None = None,
+        limit: int = 0,
+        consistency: Consistency = "linearizable",
+        timeout: float | None = None,
+        max_staleness: float | str | None = None,
+        read_preference: ReadPreference | None = None,
+    ) -> AsyncGenerator[list[tuple[bytes, bytes]], None]:
+        """Like :meth:`scan`, in lists of pairs."""
+        prefix = check_bytes("prefix", prefix)
+        start = None if start is None else check_bytes("start", start)
+        end = None if end is None else check_bytes("end", end)
+        if not 0 <= limit <= U64_MAX:
+            raise InvalidArgument(f"limit must be in 0..{U64_MAX}")
+        level = self.checks.consistency(consistency)
+        staleness_ms = self.checks.staleness_ms(consistency, max_staleness)
+        pref = read_preference or self.checks.read_preference
+        lo, hi = scan_range(prefix, start, end)
+        if hi is not None and lo >= hi:
+            return
+        deadline = self.checks.deadline(timeout)
+        backoff = Backoff(self.policy.backoff_base, self.policy.backoff_cap, rng=self._rng)
+        learns_leader = consistency == "linearizable" and pref == "leader"
+        while True:
+            await self.view.ensure_map(deadline)
+            groups = self.router.scan_groups()
+            sharded = self.router.shard_map is not None
+            parts = [_ScanPart(g, lo, hi, level, staleness_ms, pref, 0 < limit <= ONE_MESSAGE_SCAN) for g in groups]
+            try:
+                await asyncio.gather(*(self._scan_open(p, limit, level, deadline, learns_leader) for p in parts))
+            except BaseException:
+                for p in parts:
+                    p.close()
+                raise
+            if not sharded or _covers_once([p.owned or IntervalSet() for p in parts]):
+                break
+            for p in parts:
+                p.close()
+            # A range moved between the parts' read points: try again with a newer map.
+            self.router.invalidate_shard_map()
+            if deadline.expired:
+                raise Timeout(f"scan did not get a consistent set of parts within {deadline.timeout:g}s "
+                              "(ranges kept moving between groups)")
+            await asyncio.sleep(deadline.bound(backoff.next_delay()))
+        try:
+            remaining = limit
+            heap: list[tuple[bytes, int]] = []
+            for i, p in enumerate(parts):
+                if await self._scan_fill(p, limit, level, timeout, learns_leader):
+                    heap.append((p.buf[0][0], i))
+            heapq.heapify(heap)
+            out: list[tuple[bytes, bytes]] = []
+            while heap:
+                _, i = heapq.heappop(heap)
+                p = parts[i]
+                out.append(p.buf.popleft())
+                if remaining:
+                    remaining -= 1
+                    if remaining == 0:
+                        break
+                if not p.buf and not p.done:
+                    if out:  # hand over what we have before waiting for the network
+                        yield out
+                        out = []
+                    await self._scan_fill(p, limit, level, timeout, learns_leader)
+                if p.buf:
+                    heapq.heappush(heap, (p.buf[0][0], i))
+                if len(out) >= 512:
+                    yield out
+                    out = []
+            if out:
+                yield out
+        finally:
+            for p in parts:
+                p.close()
+
+    async def _scan_open(
+        self, part: _ScanPart, limit: int, level: kv_pb2.Consistency, deadline: Deadline, learns_leader: bool
+    ) -> None:
+        """Open ``part``'s stream at its group's leader (retrying as any read) and read its first
+        message, which carries the hash ranges the group serves at its read point."""
+        group = part.group
+        backoff = Backoff(self.policy.backoff_base, self.policy.backoff_cap, rng=self._rng)
+        attempts = redirects = 0
+        last: KVError | None = None
+        only_transport = True
+        unreachable: dict[str, str] = {}
+        while True:
+            if deadline.expired:
+                raise self.invoker.give_up("scan", deadline, attempts, last, None, only_transport, unreachable, None)
+            target = None
+            if part.pref != "leader":  # each eligible replica once, then the leader path
+                await self.view.ensure_members(group, deadline)
+                target = self.replicas.pick(group, part.pref, exclude=part.replicas_tried)
+                if target is not None:
+                    part.replicas_tried.append(target)
+            if target is None:
+                await self.view.maybe_discover(group, deadline)
+                target = self.router.pick(group)
+            if target is None:
+                wait = max(0.01, self.router.next_retry_at() - time.monotonic())
+                await asyncio.sleep(deadline.bound(max(wait, backoff.next_delay())))
+                continue
+            attempts += 1
+            want = max(0, limit - part.received) if limit else 0
+            req = kv_pb2.ScanRequest(
+                start=part.lo, end=part.hi or b"", limit=want, consistency=level, group=group,
+                max_staleness_ms=part.staleness_ms,
+            )
+            # A small part is asked for in one message on the node's operation stream; others
+            # get a KV.Scan stream, with no gRPC deadline: every message must arrive within the
+            # attempt timeout and the deadline instead.
+            stream = None if part.one_message else self.channels.kv(target).Scan(req)
+            err: KVError
+            retryable = True
+            try:
+                wait = deadline.bound(self.policy.attempt_timeout)
+                try:
+                    if stream is None:
+                        resp = await self.channels.mux(target).call("scan", req, wait if wait > 0 else 0.001)
+                    else:
+                        resp = await asyncio.wait_for(stream.read(), wait if wait > 0 else 0.001)
+                except TimeoutError:
+                    err = Timeout(f"{target} did not answer in time")
+                    self.router.on_transport_failure(group, target, "timed out")
+                    unreachable[target] = "timed out"
+                else:
+                    if resp is grpc.aio.EOF:
+                        err = Unavailable(f"{target} ended the scan stream early")
+                    elif (maybe := from_proto(resp.error, is_write=False)) is not None:
+                        err = maybe
+                        only_transport = False
+                        retryable = is_retryable(err)
+                        self.router.on_reply(target)
+                    elif stream is None and resp.more:
+                        part.one_message = False  # it does not fit in one message: stream it
+                        continue
+                    else:
+                        self._scan_reply(group, target, learns_leader)
+                        if target in part.replicas_tried:
+                            self.replicas.record_served(target)
+                        owned = IntervalSet(zip(resp.owned_lo, resp.owned_hi, strict=True))
+                        if part.owned is not None and owned != part.owned:
+                            if stream is not None:
+                                stream.cancel()
+                            raise Unavailable(
+                                f"scan interrupted: group {group}'s ranges changed while it was resumed; retry the scan"
+                            )
+                        part.owned = owned
+                        part.stream, part.target = stream, target
+                        part.take(resp)
+                        return
+            except grpc.aio.AioRpcError as e:
+                if stream is None and e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    part.one_message = False  # a node that cannot scan on its operation stream
+                    continue
+                failure = classify(e, endpoint=target, is_write=False)
+                err = failure.error
+                retryable = failure.retryable
+                if failure.transport:
+                    self.router.on_transport_failure(group, target, failure.reason)
+                    unreachable[target] = failure.reason
+                else:
+                    only_transport = False
+                    self.router.on_reply(target)
+            if stream is not None:
+                stream.cancel()
+            last = err
+            if not retryable:
+                raise err
+            if self.invoker.reroute(group, target, err) and redirects < FREE_REDIRECTS:
+                redirects += 1
+                continue
+            redirects = 0
+            await asyncio.sleep(deadline.bound(backoff.next_delay()))
+
+    async def _scan_fill(
+        self, part: _ScanPart, limit: int, level: kv_pb2.Consistency, timeout: float | None, learns_leader: bool
+    ) -> bool:
+        """Read until ``part`` has buffered items or is done; a broken stream is resumed after
+        the last key received. True if items are buffered."""
+        while not part.buf and not part.done:
+            deadline = self.checks.deadline(timeout)  # each chunk gets a fresh deadline
+            if part.stream is None:
+                await self._scan_open(part, limit, level, deadline, learns_leader)
+                continue
+            target = part.target
+            try:
+                wait = deadline.bound(self.policy.attempt_timeout)
+                resp = await asyncio.wait_for(part.stream.read(), wait if wait > 0 else 0.001)
+            except TimeoutError:
+                self.router.on_transport_failure(part.group, target, "timed out")
+                part.close()
+                continue
+            except grpc.aio.AioRpcError as e:
+                failure = classify(e, endpoint=target, is_write=False)
+                if failure.transport:
+                    self.router.on_transport_failure(part.group, target, failure.reason)
+                if not failure.retryable:
+                    raise failure.error from None
+                part.close()
+                continue
+            if resp is grpc.aio.EOF:
+                part.close()
+                continue
+            maybe = from_proto(resp.error, is_write=False)
+            if maybe is not None:
+                part.close()
+                if not is_retryable(maybe):
+                    raise maybe
+                self.invoker.reroute(part.group, target, maybe)
+                continue
+            part.take(resp)
+        return bool(part.buf)
+
+    def _scan_reply(self, group: int, target: str, learns_leader: bool) -> None:
+        if learns_leader:
+            self.router.on_success(group, target)
+        else:
+            self.router.on_reply(target)
+
+
+class _ScanPart:
+    """One group's stream of a fanned-out scan."""
+
+    __slots__ = (
+        "buf", "done", "group", "hi", "level", "lo", "one_message", "owned", "pref", "received",
+        "replicas_tried", "staleness_ms", "stream", "target",
+    )
+
+    def __init__(
+        self, group: int, lo: bytes, hi: bytes | None, level: kv_pb2.Consistency, staleness_ms: int, pref: str,
+        one_message: bool = False,
+    ) -> None:
+        self.group = group
+        self.one_message = one_message
+        """Ask for the part in one message on the operation stream (until it turns out not to fit)."""
+        self.level = level
+        self.staleness_ms = staleness_ms
+        self.pref = pref
+        self.replicas_tried: list[str] = []
+        self.lo = lo  # where to resume: after the last key received
+        self.hi = hi
+        self.owned: IntervalSet | None = None
+        self.buf: deque[tuple[bytes, bytes]] = deque()
+        self.done = False
+        self.received = 0
+        self.stream: Any = None
+        self.target = ""
+
+    def take(self, resp: kv_pb2.ScanResponse) -> None:
+        items = [(kv.key, kv.value) for kv in resp.items]
+        if items:
+            self.buf.extend(items)
+            self.received += len(items)
+            self.lo = items[-1][0] + b"\x00"
+        if not resp.more:
+            self.done = True
+            self.close()
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.cancel()
+            self.stream = None
+
+
+def _covers_once(parts: list[IntervalSet]) -> bool:
+    """True if the sets are disjoint and together cover the whole hash space."""
+    total = sum(p.size() for p in parts)
+    if total != HASH_MAX + 1:
+        return False
+    union = IntervalSet()
+    for p in parts:
+        union = union.union(p)
+    return union.size() == total
+
+
+def _prefix_end(prefix: bytes) -> bytes | None:
+    """The smallest key greater than every key starting with ``prefix`` (None: unbounded)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+def scan_range(prefix: bytes, start: bytes | None, end: bytes | None) -> tuple[bytes, bytes | None]:
+    """Combine a prefix and optional ``[start, end)`` bounds into one range (end None = open)."""
+    lo = max(start or b"", prefix)
+    hi = end or None
+    if prefix:
+        pend = _prefix_end(prefix)
+        if pend is not None and (hi is None or pend < hi):
+            hi = pend
+    return lo, hi

@@ -1,0 +1,203 @@
+"""The values the client API returns: small frozen dataclasses, never raw protobuf messages.
+
+Each `from_proto` copies every field callers may use from the wire message (repeated fields
+become tuples), so the public API does not change when the wire schema grows, and callers need
+no `kvstore.v1` import. Field names are the wire names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, overload
+
+from kvstore.client.routing import DEFAULT_GROUP
+from kvstore.errors import KVError
+from kvstore.v1 import admin_pb2, shard_pb2
+
+__all__ = [
+    "AdminResult",
+    "Consistency",
+    "GroupInfo",
+    "GroupStatus",
+    "Member",
+    "NodeStatus",
+    "Progress",
+    "ReadPreference",
+    "ReadResult",
+    "ShardOpResult",
+    "Status",
+    "group_status",
+]
+
+Consistency = Literal["linearizable", "bounded", "stale", "serializable"]
+ReadPreference = Literal["leader", "nearest", "replica"]
+
+
+@dataclass(slots=True)
+class ReadResult:
+    """A read and where it was served."""
+
+    value: bytes | None  # None: no such key
+    index: int  # the applied index of the node that served it
+    staleness: float | None  # seconds it may be behind the leader (0.0: linearizable; None: unknown)
+    node_id: int  # the node that served it
+    consistency: str
+
+    @property
+    def found(self) -> bool:
+        return self.value is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A member of the cluster: its node id, advertised address, and whether it is a learner."""
+
+    id: int
+    address: str
+    learner: bool = False
+
+    @classmethod
+    def from_proto(cls, m: admin_pb2.Member) -> Member:
+        return cls(m.id, m.address, m.learner)
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """The leader's view of one member's replication (only in the leader's status)."""
+
+    id: int
+    match: int
+    next: int
+    state: str
+
+    @classmethod
+    def from_proto(cls, p: admin_pb2.GroupStatus.Progress) -> Progress:
+        return cls(p.id, p.match, p.next, p.state)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStatus:
+    """One Raft group as one node sees it (an entry of `Status.groups`).
+
+    staleness_ms: an upper bound on how far this replica's applied state is behind the leader
+    (-1: no evidence yet); leader_contact_ms: since this node last heard from the leader (0 on
+    the leader, -1: no leader)."""
+
+    group: int
+    role: str = ""
+    term: int = 0
+    leader_id: int = 0
+    commit: int = 0
+    applied: int = 0
+    last_index: int = 0
+    first_index: int = 0
+    voters: tuple[int, ...] = ()
+    learners: tuple[int, ...] = ()
+    progress: tuple[Progress, ...] = ()
+    staleness_ms: int = 0
+    leader_contact_ms: int = 0
+    sessions: int = 0
+    sessions_evicted: int = 0
+
+    @classmethod
+    def from_proto(cls, g: admin_pb2.GroupStatus) -> GroupStatus:
+        return cls(
+            group=g.group, role=g.role, term=g.term, leader_id=g.leader_id, commit=g.commit, applied=g.applied,
+            last_index=g.last_index, first_index=g.first_index, voters=tuple(g.voters), learners=tuple(g.learners),
+            progress=tuple(Progress.from_proto(p) for p in g.progress), staleness_ms=g.staleness_ms,
+            leader_contact_ms=g.leader_contact_ms, sessions=g.sessions, sessions_evicted=g.sessions_evicted,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """One node's Admin.Status: who it is, the members it knows, and every group it hosts."""
+
+    node_id: int
+    cluster_id: str = ""
+    address: str = ""
+    members: tuple[Member, ...] = ()
+    groups: tuple[GroupStatus, ...] = ()
+    storage_full: bool = False
+
+    @classmethod
+    def from_proto(cls, st: admin_pb2.StatusResponse) -> Status:
+        return cls(
+            node_id=st.node_id, cluster_id=st.cluster_id, address=st.address,
+            members=tuple(Member.from_proto(m) for m in st.members),
+            groups=tuple(GroupStatus.from_proto(g) for g in st.groups), storage_full=st.storage_full,
+        )
+
+
+@dataclass(slots=True)
+class NodeStatus:
+    """One node's answer to Admin.Status (or why it did not answer)."""
+
+    address: str
+    status: Status | None = None
+    error: KVError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AdminResult:
+    """The outcome of a membership change, leadership transfer or snapshot: the server's message
+    and, for membership changes, the members afterwards."""
+
+    message: str = ""
+    members: tuple[Member, ...] = ()
+
+    @classmethod
+    def from_proto(cls, r: admin_pb2.AdminResponse) -> AdminResult:
+        return cls(r.message, tuple(Member.from_proto(m) for m in r.members))
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """A data group in the shard map: replicas, leader, keys, ranges and share of the hash space."""
+
+    id: int
+    voters: tuple[int, ...] = ()
+    learners: tuple[int, ...] = ()
+    leader_id: int = 0
+    keys: int = 0
+    ranges: int = 0
+    share: float = 0.0  # fraction of the hash space routed to the group
+    applied: int = 0
+
+    @classmethod
+    def from_proto(cls, g: shard_pb2.GroupInfo) -> GroupInfo:
+        return cls(g.id, tuple(g.voters), tuple(g.learners), g.leader_id, g.keys, g.ranges, g.share, g.applied)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardOpResult:
+    """The answer to a shard operation (info, add/remove group, rebalance): the shard map version,
+    its groups and the range moves still pending."""
+
+    message: str = ""
+    version: int = 0
+    groups: tuple[GroupInfo, ...] = ()
+    moves_pending: int = 0
+
+    @classmethod
+    def from_proto(cls, r: shard_pb2.ShardOpResponse) -> ShardOpResult:
+        return cls(r.message, r.version, tuple(GroupInfo.from_proto(g) for g in r.groups), r.moves_pending)
+
+
+@overload
+def group_status(st: admin_pb2.StatusResponse, group: int = ...) -> admin_pb2.GroupStatus | None: ...
+
+
+@overload
+def group_status(st: Status, group: int = ...) -> GroupStatus | None: ...
+
+
+def group_status(
+    st: Status | admin_pb2.StatusResponse, group: int = DEFAULT_GROUP
+) -> GroupStatus | admin_pb2.GroupStatus | None:
+    """The status of ``group`` in a node's status (None if the node lacks it). Takes a `Status`
+    or the wire's Admin.Status answer (for callers that talk to a node's Admin service directly)."""
+    for g in st.groups:
+        if g.group == group:
+            return g
+    return None

@@ -1,0 +1,308 @@
+"""KV requests shared by the unary calls (`kv_service.py`) and `KV.Stream` (`op_stream.py`):
+validation, routing to a group, requests as commands, results and errors as replies.
+
+Both paths answer an operation with exactly the same reply because they build it here; neither
+path module imports the other.
+
+Invariants:
+- a request that fails validation or routing raises a *definite* KVError before anything is
+  proposed (never a raw ValueError: `_encode` turns the encoder's refusals into
+  INVALID_ARGUMENT);
+- a write is proposed only to a group on this node whose shard state serves the key; the group's
+  state machine checks ownership again when it applies (WRONG_SHARD, never applied);
+- every reply and every error carries this node's shard map version (`ok`, `err`), so a client
+  routing by an older map learns of the newer one;
+- a read is served from local state only at a read point `ReplicaReads` granted for the
+  requested consistency, and ownership is checked at that point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from kvstore import errors
+from kvstore.node.host import Host
+from kvstore.node.store import ReadStream
+from kvstore.shard.ranges import IntervalSet, key_hash
+from kvstore.storage import commands
+from kvstore.storage.commands import ApplyResult
+from kvstore.storage.errors import StorageError
+from kvstore.v1 import kv_pb2
+
+from . import waiters
+from .config import NodeConfig
+from .metrics import Metrics
+from .reads import ReadPoint, ReplicaReads
+from .shards import ShardTracker
+
+log = logging.getLogger("kvstore.kv")
+
+
+class KVRequests:
+    """Each key is served by the data group the shard map routes it to, if that group is on this
+    node (led here, or, for reads, a replica that may serve them; see reads.py). The group itself
+    decides ownership: a write it does not own is refused by its state machine (never applied,
+    so definite), and a read checks the group's applied ranges at the read point."""
+
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        host: Host,
+        wake: Any,
+        metrics: Metrics,
+        tracker: ShardTracker,
+        reads: ReplicaReads | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.host = host
+        self.store = host.store
+        self.wake = wake
+        self.metrics = metrics
+        self.tracker = tracker
+        self.reads = reads or ReplicaReads(host, request_timeout=cfg.request_timeout)
+
+    # --- validation -------------------------------------------------------------------------
+    def check_key(self, key: bytes) -> None:
+        if not key:
+            raise errors.InvalidArgument("key must not be empty")
+        if len(key) > self.cfg.limits.max_key:
+            raise errors.KeyTooLarge(len(key), self.cfg.limits.max_key)
+
+    def check_value(self, value: bytes) -> None:
+        if len(value) > self.cfg.limits.max_value:
+            raise errors.ValueTooLarge(len(value), self.cfg.limits.max_value)
+
+    # --- errors and success, stamped with the shard map version -----------------------------
+    def err(self, err: errors.KVError) -> kv_pb2.Error:
+        """The wire error, stamped with our shard map version: a client whose map is older
+        refreshes it (a NOT_LEADER may come from routing by a stale map)."""
+        e = errors.to_proto(err)
+        e.shard_version = self.tracker.version
+        return e
+
+    @staticmethod
+    def internal(op: str, err: BaseException, *, indeterminate: bool | None = None) -> errors.InternalError:
+        """An unexpected exception while serving one operation: logged, and answered as INTERNAL
+        for that operation only (indeterminate for a write unless the caller knows it was not
+        proposed; a read's is definite on the client whatever this says)."""
+        log.error("%s failed unexpectedly: %s: %s", op, type(err).__name__, err, exc_info=err)
+        return errors.InternalError(f"{op} failed: {type(err).__name__}: {err}", indeterminate=indeterminate)
+
+    def ok(self) -> kv_pb2.Error:
+        """Success (code OK) carrying our shard map version, so that a client routing by an
+        older map learns of the newer one even when its request happened to land right."""
+        return kv_pb2.Error(shard_version=self.tracker.version)
+
+    def wrong_shard(self, message: str) -> errors.WrongShard:
+        return errors.WrongShard(message, shard_version=self.tracker.version)
+
+    # --- routing ----------------------------------------------------------------------------
+    def group_for(self, key: bytes) -> int:
+        """The group the shard map routes `key` to, if it is on this node (definite error else)."""
+        m = self.tracker.map
+        if m is None:
+            raise errors.NoLeader("this node has no shard map yet")
+        gid = m.group_for_key(key)
+        if gid not in self.host.groups:
+            raise self.wrong_shard(f"the key's group {gid} is not on node {self.cfg.id}")
+        return gid
+
+    def check_owned(self, gid: int, key: bytes) -> None:
+        st = self.store.shard_state(gid)
+        if st is not None and key_hash(key) not in st.active:
+            raise self.wrong_shard(f"group {gid} does not serve the key (it moved)")
+
+    def route_write(self, key: bytes, data: bytes) -> int:
+        """The group (led here, serving `key`) to propose the command `data` to; raises a definite
+        KVError otherwise."""
+        if len(data) > self.cfg.limits.max_request:
+            raise errors.RequestTooLarge(len(data), self.cfg.limits.max_request)
+        gid = self.group_for(key)
+        self.check_owned(gid, key)
+        return gid
+
+    # --- writes -----------------------------------------------------------------------------
+    def write_outcome(self, gid: int, result: ApplyResult | None) -> ApplyResult | None:
+        """The applied command's result, or the definite error its state machine answered."""
+        if result is not None and result.wrong_shard:
+            raise self.wrong_shard(f"group {gid} no longer serves the key (it moved)")
+        if result is not None and result.session_expired:
+            # A retry after its session was evicted: not applied now; an earlier attempt may have been.
+            raise errors.SessionExpired(f"group {gid}: {result.error}")
+        if result is not None and result.error:
+            # The state machine refused it (e.g. a retry older than the session's ack): no effect.
+            raise errors.InvalidArgument(result.error)
+        return result
+
+    async def write(self, key: bytes, data: bytes) -> Any:
+        """Propose `data` (a command for `key`) and wait for its outcome (the unary path; the
+        stream proposes with a callback instead)."""
+        gid = self.route_write(key, data)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        result = await waiters.propose(self.host, self.wake, gid, data, self.cfg.request_timeout)
+        self.metrics.proposal_seconds.observe(loop.time() - t0)
+        return self.write_outcome(gid, result)
+
+    def prepare_put(self, r: kv_pb2.PutRequest) -> tuple[bytes, bytes]:
+        """(key, command) of a checked put."""
+        self.check_key(r.key)
+        self.check_value(r.value)
+        s = r.session
+        return r.key, _encode(commands.encode_put, r.key, r.value, s.client_id, s.seq, s.ack, s.retry, s.horizon)
+
+    def prepare_delete(self, r: kv_pb2.DeleteRequest) -> tuple[bytes, bytes]:
+        """(key, command) of a checked delete."""
+        self.check_key(r.key)
+        s = r.session
+        return r.key, _encode(commands.encode_delete, r.key, s.client_id, s.seq, s.ack, s.retry, s.horizon)
+
+    def prepare_cas(self, r: kv_pb2.CasRequest) -> tuple[bytes, bytes]:
+        """(key, command) of a checked compare-and-swap."""
+        self.check_key(r.key)
+        self.check_value(r.value)
+        self.check_value(r.expected)
+        if r.expect_absent and r.expected:
+            raise errors.InvalidArgument("a CAS that expects the key absent must not carry an expected value")
+        s = r.session
+        return r.key, _encode(
+            commands.encode_cas, r.key, r.expect_absent, r.expected, r.value, s.client_id, s.seq, s.ack,
+            s.retry, s.horizon,
+        )
+
+    # Write replies carry the index of the entry that applied them (a committed index: the client
+    # learns the group's horizon from it, see kvstore.storage.machine).
+    def put_reply(self, res: ApplyResult | None) -> kv_pb2.PutResponse:
+        return kv_pb2.PutResponse(error=self.ok(), index=0 if res is None else res.index)
+
+    def delete_reply(self, res: ApplyResult | None) -> kv_pb2.DeleteResponse:
+        if res is None:
+            return kv_pb2.DeleteResponse(error=self.ok())
+        return kv_pb2.DeleteResponse(existed=bool(res.existed), error=self.ok(), index=res.index)
+
+    def cas_reply(self, res: ApplyResult | None) -> kv_pb2.CasResponse:
+        if res is None:
+            return kv_pb2.CasResponse(error=self.ok())
+        return kv_pb2.CasResponse(
+            swapped=bool(res.swapped), found=bool(res.found), current=res.current or b"", error=self.ok(),
+            index=res.index,
+        )
+
+    # --- reads ------------------------------------------------------------------------------
+    def get_reply(self, gid: int, key: bytes, point: ReadPoint) -> kv_pb2.GetResponse:
+        """Read `key` from `gid`'s local state at `point` (ownership checked at the read point)."""
+        self.check_owned(gid, key)
+        value = self.store.get(gid, key)
+        self.metrics.reads.inc()
+        return kv_pb2.GetResponse(
+            found=value is not None, value=value or b"", index=point.index,
+            staleness_ms=point.staleness_ms, node_id=self.cfg.id, error=self.ok(),
+        )
+
+    async def read_point(self, gid: int, consistency: int, max_staleness_ms: int = 0) -> ReadPoint:
+        """Wait until the group may be read at `consistency` (see reads.py: replicas serve too)."""
+
+        def leader_read() -> Awaitable[int]:
+            return waiters.read_point(self.host, self.wake, gid, self.cfg.request_timeout)
+
+        return await self.reads.read_point(gid, consistency, max_staleness_ms, leader_read, self.wake)
+
+    async def get(self, request: kv_pb2.GetRequest) -> kv_pb2.GetResponse:
+        """A whole read, every failure in the reply (`KV.Get`, and the stream's slow reads)."""
+        try:
+            self.check_key(request.key)
+            gid = self.group_for(request.key)
+            point = await self.read_point(gid, request.consistency, request.max_staleness_ms)
+            return self.get_reply(gid, request.key, point)
+        except errors.KVError as err:
+            return kv_pb2.GetResponse(error=self.err(err))
+        except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
+            return kv_pb2.GetResponse(error=self.err(self.internal("Get", err)))
+
+    # --- scans ------------------------------------------------------------------------------
+    async def scan_once(self, request: kv_pb2.ScanRequest) -> kv_pb2.ScanResponse:
+        """A scan answered in ONE message (for `KV.Stream`): the whole part, from one read
+        transaction, if it fits in one chunk; otherwise `more=True` and no items (nothing of it
+        is served: the client asks again with `KV.Scan`)."""
+        try:
+            msg, stream = await self.scan_start(request)
+            try:
+                first = next(stream, None)
+                if first is not None and next(stream, None) is not None:
+                    return kv_pb2.ScanResponse(more=True)
+            except StorageError as err:
+                raise errors.Unavailable(f"scan interrupted on node {self.cfg.id}: {err}") from err
+            finally:
+                stream.close()
+        except errors.KVError as err:
+            return kv_pb2.ScanResponse(error=self.err(err))
+        except Exception as err:
+            return kv_pb2.ScanResponse(error=self.err(self.internal("Scan", err)))
+        if first is not None:
+            add_items(msg, first)
+        msg.more = False
+        self.metrics.reads.inc()
+        return msg
+
+    async def scan_start(
+        self, request: kv_pb2.ScanRequest
+    ) -> tuple[kv_pb2.ScanResponse, ReadStream[list[tuple[bytes, bytes]]]]:
+        """Check the request, wait for its read point and open the scan: the first message (the
+        ranges served and where the scan is served, more=True, no items) and the chunks."""
+        for name in ("prefix", "start", "end"):
+            bound = getattr(request, name)
+            if len(bound) > self.cfg.limits.max_key:
+                raise errors.KeyTooLarge(message=(
+                    f"scan {name} of {len(bound)} bytes is longer than the longest key ({self.cfg.limits.max_key})"
+                ))
+        if request.prefix:
+            start, end = request.prefix, _prefix_end(request.prefix)
+        else:
+            start, end = request.start, request.end or None
+        gid = request.group
+        if gid == 0 or gid not in self.host.groups:
+            raise self.wrong_shard(f"group {gid} is not on node {self.cfg.id}")
+        point = await self.read_point(gid, request.consistency, request.max_staleness_ms)
+        st = self.store.shard_state(gid)
+        owned = st.active if st is not None else IntervalSet.full()
+        stream = self.store.scan_chunks(gid, start, end, request.limit or 0, owned=owned)
+        msg = kv_pb2.ScanResponse(more=True, owned_lo=[a for a, _ in owned], owned_hi=[b for _, b in owned])
+        _scan_meta(msg, point, self.cfg.id)
+        return msg, stream
+
+
+def _encode(encoder: Callable[..., bytes], *args: Any) -> bytes:
+    """A command from checked request fields; whatever the encoder still refuses is the request's
+    fault: a definite INVALID_ARGUMENT, never a raw ValueError."""
+    try:
+        return encoder(*args)
+    except ValueError as err:
+        raise errors.InvalidArgument(f"invalid request: {err}") from None
+
+
+def add_items(msg: kv_pb2.ScanResponse, chunk: list[tuple[bytes, bytes]]) -> None:
+    """Append a chunk of (key, value) to a scan reply."""
+    add = msg.items.add  # in place: no KeyValue objects to build and then copy
+    for k, v in chunk:
+        add(key=k, value=v)
+
+
+def _scan_meta(resp: kv_pb2.ScanResponse, point: ReadPoint, node_id: int) -> None:
+    """Where the scan was served: on the first message of the stream."""
+    resp.index = point.index
+    resp.staleness_ms = point.staleness_ms
+    resp.node_id = node_id
+
+
+def _prefix_end(prefix: bytes) -> bytes | None:
+    """The smallest key greater than every key with `prefix` (None: no upper bound)."""
+    p = bytearray(prefix)
+    while p:
+        if p[-1] != 0xFF:
+            p[-1] += 1
+            return bytes(p)
+        p.pop()
+    return None
