@@ -97,6 +97,13 @@ class NodeSimParams:
     """Chance the machine crashes during a sync (all or nothing of that transaction survives)."""
     sync: bool = True
     """Stores make transactions durable (False only to plant "acknowledge before fsync")."""
+    lease_read: bool = False
+    """Leaders serve linearizable reads from their lease (check-quorum) instead of a ReadIndex round."""
+    quiesce_ticks: int = 0
+    """Idle groups quiesce after this many ticks (0: never); peers' liveness pings wake them."""
+    crash_after_cycle: float = 0.0
+    """Chance a node crashes right after a cycle that sent votes, appends or acknowledgements
+    (before anything else happens on it): the moments where durability matters most."""
 
     @classmethod
     def draw(cls, rng: random.Random, nodes: int) -> NodeSimParams:
@@ -115,6 +122,9 @@ class NodeSimParams:
             clients=rng.choice((3, 4, 6)),
             clock_offset_ms=rng.choice((0, 50, 2000)),
             tick_skew=rng.choice((0.0, 0.05, 0.2)),
+            lease_read=rng.random() < 0.3,
+            quiesce_ticks=rng.choice((0, 0, 2, 4, 8)),
+            crash_after_cycle=rng.choice((0.0, 0.0, 0.002, 0.01)),
             fsync_fail=rng.choice((0.0, 0.0, 0.01, 0.05)),
             torn_write=rng.choice((0.0, 0.0, 0.002, 0.01)),
         )
@@ -271,6 +281,9 @@ class NodeSimulation:
         except (SafetyViolation, SimulationFailure) as err:
             violation = f"{type(err).__name__}: {err}"
             verdict = "violation"
+        except Exception as err:  # the node code raised where it must not: a bug found
+            violation = f"node code raised {type(err).__name__}: {err} (at {self.now} ms)"
+            verdict = "violation"
         finally:
             self._close()
         return NodeSimResult(
@@ -297,7 +310,7 @@ class NodeSimulation:
         p = self.p
         settings = RaftSettings(
             tick_ms=p.tick_ms, election_tick=p.election_tick, heartbeat_tick=p.heartbeat_tick,
-            quiesce_ticks=0, compact_threshold=self.rng.choice((40, 200, 10_000)), compact_keep=self.rng.choice((0, 5, 20)),
+            quiesce_ticks=p.quiesce_ticks, lease_read=p.lease_read, compact_threshold=self.rng.choice((40, 200, 10_000)), compact_keep=self.rng.choice((0, 5, 20)),
         )
 
         def refused(reason: str) -> None:
@@ -374,6 +387,13 @@ class NodeSimulation:
             if host.failed is not None:
                 self.log(f"n{nid} STORAGE FAILED: {host.failed}")
                 self.at(n.tick_ms, self._retry_storage, nid, epoch)
+                return
+            if self._faults_on() and self.rng.random() < self.p.crash_after_cycle and any(
+                rd.persisted_messages or rd.committed_entries for _, rd in cycle.readies
+            ):
+                self.log(f"n{nid} CRASH right after a cycle that acknowledged or applied")
+                self.crash(nid)
+                self.at(self.rng.randrange(20, 400), self.restart, nid)
                 return
             self.at(0, self._cycle, nid, epoch)
 
