@@ -25,16 +25,18 @@ def _quiet() -> Iterator[None]:
 @pytest.mark.parametrize(("nodes", "seeds"), [(3, 25), (5, 10)])
 def test_seeds_hold_every_invariant(nodes: int, seeds: int) -> None:
     bad = []
-    ops = forged = 0
+    ops = forged = changes = 0
     for seed in range(seeds):
         res = run_node_seed(seed, nodes=nodes)
         ops += res.ops
         forged += res.forged
+        changes += res.membership_changes
         if not res.ok:
             bad.append((seed, res.violation))
     assert bad == []
     assert ops > seeds * 100  # the runs did real work
     assert forged > 0  # and the outsider forged messages that admission refused
+    assert changes > 0  # and voters were replaced by new nodes
 
 
 def test_a_seed_replays_exactly() -> None:

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_nodes(seeds: list[int], args: argparse.Namespace) -> int:
     if not args.trace:
         logging.disable(logging.CRITICAL)  # the nodes' own logs (refused forgeries...) are expected
-    violations = ops = forged = 0
+    violations = ops = forged = changes = 0
     refused: dict[str, int] = {}
     t0 = time.perf_counter()
     with planted(args.plant):
@@ -77,6 +77,7 @@ def _run_nodes(seeds: list[int], args: argparse.Namespace) -> int:
             res = run_node_seed(seed, nodes=args.nodes, trace=args.trace)
             ops += res.ops
             forged += res.forged
+            changes += res.membership_changes
             for k, v in res.refused.items():
                 refused[k] = refused.get(k, 0) + v
             if args.trace:
@@ -91,7 +92,8 @@ def _run_nodes(seeds: list[int], args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     n = len(seeds)
     print(f"elapsed {elapsed:.1f}s, {n / elapsed:.1f} seeds/s, {ops} client operations checked", file=sys.stderr)
-    print(f"forged messages {forged}, refused by admission: {dict(sorted(refused.items()))}")
+    print(f"forged messages {forged}, refused by admission: {dict(sorted(refused.items()))}; "
+          f"voters replaced by new nodes: {changes}")
     print(f"seeds: {n}, violations: {violations}")
     return 0 if violations == 0 else 1
 

@@ -58,6 +58,7 @@ from kvstore.storage.errors import StorageError
 from kvstore.storage.store import LmdbNodeStore
 
 from .invariants import SafetyChecker, SafetyViolation
+from .membership import MembershipDriver
 
 FORGER = 1000
 """The outsider's node id: never a member."""
@@ -97,6 +98,8 @@ class NodeSimParams:
     """Chance the machine crashes during a sync (all or nothing of that transaction survives)."""
     sync: bool = True
     """Stores make transactions durable (False only to plant "acknowledge before fsync")."""
+    membership: bool = False
+    """Replace voters by new nodes (remove from every group, add a new id, promote)."""
     lease_read: bool = False
     """Leaders serve linearizable reads from their lease (check-quorum) instead of a ReadIndex round."""
     quiesce_ticks: int = 0
@@ -123,6 +126,7 @@ class NodeSimParams:
             clock_offset_ms=rng.choice((0, 50, 2000)),
             tick_skew=rng.choice((0.0, 0.05, 0.2)),
             lease_read=rng.random() < 0.3,
+            membership=rng.random() < 0.5,
             quiesce_ticks=rng.choice((0, 0, 2, 4, 8)),
             crash_after_cycle=rng.choice((0.0, 0.0, 0.002, 0.01)),
             fsync_fail=rng.choice((0.0, 0.0, 0.01, 0.05)),
@@ -147,6 +151,8 @@ class NodeSimResult:
     trace: list[str]
     forged: int = 0
     refused: dict[str, int] = field(default_factory=dict)
+    membership_changes: int = 0
+    """Voters replaced by new nodes (every step applied in every group)."""
 
 
 class SimTransport:
@@ -184,6 +190,10 @@ class SimNode:
     epoch: int = 0
     """Bumped at every crash: events scheduled for an earlier life of the node are dropped."""
     cycling: bool = False
+    removed: bool = False
+    """Removed from the cluster and stopped for good (membership churn)."""
+    join: bool = False
+    """Started empty with --join (added by a membership change)."""
     offset_ms: int = 0
     tick_ms: float = 10.0
     seen_commit: dict[int, int] = field(default_factory=dict)
@@ -235,12 +245,36 @@ class NodeSimulation:
         self.leader_seen: dict[int, int] = {}
         """group -> the last time some node was its leader."""
         self._op_ids = itertools.count()
+        self.next_id = self.p.nodes + 1
+        self.membership = MembershipDriver(self)
         for nid in self.peers:
-            d = self.root / f"n{nid}"
-            n = SimNode(nid, d)
-            n.offset_ms = self.rng.randint(-self.p.clock_offset_ms, self.p.clock_offset_ms)
-            n.tick_ms = self.p.tick_ms * (1 + self.rng.uniform(-self.p.tick_skew, self.p.tick_skew))
-            self.nodes[nid] = n
+            self._make_node(nid)
+
+    def _make_node(self, nid: int, join: bool = False) -> SimNode:
+        n = SimNode(nid, self.root / f"n{nid}", join=join)
+        n.offset_ms = self.rng.randint(-self.p.clock_offset_ms, self.p.clock_offset_ms)
+        n.tick_ms = self.p.tick_ms * (1 + self.rng.uniform(-self.p.tick_skew, self.p.tick_skew))
+        self.nodes[nid] = n
+        return n
+
+    def add_node(self, nid: int) -> None:
+        """Start a brand-new node `nid` with an empty store and --join (membership churn)."""
+        self.peers[nid] = f"sim-{nid}:2379"
+        n = self._make_node(nid, join=True)
+        self.log(f"n{nid} NEW NODE (joining)")
+        self.at(0, self._boot, n)
+
+    def retire(self, nid: int) -> None:
+        """Stop node `nid` for good: it was removed from every group."""
+        n = self.nodes[nid]
+        self.log(f"n{nid} RETIRED")
+        if n.logic is not None:
+            self.crash(nid)
+        n.removed = True
+        self.peers.pop(nid, None)
+
+    def kick(self, n: SimNode) -> None:
+        self._kick(n)
 
     # --- event loop -------------------------------------------------------------------------
     def at(self, delay: float, fn: Callable[..., None], *args: Any) -> None:
@@ -288,7 +322,7 @@ class NodeSimulation:
             self._close()
         return NodeSimResult(
             self.seed, violation is None, violation, len(self.history), self.events_run, self.now, verdict,
-            self.history, self.trace, self.forged, dict(self.refused),
+            self.history, self.trace, self.forged, dict(self.refused), self.membership.done,
         )
 
     def _close(self) -> None:
@@ -318,7 +352,7 @@ class NodeSimulation:
 
         logic = NodeLogic(
             n.id, n.store, SimTransport(self, n.id), settings,
-            Bootstrap(dict(self.peers), p.groups, 3, 16), random.Random(self.rng.getrandbits(64)),
+            Bootstrap(dict(self.peers), p.groups, 3, 16, join=n.join), random.Random(self.rng.getrandbits(64)),
             RefusalLog(lambda: self._node_now(n), on_refused=refused),
         )
         try:
@@ -350,7 +384,7 @@ class NodeSimulation:
 
     def restart(self, nid: int) -> None:
         n = self.nodes[nid]
-        if n.logic is None:
+        if n.logic is None and not n.removed:
             self._boot(n)
 
     def _tick(self, nid: int, epoch: int) -> None:
@@ -550,6 +584,11 @@ class NodeSimulation:
                 f"liveness: {len(self.late_timeouts)} operations invoked after the cluster settled timed out, "
                 f"e.g. {self.late_timeouts[0]}"
             )
+        if self.membership.steps:
+            raise SimulationFailure(
+                f"liveness: a membership change is still under way {self.p.heal_ms} ms after the heal "
+                f"(next: {self.membership.steps[0]})"
+            )
         cutoff = healed + self.p.liveness_ms
         if not any(o.invoke >= cutoff and o.status == Status.OK for o in self.history):
             raise SimulationFailure("liveness: no operation succeeded after the cluster settled")
@@ -578,7 +617,9 @@ class NodeSimulation:
         else:
             f, value = "delete", None
         hint = self.leader_hint.get(process, 0)
-        target = self.nodes[hint] if hint in self.nodes and rng.random() < 0.8 else rng.choice(list(self.nodes.values()))
+        members = [n for n in self.nodes.values() if not n.removed]
+        target = self.nodes[hint] if hint in self.nodes and not self.nodes[hint].removed and rng.random() < 0.8 \
+            else rng.choice(members)
         self._invoke(process, f, key, value, target)
 
     def _invoke(self, process: int, f: str, key: str, value: Any, target: SimNode) -> None:
@@ -659,8 +700,8 @@ class NodeSimulation:
                     done(Status.FAIL)
                     return
                 nxt = self.nodes.get(lead) if lead and lead != node.id else None
-                if nxt is None:
-                    others = [x for x in self.nodes.values() if x.id != node.id]
+                if nxt is None or nxt.removed:
+                    others = [x for x in self.nodes.values() if x.id != node.id and not x.removed]
                     nxt = self.rng.choice(others)
                 self.at(self.rng.randrange(5, 40), attempt, nxt, n + 1)
 
@@ -770,6 +811,8 @@ class NodeSimulation:
                     except errors.KVError:
                         pass
             self._kick(n)
+        elif r < 0.85 and self.p.membership:
+            self.membership.start_replace()
         elif r < 0.9:
             self._forge()
         elif r < 0.95 and alive:
