@@ -439,7 +439,8 @@ def test_add_then_remove_a_group_under_write_load_loses_nothing(tmp_path: Path) 
             resp = c.add_group(wait=True, timeout=120)
             t1 = time.monotonic()
             assert resp.moves_pending == 0, resp.message
-            time.sleep(0.5)  # keep writing on the new layout for a moment
+            # keep writing on the new layout for a while (20 more acknowledged puts)
+            wait_for("puts on the new layout", lambda: load.acked_between(t1, time.monotonic()) >= 20, 30.0, 0.05)
             during_add = load.acked_between(t0, t1)
             m1 = fresh_map(c)
             assert m1.data_groups() == [1, 2, 3], m1.groups
@@ -453,7 +454,7 @@ def test_add_then_remove_a_group_under_write_load_loses_nothing(tmp_path: Path) 
             resp = c.remove_group(1, wait=True, timeout=120)
             t3 = time.monotonic()
             assert resp.moves_pending == 0, resp.message
-            time.sleep(0.5)
+            wait_for("puts on the new layout", lambda: load.acked_between(t3, time.monotonic()) >= 20, 30.0, 0.05)
         finally:
             load.finish()
         during_remove = load.acked_between(t2, t3)

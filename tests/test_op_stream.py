@@ -15,22 +15,24 @@ import pytest
 from clusterharness import Cluster, NodeProc
 
 from kvstore import errors
-from kvstore.client import AsyncClient
+from kvstore.client import AsyncClient, Client
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def _settled_leader(cluster: Cluster) -> NodeProc:
-    """The data group's leader once it stays put (right after start the leader balancer may hand
-    the group to its preferred leader)."""
+    """The data group's leader once it is the group's preferred node: right after start the
+    leader balancer may hand the group there, and then it leaves it."""
+    with Client(cluster.endpoints) as c:
+        smap = c.shard_map(refresh=True)
+    assert smap is not None
+    preferred = smap.groups[1].voters[0]
     deadline = time.monotonic() + 30
-    while True:
-        ld = cluster.wait_leader()
-        time.sleep(1.5)
-        again = cluster.leader()
-        if (again is not None and again.id == ld.id) or time.monotonic() > deadline:
-            return ld
+    while (ld := cluster.wait_leader()).id != preferred:
+        assert time.monotonic() < deadline, "the leader never settled on its preferred node"
+        time.sleep(0.05)
+    return ld
 
 
 def _session(seq: int) -> kv_pb2.Session:

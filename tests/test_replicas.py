@@ -87,7 +87,11 @@ def test_linearizable_replica_reads_see_every_acknowledged_write(cluster: Cluste
         assert set(served) == {4, 5}, served  # both learners took reads, the voters none
         # stale and bounded reads through the replicas report a staleness bound
         writer.put(b"lin", b"last")
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10  # until both learners applied it (stale reads show it)
+        while any(reader.read(b"lin", consistency="stale", read_preference="replica").value != b"last"
+                  for _ in range(4)):
+            assert time.monotonic() < deadline, "the learners never applied the last write"
+            time.sleep(0.05)
         for level, bound in (("stale", None), ("bounded", "2s")):
             res = reader.read(b"lin", consistency=level, max_staleness=bound)  # type: ignore[arg-type]
             assert res.node_id in (4, 5) and res.value == b"last"
