@@ -13,10 +13,14 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from .nodes import run_node_seed
+from .nodes import NodeSimResult, run_node_seed
 from .plant import ALL_BUGS, planted
 from .simulator import SimResult, run_seed
+
+R = TypeVar("R", bound=Any)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,14 +43,28 @@ def main(argv: list[str] | None = None) -> int:
 
     seeds = [args.seed] if args.seed is not None else list(range(args.start, args.start + args.seeds))
     if args.engine == "nodes":
-        return _run_nodes(seeds, args)
-    violations = 0
-    ops = 0
+        if not args.trace:
+            logging.disable(logging.CRITICAL)  # the nodes' own logs (refused forgeries...) are expected
+        node_results: list[NodeSimResult] = []
+        bad = _run(seeds, args, lambda seed: run_node_seed(seed, nodes=args.nodes, trace=args.trace), node_results)
+        print(nodes_summary(node_results))
+    else:
+        results: list[SimResult] = []
+        bad = _run(
+            seeds, args, lambda seed: run_seed(seed, nodes=args.nodes, trace=args.trace, quiesce=quiesce), results
+        )
+        print(quiesce_summary(results))
+    print(f"seeds: {len(seeds)}, violations: {bad}")
+    return 0 if bad == 0 else 1
+
+
+def _run(seeds: list[int], args: argparse.Namespace, run: Callable[[int], R], results: list[R]) -> int:
+    """Run `seeds` (with the planted bug, if any), printing each failure; returns how many failed."""
+    violations = ops = 0
     t0 = time.perf_counter()
-    results: list[SimResult] = []
     with planted(args.plant):
         for seed in seeds:
-            res = run_seed(seed, nodes=args.nodes, trace=args.trace, quiesce=quiesce)
+            res = run(seed)
             results.append(res)
             ops += res.ops
             if args.trace:
@@ -59,43 +77,20 @@ def main(argv: list[str] | None = None) -> int:
             elif args.seed is not None:
                 print(f"seed {seed}: ok ({res.ops} operations, {res.events} events, {res.sim_ms} ms simulated)")
     elapsed = time.perf_counter() - t0
-    n = len(seeds)
+    n = len(results)
     print(f"elapsed {elapsed:.1f}s, {n / elapsed:.1f} seeds/s, {ops} client operations checked", file=sys.stderr)
-    print(quiesce_summary(results))
-    print(f"seeds: {n}, violations: {violations}")
-    return 0 if violations == 0 else 1
+    return violations
 
 
-def _run_nodes(seeds: list[int], args: argparse.Namespace) -> int:
-    if not args.trace:
-        logging.disable(logging.CRITICAL)  # the nodes' own logs (refused forgeries...) are expected
-    violations = ops = forged = changes = 0
+def nodes_summary(results: list[NodeSimResult]) -> str:
     refused: dict[str, int] = {}
-    t0 = time.perf_counter()
-    with planted(args.plant):
-        for seed in seeds:
-            res = run_node_seed(seed, nodes=args.nodes, trace=args.trace)
-            ops += res.ops
-            forged += res.forged
-            changes += res.membership_changes
-            for k, v in res.refused.items():
-                refused[k] = refused.get(k, 0) + v
-            if args.trace:
-                print("\n".join(res.trace))
-            if not res.ok:
-                violations += 1
-                print(f"seed {seed}: {res.violation}", flush=True)
-                if args.stop_on_failure:
-                    break
-            elif args.seed is not None:
-                print(f"seed {seed}: ok ({res.ops} operations, {res.events} events, {res.sim_ms} ms simulated)")
-    elapsed = time.perf_counter() - t0
-    n = len(seeds)
-    print(f"elapsed {elapsed:.1f}s, {n / elapsed:.1f} seeds/s, {ops} client operations checked", file=sys.stderr)
-    print(f"forged messages {forged}, refused by admission: {dict(sorted(refused.items()))}; "
-          f"voters replaced by new nodes: {changes}")
-    print(f"seeds: {n}, violations: {violations}")
-    return 0 if violations == 0 else 1
+    for r in results:
+        for k, v in r.refused.items():
+            refused[k] = refused.get(k, 0) + v
+    return (
+        f"forged messages {sum(r.forged for r in results)}, refused by admission: {dict(sorted(refused.items()))}; "
+        f"voters replaced by new nodes: {sum(r.membership_changes for r in results)}"
+    )
 
 
 def quiesce_summary(results: list[SimResult]) -> str:

@@ -65,6 +65,7 @@ from ..raft.types import (
     Snapshot,
     SnapshotMeta,
     bootstrap_entries,
+    entries_to_append,
     limit_size,
 )
 from ..shard.ranges import IntervalSet, key_hash
@@ -989,19 +990,11 @@ class MemoryNodeStore:
 def _append(d: _Log, entries: list[Entry], published: _Log) -> None:
     """`GroupLogStorage.stage_append` on a draft: append, truncating a conflicting suffix. Extends
     the published list in place when nothing visible changes, else works on a copy."""
+    entries = entries_to_append(entries, d.base.index, d.last)
     if not entries:
         return
-    first = d.base.index + 1
-    if entries[-1].index < first:
-        return
-    if entries[0].index < first:
-        entries = entries[first - entries[0].index :]
     start = entries[0].index
     new_last = entries[-1].index
-    if start > d.last + 1:
-        raise RaftError(f"missing log entry: last {d.last}, appended at {start}")
-    if new_last - start + 1 != len(entries):
-        raise RaftError(f"appended entries {start}..{new_last} are not contiguous")
     keep = start - 1 - d.base.index
     if d.entries is published.entries and (keep != len(d.entries) or keep != published.last - published.base.index):
         d.entries = d.entries[:keep]  # a truncation of visible entries: copy

@@ -81,6 +81,23 @@ def limit_size(ents: list[Entry], max_size: int | None) -> list[Entry]:
     return ents
 
 
+def entries_to_append(ents: list[Entry], base_index: int, last_index: int) -> list[Entry]:
+    """What of `ents` a log whose compacted base is `base_index` and whose last entry is
+    `last_index` must append (dropping entries at or below its base); raises RaftError if they
+    would leave a gap after `last_index` or are not contiguous. The caller truncates its log
+    from the first returned entry's index on (a conflicting suffix) before appending them."""
+    if not ents or ents[-1].index <= base_index:
+        return []
+    if ents[0].index <= base_index:
+        ents = ents[base_index + 1 - ents[0].index :]
+    start, new_last = ents[0].index, ents[-1].index
+    if start > last_index + 1:
+        raise RaftError(f"missing log entry: last {last_index}, appended at {start}")
+    if new_last - start + 1 != len(ents):
+        raise RaftError(f"appended entries {start}..{new_last} are not contiguous")
+    return ents
+
+
 @dataclass(slots=True, frozen=True)
 class HardState:
     """State that must be durable before any message that depends on it is sent."""

@@ -40,6 +40,7 @@ from kvstore.raft.types import (
     RaftError,
     Snapshot,
     SnapshotMeta,
+    entries_to_append,
     limit_size,
 )
 
@@ -253,19 +254,11 @@ class GroupLogStorage:
     # --- staged writes (inside NodeStore's write transaction) -------------------------------
     def stage_append(self, txn: Txn, st: LogState, entries: list[Entry]) -> None:
         """Append `entries`, truncating any suffix they conflict with (MemoryStorage.append)."""
+        entries = entries_to_append(entries, st.base.index, st.last)
         if not entries:
             return
-        first = st.base.index + 1
-        if entries[-1].index < first:
-            return
-        if entries[0].index < first:
-            entries = entries[first - entries[0].index :]
         start = entries[0].index
         new_last = entries[-1].index
-        if start > st.last + 1:
-            raise RaftError(f"missing log entry: last {st.last}, appended at {start}")
-        if new_last - start + 1 != len(entries):
-            raise RaftError(f"appended entries {start}..{new_last} are not contiguous")
         group = self.group
         db = self._env.db(DB_RAFTLOG)
         for i in range(new_last + 1, st.last + 1):
