@@ -159,7 +159,9 @@ def test_killing_learners_never_affects_writes(cluster: Cluster) -> None:
             t0 = time.monotonic()
             c.put(b"during-kill/%d" % i, b"v")
             slowest = max(slowest, time.monotonic() - t0)
-        assert slowest < 1.0, slowest
+        # (Commits never wait for learners; the bound does not measure speed, it catches a write
+        # stuck behind a dead learner, which would wait out a request timeout of 5 s.)
+        assert slowest < 3.0, slowest
         # replica reads fall back to the followers (and the leader) while no learner is up
         res = reader.read(b"during-kill/99")
         assert res.value == b"v" and res.node_id in (1, 2, 3)
@@ -190,4 +192,10 @@ def test_promote_a_learner_to_voter(cluster: Cluster) -> None:
         c.put(b"after-promote", b"1")
         assert c.get(b"after-promote") == b"1"
     with Client(cluster.endpoints, read_preference="replica") as reader:
-        assert reader.read(b"after-promote").node_id == 5  # the one learner left
+        # The one learner left serves replica reads (once it has applied the write; until then
+        # a follower may answer, as the read preference allows).
+        deadline = time.monotonic() + 15
+        while (res := reader.read(b"after-promote")).node_id != 5:
+            assert res.value == b"1" and res.node_id in (1, 2, 3, 4), res
+            assert time.monotonic() < deadline, "the remaining learner never served a replica read"
+            time.sleep(0.05)

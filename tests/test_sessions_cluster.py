@@ -22,33 +22,49 @@ EXTRA = 1_500
 
 
 async def _fresh_clients(leader: str, n: int, seed: int) -> int:
-    """`n` one-write clients (fresh client id, seq 1) as raw Puts on one KV.Stream; returns how
-    many succeeded."""
+    """`n` one-write clients (fresh client id, seq 1) as raw Puts on KV.Stream; returns how many
+    succeeded. An attempt that failed (a leader change under load, a timeout) is sent again
+    under the same session, as the client library would: exactly once either way."""
     rng = random.Random(seed)
+    todo = {i: kv_pb2.PutRequest(key=b"fresh/%d" % (i % 100), value=b"x",
+                                 session=kv_pb2.Session(client_id=rng.getrandbits(63) | 1, seq=1, ack=1))
+            for i in range(1, n + 1)}
+    ok = 0
+    for _round in range(5):
+        if not todo:
+            break
+        got = await _stream_puts(leader, todo)
+        for op_id, code, hint in got:
+            if code == kv_pb2.OK:
+                ok += 1
+                del todo[op_id]
+            elif hint:
+                leader = hint
+    return ok
+
+
+async def _stream_puts(address: str, puts: dict[int, kv_pb2.PutRequest]) -> list[tuple[int, int, str]]:
+    """Send `puts` (op id -> request) on one KV.Stream; (op id, error code, leader hint) each."""
     room = asyncio.Semaphore(1024)
+    ids = sorted(puts)
 
     async def ops() -> AsyncIterator[kv_pb2.OpBatch]:
-        sent = 0
-        while sent < n:
+        for i in range(0, len(ids), 256):
             b = kv_pb2.OpBatch()
-            for _ in range(min(256, n - sent)):
+            for op_id in ids[i:i + 256]:
                 await room.acquire()
-                sent += 1
-                b.ops.add(id=sent, put=kv_pb2.PutRequest(
-                    key=b"fresh/%d" % (sent % 100), value=b"x",
-                    session=kv_pb2.Session(client_id=rng.getrandbits(63) | 1, seq=1, ack=1)))
+                b.ops.add(id=op_id, put=puts[op_id])
             yield b
 
-    ok = done = 0
-    async with grpc.aio.insecure_channel(leader) as ch:
+    out: list[tuple[int, int, str]] = []
+    async with grpc.aio.insecure_channel(address) as ch:
         async for rb in kv_pb2_grpc.KVStub(ch).Stream(ops()):
             for r in rb.results:
                 room.release()
-                done += 1
-                ok += r.put.error.code == kv_pb2.OK
-            if done == n:
+                out.append((r.id, r.put.error.code, r.put.error.leader_hint))
+            if len(out) == len(ids):
                 break
-    return ok
+    return out
 
 
 def _put(leader: str, key: bytes, value: bytes, session: kv_pb2.Session) -> kv_pb2.PutResponse:
