@@ -25,18 +25,56 @@ from __future__ import annotations
 
 import bisect
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from kvstore import errors
 from kvstore.node.host import Host
+from kvstore.node.logic import NodeLogic
 from kvstore.node.reads import BOUNDED, LINEARIZABLE, STALE, NodeReads, ReadPoint, ReadSettings
+from kvstore.node.store import NodeStore
 from kvstore.raft import Role
 from kvstore.shard.ranges import key_hash
 
-if TYPE_CHECKING:
-    from .nodes import NodeSimulation, SimNode
+
+class SimNode(Protocol):
+    """What these reads use of a simulated node (`nodes.SimNode`; a protocol, so that this module
+    does not import the simulator that imports it)."""
+
+    id: int
+    epoch: int
+    reads: NodeReads | None
+    store: NodeStore | None
+    logic: NodeLogic | None
+
+
+class NodeSimulation(Protocol):
+    """What these reads use of the simulation (`nodes.NodeSimulation`)."""
+
+    now: int
+    rng: random.Random
+    p: Any
+    pending: dict[int, Callable[[], None]]
+    healed_at: int | None
+    late_timeouts: list[str]
+    stale_check: StalenessChecker
+    reads_params: ReadParams
+
+    @property
+    def _op_ids(self) -> Iterator[int]: ...
+
+    def at(self, delay: float, fn: Callable[..., None], *args: Any) -> None: ...
+
+    def log(self, msg: str) -> None: ...
+
+    def _client_next(self, process: int) -> None: ...
+
+    def _route(self, node: Any, k: bytes) -> int: ...
+
+    def _lead(self, node: Any, gid: int) -> int: ...
+
+    def _kick(self, n: Any) -> None: ...
 
 TOLERANCE_MS = 0.5
 """Simulated times are whole milliseconds; bounds are floats computed from them."""
@@ -99,6 +137,9 @@ class StalenessChecker:
     refused: int = 0
     leader_served: int = 0
     replica_served: int = 0
+    """Bounded and stale reads served by a leader / a follower."""
+    linearizable_at_followers: int = 0
+    """Linearizable reads a follower served (ReadIndex from the leader, then applied through)."""
     worst_ms: float = 0.0
     """The largest stated bound of a checked read."""
 
@@ -158,6 +199,8 @@ def linearizable_read(sim: NodeSimulation, node: SimNode, k: bytes,
                 return
             got = store.get(gid, k)
             lead = sim._lead(node, gid)
+            if lead != node.id:
+                sim.stale_check.linearizable_at_followers += 1
             answer(None if got is None else got.decode(), True, lead)
 
         reads.read(gid, LINEARIZABLE, 0, served)
