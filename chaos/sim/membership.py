@@ -15,15 +15,42 @@ the sense that a no-op is refused, which the driver counts as done.
 
 from __future__ import annotations
 
+import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from kvstore import errors
+from kvstore.node.logic import NodeLogic
 from kvstore.raft import ConfChange, ConfChangeType, Role
 
-if TYPE_CHECKING:
-    from .nodes import NodeSimulation, SimNode
+
+class SimNode(Protocol):
+    """What the driver reads of a simulated node (`nodes.SimNode`)."""
+
+    id: int
+    logic: NodeLogic | None
+    epoch: int
+    removed: bool
+
+
+class NodeSimulation(Protocol):
+    """What the driver needs of the simulation (`nodes.NodeSimulation`)."""
+
+    nodes: dict[int, Any]
+    rng: random.Random
+    next_id: int
+
+    def log(self, msg: str) -> None: ...
+
+    def at(self, delay: float, fn: Callable[..., None], *args: Any) -> None: ...
+
+    def retire(self, nid: int) -> None: ...
+
+    def add_node(self, nid: int) -> None: ...
+
+    def kick(self, n: Any) -> None: ...
 
 
 @dataclass(slots=True)

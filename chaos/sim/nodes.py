@@ -9,7 +9,7 @@ asyncio, a simulated network instead of gRPC.
 
 Faults, all drawn from the seed (a seed replays exactly): message loss, duplication, delay and
 reordering; partitions; crashes and restarts (the store recovers what it made durable: with the
-in-memory store everything not synced is lost); per-node clock offsets and tick rates (skew);
+in-memory store everything not synced is lost); per-node clock offsets and tick rates (skew); one slow disk (a lagging replica);
 leadership transfers; a forging outsider (node 1000, never a member) sending votes, higher-term
 heartbeats, TIMEOUT_NOW and forged committed appends through the node's admission path.
 
@@ -41,6 +41,7 @@ from kvstore.node.host import RaftSettings
 from kvstore.node.inbound import RefusalLog
 from kvstore.node.logic import Bootstrap, NodeLogic
 from kvstore.node.memstore import FaultRates, MemoryNodeStore, SimulatedCrash
+from kvstore.node.reads import LINEARIZABLE, NodeReads
 from kvstore.node.store import NodeStore
 from kvstore.raft import (
     CAMPAIGN_TRANSFER,
@@ -51,12 +52,12 @@ from kvstore.raft import (
     Role,
     Snapshot,
 )
-from kvstore.shard.ranges import key_hash
 from kvstore.storage import commands
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
 from kvstore.storage.store import LmdbNodeStore
 
+from . import replica_reads
 from .invariants import SafetyChecker, SafetyViolation
 from .membership import MembershipDriver
 
@@ -87,6 +88,8 @@ class NodeSimParams:
     delay_ms: tuple[int, int] = (1, 8)
     long_delay: float = 0.02
     persist_ms: tuple[int, int] = (0, 4)
+    slow_disk: int = 1
+    """One node's transactions take this many times longer (1: none): a replica that lags."""
     nemesis_every_ms: tuple[int, int] = (80, 400)
     clock_offset_ms: int = 0
     """Largest offset of a node's clock from true time (either way)."""
@@ -107,6 +110,8 @@ class NodeSimParams:
     crash_after_cycle: float = 0.0
     """Chance a node crashes right after a cycle that sent votes, appends or acknowledgements
     (before anything else happens on it): the moments where durability matters most."""
+    reads: replica_reads.ReadParams = field(default_factory=replica_reads.ReadParams)
+    """Probing, and the mix of read levels and targets (`replica_reads`)."""
 
     @classmethod
     def draw(cls, rng: random.Random, nodes: int) -> NodeSimParams:
@@ -120,6 +125,7 @@ class NodeSimParams:
             delay_ms=rng.choice(((1, 3), (1, 8), (2, 20))),
             long_delay=rng.choice((0.0, 0.02, 0.05)),
             persist_ms=rng.choice(((0, 1), (0, 4), (1, 15))),
+            slow_disk=rng.choice((1, 1, 4, 10)),
             nemesis_every_ms=rng.choice(((50, 250), (80, 400), (200, 800))),
             keys=rng.choice((1, 2, 3)),
             clients=rng.choice((3, 4, 6)),
@@ -131,6 +137,7 @@ class NodeSimParams:
             crash_after_cycle=rng.choice((0.0, 0.0, 0.002, 0.01)),
             fsync_fail=rng.choice((0.0, 0.0, 0.01, 0.05)),
             torn_write=rng.choice((0.0, 0.0, 0.002, 0.01)),
+            reads=replica_reads.ReadParams.draw(rng),
         )
 
 
@@ -187,6 +194,7 @@ class SimNode:
     dir: Path
     store: NodeStore | None = None
     logic: NodeLogic | None = None
+    reads: NodeReads | None = None
     epoch: int = 0
     """Bumped at every crash: events scheduled for an earlier life of the node are dropped."""
     cycling: bool = False
@@ -196,6 +204,7 @@ class SimNode:
     """Started empty with --join (added by a membership change)."""
     offset_ms: int = 0
     tick_ms: float = 10.0
+    disk_factor: int = 1
     seen_commit: dict[int, int] = field(default_factory=dict)
 
     @property
@@ -247,8 +256,11 @@ class NodeSimulation:
         self._op_ids = itertools.count()
         self.next_id = self.p.nodes + 1
         self.membership = MembershipDriver(self)
+        self.reads_params = self.p.reads
+        self.stale_check = replica_reads.StalenessChecker()
         for nid in self.peers:
             self._make_node(nid)
+        self.nodes[self.rng.choice(sorted(self.nodes))].disk_factor = self.p.slow_disk
 
     def _make_node(self, nid: int, join: bool = False) -> SimNode:
         n = SimNode(nid, self.root / f"n{nid}", join=join)
@@ -312,7 +324,7 @@ class NodeSimulation:
             if res.verdict == Verdict.NOT_LINEARIZABLE:
                 shown = "; ".join(str(o) for o in (res.counterexample or [])[:6])
                 violation = f"linearizability: key {res.bad_key} is not linearizable: {shown}"
-        except (SafetyViolation, SimulationFailure) as err:
+        except (SafetyViolation, SimulationFailure, replica_reads.StaleReadViolation) as err:
             violation = f"{type(err).__name__}: {err}"
             verdict = "violation"
         except Exception as err:  # the node code raised where it must not: a bug found
@@ -362,6 +374,8 @@ class NodeSimulation:
             self.at(self.rng.randrange(20, 200), self.restart, n.id)
             return
         n.logic = logic
+        n.reads = replica_reads.node_reads(logic.host, lambda: self._node_now(n), random.Random(self.rng.getrandbits(64)),
+                             self.reads_params)
         n.seen_commit = {}
         self.log(f"n{n.id} BOOT (groups {sorted(n.logic.host.groups)})")
         self.at(n.tick_ms, self._tick, n.id, n.epoch)
@@ -374,6 +388,7 @@ class NodeSimulation:
         self.log(f"n{nid} CRASH")
         n.epoch += 1
         n.logic = None
+        n.reads = None
         n.cycling = False
         assert n.store is not None
         if isinstance(n.store, MemoryNodeStore):
@@ -392,6 +407,8 @@ class NodeSimulation:
         if n.epoch != epoch or n.logic is None:
             return
         n.logic.tick(self._node_now(n))
+        if n.reads is not None:
+            n.reads.tick()
         self._kick(n)
         self.at(n.tick_ms, self._tick, nid, epoch)
 
@@ -409,7 +426,7 @@ class NodeSimulation:
         if cycle is None:
             n.cycling = False  # (a failed store: `_retry_storage` is running)
             return
-        delay = self.rng.randint(*self.p.persist_ms) if cycle.touches_storage() else 0
+        delay = self.rng.randint(*self.p.persist_ms) * n.disk_factor if cycle.touches_storage() else 0
 
         def finish() -> None:
             if n.epoch != epoch or n.logic is None:
@@ -618,8 +635,12 @@ class NodeSimulation:
             f, value = "delete", None
         hint = self.leader_hint.get(process, 0)
         members = [n for n in self.nodes.values() if not n.removed]
-        target = self.nodes[hint] if hint in self.nodes and not self.nodes[hint].removed and rng.random() < 0.8 \
+        anywhere = self.reads_params.anywhere if f == "get" else 0.2
+        target = self.nodes[hint] if hint in self.nodes and not self.nodes[hint].removed and rng.random() >= anywhere \
             else rng.choice(members)
+        if f == "get" and (level := self.reads_params.level(rng)) != LINEARIZABLE:
+            replica_reads.bounded_read(self, process, key, level, target)  # checked against its bound, not linearizable
+            return
         self._invoke(process, f, key, value, target)
 
     def _invoke(self, process: int, f: str, key: str, value: Any, target: SimNode) -> None:
@@ -662,7 +683,7 @@ class NodeSimulation:
         self.at(self.p.client_timeout_ms, timeout)
         k = key.encode()
         if f == "get":
-            self._read(target, k, lambda out, ok, lead: done(Status.OK, out, target.id) if ok else done(Status.FAIL))
+            self._read(target, k, lambda out, ok, lead: done(Status.OK, out, lead) if ok else done(Status.FAIL))
             return
         session = self.sessions[process]
         cid, seq = session
@@ -741,9 +762,13 @@ class NodeSimulation:
         try:
             gid = self._route(node, k)
             assert node.logic is not None
-            node.logic.host.propose(
-                gid, data, lambda res, err: outcome(res, err, self._lead(node, gid))
-            )
+
+            def answered(res: ApplyResult | None, err: errors.KVError | None) -> None:
+                if err is None and res is not None and not (res.wrong_shard or res.error or res.session_expired):
+                    self.stale_check.acked(gid, res.index, self.now)  # the bound reads are checked against
+                outcome(res, err, self._lead(node, gid))
+
+            node.logic.host.propose(gid, data, answered)
         except errors.KVError as err:
             lead = err.leader_id if isinstance(err, errors.NotLeader) else 0
             self.at(1, outcome, None, err, lead)
@@ -751,30 +776,9 @@ class NodeSimulation:
         self._kick(node)
 
     def _read(self, node: SimNode, k: bytes, answer: Callable[[str | None, bool, int], None]) -> None:
-        """A linearizable read at `node` (its leader path): `answer(value, ok, leader hint)`."""
-        epoch = node.epoch
-        try:
-            gid = self._route(node, k)
-            assert node.logic is not None and node.store is not None
-            store = node.store
-
-            def read_done(index: int, err: errors.KVError | None) -> None:
-                if err is not None or node.epoch != epoch:
-                    answer(None, False, self._lead(node, gid))
-                    return
-                st = store.shard_state(gid)
-                if st is not None and key_hash(k) not in st.active:
-                    answer(None, False, 0)
-                    return
-                got = store.get(gid, k)
-                answer(None if got is None else got.decode(), True, node.id)
-
-            node.logic.host.read(gid, read_done)
-        except errors.KVError as err:
-            lead = err.leader_id if isinstance(err, errors.NotLeader) else 0
-            self.at(1, answer, None, False, lead)
-            return
-        self._kick(node)
+        """A linearizable read at `node`, leader or follower (`kvstore.node.reads` through
+        `replica_reads`): `answer(value, ok, leader hint)`."""
+        replica_reads.linearizable_read(self, node, k, answer)
 
     # --- nemesis ----------------------------------------------------------------------------
     def _faults_on(self) -> bool:

@@ -10,8 +10,10 @@ from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from kvstore.node.host import Group, Host
 from kvstore.node.inbound import Inbound
-from kvstore.raft import HardState, Message, RaftNode, admission
+from kvstore.node.reads import NodeReads
+from kvstore.raft import HardState, Message, RaftNode, Role, admission
 from kvstore.raft.log import RaftLog
 from kvstore.raft.readonly import ReadRequest
 from kvstore.storage import machine
@@ -116,10 +118,35 @@ def _no_fsync(params: Any) -> bool:
     return False
 
 
+_serve_reads = Host._serve_reads
+
+
+def _serve_unapplied(self: Host, g: Group) -> None:
+    # BUG (node): a replica serves a read as soon as the leader's read index arrives, at whatever
+    # it has applied, instead of waiting until it has applied through that index.
+    if g.core.role == Role.LEADER:
+        _serve_reads(self, g)
+        return
+    ready, g.ready_reads = g.ready_reads, []
+    for _, cb in ready:
+        cb(g.core.applied, None)
+
+
+def _evidence_at_response(self: NodeReads, group: int, sent_at: float) -> None:
+    # BUG (node): the staleness evidence is the time the probe's answer was applied, not the time
+    # the probe was sent: writes acknowledged while it was in flight count as seen.
+    f = self._freshness(group)
+    now = self.clock()
+    if f.fresh_at is None or now > f.fresh_at:
+        f.fresh_at = now
+
+
 NODE_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
     "node-ack-before-fsync": (nodes, "syncs_writes", _no_fsync),
     "node-no-inbound": (Inbound, "admit", _admit_all_traffic),
     "node-no-dedup": (machine, "apply_command", _forget_cached_results),
+    "node-replica-read-unapplied": (Host, "_serve_reads", _serve_unapplied),
+    "node-stale-bound-lies": (NodeReads, "_evidence", _evidence_at_response),
 }
 """Bugs planted into the node's logic (not the core): only the whole-node simulator
 (`chaos/sim/nodes.py`) runs that code."""

@@ -9,7 +9,9 @@ bootstrap, reconcile with the map, ticks and peer liveness), `store` (the `NodeS
 node's durable state, every Raft group's log, hard state and state machine, behind the calls the
 node makes; `GroupWrite` and `ApplyBatch`, what one Ready cycle hands it), `memstore`
 (`MemoryNodeStore`, the in-memory implementation for the simulator, with an honest durability
-model and injectable disk faults). The LMDB implementation is `kvstore.storage.store.LmdbNodeStore`.
+model and injectable disk faults), `reads` (`NodeReads`: read points at every consistency level on
+leaders and replicas, staleness evidence from probes; the clock and rng handed in). The LMDB
+implementation is `kvstore.storage.store.LmdbNodeStore`.
 
 `store` and `memstore` are STANDARD LIBRARY ONLY (a test walks their imports): the simulator's
 storage never loads LMDB or gRPC.
