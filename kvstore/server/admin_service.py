@@ -18,11 +18,11 @@ from kvstore import errors
 from kvstore.node.host import Host
 from kvstore.raft import ConfChange, ConfChangeType
 from kvstore.raft.types import MAX_CONF_CONTEXT, MAX_U63
-from kvstore.shard.rebalance import Coordinator
 from kvstore.shard.shardmap import META_GROUP, ShardMap
 from kvstore.v1 import admin_pb2, admin_pb2_grpc
 
 from .config import NodeConfig
+from .movedriver import MoveDriver
 from .reads import ReplicaReads
 from .shards import GroupCaller, ShardTracker
 
@@ -35,7 +35,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         wake: Any,
         tracker: ShardTracker,
         caller: GroupCaller,
-        coordinator: Coordinator,
+        coordinator: MoveDriver,
         reads: ReplicaReads | None = None,
     ) -> None:
         self.coordinator = coordinator

@@ -32,7 +32,6 @@ from kvstore.node.inbound import Inbound, RefusalLog
 from kvstore.node.logic import Bootstrap, NodeLogic
 from kvstore.node.store import NodeStore
 from kvstore.raft import Message, Role
-from kvstore.shard.rebalance import Coordinator
 from kvstore.shard.shardmap import META_GROUP
 from kvstore.storage.store import LmdbNodeStore
 from kvstore.transport.peer import CHANNEL_OPTIONS, Transport
@@ -45,6 +44,7 @@ from .config import NodeConfig
 from .kv_service import KVService
 from .learner import register_learner
 from .metrics import Metrics
+from .movedriver import MoveDriver
 from .reads import ReadMetrics, ReplicaReads
 from .shards import AsyncShardTracker, GroupCaller, NodeCluster, ShardService
 
@@ -69,7 +69,7 @@ class Node:
         """Every gRPC method the node serves (`/package.Service/Method`)."""
         self.tracker: AsyncShardTracker | None = None
         self.caller: GroupCaller | None = None
-        self.coordinator: Coordinator | None = None
+        self.coordinator: MoveDriver | None = None
         self._gauges_at = 0.0
         self._gauge_seen: dict[int, tuple[int, ...]] = {}
         self.inbound: Inbound
@@ -119,7 +119,7 @@ class Node:
         host = self.host = logic.host
         self.inbound = logic.inbound
         caller = self.caller = GroupCaller(cfg.id, host, self.wake, tracker, cfg.request_timeout, cfg.cluster_id)
-        self.coordinator = Coordinator(NodeCluster(host, tracker, caller))
+        self.coordinator = MoveDriver(NodeCluster(host, tracker, caller))
         logic.start(time.monotonic())
         self.reads = ReplicaReads(
             host, cfg.reads, metrics=ReadMetrics(self.metrics.registry), request_timeout=cfg.request_timeout

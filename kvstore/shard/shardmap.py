@@ -8,7 +8,7 @@ version to the next (`version` increases by one per change).
 - `routes`: which group serves each hash value *now*. Outside a move it equals the ring's arcs;
   a planned move keeps its ranges routed to the source until the target has installed them and
   serves them (state FLIPPED), which is when the route changes, in the same map change;
-- `moves`: ranges planned to change group; the coordinator (rebalance.py) drives each through
+- `moves`: ranges planned to change group; the coordinator (`kvstore.node.moves`) drives each through
   PENDING -> FROZEN -> FLIPPED -> removed.
 
 Invariants: `routes` partitions the hash space (every hash value is routed to exactly one group);
