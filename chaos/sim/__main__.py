@@ -1,7 +1,7 @@
 """`python -m chaos.sim --seeds N [--nodes 3|5] [--start S] [--quiesce auto|on|off]` or `--seed S --trace`.
 
 `--engine nodes` runs whole nodes (`chaos/sim/nodes.py`: the real node logic, host, state
-machine and store) instead of Raft cores alone (`chaos/sim/simulator.py`).
+machine, store and range moves, `--moves auto|on|off`) instead of Raft cores alone (`chaos/sim/simulator.py`).
 
 Prints one line per failing seed, a summary, and a last line `seeds: N, violations: V`; exits 0
 only if V == 0.
@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--quiesce", choices=("auto", "on", "off"), default="auto",
         help="quiescence of idle groups: on a fixed half of the seeds (auto), on every seed, or off",
+    )
+    ap.add_argument(
+        "--moves", choices=("auto", "on", "off"), default="auto",
+        help="(--engine nodes) range moves: on a fixed half of the seeds (auto), on every seed, or off",
     )
     args = ap.parse_args(argv)
     quiesce = {"auto": None, "on": True, "off": False}[args.quiesce]
@@ -71,14 +75,20 @@ def _run_nodes(seeds: list[int], args: argparse.Namespace) -> int:
         logging.disable(logging.CRITICAL)  # the nodes' own logs (refused forgeries...) are expected
     violations = ops = forged = 0
     refused: dict[str, int] = {}
+    moved: dict[str, int] = {}
+    with_moves = 0
     t0 = time.perf_counter()
     with planted(args.plant):
         for seed in seeds:
-            res = run_node_seed(seed, nodes=args.nodes, trace=args.trace)
+            res = run_node_seed(seed, nodes=args.nodes, trace=args.trace,
+                                moves={"auto": None, "on": True, "off": False}[args.moves])
             ops += res.ops
             forged += res.forged
             for k, v in res.refused.items():
                 refused[k] = refused.get(k, 0) + v
+            with_moves += bool(res.moves)
+            for k, v in res.moves.items():
+                moved[k] = moved.get(k, 0) + v
             if args.trace:
                 print("\n".join(res.trace))
             if not res.ok:
@@ -92,6 +102,7 @@ def _run_nodes(seeds: list[int], args: argparse.Namespace) -> int:
     n = len(seeds)
     print(f"elapsed {elapsed:.1f}s, {n / elapsed:.1f} seeds/s, {ops} client operations checked", file=sys.stderr)
     print(f"forged messages {forged}, refused by admission: {dict(sorted(refused.items()))}")
+    print(f"range moves in {with_moves}/{n} seeds: {dict(sorted(moved.items()))}")
     print(f"seeds: {n}, violations: {violations}")
     return 0 if violations == 0 else 1
 

@@ -58,6 +58,7 @@ from kvstore.storage.errors import StorageError
 from kvstore.storage.store import LmdbNodeStore
 
 from .invariants import SafetyChecker, SafetyViolation
+from .moves import SimMoves
 
 FORGER = 1000
 """The outsider's node id: never a member."""
@@ -97,9 +98,14 @@ class NodeSimParams:
     """Chance the machine crashes during a sync (all or nothing of that transaction survives)."""
     sync: bool = True
     """Stores make transactions durable (False only to plant "acknowledge before fsync")."""
+    moves: bool = False
+    """Range moves (`chaos/sim/moves.py`): an admin plans add / remove group / rebalance while
+    the metadata leader's coordinator drives the moves; clients route by their own maps."""
+    max_groups: int = 4
+    admin_ms: tuple[int, int] = (150, 700)
 
     @classmethod
-    def draw(cls, rng: random.Random, nodes: int) -> NodeSimParams:
+    def draw(cls, rng: random.Random, nodes: int, moves: bool | None = None) -> NodeSimParams:
         return cls(
             nodes=nodes,
             groups=rng.choice((1, 1, 2)),
@@ -117,7 +123,15 @@ class NodeSimParams:
             tick_skew=rng.choice((0.0, 0.05, 0.2)),
             fsync_fail=rng.choice((0.0, 0.0, 0.01, 0.05)),
             torn_write=rng.choice((0.0, 0.0, 0.002, 0.01)),
-        )
+        ).with_moves(rng, moves)
+
+    def with_moves(self, rng: random.Random, moves: bool | None = None) -> NodeSimParams:
+        """Range moves on half of the seeds (or all / none: `moves`), on a cluster started with
+        2-4 data groups and clients using more keys (so that moves carry data)."""
+        on, groups, keys = rng.random() < 0.5, rng.choice((2, 3, 4)), rng.choice((4, 6, 8))
+        if on if moves is None else moves:
+            self.moves, self.groups, self.keys = True, groups, keys
+        return self
 
 
 class SimulationFailure(AssertionError):
@@ -137,6 +151,8 @@ class NodeSimResult:
     trace: list[str]
     forged: int = 0
     refused: dict[str, int] = field(default_factory=dict)
+    moves: dict[str, int] = field(default_factory=dict)
+    """With range moves: plans, moves planned and finished, keys moved (`SimMoves.summary`)."""
 
 
 class SimTransport:
@@ -192,10 +208,11 @@ class NodeSimulation:
         trace: bool = False,
         store_factory: StoreFactory | None = None,
         root: Path | None = None,
+        moves: bool | None = None,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
-        self.p = params or NodeSimParams.draw(self.rng, nodes)
+        self.p = params or NodeSimParams.draw(self.rng, nodes, moves)
         self.store_factory = store_factory or memory_store(self)
         self._own_root = root is None
         self.root = root or Path(tempfile.mkdtemp(prefix=f"nodesim-{seed}-"))
@@ -225,6 +242,7 @@ class NodeSimulation:
         self.leader_seen: dict[int, int] = {}
         """group -> the last time some node was its leader."""
         self._op_ids = itertools.count()
+        self.moves = SimMoves(self) if self.p.moves else None
         for nid in self.peers:
             d = self.root / f"n{nid}"
             n = SimNode(nid, d)
@@ -249,6 +267,8 @@ class NodeSimulation:
                 self.at(self.rng.randrange(0, 50), self._client_next, self._new_process())
             self.at(self.rng.randrange(*self.p.nemesis_every_ms), self._nemesis)
             self.at(self.p.fault_ms, self._heal_all)
+            if self.moves is not None:
+                self.moves.start()
             while self._events:
                 t, _, fn, args = heapq.heappop(self._events)
                 if self.end is not None and t > self.end:
@@ -276,6 +296,7 @@ class NodeSimulation:
         return NodeSimResult(
             self.seed, violation is None, violation, len(self.history), self.events_run, self.now, verdict,
             self.history, self.trace, self.forged, dict(self.refused),
+            self.moves.summary() if self.moves is not None else {},
         )
 
     def _close(self) -> None:
@@ -501,7 +522,9 @@ class NodeSimulation:
                 continue
             for gid, g in n.logic.host.groups.items():
                 core = g.core
-                checker = self.safety.setdefault(gid, SafetyChecker())
+                checker = self.safety.get(gid)
+                if checker is None:  # (not setdefault: it would build a checker per event)
+                    checker = self.safety[gid] = SafetyChecker()
                 seen = n.seen_commit.get(gid, 0)
                 if core.committed > seen:
                     log = core.log
@@ -521,6 +544,8 @@ class NodeSimulation:
             return
         bound = 4 * self.p.election_tick * self.p.tick_ms  # (the leader balancer may be moving one)
         for gid in sorted(self.safety):
+            if self.moves is not None and not self.moves.exists(gid):
+                continue  # dropped by a move
             if self.now - self.leader_seen.get(gid, -bound - 1) > bound:
                 raise SimulationFailure(
                     f"liveness: group {gid} had no leader in the last {bound} ms ({self.p.heal_ms} ms after the heal)"
@@ -530,6 +555,9 @@ class NodeSimulation:
                 f"liveness: {len(self.late_timeouts)} operations invoked after the cluster settled timed out, "
                 f"e.g. {self.late_timeouts[0]}"
             )
+        unfinished = self.moves.check_finished() if self.moves is not None else None
+        if unfinished:
+            raise SimulationFailure(f"liveness: {unfinished} ({self.p.heal_ms} ms after the heal)")
         cutoff = healed + self.p.liveness_ms
         if not any(o.invoke >= cutoff and o.status == Status.OK for o in self.history):
             raise SimulationFailure("liveness: no operation succeeded after the cluster settled")
@@ -559,6 +587,8 @@ class NodeSimulation:
             f, value = "delete", None
         hint = self.leader_hint.get(process, 0)
         target = self.nodes[hint] if hint in self.nodes and rng.random() < 0.8 else rng.choice(list(self.nodes.values()))
+        if self.moves is not None:
+            target = self.moves.target(process, key.encode()) or target
         self._invoke(process, f, key, value, target)
 
     def _invoke(self, process: int, f: str, key: str, value: Any, target: SimNode) -> None:
@@ -579,6 +609,8 @@ class NodeSimulation:
             self.pending.pop(op_id, None)
             if status == Status.OK and via:
                 self.leader_hint[process] = via
+                if self.moves is not None:
+                    self.moves.learned(process, key.encode(), via)
             if status == Status.FAIL and maybe_applied:
                 status = Status.INFO  # an earlier attempt may have applied: indeterminate
             self.history.append(Operation(
@@ -635,10 +667,15 @@ class NodeSimulation:
                     return
                 if err is not None and err.indeterminate:
                     maybe_applied = True
-                if n >= 4 or (err is None and res is not None and res.wrong_shard):
+                wrong_shard = isinstance(err, errors.WrongShard) or (err is None and res is not None and res.wrong_shard)
+                if n >= (8 if self.moves else 4) or (wrong_shard and self.moves is None):
                     done(Status.FAIL)
                     return
                 nxt = self.nodes.get(lead) if lead and lead != node.id else None
+                if self.moves is not None and nxt is None:  # like the client library: refresh the map
+                    if wrong_shard:
+                        self.moves.refresh(process)
+                    nxt = self.moves.target(process, k, avoid=node.id)
                 if nxt is None:
                     others = [x for x in self.nodes.values() if x.id != node.id]
                     nxt = self.rng.choice(others)
@@ -829,6 +866,7 @@ def lmdb_store(node_id: int, directory: Path) -> NodeStore:
 
 
 def run_node_seed(seed: int, nodes: int = 3, trace: bool = False, params: NodeSimParams | None = None,
-                  store_factory: StoreFactory | None = None) -> NodeSimResult:
-    return NodeSimulation(seed, nodes, params, trace, store_factory).run()
+                  store_factory: StoreFactory | None = None, moves: bool | None = None) -> NodeSimResult:
+    """One seed; `moves` forces range moves on or off (default: drawn, on half of the seeds)."""
+    return NodeSimulation(seed, nodes, params, trace, store_factory, moves=moves).run()
 
