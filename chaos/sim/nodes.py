@@ -17,9 +17,14 @@ Checked on every seed: Raft's safety properties for every group after every even
 (`invariants.SafetyChecker`), the clients' history for linearizability (`chaos.checker`), and
 liveness: once the faults heal, operations invoked after a grace period must succeed.
 
+Range moves (`moves.py`, on half of the seeds): the metadata leader's real move coordinator
+drives add-group / remove-group / rebalance moves over simulated RPCs while clients route by
+their own maps; liveness then also requires every move finished.
+
 This engine is the start of the one simulator issue 14 asks for; the Raft-only simulator
 (`simulator.py`) and the migration simulator still run beside it until this one covers what they
-do (shard moves, quiescence scenarios, membership changes).
+do (the migration simulator's scripted races and some of its planted bugs, quiescence
+scenarios, membership changes).
 """
 
 from __future__ import annotations
