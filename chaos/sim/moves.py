@@ -35,12 +35,14 @@ from __future__ import annotations
 import functools
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from kvstore import errors
+from kvstore.node.logic import NodeLogic
 from kvstore.node.moves import ExportChunk, MoveCoordinator, MoveFailed, Propose, Request, WaitMap, Work
+from kvstore.node.store import NodeStore
 from kvstore.raft import Role
 from kvstore.server.shards import check_group_request
 from kvstore.shard.ranges import IntervalSet
@@ -49,8 +51,50 @@ from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
 from kvstore.v1 import shard_pb2
 
-if TYPE_CHECKING:
-    from .nodes import NodeSimulation, SimNode
+
+class SimNode(Protocol):
+    """What this module uses of `nodes.SimNode` (a protocol: `nodes` imports this module)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def logic(self) -> NodeLogic | None: ...
+    @property
+    def store(self) -> NodeStore | None: ...
+
+
+class SimParams(Protocol):
+    @property
+    def loss(self) -> float: ...
+    @property
+    def long_delay(self) -> float: ...
+    @property
+    def delay_ms(self) -> tuple[int, int]: ...
+    @property
+    def admin_ms(self) -> tuple[int, int]: ...
+    @property
+    def max_groups(self) -> int: ...
+
+
+class NodeSimulation(Protocol):
+    """What this module uses of `nodes.NodeSimulation`."""
+
+    @property
+    def rng(self) -> random.Random: ...
+    @property
+    def p(self) -> SimParams: ...
+    @property
+    def now(self) -> int: ...
+    @property
+    def nodes(self) -> Mapping[int, SimNode]: ...
+    @property
+    def blocked(self) -> set[tuple[int, int]]: ...
+    def at(self, delay: float, fn: Callable[..., None], *args: Any) -> None: ...
+    def log(self, msg: str) -> None: ...
+    def _faults_on(self) -> bool: ...
+    def _kick(self, n: Any) -> None: ...
 
 POLL_MS = 20
 """How often a metadata leader's coordinator looks for work (the product's is 200 ms, woken at
@@ -395,20 +439,20 @@ class SimMoves:
             if m is not None:
                 self.client_maps[process] = m
 
-    def target(self, process: int, key: bytes, avoid: int = 0) -> SimNode | None:
+    def target(self, process: int, key: bytes, avoid: int = 0) -> int:
         """The node a client sends `key`'s operation to: the leader it last saw for the key's
-        group by its own map, else a member of that group (not `avoid`)."""
+        group by its own map, else a member of that group (not `avoid`); 0: no idea."""
         if process not in self.client_maps:
             self.refresh(process)
         m = self.client_maps.get(process)
         if m is None:
-            return None
+            return 0
         gid = m.group_for_key(key)
         lead = self.group_leader.get(gid, 0)
         if lead and lead != avoid and lead in self.sim.nodes:
-            return self.sim.nodes[lead]
+            return lead
         members = [x for x in (m.groups[gid].members() if gid in m.groups else ()) if x != avoid and x in self.sim.nodes]
-        return self.sim.nodes[self.rng.choice(members)] if members else None
+        return self.rng.choice(members) if members else 0
 
     def learned(self, process: int, key: bytes, leader: int) -> None:
         """A client's operation on `key` succeeded at `leader`."""

@@ -593,7 +593,7 @@ class NodeSimulation:
         hint = self.leader_hint.get(process, 0)
         target = self.nodes[hint] if hint in self.nodes and rng.random() < 0.8 else rng.choice(list(self.nodes.values()))
         if self.moves is not None:
-            target = self.moves.target(process, key.encode()) or target
+            target = self.nodes.get(self.moves.target(process, key.encode()), target)
         self._invoke(process, f, key, value, target)
 
     def _invoke(self, process: int, f: str, key: str, value: Any, target: SimNode) -> None:
@@ -680,7 +680,7 @@ class NodeSimulation:
                 if self.moves is not None and nxt is None:  # like the client library: refresh the map
                     if wrong_shard:
                         self.moves.refresh(process)
-                    nxt = self.moves.target(process, k, avoid=node.id)
+                    nxt = self.nodes.get(self.moves.target(process, k, avoid=node.id))
                 if nxt is None:
                     others = [x for x in self.nodes.values() if x.id != node.id]
                     nxt = self.rng.choice(others)
