@@ -18,7 +18,7 @@ echo "== mypy"
 echo "== simulator: 200 seeds x 3 nodes, 100 seeds x 5 nodes"
 "$VENV/bin/python" -m chaos.sim --seeds 200 --start 1000 --nodes 3
 "$VENV/bin/python" -m chaos.sim --seeds 100 --start 1000 --nodes 5
-echo "== whole-node simulator: 200 seeds x 3 nodes, 50 seeds x 5 nodes"
+echo "== whole-node simulator: 200 seeds x 3 nodes, 50 seeds x 5 nodes (range moves in half of them)"
 "$VENV/bin/python" -m chaos.sim --engine nodes --seeds 200 --start 1000 --nodes 3
 "$VENV/bin/python" -m chaos.sim --engine nodes --seeds 50 --start 1000 --nodes 5
 echo "== migration simulator: 200 seeds"

@@ -1,7 +1,7 @@
 """`python -m chaos.sim --seeds N [--nodes 3|5] [--start S] [--quiesce auto|on|off]` or `--seed S --trace`.
 
 `--engine nodes` runs whole nodes (`chaos/sim/nodes.py`: the real node logic, host, state
-machine and store) instead of Raft cores alone (`chaos/sim/simulator.py`).
+machine, store and range moves, `--moves auto|on|off`) instead of Raft cores alone (`chaos/sim/simulator.py`).
 
 Prints one line per failing seed, a summary, and a last line `seeds: N, violations: V`; exits 0
 only if V == 0.
@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         "--quiesce", choices=("auto", "on", "off"), default="auto",
         help="quiescence of idle groups: on a fixed half of the seeds (auto), on every seed, or off",
     )
+    ap.add_argument(
+        "--moves", choices=("auto", "on", "off"), default="auto",
+        help="(--engine nodes) range moves: on a fixed half of the seeds (auto), on every seed, or off",
+    )
     args = ap.parse_args(argv)
     quiesce = {"auto": None, "on": True, "off": False}[args.quiesce]
 
@@ -46,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.trace:
             logging.disable(logging.CRITICAL)  # the nodes' own logs (refused forgeries...) are expected
         node_results: list[NodeSimResult] = []
-        bad = _run(seeds, args, lambda seed: run_node_seed(seed, nodes=args.nodes, trace=args.trace), node_results)
+        moves = {"auto": None, "on": True, "off": False}[args.moves]
+        bad = _run(seeds, args, lambda seed: run_node_seed(seed, nodes=args.nodes, trace=args.trace, moves=moves),
+                   node_results)
         print(nodes_summary(node_results))
     else:
         results: list[SimResult] = []
@@ -84,12 +90,17 @@ def _run(seeds: list[int], args: argparse.Namespace, run: Callable[[int], R], re
 
 def nodes_summary(results: list[NodeSimResult]) -> str:
     refused: dict[str, int] = {}
+    moved: dict[str, int] = {}
     for r in results:
         for k, v in r.refused.items():
             refused[k] = refused.get(k, 0) + v
+        for k, v in r.moves.items():
+            moved[k] = moved.get(k, 0) + v
+    with_moves = sum(1 for r in results if r.moves)
     return (
         f"forged messages {sum(r.forged for r in results)}, refused by admission: {dict(sorted(refused.items()))}; "
-        f"voters replaced by new nodes: {sum(r.membership_changes for r in results)}"
+        f"voters replaced by new nodes: {sum(r.membership_changes for r in results)}\n"
+        f"range moves in {with_moves}/{len(results)} seeds: {dict(sorted(moved.items()))}"
     )
 
 

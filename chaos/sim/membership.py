@@ -59,6 +59,8 @@ class Step:
     change: ConfChange
     then: str = ""
     """What to do once applied: "" nothing, "stop" stop the removed node, "start" start the new one."""
+    recorded: bool = False
+    """With range moves: the shard map's replica list follows the change."""
 
 
 @dataclass(slots=True)
@@ -68,6 +70,7 @@ class MembershipDriver:
     attempts: int = 0
     busy: bool = False
     done: int = 0
+    _recording: object | None = None
 
     def start_replace(self) -> bool:
         """Plan the replacement of a random member (up or down) by a new node; False if one is
@@ -95,6 +98,15 @@ class MembershipDriver:
         self._next()
         return True
 
+    def _exists(self, group: int) -> bool:
+        """Is `group` in the newest shard map any running node has?"""
+        newest = None
+        for n in self.sim.nodes.values():
+            m = n.logic.shard_tracker.map if n.logic is not None else None
+            if m is not None and (newest is None or m.version > newest.version):
+                newest = m
+        return newest is None or group in newest.groups
+
     def _groups(self) -> list[int]:
         """Every group of the cluster, the metadata group first."""
         for n in self.sim.nodes.values():
@@ -115,6 +127,11 @@ class MembershipDriver:
                 sim.add_node(step.change.node_id)
             sim.at(1, self._next)
             return
+        if step.group != 0 and not self._exists(step.group):
+            self.steps.popleft()  # a range move dropped the group meanwhile: nothing to change
+            sim.log(f"MEMBER g{step.group} is gone: {step.change.type.name} n{step.change.node_id} skipped")
+            sim.at(1, self._next)
+            return
         leader = self._leader(step.group)
         if leader is None or leader.logic is None:
             sim.at(sim.rng.randrange(20, 80), self._next)
@@ -130,6 +147,7 @@ class MembershipDriver:
             if err is None:
                 self._done(step, leader)
             else:
+                sim.log(f"MEMBER {step.change.type.name} n{step.change.node_id} in g{step.group} failed: {err}")
                 sim.at(sim.rng.randrange(10, 60), self._next)
 
         try:
@@ -139,6 +157,7 @@ class MembershipDriver:
             if "no-op" in err.message:
                 self._done(step, leader)
             else:
+                sim.log(f"MEMBER {step.change.type.name} n{step.change.node_id} in g{step.group} refused: {err}")
                 sim.at(sim.rng.randrange(10, 60), self._next)
             return
         sim.kick(leader)
@@ -153,6 +172,34 @@ class MembershipDriver:
 
     def _done(self, step: Step, leader: SimNode) -> None:
         sim = self.sim
+        moves = getattr(sim, "moves", None)
+        if step.group > 0 and moves is not None and not step.recorded:
+            # As the Admin service does: the shard map's replica list follows each data group's
+            # change (range moves place and address groups by it), before the next step.
+            self.busy = True
+            token = object()
+            self._recording = token
+
+            def recorded(ok: bool) -> None:
+                if self._recording is not token:
+                    return  # given up on (below) and retried meanwhile
+                self._recording = None
+                self.busy = False
+                if ok:
+                    step.recorded = True
+                    self._done(step, leader)
+                else:
+                    sim.at(sim.rng.randrange(20, 80), self._done, step, leader)
+
+            def give_up() -> None:  # as the Admin service's request timeout would
+                if self._recording is token:
+                    sim.log(f"MEMBER recording {step.change.type.name} n{step.change.node_id} in g{step.group} "
+                            "timed out: retrying")
+                    recorded(False)
+
+            moves.record(step.group, step.change, recorded)
+            sim.at(2000, give_up)
+            return
         if self.steps and self.steps[0] is step:
             self.steps.popleft()
         sim.log(f"MEMBER {step.change.type.name} n{step.change.node_id} applied in g{step.group} (via n{leader.id})")

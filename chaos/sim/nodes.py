@@ -17,9 +17,14 @@ Checked on every seed: Raft's safety properties for every group after every even
 (`invariants.SafetyChecker`), the clients' history for linearizability (`chaos.checker`), and
 liveness: once the faults heal, operations invoked after a grace period must succeed.
 
+Range moves (`moves.py`, on half of the seeds): the metadata leader's real move coordinator
+drives add-group / remove-group / rebalance moves over simulated RPCs while clients route by
+their own maps; liveness then also requires every move finished.
+
 This engine is the start of the one simulator issue 14 asks for; the Raft-only simulator
 (`simulator.py`) and the migration simulator still run beside it until this one covers what they
-do (shard moves, quiescence scenarios, membership changes).
+do (the migration simulator's scripted races and some of its planted bugs, quiescence
+scenarios, membership changes).
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from kvstore.storage.store import LmdbNodeStore
 from . import replica_reads
 from .invariants import SafetyChecker, SafetyViolation
 from .membership import MembershipDriver
+from .moves import SimMoves
 
 FORGER = 1000
 """The outsider's node id: never a member."""
@@ -112,9 +118,14 @@ class NodeSimParams:
     (before anything else happens on it): the moments where durability matters most."""
     reads: replica_reads.ReadParams = field(default_factory=replica_reads.ReadParams)
     """Probing, and the mix of read levels and targets (`replica_reads`)."""
+    moves: bool = False
+    """Range moves (`chaos/sim/moves.py`): an admin plans add / remove group / rebalance while
+    the metadata leader's coordinator drives the moves; clients route by their own maps."""
+    max_groups: int = 4
+    admin_ms: tuple[int, int] = (150, 700)
 
     @classmethod
-    def draw(cls, rng: random.Random, nodes: int) -> NodeSimParams:
+    def draw(cls, rng: random.Random, nodes: int, moves: bool | None = None) -> NodeSimParams:
         return cls(
             nodes=nodes,
             groups=rng.choice((1, 1, 2)),
@@ -138,7 +149,19 @@ class NodeSimParams:
             fsync_fail=rng.choice((0.0, 0.0, 0.01, 0.05)),
             torn_write=rng.choice((0.0, 0.0, 0.002, 0.01)),
             reads=replica_reads.ReadParams.draw(rng),
-        )
+        ).with_moves(rng, moves)
+
+    def with_moves(self, rng: random.Random, moves: bool | None = None) -> NodeSimParams:
+        """Range moves on half of the seeds (or all / none: `moves`), on a cluster started with
+        2-4 data groups and clients using more keys (so that moves carry data)."""
+        on, groups, keys = rng.random() < 0.5, rng.choice((2, 3, 4)), rng.choice((4, 6, 8))
+        if on if moves is None else moves:
+            self.moves, self.groups, self.keys = True, groups, keys
+            # Membership churn and range moves are not combined yet: together they stall (a map
+            # recording of a member change racing pending moves; seeds 53 and 86 of 0-99 with
+            # both on, before this line) - the next step of issue 14.
+            self.membership = False
+        return self
 
 
 class SimulationFailure(AssertionError):
@@ -160,6 +183,8 @@ class NodeSimResult:
     refused: dict[str, int] = field(default_factory=dict)
     membership_changes: int = 0
     """Voters replaced by new nodes (every step applied in every group)."""
+    moves: dict[str, int] = field(default_factory=dict)
+    """With range moves: plans, moves planned and finished, keys moved (`SimMoves.summary`)."""
 
 
 class SimTransport:
@@ -221,10 +246,11 @@ class NodeSimulation:
         trace: bool = False,
         store_factory: StoreFactory | None = None,
         root: Path | None = None,
+        moves: bool | None = None,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
-        self.p = params or NodeSimParams.draw(self.rng, nodes)
+        self.p = params or NodeSimParams.draw(self.rng, nodes, moves)
         self.store_factory = store_factory or memory_store(self)
         self._own_root = root is None
         self.root = root or Path(tempfile.mkdtemp(prefix=f"nodesim-{seed}-"))
@@ -258,8 +284,13 @@ class NodeSimulation:
         self.membership = MembershipDriver(self)
         self.reads_params = self.p.reads
         self.stale_check = replica_reads.StalenessChecker()
+        self.moves = SimMoves(self) if self.p.moves else None
         for nid in self.peers:
             self._make_node(nid)
+        # A disk slower than half an election timeout livelocks elections in any Raft (a vote
+        # waits for its persist step, and candidates time out first): the slow node stays within
+        # what a deployment must guarantee (election timeouts well above fsync latency).
+        self.p.slow_disk = max(1, min(self.p.slow_disk, self.p.election_tick * self.p.tick_ms // (2 * self.p.persist_ms[1] or 1)))
         self.nodes[self.rng.choice(sorted(self.nodes))].disk_factor = self.p.slow_disk
 
     def _make_node(self, nid: int, join: bool = False) -> SimNode:
@@ -305,6 +336,8 @@ class NodeSimulation:
                 self.at(self.rng.randrange(0, 50), self._client_next, self._new_process())
             self.at(self.rng.randrange(*self.p.nemesis_every_ms), self._nemesis)
             self.at(self.p.fault_ms, self._heal_all)
+            if self.moves is not None:
+                self.moves.start()
             while self._events:
                 t, _, fn, args = heapq.heappop(self._events)
                 if self.end is not None and t > self.end:
@@ -335,6 +368,7 @@ class NodeSimulation:
         return NodeSimResult(
             self.seed, violation is None, violation, len(self.history), self.events_run, self.now, verdict,
             self.history, self.trace, self.forged, dict(self.refused), self.membership.done,
+            self.moves.summary() if self.moves is not None else {},
         )
 
     def _close(self) -> None:
@@ -380,6 +414,23 @@ class NodeSimulation:
         self.log(f"n{n.id} BOOT (groups {sorted(n.logic.host.groups)})")
         self.at(n.tick_ms, self._tick, n.id, n.epoch)
         self._kick(n)
+        for peer in sorted(self.peers):  # its transport opens a stream to every peer
+            if peer != n.id:
+                self.at(self.rng.randint(*self.p.delay_ms), self._connect, n.id, n.epoch, peer)
+
+    def _connect(self, frm: int, epoch: int, to: int) -> None:
+        """Node `frm`'s new stream reaches `to` (retried while a partition cuts it off, as the
+        transport reconnects with backoff)."""
+        src = self.nodes[frm]
+        if src.epoch != epoch or src.logic is None:
+            return
+        if (frm, to) in self.blocked:
+            self.at(100, self._connect, frm, epoch, to)
+            return
+        dst = self.nodes.get(to)
+        if dst is not None and dst.logic is not None:
+            dst.logic.peer_connected(frm, self._node_now(dst))
+            self._kick(dst)
 
     def crash(self, nid: int) -> None:
         n = self.nodes[nid]
@@ -572,7 +623,9 @@ class NodeSimulation:
                 continue
             for gid, g in n.logic.host.groups.items():
                 core = g.core
-                checker = self.safety.setdefault(gid, SafetyChecker())
+                checker = self.safety.get(gid)
+                if checker is None:  # (not setdefault: it would build a checker per event)
+                    checker = self.safety[gid] = SafetyChecker()
                 seen = n.seen_commit.get(gid, 0)
                 if core.committed > seen:
                     log = core.log
@@ -590,8 +643,12 @@ class NodeSimulation:
         healed = self.healed_at
         if healed is None:
             return
-        bound = 4 * self.p.election_tick * self.p.tick_ms  # (the leader balancer may be moving one)
+        # An election may be under way (the leader balancer moves leaders; a slow disk delays the
+        # vote and append acknowledgements, each of which waits for its persist step).
+        bound = 4 * self.p.election_tick * self.p.tick_ms + 6 * self.p.persist_ms[1] * self.p.slow_disk
         for gid in sorted(self.safety):
+            if self.moves is not None and not self.moves.exists(gid):
+                continue  # dropped by a move
             if self.now - self.leader_seen.get(gid, -bound - 1) > bound:
                 raise SimulationFailure(
                     f"liveness: group {gid} had no leader in the last {bound} ms ({self.p.heal_ms} ms after the heal)"
@@ -606,6 +663,9 @@ class NodeSimulation:
                 f"liveness: a membership change is still under way {self.p.heal_ms} ms after the heal "
                 f"(next: {self.membership.steps[0]})"
             )
+        unfinished = self.moves.check_finished() if self.moves is not None else None
+        if unfinished:
+            raise SimulationFailure(f"liveness: {unfinished} ({self.p.heal_ms} ms after the heal)")
         cutoff = healed + self.p.liveness_ms
         if not any(o.invoke >= cutoff and o.status == Status.OK for o in self.history):
             raise SimulationFailure("liveness: no operation succeeded after the cluster settled")
@@ -638,6 +698,10 @@ class NodeSimulation:
         anywhere = self.reads_params.anywhere if f == "get" else 0.2
         target = self.nodes[hint] if hint in self.nodes and not self.nodes[hint].removed and rng.random() >= anywhere \
             else rng.choice(members)
+        if self.moves is not None:
+            chosen = self.nodes.get(self.moves.target(process, key.encode()))
+            if chosen is not None and not chosen.removed:
+                target = chosen
         if f == "get" and (level := self.reads_params.level(rng)) != LINEARIZABLE:
             replica_reads.bounded_read(self, process, key, level, target)  # checked against its bound, not linearizable
             return
@@ -661,6 +725,8 @@ class NodeSimulation:
             self.pending.pop(op_id, None)
             if status == Status.OK and via:
                 self.leader_hint[process] = via
+                if self.moves is not None:
+                    self.moves.learned(process, key.encode(), via)
             if status == Status.FAIL and maybe_applied:
                 status = Status.INFO  # an earlier attempt may have applied: indeterminate
             self.history.append(Operation(
@@ -717,10 +783,15 @@ class NodeSimulation:
                     return
                 if err is not None and err.indeterminate:
                     maybe_applied = True
-                if n >= 4 or (err is None and res is not None and res.wrong_shard):
+                wrong_shard = isinstance(err, errors.WrongShard) or (err is None and res is not None and res.wrong_shard)
+                if n >= (8 if self.moves else 4) or (wrong_shard and self.moves is None):
                     done(Status.FAIL)
                     return
                 nxt = self.nodes.get(lead) if lead and lead != node.id else None
+                if self.moves is not None and nxt is None:  # like the client library: refresh the map
+                    if wrong_shard:
+                        self.moves.refresh(process)
+                    nxt = self.nodes.get(self.moves.target(process, k, avoid=node.id))
                 if nxt is None or nxt.removed:
                     others = [x for x in self.nodes.values() if x.id != node.id and not x.removed]
                     nxt = self.rng.choice(others)
@@ -896,6 +967,7 @@ def lmdb_store(node_id: int, directory: Path) -> NodeStore:
 
 
 def run_node_seed(seed: int, nodes: int = 3, trace: bool = False, params: NodeSimParams | None = None,
-                  store_factory: StoreFactory | None = None) -> NodeSimResult:
-    return NodeSimulation(seed, nodes, params, trace, store_factory).run()
+                  store_factory: StoreFactory | None = None, moves: bool | None = None) -> NodeSimResult:
+    """One seed; `moves` forces range moves on or off (default: drawn, on half of the seeds)."""
+    return NodeSimulation(seed, nodes, params, trace, store_factory, moves=moves).run()
 

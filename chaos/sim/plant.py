@@ -6,17 +6,20 @@ itself carries no trace of them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from kvstore.node.host import Group, Host
 from kvstore.node.inbound import Inbound
+from kvstore.node.moves import MoveCoordinator, Propose, Work
 from kvstore.node.reads import NodeReads
 from kvstore.raft import HardState, Message, RaftNode, Role, admission
 from kvstore.raft.log import RaftLog
 from kvstore.raft.readonly import ReadRequest
 from kvstore.storage import machine
+from kvstore.storage.shardcmd import ShardOp, encode_shard_command
 
 from . import nodes
 
@@ -139,6 +142,44 @@ def _evidence_at_response(self: NodeReads, group: int, sent_at: float) -> None:
     now = self.clock()
     if f.fresh_at is None or now > f.fresh_at:
         f.fresh_at = now
+def _serve_frozen_ranges(view: Any, cmd: Any) -> Any:
+    # BUG (node): a group keeps serving the ranges it froze: reads and writes of their keys are
+    # still executed at the source after FREEZE, while their data is being (or was) exported.
+    st = view.shards
+    if st is None or not st.frozen:
+        return _real_apply_command(view, cmd)
+    served = dataclasses.replace(st, active=st.active.union(st.frozen))
+    return _real_apply_command(_ServingView(view, served), cmd)
+
+
+class _ServingView:
+    """A state view whose shard state says the frozen ranges are served too."""
+
+    def __init__(self, view: Any, shards: Any) -> None:
+        self._view = view
+        self.shards = shards
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._view, name)
+
+
+_real_apply_command = machine.apply_command
+_real_shard = MoveCoordinator._shard
+
+
+def _activate_at_begin(self: MoveCoordinator, group: int, op: ShardOp, ranges: Any, move: int, token: int = 0) -> Work:
+    # BUG (node): the coordinator activates the target right after BEGIN, before any INSTALL:
+    # the target serves the ranges without their data (and sessions).
+    res = yield from _real_shard(self, group, op, ranges, move, token)
+    if op == ShardOp.BEGIN and not res.existed:
+        yield Propose(group, encode_shard_command(ShardOp.ACTIVATE, ranges, token=token, move=move))
+    return res
+
+
+def _same_token(self: MoveCoordinator) -> int:
+    # BUG (node): every installation attempt uses the same install token, so a racing
+    # coordinator's BEGIN wipes what the other installed and the other's ACTIVATE still passes.
+    return 1
 
 
 NODE_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
@@ -147,9 +188,16 @@ NODE_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
     "node-no-dedup": (machine, "apply_command", _forget_cached_results),
     "node-replica-read-unapplied": (Host, "_serve_reads", _serve_unapplied),
     "node-stale-bound-lies": (NodeReads, "_evidence", _evidence_at_response),
+    "node-serve-after-freeze": (machine, "apply_command", _serve_frozen_ranges),
+    "node-activate-before-install": (MoveCoordinator, "_shard", _activate_at_begin),
+    "node-shared-install-token": (MoveCoordinator, "new_token", _same_token),
 }
 """Bugs planted into the node's logic (not the core): only the whole-node simulator
 (`chaos/sim/nodes.py`) runs that code."""
+
+MOVE_BUGS = ("node-serve-after-freeze", "node-activate-before-install", "node-shared-install-token")
+"""The node bugs that only range moves show (`tests/test_node_sim_moves.py` hunts them with moves
+on every seed)."""
 
 ALL_BUGS = {**BUGS, **NODE_BUGS}
 

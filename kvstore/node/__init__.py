@@ -5,7 +5,8 @@ server code under simulation); `kvstore.server` wraps it in asyncio and gRPC.
 
 Modules: `host` (the multi-raft host and its Ready cycle), `inbound` (admission of other nodes'
 messages), `tracker` (the node's view of the shard map), `logic` (`NodeLogic`: start and
-bootstrap, reconcile with the map, ticks and peer liveness), `store` (the `NodeStore` protocol: a
+bootstrap, reconcile with the map, ticks and peer liveness), `moves` (`MoveCoordinator`: the
+range-move protocol as a generator of requests, fed their outcomes), `store` (the `NodeStore` protocol: a
 node's durable state, every Raft group's log, hard state and state machine, behind the calls the
 node makes; `GroupWrite` and `ApplyBatch`, what one Ready cycle hands it), `memstore`
 (`MemoryNodeStore`, the in-memory implementation for the simulator, with an honest durability

@@ -235,6 +235,17 @@ class Host:
                 core.wake()
                 self._dirty.add(gid)
 
+    def peer_connected(self, node: int) -> None:
+        """`node` opened a new connection to this node: it may have restarted, and a restarted
+        node leads nothing, whatever this node's quiesced groups believe (and if it cannot
+        campaign, e.g. it had appended its own removal, nothing else would ever wake them while
+        its liveness pings keep coming). Wake every quiesced group it led, as `suspect` does."""
+        for gid, g in self.groups.items():
+            core = g.core
+            if core.quiesced and core.lead == node:
+                core.wake()
+                self._dirty.add(gid)
+
     def close_group(self, group: int, destroy: bool) -> None:
         """Stop hosting `group`: its waiting clients get an indeterminate error (writes may still
         commit on the remaining replicas) and, with `destroy`, its state is deleted and a tombstone

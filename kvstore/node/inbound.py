@@ -83,14 +83,20 @@ class Inbound:
         self.refusals = refusals
 
     def is_member(self, node: int) -> bool:
-        """Is `node` a member of the cluster as far as this node knows?"""
+        """Is `node` a member of the cluster as far as this node knows: of the metadata group, of
+        the members learned from applied changes and `--peers`, of the shard map's nodes, or still
+        of some group hosted here? (A member is removed group by group, the metadata group first:
+        until its last group let it go, it must still be heard there.) The last check walks the
+        hosted groups, but only for senders that failed the others, i.e. only for outsiders."""
         if node == self.node_id or node in self.host.members:
             return True
         meta = self.host.groups.get(META_GROUP)
         if meta is not None and node in meta.core.conf.members():
             return True
         m = self.shard_map()
-        return m is not None and node in m.nodes
+        if m is not None and node in m.nodes:
+            return True
+        return any(node in g.core.conf.voters or node in g.core.conf.learners for g in self.host.groups.values())
 
     def admit(self, m: Message) -> bool:
         """True if `m` may be stepped into its group (opening the group first if needed)."""

@@ -179,6 +179,11 @@ class NodeLogic:
         """A peer's message: admitted and stepped (True), or refused / dropped (False)."""
         return self.inbound.admit(m) and self.host.step(m)
 
+    def peer_connected(self, node: int, now: float) -> None:
+        """`node` opened a new connection (its stream to us started): see `Host.peer_connected`."""
+        self.last_heard[node] = now
+        self.host.peer_connected(node)
+
     def heard(self, node: int, now: float) -> None:
         """Anything (even an empty batch) arrived from `node` at `now`."""
         self.last_heard[node] = now

@@ -18,11 +18,11 @@ from kvstore import errors
 from kvstore.node.host import Host
 from kvstore.raft import ConfChange, ConfChangeType
 from kvstore.raft.types import MAX_CONF_CONTEXT, MAX_U63
-from kvstore.shard.rebalance import Coordinator
 from kvstore.shard.shardmap import META_GROUP, ShardMap
 from kvstore.v1 import admin_pb2, admin_pb2_grpc
 
 from .config import NodeConfig
+from .movedriver import MoveDriver
 from .reads import ReplicaReads
 from .shards import GroupCaller, ShardTracker
 
@@ -35,7 +35,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         wake: Any,
         tracker: ShardTracker,
         caller: GroupCaller,
-        coordinator: Coordinator,
+        coordinator: MoveDriver,
         reads: ReplicaReads | None = None,
     ) -> None:
         self.coordinator = coordinator
@@ -138,21 +138,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def _record(self, gid: int, cc: ConfChange) -> None:
         """Make the shard map's replica list of `gid` follow an applied change."""
         def change(m: ShardMap) -> ShardMap:
-            if gid not in m.groups:
-                return m
-            p = m.groups[gid]
-            voters, learners = list(p.voters), set(p.learners)
-            n = cc.node_id
-            if cc.type == ConfChangeType.ADD_LEARNER:
-                learners.add(n)
-            elif cc.type == ConfChangeType.ADD_VOTER:
-                learners.discard(n)
-                if n not in voters:
-                    voters.append(n)
-            else:
-                learners.discard(n)
-                voters = [v for v in voters if v != n]
-            return m.with_group_members(gid, voters, sorted(learners))
+            return m.with_member_change(gid, cc)
 
         await self.coordinator.update(change)
 

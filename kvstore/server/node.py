@@ -32,7 +32,6 @@ from kvstore.node.inbound import Inbound, RefusalLog
 from kvstore.node.logic import Bootstrap, NodeLogic
 from kvstore.node.store import NodeStore
 from kvstore.raft import Message, Role
-from kvstore.shard.rebalance import Coordinator
 from kvstore.shard.shardmap import META_GROUP
 from kvstore.storage.store import LmdbNodeStore
 from kvstore.transport.peer import CHANNEL_OPTIONS, Transport
@@ -45,6 +44,7 @@ from .config import NodeConfig
 from .kv_service import KVService
 from .learner import register_learner
 from .metrics import Metrics
+from .movedriver import MoveDriver
 from .reads import ReadMetrics, ReplicaReads
 from .shards import AsyncShardTracker, GroupCaller, NodeCluster, ShardService
 
@@ -69,7 +69,7 @@ class Node:
         """Every gRPC method the node serves (`/package.Service/Method`)."""
         self.tracker: AsyncShardTracker | None = None
         self.caller: GroupCaller | None = None
-        self.coordinator: Coordinator | None = None
+        self.coordinator: MoveDriver | None = None
         self._gauges_at = 0.0
         self._gauge_seen: dict[int, tuple[int, ...]] = {}
         self.inbound: Inbound
@@ -119,7 +119,7 @@ class Node:
         host = self.host = logic.host
         self.inbound = logic.inbound
         caller = self.caller = GroupCaller(cfg.id, host, self.wake, tracker, cfg.request_timeout, cfg.cluster_id)
-        self.coordinator = Coordinator(NodeCluster(host, tracker, caller))
+        self.coordinator = MoveDriver(NodeCluster(host, tracker, caller))
         logic.start(time.monotonic())
         self.reads = ReplicaReads(
             host, cfg.reads, metrics=ReadMetrics(self.metrics.registry), request_timeout=cfg.request_timeout
@@ -130,7 +130,8 @@ class Node:
         # get INVALID_ARGUMENT, never UNKNOWN.
         self.rpc_methods = wire.add_services(server, [
             (RaftService(cfg.id, cfg.cluster_id, self._deliver, store.snapshot_dir, on_heard=self._heard,
-                         is_member=self.inbound.is_member, refusals=self.inbound.refusals),
+                         is_member=self.inbound.is_member, refusals=self.inbound.refusals,
+                         on_connected=self._connected),
              raft_pb2.DESCRIPTOR.services_by_name["Raft"]),
             (KVService(cfg, host, self.wake, self.metrics, tracker, self.reads),
              kv_pb2.DESCRIPTOR.services_by_name["KV"]),
@@ -169,6 +170,10 @@ class Node:
     def _snapshot_done(self, group: int, to: int, failed: bool) -> None:
         assert self.host is not None
         self.host.report_snapshot(group, to, failed)
+        self.wake()
+
+    def _connected(self, node: int) -> None:
+        self.logic.peer_connected(node, time.monotonic())
         self.wake()
 
     def _heard(self, node: int) -> None:

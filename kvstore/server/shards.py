@@ -34,6 +34,7 @@ from kvstore.transport.peer import CHANNEL_OPTIONS
 from kvstore.v1 import shard_pb2, shard_pb2_grpc
 
 from . import waiters
+from .movedriver import MoveDriver
 
 log = logging.getLogger("kvstore.shards")
 
@@ -363,7 +364,7 @@ def leader_role(host: Host, group: int) -> bool:
 
 
 class NodeCluster:
-    """`rebalance.Cluster` for this node."""
+    """`movedriver.Cluster` for this node: the move coordinator's requests go through `GroupCaller`."""
 
     def __init__(self, host: Host, tracker: AsyncShardTracker, caller: GroupCaller) -> None:
         self.host = host
@@ -400,7 +401,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         wake: Callable[[], None],
         tracker: AsyncShardTracker,
         caller: GroupCaller,
-        coordinator: Any,
+        coordinator: MoveDriver,
         request_timeout: float,
         cluster_id: str = "kvstore",
         is_member: Callable[[int], bool] = lambda node: True,

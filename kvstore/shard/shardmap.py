@@ -8,7 +8,7 @@ version to the next (`version` increases by one per change).
 - `routes`: which group serves each hash value *now*. Outside a move it equals the ring's arcs;
   a planned move keeps its ranges routed to the source until the target has installed them and
   serves them (state FLIPPED), which is when the route changes, in the same map change;
-- `moves`: ranges planned to change group; the coordinator (rebalance.py) drives each through
+- `moves`: ranges planned to change group; the coordinator (`kvstore.node.moves`) drives each through
   PENDING -> FROZEN -> FLIPPED -> removed.
 
 Invariants: `routes` partitions the hash space (every hash value is routed to exactly one group);
@@ -23,6 +23,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from kvstore.raft.types import ConfChange, ConfChangeType
 from kvstore.v1 import shard_pb2
 
 from .ranges import HASH_MAX, IntervalSet, key_hash
@@ -264,6 +265,25 @@ class ShardMap:
 
     def with_nodes(self, nodes: dict[int, str]) -> ShardMap:
         return self._next(nodes=dict(nodes))
+
+    def with_member_change(self, group: int, cc: ConfChange) -> ShardMap:
+        """The map with `group`'s replica list following the applied change `cc` (a group the map
+        does not have any more stays as it is: the result is then this map itself)."""
+        if group not in self.groups:
+            return self
+        p = self.groups[group]
+        voters, learners = list(p.voters), set(p.learners)
+        n = cc.node_id
+        if cc.type == ConfChangeType.ADD_LEARNER:
+            learners.add(n)
+        elif cc.type == ConfChangeType.ADD_VOTER:
+            learners.discard(n)
+            if n not in voters:
+                voters.append(n)
+        else:
+            learners.discard(n)
+            voters = [v for v in voters if v != n]
+        return self.with_group_members(group, voters, sorted(learners))
 
     def with_group_members(self, group: int, voters: Sequence[int], learners: Sequence[int]) -> ShardMap:
         old = self.groups[group]

@@ -49,11 +49,15 @@ class RaftService(raft_pb2_grpc.RaftServicer):
         snapshot_dir: Path,
         on_heard: Callable[[int], None] | None = None,
         is_member: Callable[[int], bool] | None = None,
+        on_connected: Callable[[int], None] | None = None,
         refusals: RefusalLog | None = None,
     ) -> None:
         self.on_heard = on_heard
         """Called with the sender of every accepted batch (node-level liveness)."""
         self.is_member = is_member
+        self.on_connected = on_connected
+        """Called with the sender when a new batch stream from it was accepted (it may have
+        restarted; see `kvstore.node.host.Host.peer_connected`)."""
         """Is this node id a member of the cluster? (None: everyone is, for tests of the codec.)"""
         self.refusals = refusals
         self.node_id = node_id
@@ -89,6 +93,7 @@ class RaftService(raft_pb2_grpc.RaftServicer):
         self, request_iterator: AsyncIterator[raft_pb2.RaftBatch], context: grpc.aio.ServicerContext
     ) -> raft_pb2.RaftDone:
         first: tuple[str, int, int] | None = None
+        connected = False
         async for batch in request_iterator:
             frm = getattr(batch, "from")
             if first is None:
@@ -97,6 +102,10 @@ class RaftService(raft_pb2_grpc.RaftServicer):
                 self._refuse(frm, "addressing", "a batch's cluster, sender or addressee changed mid-stream")
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "addressing changed mid-stream")
             await self._check(batch.cluster_id, frm, batch.to, context)
+            if not connected:  # the first accepted batch of this stream
+                connected = True
+                if self.on_connected is not None:
+                    self.on_connected(frm)
             self.received_batches += 1
             if self.on_heard is not None:
                 self.on_heard(frm)

@@ -2,7 +2,7 @@
 
 Each one replaces a function for the duration of `with planted(name):`; the product code carries
 no trace of them. Bugs of the coordinator's ordering are planted where its commands leave it (the
-simulated cluster's `propose`), so they do not depend on how `Coordinator.drive` is written:
+simulated cluster's `propose`), so they do not depend on how `MoveCoordinator.drive` is written:
 
 - `flip-before-activate`: ACTIVATE is acknowledged at once and applied in the background, so the
   coordinator flips the map before the target serves the ranges;
@@ -20,6 +20,7 @@ simulated cluster's `propose`), so they do not depend on how `Coordinator.drive`
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -97,12 +98,13 @@ def _export_without_sessions(state: DictState, ranges: IntervalSet, chunk_bytes:
     return [b"".join(recs)] if recs else []
 
 
-class _SameToken:
-    def __init__(self, sim: Any) -> None:
-        pass
+class _SameToken(random.Random):
+    def getrandbits(self, k: int) -> int:
+        return 0  # BUG: every coordinator's installation looks like every other's (token 1)
 
-    def randbits(self, k: int) -> int:
-        return 1  # BUG: every coordinator's installation looks like every other's
+
+def _same_token_rng(sim: Any) -> random.Random:
+    return _SameToken(0)
 
 
 Patch = tuple[Any, str, Any]
@@ -113,7 +115,7 @@ BUGS: dict[str, list[Patch]] = {
     "export-without-sessions": [(world, "export_records", _export_without_sessions)],
     "no-freeze": [(SimCluster, "propose", _propose_without_freeze), (world, "EXPORT_REQUIRES_FROZEN", False)],
     "activate-before-install": [(SimCluster, "propose", _propose_activate_after_begin)],
-    "shared-install-token": [(_sim, "_SeededSecrets", _SameToken)],
+    "shared-install-token": [(_sim, "token_rng", _same_token_rng)],
 }
 """name -> [(object, attribute, replacement)]."""
 

@@ -21,8 +21,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvstore.server.movedriver import MoveDriver
 from kvstore.shard.ranges import IntervalSet, key_hash
-from kvstore.shard.rebalance import Coordinator
 from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, ShardMap
 from kvstore.storage import commands
 from kvstore.storage.commands import ApplyResult
@@ -44,7 +44,7 @@ class Outcome:
 
 
 class ScriptedCluster:
-    """`rebalance.Cluster` over shared in-memory groups, for one named coordinator."""
+    """`movedriver.Cluster` over shared in-memory groups, for one named coordinator."""
 
     def __init__(self, name: str, world_: ScriptedWorld) -> None:
         self.name = name
@@ -111,8 +111,8 @@ class ScriptedWorld:
             st.apply(encode_shard_command(ShardOp.SET, ShardMap.decode(raw).bootstrap_ranges(group)))
         return self.groups[group].apply(data) if data else ApplyResult()
 
-    def coordinator(self, name: str) -> Coordinator:
-        return Coordinator(ScriptedCluster(name, self))
+    def coordinator(self, name: str) -> MoveDriver:
+        return MoveDriver(ScriptedCluster(name, self))
 
     def stop_before(self, name: str, op: ShardOp) -> asyncio.Event:
         ev = self.holds[(name, op)] = asyncio.Event()
@@ -122,7 +122,7 @@ class ScriptedWorld:
         self.after[(name, op)] = ev
 
 
-async def _settle(c: Coordinator) -> None:
+async def _settle(c: MoveDriver) -> None:
     while await c.step():
         pass
 

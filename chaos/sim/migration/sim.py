@@ -1,6 +1,7 @@
-"""A seeded, deterministic simulation of range migration (kvstore.shard.rebalance) under faults.
+"""A seeded, deterministic simulation of range migration (kvstore.node.moves) under faults.
 
-Real code under test: `rebalance.Coordinator` (every step of every move, several coordinators at
+Real code under test: `kvstore.node.moves.MoveCoordinator` driven by the node's asyncio shell
+`kvstore.server.movedriver.MoveDriver` (every step of every move, several coordinators at
 once), `ShardMap` (planning, move states, the compare-and-swap of the map in the metadata group)
 and the state machine (`machine.apply_data` on `DictState`: KV commands with sessions and
 ownership checks, shard commands with install tokens). Simulated around it (see `world`): the
@@ -9,7 +10,7 @@ clients that route and retry like the real client, an admin that keeps planning 
 (add / remove a group, rebalance), and a nemesis.
 
 One `random.Random(seed)` drives every choice (also the coordinators' install tokens) and
-everything runs on one `VirtualLoop` (virtual time; `rebalance.time` is patched to it), so a
+everything runs on one `VirtualLoop` (virtual time, handed to the driver as its clock), so a
 seed replays exactly (`python -m chaos.sim.migration --seed S --trace`). Half of the seeds use
 tight timing (fast failovers, short pauses), where a deposed coordinator often resumes in the
 middle of its successor's step.
@@ -47,9 +48,9 @@ from typing import Any
 from chaos.checker import Verdict, check
 from chaos.checker.history import Operation, Status, format_op
 from kvstore import errors
-from kvstore.shard import rebalance
+from kvstore.node.moves import count_data
+from kvstore.server.movedriver import MoveDriver
 from kvstore.shard.ranges import IntervalSet, key_hash
-from kvstore.shard.rebalance import Coordinator
 from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, MoveState, ShardMap, ShardMapError
 from kvstore.storage import commands
 from kvstore.storage.commands import ApplyResult, Command
@@ -159,25 +160,10 @@ class MigResult:
     trace: list[str] = field(default_factory=list)
 
 
-class _VirtualClock:
-    """Stands in for the `time` module inside rebalance.py (Coordinator uses time.monotonic)."""
-
-    def __init__(self, sim: Simulation) -> None:
-        self.sim = sim
-
-    def monotonic(self) -> float:
-        return self.sim.now
-
-
-class _SeededSecrets:
-    """Stands in for the `secrets` module inside rebalance.py (install tokens), drawing from the
-    run's seeded generator so that a seed replays exactly."""
-
-    def __init__(self, sim: Simulation) -> None:
-        self.sim = sim
-
-    def randbits(self, k: int) -> int:
-        return self.sim.rng.getrandbits(k)
+def token_rng(sim: Simulation) -> random.Random:
+    """The random source of a coordinator's install tokens: drawn from the run's seeded
+    generator, so that a seed replays exactly (a planted bug replaces this function)."""
+    return random.Random(sim.rng.getrandbits(64))
 
 
 class _TraceHandler(logging.Handler):
@@ -186,26 +172,20 @@ class _TraceHandler(logging.Handler):
         self.sim = sim
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.sim.log(f"[rebalance] {record.getMessage()}")
+        self.sim.log(f"[moves] {record.getMessage()}")
 
 
 @contextlib.contextmanager
 def _patched_runtime(sim: Simulation) -> Iterator[None]:
-    """Virtual time and seeded tokens for the coordinator; its log into the trace (not stderr)."""
-    shims: dict[str, object] = {"time": _VirtualClock(sim), "secrets": _SeededSecrets(sim)}
-    saved_mods = {name: getattr(rebalance, name) for name in shims if hasattr(rebalance, name)}
-    lg = logging.getLogger("kvstore.rebalance")
+    """The coordinator's log into the trace (not stderr)."""
+    lg = logging.getLogger("kvstore.moves")
     saved = (lg.level, lg.propagate, list(lg.handlers))
-    for name in saved_mods:
-        setattr(rebalance, name, shims[name])
     lg.handlers = [_TraceHandler(sim)] if sim.trace_on else [logging.NullHandler()]
     lg.propagate = False
     lg.setLevel(logging.INFO if sim.trace_on else logging.CRITICAL)
     try:
         yield
     finally:
-        for name, mod in saved_mods.items():
-            setattr(rebalance, name, mod)
         lg.setLevel(saved[0])
         lg.propagate = saved[1]
         lg.handlers = saved[2]
@@ -515,7 +495,7 @@ class Simulation:
         else:
             self.stats[f"shard_{cmd.op.name.lower()}"] += 1
         if cmd.op == ShardOp.INSTALL and not res.error:
-            self.stats["keys_installed"] += rebalance._count_data(cmd.records)
+            self.stats["keys_installed"] += count_data(cmd.records)
         if self.trace_on:
             what = f"{len(cmd.records)} bytes of records" if cmd.op == ShardOp.INSTALL else _fmt_ranges(cmd.ranges)
             sh = g.state.shard_state
@@ -726,7 +706,8 @@ class Simulation:
     # --- coordinators, nemesis, admin ---------------------------------------------------------
     def start_coordinator(self, node: Node) -> None:
         node.incarnation += 1
-        c = Coordinator(SimCluster(self, node), interval=self.p.coord_interval)
+        c = MoveDriver(SimCluster(self, node), interval=self.p.coord_interval, rng=token_rng(self),
+                      clock=lambda: self.now)
         node.coordinator = c
         node.task = self.spawn(c.run(), f"coordinator of node {node.id}")
         self.log(f"node {node.id}: coordinator #{node.incarnation} started")

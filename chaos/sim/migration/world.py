@@ -19,7 +19,8 @@
   commits later is in a slot below every entry of a later term, and below later entries of its
   own leader), so it may apply long after its caller gave up, but never after a later proposal
   to the same group. Reads do not decide it (ReadIndex does not commit anything new).
-- A `Node` runs a real `rebalance.Coordinator` over `SimCluster` (the `rebalance.Cluster`
+- A `Node` runs a real `MoveDriver` (the node's shell of the move coordinator) over `SimCluster` (the
+  `movedriver.Cluster`
   protocol, modelled on `server.shards.GroupCaller`/`NodeCluster`): it sees the shard map as its
   own applied copy of the metadata group (it lags), retries a proposal until a deadline like
   GroupCaller.call does, and exports ranges like GroupCaller.export (retried from the start before
@@ -48,7 +49,7 @@ from kvstore.storage.machine import DictState
 from kvstore.storage.shardcmd import REC_DATA, REC_FLOOR, REC_RESULT, U64, U64_PAIR, encode_record
 
 if TYPE_CHECKING:
-    from kvstore.shard.rebalance import Coordinator
+    from kvstore.server.movedriver import MoveDriver
 
 
 EXPORT_REQUIRES_FROZEN = True
@@ -119,7 +120,7 @@ class Node:
         self.paused = False
         self.resumed = asyncio.Event()
         self.resumed.set()
-        self.coordinator: Coordinator | None = None
+        self.coordinator: MoveDriver | None = None
         self.task: asyncio.Task[None] | None = None
         self.incarnation = 0
         self.slow_until = 0.0
@@ -194,7 +195,7 @@ class SimWorld(Protocol):
 
 
 class SimCluster:
-    """`rebalance.Cluster` of one simulated node."""
+    """`movedriver.Cluster` of one simulated node."""
 
     def __init__(self, sim: SimWorld, node: Node) -> None:
         self.sim = sim
