@@ -304,3 +304,16 @@ def test_damaged_records_on_disk_raise_storage_error_only(tmp_path: Path, damage
             raise AssertionError(f"damage {damage!r} went unnoticed")  # pragma: no cover
         finally:
             store.close()
+
+
+def test_a_member_removed_from_the_metadata_group_is_heard_by_the_groups_it_is_still_in(node: _Node) -> None:
+    """Members leave group by group, the metadata group first: until its last group let it go,
+    a node must still be heard there (found by the whole-node simulator: a data group whose
+    other voter was down could not elect a leader)."""
+    node.host.members.pop(3, None)
+    node.map = ShardMap.initial([1, 2], 2, 2, 16, {1: "a:1", 2: "b:1"})
+    meta = node.host.groups[0].core
+    meta._conf_history[-1] = (meta._conf_history[-1][0], ConfState((1, 2)))  # 3 removed from group 0
+    assert node.inbound.is_member(3)  # still a voter of group 1 here
+    assert node.inbound.admit(Message(MessageType.PRE_VOTE, 1, 3, term=5, group=1))
+    assert not node.inbound.is_member(99)
