@@ -287,3 +287,36 @@ def test_sighup_rotates_certificates_without_dropping_the_cluster(cluster: Clust
             time.sleep(0.1)
     assert "certificates reloaded" in cluster.nodes[1].log_text()
     assert all("PRIVATE KEY" not in n.log_text() for n in cluster.nodes.values())  # no secrets in logs
+
+
+class _Ctx:
+    def __init__(self, pem: bytes | None) -> None:
+        self.pem = pem
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {"x509_pem_cert": [self.pem]} if self.pem is not None else {}
+
+
+def test_peer_verifier_uri_is_authoritative_and_hostnames_map_through_member_addresses(tmp_path: Path) -> None:
+    """A `kvstore://node/<id>` SAN decides alone (node 2's certificate for 127.0.0.1 cannot pass as
+    node 3 on 127.0.0.1); a node certificate without one (a StatefulSet pod's, for its hostname)
+    passes as the node whose member address has that host; client certificates never pass."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    certs.create_ca(tmp_path)
+    certs.create_node(tmp_path, 2, ["127.0.0.1"])
+    certs.create_client(tmp_path, "root")
+    ca, cakey = certs._load_ca(tmp_path, None)
+    pod = certs._leaf(ca, cakey, ec.generate_private_key(ec.SECP256R1()), "kv-1",
+                      certs.host_names(["kv-1.kv.svc"]), [ExtendedKeyUsageOID.SERVER_AUTH], 30)
+    addresses = {1: "kv-1.kv.svc:2379", 2: "127.0.0.1:1", 3: "127.0.0.1:2"}
+    v = tls.PeerVerifier(lambda n: addresses.get(n, ""))
+    node2, client = (tmp_path / "node.crt").read_bytes(), (tmp_path / "client.root.crt").read_bytes()
+    pod_pem = pod.public_bytes(serialization.Encoding.PEM)
+    assert v.refusal(_Ctx(node2), 2) is None  # type: ignore[arg-type]
+    assert "claims to be node 3" in (v.refusal(_Ctx(node2), 3) or "")  # type: ignore[arg-type]
+    assert "client certificate" in (v.refusal(_Ctx(client), 2) or "")  # type: ignore[arg-type]
+    assert v.refusal(_Ctx(None), 2) == "no peer certificate"  # type: ignore[arg-type]
+    assert v.refusal(_Ctx(pod_pem), 1) is None  # type: ignore[arg-type]
+    assert v.refusal(_Ctx(pod_pem), 2) is not None  # type: ignore[arg-type]

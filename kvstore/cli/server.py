@@ -117,9 +117,27 @@ def serve(
 @click.option("--base-port", type=int, default=DEV_BASE_PORT, show_default=True)
 @click.option("--groups", type=click.IntRange(1, 100_000), default=4, show_default=True,
               help="Data Raft groups (shards) of the new cluster.")
-def dev(nodes: str, data_dir: Path, base_port: int, groups: int) -> None:
-    """Run a local cluster in the foreground (data under --data-dir); Ctrl-C stops it."""
+@click.option("--secure", is_flag=True,
+              help="Run with TLS: create (once) a CA, node and client certificates under <data-dir>/certs.")
+def dev(nodes: str, data_dir: Path, base_port: int, groups: int, secure: bool) -> None:
+    """Run a local cluster in the foreground (data under --data-dir); Ctrl-C stops it.
+
+    Plaintext on 127.0.0.1 unless --secure."""
     n = int(nodes)
+    tls_args: dict[int, list[str]] = {i: [] for i in range(1, n + 1)}
+    certs_dir = (data_dir / "certs").resolve()
+    if secure:
+        from kvstore.security import certs
+
+        if not (certs_dir / certs.CA_CERT).exists():
+            certs.create_ca(certs_dir)
+        if not (certs_dir / certs.client_cert_name("root")).exists():
+            certs.create_client(certs_dir, "root")
+        for i in range(1, n + 1):
+            nd = certs_dir / f"node{i}"
+            if not (nd / certs.NODE_CERT).exists():
+                certs.create_node(nd, i, ["127.0.0.1", "localhost"], ca_key=certs_dir / certs.CA_KEY)
+            tls_args[i] = ["--certs-dir", str(nd)]
 
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -139,13 +157,17 @@ def dev(nodes: str, data_dir: Path, base_port: int, groups: int) -> None:
                 subprocess.Popen(
                     [sys.executable, "-m", "kvstore.cli.server", "serve", "--id", str(i),
                      "--data-dir", str(data_dir / f"node{i}"), "--listen", endpoints[i - 1], "--peers", peers,
-                     "--groups", str(groups)],
+                     "--groups", str(groups), *tls_args[i]],
                     stdout=log, stderr=subprocess.STDOUT,
                 )
             )
         click.echo("endpoints: " + ",".join(endpoints))
         click.echo(f"logs: {data_dir.resolve()}/node*.log")
-        click.echo(f"try: kvctl --endpoints {','.join(endpoints)} put hello world")
+        if secure:
+            click.echo(f"TLS certificates: {certs_dir}")
+            click.echo(f"try: KVSTORE_CERTS_DIR={certs_dir} kvctl --endpoints {','.join(endpoints)} put hello world")
+        else:
+            click.echo(f"try: kvctl --endpoints {','.join(endpoints)} put hello world")
         click.echo("Ctrl-C stops the cluster.")
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
