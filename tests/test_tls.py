@@ -231,8 +231,8 @@ def test_internal_rpcs_need_the_node_certificate_of_their_sender(cluster: Cluste
 
 
 def test_sighup_rotates_certificates_without_dropping_the_cluster(cluster: Cluster, tmp_path: Path) -> None:
-    """Rotate every node to a new CA: ca.crt becomes old+new CA, node.crt is signed by the new CA,
-    then SIGHUP. A client that trusts and holds only the new CA's certificates is refused before
+    """Rotate every node to a new CA as the README says: ca.crt becomes old+new CA (SIGHUP all),
+    then node.crt is signed by the new CA (SIGHUP all). A client that trusts and holds only the new CA's certificates is refused before
     and served after (the server presents and accepts the new certificates); peers redial with
     the new certificates (a follower restarted trusting only the new CA catches up), and the cluster
     keeps serving writes all along without an election."""
@@ -252,15 +252,21 @@ def test_sighup_rotates_certificates_without_dropping_the_cluster(cluster: Clust
     leader = before[1][1]
     victim = next(nid for nid in sorted(cluster.nodes, reverse=True) if nid != leader)
     with Client(cluster.endpoints, certs_dir=cluster.certs_dir, timeout=10) as cl:
+        # The documented order: first every node trusts old+new CA, then new certificates.
+        for nid, n in cluster.nodes.items():
+            (cluster.node_certs_dir(nid) / "ca.crt").write_bytes(bundle)
+            assert n.proc is not None
+            os.kill(n.proc.pid, signal.SIGHUP)
+            cl.put(f"trust-{nid}".encode(), b"x")  # the cluster serves mid-rotation
+        time.sleep(0.5)
         for nid, n in cluster.nodes.items():
             nd = cluster.node_certs_dir(nid)
             certs.create_node(new / f"n{nid}", nid, ["127.0.0.1", "localhost"], ca_key=new / "ca.key")
             for name in ("node.key", "node.crt"):  # into the existing files (node.key stays 0600)
                 shutil.copyfile(new / f"n{nid}" / name, nd / name)
-            (nd / "ca.crt").write_bytes(bundle)
             assert n.proc is not None
             os.kill(n.proc.pid, signal.SIGHUP)
-            cl.put(f"rot-{nid}".encode(), b"x")  # the cluster serves mid-rotation
+            cl.put(f"rot-{nid}".encode(), b"x")
         deadline = time.monotonic() + 10
         while any(_health(a, new_only) != grpc.StatusCode.OK for a in addr.values()):
             assert time.monotonic() < deadline, "the nodes do not serve the new certificates"
