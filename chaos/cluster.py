@@ -199,7 +199,9 @@ class Cluster:
         args = [
             "--id", str(node_id), "--data-dir", str(self.data_root / f"n{node_id}"), "--listen", addr,
             "--peers", peers, "--cluster-id", self.cluster_id, "--tick-ms", str(self.tick_ms),
-            "--log-level", self.log_level, "--replication", str(max(3, self.n)), *self.extra_args,
+            "--log-level", self.log_level, "--replication", str(max(3, self.n)),
+            "--insecure",  # explicitly plaintext: a private test network (netns) or loopback
+            *self.extra_args,
         ]
         if self.metrics:
             args += ["--metrics-listen", self.backend.metrics_address(host)]

@@ -1,5 +1,9 @@
 """Real kvstore node processes on loopback for integration tests.
 
+With `certs_dir`, the cluster runs TLS: the harness makes a CA there (unless one exists), a
+client certificate of user `root` in it (so it serves as `kvctl --certs-dir`), and one certs
+directory per node, `certs_dir/n<id>` (ca.crt, node.crt, node.key for 127.0.0.1 and localhost).
+
 Every process is started by this harness and stopped by PID (never by name); ports are picked
 free on 127.0.0.1; data lives under the test's tmp_path.
 """
@@ -43,6 +47,13 @@ class NodeProc:
     log_path: Path
     args: list[str]
     proc: subprocess.Popen[bytes] | None = None
+    credentials: grpc.ChannelCredentials | None = None
+    """TLS credentials the harness talks to the node with (None: plaintext)."""
+
+    def channel(self) -> grpc.Channel:
+        if self.credentials is None:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, self.credentials)
 
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
@@ -75,7 +86,7 @@ class NodeProc:
 
     def status(self, timeout: float = 1.0) -> admin_pb2.StatusResponse | None:
         try:
-            with grpc.insecure_channel(self.address) as ch:
+            with self.channel() as ch:
                 return admin_pb2_grpc.AdminStub(ch).Status(admin_pb2.StatusRequest(), timeout=timeout)
         except grpc.RpcError:
             return None
@@ -90,9 +101,20 @@ class Cluster:
     n: int = 3
     extra_args: list[str] = field(default_factory=list)
     nodes: dict[int, NodeProc] = field(default_factory=dict)
+    certs_dir: Path | None = None
+    """TLS (see the module docstring); None: plaintext on loopback."""
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        self.credentials: grpc.ChannelCredentials | None = None
+        if self.certs_dir is not None:
+            from kvstore.security import certs, tls
+
+            if not (self.certs_dir / certs.CA_CERT).exists():
+                certs.create_ca(self.certs_dir)
+            if not (self.certs_dir / certs.client_cert_name("root")).exists():
+                certs.create_client(self.certs_dir, "root")
+            self.credentials = tls.client_credentials(self.certs_dir)
         ports = free_ports(self.n)
         self.peers = {i + 1: f"127.0.0.1:{p}" for i, p in enumerate(ports)}
         for nid, addr in self.peers.items():
@@ -111,7 +133,18 @@ class Cluster:
             args.append("--learner")
         elif join:
             args.append("--join")
-        return NodeProc(nid, addr, d, self.root / f"n{nid}.log", args)
+        if self.certs_dir is not None:
+            from kvstore.security import certs
+
+            nd = self.node_certs_dir(nid)
+            if not (nd / certs.NODE_CERT).exists():
+                certs.create_node(nd, nid, ["127.0.0.1", "localhost"], ca_key=self.certs_dir / certs.CA_KEY)
+            args += ["--certs-dir", str(nd)]
+        return NodeProc(nid, addr, d, self.root / f"n{nid}.log", args, credentials=self.credentials)
+
+    def node_certs_dir(self, nid: int) -> Path:
+        assert self.certs_dir is not None
+        return self.certs_dir / f"n{nid}"
 
     @property
     def endpoints(self) -> list[str]:

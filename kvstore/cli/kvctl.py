@@ -47,6 +47,8 @@ class _Ctx:
     timeout: float
     output: str
     hex: bool
+    certs_dir: str | None = None
+    user: str = "root"
     _client: Client | None = field(default=None, repr=False)
 
     @property
@@ -55,7 +57,13 @@ class _Ctx:
 
     def client(self) -> Client:
         if self._client is None:
-            self._client = Client(self.endpoints, timeout=self.timeout, attempt_timeout=min(2.0, self.timeout))
+            try:
+                self._client = Client(
+                    self.endpoints, timeout=self.timeout, attempt_timeout=min(2.0, self.timeout),
+                    certs_dir=self.certs_dir or None, user=self.user,
+                )
+            except (OSError, ValueError) as err:
+                _fail(f"cannot load the client certificate: {err}")
         return self._client
 
     def close(self) -> None:
@@ -132,8 +140,16 @@ def _emit_json(obj: Any) -> None:
     help="Output format.",
 )
 @click.option("--hex", "hex_", is_flag=True, help="Keys and values are given and printed as hex.")
+@click.option(
+    "--certs-dir", envvar="KVSTORE_CERTS_DIR", default="", metavar="DIR",
+    help="TLS: a directory with ca.crt and client.<user>.crt/.key (`kvstore cert create-client`). "
+    "Env: KVSTORE_CERTS_DIR. Unset: plaintext.",
+)
+@click.option("--user", envvar="KVSTORE_USER", default="root", show_default=True,
+              help="Whose client certificate to present (with --certs-dir).")
 @click.pass_context
-def cli(ctx: click.Context, endpoints: str, timeout: float, output: str, hex_: bool) -> None:
+def cli(ctx: click.Context, endpoints: str, timeout: float, output: str, hex_: bool, certs_dir: str,
+        user: str) -> None:
     """Talk to a kvstore cluster.
 
     Keys and values on the command line are UTF-8 text (hex with --hex).
@@ -141,7 +157,7 @@ def cli(ctx: click.Context, endpoints: str, timeout: float, output: str, hex_: b
     eps = parse_endpoints(endpoints)
     if not eps:
         raise click.BadParameter("no endpoints given", param_hint="--endpoints")
-    obj = _Ctx(endpoints=eps, timeout=timeout, output=output, hex=hex_)
+    obj = _Ctx(endpoints=eps, timeout=timeout, output=output, hex=hex_, certs_dir=certs_dir or None, user=user)
     ctx.obj = obj
     ctx.call_on_close(obj.close)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from kvstore.cli.cert import cert
 from kvstore.node.host import RaftSettings
 from kvstore.server.config import NodeConfig, parse_peers
 from kvstore.storage.commands import MAX_KEY_SIZE
@@ -56,14 +57,23 @@ def cli() -> None:
 @click.option("--vnodes", type=click.IntRange(1, 4096), default=128, show_default=True,
               help="Virtual nodes per group on the hash ring.")
 @click.option("--log-level", default="info", show_default=True)
+@click.option("--certs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="TLS: ca.crt, node.crt, node.key (`kvstore cert`). Clients and peers must present a "
+              "certificate of the same CA. SIGHUP reloads them.")
+@click.option("--insecure", is_flag=True,
+              help="Serve plaintext, unauthenticated gRPC even on a non-loopback address (anyone who can "
+              "reach the port can read, write and join the cluster).")
 def serve(
     node_id: int, data_dir: Path, listen: str, peers: str, cluster_id: str, join: bool, learner: bool,
     probe_ticks: int, advertise: str, metrics_listen: str, tick_ms: int, election_ticks: int, lease_read: bool,
     quiesce_ticks: int,
     request_timeout: float, max_key: int, max_value: int, max_request: int, compact_threshold: int, groups: int,
-    replication: int, vnodes: int, log_level: str,
+    replication: int, vnodes: int, log_level: str, certs_dir: Path | None, insecure: bool,
 ) -> None:
-    """Run one node of a cluster. Restarting with the same --data-dir resumes it."""
+    """Run one node of a cluster. Restarting with the same --data-dir resumes it.
+
+    Without --certs-dir the node only listens and advertises on loopback addresses, unless
+    --insecure is given."""
     from kvstore.server import grpc_env
 
     grpc_env.apply()  # before anything imports grpc
@@ -86,10 +96,17 @@ def serve(
             limits=Limits(max_key, max_value, max_request),
             groups=groups, replication=replication, vnodes=vnodes,
             reads=ReadSettings(probe_ticks=max(0, probe_ticks)),
+            certs_dir=certs_dir, insecure=insecure,
         )
         cfg.validate()
     except ValueError as err:
         raise click.UsageError(str(err)) from err
+    if certs_dir is None and insecure:
+        logging.getLogger("kvstore").warning(
+            "*** --insecure: node %d serves PLAINTEXT gRPC on %s without authentication: anyone who can "
+            "reach it can read and write every key and join the cluster. Use --certs-dir. ***",
+            node_id, listen,
+        )
     sys.exit(run(cfg))
 
 
@@ -100,9 +117,27 @@ def serve(
 @click.option("--base-port", type=int, default=DEV_BASE_PORT, show_default=True)
 @click.option("--groups", type=click.IntRange(1, 100_000), default=4, show_default=True,
               help="Data Raft groups (shards) of the new cluster.")
-def dev(nodes: str, data_dir: Path, base_port: int, groups: int) -> None:
-    """Run a local cluster in the foreground (data under --data-dir); Ctrl-C stops it."""
+@click.option("--secure", is_flag=True,
+              help="Run with TLS: create (once) a CA, node and client certificates under <data-dir>/certs.")
+def dev(nodes: str, data_dir: Path, base_port: int, groups: int, secure: bool) -> None:
+    """Run a local cluster in the foreground (data under --data-dir); Ctrl-C stops it.
+
+    Plaintext on 127.0.0.1 unless --secure."""
     n = int(nodes)
+    tls_args: dict[int, list[str]] = {i: [] for i in range(1, n + 1)}
+    certs_dir = (data_dir / "certs").resolve()
+    if secure:
+        from kvstore.security import certs
+
+        if not (certs_dir / certs.CA_CERT).exists():
+            certs.create_ca(certs_dir)
+        if not (certs_dir / certs.client_cert_name("root")).exists():
+            certs.create_client(certs_dir, "root")
+        for i in range(1, n + 1):
+            nd = certs_dir / f"node{i}"
+            if not (nd / certs.NODE_CERT).exists():
+                certs.create_node(nd, i, ["127.0.0.1", "localhost"], ca_key=certs_dir / certs.CA_KEY)
+            tls_args[i] = ["--certs-dir", str(nd)]
 
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -122,13 +157,17 @@ def dev(nodes: str, data_dir: Path, base_port: int, groups: int) -> None:
                 subprocess.Popen(
                     [sys.executable, "-m", "kvstore.cli.server", "serve", "--id", str(i),
                      "--data-dir", str(data_dir / f"node{i}"), "--listen", endpoints[i - 1], "--peers", peers,
-                     "--groups", str(groups)],
+                     "--groups", str(groups), *tls_args[i]],
                     stdout=log, stderr=subprocess.STDOUT,
                 )
             )
         click.echo("endpoints: " + ",".join(endpoints))
         click.echo(f"logs: {data_dir.resolve()}/node*.log")
-        click.echo(f"try: kvctl --endpoints {','.join(endpoints)} put hello world")
+        if secure:
+            click.echo(f"TLS certificates: {certs_dir}")
+            click.echo(f"try: KVSTORE_CERTS_DIR={certs_dir} kvctl --endpoints {','.join(endpoints)} put hello world")
+        else:
+            click.echo(f"try: kvctl --endpoints {','.join(endpoints)} put hello world")
         click.echo("Ctrl-C stops the cluster.")
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
@@ -147,6 +186,9 @@ def dev(nodes: str, data_dir: Path, base_port: int, groups: int) -> None:
             if p.poll() is None:
                 p.kill()
     os._exit(0)
+
+
+cli.add_command(cert)
 
 
 def main() -> None:

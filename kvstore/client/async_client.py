@@ -33,7 +33,10 @@ from __future__ import annotations
 import random
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from pathlib import Path
 from typing import Any
+
+import grpc
 
 from kvstore.client.admin import Admin
 from kvstore.client.channels import Channels, close_all_streams
@@ -74,6 +77,10 @@ class AsyncClient:
     ``endpoints``: ``["host:port", ...]`` (or a comma-separated string); any node will do, the
     client discovers the leader and the other members. ``timeout`` is the default total deadline
     of one operation. ``client_id`` identifies the write session (random 63-bit if None).
+
+    TLS: ``certs_dir`` (a directory with ``ca.crt`` and ``client.<user>.crt/.key``, see
+    ``kvstore cert``) connects with the client certificate of ``user``; ``credentials`` gives
+    ready-made ``grpc.ChannelCredentials`` instead. Neither: plaintext.
     """
 
     def __init__(
@@ -94,7 +101,16 @@ class AsyncClient:
         read_preference: ReadPreference = "leader",
         load_balancing: str = "least_outstanding",
         max_staleness: float | str | None = None,
+        certs_dir: str | Path | None = None,
+        user: str = "root",
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        if certs_dir is not None:
+            if credentials is not None:
+                raise ValueError("give certs_dir or credentials, not both")
+            from kvstore.security.tls import client_credentials
+
+            credentials = client_credentials(certs_dir, user)
         self.policy = RetryPolicy(
             timeout=timeout,
             attempt_timeout=attempt_timeout,
@@ -111,7 +127,7 @@ class AsyncClient:
             raise ValueError("client_id must be a positive 64-bit integer")
         self.client_id = client_id
         rng = random.Random(seed)
-        self.channels = Channels(channel_options)
+        self.channels = Channels(channel_options, credentials)
         self.checks = RequestChecks(
             timeout=timeout, max_key_size=max_key_size, max_value_size=max_value_size,
             read_preference=read_preference, max_staleness=max_staleness,

@@ -1,6 +1,6 @@
 """The client's connections: one gRPC channel per endpoint, its stubs, and its operation stream.
 
-Invariants: at most one channel (and one `OpMux`) per endpoint, created on first use; nothing is
+Invariants: every channel uses the same credentials (TLS or plaintext); at most one channel (and one `OpMux`) per endpoint, created on first use; nothing is
 created after `close()` (a closed client raises RuntimeError instead of reconnecting).
 """
 
@@ -31,7 +31,11 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 class Channels:
     """Channels and stubs by endpoint (``host:port``)."""
 
-    def __init__(self, channel_options: Iterable[tuple[str, Any]] = ()) -> None:
+    def __init__(
+        self, channel_options: Iterable[tuple[str, Any]] = (), credentials: grpc.ChannelCredentials | None = None
+    ) -> None:
+        self.credentials = credentials
+        """TLS credentials of every channel (None: plaintext)."""
         self._options = [*CHANNEL_OPTIONS, *channel_options]
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._kv_stubs: dict[str, kv_pb2_grpc.KVStub] = {}
@@ -45,7 +49,10 @@ class Channels:
             raise RuntimeError("client is closed")
         ch = self._channels.get(endpoint)
         if ch is None:
-            ch = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=self._options)
+            ch = self._channels[endpoint] = (
+                grpc.aio.insecure_channel(endpoint, options=self._options) if self.credentials is None
+                else grpc.aio.secure_channel(endpoint, self.credentials, options=self._options)
+            )
         return ch
 
     def kv(self, endpoint: str) -> kv_pb2_grpc.KVStub:

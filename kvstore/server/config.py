@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvstore.node.host import RaftSettings
+from kvstore.security.net import is_loopback
 from kvstore.storage.commands import MAX_KEY_SIZE, command_size_bound
 
 from .reads import ReadSettings
@@ -64,6 +65,10 @@ class NodeConfig:
     replication: int = 3
     vnodes: int = 128
     reads: ReadSettings = field(default_factory=ReadSettings)
+    certs_dir: Path | None = None
+    """TLS: ca.crt, node.crt, node.key (`kvstore cert ...`). None: plaintext."""
+    insecure: bool = False
+    """Allow plaintext on a non-loopback address (`--insecure`)."""
 
     def validate(self) -> None:
         self.limits.validate()
@@ -80,6 +85,13 @@ class NodeConfig:
             raise ValueError("--groups and --replication must be >= 1, --vnodes in 1..4096")
         if ":" not in self.listen:
             raise ValueError(f"bad --listen {self.listen!r}: expected HOST:PORT")
+        if self.certs_dir is None and not self.insecure:
+            exposed = [a for a in dict.fromkeys([self.listen, self.address]) if not is_loopback(a.rpartition(":")[0])]
+            if exposed:
+                raise ValueError(
+                    f"refusing to serve plaintext on non-loopback address(es) {', '.join(exposed)}: give "
+                    "--certs-dir (see `kvstore cert --help`), or --insecure to run without TLS anyway"
+                )
 
     @property
     def address(self) -> str:

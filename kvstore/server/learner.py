@@ -13,6 +13,8 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
+import grpc
+
 from kvstore.errors import KVError
 
 log = logging.getLogger("kvstore.learner")
@@ -26,9 +28,10 @@ async def register_learner(
     group: int,
     *,
     interval: float = 1.0,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> None:
     """Until `is_member()`, ask the cluster at `peers` to add node `node_id` (at `address`) as a
-    learner of `group`. Never raises (a cancelled task stops quietly)."""
+    learner of `group` (over TLS with `credentials` when given). Never raises (a cancelled task stops quietly)."""
     from kvstore.client import AsyncClient
 
     if is_member():
@@ -36,7 +39,7 @@ async def register_learner(
     if not peers:
         log.error("--learner needs the address of at least one other member in --peers")
         return
-    async with AsyncClient(list(peers), timeout=5.0, attempt_timeout=1.0) as cl:
+    async with AsyncClient(list(peers), timeout=5.0, attempt_timeout=1.0, credentials=credentials) as cl:
         added = False
         while not is_member():
             try:

@@ -38,6 +38,7 @@ async def serve(cfg: NodeConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, node.reload_certificates)
     print(f"kvstore node {cfg.id} ready on {cfg.listen} (event loop: {type(loop).__module__})", flush=True)
     stopped = loop.create_task(stop.wait())
     died = loop.create_task(node.died.wait())

@@ -36,7 +36,7 @@ class Metrics:
         self.inbound_refused = Counter(
             "kvstore_inbound_refused_total",
             "Raft traffic from other nodes refused before reaching a core, by reason (malformed, "
-            "not_member, unknown_group, not_group_member, term_jump, timeout_now, beyond_log, snapshot)",
+            "not_member, unknown_group, not_group_member, term_jump, timeout_now, beyond_log, snapshot, identity)",
             ["reason"], registry=r,
         )
         self.reads = Counter("kvstore_reads_total", "Reads served", registry=r)

@@ -32,6 +32,7 @@ from kvstore.node.inbound import Inbound, RefusalLog
 from kvstore.node.logic import Bootstrap, NodeLogic
 from kvstore.node.store import NodeStore
 from kvstore.raft import Message, Role
+from kvstore.security.tls import NodeTls, PeerVerifier
 from kvstore.shard.shardmap import META_GROUP
 from kvstore.storage.store import LmdbNodeStore
 from kvstore.transport.peer import CHANNEL_OPTIONS, Transport
@@ -61,6 +62,8 @@ class Node:
         self.reads: ReplicaReads | None = None
         self.transport: Transport | None = None
         self.server: grpc.aio.Server | None = None
+        self.tls: NodeTls | None = None
+        """TLS material (`cfg.certs_dir`), None for a plaintext node; reloaded by `reload_certificates`."""
         self.health = health.HealthServicer()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -104,10 +107,13 @@ class Node:
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         # A large map reserves address space only; it spares growing the map (which would
         # invalidate open read transactions such as streaming scans) in all but huge stores.
+        if cfg.certs_dir is not None:
+            self.tls = NodeTls(cfg.certs_dir, cfg.id)  # before the store: bad certificates fail fast
+        tls = self.tls
         self.store = store = LmdbNodeStore(cfg.data_dir / "db", sync=cfg.sync, map_size=1 << 36)
         self.transport = Transport(
             cfg.id, cfg.cluster_id, store, on_unreachable=lambda n: self.logic.host.report_unreachable(n),
-            on_snapshot_done=self._snapshot_done,
+            on_snapshot_done=self._snapshot_done, tls=tls,
         )
         tracker = self.tracker = AsyncShardTracker(store)
         refused = self.metrics.inbound_refused
@@ -118,7 +124,11 @@ class Node:
         )
         host = self.host = logic.host
         self.inbound = logic.inbound
-        caller = self.caller = GroupCaller(cfg.id, host, self.wake, tracker, cfg.request_timeout, cfg.cluster_id)
+        caller = self.caller = GroupCaller(
+            cfg.id, host, self.wake, tracker, cfg.request_timeout, cfg.cluster_id,
+            credentials=tls.channel_credentials if tls is not None else None,
+        )
+        verify = PeerVerifier(caller.address).refusal if tls is not None else None
         self.coordinator = MoveDriver(NodeCluster(host, tracker, caller))
         logic.start(time.monotonic())
         self.reads = ReplicaReads(
@@ -131,7 +141,7 @@ class Node:
         self.rpc_methods = wire.add_services(server, [
             (RaftService(cfg.id, cfg.cluster_id, self._deliver, store.snapshot_dir, on_heard=self._heard,
                          is_member=self.inbound.is_member, refusals=self.inbound.refusals,
-                         on_connected=self._connected),
+                         on_connected=self._connected, verify=verify),
              raft_pb2.DESCRIPTOR.services_by_name["Raft"]),
             (KVService(cfg, host, self.wake, self.metrics, tracker, self.reads),
              kv_pb2.DESCRIPTOR.services_by_name["KV"]),
@@ -139,11 +149,14 @@ class Node:
              admin_pb2.DESCRIPTOR.services_by_name["Admin"]),
             (ShardService(cfg.id, host, self.wake, tracker, caller, self.coordinator, cfg.request_timeout,
                           cluster_id=cfg.cluster_id, is_member=self.inbound.is_member,
-                          refusals=self.inbound.refusals),
+                          refusals=self.inbound.refusals, verify=verify),
              shard_pb2.DESCRIPTOR.services_by_name["Shard"]),
             (self.health, health_pb2.DESCRIPTOR.services_by_name["Health"]),
         ])
-        self.port = server.add_insecure_port(cfg.listen)
+        self.port = (
+            server.add_insecure_port(cfg.listen) if tls is None
+            else server.add_secure_port(cfg.listen, tls.server_credentials())
+        )
         if self.port == 0:
             raise OSError(f"cannot listen on {cfg.listen}")
         await server.start()
@@ -159,7 +172,24 @@ class Node:
             self._tasks.append(loop.create_task(self._register_learner(), name="register-learner"))
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.SERVING)
-        log.info("node %d of cluster %r serving on %s", cfg.id, cfg.cluster_id, cfg.listen)
+        log.info("node %d of cluster %r serving on %s (%s)", cfg.id, cfg.cluster_id, cfg.listen,
+                 f"TLS, certificates from {cfg.certs_dir}" if tls is not None else "plaintext, no TLS")
+
+    def reload_certificates(self) -> bool:
+        """SIGHUP: read the certs directory again. On success the server presents the new
+        certificate at every later handshake, peer streams redial with it, and the group caller's
+        channels are replaced; open connections and the cluster keep working. On failure (logged)
+        nothing changes."""
+        if self.tls is None:
+            log.warning("SIGHUP: this node runs without --certs-dir; nothing to reload")
+            return False
+        if not self.tls.reload():
+            return False
+        if self.transport is not None:
+            self.transport.certificates_reloaded()
+        if self.caller is not None:
+            self.caller.reset_channels()
+        return True
 
     # --- wiring -----------------------------------------------------------------------------
     def _deliver(self, m: Message) -> None:
@@ -276,7 +306,7 @@ class Node:
         await register_learner(
             self.cfg.id, self.cfg.address, others,
             lambda: (g := host.groups.get(META_GROUP)) is not None and self.cfg.id in g.core.conf.members(),
-            META_GROUP,
+            META_GROUP, credentials=self.tls.channel_credentials() if self.tls is not None else None,
         )
 
     async def stop(self, grace: float = 2.0) -> None:

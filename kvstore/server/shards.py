@@ -81,7 +81,10 @@ class GroupCaller:
         tracker: ShardTracker,
         request_timeout: float,
         cluster_id: str = "kvstore",
+        credentials: Callable[[], grpc.ChannelCredentials] | None = None,
     ) -> None:
+        self.credentials = credentials
+        """TLS: the current channel credentials (None: plaintext); see `reset_channels`."""
         self.node_id = node_id
         self.host = host
         self.wake = wake
@@ -95,8 +98,18 @@ class GroupCaller:
     def stub(self, addr: str) -> shard_pb2_grpc.ShardStub:
         ch = self._channels.get(addr)
         if ch is None:
-            ch = self._channels[addr] = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+            ch = self._channels[addr] = (
+                grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS) if self.credentials is None
+                else grpc.aio.secure_channel(addr, self.credentials(), options=CHANNEL_OPTIONS)
+            )
         return shard_pb2_grpc.ShardStub(ch)
+
+    def reset_channels(self) -> None:
+        """Certificates were reloaded: later calls dial new channels; the old ones are closed
+        once the calls on them had time to finish."""
+        chans, self._channels = list(self._channels.values()), {}
+        for ch in chans:
+            asyncio.get_running_loop().create_task(ch.close(grace=2 * self.request_timeout + 1))
 
     async def close(self) -> None:
         chans, self._channels = list(self._channels.values()), {}
@@ -406,7 +419,10 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         cluster_id: str = "kvstore",
         is_member: Callable[[int], bool] = lambda node: True,
         refusals: RefusalLog | None = None,
+        verify: Callable[[grpc.aio.ServicerContext, int], str | None] | None = None,
     ) -> None:
+        self.verify = verify
+        """TLS: why the caller may not speak for a node id (None: it may); None: no TLS check."""
         self.cluster_id = cluster_id
         self.is_member = is_member
         self.refusals = refusals
@@ -428,7 +444,11 @@ class ShardService(shard_pb2_grpc.ShardServicer):
 
     async def _internal(self, cluster_id: str, frm: int, what: str, context: grpc.aio.ServicerContext) -> None:
         """Internal RPCs answer only members of this cluster (by the caller's cluster id and node
-        id now; by its certificate once nodes authenticate each other)."""
+        id, and with TLS by its certificate, which must be the node certificate of `frm`)."""
+        if self.verify is not None and (why := self.verify(context, frm)) is not None:
+            if self.refusals is not None:
+                self.refusals.refuse(frm, "identity", f"{what}: {why}")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{what}: not node {frm}: {why}")
         if cluster_id != self.cluster_id or not self.is_member(frm):
             if self.refusals is not None:  # counted, logged once per sender per minute
                 self.refusals.refuse(frm, "not_member", f"{what} (cluster {cluster_id[:64]!r}): not a member")

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -25,6 +26,9 @@ from kvstore.raft import Message, Snapshot
 from kvstore.v1 import raft_pb2, raft_pb2_grpc
 
 from .codec import to_proto
+
+if TYPE_CHECKING:
+    from kvstore.security.tls import NodeTls
 
 log = logging.getLogger("kvstore.transport")
 
@@ -55,6 +59,8 @@ class Peer:
         self.queue: list[raft_pb2.RaftMessage] = []
         self.wake = asyncio.Event()
         self.channel: grpc.aio.Channel | None = None
+        self.channel_generation = 0
+        """The TLS generation (`NodeTls.generation`) `channel` was dialled with."""
         self.task: asyncio.Task[None] | None = None
         self.connected = False
         self.dropped = 0
@@ -85,9 +91,20 @@ class Peer:
         self.wake.set()
 
     def _channel(self) -> grpc.aio.Channel:
+        """The channel to the peer; after a certificate reload, a new one dialled with the new
+        credentials (the old one is closed: its stream has ended, see `_batches`)."""
+        tls = self.t.tls
+        if self.channel is not None and tls is not None and self.channel_generation != tls.generation:
+            old, self.channel = self.channel, None
+            asyncio.get_running_loop().create_task(old.close(grace=5.0))
         if self.channel is None:
-            self.channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            self.channel = self.t.dial(self.address)
+            self.channel_generation = tls.generation if tls is not None else 0
         return self.channel
+
+    def _stale(self) -> bool:
+        tls = self.t.tls
+        return tls is not None and self.channel_generation != tls.generation
 
     async def _batches(self) -> AsyncIterator[raft_pb2.RaftBatch]:
         while True:
@@ -95,6 +112,8 @@ class Peer:
                 self.wake.clear()
                 await self.wake.wait()
             self.wake.clear()
+            if self._stale():
+                return  # certificates reloaded: end this stream cleanly, `_run` redials
             msgs, self.queue = self.queue, []
             self.sent_batches += 1
             self.sent_messages += len(msgs)
@@ -138,7 +157,10 @@ class Transport:
         store: NodeStore,
         on_unreachable: Callable[[int], None],
         on_snapshot_done: Callable[[int, int, bool], None],
+        tls: NodeTls | None = None,
     ) -> None:
+        self.tls = tls
+        """None: plaintext channels; else every channel presents the node certificate."""
         self.node_id = node_id
         self.cluster_id = cluster_id
         self.store = store
@@ -169,6 +191,18 @@ class Transport:
     @property
     def peer_ids(self) -> list[int]:
         return list(self.peers)
+
+    def dial(self, address: str) -> grpc.aio.Channel:
+        """A channel to a peer: TLS with this node's certificate when the node has one."""
+        if self.tls is None:
+            return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(address, self.tls.channel_credentials(), options=CHANNEL_OPTIONS)
+
+    def certificates_reloaded(self) -> None:
+        """Each peer ends its stream after its next batch and redials with the new credentials
+        (no batch is lost: the queue is kept; a snapshot in flight finishes on its channel)."""
+        for p in self.peers.values():
+            p.ping()
 
     def ping(self) -> None:
         for p in self.peers.values():
@@ -213,7 +247,7 @@ class Transport:
                     await asyncio.sleep(0)
                 yield chunk(b"", first, True)
 
-            ch = self.peers[m.to]._channel() if m.to in self.peers else grpc.aio.insecure_channel(addr)
+            ch = self.peers[m.to]._channel() if m.to in self.peers else self.dial(addr)
             stub = raft_pb2_grpc.RaftStub(ch)
             log.info("sending snapshot of group %d at index %d to node %d", m.group, meta.index, m.to)
             resp = await stub.SendSnapshot(stream(), timeout=600)

@@ -1,6 +1,9 @@
 """Inbound Raft traffic: the `Raft` gRPC service.
 
 What arrives here is hostile until shown otherwise:
+- with TLS, the caller's certificate (verified by the handshake against the cluster's CA) must
+  be a node certificate naming the node id the stream claims in `from` (`verify`, see
+  `kvstore.security.tls.PeerVerifier`), else PERMISSION_DENIED before anything is delivered;
 - a batch or snapshot from a node of another cluster (cluster id mismatch) or addressed to
   another node id is refused with FAILED_PRECONDITION; one from a node that is not a member of
   this cluster (`is_member`) with PERMISSION_DENIED. Membership is checked on every batch, so a
@@ -51,7 +54,10 @@ class RaftService(raft_pb2_grpc.RaftServicer):
         is_member: Callable[[int], bool] | None = None,
         on_connected: Callable[[int], None] | None = None,
         refusals: RefusalLog | None = None,
+        verify: Callable[[grpc.aio.ServicerContext, int], str | None] | None = None,
     ) -> None:
+        self.verify = verify
+        """TLS: why the caller may not speak for a node id (None: it may). None: no TLS check."""
         self.on_heard = on_heard
         """Called with the sender of every accepted batch (node-level liveness)."""
         self.is_member = is_member
@@ -76,6 +82,9 @@ class RaftService(raft_pb2_grpc.RaftServicer):
             log.warning("refused traffic from node %d (%s): %s", frm, reason, detail)
 
     async def _check(self, cluster_id: str, frm: int, to: int, context: grpc.aio.ServicerContext) -> None:
+        if self.verify is not None and (why := self.verify(context, frm)) is not None:
+            self._refuse(frm, "identity", why)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"not node {frm}: {why}")
         if cluster_id != self.cluster_id:
             self._refuse(frm, "cluster_id", f"cluster id mismatch: it is of cluster {cluster_id[:64]!r}, "
                          f"this is {self.cluster_id!r}")
