@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate the Python code for proto/kvstore/v1/*.proto into kvstore/v1/ (committed).
-# tests/test_proto_current.py fails if the committed code differs from what this produces.
+# tests/unit/test_proto_current.py fails if the committed code differs from what this produces.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-.}

@@ -196,7 +196,7 @@ NODE_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
 (`chaos/sim/nodes.py`) runs that code."""
 
 MOVE_BUGS = ("node-serve-after-freeze", "node-activate-before-install", "node-shared-install-token")
-"""The node bugs that only range moves show (`tests/test_node_sim_moves.py` hunts them with moves
+"""The node bugs that only range moves show (`tests/simulation/test_node_sim_moves.py` hunts them with moves
 on every seed)."""
 
 ALL_BUGS = {**BUGS, **NODE_BUGS}

@@ -3,7 +3,7 @@
 Two implementations: `kvstore.storage.store.LmdbNodeStore` (the server: one LMDB environment, one
 write transaction and one fsync per call) and `kvstore.node.memstore.MemoryNodeStore` (the
 simulator: plain Python data, deterministic, with a durability model and disk faults). A contract
-test (`tests/test_node_store.py`) runs the same suite on both and checks they agree.
+test (`tests/unit/test_node_store.py`) runs the same suite on both and checks they agree.
 
 Contract shared by every method that writes (`persist_and_apply`, `bootstrap`, `destroy_group`,
 `compact`):

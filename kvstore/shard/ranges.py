@@ -1,7 +1,7 @@
 """The 64-bit key hash and sets of hash intervals. STANDARD LIBRARY ONLY.
 
 The state machine (`kvstore.storage.machine`) decides ownership with this module, so it must stay
-free of I/O and third-party imports (tests/test_purity.py walks it).
+free of I/O and third-party imports (tests/unit/test_purity.py walks it).
 
 Hash space: integers in [0, 2**64). `key_hash` is BLAKE2b with an 8-byte digest, read big-endian:
 stable across processes, machines and Python versions (never Python's salted `hash()`).

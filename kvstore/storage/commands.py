@@ -1,6 +1,6 @@
 """State-machine commands carried in Raft entries, and their results. STANDARD LIBRARY ONLY.
 
-The deterministic simulator imports this module; `tests/test_storage.py` walks its imports.
+The deterministic simulator imports this module; `tests/unit/test_storage.py` walks its imports.
 
 Command wire format (big-endian, `struct`; never pickle or json):
 

@@ -21,7 +21,7 @@ from kvstore.shard.ranges import HASH_MAX, IntervalSet, key_hash
 from kvstore.shard.ring import Ring, ring_diff, vnode_point
 from kvstore.shard.shardmap import MoveState, ShardMap, ShardMapError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SPACE = HASH_MAX + 1
 N_KEYS = 1_000_000
 

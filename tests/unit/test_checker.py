@@ -26,14 +26,14 @@ from chaos.checker import (
 )
 from chaos.checker.wgl import Search
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _vectors_dir() -> Path:
     env = os.environ.get("KVSTORE_VECTORS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent / "vectors/porcupine"
+    return Path(__file__).resolve().parents[1] / "vectors/porcupine"
 
 
 VECTORS = _vectors_dir()

@@ -3,8 +3,8 @@ and the commands) and compares the output with the expected one.
 
 Rewrite the expected outputs after a deliberate change of behaviour, then review the diff:
 
-    KVSTORE_REWRITE_TRANSCRIPTS=1 .venv/bin/pytest tests/test_raft_transcripts.py
-    .venv/bin/pytest tests/test_raft_transcripts.py --rewrite
+    KVSTORE_REWRITE_TRANSCRIPTS=1 .venv/bin/pytest tests/unit/test_raft_transcripts.py
+    .venv/bin/pytest tests/unit/test_raft_transcripts.py --rewrite
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from rafttranscript import (
     REWRITE_ENV,
+    TRANSCRIPT_DIR,
     InteractionEnv,
     check_file,
     parse_transcript,
@@ -88,7 +89,7 @@ def test_every_core_plant_is_checked() -> None:
 
 @pytest.mark.parametrize("bug", sorted(PLANTED))
 def test_planted_bug_fails_a_transcript(bug: str) -> None:
-    path = Path(__file__).parent / "raft_transcripts" / PLANTED[bug]
+    path = TRANSCRIPT_DIR / PLANTED[bug]
     assert check_file(path) is None, f"{path.name} must pass without the bug"
     with planted(bug):
         try:

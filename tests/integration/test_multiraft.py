@@ -36,7 +36,7 @@ from kvstore.v1 import admin_pb2, kv_pb2, kv_pb2_grpc
 
 pytestmark = pytest.mark.timeout(300)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 

@@ -41,7 +41,7 @@ from kvstore.storage.machine import STALE_REQUEST, DictState, apply_data
 from kvstore.storage.snapfile import encode_snapshot
 from kvstore.storage.store import ApplyBatch, GroupWrite, NodeStore
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF = ConfState((1, 2, 3))
 
 

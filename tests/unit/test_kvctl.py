@@ -17,7 +17,7 @@ from kvstore.v1 import kv_pb2
 
 pytestmark = pytest.mark.timeout(30)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Read replicas on a real cluster: 3 voters + 2 learners (`kvstore serve --learner`), loopback.
 
-Partitions need network namespaces: those cases are in tests/test_chaos.py (the `replicas`
-workload and nemesis) and, in process, tests/test_replica_reads.py.
+Partitions need network namespaces: those cases are in tests/chaos/test_chaos.py (the `replicas`
+workload and nemesis) and, in process, tests/integration/test_replica_reads.py.
 """
 
 from __future__ import annotations
