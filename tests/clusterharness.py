@@ -193,6 +193,25 @@ class Cluster:
         logs = "\n".join(f"--- n{n.id}\n{n.log_text()[-2000:]}" for n in self.nodes.values())
         raise AssertionError(f"no leader within {timeout}s\n{logs}")
 
+    def settled_leader(self, group: int = 1, timeout: float = 30.0) -> NodeProc:
+        """`group`'s leader once it is the group's preferred node (the leader balancer hands each
+        group there after a start, and then leaves it) and every running node knows it."""
+        from kvstore.client import Client
+
+        with Client(self.endpoints, credentials=self.credentials) as c:
+            smap = c.shard_map(refresh=True)
+        assert smap is not None
+        preferred = smap.groups[group].voters[0]
+        deadline = time.monotonic() + timeout
+        while True:
+            ld = self.wait_leader()
+            views = [g.leader_id if (st := n.status()) is not None and (g := group_status(st, group)) else 0
+                     for n in self.nodes.values() if n.alive]
+            if ld.id == preferred and all(v == preferred for v in views):
+                return ld
+            assert time.monotonic() < deadline, f"the leader never settled on its preferred node ({views})"
+            time.sleep(0.05)
+
     def stop(self) -> None:
         for n in self.nodes.values():  # all at once: each node's graceful stop takes a while
             if n.alive and n.proc is not None:

@@ -15,24 +15,14 @@ import pytest
 from clusterharness import Cluster, NodeProc
 
 from kvstore import errors
-from kvstore.client import AsyncClient, Client
+from kvstore.client import AsyncClient
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def _settled_leader(cluster: Cluster) -> NodeProc:
-    """The data group's leader once it is the group's preferred node: right after start the
-    leader balancer may hand the group there, and then it leaves it."""
-    with Client(cluster.endpoints) as c:
-        smap = c.shard_map(refresh=True)
-    assert smap is not None
-    preferred = smap.groups[1].voters[0]
-    deadline = time.monotonic() + 30
-    while (ld := cluster.wait_leader()).id != preferred:
-        assert time.monotonic() < deadline, "the leader never settled on its preferred node"
-        time.sleep(0.05)
-    return ld
+    return cluster.settled_leader()
 
 
 def _session(seq: int) -> kv_pb2.Session:

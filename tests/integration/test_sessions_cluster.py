@@ -81,17 +81,7 @@ def _put(leader: str, key: bytes, value: bytes, session: kv_pb2.Session) -> kv_p
 
 
 def _settled_leader(cluster: Cluster) -> str:
-    """The address of group 1's leader once it is the group's preferred node (the leader
-    balancer moves it there first, and then leaves it)."""
-    with Client(cluster.endpoints) as c:
-        smap = c.shard_map(refresh=True)
-    assert smap is not None
-    preferred = smap.groups[1].voters[0]
-    deadline = time.monotonic() + 30
-    while (ld := cluster.wait_leader()).id != preferred:
-        assert time.monotonic() < deadline, "the leader never settled on its preferred node"
-        time.sleep(0.1)
-    return ld.address
+    return cluster.settled_leader().address
 
 
 def test_session_table_stays_flat_and_an_expired_retry_is_not_applied_twice(tmp_path: Path) -> None:
