@@ -25,6 +25,7 @@ __all__ = [
     "LeadershipLost",
     "NoLeader",
     "NotLeader",
+    "PermissionDenied",
     "ProposalDropped",
     "RequestTooLarge",
     "SessionExpired",
@@ -32,6 +33,7 @@ __all__ = [
     "StaleReplica",
     "StorageFull",
     "Timeout",
+    "Unauthenticated",
     "Unavailable",
     "ValueTooLarge",
     "WrongShard",
@@ -248,6 +250,23 @@ class SessionExpired(KVError):
     default_message = "session expired"
 
 
+class Unauthenticated(KVError):
+    """Definite: auth is enabled and the caller presented no valid credentials (no token, or one
+    that expired or was revoked by a password change): nothing was applied. Log in again."""
+
+    code = kv_pb2.UNAUTHENTICATED
+    code_name = "UNAUTHENTICATED"
+    default_message = "not authenticated"
+
+
+class PermissionDenied(KVError):
+    """Definite: the caller's identity has no permission for this operation; nothing was applied."""
+
+    code = kv_pb2.PERMISSION_DENIED
+    code_name = "PERMISSION_DENIED"
+    default_message = "permission denied"
+
+
 class InternalError(KVError):
     """Indeterminate (for writes): an unexpected server failure; the write may have been applied."""
 
@@ -288,6 +307,8 @@ _BY_CODE: dict[int, type[KVError]] = {
     kv_pb2.INTERNAL: InternalError,
     kv_pb2.STALE_REPLICA: StaleReplica,
     kv_pb2.SESSION_EXPIRED: SessionExpired,
+    kv_pb2.UNAUTHENTICATED: Unauthenticated,
+    kv_pb2.PERMISSION_DENIED: PermissionDenied,
 }
 
 

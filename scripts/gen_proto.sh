@@ -8,4 +8,4 @@ PY=${PYTHON:-.venv/bin/python}
 "$PY" -m grpc_tools.protoc -Iproto \
   --python_out="$OUT" --pyi_out="$OUT" --grpc_python_out="$OUT" \
   proto/kvstore/v1/raft.proto proto/kvstore/v1/kv.proto proto/kvstore/v1/admin.proto \
-  proto/kvstore/v1/shard.proto
+  proto/kvstore/v1/shard.proto proto/kvstore/v1/auth.proto

@@ -6,7 +6,8 @@ The rules (no behaviour of their own beyond classification):
   stream broken before the operation was sent) is definite and retryable;
 - a connection lost after sending, a deadline exceeded, a cancelled call or a server-side
   failure leaves a *write* indeterminate (a read is always definite);
-- errors retrying cannot fix (too large, invalid argument, unimplemented) are not retried.
+- errors retrying cannot fix (too large, invalid argument, unimplemented, unauthenticated,
+  permission denied: all definite, the server refused before doing anything) are not retried.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from kvstore.errors import (
     LeadershipLost,
     NoLeader,
     NotLeader,
+    PermissionDenied,
     ProposalDropped,
     RequestTooLarge,
     ShuttingDown,
     StaleReplica,
     StorageFull,
     Timeout,
+    Unauthenticated,
     Unavailable,
     WrongShard,
 )
@@ -127,6 +130,16 @@ def classify(exc: grpc.aio.AioRpcError, *, endpoint: str, is_write: bool) -> Rpc
             transport=False,
             retryable=False,
             reason=details,
+        )
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return RpcFailure(
+            Unauthenticated(f"{endpoint}: {details}", indeterminate=False),
+            transport=False, retryable=False, reason=details,
+        )
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return RpcFailure(
+            PermissionDenied(f"{endpoint}: {details}", indeterminate=False),
+            transport=False, retryable=False, reason=details,
         )
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return RpcFailure(

@@ -18,6 +18,7 @@ import grpc
 
 from kvstore import errors
 from kvstore.node.host import Host
+from kvstore.security.guard import AuthGuard
 from kvstore.storage.errors import StorageError
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
@@ -41,10 +42,11 @@ class KVService(kv_pb2_grpc.KVServicer):
         metrics: Metrics,
         tracker: ShardTracker,
         reads: ReplicaReads | None = None,
+        guard: AuthGuard | None = None,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
-        self.requests = KVRequests(cfg, host, wake, metrics, tracker, reads)
+        self.requests = KVRequests(cfg, host, wake, metrics, tracker, reads, guard)
 
     async def Get(self, request: kv_pb2.GetRequest, context: grpc.aio.ServicerContext | None) -> kv_pb2.GetResponse:
         return await self.requests.get(request)

@@ -32,15 +32,17 @@ from kvstore.node.inbound import Inbound, RefusalLog
 from kvstore.node.logic import Bootstrap, NodeLogic
 from kvstore.node.store import NodeStore
 from kvstore.raft import Message, Role
+from kvstore.security.guard import AuthGuard, AuthTracker
 from kvstore.security.tls import NodeTls, PeerVerifier
 from kvstore.shard.shardmap import META_GROUP
 from kvstore.storage.store import LmdbNodeStore
 from kvstore.transport.peer import CHANNEL_OPTIONS, Transport
 from kvstore.transport.service import RaftService
-from kvstore.v1 import admin_pb2, kv_pb2, raft_pb2, shard_pb2
+from kvstore.v1 import admin_pb2, auth_pb2, kv_pb2, raft_pb2, shard_pb2
 
 from . import wire
 from .admin_service import AdminService
+from .auth_service import AuthService
 from .config import NodeConfig
 from .kv_service import KVService
 from .learner import register_learner
@@ -71,6 +73,10 @@ class Node:
         self.rpc_methods: list[str] = []
         """Every gRPC method the node serves (`/package.Service/Method`)."""
         self.tracker: AsyncShardTracker | None = None
+        self.auth: AuthTracker
+        """The auth state as of the metadata group's applied state here."""
+        self.guard: AuthGuard
+        """Authenticates every call and checks permissions (`kvstore/security/guard.py`)."""
         self.caller: GroupCaller | None = None
         self.coordinator: MoveDriver | None = None
         self._gauges_at = 0.0
@@ -128,7 +134,11 @@ class Node:
             cfg.id, host, self.wake, tracker, cfg.request_timeout, cfg.cluster_id,
             credentials=tls.channel_credentials if tls is not None else None,
         )
-        verify = PeerVerifier(caller.address).refusal if tls is not None else None
+        verifier = PeerVerifier(caller.address) if tls is not None else None
+        verify = verifier.refusal if verifier is not None else None
+        auth = self.auth = AuthTracker(store)
+        auth.refresh()
+        self.guard = guard = AuthGuard(auth, verifier)
         self.coordinator = MoveDriver(NodeCluster(host, tracker, caller))
         logic.start(time.monotonic())
         self.reads = ReplicaReads(
@@ -143,7 +153,7 @@ class Node:
                          is_member=self.inbound.is_member, refusals=self.inbound.refusals,
                          on_connected=self._connected, verify=verify),
              raft_pb2.DESCRIPTOR.services_by_name["Raft"]),
-            (KVService(cfg, host, self.wake, self.metrics, tracker, self.reads),
+            (KVService(cfg, host, self.wake, self.metrics, tracker, self.reads, guard),
              kv_pb2.DESCRIPTOR.services_by_name["KV"]),
             (AdminService(cfg, host, self.wake, tracker, caller, self.coordinator, self.reads),
              admin_pb2.DESCRIPTOR.services_by_name["Admin"]),
@@ -151,8 +161,9 @@ class Node:
                           cluster_id=cfg.cluster_id, is_member=self.inbound.is_member,
                           refusals=self.inbound.refusals, verify=verify),
              shard_pb2.DESCRIPTOR.services_by_name["Shard"]),
+            (AuthService(auth, guard, caller, cfg.request_timeout), auth_pb2.DESCRIPTOR.services_by_name["Auth"]),
             (self.health, health_pb2.DESCRIPTOR.services_by_name["Health"]),
-        ])
+        ], guard)
         self.port = (
             server.add_insecure_port(cfg.listen) if tls is None
             else server.add_secure_port(cfg.listen, tls.server_credentials())
@@ -261,6 +272,7 @@ class Node:
                         m.fsync_seconds.observe(cycle.seconds)
                     m.ready_groups.observe(n)
                     self.logic.after_cycle()
+                    self.auth.refresh()
                 if host.failed is not None:
                     m.storage_full.set(1)
                     self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.NOT_SERVING)

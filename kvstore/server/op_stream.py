@@ -27,6 +27,7 @@ from typing import Any
 
 from kvstore import errors
 from kvstore.raft import Role
+from kvstore.security.rbac import READ
 from kvstore.storage.commands import ApplyResult
 from kvstore.v1 import kv_pb2
 
@@ -201,6 +202,7 @@ class OpStream:
     def _get(self, op_id: int, req: kv_pb2.GetRequest, timeout: float) -> None:
         svc = self.svc
         svc.check_key(req.key)
+        svc.allow(req.key, READ)
         gid = svc.group_for(req.key)
         g = svc.host.groups[gid]
         if req.consistency != kv_pb2.LINEARIZABLE or g.core.role != Role.LEADER:

@@ -26,6 +26,8 @@ from typing import Any
 from kvstore import errors
 from kvstore.node.host import Host
 from kvstore.node.store import ReadStream
+from kvstore.security.guard import AuthGuard
+from kvstore.security.rbac import READ, READWRITE, WRITE, PermKind
 from kvstore.shard.ranges import IntervalSet, key_hash
 from kvstore.storage import commands
 from kvstore.storage.commands import ApplyResult
@@ -55,7 +57,10 @@ class KVRequests:
         metrics: Metrics,
         tracker: ShardTracker,
         reads: ReplicaReads | None = None,
+        guard: AuthGuard | None = None,
     ) -> None:
+        self.guard = guard
+        """Key permissions per operation (None: no auth, as in tests of the bare service)."""
         self.cfg = cfg
         self.host = host
         self.store = host.store
@@ -70,6 +75,11 @@ class KVRequests:
             raise errors.InvalidArgument("key must not be empty")
         if len(key) > self.cfg.limits.max_key:
             raise errors.KeyTooLarge(len(key), self.cfg.limits.max_key)
+
+    def allow(self, key: bytes, access: PermKind) -> None:
+        """PermissionDenied (definite) unless the call's identity may `access` `key`."""
+        if self.guard is not None:
+            self.guard.check_key(key, access)
 
     def check_value(self, value: bytes) -> None:
         if len(value) > self.cfg.limits.max_value:
@@ -150,6 +160,7 @@ class KVRequests:
     def prepare_put(self, r: kv_pb2.PutRequest) -> tuple[bytes, bytes]:
         """(key, command) of a checked put."""
         self.check_key(r.key)
+        self.allow(r.key, WRITE)
         self.check_value(r.value)
         s = r.session
         return r.key, _encode(commands.encode_put, r.key, r.value, s.client_id, s.seq, s.ack, s.retry, s.horizon)
@@ -157,12 +168,15 @@ class KVRequests:
     def prepare_delete(self, r: kv_pb2.DeleteRequest) -> tuple[bytes, bytes]:
         """(key, command) of a checked delete."""
         self.check_key(r.key)
+        self.allow(r.key, WRITE)
         s = r.session
         return r.key, _encode(commands.encode_delete, r.key, s.client_id, s.seq, s.ack, s.retry, s.horizon)
 
     def prepare_cas(self, r: kv_pb2.CasRequest) -> tuple[bytes, bytes]:
-        """(key, command) of a checked compare-and-swap."""
+        """(key, command) of a checked compare-and-swap (it may reveal the current value: read
+        and write permission)."""
         self.check_key(r.key)
+        self.allow(r.key, READWRITE)
         self.check_value(r.value)
         self.check_value(r.expected)
         if r.expect_absent and r.expected:
@@ -214,6 +228,7 @@ class KVRequests:
         """A whole read, every failure in the reply (`KV.Get`, and the stream's slow reads)."""
         try:
             self.check_key(request.key)
+            self.allow(request.key, READ)
             gid = self.group_for(request.key)
             point = await self.read_point(gid, request.consistency, request.max_staleness_ms)
             return self.get_reply(gid, request.key, point)
@@ -262,6 +277,8 @@ class KVRequests:
             start, end = request.prefix, _prefix_end(request.prefix)
         else:
             start, end = request.start, request.end or None
+        if self.guard is not None:
+            self.guard.check_range(start, end, READ)
         gid = request.group
         if gid == 0 or gid not in self.host.groups:
             raise self.wrong_shard(f"group {gid} is not on node {self.cfg.id}")

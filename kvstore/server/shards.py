@@ -24,6 +24,7 @@ from kvstore.node.inbound import RefusalLog
 from kvstore.node.store import NodeStore
 from kvstore.node.tracker import ShardTracker
 from kvstore.raft import ConfChange, Role
+from kvstore.security.authstate import AUTH_KEY, AuthError, AuthState
 from kvstore.shard.ranges import IntervalSet
 from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, ShardMap, ShardMapError
 from kvstore.storage import commands
@@ -279,8 +280,13 @@ def check_group_request(request: shard_pb2.GroupProposeRequest, smap: ShardMap |
             cmd = commands.decode_command(data)
         except ValueError as err:
             raise errors.InvalidArgument(f"malformed command for the metadata group: {err}") from None
+        if cmd.op == commands.Op.CAS and cmd.key == AUTH_KEY:
+            check_auth_change(cmd.expect_absent, cmd.expected, cmd.value)
+            return None
         if cmd.op != commands.Op.CAS or cmd.key != SHARD_MAP_KEY or cmd.expect_absent:
-            raise errors.InvalidArgument("the metadata group takes only compare-and-swaps of the shard map")
+            raise errors.InvalidArgument(
+                "the metadata group takes only compare-and-swaps of the shard map and of the auth state"
+            )
         try:
             old, new = ShardMap.decode(cmd.expected), ShardMap.decode(cmd.value)
         except ShardMapError as err:
@@ -303,6 +309,18 @@ def check_group_request(request: shard_pb2.GroupProposeRequest, smap: ShardMap |
     if request.group != part or (sc.op != ShardOp.INSTALL and sc.ranges != mv.ranges):
         raise errors.InvalidArgument(f"{sc.op.name} in group {request.group} is not a step of range move {mv.id}")
     return None
+
+
+def check_auth_change(expect_absent: bool, expected: bytes, value: bytes) -> None:
+    """A CAS of the auth state must replace a valid state (or none) by a valid state of the next
+    version; errors.InvalidArgument (definite) otherwise."""
+    try:
+        old = AuthState() if expect_absent else AuthState.decode(expected)
+        new = AuthState.decode(value)
+    except AuthError as err:
+        raise errors.InvalidArgument(f"not a valid auth state: {err}") from None
+    if new.version != old.version + 1:
+        raise errors.InvalidArgument(f"auth state version {new.version} does not follow {old.version}")
 
 
 async def local_group_call(

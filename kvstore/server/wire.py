@@ -12,6 +12,11 @@ service is registered from the service's descriptor (so a new RPC cannot be forg
   aborts with INVALID_ARGUMENT. Nothing after the malformed message is read.
 
 Other calls are not disturbed: each malformed request fails only its own call.
+
+With an auth guard (`kvstore/security/guard.py`), every method also needs a rule in
+`guard.RULES` (registration fails otherwise, so a new RPC cannot be forgotten), and every call of
+a USER or ADMIN method is authenticated and admitted by the guard before its handler runs (a
+stream once, at its start); the identity is then `identity_of_call(context)` in the handler.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from typing import Any
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+
+from kvstore.security.guard import AuthGuard, Rule, rule_of
 
 __all__ = ["Malformed", "MalformedRequest", "add_services", "decoder"]
 
@@ -69,8 +76,16 @@ async def _until_malformed(requests: AsyncIterator[Any], seen: list[Malformed]) 
         yield r
 
 
-def _wrap(fn: Callable[..., Any], m: MethodDescriptor) -> Callable[..., Any]:
-    """`fn` (a servicer's bound method) guarded against `Malformed` requests."""
+def _wrap(fn: Callable[..., Any], m: MethodDescriptor, guard: AuthGuard | None = None,
+          path: str = "") -> Callable[..., Any]:
+    """`fn` (a servicer's bound method) guarded against `Malformed` requests and, with `guard`,
+    by the method's auth rule."""
+    if guard is not None:
+        rule = rule_of(path)
+        if rule in (Rule.USER, Rule.ADMIN):
+            if not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
+                raise TypeError(f"{path}: a handler that needs authentication must be async")
+            fn = _guarded(fn, guard, path, rule, inspect.isasyncgenfunction(fn))
     where = m.full_name
     if m.client_streaming:
         if not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
@@ -134,6 +149,23 @@ def _wrap(fn: Callable[..., Any], m: MethodDescriptor) -> Callable[..., Any]:
     return unary_unary_sync
 
 
+def _guarded(fn: Callable[..., Any], guard: AuthGuard, path: str, rule: Rule, gen: bool) -> Callable[..., Any]:
+    if gen:
+
+        async def guarded_gen(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await guard.admit(path, rule, context)
+            async for resp in fn(request, context):
+                yield resp
+
+        return guarded_gen
+
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await guard.admit(path, rule, context)
+        return await fn(request, context)
+
+    return guarded
+
+
 _HANDLER = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
@@ -142,10 +174,12 @@ _HANDLER = {
 }
 
 
-def add_services(server: grpc.aio.Server, services: Iterable[tuple[object, ServiceDescriptor]]) -> list[str]:
+def add_services(
+    server: grpc.aio.Server, services: Iterable[tuple[object, ServiceDescriptor]], guard: AuthGuard | None = None
+) -> list[str]:
     """Register each `(servicer, service descriptor)` on `server`, every method of the descriptor
-    with a total deserializer and the `Malformed` guard. Returns the paths of the methods
-    registered (`/package.Service/Method`)."""
+    with a total deserializer, the `Malformed` guard and (with `guard`) its auth rule. Returns
+    the paths of the methods registered (`/package.Service/Method`)."""
     paths = []
     for servicer, service in services:
         handlers = {}
@@ -153,11 +187,12 @@ def add_services(server: grpc.aio.Server, services: Iterable[tuple[object, Servi
             request_cls = message_factory.GetMessageClass(m.input_type)
             response_cls = message_factory.GetMessageClass(m.output_type)
             make = _HANDLER[(m.client_streaming, m.server_streaming)]
+            path = f"/{service.full_name}/{m.name}"
             handlers[m.name] = make(
-                _wrap(getattr(servicer, m.name), m),
+                _wrap(getattr(servicer, m.name), m, guard, path),
                 request_deserializer=decoder(request_cls),
                 response_serializer=response_cls.SerializeToString,
             )
-            paths.append(f"/{service.full_name}/{m.name}")
+            paths.append(path)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     return paths

@@ -25,6 +25,8 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INTERNAL: _ClassVar[ErrorCode]
     STALE_REPLICA: _ClassVar[ErrorCode]
     SESSION_EXPIRED: _ClassVar[ErrorCode]
+    UNAUTHENTICATED: _ClassVar[ErrorCode]
+    PERMISSION_DENIED: _ClassVar[ErrorCode]
 
 class Consistency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -48,6 +50,8 @@ SHUTTING_DOWN: ErrorCode
 INTERNAL: ErrorCode
 STALE_REPLICA: ErrorCode
 SESSION_EXPIRED: ErrorCode
+UNAUTHENTICATED: ErrorCode
+PERMISSION_DENIED: ErrorCode
 LINEARIZABLE: Consistency
 SERIALIZABLE: Consistency
 STALE: Consistency

@@ -1,0 +1,232 @@
+"""The auth guard: every RPC is authenticated once (per call; once per stream for streams) and
+admitted by its method's rule before its handler runs; key permissions are checked per operation.
+
+Rules (`RULES`, by method path; registering a method without a rule is an error, so a new RPC
+cannot be forgotten):
+- PUBLIC: anyone (health checks, `Auth.Authenticate`);
+- INTERNAL: node-to-node RPCs; governed by node certificates and cluster membership in their
+  handlers (`tls.PeerVerifier`, `transport/service.py`, `server/shards.py`), never by users;
+- USER: any authenticated principal while auth is enabled; the handler checks each key
+  (`check_key` / `check_range`) or what the request asks (`Auth.Change`);
+- ADMIN: the admin permission (user `root`, holders of role `admin`, and nodes).
+While auth is disabled every USER and ADMIN call is admitted (as before auth existed; with TLS
+the handshake still demands a client certificate of the cluster's CA).
+
+Refusals are definite: UNAUTHENTICATED (no valid credentials) or PERMISSION_DENIED, as gRPC
+status for a whole call and as the operation's error inside a stream.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from kvstore import errors
+
+from .authstate import AUTH_KEY, AuthError, AuthState
+from .identity import ANONYMOUS, Principal, PrincipalKind, identity_of_call, set_identity, token_of
+from .rbac import Grants, PermKind
+from .tls import PeerVerifier
+from .tokens import TokenError, validate
+
+log = logging.getLogger("kvstore.auth")
+
+META_GROUP = 0
+
+
+class Rule(enum.Enum):
+    PUBLIC = "public"
+    INTERNAL = "internal"
+    USER = "user"
+    ADMIN = "admin"
+
+
+RULES: dict[str, Rule] = {
+    "/grpc.health.v1.Health": Rule.PUBLIC,
+    "/kvstore.v1.Raft/Send": Rule.INTERNAL,
+    "/kvstore.v1.Raft/SendSnapshot": Rule.INTERNAL,
+    "/kvstore.v1.Shard/GroupPropose": Rule.INTERNAL,
+    "/kvstore.v1.Shard/ExportRange": Rule.INTERNAL,
+    "/kvstore.v1.Shard/GetShardMap": Rule.USER,
+    "/kvstore.v1.Shard/ShardOp": Rule.ADMIN,
+    "/kvstore.v1.KV/Stream": Rule.USER,
+    "/kvstore.v1.KV/Get": Rule.USER,
+    "/kvstore.v1.KV/Put": Rule.USER,
+    "/kvstore.v1.KV/Delete": Rule.USER,
+    "/kvstore.v1.KV/Cas": Rule.USER,
+    "/kvstore.v1.KV/Scan": Rule.USER,
+    "/kvstore.v1.Admin/Status": Rule.USER,
+    "/kvstore.v1.Admin/AddMember": Rule.ADMIN,
+    "/kvstore.v1.Admin/PromoteMember": Rule.ADMIN,
+    "/kvstore.v1.Admin/RemoveMember": Rule.ADMIN,
+    "/kvstore.v1.Admin/TransferLeader": Rule.ADMIN,
+    "/kvstore.v1.Admin/Snapshot": Rule.ADMIN,
+    "/kvstore.v1.Auth/Authenticate": Rule.PUBLIC,
+    "/kvstore.v1.Auth/Change": Rule.USER,
+    "/kvstore.v1.Auth/Status": Rule.USER,
+}
+
+
+def rule_of(path: str) -> Rule:
+    """The rule of method `path` (`/package.Service/Method`); KeyError if it has none."""
+    rule = RULES.get(path)
+    if rule is None:
+        rule = RULES[path.rsplit("/", 1)[0]]
+    return rule
+
+
+class AuthTracker:
+    """The auth state as of the metadata group's applied state on this node (like the shard
+    tracker: it may lag the committed state by a little). A stored state that does not decode
+    (it cannot get into group 0 through the node's checks) is logged and ignored."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.state = AuthState()
+        self.raw = b""
+        self._seen_applied = -1
+        self.on_change: list[Callable[[], None]] = []
+
+    def refresh(self) -> bool:
+        if not self.store.has_group(META_GROUP):
+            return False
+        applied = self.store.applied_index(META_GROUP)
+        if applied == self._seen_applied:
+            return False
+        self._seen_applied = applied
+        raw = self.store.get(META_GROUP, AUTH_KEY)
+        if raw is None or raw == self.raw:
+            return False
+        try:
+            st = AuthState.decode(raw)
+        except AuthError as err:
+            log.error("cannot decode the auth state: %s", err)
+            return False
+        self.state, self.raw = st, bytes(raw)
+        for cb in self.on_change:
+            cb()
+        return True
+
+
+class AuthGuard:
+    """Authenticates calls and checks permissions against the tracker's current state."""
+
+    def __init__(self, tracker: AuthTracker, verifier: PeerVerifier | None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.tracker = tracker
+        self.verifier = verifier
+        self.clock = clock
+        self._grants: dict[tuple[str, int], Grants] = {}
+        self._grants_version = -1
+
+    # --- authentication ---------------------------------------------------------------------
+    def authenticate(self, context: grpc.aio.ServicerContext) -> Principal:
+        """The caller's principal; raises errors.Unauthenticated for a token that is not valid
+        (a bad token never falls back to a weaker identity)."""
+        peer = _peer(context)
+        state = self.tracker.state
+        if state.enabled:
+            try:
+                token = token_of(context.invocation_metadata())
+            except ValueError as err:
+                raise errors.Unauthenticated(str(err)) from None
+            if token is not None:
+                try:
+                    claims = validate(token, state, self.clock())
+                except TokenError as err:
+                    raise errors.Unauthenticated(str(err)) from None
+                return Principal(PrincipalKind.USER, claims.user, "token", claims.revision, peer)
+        if self.verifier is not None:
+            try:
+                ident = self.verifier.identity(context)
+            except ValueError:
+                raise errors.Unauthenticated("unreadable client certificate") from None
+            if ident is not None:
+                if ident.is_node:
+                    ids = ",".join(str(n) for n in sorted(ident.node_ids)) or ident.common_name
+                    return Principal(PrincipalKind.NODE, f"node:{ids}", "certificate", 0, peer)
+                return Principal(PrincipalKind.USER, ident.common_name, "certificate", 0, peer)
+        return Principal(PrincipalKind.ANONYMOUS, "", "none", 0, peer)
+
+    async def admit(self, path: str, rule: Rule, context: grpc.aio.ServicerContext) -> None:
+        """Authenticate the call and apply `rule`; aborts the call (definite) on refusal."""
+        try:
+            p = self.authenticate(context)
+        except errors.Unauthenticated as err:
+            if rule in (Rule.PUBLIC, Rule.INTERNAL):
+                p = Principal(PrincipalKind.ANONYMOUS, "", "none", 0, _peer(context))
+            else:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{path}: {err.message}")
+                return
+        set_identity(p)
+        if rule in (Rule.PUBLIC, Rule.INTERNAL) or not self.tracker.state.enabled:
+            return
+        if p.kind is PrincipalKind.ANONYMOUS:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"{path}: auth is enabled: log in (a token) or present a client certificate")
+        if rule is Rule.ADMIN and not self.grants(p).admin:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"{path} needs the admin permission, which {p.describe()} does not have")
+
+    # --- authorization ----------------------------------------------------------------------
+    def enabled(self) -> bool:
+        return self.tracker.state.enabled
+
+    def grants(self, p: Principal) -> Grants:
+        """`p`'s grants at the current state (cached per state version). A node has every
+        permission; a token whose user was deleted or changed password since has none."""
+        state = self.tracker.state
+        if state.version != self._grants_version:
+            self._grants.clear()
+            self._grants_version = state.version
+        key = (p.name if p.kind is not PrincipalKind.NODE else "\x00node", p.revision)
+        g = self._grants.get(key)
+        if g is None:
+            if p.kind is PrincipalKind.NODE:
+                g = Grants.of(AuthState(state.version), "")
+                g = Grants(g.version, True, g.read, g.write)
+            else:
+                u = state.users.get(p.name)
+                revoked = u is None or (p.via == "token" and u.revision != p.revision)
+                g = Grants.of(AuthState(state.version) if revoked else state, p.name)
+            if len(self._grants) >= 4096:
+                self._grants.clear()
+            self._grants[key] = g
+        return g
+
+    def check_admin(self, p: Principal | None = None) -> None:
+        p = p or identity_of_call()
+        if self.enabled() and not self.grants(p).admin:
+            raise errors.PermissionDenied(f"needs the admin permission, which {p.describe()} does not have")
+
+    def check_key(self, key: bytes, access: PermKind, p: Principal | None = None) -> None:
+        """Raise a definite PermissionDenied unless the call's principal may `access` `key`."""
+        if not self.tracker.state.enabled:
+            return
+        p = p or identity_of_call()
+        if not self.grants(p).allows(key, access):
+            raise errors.PermissionDenied(f"{p.describe()} may not {access.name.lower()} key {key[:64]!r}")
+
+    def check_range(self, lo: bytes, hi: bytes | None, access: PermKind, p: Principal | None = None) -> None:
+        if not self.tracker.state.enabled:
+            return
+        p = p or identity_of_call()
+        if not self.grants(p).allows_range(lo, hi, access):
+            raise errors.PermissionDenied(
+                f"{p.describe()} may not {access.name.lower()} the range [{lo[:64]!r}, {hi[:64] if hi else 'end'!r})"
+            )
+
+
+def _peer(context: grpc.aio.ServicerContext) -> str:
+    try:
+        return str(context.peer())
+    except Exception:  # a context without a transport (tests); never fails a call
+        return ""
+
+
+__all__ = ["ANONYMOUS", "RULES", "AuthGuard", "AuthTracker", "Rule", "rule_of"]

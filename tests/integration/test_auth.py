@@ -1,0 +1,284 @@
+"""Authentication and RBAC on a real node: the table of every registered RPC x {no credentials,
+wrong user, right user}, tokens (expiry, revocation by password change and deletion), key
+permissions per operation inside one stream, and auth enable / disable."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import message_factory
+from grpc_health.v1 import health_pb2
+from onenode import OneNode, one_node
+
+from kvstore.security.guard import Rule, rule_of
+from kvstore.v1 import admin_pb2, auth_pb2, auth_pb2_grpc, kv_pb2, kv_pb2_grpc, raft_pb2, shard_pb2
+
+
+DESCRIPTORS = {
+    f"/{svc.full_name}/{m.name}": m
+    for fd in (kv_pb2.DESCRIPTOR, admin_pb2.DESCRIPTOR, shard_pb2.DESCRIPTOR, raft_pb2.DESCRIPTOR,
+               auth_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR)
+    for svc in fd.services_by_name.values()
+    for m in svc.methods
+}
+Op = auth_pb2.AuthChangeRequest
+
+
+def bearer(token: str | None) -> list[tuple[str, str]] | None:
+    return [("authorization", f"Bearer {token}")] if token else None
+
+
+async def change(stub: auth_pb2_grpc.AuthStub, token: str | None, **kw: Any) -> auth_pb2.AuthChangeResponse:
+    return await stub.Change(auth_pb2.AuthChangeRequest(**kw), metadata=bearer(token), timeout=10)
+
+
+async def login(stub: auth_pb2_grpc.AuthStub, user: str, password: str, ttl: int = 0) -> str:
+    r = await stub.Authenticate(auth_pb2.AuthenticateRequest(user=user, password=password, ttl_seconds=ttl), timeout=10)
+    assert r.error.code == kv_pb2.OK, r.error
+    assert r.token.startswith("kv1.")
+    return r.token
+
+
+def request_for(path: str, who: str) -> Any:
+    """A plausible request of the method's input type: keys under data/ (alice's prefix); a
+    login is alice's with her password for the right user, with a wrong one otherwise."""
+    m = DESCRIPTORS[path]
+    cls = message_factory.GetMessageClass(m.input_type)
+    if cls is auth_pb2.AuthenticateRequest:
+        return cls(user="alice", password="alicepw" if who == "right" else "guess")
+    if cls is auth_pb2.AuthChangeRequest:
+        return cls(op=Op.ROLE_ADD, role=f"table-{who}")
+    if cls is kv_pb2.OpBatch:
+        return kv_pb2.OpBatch(ops=[kv_pb2.Op(id=1, put=kv_pb2.PutRequest(key=b"data/t", value=b"v"))])
+    if cls is kv_pb2.ScanRequest:
+        return kv_pb2.ScanRequest(prefix=b"data/", group=1)
+    if cls is shard_pb2.GroupProposeRequest:
+        return cls(cluster_id="kvstore", from_node=99, group=1)
+    if cls is shard_pb2.ExportRangeRequest:
+        return cls(cluster_id="kvstore", from_node=99, group=1)
+    msg = cls()
+    fields = {f.name for f in cls.DESCRIPTOR.fields}
+    if "key" in fields:
+        msg.key = b"data/t"
+    if "value" in fields:
+        msg.value = b"v"
+    return msg
+
+
+async def call(ch: grpc.aio.Channel, path: str, token: str | None, who: str) -> tuple[str, Any]:
+    """(outcome, detail): outcome is a gRPC status name or an in-reply error code name ("OK")."""
+    m = DESCRIPTORS[path]
+    req_cls = message_factory.GetMessageClass(m.input_type)
+    resp_cls = message_factory.GetMessageClass(m.output_type)
+    ser, de = req_cls.SerializeToString, resp_cls.FromString
+    req = request_for(path, who)
+    md = bearer(token)
+    try:
+        if m.client_streaming and m.server_streaming:
+            async def one() -> AsyncIterator[Any]:
+                yield req
+            responses = [r async for r in ch.stream_stream(path, ser, de)(one(), metadata=md, timeout=10)]
+        elif m.client_streaming:
+            async def one_u() -> AsyncIterator[Any]:
+                yield req
+            responses = [await ch.stream_unary(path, ser, de)(one_u(), metadata=md, timeout=10)]
+        elif m.server_streaming:
+            if path.endswith("Health/Watch"):
+                it = ch.unary_stream(path, ser, de)(req, metadata=md, timeout=10)
+                responses = [await it.read()]
+                it.cancel()
+            else:
+                responses = [r async for r in ch.unary_stream(path, ser, de)(req, metadata=md, timeout=10)]
+        else:
+            responses = [await ch.unary_unary(path, ser, de)(req, metadata=md, timeout=10)]
+    except grpc.aio.AioRpcError as e:
+        return e.code().name, e.details()
+    for r in responses:
+        errs = [r.error] if hasattr(r, "error") and r.HasField("error") else []
+        if isinstance(r, kv_pb2.ResultBatch):
+            errs = [getattr(x, x.WhichOneof("result")).error for x in r.results if x.WhichOneof("result")]
+        for e in errs:
+            if e.code != kv_pb2.OK:
+                return kv_pb2.ErrorCode.Name(e.code), e.message
+    return "OK", None
+
+
+async def setup_auth(n: OneNode) -> dict[str, str | None]:
+    """root (admin), alice (readwrite on data/), bob (no roles), reader (read on data/); auth on."""
+    async with grpc.aio.insecure_channel(n.address) as ch:
+        a = auth_pb2_grpc.AuthStub(ch)
+        for user, pw in (("root", "rootpw"), ("alice", "alicepw"), ("bob", "bobpw"), ("reader", "readerpw")):
+            r = await change(a, None, op=Op.USER_ADD, user=user, password=pw)
+            assert r.error.code == kv_pb2.OK, r.error
+        for role, kind in (("data-rw", auth_pb2.READWRITE), ("data-r", auth_pb2.READ)):
+            assert (await change(a, None, op=Op.ROLE_ADD, role=role)).error.code == kv_pb2.OK
+            perm = auth_pb2.Permission(kind=kind, key=b"data/", range_end=b"data0")
+            assert (await change(a, None, op=Op.ROLE_GRANT, role=role, permission=perm)).error.code == kv_pb2.OK
+        assert (await change(a, None, op=Op.USER_GRANT_ROLE, user="alice", role="data-rw")).error.code == kv_pb2.OK
+        assert (await change(a, None, op=Op.USER_GRANT_ROLE, user="reader", role="data-r")).error.code == kv_pb2.OK
+        r = await change(a, None, op=Op.ENABLE)
+        assert r.error.code == kv_pb2.OK, r.error
+        return {"root": await login(a, "root", "rootpw"), "alice": await login(a, "alice", "alicepw"),
+                "bob": await login(a, "bob", "bobpw"), "reader": await login(a, "reader", "readerpw")}
+
+
+AUTH_FAIL = {"UNAUTHENTICATED", "PERMISSION_DENIED"}
+
+
+def test_every_rpc_with_no_credentials_wrong_user_and_right_user(tmp_path: Path) -> None:
+    asyncio.run(_every_rpc_with_no_credentials_wrong_user_and_right_user(tmp_path))
+
+
+async def _every_rpc_with_no_credentials_wrong_user_and_right_user(tmp_path: Path) -> None:
+    async with one_node(tmp_path) as n:
+        tokens = await setup_auth(n)
+        paths = n.node.rpc_methods
+        assert set(paths) <= set(DESCRIPTORS), "a registered method this table does not know"
+        assert {p for p in DESCRIPTORS if not p.endswith("/List")} <= set(paths) | {
+            p for p in DESCRIPTORS if p.startswith("/grpc.health")}
+        table: dict[str, tuple[str, str, str]] = {}
+        async with grpc.aio.insecure_channel(n.address) as ch:
+            for path in paths:
+                rule = rule_of(path)
+                right = "root" if rule is Rule.ADMIN or path.endswith("Auth/Change") else "alice"
+                got = (
+                    (await call(ch, path, None, "none"))[0],
+                    (await call(ch, path, tokens["bob"], "wrong"))[0],
+                    (await call(ch, path, tokens[right], "right"))[0],
+                )
+                table[path] = got
+                none, wrong, ok = got
+                if path == "/kvstore.v1.Auth/Authenticate":
+                    assert (none, wrong, ok) == ("UNAUTHENTICATED", "UNAUTHENTICATED", "OK"), (path, got)
+                elif rule is Rule.PUBLIC:
+                    assert none not in AUTH_FAIL and ok not in AUTH_FAIL, (path, got)
+                elif rule is Rule.INTERNAL:
+                    # governed by node identity and membership, never by users: refused for all
+                    assert none == wrong == ok and ok != "OK", (path, got)
+                else:
+                    assert none == "UNAUTHENTICATED", (path, got)
+                    assert ok not in AUTH_FAIL, (path, got)
+                    bob_may = path in ("/kvstore.v1.Admin/Status", "/kvstore.v1.Shard/GetShardMap",
+                                       "/kvstore.v1.Auth/Status")
+                    if bob_may:
+                        assert wrong not in AUTH_FAIL, (path, got)
+                    else:
+                        assert wrong == "PERMISSION_DENIED", (path, got)
+        for path, got in sorted(table.items()):
+            print(f"{path:40s} none={got[0]:18s} wrong={got[1]:18s} right={got[2]}")
+        assert table["/kvstore.v1.KV/Put"][2] == "OK" and table["/kvstore.v1.Admin/Snapshot"][2] == "OK"
+
+
+def test_key_permissions_per_operation_in_one_stream(tmp_path: Path) -> None:
+    asyncio.run(_key_permissions_per_operation_in_one_stream(tmp_path))
+
+
+async def _key_permissions_per_operation_in_one_stream(tmp_path: Path) -> None:
+    async with one_node(tmp_path) as n:
+        tokens = await setup_auth(n)
+        async with grpc.aio.insecure_channel(n.address) as ch:
+            kv = kv_pb2_grpc.KVStub(ch)
+            ops = [
+                kv_pb2.Op(id=1, put=kv_pb2.PutRequest(key=b"data/a", value=b"1")),
+                kv_pb2.Op(id=2, put=kv_pb2.PutRequest(key=b"other/a", value=b"1")),
+                kv_pb2.Op(id=3, get=kv_pb2.GetRequest(key=b"data/a")),
+                kv_pb2.Op(id=4, get=kv_pb2.GetRequest(key=b"data0")),
+                kv_pb2.Op(id=5, scan=kv_pb2.ScanRequest(prefix=b"dat", group=1)),
+            ]
+
+            async def batches() -> AsyncIterator[kv_pb2.OpBatch]:
+                for op in ops:  # one at a time: the read follows the write
+                    yield kv_pb2.OpBatch(ops=[op])
+                    await asyncio.sleep(0.05)
+
+            codes: dict[int, int] = {}
+            async for rb in kv.Stream(batches(), metadata=bearer(tokens["alice"]), timeout=20):
+                for r in rb.results:
+                    codes[r.id] = getattr(r, r.WhichOneof("result")).error.code
+            assert codes == {1: kv_pb2.OK, 2: kv_pb2.PERMISSION_DENIED, 3: kv_pb2.OK,
+                             4: kv_pb2.PERMISSION_DENIED, 5: kv_pb2.PERMISSION_DENIED}
+            # the denied write did not happen; the reader may read data/ but not write it
+            g = await kv.Get(kv_pb2.GetRequest(key=b"other/a"), metadata=bearer(tokens["root"]), timeout=10)
+            assert g.error.code == kv_pb2.OK and not g.found
+            g = await kv.Get(kv_pb2.GetRequest(key=b"data/a"), metadata=bearer(tokens["reader"]), timeout=10)
+            assert g.error.code == kv_pb2.OK and g.value == b"1"
+            p = await kv.Put(kv_pb2.PutRequest(key=b"data/a", value=b"2"), metadata=bearer(tokens["reader"]), timeout=10)
+            assert p.error.code == kv_pb2.PERMISSION_DENIED and not p.error.indeterminate
+            s = await kv.Cas(kv_pb2.CasRequest(key=b"data/a", expected=b"1", value=b"3"),
+                             metadata=bearer(tokens["reader"]), timeout=10)
+            assert s.error.code == kv_pb2.PERMISSION_DENIED
+
+
+def test_tokens_revoked_by_password_change_deletion_and_reenable(tmp_path: Path) -> None:
+    asyncio.run(_tokens_revoked_by_password_change_deletion_and_reenable(tmp_path))
+
+
+async def _tokens_revoked_by_password_change_deletion_and_reenable(tmp_path: Path) -> None:
+    async with one_node(tmp_path) as n:
+        tokens = await setup_auth(n)
+        async with grpc.aio.insecure_channel(n.address) as ch:
+            a, kv = auth_pb2_grpc.AuthStub(ch), kv_pb2_grpc.KVStub(ch)
+
+            async def get_as(token: str) -> str:
+                try:
+                    r = await kv.Get(kv_pb2.GetRequest(key=b"data/x"), metadata=bearer(token), timeout=10)
+                except grpc.aio.AioRpcError as e:
+                    return e.code().name
+                return kv_pb2.ErrorCode.Name(r.error.code)
+
+            assert await get_as(tokens["alice"]) == "OK"
+            # wrong password: no token
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await a.Authenticate(auth_pb2.AuthenticateRequest(user="alice", password="nope"), timeout=10)
+            assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # alice changes her own password: her old token dies, a new login works
+            r = await change(a, tokens["alice"], op=Op.USER_PASSWD, user="alice", password="newpw")
+            assert r.error.code == kv_pb2.OK, r.error
+            assert await get_as(tokens["alice"]) == "UNAUTHENTICATED"
+            fresh = await login(a, "alice", "newpw")
+            assert await get_as(fresh) == "OK"
+            # alice may not change bob's password
+            r = await change(a, fresh, op=Op.USER_PASSWD, user="bob", password="x")
+            assert r.error.code == kv_pb2.PERMISSION_DENIED
+            # deleting the user voids its tokens
+            assert (await change(a, tokens["root"], op=Op.USER_DELETE, user="alice")).error.code == kv_pb2.OK
+            assert await get_as(fresh) == "UNAUTHENTICATED"
+            # root cannot be deleted while auth is on
+            r = await change(a, tokens["root"], op=Op.USER_DELETE, user="root")
+            assert r.error.code == kv_pb2.INVALID_ARGUMENT
+            # disable, enable again: a new token key, every earlier token is void
+            assert (await change(a, tokens["root"], op=Op.DISABLE)).error.code == kv_pb2.OK
+            assert await get_as("kv1.garbage.token") == "OK"  # auth off: tokens are not looked at
+            assert (await change(a, None, op=Op.ENABLE)).error.code == kv_pb2.OK
+            assert await get_as(tokens["reader"]) == "UNAUTHENTICATED"
+            assert await get_as("kv1.garbage.token") == "UNAUTHENTICATED"
+
+
+def test_token_expiry(tmp_path: Path) -> None:
+    asyncio.run(_token_expiry(tmp_path))
+
+
+async def _token_expiry(tmp_path: Path) -> None:
+    async with one_node(tmp_path) as n:
+        await setup_auth(n)
+        now = [1_000_000.0]
+        n.node.guard.clock = lambda: now[0]
+        async with grpc.aio.insecure_channel(n.address) as ch:
+            a, kv = auth_pb2_grpc.AuthStub(ch), kv_pb2_grpc.KVStub(ch)
+            r = await a.Authenticate(auth_pb2.AuthenticateRequest(user="alice", password="alicepw", ttl_seconds=60),
+                                     timeout=10)
+            assert r.ttl_seconds == 60
+            import time
+            now[0] = time.time() + 59
+            g = await kv.Get(kv_pb2.GetRequest(key=b"data/x"), metadata=bearer(r.token), timeout=10)
+            assert g.error.code == kv_pb2.OK
+            now[0] = time.time() + 61
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await kv.Get(kv_pb2.GetRequest(key=b"data/x"), metadata=bearer(r.token), timeout=10)
+            assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "expired" in (exc.value.details() or "")
