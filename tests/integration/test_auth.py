@@ -5,6 +5,7 @@ permissions per operation inside one stream, and auth enable / disable."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,6 @@ from onenode import OneNode, one_node
 
 from kvstore.security.guard import Rule, rule_of
 from kvstore.v1 import admin_pb2, auth_pb2, auth_pb2_grpc, kv_pb2, kv_pb2_grpc, raft_pb2, shard_pb2
-
 
 DESCRIPTORS = {
     f"/{svc.full_name}/{m.name}": m
@@ -273,7 +273,7 @@ async def _token_expiry(tmp_path: Path) -> None:
             r = await a.Authenticate(auth_pb2.AuthenticateRequest(user="alice", password="alicepw", ttl_seconds=60),
                                      timeout=10)
             assert r.ttl_seconds == 60
-            import time
+
             now[0] = time.time() + 59
             g = await kv.Get(kv_pb2.GetRequest(key=b"data/x"), metadata=bearer(r.token), timeout=10)
             assert g.error.code == kv_pb2.OK
