@@ -49,6 +49,7 @@ class _Ctx:
     hex: bool
     certs_dir: str | None = None
     user: str = "root"
+    password: str | None = None
     _client: Client | None = field(default=None, repr=False)
 
     @property
@@ -60,7 +61,7 @@ class _Ctx:
             try:
                 self._client = Client(
                     self.endpoints, timeout=self.timeout, attempt_timeout=min(2.0, self.timeout),
-                    certs_dir=self.certs_dir or None, user=self.user,
+                    certs_dir=self.certs_dir or None, user=self.user, password=self.password,
                 )
             except (OSError, ValueError) as err:
                 _fail(f"cannot load the client certificate: {err}")
@@ -146,10 +147,14 @@ def _emit_json(obj: Any) -> None:
     "Env: KVSTORE_CERTS_DIR. Unset: plaintext.",
 )
 @click.option("--user", envvar="KVSTORE_USER", default="root", show_default=True,
-              help="Whose client certificate to present (with --certs-dir).")
+              help="Who you are: the user to log in as (with --password), whose client certificate to "
+              "present (with --certs-dir). Env: KVSTORE_USER.")
+@click.option("--password", envvar="KVSTORE_PASSWORD", default=None, metavar="PASSWORD",
+              help="Log in as --user with this password (a token is fetched and sent with every call); "
+              "'-' prompts for it. Env: KVSTORE_PASSWORD.")
 @click.pass_context
 def cli(ctx: click.Context, endpoints: str, timeout: float, output: str, hex_: bool, certs_dir: str,
-        user: str) -> None:
+        user: str, password: str | None) -> None:
     """Talk to a kvstore cluster.
 
     Keys and values on the command line are UTF-8 text (hex with --hex).
@@ -157,7 +162,10 @@ def cli(ctx: click.Context, endpoints: str, timeout: float, output: str, hex_: b
     eps = parse_endpoints(endpoints)
     if not eps:
         raise click.BadParameter("no endpoints given", param_hint="--endpoints")
-    obj = _Ctx(endpoints=eps, timeout=timeout, output=output, hex=hex_, certs_dir=certs_dir or None, user=user)
+    if password == "-":
+        password = click.prompt(f"password of {user}", hide_input=True)
+    obj = _Ctx(endpoints=eps, timeout=timeout, output=output, hex=hex_, certs_dir=certs_dir or None, user=user,
+               password=password)
     ctx.obj = obj
     ctx.call_on_close(obj.close)
 
@@ -709,3 +717,232 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --- users, roles, auth -----------------------------------------------------------------------
+
+def _auth_change(c: _Ctx, what: str, **kw: Any) -> None:
+    from kvstore.v1 import auth_pb2
+
+    with _errors(is_write=True):
+        r = c.client().auth_call("Change", auth_pb2.AuthChangeRequest(**kw))
+    if c.json:
+        _emit_json({"ok": True, "revision": r.revision})
+    else:
+        click.echo(f"{what} (auth revision {r.revision})")
+
+
+def _new_password(password: str | None, user: str) -> str:
+    if password is None or password == "-":
+        return str(click.prompt(f"new password of {user}", hide_input=True, confirmation_prompt=True))
+    return password
+
+
+def _perm(kind: str, key: str, end: str | None, prefix: bool, c: _Ctx) -> Any:
+    from kvstore.v1 import auth_pb2
+
+    k = c.parse(key, "key")
+    if prefix and end is not None:
+        raise click.BadParameter("give --prefix or a range end, not both")
+    if prefix:
+        stripped = k.rstrip(b"\xff")
+        range_end = stripped[:-1] + bytes([stripped[-1] + 1]) if stripped else b"\x00"
+    elif end is not None:
+        range_end = b"\x00" if end == "" else c.parse(end, "range end")
+    else:
+        range_end = b""
+    kinds = {"read": auth_pb2.READ, "write": auth_pb2.WRITE, "readwrite": auth_pb2.READWRITE}
+    return auth_pb2.Permission(kind=kinds[kind], key=k, range_end=range_end)
+
+
+@cli.group()
+def user() -> None:
+    """Users (log in with --user/--password, or a client certificate whose name is the user)."""
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--new-password", default=None, help="The user's password ('-' or absent: prompt; "
+              "--no-password: certificate login only).")
+@click.option("--no-password", is_flag=True, help="No password: the user logs in with a client certificate only.")
+@pass_ctx
+def user_add(c: _Ctx, name: str, new_password: str | None, no_password: bool) -> None:
+    """Create user NAME."""
+    from kvstore.v1 import auth_pb2
+
+    pw = "" if no_password else _new_password(new_password, name)
+    _auth_change(c, f"user {name} added", op=auth_pb2.AuthChangeRequest.USER_ADD, user=name, password=pw)
+
+
+@user.command("delete")
+@click.argument("name")
+@pass_ctx
+def user_delete(c: _Ctx, name: str) -> None:
+    """Delete user NAME (its tokens stop working at once)."""
+    from kvstore.v1 import auth_pb2
+
+    _auth_change(c, f"user {name} deleted", op=auth_pb2.AuthChangeRequest.USER_DELETE, user=name)
+
+
+@user.command("passwd")
+@click.argument("name")
+@click.option("--new-password", default=None, help="The new password ('-' or absent: prompt).")
+@pass_ctx
+def user_passwd(c: _Ctx, name: str, new_password: str | None) -> None:
+    """Change NAME's password (its earlier tokens stop working)."""
+    from kvstore.v1 import auth_pb2
+
+    _auth_change(c, f"password of {name} changed", op=auth_pb2.AuthChangeRequest.USER_PASSWD, user=name,
+                 password=_new_password(new_password, name))
+
+
+@user.command("grant-role")
+@click.argument("name")
+@click.argument("role")
+@pass_ctx
+def user_grant_role(c: _Ctx, name: str, role: str) -> None:
+    """Give user NAME role ROLE."""
+    from kvstore.v1 import auth_pb2
+
+    _auth_change(c, f"role {role} granted to {name}", op=auth_pb2.AuthChangeRequest.USER_GRANT_ROLE,
+                 user=name, role=role)
+
+
+@user.command("revoke-role")
+@click.argument("name")
+@click.argument("role")
+@pass_ctx
+def user_revoke_role(c: _Ctx, name: str, role: str) -> None:
+    """Take role ROLE from user NAME."""
+    from kvstore.v1 import auth_pb2
+
+    _auth_change(c, f"role {role} revoked from {name}", op=auth_pb2.AuthChangeRequest.USER_REVOKE_ROLE,
+                 user=name, role=role)
+
+
+def _auth_status(c: _Ctx) -> Any:
+    from kvstore.v1 import auth_pb2
+
+    with _errors(is_write=False):
+        return c.client().auth_call("Status", auth_pb2.AuthStatusRequest())
+
+
+@user.command("list")
+@pass_ctx
+def user_list(c: _Ctx) -> None:
+    """List users and their roles (admins only)."""
+    s = _auth_status(c)
+    if c.json:
+        _emit_json([{"name": u.name, "roles": list(u.roles), "password": u.has_password} for u in s.users])
+        return
+    for u in s.users:
+        click.echo(f"{u.name}\troles: {', '.join(u.roles) or '-'}{'' if u.has_password else ' (certificate only)'}")
+
+
+@cli.group()
+def role() -> None:
+    """Roles: read / write / readwrite permissions on keys, prefixes and ranges; role `admin`
+    (and user root) has the admin permission."""
+
+
+@role.command("add")
+@click.argument("name")
+@pass_ctx
+def role_add(c: _Ctx, name: str) -> None:
+    """Create role NAME."""
+    from kvstore.v1 import auth_pb2
+
+    _auth_change(c, f"role {name} added", op=auth_pb2.AuthChangeRequest.ROLE_ADD, role=name)
+
+
+@role.command("delete")
+@click.argument("name")
+@pass_ctx
+def role_delete(c: _Ctx, name: str) -> None:
+    """Delete role NAME (and revoke it from every user)."""
+    from kvstore.v1 import auth_pb2
+
+    _auth_change(c, f"role {name} deleted", op=auth_pb2.AuthChangeRequest.ROLE_DELETE, role=name)
+
+
+def _perm_command(verb: str) -> Callable[..., Any]:
+    @role.command(verb, help=f"{verb.capitalize()} KIND (read, write, readwrite) on KEY, on the range "
+                  "[KEY, END) (END '' = to the end), or with --prefix on every key starting with KEY.")
+    @click.argument("name")
+    @click.argument("kind", type=click.Choice(["read", "write", "readwrite"]))
+    @click.argument("key")
+    @click.argument("end", required=False, default=None)
+    @click.option("--prefix", is_flag=True, help="KEY is a prefix.")
+    @pass_ctx
+    def cmd(c: _Ctx, name: str, kind: str, key: str, end: str | None, prefix: bool) -> None:
+        from kvstore.v1 import auth_pb2
+
+        op = auth_pb2.AuthChangeRequest.ROLE_GRANT if verb == "grant" else auth_pb2.AuthChangeRequest.ROLE_REVOKE
+        _auth_change(c, f"role {name}: {verb} {kind} on {key}{' (prefix)' if prefix else ''}", op=op, role=name,
+                     permission=_perm(kind, key, end, prefix, c))
+
+    return cmd
+
+
+_perm_command("grant")
+_perm_command("revoke")
+
+
+@role.command("list")
+@pass_ctx
+def role_list(c: _Ctx) -> None:
+    """List roles and their permissions (admins only)."""
+    s = _auth_status(c)
+    kinds = {1: "read", 2: "write", 3: "readwrite"}
+
+    def where(p: Any) -> str:
+        if not p.range_end:
+            return c.show(p.key)
+        if p.range_end == b"\x00":
+            return f"[{c.show(p.key)}, end)"
+        return f"[{c.show(p.key)}, {c.show(p.range_end)})"
+
+    if c.json:
+        _emit_json([{"name": r.name, "permissions": [
+            {"kind": kinds.get(p.kind, "?"), "key": c.show(p.key), "range_end": c.show(p.range_end)}
+            for p in r.permissions]} for r in s.roles])
+        return
+    for r in s.roles:
+        perms = ", ".join(f"{kinds.get(p.kind, '?')} {where(p)}" for p in r.permissions)
+        click.echo(f"{r.name}\t{perms or '-'}")
+
+
+@cli.group("auth")
+def auth_group() -> None:
+    """Turn authentication on or off, and show its state."""
+
+
+@auth_group.command("enable")
+@pass_ctx
+def auth_enable(c: _Ctx) -> None:
+    """Enable auth (user root must exist). From then on every call needs a token or a client
+    certificate, and everything not granted is refused (PERMISSION_DENIED)."""
+    from kvstore.v1 import auth_pb2
+
+    _auth_change(c, "auth enabled", op=auth_pb2.AuthChangeRequest.ENABLE)
+
+
+@auth_group.command("disable")
+@pass_ctx
+def auth_disable(c: _Ctx) -> None:
+    """Disable auth (admin only); every token stops working."""
+    from kvstore.v1 import auth_pb2
+
+    _auth_change(c, "auth disabled", op=auth_pb2.AuthChangeRequest.DISABLE)
+
+
+@auth_group.command("status")
+@pass_ctx
+def auth_status(c: _Ctx) -> None:
+    """Whether auth is enabled, and who the cluster thinks you are."""
+    s = _auth_status(c)
+    if c.json:
+        _emit_json({"enabled": s.enabled, "revision": s.revision, "identity": s.identity, "admin": s.admin})
+        return
+    click.echo(f"auth {'enabled' if s.enabled else 'disabled'} (revision {s.revision}); you are {s.identity}"
+               f"{' (admin)' if s.admin else ''}")

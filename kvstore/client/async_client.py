@@ -37,11 +37,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import grpc.aio
 
+from kvstore import errors
 from kvstore.client.admin import Admin
-from kvstore.client.channels import Channels, close_all_streams
+from kvstore.client.auth import TokenSource, interceptors
+from kvstore.client.channels import CHANNEL_OPTIONS, Channels, close_all_streams
 from kvstore.client.checks import DEFAULT_MAX_KEY_SIZE, DEFAULT_MAX_VALUE_SIZE, RequestChecks
 from kvstore.client.cluster_view import ClusterView
+from kvstore.client.failures import classify
 from kvstore.client.invoke import Invoker
 from kvstore.client.readpref import ReplicaRouter
 from kvstore.client.reads import Reads
@@ -66,6 +70,7 @@ from kvstore.client.types import (
     Status,
 )
 from kvstore.client.writes import Writes
+from kvstore.errors import KVError
 from kvstore.shard.shardmap import ShardMap
 
 __all__ = ["AsyncClient"]
@@ -104,6 +109,7 @@ class AsyncClient:
         certs_dir: str | Path | None = None,
         user: str = "root",
         credentials: grpc.ChannelCredentials | None = None,
+        password: str | None = None,
     ) -> None:
         if certs_dir is not None:
             if credentials is not None:
@@ -127,7 +133,13 @@ class AsyncClient:
             raise ValueError("client_id must be a positive 64-bit integer")
         self.client_id = client_id
         rng = random.Random(seed)
-        self.channels = Channels(channel_options, credentials)
+        self.token_source: TokenSource | None = None
+        """With `password`: logs `user` in and sends its token with every call."""
+        if password is not None:
+            self.token_source = TokenSource(user, password, lambda: self.router.endpoints, credentials,
+                                            [*CHANNEL_OPTIONS, *channel_options])
+        self.channels = Channels(channel_options, credentials,
+                                 interceptors(self.token_source) if self.token_source is not None else None)
         self.checks = RequestChecks(
             timeout=timeout, max_key_size=max_key_size, max_value_size=max_value_size,
             read_preference=read_preference, max_staleness=max_staleness,
@@ -167,6 +179,28 @@ class AsyncClient:
     @property
     def endpoints(self) -> tuple[str, ...]:
         return self.router.endpoints
+
+    # ----- auth -----
+
+    async def auth_call(self, method: str, request: Any) -> Any:
+        """Call `Auth.<method>` (Change, Status) at the first endpoint that answers; the reply's
+        error raised as a KVError (definite: auth changes are compare-and-swaps that either
+        applied or not; an indeterminate transport failure says so)."""
+        last: KVError | None = None
+        for ep in self.router.endpoints:
+            try:
+                resp = await getattr(self.channels.auth(ep), method)(request, timeout=self.policy.timeout)
+            except grpc.aio.AioRpcError as e:
+                failure = classify(e, endpoint=ep, is_write=method == "Change")
+                if not failure.retryable:
+                    raise failure.error from None
+                last = failure.error
+                continue
+            err = errors.from_proto(resp.error, is_write=method == "Change")
+            if err is not None:
+                raise err
+            return resp
+        raise last or errors.Unavailable("no endpoint")
 
     # ----- lifecycle -----
 

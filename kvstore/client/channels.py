@@ -14,7 +14,7 @@ import grpc
 import grpc.aio
 
 from kvstore.client.mux import OpMux
-from kvstore.v1 import admin_pb2_grpc, kv_pb2_grpc, shard_pb2_grpc
+from kvstore.v1 import admin_pb2_grpc, auth_pb2_grpc, kv_pb2_grpc, shard_pb2_grpc
 
 __all__ = ["CHANNEL_OPTIONS", "Channels", "close_all_streams"]
 
@@ -32,9 +32,12 @@ class Channels:
     """Channels and stubs by endpoint (``host:port``)."""
 
     def __init__(
-        self, channel_options: Iterable[tuple[str, Any]] = (), credentials: grpc.ChannelCredentials | None = None
+        self, channel_options: Iterable[tuple[str, Any]] = (), credentials: grpc.ChannelCredentials | None = None,
+        interceptors: list[grpc.aio.ClientInterceptor] | None = None,
     ) -> None:
         self.credentials = credentials
+        self.interceptors = interceptors
+        """Login: the token interceptors (`kvstore/client/auth.py`) of every channel, or None."""
         """TLS credentials of every channel (None: plaintext)."""
         self._options = [*CHANNEL_OPTIONS, *channel_options]
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -50,8 +53,10 @@ class Channels:
         ch = self._channels.get(endpoint)
         if ch is None:
             ch = self._channels[endpoint] = (
-                grpc.aio.insecure_channel(endpoint, options=self._options) if self.credentials is None
-                else grpc.aio.secure_channel(endpoint, self.credentials, options=self._options)
+                grpc.aio.insecure_channel(endpoint, options=self._options, interceptors=self.interceptors)
+                if self.credentials is None
+                else grpc.aio.secure_channel(endpoint, self.credentials, options=self._options,
+                                             interceptors=self.interceptors)
             )
         return ch
 
@@ -79,6 +84,9 @@ class Channels:
         if stub is None:
             stub = self._shard_stubs[endpoint] = shard_pb2_grpc.ShardStub(self.channel(endpoint))
         return stub
+
+    def auth(self, endpoint: str) -> auth_pb2_grpc.AuthStub:
+        return auth_pb2_grpc.AuthStub(self.channel(endpoint))
 
     def close_streams(self) -> list[OpMux]:
         """Mark closed and detach every operation stream (the caller closes them)."""

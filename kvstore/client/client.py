@@ -60,6 +60,10 @@ class Client:
             fut.cancel()
             raise
 
+    def auth_call(self, method: str, request: Any) -> Any:
+        """See `AsyncClient.auth_call`."""
+        return self._run(self._async.auth_call(method, request))
+
     @property
     def async_client(self) -> AsyncClient:
         return self._async
