@@ -118,7 +118,8 @@ def serve(
 @click.option("--groups", type=click.IntRange(1, 100_000), default=4, show_default=True,
               help="Data Raft groups (shards) of the new cluster.")
 @click.option("--secure", is_flag=True,
-              help="Run with TLS: create (once) a CA, node and client certificates under <data-dir>/certs.")
+              help="Run with TLS and auth: create (once) a CA, node and client certificates under "
+              "<data-dir>/certs, user root (its password in <data-dir>/certs/root.password), and enable auth.")
 def dev(nodes: str, data_dir: Path, base_port: int, groups: int, secure: bool) -> None:
     """Run a local cluster in the foreground (data under --data-dir); Ctrl-C stops it.
 
@@ -164,8 +165,12 @@ def dev(nodes: str, data_dir: Path, base_port: int, groups: int, secure: bool) -
         click.echo("endpoints: " + ",".join(endpoints))
         click.echo(f"logs: {data_dir.resolve()}/node*.log")
         if secure:
+            pw_file = _enable_dev_auth(endpoints, certs_dir)
             click.echo(f"TLS certificates: {certs_dir}")
+            click.echo(f"auth enabled; user root's password is in {pw_file}")
             click.echo(f"try: KVSTORE_CERTS_DIR={certs_dir} kvctl --endpoints {','.join(endpoints)} put hello world")
+            click.echo(f"  or: KVSTORE_CERTS_DIR={certs_dir} KVSTORE_PASSWORD=$(cat {pw_file}) "
+                       f"kvctl --endpoints {','.join(endpoints)} --user root auth status")
         else:
             click.echo(f"try: kvctl --endpoints {','.join(endpoints)} put hello world")
         click.echo("Ctrl-C stops the cluster.")
@@ -186,6 +191,41 @@ def dev(nodes: str, data_dir: Path, base_port: int, groups: int, secure: bool) -
             if p.poll() is None:
                 p.kill()
     os._exit(0)
+
+
+def _enable_dev_auth(endpoints: list[str], certs_dir: Path) -> Path:
+    """`dev --secure`: create user root (a random password, written 0600 to
+    <certs-dir>/root.password) and enable auth, once; the root client certificate is the admin
+    identity that does it. Returns the password file."""
+    import secrets
+
+    from kvstore.client import Client
+    from kvstore.v1 import auth_pb2
+
+    pw_file = certs_dir / "root.password"
+    if not pw_file.exists():
+        fd = os.open(pw_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(18))
+    password = pw_file.read_text().strip()
+    c = Client(endpoints, certs_dir=certs_dir, user="root", timeout=60)
+    try:
+        Op = auth_pb2.AuthChangeRequest
+        deadline = time.monotonic() + 60
+        while True:  # the cluster is starting: its first calls fail until the metadata group has a leader
+            try:
+                st = c.auth_call("Status", auth_pb2.AuthStatusRequest())
+                if not st.enabled:
+                    if not any(u.name == "root" for u in st.users):
+                        c.auth_call("Change", Op(op=Op.USER_ADD, user="root", password=password))
+                    c.auth_call("Change", Op(op=Op.ENABLE))
+                return pw_file
+            except Exception as err:
+                if time.monotonic() > deadline:
+                    raise click.ClickException(f"could not enable auth on the dev cluster: {err}") from err
+                time.sleep(0.5)
+    finally:
+        c.close()
 
 
 cli.add_command(cert)

@@ -83,7 +83,12 @@ class _Base:
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
         if method == AUTHENTICATE:
             return details
-        return _with_token(details, await self.source.token())
+        try:
+            token = await self.source.token()
+        except errors.KVError as err:  # surfaces as a failed call the client classifies
+            code = grpc.StatusCode.UNAUTHENTICATED if isinstance(err, errors.Unauthenticated) else grpc.StatusCode.UNAVAILABLE
+            raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=err.message) from None
+        return _with_token(details, token)
 
 
 class _UU(_Base, grpc.aio.UnaryUnaryClientInterceptor):
