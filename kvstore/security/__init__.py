@@ -1,2 +1,3 @@
-"""Transport security: the cluster's certificates (`certs`) and gRPC TLS credentials and peer
-identity (`tls`). Authentication of users, RBAC, audit and quotas are not part of it yet."""
+"""Security: the cluster's certificates (`certs`), gRPC TLS credentials and peer identity
+(`tls`), and authentication / RBAC (`authstate`, `passwords`, `tokens`, `rbac`, `identity`,
+`guard`). `identity.identity_of_call(context)` is the authenticated identity of an RPC."""
