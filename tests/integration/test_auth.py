@@ -283,3 +283,57 @@ async def _token_expiry(tmp_path: Path) -> None:
                 await kv.Get(kv_pb2.GetRequest(key=b"data/x"), metadata=bearer(r.token), timeout=10)
             assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "expired" in (exc.value.details() or "")
+
+
+def test_with_tls_the_client_certificate_names_the_user_and_a_token_overrides_it(tmp_path: Path) -> None:
+    asyncio.run(_tls_certificate_identities(tmp_path))
+
+
+async def _tls_certificate_identities(tmp_path: Path) -> None:
+    from clusterharness import free_ports
+
+    from kvstore.node.host import RaftSettings
+    from kvstore.security import certs
+    from kvstore.security.tls import client_credentials
+    from kvstore.server.config import NodeConfig
+    from kvstore.server.node import Node
+
+    cd = tmp_path / "certs"
+    certs.create_ca(cd)
+    certs.create_node(cd, 1, ["127.0.0.1"])
+    for user in ("root", "carol"):
+        certs.create_client(cd, user)
+    (port,) = free_ports(1)
+    address = f"127.0.0.1:{port}"
+    node = Node(NodeConfig(id=1, data_dir=tmp_path / "n1", listen=address, peers={1: address}, sync=False,
+                           request_timeout=3.0, raft=RaftSettings(tick_ms=20), groups=1, replication=1,
+                           certs_dir=cd))
+    await node.start()
+    try:
+        async with grpc.aio.secure_channel(address, client_credentials(cd, "root")) as root_ch, \
+                grpc.aio.secure_channel(address, client_credentials(cd, "carol")) as carol_ch:
+            a = auth_pb2_grpc.AuthStub(root_ch)
+            for _ in range(200):  # the metadata group elects itself
+                r = await change(a, None, op=Op.USER_ADD, user="root", password="rootpw")
+                if r.error.code == kv_pb2.OK:
+                    break
+                await asyncio.sleep(0.05)
+            assert r.error.code == kv_pb2.OK, r.error
+            assert (await change(a, None, op=Op.USER_ADD, user="carol")).error.code == kv_pb2.OK
+            assert (await change(a, None, op=Op.ENABLE)).error.code == kv_pb2.OK
+            st = await auth_pb2_grpc.AuthStub(carol_ch).Status(auth_pb2.AuthStatusRequest(), timeout=10)
+            assert st.identity == "user 'carol' (by certificate)" and not st.admin and not st.users
+            st = await a.Status(auth_pb2.AuthStatusRequest(), timeout=10)
+            assert st.identity == "user 'root' (by certificate)" and st.admin
+            carol_kv = kv_pb2_grpc.KVStub(carol_ch)
+            p = await carol_kv.Put(kv_pb2.PutRequest(key=b"k", value=b"v"), timeout=10)
+            assert p.error.code == kv_pb2.PERMISSION_DENIED
+            # over carol's certificate, root's token decides who is calling
+            token = await login(auth_pb2_grpc.AuthStub(carol_ch), "root", "rootpw")
+            p = await carol_kv.Put(kv_pb2.PutRequest(key=b"k", value=b"v"), metadata=bearer(token), timeout=10)
+            assert p.error.code == kv_pb2.OK
+            with pytest.raises(grpc.aio.AioRpcError) as exc:  # a bad token is never downgraded to the cert
+                await carol_kv.Put(kv_pb2.PutRequest(key=b"k", value=b"v"), metadata=bearer("kv1.x.y"), timeout=10)
+            assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await node.stop(grace=0.5)
