@@ -419,3 +419,37 @@ def test_the_lmdb_store_keeps_the_head_and_verify_reads_it_while_the_node_runs(t
         assert again.audit_head() == head
     finally:
         again.close()
+
+
+# --- the command line -------------------------------------------------------------------------------------
+
+
+def test_verify_command_exit_codes(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from kvstore.cli.server import cli
+
+    path, _ = write_log(tmp_path, 10)
+    (tmp_path / "key").write_text(KEY.hex())
+    os.chmod(tmp_path / "key", 0o600)
+    run = CliRunner().invoke
+    ok = run(cli, ["audit", "verify", str(path), "--key-file", str(tmp_path / "key")])
+    assert ok.exit_code == 0 and "OK: 10 lines" in ok.output and "cannot be detected" in ok.output
+    assert run(cli, ["audit", "verify", str(path)]).exit_code == 2  # no key given
+    missing = run(cli, ["audit", "verify", str(path), "--key-file", str(tmp_path / "nokey")])
+    assert missing.exit_code == 2 and "no audit key" in missing.output
+    nostore = run(cli, ["audit", "verify", str(path), "--key-file", str(tmp_path / "key"), "--data-dir", str(tmp_path)])
+    assert nostore.exit_code == 2 and "no node store" in nostore.output
+    _rewrite(path, lambda ls: ls[1:])
+    bad = run(cli, ["audit", "verify", str(path), "--key-file", str(tmp_path / "key")])
+    assert bad.exit_code == 1 and "TAMPERED" in bad.output and f"{path}:1" in bad.output
+
+
+def test_serve_refuses_audit_writes_without_an_audit_log(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from kvstore.cli.server import cli
+
+    r = CliRunner().invoke(cli, ["serve", "--id", "1", "--data-dir", str(tmp_path), "--listen", "127.0.0.1:1",
+                                 "--peers", "1=127.0.0.1:1", "--audit-writes"])
+    assert r.exit_code == 2 and "--audit-writes needs --audit-log" in r.output
