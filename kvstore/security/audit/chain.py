@@ -53,6 +53,8 @@ class Line:
     mac: bytes
     prev: bytes | None
     fields: dict[str, Value]
+    body: bytes
+    """The canonical bytes the MAC covers (the line without `mac`)."""
 
 
 def clip(text: str, limit: int = MAX_FIELD) -> str:
@@ -60,13 +62,25 @@ def clip(text: str, limit: int = MAX_FIELD) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
 def canonical(obj: dict[str, Value]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+    """`json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)`, as bytes."""
+    return _ENCODER.encode(obj).encode()
 
 
 def compute_mac(key: bytes, prev: bytes, body: bytes) -> bytes:
     """HMAC-SHA256(key, prev || body)."""
-    return hmac.new(key, prev + body, hashlib.sha256).digest()
+    return hmac.digest(key, prev + body, hashlib.sha256)
+
+
+def _with_mac(body: bytes, mac: bytes) -> bytes:
+    """The line: `body` (a canonical object without `mac`) with `mac` appended as its last member."""
+    return body[:-1] + b',"mac":"' + mac.hex().encode() + b'"}'
+
+
+_RESERVED = frozenset(("seq", "mac", "prev"))
 
 
 def seal(key: bytes, seq: int, prev: bytes, fields: dict[str, Value], first_in_file: bool) -> tuple[bytes, bytes]:
@@ -74,19 +88,20 @@ def seal(key: bytes, seq: int, prev: bytes, fields: dict[str, Value], first_in_f
     its MAC. Strings longer than `MAX_FIELD` are cut; the reserved names are set here."""
     obj: dict[str, Value] = {}
     for k, v in fields.items():
-        if k in ("seq", "mac", "prev"):
+        if k in _RESERVED:
             continue
-        if isinstance(v, str):
-            v = clip(v)
-        elif isinstance(v, bool) or not (v is None or isinstance(v, int)):
+        if type(v) is str:
+            if len(v) > MAX_FIELD:
+                v = clip(v)
+        elif type(v) is not int and v is not None:
             v = clip(str(v))
-        obj[clip(str(k), 64)] = v
+        obj[k if len(k) <= 64 else clip(k, 64)] = v
     obj["seq"] = seq
     if first_in_file:
         obj["prev"] = prev.hex()
-    mac = compute_mac(key, prev, canonical(obj))
-    obj["mac"] = mac.hex()
-    return canonical(obj) + b"\n", mac
+    body = canonical(obj)
+    mac = compute_mac(key, prev, body)
+    return _with_mac(body, mac) + b"\n", mac
 
 
 def _hex32(obj: dict[str, Any], name: str) -> bytes:
@@ -113,29 +128,22 @@ def open_line(raw: bytes) -> Line:
     for k, v in obj.items():
         if not (v is None or isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))):
             raise LineError(f'field "{k[:64]}" is not a string, an integer or null')
+    mac = _hex32(obj, "mac")
+    del obj["mac"]
     try:
-        again = canonical(obj)
+        body = canonical(obj)
     except ValueError:
         raise LineError("not canonical") from None
-    if again != raw:
+    if _with_mac(body, mac) != raw:
         raise LineError("not in canonical form (the line's bytes were changed)")
     seq = obj.get("seq")
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
         raise LineError('"seq" is not a positive integer')
-    mac = _hex32(obj, "mac")
     prev = _hex32(obj, "prev") if "prev" in obj else None
-    fields = {k: v for k, v in obj.items() if k not in ("seq", "mac", "prev")}
-    return Line(seq, mac, prev, fields)
+    fields = {k: v for k, v in obj.items() if k not in _RESERVED}
+    return Line(seq, mac, prev, fields, body)
 
 
-def body_of(raw: bytes) -> bytes:
-    """The canonical bytes a line's MAC covers: the line re-encoded without its `mac` field (only
-    for lines `open_line` accepted)."""
-    obj = json.loads(raw)
-    del obj["mac"]
-    return canonical(obj)
-
-
-def check_mac(key: bytes, prev: bytes, raw: bytes, line: Line) -> bool:
-    """Whether `line` (decoded from `raw`) is the MAC-chain successor of a line whose MAC is `prev`."""
-    return hmac.compare_digest(compute_mac(key, prev, body_of(raw)), line.mac)
+def check_mac(key: bytes, prev: bytes, line: Line) -> bool:
+    """Whether `line` is the MAC-chain successor of a line whose MAC is `prev`."""
+    return hmac.compare_digest(compute_mac(key, prev, line.body), line.mac)

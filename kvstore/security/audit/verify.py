@@ -160,7 +160,7 @@ def _verify(path: Path, key: bytes, head: AuditHead | None, report: Report) -> N
                     if line.prev is not None and line.prev != prev_mac:
                         raise _Bad(f"{here}: does not link to {prev_where} (its prev differs): the lines or "
                                    "file between them were removed or replaced")
-                if not check_mac(key, prev_mac, raw, line):
+                if not check_mac(key, prev_mac, line):
                     raise _Bad(f"{here}: MAC mismatch: the line was changed, or it is not the line that "
                                f"followed {prev_where or 'the start of the chain'} (or the key is wrong)")
                 prev_mac, expect, prev_where = line.mac, line.seq + 1, here

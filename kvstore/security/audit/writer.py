@@ -93,8 +93,21 @@ class AuditOpenError(Exception):
 Event = tuple[float, dict[str, Value]]
 
 
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+class _IsoClock:
+    """UTC ISO 8601 times with microseconds (`2026-12-04T05:49:49.310309Z`), the seconds' text
+    made once per second (the writer thread stamps every line)."""
+
+    __slots__ = ("_prefix", "_sec")
+
+    def __init__(self) -> None:
+        self._sec = -1
+        self._prefix = ""
+
+    def __call__(self, t: float) -> str:
+        sec, us = divmod(round(t * 1_000_000), 1_000_000)
+        if sec != self._sec:
+            self._sec, self._prefix = sec, datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._prefix}.{us:06d}Z"
 
 
 class AuditLog:
@@ -131,6 +144,7 @@ class AuditLog:
         self._unsynced = 0
         self._unsynced_since = 0.0
         self._retry: list[Event] = []
+        self._iso = _IsoClock()
         self.head_seq = 0
         """The sequence number last recorded in the store."""
         self.errors = 0
@@ -176,7 +190,7 @@ class AuditLog:
             line = open_line(raw)
         except LineError as err:
             raise AuditOpenError(f"the first line of {p} is damaged ({err})") from None
-        if line.prev is None or not check_mac(self._key, line.prev, raw, line):
+        if line.prev is None or not check_mac(self._key, line.prev, line):
             raise AuditOpenError(
                 f"{p} was not written with this node's audit key (another node's log, or one from an "
                 "earlier data directory): move it away or give another --audit-log"
@@ -299,7 +313,7 @@ class AuditLog:
             j = i
             while j < len(events):
                 t, fields = events[j]
-                fields["time"] = _iso(t)
+                fields["time"] = self._iso(t)
                 fields["node"] = self._node
                 line, new_mac = seal(self._key, seq + 1, mac, fields, first_in_file=size == 0)
                 if size > 0 and size + len(line) > limit:
