@@ -69,6 +69,11 @@ def test_a_node_audits_admin_shard_and_write_rpcs_but_not_reads(tmp_path: Path) 
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await ch.unary_unary(method)(GARBAGE, timeout=10)
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # a forged internal call (not a member) is refused, and the refusal is audited
+            with pytest.raises(grpc.aio.AioRpcError) as forged:
+                await shard.GroupPropose(shard_pb2.GroupProposeRequest(
+                    group=1, transfer=True, transfer_to=1, cluster_id="kvstore", from_node=666))
+            assert forged.value.code() == grpc.StatusCode.PERMISSION_DENIED
             assert n.node.audit is not None
             n.node.audit.auth_event("login", "alice", "ipv4:127.0.0.1:1", "PERMISSION_DENIED", user="alice")
             assert n.node.audit.flush()
@@ -89,6 +94,8 @@ def test_a_node_audits_admin_shard_and_write_rpcs_but_not_reads(tmp_path: Path) 
     assert by_op["KV.Stream.delete"]["result"] == "KEY_TOO_LARGE"
     assert by_op["KV.Stream.delete"]["key_bytes"] == 100_000
     assert {"identity": "alice", "result": "PERMISSION_DENIED", "user": "alice"}.items() <= by_op["auth.login"].items()
+    assert {"result": "PERMISSION_DENIED", "from_node": 666, "what": "transfer_leader", "group": 1}.items() \
+        <= by_op["Shard.GroupPropose"].items()
     # the node stopped gracefully: every line is confirmed by the head in its store
     key = read_key(tmp_path / "n1" / KEY_FILE)
     head = read_audit_head(tmp_path / "n1" / "db")

@@ -102,6 +102,20 @@ def test_open_line_is_total_on_text(text: str) -> None:
         open_line(text.encode("utf-8", "surrogatepass"))
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.binary(max_size=400), min_size=1, max_size=3), st.booleans())
+def test_verify_is_total_on_any_file_contents(contents: list[bytes], with_head: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        names = [LOG] + [f"{LOG}.{i}" for i in range(1, len(contents))]
+        for name, data in zip(names, contents, strict=True):
+            (d / name).write_bytes(data)
+        report = verify(d / LOG, KEY, AuditHead(3, bytes(32), 1) if with_head else None)
+        assert report.ok == (report.problem is None)
+        if with_head:
+            assert not report.ok  # no random bytes reach a head only the key could have made
+
+
 # --- writing, rotation, the head ------------------------------------------------------------------------
 
 
