@@ -68,6 +68,9 @@ class AuditSettings:
     sync_ms: int = 1000
     """... or this many milliseconds after the first line not yet confirmed."""
     max_pending: int = 100_000
+    batch_ms: float = 5.0
+    """After writing a batch the writer lets events gather this long before it takes the next: fewer,
+    larger writes and fewer thread switches under load (lines reach the file at most this late)."""
 
     def validate(self) -> None:
         if self.max_bytes < 4096:
@@ -298,6 +301,8 @@ class AuditLog:
                 return
             if not ok:
                 time.sleep(0.5)  # a failing disk: retry, without spinning
+            elif batch and s.batch_ms > 0:
+                time.sleep(s.batch_ms / 1000)
 
     def _write(self, batch: list[Event]) -> bool:
         """Seal and append `batch` (after the events a failed write left to retry), rotating when
