@@ -7,8 +7,8 @@ the queue in order, seals the lines (sequence number, MAC) and appends them to `
 `os.write`. So lines are in the order `record` was called and the loop never waits for a disk.
 
 Durability, and why a crash never makes a valid log fail verification:
-1. lines are appended as they come (in the OS page cache within about a millisecond: a process
-   crash, kill -9, loses only what was still queued);
+1. lines are appended as they come, in batches taken every `batch_ms` (in the OS page cache a
+   few milliseconds after `record`: a process crash, kill -9, loses only what was still queued);
 2. at most every `sync_lines` lines or `sync_ms` milliseconds (and at rotation and close) the
    writer fsyncs the file and THEN records the head (seq, MAC, floor) in the store, in one durable
    store transaction (`NodeStore.set_audit_head`);
