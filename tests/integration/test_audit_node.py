@@ -10,10 +10,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onenode import one_node
 
-from kvstore.security.audit import KEY_FILE, AuditSettings, read_key, verify
-from kvstore.server.audit_rpc import MAX_KEY_SHOWN, key_fields
+from kvstore.security.audit import KEY_FILE, AuditSettings, open_line, read_key, seal, verify
+from kvstore.security.audit.chain import GENESIS, check_mac
+from kvstore.server.audit_rpc import AUDITED, KV_WRITES, MAX_KEY_SHOWN, key_fields
 from kvstore.storage.store import read_audit_head
 from kvstore.v1 import admin_pb2, admin_pb2_grpc, kv_pb2, kv_pb2_grpc, shard_pb2, shard_pb2_grpc
 
@@ -102,3 +105,48 @@ def test_a_node_audits_admin_shard_and_write_rpcs_but_not_reads(tmp_path: Path) 
     report = verify(path, key, head)
     assert report.ok and report.unconfirmed == 0, report.summary()
     assert head is not None and head.seq == report.last_seq == len(lines)
+
+
+@st.composite
+def _requests(draw: st.DrawFn) -> tuple[str, str, object]:
+    u64 = st.integers(0, 2**64 - 1)
+    which = draw(st.sampled_from(["AddMember", "PromoteMember", "RemoveMember", "TransferLeader", "Snapshot",
+                                  "ShardOp", "GroupPropose", "Put", "Delete", "Cas"]))
+    if which == "AddMember":
+        return "kvstore.v1.Admin", which, admin_pb2.AddMemberRequest(
+            id=draw(u64), address=draw(st.text(max_size=300)), learner=draw(st.booleans()),
+            groups=draw(st.lists(u64, max_size=5)))
+    if which in ("PromoteMember", "RemoveMember"):
+        cls = admin_pb2.PromoteMemberRequest if which == "PromoteMember" else admin_pb2.RemoveMemberRequest
+        return "kvstore.v1.Admin", which, cls(id=draw(u64), groups=draw(st.lists(u64, max_size=5)))
+    if which == "TransferLeader":
+        return "kvstore.v1.Admin", which, admin_pb2.TransferLeaderRequest(to=draw(u64))
+    if which == "Snapshot":
+        return "kvstore.v1.Admin", which, admin_pb2.SnapshotRequest()
+    if which == "ShardOp":
+        return "kvstore.v1.Shard", which, shard_pb2.ShardOpRequest(op=draw(st.integers(0, 50)), group=draw(u64))
+    if which == "GroupPropose":
+        return "kvstore.v1.Shard", which, shard_pb2.GroupProposeRequest(
+            group=draw(u64), command=draw(st.binary(max_size=40)), conf_change=draw(st.binary(max_size=40)),
+            read_barrier=draw(st.booleans()), transfer=draw(st.booleans()), transfer_to=draw(u64),
+            from_node=draw(u64))
+    key = draw(st.binary(max_size=600))
+    if which == "Put":
+        return "kvstore.v1.KV", which, kv_pb2.PutRequest(key=key, value=draw(st.binary(max_size=50)))
+    if which == "Delete":
+        return "kvstore.v1.KV", which, kv_pb2.DeleteRequest(key=key)
+    return "kvstore.v1.KV", which, kv_pb2.CasRequest(key=key, value=draw(st.binary(max_size=50)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_requests())
+def test_any_audited_request_describes_into_a_line_that_verifies(req: tuple[str, str, object]) -> None:
+    service, method, request = req
+    describe = AUDITED[service][method] if service != "kvstore.v1.KV" else KV_WRITES[method]
+    fields = describe(request)
+    if fields is None:
+        return  # a read-only variant (ShardOp INFO, a read barrier)
+    assert all(v is None or type(v) in (int, str) for v in fields.values()), fields
+    line, mac = seal(bytes(32), 1, GENESIS, {"op": method, **fields}, first_in_file=True)
+    parsed = open_line(line[:-1])
+    assert parsed.mac == mac and check_mac(bytes(32), GENESIS, parsed)
