@@ -16,7 +16,7 @@ from onenode import one_node
 
 from kvstore.security.audit import KEY_FILE, AuditSettings, open_line, read_key, seal, verify
 from kvstore.security.audit.chain import GENESIS, check_mac
-from kvstore.server.audit_rpc import AUDITED, KV_WRITES, MAX_KEY_SHOWN, key_fields
+from kvstore.server.audit_rpc import AUDITED, KV_WRITES, MAX_KEY_SHOWN, NOT_AUDITED, key_fields
 from kvstore.storage.store import read_audit_head
 from kvstore.v1 import admin_pb2, admin_pb2_grpc, kv_pb2, kv_pb2_grpc, shard_pb2, shard_pb2_grpc
 
@@ -27,6 +27,18 @@ GARBAGE = b"\xff\xff\xff\xff"
 
 def _lines(path: Path) -> list[dict[str, object]]:
     return [json.loads(x) for x in path.read_bytes().splitlines()]
+
+
+def test_every_rpc_of_the_audited_services_is_classified() -> None:
+    """Generated from the service descriptors: a new Admin, Shard or KV RPC cannot be forgotten."""
+    for pb in (admin_pb2, shard_pb2, kv_pb2):
+        for service in pb.DESCRIPTOR.services_by_name.values():
+            audited = set(AUDITED.get(service.full_name, {}))
+            if service.full_name == "kvstore.v1.KV":
+                audited |= {*KV_WRITES, "Stream"}
+            skipped = NOT_AUDITED[service.full_name]
+            assert not audited & skipped
+            assert {m.name for m in service.methods} == audited | skipped, service.full_name
 
 
 def test_key_fields_show_text_or_hex_and_cut_long_keys() -> None:
