@@ -245,7 +245,7 @@ def test_lines_missing_at_restart_stay_visible(tmp_path: Path) -> None:
     write_log(tmp_path, 2, store)  # the chain goes on from the head (seq 30)
     report = verify(path, KEY, store.audit_head())
     assert not report.ok and report.problem is not None
-    assert "lines 27..30 are missing" in report.problem
+    assert "lines 27..30 missing" in report.problem
 
 
 # --- tampering: each kind named --------------------------------------------------------------------------

@@ -73,6 +73,10 @@ class _Bad(Exception):
     pass
 
 
+def _span(a: int, b: int) -> str:
+    return f"line {a}" if a == b else f"lines {a}..{b}"
+
+
 def _where(path: Path, lineno: int, seq: int | None = None) -> str:
     return f"{path}:{lineno}" + (f" (seq {seq})" if seq is not None else "")
 
@@ -141,7 +145,7 @@ def _verify(path: Path, key: bytes, head: AuditHead | None, report: Report) -> N
                         raise _Bad(f"{here}: seq 1 does not start the chain (its prev is not the genesis value)")
                     if head is not None and line.seq > head.floor and line.seq > 1:
                         raise _Bad(f"{here}: the log starts at seq {line.seq}, but the recorded head says lines from "
-                                   f"seq {head.floor} on are kept: lines {head.floor}..{line.seq - 1} "
+                                   f"seq {head.floor} on are kept: {_span(head.floor, line.seq - 1)} "
                                    "(an older file or the start of the log) were removed")
                     prev_mac = line.prev
                     report.first_seq = line.seq
@@ -151,8 +155,8 @@ def _verify(path: Path, key: bytes, head: AuditHead | None, report: Report) -> N
                     assert expect is not None
                     if line.seq != expect:
                         if line.seq > expect:
-                            raise _Bad(f"{here}: expected seq {expect} after {prev_where}: lines "
-                                       f"{expect}..{line.seq - 1} are missing (removed lines, or a removed file)")
+                            raise _Bad(f"{here}: expected seq {expect} after {prev_where}: {_span(expect, line.seq - 1)} "
+                                       "missing (removed lines, or a removed file)")
                         raise _Bad(f"{here}: expected seq {expect} after {prev_where}: lines are out of order "
                                    "(reordered or duplicated)")
                     if lineno == 1 and line.prev is None:
@@ -177,11 +181,11 @@ def _verify(path: Path, key: bytes, head: AuditHead | None, report: Report) -> N
         return
     if report.lines == 0:
         if head.seq >= head.floor:
-            raise _Bad(f"the log has no lines, but the recorded head says lines {head.floor}..{head.seq} exist")
+            raise _Bad(f"the log has no lines, but the recorded head says {_span(head.floor, head.seq)} exist")
         return
     if report.last_seq < head.seq:
         raise _Bad(f"truncated: the log ends at seq {report.last_seq} ({prev_where}) but the recorded head is "
-                   f"seq {head.seq}: lines {report.last_seq + 1}..{head.seq} were removed")
+                   f"seq {head.seq}: {_span(report.last_seq + 1, head.seq)} removed")
     if mac_at_head is None:
         raise _Bad(f"the line at the recorded head (seq {head.seq}) is not in the log")
     if mac_at_head != head.mac:
