@@ -14,6 +14,7 @@ import grpc
 from clusterharness import free_ports
 
 from kvstore.node.host import RaftSettings
+from kvstore.security.audit import AuditSettings
 from kvstore.server.config import NodeConfig
 from kvstore.server.node import Node
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
@@ -26,13 +27,15 @@ class OneNode:
 
 
 @contextlib.asynccontextmanager
-async def one_node(tmp_path: Path, *, request_timeout: float = 3.0) -> AsyncIterator[OneNode]:
+async def one_node(
+    tmp_path: Path, *, request_timeout: float = 3.0, audit: AuditSettings | None = None
+) -> AsyncIterator[OneNode]:
     """Start node 1 of a one-member cluster (one data group) and wait until it leads it."""
     (port,) = free_ports(1)
     address = f"127.0.0.1:{port}"
     cfg = NodeConfig(
         id=1, data_dir=tmp_path / "n1", listen=address, peers={1: address}, sync=False,
-        request_timeout=request_timeout, raft=RaftSettings(tick_ms=20), groups=1, replication=1,
+        request_timeout=request_timeout, raft=RaftSettings(tick_ms=20), groups=1, replication=1, audit=audit,
     )
     node = Node(cfg)
     await node.start()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from kvstore.cli.audit import audit
 from kvstore.cli.cert import cert
 from kvstore.node.host import RaftSettings
 from kvstore.server.config import NodeConfig, parse_peers
@@ -63,12 +64,26 @@ def cli() -> None:
 @click.option("--insecure", is_flag=True,
               help="Serve plaintext, unauthenticated gRPC even on a non-loopback address (anyone who can "
               "reach the port can read, write and join the cluster).")
+@click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write an audit log (MAC-chained JSON lines: admin operations, auth events) to this file; "
+              "`kvstore audit verify` checks it. Its key is <data-dir>/audit.key.")
+@click.option("--audit-writes", is_flag=True, help="Also audit every data write (put / delete / cas).")
+@click.option("--audit-max-bytes", type=click.IntRange(min=4096), default=64 << 20, show_default=True,
+              help="Rotate the audit log at this size (PATH -> PATH.1 -> ...).")
+@click.option("--audit-keep", type=click.IntRange(1, 10_000), default=8, show_default=True,
+              help="Audit log files kept (PATH and PATH.1 .. PATH.<keep-1>).")
+@click.option("--audit-sync-lines", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Fsync the audit log and record its head in the store after at most this many lines ...")
+@click.option("--audit-sync-ms", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="... or this many milliseconds (a machine crash can lose at most that window of lines).")
 def serve(
     node_id: int, data_dir: Path, listen: str, peers: str, cluster_id: str, join: bool, learner: bool,
     probe_ticks: int, advertise: str, metrics_listen: str, tick_ms: int, election_ticks: int, lease_read: bool,
     quiesce_ticks: int,
     request_timeout: float, max_key: int, max_value: int, max_request: int, compact_threshold: int, groups: int,
     replication: int, vnodes: int, log_level: str, certs_dir: Path | None, insecure: bool,
+    audit_log: Path | None, audit_writes: bool, audit_max_bytes: int, audit_keep: int, audit_sync_lines: int,
+    audit_sync_ms: int,
 ) -> None:
     """Run one node of a cluster. Restarting with the same --data-dir resumes it.
 
@@ -77,6 +92,7 @@ def serve(
     from kvstore.server import grpc_env
 
     grpc_env.apply()  # before anything imports grpc
+    from kvstore.security.audit import AuditSettings
     from kvstore.server.config import Limits
     from kvstore.server.main import run
     from kvstore.server.reads import ReadSettings
@@ -97,7 +113,13 @@ def serve(
             groups=groups, replication=replication, vnodes=vnodes,
             reads=ReadSettings(probe_ticks=max(0, probe_ticks)),
             certs_dir=certs_dir, insecure=insecure,
+            audit=None if audit_log is None else AuditSettings(
+                audit_log.absolute(), writes=audit_writes, max_bytes=audit_max_bytes, keep=audit_keep,
+                sync_lines=audit_sync_lines, sync_ms=audit_sync_ms,
+            ),
         )
+        if audit_writes and audit_log is None:
+            raise ValueError("--audit-writes needs --audit-log")
         cfg.validate()
     except ValueError as err:
         raise click.UsageError(str(err)) from err
@@ -189,6 +211,7 @@ def dev(nodes: str, data_dir: Path, base_port: int, groups: int, secure: bool) -
 
 
 cli.add_command(cert)
+cli.add_command(audit)
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from kvstore.node.inbound import Inbound, RefusalLog
 from kvstore.node.logic import Bootstrap, NodeLogic
 from kvstore.node.store import NodeStore
 from kvstore.raft import Message, Role
+from kvstore.security.audit import KEY_FILE, AuditLog, load_or_create_key
 from kvstore.security.tls import NodeTls, PeerVerifier
 from kvstore.shard.shardmap import META_GROUP
 from kvstore.storage.store import LmdbNodeStore
@@ -41,6 +42,7 @@ from kvstore.v1 import admin_pb2, kv_pb2, raft_pb2, shard_pb2
 
 from . import wire
 from .admin_service import AdminService
+from .audit_rpc import audited
 from .config import NodeConfig
 from .kv_service import KVService
 from .learner import register_learner
@@ -64,6 +66,9 @@ class Node:
         self.server: grpc.aio.Server | None = None
         self.tls: NodeTls | None = None
         """TLS material (`cfg.certs_dir`), None for a plaintext node; reloaded by `reload_certificates`."""
+        self.audit: AuditLog | None = None
+        """The audit log (`cfg.audit`, `--audit-log`), None without one. Authentication reports its
+        events with `self.audit.auth_event(...)`."""
         self.health = health.HealthServicer()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -111,6 +116,13 @@ class Node:
             self.tls = NodeTls(cfg.certs_dir, cfg.id)  # before the store: bad certificates fail fast
         tls = self.tls
         self.store = store = LmdbNodeStore(cfg.data_dir / "db", sync=cfg.sync, map_size=1 << 36)
+        if cfg.audit is not None:
+            self.audit = AuditLog(cfg.audit, load_or_create_key(cfg.data_dir / KEY_FILE), store, cfg.id)
+            self.audit.open()
+        audit = self.audit
+
+        def watched(servicer: object, name: str) -> object:
+            return servicer if audit is None else audited(servicer, name, audit, writes=cfg.audit_writes)
         self.transport = Transport(
             cfg.id, cfg.cluster_id, store, on_unreachable=lambda n: self.logic.host.report_unreachable(n),
             on_snapshot_done=self._snapshot_done, tls=tls,
@@ -143,13 +155,14 @@ class Node:
                          is_member=self.inbound.is_member, refusals=self.inbound.refusals,
                          on_connected=self._connected, verify=verify),
              raft_pb2.DESCRIPTOR.services_by_name["Raft"]),
-            (KVService(cfg, host, self.wake, self.metrics, tracker, self.reads),
+            (watched(KVService(cfg, host, self.wake, self.metrics, tracker, self.reads), "kvstore.v1.KV"),
              kv_pb2.DESCRIPTOR.services_by_name["KV"]),
-            (AdminService(cfg, host, self.wake, tracker, caller, self.coordinator, self.reads),
+            (watched(AdminService(cfg, host, self.wake, tracker, caller, self.coordinator, self.reads),
+                     "kvstore.v1.Admin"),
              admin_pb2.DESCRIPTOR.services_by_name["Admin"]),
-            (ShardService(cfg.id, host, self.wake, tracker, caller, self.coordinator, cfg.request_timeout,
-                          cluster_id=cfg.cluster_id, is_member=self.inbound.is_member,
-                          refusals=self.inbound.refusals, verify=verify),
+            (watched(ShardService(cfg.id, host, self.wake, tracker, caller, self.coordinator, cfg.request_timeout,
+                                  cluster_id=cfg.cluster_id, is_member=self.inbound.is_member,
+                                  refusals=self.inbound.refusals, verify=verify), "kvstore.v1.Shard"),
              shard_pb2.DESCRIPTOR.services_by_name["Shard"]),
             (self.health, health_pb2.DESCRIPTOR.services_by_name["Health"]),
         ])
@@ -323,6 +336,8 @@ class Node:
             await self.transport.close()
         if self.caller is not None:
             await self.caller.close()
+        if self.audit is not None:  # before the store: it records the head there
+            await asyncio.get_running_loop().run_in_executor(None, self.audit.close)
         if self.store is not None:
             self.store.close()
         log.info("node %d stopped", self.cfg.id)
