@@ -63,12 +63,30 @@ def cli() -> None:
 @click.option("--insecure", is_flag=True,
               help="Serve plaintext, unauthenticated gRPC even on a non-loopback address (anyone who can "
               "reach the port can read, write and join the cluster).")
+@click.option("--rate-limit", default="", metavar="OPS_PER_SEC[:BURST]",
+              help="Per-identity token bucket for client operations (a stream batch of N costs N); over it: "
+              "RESOURCE_EXHAUSTED with a retry-after. Default: no limit.")
+@click.option("--max-apply-lag", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Refuse new writes to a group whose applied index is this far behind its commit (0: never).")
+@click.option("--memory-limit", type=str, default="0", show_default=True,
+              help="Resident memory ceiling (bytes; K/M/G suffixes): writes are refused above 90%% of it, "
+              "again accepted below 80%% (0: none).")
+@click.option("--quota-bytes", type=str, default="0", show_default=True,
+              help="Space quota of the store (bytes; K/M/G suffixes): above it the NOSPACE alarm is raised "
+              "cluster-wide and puts are refused until `kvctl alarm disarm` (0: none).")
+@click.option("--max-streams-per-connection", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Concurrent RPCs one client connection may have open (HTTP/2 MAX_CONCURRENT_STREAMS; "
+              "0: gRPC's default).")
+@click.option("--idle-timeout", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Close a client connection with no RPC in flight after this many seconds (0: never).")
 def serve(
     node_id: int, data_dir: Path, listen: str, peers: str, cluster_id: str, join: bool, learner: bool,
     probe_ticks: int, advertise: str, metrics_listen: str, tick_ms: int, election_ticks: int, lease_read: bool,
     quiesce_ticks: int,
     request_timeout: float, max_key: int, max_value: int, max_request: int, compact_threshold: int, groups: int,
     replication: int, vnodes: int, log_level: str, certs_dir: Path | None, insecure: bool,
+    rate_limit: str, max_apply_lag: int, memory_limit: str, quota_bytes: str, max_streams_per_connection: int,
+    idle_timeout: float,
 ) -> None:
     """Run one node of a cluster. Restarting with the same --data-dir resumes it.
 
@@ -77,6 +95,9 @@ def serve(
     from kvstore.server import grpc_env
 
     grpc_env.apply()  # before anything imports grpc
+    from kvstore.node.ratelimit import parse_rate_limit
+    from kvstore.node.shedding import ShedSettings
+    from kvstore.server.admission import AdmissionSettings
     from kvstore.server.config import Limits
     from kvstore.server.main import run
     from kvstore.server.reads import ReadSettings
@@ -97,6 +118,12 @@ def serve(
             groups=groups, replication=replication, vnodes=vnodes,
             reads=ReadSettings(probe_ticks=max(0, probe_ticks)),
             certs_dir=certs_dir, insecure=insecure,
+            admission=AdmissionSettings(
+                rate_limit=parse_rate_limit(rate_limit) if rate_limit else None,
+                shed=ShedSettings(max_apply_lag=max_apply_lag, memory_limit=parse_bytes(memory_limit)),
+                quota_bytes=parse_bytes(quota_bytes), max_streams_per_connection=max_streams_per_connection,
+                idle_timeout=idle_timeout,
+            ),
         )
         cfg.validate()
     except ValueError as err:
@@ -108,6 +135,16 @@ def serve(
             node_id, listen,
         )
     sys.exit(run(cfg))
+
+
+def parse_bytes(text: str) -> int:
+    """`1048576`, `512K`, `64M`, `2G` (powers of 1024) -> bytes; ValueError otherwise."""
+    t = text.strip().upper().removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    num = t[:-1] if mult > 1 else t
+    if not num.isdigit():
+        raise ValueError(f"bad size {text!r}: expected a number of bytes, optionally with K, M, G or T")
+    return int(num) * mult
 
 
 @cli.command()
