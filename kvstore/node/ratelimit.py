@@ -4,7 +4,7 @@ Synchronous and clock-free: every call takes `now` (seconds on a monotonic clock
 so the same code runs in a process and under tests with an injected clock.
 
 Invariants:
-- a bucket never holds more than `burst` tokens nor fewer than 0; it refills at `rate` tokens
+- a bucket never holds more than `burst` tokens nor fewer than 0 (up to float noise); it refills at `rate` tokens
   per second of `now`, and `now` going backwards refills nothing;
 - in any window of time [t0, t1], the operations a bucket admits number at most
   `rate * (t1 - t0) + burst` (tests/unit/test_admission.py checks it with hypothesis);
@@ -22,6 +22,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 __all__ = ["RateLimit", "RateLimiter", "TokenBucket", "parse_rate_limit"]
+
+_EPSILON = 1e-9
+"""Floating-point noise tolerated: waiting exactly a retry-after must admit the next operation,
+even when the refill rounds to 0.9999999999 tokens (the bucket then goes that far below 0,
+which the next refill pays back: nothing is forgiven)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +72,11 @@ class TokenBucket:
         """Admit as many of `n` operations as there are whole tokens for: (admitted, seconds
         until the next token if some were refused, else 0.0)."""
         self._refill(now)
-        k = min(n, int(self.tokens))
+        k = min(n, int(self.tokens + _EPSILON))
         self.tokens -= k
         if k == n:
             return k, 0.0
-        return k, (1.0 - self.tokens) / self.rate  # k < n: fewer than one token is left
+        return k, max(0.0, 1.0 - self.tokens) / self.rate + _EPSILON  # k < n: less than one token is left
 
 
 class RateLimiter:
