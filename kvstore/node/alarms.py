@@ -141,10 +141,14 @@ class QuotaWatch:
     quota: int
     backoff: float = 1.0
     used: int = 0
+    """The last measurement of the store's live bytes."""
+    checks: int = 0
+    """Measurements so far."""
     _raising_at: float = float("-inf")
 
     def should_raise(self, used: int, alarms: frozenset[Alarm], now: float) -> bool:
         self.used = used
+        self.checks += 1
         if self.quota <= 0 or used <= self.quota:
             return False
         if Alarm(self.node, AlarmType.NOSPACE) in alarms:

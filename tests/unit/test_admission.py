@@ -24,9 +24,9 @@ from kvstore.node.alarms import (
     without_alarms,
 )
 from kvstore.node.memstore import MemoryNodeStore
-from kvstore.node.store import ApplyBatch, GroupWrite
 from kvstore.node.ratelimit import RateLimit, RateLimiter, TokenBucket, parse_rate_limit
 from kvstore.node.shedding import LoadShedder, ShedSettings
+from kvstore.node.store import ApplyBatch, GroupWrite
 from kvstore.raft import ConfState, Entry, EntryType, HardState
 from kvstore.server.identity import peer_host
 from kvstore.server.shards import check_group_request
