@@ -79,6 +79,9 @@ def cli() -> None:
               "0: gRPC's default).")
 @click.option("--idle-timeout", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Close a client connection with no RPC in flight after this many seconds (0: never).")
+@click.option("--max-ping-strikes", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Close a connection that sends this many keepalive pings less than 5 s apart without "
+              "data (0: never).")
 def serve(
     node_id: int, data_dir: Path, listen: str, peers: str, cluster_id: str, join: bool, learner: bool,
     probe_ticks: int, advertise: str, metrics_listen: str, tick_ms: int, election_ticks: int, lease_read: bool,
@@ -86,7 +89,7 @@ def serve(
     request_timeout: float, max_key: int, max_value: int, max_request: int, compact_threshold: int, groups: int,
     replication: int, vnodes: int, log_level: str, certs_dir: Path | None, insecure: bool,
     rate_limit: str, max_apply_lag: int, memory_limit: str, quota_bytes: str, max_streams_per_connection: int,
-    idle_timeout: float,
+    idle_timeout: float, max_ping_strikes: int,
 ) -> None:
     """Run one node of a cluster. Restarting with the same --data-dir resumes it.
 
@@ -122,7 +125,7 @@ def serve(
                 rate_limit=parse_rate_limit(rate_limit) if rate_limit else None,
                 shed=ShedSettings(max_apply_lag=max_apply_lag, memory_limit=parse_bytes(memory_limit)),
                 quota_bytes=parse_bytes(quota_bytes), max_streams_per_connection=max_streams_per_connection,
-                idle_timeout=idle_timeout,
+                idle_timeout=idle_timeout, max_ping_strikes=max_ping_strikes,
             ),
         )
         cfg.validate()

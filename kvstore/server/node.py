@@ -151,7 +151,7 @@ class Node:
         interceptor = admission.interceptor()
 
         server = self.server = grpc.aio.server(
-            options=CHANNEL_OPTIONS + cfg.admission.server_options(),
+            options=cfg.admission.server_options(CHANNEL_OPTIONS),
             interceptors=[interceptor] if interceptor is not None else None,
         )
         # Every method of every service decodes its request totally (wire.py): malformed bytes

@@ -314,17 +314,41 @@ async def _an_idle_connection_is_closed_by_the_server(tmp_path: Path) -> None:
         r = await kv_pb2_grpc.KVStub(ch).Put(kv_pb2.PutRequest(key=b"k", value=b"v"), timeout=5)
         assert r.error.code == kv_pb2.OK
         assert ch.get_state() == grpc.ChannelConnectivity.READY
-        end = time.monotonic() + 20
-        state = ch.get_state()
-        while state != grpc.ChannelConnectivity.IDLE:  # the server's GOAWAY sends the channel idle
-            left = end - time.monotonic()
-            assert left > 0, f"the idle connection was never closed (state {state})"
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ch.wait_for_state_change(state), left)
-            state = ch.get_state()
+        await _wait_idle(ch, "the idle connection was never closed")  # the server's GOAWAY
         # The channel reconnects on the next call.
         r = await kv_pb2_grpc.KVStub(ch).Get(kv_pb2.GetRequest(key=b"k"), timeout=5)
         assert r.found and r.value == b"v"
+
+
+async def _wait_idle(ch: grpc.aio.Channel, what: str, timeout: float = 20.0) -> None:
+    """Wait until the channel's connection was closed (the channel goes IDLE)."""
+    end = time.monotonic() + timeout
+    state = ch.get_state()
+    while state != grpc.ChannelConnectivity.IDLE:
+        left = end - time.monotonic()
+        assert left > 0, f"{what} (channel state {state})"
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ch.wait_for_state_change(state), left)
+        state = ch.get_state()
+
+
+async def _a_client_pinging_too_often_is_disconnected(tmp_path: Path) -> None:
+    adm = AdmissionSettings(max_ping_strikes=2)
+    async with one_node(tmp_path, admission=adm) as n:
+        pinger = grpc.aio.insecure_channel(n.address, options=[
+            ("grpc.keepalive_time_ms", 100), ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ])
+        try:
+            r = await kv_pb2_grpc.KVStub(pinger).Put(kv_pb2.PutRequest(key=b"p", value=b"1"), timeout=5)
+            assert r.error.code == kv_pb2.OK
+            await _wait_idle(pinger, "the server never sent the over-eager pinger away")
+        finally:
+            await pinger.close()
+        # Others are served as before.
+        async with grpc.aio.insecure_channel(n.address) as ch:
+            r = await kv_pb2_grpc.KVStub(ch).Get(kv_pb2.GetRequest(key=b"p"), timeout=5)
+            assert r.found
 
 
 def test_stream_batch_over_the_rate_is_cut_and_the_rest_refused_definitely(tmp_path: Path) -> None:
@@ -361,3 +385,7 @@ def test_a_connection_over_its_stream_cap_waits_and_other_connections_are_served
 
 def test_an_idle_connection_is_closed_by_the_server(tmp_path: Path) -> None:
     asyncio.run(_an_idle_connection_is_closed_by_the_server(tmp_path))
+
+
+def test_a_client_pinging_too_often_is_disconnected(tmp_path: Path) -> None:
+    asyncio.run(_a_client_pinging_too_often_is_disconnected(tmp_path))
