@@ -389,3 +389,43 @@ def test_an_idle_connection_is_closed_by_the_server(tmp_path: Path) -> None:
 
 def test_a_client_pinging_too_often_is_disconnected(tmp_path: Path) -> None:
     asyncio.run(_a_client_pinging_too_often_is_disconnected(tmp_path))
+
+
+def test_nospace_raised_on_a_follower_is_obeyed_by_every_node_of_a_cluster(tmp_path: Path) -> None:
+    """Three `kvstore serve` processes with a small quota: the alarm is raised through the
+    metadata group (by followers too, over Shard.GroupPropose to its leader), every node lists it
+    and every node refuses puts, while reads and deletes are served through all of them."""
+    from clusterharness import Cluster
+
+    from kvstore.client import Client
+
+    c = Cluster(tmp_path, 3, extra_args=["--quota-bytes", "768K"])
+    try:
+        c.start()
+        with Client(c.endpoints, timeout=10) as kv:
+            big = b"x" * (64 << 10)
+            written = []
+            with pytest.raises(errors.NoSpace):
+                for i in range(100):  # bounded: 6.4 MiB at most
+                    kv.put(b"big/%d" % i, big)
+                    written.append(b"big/%d" % i)
+            assert written
+            # All three nodes went over: each raises its own alarm; at most one of them leads
+            # group 0, so the others' went through Shard.GroupPropose.
+            end = time.monotonic() + 20
+            while len(kv.alarms()) < 3:
+                assert time.monotonic() < end, f"alarms: {kv.alarms()}"
+                time.sleep(0.05)
+        for ep in c.endpoints:  # every node, asked alone, lists them and refuses a put
+            with Client([ep], timeout=10) as one:
+                assert sorted((a.node_id, a.type) for a in one.alarms()) == [(1, "NOSPACE"), (2, "NOSPACE"), (3, "NOSPACE")]
+                assert one.get(written[0], read_preference="nearest", consistency="stale") == big
+        with Client(c.endpoints, timeout=10) as kv:
+            with pytest.raises(errors.NoSpace) as exc:
+                kv.put(b"small", b"1")
+            assert exc.value.definite
+            assert kv.get(written[0]) == big
+            assert kv.delete(written[0]) is True
+            assert kv.get(written[0]) is None
+    finally:
+        c.stop()
