@@ -7,7 +7,7 @@ Invariants:
 - a bucket never holds more than `burst` tokens nor fewer than 0 (up to float noise); it refills at `rate` tokens
   per second of `now`, and `now` going backwards refills nothing;
 - in any window of time [t0, t1], the operations a bucket admits number at most
-  `rate * (t1 - t0) + burst` (tests/unit/test_admission.py checks it with hypothesis);
+  `rate * (t1 - t0) + burst` (tests/unit/test_admission_logic.py checks it with hypothesis);
 - an operation is admitted whole or not at all, and one refused costs nothing: a refused client
   keeps no debt, and its refusals take nothing from anyone else's bucket;
 - the table of buckets is bounded (`max_identities`): when full, the bucket idle the longest is
