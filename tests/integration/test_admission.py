@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from clusterharness import free_ports
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onenode import OneNode, one_node
 
 from kvstore import errors
@@ -27,7 +33,7 @@ from kvstore.security import certs
 from kvstore.server.admission import RETRY_AFTER_KEY, AdmissionSettings
 from kvstore.server.config import NodeConfig
 from kvstore.server.node import Node
-from kvstore.v1 import kv_pb2, kv_pb2_grpc
+from kvstore.v1 import admin_pb2, admin_pb2_grpc, kv_pb2, kv_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -420,6 +426,12 @@ def test_nospace_raised_on_a_follower_is_obeyed_by_every_node_of_a_cluster(tmp_p
             with Client([ep], timeout=10) as one:
                 assert sorted((a.node_id, a.type) for a in one.alarms()) == [(1, "NOSPACE"), (2, "NOSPACE"), (3, "NOSPACE")]
                 assert one.get(written[0], read_preference="nearest", consistency="stale") == big
+        kvctl = [sys.executable, "-m", "kvstore.cli.kvctl", "--endpoints", ",".join(c.endpoints)]
+        out = subprocess.run([*kvctl, "alarm", "list", "-o", "json"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == {"alarms": [{"node_id": i, "type": "NOSPACE"} for i in (1, 2, 3)]}
+        refused = subprocess.run([*kvctl, "put", "small", "1"], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and "NOSPACE" in refused.stderr + refused.stdout  # 2: definitely not applied
         with Client(c.endpoints, timeout=10) as kv:
             with pytest.raises(errors.NoSpace) as exc:
                 kv.put(b"small", b"1")
@@ -429,3 +441,56 @@ def test_nospace_raised_on_a_follower_is_obeyed_by_every_node_of_a_cluster(tmp_p
             assert kv.get(written[0]) is None
     finally:
         c.stop()
+
+
+# --- hypothesis: arbitrary alarm requests ------------------------------------------------------
+
+
+class _AlarmNode:
+    """One node (no quota) kept across examples on a private event loop."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.tmp_path = tmp_path
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(asyncio.wait_for(coro, 60))
+
+    async def start(self) -> None:
+        self.ctx = one_node(self.tmp_path)
+        self.n = await self.ctx.__aenter__()
+        self.ch = grpc.aio.insecure_channel(self.n.address)
+        self.admin = admin_pb2_grpc.AdminStub(self.ch)
+
+    async def stop(self) -> None:
+        await self.ch.close()
+        await self.ctx.__aexit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def alarm_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_AlarmNode]:
+    f = _AlarmNode(tmp_path_factory.mktemp("alarms"))
+    f.run(f.start())
+    try:
+        yield f
+    finally:
+        f.run(f.stop())
+        f.loop.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(node_id=st.integers(0, 2**64 - 1), kind=st.integers(-(2**31), 2**31 - 1))
+def test_any_alarm_disarm_request_gets_an_answer_or_a_definite_error(
+    alarm_node: _AlarmNode, node_id: int, kind: int
+) -> None:
+    async def main() -> None:
+        r = await alarm_node.admin.AlarmDisarm(admin_pb2.AlarmDisarmRequest(node_id=node_id, type=kind), timeout=20)
+        valid = node_id < 2**63 and kind in (admin_pb2.ALARM_NONE, admin_pb2.ALARM_NOSPACE)
+        if valid:
+            assert r.error.code == kv_pb2.OK and list(r.alarms) == []
+        else:
+            assert r.error.code == kv_pb2.INVALID_ARGUMENT and not r.error.indeterminate
+        listed = await alarm_node.admin.AlarmList(admin_pb2.AlarmListRequest(), timeout=20)
+        assert listed.error.code == kv_pb2.OK and list(listed.alarms) == []
+
+    alarm_node.run(main())

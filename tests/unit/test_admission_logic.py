@@ -318,3 +318,16 @@ def test_peer_identity_strings() -> None:
     assert peer_host("ipv6:[::1]:5000") == "ip:::1"
     assert peer_host("ipv6:%5B::1%5D:5000") == "ip:::1"
     assert peer_host("unix:/tmp/s") == "peer:unix:/tmp/s"
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=st.one_of(st.text(max_size=12), st.integers().map(str)))
+def test_a_garbled_retry_after_trailer_is_never_trusted_blindly(value: str) -> None:
+    exc = grpc.aio.AioRpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(("retry-after-ms", value)), "x",
+    )
+    f = classify(exc, endpoint="e", is_write=True)
+    if isinstance(f.error, errors.ResourceExhausted):
+        assert 0 <= f.error.retry_after <= 3600 and f.error.definite  # bounded whatever the server says
+    else:
+        assert f.error.indeterminate  # not recognisably ours: a write may have happened
