@@ -26,7 +26,6 @@ and no interceptor is installed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import os
@@ -297,8 +296,6 @@ async def _limit(admission: Admission, context: grpc.aio.ServicerContext) -> Non
     k, after = admission.admit(rpc_identity(context), 1)
     if k == 0:
         ms = errors.retry_after_ms(after)
-        with contextlib.suppress(Exception):
-            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(ms)),))
         await context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"rate limit exceeded: retry after {ms} ms (definite: the operation was not applied)",

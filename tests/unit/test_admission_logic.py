@@ -4,6 +4,9 @@ backoff floor; the metadata group's check of alarm proposals."""
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import grpc
 import pytest
 from hypothesis import given, settings
@@ -23,15 +26,18 @@ from kvstore.node.alarms import (
     with_alarm,
     without_alarms,
 )
+from kvstore.node.host import Host, RaftSettings
 from kvstore.node.memstore import MemoryNodeStore
 from kvstore.node.ratelimit import RateLimit, RateLimiter, TokenBucket, parse_rate_limit
 from kvstore.node.shedding import LoadShedder, ShedSettings
 from kvstore.node.store import ApplyBatch, GroupWrite
 from kvstore.raft import ConfState, Entry, EntryType, HardState
+from kvstore.server.admission import Admission, AdmissionSettings
 from kvstore.server.identity import peer_host
 from kvstore.server.shards import check_group_request
 from kvstore.shard.shardmap import SHARD_MAP_KEY
 from kvstore.storage import commands
+from kvstore.storage.store import LmdbNodeStore
 from kvstore.v1 import kv_pb2, shard_pb2
 
 # --- token bucket ------------------------------------------------------------------------------
@@ -331,3 +337,52 @@ def test_a_garbled_retry_after_trailer_is_never_trusted_blindly(value: str) -> N
         assert 0 <= f.error.retry_after <= 3600 and f.error.definite  # bounded whatever the server says
     else:
         assert f.error.indeterminate  # not recognisably ours: a write may have happened
+
+
+def test_a_group_whose_apply_lags_its_commit_sheds_writes_until_it_catches_up(tmp_path: Path) -> None:
+    """A real host and LMDB store: entries committed but not yet applied (between the cycle that
+    made them durable and the one that applies them) count as apply lag; past the limit,
+    `Admission.check_write` refuses (RESOURCE_EXHAUSTED, definite, with a retry-after); once the
+    group applied them, writes are admitted again. Reads never ask."""
+    store = LmdbNodeStore(tmp_path / "n1", sync=False)
+    try:
+        host = Host(1, store, lambda ms: None, RaftSettings(), random.Random(1))
+        host.open_group(1, ConfState((1,)))
+        host.groups[1].core.campaign()
+        while host.has_work():
+            host.run_cycle()
+        adm = Admission(1, AdmissionSettings(shed=ShedSettings(max_apply_lag=5)), host, AlarmTracker(store))
+        adm.check_write(1, delete=False)
+        for i in range(20):
+            host.propose(1, commands.encode_put(b"k%d" % i, b"v"), lambda r, e: None)
+        cycle = host.begin_cycle()
+        assert cycle is not None
+        cycle.persist()
+        host.end_cycle(cycle)  # durable, hence committed (one voter); applied by the next cycle
+        core = host.groups[1].core
+        assert core.committed - core.applied == 20
+        with pytest.raises(errors.ResourceExhausted) as exc:
+            adm.check_write(1, delete=True)
+        assert exc.value.definite and exc.value.retry_after > 0 and "20 entries behind" in exc.value.message
+        while host.has_work():
+            host.run_cycle()
+        assert core.committed == core.applied
+        adm.check_write(1, delete=False)
+    finally:
+        store.close()
+
+
+def test_nospace_refuses_puts_but_not_deletes(tmp_path: Path) -> None:
+    store = MemoryNodeStore()
+    conf = ConfState((1,))
+    store.bootstrap(0, conf)
+    host = Host(1, store, lambda ms: None, RaftSettings(), random.Random(1))
+    tracker = AlarmTracker(store)
+    adm = Admission(1, AdmissionSettings(), host, tracker)
+    adm.check_write(1, delete=False)
+    _apply_put(store, ALARMS_KEY, with_alarm(frozenset(), Alarm(3, AlarmType.NOSPACE)), conf)
+    tracker.refresh()
+    with pytest.raises(errors.NoSpace) as exc:
+        adm.check_write(1, delete=False)
+    assert exc.value.definite
+    adm.check_write(1, delete=True)
