@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from kvstore.node.store import NodeStore
+from kvstore.shard.shardmap import META_GROUP
 
 __all__ = ["ALARMS_KEY", "Alarm", "AlarmTracker", "AlarmType", "QuotaWatch", "decode_alarms", "encode_alarms"]
 
@@ -36,7 +37,6 @@ log = logging.getLogger("kvstore.alarms")
 
 ALARMS_KEY = b"\x00kvstore/alarms"
 """The reserved key of the alarm set in the metadata group (group 0)."""
-META_GROUP = 0
 _MAGIC = b"KVA1"
 _ENTRY = struct.Struct(">QB")
 MAX_ALARMS = 4096

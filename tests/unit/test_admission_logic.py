@@ -386,3 +386,21 @@ def test_nospace_refuses_puts_but_not_deletes(tmp_path: Path) -> None:
         adm.check_write(1, delete=False)
     assert exc.value.definite
     adm.check_write(1, delete=True)
+
+
+def test_serve_flags_for_limits_parse_and_bad_ones_are_usage_errors(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from kvstore.cli.server import cli, parse_bytes
+
+    assert parse_bytes("1048576") == 1 << 20 and parse_bytes("512K") == 512 << 10
+    assert parse_bytes("64m") == 64 << 20 and parse_bytes("2GB") == 2 << 30
+    for bad in ("", "G", "1.5G", "-1", "12Q"):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
+    base = ["serve", "--id", "1", "--data-dir", str(tmp_path / "d"), "--listen", "127.0.0.1:1",
+            "--peers", "1=127.0.0.1:1"]
+    for flags, needle in ((["--rate-limit", "fast"], "bad rate limit"), (["--quota-bytes", "lots"], "bad size"),
+                          (["--memory-limit", "-5"], "bad size"), (["--rate-limit", "10:0"], "burst")):
+        r = CliRunner().invoke(cli, [*base, *flags])
+        assert r.exit_code == 2 and needle in r.output, (flags, r.output)
