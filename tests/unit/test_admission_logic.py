@@ -404,3 +404,51 @@ def test_serve_flags_for_limits_parse_and_bad_ones_are_usage_errors(tmp_path: Pa
                           (["--memory-limit", "-5"], "bad size"), (["--rate-limit", "10:0"], "burst")):
         r = CliRunner().invoke(cli, [*base, *flags])
         assert r.exit_code == 2 and needle in r.output, (flags, r.output)
+
+
+def test_the_rate_limit_wraps_client_rpcs_and_never_node_traffic() -> None:
+    """The interceptor returns the handlers of traffic between nodes and of health checks as they
+    are; it wraps the unary and server-streaming client RPCs; request-streaming ones (KV.Stream is
+    limited per operation inside; Raft.Send) are left alone."""
+    import asyncio
+    from collections import namedtuple
+
+    store = MemoryNodeStore()
+    host = Host(1, store, lambda ms: None, RaftSettings(), random.Random(1))
+    adm = Admission(1, AdmissionSettings(rate_limit=RateLimit(1, 1)), host, AlarmTracker(store))
+    interceptor = adm.interceptor()
+    assert interceptor is not None
+    assert Admission(1, AdmissionSettings(), host, AlarmTracker(store)).interceptor() is None
+
+    async def unary(request: object, context: object) -> object:
+        return request
+
+    async def server_stream(request: object, context: object):  # type: ignore[no-untyped-def]
+        yield request
+
+    async def client_stream(requests: object, context: object) -> object:
+        return None
+
+    handlers = {
+        "unary": grpc.unary_unary_rpc_method_handler(unary),
+        "server_stream": grpc.unary_stream_rpc_method_handler(server_stream),
+        "stream": grpc.stream_stream_rpc_method_handler(client_stream),
+    }
+    Details = namedtuple("Details", ["method", "invocation_metadata"])
+
+    def intercept(method: str, kind: str) -> object:
+        async def continuation(details: object) -> object:
+            return handlers[kind]
+
+        return asyncio.run(interceptor.intercept_service(continuation, Details(method, ())))  # type: ignore[arg-type]
+
+    for method in ("/kvstore.v1.Raft/Send", "/kvstore.v1.Shard/GroupPropose", "/kvstore.v1.Shard/ExportRange",
+                   "/grpc.health.v1.Health/Check"):
+        assert intercept(method, "unary") is handlers["unary"], method
+    assert intercept("/kvstore.v1.KV/Stream", "stream") is handlers["stream"]
+    wrapped = intercept("/kvstore.v1.KV/Put", "unary")
+    assert wrapped is not handlers["unary"] and wrapped.unary_unary is not unary  # type: ignore[attr-defined]
+    scan = intercept("/kvstore.v1.KV/Scan", "server_stream")
+    assert scan is not handlers["server_stream"] and scan.unary_stream is not server_stream  # type: ignore[attr-defined]
+    admin = intercept("/kvstore.v1.Admin/AlarmDisarm", "unary")
+    assert admin is not handlers["unary"]
