@@ -10,6 +10,7 @@ from kvstore.security.audit import AuditSettings
 from kvstore.security.net import is_loopback
 from kvstore.storage.commands import MAX_KEY_SIZE, command_size_bound
 
+from .admission import AdmissionSettings
 from .reads import ReadSettings
 
 META_GROUP = 0
@@ -73,12 +74,16 @@ class NodeConfig:
     audit: AuditSettings | None = None
     """The audit log (`--audit-log PATH ...`); None: no audit log."""
 
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    """Rate limits, load shedding, the space quota and connection limits (all off by default)."""
+
     @property
     def audit_writes(self) -> bool:
         return self.audit is not None and self.audit.writes
 
     def validate(self) -> None:
         self.limits.validate()
+        self.admission.validate()
         if self.audit is not None:
             self.audit.validate()
         if self.id < 1:

@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from kvstore.node.alarms import AlarmTracker
 from kvstore.node.host import Cycle, Host
 from kvstore.node.inbound import Inbound, RefusalLog
 from kvstore.node.logic import Bootstrap, NodeLogic
@@ -42,6 +43,7 @@ from kvstore.v1 import admin_pb2, kv_pb2, raft_pb2, shard_pb2
 
 from . import wire
 from .admin_service import AdminService
+from .admission import Admission
 from .audit_rpc import audited
 from .config import NodeConfig
 from .kv_service import KVService
@@ -86,6 +88,8 @@ class Node:
         """Set when a loop the node needs ended (see `_task_ended`): the process must exit."""
         self.fatal: str | None = None
         self._stopping = False
+        self.alarms: AlarmTracker | None = None
+        self.admission: Admission | None = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -146,8 +150,22 @@ class Node:
         self.reads = ReplicaReads(
             host, cfg.reads, metrics=ReadMetrics(self.metrics.registry), request_timeout=cfg.request_timeout
         )
+        alarms = self.alarms = AlarmTracker(store)
+        alarms.refresh()
+        alarm_gauge = self.metrics.alarms.labels("NOSPACE")
+        alarms.on_change.append(lambda: alarm_gauge.set(len(alarms.alarms)))
+        admission = self.admission = Admission(
+            cfg.id, cfg.admission, host, alarms,
+            propose_meta=lambda data: caller.propose(META_GROUP, data), live_bytes=store.live_bytes,
+        )
+        refused_by = self.metrics.admission_refused
+        admission.on_refused = lambda reason: refused_by.labels(reason).inc()
+        interceptor = admission.interceptor()
 
-        server = self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        server = self.server = grpc.aio.server(
+            options=cfg.admission.server_options(CHANNEL_OPTIONS),
+            interceptors=[interceptor] if interceptor is not None else None,
+        )
         # Every method of every service decodes its request totally (wire.py): malformed bytes
         # get INVALID_ARGUMENT, never UNKNOWN.
         self.rpc_methods = wire.add_services(server, [
@@ -155,9 +173,9 @@ class Node:
                          is_member=self.inbound.is_member, refusals=self.inbound.refusals,
                          on_connected=self._connected, verify=verify),
              raft_pb2.DESCRIPTOR.services_by_name["Raft"]),
-            (watched(KVService(cfg, host, self.wake, self.metrics, tracker, self.reads), "kvstore.v1.KV"),
+            (watched(KVService(cfg, host, self.wake, self.metrics, tracker, self.reads, admission), "kvstore.v1.KV"),
              kv_pb2.DESCRIPTOR.services_by_name["KV"]),
-            (watched(AdminService(cfg, host, self.wake, tracker, caller, self.coordinator, self.reads),
+            (watched(AdminService(cfg, host, self.wake, tracker, caller, self.coordinator, self.reads, admission),
                      "kvstore.v1.Admin"),
              admin_pb2.DESCRIPTOR.services_by_name["Admin"]),
             (watched(ShardService(cfg.id, host, self.wake, tracker, caller, self.coordinator, cfg.request_timeout,
@@ -178,6 +196,7 @@ class Node:
             loop.create_task(self._ticker(), name="ticker"),
             loop.create_task(self._ready_loop(), name="ready-loop"),
             loop.create_task(self.coordinator.run(), name="shard-coordinator"),
+            loop.create_task(admission.run(), name="admission"),
         ]
         for t in self._tasks:
             t.add_done_callback(self._task_ended)
@@ -274,6 +293,8 @@ class Node:
                         m.fsync_seconds.observe(cycle.seconds)
                     m.ready_groups.observe(n)
                     self.logic.after_cycle()
+                    if self.alarms is not None:
+                        self.alarms.refresh()
                 if host.failed is not None:
                     m.storage_full.set(1)
                     self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -271,6 +271,17 @@ class LmdbEnv:
             "fs_total_bytes": st.f_blocks * st.f_frsize,
         }
 
+    def live_bytes(self) -> int:
+        """Bytes of the pages the sub-databases hold now (branch, leaf and overflow pages). Unlike
+        `used_bytes` (the file's high-water mark, which never shrinks) this falls when keys are
+        deleted or the Raft log is compacted: it is what the space quota measures."""
+        with self.read() as txn:
+            pages = 0
+            for db in self.dbs.values():
+                st = txn.stat(db)
+                pages += int(st["branch_pages"]) + int(st["leaf_pages"]) + int(st["overflow_pages"])
+        return pages * self.psize
+
     def db_entries(self) -> dict[str, int]:
         with self.read() as txn:
             return {name.decode(): int(txn.stat(db)["entries"]) for name, db in self.dbs.items()}

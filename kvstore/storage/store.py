@@ -378,6 +378,10 @@ class LmdbNodeStore:
         """map_size, used_bytes (pages in use), file_bytes, fs_free_bytes, fs_total_bytes."""
         return self._env.disk_usage()
 
+    def live_bytes(self) -> int:
+        """Bytes the stored data occupies now (shrinks after deletes and log compaction)."""
+        return self._env.live_bytes()
+
     def stats(self) -> dict[str, Any]:
         groups: dict[int, dict[str, int]] = {}
         for g in sorted(self._groups):
