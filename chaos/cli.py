@@ -100,12 +100,14 @@ def _nemesis(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 @click.option("--read-consistency", type=click.Choice(["linearizable", "bounded", "stale"]), default="linearizable",
               show_default=True, help="Consistency of the replicas workload's gets.")
 @click.option("--max-staleness", type=float, default=0.5, show_default=True, help="Bound of bounded reads (s).")
+@click.option("--tls/--insecure", "tls", default=True, show_default=True,
+              help="Mutual TLS everywhere (a CA and certificates made for the run), or plaintext nodes (--insecure).")
 def run(
     nodes: str, seconds: float, nemesis: list[str], workload: str, backend: str, seed: int, out: Path,
     concurrency: int, rate: float, quiet: float | None, tick_ms: int, op_timeout: float,
     fault_min: float | None, fault_max: float | None, check_timeout: float, groups: int, moves_timeout: float,
     keep_data: bool, stale_reads: bool,
-    learners: int | None, read_from: str | None, read_consistency: str, max_staleness: float,
+    learners: int | None, read_from: str | None, read_consistency: str, max_staleness: float, tls: bool,
 ) -> None:
     from . import netns
     from .runner import RunConfig
@@ -117,7 +119,7 @@ def run(
         fault_min=fault_min, fault_max=fault_max, stale_reads=stale_reads, keep_data=keep_data,
         check_timeout=check_timeout, groups=groups, moves_timeout=moves_timeout,
         learners=learners if learners is not None else (2 if workload == "replicas" else 0),
-        read_from=read_from or "", read_consistency=read_consistency, max_staleness=max_staleness,
+        read_from=read_from or "", read_consistency=read_consistency, max_staleness=max_staleness, tls=tls,
     )
     try:
         code, _run_dir, _summary = do_run(cfg)
