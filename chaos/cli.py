@@ -38,7 +38,9 @@ Nemesis families (comma-separated, or `all`): {", ".join(ALL_FAMILIES)}; and {",
   member:    remove a voter, re-add it as a NEW id with an empty data dir
   forge:     (alias garbage) forged Raft / Shard traffic as non-member node 99 (must be refused:
              PERMISSION_DENIED) and malformed traffic under member ids (dropped); checks that no
-             node dies or wedges, no forged value is read, and throughput holds
+             node dies or wedges, no forged value is read, and throughput holds. With TLS also
+             outsiders with no certificate, a client certificate (to internal RPCs), a member's
+             node certificate claiming another member, and another CA's: all must be refused
 Not in `all` ({", ".join(EXTRA_FAMILIES)}):
   replicas:  cut the read replicas (--learners) off from every other node
   rebalance: (use with --groups N) add a data group, remove one (never the last) or rebalance,
@@ -47,6 +49,11 @@ Not in `all` ({", ".join(EXTRA_FAMILIES)}):
 The schedule always ends with every fault healed and a quiet period. With --groups > 1 or the
 rebalance nemesis, every range move must then finish within --moves-timeout, or the run fails
 (liveness, reported apart from linearizability).
+
+\b
+TLS (the default; --insecure for plaintext): the run makes a CA, a node certificate per node
+id (its id, its host's address) and client certificates in RUN_DIR/certs; the nodes run with
+--certs-dir and every harness channel (workload, admin, health checks) is mutual TLS.
 
 \b
 Read replicas: --learners N adds N learner hosts (`kvstore serve --learner`). The `replicas`
