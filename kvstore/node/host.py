@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstore import errors
+from kvstore.node.hosted import HostedMembers
 from kvstore.node.store import ApplyBatch, GroupWrite, NodeStore
 from kvstore.raft import (
     NONE,
@@ -203,6 +204,8 @@ class Host:
         self.full_scan_ticks = 10
         self.suspected: set[int] = set()
         """Nodes whose liveness pings stopped (see `suspect`)."""
+        self.hosted = HostedMembers()
+        """The nodes some hosted group's configuration lists (kept current: see `hosted`)."""
 
     # --- groups -----------------------------------------------------------------------------
     def open_group(self, group: int, bootstrap: ConfState | None, data: Sequence[bytes] = ()) -> Group:
@@ -226,6 +229,7 @@ class Host:
         )
         core = RaftNode(cfg, self.store.log_storage(group), random.Random(self.rng.getrandbits(64)), log)
         g = self.groups[group] = Group(group, core)
+        self.hosted.update(group, core.conf)
         self._dirty.add(group)
         return g
 
@@ -262,6 +266,7 @@ class Host:
         commit on the remaining replicas) and, with `destroy`, its state is deleted and a tombstone
         keeps it from being recreated by a late message. Call only between cycles."""
         g = self.groups.pop(group, None)
+        self.hosted.drop(group)
         if g is not None:
             err = errors.LeadershipLost(f"group {group} left this node", indeterminate=True)
             for w in g.writes.values():
@@ -309,6 +314,8 @@ class Host:
         except RaftError as err:
             log.warning("group %d: dropped %s from node %d: %s", m.group, m.type.name, m.frm, err)
             return False
+        finally:
+            self.hosted.update(m.group, g.core.conf)  # an append or a snapshot may change it
         return True
 
     def tick(self) -> None:
@@ -375,6 +382,7 @@ class Host:
             index = g.core.propose_conf_change(cc)
         except ProposalDropped as err:
             raise errors.ProposalDropped(str(err)) from err
+        self.hosted.update(group, g.core.conf)  # the leader's configuration changes on append
         self._dirty.add(group)
         g.writes[index] = PendingWrite(g.core.term, callback)
         return index
@@ -530,6 +538,7 @@ class Host:
         """After `g` advanced past `rd`: leader changes, reads, compaction. (`advance` never
         changes the role, so the role now is the role `rd` was applied under.)"""
         self._dirty.add(g.id)  # advancing may have made more ready (e.g. newly committed entries)
+        self.hosted.update(g.id, g.core.conf)
         was_leader = g.core.role == Role.LEADER
         if rd.soft_state is not None:
             if self.on_leader_change is not None:
