@@ -60,7 +60,7 @@ def begin(groups: Iterable[tuple[K, RaftNode]], send: Send, stage: Stage[K]) -> 
     readies = [(key, core, core.ready()) for key, core in groups]
     if not readies:
         return None
-    immediate = [m for _, _, rd in readies for m in rd.messages]
+    immediate = _gather(readies, persisted=False)
     if immediate:
         send(immediate)
     for key, core, rd in readies:
@@ -72,7 +72,7 @@ def end(turn: Turn[K], send: Send, apply: Apply[K], after: Apply[K] | None = Non
     """Step 3, once the staged batch is durable: send the persisted messages, then apply and
     advance each group. Returns the number of groups handled."""
     readies = turn.readies
-    later = [m for _, _, rd in readies for m in rd.persisted_messages]
+    later = _gather(readies, persisted=True)
     if later:
         send(later)
     for key, core, rd in readies:
@@ -106,9 +106,22 @@ def drain(key: K, core: RaftNode, send: Send, stage: Stage[K], apply: Apply[K]) 
     n = 0
     one = ((key, core),)
     while core.has_ready():
-        run(one, send, stage, _nothing, apply)
+        turn = begin(one, send, stage)
+        assert turn is not None
+        end(turn, send, apply)  # staging made it durable: nothing to wait for
         n += 1
     return n
+
+
+def _gather(readies: list[tuple[K, RaftNode, Ready]], persisted: bool) -> list[Message]:
+    """All the Readies' messages (`persisted`: those that wait for durability), in order. One
+    Ready's own list is handed out as is (the application owns a Ready's contents)."""
+    if len(readies) == 1:
+        rd = readies[0][2]
+        return rd.persisted_messages if persisted else rd.messages
+    if persisted:
+        return [m for _, _, rd in readies for m in rd.persisted_messages]
+    return [m for _, _, rd in readies for m in rd.messages]
 
 
 def persist_to_memory(storage: MemoryStorage, rd: Ready) -> None:
@@ -121,6 +134,3 @@ def persist_to_memory(storage: MemoryStorage, rd: Ready) -> None:
     if rd.hard_state is not None:
         storage.set_hard_state(rd.hard_state)
 
-
-def _nothing() -> None:
-    """The persist step of a batch that `stage` already made durable."""
