@@ -16,10 +16,10 @@ def _pending_follower() -> tuple[Network, RaftNode, Message]:
     net.heartbeat(1)
     net.propose(1, b"x")
     leader.propose(b"y")
-    rd = leader.ready()
-    readyloop.persist_to_memory(net.members[1].storage, rd)
-    apps = [m for m in rd.messages if m.type == MessageType.APP and m.to == 2]
-    leader.advance(rd)
+    out: list[Message] = []  # the leader's messages, held back from the network
+    storage = net.members[1].storage
+    readyloop.drain(1, leader, out.extend, lambda k, c, rd: readyloop.persist_to_memory(storage, rd), lambda k, rd: None)
+    apps = [m for m in out if m.type == MessageType.APP and m.to == 2]
     assert len(apps) == 1
     return net, net.node(2), apps[0]
 
