@@ -92,9 +92,8 @@ class RequestChecks:
         self.timeout = timeout
         self.max_key_size = max_key_size
         self.max_value_size = max_value_size
-        if read_preference not in READ_PREFERENCES:
-            raise ValueError(f"read_preference must be one of {', '.join(READ_PREFERENCES)}")
-        self.read_preference: str = read_preference
+        self._read_preference = "leader"
+        self.read_preference = read_preference
         #: Default bound of ``bounded`` reads (seconds), if the call gives none.
         self.max_staleness = None if max_staleness is None else parse_duration(max_staleness)
 
@@ -127,6 +126,17 @@ class RequestChecks:
             raise InvalidArgument(
                 f"consistency must be one of {', '.join(_CONSISTENCY)}, not {consistency!r}"
             ) from None
+
+    @property
+    def read_preference(self) -> str:
+        """The default read preference (one of `READ_PREFERENCES`)."""
+        return self._read_preference
+
+    @read_preference.setter
+    def read_preference(self, value: str) -> None:
+        if value not in READ_PREFERENCES:
+            raise ValueError(f"read_preference must be one of {', '.join(READ_PREFERENCES)}, not {value!r}")
+        self._read_preference = value
 
     def read_options(
         self,

@@ -67,3 +67,14 @@ def test_read_options_defaults_and_refusals() -> None:
         checks.read_options("bounded", math.inf, None, None)
     with pytest.raises(ValueError, match="timeout"):
         checks.read_options("linearizable", None, None, -1)
+
+
+def test_the_default_read_preference_is_checked_when_set() -> None:
+    checks = RequestChecks(timeout=1.0)
+    checks.read_preference = "replica"
+    assert checks.read_options("stale", None, None, None).preference == "replica"
+    with pytest.raises(ValueError, match="read_preference"):
+        checks.read_preference = "closest"
+    with pytest.raises(ValueError, match="read_preference"):
+        RequestChecks(timeout=1.0, read_preference="closest")
+    assert checks.read_preference == "replica"
