@@ -478,6 +478,10 @@ class NodeSimulation:
             n.cycling = False  # (a failed store: `_retry_storage` is running)
             return
         delay = self.rng.randint(*self.p.persist_ms) * n.disk_factor if cycle.touches_storage() else 0
+        if cycle.touches_storage() and host.awaits_writes(cycle):
+            # As the real driver (`kvstore/server/node.py`): writes are answered from inside the
+            # transaction, before its fsync (see `kvstore/node/host.py` on why that is safe).
+            cycle.on_applied = host.answer_writes
 
         def finish() -> None:
             if n.epoch != epoch or n.logic is None:

@@ -75,6 +75,13 @@ def _wake_does_nothing(self: RaftNode) -> None:
     return
 
 
+def _count_unpersisted_entries(self: RaftNode) -> int:
+    # BUG: a leader counts the entries of its own log toward commitment before they are durable,
+    # so an entry can commit (and be applied and acknowledged) with fewer durable copies than a
+    # quorum: the leader's crash before its fsync loses an acknowledged write.
+    return self.log.last_index()
+
+
 def _admit_everything(
     core: RaftNode, m: Message, placed: Collection[int] = (), is_member: Callable[[int], bool] | None = None
 ) -> str | None:
@@ -113,6 +120,7 @@ BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
     "lease-across-quiescence": (RaftNode, "_forfeit_lease", _keep_lease_across_quiescence),
     "wake-does-nothing": (RaftNode, "wake", _wake_does_nothing),
     "no-admission": (admission, "refusal", _admit_everything),
+    "apply-before-persist": (RaftNode, "_stable_last_index", _count_unpersisted_entries),
 }
 
 def _no_fsync(params: Any) -> bool:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from kvstore import errors
+from kvstore.node.alarms import ALARMS_KEY, decode_alarms
 from kvstore.node.host import Host
 from kvstore.raft import ConfChange
 from kvstore.shard.ranges import IntervalSet
@@ -49,7 +50,8 @@ class GroupRequest(Protocol):
 def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfChange | None:
     """Refuse (definite InvalidArgument) a GroupPropose request that the node's own code would
     never send: the metadata group takes only compare-and-swaps of the shard map whose new value
-    is a valid map of a higher version; a data group only shard commands that decode (never SET,
+    is a valid map of a higher version, and of the alarm set (`kvstore.node.alarms`) between
+    valid encodings; a data group only shard commands that decode (never SET,
     which only a group's bootstrap log carries) and that belong to a range move of the shard map
     `smap`, with that move's ranges, in the group that plays that part in it (FREEZE and DROP in
     the source, BEGIN, INSTALL and ACTIVATE in the target); a conf change must decode. A move
@@ -70,8 +72,18 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
             cmd = commands.decode_command(data)
         except ValueError as err:
             raise errors.InvalidArgument(f"malformed command for the metadata group: {err}") from None
+        if cmd.op == commands.Op.CAS and cmd.key == ALARMS_KEY:
+            try:
+                decode_alarms(cmd.value)
+                if not cmd.expect_absent:
+                    decode_alarms(cmd.expected)
+            except ValueError as err:
+                raise errors.InvalidArgument(f"not a valid alarm set: {err}") from None
+            return None
         if cmd.op != commands.Op.CAS or cmd.key != SHARD_MAP_KEY or cmd.expect_absent:
-            raise errors.InvalidArgument("the metadata group takes only compare-and-swaps of the shard map")
+            raise errors.InvalidArgument(
+                "the metadata group takes only compare-and-swaps of the shard map and of the alarm set"
+            )
         try:
             old, new = ShardMap.decode(cmd.expected), ShardMap.decode(cmd.value)
         except ShardMapError as err:

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvstore import errors
+from kvstore.node.alarms import ALARMS_KEY, Alarm, AlarmType, decode_alarms, encode_alarms
 from kvstore.node.grouprequests import (
     DEFAULT_EXPORT_CHUNK,
     MAX_EXPORT_CHUNK,
@@ -48,7 +49,12 @@ class Req:
 
 def _valid_commands() -> list[tuple[int, bytes]]:
     """(group, command) pairs the node's own coordinator sends for PLANNED's moves."""
-    out = [(0, commands.encode_cas(SHARD_MAP_KEY, False, MAP.encode(), PLANNED.encode()))]
+    alarms = encode_alarms([Alarm(2, AlarmType.NOSPACE)])
+    out = [
+        (0, commands.encode_cas(SHARD_MAP_KEY, False, MAP.encode(), PLANNED.encode())),
+        (0, commands.encode_cas(ALARMS_KEY, True, b"", alarms)),
+        (0, commands.encode_cas(ALARMS_KEY, False, alarms, encode_alarms([]))),
+    ]
     for mv in PLANNED.moves:
         out.append((mv.source, encode_shard_command(ShardOp.FREEZE, mv.ranges, move=mv.id)))
         out.append((mv.target, encode_shard_command(ShardOp.BEGIN, mv.ranges, token=3, move=mv.id)))
@@ -92,7 +98,10 @@ def test_group_request_check_is_total_and_accepts_only_real_move_steps(
     assert out is None
     if group == 0:
         decoded = commands.decode_command(data)
-        assert decoded.op == commands.Op.CAS and decoded.key == SHARD_MAP_KEY
+        assert decoded.op == commands.Op.CAS and decoded.key in (SHARD_MAP_KEY, ALARMS_KEY)
+        if decoded.key == ALARMS_KEY:
+            decode_alarms(decoded.value)  # a valid alarm set, or the check would have refused it
+            return
         assert ShardMap.decode(decoded.value).version > ShardMap.decode(decoded.expected).version
         return
     assert smap is not None
