@@ -69,6 +69,7 @@ from kvstore.raft import (
     Role,
     Snapshot,
     SnapshotMeta,
+    readyloop,
 )
 
 MT = MessageType
@@ -332,6 +333,15 @@ class Args:
 
 
 # --- the environment --------------------------------------------------------------------------
+def _nothing() -> None:
+    """The persist step: staging already made the Ready durable."""
+
+
+def _apply(n: EnvNode, rd: Ready) -> None:
+    if rd.committed_entries:
+        n.applied = rd.committed_entries[-1].index
+
+
 @dataclass
 class EnvNode:
     """One member: its core, its durable storage, and what the application applied."""
@@ -551,9 +561,11 @@ class InteractionEnv:
 
     # --- Ready and messages ---------------------------------------------------------------
     def process_ready(self, n: EnvNode) -> None:
-        """Handle one Ready the way a host does: persist, send, apply, advance; print it all."""
-        node = n.node
-        rd: Ready = node.ready()
+        """Handle one Ready the way a host does, through the one Ready loop
+        (`kvstore.raft.readyloop`): send, persist, send what waited, apply, advance; print it all."""
+        readyloop.run(((n, n.node),), self.queue.extend, self._print_and_persist, _nothing, _apply)
+
+    def _print_and_persist(self, n: EnvNode, node: RaftNode, rd: Ready) -> None:
         if rd.soft_state is not None:
             self.out(f"Lead:{rd.soft_state.leader} State:{fmt_role(rd.soft_state.role)}")
         if rd.hard_state is not None:
@@ -580,18 +592,9 @@ class InteractionEnv:
             self.out("ReadStates:")
             for r in rd.read_states:
                 self.out(self._fmt_read_state(r))
-        # Persist (everything here is durable at once), send, apply.
+        readyloop.persist_to_memory(n.storage, rd)  # everything here is durable at once
         if rd.snapshot is not None:
-            n.storage.apply_snapshot(rd.snapshot)
             n.applied = max(n.applied, rd.snapshot.meta.index)
-        n.storage.append(rd.entries)
-        if rd.hard_state is not None:
-            n.storage.set_hard_state(rd.hard_state)
-        self.queue.extend(rd.messages)
-        self.queue.extend(rd.persisted_messages)
-        if rd.committed_entries:
-            n.applied = rd.committed_entries[-1].index
-        node.advance(rd)
 
     @staticmethod
     def _fmt_read_state(r: ReadState) -> str:
