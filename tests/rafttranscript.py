@@ -26,6 +26,9 @@ Commands (IDs are node ids; `[...]` optional):
 - `tick ID... [n=K]`, `tick-heartbeat ID`, `tick-election ID` (ticks until the node's
   randomized election timer, or as leader its check-quorum timer, fires; prints how many ticks).
 - `process-ready ID...`, `deliver-msgs ID... [from=ID] [type=MsgX]`,
+  `begin-ready ID` / `end-ready ID` (a cycle split in two, as a host's is while its batch is
+  being made durable: take, print, send and stage the Ready; then, after whatever commands come
+  in between, send what waited, apply and advance),
   `deliver-msgs drop=(IDs) [from=ID] [type=MsgX]`, `stabilize [ID...] [log-level=none]`.
 - `isolate ID`, `cut A B`, `heal`, `crash ID`, `restart ID`, `compact ID INDEX`.
 - `status ID`, `raft-state`, `raft-log ID`, `log-level debug|none`.
@@ -379,6 +382,8 @@ class InteractionEnv:
         self.logger.setLevel(logging.DEBUG)
         self.logger.propagate = False
         self.logger.addHandler(_OutputHandler(self))
+        self._turns: dict[int, readyloop.Turn[EnvNode]] = {}
+        """Cycles split by `begin-ready`, waiting for their `end-ready`."""
         self._commands: dict[str, Callable[[Args], None]] = {
             "add-nodes": self.cmd_add_nodes,
             "campaign": self.cmd_campaign,
@@ -392,6 +397,8 @@ class InteractionEnv:
             "tick-heartbeat": self.cmd_tick_heartbeat,
             "tick-election": self.cmd_tick_election,
             "process-ready": self.cmd_process_ready,
+            "begin-ready": self.cmd_begin_ready,
+            "end-ready": self.cmd_end_ready,
             "deliver-msgs": self.cmd_deliver_msgs,
             "stabilize": self.cmd_stabilize,
             "isolate": self.cmd_isolate,
@@ -609,6 +616,28 @@ class InteractionEnv:
                     self.process_ready(n)
             else:
                 self.out(f"> {nid} has no Ready")
+
+    def cmd_begin_ready(self, args: Args) -> None:
+        (nid,) = args.pos_ids()
+        n = self.member(nid)
+        if nid in self._turns:
+            raise ValueError(f"node {nid} already has a Ready in flight (end-ready {nid} first)")
+        if not n.node.has_ready():
+            self.out(f"> {nid} has no Ready")
+            return
+        self.out(f"> {nid} handling Ready (in flight)")
+        with self.indent():
+            turn = readyloop.begin(((n, n.node),), self.queue.extend, self._print_and_persist)
+        assert turn is not None
+        self._turns[nid] = turn
+
+    def cmd_end_ready(self, args: Args) -> None:
+        (nid,) = args.pos_ids()
+        turn = self._turns.pop(nid, None)
+        if turn is None:
+            raise ValueError(f"node {nid} has no Ready in flight (begin-ready {nid} first)")
+        self.out(f"> {nid} finished its Ready")
+        readyloop.end(turn, self.queue.extend, _apply)
 
     def _take(self, to: int | None, drop_to: list[int] | None, frm: int | None,
               typ: MessageType | None) -> list[Message]:
