@@ -76,6 +76,8 @@ class SimParams(Protocol):
     def admin_ms(self) -> tuple[int, int]: ...
     @property
     def max_groups(self) -> int: ...
+    @property
+    def disturb(self) -> float: ...
 
 
 class NodeSimulation(Protocol):
@@ -89,12 +91,13 @@ class NodeSimulation(Protocol):
     def now(self) -> int: ...
     @property
     def nodes(self) -> Mapping[int, SimNode]: ...
-    @property
-    def blocked(self) -> set[tuple[int, int]]: ...
+    blocked: set[tuple[int, int]]
     def at(self, delay: float, fn: Callable[..., None], *args: Any) -> None: ...
     def log(self, msg: str) -> None: ...
     def _faults_on(self) -> bool: ...
     def _kick(self, n: Any) -> None: ...
+    def crash(self, nid: int) -> None: ...
+    def restart(self, nid: int) -> None: ...
 
 POLL_MS = 20
 """How often a metadata leader's coordinator looks for work (the product's is 200 ms, woken at
@@ -424,6 +427,63 @@ class SimMoves:
             reply(None, err)
             return
         self.sim._kick(dst)
+        if group != META_GROUP:
+            self.disturb(dst)
+
+    def disturb(self, leader: SimNode) -> None:
+        """A fault aimed at a move's step, right after a shard command was proposed at `leader`
+        (with the seed's `disturb` chance, while faults run): the leader crashes or is cut off
+        before the command commits (the step may be lost, and so may the replies of client
+        writes in flight there), or the metadata leadership moves away from the coordinator,
+        whose step keeps running beside its successor's (racing coordinators)."""
+        sim = self.sim
+        if not sim._faults_on() or self.rng.random() >= sim.p.disturb:
+            return
+        r = self.rng.random()
+        when = self.rng.randint(0, 4)
+        if r < 0.35:
+            self.stats["disturb_crash"] += 1
+            sim.at(when, self._crash, leader.id, leader.epoch)
+        elif r < 0.6:
+            self.stats["disturb_isolate"] += 1
+            sim.at(when, self._isolate, leader.id)
+        else:
+            self.stats["disturb_meta"] += 1
+            sim.at(when, self._move_meta_leader)
+
+    def _crash(self, nid: int, epoch: int) -> None:
+        n = self.sim.nodes[nid]
+        if n.logic is None or n.epoch != epoch:
+            return
+        self.sim.log(f"n{nid} CRASH (aimed at a move's step)")
+        self.sim.crash(nid)
+        self.sim.at(self.rng.randrange(20, 600), self.sim.restart, nid)
+
+    def _isolate(self, nid: int) -> None:
+        sim = self.sim
+        others = [x for x in sorted(sim.nodes) if x != nid]
+        cut = {(nid, x) for x in others} | {(x, nid) for x in others}
+        sim.blocked = set(sim.blocked) | cut
+        sim.log(f"PARTITION n{nid} cut off (aimed at a move's step)")
+
+        def heal() -> None:
+            if sim._faults_on():
+                sim.blocked = set(sim.blocked) - cut
+                sim.log(f"n{nid} reachable again")
+
+        sim.at(self.rng.randrange(50, 500), heal)
+
+    def _move_meta_leader(self) -> None:
+        for _, n in sorted(self.sim.nodes.items()):
+            g = n.logic.host.groups.get(META_GROUP) if n.logic is not None else None
+            if g is not None and g.core.role == Role.LEADER:
+                try:
+                    n.logic.host.transfer_leader(META_GROUP, 0)  # type: ignore[union-attr]
+                except errors.KVError:
+                    return
+                self.sim.log(f"n{n.id} TRANSFER g0 (aimed at a move's step)")
+                self.sim._kick(n)
+                return
 
     def _serve_export(self, dst: SimNode, group: int, ranges: IntervalSet,
                       reply: Callable[[Any, errors.KVError | None], None]) -> None:

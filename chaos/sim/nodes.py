@@ -57,9 +57,12 @@ from kvstore.raft import (
     Role,
     Snapshot,
 )
+from kvstore.shard.ranges import IntervalSet, key_hash
+from kvstore.shard.shardmap import META_GROUP
 from kvstore.storage import commands
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
+from kvstore.storage.shardcmd import is_shard_command
 from kvstore.storage.store import LmdbNodeStore
 
 from . import replica_reads
@@ -123,6 +126,11 @@ class NodeSimParams:
     the metadata leader's coordinator drives the moves; clients route by their own maps."""
     max_groups: int = 4
     admin_ms: tuple[int, int] = (150, 700)
+    disturb: float = 0.0
+    """(With range moves, while faults run) the chance that a shard command proposed at a data
+    group's leader is followed at once by a fault aimed at its move: that leader crashes or is
+    cut off before the command commits, or the metadata leadership moves away from the
+    coordinator mid-step (racing coordinators). `chaos/sim/moves.py` `SimMoves.disturb`."""
 
     @classmethod
     def draw(cls, rng: random.Random, nodes: int, moves: bool | None = None) -> NodeSimParams:
@@ -157,6 +165,7 @@ class NodeSimParams:
         on, groups, keys = rng.random() < 0.5, rng.choice((2, 3, 4)), rng.choice((4, 6, 8))
         if on if moves is None else moves:
             self.moves, self.groups, self.keys = True, groups, keys
+            self.disturb = rng.choice((0.0, 0.1, 0.2))
             # Membership churn and range moves are not combined yet: together they stall (a map
             # recording of a member change racing pending moves; seeds 53 and 86 of 0-99 with
             # both on, before this line) - the next step of issue 14.
@@ -482,8 +491,10 @@ class NodeSimulation:
         def finish() -> None:
             if n.epoch != epoch or n.logic is None:
                 return  # crashed while persisting: the transaction never happened
+            served = self._served_before(n, cycle)
             if not self._persist(n, cycle):
                 return
+            self._check_ownership_refusals(n, cycle, served)
             host.end_cycle(cycle)
             n.logic.after_cycle()
             if host.failed is not None:
@@ -509,6 +520,45 @@ class NodeSimulation:
             self._torn()
             return False
         return True
+
+    def _served_before(self, n: SimNode, cycle: Any) -> dict[int, IntervalSet]:
+        """The ranges each data group `cycle` applies to served before it, for the groups whose
+        batch holds no shard command (their ranges stay the same throughout the batch)."""
+        out: dict[int, IntervalSet] = {}
+        if n.store is None or not self.p.moves:
+            return out
+        snapshots = {w.group for w in cycle.writes if w.snapshot is not None}
+        for a in cycle.applies:
+            if a.group == META_GROUP or a.group in snapshots \
+                    or any(e.data and is_shard_command(e.data) for e in a.entries):
+                continue
+            st = n.store.shard_state(a.group)
+            if st is not None:
+                out[a.group] = st.active
+        return out
+
+    def _check_ownership_refusals(self, n: SimNode, cycle: Any, served: dict[int, IntervalSet]) -> None:
+        """A group refuses a key for ownership (WRONG_SHARD) only if it does not serve the key at
+        that point of its log. (Checked for batches without shard commands, where the ranges
+        served before the batch are those served at every entry of it.)"""
+        if cycle.error is not None or len(cycle.results) != len(cycle.applies):
+            return  # the transaction failed: nothing was applied
+        for a, results in zip(cycle.applies, cycle.results, strict=True):
+            active = served.get(a.group)
+            if active is None:
+                continue
+            for e, res in zip(a.entries, results, strict=True):
+                if not (isinstance(res, ApplyResult) and res.wrong_shard):
+                    continue
+                try:
+                    key = commands.decode_command(e.data).key
+                except ValueError:
+                    continue
+                if key_hash(key) in active:
+                    raise SimulationFailure(
+                        f"ownership: group {a.group} answered WRONG_SHARD at index {e.index} (n{n.id}) for "
+                        f"key {key!r}, which it serves"
+                    )
 
     def _torn(self) -> None:
         """A store crashed during a sync: its machine goes down with it, and restarts later."""
