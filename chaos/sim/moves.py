@@ -78,6 +78,8 @@ class SimParams(Protocol):
     def max_groups(self) -> int: ...
     @property
     def disturb(self) -> float: ...
+    @property
+    def scripted(self) -> bool: ...
 
 
 class NodeSimulation(Protocol):
@@ -136,11 +138,36 @@ class SimMoves:
         self.client_maps: dict[int, ShardMap] = {}
         self.group_leader: dict[int, int] = {}
         self.stats: Counter[str] = Counter()
+        self.gate: Callable[[int, Request], bool] | None = None
+        """A scripted scenario's hold on coordinators' requests: (node, request) -> hold it back
+        (as a paused process or a slow network would) until `release`."""
+        self.held: list[tuple[_Run, Request]] = []
+        self.failures: list[str] = []
+        """Why units of work failed (refused steps, lost map updates), in order."""
 
     # --- the coordinators ---------------------------------------------------------------------
     def start(self) -> None:
         self.sim.at(POLL_MS, self._poll)
-        self.sim.at(self.rng.randrange(*self.sim.p.admin_ms), self._admin)
+        if not self.sim.p.scripted:
+            self.sim.at(self.rng.randrange(*self.sim.p.admin_ms), self._admin)
+
+    def plan(self, n: SimNode, what: str, change: Callable[[ShardMap], ShardMap]) -> None:
+        """Plan a map change through node `n`'s coordinator, as `ShardService.ShardOp` does."""
+        assert n.logic is not None
+        tracker = n.logic.shard_tracker
+        assert tracker.map is not None
+        self.sim.log(f"ADMIN at n{n.id}: {what}")
+        self.stats["plans"] += 1
+        self._run(n, self.coordinator(n).update(tracker.map, tracker.raw, change), f"admin: {what}")
+
+    def release(self, which: Callable[[int, Request], bool] = lambda nid, req: True) -> int:
+        """Let the held requests `which` go on; returns how many."""
+        go = [(run, req) for run, req in self.held if which(run.nid, req)]
+        self.held = [x for x in self.held if x not in go]
+        for run, req in go:
+            self.sim.log(f"n{run.nid} {run.what}: request released")
+            self._issue(run, req, held=False)
+        return len(go)
 
     def coordinator(self, n: SimNode) -> MoveCoordinator:
         """Node `n`'s coordinator in its current life (a crash loses the old one)."""
@@ -249,6 +276,7 @@ class SimMoves:
         except (MoveFailed, ShardMapError, errors.KVError) as err:
             self.sim.log(f"n{run.nid} {run.what}: failed: {err}")
             self.stats["failed_work"] += 1
+            self.failures.append(f"n{run.nid} {run.what}: {err}")
             self._end(run, False)
             return
         self._issue(run, req)
@@ -268,8 +296,12 @@ class SimMoves:
         else:
             self._advance(run, lambda: run.work.send(outcome))
 
-    def _issue(self, run: _Run, req: Request) -> None:
+    def _issue(self, run: _Run, req: Request, held: bool = True) -> None:
         sim = self.sim
+        if held and self.gate is not None and self.gate(run.nid, req):
+            sim.log(f"n{run.nid} {run.what}: request held")
+            self.held.append((run, req))
+            return
         if isinstance(req, Propose):
             self.stats["proposals"] += 1
             self._call(run, req.group, lambda dst, reply: self._serve_propose(dst, req.group, req.data, reply),

@@ -238,6 +238,23 @@ def _export_data_only(self: MemoryNodeStore, group: int, ranges: Any, chunk_byte
     return ListStream(data_only())
 
 
+_real_apply_shard_command = machine.apply_shard_command
+
+
+def _no_move_fence(view: Any, data: bytes) -> Any:
+    # BUG (node): shard commands are not fenced by their move id: a late FREEZE or DROP of an
+    # earlier move (a deposed coordinator's, or a request held up in the network) is applied as
+    # if it belonged to the group's current move.
+    st = view.shards
+    try:
+        cmd = decode_shard_command(data)
+    except ValueError:
+        return _real_apply_shard_command(view, data)
+    if st is not None and cmd.op != ShardOp.SET and cmd.move < st.move:
+        data = encode_shard_command(cmd.op, cmd.ranges, cmd.records, cmd.token, st.move)
+    return _real_apply_shard_command(view, data)
+
+
 NODE_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
     "node-ack-before-fsync": (nodes, "syncs_writes", _no_fsync),
     "node-no-inbound": (Inbound, "admit", _admit_all_traffic),
@@ -250,6 +267,7 @@ NODE_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
     "node-flip-before-activate": (Host, "propose", _ack_activate_when_proposed),
     "node-cache-wrong-shard": (machine, "apply_command", _cache_wrong_shard),
     "node-export-without-sessions": (MemoryNodeStore, "export_range", _export_data_only),
+    "node-no-move-fence": (machine, "apply_shard_command", _no_move_fence),
 }
 """Bugs planted into the node's logic (not the core): only the whole-node simulator
 (`chaos/sim/nodes.py`) runs that code."""
@@ -261,6 +279,7 @@ MOVE_BUGS = (
     "node-flip-before-activate",
     "node-cache-wrong-shard",
     "node-export-without-sessions",
+    "node-no-move-fence",
 )
 """The node bugs that only range moves show (`tests/simulation/test_node_sim_moves.py` hunts them with moves
 on every seed)."""
