@@ -142,6 +142,8 @@ class SimMoves:
         """A scripted scenario's hold on coordinators' requests: (node, request) -> hold it back
         (as a paused process or a slow network would) until `release`."""
         self.held: list[tuple[_Run, Request]] = []
+        self.paused: dict[int, int] = {}
+        """node -> until when its coordinator's work is paused (virtual ms)."""
         self.failures: list[str] = []
         """Why units of work failed (refused steps, lost map updates), in order."""
 
@@ -183,8 +185,7 @@ class SimMoves:
         for nid, n in sorted(sim.nodes.items()):
             if n.logic is None or self.busy.get(nid) == n.epoch:
                 continue
-            meta = n.logic.host.groups.get(META_GROUP)
-            if meta is None or meta.core.role != Role.LEADER:
+            if not n.logic.host.leads_current(META_GROUP):  # as `NodeCluster.is_meta_leader`
                 continue
             tracker = n.logic.shard_tracker
             work = self.coordinator(n).next_work(tracker.map, tracker.raw, self._addresses(n))
@@ -298,13 +299,17 @@ class SimMoves:
 
     def _issue(self, run: _Run, req: Request, held: bool = True) -> None:
         sim = self.sim
+        if held and self.paused.get(run.nid, 0) > sim.now:  # its process is paused
+            sim.at(self.paused[run.nid] - sim.now, self._issue, run, req)
+            return
         if held and self.gate is not None and self.gate(run.nid, req):
             sim.log(f"n{run.nid} {run.what}: request held")
             self.held.append((run, req))
             return
         if isinstance(req, Propose):
             self.stats["proposals"] += 1
-            self._call(run, req.group, lambda dst, reply: self._serve_propose(dst, req.group, req.data, reply),
+            self._call(run, req.group,
+                       lambda dst, reply: self._serve_propose(dst, req.group, req.data, reply, run.nid),
                        lambda res, err: self._answer(run, res, err), final_invalid=True)
         elif isinstance(req, ExportChunk):
             if not req.first:
@@ -446,7 +451,7 @@ class SimMoves:
         sim.at(d, fn)
 
     def _serve_propose(self, dst: SimNode, group: int, data: bytes,
-                       reply: Callable[[Any, errors.KVError | None], None]) -> None:
+                       reply: Callable[[Any, errors.KVError | None], None], origin: int) -> None:
         """`local_group_call` for a proposal: checked, then proposed at this node's host."""
         logic = dst.logic
         assert logic is not None
@@ -460,27 +465,34 @@ class SimMoves:
             return
         self.sim._kick(dst)
         if group != META_GROUP:
-            self.disturb(dst)
+            self.disturb(dst, origin)
 
-    def disturb(self, leader: SimNode) -> None:
+    def disturb(self, leader: SimNode, origin: int) -> None:
         """A fault aimed at a move's step, right after a shard command was proposed at `leader`
-        (with the seed's `disturb` chance, while faults run): the leader crashes or is cut off
-        before the command commits (the step may be lost, and so may the replies of client
-        writes in flight there), or the metadata leadership moves away from the coordinator,
-        whose step keeps running beside its successor's (racing coordinators)."""
+        for node `origin`'s coordinator (with the seed's `disturb` chance, while faults run):
+        the leader crashes or is cut off before the command commits (the step may be lost, and
+        so may the replies of client writes in flight there), or the metadata leadership moves
+        away from the coordinator, whose step keeps running beside its successor's (racing
+        coordinators), maybe after a pause of its process (a stale coordinator resuming in the
+        middle of its successor's step)."""
         sim = self.sim
         if not sim._faults_on() or self.rng.random() >= sim.p.disturb:
             return
         r = self.rng.random()
         when = self.rng.randint(0, 4)
-        if r < 0.35:
+        if r < 0.3:
             self.stats["disturb_crash"] += 1
             sim.at(when, self._crash, leader.id, leader.epoch)
-        elif r < 0.6:
+        elif r < 0.5:
             self.stats["disturb_isolate"] += 1
             sim.at(when, self._isolate, leader.id)
-        else:
+        elif r < 0.75:
             self.stats["disturb_meta"] += 1
+            sim.at(when, self._move_meta_leader)
+        else:
+            self.stats["disturb_pause"] += 1
+            self.paused[origin] = sim.now + self.rng.randint(20, 300)
+            sim.log(f"n{origin} coordinator PAUSED (aimed at a move's step)")
             sim.at(when, self._move_meta_leader)
 
     def _crash(self, nid: int, epoch: int) -> None:

@@ -126,6 +126,9 @@ class NodeSimParams:
     the metadata leader's coordinator drives the moves; clients route by their own maps."""
     max_groups: int = 4
     admin_ms: tuple[int, int] = (150, 700)
+    reply_loss: float = 0.0
+    """(With range moves, while faults run) the chance a write's reply is lost on its way to the
+    client (a broken connection): the client retries under the same session, maybe elsewhere."""
     scripted: bool = False
     """A scripted scenario (`chaos/sim/scenarios.py`) drives the faults and the range moves: no
     random nemesis, no outsider, no admin."""
@@ -169,6 +172,7 @@ class NodeSimParams:
         if on if moves is None else moves:
             self.moves, self.groups, self.keys = True, groups, keys
             self.disturb = rng.choice((0.15, 0.3, 0.5))
+            self.reply_loss = rng.choice((0.0, 0.05, 0.1))
             # Membership churn and range moves are not combined yet: together they stall (a map
             # recording of a member change racing pending moves; seeds 53 and 86 of 0-99 with
             # both on, before this line) - the next step of issue 14.
@@ -895,6 +899,9 @@ class NodeSimulation:
             def answered(res: ApplyResult | None, err: errors.KVError | None) -> None:
                 if err is None and res is not None and not (res.wrong_shard or res.error or res.session_expired):
                     self.stale_check.acked(gid, res.index, self.now)  # the bound reads are checked against
+                if self.p.reply_loss and self._faults_on() and self.rng.random() < self.p.reply_loss:
+                    self.log(f"n{node.id} reply to a write in g{gid} lost")
+                    return  # the client's attempt times out: its outcome is unknown
                 outcome(res, err, self._lead(node, gid))
 
             node.logic.host.propose(gid, data, answered)
