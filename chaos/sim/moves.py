@@ -21,6 +21,13 @@ RPCs, an admin planning changes, and clients that route by their own (stale) map
 - **Admin.** While faults run, every `admin_ms` an admin asks a random node to add a data group,
   remove one (never the last) or rebalance, through that node's coordinator's `update` (the
   map's compare-and-swap), as `ShardService.ShardOp` does; at most `max_groups` data groups.
+- **Faults aimed at a move's steps** (`disturb`, with the seed's chance per shard command
+  while faults run): right after a shard command was proposed at a data group's leader, that
+  leader crashes or is cut off before the command commits, or the metadata leadership moves
+  away from the coordinator (which may also pause for a while: its step resumes in the middle
+  of its successor's).
+- **Scripts** (`chaos/sim/scenarios.py`): `plan` plans a change at a chosen node; `gate` holds
+  chosen requests of chosen coordinators back until `release`.
 - **Clients.** Each client process keeps its own copy of the map (fetched from a node on first
   use and after a WRONG_SHARD, like the client library's `ClusterView`) and a leader cache per
   group; `target` picks the node to send a key's operation to.
@@ -241,7 +248,14 @@ class SimMoves:
     def record(self, group: int, cc: ConfChange, on_end: Callable[[bool], None]) -> None:
         """Make the map's replica list of `group` follow an applied conf change, through a random
         live node's coordinator, as the Admin service does after each group's change."""
-        alive = [n for _, n in sorted(self.sim.nodes.items()) if n.logic is not None]
+        # The operator asks a member of the cluster (by the metadata leader's configuration), not
+        # a node on its way out, whose view of the metadata group stops when it is removed.
+        members: set[int] = set()
+        for _, x in sorted(self.sim.nodes.items()):
+            g = x.logic.host.groups.get(META_GROUP) if x.logic is not None else None
+            if g is not None and g.core.role == Role.LEADER:
+                members = set(g.core.conf.voters)
+        alive = [n for _, n in sorted(self.sim.nodes.items()) if n.logic is not None and n.id in members]
         n = self.rng.choice(alive) if alive else None
         m = n.logic.shard_tracker.map if n is not None and n.logic is not None else None
         if n is None or n.logic is None or m is None:

@@ -6,21 +6,29 @@ planted into the node's move path are found within a stated number of seeds."""
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterator
 
 import pytest
 
-from chaos.sim.nodes import run_node_seed
-from chaos.sim.plant import MOVE_BUGS, planted
+from chaos.sim.nodes import NodeSimParams, run_node_seed
+from chaos.sim.plant import MOVE_BUGS, NODE_BUGS, planted
+from chaos.sim.scenarios import SCENARIOS
 
 SEED_BUDGET = {
-    # bug -> seeds (0, 1, ...) with moves on within which it must show; measured: found at
-    # seed 4 and seed 0 respectively (see the report of the `moves` branch).
-    "node-serve-after-freeze": 15,
-    "node-activate-before-install": 10,
+    # bug -> seeds (0, 1, ...) with moves on within which it must show (first found at, when
+    # measured on the `simmoves` branch: see the comments).
+    "node-serve-after-freeze": 15,  # TBD
+    "node-activate-before-install": 10,  # TBD
+    "node-shared-install-token": 40,  # TBD
+    "node-flip-before-activate": 40,  # TBD
+    "node-cache-wrong-shard": 10,  # TBD
+    "node-export-without-sessions": 40,  # TBD
 }
-"""node-shared-install-token needs two coordinators racing inside one installation; it is not
-asserted here (see `chaos.sim.plant`)."""
+SCENARIO_ONLY = {"node-no-move-fence"}
+"""Move bugs that random seeds do not reach (a stale request must meet a group leader whose own
+map lags): the scripted scenarios `stale-freeze` and `stale-drop` catch them
+(`tests/simulation/test_node_sim_scenarios.py`)."""
 
 
 @pytest.fixture(autouse=True)
@@ -56,9 +64,46 @@ def test_a_move_seed_replays_exactly() -> None:
     ]
 
 
-def test_every_move_bug_has_a_budget_or_a_reason() -> None:
-    assert set(SEED_BUDGET) <= set(MOVE_BUGS)
-    assert set(MOVE_BUGS) - set(SEED_BUDGET) == {"node-shared-install-token"}
+def test_every_move_bug_has_a_budget_or_a_scenario() -> None:
+    assert set(SEED_BUDGET) | SCENARIO_ONLY == set(MOVE_BUGS)
+    assert not set(SEED_BUDGET) & SCENARIO_ONLY
+    assert {sc.catches for sc in SCENARIOS.values()} >= SCENARIO_ONLY
+
+
+def test_membership_churn_and_moves_together() -> None:
+    """Voters replaced by new nodes while ranges move (each member change recorded in the map,
+    racing the coordinator's compare-and-swaps): every invariant holds, every move and every
+    replacement finishes."""
+    both = changes = 0
+    for seed in range(12):
+        p = NodeSimParams.draw(random.Random(seed), 3, moves=True)
+        if not p.membership:
+            continue
+        both += 1
+        res = run_node_seed(seed, moves=True)
+        assert res.ok, (seed, res.violation)
+        changes += res.membership_changes
+    assert both >= 4 and changes >= 2
+
+
+def test_late_requests_between_two_groups() -> None:
+    """Coordinators' requests held up in the network (arriving long after their caller gave up,
+    after a move and its reverse between two groups) change nothing."""
+    for seed in range(6):
+        p = NodeSimParams.draw(random.Random(seed), 3, moves=True)
+        p.long_delay, p.max_groups = 0.1, 2
+        res = run_node_seed(seed, params=p)
+        assert res.ok, (seed, res.violation)
+        assert res.moves.get("moves_done", 0) == res.moves.get("moves", -1) > 0
+
+
+def test_plants_restore_the_code() -> None:
+    for bug in MOVE_BUGS:
+        owner, attr, fake = NODE_BUGS[bug]
+        before = owner.__dict__[attr]
+        with planted(bug):
+            assert owner.__dict__[attr] is fake
+        assert owner.__dict__[attr] is before
 
 
 @pytest.mark.parametrize("bug", sorted(SEED_BUDGET))
