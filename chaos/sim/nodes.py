@@ -19,7 +19,12 @@ liveness: once the faults heal, operations invoked after a grace period must suc
 
 Range moves (`moves.py`, on half of the seeds): the metadata leader's real move coordinator
 drives add-group / remove-group / rebalance moves over simulated RPCs while clients route by
-their own maps; liveness then also requires every move finished.
+their own maps (and retry until their deadline, lose write replies, and compare-and-swap the
+value they last saw), with faults aimed at a move's steps and membership churn on some seeds;
+liveness then also requires every move finished. Two more checks run on every apply batch
+without shard commands: a group refuses a key for ownership only if it does not serve it, and
+no client write is executed twice (each carries a value of its own; one written at two log
+positions is a retry applied again).
 
 This engine is the start of the one simulator issue 14 asks for; the Raft-only simulator
 (`simulator.py`) still runs beside it until this one covers what it does (quiescence
@@ -297,6 +302,11 @@ class NodeSimulation:
         self.reads_params = self.p.reads
         self.stale_check = replica_reads.StalenessChecker()
         self.moves = SimMoves(self) if self.p.moves else None
+        self.seen: dict[str, str] = {}
+        """key -> the value a client last read or wrote (with range moves, most compare-and-swaps
+        expect it: read-modify-write)."""
+        self.written: dict[tuple[bytes, bytes], tuple[int, int]] = {}
+        """(key, value) -> the (group, index) of the entry that wrote it (`_check_written_once`)."""
         self.cut: Callable[[Message], bool] | None = None
         """A scripted scenario's network filter: the messages it holds back (lost)."""
         for nid in self.peers:
@@ -498,9 +508,11 @@ class NodeSimulation:
             if n.epoch != epoch or n.logic is None:
                 return  # crashed while persisting: the transaction never happened
             served = self._served_before(n, cycle)
+            writes = self._writes_before(n, cycle, served)
             if not self._persist(n, cycle):
                 return
             self._check_ownership_refusals(n, cycle, served)
+            self._check_written_once(n, writes)
             host.end_cycle(cycle)
             n.logic.after_cycle()
             if host.failed is not None:
@@ -542,6 +554,48 @@ class NodeSimulation:
             if st is not None:
                 out[a.group] = st.active
         return out
+
+    def _writes_before(self, n: SimNode, cycle: Any, served: dict[int, IntervalSet]) -> list[tuple[int, int, bytes, bytes, bytes | None]]:
+        """The clients' puts and compare-and-swaps `cycle` applies (groups as in `_served_before`,
+        keys written by one entry of their batch only): (group, index, key, new value, value
+        before the batch)."""
+        out = []
+        assert n.store is not None or not served
+        for a in cycle.applies:
+            if a.group not in served:
+                continue
+            found: dict[bytes, list[tuple[int, bytes]]] = {}
+            for e in a.entries:
+                if not e.data:
+                    continue
+                try:
+                    cmd = commands.decode_command(e.data)
+                except ValueError:
+                    continue
+                if cmd.client_id and cmd.op in (commands.Op.PUT, commands.Op.CAS):
+                    found.setdefault(cmd.key, []).append((e.index, cmd.value))
+                elif cmd.op == commands.Op.DELETE:
+                    found.setdefault(cmd.key, []).append((0, b""))
+            for key, ws in found.items():
+                if len(ws) == 1 and ws[0][0]:
+                    out.append((a.group, ws[0][0], key, ws[0][1], n.store.get(a.group, key)))  # type: ignore[union-attr]
+        return out
+
+    def _check_written_once(self, n: SimNode, writes: list[tuple[int, int, bytes, bytes, bytes | None]]) -> None:
+        """Exactly-once: every client write carries a value of its own, so a value written (the key
+        held something else before the entry and holds the value after it) at two log positions
+        (a group and an index) means a write was executed twice: a retry applied again."""
+        if n.store is None:
+            return
+        for group, index, key, value, before in writes:
+            if before == value or n.store.get(group, key) != value:
+                continue  # not written by this entry (refused, not swapped, or answered from the cache)
+            at = self.written.setdefault((key, value), (group, index))
+            if at != (group, index):
+                raise SimulationFailure(
+                    f"exactly-once: the write of {value!r} to {key!r} was executed twice: in group {at[0]} at "
+                    f"index {at[1]}, and in group {group} at index {index} (n{n.id})"
+                )
 
     def _check_ownership_refusals(self, n: SimNode, cycle: Any, served: dict[int, IntervalSet]) -> None:
         """A group refuses a key for ownership (WRONG_SHARD) only if it does not serve the key at
@@ -746,6 +800,8 @@ class NodeSimulation:
             f, value = "put", f"v{next(self._value)}"
         elif r < 0.95:
             exp = None if rng.random() < 0.2 else f"v{rng.randrange(max(1, next(self._value) - 1)) + 1}"
+            if self.moves is not None and exp is not None and key in self.seen:
+                exp = self.seen[key]  # read-modify-write: the value last seen, so that most swap
             f, value = "cas", (exp, f"v{next(self._value)}")
         else:
             f, value = "delete", None
@@ -779,6 +835,12 @@ class NodeSimulation:
                 return
             finished = True
             self.pending.pop(op_id, None)
+            if status == Status.OK:
+                if f == "get":
+                    if output is not None:
+                        self.seen[key] = output
+                elif f == "put" or (f == "cas" and output):
+                    self.seen[key] = value if f == "put" else value[1]
             if status == Status.OK and via:
                 self.leader_hint[process] = via
                 if self.moves is not None:
