@@ -19,8 +19,8 @@ liveness: once the faults heal, operations invoked after a grace period must suc
 
 Range moves (`moves.py`, on half of the seeds): the metadata leader's real move coordinator
 drives add-group / remove-group / rebalance moves over simulated RPCs while clients route by
-their own maps (and retry until their deadline, lose write replies, and compare-and-swap the
-value they last saw), with faults aimed at a move's steps and membership churn on some seeds;
+their own maps (and retry until their deadline, and lose write replies), with faults aimed at
+a move's steps and membership churn on some seeds;
 liveness then also requires every move finished. Two more checks run on every apply batch
 without shard commands: a group refuses a key for ownership only if it does not serve it, and
 no client write is executed twice (each carries a value of its own; one written at two log
@@ -302,9 +302,6 @@ class NodeSimulation:
         self.reads_params = self.p.reads
         self.stale_check = replica_reads.StalenessChecker()
         self.moves = SimMoves(self) if self.p.moves else None
-        self.seen: dict[str, str] = {}
-        """key -> the value a client last read or wrote (with range moves, most compare-and-swaps
-        expect it: read-modify-write)."""
         self.written: dict[tuple[bytes, bytes], tuple[int, int]] = {}
         """(key, value) -> the (group, index) of the entry that wrote it (`_check_written_once`)."""
         self.cut: Callable[[Message], bool] | None = None
@@ -800,8 +797,6 @@ class NodeSimulation:
             f, value = "put", f"v{next(self._value)}"
         elif r < 0.95:
             exp = None if rng.random() < 0.2 else f"v{rng.randrange(max(1, next(self._value) - 1)) + 1}"
-            if self.moves is not None and exp is not None and key in self.seen:
-                exp = self.seen[key]  # read-modify-write: the value last seen, so that most swap
             f, value = "cas", (exp, f"v{next(self._value)}")
         else:
             f, value = "delete", None
@@ -835,12 +830,6 @@ class NodeSimulation:
                 return
             finished = True
             self.pending.pop(op_id, None)
-            if status == Status.OK:
-                if f == "get":
-                    if output is not None:
-                        self.seen[key] = output
-                elif f == "put" or (f == "cas" and output):
-                    self.seen[key] = value if f == "put" else value[1]
             if status == Status.OK and via:
                 self.leader_hint[process] = via
                 if self.moves is not None:

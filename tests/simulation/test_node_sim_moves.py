@@ -16,19 +16,28 @@ from chaos.sim.plant import MOVE_BUGS, NODE_BUGS, planted
 from chaos.sim.scenarios import SCENARIOS
 
 SEED_BUDGET = {
-    # bug -> seeds (0, 1, ...) with moves on within which it must show (first found at, when
-    # measured on the `simmoves` branch: see the comments).
-    "node-serve-after-freeze": 15,  # TBD
-    "node-activate-before-install": 10,  # TBD
-    "node-shared-install-token": 40,  # TBD
-    "node-flip-before-activate": 40,  # TBD
-    "node-cache-wrong-shard": 10,  # TBD
-    "node-export-without-sessions": 40,  # TBD
+    # bug -> seeds (0, 1, ...) with moves on within which it must show. Measured on the
+    # `simmoves` branch (first seed that finds it): serve-after-freeze 7, activate-before-install
+    # 6, shared-install-token 5, flip-before-activate 15 (the ACTIVATE lost with a leader that
+    # crashed or was cut off right after it was proposed), cache-wrong-shard 0 (the ownership
+    # check; 19 of seeds 0-39 find it).
+    "node-serve-after-freeze": 15,
+    "node-activate-before-install": 10,
+    "node-shared-install-token": 10,
+    "node-flip-before-activate": 25,
+    "node-cache-wrong-shard": 5,
 }
 SCENARIO_ONLY = {"node-no-move-fence"}
 """Move bugs that random seeds do not reach (a stale request must meet a group leader whose own
 map lags): the scripted scenarios `stale-freeze` and `stale-drop` catch them
 (`tests/simulation/test_node_sim_scenarios.py`)."""
+NOT_FOUND_YET = {"node-export-without-sessions"}
+"""Planted, and NOT found within 150 seeds: the retries it applies twice do happen (a write
+applied at the source, its reply lost, retried at the target after the move), but almost always
+without another write in between, so the second application rewrites the same value: harmless,
+and invisible to the history and to the exactly-once check (which sees only writes that change
+the value). Finding it needs a workload or check that makes a harmless double application
+visible (see the report of the `simmoves` branch)."""
 
 
 @pytest.fixture(autouse=True)
@@ -65,8 +74,8 @@ def test_a_move_seed_replays_exactly() -> None:
 
 
 def test_every_move_bug_has_a_budget_or_a_scenario() -> None:
-    assert set(SEED_BUDGET) | SCENARIO_ONLY == set(MOVE_BUGS)
-    assert not set(SEED_BUDGET) & SCENARIO_ONLY
+    assert set(SEED_BUDGET) | SCENARIO_ONLY | NOT_FOUND_YET == set(MOVE_BUGS)
+    assert not set(SEED_BUDGET) & SCENARIO_ONLY and not (set(SEED_BUDGET) | SCENARIO_ONLY) & NOT_FOUND_YET
     assert {sc.catches for sc in SCENARIOS.values()} >= SCENARIO_ONLY
 
 
