@@ -100,7 +100,7 @@ def test_late_requests_between_two_groups() -> None:
     after a move and its reverse between two groups) change nothing."""
     for seed in range(6):
         p = NodeSimParams.draw(random.Random(seed), 3, moves=True)
-        p.long_delay, p.max_groups = 0.1, 2
+        p.long_delay, p.groups, p.max_groups = 0.1, 2, 2
         res = run_node_seed(seed, params=p)
         assert res.ok, (seed, res.violation)
         assert res.moves.get("moves_done", 0) == res.moves.get("moves", -1) > 0
