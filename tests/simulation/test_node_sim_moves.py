@@ -82,17 +82,15 @@ def test_every_move_bug_has_a_budget_or_a_scenario() -> None:
 def test_membership_churn_and_moves_together() -> None:
     """Voters replaced by new nodes while ranges move (each member change recorded in the map,
     racing the coordinator's compare-and-swaps): every invariant holds, every move and every
-    replacement finishes."""
-    both = changes = 0
-    for seed in range(12):
+    replacement finishes. (Not on random seeds yet: see `NodeSimParams.with_moves`.)"""
+    changes = 0
+    for seed in range(6):
         p = NodeSimParams.draw(random.Random(seed), 3, moves=True)
-        if not p.membership:
-            continue
-        both += 1
-        res = run_node_seed(seed, moves=True)
+        p.membership = True
+        res = run_node_seed(seed, params=p)
         assert res.ok, (seed, res.violation)
         changes += res.membership_changes
-    assert both >= 4 and changes >= 2
+    assert changes >= 3
 
 
 def test_late_requests_between_two_groups() -> None:
