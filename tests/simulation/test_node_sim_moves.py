@@ -17,12 +17,12 @@ from chaos.sim.scenarios import SCENARIOS
 
 SEED_BUDGET = {
     # bug -> seeds (0, 1, ...) with moves on within which it must show. Measured on the
-    # `simmoves` branch (first seed that finds it): serve-after-freeze 7, activate-before-install
-    # 6, shared-install-token 5, flip-before-activate 15 (the ACTIVATE lost with a leader that
-    # crashed or was cut off right after it was proposed), cache-wrong-shard 0 (the ownership
-    # check; 19 of seeds 0-39 find it).
+    # `simmoves` branch (first seed that finds it): serve-after-freeze 9, activate-before-install
+    # 8, shared-install-token 5 (two coordinators racing inside one installation), flip-before-
+    # activate 15 (an ACTIVATE lost with a leader that crashed or was cut off right after it was
+    # proposed), cache-wrong-shard 0 (the ownership check; about half of all seeds find it).
     "node-serve-after-freeze": 15,
-    "node-activate-before-install": 10,
+    "node-activate-before-install": 15,
     "node-shared-install-token": 10,
     "node-flip-before-activate": 25,
     "node-cache-wrong-shard": 5,
