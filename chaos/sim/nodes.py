@@ -20,8 +20,7 @@ liveness: once the faults heal, operations invoked after a grace period must suc
 Range moves (`moves.py`, on half of the seeds): the metadata leader's real move coordinator
 drives add-group / remove-group / rebalance moves over simulated RPCs while clients route by
 their own maps (and retry until their deadline, and lose write replies), with faults aimed at
-a move's steps and membership churn on some seeds;
-liveness then also requires every move finished. Two more checks run on every apply batch
+a move's steps; liveness then also requires every move finished. Two more checks run on every apply batch
 without shard commands: a group refuses a key for ownership only if it does not serve it, and
 no client write is executed twice (each carries a value of its own; one written at two log
 positions is a retry applied again).
