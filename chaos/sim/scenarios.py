@@ -1,5 +1,5 @@
-"""Scripted scenarios of the whole-node engine: a seed plus a schedule of events, for races that
-random seeds reach rarely. `python -m chaos.sim.scenarios NAME [--plant BUG] [--trace]`.
+"""Scripted scenarios of the whole-node engine: a seed plus a schedule of events, for races of
+range moves that random seeds reach rarely or never. `python -m chaos.sim.scenarios NAME [--plant BUG] [--trace]`.
 
 A scenario runs `chaos.sim.nodes.NodeSimulation` with range moves and clients as usual, but no
 random nemesis, outsider or admin (`NodeSimParams.scripted`): its script plans the moves, holds
@@ -14,6 +14,13 @@ script gave up waiting proves nothing, and its result says so.
   ACTIVATE; the new leader B starts the same step, and its BEGIN wipes A's installation; then A's
   ACTIVATE arrives. The install tokens refuse it (`node-shared-install-token` lets it through:
   the target serves the ranges without their data).
+- `lost-reply`: a client's compare-and-swap is applied in a group right before the FREEZE of the
+  move that removes the group, and every reply is lost until the group is gone; the client's
+  retry (same session) then goes to the group that received the ranges. The session table
+  travelled with the data, so that group answers it from the table: swapped
+  (`node-export-without-sessions` applies it again: not swapped, although the value is the one
+  it wrote). A retry that reaches the source answers from its own table, so only a source that
+  is gone sends retries to the target.
 - `stale-freeze`: A stops right before FREEZE of move 1 (group 1 -> new group 2); B does the
   whole move, then moves the ranges back (group 2 removed); then A's FREEZE reaches group 1's
   leader, whose own map lags (it still shows move 1). The move id fences it off
@@ -64,6 +71,8 @@ class Script:
     sim: NodeSimulation
     notes: list[str] = field(default_factory=list)
     gave_up: str | None = None
+    facts: dict[str, str] = field(default_factory=dict)
+    """What the script did that a test may look up (e.g. the value a scripted write wrote)."""
 
     @property
     def moves(self) -> SimMoves:
@@ -232,6 +241,35 @@ def _stale(s: Script, op: ShardOp) -> Steps:
     s.note("no move left")
 
 
+def lost_reply(s: Script) -> Steps:
+    yield from _ready(s)
+    a = s.leader(META_GROUP)
+    assert a is not None
+    s.moves.gate = lambda nid, req: shard_op(req) == ShardOp.FREEZE
+    s.moves.plan(a, "remove group 2 (its ranges move to group 1)", lambda cur: cur.plan_remove_group(2))
+    yield lambda: s.held(a.id, ShardOp.FREEZE)
+    m = s.map()
+    src = s.leader(2)
+    assert m is not None and m.moves and src is not None and src.store is not None
+    key = next(f"k{i}" for i in range(s.sim.p.keys) if m.group_for_key(f"k{i}".encode()) == 2)
+    old = src.store.get(2, key.encode())
+    new = f"v{next(s.sim._value)}"
+    s.sim.p.reply_loss = 1.0
+    s.note(f"the coordinator stops right before FREEZE; a client's cas({key}: {old!r} -> {new!r}) at "
+           f"group 2's leader n{src.id}; from now on every reply to a write is lost")
+    s.facts["cas_new"] = new
+    s.sim._invoke(s.sim._new_process(), "cas", key, (old.decode() if old is not None else None, new), src)
+    yield 30
+    s.moves.gate = None
+    s.moves.release()
+    s.note("FREEZE goes on")
+    yield lambda: 2 not in s.map().groups  # type: ignore[union-attr]
+    s.sim.p.reply_loss = 0.0
+    s.note("group 2 is gone; replies arrive again (the client's retry goes to group 1 now)")
+    yield s.settled
+    s.note("no move left")
+
+
 def stale_freeze(s: Script) -> Steps:
     yield from _stale(s, ShardOp.FREEZE)
 
@@ -253,6 +291,7 @@ SCENARIOS: dict[str, Scenario] = {
     "racing-install": Scenario(racing_install, seed=1, groups=1, catches="node-shared-install-token"),
     "stale-freeze": Scenario(stale_freeze, seed=1, groups=1, catches="node-no-move-fence"),
     "stale-drop": Scenario(stale_drop, seed=1, groups=2, catches="node-no-move-fence"),
+    "lost-reply": Scenario(lost_reply, seed=1, groups=2, catches="node-export-without-sessions"),
 }
 
 
@@ -264,6 +303,7 @@ class ScenarioResult:
     gave_up: str | None
     failures: list[str]
     """What the coordinators' work failed on (refused steps), in order."""
+    facts: dict[str, str]
 
     @property
     def ok(self) -> bool:
@@ -285,7 +325,7 @@ def run_scenario(name: str, trace: bool = False) -> ScenarioResult:
     sim.at(0, _drive, s, sc.script(s))
     res = sim.run()
     assert sim.moves is not None
-    return ScenarioResult(name, res, s.notes, s.gave_up, list(sim.moves.failures))
+    return ScenarioResult(name, res, s.notes, s.gave_up, list(sim.moves.failures), s.facts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,17 +27,12 @@ SEED_BUDGET = {
     "node-flip-before-activate": 25,
     "node-cache-wrong-shard": 5,
 }
-SCENARIO_ONLY = {"node-no-move-fence"}
-"""Move bugs that random seeds do not reach (a stale request must meet a group leader whose own
-map lags): the scripted scenarios `stale-freeze` and `stale-drop` catch them
-(`tests/simulation/test_node_sim_scenarios.py`)."""
-NOT_FOUND_YET = {"node-export-without-sessions"}
-"""Planted, and NOT found within 150 seeds: the retries it applies twice do happen (a write
-applied at the source, its reply lost, retried at the target after the move), but almost always
-without another write in between, so the second application rewrites the same value: harmless,
-and invisible to the history and to the exactly-once check (which sees only writes that change
-the value). Finding it needs a workload or check that makes a harmless double application
-visible (see the report of the `simmoves` branch)."""
+SCENARIO_ONLY = {"node-no-move-fence", "node-export-without-sessions"}
+"""Move bugs that random seeds do not reach: a stale request must meet a group leader whose own
+map lags (`stale-freeze`, `stale-drop`); a retry must reach the target of a move although its
+first attempt was applied at the source, which answers every retry from its own session table,
+so only a source group that is gone sends it there (`lost-reply`). Not found in 150 seeds; the
+scripted scenarios catch them (`tests/simulation/test_node_sim_scenarios.py`)."""
 
 
 @pytest.fixture(autouse=True)
@@ -74,8 +69,8 @@ def test_a_move_seed_replays_exactly() -> None:
 
 
 def test_every_move_bug_has_a_budget_or_a_scenario() -> None:
-    assert set(SEED_BUDGET) | SCENARIO_ONLY | NOT_FOUND_YET == set(MOVE_BUGS)
-    assert not set(SEED_BUDGET) & SCENARIO_ONLY and not (set(SEED_BUDGET) | SCENARIO_ONLY) & NOT_FOUND_YET
+    assert set(SEED_BUDGET) | SCENARIO_ONLY == set(MOVE_BUGS)
+    assert not set(SEED_BUDGET) & SCENARIO_ONLY
     assert {sc.catches for sc in SCENARIOS.values()} >= SCENARIO_ONLY
 
 
