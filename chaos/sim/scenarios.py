@@ -1,13 +1,14 @@
 """Scripted scenarios of the whole-node engine: a seed plus a schedule of events, for races of
-range moves that random seeds reach rarely or never. `python -m chaos.sim.scenarios NAME [--plant BUG] [--trace]`.
+range moves that random seeds reach rarely or never.
+`python -m chaos.sim.scenarios NAME [--plant BUG] [--trace]`.
 
 A scenario runs `chaos.sim.nodes.NodeSimulation` with range moves and clients as usual, but no
 random nemesis, outsider or admin (`NodeSimParams.scripted`): its script plans the moves, holds
 coordinators' requests back (`SimMoves.gate`: a paused process, a request stuck in the network),
 moves leaderships and holds back a node's metadata traffic (`NodeSimulation.cut`: its map lags),
 then lets everything go and the faults heal. Every check of a random seed applies (Raft safety,
-linearizability, ownership refusals, liveness and every move finished with each group serving
-exactly its routes). The script's own notes say whether it reached each step: a scenario whose
+linearizability, ownership refusals, exactly-once, liveness and every move finished with each
+group serving exactly its routes). The script's own notes say whether it reached each step: a scenario whose
 script gave up waiting proves nothing, and its result says so.
 
 - `racing-install`: an old metadata leader A has installed a move's data and stops right before
@@ -25,10 +26,12 @@ script gave up waiting proves nothing, and its result says so.
   whole move, then moves the ranges back (group 2 removed); then A's FREEZE reaches group 1's
   leader, whose own map lags (it still shows move 1). The move id fences it off
   (`node-no-move-fence` lets it freeze ranges that came back, which nobody serves after).
-- `stale-drop`: A stops right before DROP of move 1; B finishes move 1, moves the ranges back,
-  then plans a new group (move 3 freezes group 1's ranges for it); A's DROP reaches group 1's
-  leader (a lagging map) while move 3 is frozen, before its export. The move id fences it off
-  (`node-no-move-fence` lets it delete frozen data that move 3 was about to export).
+- `stale-drop`: (two groups) a new group takes ranges from both; A stops right before DROP of
+  the move out of group 1; B finishes the moves, moves the ranges back (the new group removed),
+  then removes group 1 (all its ranges frozen for a move to group 2); A's DROP reaches group 1's
+  leader (a lagging map) while that move is frozen, before its export. The move id fences it
+  off (`node-no-move-fence` lets it delete frozen data the export was about to carry: the move
+  then never finishes).
 """
 
 from __future__ import annotations
