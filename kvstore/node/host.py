@@ -286,6 +286,20 @@ class Host:
         lead = g.core.lead
         return lead, self.members.get(lead, "")
 
+    def leads_current(self, group: int) -> bool:
+        """Does this node lead `group` with a current view of its state? A new leader's applied
+        state may lag what earlier leaders committed until it has applied an entry of its own
+        term (the empty entry it appends on election); from then on it has applied everything
+        committed before its term. A move coordinator acts only then: driving from a lagging map
+        it would propose steps of moves that are already finished, which every up-to-date node
+        refuses (WRONG_SHARD, retried until the request's deadline) - a stall after every
+        metadata failover."""
+        g = self.groups.get(group)
+        if g is None or g.core.role != Role.LEADER:
+            return False
+        core = g.core
+        return core.log.term_or_zero(core.applied) == core.term
+
     def _not_leader(self, g: Group) -> errors.KVError:
         lead = g.core.lead
         if lead == NONE or lead == self.node_id:

@@ -54,7 +54,6 @@ __all__ = [
     "NodeCluster",
     "ShardService",
     "check_group_request",
-    "leader_role",
     "local_export",
     "local_group_call",
     "transfer_leader",
@@ -324,11 +323,6 @@ async def transfer_leader(host: Host, wake: Callable[[], None], group: int, to: 
         raise errors.Timeout("leadership transfer did not complete in time", indeterminate=True)
 
 
-def leader_role(host: Host, group: int) -> bool:
-    g = host.groups.get(group)
-    return g is not None and g.core.role == Role.LEADER
-
-
 class NodeCluster:
     """`movedriver.Cluster` for this node: the move coordinator's requests go through `GroupCaller`."""
 
@@ -338,7 +332,7 @@ class NodeCluster:
         self.caller = caller
 
     def is_meta_leader(self) -> bool:
-        return leader_role(self.host, META_GROUP)
+        return self.host.leads_current(META_GROUP)
 
     def current_map(self) -> tuple[ShardMap | None, bytes]:
         return self.tracker.map, self.tracker.raw
