@@ -254,6 +254,7 @@ def test_netns_tls_run_refuses_every_forged_identity_under_partitions_and_kills(
     assert fg["availability"] is not None and fg["availability"] >= 0.5, fg
     assert {"partition", "kill"} <= {f["family"] for f in summary["faults"]}
     assert "TLS outsiders refused" in text and "not refused 0" in text
+    assert "mutual TLS" in (d / "index.html").read_text()
     assert not (d / "certs").exists()  # a valid run drops its throwaway CA with its data
     assert_cleaned(d)
     assert node_pids_of(d) == []
