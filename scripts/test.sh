@@ -21,7 +21,5 @@ echo "== simulator: 200 seeds x 3 nodes, 100 seeds x 5 nodes"
 echo "== whole-node simulator: 200 seeds x 3 nodes, 50 seeds x 5 nodes (range moves in half of them)"
 "$VENV/bin/python" -m chaos.sim --engine nodes --seeds 200 --start 1000 --nodes 3
 "$VENV/bin/python" -m chaos.sim --engine nodes --seeds 50 --start 1000 --nodes 5
-echo "== migration simulator: 200 seeds"
-"$VENV/bin/python" -m chaos.sim.migration --seeds 200 --start 1000
 echo "== pytest"
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"

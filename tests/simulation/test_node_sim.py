@@ -80,3 +80,4 @@ def test_planted_core_bug_is_found_through_whole_nodes(bug: str) -> None:
             if not run_node_seed(seed).ok:
                 return
     pytest.fail(f"planted bug {bug!r} not found in 100 seeds")
+
