@@ -66,6 +66,8 @@ RULES: dict[str, Rule] = {
     "/kvstore.v1.Admin/RemoveMember": Rule.ADMIN,
     "/kvstore.v1.Admin/TransferLeader": Rule.ADMIN,
     "/kvstore.v1.Admin/Snapshot": Rule.ADMIN,
+    "/kvstore.v1.Admin/AlarmList": Rule.ADMIN,
+    "/kvstore.v1.Admin/AlarmDisarm": Rule.ADMIN,
     "/kvstore.v1.Auth/Authenticate": Rule.PUBLIC,
     "/kvstore.v1.Auth/Change": Rule.USER,
     "/kvstore.v1.Auth/Status": Rule.USER,
