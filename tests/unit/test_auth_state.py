@@ -161,3 +161,21 @@ def test_authorization_metadata_parsing_is_total(md: list[tuple[str, str]]) -> N
         assert len(auth) > 1 or not auth[0].startswith("Bearer ")
         return
     assert (got is None) == (not auth)
+
+
+def test_a_peer_can_only_cas_the_auth_state_one_valid_version_forward() -> None:
+    from kvstore import errors
+    from kvstore.node.grouprequests import check_auth_change
+
+    s = build()
+    nxt = s.apply(AuthCommand(AuthOp.ROLE_ADD, role="x"))
+    check_auth_change(False, s.encode(), nxt.encode())
+    check_auth_change(True, b"", AuthState().apply(AuthCommand(AuthOp.USER_ADD, user="root")).encode())
+    for expect_absent, old, new in [
+        (False, s.encode(), b"garbage"),
+        (False, b"garbage", nxt.encode()),
+        (False, s.encode(), nxt.apply(AuthCommand(AuthOp.ROLE_ADD, role="y")).encode()),  # skips a version
+        (False, nxt.encode(), s.encode()),  # backwards
+    ]:
+        with pytest.raises(errors.InvalidArgument):
+            check_auth_change(expect_absent, old, new)
