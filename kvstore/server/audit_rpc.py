@@ -29,19 +29,25 @@ from cryptography import x509
 from kvstore.raft import ConfChange
 from kvstore.security.audit import AuditLog
 from kvstore.security.audit.chain import Value, clip
+from kvstore.security.identity import PrincipalKind, identity_of_call
 from kvstore.security.tls import identity_of
 from kvstore.storage.shardcmd import SHARD_MAGIC, ShardOp
-from kvstore.v1 import kv_pb2, shard_pb2
+from kvstore.v1 import auth_pb2, kv_pb2, shard_pb2
 
 ANONYMOUS = "anonymous"
 _IDENTITIES: dict[bytes, str] = {}
 
 
 def caller_identity(context: grpc.aio.ServicerContext) -> str:
-    """Who made this RPC, for the audit log: the common name of the TLS client certificate the
-    caller presented (verified by the handshake against the cluster's CA), or "anonymous" on a
-    plaintext node. (When authentication lands, this is the function to point at the
-    authenticated user of the call.)"""
+    """Who made this RPC, for the audit log: the principal the auth guard established for the
+    call (`kvstore.security.identity.identity_of_call`: a user by token or certificate, or a
+    node), else the common name of the TLS client certificate the caller presented (verified by
+    the handshake against the cluster's CA), else "anonymous"."""
+    p = identity_of_call(context)
+    if p.kind is PrincipalKind.USER:
+        return p.name if p.via == "certificate" else f"{p.name} (by {p.via})"
+    if p.kind is PrincipalKind.NODE:
+        return p.name
     try:
         pems = context.auth_context().get("x509_pem_cert") or []
     except Exception:  # a context without an auth context (e.g. a test double)
@@ -127,6 +133,24 @@ def _group_propose(r: shard_pb2.GroupProposeRequest) -> dict[str, Value] | None:
     return out
 
 
+def _auth_change(r: Any) -> dict[str, Value]:
+    out: dict[str, Value] = {"auth_op": _AUTH_OPS.get(int(r.op), str(int(r.op)))}
+    if r.user:
+        out["user"] = clip(r.user, 128)
+    if r.role:
+        out["role"] = clip(r.role, 128)
+    if r.HasField("permission"):
+        out.update(key_fields(r.permission.key))
+        if r.permission.range_end:
+            out.update(key_fields(r.permission.range_end, "range_end"))
+        out["permission"] = auth_pb2.PermissionKind.Name(r.permission.kind).lower() \
+            if r.permission.kind in auth_pb2.PermissionKind.values() else str(r.permission.kind)
+    return out
+
+
+_AUTH_OPS = {v.number: v.name.lower() for v in auth_pb2.AuthChangeRequest.Op.DESCRIPTOR.values}
+
+
 AUDITED: dict[str, dict[str, Describer]] = {
     "kvstore.v1.Admin": {
         "AddMember": lambda r: {"node_id": r.id, "address": clip(r.address, 128),
@@ -138,6 +162,12 @@ AUDITED: dict[str, dict[str, Describer]] = {
         "AlarmDisarm": lambda r: {"node_id": r.node_id, "alarm": int(r.type)},
     },
     "kvstore.v1.Shard": {"ShardOp": _shard_op, "GroupPropose": _group_propose},
+    # Auth events: who tried to log in as whom, and every change of users, roles and the
+    # enabled flag (never a password, never a token).
+    "kvstore.v1.Auth": {
+        "Authenticate": lambda r: {"login_user": clip(r.user, 128)},
+        "Change": _auth_change,
+    },
 }
 KV_WRITES: dict[str, Describer] = {
     "Put": lambda r: {**key_fields(r.key), "value_bytes": len(r.value)},
@@ -147,6 +177,7 @@ KV_WRITES: dict[str, Describer] = {
 STREAM_WRITES = ("put", "delete", "cas")
 NOT_AUDITED: dict[str, frozenset[str]] = {
     "kvstore.v1.Admin": frozenset({"Status", "AlarmList"}),
+    "kvstore.v1.Auth": frozenset({"Status"}),
     "kvstore.v1.Shard": frozenset({"GetShardMap", "ExportRange"}),
     "kvstore.v1.KV": frozenset({"Get", "Scan"}),
 }

@@ -192,7 +192,8 @@ class Node:
                                   cluster_id=cfg.cluster_id, is_member=self.inbound.is_member,
                                   refusals=self.inbound.refusals, verify=verify), "kvstore.v1.Shard"),
              shard_pb2.DESCRIPTOR.services_by_name["Shard"]),
-            (AuthService(auth, guard, caller, cfg.request_timeout), auth_pb2.DESCRIPTOR.services_by_name["Auth"]),
+            (watched(AuthService(auth, guard, caller, cfg.request_timeout), "kvstore.v1.Auth"),
+             auth_pb2.DESCRIPTOR.services_by_name["Auth"]),
             (self.health, health_pb2.DESCRIPTOR.services_by_name["Health"]),
         ], guard)
         self.port = (

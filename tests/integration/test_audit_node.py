@@ -18,7 +18,7 @@ from kvstore.security.audit import KEY_FILE, AuditSettings, open_line, read_key,
 from kvstore.security.audit.chain import GENESIS, check_mac
 from kvstore.server.audit_rpc import AUDITED, KV_WRITES, MAX_KEY_SHOWN, NOT_AUDITED, key_fields
 from kvstore.storage.store import read_audit_head
-from kvstore.v1 import admin_pb2, admin_pb2_grpc, kv_pb2, kv_pb2_grpc, shard_pb2, shard_pb2_grpc
+from kvstore.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, kv_pb2, kv_pb2_grpc, shard_pb2, shard_pb2_grpc
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -30,8 +30,8 @@ def _lines(path: Path) -> list[dict[str, object]]:
 
 
 def test_every_rpc_of_the_audited_services_is_classified() -> None:
-    """Generated from the service descriptors: a new Admin, Shard or KV RPC cannot be forgotten."""
-    for pb in (admin_pb2, shard_pb2, kv_pb2):
+    """Generated from the service descriptors: a new Admin, Shard, KV or Auth RPC cannot be forgotten."""
+    for pb in (admin_pb2, shard_pb2, kv_pb2, auth_pb2):
         for service in pb.DESCRIPTOR.services_by_name.values():
             audited = set(AUDITED.get(service.full_name, {}))
             if service.full_name == "kvstore.v1.KV":
@@ -162,3 +162,49 @@ def test_any_audited_request_describes_into_a_line_that_verifies(req: tuple[str,
     line, mac = seal(bytes(32), 1, GENESIS, {"op": method, **fields}, first_in_file=True)
     parsed = open_line(line[:-1])
     assert parsed.mac == mac and check_mac(bytes(32), GENESIS, parsed)
+
+
+def test_auth_events_are_audited_with_the_authenticated_user_and_never_a_password(tmp_path: Path) -> None:
+    """With auth on, the audit line's identity is the user the guard authenticated (by token),
+    logins (failed ones too) and every user / role change are audited, and no password or token
+    ever reaches the log."""
+    from kvstore.v1 import auth_pb2_grpc
+
+    path = tmp_path / "audit.log"
+    Op = auth_pb2.AuthChangeRequest
+
+    def bearer(token: str) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {token}")]
+
+    async def main() -> None:
+        async with one_node(tmp_path, audit=AuditSettings(path, writes=True, sync_ms=20)) as n, \
+                grpc.aio.insecure_channel(n.address) as ch:
+            a, kv = auth_pb2_grpc.AuthStub(ch), kv_pb2_grpc.KVStub(ch)
+            for user, pw in (("root", "root-secret-pw"), ("alice", "alice-secret-pw")):
+                r = await a.Change(Op(op=Op.USER_ADD, user=user, password=pw), timeout=10)
+                assert r.error.code == kv_pb2.OK, r.error
+            assert (await a.Change(Op(op=Op.ENABLE), timeout=10)).error.code == kv_pb2.OK
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await a.Authenticate(auth_pb2.AuthenticateRequest(user="alice", password="wrong"), timeout=10)
+            assert bad.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            ok = await a.Authenticate(auth_pb2.AuthenticateRequest(user="root", password="root-secret-pw"), timeout=10)
+            assert ok.error.code == kv_pb2.OK and ok.token
+            put = await kv.Put(kv_pb2.PutRequest(key=b"k", value=b"v"), metadata=bearer(ok.token), timeout=10)
+            assert put.error.code == kv_pb2.OK
+            r = await a.Change(Op(op=Op.USER_PASSWD, user="alice", password="another-secret-pw"),
+                               metadata=bearer(ok.token), timeout=10)
+            assert r.error.code == kv_pb2.OK, r.error
+            token = ok.token
+            assert n.node.audit is not None and n.node.audit.flush()
+        text = path.read_text()
+        assert "secret-pw" not in text and "wrong" not in text and token not in text
+        lines = _lines(path)
+        logins = [x for x in lines if x["op"] == "Auth.Authenticate"]
+        assert [(x["login_user"], x["result"] == "ok") for x in logins] == [("alice", False), ("root", True)]
+        changes = [(x["auth_op"], x.get("user"), x["result"]) for x in lines if x["op"] == "Auth.Change"]
+        assert changes == [("user_add", "root", "ok"), ("user_add", "alice", "ok"), ("enable", None, "ok"),
+                           ("user_passwd", "alice", "ok")]
+        assert [x["identity"] for x in lines if x["op"] == "Auth.Change"][-1] == "root (by token)"
+        assert [x["identity"] for x in lines if x["op"] == "KV.Put"][-1] == "root (by token)"  # (earlier: warm-up)
+
+    asyncio.run(main())
