@@ -26,8 +26,9 @@ import grpc
 from bench.etcdpb import etcd_pb2, etcd_pb2_grpc
 from kvstore.client import group_status
 from kvstore.security.tls import client_credentials
+from kvstore.v1 import auth_pb2, auth_pb2_grpc
 
-from .tls import ClusterCerts, make_cluster_certs
+from .tls import BENCH_USER, ClusterCerts, make_cluster_certs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
@@ -159,6 +160,29 @@ class KvstoreCluster:
     def start(self, timeout: float = 60.0) -> None:
         self.start_all()
         self.wait_ready(timeout)
+        if self.certs is not None:
+            self.enable_auth(timeout)
+
+    def enable_auth(self, timeout: float = 60.0) -> None:
+        """TLS + auth, as the issue's comparison wants it: user `root` (logged in by its client
+        certificate, no password) and `kvctl auth enable`, so every call is authenticated and
+        every operation's key checked against the caller's grants."""
+        deadline = time.monotonic() + timeout
+        Op = auth_pb2.AuthChangeRequest
+        for req in (Op(op=Op.USER_ADD, user=BENCH_USER), Op(op=Op.ENABLE)):
+            while True:
+                n = self.nodes[1 + int(time.monotonic()) % len(self.nodes)]
+                try:
+                    with n.channel() as ch:
+                        r = auth_pb2_grpc.AuthStub(ch).Change(req, timeout=5)
+                    if r.error.code == 0 or (req.op == Op.USER_ADD and "exists" in r.error.message):
+                        break
+                    err = r.error.message
+                except grpc.RpcError as e:
+                    err = str(e)
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"could not enable auth: {err}")
+                time.sleep(0.2)
 
     def start_all(self) -> None:
         for n in self.nodes.values():

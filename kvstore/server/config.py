@@ -10,7 +10,7 @@ from kvstore.security.audit import AuditSettings
 from kvstore.security.net import is_loopback
 from kvstore.storage.commands import MAX_KEY_SIZE, command_size_bound
 
-from .admission import AdmissionSettings
+from .admission_settings import AdmissionSettings
 from .reads import ReadSettings
 
 META_GROUP = 0

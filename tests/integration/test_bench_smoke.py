@@ -158,7 +158,8 @@ def test_bench_tls_runs_both_systems_with_mutual_tls(tmp_path: Path) -> None:
 
 def test_tls_clusters_refuse_a_client_without_a_certificate(tmp_path: Path) -> None:
     """The -tls clusters really run TLS with client authentication: a plaintext client, and a
-    TLS client without a certificate, get no answer from either system."""
+    TLS client without a certificate, get no answer from either system; kvstore-tls has auth
+    enabled (every call authenticated, every key checked)."""
     _need_etcd()
     import grpc
 
@@ -182,5 +183,12 @@ def test_tls_clusters_refuse_a_client_without_a_certificate(tmp_path: Path) -> N
                         kv_pb2_grpc.KVStub(ch).Get(kv_pb2.GetRequest(key=b"k"), timeout=3)
                 assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED,
                                             grpc.StatusCode.DEADLINE_EXCEEDED), (system, err.value)
+            if system == "kvstore-tls":  # TLS + auth: root, by its certificate, is who the bench runs as
+                from kvstore.security.tls import client_credentials
+                from kvstore.v1 import auth_pb2, auth_pb2_grpc
+
+                with grpc.secure_channel(ep, client_credentials(cluster.certs.client_dir)) as ch:
+                    st = auth_pb2_grpc.AuthStub(ch).Status(auth_pb2.AuthStatusRequest(), timeout=10)
+                assert st.enabled and st.admin, st
         finally:
             cluster.stop()
