@@ -57,6 +57,7 @@ from kvstore.raft import (
     Role,
     Snapshot,
 )
+from kvstore.raft.admission import MAX_TERM_JUMP
 from kvstore.storage import commands
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
@@ -66,6 +67,7 @@ from . import replica_reads
 from .invariants import SafetyChecker, SafetyViolation
 from .membership import MembershipDriver
 from .moves import SimMoves
+from .quiet import QuiesceStats, QuietScenario, quiesce_by_default
 
 FORGER = 1000
 """The outsider's node id: never a member."""
@@ -112,7 +114,9 @@ class NodeSimParams:
     lease_read: bool = False
     """Leaders serve linearizable reads from their lease (check-quorum) instead of a ReadIndex round."""
     quiesce_ticks: int = 0
-    """Idle groups quiesce after this many ticks (0: never); peers' liveness pings wake them."""
+    """Idle groups quiesce after this many ticks (0: never); peers' liveness pings wake them.
+    With quiescence the workload pauses now and then and the run ends with the quiesced-leader
+    scenario (`quiet.py`)."""
     crash_after_cycle: float = 0.0
     """Chance a node crashes right after a cycle that sent votes, appends or acknowledgements
     (before anything else happens on it): the moments where durability matters most."""
@@ -144,7 +148,7 @@ class NodeSimParams:
             tick_skew=rng.choice((0.0, 0.05, 0.2)),
             lease_read=rng.random() < 0.3,
             membership=rng.random() < 0.5,
-            quiesce_ticks=rng.choice((0, 0, 2, 4, 8)),
+            quiesce_ticks=rng.choice((2, 4, 8)),
             crash_after_cycle=rng.choice((0.0, 0.0, 0.002, 0.01)),
             fsync_fail=rng.choice((0.0, 0.0, 0.01, 0.05)),
             torn_write=rng.choice((0.0, 0.0, 0.002, 0.01)),
@@ -185,6 +189,9 @@ class NodeSimResult:
     """Voters replaced by new nodes (every step applied in every group)."""
     moves: dict[str, int] = field(default_factory=dict)
     """With range moves: plans, moves planned and finished, keys moved (`SimMoves.summary`)."""
+    quiesce_ticks: int = 0
+    quiesce: QuiesceStats = field(default_factory=QuiesceStats)
+    """What quiescence did (`quiet.py`; all zero when it was off)."""
 
 
 class SimTransport:
@@ -247,10 +254,22 @@ class NodeSimulation:
         store_factory: StoreFactory | None = None,
         root: Path | None = None,
         moves: bool | None = None,
+        quiesce: bool | None = None,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.p = params or NodeSimParams.draw(self.rng, nodes, moves)
+        if quiesce is None and params is None:
+            quiesce = quiesce_by_default(seed)
+        if quiesce is not None and quiesce != bool(self.p.quiesce_ticks):
+            self.p.quiesce_ticks = self.rng.choice((2, 4, 8)) if quiesce else 0
+        self.quiet = QuietScenario(self, self.p.keys, self.p.lease_read) if self.p.quiesce_ticks else None
+        if self.quiet is not None:
+            # Probing every group all the time (demand_ticks 0) would keep every group awake:
+            # with quiescence, probes run only while reads are in demand.
+            self.p.reads.demand_ticks = self.p.reads.demand_ticks or 100
+        self._one_shot: set[int] = set()
+        """Client processes that do one operation only (the quiesced-leader scenario's)."""
         self.store_factory = store_factory or memory_store(self)
         self._own_root = root is None
         self.root = root or Path(tempfile.mkdtemp(prefix=f"nodesim-{seed}-"))
@@ -335,7 +354,11 @@ class NodeSimulation:
             for _ in range(self.p.clients):
                 self.at(self.rng.randrange(0, 50), self._client_next, self._new_process())
             self.at(self.rng.randrange(*self.p.nemesis_every_ms), self._nemesis)
-            self.at(self.p.fault_ms, self._heal_all)
+            if self.quiet is not None:
+                self.quiet.start()
+                self.at(self.p.fault_ms, self.quiet.begin)
+            else:
+                self.at(self.p.fault_ms, self._heal_all)
             if self.moves is not None:
                 self.moves.start()
             while self._events:
@@ -369,6 +392,7 @@ class NodeSimulation:
             self.seed, violation is None, violation, len(self.history), self.events_run, self.now, verdict,
             self.history, self.trace, self.forged, dict(self.refused), self.membership.done,
             self.moves.summary() if self.moves is not None else {},
+            self.p.quiesce_ticks, self.quiet.stats if self.quiet is not None else QuiesceStats(),
         )
 
     def _close(self) -> None:
@@ -437,6 +461,8 @@ class NodeSimulation:
         if n.logic is None:
             return
         self.log(f"n{nid} CRASH")
+        if self.quiet is not None:
+            self.quiet.forget(nid)
         n.epoch += 1
         n.logic = None
         n.reads = None
@@ -618,6 +644,8 @@ class NodeSimulation:
 
     # --- safety -----------------------------------------------------------------------------
     def _check_safety(self) -> None:
+        quiet = self.quiet
+        faults_on = quiet is not None and self._faults_on()
         for n in self.nodes.values():
             if n.logic is None:
                 continue
@@ -635,6 +663,8 @@ class NodeSimulation:
                 if core.role == Role.LEADER:
                     checker.on_leader(core)
                     self.leader_seen[gid] = self.now
+                if quiet is not None:
+                    quiet.observe(n.id, gid, core, faults_on)
 
     def _check_liveness(self) -> None:
         """Once the faults healed and the cluster had `liveness_ms` to settle: every group has a
@@ -680,7 +710,12 @@ class NodeSimulation:
     def _client_next(self, process: int) -> None:
         if self.end is not None and self.now >= self.end - self.p.client_timeout_ms:
             return
+        if process in self._one_shot:
+            return
         rng = self.rng
+        if self.quiet is not None and (wait := self.quiet.clients_wait()):
+            self.at(min(wait, 100) + rng.randrange(0, 30), self._client_next, process)
+            return
         key = f"k{rng.randrange(self.p.keys)}"
         r = rng.random()
         value: Any
@@ -707,7 +742,18 @@ class NodeSimulation:
             return
         self._invoke(process, f, key, value, target)
 
-    def _invoke(self, process: int, f: str, key: str, value: Any, target: SimNode) -> None:
+    def one_shot(self, f: str, key: str, value: Any, target: SimNode,
+                 after: Callable[[Status, Any], None]) -> None:
+        """One operation of a new client process that does nothing else (a put of a fresh
+        value if `value` is None); `after(status, output)` once it completed."""
+        process = self._new_process()
+        self._one_shot.add(process)
+        if f == "put" and value is None:
+            value = f"v{next(self._value)}"
+        self._invoke(process, f, key, value, target, after)
+
+    def _invoke(self, process: int, f: str, key: str, value: Any, target: SimNode,
+                after: Callable[[Status, Any], None] | None = None) -> None:
         """One client operation, as the client library does it: reads go to one node; writes
         carry the process's session (client id, seq) and are retried at the leader (hinted or
         another node) under the same session while an attempt's outcome is unknown, so the state
@@ -734,6 +780,10 @@ class NodeSimulation:
                 complete=None if status == Status.INFO else float(self.now), status=status,
             ))
             self.log(f"client p{process} {f} {key} {value!r} -> {status.value} {output!r}")
+            if after is not None:
+                after(status, output)
+            if process in self._one_shot:
+                return
             nxt = process
             if status == Status.INFO:  # Jepsen retires a process whose operation is indeterminate
                 nxt = self._new_process()
@@ -853,7 +903,13 @@ class NodeSimulation:
 
     # --- nemesis ----------------------------------------------------------------------------
     def _faults_on(self) -> bool:
-        return self.healed_at is None
+        return self.healed_at is None and not (self.quiet is not None and self.quiet.calm)
+
+    def fail(self, msg: str) -> None:
+        raise SimulationFailure(msg)
+
+    def heal_all(self) -> None:
+        self._heal_all()
 
     def _nemesis(self) -> None:
         if not self._faults_on():
@@ -922,13 +978,60 @@ class NodeSimulation:
                     self.forged += 1
                     self.at(rng.randint(*self.p.delay_ms), self._deliver, m)
         self.log("FORGE burst from outsider n1000")
+        self._forge_as_member()
+
+    def _forge_as_member(self) -> None:
+        """A rogue member's burst: messages under the id of a real member of the group (a peer
+        whose identity check was bypassed, or a broken member) that no correct member could
+        send, so that only the group-level admission rules (`kvstore.raft.admission`) stand
+        between them and the core: a TIMEOUT_NOW from a member that is not the leader (an
+        election that skips the leader's lease), an APP_RESP acknowledging entries beyond the
+        leader's log (the leader would count a replica that does not hold them), and a term
+        jump beyond `MAX_TERM_JUMP`. Delivered past the network and the node's liveness view
+        (the impersonated member may be down or cut off)."""
+        rng = self.rng
+        for n in sorted(self.nodes.values(), key=lambda x: x.id):
+            if n.logic is None:
+                continue
+            for gid, g in sorted(n.logic.host.groups.items()):
+                core = g.core
+                others = [v for v in core.conf.voters if v != n.id]
+                if not others:
+                    continue
+                msgs = []
+                strangers = [v for v in others if v != core.lead]
+                if strangers:
+                    msgs.append(Message(MessageType.TIMEOUT_NOW, n.id, rng.choice(strangers), term=core.term,
+                                        group=gid))
+                if core.role == Role.LEADER:
+                    last = core.log.last_index()
+                    for f in others:
+                        msgs.append(Message(MessageType.APP_RESP, n.id, f, term=core.term, group=gid,
+                                            index=last + rng.randint(1, 4)))
+                msgs.append(Message(MessageType.HEARTBEAT, n.id, rng.choice(others),
+                                    term=core.term + MAX_TERM_JUMP + rng.randint(1, 1000), group=gid))
+                for m in msgs:
+                    self.forged += 1
+                    self.at(rng.randint(*self.p.delay_ms), self._deliver_forged, m)
+        self.log("FORGE burst under members' ids")
+
+    def _deliver_forged(self, m: Message) -> None:
+        dst = self.nodes.get(m.to)
+        if dst is None or dst.logic is None:
+            return
+        ok = dst.logic.deliver(m)
+        self.log(f"{'ADMITTED' if ok else 'REFUSED'} forged n{m.frm} -> n{m.to} g{m.group} {m.type.name} "
+                 f"t{m.term} i{m.index}")
+        if ok:
+            self._kick(dst)
 
     def _free_space(self, nid: int, store: NodeStore) -> None:
         if isinstance(store, MemoryNodeStore):
             store.free_space()
             self.log(f"n{nid} DISK HAS ROOM AGAIN")
 
-    def _heal_all(self) -> None:
+    def calm_down(self) -> None:
+        """Faults stop: the network heals, disks have room and no faults, crashed nodes restart."""
         self.blocked.clear()
         for nid, n in sorted(self.nodes.items()):
             if isinstance(n.store, MemoryNodeStore):
@@ -936,6 +1039,9 @@ class NodeSimulation:
                 n.store.rates = FaultRates()
             if n.logic is None:
                 self.restart(nid)
+
+    def _heal_all(self) -> None:
+        self.calm_down()
         self.healed_at = self.now
         self.end = self.now + self.p.heal_ms
         self.log("HEAL ALL (faults stop)")
@@ -967,7 +1073,9 @@ def lmdb_store(node_id: int, directory: Path) -> NodeStore:
 
 
 def run_node_seed(seed: int, nodes: int = 3, trace: bool = False, params: NodeSimParams | None = None,
-                  store_factory: StoreFactory | None = None, moves: bool | None = None) -> NodeSimResult:
-    """One seed; `moves` forces range moves on or off (default: drawn, on half of the seeds)."""
-    return NodeSimulation(seed, nodes, params, trace, store_factory, moves=moves).run()
+                  store_factory: StoreFactory | None = None, moves: bool | None = None,
+                  quiesce: bool | None = None) -> NodeSimResult:
+    """One seed; `moves` forces range moves on or off (default: drawn, on half of the seeds),
+    `quiesce` quiescence (default: `quiesce_by_default`)."""
+    return NodeSimulation(seed, nodes, params, trace, store_factory, moves=moves, quiesce=quiesce).run()
 
