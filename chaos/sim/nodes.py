@@ -9,22 +9,30 @@ asyncio, a simulated network instead of gRPC.
 
 Faults, all drawn from the seed (a seed replays exactly): message loss, duplication, delay and
 reordering; partitions; crashes and restarts (the store recovers what it made durable: with the
-in-memory store everything not synced is lost); per-node clock offsets and tick rates (skew); one slow disk (a lagging replica);
-leadership transfers; a forging outsider (node 1000, never a member) sending votes, higher-term
-heartbeats, TIMEOUT_NOW and forged committed appends through the node's admission path.
+in-memory store everything not synced is lost), also right after a cycle that acknowledged or
+applied; per-node clock offsets and tick rates (skew); one slow disk (a lagging replica); failed
+fsyncs, full disks and torn writes; leadership transfers; small appends (down to one entry per
+message) and short in-flight windows; flapping leaders (a new leader cut off from everyone
+shortly after its election, which leaves uncommitted suffixes of several terms around: Raft's
+Figure 8); a forging outsider (node 1000, never a member) sending votes, higher-term heartbeats,
+TIMEOUT_NOW and forged committed appends through the node's admission path, and a rogue member
+(messages under a member's id that no correct member sends: TIMEOUT_NOW from a non-leader,
+acknowledgements beyond the leader's log, term jumps) that only the group-level admission rules
+stop; membership churn (`membership.py`); on a fixed half of the seeds quiescence, with pauses of
+the workload and the quiesced-leader crash / isolate scenario at the end (`quiet.py`).
 
 Checked on every seed: Raft's safety properties for every group after every event
-(`invariants.SafetyChecker`), the clients' history for linearizability (`chaos.checker`), and
-liveness: once the faults heal, operations invoked after a grace period must succeed.
+(`invariants.SafetyChecker`), the clients' history for linearizability (`chaos.checker`), bounded
+and stale reads against their stated bounds (`replica_reads`), and liveness: once the faults heal,
+operations invoked after a grace period must succeed (and with quiescence, the groups must
+quiesce and recover from the loss of their quiesced leader within a bound).
 
 Range moves (`moves.py`, on half of the seeds): the metadata leader's real move coordinator
 drives add-group / remove-group / rebalance moves over simulated RPCs while clients route by
 their own maps; liveness then also requires every move finished.
 
-This engine is the start of the one simulator issue 14 asks for; the Raft-only simulator
-(`simulator.py`) and the migration simulator still run beside it until this one covers what they
-do (the migration simulator's scripted races and some of its planted bugs, quiescence
-scenarios, membership changes).
+This is the one simulation engine (`python -m chaos.sim`); the migration simulator
+(`chaos/sim/migration/`) still runs the move protocol's scripted races beside it.
 """
 
 from __future__ import annotations
@@ -117,6 +125,17 @@ class NodeSimParams:
     """Idle groups quiesce after this many ticks (0: never); peers' liveness pings wake them.
     With quiescence the workload pauses now and then and the run ends with the quiesced-leader
     scenario (`quiet.py`)."""
+    max_size_per_msg: int = 1 << 20
+    """Bytes of entries per append (at least one entry each): small values split a catching-up
+    follower's appends into many, so a follower holds part of a leader's log for a while."""
+    max_inflight_msgs: int = 256
+    """Appends in flight per follower (1: one round trip per append)."""
+    flap: float = 0.0
+    """Chance that a newly elected leader is cut off from every other node `flap_ms` after its
+    election (the previous cut heals): leaders that lose their majority right after winning,
+    leaving uncommitted suffixes of several terms on different nodes, so that later leaders
+    replicate older terms' entries (Raft's Figure 8) and truncate conflicting ones."""
+    flap_ms: tuple[int, int] = (0, 60)
     crash_after_cycle: float = 0.0
     """Chance a node crashes right after a cycle that sent votes, appends or acknowledgements
     (before anything else happens on it): the moments where durability matters most."""
@@ -150,6 +169,9 @@ class NodeSimParams:
             membership=rng.random() < 0.5,
             quiesce_ticks=rng.choice((2, 4, 8)),
             crash_after_cycle=rng.choice((0.0, 0.0, 0.002, 0.01)),
+            max_size_per_msg=rng.choice((1, 512, 1 << 20)),
+            max_inflight_msgs=rng.choice((1, 4, 256)),
+            flap=rng.choice((0.0, 0.0, 0.3, 1.0)),
             fsync_fail=rng.choice((0.0, 0.0, 0.01, 0.05)),
             torn_write=rng.choice((0.0, 0.0, 0.002, 0.01)),
             reads=replica_reads.ReadParams.draw(rng),
@@ -269,6 +291,8 @@ class NodeSimulation:
             # with quiescence, probes run only while reads are in demand.
             self.p.reads.demand_ticks = self.p.reads.demand_ticks or 100
         self._one_shot: set[int] = set()
+        self._leader_terms: dict[int, int] = {}
+        """group -> the newest term in which a leader was seen."""
         """Client processes that do one operation only (the quiesced-leader scenario's)."""
         self.store_factory = store_factory or memory_store(self)
         self._own_root = root is None
@@ -414,7 +438,8 @@ class NodeSimulation:
         p = self.p
         settings = RaftSettings(
             tick_ms=p.tick_ms, election_tick=p.election_tick, heartbeat_tick=p.heartbeat_tick,
-            quiesce_ticks=p.quiesce_ticks, lease_read=p.lease_read, compact_threshold=self.rng.choice((40, 200, 10_000)), compact_keep=self.rng.choice((0, 5, 20)),
+            quiesce_ticks=p.quiesce_ticks, lease_read=p.lease_read, max_size_per_msg=p.max_size_per_msg,
+            max_inflight_msgs=p.max_inflight_msgs, compact_threshold=self.rng.choice((40, 200, 10_000)), compact_keep=self.rng.choice((0, 5, 20)),
         )
 
         def refused(reason: str) -> None:
@@ -663,6 +688,9 @@ class NodeSimulation:
                 if core.role == Role.LEADER:
                     checker.on_leader(core)
                     self.leader_seen[gid] = self.now
+                    if self._leader_terms.get(gid, 0) < core.term:
+                        self._leader_terms[gid] = core.term
+                        self._elected(n, gid, core.term)
                 if quiet is not None:
                     quiet.observe(n.id, gid, core, faults_on)
 
@@ -954,6 +982,26 @@ class NodeSimulation:
                 self.at(rng.randrange(50, 800), self._free_space, n.id, n.store)
         self.at(rng.randrange(*self.p.nemesis_every_ms), self._nemesis)
 
+    def _elected(self, n: SimNode, gid: int, term: int) -> None:
+        """A new leader of `gid` on `n`: with `flap`, cut it off from every other node shortly."""
+        self.log(f"n{n.id} LEADER g{gid} term {term}")
+        if self.p.flap and self._faults_on() and self.rng.random() < self.p.flap:
+            self.at(self.rng.randint(*self.p.flap_ms), self._cut_off, n.id, n.epoch, gid)
+
+    def _cut_off(self, nid: int, epoch: int, gid: int) -> None:
+        n = self.nodes[nid]
+        if not self._faults_on() or n.epoch != epoch or n.logic is None:
+            return
+        cut = {(nid, o) for o in self.nodes if o != nid} | {(o, nid) for o in self.nodes if o != nid}
+        self.blocked = cut
+        self.log(f"FLAP: n{nid} cut off after its election in g{gid}")
+        self.at(self.rng.randrange(100, 600), self._rejoin, cut)
+
+    def _rejoin(self, cut: set[tuple[int, int]]) -> None:
+        if self.blocked == cut:
+            self.blocked = set()
+            self.log("FLAP: healed")
+
     def _forge(self) -> None:
         """The outsider's burst: what would steer a group or rewrite its log if it got through."""
         rng = self.rng
@@ -987,38 +1035,40 @@ class NodeSimulation:
         between them and the core: a TIMEOUT_NOW from a member that is not the leader (an
         election that skips the leader's lease), an APP_RESP acknowledging entries beyond the
         leader's log (the leader would count a replica that does not hold them), and a term
-        jump beyond `MAX_TERM_JUMP`. Delivered past the network and the node's liveness view
-        (the impersonated member may be down or cut off)."""
+        jump beyond `MAX_TERM_JUMP`. Each is made when it arrives, against the receiver's state
+        then (a forged acknowledgement within the log would be indistinguishable from a real
+        one), and delivered past the network and the node's liveness view (the impersonated
+        member may be down or cut off)."""
         rng = self.rng
         for n in sorted(self.nodes.values(), key=lambda x: x.id):
             if n.logic is None:
                 continue
-            for gid, g in sorted(n.logic.host.groups.items()):
-                core = g.core
-                others = [v for v in core.conf.voters if v != n.id]
-                if not others:
-                    continue
-                msgs = []
-                strangers = [v for v in others if v != core.lead]
-                if strangers:
-                    msgs.append(Message(MessageType.TIMEOUT_NOW, n.id, rng.choice(strangers), term=core.term,
-                                        group=gid))
-                if core.role == Role.LEADER:
-                    last = core.log.last_index()
-                    for f in others:
-                        msgs.append(Message(MessageType.APP_RESP, n.id, f, term=core.term, group=gid,
-                                            index=last + rng.randint(1, 4)))
-                msgs.append(Message(MessageType.HEARTBEAT, n.id, rng.choice(others),
-                                    term=core.term + MAX_TERM_JUMP + rng.randint(1, 1000), group=gid))
-                for m in msgs:
+            for gid in sorted(n.logic.host.groups):
+                for kind in ("timeout_now", "app_resp", "term_jump"):
                     self.forged += 1
-                    self.at(rng.randint(*self.p.delay_ms), self._deliver_forged, m)
+                    self.at(rng.randint(*self.p.delay_ms), self._deliver_forged, n.id, gid, kind)
         self.log("FORGE burst under members' ids")
 
-    def _deliver_forged(self, m: Message) -> None:
-        dst = self.nodes.get(m.to)
-        if dst is None or dst.logic is None:
+    def _deliver_forged(self, nid: int, gid: int, kind: str) -> None:
+        dst = self.nodes.get(nid)
+        g = dst.logic.host.groups.get(gid) if dst is not None and dst.logic is not None else None
+        if dst is None or dst.logic is None or g is None:
             return
+        core, rng = g.core, self.rng
+        others = [v for v in core.conf.voters if v != nid]
+        if kind == "timeout_now":
+            others = [v for v in others if v != core.lead]
+        if not others or (kind == "app_resp" and core.role != Role.LEADER):
+            return
+        frm = rng.choice(others)
+        if kind == "timeout_now":
+            m = Message(MessageType.TIMEOUT_NOW, nid, frm, term=core.term, group=gid)
+        elif kind == "app_resp":
+            m = Message(MessageType.APP_RESP, nid, frm, term=core.term, group=gid,
+                        index=core.log.last_index() + rng.randint(1, 4))
+        else:
+            m = Message(MessageType.HEARTBEAT, nid, frm, term=core.term + MAX_TERM_JUMP + rng.randint(1, 1000),
+                        group=gid)
         ok = dst.logic.deliver(m)
         self.log(f"{'ADMITTED' if ok else 'REFUSED'} forged n{m.frm} -> n{m.to} g{m.group} {m.type.name} "
                  f"t{m.term} i{m.index}")

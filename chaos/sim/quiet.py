@@ -181,40 +181,39 @@ class QuietScenario:
                     out[gid] = (n, c)
         return out
 
-    def _all_quiet(self) -> bool:
-        groups: set[int] = set()
-        for n in self._running():
-            for gid, g in n.logic.host.groups.items():
-                groups.add(gid)
-                if not g.core.quiesced:
-                    return False
-        return bool(groups) and groups <= set(self._leaders())
+    def _eligible(self) -> dict[int, tuple[Any, RaftNode]]:
+        """The groups that must quiesce (group -> leader): those with a leader whose voters all
+        run and host the group. (A leader keeps heartbeating a voter that does not answer, e.g.
+        one added to a group whose place in the shard map was not recorded: that group stays
+        awake by design.)"""
+        running = {n.id: n for n in self._running()}
+        out = {}
+        for gid, (lead, core) in self._leaders().items():
+            if all(v in running and gid in running[v].logic.host.groups for v in core.conf.voters):
+                out[gid] = (lead, core)
+        return out
+
+    def _quiet(self, gid: int) -> bool:
+        return all(n.logic.host.groups[gid].core.quiesced for n in self._running() if gid in n.logic.host.groups)
 
     def _strike(self, started: int) -> None:
         sim = self.sim
-        if not self._all_quiet():
+        eligible = self._eligible()
+        if not eligible or not all(self._quiet(gid) for gid in eligible):
             if sim.now - started > self.p.quiesce_within_ms:
                 sim.fail(f"liveness: the groups did not all quiesce within {self.p.quiesce_within_ms} ms after "
                          "the faults stopped and the clients went idle")
                 return
             sim.at(20, self._strike, started)
             return
-        leaders = self._leaders()
-        key = f"k{sim.rng.randrange(self.keys)}"
-        victim = None
-        for n in self._running():  # the node leading the key's group (by any node's map)
-            smap = n.logic.shard_tracker.map
-            if smap is not None:
-                gid = smap.group_for_key(key.encode())
-                if gid in leaders:
-                    victim = leaders[gid][0]
-                break
-        if victim is None:
-            self.stats.scenario = "skipped (no leader for the key)"
-            self.end()
-            return
-        led = {gid: c.term for gid, (n, c) in leaders.items() if n is victim}
-        if any(len(leaders[gid][1].conf.voters) < 3 for gid in led):
+        smap = next((n.logic.shard_tracker.map for n in self._running() if n.logic.shard_tracker.map), None)
+        keys = [f"k{i}" for i in range(self.keys)]
+        sim.rng.shuffle(keys)
+        key = next((k for k in keys if smap is not None and smap.group_for_key(k.encode()) in eligible), None)
+        gid = smap.group_for_key(key.encode()) if smap is not None and key is not None else min(eligible)
+        victim = eligible[gid][0]
+        led = {g: c.term for g, (n, c) in eligible.items() if n is victim}
+        if any(len(eligible[g][1].conf.voters) < 3 for g in led):
             self.stats.scenario = "skipped (fewer than 3 voters)"
             self.end()
             return
@@ -230,7 +229,7 @@ class QuietScenario:
             sim.crash(victim.id)
         sim.at(20, self._recover, victim.id, led, key, kind, sim.now)
 
-    def _recover(self, victim: int, led: dict[int, int], key: str, kind: str, struck: int) -> None:
+    def _recover(self, victim: int, led: dict[int, int], key: str | None, kind: str, struck: int) -> None:
         """Wait for new leaders that committed an entry of their term, then write through one."""
         sim = self.sim
         if sim.now - struck > self.p.recover_within_ms:
@@ -245,6 +244,10 @@ class QuietScenario:
                     or got[1].log.term_or_zero(got[1].committed) != got[1].term:
                 sim.at(20, self._recover, victim, led, key, kind, struck)
                 return
+        if key is None:  # the victim led no client key's group: new leaders are the recovery
+            self.stats.recovered_ms = sim.now - struck
+            self.end()
+            return
         target = None
         for n in self._running():
             smap = n.logic.shard_tracker.map

@@ -6,8 +6,11 @@ simulator apply the same rules to every message before `RaftNode.step`. A messag
 - its sender is not a member of the cluster (`is_member`, the application's knowledge), or is
   in neither the core's newest configuration, nor its committed one (an uncommitted removal may
   yet be rolled back), nor `placed` (the replicas the application knows the group is adding,
-  e.g. from its shard map); a core with no configuration yet (a replica waiting to be filled)
-  goes by cluster membership alone;
+  e.g. from its shard map); a core with no configuration yet (a replica waiting to be filled),
+  or one that is not in its own newest configuration, goes by cluster membership alone: the
+  latter is a replica catching up a log that adds it only later (a joining node that has so
+  far appended only the group's first entries, whose configuration may name none of today's
+  members, not even its leader), or one removed from the group;
 - its term is more than `MAX_TERM_JUMP` above the core's: terms grow by one per election round
   and rounds are an election timeout apart, so such a jump would take decades of failed
   elections (and a term near 2^64 would make the next election's term unencodable);
@@ -37,7 +40,9 @@ def refusal(
     frm = m.frm
     if is_member is not None and not is_member(frm):
         return "not_member"
-    if conf.voters and frm not in conf.voters and frm not in conf.learners and frm not in placed:
+    me = core.id
+    if conf.voters and (me in conf.voters or me in conf.learners) and frm not in conf.voters \
+            and frm not in conf.learners and frm not in placed:
         # The newest configuration may come from an uncommitted entry that a new leader will
         # overwrite: its members count until a removal is committed (or the node would never
         # hear the leader that rolls the removal back).

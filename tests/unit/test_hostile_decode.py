@@ -317,3 +317,22 @@ def test_a_member_removed_from_the_metadata_group_is_heard_by_the_groups_it_is_s
     assert node.inbound.is_member(3)  # still a voter of group 1 here
     assert node.inbound.admit(Message(MessageType.PRE_VOTE, 1, 3, term=5, group=1))
     assert not node.inbound.is_member(99)
+
+
+def test_a_joining_replica_catching_up_entry_by_entry_hears_its_leader() -> None:
+    """A node added to a group catches its log up from the first entry; with small appends (one
+    entry each) its newest configuration is for a while the group's first one, which may name
+    none of today's members, not even the leader. It must still be heard by that leader (found
+    by the whole-node simulator: a joined node refused its leader forever after appending only
+    the first bootstrap entry). A core that is in its own configuration still refuses
+    non-members of the group."""
+    from kvstore.raft import Config, MemoryStorage, RaftNode
+    from kvstore.raft.admission import refusal
+
+    joiner = RaftNode(Config(id=4), MemoryStorage.bootstrap(ConfState((1,))), random.Random(1))
+    assert joiner.conf.voters == (1,)
+    app = Message(MessageType.APP, 4, 3, term=2, index=1, log_term=1, commit=1)
+    assert refusal(joiner, app, is_member=lambda n: n in (2, 3, 4)) is None
+    assert refusal(joiner, Message(MessageType.APP, 4, 99, term=2), is_member=lambda n: n in (2, 3, 4)) == "not_member"
+    member = RaftNode(Config(id=1), MemoryStorage.bootstrap(ConfState((1,))), random.Random(1))
+    assert refusal(member, Message(MessageType.APP, 1, 3, term=2, index=1, log_term=1)) == "not_group_member"
