@@ -72,6 +72,7 @@ from kvstore.storage.errors import StorageError
 from kvstore.storage.store import LmdbNodeStore
 
 from . import replica_reads
+from .churn import CompetingSuffixes
 from .invariants import SafetyChecker, SafetyViolation
 from .membership import MembershipDriver
 from .moves import SimMoves
@@ -136,6 +137,10 @@ class NodeSimParams:
     leaving uncommitted suffixes of several terms on different nodes, so that later leaders
     replicate older terms' entries (Raft's Figure 8) and truncate conflicting ones."""
     flap_ms: tuple[int, int] = (0, 60)
+    churn: bool = False
+    """Run the competing-suffixes scenario (`churn.py`) again and again while the faults last:
+    leaders cut off with suffixes of their own, re-elected, and cut off again right after a
+    partial replication (Raft's Figure 8)."""
     crash_after_cycle: float = 0.0
     """Chance a node crashes right after a cycle that sent votes, appends or acknowledgements
     (before anything else happens on it): the moments where durability matters most."""
@@ -169,9 +174,10 @@ class NodeSimParams:
             membership=rng.random() < 0.5,
             quiesce_ticks=rng.choice((2, 4, 8)),
             crash_after_cycle=rng.choice((0.0, 0.0, 0.002, 0.01)),
-            max_size_per_msg=rng.choice((1, 512, 1 << 20)),
+            max_size_per_msg=rng.choice((1, 1, 512, 1 << 20)),
             max_inflight_msgs=rng.choice((1, 4, 256)),
             flap=rng.choice((0.0, 0.0, 0.3, 1.0)),
+            churn=rng.random() < 0.5,
             fsync_fail=rng.choice((0.0, 0.0, 0.01, 0.05)),
             torn_write=rng.choice((0.0, 0.0, 0.002, 0.01)),
             reads=replica_reads.ReadParams.draw(rng),
@@ -328,6 +334,7 @@ class NodeSimulation:
         self.reads_params = self.p.reads
         self.stale_check = replica_reads.StalenessChecker()
         self.moves = SimMoves(self) if self.p.moves else None
+        self.churn = CompetingSuffixes(self, self.p.keys) if self.p.churn else None
         for nid in self.peers:
             self._make_node(nid)
         # A disk slower than half an election timeout livelocks elections in any Raft (a vote
@@ -385,6 +392,8 @@ class NodeSimulation:
                 self.at(self.p.fault_ms, self._heal_all)
             if self.moves is not None:
                 self.moves.start()
+            if self.churn is not None:
+                self.churn.start((50, max(51, self.p.fault_ms // 4)))
             while self._events:
                 t, _, fn, args = heapq.heappop(self._events)
                 if self.end is not None and t > self.end:
@@ -396,6 +405,8 @@ class NodeSimulation:
                     self._torn()
                 self.events_run += 1
                 self._check_safety()
+                if self.churn is not None and self.churn.active:
+                    self.churn.observe()
             for timeout in list(self.pending.values()):
                 timeout()
             self._check_liveness()
@@ -612,6 +623,8 @@ class NodeSimulation:
             self.log(f"{'' if ok else 'REFUSED '}n{m.frm} -> n{m.to} g{m.group} {m.type.name} t{m.term} "
                      f"i{m.index}/{m.log_term} c{m.commit} n{len(m.entries)}{' reject' if m.reject else ''}")
         if ok:
+            if self.churn is not None and self.churn.active:
+                self.churn.delivered(m)
             self._kick(dst)
 
     def _ping(self, frm: int, peers: list[int]) -> None:
@@ -945,7 +958,9 @@ class NodeSimulation:
         rng = self.rng
         r = rng.random()
         alive = [n for n in self.nodes.values() if n.alive]
-        if r < 0.3:
+        if r < 0.45 and self._churning():
+            pass  # the scenario shapes the network meanwhile
+        elif r < 0.3:
             ids = sorted(self.nodes)
             rng.shuffle(ids)
             cut = rng.randint(1, len(ids) - 1)
@@ -985,12 +1000,16 @@ class NodeSimulation:
     def _elected(self, n: SimNode, gid: int, term: int) -> None:
         """A new leader of `gid` on `n`: with `flap`, cut it off from every other node shortly."""
         self.log(f"n{n.id} LEADER g{gid} term {term}")
-        if self.p.flap and self._faults_on() and self.rng.random() < self.p.flap:
+        if self.p.flap and self._faults_on() and not self._churning() and self.rng.random() < self.p.flap:
             self.at(self.rng.randint(*self.p.flap_ms), self._cut_off, n.id, n.epoch, gid)
+
+    def _churning(self) -> bool:
+        """The competing-suffixes scenario runs: it alone shapes the network meanwhile."""
+        return self.churn is not None and self.churn.active
 
     def _cut_off(self, nid: int, epoch: int, gid: int) -> None:
         n = self.nodes[nid]
-        if not self._faults_on() or n.epoch != epoch or n.logic is None:
+        if not self._faults_on() or self._churning() or n.epoch != epoch or n.logic is None:
             return
         cut = {(nid, o) for o in self.nodes if o != nid} | {(o, nid) for o in self.nodes if o != nid}
         self.blocked = cut
@@ -998,7 +1017,7 @@ class NodeSimulation:
         self.at(self.rng.randrange(100, 600), self._rejoin, cut)
 
     def _rejoin(self, cut: set[tuple[int, int]]) -> None:
-        if self.blocked == cut:
+        if self.blocked == cut and not self._churning():
             self.blocked = set()
             self.log("FLAP: healed")
 
