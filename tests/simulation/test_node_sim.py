@@ -5,6 +5,7 @@ planted into the node (not only the core) are found."""
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterator
 
 import pytest
@@ -56,7 +57,7 @@ def test_disk_faults_are_survived() -> None:
     """Failed fsyncs (the host retries the cycle), full disks (freed later) and torn writes (the
     machine crashes mid-sync; all or nothing of that transaction survives) lose nothing."""
     for seed in range(6):
-        p = NodeSimParams.draw(__import__("random").Random(seed), 3)
+        p = NodeSimParams.draw(random.Random(seed), 3)
         p.fsync_fail, p.torn_write = 0.05, 0.01
         res = run_node_seed(seed, params=p)
         assert res.ok, res.violation
@@ -101,3 +102,19 @@ def test_planted_core_bug_is_found_through_whole_nodes(bug: str) -> None:
                 assert res.violation
                 return
     pytest.fail(f"planted bug {bug!r} not found in {budget} seeds")
+
+
+def test_figure8_is_found_by_competing_suffixes_with_one_entry_appends() -> None:
+    """The fault mix that provokes Figure 8 (`churn.py` with appends of one entry) finds a core
+    that commits an earlier term's entry by counting replicas within a few seeds, as a safety
+    violation; the real core passes the same seeds."""
+    def params(seed: int) -> NodeSimParams:
+        p = NodeSimParams.draw(random.Random(seed), 3)
+        p.churn, p.max_size_per_msg = True, 1
+        return p
+
+    with planted("commit-previous-term"):
+        found = next((s for s in range(20) if not run_node_seed(s, params=params(s)).ok), None)
+    assert found is not None, "not found in 20 seeds"
+    res = run_node_seed(found, params=params(found))
+    assert res.ok, res.violation
