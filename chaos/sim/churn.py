@@ -121,8 +121,19 @@ class CompetingSuffixes:
                 break
         return None
 
+    def _stopped(self) -> bool:
+        """The faults stopped (the run heals, or another scenario runs): the round ends at
+        once, leaving the network to whoever shapes it now."""
+        if self.sim._faults_on():
+            return False
+        self.active = False
+        self.phase = ""
+        return True
+
     def observe(self) -> None:
         """After every event while a round runs: move on when the awaited leader shows up."""
+        if self._stopped():
+            return
         lead = self._leader(self.group)
         if lead is None or lead[1].term <= self.term:
             return
@@ -149,6 +160,8 @@ class CompetingSuffixes:
 
     def delivered(self, m: Message) -> None:
         """A message was stepped into its node: step 4's trigger."""
+        if self._stopped():
+            return
         if self.phase == "partial replication" and m.type == MessageType.APP_RESP and not m.reject \
                 and m.to == self.a and m.frm == self.c and m.group == self.group and m.term == self.term:
             self.reached += 1
@@ -163,7 +176,7 @@ class CompetingSuffixes:
             self._end(f"no progress in phase {phase!r} within {self.step_ms} ms")
 
     def _end(self, why: str, round_: int | None = None) -> None:
-        if not self.active or (round_ is not None and round_ != self._round):
+        if not self.active or (round_ is not None and round_ != self._round) or self._stopped():
             return
         sim = self.sim
         self.active = False

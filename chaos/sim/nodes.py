@@ -170,7 +170,7 @@ class NodeSimParams:
             clients=rng.choice((3, 4, 6)),
             clock_offset_ms=rng.choice((0, 50, 2000)),
             tick_skew=rng.choice((0.0, 0.05, 0.2)),
-            lease_read=rng.random() < 0.3,
+            lease_read=rng.random() < 0.5,
             membership=rng.random() < 0.5,
             quiesce_ticks=rng.choice((2, 4, 8)),
             crash_after_cycle=rng.choice((0.0, 0.0, 0.002, 0.01)),
@@ -1017,7 +1017,7 @@ class NodeSimulation:
         self.at(self.rng.randrange(100, 600), self._rejoin, cut)
 
     def _rejoin(self, cut: set[tuple[int, int]]) -> None:
-        if self.blocked == cut and not self._churning():
+        if self.blocked == cut and self._faults_on() and not self._churning():
             self.blocked = set()
             self.log("FLAP: healed")
 
