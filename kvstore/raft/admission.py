@@ -10,7 +10,11 @@ simulator apply the same rules to every message before `RaftNode.step`. A messag
   or one that is not in its own newest configuration, goes by cluster membership alone: the
   latter is a replica catching up a log that adds it only later (a joining node that has so
   far appended only the group's first entries, whose configuration may name none of today's
-  members, not even its leader), or one removed from the group;
+  members, not even its leader), or one removed from the group. A leader's traffic (APP,
+  HEARTBEAT, SNAP) of the core's term or newer from a cluster member is admitted whatever the
+  core's configuration says: a lagging replica must hear a leader that was added to the group
+  after the newest configuration it knows, or it never catches up (Raft's safety does not rest
+  on who may lead: one leader per term is decided by the votes);
 - its term is more than `MAX_TERM_JUMP` above the core's: terms grow by one per election round
   and rounds are an election timeout apart, so such a jump would take decades of failed
   elections (and a term near 2^64 would make the next election's term unencodable);
@@ -30,6 +34,8 @@ from .types import Message, MessageType
 MAX_TERM_JUMP = 1 << 32
 """Largest term increase a message may bring (see the module docstring)."""
 
+_LEADER_TRAFFIC = frozenset({MessageType.APP, MessageType.HEARTBEAT, MessageType.SNAP})
+
 
 def refusal(
     core: RaftNode, m: Message, placed: Collection[int] = (), is_member: Callable[[int], bool] | None = None
@@ -42,7 +48,8 @@ def refusal(
         return "not_member"
     me = core.id
     if conf.voters and (me in conf.voters or me in conf.learners) and frm not in conf.voters \
-            and frm not in conf.learners and frm not in placed:
+            and frm not in conf.learners and frm not in placed \
+            and not (m.type in _LEADER_TRAFFIC and m.term >= core.term):
         # The newest configuration may come from an uncommitted entry that a new leader will
         # overwrite: its members count until a removal is committed (or the node would never
         # hear the leader that rolls the removal back).

@@ -335,4 +335,20 @@ def test_a_joining_replica_catching_up_entry_by_entry_hears_its_leader() -> None
     assert refusal(joiner, app, is_member=lambda n: n in (2, 3, 4)) is None
     assert refusal(joiner, Message(MessageType.APP, 4, 99, term=2), is_member=lambda n: n in (2, 3, 4)) == "not_member"
     member = RaftNode(Config(id=1), MemoryStorage.bootstrap(ConfState((1,))), random.Random(1))
-    assert refusal(member, Message(MessageType.APP, 1, 3, term=2, index=1, log_term=1)) == "not_group_member"
+    assert refusal(member, Message(MessageType.VOTE, 1, 3, term=2, index=1, log_term=1)) == "not_group_member"
+
+
+def test_a_lagging_replica_hears_a_leader_added_after_the_configuration_it_knows() -> None:
+    """A replica that missed the addition of node 6 (down or cut off meanwhile) must still accept
+    the appends of node 6 once it leads, or it never catches up (found by the whole-node
+    simulator: a replica refused a newer member's leadership forever). Votes from outside its
+    configuration, and leader traffic of an older term, are still refused."""
+    from kvstore.raft import Config, MemoryStorage, RaftNode
+    from kvstore.raft.admission import refusal
+
+    lagging = RaftNode(Config(id=4), MemoryStorage.bootstrap(ConfState((1, 3, 4, 5))), random.Random(1))
+    lagging.term = 4
+    for t in (MessageType.APP, MessageType.HEARTBEAT):
+        assert refusal(lagging, Message(t, 4, 6, term=4, index=1, log_term=1)) is None
+        assert refusal(lagging, Message(t, 4, 6, term=3, index=1, log_term=1)) == "not_group_member"
+    assert refusal(lagging, Message(MessageType.VOTE, 4, 6, term=5, index=9, log_term=4)) == "not_group_member"
