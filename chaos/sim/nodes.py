@@ -949,6 +949,9 @@ class NodeSimulation:
     def fail(self, msg: str) -> None:
         raise SimulationFailure(msg)
 
+    def changing_membership(self) -> bool:
+        return bool(self.membership.steps)
+
     def heal_all(self) -> None:
         self._heal_all()
 
