@@ -116,8 +116,8 @@ class Output:
     def say(self, text: str) -> None:
         print(text, flush=True)
 
-    def table(self, text: str, header: str = "") -> Path:
-        path = self.dir / f"{self.name}.md"
+    def table(self, text: str, header: str = "", suffix: str = "") -> Path:
+        path = self.dir / f"{self.name}{suffix}.md"
         body = (header + "\n\n" if header else "") + text + "\n"
         path.write_text(body)
         print("\n" + body, flush=True)
@@ -172,7 +172,7 @@ def _sigterm_as_interrupt() -> None:
 
 _common = [
     click.option("--systems", default="kvstore,etcd", show_default=True, callback=_systems,
-                 help="Comma-separated: kvstore, etcd."),
+                 help="Comma-separated: kvstore, etcd, kvstore-tls, etcd-tls (-tls: mutual TLS on)."),
     click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
                  show_default=True, help="Directory for the JSON lines, tables and plot."),
     click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -208,7 +208,7 @@ async def _run_system(
     warmup: float, duration: float, keys: Sequence[bytes], value: bytes, rep: int, seed: int,
     max_ops: int, op_timeout: float, emit: Callable[[dict[str, Any]], None],
 ) -> list[PointResult]:
-    adapter = make_adapter(cluster.system, cluster.endpoints, leader=leader, timeout=op_timeout)
+    adapter = make_adapter(cluster.system, cluster.endpoints, leader=leader, timeout=op_timeout, certs=cluster.certs)
     results = []
     try:
         rate = await preload(adapter, keys, value, inflight=64, timeout=600)
@@ -243,14 +243,19 @@ async def _run_system(
 @click.option("--op-timeout", type=float, default=10.0, show_default=True, help="Deadline of one operation.")
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--no-plot", is_flag=True, help="Skip the plot even if matplotlib is installed.")
+@click.option("--tls", is_flag=True,
+              help="Also run each system with mutual TLS on (kvstore-tls, etcd-tls): ratios TLS vs TLS "
+                   "and kvstore-tls/kvstore (the cost of TLS, A/B in the same run).")
 def run(
     systems: list[str], out: Path, data_root: Path | None, kvstore_args: tuple[str, ...],
     etcd_args: tuple[str, ...], keep_data: bool, workloads: list[str], inflights: list[int], duration: float,
-    warmup: float, reps: int, nkeys: int, max_ops: int, op_timeout: float, seed: int, no_plot: bool,
+    warmup: float, reps: int, nkeys: int, max_ops: int, op_timeout: float, seed: int, no_plot: bool, tls: bool,
 ) -> None:
     """Throughput, latency and CPU for each workload x in-flight point, per system and rep."""
     if reps < 1 or nkeys < 1 or not inflights or min(inflights) < 1:
         raise click.UsageError("--reps, --keys and every --inflight must be >= 1")
+    if tls:
+        systems = list(dict.fromkeys([*systems, *(s if s.endswith("-tls") else f"{s}-tls" for s in systems)]))
     root, fstype = _data_root(data_root)
     o = Output(out, "run")
     meta = report.machine_info(root, fstype)
@@ -287,6 +292,9 @@ def run(
             f"Machine: {report.machine_line(meta)}\n{report.competition_note(meta['cores'])}"
         )
         o.table(report.markdown_table(summary), header)
+        if any(s.endswith("-tls") for s in systems):
+            o.table(report.ratio_table(summary, systems), "Every system and every ratio (a/b, rep by rep):",
+                    suffix="-ratios")
         if not no_plot and summary:
             title = (f"kvstore vs etcd {meta['etcd']}: 3 nodes on loopback, fsync on; "
                      f"median of {reps} rep(s), {duration:g} s/point; {meta['cores']} shared cores")
@@ -345,7 +353,7 @@ async def _failover(
 ) -> list[dict[str, Any]]:
     value = make_value()
     out = []
-    adapter: Adapter = make_adapter(cluster.system, cluster.endpoints, timeout=timeout)
+    adapter: Adapter = make_adapter(cluster.system, cluster.endpoints, timeout=timeout, certs=cluster.certs)
     try:
         for i in range(reps):
             await asyncio.to_thread(_wait_healthy, cluster, 120)
@@ -421,7 +429,7 @@ def failover(
 
 
 async def _load(cluster: BenchCluster, keys: Sequence[bytes], value: bytes, inflight: int, timeout: float) -> float:
-    adapter = make_adapter(cluster.system, cluster.endpoints, leader=_leader_address(cluster), timeout=30)
+    adapter = make_adapter(cluster.system, cluster.endpoints, leader=_leader_address(cluster), timeout=30, certs=cluster.certs)
     try:
         return await preload(adapter, keys, value, inflight=inflight, timeout=timeout)
     finally:
@@ -431,7 +439,7 @@ async def _load(cluster: BenchCluster, keys: Sequence[bytes], value: bytes, infl
 async def _first_read(cluster: BenchCluster, key: bytes, value: bytes, timeout: float) -> float:
     """Seconds until a linearizable read of ``key`` returns ``value`` (any member will do)."""
     t0 = time.perf_counter()
-    adapter = make_adapter(cluster.system, cluster.endpoints, timeout=2.0)
+    adapter = make_adapter(cluster.system, cluster.endpoints, timeout=2.0, certs=cluster.certs)
     try:
         i = 0
         while time.perf_counter() - t0 < timeout:

@@ -38,7 +38,9 @@ Nemesis families (comma-separated, or `all`): {", ".join(ALL_FAMILIES)}; and {",
   member:    remove a voter, re-add it as a NEW id with an empty data dir
   forge:     (alias garbage) forged Raft / Shard traffic as non-member node 99 (must be refused:
              PERMISSION_DENIED) and malformed traffic under member ids (dropped); checks that no
-             node dies or wedges, no forged value is read, and throughput holds
+             node dies or wedges, no forged value is read, and throughput holds. With TLS also
+             outsiders with no certificate, a client certificate (to internal RPCs), a member's
+             node certificate claiming another member, and another CA's: all must be refused
 Not in `all` ({", ".join(EXTRA_FAMILIES)}):
   replicas:  cut the read replicas (--learners) off from every other node
   rebalance: (use with --groups N) add a data group, remove one (never the last) or rebalance,
@@ -47,6 +49,11 @@ Not in `all` ({", ".join(EXTRA_FAMILIES)}):
 The schedule always ends with every fault healed and a quiet period. With --groups > 1 or the
 rebalance nemesis, every range move must then finish within --moves-timeout, or the run fails
 (liveness, reported apart from linearizability).
+
+\b
+TLS (the default; --insecure for plaintext): the run makes a CA, a node certificate per node
+id (its id, its host's address) and client certificates in RUN_DIR/certs; the nodes run with
+--certs-dir and every harness channel (workload, admin, health checks) is mutual TLS.
 
 \b
 Read replicas: --learners N adds N learner hosts (`kvstore serve --learner`). The `replicas`
@@ -100,12 +107,14 @@ def _nemesis(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 @click.option("--read-consistency", type=click.Choice(["linearizable", "bounded", "stale"]), default="linearizable",
               show_default=True, help="Consistency of the replicas workload's gets.")
 @click.option("--max-staleness", type=float, default=0.5, show_default=True, help="Bound of bounded reads (s).")
+@click.option("--tls/--insecure", "tls", default=True, show_default=True,
+              help="Mutual TLS everywhere (a CA and certificates made for the run), or plaintext nodes (--insecure).")
 def run(
     nodes: str, seconds: float, nemesis: list[str], workload: str, backend: str, seed: int, out: Path,
     concurrency: int, rate: float, quiet: float | None, tick_ms: int, op_timeout: float,
     fault_min: float | None, fault_max: float | None, check_timeout: float, groups: int, moves_timeout: float,
     keep_data: bool, stale_reads: bool,
-    learners: int | None, read_from: str | None, read_consistency: str, max_staleness: float,
+    learners: int | None, read_from: str | None, read_consistency: str, max_staleness: float, tls: bool,
 ) -> None:
     from . import netns
     from .runner import RunConfig
@@ -117,7 +126,7 @@ def run(
         fault_min=fault_min, fault_max=fault_max, stale_reads=stale_reads, keep_data=keep_data,
         check_timeout=check_timeout, groups=groups, moves_timeout=moves_timeout,
         learners=learners if learners is not None else (2 if workload == "replicas" else 0),
-        read_from=read_from or "", read_consistency=read_consistency, max_staleness=max_staleness,
+        read_from=read_from or "", read_consistency=read_consistency, max_staleness=max_staleness, tls=tls,
     )
     try:
         code, _run_dir, _summary = do_run(cfg)

@@ -6,6 +6,11 @@ backend). Hosts are numbered 1..N and keep their address for the whole run; the 
 host changes when the membership nemesis replaces the node (a new id with an empty data dir,
 never a reused one). With ``learners=L``, hosts N+1..N+L run read replicas (``kvstore serve
 --learner``, which register themselves as learners once the voters have a leader).
+
+With a :class:`~chaos.pki.RunPki` (``tls``), every node runs ``--certs-dir`` with its own node
+certificate (its node id, the address of its host) instead of ``--insecure``, and every channel
+the harness opens (:meth:`Cluster.channel`: admin calls, health checks, shard operations) is
+mutual TLS with the admin client certificate.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ import grpc
 import grpc.aio
 
 from kvstore.client import group_status
+from kvstore.security.net import host_of
 from kvstore.v1 import admin_pb2, admin_pb2_grpc
 
 from . import netns
+from .pki import ADMIN_USER, RunPki
 from .state import RunState
 
 __all__ = ["Backend", "Cluster", "LocalBackend", "NetnsBackend", "NodeHost"]
@@ -159,8 +166,11 @@ class Cluster:
         log_level: str = "info",
         learners: int = 0,
         metrics: bool = False,
+        tls: RunPki | None = None,
     ) -> None:
         self.backend = backend
+        self.tls = tls  # the run's certificates (None: plaintext, --insecure)
+        self._admin_creds = tls.client(ADMIN_USER) if tls is not None else None
         self.metrics = metrics  # start the nodes with --metrics-listen (scraped by the forge nemesis)
         self.run_dir = Path(run_dir)
         self.n = n
@@ -200,7 +210,7 @@ class Cluster:
             "--id", str(node_id), "--data-dir", str(self.data_root / f"n{node_id}"), "--listen", addr,
             "--peers", peers, "--cluster-id", self.cluster_id, "--tick-ms", str(self.tick_ms),
             "--log-level", self.log_level, "--replication", str(max(3, self.n)),
-            "--insecure",  # explicitly plaintext: a private test network (netns) or loopback
+            *self._security_args(node_id, addr),
             *self.extra_args,
         ]
         if self.metrics:
@@ -210,6 +220,11 @@ class Cluster:
         elif join:
             args.append("--join")
         return NodeHost(host, node_id, addr, args, self.log_root / f"n{node_id}.log")
+
+    def _security_args(self, node_id: int, address: str) -> list[str]:
+        if self.tls is None:
+            return ["--insecure"]  # explicitly plaintext: a private test network (netns) or loopback
+        return ["--certs-dir", str(self.tls.node_dir(node_id, host_of(address)))]
 
     @property
     def endpoints(self) -> list[str]:
@@ -318,14 +333,21 @@ class Cluster:
 
     # ----- admin RPCs -----
 
-    def _admin(self, address: str) -> admin_pb2_grpc.AdminStub:
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """The harness's (admin) channel to ``address``, made on first use and closed by
+        :meth:`close`: mutual TLS with the admin client certificate on a TLS run."""
         ch = self._admin_channels.get(address)
         if ch is None:
-            ch = self._admin_channels[address] = grpc.aio.insecure_channel(
-                address,
-                options=[("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)],
+            opts = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500),
+                    ("grpc.enable_http_proxy", 0)]
+            ch = self._admin_channels[address] = (
+                grpc.aio.insecure_channel(address, options=opts) if self._admin_creds is None
+                else grpc.aio.secure_channel(address, self._admin_creds, options=opts)
             )
-        return admin_pb2_grpc.AdminStub(ch)
+        return ch
+
+    def _admin(self, address: str) -> admin_pb2_grpc.AdminStub:
+        return admin_pb2_grpc.AdminStub(self.channel(address))
 
     async def close(self) -> None:
         chans = list(self._admin_channels.values())

@@ -40,6 +40,7 @@ class RunConfig:
     read_from: str = ""  # read preference of the workload's gets ("": the workload's default)
     read_consistency: str = "linearizable"
     max_staleness: float = 0.5  # bounded reads
+    tls: bool = False  # mutual TLS everywhere (`kvchaos run` defaults to it; old run folders were plaintext)
 
     @property
     def hosts(self) -> int:

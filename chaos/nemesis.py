@@ -35,7 +35,9 @@ Families (``--nemesis`` takes a comma-separated list of them, or ``all``):
   node 99 and malformed traffic under member ids (:mod:`chaos.forge`) to every live node for the
   window; the nodes' ``kvstore_inbound_refused_total`` is scraped before and after, and every
   node must still be alive and answering afterwards (``info``: what was sent, the status codes
-  seen, the refusals by reason, the health check).
+  seen, the refusals by reason, the health check). On a TLS run the forger also holds
+  certificates (none, a client's, a node's claiming another node, another CA's) and every
+  forged call must be refused at the handshake or with PERMISSION_DENIED.
 
 The schedule alternates one fault and a healthy interval, and always ends with every fault
 healed (partitions removed, paused nodes continued, killed nodes restarted, membership
@@ -60,10 +62,12 @@ import grpc
 import grpc.aio
 
 from kvstore.client import group_status
+from kvstore.security.net import host_of
 from kvstore.v1 import admin_pb2, shard_pb2, shard_pb2_grpc
 
 from . import forge as forgery
 from .cluster import Cluster
+from .pki import FORGER_USER
 
 
 def _g(st: admin_pb2.StatusResponse) -> admin_pb2.GroupStatus:
@@ -372,7 +376,7 @@ class Nemesis:
         stats = forgery.ForgeStats()
         job = asyncio.ensure_future(forgery.forge(
             targets, members, self.cluster.cluster_id, duration=duration, keys=self.forge_keys(),
-            seed=self.rng.randrange(1 << 30), stats=stats))
+            seed=self.rng.randrange(1 << 30), stats=stats, tls=self._forge_tls()))
         stopper = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait([job, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -402,6 +406,10 @@ class Nemesis:
         sts_after = await self.cluster.statuses()
         w.info.update(nodes_dead=dead, nodes_unresponsive=silent, terms_before=terms_before,
                       terms_after={h: {g.group: g.term for g in st.groups} for h, st in sts_after.items()})
+        if stats.not_refused:
+            w.ok = False
+            w.notes.append(f"{stats.not_refused} forged call(s) over TLS were not refused: "
+                           f"{stats.not_refused_detail[:3]}")
         if stats.accepted_from_outsider:
             w.ok = False
             w.notes.append(f"{stats.accepted_from_outsider} call(s) from non-member node {forgery.OUTSIDER} were "
@@ -411,9 +419,27 @@ class Nemesis:
             w.notes.append(f"after forged traffic: nodes dead on hosts {dead}, not answering on hosts {silent}")
         w.notes.append(f"{w.info['forged_messages']} forged message(s) in {stats.rpcs} RPC(s); non-member "
                        f"codes {w.info['outsider_codes']}, member-id codes {w.info['member_codes']}; "
-                       f"refused on the nodes: {w.info['refused']}")
+                       + (f"TLS refusals {w.info['tls_refused']} ({w.info['handshakes_failed']} failed "
+                          f"handshakes); " if stats.tls else "")
+                       + f"refused on the nodes: {w.info['refused']}")
         self._end(w)
         self.log(f"nemesis: forge: {w.notes[-1]}")
+
+    def _forge_tls(self) -> forgery.ForgeTls | None:
+        """What the forger holds on a TLS run: the run's CA certificate, a client certificate
+        of its own, every node certificate the run made (and node 99's), and another CA's."""
+        pki = self.cluster.tls
+        if pki is None:
+            return None
+
+        def host(node_id: int) -> str:
+            h = self.cluster.host_of_id(node_id)
+            return host_of(self.cluster.hosts[h].address) if h is not None else "127.0.0.1"
+
+        return forgery.ForgeTls(
+            ca_only=pki.ca_only(), client=pki.client(FORGER_USER), other_client=pki.other_client(),
+            node=lambda nid: pki.node(nid, host(nid)), other_node=lambda nid: pki.other_node(nid, host(nid)),
+        )
 
     def forge_keys(self) -> list[bytes]:
         """Keys whose forged PUTs a read would show (the workload's key space, roughly)."""
@@ -659,9 +685,7 @@ class Nemesis:
 
     def _shard_stub(self, host: int) -> shard_pb2_grpc.ShardStub:
         """A Shard stub on the cluster's (admin) channel to ``host``: closed with the cluster."""
-        addr = self.cluster.hosts[host].address
-        self.cluster._admin(addr)
-        return shard_pb2_grpc.ShardStub(self.cluster._admin_channels[addr])
+        return shard_pb2_grpc.ShardStub(self.cluster.channel(self.cluster.hosts[host].address))
 
     async def _shard_info_at(self, host: int, timeout: float = 4.0) -> shard_pb2.ShardOpResponse | None:
         try:

@@ -277,7 +277,8 @@ def write_report(
         "<table>",
         f"<tr><th>workload</th><td>{_e(cfg.workload)}{' (planted bug: stale reads)' if cfg.stale_reads else ''}</td></tr>",
         f"<tr><th>nemesis</th><td>{_e(', '.join(cfg.nemesis) or 'none')}</td></tr>",
-        f"<tr><th>cluster</th><td>{cfg.nodes} nodes, {_e(cfg.backend)} backend, tick {cfg.tick_ms} ms</td></tr>",
+        f"<tr><th>cluster</th><td>{cfg.nodes} nodes, {_e(cfg.backend)} backend, tick {cfg.tick_ms} ms, "
+        f"{'mutual TLS' if cfg.tls else 'plaintext (--insecure)'}</td></tr>",
         f"<tr><th>time</th><td>{cfg.time:g} s (seed {cfg.seed})</td></tr>",
         f"<tr><th>operations</th><td>{a.counts.get('total', 0)}: ok {a.counts.get('ok', 0)}, "
         f"fail {a.counts.get('fail', 0)}, info {a.counts.get('info', 0)}</td></tr>",

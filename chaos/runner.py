@@ -39,6 +39,7 @@ from .checks import analyze_records
 from .cluster import Backend, Cluster, LocalBackend, NetnsBackend
 from .config import RunConfig
 from .nemesis import Nemesis, NemesisOptions
+from .pki import WORKLOAD_USER, RunPki
 from .state import RunState
 from .workload import OpRecord, Recorder, WorkloadOptions, make_workload
 
@@ -66,9 +67,10 @@ def execute(run_dir: Path) -> int:
     cfg = RunConfig.from_json(json.loads((run_dir / "config.json").read_text()))
     state = RunState(run_dir / "state.json")
     backend = _backend(cfg)
+    pki = RunPki.create(run_dir / "certs") if cfg.tls else None
     cluster = Cluster(
         backend, run_dir, cfg.nodes, state, tick_ms=cfg.tick_ms, log_level=cfg.log_level, learners=cfg.learners,
-        extra_args=cfg.server_args(), metrics="forge" in cfg.nemesis,
+        extra_args=cfg.server_args(), metrics="forge" in cfg.nemesis, tls=pki,
     )
     # SIGTERM (e.g. from the outer harness) unwinds like Ctrl-C so the nodes are stopped.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -87,7 +89,7 @@ async def _execute(cfg: RunConfig, run_dir: Path, cluster: Cluster) -> int:
     shards: dict[str, Any] | None = None
     cluster.start_all()
     leader = await cluster.wait_leader(30)
-    execution: dict[str, Any] = {"endpoints": cluster.endpoints, "backend": cfg.backend}
+    execution: dict[str, Any] = {"endpoints": cluster.endpoints, "backend": cfg.backend, "tls": cfg.tls}
     if leader is None:
         _say("kvchaos: the cluster did not elect a leader within 30 s; see nodes/*.log")
         execution["error"] = "no leader at start"
@@ -99,13 +101,15 @@ async def _execute(cfg: RunConfig, run_dir: Path, cluster: Cluster) -> int:
         _say(f"kvchaos: read replicas on hosts {cluster.learner_hosts}: "
              + ("registered and caught up" if ready else "NOT all registered within 30 s"))
     _say(f"kvchaos: cluster up in {time.monotonic() - t_setup:.1f}s, leader on host {leader}; "
-         f"endpoints {', '.join(cluster.endpoints)}")
+         f"endpoints {', '.join(cluster.endpoints)}; "
+         + ("mutual TLS (certificates in certs/)" if cfg.tls else "plaintext (--insecure)"))
     rec = Recorder()
     wopts = WorkloadOptions(
         concurrency=cfg.concurrency, rate=cfg.rate, op_timeout=cfg.op_timeout,
         attempt_timeout=min(0.6, cfg.op_timeout / 2), stale_reads=cfg.stale_reads, seed=cfg.seed,
         endpoints=cluster.endpoints, replica_endpoints=[cluster.hosts[h].address for h in cluster.learner_hosts],
         read_from=cfg.read_from, read_consistency=cfg.read_consistency, max_staleness=cfg.max_staleness,
+        certs_dir=str(cluster.tls.root) if cluster.tls is not None else "", user=WORKLOAD_USER,
     )
     wl = make_workload(cfg.workload, wopts, rec)
     quiet = cfg.quiet_seconds()
@@ -273,8 +277,11 @@ def _forge_check(
     """The forge nemesis's verdict (``valid`` None when the run had none): no read ever returned
     a forged value; every non-member call was refused; no node died or wedged under forged
     traffic (nor exited on its own anywhere in the run); and the ok throughput during the forge
-    windows stayed at least ``FORGE_MIN_AVAILABILITY`` of the throughput outside every fault."""
-    from .forge import FORGED_VALUE
+    windows stayed at least ``FORGE_MIN_AVAILABILITY`` of the throughput outside every fault.
+    On a TLS run also: no call of the TLS outsiders (no certificate, a client certificate to
+    internal RPCs, a node certificate claiming another node, another CA) was answered instead of
+    refused, and each of them was refused at least once (else it proved nothing)."""
+    from .forge import FORGED_VALUE, TLS_CASES
 
     windows = [f for f in faults if f.get("family") == "forge"]
     out: dict[str, Any] = {"checked": False, "valid": None, "windows": len(windows)}
@@ -308,8 +315,20 @@ def _forge_check(
     ratio = during / healthy if during is not None and healthy else None
     failed = sum(1 for r in records if r.status != "ok" and not r.final and any(a <= r.invoke <= b for a, b in spans))
     exited = [n for f in faults for n in f.get("notes") or [] if "was not running" in n]
+    tls_codes: dict[str, dict[str, int]] = {}
+    for i in infos:
+        for case, codes in (i.get("tls") or {}).items():
+            acc = tls_codes.setdefault(case, {})
+            for k, v in codes.items():
+                acc[k] = acc.get(k, 0) + int(v)
     out.update(
         checked=True,
+        tls=cfg.tls,
+        tls_codes={c: dict(sorted(v.items())) for c, v in sorted(tls_codes.items())},
+        tls_refused=total("tls_refused"),
+        handshakes_failed=sum(int(i.get("handshakes_failed") or 0) for i in infos),
+        not_refused=sum(int(i.get("not_refused") or 0) for i in infos),
+        rounds=sum(int(i.get("rounds") or 0) for i in infos),
         forged_messages=sum(int(i.get("forged_messages") or 0) for i in infos),
         forged_rpcs=sum(int(i.get("forged_rpcs") or 0) for i in infos),
         outsider_codes=total("outsider_codes"), member_codes=total("member_codes"), refused=total("refused"),
@@ -329,6 +348,14 @@ def _forge_check(
                        f"{seen[0].key} -> {seen[0].output!r})")
     if out["accepted_from_outsider"]:
         reasons.append(f"forge: {out['accepted_from_outsider']} call(s) from a non-member were not refused")
+    if out["not_refused"]:
+        detail = [d for i in infos for d in i.get("not_refused_detail") or []][:3]
+        reasons.append(f"forge: {out['not_refused']} forged call(s) over TLS were not refused: {detail}")
+    if cfg.tls and out["rounds"]:
+        never = [c for c in TLS_CASES if not out["tls_refused"].get(c)]
+        if never:
+            reasons.append(f"forge: TLS outsider(s) {never} were never refused in {out['rounds']} round(s): "
+                           f"not exercised (codes {out['tls_codes']})")
     if out["nodes_dead"] or out["nodes_unresponsive"]:
         reasons.append(f"forge: after forged traffic, nodes dead on hosts {out['nodes_dead']}, wedged on hosts "
                        f"{out['nodes_unresponsive']}")
@@ -402,7 +429,8 @@ def run(cfg: RunConfig) -> tuple[int, Path, dict[str, Any]]:
 
         cfg.ports = free_ports(cfg.hosts)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
-    _say(f"kvchaos: run {cfg.run_id} in {run_dir} ({cfg.nodes} nodes, {cfg.backend} backend, seed {cfg.seed})")
+    _say(f"kvchaos: run {cfg.run_id} in {run_dir} ({cfg.nodes} nodes, {cfg.backend} backend, seed {cfg.seed}, "
+         f"{'mutual TLS' if cfg.tls else 'plaintext'})")
     t0 = time.monotonic()
     interrupted = False
     try:
@@ -459,7 +487,10 @@ def run(cfg: RunConfig) -> tuple[int, Path, dict[str, Any]]:
     if fg.get("checked"):
         _say(f"kvchaos: forge: {fg['windows']} window(s), {fg['forged_messages']} forged message(s) in "
              f"{fg['forged_rpcs']} RPC(s); non-member codes {fg['outsider_codes']}; member-id codes "
-             f"{fg['member_codes']}; refused on the nodes {fg['refused_total']} {fg['refused']}; forged reads "
+             f"{fg['member_codes']}; "
+             + (f"TLS outsiders refused {fg['tls_refused']} ({fg['handshakes_failed']} failed handshakes), "
+                f"not refused {fg['not_refused']}; " if fg.get("tls") else "")
+             + f"refused on the nodes {fg['refused_total']} {fg['refused']}; forged reads "
              f"{fg['forged_reads']}; ok/s {fg['ok_per_s_forge']} under forged traffic vs {fg['ok_per_s_healthy']} "
              f"healthy; nodes dead {fg['nodes_dead']}, wedged {fg['nodes_unresponsive']}")
     for reason in a["reasons"]:
@@ -467,6 +498,7 @@ def run(cfg: RunConfig) -> tuple[int, Path, dict[str, Any]]:
     _say(f"kvchaos: report {run_dir / 'index.html'}")
     if summary["verdict"] == "valid" and not cfg.keep_data:
         shutil.rmtree(run_dir / "data", ignore_errors=True)
+        shutil.rmtree(run_dir / "certs", ignore_errors=True)  # the run's throwaway CA and keys
     _say(f"verdict: {summary['verdict']}")
     return (0 if summary["verdict"] == "valid" else 1), run_dir, summary
 

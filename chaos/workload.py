@@ -148,6 +148,8 @@ class WorkloadOptions:
     read_consistency: str = "linearizable"
     max_staleness: float = 0.5
     pinned_reads: float = 0.5  # replicas workload: fraction of gets pinned to one replica
+    certs_dir: str = ""  # TLS: a certs dir with ca.crt and client.<user>.crt/.key ("": plaintext)
+    user: str = "root"  # TLS: whose client certificate the clients present
 
 
 class _KeyRing:
@@ -193,7 +195,23 @@ class Workload:
         return AsyncClient(
             self.opts.endpoints, timeout=self.opts.op_timeout, attempt_timeout=self.opts.attempt_timeout,
             seed=seed, backoff_cap=0.3, breaker_cooldown=0.5,
+            certs_dir=self.opts.certs_dir or None, user=self.opts.user,
         )
+
+    def _channel(self, endpoint: str) -> grpc.aio.Channel:
+        """A raw channel to one node (the planted stale reads, the pinned replica reads): mutual
+        TLS with the workload's client certificate on a TLS run, like the clients."""
+        ch = self._stale_channels.get(endpoint)
+        if ch is None:
+            if self.opts.certs_dir:
+                from kvstore.security.tls import client_credentials
+
+                creds = client_credentials(self.opts.certs_dir, self.opts.user)
+                ch = grpc.aio.secure_channel(endpoint, creds, options=[("grpc.enable_http_proxy", 0)])
+            else:
+                ch = grpc.aio.insecure_channel(endpoint, options=[("grpc.enable_http_proxy", 0)])
+            self._stale_channels[endpoint] = ch
+        return ch
 
     async def close(self) -> None:
         chans = list(self._stale_channels.values())
@@ -203,9 +221,7 @@ class Workload:
 
     async def _stale_get(self, endpoint: str, key: bytes) -> bytes | None:
         """PLANTED BUG: a read from one node's local state (serializable), wherever it is."""
-        ch = self._stale_channels.get(endpoint)
-        if ch is None:
-            ch = self._stale_channels[endpoint] = grpc.aio.insecure_channel(endpoint)
+        ch = self._channel(endpoint)
         resp = await kv_pb2_grpc.KVStub(ch).Get(
             kv_pb2.GetRequest(key=key, consistency=kv_pb2.SERIALIZABLE), timeout=self.opts.attempt_timeout
         )
@@ -439,9 +455,7 @@ class ReplicasWorkload(RegisterWorkload):
 
     async def _pinned_get(self, endpoint: str, key: bytes, meta: dict[str, Any]) -> bytes | None:
         """One attempt at one replica, at the run's consistency: its own answer or refusal."""
-        ch = self._stale_channels.get(endpoint)
-        if ch is None:
-            ch = self._stale_channels[endpoint] = grpc.aio.insecure_channel(endpoint)
+        ch = self._channel(endpoint)
         level = self.opts.read_consistency
         cons = {"linearizable": kv_pb2.LINEARIZABLE, "bounded": kv_pb2.BOUNDED, "stale": kv_pb2.STALE}[level]
         ms = round(self.opts.max_staleness * 1000) if level == "bounded" else 0

@@ -24,9 +24,11 @@ __all__ = [
     "KeyTooLarge",
     "LeadershipLost",
     "NoLeader",
+    "NoSpace",
     "NotLeader",
     "ProposalDropped",
     "RequestTooLarge",
+    "ResourceExhausted",
     "SessionExpired",
     "ShuttingDown",
     "StaleReplica",
@@ -248,6 +250,32 @@ class SessionExpired(KVError):
     default_message = "session expired"
 
 
+class ResourceExhausted(KVError):
+    """Definite: admission control refused the operation before it reached a Raft group (the
+    caller's rate limit, or the node sheds writes because a group's apply fell far behind its
+    commit or its memory is near the configured ceiling). ``retry_after`` (seconds) is how long
+    the server asks the caller to wait before trying again; the client library backs off at
+    least that long, a bounded number of times, then reports this error."""
+
+    code = kv_pb2.RESOURCE_EXHAUSTED
+    code_name = "RESOURCE_EXHAUSTED"
+    default_message = "resource exhausted"
+
+    def __init__(self, message: str = "", *, retry_after: float = 0.0, indeterminate: bool | None = None) -> None:
+        self.retry_after = max(0.0, retry_after)
+        super().__init__(message, indeterminate=indeterminate)
+
+
+class NoSpace(KVError):
+    """Definite: the cluster's space quota alarm (NOSPACE) is raised; writes other than deletes
+    are refused until an operator disarms it once space is back under the quota (`kvctl alarm
+    list | disarm`). Reads and deletes are served. Retrying does not help until then."""
+
+    code = kv_pb2.NOSPACE
+    code_name = "NOSPACE"
+    default_message = "space quota exceeded (NOSPACE alarm)"
+
+
 class InternalError(KVError):
     """Indeterminate (for writes): an unexpected server failure; the write may have been applied."""
 
@@ -288,6 +316,8 @@ _BY_CODE: dict[int, type[KVError]] = {
     kv_pb2.INTERNAL: InternalError,
     kv_pb2.STALE_REPLICA: StaleReplica,
     kv_pb2.SESSION_EXPIRED: SessionExpired,
+    kv_pb2.RESOURCE_EXHAUSTED: ResourceExhausted,
+    kv_pb2.NOSPACE: NoSpace,
 }
 
 
@@ -323,6 +353,8 @@ def from_proto(error: kv_pb2.Error | None, *, is_write: bool) -> KVError | None:
         return cls(message=message, indeterminate=indeterminate)
     if cls is WrongShard:
         return WrongShard(message, shard_version=error.shard_version, indeterminate=indeterminate)
+    if cls is ResourceExhausted:
+        return ResourceExhausted(message, retry_after=error.retry_after_ms / 1000, indeterminate=indeterminate)
     return cls(message, indeterminate=indeterminate)
 
 
@@ -337,4 +369,11 @@ def to_proto(exc: BaseException) -> kv_pb2.Error:
         err.leader_hint = exc.leader_address
     elif isinstance(exc, WrongShard):
         err.shard_version = exc.shard_version
+    elif isinstance(exc, ResourceExhausted):
+        err.retry_after_ms = retry_after_ms(exc.retry_after)
     return err
+
+
+def retry_after_ms(seconds: float) -> int:
+    """A retry-after in whole milliseconds for the wire: rounded up, at least 1, at most an hour."""
+    return max(1, min(3_600_000, int(seconds * 1000 + 0.999)))

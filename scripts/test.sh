@@ -25,7 +25,5 @@ wait "$SIM5" || SIMRC=1
 cat "$SIMLOG/3" "$SIMLOG/5"
 rm -rf "$SIMLOG"
 [ "$SIMRC" -eq 0 ]
-echo "== migration simulator: 200 seeds"
-"$VENV/bin/python" -m chaos.sim.migration --seeds 200 --start 1000
 echo "== pytest"
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"

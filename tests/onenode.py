@@ -14,6 +14,8 @@ import grpc
 from clusterharness import free_ports
 
 from kvstore.node.host import RaftSettings
+from kvstore.security.audit import AuditSettings
+from kvstore.server.admission import AdmissionSettings
 from kvstore.server.config import NodeConfig
 from kvstore.server.node import Node
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
@@ -26,13 +28,19 @@ class OneNode:
 
 
 @contextlib.asynccontextmanager
-async def one_node(tmp_path: Path, *, request_timeout: float = 3.0) -> AsyncIterator[OneNode]:
-    """Start node 1 of a one-member cluster (one data group) and wait until it leads it."""
+async def one_node(
+    tmp_path: Path, *, request_timeout: float = 3.0, audit: AuditSettings | None = None,
+    admission: AdmissionSettings | None = None,
+) -> AsyncIterator[OneNode]:
+    """Start node 1 of a one-member cluster (one data group) and wait until it leads it
+    (`admission`: its admission control settings; a refusal of the first write by them counts
+    as "serving")."""
     (port,) = free_ports(1)
     address = f"127.0.0.1:{port}"
     cfg = NodeConfig(
         id=1, data_dir=tmp_path / "n1", listen=address, peers={1: address}, sync=False,
-        request_timeout=request_timeout, raft=RaftSettings(tick_ms=20), groups=1, replication=1,
+        request_timeout=request_timeout, raft=RaftSettings(tick_ms=20), groups=1, replication=1, audit=audit,
+        admission=admission or AdmissionSettings(),
     )
     node = Node(cfg)
     await node.start()
@@ -41,8 +49,13 @@ async def one_node(tmp_path: Path, *, request_timeout: float = 3.0) -> AsyncIter
             stub = kv_pb2_grpc.KVStub(ch)
             deadline = time.monotonic() + 20
             while True:  # the data group elects itself and the shard map is applied
-                r = await stub.Put(kv_pb2.PutRequest(key=b"warm", value=b"up"), timeout=2)
-                if r.error.code == kv_pb2.OK:
+                try:
+                    r = await stub.Put(kv_pb2.PutRequest(key=b"warm", value=b"up"), timeout=2)
+                except grpc.aio.AioRpcError as e:  # a rate limit refused the call: the node serves
+                    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        break
+                    raise
+                if r.error.code in (kv_pb2.OK, kv_pb2.RESOURCE_EXHAUSTED):
                     break
                 assert time.monotonic() < deadline, f"the node never served a write: {r.error}"
                 await asyncio.sleep(0.05)

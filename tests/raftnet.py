@@ -1,7 +1,8 @@
 """A tiny synchronous network of RaftNodes for scenario tests (in the style of etcd's `network`).
 
-Every node persists each Ready into its MemoryStorage at once, so "durable" here is immediate;
-the simulator (chaos.sim) is where persistence lags and crashes lose data.
+Every node runs its Readies through the one Ready loop (`kvstore.raft.readyloop`) and persists
+each into its MemoryStorage at once, so "durable" here is immediate; the node simulator is where
+persistence lags and crashes lose data.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from kvstore.raft import (
     MessageType,
     RaftNode,
     ReadState,
+    Ready,
     Role,
+    readyloop,
 )
 
 
@@ -30,6 +33,18 @@ class Member:
     storage: MemoryStorage
     applied: list[Entry] = field(default_factory=list)
     reads: list[ReadState] = field(default_factory=list)
+
+
+def _persist(m: Member, node: RaftNode, rd: Ready) -> None:
+    readyloop.persist_to_memory(m.storage, rd)
+    if rd.snapshot is not None:
+        meta = rd.snapshot.meta
+        m.applied = [Entry(meta.term, meta.index, EntryType.NORMAL, b"<snap>")]
+
+
+def _apply(m: Member, rd: Ready) -> None:
+    m.applied.extend(rd.committed_entries)
+    m.reads.extend(rd.read_states)
 
 
 class Network:
@@ -100,20 +115,7 @@ class Network:
     # --- driving ------------------------------------------------------------------------
     def _drain(self, nid: int) -> None:
         m = self.members[nid]
-        node = m.node
-        while node.has_ready():
-            rd = node.ready()
-            self.queue.extend(rd.messages)
-            if rd.snapshot is not None:
-                m.storage.apply_snapshot(rd.snapshot)
-                m.applied = [Entry(rd.snapshot.meta.term, rd.snapshot.meta.index, EntryType.NORMAL, b"<snap>")]
-            m.storage.append(rd.entries)
-            if rd.hard_state is not None:
-                m.storage.set_hard_state(rd.hard_state)
-            self.queue.extend(rd.persisted_messages)
-            m.applied.extend(rd.committed_entries)
-            m.reads.extend(rd.read_states)
-            node.advance(rd)
+        readyloop.drain(m, m.node, self.queue.extend, _persist, _apply)
 
     def stabilize(self, max_steps: int = 100_000) -> None:
         """Deliver messages and drain Readies until nothing is left to do."""

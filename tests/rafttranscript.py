@@ -26,6 +26,9 @@ Commands (IDs are node ids; `[...]` optional):
 - `tick ID... [n=K]`, `tick-heartbeat ID`, `tick-election ID` (ticks until the node's
   randomized election timer, or as leader its check-quorum timer, fires; prints how many ticks).
 - `process-ready ID...`, `deliver-msgs ID... [from=ID] [type=MsgX]`,
+  `begin-ready ID` / `end-ready ID` (a cycle split in two, as a host's is while its batch is
+  being made durable: take, print, send and stage the Ready; then, after whatever commands come
+  in between, send what waited, apply and advance),
   `deliver-msgs drop=(IDs) [from=ID] [type=MsgX]`, `stabilize [ID...] [log-level=none]`.
 - `isolate ID`, `cut A B`, `heal`, `crash ID`, `restart ID`, `compact ID INDEX`.
 - `status ID`, `raft-state`, `raft-log ID`, `log-level debug|none`.
@@ -69,6 +72,7 @@ from kvstore.raft import (
     Role,
     Snapshot,
     SnapshotMeta,
+    readyloop,
 )
 
 MT = MessageType
@@ -332,6 +336,15 @@ class Args:
 
 
 # --- the environment --------------------------------------------------------------------------
+def _nothing() -> None:
+    """The persist step: staging already made the Ready durable."""
+
+
+def _apply(n: EnvNode, rd: Ready) -> None:
+    if rd.committed_entries:
+        n.applied = rd.committed_entries[-1].index
+
+
 @dataclass
 class EnvNode:
     """One member: its core, its durable storage, and what the application applied."""
@@ -369,6 +382,8 @@ class InteractionEnv:
         self.logger.setLevel(logging.DEBUG)
         self.logger.propagate = False
         self.logger.addHandler(_OutputHandler(self))
+        self._turns: dict[int, readyloop.Turn[EnvNode]] = {}
+        """Cycles split by `begin-ready`, waiting for their `end-ready`."""
         self._commands: dict[str, Callable[[Args], None]] = {
             "add-nodes": self.cmd_add_nodes,
             "campaign": self.cmd_campaign,
@@ -382,6 +397,8 @@ class InteractionEnv:
             "tick-heartbeat": self.cmd_tick_heartbeat,
             "tick-election": self.cmd_tick_election,
             "process-ready": self.cmd_process_ready,
+            "begin-ready": self.cmd_begin_ready,
+            "end-ready": self.cmd_end_ready,
             "deliver-msgs": self.cmd_deliver_msgs,
             "stabilize": self.cmd_stabilize,
             "isolate": self.cmd_isolate,
@@ -551,9 +568,11 @@ class InteractionEnv:
 
     # --- Ready and messages ---------------------------------------------------------------
     def process_ready(self, n: EnvNode) -> None:
-        """Handle one Ready the way a host does: persist, send, apply, advance; print it all."""
-        node = n.node
-        rd: Ready = node.ready()
+        """Handle one Ready the way a host does, through the one Ready loop
+        (`kvstore.raft.readyloop`): send, persist, send what waited, apply, advance; print it all."""
+        readyloop.run(((n, n.node),), self.queue.extend, self._print_and_persist, _nothing, _apply)
+
+    def _print_and_persist(self, n: EnvNode, node: RaftNode, rd: Ready) -> None:
         if rd.soft_state is not None:
             self.out(f"Lead:{rd.soft_state.leader} State:{fmt_role(rd.soft_state.role)}")
         if rd.hard_state is not None:
@@ -580,18 +599,9 @@ class InteractionEnv:
             self.out("ReadStates:")
             for r in rd.read_states:
                 self.out(self._fmt_read_state(r))
-        # Persist (everything here is durable at once), send, apply.
+        readyloop.persist_to_memory(n.storage, rd)  # everything here is durable at once
         if rd.snapshot is not None:
-            n.storage.apply_snapshot(rd.snapshot)
             n.applied = max(n.applied, rd.snapshot.meta.index)
-        n.storage.append(rd.entries)
-        if rd.hard_state is not None:
-            n.storage.set_hard_state(rd.hard_state)
-        self.queue.extend(rd.messages)
-        self.queue.extend(rd.persisted_messages)
-        if rd.committed_entries:
-            n.applied = rd.committed_entries[-1].index
-        node.advance(rd)
 
     @staticmethod
     def _fmt_read_state(r: ReadState) -> str:
@@ -606,6 +616,28 @@ class InteractionEnv:
                     self.process_ready(n)
             else:
                 self.out(f"> {nid} has no Ready")
+
+    def cmd_begin_ready(self, args: Args) -> None:
+        (nid,) = args.pos_ids()
+        n = self.member(nid)
+        if nid in self._turns:
+            raise ValueError(f"node {nid} already has a Ready in flight (end-ready {nid} first)")
+        if not n.node.has_ready():
+            self.out(f"> {nid} has no Ready")
+            return
+        self.out(f"> {nid} handling Ready (in flight)")
+        with self.indent():
+            turn = readyloop.begin(((n, n.node),), self.queue.extend, self._print_and_persist)
+        assert turn is not None
+        self._turns[nid] = turn
+
+    def cmd_end_ready(self, args: Args) -> None:
+        (nid,) = args.pos_ids()
+        turn = self._turns.pop(nid, None)
+        if turn is None:
+            raise ValueError(f"node {nid} has no Ready in flight (begin-ready {nid} first)")
+        self.out(f"> {nid} finished its Ready")
+        readyloop.end(turn, self.queue.extend, _apply)
 
     def _take(self, to: int | None, drop_to: list[int] | None, frm: int | None,
               typ: MessageType | None) -> list[Message]:

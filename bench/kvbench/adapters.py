@@ -22,6 +22,7 @@ import grpc
 import grpc.aio
 
 from bench.etcdpb import etcd_pb2, etcd_pb2_grpc
+from bench.kvbench.tls import ClusterCerts
 from kvstore.client import AsyncClient
 from kvstore.errors import KVError
 
@@ -50,8 +51,10 @@ class Adapter(Protocol):
 class KvstoreAdapter:
     system = "kvstore"
 
-    def __init__(self, endpoints: Sequence[str], timeout: float = 10.0) -> None:
-        self.client = AsyncClient(list(endpoints), timeout=timeout)
+    def __init__(self, endpoints: Sequence[str], timeout: float = 10.0, certs: ClusterCerts | None = None) -> None:
+        self.client = AsyncClient(
+            list(endpoints), timeout=timeout, certs_dir=certs.client_dir if certs is not None else None
+        )
 
     async def put(self, key: bytes, value: bytes) -> None:
         await self.client.put(key, value)
@@ -95,9 +98,20 @@ class KvstoreAdapter:
 class EtcdAdapter:
     system = "etcd"
 
-    def __init__(self, endpoints: Sequence[str], timeout: float = 10.0, target: str | None = None) -> None:
+    def __init__(
+        self, endpoints: Sequence[str], timeout: float = 10.0, target: str | None = None,
+        certs: ClusterCerts | None = None,
+    ) -> None:
         self.endpoints = list(endpoints)
         self.timeout = timeout
+        self._credentials = (
+            grpc.ssl_channel_credentials(
+                root_certificates=certs.ca.read_bytes(), private_key=certs.client_key.read_bytes(),
+                certificate_chain=certs.client_cert.read_bytes(),
+            )
+            if certs is not None
+            else None
+        )
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, etcd_pb2_grpc.KVStub] = {}
         self.target = target or self.endpoints[0]
@@ -106,7 +120,11 @@ class EtcdAdapter:
     def _stub(self, endpoint: str) -> etcd_pb2_grpc.KVStub:
         stub = self._stubs.get(endpoint)
         if stub is None:
-            ch = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint)
+            ch = self._channels[endpoint] = (
+                grpc.aio.insecure_channel(endpoint)
+                if self._credentials is None
+                else grpc.aio.secure_channel(endpoint, self._credentials)
+            )
             stub = self._stubs[endpoint] = etcd_pb2_grpc.KVStub(ch)
         return stub
 
@@ -163,9 +181,20 @@ class EtcdAdapter:
             await ch.close()
 
 
-def make_adapter(system: str, endpoints: Sequence[str], *, leader: str | None = None, timeout: float = 10.0) -> Adapter:
-    if system == "kvstore":
-        return KvstoreAdapter(endpoints, timeout)
-    if system == "etcd":
-        return EtcdAdapter(endpoints, timeout, target=leader)
-    raise ValueError(f"unknown system {system!r}")
+def make_adapter(
+    system: str, endpoints: Sequence[str], *, leader: str | None = None, timeout: float = 10.0,
+    certs: ClusterCerts | None = None,
+) -> Adapter:
+    """An adapter for `system` (`kvstore`, `etcd`, or either with `-tls`, which needs `certs`)."""
+    base = system.removesuffix("-tls")
+    if base != system and certs is None:
+        raise ValueError(f"{system} needs the cluster's certificates")
+    adapter: KvstoreAdapter | EtcdAdapter
+    if base == "kvstore":
+        adapter = KvstoreAdapter(endpoints, timeout, certs=certs)
+    elif base == "etcd":
+        adapter = EtcdAdapter(endpoints, timeout, target=leader, certs=certs)
+    else:
+        raise ValueError(f"unknown system {system!r}")
+    adapter.system = system  # what the results are labelled with
+    return adapter

@@ -25,6 +25,9 @@ import grpc
 
 from bench.etcdpb import etcd_pb2, etcd_pb2_grpc
 from kvstore.client import group_status
+from kvstore.security.tls import client_credentials
+
+from .tls import ClusterCerts, make_cluster_certs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
@@ -83,6 +86,7 @@ def check_real_disk(path: Path) -> str:
 class BenchCluster(Protocol):
     system: str
     root: Path
+    certs: ClusterCerts | None
 
     @property
     def endpoints(self) -> list[str]: ...
@@ -127,18 +131,26 @@ class KvstoreCluster:
 
     system = "kvstore"
 
-    def __init__(self, root: Path, extra_args: Sequence[str] = (), n: int = 3) -> None:
+    def __init__(self, root: Path, extra_args: Sequence[str] = (), n: int = 3, tls: bool = False) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.extra_args = list(extra_args)
         ports = free_ports(n)
         self.peers = {i + 1: f"127.0.0.1:{p}" for i, p in enumerate(ports)}
         peer_arg = ",".join(f"{i}={a}" for i, a in sorted(self.peers.items()))
+        self.certs: ClusterCerts | None = make_cluster_certs(root, sorted(self.peers)) if tls else None
+        """TLS on (mutual, with the cluster's CA) when set: every node, the harness and the
+        benchmark's client use these certificates."""
+        if tls:
+            self.system = "kvstore-tls"
+        creds = client_credentials(self.certs.client_dir) if self.certs is not None else None
         self.nodes: dict[int, NodeProc] = {}
         for nid, addr in self.peers.items():
             args = ["--id", str(nid), "--data-dir", str(root / f"n{nid}"), "--listen", addr,
                     "--peers", peer_arg, *self.extra_args]
-            self.nodes[nid] = NodeProc(nid, addr, root / f"n{nid}", root / f"n{nid}.log", args)
+            if self.certs is not None:
+                args += ["--certs-dir", str(self.certs.node_dirs[nid])]
+            self.nodes[nid] = NodeProc(nid, addr, root / f"n{nid}", root / f"n{nid}.log", args, credentials=creds)
 
     @property
     def endpoints(self) -> list[str]:
@@ -221,10 +233,17 @@ class EtcdProc:
     log_path: Path
     binary: str
     proc: subprocess.Popen[bytes] | None = None
+    credentials: grpc.ChannelCredentials | None = None
+    """TLS credentials to talk to this member with (None: plaintext)."""
 
     @property
     def address(self) -> str:
-        return self.client_url.removeprefix("http://")
+        return self.client_url.removeprefix("http://").removeprefix("https://")
+
+    def channel(self) -> grpc.Channel:
+        if self.credentials is None:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, self.credentials)
 
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
@@ -256,7 +275,7 @@ class EtcdProc:
 
     def status(self, timeout: float = 1.0) -> etcd_pb2.StatusResponse | None:
         try:
-            with grpc.insecure_channel(self.address) as ch:
+            with self.channel() as ch:
                 resp: etcd_pb2.StatusResponse = etcd_pb2_grpc.MaintenanceStub(ch).Status(
                     etcd_pb2.StatusRequest(), timeout=timeout
                 )
@@ -273,15 +292,24 @@ class EtcdCluster:
 
     system = "etcd"
 
-    def __init__(self, root: Path, extra_args: Sequence[str] = (), n: int = 3, binary: str | None = None) -> None:
+    def __init__(
+        self, root: Path, extra_args: Sequence[str] = (), n: int = 3, binary: str | None = None, tls: bool = False
+    ) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.binary = binary or etcd_binary()
         ports = free_ports(2 * n)
         token = f"kvbench-{os.getpid()}-{ports[0]}"
         names = [f"n{i + 1}" for i in range(n)]
-        client = [f"http://127.0.0.1:{ports[2 * i]}" for i in range(n)]
-        peer = [f"http://127.0.0.1:{ports[2 * i + 1]}" for i in range(n)]
+        scheme = "https" if tls else "http"
+        client = [f"{scheme}://127.0.0.1:{ports[2 * i]}" for i in range(n)]
+        peer = [f"{scheme}://127.0.0.1:{ports[2 * i + 1]}" for i in range(n)]
+        self.certs: ClusterCerts | None = make_cluster_certs(root, list(range(1, n + 1))) if tls else None
+        """TLS on when set: clients and peers both need a certificate of the cluster's CA
+        (`--client-cert-auth`, `--peer-client-cert-auth`), as kvstore's mutual TLS."""
+        if tls:
+            self.system = "etcd-tls"
+        creds = client_credentials(self.certs.client_dir) if self.certs is not None else None
         initial = ",".join(f"{nm}={p}" for nm, p in zip(names, peer, strict=True))
         self.nodes: dict[int, EtcdProc] = {}
         for i in range(n):
@@ -293,7 +321,17 @@ class EtcdCluster:
                 "--initial-cluster-token", token, "--logger", "zap", "--log-outputs", "stderr",
                 *extra_args,
             ]
-            self.nodes[i + 1] = EtcdProc(i + 1, names[i], client[i], args, root / f"{names[i]}.log", self.binary)
+            if self.certs is not None:
+                cert, key, ca = self.certs.node_cert(i + 1), self.certs.node_key(i + 1), self.certs.ca
+                args += [
+                    "--cert-file", str(cert), "--key-file", str(key), "--trusted-ca-file", str(ca),
+                    "--client-cert-auth",
+                    "--peer-cert-file", str(cert), "--peer-key-file", str(key), "--peer-trusted-ca-file", str(ca),
+                    "--peer-client-cert-auth",
+                ]
+            self.nodes[i + 1] = EtcdProc(
+                i + 1, names[i], client[i], args, root / f"{names[i]}.log", self.binary, credentials=creds
+            )
 
     @property
     def endpoints(self) -> list[str]:
@@ -322,7 +360,7 @@ class EtcdCluster:
             if not n.alive:
                 continue
             try:
-                with grpc.insecure_channel(n.address) as ch:
+                with n.channel() as ch:
                     etcd_pb2_grpc.KVStub(ch).Range(etcd_pb2.RangeRequest(key=b"kvbench/ready"), timeout=1.0)
             except grpc.RpcError:
                 return False
@@ -367,14 +405,17 @@ class EtcdCluster:
         return "\n".join(f"--- etcd {n.name}\n{n.log_text()[-3000:]}" for n in self.nodes.values())
 
 
-SYSTEMS = ("kvstore", "etcd")
+SYSTEMS = ("kvstore", "etcd", "kvstore-tls", "etcd-tls")
+"""`-tls`: the same system with mutual TLS on (clients and peers), certificates of one CA."""
 
 
 def make_cluster(
     system: str, root: Path, *, kvstore_args: Sequence[str] = (), etcd_args: Sequence[str] = ()
 ) -> BenchCluster:
-    if system == "kvstore":
-        return KvstoreCluster(root, kvstore_args)
-    if system == "etcd":
-        return EtcdCluster(root, etcd_args)
+    tls = system.endswith("-tls")
+    base = system.removesuffix("-tls")
+    if base == "kvstore":
+        return KvstoreCluster(root, kvstore_args, tls=tls)
+    if base == "etcd":
+        return EtcdCluster(root, etcd_args, tls=tls)
     raise ValueError(f"unknown system {system!r} (expected one of {', '.join(SYSTEMS)})")

@@ -115,16 +115,49 @@ def summarize(points: Sequence[dict[str, Any]], systems: Sequence[str]) -> list[
                 "server_cpu_us_per_op": _median(r["server_cpu_us_per_op"] for r in rs),
                 "loadgen_cpu_us_per_op": _median(r["loadgen_cpu_us_per_op"] for r in rs),
             }
-        kv = {r["rep"]: r for r in by.get((w, i, "kvstore"), [])}
-        et = {r["rep"]: r for r in by.get((w, i, "etcd"), [])}
-        pairs = [(kv[r], et[r]) for r in sorted(kv.keys() & et.keys())]
-        tput = [a["ops_per_s"] / b["ops_per_s"] for a, b in pairs if b["ops_per_s"] > 0]
-        p99 = [a["p99_us"] / b["p99_us"] for a, b in pairs if b["p99_us"] > 0 and a["ops"] > 0]
-        row["ratio_ops_per_s"] = _median(tput)
-        row["ratio_p99"] = _median(p99)
-        row["ratio_pairs"] = len(pairs)
+        ratios = {}
+        for a, b in RATIO_PAIRS:
+            r = _ratios(by.get((w, i, a), []), by.get((w, i, b), []))
+            if r["pairs"]:
+                ratios[f"{a}/{b}"] = r
+        base = _ratios(by.get((w, i, "kvstore"), []), by.get((w, i, "etcd"), []))
+        row["ratio_ops_per_s"] = base["ops_per_s"]
+        row["ratio_p99"] = base["p99"]
+        row["ratio_pairs"] = base["pairs"]
+        row["ratios"] = ratios
         out.append(row)
     return out
+
+
+RATIO_PAIRS = (("kvstore", "etcd"), ("kvstore-tls", "etcd-tls"), ("kvstore-tls", "kvstore"))
+"""The ratios the summary computes (a/b) when both systems ran: against etcd, TLS against TLS,
+and the cost of TLS to kvstore itself (A/B in the same run)."""
+
+
+def _ratios(a_runs: Sequence[dict[str, Any]], b_runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Throughput and p99 ratios a/b, pairing runs of the same rep, then the median."""
+    a = {r["rep"]: r for r in a_runs}
+    b = {r["rep"]: r for r in b_runs}
+    pairs = [(a[r], b[r]) for r in sorted(a.keys() & b.keys())]
+    tput = [x["ops_per_s"] / y["ops_per_s"] for x, y in pairs if y["ops_per_s"] > 0]
+    p99 = [x["p99_us"] / y["p99_us"] for x, y in pairs if y["p99_us"] > 0 and x["ops"] > 0]
+    return {"ops_per_s": _median(tput), "p99": _median(p99), "pairs": len(pairs)}
+
+
+def ratio_table(summary: Sequence[dict[str, Any]], systems: Sequence[str]) -> str:
+    """Every system's ops/s and p99 per point, and every ratio of `RATIO_PAIRS` that ran."""
+    names = [f"{a}/{b}" for a, b in RATIO_PAIRS if a in systems and b in systems]
+    head = ("| workload | in flight | " + " | ".join(f"{s} ops/s" for s in systems) + " | "
+            + " | ".join(f"ops/s {n} | p99 {n}" for n in names) + " |")
+    lines = [head, "|" + "---|" * (2 + len(systems) + 2 * len(names))]
+    for row in summary:
+        cells = [row["workload"], str(row["inflight"])]
+        cells += [_f(row[s]["ops_per_s"], ",.0f") if s in row else "-" for s in systems]
+        for n in names:
+            r = row.get("ratios", {}).get(n)
+            cells += [_f(r["ops_per_s"] if r else None, ".2f"), _f(r["p99"] if r else None, ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _f(v: float | None, fmt: str) -> str:
@@ -182,7 +215,8 @@ def plot(summary: Sequence[dict[str, Any]], systems: Sequence[str], path: Path, 
     if not workloads:
         return None
     fig, axes = plt.subplots(2, len(workloads), figsize=(4.6 * len(workloads), 7.2), squeeze=False)
-    styles = {"kvstore": ("tab:blue", "o"), "etcd": ("tab:orange", "s")}
+    styles = {"kvstore": ("tab:blue", "o"), "etcd": ("tab:orange", "s"),
+              "kvstore-tls": ("tab:cyan", "^"), "etcd-tls": ("tab:red", "v")}
     for col, w in enumerate(workloads):
         rows = sorted((r for r in summary if r["workload"] == w), key=lambda r: r["inflight"])
         xs_all = [r["inflight"] for r in rows]

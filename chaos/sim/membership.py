@@ -70,7 +70,10 @@ class MembershipDriver:
     attempts: int = 0
     busy: bool = False
     done: int = 0
+    _proposal: object | None = None
+    """The conf change proposal whose answer is awaited (None: none is)."""
     _recording: object | None = None
+    """The map recording whose end is awaited (None: none is)."""
 
     def start_replace(self) -> bool:
         """Plan the replacement of a random member (up or down) by a new node; False if one is
@@ -139,10 +142,12 @@ class MembershipDriver:
         self.busy = True
         self.attempts += 1
         epoch = leader.epoch
+        token = self._proposal = object()
 
         def applied(res: object, err: errors.KVError | None) -> None:
-            if not self.busy or leader.epoch != epoch:
-                return
+            if self._proposal is not token or leader.epoch != epoch:
+                return  # given up on (`_unstick`) and retried meanwhile
+            self._proposal = None
             self.busy = False
             if err is None:
                 self._done(step, leader)
@@ -154,6 +159,7 @@ class MembershipDriver:
             leader.logic.host.propose_conf_change(step.group, step.change, applied)
         except errors.KVError as err:
             self.busy = False
+            self._proposal = None
             if "no-op" in err.message:
                 self._done(step, leader)
             else:
@@ -163,10 +169,15 @@ class MembershipDriver:
         sim.kick(leader)
         # An answer lost in a crash of the leader: give up on it after a while (it is retried,
         # and a retry of a change that was applied is a no-op, counted as done).
-        sim.at(400, self._unstick, step, epoch, leader)
+        sim.at(400, self._unstick, token)
 
-    def _unstick(self, step: Step, epoch: int, leader: SimNode) -> None:
-        if self.busy and self.steps and self.steps[0] is step:
+    def _unstick(self, token: object) -> None:
+        """Give up on the proposal `token` if it is still unanswered. (Only that proposal: once
+        it was answered, the step may be recording its change in the shard map, which takes as
+        long as it takes; restarting the step then would start a second recording and orphan
+        the first, over and over under a slow metadata group.)"""
+        if self._proposal is token:
+            self._proposal = None
             self.busy = False
             self._next()
 

@@ -21,6 +21,13 @@ RPCs, an admin planning changes, and clients that route by their own (stale) map
 - **Admin.** While faults run, every `admin_ms` an admin asks a random node to add a data group,
   remove one (never the last) or rebalance, through that node's coordinator's `update` (the
   map's compare-and-swap), as `ShardService.ShardOp` does; at most `max_groups` data groups.
+- **Faults aimed at a move's steps** (`disturb`, with the seed's chance per shard command
+  while faults run): right after a shard command was proposed at a data group's leader, that
+  leader crashes or is cut off before the command commits, or the metadata leadership moves
+  away from the coordinator (which may also pause for a while: its step resumes in the middle
+  of its successor's).
+- **Scripts** (`chaos/sim/scenarios.py`): `plan` plans a change at a chosen node; `gate` holds
+  chosen requests of chosen coordinators back until `release`.
 - **Clients.** Each client process keeps its own copy of the map (fetched from a node on first
   use and after a WRONG_SHARD, like the client library's `ClusterView`) and a leader cache per
   group; `target` picks the node to send a key's operation to.
@@ -76,6 +83,10 @@ class SimParams(Protocol):
     def admin_ms(self) -> tuple[int, int]: ...
     @property
     def max_groups(self) -> int: ...
+    @property
+    def disturb(self) -> float: ...
+    @property
+    def scripted(self) -> bool: ...
 
 
 class NodeSimulation(Protocol):
@@ -89,12 +100,13 @@ class NodeSimulation(Protocol):
     def now(self) -> int: ...
     @property
     def nodes(self) -> Mapping[int, SimNode]: ...
-    @property
-    def blocked(self) -> set[tuple[int, int]]: ...
+    blocked: set[tuple[int, int]]
     def at(self, delay: float, fn: Callable[..., None], *args: Any) -> None: ...
     def log(self, msg: str) -> None: ...
     def _faults_on(self) -> bool: ...
     def _kick(self, n: Any) -> None: ...
+    def crash(self, nid: int) -> None: ...
+    def restart(self, nid: int) -> None: ...
 
 POLL_MS = 20
 """How often a metadata leader's coordinator looks for work (the product's is 200 ms, woken at
@@ -133,11 +145,38 @@ class SimMoves:
         self.client_maps: dict[int, ShardMap] = {}
         self.group_leader: dict[int, int] = {}
         self.stats: Counter[str] = Counter()
+        self.gate: Callable[[int, Request], bool] | None = None
+        """A scripted scenario's hold on coordinators' requests: (node, request) -> hold it back
+        (as a paused process or a slow network would) until `release`."""
+        self.held: list[tuple[_Run, Request]] = []
+        self.paused: dict[int, int] = {}
+        """node -> until when its coordinator's work is paused (virtual ms)."""
+        self.failures: list[str] = []
+        """Why units of work failed (refused steps, lost map updates), in order."""
 
     # --- the coordinators ---------------------------------------------------------------------
     def start(self) -> None:
         self.sim.at(POLL_MS, self._poll)
-        self.sim.at(self.rng.randrange(*self.sim.p.admin_ms), self._admin)
+        if not self.sim.p.scripted:
+            self.sim.at(self.rng.randrange(*self.sim.p.admin_ms), self._admin)
+
+    def plan(self, n: SimNode, what: str, change: Callable[[ShardMap], ShardMap]) -> None:
+        """Plan a map change through node `n`'s coordinator, as `ShardService.ShardOp` does."""
+        assert n.logic is not None
+        tracker = n.logic.shard_tracker
+        assert tracker.map is not None
+        self.sim.log(f"ADMIN at n{n.id}: {what}")
+        self.stats["plans"] += 1
+        self._run(n, self.coordinator(n).update(tracker.map, tracker.raw, change), f"admin: {what}")
+
+    def release(self, which: Callable[[int, Request], bool] = lambda nid, req: True) -> int:
+        """Let the held requests `which` go on; returns how many."""
+        go = [(run, req) for run, req in self.held if which(run.nid, req)]
+        self.held = [x for x in self.held if x not in go]
+        for run, req in go:
+            self.sim.log(f"n{run.nid} {run.what}: request released")
+            self._issue(run, req, held=False)
+        return len(go)
 
     def coordinator(self, n: SimNode) -> MoveCoordinator:
         """Node `n`'s coordinator in its current life (a crash loses the old one)."""
@@ -153,8 +192,7 @@ class SimMoves:
         for nid, n in sorted(sim.nodes.items()):
             if n.logic is None or self.busy.get(nid) == n.epoch:
                 continue
-            meta = n.logic.host.groups.get(META_GROUP)
-            if meta is None or meta.core.role != Role.LEADER:
+            if not n.logic.host.leads_current(META_GROUP):  # as `NodeCluster.is_meta_leader`
                 continue
             tracker = n.logic.shard_tracker
             work = self.coordinator(n).next_work(tracker.map, tracker.raw, self._addresses(n))
@@ -210,7 +248,14 @@ class SimMoves:
     def record(self, group: int, cc: ConfChange, on_end: Callable[[bool], None]) -> None:
         """Make the map's replica list of `group` follow an applied conf change, through a random
         live node's coordinator, as the Admin service does after each group's change."""
-        alive = [n for _, n in sorted(self.sim.nodes.items()) if n.logic is not None]
+        # The operator asks a member of the cluster (by the metadata leader's configuration), not
+        # a node on its way out, whose view of the metadata group stops when it is removed.
+        members: set[int] = set()
+        for _, x in sorted(self.sim.nodes.items()):
+            g = x.logic.host.groups.get(META_GROUP) if x.logic is not None else None
+            if g is not None and g.core.role == Role.LEADER:
+                members = set(g.core.conf.voters)
+        alive = [n for _, n in sorted(self.sim.nodes.items()) if n.logic is not None and n.id in members]
         n = self.rng.choice(alive) if alive else None
         m = n.logic.shard_tracker.map if n is not None and n.logic is not None else None
         if n is None or n.logic is None or m is None:
@@ -246,6 +291,7 @@ class SimMoves:
         except (MoveFailed, ShardMapError, errors.KVError) as err:
             self.sim.log(f"n{run.nid} {run.what}: failed: {err}")
             self.stats["failed_work"] += 1
+            self.failures.append(f"n{run.nid} {run.what}: {err}")
             self._end(run, False)
             return
         self._issue(run, req)
@@ -265,11 +311,19 @@ class SimMoves:
         else:
             self._advance(run, lambda: run.work.send(outcome))
 
-    def _issue(self, run: _Run, req: Request) -> None:
+    def _issue(self, run: _Run, req: Request, held: bool = True) -> None:
         sim = self.sim
+        if held and self.paused.get(run.nid, 0) > sim.now:  # its process is paused
+            sim.at(self.paused[run.nid] - sim.now, self._issue, run, req)
+            return
+        if held and self.gate is not None and self.gate(run.nid, req):
+            sim.log(f"n{run.nid} {run.what}: request held")
+            self.held.append((run, req))
+            return
         if isinstance(req, Propose):
             self.stats["proposals"] += 1
-            self._call(run, req.group, lambda dst, reply: self._serve_propose(dst, req.group, req.data, reply),
+            self._call(run, req.group,
+                       lambda dst, reply: self._serve_propose(dst, req.group, req.data, reply, run.nid),
                        lambda res, err: self._answer(run, res, err), final_invalid=True)
         elif isinstance(req, ExportChunk):
             if not req.first:
@@ -411,7 +465,7 @@ class SimMoves:
         sim.at(d, fn)
 
     def _serve_propose(self, dst: SimNode, group: int, data: bytes,
-                       reply: Callable[[Any, errors.KVError | None], None]) -> None:
+                       reply: Callable[[Any, errors.KVError | None], None], origin: int) -> None:
         """`local_group_call` for a proposal: checked, then proposed at this node's host."""
         logic = dst.logic
         assert logic is not None
@@ -424,6 +478,70 @@ class SimMoves:
             reply(None, err)
             return
         self.sim._kick(dst)
+        if group != META_GROUP:
+            self.disturb(dst, origin)
+
+    def disturb(self, leader: SimNode, origin: int) -> None:
+        """A fault aimed at a move's step, right after a shard command was proposed at `leader`
+        for node `origin`'s coordinator (with the seed's `disturb` chance, while faults run):
+        the leader crashes or is cut off before the command commits (the step may be lost, and
+        so may the replies of client writes in flight there), or the metadata leadership moves
+        away from the coordinator, whose step keeps running beside its successor's (racing
+        coordinators), maybe after a pause of its process (a stale coordinator resuming in the
+        middle of its successor's step)."""
+        sim = self.sim
+        if not sim._faults_on() or self.rng.random() >= sim.p.disturb:
+            return
+        r = self.rng.random()
+        when = self.rng.randint(0, 4)
+        if r < 0.3:
+            self.stats["disturb_crash"] += 1
+            sim.at(when, self._crash, leader.id, leader.epoch)
+        elif r < 0.5:
+            self.stats["disturb_isolate"] += 1
+            sim.at(when, self._isolate, leader.id)
+        elif r < 0.75:
+            self.stats["disturb_meta"] += 1
+            sim.at(when, self._move_meta_leader)
+        else:
+            self.stats["disturb_pause"] += 1
+            self.paused[origin] = sim.now + self.rng.randint(20, 300)
+            sim.log(f"n{origin} coordinator PAUSED (aimed at a move's step)")
+            sim.at(when, self._move_meta_leader)
+
+    def _crash(self, nid: int, epoch: int) -> None:
+        n = self.sim.nodes[nid]
+        if n.logic is None or n.epoch != epoch:
+            return
+        self.sim.log(f"n{nid} CRASH (aimed at a move's step)")
+        self.sim.crash(nid)
+        self.sim.at(self.rng.randrange(20, 600), self.sim.restart, nid)
+
+    def _isolate(self, nid: int) -> None:
+        sim = self.sim
+        others = [x for x in sorted(sim.nodes) if x != nid]
+        cut = {(nid, x) for x in others} | {(x, nid) for x in others}
+        sim.blocked = set(sim.blocked) | cut
+        sim.log(f"PARTITION n{nid} cut off (aimed at a move's step)")
+
+        def heal() -> None:
+            if sim._faults_on():
+                sim.blocked = set(sim.blocked) - cut
+                sim.log(f"n{nid} reachable again")
+
+        sim.at(self.rng.randrange(50, 500), heal)
+
+    def _move_meta_leader(self) -> None:
+        for _, n in sorted(self.sim.nodes.items()):
+            g = n.logic.host.groups.get(META_GROUP) if n.logic is not None else None
+            if g is not None and g.core.role == Role.LEADER:
+                try:
+                    n.logic.host.transfer_leader(META_GROUP, 0)  # type: ignore[union-attr]
+                except errors.KVError:
+                    return
+                self.sim.log(f"n{n.id} TRANSFER g0 (aimed at a move's step)")
+                self.sim._kick(n)
+                return
 
     def _serve_export(self, dst: SimNode, group: int, ranges: IntervalSet,
                       reply: Callable[[Any, errors.KVError | None], None]) -> None:

@@ -29,10 +29,14 @@ quiesce and recover from the loss of their quiesced leader within a bound).
 
 Range moves (`moves.py`, on half of the seeds): the metadata leader's real move coordinator
 drives add-group / remove-group / rebalance moves over simulated RPCs while clients route by
-their own maps; liveness then also requires every move finished.
+their own maps (and retry until their deadline, and lose write replies), with faults aimed at
+a move's steps; liveness then also requires every move finished. Two more checks run on every apply batch
+without shard commands: a group refuses a key for ownership only if it does not serve it, and
+no client write is executed twice (each carries a value of its own; one written at two log
+positions is a retry applied again).
 
-This is the one simulation engine (`python -m chaos.sim`); the migration simulator
-(`chaos/sim/migration/`) still runs the move protocol's scripted races beside it.
+This is the one simulation engine (`python -m chaos.sim`). Races of range moves that random
+seeds reach rarely are scripted on it in `scenarios.py`.
 """
 
 from __future__ import annotations
@@ -66,9 +70,12 @@ from kvstore.raft import (
     Snapshot,
 )
 from kvstore.raft.admission import MAX_TERM_JUMP
+from kvstore.shard.ranges import IntervalSet, key_hash
+from kvstore.shard.shardmap import META_GROUP
 from kvstore.storage import commands
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
+from kvstore.storage.shardcmd import is_shard_command
 from kvstore.storage.store import LmdbNodeStore
 
 from . import replica_reads
@@ -151,6 +158,17 @@ class NodeSimParams:
     the metadata leader's coordinator drives the moves; clients route by their own maps."""
     max_groups: int = 4
     admin_ms: tuple[int, int] = (150, 700)
+    reply_loss: float = 0.0
+    """(With range moves, while faults run) the chance a write's reply is lost on its way to the
+    client (a broken connection): the client retries under the same session, maybe elsewhere."""
+    scripted: bool = False
+    """A scripted scenario (`chaos/sim/scenarios.py`) drives the faults and the range moves: no
+    random nemesis, no outsider, no admin."""
+    disturb: float = 0.0
+    """(With range moves, while faults run) the chance that a shard command proposed at a data
+    group's leader is followed at once by a fault aimed at its move: that leader crashes or is
+    cut off before the command commits, or the metadata leadership moves away from the
+    coordinator mid-step (racing coordinators). `chaos/sim/moves.py` `SimMoves.disturb`."""
 
     @classmethod
     def draw(cls, rng: random.Random, nodes: int, moves: bool | None = None) -> NodeSimParams:
@@ -189,9 +207,15 @@ class NodeSimParams:
         on, groups, keys = rng.random() < 0.5, rng.choice((2, 3, 4)), rng.choice((4, 6, 8))
         if on if moves is None else moves:
             self.moves, self.groups, self.keys = True, groups, keys
-            # Membership churn and range moves are not combined yet: together they stall (a map
-            # recording of a member change racing pending moves; seeds 53 and 86 of 0-99 with
-            # both on, before this line) - the next step of issue 14.
+            self.disturb = rng.choice((0.15, 0.3, 0.5))
+            self.reply_loss = rng.choice((0.0, 0.05, 0.1))
+            # Membership churn and range moves are not combined on random seeds yet: ~1.5% of such
+            # seeds (e.g. 1067 with 3 nodes, 1015 with 5) still miss the deadline after the heal,
+            # because a replacement removes the old voter first and every group then runs on two
+            # voters (no failure tolerated) for the whole change, which takes far longer with
+            # every step recorded in the map beside the moves' own map changes. Two stalls of the
+            # combination (seeds 53 and 86) were the simulator's membership driver's and are
+            # fixed; `tests/simulation/test_node_sim_moves.py` runs the combination on fixed seeds.
             self.membership = False
         return self
 
@@ -335,6 +359,10 @@ class NodeSimulation:
         self.stale_check = replica_reads.StalenessChecker()
         self.moves = SimMoves(self) if self.p.moves else None
         self.churn = CompetingSuffixes(self, self.p.keys) if self.p.churn else None
+        self.written: dict[tuple[bytes, bytes], tuple[int, int]] = {}
+        """(key, value) -> the (group, index) of the entry that wrote it (`_check_written_once`)."""
+        self.cut: Callable[[Message], bool] | None = None
+        """A scripted scenario's network filter: the messages it holds back (lost)."""
         for nid in self.peers:
             self._make_node(nid)
         # A disk slower than half an election timeout livelocks elections in any Raft (a vote
@@ -384,7 +412,8 @@ class NodeSimulation:
                 self.at(0, self._boot, n)
             for _ in range(self.p.clients):
                 self.at(self.rng.randrange(0, 50), self._client_next, self._new_process())
-            self.at(self.rng.randrange(*self.p.nemesis_every_ms), self._nemesis)
+            if not self.p.scripted:
+                self.at(self.rng.randrange(*self.p.nemesis_every_ms), self._nemesis)
             if self.quiet is not None:
                 self.quiet.start()
                 self.at(self.p.fault_ms, self.quiet.begin)
@@ -544,8 +573,12 @@ class NodeSimulation:
         def finish() -> None:
             if n.epoch != epoch or n.logic is None:
                 return  # crashed while persisting: the transaction never happened
+            served = self._served_before(n, cycle)
+            writes = self._writes_before(n, cycle, served)
             if not self._persist(n, cycle):
                 return
+            self._check_ownership_refusals(n, cycle, served)
+            self._check_written_once(n, writes)
             host.end_cycle(cycle)
             n.logic.after_cycle()
             if host.failed is not None:
@@ -571,6 +604,87 @@ class NodeSimulation:
             self._torn()
             return False
         return True
+
+    def _served_before(self, n: SimNode, cycle: Any) -> dict[int, IntervalSet]:
+        """The ranges each data group `cycle` applies to served before it, for the groups whose
+        batch holds no shard command (their ranges stay the same throughout the batch)."""
+        out: dict[int, IntervalSet] = {}
+        if n.store is None or not self.p.moves:
+            return out
+        snapshots = {w.group for w in cycle.writes if w.snapshot is not None}
+        for a in cycle.applies:
+            if a.group == META_GROUP or a.group in snapshots \
+                    or any(e.data and is_shard_command(e.data) for e in a.entries):
+                continue
+            st = n.store.shard_state(a.group)
+            if st is not None:
+                out[a.group] = st.active
+        return out
+
+    def _writes_before(self, n: SimNode, cycle: Any, served: dict[int, IntervalSet]) -> list[tuple[int, int, bytes, bytes, bytes | None]]:
+        """The clients' puts and compare-and-swaps `cycle` applies (groups as in `_served_before`,
+        keys written by one entry of their batch only): (group, index, key, new value, value
+        before the batch)."""
+        out = []
+        assert n.store is not None or not served
+        for a in cycle.applies:
+            if a.group not in served:
+                continue
+            found: dict[bytes, list[tuple[int, bytes]]] = {}
+            for e in a.entries:
+                if not e.data:
+                    continue
+                try:
+                    cmd = commands.decode_command(e.data)
+                except ValueError:
+                    continue
+                if cmd.client_id and cmd.op in (commands.Op.PUT, commands.Op.CAS):
+                    found.setdefault(cmd.key, []).append((e.index, cmd.value))
+                elif cmd.op == commands.Op.DELETE:
+                    found.setdefault(cmd.key, []).append((0, b""))
+            for key, ws in found.items():
+                if len(ws) == 1 and ws[0][0]:
+                    out.append((a.group, ws[0][0], key, ws[0][1], n.store.get(a.group, key)))  # type: ignore[union-attr]
+        return out
+
+    def _check_written_once(self, n: SimNode, writes: list[tuple[int, int, bytes, bytes, bytes | None]]) -> None:
+        """Exactly-once: every client write carries a value of its own, so a value written (the key
+        held something else before the entry and holds the value after it) at two log positions
+        (a group and an index) means a write was executed twice: a retry applied again."""
+        if n.store is None:
+            return
+        for group, index, key, value, before in writes:
+            if before == value or n.store.get(group, key) != value:
+                continue  # not written by this entry (refused, not swapped, or answered from the cache)
+            at = self.written.setdefault((key, value), (group, index))
+            if at != (group, index):
+                raise SimulationFailure(
+                    f"exactly-once: the write of {value!r} to {key!r} was executed twice: in group {at[0]} at "
+                    f"index {at[1]}, and in group {group} at index {index} (n{n.id})"
+                )
+
+    def _check_ownership_refusals(self, n: SimNode, cycle: Any, served: dict[int, IntervalSet]) -> None:
+        """A group refuses a key for ownership (WRONG_SHARD) only if it does not serve the key at
+        that point of its log. (Checked for batches without shard commands, where the ranges
+        served before the batch are those served at every entry of it.)"""
+        if cycle.error is not None or len(cycle.results) != len(cycle.applies):
+            return  # the transaction failed: nothing was applied
+        for a, results in zip(cycle.applies, cycle.results, strict=True):
+            active = served.get(a.group)
+            if active is None:
+                continue
+            for e, res in zip(a.entries, results, strict=True):
+                if not (isinstance(res, ApplyResult) and res.wrong_shard):
+                    continue
+                try:
+                    key = commands.decode_command(e.data).key
+                except ValueError:
+                    continue
+                if key_hash(key) in active:
+                    raise SimulationFailure(
+                        f"ownership: group {a.group} answered WRONG_SHARD at index {e.index} (n{n.id}) for "
+                        f"key {key!r}, which it serves"
+                    )
 
     def _torn(self) -> None:
         """A store crashed during a sync: its machine goes down with it, and restarts later."""
@@ -615,7 +729,7 @@ class NodeSimulation:
 
     def _deliver(self, m: Message) -> None:
         dst = self.nodes.get(m.to)
-        if dst is None or dst.logic is None or (m.frm, m.to) in self.blocked:
+        if dst is None or dst.logic is None or (m.frm, m.to) in self.blocked or (self.cut is not None and self.cut(m)):
             return
         dst.logic.heard(m.frm, self._node_now(dst))
         ok = dst.logic.deliver(m)
@@ -875,9 +989,11 @@ class NodeSimulation:
                 if err is not None and err.indeterminate:
                     maybe_applied = True
                 wrong_shard = isinstance(err, errors.WrongShard) or (err is None and res is not None and res.wrong_shard)
-                if n >= (8 if self.moves else 4) or (wrong_shard and self.moves is None):
+                if self.moves is None and (n >= 4 or wrong_shard):
                     done(Status.FAIL)
                     return
+                # (With range moves, like the client library: retried, the map refreshed after a
+                # WRONG_SHARD, until the operation's deadline.)
                 nxt = self.nodes.get(lead) if lead and lead != node.id else None
                 if self.moves is not None and nxt is None:  # like the client library: refresh the map
                     if wrong_shard:
@@ -928,6 +1044,9 @@ class NodeSimulation:
             def answered(res: ApplyResult | None, err: errors.KVError | None) -> None:
                 if err is None and res is not None and not (res.wrong_shard or res.error or res.session_expired):
                     self.stale_check.acked(gid, res.index, self.now)  # the bound reads are checked against
+                if self.p.reply_loss and self._faults_on() and self.rng.random() < self.p.reply_loss:
+                    self.log(f"n{node.id} reply to a write in g{gid} lost")
+                    return  # the client's attempt times out: its outcome is unknown
                 outcome(res, err, self._lead(node, gid))
 
             node.logic.host.propose(gid, data, answered)

@@ -13,13 +13,23 @@ from typing import Any
 
 from kvstore.node.host import Group, Host
 from kvstore.node.inbound import Inbound
+from kvstore.node.memstore import ListStream, MemoryNodeStore
 from kvstore.node.moves import MoveCoordinator, Propose, Work
 from kvstore.node.reads import NodeReads
 from kvstore.raft import HardState, Message, RaftNode, Role, admission
 from kvstore.raft.log import RaftLog
 from kvstore.raft.readonly import ReadRequest
 from kvstore.storage import machine
-from kvstore.storage.shardcmd import ShardOp, encode_shard_command
+from kvstore.storage.commands import ApplyResult, encode_result
+from kvstore.storage.shardcmd import (
+    REC_DATA,
+    ShardOp,
+    decode_shard_command,
+    encode_record,
+    encode_shard_command,
+    is_shard_command,
+    iter_records,
+)
 
 from . import nodes
 
@@ -75,6 +85,13 @@ def _wake_does_nothing(self: RaftNode) -> None:
     return
 
 
+def _count_unpersisted_entries(self: RaftNode) -> int:
+    # BUG: a leader counts the entries of its own log toward commitment before they are durable,
+    # so an entry can commit (and be applied and acknowledged) with fewer durable copies than a
+    # quorum: the leader's crash before its fsync loses an acknowledged write.
+    return self.log.last_index()
+
+
 def _admit_everything(
     core: RaftNode, m: Message, placed: Collection[int] = (), is_member: Callable[[int], bool] | None = None
 ) -> str | None:
@@ -113,6 +130,7 @@ BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
     "lease-across-quiescence": (RaftNode, "_forfeit_lease", _keep_lease_across_quiescence),
     "wake-does-nothing": (RaftNode, "wake", _wake_does_nothing),
     "no-admission": (admission, "refusal", _admit_everything),
+    "apply-before-persist": (RaftNode, "_stable_last_index", _count_unpersisted_entries),
 }
 
 def _no_fsync(params: Any) -> bool:
@@ -182,6 +200,69 @@ def _same_token(self: MoveCoordinator) -> int:
     return 1
 
 
+_real_propose = Host.propose
+
+
+def _ack_activate_when_proposed(self: Host, group: int, data: bytes, callback: Callable[[Any, Any], None]) -> int:
+    # BUG (node): an ACTIVATE is acknowledged as soon as the leader appended it, not once it is
+    # applied: the coordinator flips the map although the entry may never commit (a leader
+    # change drops it) or be refused (a racing installation's token), and then nobody serves
+    # the ranges.
+    if not (is_shard_command(data) and decode_shard_command(data).op == ShardOp.ACTIVATE):
+        return _real_propose(self, group, data, callback)
+    index = _real_propose(self, group, data, lambda res, err: None)
+    callback(ApplyResult(), None)
+    return index
+
+
+def _cache_wrong_shard(view: Any, cmd: Any) -> Any:
+    # BUG (node): a write refused for ownership (WRONG_SHARD) is cached in the session table
+    # like a result, so its retry at the group that serves the key (the cache travels with a
+    # move's sessions) gets the refusal again, forever.
+    res = _real_apply_command(view, cmd)
+    cid = cmd.client_id
+    if res.wrong_shard and cid and view.session_result(cid, cmd.seq) is None:
+        head = view.session_head(cid)
+        floor = 0 if head is None else head.floor
+        if cmd.seq >= floor:
+            view.put_session_result(cid, cmd.seq, encode_result(res))
+            machine.touch_session(view, cid, head, floor)
+    return res
+
+
+_real_export_range = MemoryNodeStore.export_range
+
+
+def _export_data_only(self: MemoryNodeStore, group: int, ranges: Any, chunk_bytes: int = 512 << 10) -> Any:
+    # BUG (node): a range export carries the data rows only, not the source's session table, so
+    # a write applied at the source whose reply was lost is applied again when retried at the
+    # target.
+    def data_only() -> Any:
+        for chunk, keys in _real_export_range(self, group, ranges, chunk_bytes):
+            rows = b"".join(encode_record(t, k, v) for t, k, v in iter_records(chunk) if t == REC_DATA)
+            if rows:
+                yield rows, keys
+
+    return ListStream(data_only())
+
+
+_real_apply_shard_command = machine.apply_shard_command
+
+
+def _no_move_fence(view: Any, data: bytes) -> Any:
+    # BUG (node): shard commands are not fenced by their move id: a late FREEZE or DROP of an
+    # earlier move (a deposed coordinator's, or a request held up in the network) is applied as
+    # if it belonged to the group's current move.
+    st = view.shards
+    try:
+        cmd = decode_shard_command(data)
+    except ValueError:
+        return _real_apply_shard_command(view, data)
+    if st is not None and cmd.op != ShardOp.SET and cmd.move < st.move:
+        data = encode_shard_command(cmd.op, cmd.ranges, cmd.records, cmd.token, st.move)
+    return _real_apply_shard_command(view, data)
+
+
 NODE_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
     "node-ack-before-fsync": (nodes, "syncs_writes", _no_fsync),
     "node-no-inbound": (Inbound, "admit", _admit_all_traffic),
@@ -191,11 +272,23 @@ NODE_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
     "node-serve-after-freeze": (machine, "apply_command", _serve_frozen_ranges),
     "node-activate-before-install": (MoveCoordinator, "_shard", _activate_at_begin),
     "node-shared-install-token": (MoveCoordinator, "new_token", _same_token),
+    "node-flip-before-activate": (Host, "propose", _ack_activate_when_proposed),
+    "node-cache-wrong-shard": (machine, "apply_command", _cache_wrong_shard),
+    "node-export-without-sessions": (MemoryNodeStore, "export_range", _export_data_only),
+    "node-no-move-fence": (machine, "apply_shard_command", _no_move_fence),
 }
 """Bugs planted into the node's logic (not the core): only the whole-node simulator
 (`chaos/sim/nodes.py`) runs that code."""
 
-MOVE_BUGS = ("node-serve-after-freeze", "node-activate-before-install", "node-shared-install-token")
+MOVE_BUGS = (
+    "node-serve-after-freeze",
+    "node-activate-before-install",
+    "node-shared-install-token",
+    "node-flip-before-activate",
+    "node-cache-wrong-shard",
+    "node-export-without-sessions",
+    "node-no-move-fence",
+)
 """The node bugs that only range moves show (`tests/simulation/test_node_sim_moves.py` hunts them with moves
 on every seed)."""
 

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import click
 
-from kvstore.client import AdminResult, Client, GroupStatus, Member, NodeStatus, Status
+from kvstore.client import AdminResult, Alarm, Client, GroupStatus, Member, NodeStatus, Status
 from kvstore.client.readpref import READ_PREFERENCES, parse_duration
 from kvstore.client.routing import DEFAULT_GROUP, parse_endpoints
 from kvstore.errors import KVError
@@ -696,6 +696,47 @@ def shards_rebalance(c: _Ctx, no_wait: bool, wait_timeout: float) -> None:
 def snapshot(c: _Ctx, node: str | None) -> None:
     """Take a snapshot now (and compact the log) on the leader, or on --node."""
     _admin(c, lambda cl: cl.snapshot(node), "snapshot taken")
+
+
+@cli.group()
+def alarm() -> None:
+    """Cluster alarms: NOSPACE is raised when a node's store exceeds its --quota-bytes; while it
+    is, puts and compare-and-swaps are refused cluster-wide (reads and deletes are served)."""
+
+
+def _alarms_out(c: _Ctx, alarms: list[Alarm]) -> None:
+    if c.json:
+        _emit_json({"alarms": [{"node_id": a.node_id, "type": a.type} for a in alarms]})
+    elif not alarms:
+        click.echo("no alarms")
+    else:
+        for a in alarms:
+            click.echo(f"{a.type}\tnode {a.node_id}")
+
+
+@alarm.command("list")
+@_output_option
+@pass_ctx
+def alarm_list(c: _Ctx) -> None:
+    """Show the alarms raised."""
+    with _errors(is_write=False):
+        alarms = c.client().alarms()
+    _alarms_out(c, alarms)
+
+
+@alarm.command("disarm")
+@click.option("--node", "node_id", type=click.IntRange(min=1), default=None, help="Only this node's alarms.")
+@click.option("--type", "kind", type=click.Choice(["NOSPACE"], case_sensitive=False), default=None,
+              help="Only alarms of this type.")
+@_output_option
+@pass_ctx
+def alarm_disarm(c: _Ctx, node_id: int | None, kind: str | None) -> None:
+    """Disarm alarms (default: all) once space is back under the quota (delete keys, then
+    `kvctl snapshot` to compact the logs); prints the alarms still raised. A node still over its
+    quota raises NOSPACE again about a second later."""
+    with _errors(is_write=True):
+        alarms = c.client().disarm_alarms(node_id or 0, kind)
+    _alarms_out(c, alarms)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from kvstore.cli.audit import audit
 from kvstore.cli.cert import cert
 from kvstore.node.host import RaftSettings
 from kvstore.server.config import NodeConfig, parse_peers
@@ -63,12 +64,46 @@ def cli() -> None:
 @click.option("--insecure", is_flag=True,
               help="Serve plaintext, unauthenticated gRPC even on a non-loopback address (anyone who can "
               "reach the port can read, write and join the cluster).")
+@click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write an audit log (MAC-chained JSON lines: admin operations, auth events) to this file; "
+              "`kvstore audit verify` checks it. Its key is <data-dir>/audit.key.")
+@click.option("--audit-writes", is_flag=True, help="Also audit every data write (put / delete / cas).")
+@click.option("--audit-max-bytes", type=click.IntRange(min=4096), default=64 << 20, show_default=True,
+              help="Rotate the audit log at this size (PATH -> PATH.1 -> ...).")
+@click.option("--audit-keep", type=click.IntRange(1, 10_000), default=8, show_default=True,
+              help="Audit log files kept (PATH and PATH.1 .. PATH.<keep-1>).")
+@click.option("--audit-sync-lines", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Fsync the audit log and record its head in the store after at most this many lines ...")
+@click.option("--audit-sync-ms", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="... or this many milliseconds (a machine crash can lose at most that window of lines).")
+@click.option("--rate-limit", default="", metavar="OPS_PER_SEC[:BURST]",
+              help="Per-identity token bucket for client operations (a stream batch of N costs N); over it: "
+              "RESOURCE_EXHAUSTED with a retry-after. Default: no limit.")
+@click.option("--max-apply-lag", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Refuse new writes to a group whose applied index is this far behind its commit (0: never).")
+@click.option("--memory-limit", type=str, default="0", show_default=True,
+              help="Resident memory ceiling (bytes; K/M/G suffixes): writes are refused above 90%% of it, "
+              "again accepted below 80%% (0: none).")
+@click.option("--quota-bytes", type=str, default="0", show_default=True,
+              help="Space quota of the store (bytes; K/M/G suffixes): above it the NOSPACE alarm is raised "
+              "cluster-wide and puts are refused until `kvctl alarm disarm` (0: none).")
+@click.option("--max-streams-per-connection", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Concurrent RPCs one client connection may have open (HTTP/2 MAX_CONCURRENT_STREAMS; "
+              "0: gRPC's default).")
+@click.option("--idle-timeout", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Close a client connection with no RPC in flight after this many seconds (0: never).")
+@click.option("--max-ping-strikes", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Close a connection that sends this many keepalive pings less than 5 s apart without "
+              "data (0: never).")
 def serve(
     node_id: int, data_dir: Path, listen: str, peers: str, cluster_id: str, join: bool, learner: bool,
     probe_ticks: int, advertise: str, metrics_listen: str, tick_ms: int, election_ticks: int, lease_read: bool,
     quiesce_ticks: int,
     request_timeout: float, max_key: int, max_value: int, max_request: int, compact_threshold: int, groups: int,
     replication: int, vnodes: int, log_level: str, certs_dir: Path | None, insecure: bool,
+    audit_log: Path | None, audit_writes: bool, audit_max_bytes: int, audit_keep: int, audit_sync_lines: int,
+    audit_sync_ms: int, rate_limit: str, max_apply_lag: int, memory_limit: str, quota_bytes: str, max_streams_per_connection: int,
+    idle_timeout: float, max_ping_strikes: int,
 ) -> None:
     """Run one node of a cluster. Restarting with the same --data-dir resumes it.
 
@@ -77,6 +112,10 @@ def serve(
     from kvstore.server import grpc_env
 
     grpc_env.apply()  # before anything imports grpc
+    from kvstore.node.ratelimit import parse_rate_limit
+    from kvstore.node.shedding import ShedSettings
+    from kvstore.security.audit import AuditSettings
+    from kvstore.server.admission import AdmissionSettings
     from kvstore.server.config import Limits
     from kvstore.server.main import run
     from kvstore.server.reads import ReadSettings
@@ -97,7 +136,19 @@ def serve(
             groups=groups, replication=replication, vnodes=vnodes,
             reads=ReadSettings(probe_ticks=max(0, probe_ticks)),
             certs_dir=certs_dir, insecure=insecure,
+            audit=None if audit_log is None else AuditSettings(
+                audit_log.absolute(), writes=audit_writes, max_bytes=audit_max_bytes, keep=audit_keep,
+                sync_lines=audit_sync_lines, sync_ms=audit_sync_ms,
+            ),
+            admission=AdmissionSettings(
+                rate_limit=parse_rate_limit(rate_limit) if rate_limit else None,
+                shed=ShedSettings(max_apply_lag=max_apply_lag, memory_limit=parse_bytes(memory_limit)),
+                quota_bytes=parse_bytes(quota_bytes), max_streams_per_connection=max_streams_per_connection,
+                idle_timeout=idle_timeout, max_ping_strikes=max_ping_strikes,
+            ),
         )
+        if audit_writes and audit_log is None:
+            raise ValueError("--audit-writes needs --audit-log")
         cfg.validate()
     except ValueError as err:
         raise click.UsageError(str(err)) from err
@@ -108,6 +159,16 @@ def serve(
             node_id, listen,
         )
     sys.exit(run(cfg))
+
+
+def parse_bytes(text: str) -> int:
+    """`1048576`, `512K`, `64M`, `2G` (powers of 1024) -> bytes; ValueError otherwise."""
+    t = text.strip().upper().removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    num = t[:-1] if mult > 1 else t
+    if not num.isdigit():
+        raise ValueError(f"bad size {text!r}: expected a number of bytes, optionally with K, M, G or T")
+    return int(num) * mult
 
 
 @cli.command()
@@ -189,6 +250,7 @@ def dev(nodes: str, data_dir: Path, base_port: int, groups: int, secure: bool) -
 
 
 cli.add_command(cert)
+cli.add_command(audit)
 
 
 def main() -> None:

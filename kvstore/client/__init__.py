@@ -15,6 +15,7 @@ from kvstore.client.checks import DEFAULT_MAX_KEY_SIZE, DEFAULT_MAX_VALUE_SIZE
 from kvstore.client.client import Client
 from kvstore.client.types import (
     AdminResult,
+    Alarm,
     Consistency,
     GroupInfo,
     GroupStatus,
@@ -32,6 +33,7 @@ __all__ = [
     "DEFAULT_MAX_KEY_SIZE",
     "DEFAULT_MAX_VALUE_SIZE",
     "AdminResult",
+    "Alarm",
     "AsyncClient",
     "Client",
     "Consistency",

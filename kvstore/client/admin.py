@@ -18,8 +18,8 @@ from kvstore.client.failures import RpcFailure
 from kvstore.client.invoke import Invoker
 from kvstore.client.retry import RetryPolicy
 from kvstore.client.routing import DEFAULT_GROUP
-from kvstore.client.types import AdminResult, NodeStatus, ShardOpResult, Status
-from kvstore.errors import InternalError, Unavailable
+from kvstore.client.types import AdminResult, Alarm, NodeStatus, ShardOpResult, Status
+from kvstore.errors import InternalError, InvalidArgument, Unavailable
 from kvstore.v1 import admin_pb2, admin_pb2_grpc, shard_pb2
 
 __all__ = ["Admin"]
@@ -196,6 +196,32 @@ class Admin:
         req = shard_pb2.ShardOpRequest(op=shard_pb2.ShardOpRequest.REBALANCE, wait=wait, timeout=timeout)
         return await self._shard_op("rebalance", req, timeout + 10, write=True)
 
+    async def alarms(self, *, timeout: float | None = None) -> list[Alarm]:
+        """The cluster's alarms (as the node asked applied them from the metadata group)."""
+        req = admin_pb2.AlarmListRequest()
+        deadline = self.checks.deadline(timeout)
+        resp = await self.invoker.invoke(
+            "alarm list", lambda ep, t: self.channels.admin(ep).AlarmList(req, timeout=t),
+            deadline=deadline, is_write=False, learns_leader=False,
+        )
+        return _alarms(resp)
+
+    async def disarm_alarms(
+        self, node_id: int = 0, type: str | None = None, *, timeout: float | None = None
+    ) -> list[Alarm]:
+        """Disarm the matching alarms cluster-wide (node_id 0: every node's; type None: every
+        type); the alarms still raised after. A node still over its quota raises NOSPACE again."""
+        kind = "ALARM_NONE" if type is None else f"ALARM_{type.upper()}"
+        if kind not in admin_pb2.AlarmType.keys():  # noqa: SIM118 - an enum wrapper, not a dict
+            raise InvalidArgument(f"unknown alarm type {type!r}")
+        req = admin_pb2.AlarmDisarmRequest(node_id=node_id, type=kind)
+        deadline = self.checks.deadline(timeout)
+        resp = await self.invoker.invoke(
+            "alarm disarm", lambda ep, t: self.channels.admin(ep).AlarmDisarm(req, timeout=t),
+            deadline=deadline, is_write=True, learns_leader=False,
+        )
+        return _alarms(resp)
+
     async def snapshot(
         self, endpoint: str | None = None, *, timeout: float | None = None
     ) -> AdminResult:
@@ -204,3 +230,7 @@ class Admin:
         return await self._admin_call(
             "snapshot", lambda s, t: s.Snapshot(req, timeout=t), endpoint=endpoint, timeout=timeout
         )
+
+
+def _alarms(resp: admin_pb2.AlarmResponse) -> list[Alarm]:
+    return [Alarm(a.node_id, admin_pb2.AlarmType.Name(a.type).removeprefix("ALARM_")) for a in resp.alarms]

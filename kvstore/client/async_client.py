@@ -15,7 +15,9 @@ Semantics every caller can rely on:
 - When the deadline passes: if any attempt of a write was indeterminate, :class:`Timeout` with
   ``indeterminate=True``; if every attempt definitely failed, a definite error (the class of the
   last failure, or :class:`Unavailable` when no endpoint could be reached).
-- Errors that retrying cannot fix (too large, invalid argument, storage full) are raised at once.
+- Errors that retrying cannot fix (too large, invalid argument, storage full, NOSPACE) are raised at once.
+- RESOURCE_EXHAUSTED (rate limit, load shedding; definite) is retried after at least the server's
+  retry-after, at most `overload_retries` times (default 5), then raised (definite).
 - Reads take a consistency level (``linearizable``, ``bounded`` with a ``max_staleness``, or
   ``stale``) and a read preference (``leader``, ``nearest``, ``replica``: see
   :mod:`kvstore.client.readpref`); :meth:`AsyncClient.read` also says which node served the read,
@@ -51,6 +53,7 @@ from kvstore.client.retry import (
     DEFAULT_BACKOFF_CAP,
     DEFAULT_BREAKER_COOLDOWN,
     DEFAULT_BREAKER_THRESHOLD,
+    DEFAULT_OVERLOAD_RETRIES,
     DEFAULT_TIMEOUT,
     RetryPolicy,
 )
@@ -58,6 +61,7 @@ from kvstore.client.routing import Router
 from kvstore.client.scans import Scans
 from kvstore.client.types import (
     AdminResult,
+    Alarm,
     Consistency,
     NodeStatus,
     ReadPreference,
@@ -94,6 +98,7 @@ class AsyncClient:
         backoff_cap: float = DEFAULT_BACKOFF_CAP,
         breaker_threshold: int = DEFAULT_BREAKER_THRESHOLD,
         breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN,
+        overload_retries: int = DEFAULT_OVERLOAD_RETRIES,
         max_key_size: int = DEFAULT_MAX_KEY_SIZE,
         max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
         seed: int | None = None,
@@ -118,6 +123,7 @@ class AsyncClient:
             backoff_cap=backoff_cap,
             breaker_threshold=breaker_threshold,
             breaker_cooldown=breaker_cooldown,
+            overload_retries=overload_retries,
         )
         eps = [e for e in endpoints.split(",")] if isinstance(endpoints, str) else list(endpoints)
         self.router = Router(eps, breaker_threshold=breaker_threshold, breaker_cooldown=breaker_cooldown)
@@ -315,6 +321,16 @@ class AsyncClient:
         """Hand leadership of every group (or of ``groups``) to node ``to`` (0: each group's
         most up-to-date other voter)."""
         return await self._admin.transfer_leader(to, groups=groups, timeout=timeout)
+
+    async def alarms(self, *, timeout: float | None = None) -> list[Alarm]:
+        """The cluster's alarms (NOSPACE: a node's store exceeded its --quota-bytes)."""
+        return await self._admin.alarms(timeout=timeout)
+
+    async def disarm_alarms(
+        self, node_id: int = 0, type: str | None = None, *, timeout: float | None = None
+    ) -> list[Alarm]:
+        """Disarm the matching alarms (default: all); returns the alarms still raised."""
+        return await self._admin.disarm_alarms(node_id, type, timeout=timeout)
 
     async def snapshot(self, endpoint: str | None = None, *, timeout: float | None = None) -> AdminResult:
         """Trigger a snapshot (and log compaction) at ``endpoint``, or at the leader."""

@@ -1,5 +1,7 @@
 """Client-side request checks and defaults: keys, values, deadlines, consistency levels and
-staleness bounds, checked before anything is sent.
+staleness bounds, checked before anything is sent. This is the one place a call's arguments are
+validated and normalized: `AsyncClient` only forwards them, and point reads and scans both take
+their options from `RequestChecks.read_options`.
 
 Every refusal here is definite (nothing was sent): `TypeError` for a wrong Python type,
 `ValueError` for a non-positive timeout, a `KVError` (InvalidArgument, KeyTooLarge,
@@ -8,13 +10,22 @@ ValueTooLarge) otherwise.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from kvstore.client.readpref import READ_PREFERENCES, parse_duration
 from kvstore.client.retry import Deadline
 from kvstore.errors import InvalidArgument, KeyTooLarge, ValueTooLarge
 from kvstore.storage.commands import MAX_KEY_SIZE, U64_MAX
 from kvstore.v1 import kv_pb2
 
-__all__ = ["DEFAULT_MAX_KEY_SIZE", "DEFAULT_MAX_VALUE_SIZE", "RequestChecks", "check_bytes", "reply_staleness"]
+__all__ = [
+    "DEFAULT_MAX_KEY_SIZE",
+    "DEFAULT_MAX_VALUE_SIZE",
+    "ReadOptions",
+    "RequestChecks",
+    "check_bytes",
+    "reply_staleness",
+]
 
 DEFAULT_MAX_KEY_SIZE = MAX_KEY_SIZE
 """The server's key-size limit (one limit: `kvstore.storage.commands.MAX_KEY_SIZE`)."""
@@ -45,6 +56,27 @@ def reply_staleness(consistency: str, resp: kv_pb2.GetResponse | kv_pb2.ScanResp
     return resp.staleness_ms / 1000
 
 
+@dataclass(frozen=True, slots=True)
+class ReadOptions:
+    """A read's options, checked and with the client's defaults filled in (`read_options`)."""
+
+    consistency: str
+    """The level as the caller named it (`reply_staleness` and results report it)."""
+    level: kv_pb2.Consistency
+    """The level on the wire."""
+    staleness_ms: int
+    """The wire's max_staleness_ms: 0 unless bounded, then in 1..U64_MAX."""
+    preference: str
+    """Where to read: one of `READ_PREFERENCES`."""
+    deadline: Deadline
+
+    @property
+    def learns_leader(self) -> bool:
+        """Does a reply teach the client its group's leader? (Only linearizable reads at the
+        leader say who leads for sure.)"""
+        return self.consistency == "linearizable"
+
+
 class RequestChecks:
     """The client's limits and defaults, and the checks that apply them."""
 
@@ -60,9 +92,8 @@ class RequestChecks:
         self.timeout = timeout
         self.max_key_size = max_key_size
         self.max_value_size = max_value_size
-        if read_preference not in READ_PREFERENCES:
-            raise ValueError(f"read_preference must be one of {', '.join(READ_PREFERENCES)}")
-        self.read_preference: str = read_preference
+        self._read_preference = "leader"
+        self.read_preference = read_preference
         #: Default bound of ``bounded`` reads (seconds), if the call gives none.
         self.max_staleness = None if max_staleness is None else parse_duration(max_staleness)
 
@@ -95,6 +126,34 @@ class RequestChecks:
             raise InvalidArgument(
                 f"consistency must be one of {', '.join(_CONSISTENCY)}, not {consistency!r}"
             ) from None
+
+    @property
+    def read_preference(self) -> str:
+        """The default read preference (one of `READ_PREFERENCES`)."""
+        return self._read_preference
+
+    @read_preference.setter
+    def read_preference(self, value: str) -> None:
+        if value not in READ_PREFERENCES:
+            raise ValueError(f"read_preference must be one of {', '.join(READ_PREFERENCES)}, not {value!r}")
+        self._read_preference = value
+
+    def read_options(
+        self,
+        consistency: str,
+        max_staleness: float | str | None,
+        read_preference: str | None,
+        timeout: float | None,
+    ) -> ReadOptions:
+        """Check a read's options (point read or scan) and fill in the client's defaults: the
+        read preference (None or empty: the client's), the staleness bound of a bounded read,
+        the deadline."""
+        level = self.consistency(consistency)
+        staleness = self.staleness_ms(consistency, max_staleness)
+        pref = read_preference or self.read_preference
+        if pref not in READ_PREFERENCES:
+            raise InvalidArgument(f"read_preference must be one of {', '.join(READ_PREFERENCES)}, not {pref!r}")
+        return ReadOptions(consistency, level, staleness, pref, self.deadline(timeout))
 
     def staleness_ms(self, consistency: str, max_staleness: float | str | None) -> int:
         """The wire's max_staleness_ms of a read (0 unless bounded)."""

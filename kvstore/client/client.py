@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from kvstore.client.async_client import AsyncClient
 from kvstore.client.types import (
     AdminResult,
+    Alarm,
     Consistency,
     NodeStatus,
     ReadPreference,
@@ -191,6 +192,12 @@ class Client:
         self, to: int = 0, *, groups: Sequence[int] = (), timeout: float | None = None
     ) -> AdminResult:
         return self._run(self._async.transfer_leader(to, groups=groups, timeout=timeout))
+
+    def alarms(self, *, timeout: float | None = None) -> list[Alarm]:
+        return self._run(self._async.alarms(timeout=timeout))
+
+    def disarm_alarms(self, node_id: int = 0, type: str | None = None, *, timeout: float | None = None) -> list[Alarm]:
+        return self._run(self._async.disarm_alarms(node_id, type, timeout=timeout))
 
     def snapshot(self, endpoint: str | None = None, *, timeout: float | None = None) -> AdminResult:
         return self._run(self._async.snapshot(endpoint, timeout=timeout))

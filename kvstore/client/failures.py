@@ -6,7 +6,9 @@ The rules (no behaviour of their own beyond classification):
   stream broken before the operation was sent) is definite and retryable;
 - a connection lost after sending, a deadline exceeded, a cancelled call or a server-side
   failure leaves a *write* indeterminate (a read is always definite);
-- errors retrying cannot fix (too large, invalid argument, unimplemented) are not retried.
+- errors retrying cannot fix (too large, invalid argument, unimplemented, NOSPACE) are not retried;
+- RESOURCE_EXHAUSTED with a `retry-after-ms` trailer (admission control) is definite and
+  retryable after that long.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kvstore.errors import (
     NotLeader,
     ProposalDropped,
     RequestTooLarge,
+    ResourceExhausted,
     ShuttingDown,
     StaleReplica,
     StorageFull,
@@ -121,6 +124,14 @@ def classify(exc: grpc.aio.AioRpcError, *, endpoint: str, is_write: bool) -> Rpc
             retryable=False,
             reason=details,
         )
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (after := retry_after(exc)) is not None:
+        # Admission control refused the call before running it (rate limit): definite.
+        return RpcFailure(
+            ResourceExhausted(f"{endpoint}: {details}", retry_after=after, indeterminate=False),
+            transport=False,
+            retryable=True,
+            reason=details,
+        )
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return RpcFailure(
             InternalError(f"{endpoint} does not implement this call: {details}", indeterminate=False),
@@ -145,6 +156,22 @@ def classify(exc: grpc.aio.AioRpcError, *, endpoint: str, is_write: bool) -> Rpc
     )
 
 
+RETRY_AFTER_KEY = "retry-after-ms"
+
+
+def retry_after(exc: grpc.aio.AioRpcError) -> float | None:
+    """The server's `retry-after-ms` trailing metadata in seconds, or None if absent or garbled."""
+    try:
+        md = exc.trailing_metadata() or ()
+        for key, value in md:
+            if key == RETRY_AFTER_KEY:
+                ms = int(value if isinstance(value, str) else value.decode())
+                return min(3600.0, max(0, ms) / 1000)
+    except (ValueError, TypeError, UnicodeDecodeError):
+        return None
+    return None
+
+
 def with_message(err: KVError, message: str, *, indeterminate: bool | None = None) -> KVError:
     out = type(err).__new__(type(err))
     out.__dict__.update(err.__dict__)
@@ -159,5 +186,5 @@ def is_retryable(err: KVError) -> bool:
     return isinstance(
         err,
         NotLeader | NoLeader | ProposalDropped | ShuttingDown | WrongShard | Timeout | LeadershipLost
-        | InternalError | Unavailable | StorageFull | StaleReplica,
+        | InternalError | Unavailable | StorageFull | StaleReplica | ResourceExhausted,
     )

@@ -7,7 +7,10 @@ Invariants (see the package docstring for the whole contract):
 - once any attempt's outcome was indeterminate, the final error is indeterminate too (a write
   that may have applied is never reported as definitely failed);
 - a reply's shard map version newer than ours invalidates our map before the next attempt;
-- up to `FREE_REDIRECTS` NOT_LEADER redirects in a row are followed without sleeping.
+- up to `FREE_REDIRECTS` NOT_LEADER redirects in a row are followed without sleeping;
+- a RESOURCE_EXHAUSTED refusal (rate limit, load shedding: definite) is retried after at least
+  its retry-after, at most `policy.overload_retries` times, and never past the deadline: then
+  it is the caller's error (definite unless an earlier attempt was indeterminate).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from kvstore.errors import (
     LeadershipLost,
     NoLeader,
     NotLeader,
+    ResourceExhausted,
     ShuttingDown,
     StaleReplica,
     StorageFull,
@@ -81,6 +85,7 @@ class Invoker:
         backoff = Backoff(self.policy.backoff_base, self.policy.backoff_cap, rng=self._rng)
         attempts = 0
         redirects = 0
+        overloaded = 0
         last: KVError | None = None
         indeterminate: KVError | None = None
         only_transport = True
@@ -147,12 +152,28 @@ class Invoker:
                         err, f"{err.message} (after an earlier attempt: {indeterminate.message})", indeterminate=True
                     )
                 raise err
+            if isinstance(err, ResourceExhausted):
+                overloaded += 1
+                wait = backoff.at_least(err.retry_after)
+                if overloaded > self.policy.overload_retries or wait >= deadline.remaining():
+                    raise self._overloaded(err, overloaded, indeterminate)
+                await asyncio.sleep(wait)
+                continue
             if endpoint is None and self.reroute(group, target, err) and redirects < FREE_REDIRECTS:
                 redirects += 1
                 continue
             redirects = 0
             await asyncio.sleep(deadline.bound(backoff.next_delay()))
         raise self.give_up(op, deadline, attempts, last, indeterminate, only_transport, unreachable, endpoint)
+
+    @staticmethod
+    def _overloaded(err: ResourceExhausted, refusals: int, indeterminate: KVError | None) -> KVError:
+        """The error for an operation the server kept refusing for overload."""
+        note = f"refused {refusals} times for overload; server's retry-after {err.retry_after:.3g}s"
+        if indeterminate is not None:
+            return with_message(err, f"{err.message} ({note}; after an earlier attempt: {indeterminate.message})",
+                                indeterminate=True)
+        return with_message(err, f"{err.message} ({note})")
 
     def give_up(
         self,

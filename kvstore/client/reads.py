@@ -65,17 +65,13 @@ class Reads:
         ``replica`` (see :mod:`kvstore.client.readpref`).
         """
         k = self.checks.key(key)
-        req = kv_pb2.GetRequest(
-            key=k, consistency=self.checks.consistency(consistency),
-            max_staleness_ms=self.checks.staleness_ms(consistency, max_staleness),
-        )
+        opts = self.checks.read_options(consistency, max_staleness, read_preference, timeout)
+        req = kv_pb2.GetRequest(key=k, consistency=opts.level, max_staleness_ms=opts.staleness_ms)
 
         def call(ep: str, t: float) -> Awaitable[kv_pb2.GetResponse]:
             return self.channels.mux(ep).call("get", req, t)
 
-        deadline = self.checks.deadline(timeout)
-        pref = read_preference or self.checks.read_preference
-        learns = consistency == "linearizable"
+        deadline, pref, learns = opts.deadline, opts.preference, opts.learns_leader
         if pref == "leader":
             resp = await self.invoker.invoke("get", call, deadline=deadline, is_write=False, key=k, learns_leader=learns)
         else:

@@ -28,6 +28,7 @@ DEFAULT_BACKOFF_BASE = 0.020
 DEFAULT_BACKOFF_CAP = 1.0
 DEFAULT_BREAKER_THRESHOLD = 3
 DEFAULT_BREAKER_COOLDOWN = 2.0
+DEFAULT_OVERLOAD_RETRIES = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,9 @@ class RetryPolicy:
     backoff_base / backoff_cap: exponential backoff with full jitter between attempts.
     breaker_threshold: consecutive transport failures that open an endpoint's circuit breaker.
     breaker_cooldown: seconds an open breaker waits before letting one probe through (half-open).
+    overload_retries: RESOURCE_EXHAUSTED refusals (rate limit, load shedding) one operation retries
+        after, each after waiting at least the server's retry-after; one more is reported to the
+        caller (definite: the operation was not applied).
     """
 
     timeout: float = DEFAULT_TIMEOUT
@@ -47,8 +51,11 @@ class RetryPolicy:
     backoff_cap: float = DEFAULT_BACKOFF_CAP
     breaker_threshold: int = DEFAULT_BREAKER_THRESHOLD
     breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN
+    overload_retries: int = DEFAULT_OVERLOAD_RETRIES
 
     def __post_init__(self) -> None:
+        if self.overload_retries < 0:
+            raise ValueError("overload_retries must be >= 0")
         if self.timeout <= 0:
             raise ValueError("timeout must be positive")
         if self.attempt_timeout <= 0:
@@ -111,6 +118,11 @@ class Backoff:
         delay = self._rng.uniform(0.0, self.ceiling())
         self.attempt += 1
         return delay
+
+    def at_least(self, minimum: float) -> float:
+        """The next delay, but never less than `minimum` (a server's retry-after): `minimum`
+        stretched by up to 25% of jitter, so refused clients do not all come back at once."""
+        return max(self.next_delay(), minimum * (1.0 + 0.25 * self._rng.random()))
 
     def reset(self) -> None:
         self.attempt = 0

@@ -109,15 +109,13 @@ class Scans:
         end = None if end is None else check_bytes("end", end)
         if not 0 <= limit <= U64_MAX:
             raise InvalidArgument(f"limit must be in 0..{U64_MAX}")
-        level = self.checks.consistency(consistency)
-        staleness_ms = self.checks.staleness_ms(consistency, max_staleness)
-        pref = read_preference or self.checks.read_preference
+        opts = self.checks.read_options(consistency, max_staleness, read_preference, timeout)
+        level, staleness_ms, pref, deadline = opts.level, opts.staleness_ms, opts.preference, opts.deadline
         lo, hi = scan_range(prefix, start, end)
         if hi is not None and lo >= hi:
             return
-        deadline = self.checks.deadline(timeout)
         backoff = Backoff(self.policy.backoff_base, self.policy.backoff_cap, rng=self._rng)
-        learns_leader = consistency == "linearizable" and pref == "leader"
+        learns_leader = opts.learns_leader and pref == "leader"
         while True:
             await self.view.ensure_map(deadline)
             groups = self.router.scan_groups()

@@ -16,6 +16,7 @@ from kvstore.v1 import admin_pb2, shard_pb2
 
 __all__ = [
     "AdminResult",
+    "Alarm",
     "Consistency",
     "GroupInfo",
     "GroupStatus",
@@ -136,6 +137,15 @@ class NodeStatus:
     address: str
     status: Status | None = None
     error: KVError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    """A cluster alarm (replicated in the metadata group): `type` is "NOSPACE"; `node_id` the
+    node that raised it."""
+
+    node_id: int
+    type: str
 
 
 @dataclass(frozen=True, slots=True)

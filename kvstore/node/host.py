@@ -4,7 +4,8 @@ Plain synchronous code. The asyncio driver (`node.py`) calls `tick()` on a timer
 message the transport delivers, `propose()` / `read()` for client requests, and `run_cycle()`
 whenever `has_work()`; everything with a socket stays outside.
 
-One cycle (`run_cycle`):
+One cycle (`run_cycle`), run by the one Ready-loop implementation `kvstore.raft.readyloop` (this
+module supplies the staging into one store batch, the sending and the answering):
 1. collect the Ready of every group that has one;
 2. hand the messages that need not wait to the transport;
 3. ONE storage call for all groups: persist snapshots, entries and hard states, and apply the
@@ -50,6 +51,7 @@ recovers); waiting reads fail with a definite STORAGE_FULL.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -58,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstore import errors
+from kvstore.node.hosted import HostedMembers
 from kvstore.node.store import ApplyBatch, GroupWrite, NodeStore
 from kvstore.raft import (
     NONE,
@@ -73,6 +76,7 @@ from kvstore.raft import (
     RaftNode,
     Ready,
     Role,
+    readyloop,
 )
 from kvstore.storage.errors import StorageError
 
@@ -124,18 +128,26 @@ class Cycle:
     """One Ready-loop iteration in flight: the batch to persist and apply, and its outcome."""
 
     store: NodeStore
-    readies: list[tuple[Group, Ready]]
+    turn: readyloop.Turn[Group]
     writes: list[GroupWrite] = field(default_factory=list)
     applies: list[ApplyBatch] = field(default_factory=list)
     results: list[list[Any]] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
     """How long `persist` took, if the driver timed it (the host reads no clock)."""
-    sent_early: bool = False
-    """Step 2 handed messages to the transport (they may leave before the batch is durable)."""
     on_applied: Callable[[Cycle, list[list[Any]]], None] | None = None
     """Called (on the persist thread, inside the transaction, before its fsync) with the apply
     results, so the driver can have `Host.answer_writes` run early; see the module docstring."""
+
+    @property
+    def readies(self) -> list[tuple[Group, Ready]]:
+        """The groups in this cycle and their Readies, in the order taken."""
+        return [(g, rd) for g, _, rd in self.turn.readies]
+
+    @property
+    def sent_early(self) -> bool:
+        """Step 2 handed messages to the transport (they may leave before the batch is durable)."""
+        return self.turn.sent_early
 
     def touches_storage(self) -> bool:
         """Has step 3 anything to write or apply? (If not, `persist` is a no-op.)"""
@@ -192,6 +204,8 @@ class Host:
         self.full_scan_ticks = 10
         self.suspected: set[int] = set()
         """Nodes whose liveness pings stopped (see `suspect`)."""
+        self.hosted = HostedMembers()
+        """The nodes some hosted group's configuration lists (kept current: see `hosted`)."""
 
     # --- groups -----------------------------------------------------------------------------
     def open_group(self, group: int, bootstrap: ConfState | None, data: Sequence[bytes] = ()) -> Group:
@@ -215,6 +229,7 @@ class Host:
         )
         core = RaftNode(cfg, self.store.log_storage(group), random.Random(self.rng.getrandbits(64)), log)
         g = self.groups[group] = Group(group, core)
+        self.hosted.update(group, core.conf)
         self._dirty.add(group)
         return g
 
@@ -251,6 +266,7 @@ class Host:
         commit on the remaining replicas) and, with `destroy`, its state is deleted and a tombstone
         keeps it from being recreated by a late message. Call only between cycles."""
         g = self.groups.pop(group, None)
+        self.hosted.drop(group)
         if g is not None:
             err = errors.LeadershipLost(f"group {group} left this node", indeterminate=True)
             for w in g.writes.values():
@@ -269,6 +285,20 @@ class Host:
             return NONE, ""
         lead = g.core.lead
         return lead, self.members.get(lead, "")
+
+    def leads_current(self, group: int) -> bool:
+        """Does this node lead `group` with a current view of its state? A new leader's applied
+        state may lag what earlier leaders committed until it has applied an entry of its own
+        term (the empty entry it appends on election); from then on it has applied everything
+        committed before its term. A move coordinator acts only then: driving from a lagging map
+        it would propose steps of moves that are already finished, which every up-to-date node
+        refuses (WRONG_SHARD, retried until the request's deadline) - a stall after every
+        metadata failover."""
+        g = self.groups.get(group)
+        if g is None or g.core.role != Role.LEADER:
+            return False
+        core = g.core
+        return core.log.term_or_zero(core.applied) == core.term
 
     def _not_leader(self, g: Group) -> errors.KVError:
         lead = g.core.lead
@@ -298,6 +328,8 @@ class Host:
         except RaftError as err:
             log.warning("group %d: dropped %s from node %d: %s", m.group, m.type.name, m.frm, err)
             return False
+        finally:
+            self.hosted.update(m.group, g.core.conf)  # an append or a snapshot may change it
         return True
 
     def tick(self) -> None:
@@ -364,6 +396,7 @@ class Host:
             index = g.core.propose_conf_change(cc)
         except ProposalDropped as err:
             raise errors.ProposalDropped(str(err)) from err
+        self.hosted.update(group, g.core.conf)  # the leader's configuration changes on append
         self._dirty.add(group)
         g.writes[index] = PendingWrite(g.core.term, callback)
         return index
@@ -447,33 +480,13 @@ class Host:
         another thread meanwhile."""
         if self.failed is not None:
             return None
-        readies: list[tuple[Group, Ready]] = [(g, g.core.ready()) for g in self._ready_groups()]
-        if not readies:
+        writes: list[GroupWrite] = []
+        applies: list[ApplyBatch] = []
+        stage = functools.partial(_stage, writes, applies)
+        turn = readyloop.begin(((g, g.core) for g in self._ready_groups()), self._send, stage)
+        if turn is None:
             return None
-        immediate = [m for _, rd in readies for m in rd.messages]
-        if immediate:
-            self._send(immediate)
-        cycle = Cycle(self.store, readies, sent_early=bool(immediate))
-        for g, rd in readies:
-            if rd.snapshot is not None:
-                log.info(
-                    "installing snapshot of group %d at index %d (term %d)",
-                    g.id, rd.snapshot.meta.index, rd.snapshot.meta.term,
-                )
-            if rd.entries or rd.hard_state is not None or rd.snapshot is not None:
-                cycle.writes.append(
-                    GroupWrite(
-                        g.id,
-                        rd.entries,
-                        rd.hard_state,
-                        rd.snapshot.meta if rd.snapshot is not None else None,
-                        Path(rd.snapshot.data.decode()) if rd.snapshot is not None else None,
-                    )
-                )
-            if rd.committed_entries:
-                last = rd.committed_entries[-1].index
-                cycle.applies.append(ApplyBatch(g.id, rd.committed_entries, g.core.conf_state_at(last)))
-        return cycle
+        return Cycle(self.store, turn, writes, applies)
 
     def end_cycle(self, cycle: Cycle) -> int:
         """Steps 4-6, once `cycle.persist()` returned: send the rest, answer clients, advance.
@@ -486,15 +499,10 @@ class Host:
             log.warning("storage works again: the node resumes (it had stopped on: %s)", self.failed)
             self.failed = None
             self._failed_cycle = None
-        readies = cycle.readies
-        later = [m for _, rd in readies for m in rd.persisted_messages]
-        if later:
-            self._send(later)
         by_group = {a.group: r for a, r in zip(cycle.applies, cycle.results, strict=True)}
-        for g, rd in readies:
-            self._finish(g, rd, by_group.get(g.id, []))
-            self._dirty.add(g.id)  # advancing may have made more ready (e.g. newly committed entries)
-        return len(readies)
+        return readyloop.end(
+            cycle.turn, self._send, lambda g, rd: self._apply(g, rd, by_group.get(g.id, ())), self._advanced
+        )
 
     def awaits_writes(self, cycle: Cycle) -> bool:
         """Does any group `cycle` applies have writes waiting here (worth answering early)?"""
@@ -526,9 +534,9 @@ class Host:
         if out:
             self.send(out)
 
-    def _finish(self, g: Group, rd: Ready, results: list[Any]) -> None:
-        core = g.core
-        was_leader = core.role == Role.LEADER
+    def _apply(self, g: Group, rd: Ready, results: Sequence[Any]) -> None:
+        """Before `g` advances past `rd`: note membership changes, answer the writes `rd` applied
+        (from the store's `results`), queue its read states."""
         for e, res in zip(rd.committed_entries, results, strict=True):
             if e.type == EntryType.CONF_CHANGE:
                 self._applied_conf_change(e.data)
@@ -539,7 +547,13 @@ class Host:
             cb = g.reads.pop(rs.context, None)
             if cb is not None:
                 g.ready_reads.append((rs.index, cb))
-        core.advance(rd)
+
+    def _advanced(self, g: Group, rd: Ready) -> None:
+        """After `g` advanced past `rd`: leader changes, reads, compaction. (`advance` never
+        changes the role, so the role now is the role `rd` was applied under.)"""
+        self._dirty.add(g.id)  # advancing may have made more ready (e.g. newly committed entries)
+        self.hosted.update(g.id, g.core.conf)
+        was_leader = g.core.role == Role.LEADER
         if rd.soft_state is not None:
             if self.on_leader_change is not None:
                 self.on_leader_change(g.id, rd.soft_state.leader)
@@ -634,6 +648,29 @@ class Host:
             st["first_index"] = self.store.log_storage(gid).first_index()
             out.append(st)
         return out
+
+
+def _stage(writes: list[GroupWrite], applies: list[ApplyBatch], g: Group, core: RaftNode, rd: Ready) -> None:
+    """Add `rd` to a cycle's batch: its snapshot, entries and hard state to persist, its committed
+    entries to apply (with the configuration in force at the last of them). Host thread."""
+    if rd.snapshot is not None:
+        log.info(
+            "installing snapshot of group %d at index %d (term %d)",
+            g.id, rd.snapshot.meta.index, rd.snapshot.meta.term,
+        )
+    if rd.entries or rd.hard_state is not None or rd.snapshot is not None:
+        writes.append(
+            GroupWrite(
+                g.id,
+                rd.entries,
+                rd.hard_state,
+                rd.snapshot.meta if rd.snapshot is not None else None,
+                Path(rd.snapshot.data.decode()) if rd.snapshot is not None else None,
+            )
+        )
+    if rd.committed_entries:
+        last = rd.committed_entries[-1].index
+        applies.append(ApplyBatch(g.id, rd.committed_entries, core.conf_state_at(last)))
 
 
 def _answer(w: PendingWrite, term: int, result: Any) -> None:

@@ -85,8 +85,8 @@ class Inbound:
         """Is `node` a member of the cluster as far as this node knows: of the metadata group, of
         the members learned from applied changes and `--peers`, of the shard map's nodes, or still
         of some group hosted here? (A member is removed group by group, the metadata group first:
-        until its last group let it go, it must still be heard there.) The last check walks the
-        hosted groups, but only for senders that failed the others, i.e. only for outsiders."""
+        until its last group let it go, it must still be heard there.) Every check is O(1): the
+        last asks the host's set of nodes its groups' configurations list (`Host.hosted`)."""
         if node == self.node_id or node in self.host.members:
             return True
         meta = self.host.groups.get(META_GROUP)
@@ -95,7 +95,7 @@ class Inbound:
         m = self.shard_map()
         if m is not None and node in m.nodes:
             return True
-        return any(node in g.core.conf.voters or node in g.core.conf.learners for g in self.host.groups.values())
+        return node in self.host.hosted
 
     def admit(self, m: Message) -> bool:
         """True if `m` may be stepped into its group (opening the group first if needed)."""

@@ -88,7 +88,7 @@ from ..storage.snapfile import (
     SnapshotDecoder,
     encode_snapshot,
 )
-from .store import ApplyBatch, ApplyResults, GroupWrite, NodeStore
+from .store import ApplyBatch, ApplyResults, AuditHead, GroupWrite, NodeStore
 
 T = TypeVar("T")
 
@@ -425,6 +425,7 @@ class MemoryNodeStore:
         self.torn_model = torn_model
         self._groups: dict[int, _Group] = {}
         self._tombstones: set[int] = set()
+        self._audit_head: AuditHead | None = None
         self._logs: dict[int, MemLogStorage] = {}
         self._journal: list[list[Undo]] = []
         """Undo records of the transactions committed since the last sync, oldest first."""
@@ -496,6 +497,7 @@ class MemoryNodeStore:
         )
         new._groups = self._groups
         new._tombstones = self._tombstones
+        new._audit_head = self._audit_head
         new._disk_full = self._disk_full
         self._groups = {}
         self._tombstones = set()
@@ -615,6 +617,18 @@ class MemoryNodeStore:
             if tombstone and group not in self._tombstones:
                 self._tombstones.add(group)
                 undo.append((_U_SET_ADD, self._tombstones, group, None))
+
+        self._write(fn)
+
+    # --- the audit log's head ---------------------------------------------------------------------
+    def audit_head(self) -> AuditHead | None:
+        self._check_open()
+        return self._audit_head
+
+    def set_audit_head(self, head: AuditHead) -> None:
+        def fn(undo: list[Undo]) -> None:
+            undo.append((_U_ATTR, self, "_audit_head", self._audit_head))
+            self._audit_head = head
 
         self._write(fn)
 

@@ -65,6 +65,20 @@ class ApplyBatch:
     conf_state: ConfState
 
 
+@dataclass(frozen=True, slots=True)
+class AuditHead:
+    """Where the node's audit log's MAC chain stood when it last made the log durable
+    (`kvstore.security.audit`): the sequence number and MAC of the last line fsynced, and `floor`,
+    the first sequence number still kept (lines below it may have been rotated away).
+
+    Recorded only AFTER the lines up to `seq` are fsynced (and `floor` only BEFORE older files are
+    deleted), so a crash can never leave a head that the log does not reach."""
+
+    seq: int
+    mac: bytes
+    floor: int = 1
+
+
 class ReadStream(Protocol[T_co]):
     """An iterator over one consistent read view; `close()` releases it early (idempotent)."""
 
@@ -181,6 +195,17 @@ class NodeStore(Protocol):
         them (key order), then every session (key order: a head as REC_FLOOR of its floor, each
         cached result as REC_RESULT; not the session meta), in chunks of about `chunk_bytes` with
         each chunk's data-row count. Raises StorageError unless `ranges` are frozen."""
+        ...
+
+    # --- the audit log's head --------------------------------------------------------------------
+    def audit_head(self) -> AuditHead | None:
+        """The audit chain's head last recorded with `set_audit_head` (None: never)."""
+        ...
+
+    def set_audit_head(self, head: AuditHead) -> None:
+        """Record the audit chain's head: one small transaction, durable like every write (and
+        with the same failure contract). May be called from another thread than the Ready loop's
+        (the LMDB store serializes its write transactions)."""
         ...
 
     # --- reads -----------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 It may lag the committed map, which is safe because every group checks ownership itself (a
 stale map only costs a WRONG_SHARD round trip). A map that does not decode (it cannot get into
-group 0 through the node's own checks, see `kvstore.server.shards.check_group_request`) is
+group 0 through the node's own checks, see `kvstore.node.grouprequests.check_group_request`) is
 logged and ignored: the last good map stays in force.
 """
 

@@ -1,2 +1,3 @@
-"""Transport security: the cluster's certificates (`certs`) and gRPC TLS credentials and peer
-identity (`tls`). Authentication of users, RBAC, audit and quotas are not part of it yet."""
+"""Security: the cluster's certificates (`certs`), gRPC TLS credentials and peer identity (`tls`),
+and the MAC-chained audit log (`audit`). Authentication of users, RBAC and quotas are not part of
+it yet."""

@@ -15,12 +15,14 @@ from typing import Any
 import grpc
 
 from kvstore import errors
+from kvstore.node.alarms import Alarm, AlarmType
 from kvstore.node.host import Host
 from kvstore.raft import ConfChange, ConfChangeType
 from kvstore.raft.types import MAX_CONF_CONTEXT, MAX_U63
 from kvstore.shard.shardmap import META_GROUP, ShardMap
 from kvstore.v1 import admin_pb2, admin_pb2_grpc
 
+from .admission import Admission
 from .config import NodeConfig
 from .movedriver import MoveDriver
 from .reads import ReplicaReads
@@ -37,7 +39,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         caller: GroupCaller,
         coordinator: MoveDriver,
         reads: ReplicaReads | None = None,
+        admission: Admission | None = None,
     ) -> None:
+        self.admission = admission
         self.coordinator = coordinator
         self.cfg = cfg
         self.host = host
@@ -210,6 +214,36 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 self.host.store.compact(gid, applied)
             out.append(f"{gid}@{applied}")
         return admin_pb2.AdminResponse(message="log compacted through " + ", ".join(out))
+
+
+    # --- alarms ---------------------------------------------------------------------------------
+    async def AlarmList(self, request: admin_pb2.AlarmListRequest, context: grpc.aio.ServicerContext) -> admin_pb2.AlarmResponse:
+        """The alarms as this node applied them from the metadata group."""
+        if self.admission is None:
+            return admin_pb2.AlarmResponse()
+        self.admission.alarms.refresh()
+        return admin_pb2.AlarmResponse(alarms=_alarms_proto(self.admission.alarms.alarms))
+
+    async def AlarmDisarm(
+        self, request: admin_pb2.AlarmDisarmRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AlarmResponse:
+        """Clear the matching alarms cluster-wide (a compare-and-swap in the metadata group). A node
+        still over its quota raises NOSPACE again at its next check."""
+        try:
+            _check_node_id(request.node_id, allow_zero=True)
+            if request.type not in (admin_pb2.ALARM_NONE, *[int(t) for t in AlarmType]):
+                raise errors.InvalidArgument(f"unknown alarm type {request.type}")
+            if self.admission is None:
+                raise errors.InternalError("this node has no admission control", indeterminate=False)
+            kind = AlarmType(request.type) if request.type != admin_pb2.ALARM_NONE else None
+            alarms = await self.admission.disarm(request.node_id, kind)
+        except errors.KVError as err:
+            return admin_pb2.AlarmResponse(error=errors.to_proto(err))
+        return admin_pb2.AlarmResponse(alarms=_alarms_proto(alarms))
+
+
+def _alarms_proto(alarms: frozenset[Alarm]) -> list[admin_pb2.Alarm]:
+    return [admin_pb2.Alarm(node_id=a.node, type=int(a.type)) for a in sorted(alarms)]  # type: ignore[arg-type]
 
 
 def _already(cc: ConfChange, voters: set[int], learners: set[int]) -> bool:

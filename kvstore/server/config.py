@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvstore.node.host import RaftSettings
+from kvstore.security.audit import AuditSettings
 from kvstore.security.net import is_loopback
 from kvstore.storage.commands import MAX_KEY_SIZE, command_size_bound
 
+from .admission import AdmissionSettings
 from .reads import ReadSettings
 
 META_GROUP = 0
@@ -69,9 +71,21 @@ class NodeConfig:
     """TLS: ca.crt, node.crt, node.key (`kvstore cert ...`). None: plaintext."""
     insecure: bool = False
     """Allow plaintext on a non-loopback address (`--insecure`)."""
+    audit: AuditSettings | None = None
+    """The audit log (`--audit-log PATH ...`); None: no audit log."""
+
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    """Rate limits, load shedding, the space quota and connection limits (all off by default)."""
+
+    @property
+    def audit_writes(self) -> bool:
+        return self.audit is not None and self.audit.writes
 
     def validate(self) -> None:
         self.limits.validate()
+        self.admission.validate()
+        if self.audit is not None:
+            self.audit.validate()
         if self.id < 1:
             raise ValueError("--id must be >= 1")
         if not self.join and self.id not in self.peers:

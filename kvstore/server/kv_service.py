@@ -21,6 +21,7 @@ from kvstore.node.host import Host
 from kvstore.storage.errors import StorageError
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
+from .admission import Admission
 from .config import NodeConfig
 from .metrics import Metrics
 from .op_stream import OpStream
@@ -41,10 +42,11 @@ class KVService(kv_pb2_grpc.KVServicer):
         metrics: Metrics,
         tracker: ShardTracker,
         reads: ReplicaReads | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
-        self.requests = KVRequests(cfg, host, wake, metrics, tracker, reads)
+        self.requests = KVRequests(cfg, host, wake, metrics, tracker, reads, admission)
 
     async def Get(self, request: kv_pb2.GetRequest, context: grpc.aio.ServicerContext | None) -> kv_pb2.GetResponse:
         return await self.requests.get(request)
@@ -63,7 +65,7 @@ class KVService(kv_pb2_grpc.KVServicer):
     async def Delete(self, request: kv_pb2.DeleteRequest, context: grpc.aio.ServicerContext) -> kv_pb2.DeleteResponse:
         rq = self.requests
         try:
-            res = await rq.write(*rq.prepare_delete(request))
+            res = await rq.write(*rq.prepare_delete(request), delete=True)
             self.metrics.writes.inc()
             return rq.delete_reply(res)
         except errors.KVError as err:
@@ -85,8 +87,8 @@ class KVService(kv_pb2_grpc.KVServicer):
     async def Stream(
         self, request_iterator: AsyncIterator[kv_pb2.OpBatch], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[kv_pb2.ResultBatch]:
-        """Multiplexed operations (see op_stream.py)."""
-        async for batch in OpStream(self.requests).run(request_iterator):
+        """Multiplexed operations (see op_stream.py; a rate limit counts each operation)."""
+        async for batch in OpStream(self.requests, context).run(request_iterator):
             yield batch
 
     async def Scan(

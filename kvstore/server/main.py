@@ -7,6 +7,8 @@ import logging
 import signal
 import sys
 
+from kvstore.security.audit import AuditOpenError, KeyFileError
+
 from .config import NodeConfig
 from .node import Node
 
@@ -58,6 +60,6 @@ def run(cfg: NodeConfig) -> int:
     install_event_loop()
     try:
         return asyncio.run(serve(cfg))
-    except OSError as err:
+    except (OSError, AuditOpenError, KeyFileError) as err:
         print(f"kvstore: {err}", file=sys.stderr)
         return 2

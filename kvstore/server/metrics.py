@@ -42,3 +42,10 @@ class Metrics:
         self.reads = Counter("kvstore_reads_total", "Reads served", registry=r)
         self.writes = Counter("kvstore_writes_total", "Writes applied and answered", registry=r)
         self.storage_full = Gauge("kvstore_storage_full", "1 if the node stopped on a full disk", registry=r)
+        self.admission_refused = Counter(
+            "kvstore_admission_refused_total",
+            "Client requests refused by admission control, by reason (rate_limit, apply_lag, memory, nospace)",
+            ["reason"], registry=r,
+        )
+        self.alarms = Gauge("kvstore_alarms", "Cluster alarms raised (as this node applied them), by type",
+                            ["type"], registry=r)

@@ -27,11 +27,13 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from kvstore.node.alarms import AlarmTracker
 from kvstore.node.host import Cycle, Host
 from kvstore.node.inbound import Inbound, RefusalLog
 from kvstore.node.logic import Bootstrap, NodeLogic
 from kvstore.node.store import NodeStore
 from kvstore.raft import Message, Role
+from kvstore.security.audit import KEY_FILE, AuditLog, load_or_create_key
 from kvstore.security.tls import NodeTls, PeerVerifier
 from kvstore.shard.shardmap import META_GROUP
 from kvstore.storage.store import LmdbNodeStore
@@ -41,6 +43,8 @@ from kvstore.v1 import admin_pb2, kv_pb2, raft_pb2, shard_pb2
 
 from . import wire
 from .admin_service import AdminService
+from .admission import Admission
+from .audit_rpc import audited
 from .config import NodeConfig
 from .kv_service import KVService
 from .learner import register_learner
@@ -64,6 +68,9 @@ class Node:
         self.server: grpc.aio.Server | None = None
         self.tls: NodeTls | None = None
         """TLS material (`cfg.certs_dir`), None for a plaintext node; reloaded by `reload_certificates`."""
+        self.audit: AuditLog | None = None
+        """The audit log (`cfg.audit`, `--audit-log`), None without one. Authentication reports its
+        events with `self.audit.auth_event(...)`."""
         self.health = health.HealthServicer()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -81,6 +88,8 @@ class Node:
         """Set when a loop the node needs ended (see `_task_ended`): the process must exit."""
         self.fatal: str | None = None
         self._stopping = False
+        self.alarms: AlarmTracker | None = None
+        self.admission: Admission | None = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -111,6 +120,13 @@ class Node:
             self.tls = NodeTls(cfg.certs_dir, cfg.id)  # before the store: bad certificates fail fast
         tls = self.tls
         self.store = store = LmdbNodeStore(cfg.data_dir / "db", sync=cfg.sync, map_size=1 << 36)
+        if cfg.audit is not None:
+            self.audit = AuditLog(cfg.audit, load_or_create_key(cfg.data_dir / KEY_FILE), store, cfg.id)
+            self.audit.open()
+        audit = self.audit
+
+        def watched(servicer: object, name: str) -> object:
+            return servicer if audit is None else audited(servicer, name, audit, writes=cfg.audit_writes)
         self.transport = Transport(
             cfg.id, cfg.cluster_id, store, on_unreachable=lambda n: self.logic.host.report_unreachable(n),
             on_snapshot_done=self._snapshot_done, tls=tls,
@@ -134,8 +150,22 @@ class Node:
         self.reads = ReplicaReads(
             host, cfg.reads, metrics=ReadMetrics(self.metrics.registry), request_timeout=cfg.request_timeout
         )
+        alarms = self.alarms = AlarmTracker(store)
+        alarms.refresh()
+        alarm_gauge = self.metrics.alarms.labels("NOSPACE")
+        alarms.on_change.append(lambda: alarm_gauge.set(len(alarms.alarms)))
+        admission = self.admission = Admission(
+            cfg.id, cfg.admission, host, alarms,
+            propose_meta=lambda data: caller.propose(META_GROUP, data), live_bytes=store.live_bytes,
+        )
+        refused_by = self.metrics.admission_refused
+        admission.on_refused = lambda reason: refused_by.labels(reason).inc()
+        interceptor = admission.interceptor()
 
-        server = self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        server = self.server = grpc.aio.server(
+            options=cfg.admission.server_options(CHANNEL_OPTIONS),
+            interceptors=[interceptor] if interceptor is not None else None,
+        )
         # Every method of every service decodes its request totally (wire.py): malformed bytes
         # get INVALID_ARGUMENT, never UNKNOWN.
         self.rpc_methods = wire.add_services(server, [
@@ -143,13 +173,14 @@ class Node:
                          is_member=self.inbound.is_member, refusals=self.inbound.refusals,
                          on_connected=self._connected, verify=verify),
              raft_pb2.DESCRIPTOR.services_by_name["Raft"]),
-            (KVService(cfg, host, self.wake, self.metrics, tracker, self.reads),
+            (watched(KVService(cfg, host, self.wake, self.metrics, tracker, self.reads, admission), "kvstore.v1.KV"),
              kv_pb2.DESCRIPTOR.services_by_name["KV"]),
-            (AdminService(cfg, host, self.wake, tracker, caller, self.coordinator, self.reads),
+            (watched(AdminService(cfg, host, self.wake, tracker, caller, self.coordinator, self.reads, admission),
+                     "kvstore.v1.Admin"),
              admin_pb2.DESCRIPTOR.services_by_name["Admin"]),
-            (ShardService(cfg.id, host, self.wake, tracker, caller, self.coordinator, cfg.request_timeout,
-                          cluster_id=cfg.cluster_id, is_member=self.inbound.is_member,
-                          refusals=self.inbound.refusals, verify=verify),
+            (watched(ShardService(cfg.id, host, self.wake, tracker, caller, self.coordinator, cfg.request_timeout,
+                                  cluster_id=cfg.cluster_id, is_member=self.inbound.is_member,
+                                  refusals=self.inbound.refusals, verify=verify), "kvstore.v1.Shard"),
              shard_pb2.DESCRIPTOR.services_by_name["Shard"]),
             (self.health, health_pb2.DESCRIPTOR.services_by_name["Health"]),
         ])
@@ -165,6 +196,7 @@ class Node:
             loop.create_task(self._ticker(), name="ticker"),
             loop.create_task(self._ready_loop(), name="ready-loop"),
             loop.create_task(self.coordinator.run(), name="shard-coordinator"),
+            loop.create_task(admission.run(), name="admission"),
         ]
         for t in self._tasks:
             t.add_done_callback(self._task_ended)
@@ -261,6 +293,8 @@ class Node:
                         m.fsync_seconds.observe(cycle.seconds)
                     m.ready_groups.observe(n)
                     self.logic.after_cycle()
+                    if self.alarms is not None:
+                        self.alarms.refresh()
                 if host.failed is not None:
                     m.storage_full.set(1)
                     self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -323,6 +357,8 @@ class Node:
             await self.transport.close()
         if self.caller is not None:
             await self.caller.close()
+        if self.audit is not None:  # before the store: it records the head there
+            await asyncio.get_running_loop().run_in_executor(None, self.audit.close)
         if self.store is not None:
             self.store.close()
         log.info("node %d stopped", self.cfg.id)

@@ -14,6 +14,9 @@ Invariants:
   dropped, and an indeterminate TIMEOUT says so;
 - at most `MAX_PENDING` operations per stream wait for the host: beyond that the stream stops
   reading, and gRPC flow control pushes back on the client;
+- with a rate limit (`--rate-limit`), each batch of N operations asks the caller's bucket for N
+  tokens: the first ones it covers run, the others are answered RESOURCE_EXHAUSTED with a
+  retry-after at once (definite: never proposed) and the stream goes on;
 - when the stream ends, pending operations are forgotten (their timers cancelled); the client
   treats them as it treats a broken connection (writes indeterminate).
 """
@@ -30,6 +33,7 @@ from kvstore.raft import Role
 from kvstore.storage.commands import ApplyResult
 from kvstore.v1 import kv_pb2
 
+from .identity import rpc_identity
 from .reads import LINEARIZABLE, ReadPoint
 from .requests import KVRequests
 
@@ -45,8 +49,12 @@ _ERROR_REPLY: dict[str, Callable[[kv_pb2.Error], Any]] = {
 
 
 class OpStream:
-    def __init__(self, svc: KVRequests) -> None:
+    def __init__(self, svc: KVRequests, context: Any = None) -> None:
         self.svc = svc
+        adm = svc.admission
+        self._limited = adm is not None and adm.limiter is not None
+        self.identity = rpc_identity(context) if self._limited and context is not None else ""
+        """Who the rate limit counts this stream's operations against."""
         self.loop = asyncio.get_running_loop()
         self.pending: dict[int, asyncio.TimerHandle] = {}
         """Operations handed to the host, by id: their timeout timers."""
@@ -89,8 +97,11 @@ class OpStream:
     async def _read(self, requests: AsyncIterator[kv_pb2.OpBatch]) -> None:
         try:
             async for batch in requests:
-                for op in batch.ops:
-                    self._start(op)
+                if self._limited:
+                    self._start_limited(batch)
+                else:
+                    for op in batch.ops:
+                        self._start(op)
                 self.svc.wake()
                 while len(self.pending) + len(self.tasks) >= MAX_PENDING:
                     self.room.clear()
@@ -105,6 +116,25 @@ class OpStream:
         self.pending.clear()
         for t in self.tasks:
             t.cancel()
+
+    def _start_limited(self, batch: kv_pb2.OpBatch) -> None:
+        """Start the operations of `batch` the caller's rate limit admits; refuse the rest."""
+        adm = self.svc.admission
+        assert adm is not None
+        ops = batch.ops
+        k, after = adm.admit(self.identity, len(ops))
+        for op in ops[:k]:
+            self._start(op)
+        if k < len(ops):
+            for op in ops[k:]:
+                kind = op.WhichOneof("op")
+                if kind is None:
+                    self.out.append(kv_pb2.OpResult(id=op.id))
+                    continue
+                self._error(op.id, kind, errors.ResourceExhausted(
+                    f"rate limit exceeded: retry after {errors.retry_after_ms(after)} ms", retry_after=after,
+                ))
+            self.has_out.set()
 
     # --- answers ----------------------------------------------------------------------------
     def _answer(self, op_id: int, kind: str, reply: Any) -> None:
@@ -166,7 +196,7 @@ class OpStream:
         """Validate and propose; raises (KVError or anything else) only before proposing."""
         svc = self.svc
         key, data = self._prepare[kind](req)
-        gid = svc.route_write(key, data)
+        gid = svc.route_write(key, data, kind == "delete")
         t0 = self.loop.time()
 
         def done(result: Any, err: errors.KVError | None) -> None:

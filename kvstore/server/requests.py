@@ -33,6 +33,7 @@ from kvstore.storage.errors import StorageError
 from kvstore.v1 import kv_pb2
 
 from . import waiters
+from .admission import Admission
 from .config import NodeConfig
 from .metrics import Metrics
 from .reads import ReadPoint, ReplicaReads
@@ -55,8 +56,11 @@ class KVRequests:
         metrics: Metrics,
         tracker: ShardTracker,
         reads: ReplicaReads | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.cfg = cfg
+        self.admission = admission
+        """Write refusals (load shedding, the NOSPACE alarm) and rate limits; None: admit all."""
         self.host = host
         self.store = host.store
         self.wake = wake
@@ -115,13 +119,17 @@ class KVRequests:
         if st is not None and key_hash(key) not in st.active:
             raise self.wrong_shard(f"group {gid} does not serve the key (it moved)")
 
-    def route_write(self, key: bytes, data: bytes) -> int:
+    def route_write(self, key: bytes, data: bytes, delete: bool = False) -> int:
         """The group (led here, serving `key`) to propose the command `data` to; raises a definite
-        KVError otherwise."""
+        KVError otherwise, admission's refusals included (RESOURCE_EXHAUSTED when the node sheds
+        writes, NOSPACE for a put or CAS while the space alarm is raised; a `delete` frees space
+        and is not refused for NOSPACE)."""
         if len(data) > self.cfg.limits.max_request:
             raise errors.RequestTooLarge(len(data), self.cfg.limits.max_request)
         gid = self.group_for(key)
         self.check_owned(gid, key)
+        if self.admission is not None:
+            self.admission.check_write(gid, delete)
         return gid
 
     # --- writes -----------------------------------------------------------------------------
@@ -137,10 +145,10 @@ class KVRequests:
             raise errors.InvalidArgument(result.error)
         return result
 
-    async def write(self, key: bytes, data: bytes) -> Any:
+    async def write(self, key: bytes, data: bytes, delete: bool = False) -> Any:
         """Propose `data` (a command for `key`) and wait for its outcome (the unary path; the
         stream proposes with a callback instead)."""
-        gid = self.route_write(key, data)
+        gid = self.route_write(key, data, delete)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         result = await waiters.propose(self.host, self.wake, gid, data, self.cfg.request_timeout)

@@ -5,6 +5,10 @@ Shard gRPC service (map, group proposals, range export, `kvctl shards` operation
   group's applied state here) with a way to wait for a map version.
 - `GroupCaller` runs a command on a group's leader wherever it is: locally through the host, or
   over `Shard.GroupPropose` on the node that leads it, following NOT_LEADER hints.
+
+What a request may ask, and which nodes to try, is decided by the pure
+`kvstore.node.grouprequests` (`check_group_request` is re-exported here for existing callers);
+this module only awaits, calls and answers.
 """
 
 from __future__ import annotations
@@ -19,17 +23,23 @@ from typing import Any
 import grpc
 
 from kvstore import errors
+from kvstore.node.grouprequests import (
+    check_export_request,
+    check_group_request,
+    check_wait_timeout,
+    describe_moves,
+    leader_candidates,
+)
 from kvstore.node.host import Host
 from kvstore.node.inbound import RefusalLog
 from kvstore.node.store import NodeStore
 from kvstore.node.tracker import ShardTracker
 from kvstore.raft import ConfChange, Role
 from kvstore.shard.ranges import IntervalSet
-from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, ShardMap, ShardMapError
+from kvstore.shard.shardmap import META_GROUP, ShardMap, ShardMapError
 from kvstore.storage import commands
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
-from kvstore.storage.shardcmd import ShardOp, decode_shard_command
 from kvstore.transport.peer import CHANNEL_OPTIONS
 from kvstore.v1 import shard_pb2, shard_pb2_grpc
 
@@ -38,10 +48,16 @@ from .movedriver import MoveDriver
 
 log = logging.getLogger("kvstore.shards")
 
-MAX_EXPORT_CHUNK = 4 << 20
-"""Largest chunk an ExportRange caller may ask for (a chunk is held in memory whole)."""
-MAX_WAIT = 3600.0
-"""Longest a ShardOp with `wait` may wait, in seconds."""
+__all__ = [
+    "AsyncShardTracker",
+    "GroupCaller",
+    "NodeCluster",
+    "ShardService",
+    "check_group_request",
+    "local_export",
+    "local_group_call",
+    "transfer_leader",
+]
 
 
 class AsyncShardTracker(ShardTracker):
@@ -130,19 +146,7 @@ class GroupCaller:
 
     def _candidates(self, group: int) -> list[int]:
         """Nodes to try for `group`'s leader, best guess first."""
-        out: list[int] = []
-        lead, _ = self.host.leader_of(group)
-        if lead:
-            out.append(lead)
-        m = self.tracker.map
-        if m is not None and group in m.groups:
-            out += [n for n in m.groups[group].members() if n not in out]
-        g = self.host.groups.get(group)
-        if g is not None:
-            out += [n for n in sorted(g.core.conf.members()) if n not in out]
-        if group == META_GROUP or not out:
-            out += [n for n in sorted(self.host.members) if n not in out]
-        return out
+        return leader_candidates(self.host, self.tracker.map, group)
 
     async def call(
         self,
@@ -255,56 +259,6 @@ class GroupCaller:
         raise errors.Timeout(f"export from group {group} did not complete (last error: {last})")
 
 
-def check_group_request(request: shard_pb2.GroupProposeRequest, smap: ShardMap | None) -> ConfChange | None:
-    """Refuse (definite InvalidArgument) a GroupPropose request that the node's own code would
-    never send: the metadata group takes only compare-and-swaps of the shard map whose new value
-    is a valid map of a higher version; a data group only shard commands that decode (never SET,
-    which only a group's bootstrap log carries) and that belong to a range move of the shard map
-    `smap`, with that move's ranges, in the group that plays that part in it (FREEZE and DROP in
-    the source, BEGIN, INSTALL and ACTIVATE in the target); a conf change must decode. A move
-    this node's map does not show yet is refused as WRONG_SHARD (the caller retries: the map
-    may lag the coordinator's by a little). Returns the decoded conf change, if any. So no
-    request can write garbage into group 0, a malformed command into any log, or freeze or drop
-    ranges no move is moving, whoever sends it."""
-    if request.conf_change:
-        try:
-            return ConfChange.decode(request.conf_change)
-        except ValueError as err:
-            raise errors.InvalidArgument(f"malformed conf change: {err}") from None
-    if request.read_barrier or request.transfer:
-        return None
-    data = request.command
-    if request.group == META_GROUP:
-        try:
-            cmd = commands.decode_command(data)
-        except ValueError as err:
-            raise errors.InvalidArgument(f"malformed command for the metadata group: {err}") from None
-        if cmd.op != commands.Op.CAS or cmd.key != SHARD_MAP_KEY or cmd.expect_absent:
-            raise errors.InvalidArgument("the metadata group takes only compare-and-swaps of the shard map")
-        try:
-            old, new = ShardMap.decode(cmd.expected), ShardMap.decode(cmd.value)
-        except ShardMapError as err:
-            raise errors.InvalidArgument(f"not a valid shard map: {err}") from None
-        if new.version <= old.version:
-            raise errors.InvalidArgument(f"shard map version {new.version} does not follow {old.version}")
-        return None
-    try:
-        sc = decode_shard_command(data)
-    except ValueError as err:
-        raise errors.InvalidArgument(f"not a shard command: {err}") from None
-    if sc.op == ShardOp.SET:
-        raise errors.InvalidArgument("SET is carried only by a group's bootstrap log")
-    mv = next((x for x in smap.moves if x.id == sc.move), None) if smap is not None else None
-    if mv is None:
-        version = smap.version if smap is not None else 0
-        raise errors.WrongShard(f"no range move {sc.move} in this node's shard map (version {version})",
-                                shard_version=version)
-    part = mv.source if sc.op in (ShardOp.FREEZE, ShardOp.DROP) else mv.target
-    if request.group != part or (sc.op != ShardOp.INSTALL and sc.ranges != mv.ranges):
-        raise errors.InvalidArgument(f"{sc.op.name} in group {request.group} is not a step of range move {mv.id}")
-    return None
-
-
 async def local_group_call(
     host: Host, wake: Callable[[], None], request: shard_pb2.GroupProposeRequest, timeout: float,
     smap: ShardMap | None,
@@ -335,12 +289,10 @@ async def local_export(
     try:
         if request.group not in host.groups:
             raise errors.WrongShard(f"group {request.group} is not on this node")
-        if request.chunk_bytes > MAX_EXPORT_CHUNK:
-            raise errors.InvalidArgument(f"chunk_bytes {request.chunk_bytes} exceeds {MAX_EXPORT_CHUNK}")
-        ranges = IntervalSet(zip(request.lo, request.hi, strict=True))
+        ranges, chunk_bytes = check_export_request(request.lo, request.hi, request.chunk_bytes)
         await waiters.read_point(host, wake, request.group, timeout)
-        stream = host.store.export_range(request.group, ranges, request.chunk_bytes or (512 << 10))
-    except (errors.KVError, StorageError, ValueError) as err:
+        stream = host.store.export_range(request.group, ranges, chunk_bytes)
+    except (errors.KVError, StorageError) as err:
         kv_err = err if isinstance(err, errors.KVError) else errors.InvalidArgument(str(err))
         yield shard_pb2.ExportRangeChunk(error=errors.to_proto(kv_err))
         return
@@ -371,11 +323,6 @@ async def transfer_leader(host: Host, wake: Callable[[], None], group: int, to: 
         raise errors.Timeout("leadership transfer did not complete in time", indeterminate=True)
 
 
-def leader_role(host: Host, group: int) -> bool:
-    g = host.groups.get(group)
-    return g is not None and g.core.role == Role.LEADER
-
-
 class NodeCluster:
     """`movedriver.Cluster` for this node: the move coordinator's requests go through `GroupCaller`."""
 
@@ -385,7 +332,7 @@ class NodeCluster:
         self.caller = caller
 
     def is_meta_leader(self) -> bool:
-        return leader_role(self.host, META_GROUP)
+        return self.host.leads_current(META_GROUP)
 
     def current_map(self) -> tuple[ShardMap | None, bytes]:
         return self.tracker.map, self.tracker.raw
@@ -516,10 +463,9 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                         infos.append(await self._remote_info(gid, list(m.groups[gid].members())))
                 return shard_pb2.ShardOpResponse(
                     version=m.version, groups=infos, moves_pending=len(m.moves),
-                    message=_describe_moves(m),
+                    message=describe_moves(m),
                 )
-            if request.wait and not 0 <= request.timeout <= MAX_WAIT:  # NaN fails both comparisons
-                raise errors.InvalidArgument(f"timeout {request.timeout} is outside 0..{MAX_WAIT:g} seconds")
+            check_wait_timeout(request.wait, request.timeout)
             meta = self.host.groups.get(META_GROUP)
             nodes = sorted(meta.core.conf.voters) if meta is not None else sorted(m.nodes)
             if request.op == Op.ADD_GROUP:
@@ -560,9 +506,3 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ev.wait(), min(1.0, max(0.01, end - loop.time())))
         return False
-
-
-def _describe_moves(m: ShardMap) -> str:
-    if not m.moves:
-        return "no range moves in progress"
-    return "; ".join(f"move {mv.id}: group {mv.source} -> {mv.target} ({mv.state.name.lower()})" for mv in m.moves)

@@ -20,6 +20,9 @@ order equals numeric order.
     shards     group:u64                       -> shardcmd.ShardState (served and frozen ranges)
                group:u64 b"T"                  -> b"" (tombstone: the group was destroyed here)
 
+    nodemeta   b"audit_head"                   -> the audit log's head (`node.store.AuditHead`):
+                                                  seq:u64 floor:u64 mac:32 bytes
+
     conf = n_voters:u32 n_learners:u32 voter:u64 * n_voters learner:u64 * n_learners
 
 The log base is the (index, term, configuration) of the last entry discarded by compaction or
@@ -42,7 +45,12 @@ DB_APPLIED = b"applied"
 DB_MEMBERS = b"members"
 DB_SHARDS = b"shards"
 DB_SESSION_LRU = b"session_lru"
-DB_NAMES = (DB_RAFTLOG, DB_RAFTSTATE, DB_DATA, DB_SESSIONS, DB_APPLIED, DB_MEMBERS, DB_SHARDS, DB_SESSION_LRU)
+DB_NODEMETA = b"nodemeta"
+"""Small per-node records that belong to no group (keys are names, not group ids)."""
+DB_NAMES = (DB_RAFTLOG, DB_RAFTSTATE, DB_DATA, DB_SESSIONS, DB_APPLIED, DB_MEMBERS, DB_SHARDS, DB_SESSION_LRU,
+            DB_NODEMETA)
+AUDIT_HEAD_KEY = b"audit_head"
+_AUDIT_HEAD = struct.Struct(">QQ32s")
 
 SESSION_META_TAG = b"M"
 """Key suffix (after the group prefix) of a group's session meta row in `sessions`; its 9-byte key
@@ -131,3 +139,15 @@ def decode_log_term(data: bytes) -> int:
         return int(LOG_VALUE.unpack_from(data)[0])
     except struct.error as err:
         raise StorageError(f"corrupt log entry record: {err}") from None
+
+
+def encode_audit_head(seq: int, floor: int, mac: bytes) -> bytes:
+    return _AUDIT_HEAD.pack(seq, floor, mac)
+
+
+def decode_audit_head(raw: bytes) -> tuple[int, int, bytes]:
+    """(seq, floor, mac) of a stored audit head; StorageError for anything else."""
+    if len(raw) != _AUDIT_HEAD.size:
+        raise StorageError(f"audit head record of {len(raw)} bytes, expected {_AUDIT_HEAD.size}")
+    seq, floor, mac = _AUDIT_HEAD.unpack(raw)
+    return seq, floor, mac

@@ -8,8 +8,11 @@ Durability: with `sync=True` (the default) every committed write transaction is 
 syncs: a process crash still loses nothing that was committed (the OS has the pages), a machine
 crash may lose recent transactions but never corrupts the database. Only for tests and benchmarks.
 
-Threading: use an `LmdbEnv` from ONE thread (the node's asyncio loop). There is never more than one
-write transaction; read transactions may be open while writing.
+Threading: use an `LmdbEnv` from ONE thread (the node's asyncio loop; its Ready cycles' writes run
+on the persist thread), except that `write` may be called from any thread: a lock serializes the
+write transactions (the audit log's writer thread records its head with one now and then), so
+there is never more than one write transaction, nor a map growth during one; read transactions
+may be open while writing.
 
 Map growth: LMDB needs a fixed-size memory map. `write(fn)` never fails because the map is full:
 on `MapFullError` it aborts the transaction, grows the map (doubling, up to `max_map_size`) and
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -117,6 +121,7 @@ class LmdbEnv:
         self.grow_count = 0
         self._readers: weakref.WeakSet[Reader] = weakref.WeakSet()
         self._closed = False
+        self._write_lock = threading.RLock()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self.env = lmdb.open(
@@ -148,7 +153,12 @@ class LmdbEnv:
         Retries after growing the map on MapFullError (so `fn` may run more than once). Any
         exception aborts the transaction: nothing of it is visible. Full disk -> StorageFullError;
         other LMDB/OS errors -> StorageIOError; exceptions raised by `fn` itself pass through.
+        Thread-safe: write transactions (and map growth) are serialized by a lock.
         """
+        with self._write_lock:
+            return self._write(fn)
+
+    def _write(self, fn: Callable[[Txn], T]) -> T:
         self._check_open()
         self._maybe_grow()
         while True:
@@ -260,6 +270,17 @@ class LmdbEnv:
             "fs_free_bytes": st.f_bavail * st.f_frsize,
             "fs_total_bytes": st.f_blocks * st.f_frsize,
         }
+
+    def live_bytes(self) -> int:
+        """Bytes of the pages the sub-databases hold now (branch, leaf and overflow pages). Unlike
+        `used_bytes` (the file's high-water mark, which never shrinks) this falls when keys are
+        deleted or the Raft log is compacted: it is what the space quota measures."""
+        with self.read() as txn:
+            pages = 0
+            for db in self.dbs.values():
+                st = txn.stat(db)
+                pages += int(st["branch_pages"]) + int(st["leaf_pages"]) + int(st["overflow_pages"])
+        return pages * self.psize
 
     def db_entries(self) -> dict[str, int]:
         with self.read() as txn:

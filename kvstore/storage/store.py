@@ -27,14 +27,26 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvstore.node.store import ApplyBatch, GroupWrite
+from kvstore.node.store import ApplyBatch, AuditHead, GroupWrite
 from kvstore.node.store import NodeStore as ProtocolNodeStore
 from kvstore.raft.types import ConfState, Entry, EntryType, HardState, SnapshotMeta, bootstrap_entries
 from kvstore.shard.ranges import IntervalSet
 
 from .commands import ApplyResult
+from .errors import StorageError
 from .kvstate import AppliedState, KVState, TxnStream
-from .layout import DB_APPLIED, DB_RAFTLOG, DB_RAFTSTATE, DB_SHARDS, TOMBSTONE_TAG, U64
+from .layout import (
+    AUDIT_HEAD_KEY,
+    DB_APPLIED,
+    DB_NODEMETA,
+    DB_RAFTLOG,
+    DB_RAFTSTATE,
+    DB_SHARDS,
+    TOMBSTONE_TAG,
+    U64,
+    decode_audit_head,
+    encode_audit_head,
+)
 from .lmdb_env import LmdbEnv
 from .machine import SessionMeta
 from .raftlog import GroupLogStorage, LogState
@@ -242,6 +254,25 @@ class LmdbNodeStore:
 
         ls.commit_draft(self._env.write(fn))
 
+    # --- the audit log's head -------------------------------------------------------------------
+    def audit_head(self) -> AuditHead | None:
+        raw = self._env.get(self._env.db(DB_NODEMETA), AUDIT_HEAD_KEY)
+        if raw is None:
+            return None
+        seq, floor, mac = decode_audit_head(raw)
+        return AuditHead(seq, mac, floor)
+
+    def set_audit_head(self, head: AuditHead) -> None:
+        """One write transaction (durable on return with sync=True). Called from the audit
+        writer's thread: `LmdbEnv.write` serializes it with the Ready loop's transactions."""
+        value = encode_audit_head(head.seq, head.floor, head.mac)
+        db = self._env.db(DB_NODEMETA)
+
+        def fn(txn: Txn) -> None:
+            txn.put(AUDIT_HEAD_KEY, value, db=db)
+
+        self._env.write(fn)
+
     # --- state ----------------------------------------------------------------------------------
     def applied_index(self, group: int) -> int:
         return self._kv.applied(group).index
@@ -347,6 +378,10 @@ class LmdbNodeStore:
         """map_size, used_bytes (pages in use), file_bytes, fs_free_bytes, fs_total_bytes."""
         return self._env.disk_usage()
 
+    def live_bytes(self) -> int:
+        """Bytes the stored data occupies now (shrinks after deletes and log compaction)."""
+        return self._env.live_bytes()
+
     def stats(self) -> dict[str, Any]:
         groups: dict[int, dict[str, int]] = {}
         for g in sorted(self._groups):
@@ -383,10 +418,38 @@ class LmdbNodeStore:
         self.close()
 
 
+def read_audit_head(path: str | os.PathLike[str]) -> AuditHead | None:
+    """The audit head recorded in the LMDB environment at `path` (a node's `<data-dir>/db`),
+    read without writing anything (safe while the node runs); None if none was recorded.
+    Raises StorageError if there is no such environment or the record is damaged."""
+    import lmdb
+
+    p = Path(path)
+    if not (p / "data.mdb").exists():
+        raise StorageError(f"no node store at {p} (expected {p / 'data.mdb'})")
+    try:
+        env = lmdb.open(str(p), readonly=True, lock=True, subdir=True, max_dbs=16)
+    except lmdb.Error as err:
+        raise StorageError(f"cannot open the node store at {p}: {err}") from err
+    try:
+        with env.begin() as txn:
+            try:
+                db = env.open_db(DB_NODEMETA, txn=txn, create=False)
+            except lmdb.NotFoundError:
+                return None
+            raw = txn.get(AUDIT_HEAD_KEY, db=db)
+    finally:
+        env.close()
+    if raw is None:
+        return None
+    seq, floor, mac = decode_audit_head(raw)
+    return AuditHead(seq, mac, floor)
+
+
 NodeStore = LmdbNodeStore
 """Old name of `LmdbNodeStore` (the protocol is `kvstore.node.store.NodeStore`); kept so nothing breaks."""
 
-__all__ = ["ApplyBatch", "GroupWrite", "LmdbNodeStore", "NodeStore"]
+__all__ = ["ApplyBatch", "AuditHead", "GroupWrite", "LmdbNodeStore", "NodeStore", "read_audit_head"]
 
 
 def _is_a_node_store(store: LmdbNodeStore) -> ProtocolNodeStore:

@@ -1,11 +1,19 @@
 from kvstore.v1 import kv_pb2 as _kv_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class AlarmType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ALARM_NONE: _ClassVar[AlarmType]
+    ALARM_NOSPACE: _ClassVar[AlarmType]
+ALARM_NONE: AlarmType
+ALARM_NOSPACE: AlarmType
 
 class Member(_message.Message):
     __slots__ = ("id", "address", "learner")
@@ -131,3 +139,31 @@ class AdminResponse(_message.Message):
     message: str
     members: _containers.RepeatedCompositeFieldContainer[Member]
     def __init__(self, error: _Optional[_Union[_kv_pb2.Error, _Mapping]] = ..., message: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
+
+class Alarm(_message.Message):
+    __slots__ = ("node_id", "type")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    node_id: int
+    type: AlarmType
+    def __init__(self, node_id: _Optional[int] = ..., type: _Optional[_Union[AlarmType, str]] = ...) -> None: ...
+
+class AlarmListRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AlarmDisarmRequest(_message.Message):
+    __slots__ = ("node_id", "type")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    node_id: int
+    type: AlarmType
+    def __init__(self, node_id: _Optional[int] = ..., type: _Optional[_Union[AlarmType, str]] = ...) -> None: ...
+
+class AlarmResponse(_message.Message):
+    __slots__ = ("error", "alarms")
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ALARMS_FIELD_NUMBER: _ClassVar[int]
+    error: _kv_pb2.Error
+    alarms: _containers.RepeatedCompositeFieldContainer[Alarm]
+    def __init__(self, error: _Optional[_Union[_kv_pb2.Error, _Mapping]] = ..., alarms: _Optional[_Iterable[_Union[Alarm, _Mapping]]] = ...) -> None: ...

@@ -64,6 +64,16 @@ class AdminStub:
                 request_serializer=kvstore_dot_v1_dot_admin__pb2.SnapshotRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_admin__pb2.AdminResponse.FromString,
                 _registered_method=True)
+        self.AlarmList = channel.unary_unary(
+                '/kvstore.v1.Admin/AlarmList',
+                request_serializer=kvstore_dot_v1_dot_admin__pb2.AlarmListRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_admin__pb2.AlarmResponse.FromString,
+                _registered_method=True)
+        self.AlarmDisarm = channel.unary_unary(
+                '/kvstore.v1.Admin/AlarmDisarm',
+                request_serializer=kvstore_dot_v1_dot_admin__pb2.AlarmDisarmRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_admin__pb2.AlarmResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -105,6 +115,18 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AlarmList(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AlarmDisarm(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +159,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Snapshot,
                     request_deserializer=kvstore_dot_v1_dot_admin__pb2.SnapshotRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_admin__pb2.AdminResponse.SerializeToString,
+            ),
+            'AlarmList': grpc.unary_unary_rpc_method_handler(
+                    servicer.AlarmList,
+                    request_deserializer=kvstore_dot_v1_dot_admin__pb2.AlarmListRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_admin__pb2.AlarmResponse.SerializeToString,
+            ),
+            'AlarmDisarm': grpc.unary_unary_rpc_method_handler(
+                    servicer.AlarmDisarm,
+                    request_deserializer=kvstore_dot_v1_dot_admin__pb2.AlarmDisarmRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_admin__pb2.AlarmResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +333,60 @@ class Admin:
             '/kvstore.v1.Admin/Snapshot',
             kvstore_dot_v1_dot_admin__pb2.SnapshotRequest.SerializeToString,
             kvstore_dot_v1_dot_admin__pb2.AdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AlarmList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Admin/AlarmList',
+            kvstore_dot_v1_dot_admin__pb2.AlarmListRequest.SerializeToString,
+            kvstore_dot_v1_dot_admin__pb2.AlarmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AlarmDisarm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Admin/AlarmDisarm',
+            kvstore_dot_v1_dot_admin__pb2.AlarmDisarmRequest.SerializeToString,
+            kvstore_dot_v1_dot_admin__pb2.AlarmResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,6 +25,8 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INTERNAL: _ClassVar[ErrorCode]
     STALE_REPLICA: _ClassVar[ErrorCode]
     SESSION_EXPIRED: _ClassVar[ErrorCode]
+    RESOURCE_EXHAUSTED: _ClassVar[ErrorCode]
+    NOSPACE: _ClassVar[ErrorCode]
 
 class Consistency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -48,26 +50,30 @@ SHUTTING_DOWN: ErrorCode
 INTERNAL: ErrorCode
 STALE_REPLICA: ErrorCode
 SESSION_EXPIRED: ErrorCode
+RESOURCE_EXHAUSTED: ErrorCode
+NOSPACE: ErrorCode
 LINEARIZABLE: Consistency
 SERIALIZABLE: Consistency
 STALE: Consistency
 BOUNDED: Consistency
 
 class Error(_message.Message):
-    __slots__ = ("code", "message", "leader_id", "leader_hint", "indeterminate", "shard_version")
+    __slots__ = ("code", "message", "leader_id", "leader_hint", "indeterminate", "shard_version", "retry_after_ms")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
     LEADER_HINT_FIELD_NUMBER: _ClassVar[int]
     INDETERMINATE_FIELD_NUMBER: _ClassVar[int]
     SHARD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     code: ErrorCode
     message: str
     leader_id: int
     leader_hint: str
     indeterminate: bool
     shard_version: int
-    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., leader_id: _Optional[int] = ..., leader_hint: _Optional[str] = ..., indeterminate: _Optional[bool] = ..., shard_version: _Optional[int] = ...) -> None: ...
+    retry_after_ms: int
+    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., leader_id: _Optional[int] = ..., leader_hint: _Optional[str] = ..., indeterminate: _Optional[bool] = ..., shard_version: _Optional[int] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("client_id", "seq", "ack", "retry", "horizon")

@@ -17,7 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chaos import netns
 from chaos.checker import Status
@@ -184,11 +187,12 @@ def test_netns_forged_and_malformed_traffic_is_refused_and_the_run_stays_valid(t
     died or wedged, and the throughput under forged traffic did not drop."""
     out = tmp_path / "runs"
     code, text = kvchaos(["run", "--nodes", "3", "--time", "30", "--nemesis", "forge,partition,kill",
-                          "--workload", "register", "--seed", "13", "--out", str(out)], timeout=180)
+                          "--workload", "register", "--seed", "13", "--insecure", "--out", str(out)], timeout=180)
     assert text.strip().splitlines()[-1] == "verdict: valid", text[-4000:]
     assert code == 0
     d = run_dir_of(out)
     summary = json.loads((d / "summary.json").read_text())
+    assert summary["config"]["tls"] is False and "--insecure" in (d / "nodes" / "n1.log").read_text()
     assert summary["analysis"]["linearizability"]["verdict"] == "linearizable"
     fg = summary["forge"]
     assert fg["checked"] is True and fg["valid"] is True and fg["windows"] >= 1, fg
@@ -205,6 +209,72 @@ def test_netns_forged_and_malformed_traffic_is_refused_and_the_run_stays_valid(t
     assert "kvchaos: forge:" in text
     assert_cleaned(d)
     assert node_pids_of(d) == []
+
+
+@needs_root
+def test_netns_tls_run_refuses_every_forged_identity_under_partitions_and_kills(tmp_path: Path) -> None:
+    """`kvchaos run --tls`: the nodes run with certificates, every harness channel is mutual TLS,
+    and the forge nemesis plays outsiders (a) without a certificate, (b) with a client
+    certificate of the cluster's CA aimed at internal RPCs, (c) with member X's node certificate
+    claiming to be member Y, (d) with certificates of another CA, between partitions and kills.
+    The run is valid, every one of those calls was refused (the handshake, or PERMISSION_DENIED)
+    and none was answered, no forged value was ever read, and the nodes counted the identity
+    refusals."""
+    out = tmp_path / "runs"
+    code, text = kvchaos(["run", "--nodes", "3", "--time", "30", "--nemesis", "forge,partition,kill",
+                          "--workload", "register", "--seed", "13", "--tls", "--out", str(out)], timeout=180)
+    assert text.strip().splitlines()[-1] == "verdict: valid", text[-4000:]
+    assert code == 0
+    d = run_dir_of(out)
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["config"]["tls"] is True and summary["execution"]["tls"] is True
+    assert summary["analysis"]["linearizability"]["verdict"] == "linearizable"
+    assert summary["analysis"]["counts"]["ok"] > 300, summary["analysis"]["counts"]
+    for h in (1, 2, 3):  # each node served its own certificate, never plaintext
+        log = (d / "nodes" / f"n{h}.log").read_text()
+        assert "(TLS, certificates from" in log and "--insecure" not in log, log[-2000:]
+    fg = summary["forge"]
+    assert fg["checked"] is True and fg["valid"] is True and fg["tls"] is True and fg["rounds"] > 0, fg
+    # (a) and (d) end at the handshake (or UNAUTHENTICATED / PERMISSION_DENIED, should the
+    # cluster accept certificate-less connections for tokens); (b) and (c) PERMISSION_DENIED
+    for case in ("no_cert", "client_cert", "wrong_node", "other_ca"):
+        assert fg["tls_refused"].get(case, 0) > 20, (case, fg["tls_codes"])
+        assert "OK" not in fg["tls_codes"][case], (case, fg["tls_codes"])
+    for case in ("client_cert", "wrong_node"):
+        assert set(fg["tls_codes"][case]) <= {"PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED",
+                                              "CANCELLED"}, fg["tls_codes"]
+    assert fg["not_refused"] == 0 and fg["accepted_from_outsider"] == 0, fg
+    assert fg["handshakes_failed"] > 50, fg
+    # node 99 with a genuine certificate is still not a member; a member's malformed traffic
+    # (over its own certificate) is dropped by the decode; the nodes counted identity refusals
+    assert fg["outsider_codes"].get("PERMISSION_DENIED", 0) > 50, fg
+    for reason in ("identity", "not_member", "malformed", "unknown_group", "snapshot"):
+        assert fg["refused"].get(reason, 0) > 0, fg["refused"]
+    assert fg["forged_reads"] == 0 and fg["nodes_dead"] == [] and fg["nodes_unresponsive"] == []
+    assert fg["availability"] is not None and fg["availability"] >= 0.5, fg
+    assert {"partition", "kill"} <= {f["family"] for f in summary["faults"]}
+    assert "TLS outsiders refused" in text and "not refused 0" in text
+    assert "mutual TLS" in (d / "index.html").read_text()
+    assert not (d / "certs").exists()  # a valid run drops its throwaway CA with its data
+    assert_cleaned(d)
+    assert node_pids_of(d) == []
+
+
+def test_local_backend_tls_forge_run_is_valid(tmp_path: Path) -> None:
+    """The same TLS outsiders on the local backend (no root): valid, every case refused."""
+    out = tmp_path / "runs"
+    code, text = kvchaos(["run", "--backend", "local", "--nodes", "3", "--time", "10", "--nemesis", "forge",
+                          "--seed", "2", "--keep-data", "--out", str(out)])
+    assert text.strip().splitlines()[-1] == "verdict: valid", text[-4000:]
+    assert code == 0
+    d = run_dir_of(out)
+    fg = json.loads((d / "summary.json").read_text())["forge"]
+    assert fg["tls"] is True and fg["not_refused"] == 0 and fg["forged_reads"] == 0, fg
+    assert all(fg["tls_refused"].get(c, 0) > 0 for c in ("no_cert", "client_cert", "wrong_node", "other_ca")), fg
+    assert fg["refused"].get("identity", 0) > 0, fg["refused"]
+    # TLS is the default: the nodes ran with their own certificates (--keep-data keeps them)
+    assert sorted(p.name for p in (d / "certs" / "n1").iterdir()) == ["ca.crt", "node.crt", "node.key"]
+    assert "mutual TLS" in text
 
 
 def test_forge_check_fails_on_forged_reads_accepted_outsiders_and_dead_nodes(tmp_path: Path) -> None:
@@ -234,6 +304,112 @@ def test_forge_check_fails_on_forged_reads_accepted_outsiders_and_dead_nodes(tmp
     _write_run(tmp_path / "dead", cfg, {"keys": ["r/0"]}, [dead], recs)
     reasons = analyze(tmp_path / "dead")["forge"]["reasons"]
     assert any("not refused" in r for r in reasons) and any("dead on hosts [2]" in r for r in reasons), reasons
+
+
+def test_forge_check_under_tls_needs_every_outsider_refused_and_none_answered(tmp_path: Path) -> None:
+    from chaos.forge import TLS_CASES
+    from chaos.runner import RunConfig, analyze
+
+    cfg = RunConfig(time=6, nemesis=["forge"], run_id="t", tls=True)
+    recs = [
+        _op(1, "put", "r/0", "a", None, 0.0, 1.0),
+        _op(2, "get", "r/0", None, "a", 2.0, 2.2),
+        _op(2, "get", "r/0", None, "a", 3.5, 4.0),
+        _op(3, "get", "r/0", None, "a", 6.0, 7.0, final=True),
+    ]
+    tls = {"no_cert": {"HANDSHAKE_FAILED": 30}, "other_ca": {"HANDSHAKE_FAILED": 25, "UNAUTHENTICATED": 5},
+           "client_cert": {"PERMISSION_DENIED": 10}, "wrong_node": {"PERMISSION_DENIED": 9, "UNAVAILABLE": 1}}
+    info = {"forged_messages": 500, "forged_rpcs": 80, "rounds": 5, "outsider_codes": {"PERMISSION_DENIED": 20},
+            "member_codes": {"OK": 20}, "refused": {"identity": 19}, "refused_total": 19,
+            "accepted_from_outsider": 0, "nodes_dead": [], "nodes_unresponsive": [], "tls": tls,
+            "tls_refused": {"no_cert": 30, "other_ca": 30, "client_cert": 10, "wrong_node": 9},
+            "handshakes_failed": 55, "not_refused": 0}
+    window = FaultWindow("forge", "outsider+malformed", "x", 1.5, 2.5, hosts=[1, 2, 3], info=info).to_json()
+    _write_run(tmp_path / "good", cfg, {"keys": ["r/0"]}, [window], recs)
+    summary = analyze(tmp_path / "good")
+    fg = summary["forge"]
+    assert summary["verdict"] == "valid" and fg["valid"] is True, fg
+    assert fg["tls_refused"] == {"client_cert": 10, "no_cert": 30, "other_ca": 30, "wrong_node": 9}
+    assert fg["handshakes_failed"] == 55 and fg["tls_codes"]["other_ca"]["UNAUTHENTICATED"] == 5
+    # a forged call over TLS that was answered makes the run invalid
+    answered = {**window, "info": {**info, "not_refused": 2, "not_refused_detail": ["wrong_node: Raft.Send: OK: "]}}
+    _write_run(tmp_path / "answered", cfg, {"keys": ["r/0"]}, [answered], recs)
+    summary = analyze(tmp_path / "answered")
+    assert summary["verdict"] == "invalid"
+    assert any("2 forged call(s) over TLS were not refused" in r for r in summary["analysis"]["reasons"])
+    # an outsider that was never refused proved nothing: invalid too
+    for case in TLS_CASES:
+        idle = {**window, "info": {**info, "tls_refused": {c: n for c, n in info["tls_refused"].items()  # type: ignore[attr-defined]
+                                                             if c != case}}}
+        _write_run(tmp_path / case, cfg, {"keys": ["r/0"]}, [idle], recs)
+        reasons = analyze(tmp_path / case)["forge"]["reasons"]
+        assert any(f"['{case}'] were never refused" in r for r in reasons), reasons
+    # a plaintext run does not ask for TLS refusals
+    plain = RunConfig(time=6, nemesis=["forge"], run_id="t")
+    bare = {**window, "info": {k: v for k, v in info.items() if not k.startswith(("tls", "handshakes", "not_"))}}
+    _write_run(tmp_path / "plain", plain, {"keys": ["r/0"]}, [bare], recs)
+    assert analyze(tmp_path / "plain")["forge"]["valid"] is True
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=st.sampled_from(["no_cert", "client_cert", "wrong_node", "other_ca"]),
+       code=st.one_of(st.sampled_from([c.name for c in grpc.StatusCode] + ["HANDSHAKE_FAILED", "OK_INSTALLED"]),
+                      st.text(max_size=30)),
+       internal=st.booleans())
+def test_tls_outcome_never_counts_an_answer_as_a_refusal(case: str, code: str, internal: bool) -> None:
+    """Whatever a forged call over TLS ends with, it is refused only by the handshake or a
+    refusal status its case allows; an answer (OK, or an error from past the identity check) is
+    never a refusal; a call that got no answer is unreached."""
+    from chaos.forge import outcome
+
+    if not internal and case in ("client_cert", "wrong_node"):
+        with pytest.raises(ValueError):
+            outcome(case, code, internal=internal)
+        return
+    o = outcome(case, code, internal=internal)
+    assert o in ("refused", "unreached", "not_refused")
+    if code.startswith("OK") or code in ("FAILED_PRECONDITION", "INVALID_ARGUMENT", "INTERNAL", "UNKNOWN"):
+        assert o == "not_refused"
+    if o == "refused":
+        allowed = {"PERMISSION_DENIED"} if case in ("client_cert", "wrong_node") else (
+            {"HANDSHAKE_FAILED", "UNAUTHENTICATED", "PERMISSION_DENIED"} if internal
+            else {"HANDSHAKE_FAILED", "UNAUTHENTICATED"})
+        assert code in allowed
+    if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"):
+        assert o == "unreached"
+    if code == "PERMISSION_DENIED" and not internal:
+        assert o == "not_refused"  # a client RPC is refused by authentication, not authorization
+    with pytest.raises(ValueError):
+        outcome("no_such_case", code, internal=internal)
+
+
+def test_run_pki_makes_one_node_certificate_per_node_and_a_separate_ca(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    from chaos.pki import ADMIN_USER, FORGER_USER, WORKLOAD_USER, RunPki
+    from kvstore.security import tls as ktls
+
+    pki = RunPki.create(tmp_path / "certs")
+    ca = x509.load_pem_x509_certificate(pki.ca_cert)
+    for user in (WORKLOAD_USER, ADMIN_USER, FORGER_USER):
+        cert = x509.load_pem_x509_certificate((pki.root / f"client.{user}.crt").read_bytes())
+        cert.verify_directly_issued_by(ca)
+        ident = ktls.identity_of(cert)
+        assert ident.user == user and not ident.is_node
+    d = pki.node_dir(4, "10.77.3.2")
+    assert sorted(p.name for p in d.iterdir()) == ["ca.crt", "node.crt", "node.key"]  # never the CA key
+    node = x509.load_pem_x509_certificate((d / "node.crt").read_bytes())
+    node.verify_directly_issued_by(ca)
+    ident = ktls.identity_of(node)
+    assert ident.is_node and ident.node_ids == {4} and ident.hosts == {"10.77.3.2"}
+    ktls.NodeCerts.load(d, 4)  # what `kvstore serve --certs-dir` checks
+    first = (d / "node.crt").read_bytes()
+    assert RunPki.create(pki.root).node_dir(4, "10.77.3.2") == d and (d / "node.crt").read_bytes() == first
+    pki.other_node(4, "10.77.3.2")  # another CA's forgery of node 4: not signed by the run's CA
+    other = x509.load_pem_x509_certificate((pki.root / "other-ca" / "n4" / "node.crt").read_bytes())
+    assert ktls.identity_of(other).node_ids == {4}
+    with pytest.raises(Exception):  # noqa: B017 - cryptography raises InvalidSignature or ValueError
+        other.verify_directly_issued_by(ca)
 
 
 @pytest.fixture(scope="module")

@@ -122,3 +122,65 @@ def test_profile_categories_walk_from_the_innermost_frame() -> None:
     assert cats["fsync (fdatasync, in the LMDB commit)"] == 3
     assert sum(profile.busy(stacks).values()) == 10
     assert profile.by_thread(stacks)["thread (1): MainThread"] == 97
+
+
+def test_bench_tls_runs_both_systems_with_mutual_tls(tmp_path: Path) -> None:
+    """`--systems kvstore,etcd --tls` runs each system plain and with mutual TLS (certificates of
+    one CA per cluster; etcd with --client-cert-auth and --peer-client-cert-auth) and reports the
+    TLS-vs-TLS ratio and the cost of TLS to kvstore (kvstore-tls/kvstore)."""
+    _need_etcd()
+    out_dir = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "bench.compare", "run", "--systems", "kvstore,etcd", "--tls", "--workloads", "put",
+        "--inflight", "4", "--duration", "1", "--warmup", "0.5", "--reps", "1", "--keys", "200",
+        "--out", str(out_dir), "--data-root", str(tmp_path), "--no-plot",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        pytest.fail(f"the benchmark did not finish in 240 s:\n{out[-5000:]}")
+    assert proc.returncode == 0, out[-5000:]
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    points = {r["system"]: r for r in records if r["kind"] == "point"}
+    assert sorted(points) == ["etcd", "etcd-tls", "kvstore", "kvstore-tls"], out[-3000:]
+    for p in points.values():
+        assert p["ops"] > 0 and p["errors"] == 0, p
+    (summary,) = [r for r in records if r["kind"] == "summary"]
+    assert set(summary["ratios"]) == {"kvstore/etcd", "kvstore-tls/etcd-tls", "kvstore-tls/kvstore"}
+    for ratio in summary["ratios"].values():
+        assert ratio["pairs"] == 1 and ratio["ops_per_s"] > 0, ratio
+    ratios_md = (out_dir / "run-ratios.md").read_text()
+    assert "ops/s kvstore-tls/kvstore" in ratios_md and "\n| put | 4 |" in ratios_md
+
+
+def test_tls_clusters_refuse_a_client_without_a_certificate(tmp_path: Path) -> None:
+    """The -tls clusters really run TLS with client authentication: a plaintext client, and a
+    TLS client without a certificate, get no answer from either system."""
+    _need_etcd()
+    import grpc
+
+    from bench.etcdpb import etcd_pb2, etcd_pb2_grpc
+    from bench.kvbench.clusters import make_cluster
+
+    for system in ("kvstore-tls", "etcd-tls"):
+        cluster = make_cluster(system, tmp_path / system)
+        try:
+            cluster.start()
+            assert cluster.certs is not None
+            ep = cluster.endpoints[0]
+            anonymous = grpc.ssl_channel_credentials(root_certificates=cluster.certs.ca.read_bytes())
+            for ch in (grpc.insecure_channel(ep), grpc.secure_channel(ep, anonymous)):
+                with ch, pytest.raises(grpc.RpcError) as err:
+                    if system == "etcd-tls":
+                        etcd_pb2_grpc.KVStub(ch).Range(etcd_pb2.RangeRequest(key=b"k"), timeout=3)
+                    else:
+                        from kvstore.v1 import kv_pb2, kv_pb2_grpc
+
+                        kv_pb2_grpc.KVStub(ch).Get(kv_pb2.GetRequest(key=b"k"), timeout=3)
+                assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED,
+                                            grpc.StatusCode.DEADLINE_EXCEEDED), (system, err.value)
+        finally:
+            cluster.stop()

@@ -284,15 +284,16 @@ def test_admin_requests_with_hostile_ids_get_definite_errors_and_change_nothing(
 def test_the_core_refuses_a_conf_change_no_replica_could_decode() -> None:
     import random as _random
 
-    from kvstore.raft import Config, ConfState, MemoryStorage, ProposalDropped, RaftNode
+    from kvstore.raft import Config, ConfState, MemoryStorage, ProposalDropped, RaftNode, Role, readyloop
     from kvstore.raft.types import ConfChange, ConfChangeType
 
-    core = RaftNode(Config(id=1), MemoryStorage.bootstrap(ConfState((1,))), _random.Random(1))
+    storage = MemoryStorage.bootstrap(ConfState((1,)))
+    core = RaftNode(Config(id=1), storage, _random.Random(1))
     core.campaign()
-    while core.has_ready():
-        rd = core.ready()
-        core.log.storage.append(rd.entries)  # type: ignore[attr-defined]
-        core.advance(rd)
+    readyloop.drain(
+        None, core, lambda msgs: None, lambda _k, _c, rd: readyloop.persist_to_memory(storage, rd), lambda _k, rd: None
+    )
+    assert core.role == Role.LEADER
     for cc in (ConfChange(ConfChangeType.ADD_LEARNER, _U63, b"a:1"),
                ConfChange(ConfChangeType.ADD_LEARNER, 5, b"x" * 2000)):
         with pytest.raises(ProposalDropped, match="invalid membership change"):

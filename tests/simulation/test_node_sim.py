@@ -118,3 +118,4 @@ def test_figure8_is_found_by_competing_suffixes_with_one_entry_appends() -> None
     assert found is not None, "not found in 20 seeds"
     res = run_node_seed(found, params=params(found))
     assert res.ok, res.violation
+

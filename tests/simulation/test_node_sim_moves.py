@@ -6,21 +6,33 @@ planted into the node's move path are found within a stated number of seeds."""
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterator
 
 import pytest
 
-from chaos.sim.nodes import run_node_seed
-from chaos.sim.plant import MOVE_BUGS, planted
+from chaos.sim.nodes import NodeSimParams, run_node_seed
+from chaos.sim.plant import MOVE_BUGS, NODE_BUGS, planted
+from chaos.sim.scenarios import SCENARIOS
 
 SEED_BUDGET = {
-    # bug -> seeds (0, 1, ...) with moves on within which it must show; measured: found at
-    # seed 4 and seed 0 respectively (see the report of the `moves` branch).
+    # bug -> seeds (0, 1, ...) with moves on within which it must show. Measured on the
+    # `simmoves` branch (first seed that finds it): serve-after-freeze 9, activate-before-install
+    # 8, shared-install-token 5 (two coordinators racing inside one installation), flip-before-
+    # activate 15 (an ACTIVATE lost with a leader that crashed or was cut off right after it was
+    # proposed), cache-wrong-shard 0 (the ownership check; about half of all seeds find it).
     "node-serve-after-freeze": 15,
-    "node-activate-before-install": 10,
+    "node-activate-before-install": 15,
+    "node-shared-install-token": 10,
+    "node-flip-before-activate": 25,
+    "node-cache-wrong-shard": 5,
 }
-"""node-shared-install-token needs two coordinators racing inside one installation; it is not
-asserted here (see `chaos.sim.plant`)."""
+SCENARIO_ONLY = {"node-no-move-fence", "node-export-without-sessions"}
+"""Move bugs that random seeds do not reach: a stale request must meet a group leader whose own
+map lags (`stale-freeze`, `stale-drop`); a retry must reach the target of a move although its
+first attempt was applied at the source, which answers every retry from its own session table,
+so only a source group that is gone sends it there (`lost-reply`). Not found in 150 seeds; the
+scripted scenarios catch them (`tests/simulation/test_node_sim_scenarios.py`)."""
 
 
 @pytest.fixture(autouse=True)
@@ -56,9 +68,44 @@ def test_a_move_seed_replays_exactly() -> None:
     ]
 
 
-def test_every_move_bug_has_a_budget_or_a_reason() -> None:
-    assert set(SEED_BUDGET) <= set(MOVE_BUGS)
-    assert set(MOVE_BUGS) - set(SEED_BUDGET) == {"node-shared-install-token"}
+def test_every_move_bug_has_a_budget_or_a_scenario() -> None:
+    assert set(SEED_BUDGET) | SCENARIO_ONLY == set(MOVE_BUGS)
+    assert not set(SEED_BUDGET) & SCENARIO_ONLY
+    assert {sc.catches for sc in SCENARIOS.values()} >= SCENARIO_ONLY
+
+
+def test_membership_churn_and_moves_together() -> None:
+    """Voters replaced by new nodes while ranges move (each member change recorded in the map,
+    racing the coordinator's compare-and-swaps): every invariant holds, every move and every
+    replacement finishes. (Not on random seeds yet: see `NodeSimParams.with_moves`.)"""
+    changes = 0
+    for seed in range(6):
+        p = NodeSimParams.draw(random.Random(seed), 3, moves=True)
+        p.membership = True
+        res = run_node_seed(seed, params=p)
+        assert res.ok, (seed, res.violation)
+        changes += res.membership_changes
+    assert changes >= 3
+
+
+def test_late_requests_between_two_groups() -> None:
+    """Coordinators' requests held up in the network (arriving long after their caller gave up,
+    after a move and its reverse between two groups) change nothing."""
+    for seed in range(6):
+        p = NodeSimParams.draw(random.Random(seed), 3, moves=True)
+        p.long_delay, p.groups, p.max_groups = 0.1, 2, 2
+        res = run_node_seed(seed, params=p)
+        assert res.ok, (seed, res.violation)
+        assert res.moves.get("moves_done", 0) == res.moves.get("moves", -1) > 0
+
+
+def test_plants_restore_the_code() -> None:
+    for bug in MOVE_BUGS:
+        owner, attr, fake = NODE_BUGS[bug]
+        before = owner.__dict__[attr]
+        with planted(bug):
+            assert owner.__dict__[attr] is fake
+        assert owner.__dict__[attr] is before
 
 
 @pytest.mark.parametrize("bug", sorted(SEED_BUDGET))

@@ -465,6 +465,35 @@ def test_size_validation_without_round_trip(cluster: FakeCluster) -> None:
     run(main())
 
 
+def test_read_options_are_refused_the_same_way_by_reads_and_scans_without_round_trip(cluster: FakeCluster) -> None:
+    """Point reads and scans take their options from one check (`RequestChecks.read_options`)."""
+
+    async def main() -> None:
+        async with AsyncClient(cluster.endpoints, **FAST) as c:
+            bad: list[tuple[dict[str, Any], type[Exception]]] = [
+                (dict(read_preference="closest"), errors.InvalidArgument),
+                (dict(consistency="eventual"), errors.InvalidArgument),
+                (dict(consistency="bounded"), errors.InvalidArgument),  # no bound, no default
+                (dict(consistency="bounded", max_staleness=float("nan")), errors.InvalidArgument),
+                (dict(timeout=0), ValueError),
+            ]
+            for kwargs, kind in bad:
+                with pytest.raises(kind):
+                    await c.read(b"k", **kwargs)
+                with pytest.raises(kind):
+                    await c.get(b"k", **kwargs)
+                with pytest.raises(kind):
+                    async for _ in c.scan(b"p", **kwargs):
+                        pass
+                with pytest.raises(kind):
+                    # an empty range: refused all the same, before it is found empty
+                    async for _ in c.scan(start=b"b", end=b"a", **kwargs):
+                        pass
+        assert cluster.calls == []
+
+    run(main())
+
+
 def test_ack_is_lowest_seq_in_flight(cluster: FakeCluster) -> None:
     cluster.script(1, Action("delay", seconds=0.3, methods=("Put",)))
 

@@ -14,12 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvstore import errors
+from kvstore.node.grouprequests import check_group_request
 from kvstore.node.host import Host, RaftSettings
 from kvstore.node.inbound import Inbound, RefusalLog
 from kvstore.raft import ConfChange, ConfChangeType, ConfState, EntryType, Message, MessageType, Role
 from kvstore.raft.admission import MAX_TERM_JUMP
 from kvstore.raft.types import MAX_U63
-from kvstore.server.shards import check_group_request
 from kvstore.shard.ranges import IntervalSet
 from kvstore.shard.shardmap import SHARD_MAP_KEY, ShardMap, ShardMapError
 from kvstore.storage import commands

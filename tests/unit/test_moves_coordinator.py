@@ -1,6 +1,6 @@
 """The sans-I/O range-move coordinator (`kvstore.node.moves`) driven by hand: its requests are
 answered at once by the real state machine on in-memory groups, so a test can interleave two
-coordinators exactly (the migration simulator's scripted races, without an event loop)."""
+coordinators exactly (the races of `chaos/sim/scenarios.py`, without an event loop or a network)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,44 @@ from typing import Any
 
 import pytest
 
-from chaos.sim.migration.world import export_records
 from kvstore.node.moves import ExportChunk, MoveCoordinator, MoveFailed, Propose, Request, WaitMap, Work
 from kvstore.shard.ranges import IntervalSet, key_hash
 from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, ShardMap
 from kvstore.storage import commands
 from kvstore.storage.machine import DictState
-from kvstore.storage.shardcmd import ShardOp, decode_shard_command, encode_shard_command, is_shard_command
+from kvstore.storage.shardcmd import (
+    REC_DATA,
+    REC_FLOOR,
+    REC_RESULT,
+    U64,
+    U64_PAIR,
+    ShardOp,
+    decode_shard_command,
+    encode_record,
+    encode_shard_command,
+    is_shard_command,
+)
+
+
+def export_records(state: DictState, ranges: IntervalSet, chunk_bytes: int) -> list[bytes]:
+    """The install records of `ranges` in `state` (data rows, then the session table in LMDB
+    row order: a client's floor before its cached results), in chunks, as a store exports them."""
+    recs = [encode_record(REC_DATA, k, state.data[k]) for k in sorted(state.data) if key_hash(k) in ranges]
+    rows = [(U64.pack(cid), U64.pack(floor)) for cid, floor in state.floors.items()]
+    rows += [(U64_PAIR.pack(cid, seq), res) for (cid, seq), res in state.sessions.items()]
+    recs += [encode_record(REC_FLOOR if len(k) == 8 else REC_RESULT, k, v) for k, v in sorted(rows)]
+    chunks: list[bytes] = []
+    buf: list[bytes] = []
+    size = 0
+    for rec in recs:
+        buf.append(rec)
+        size += len(rec)
+        if size >= chunk_bytes:
+            chunks.append(b"".join(buf))
+            buf, size = [], 0
+    if buf:
+        chunks.append(b"".join(buf))
+    return chunks
 
 
 class Groups:

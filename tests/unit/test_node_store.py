@@ -627,3 +627,25 @@ def test_both_stores_agree_on_random_operations(ops: list[tuple[Any, ...]]) -> N
         finally:
             a.close()
             b.close()
+
+
+def test_audit_head_is_a_durable_write(make: Callable[..., Any]) -> None:
+    from kvstore.node.store import AuditHead
+
+    s = make()
+    assert s.audit_head() is None
+    s.set_audit_head(AuditHead(5, b"\x01" * 32, 2))
+    s.set_audit_head(AuditHead(9, b"\x02" * 32, 3))
+    assert s.audit_head() == AuditHead(9, b"\x02" * 32, 3)
+    if isinstance(s, MemoryNodeStore):
+        assert s.crash().audit_head() == AuditHead(9, b"\x02" * 32, 3)
+
+
+def test_an_unsynced_audit_head_is_lost_in_a_crash() -> None:
+    from kvstore.node.store import AuditHead
+
+    s = MemoryNodeStore(sync=True)
+    s.set_audit_head(AuditHead(1, b"\x01" * 32))
+    s.sync = False
+    s.set_audit_head(AuditHead(2, b"\x02" * 32))
+    assert s.crash().audit_head() == AuditHead(1, b"\x01" * 32)

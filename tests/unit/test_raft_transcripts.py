@@ -80,6 +80,7 @@ PLANTED = {
     "lease-across-quiescence": "quiescence_lease.txt",
     "wake-does-nothing": "quiescence.txt",
     "skip-log-consistency-check": "elections.txt",
+    "apply-before-persist": "leader_persistence.txt",
 }
 
 

@@ -1,0 +1,156 @@
+"""Pure checks and answers behind the internal `Shard` RPCs (`kvstore.server.shards` is their
+asyncio/gRPC adapter): what a GroupPropose, ExportRange or ShardOp request may ask, which nodes
+to try for a group's leader, how range moves are described.
+
+Synchronous and deterministic, no I/O (`tests/unit/test_purity.py`). Requests are read through
+small structural protocols (the generated protobuf messages satisfy them), so this module does
+not import gRPC. Every check is total: whatever the fields hold, it returns or raises a definite
+`kvstore.errors.KVError` (InvalidArgument, or WrongShard for a move this node's map does not show
+yet), nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Protocol
+
+from kvstore import errors
+from kvstore.node.alarms import ALARMS_KEY, decode_alarms
+from kvstore.node.host import Host
+from kvstore.raft import ConfChange
+from kvstore.shard.ranges import IntervalSet
+from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, ShardMap, ShardMapError
+from kvstore.storage import commands
+from kvstore.storage.shardcmd import ShardOp, decode_shard_command
+
+MAX_EXPORT_CHUNK = 4 << 20
+"""Largest chunk an ExportRange caller may ask for (a chunk is held in memory whole)."""
+DEFAULT_EXPORT_CHUNK = 512 << 10
+"""The chunk size of an ExportRange that asks for none."""
+MAX_WAIT = 3600.0
+"""Longest a ShardOp with `wait` may wait, in seconds."""
+
+
+class GroupRequest(Protocol):
+    """What `check_group_request` reads of a GroupPropose request."""
+
+    @property
+    def group(self) -> int: ...
+    @property
+    def command(self) -> bytes: ...
+    @property
+    def conf_change(self) -> bytes: ...
+    @property
+    def read_barrier(self) -> bool: ...
+    @property
+    def transfer(self) -> bool: ...
+
+
+def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfChange | None:
+    """Refuse (definite InvalidArgument) a GroupPropose request that the node's own code would
+    never send: the metadata group takes only compare-and-swaps of the shard map whose new value
+    is a valid map of a higher version, and of the alarm set (`kvstore.node.alarms`) between
+    valid encodings; a data group only shard commands that decode (never SET,
+    which only a group's bootstrap log carries) and that belong to a range move of the shard map
+    `smap`, with that move's ranges, in the group that plays that part in it (FREEZE and DROP in
+    the source, BEGIN, INSTALL and ACTIVATE in the target); a conf change must decode. A move
+    this node's map does not show yet is refused as WRONG_SHARD (the caller retries: the map
+    may lag the coordinator's by a little). Returns the decoded conf change, if any. So no
+    request can write garbage into group 0, a malformed command into any log, or freeze or drop
+    ranges no move is moving, whoever sends it."""
+    if request.conf_change:
+        try:
+            return ConfChange.decode(request.conf_change)
+        except ValueError as err:
+            raise errors.InvalidArgument(f"malformed conf change: {err}") from None
+    if request.read_barrier or request.transfer:
+        return None
+    data = request.command
+    if request.group == META_GROUP:
+        try:
+            cmd = commands.decode_command(data)
+        except ValueError as err:
+            raise errors.InvalidArgument(f"malformed command for the metadata group: {err}") from None
+        if cmd.op == commands.Op.CAS and cmd.key == ALARMS_KEY:
+            try:
+                decode_alarms(cmd.value)
+                if not cmd.expect_absent:
+                    decode_alarms(cmd.expected)
+            except ValueError as err:
+                raise errors.InvalidArgument(f"not a valid alarm set: {err}") from None
+            return None
+        if cmd.op != commands.Op.CAS or cmd.key != SHARD_MAP_KEY or cmd.expect_absent:
+            raise errors.InvalidArgument(
+                "the metadata group takes only compare-and-swaps of the shard map and of the alarm set"
+            )
+        try:
+            old, new = ShardMap.decode(cmd.expected), ShardMap.decode(cmd.value)
+        except ShardMapError as err:
+            raise errors.InvalidArgument(f"not a valid shard map: {err}") from None
+        if new.version <= old.version:
+            raise errors.InvalidArgument(f"shard map version {new.version} does not follow {old.version}")
+        return None
+    try:
+        sc = decode_shard_command(data)
+    except ValueError as err:
+        raise errors.InvalidArgument(f"not a shard command: {err}") from None
+    if sc.op == ShardOp.SET:
+        raise errors.InvalidArgument("SET is carried only by a group's bootstrap log")
+    mv = next((x for x in smap.moves if x.id == sc.move), None) if smap is not None else None
+    if mv is None:
+        version = smap.version if smap is not None else 0
+        raise errors.WrongShard(f"no range move {sc.move} in this node's shard map (version {version})",
+                                shard_version=version)
+    part = mv.source if sc.op in (ShardOp.FREEZE, ShardOp.DROP) else mv.target
+    if request.group != part or (sc.op != ShardOp.INSTALL and sc.ranges != mv.ranges):
+        raise errors.InvalidArgument(f"{sc.op.name} in group {request.group} is not a step of range move {mv.id}")
+    return None
+
+
+def check_export_request(lo: Sequence[int], hi: Sequence[int], chunk_bytes: int) -> tuple[IntervalSet, int]:
+    """The ranges and chunk size an ExportRange request asks for: `lo` and `hi` pair up into
+    valid hash intervals, `chunk_bytes` is at most `MAX_EXPORT_CHUNK` (0: the default).
+    Definite InvalidArgument otherwise."""
+    if chunk_bytes > MAX_EXPORT_CHUNK:
+        raise errors.InvalidArgument(f"chunk_bytes {chunk_bytes} exceeds {MAX_EXPORT_CHUNK}")
+    if chunk_bytes < 0:
+        raise errors.InvalidArgument(f"chunk_bytes {chunk_bytes} is negative")
+    if len(lo) != len(hi):
+        raise errors.InvalidArgument(f"{len(lo)} range starts but {len(hi)} range ends")
+    try:
+        ranges = IntervalSet(zip(lo, hi, strict=True))
+    except ValueError as err:
+        raise errors.InvalidArgument(str(err)) from None
+    return ranges, chunk_bytes or DEFAULT_EXPORT_CHUNK
+
+
+def check_wait_timeout(wait: bool, timeout: float) -> None:
+    """A ShardOp that waits gives a timeout in 0..MAX_WAIT seconds (NaN is refused too)."""
+    if wait and not (math.isfinite(timeout) and 0 <= timeout <= MAX_WAIT):
+        raise errors.InvalidArgument(f"timeout {timeout} is outside 0..{MAX_WAIT:g} seconds")
+
+
+def leader_candidates(host: Host, smap: ShardMap | None, group: int) -> list[int]:
+    """Nodes to try for `group`'s leader, best guess first, each once: the leader this node
+    knows, the group's members in the shard map, the members of its local replica; for the
+    metadata group (or if nothing else is known) every node this host knows."""
+    out: list[int] = []
+    lead, _ = host.leader_of(group)
+    if lead:
+        out.append(lead)
+    if smap is not None and group in smap.groups:
+        out += [n for n in smap.groups[group].members() if n not in out]
+    g = host.groups.get(group)
+    if g is not None:
+        out += [n for n in sorted(g.core.conf.members()) if n not in out]
+    if group == META_GROUP or not out:
+        out += [n for n in sorted(host.members) if n not in out]
+    return out
+
+
+def describe_moves(m: ShardMap) -> str:
+    """One line on the range moves in progress in `m`."""
+    if not m.moves:
+        return "no range moves in progress"
+    return "; ".join(f"move {mv.id}: group {mv.source} -> {mv.target} ({mv.state.name.lower()})" for mv in m.moves)

@@ -1,0 +1,188 @@
+"""The pure checks behind the internal Shard RPCs (`kvstore.node.grouprequests`): total under
+hostile input (fuzzed with hypothesis), and what they accept is what the node's own code sends."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvstore import errors
+from kvstore.node.alarms import ALARMS_KEY, Alarm, AlarmType, decode_alarms, encode_alarms
+from kvstore.node.grouprequests import (
+    DEFAULT_EXPORT_CHUNK,
+    MAX_EXPORT_CHUNK,
+    MAX_WAIT,
+    check_export_request,
+    check_group_request,
+    check_wait_timeout,
+    describe_moves,
+    leader_candidates,
+)
+from kvstore.node.host import Host, RaftSettings
+from kvstore.node.memstore import MemoryNodeStore
+from kvstore.raft import ConfChange, ConfState
+from kvstore.shard.ranges import HASH_MAX, IntervalSet
+from kvstore.shard.shardmap import SHARD_MAP_KEY, ShardMap
+from kvstore.storage import commands
+from kvstore.storage.shardcmd import ShardOp, decode_shard_command, encode_shard_command
+from kvstore.v1 import shard_pb2
+
+MAP = ShardMap.initial([1, 2, 3], 2, 3, 16, {1: "a:1", 2: "b:1", 3: "c:1"})
+PLANNED = MAP.plan_add_group([1, 2, 3])
+
+
+@dataclass(slots=True)
+class Req:
+    """A GroupPropose request as plain fields (the protocol the check reads)."""
+
+    group: int
+    command: bytes = b""
+    conf_change: bytes = b""
+    read_barrier: bool = False
+    transfer: bool = False
+
+
+def _valid_commands() -> list[tuple[int, bytes]]:
+    """(group, command) pairs the node's own coordinator sends for PLANNED's moves."""
+    alarms = encode_alarms([Alarm(2, AlarmType.NOSPACE)])
+    out = [
+        (0, commands.encode_cas(SHARD_MAP_KEY, False, MAP.encode(), PLANNED.encode())),
+        (0, commands.encode_cas(ALARMS_KEY, True, b"", alarms)),
+        (0, commands.encode_cas(ALARMS_KEY, False, alarms, encode_alarms([]))),
+    ]
+    for mv in PLANNED.moves:
+        out.append((mv.source, encode_shard_command(ShardOp.FREEZE, mv.ranges, move=mv.id)))
+        out.append((mv.target, encode_shard_command(ShardOp.BEGIN, mv.ranges, token=3, move=mv.id)))
+        out.append((mv.target, encode_shard_command(ShardOp.ACTIVATE, mv.ranges, token=3, move=mv.id)))
+        out.append((mv.source, encode_shard_command(ShardOp.DROP, mv.ranges, move=mv.id)))
+    return out
+
+
+VALID = _valid_commands()
+
+
+@st.composite
+def hostile_commands(draw: st.DrawFn) -> tuple[int, bytes]:
+    """Valid commands, the same with bytes flipped, cut or extended, in any group, or noise."""
+    group, data = draw(st.sampled_from(VALID))
+    how = draw(st.sampled_from(["as is", "flip", "cut", "extend", "noise"]))
+    if how == "flip" and data:
+        i = draw(st.integers(0, len(data) - 1))
+        data = data[:i] + bytes([data[i] ^ draw(st.integers(1, 255))]) + data[i + 1:]
+    elif how == "cut":
+        data = data[: draw(st.integers(0, len(data)))]
+    elif how == "extend":
+        data = data + draw(st.binary(min_size=1, max_size=16))
+    elif how == "noise":
+        data = draw(st.binary(max_size=64))
+    if draw(st.booleans()):
+        group = draw(st.integers(0, 6))
+    return group, data
+
+
+@settings(max_examples=400, deadline=None)
+@given(hostile_commands(), st.sampled_from([MAP, PLANNED, None]))
+def test_group_request_check_is_total_and_accepts_only_real_move_steps(
+    cmd: tuple[int, bytes], smap: ShardMap | None
+) -> None:
+    group, data = cmd
+    try:
+        out = check_group_request(Req(group, data), smap)
+    except (errors.InvalidArgument, errors.WrongShard):
+        return
+    assert out is None
+    if group == 0:
+        decoded = commands.decode_command(data)
+        assert decoded.op == commands.Op.CAS and decoded.key in (SHARD_MAP_KEY, ALARMS_KEY)
+        if decoded.key == ALARMS_KEY:
+            decode_alarms(decoded.value)  # a valid alarm set, or the check would have refused it
+            return
+        assert ShardMap.decode(decoded.value).version > ShardMap.decode(decoded.expected).version
+        return
+    assert smap is not None
+    sc = decode_shard_command(data)
+    mv = next(m for m in smap.moves if m.id == sc.move)
+    assert sc.op != ShardOp.SET
+    assert group == (mv.source if sc.op in (ShardOp.FREEZE, ShardOp.DROP) else mv.target)
+    assert sc.op == ShardOp.INSTALL or sc.ranges == mv.ranges
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=48), st.booleans(), st.booleans())
+def test_conf_change_bytes_decode_or_are_refused(raw: bytes, barrier: bool, transfer: bool) -> None:
+    try:
+        out = check_group_request(Req(1, conf_change=raw, read_barrier=barrier, transfer=transfer), MAP)
+    except errors.InvalidArgument:
+        # empty conf change bytes mean "no conf change": a barrier or transfer passes, and
+        # anything else is checked as a command (an empty one, refused)
+        assert raw or not (barrier or transfer)
+        return
+    if raw:
+        assert out == ConfChange.decode(raw)
+    else:
+        assert out is None
+
+
+def test_protobuf_requests_satisfy_the_protocol() -> None:
+    mv = PLANNED.moves[0]
+    freeze = shard_pb2.GroupProposeRequest(
+        group=mv.source, command=encode_shard_command(ShardOp.FREEZE, mv.ranges, move=mv.id)
+    )
+    assert check_group_request(freeze, PLANNED) is None
+    with pytest.raises(errors.WrongShard):
+        check_group_request(freeze, MAP)  # a move this node's map does not show yet
+
+
+ints = st.one_of(st.integers(0, HASH_MAX), st.integers(-(1 << 70), 1 << 70))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(ints, max_size=6), st.lists(ints, max_size=6), st.integers(-(1 << 40), 1 << 40))
+def test_export_request_check_is_total(lo: list[int], hi: list[int], chunk: int) -> None:
+    try:
+        ranges, size = check_export_request(lo, hi, chunk)
+    except errors.InvalidArgument:
+        ok = (
+            0 <= chunk <= MAX_EXPORT_CHUNK
+            and len(lo) == len(hi)
+            and all(0 <= a <= b <= HASH_MAX for a, b in zip(lo, hi, strict=True))
+        )
+        assert not ok
+        return
+    assert len(lo) == len(hi) and 0 <= chunk <= MAX_EXPORT_CHUNK
+    assert size == (chunk or DEFAULT_EXPORT_CHUNK)
+    assert ranges == IntervalSet(zip(lo, hi, strict=True))
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True), st.booleans())
+def test_wait_timeout_check(timeout: float, wait: bool) -> None:
+    fine = not wait or (math.isfinite(timeout) and 0 <= timeout <= MAX_WAIT)
+    if fine:
+        check_wait_timeout(wait, timeout)
+    else:
+        with pytest.raises(errors.InvalidArgument):
+            check_wait_timeout(wait, timeout)
+
+
+def test_leader_candidates_best_guess_first_each_once() -> None:
+    host = Host(1, MemoryNodeStore(), lambda msgs: None, RaftSettings(), random.Random(1),
+                members={1: "a:1", 2: "b:1", 3: "c:1", 4: "d:1"})
+    host.open_group(1, ConfState((1, 2, 3)))
+    cands = leader_candidates(host, MAP, 1)
+    assert sorted(cands) == sorted(MAP.groups[1].members()) and len(set(cands)) == len(cands)
+    assert leader_candidates(host, None, 1) == [1, 2, 3]  # the local replica's members
+    assert leader_candidates(host, None, 7) == [1, 2, 3, 4]  # nothing known: every node
+    meta = leader_candidates(host, MAP, 0)
+    assert sorted(meta) == [1, 2, 3, 4]
+
+
+def test_describe_moves() -> None:
+    assert describe_moves(MAP) == "no range moves in progress"
+    text = describe_moves(PLANNED)
+    for mv in PLANNED.moves:
+        assert f"move {mv.id}: group {mv.source} -> {mv.target} (pending)" in text
