@@ -87,8 +87,14 @@ CORE_BUG_BUDGET = {
 nodes, seeds 0..N-1, the default fault mix; the search stops at the first failing seed)."""
 
 
+NOT_YET_BY_SEEDS = {"apply-before-persist"}
+"""Core bugs random seeds have not been shown to find yet (merged from `readyloop` at the end of
+this branch's work): the transcript `leader_persistence.txt` catches it
+(`tests/unit/test_raft_transcripts.py`)."""
+
+
 def test_every_core_bug_has_a_budget() -> None:
-    assert sorted(CORE_BUG_BUDGET) == sorted(BUGS)
+    assert sorted(set(CORE_BUG_BUDGET) | NOT_YET_BY_SEEDS) == sorted(BUGS)
     assert max(CORE_BUG_BUDGET.values()) <= 1000
 
 
