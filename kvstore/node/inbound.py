@@ -113,6 +113,12 @@ class Inbound:
                 return False
             if m.type not in _OPENING:
                 return False  # only a leader's traffic opens a group; anything else waits for it
+            if self.node_id in placed.bootstrap:
+                # This node is one of the group's founding voters: it must create the group with
+                # its bootstrap log (the node's reconcile does), never open it empty as a joiner.
+                # An empty joiner catching up one entry at a time would apply the first
+                # bootstrap CONF_CHANGE alone, see itself as the only voter and elect itself.
+                return False
             log.info("opening group %d on a message from node %d", m.group, frm)
             g = self.host.open_group(m.group, None)
         reason = admission.refusal(g.core, m, placed.members() if placed is not None else ())

@@ -5,6 +5,7 @@ admission rules refuse what no member would send, before any core sees it."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import struct
 from pathlib import Path
@@ -222,8 +223,18 @@ def test_outsiders_and_unknown_groups_are_refused_and_create_nothing(node: _Node
         assert not node.inbound.admit(Message(MessageType.HEARTBEAT, 1, 2, term=5, group=g))
     assert sorted(node.host.groups) == [0, 1]
     assert node.refusals.counted["unknown_group"] == 200
-    # a group the map places on the sender opens on its leader's message
-    assert 2 in node.map.groups
+    # a group this node founded (a bootstrap voter) is never opened empty on a message: only the
+    # node's reconcile creates it, with its bootstrap log (an empty joiner catching up one entry
+    # at a time would apply the first bootstrap CONF_CHANGE alone, as the only voter, and elect
+    # itself: a split brain the whole-node simulator found, seed 58)
+    assert 1 in node.map.groups[2].bootstrap
+    for typ in (MessageType.HEARTBEAT, MessageType.APP, MessageType.SNAP):
+        assert not node.inbound.admit(Message(typ, 1, 2, term=5, group=2))
+    assert 2 not in node.host.groups
+    # a group the map places on the sender, joined later (not a founder), opens on its leader's message
+    p = node.map.groups[2]
+    node.map = dataclasses.replace(node.map, groups={**node.map.groups, 2: dataclasses.replace(
+        p, voters=(2, 3), learners=(1,), bootstrap=(2, 3, 4))})
     assert node.inbound.admit(Message(MessageType.HEARTBEAT, 1, 2, term=5, group=2))
     assert 2 in node.host.groups
 
