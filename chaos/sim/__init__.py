@@ -1,6 +1,10 @@
-"""Deterministic simulation of the kvstore Raft core: `python -m chaos.sim --seeds N`."""
+"""Deterministic simulation of whole kvstore nodes: `python -m chaos.sim --seeds N` (see `nodes.py`)."""
 
 from .invariants import SafetyChecker, SafetyViolation
-from .simulator import SimParams, SimResult, Simulation, run_seed
+from .nodes import NodeSimParams, NodeSimResult, NodeSimulation, run_node_seed
+from .quiet import QuiesceStats, quiesce_by_default
 
-__all__ = ["SafetyChecker", "SafetyViolation", "SimParams", "SimResult", "Simulation", "run_seed"]
+__all__ = [
+    "NodeSimParams", "NodeSimResult", "NodeSimulation", "QuiesceStats", "SafetyChecker", "SafetyViolation",
+    "quiesce_by_default", "run_node_seed",
+]

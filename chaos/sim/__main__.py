@@ -1,10 +1,11 @@
-"""`python -m chaos.sim --seeds N [--nodes 3|5] [--start S] [--quiesce auto|on|off]` or `--seed S --trace`.
+"""`python -m chaos.sim --seeds N [--nodes 3|5] [--start S] [--quiesce auto|on|off] [--moves auto|on|off]` or `--seed S --trace`.
 
-`--engine nodes` runs whole nodes (`chaos/sim/nodes.py`: the real node logic, host, state
-machine, store and range moves, `--moves auto|on|off`) instead of Raft cores alone (`chaos/sim/simulator.py`).
+Runs whole simulated nodes (`chaos/sim/nodes.py`: the real node logic, host, state machine,
+store, reads and range moves) under the seed's faults. Prints one line per failing seed, a
+summary, and a last line `seeds: N, violations: V`; exits 0 only if V == 0.
 
-Prints one line per failing seed, a summary, and a last line `seeds: N, violations: V`; exits 0
-only if V == 0.
+A long soak on 2 cores: one process per core, each on its own range of seeds, e.g.
+`python -m chaos.sim --seeds 50000 --start 0 & python -m chaos.sim --seeds 50000 --start 50000`.
 """
 
 from __future__ import annotations
@@ -13,64 +14,43 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 from .nodes import NodeSimResult, run_node_seed
 from .plant import ALL_BUGS, planted
-from .simulator import SimResult, run_seed
-
-R = TypeVar("R", bound=Any)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m chaos.sim", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m chaos.sim", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=100, help="number of seeds to run")
     ap.add_argument("--start", type=int, default=0, help="first seed")
     ap.add_argument("--seed", type=int, help="run this one seed (replay)")
     ap.add_argument("--nodes", type=int, choices=(3, 5), default=3)
     ap.add_argument("--trace", action="store_true", help="print a readable trace of the run")
     ap.add_argument("--plant", choices=sorted(ALL_BUGS), help="plant a known bug (to see the simulator catch it)")
-    ap.add_argument("--engine", choices=("raft", "nodes"), default="raft",
-                    help="simulate Raft cores alone (raft) or whole nodes (nodes)")
     ap.add_argument("--stop-on-failure", action="store_true")
     ap.add_argument(
         "--quiesce", choices=("auto", "on", "off"), default="auto",
-        help="quiescence of idle groups: on a fixed half of the seeds (auto), on every seed, or off",
+        help="quiescence of idle groups (and the quiesced-leader scenario): on a fixed half of the seeds "
+             "(auto), on every seed, or off",
     )
     ap.add_argument(
         "--moves", choices=("auto", "on", "off"), default="auto",
-        help="(--engine nodes) range moves: on a fixed half of the seeds (auto), on every seed, or off",
+        help="range moves: on a fixed half of the seeds (auto), on every seed, or off",
     )
     args = ap.parse_args(argv)
     quiesce = {"auto": None, "on": True, "off": False}[args.quiesce]
+    moves = {"auto": None, "on": True, "off": False}[args.moves]
+    if not args.trace:
+        logging.disable(logging.CRITICAL)  # the nodes' own logs (refused forgeries...) are expected
 
     seeds = [args.seed] if args.seed is not None else list(range(args.start, args.start + args.seeds))
-    if args.engine == "nodes":
-        if not args.trace:
-            logging.disable(logging.CRITICAL)  # the nodes' own logs (refused forgeries...) are expected
-        node_results: list[NodeSimResult] = []
-        moves = {"auto": None, "on": True, "off": False}[args.moves]
-        bad = _run(seeds, args, lambda seed: run_node_seed(seed, nodes=args.nodes, trace=args.trace, moves=moves),
-                   node_results)
-        print(nodes_summary(node_results))
-    else:
-        results: list[SimResult] = []
-        bad = _run(
-            seeds, args, lambda seed: run_seed(seed, nodes=args.nodes, trace=args.trace, quiesce=quiesce), results
-        )
-        print(quiesce_summary(results))
-    print(f"seeds: {len(seeds)}, violations: {bad}")
-    return 0 if bad == 0 else 1
-
-
-def _run(seeds: list[int], args: argparse.Namespace, run: Callable[[int], R], results: list[R]) -> int:
-    """Run `seeds` (with the planted bug, if any), printing each failure; returns how many failed."""
+    results: list[NodeSimResult] = []
     violations = ops = 0
     t0 = time.perf_counter()
     with planted(args.plant):
         for seed in seeds:
-            res = run(seed)
+            res = run_node_seed(seed, nodes=args.nodes, trace=args.trace, moves=moves, quiesce=quiesce)
             results.append(res)
             ops += res.ops
             if args.trace:
@@ -84,8 +64,13 @@ def _run(seeds: list[int], args: argparse.Namespace, run: Callable[[int], R], re
                 print(f"seed {seed}: ok ({res.ops} operations, {res.events} events, {res.sim_ms} ms simulated)")
     elapsed = time.perf_counter() - t0
     n = len(results)
-    print(f"elapsed {elapsed:.1f}s, {n / elapsed:.1f} seeds/s, {ops} client operations checked", file=sys.stderr)
-    return violations
+    sim_s = sum(r.sim_ms for r in results) / 1000
+    print(f"elapsed {elapsed:.1f}s, {n / elapsed:.2f} seeds/s, {sim_s / max(n, 1):.1f} s simulated per seed, "
+          f"{ops} client operations checked", file=sys.stderr)
+    print(nodes_summary(results))
+    print(quiesce_summary(results))
+    print(f"seeds: {len(seeds)}, violations: {violations}")
+    return 0 if violations == 0 else 1
 
 
 def nodes_summary(results: list[NodeSimResult]) -> str:
@@ -104,7 +89,7 @@ def nodes_summary(results: list[NodeSimResult]) -> str:
     )
 
 
-def quiesce_summary(results: list[SimResult]) -> str:
+def quiesce_summary(results: list[NodeSimResult]) -> str:
     on = [r for r in results if r.quiesce_ticks]
     if not on:
         return f"quiescence: off in all {len(results)} seeds"
@@ -119,9 +104,8 @@ def quiesce_summary(results: list[SimResult]) -> str:
         f"quiescence: on in {len(on)}/{len(results)} seeds; leader quiesced in {slept}/{len(on)} seeds "
         f"({sum(q.leader_quiesces for q in qs)} times), under faults in {under_faults}/{len(on)} "
         f"({sum(q.leader_quiesces_under_faults for q in qs)} times); followers quiesced "
-        f"{sum(q.follower_quiesces for q in qs)} times; {sum(q.wakes for q in qs)} wake-ups, "
-        f"{sum(q.host_wakes for q in qs)} by host liveness; quiesced-leader scenario: crash {kinds['crash']}, "
-        f"isolate {kinds['isolate']}, skipped {skipped}{worst}"
+        f"{sum(q.follower_quiesces for q in qs)} times; {sum(q.wakes for q in qs)} wake-ups; "
+        f"quiesced-leader scenario: crash {kinds['crash']}, isolate {kinds['isolate']}, skipped {skipped}{worst}"
     )
 
 

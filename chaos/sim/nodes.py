@@ -9,13 +9,23 @@ asyncio, a simulated network instead of gRPC.
 
 Faults, all drawn from the seed (a seed replays exactly): message loss, duplication, delay and
 reordering; partitions; crashes and restarts (the store recovers what it made durable: with the
-in-memory store everything not synced is lost); per-node clock offsets and tick rates (skew); one slow disk (a lagging replica);
-leadership transfers; a forging outsider (node 1000, never a member) sending votes, higher-term
-heartbeats, TIMEOUT_NOW and forged committed appends through the node's admission path.
+in-memory store everything not synced is lost), also right after a cycle that acknowledged or
+applied; per-node clock offsets and tick rates (skew); one slow disk (a lagging replica); failed
+fsyncs, full disks and torn writes; leadership transfers; small appends (down to one entry per
+message) and short in-flight windows; flapping leaders (a new leader cut off from everyone
+shortly after its election, which leaves uncommitted suffixes of several terms around: Raft's
+Figure 8); a forging outsider (node 1000, never a member) sending votes, higher-term heartbeats,
+TIMEOUT_NOW and forged committed appends through the node's admission path, and a rogue member
+(messages under a member's id that no correct member sends: TIMEOUT_NOW from a non-leader,
+acknowledgements beyond the leader's log, term jumps) that only the group-level admission rules
+stop; membership churn (`membership.py`); on a fixed half of the seeds quiescence, with pauses of
+the workload and the quiesced-leader crash / isolate scenario at the end (`quiet.py`).
 
 Checked on every seed: Raft's safety properties for every group after every event
-(`invariants.SafetyChecker`), the clients' history for linearizability (`chaos.checker`), and
-liveness: once the faults heal, operations invoked after a grace period must succeed.
+(`invariants.SafetyChecker`), the clients' history for linearizability (`chaos.checker`), bounded
+and stale reads against their stated bounds (`replica_reads`), and liveness: once the faults heal,
+operations invoked after a grace period must succeed (and with quiescence, the groups must
+quiesce and recover from the loss of their quiesced leader within a bound).
 
 Range moves (`moves.py`, on half of the seeds): the metadata leader's real move coordinator
 drives add-group / remove-group / rebalance moves over simulated RPCs while clients route by
@@ -25,10 +35,8 @@ without shard commands: a group refuses a key for ownership only if it does not 
 no client write is executed twice (each carries a value of its own; one written at two log
 positions is a retry applied again).
 
-This engine is the start of the one simulator issue 14 asks for; the Raft-only simulator
-(`simulator.py`) still runs beside it until this one covers what it does (quiescence
-scenarios). Races of range moves that random seeds reach rarely are scripted on this engine in
-`scenarios.py`.
+This is the one simulation engine (`python -m chaos.sim`). Races of range moves that random
+seeds reach rarely are scripted on it in `scenarios.py`.
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ from kvstore.raft import (
     Role,
     Snapshot,
 )
+from kvstore.raft.admission import MAX_TERM_JUMP
 from kvstore.shard.ranges import IntervalSet, key_hash
 from kvstore.shard.shardmap import META_GROUP
 from kvstore.storage import commands
@@ -70,9 +79,11 @@ from kvstore.storage.shardcmd import is_shard_command
 from kvstore.storage.store import LmdbNodeStore
 
 from . import replica_reads
+from .churn import CompetingSuffixes
 from .invariants import SafetyChecker, SafetyViolation
 from .membership import MembershipDriver
 from .moves import SimMoves
+from .quiet import QuiesceStats, QuietScenario, quiesce_by_default
 
 FORGER = 1000
 """The outsider's node id: never a member."""
@@ -119,7 +130,24 @@ class NodeSimParams:
     lease_read: bool = False
     """Leaders serve linearizable reads from their lease (check-quorum) instead of a ReadIndex round."""
     quiesce_ticks: int = 0
-    """Idle groups quiesce after this many ticks (0: never); peers' liveness pings wake them."""
+    """Idle groups quiesce after this many ticks (0: never); peers' liveness pings wake them.
+    With quiescence the workload pauses now and then and the run ends with the quiesced-leader
+    scenario (`quiet.py`)."""
+    max_size_per_msg: int = 1 << 20
+    """Bytes of entries per append (at least one entry each): small values split a catching-up
+    follower's appends into many, so a follower holds part of a leader's log for a while."""
+    max_inflight_msgs: int = 256
+    """Appends in flight per follower (1: one round trip per append)."""
+    flap: float = 0.0
+    """Chance that a newly elected leader is cut off from every other node `flap_ms` after its
+    election (the previous cut heals): leaders that lose their majority right after winning,
+    leaving uncommitted suffixes of several terms on different nodes, so that later leaders
+    replicate older terms' entries (Raft's Figure 8) and truncate conflicting ones."""
+    flap_ms: tuple[int, int] = (0, 60)
+    churn: bool = False
+    """Run the competing-suffixes scenario (`churn.py`) again and again while the faults last:
+    leaders cut off with suffixes of their own, re-elected, and cut off again right after a
+    partial replication (Raft's Figure 8)."""
     crash_after_cycle: float = 0.0
     """Chance a node crashes right after a cycle that sent votes, appends or acknowledgements
     (before anything else happens on it): the moments where durability matters most."""
@@ -160,10 +188,14 @@ class NodeSimParams:
             clients=rng.choice((3, 4, 6)),
             clock_offset_ms=rng.choice((0, 50, 2000)),
             tick_skew=rng.choice((0.0, 0.05, 0.2)),
-            lease_read=rng.random() < 0.3,
+            lease_read=rng.random() < 0.5,
             membership=rng.random() < 0.5,
-            quiesce_ticks=rng.choice((0, 0, 2, 4, 8)),
+            quiesce_ticks=rng.choice((2, 4, 8)),
             crash_after_cycle=rng.choice((0.0, 0.0, 0.002, 0.01)),
+            max_size_per_msg=rng.choice((1, 1, 512, 1 << 20)),
+            max_inflight_msgs=rng.choice((1, 4, 256)),
+            flap=rng.choice((0.0, 0.0, 0.3, 1.0)),
+            churn=rng.random() < 0.5,
             fsync_fail=rng.choice((0.0, 0.0, 0.01, 0.05)),
             torn_write=rng.choice((0.0, 0.0, 0.002, 0.01)),
             reads=replica_reads.ReadParams.draw(rng),
@@ -209,6 +241,9 @@ class NodeSimResult:
     """Voters replaced by new nodes (every step applied in every group)."""
     moves: dict[str, int] = field(default_factory=dict)
     """With range moves: plans, moves planned and finished, keys moved (`SimMoves.summary`)."""
+    quiesce_ticks: int = 0
+    quiesce: QuiesceStats = field(default_factory=QuiesceStats)
+    """What quiescence did (`quiet.py`; all zero when it was off)."""
 
 
 class SimTransport:
@@ -271,10 +306,24 @@ class NodeSimulation:
         store_factory: StoreFactory | None = None,
         root: Path | None = None,
         moves: bool | None = None,
+        quiesce: bool | None = None,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.p = params or NodeSimParams.draw(self.rng, nodes, moves)
+        if quiesce is None and params is None:
+            quiesce = quiesce_by_default(seed)
+        if quiesce is not None and quiesce != bool(self.p.quiesce_ticks):
+            self.p.quiesce_ticks = self.rng.choice((2, 4, 8)) if quiesce else 0
+        self.quiet = QuietScenario(self, self.p.keys, self.p.lease_read) if self.p.quiesce_ticks else None
+        if self.quiet is not None:
+            # Probing every group all the time (demand_ticks 0) would keep every group awake:
+            # with quiescence, probes run only while reads are in demand.
+            self.p.reads.demand_ticks = self.p.reads.demand_ticks or 100
+        self._one_shot: set[int] = set()
+        self._leader_terms: dict[int, int] = {}
+        """group -> the newest term in which a leader was seen."""
+        """Client processes that do one operation only (the quiesced-leader scenario's)."""
         self.store_factory = store_factory or memory_store(self)
         self._own_root = root is None
         self.root = root or Path(tempfile.mkdtemp(prefix=f"nodesim-{seed}-"))
@@ -309,6 +358,7 @@ class NodeSimulation:
         self.reads_params = self.p.reads
         self.stale_check = replica_reads.StalenessChecker()
         self.moves = SimMoves(self) if self.p.moves else None
+        self.churn = CompetingSuffixes(self, self.p.keys) if self.p.churn else None
         self.written: dict[tuple[bytes, bytes], tuple[int, int]] = {}
         """(key, value) -> the (group, index) of the entry that wrote it (`_check_written_once`)."""
         self.cut: Callable[[Message], bool] | None = None
@@ -364,9 +414,15 @@ class NodeSimulation:
                 self.at(self.rng.randrange(0, 50), self._client_next, self._new_process())
             if not self.p.scripted:
                 self.at(self.rng.randrange(*self.p.nemesis_every_ms), self._nemesis)
-            self.at(self.p.fault_ms, self._heal_all)
+            if self.quiet is not None:
+                self.quiet.start()
+                self.at(self.p.fault_ms, self.quiet.begin)
+            else:
+                self.at(self.p.fault_ms, self._heal_all)
             if self.moves is not None:
                 self.moves.start()
+            if self.churn is not None:
+                self.churn.start((50, max(51, self.p.fault_ms // 4)))
             while self._events:
                 t, _, fn, args = heapq.heappop(self._events)
                 if self.end is not None and t > self.end:
@@ -378,6 +434,8 @@ class NodeSimulation:
                     self._torn()
                 self.events_run += 1
                 self._check_safety()
+                if self.churn is not None and self.churn.active:
+                    self.churn.observe()
             for timeout in list(self.pending.values()):
                 timeout()
             self._check_liveness()
@@ -398,6 +456,7 @@ class NodeSimulation:
             self.seed, violation is None, violation, len(self.history), self.events_run, self.now, verdict,
             self.history, self.trace, self.forged, dict(self.refused), self.membership.done,
             self.moves.summary() if self.moves is not None else {},
+            self.p.quiesce_ticks, self.quiet.stats if self.quiet is not None else QuiesceStats(),
         )
 
     def _close(self) -> None:
@@ -419,7 +478,8 @@ class NodeSimulation:
         p = self.p
         settings = RaftSettings(
             tick_ms=p.tick_ms, election_tick=p.election_tick, heartbeat_tick=p.heartbeat_tick,
-            quiesce_ticks=p.quiesce_ticks, lease_read=p.lease_read, compact_threshold=self.rng.choice((40, 200, 10_000)), compact_keep=self.rng.choice((0, 5, 20)),
+            quiesce_ticks=p.quiesce_ticks, lease_read=p.lease_read, max_size_per_msg=p.max_size_per_msg,
+            max_inflight_msgs=p.max_inflight_msgs, compact_threshold=self.rng.choice((40, 200, 10_000)), compact_keep=self.rng.choice((0, 5, 20)),
         )
 
         def refused(reason: str) -> None:
@@ -466,6 +526,8 @@ class NodeSimulation:
         if n.logic is None:
             return
         self.log(f"n{nid} CRASH")
+        if self.quiet is not None:
+            self.quiet.forget(nid)
         n.epoch += 1
         n.logic = None
         n.reads = None
@@ -675,6 +737,8 @@ class NodeSimulation:
             self.log(f"{'' if ok else 'REFUSED '}n{m.frm} -> n{m.to} g{m.group} {m.type.name} t{m.term} "
                      f"i{m.index}/{m.log_term} c{m.commit} n{len(m.entries)}{' reject' if m.reject else ''}")
         if ok:
+            if self.churn is not None and self.churn.active:
+                self.churn.delivered(m)
             self._kick(dst)
 
     def _ping(self, frm: int, peers: list[int]) -> None:
@@ -732,6 +796,8 @@ class NodeSimulation:
 
     # --- safety -----------------------------------------------------------------------------
     def _check_safety(self) -> None:
+        quiet = self.quiet
+        faults_on = quiet is not None and self._faults_on()
         for n in self.nodes.values():
             if n.logic is None:
                 continue
@@ -749,6 +815,11 @@ class NodeSimulation:
                 if core.role == Role.LEADER:
                     checker.on_leader(core)
                     self.leader_seen[gid] = self.now
+                    if self._leader_terms.get(gid, 0) < core.term:
+                        self._leader_terms[gid] = core.term
+                        self._elected(n, gid, core.term)
+                if quiet is not None:
+                    quiet.observe(n.id, gid, core, faults_on)
 
     def _check_liveness(self) -> None:
         """Once the faults healed and the cluster had `liveness_ms` to settle: every group has a
@@ -794,7 +865,12 @@ class NodeSimulation:
     def _client_next(self, process: int) -> None:
         if self.end is not None and self.now >= self.end - self.p.client_timeout_ms:
             return
+        if process in self._one_shot:
+            return
         rng = self.rng
+        if self.quiet is not None and (wait := self.quiet.clients_wait()):
+            self.at(min(wait, 100) + rng.randrange(0, 30), self._client_next, process)
+            return
         key = f"k{rng.randrange(self.p.keys)}"
         r = rng.random()
         value: Any
@@ -821,7 +897,18 @@ class NodeSimulation:
             return
         self._invoke(process, f, key, value, target)
 
-    def _invoke(self, process: int, f: str, key: str, value: Any, target: SimNode) -> None:
+    def one_shot(self, f: str, key: str, value: Any, target: SimNode,
+                 after: Callable[[Status, Any], None]) -> None:
+        """One operation of a new client process that does nothing else (a put of a fresh
+        value if `value` is None); `after(status, output)` once it completed."""
+        process = self._new_process()
+        self._one_shot.add(process)
+        if f == "put" and value is None:
+            value = f"v{next(self._value)}"
+        self._invoke(process, f, key, value, target, after)
+
+    def _invoke(self, process: int, f: str, key: str, value: Any, target: SimNode,
+                after: Callable[[Status, Any], None] | None = None) -> None:
         """One client operation, as the client library does it: reads go to one node; writes
         carry the process's session (client id, seq) and are retried at the leader (hinted or
         another node) under the same session while an attempt's outcome is unknown, so the state
@@ -848,6 +935,10 @@ class NodeSimulation:
                 complete=None if status == Status.INFO else float(self.now), status=status,
             ))
             self.log(f"client p{process} {f} {key} {value!r} -> {status.value} {output!r}")
+            if after is not None:
+                after(status, output)
+            if process in self._one_shot:
+                return
             nxt = process
             if status == Status.INFO:  # Jepsen retires a process whose operation is indeterminate
                 nxt = self._new_process()
@@ -972,7 +1063,16 @@ class NodeSimulation:
 
     # --- nemesis ----------------------------------------------------------------------------
     def _faults_on(self) -> bool:
-        return self.healed_at is None
+        return self.healed_at is None and not (self.quiet is not None and self.quiet.calm)
+
+    def fail(self, msg: str) -> None:
+        raise SimulationFailure(msg)
+
+    def changing_membership(self) -> bool:
+        return bool(self.membership.steps)
+
+    def heal_all(self) -> None:
+        self._heal_all()
 
     def _nemesis(self) -> None:
         if not self._faults_on():
@@ -980,7 +1080,9 @@ class NodeSimulation:
         rng = self.rng
         r = rng.random()
         alive = [n for n in self.nodes.values() if n.alive]
-        if r < 0.3:
+        if r < 0.45 and self._churning():
+            pass  # the scenario shapes the network meanwhile
+        elif r < 0.3:
             ids = sorted(self.nodes)
             rng.shuffle(ids)
             cut = rng.randint(1, len(ids) - 1)
@@ -1017,6 +1119,30 @@ class NodeSimulation:
                 self.at(rng.randrange(50, 800), self._free_space, n.id, n.store)
         self.at(rng.randrange(*self.p.nemesis_every_ms), self._nemesis)
 
+    def _elected(self, n: SimNode, gid: int, term: int) -> None:
+        """A new leader of `gid` on `n`: with `flap`, cut it off from every other node shortly."""
+        self.log(f"n{n.id} LEADER g{gid} term {term}")
+        if self.p.flap and self._faults_on() and not self._churning() and self.rng.random() < self.p.flap:
+            self.at(self.rng.randint(*self.p.flap_ms), self._cut_off, n.id, n.epoch, gid)
+
+    def _churning(self) -> bool:
+        """The competing-suffixes scenario runs: it alone shapes the network meanwhile."""
+        return self.churn is not None and self.churn.active
+
+    def _cut_off(self, nid: int, epoch: int, gid: int) -> None:
+        n = self.nodes[nid]
+        if not self._faults_on() or self._churning() or n.epoch != epoch or n.logic is None:
+            return
+        cut = {(nid, o) for o in self.nodes if o != nid} | {(o, nid) for o in self.nodes if o != nid}
+        self.blocked = cut
+        self.log(f"FLAP: n{nid} cut off after its election in g{gid}")
+        self.at(self.rng.randrange(100, 600), self._rejoin, cut)
+
+    def _rejoin(self, cut: set[tuple[int, int]]) -> None:
+        if self.blocked == cut and self._faults_on() and not self._churning():
+            self.blocked = set()
+            self.log("FLAP: healed")
+
     def _forge(self) -> None:
         """The outsider's burst: what would steer a group or rewrite its log if it got through."""
         rng = self.rng
@@ -1041,13 +1167,62 @@ class NodeSimulation:
                     self.forged += 1
                     self.at(rng.randint(*self.p.delay_ms), self._deliver, m)
         self.log("FORGE burst from outsider n1000")
+        self._forge_as_member()
+
+    def _forge_as_member(self) -> None:
+        """A rogue member's burst: messages under the id of a real member of the group (a peer
+        whose identity check was bypassed, or a broken member) that no correct member could
+        send, so that only the group-level admission rules (`kvstore.raft.admission`) stand
+        between them and the core: a TIMEOUT_NOW from a member that is not the leader (an
+        election that skips the leader's lease), an APP_RESP acknowledging entries beyond the
+        leader's log (the leader would count a replica that does not hold them), and a term
+        jump beyond `MAX_TERM_JUMP`. Each is made when it arrives, against the receiver's state
+        then (a forged acknowledgement within the log would be indistinguishable from a real
+        one), and delivered past the network and the node's liveness view (the impersonated
+        member may be down or cut off)."""
+        rng = self.rng
+        for n in sorted(self.nodes.values(), key=lambda x: x.id):
+            if n.logic is None:
+                continue
+            for gid in sorted(n.logic.host.groups):
+                for kind in ("timeout_now", "app_resp", "term_jump"):
+                    self.forged += 1
+                    self.at(rng.randint(*self.p.delay_ms), self._deliver_forged, n.id, gid, kind)
+        self.log("FORGE burst under members' ids")
+
+    def _deliver_forged(self, nid: int, gid: int, kind: str) -> None:
+        dst = self.nodes.get(nid)
+        g = dst.logic.host.groups.get(gid) if dst is not None and dst.logic is not None else None
+        if dst is None or dst.logic is None or g is None:
+            return
+        core, rng = g.core, self.rng
+        others = [v for v in core.conf.voters if v != nid]
+        if kind == "timeout_now":
+            others = [v for v in others if v != core.lead]
+        if not others or (kind == "app_resp" and core.role != Role.LEADER):
+            return
+        frm = rng.choice(others)
+        if kind == "timeout_now":
+            m = Message(MessageType.TIMEOUT_NOW, nid, frm, term=core.term, group=gid)
+        elif kind == "app_resp":
+            m = Message(MessageType.APP_RESP, nid, frm, term=core.term, group=gid,
+                        index=core.log.last_index() + rng.randint(1, 4))
+        else:
+            m = Message(MessageType.HEARTBEAT, nid, frm, term=core.term + MAX_TERM_JUMP + rng.randint(1, 1000),
+                        group=gid)
+        ok = dst.logic.deliver(m)
+        self.log(f"{'ADMITTED' if ok else 'REFUSED'} forged n{m.frm} -> n{m.to} g{m.group} {m.type.name} "
+                 f"t{m.term} i{m.index}")
+        if ok:
+            self._kick(dst)
 
     def _free_space(self, nid: int, store: NodeStore) -> None:
         if isinstance(store, MemoryNodeStore):
             store.free_space()
             self.log(f"n{nid} DISK HAS ROOM AGAIN")
 
-    def _heal_all(self) -> None:
+    def calm_down(self) -> None:
+        """Faults stop: the network heals, disks have room and no faults, crashed nodes restart."""
         self.blocked.clear()
         for nid, n in sorted(self.nodes.items()):
             if isinstance(n.store, MemoryNodeStore):
@@ -1055,6 +1230,9 @@ class NodeSimulation:
                 n.store.rates = FaultRates()
             if n.logic is None:
                 self.restart(nid)
+
+    def _heal_all(self) -> None:
+        self.calm_down()
         self.healed_at = self.now
         self.end = self.now + self.p.heal_ms
         self.log("HEAL ALL (faults stop)")
@@ -1086,7 +1264,9 @@ def lmdb_store(node_id: int, directory: Path) -> NodeStore:
 
 
 def run_node_seed(seed: int, nodes: int = 3, trace: bool = False, params: NodeSimParams | None = None,
-                  store_factory: StoreFactory | None = None, moves: bool | None = None) -> NodeSimResult:
-    """One seed; `moves` forces range moves on or off (default: drawn, on half of the seeds)."""
-    return NodeSimulation(seed, nodes, params, trace, store_factory, moves=moves).run()
+                  store_factory: StoreFactory | None = None, moves: bool | None = None,
+                  quiesce: bool | None = None) -> NodeSimResult:
+    """One seed; `moves` forces range moves on or off (default: drawn, on half of the seeds),
+    `quiesce` quiescence (default: `quiesce_by_default`)."""
+    return NodeSimulation(seed, nodes, params, trace, store_factory, moves=moves, quiesce=quiesce).run()
 

@@ -26,8 +26,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvstore.raft import Message, MessageType
-from kvstore.raft.admission import refusal
+from kvstore.raft import Message, MessageType, admission
 from kvstore.shard.shardmap import META_GROUP, ShardMap
 
 from .host import Host
@@ -114,9 +113,15 @@ class Inbound:
                 return False
             if m.type not in _OPENING:
                 return False  # only a leader's traffic opens a group; anything else waits for it
+            if self.node_id in placed.bootstrap:
+                # This node is one of the group's founding voters: it must create the group with
+                # its bootstrap log (the node's reconcile does), never open it empty as a joiner.
+                # An empty joiner catching up one entry at a time would apply the first
+                # bootstrap CONF_CHANGE alone, see itself as the only voter and elect itself.
+                return False
             log.info("opening group %d on a message from node %d", m.group, frm)
             g = self.host.open_group(m.group, None)
-        reason = refusal(g.core, m, placed.members() if placed is not None else ())
+        reason = admission.refusal(g.core, m, placed.members() if placed is not None else ())
         if reason is not None:
             self.refusals.refuse(frm, reason, f"{m.type.name} for group {m.group} (term {m.term}; the group is "
                                  f"at term {g.core.term}, led by {g.core.lead})")

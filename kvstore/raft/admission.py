@@ -6,8 +6,15 @@ simulator apply the same rules to every message before `RaftNode.step`. A messag
 - its sender is not a member of the cluster (`is_member`, the application's knowledge), or is
   in neither the core's newest configuration, nor its committed one (an uncommitted removal may
   yet be rolled back), nor `placed` (the replicas the application knows the group is adding,
-  e.g. from its shard map); a core with no configuration yet (a replica waiting to be filled)
-  goes by cluster membership alone;
+  e.g. from its shard map); a core with no configuration yet (a replica waiting to be filled),
+  or one that is not in its own newest configuration, goes by cluster membership alone: the
+  latter is a replica catching up a log that adds it only later (a joining node that has so
+  far appended only the group's first entries, whose configuration may name none of today's
+  members, not even its leader), or one removed from the group. A leader's traffic (APP,
+  HEARTBEAT, SNAP) of the core's term or newer from a cluster member is admitted whatever the
+  core's configuration says: a lagging replica must hear a leader that was added to the group
+  after the newest configuration it knows, or it never catches up (Raft's safety does not rest
+  on who may lead: one leader per term is decided by the votes);
 - its term is more than `MAX_TERM_JUMP` above the core's: terms grow by one per election round
   and rounds are an election timeout apart, so such a jump would take decades of failed
   elections (and a term near 2^64 would make the next election's term unencodable);
@@ -27,6 +34,8 @@ from .types import Message, MessageType
 MAX_TERM_JUMP = 1 << 32
 """Largest term increase a message may bring (see the module docstring)."""
 
+_LEADER_TRAFFIC = frozenset({MessageType.APP, MessageType.HEARTBEAT, MessageType.SNAP})
+
 
 def refusal(
     core: RaftNode, m: Message, placed: Collection[int] = (), is_member: Callable[[int], bool] | None = None
@@ -37,7 +46,10 @@ def refusal(
     frm = m.frm
     if is_member is not None and not is_member(frm):
         return "not_member"
-    if conf.voters and frm not in conf.voters and frm not in conf.learners and frm not in placed:
+    me = core.id
+    if conf.voters and (me in conf.voters or me in conf.learners) and frm not in conf.voters \
+            and frm not in conf.learners and frm not in placed \
+            and not (m.type in _LEADER_TRAFFIC and m.term >= core.term):
         # The newest configuration may come from an uncommitted entry that a new leader will
         # overwrite: its members count until a removal is committed (or the node would never
         # hear the leader that rolls the removal back).

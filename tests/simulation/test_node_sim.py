@@ -5,12 +5,13 @@ planted into the node (not only the core) are found."""
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterator
 
 import pytest
 
 from chaos.sim.nodes import NodeSimParams, run_node_seed
-from chaos.sim.plant import MOVE_BUGS, NODE_BUGS, planted
+from chaos.sim.plant import BUGS, MOVE_BUGS, NODE_BUGS, planted
 
 SEED_BUDGET = 60
 
@@ -26,16 +27,20 @@ def _quiet() -> Iterator[None]:
 def test_seeds_hold_every_invariant(nodes: int, seeds: int) -> None:
     bad = []
     ops = forged = changes = 0
+    refused: set[str] = set()
     for seed in range(seeds):
         res = run_node_seed(seed, nodes=nodes)
         ops += res.ops
         forged += res.forged
         changes += res.membership_changes
+        refused |= set(res.refused)
         if not res.ok:
             bad.append((seed, res.violation))
     assert bad == []
     assert ops > seeds * 100  # the runs did real work
-    assert forged > 0  # and the outsider forged messages that admission refused
+    assert forged > 0  # and the outsider and the rogue member forged messages that admission refused:
+    # the outsider at the node's door, the rogue member (under members' ids) by the group-level rules
+    assert {"not_member", "timeout_now", "beyond_log", "term_jump"} <= refused
     assert changes > 0  # and voters were replaced by new nodes
 
 
@@ -52,7 +57,7 @@ def test_disk_faults_are_survived() -> None:
     """Failed fsyncs (the host retries the cycle), full disks (freed later) and torn writes (the
     machine crashes mid-sync; all or nothing of that transaction survives) lose nothing."""
     for seed in range(6):
-        p = NodeSimParams.draw(__import__("random").Random(seed), 3)
+        p = NodeSimParams.draw(random.Random(seed), 3)
         p.fsync_fail, p.torn_write = 0.05, 0.01
         res = run_node_seed(seed, params=p)
         assert res.ok, res.violation
@@ -67,17 +72,56 @@ def test_planted_node_bug_is_found(bug: str) -> None:
     pytest.fail(f"planted bug {bug!r} not found in {SEED_BUDGET} seeds")
 
 
-CORE_BUGS_FOUND = ["vote-without-log-check", "skip-log-consistency-check", "apply-before-commit",
-                   "read-without-confirmation", "forget-vote"]
-"""Bugs planted into the Raft core that the whole-node simulator finds too (the Raft-only
-simulator stays in CI for Figure 8 and the quiescence scenarios until this one covers them)."""
+CORE_BUG_BUDGET = {
+    "commit-previous-term": 150,  # first found at seed 20 (Figure 8: `churn.py` with one-entry appends)
+    "lease-across-quiescence": 100,  # seed 17 (quiescence, lease reads and an isolated leader)
+    "forget-vote": 100,  # seed 17
+    "read-without-confirmation": 30,  # seed 7
+    "wake-does-nothing": 30,  # seed 2
+    "skip-log-consistency-check": 30,  # seed 2
+    "apply-before-commit": 30,  # seed 1
+    "vote-without-log-check": 30,  # seed 1
+    "no-admission": 30,  # seed 0 (the rogue member's acknowledgement beyond the log)
+}
+"""Every bug planted into the Raft core (`plant.BUGS`) is found within this many seeds (3
+nodes, seeds 0..N-1, the default fault mix; the search stops at the first failing seed)."""
 
 
-@pytest.mark.parametrize("bug", CORE_BUGS_FOUND)
+NOT_YET_BY_SEEDS = {"apply-before-persist"}
+"""Core bugs random seeds have not been shown to find yet (merged from `readyloop` at the end of
+this branch's work): the transcript `leader_persistence.txt` catches it
+(`tests/unit/test_raft_transcripts.py`)."""
+
+
+def test_every_core_bug_has_a_budget() -> None:
+    assert sorted(set(CORE_BUG_BUDGET) | NOT_YET_BY_SEEDS) == sorted(BUGS)
+    assert max(CORE_BUG_BUDGET.values()) <= 1000
+
+
+@pytest.mark.parametrize("bug", sorted(CORE_BUG_BUDGET))
 def test_planted_core_bug_is_found_through_whole_nodes(bug: str) -> None:
+    budget = CORE_BUG_BUDGET[bug]
     with planted(bug):
-        for seed in range(100):
-            if not run_node_seed(seed).ok:
+        for seed in range(budget):
+            res = run_node_seed(seed)
+            if not res.ok:
+                assert res.violation
                 return
-    pytest.fail(f"planted bug {bug!r} not found in 100 seeds")
+    pytest.fail(f"planted bug {bug!r} not found in {budget} seeds")
+
+
+def test_figure8_is_found_by_competing_suffixes_with_one_entry_appends() -> None:
+    """The fault mix that provokes Figure 8 (`churn.py` with appends of one entry) finds a core
+    that commits an earlier term's entry by counting replicas within a few seeds, as a safety
+    violation; the real core passes the same seeds."""
+    def params(seed: int) -> NodeSimParams:
+        p = NodeSimParams.draw(random.Random(seed), 3)
+        p.churn, p.max_size_per_msg = True, 1
+        return p
+
+    with planted("commit-previous-term"):
+        found = next((s for s in range(20) if not run_node_seed(s, params=params(s)).ok), None)
+    assert found is not None, "not found in 20 seeds"
+    res = run_node_seed(found, params=params(found))
+    assert res.ok, res.violation
 

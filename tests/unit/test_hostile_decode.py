@@ -5,6 +5,7 @@ admission rules refuse what no member would send, before any core sees it."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import struct
 from pathlib import Path
@@ -222,8 +223,18 @@ def test_outsiders_and_unknown_groups_are_refused_and_create_nothing(node: _Node
         assert not node.inbound.admit(Message(MessageType.HEARTBEAT, 1, 2, term=5, group=g))
     assert sorted(node.host.groups) == [0, 1]
     assert node.refusals.counted["unknown_group"] == 200
-    # a group the map places on the sender opens on its leader's message
-    assert 2 in node.map.groups
+    # a group this node founded (a bootstrap voter) is never opened empty on a message: only the
+    # node's reconcile creates it, with its bootstrap log (an empty joiner catching up one entry
+    # at a time would apply the first bootstrap CONF_CHANGE alone, as the only voter, and elect
+    # itself: a split brain the whole-node simulator found, seed 58)
+    assert 1 in node.map.groups[2].bootstrap
+    for typ in (MessageType.HEARTBEAT, MessageType.APP, MessageType.SNAP):
+        assert not node.inbound.admit(Message(typ, 1, 2, term=5, group=2))
+    assert 2 not in node.host.groups
+    # a group the map places on the sender, joined later (not a founder), opens on its leader's message
+    p = node.map.groups[2]
+    node.map = dataclasses.replace(node.map, groups={**node.map.groups, 2: dataclasses.replace(
+        p, voters=(2, 3), learners=(1,), bootstrap=(2, 3, 4))})
     assert node.inbound.admit(Message(MessageType.HEARTBEAT, 1, 2, term=5, group=2))
     assert 2 in node.host.groups
 
@@ -317,3 +328,38 @@ def test_a_member_removed_from_the_metadata_group_is_heard_by_the_groups_it_is_s
     assert node.inbound.is_member(3)  # still a voter of group 1 here
     assert node.inbound.admit(Message(MessageType.PRE_VOTE, 1, 3, term=5, group=1))
     assert not node.inbound.is_member(99)
+
+
+def test_a_joining_replica_catching_up_entry_by_entry_hears_its_leader() -> None:
+    """A node added to a group catches its log up from the first entry; with small appends (one
+    entry each) its newest configuration is for a while the group's first one, which may name
+    none of today's members, not even the leader. It must still be heard by that leader (found
+    by the whole-node simulator: a joined node refused its leader forever after appending only
+    the first bootstrap entry). A core that is in its own configuration still refuses
+    non-members of the group."""
+    from kvstore.raft import Config, MemoryStorage, RaftNode
+    from kvstore.raft.admission import refusal
+
+    joiner = RaftNode(Config(id=4), MemoryStorage.bootstrap(ConfState((1,))), random.Random(1))
+    assert joiner.conf.voters == (1,)
+    app = Message(MessageType.APP, 4, 3, term=2, index=1, log_term=1, commit=1)
+    assert refusal(joiner, app, is_member=lambda n: n in (2, 3, 4)) is None
+    assert refusal(joiner, Message(MessageType.APP, 4, 99, term=2), is_member=lambda n: n in (2, 3, 4)) == "not_member"
+    member = RaftNode(Config(id=1), MemoryStorage.bootstrap(ConfState((1,))), random.Random(1))
+    assert refusal(member, Message(MessageType.VOTE, 1, 3, term=2, index=1, log_term=1)) == "not_group_member"
+
+
+def test_a_lagging_replica_hears_a_leader_added_after_the_configuration_it_knows() -> None:
+    """A replica that missed the addition of node 6 (down or cut off meanwhile) must still accept
+    the appends of node 6 once it leads, or it never catches up (found by the whole-node
+    simulator: a replica refused a newer member's leadership forever). Votes from outside its
+    configuration, and leader traffic of an older term, are still refused."""
+    from kvstore.raft import Config, MemoryStorage, RaftNode
+    from kvstore.raft.admission import refusal
+
+    lagging = RaftNode(Config(id=4), MemoryStorage.bootstrap(ConfState((1, 3, 4, 5))), random.Random(1))
+    lagging.term = 4
+    for t in (MessageType.APP, MessageType.HEARTBEAT):
+        assert refusal(lagging, Message(t, 4, 6, term=4, index=1, log_term=1)) is None
+        assert refusal(lagging, Message(t, 4, 6, term=3, index=1, log_term=1)) == "not_group_member"
+    assert refusal(lagging, Message(MessageType.VOTE, 4, 6, term=5, index=9, log_term=4)) == "not_group_member"

@@ -1,4 +1,4 @@
-"""The Raft core (and the simulator's state machine) import only the standard library."""
+"""The Raft core (and the state machine's apply logic) import only the standard library."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PURE = [
     ROOT / "kvstore" / "raft",
-    ROOT / "chaos" / "sim" / "kvsm.py",
     ROOT / "kvstore" / "storage" / "commands.py",
     ROOT / "kvstore" / "storage" / "machine.py",
     ROOT / "kvstore" / "storage" / "shardcmd.py",
