@@ -338,6 +338,9 @@ class NodeSimulation:
         self.history: list[Operation] = []
         self.healed_at: int | None = None
         self.end: int | None = None
+        self._moves_at_heal = 0
+        """Range moves finished when the faults stopped (see `_extend_for_moves`)."""
+        self._extended = False
         self.forged = 0
         self.refused: dict[str, int] = {}
         self.peers = {i: f"sim-{i}:2379" for i in range(1, self.p.nodes + 1)}
@@ -424,8 +427,11 @@ class NodeSimulation:
             if self.churn is not None:
                 self.churn.start((50, max(51, self.p.fault_ms // 4)))
             while self._events:
-                t, _, fn, args = heapq.heappop(self._events)
+                t, seq, fn, args = heapq.heappop(self._events)
                 if self.end is not None and t > self.end:
+                    if self._extend_for_moves():
+                        heapq.heappush(self._events, (t, seq, fn, args))
+                        continue
                     break
                 self.now = t
                 try:
@@ -1235,7 +1241,29 @@ class NodeSimulation:
         self.calm_down()
         self.healed_at = self.now
         self.end = self.now + self.p.heal_ms
+        self._moves_at_heal = self._moves_done()
         self.log("HEAL ALL (faults stop)")
+
+    def _moves_done(self) -> int:
+        m = self.moves.final_map() if self.moves is not None else None
+        return 0 if m is None else m.next_move - 1 - len(m.moves)
+
+    def _extend_for_moves(self) -> bool:
+        """At the end of the run: range moves still pending, but some finished since the heal (the
+        coordinator drives moves one by one, and an admin may have queued many during the
+        faults)? Then the run goes on once for another `heal_ms`, and every move must have
+        finished by then. A stalled coordinator (no move finished since the heal) gets no extra
+        time. Runs that finished their moves in time are unchanged (same events, same result)."""
+        if self._extended or self.moves is None or self.end is None:
+            return False
+        m = self.moves.final_map()
+        if m is None or not m.moves or self._moves_done() <= self._moves_at_heal:
+            return False
+        self._extended = True
+        self.end += self.p.heal_ms
+        self.log(f"EXTEND the run by {self.p.heal_ms} ms: {len(m.moves)} range moves still pending, "
+                 f"{self._moves_done() - self._moves_at_heal} finished since the heal")
+        return True
 
 
 def syncs_writes(params: NodeSimParams) -> bool:
