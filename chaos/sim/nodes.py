@@ -309,6 +309,10 @@ class NodeSimulation:
         self.reads_params = self.p.reads
         self.stale_check = replica_reads.StalenessChecker()
         self.moves = SimMoves(self) if self.p.moves else None
+        self.admin_maps = self.moves if self.moves is not None else SimMoves(self)
+        """Records each data group's membership change in the shard map (`SimMoves.record`), as the
+        Admin service does after every change whether or not ranges move: the range moves' own
+        when they run, else one that is never started (it plans no moves)."""
         self.written: dict[tuple[bytes, bytes], tuple[int, int]] = {}
         """(key, value) -> the (group, index) of the entry that wrote it (`_check_written_once`)."""
         self.cut: Callable[[Message], bool] | None = None
@@ -507,6 +511,8 @@ class NodeSimulation:
             n.cycling = False  # (a failed store: `_retry_storage` is running)
             return
         delay = self.rng.randint(*self.p.persist_ms) * n.disk_factor if cycle.touches_storage() else 0
+        if cycle.touches_storage() and host.awaits_writes(cycle):
+            cycle.on_applied = host.answer_writes
 
         def finish() -> None:
             if n.epoch != epoch or n.logic is None:
