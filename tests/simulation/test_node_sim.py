@@ -48,6 +48,18 @@ def test_a_seed_replays_exactly() -> None:
     assert a.events == b.events
 
 
+def test_replaced_voters_are_placed_in_the_map_without_range_moves() -> None:
+    """Replay of seed 1194 (membership churn, no range moves), which lost group 1 once writes were
+    answered early: the churn driver recorded members in the map only when ranges moved, so the
+    map never placed group 1 on its new nodes and the newest refused its leader (another new
+    node) for good (`unknown_group`), until the group lost its quorum. The Admin service records
+    every data group's change; so does the driver now."""
+    res = run_node_seed(1194, nodes=3)
+    assert res.ok, res.violation
+    assert res.membership_changes >= 1
+    assert res.refused.get("unknown_group", 0) == 0
+
+
 def test_disk_faults_are_survived() -> None:
     """Failed fsyncs (the host retries the cycle), full disks (freed later) and torn writes (the
     machine crashes mid-sync; all or nothing of that transaction survives) lose nothing."""
