@@ -60,7 +60,7 @@ class Step:
     then: str = ""
     """What to do once applied: "" nothing, "stop" stop the removed node, "start" start the new one."""
     recorded: bool = False
-    """With range moves: the shard map's replica list follows the change."""
+    """The shard map's replica list follows the change (data groups, as the Admin service does)."""
 
 
 @dataclass(slots=True)
