@@ -1074,12 +1074,13 @@ def syncs_writes(params: NodeSimParams) -> bool:
 
 def memory_store(sim: NodeSimulation) -> StoreFactory:
     """In-memory stores with the run's disk faults: failed fsyncs and torn writes at the seed's
-    rates (a crash recovers only what was synced)."""
+    rates (a crash recovers only what was synced). A store made after the heal (a replacement
+    node started then) has none, like every other store from then on (`_heal_all`)."""
     rates = FaultRates(fsync=sim.p.fsync_fail, torn=sim.p.torn_write)
 
     def factory(node_id: int, directory: Path) -> NodeStore:
         return MemoryNodeStore(sync=syncs_writes(sim.p), rng=random.Random(sim.rng.getrandbits(64)),
-                               rates=rates, snapshot_chunk_size=4096)
+                               rates=rates if sim.healed_at is None else FaultRates(), snapshot_chunk_size=4096)
 
     return factory
 
