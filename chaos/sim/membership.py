@@ -60,7 +60,7 @@ class Step:
     then: str = ""
     """What to do once applied: "" nothing, "stop" stop the removed node, "start" start the new one."""
     recorded: bool = False
-    """With range moves: the shard map's replica list follows the change."""
+    """The shard map's replica list follows the change (data groups, as the Admin service does)."""
 
 
 @dataclass(slots=True)
@@ -183,7 +183,7 @@ class MembershipDriver:
 
     def _done(self, step: Step, leader: SimNode) -> None:
         sim = self.sim
-        moves = getattr(sim, "moves", None)
+        moves = getattr(sim, "admin_maps", None)
         if step.group > 0 and moves is not None and not step.recorded:
             # As the Admin service does: the shard map's replica list follows each data group's
             # change (range moves place and address groups by it), before the next step.

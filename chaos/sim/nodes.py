@@ -362,6 +362,10 @@ class NodeSimulation:
         self.stale_check = replica_reads.StalenessChecker()
         self.moves = SimMoves(self) if self.p.moves else None
         self.churn = CompetingSuffixes(self, self.p.keys) if self.p.churn else None
+        self.admin_maps = self.moves if self.moves is not None else SimMoves(self)
+        """Records each data group's membership change in the shard map (`SimMoves.record`), as the
+        Admin service does after every change whether or not ranges move: the range moves' own
+        when they run, else one that is never started (it plans no moves)."""
         self.written: dict[tuple[bytes, bytes], tuple[int, int]] = {}
         """(key, value) -> the (group, index) of the entry that wrote it (`_check_written_once`)."""
         self.cut: Callable[[Message], bool] | None = None
@@ -575,6 +579,8 @@ class NodeSimulation:
             n.cycling = False  # (a failed store: `_retry_storage` is running)
             return
         delay = self.rng.randint(*self.p.persist_ms) * n.disk_factor if cycle.touches_storage() else 0
+        if cycle.touches_storage() and host.awaits_writes(cycle):
+            cycle.on_applied = host.answer_writes
 
         def finish() -> None:
             if n.epoch != epoch or n.logic is None:
@@ -1274,12 +1280,13 @@ def syncs_writes(params: NodeSimParams) -> bool:
 
 def memory_store(sim: NodeSimulation) -> StoreFactory:
     """In-memory stores with the run's disk faults: failed fsyncs and torn writes at the seed's
-    rates (a crash recovers only what was synced)."""
+    rates (a crash recovers only what was synced). A store made after the heal (a replacement
+    node started then) has none, like every other store from then on (`_heal_all`)."""
     rates = FaultRates(fsync=sim.p.fsync_fail, torn=sim.p.torn_write)
 
     def factory(node_id: int, directory: Path) -> NodeStore:
         return MemoryNodeStore(sync=syncs_writes(sim.p), rng=random.Random(sim.rng.getrandbits(64)),
-                               rates=rates, snapshot_chunk_size=4096)
+                               rates=rates if sim.healed_at is None else FaultRates(), snapshot_chunk_size=4096)
 
     return factory
 

@@ -4,7 +4,8 @@ Membership is cluster-wide: a change applies to the metadata group and then to e
 (or to the data groups a request lists), each at its own leader wherever that is, one group
 after the other; the shard map's record of each group's replicas follows. A failure part-way
 reports which groups were changed, and the same request can simply be repeated: groups that
-already have the change are skipped.
+already have the change are skipped (only recorded in the map if an earlier attempt failed
+between the change and its record).
 """
 
 from __future__ import annotations
@@ -123,12 +124,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         done: list[int] = []
         try:
             for gid in groups:
-                conf = self._conf_of(gid)
-                if conf is not None and _already(cc, *conf):
-                    continue
-                await self.caller.conf_change(gid, cc, timeout=self.cfg.request_timeout * 2)
-                done.append(gid)
-                if gid != META_GROUP:
+                propose, record = member_step(gid, cc, self._conf_of(gid), self.tracker.map)
+                if propose:
+                    await self.caller.conf_change(gid, cc, timeout=self.cfg.request_timeout * 2)
+                    done.append(gid)
+                if record:
                     await self._record(gid, cc)
         except errors.KVError as err:
             note = f" (applied to groups {done}; repeat the request to finish)" if done else ""
@@ -244,6 +244,22 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
 def _alarms_proto(alarms: frozenset[Alarm]) -> list[admin_pb2.Alarm]:
     return [admin_pb2.Alarm(node_id=a.node, type=int(a.type)) for a in sorted(alarms)]  # type: ignore[arg-type]
+
+
+def member_step(
+    gid: int, cc: ConfChange, conf: tuple[set[int], set[int]] | None, smap: ShardMap | None
+) -> tuple[bool, bool]:
+    """What a membership request still has to do in group `gid`, given the group's (voters,
+    learners) as this node knows them (`conf`) and this node's map: (propose `cc`, record it in
+    the map). A group that already has the change is not changed again, but a data group's change
+    is still recorded unless the map already follows it: an earlier attempt may have failed
+    between the change and its record, and a map that never follows would keep a new replica
+    from ever opening the group on its leader's messages (`kvstore.node.inbound`).
+    The metadata group is never recorded (the map lists data groups only)."""
+    data = gid != META_GROUP
+    if conf is not None and _already(cc, *conf):
+        return False, data and not (smap is not None and smap.reflects(gid, cc))
+    return True, data
 
 
 def _already(cc: ConfChange, voters: set[int], learners: set[int]) -> bool:

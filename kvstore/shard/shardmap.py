@@ -285,6 +285,21 @@ class ShardMap:
             voters = [v for v in voters if v != n]
         return self.with_group_members(group, voters, sorted(learners))
 
+    def reflects(self, group: int, cc: ConfChange) -> bool:
+        """Does this map's replica list of `group` already follow the applied change `cc` (or
+        does the map not have `group` any more, so there is nothing to record)? As Raft sees a
+        change it need not apply: a learner added is listed (a voter counts), a voter added is a
+        voter, a node removed is not listed."""
+        p = self.groups.get(group)
+        if p is None:
+            return True
+        n = cc.node_id
+        if cc.type == ConfChangeType.ADD_LEARNER:
+            return n in p.members()
+        if cc.type == ConfChangeType.ADD_VOTER:
+            return n in p.voters and n not in p.learners
+        return n not in p.members()
+
     def with_group_members(self, group: int, voters: Sequence[int], learners: Sequence[int]) -> ShardMap:
         old = self.groups[group]
         order = [v for v in old.voters if v in voters] + [v for v in sorted(voters) if v not in old.voters]

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from chaos.sim.nodes import NodeSimParams, run_node_seed
+from chaos.sim.nodes import NodeSimParams, NodeSimulation, run_node_seed
 from chaos.sim.plant import BUGS, MOVE_BUGS, NODE_BUGS, planted
 
 SEED_BUDGET = 60
@@ -51,6 +51,35 @@ def test_a_seed_replays_exactly() -> None:
         (o.process, o.f, o.key, o.value, o.output, o.invoke, o.complete) for o in b.history
     ]
     assert a.events == b.events
+
+
+def test_replaced_voters_are_placed_in_the_map_without_range_moves() -> None:
+    """Replay of seed 1194 (membership churn, no range moves), which lost group 1 once writes were
+    answered early: the churn driver recorded members in the map only when ranges moved, so the
+    map never placed group 1 on its new nodes and the newest refused its leader (another new
+    node) for good (`unknown_group`), until the group lost its quorum. The Admin service records
+    every data group's change; so does the driver now."""
+    res = run_node_seed(1194, nodes=3)
+    assert res.ok, res.violation
+    assert res.membership_changes >= 1
+    assert res.refused.get("unknown_group", 0) == 0
+
+
+def test_a_node_started_after_the_heal_has_no_disk_faults() -> None:
+    """Replay of seed 77 (5 nodes, membership churn): a replacement started after the heal got
+    the seed's torn-write rate for good and kept crashing, losing a read invoked after the
+    cluster settled, once writes were answered early. Faults stop at the heal for every node."""
+    sim = NodeSimulation(77, 5, trace=True)
+    res = sim.run()
+    assert res.ok, res.violation
+    assert res.membership_changes >= 2
+    assert sim.healed_at is not None
+    assert any("NEW NODE" in line and _ms(line) > sim.healed_at for line in res.trace)  # started after it
+    assert not any("TORN WRITE" in line and _ms(line) > sim.healed_at for line in res.trace)
+
+
+def _ms(line: str) -> int:
+    return int(line.split("ms", 1)[0])
 
 
 def test_disk_faults_are_survived() -> None:
