@@ -24,47 +24,26 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from cryptography import x509
 
 from kvstore.raft import ConfChange
 from kvstore.security.audit import AuditLog
 from kvstore.security.audit.chain import Value, clip
 from kvstore.security.identity import PrincipalKind, identity_of_call
-from kvstore.security.tls import identity_of
 from kvstore.storage.shardcmd import SHARD_MAGIC, ShardOp
 from kvstore.v1 import auth_pb2, kv_pb2, shard_pb2
 
 ANONYMOUS = "anonymous"
-_IDENTITIES: dict[bytes, str] = {}
-
-
 def caller_identity(context: grpc.aio.ServicerContext) -> str:
     """Who made this RPC, for the audit log: the principal the auth guard established for the
     call (`kvstore.security.identity.identity_of_call`: a user by token or certificate, or a
-    node), else the common name of the TLS client certificate the caller presented (verified by
-    the handshake against the cluster's CA), else "anonymous"."""
+    node), else "anonymous". Every audited RPC runs behind the guard (`server/wire.py`), which
+    reads the caller's certificate itself: no second parse of it here."""
     p = identity_of_call(context)
     if p.kind is PrincipalKind.USER:
         return p.name if p.via == "certificate" else f"{p.name} (by {p.via})"
     if p.kind is PrincipalKind.NODE:
         return p.name
-    try:
-        pems = context.auth_context().get("x509_pem_cert") or []
-    except Exception:  # a context without an auth context (e.g. a test double)
-        return ANONYMOUS
-    if not pems:
-        return ANONYMOUS
-    pem = pems[0]
-    name = _IDENTITIES.get(pem)
-    if name is None:
-        try:
-            name = identity_of(x509.load_pem_x509_certificate(pem)).common_name or "(no common name)"
-        except ValueError:
-            name = "(unreadable certificate)"
-        if len(_IDENTITIES) >= 1024:
-            _IDENTITIES.clear()
-        _IDENTITIES[pem] = name
-    return name
+    return ANONYMOUS
 
 
 def caller_peer(context: grpc.aio.ServicerContext) -> str:
