@@ -109,7 +109,11 @@ HUGE = (1 << 64) - 1
 HANDSHAKE_FAILED = "HANDSHAKE_FAILED"
 """The status the counts give a call whose connection's TLS handshake the node refused."""
 # connection failures: the call did not reach a node (it was not refused, nor accepted)
-_UNREACHED = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED")
+_UNREACHED = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "CALL_BROKEN")
+CALL_BROKEN = "CALL_BROKEN"
+"""gRPC's own "INTERNAL: Internal error from Core": the client's library ended a client-streaming
+call it was still writing when the server finished it (its refusal included) - the client never
+received the server's answer. Counted as unreached: neither a refusal nor an acceptance."""
 # what gRPC says when the server ends the handshake (a plaintext or certificate-less client, a
 # certificate of another CA): the socket closed under it, or a TLS error
 _HANDSHAKE_MARKERS = ("socket closed", "handshake", "ssl", "tls", "certificate", "connection reset")
@@ -240,6 +244,8 @@ def _code(err: BaseException) -> str:
         name = str(err.code().name)
         if name == "UNAVAILABLE" and any(m in _last_detail[0].lower() for m in _HANDSHAKE_MARKERS):
             return HANDSHAKE_FAILED
+        if name == "INTERNAL" and _last_detail[0] == "Internal error from Core":
+            return CALL_BROKEN
         return name
     _last_detail[0] = str(err)[:200]
     return type(err).__name__

@@ -830,3 +830,18 @@ def test_report_of_a_synthetic_violation(tmp_path: Path) -> None:
     assert "served by 10.77.1.1:2379" in page
     assert "partition one" in page
     assert page.count('class="fault"') == 2  # shaded in both plots
+
+
+def test_a_call_grpc_broke_under_the_client_is_unreached_and_any_other_internal_is_not_refused() -> None:
+    """gRPC's "Internal error from Core" (the client's library ended a client-streaming call the
+    server had already finished, e.g. refused) carries no answer: unreached, never a refusal.
+    Any other INTERNAL came from the server: not refused."""
+    import grpc
+    from grpc.aio import AioRpcError, Metadata
+
+    from chaos.forge import _code, outcome
+
+    broke = AioRpcError(grpc.StatusCode.INTERNAL, Metadata(), Metadata(), details="Internal error from Core")
+    server = AioRpcError(grpc.StatusCode.INTERNAL, Metadata(), Metadata(), details="boom")
+    assert outcome("wrong_node", _code(broke), internal=True) == "unreached"
+    assert outcome("wrong_node", _code(server), internal=True) == "not_refused"
