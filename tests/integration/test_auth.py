@@ -462,3 +462,35 @@ async def _a_scan_stops_streaming_once_its_token_expires(tmp_path: Path) -> None
                     got.append(r)
             assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED and "expired" in (exc.value.details() or "")
             assert len(got) == 1 and got[0].more and reads[0] == 3
+
+
+def test_a_client_logs_in_again_when_its_stream_token_dies(tmp_path: Path) -> None:
+    asyncio.run(_a_client_logs_in_again_when_its_stream_token_dies(tmp_path))
+
+
+async def _a_client_logs_in_again_when_its_stream_token_dies(tmp_path: Path) -> None:
+    """The client library's operations ride one KV.Stream opened with its token. When the server
+    cuts that stream (auth enabled again: every token void), the refused operation is retried
+    once after a new login and lands; after a password change the new login fails and the
+    operation fails definitely (UNAUTHENTICATED), unapplied."""
+    from kvstore import errors
+    from kvstore.client import AsyncClient
+
+    async with one_node(tmp_path) as n:
+        tokens = await setup_auth(n)
+        async with AsyncClient([n.address], user="alice", password="alicepw", timeout=10) as kv, \
+                grpc.aio.insecure_channel(n.address) as ch:
+            a = auth_pb2_grpc.AuthStub(ch)
+            await kv.put(b"data/1", b"1")
+            assert (await change(a, tokens["root"], op=Op.DISABLE)).error.code == kv_pb2.OK
+            assert (await change(a, None, op=Op.ENABLE)).error.code == kv_pb2.OK
+            await kv.put(b"data/2", b"2")  # the stream was cut; logged in again; applied once
+            assert await kv.get(b"data/2") == b"2"
+            root = await login(a, "root", "rootpw")
+            r = await change(a, root, op=Op.USER_PASSWD, user="alice", password="changed")
+            assert r.error.code == kv_pb2.OK, r.error
+            with pytest.raises(errors.Unauthenticated) as exc:
+                await kv.put(b"data/3", b"3")
+            assert exc.value.definite
+            g = await kv_pb2_grpc.KVStub(ch).Get(kv_pb2.GetRequest(key=b"data/3"), metadata=bearer(root), timeout=10)
+            assert g.error.code == kv_pb2.OK and not g.found
