@@ -152,7 +152,8 @@ class AsyncClient:
         )
         self.replicas = ReplicaRouter(self.router, balancing=load_balancing)
         self.view = ClusterView(self.router, self.replicas, self.channels, self.policy)
-        invoker = Invoker(self.view, self.policy, rng)
+        invoker = Invoker(self.view, self.policy, rng,
+                          relogin=self.token_source.stale_since if self.token_source is not None else None)
         self._writes = Writes(client_id, self.checks, self.channels, invoker)
         self._reads = Reads(self.checks, self.channels, self.view, invoker)
         self._scans = Scans(self.checks, self.channels, self.view, invoker, self.policy, rng)

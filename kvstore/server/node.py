@@ -170,12 +170,8 @@ class Node:
         )
         refused_by = self.metrics.admission_refused
         admission.on_refused = lambda reason: refused_by.labels(reason).inc()
-        interceptor = admission.interceptor()
 
-        server = self.server = grpc.aio.server(
-            options=cfg.admission.server_options(CHANNEL_OPTIONS),
-            interceptors=[interceptor] if interceptor is not None else None,
-        )
+        server = self.server = grpc.aio.server(options=cfg.admission.server_options(CHANNEL_OPTIONS))
         # Every method of every service decodes its request totally (wire.py): malformed bytes
         # get INVALID_ARGUMENT, never UNKNOWN.
         self.rpc_methods = wire.add_services(server, [
@@ -195,7 +191,7 @@ class Node:
             (watched(AuthService(auth, guard, caller, cfg.request_timeout), "kvstore.v1.Auth"),
              auth_pb2.DESCRIPTOR.services_by_name["Auth"]),
             (self.health, health_pb2.DESCRIPTOR.services_by_name["Health"]),
-        ], guard)
+        ], guard, limit=admission.call_limit())
         self.port = (
             server.add_insecure_port(cfg.listen) if tls is None
             else server.add_secure_port(cfg.listen, tls.server_credentials())
