@@ -39,6 +39,12 @@ def cli() -> None:
 @click.option("--probe-ticks", type=int, default=2, show_default=True,
               help="Ticks between two staleness probes (ReadIndex) of each group; 0 disables bounded reads on replicas.")
 @click.option("--advertise", default="", help="Address others reach this node at (default: its --peers entry).")
+@click.option("--client-listen", default="",
+              help="HOST:PORT of a second, client-only port (etcd's client URLs): the KV, Admin, Auth and "
+              "health services only, never node-to-node RPCs; with --certs-dir it is TLS without a client "
+              "certificate, so every call but login needs a token (auth must be enabled).")
+@click.option("--client-advertise", default="",
+              help="Address clients reach the client port at (default: --client-listen); published in the shard map.")
 @click.option("--metrics-listen", default="", help="HOST:PORT for the Prometheus /metrics endpoint.")
 @click.option("--tick-ms", type=int, default=100, show_default=True)
 @click.option("--election-ticks", type=int, default=5, show_default=True)
@@ -97,7 +103,7 @@ def cli() -> None:
               "data (0: never).")
 def serve(
     node_id: int, data_dir: Path, listen: str, peers: str, cluster_id: str, join: bool, learner: bool,
-    probe_ticks: int, advertise: str, metrics_listen: str, tick_ms: int, election_ticks: int, lease_read: bool,
+    probe_ticks: int, advertise: str, client_listen: str, client_advertise: str, metrics_listen: str, tick_ms: int, election_ticks: int, lease_read: bool,
     quiesce_ticks: int,
     request_timeout: float, max_key: int, max_value: int, max_request: int, compact_threshold: int, groups: int,
     replication: int, vnodes: int, log_level: str, certs_dir: Path | None, insecure: bool,
@@ -127,6 +133,7 @@ def serve(
         cfg = NodeConfig(
             id=node_id, data_dir=data_dir, listen=listen, peers=parse_peers(peers), cluster_id=cluster_id,
             join=join or learner, learner=learner, advertise=advertise, metrics_listen=metrics_listen,
+            client_listen=client_listen, client_advertise=client_advertise,
             request_timeout=request_timeout,
             raft=RaftSettings(
                 tick_ms=tick_ms, election_tick=election_ticks, lease_read=lease_read, quiesce_ticks=quiesce_ticks,
@@ -156,7 +163,7 @@ def serve(
         logging.getLogger("kvstore").warning(
             "*** --insecure: node %d serves PLAINTEXT gRPC on %s without authentication: anyone who can "
             "reach it can read and write every key and join the cluster. Use --certs-dir. ***",
-            node_id, listen,
+            node_id, ", ".join(filter(None, [listen, client_listen])),
         )
     sys.exit(run(cfg))
 

@@ -14,6 +14,12 @@ the handshake still demands a client certificate of the cluster's CA).
 
 Refusals are definite: UNAUTHENTICATED (no valid credentials) or PERMISSION_DENIED, as gRPC
 status for a whole call and as the operation's error inside a stream.
+
+The client-only port (`--client-listen`, `kvstore/server/clientport.py`) has a guard of its own
+(`AuthGuard.for_client_port`: same tracker, no certificates): INTERNAL methods are not even
+registered there, and a USER or ADMIN call needs a valid token, always. While auth is disabled
+it refuses them all (UNAUTHENTICATED, definite): TLS without authentication is not secure mode,
+and on that port nothing else vouches for the caller.
 """
 
 from __future__ import annotations
@@ -37,6 +43,17 @@ from .tokens import TokenError, validate
 log = logging.getLogger("kvstore.auth")
 
 META_GROUP = 0
+
+
+CLIENT_PORT_NEEDS_TOKEN = (
+    "this is a client-only port: log in (a token: --user/--password) or use a client certificate "
+    "on the node's peer port"
+)
+CLIENT_PORT_NEEDS_AUTH = (
+    "this is a client-only port, which serves logged-in users only, and auth is not enabled on this "
+    "cluster (TLS without authentication is not secure mode): enable auth (`kvctl auth enable`) or "
+    "use a client certificate on the node's peer port"
+)
 
 
 class Rule(enum.Enum):
@@ -119,10 +136,12 @@ class AuthGuard:
     """Authenticates calls and checks permissions against the tracker's current state."""
 
     def __init__(self, tracker: AuthTracker, verifier: PeerVerifier | None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *, client_port: bool = False) -> None:
         self.tracker = tracker
         self.verifier = verifier
         self.clock = clock
+        self.client_port = client_port
+        """The client-only port's guard: USER and ADMIN calls need a token (and auth enabled)."""
         self._grants: dict[tuple[str, int], Grants] = {}
         self._grants_version = -1
 
@@ -155,8 +174,16 @@ class AuthGuard:
                 return Principal(PrincipalKind.USER, ident.common_name, "certificate", 0, peer)
         return Principal(PrincipalKind.ANONYMOUS, "", "none", 0, peer)
 
+    def for_client_port(self) -> AuthGuard:
+        """The guard of the client-only port: this guard's tracker and clock, no certificates
+        (none is asked for there), tokens required."""
+        return AuthGuard(self.tracker, None, self.clock, client_port=True)
+
     async def admit(self, path: str, rule: Rule, context: grpc.aio.ServicerContext) -> None:
         """Authenticate the call and apply `rule`; aborts the call (definite) on refusal."""
+        if self.client_port and rule in (Rule.USER, Rule.ADMIN) and not self.tracker.state.enabled:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{path}: {CLIENT_PORT_NEEDS_AUTH}")
+            return
         try:
             p = self.authenticate(context)
         except errors.Unauthenticated as err:
@@ -169,8 +196,9 @@ class AuthGuard:
         if rule in (Rule.PUBLIC, Rule.INTERNAL) or not self.tracker.state.enabled:
             return
         if p.kind is PrincipalKind.ANONYMOUS:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                f"{path}: auth is enabled: log in (a token) or present a client certificate")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{path}: " + (
+                CLIENT_PORT_NEEDS_TOKEN if self.client_port
+                else "auth is enabled: log in (a token) or present a client certificate"))
         if rule is Rule.ADMIN and not self.grants(p).admin:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"{path} needs the admin permission, which {p.describe()} does not have")
@@ -231,4 +259,4 @@ def _peer(context: grpc.aio.ServicerContext) -> str:
         return ""
 
 
-__all__ = ["ANONYMOUS", "RULES", "AuthGuard", "AuthTracker", "Rule", "rule_of"]
+__all__ = ["ANONYMOUS", "CLIENT_PORT_NEEDS_AUTH", "CLIENT_PORT_NEEDS_TOKEN", "RULES", "AuthGuard", "AuthTracker", "Rule", "rule_of"]
