@@ -429,7 +429,8 @@ def _status_json(nodes: list[NodeStatus]) -> dict[str, Any]:
     members = _members(nodes)
     out: dict[str, Any] = {
         "leader": {"id": lead, "address": next((m.address for m in members if m.id == lead), ""), "term": term},
-        "members": [{"id": m.id, "address": m.address, "learner": m.learner} for m in members],
+        "members": [{"id": m.id, "address": m.address, "client_address": m.client_address, "learner": m.learner}
+                    for m in members],
         "nodes": [],
     }
     for ns in nodes:
@@ -549,7 +550,7 @@ def _admin_result(c: _Ctx, resp: AdminResult, default: str) -> None:
             {
                 "ok": True,
                 "message": resp.message or default,
-                "members": [{"id": m.id, "address": m.address, "learner": m.learner} for m in resp.members],
+                "members": [{"id": m.id, "address": m.address, "client_address": m.client_address, "learner": m.learner} for m in resp.members],
             }
         )
     else:

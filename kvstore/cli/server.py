@@ -20,6 +20,8 @@ from kvstore.server.config import NodeConfig, parse_peers
 from kvstore.storage.commands import MAX_KEY_SIZE
 
 DEV_BASE_PORT = 2379
+DEV_CLIENT_PORT_OFFSET = 100
+"""`dev --secure`: node i's client-only port is base port + 100 + i - 1 (2479, 2480, 2481)."""
 
 
 @click.group(context_settings={"auto_envvar_prefix": "KVSTORE", "help_option_names": ["-h", "--help"]})
@@ -187,12 +189,15 @@ def parse_bytes(text: str) -> int:
               help="Data Raft groups (shards) of the new cluster.")
 @click.option("--secure", is_flag=True,
               help="Run with TLS and auth: create (once) a CA, node and client certificates under "
-              "<data-dir>/certs, user root (its password in <data-dir>/certs/root.password), and enable auth.")
+              "<data-dir>/certs, user root (its password in <data-dir>/certs/root.password), and enable auth; "
+              "each node also opens a client-only port (base port + 100 + i: TLS, a password instead of a "
+              "client certificate).")
 def dev(nodes: str, data_dir: Path, base_port: int, groups: int, secure: bool) -> None:
     """Run a local cluster in the foreground (data under --data-dir); Ctrl-C stops it.
 
     Plaintext on 127.0.0.1 unless --secure."""
     n = int(nodes)
+    client_eps = [f"127.0.0.1:{base_port + DEV_CLIENT_PORT_OFFSET + i - 1}" for i in range(1, n + 1)]
     tls_args: dict[int, list[str]] = {i: [] for i in range(1, n + 1)}
     certs_dir = (data_dir / "certs").resolve()
     if secure:
@@ -206,7 +211,7 @@ def dev(nodes: str, data_dir: Path, base_port: int, groups: int, secure: bool) -
             nd = certs_dir / f"node{i}"
             if not (nd / certs.NODE_CERT).exists():
                 certs.create_node(nd, i, ["127.0.0.1", "localhost"], ca_key=certs_dir / certs.CA_KEY)
-            tls_args[i] = ["--certs-dir", str(nd)]
+            tls_args[i] = ["--certs-dir", str(nd), "--client-listen", client_eps[i - 1]]
 
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -239,6 +244,9 @@ def dev(nodes: str, data_dir: Path, base_port: int, groups: int, secure: bool) -
             click.echo(f"try: KVSTORE_CERTS_DIR={certs_dir} kvctl --endpoints {','.join(endpoints)} put hello world")
             click.echo(f"  or: KVSTORE_CERTS_DIR={certs_dir} KVSTORE_PASSWORD=$(cat {pw_file}) "
                        f"kvctl --endpoints {','.join(endpoints)} --user root auth status")
+            click.echo(f"client-only ports (a password, no client certificate): {','.join(client_eps)}")
+            click.echo(f"  try: KVSTORE_PASSWORD=$(cat {pw_file}) kvctl --endpoints {','.join(client_eps)} "
+                       f"--cacert {certs_dir / 'ca.crt'} --user root get hello")
         else:
             click.echo(f"try: kvctl --endpoints {','.join(endpoints)} put hello world")
         click.echo("Ctrl-C stops the cluster.")
