@@ -200,3 +200,21 @@ def test_kvctl_with_cacert_and_password_on_client_ports(cluster: Cluster, tmp_pa
     bad = {**env, "KVSTORE_PASSWORD": "wrong"}
     r = subprocess.run([*base, "get", keys[min(keys)].decode()], capture_output=True, env=bad, timeout=60)
     assert r.returncode == 2 and b"login" in r.stderr and not r.stdout, (r.stdout, r.stderr)
+
+
+def test_a_certificate_reload_reaches_the_peer_port_and_the_client_port(tmp_path: Path) -> None:
+    """Each port's dynamic credentials fetch the reloaded certificate (once), independently: a
+    reload consumed by one port's handshake is not lost to the other's."""
+    from kvstore.security import certs, tls
+
+    certs.create_ca(tmp_path)
+    nd = tmp_path / "n1"
+    certs.create_node(nd, 1, ["127.0.0.1"], ca_key=tmp_path / certs.CA_KEY)
+    node_tls = tls.NodeTls(nd, 1)
+    peer, client = node_tls._fetcher(), node_tls._fetcher()
+    assert peer() is None and client() is None  # nothing new yet
+    certs.create_node(nd, 1, ["127.0.0.1", "localhost"], ca_key=tmp_path / certs.CA_KEY, overwrite=True)
+    assert node_tls.reload()
+    assert peer() is not None
+    assert client() is not None  # the client port gets it too
+    assert peer() is None and client() is None  # once each
