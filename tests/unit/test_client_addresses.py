@@ -99,13 +99,19 @@ def test_a_node_publishes_its_own_entry_once_listed_and_removal_of_a_member_drop
     new = ShardMap.decode(dec.value)
     assert new.version == m.version + 1 and new.clients == {1: "10.0.0.1:3379"} and new.nodes == m.nodes
     # the metadata group takes it from a peer (a valid map CAS one version on)
-    req = shard_pb2.GroupProposeRequest(group=META_GROUP, command=cmd)
+    req = shard_pb2.GroupProposeRequest(group=META_GROUP, command=cmd, from_node=1)
     assert check_group_request(req, m) is None
+    # ... from that node only: another member may not set (or change) node 1's client address
+    with pytest.raises(errors.InvalidArgument, match="client address"):
+        check_group_request(shard_pb2.GroupProposeRequest(group=META_GROUP, command=cmd, from_node=2), m)
     assert publish_command(new, dec.value, 1, "10.0.0.1:3379") is None  # already published
     gone = ShardMap.decode(commands.decode_command(publish_command(new, dec.value, 1, "") or b"").value)
     assert gone.clients == {}
-    # a member removed: its client address goes with it
-    assert new.with_nodes({2: NODES[2], 3: NODES[3]}).clients == {}
+    # a member removed: its client address goes with it, and any member's coordinator may say so
+    pruned = new.with_nodes({2: NODES[2], 3: NODES[3]})
+    assert pruned.clients == {}
+    prune = commands.encode_cas(SHARD_MAP_KEY, False, dec.value, pruned.encode())
+    assert check_group_request(shard_pb2.GroupProposeRequest(group=META_GROUP, command=prune, from_node=3), new) is None
     with pytest.raises(ShardMapError):
         m.with_client(1, "not an address")
 
