@@ -162,3 +162,18 @@ def test_client_listen_configuration(extra: dict[str, object], problem: str | No
     else:
         with pytest.raises(ValueError, match=problem):
             cfg.validate()
+
+
+def test_a_client_with_a_ca_only_needs_a_password_and_follows_client_ports(tmp_path: Path) -> None:
+    from kvstore.client import AsyncClient
+    from kvstore.security import certs
+
+    certs.create_ca(tmp_path)
+    ca = tmp_path / "ca.crt"
+    with pytest.raises(ValueError, match="password"):
+        AsyncClient(["127.0.0.1:1"], cacert=ca)
+    with pytest.raises(ValueError, match="one of"):
+        AsyncClient(["127.0.0.1:1"], cacert=ca, certs_dir=tmp_path, password="p")
+    assert AsyncClient(["127.0.0.1:1"], cacert=ca, password="p").router.client_port
+    assert not AsyncClient(["127.0.0.1:1"], password="p").router.client_port
+    assert AsyncClient(["127.0.0.1:1"], password="p", client_port=True).router.client_port
