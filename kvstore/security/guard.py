@@ -9,8 +9,8 @@ cannot be forgotten):
 - USER: any authenticated principal while auth is enabled; the handler checks each key
   (`check_key` / `check_range`) or what the request asks (`Auth.Change`);
 - ADMIN: the admin permission (user `root`, holders of role `admin`, and nodes).
-While auth is disabled every USER and ADMIN call is admitted (as before auth existed; with TLS
-the handshake still demands a client certificate of the cluster's CA).
+While auth is disabled every USER and ADMIN call on the peer port is admitted (as before auth
+existed; with TLS the handshake still demands a client certificate of the cluster's CA).
 
 Refusals are definite: UNAUTHENTICATED (no valid credentials) or PERMISSION_DENIED, as gRPC
 status for a whole call and as the operation's error inside a stream.
@@ -259,4 +259,5 @@ def _peer(context: grpc.aio.ServicerContext) -> str:
         return ""
 
 
-__all__ = ["ANONYMOUS", "CLIENT_PORT_NEEDS_AUTH", "CLIENT_PORT_NEEDS_TOKEN", "RULES", "AuthGuard", "AuthTracker", "Rule", "rule_of"]
+__all__ = ["ANONYMOUS", "CLIENT_PORT_NEEDS_AUTH", "CLIENT_PORT_NEEDS_TOKEN", "RULES", "AuthGuard", "AuthTracker",
+           "Rule", "rule_of"]
