@@ -282,7 +282,8 @@ class Invoker:
         """Update routing after a retryable failure at ``target``; True if a redirect names a
         new leader worth trying at once."""
         if isinstance(err, NotLeader):
-            return self.router.on_redirect(group, target, err.leader_id, err.leader_address) is not None
+            return self.router.on_redirect(
+                group, target, err.leader_id, err.leader_address, err.leader_client_address) is not None
         # A node whose disk is full stops: another node will lead once it notices.
         if isinstance(err, NoLeader | LeadershipLost | ShuttingDown | Timeout | InternalError | StorageFull):
             self.router.forget_leader(group, target)

@@ -9,8 +9,8 @@ cannot be forgotten):
 - USER: any authenticated principal while auth is enabled; the handler checks each key
   (`check_key` / `check_range`) or what the request asks (`Auth.Change`);
 - ADMIN: the admin permission (user `root`, holders of role `admin`, and nodes).
-While auth is disabled every USER and ADMIN call is admitted (as before auth existed; with TLS
-the handshake still demands a client certificate of the cluster's CA).
+While auth is disabled every USER and ADMIN call on the peer port is admitted (as before auth
+existed; with TLS the handshake still demands a client certificate of the cluster's CA).
 
 Refusals are definite: UNAUTHENTICATED (no valid credentials) or PERMISSION_DENIED, as gRPC
 status for a whole call and as the operation's error inside a stream.
@@ -21,6 +21,12 @@ at) and `recheck` is called per operation (KV.Stream) or per response (server st
 costs a clock read and a version compare; only when the auth state changed since the last check
 does it look at the user's revision and the token key again (never the HMAC: the MAC verified
 under a key that is still the key).
+
+The client-only port (`--client-listen`, `kvstore/server/clientport.py`) has a guard of its own
+(`AuthGuard.for_client_port`: same tracker, no certificates): INTERNAL methods are not even
+registered there, and a USER or ADMIN call needs a valid token, always. While auth is disabled
+it refuses them all (UNAUTHENTICATED, definite): TLS without authentication is not secure mode,
+and on that port nothing else vouches for the caller.
 """
 
 from __future__ import annotations
@@ -47,6 +53,17 @@ from .tokens import TokenError, validate
 log = logging.getLogger("kvstore.auth")
 
 META_GROUP = 0
+
+
+CLIENT_PORT_NEEDS_TOKEN = (
+    "this is a client-only port: log in (a token: --user/--password) or use a client certificate "
+    "on the node's peer port"
+)
+CLIENT_PORT_NEEDS_AUTH = (
+    "this is a client-only port, which serves logged-in users only, and auth is not enabled on this "
+    "cluster (TLS without authentication is not secure mode): enable auth (`kvctl auth enable`) or "
+    "use a client certificate on the node's peer port"
+)
 
 
 class Rule(enum.Enum):
@@ -151,10 +168,12 @@ class AuthGuard:
     """Authenticates calls and checks permissions against the tracker's current state."""
 
     def __init__(self, tracker: AuthTracker, verifier: PeerVerifier | None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *, client_port: bool = False) -> None:
         self.tracker = tracker
         self.verifier = verifier
         self.clock = clock
+        self.client_port = client_port
+        """The client-only port's guard: USER and ADMIN calls need a token (and auth enabled)."""
         self._grants: dict[tuple[str, int], Grants] = {}
         self._grants_version = -1
 
@@ -198,6 +217,11 @@ class AuthGuard:
                 return Principal(PrincipalKind.USER, ident.common_name, "certificate", 0, peer)
         return Principal(PrincipalKind.ANONYMOUS, "", "none", 0, peer)
 
+    def for_client_port(self) -> AuthGuard:
+        """The guard of the client-only port: this guard's tracker and clock, no certificates
+        (none is asked for there), tokens required."""
+        return AuthGuard(self.tracker, None, self.clock, client_port=True)
+
     def recheck(self, c: Credential) -> None:
         """Raise errors.Unauthenticated (definite) if credential `c`, valid when its call was
         admitted, is no longer: its token expired, or (only looked at when the auth state changed
@@ -224,6 +248,8 @@ class AuthGuard:
         """Authenticate the call and apply `rule`; aborts the call (definite) on refusal. The
         call's principal (`identity_of_call`) and credential (`credential_of_call`) are recorded
         for its handler; the credential is returned."""
+        if self.client_port and rule in (Rule.USER, Rule.ADMIN) and not self.tracker.state.enabled:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{path}: {CLIENT_PORT_NEEDS_AUTH}")
         try:
             c = self.credential(context)
         except errors.Unauthenticated as err:
@@ -236,8 +262,9 @@ class AuthGuard:
         if rule in (Rule.PUBLIC, Rule.INTERNAL) or not self.tracker.state.enabled:
             return c
         if p.kind is PrincipalKind.ANONYMOUS:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                f"{path}: auth is enabled: log in (a token) or present a client certificate")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{path}: " + (
+                CLIENT_PORT_NEEDS_TOKEN if self.client_port
+                else "auth is enabled: log in (a token) or present a client certificate"))
         if rule is Rule.ADMIN and not self.grants(p).admin:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"{path} needs the admin permission, which {p.describe()} does not have")
@@ -299,4 +326,5 @@ def _peer(context: grpc.aio.ServicerContext) -> str:
         return ""
 
 
-__all__ = ["ANONYMOUS", "RULES", "AuthGuard", "AuthTracker", "Credential", "Rule", "credential_of_call", "rule_of"]
+__all__ = ["ANONYMOUS", "CLIENT_PORT_NEEDS_AUTH", "CLIENT_PORT_NEEDS_TOKEN", "RULES", "AuthGuard", "AuthTracker",
+           "Credential", "Rule", "credential_of_call", "rule_of"]

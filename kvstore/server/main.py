@@ -46,7 +46,8 @@ async def serve(cfg: NodeConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_certificates)
-    print(f"kvstore node {cfg.id} ready on {cfg.listen} (event loop: {type(loop).__module__})", flush=True)
+    clients = f", clients with a token on {cfg.client_listen}" if cfg.client_listen else ""
+    print(f"kvstore node {cfg.id} ready on {cfg.listen}{clients} (event loop: {type(loop).__module__})", flush=True)
     stopped = loop.create_task(stop.wait())
     died = loop.create_task(node.died.wait())
     await asyncio.wait([stopped, died], return_when=asyncio.FIRST_COMPLETED)

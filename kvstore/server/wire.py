@@ -244,15 +244,19 @@ _HANDLER = {
 
 def add_services(
     server: grpc.aio.Server, services: Iterable[tuple[object, ServiceDescriptor]], guard: AuthGuard | None = None,
-    limit: CallLimit | None = None,
+    limit: CallLimit | None = None, include: Callable[[str], bool] | None = None,
 ) -> list[str]:
     """Register each `(servicer, service descriptor)` on `server`, every method of the descriptor
-    with a total deserializer, the `Malformed` guard, (with `guard`) its auth rule and (with
-    `limit`) the call limit. Returns the paths of the methods registered (`/package.Service/Method`)."""
+    (with `include`, only the methods whose path it accepts: the others are UNIMPLEMENTED on
+    this server) with a total deserializer, the `Malformed` guard, (with `guard`) its auth rule
+    and (with `limit`) the call limit. Returns the paths of the methods registered
+    (`/package.Service/Method`)."""
     paths = []
     for servicer, service in services:
         handlers = {}
         for m in service.methods:
+            if include is not None and not include(f"/{service.full_name}/{m.name}"):
+                continue
             request_cls = message_factory.GetMessageClass(m.input_type)
             response_cls = message_factory.GetMessageClass(m.output_type)
             make = _HANDLER[(m.client_streaming, m.server_streaming)]
@@ -263,5 +267,6 @@ def add_services(
                 response_serializer=response_cls.SerializeToString,
             )
             paths.append(path)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+        if handlers:
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     return paths

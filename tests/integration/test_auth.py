@@ -175,6 +175,54 @@ async def _every_rpc_with_no_credentials_wrong_user_and_right_user(tmp_path: Pat
         assert table["/kvstore.v1.KV/Put"][2] == "OK" and table["/kvstore.v1.Admin/Snapshot"][2] == "OK"
 
 
+def test_every_rpc_on_the_client_port_needs_a_token_and_internal_rpcs_are_not_served(tmp_path: Path) -> None:
+    asyncio.run(_every_rpc_on_the_client_port(tmp_path))
+
+
+async def _every_rpc_on_the_client_port(tmp_path: Path) -> None:
+    """The same table on the client-only port (`--client-listen`): before auth is enabled every
+    USER / ADMIN RPC is refused (UNAUTHENTICATED, definite: TLS without authentication is not
+    secure mode) while the peer port serves; then no token: UNAUTHENTICATED, wrong user:
+    PERMISSION_DENIED, right user: served; INTERNAL RPCs are UNIMPLEMENTED for everyone."""
+    async with one_node(tmp_path, client_port=True) as n:
+        port = n.node.client_port
+        assert port is not None
+        served = set(port.rpc_methods)
+        assert served == {p for p in n.node.rpc_methods if rule_of(p) is not Rule.INTERNAL}
+        async with grpc.aio.insecure_channel(n.client_address) as ch:
+            for path in n.node.rpc_methods:
+                if rule_of(path) in (Rule.USER, Rule.ADMIN):
+                    code, detail = await call(ch, path, None, "none")
+                    assert code == "UNAUTHENTICATED" and "auth is not enabled" in detail, (path, code, detail)
+            async with grpc.aio.insecure_channel(n.address) as peer:
+                assert (await call(peer, "/kvstore.v1.KV/Put", None, "right"))[0] == "OK"
+            tokens = await setup_auth(n)
+            for path in n.node.rpc_methods:
+                rule = rule_of(path)
+                if path == "/grpc.health.v1.Health/Watch":
+                    continue  # see the table above: grpc_health's synchronous Watch outlives its call
+                right = "root" if rule is Rule.ADMIN or path.endswith("Auth/Change") else "alice"
+                got = (
+                    (await call(ch, path, None, "none"))[0],
+                    (await call(ch, path, tokens["bob"], "wrong"))[0],
+                    (await call(ch, path, tokens[right], "right"))[0],
+                )
+                none, wrong, ok = got
+                if rule is Rule.INTERNAL:
+                    assert got == ("UNIMPLEMENTED",) * 3, (path, got)
+                elif path == "/kvstore.v1.Auth/Authenticate":
+                    assert got == ("UNAUTHENTICATED", "UNAUTHENTICATED", "OK"), (path, got)
+                elif rule is Rule.PUBLIC:
+                    assert none not in AUTH_FAIL and ok not in AUTH_FAIL, (path, got)
+                else:
+                    assert none == "UNAUTHENTICATED" and ok not in AUTH_FAIL, (path, got)
+                    bob_may = path in ("/kvstore.v1.Admin/Status", "/kvstore.v1.Shard/GetShardMap",
+                                       "/kvstore.v1.Auth/Status")
+                    assert (wrong not in AUTH_FAIL) if bob_may else (wrong == "PERMISSION_DENIED"), (path, got)
+            code, detail = await call(ch, "/kvstore.v1.KV/Get", None, "none")
+            assert code == "UNAUTHENTICATED" and "log in" in detail and "peer port" in detail, detail
+
+
 def test_key_permissions_per_operation_in_one_stream(tmp_path: Path) -> None:
     asyncio.run(_key_permissions_per_operation_in_one_stream(tmp_path))
 
