@@ -5,7 +5,9 @@
 - `lmdb`: latency of one durable LMDB write transaction (one small put, sync on: LMDB flushes the
   data pages, then the meta page: two ordered flushes);
 - `wal`: latency of one `kvstore.storage.wal.Wal` cycle (append one 4 KiB record + `sync`: one
-  `fdatasync`), on the real file system.
+  `fdatasync`), on the real file system, with segments preallocated by `posix_fallocate`
+  (`wal_cycle_4k`) and by writing zeros (`wal_cycle_4k_zero_fill`);
+- the same raw `fdatasync` loop over a zero-filled file (`fdatasync_4k_zero_filled`).
 
 The directory is `$KVSTORE_BENCH_DIR` (default /var/tmp: a disk, where /tmp may be tmpfs).
 
@@ -49,11 +51,14 @@ def _time(n: int, fn: Callable[[int], None]) -> list[float]:
     return out
 
 
-def bench_fdatasync(root: Path, n: int) -> list[float]:
+def bench_fdatasync(root: Path, n: int, zero_fill: bool = False) -> list[float]:
     block = os.urandom(4096)
-    fd = os.open(root / "raw", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(root / "raw", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.posix_fallocate(fd, 0, (n + 1) * 4096)
+        if zero_fill:
+            os.pwrite(fd, bytes((n + 1) * 4096), 0)
+        else:
+            os.posix_fallocate(fd, 0, (n + 1) * 4096)
         os.fsync(fd)
 
         def one(i: int) -> None:
@@ -78,8 +83,11 @@ def bench_lmdb(root: Path, n: int) -> list[float]:
         env.close()
 
 
-def bench_wal(root: Path, n: int) -> list[float]:
-    wal = Wal.open(OsFileSystem(root / "wal"), WalOptions(segment_bytes=max(1 << 20, (n + 2) * 4200)))
+def bench_wal(root: Path, n: int, zero_fill: bool = False) -> list[float]:
+    d = root / ("wal-zero" if zero_fill else "wal")
+    wal = Wal.open(
+        OsFileSystem(d, zero_fill=zero_fill), WalOptions(segment_bytes=max(1 << 20, (n + 2) * 4200))
+    )
     payload = os.urandom(4096 - 16)
     try:
 
@@ -98,12 +106,15 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("KVSTORE_BENCH_DIR", "/var/tmp")) as tmp:
         root = Path(tmp)
-        for name, fn in (
-            ("fdatasync_4k", bench_fdatasync),
-            ("lmdb_commit", bench_lmdb),
-            ("wal_cycle_4k", bench_wal),
-        ):
-            print(json.dumps(_stats(name, fn(root, a.syncs))), flush=True)
+        runs: list[tuple[str, Callable[[], list[float]]]] = [
+            ("fdatasync_4k", lambda: bench_fdatasync(root, a.syncs)),
+            ("fdatasync_4k_zero_filled", lambda: bench_fdatasync(root, a.syncs, zero_fill=True)),
+            ("lmdb_commit", lambda: bench_lmdb(root, a.syncs)),
+            ("wal_cycle_4k", lambda: bench_wal(root, a.syncs)),
+            ("wal_cycle_4k_zero_fill", lambda: bench_wal(root, a.syncs, zero_fill=True)),
+        ]
+        for name, fn in runs:
+            print(json.dumps(_stats(name, fn())), flush=True)
 
 
 if __name__ == "__main__":

@@ -350,3 +350,15 @@ def test_random_append_sync_truncate_crash(ops: list[tuple[str, object]], seed: 
             written = got
             synced = wal.last_seq
             assert wal.synced_seq == synced
+
+
+def test_zero_filled_segments_on_disk(tmp_path: Path) -> None:
+    fs = OsFileSystem(tmp_path, zero_fill=True)
+    wal = Wal.open(fs, WalOptions(segment_bytes=3 << 20))
+    wal.append([b"r1", b"r2"])
+    wal.sync()
+    seg = tmp_path / wal.segments()[0]
+    assert seg.stat().st_size == 3 << 20 and seg.stat().st_blocks * 512 >= 3 << 20  # preallocated
+    wal.close()
+    _, recs = reopen(OsFileSystem(tmp_path), WalOptions(segment_bytes=3 << 20))
+    assert recs == [(1, b"r1"), (2, b"r2")]
