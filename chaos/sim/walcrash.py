@@ -1,5 +1,5 @@
 """Crash the write-ahead log on the simulated file system and check that no acknowledged record
-is lost: `python -m chaos.sim.walcrash --seeds N [--mode drop|keep|random] [--plant BUG]`.
+is lost: `python -m chaos.sim.walcrash --seeds N [--mode drop|keep|random|reorder] [--plant BUG]`.
 
 One seed: a `Wal` on a `SimFileSystem` runs Ready-like cycles (append a batch of records, `sync`,
 then "acknowledge" them: from here on they must survive), with suffix truncations (Raft log
@@ -11,8 +11,8 @@ an append and its sync too). After every crash the log is reopened and checked:
 - with `--mode keep` (kill -9: the page cache survives) every appended record is there.
 
 `--mode keep` cannot catch a missing `fdatasync` (the page cache has the bytes); `drop` (power
-loss) and `random` (a random prefix of the unsynced writes survives, the last one maybe torn)
-can: `--plant wal-skip-fdatasync` shows it (`tests/unit/test_wal_crash.py`).
+loss), `random` (a random prefix of the unsynced writes survives, the last one maybe torn) and
+`reorder` (any subset of them survives, each maybe torn) can: `--plant wal-skip-fdatasync` shows it (`tests/unit/test_wal_crash.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,14 @@ import random
 import sys
 
 from kvstore.storage.wal import Wal, WalOptions
-from kvstore.storage.wal.simfs import CRASH_DROP, CRASH_KEEP, CRASH_RANDOM, CrashMode, SimFileSystem
+from kvstore.storage.wal.simfs import (
+    CRASH_DROP,
+    CRASH_KEEP,
+    CRASH_RANDOM,
+    CRASH_REORDER,
+    CrashMode,
+    SimFileSystem,
+)
 
 from .plant import ALL_BUGS, planted
 
@@ -81,7 +88,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=200)
     ap.add_argument("--start", type=int, default=0)
-    ap.add_argument("--mode", choices=[CRASH_DROP, CRASH_KEEP, CRASH_RANDOM], default=CRASH_RANDOM)
+    ap.add_argument(
+        "--mode", choices=[CRASH_DROP, CRASH_KEEP, CRASH_RANDOM, CRASH_REORDER], default=CRASH_RANDOM
+    )
     ap.add_argument("--plant", choices=sorted(ALL_BUGS), help="plant a known bug (to see the check catch it)")
     a = ap.parse_args()
     failures = 0

@@ -17,6 +17,7 @@ from kvstore.storage.wal import (
     CRASH_DROP,
     CRASH_KEEP,
     CRASH_RANDOM,
+    CRASH_REORDER,
     FileSystem,
     OsFileSystem,
     SimFileSystem,
@@ -292,7 +293,7 @@ OP = st.one_of(
     st.tuples(st.just("sync"), st.just(0)),
     st.tuples(st.just("truncate_suffix"), st.integers(min_value=0, max_value=1000)),
     st.tuples(st.just("truncate_prefix"), st.integers(min_value=0, max_value=1000)),
-    st.tuples(st.just("crash"), st.sampled_from([CRASH_DROP, CRASH_KEEP, CRASH_RANDOM])),
+    st.tuples(st.just("crash"), st.sampled_from([CRASH_DROP, CRASH_KEEP, CRASH_RANDOM, CRASH_REORDER])),
 )
 
 

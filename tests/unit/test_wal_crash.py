@@ -10,18 +10,26 @@ import pytest
 
 from chaos.sim.plant import STORAGE_BUGS, planted
 from chaos.sim.walcrash import run_seed
-from kvstore.storage.wal import CRASH_DROP, CRASH_KEEP, CRASH_RANDOM, SimFileSystem, Wal, WalOptions
+from kvstore.storage.wal import (
+    CRASH_DROP,
+    CRASH_KEEP,
+    CRASH_RANDOM,
+    CRASH_REORDER,
+    SimFileSystem,
+    Wal,
+    WalOptions,
+)
 
 SEEDS = range(40)
 
 
-@pytest.mark.parametrize("mode", [CRASH_DROP, CRASH_KEEP, CRASH_RANDOM])
+@pytest.mark.parametrize("mode", [CRASH_DROP, CRASH_KEEP, CRASH_RANDOM, CRASH_REORDER])
 def test_the_real_wal_loses_no_acknowledged_record(mode: str) -> None:
     problems = [p for seed in SEEDS if (p := run_seed(seed, mode)) is not None]  # type: ignore[arg-type]
     assert problems == []
 
 
-@pytest.mark.parametrize("mode", [CRASH_DROP, CRASH_RANDOM])
+@pytest.mark.parametrize("mode", [CRASH_DROP, CRASH_RANDOM, CRASH_REORDER])
 def test_skipped_fdatasync_is_caught_by_the_simulated_file_system(mode: str) -> None:
     with planted("wal-skip-fdatasync"):
         found = [seed for seed in SEEDS if run_seed(seed, mode) is not None]  # type: ignore[arg-type]

@@ -13,12 +13,21 @@ from __future__ import annotations
 from .fs import FileSystem, WalFile
 from .log import Wal, WalCorruptError, WalOptions, WalStats
 from .osfs import OsFileSystem
-from .simfs import CRASH_DROP, CRASH_KEEP, CRASH_RANDOM, CrashMode, SimCrashedError, SimFileSystem
+from .simfs import (
+    CRASH_DROP,
+    CRASH_KEEP,
+    CRASH_RANDOM,
+    CRASH_REORDER,
+    CrashMode,
+    SimCrashedError,
+    SimFileSystem,
+)
 
 __all__ = [
     "CRASH_DROP",
     "CRASH_KEEP",
     "CRASH_RANDOM",
+    "CRASH_REORDER",
     "CrashMode",
     "FileSystem",
     "OsFileSystem",

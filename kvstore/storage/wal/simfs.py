@@ -15,7 +15,10 @@ The model (what `fs.py` promises, and no more):
     `fdatasync` can never be seen this way, which is why the strict modes exist;
   - `CRASH_RANDOM`: for the directory and for each file independently, a prefix (of random length)
     of its pending changes survives, and the last write of that prefix may be torn at a random
-    byte (only a prefix of its bytes reached the disk).
+    byte (only a prefix of its bytes reached the disk);
+  - `CRASH_REORDER`: as a disk's write cache may: each pending change of a file survives or not
+    independently (any subset, applied in order), each surviving write maybe torn; the directory
+    keeps a prefix of its changes, as in `CRASH_RANDOM`.
 - failures: `fail_next_fdatasync()` makes the next `fdatasync` raise `OSError(EIO)` with nothing
   made durable; `fill()` makes every write, allocation and create raise `OSError(ENOSPC)` until
   `free()`.
@@ -30,10 +33,11 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal
 
-CrashMode = Literal["drop", "keep", "random"]
+CrashMode = Literal["drop", "keep", "random", "reorder"]
 CRASH_DROP: CrashMode = "drop"
 CRASH_KEEP: CrashMode = "keep"
 CRASH_RANDOM: CrashMode = "random"
+CRASH_REORDER: CrashMode = "reorder"
 
 _WRITE, _TRUNCATE = 0, 1
 _Change = tuple[int, int, bytes]
@@ -226,6 +230,14 @@ class SimFileSystem:
             return bytes(ino.live)
         buf = bytearray(ino.durable)
         if mode == CRASH_DROP or not ino.pending:
+            return bytes(buf)
+        if mode == CRASH_REORDER:
+            for change in ino.pending:
+                if rng.random() < 0.5:
+                    continue
+                if change[0] == _WRITE and change[2] and rng.random() < 0.3:
+                    change = (_WRITE, change[1], change[2][: rng.randint(0, len(change[2]) - 1)])
+                _apply(buf, change)
             return bytes(buf)
         keep = rng.randint(0, len(ino.pending))
         for i, change in enumerate(ino.pending[:keep]):
