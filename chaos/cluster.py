@@ -417,10 +417,15 @@ class Cluster:
         if metrics are off or it does not answer). Never through a proxy."""
         if not self.metrics or not self.hosts[host].alive or self.hosts[host].paused:
             return None
-        url = f"http://{self.backend.metrics_address(host)}/metrics"
+        # a secure node serves its metrics over HTTPS and asks for a client certificate of its CA
+        scheme = "http" if self.tls is None else "https"
+        url = f"{scheme}://{self.backend.metrics_address(host)}/metrics"
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+        if self.tls is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=self.tls.scraper_context(ADMIN_USER)))
 
         def scrape() -> str:
-            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            opener = urllib.request.build_opener(*handlers)
             with opener.open(url, timeout=timeout) as resp:
                 return str(resp.read().decode())
 

@@ -28,6 +28,7 @@ node keeps its certificate; an existing directory is never overwritten).
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,14 @@ class RunPki:
     def node(self, node_id: int, host: str) -> grpc.ChannelCredentials:
         """Channel credentials presenting node ``node_id``'s certificate (what a peer holds)."""
         return _node_creds(self.node_dir(node_id, host))
+
+    def scraper_context(self, user: str) -> ssl.SSLContext:
+        """The TLS context a metrics scraper uses on a secure node (its `/metrics` is HTTPS with
+        mutual TLS): trusts the run's CA and presents ``client.<user>.crt``."""
+        ctx = ssl.create_default_context(cafile=str(self.root / certs.CA_CERT))
+        ctx.load_cert_chain(str(self.root / certs.client_cert_name(user)),
+                            str(self.root / certs.client_key_name(user)))
+        return ctx
 
     def ca_only(self) -> grpc.ChannelCredentials:
         """TLS that trusts the run's CA but presents no certificate at all."""
