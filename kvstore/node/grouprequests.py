@@ -56,7 +56,8 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
     the old one (`check_auth_change`); a data group only shard commands that decode (never SET,
     which only a group's bootstrap log carries) and that belong to a range move of the shard map
     `smap`, with that move's ranges, in the group that plays that part in it (FREEZE and DROP in
-    the source, BEGIN, INSTALL and ACTIVATE in the target); a conf change must decode. A move
+    the source, BEGIN, INSTALL and ACTIVATE in the target); a COMPACT (history only) goes to any
+    group; a conf change must decode. A move
     this node's map does not show yet is refused as WRONG_SHARD (the caller retries: the map
     may lag the coordinator's by a little). Returns the decoded conf change, if any. So no
     request can write garbage into group 0, a malformed command into any log, or freeze or drop
@@ -69,6 +70,8 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
     if request.read_barrier or request.transfer:
         return None
     data = request.command
+    if _is_compact(data):
+        return None  # KV.Compact's fan-out (admin only at the client edge): idempotent, changes no data
     if request.group == META_GROUP:
         try:
             cmd = commands.decode_command(data)
@@ -111,6 +114,14 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
     if request.group != part or (sc.op != ShardOp.INSTALL and sc.ranges != mv.ranges):
         raise errors.InvalidArgument(f"{sc.op.name} in group {request.group} is not a step of range move {mv.id}")
     return None
+
+
+def _is_compact(data: bytes) -> bool:
+    """Whether `data` is a well-formed COMPACT command (`KV.Compact`)."""
+    try:
+        return commands.decode_command(data).op == commands.Op.COMPACT
+    except ValueError:
+        return False
 
 
 def check_auth_change(expect_absent: bool, expected: bytes, value: bytes) -> None:

@@ -915,6 +915,48 @@ class MemoryNodeStore:
         return ListStream(gen())
 
     # --- reads -----------------------------------------------------------------------------------
+    @property
+    def revisions(self) -> MemoryNodeStore:
+        return self
+
+    def rev_state(self, group: int) -> mvcc.RevState:
+        g = self._read(group)
+        return mvcc.RevState() if g is None else mvcc.rev_state(g.rows)
+
+    def get_version(self, group: int, key: bytes, rev: int = 0) -> tuple[mvcc.Version | None, mvcc.RevState]:
+        g = self._read(group)
+        if g is None:
+            return None, mvcc.RevState()
+        st = mvcc.rev_state(g.rows)
+        if rev and rev < st.compact:
+            raise mvcc.Compacted(st.compact)
+        if len(key) > MAX_KEY_SIZE:
+            return None, st
+        return mvcc.version_at(g.rows, key, rev or mvcc.REVISION_MAX, g.data.get(key)), st
+
+    def scan_versions(
+        self, group: int, start: bytes, end: bytes | None, limit: int, rev: int, chunk_items: int, chunk_bytes: int,
+        owned: IntervalSet | None = None,
+    ) -> tuple[mvcc.RevState, ListStream[list[tuple[bytes, mvcc.Version]]]]:
+        g = self._read(group)
+        if g is None:
+            return mvcc.RevState(), ListStream(iter(()))
+        st = mvcc.rev_state(g.rows)
+        if rev and rev < st.compact:
+            raise mvcc.Compacted(st.compact)
+        data = g.data
+        current = iter([(k, data[k]) for k in self._range(g, start, end)])
+        items: list[tuple[bytes, mvcc.Version]] = []
+        for k, v in mvcc.versions_in_range(g.rows.copy(), current, start, end, rev):
+            if owned is not None and key_hash(k) not in owned:
+                continue
+            items.append((k, v))
+            if len(items) == limit:
+                break
+        chunks = [items[i : i + chunk_items] for i in range(0, len(items), chunk_items)]
+        return st, ListStream(iter(chunks))
+
+    # --- reads -----------------------------------------------------------------------------------
     def get(self, group: int, key: bytes) -> bytes | None:
         g = self._read(group)
         if g is None or len(key) > MAX_KEY_SIZE:

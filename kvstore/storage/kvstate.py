@@ -523,33 +523,14 @@ class KVState:
             owned = None
         data_db = env.db(DB_DATA)
 
-        def keys() -> Iterator[tuple[bytes, bytes | None]]:
-            """(key, current value) of every key that has data or (at a past revision) history."""
-            cur = _iter_range(txn, data_db, group, start, end)
-            if not rev:
-                yield from cur
-                return
-            hist = (k for k, _ in rows.iter(mvcc.T_KEYS, start, end))
-            a, b = next(cur, None), next(hist, None)
-            while a is not None or b is not None:
-                if b is None or (a is not None and a[0] <= b):
-                    if b is not None and a is not None and a[0] == b:
-                        b = next(hist, None)
-                    yield a  # type: ignore[misc]
-                    a = next(cur, None)
-                else:
-                    yield b, None
-                    b = next(hist, None)
-
         def gen() -> Iterator[list[tuple[bytes, mvcc.Version]]]:
             chunk: list[tuple[bytes, mvcc.Version]] = []
             size = n = 0
-            for k, value in keys():
+            current = _iter_range(txn, data_db, group, start, end)
+            for k, v in _checked(mvcc.versions_in_range(rows, current, start, end, rev), group):
                 if owned is not None and key_hash(k) not in owned:
                     continue
-                v = _version(rows, st, k, rev, value)
-                if v is None or v.value is None:
-                    continue
+                assert v.value is not None
                 n += 1
                 chunk.append((k, v))
                 size += len(k) + len(v.value)
@@ -671,6 +652,14 @@ class KVState:
     def count_keys(self, group: int) -> int:
         with self._env.read() as txn:
             return sum(1 for _ in _iter_range(txn, self._env.db(DB_DATA), group, b"", None))
+
+
+def _checked(it: Iterator[T], group: int) -> Iterator[T]:
+    """`it`, with a corrupt history row (ValueError) reported as a StorageError."""
+    try:
+        yield from it
+    except ValueError as err:
+        raise StorageError(f"corrupt history in group {group}: {err}") from None
 
 
 def _rev_state(rows: LmdbRows) -> mvcc.RevState:

@@ -368,6 +368,38 @@ def decode_versions(raw: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
+def versions_in_range(
+    rows: Rows, current: Iterator[tuple[bytes, bytes]], start: bytes, end: bytes | None, rev: int
+) -> Iterator[tuple[bytes, Version]]:
+    """The keys in [start, end) present at revision `rev` (0: now) with their versions, in key
+    order. `current` yields the group's (key, value) rows in [start, end) in key order; at a past
+    revision the keys that have history (deleted since, or changed) are merged in. The caller
+    checks `rev` against the compact revision."""
+    at = rev or REVISION_MAX
+
+    def keys() -> Iterator[tuple[bytes, bytes | None]]:
+        if not rev:
+            yield from current
+            return
+        hist = (bytes(k) for k, _ in rows.iter(T_KEYS, start, end))
+        a, b = next(current, None), next(hist, None)
+        while a is not None or b is not None:
+            if a is not None and (b is None or a[0] <= b):
+                if a[0] == b:
+                    b = next(hist, None)
+                yield a
+                a = next(current, None)
+            else:
+                assert b is not None
+                yield b, None
+                b = next(hist, None)
+
+    for k, value in keys():
+        v = version_at(rows, k, at, value)
+        if v is not None and v.value is not None:
+            yield k, v
+
+
 def changes_from(rows: Rows, rev: int) -> Iterator[tuple[int, bytes]]:
     """(revision, key) of every retained change at or after `rev`, in revision order: what a
     watch starting at `rev` replays (the caller checks `rev` against the compact revision)."""
