@@ -19,8 +19,8 @@ from kvstore.node.reads import NodeReads
 from kvstore.raft import HardState, Message, RaftNode, Role, admission
 from kvstore.raft.log import RaftLog
 from kvstore.raft.readonly import ReadRequest
-from kvstore.storage import machine
-from kvstore.storage.commands import ApplyResult, encode_result
+from kvstore.storage import machine, mvcc
+from kvstore.storage.commands import ApplyResult, Op, encode_result
 from kvstore.storage.shardcmd import (
     REC_DATA,
     ShardOp,
@@ -263,7 +263,28 @@ def _no_move_fence(view: Any, data: bytes) -> Any:
     return _real_apply_shard_command(view, data)
 
 
+_real_execute = machine.execute
+
+
+def _delete_without_bump(view: Any, cmd: Any) -> Any:
+    # BUG: a DELETE is recorded at the group's last revision instead of a new one (a revision
+    # not bumped on one path): two writes share a revision, and the order is no longer strict.
+    if cmd.op != Op.DELETE:
+        return _real_execute(view, cmd)
+    prev = view.get(cmd.key)
+    if prev is None:
+        return ApplyResult(existed=False)
+    rows = view.mvcc
+    st = mvcc.rev_state(rows)
+    rev = st.last or mvcc.next_revision(0, cmd.revision, view.group)
+    view.delete(cmd.key)
+    st = mvcc.record_delete(rows, st, cmd.key, prev, rev)
+    rows.put(mvcc.T_STATE, b"", mvcc.RevState(rev, st.compact, st.next_kid).encode())
+    return ApplyResult(existed=True, revision=rev)
+
+
 NODE_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
+    "node-revision-not-bumped": (machine, "execute", _delete_without_bump),
     "node-ack-before-fsync": (nodes, "syncs_writes", _no_fsync),
     "node-no-inbound": (Inbound, "admit", _admit_all_traffic),
     "node-no-dedup": (machine, "apply_command", _forget_cached_results),
