@@ -225,3 +225,39 @@ def test_lmdb_history_and_its_snapshot_match_the_model(ops: list[tuple[str, byte
         finally:
             a.close()
             b.close()
+
+
+# --- history moves with a range ------------------------------------------------------------------
+def test_a_moved_key_keeps_its_history_and_later_writes_follow_it() -> None:
+    from kvstore.shard.ranges import IntervalSet, key_hash
+    from kvstore.storage.shardcmd import REC_DATA, REC_HISTORY, ShardOp, encode_record, encode_shard_command
+
+    full = IntervalSet.full()
+    src, dst = DictState(group=1), DictState(group=2)
+    assert src.apply(encode_shard_command(ShardOp.SET, full)).error is None
+    assert dst.apply(encode_shard_command(ShardOp.SET, IntervalSet())).error is None
+    ahead = NOW + 10_000 * mvcc.STEP  # the source's clock ran far ahead of the target's
+    revs = [src.apply(cmds.encode_put(b"m", b"%d" % i, revision=ahead)).revision for i in range(3)]
+    gone = src.apply(cmds.encode_put(b"d", b"x", revision=ahead)).revision
+    src.apply(cmds.encode_delete(b"d"))
+    rng = IntervalSet([(key_hash(b"m"), key_hash(b"m"))]).union(IntervalSet([(key_hash(b"d"), key_hash(b"d"))]))
+    assert src.apply(encode_shard_command(ShardOp.FREEZE, rng, move=1)).error is None
+    records = encode_record(REC_DATA, b"m", src.data[b"m"]) + b"".join(
+        encode_record(REC_HISTORY, k, mvcc.encode_versions(mvcc.key_history(src.rows, k))) for k in (b"d", b"m")
+    )
+    assert dst.apply(encode_shard_command(ShardOp.BEGIN, rng, move=1, token=5)).error is None
+    # A malformed history record refuses the whole INSTALL: nothing changes.
+    before = (dict(dst.data), [dict(t) for t in dst.rows.tables])
+    bad = encode_record(REC_DATA, b"m", b"v") + encode_record(REC_HISTORY, b"m", b"\x00" * 5)
+    res = dst.apply(encode_shard_command(ShardOp.INSTALL, records=bad, move=1, token=5))
+    assert res.error is not None and "history" in res.error
+    assert (dst.data, dst.rows.tables) == before
+    assert dst.apply(encode_shard_command(ShardOp.INSTALL, records=records, move=1, token=5)).error is None
+    assert dst.apply(encode_shard_command(ShardOp.ACTIVATE, rng, move=1, token=5)).error is None
+    for i, r in enumerate(revs):  # the target reads the moved history exactly as the source did
+        assert mvcc.version_at(dst.rows, b"m", r, dst.data.get(b"m")) == mvcc.version_at(src.rows, b"m", r, src.data[b"m"])
+        assert mvcc.version_at(dst.rows, b"m", r, dst.data.get(b"m")).value == b"%d" % i  # type: ignore[union-attr]
+    assert mvcc.version_at(dst.rows, b"d", gone, None) == mvcc.Version(b"x", mvcc.KeyMeta(gone, gone, 1))
+    after = dst.apply(cmds.encode_put(b"m", b"new", revision=NOW)).revision  # the target's clock is behind
+    assert after > max(revs) and after % mvcc.STEP == 2
+    assert mvcc.current_meta(dst.rows, b"m", b"new") == mvcc.KeyMeta(revs[0], after, 4)
