@@ -31,6 +31,7 @@ def run(puts: int, batch: int, keys: int, value_bytes: int) -> tuple[float, floa
             s.bootstrap(1, conf)
             value = b"v" * value_bytes
             first = s.log_storage(1).last_index() + 1
+            s.persist_and_apply([], [ApplyBatch(1, s.log_storage(1).entries(1, first), conf)])  # the bootstrap
             datas = [commands.encode_put(b"key/%06d" % (i % keys), value, 1, i + 1, i + 1) for i in range(puts)]
             t0 = time.perf_counter()
             index = first

@@ -342,6 +342,7 @@ class KVState:
                 results.append(None)
                 if e.type == _CONF_CHANGE:
                     _apply_member(txn, env.db(DB_MEMBERS), group, e.data)
+        view.mvcc.flush()  # the revision state, once per batch
         if idx == cur.index:
             return results, cur
         txn.put(group_prefix(group), encode_applied(idx, conf_state), db=env.db(DB_APPLIED))

@@ -16,7 +16,10 @@ the proposal, in the group's own slot: the same on every replica, whatever the l
 
 Tables (ordered byte maps the view provides, one set per group; `Rows`):
 
-    KEYS     user key                 -> kid:u64            (a key that has history rows)
+    KEYS     user key                 -> kid:u64 create:u64 mod:u64 version:u64
+                                         (a key that has history rows, and its current metadata:
+                                         mod = the revision of its newest version; create =
+                                         version = 0 when that version is a tombstone)
     HIST     kid:u64 revision:u64     -> kind:u8 create_revision:u64 version:u64 value
     CHANGES  revision:u64 kid:u64     -> user key           (apply order: watch reads it from a
                                                              revision onward; compaction walks it)
@@ -71,6 +74,7 @@ _U64 = struct.Struct(">Q")
 _PAIR = struct.Struct(">QQ")
 _ROW = struct.Struct(">BQQ")
 _STATE = struct.Struct(">QQQ")
+_KEYROW = struct.Struct(">QQQQ")
 _MAX_KEY = _U64.pack((1 << 64) - 1)
 
 
@@ -212,17 +216,36 @@ def _version_at(rows: Rows, kid: int, rev: int) -> tuple[int, Version] | None:
     return r, decode_row(r, bytes(row[1]))
 
 
-def kid_of(rows: Rows, key: bytes) -> int | None:
+def _key_row(rows: Rows, key: bytes) -> tuple[int, KeyMeta] | None:
+    """(kid, current metadata) of a key with history; ValueError for a corrupt row."""
     raw = rows.get(T_KEYS, key)
-    return None if raw is None else int(_U64.unpack(bytes(raw))[0])
+    if raw is None:
+        return None
+    if len(raw) != _KEYROW.size:
+        raise ValueError(f"key row of {len(raw)} bytes (expected {_KEYROW.size})")
+    kid, create, mod, version = _KEYROW.unpack(bytes(raw))
+    return kid, KeyMeta(create, mod, version)
+
+
+def _put_key_row(rows: Rows, key: bytes, kid: int, meta: KeyMeta) -> None:
+    rows.put(T_KEYS, key, _KEYROW.pack(kid, meta.create_revision, meta.mod_revision, meta.version))
+
+
+def kid_of(rows: Rows, key: bytes) -> int | None:
+    row = _key_row(rows, key)
+    return None if row is None else row[0]
 
 
 def version_at(rows: Rows, key: bytes, rev: int, current: bytes | None) -> Version | None:
     """The key's version at revision `rev` (None: absent then). `current` is its value in `data`
-    (used only for a LEGACY key). The caller checks `rev` against the compact revision."""
-    kid = kid_of(rows, key)
-    if kid is None:
+    (used for a LEGACY key, and for the current version: rev at or above its mod_revision). The
+    caller checks `rev` against the compact revision."""
+    row = _key_row(rows, key)
+    if row is None:
         return Version(current, LEGACY_META) if current is not None and rev >= LEGACY_REVISION else None
+    kid, meta = row
+    if rev >= meta.mod_revision:  # the current version: no history lookup
+        return None if current is None or not meta.version else Version(current, meta)
     got = _version_at(rows, kid, rev)
     if got is None or got[1].value is None:
         return None
@@ -237,39 +260,41 @@ def current_meta(rows: Rows, key: bytes, current: bytes | None) -> KeyMeta | Non
     return None if v is None else v.meta
 
 
-def _ensure_kid(rows: Rows, key: bytes, st: RevState, prev: bytes | None) -> tuple[int, RevState]:
-    """The key's id, allocating one (and recording a LEGACY key's version at revision 1)."""
-    kid = kid_of(rows, key)
-    if kid is not None:
-        return kid, st
+def _ensure_kid(rows: Rows, key: bytes, st: RevState, prev: bytes | None) -> tuple[int, KeyMeta, RevState]:
+    """The key's id and current metadata, allocating an id (and recording a LEGACY key's version
+    at revision 1) if it has none."""
+    row = _key_row(rows, key)
+    if row is not None:
+        return row[0], row[1], st
     kid = st.next_kid
     st = RevState(st.last, st.compact, kid + 1)
-    rows.put(T_KEYS, key, _U64.pack(kid))
+    meta = KeyMeta(0, 0, 0)
     if prev is not None:
+        meta = LEGACY_META
         rows.put(T_HIST, _PAIR.pack(kid, LEGACY_REVISION), encode_row(KIND_PUT, LEGACY_REVISION, 1, prev))
         rows.put(T_CHANGES, _PAIR.pack(LEGACY_REVISION, kid), key)
-    return kid, st
+    return kid, meta, st
 
 
 def record_put(rows: Rows, st: RevState, key: bytes, value: bytes, prev: bytes | None, rev: int) -> RevState:
     """Record that `key` was set to `value` at `rev` (prev: its value before, None = absent)."""
-    kid, st = _ensure_kid(rows, key, st, prev)
-    if prev is None:
+    kid, meta, st = _ensure_kid(rows, key, st, prev)
+    if prev is None or not meta.version:
         create, version = rev, 1
     else:
-        got = _version_at(rows, kid, REVISION_MAX)
-        meta = LEGACY_META if got is None else got[1].meta
         create, version = meta.create_revision, meta.version + 1
     rows.put(T_HIST, _PAIR.pack(kid, rev), encode_row(KIND_PUT, create, version, value))
     rows.put(T_CHANGES, _PAIR.pack(rev, kid), key)
+    _put_key_row(rows, key, kid, KeyMeta(create, rev, version))
     return st
 
 
 def record_delete(rows: Rows, st: RevState, key: bytes, prev: bytes, rev: int) -> RevState:
     """Record that `key` (present, value `prev`) was deleted at `rev`: a tombstone."""
-    kid, st = _ensure_kid(rows, key, st, prev)
+    kid, _, st = _ensure_kid(rows, key, st, prev)
     rows.put(T_HIST, _PAIR.pack(kid, rev), encode_row(KIND_DELETE, 0, 0, b""))
     rows.put(T_CHANGES, _PAIR.pack(rev, kid), key)
+    _put_key_row(rows, key, kid, KeyMeta(0, rev, 0))
     return st
 
 
@@ -331,14 +356,16 @@ def install_history(rows: Rows, st: RevState, key: bytes, versions: list[tuple[i
     if not versions:
         return st
     kid = st.next_kid
-    rows.put(T_KEYS, key, _U64.pack(kid))
     last = st.last
+    meta = KeyMeta(0, 0, 0)
     for r, row in versions:
-        decode_row(r, row)  # total: the caller turns ValueError into a refusal
+        v = decode_row(r, row)  # total: the caller turns ValueError into a refusal
         rows.put(T_HIST, _PAIR.pack(kid, r), row)
         if r > st.compact:
             rows.put(T_CHANGES, _PAIR.pack(r, kid), key)
         last = max(last, r)
+        meta = v.meta if v.value is not None else KeyMeta(0, r, 0)
+    _put_key_row(rows, key, kid, meta)
     return RevState(last, st.compact, kid + 1)
 
 
