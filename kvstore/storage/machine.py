@@ -234,40 +234,30 @@ class StateView(Protocol):
         ...
 
 
-def _set(view: StateView, cmd: Command, prev: bytes | None) -> int:
-    """Set cmd.key to cmd.value at a new revision (returned). Raises RevisionError first (nothing
-    changed) if no revision can be assigned."""
-    rows = view.mvcc
-    st = mvcc.rev_state(rows)
-    rev = mvcc.next_revision(st.last, cmd.revision, view.group)
-    view.put(cmd.key, cmd.value)
-    st = mvcc.record_put(rows, st, cmd.key, cmd.value, prev, rev)
-    rows.put(mvcc.T_STATE, b"", mvcc.RevState(rev, st.compact, st.next_kid).encode())
-    return rev
-
-
 def execute(view: StateView, cmd: Command) -> ApplyResult:
-    """Apply `cmd` without any session handling."""
+    """Apply `cmd` without any session handling. A write that changes state gets its revision
+    from `mvcc.write_version` (which refuses an absurd proposal before anything changes)."""
     op = cmd.op
     try:
         if op == Op.PUT:
-            return ApplyResult(revision=_set(view, cmd, view.get(cmd.key)))
+            prev = view.get(cmd.key)
+            rev = mvcc.write_version(view.mvcc, view.group, cmd.key, cmd.value, prev, cmd.revision)
+            view.put(cmd.key, cmd.value)
+            return ApplyResult(revision=rev)
         if op == Op.DELETE:
             prev = view.get(cmd.key)
             if prev is None:
                 return ApplyResult(existed=False)
-            rows = view.mvcc
-            st = mvcc.rev_state(rows)
-            rev = mvcc.next_revision(st.last, cmd.revision, view.group)
+            rev = mvcc.write_version(view.mvcc, view.group, cmd.key, None, prev, cmd.revision)
             view.delete(cmd.key)
-            st = mvcc.record_delete(rows, st, cmd.key, prev, rev)
-            rows.put(mvcc.T_STATE, b"", mvcc.RevState(rev, st.compact, st.next_kid).encode())
             return ApplyResult(existed=True, revision=rev)
         if op == Op.CAS:
             current = view.get(cmd.key)
             swap = current is None if cmd.expect_absent else current is not None and current == cmd.expected
             if swap:
-                return ApplyResult(swapped=True, found=current is not None, revision=_set(view, cmd, current))
+                rev = mvcc.write_version(view.mvcc, view.group, cmd.key, cmd.value, current, cmd.revision)
+                view.put(cmd.key, cmd.value)
+                return ApplyResult(swapped=True, found=current is not None, revision=rev)
             return ApplyResult(found=current is not None, current=current)
         if op == Op.COMPACT:
             return compact(view, cmd.revision)

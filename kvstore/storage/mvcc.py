@@ -261,42 +261,50 @@ def current_meta(rows: Rows, key: bytes, current: bytes | None) -> KeyMeta | Non
     return None if v is None else v.meta
 
 
-def _ensure_kid(rows: Rows, key: bytes, st: RevState, prev: bytes | None) -> tuple[int, KeyMeta, RevState]:
-    """The key's id and current metadata, allocating an id (and recording a LEGACY key's version
-    at revision 1) if it has none."""
-    row = _key_row(rows, key)
-    if row is not None:
-        return row[0], row[1], st
-    kid = st.next_kid
-    st = RevState(st.last, st.compact, kid + 1)
-    meta = KeyMeta(0, 0, 0)
-    if prev is not None:
-        meta = LEGACY_META
-        rows.put(T_HIST, _PAIR.pack(kid, LEGACY_REVISION), encode_row(KIND_PUT, LEGACY_REVISION, 1, prev))
-        rows.put(T_CHANGES, _PAIR.pack(LEGACY_REVISION, kid), key)
-    return kid, meta, st
-
-
-def record_put(rows: Rows, st: RevState, key: bytes, value: bytes, prev: bytes | None, rev: int) -> RevState:
-    """Record that `key` was set to `value` at `rev` (prev: its value before, None = absent)."""
-    kid, meta, st = _ensure_kid(rows, key, st, prev)
-    if prev is None or not meta.version:
-        create, version = rev, 1
+def write_version(
+    rows: Rows, group: int, key: bytes, value: bytes | None, prev: bytes | None, proposed: int
+) -> int:
+    """The apply path of one write, in one call (the hot path: no intermediate objects): assign
+    the revision (`next_revision` from the group's state), record `key`'s new version (`value`;
+    None: a delete, a tombstone) after `prev` (its value before, None = absent; present for a
+    delete) in history, the changes and its key row, and store the new state. Returns the
+    revision. Raises RevisionError before changing anything. A LEGACY key's old version is
+    recorded at revision 1 first; a put after absence starts at version 1, else version + 1."""
+    raw = rows.get(T_STATE, b"")
+    if raw is None:
+        last, compact, next_kid = 0, 0, 1
+    elif len(raw) == _STATE.size:
+        last, compact, next_kid = _STATE.unpack(raw)
     else:
-        create, version = meta.create_revision, meta.version + 1
-    rows.put(T_HIST, _PAIR.pack(kid, rev), encode_row(KIND_PUT, create, version, value))
+        raise RevisionError(f"corrupt revision state: a row of {len(raw)} bytes")
+    rev = next_revision(last, proposed, group)
+    krow = rows.get(T_KEYS, key)
+    if krow is None:  # the key's first write under revisions
+        kid, next_kid = next_kid, next_kid + 1
+        if prev is not None:
+            create, version = LEGACY_REVISION, 1
+            rows.put(T_HIST, _PAIR.pack(kid, LEGACY_REVISION), _ROW.pack(KIND_PUT, LEGACY_REVISION, 1) + prev)
+            rows.put(T_CHANGES, _PAIR.pack(LEGACY_REVISION, kid), key)
+        else:
+            create = version = 0
+    elif len(krow) == _KEYROW.size:
+        kid, create, _, version = _KEYROW.unpack(krow)
+    else:
+        raise RevisionError(f"corrupt key row of {len(krow)} bytes")
+    hk = _PAIR.pack(kid, rev)
+    if value is None:
+        rows.put(T_HIST, hk, _ROW.pack(KIND_DELETE, 0, 0))
+        create = version = 0
+    else:
+        if version:
+            version += 1
+        else:
+            create, version = rev, 1
+        rows.put(T_HIST, hk, _ROW.pack(KIND_PUT, create, version) + value)
     rows.put(T_CHANGES, _PAIR.pack(rev, kid), key)
-    _put_key_row(rows, key, kid, KeyMeta(create, rev, version))
-    return st
-
-
-def record_delete(rows: Rows, st: RevState, key: bytes, prev: bytes, rev: int) -> RevState:
-    """Record that `key` (present, value `prev`) was deleted at `rev`: a tombstone."""
-    kid, _, st = _ensure_kid(rows, key, st, prev)
-    rows.put(T_HIST, _PAIR.pack(kid, rev), encode_row(KIND_DELETE, 0, 0, b""))
-    rows.put(T_CHANGES, _PAIR.pack(rev, kid), key)
-    _put_key_row(rows, key, kid, KeyMeta(0, rev, 0))
-    return st
+    rows.put(T_KEYS, key, _KEYROW.pack(kid, create, rev, version))
+    rows.put(T_STATE, b"", _STATE.pack(rev, compact, next_kid))
+    return rev
 
 
 def compact(rows: Rows, st: RevState, rev: int) -> RevState:
