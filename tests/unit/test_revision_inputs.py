@@ -89,3 +89,14 @@ def test_compact_at_any_revision_is_total_and_never_goes_backwards(rev: int) -> 
     assert s.data == {b"k": b"v"}
     again = s.apply(cmds.encode_compact(1))
     assert again.revision == mvcc.rev_state(s.rows).compact  # never backwards
+
+
+def test_the_client_sends_the_highest_revision_it_observed_with_every_write() -> None:
+    from kvstore.client.writes import Writes
+
+    w = Writes(7, None, None, None)  # type: ignore[arg-type]  # begin_write needs none of them
+    assert w.begin_write().revision == 0
+    for seen in (5, 3, 9, 9, 1):
+        w.observe(seen)
+    s = w.begin_write()
+    assert (s.client_id, s.revision) == (7, 9)
