@@ -78,3 +78,28 @@ def test_get_at_revision_compact_and_compacted(cluster: Cluster) -> None:
     assert out.returncode == 0 and [json.loads(line)["value"] for line in out.stdout.splitlines()] == ["2"]
     out = kvctl(cluster, "compact", str(r3))
     assert out.returncode == 0 and str(r3) in out.stdout
+
+
+def test_history_moves_with_its_range(cluster: Cluster) -> None:
+    """Keys that move to a new group keep their metadata and their history: a read at an old
+    revision answers the same after the move, and a later write continues the key's versions."""
+    with Client(cluster.endpoints, timeout=30) as kv:
+        keys = [b"mv/%02d" % i for i in range(24)]
+        first = {k: kv.put(k, b"one") for k in keys}
+        second = {k: kv.put(k, b"two") for k in keys}
+        before = kv.shard_map(refresh=True)
+        assert before is not None
+        kv.add_group(wait=True, timeout=120)
+        after = kv.shard_map(refresh=True)
+        assert after is not None
+        moved = [k for k in keys if after.group_for_key(k) != before.group_for_key(k)]
+        assert moved, "no key moved to the new group"
+        for k in keys:
+            assert kv.get(k, revision=first[k]) == b"one" and kv.get(k, revision=second[k]) == b"two"
+            r = kv.read(k)
+            assert (r.value, r.create_revision, r.mod_revision, r.version) == (b"two", first[k], second[k], 2)
+        k = moved[0]
+        third = kv.put(k, b"three")
+        r = kv.read(k)
+        assert third > second[k] and (r.create_revision, r.version) == (first[k], 3)
+        assert kv.get(k, revision=second[k]) == b"two"
