@@ -19,11 +19,11 @@ import grpc
 from kvstore import errors
 from kvstore.node.host import Host
 from kvstore.security.guard import AuthGuard
-from kvstore.storage import commands, mvcc
 from kvstore.storage.errors import StorageError
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 from .admission import Admission
+from .compaction import compact_all
 from .config import NodeConfig
 from .metrics import Metrics
 from .op_stream import OpStream
@@ -97,19 +97,10 @@ class KVService(kv_pb2_grpc.KVServicer):
         that cannot be reached makes the call fail (retrying it is safe: compaction is
         idempotent)."""
         rq = self.requests
-        rev = request.revision
         try:
-            if not 0 < rev <= mvcc.REVISION_MAX:
-                raise errors.InvalidArgument(f"compact revision {rev} must be positive")
-            smap = rq.tracker.map
-            if self.caller is None or smap is None:
-                raise errors.NoLeader("the shard map is not known on this node yet")
-            data = commands.encode_compact(rev)
-            groups = [0, *sorted(smap.groups)]
-            for gid in groups:
-                res = await self.caller.propose(gid, data)
-                if res.error:
-                    raise errors.InvalidArgument(f"group {gid}: {res.error}")
+            if self.caller is None:
+                raise errors.NoLeader("compaction is not available on this node")
+            rev = await compact_all(self.caller, rq.tracker, request.revision)
             return kv_pb2.CompactResponse(error=rq.ok(), revision=rev)
         except errors.KVError as err:
             return kv_pb2.CompactResponse(error=rq.err(err))

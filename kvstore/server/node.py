@@ -47,6 +47,7 @@ from .admin_service import AdminService
 from .admission import Admission
 from .audit_rpc import audited
 from .auth_service import AuthService
+from .compaction import Retention
 from .config import NodeConfig
 from .kv_service import KVService
 from .learner import register_learner
@@ -211,6 +212,9 @@ class Node:
             loop.create_task(self.coordinator.run(), name="shard-coordinator"),
             loop.create_task(admission.run(), name="admission"),
         ]
+        if cfg.history_retention > 0:
+            retention = Retention(self.host, self.caller, self.tracker, cfg.history_retention)
+            self._tasks.append(loop.create_task(retention.run(), name="history-retention"))
         for t in self._tasks:
             t.add_done_callback(self._task_ended)
         if cfg.learner:

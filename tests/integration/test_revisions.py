@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,3 +104,25 @@ def test_history_moves_with_its_range(cluster: Cluster) -> None:
         r = kv.read(k)
         assert third > second[k] and (r.create_revision, r.version) == (first[k], 3)
         assert kv.get(k, revision=second[k]) == b"two"
+
+
+def test_history_retention_compacts_old_versions_by_itself(tmp_path: Path) -> None:
+    c = Cluster(tmp_path / "retention", 3, extra_args=["--history-retention", "1"])
+    try:
+        c.start()
+        with Client(c.endpoints, timeout=30) as kv:
+            r1 = kv.put(b"ret/a", b"1")
+            r2 = kv.put(b"ret/a", b"2")
+            deadline = time.monotonic() + 30
+            while True:  # wait for the condition: the metadata leader's next round compacts r1
+                try:
+                    kv.get(b"ret/a", revision=r1)
+                except errors.Compacted as err:
+                    assert err.compact_revision >= r2 - mvcc.STEP
+                    break
+                assert time.monotonic() < deadline, "history older than the retention was never compacted"
+                time.sleep(0.2)
+            assert kv.get(b"ret/a", revision=r2) == b"2"  # the newest version stays
+            assert kv.get(b"ret/a") == b"2"
+    finally:
+        c.stop()

@@ -100,3 +100,15 @@ def test_the_client_sends_the_highest_revision_it_observed_with_every_write() ->
         w.observe(seen)
     s = w.begin_write()
     assert (s.client_id, s.revision) == (7, 9)
+
+
+@given(st.integers(0, 10**9), st.integers(0, 10**6), st.floats(0.001, 10**6))
+def test_retention_compacts_exactly_what_is_older_than_it(age_ms: int, jitter: int, retention_s: float) -> None:
+    from kvstore.server.compaction import retention_revision
+
+    now = NOW_MS + 10**9
+    written = now - age_ms
+    rev = HybridClock(lambda: written).propose() + jitter % mvcc.STEP  # any slot, logical 0
+    cut = retention_revision(now, retention_s)
+    older = written < now - int(retention_s * 1000)
+    assert (rev < cut) == older
