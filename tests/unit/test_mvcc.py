@@ -261,3 +261,42 @@ def test_a_moved_key_keeps_its_history_and_later_writes_follow_it() -> None:
     after = dst.apply(cmds.encode_put(b"m", b"new", revision=NOW)).revision  # the target's clock is behind
     assert after > max(revs) and after % mvcc.STEP == 2
     assert mvcc.current_meta(dst.rows, b"m", b"new") == mvcc.KeyMeta(revs[0], after, 4)
+
+
+def test_a_data_directory_from_before_revisions_opens_and_its_keys_read_as_legacy(tmp_path: Path) -> None:
+    """Rows written by the previous release (data, no history tables' rows) read at revision 1;
+    the first write records the old version at revision 1; scans at 1 see the old keys."""
+    from kvstore.storage.layout import DB_DATA, group_prefix
+
+    path = tmp_path / "old"
+    s = LmdbNodeStore(path)
+    try:
+        assert s.bootstrap(4, CONF)
+        ls = s.log_storage(4)
+        s.persist_and_apply((), [ApplyBatch(4, ls.entries(1, ls.last_index() + 1), CONF)])
+        env = s._env
+        env.write(lambda txn: [txn.put(group_prefix(4) + k, v, db=env.db(DB_DATA)) for k, v in
+                               ((b"old/a", b"A"), (b"old/b", b""), (b"old/c", b"C"))])
+    finally:
+        s.close()
+    s = LmdbNodeStore(path)  # reopened: the new tables exist, empty
+    try:
+        kv = s._kv
+        assert kv.get_version(4, b"old/a") == (mvcc.Version(b"A", mvcc.LEGACY_META), mvcc.RevState())
+        assert kv.get_version(4, b"old/b")[0] == mvcc.Version(b"", mvcc.LEGACY_META)  # an empty value is a value
+        first = s.log_storage(4).last_index() + 1
+        datas = [cmds.encode_put(b"old/a", b"A2", revision=NOW), cmds.encode_put(b"old/b", b"B2"),
+                 cmds.encode_delete(b"old/c")]
+        es = [Entry(1, first + i, EntryType.NORMAL, d, 4) for i, d in enumerate(datas)]
+        s.persist_and_apply([GroupWrite(4, es, HardState(1, 0, es[-1].index))], ())
+        res = s.persist_and_apply((), [ApplyBatch(4, es, CONF)])[0]
+        ra, rb, rc = (r.revision for r in res)
+        assert ra >= NOW and NOW <= ra < rb < rc
+        assert kv.get_version(4, b"old/a")[0] == mvcc.Version(b"A2", mvcc.KeyMeta(1, ra, 2))
+        assert kv.get_version(4, b"old/b")[0] == mvcc.Version(b"B2", mvcc.KeyMeta(1, rb, 2))
+        assert kv.get_version(4, b"old/c")[0] is None
+        for rev, want in ((1, [b"A", b"", b"C"]), (ra, [b"A2", b"", b"C"]), (rc, [b"A2", b"B2"])):
+            _, stream = kv.scan_versions(4, b"old/", b"old0", 0, rev, 100, 1 << 20)
+            assert [v.value for chunk in stream for _, v in chunk] == want, rev
+    finally:
+        s.close()
