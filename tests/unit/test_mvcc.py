@@ -174,6 +174,9 @@ def _check(read: object, m: Model, keys: list[bytes]) -> None:
 def test_history_matches_a_model_at_every_revision(ops: list[tuple[str, bytes, bytes, int]]) -> None:
     s, m, _ = _run(ops, 5)
     _check(lambda k, r: mvcc.version_at(s.rows, k, r, s.data.get(k)), m, KEYS)
+    # The change feed a watch will read: every write above the compact revision, in order.
+    after = [r for r, _ in m.states if r > m.compact]
+    assert [r for r, _ in mvcc.changes_from(s.rows, m.compact + 1)] == after
     # Compaction keeps at most the newest version at or below the compact revision per key.
     kids = {k: mvcc.kid_of(s.rows, k) for k in KEYS}
     for k, kid in kids.items():
