@@ -43,7 +43,7 @@ def micro(n: int = 1_000_000) -> None:
     lim = RateLimiter(RateLimit(1e12, 1e12))
     t0 = time.perf_counter()
     for i in range(n):
-        lim.admit("ip:127.0.0.1", 1, float(i))
+        lim.admit("user:alice", 1, float(i))
     rl = (time.perf_counter() - t0) / n * 1e9
     sh = LoadShedder(ShedSettings(max_apply_lag=1_000_000, memory_limit=1 << 40))
     sh.observe_memory(1 << 30, 0.0)

@@ -89,7 +89,9 @@ class KVError(Exception):
 class NotLeader(KVError):
     """Definite: the node is not the leader; retry at ``leader_address`` (node ``leader_id``).
 
-    ``NotLeader(leader_id, leader_address)``; either may be unknown (0 / "").
+    ``NotLeader(leader_id, leader_address)``; either may be unknown (0 / ""). ``leader_client_address``
+    is the leader's client-only port (`--client-listen`), if it has one and the node knows it:
+    a client connected to client ports follows that one instead.
     """
 
     code = kv_pb2.NOT_LEADER
@@ -103,9 +105,11 @@ class NotLeader(KVError):
         *,
         message: str = "",
         indeterminate: bool | None = None,
+        leader_client_address: str = "",
     ) -> None:
         self.leader_id = leader_id
         self.leader_address = leader_address
+        self.leader_client_address = leader_client_address
         if not message:
             if leader_address or leader_id:
                 message = f"not the leader; the leader is node {leader_id or '?'} at {leader_address or '?'}"
@@ -383,7 +387,8 @@ def from_proto(error: kv_pb2.Error | None, *, is_write: bool) -> KVError | None:
         if not error.leader_hint and not error.leader_id:
             return NoLeader(message or "no leader known", indeterminate=indeterminate)
         return NotLeader(
-            error.leader_id, error.leader_hint, message=message, indeterminate=indeterminate
+            error.leader_id, error.leader_hint, message=message, indeterminate=indeterminate,
+            leader_client_address=error.leader_client_hint,
         )
     if issubclass(cls, _SizeError):
         return cls(message=message, indeterminate=indeterminate)
@@ -405,6 +410,7 @@ def to_proto(exc: BaseException) -> kv_pb2.Error:
     if isinstance(exc, NotLeader):
         err.leader_id = exc.leader_id
         err.leader_hint = exc.leader_address
+        err.leader_client_hint = exc.leader_client_address
     elif isinstance(exc, WrongShard):
         err.shard_version = exc.shard_version
     elif isinstance(exc, ResourceExhausted):

@@ -26,4 +26,4 @@ cat "$SIMLOG/3" "$SIMLOG/5"
 rm -rf "$SIMLOG"
 [ "$SIMRC" -eq 0 ]
 echo "== pytest"
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=25 "$@"

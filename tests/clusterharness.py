@@ -1,5 +1,8 @@
 """Real kvstore node processes on loopback for integration tests.
 
+With `client_ports`, every node also opens a client-only port (`--client-listen`, see
+`client_endpoints`).
+
 With `certs_dir`, the cluster runs TLS: the harness makes a CA there (unless one exists), a
 client certificate of user `root` in it (so it serves as `kvctl --certs-dir`), and one certs
 directory per node, `certs_dir/n<id>` (ca.crt, node.crt, node.key for 127.0.0.1 and localhost).
@@ -103,6 +106,8 @@ class Cluster:
     nodes: dict[int, NodeProc] = field(default_factory=dict)
     certs_dir: Path | None = None
     """TLS (see the module docstring); None: plaintext on loopback."""
+    client_ports: bool = False
+    """Give every node a client-only port too (`--client-listen`)."""
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -115,8 +120,10 @@ class Cluster:
             if not (self.certs_dir / certs.client_cert_name("root")).exists():
                 certs.create_client(self.certs_dir, "root")
             self.credentials = tls.client_credentials(self.certs_dir)
-        ports = free_ports(self.n)
-        self.peers = {i + 1: f"127.0.0.1:{p}" for i, p in enumerate(ports)}
+        ports = free_ports(self.n * (2 if self.client_ports else 1))
+        self.peers = {i + 1: f"127.0.0.1:{p}" for i, p in enumerate(ports[:self.n])}
+        self.client_addresses = {i + 1: f"127.0.0.1:{p}" for i, p in enumerate(ports[self.n:])}
+        """node id -> client-only address (with `client_ports`)."""
         for nid, addr in self.peers.items():
             self.nodes[nid] = self._make(nid, addr, self._peer_arg(), join=False)
 
@@ -129,6 +136,8 @@ class Cluster:
             "--id", str(nid), "--data-dir", str(d), "--listen", addr, "--peers", peers,
             "--tick-ms", "50", "--log-level", "info", "--replication", str(max(3, self.n)), *self.extra_args,
         ]
+        if nid in self.client_addresses:
+            args += ["--client-listen", self.client_addresses[nid]]
         if learner:
             args.append("--learner")
         elif join:
@@ -149,6 +158,10 @@ class Cluster:
     @property
     def endpoints(self) -> list[str]:
         return [n.address for _, n in sorted(self.nodes.items())]
+
+    @property
+    def client_endpoints(self) -> list[str]:
+        return [a for _, a in sorted(self.client_addresses.items())]
 
     def start(self) -> Cluster:
         for n in self.nodes.values():

@@ -25,19 +25,23 @@ from kvstore.v1 import kv_pb2, kv_pb2_grpc
 class OneNode:
     node: Node
     address: str
+    client_address: str = ""
+    """The client-only port (`one_node(client_port=True)`), "" without one."""
 
 
 @contextlib.asynccontextmanager
 async def one_node(
     tmp_path: Path, *, request_timeout: float = 3.0, audit: AuditSettings | None = None,
-    admission: AdmissionSettings | None = None,
+    admission: AdmissionSettings | None = None, client_port: bool = False,
 ) -> AsyncIterator[OneNode]:
     """Start node 1 of a one-member cluster (one data group) and wait until it leads it
     (`admission`: its admission control settings; a refusal of the first write by them counts
     as "serving")."""
-    (port,) = free_ports(1)
+    port, cport = free_ports(2)
     address = f"127.0.0.1:{port}"
+    client_address = f"127.0.0.1:{cport}" if client_port else ""
     cfg = NodeConfig(
+        client_listen=client_address,
         id=1, data_dir=tmp_path / "n1", listen=address, peers={1: address}, sync=False,
         request_timeout=request_timeout, raft=RaftSettings(tick_ms=20), groups=1, replication=1, audit=audit,
         admission=admission or AdmissionSettings(),
@@ -59,6 +63,6 @@ async def one_node(
                     break
                 assert time.monotonic() < deadline, f"the node never served a write: {r.error}"
                 await asyncio.sleep(0.05)
-        yield OneNode(node, address)
+        yield OneNode(node, address, client_address)
     finally:
         await node.stop(grace=0.5)

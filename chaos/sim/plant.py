@@ -30,6 +30,7 @@ from kvstore.storage.shardcmd import (
     is_shard_command,
     iter_records,
 )
+from kvstore.storage.wal import Wal
 
 from . import nodes
 
@@ -330,7 +331,22 @@ MOVE_BUGS = (
 """The node bugs that only range moves show (`tests/simulation/test_node_sim_moves.py` hunts them with moves
 on every seed)."""
 
-ALL_BUGS = {**BUGS, **NODE_BUGS}
+
+def _ack_without_fdatasync(self: Wal) -> None:
+    # BUG: the WAL acknowledges the cycle (its records count as durable) without its fdatasync:
+    # the bytes are in the page cache only, so a kill -9 keeps them and a power loss does not.
+    self._check()
+    self._synced = self.next_seq - 1
+
+
+STORAGE_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
+    "wal-skip-fdatasync": (Wal, "sync", _ack_without_fdatasync),
+}
+"""Bugs planted into the storage layer's write-ahead log. Found by `chaos/sim/walcrash.py` on the
+simulated file system (`tests/unit/test_wal_crash.py`); the whole-node simulator does not run the
+WAL yet (issue 20: the node store still keeps its Raft log in LMDB)."""
+
+ALL_BUGS = {**BUGS, **NODE_BUGS, **STORAGE_BUGS}
 
 
 @contextmanager

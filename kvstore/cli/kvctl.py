@@ -51,6 +51,8 @@ class _Ctx:
     certs_dir: str | None = None
     user: str = "root"
     password: str | None = None
+    cacert: str | None = None
+    client_port: bool = False
     _client: Client | None = field(default=None, repr=False)
 
     @property
@@ -63,9 +65,10 @@ class _Ctx:
                 self._client = Client(
                     self.endpoints, timeout=self.timeout, attempt_timeout=min(2.0, self.timeout),
                     certs_dir=self.certs_dir or None, user=self.user, password=self.password,
+                    cacert=self.cacert or None, client_port=self.client_port or None,
                 )
             except (OSError, ValueError) as err:
-                _fail(f"cannot load the client certificate: {err}")
+                _fail(f"cannot load the TLS certificates: {err}")
         return self._client
 
     def close(self) -> None:
@@ -147,6 +150,14 @@ def _emit_json(obj: Any) -> None:
     help="TLS: a directory with ca.crt and client.<user>.crt/.key (`kvstore cert create-client`). "
     "Env: KVSTORE_CERTS_DIR. Unset: plaintext.",
 )
+@click.option(
+    "--cacert", envvar="KVSTORE_CACERT", default="", metavar="FILE",
+    help="TLS without a client certificate: the cluster's CA certificate (ca.crt), for nodes' client-only "
+    "ports (`kvstore serve --client-listen`); needs --password. Env: KVSTORE_CACERT.",
+)
+@click.option("--client-port", is_flag=True, envvar="KVSTORE_CLIENT_PORT",
+              help="--endpoints are client-only ports: follow the nodes' client addresses (implied by --cacert). "
+              "Env: KVSTORE_CLIENT_PORT.")
 @click.option("--user", envvar="KVSTORE_USER", default="root", show_default=True,
               help="Who you are: the user to log in as (with --password), whose client certificate to "
               "present (with --certs-dir). Env: KVSTORE_USER.")
@@ -155,7 +166,7 @@ def _emit_json(obj: Any) -> None:
               "'-' prompts for it. Env: KVSTORE_PASSWORD.")
 @click.pass_context
 def cli(ctx: click.Context, endpoints: str, timeout: float, output: str, hex_: bool, certs_dir: str,
-        user: str, password: str | None) -> None:
+        cacert: str, client_port: bool, user: str, password: str | None) -> None:
     """Talk to a kvstore cluster.
 
     Keys and values on the command line are UTF-8 text (hex with --hex).
@@ -165,8 +176,13 @@ def cli(ctx: click.Context, endpoints: str, timeout: float, output: str, hex_: b
         raise click.BadParameter("no endpoints given", param_hint="--endpoints")
     if password == "-":
         password = click.prompt(f"password of {user}", hide_input=True)
+    if cacert and certs_dir:
+        raise click.UsageError("give --certs-dir (a client certificate) or --cacert (a token), not both")
+    if cacert and password is None:
+        raise click.UsageError("--cacert (no client certificate) needs --password: a client-only port serves "
+                               "logged-in users only")
     obj = _Ctx(endpoints=eps, timeout=timeout, output=output, hex=hex_, certs_dir=certs_dir or None, user=user,
-               password=password)
+               password=password, cacert=cacert or None, client_port=client_port)
     ctx.obj = obj
     ctx.call_on_close(obj.close)
 
@@ -444,7 +460,8 @@ def _status_json(nodes: list[NodeStatus]) -> dict[str, Any]:
     members = _members(nodes)
     out: dict[str, Any] = {
         "leader": {"id": lead, "address": next((m.address for m in members if m.id == lead), ""), "term": term},
-        "members": [{"id": m.id, "address": m.address, "learner": m.learner} for m in members],
+        "members": [{"id": m.id, "address": m.address, "client_address": m.client_address, "learner": m.learner}
+                    for m in members],
         "nodes": [],
     }
     for ns in nodes:
@@ -564,7 +581,7 @@ def _admin_result(c: _Ctx, resp: AdminResult, default: str) -> None:
             {
                 "ok": True,
                 "message": resp.message or default,
-                "members": [{"id": m.id, "address": m.address, "learner": m.learner} for m in resp.members],
+                "members": [{"id": m.id, "address": m.address, "client_address": m.client_address, "learner": m.learner} for m in resp.members],
             }
         )
     else:

@@ -20,6 +20,8 @@ from kvstore.server.config import NodeConfig, parse_peers
 from kvstore.storage.commands import MAX_KEY_SIZE
 
 DEV_BASE_PORT = 2379
+DEV_CLIENT_PORT_OFFSET = 100
+"""`dev --secure`: node i's client-only port is base port + 100 + i - 1 (2479, 2480, 2481)."""
 
 
 @click.group(context_settings={"auto_envvar_prefix": "KVSTORE", "help_option_names": ["-h", "--help"]})
@@ -39,6 +41,12 @@ def cli() -> None:
 @click.option("--probe-ticks", type=int, default=2, show_default=True,
               help="Ticks between two staleness probes (ReadIndex) of each group; 0 disables bounded reads on replicas.")
 @click.option("--advertise", default="", help="Address others reach this node at (default: its --peers entry).")
+@click.option("--client-listen", default="",
+              help="HOST:PORT of a second, client-only port (etcd's client URLs): the KV, Admin, Auth and "
+              "health services only, never node-to-node RPCs; with --certs-dir it is TLS without a client "
+              "certificate, so every call but login needs a token (auth must be enabled).")
+@click.option("--client-advertise", default="",
+              help="Address clients reach the client port at (default: --client-listen); published in the shard map.")
 @click.option("--metrics-listen", default="", help="HOST:PORT for the Prometheus /metrics endpoint.")
 @click.option("--tick-ms", type=int, default=100, show_default=True)
 @click.option("--election-ticks", type=int, default=5, show_default=True)
@@ -100,7 +108,7 @@ def cli() -> None:
               "data (0: never).")
 def serve(
     node_id: int, data_dir: Path, listen: str, peers: str, cluster_id: str, join: bool, learner: bool,
-    probe_ticks: int, advertise: str, metrics_listen: str, tick_ms: int, election_ticks: int, lease_read: bool,
+    probe_ticks: int, advertise: str, client_listen: str, client_advertise: str, metrics_listen: str, tick_ms: int, election_ticks: int, lease_read: bool,
     quiesce_ticks: int,
     request_timeout: float, max_key: int, max_value: int, max_request: int, compact_threshold: int, groups: int,
     replication: int, vnodes: int, log_level: str, certs_dir: Path | None, insecure: bool,
@@ -130,6 +138,7 @@ def serve(
         cfg = NodeConfig(
             id=node_id, data_dir=data_dir, listen=listen, peers=parse_peers(peers), cluster_id=cluster_id,
             join=join or learner, learner=learner, advertise=advertise, metrics_listen=metrics_listen,
+            client_listen=client_listen, client_advertise=client_advertise,
             request_timeout=request_timeout,
             raft=RaftSettings(
                 tick_ms=tick_ms, election_tick=election_ticks, lease_read=lease_read, quiesce_ticks=quiesce_ticks,
@@ -159,7 +168,7 @@ def serve(
         logging.getLogger("kvstore").warning(
             "*** --insecure: node %d serves PLAINTEXT gRPC on %s without authentication: anyone who can "
             "reach it can read and write every key and join the cluster. Use --certs-dir. ***",
-            node_id, listen,
+            node_id, ", ".join(filter(None, [listen, client_listen])),
         )
     sys.exit(run(cfg))
 
@@ -183,12 +192,15 @@ def parse_bytes(text: str) -> int:
               help="Data Raft groups (shards) of the new cluster.")
 @click.option("--secure", is_flag=True,
               help="Run with TLS and auth: create (once) a CA, node and client certificates under "
-              "<data-dir>/certs, user root (its password in <data-dir>/certs/root.password), and enable auth.")
+              "<data-dir>/certs, user root (its password in <data-dir>/certs/root.password), and enable auth; "
+              "each node also opens a client-only port (base port + 100 + i: TLS, a password instead of a "
+              "client certificate).")
 def dev(nodes: str, data_dir: Path, base_port: int, groups: int, secure: bool) -> None:
     """Run a local cluster in the foreground (data under --data-dir); Ctrl-C stops it.
 
     Plaintext on 127.0.0.1 unless --secure."""
     n = int(nodes)
+    client_eps = [f"127.0.0.1:{base_port + DEV_CLIENT_PORT_OFFSET + i - 1}" for i in range(1, n + 1)]
     tls_args: dict[int, list[str]] = {i: [] for i in range(1, n + 1)}
     certs_dir = (data_dir / "certs").resolve()
     if secure:
@@ -202,7 +214,7 @@ def dev(nodes: str, data_dir: Path, base_port: int, groups: int, secure: bool) -
             nd = certs_dir / f"node{i}"
             if not (nd / certs.NODE_CERT).exists():
                 certs.create_node(nd, i, ["127.0.0.1", "localhost"], ca_key=certs_dir / certs.CA_KEY)
-            tls_args[i] = ["--certs-dir", str(nd)]
+            tls_args[i] = ["--certs-dir", str(nd), "--client-listen", client_eps[i - 1]]
 
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -235,6 +247,9 @@ def dev(nodes: str, data_dir: Path, base_port: int, groups: int, secure: bool) -
             click.echo(f"try: KVSTORE_CERTS_DIR={certs_dir} kvctl --endpoints {','.join(endpoints)} put hello world")
             click.echo(f"  or: KVSTORE_CERTS_DIR={certs_dir} KVSTORE_PASSWORD=$(cat {pw_file}) "
                        f"kvctl --endpoints {','.join(endpoints)} --user root auth status")
+            click.echo(f"client-only ports (a password, no client certificate): {','.join(client_eps)}")
+            click.echo(f"  try: KVSTORE_PASSWORD=$(cat {pw_file}) kvctl --endpoints {','.join(client_eps)} "
+                       f"--cacert {certs_dir / 'ca.crt'} --user root get hello")
         else:
             click.echo(f"try: kvctl --endpoints {','.join(endpoints)} put hello world")
         click.echo("Ctrl-C stops the cluster.")

@@ -89,8 +89,14 @@ class AsyncClient:
     of one operation. ``client_id`` identifies the write session (random 63-bit if None).
 
     TLS: ``certs_dir`` (a directory with ``ca.crt`` and ``client.<user>.crt/.key``, see
-    ``kvstore cert``) connects with the client certificate of ``user``; ``credentials`` gives
-    ready-made ``grpc.ChannelCredentials`` instead. Neither: plaintext.
+    ``kvstore cert``) connects with the client certificate of ``user``; ``cacert`` (the cluster's
+    ``ca.crt`` only) connects without a client certificate, to nodes' client-only ports
+    (`kvstore serve --client-listen`), and then needs ``password``; ``credentials`` gives
+    ready-made ``grpc.ChannelCredentials`` instead. None of them: plaintext.
+
+    ``client_port``: the endpoints are client-only ports, so the client follows nodes' client
+    addresses (shard map, members, redirects) and never their peer addresses. Default: True with
+    ``cacert`` (nothing else could connect), False otherwise.
     """
 
     def __init__(
@@ -116,13 +122,22 @@ class AsyncClient:
         user: str = "root",
         credentials: grpc.ChannelCredentials | None = None,
         password: str | None = None,
+        cacert: str | Path | None = None,
+        client_port: bool | None = None,
     ) -> None:
+        if sum(x is not None for x in (certs_dir, credentials, cacert)) > 1:
+            raise ValueError("give one of certs_dir, cacert and credentials")
         if certs_dir is not None:
-            if credentials is not None:
-                raise ValueError("give certs_dir or credentials, not both")
             from kvstore.security.tls import client_credentials
 
             credentials = client_credentials(certs_dir, user)
+        if cacert is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=Path(cacert).read_bytes())
+            if password is None:
+                raise ValueError("cacert (no client certificate) needs a password: the client-only port serves "
+                                 "logged-in users only")
+        if client_port is None:
+            client_port = cacert is not None
         self.policy = RetryPolicy(
             timeout=timeout,
             attempt_timeout=attempt_timeout,
@@ -133,7 +148,8 @@ class AsyncClient:
             overload_retries=overload_retries,
         )
         eps = [e for e in endpoints.split(",")] if isinstance(endpoints, str) else list(endpoints)
-        self.router = Router(eps, breaker_threshold=breaker_threshold, breaker_cooldown=breaker_cooldown)
+        self.router = Router(eps, breaker_threshold=breaker_threshold, breaker_cooldown=breaker_cooldown,
+                             client_port=client_port)
         if client_id is None:
             client_id = secrets.randbits(63) or 1
         if not 0 < client_id < 2**64:
@@ -153,7 +169,8 @@ class AsyncClient:
         )
         self.replicas = ReplicaRouter(self.router, balancing=load_balancing)
         self.view = ClusterView(self.router, self.replicas, self.channels, self.policy)
-        invoker = Invoker(self.view, self.policy, rng)
+        invoker = Invoker(self.view, self.policy, rng,
+                          relogin=self.token_source.stale_since if self.token_source is not None else None)
         self._writes = Writes(client_id, self.checks, self.channels, invoker)
         self._reads = Reads(self.checks, self.channels, self.view, invoker)
         self._reads.observe = self._writes.observe

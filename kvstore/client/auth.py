@@ -2,8 +2,11 @@
 `authorization: Bearer <token>` metadata (a channel interceptor), renewed before it expires.
 
 The token is fetched lazily, at the first call, from the client's endpoints in turn; it is
-renewed once half its lifetime has passed (a stream keeps the identity it opened with: the
-server authenticates streams once). A wrong password is a definite `Unauthenticated`.
+renewed once half its lifetime has passed. The server authenticates a stream once, when it
+opens, and ends it UNAUTHENTICATED once that token expires or is revoked; a call refused
+UNAUTHENTICATED (definite) makes the client log in again (`stale_since`) and retry it once
+(`invoke.py`), so a long-lived client outlives its tokens. A wrong password is a definite
+`Unauthenticated`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class TokenSource:
         self._options = list(options)
         self._token = ""
         self._renew_at = 0.0
+        self._fetched_at = -1.0
         self._lock = asyncio.Lock()
 
     async def token(self) -> str:
@@ -42,9 +46,19 @@ class TokenSource:
         async with self._lock:
             if self._token and time.monotonic() < self._renew_at:
                 return self._token
+            started = time.monotonic()
             self._token, ttl = await self._login()
-            self._renew_at = time.monotonic() + ttl / 2
+            self._renew_at = started + ttl / 2
+            self._fetched_at = started
             return self._token
+
+    def stale_since(self, started: float) -> bool:
+        """A call started at `started` (monotonic) was refused UNAUTHENTICATED: unless a token
+        was fetched after it started (by a concurrent refusal), the next call logs in again.
+        True: the refused call may be retried once with a fresh token."""
+        if self._fetched_at <= started:
+            self._renew_at = 0.0
+        return True
 
     async def _login(self) -> tuple[str, int]:
         last: Exception | None = None

@@ -138,7 +138,7 @@ class ClusterView:
         self.router.learn_status(
             endpoint,
             resp.node_id,
-            [(m.id, m.address) for m in resp.members],
+            [(m.id, m.client_address if self.router.client_port else m.address) for m in resp.members],
             [(g.group, g.leader_id, g.term) for g in resp.groups],
         )
         self.learn_members(resp)

@@ -10,7 +10,10 @@ Invariants (see the package docstring for the whole contract):
 - up to `FREE_REDIRECTS` NOT_LEADER redirects in a row are followed without sleeping;
 - a RESOURCE_EXHAUSTED refusal (rate limit, load shedding: definite) is retried after at least
   its retry-after, at most `policy.overload_retries` times, and never past the deadline: then
-  it is the caller's error (definite unless an earlier attempt was indeterminate).
+  it is the caller's error (definite unless an earlier attempt was indeterminate);
+- with a login (`relogin`), an UNAUTHENTICATED refusal (definite: an expired or revoked token,
+  e.g. a stream cut off when its token expired) is retried once with a fresh token; a second
+  one is the caller's error.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from kvstore.errors import (
     StaleReplica,
     StorageFull,
     Timeout,
+    Unauthenticated,
     Unavailable,
     WrongShard,
     from_proto,
@@ -56,7 +60,11 @@ R = TypeVar("R")
 class Invoker:
     """Runs calls against the cluster with routing, retries and error classification."""
 
-    def __init__(self, view: ClusterView, policy: RetryPolicy, rng: random.Random) -> None:
+    def __init__(self, view: ClusterView, policy: RetryPolicy, rng: random.Random,
+                 relogin: Callable[[float], bool] | None = None) -> None:
+        self.relogin = relogin
+        """`relogin(started)`: a call started at `started` (monotonic) was refused
+        UNAUTHENTICATED; renew the login; True if the call may be retried (once)."""
         self.view = view
         self.router = view.router
         self.replicas = view.replicas
@@ -90,6 +98,7 @@ class Invoker:
         indeterminate: KVError | None = None
         only_transport = True
         unreachable: dict[str, str] = {}
+        relogged = False
         if endpoint is not None:
             endpoint = self.router.add_endpoint(endpoint)
         while not deadline.expired:
@@ -114,6 +123,7 @@ class Invoker:
             err: KVError
             if before_attempt is not None:
                 before_attempt(group, indeterminate is not None)
+            started = time.monotonic()
             try:
                 resp = await call(target, attempt_timeout)
             except grpc.aio.AioRpcError as e:
@@ -146,6 +156,10 @@ class Invoker:
             if err.indeterminate:
                 indeterminate = err
             last = err
+            if (isinstance(err, Unauthenticated) and not relogged and self.relogin is not None
+                    and self.relogin(started)):
+                relogged = True  # an expired or revoked token: once more, with a fresh one
+                continue
             if not retryable or (err.indeterminate and not retry_indeterminate):
                 if indeterminate is not None and not err.indeterminate:
                     raise with_message(
@@ -268,7 +282,8 @@ class Invoker:
         """Update routing after a retryable failure at ``target``; True if a redirect names a
         new leader worth trying at once."""
         if isinstance(err, NotLeader):
-            return self.router.on_redirect(group, target, err.leader_id, err.leader_address) is not None
+            return self.router.on_redirect(
+                group, target, err.leader_id, err.leader_address, err.leader_client_address) is not None
         # A node whose disk is full stops: another node will lead once it notices.
         if isinstance(err, NoLeader | LeadershipLost | ShuttingDown | Timeout | InternalError | StorageFull):
             self.router.forget_leader(group, target)

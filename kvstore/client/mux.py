@@ -13,7 +13,10 @@ Failure semantics (what the retry loop needs to tell "did not happen" from "may 
 - the server ends the stream (status OK) with operations of it unanswered: they fail with
   INTERNAL (a write indeterminate, a read definite), never hang until their timeouts;
 - an operation's own timeout: DEADLINE_EXCEEDED (a write is indeterminate), as for a unary call;
-  the server is told the same timeout and gives up on its side too.
+  the server is told the same timeout and gives up on its side too;
+- an operation refused UNAUTHENTICATED (the stream's token expired or was revoked: the server
+  then ends the stream) is answered only once the stream is gone, so that its retry, after a
+  new login, opens a new stream with the new token instead of joining the dying one.
 """
 
 from __future__ import annotations
@@ -112,18 +115,21 @@ class OpMux:
                     w.sent = True
             await call.write(kv_pb2.OpBatch(ops=ops))
 
-    async def _read_loop(self, call: Any) -> None:
+    async def _read_loop(self, call: Any, held: dict[int, Any]) -> None:
         pending = self._pending
         while True:
             batch = await call.read()
             if batch is grpc.aio.EOF:
                 return
             for r in batch.results:
+                kind = r.WhichOneof("result")
+                if kind is not None and getattr(r, kind).error.code == kv_pb2.UNAUTHENTICATED and r.id in pending:
+                    held[r.id] = getattr(r, kind)  # answered when the stream ends (`_fail`)
+                    continue
                 w = pending.pop(r.id, None)
                 if w is None:
                     continue  # timed out or cancelled meanwhile
                 w.timer.cancel()
-                kind = r.WhichOneof("result")
                 if w.fut.done():
                     continue
                 if kind is None:
@@ -135,8 +141,9 @@ class OpMux:
 
     async def _run(self, call: Any) -> None:
         loop = asyncio.get_running_loop()
+        held: dict[int, Any] = {}
         writer = loop.create_task(self._write_loop(call))
-        reader = loop.create_task(self._read_loop(call))
+        reader = loop.create_task(self._read_loop(call, held))
         for t in (reader, writer):
             t.add_done_callback(_retrieve)
         try:
@@ -147,7 +154,7 @@ class OpMux:
                 done = {reader} if reader.done() else set()
             failure = self._failure_of([t for t in (reader, writer) if t in done])
         except asyncio.CancelledError:  # close()
-            self._fail(StreamError(grpc.StatusCode.CANCELLED, "client closed", sent=True))
+            self._fail(StreamError(grpc.StatusCode.CANCELLED, "client closed", sent=True), held)
             raise
         finally:
             reader.cancel()
@@ -156,7 +163,7 @@ class OpMux:
             if self._call is call:
                 self._call = None
                 self._task = None
-        self._fail(failure)
+        self._fail(failure, held)
 
     def _failure_of(self, finished: list[asyncio.Task[None]]) -> grpc.aio.AioRpcError:
         """Why the stream ended: the first gRPC error of the finished loops (reader first), any
@@ -174,16 +181,19 @@ class OpMux:
             grpc.StatusCode.INTERNAL, f"{self.endpoint} ended the stream without answering the operation", sent=True
         )
 
-    def _fail(self, failure: grpc.aio.AioRpcError) -> None:
-        """The stream is gone: fail every operation of it (those not yet written definitely)."""
+    def _fail(self, failure: grpc.aio.AioRpcError, held: dict[int, Any] | None = None) -> None:
+        """The stream is gone: fail every operation of it (those not yet written definitely),
+        but answer those `held` back with the answer the server gave them."""
         self._queue.clear()
         pending, self._pending = self._pending, {}
         code, details = failure.code(), failure.details() or ""
-        for w in pending.values():
+        for op_id, w in pending.items():
             w.timer.cancel()
             if w.fut.done():
                 continue
-            if w.sent:
+            if held and op_id in held:
+                w.fut.set_result(held[op_id])
+            elif w.sent:
                 w.fut.set_exception(StreamError(code, details, sent=True))
             else:
                 w.fut.set_exception(StreamError(

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from kvstore.client.retry import DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_THRESHOLD, CircuitBreaker, Clock
+from kvstore.shard.endpoints import check_address
 from kvstore.shard.shardmap import ShardMap
 
 __all__ = ["DEFAULT_GROUP", "GroupRoute", "Router", "normalize_endpoint", "parse_endpoints"]
@@ -63,6 +64,12 @@ class Router:
       hinted address, which is added to the endpoint list if new).
     - NO_LEADER, transport failures and LEADERSHIP_LOST forget the leader and move the rotation on.
     - Admin.Status reports teach node ids, member addresses and each group's leader.
+
+    With ``client_port`` (the client talks to nodes' client-only ports, `--client-listen`: a
+    client with a CA and a token but no client certificate) every address it learns is a client
+    address: the shard map's ``clients``, the members' ``client_address``, NOT_LEADER's
+    ``leader_client_hint``; peer addresses are never dialled (their TLS would refuse it). Learned
+    addresses are hostile input: one that is not ``HOST:PORT`` (`shard.endpoints`) is ignored.
     """
 
     def __init__(
@@ -72,7 +79,9 @@ class Router:
         breaker_threshold: int = DEFAULT_BREAKER_THRESHOLD,
         breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN,
         clock: Clock = time.monotonic,
+        client_port: bool = False,
     ) -> None:
+        self.client_port = client_port
         eps = parse_endpoints(endpoints)
         if not eps:
             raise ValueError("at least one endpoint is required")
@@ -117,6 +126,15 @@ class Router:
             )
         return addr
 
+    def add_learned(self, address: str) -> str | None:
+        """Add an address a node told us (``add_endpoint``) if it is a valid ``HOST:PORT``;
+        None (nothing added) otherwise."""
+        try:
+            check_address(address)
+        except ValueError:
+            return None
+        return self.add_endpoint(address)
+
     def breaker(self, endpoint: str) -> CircuitBreaker:
         return self._breakers[endpoint]
 
@@ -158,9 +176,10 @@ class Router:
         self.shard_map = m
         if m.version >= self.want_map_version:
             self.want_map_version = 0
-        for node, address in m.nodes.items():
-            if address and node not in self._dialed_ids and node not in self._addr_by_id:
-                self._addr_by_id[node] = self.add_endpoint(address)
+        for node, address in (m.clients if self.client_port else m.nodes).items():
+            if (address and node not in self._dialed_ids and node not in self._addr_by_id
+                    and (ep := self.add_learned(address)) is not None):
+                self._addr_by_id[node] = ep
 
     def map_settled(self) -> None:
         """A fetch found no newer map: stop asking until the next WRONG_SHARD."""
@@ -244,15 +263,17 @@ class Router:
     def on_no_leader(self, group: int, endpoint: str) -> None:
         self.forget_leader(group, endpoint)
 
-    def on_redirect(self, group: int, from_endpoint: str, leader_id: int, leader_address: str) -> str | None:
+    def on_redirect(self, group: int, from_endpoint: str, leader_id: int, leader_address: str,
+                    leader_client_address: str = "") -> str | None:
         """NOT_LEADER from ``from_endpoint``. Returns the endpoint to try next if the redirect
-        names a leader other than the node that answered, else None (treated like NO_LEADER)."""
+        names a leader other than the node that answered, else None (treated like NO_LEADER).
+        With ``client_port`` the hint followed is ``leader_client_address``."""
         route = self.route(group)
         target: str | None = None
+        hint = leader_client_address if self.client_port else leader_address
         if leader_id and leader_id in self._dialed_ids:
             target = self._addr_by_id[leader_id]
-        elif leader_address:
-            target = self.add_endpoint(leader_address)
+        elif hint and (target := self.add_learned(hint)) is not None:
             if leader_id and leader_id not in self._addr_by_id:
                 self._addr_by_id[leader_id] = target
         elif leader_id:
@@ -273,7 +294,8 @@ class Router:
         groups: Iterable[tuple[int, int, int]],
     ) -> None:
         """An Admin.Status answer from ``endpoint``: node ``node_id``; ``members`` are
-        ``(id, advertised address)``; ``groups`` are ``(group, leader_id, term)``.
+        ``(id, advertised address)`` (client addresses with ``client_port``); ``groups`` are
+        ``(group, leader_id, term)``.
 
         The address we dialed wins over a node's advertised address (it is known to be reachable
         from here); advertised addresses of members we have not dialed are added as endpoints.
@@ -285,7 +307,8 @@ class Router:
         for member_id, address in members:
             if not address or member_id in self._dialed_ids:
                 continue
-            self._addr_by_id[member_id] = self.add_endpoint(address)
+            if (ep := self.add_learned(address)) is not None:
+                self._addr_by_id[member_id] = ep
         for group, leader_id, term in groups:
             route = self.route(group)
             if term < route.term:

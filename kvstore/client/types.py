@@ -67,15 +67,17 @@ class KeyValue:
 
 @dataclass(frozen=True, slots=True)
 class Member:
-    """A member of the cluster: its node id, advertised address, and whether it is a learner."""
+    """A member of the cluster: its node id, advertised address, whether it is a learner, and
+    its client-only address (`--client-listen`; "" if it has none or has not published it)."""
 
     id: int
     address: str
     learner: bool = False
+    client_address: str = ""
 
     @classmethod
     def from_proto(cls, m: admin_pb2.Member) -> Member:
-        return cls(m.id, m.address, m.learner)
+        return cls(m.id, m.address, m.learner, m.client_address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,11 +138,13 @@ class Status:
     members: tuple[Member, ...] = ()
     groups: tuple[GroupStatus, ...] = ()
     storage_full: bool = False
+    client_address: str = ""
+    """The node's client-only address (`--client-listen`), "" without one."""
 
     @classmethod
     def from_proto(cls, st: admin_pb2.StatusResponse) -> Status:
         return cls(
-            node_id=st.node_id, cluster_id=st.cluster_id, address=st.address,
+            node_id=st.node_id, cluster_id=st.cluster_id, address=st.address, client_address=st.client_address,
             members=tuple(Member.from_proto(m) for m in st.members),
             groups=tuple(GroupStatus.from_proto(g) for g in st.groups), storage_full=st.storage_full,
         )

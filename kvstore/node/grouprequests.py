@@ -46,12 +46,15 @@ class GroupRequest(Protocol):
     def read_barrier(self) -> bool: ...
     @property
     def transfer(self) -> bool: ...
+    @property
+    def from_node(self) -> int: ...
 
 
 def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfChange | None:
     """Refuse (definite InvalidArgument) a GroupPropose request that the node's own code would
     never send: the metadata group takes only compare-and-swaps of the shard map whose new value
-    is a valid map of a higher version, and of the alarm set (`kvstore.node.alarms`) between
+    is a valid map of a higher version that changes no client address but the sender's own
+    (`check_client_addresses`), and of the alarm set (`kvstore.node.alarms`) between
     valid encodings, and of the auth state whose new value is a valid state one version after
     the old one (`check_auth_change`); a data group only shard commands that decode (never SET,
     which only a group's bootstrap log carries) and that belong to a range move of the shard map
@@ -98,6 +101,7 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
             raise errors.InvalidArgument(f"not a valid shard map: {err}") from None
         if new.version <= old.version:
             raise errors.InvalidArgument(f"shard map version {new.version} does not follow {old.version}")
+        check_client_addresses(old, new, request.from_node)
         return None
     try:
         sc = decode_shard_command(data)
@@ -114,6 +118,16 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
     if request.group != part or (sc.op != ShardOp.INSTALL and sc.ranges != mv.ranges):
         raise errors.InvalidArgument(f"{sc.op.name} in group {request.group} is not a step of range move {mv.id}")
     return None
+
+
+def check_client_addresses(old: ShardMap, new: ShardMap, sender: int) -> None:
+    """A map CAS from node `sender` may change only `sender`'s own client address (each node
+    publishes its own: `kvstore.node.clientaddr`), or drop the address of a node the new map no
+    longer lists (the coordinator's membership update); errors.InvalidArgument otherwise. So a
+    member cannot point clients at a client address of its choosing for another node."""
+    for n in sorted(set(old.clients) | set(new.clients)):
+        if old.clients.get(n) != new.clients.get(n) and n != sender and n in new.nodes:
+            raise errors.InvalidArgument(f"node {sender} may not change node {n}'s client address")
 
 
 def _is_compact(data: bytes) -> bool:

@@ -183,6 +183,9 @@ class Host:
         self.groups: dict[int, Group] = {}
         self.members: dict[int, str] = dict(members or {})
         """node id -> address; initial peers plus every member added at runtime."""
+        self.client_addresses: dict[int, str] = {}
+        """node id -> client-only address, as the shard map publishes them (kept by `NodeLogic`);
+        NOT_LEADER carries the leader's, for clients that connect to client ports."""
         self.failed: str | None = None
         """Why storage failed (the node refuses work until `_failed_cycle` persists), or None."""
         self._failed_cycle: Cycle | None = None
@@ -304,7 +307,8 @@ class Host:
         lead = g.core.lead
         if lead == NONE or lead == self.node_id:
             return errors.NoLeader(f"group {g.id} has no leader right now")
-        return errors.NotLeader(lead, self.members.get(lead, ""))
+        return errors.NotLeader(lead, self.members.get(lead, ""),
+                                leader_client_address=self.client_addresses.get(lead, ""))
 
     def _check_writable(self) -> None:
         if self.failed is not None:

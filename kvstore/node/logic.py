@@ -146,6 +146,7 @@ class NodeLogic:
         m = tracker.map
         if m is None:
             return
+        host.client_addresses = m.clients
         self.reconcile_due = False
         try:
             for gid in m.groups_of_node(self.node_id):

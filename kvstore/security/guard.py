@@ -9,19 +9,35 @@ cannot be forgotten):
 - USER: any authenticated principal while auth is enabled; the handler checks each key
   (`check_key` / `check_range`) or what the request asks (`Auth.Change`);
 - ADMIN: the admin permission (user `root`, holders of role `admin`, and nodes).
-While auth is disabled every USER and ADMIN call is admitted (as before auth existed; with TLS
-the handshake still demands a client certificate of the cluster's CA).
+While auth is disabled every USER and ADMIN call on the peer port is admitted (as before auth
+existed; with TLS the handshake still demands a client certificate of the cluster's CA).
 
 Refusals are definite: UNAUTHENTICATED (no valid credentials) or PERMISSION_DENIED, as gRPC
 status for a whole call and as the operation's error inside a stream.
+
+A long-lived call (a stream) must not outlive its token: `admit` records the call's `Credential`
+(the token's expiry, the token key its MAC verified under, the auth state version it was checked
+at) and `recheck` is called per operation (KV.Stream) or per response (server streaming). It
+costs a clock read and a version compare; only when the auth state changed since the last check
+does it look at the user's revision and the token key again (never the HMAC: the MAC verified
+under a key that is still the key).
+
+The client-only port (`--client-listen`, `kvstore/server/clientport.py`) has a guard of its own
+(`AuthGuard.for_client_port`: same tracker, no certificates): INTERNAL methods are not even
+registered there, and a USER or ADMIN call needs a valid token, always. While auth is disabled
+it refuses them all (UNAUTHENTICATED, definite): TLS without authentication is not secure mode,
+and on that port nothing else vouches for the caller.
 """
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import logging
+import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -37,6 +53,17 @@ from .tokens import TokenError, validate
 log = logging.getLogger("kvstore.auth")
 
 META_GROUP = 0
+
+
+CLIENT_PORT_NEEDS_TOKEN = (
+    "this is a client-only port: log in (a token: --user/--password) or use a client certificate "
+    "on the node's peer port"
+)
+CLIENT_PORT_NEEDS_AUTH = (
+    "this is a client-only port, which serves logged-in users only, and auth is not enabled on this "
+    "cluster (TLS without authentication is not secure mode): enable auth (`kvctl auth enable`) or "
+    "use a client certificate on the node's peer port"
+)
 
 
 class Rule(enum.Enum):
@@ -83,6 +110,28 @@ def rule_of(path: str) -> Rule:
     return rule
 
 
+@dataclass(slots=True)
+class Credential:
+    """What a call was authenticated with, kept for the call's lifetime so that a stream can be
+    re-checked cheaply (`AuthGuard.recheck`). Invariant: `key` is non-empty iff the principal was
+    established by a token, whose MAC verified under `key`; `expires` is the token's expiry (unix
+    seconds; infinity for a certificate or no credentials); `version` is the auth state version
+    the credential was last found valid at."""
+
+    principal: Principal
+    expires: float = math.inf
+    key: bytes = b""
+    version: int = -1
+
+
+_credential: contextvars.ContextVar[Credential | None] = contextvars.ContextVar("kvstore_credential", default=None)
+
+
+def credential_of_call() -> Credential | None:
+    """The credential the guard admitted the call being served with (None outside a guarded call)."""
+    return _credential.get()
+
+
 class AuthTracker:
     """The auth state as of the metadata group's applied state on this node (like the shard
     tracker: it may lag the committed state by a little). A stored state that does not decode
@@ -120,10 +169,12 @@ class AuthGuard:
     """Authenticates calls and checks permissions against the tracker's current state."""
 
     def __init__(self, tracker: AuthTracker, verifier: PeerVerifier | None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *, client_port: bool = False) -> None:
         self.tracker = tracker
         self.verifier = verifier
         self.clock = clock
+        self.client_port = client_port
+        """The client-only port's guard: USER and ADMIN calls need a token (and auth enabled)."""
         self._grants: dict[tuple[str, int], Grants] = {}
         self._grants_version = -1
 
@@ -131,7 +182,10 @@ class AuthGuard:
     def authenticate(self, context: grpc.aio.ServicerContext) -> Principal:
         """The caller's principal; raises errors.Unauthenticated for a token that is not valid
         (a bad token never falls back to a weaker identity)."""
-        peer = _peer(context)
+        return self.credential(context).principal
+
+    def credential(self, context: grpc.aio.ServicerContext) -> Credential:
+        """The caller's credential (see `authenticate`)."""
         state = self.tracker.state
         if state.enabled:
             try:
@@ -143,7 +197,15 @@ class AuthGuard:
                     claims = validate(token, state, self.clock())
                 except TokenError as err:
                     raise errors.Unauthenticated(str(err)) from None
-                return Principal(PrincipalKind.USER, claims.user, "token", claims.revision, peer)
+                p = Principal(PrincipalKind.USER, claims.user, "token", claims.revision, _peer(context))
+                return Credential(p, float(claims.expires), state.token_key, state.version)
+        return Credential(self.transport_principal(context), version=state.version)
+
+    def transport_principal(self, context: grpc.aio.ServicerContext) -> Principal:
+        """Who the connection says the caller is, tokens aside: the verified client certificate's
+        user (or node), else anonymous. Raises errors.Unauthenticated for an unreadable
+        certificate."""
+        peer = _peer(context)
         if self.verifier is not None:
             try:
                 ident = self.verifier.identity(context)
@@ -156,25 +218,58 @@ class AuthGuard:
                 return Principal(PrincipalKind.USER, ident.common_name, "certificate", 0, peer)
         return Principal(PrincipalKind.ANONYMOUS, "", "none", 0, peer)
 
-    async def admit(self, path: str, rule: Rule, context: grpc.aio.ServicerContext) -> None:
-        """Authenticate the call and apply `rule`; aborts the call (definite) on refusal."""
-        try:
-            p = self.authenticate(context)
-        except errors.Unauthenticated as err:
-            if rule in (Rule.PUBLIC, Rule.INTERNAL):
-                p = Principal(PrincipalKind.ANONYMOUS, "", "none", 0, _peer(context))
-            else:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{path}: {err.message}")
-                return
-        set_identity(p)
-        if rule in (Rule.PUBLIC, Rule.INTERNAL) or not self.tracker.state.enabled:
+    def for_client_port(self) -> AuthGuard:
+        """The guard of the client-only port: this guard's tracker and clock, no certificates
+        (none is asked for there), tokens required."""
+        return AuthGuard(self.tracker, None, self.clock, client_port=True)
+
+    def recheck(self, c: Credential) -> None:
+        """Raise errors.Unauthenticated (definite) if credential `c`, valid when its call was
+        admitted, is no longer: its token expired, or (only looked at when the auth state changed
+        since the last check) its user was deleted or changed password, or auth was enabled
+        again (a new token key). A certificate's or an anonymous caller's credential does not
+        expire (permission changes are checked per operation by `check_key`)."""
+        if not c.key:
             return
+        if self.clock() >= c.expires:
+            raise errors.Unauthenticated("token expired: log in again")
+        state = self.tracker.state
+        if state.version == c.version:
+            return
+        if state.enabled:
+            if state.token_key != c.key:
+                raise errors.Unauthenticated("token void: auth was enabled again since it was issued; log in again")
+            u = state.users.get(c.principal.name)
+            if u is None or u.revision != c.principal.revision:
+                raise errors.Unauthenticated(
+                    "token revoked (the user's password changed or the user was deleted): log in again")
+        c.version = state.version
+
+    async def admit(self, path: str, rule: Rule, context: grpc.aio.ServicerContext) -> Credential:
+        """Authenticate the call and apply `rule`; aborts the call (definite) on refusal. The
+        call's principal (`identity_of_call`) and credential (`credential_of_call`) are recorded
+        for its handler; the credential is returned."""
+        if self.client_port and rule in (Rule.USER, Rule.ADMIN) and not self.tracker.state.enabled:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{path}: {CLIENT_PORT_NEEDS_AUTH}")
+        try:
+            c = self.credential(context)
+        except errors.Unauthenticated as err:
+            if rule not in (Rule.PUBLIC, Rule.INTERNAL):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{path}: {err.message}")
+            c = Credential(Principal(PrincipalKind.ANONYMOUS, "", "none", 0, _peer(context)))
+        p = c.principal
+        set_identity(p)
+        _credential.set(c)
+        if rule in (Rule.PUBLIC, Rule.INTERNAL) or not self.tracker.state.enabled:
+            return c
         if p.kind is PrincipalKind.ANONYMOUS:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                f"{path}: auth is enabled: log in (a token) or present a client certificate")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{path}: " + (
+                CLIENT_PORT_NEEDS_TOKEN if self.client_port
+                else "auth is enabled: log in (a token) or present a client certificate"))
         if rule is Rule.ADMIN and not self.grants(p).admin:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"{path} needs the admin permission, which {p.describe()} does not have")
+        return c
 
     # --- authorization ----------------------------------------------------------------------
     def enabled(self) -> bool:
@@ -232,4 +327,5 @@ def _peer(context: grpc.aio.ServicerContext) -> str:
         return ""
 
 
-__all__ = ["ANONYMOUS", "RULES", "AuthGuard", "AuthTracker", "Rule", "rule_of"]
+__all__ = ["ANONYMOUS", "CLIENT_PORT_NEEDS_AUTH", "CLIENT_PORT_NEEDS_TOKEN", "RULES", "AuthGuard", "AuthTracker",
+           "Credential", "Rule", "credential_of_call", "rule_of"]

@@ -1,8 +1,10 @@
 """gRPC TLS for kvstore: server and channel credentials from a certs directory, certificate
 reload (SIGHUP), and the identity of the peer behind an internal RPC.
 
-Design: one port serves clients and peers, so the server REQUIRES a client certificate signed by
-the cluster's CA from every connection when TLS is on (`require_client_auth=True`). A connection
+Design: the node's main (peer) port serves clients and peers, so it REQUIRES a client certificate
+signed by the cluster's CA from every connection when TLS is on (`require_client_auth=True`); the
+optional client-only port (`--client-listen`, `server/clientport.py`) asks for none and serves
+token holders only (grpcio has no "verify a client certificate if presented" mode). A connection
 without one, or with one from another CA, fails its handshake: the caller sees UNAVAILABLE and no
 RPC of any service runs. Clients present `client.<user>.crt` (user `root` by default); nodes
 present their `node.crt` both as servers and as clients of their peers. Which certificate may
@@ -185,7 +187,6 @@ class NodeTls:
         self.node_id = node_id
         self._lock = threading.Lock()
         self.certs = NodeCerts.load(certs_dir, node_id)
-        self._pending: grpc.ServerCertificateConfiguration | None = None
         self.generation = 0
         self._channel_creds = self._make_channel_creds(self.certs)
 
@@ -197,19 +198,31 @@ class NodeTls:
     def _server_config(c: NodeCerts) -> grpc.ServerCertificateConfiguration:
         return grpc.ssl_server_certificate_configuration([(c.key, c.cert)], root_certificates=c.ca)
 
-    def server_credentials(self) -> grpc.ServerCredentials:
-        """Server credentials requiring a client certificate of the cluster's CA on every
-        connection; the certificate configuration is fetched again at each new handshake, so a
-        reload applies to every connection accepted after it."""
+    def server_credentials(self, require_client_certificate: bool = True) -> grpc.ServerCredentials:
+        """Server credentials presenting the node's certificate. By default they require a client
+        certificate of the cluster's CA on every connection (the peer port); with
+        `require_client_certificate=False` (the client-only port, `server/clientport.py`) no client
+        certificate is asked for at all. The certificate configuration is fetched again at each
+        new handshake, so a reload applies to every connection accepted after it, on every port
+        (each credentials object follows the reloads on its own)."""
         return grpc.dynamic_ssl_server_credentials(
-            self._server_config(self.certs), self._fetch, require_client_authentication=True
+            self._server_config(self.certs), self._fetcher(),
+            require_client_authentication=require_client_certificate,
         )
 
-    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        # Called by gRPC (from its own threads) before handshakes: None keeps the current config.
-        with self._lock:
-            cfg, self._pending = self._pending, None
-            return cfg
+    def _fetcher(self) -> Callable[[], grpc.ServerCertificateConfiguration | None]:
+        seen = self.generation
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            # Called by gRPC (from its own threads) before handshakes: None keeps the current config.
+            nonlocal seen
+            with self._lock:
+                if seen == self.generation:
+                    return None
+                seen = self.generation
+                return self._server_config(self.certs)
+
+        return fetch
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         with self._lock:
@@ -226,7 +239,6 @@ class NodeTls:
             return False
         with self._lock:
             self.certs = certs
-            self._pending = self._server_config(certs)
             self._channel_creds = self._make_channel_creds(certs)
             self.generation += 1
         log.info("certificates reloaded from %s (generation %d)", self.certs_dir, self.generation)

@@ -57,8 +57,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         ids = set(self.host.members)
         if g is not None:
             ids |= set(g.core.conf.members())
+        clients = self.tracker.map.clients if self.tracker.map is not None else {}
         return [
-            admin_pb2.Member(id=i, address=self.host.members.get(i, ""), learner=i in learners) for i in sorted(ids)
+            admin_pb2.Member(id=i, address=self.host.members.get(i, ""), learner=i in learners,
+                             client_address=clients.get(i, ""))
+            for i in sorted(ids)
         ]
 
     async def Status(self, request: admin_pb2.StatusRequest, context: grpc.aio.ServicerContext) -> admin_pb2.StatusResponse:
@@ -79,7 +82,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             groups.append(gs)
         return admin_pb2.StatusResponse(
             node_id=self.cfg.id, cluster_id=self.cfg.cluster_id, address=self.cfg.address,
-            members=self._members(), groups=groups, storage_full=self.host.failed is not None,
+            client_address=self.cfg.client_address, members=self._members(), groups=groups, storage_full=self.host.failed is not None,
         )
 
     def _replica_status(self, gs: admin_pb2.GroupStatus) -> None:

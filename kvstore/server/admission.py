@@ -5,13 +5,18 @@ The decisions are synchronous logic in `kvstore/node/` (`ratelimit.RateLimiter`,
 (the clock, the process's resident memory, the store's live bytes) and turns their answers into
 gRPC refusals:
 
-- **rate limit** (`--rate-limit`): every client RPC costs 1 token of its caller's bucket
-  (`identity.rpc_identity`), every operation of a `KV.Stream` batch 1 (a batch of N costs N: the
-  first ones the bucket covers run, the rest are refused). A refused unary or server-streaming
-  RPC ends with status RESOURCE_EXHAUSTED and trailing metadata `retry-after-ms`; a refused stream
-  operation gets a RESOURCE_EXHAUSTED error with `retry_after_ms` in its own result (the stream
-  goes on). Internal RPCs between nodes (`Raft.*`, `Shard.GroupPropose`, `Shard.ExportRange`)
-  and health checks are never limited: a client's load must not starve the cluster's own traffic.
+- **rate limit** (`--rate-limit`): every client RPC costs 1 token of its caller's bucket, every
+  operation of a `KV.Stream` batch 1 (a batch of N costs N: the first ones the bucket covers run,
+  the rest are refused). The bucket is keyed by the principal the auth guard established
+  (`rate_key`): `user:<name>` for a user (by token or by client certificate: the same bucket on
+  every connection), `ip:<address>` for an anonymous caller (auth off, no certificate). The limit
+  runs after the guard, in the guarded handler (`server/wire.py`, `admit_call`), so a token's
+  user is known. A refused unary or server-streaming RPC ends with status RESOURCE_EXHAUSTED and
+  trailing metadata `retry-after-ms`; a refused stream operation gets a RESOURCE_EXHAUSTED error
+  with `retry_after_ms` in its own result (the stream goes on). Internal RPCs between nodes
+  (`Raft.*`, `Shard.GroupPropose`, `Shard.ExportRange`), health checks, and any call made by a
+  node (its node certificate) are never limited: a client's load must not starve the cluster's
+  own traffic.
 - **load shedding** (`--max-apply-lag`, `--memory-limit`): `check_write` refuses a put, delete or
   CAS before it is proposed (RESOURCE_EXHAUSTED, definite, retry-after); reads are served.
 - **space quota** (`--quota-bytes`): `run` measures the store every `quota_interval` seconds and
@@ -20,19 +25,19 @@ gRPC refusals:
   reads are served. `disarm` clears alarms (see `kvstore/node/alarms.py` for why it is manual).
 
 With no limit configured the cost on a write is one attribute test (`check_write`'s first line)
-and no interceptor is installed.
+and no call is wrapped with the rate limit.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import resource
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 
@@ -49,10 +54,10 @@ from kvstore.node.alarms import (
 from kvstore.node.host import Host
 from kvstore.node.ratelimit import RateLimiter
 from kvstore.node.shedding import LoadShedder
+from kvstore.security.identity import Principal, PrincipalKind
 from kvstore.storage import commands
 
 from .admission_settings import AdmissionSettings
-from .identity import rpc_identity
 
 log = logging.getLogger("kvstore.admission")
 
@@ -62,9 +67,39 @@ RETRY_AFTER_KEY = "retry-after-ms"
 UNLIMITED_METHODS = frozenset({
     "/kvstore.v1.Raft/Send", "/kvstore.v1.Raft/SendSnapshot",
     "/kvstore.v1.Shard/GroupPropose", "/kvstore.v1.Shard/ExportRange",
-    "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
+    "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch", "/grpc.health.v1.Health/List",
 })
 """Methods no rate limit applies to: traffic between nodes, and health checks."""
+UNLIMITED_SERVICES = ("/grpc.health.v1.Health/",)
+"""Services none of whose methods is rate-limited (health checks, whatever methods they gain)."""
+
+
+def peer_host(peer: str) -> str:
+    """`ipv4:127.0.0.1:5000` -> `ip:127.0.0.1`; `ipv6:[::1]:5000` -> `ip:::1`; else `peer:<peer>`
+    (without the port: more connections from one host do not buy more rate)."""
+    kind, sep, rest = peer.partition(":")
+    if sep and kind in ("ipv4", "ipv6"):
+        host = unquote(rest).rpartition(":")[0] or rest
+        return "ip:" + host.strip("[]")
+    return "peer:" + peer
+
+
+def rate_key(p: Principal, context: Any = None) -> str | None:
+    """The rate-limit bucket of principal `p` (as the auth guard established it): `user:<name>`
+    for a user, by token or by certificate; None for a node (never limited); for an anonymous
+    caller (auth off, no certificate) its address without the port, `ip:<address>` (from
+    `p.peer`, else from `context.peer()`)."""
+    if p.kind is PrincipalKind.USER:
+        return "user:" + p.name
+    if p.kind is PrincipalKind.NODE:
+        return None
+    peer = p.peer
+    if not peer and context is not None:
+        try:
+            peer = str(context.peer() or "")
+        except Exception:  # a context without a transport
+            peer = ""
+    return peer_host(peer)
 
 
 def resident_bytes() -> int:
@@ -140,10 +175,28 @@ class Admission:
             self._count("rate_limit")
         return k, after
 
-    def interceptor(self) -> grpc.aio.ServerInterceptor | None:
-        """The server interceptor that rate-limits unary and server-streaming client RPCs (None
-        without a rate limit). `KV.Stream` is limited per operation by the stream itself."""
-        return _RateLimitInterceptor(self) if self.limiter is not None else None
+    def call_limit(self) -> Admission | None:
+        """This node's call limit for `wire.add_services` (None without a rate limit)."""
+        return self if self.limiter is not None else None
+
+    def limits(self, path: str) -> bool:
+        """Whether calls of method `path` cost a token (not node traffic, not health checks)."""
+        return path not in UNLIMITED_METHODS and not path.startswith(UNLIMITED_SERVICES)
+
+    async def admit_call(self, p: Principal, context: grpc.aio.ServicerContext) -> None:
+        """Abort the call with RESOURCE_EXHAUSTED (definite) and `retry-after-ms` if its caller,
+        principal `p`, is over its rate."""
+        key = rate_key(p, context)
+        if key is None:
+            return
+        k, after = self.admit(key, 1)
+        if k == 0:
+            ms = errors.retry_after_ms(after)
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"rate limit exceeded: retry after {ms} ms (definite: the operation was not applied)",
+                trailing_metadata=((RETRY_AFTER_KEY, str(ms)),),
+            )
 
     # --- alarms -----------------------------------------------------------------------------
     async def _cas_alarms(self, change: Callable[[frozenset[Alarm]], bytes]) -> frozenset[Alarm]:
@@ -210,50 +263,3 @@ class Admission:
                     except errors.KVError as err:
                         log.warning("raising the NOSPACE alarm failed, retrying: %s", err)
             await asyncio.sleep(self.settings.sample_interval)
-
-
-class _RateLimitInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps unary-request handlers of client RPCs with the rate limit (see `Admission`)."""
-
-    def __init__(self, admission: Admission) -> None:
-        self.admission = admission
-
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        method = details.method
-        if handler is None or method in UNLIMITED_METHODS or handler.request_streaming:
-            return handler
-        admission = self.admission
-        if handler.unary_unary is not None and inspect.iscoroutinefunction(handler.unary_unary):
-            inner = handler.unary_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await _limit(admission, context)
-                return await inner(request, context)
-
-            return handler._replace(unary_unary=unary)
-        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
-            inner_stream = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                await _limit(admission, context)
-                async for r in inner_stream(request, context):
-                    yield r
-
-            return handler._replace(unary_stream=unary_stream)
-        return handler
-
-
-async def _limit(admission: Admission, context: grpc.aio.ServicerContext) -> None:
-    """Abort the call with RESOURCE_EXHAUSTED and `retry-after-ms` if its caller is over its rate."""
-    k, after = admission.admit(rpc_identity(context), 1)
-    if k == 0:
-        ms = errors.retry_after_ms(after)
-        await context.abort(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"rate limit exceeded: retry after {ms} ms (definite: the operation was not applied)",
-            trailing_metadata=((RETRY_AFTER_KEY, str(ms)),),
-        )

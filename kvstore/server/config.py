@@ -8,6 +8,7 @@ from pathlib import Path
 from kvstore.node.host import RaftSettings
 from kvstore.security.audit import AuditSettings
 from kvstore.security.net import is_loopback
+from kvstore.shard.endpoints import check_address
 from kvstore.storage.commands import MAX_KEY_SIZE, command_size_bound
 
 from .admission_settings import AdmissionSettings
@@ -57,6 +58,13 @@ class NodeConfig:
     """A read replica: start like `join`, and ask the cluster to add this node as a learner."""
     advertise: str = ""
     """Address peers and clients use to reach this node (defaults to `listen`)."""
+    client_listen: str = ""
+    """HOST:PORT of the client-only port (`--client-listen`; "" for none): the client services
+    only, with server-side TLS and no client certificate asked (with `certs_dir`); every call but
+    login and health needs a token, and auth must be enabled (`server/clientport.py`)."""
+    client_advertise: str = ""
+    """Address clients reach the client port at (defaults to `client_listen`), published in the
+    shard map."""
     metrics_listen: str = ""
     request_timeout: float = 5.0
     sync: bool = True
@@ -104,8 +112,22 @@ class NodeConfig:
             raise ValueError("--groups and --replication must be >= 1, --vnodes in 1..4096")
         if ":" not in self.listen:
             raise ValueError(f"bad --listen {self.listen!r}: expected HOST:PORT")
+        if self.client_listen or self.client_advertise:
+            if not self.client_listen:
+                raise ValueError("--client-advertise needs --client-listen")
+            for flag, value in (("--client-listen", self.client_listen), ("--client-advertise", self.client_address)):
+                try:
+                    check_address(value)
+                except ValueError as err:
+                    raise ValueError(f"bad {flag}: {err}") from None
+            if not self.client_advertise and _wildcard(self.client_listen):
+                raise ValueError("--client-listen on every interface needs --client-advertise (the address "
+                                 "clients reach it at)")
+            if self.client_listen == self.listen:
+                raise ValueError("--client-listen must differ from --listen")
         if self.certs_dir is None and not self.insecure:
-            exposed = [a for a in dict.fromkeys([self.listen, self.address]) if not is_loopback(a.rpartition(":")[0])]
+            exposed = [a for a in dict.fromkeys([self.listen, self.address, self.client_listen, self.client_address])
+                       if a and not is_loopback(a.rpartition(":")[0])]
             if exposed:
                 raise ValueError(
                     f"refusing to serve plaintext on non-loopback address(es) {', '.join(exposed)}: give "
@@ -115,6 +137,16 @@ class NodeConfig:
     @property
     def address(self) -> str:
         return self.advertise or self.peers.get(self.id) or self.listen
+
+    @property
+    def client_address(self) -> str:
+        """The client port's address published to clients ("" without a client port)."""
+        return self.client_advertise or self.client_listen
+
+
+def _wildcard(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    return host in ("", "0.0.0.0", "::")
 
 
 def parse_peers(text: str) -> dict[int, str]:

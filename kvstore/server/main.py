@@ -10,6 +10,7 @@ import sys
 from kvstore.security.audit import AuditOpenError, KeyFileError
 
 from .config import NodeConfig
+from .metrics_http import MetricsEndpoint
 from .node import Node
 
 log = logging.getLogger("kvstore")
@@ -30,23 +31,30 @@ async def serve(cfg: NodeConfig) -> int:
     after logging why: a supervisor should restart it)."""
     node = Node(cfg)
     await node.start()
+    metrics: MetricsEndpoint | None = None
     if cfg.metrics_listen:
-        from prometheus_client import start_http_server
+        # HTTPS with mutual TLS under --certs-dir (metrics_http.py), plain HTTP otherwise.
+        metrics = MetricsEndpoint(cfg.metrics_listen, node.metrics.registry, cfg.certs_dir)
+        log.info("metrics on %s", metrics.url)
 
-        host, _, port = cfg.metrics_listen.rpartition(":")
-        start_http_server(int(port), addr=host or "127.0.0.1", registry=node.metrics.registry)
-        log.info("metrics on http://%s/metrics", cfg.metrics_listen)
+    def reload_certificates() -> None:
+        if node.reload_certificates() and metrics is not None:
+            metrics.reload()
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, node.reload_certificates)
-    print(f"kvstore node {cfg.id} ready on {cfg.listen} (event loop: {type(loop).__module__})", flush=True)
+    loop.add_signal_handler(signal.SIGHUP, reload_certificates)
+    clients = f", clients with a token on {cfg.client_listen}" if cfg.client_listen else ""
+    print(f"kvstore node {cfg.id} ready on {cfg.listen}{clients} (event loop: {type(loop).__module__})", flush=True)
     stopped = loop.create_task(stop.wait())
     died = loop.create_task(node.died.wait())
     await asyncio.wait([stopped, died], return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
     died.cancel()
+    if metrics is not None:
+        metrics.close()
     if node.fatal is not None:
         log.critical("node %d exits: %s", cfg.id, node.fatal)
         await node.stop(grace=0.5)

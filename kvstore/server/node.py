@@ -2,7 +2,9 @@
 
 Startup: open the store, start the node logic (which opens every group and bootstraps a new
 cluster: see `kvstore.node.logic`), then the gRPC server (Raft, KV, Admin, Shard and the
-standard grpc.health.v1 service), the tick timer, the Ready loop and the shard coordinator.
+standard grpc.health.v1 service) and, with `--client-listen`, the client-only port (the same
+servicers, client methods only: `clientport.py`) and the loop publishing its address in the shard
+map (`clientaddr.py`), the tick timer, the Ready loop and the shard coordinator.
 The shell only drives the logic: ticks on a timer (`NodeLogic.tick`), peer messages as they
 arrive (`NodeLogic.deliver`), each Ready cycle with its persist step on a thread, then
 `NodeLogic.after_cycle` (membership and shard map).
@@ -25,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2
 
 from kvstore.node.alarms import AlarmTracker
@@ -47,6 +50,8 @@ from .admin_service import AdminService
 from .admission import Admission
 from .audit_rpc import audited
 from .auth_service import AuthService
+from .clientaddr import publish_client_address
+from .clientport import ClientPort
 from .compaction import Retention
 from .config import NodeConfig
 from .kv_service import KVService
@@ -69,6 +74,8 @@ class Node:
         self.reads: ReplicaReads | None = None
         self.transport: Transport | None = None
         self.server: grpc.aio.Server | None = None
+        self.client_port: ClientPort | None = None
+        """The client-only port (`cfg.client_listen`), None without one."""
         self.tls: NodeTls | None = None
         """TLS material (`cfg.certs_dir`), None for a plaintext node; reloaded by `reload_certificates`."""
         self.audit: AuditLog | None = None
@@ -171,15 +178,11 @@ class Node:
         )
         refused_by = self.metrics.admission_refused
         admission.on_refused = lambda reason: refused_by.labels(reason).inc()
-        interceptor = admission.interceptor()
 
-        server = self.server = grpc.aio.server(
-            options=cfg.admission.server_options(CHANNEL_OPTIONS),
-            interceptors=[interceptor] if interceptor is not None else None,
-        )
+        server = self.server = grpc.aio.server(options=cfg.admission.server_options(CHANNEL_OPTIONS))
         # Every method of every service decodes its request totally (wire.py): malformed bytes
         # get INVALID_ARGUMENT, never UNKNOWN.
-        self.rpc_methods = wire.add_services(server, [
+        services: list[tuple[object, ServiceDescriptor]] = [
             (RaftService(cfg.id, cfg.cluster_id, self._deliver, store.snapshot_dir, on_heard=self._heard,
                          is_member=self.inbound.is_member, refusals=self.inbound.refusals,
                          on_connected=self._connected, verify=verify),
@@ -197,13 +200,19 @@ class Node:
             (watched(AuthService(auth, guard, caller, cfg.request_timeout), "kvstore.v1.Auth"),
              auth_pb2.DESCRIPTOR.services_by_name["Auth"]),
             (self.health, health_pb2.DESCRIPTOR.services_by_name["Health"]),
-        ], guard)
+        ]
+        limit = admission.call_limit()
+        self.rpc_methods = wire.add_services(server, services, guard, limit=limit)
         self.port = (
             server.add_insecure_port(cfg.listen) if tls is None
             else server.add_secure_port(cfg.listen, tls.server_credentials())
         )
         if self.port == 0:
             raise OSError(f"cannot listen on {cfg.listen}")
+        if cfg.client_listen:
+            # The client-only port: the same servicers, client methods only, tokens required.
+            self.client_port = ClientPort(cfg.client_listen, tls, cfg.admission.server_options(CHANNEL_OPTIONS))
+            await self.client_port.start(services, guard, limit)
         await server.start()
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -211,6 +220,8 @@ class Node:
             loop.create_task(self._ready_loop(), name="ready-loop"),
             loop.create_task(self.coordinator.run(), name="shard-coordinator"),
             loop.create_task(admission.run(), name="admission"),
+            loop.create_task(publish_client_address(cfg.id, cfg.client_address, tracker, caller.propose),
+                             name="client-address"),
         ]
         if cfg.history_retention > 0:
             retention = Retention(self.host, self.caller, self.tracker, cfg.history_retention)
@@ -221,8 +232,9 @@ class Node:
             self._tasks.append(loop.create_task(self._register_learner(), name="register-learner"))
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.SERVING)
-        log.info("node %d of cluster %r serving on %s (%s)", cfg.id, cfg.cluster_id, cfg.listen,
-                 f"TLS, certificates from {cfg.certs_dir}" if tls is not None else "plaintext, no TLS")
+        log.info("node %d of cluster %r serving on %s (%s)%s", cfg.id, cfg.cluster_id, cfg.listen,
+                 f"TLS, certificates from {cfg.certs_dir}" if tls is not None else "plaintext, no TLS",
+                 f"; clients with a token on {cfg.client_listen}" if cfg.client_listen else "")
 
     def reload_certificates(self) -> bool:
         """SIGHUP: read the certs directory again. On success the server presents the new
@@ -364,6 +376,8 @@ class Node:
     async def stop(self, grace: float = 2.0) -> None:
         self._stopping = True
         self.health.enter_graceful_shutdown()
+        if self.client_port is not None:
+            await self.client_port.stop(grace)
         if self.server is not None:
             await self.server.stop(grace)
         for t in self._tasks:

@@ -14,9 +14,16 @@ Invariants:
   dropped, and an indeterminate TIMEOUT says so;
 - at most `MAX_PENDING` operations per stream wait for the host: beyond that the stream stops
   reading, and gRPC flow control pushes back on the client;
-- with a rate limit (`--rate-limit`), each batch of N operations asks the caller's bucket for N
-  tokens: the first ones it covers run, the others are answered RESOURCE_EXHAUSTED with a
+- with a rate limit (`--rate-limit`), each batch of N operations asks the caller's bucket (keyed
+  by the principal the auth guard established, `admission.rate_key`; a node is never limited)
+  for N tokens: the first ones it covers run, the others are answered RESOURCE_EXHAUSTED with a
   retry-after at once (definite: never proposed) and the stream goes on;
+- a stream never outlives its token: each batch first re-checks the call's credential
+  (`AuthGuard.recheck`: a clock read and a version compare; more only when the auth state
+  changed). Once the token expired or was revoked (password change, user deleted, auth enabled
+  again), every operation of that batch is answered UNAUTHENTICATED (definite: not started),
+  nothing more is read, the operations already started are answered, and the call ends with
+  status UNAUTHENTICATED;
 - when the stream ends, pending operations are forgotten (their timers cancelled); the client
   treats them as it treats a broken connection (writes indeterminate).
 """
@@ -28,13 +35,17 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
+import grpc
+
 from kvstore import errors
 from kvstore.raft import Role
+from kvstore.security.guard import credential_of_call
+from kvstore.security.identity import identity_of_call
 from kvstore.security.rbac import READ
 from kvstore.storage.commands import ApplyResult
 from kvstore.v1 import kv_pb2
 
-from .identity import rpc_identity
+from .admission import rate_key
 from .reads import LINEARIZABLE, ReadPoint
 from .requests import KVRequests, check_revision
 
@@ -52,10 +63,17 @@ _ERROR_REPLY: dict[str, Callable[[kv_pb2.Error], Any]] = {
 class OpStream:
     def __init__(self, svc: KVRequests, context: Any = None) -> None:
         self.svc = svc
+        self.context = context
         adm = svc.admission
-        self._limited = adm is not None and adm.limiter is not None
-        self.identity = rpc_identity(context) if self._limited and context is not None else ""
-        """Who the rate limit counts this stream's operations against."""
+        key = rate_key(identity_of_call(), context) if adm is not None and adm.limiter is not None else None
+        self._limited = key is not None
+        self.identity = key or ""
+        """Who the rate limit counts this stream's operations against (the bucket's key)."""
+        cred = credential_of_call() if svc.guard is not None else None
+        self.credential = cred if cred is not None and cred.key else None
+        """The token this stream was admitted with (None: not by token, nothing to re-check)."""
+        self.revoked: errors.Unauthenticated | None = None
+        """Why the stream's token is no longer valid (the stream ends with UNAUTHENTICATED)."""
         self.loop = asyncio.get_running_loop()
         self.pending: dict[int, asyncio.TimerHandle] = {}
         """Operations handed to the host, by id: their timeout timers."""
@@ -89,6 +107,8 @@ class OpStream:
                     continue
                 out, self.out = self.out, []
                 yield kv_pb2.ResultBatch(results=out)
+            if self.revoked is not None and self.context is not None:
+                await self.context.abort(grpc.StatusCode.UNAUTHENTICATED, f"KV.Stream: {self.revoked.message}")
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -98,6 +118,8 @@ class OpStream:
     async def _read(self, requests: AsyncIterator[kv_pb2.OpBatch]) -> None:
         try:
             async for batch in requests:
+                if self.credential is not None and not self._still_valid(batch):
+                    break
                 if self._limited:
                     self._start_limited(batch)
                 else:
@@ -110,6 +132,25 @@ class OpStream:
         finally:
             self.reading = False
             self.has_out.set()
+
+    def _still_valid(self, batch: kv_pb2.OpBatch) -> bool:
+        """Re-check the stream's token; if it is no longer valid, answer every operation of
+        `batch` UNAUTHENTICATED (definite) and return False."""
+        guard, cred = self.svc.guard, self.credential
+        assert guard is not None and cred is not None
+        try:
+            guard.recheck(cred)
+            return True
+        except errors.Unauthenticated as err:
+            self.revoked = err
+        for op in batch.ops:
+            kind = op.WhichOneof("op")
+            if kind is None:
+                self.out.append(kv_pb2.OpResult(id=op.id))
+            else:
+                self._error(op.id, kind, self.revoked)
+        self.has_out.set()
+        return False
 
     def _close(self) -> None:
         for h in self.pending.values():

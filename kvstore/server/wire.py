@@ -17,21 +17,43 @@ With an auth guard (`kvstore/security/guard.py`), every method also needs a rule
 `guard.RULES` (registration fails otherwise, so a new RPC cannot be forgotten), and every call of
 a USER or ADMIN method is authenticated and admitted by the guard before its handler runs (a
 stream once, at its start); the identity is then `identity_of_call(context)` in the handler.
+A guarded server-streaming call (Scan) re-checks its credential before each response
+(`AuthGuard.recheck`: a token that expired or was revoked ends the call UNAUTHENTICATED);
+KV.Stream re-checks per operation itself (`op_stream.py`).
+
+With a call limit (`limit`: the rate limit, `server/admission.py`), every unary-request method
+it `limits` is admitted by it after the guard, keyed by the principal the guard established (a
+public method, `Auth.Authenticate`, by the connection's certificate or address); KV.Stream is
+limited per operation inside.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
-from kvstore.security.guard import AuthGuard, Rule, rule_of
+from kvstore import errors
+from kvstore.security.guard import AuthGuard, Credential, Rule, rule_of
+from kvstore.security.identity import Principal, PrincipalKind
 
-__all__ = ["Malformed", "MalformedRequest", "add_services", "decoder"]
+__all__ = ["CallLimit", "Malformed", "MalformedRequest", "add_services", "decoder"]
+
+
+class CallLimit(Protocol):
+    """Admission of whole calls by who makes them (the rate limit, `server/admission.py`)."""
+
+    def limits(self, path: str) -> bool:
+        """Whether calls of method `path` are subject to the limit."""
+        ...
+
+    async def admit_call(self, p: Principal, context: grpc.aio.ServicerContext) -> None:
+        """Return if `p` may make this call now; else abort it (definite)."""
+        ...
 
 
 class Malformed:
@@ -77,15 +99,17 @@ async def _until_malformed(requests: AsyncIterator[Any], seen: list[Malformed]) 
 
 
 def _wrap(fn: Callable[..., Any], m: MethodDescriptor, guard: AuthGuard | None = None,
-          path: str = "") -> Callable[..., Any]:
+          path: str = "", limit: CallLimit | None = None) -> Callable[..., Any]:
     """`fn` (a servicer's bound method) guarded against `Malformed` requests and, with `guard`,
-    by the method's auth rule."""
-    if guard is not None:
-        rule = rule_of(path)
-        if rule in (Rule.USER, Rule.ADMIN):
-            if not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
-                raise TypeError(f"{path}: a handler that needs authentication must be async")
-            fn = _guarded(fn, guard, path, rule, inspect.isasyncgenfunction(fn))
+    by the method's auth rule, then (with `limit`) by the call limit."""
+    rule = rule_of(path) if guard is not None else None
+    authed = guard is not None and rule in (Rule.USER, Rule.ADMIN)
+    limited = limit is not None and not m.client_streaming and limit.limits(path)
+    if authed or limited:
+        if not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
+            raise TypeError(f"{path}: a handler that needs authentication or a call limit must be async")
+        fn = _guarded(fn, guard, path, rule if authed else None,
+                      inspect.isasyncgenfunction(fn), limit if limited else None, not m.client_streaming)
     where = m.full_name
     if m.client_streaming:
         if not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
@@ -149,21 +173,65 @@ def _wrap(fn: Callable[..., Any], m: MethodDescriptor, guard: AuthGuard | None =
     return unary_unary_sync
 
 
-def _guarded(fn: Callable[..., Any], guard: AuthGuard, path: str, rule: Rule, gen: bool) -> Callable[..., Any]:
+def _guarded(fn: Callable[..., Any], guard: AuthGuard | None, path: str, rule: Rule | None, gen: bool,
+             limit: CallLimit | None, per_response: bool) -> Callable[..., Any]:
+    """`fn` behind the guard's `rule` (None: no authentication, e.g. a public method) and the
+    call `limit`. With `per_response`, a streaming response re-checks the credential before each
+    message it sends."""
+
+    async def enter(context: grpc.aio.ServicerContext) -> Credential | None:
+        c = await guard.admit(path, rule, context) if guard is not None and rule is not None else None
+        if limit is not None:
+            await limit.admit_call(c.principal if c is not None else _connection_principal(guard, context), context)
+        return c
+
     if gen:
 
         async def guarded_gen(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await guard.admit(path, rule, context)
-            async for resp in fn(request, context):
+            c = await enter(context)
+            responses = fn(request, context)
+            if guard is not None and c is not None and c.key and per_response:
+                responses = _rechecked(responses, guard, c, path, context)
+            async for resp in responses:
                 yield resp
 
         return guarded_gen
 
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await guard.admit(path, rule, context)
+        await enter(context)
         return await fn(request, context)
 
     return guarded
+
+
+async def _rechecked(responses: AsyncGenerator[Any, None], guard: AuthGuard, c: Credential, path: str,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """`responses`, each sent only while the token credential `c` is still valid; then the call
+    ends UNAUTHENTICATED (definite) and the handler's generator is closed at once."""
+    try:
+        async for resp in responses:
+            try:
+                guard.recheck(c)
+            except errors.Unauthenticated as err:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{path}: {err.message}")
+            yield resp
+    finally:
+        await responses.aclose()
+
+
+def _connection_principal(guard: AuthGuard | None, context: grpc.aio.ServicerContext) -> Principal:
+    """Who the connection says the caller of an unauthenticated call is (its certificate, else
+    anonymous at its address): what a public method's call limit is keyed by."""
+    if guard is not None:
+        try:
+            return guard.transport_principal(context)
+        except errors.Unauthenticated:
+            pass
+    try:
+        peer = str(context.peer())
+    except Exception:  # a context without a transport (tests)
+        peer = ""
+    return Principal(PrincipalKind.ANONYMOUS, peer=peer)
 
 
 _HANDLER = {
@@ -175,24 +243,30 @@ _HANDLER = {
 
 
 def add_services(
-    server: grpc.aio.Server, services: Iterable[tuple[object, ServiceDescriptor]], guard: AuthGuard | None = None
+    server: grpc.aio.Server, services: Iterable[tuple[object, ServiceDescriptor]], guard: AuthGuard | None = None,
+    limit: CallLimit | None = None, include: Callable[[str], bool] | None = None,
 ) -> list[str]:
     """Register each `(servicer, service descriptor)` on `server`, every method of the descriptor
-    with a total deserializer, the `Malformed` guard and (with `guard`) its auth rule. Returns
-    the paths of the methods registered (`/package.Service/Method`)."""
+    (with `include`, only the methods whose path it accepts: the others are UNIMPLEMENTED on
+    this server) with a total deserializer, the `Malformed` guard, (with `guard`) its auth rule
+    and (with `limit`) the call limit. Returns the paths of the methods registered
+    (`/package.Service/Method`)."""
     paths = []
     for servicer, service in services:
         handlers = {}
         for m in service.methods:
+            if include is not None and not include(f"/{service.full_name}/{m.name}"):
+                continue
             request_cls = message_factory.GetMessageClass(m.input_type)
             response_cls = message_factory.GetMessageClass(m.output_type)
             make = _HANDLER[(m.client_streaming, m.server_streaming)]
             path = f"/{service.full_name}/{m.name}"
             handlers[m.name] = make(
-                _wrap(getattr(servicer, m.name), m, guard, path),
+                _wrap(getattr(servicer, m.name), m, guard, path, limit),
                 request_deserializer=decoder(request_cls),
                 response_serializer=response_cls.SerializeToString,
             )
             paths.append(path)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+        if handlers:
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     return paths

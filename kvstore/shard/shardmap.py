@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from kvstore.raft.types import ConfChange, ConfChangeType
 from kvstore.v1 import shard_pb2
 
+from .endpoints import MAX_ADDRESSES, check_address
 from .ranges import HASH_MAX, IntervalSet, key_hash
 from .ring import Ring, ring_diff
 
@@ -97,6 +98,9 @@ class ShardMap:
     nodes: dict[int, str] = field(default_factory=dict)
     initial_groups: int = 0
     """Groups 1..initial_groups were created with the cluster, serving their ring arcs."""
+    clients: dict[int, str] = field(default_factory=dict)
+    """node id -> client-only address (`--client-listen`), published by each node itself
+    (`kvstore.node.clientaddr`); only nodes of `nodes`, each a valid `HOST:PORT`."""
     _table: tuple[list[int], list[int], list[int]] | None = field(default=None, compare=False, repr=False)
 
     # --- construction -------------------------------------------------------------------------
@@ -194,6 +198,15 @@ class ShardMap:
             total += s.size()
         if total != HASH_MAX + 1:
             raise ShardMapError(f"routes cover {total} hash values, not the whole space")
+        if len(self.clients) > MAX_ADDRESSES:
+            raise ShardMapError(f"more than {MAX_ADDRESSES} client addresses")
+        for n, addr in self.clients.items():
+            if n not in self.nodes:
+                raise ShardMapError(f"client address of node {n}, which is not a node of the map")
+            try:
+                check_address(addr)
+            except ValueError as err:
+                raise ShardMapError(f"client address of node {n}: {err}") from None
 
     # --- changes (each returns a new map, one version later) ------------------------------------
     def _next(self, **changes: object) -> ShardMap:
@@ -264,7 +277,24 @@ class ShardMap:
         return self._next(moves=[m for m in self.moves if m.id != move_id])
 
     def with_nodes(self, nodes: dict[int, str]) -> ShardMap:
-        return self._next(nodes=dict(nodes))
+        """The map with the members' (peer) addresses `nodes`; client addresses of nodes that
+        are no longer members are dropped."""
+        return self._next(nodes=dict(nodes), clients={n: a for n, a in self.clients.items() if n in nodes})
+
+    def with_client(self, node: int, address: str) -> ShardMap:
+        """The map with node `node`'s client address set to `address` ("": removed). Raises
+        ShardMapError for a node the map does not list or an address that is not HOST:PORT."""
+        if node not in self.nodes:
+            raise ShardMapError(f"node {node} is not a node of the map")
+        clients = dict(self.clients)
+        if address:
+            try:
+                clients[node] = check_address(address)
+            except ValueError as err:
+                raise ShardMapError(str(err)) from None
+        else:
+            clients.pop(node, None)
+        return self._next(clients=clients)
 
     def with_member_change(self, group: int, cc: ConfChange) -> ShardMap:
         """The map with `group`'s replica list following the applied change `cc` (a group the map
@@ -349,6 +379,8 @@ class ShardMap:
             )
         for n, addr in sorted(self.nodes.items()):
             pb.nodes[n] = addr
+        for n, addr in sorted(self.clients.items()):
+            pb.clients[n] = addr
         return pb
 
     def encode(self) -> bytes:
@@ -399,6 +431,7 @@ class ShardMap:
             next_group=pb.next_group,
             nodes=dict(pb.nodes),
             initial_groups=pb.initial_groups,
+            clients=dict(pb.clients),
         )
         return m
 

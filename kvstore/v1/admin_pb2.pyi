@@ -16,14 +16,16 @@ ALARM_NONE: AlarmType
 ALARM_NOSPACE: AlarmType
 
 class Member(_message.Message):
-    __slots__ = ("id", "address", "learner")
+    __slots__ = ("id", "address", "learner", "client_address")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LEARNER_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     id: int
     address: str
     learner: bool
-    def __init__(self, id: _Optional[int] = ..., address: _Optional[str] = ..., learner: _Optional[bool] = ...) -> None: ...
+    client_address: str
+    def __init__(self, id: _Optional[int] = ..., address: _Optional[str] = ..., learner: _Optional[bool] = ..., client_address: _Optional[str] = ...) -> None: ...
 
 class GroupStatus(_message.Message):
     __slots__ = ("group", "role", "term", "leader_id", "commit", "applied", "last_index", "first_index", "voters", "learners", "progress", "staleness_ms", "leader_contact_ms", "sessions", "sessions_evicted")
@@ -75,20 +77,22 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node_id", "cluster_id", "address", "members", "groups", "storage_full")
+    __slots__ = ("node_id", "cluster_id", "address", "members", "groups", "storage_full", "client_address")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     STORAGE_FULL_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     cluster_id: str
     address: str
     members: _containers.RepeatedCompositeFieldContainer[Member]
     groups: _containers.RepeatedCompositeFieldContainer[GroupStatus]
     storage_full: bool
-    def __init__(self, node_id: _Optional[int] = ..., cluster_id: _Optional[str] = ..., address: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., storage_full: _Optional[bool] = ...) -> None: ...
+    client_address: str
+    def __init__(self, node_id: _Optional[int] = ..., cluster_id: _Optional[str] = ..., address: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., storage_full: _Optional[bool] = ..., client_address: _Optional[str] = ...) -> None: ...
 
 class AddMemberRequest(_message.Message):
     __slots__ = ("id", "address", "learner", "groups")

@@ -64,7 +64,7 @@ STALE: Consistency
 BOUNDED: Consistency
 
 class Error(_message.Message):
-    __slots__ = ("code", "message", "leader_id", "leader_hint", "indeterminate", "shard_version", "retry_after_ms", "compact_revision")
+    __slots__ = ("code", "message", "leader_id", "leader_hint", "indeterminate", "shard_version", "retry_after_ms", "leader_client_hint", "compact_revision")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class Error(_message.Message):
     INDETERMINATE_FIELD_NUMBER: _ClassVar[int]
     SHARD_VERSION_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    LEADER_CLIENT_HINT_FIELD_NUMBER: _ClassVar[int]
     COMPACT_REVISION_FIELD_NUMBER: _ClassVar[int]
     code: ErrorCode
     message: str
@@ -80,8 +81,9 @@ class Error(_message.Message):
     indeterminate: bool
     shard_version: int
     retry_after_ms: int
+    leader_client_hint: str
     compact_revision: int
-    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., leader_id: _Optional[int] = ..., leader_hint: _Optional[str] = ..., indeterminate: _Optional[bool] = ..., shard_version: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., compact_revision: _Optional[int] = ...) -> None: ...
+    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., leader_id: _Optional[int] = ..., leader_hint: _Optional[str] = ..., indeterminate: _Optional[bool] = ..., shard_version: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., leader_client_hint: _Optional[str] = ..., compact_revision: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("client_id", "seq", "ack", "retry", "horizon", "revision")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvstore.v1 import kv_pb2 as kvstore_dot_v1_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvstore/v1/shard.proto\x12\nkvstore.v1\x1a\x13kvstore/v1/kv.proto\"M\n\nShardGroup\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06voters\x18\x02 \x03(\x04\x12\x10\n\x08learners\x18\x03 \x03(\x04\x12\x11\n\tbootstrap\x18\x04 \x03(\x04\"u\n\tRangeMove\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06source\x18\x02 \x01(\x04\x12\x0e\n\x06target\x18\x03 \x01(\x04\x12\n\n\x02lo\x18\x04 \x03(\x06\x12\n\n\x02hi\x18\x05 \x03(\x06\x12$\n\x05state\x18\x06 \x01(\x0e\x32\x15.kvstore.v1.MoveState\"\x84\x03\n\x08ShardMap\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0breplication\x18\x02 \x01(\r\x12\x0e\n\x06vnodes\x18\x03 \x01(\r\x12&\n\x06groups\x18\x04 \x03(\x0b\x32\x16.kvstore.v1.ShardGroup\x12\x0e\n\x06points\x18\x05 \x03(\x06\x12\x0e\n\x06owners\x18\x06 \x03(\x04\x12\x10\n\x08route_lo\x18\x07 \x03(\x06\x12\x10\n\x08route_hi\x18\x08 \x03(\x06\x12\x13\n\x0broute_group\x18\t \x03(\x04\x12$\n\x05moves\x18\n \x03(\x0b\x32\x15.kvstore.v1.RangeMove\x12\x11\n\tnext_move\x18\x0b \x01(\x04\x12.\n\x05nodes\x18\x0c \x03(\x0b\x32\x1f.kvstore.v1.ShardMap.NodesEntry\x12\x12\n\nnext_group\x18\r \x01(\x04\x12\x16\n\x0einitial_groups\x18\x0e \x01(\r\x1a,\n\nNodesEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"+\n\x12GetShardMapRequest\x12\x15\n\rknown_version\x18\x01 \x01(\x04\"U\n\x13GetShardMapResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\x0b\n\x03map\x18\x02 \x01(\x0c\x12\x0f\n\x07version\x18\x03 \x01(\x04\"\xae\x01\n\x13GroupProposeRequest\x12\r\n\x05group\x18\x01 \x01(\x04\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63onf_change\x18\x03 \x01(\x0c\x12\x14\n\x0cread_barrier\x18\x04 \x01(\x08\x12\x10\n\x08transfer\x18\x05 \x01(\x08\x12\x13\n\x0btransfer_to\x18\x06 \x01(\x04\x12\x12\n\ncluster_id\x18\x07 \x01(\t\x12\x11\n\tfrom_node\x18\x08 \x01(\x04\"W\n\x14GroupProposeResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\x0e\n\x06result\x18\x02 \x01(\x0c\x12\r\n\x05index\x18\x03 \x01(\x04\"w\n\x12\x45xportRangeRequest\x12\r\n\x05group\x18\x01 \x01(\x04\x12\n\n\x02lo\x18\x02 \x03(\x06\x12\n\n\x02hi\x18\x03 \x03(\x06\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\x12\x12\n\ncluster_id\x18\x05 \x01(\t\x12\x11\n\tfrom_node\x18\x06 \x01(\x04\"S\n\x10\x45xportRangeChunk\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\x0f\n\x07records\x18\x02 \x01(\x0c\x12\x0c\n\x04keys\x18\x03 \x01(\x04\"\xa9\x01\n\x0eShardOpRequest\x12)\n\x02op\x18\x01 \x01(\x0e\x32\x1d.kvstore.v1.ShardOpRequest.Op\x12\r\n\x05group\x18\x02 \x01(\x04\x12\x0c\n\x04wait\x18\x03 \x01(\x08\x12\x0f\n\x07timeout\x18\x04 \x01(\x01\">\n\x02Op\x12\x08\n\x04INFO\x10\x00\x12\r\n\tADD_GROUP\x10\x01\x12\x10\n\x0cREMOVE_GROUP\x10\x02\x12\r\n\tREBALANCE\x10\x03\"\x8a\x01\n\tGroupInfo\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06voters\x18\x02 \x03(\x04\x12\x10\n\x08learners\x18\x03 \x03(\x04\x12\x11\n\tleader_id\x18\x04 \x01(\x04\x12\x0c\n\x04keys\x18\x05 \x01(\x04\x12\x0e\n\x06ranges\x18\x06 \x01(\x04\x12\r\n\x05share\x18\x07 \x01(\x01\x12\x0f\n\x07\x61pplied\x18\x08 \x01(\x04\"\x93\x01\n\x0fShardOpResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12%\n\x06groups\x18\x04 \x03(\x0b\x32\x15.kvstore.v1.GroupInfo\x12\x15\n\rmoves_pending\x18\x05 \x01(\r*@\n\tMoveState\x12\x10\n\x0cMOVE_PENDING\x10\x00\x12\x0f\n\x0bMOVE_FROZEN\x10\x01\x12\x10\n\x0cMOVE_FLIPPED\x10\x02\x32\xbd\x02\n\x05Shard\x12N\n\x0bGetShardMap\x12\x1e.kvstore.v1.GetShardMapRequest\x1a\x1f.kvstore.v1.GetShardMapResponse\x12Q\n\x0cGroupPropose\x12\x1f.kvstore.v1.GroupProposeRequest\x1a .kvstore.v1.GroupProposeResponse\x12M\n\x0b\x45xportRange\x12\x1e.kvstore.v1.ExportRangeRequest\x1a\x1c.kvstore.v1.ExportRangeChunk0\x01\x12\x42\n\x07ShardOp\x12\x1a.kvstore.v1.ShardOpRequest\x1a\x1b.kvstore.v1.ShardOpResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvstore/v1/shard.proto\x12\nkvstore.v1\x1a\x13kvstore/v1/kv.proto\"M\n\nShardGroup\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06voters\x18\x02 \x03(\x04\x12\x10\n\x08learners\x18\x03 \x03(\x04\x12\x11\n\tbootstrap\x18\x04 \x03(\x04\"u\n\tRangeMove\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06source\x18\x02 \x01(\x04\x12\x0e\n\x06target\x18\x03 \x01(\x04\x12\n\n\x02lo\x18\x04 \x03(\x06\x12\n\n\x02hi\x18\x05 \x03(\x06\x12$\n\x05state\x18\x06 \x01(\x0e\x32\x15.kvstore.v1.MoveState\"\xe8\x03\n\x08ShardMap\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0breplication\x18\x02 \x01(\r\x12\x0e\n\x06vnodes\x18\x03 \x01(\r\x12&\n\x06groups\x18\x04 \x03(\x0b\x32\x16.kvstore.v1.ShardGroup\x12\x0e\n\x06points\x18\x05 \x03(\x06\x12\x0e\n\x06owners\x18\x06 \x03(\x04\x12\x10\n\x08route_lo\x18\x07 \x03(\x06\x12\x10\n\x08route_hi\x18\x08 \x03(\x06\x12\x13\n\x0broute_group\x18\t \x03(\x04\x12$\n\x05moves\x18\n \x03(\x0b\x32\x15.kvstore.v1.RangeMove\x12\x11\n\tnext_move\x18\x0b \x01(\x04\x12.\n\x05nodes\x18\x0c \x03(\x0b\x32\x1f.kvstore.v1.ShardMap.NodesEntry\x12\x12\n\nnext_group\x18\r \x01(\x04\x12\x16\n\x0einitial_groups\x18\x0e \x01(\r\x12\x32\n\x07\x63lients\x18\x0f \x03(\x0b\x32!.kvstore.v1.ShardMap.ClientsEntry\x1a,\n\nNodesEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0c\x43lientsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"+\n\x12GetShardMapRequest\x12\x15\n\rknown_version\x18\x01 \x01(\x04\"U\n\x13GetShardMapResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\x0b\n\x03map\x18\x02 \x01(\x0c\x12\x0f\n\x07version\x18\x03 \x01(\x04\"\xae\x01\n\x13GroupProposeRequest\x12\r\n\x05group\x18\x01 \x01(\x04\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63onf_change\x18\x03 \x01(\x0c\x12\x14\n\x0cread_barrier\x18\x04 \x01(\x08\x12\x10\n\x08transfer\x18\x05 \x01(\x08\x12\x13\n\x0btransfer_to\x18\x06 \x01(\x04\x12\x12\n\ncluster_id\x18\x07 \x01(\t\x12\x11\n\tfrom_node\x18\x08 \x01(\x04\"W\n\x14GroupProposeResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\x0e\n\x06result\x18\x02 \x01(\x0c\x12\r\n\x05index\x18\x03 \x01(\x04\"w\n\x12\x45xportRangeRequest\x12\r\n\x05group\x18\x01 \x01(\x04\x12\n\n\x02lo\x18\x02 \x03(\x06\x12\n\n\x02hi\x18\x03 \x03(\x06\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\x12\x12\n\ncluster_id\x18\x05 \x01(\t\x12\x11\n\tfrom_node\x18\x06 \x01(\x04\"S\n\x10\x45xportRangeChunk\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\x0f\n\x07records\x18\x02 \x01(\x0c\x12\x0c\n\x04keys\x18\x03 \x01(\x04\"\xa9\x01\n\x0eShardOpRequest\x12)\n\x02op\x18\x01 \x01(\x0e\x32\x1d.kvstore.v1.ShardOpRequest.Op\x12\r\n\x05group\x18\x02 \x01(\x04\x12\x0c\n\x04wait\x18\x03 \x01(\x08\x12\x0f\n\x07timeout\x18\x04 \x01(\x01\">\n\x02Op\x12\x08\n\x04INFO\x10\x00\x12\r\n\tADD_GROUP\x10\x01\x12\x10\n\x0cREMOVE_GROUP\x10\x02\x12\r\n\tREBALANCE\x10\x03\"\x8a\x01\n\tGroupInfo\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06voters\x18\x02 \x03(\x04\x12\x10\n\x08learners\x18\x03 \x03(\x04\x12\x11\n\tleader_id\x18\x04 \x01(\x04\x12\x0c\n\x04keys\x18\x05 \x01(\x04\x12\x0e\n\x06ranges\x18\x06 \x01(\x04\x12\r\n\x05share\x18\x07 \x01(\x01\x12\x0f\n\x07\x61pplied\x18\x08 \x01(\x04\"\x93\x01\n\x0fShardOpResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12%\n\x06groups\x18\x04 \x03(\x0b\x32\x15.kvstore.v1.GroupInfo\x12\x15\n\rmoves_pending\x18\x05 \x01(\r*@\n\tMoveState\x12\x10\n\x0cMOVE_PENDING\x10\x00\x12\x0f\n\x0bMOVE_FROZEN\x10\x01\x12\x10\n\x0cMOVE_FLIPPED\x10\x02\x32\xbd\x02\n\x05Shard\x12N\n\x0bGetShardMap\x12\x1e.kvstore.v1.GetShardMapRequest\x1a\x1f.kvstore.v1.GetShardMapResponse\x12Q\n\x0cGroupPropose\x12\x1f.kvstore.v1.GroupProposeRequest\x1a .kvstore.v1.GroupProposeResponse\x12M\n\x0b\x45xportRange\x12\x1e.kvstore.v1.ExportRangeRequest\x1a\x1c.kvstore.v1.ExportRangeChunk0\x01\x12\x42\n\x07ShardOp\x12\x1a.kvstore.v1.ShardOpRequest\x1a\x1b.kvstore.v1.ShardOpResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,36 +34,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SHARDMAP_NODESENTRY']._loaded_options = None
   _globals['_SHARDMAP_NODESENTRY']._serialized_options = b'8\001'
-  _globals['_MOVESTATE']._serialized_start=1715
-  _globals['_MOVESTATE']._serialized_end=1779
+  _globals['_SHARDMAP_CLIENTSENTRY']._loaded_options = None
+  _globals['_SHARDMAP_CLIENTSENTRY']._serialized_options = b'8\001'
+  _globals['_MOVESTATE']._serialized_start=1815
+  _globals['_MOVESTATE']._serialized_end=1879
   _globals['_SHARDGROUP']._serialized_start=59
   _globals['_SHARDGROUP']._serialized_end=136
   _globals['_RANGEMOVE']._serialized_start=138
   _globals['_RANGEMOVE']._serialized_end=255
   _globals['_SHARDMAP']._serialized_start=258
-  _globals['_SHARDMAP']._serialized_end=646
-  _globals['_SHARDMAP_NODESENTRY']._serialized_start=602
-  _globals['_SHARDMAP_NODESENTRY']._serialized_end=646
-  _globals['_GETSHARDMAPREQUEST']._serialized_start=648
-  _globals['_GETSHARDMAPREQUEST']._serialized_end=691
-  _globals['_GETSHARDMAPRESPONSE']._serialized_start=693
-  _globals['_GETSHARDMAPRESPONSE']._serialized_end=778
-  _globals['_GROUPPROPOSEREQUEST']._serialized_start=781
-  _globals['_GROUPPROPOSEREQUEST']._serialized_end=955
-  _globals['_GROUPPROPOSERESPONSE']._serialized_start=957
-  _globals['_GROUPPROPOSERESPONSE']._serialized_end=1044
-  _globals['_EXPORTRANGEREQUEST']._serialized_start=1046
-  _globals['_EXPORTRANGEREQUEST']._serialized_end=1165
-  _globals['_EXPORTRANGECHUNK']._serialized_start=1167
-  _globals['_EXPORTRANGECHUNK']._serialized_end=1250
-  _globals['_SHARDOPREQUEST']._serialized_start=1253
-  _globals['_SHARDOPREQUEST']._serialized_end=1422
-  _globals['_SHARDOPREQUEST_OP']._serialized_start=1360
-  _globals['_SHARDOPREQUEST_OP']._serialized_end=1422
-  _globals['_GROUPINFO']._serialized_start=1425
-  _globals['_GROUPINFO']._serialized_end=1563
-  _globals['_SHARDOPRESPONSE']._serialized_start=1566
-  _globals['_SHARDOPRESPONSE']._serialized_end=1713
-  _globals['_SHARD']._serialized_start=1782
-  _globals['_SHARD']._serialized_end=2099
+  _globals['_SHARDMAP']._serialized_end=746
+  _globals['_SHARDMAP_NODESENTRY']._serialized_start=654
+  _globals['_SHARDMAP_NODESENTRY']._serialized_end=698
+  _globals['_SHARDMAP_CLIENTSENTRY']._serialized_start=700
+  _globals['_SHARDMAP_CLIENTSENTRY']._serialized_end=746
+  _globals['_GETSHARDMAPREQUEST']._serialized_start=748
+  _globals['_GETSHARDMAPREQUEST']._serialized_end=791
+  _globals['_GETSHARDMAPRESPONSE']._serialized_start=793
+  _globals['_GETSHARDMAPRESPONSE']._serialized_end=878
+  _globals['_GROUPPROPOSEREQUEST']._serialized_start=881
+  _globals['_GROUPPROPOSEREQUEST']._serialized_end=1055
+  _globals['_GROUPPROPOSERESPONSE']._serialized_start=1057
+  _globals['_GROUPPROPOSERESPONSE']._serialized_end=1144
+  _globals['_EXPORTRANGEREQUEST']._serialized_start=1146
+  _globals['_EXPORTRANGEREQUEST']._serialized_end=1265
+  _globals['_EXPORTRANGECHUNK']._serialized_start=1267
+  _globals['_EXPORTRANGECHUNK']._serialized_end=1350
+  _globals['_SHARDOPREQUEST']._serialized_start=1353
+  _globals['_SHARDOPREQUEST']._serialized_end=1522
+  _globals['_SHARDOPREQUEST_OP']._serialized_start=1460
+  _globals['_SHARDOPREQUEST_OP']._serialized_end=1522
+  _globals['_GROUPINFO']._serialized_start=1525
+  _globals['_GROUPINFO']._serialized_end=1663
+  _globals['_SHARDOPRESPONSE']._serialized_start=1666
+  _globals['_SHARDOPRESPONSE']._serialized_end=1813
+  _globals['_SHARD']._serialized_start=1882
+  _globals['_SHARD']._serialized_end=2199
 # @@protoc_insertion_point(module_scope)

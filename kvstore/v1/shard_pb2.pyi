@@ -46,8 +46,15 @@ class RangeMove(_message.Message):
     def __init__(self, id: _Optional[int] = ..., source: _Optional[int] = ..., target: _Optional[int] = ..., lo: _Optional[_Iterable[int]] = ..., hi: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[MoveState, str]] = ...) -> None: ...
 
 class ShardMap(_message.Message):
-    __slots__ = ("version", "replication", "vnodes", "groups", "points", "owners", "route_lo", "route_hi", "route_group", "moves", "next_move", "nodes", "next_group", "initial_groups")
+    __slots__ = ("version", "replication", "vnodes", "groups", "points", "owners", "route_lo", "route_hi", "route_group", "moves", "next_move", "nodes", "next_group", "initial_groups", "clients")
     class NodesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: str
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
+    class ClientsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +75,7 @@ class ShardMap(_message.Message):
     NODES_FIELD_NUMBER: _ClassVar[int]
     NEXT_GROUP_FIELD_NUMBER: _ClassVar[int]
     INITIAL_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
     version: int
     replication: int
     vnodes: int
@@ -82,7 +90,8 @@ class ShardMap(_message.Message):
     nodes: _containers.ScalarMap[int, str]
     next_group: int
     initial_groups: int
-    def __init__(self, version: _Optional[int] = ..., replication: _Optional[int] = ..., vnodes: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[ShardGroup, _Mapping]]] = ..., points: _Optional[_Iterable[int]] = ..., owners: _Optional[_Iterable[int]] = ..., route_lo: _Optional[_Iterable[int]] = ..., route_hi: _Optional[_Iterable[int]] = ..., route_group: _Optional[_Iterable[int]] = ..., moves: _Optional[_Iterable[_Union[RangeMove, _Mapping]]] = ..., next_move: _Optional[int] = ..., nodes: _Optional[_Mapping[int, str]] = ..., next_group: _Optional[int] = ..., initial_groups: _Optional[int] = ...) -> None: ...
+    clients: _containers.ScalarMap[int, str]
+    def __init__(self, version: _Optional[int] = ..., replication: _Optional[int] = ..., vnodes: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[ShardGroup, _Mapping]]] = ..., points: _Optional[_Iterable[int]] = ..., owners: _Optional[_Iterable[int]] = ..., route_lo: _Optional[_Iterable[int]] = ..., route_hi: _Optional[_Iterable[int]] = ..., route_group: _Optional[_Iterable[int]] = ..., moves: _Optional[_Iterable[_Union[RangeMove, _Mapping]]] = ..., next_move: _Optional[int] = ..., nodes: _Optional[_Mapping[int, str]] = ..., next_group: _Optional[int] = ..., initial_groups: _Optional[int] = ..., clients: _Optional[_Mapping[int, str]] = ...) -> None: ...
 
 class GetShardMapRequest(_message.Message):
     __slots__ = ("known_version",)

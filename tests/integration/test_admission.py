@@ -186,9 +186,82 @@ async def _a_client_refused_for_its_rate_does_not_harm_another(tmp_path: Path) -
                     await bob.put(b"bob/%d" % i, b"%d" % i)
                 assert node.admission.refused["rate_limit"] == refused_before, dict(node.admission.limiter.buckets)
                 assert node.admission.limiter is not None
-                assert set(node.admission.limiter.buckets) == {"cn:alice", "cn:bob"}
+                assert set(node.admission.limiter.buckets) == {"user:alice", "user:bob"}
     finally:
         await node.stop(grace=0.5)
+
+
+async def _users_of_one_address_have_their_own_buckets_which_follow_them_across_connections(
+    tmp_path: Path,
+) -> None:
+    """Auth on, a plaintext node (no certificates): alice and bob log in from the same address,
+    over the same connection. The rate limit runs after the guard, so each has a bucket of its
+    own (keyed by the token's user, not the address): alice exhausts hers and is refused
+    (definite, nothing applied) while bob, on the very same connection, is not; alice's bucket
+    follows her to a new connection, for unary calls and KV.Stream operations alike. The limiter's
+    clock is frozen once the users exist, so no bucket refills during the test."""
+    adm = AdmissionSettings(rate_limit=RateLimit(rate=1, burst=20))
+    async with one_node(tmp_path, admission=adm) as n, grpc.aio.insecure_channel(n.address) as ch:
+        assert n.node.admission is not None and n.node.admission.limiter is not None
+        tokens = await _users_alice_and_bob(ch)
+        frozen = time.monotonic()
+        n.node.admission.clock = lambda: frozen
+        kv = kv_pb2_grpc.KVStub(ch)
+
+        async def put(stub: kv_pb2_grpc.KVStub, who: str, key: bytes) -> str:
+            try:
+                r = await stub.Put(kv_pb2.PutRequest(key=key, value=b"v"), metadata=_bearer(tokens[who]), timeout=5)
+            except grpc.aio.AioRpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "definite" in (e.details() or "")
+                assert int(dict(e.trailing_metadata() or ())[RETRY_AFTER_KEY]) > 0
+                return "refused"
+            assert r.error.code == kv_pb2.OK, r.error
+            return "ok"
+
+        alice = [await put(kv, "alice", b"data/a%d" % i) for i in range(25)]
+        assert alice == ["ok"] * 20 + ["refused"] * 5  # her burst, no refill (the clock is frozen)
+        assert [await put(kv, "bob", b"data/b%d" % i) for i in range(5)] == ["ok"] * 5  # same connection
+        assert all(stored(n, b"data/a%d" % i) is None for i in range(20, 25))
+        assert {"user:alice", "user:bob"} <= set(n.node.admission.limiter.buckets)
+        # A new connection from the same host does not buy alice a new bucket; bob is still served.
+        async with grpc.aio.insecure_channel(n.address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch2:
+            kv2 = kv_pb2_grpc.KVStub(ch2)
+            assert await put(kv2, "alice", b"data/again") == "refused"
+            ops = [put_op(i, b"data/s%d" % i) for i in range(3)]
+            for who, code in (("alice", kv_pb2.RESOURCE_EXHAUSTED), ("bob", kv_pb2.OK)):
+                call = kv2.Stream(iter([kv_pb2.OpBatch(ops=ops)]), metadata=_bearer(tokens[who]), timeout=20)
+                results = {r.id: r async for b in call for r in b.results}
+                assert sorted(results) == [0, 1, 2]
+                assert all(r.put.error.code == code for r in results.values()), (who, results)
+                if code != kv_pb2.OK:
+                    assert all(r.put.error.retry_after_ms > 0 and not r.put.error.indeterminate
+                               for r in results.values())
+        assert stored(n, b"data/again") is None
+
+
+def _bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+async def _users_alice_and_bob(ch: grpc.aio.Channel) -> dict[str, str]:
+    """root, alice and bob (readwrite on data/), auth enabled; their tokens."""
+    from kvstore.v1 import auth_pb2, auth_pb2_grpc
+
+    a = auth_pb2_grpc.AuthStub(ch)
+    op = auth_pb2.AuthChangeRequest
+    perm = auth_pb2.Permission(kind=auth_pb2.READWRITE, key=b"data/", range_end=b"data0")
+    for req in (op(op=op.USER_ADD, user="root", password="rootpw"), op(op=op.USER_ADD, user="alice", password="a"),
+                op(op=op.USER_ADD, user="bob", password="b"), op(op=op.ROLE_ADD, role="rw"),
+                op(op=op.ROLE_GRANT, role="rw", permission=perm), op(op=op.USER_GRANT_ROLE, user="alice", role="rw"),
+                op(op=op.USER_GRANT_ROLE, user="bob", role="rw"), op(op=op.ENABLE)):
+        r = await a.Change(req, timeout=10)
+        assert r.error.code == kv_pb2.OK, r.error
+    tokens = {}
+    for user, pw in (("alice", "a"), ("bob", "b")):
+        r = await a.Authenticate(auth_pb2.AuthenticateRequest(user=user, password=pw), timeout=10)
+        assert r.error.code == kv_pb2.OK, r.error
+        tokens[user] = r.token
+    return tokens
 
 
 # --- load shedding -----------------------------------------------------------------------------
@@ -375,6 +448,10 @@ def test_the_client_gives_up_with_a_definite_error_when_the_wait_is_too_long(tmp
 
 def test_a_client_refused_for_its_rate_does_not_harm_another(tmp_path: Path) -> None:
     asyncio.run(_a_client_refused_for_its_rate_does_not_harm_another(tmp_path))
+
+
+def test_users_of_one_address_have_their_own_buckets_which_follow_them_across_connections(tmp_path: Path) -> None:
+    asyncio.run(_users_of_one_address_have_their_own_buckets_which_follow_them_across_connections(tmp_path))
 
 
 def test_memory_ceiling_sheds_writes_and_serves_reads(tmp_path: Path) -> None:

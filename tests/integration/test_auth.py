@@ -175,6 +175,54 @@ async def _every_rpc_with_no_credentials_wrong_user_and_right_user(tmp_path: Pat
         assert table["/kvstore.v1.KV/Put"][2] == "OK" and table["/kvstore.v1.Admin/Snapshot"][2] == "OK"
 
 
+def test_every_rpc_on_the_client_port_needs_a_token_and_internal_rpcs_are_not_served(tmp_path: Path) -> None:
+    asyncio.run(_every_rpc_on_the_client_port(tmp_path))
+
+
+async def _every_rpc_on_the_client_port(tmp_path: Path) -> None:
+    """The same table on the client-only port (`--client-listen`): before auth is enabled every
+    USER / ADMIN RPC is refused (UNAUTHENTICATED, definite: TLS without authentication is not
+    secure mode) while the peer port serves; then no token: UNAUTHENTICATED, wrong user:
+    PERMISSION_DENIED, right user: served; INTERNAL RPCs are UNIMPLEMENTED for everyone."""
+    async with one_node(tmp_path, client_port=True) as n:
+        port = n.node.client_port
+        assert port is not None
+        served = set(port.rpc_methods)
+        assert served == {p for p in n.node.rpc_methods if rule_of(p) is not Rule.INTERNAL}
+        async with grpc.aio.insecure_channel(n.client_address) as ch:
+            for path in n.node.rpc_methods:
+                if rule_of(path) in (Rule.USER, Rule.ADMIN):
+                    code, detail = await call(ch, path, None, "none")
+                    assert code == "UNAUTHENTICATED" and "auth is not enabled" in detail, (path, code, detail)
+            async with grpc.aio.insecure_channel(n.address) as peer:
+                assert (await call(peer, "/kvstore.v1.KV/Put", None, "right"))[0] == "OK"
+            tokens = await setup_auth(n)
+            for path in n.node.rpc_methods:
+                rule = rule_of(path)
+                if path == "/grpc.health.v1.Health/Watch":
+                    continue  # see the table above: grpc_health's synchronous Watch outlives its call
+                right = "root" if rule is Rule.ADMIN or path.endswith("Auth/Change") else "alice"
+                got = (
+                    (await call(ch, path, None, "none"))[0],
+                    (await call(ch, path, tokens["bob"], "wrong"))[0],
+                    (await call(ch, path, tokens[right], "right"))[0],
+                )
+                none, wrong, ok = got
+                if rule is Rule.INTERNAL:
+                    assert got == ("UNIMPLEMENTED",) * 3, (path, got)
+                elif path == "/kvstore.v1.Auth/Authenticate":
+                    assert got == ("UNAUTHENTICATED", "UNAUTHENTICATED", "OK"), (path, got)
+                elif rule is Rule.PUBLIC:
+                    assert none not in AUTH_FAIL and ok not in AUTH_FAIL, (path, got)
+                else:
+                    assert none == "UNAUTHENTICATED" and ok not in AUTH_FAIL, (path, got)
+                    bob_may = path in ("/kvstore.v1.Admin/Status", "/kvstore.v1.Shard/GetShardMap",
+                                       "/kvstore.v1.Auth/Status")
+                    assert (wrong not in AUTH_FAIL) if bob_may else (wrong == "PERMISSION_DENIED"), (path, got)
+            code, detail = await call(ch, "/kvstore.v1.KV/Get", None, "none")
+            assert code == "UNAUTHENTICATED" and "log in" in detail and "peer port" in detail, detail
+
+
 def test_key_permissions_per_operation_in_one_stream(tmp_path: Path) -> None:
     asyncio.run(_key_permissions_per_operation_in_one_stream(tmp_path))
 
@@ -330,10 +378,171 @@ async def _tls_certificate_identities(tmp_path: Path) -> None:
             assert p.error.code == kv_pb2.PERMISSION_DENIED
             # over carol's certificate, root's token decides who is calling
             token = await login(auth_pb2_grpc.AuthStub(carol_ch), "root", "rootpw")
-            p = await carol_kv.Put(kv_pb2.PutRequest(key=b"k", value=b"v"), metadata=bearer(token), timeout=10)
-            assert p.error.code == kv_pb2.OK
+            for _ in range(200):  # the data group elects itself (the metadata group's leader came first)
+                p = await carol_kv.Put(kv_pb2.PutRequest(key=b"k", value=b"v"), metadata=bearer(token), timeout=10)
+                if p.error.code != kv_pb2.NO_LEADER:
+                    break
+                await asyncio.sleep(0.05)
+            assert p.error.code == kv_pb2.OK, p.error
             with pytest.raises(grpc.aio.AioRpcError) as exc:  # a bad token is never downgraded to the cert
                 await carol_kv.Put(kv_pb2.PutRequest(key=b"k", value=b"v"), metadata=bearer("kv1.x.y"), timeout=10)
             assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         await node.stop(grace=0.5)
+
+
+class _Feed:
+    """A KV.Stream request side fed batch by batch (ends when closed)."""
+
+    def __init__(self) -> None:
+        self.q: asyncio.Queue[kv_pb2.OpBatch | None] = asyncio.Queue()
+
+    async def __aiter__(self) -> AsyncIterator[kv_pb2.OpBatch]:  # type: ignore[misc]
+        while (b := await self.q.get()) is not None:
+            yield b
+
+    def send(self, *ops: kv_pb2.Op) -> None:
+        self.q.put_nowait(kv_pb2.OpBatch(ops=list(ops)))
+
+
+def _put(i: int, key: bytes) -> kv_pb2.Op:
+    return kv_pb2.Op(id=i, put=kv_pb2.PutRequest(key=key, value=b"v"))
+
+
+async def _stream_is_cut_off(call: Any, feed: _Feed, why: str) -> None:
+    """The next batch is refused operation by operation (UNAUTHENTICATED, definite) and the
+    stream ends with status UNAUTHENTICATED."""
+    feed.send(_put(10, b"data/late"), kv_pb2.Op(id=11, get=kv_pb2.GetRequest(key=b"data/early")))
+    rb = await call.read()
+    assert rb is not grpc.aio.EOF
+    results = {r.id: getattr(r, r.WhichOneof("result")).error for r in rb.results}
+    assert sorted(results) == [10, 11]
+    for e in results.values():
+        assert e.code == kv_pb2.UNAUTHENTICATED and not e.indeterminate and why in e.message, e
+    assert await call.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert why in (await call.details())
+    feed.q.put_nowait(None)
+
+
+def test_a_stream_ends_unauthenticated_when_its_token_expires(tmp_path: Path) -> None:
+    asyncio.run(_a_stream_ends_unauthenticated_when_its_token_expires(tmp_path))
+
+
+async def _a_stream_ends_unauthenticated_when_its_token_expires(tmp_path: Path) -> None:
+    """A stream opened with a 60 s token works until the (injected) clock passes the token's
+    expiry; its next operations are refused and the stream ends, nothing of them applied."""
+    async with one_node(tmp_path) as n:
+        await setup_auth(n)
+        now = [time.time()]
+        n.node.guard.clock = lambda: now[0]
+        async with grpc.aio.insecure_channel(n.address) as ch:
+            a, kv = auth_pb2_grpc.AuthStub(ch), kv_pb2_grpc.KVStub(ch)
+            token = await login(a, "alice", "alicepw", ttl=60)
+            feed = _Feed()
+            call = kv.Stream(feed.__aiter__(), metadata=bearer(token), timeout=20)
+            feed.send(_put(1, b"data/early"))
+            rb = await call.read()
+            assert [r.put.error.code for r in rb.results] == [kv_pb2.OK]
+            now[0] = time.time() + 59
+            feed.send(_put(2, b"data/early2"))
+            assert [r.put.error.code for r in (await call.read()).results] == [kv_pb2.OK]
+            now[0] = time.time() + 61
+            await _stream_is_cut_off(call, feed, "expired")
+            g = await kv.Get(kv_pb2.GetRequest(key=b"data/late"), metadata=bearer(await login(a, "alice", "alicepw")),
+                             timeout=10)
+            assert g.error.code == kv_pb2.OK and not g.found
+
+
+def test_a_password_change_ends_the_users_open_streams(tmp_path: Path) -> None:
+    asyncio.run(_a_password_change_ends_the_users_open_streams(tmp_path))
+
+
+async def _a_password_change_ends_the_users_open_streams(tmp_path: Path) -> None:
+    """alice's open stream (by token) is cut off after she changes her password; reader's stream,
+    opened before and untouched by the change, goes on."""
+    async with one_node(tmp_path) as n:
+        tokens = await setup_auth(n)
+        async with grpc.aio.insecure_channel(n.address) as ch:
+            a, kv = auth_pb2_grpc.AuthStub(ch), kv_pb2_grpc.KVStub(ch)
+            feed, other = _Feed(), _Feed()
+            call = kv.Stream(feed.__aiter__(), metadata=bearer(tokens["alice"]), timeout=20)
+            reader = kv.Stream(other.__aiter__(), metadata=bearer(tokens["reader"]), timeout=20)
+            feed.send(_put(1, b"data/early"))
+            assert [r.put.error.code for r in (await call.read()).results] == [kv_pb2.OK]
+            r = await change(a, tokens["alice"], op=Op.USER_PASSWD, user="alice", password="newpw")
+            assert r.error.code == kv_pb2.OK, r.error  # answered once this node applied it
+            await _stream_is_cut_off(call, feed, "revoked")
+            other.send(kv_pb2.Op(id=1, get=kv_pb2.GetRequest(key=b"data/early")))
+            rb = await reader.read()
+            assert rb.results[0].get.error.code == kv_pb2.OK and rb.results[0].get.value == b"v"
+            other.q.put_nowait(None)
+            assert await reader.code() == grpc.StatusCode.OK
+
+
+def test_a_scan_stops_streaming_once_its_token_expires(tmp_path: Path) -> None:
+    asyncio.run(_a_scan_stops_streaming_once_its_token_expires(tmp_path))
+
+
+async def _a_scan_stops_streaming_once_its_token_expires(tmp_path: Path) -> None:
+    """A server-streaming call re-checks its token before each message: with the guard's clock
+    passing the expiry after the first message was sent, the second is not sent and the call
+    ends UNAUTHENTICATED (a scan of two messages: 4 values of 150 KiB, 256 KiB chunks)."""
+    async with one_node(tmp_path) as n:
+        tokens = await setup_auth(n)
+        async with grpc.aio.insecure_channel(n.address) as ch:
+            a, kv = auth_pb2_grpc.AuthStub(ch), kv_pb2_grpc.KVStub(ch)
+            for i in range(4):
+                p = await kv.Put(kv_pb2.PutRequest(key=b"data/big%d" % i, value=b"x" * (150 << 10)),
+                                 metadata=bearer(tokens["alice"]), timeout=10)
+                assert p.error.code == kv_pb2.OK
+            token = await login(a, "alice", "alicepw", ttl=60)
+            full = [r async for r in kv.Scan(kv_pb2.ScanRequest(prefix=b"data/big", group=1),
+                                             metadata=bearer(token), timeout=10)]
+            assert len(full) == 2 and sum(len(r.items) for r in full) == 4  # two messages when valid
+            reads = [0]
+            base = time.time()
+
+            def clock() -> float:  # the admission's check and the first message's: valid; then expired
+                reads[0] += 1
+                return base if reads[0] <= 2 else base + 61
+
+            n.node.guard.clock = clock
+            got = []
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                async for r in kv.Scan(kv_pb2.ScanRequest(prefix=b"data/big", group=1), metadata=bearer(token),
+                                       timeout=10):
+                    got.append(r)
+            assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED and "expired" in (exc.value.details() or "")
+            assert len(got) == 1 and got[0].more and reads[0] == 3
+
+
+def test_a_client_logs_in_again_when_its_stream_token_dies(tmp_path: Path) -> None:
+    asyncio.run(_a_client_logs_in_again_when_its_stream_token_dies(tmp_path))
+
+
+async def _a_client_logs_in_again_when_its_stream_token_dies(tmp_path: Path) -> None:
+    """The client library's operations ride one KV.Stream opened with its token. When the server
+    cuts that stream (auth enabled again: every token void), the refused operation is retried
+    once after a new login and lands; after a password change the new login fails and the
+    operation fails definitely (UNAUTHENTICATED), unapplied."""
+    from kvstore import errors
+    from kvstore.client import AsyncClient
+
+    async with one_node(tmp_path) as n:
+        tokens = await setup_auth(n)
+        async with AsyncClient([n.address], user="alice", password="alicepw", timeout=10) as kv, \
+                grpc.aio.insecure_channel(n.address) as ch:
+            a = auth_pb2_grpc.AuthStub(ch)
+            await kv.put(b"data/1", b"1")
+            assert (await change(a, tokens["root"], op=Op.DISABLE)).error.code == kv_pb2.OK
+            assert (await change(a, None, op=Op.ENABLE)).error.code == kv_pb2.OK
+            await kv.put(b"data/2", b"2")  # the stream was cut; logged in again; applied once
+            assert await kv.get(b"data/2") == b"2"
+            root = await login(a, "root", "rootpw")
+            r = await change(a, root, op=Op.USER_PASSWD, user="alice", password="changed")
+            assert r.error.code == kv_pb2.OK, r.error
+            with pytest.raises(errors.Unauthenticated) as exc:
+                await kv.put(b"data/3", b"3")
+            assert exc.value.definite
+            g = await kv_pb2_grpc.KVStub(ch).Get(kv_pb2.GetRequest(key=b"data/3"), metadata=bearer(root), timeout=10)
+            assert g.error.code == kv_pb2.OK and not g.found

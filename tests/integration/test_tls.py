@@ -119,8 +119,13 @@ def test_serve_exits_2_without_certs_on_a_public_address(tmp_path: Path) -> None
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    from clusterharness import free_ports
+
     root = tmp_path_factory.mktemp("tls")
     c = Cluster(root, 3, certs_dir=root / "certs")
+    (mport,) = free_ports(1)
+    c.nodes[1].args += ["--metrics-listen", f"127.0.0.1:{mport}"]
+    c.metrics_port = mport  # type: ignore[attr-defined]
     c.start()
     try:
         yield c
@@ -326,3 +331,110 @@ def test_peer_verifier_uri_is_authoritative_and_hostnames_map_through_member_add
     assert v.refusal(_Ctx(None), 2) == "no peer certificate"  # type: ignore[arg-type]
     assert v.refusal(_Ctx(pod_pem), 1) is None  # type: ignore[arg-type]
     assert v.refusal(_Ctx(pod_pem), 2) is not None  # type: ignore[arg-type]
+
+
+def _https_get(url: str, ca: Path | None, client: tuple[Path, Path] | None) -> str:
+    import ssl
+    import urllib.request
+
+    ctx = ssl.create_default_context(cafile=str(ca)) if ca is not None else ssl.create_default_context()
+    if client is not None:
+        ctx.load_cert_chain(*client)
+    with urllib.request.urlopen(url, context=ctx, timeout=10) as r:
+        return r.read().decode()
+
+
+def test_metrics_are_served_over_https_with_mutual_tls_and_reload_with_the_certificates(tmp_path: Path) -> None:
+    """With a certs directory the metrics endpoint is HTTPS with the node certificate: a client of
+    the cluster's CA with a client certificate gets the metrics text; without a client
+    certificate, with plaintext HTTP or trusting another CA, it gets none; a silent connection
+    blocks nobody; a reload swaps in new certificates for later connections (and a bad one
+    changes nothing)."""
+    import socket
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from kvstore.server.metrics import Metrics
+    from kvstore.server.metrics_http import MetricsEndpoint
+
+    d, other = tmp_path / "certs", tmp_path / "other"
+    for cd in (d, other):
+        certs.create_ca(cd)
+        certs.create_node(cd, 1, ["127.0.0.1"])
+        certs.create_client(cd, "prometheus")
+    metrics = Metrics()
+    metrics.writes.inc(7)
+    ep = MetricsEndpoint("127.0.0.1:0", metrics.registry, d)
+    try:
+        assert ep.url == f"https://127.0.0.1:{ep.port}/metrics"
+        client = (d / "client.prometheus.crt", d / "client.prometheus.key")
+        silent = socket.create_connection(("127.0.0.1", ep.port))  # says nothing: holds only its own thread
+        try:
+            text = _https_get(ep.url, d / "ca.crt", client)
+        finally:
+            silent.close()
+        assert "kvstore_writes_total 7.0" in text
+        refused: list[tuple[str, BaseException]] = []
+        for what, url, ca, cert in (
+            ("no client certificate", ep.url, d / "ca.crt", None),
+            ("plaintext", f"http://127.0.0.1:{ep.port}/metrics", None, None),
+            ("the server's certificate from another CA", ep.url, other / "ca.crt", client),
+        ):
+            try:
+                if url.startswith("http:"):
+                    with urllib.request.urlopen(url, timeout=10) as r:
+                        body = r.read().decode()
+                else:
+                    body = _https_get(url, ca, cert)
+            except (OSError, ssl.SSLError, urllib.error.URLError) as err:
+                refused.append((what, err))
+                continue
+            raise AssertionError(f"{what}: served {body[:80]!r}")
+        assert [w for w, _ in refused] == ["no client certificate", "plaintext", "the server's certificate from another CA"]
+        # A bad reload (a key that is not the certificate's) changes nothing.
+        good_key = (d / "node.key").read_bytes()
+        (d / "node.key").write_bytes((d / "client.prometheus.key").read_bytes())
+        assert not ep.reload()
+        assert "kvstore_writes_total" in _https_get(ep.url, d / "ca.crt", client)
+        (d / "node.key").write_bytes(good_key)
+        # The other CA's material in place of ours: after a reload, only its clients are served.
+        for name in ("ca.crt", "node.crt", "node.key"):
+            (d / name).write_bytes((other / name).read_bytes())
+        assert ep.reload()
+        other_client = (other / "client.prometheus.crt", other / "client.prometheus.key")
+        assert "kvstore_writes_total" in _https_get(ep.url, other / "ca.crt", other_client)
+        with pytest.raises((OSError, ssl.SSLError, urllib.error.URLError)):
+            _https_get(ep.url, other / "ca.crt", client)  # the old CA's client certificate
+    finally:
+        ep.close()
+
+
+def test_a_tls_node_serves_its_metrics_over_https_only(cluster: Cluster) -> None:
+    """`kvstore serve --certs-dir ... --metrics-listen ...`: the metrics endpoint verifies with the
+    cluster's CA and a client certificate; plaintext HTTP gets nothing."""
+    import urllib.request
+
+    assert cluster.certs_dir is not None
+    port = cluster.metrics_port  # type: ignore[attr-defined]
+    client = (cluster.certs_dir / certs.client_cert_name("root"), cluster.certs_dir / certs.client_key_name("root"))
+    text = _https_get(f"https://127.0.0.1:{port}/metrics", cluster.certs_dir / "ca.crt", client)
+    assert "kvstore_raft_term" in text
+    with pytest.raises(OSError):  # urllib's URLError and the dropped connection are both OSErrors
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+
+
+def test_metrics_without_certificates_are_plain_http(tmp_path: Path) -> None:
+    import urllib.request
+
+    from kvstore.server.metrics import Metrics
+    from kvstore.server.metrics_http import MetricsEndpoint
+
+    metrics = Metrics()
+    ep = MetricsEndpoint("127.0.0.1:0", metrics.registry)
+    try:
+        assert ep.url.startswith("http://") and not ep.reload()
+        with urllib.request.urlopen(ep.url, timeout=10) as r:
+            assert "kvstore_writes_total 0.0" in r.read().decode()
+    finally:
+        ep.close()

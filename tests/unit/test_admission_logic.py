@@ -32,8 +32,7 @@ from kvstore.node.ratelimit import RateLimit, RateLimiter, TokenBucket, parse_ra
 from kvstore.node.shedding import LoadShedder, ShedSettings
 from kvstore.node.store import ApplyBatch, GroupWrite
 from kvstore.raft import ConfState, Entry, EntryType, HardState
-from kvstore.server.admission import Admission, AdmissionSettings
-from kvstore.server.identity import peer_host
+from kvstore.server.admission import Admission, AdmissionSettings, peer_host, rate_key
 from kvstore.server.shards import check_group_request
 from kvstore.shard.shardmap import SHARD_MAP_KEY
 from kvstore.storage import commands
@@ -319,13 +318,6 @@ def test_backoff_never_waits_less_than_the_retry_after(floor: float, attempts: i
     assert floor <= d <= max(1.0, floor * 1.25)
 
 
-def test_peer_identity_strings() -> None:
-    assert peer_host("ipv4:127.0.0.1:5000") == "ip:127.0.0.1"
-    assert peer_host("ipv6:[::1]:5000") == "ip:::1"
-    assert peer_host("ipv6:%5B::1%5D:5000") == "ip:::1"
-    assert peer_host("unix:/tmp/s") == "peer:unix:/tmp/s"
-
-
 @settings(max_examples=200, deadline=None)
 @given(value=st.one_of(st.text(max_size=12), st.integers().map(str)))
 def test_a_garbled_retry_after_trailer_is_never_trusted_blindly(value: str) -> None:
@@ -406,49 +398,127 @@ def test_serve_flags_for_limits_parse_and_bad_ones_are_usage_errors(tmp_path: Pa
         assert r.exit_code == 2 and needle in r.output, (flags, r.output)
 
 
+def test_peer_identity_strings_and_rate_keys_of_principals() -> None:
+    from kvstore.security.identity import Principal, PrincipalKind
+
+    assert peer_host("ipv4:127.0.0.1:5000") == "ip:127.0.0.1"
+    assert peer_host("ipv6:[::1]:5000") == "ip:::1"
+    assert peer_host("ipv6:%5B::1%5D:5000") == "ip:::1"
+    assert peer_host("unix:/tmp/s") == "peer:unix:/tmp/s"
+    # A user has one bucket whether it came by token or certificate, from any address.
+    by_token = Principal(PrincipalKind.USER, "alice", "token", 3, "ipv4:10.0.0.1:1")
+    by_cert = Principal(PrincipalKind.USER, "alice", "certificate", 0, "ipv4:10.0.0.2:2")
+    assert rate_key(by_token) == rate_key(by_cert) == "user:alice"
+    assert rate_key(Principal(PrincipalKind.USER, "bob", "token", 1, "ipv4:10.0.0.1:1")) == "user:bob"
+    assert rate_key(Principal(PrincipalKind.NODE, "node:2", "certificate", 0, "ipv4:10.0.0.3:9")) is None
+    assert rate_key(Principal(PrincipalKind.ANONYMOUS, peer="ipv4:10.0.0.1:7")) == "ip:10.0.0.1"
+
+
 def test_the_rate_limit_wraps_client_rpcs_and_never_node_traffic() -> None:
-    """The interceptor returns the handlers of traffic between nodes and of health checks as they
-    are; it wraps the unary and server-streaming client RPCs; request-streaming ones (KV.Stream is
-    limited per operation inside; Raft.Send) are left alone."""
+    """Registered through `wire.add_services`, every unary-request client RPC of every service
+    (generated from the descriptors) is admitted by the call limit after the guard, with the
+    principal the guard established; traffic between nodes, health checks and request-streaming
+    methods (KV.Stream is limited per operation inside) never reach it."""
     import asyncio
-    from collections import namedtuple
+    from typing import Any
+
+    from google.protobuf import message_factory
+    from grpc_health.v1 import health_pb2
+
+    from kvstore.security.guard import AuthGuard, AuthTracker
+    from kvstore.security.identity import Principal, PrincipalKind, identity_of_call
+    from kvstore.server import wire
+    from kvstore.v1 import admin_pb2, auth_pb2, raft_pb2
 
     store = MemoryNodeStore()
     host = Host(1, store, lambda ms: None, RaftSettings(), random.Random(1))
     adm = Admission(1, AdmissionSettings(rate_limit=RateLimit(1, 1)), host, AlarmTracker(store))
-    interceptor = adm.interceptor()
-    assert interceptor is not None
-    assert Admission(1, AdmissionSettings(), host, AlarmTracker(store)).interceptor() is None
+    assert adm.call_limit() is adm
+    assert Admission(1, AdmissionSettings(), host, AlarmTracker(store)).call_limit() is None
 
-    async def unary(request: object, context: object) -> object:
-        return request
+    seen: list[tuple[str, Principal]] = []
+    ran: list[tuple[str, int]] = []
 
-    async def server_stream(request: object, context: object):  # type: ignore[no-untyped-def]
-        yield request
+    class Recording:
+        def limits(self, path: str) -> bool:
+            return adm.limits(path)
 
-    async def client_stream(requests: object, context: object) -> object:
-        return None
+        async def admit_call(self, p: Principal, context: object) -> None:
+            seen.append((current, p))
 
-    handlers = {
-        "unary": grpc.unary_unary_rpc_method_handler(unary),
-        "server_stream": grpc.unary_stream_rpc_method_handler(server_stream),
-        "stream": grpc.stream_stream_rpc_method_handler(client_stream),
-    }
-    Details = namedtuple("Details", ["method", "invocation_metadata"])
+    class Servicer:
+        def __getattr__(self, name: str) -> Any:
+            async def unary(request: object, context: object) -> object:
+                ran.append((current, len(seen)))
+                return identity_of_call()
 
-    def intercept(method: str, kind: str) -> object:
-        async def continuation(details: object) -> object:
-            return handlers[kind]
+            async def streaming(request: object, context: object) -> Any:
+                ran.append((current, len(seen)))
+                yield identity_of_call()
 
-        return asyncio.run(interceptor.intercept_service(continuation, Details(method, ())))  # type: ignore[arg-type]
+            return streaming if name in streaming_names else unary
 
-    for method in ("/kvstore.v1.Raft/Send", "/kvstore.v1.Shard/GroupPropose", "/kvstore.v1.Shard/ExportRange",
-                   "/grpc.health.v1.Health/Check"):
-        assert intercept(method, "unary") is handlers["unary"], method
-    assert intercept("/kvstore.v1.KV/Stream", "stream") is handlers["stream"]
-    wrapped = intercept("/kvstore.v1.KV/Put", "unary")
-    assert wrapped is not handlers["unary"] and wrapped.unary_unary is not unary  # type: ignore[attr-defined]
-    scan = intercept("/kvstore.v1.KV/Scan", "server_stream")
-    assert scan is not handlers["server_stream"] and scan.unary_stream is not server_stream  # type: ignore[attr-defined]
-    admin = intercept("/kvstore.v1.Admin/AlarmDisarm", "unary")
-    assert admin is not handlers["unary"]
+    class Context:
+        def peer(self) -> str:
+            return "ipv4:10.1.2.3:4567"
+
+        def invocation_metadata(self) -> tuple[()]:
+            return ()
+
+        def auth_context(self) -> dict[str, list[bytes]]:
+            return {}
+
+        async def abort(self, code: object, details: str = "", trailing_metadata: object = ()) -> None:
+            raise AssertionError(f"aborted: {code} {details}")
+
+    class Server:
+        def __init__(self) -> None:
+            self.generic: list[Any] = []
+
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            self.generic.extend(handlers)
+
+    services = [d.services_by_name[n] for d, n in ((kv_pb2.DESCRIPTOR, "KV"), (admin_pb2.DESCRIPTOR, "Admin"),
+                                                    (shard_pb2.DESCRIPTOR, "Shard"), (raft_pb2.DESCRIPTOR, "Raft"),
+                                                    (auth_pb2.DESCRIPTOR, "Auth"))]
+    streaming_names = {m.name for svc in services for m in svc.methods if m.server_streaming}
+    server = Server()
+    guard = AuthGuard(AuthTracker(store), None)
+    paths = wire.add_services(server, [(Servicer(), svc) for svc in services], guard, limit=Recording())  # type: ignore[arg-type]
+    methods = {f"/{svc.full_name}/{m.name}": m for svc in services for m in svc.methods}
+    assert set(paths) == set(methods)
+
+    class Details:
+        def __init__(self, method: str) -> None:
+            self.method = method
+            self.invocation_metadata = ()
+
+    limited = set()
+    for path, m in methods.items():
+        current = path
+        handler = next(h for g in server.generic if (h := g.service(Details(path))) is not None)
+        if m.client_streaming:
+            continue
+        request = message_factory.GetMessageClass(m.input_type)()
+        before = len(seen)
+        if m.server_streaming:
+            async def drain(h: Any, req: object) -> list[Any]:
+                return [r async for r in h.unary_stream(req, Context())]
+
+            asyncio.run(drain(handler, request))
+        else:
+            asyncio.run(handler.unary_unary(request, Context()))
+        assert ran[-1][0] == path
+        if len(seen) > before:
+            limited.add(path)
+            assert ran[-1][1] == len(seen) and seen[-1][0] == path  # the limit ran before the handler
+            assert seen[-1][1].kind is PrincipalKind.ANONYMOUS and seen[-1][1].peer == "ipv4:10.1.2.3:4567"
+            assert rate_key(seen[-1][1]) == "ip:10.1.2.3"
+    internal = {"/kvstore.v1.Raft/Send", "/kvstore.v1.Raft/SendSnapshot", "/kvstore.v1.Shard/GroupPropose",
+                "/kvstore.v1.Shard/ExportRange"}
+    expected = {p for p, m in methods.items() if not m.client_streaming and p not in internal}
+    assert limited == expected
+    assert {"/kvstore.v1.KV/Put", "/kvstore.v1.KV/Scan", "/kvstore.v1.Admin/AlarmDisarm",
+            "/kvstore.v1.Auth/Authenticate"} <= limited
+    assert not adm.limits("/grpc.health.v1.Health/Check") and health_pb2 is not None
+

@@ -179,3 +179,93 @@ def test_a_peer_can_only_cas_the_auth_state_one_valid_version_forward() -> None:
     ]:
         with pytest.raises(errors.InvalidArgument):
             check_auth_change(expect_absent, old, new)
+
+
+class _Call:
+    """The parts of a gRPC call context the guard reads."""
+
+    def __init__(self, token: str) -> None:
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.metadata
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+
+_CHANGES = [
+    AuthCommand(AuthOp.USER_PASSWD, user="alice", password=b"h-new"),
+    AuthCommand(AuthOp.USER_PASSWD, user="root", password=b"h-new"),
+    AuthCommand(AuthOp.USER_DELETE, user="alice"),
+    AuthCommand(AuthOp.USER_ADD, user="alice", password=b"h-again"),
+    AuthCommand(AuthOp.ROLE_ADD, role="other"),
+    AuthCommand(AuthOp.DISABLE),
+    AuthCommand(AuthOp.ENABLE, token_key=b"n" * 32),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(0, len(_CHANGES) - 1), st.integers(0, 40)), max_size=8))
+def test_a_stream_recheck_agrees_with_full_validation_until_the_token_dies(steps: list[tuple[int, int]]) -> None:
+    """A stream's credential is re-checked without the HMAC (`AuthGuard.recheck`): after any
+    sequence of auth changes and clock advances it refuses exactly when validating the token
+    from scratch would (while auth is enabled; while it is disabled nothing is refused), and a
+    refusal says UNAUTHENTICATED with the reason."""
+    from kvstore import errors
+    from kvstore.node.memstore import MemoryNodeStore
+    from kvstore.security.guard import AuthGuard, AuthTracker
+
+    state = build()
+    tracker = AuthTracker(MemoryNodeStore())
+    tracker.state = state
+    now = [1000.0]
+    guard = AuthGuard(tracker, None, clock=lambda: now[0])
+    token = tokens.issue(KEY, "alice", state.users["alice"].revision, now=now[0], ttl=60)
+    cred = guard.credential(_Call(token))  # type: ignore[arg-type]
+    assert cred.key == KEY and cred.expires == 1060 and cred.principal.name == "alice"
+    guard.recheck(cred)
+    for change, advance in steps:
+        with contextlib.suppress(AuthError):
+            tracker.state = tracker.state.apply(_CHANGES[change])
+        now[0] += advance
+        st_now = tracker.state
+        try:
+            tokens.validate(token, st_now, now[0])
+            valid = True
+        except tokens.TokenError:
+            valid = False
+        try:
+            guard.recheck(cred)
+            rechecked = True
+        except errors.Unauthenticated as err:
+            rechecked = False
+            assert err.definite and any(w in err.message for w in ("expired", "revoked", "enabled again"))
+        if st_now.enabled:
+            assert rechecked == valid, (steps, st_now.version)
+        else:
+            assert rechecked == (now[0] < 1060)  # auth off: only its own expiry ends the stream
+        if not rechecked:
+            return  # the stream ended
+
+
+def test_a_stream_credential_is_rechecked_without_the_hmac_while_the_state_is_unchanged() -> None:
+    """With the auth state unchanged since the last check, a recheck reads the clock and the
+    version only: a credential whose key no longer matches anything is still accepted, proving
+    no MAC and no user lookup ran; once the state changes it is looked at again."""
+    from kvstore import errors
+    from kvstore.node.memstore import MemoryNodeStore
+    from kvstore.security.guard import AuthGuard, AuthTracker, Credential
+    from kvstore.security.identity import Principal, PrincipalKind
+
+    state = build()
+    tracker = AuthTracker(MemoryNodeStore())
+    tracker.state = state
+    guard = AuthGuard(tracker, None, clock=lambda: 1000.0)
+    bogus = Credential(Principal(PrincipalKind.USER, "nobody", "token", 9), 2000.0, b"z" * 32, state.version)
+    guard.recheck(bogus)
+    tracker.state = state.apply(AuthCommand(AuthOp.ROLE_ADD, role="x"))
+    with pytest.raises(errors.Unauthenticated):
+        guard.recheck(bogus)
+    cert = Credential(Principal(PrincipalKind.USER, "alice", "certificate"))
+    guard.recheck(cert)  # not a token: nothing to expire

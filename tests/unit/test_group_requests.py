@@ -45,6 +45,7 @@ class Req:
     conf_change: bytes = b""
     read_barrier: bool = False
     transfer: bool = False
+    from_node: int = 0
 
 
 def _valid_commands() -> list[tuple[int, bytes]]:

@@ -209,3 +209,14 @@ def test_put_value_from_stdin(cluster: FakeCluster) -> None:
     )
     assert r.exit_code == 0, r.stderr
     assert cluster.store[b"blob"] == big
+
+
+def test_cacert_needs_a_password_and_excludes_a_client_certificate(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not used: the flags are refused first")
+    r = CliRunner().invoke(cli, ["--endpoints", "127.0.0.1:1", "--cacert", str(ca), "get", "k"],
+                           env={"KVSTORE_PASSWORD": None})
+    assert r.exit_code == 2 and "--cacert (no client certificate) needs --password" in r.output
+    r = CliRunner().invoke(cli, ["--endpoints", "127.0.0.1:1", "--cacert", str(ca), "--certs-dir", str(tmp_path),
+                                 "--password", "p", "get", "k"])
+    assert r.exit_code == 2 and "not both" in r.output
