@@ -282,6 +282,20 @@ class NoSpace(KVError):
     default_message = "space quota exceeded (NOSPACE alarm)"
 
 
+class Compacted(KVError):
+    """Definite: a read (or compaction) at a revision below the compact revision: that history
+    was dropped. ``compact_revision`` names it: reads at or above it work."""
+
+    code = kv_pb2.COMPACTED
+    code_name = "COMPACTED"
+    default_message = "revision compacted"
+
+    def __init__(self, message: str = "", *, compact_revision: int = 0, indeterminate: bool | None = None) -> None:
+        self.compact_revision = compact_revision
+        super().__init__(message or f"revision compacted: the compact revision is {compact_revision}",
+                         indeterminate=indeterminate)
+
+
 class Unauthenticated(KVError):
     """Definite: auth is enabled and the caller presented no valid credentials (no token, or one
     that expired or was revoked by a password change): nothing was applied. Log in again."""
@@ -341,6 +355,7 @@ _BY_CODE: dict[int, type[KVError]] = {
     kv_pb2.SESSION_EXPIRED: SessionExpired,
     kv_pb2.RESOURCE_EXHAUSTED: ResourceExhausted,
     kv_pb2.NOSPACE: NoSpace,
+    kv_pb2.COMPACTED: Compacted,
     kv_pb2.UNAUTHENTICATED: Unauthenticated,
     kv_pb2.PERMISSION_DENIED: PermissionDenied,
 }
@@ -381,6 +396,8 @@ def from_proto(error: kv_pb2.Error | None, *, is_write: bool) -> KVError | None:
         return WrongShard(message, shard_version=error.shard_version, indeterminate=indeterminate)
     if cls is ResourceExhausted:
         return ResourceExhausted(message, retry_after=error.retry_after_ms / 1000, indeterminate=indeterminate)
+    if cls is Compacted:
+        return Compacted(message, compact_revision=max(0, error.compact_revision), indeterminate=indeterminate)
     return cls(message, indeterminate=indeterminate)
 
 
@@ -398,6 +415,8 @@ def to_proto(exc: BaseException) -> kv_pb2.Error:
         err.shard_version = exc.shard_version
     elif isinstance(exc, ResourceExhausted):
         err.retry_after_ms = retry_after_ms(exc.retry_after)
+    elif isinstance(exc, Compacted):
+        err.compact_revision = exc.compact_revision
     return err
 
 

@@ -54,6 +54,7 @@ from typing import Any
 from chaos.checker import Verdict, check
 from chaos.checker.history import Operation, Status
 from kvstore import errors
+from kvstore.node.hlc import HybridClock
 from kvstore.node.host import RaftSettings
 from kvstore.node.inbound import RefusalLog
 from kvstore.node.logic import Bootstrap, NodeLogic
@@ -72,7 +73,7 @@ from kvstore.raft import (
 from kvstore.raft.admission import MAX_TERM_JUMP
 from kvstore.shard.ranges import IntervalSet, key_hash
 from kvstore.shard.shardmap import META_GROUP
-from kvstore.storage import commands
+from kvstore.storage import commands, mvcc
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
 from kvstore.storage.shardcmd import is_shard_command
@@ -84,6 +85,7 @@ from .invariants import SafetyChecker, SafetyViolation
 from .membership import MembershipDriver
 from .moves import SimMoves
 from .quiet import QuiesceStats, QuietScenario, quiesce_by_default
+from .revisions import RevisionChecker, RevisionViolation
 
 FORGER = 1000
 """The outsider's node id: never a member."""
@@ -334,6 +336,9 @@ class NodeSimulation:
         self.trace_on = trace
         self.trace: list[str] = []
         self.safety: dict[int, SafetyChecker] = {}
+        self.revisions = RevisionChecker()
+        self.clocks: dict[int, HybridClock] = {}
+        """node id -> the HLC its writes are proposed with (its skewed simulated clock)."""
         self.blocked: set[tuple[int, int]] = set()
         self.history: list[Operation] = []
         self.healed_at: int | None = None
@@ -454,7 +459,7 @@ class NodeSimulation:
             if res.verdict == Verdict.NOT_LINEARIZABLE:
                 shown = "; ".join(str(o) for o in (res.counterexample or [])[:6])
                 violation = f"linearizability: key {res.bad_key} is not linearizable: {shown}"
-        except (SafetyViolation, SimulationFailure, replica_reads.StaleReadViolation) as err:
+        except (SafetyViolation, SimulationFailure, replica_reads.StaleReadViolation, RevisionViolation) as err:
             violation = f"{type(err).__name__}: {err}"
             verdict = "violation"
         except Exception as err:  # the node code raised where it must not: a bug found
@@ -591,6 +596,7 @@ class NodeSimulation:
                 return
             self._check_ownership_refusals(n, cycle, served)
             self._check_written_once(n, writes)
+            self._check_revisions(n, cycle)
             host.end_cycle(cycle)
             n.logic.after_cycle()
             if host.failed is not None:
@@ -674,6 +680,15 @@ class NodeSimulation:
                     f"exactly-once: the write of {value!r} to {key!r} was executed twice: in group {at[0]} at "
                     f"index {at[1]}, and in group {group} at index {index} (n{n.id})"
                 )
+
+    def _check_revisions(self, n: SimNode, cycle: Any) -> None:
+        """The revision rules (`revisions.py`) on every entry the cycle applied."""
+        if cycle.error is not None or len(cycle.results) != len(cycle.applies):
+            return  # the transaction failed: nothing was applied
+        for a, results in zip(cycle.applies, cycle.results, strict=True):
+            for e, res in zip(a.entries, results, strict=True):
+                if isinstance(res, ApplyResult) and e.data and not is_shard_command(e.data):
+                    self.revisions.on_apply(n.id, a.group, e.index, e.data, res)
 
     def _check_ownership_refusals(self, n: SimNode, cycle: Any, served: dict[int, IntervalSet]) -> None:
         """A group refuses a key for ownership (WRONG_SHARD) only if it does not serve the key at
@@ -972,13 +987,16 @@ class NodeSimulation:
         cid, seq = session
         session[1] += 1
 
-        def command(retry: bool) -> bytes:
+        def command(node: SimNode, retry: bool) -> bytes:
+            rev = self._clock(node).propose()  # the proposing node's HLC, as the server's request path
             if f == "put":
-                return commands.encode_put(k, value.encode(), cid, seq, seq, retry)
+                return commands.encode_put(k, value.encode(), cid, seq, seq, retry, revision=rev)
             if f == "delete":
-                return commands.encode_delete(k, cid, seq, seq, retry)
+                return commands.encode_delete(k, cid, seq, seq, retry, revision=rev)
             exp, new = value
-            return commands.encode_cas(k, exp is None, (exp or "").encode(), new.encode(), cid, seq, seq, retry)
+            return commands.encode_cas(
+                k, exp is None, (exp or "").encode(), new.encode(), cid, seq, seq, retry, revision=rev
+            )
 
         def attempt(node: SimNode, n: int) -> None:
             if finished:
@@ -1023,9 +1041,15 @@ class NodeSimulation:
                     outcome(None, errors.LeadershipLost("node crashed", indeterminate=True), 0)
 
             self.at(self.p.client_timeout_ms // 4, lost)
-            self._write(node, k, command(retry=n > 0 and maybe_applied), outcome)
+            self._write(node, k, command(node, retry=n > 0 and maybe_applied), outcome)
 
         attempt(target, 0)
+
+    def _clock(self, node: SimNode) -> HybridClock:
+        c = self.clocks.get(node.id)
+        if c is None:
+            c = self.clocks[node.id] = HybridClock(lambda: mvcc.EPOCH_MS + int(self._node_now(node) * 1000))
+        return c
 
     def _route(self, node: SimNode, k: bytes) -> int:
         """The group `node` would serve `k` from (by its own shard map); raises a definite error
@@ -1056,6 +1080,8 @@ class NodeSimulation:
             def answered(res: ApplyResult | None, err: errors.KVError | None) -> None:
                 if err is None and res is not None and not (res.wrong_shard or res.error or res.session_expired):
                     self.stale_check.acked(gid, res.index, self.now)  # the bound reads are checked against
+                    self.revisions.on_reply(gid, res)
+                    self._clock(node).observe(res.revision)
                 if self.p.reply_loss and self._faults_on() and self.rng.random() < self.p.reply_loss:
                     self.log(f"n{node.id} reply to a write in g{gid} lost")
                     return  # the client's attempt times out: its outcome is unknown

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import click
 
 from kvstore.client import AdminResult, Alarm, Client, GroupStatus, Member, NodeStatus, Status
+from kvstore.client.checks import INT64_MAX
 from kvstore.client.readpref import READ_PREFERENCES, parse_duration
 from kvstore.client.routing import DEFAULT_GROUP, parse_endpoints
 from kvstore.errors import KVError
@@ -234,14 +235,18 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--read-from", "read_from", type=click.Choice(list(READ_PREFERENCES)), default="leader",
               show_default=True, help="Read preference: the leader, any member (nearest), or replicas (learners first).")
 @click.option("--serializable", is_flag=True, help="Same as --consistency stale.")
+@click.option("--rev", "rev", type=click.IntRange(min=1, max=INT64_MAX), default=None, metavar="REV",
+              help="Read KEY as it was at revision REV (exit 2 naming the compact revision if REV was compacted).")
 @_output_option
 @pass_ctx
 def get(
-    c: _Ctx, key: str, consistency: str | None, max_staleness: float | None, read_from: str, serializable: bool
+    c: _Ctx, key: str, consistency: str | None, max_staleness: float | None, read_from: str, serializable: bool,
+    rev: int | None,
 ) -> None:
     """Print the value of KEY (exit 1, printing nothing, if there is no such key).
 
-    With -o json, a read that is not a linearizable read at the leader also says which node served
+    With -o json: the key's create_revision, mod_revision and version, and the revision the read
+    was served at; a read that is not a linearizable read at the leader also says which node served
     it, at which applied index, and how stale it may be (staleness_ms: null if unknown)."""
     k = c.parse(key, "KEY")
     level = consistency or ("stale" if serializable else "bounded" if max_staleness is not None else "linearizable")
@@ -249,11 +254,15 @@ def get(
         raise click.UsageError("--consistency bounded needs --max-staleness (e.g. 500ms)")
     with _errors(is_write=False):
         res = c.client().read(
-            k, consistency=level, max_staleness=max_staleness, read_preference=read_from  # type: ignore[arg-type]
+            k, consistency=level, max_staleness=max_staleness, read_preference=read_from,  # type: ignore[arg-type]
+            revision=rev or 0,
         )
     value = res.value
     if c.json:
         out: dict[str, Any] = {"key": c.show(k), "found": value is not None, "value": None if value is None else c.show(value)}
+        out.update(revision=res.revision)
+        if value is not None:
+            out.update(create_revision=res.create_revision, mod_revision=res.mod_revision, version=res.version)
         if level != "linearizable" or read_from != "leader":
             out.update(
                 consistency=level, node_id=res.node_id, index=res.index,
@@ -277,9 +286,9 @@ def put(c: _Ctx, key: str, value: str) -> None:
     k = c.parse(key, "KEY")
     v = sys.stdin.buffer.read() if value == "-" else c.parse(value, "VALUE")
     with _errors(is_write=True):
-        c.client().put(k, v)
+        revision = c.client().put(k, v)
     if c.json:
-        _emit_json({"key": c.show(k), "ok": True})
+        _emit_json({"key": c.show(k), "ok": True, "revision": revision})
 
 
 @cli.command()
@@ -292,7 +301,7 @@ def delete(c: _Ctx, key: str) -> None:
     with _errors(is_write=True):
         existed = c.client().delete(k)
     if c.json:
-        _emit_json({"key": c.show(k), "existed": existed})
+        _emit_json({"key": c.show(k), "existed": existed, "revision": c.client().revision if existed else None})
 
 
 @cli.command(
@@ -315,7 +324,7 @@ def cas(c: _Ctx, args: tuple[str, ...], absent: bool) -> None:
     with _errors(is_write=True):
         swapped = c.client().cas(k, expected, new)
     if c.json:
-        _emit_json({"key": c.show(k), "swapped": swapped})
+        _emit_json({"key": c.show(k), "swapped": swapped, "revision": c.client().revision if swapped else None})
     if not swapped:
         sys.exit(EXIT_NO)
 
@@ -332,14 +341,17 @@ def cas(c: _Ctx, args: tuple[str, ...], absent: bool) -> None:
               help="For bounded scans (implies --consistency bounded).")
 @click.option("--read-from", "read_from", type=click.Choice(list(READ_PREFERENCES)), default="leader",
               show_default=True, help="Read preference, as for get.")
+@click.option("--rev", "rev", type=click.IntRange(min=1, max=INT64_MAX), default=None, metavar="REV",
+              help="The keys as they were at revision REV.")
 @_output_option
 @pass_ctx
 def scan(
     c: _Ctx, prefix: str, limit: int, start: str | None, end: str | None, keys_only: bool,
-    consistency: str | None, max_staleness: float | None, read_from: str,
+    consistency: str | None, max_staleness: float | None, read_from: str, rev: int | None,
 ) -> None:
     """Print the pairs whose key starts with PREFIX, as KEY<TAB>VALUE lines in key order
-    (-o json: one JSON object per line)."""
+    (-o json: one JSON object per line, with each key's create_revision, mod_revision and
+    version)."""
     p = c.parse(prefix, "PREFIX")
     lo = None if start is None else c.parse(start, "--start")
     hi = None if end is None else c.parse(end, "--end")
@@ -347,18 +359,37 @@ def scan(
     if level == "bounded" and not max_staleness:
         raise click.UsageError("--consistency bounded needs --max-staleness (e.g. 500ms)")
     with _errors(is_write=False):
-        items = c.client().scan(
+        items = c.client().scan_kvs(
             p, start=lo, end=hi, limit=limit, consistency=level,  # type: ignore[arg-type]
             max_staleness=max_staleness, read_preference=read_from,  # type: ignore[arg-type]
+            revision=rev or 0,
         )
-        for key, value in items:
+        for kv in items:
+            key, value = kv.key, kv.value
             if c.json:
-                obj = {"key": c.show(key)} if keys_only else {"key": c.show(key), "value": c.show(value)}
+                obj: dict[str, Any] = {"key": c.show(key)} if keys_only else {"key": c.show(key), "value": c.show(value)}
+                obj.update(create_revision=kv.create_revision, mod_revision=kv.mod_revision, version=kv.version)
                 _emit_json(obj)
             elif keys_only:
                 click.echo(c.raw(key))
             else:
                 click.echo(c.raw(key) + b"\t" + c.raw(value))
+
+
+@cli.command(epilog="\b\nExample:\n  kvctl compact 1234567   # reads below revision 1234567 then fail (COMPACTED)")
+@click.argument("rev", type=click.IntRange(min=1, max=INT64_MAX), metavar="REV")
+@_output_option
+@pass_ctx
+def compact(c: _Ctx, rev: int) -> None:
+    """Drop the history at or below revision REV in every group (needs the admin permission).
+    Reads at a revision below REV then fail with COMPACTED, naming it. Compacting again at the
+    same or a lower revision changes nothing."""
+    with _errors(is_write=True):
+        done = c.client().compact(rev)
+    if c.json:
+        _emit_json({"compact_revision": done})
+    else:
+        click.echo(f"compacted at revision {done}")
 
 
 # ----- status -----

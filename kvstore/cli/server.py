@@ -59,6 +59,9 @@ def cli() -> None:
 @click.option("--max-value", type=int, default=1 << 20, show_default=True)
 @click.option("--max-request", type=int, default=4 << 20, show_default=True)
 @click.option("--compact-threshold", type=int, default=10_000, show_default=True)
+@click.option("--history-retention", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
+              help="Keep this many seconds of MVCC history: older versions are compacted automatically (0: keep "
+              "all until `kvctl compact`).")
 @click.option("--groups", type=click.IntRange(1, 100_000), default=1, show_default=True,
               help="Data Raft groups a new cluster starts with (keys are spread over them by consistent hashing).")
 @click.option("--replication", type=click.IntRange(1, 7), default=3, show_default=True,
@@ -111,7 +114,7 @@ def serve(
     replication: int, vnodes: int, log_level: str, certs_dir: Path | None, insecure: bool,
     audit_log: Path | None, audit_writes: bool, audit_max_bytes: int, audit_keep: int, audit_sync_lines: int,
     audit_sync_ms: int, rate_limit: str, max_apply_lag: int, memory_limit: str, quota_bytes: str, max_streams_per_connection: int,
-    idle_timeout: float, max_ping_strikes: int,
+    idle_timeout: float, max_ping_strikes: int, history_retention: float,
 ) -> None:
     """Run one node of a cluster. Restarting with the same --data-dir resumes it.
 
@@ -143,7 +146,7 @@ def serve(
             ),
             limits=Limits(max_key, max_value, max_request),
             groups=groups, replication=replication, vnodes=vnodes,
-            reads=ReadSettings(probe_ticks=max(0, probe_ticks)),
+            reads=ReadSettings(probe_ticks=max(0, probe_ticks)), history_retention=history_retention,
             certs_dir=certs_dir, insecure=insecure,
             audit=None if audit_log is None else AuditSettings(
                 audit_log.absolute(), writes=audit_writes, max_bytes=audit_max_bytes, keep=audit_keep,

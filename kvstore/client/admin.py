@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
 from kvstore.client.channels import Channels
-from kvstore.client.checks import RequestChecks
+from kvstore.client.checks import RequestChecks, check_revision
 from kvstore.client.cluster_view import ClusterView
 from kvstore.client.failures import RpcFailure
 from kvstore.client.invoke import Invoker
@@ -20,7 +20,7 @@ from kvstore.client.retry import RetryPolicy
 from kvstore.client.routing import DEFAULT_GROUP
 from kvstore.client.types import AdminResult, Alarm, NodeStatus, ShardOpResult, Status
 from kvstore.errors import InternalError, InvalidArgument, Unavailable
-from kvstore.v1 import admin_pb2, admin_pb2_grpc, shard_pb2
+from kvstore.v1 import admin_pb2, admin_pb2_grpc, kv_pb2, shard_pb2
 
 __all__ = ["Admin"]
 
@@ -221,6 +221,18 @@ class Admin:
             deadline=deadline, is_write=True, learns_leader=False,
         )
         return _alarms(resp)
+
+    async def compact(self, revision: int, *, timeout: float | None = None) -> int:
+        """Compact the history of every group at ``revision`` (KV.Compact; admin permission).
+        Idempotent, so an indeterminate attempt is retried. Returns the revision compacted at."""
+        rev = check_revision(revision, zero=False)
+        req = kv_pb2.CompactRequest(revision=rev)
+        deadline = self.checks.deadline(timeout if timeout is not None else 3 * self.policy.timeout)
+        resp = await self.invoker.invoke(
+            "compact", lambda ep, t: self.channels.kv(ep).Compact(req, timeout=max(t, deadline.remaining())),
+            deadline=deadline, is_write=True, learns_leader=False,
+        )
+        return int(resp.revision)
 
     async def snapshot(
         self, endpoint: str | None = None, *, timeout: float | None = None

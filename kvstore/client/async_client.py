@@ -67,6 +67,7 @@ from kvstore.client.types import (
     AdminResult,
     Alarm,
     Consistency,
+    KeyValue,
     NodeStatus,
     ReadPreference,
     ReadResult,
@@ -172,6 +173,7 @@ class AsyncClient:
                           relogin=self.token_source.stale_since if self.token_source is not None else None)
         self._writes = Writes(client_id, self.checks, self.channels, invoker)
         self._reads = Reads(self.checks, self.channels, self.view, invoker)
+        self._reads.observe = self._writes.observe
         self._scans = Scans(self.checks, self.channels, self.view, invoker, self.policy, rng)
         self._admin = Admin(self.checks, self.channels, self.view, invoker, self.policy)
 
@@ -251,11 +253,12 @@ class AsyncClient:
         timeout: float | None = None,
         max_staleness: float | str | None = None,
         read_preference: ReadPreference | None = None,
+        revision: int = 0,
     ) -> bytes | None:
         """The value of ``key``, or None if it does not exist (see :meth:`read`)."""
         return await self._reads.get(
             key, consistency=consistency, timeout=timeout, max_staleness=max_staleness,
-            read_preference=read_preference,
+            read_preference=read_preference, revision=revision,
         )
 
     async def read(
@@ -266,6 +269,7 @@ class AsyncClient:
         timeout: float | None = None,
         max_staleness: float | str | None = None,
         read_preference: ReadPreference | None = None,
+        revision: int = 0,
     ) -> ReadResult:
         """Read ``key`` and say where: the value (None: no such key), the node that served it, its
         applied index and how stale the answer may be.
@@ -274,16 +278,29 @@ class AsyncClient:
         read index with the leader), ``bounded`` (a member that can show it is at most
         ``max_staleness`` behind, in seconds or ``"500ms"``), ``stale`` (any member's local state
         at once). ``read_preference`` (default: the client's): ``leader``, ``nearest`` or
-        ``replica`` (see :mod:`kvstore.client.readpref`).
+        ``replica`` (see :mod:`kvstore.client.readpref`). ``revision`` (> 0): the key as it was at
+        that revision; the result carries the key's ``create_revision``, ``mod_revision``,
+        ``version`` and the ``revision`` it was served at.
         """
         return await self._reads.read(
             key, consistency=consistency, timeout=timeout, max_staleness=max_staleness,
-            read_preference=read_preference,
+            read_preference=read_preference, revision=revision,
         )
 
-    async def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> None:
-        """Set ``key`` to ``value``."""
-        await self._writes.put(key, value, timeout=timeout)
+    @property
+    def revision(self) -> int:
+        """The highest revision this client has observed (its last write's, or a read's); every
+        write carries it, so it gets a higher revision."""
+        return self._writes.revision
+
+    async def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> int:
+        """Set ``key`` to ``value``; returns the write's revision."""
+        return await self._writes.put(key, value, timeout=timeout)
+
+    async def compact(self, revision: int, *, timeout: float | None = None) -> int:
+        """Drop history at or below ``revision`` in every group (admin permission); reads below it
+        then fail with :class:`~kvstore.errors.Compacted`. Returns the revision compacted at."""
+        return await self._admin.compact(revision, timeout=timeout)
 
     async def delete(self, key: bytes, *, timeout: float | None = None) -> bool:
         """Delete ``key``; True if it existed."""
@@ -305,13 +322,33 @@ class AsyncClient:
         timeout: float | None = None,
         max_staleness: float | str | None = None,
         read_preference: ReadPreference | None = None,
+        revision: int = 0,
     ) -> AsyncIterator[tuple[bytes, bytes]]:
         """Stream ``(key, value)`` pairs in key order: keys starting with ``prefix`` and within
-        ``[start, end)`` (both optional), at most ``limit`` (0 = all). See
+        ``[start, end)`` (both optional), at most ``limit`` (0 = all), at ``revision`` (0: now). See
         :meth:`kvstore.client.scans.Scans.scan`."""
         return self._scans.scan(
             prefix, start=start, end=end, limit=limit, consistency=consistency, timeout=timeout,
-            max_staleness=max_staleness, read_preference=read_preference,
+            max_staleness=max_staleness, read_preference=read_preference, revision=revision,
+        )
+
+    def scan_kvs(
+        self,
+        prefix: bytes = b"",
+        *,
+        start: bytes | None = None,
+        end: bytes | None = None,
+        limit: int = 0,
+        consistency: Consistency = "linearizable",
+        timeout: float | None = None,
+        max_staleness: float | str | None = None,
+        read_preference: ReadPreference | None = None,
+        revision: int = 0,
+    ) -> AsyncGenerator[list[KeyValue], None]:
+        """Like :meth:`scan`, in lists of :class:`KeyValue` (key, value and metadata)."""
+        return self._scans.scan_kvs(
+            prefix, start=start, end=end, limit=limit, consistency=consistency, timeout=timeout,
+            max_staleness=max_staleness, read_preference=read_preference, revision=revision,
         )
 
     def scan_chunks(
@@ -325,11 +362,12 @@ class AsyncClient:
         timeout: float | None = None,
         max_staleness: float | str | None = None,
         read_preference: ReadPreference | None = None,
+        revision: int = 0,
     ) -> AsyncGenerator[list[tuple[bytes, bytes]], None]:
         """Like :meth:`scan`, in lists of pairs."""
         return self._scans.scan_chunks(
             prefix, start=start, end=end, limit=limit, consistency=consistency, timeout=timeout,
-            max_staleness=max_staleness, read_preference=read_preference,
+            max_staleness=max_staleness, read_preference=read_preference, revision=revision,
         )
 
     # ----- the shard map -----

@@ -47,6 +47,19 @@ def check_bytes(name: str, value: object) -> bytes:
     return value
 
 
+INT64_MAX = (1 << 63) - 1
+
+
+def check_revision(revision: object, *, name: str = "revision", zero: bool = True) -> int:
+    """A revision argument: an int in 1..2^63-1 (or 0 = "now" where `zero`); InvalidArgument
+    (definite) otherwise, TypeError for a non-int."""
+    if isinstance(revision, bool) or not isinstance(revision, int):
+        raise TypeError(f"{name} must be an int, not {type(revision).__name__}")
+    if not (0 if zero else 1) <= revision <= INT64_MAX:
+        raise InvalidArgument(f"{name} {revision} must be {'>= 0' if zero else '> 0'} and at most {INT64_MAX}")
+    return revision
+
+
 def reply_staleness(consistency: str, resp: kv_pb2.GetResponse | kv_pb2.ScanResponse) -> float | None:
     """The staleness bound of a read reply in seconds (None: unknown)."""
     if consistency == "linearizable":

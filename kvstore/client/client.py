@@ -14,6 +14,7 @@ from kvstore.client.types import (
     AdminResult,
     Alarm,
     Consistency,
+    KeyValue,
     NodeStatus,
     ReadPreference,
     ReadResult,
@@ -107,11 +108,12 @@ class Client:
         timeout: float | None = None,
         max_staleness: float | str | None = None,
         read_preference: ReadPreference | None = None,
+        revision: int = 0,
     ) -> bytes | None:
         return self._run(
             self._async.get(
                 key, consistency=consistency, timeout=timeout, max_staleness=max_staleness,
-                read_preference=read_preference,
+                read_preference=read_preference, revision=revision,
             )
         )
 
@@ -123,16 +125,25 @@ class Client:
         timeout: float | None = None,
         max_staleness: float | str | None = None,
         read_preference: ReadPreference | None = None,
+        revision: int = 0,
     ) -> ReadResult:
         return self._run(
             self._async.read(
                 key, consistency=consistency, timeout=timeout, max_staleness=max_staleness,
-                read_preference=read_preference,
+                read_preference=read_preference, revision=revision,
             )
         )
 
-    def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> None:
+    @property
+    def revision(self) -> int:
+        """The highest revision this client has observed (see AsyncClient.revision)."""
+        return self._async.revision
+
+    def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> int:
         return self._run(self._async.put(key, value, timeout=timeout))
+
+    def compact(self, revision: int, *, timeout: float | None = None) -> int:
+        return self._run(self._async.compact(revision, timeout=timeout))
 
     def delete(self, key: bytes, *, timeout: float | None = None) -> bool:
         return self._run(self._async.delete(key, timeout=timeout))
@@ -151,14 +162,35 @@ class Client:
         timeout: float | None = None,
         max_staleness: float | str | None = None,
         read_preference: ReadPreference | None = None,
+        revision: int = 0,
     ) -> Iterator[tuple[bytes, bytes]]:
         """Iterate ``(key, value)`` pairs; fetched chunk by chunk as the iteration proceeds."""
-        agen = self._async.scan_chunks(
+        for kv in self.scan_kvs(
             prefix, start=start, end=end, limit=limit, consistency=consistency, timeout=timeout,
-            max_staleness=max_staleness, read_preference=read_preference,
+            max_staleness=max_staleness, read_preference=read_preference, revision=revision,
+        ):
+            yield kv.key, kv.value
+
+    def scan_kvs(
+        self,
+        prefix: bytes = b"",
+        *,
+        start: bytes | None = None,
+        end: bytes | None = None,
+        limit: int = 0,
+        consistency: Consistency = "linearizable",
+        timeout: float | None = None,
+        max_staleness: float | str | None = None,
+        read_preference: ReadPreference | None = None,
+        revision: int = 0,
+    ) -> Iterator[KeyValue]:
+        """Iterate :class:`KeyValue` items (with metadata), at ``revision`` (0: now)."""
+        agen = self._async.scan_kvs(
+            prefix, start=start, end=end, limit=limit, consistency=consistency, timeout=timeout,
+            max_staleness=max_staleness, read_preference=read_preference, revision=revision,
         )
 
-        async def next_chunk() -> list[tuple[bytes, bytes]] | None:
+        async def next_chunk() -> list[KeyValue] | None:
             try:
                 return await anext(agen)
             except StopAsyncIteration:

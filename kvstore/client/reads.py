@@ -8,10 +8,10 @@ that can honour them. A preference other than ``leader`` tries each eligible rep
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from kvstore.client.channels import Channels
-from kvstore.client.checks import RequestChecks, reply_staleness
+from kvstore.client.checks import RequestChecks, check_revision, reply_staleness
 from kvstore.client.cluster_view import ClusterView
 from kvstore.client.invoke import Invoker
 from kvstore.client.types import Consistency, ReadPreference, ReadResult
@@ -29,6 +29,8 @@ class Reads:
         self.view = view
         self.router = view.router
         self.invoker = invoker
+        self.observe: Callable[[int], None] = lambda revision: None
+        """Told every revision a current read was served at (the client's causality floor)."""
 
     async def get(
         self,
@@ -38,11 +40,12 @@ class Reads:
         timeout: float | None = None,
         max_staleness: float | str | None = None,
         read_preference: ReadPreference | None = None,
+        revision: int = 0,
     ) -> bytes | None:
         """The value of ``key``, or None if it does not exist (see :meth:`read`)."""
         res = await self.read(
             key, consistency=consistency, timeout=timeout, max_staleness=max_staleness,
-            read_preference=read_preference,
+            read_preference=read_preference, revision=revision,
         )
         return res.value
 
@@ -54,6 +57,7 @@ class Reads:
         timeout: float | None = None,
         max_staleness: float | str | None = None,
         read_preference: ReadPreference | None = None,
+        revision: int = 0,
     ) -> ReadResult:
         """Read ``key`` and say where: the value (None: no such key), the node that served it, its
         applied index and how stale the answer may be.
@@ -62,11 +66,13 @@ class Reads:
         read index with the leader), ``bounded`` (a member that can show it is at most
         ``max_staleness`` behind, in seconds or ``"500ms"``), ``stale`` (any member's local state
         at once). ``read_preference`` (default: the client's): ``leader``, ``nearest`` or
-        ``replica`` (see :mod:`kvstore.client.readpref`).
+        ``replica`` (see :mod:`kvstore.client.readpref`). ``revision`` (> 0): the key as it was
+        at that revision (below the compact revision: :class:`~kvstore.errors.Compacted`).
         """
         k = self.checks.key(key)
+        rev = check_revision(revision)
         opts = self.checks.read_options(consistency, max_staleness, read_preference, timeout)
-        req = kv_pb2.GetRequest(key=k, consistency=opts.level, max_staleness_ms=opts.staleness_ms)
+        req = kv_pb2.GetRequest(key=k, consistency=opts.level, max_staleness_ms=opts.staleness_ms, revision=rev)
 
         def call(ep: str, t: float) -> Awaitable[kv_pb2.GetResponse]:
             return self.channels.mux(ep).call("get", req, t)
@@ -78,6 +84,9 @@ class Reads:
             await self.view.ensure_map(deadline)
             resp = await self.invoker.replica_invoke("get", call, deadline=deadline, group=self.router.group_for_key(k),
                                               key=k, preference=pref, learns_leader=learns)
+        if not rev:
+            self.observe(resp.revision)
         return ReadResult(
-            resp.value if resp.found else None, resp.index, reply_staleness(consistency, resp), resp.node_id, consistency
+            resp.value if resp.found else None, resp.index, reply_staleness(consistency, resp), resp.node_id, consistency,
+            resp.revision, resp.create_revision, resp.mod_revision, resp.version,
         )

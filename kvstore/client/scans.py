@@ -27,12 +27,12 @@ import grpc
 import grpc.aio
 
 from kvstore.client.channels import Channels
-from kvstore.client.checks import RequestChecks, check_bytes
+from kvstore.client.checks import RequestChecks, check_bytes, check_revision
 from kvstore.client.cluster_view import ClusterView
 from kvstore.client.failures import classify, is_retryable
 from kvstore.client.invoke import FREE_REDIRECTS, Invoker
 from kvstore.client.retry import Backoff, Deadline, RetryPolicy
-from kvstore.client.types import Consistency, ReadPreference
+from kvstore.client.types import Consistency, KeyValue, ReadPreference
 from kvstore.errors import InvalidArgument, KVError, Timeout, Unavailable, from_proto
 from kvstore.shard.ranges import HASH_MAX, IntervalSet
 from kvstore.storage.commands import U64_MAX
@@ -73,6 +73,7 @@ class Scans:
         timeout: float | None = None,
         max_staleness: float | str | None = None,
         read_preference: ReadPreference | None = None,
+        revision: int = 0,
     ) -> AsyncIterator[tuple[bytes, bytes]]:
         """Stream ``(key, value)`` pairs in key order: keys starting with ``prefix`` and within
         ``[start, end)`` (both optional), at most ``limit`` (0 = all).
@@ -82,14 +83,16 @@ class Scans:
         them. Each part is read at its group's leader (linearizable per group), and the parts must
         cover the hash space exactly once (otherwise a range was moving: the scan is retried with
         a fresh shard map). The scan as a whole is not one atomic snapshot across groups.
-        ``timeout`` bounds the whole scan, retries included.
+        ``timeout`` bounds the whole scan, retries included. ``revision`` (> 0): the keys as they
+        were at that revision (exact within each group; see docs/REVISIONS.md across groups);
+        below a group's compact revision the scan fails with :class:`~kvstore.errors.Compacted`.
         """
-        async for chunk in self.scan_chunks(
+        async for chunk in self.scan_kvs(
             prefix, start=start, end=end, limit=limit, consistency=consistency, timeout=timeout,
-            max_staleness=max_staleness, read_preference=read_preference,
+            max_staleness=max_staleness, read_preference=read_preference, revision=revision,
         ):
-            for item in chunk:
-                yield item
+            for kv in chunk:
+                yield kv.key, kv.value
 
     async def scan_chunks(
         self,
@@ -102,9 +105,31 @@ class Scans:
         timeout: float | None = None,
         max_staleness: float | str | None = None,
         read_preference: ReadPreference | None = None,
+        revision: int = 0,
     ) -> AsyncGenerator[list[tuple[bytes, bytes]], None]:
         """Like :meth:`scan`, in lists of pairs."""
+        async for chunk in self.scan_kvs(
+            prefix, start=start, end=end, limit=limit, consistency=consistency, timeout=timeout,
+            max_staleness=max_staleness, read_preference=read_preference, revision=revision,
+        ):
+            yield [(kv.key, kv.value) for kv in chunk]
+
+    async def scan_kvs(
+        self,
+        prefix: bytes = b"",
+        *,
+        start: bytes | None = None,
+        end: bytes | None = None,
+        limit: int = 0,
+        consistency: Consistency = "linearizable",
+        timeout: float | None = None,
+        max_staleness: float | str | None = None,
+        read_preference: ReadPreference | None = None,
+        revision: int = 0,
+    ) -> AsyncGenerator[list[KeyValue], None]:
+        """Like :meth:`scan`, in lists of :class:`KeyValue` (with each key's metadata)."""
         prefix = check_bytes("prefix", prefix)
+        revision = check_revision(revision)
         start = None if start is None else check_bytes("start", start)
         end = None if end is None else check_bytes("end", end)
         if not 0 <= limit <= U64_MAX:
@@ -120,7 +145,9 @@ class Scans:
             await self.view.ensure_map(deadline)
             groups = self.router.scan_groups()
             sharded = self.router.shard_map is not None
-            parts = [_ScanPart(g, lo, hi, level, staleness_ms, pref, 0 < limit <= ONE_MESSAGE_SCAN) for g in groups]
+            parts = [
+                _ScanPart(g, lo, hi, level, staleness_ms, pref, 0 < limit <= ONE_MESSAGE_SCAN, revision) for g in groups
+            ]
             try:
                 await asyncio.gather(*(self._scan_open(p, limit, level, deadline, learns_leader) for p in parts))
             except BaseException:
@@ -142,9 +169,9 @@ class Scans:
             heap: list[tuple[bytes, int]] = []
             for i, p in enumerate(parts):
                 if await self._scan_fill(p, limit, level, timeout, learns_leader):
-                    heap.append((p.buf[0][0], i))
+                    heap.append((p.buf[0].key, i))
             heapq.heapify(heap)
-            out: list[tuple[bytes, bytes]] = []
+            out: list[KeyValue] = []
             while heap:
                 _, i = heapq.heappop(heap)
                 p = parts[i]
@@ -159,7 +186,7 @@ class Scans:
                         out = []
                     await self._scan_fill(p, limit, level, timeout, learns_leader)
                 if p.buf:
-                    heapq.heappush(heap, (p.buf[0][0], i))
+                    heapq.heappush(heap, (p.buf[0].key, i))
                 if len(out) >= 512:
                     yield out
                     out = []
@@ -200,7 +227,7 @@ class Scans:
             want = max(0, limit - part.received) if limit else 0
             req = kv_pb2.ScanRequest(
                 start=part.lo, end=part.hi or b"", limit=want, consistency=level, group=group,
-                max_staleness_ms=part.staleness_ms,
+                max_staleness_ms=part.staleness_ms, revision=part.revision,
             )
             # A small part is asked for in one message on the node's operation stream; others
             # get a KV.Scan stream, with no gRPC deadline: every message must arrive within the
@@ -320,14 +347,16 @@ class _ScanPart:
 
     __slots__ = (
         "buf", "done", "group", "hi", "level", "lo", "one_message", "owned", "pref", "received",
-        "replicas_tried", "staleness_ms", "stream", "target",
+        "replicas_tried", "revision", "staleness_ms", "stream", "target",
     )
 
     def __init__(
         self, group: int, lo: bytes, hi: bytes | None, level: kv_pb2.Consistency, staleness_ms: int, pref: str,
-        one_message: bool = False,
+        one_message: bool = False, revision: int = 0,
     ) -> None:
         self.group = group
+        self.revision = revision
+        """Scan at this revision (0: now); a resumed stream asks for the same one."""
         self.one_message = one_message
         """Ask for the part in one message on the operation stream (until it turns out not to fit)."""
         self.level = level
@@ -337,18 +366,18 @@ class _ScanPart:
         self.lo = lo  # where to resume: after the last key received
         self.hi = hi
         self.owned: IntervalSet | None = None
-        self.buf: deque[tuple[bytes, bytes]] = deque()
+        self.buf: deque[KeyValue] = deque()
         self.done = False
         self.received = 0
         self.stream: Any = None
         self.target = ""
 
     def take(self, resp: kv_pb2.ScanResponse) -> None:
-        items = [(kv.key, kv.value) for kv in resp.items]
+        items = [KeyValue(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version) for kv in resp.items]
         if items:
             self.buf.extend(items)
             self.received += len(items)
-            self.lo = items[-1][0] + b"\x00"
+            self.lo = items[-1].key + b"\x00"
         if not resp.more:
             self.done = True
             self.close()

@@ -20,6 +20,7 @@ __all__ = [
     "Consistency",
     "GroupInfo",
     "GroupStatus",
+    "KeyValue",
     "Member",
     "NodeStatus",
     "Progress",
@@ -43,10 +44,25 @@ class ReadResult:
     staleness: float | None  # seconds it may be behind the leader (0.0: linearizable; None: unknown)
     node_id: int  # the node that served it
     consistency: str
+    revision: int = 0  # the revision it was served at
+    create_revision: int = 0  # found: the revision that created the key (since it was last absent)
+    mod_revision: int = 0  # found: the revision of the key's last change
+    version: int = 0  # found: changes since its creation (1 = just created)
 
     @property
     def found(self) -> bool:
         return self.value is not None
+
+
+@dataclass(slots=True)
+class KeyValue:
+    """A key, its value and its metadata (etcd's meanings), as a scan returns it."""
+
+    key: bytes
+    value: bytes
+    create_revision: int = 0
+    mod_revision: int = 0
+    version: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,13 +36,20 @@ class Writes:
         #: Per group, the highest applied index seen in a write reply (a committed index): a write's
         #: retry sends it as the session's horizon (see :mod:`kvstore.storage.machine`).
         self._seen: dict[int, int] = {}
+        #: The highest revision this client has observed (write replies, current reads): every
+        #: write carries it, so the write gets a higher revision (docs/REVISIONS.md).
+        self.revision = 0
+
+    def observe(self, revision: int) -> None:
+        if revision > self.revision:
+            self.revision = revision
 
     def begin_write(self) -> kv_pb2.Session:
         seq = self._next_seq
         self._next_seq += 1
         self._inflight[seq] = None
         ack = next(iter(self._inflight))
-        return kv_pb2.Session(client_id=self.client_id, seq=seq, ack=ack)
+        return kv_pb2.Session(client_id=self.client_id, seq=seq, ack=ack, revision=self.revision)
 
     def end_write(self, session: kv_pb2.Session) -> None:
         self._inflight.pop(session.seq, None)
@@ -85,14 +92,16 @@ class Writes:
             group = first[2]
             if resp.index > seen.get(group, 0):
                 seen[group] = resp.index
+            self.observe(resp.revision)
             return resp
         finally:
             self.end_write(session)
 
-    async def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> None:
-        """Set ``key`` to ``value``."""
+    async def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> int:
+        """Set ``key`` to ``value``; returns the write's revision."""
         k, v = self.checks.key(key), self.checks.value(value)
-        await self.write("put", k, lambda s: kv_pb2.PutRequest(key=k, value=v, session=s), timeout)
+        resp = await self.write("put", k, lambda s: kv_pb2.PutRequest(key=k, value=v, session=s), timeout)
+        return int(resp.revision)
 
     async def delete(self, key: bytes, *, timeout: float | None = None) -> bool:
         """Delete ``key``; True if it existed."""

@@ -59,7 +59,8 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
     the old one (`check_auth_change`); a data group only shard commands that decode (never SET,
     which only a group's bootstrap log carries) and that belong to a range move of the shard map
     `smap`, with that move's ranges, in the group that plays that part in it (FREEZE and DROP in
-    the source, BEGIN, INSTALL and ACTIVATE in the target); a conf change must decode. A move
+    the source, BEGIN, INSTALL and ACTIVATE in the target); a COMPACT (history only) goes to any
+    group; a conf change must decode. A move
     this node's map does not show yet is refused as WRONG_SHARD (the caller retries: the map
     may lag the coordinator's by a little). Returns the decoded conf change, if any. So no
     request can write garbage into group 0, a malformed command into any log, or freeze or drop
@@ -72,6 +73,8 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
     if request.read_barrier or request.transfer:
         return None
     data = request.command
+    if _is_compact(data):
+        return None  # KV.Compact's fan-out (admin only at the client edge): idempotent, changes no data
     if request.group == META_GROUP:
         try:
             cmd = commands.decode_command(data)
@@ -125,6 +128,14 @@ def check_client_addresses(old: ShardMap, new: ShardMap, sender: int) -> None:
     for n in sorted(set(old.clients) | set(new.clients)):
         if old.clients.get(n) != new.clients.get(n) and n != sender and n in new.nodes:
             raise errors.InvalidArgument(f"node {sender} may not change node {n}'s client address")
+
+
+def _is_compact(data: bytes) -> bool:
+    """Whether `data` is a well-formed COMPACT command (`KV.Compact`)."""
+    try:
+        return commands.decode_command(data).op == commands.Op.COMPACT
+    except ValueError:
+        return False
 
 
 def check_auth_change(expect_absent: bool, expected: bytes, value: bytes) -> None:

@@ -69,6 +69,7 @@ from ..raft.types import (
     limit_size,
 )
 from ..shard.ranges import IntervalSet, key_hash
+from ..storage import mvcc
 from ..storage.commands import MAX_KEY_SIZE, ApplyResult, decode_result
 from ..storage.errors import (
     SnapshotFormatError,
@@ -78,10 +79,22 @@ from ..storage.errors import (
     StorageIOError,
 )
 from ..storage.machine import LIMITS, SessionHead, SessionLimits, SessionMeta, apply_data
-from ..storage.shardcmd import REC_DATA, REC_FLOOR, REC_RESULT, U64, U64_PAIR, ShardState, encode_record
+from ..storage.mvcc_mem import MemRows
+from ..storage.shardcmd import (
+    REC_DATA,
+    REC_FLOOR,
+    REC_HISTORY,
+    REC_RESULT,
+    U64,
+    U64_PAIR,
+    ShardState,
+    encode_record,
+)
 from ..storage.snapfile import (
     TAG_DATA,
     TAG_MEMBER,
+    TAG_REV_BASE,
+    TAG_REV_STATE,
     TAG_SESSION,
     TAG_SHARDS,
     Record,
@@ -163,6 +176,8 @@ class _Group:
     meta: SessionMeta | None = None
     members: dict[int, bytes] = field(default_factory=dict)
     keys: list[bytes] | None = None
+    rows: MemRows = field(default_factory=MemRows)
+    """The MVCC tables (`storage/mvcc.py`)."""
 
     def has_state(self) -> bool:
         return not self.log.is_empty() or self.applied.index != 0
@@ -182,6 +197,7 @@ _U_LRU_ADD = 3  # target: _Group; key: the LRU item added
 _U_LRU_DEL = 4  # target: _Group; key: the LRU item removed
 _U_LOG = 5  # target: _Group; old: the previous _Log (trimmed back to its length)
 _U_SET_ADD = 6  # target: set; key: the item added
+_U_ROWS = 7  # target: MemRows; key: (table, row key); old: the old value or None
 Undo = tuple[int, Any, Any, Any]
 
 
@@ -212,19 +228,31 @@ def _undo(records: list[Undo], keep: int = 0) -> None:
             del old.entries[old.last - old.base.index :]
         elif op == _U_SET_ADD:
             target.discard(key)
+        elif op == _U_ROWS:
+            target.restore(key[0], key[1], old)
 
 
 class MemGroupView:
     """`machine.StateView` of one group inside a transaction; every change is recorded in `undo`."""
 
-    __slots__ = ("_g", "_u", "changed", "index", "shards")
+    __slots__ = ("_g", "_u", "changed", "group", "index", "shards")
 
-    def __init__(self, g: _Group, undo: list[Undo], shards: ShardState | None) -> None:
+    def __init__(self, g: _Group, undo: list[Undo], shards: ShardState | None, group: int) -> None:
         self._g = g
         self._u = undo
         self.shards = shards
         self.changed = False
         self.index = 0
+        self.group = group
+
+        def record(rows: MemRows, t: int, k: bytes, old: bytes | None) -> None:
+            undo.append((_U_ROWS, rows, (t, k), old))
+
+        g.rows.undo = record
+
+    @property
+    def mvcc(self) -> MemRows:
+        return self._g.rows
 
     def get(self, key: bytes) -> bytes | None:
         return self._g.data.get(key)
@@ -698,7 +726,7 @@ class MemoryNodeStore:
         self, g: _Group, b: ApplyBatch, cur: _Applied, undo: list[Undo]
     ) -> tuple[list[ApplyResult | None], _Applied]:
         """`KVState.stage_apply` on memory."""
-        view = MemGroupView(g, undo, cur.shards)
+        view = MemGroupView(g, undo, cur.shards, b.group)
         limits = self.session_limits
         idx = cur.index
         results: list[ApplyResult | None] = []
@@ -750,6 +778,7 @@ class MemoryNodeStore:
         members: dict[int, bytes] = {}
         shards: ShardState | None = None
         smeta = SessionMeta()
+        rows = MemRows()
         for tag, key, value in records:
             if tag == TAG_SHARDS:
                 shards = _decode_shards(value)
@@ -757,7 +786,11 @@ class MemoryNodeStore:
             if len(key) > MAX_KEY_SIZE:
                 raise SnapshotFormatError(f"snapshot file {name} has a key of {len(key)} bytes")
             try:
-                if tag == TAG_DATA:
+                if TAG_REV_BASE <= tag <= TAG_REV_STATE:
+                    if tag == TAG_REV_STATE:
+                        mvcc.RevState.decode(value)
+                    rows.put(tag - TAG_REV_BASE, key, value)
+                elif tag == TAG_DATA:
                     data[key] = value
                 elif tag == TAG_SESSION:
                     if len(key) == 8:
@@ -777,7 +810,7 @@ class MemoryNodeStore:
             except ValueError as err:
                 raise SnapshotFormatError(f"snapshot file {name} has a bad row: {err}") from None
         for attr, new in (
-            ("data", data), ("heads", heads), ("results", results), ("members", members),
+            ("data", data), ("heads", heads), ("results", results), ("members", members), ("rows", rows),
             ("lru", sorted((h.last, cid) for cid, h in heads.items())),
             ("meta", SessionMeta(len(heads), smeta.horizon, smeta.evicted)
              if heads or smeta != SessionMeta() else None),
@@ -857,6 +890,9 @@ class MemoryNodeStore:
         for k in g.sorted_keys():
             if key_hash(k) in ranges:
                 recs.append((encode_record(REC_DATA, k, data[k]), True))
+        for k, _ in g.rows.iter(mvcc.T_KEYS, b"", None):
+            if key_hash(k) in ranges:
+                recs.append((encode_record(REC_HISTORY, k, mvcc.encode_versions(mvcc.key_history(g.rows, k))), False))
         for key, value in _session_rows(g, meta=False):
             if len(key) == 8:
                 recs.append((encode_record(REC_FLOOR, key, U64.pack(SessionHead.decode(value).floor)), False))
@@ -877,6 +913,48 @@ class MemoryNodeStore:
                 yield b"".join(buf), keys
 
         return ListStream(gen())
+
+    # --- reads -----------------------------------------------------------------------------------
+    @property
+    def revisions(self) -> MemoryNodeStore:
+        return self
+
+    def rev_state(self, group: int) -> mvcc.RevState:
+        g = self._read(group)
+        return mvcc.RevState() if g is None else mvcc.rev_state(g.rows)
+
+    def get_version(self, group: int, key: bytes, rev: int = 0) -> tuple[mvcc.Version | None, mvcc.RevState]:
+        g = self._read(group)
+        if g is None:
+            return None, mvcc.RevState()
+        st = mvcc.rev_state(g.rows)
+        if rev and rev < st.compact:
+            raise mvcc.Compacted(st.compact)
+        if len(key) > MAX_KEY_SIZE:
+            return None, st
+        return mvcc.version_at(g.rows, key, rev or mvcc.REVISION_MAX, g.data.get(key)), st
+
+    def scan_versions(
+        self, group: int, start: bytes, end: bytes | None, limit: int, rev: int, chunk_items: int, chunk_bytes: int,
+        owned: IntervalSet | None = None,
+    ) -> tuple[mvcc.RevState, ListStream[list[tuple[bytes, mvcc.Version]]]]:
+        g = self._read(group)
+        if g is None:
+            return mvcc.RevState(), ListStream(iter(()))
+        st = mvcc.rev_state(g.rows)
+        if rev and rev < st.compact:
+            raise mvcc.Compacted(st.compact)
+        data = g.data
+        current = iter([(k, data[k]) for k in self._range(g, start, end)])
+        items: list[tuple[bytes, mvcc.Version]] = []
+        for k, v in mvcc.versions_in_range(g.rows.copy(), current, start, end, rev):
+            if owned is not None and key_hash(k) not in owned:
+                continue
+            items.append((k, v))
+            if len(items) == limit:
+                break
+        chunks = [items[i : i + chunk_items] for i in range(0, len(items), chunk_items)]
+        return st, ListStream(iter(chunks))
 
     # --- reads -----------------------------------------------------------------------------------
     def get(self, group: int, key: bytes) -> bytes | None:
@@ -952,6 +1030,8 @@ class MemoryNodeStore:
         records += [(TAG_DATA, k, data[k]) for k in g.sorted_keys()]
         records += [(TAG_SESSION, k, v) for k, v in _session_rows(g, meta=True)]
         records += [(TAG_MEMBER, U64.pack(n), g.members[n]) for n in sorted(g.members)]
+        for t in range(4):
+            records += [(TAG_REV_BASE + t, k, v) for k, v in g.rows.iter(t, b"", None)]
         return meta, encode_snapshot(group, meta, records, self.snapshot_chunk_size)
 
     def receive_snapshot(self, group: int, chunks: Iterable[bytes], directory: Path | None = None) -> Path:

@@ -32,6 +32,7 @@ from typing import Any, Protocol, TypeVar
 from ..raft.storage import LogStorage
 from ..raft.types import ConfState, Entry, HardState, SnapshotMeta
 from ..shard.ranges import IntervalSet
+from ..storage import mvcc
 from ..storage.commands import ApplyResult
 from ..storage.machine import SessionMeta
 from ..storage.shardcmd import ShardState
@@ -87,6 +88,27 @@ class ReadStream(Protocol[T_co]):
     def __next__(self) -> T_co: ...
 
     def close(self) -> None: ...
+
+
+class RevisionReads(Protocol):
+    """A store's reads at a revision (docs/REVISIONS.md): each call is one consistent view."""
+
+    def rev_state(self, group: int) -> mvcc.RevState:
+        """The group's last and compact revisions (committed state)."""
+        ...
+
+    def get_version(self, group: int, key: bytes, rev: int = 0) -> tuple[mvcc.Version | None, mvcc.RevState]:
+        """The key's version at `rev` (0: now; None: absent) and the group's revision state.
+        Raises mvcc.Compacted below the compact revision."""
+        ...
+
+    def scan_versions(
+        self, group: int, start: bytes, end: bytes | None, limit: int, rev: int, chunk_items: int, chunk_bytes: int,
+        owned: IntervalSet | None = None,
+    ) -> tuple[mvcc.RevState, ReadStream[list[tuple[bytes, mvcc.Version]]]]:
+        """Keys in [start, end) present at `rev` (0: now) with their versions, in chunks (as
+        `NodeStore.scan_chunks`), and the revision state of that view. Raises mvcc.Compacted."""
+        ...
 
 
 class NodeStore(Protocol):
@@ -231,6 +253,11 @@ class NodeStore(Protocol):
         """Like `scan` (with `owned`, only keys whose hash is in it; `limit` counts those), in
         chunks of at most `chunk_items` pairs and about `chunk_bytes` (a chunk ends after the pair
         that reaches it); never an empty chunk. May raise ReadInvalidatedError mid-stream."""
+        ...
+
+    @property
+    def revisions(self) -> RevisionReads:
+        """Reads with revisions and per-key metadata (`storage/mvcc.py`)."""
         ...
 
     # --- snapshots ---------------------------------------------------------------------------------

@@ -141,6 +141,7 @@ AUDITED: dict[str, dict[str, Describer]] = {
         "AlarmDisarm": lambda r: {"node_id": r.node_id, "alarm": int(r.type)},
     },
     "kvstore.v1.Shard": {"ShardOp": _shard_op, "GroupPropose": _group_propose},
+    "kvstore.v1.KV": {"Compact": lambda r: {"revision": r.revision}},
     # Auth events: who tried to log in as whom, and every change of users, roles and the
     # enabled flag (never a password, never a token).
     "kvstore.v1.Auth": {

@@ -84,12 +84,17 @@ class NodeConfig:
 
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     """Rate limits, load shedding, the space quota and connection limits (all off by default)."""
+    history_retention: float = 0.0
+    """Seconds of MVCC history kept (`--history-retention`): the metadata leader compacts every
+    group at now - this, periodically. 0: no automatic compaction."""
 
     @property
     def audit_writes(self) -> bool:
         return self.audit is not None and self.audit.writes
 
     def validate(self) -> None:
+        if not 0 <= self.history_retention <= 100 * 365 * 86400:
+            raise ValueError(f"--history-retention {self.history_retention} must be 0 (off) or a positive duration")
         self.limits.validate()
         self.admission.validate()
         if self.audit is not None:

@@ -23,12 +23,13 @@ from kvstore.storage.errors import StorageError
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 from .admission import Admission
+from .compaction import compact_all
 from .config import NodeConfig
 from .metrics import Metrics
 from .op_stream import OpStream
 from .reads import ReplicaReads
 from .requests import KVRequests, add_items
-from .shards import ShardTracker
+from .shards import GroupCaller, ShardTracker
 
 
 class KVService(kv_pb2_grpc.KVServicer):
@@ -45,8 +46,11 @@ class KVService(kv_pb2_grpc.KVServicer):
         reads: ReplicaReads | None = None,
         admission: Admission | None = None,
         guard: AuthGuard | None = None,
+        caller: GroupCaller | None = None,
     ) -> None:
         self.cfg = cfg
+        self.caller = caller
+        """Proposes a COMPACT to every group's leader (None: Compact is unavailable)."""
         self.metrics = metrics
         self.requests = KVRequests(cfg, host, wake, metrics, tracker, reads, admission, guard)
 
@@ -85,6 +89,23 @@ class KVService(kv_pb2_grpc.KVServicer):
             return kv_pb2.CasResponse(error=rq.err(err))
         except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
             return kv_pb2.CasResponse(error=rq.err(rq.internal("Cas", err)))
+
+    async def Compact(self, request: kv_pb2.CompactRequest, context: grpc.aio.ServicerContext) -> kv_pb2.CompactResponse:
+        """Compact every group's history at `revision` (each group clamps it to its own last
+        revision; see storage/mvcc.py). A revision below the current compact revision of a group
+        is a no-op there. Definite INVALID_ARGUMENT for a revision <= 0 or beyond int64; a group
+        that cannot be reached makes the call fail (retrying it is safe: compaction is
+        idempotent)."""
+        rq = self.requests
+        try:
+            if self.caller is None:
+                raise errors.NoLeader("compaction is not available on this node")
+            rev = await compact_all(self.caller, rq.tracker, request.revision)
+            return kv_pb2.CompactResponse(error=rq.ok(), revision=rev)
+        except errors.KVError as err:
+            return kv_pb2.CompactResponse(error=rq.err(err))
+        except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
+            return kv_pb2.CompactResponse(error=rq.err(rq.internal("Compact", err)))
 
     async def Stream(
         self, request_iterator: AsyncIterator[kv_pb2.OpBatch], context: grpc.aio.ServicerContext

@@ -52,6 +52,7 @@ from .audit_rpc import audited
 from .auth_service import AuthService
 from .clientaddr import publish_client_address
 from .clientport import ClientPort
+from .compaction import Retention
 from .config import NodeConfig
 from .kv_service import KVService
 from .learner import register_learner
@@ -186,7 +187,8 @@ class Node:
                          is_member=self.inbound.is_member, refusals=self.inbound.refusals,
                          on_connected=self._connected, verify=verify),
              raft_pb2.DESCRIPTOR.services_by_name["Raft"]),
-            (watched(KVService(cfg, host, self.wake, self.metrics, tracker, self.reads, admission, guard), "kvstore.v1.KV"),
+            (watched(KVService(cfg, host, self.wake, self.metrics, tracker, self.reads, admission, guard, caller),
+                     "kvstore.v1.KV"),
              kv_pb2.DESCRIPTOR.services_by_name["KV"]),
             (watched(AdminService(cfg, host, self.wake, tracker, caller, self.coordinator, self.reads, admission),
                      "kvstore.v1.Admin"),
@@ -221,6 +223,9 @@ class Node:
             loop.create_task(publish_client_address(cfg.id, cfg.client_address, tracker, caller.propose),
                              name="client-address"),
         ]
+        if cfg.history_retention > 0:
+            retention = Retention(self.host, self.caller, self.tracker, cfg.history_retention)
+            self._tasks.append(loop.create_task(retention.run(), name="history-retention"))
         for t in self._tasks:
             t.add_done_callback(self._task_ended)
         if cfg.learner:

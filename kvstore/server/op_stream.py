@@ -47,7 +47,7 @@ from kvstore.v1 import kv_pb2
 
 from .admission import rate_key
 from .reads import LINEARIZABLE, ReadPoint
-from .requests import KVRequests
+from .requests import KVRequests, check_revision
 
 MAX_PENDING = 4096
 
@@ -273,13 +273,14 @@ class OpStream:
     def _get(self, op_id: int, req: kv_pb2.GetRequest, timeout: float) -> None:
         svc = self.svc
         svc.check_key(req.key)
+        check_revision(req.revision)
         svc.allow(req.key, READ)
         gid = svc.group_for(req.key)
         g = svc.host.groups[gid]
         if req.consistency != kv_pb2.LINEARIZABLE or g.core.role != Role.LEADER:
             self._slow(op_id, "get", self.svc.get(req))
             return
-        key = req.key
+        key, revision = req.key, req.revision
 
         def done(index: int, err: errors.KVError | None) -> None:
             # Called by the host's Ready loop: must not raise.
@@ -290,7 +291,7 @@ class OpStream:
                     raise err
                 if self._leader_reads is not None:
                     self._leader_reads.inc()
-                reply = svc.get_reply(gid, key, ReadPoint(index, 0.0, LINEARIZABLE))
+                reply = svc.get_reply(gid, key, ReadPoint(index, 0.0, LINEARIZABLE), revision)
             except errors.KVError as e:
                 self._error(op_id, "get", e)
                 return

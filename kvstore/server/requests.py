@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kvstore import errors
+from kvstore.node.hlc import HybridClock
 from kvstore.node.host import Host
 from kvstore.node.store import ReadStream
 from kvstore.security.guard import AuthGuard
 from kvstore.security.rbac import READ, READWRITE, WRITE, PermKind
 from kvstore.shard.ranges import IntervalSet, key_hash
-from kvstore.storage import commands
+from kvstore.storage import commands, mvcc
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
 from kvstore.v1 import kv_pb2
@@ -72,6 +74,8 @@ class KVRequests:
         self.metrics = metrics
         self.tracker = tracker
         self.reads = reads or ReplicaReads(host, request_timeout=cfg.request_timeout)
+        self.clock = HybridClock(lambda: time.time_ns() // 1_000_000)
+        """Proposes the revisions of this node's writes (docs/REVISIONS.md)."""
 
     # --- validation -------------------------------------------------------------------------
     def check_key(self, key: bytes) -> None:
@@ -153,6 +157,8 @@ class KVRequests:
         if result is not None and result.error:
             # The state machine refused it (e.g. a retry older than the session's ack): no effect.
             raise errors.InvalidArgument(result.error)
+        if result is not None and result.revision:
+            self.clock.observe(result.revision)
         return result
 
     async def write(self, key: bytes, data: bytes, delete: bool = False) -> Any:
@@ -171,14 +177,19 @@ class KVRequests:
         self.allow(r.key, WRITE)
         self.check_value(r.value)
         s = r.session
-        return r.key, _encode(commands.encode_put, r.key, r.value, s.client_id, s.seq, s.ack, s.retry, s.horizon)
+        return r.key, _encode(
+            commands.encode_put, r.key, r.value, s.client_id, s.seq, s.ack, s.retry, s.horizon,
+            self.clock.propose(s.revision),
+        )
 
     def prepare_delete(self, r: kv_pb2.DeleteRequest) -> tuple[bytes, bytes]:
         """(key, command) of a checked delete."""
         self.check_key(r.key)
         self.allow(r.key, WRITE)
         s = r.session
-        return r.key, _encode(commands.encode_delete, r.key, s.client_id, s.seq, s.ack, s.retry, s.horizon)
+        return r.key, _encode(
+            commands.encode_delete, r.key, s.client_id, s.seq, s.ack, s.retry, s.horizon, self.clock.propose(s.revision)
+        )
 
     def prepare_cas(self, r: kv_pb2.CasRequest) -> tuple[bytes, bytes]:
         """(key, command) of a checked compare-and-swap (it may reveal the current value: read
@@ -192,37 +203,49 @@ class KVRequests:
         s = r.session
         return r.key, _encode(
             commands.encode_cas, r.key, r.expect_absent, r.expected, r.value, s.client_id, s.seq, s.ack,
-            s.retry, s.horizon,
+            s.retry, s.horizon, self.clock.propose(s.revision),
         )
 
     # Write replies carry the index of the entry that applied them (a committed index: the client
     # learns the group's horizon from it, see kvstore.storage.machine).
     def put_reply(self, res: ApplyResult | None) -> kv_pb2.PutResponse:
-        return kv_pb2.PutResponse(error=self.ok(), index=0 if res is None else res.index)
+        if res is None:
+            return kv_pb2.PutResponse(error=self.ok())
+        return kv_pb2.PutResponse(error=self.ok(), index=res.index, revision=res.revision)
 
     def delete_reply(self, res: ApplyResult | None) -> kv_pb2.DeleteResponse:
         if res is None:
             return kv_pb2.DeleteResponse(error=self.ok())
-        return kv_pb2.DeleteResponse(existed=bool(res.existed), error=self.ok(), index=res.index)
+        return kv_pb2.DeleteResponse(existed=bool(res.existed), error=self.ok(), index=res.index, revision=res.revision)
 
     def cas_reply(self, res: ApplyResult | None) -> kv_pb2.CasResponse:
         if res is None:
             return kv_pb2.CasResponse(error=self.ok())
         return kv_pb2.CasResponse(
             swapped=bool(res.swapped), found=bool(res.found), current=res.current or b"", error=self.ok(),
-            index=res.index,
+            index=res.index, revision=res.revision,
         )
 
     # --- reads ------------------------------------------------------------------------------
-    def get_reply(self, gid: int, key: bytes, point: ReadPoint) -> kv_pb2.GetResponse:
-        """Read `key` from `gid`'s local state at `point` (ownership checked at the read point)."""
+    def get_reply(self, gid: int, key: bytes, point: ReadPoint, revision: int = 0) -> kv_pb2.GetResponse:
+        """Read `key` from `gid`'s local state at `point` (ownership checked at the read point),
+        at `revision` (0: the current version), with its metadata."""
         self.check_owned(gid, key)
-        value = self.store.get(gid, key)
+        try:
+            v, st = self.store.revisions.get_version(gid, key, revision)
+        except mvcc.Compacted as err:
+            raise errors.Compacted(compact_revision=err.compact_revision) from None
         self.metrics.reads.inc()
-        return kv_pb2.GetResponse(
-            found=value is not None, value=value or b"", index=point.index,
-            staleness_ms=point.staleness_ms, node_id=self.cfg.id, error=self.ok(),
+        resp = kv_pb2.GetResponse(
+            found=v is not None, index=point.index, staleness_ms=point.staleness_ms, node_id=self.cfg.id,
+            error=self.ok(), revision=served_at(revision, st),
         )
+        if v is not None and v.value is not None:
+            resp.value = v.value
+            resp.create_revision, resp.mod_revision, resp.version = (
+                v.meta.create_revision, v.meta.mod_revision, v.meta.version,
+            )
+        return resp
 
     async def read_point(self, gid: int, consistency: int, max_staleness_ms: int = 0) -> ReadPoint:
         """Wait until the group may be read at `consistency` (see reads.py: replicas serve too)."""
@@ -236,10 +259,11 @@ class KVRequests:
         """A whole read, every failure in the reply (`KV.Get`, and the stream's slow reads)."""
         try:
             self.check_key(request.key)
+            check_revision(request.revision)
             self.allow(request.key, READ)
             gid = self.group_for(request.key)
             point = await self.read_point(gid, request.consistency, request.max_staleness_ms)
-            return self.get_reply(gid, request.key, point)
+            return self.get_reply(gid, request.key, point, request.revision)
         except errors.KVError as err:
             return kv_pb2.GetResponse(error=self.err(err))
         except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
@@ -272,7 +296,7 @@ class KVRequests:
 
     async def scan_start(
         self, request: kv_pb2.ScanRequest
-    ) -> tuple[kv_pb2.ScanResponse, ReadStream[list[tuple[bytes, bytes]]]]:
+    ) -> tuple[kv_pb2.ScanResponse, ReadStream[list[tuple[bytes, mvcc.Version]]]]:
         """Check the request, wait for its read point and open the scan: the first message (the
         ranges served and where the scan is served, more=True, no items) and the chunks."""
         for name in ("prefix", "start", "end"):
@@ -281,6 +305,7 @@ class KVRequests:
                 raise errors.KeyTooLarge(message=(
                     f"scan {name} of {len(bound)} bytes is longer than the longest key ({self.cfg.limits.max_key})"
                 ))
+        check_revision(request.revision)
         if request.prefix:
             start, end = request.prefix, _prefix_end(request.prefix)
         else:
@@ -293,9 +318,15 @@ class KVRequests:
         point = await self.read_point(gid, request.consistency, request.max_staleness_ms)
         st = self.store.shard_state(gid)
         owned = st.active if st is not None else IntervalSet.full()
-        stream = self.store.scan_chunks(gid, start, end, request.limit or 0, owned=owned)
+        try:
+            rst, stream = self.store.revisions.scan_versions(
+                gid, start, end, request.limit or 0, request.revision, SCAN_CHUNK_ITEMS, SCAN_CHUNK_BYTES, owned
+            )
+        except mvcc.Compacted as err:
+            raise errors.Compacted(compact_revision=err.compact_revision) from None
         msg = kv_pb2.ScanResponse(more=True, owned_lo=[a for a, _ in owned], owned_hi=[b for _, b in owned])
         _scan_meta(msg, point, self.cfg.id)
+        msg.revision = served_at(request.revision, rst)
         return msg, stream
 
 
@@ -308,11 +339,30 @@ def _encode(encoder: Callable[..., bytes], *args: Any) -> bytes:
         raise errors.InvalidArgument(f"invalid request: {err}") from None
 
 
-def add_items(msg: kv_pb2.ScanResponse, chunk: list[tuple[bytes, bytes]]) -> None:
-    """Append a chunk of (key, value) to a scan reply."""
+SCAN_CHUNK_ITEMS = 512
+SCAN_CHUNK_BYTES = 256 << 10
+"""A scan reply message holds at most about this many items / bytes."""
+
+
+def check_revision(revision: int) -> None:
+    """A read's revision: 0 (now) or a positive int64 (definite INVALID_ARGUMENT otherwise)."""
+    if revision < 0:
+        raise errors.InvalidArgument(f"revision {revision} is negative")
+
+
+def served_at(revision: int, st: mvcc.RevState) -> int:
+    """The revision a read was served at: the one asked for, or (a read of the current state) the
+    group's last revision (0 while the group has written nothing). See docs/REVISIONS.md for
+    what a revision above the group's last one means across groups."""
+    return revision or st.last
+
+
+def add_items(msg: kv_pb2.ScanResponse, chunk: list[tuple[bytes, mvcc.Version]]) -> None:
+    """Append a chunk of (key, version) to a scan reply."""
     add = msg.items.add  # in place: no KeyValue objects to build and then copy
     for k, v in chunk:
-        add(key=k, value=v)
+        m = v.meta
+        add(key=k, value=v.value, create_revision=m.create_revision, mod_revision=m.mod_revision, version=m.version)
 
 
 def _scan_meta(resp: kv_pb2.ScanResponse, point: ReadPoint, node_id: int) -> None:

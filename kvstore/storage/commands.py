@@ -4,13 +4,18 @@ The deterministic simulator imports this module; `tests/unit/test_storage.py` wa
 
 Command wire format (big-endian, `struct`; never pickle or json):
 
-    header   version:u8 (=2)  op:u8  client_id:u64  seq:u64  ack:u64
-             flags:u8 (bit 0 = retry)  horizon:u64                            35 bytes
-             (version 1, written by the previous release, is decoded too: its 26-byte header
-             stops after ack, with retry = False and horizon = 0)
+    header   version:u8 (=3)  op:u8  client_id:u64  seq:u64  ack:u64
+             flags:u8 (bit 0 = retry)  horizon:u64  revision:u64               43 bytes
+             (versions 1 and 2, written by earlier releases, are decoded too: version 2's
+             35-byte header stops before `revision` (0), version 1's 26-byte header after ack,
+             with retry = False and horizon = 0)
     PUT      key_len:u32  key  value                          (value = the rest)
     DELETE   key_len:u32  key                                 (nothing may follow)
     CAS      flags:u8 (bit 0 = expect_absent)  key_len:u32  expected_len:u32  key  expected  value
+    COMPACT  revision:u64                                     (compact history at it; no key)
+
+`revision` is the leader's proposed revision for the write (`mvcc.next_revision` turns it into
+the write's revision at apply; 0 = none proposed). COMPACT carries its revision in its body.
 
 Session fields: `client_id` 0 means "no session" (no deduplication); otherwise (client_id, seq)
 names the request for exactly-once application, and `ack` says "the client has received replies
@@ -20,7 +25,8 @@ target group the client had seen in any reply before its first attempt that may 
 (0 = unknown); together they let the state machine refuse a retry whose session expired
 (`machine.apply_command`, result flag `session_expired`) instead of applying it a second time.
 
-Result format: version:u8 (=1)  flags:u8  [current_len:u32 current]  [error: utf-8, the rest]
+Result format: version:u8 (=2)  flags:u8  revision:u64  [current_len:u32 current]  [error: utf-8, the rest]
+(version 1, cached by the previous release, has no revision: decoded with revision 0)
 with flags bit 0 swapped, 1 found, 2 existed, 3 current present, 4 error present, 5 wrong shard,
 6 session expired (never cached: such a result only answers the request that got it).
 
@@ -38,10 +44,13 @@ import enum
 import struct
 from dataclasses import dataclass, field
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+FORMAT_VERSION_2 = 2
+"""The previous release's format (no proposed revision): still decoded."""
 FORMAT_VERSION_1 = 1
-"""The previous release's format (no retry flag, no horizon): still decoded."""
-RESULT_VERSION = 1
+"""The format before it (no retry flag, no horizon): still decoded."""
+RESULT_VERSION = 2
+RESULT_VERSION_1 = 1
 
 MAX_KEY_SIZE = 503
 """Longest user key: LMDB's default maximum key size (511) minus the 8-byte group prefix. The one
@@ -50,12 +59,15 @@ key-size limit: the server's `Limits.max_key` may not exceed it, and the client 
 
 U64_MAX = (1 << 64) - 1
 
-_HEAD = struct.Struct(">BBQQQBQ")
+_HEAD = struct.Struct(">BBQQQBQQ")
+_HEAD_V2 = struct.Struct(">BBQQQBQ")
 _HEAD_V1 = struct.Struct(">BBQQQ")
 _RETRY = 0x01
 _U32 = struct.Struct(">I")
 _CAS = struct.Struct(">BII")
-_RES = struct.Struct(">BB")
+_RES = struct.Struct(">BBQ")
+_RES_V1 = struct.Struct(">BB")
+_U64 = struct.Struct(">Q")
 
 _CAS_EXPECT_ABSENT = 0x01
 
@@ -79,6 +91,7 @@ class Op(enum.IntEnum):
     PUT = 1
     DELETE = 2
     CAS = 3
+    COMPACT = 4
 
 
 _OPS = {int(o): o for o in Op}
@@ -105,19 +118,22 @@ class Command:
     horizon: int = 0
     """The highest applied index of the target group the client had seen before its first attempt
     that may have applied (0 = unknown)."""
+    revision: int = 0
+    """PUT/DELETE/CAS: the leader's proposed revision (0 = none); COMPACT: the compact revision."""
 
     @classmethod
     def put(
         cls, key: bytes, value: bytes, client_id: int = 0, seq: int = 0, ack: int = 0,
-        retry: bool = False, horizon: int = 0,
+        retry: bool = False, horizon: int = 0, revision: int = 0,
     ) -> Command:
-        return cls(Op.PUT, key, value, b"", False, client_id, seq, ack, retry, horizon)
+        return cls(Op.PUT, key, value, b"", False, client_id, seq, ack, retry, horizon, revision)
 
     @classmethod
     def delete(
-        cls, key: bytes, client_id: int = 0, seq: int = 0, ack: int = 0, retry: bool = False, horizon: int = 0
+        cls, key: bytes, client_id: int = 0, seq: int = 0, ack: int = 0, retry: bool = False, horizon: int = 0,
+        revision: int = 0,
     ) -> Command:
-        return cls(Op.DELETE, key, b"", b"", False, client_id, seq, ack, retry, horizon)
+        return cls(Op.DELETE, key, b"", b"", False, client_id, seq, ack, retry, horizon, revision)
 
     @classmethod
     def cas(
@@ -131,8 +147,14 @@ class Command:
         ack: int = 0,
         retry: bool = False,
         horizon: int = 0,
+        revision: int = 0,
     ) -> Command:
-        return cls(Op.CAS, key, value, expected, expect_absent, client_id, seq, ack, retry, horizon)
+        return cls(Op.CAS, key, value, expected, expect_absent, client_id, seq, ack, retry, horizon, revision)
+
+    @classmethod
+    def compact(cls, revision: int) -> Command:
+        """Compact the group's history at `revision` (no session: compaction is idempotent)."""
+        return cls(Op.COMPACT, b"", revision=revision)
 
 
 @dataclass(slots=True)
@@ -155,6 +177,10 @@ class ApplyResult:
     session_expired: bool = False
     """A retry whose session expired: not applied now, never cached, `error` says so too; an
     earlier attempt may have been applied (indeterminate for the client)."""
+    revision: int = field(default=0, compare=False)
+    """The revision of the write (0: it changed nothing, e.g. a failed CAS or a delete of an
+    absent key; for a COMPACT, the revision the group compacted at). Encoded (a retry answers
+    the same revision), but not part of equality, like `index`: results compare by outcome."""
     index: int = field(default=0, compare=False)
     """The log index of the entry that produced this result (set by the caller that applied it;
     not part of the encoded result)."""
@@ -167,12 +193,20 @@ def encode_command(cmd: Command) -> bytes:
     key = bytes(cmd.key)
     if len(key) > MAX_KEY_SIZE:
         raise ValueError(f"key of {len(key)} bytes exceeds the maximum of {MAX_KEY_SIZE}")
-    for name, n in (("client_id", cmd.client_id), ("seq", cmd.seq), ("ack", cmd.ack), ("horizon", cmd.horizon)):
+    for name, n in (
+        ("client_id", cmd.client_id), ("seq", cmd.seq), ("ack", cmd.ack), ("horizon", cmd.horizon),
+        ("revision", cmd.revision),
+    ):
         if not 0 <= n <= U64_MAX:
             raise ValueError(f"{name} {n} is not a 64-bit unsigned integer")
+    rev = 0 if cmd.op == Op.COMPACT else cmd.revision
     head = _HEAD.pack(
-        FORMAT_VERSION, int(cmd.op), cmd.client_id, cmd.seq, cmd.ack, _RETRY if cmd.retry else 0, cmd.horizon
+        FORMAT_VERSION, int(cmd.op), cmd.client_id, cmd.seq, cmd.ack, _RETRY if cmd.retry else 0, cmd.horizon, rev
     )
+    if cmd.op == Op.COMPACT:
+        if key or cmd.value or cmd.expected:
+            raise ValueError("COMPACT carries no key or value")
+        return head + _U64.pack(cmd.revision)
     if cmd.op == Op.PUT:
         return b"".join((head, _U32.pack(len(key)), key, cmd.value))
     if cmd.op == Op.DELETE:
@@ -186,15 +220,17 @@ def encode_command(cmd: Command) -> bytes:
 
 
 def encode_put(
-    key: bytes, value: bytes, client_id: int = 0, seq: int = 0, ack: int = 0, retry: bool = False, horizon: int = 0
+    key: bytes, value: bytes, client_id: int = 0, seq: int = 0, ack: int = 0, retry: bool = False, horizon: int = 0,
+    revision: int = 0,
 ) -> bytes:
-    return encode_command(Command.put(key, value, client_id, seq, ack, retry, horizon))
+    return encode_command(Command.put(key, value, client_id, seq, ack, retry, horizon, revision))
 
 
 def encode_delete(
-    key: bytes, client_id: int = 0, seq: int = 0, ack: int = 0, retry: bool = False, horizon: int = 0
+    key: bytes, client_id: int = 0, seq: int = 0, ack: int = 0, retry: bool = False, horizon: int = 0,
+    revision: int = 0,
 ) -> bytes:
-    return encode_command(Command.delete(key, client_id, seq, ack, retry, horizon))
+    return encode_command(Command.delete(key, client_id, seq, ack, retry, horizon, revision))
 
 
 def encode_cas(
@@ -207,8 +243,15 @@ def encode_cas(
     ack: int = 0,
     retry: bool = False,
     horizon: int = 0,
+    revision: int = 0,
 ) -> bytes:
-    return encode_command(Command.cas(key, expect_absent, expected, value, client_id, seq, ack, retry, horizon))
+    return encode_command(
+        Command.cas(key, expect_absent, expected, value, client_id, seq, ack, retry, horizon, revision)
+    )
+
+
+def encode_compact(revision: int) -> bytes:
+    return encode_command(Command.compact(revision))
 
 
 def decode_command(data: bytes) -> Command:
@@ -221,22 +264,36 @@ def decode_command(data: bytes) -> Command:
     if version == FORMAT_VERSION:
         if n < _HEAD.size:
             raise ValueError(f"command too short: {n} bytes, the header alone is {_HEAD.size}")
-        _, op, client_id, seq, ack, cflags, horizon = _HEAD.unpack_from(data)
+        _, op, client_id, seq, ack, cflags, horizon, revision = _HEAD.unpack_from(data)
         if cflags & ~_RETRY:
             raise ValueError(f"command has unknown session flags {cflags:#x}")
         retry = bool(cflags & _RETRY)
         pos = _HEAD.size
+    elif version == FORMAT_VERSION_2:
+        if n < _HEAD_V2.size:
+            raise ValueError(f"command too short: {n} bytes, the header alone is {_HEAD_V2.size}")
+        _, op, client_id, seq, ack, cflags, horizon = _HEAD_V2.unpack_from(data)
+        if cflags & ~_RETRY:
+            raise ValueError(f"command has unknown session flags {cflags:#x}")
+        retry = bool(cflags & _RETRY)
+        revision = 0
+        pos = _HEAD_V2.size
     elif version == FORMAT_VERSION_1:
         if n < _HEAD_V1.size:
             raise ValueError(f"command too short: {n} bytes, the header alone is {_HEAD_V1.size}")
         _, op, client_id, seq, ack = _HEAD_V1.unpack_from(data)
-        retry, horizon = False, 0
+        retry, horizon, revision = False, 0, 0
         pos = _HEAD_V1.size
     else:
-        raise ValueError(f"unknown command format version {version} (expected {FORMAT_VERSION} or {FORMAT_VERSION_1})")
+        raise ValueError(f"unknown command format version {version} (expected 1 to {FORMAT_VERSION})")
     kind = _OPS.get(op)
     if kind is None:
         raise ValueError(f"unknown command op {op}")
+    if kind == Op.COMPACT:
+        if version != FORMAT_VERSION or n != pos + _U64.size or revision:
+            raise ValueError("malformed COMPACT command")
+        (at,) = _U64.unpack_from(data, pos)
+        return Command(Op.COMPACT, b"", client_id=client_id, seq=seq, ack=ack, retry=retry, horizon=horizon, revision=at)
     if kind == Op.CAS:
         if n < pos + _CAS.size:
             raise ValueError("CAS command truncated in its length fields")
@@ -254,7 +311,7 @@ def decode_command(data: bytes) -> Command:
         key = data[pos : pos + klen]
         expected = data[pos + klen : pos + klen + elen]
         value = data[pos + klen + elen :]
-        return Command(Op.CAS, key, value, expected, absent, client_id, seq, ack, retry, horizon)
+        return Command(Op.CAS, key, value, expected, absent, client_id, seq, ack, retry, horizon, revision)
     if n < pos + _U32.size:
         raise ValueError(f"{kind.name} command truncated in its key length")
     (klen,) = _U32.unpack_from(data, pos)
@@ -265,10 +322,10 @@ def decode_command(data: bytes) -> Command:
         raise ValueError(f"{kind.name} command truncated: key needs {pos + klen} bytes, has {n}")
     key = data[pos : pos + klen]
     if kind == Op.PUT:
-        return Command(Op.PUT, key, data[pos + klen :], b"", False, client_id, seq, ack, retry, horizon)
+        return Command(Op.PUT, key, data[pos + klen :], b"", False, client_id, seq, ack, retry, horizon, revision)
     if pos + klen != n:
         raise ValueError(f"DELETE command has {n - pos - klen} trailing bytes")
-    return Command(Op.DELETE, key, b"", b"", False, client_id, seq, ack, retry, horizon)
+    return Command(Op.DELETE, key, b"", b"", False, client_id, seq, ack, retry, horizon, revision)
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -282,7 +339,7 @@ def encode_result(res: ApplyResult) -> bytes:
         | (_R_WRONG_SHARD if res.wrong_shard else 0)
         | (_R_SESSION_EXPIRED if res.session_expired else 0)
     )
-    parts = [_RES.pack(RESULT_VERSION, flags)]
+    parts = [_RES.pack(RESULT_VERSION, flags, res.revision)]
     if res.current is not None:
         parts += (_U32.pack(len(res.current)), res.current)
     if res.error is not None:
@@ -294,14 +351,21 @@ def decode_result(data: bytes) -> ApplyResult:
     """Decode a result. Raises ValueError for anything malformed."""
     data = bytes(data)
     n = len(data)
-    if n < _RES.size:
+    if n < _RES_V1.size:
         raise ValueError(f"result too short: {n} bytes")
-    version, flags = _RES.unpack_from(data)
-    if version != RESULT_VERSION:
-        raise ValueError(f"unknown result format version {version} (expected {RESULT_VERSION})")
+    version, flags = _RES_V1.unpack_from(data)
+    if version == RESULT_VERSION:
+        if n < _RES.size:
+            raise ValueError(f"result too short: {n} bytes")
+        revision = _U64.unpack_from(data, _RES_V1.size)[0]
+        pos = _RES.size
+    elif version == RESULT_VERSION_1:
+        revision = 0
+        pos = _RES_V1.size
+    else:
+        raise ValueError(f"unknown result format version {version} (expected {RESULT_VERSION_1} or {RESULT_VERSION})")
     if flags & ~_R_ALL:
         raise ValueError(f"result has unknown flags {flags:#x}")
-    pos = _RES.size
     current = None
     if flags & _R_CURRENT:
         if n < pos + _U32.size:
@@ -322,5 +386,5 @@ def decode_result(data: bytes) -> ApplyResult:
         raise ValueError(f"result has {n - pos} trailing bytes")
     return ApplyResult(
         bool(flags & _R_SWAPPED), bool(flags & _R_FOUND), bool(flags & _R_EXISTED), current, error,
-        bool(flags & _R_WRONG_SHARD), bool(flags & _R_SESSION_EXPIRED),
+        bool(flags & _R_WRONG_SHARD), bool(flags & _R_SESSION_EXPIRED), revision,
     )

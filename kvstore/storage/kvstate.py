@@ -34,6 +34,7 @@ from kvstore.raft.types import (
 )
 from kvstore.shard.ranges import IntervalSet, key_hash
 
+from . import mvcc
 from .commands import MAX_KEY_SIZE, ApplyResult, decode_result
 from .errors import SnapshotFormatError, StorageError
 from .layout import (
@@ -42,6 +43,7 @@ from .layout import (
     DB_MEMBERS,
     DB_RAFTLOG,
     DB_RAFTSTATE,
+    DB_REVS,
     DB_SESSION_LRU,
     DB_SESSIONS,
     DB_SHARDS,
@@ -58,8 +60,19 @@ from .layout import (
     log_key,
 )
 from .machine import LIMITS, SessionHead, SessionLimits, SessionMeta, apply_data
-from .shardcmd import REC_DATA, REC_FLOOR, REC_RESULT, ShardState, encode_record
-from .snapfile import TAG_DATA, TAG_MEMBER, TAG_SESSION, TAG_SHARDS, Record, SnapshotFile, encode_snapshot
+from .mvcc_lmdb import LmdbRows, rev_dbs
+from .shardcmd import REC_DATA, REC_FLOOR, REC_HISTORY, REC_RESULT, ShardState, encode_record
+from .snapfile import (
+    TAG_DATA,
+    TAG_MEMBER,
+    TAG_REV_BASE,
+    TAG_REV_STATE,
+    TAG_SESSION,
+    TAG_SHARDS,
+    Record,
+    SnapshotFile,
+    encode_snapshot,
+)
 
 if TYPE_CHECKING:
     from .lmdb_env import Db, LmdbEnv, Reader, Txn
@@ -85,13 +98,18 @@ class LmdbGroupView:
     """`machine.StateView` of one group inside a write transaction. The session meta row is read
     once and written through on every change."""
 
-    __slots__ = ("_data", "_lru", "_meta", "_p", "_sessions", "_shards_db", "_txn", "changed", "index", "shards")
+    __slots__ = (
+        "_data", "_lru", "_meta", "_p", "_rows", "_sessions", "_shards_db", "_txn", "changed", "group", "index",
+        "shards",
+    )
 
     def __init__(
         self, txn: Txn, group: int, data: Db, sessions: Db, shards_db: Db, shards: ShardState | None,
-        lru: Db,
+        lru: Db, revs: tuple[Db, ...],
     ) -> None:
         self._txn = txn
+        self.group = group
+        self._rows = LmdbRows(txn, group, revs)
         self._p = group_prefix(group)
         self._data = data
         self._sessions = sessions
@@ -101,6 +119,10 @@ class LmdbGroupView:
         self.shards = shards
         self.changed = False
         self.index = 0
+
+    @property
+    def mvcc(self) -> LmdbRows:
+        return self._rows
 
     def set_shards(self, st: ShardState) -> None:
         self.shards = st
@@ -296,7 +318,8 @@ class KVState:
         """Apply `entries` (committed, in order) after `cur`; returns the results and the new state."""
         env = self._env
         view = LmdbGroupView(
-            txn, group, env.db(DB_DATA), env.db(DB_SESSIONS), env.db(DB_SHARDS), cur.shards, env.db(DB_SESSION_LRU)
+            txn, group, env.db(DB_DATA), env.db(DB_SESSIONS), env.db(DB_SHARDS), cur.shards, env.db(DB_SESSION_LRU),
+            rev_dbs(env),
         )
         limits = self.session_limits
         idx = cur.index
@@ -319,6 +342,7 @@ class KVState:
                 results.append(None)
                 if e.type == _CONF_CHANGE:
                     _apply_member(txn, env.db(DB_MEMBERS), group, e.data)
+        view.mvcc.flush()  # the revision state, once per batch
         if idx == cur.index:
             return results, cur
         txn.put(group_prefix(group), encode_applied(idx, conf_state), db=env.db(DB_APPLIED))
@@ -351,6 +375,7 @@ class KVState:
                 TAG_DATA: env.db(DB_DATA),
                 TAG_SESSION: env.db(DB_SESSIONS),
                 TAG_MEMBER: env.db(DB_MEMBERS),
+                **{TAG_REV_BASE + t: env.db(name) for t, name in enumerate(DB_REVS)},
             }
             put = txn.put
             shards = None
@@ -362,6 +387,11 @@ class KVState:
                     shards = _decode_shards(value)
                     put(p, value, db=env.db(DB_SHARDS))
                     continue
+                if tag == TAG_REV_STATE:
+                    try:
+                        mvcc.RevState.decode(value)
+                    except ValueError as err:
+                        raise SnapshotFormatError(f"snapshot file {path} has a bad revision state: {err}") from None
                 if len(key) > MAX_KEY_SIZE:
                     raise SnapshotFormatError(f"snapshot file {path} has a key of {len(key)} bytes")
                 if tag == TAG_SESSION:
@@ -388,7 +418,7 @@ class KVState:
     def stage_delete_rows(self, txn: Txn, group: int) -> None:
         """Delete the group's data, sessions and members (not its applied index)."""
         env = self._env
-        for name in (DB_DATA, DB_SESSIONS, DB_MEMBERS, DB_SESSION_LRU):
+        for name in (DB_DATA, DB_SESSIONS, DB_MEMBERS, DB_SESSION_LRU, *DB_REVS):
             _delete_prefix(txn, env.db(name), group)
         txn.delete(group_prefix(group), db=env.db(DB_SHARDS))
 
@@ -447,6 +477,74 @@ class KVState:
 
         return TxnStream(reader, gen())
 
+    # --- reads with revisions (mvcc.py) ----------------------------------------------------------
+    def rev_state(self, group: int) -> mvcc.RevState:
+        """The group's revision state as committed (last revision, compact revision)."""
+        with self._env.read() as txn:
+            return _rev_state(LmdbRows(txn, group, rev_dbs(self._env)))
+
+    def get_version(self, group: int, key: bytes, rev: int = 0) -> tuple[mvcc.Version | None, mvcc.RevState]:
+        """The key's version at revision `rev` (0: its current one) and the group's revision state,
+        from ONE read transaction. Raises mvcc.Compacted if `rev` is below the compact revision."""
+        env = self._env
+        with env.read() as txn:
+            rows = LmdbRows(txn, group, rev_dbs(env))
+            st = _rev_state(rows)
+            if len(key) > MAX_KEY_SIZE:
+                return None, st
+            current = txn.get(group_prefix(group) + key, db=env.db(DB_DATA))
+            return _version(rows, st, key, rev, None if current is None else bytes(current)), st
+
+    def scan_versions(
+        self,
+        group: int,
+        start: bytes,
+        end: bytes | None,
+        limit: int,
+        rev: int,
+        chunk_items: int,
+        chunk_bytes: int,
+        owned: IntervalSet | None = None,
+    ) -> tuple[mvcc.RevState, TxnStream[list[tuple[bytes, mvcc.Version]]]]:
+        """The group's keys in [start, end) at revision `rev` (0: now) with their metadata, in
+        chunks, from ONE read transaction, and the revision state of that transaction. Raises
+        mvcc.Compacted if `rev` is below the compact revision."""
+        env = self._env
+        reader = env.reader()
+        try:
+            txn = reader.check()
+            rows = LmdbRows(txn, group, rev_dbs(env))
+            st = _rev_state(rows)
+            if rev and rev < st.compact:
+                raise mvcc.Compacted(st.compact)
+        except BaseException:
+            reader.close()
+            raise
+        if owned is not None and owned.is_full():
+            owned = None
+        data_db = env.db(DB_DATA)
+
+        def gen() -> Iterator[list[tuple[bytes, mvcc.Version]]]:
+            chunk: list[tuple[bytes, mvcc.Version]] = []
+            size = n = 0
+            current = _iter_range(txn, data_db, group, start, end)
+            for k, v in _checked(mvcc.versions_in_range(rows, current, start, end, rev), group):
+                if owned is not None and key_hash(k) not in owned:
+                    continue
+                assert v.value is not None
+                n += 1
+                chunk.append((k, v))
+                size += len(k) + len(v.value)
+                if n == limit:
+                    break
+                if len(chunk) >= chunk_items or size >= chunk_bytes:
+                    yield chunk
+                    chunk, size = [], 0
+            if chunk:
+                yield chunk
+
+        return st, TxnStream(reader, gen())
+
     def members(self) -> dict[int, str]:
         out: dict[int, str] = {}
         with self._env.read() as txn:
@@ -477,7 +575,9 @@ class KVState:
             shards = txn.get(p, db=env.db(DB_SHARDS))
             if shards is not None:
                 yield TAG_SHARDS, b"", shards
-            for tag, name in ((TAG_DATA, DB_DATA), (TAG_SESSION, DB_SESSIONS), (TAG_MEMBER, DB_MEMBERS)):
+            tables = [(TAG_DATA, DB_DATA), (TAG_SESSION, DB_SESSIONS), (TAG_MEMBER, DB_MEMBERS)]
+            tables += [(TAG_REV_BASE + t, name) for t, name in enumerate(DB_REVS)]
+            for tag, name in tables:
                 for k, v in _iter_range(txn, env.db(name), group, b"", None):
                     yield tag, k, v
 
@@ -517,6 +617,16 @@ class KVState:
                 if size >= chunk_bytes:
                     yield b"".join(buf), keys
                     buf, size, keys = [], 0, 0
+            rows = LmdbRows(txn, group, rev_dbs(env))
+            for k, _ in rows.iter(mvcc.T_KEYS, b"", None):
+                if key_hash(k) not in ranges:
+                    continue
+                rec = encode_record(REC_HISTORY, k, mvcc.encode_versions(mvcc.key_history(rows, k)))
+                buf.append(rec)
+                size += len(rec)
+                if size >= chunk_bytes:
+                    yield b"".join(buf), keys
+                    buf, size, keys = [], 0, 0
             for k, v in _iter_range(txn, env.db(DB_SESSIONS), group, b"", None):
                 if len(k) == 8:
                     rec = encode_record(REC_FLOOR, k, U64.pack(_decode_head(v).floor))
@@ -543,6 +653,32 @@ class KVState:
     def count_keys(self, group: int) -> int:
         with self._env.read() as txn:
             return sum(1 for _ in _iter_range(txn, self._env.db(DB_DATA), group, b"", None))
+
+
+def _checked(it: Iterator[T], group: int) -> Iterator[T]:
+    """`it`, with a corrupt history row (ValueError) reported as a StorageError."""
+    try:
+        yield from it
+    except ValueError as err:
+        raise StorageError(f"corrupt history in group {group}: {err}") from None
+
+
+def _rev_state(rows: LmdbRows) -> mvcc.RevState:
+    try:
+        return mvcc.rev_state(rows)
+    except mvcc.RevisionError as err:
+        raise StorageError(str(err)) from None
+
+
+def _version(rows: LmdbRows, st: mvcc.RevState, key: bytes, rev: int, current: bytes | None) -> mvcc.Version | None:
+    """`mvcc.version_at`, with the current version for rev 0 and Compacted below the compact
+    revision; a corrupt history row is a StorageError."""
+    if rev and rev < st.compact:
+        raise mvcc.Compacted(st.compact)
+    try:
+        return mvcc.version_at(rows, key, rev or mvcc.REVISION_MAX, current)
+    except ValueError as err:
+        raise StorageError(f"corrupt history of group key {key!r}: {err}") from None
 
 
 def _decode_shards(raw: bytes) -> ShardState:

@@ -20,6 +20,13 @@ order equals numeric order.
     shards     group:u64                       -> shardcmd.ShardState (served and frozen ranges)
                group:u64 b"T"                  -> b"" (tombstone: the group was destroyed here)
 
+    rev_keys   group:u64 user_key              -> kid:u64     } the MVCC history of `mvcc.py`:
+    rev_hist   group:u64 kid:u64 rev:u64       -> history row } versions, tombstones, the changes
+    rev_changes group:u64 rev:u64 kid:u64      -> user_key    } in revision order, and the
+    rev_state  group:u64                       -> last:u64 compact:u64 next_kid:u64   } counters
+               (an environment made before revisions gets these tables, empty, when opened:
+               its keys read as LEGACY keys, see `mvcc.py`)
+
     nodemeta   b"audit_head"                   -> the audit log's head (`node.store.AuditHead`):
                                                   seq:u64 floor:u64 mac:32 bytes
 
@@ -45,10 +52,17 @@ DB_APPLIED = b"applied"
 DB_MEMBERS = b"members"
 DB_SHARDS = b"shards"
 DB_SESSION_LRU = b"session_lru"
+DB_REV_KEYS = b"rev_keys"
+DB_REV_HIST = b"rev_hist"
+DB_REV_CHANGES = b"rev_changes"
+DB_REV_STATE = b"rev_state"
+DB_REVS = (DB_REV_KEYS, DB_REV_HIST, DB_REV_CHANGES, DB_REV_STATE)
+"""The MVCC tables of `mvcc.py` (T_KEYS, T_HIST, T_CHANGES, T_STATE, in that order), each row key
+prefixed with the group id like every other table."""
 DB_NODEMETA = b"nodemeta"
 """Small per-node records that belong to no group (keys are names, not group ids)."""
 DB_NAMES = (DB_RAFTLOG, DB_RAFTSTATE, DB_DATA, DB_SESSIONS, DB_APPLIED, DB_MEMBERS, DB_SHARDS, DB_SESSION_LRU,
-            DB_NODEMETA)
+            DB_NODEMETA, *DB_REVS)
 AUDIT_HEAD_KEY = b"audit_head"
 _AUDIT_HEAD = struct.Struct(">QQ32s")
 

@@ -8,6 +8,13 @@ Semantics (deterministic: every replica computes the same result and the same ne
 - PUT sets the key. DELETE removes it (result `existed`). CAS with `expect_absent` swaps iff the
   key is absent; otherwise iff the key is present and equal to `expected`; the result says
   `swapped`, `found`, and carries the `current` value when not swapped and found.
+- Revisions (`mvcc.py`, docs/REVISIONS.md): a PUT, a successful CAS and a DELETE of a present key
+  get the revision `mvcc.next_revision(last, proposed, group)` (strictly above the group's last,
+  at least the leader's proposal, in the group's slot), carried in the result (and so in the
+  session cache: a retry answers the same revision); the key's version is recorded in history.
+  A failed CAS and a DELETE of an absent key change nothing and get no revision (0). A proposal
+  beyond `mvcc.PROPOSAL_MAX` is refused (error result, nothing changes). COMPACT drops history
+  at or below its revision (clamped to the group's last revision; never backwards).
 - Malformed command bytes change nothing and give a result with `error` set.
 - Exactly-once (client_id != 0): each client has an ack *floor* (the highest `ack` seen, capped by
   the seq that carried it). A command with seq < floor is a stale retry of a request whose reply
@@ -62,10 +69,13 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from ..shard.ranges import IntervalSet, key_hash
+from . import mvcc
 from .commands import ApplyResult, Command, Op, decode_command, decode_result, encode_result
+from .mvcc_mem import MemRows
 from .shardcmd import (
     REC_DATA,
     REC_FLOOR,
+    REC_HISTORY,
     REC_RESULT,
     U64,
     U64_PAIR,
@@ -172,6 +182,14 @@ class StateView(Protocol):
     index: int
     """The log index of the entry being applied (the caller sets it before each entry)."""
 
+    group: int
+    """The group's id (its revision slot)."""
+
+    @property
+    def mvcc(self) -> mvcc.Rows:
+        """The group's MVCC tables (history, changes, revision state), in the same batch."""
+        ...
+
     def session_head(self, client_id: int) -> SessionHead | None:
         """The client's head row (None: the group has no session of this client)."""
         ...
@@ -217,21 +235,56 @@ class StateView(Protocol):
 
 
 def execute(view: StateView, cmd: Command) -> ApplyResult:
-    """Apply `cmd` without any session handling."""
+    """Apply `cmd` without any session handling. A write that changes state gets its revision
+    from `mvcc.write_version` (which refuses an absurd proposal before anything changes)."""
     op = cmd.op
-    if op == Op.PUT:
-        view.put(cmd.key, cmd.value)
-        return ApplyResult()
-    if op == Op.DELETE:
-        return ApplyResult(existed=view.delete(cmd.key))
-    if op == Op.CAS:
-        current = view.get(cmd.key)
-        swap = current is None if cmd.expect_absent else current is not None and current == cmd.expected
-        if swap:
+    try:
+        if op == Op.PUT:
+            prev = view.get(cmd.key)
+            rev = mvcc.write_version(view.mvcc, view.group, cmd.key, cmd.value, prev, cmd.revision)
             view.put(cmd.key, cmd.value)
-            return ApplyResult(swapped=True, found=current is not None)
-        return ApplyResult(found=current is not None, current=current)
+            return ApplyResult(revision=rev)
+        if op == Op.DELETE:
+            prev = view.get(cmd.key)
+            if prev is None:
+                return ApplyResult(existed=False)
+            rev = mvcc.write_version(view.mvcc, view.group, cmd.key, None, prev, cmd.revision)
+            view.delete(cmd.key)
+            return ApplyResult(existed=True, revision=rev)
+        if op == Op.CAS:
+            current = view.get(cmd.key)
+            swap = current is None if cmd.expect_absent else current is not None and current == cmd.expected
+            if swap:
+                rev = mvcc.write_version(view.mvcc, view.group, cmd.key, cmd.value, current, cmd.revision)
+                view.put(cmd.key, cmd.value)
+                return ApplyResult(swapped=True, found=current is not None, revision=rev)
+            return ApplyResult(found=current is not None, current=current)
+        if op == Op.COMPACT:
+            return compact(view, cmd.revision)
+    except mvcc.RevisionError as err:
+        return ApplyResult(error=f"revision refused: {err}")
     return ApplyResult(error=f"unknown command op {op!r}")
+
+
+def compact(view: StateView, revision: int) -> ApplyResult:
+    """Compact the group's history at `revision` (result revision: the group's compact revision
+    afterwards)."""
+    if not 0 < revision <= mvcc.REVISION_MAX:
+        return ApplyResult(error=f"compact revision {revision} is out of range")
+    rows = view.mvcc
+    st = mvcc.rev_state(rows)
+    new = mvcc.compact(rows, st, revision)
+    if new != st:
+        rows.put(mvcc.T_STATE, b"", new.encode())
+    return ApplyResult(revision=new.compact)
+
+
+def forget_history(view: StateView, ranges: IntervalSet) -> None:
+    """Drop the history of every key whose hash is in `ranges` (before their data goes)."""
+    rows = view.mvcc
+    gone = [bytes(k) for k, _ in rows.iter(mvcc.T_KEYS, b"", None) if key_hash(bytes(k)) in ranges]
+    for k in gone:
+        mvcc.forget_key(rows, k)
 
 
 def touch_session(view: StateView, client_id: int, old: SessionHead | None, floor: int) -> None:
@@ -276,6 +329,8 @@ def apply_command(view: StateView, cmd: Command) -> ApplyResult:
     """Apply `cmd` with exactly-once session handling (see the module docstring). Evicting
     sessions is the caller's (`apply_data`) job, after the entry."""
     cid = cmd.client_id
+    if cmd.op == Op.COMPACT:
+        return execute(view, cmd) if cid == 0 else ApplyResult(error="COMPACT takes no session")
     if cid == 0:
         st = view.shards
         if st is not None and key_hash(cmd.key) not in st.active:
@@ -342,6 +397,7 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
             return ApplyResult(existed=True)
         if r.overlaps(st.active) or r.overlaps(st.frozen):
             return ApplyResult(error="ranges to receive overlap ranges the group serves or froze")
+        forget_history(view, r.union(st.installing))
         view.delete_hashes(r.union(st.installing))
         view.set_shards(replace(st, installing=r, token=cmd.token))
         return ApplyResult()
@@ -349,13 +405,25 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
         if cmd.token != st.token:
             return ApplyResult(error="install superseded by another installation (token mismatch)")
         records = list(iter_records(cmd.records))
-        for tag, key, _ in records:  # all checks first: a refused INSTALL changes nothing
-            if tag == REC_DATA:
+        histories: dict[bytes, list[tuple[int, bytes]]] = {}
+        for tag, key, value in records:  # all checks first: a refused INSTALL changes nothing
+            if tag == REC_HISTORY:
+                try:
+                    histories[key] = mvcc.decode_versions(value)
+                except ValueError as err:
+                    return ApplyResult(error=f"install with a bad history record: {err}")
+            if tag in (REC_DATA, REC_HISTORY):
                 h = key_hash(key)
                 if h in st.active or h in st.frozen:
                     return ApplyResult(error="install would overwrite a served key (or a frozen one)")
                 if h not in st.installing:
                     return ApplyResult(error="install of a key outside the ranges being installed")
+        if histories:
+            rows = view.mvcc
+            rst = mvcc.rev_state(rows)
+            for key, versions in histories.items():
+                rst = mvcc.install_history(rows, rst, key, versions)
+            rows.put(mvcc.T_STATE, b"", rst.encode())
         for tag, key, value in records:
             if tag == REC_DATA:
                 view.put(key, value)
@@ -388,6 +456,7 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
     if cmd.op == ShardOp.DROP:
         if r.overlaps(st.active) or r.overlaps(st.installing):
             return ApplyResult(error="cannot drop ranges the group serves or is installing")
+        forget_history(view, r.intersection(st.frozen))
         view.delete_hashes(r.intersection(st.frozen))
         view.set_shards(replace(st, frozen=st.frozen.difference(r)))
         return ApplyResult()
@@ -422,6 +491,12 @@ class DictState:
     meta: SessionMeta = field(default_factory=SessionMeta)
     shard_state: ShardState | None = None
     index: int = 0
+    group: int = 1
+    rows: MemRows = field(default_factory=MemRows)
+
+    @property
+    def mvcc(self) -> MemRows:
+        return self.rows
 
     def apply(self, data: bytes, limits: SessionLimits = LIMITS) -> ApplyResult:
         """Apply `data` as the next entry (index + 1)."""

@@ -59,6 +59,8 @@ U64_PAIR = struct.Struct(">QQ")
 REC_DATA = 1
 REC_FLOOR = 2
 REC_RESULT = 3
+REC_HISTORY = 4
+"""A moved key's retained history (`mvcc.encode_versions`), keyed by the user key."""
 
 
 class ShardOp(enum.IntEnum):
@@ -179,10 +181,10 @@ def iter_records(data: bytes) -> Iterator[tuple[int, bytes, bytes]]:
             raise ValueError("install records truncated in a header")
         tag, kl, vl = _REC.unpack_from(data, pos)
         pos += _REC.size
-        if tag not in (REC_DATA, REC_FLOOR, REC_RESULT) or pos + kl + vl > n:
+        if tag not in (REC_DATA, REC_FLOOR, REC_RESULT, REC_HISTORY) or pos + kl + vl > n:
             raise ValueError("install records malformed")
         key, value = data[pos : pos + kl], data[pos + kl : pos + kl + vl]
-        if tag == REC_DATA and not 0 < kl <= MAX_KEY_SIZE:
+        if tag in (REC_DATA, REC_HISTORY) and not 0 < kl <= MAX_KEY_SIZE:
             raise ValueError(f"install data key of {kl} bytes")
         if tag == REC_FLOOR and (kl != 8 or vl != 8):
             raise ValueError("install floor record is not (u64, u64)")

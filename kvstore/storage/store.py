@@ -308,6 +308,11 @@ class LmdbNodeStore:
         return self._env.full
 
     # --- reads -----------------------------------------------------------------------------------
+    @property
+    def revisions(self) -> KVState:
+        """Reads with revisions and per-key metadata (`KVState.get_version`, `scan_versions`)."""
+        return self._kv
+
     def get(self, group: int, key: bytes) -> bytes | None:
         return self._kv.get(group, key)
 

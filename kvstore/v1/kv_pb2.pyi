@@ -27,6 +27,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SESSION_EXPIRED: _ClassVar[ErrorCode]
     RESOURCE_EXHAUSTED: _ClassVar[ErrorCode]
     NOSPACE: _ClassVar[ErrorCode]
+    COMPACTED: _ClassVar[ErrorCode]
     UNAUTHENTICATED: _ClassVar[ErrorCode]
     PERMISSION_DENIED: _ClassVar[ErrorCode]
 
@@ -54,6 +55,7 @@ STALE_REPLICA: ErrorCode
 SESSION_EXPIRED: ErrorCode
 RESOURCE_EXHAUSTED: ErrorCode
 NOSPACE: ErrorCode
+COMPACTED: ErrorCode
 UNAUTHENTICATED: ErrorCode
 PERMISSION_DENIED: ErrorCode
 LINEARIZABLE: Consistency
@@ -62,7 +64,7 @@ STALE: Consistency
 BOUNDED: Consistency
 
 class Error(_message.Message):
-    __slots__ = ("code", "message", "leader_id", "leader_hint", "indeterminate", "shard_version", "retry_after_ms", "leader_client_hint")
+    __slots__ = ("code", "message", "leader_id", "leader_hint", "indeterminate", "shard_version", "retry_after_ms", "leader_client_hint", "compact_revision")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +73,7 @@ class Error(_message.Message):
     SHARD_VERSION_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     LEADER_CLIENT_HINT_FIELD_NUMBER: _ClassVar[int]
+    COMPACT_REVISION_FIELD_NUMBER: _ClassVar[int]
     code: ErrorCode
     message: str
     leader_id: int
@@ -79,47 +82,60 @@ class Error(_message.Message):
     shard_version: int
     retry_after_ms: int
     leader_client_hint: str
-    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., leader_id: _Optional[int] = ..., leader_hint: _Optional[str] = ..., indeterminate: _Optional[bool] = ..., shard_version: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., leader_client_hint: _Optional[str] = ...) -> None: ...
+    compact_revision: int
+    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., leader_id: _Optional[int] = ..., leader_hint: _Optional[str] = ..., indeterminate: _Optional[bool] = ..., shard_version: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., leader_client_hint: _Optional[str] = ..., compact_revision: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("client_id", "seq", "ack", "retry", "horizon")
+    __slots__ = ("client_id", "seq", "ack", "retry", "horizon", "revision")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     RETRY_FIELD_NUMBER: _ClassVar[int]
     HORIZON_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     seq: int
     ack: int
     retry: bool
     horizon: int
-    def __init__(self, client_id: _Optional[int] = ..., seq: _Optional[int] = ..., ack: _Optional[int] = ..., retry: _Optional[bool] = ..., horizon: _Optional[int] = ...) -> None: ...
+    revision: int
+    def __init__(self, client_id: _Optional[int] = ..., seq: _Optional[int] = ..., ack: _Optional[int] = ..., retry: _Optional[bool] = ..., horizon: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("key", "consistency", "max_staleness_ms")
+    __slots__ = ("key", "consistency", "max_staleness_ms", "revision")
     KEY_FIELD_NUMBER: _ClassVar[int]
     CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     MAX_STALENESS_MS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     consistency: Consistency
     max_staleness_ms: int
-    def __init__(self, key: _Optional[bytes] = ..., consistency: _Optional[_Union[Consistency, str]] = ..., max_staleness_ms: _Optional[int] = ...) -> None: ...
+    revision: int
+    def __init__(self, key: _Optional[bytes] = ..., consistency: _Optional[_Union[Consistency, str]] = ..., max_staleness_ms: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class GetResponse(_message.Message):
-    __slots__ = ("error", "found", "value", "index", "staleness_ms", "node_id")
+    __slots__ = ("error", "found", "value", "index", "staleness_ms", "node_id", "revision", "create_revision", "mod_revision", "version")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     FOUND_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     STALENESS_MS_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    CREATE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    MOD_REVISION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     error: Error
     found: bool
     value: bytes
     index: int
     staleness_ms: int
     node_id: int
-    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., found: _Optional[bool] = ..., value: _Optional[bytes] = ..., index: _Optional[int] = ..., staleness_ms: _Optional[int] = ..., node_id: _Optional[int] = ...) -> None: ...
+    revision: int
+    create_revision: int
+    mod_revision: int
+    version: int
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., found: _Optional[bool] = ..., value: _Optional[bytes] = ..., index: _Optional[int] = ..., staleness_ms: _Optional[int] = ..., node_id: _Optional[int] = ..., revision: _Optional[int] = ..., create_revision: _Optional[int] = ..., mod_revision: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("key", "value", "session")
@@ -132,12 +148,14 @@ class PutRequest(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
 
 class PutResponse(_message.Message):
-    __slots__ = ("error", "index")
+    __slots__ = ("error", "index", "revision")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     error: Error
     index: int
-    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., index: _Optional[int] = ...) -> None: ...
+    revision: int
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., index: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("key", "session")
@@ -148,14 +166,16 @@ class DeleteRequest(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
-    __slots__ = ("error", "existed", "index")
+    __slots__ = ("error", "existed", "index", "revision")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     EXISTED_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     error: Error
     existed: bool
     index: int
-    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., existed: _Optional[bool] = ..., index: _Optional[int] = ...) -> None: ...
+    revision: int
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., existed: _Optional[bool] = ..., index: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class CasRequest(_message.Message):
     __slots__ = ("key", "expect_absent", "expected", "value", "session")
@@ -172,21 +192,23 @@ class CasRequest(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., expect_absent: _Optional[bool] = ..., expected: _Optional[bytes] = ..., value: _Optional[bytes] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
 
 class CasResponse(_message.Message):
-    __slots__ = ("error", "swapped", "found", "current", "index")
+    __slots__ = ("error", "swapped", "found", "current", "index", "revision")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SWAPPED_FIELD_NUMBER: _ClassVar[int]
     FOUND_FIELD_NUMBER: _ClassVar[int]
     CURRENT_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     error: Error
     swapped: bool
     found: bool
     current: bytes
     index: int
-    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., swapped: _Optional[bool] = ..., found: _Optional[bool] = ..., current: _Optional[bytes] = ..., index: _Optional[int] = ...) -> None: ...
+    revision: int
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., swapped: _Optional[bool] = ..., found: _Optional[bool] = ..., current: _Optional[bytes] = ..., index: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class ScanRequest(_message.Message):
-    __slots__ = ("start", "end", "prefix", "limit", "consistency", "group", "max_staleness_ms")
+    __slots__ = ("start", "end", "prefix", "limit", "consistency", "group", "max_staleness_ms", "revision")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +216,7 @@ class ScanRequest(_message.Message):
     CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     MAX_STALENESS_MS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     start: bytes
     end: bytes
     prefix: bytes
@@ -201,18 +224,25 @@ class ScanRequest(_message.Message):
     consistency: Consistency
     group: int
     max_staleness_ms: int
-    def __init__(self, start: _Optional[bytes] = ..., end: _Optional[bytes] = ..., prefix: _Optional[bytes] = ..., limit: _Optional[int] = ..., consistency: _Optional[_Union[Consistency, str]] = ..., group: _Optional[int] = ..., max_staleness_ms: _Optional[int] = ...) -> None: ...
+    revision: int
+    def __init__(self, start: _Optional[bytes] = ..., end: _Optional[bytes] = ..., prefix: _Optional[bytes] = ..., limit: _Optional[int] = ..., consistency: _Optional[_Union[Consistency, str]] = ..., group: _Optional[int] = ..., max_staleness_ms: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class KeyValue(_message.Message):
-    __slots__ = ("key", "value")
+    __slots__ = ("key", "value", "create_revision", "mod_revision", "version")
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    CREATE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    MOD_REVISION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     value: bytes
-    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ...) -> None: ...
+    create_revision: int
+    mod_revision: int
+    version: int
+    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., create_revision: _Optional[int] = ..., mod_revision: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ScanResponse(_message.Message):
-    __slots__ = ("error", "items", "more", "owned_lo", "owned_hi", "index", "staleness_ms", "node_id")
+    __slots__ = ("error", "items", "more", "owned_lo", "owned_hi", "index", "staleness_ms", "node_id", "revision")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +251,7 @@ class ScanResponse(_message.Message):
     INDEX_FIELD_NUMBER: _ClassVar[int]
     STALENESS_MS_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     error: Error
     items: _containers.RepeatedCompositeFieldContainer[KeyValue]
     more: bool
@@ -229,7 +260,8 @@ class ScanResponse(_message.Message):
     index: int
     staleness_ms: int
     node_id: int
-    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., items: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ..., more: _Optional[bool] = ..., owned_lo: _Optional[_Iterable[int]] = ..., owned_hi: _Optional[_Iterable[int]] = ..., index: _Optional[int] = ..., staleness_ms: _Optional[int] = ..., node_id: _Optional[int] = ...) -> None: ...
+    revision: int
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., items: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ..., more: _Optional[bool] = ..., owned_lo: _Optional[_Iterable[int]] = ..., owned_hi: _Optional[_Iterable[int]] = ..., index: _Optional[int] = ..., staleness_ms: _Optional[int] = ..., node_id: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class Op(_message.Message):
     __slots__ = ("id", "timeout_ms", "get", "put", "delete", "cas", "scan")
@@ -276,3 +308,17 @@ class ResultBatch(_message.Message):
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[OpResult]
     def __init__(self, results: _Optional[_Iterable[_Union[OpResult, _Mapping]]] = ...) -> None: ...
+
+class CompactRequest(_message.Message):
+    __slots__ = ("revision",)
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    def __init__(self, revision: _Optional[int] = ...) -> None: ...
+
+class CompactResponse(_message.Message):
+    __slots__ = ("error", "revision")
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    error: Error
+    revision: int
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...

@@ -64,6 +64,11 @@ class KVStub:
                 request_serializer=kvstore_dot_v1_dot_kv__pb2.ScanRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kv__pb2.ScanResponse.FromString,
                 _registered_method=True)
+        self.Compact = channel.unary_unary(
+                '/kvstore.v1.KV/Compact',
+                request_serializer=kvstore_dot_v1_dot_kv__pb2.CompactRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kv__pb2.CompactResponse.FromString,
+                _registered_method=True)
 
 
 class KVServicer:
@@ -106,6 +111,13 @@ class KVServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Compact(self, request, context):
+        """Drop history at or below `revision` in every group (admin permission).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +150,11 @@ def add_KVServicer_to_server(servicer, server):
                     servicer.Scan,
                     request_deserializer=kvstore_dot_v1_dot_kv__pb2.ScanRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kv__pb2.ScanResponse.SerializeToString,
+            ),
+            'Compact': grpc.unary_unary_rpc_method_handler(
+                    servicer.Compact,
+                    request_deserializer=kvstore_dot_v1_dot_kv__pb2.CompactRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kv__pb2.CompactResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -302,6 +319,33 @@ class KV:
             '/kvstore.v1.KV/Scan',
             kvstore_dot_v1_dot_kv__pb2.ScanRequest.SerializeToString,
             kvstore_dot_v1_dot_kv__pb2.ScanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Compact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KV/Compact',
+            kvstore_dot_v1_dot_kv__pb2.CompactRequest.SerializeToString,
+            kvstore_dot_v1_dot_kv__pb2.CompactResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,11 +57,19 @@ def test_put_get_delete(cluster: FakeCluster) -> None:
     r = kvctl(cluster, "get", "missing")
     assert r.exit_code == 1 and r.stdout == "" and r.stderr == ""
     r = kvctl(cluster, "-o", "json", "get", "missing")
-    assert r.exit_code == 1 and json.loads(r.stdout) == {"key": "missing", "found": False, "value": None}
+    assert r.exit_code == 1 and json.loads(r.stdout) == {"key": "missing", "found": False, "value": None, "revision": 0}
     r = kvctl(cluster, "delete", "greeting")
     assert r.exit_code == 0 and r.stdout == ""
     r = kvctl(cluster, "-o", "json", "delete", "greeting")
-    assert r.exit_code == 0 and json.loads(r.stdout) == {"key": "greeting", "existed": False}
+    assert r.exit_code == 0 and json.loads(r.stdout) == {"key": "greeting", "existed": False, "revision": None}
+
+
+def test_rev_and_compact_arguments_are_checked_before_any_call(cluster: FakeCluster) -> None:
+    for args in (["get", "k", "--rev", "0"], ["get", "k", "--rev", "-5"], ["scan", "--rev", str(1 << 63)],
+                 ["compact", "0"], ["compact", "x"]):
+        r = kvctl(cluster, *args)
+        assert r.exit_code == 2 and "Invalid value" in r.stderr, args
+    assert not cluster.calls
 
 
 def test_binary_value_and_hex(cluster: FakeCluster) -> None:

@@ -27,6 +27,7 @@ from kvstore.raft.storage import CompactedError, SnapshotTemporarilyUnavailable,
 from kvstore.raft.types import ConfChange, ConfChangeType, Entry, EntryType, HardState, RaftError
 from kvstore.shard.ranges import HASH_MAX, IntervalSet, key_hash
 from kvstore.storage import commands as cmds
+from kvstore.storage import mvcc
 from kvstore.storage.errors import (
     SnapshotFormatError,
     StorageClosedError,
@@ -38,6 +39,7 @@ from kvstore.storage.machine import SessionLimits
 from kvstore.storage.shardcmd import (
     REC_DATA,
     REC_FLOOR,
+    REC_HISTORY,
     REC_RESULT,
     ShardOp,
     encode_shard_command,
@@ -237,7 +239,14 @@ def test_shard_commands_export_and_drop(make: Callable[..., Any]) -> None:
     counts = sum(n for _, n in s.export_range(1, HALF, 64))
     data = [k for t, k, _ in recs if t == REC_DATA]
     assert data == sorted(k for k in keys if key_hash(k) in HALF) and counts == len(data)
-    assert [t for t, _, _ in recs if t != REC_DATA] == [REC_FLOOR, REC_RESULT]  # one session, one result kept
+    hist = {k: mvcc.decode_versions(v) for t, k, v in recs if t == REC_HISTORY}
+    assert sorted(hist) == data and all(len(v) == 1 for v in hist.values())  # each key's one version
+    assert [t for t, _, _ in recs if t not in (REC_DATA, REC_HISTORY)] == [REC_FLOOR, REC_RESULT]  # one session
+    append(s, 1, [cmds.encode_compact(mvcc.REVISION_MAX)])
+    apply_all(s, 1)
+    assert s.shard_state(1) == st  # compaction keeps each key's current version: moves still carry it
+    again = [r for chunk, _ in s.export_range(1, HALF, 64) for r in iter_records(chunk)]
+    assert {k: mvcc.decode_versions(v) for t, k, v in again if t == REC_HISTORY} == hist
     append(s, 1, [put(data[0]), encode_shard_command(ShardOp.DROP, HALF, move=1)])
     r = apply_all(s, 1)
     assert r[0].wrong_shard and r[1].error is None  # a frozen key is not written; DROP forgets it

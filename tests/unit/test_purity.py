@@ -13,6 +13,8 @@ PURE = [
     ROOT / "kvstore" / "storage" / "commands.py",
     ROOT / "kvstore" / "storage" / "machine.py",
     ROOT / "kvstore" / "storage" / "shardcmd.py",
+    ROOT / "kvstore" / "storage" / "mvcc.py",
+    ROOT / "kvstore" / "storage" / "mvcc_mem.py",
     ROOT / "kvstore" / "shard" / "ranges.py",
     ROOT / "kvstore" / "node" / "store.py",
     ROOT / "kvstore" / "node" / "memstore.py",

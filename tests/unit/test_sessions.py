@@ -464,7 +464,9 @@ def test_version_one_commands_still_decode() -> None:
 
     v1 = struct.pack(">BBQQQ", 1, 1, 7, 3, 2) + struct.pack(">I", 1) + b"k" + b"val"
     assert cmds.decode_command(v1) == cmds.Command.put(b"k", b"val", 7, 3, 2)
-    assert cmds.encode_command(cmds.Command.put(b"k", b"val", 7, 3, 2))[0] == 2
+    assert cmds.encode_command(cmds.Command.put(b"k", b"val", 7, 3, 2))[0] == 3
+    v2 = struct.pack(">BBQQQBQ", 2, 1, 7, 3, 2, 1, 9) + struct.pack(">I", 1) + b"k" + b"val"
+    assert cmds.decode_command(v2) == cmds.Command.put(b"k", b"val", 7, 3, 2, True, 9, 0)
 
 
 def test_limits_are_the_documented_defaults() -> None:

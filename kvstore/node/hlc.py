@@ -1,0 +1,61 @@
+"""The node's hybrid logical clock: the revisions a leader proposes (docs/REVISIONS.md).
+
+Pure: the wall clock is injected (`now_ms`, Unix milliseconds); the asyncio shell passes
+`time.time`-based milliseconds, a test a fake. Invariants:
+- `propose(floor)` is strictly greater than every earlier reading and every revision observed
+  (`observe`, and `floor` itself), and at least the wall clock now (in revision units, slot 0:
+  the apply rule `mvcc.next_revision` moves it into the group's slot);
+- `check_floor` refuses a client's revision more than `max_offset_ms` ahead of this node's
+  wall clock (or of what it has already observed), so a forged far-future revision cannot drag
+  the clock (and every later revision of the cluster) into the future.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvstore import errors
+from kvstore.storage import mvcc
+
+MAX_CLOCK_OFFSET_MS = 500
+"""The clock-uncertainty bound: how far apart two nodes' clocks may be (and how far ahead of
+this node's clock a client's revision may be)."""
+
+
+@dataclass(slots=True)
+class HybridClock:
+    """HLC readings as revisions in slot 0: (ms since mvcc.EPOCH_MS, logical) << SLOT_BITS."""
+
+    now_ms: Callable[[], int]
+    max_offset_ms: int = MAX_CLOCK_OFFSET_MS
+    last: int = 0
+    """The highest HLC reading (units: revision >> SLOT_BITS) proposed or observed."""
+
+    def _physical(self) -> int:
+        return max(0, self.now_ms() - mvcc.EPOCH_MS) << mvcc.LOGICAL_BITS
+
+    def observe(self, revision: int) -> None:
+        """Remember a revision seen (an applied write, a client's floor): later proposals exceed it."""
+        units = revision >> mvcc.SLOT_BITS
+        if units > self.last:
+            self.last = units
+
+    def check_floor(self, revision: int) -> None:
+        """Refuse (definite InvalidArgument) a client's observed revision that is negative,
+        absurd, or further ahead of this node's clock than the uncertainty bound."""
+        if revision < 0 or revision > mvcc.PROPOSAL_MAX:
+            raise errors.InvalidArgument(f"revision {revision} is out of range")
+        bound = max(self._physical(), self.last) + (self.max_offset_ms << mvcc.LOGICAL_BITS)
+        if revision >> mvcc.SLOT_BITS > bound:
+            raise errors.InvalidArgument(
+                f"revision {revision} is more than {self.max_offset_ms} ms ahead of node's clock: refused"
+            )
+
+    def propose(self, floor: int = 0) -> int:
+        """A revision to propose for a write whose client has seen `floor` (checked first)."""
+        self.check_floor(floor)
+        self.observe(floor)
+        units = max(self.last + 1, self._physical())
+        self.last = units
+        return units << mvcc.SLOT_BITS

@@ -1,0 +1,443 @@
+"""Revisions, per-key metadata and MVCC history of one group. STANDARD LIBRARY ONLY.
+
+`docs/REVISIONS.md` is the design; this module is its deterministic part, run by the apply logic
+(`machine.py`) on every replica alike and by the read paths.
+
+Revision layout (a positive int64; `int` here, 63 bits used):
+
+    bit 62 ........ 22 | 21 ..... 12 | 11 ...... 0
+        ms since EPOCH |   logical   | group slot
+        (41 bits)      |  (10 bits)  |  (12 bits)
+
+The group slot is the group id (groups 0..4095, `MAX_GROUPS`), so revisions of different groups
+never collide. The leader proposes an HLC reading (`kvstore.node.hlc`) in the command; the apply
+rule (`next_revision`) makes the revision strictly greater than the group's last one and at least
+the proposal, in the group's own slot: the same on every replica, whatever the leader's clock did.
+
+Tables (ordered byte maps the view provides, one set per group; `Rows`):
+
+    KEYS     user key                 -> kid:u64 create:u64 mod:u64 version:u64
+                                         (a key that has history rows, and its current metadata:
+                                         mod = the revision of its newest version; create =
+                                         version = 0 when that version is a tombstone)
+    HIST     kid:u64 revision:u64     -> kind:u8 create_revision:u64 version:u64 value
+    CHANGES  revision:u64 kid:u64     -> user key           (apply order: watch reads it from a
+                                                             revision onward; compaction walks it)
+    STATE    b""                      -> last:u64 compact:u64 next_kid:u64
+
+A key is identified in history by a group-local id (`kid`) because LMDB keys are at most 511
+bytes: user key + revision would not fit for the longest keys. Invariants:
+- every key with a KEYS row has at least one HIST row; its newest HIST row is its current state
+  (a PUT row with the value in `data`, or a DELETE tombstone when the key is absent);
+- HIST and CHANGES hold the same (kid, revision) pairs, except the CHANGES rows at or below the
+  compact revision, which compaction already consumed;
+- after compaction at C, each key keeps only its newest version at or below C (none if that is a
+  tombstone) and every version above C;
+- a key in `data` without a KEYS row is a LEGACY key, written before revisions existed: it reads
+  as create_revision = mod_revision = version = `LEGACY_REVISION` (1); its first write under
+  revisions first records that version as a HIST row at revision 1. This is the migration: lazy
+  and deterministic (every replica has the same data at the same entry), with no format bump.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+EPOCH_MS = 1_767_225_600_000
+"""2026-01-01T00:00:00Z in Unix milliseconds: physical time 0 of a revision."""
+SLOT_BITS = 12
+LOGICAL_BITS = 10
+STEP = 1 << SLOT_BITS
+"""Revisions of one group differ by multiples of STEP."""
+MAX_GROUPS = STEP
+"""Groups 0 .. MAX_GROUPS - 1 have a slot of their own."""
+PHYSICAL_SHIFT = SLOT_BITS + LOGICAL_BITS
+REVISION_MAX = (1 << 63) - 1
+PROPOSAL_MAX = REVISION_MAX - (1 << 40)
+"""A proposed revision above this is refused at apply (a forged or absurd far-future value must
+not push a group to the end of the int64 range, where it could never write again)."""
+LEGACY_REVISION = 1
+"""The revision of every version written before revisions existed (below every real one)."""
+
+T_KEYS = 0
+T_HIST = 1
+T_CHANGES = 2
+T_STATE = 3
+
+KIND_PUT = 1
+KIND_DELETE = 2
+
+_U64 = struct.Struct(">Q")
+_PAIR = struct.Struct(">QQ")
+_ROW = struct.Struct(">BQQ")
+_STATE = struct.Struct(">QQQ")
+_KEYROW = struct.Struct(">QQQQ")
+_MAX_KEY = _U64.pack((1 << 64) - 1)
+
+
+class RevisionError(ValueError):
+    """A revision that cannot be used (bad proposal, beyond the int64 range)."""
+
+
+class Compacted(Exception):
+    """A read below the group's compact revision: its history is gone."""
+
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(f"revision compacted: the compact revision is {compact_revision}")
+        self.compact_revision = compact_revision
+
+
+def make_revision(physical_ms: int, logical: int, slot: int) -> int:
+    """The revision of an HLC reading (ms since the Unix epoch, logical) in `slot`."""
+    ms = max(0, physical_ms - EPOCH_MS)
+    return (((ms << LOGICAL_BITS) + logical) << SLOT_BITS) | slot
+
+
+def revision_ms(rev: int) -> int:
+    """The Unix milliseconds a revision's physical part says (its HLC wall time)."""
+    return (rev >> PHYSICAL_SHIFT) + EPOCH_MS
+
+
+def slot_of(group: int) -> int:
+    return group % MAX_GROUPS
+
+
+def next_revision(last: int, proposed: int, group: int) -> int:
+    """The apply rule: the smallest revision in `group`'s slot that is > `last` and >= `proposed`.
+
+    Strictly increasing in apply order, unique across groups (distinct slots), at least the
+    proposal (so at least every revision the client and the leader had seen, plus one), and
+    deterministic. Raises RevisionError if the proposal is absurd (above PROPOSAL_MAX) or the
+    result would leave the int64 range."""
+    if proposed > PROPOSAL_MAX or proposed < 0:
+        raise RevisionError(f"proposed revision {proposed} is out of range")
+    c = max(last + 1, proposed)
+    slot = slot_of(group)
+    rev = ((c - slot + STEP - 1) >> SLOT_BITS << SLOT_BITS) + slot
+    if rev > REVISION_MAX:
+        raise RevisionError(f"group {group} has run out of revisions (last {last})")
+    return rev
+
+
+@dataclass(slots=True)
+class RevState:
+    """(A value: never mutated; not frozen only because frozen dataclasses cost 5x to build on
+    the apply path.) A group's revision state: the last revision it assigned (or received with moved history),
+    its compact revision, and the next key id."""
+
+    last: int = 0
+    compact: int = 0
+    next_kid: int = 1
+
+    def encode(self) -> bytes:
+        return _STATE.pack(self.last, self.compact, self.next_kid)
+
+    @staticmethod
+    def decode(raw: bytes) -> RevState:
+        if len(raw) != _STATE.size:
+            raise ValueError(f"revision state row of {len(raw)} bytes (expected {_STATE.size})")
+        return RevState(*_STATE.unpack(raw))
+
+
+@dataclass(slots=True)
+class KeyMeta:
+    """A key's metadata at some revision (etcd's meanings): the revision that created it (since it
+    was last absent), the revision of its last change, and how many changes since its creation."""
+
+    create_revision: int
+    mod_revision: int
+    version: int
+
+
+LEGACY_META = KeyMeta(LEGACY_REVISION, LEGACY_REVISION, 1)
+
+
+@dataclass(slots=True)
+class Version:
+    """One version of a key: its value (None: deleted) and metadata (mod_revision: the change)."""
+
+    value: bytes | None
+    meta: KeyMeta
+
+
+def encode_row(kind: int, create: int, version: int, value: bytes) -> bytes:
+    return _ROW.pack(kind, create, version) + value
+
+
+def decode_row(rev: int, raw: bytes) -> Version:
+    """Decode a HIST row (at revision `rev`); ValueError for anything malformed."""
+    if len(raw) < _ROW.size:
+        raise ValueError(f"history row of {len(raw)} bytes")
+    kind, create, version = _ROW.unpack_from(raw)
+    if kind == KIND_PUT:
+        return Version(bytes(raw[_ROW.size :]), KeyMeta(create, rev, version))
+    if kind == KIND_DELETE and len(raw) == _ROW.size:
+        return Version(None, KeyMeta(0, rev, 0))
+    raise ValueError(f"history row of kind {kind} and {len(raw)} bytes")
+
+
+class Rows(Protocol):
+    """Ordered byte maps, one per table, of one group (inside the apply's transaction, or a read
+    transaction: readers use only `get`, `last_le` and `iter`)."""
+
+    def get(self, t: int, k: bytes) -> bytes | None: ...
+
+    def put(self, t: int, k: bytes, v: bytes) -> None: ...
+
+    def delete(self, t: int, k: bytes) -> None: ...
+
+    def last_le(self, t: int, lo: bytes, k: bytes) -> tuple[bytes, bytes] | None:
+        """The row with the greatest key in [lo, k], if any."""
+        ...
+
+    def iter(self, t: int, lo: bytes, hi: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+        """Rows with lo <= key < hi (hi None: to the end), ascending. The caller may change
+        the table while iterating only at rows it has already passed."""
+        ...
+
+
+def rev_state(rows: Rows) -> RevState:
+    raw = rows.get(T_STATE, b"")
+    if raw is None:
+        return RevState()
+    try:
+        return RevState.decode(bytes(raw))
+    except ValueError as err:
+        raise RevisionError(f"corrupt revision state: {err}") from None
+
+
+def _version_at(rows: Rows, kid: int, rev: int) -> tuple[int, Version] | None:
+    row = rows.last_le(T_HIST, _PAIR.pack(kid, 0), _PAIR.pack(kid, rev))
+    if row is None:
+        return None
+    r = _PAIR.unpack(bytes(row[0]))[1]
+    return r, decode_row(r, bytes(row[1]))
+
+
+def _key_row(rows: Rows, key: bytes) -> tuple[int, KeyMeta] | None:
+    """(kid, current metadata) of a key with history; ValueError for a corrupt row."""
+    raw = rows.get(T_KEYS, key)
+    if raw is None:
+        return None
+    if len(raw) != _KEYROW.size:
+        raise ValueError(f"key row of {len(raw)} bytes (expected {_KEYROW.size})")
+    kid, create, mod, version = _KEYROW.unpack(bytes(raw))
+    return kid, KeyMeta(create, mod, version)
+
+
+def _put_key_row(rows: Rows, key: bytes, kid: int, meta: KeyMeta) -> None:
+    rows.put(T_KEYS, key, _KEYROW.pack(kid, meta.create_revision, meta.mod_revision, meta.version))
+
+
+def kid_of(rows: Rows, key: bytes) -> int | None:
+    row = _key_row(rows, key)
+    return None if row is None else row[0]
+
+
+def version_at(rows: Rows, key: bytes, rev: int, current: bytes | None) -> Version | None:
+    """The key's version at revision `rev` (None: absent then). `current` is its value in `data`
+    (used for a LEGACY key, and for the current version: rev at or above its mod_revision). The
+    caller checks `rev` against the compact revision."""
+    row = _key_row(rows, key)
+    if row is None:
+        return Version(current, LEGACY_META) if current is not None and rev >= LEGACY_REVISION else None
+    kid, meta = row
+    if rev >= meta.mod_revision:  # the current version: no history lookup
+        return None if current is None or not meta.version else Version(current, meta)
+    got = _version_at(rows, kid, rev)
+    if got is None or got[1].value is None:
+        return None
+    return got[1]
+
+
+def current_meta(rows: Rows, key: bytes, current: bytes | None) -> KeyMeta | None:
+    """The metadata of the key's current version (None: absent)."""
+    if current is None:
+        return None
+    v = version_at(rows, key, REVISION_MAX, current)
+    return None if v is None else v.meta
+
+
+def write_version(
+    rows: Rows, group: int, key: bytes, value: bytes | None, prev: bytes | None, proposed: int
+) -> int:
+    """The apply path of one write, in one call (the hot path: no intermediate objects): assign
+    the revision (`next_revision` from the group's state), record `key`'s new version (`value`;
+    None: a delete, a tombstone) after `prev` (its value before, None = absent; present for a
+    delete) in history, the changes and its key row, and store the new state. Returns the
+    revision. Raises RevisionError before changing anything. A LEGACY key's old version is
+    recorded at revision 1 first; a put after absence starts at version 1, else version + 1."""
+    raw = rows.get(T_STATE, b"")
+    if raw is None:
+        last, compact, next_kid = 0, 0, 1
+    elif len(raw) == _STATE.size:
+        last, compact, next_kid = _STATE.unpack(raw)
+    else:
+        raise RevisionError(f"corrupt revision state: a row of {len(raw)} bytes")
+    rev = next_revision(last, proposed, group)
+    krow = rows.get(T_KEYS, key)
+    if krow is None:  # the key's first write under revisions
+        kid, next_kid = next_kid, next_kid + 1
+        if prev is not None:
+            create, version = LEGACY_REVISION, 1
+            rows.put(T_HIST, _PAIR.pack(kid, LEGACY_REVISION), _ROW.pack(KIND_PUT, LEGACY_REVISION, 1) + prev)
+            rows.put(T_CHANGES, _PAIR.pack(LEGACY_REVISION, kid), key)
+        else:
+            create = version = 0
+    elif len(krow) == _KEYROW.size:
+        kid, create, _, version = _KEYROW.unpack(krow)
+    else:
+        raise RevisionError(f"corrupt key row of {len(krow)} bytes")
+    hk = _PAIR.pack(kid, rev)
+    if value is None:
+        rows.put(T_HIST, hk, _ROW.pack(KIND_DELETE, 0, 0))
+        create = version = 0
+    else:
+        if version:
+            version += 1
+        else:
+            create, version = rev, 1
+        rows.put(T_HIST, hk, _ROW.pack(KIND_PUT, create, version) + value)
+    rows.put(T_CHANGES, _PAIR.pack(rev, kid), key)
+    rows.put(T_KEYS, key, _KEYROW.pack(kid, create, rev, version))
+    rows.put(T_STATE, b"", _STATE.pack(rev, compact, next_kid))
+    return rev
+
+
+def compact(rows: Rows, st: RevState, rev: int) -> RevState:
+    """Compact history at `rev` (clamped to the group's last revision; never backwards): walk the
+    changes in (old compact, rev]; each one supersedes every older version of its key; a tombstone
+    at or below `rev` goes too (and the key's id once it has no rows left). Work is proportional
+    to the changes compacted."""
+    c = min(rev, st.last)
+    if c <= st.compact:
+        return st
+    lo = _PAIR.pack(st.compact + 1, 0) if st.compact else b""
+    hi = _PAIR.pack(c + 1, 0) if c < REVISION_MAX else None
+    done: list[tuple[bytes, int, int, bytes]] = [
+        (bytes(k), *_PAIR.unpack(bytes(k)), bytes(v)) for k, v in rows.iter(T_CHANGES, lo, hi)
+    ]
+    for ck, r, kid, key in done:
+        rows.delete(T_CHANGES, ck)
+        older = [bytes(k) for k, _ in rows.iter(T_HIST, _PAIR.pack(kid, 0), _PAIR.pack(kid, r))]
+        for k in older:
+            rows.delete(T_HIST, k)
+        hk = _PAIR.pack(kid, r)
+        raw = rows.get(T_HIST, hk)
+        if raw is not None and decode_row(r, bytes(raw)).value is None:
+            rows.delete(T_HIST, hk)
+            if rows.last_le(T_HIST, _PAIR.pack(kid, 0), _PAIR.pack(kid, REVISION_MAX)) is None:
+                rows.delete(T_KEYS, key)
+    return RevState(st.last, c, st.next_kid)
+
+
+def forget_key(rows: Rows, key: bytes) -> None:
+    """Drop every history row of `key` (its range moved away)."""
+    kid = kid_of(rows, key)
+    if kid is None:
+        return
+    hist = [bytes(k) for k, _ in rows.iter(T_HIST, _PAIR.pack(kid, 0), _PAIR.pack(kid + 1, 0))]
+    for k in hist:
+        rows.delete(T_HIST, k)
+        r = _PAIR.unpack(k)[1]
+        rows.delete(T_CHANGES, _PAIR.pack(r, kid))
+    rows.delete(T_KEYS, key)
+
+
+def key_history(rows: Rows, key: bytes) -> list[tuple[int, bytes]]:
+    """Every retained (revision, HIST row) of `key`, ascending (moves carry them)."""
+    kid = kid_of(rows, key)
+    if kid is None:
+        return []
+    return [
+        (_PAIR.unpack(bytes(k))[1], bytes(v))
+        for k, v in rows.iter(T_HIST, _PAIR.pack(kid, 0), _PAIR.pack(kid + 1, 0))
+    ]
+
+
+def install_history(rows: Rows, st: RevState, key: bytes, versions: list[tuple[int, bytes]]) -> RevState:
+    """Install a moved key's history (from another group): its rows under a new id here, and the
+    group's last revision raised past them so later writes of the key come after its history."""
+    forget_key(rows, key)
+    if not versions:
+        return st
+    kid = st.next_kid
+    last = st.last
+    meta = KeyMeta(0, 0, 0)
+    for r, row in versions:
+        v = decode_row(r, row)  # total: the caller turns ValueError into a refusal
+        rows.put(T_HIST, _PAIR.pack(kid, r), row)
+        if r > st.compact:
+            rows.put(T_CHANGES, _PAIR.pack(r, kid), key)
+        last = max(last, r)
+        meta = v.meta if v.value is not None else KeyMeta(0, r, 0)
+    _put_key_row(rows, key, kid, meta)
+    return RevState(last, st.compact, kid + 1)
+
+
+def encode_versions(versions: list[tuple[int, bytes]]) -> bytes:
+    """A moved key's history as one record value: (revision:u64 len:u32 row)*."""
+    return b"".join(_U64.pack(r) + struct.pack(">I", len(row)) + row for r, row in versions)
+
+
+def decode_versions(raw: bytes) -> list[tuple[int, bytes]]:
+    """Inverse of `encode_versions`; ValueError for anything malformed (revisions must ascend)."""
+    out: list[tuple[int, bytes]] = []
+    pos, n = 0, len(raw)
+    while pos < n:
+        if pos + 12 > n:
+            raise ValueError("history record truncated")
+        (r,) = _U64.unpack_from(raw, pos)
+        (ln,) = struct.unpack_from(">I", raw, pos + 8)
+        pos += 12
+        if pos + ln > n:
+            raise ValueError("history record truncated in a row")
+        if not 0 < r <= REVISION_MAX or (out and r <= out[-1][0]):
+            raise ValueError(f"history record revision {r} out of order or range")
+        row = bytes(raw[pos : pos + ln])
+        decode_row(r, row)
+        out.append((r, row))
+        pos += ln
+    return out
+
+
+def versions_in_range(
+    rows: Rows, current: Iterator[tuple[bytes, bytes]], start: bytes, end: bytes | None, rev: int
+) -> Iterator[tuple[bytes, Version]]:
+    """The keys in [start, end) present at revision `rev` (0: now) with their versions, in key
+    order. `current` yields the group's (key, value) rows in [start, end) in key order; at a past
+    revision the keys that have history (deleted since, or changed) are merged in. The caller
+    checks `rev` against the compact revision."""
+    at = rev or REVISION_MAX
+
+    def keys() -> Iterator[tuple[bytes, bytes | None]]:
+        if not rev:
+            yield from current
+            return
+        hist = (bytes(k) for k, _ in rows.iter(T_KEYS, start, end))
+        a, b = next(current, None), next(hist, None)
+        while a is not None or b is not None:
+            if a is not None and (b is None or a[0] <= b):
+                if a[0] == b:
+                    b = next(hist, None)
+                yield a
+                a = next(current, None)
+            else:
+                assert b is not None
+                yield b, None
+                b = next(hist, None)
+
+    for k, value in keys():
+        v = version_at(rows, k, at, value)
+        if v is not None and v.value is not None:
+            yield k, v
+
+
+def changes_from(rows: Rows, rev: int) -> Iterator[tuple[int, bytes]]:
+    """(revision, key) of every retained change at or after `rev`, in revision order: what a
+    watch starting at `rev` replays (the caller checks `rev` against the compact revision)."""
+    for k, v in rows.iter(T_CHANGES, _PAIR.pack(rev, 0), None):
+        yield _PAIR.unpack(bytes(k))[0], bytes(v)

@@ -1,0 +1,82 @@
+"""`mvcc.Rows` on LMDB: the MVCC tables of one group (`layout.DB_REVS`) inside a transaction.
+
+Every row key is the group prefix + the table key; `last_le` and `iter` never leave the group."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from .layout import DB_REVS, group_end, group_prefix
+from .mvcc import T_STATE as _T_STATE
+
+if TYPE_CHECKING:
+    from .lmdb_env import Db, LmdbEnv, Txn
+
+
+def rev_dbs(env: LmdbEnv) -> tuple[Db, ...]:
+    return tuple(env.db(name) for name in DB_REVS)
+
+
+class LmdbRows:
+    """The MVCC tables of `group` seen through `txn` (a write transaction, or a read one for
+    `get`, `last_le` and `iter` only)."""
+
+    __slots__ = ("_dbs", "_dirty", "_end", "_p", "_state", "_txn")
+
+    def __init__(self, txn: Txn, group: int, dbs: tuple[Db, ...]) -> None:
+        self._txn = txn
+        self._p = group_prefix(group)
+        self._end = group_end(group)
+        self._dbs = dbs
+        self._state: bytes | None = None
+        """The group's revision state row, once read or written: read once per batch, written
+        once per batch by `flush` (the caller's, before its transaction commits)."""
+        self._dirty = False
+
+    def get(self, t: int, k: bytes) -> bytes | None:
+        if t == _T_STATE:
+            if self._state is None:
+                self._state = self._txn.get(self._p + k, db=self._dbs[t])
+            return self._state
+        return self._txn.get(self._p + k, db=self._dbs[t])
+
+    def put(self, t: int, k: bytes, v: bytes) -> None:
+        if t == _T_STATE:
+            self._state, self._dirty = v, True
+            return
+        self._txn.put(self._p + k, v, db=self._dbs[t])
+
+    def flush(self) -> None:
+        """Write the revision state row if it changed (once per apply batch)."""
+        if self._dirty and self._state is not None:
+            self._txn.put(self._p, self._state, db=self._dbs[_T_STATE])
+            self._dirty = False
+
+    def delete(self, t: int, k: bytes) -> None:
+        self._txn.delete(self._p + k, db=self._dbs[t])
+
+    def last_le(self, t: int, lo: bytes, k: bytes) -> tuple[bytes, bytes] | None:
+        p = self._p
+        target, low = p + k, p + lo
+        cur = self._txn.cursor(db=self._dbs[t])
+        if cur.set_range(target):
+            if cur.key() != target and not cur.prev():
+                return None
+        elif not cur.last():
+            return None
+        key = cur.key()
+        if key < low or key > target:
+            return None
+        return bytes(key[8:]), bytes(cur.value())
+
+    def iter(self, t: int, lo: bytes, hi: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+        p = self._p
+        end = p + hi if hi is not None else self._end
+        cur = self._txn.cursor(db=self._dbs[t])
+        if not cur.set_range(p + lo):
+            return
+        for k, v in cur.iternext():
+            if end is not None and k >= end:
+                return
+            yield bytes(k[8:]), bytes(v)

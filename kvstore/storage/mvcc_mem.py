@@ -1,0 +1,83 @@
+"""`mvcc.Rows` in memory (the simulator's `MemoryNodeStore` and `machine.DictState`). STANDARD
+LIBRARY ONLY. Invariant: `keys[t]` is the sorted list of the keys of `tables[t]`."""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+N_TABLES = 4
+
+Undo = Callable[["MemRows", int, bytes, "bytes | None"], None]
+"""Called before each change with (rows, table, key, the old value or None)."""
+
+
+def _tables() -> list[dict[bytes, bytes]]:
+    return [{} for _ in range(N_TABLES)]
+
+
+def _keys() -> list[list[bytes]]:
+    return [[] for _ in range(N_TABLES)]
+
+
+@dataclass(slots=True)
+class MemRows:
+    tables: list[dict[bytes, bytes]] = field(default_factory=_tables)
+    keys: list[list[bytes]] = field(default_factory=_keys)
+    undo: Undo | None = None
+
+    def get(self, t: int, k: bytes) -> bytes | None:
+        return self.tables[t].get(k)
+
+    def put(self, t: int, k: bytes, v: bytes) -> None:
+        d = self.tables[t]
+        old = d.get(k)
+        if self.undo is not None:
+            self.undo(self, t, k, old)
+        if old is None:
+            insort(self.keys[t], k)
+        d[k] = v
+
+    def delete(self, t: int, k: bytes) -> None:
+        d = self.tables[t]
+        old = d.pop(k, None)
+        if old is None:
+            return
+        if self.undo is not None:
+            self.undo(self, t, k, old)
+        ks = self.keys[t]
+        del ks[bisect_left(ks, k)]
+
+    def restore(self, t: int, k: bytes, old: bytes | None) -> None:
+        """Undo one change: the row `k` back to `old` (None: absent)."""
+        d = self.tables[t]
+        ks = self.keys[t]
+        if old is None:
+            if d.pop(k, None) is not None:
+                del ks[bisect_left(ks, k)]
+        else:
+            if k not in d:
+                insort(ks, k)
+            d[k] = old
+
+    def last_le(self, t: int, lo: bytes, k: bytes) -> tuple[bytes, bytes] | None:
+        ks = self.keys[t]
+        i = bisect_right(ks, k) - 1
+        if i < 0 or ks[i] < lo:
+            return None
+        return ks[i], self.tables[t][ks[i]]
+
+    def iter(self, t: int, lo: bytes, hi: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+        ks = self.keys[t]
+        d = self.tables[t]
+        i = bisect_left(ks, lo)
+        while i < len(ks):
+            k = ks[i]
+            if hi is not None and k >= hi:
+                return
+            yield k, d[k]
+            i = bisect_right(ks, k)
+
+    def copy(self) -> MemRows:
+        return MemRows([dict(d) for d in self.tables], [list(k) for k in self.keys])
