@@ -88,7 +88,7 @@ def private_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @needs_root
 def test_netns_partition_and_kill_run_is_valid_and_cleans_up(tmp_path: Path) -> None:
     out = tmp_path / "runs"
-    code, text = kvchaos(["run", "--nodes", "3", "--time", "60", "--nemesis", "partition,kill",
+    code, text = kvchaos(["run", "--nodes", "3", "--time", "45", "--nemesis", "partition,kill",
                           "--workload", "register", "--seed", "7", "--out", str(out)])
     lines = text.strip().splitlines()
     assert lines[-1] == "verdict: valid", text[-4000:]
@@ -115,7 +115,7 @@ def test_netns_partition_and_kill_run_is_valid_and_cleans_up(tmp_path: Path) -> 
 @needs_root
 def test_netns_five_nodes_all_nemeses_set_is_valid(tmp_path: Path) -> None:
     out = tmp_path / "runs"
-    code, text = kvchaos(["run", "--nodes", "5", "--time", "60", "--nemesis", "all", "--workload", "set",
+    code, text = kvchaos(["run", "--nodes", "5", "--time", "45", "--nemesis", "all", "--workload", "set",
                           "--seed", "5", "--out", str(out)])
     assert text.strip().splitlines()[-1] == "verdict: valid", text[-4000:]
     assert code == 0
@@ -135,7 +135,7 @@ def test_netns_rebalance_during_partitions_and_kills_is_valid(tmp_path: Path) ->
     while they run: the history stays linearizable, nothing acknowledged is lost, and every
     move finishes once the faults are healed."""
     out = tmp_path / "runs"
-    code, text = kvchaos(["run", "--nodes", "3", "--groups", "4", "--time", "60", "--nemesis",
+    code, text = kvchaos(["run", "--nodes", "3", "--groups", "4", "--time", "45", "--nemesis",
                           "rebalance,partition,kill", "--workload", "register", "--seed", "11", "--out", str(out)],
                          timeout=420)
     lines = text.strip().splitlines()
@@ -475,7 +475,7 @@ def test_netns_replica_reads_stay_linearizable_under_partitions(tmp_path: Path) 
     """3 voters + 2 read replicas; gets through the replicas at linearizable, partitions that cut
     the replicas off and partitions of the voters: valid; a cut-off replica refuses."""
     out = tmp_path / "runs"
-    code, text = kvchaos(["run", "--nodes", "3", "--learners", "2", "--time", "60", "--nemesis",
+    code, text = kvchaos(["run", "--nodes", "3", "--learners", "2", "--time", "45", "--nemesis",
                           "replicas,partition,kill", "--workload", "replicas", "--seed", "11", "--out", str(out)])
     assert text.strip().splitlines()[-1] == "verdict: valid", text[-4000:]
     assert code == 0
