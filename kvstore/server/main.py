@@ -12,6 +12,7 @@ from kvstore.security.audit import AuditOpenError, KeyFileError
 from .config import NodeConfig
 from .metrics_http import MetricsEndpoint
 from .node import Node
+from .profiletoggle import install as install_profile_toggle
 
 log = logging.getLogger("kvstore")
 
@@ -46,6 +47,7 @@ async def serve(cfg: NodeConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_certificates)
+    install_profile_toggle(loop)  # bench only: KVSTORE_PROFILE (off by default)
     clients = f", clients with a token on {cfg.client_listen}" if cfg.client_listen else ""
     print(f"kvstore node {cfg.id} ready on {cfg.listen}{clients} (event loop: {type(loop).__module__})", flush=True)
     stopped = loop.create_task(stop.wait())
