@@ -44,7 +44,7 @@ from kvstore.server.profiletoggle import ENV as PROFILE_ENV
 # (hop label, process, mark). The first row is the start; each later row is a hop ending there.
 PUT_CHAIN: list[tuple[str, str, str]] = [
     ("start", "C", "c.call"),
-    ("client encode + send", "C", "c.written"),
+    ("client: op queued -> stream write", "C", "c.write"),
     ("gRPC: client -> leader handler", "L", "s.batch"),
     ("propose (validate, encode, Host.propose)", "L", "s.proposed"),
     ("leader Ready loop wakes", "L", "n.cycle"),
@@ -66,7 +66,7 @@ PUT_CHAIN: list[tuple[str, str, str]] = [
 ]
 GET_CHAIN: list[tuple[str, str, str]] = [
     ("start", "C", "c.call"),
-    ("client encode + send", "C", "c.written"),
+    ("client: op queued -> stream write", "C", "c.write"),
     ("gRPC: client -> leader handler", "L", "s.batch"),
     ("read index (validate, Host.read)", "L", "s.proposed"),
     ("leader Ready loop wakes", "L", "n.cycle"),

@@ -76,7 +76,7 @@ def read_dump(path: Path) -> list[tuple[int, str]]:
     out: list[tuple[int, str]] = []
     for line in path.read_text().splitlines():
         t, _, name = line.partition(" ")
-        if t.isdigit() and name:
+        if t.isascii() and t.isdigit() and name:
             out.append((int(t), name))
     return out
 

@@ -119,9 +119,9 @@ class OpMux:
                 w = pending.get(op.id)
                 if w is not None:
                     w.sent = True
-            await call.write(kv_pb2.OpBatch(ops=ops))
             if hoptrace.ON:
-                hoptrace.mark("c.written")
+                hoptrace.mark("c.write")
+            await call.write(kv_pb2.OpBatch(ops=ops))
 
     async def _read_loop(self, call: Any, held: dict[int, Any]) -> None:
         pending = self._pending

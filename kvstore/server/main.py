@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -15,6 +16,24 @@ from .node import Node
 from .profiletoggle import install as install_profile_toggle
 
 log = logging.getLogger("kvstore")
+
+
+SWITCH_INTERVAL_US = 500
+"""How long a thread may hold the GIL while another waits for it (CPython's default: 5,000 µs).
+A node has two busy threads, the event loop and the persist thread (`node.py`); each hand-off
+between them (a cycle to persist, applied writes to answer, a peer message to step while the
+persist thread applies) waits until the holder blocks or its interval ends. 500 µs measured
+better at 1 and 64 in flight (bench/README.md, "Per-hop trace"). `KVSTORE_GIL_SWITCH_US`
+overrides it (a benchmark's A/B)."""
+
+
+def set_switch_interval() -> float:
+    """Apply SWITCH_INTERVAL_US (or `KVSTORE_GIL_SWITCH_US`, if it is a positive integer); returns
+    the interval set, in seconds."""
+    raw = os.environ.get("KVSTORE_GIL_SWITCH_US", "")
+    us = int(raw) if raw.isascii() and raw.isdigit() and 0 < int(raw) <= 1_000_000 else SWITCH_INTERVAL_US
+    sys.setswitchinterval(us / 1e6)
+    return us / 1e6
 
 
 def install_event_loop() -> str:
@@ -68,6 +87,7 @@ async def serve(cfg: NodeConfig) -> int:
 
 def run(cfg: NodeConfig) -> int:
     install_event_loop()
+    set_switch_interval()
     try:
         return asyncio.run(serve(cfg))
     except (OSError, AuditOpenError, KeyFileError) as err:
