@@ -231,16 +231,20 @@ def run_mode(mode: str, root: Path, n: int, warmup: int, profile: bool, top: int
                if (trace_dir / f"{pid}.hops").exists()}
     if not servers:
         raise SystemExit(f"no trace files in {trace_dir}: did the nodes exit cleanly?")
-    # The node that served the operations: the one whose handler saw the most batches.
-    lpid = max(servers, key=lambda p: sum(1 for _, nm in servers[p] if nm == "s.batch"))
-    leader = Timeline.of(servers[lpid])
-    followers = [Timeline.of(ev) for p, ev in servers.items() if p != lpid]
+    # The node that served an operation: the one whose handler took its batch inside its window
+    # (the leader balancer may move the leadership between operations).
+    lines = {p: Timeline.of(ev) for p, ev in servers.items()}
     out = {}
     counts = {}
     for kind, client_events, chain in (("put", puts, PUT_CHAIN), ("get", gets, GET_CHAIN)):
         c = Timeline.of(client_events)
         per_op, totals = [], []
         for s, e in op_windows(client_events):
+            served = [p for p, tl in lines.items() if (t := tl.first_at_or_after("s.batch", s)) is not None and t <= e]
+            if len(served) != 1:
+                continue
+            leader = lines[served[0]]
+            followers = [tl for p, tl in lines.items() if p != served[0]]
             hops = walk(chain, s, e, c, leader, followers)
             if hops is not None:
                 per_op.append(hops)
