@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -88,3 +89,16 @@ def test_read_dump_is_total(text: str) -> None:
         p.write_text(text)
         for t, name in hoptrace.read_dump(p):
             assert t >= 0 and name
+
+
+def test_node_switch_interval_and_its_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvstore.server.main import SWITCH_INTERVAL_US, set_switch_interval
+    before = sys.getswitchinterval()
+    try:
+        for raw, want in (("", SWITCH_INTERVAL_US), ("5000", 5000), ("abc", SWITCH_INTERVAL_US),
+                          ("0", SWITCH_INTERVAL_US), ("²", SWITCH_INTERVAL_US), ("99999999", SWITCH_INTERVAL_US)):
+            monkeypatch.setenv("KVSTORE_GIL_SWITCH_US", raw)
+            assert set_switch_interval() == want / 1e6
+            assert abs(sys.getswitchinterval() - want / 1e6) < 1e-9
+    finally:
+        sys.setswitchinterval(before)
