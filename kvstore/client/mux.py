@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from kvstore import hoptrace
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 CLOSE_GRACE = 1.0
@@ -63,6 +64,8 @@ class OpMux:
 
     async def call(self, kind: str, request: Any, timeout: float) -> Any:
         """Send one operation (`kind`: get, put, delete or cas) and wait for its reply."""
+        if hoptrace.ON:
+            hoptrace.mark("c.call")
         if self._closed:
             raise StreamError(grpc.StatusCode.CANCELLED, "client closed", sent=False)
         loop = asyncio.get_running_loop()
@@ -77,12 +80,15 @@ class OpMux:
         self._queue.append(op)
         self._wake.set()
         try:
-            return await fut
+            reply = await fut
         except asyncio.CancelledError:
             w = self._pending.pop(op_id, None)
             if w is not None:
                 w.timer.cancel()
             raise
+        if hoptrace.ON:
+            hoptrace.mark("c.done")
+        return reply
 
     def _timed_out(self, op_id: int) -> None:
         w = self._pending.pop(op_id, None)
@@ -113,6 +119,8 @@ class OpMux:
                 w = pending.get(op.id)
                 if w is not None:
                     w.sent = True
+            if hoptrace.ON:
+                hoptrace.mark("c.write")
             await call.write(kv_pb2.OpBatch(ops=ops))
 
     async def _read_loop(self, call: Any, held: dict[int, Any]) -> None:
@@ -121,6 +129,8 @@ class OpMux:
             batch = await call.read()
             if batch is grpc.aio.EOF:
                 return
+            if hoptrace.ON:
+                hoptrace.mark("c.read")
             for r in batch.results:
                 kind = r.WhichOneof("result")
                 if kind is not None and getattr(r, kind).error.code == kv_pb2.UNAUTHENTICATED and r.id in pending:

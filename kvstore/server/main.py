@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -12,8 +13,27 @@ from kvstore.security.audit import AuditOpenError, KeyFileError
 from .config import NodeConfig
 from .metrics_http import MetricsEndpoint
 from .node import Node
+from .profiletoggle import install as install_profile_toggle
 
 log = logging.getLogger("kvstore")
+
+
+SWITCH_INTERVAL_US = 500
+"""How long a thread may hold the GIL while another waits for it (CPython's default: 5,000 µs).
+A node has two busy threads, the event loop and the persist thread (`node.py`); each hand-off
+between them (a cycle to persist, applied writes to answer, a peer message to step while the
+persist thread applies) waits until the holder blocks or its interval ends. 500 µs measured
+better at 1 and 64 in flight (bench/README.md, "Per-hop trace"). `KVSTORE_GIL_SWITCH_US`
+overrides it (a benchmark's A/B)."""
+
+
+def set_switch_interval() -> float:
+    """Apply SWITCH_INTERVAL_US (or `KVSTORE_GIL_SWITCH_US`, if it is a positive integer); returns
+    the interval set, in seconds."""
+    raw = os.environ.get("KVSTORE_GIL_SWITCH_US", "")
+    us = int(raw) if raw.isascii() and raw.isdigit() and 0 < int(raw) <= 1_000_000 else SWITCH_INTERVAL_US
+    sys.setswitchinterval(us / 1e6)
+    return us / 1e6
 
 
 def install_event_loop() -> str:
@@ -46,6 +66,7 @@ async def serve(cfg: NodeConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_certificates)
+    install_profile_toggle(loop)  # bench only: KVSTORE_PROFILE (off by default)
     clients = f", clients with a token on {cfg.client_listen}" if cfg.client_listen else ""
     print(f"kvstore node {cfg.id} ready on {cfg.listen}{clients} (event loop: {type(loop).__module__})", flush=True)
     stopped = loop.create_task(stop.wait())
@@ -66,6 +87,7 @@ async def serve(cfg: NodeConfig) -> int:
 
 def run(cfg: NodeConfig) -> int:
     install_event_loop()
+    set_switch_interval()
     try:
         return asyncio.run(serve(cfg))
     except (OSError, AuditOpenError, KeyFileError) as err:

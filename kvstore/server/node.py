@@ -30,6 +30,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2
 
+from kvstore import hoptrace
 from kvstore.node.alarms import AlarmTracker
 from kvstore.node.host import Cycle, Host
 from kvstore.node.inbound import Inbound, RefusalLog
@@ -294,6 +295,8 @@ class Node:
         def early(cycle: Cycle, results: list[list[Any]]) -> None:
             # Answer the writes being applied while the transaction is still being made durable
             # (see host.py: their outcome is decided; reads still wait for the applied index).
+            if hoptrace.ON:
+                hoptrace.mark("n.applied")
             loop.call_soon_threadsafe(host.answer_writes, cycle, results)
 
         with PersistThread(loop) as io:
@@ -301,9 +304,13 @@ class Node:
                 await self._wake.wait()
                 self._wake.clear()
                 while True:
+                    if hoptrace.ON:
+                        hoptrace.mark("n.cycle")
                     cycle = host.begin_cycle()
                     if cycle is None:
                         break
+                    if hoptrace.ON:
+                        hoptrace.mark("n.begin")
                     stored = cycle.touches_storage()
                     if stored:
                         if host.awaits_writes(cycle):
@@ -318,6 +325,8 @@ class Node:
                     # else only messages and read states (heartbeats, read-index rounds): no
                     # thread round trip for an empty transaction.
                     n = host.end_cycle(cycle)
+                    if hoptrace.ON:
+                        hoptrace.mark("n.end")
                     if stored:
                         m.fsync_seconds.observe(cycle.seconds)
                     m.ready_groups.observe(n)
@@ -459,6 +468,10 @@ class _CountingTransport:
 
 def _timed_persist(cycle: Cycle) -> None:
     """`cycle.persist()`, timed for the persist metric (runs on the persist thread)."""
+    if hoptrace.ON:
+        hoptrace.mark("n.persist0")
     t0 = time.perf_counter()
     cycle.persist()
     cycle.seconds = time.perf_counter() - t0
+    if hoptrace.ON:
+        hoptrace.mark("n.persist1")

@@ -37,7 +37,7 @@ from typing import Any
 
 import grpc
 
-from kvstore import errors
+from kvstore import errors, hoptrace
 from kvstore.raft import Role
 from kvstore.security.guard import credential_of_call
 from kvstore.security.identity import identity_of_call
@@ -106,6 +106,8 @@ class OpStream:
                     await self.has_out.wait()
                     continue
                 out, self.out = self.out, []
+                if hoptrace.ON:
+                    hoptrace.mark("s.reply")
                 yield kv_pb2.ResultBatch(results=out)
             if self.revoked is not None and self.context is not None:
                 await self.context.abort(grpc.StatusCode.UNAUTHENTICATED, f"KV.Stream: {self.revoked.message}")
@@ -118,6 +120,8 @@ class OpStream:
     async def _read(self, requests: AsyncIterator[kv_pb2.OpBatch]) -> None:
         try:
             async for batch in requests:
+                if hoptrace.ON:
+                    hoptrace.mark("s.batch")
                 if self.credential is not None and not self._still_valid(batch):
                     break
                 if self._limited:
@@ -125,6 +129,8 @@ class OpStream:
                 else:
                     for op in batch.ops:
                         self._start(op)
+                if hoptrace.ON:
+                    hoptrace.mark("s.proposed")
                 self.svc.wake()
                 while len(self.pending) + len(self.tasks) >= MAX_PENDING:
                     self.room.clear()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from kvstore import hoptrace
 from kvstore.node.store import NodeStore
 from kvstore.raft import Message, Snapshot
 from kvstore.v1 import raft_pb2, raft_pb2_grpc
@@ -119,6 +120,8 @@ class Peer:
             self.sent_messages += len(msgs)
             batch = raft_pb2.RaftBatch(cluster_id=self.t.cluster_id, to=self.id, messages=msgs)
             setattr(batch, "from", self.t.node_id)
+            if hoptrace.ON:
+                hoptrace.mark("t.out")
             yield batch
 
     async def _run(self) -> None:
@@ -209,6 +212,8 @@ class Transport:
             p.ping()
 
     def send(self, messages: list[Message]) -> None:
+        if hoptrace.ON:
+            hoptrace.mark("t.send")
         for m in messages:
             p = self.peers.get(m.to)
             if p is None:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from kvstore import hoptrace
 from kvstore.raft import Message, MessageType
 from kvstore.storage.errors import SnapshotFormatError
 from kvstore.storage.snapfile import SnapshotFile, write_frames
@@ -104,6 +105,8 @@ class RaftService(raft_pb2_grpc.RaftServicer):
         first: tuple[str, int, int] | None = None
         connected = False
         async for batch in request_iterator:
+            if hoptrace.ON:
+                hoptrace.mark("r.recv")
             frm = getattr(batch, "from")
             if first is None:
                 first = (batch.cluster_id, frm, batch.to)
