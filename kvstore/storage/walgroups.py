@@ -13,7 +13,8 @@ through `GroupRecord`s (`walrec.py`):
   read them in the same cycle; it acts on them only after the sync, the Ready contract).
 - `recover(records, from_seq)` rebuilds the same logs from the records a `Wal.open` returned:
   records below `from_seq` (leftovers of a `truncate_prefix`, which keeps whole segments) are
-  skipped, and so is every record of a group before its last RESET or DESTROY — the transitions
+  skipped, and so is every record of a group before its last RESET or DESTROY, and a rewrite
+  (a RESET announcing `follow` ENTRIES records) that a crash cut short — the transitions
   are the same functions `write` uses, so the recovered logs equal the written ones exactly
   (a prefix of them, for what was not synced before a crash).
 
@@ -155,11 +156,15 @@ class GroupLog:
 class WalGroups:
     """Every group's `GroupLog` over one `Wal` (see the module docstring). One thread."""
 
-    __slots__ = ("groups", "max_record_bytes")
+    __slots__ = ("cut_rewrite", "groups", "max_record_bytes")
 
     def __init__(self, max_record_bytes: int) -> None:
         self.groups: dict[int, GroupLog] = {}
         self.max_record_bytes = max_record_bytes
+        self.cut_rewrite: int | None = None
+        """Set by `recover`: the seq of a rewrite's RESET that a crash cut short and that was
+        therefore ignored. The caller MUST `wal.truncate_suffix(cut_rewrite - 1)` before writing
+        anything (else the new records would follow the leftover pieces)."""
 
     @classmethod
     def recover(cls, records: Iterable[tuple[int, bytes]], from_seq: int, max_record_bytes: int) -> WalGroups:
@@ -167,11 +172,24 @@ class WalGroups:
         decode, or a group whose kept records do not start with a RESET, or a transition the
         writer could never have made raises `StorageError` (the log refuses to guess)."""
         decoded = [(seq, decode(p)) for seq, p in records if seq >= from_seq]
+        cut: int | None = None
+        for i, (seq, rec) in enumerate(decoded):
+            if rec.kind == KIND_RESET and rec.follow:
+                pieces = decoded[i + 1 : i + 1 + rec.follow]
+                if any(r.kind != KIND_ENTRIES or r.group != rec.group for _, r in pieces):
+                    raise StorageError(
+                        f"write-ahead log: the rewrite of group {rec.group} at {seq} is interleaved"
+                    )
+                if len(pieces) < rec.follow:  # an unsynced rewrite cut by a crash: it never happened
+                    del decoded[i:]
+                    cut = seq
+                    break
         start: dict[int, int] = {}
         for i, (_, rec) in enumerate(decoded):
             if rec.kind in (KIND_RESET, KIND_DESTROY):
                 start[rec.group] = i
         wg = cls(max_record_bytes)
+        wg.cut_rewrite = cut
         for i, (seq, rec) in enumerate(decoded):
             s = start.get(rec.group)
             if s is None or i < s:
@@ -213,19 +231,22 @@ class WalGroups:
         return min((g.anchor for g in self.groups.values()), default=default)
 
     def rewrite(self, group: int) -> list[GroupRecord]:
-        """Records that restate `group` whole (its anchor moves to where they are written)."""
+        """Records that restate `group` whole (its anchor moves to where they are written): a
+        RESET announcing the ENTRIES payloads that follow it, so that a crash keeping only part
+        of them drops the whole rewrite instead of losing entries. Write them in one `write`."""
         g = self.groups[group]
-        recs = [GroupRecord(KIND_RESET, group, base=g.base, hard_state=g.hard_state)]
-        if g.ents:
-            recs.append(GroupRecord(KIND_ENTRIES, group, entries=tuple(g.ents)))
-        return recs
+        if not g.ents:
+            return [GroupRecord(KIND_RESET, group, base=g.base, hard_state=g.hard_state)]
+        ents = GroupRecord(KIND_ENTRIES, group, entries=tuple(g.ents))
+        follow = len(encode(ents, self.max_record_bytes))
+        return [GroupRecord(KIND_RESET, group, base=g.base, hard_state=g.hard_state, follow=follow), ents]
 
     # --- internals ------------------------------------------------------------------------------
     def _check(self, records: list[GroupRecord]) -> None:
         """Raise (RaftError / ValueError) if any record of the batch could not be applied after
         the ones before it. Tracks (base index, last index) per group through the batch."""
         shape: dict[int, tuple[int, int] | None] = {}
-        for rec in records:
+        for i, rec in enumerate(records):
             g = rec.group
             if g not in shape:
                 cur = self.groups.get(g)
@@ -234,6 +255,17 @@ class WalGroups:
             if rec.kind == KIND_RESET:
                 if rec.base is None or rec.hard_state is None:
                     raise ValueError("a RESET record needs a base and a hard state")
+                if rec.follow:
+                    nxt = records[i + 1] if i + 1 < len(records) else None
+                    if (
+                        nxt is None
+                        or nxt.kind != KIND_ENTRIES
+                        or nxt.group != g
+                        or len(encode(nxt, self.max_record_bytes)) != rec.follow
+                    ):
+                        raise ValueError(
+                            "a RESET with `follow` must be followed by exactly that many ENTRIES payloads"
+                        )
                 shape[g] = (rec.base.index, rec.base.index)
                 continue
             if rec.kind == KIND_DESTROY:

@@ -3,9 +3,12 @@
 A `wal.Wal` record is an opaque payload; this module gives it meaning (issue 20, step 1 of wiring
 the log in). Every payload is `kind u8 | group u64 | body`, big-endian:
 
-- `KIND_RESET`  body `index u64 | term u64 | hs term u64 | vote u64 | commit u64 | conf`: the
-  group's log is replaced wholesale: no entries, base (index, term, conf), that hard state (a
-  RESET is self-contained: nothing before it is needed) — the first record of every group (created empty or by
+- `KIND_RESET`  body `index u64 | term u64 | hs term u64 | vote u64 | commit u64 | follow u32 |
+  conf`: the group's log is replaced wholesale: no entries, base (index, term, conf), that hard
+  state (a RESET is self-contained: nothing before it is needed); the next `follow` records are
+  ENTRIES of the same group that belong to it (a rewrite), and recovery drops a RESET whose
+  `follow` records did not all survive (it was not synced: the records before it still stand)
+  — the first record of every group (created empty or by
   bootstrap), a snapshot install, and a "rewrite forward" of a group whose records pin old
   segments. Recovery ignores every record of a group before its last RESET (`walgroups.py`).
 - `KIND_ENTRIES` body `first u64 | count u32 | count * (term u64 | type u8 | len u32 | data)`:
@@ -44,6 +47,7 @@ _BASE = struct.Struct(">QQ")
 _ENTRIES_HEAD = struct.Struct(">QI")
 _ENTRY_HEAD = struct.Struct(">QBI")
 _HARD = struct.Struct(">QQQ")
+_U32 = struct.Struct(">I")
 _U64_MAX = (1 << 64) - 1
 _ENTRY_TYPES = {int(t): t for t in EntryType}
 
@@ -63,13 +67,16 @@ class GroupRecord:
     base: SnapshotMeta | None = None
     entries: tuple[Entry, ...] = ()
     hard_state: HardState | None = None
+    follow: int = 0
+    """RESET only: how many ENTRIES records right after it belong to it."""
 
 
-def encode_reset(group: int, base: SnapshotMeta, hs: HardState) -> bytes:
+def encode_reset(group: int, base: SnapshotMeta, hs: HardState, follow: int = 0) -> bytes:
     return (
         _HEAD.pack(KIND_RESET, group)
         + _BASE.pack(base.index, base.term)
         + _HARD.pack(hs.term, hs.vote, hs.commit)
+        + _U32.pack(follow)
         + encode_conf(base.conf_state)
     )
 
@@ -124,7 +131,7 @@ def encode(rec: GroupRecord, max_bytes: int) -> list[bytes]:
     if rec.kind == KIND_COMPACT and rec.base is not None:
         return [encode_compact(rec.group, rec.base)]
     if rec.kind == KIND_RESET and rec.base is not None and rec.hard_state is not None:
-        return [encode_reset(rec.group, rec.base, rec.hard_state)]
+        return [encode_reset(rec.group, rec.base, rec.hard_state, rec.follow)]
     raise ValueError(f"an incomplete or unknown write-ahead log record: {rec}")
 
 
@@ -145,15 +152,17 @@ def _decode(p: bytes) -> GroupRecord:
         index, term = _BASE.unpack_from(p, pos)
         pos += _BASE.size
         hs = None
+        follow = 0
         if kind == KIND_RESET:
             hs = HardState(*_HARD.unpack_from(p, pos))
-            pos += _HARD.size
+            (follow,) = _U32.unpack_from(p, pos + _HARD.size)
+            pos += _HARD.size + _U32.size
         conf = decode_conf(p, pos)
         pos += 8 + 8 * (len(conf.voters) + len(conf.learners))
         _check_conf(conf, len(conf.voters) + len(conf.learners))
         if kind == KIND_COMPACT and index == 0:
             raise WalRecordError("a compaction record at index 0")
-        rec = GroupRecord(kind, group, base=SnapshotMeta(index, term, conf), hard_state=hs)
+        rec = GroupRecord(kind, group, base=SnapshotMeta(index, term, conf), hard_state=hs, follow=follow)
     elif kind == KIND_HARD_STATE:
         rec = GroupRecord(kind, group, hard_state=HardState(*_HARD.unpack_from(p, pos)))
         pos += _HARD.size

@@ -27,6 +27,7 @@ from kvstore.raft.types import (
     SnapshotMeta,
 )
 from kvstore.storage.errors import StorageError
+from kvstore.storage.raftwal import CHECKPOINT_NAME, RaftWal
 from kvstore.storage.wal import (
     CRASH_DROP,
     CRASH_KEEP,
@@ -34,6 +35,7 @@ from kvstore.storage.wal import (
     CRASH_REORDER,
     SimFileSystem,
     Wal,
+    WalCorruptError,
     WalOptions,
 )
 from kvstore.storage.walgroups import WalGroups
@@ -208,6 +210,44 @@ def test_recovery_refuses_a_group_without_its_reset_and_skips_what_a_reset_or_de
         )
 
 
+def test_checkpoints_keep_the_log_bounded_and_a_damaged_checkpoint_file_is_refused() -> None:
+    fs = SimFileSystem(random.Random(3))
+    opts = WalOptions(segment_bytes=600, max_record_bytes=300)
+    rw = RaftWal.open(fs, opts)
+    rw.write([GroupRecord(KIND_RESET, g, base=SnapshotMeta(), hard_state=HardState()) for g in (1, 2)])
+    most = 0
+    for i in range(1, 301):
+        g = 1 + i % 2
+        idx = rw.groups.groups[g].last_index() + 1
+        rw.write(
+            [
+                GroupRecord(KIND_ENTRIES, g, entries=(Entry(1, idx, data=bytes(40), group=g),)),
+                GroupRecord(KIND_HARD_STATE, g, hard_state=HardState(1, 0, idx)),
+            ]
+        )
+        rw.sync()
+        if idx > 5:  # the state machine applied (and checkpointed) up to idx - 5
+            log = rw.groups.groups[g]
+            rw.write([GroupRecord(KIND_COMPACT, g, base=log.compaction_base(idx - 5))])
+        if i % 10 == 0:
+            rw.checkpoint()
+            most = max(most, len(rw.wal.segments()))
+    assert 1 < most <= 6, most  # ~300 x 2 x 70 bytes written: 60+ segments without checkpoints
+    want = {g: (lg.base, lg.hard_state, lg.ents) for g, lg in rw.groups.groups.items()}
+    assert rw.from_seq > 1
+    rw.sync()
+    fs = fs.crash(CRASH_DROP)
+    again = RaftWal.open(fs, opts)
+    assert {g: (lg.base, lg.hard_state, lg.ents) for g, lg in again.groups.groups.items()} == want
+    again.close()
+    f = fs.open(CHECKPOINT_NAME)
+    raw = f.read(0, 100)
+    f.write_at(9, bytes([raw[9] ^ 1]))
+    f.close()
+    with pytest.raises(WalCorruptError, match="checkpoint"):
+        RaftWal.open(fs, opts)
+
+
 # --- random runs with crashes -----------------------------------------------------------------------
 class _Ref:
     """The reference: MemoryStorage for the entries, the base and hard state beside it."""
@@ -249,12 +289,19 @@ def _run(seed: int, mode: str, steps: int) -> int:
     rng = random.Random(seed)
     opts = WalOptions(segment_bytes=400, max_record_bytes=250)
     fs = SimFileSystem(random.Random(seed))
-    wal, _ = _wal(fs, opts)
-    wg = WalGroups(opts.max_record_bytes)
+    rw = RaftWal.open(fs, opts)
+    wal, wg = rw.wal, rw.groups
     refs: dict[int, _Ref] = {}
     views: dict[int, dict[int, tuple[object, ...]]] = {0: {}}  # last seq -> reference view
-    from_seq = 1
     crashes = 0
+    acked = 0
+
+    def same_view_up_to_now(prev: int) -> None:
+        # A rewrite or checkpoint changes no log: every prefix of its records recovers the same.
+        now = {k: v.view() for k, v in refs.items()}
+        for q in range(prev + 1, wal.last_seq + 1):
+            views[q] = now
+
     for _ in range(steps):
         op = rng.random()
         gid = rng.randrange(3)
@@ -289,31 +336,36 @@ def _run(seed: int, mode: str, steps: int) -> int:
             recs = [GroupRecord(KIND_COMPACT, gid, base=wg.groups[gid].compaction_base(idx))]
         elif op < 0.88:
             recs = [GroupRecord(KIND_DESTROY, gid)]
+        elif op < 0.92:
+            # A checkpoint: restate the groups that pin old segments, sync, save from_seq, drop
+            # whole segments below it.
+            prev = wal.last_seq
+            rw.checkpoint()
+            acked = wal.last_seq
+            same_view_up_to_now(prev)
+            continue
         elif op < 0.94:
-            # A checkpoint: restate the groups that pin the oldest segments, sync, record from_seq
-            # (durable: the test keeps it across crashes), then drop whole segments below it.
-            horizon = wal.last_seq - rng.randrange(0, 8)
+            # Rewrites NOT synced (a checkpoint a crash interrupts): a cut rewrite must vanish whole.
+            prev = wal.last_seq
             for g in sorted(wg.groups):
-                if wg.groups[g].anchor < horizon:
-                    wg.write(wal, wg.rewrite(g))
-                    views[wal.last_seq] = {k: v.view() for k, v in refs.items()}
-            wal.sync()
-            from_seq = wg.needed_seq(wal.next_seq)
-            wal.truncate_prefix(from_seq)
+                wg.write(wal, wg.rewrite(g))
+            same_view_up_to_now(prev)
             continue
         else:
-            wal.sync()
+            if rng.random() < 0.6:
+                wal.sync()
+                acked = wal.last_seq
             if rng.random() < 0.5:
                 continue
             # Crash: recovery returns the reference after some prefix that includes every synced record.
-            synced = wal.synced_seq
+            # (`acked`, not `wal.synced_seq`: a segment rotation syncs records no one acknowledged,
+            # e.g. the RESET of an unsynced rewrite, which recovery then drops with its pieces.)
             fs = fs.crash(mode)
             crashes += 1
-            got: list[tuple[int, bytes]] = []
-            wal = Wal.open(fs, opts, got)
-            wg = WalGroups.recover(got, from_seq, opts.max_record_bytes)
+            rw = RaftWal.open(fs, opts)
+            wal, wg = rw.wal, rw.groups
             last = wal.last_seq
-            assert last >= synced
+            assert last >= acked
             assert last in views, (last, sorted(views)[-5:])
             assert _view(wg) == views[last]
             refs = {}
@@ -353,10 +405,10 @@ def _run(seed: int, mode: str, steps: int) -> int:
 
 @pytest.mark.parametrize("mode", [CRASH_DROP, CRASH_RANDOM, CRASH_REORDER, CRASH_KEEP])
 def test_random_runs_recover_exactly_a_prefix_holding_every_synced_record(mode: str) -> None:
-    assert sum(_run(seed, mode, 300) for seed in range(12)) >= 12
+    assert sum(_run(seed, mode, 300) for seed in range(8)) >= 8
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 1 << 30), st.sampled_from([CRASH_DROP, CRASH_RANDOM, CRASH_REORDER]))
 def test_random_runs_hypothesis(seed: int, mode: str) -> None:
     _run(seed, mode, 150)
