@@ -7,7 +7,10 @@
 - `wal`: latency of one `kvstore.storage.wal.Wal` cycle (append one 4 KiB record + `sync`: one
   `fdatasync`), on the real file system, with segments preallocated by `posix_fallocate`
   (`wal_cycle_4k`) and by writing zeros (`wal_cycle_4k_zero_fill`);
-- the same raw `fdatasync` loop over a zero-filled file (`fdatasync_4k_zero_filled`).
+- the same raw `fdatasync` loop over a zero-filled file (`fdatasync_4k_zero_filled`);
+- one persist-only Ready cycle of one group (one 100-byte entry + its hard state): through
+  `kvstore.storage.raftwal.RaftWal` (`raftwal_persist`: records + one `sync`) and through
+  `LmdbNodeStore.persist` (`store_persist`: one LMDB transaction, two flushes), the node's path today.
 
 The directory is `$KVSTORE_BENCH_DIR` (default /var/tmp: a disk, where /tmp may be tmpfs).
 
@@ -27,7 +30,12 @@ from pathlib import Path
 
 import lmdb
 
+from kvstore.node.store import GroupWrite
+from kvstore.raft.types import ConfState, Entry, HardState, SnapshotMeta
+from kvstore.storage.raftwal import RaftWal
+from kvstore.storage.store import LmdbNodeStore
 from kvstore.storage.wal import OsFileSystem, Wal, WalOptions
+from kvstore.storage.walrec import KIND_ENTRIES, KIND_HARD_STATE, KIND_RESET, GroupRecord
 
 
 def _stats(name: str, samples: list[float]) -> dict[str, object]:
@@ -100,6 +108,40 @@ def bench_wal(root: Path, n: int, zero_fill: bool = False) -> list[float]:
         wal.close()
 
 
+def bench_raftwal_persist(root: Path, n: int) -> list[float]:
+    rw = RaftWal.open(OsFileSystem(root / "raftwal"), WalOptions(segment_bytes=max(1 << 20, (n + 2) * 256)))
+    rw.write([GroupRecord(KIND_RESET, 1, base=SnapshotMeta(0, 0, ConfState((1,))), hard_state=HardState())])
+    rw.sync()
+    try:
+
+        def one(i: int) -> None:
+            rw.write(
+                [
+                    GroupRecord(KIND_ENTRIES, 1, entries=(Entry(1, i + 1, data=b"x" * 100, group=1),)),
+                    GroupRecord(KIND_HARD_STATE, 1, hard_state=HardState(1, 1, i + 1)),
+                ]
+            )
+            rw.sync()
+
+        return _time(n, one)
+    finally:
+        rw.close()
+
+
+def bench_store_persist(root: Path, n: int) -> list[float]:
+    store = LmdbNodeStore(root / "store")
+    try:
+
+        def one(i: int) -> None:
+            store.persist(
+                [GroupWrite(1, [Entry(1, i + 1, data=b"x" * 100, group=1)], HardState(1, 1, i + 1))]
+            )
+
+        return _time(n, one)
+    finally:
+        store.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--syncs", type=int, default=500)
@@ -112,6 +154,8 @@ def main() -> None:
             ("lmdb_commit", lambda: bench_lmdb(root, a.syncs)),
             ("wal_cycle_4k", lambda: bench_wal(root, a.syncs)),
             ("wal_cycle_4k_zero_fill", lambda: bench_wal(root, a.syncs, zero_fill=True)),
+            ("raftwal_persist", lambda: bench_raftwal_persist(root, a.syncs)),
+            ("store_persist", lambda: bench_store_persist(root, a.syncs)),
         ]
         for name, fn in runs:
             print(json.dumps(_stats(name, fn())), flush=True)
