@@ -696,7 +696,7 @@ def test_sync_client_close_releases_calls_in_flight(cluster: FakeCluster) -> Non
     def call(name: str, f: Any) -> None:
         try:
             outcomes[name] = f()
-        except BaseException as e:  # noqa: BLE001 - inspected below
+        except BaseException as e:
             outcomes[name] = e
 
     threads = [
@@ -737,7 +737,7 @@ def test_sync_client_many_threads_each_read_their_own_writes(cluster: FakeCluste
                         assert c.get(k) is None
                     else:
                         assert c.get(k) == b"b%d" % w
-            except BaseException as e:  # noqa: BLE001 - reported below
+            except BaseException as e:
                 failures.append(e)
 
         threads = [threading.Thread(target=worker, args=(w,)) for w in range(n)]
