@@ -31,6 +31,10 @@ __all__ = ["Client"]
 
 T = TypeVar("T")
 
+DEFAULT_COALESCE = 0.001
+"""Seconds a call may be held back so that other threads' calls leave with it (see `Client`)."""
+MAX_COALESCE = 0.1
+
 
 def _new_loop() -> asyncio.AbstractEventLoop:
     """A private event loop: uvloop's when available (cheaper cross-thread wake-ups and tasks),
@@ -95,9 +99,19 @@ class Client:
     every call waiting there in one go; a call's task releases its caller's lock when done. So a
     burst of calls from many threads costs one wake-up of the loop, not one each, and no
     `concurrent.futures.Future` (with its condition variable) per call.
+
+    ``coalesce`` (seconds, default 1 ms, 0 turns it off): threads come back from their calls
+    one by one, so left alone their next calls would leave in small batches that cost the
+    servers several times more per operation than one full batch. While other calls are in
+    flight, a call may wait up to ``coalesce`` for the other threads' calls (until as many calls
+    are waiting or running as the most seen at once, `_peak`; a wait that runs out lowers
+    `_peak` to what is there). A call made while no other runs leaves at once.
     """
 
-    def __init__(self, endpoints: Sequence[str] | str, **kwargs: Any) -> None:
+    def __init__(self, endpoints: Sequence[str] | str, *, coalesce: float = DEFAULT_COALESCE, **kwargs: Any) -> None:
+        if not 0.0 <= coalesce <= MAX_COALESCE:
+            raise ValueError(f"coalesce must be between 0 and {MAX_COALESCE} seconds")
+        self._coalesce = coalesce
         self._async = AsyncClient(endpoints, **kwargs)
         self._loop = _new_loop()
         self._closed = False
@@ -110,6 +124,11 @@ class Client:
         """True from the `call_soon_threadsafe(_drain)` until `_drain` takes the inbox."""
         self._live: set[_Call] = set()
         """Calls started on the loop and not finished (loop thread only)."""
+        self._peak = 1
+        """Calls seen waiting or running at once (under `_inbox_lock`): the threads in use."""
+        self._holding = False
+        """The loop holds the inbox back for more calls (under `_inbox_lock`); `_timer` ends it."""
+        self._timer: asyncio.TimerHandle | None = None
         self._thread = threading.Thread(target=self._run_loop, name="kvstore-client", daemon=True)
         self._thread.start()
 
@@ -118,10 +137,38 @@ class Client:
         self._loop.run_forever()
 
     def _drain(self) -> None:
+        """On the loop thread, woken by the first call into an empty inbox or by the call that
+        fills it to `_peak`: start the calls waiting, or hold them back (see `coalesce`)."""
+        with self._inbox_lock:
+            n, live = len(self._inbox), len(self._live)
+            if n == 0:
+                self._drain_scheduled = self._holding
+                return
+            hold = self._coalesce > 0 and live > 0 and n < self._peak and self._timer is None
+            self._peak = max(self._peak, n + live)
+            if hold:
+                self._holding = True
+                self._timer = self._loop.call_later(self._coalesce, self._held_too_long)
+                return
+        self._start_inbox()
+
+    def _held_too_long(self) -> None:
+        """`coalesce` passed without every thread back: fewer threads than `_peak` are calling
+        now; learn it, and start what waits."""
+        self._timer = None
+        with self._inbox_lock:
+            self._peak = max(1, len(self._inbox) + len(self._live))
+        self._start_inbox()
+
+    def _start_inbox(self) -> None:
         """On the loop thread: start every call in the inbox."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         with self._inbox_lock:
             calls, self._inbox = self._inbox, []
             self._drain_scheduled = False
+            self._holding = False
         loop = self._loop
         for call in calls:
             coro, call.coro = call.coro, None
@@ -161,6 +208,9 @@ class Client:
             self._inbox.append(call)
             wake = not self._drain_scheduled
             self._drain_scheduled = True
+            if self._holding and len(self._inbox) >= self._peak:  # every thread is back: go
+                self._holding = False
+                wake = True
         if wake:
             try:
                 self._loop.call_soon_threadsafe(self._drain)
@@ -238,8 +288,12 @@ class Client:
         with self._inbox_lock:
             calls, self._inbox = self._inbox, []
             self._shut = True
+            self._holding = False
         for call in calls:
             call.fail(RuntimeError("client is closed"))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         tasks = [c.task for c in self._live if c.task is not None]
         for t in tasks:
             t.cancel()

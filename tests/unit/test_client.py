@@ -750,3 +750,22 @@ def test_sync_client_many_threads_each_read_their_own_writes(cluster: FakeCluste
     assert cluster.store == {b"mt/%d/%d" % (w, i): b"b%d" % w for w in range(n) for i in range(0, per, 2)}
     seqs = [(p.client_id, p.seq) for p in cluster.kv_calls("Put") if p.key.startswith(b"mt/")]
     assert len(seqs) == len(set(seqs)) == n * per
+
+
+def test_sync_client_coalesce_is_validated_and_zero_works(cluster: FakeCluster) -> None:
+    for bad in (-0.001, 0.5):
+        with pytest.raises(ValueError, match="coalesce"):
+            Client(cluster.endpoints, coalesce=bad)
+    got: list[bytes | None] = []
+    with Client(cluster.endpoints, coalesce=0, **FAST) as c:
+
+        def worker(i: int) -> None:
+            c.put(b"z/%d" % i, b"%d" % i)
+            got.append(c.get(b"z/%d" % i))
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert sorted(got) == sorted(b"%d" % i for i in range(8))  # type: ignore[type-var]
