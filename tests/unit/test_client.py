@@ -676,3 +676,96 @@ def test_sync_client_inside_running_loop(cluster: FakeCluster) -> None:
             return c.get(b"x")
 
     assert run(main()) == b"y"
+
+
+def _wait_for(cond: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def test_sync_client_close_releases_calls_in_flight(cluster: FakeCluster) -> None:
+    """close() while threads wait on hung calls: every one of them returns at once with an error
+    that says a write may have applied (it was sent) and a read did not; none hangs."""
+    c = Client([cluster.addr(1)], timeout=30, attempt_timeout=30, backoff_base=0.005, backoff_cap=0.05, seed=7)
+    c.put(b"warm", b"up")  # the stream is open
+    cluster.nodes[1].hang = True
+    outcomes: dict[str, BaseException | object] = {}
+
+    def call(name: str, f: Any) -> None:
+        try:
+            outcomes[name] = f()
+        except BaseException as e:
+            outcomes[name] = e
+
+    threads = [
+        threading.Thread(target=call, args=("put", lambda: c.put(b"k", b"v"))),
+        threading.Thread(target=call, args=("get", lambda: c.get(b"k"))),
+    ]
+    for t in threads:
+        t.start()
+    _wait_for(lambda: {p.key for p in cluster.kv_calls("Put")} >= {b"k"} and cluster.kv_calls("Get"))
+    c.close()
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+    put_err, get_err = outcomes["put"], outcomes["get"]
+    assert isinstance(put_err, errors.KVError) and put_err.indeterminate, put_err
+    assert isinstance(get_err, errors.KVError) and get_err.definite, get_err
+    with pytest.raises(RuntimeError, match="closed"):
+        c.put(b"after", b"close")
+
+
+def test_sync_client_many_threads_each_read_their_own_writes(cluster: FakeCluster) -> None:
+    """32 threads share one Client, each writes, overwrites, cas-es and deletes its own keys:
+    every thread reads back exactly what it wrote, and every write had its own session seq."""
+    n, per = 32, 6
+    failures: list[BaseException] = []
+    with Client(cluster.endpoints, **FAST) as c:
+
+        def worker(w: int) -> None:
+            try:
+                for i in range(per):
+                    k = b"mt/%d/%d" % (w, i)
+                    c.put(k, b"a%d" % w)
+                    assert c.get(k) == b"a%d" % w
+                    assert c.cas(k, b"a%d" % w, b"b%d" % w)
+                    assert not c.cas(k, b"a%d" % w, b"c")
+                    if i % 2:
+                        assert c.delete(k)
+                        assert c.get(k) is None
+                    else:
+                        assert c.get(k) == b"b%d" % w
+            except BaseException as e:
+                failures.append(e)
+
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+    assert not failures, failures[0]
+    assert cluster.store == {b"mt/%d/%d" % (w, i): b"b%d" % w for w in range(n) for i in range(0, per, 2)}
+    seqs = [(p.client_id, p.seq) for p in cluster.kv_calls("Put") if p.key.startswith(b"mt/")]
+    assert len(seqs) == len(set(seqs)) == n * per
+
+
+def test_sync_client_coalesce_is_validated_and_zero_works(cluster: FakeCluster) -> None:
+    for bad in (-0.001, 0.5):
+        with pytest.raises(ValueError, match="coalesce"):
+            Client(cluster.endpoints, coalesce=bad)
+    got: list[bytes | None] = []
+    with Client(cluster.endpoints, coalesce=0, **FAST) as c:
+
+        def worker(i: int) -> None:
+            c.put(b"z/%d" % i, b"%d" % i)
+            got.append(c.get(b"z/%d" % i))
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert sorted(got) == sorted(b"%d" % i for i in range(8))  # type: ignore[type-var]
