@@ -44,18 +44,29 @@ class HybridClock:
     def check_floor(self, revision: int) -> None:
         """Refuse (definite InvalidArgument) a client's observed revision that is negative,
         absurd, or further ahead of this node's clock than the uncertainty bound."""
+        self._check_floor(revision, self._physical())
+
+    def _check_floor(self, revision: int, physical: int) -> None:
         if revision < 0 or revision > mvcc.PROPOSAL_MAX:
             raise errors.InvalidArgument(f"revision {revision} is out of range")
-        bound = max(self._physical(), self.last) + (self.max_offset_ms << mvcc.LOGICAL_BITS)
+        if not revision:
+            return  # no floor (a client that has seen nothing yet): always acceptable
+        bound = max(physical, self.last) + (self.max_offset_ms << mvcc.LOGICAL_BITS)
         if revision >> mvcc.SLOT_BITS > bound:
             raise errors.InvalidArgument(
                 f"revision {revision} is more than {self.max_offset_ms} ms ahead of node's clock: refused"
             )
 
     def propose(self, floor: int = 0) -> int:
-        """A revision to propose for a write whose client has seen `floor` (checked first)."""
-        self.check_floor(floor)
-        self.observe(floor)
-        units = max(self.last + 1, self._physical())
+        """A revision to propose for a write whose client has seen `floor` (checked first). One
+        reading of the wall clock serves both the check and the proposal (the write path)."""
+        physical = self._physical()
+        self._check_floor(floor, physical)
+        units = floor >> mvcc.SLOT_BITS
+        if units > self.last:
+            self.last = units
+        units = self.last + 1
+        if physical > units:
+            units = physical
         self.last = units
         return units << mvcc.SLOT_BITS

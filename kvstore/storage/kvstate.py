@@ -99,7 +99,7 @@ class LmdbGroupView:
     once and written through on every change."""
 
     __slots__ = (
-        "_data", "_lru", "_meta", "_p", "_rows", "_sessions", "_shards_db", "_txn", "changed", "group", "index",
+        "_data", "_lru", "_meta", "_p", "_sessions", "_shards_db", "_txn", "changed", "group", "index", "mvcc",
         "shards",
     )
 
@@ -109,7 +109,9 @@ class LmdbGroupView:
     ) -> None:
         self._txn = txn
         self.group = group
-        self._rows = LmdbRows(txn, group, revs)
+        self.mvcc = LmdbRows(txn, group, revs)
+        """The group's MVCC tables in this transaction (an attribute, not a property: the write
+        path reads it on every write)."""
         self._p = group_prefix(group)
         self._data = data
         self._sessions = sessions
@@ -119,10 +121,6 @@ class LmdbGroupView:
         self.shards = shards
         self.changed = False
         self.index = 0
-
-    @property
-    def mvcc(self) -> LmdbRows:
-        return self._rows
 
     def set_shards(self, st: ShardState) -> None:
         self.shards = st

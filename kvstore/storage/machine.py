@@ -239,9 +239,8 @@ def execute(view: StateView, cmd: Command) -> ApplyResult:
     from `mvcc.write_version` (which refuses an absurd proposal before anything changes)."""
     op = cmd.op
     try:
-        if op == Op.PUT:
-            prev = view.get(cmd.key)
-            rev = mvcc.write_version(view.mvcc, view.group, cmd.key, cmd.value, prev, cmd.revision)
+        if op == Op.PUT:  # the key's value is read only for a LEGACY key (no key row yet)
+            rev = mvcc.write_version(view.mvcc, view.group, cmd.key, cmd.value, None, cmd.revision, view.get)
             view.put(cmd.key, cmd.value)
             return ApplyResult(revision=rev)
         if op == Op.DELETE:

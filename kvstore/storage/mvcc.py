@@ -42,7 +42,7 @@ bytes: user key + revision would not fit for the longest keys. Invariants:
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -76,6 +76,16 @@ _ROW = struct.Struct(">BQQ")
 _STATE = struct.Struct(">QQQ")
 _KEYROW = struct.Struct(">QQQQ")
 _MAX_KEY = _U64.pack((1 << 64) - 1)
+# Bound methods and sizes of the hot path (write_version), looked up once.
+_PAIR_PACK = _PAIR.pack
+_ROW_PACK = _ROW.pack
+_STATE_PACK = _STATE.pack
+_STATE_UNPACK = _STATE.unpack
+_STATE_SIZE = _STATE.size
+_KEYROW_PACK = _KEYROW.pack
+_KEYROW_UNPACK = _KEYROW.unpack
+_KEYROW_SIZE = _KEYROW.size
+_TOMBSTONE = _ROW.pack(KIND_DELETE, 0, 0)
 
 
 class RevisionError(ValueError):
@@ -187,6 +197,12 @@ class Rows(Protocol):
 
     def put(self, t: int, k: bytes, v: bytes) -> None: ...
 
+    def record(self, key: bytes, kid_rev: bytes, row: bytes, rev_kid: bytes, key_row: bytes | None) -> None:
+        """One version of `key`, in one call (the write path): HIST[kid_rev] = row,
+        CHANGES[rev_kid] = key and, unless key_row is None, KEYS[key] = key_row. The same as
+        three `put`s; `rev_kid` is above every CHANGES key of the group (revisions only grow)."""
+        ...
+
     def delete(self, t: int, k: bytes) -> None: ...
 
     def last_le(self, t: int, lo: bytes, k: bytes) -> tuple[bytes, bytes] | None:
@@ -262,48 +278,68 @@ def current_meta(rows: Rows, key: bytes, current: bytes | None) -> KeyMeta | Non
 
 
 def write_version(
-    rows: Rows, group: int, key: bytes, value: bytes | None, prev: bytes | None, proposed: int
+    rows: Rows,
+    group: int,
+    key: bytes,
+    value: bytes | None,
+    prev: bytes | None,
+    proposed: int,
+    read_prev: Callable[[bytes], bytes | None] | None = None,
 ) -> int:
     """The apply path of one write, in one call (the hot path: no intermediate objects): assign
     the revision (`next_revision` from the group's state), record `key`'s new version (`value`;
     None: a delete, a tombstone) after `prev` (its value before, None = absent; present for a
-    delete) in history, the changes and its key row, and store the new state. Returns the
-    revision. Raises RevisionError before changing anything. A LEGACY key's old version is
-    recorded at revision 1 first; a put after absence starts at version 1, else version + 1."""
+    delete) in history, the changes and its key row (`Rows.record`: one call for the three rows),
+    and store the new state. Returns the revision. Raises RevisionError before changing anything.
+    A LEGACY key's old version is recorded at revision 1 first; a put after absence starts at
+    version 1, else version + 1.
+
+    `read_prev` (a PUT, which does not need the key's value itself): `prev` is not known and is
+    read with it only if the key has no key row (the only case that needs it: a LEGACY key's
+    first write); a key with a key row costs no read of its value."""
     raw = rows.get(T_STATE, b"")
     if raw is None:
         last, compact, next_kid = 0, 0, 1
-    elif len(raw) == _STATE.size:
-        last, compact, next_kid = _STATE.unpack(raw)
+    elif len(raw) == _STATE_SIZE:
+        last, compact, next_kid = _STATE_UNPACK(raw)
     else:
         raise RevisionError(f"corrupt revision state: a row of {len(raw)} bytes")
-    rev = next_revision(last, proposed, group)
+    # next_revision(last, proposed, group), inlined (the hot path; test_mvcc checks they agree).
+    if proposed > PROPOSAL_MAX or proposed < 0:
+        raise RevisionError(f"proposed revision {proposed} is out of range")
+    c = last + 1 if last >= proposed else proposed
+    slot = group % MAX_GROUPS
+    rev = ((c - slot + STEP - 1) >> SLOT_BITS << SLOT_BITS) + slot
+    if rev > REVISION_MAX:
+        raise RevisionError(f"group {group} has run out of revisions (last {last})")
     krow = rows.get(T_KEYS, key)
     if krow is None:  # the key's first write under revisions
+        if read_prev is not None:
+            prev = read_prev(key)
         kid, next_kid = next_kid, next_kid + 1
         if prev is not None:
             create, version = LEGACY_REVISION, 1
-            rows.put(T_HIST, _PAIR.pack(kid, LEGACY_REVISION), _ROW.pack(KIND_PUT, LEGACY_REVISION, 1) + prev)
-            rows.put(T_CHANGES, _PAIR.pack(LEGACY_REVISION, kid), key)
+            rows.record(
+                key, _PAIR_PACK(kid, LEGACY_REVISION), _ROW_PACK(KIND_PUT, LEGACY_REVISION, 1) + prev,
+                _PAIR_PACK(LEGACY_REVISION, kid), None,
+            )
         else:
             create = version = 0
-    elif len(krow) == _KEYROW.size:
-        kid, create, _, version = _KEYROW.unpack(krow)
+    elif len(krow) == _KEYROW_SIZE:
+        kid, create, _, version = _KEYROW_UNPACK(krow)
     else:
         raise RevisionError(f"corrupt key row of {len(krow)} bytes")
-    hk = _PAIR.pack(kid, rev)
     if value is None:
-        rows.put(T_HIST, hk, _ROW.pack(KIND_DELETE, 0, 0))
+        hrow = _TOMBSTONE
         create = version = 0
     else:
         if version:
             version += 1
         else:
             create, version = rev, 1
-        rows.put(T_HIST, hk, _ROW.pack(KIND_PUT, create, version) + value)
-    rows.put(T_CHANGES, _PAIR.pack(rev, kid), key)
-    rows.put(T_KEYS, key, _KEYROW.pack(kid, create, rev, version))
-    rows.put(T_STATE, b"", _STATE.pack(rev, compact, next_kid))
+        hrow = _ROW_PACK(KIND_PUT, create, version) + value
+    rows.record(key, _PAIR_PACK(kid, rev), hrow, _PAIR_PACK(rev, kid), _KEYROW_PACK(kid, create, rev, version))
+    rows.put(T_STATE, b"", _STATE_PACK(rev, compact, next_kid))
     return rev
 
 

@@ -8,6 +8,9 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from .layout import DB_REVS, group_end, group_prefix
+from .mvcc import T_CHANGES as _T_CHANGES
+from .mvcc import T_HIST as _T_HIST
+from .mvcc import T_KEYS as _T_KEYS
 from .mvcc import T_STATE as _T_STATE
 
 if TYPE_CHECKING:
@@ -22,13 +25,15 @@ class LmdbRows:
     """The MVCC tables of `group` seen through `txn` (a write transaction, or a read one for
     `get`, `last_le` and `iter` only)."""
 
-    __slots__ = ("_dbs", "_dirty", "_end", "_p", "_state", "_txn")
+    __slots__ = ("_changes", "_dbs", "_dirty", "_end", "_hist", "_keys", "_p", "_put", "_state", "_txn")
 
     def __init__(self, txn: Txn, group: int, dbs: tuple[Db, ...]) -> None:
         self._txn = txn
         self._p = group_prefix(group)
         self._end = group_end(group)
         self._dbs = dbs
+        self._hist, self._changes, self._keys = dbs[_T_HIST], dbs[_T_CHANGES], dbs[_T_KEYS]
+        self._put = txn.put
         self._state: bytes | None = None
         """The group's revision state row, once read or written: read once per batch, written
         once per batch by `flush` (the caller's, before its transaction commits)."""
@@ -46,6 +51,13 @@ class LmdbRows:
             self._state, self._dirty = v, True
             return
         self._txn.put(self._p + k, v, db=self._dbs[t])
+
+    def record(self, key: bytes, kid_rev: bytes, row: bytes, rev_kid: bytes, key_row: bytes | None) -> None:
+        put, p = self._put, self._p
+        put(p + kid_rev, row, db=self._hist)
+        put(p + rev_kid, key, db=self._changes)
+        if key_row is not None:
+            put(p + key, key_row, db=self._keys)
 
     def flush(self) -> None:
         """Write the revision state row if it changed (once per apply batch)."""

@@ -7,6 +7,8 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from .mvcc import T_CHANGES, T_HIST, T_KEYS
+
 N_TABLES = 4
 
 Undo = Callable[["MemRows", int, bytes, "bytes | None"], None]
@@ -38,6 +40,12 @@ class MemRows:
         if old is None:
             insort(self.keys[t], k)
         d[k] = v
+
+    def record(self, key: bytes, kid_rev: bytes, row: bytes, rev_kid: bytes, key_row: bytes | None) -> None:
+        self.put(T_HIST, kid_rev, row)
+        self.put(T_CHANGES, rev_kid, key)
+        if key_row is not None:
+            self.put(T_KEYS, key, key_row)
 
     def delete(self, t: int, k: bytes) -> None:
         d = self.tables[t]

@@ -1,0 +1,112 @@
+"""A/B: what revisions and history cost puts, this checkout (A) against another one (B, e.g. the
+parent of the revisions merge), alternating in the same run (issue 16's target: at most 10 %
+fewer puts/s at 64 in flight).
+
+    python bench/ab_revisions.py --base DIR [--rounds 5] [--seconds 5] [--inflight 64] [--puts 20000]
+
+DIR is a checkout of the other commit (e.g. `git worktree add --detach DIR <commit>`). Each run
+is a fresh process whose `kvstore` is imported from its checkout (working directory and
+PYTHONPATH set to it, so `kvstore serve` children import it too): both sides run the same
+driver, this directory's, using only APIs both have.
+
+1. Apply only: `apply_revisions.py` (the state machine's apply on LMDB, sync off): puts/s and
+   this process's CPU microseconds per put (steadier than the wall clock on a shared machine).
+2. End to end: `admission.py`'s driver: one `kvstore serve` (one data group, data in a temporary
+   directory, stopped by its PID), `--inflight` puts in flight on one `KV.Stream` for `--seconds`.
+
+Rounds alternate A and B (B first in every second round). Reported: each side's median and the
+median of the per-round ratios A/B (this checkout's puts/s over the other's: 0.90 = 10 % fewer),
+so slow drift of a shared machine cancels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def _child(checkout: Path, args: list[str], timeout: float) -> str:
+    env = dict(os.environ, PYTHONPATH=str(checkout), PYTHONDONTWRITEBYTECODE="1")
+    out = subprocess.run(
+        [sys.executable, *args], cwd=checkout, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{args[0]} on {checkout} failed: {out.stderr[-2000:]}")
+    return out.stdout
+
+
+def apply_once(checkout: Path, puts: int) -> tuple[float, float]:
+    """(puts/s applied, CPU us per put) of one apply-only run."""
+    out = _child(checkout, [str(HERE / "apply_revisions.py"), "--puts", str(puts)], 600)
+    m = re.search(r"([\d,]+) puts/s applied \(([\d.]+) CPU us per put\)", out)
+    if m is None:
+        raise RuntimeError(f"unexpected output: {out!r}")
+    return float(m.group(1).replace(",", "")), float(m.group(2))
+
+
+def e2e_once(checkout: Path, seconds: float, inflight: int) -> float:
+    """Puts/s of one end-to-end run (one node, `inflight` puts in flight)."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import admission; "
+        "print(admission.run_one([], float(sys.argv[2]), int(sys.argv[3])))"
+    )
+    out = _child(checkout, ["-c", code, str(HERE), str(seconds), str(inflight)], seconds + 120)
+    return float(out.strip().splitlines()[-1])
+
+
+def _summary(name: str, a: list[float], b: list[float], higher_is_better: bool = True) -> str:
+    ratios = [x / y if higher_is_better else y / x for x, y in zip(a, b, strict=True)]
+    return (
+        f"{name}: A median {statistics.median(a):,.1f}, B median {statistics.median(b):,.1f}; "
+        f"A/B per round {' '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", type=Path, required=True, help="a checkout of the commit to compare against")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--inflight", type=int, default=64)
+    ap.add_argument("--puts", type=int, default=20_000)
+    ap.add_argument("--skip-apply", action="store_true")
+    ap.add_argument("--skip-e2e", action="store_true")
+    a = ap.parse_args()
+    base = a.base.resolve()
+    if not (base / "kvstore" / "__init__.py").is_file():
+        ap.error(f"{base} is not a kvstore checkout")
+    sides = {"A": ROOT, "B": base}
+    ap_rate: dict[str, list[float]] = {"A": [], "B": []}
+    ap_cpu: dict[str, list[float]] = {"A": [], "B": []}
+    e2e: dict[str, list[float]] = {"A": [], "B": []}
+    for r in range(a.rounds):
+        order = ("A", "B") if r % 2 == 0 else ("B", "A")
+        line: list[str] = []
+        for side in order:
+            if not a.skip_apply:
+                rate, cpu = apply_once(sides[side], a.puts)
+                ap_rate[side].append(rate)
+                ap_cpu[side].append(cpu)
+                line.append(f"{side} apply {rate:,.0f} puts/s ({cpu:.1f} CPU us/put)")
+            if not a.skip_e2e:
+                e2e[side].append(e2e_once(sides[side], a.seconds, a.inflight))
+                line.append(f"{side} end to end {e2e[side][-1]:,.0f} puts/s")
+        print(f"round {r + 1}: " + "; ".join(line), flush=True)
+    print(f"A = {ROOT}, B = {base}; {a.rounds} alternating rounds")
+    if not a.skip_apply:
+        print(_summary("apply puts/s (wall)", ap_rate["A"], ap_rate["B"]))
+        print(_summary("apply CPU us per put (as a rate: B cpu / A cpu)", ap_cpu["A"], ap_cpu["B"], False))
+    if not a.skip_e2e:
+        print(_summary(f"end to end puts/s at {a.inflight} in flight", e2e["A"], e2e["B"]))
+
+
+if __name__ == "__main__":
+    main()
