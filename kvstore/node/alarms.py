@@ -10,7 +10,8 @@ NOSPACE: a node whose store's used size exceeds `--quota-bytes` raises it (`Quot
 on a timer of the asyncio shell). While any NOSPACE alarm is raised, every node refuses new
 puts and compare-and-swaps (NOSPACE, definite) and serves reads and deletes, so an operator
 can free space. It does NOT clear by itself: an operator disarms it (`kvctl alarm disarm`)
-once deletes and log compaction brought the store back under the quota. Why not automatically:
+once deletes, history compaction (a deleted key's versions stay until compacted) and log
+compaction brought the store back under the quota. Why not automatically:
 a store hovering at its quota would flap between refusing and accepting writes with each delete
 and put, and a cluster that hit its quota is something an operator must see, not something that
 silently comes and goes (etcd does the same). A disarm while the store is still over the quota

@@ -103,10 +103,13 @@ def test_disk_faults_are_survived() -> None:
 
 @pytest.mark.parametrize("bug", sorted(set(NODE_BUGS) - set(MOVE_BUGS)))  # moves: test_node_sim_moves.py
 def test_planted_node_bug_is_found(bug: str) -> None:
-    with planted(bug):
-        for seed in range(SEED_BUDGET):
-            if not run_node_seed(seed).ok:
-                return
+    for seed in range(SEED_BUDGET):
+        with planted(bug):
+            found = not run_node_seed(seed).ok
+        if found:
+            clean = run_node_seed(seed)  # the bug, not the seed: the same seed passes without it
+            assert clean.ok, f"seed {seed} fails without {bug!r} too: {clean.violation}"
+            return
     pytest.fail(f"planted bug {bug!r} not found in {SEED_BUDGET} seeds")
 
 
@@ -139,12 +142,14 @@ def test_every_core_bug_has_a_budget() -> None:
 @pytest.mark.parametrize("bug", sorted(CORE_BUG_BUDGET))
 def test_planted_core_bug_is_found_through_whole_nodes(bug: str) -> None:
     budget = CORE_BUG_BUDGET[bug]
-    with planted(bug):
-        for seed in range(budget):
+    for seed in range(budget):
+        with planted(bug):
             res = run_node_seed(seed)
-            if not res.ok:
-                assert res.violation
-                return
+        if not res.ok:
+            assert res.violation
+            clean = run_node_seed(seed)  # the bug, not the seed: the same seed passes without it
+            assert clean.ok, f"seed {seed} fails without {bug!r} too: {clean.violation}"
+            return
     pytest.fail(f"planted bug {bug!r} not found in {budget} seeds")
 
 

@@ -25,10 +25,13 @@ SEED_BUDGET = {
     # random stream differ: flip-before-activate is first found at seed 26; shared-install-token
     # (first at 35 then, and past 45 once the simulators were merged) is left to its scenario.
     # Revisions (format-3 commands, 8 bytes longer; writes proposed with each node's HLC) changed
-    # every seed's timing again: flip-before-activate is now first found at seed 86.
+    # every seed's timing again. Seed 86 then failed with and without the plant (a put waiting on
+    # a range still moving at its deadline, now excused: `NodeSimulation._key_in_moving_range`), so
+    # the budget test now also requires the finding seed to pass without the bug: flip-before-
+    # activate is first really found at seed 107.
     "node-serve-after-freeze": 15,
     "node-activate-before-install": 15,
-    "node-flip-before-activate": 90,
+    "node-flip-before-activate": 110,
     "node-cache-wrong-shard": 5,
 }
 SCENARIO_ONLY = {"node-no-move-fence", "node-export-without-sessions", "node-shared-install-token"}
@@ -115,8 +118,12 @@ def test_plants_restore_the_code() -> None:
 
 @pytest.mark.parametrize("bug", sorted(SEED_BUDGET))
 def test_planted_move_bug_is_found(bug: str) -> None:
-    with planted(bug):
-        for seed in range(SEED_BUDGET[bug]):
-            if not run_node_seed(seed, moves=True).ok:
-                return
+    for seed in range(SEED_BUDGET[bug]):
+        with planted(bug):
+            found = not run_node_seed(seed, moves=True).ok
+        if found:
+            # the bug, not the seed: the same seed passes without it
+            clean = run_node_seed(seed, moves=True)
+            assert clean.ok, f"seed {seed} fails without {bug!r} too: {clean.violation}"
+            return
     pytest.fail(f"planted bug {bug!r} not found in {SEED_BUDGET[bug]} seeds")
