@@ -162,6 +162,13 @@ class OpMux:
                 # Closing: the stream is half-closed; take the last answers until the server ends it.
                 await asyncio.wait([reader], timeout=CLOSE_GRACE)
                 done = {reader} if reader.done() else set()
+            elif done == {writer}:
+                # A write failed: the call is over, but what gRPC says to a write on a call the
+                # server already ended is its own INTERNAL ("Internal error from Core"), not the
+                # server's status. The reader receives that status (say UNAUTHENTICATED: nothing
+                # was applied); wait for it, so the operations fail with what the server said.
+                await asyncio.wait([reader], timeout=CLOSE_GRACE)
+                done = {reader, writer} if reader.done() else {writer}
             failure = self._failure_of([t for t in (reader, writer) if t in done])
         except asyncio.CancelledError:  # close()
             self._fail(StreamError(grpc.StatusCode.CANCELLED, "client closed", sent=True), held)
