@@ -18,6 +18,7 @@ from typing import ClassVar
 from kvstore.v1 import kv_pb2
 
 __all__ = [
+    "ClientClosed",
     "InternalError",
     "InvalidArgument",
     "KVError",
@@ -320,6 +321,17 @@ class InternalError(KVError):
     code_name = "INTERNAL"
     write_may_have_applied = True
     default_message = "internal error"
+
+
+class ClientClosed(KVError, RuntimeError):
+    """The client was closed (by this program) while the operation waited or retried, or the
+    operation was started on a closed client. Definite unless an earlier attempt of a write may
+    have applied (then indeterminate). Client-side only; also a RuntimeError, which a closed
+    client raised before."""
+
+    code = kv_pb2.INTERNAL
+    code_name = "CLIENT_CLOSED"
+    default_message = "client is closed"
 
 
 class Unavailable(KVError):

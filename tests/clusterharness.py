@@ -217,11 +217,17 @@ class Cluster:
         preferred = smap.groups[group].voters[0]
         deadline = time.monotonic() + timeout
         while True:
-            ld = self.wait_leader()
-            views = [g.leader_id if (st := n.status()) is not None and (g := group_status(st, group)) else 0
-                     for n in self.nodes.values() if n.alive]
-            if ld.id == preferred and all(v == preferred for v in views):
-                return ld
+            # the views of the running nodes that host the group (one that does not answer: 0)
+            views = []
+            for n in self.nodes.values():
+                if n.alive:
+                    st = n.status()
+                    g = group_status(st, group) if st is not None else None
+                    if st is None or g is not None:
+                        views.append(g.leader_id if g is not None else 0)
+            node = self.nodes.get(preferred)
+            if views and node is not None and node.alive and all(v == preferred for v in views):
+                return node
             assert time.monotonic() < deadline, f"the leader never settled on its preferred node ({views})"
             time.sleep(0.05)
 

@@ -1,7 +1,7 @@
 """The client's connections: one gRPC channel per endpoint, its stubs, and its operation stream.
 
 Invariants: every channel uses the same credentials (TLS or plaintext); at most one channel (and one `OpMux`) per endpoint, created on first use; nothing is
-created after `close()` (a closed client raises RuntimeError instead of reconnecting).
+created after `close()` (a closed client raises `ClientClosed` instead of reconnecting).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import grpc
 import grpc.aio
 
 from kvstore.client.mux import OpMux
+from kvstore.errors import ClientClosed
 from kvstore.v1 import admin_pb2_grpc, auth_pb2_grpc, kv_pb2_grpc, shard_pb2_grpc
 
 __all__ = ["CHANNEL_OPTIONS", "Channels", "close_all_streams"]
@@ -49,7 +50,7 @@ class Channels:
 
     def channel(self, endpoint: str) -> grpc.aio.Channel:
         if self.closed:
-            raise RuntimeError("client is closed")
+            raise ClientClosed("client is closed")
         ch = self._channels.get(endpoint)
         if ch is None:
             ch = self._channels[endpoint] = (

@@ -24,7 +24,7 @@ from kvstore.client.types import (
     ShardOpResult,
     Status,
 )
-from kvstore.errors import Unavailable
+from kvstore.errors import ClientClosed, Unavailable
 from kvstore.shard.shardmap import ShardMap
 
 __all__ = ["Client"]
@@ -204,7 +204,7 @@ class Client:
         with self._inbox_lock:
             if self._closed or self._shut:
                 coro.close()
-                raise RuntimeError("client is closed")
+                raise ClientClosed("client is closed")
             self._inbox.append(call)
             wake = not self._drain_scheduled
             self._drain_scheduled = True
@@ -218,7 +218,7 @@ class Client:
                 with self._inbox_lock:
                     if call in self._inbox:
                         self._inbox.remove(call)
-                        call.fail(RuntimeError("client is closed"))
+                        call.fail(ClientClosed("client is closed"))
         try:
             done.acquire()
         except BaseException:
@@ -273,7 +273,7 @@ class Client:
                 calls, self._inbox = self._inbox, []
                 self._shut = True
             for call in calls:
-                call.fail(RuntimeError("client is closed"))
+                call.fail(ClientClosed("client is closed"))
             if stopped:
                 for call in list(self._live):
                     self._live.discard(call)
@@ -290,7 +290,7 @@ class Client:
             self._shut = True
             self._holding = False
         for call in calls:
-            call.fail(RuntimeError("client is closed"))
+            call.fail(ClientClosed("client is closed"))
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -32,6 +32,7 @@ from kvstore.client.failures import classify, is_retryable, with_message
 from kvstore.client.retry import Backoff, Deadline, RetryPolicy
 from kvstore.client.routing import DEFAULT_GROUP
 from kvstore.errors import (
+    ClientClosed,
     InternalError,
     KVError,
     LeadershipLost,
@@ -126,6 +127,12 @@ class Invoker:
             started = time.monotonic()
             try:
                 resp = await call(target, attempt_timeout)
+            except ClientClosed as e:
+                if indeterminate is not None:  # an earlier attempt may have applied
+                    raise with_message(
+                        e, f"{e.message} (after an earlier attempt: {indeterminate.message})", indeterminate=True
+                    ) from None
+                raise
             except grpc.aio.AioRpcError as e:
                 failure = classify(e, endpoint=target, is_write=is_write)
                 err = failure.error

@@ -270,6 +270,27 @@ def test_no_leader_until_deadline_is_definite(cluster: FakeCluster) -> None:
     assert cluster.applied == []
 
 
+def test_closing_an_async_client_under_retry_fails_the_operation_with_client_closed(cluster: FakeCluster) -> None:
+    """close() while a put retries against a cluster without a leader: the put ends at once with
+    ClientClosed (a KVError, definite: no attempt could have applied), not a bare RuntimeError."""
+    cluster.leader_id = 0
+
+    async def main() -> None:
+        c = AsyncClient(cluster.endpoints, timeout=30, **FAST)
+        put = asyncio.ensure_future(c.put(b"closing", b"1"))
+        while len(cluster.kv_calls("Put")) < 2:
+            await asyncio.sleep(0.005)
+        await c.close()
+        with pytest.raises(errors.ClientClosed) as ei:
+            await asyncio.wait_for(put, 5)  # ends with the close, not at its 30 s timeout
+        assert isinstance(ei.value, errors.KVError) and ei.value.definite
+        with pytest.raises(errors.ClientClosed):
+            await c.get(b"closing")
+
+    run(main())
+    assert cluster.applied == []
+
+
 def test_indeterminate_retries_reuse_session_exactly_once(cluster: FakeCluster) -> None:
     # Applied, but the client hears TIMEOUT, then LEADERSHIP_LOST, then the truth.
     cluster.script(1, Action("error", kv_pb2.TIMEOUT, indeterminate=True, apply=True),
