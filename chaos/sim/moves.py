@@ -14,7 +14,7 @@ RPCs, an admin planning changes, and clients that route by their own (stale) map
   1.5 s) or cut by a partition, and
   are retried by the caller until a deadline (`CALL_MS`), after which the failure is thrown into
   the work (the coordinator retries the step from the map later). At the receiving node a
-  proposal is checked by `kvstore.server.shards.check_group_request` against that node's map and
+  proposal is checked by `kvstore.node.grouprequests.check_group_request` against that node's map and
   proposed to its host like `local_group_call`; an export waits for a read barrier
   (`Host.read`) and reads the frozen ranges from the store like `local_export`. `WaitMap` polls
   the node's tracker.
@@ -51,7 +51,7 @@ from kvstore.node.logic import NodeLogic
 from kvstore.node.moves import ExportChunk, MoveCoordinator, MoveFailed, Propose, Request, WaitMap, Work
 from kvstore.node.store import NodeStore
 from kvstore.raft import ConfChange, Role
-from kvstore.server.shards import check_group_request
+from kvstore.node.grouprequests import check_group_request
 from kvstore.shard.ranges import IntervalSet
 from kvstore.shard.shardmap import META_GROUP, ShardMap, ShardMapError
 from kvstore.storage.commands import ApplyResult
