@@ -183,6 +183,17 @@ class KvstoreCluster:
                 if time.monotonic() > deadline:
                     raise ClusterError(f"could not enable auth: {err}")
                 time.sleep(0.2)
+        # Every node must have applied it before the run starts (a follower answers from its
+        # own applied auth state until then).
+        for n in self.nodes.values():
+            def enabled(n: NodeProc = n) -> bool:
+                try:
+                    with n.channel() as ch:
+                        return auth_pb2_grpc.AuthStub(ch).Status(auth_pb2.AuthStatusRequest(), timeout=5).enabled
+                except grpc.RpcError:
+                    return False
+            _wait(f"node {n.id} never applied auth enable", enabled, max(1.0, deadline - time.monotonic()),
+                  self._check_alive)
 
     def start_all(self) -> None:
         for n in self.nodes.values():
