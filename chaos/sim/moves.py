@@ -47,11 +47,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kvstore import errors
+from kvstore.node.grouprequests import check_group_request
 from kvstore.node.logic import NodeLogic
 from kvstore.node.moves import ExportChunk, MoveCoordinator, MoveFailed, Propose, Request, WaitMap, Work
 from kvstore.node.store import NodeStore
 from kvstore.raft import ConfChange, Role
-from kvstore.node.grouprequests import check_group_request
 from kvstore.shard.ranges import IntervalSet
 from kvstore.shard.shardmap import META_GROUP, ShardMap, ShardMapError
 from kvstore.storage.commands import ApplyResult
