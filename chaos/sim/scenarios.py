@@ -32,6 +32,14 @@ script gave up waiting proves nothing, and its result says so.
   leader (a lagging map) while that move is frozen, before its export. The move id fences it
   off (`node-no-move-fence` lets it delete frozen data the export was about to carry: the move
   then never finishes).
+- `flip-before-activate`: (one group) a new group takes ranges from group 1; the coordinator
+  stops right before ACTIVATE; the new group's leader L loses every message it sends in that
+  group from then on, and the coordinator goes on: L appends ACTIVATE, which never commits (the
+  other two elect a leader without it, and L's copy is overwritten when it hears again). The
+  coordinator's request is retried at the new leader and the map flips only once a replica of
+  the target has applied ACTIVATE (`node-flip-before-activate` acknowledges ACTIVATE when L
+  appended it: the map flips, the source drops the ranges, and nobody serves them). The
+  script notes whether the target served the ranges when the map flipped.
 """
 
 from __future__ import annotations
@@ -44,7 +52,8 @@ from dataclasses import dataclass, field
 
 from kvstore import errors
 from kvstore.raft import Role
-from kvstore.shard.shardmap import META_GROUP, ShardMap
+from kvstore.shard.ranges import IntervalSet
+from kvstore.shard.shardmap import META_GROUP, MoveState, ShardMap
 from kvstore.storage.shardcmd import ShardOp, decode_shard_command, is_shard_command
 
 from .moves import ExportChunk, Propose, Request, SimMoves
@@ -281,6 +290,99 @@ def stale_drop(s: Script) -> Steps:
     yield from _stale(s, ShardOp.DROP)
 
 
+def _appended(s: Script, nid: int, group: int, op: ShardOp) -> int | None:
+    """The index of an uncommitted `op` in node `nid`'s log of `group` (None: there is none)."""
+    n = s.sim.nodes[nid]
+    g = n.logic.host.groups.get(group) if n.logic is not None else None
+    if g is None:
+        return None
+    log = g.core.log
+    for e in log.entries_from(log.committed + 1):
+        if is_shard_command(e.data) and decode_shard_command(e.data).op == op:
+            return e.index
+    return None
+
+
+def _serving(s: Script, group: int, ranges: IntervalSet) -> bool:
+    """Has some live replica of `group` applied the activation of `ranges`?"""
+    for _, n in sorted(s.sim.nodes.items()):
+        st = n.store.shard_state(group) if n.store is not None and n.logic is not None else None
+        if st is not None and ranges.issubset(st.active):
+            return True
+    return False
+
+
+def _watch_flip(s: Script, move: int, target: int, ranges: IntervalSet) -> None:
+    """Note the moment the map first shows `move` flipped (or gone), and whether `target`
+    served its ranges then (fact `flipped`: "served" or "unserved")."""
+    m = s.map()
+    mv = next((x for x in m.moves if x.id == move), None) if m is not None else None
+    if mv is not None and mv.state != MoveState.FLIPPED:
+        s.sim.at(1, _watch_flip, s, move, target, ranges)
+        return
+    served = _serving(s, target, ranges)
+    s.facts["flipped"] = "served" if served else "unserved"
+    s.note(f"the map flipped move {move}: group {target} "
+           + ("serves the ranges (ACTIVATE applied)" if served else "does NOT serve the ranges (ACTIVATE not applied)"))
+
+
+def flip_before_activate(s: Script) -> Steps:
+    yield from _ready(s)
+    a = s.leader(META_GROUP)
+    assert a is not None
+    s.moves.gate = lambda nid, req: shard_op(req) == ShardOp.ACTIVATE
+    voters = sorted(s.sim.nodes)
+    s.moves.plan(a, "add a group (its ranges move out of group 1)", lambda cur: cur.plan_add_group(voters))
+    yield lambda: any(shard_op(req) == ShardOp.ACTIVATE for _, req in s.moves.held)
+    m = s.map()
+    assert m is not None and len(m.moves) == 1
+    mv = m.moves[0]
+    target = mv.target
+    yield lambda: s.leader(target) is not None
+    lead = s.leader(target)
+    assert lead is not None
+    lid = lead.id
+    s.note(f"the coordinator n{a.id} installed move {mv.id}'s data in group {target} and stops right "
+           f"before ACTIVATE; L = n{lid} leads group {target}")
+    s.sim.cut = lambda msg: msg.frm == lid and msg.group == target
+    s.moves.gate = None
+    s.moves.release()
+    s.sim.at(0, _watch_flip, s, mv.id, target, mv.ranges)
+    s.note(f"L's messages in group {target} are lost from now on; ACTIVATE goes on")
+    yield lambda: _appended(s, lid, target, ShardOp.ACTIVATE) is not None
+    g = lead.logic.host.groups[target] if lead.logic is not None else None
+    assert g is not None
+    index, term = _appended(s, lid, target, ShardOp.ACTIVATE), g.core.term
+    s.note(f"L appended ACTIVATE at index {index} in term {term} (committed: {g.core.log.committed})")
+
+    def overwritten() -> bool:
+        new = s.leader(target)
+        ng = new.logic.host.groups[target] if new is not None and new.logic is not None else None
+        return ng is not None and new is not None and new.id != lid and ng.core.log.committed >= (index or 0)
+
+    yield overwritten
+    new = s.leader(target)
+    assert new is not None and new.logic is not None
+    ng = new.logic.host.groups[target]
+    s.note(f"n{new.id} leads group {target} in term {ng.core.term} and committed index {index} "
+           f"without L's ACTIVATE (term {ng.core.log.term(index or 0)} there)")
+    s.sim.cut = None
+    s.note("L hears again")
+
+    def replaced() -> bool:
+        lg = s.sim.nodes[lid].logic
+        log = lg.host.groups[target].core.log if lg is not None and target in lg.host.groups else None
+        return log is not None and log.committed >= (index or 0) and log.term_or_zero(index or 0) != term
+
+    yield replaced
+    s.note(f"L's ACTIVATE at index {index} is gone (L committed the new leader's entry there): "
+           "the entry was lost with the leader change")
+    s.facts["activate_lost"] = f"index {index} term {term}"
+    yield lambda: "flipped" in s.facts
+    yield s.settled
+    s.note("no move left")
+
+
 @dataclass(frozen=True)
 class Scenario:
     script: ScriptFn
@@ -297,6 +399,7 @@ SCENARIOS: dict[str, Scenario] = {
     "stale-freeze": Scenario(stale_freeze, seed=2, groups=1, catches="node-no-move-fence"),
     "stale-drop": Scenario(stale_drop, seed=1, groups=2, catches="node-no-move-fence"),
     "lost-reply": Scenario(lost_reply, seed=1, groups=2, catches="node-export-without-sessions"),
+    "flip-before-activate": Scenario(flip_before_activate, seed=1, groups=1, catches="node-flip-before-activate"),
 }
 
 
