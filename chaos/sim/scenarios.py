@@ -5,7 +5,8 @@ range moves that random seeds reach rarely or never.
 A scenario runs `chaos.sim.nodes.NodeSimulation` with range moves and clients as usual, but no
 random nemesis, outsider or admin (`NodeSimParams.scripted`): its script plans the moves, holds
 coordinators' requests back (`SimMoves.gate`: a paused process, a request stuck in the network),
-moves leaderships and holds back a node's metadata traffic (`NodeSimulation.cut`: its map lags),
+moves leaderships and holds back chosen Raft messages (`NodeSimulation.cut`: a node's metadata
+traffic, so its map lags; a leader's messages in one group, so what it appends never commits),
 then lets everything go and the faults heal. Every check of a random seed applies (Raft safety,
 linearizability, ownership refusals, exactly-once, liveness and every move finished with each
 group serving exactly its routes). The script's own notes say whether it reached each step: a scenario whose
@@ -51,7 +52,8 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 from kvstore import errors
-from kvstore.raft import Role
+from kvstore.raft import Entry, Role
+from kvstore.raft.log import RaftLog
 from kvstore.shard.ranges import IntervalSet
 from kvstore.shard.shardmap import META_GROUP, MoveState, ShardMap
 from kvstore.storage.shardcmd import ShardOp, decode_shard_command, is_shard_command
@@ -290,8 +292,8 @@ def stale_drop(s: Script) -> Steps:
     yield from _stale(s, ShardOp.DROP)
 
 
-def _appended(s: Script, nid: int, group: int, op: ShardOp) -> int | None:
-    """The index of an uncommitted `op` in node `nid`'s log of `group` (None: there is none)."""
+def _appended(s: Script, nid: int, group: int, op: ShardOp) -> Entry | None:
+    """The first uncommitted `op` in node `nid`'s log of `group` (None: there is none)."""
     n = s.sim.nodes[nid]
     g = n.logic.host.groups.get(group) if n.logic is not None else None
     if g is None:
@@ -299,7 +301,7 @@ def _appended(s: Script, nid: int, group: int, op: ShardOp) -> int | None:
     log = g.core.log
     for e in log.entries_from(log.committed + 1):
         if is_shard_command(e.data) and decode_shard_command(e.data).op == op:
-            return e.index
+            return e
     return None
 
 
@@ -350,29 +352,39 @@ def flip_before_activate(s: Script) -> Steps:
     s.sim.at(0, _watch_flip, s, mv.id, target, mv.ranges)
     s.note(f"L's messages in group {target} are lost from now on; ACTIVATE goes on")
     yield lambda: _appended(s, lid, target, ShardOp.ACTIVATE) is not None
-    g = lead.logic.host.groups[target] if lead.logic is not None else None
-    assert g is not None
-    index, term = _appended(s, lid, target, ShardOp.ACTIVATE), g.core.term
-    s.note(f"L appended ACTIVATE at index {index} in term {term} (committed: {g.core.log.committed})")
+    entry = _appended(s, lid, target, ShardOp.ACTIVATE)
+    assert entry is not None
+    index, term = entry.index, entry.term
+
+    def log_of(nid: int) -> RaftLog | None:
+        lg = s.sim.nodes[nid].logic
+        g = lg.host.groups.get(target) if lg is not None else None
+        return g.core.log if g is not None else None
+
+    def term_at(nid: int) -> int:
+        log = log_of(nid)
+        return log.term_or_zero(index) if log is not None else 0
+
+    others = [f"n{x}" for x in sorted(s.sim.nodes) if x != lid and term_at(x) == term]
+    s.note(f"L appended ACTIVATE at index {index} in term {term}; "
+           + (f"{', '.join(others)} too" if others else "nobody else has it"))
 
     def overwritten() -> bool:
         new = s.leader(target)
-        ng = new.logic.host.groups[target] if new is not None and new.logic is not None else None
-        return ng is not None and new is not None and new.id != lid and ng.core.log.committed >= (index or 0)
+        log = log_of(new.id) if new is not None and new.id != lid else None
+        return log is not None and log.committed >= index and log.term_or_zero(index) != term
 
     yield overwritten
     new = s.leader(target)
-    assert new is not None and new.logic is not None
-    ng = new.logic.host.groups[target]
-    s.note(f"n{new.id} leads group {target} in term {ng.core.term} and committed index {index} "
-           f"without L's ACTIVATE (term {ng.core.log.term(index or 0)} there)")
+    assert new is not None
+    s.note(f"n{new.id} leads group {target} and committed index {index} without L's ACTIVATE "
+           f"(an entry of term {term_at(new.id)} there)")
     s.sim.cut = None
     s.note("L hears again")
 
     def replaced() -> bool:
-        lg = s.sim.nodes[lid].logic
-        log = lg.host.groups[target].core.log if lg is not None and target in lg.host.groups else None
-        return log is not None and log.committed >= (index or 0) and log.term_or_zero(index or 0) != term
+        log = log_of(lid)
+        return log is not None and log.committed >= index and log.term_or_zero(index) != term
 
     yield replaced
     s.note(f"L's ACTIVATE at index {index} is gone (L committed the new leader's entry there): "
