@@ -5,7 +5,8 @@ range moves that random seeds reach rarely or never.
 A scenario runs `chaos.sim.nodes.NodeSimulation` with range moves and clients as usual, but no
 random nemesis, outsider or admin (`NodeSimParams.scripted`): its script plans the moves, holds
 coordinators' requests back (`SimMoves.gate`: a paused process, a request stuck in the network),
-moves leaderships and holds back a node's metadata traffic (`NodeSimulation.cut`: its map lags),
+moves leaderships and holds back chosen Raft messages (`NodeSimulation.cut`: a node's metadata
+traffic, so its map lags; a leader's messages in one group, so what it appends never commits),
 then lets everything go and the faults heal. Every check of a random seed applies (Raft safety,
 linearizability, ownership refusals, exactly-once, liveness and every move finished with each
 group serving exactly its routes). The script's own notes say whether it reached each step: a scenario whose
@@ -32,6 +33,14 @@ script gave up waiting proves nothing, and its result says so.
   leader (a lagging map) while that move is frozen, before its export. The move id fences it
   off (`node-no-move-fence` lets it delete frozen data the export was about to carry: the move
   then never finishes).
+- `flip-before-activate`: (one group) a new group takes ranges from group 1; the coordinator
+  stops right before ACTIVATE; the new group's leader L loses every message it sends in that
+  group from then on, and the coordinator goes on: L appends ACTIVATE, which never commits (the
+  other two elect a leader without it, and L's copy is overwritten when it hears again). The
+  coordinator's request is retried at the new leader and the map flips only once a replica of
+  the target has applied ACTIVATE (`node-flip-before-activate` acknowledges ACTIVATE when L
+  appended it: the map flips, the source drops the ranges, and nobody serves them). The
+  script notes whether the target served the ranges when the map flipped.
 """
 
 from __future__ import annotations
@@ -43,8 +52,10 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 from kvstore import errors
-from kvstore.raft import Role
-from kvstore.shard.shardmap import META_GROUP, ShardMap
+from kvstore.raft import Entry, Role
+from kvstore.raft.log import RaftLog
+from kvstore.shard.ranges import IntervalSet
+from kvstore.shard.shardmap import META_GROUP, MoveState, ShardMap
 from kvstore.storage.shardcmd import ShardOp, decode_shard_command, is_shard_command
 
 from .moves import ExportChunk, Propose, Request, SimMoves
@@ -281,6 +292,109 @@ def stale_drop(s: Script) -> Steps:
     yield from _stale(s, ShardOp.DROP)
 
 
+def _appended(s: Script, nid: int, group: int, op: ShardOp) -> Entry | None:
+    """The first uncommitted `op` in node `nid`'s log of `group` (None: there is none)."""
+    n = s.sim.nodes[nid]
+    g = n.logic.host.groups.get(group) if n.logic is not None else None
+    if g is None:
+        return None
+    log = g.core.log
+    for e in log.entries_from(log.committed + 1):
+        if is_shard_command(e.data) and decode_shard_command(e.data).op == op:
+            return e
+    return None
+
+
+def _serving(s: Script, group: int, ranges: IntervalSet) -> bool:
+    """Has some live replica of `group` applied the activation of `ranges`?"""
+    for _, n in sorted(s.sim.nodes.items()):
+        st = n.store.shard_state(group) if n.store is not None and n.logic is not None else None
+        if st is not None and ranges.issubset(st.active):
+            return True
+    return False
+
+
+def _watch_flip(s: Script, move: int, target: int, ranges: IntervalSet) -> None:
+    """Note the moment the map first shows `move` flipped (or gone), and whether `target`
+    served its ranges then (fact `flipped`: "served" or "unserved")."""
+    m = s.map()
+    mv = next((x for x in m.moves if x.id == move), None) if m is not None else None
+    if mv is not None and mv.state != MoveState.FLIPPED:
+        s.sim.at(1, _watch_flip, s, move, target, ranges)
+        return
+    served = _serving(s, target, ranges)
+    s.facts["flipped"] = "served" if served else "unserved"
+    s.note(f"the map flipped move {move}: group {target} "
+           + ("serves the ranges (ACTIVATE applied)" if served else "does NOT serve the ranges (ACTIVATE not applied)"))
+
+
+def flip_before_activate(s: Script) -> Steps:
+    yield from _ready(s)
+    a = s.leader(META_GROUP)
+    assert a is not None
+    s.moves.gate = lambda nid, req: shard_op(req) == ShardOp.ACTIVATE
+    voters = sorted(s.sim.nodes)
+    s.moves.plan(a, "add a group (its ranges move out of group 1)", lambda cur: cur.plan_add_group(voters))
+    yield lambda: any(shard_op(req) == ShardOp.ACTIVATE for _, req in s.moves.held)
+    m = s.map()
+    assert m is not None and len(m.moves) == 1
+    mv = m.moves[0]
+    target = mv.target
+    yield lambda: s.leader(target) is not None
+    lead = s.leader(target)
+    assert lead is not None
+    lid = lead.id
+    s.note(f"the coordinator n{a.id} installed move {mv.id}'s data in group {target} and stops right "
+           f"before ACTIVATE; L = n{lid} leads group {target}")
+    s.sim.cut = lambda msg: msg.frm == lid and msg.group == target
+    s.moves.gate = None
+    s.moves.release()
+    s.sim.at(0, _watch_flip, s, mv.id, target, mv.ranges)
+    s.note(f"L's messages in group {target} are lost from now on; ACTIVATE goes on")
+    yield lambda: _appended(s, lid, target, ShardOp.ACTIVATE) is not None
+    entry = _appended(s, lid, target, ShardOp.ACTIVATE)
+    assert entry is not None
+    index, term = entry.index, entry.term
+
+    def log_of(nid: int) -> RaftLog | None:
+        lg = s.sim.nodes[nid].logic
+        g = lg.host.groups.get(target) if lg is not None else None
+        return g.core.log if g is not None else None
+
+    def term_at(nid: int) -> int:
+        log = log_of(nid)
+        return log.term_or_zero(index) if log is not None else 0
+
+    others = [f"n{x}" for x in sorted(s.sim.nodes) if x != lid and term_at(x) == term]
+    s.note(f"L appended ACTIVATE at index {index} in term {term}; "
+           + (f"{', '.join(others)} too" if others else "nobody else has it"))
+
+    def overwritten() -> bool:
+        new = s.leader(target)
+        log = log_of(new.id) if new is not None and new.id != lid else None
+        return log is not None and log.committed >= index and log.term_or_zero(index) != term
+
+    yield overwritten
+    new = s.leader(target)
+    assert new is not None
+    s.note(f"n{new.id} leads group {target} and committed index {index} without L's ACTIVATE "
+           f"(an entry of term {term_at(new.id)} there)")
+    s.sim.cut = None
+    s.note("L hears again")
+
+    def replaced() -> bool:
+        log = log_of(lid)
+        return log is not None and log.committed >= index and log.term_or_zero(index) != term
+
+    yield replaced
+    s.note(f"L's ACTIVATE at index {index} is gone (L committed the new leader's entry there): "
+           "the entry was lost with the leader change")
+    s.facts["activate_lost"] = f"index {index} term {term}"
+    yield lambda: "flipped" in s.facts
+    yield s.settled
+    s.note("no move left")
+
+
 @dataclass(frozen=True)
 class Scenario:
     script: ScriptFn
@@ -297,6 +411,7 @@ SCENARIOS: dict[str, Scenario] = {
     "stale-freeze": Scenario(stale_freeze, seed=2, groups=1, catches="node-no-move-fence"),
     "stale-drop": Scenario(stale_drop, seed=1, groups=2, catches="node-no-move-fence"),
     "lost-reply": Scenario(lost_reply, seed=1, groups=2, catches="node-export-without-sessions"),
+    "flip-before-activate": Scenario(flip_before_activate, seed=1, groups=1, catches="node-flip-before-activate"),
 }
 
 

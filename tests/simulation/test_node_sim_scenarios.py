@@ -1,7 +1,7 @@
-"""Scripted scenarios of the whole-node engine (`chaos/sim/scenarios.py`): races between two
-move coordinators that random seeds reach rarely, each run to the end with the real code (every
-check of a random seed passes, and the stale or racing request was really refused by the state
-machine) and each catching the planted bug it is about."""
+"""Scripted scenarios of the whole-node engine (`chaos/sim/scenarios.py`): races of range moves
+that random seeds reach rarely (mostly between two move coordinators), each run to the end with
+the real code (every check of a random seed passes, and the stale or racing request was really
+refused by the state machine) and each catching the planted bug it is about."""
 
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ REFUSED_BY_THE_REAL_CODE = {
     "stale-freeze": "FREEZE in group 1 refused: stale request of move 1",
     "stale-drop": "DROP in group 1 refused: stale request of move",
     "lost-reply": None,
+    "flip-before-activate": None,
 }
 """What stopped the old coordinator's request in each scenario (the race really happened); None:
-no coordinator is stale in it (see `test_a_lost_reply_is_answered_from_the_moved_sessions`)."""
+no coordinator is stale in it (see `test_a_lost_reply_is_answered_from_the_moved_sessions` and
+`test_node_sim_moves.py::test_flip_before_activate_is_caught_by_its_scenario`)."""
 
 
 @pytest.fixture(autouse=True)
