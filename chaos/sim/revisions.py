@@ -37,7 +37,7 @@ class RevisionChecker:
             cmd = commands.decode_command(data)
         except ValueError:
             return
-        if cmd.op == commands.Op.COMPACT:
+        if cmd.op == commands.Op.COMPACT or cmd.op == commands.Op.CLOSE:
             return
         self.checks += 1
         rev = res.revision
