@@ -52,7 +52,7 @@ class KVService(kv_pb2_grpc.KVServicer):
         self.caller = caller
         """Proposes a COMPACT to every group's leader (None: Compact is unavailable)."""
         self.metrics = metrics
-        self.requests = KVRequests(cfg, host, wake, metrics, tracker, reads, admission, guard)
+        self.requests = KVRequests(cfg, host, wake, metrics, tracker, reads, admission, guard, caller)
 
     async def Get(self, request: kv_pb2.GetRequest, context: grpc.aio.ServicerContext | None) -> kv_pb2.GetResponse:
         return await self.requests.get(request)
