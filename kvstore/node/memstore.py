@@ -69,7 +69,7 @@ from ..raft.types import (
     limit_size,
 )
 from ..shard.ranges import IntervalSet, key_hash
-from ..storage import mvcc
+from ..storage import changefeed, mvcc
 from ..storage.commands import MAX_KEY_SIZE, ApplyResult, decode_result
 from ..storage.errors import (
     SnapshotFormatError,
@@ -955,6 +955,14 @@ class MemoryNodeStore:
                 break
         chunks = [items[i : i + chunk_items] for i in range(0, len(items), chunk_items)]
         return st, ListStream(iter(chunks))
+
+    def changes(
+        self, group: int, lo: int, hi: int, max_events: int, max_bytes: int, prev_kv: bool
+    ) -> changefeed.ChangeBatch:
+        g = self._read(group)
+        if g is None:
+            return changefeed.ChangeBatch(mvcc.RevState(), [], hi)
+        return changefeed.read_changes(g.rows, lo, hi, max_events=max_events, max_bytes=max_bytes, prev_kv=prev_kv)
 
     # --- reads -----------------------------------------------------------------------------------
     def get(self, group: int, key: bytes) -> bytes | None:

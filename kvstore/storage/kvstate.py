@@ -34,7 +34,7 @@ from kvstore.raft.types import (
 )
 from kvstore.shard.ranges import IntervalSet, key_hash
 
-from . import mvcc
+from . import changefeed, mvcc
 from .commands import MAX_KEY_SIZE, ApplyResult, decode_result
 from .errors import SnapshotFormatError, StorageError
 from .layout import (
@@ -542,6 +542,22 @@ class KVState:
                 yield chunk
 
         return st, TxnStream(reader, gen())
+
+    def changes(
+        self, group: int, lo: int, hi: int, max_events: int, max_bytes: int, prev_kv: bool
+    ) -> changefeed.ChangeBatch:
+        """The group's changes in [lo, hi] from ONE read transaction (`changefeed.read_changes`);
+        mvcc.Compacted at or below the compact revision, StorageError for a corrupt row."""
+        with self._env.read() as txn:
+            rows = LmdbRows(txn, group, rev_dbs(self._env))
+            try:
+                return changefeed.read_changes(
+                    rows, lo, hi, max_events=max_events, max_bytes=max_bytes, prev_kv=prev_kv
+                )
+            except mvcc.RevisionError as err:
+                raise StorageError(str(err)) from None
+            except ValueError as err:
+                raise StorageError(f"corrupt change log of group {group}: {err}") from None
 
     def members(self) -> dict[int, str]:
         out: dict[int, str] = {}
