@@ -448,8 +448,11 @@ class Client:
             while (batch := self._run(next_batch())) is not None:
                 yield batch
         finally:
+            # A caller interrupted inside `next` (Ctrl-C) leaves the generator running on the
+            # loop: close() cancels that call; nothing else to do here then.
             if not self._closed:
-                self._run(agen.aclose())  # type: ignore[attr-defined]
+                with contextlib.suppress(RuntimeError):
+                    self._run(agen.aclose())  # type: ignore[attr-defined]
 
     def status(self, endpoint: str | None = None, *, timeout: float | None = None) -> Status:
         return self._run(self._async.status(endpoint, timeout=timeout))

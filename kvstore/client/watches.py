@@ -73,6 +73,8 @@ class WatchBatch:
     revision: int
     events: tuple[WatchEvent, ...]
     progress: bool = False
+    node_id: int = 0
+    """The node that served it."""
 
 
 def _event(e: kv_pb2.Event) -> WatchEvent:
@@ -159,7 +161,7 @@ class Watches:
                         if err is None or isinstance(err, _RESUMABLE):
                             raise _Resume(err)
                         raise err
-                    batch = WatchBatch(resp.revision, tuple(_event(e) for e in resp.events), not resp.events)
+                    batch = WatchBatch(resp.revision, tuple(_event(e) for e in resp.events), not resp.events, resp.node_id)
                     if batch.events or progress:
                         yield batch
                     if resp.revision + 1 > next_rev:

@@ -11,7 +11,8 @@ Per stream:
   many requests queued): gRPC flow control pushes back on the client;
 - replies are sent in order; a stream opened with a token re-checks it before each batch of
   replies and ends UNAUTHENTICATED once it expired or was revoked;
-- when the call ends, the stream's watchers are forgotten (the client resumes elsewhere).
+- a stream whose client closed its side keeps serving its watches (as etcd's does) and ends
+  once none is left; when the call ends, the stream's watchers are forgotten.
 
 `WatchDriver` is the node side of the hub's timing: `after_cycle` (the groups a Ready cycle
 applied to, then a step) from the Ready loop, and `closer` (a task) that closes the idle groups
@@ -99,8 +100,8 @@ class WatchService:
             while True:
                 replies = s.take()
                 if not replies:
-                    if not reading:
-                        break
+                    if not reading and not s.watchers and not s.requests:
+                        break  # half-closed by the client, and nothing left to watch or answer
                     out.clear()
                     await out.wait()
                     continue
