@@ -184,7 +184,14 @@ class Node:
         admission.on_refused = lambda reason: refused_by.labels(reason).inc()
 
         kv = KVService(cfg, host, self.wake, self.metrics, tracker, self.reads, admission, guard, caller)
-        self.watch = WatchDriver(kv.watch_hub, host, kv.requests, self.wake)
+        self.watch = watch = WatchDriver(kv.watch_hub, host, kv.requests, self.wake)
+        hub = kv.watch_hub
+        m = self.metrics
+        m.watchers.set_function(lambda: hub.count)
+        m.watch_pending_bytes.set_function(lambda: hub.pending_bytes)
+        m.watch_canceled.labels("slow").set_function(lambda: hub.canceled_slow)
+        m.watch_canceled.labels("moved").set_function(lambda: hub.canceled_moved)
+        m.watch_closes.set_function(lambda: watch.closes_sent)
         server = self.server = grpc.aio.server(options=cfg.admission.server_options(CHANNEL_OPTIONS))
         # Every method of every service decodes its request totally (wire.py): malformed bytes
         # get INVALID_ARGUMENT, never UNKNOWN.

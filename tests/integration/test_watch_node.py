@@ -1,0 +1,124 @@
+"""`KV.Watch` on one real node (in the test's event loop): hostile requests over the wire get
+definite answers and harm no other stream; progress on request; many watches on one stream."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from onenode import one_node
+
+from kvstore.v1 import kv_pb2, kv_pb2_grpc
+
+pytestmark = pytest.mark.timeout(120)
+
+W = kv_pb2.WatchRequest
+C = kv_pb2.WatchCreateRequest
+
+
+class Stream:
+    """One raw `KV.Watch` call: send requests, read responses."""
+
+    def __init__(self, stub: kv_pb2_grpc.KVStub) -> None:
+        self.q: asyncio.Queue[kv_pb2.WatchRequest | None] = asyncio.Queue()
+        self.call = stub.Watch(self._requests())
+        self.it = self.call.__aiter__()
+
+    async def _requests(self) -> AsyncIterator[kv_pb2.WatchRequest]:
+        while (r := await self.q.get()) is not None:
+            yield r
+
+    def send(self, r: kv_pb2.WatchRequest) -> None:
+        self.q.put_nowait(r)
+
+    async def recv(self) -> kv_pb2.WatchResponse:
+        return await asyncio.wait_for(self.it.__anext__(), 20)
+
+
+def test_hostile_watch_requests_get_definite_answers_and_harm_nobody(tmp_path: Path) -> None:
+    asyncio.run(_hostile(tmp_path))
+
+
+async def _hostile(tmp_path: Path) -> None:
+    async with one_node(tmp_path) as n, grpc.aio.insecure_channel(n.address) as ch:
+        stub = kv_pb2_grpc.KVStub(ch)
+        good = Stream(stub)
+        good.send(W(create_request=C(prefix=b"ok/", watch_id=1)))
+        assert (await good.recv()).created
+
+        bad = Stream(stub)
+        cases = [
+            C(key=b"k", start_revision=-1),                       # negative revision
+            C(key=b"x" * 100_000),                                # huge key
+            C(key=b"b", range_end=b"a"),                          # inverted range
+            C(key=b"a", prefix=b"p"),                             # key and prefix
+            C(),                                                  # nothing to watch
+            C(key=b"k", watch_id=-5),                             # negative id
+        ]
+        for c in cases:
+            bad.send(W(create_request=c))
+            r = await bad.recv()
+            assert r.canceled and not r.created and r.error.code != kv_pb2.OK and not r.error.indeterminate, (c, r)
+        bad.send(W(cancel_request=kv_pb2.WatchCancelRequest(watch_id=424242)))  # unknown id
+        r = await bad.recv()
+        assert r.canceled and r.error.code == kv_pb2.INVALID_ARGUMENT
+        bad.send(W())  # an empty request: ignored
+        # thousands of creates on one stream: at most 1024 watches, the rest refused (definite)
+        rng = random.Random(7)
+        for i in range(3000):
+            key = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 12)))
+            bad.send(W(create_request=C(key=key, range_end=rng.choice([b"", b"\0"]), watch_id=i + 1,
+                                        start_revision=rng.choice([0, 1, 2**62]))))
+        created = refused = 0
+        while created + refused < 3000:
+            r = await bad.recv()
+            if r.created:
+                created += 1
+            elif not r.canceled:
+                continue  # events or progress of the watches created (some start at revision 1)
+            else:
+                assert r.canceled and r.error.code == kv_pb2.RESOURCE_EXHAUSTED and not r.error.indeterminate, r
+                refused += 1
+        assert created == 1024 and refused == 3000 - 1024
+
+        # the good stream is unharmed: its event arrives, and progress on request
+        put = await stub.Put(kv_pb2.PutRequest(key=b"ok/1", value=b"v"))
+        r = await good.recv()
+        while not r.events:  # progress responses may come first
+            r = await good.recv()
+        assert [(e.kv.key, e.kv.value, e.kv.mod_revision) for e in r.events] == [(b"ok/1", b"v", put.revision)]
+        good.send(W(progress_request=kv_pb2.WatchProgressRequest()))
+        r = await good.recv()
+        assert r.watch_id == 1 and not r.events and r.revision >= put.revision
+        for s in (good, bad):
+            s.call.cancel()
+        # the node forgets both streams' watches
+        hub = n.node.watch.hub if n.node.watch is not None else None
+        assert hub is not None
+        for _ in range(200):
+            if hub.count == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert hub.count == 0 and hub.pending_bytes == 0
+
+
+def test_malformed_watch_bytes_are_invalid_argument(tmp_path: Path) -> None:
+    asyncio.run(_malformed(tmp_path))
+
+
+async def _malformed(tmp_path: Path) -> None:
+    async with one_node(tmp_path) as n, grpc.aio.insecure_channel(n.address) as ch:
+        call = ch.stream_stream("/kvstore.v1.KV/Watch", request_serializer=lambda b: b,
+                                response_deserializer=kv_pb2.WatchResponse.FromString)
+
+        async def junk() -> AsyncIterator[bytes]:
+            yield b"\xff\xff\xff\xff"
+
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in call(junk()):
+                pass
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
