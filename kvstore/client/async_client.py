@@ -176,6 +176,7 @@ class AsyncClient:
         self._reads = Reads(self.checks, self.channels, self.view, invoker)
         self._reads.observe = self._writes.observe
         self._scans = Scans(self.checks, self.channels, self.view, invoker, self.policy, rng)
+        self._scans.observe = self._writes.observe
         self._admin = Admin(self.checks, self.channels, self.view, invoker, self.policy)
         self._watches = Watches(self.checks, self.channels, self.view, self.policy, rng)
 

@@ -202,3 +202,32 @@ def test_close_on_the_store_and_its_snapshot(make: Callable[[], Any]) -> None:
     assert b.revisions.rev_state(4) == a.revisions.rev_state(4)
     after = _append_apply(b, 4, [cmds.encode_put(b"k", b"v3", revision=NOW)])[0].revision
     assert after > w2 + 7 * mvcc.STEP
+
+
+# --- group ids are revision slots: add-group stops at 4095 ---------------------------------------
+def test_add_group_is_refused_past_the_last_revision_slot() -> None:
+    from dataclasses import replace
+
+    from kvstore.shard.shardmap import MAX_GROUP_ID, ShardMap, ShardMapError
+
+    assert MAX_GROUP_ID == mvcc.MAX_GROUPS - 1
+    m = ShardMap.initial([1, 2, 3], 2)
+    m = replace(m, next_group=MAX_GROUP_ID)  # groups 3..4094 were created and removed since
+    last = m.plan_add_group([1, 2, 3])
+    assert MAX_GROUP_ID in last.groups and last.next_group == MAX_GROUP_ID + 1
+    last.check()
+    done = replace(last, moves=[])
+    with pytest.raises(ShardMapError, match=r"group ids 1\.\.4095 are all used"):
+        done.plan_add_group([1, 2, 3])
+    with pytest.raises(ShardMapError, match="past the last group id"):
+        replace(done, next_group=MAX_GROUP_ID + 2).check()  # a forged map cannot name more
+    with pytest.raises(ShardMapError):
+        ShardMap.initial([1], MAX_GROUP_ID + 1)
+
+
+def test_serve_refuses_more_initial_groups_than_revision_slots(tmp_path: Path) -> None:
+    from kvstore.server.config import NodeConfig
+
+    cfg = NodeConfig(id=1, listen="127.0.0.1:1", peers={1: "127.0.0.1:1"}, data_dir=tmp_path, groups=4096)
+    with pytest.raises(ValueError, match="at most 4095"):
+        cfg.validate()
