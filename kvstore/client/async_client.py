@@ -396,6 +396,12 @@ class AsyncClient:
             for ev in batch.events:
                 yield ev
 
+    @property
+    def watch_resumes(self) -> int:
+        """How many times this client's watches were resumed on a new stream (after a failure, a
+        range move or a server cancel) once started."""
+        return self._watches.resumes
+
     def watch_batches(
         self,
         key: bytes = b"",

@@ -82,8 +82,11 @@ class WatchLimits:
     """Seconds a stream may stay full before its watches are canceled."""
     progress_interval: float = 1.0
     """A quiet watcher with progress_notify gets a progress reply this often."""
-    close_interval: float = 0.25
-    """An idle group holding a frontier back is named by `lagging_groups` once it was idle this long."""
+    close_interval: float = 0.1
+    """How often the node closes the groups `lagging_groups` names (the driver's period)."""
+    close_idle: float = 0.05
+    """A group that applied a change this recently is not named by `lagging_groups` (it is likely
+    to pass the others by itself with its next write)."""
     max_key: int = 4096
 
 
@@ -291,6 +294,10 @@ class WatchHub:
         within the bounds. Returns True if a watcher still has events to read (step again soon)."""
         if self.idle:
             return False
+        hosts = self.hosts
+        for g in self.watching:
+            if not hosts(g):  # the group left this node (no apply will say so)
+                self._dirty.add(g)
         for g in sorted(self._dirty):
             self._refresh(g, now)
         self._dirty.clear()
@@ -334,11 +341,11 @@ class WatchHub:
         return more
 
     def lagging_groups(self, now: float) -> dict[int, int]:
-        """Idle groups (last revision unchanged for `close_interval`) that hold some watcher's
+        """Quiet groups (last revision unchanged for `close_idle`) that hold some watcher's
         frontier below another of its groups' last revision: group -> that revision. Closing the
         group at (at least) it lets the watcher's events out."""
         out: dict[int, int] = {}
-        wait = self.limits.close_interval
+        wait = self.limits.close_idle
         last, changed = self.last, self.changed_at
         for s in self.streams.values():
             for w in s.watchers.values():

@@ -16,7 +16,7 @@ Per stream:
 
 `WatchDriver` is the node side of the hub's timing: `after_cycle` (the groups a Ready cycle
 applied to, then a step) from the Ready loop, and `closer` (a task) that closes the idle groups
-holding a watcher's frontier back (`lagging_groups`) every `close_interval`, through
+holding a watcher's frontier back (`lagging_groups`) every `close_interval` (100 ms), through
 `kvstore.node.closes` (locally if this node leads the group, else via its leader). Each such
 close is one Raft entry of the group (an fsync on each replica) per interval, only while a
 watcher waits on it, and it keeps the group from quiescing meanwhile.

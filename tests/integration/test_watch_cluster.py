@@ -65,6 +65,7 @@ async def _list_then_watch(cluster: Cluster) -> None:
                     return
 
         await asyncio.wait_for(asyncio.gather(w, watch()), 120)
+        assert kv.watch_resumes == 0  # plain writes never cancel a watch
     got = [(e.revision, e.key, e.value) for e in seen]
     assert got == sorted(written), "events differ from the writes after R (missing, repeated or out of order)"
     for e in seen:
@@ -121,7 +122,7 @@ async def _survives_a_kill(cluster: Cluster) -> None:
         finally:
             for nid in killed:
                 cluster.nodes[nid].start()
-        resumes = kv._watches.resumes
+        resumes = kv.watch_resumes
     revs = [e.revision for e in seen]
     assert revs == sorted(set(revs)), "an event repeated or out of order"
     assert set(acked) <= set(revs), "an acknowledged write is missing from the feed"
@@ -167,7 +168,7 @@ async def _across_a_move(cluster: Cluster) -> None:
                     return
 
         await asyncio.wait_for(asyncio.gather(w, mv, watch()), 180)
-        resumes = kv._watches.resumes
+        resumes = kv.watch_resumes
     revs = [e.revision for e in seen]
     assert revs == sorted(set(revs)), "an event repeated or out of order across the move"
     assert set(acked) == set(revs), "the feed differs from the acknowledged writes"

@@ -288,6 +288,18 @@ def test_a_group_not_hosted_here_is_refused_naming_the_groups() -> None:
     assert not r.error.indeterminate and r.resume_revision == 0
 
 
+def test_a_group_that_leaves_the_node_cancels_its_watches_with_the_resume_revision() -> None:
+    c = Cluster(groups=(1, 2))
+    hub = c.hub()
+    s = hub.open()
+    s.create(WatchSpec.make(b"", b"\0"), (1, 2), 1)
+    [created] = drain(hub, s)
+    c.hosted.discard(2)  # e.g. its replica here was removed: no apply tells the hub
+    [r] = drain(hub, s)
+    assert r.canceled and isinstance(r.error, errors.WrongShard) and r.resume_revision == created.revision + 1
+    assert hub.count == 0 and not hub.watching
+
+
 def test_a_range_move_cancels_with_the_resume_revision_and_a_moving_range_is_refused() -> None:
     c = Cluster(groups=(1, 2))
     for g in c.groups:
