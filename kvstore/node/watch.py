@@ -304,8 +304,12 @@ class WatchHub:
         if self._has_requests:
             self._has_requests = False
             for s in list(self.streams.values()):
+                if not s.requests:
+                    continue
                 while s.requests:
                     self._handle(s, s.requests.popleft(), now)
+                if s.on_reply is not None:
+                    s.on_reply()  # its queue of requests has room again (even if nothing was queued)
         budget = [self.limits.step_events]
         cache: dict[tuple[int, int, int, bool], ChangeBatch] = {}
         more = False

@@ -99,6 +99,8 @@ class WatchService:
         try:
             while True:
                 replies = s.take()
+                if not s.busy:
+                    room.set()
                 if not replies:
                     if not reading and not s.watchers and not s.requests:
                         break  # half-closed by the client, and nothing left to watch or answer
@@ -110,7 +112,6 @@ class WatchService:
                         rq.guard.recheck(cred)
                     except errors.Unauthenticated as err:
                         await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"KV.Watch: {err.message}")
-                room.set()
                 if self.hub.watching:
                     rq.wake()  # the hub may read more for this stream now
                 for r in replies:

@@ -67,6 +67,8 @@ async def _hostile(tmp_path: Path) -> None:
         r = await bad.recv()
         assert r.canceled and r.error.code == kv_pb2.INVALID_ARGUMENT
         bad.send(W())  # an empty request: ignored
+        for _ in range(600):  # progress requests with no watch: no reply each, and no wedge
+            bad.send(W(progress_request=kv_pb2.WatchProgressRequest()))
         # thousands of creates on one stream: at most 1024 watches, the rest refused (definite)
         rng = random.Random(7)
         for i in range(3000):

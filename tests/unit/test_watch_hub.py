@@ -374,6 +374,21 @@ def test_the_node_budget_cancels_the_fullest_stream() -> None:
     assert len(canceled) == 1 and canceled[0].cancel_reason == SLOW and canceled[0].resume_revision > 0
 
 
+def test_handled_requests_signal_the_stream_even_without_a_reply() -> None:
+    """A stream full of requests that produce no reply (progress with no watch) must still be told
+    that its queue drained, or its adapter would wait for room forever."""
+    c = Cluster(groups=(1,))
+    hub = c.hub(WatchLimits(requests_per_stream=4))
+    s = hub.open()
+    calls = []
+    s.on_reply = lambda: calls.append(1)
+    for _ in range(4):
+        s.progress()
+    assert s.busy
+    hub.step(0.0)
+    assert not s.busy and calls and not s.take()
+
+
 def test_closing_a_stream_forgets_everything() -> None:
     c = Cluster(groups=(1, 2))
     hub = c.hub()
