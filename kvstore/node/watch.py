@@ -44,7 +44,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvstore import errors
@@ -311,7 +311,7 @@ class WatchHub:
                 if s.on_reply is not None:
                     s.on_reply()  # its queue of requests has room again (even if nothing was queued)
         budget = [self.limits.step_events]
-        cache: dict[tuple[int, int, int, bool], ChangeBatch] = {}
+        cache = _StepCache()
         more = False
         streams = list(self.streams.values())
         if streams:
@@ -441,22 +441,29 @@ class WatchHub:
         self._reply(s, w, Reply(wid, revision=start - 1, created=True), now)
 
     # --- moving forward -------------------------------------------------------------------------
-    def _advance(
-        self, s: WatchStream, w: Watcher, now: float, cache: dict[tuple[int, int, int, bool], ChangeBatch],
-        budget: list[int],
-    ) -> bool:
-        """Queue `w`'s events in [next_rev, frontier] (bounded). True if more remain."""
+    def _advance(self, s: WatchStream, w: Watcher, now: float, cache: _StepCache, budget: list[int]) -> bool:
+        """Queue `w`'s events in [next_rev, frontier] (bounded). True if more remain. Watchers of
+        the same spec, groups and position share one merge (`cache.merged`): a thousand watches
+        of one prefix cost one read and one merge per step, and a reply each."""
         last = self.last
         hi = min(last[g] for g in w.groups)
         lo = w.next_rev
         if hi < lo:
             return False
+        mk = (w.groups, lo, hi, w.spec)
+        done = cache.merged.get(mk)
+        if done is not None:
+            events, upto, size = done
+            w.next_rev = upto + 1
+            if events:
+                self._queue_events(s, w, events, upto, now, size)
+            return upto < hi
         lim = self.limits
         prev = w.spec.prev_kv
         batches: list[ChangeBatch] = []
         for g in w.groups:
             k = (g, lo, hi, prev)
-            b = cache.get(k)
+            b = cache.reads.get(k)
             if b is None:
                 try:
                     b = self.source.changes(g, lo, hi, lim.read_events, lim.reply_bytes, prev)
@@ -468,7 +475,7 @@ class WatchHub:
                 except StorageError as err:
                     self._cancel(s, w, errors.Unavailable(f"reading group {g}'s changes failed here: {err}"))
                     return False
-                cache[k] = b
+                cache.reads[k] = b
                 budget[0] -= len(b.changes)
             batches.append(b)
         upto = min(b.upto for b in batches)
@@ -476,15 +483,21 @@ class WatchHub:
         lists = [[c for c in b.changes if c.revision <= upto and spec.matches(c.key) and _wanted(spec, c)]
                  for b in batches]
         events = lists[0] if len(lists) == 1 else list(heapq.merge(*lists, key=_rev))
+        size = sum(c.size() for c in events)
+        cache.merged[mk] = (events, upto, size)
         w.next_rev = upto + 1
         if events:
-            self._queue_events(s, w, events, upto, now)
+            self._queue_events(s, w, events, upto, now, size)
         return upto < hi
 
-    def _queue_events(self, s: WatchStream, w: Watcher, events: list[Change], upto: int, now: float) -> None:
+    def _queue_events(self, s: WatchStream, w: Watcher, events: list[Change], upto: int, now: float,
+                      total: int) -> None:
         """Replies of at most about `reply_bytes` of events each, a revision never split; the
-        last one says `upto`."""
+        last one says `upto`. (`events` may be shared with other watchers: never changed.)"""
         cap = self.limits.reply_bytes
+        if total + 64 <= cap:
+            self._reply(s, w, Reply(w.id, revision=upto, events=events, size=64 + total), now)
+            return
         cur: list[Change] = []
         size = 64
         for c in events:
@@ -569,6 +582,15 @@ class WatchHub:
                 self.last.pop(g, None)
                 self.changed_at.pop(g, None)
                 self._dirty.discard(g)
+
+
+@dataclass(slots=True)
+class _StepCache:
+    """What one step read and merged, shared by the watchers at the same position."""
+
+    reads: dict[tuple[int, int, int, bool], ChangeBatch] = field(default_factory=dict)
+    merged: dict[tuple[tuple[int, ...], int, int, WatchSpec], tuple[list[Change], int, int]] = field(
+        default_factory=dict)
 
 
 def _rev(c: Change) -> int:

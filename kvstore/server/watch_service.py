@@ -43,7 +43,7 @@ from kvstore.security.guard import credential_of_call
 from kvstore.security.identity import identity_of_call
 from kvstore.security.rbac import READ
 from kvstore.storage import mvcc
-from kvstore.storage.changefeed import PUT
+from kvstore.storage.changefeed import PUT, Change
 from kvstore.v1 import kv_pb2
 
 from .admission import rate_key
@@ -62,6 +62,8 @@ class WatchService:
         self.rq = rq
         self.hub = hub
         self.node_id = rq.cfg.id
+        self._shared: tuple[list[Change], kv_pb2.WatchResponse] | None = None
+        """The events list last turned into protobuf, and the response holding them."""
 
     async def watch(self, requests: AsyncIterator[kv_pb2.WatchRequest], context: Any) -> AsyncIterator[kv_pb2.WatchResponse]:
         rq = self.rq
@@ -149,6 +151,8 @@ class WatchService:
         s.create(spec, groups, c.watch_id)
 
     def response(self, r: Reply) -> kv_pb2.WatchResponse:
+        """The `WatchResponse` of a reply. Replies of watchers at the same position share their
+        events list (`WatchHub`): its events are built once and merged into each response."""
         resp = kv_pb2.WatchResponse(
             watch_id=r.watch_id, created=r.created, canceled=r.canceled, cancel_reason=r.cancel_reason,
             compact_revision=r.compact_revision, resume_revision=r.resume_revision, revision=r.revision,
@@ -156,6 +160,17 @@ class WatchService:
         )
         if r.error is not None:
             resp.error.CopyFrom(self.rq.err(r.error))
+        if not r.events:
+            return resp
+        shared = self._shared
+        if shared is None or shared[0] is not r.events:
+            template = kv_pb2.WatchResponse()
+            self._add_events(template, r)
+            shared = self._shared = (r.events, template)
+        resp.MergeFrom(shared[1])
+        return resp
+
+    def _add_events(self, resp: kv_pb2.WatchResponse, r: Reply) -> None:
         add = resp.events.add
         for c in r.events:
             if c.kind == PUT:
@@ -171,7 +186,6 @@ class WatchService:
                 pk.key, pk.value = c.key, p.value
                 pk.create_revision, pk.mod_revision, pk.version = (
                     p.meta.create_revision, p.meta.mod_revision, p.meta.version)
-        return resp
 
 
 class WatchDriver:
