@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvstore import errors
-from kvstore.shard.ranges import key_hash
+from kvstore.shard.ranges import IntervalSet, key_hash
 from kvstore.storage import mvcc
 from kvstore.storage.changefeed import PUT, Change, ChangeBatch
 from kvstore.storage.errors import StorageError
@@ -419,6 +419,15 @@ class WatchHub:
         except StorageError as err:
             s.refuse(wid, errors.Unavailable(f"cannot read the watched groups here: {err}"))
             return
+        if not r.spec.single_key and all(sh is not None for sh in shards.values()):
+            served = IntervalSet()
+            for sh in shards.values():
+                assert sh is not None
+                served = served.union(sh.active)
+            if not served.is_full():  # the map here lags a group that serves part of the range
+                s.refuse(wid, errors.WrongShard(
+                    f"groups {_names(r.groups)} do not serve every key here (this node's shard map is behind)"))
+                return
         for g, st in states.items():
             if g not in self.last:
                 self.changed_at[g] = now

@@ -306,6 +306,9 @@ def test_a_range_move_cancels_with_the_resume_revision_and_a_moving_range_is_ref
         c.apply(g, [encode_shard_command(ShardOp.SET, IntervalSet([(0, 1 << 63)] if g == 1 else [(1 << 63, HASH_MAX)]))])
     hub = c.hub()
     s = hub.open()
+    s.create(WatchSpec.make(b"", b"\0"), (1,), 9)  # a lagging map that misses group 2
+    [r] = drain(hub, s)
+    assert r.canceled and isinstance(r.error, errors.WrongShard) and "behind" in r.error.message
     s.create(WatchSpec.make(b"", b"\0"), (1, 2), 1)
     drain(hub, s)
     r1 = c.put(1, b"a", b"1")
