@@ -12,6 +12,8 @@ import grpc
 import pytest
 from onenode import one_node
 
+from kvstore.node.ratelimit import RateLimit
+from kvstore.server.admission_settings import AdmissionSettings
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)
@@ -124,3 +126,27 @@ async def _malformed(tmp_path: Path) -> None:
             async for _ in call(junk()):
                 pass
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_watch_creates_count_against_the_callers_rate_limit(tmp_path: Path) -> None:
+    asyncio.run(_rate_limited(tmp_path))
+
+
+async def _rate_limited(tmp_path: Path) -> None:
+    adm = AdmissionSettings(rate_limit=RateLimit(rate=1, burst=3))
+    async with one_node(tmp_path, admission=adm) as n, grpc.aio.insecure_channel(n.address) as ch:
+        s = Stream(kv_pb2_grpc.KVStub(ch))
+        for i in range(10):
+            s.send(W(create_request=C(key=b"rl/%d" % i, watch_id=i + 1)))
+        answers = [await s.recv() for _ in range(10)]
+        created = [r for r in answers if r.created]
+        refused = [r for r in answers if r.canceled]
+        assert len(created) <= 3 and len(refused) >= 7 and len(created) + len(refused) == 10  # burst 3
+        for r in refused:
+            assert r.error.code == kv_pb2.RESOURCE_EXHAUSTED and r.error.retry_after_ms > 0 and not r.error.indeterminate
+        # after the retry-after the server named, a create is admitted again
+        await asyncio.sleep(max(r.error.retry_after_ms for r in refused) / 1000)
+        s.send(W(create_request=C(key=b"rl/again", watch_id=100)))
+        r = await s.recv()
+        assert r.created and r.watch_id == 100
+        s.call.cancel()
