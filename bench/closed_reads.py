@@ -7,15 +7,18 @@ Real `kvstore serve` processes on 127.0.0.1 (free ports): 3 nodes, `--groups 3`;
 temporary directory removed at the end; every process stopped by PID. One client, one operation
 at a time (latency, not throughput), `--n` operations per row; prints median and p99 in ms.
 
+- a current linearizable get, for scale;
 - get at R, R already passed by the group (no close: served from history at once);
 - get at R, R ahead of every group's last revision (each read closes its group at R: one log
   entry; R is fresh each time, 100 ms ahead of the wall clock);
 - linearizable scan across the 3 groups, no writes meanwhile (after the first, every group is
   closed at the same revision: one phase);
 - the same while another client writes to one group (the others are below its revision: a
-  second phase that closes them and re-reads them at it, each scan);
-- a single-group scan (`--groups 1` is not started: the scan of one key's prefix still fans
-  out, so this row is the get of one key, for scale).
+  second phase that closes them and re-reads them at it, each scan), then a scan at a fixed
+  passed revision and a current get of another group under that writer, for scale.
+
+On a checkout without closes (e.g. the parent commit) the same script runs too: its reads at a
+revision are not exact across groups and never close (compare in the same hour; bench/README.md).
 """
 
 from __future__ import annotations
