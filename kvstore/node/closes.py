@@ -194,6 +194,9 @@ class NodeCloses:
             if err is not None:
                 done(err)
                 return
+            if group not in self.host.groups:  # gone from this node meanwhile (a move, a removal)
+                done(errors.WrongShard(f"group {group} is no longer on node {self.host.node_id}"))
+                return
             try:
                 reads.read(group, LINEARIZABLE, 0, at_point)
             except errors.KVError as e:

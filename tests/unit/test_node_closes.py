@@ -255,3 +255,19 @@ def test_repeated_closes_cannot_ratchet_the_bound_forward() -> None:
     assert got == [(edge, None)] and nc.clock.last >= edge >> mvcc.SLOT_BITS
     with pytest.raises(errors.InvalidArgument):
         nc.close(G, mvcc.make_revision(NOW_MS + 2 * MAX_CLOCK_OFFSET_MS, 0, 0), cb)
+
+
+def test_a_group_that_leaves_the_node_while_its_close_is_forwarded_fails_the_read_definitely() -> None:
+    """Found by the simulator (seed 1052): a replica's group was removed (a range move emptied
+    it) between forwarding the close and the answer; the read must fail, not raise."""
+    c = Cluster()
+    r = mvcc.make_revision(NOW_MS, 100, 0)
+
+    def forward(group: int, revision: int, cb: CloseCallback) -> None:
+        c.hosts[3].close_group(G, destroy=False)
+        c.closes[1].close(group, revision, cb)
+
+    done: list[errors.KVError | None] = []
+    c.closes[3].ensure_closed(G, r, c.reads[3], forward, done.append)
+    c.settle()
+    assert len(done) == 1 and isinstance(done[0], errors.WrongShard) and not done[0].indeterminate
