@@ -242,6 +242,9 @@ class ClosedReads:
         def serve() -> None:
             if n.epoch != epoch or n.logic is None:
                 return  # crashed: the scan times out
+            if part.group not in n.logic.host.groups:
+                failed(errors.WrongShard(f"g{part.group} left n{n.id}"))
+                return
             st = store.shard_state(part.group)
             owned = st.active if st is not None else IntervalSet.full()
             try:

@@ -12,7 +12,8 @@ Invariants:
   group's r_g <= R, and the parts are exactly the state after the writes <= R: linearizable
   and atomic. A scan at a given revision R is that snapshot at R. Bounded and stale scans
   stay per part (each as consistent as its level at its own read point); one group needs no
-  second phase;
+  second phase; if the re-read parts' ranges no longer cover the hash space once (a range
+  moved between the phases), the scan starts again with a fresh map;
 - a part whose stream breaks is resumed after the last key received, and only if its group
   still owns the same ranges (otherwise the scan fails with a definite Unavailable);
 - at most ``limit`` pairs are returned (0: all); a small limit asks each part in one message on
@@ -168,14 +169,16 @@ class Scans:
                     p.close()
                 raise
             if not sharded or _covers_once([p.owned or IntervalSet() for p in parts]):
-                if not revision and level == kv_pb2.LINEARIZABLE and len(parts) > 1:
-                    try:
-                        await self._snapshot(parts, limit, level, deadline, learns_leader)
-                    except BaseException:
-                        for p in parts:
-                            p.close()
-                        raise
-                break
+                if revision or level != kv_pb2.LINEARIZABLE or len(parts) == 1:
+                    break
+                try:
+                    await self._snapshot(parts, limit, level, deadline, learns_leader)
+                except BaseException:
+                    for p in parts:
+                        p.close()
+                    raise
+                if not sharded or _covers_once([p.owned or IntervalSet() for p in parts]):
+                    break  # (else a range moved between the two phases: start again)
             for p in parts:
                 p.close()
             # A range moved between the parts' read points: try again with a newer map.
@@ -430,8 +433,10 @@ class _ScanPart:
             self.stream = None
 
     def restart(self) -> None:
-        """Drop what was received: the part is read again from its start (at `revision`)."""
+        """Drop what was received: the part is read again from its start (at `revision`), its
+        served ranges too (the scan checks they still cover the hash space once)."""
         self.close()
+        self.owned = None
         self.buf.clear()
         self.done = False
         self.received = 0

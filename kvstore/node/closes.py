@@ -9,9 +9,10 @@ raises it without writing: once a replica has applied `CLOSE(R)`, the group can 
 write at or below R, so its history answers a read at R for good.
 
 - `NodeCloses.close(group, R, callback)` runs on the group's leader: it refuses a revision
-  beyond `mvcc.PROPOSAL_MAX` or further ahead of the leader's clock than the uncertainty bound
-  (`HybridClock.check_floor`: a far-future R would drag every later revision of the group
-  forward; definite INVALID_ARGUMENT), observes R with the leader's clock (its later proposals
+  beyond `mvcc.PROPOSAL_MAX` or further ahead of the leader's wall clock than the uncertainty
+  bound (`HybridClock.check_close`: a far-future R would drag every later revision of the group
+  forward; definite INVALID_ARGUMENT; the bound ignores observed revisions, so repeated closes
+  cannot ratchet it), observes R with the leader's clock (its later proposals
   are above it), and proposes `CLOSE(R)`. Closes of one group that arrive while one is in
   flight coalesce: the next proposal closes at the largest of them, and a close at or below one
   in flight waits for that one. `callback(last, None)` with the group's last revision once
@@ -87,7 +88,7 @@ class NodeCloses:
         node's clock: no node has issued it, and closing at it would drag the group's later
         revisions into the future."""
         try:
-            self.clock.check_floor(revision)
+            self.clock.check_close(revision)
         except errors.InvalidArgument as err:
             raise errors.InvalidArgument(
                 f"revision {revision} is beyond what the cluster has issued ({err})"
@@ -192,6 +193,9 @@ class NodeCloses:
         def closed(_last: int, err: errors.KVError | None) -> None:
             if err is not None:
                 done(err)
+                return
+            if group not in self.host.groups:  # gone from this node meanwhile (a move, a removal)
+                done(errors.WrongShard(f"group {group} is no longer on node {self.host.node_id}"))
                 return
             try:
                 reads.read(group, LINEARIZABLE, 0, at_point)

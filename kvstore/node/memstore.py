@@ -81,6 +81,7 @@ from ..storage.errors import (
 from ..storage.machine import LIMITS, SessionHead, SessionLimits, SessionMeta, apply_data
 from ..storage.mvcc_mem import MemRows
 from ..storage.shardcmd import (
+    REC_CLOSED,
     REC_DATA,
     REC_FLOOR,
     REC_HISTORY,
@@ -885,7 +886,7 @@ class MemoryNodeStore:
         st = None if g is None else g.applied.shards
         if g is None or st is None or not ranges.issubset(st.frozen):
             raise StorageError(f"group {group} has not frozen the ranges to export")
-        recs: list[tuple[bytes, bool]] = []
+        recs: list[tuple[bytes, bool]] = [(encode_record(REC_CLOSED, b"", U64.pack(mvcc.rev_state(g.rows).last)), False)]
         data = g.data
         for k in g.sorted_keys():
             if key_hash(k) in ranges:

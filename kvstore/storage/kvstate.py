@@ -61,7 +61,7 @@ from .layout import (
 )
 from .machine import LIMITS, SessionHead, SessionLimits, SessionMeta, apply_data
 from .mvcc_lmdb import LmdbRows, rev_dbs
-from .shardcmd import REC_DATA, REC_FLOOR, REC_HISTORY, REC_RESULT, ShardState, encode_record
+from .shardcmd import REC_CLOSED, REC_DATA, REC_FLOOR, REC_HISTORY, REC_RESULT, ShardState, encode_record
 from .snapfile import (
     TAG_DATA,
     TAG_MEMBER,
@@ -619,8 +619,10 @@ class KVState:
             raise
 
         def gen() -> Iterator[tuple[bytes, int]]:
-            buf: list[bytes] = []
-            size = keys = 0
+            rows = LmdbRows(txn, group, rev_dbs(env))
+            buf: list[bytes] = [encode_record(REC_CLOSED, b"", U64.pack(_rev_state(rows).last))]
+            size = len(buf[0])
+            keys = 0
             for k, v in _iter_range(txn, env.db(DB_DATA), group, b"", None):
                 if key_hash(k) not in ranges:
                     continue
@@ -631,7 +633,6 @@ class KVState:
                 if size >= chunk_bytes:
                     yield b"".join(buf), keys
                     buf, size, keys = [], 0, 0
-            rows = LmdbRows(txn, group, rev_dbs(env))
             for k, _ in rows.iter(mvcc.T_KEYS, b"", None):
                 if key_hash(k) not in ranges:
                     continue

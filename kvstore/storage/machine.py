@@ -77,6 +77,7 @@ from . import mvcc
 from .commands import ApplyResult, Command, Op, decode_command, decode_result, encode_result
 from .mvcc_mem import MemRows
 from .shardcmd import (
+    REC_CLOSED,
     REC_DATA,
     REC_FLOOR,
     REC_HISTORY,
@@ -426,7 +427,13 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
             return ApplyResult(error="install superseded by another installation (token mismatch)")
         records = list(iter_records(cmd.records))
         histories: dict[bytes, list[tuple[int, bytes]]] = {}
+        closed = 0
         for tag, key, value in records:  # all checks first: a refused INSTALL changes nothing
+            if tag == REC_CLOSED:
+                (at,) = U64.unpack(value)
+                if at > mvcc.PROPOSAL_MAX:
+                    return ApplyResult(error=f"install with a closed revision {at} out of range")
+                closed = max(closed, at)
             if tag == REC_HISTORY:
                 try:
                     histories[key] = mvcc.decode_versions(value)
@@ -438,11 +445,13 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
                     return ApplyResult(error="install would overwrite a served key (or a frozen one)")
                 if h not in st.installing:
                     return ApplyResult(error="install of a key outside the ranges being installed")
-        if histories:
+        if histories or closed:
             rows = view.mvcc
             rst = mvcc.rev_state(rows)
             for key, versions in histories.items():
                 rst = mvcc.install_history(rows, rst, key, versions)
+            if closed > rst.last:  # the source's closed revision: later writes here go above it
+                rst = mvcc.RevState(closed, rst.compact, rst.next_kid)
             rows.put(mvcc.T_STATE, b"", rst.encode())
         for tag, key, value in records:
             if tag == REC_DATA:

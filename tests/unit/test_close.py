@@ -231,3 +231,47 @@ def test_serve_refuses_more_initial_groups_than_revision_slots(tmp_path: Path) -
     cfg = NodeConfig(id=1, listen="127.0.0.1:1", peers={1: "127.0.0.1:1"}, data_dir=tmp_path, groups=4096)
     with pytest.raises(ValueError, match="at most 4095"):
         cfg.validate()
+
+
+# --- a range move carries the source's closed revision -------------------------------------------
+def test_a_moved_range_lands_in_a_group_closed_at_the_sources_last_revision(make: Callable[[], Any]) -> None:
+    """A read at R that the source answered for a key (its last >= R) stays true after the key
+    moves: the export carries the source's last revision (REC_CLOSED) and the INSTALL raises the
+    target's last to it, so the target's later writes of the key go above R."""
+    from kvstore.shard.ranges import IntervalSet, key_hash
+    from kvstore.storage.shardcmd import (
+        REC_CLOSED,
+        ShardOp,
+        encode_record,
+        encode_shard_command,
+        iter_records,
+    )
+
+    src = make()
+    assert src.bootstrap(1, CONF, [encode_shard_command(ShardOp.SET, IntervalSet.full())])
+    w = _append_apply(src, 1, [cmds.encode_put(b"m", b"old", revision=NOW)])[-1].revision
+    r = w + 300 * mvcc.STEP  # a read at r answered by the source: closed there
+    _append_apply(src, 1, [cmds.encode_close(r)])
+    rng = IntervalSet([(key_hash(b"m"), key_hash(b"m"))])
+    assert _append_apply(src, 1, [encode_shard_command(ShardOp.FREEZE, rng, move=1)])[-1].error is None
+    records = b"".join(chunk for chunk, _ in src.export_range(1, rng, 1 << 20))
+    recs = list(iter_records(records))
+    assert recs[0] == (REC_CLOSED, b"", r.to_bytes(8, "big"))
+    dst = DictState(group=2)
+    assert dst.apply(encode_shard_command(ShardOp.SET, IntervalSet())).error is None
+    assert dst.apply(encode_shard_command(ShardOp.BEGIN, rng, move=1, token=5)).error is None
+    assert dst.apply(encode_shard_command(ShardOp.INSTALL, records=records, move=1, token=5)).error is None
+    assert dst.apply(encode_shard_command(ShardOp.ACTIVATE, rng, move=1, token=5)).error is None
+    assert mvcc.rev_state(dst.rows).last == r
+    later = dst.apply(cmds.encode_put(b"m", b"new", revision=NOW)).revision  # the target's clock is behind
+    assert later > r
+    assert mvcc.version_at(dst.rows, b"m", r, dst.data[b"m"]).value == b"old"  # type: ignore[union-attr]
+    # A forged closed revision beyond PROPOSAL_MAX refuses the whole INSTALL.
+    bad = DictState(group=3)
+    bad.apply(encode_shard_command(ShardOp.SET, IntervalSet()))
+    bad.apply(encode_shard_command(ShardOp.BEGIN, rng, move=1, token=5))
+    forged = encode_record(REC_CLOSED, b"", (mvcc.PROPOSAL_MAX + 1).to_bytes(8, "big")) + records
+    res = bad.apply(encode_shard_command(ShardOp.INSTALL, records=forged, move=1, token=5))
+    assert res.error is not None and mvcc.rev_state(bad.rows).last == 0 and not bad.data
+    with pytest.raises(ValueError):
+        list(iter_records(encode_record(REC_CLOSED, b"k", b"\x00" * 8)))
