@@ -197,6 +197,11 @@ class Watches:
                 placement = m.groups.get(g)
                 members = set(placement.members()) if placement is not None else set()
                 hosts = members if hosts is None else hosts & members
+            if hosts is not None and not hosts:
+                raise errors.WrongShard(
+                    f"no node hosts every group of the watched range (groups {', '.join(map(str, groups))}): a "
+                    "prefix or range watch needs a node that replicates every data group (node-to-node feeds "
+                    "are not built yet)")
             book = m.clients if router.client_port else m.nodes
             for n in sorted(hosts or ()):
                 addr = router.address_of(n) or book.get(n)

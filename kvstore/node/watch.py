@@ -76,7 +76,7 @@ class WatchLimits:
     """Events per reply (about; a revision is never split over replies)."""
     read_events: int = 1024
     """Changes read per group per watcher per step."""
-    step_events: int = 8192
+    step_events: int = 2048
     """Changes read per step in all; the rest waits for the next step (`step` returns True)."""
     slow_after: float = 10.0
     """Seconds a stream may stay full before its watches are canceled."""
