@@ -87,7 +87,6 @@ class WatchLimits:
     close_idle: float = 0.05
     """A group that applied a change this recently is not named by `lagging_groups` (it is likely
     to pass the others by itself with its next write)."""
-    max_key: int = 4096
 
 
 class WatchSource(Protocol):

@@ -55,7 +55,7 @@ class KVService(kv_pb2_grpc.KVServicer):
         """Proposes a COMPACT to every group's leader (None: Compact is unavailable)."""
         self.metrics = metrics
         self.requests = KVRequests(cfg, host, wake, metrics, tracker, reads, admission, guard, caller)
-        self.watch_hub = WatchHub(StoreSource(host.store), host.groups.__contains__, WatchLimits(max_key=cfg.limits.max_key))
+        self.watch_hub = WatchHub(StoreSource(host.store), host.groups.__contains__, WatchLimits())
         """The node's watches (`kvstore/node/watch.py`); the node's Ready loop drives it (`WatchDriver`)."""
         self.watches = WatchService(self.requests, self.watch_hub)
 
