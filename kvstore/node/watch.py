@@ -213,6 +213,8 @@ class WatchStream:
         """The next queued replies, in order (handed to the transport)."""
         out: list[Reply] = []
         hub = self.hub
+        if self.bytes >= hub.limits.stream_bytes:
+            hub._work = True  # it may drain below the bound: the hub reads for it again
         while self.outbox and len(out) < max_replies:
             r, w = self.outbox.popleft()
             self.bytes -= r.size
@@ -263,6 +265,12 @@ class WatchHub:
         self.watching: dict[int, list[tuple[WatchStream, Watcher]]] = {}
         self._dirty: set[int] = set()
         self._has_requests = False
+        self._work = False
+        """Something may let a watcher move: a frontier moved, a watch was created, a step left
+        work, a full stream drained. Without it (and before `_next_pass`) a step skips the
+        watchers: a thousand idle watches cost nothing per Ready cycle."""
+        self._next_pass = 0.0
+        """When the next full pass is due anyway (progress replies, slow streams)."""
         self._sid = 0
         self._rr = 0
         self.canceled_slow = 0
@@ -309,14 +317,18 @@ class WatchHub:
                     self._handle(s, s.requests.popleft(), now)
                 if s.on_reply is not None:
                     s.on_reply()  # its queue of requests has room again (even if nothing was queued)
-        budget = [self.limits.step_events]
+        lim = self.limits
+        if not self._work and now < self._next_pass:
+            return False
+        self._work = False
+        self._next_pass = now + lim.progress_interval / 4
+        budget = [lim.step_events]
         cache = _StepCache()
         more = False
         streams = list(self.streams.values())
         if streams:
             self._rr = (self._rr + 1) % len(streams)
             streams = streams[self._rr:] + streams[: self._rr]
-        lim = self.limits
         for s in streams:
             if s.bytes >= lim.stream_bytes:
                 if s.stalled_since is None:
@@ -341,6 +353,8 @@ class WatchHub:
             if fullest is None or not fullest.watchers:
                 break
             self._cancel_all(fullest, SLOW)
+        if more:
+            self._work = True
         return more
 
     def lagging_groups(self, now: float) -> dict[int, int]:
@@ -444,6 +458,7 @@ class WatchHub:
         w = Watcher(wid, r.spec, r.groups, shards, start, start - 1, now)
         s.watchers[wid] = w
         self.count += 1
+        self._work = True
         for g in r.groups:
             self.watching.setdefault(g, []).append((s, w))
         self._reply(s, w, Reply(wid, revision=start - 1, created=True), now)
@@ -543,6 +558,7 @@ class WatchHub:
         if self.last.get(g) != st.last:
             self.last[g] = st.last
             self.changed_at[g] = now
+            self._work = True
         for s, w in list(self.watching.get(g, ())):
             if w.shards.get(g) != sh:
                 self.canceled_moved += 1
