@@ -28,6 +28,7 @@ G = 3
 class Cluster:
     def __init__(self) -> None:
         self.outbox: list[Message] = []
+        self.forwarded: list[int] = []
         self.hosts = {i: Host(i, MemoryNodeStore(), self.outbox.extend, RaftSettings(), random.Random(i)) for i in (1, 2, 3)}
         self.closes = {i: NodeCloses(h, HybridClock(lambda: NOW_MS)) for i, h in self.hosts.items()}
         self.reads = {
@@ -67,8 +68,6 @@ class Cluster:
         """A non-leader's forward: the leader (node 1) closes it (as Shard.GroupPropose does)."""
         self.forwarded.append(revision)
         self.closes[1].close(group, revision, cb)
-
-    forwarded: list[int] = []
 
 
 def _collect() -> tuple[list[tuple[int, errors.KVError | None]], Callable[[int, errors.KVError | None], None]]:
@@ -137,7 +136,6 @@ def test_a_far_future_close_is_refused_before_proposing() -> None:
 
 def test_a_follower_closes_through_the_leader_then_has_applied_it() -> None:
     c = Cluster()
-    c.forwarded = []
     w: list[Any] = []
     c.hosts[1].propose(G, commands.encode_put(b"k", b"v1", revision=c.closes[1].clock.propose()), lambda x, e: w.append(x))
     c.pump()
