@@ -11,10 +11,11 @@ from pathlib import Path
 import grpc
 import pytest
 from onenode import one_node
+from test_auth import Op, bearer, change, setup_auth
 
 from kvstore.node.ratelimit import RateLimit
 from kvstore.server.admission_settings import AdmissionSettings
-from kvstore.v1 import kv_pb2, kv_pb2_grpc
+from kvstore.v1 import auth_pb2_grpc, kv_pb2, kv_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -150,3 +151,41 @@ async def _rate_limited(tmp_path: Path) -> None:
         r = await s.recv()
         assert r.created and r.watch_id == 100
         s.call.cancel()
+
+
+def test_a_watch_stream_ends_unauthenticated_once_its_token_is_revoked(tmp_path: Path) -> None:
+    asyncio.run(_revoked(tmp_path))
+
+
+async def _revoked(tmp_path: Path) -> None:
+    async with one_node(tmp_path) as n, grpc.aio.insecure_channel(n.address) as ch:
+        tokens = await setup_auth(n)
+        stub = kv_pb2_grpc.KVStub(ch)
+        q: asyncio.Queue[kv_pb2.WatchRequest | None] = asyncio.Queue()
+
+        async def requests() -> AsyncIterator[kv_pb2.WatchRequest]:
+            while (r := await q.get()) is not None:
+                yield r
+
+        call = stub.Watch(requests(), metadata=bearer(tokens["alice"]))
+        it = call.__aiter__()
+        q.put_nowait(W(create_request=C(prefix=b"data/", watch_id=1)))
+        denied = W(create_request=C(prefix=b"other/", watch_id=2))  # alice may read data/ only
+        assert (await asyncio.wait_for(it.__anext__(), 20)).created
+        q.put_nowait(denied)
+        r = await asyncio.wait_for(it.__anext__(), 20)
+        assert r.canceled and r.error.code == kv_pb2.PERMISSION_DENIED and not r.error.indeterminate
+        put = await stub.Put(kv_pb2.PutRequest(key=b"data/x", value=b"1"), metadata=bearer(tokens["root"]))
+        r = await asyncio.wait_for(it.__anext__(), 20)
+        assert [e.kv.mod_revision for e in r.events] == [put.revision]
+        # the password changes: alice's tokens are void, so the next reply ends the stream
+        a = auth_pb2_grpc.AuthStub(ch)
+        res = await change(a, tokens["root"], op=Op.USER_PASSWD, user="alice", password="changed")
+        assert res.error.code == kv_pb2.OK
+        await stub.Put(kv_pb2.PutRequest(key=b"data/y", value=b"2"), metadata=bearer(tokens["root"]))
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            while True:
+                r = await asyncio.wait_for(it.__anext__(), 20)
+                assert not r.events, "an event was sent after the token was revoked"
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        q.put_nowait(None)
