@@ -564,6 +564,16 @@ class WatchHub:
                 self.canceled_moved += 1
                 self._cancel(s, w, errors.WrongShard(f"group {g}: {MOVED}"))
 
+    def cancel_everything(self, err: errors.KVError) -> None:
+        """Cancel every watch of the node with `err`, resumable, dropping queued events (the
+        driver's answer to an unexpected failure of a step: the watchers start again, nothing
+        else of the node is affected)."""
+        self._dirty.clear()
+        for s in list(self.streams.values()):
+            s.requests.clear()
+            for w in list(s.watchers.values()):
+                self._cancel(s, w, err, drop=True)
+
     def _cancel_all(self, s: WatchStream, reason: str) -> None:
         """Cancel every watch of a slow stream, dropping its queued events (bounded memory)."""
         for w in list(s.watchers.values()):

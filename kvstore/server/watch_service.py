@@ -208,10 +208,19 @@ class WatchDriver:
         self.step()
 
     def step(self) -> None:
+        """One hub step (on the Ready loop). A failure of it (a bug) cancels every watch, to be
+        resumed by its client, and never stops the Ready loop."""
         hub = self.hub
         if hub.idle:
             return
-        if hub.step(time.monotonic()):
+        try:
+            more = hub.step(time.monotonic())
+        except Exception as err:
+            log.exception("a watch step failed: every watch is canceled (its client resumes it)")
+            hub.cancel_everything(errors.InternalError(f"the watch hub failed: {type(err).__name__}: {err}",
+                                                       indeterminate=False))
+            return
+        if more:
             asyncio.get_running_loop().call_soon(self.wake)
 
     async def closer(self) -> None:

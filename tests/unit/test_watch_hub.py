@@ -392,6 +392,23 @@ def test_handled_requests_signal_the_stream_even_without_a_reply() -> None:
     assert not s.busy and calls and not s.take()
 
 
+def test_cancel_everything_is_resumable_at_what_was_delivered() -> None:
+    c = Cluster(groups=(1,))
+    hub = c.hub()
+    s = hub.open()
+    s.create(WatchSpec.make(b"k", b"l"), (1,), 1)
+    drain(hub, s)
+    r1 = c.put(1, b"k1", b"1")
+    hub.applied([1])
+    assert events(drain(hub, s)) == [(r1, b"k1", PUT, b"1")]
+    c.put(1, b"k2", b"2")
+    hub.applied([1])
+    hub.step(0.0)  # queued, not taken
+    hub.cancel_everything(errors.InternalError("boom", indeterminate=False))
+    [r] = s.take()
+    assert r.canceled and r.resume_revision == r1 + 1 and hub.count == 0 and hub.pending_bytes == 0
+
+
 def test_closing_a_stream_forgets_everything() -> None:
     c = Cluster(groups=(1, 2))
     hub = c.hub()
