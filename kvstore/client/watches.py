@@ -179,6 +179,7 @@ class Watches:
                 tried.append(ep)
             except _Idle:
                 tried.append(ep)
+            del tried[:-16]  # the recent failures are enough to pick another node
             await asyncio.sleep(backoff.next_delay())
 
     async def _pick(self, key: bytes | None, tried: list[str]) -> str:
