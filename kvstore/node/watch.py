@@ -450,7 +450,11 @@ class WatchHub:
         compact = max(st.compact for st in states.values())
         if not start:
             start = max(min(self.last[g] for g in r.groups), compact) + 1
-        elif start <= compact:
+        elif start <= mvcc.LEGACY_REVISION:
+            # Revision 1 holds the versions written before revisions existed (one row per such
+            # key, all at 1, recorded lazily): the state before history began, not changes.
+            start = mvcc.LEGACY_REVISION + 1
+        if start <= compact:
             s.refuse(wid, errors.Compacted(
                 f"watch start revision {start} is compacted: the compact revision is {compact} "
                 f"(watch from {compact + 1} or later)", compact_revision=compact))

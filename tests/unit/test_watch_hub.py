@@ -226,6 +226,17 @@ def test_compacted_start_and_a_watcher_overtaken_by_compaction_are_canceled_nami
     assert got[-1].compact_revision == c.store.revisions.rev_state(1).compact
 
 
+def test_start_one_begins_after_the_legacy_revision() -> None:
+    c = Cluster(groups=(1,))
+    r = c.put(1, b"a", b"1")
+    hub = c.hub()
+    s = hub.open()
+    s.create(WatchSpec.make(b"a", start_revision=1), (1,))
+    got = drain(hub, s)
+    assert got[0].created and got[0].revision == mvcc.LEGACY_REVISION
+    assert events(got) == [(r, b"a", PUT, b"1")]
+
+
 def test_start_zero_begins_at_the_frontier() -> None:
     c = Cluster(groups=(1, 2))
     c.put(1, b"a", b"1")
