@@ -82,10 +82,16 @@ def nodes_summary(results: list[NodeSimResult]) -> str:
         for k, v in r.moves.items():
             moved[k] = moved.get(k, 0) + v
     with_moves = sum(1 for r in results if r.moves)
+    closed = [r.closed_reads for r in results if r.closed_reads is not None]
     return (
         f"forged messages {sum(r.forged for r in results)}, refused by admission: {dict(sorted(refused.items()))}; "
         f"voters replaced by new nodes: {sum(r.membership_changes for r in results)}\n"
-        f"range moves in {with_moves}/{len(results)} seeds: {dict(sorted(moved.items()))}"
+        f"range moves in {with_moves}/{len(results)} seeds: {dict(sorted(moved.items()))}\n"
+        f"cross-group scans in {len(closed)}/{len(results)} seeds: {sum(c.scans for c in closed)} "
+        f"({sum(c.at_revision for c in closed)} at a revision, {sum(c.linearizable for c in closed)} linearizable, "
+        f"{sum(c.second_phase for c in closed)} with a second phase), {sum(c.checked for c in closed)} checked, "
+        f"{sum(c.failed for c in closed)} failed, {sum(c.raced_moves for c in closed)} raced moves, "
+        f"{sum(c.closes_forwarded for c in closed)} closes forwarded"
     )
 
 

@@ -81,6 +81,7 @@ from kvstore.storage.store import LmdbNodeStore
 
 from . import replica_reads
 from .churn import CompetingSuffixes
+from .closed_reads import ClosedReads, ClosedReadStats, ClosedReadViolation, closed_reads_by_default
 from .invariants import SafetyChecker, SafetyViolation
 from .membership import MembershipDriver
 from .moves import SimMoves
@@ -246,6 +247,8 @@ class NodeSimResult:
     quiesce_ticks: int = 0
     quiesce: QuiesceStats = field(default_factory=QuiesceStats)
     """What quiescence did (`quiet.py`; all zero when it was off)."""
+    closed_reads: ClosedReadStats | None = None
+    """What the cross-group scans did (`closed_reads.py`; None when they were off)."""
 
 
 class SimTransport:
@@ -309,6 +312,7 @@ class NodeSimulation:
         root: Path | None = None,
         moves: bool | None = None,
         quiesce: bool | None = None,
+        closed_reads: bool | None = None,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -371,6 +375,10 @@ class NodeSimulation:
         """Records each data group's membership change in the shard map (`SimMoves.record`), as the
         Admin service does after every change whether or not ranges move: the range moves' own
         when they run, else one that is never started (it plans no moves)."""
+        if closed_reads is None:
+            closed_reads = params is None and closed_reads_by_default(seed)
+        self.closed_reads = ClosedReads(self) if closed_reads else None
+        """Scans across groups at a revision and linearizable ones (`closed_reads.py`)."""
         self.written: dict[tuple[bytes, bytes], tuple[int, int]] = {}
         """(key, value) -> the (group, index) of the entry that wrote it (`_check_written_once`)."""
         self.cut: Callable[[Message], bool] | None = None
@@ -435,6 +443,8 @@ class NodeSimulation:
                 self.moves.start()
             if self.churn is not None:
                 self.churn.start((50, max(51, self.p.fault_ms // 4)))
+            if self.closed_reads is not None:
+                self.closed_reads.start()
             while self._events:
                 t, seq, fn, args = heapq.heappop(self._events)
                 if self.end is not None and t > self.end:
@@ -453,13 +463,18 @@ class NodeSimulation:
                     self.churn.observe()
             for timeout in list(self.pending.values()):
                 timeout()
+            if self.closed_reads is not None:
+                self.closed_reads.recheck()
             self._check_liveness()
             res = check(self.history, timeout=20.0)
             verdict = res.verdict.value
             if res.verdict == Verdict.NOT_LINEARIZABLE:
                 shown = "; ".join(str(o) for o in (res.counterexample or [])[:6])
                 violation = f"linearizability: key {res.bad_key} is not linearizable: {shown}"
-        except (SafetyViolation, SimulationFailure, replica_reads.StaleReadViolation, RevisionViolation) as err:
+        except (
+            SafetyViolation, SimulationFailure, replica_reads.StaleReadViolation, RevisionViolation,
+            ClosedReadViolation,
+        ) as err:
             violation = f"{type(err).__name__}: {err}"
             verdict = "violation"
         except Exception as err:  # the node code raised where it must not: a bug found
@@ -472,6 +487,7 @@ class NodeSimulation:
             self.history, self.trace, self.forged, dict(self.refused), self.membership.done,
             self.moves.summary() if self.moves is not None else {},
             self.p.quiesce_ticks, self.quiet.stats if self.quiet is not None else QuiesceStats(),
+            self.closed_reads.stats if self.closed_reads is not None else None,
         )
 
     def _close(self) -> None:
@@ -1092,6 +1108,8 @@ class NodeSimulation:
                 if self.p.reply_loss and self._faults_on() and self.rng.random() < self.p.reply_loss:
                     self.log(f"n{node.id} reply to a write in g{gid} lost")
                     return  # the client's attempt times out: its outcome is unknown
+                if self.closed_reads is not None and err is None and res is not None and not res.error:
+                    self.closed_reads.ack(res.revision)
                 outcome(res, err, self._lead(node, gid))
 
             node.logic.host.propose(gid, data, answered)
@@ -1342,8 +1360,11 @@ def lmdb_store(node_id: int, directory: Path) -> NodeStore:
 
 def run_node_seed(seed: int, nodes: int = 3, trace: bool = False, params: NodeSimParams | None = None,
                   store_factory: StoreFactory | None = None, moves: bool | None = None,
-                  quiesce: bool | None = None) -> NodeSimResult:
+                  quiesce: bool | None = None, closed_reads: bool | None = None) -> NodeSimResult:
     """One seed; `moves` forces range moves on or off (default: drawn, on half of the seeds),
-    `quiesce` quiescence (default: `quiesce_by_default`)."""
-    return NodeSimulation(seed, nodes, params, trace, store_factory, moves=moves, quiesce=quiesce).run()
+    `quiesce` quiescence (default: `quiesce_by_default`), `closed_reads` the cross-group scans
+    (default: `closed_reads_by_default`, when the params are drawn)."""
+    return NodeSimulation(
+        seed, nodes, params, trace, store_factory, moves=moves, quiesce=quiesce, closed_reads=closed_reads
+    ).run()
 

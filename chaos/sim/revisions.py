@@ -6,13 +6,20 @@
 - Strictly increasing in apply order within a group, and in the group's own slot.
 - A write's reply carries the revision its entry was applied at; a write that changed state has
   one (> 0), and a failed compare or a delete of an absent key has none.
+- A CLOSE is deterministic too, its result (the group's last revision after it) is at or above
+  every revision the group assigned before it, and every write of the group after it gets a
+  higher revision than that.
+
+It also keeps every applied write's (revision, key, new value) once, so the scans of
+`closed_reads.py` are checked against the state after exactly the writes <= R (`state_at`).
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
+from kvstore.shard.shardmap import META_GROUP
 from kvstore.storage import commands, mvcc
 from kvstore.storage.commands import ApplyResult
 
@@ -27,8 +34,12 @@ class RevisionChecker:
     """(group, index) -> the revision its entry answered with (0: none)."""
     owner: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
     """revision -> (group, index, client id, seq) of the write that was assigned it."""
-    order: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
-    """group -> sorted (index, revision) of the writes assigned a revision there."""
+    order: dict[int, list[tuple[int, int, bool]]] = field(default_factory=dict)
+    """group -> sorted (index, revision, is a write) of the writes assigned a revision there and
+    of the closes (revision: the group's last after the close)."""
+    versions: dict[bytes, list[tuple[int, bytes | None]]] = field(default_factory=dict)
+    """key -> (revision, value; None: deleted) of every applied write of it in a data group
+    (the metadata group's are no client keys), ascending."""
     checks: int = 0
 
     def on_apply(self, node: int, group: int, index: int, data: bytes, res: ApplyResult) -> None:
@@ -46,6 +57,10 @@ class RevisionChecker:
             raise RevisionViolation(
                 f"determinism: n{node} applied g{group} index {index} at revision {rev}, another replica at {seen}"
             )
+        if cmd.op == commands.Op.CLOSE:
+            if not res.error:
+                self._place(group, index, rev, False)
+            return
         wrote = not res.error and (cmd.op == commands.Op.PUT or res.swapped or res.existed)
         if not wrote:
             if rev and cmd.op != commands.Op.PUT and not res.error:
@@ -63,16 +78,42 @@ class RevisionChecker:
             )
         if rev % mvcc.STEP != mvcc.slot_of(group):
             raise RevisionViolation(f"g{group} index {index}: revision {rev} is not in the group's slot")
+        if self._place(group, index, rev, True) and group != META_GROUP:
+            vs = self.versions.setdefault(cmd.key, [])
+            vs.insert(bisect_left(vs, rev, key=_rev), (rev, None if cmd.op == commands.Op.DELETE else cmd.value))
+
+    def _place(self, group: int, index: int, rev: int, write: bool) -> bool:
+        """Put (index, rev) in the group's apply order, checking its neighbours: revisions never
+        go down along the log, and a write's is above everything before it (a close's may equal
+        the revision before it). False if the entry was placed already."""
         lst = self.order.setdefault(group, [])
-        i = bisect_left(lst, (index, -1))
+        i = bisect_left(lst, (index, -1, False))
         if i < len(lst) and lst[i][0] == index:
-            return
-        if (i > 0 and lst[i - 1][1] >= rev) or (i < len(lst) and lst[i][1] <= rev):
-            near = [x for x in (lst[i - 1] if i else None, lst[i] if i < len(lst) else None) if x]
+            return False
+        before = lst[i - 1] if i else None
+        after = lst[i] if i < len(lst) else None
+        bad = (before is not None and (before[1] >= rev if write else before[1] > rev)) or (
+            after is not None and (after[1] <= rev if after[2] else after[1] < rev)
+        )
+        if bad:
+            near = [x[:2] for x in (before, after) if x]
             raise RevisionViolation(
-                f"order: g{group} index {index} got revision {rev}; neighbours (index, revision): {near}"
+                f"order: g{group} index {index} ({'write' if write else 'close'}) got revision {rev}; "
+                f"neighbours (index, revision): {near}"
             )
-        lst.insert(i, (index, rev))
+        lst.insert(i, (index, rev, write))
+        return True
+
+    def state_at(self, revision: int) -> dict[bytes, bytes]:
+        """Every key's value after exactly the applied writes with revision <= `revision`."""
+        out: dict[bytes, bytes] = {}
+        for key, vs in self.versions.items():
+            i = bisect_right(vs, revision, key=_rev) - 1
+            if i >= 0 and vs[i][1] is not None:
+                value = vs[i][1]
+                assert value is not None
+                out[key] = value
+        return out
 
     def on_reply(self, group: int, res: ApplyResult) -> None:
         """A write's reply `res` (of entry (group, res.index)) reached its client."""
@@ -82,3 +123,7 @@ class RevisionChecker:
             raise RevisionViolation(
                 f"reply: g{group} index {res.index} answered revision {res.revision}, its entry applied at {applied}"
             )
+
+
+def _rev(version: tuple[int, bytes | None]) -> int:
+    return version[0]

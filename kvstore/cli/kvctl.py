@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import click
 
-from kvstore.client import AdminResult, Alarm, Client, GroupStatus, Member, NodeStatus, Status
+from kvstore.client import AdminResult, Alarm, Client, GroupStatus, Member, NodeStatus, Status, WatchEvent
 from kvstore.client.checks import INT64_MAX
 from kvstore.client.readpref import READ_PREFERENCES, parse_duration
 from kvstore.client.routing import DEFAULT_GROUP, parse_endpoints
@@ -390,6 +390,54 @@ def compact(c: _Ctx, rev: int) -> None:
         _emit_json({"compact_revision": done})
     else:
         click.echo(f"compacted at revision {done}")
+
+
+@cli.command(epilog="\b\nExamples:\n  kvctl watch app/config\n  kvctl watch --prefix app/ --rev 1234567 --prev-kv -o json")
+@click.argument("key", required=False, default=None)
+@click.option("--prefix", default=None, help="Watch every key starting with PREFIX (instead of KEY).")
+@click.option("--range-end", default=None, help="Watch the keys in [KEY, RANGE_END) (\\0: every key >= KEY).")
+@click.option("--rev", "rev", type=click.IntRange(min=1, max=INT64_MAX), default=None, metavar="REV",
+              help="Start at revision REV (default: from now).")
+@click.option("--prev-kv", is_flag=True, help="Show each key's previous value too.")
+@_output_option
+@pass_ctx
+def watch(c: _Ctx, key: str | None, prefix: str | None, range_end: str | None, rev: int | None, prev_kv: bool) -> None:
+    """Print every change of KEY (or of the keys with --prefix) as it happens, until Ctrl-C: one
+    line per event, `PUT KEY VALUE` or `DELETE KEY` (-o json: {"type", "key", "value",
+    "create_revision", "mod_revision", "version", "revision"}, and "prev_value" with --prev-kv).
+    Events come in revision order, each once; the watch resumes by itself after a node or
+    connection fails. Exit 2 naming the compact revision when REV is compacted."""
+    if (key is None) == (prefix is None):
+        raise click.UsageError("give a KEY or --prefix PREFIX")
+    if prefix is not None and range_end is not None:
+        raise click.UsageError("--range-end goes with KEY, not with --prefix")
+    k = b"" if key is None else c.parse(key, "KEY")
+    p = b"" if prefix is None else c.parse(prefix, "--prefix")
+    end = b"" if range_end is None else (b"\0" if range_end == "\\0" else c.parse(range_end, "--range-end"))
+    try:
+        with _errors(is_write=False):
+            for ev in c.client().watch(k, prefix=p, range_end=end, start_revision=rev or 0, prev_kv=prev_kv):
+                _print_event(c, ev, prev_kv)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_OK)
+
+
+def _print_event(c: _Ctx, ev: WatchEvent, prev_kv: bool) -> None:
+    prev = None if ev.prev is None else ev.prev.value
+    if c.json:
+        obj: dict[str, Any] = {
+            "type": ev.type, "key": c.show(ev.key), "value": None if ev.value is None else c.show(ev.value),
+            "create_revision": ev.create_revision, "mod_revision": ev.mod_revision, "version": ev.version,
+            "revision": ev.revision,
+        }
+        if prev_kv:
+            obj["prev_value"] = None if prev is None else c.show(prev)
+        _emit_json(obj)
+        return
+    line = c.raw(ev.key) if ev.value is None else c.raw(ev.key) + b" " + c.raw(ev.value)
+    if prev_kv and prev is not None:
+        line += b" (was " + c.raw(prev) + b")"
+    click.echo(ev.type.encode() + b" " + line)
 
 
 # ----- status -----

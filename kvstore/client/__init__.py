@@ -29,6 +29,7 @@ from kvstore.client.types import (
     Status,
     group_status,
 )
+from kvstore.client.watches import WatchBatch, WatchEvent
 
 __all__ = [
     "DEFAULT_MAX_KEY_SIZE",
@@ -48,5 +49,7 @@ __all__ = [
     "ReadResult",
     "ShardOpResult",
     "Status",
+    "WatchBatch",
+    "WatchEvent",
     "group_status",
 ]

@@ -74,6 +74,7 @@ from kvstore.client.types import (
     ShardOpResult,
     Status,
 )
+from kvstore.client.watches import WatchBatch, Watches, WatchEvent
 from kvstore.client.writes import Writes
 from kvstore.errors import KVError
 from kvstore.shard.shardmap import ShardMap
@@ -175,7 +176,9 @@ class AsyncClient:
         self._reads = Reads(self.checks, self.channels, self.view, invoker)
         self._reads.observe = self._writes.observe
         self._scans = Scans(self.checks, self.channels, self.view, invoker, self.policy, rng)
+        self._scans.observe = self._writes.observe
         self._admin = Admin(self.checks, self.channels, self.view, invoker, self.policy)
+        self._watches = Watches(self.checks, self.channels, self.view, self.policy, rng)
 
     # ----- settings -----
 
@@ -368,6 +371,52 @@ class AsyncClient:
         return self._scans.scan_chunks(
             prefix, start=start, end=end, limit=limit, consistency=consistency, timeout=timeout,
             max_staleness=max_staleness, read_preference=read_preference, revision=revision,
+        )
+
+    # ----- watch -----
+
+    async def watch(
+        self,
+        key: bytes = b"",
+        *,
+        prefix: bytes = b"",
+        range_end: bytes = b"",
+        start_revision: int = 0,
+        prev_kv: bool = False,
+    ) -> AsyncIterator[WatchEvent]:
+        """Follow the changes of ``key`` (with ``range_end``: the keys in [key, range_end);
+        ``b"\\0"``: every key >= key) or of every key starting with ``prefix``, from
+        ``start_revision`` (0: from now): ``async for ev in client.watch(prefix=b"app/")``.
+        Events in revision order, each once, resumed transparently after failures, range moves
+        and server cancels; :class:`~kvstore.errors.Compacted` (definite) when the start revision
+        is compacted. See :mod:`kvstore.client.watches`."""
+        async for batch in self._watches.watch_batches(
+            key, prefix=prefix, range_end=range_end, start_revision=start_revision, prev_kv=prev_kv,
+        ):
+            for ev in batch.events:
+                yield ev
+
+    @property
+    def watch_resumes(self) -> int:
+        """How many times this client's watches were resumed on a new stream (after a failure, a
+        range move or a server cancel) once started."""
+        return self._watches.resumes
+
+    def watch_batches(
+        self,
+        key: bytes = b"",
+        *,
+        prefix: bytes = b"",
+        range_end: bytes = b"",
+        start_revision: int = 0,
+        prev_kv: bool = False,
+        progress: bool = False,
+    ) -> AsyncIterator[WatchBatch]:
+        """Like :meth:`watch`, by response: each :class:`WatchBatch` says up to which revision
+        everything has been delivered (with ``progress``, also when nothing changed)."""
+        return self._watches.watch_batches(
+            key, prefix=prefix, range_end=range_end, start_revision=start_revision, prev_kv=prev_kv,
+            progress=progress,
         )
 
     # ----- the shard map -----

@@ -24,6 +24,7 @@ from kvstore.client.types import (
     ShardOpResult,
     Status,
 )
+from kvstore.client.watches import WatchBatch, WatchEvent
 from kvstore.errors import ClientClosed, Unavailable
 from kvstore.shard.shardmap import ShardMap
 
@@ -403,6 +404,55 @@ class Client:
         finally:
             if not self._closed:
                 self._run(agen.aclose())
+
+    def watch(
+        self,
+        key: bytes = b"",
+        *,
+        prefix: bytes = b"",
+        range_end: bytes = b"",
+        start_revision: int = 0,
+        prev_kv: bool = False,
+    ) -> Iterator[WatchEvent]:
+        """``for ev in kv.watch(prefix=b"app/", start_revision=r)``: the changes, in revision
+        order, each once, resumed transparently (see :meth:`AsyncClient.watch`). Runs until the
+        caller stops iterating (or the client is closed)."""
+        for batch in self.watch_batches(
+            key, prefix=prefix, range_end=range_end, start_revision=start_revision, prev_kv=prev_kv,
+        ):
+            yield from batch.events
+
+    def watch_batches(
+        self,
+        key: bytes = b"",
+        *,
+        prefix: bytes = b"",
+        range_end: bytes = b"",
+        start_revision: int = 0,
+        prev_kv: bool = False,
+        progress: bool = False,
+    ) -> Iterator[WatchBatch]:
+        """Like :meth:`watch`, by response (see :meth:`AsyncClient.watch_batches`)."""
+        agen = self._async.watch_batches(
+            key, prefix=prefix, range_end=range_end, start_revision=start_revision, prev_kv=prev_kv,
+            progress=progress,
+        )
+
+        async def next_batch() -> WatchBatch | None:
+            try:
+                return await anext(agen)
+            except StopAsyncIteration:
+                return None
+
+        try:
+            while (batch := self._run(next_batch())) is not None:
+                yield batch
+        finally:
+            # A caller interrupted inside `next` (Ctrl-C) leaves the generator running on the
+            # loop: close() cancels that call; nothing else to do here then.
+            if not self._closed:
+                with contextlib.suppress(RuntimeError):
+                    self._run(agen.aclose())  # type: ignore[attr-defined]
 
     def status(self, endpoint: str | None = None, *, timeout: float | None = None) -> Status:
         return self._run(self._async.status(endpoint, timeout=timeout))

@@ -5,8 +5,15 @@ Invariants:
 - the parts' owned hash ranges, reported by each group at its read point, must cover the hash
   space exactly once; otherwise a range moved between the read points and the scan starts again
   with a fresh shard map (so no key is missed or returned twice);
-- each part is as consistent as the requested level at its own read point; the scan as a whole
-  is not one atomic snapshot across groups;
+- a linearizable scan across groups is ONE consistent snapshot (docs/REVISIONS.md, "Reads at a
+  revision"): phase 1 opens every part linearizably and learns the revision r_g each group served
+  it at; R = max r_g; phase 2 re-reads at R every part with r_g < R (its group closes itself at R
+  first, so the answer is final). Every write acknowledged before the scan started is <= its
+  group's r_g <= R, and the parts are exactly the state after the writes <= R: linearizable
+  and atomic. A scan at a given revision R is that snapshot at R. Bounded and stale scans
+  stay per part (each as consistent as its level at its own read point); one group needs no
+  second phase; if the re-read parts' ranges no longer cover the hash space once (a range
+  moved between the phases), the scan starts again with a fresh map;
 - a part whose stream breaks is resumed after the last key received, and only if its group
   still owns the same ranges (otherwise the scan fails with a definite Unavailable);
 - at most ``limit`` pairs are returned (0: all); a small limit asks each part in one message on
@@ -20,7 +27,7 @@ import heapq
 import random
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -61,6 +68,9 @@ class Scans:
         self.invoker = invoker
         self.policy = policy
         self._rng = rng
+        self.observe: Callable[[int], None] = lambda revision: None
+        """Told the revision a linearizable scan across groups was served at (the client's
+        causality floor)."""
 
     async def scan(
         self,
@@ -82,10 +92,14 @@ class Scans:
         data group by hashing, so the scan asks every group (concurrently) for its part and merges
         them. Each part is read at its group's leader (linearizable per group), and the parts must
         cover the hash space exactly once (otherwise a range was moving: the scan is retried with
-        a fresh shard map). The scan as a whole is not one atomic snapshot across groups.
-        ``timeout`` bounds the whole scan, retries included. ``revision`` (> 0): the keys as they
-        were at that revision (exact within each group; see docs/REVISIONS.md across groups);
-        below a group's compact revision the scan fails with :class:`~kvstore.errors.Compacted`.
+        a fresh shard map). A linearizable scan is one consistent snapshot of every group (at
+        the highest revision the groups served it at: a second round re-reads the groups that
+        served it below that revision; see the module docstring); bounded and stale scans are
+        consistent per group only. ``timeout`` bounds the whole scan, retries included.
+        ``revision`` (> 0): the keys exactly as they were at that revision, in every group (a
+        revision beyond what the cluster has issued is refused with
+        :class:`~kvstore.errors.InvalidArgument`); below a group's compact revision the scan
+        fails with :class:`~kvstore.errors.Compacted`.
         """
         async for chunk in self.scan_kvs(
             prefix, start=start, end=end, limit=limit, consistency=consistency, timeout=timeout,
@@ -155,7 +169,16 @@ class Scans:
                     p.close()
                 raise
             if not sharded or _covers_once([p.owned or IntervalSet() for p in parts]):
-                break
+                if revision or level != kv_pb2.LINEARIZABLE or len(parts) == 1:
+                    break
+                try:
+                    await self._snapshot(parts, limit, level, deadline, learns_leader)
+                except BaseException:
+                    for p in parts:
+                        p.close()
+                    raise
+                if not sharded or _covers_once([p.owned or IntervalSet() for p in parts]):
+                    break  # (else a range moved between the two phases: start again)
             for p in parts:
                 p.close()
             # A range moved between the parts' read points: try again with a newer map.
@@ -195,6 +218,23 @@ class Scans:
         finally:
             for p in parts:
                 p.close()
+
+    async def _snapshot(
+        self, parts: list[_ScanPart], limit: int, level: kv_pb2.Consistency, deadline: Deadline, learns_leader: bool
+    ) -> None:
+        """Phase 2 of a linearizable scan across groups (module docstring): every part is read
+        at R = the highest revision a part was served at; those served below R start again at
+        R (their groups close at R first). A part resumed later asks for R too."""
+        at = max(p.served for p in parts)
+        if not at:
+            return  # no group has written anything: every part is the (empty) state at 0
+        behind = [p for p in parts if p.served < at]
+        for p in parts:
+            p.revision = at
+        for p in behind:
+            p.restart()
+        await asyncio.gather(*(self._scan_open(p, limit, level, deadline, learns_leader) for p in behind))
+        self.observe(at)
 
     async def _scan_open(
         self, part: _ScanPart, limit: int, level: kv_pb2.Consistency, deadline: Deadline, learns_leader: bool
@@ -270,6 +310,7 @@ class Scans:
                             )
                         part.owned = owned
                         part.stream, part.target = stream, target
+                        part.served = resp.revision
                         part.take(resp)
                         return
             except grpc.aio.AioRpcError as e:
@@ -346,8 +387,8 @@ class _ScanPart:
     """One group's stream of a fanned-out scan."""
 
     __slots__ = (
-        "buf", "done", "group", "hi", "level", "lo", "one_message", "owned", "pref", "received",
-        "replicas_tried", "revision", "staleness_ms", "stream", "target",
+        "buf", "done", "first_lo", "first_one_message", "group", "hi", "level", "lo", "one_message", "owned", "pref",
+        "received", "replicas_tried", "revision", "served", "staleness_ms", "stream", "target",
     )
 
     def __init__(
@@ -364,6 +405,10 @@ class _ScanPart:
         self.pref = pref
         self.replicas_tried: list[str] = []
         self.lo = lo  # where to resume: after the last key received
+        self.first_lo = lo
+        self.first_one_message = one_message
+        self.served = 0
+        """The revision the part was served at (its first message's)."""
         self.hi = hi
         self.owned: IntervalSet | None = None
         self.buf: deque[KeyValue] = deque()
@@ -386,6 +431,17 @@ class _ScanPart:
         if self.stream is not None:
             self.stream.cancel()
             self.stream = None
+
+    def restart(self) -> None:
+        """Drop what was received: the part is read again from its start (at `revision`), its
+        served ranges too (the scan checks they still cover the hash space once)."""
+        self.close()
+        self.owned = None
+        self.buf.clear()
+        self.done = False
+        self.received = 0
+        self.lo = self.first_lo
+        self.one_message = self.first_one_message
 
 
 def _covers_once(parts: list[IntervalSet]) -> bool:

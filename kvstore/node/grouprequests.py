@@ -59,8 +59,9 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
     the old one (`check_auth_change`); a data group only shard commands that decode (never SET,
     which only a group's bootstrap log carries) and that belong to a range move of the shard map
     `smap`, with that move's ranges, in the group that plays that part in it (FREEZE and DROP in
-    the source, BEGIN, INSTALL and ACTIVATE in the target); a COMPACT (history only) goes to any
-    group; a conf change must decode. A move
+    the source, BEGIN, INSTALL and ACTIVATE in the target); a COMPACT or a CLOSE (history and
+    revision state only) goes to any group (the receiving leader checks a CLOSE's revision
+    against its clock: `kvstore.node.closes`); a conf change must decode. A move
     this node's map does not show yet is refused as WRONG_SHARD (the caller retries: the map
     may lag the coordinator's by a little). Returns the decoded conf change, if any. So no
     request can write garbage into group 0, a malformed command into any log, or freeze or drop
@@ -73,8 +74,10 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
     if request.read_barrier or request.transfer:
         return None
     data = request.command
-    if _is_compact(data):
-        return None  # KV.Compact's fan-out (admin only at the client edge): idempotent, changes no data
+    if _is_history_command(data):
+        # KV.Compact's fan-out (admin only at the client edge), or a close for a read at a
+        # revision: idempotent, changes no data.
+        return None
     if request.group == META_GROUP:
         try:
             cmd = commands.decode_command(data)
@@ -130,10 +133,19 @@ def check_client_addresses(old: ShardMap, new: ShardMap, sender: int) -> None:
             raise errors.InvalidArgument(f"node {sender} may not change node {n}'s client address")
 
 
-def _is_compact(data: bytes) -> bool:
-    """Whether `data` is a well-formed COMPACT command (`KV.Compact`)."""
+def _is_history_command(data: bytes) -> bool:
+    """Whether `data` is a well-formed COMPACT (`KV.Compact`) or CLOSE command."""
+    return is_close(data) or _decodes_as(data, commands.Op.COMPACT)
+
+
+def is_close(data: bytes) -> bool:
+    """Whether `data` is a well-formed CLOSE command (a close forwarded to the group's leader)."""
+    return _decodes_as(data, commands.Op.CLOSE)
+
+
+def _decodes_as(data: bytes, op: commands.Op) -> bool:
     try:
-        return commands.decode_command(data).op == commands.Op.COMPACT
+        return commands.decode_command(data).op == op
     except ValueError:
         return False
 

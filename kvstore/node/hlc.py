@@ -7,7 +7,8 @@ Pure: the wall clock is injected (`now_ms`, Unix milliseconds); the asyncio shel
   the apply rule `mvcc.next_revision` moves it into the group's slot);
 - `check_floor` refuses a client's revision more than `max_offset_ms` ahead of this node's
   wall clock (or of what it has already observed), so a forged far-future revision cannot drag
-  the clock (and every later revision of the cluster) into the future.
+  the clock (and every later revision of the cluster) into the future; `check_close` refuses a
+  revision to close at (or read at) more than `max_offset_ms` ahead of the wall clock alone.
 """
 
 from __future__ import annotations
@@ -53,6 +54,18 @@ class HybridClock:
             return  # no floor (a client that has seen nothing yet): always acceptable
         bound = max(physical, self.last) + (self.max_offset_ms << mvcc.LOGICAL_BITS)
         if revision >> mvcc.SLOT_BITS > bound:
+            raise errors.InvalidArgument(
+                f"revision {revision} is more than {self.max_offset_ms} ms ahead of node's clock: refused"
+            )
+
+    def check_close(self, revision: int) -> None:
+        """Refuse (definite InvalidArgument) a revision to close a group at (or read at) that is
+        negative, absurd, or more than `max_offset_ms` ahead of this node's WALL clock. Unlike
+        `check_floor`, the bound ignores the revisions observed: a close is observed, so a bound
+        that followed them would let repeated closes ratchet every later revision forward."""
+        if revision < 0 or revision > mvcc.PROPOSAL_MAX:
+            raise errors.InvalidArgument(f"revision {revision} is out of range")
+        if revision >> mvcc.SLOT_BITS > self._physical() + (self.max_offset_ms << mvcc.LOGICAL_BITS):
             raise errors.InvalidArgument(
                 f"revision {revision} is more than {self.max_offset_ms} ms ahead of node's clock: refused"
             )

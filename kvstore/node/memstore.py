@@ -69,7 +69,7 @@ from ..raft.types import (
     limit_size,
 )
 from ..shard.ranges import IntervalSet, key_hash
-from ..storage import mvcc
+from ..storage import changefeed, mvcc
 from ..storage.commands import MAX_KEY_SIZE, ApplyResult, decode_result
 from ..storage.errors import (
     SnapshotFormatError,
@@ -81,6 +81,7 @@ from ..storage.errors import (
 from ..storage.machine import LIMITS, SessionHead, SessionLimits, SessionMeta, apply_data
 from ..storage.mvcc_mem import MemRows
 from ..storage.shardcmd import (
+    REC_CLOSED,
     REC_DATA,
     REC_FLOOR,
     REC_HISTORY,
@@ -885,7 +886,7 @@ class MemoryNodeStore:
         st = None if g is None else g.applied.shards
         if g is None or st is None or not ranges.issubset(st.frozen):
             raise StorageError(f"group {group} has not frozen the ranges to export")
-        recs: list[tuple[bytes, bool]] = []
+        recs: list[tuple[bytes, bool]] = [(encode_record(REC_CLOSED, b"", U64.pack(mvcc.rev_state(g.rows).last)), False)]
         data = g.data
         for k in g.sorted_keys():
             if key_hash(k) in ranges:
@@ -955,6 +956,14 @@ class MemoryNodeStore:
                 break
         chunks = [items[i : i + chunk_items] for i in range(0, len(items), chunk_items)]
         return st, ListStream(iter(chunks))
+
+    def changes(
+        self, group: int, lo: int, hi: int, max_events: int, max_bytes: int, prev_kv: bool
+    ) -> changefeed.ChangeBatch:
+        g = self._read(group)
+        if g is None:
+            return changefeed.ChangeBatch(mvcc.RevState(), [], hi)
+        return changefeed.read_changes(g.rows, lo, hi, max_events=max_events, max_bytes=max_bytes, prev_kv=prev_kv)
 
     # --- reads -----------------------------------------------------------------------------------
     def get(self, group: int, key: bytes) -> bytes | None:

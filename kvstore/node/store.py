@@ -33,6 +33,7 @@ from ..raft.storage import LogStorage
 from ..raft.types import ConfState, Entry, HardState, SnapshotMeta
 from ..shard.ranges import IntervalSet
 from ..storage import mvcc
+from ..storage.changefeed import ChangeBatch
 from ..storage.commands import ApplyResult
 from ..storage.machine import SessionMeta
 from ..storage.shardcmd import ShardState
@@ -108,6 +109,12 @@ class RevisionReads(Protocol):
     ) -> tuple[mvcc.RevState, ReadStream[list[tuple[bytes, mvcc.Version]]]]:
         """Keys in [start, end) present at `rev` (0: now) with their versions, in chunks (as
         `NodeStore.scan_chunks`), and the revision state of that view. Raises mvcc.Compacted."""
+        ...
+
+    def changes(self, group: int, lo: int, hi: int, max_events: int, max_bytes: int, prev_kv: bool) -> ChangeBatch:
+        """The group's changes with lo <= revision <= hi from its change log, in one view
+        (`storage/changefeed.py`: whole revisions, at most about `max_events` / `max_bytes`;
+        `upto` says how far it got). Raises mvcc.Compacted if lo <= the compact revision."""
         ...
 
 

@@ -87,6 +87,7 @@ RULES: dict[str, Rule] = {
     "/kvstore.v1.KV/Delete": Rule.USER,
     "/kvstore.v1.KV/Cas": Rule.USER,
     "/kvstore.v1.KV/Scan": Rule.USER,
+    "/kvstore.v1.KV/Watch": Rule.USER,
     "/kvstore.v1.KV/Compact": Rule.ADMIN,
     "/kvstore.v1.Admin/Status": Rule.USER,
     "/kvstore.v1.Admin/AddMember": Rule.ADMIN,

@@ -9,6 +9,7 @@ from kvstore.node.host import RaftSettings
 from kvstore.security.audit import AuditSettings
 from kvstore.security.net import is_loopback
 from kvstore.shard.endpoints import check_address
+from kvstore.shard.shardmap import MAX_GROUP_ID
 from kvstore.storage.commands import MAX_KEY_SIZE, command_size_bound
 
 from .admission_settings import AdmissionSettings
@@ -110,6 +111,8 @@ class NodeConfig:
                 raise ValueError(f"bad peer {nid}={addr!r}: expected ID=HOST:PORT")
         if self.groups < 1 or self.replication < 1 or not 1 <= self.vnodes <= 4096:
             raise ValueError("--groups and --replication must be >= 1, --vnodes in 1..4096")
+        if self.groups > MAX_GROUP_ID:
+            raise ValueError(f"--groups must be at most {MAX_GROUP_ID} (group ids are revision slots)")
         if ":" not in self.listen:
             raise ValueError(f"bad --listen {self.listen!r}: expected HOST:PORT")
         if self.client_listen or self.client_advertise:

@@ -18,6 +18,7 @@ import grpc
 
 from kvstore import errors
 from kvstore.node.host import Host
+from kvstore.node.watch import StoreSource, WatchHub, WatchLimits
 from kvstore.security.guard import AuthGuard
 from kvstore.storage.errors import StorageError
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
@@ -30,6 +31,7 @@ from .op_stream import OpStream
 from .reads import ReplicaReads
 from .requests import KVRequests, add_items
 from .shards import GroupCaller, ShardTracker
+from .watch_service import WatchService
 
 
 class KVService(kv_pb2_grpc.KVServicer):
@@ -52,7 +54,10 @@ class KVService(kv_pb2_grpc.KVServicer):
         self.caller = caller
         """Proposes a COMPACT to every group's leader (None: Compact is unavailable)."""
         self.metrics = metrics
-        self.requests = KVRequests(cfg, host, wake, metrics, tracker, reads, admission, guard)
+        self.requests = KVRequests(cfg, host, wake, metrics, tracker, reads, admission, guard, caller)
+        self.watch_hub = WatchHub(StoreSource(host.store), host.groups.__contains__, WatchLimits())
+        """The node's watches (`kvstore/node/watch.py`); the node's Ready loop drives it (`WatchDriver`)."""
+        self.watches = WatchService(self.requests, self.watch_hub)
 
     async def Get(self, request: kv_pb2.GetRequest, context: grpc.aio.ServicerContext | None) -> kv_pb2.GetResponse:
         return await self.requests.get(request)
@@ -113,6 +118,13 @@ class KVService(kv_pb2_grpc.KVServicer):
         """Multiplexed operations (see op_stream.py; a rate limit counts each operation)."""
         async for batch in OpStream(self.requests, context).run(request_iterator):
             yield batch
+
+    async def Watch(
+        self, request_iterator: AsyncIterator[kv_pb2.WatchRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[kv_pb2.WatchResponse]:
+        """Change feeds of key ranges, many on one stream (see watch_service.py)."""
+        async for resp in self.watches.watch(request_iterator, context):
+            yield resp
 
     async def Scan(
         self, request: kv_pb2.ScanRequest, context: grpc.aio.ServicerContext

@@ -49,3 +49,11 @@ class Metrics:
         )
         self.alarms = Gauge("kvstore_alarms", "Cluster alarms raised (as this node applied them), by type",
                             ["type"], registry=r)
+        self.watchers = Gauge("kvstore_watchers", "Watches this node serves", registry=r)
+        self.watch_pending_bytes = Gauge(
+            "kvstore_watch_pending_bytes", "Bytes of watch responses queued here, not yet sent", registry=r)
+        self.watch_canceled = Gauge(
+            "kvstore_watch_canceled", "Watches this node canceled since it started, by reason (slow, moved)",
+            ["reason"], registry=r)
+        self.watch_closes = Gauge(
+            "kvstore_watch_closes", "CLOSE commands this node sent so that watches get past idle groups", registry=r)

@@ -61,6 +61,7 @@ from .metrics import Metrics
 from .movedriver import MoveDriver
 from .reads import ReadMetrics, ReplicaReads
 from .shards import AsyncShardTracker, GroupCaller, NodeCluster, ShardService
+from .watch_service import WatchDriver
 
 log = logging.getLogger("kvstore.node")
 
@@ -104,6 +105,8 @@ class Node:
         self.fatal: str | None = None
         self._stopping = False
         self.alarms: AlarmTracker | None = None
+        self.watch: WatchDriver | None = None
+        """Drives the watch hub from the Ready loop (`server/watch_service.py`)."""
         self.admission: Admission | None = None
 
     def wake(self) -> None:
@@ -180,6 +183,15 @@ class Node:
         refused_by = self.metrics.admission_refused
         admission.on_refused = lambda reason: refused_by.labels(reason).inc()
 
+        kv = KVService(cfg, host, self.wake, self.metrics, tracker, self.reads, admission, guard, caller)
+        self.watch = watch = WatchDriver(kv.watch_hub, host, kv.requests, self.wake)
+        hub = kv.watch_hub
+        m = self.metrics
+        m.watchers.set_function(lambda: hub.count)
+        m.watch_pending_bytes.set_function(lambda: hub.pending_bytes)
+        m.watch_canceled.labels("slow").set_function(lambda: hub.canceled_slow)
+        m.watch_canceled.labels("moved").set_function(lambda: hub.canceled_moved)
+        m.watch_closes.set_function(lambda: watch.closes_sent)
         server = self.server = grpc.aio.server(options=cfg.admission.server_options(CHANNEL_OPTIONS))
         # Every method of every service decodes its request totally (wire.py): malformed bytes
         # get INVALID_ARGUMENT, never UNKNOWN.
@@ -188,8 +200,7 @@ class Node:
                          is_member=self.inbound.is_member, refusals=self.inbound.refusals,
                          on_connected=self._connected, verify=verify),
              raft_pb2.DESCRIPTOR.services_by_name["Raft"]),
-            (watched(KVService(cfg, host, self.wake, self.metrics, tracker, self.reads, admission, guard, caller),
-                     "kvstore.v1.KV"),
+            (watched(kv, "kvstore.v1.KV"),
              kv_pb2.DESCRIPTOR.services_by_name["KV"]),
             (watched(AdminService(cfg, host, self.wake, tracker, caller, self.coordinator, self.reads, admission),
                      "kvstore.v1.Admin"),
@@ -221,6 +232,7 @@ class Node:
             loop.create_task(self._ready_loop(), name="ready-loop"),
             loop.create_task(self.coordinator.run(), name="shard-coordinator"),
             loop.create_task(admission.run(), name="admission"),
+            loop.create_task(self.watch.closer(), name="watch-closer"),
             loop.create_task(publish_client_address(cfg.id, cfg.client_address, tracker, caller.propose),
                              name="client-address"),
         ]
@@ -299,6 +311,8 @@ class Node:
                 hoptrace.mark("n.applied")
             loop.call_soon_threadsafe(host.answer_writes, cycle, results)
 
+        watch = self.watch
+        assert watch is not None
         with PersistThread(loop) as io:
             while True:
                 await self._wake.wait()
@@ -325,6 +339,7 @@ class Node:
                     # else only messages and read states (heartbeats, read-index rounds): no
                     # thread round trip for an empty transaction.
                     n = host.end_cycle(cycle)
+                    watch.after_cycle(cycle.applies, cycle.writes)
                     if hoptrace.ON:
                         hoptrace.mark("n.end")
                     if stored:
@@ -334,6 +349,7 @@ class Node:
                     self.auth.refresh()
                     if self.alarms is not None:
                         self.alarms.refresh()
+                watch.step()  # watch requests, progress, slow streams (between cycles)
                 if host.failed is not None:
                     m.storage_full.set(1)
                     self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -47,7 +47,7 @@ from kvstore.v1 import kv_pb2
 
 from .admission import rate_key
 from .reads import LINEARIZABLE, ReadPoint
-from .requests import KVRequests, check_revision
+from .requests import KVRequests
 
 MAX_PENDING = 4096
 
@@ -279,11 +279,11 @@ class OpStream:
     def _get(self, op_id: int, req: kv_pb2.GetRequest, timeout: float) -> None:
         svc = self.svc
         svc.check_key(req.key)
-        check_revision(req.revision)
+        svc.check_read_revision(req.revision)
         svc.allow(req.key, READ)
         gid = svc.group_for(req.key)
         g = svc.host.groups[gid]
-        if req.consistency != kv_pb2.LINEARIZABLE or g.core.role != Role.LEADER:
+        if req.consistency != kv_pb2.LINEARIZABLE or g.core.role != Role.LEADER or svc.needs_close(gid, req.revision):
             self._slow(op_id, "get", self.svc.get(req))
             return
         key, revision = req.key, req.revision

@@ -13,7 +13,10 @@ Invariants:
 - every reply and every error carries this node's shard map version (`ok`, `err`), so a client
   routing by an older map learns of the newer one;
 - a read is served from local state only at a read point `ReplicaReads` granted for the
-  requested consistency, and ownership is checked at that point.
+  requested consistency, and ownership is checked at that point;
+- a read at revision R > 0 is served only once the group's applied last revision here is >= R
+  (`kvstore.node.closes`: closed through the group's log first if it is not), so its answer can
+  never change afterwards; an R beyond the clock-uncertainty bound is refused (definite).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kvstore import errors
+from kvstore.node.closes import NodeCloses
 from kvstore.node.hlc import HybridClock
 from kvstore.node.host import Host
 from kvstore.node.store import ReadStream
@@ -41,7 +45,7 @@ from .admission import Admission
 from .config import NodeConfig
 from .metrics import Metrics
 from .reads import ReadPoint, ReplicaReads
-from .shards import ShardTracker
+from .shards import GroupCaller, ShardTracker
 
 log = logging.getLogger("kvstore.kv")
 
@@ -62,6 +66,7 @@ class KVRequests:
         reads: ReplicaReads | None = None,
         admission: Admission | None = None,
         guard: AuthGuard | None = None,
+        caller: GroupCaller | None = None,
     ) -> None:
         self.guard = guard
         """Key permissions per operation (None: no auth, as in tests of the bare service)."""
@@ -74,8 +79,18 @@ class KVRequests:
         self.metrics = metrics
         self.tracker = tracker
         self.reads = reads or ReplicaReads(host, request_timeout=cfg.request_timeout)
-        self.clock = HybridClock(lambda: time.time_ns() // 1_000_000)
-        """Proposes the revisions of this node's writes (docs/REVISIONS.md)."""
+        self.caller = caller
+        """Forwards a close to a group's leader elsewhere (None: reads at a revision that need a
+        close are served only where this node leads the group)."""
+        closes = caller.closes if caller is not None else None
+        if closes is None:
+            closes = NodeCloses(host, HybridClock(lambda: time.time_ns() // 1_000_000), wake)
+            if caller is not None:
+                caller.closes = closes  # one per node: Shard.GroupPropose's closes go through it too
+        self.closes = closes
+        self.clock = closes.clock
+        """Proposes the revisions of this node's writes (docs/REVISIONS.md); checks closes."""
+        self._forwards: set[asyncio.Task[ApplyResult]] = set()
 
     # --- validation -------------------------------------------------------------------------
     def check_key(self, key: bytes) -> None:
@@ -259,15 +274,84 @@ class KVRequests:
         """A whole read, every failure in the reply (`KV.Get`, and the stream's slow reads)."""
         try:
             self.check_key(request.key)
-            check_revision(request.revision)
+            self.check_read_revision(request.revision)
             self.allow(request.key, READ)
             gid = self.group_for(request.key)
             point = await self.read_point(gid, request.consistency, request.max_staleness_ms)
+            point = await self.closed_point(gid, request.revision, point)
             return self.get_reply(gid, request.key, point, request.revision)
         except errors.KVError as err:
             return kv_pb2.GetResponse(error=self.err(err))
         except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
             return kv_pb2.GetResponse(error=self.err(self.internal("Get", err)))
+
+    # --- reads at a revision: exact across groups (kvstore.node.closes) -----------------------
+    def check_read_revision(self, revision: int) -> None:
+        """A read's revision: 0 (now) or a positive revision no more than the clock-uncertainty
+        bound ahead of this node's clock (definite INVALID_ARGUMENT otherwise)."""
+        check_revision(revision)
+        if revision:
+            self.closes.check(revision)
+
+    def needs_close(self, gid: int, revision: int) -> bool:
+        """Is a read of `gid` at `revision` here not final yet (its applied last is below it)?"""
+        return bool(revision) and self.closes.last(gid) < revision
+
+    async def closed_point(self, gid: int, revision: int, point: ReadPoint) -> ReadPoint:
+        """`point`, or, if a read at `revision` is not final here yet, the point after closing
+        the group at `revision` through its log (and applying the close here). Definite errors
+        (a read has no effects): a close that was not confirmed in time is a TIMEOUT."""
+        if not self.needs_close(gid, revision):
+            return point
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+        def done(err: errors.KVError | None) -> None:
+            if fut.done():
+                return
+            if err is not None:
+                fut.set_exception(err)
+            else:
+                fut.set_result(None)
+
+        self.closes.ensure_closed(gid, revision, self.reads.logic, self._forward_close, done)
+        self.wake()
+        timeout = self.cfg.request_timeout
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            raise errors.Timeout(
+                f"group {gid} was not closed at revision {revision} within {timeout:g}s", indeterminate=False
+            ) from None
+        return ReadPoint(self.store.applied_index(gid), point.staleness, point.level)
+
+    def _forward_close(self, gid: int, revision: int, callback: Callable[[int, errors.KVError | None], None]) -> None:
+        """Have `gid`'s leader (elsewhere) close it at `revision` (`Shard.GroupPropose`, which
+        the leader checks against its clock and coalesces); `callback(last, err)`."""
+        if self.caller is None:
+            callback(0, errors.NoLeader(f"node {self.cfg.id} cannot reach group {gid}'s leader to close it"))
+            return
+        task = asyncio.ensure_future(
+            self.caller.propose(gid, commands.encode_close(revision), timeout=self.cfg.request_timeout)
+        )
+        self._forwards.add(task)
+
+        def finished(t: asyncio.Task[ApplyResult]) -> None:
+            self._forwards.discard(t)
+            if t.cancelled():
+                callback(0, errors.Unavailable(f"the close of group {gid} was cancelled"))
+            elif isinstance(exc := t.exception(), errors.KVError):
+                callback(0, exc)
+            elif exc is not None:
+                callback(0, self.internal("close", exc, indeterminate=False))
+            elif (res := t.result()).error:
+                callback(0, errors.InvalidArgument(f"group {gid} refused the close: {res.error}"))
+            else:
+                callback(res.revision, None)
+            self.wake()
+
+        task.add_done_callback(finished)
 
     # --- scans ------------------------------------------------------------------------------
     async def scan_once(self, request: kv_pb2.ScanRequest) -> kv_pb2.ScanResponse:
@@ -305,7 +389,7 @@ class KVRequests:
                 raise errors.KeyTooLarge(message=(
                     f"scan {name} of {len(bound)} bytes is longer than the longest key ({self.cfg.limits.max_key})"
                 ))
-        check_revision(request.revision)
+        self.check_read_revision(request.revision)
         if request.prefix:
             start, end = request.prefix, _prefix_end(request.prefix)
         else:
@@ -316,6 +400,7 @@ class KVRequests:
         if gid == 0 or gid not in self.host.groups:
             raise self.wrong_shard(f"group {gid} is not on node {self.cfg.id}")
         point = await self.read_point(gid, request.consistency, request.max_staleness_ms)
+        point = await self.closed_point(gid, request.revision, point)
         st = self.store.shard_state(gid)
         owned = st.active if st is not None else IntervalSet.full()
         try:

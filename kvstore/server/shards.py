@@ -23,11 +23,13 @@ from typing import Any
 import grpc
 
 from kvstore import errors
+from kvstore.node.closes import NodeCloses
 from kvstore.node.grouprequests import (
     check_export_request,
     check_group_request,
     check_wait_timeout,
     describe_moves,
+    is_close,
     leader_candidates,
 )
 from kvstore.node.host import Host
@@ -110,6 +112,9 @@ class GroupCaller:
         """Stamped with `node_id` on every request to another node (internal RPCs)."""
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._rng = random.Random()
+        self.closes: NodeCloses | None = None
+        """This node's closes (the node sets it): a CLOSE for a group led here goes through it,
+        coalesced with the group's other closes (None: proposed as any command)."""
 
     def stub(self, addr: str) -> shard_pb2_grpc.ShardStub:
         ch = self._channels.get(addr)
@@ -173,7 +178,9 @@ class GroupCaller:
             attempt = min(self.request_timeout, max(0.05, end - loop.time()))
             try:
                 if target == self.node_id:
-                    resp = await local_group_call(self.host, self.wake, request, attempt, self.tracker.map)
+                    resp = await local_group_call(
+                        self.host, self.wake, request, attempt, self.tracker.map, self.closes
+                    )
                 else:
                     addr = self.address(target)
                     if not addr:
@@ -261,9 +268,11 @@ class GroupCaller:
 
 async def local_group_call(
     host: Host, wake: Callable[[], None], request: shard_pb2.GroupProposeRequest, timeout: float,
-    smap: ShardMap | None,
+    smap: ShardMap | None, closes: NodeCloses | None = None,
 ) -> shard_pb2.GroupProposeResponse:
-    """Run a GroupPropose request on this node (which must lead the group); errors in the reply."""
+    """Run a GroupPropose request on this node (which must lead the group); errors in the reply.
+    A CLOSE goes through `closes` (checked against this leader's clock, coalesced; refused
+    without it)."""
     try:
         if request.group not in host.groups:
             raise errors.WrongShard(f"group {request.group} is not on this node")
@@ -277,6 +286,12 @@ async def local_group_call(
         if request.transfer:
             await transfer_leader(host, wake, request.group, request.transfer_to, timeout)
             return shard_pb2.GroupProposeResponse()
+        if is_close(request.command):
+            if closes is None:
+                raise errors.Unavailable("this node does not close groups (no clock to check a close against)")
+            at = commands.decode_command(request.command).revision
+            last = await waiters.close(closes, wake, request.group, at, timeout)
+            return shard_pb2.GroupProposeResponse(result=commands.encode_result(ApplyResult(revision=last)))
         res = await waiters.propose(host, wake, request.group, request.command, timeout)
         return shard_pb2.GroupProposeResponse(result=commands.encode_result(res) if res is not None else b"")
     except errors.KVError as err:
@@ -408,7 +423,9 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         self, request: shard_pb2.GroupProposeRequest, context: grpc.aio.ServicerContext
     ) -> shard_pb2.GroupProposeResponse:
         await self._internal(request.cluster_id, request.from_node, "Shard.GroupPropose", context)
-        return await local_group_call(self.host, self.wake, request, self.request_timeout, self.tracker.map)
+        return await local_group_call(
+            self.host, self.wake, request, self.request_timeout, self.tracker.map, self.caller.closes
+        )
 
     async def ExportRange(
         self, request: shard_pb2.ExportRangeRequest, context: grpc.aio.ServicerContext

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kvstore import errors
+from kvstore.node.closes import NodeCloses
 from kvstore.node.host import Host
 from kvstore.raft import ConfChange
 from kvstore.storage.commands import ApplyResult
@@ -73,3 +74,18 @@ async def read_point(host: Host, wake: Callable[[], None], group: int, timeout: 
     except TimeoutError:
         raise errors.Timeout(f"read not confirmed within {timeout:g}s", indeterminate=False) from None
     return index
+
+
+async def close(closes: NodeCloses, wake: Callable[[], None], group: int, revision: int, timeout: float) -> int:
+    """Close `group` (led by this node) at `revision` through its log (coalesced with other
+    closes of the group: `NodeCloses.close`); returns the group's last revision afterwards.
+    Raises a definite KVError if it was not proposed, an indeterminate Timeout if it was
+    proposed but not applied in time (closing again is harmless: closes are idempotent)."""
+    fut, done = _future()
+    closes.close(group, revision, done)
+    wake()
+    try:
+        last: int = await asyncio.wait_for(asyncio.shield(fut), timeout)
+    except TimeoutError:
+        raise errors.Timeout(f"close not applied within {timeout:g}s", indeterminate=True) from None
+    return last

@@ -84,6 +84,13 @@ def place(nodes: Sequence[int], count: int, replication: int) -> list[tuple[int,
     return out
 
 
+MAX_GROUP_ID = 4095
+"""The largest group id: revisions carry the group id in a 12-bit slot (`mvcc.MAX_GROUPS` slots,
+docs/REVISIONS.md), so a larger id would share a slot and revisions would stop being unique.
+Ids are never reused: a cluster can create groups 1..MAX_GROUP_ID over its life (the shard
+package does not import storage: `tests/unit/test_close.py` checks the two agree)."""
+
+
 @dataclass(slots=True)
 class ShardMap:
     version: int
@@ -116,6 +123,8 @@ class ShardMap:
         """The map every node of a new cluster computes identically from its flags."""
         if groups < 1:
             raise ShardMapError("a cluster needs at least one data group")
+        if groups > MAX_GROUP_ID:
+            raise ShardMapError(f"at most {MAX_GROUP_ID} data groups (group ids are revision slots)")
         if not nodes:
             raise ShardMapError("a cluster needs at least one node")
         if not 1 <= vnodes <= 4096:
@@ -171,11 +180,14 @@ class ShardMap:
 
     def check(self) -> None:
         """Raise ShardMapError unless the invariants hold: every group has at least one voter,
-        its replicas are distinct node ids >= 1 and it is below `next_group`; the ring's owners,
+        its replicas are distinct node ids >= 1 and it is below `next_group` (at most
+        `MAX_GROUP_ID` + 1); the ring's owners,
         the routes and the moves name only groups of the map; the routes cover the hash space
         exactly once."""
         if self.version < 1 or self.replication < 1:
             raise ShardMapError(f"version {self.version} / replication {self.replication} must be >= 1")
+        if self.next_group > MAX_GROUP_ID + 1:
+            raise ShardMapError(f"next_group {self.next_group} is past the last group id {MAX_GROUP_ID}")
         for g, p in self.groups.items():
             ids = p.members()
             if g != p.id or not 0 < g < self.next_group:
@@ -227,6 +239,11 @@ class ShardMap:
         """Add a data group placed on the least loaded of `nodes`; plan the moves of the ranges
         its ring points take over."""
         gid = self.next_group
+        if gid > MAX_GROUP_ID:
+            raise ShardMapError(
+                f"cannot add a group: group ids 1..{MAX_GROUP_ID} are all used (ids are never reused, and a "
+                f"group's id is its revision slot: a larger one would share a slot with group {gid % (MAX_GROUP_ID + 1)})"
+            )
         voters = self._place_new(nodes)
         groups = dict(self.groups)
         groups[gid] = GroupPlacement(gid, voters, (), voters)

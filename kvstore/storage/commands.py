@@ -13,9 +13,13 @@ Command wire format (big-endian, `struct`; never pickle or json):
     DELETE   key_len:u32  key                                 (nothing may follow)
     CAS      flags:u8 (bit 0 = expect_absent)  key_len:u32  expected_len:u32  key  expected  value
     COMPACT  revision:u64                                     (compact history at it; no key)
+    CLOSE    revision:u64                                     (close the group at it; no key,
+                                                               no session)
 
 `revision` is the leader's proposed revision for the write (`mvcc.next_revision` turns it into
-the write's revision at apply; 0 = none proposed). COMPACT carries its revision in its body.
+the write's revision at apply; 0 = none proposed). COMPACT and CLOSE carry their revision in
+their body (the header's is 0). CLOSE raises the group's last revision to its revision without
+writing (`machine.close`): once applied, the group never again writes at or below it.
 
 Session fields: `client_id` 0 means "no session" (no deduplication); otherwise (client_id, seq)
 names the request for exactly-once application, and `ack` says "the client has received replies
@@ -92,7 +96,11 @@ class Op(enum.IntEnum):
     DELETE = 2
     CAS = 3
     COMPACT = 4
+    CLOSE = 5
 
+
+_BODY_ONLY = (Op.COMPACT, Op.CLOSE)
+"""Ops whose only field is the revision in their body (no key, value, or header revision)."""
 
 _OPS = {int(o): o for o in Op}
 
@@ -119,7 +127,8 @@ class Command:
     """The highest applied index of the target group the client had seen before its first attempt
     that may have applied (0 = unknown)."""
     revision: int = 0
-    """PUT/DELETE/CAS: the leader's proposed revision (0 = none); COMPACT: the compact revision."""
+    """PUT/DELETE/CAS: the leader's proposed revision (0 = none); COMPACT: the compact revision;
+    CLOSE: the revision to close the group at."""
 
     @classmethod
     def put(
@@ -156,6 +165,12 @@ class Command:
         """Compact the group's history at `revision` (no session: compaction is idempotent)."""
         return cls(Op.COMPACT, b"", revision=revision)
 
+    @classmethod
+    def close(cls, revision: int) -> Command:
+        """Close the group at `revision`: its last revision becomes at least `revision`, so every
+        later write of the group gets a higher one (no key, no session: closing is idempotent)."""
+        return cls(Op.CLOSE, b"", revision=revision)
+
 
 @dataclass(slots=True)
 class ApplyResult:
@@ -179,7 +194,8 @@ class ApplyResult:
     earlier attempt may have been applied (indeterminate for the client)."""
     revision: int = field(default=0, compare=False)
     """The revision of the write (0: it changed nothing, e.g. a failed CAS or a delete of an
-    absent key; for a COMPACT, the revision the group compacted at). Encoded (a retry answers
+    absent key; for a COMPACT, the revision the group compacted at; for a CLOSE, the group's last
+    revision after it). Encoded (a retry answers
     the same revision), but not part of equality, like `index`: results compare by outcome."""
     index: int = field(default=0, compare=False)
     """The log index of the entry that produced this result (set by the caller that applied it;
@@ -199,13 +215,15 @@ def encode_command(cmd: Command) -> bytes:
     ):
         if not 0 <= n <= U64_MAX:
             raise ValueError(f"{name} {n} is not a 64-bit unsigned integer")
-    rev = 0 if cmd.op == Op.COMPACT else cmd.revision
+    rev = 0 if cmd.op in _BODY_ONLY else cmd.revision
     head = _HEAD.pack(
         FORMAT_VERSION, int(cmd.op), cmd.client_id, cmd.seq, cmd.ack, _RETRY if cmd.retry else 0, cmd.horizon, rev
     )
-    if cmd.op == Op.COMPACT:
-        if key or cmd.value or cmd.expected:
-            raise ValueError("COMPACT carries no key or value")
+    if cmd.op in _BODY_ONLY:
+        if key or cmd.value or cmd.expected or cmd.expect_absent:
+            raise ValueError(f"{cmd.op.name} carries no key or value")
+        if cmd.op == Op.CLOSE and (cmd.client_id or cmd.seq or cmd.ack or cmd.retry or cmd.horizon):
+            raise ValueError("CLOSE carries no session")
         return head + _U64.pack(cmd.revision)
     if cmd.op == Op.PUT:
         return b"".join((head, _U32.pack(len(key)), key, cmd.value))
@@ -254,6 +272,11 @@ def encode_compact(revision: int) -> bytes:
     return encode_command(Command.compact(revision))
 
 
+def encode_close(revision: int) -> bytes:
+    """A CLOSE of the group at `revision` (ValueError unless 0 <= revision < 2^64)."""
+    return encode_command(Command.close(revision))
+
+
 def decode_command(data: bytes) -> Command:
     """Decode a command. Raises ValueError (with a clear message) for anything malformed."""
     data = bytes(data)
@@ -294,6 +317,13 @@ def decode_command(data: bytes) -> Command:
             raise ValueError("malformed COMPACT command")
         (at,) = _U64.unpack_from(data, pos)
         return Command(Op.COMPACT, b"", client_id=client_id, seq=seq, ack=ack, retry=retry, horizon=horizon, revision=at)
+    if kind == Op.CLOSE:
+        if version != FORMAT_VERSION or n != pos + _U64.size or revision:
+            raise ValueError("malformed CLOSE command")
+        if client_id or seq or ack or retry or horizon:
+            raise ValueError("CLOSE command carries a session")
+        (at,) = _U64.unpack_from(data, pos)
+        return Command(Op.CLOSE, b"", revision=at)
     if kind == Op.CAS:
         if n < pos + _CAS.size:
             raise ValueError("CAS command truncated in its length fields")

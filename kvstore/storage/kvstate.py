@@ -34,7 +34,7 @@ from kvstore.raft.types import (
 )
 from kvstore.shard.ranges import IntervalSet, key_hash
 
-from . import mvcc
+from . import changefeed, mvcc
 from .commands import MAX_KEY_SIZE, ApplyResult, decode_result
 from .errors import SnapshotFormatError, StorageError
 from .layout import (
@@ -61,7 +61,7 @@ from .layout import (
 )
 from .machine import LIMITS, SessionHead, SessionLimits, SessionMeta, apply_data
 from .mvcc_lmdb import LmdbRows, rev_dbs
-from .shardcmd import REC_DATA, REC_FLOOR, REC_HISTORY, REC_RESULT, ShardState, encode_record
+from .shardcmd import REC_CLOSED, REC_DATA, REC_FLOOR, REC_HISTORY, REC_RESULT, ShardState, encode_record
 from .snapfile import (
     TAG_DATA,
     TAG_MEMBER,
@@ -543,6 +543,22 @@ class KVState:
 
         return st, TxnStream(reader, gen())
 
+    def changes(
+        self, group: int, lo: int, hi: int, max_events: int, max_bytes: int, prev_kv: bool
+    ) -> changefeed.ChangeBatch:
+        """The group's changes in [lo, hi] from ONE read transaction (`changefeed.read_changes`);
+        mvcc.Compacted at or below the compact revision, StorageError for a corrupt row."""
+        with self._env.read() as txn:
+            rows = LmdbRows(txn, group, rev_dbs(self._env))
+            try:
+                return changefeed.read_changes(
+                    rows, lo, hi, max_events=max_events, max_bytes=max_bytes, prev_kv=prev_kv
+                )
+            except mvcc.RevisionError as err:
+                raise StorageError(str(err)) from None
+            except ValueError as err:
+                raise StorageError(f"corrupt change log of group {group}: {err}") from None
+
     def members(self) -> dict[int, str]:
         out: dict[int, str] = {}
         with self._env.read() as txn:
@@ -603,8 +619,10 @@ class KVState:
             raise
 
         def gen() -> Iterator[tuple[bytes, int]]:
-            buf: list[bytes] = []
-            size = keys = 0
+            rows = LmdbRows(txn, group, rev_dbs(env))
+            buf: list[bytes] = [encode_record(REC_CLOSED, b"", U64.pack(_rev_state(rows).last))]
+            size = len(buf[0])
+            keys = 0
             for k, v in _iter_range(txn, env.db(DB_DATA), group, b"", None):
                 if key_hash(k) not in ranges:
                     continue
@@ -615,7 +633,6 @@ class KVState:
                 if size >= chunk_bytes:
                     yield b"".join(buf), keys
                     buf, size, keys = [], 0, 0
-            rows = LmdbRows(txn, group, rev_dbs(env))
             for k, _ in rows.iter(mvcc.T_KEYS, b"", None):
                 if key_hash(k) not in ranges:
                     continue

@@ -14,7 +14,11 @@ Semantics (deterministic: every replica computes the same result and the same ne
   session cache: a retry answers the same revision); the key's version is recorded in history.
   A failed CAS and a DELETE of an absent key change nothing and get no revision (0). A proposal
   beyond `mvcc.PROPOSAL_MAX` is refused (error result, nothing changes). COMPACT drops history
-  at or below its revision (clamped to the group's last revision; never backwards).
+  at or below its revision (clamped to the group's last revision; never backwards). CLOSE
+  raises the group's last revision to its revision (`last := max(last, R)`, writing nothing
+  else), so every later write of the group gets a revision above R: a read at R ≤ last is exact
+  forever after (docs/REVISIONS.md, "Reads at a revision"); one above `mvcc.PROPOSAL_MAX` is
+  refused (error result, nothing changes). Both carry no session.
 - Malformed command bytes change nothing and give a result with `error` set.
 - Exactly-once (client_id != 0): each client has an ack *floor* (the highest `ack` seen, capped by
   the seq that carried it). A command with seq < floor is a stale retry of a request whose reply
@@ -73,6 +77,7 @@ from . import mvcc
 from .commands import ApplyResult, Command, Op, decode_command, decode_result, encode_result
 from .mvcc_mem import MemRows
 from .shardcmd import (
+    REC_CLOSED,
     REC_DATA,
     REC_FLOOR,
     REC_HISTORY,
@@ -260,6 +265,8 @@ def execute(view: StateView, cmd: Command) -> ApplyResult:
             return ApplyResult(found=current is not None, current=current)
         if op == Op.COMPACT:
             return compact(view, cmd.revision)
+        if op == Op.CLOSE:
+            return close(view, cmd.revision)
     except mvcc.RevisionError as err:
         return ApplyResult(error=f"revision refused: {err}")
     return ApplyResult(error=f"unknown command op {op!r}")
@@ -276,6 +283,21 @@ def compact(view: StateView, revision: int) -> ApplyResult:
     if new != st:
         rows.put(mvcc.T_STATE, b"", new.encode())
     return ApplyResult(revision=new.compact)
+
+
+def close(view: StateView, revision: int) -> ApplyResult:
+    """Close the group at `revision`: last := max(last, revision) in its revision state, nothing
+    else (result revision: the group's last revision afterwards). A revision above
+    `mvcc.PROPOSAL_MAX` is refused (error result, nothing changed): a forged close must not push
+    the group to the end of the int64 range, where it could never write again."""
+    if not 0 <= revision <= mvcc.PROPOSAL_MAX:
+        return ApplyResult(error=f"close revision {revision} is out of range")
+    rows = view.mvcc
+    st = mvcc.rev_state(rows)
+    if revision <= st.last:
+        return ApplyResult(revision=st.last)
+    rows.put(mvcc.T_STATE, b"", mvcc.RevState(revision, st.compact, st.next_kid).encode())
+    return ApplyResult(revision=revision)
 
 
 def forget_history(view: StateView, ranges: IntervalSet) -> None:
@@ -328,8 +350,8 @@ def apply_command(view: StateView, cmd: Command) -> ApplyResult:
     """Apply `cmd` with exactly-once session handling (see the module docstring). Evicting
     sessions is the caller's (`apply_data`) job, after the entry."""
     cid = cmd.client_id
-    if cmd.op == Op.COMPACT:
-        return execute(view, cmd) if cid == 0 else ApplyResult(error="COMPACT takes no session")
+    if cmd.op == Op.COMPACT or cmd.op == Op.CLOSE:
+        return execute(view, cmd) if cid == 0 else ApplyResult(error=f"{cmd.op.name} takes no session")
     if cid == 0:
         st = view.shards
         if st is not None and key_hash(cmd.key) not in st.active:
@@ -405,7 +427,13 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
             return ApplyResult(error="install superseded by another installation (token mismatch)")
         records = list(iter_records(cmd.records))
         histories: dict[bytes, list[tuple[int, bytes]]] = {}
+        closed = 0
         for tag, key, value in records:  # all checks first: a refused INSTALL changes nothing
+            if tag == REC_CLOSED:
+                (at,) = U64.unpack(value)
+                if at > mvcc.PROPOSAL_MAX:
+                    return ApplyResult(error=f"install with a closed revision {at} out of range")
+                closed = max(closed, at)
             if tag == REC_HISTORY:
                 try:
                     histories[key] = mvcc.decode_versions(value)
@@ -417,11 +445,13 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
                     return ApplyResult(error="install would overwrite a served key (or a frozen one)")
                 if h not in st.installing:
                     return ApplyResult(error="install of a key outside the ranges being installed")
-        if histories:
+        if histories or closed:
             rows = view.mvcc
             rst = mvcc.rev_state(rows)
             for key, versions in histories.items():
                 rst = mvcc.install_history(rows, rst, key, versions)
+            if closed > rst.last:  # the source's closed revision: later writes here go above it
+                rst = mvcc.RevState(closed, rst.compact, rst.next_kid)
             rows.put(mvcc.T_STATE, b"", rst.encode())
         for tag, key, value in records:
             if tag == REC_DATA:

@@ -61,6 +61,10 @@ REC_FLOOR = 2
 REC_RESULT = 3
 REC_HISTORY = 4
 """A moved key's retained history (`mvcc.encode_versions`), keyed by the user key."""
+REC_CLOSED = 5
+"""The source group's last (closed) revision when it exported (empty key, value u64): the
+target's last revision is raised to it, so a read at R the source answered for a moved key
+(source last >= R) is not changed by a later write of the target (docs/REVISIONS.md)."""
 
 
 class ShardOp(enum.IntEnum):
@@ -181,13 +185,15 @@ def iter_records(data: bytes) -> Iterator[tuple[int, bytes, bytes]]:
             raise ValueError("install records truncated in a header")
         tag, kl, vl = _REC.unpack_from(data, pos)
         pos += _REC.size
-        if tag not in (REC_DATA, REC_FLOOR, REC_RESULT, REC_HISTORY) or pos + kl + vl > n:
+        if tag not in (REC_DATA, REC_FLOOR, REC_RESULT, REC_HISTORY, REC_CLOSED) or pos + kl + vl > n:
             raise ValueError("install records malformed")
         key, value = data[pos : pos + kl], data[pos + kl : pos + kl + vl]
         if tag in (REC_DATA, REC_HISTORY) and not 0 < kl <= MAX_KEY_SIZE:
             raise ValueError(f"install data key of {kl} bytes")
         if tag == REC_FLOOR and (kl != 8 or vl != 8):
             raise ValueError("install floor record is not (u64, u64)")
+        if tag == REC_CLOSED and (kl != 0 or vl != 8):
+            raise ValueError("install closed-revision record is not (empty, u64)")
         if tag == REC_RESULT:
             if kl != 16:
                 raise ValueError("install result record key is not (u64, u64)")

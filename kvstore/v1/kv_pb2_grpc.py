@@ -69,6 +69,11 @@ class KVStub:
                 request_serializer=kvstore_dot_v1_dot_kv__pb2.CompactRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kv__pb2.CompactResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.stream_stream(
+                '/kvstore.v1.KV/Watch',
+                request_serializer=kvstore_dot_v1_dot_kv__pb2.WatchRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kv__pb2.WatchResponse.FromString,
+                _registered_method=True)
 
 
 class KVServicer:
@@ -118,6 +123,13 @@ class KVServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request_iterator, context):
+        """A change feed (etcd's Watch): many watches multiplexed on one stream (see WatchRequest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +167,11 @@ def add_KVServicer_to_server(servicer, server):
                     servicer.Compact,
                     request_deserializer=kvstore_dot_v1_dot_kv__pb2.CompactRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kv__pb2.CompactResponse.SerializeToString,
+            ),
+            'Watch': grpc.stream_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=kvstore_dot_v1_dot_kv__pb2.WatchRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kv__pb2.WatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -346,6 +363,33 @@ class KV:
             '/kvstore.v1.KV/Compact',
             kvstore_dot_v1_dot_kv__pb2.CompactRequest.SerializeToString,
             kvstore_dot_v1_dot_kv__pb2.CompactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kvstore.v1.KV/Watch',
+            kvstore_dot_v1_dot_kv__pb2.WatchRequest.SerializeToString,
+            kvstore_dot_v1_dot_kv__pb2.WatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

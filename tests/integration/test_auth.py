@@ -55,6 +55,8 @@ def request_for(path: str, who: str) -> Any:
         return cls(op=Op.ROLE_ADD, role=f"table-{who}")
     if cls is kv_pb2.OpBatch:
         return kv_pb2.OpBatch(ops=[kv_pb2.Op(id=1, put=kv_pb2.PutRequest(key=b"data/t", value=b"v"))])
+    if cls is kv_pb2.WatchRequest:
+        return cls(create_request=kv_pb2.WatchCreateRequest(key=b"data/t", watch_id=1))
     if cls is kv_pb2.ScanRequest:
         return kv_pb2.ScanRequest(prefix=b"data/", group=1)
     if cls is shard_pb2.GroupProposeRequest:
@@ -80,9 +82,17 @@ async def call(ch: grpc.aio.Channel, path: str, token: str | None, who: str) -> 
     md = bearer(token)
     try:
         if m.client_streaming and m.server_streaming:
+            answered = asyncio.Event()
+
             async def one() -> AsyncIterator[Any]:
                 yield req
-            responses = [r async for r in ch.stream_stream(path, ser, de)(one(), metadata=md, timeout=10)]
+                if isinstance(req, kv_pb2.WatchRequest):  # the stream ends once no watch is left
+                    await answered.wait()
+                    yield kv_pb2.WatchRequest(cancel_request=kv_pb2.WatchCancelRequest(watch_id=1))
+            responses = []
+            async for r in ch.stream_stream(path, ser, de)(one(), metadata=md, timeout=10):
+                responses.append(r)
+                answered.set()
         elif m.client_streaming:
             async def one_u() -> AsyncIterator[Any]:
                 yield req

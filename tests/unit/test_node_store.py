@@ -37,6 +37,7 @@ from kvstore.storage.errors import (
 )
 from kvstore.storage.machine import SessionLimits
 from kvstore.storage.shardcmd import (
+    REC_CLOSED,
     REC_DATA,
     REC_FLOOR,
     REC_HISTORY,
@@ -241,7 +242,8 @@ def test_shard_commands_export_and_drop(make: Callable[..., Any]) -> None:
     assert data == sorted(k for k in keys if key_hash(k) in HALF) and counts == len(data)
     hist = {k: mvcc.decode_versions(v) for t, k, v in recs if t == REC_HISTORY}
     assert sorted(hist) == data and all(len(v) == 1 for v in hist.values())  # each key's one version
-    assert [t for t, _, _ in recs if t not in (REC_DATA, REC_HISTORY)] == [REC_FLOOR, REC_RESULT]  # one session
+    # the source's closed revision first, then one session
+    assert [t for t, _, _ in recs if t not in (REC_DATA, REC_HISTORY)] == [REC_CLOSED, REC_FLOOR, REC_RESULT]
     append(s, 1, [cmds.encode_compact(mvcc.REVISION_MAX)])
     apply_all(s, 1)
     assert s.shard_state(1) == st  # compaction keeps each key's current version: moves still carry it

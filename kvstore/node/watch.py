@@ -1,0 +1,648 @@
+"""The watch hub: change feeds of key ranges across groups, merged in revision order. Sans-I/O.
+
+Synchronous and deterministic (no clock: `now` is handed in; no I/O but the store's reads, made
+only from `WatchHub.step`), so the simulator can run it as the server does. The gRPC adapter
+(`server/watch_service.py`) feeds a `WatchStream` the client's requests and sends what `take`
+returns; the node's Ready loop calls `applied` with the groups each cycle applied to and then
+`step`.
+
+How a watch is served:
+- **Groups.** A watch of one key covers the group its hash maps to; any other range covers every
+  data group (keys are spread by hash). This node must host all of them (any replica: leader,
+  follower or learner, since it reads its own applied state); otherwise the create is refused
+  with a definite WRONG_SHARD naming the groups. Node-to-node feeds are not built.
+- **The frontier.** A group's last revision `RevState.last`, as applied here, is closed: every
+  later write of the group gets a higher revision (the apply rule; CLOSE raises it without a
+  write). So a watcher may send every event at or below F = min over its groups of their last
+  revision, and nothing at or below F can appear later: events go out in revision order, each
+  once. `lagging_groups` names the idle groups that hold a frontier back, for the node to close.
+- **One reader for catch-up and live.** A watcher is a cursor `next_rev` into its groups' change
+  logs (`storage/changefeed.py`): each step reads [next_rev, F] (bounded: whole revisions, at most
+  `read_events` per group), merges by revision, filters by key range and kind, queues the events
+  in replies (a revision never split; `revision` = everything at or below it sent), and moves
+  next_rev past it. Watchers at the same position share the step's reads. A start revision at or
+  below a group's compact revision (or a cursor that compaction overtook) is canceled with
+  COMPACTED naming it: definite, never a silent gap.
+- **Bounded memory.** A stream's queued replies are bounded (`stream_bytes`): above it the hub
+  stops reading for it (its watchers fall behind and catch up from history when it drains). A
+  stream that stays full for `slow_after` seconds, and the stream with the most queued bytes
+  while all streams together exceed `node_bytes`, have their watches canceled (RESOURCE_EXHAUSTED,
+  "slow watcher") with their queued events dropped and `resume_revision` = the first revision
+  not handed to the transport. Watchers per stream and per node are capped; requests beyond are
+  refused, definite.
+- **Range moves.** When a covered group's shard state changes (a move's FREEZE, INSTALL,
+  ACTIVATE or DROP: the map under the watch changes) or the group leaves this node, its watchers
+  are canceled with WRONG_SHARD ("range moved") and `resume_revision` = next_rev (every event
+  below it is queued before the cancel); a create while a covered group has frozen or
+  installing ranges is refused the same way, to be retried. The client resumes transparently.
+  A moved range's history keeps its revisions and its change-log rows in the target
+  (`mvcc.install_history`), so the resumed watch catches up there.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kvstore import errors
+from kvstore.shard.ranges import IntervalSet, key_hash
+from kvstore.storage import mvcc
+from kvstore.storage.changefeed import PUT, Change, ChangeBatch
+from kvstore.storage.errors import StorageError
+from kvstore.storage.shardcmd import ShardState
+
+from .watchspec import Reply, WatchSpec
+
+SLOW = "slow watcher: its stream did not take the events sent to it in time; resume at resume_revision"
+MOVED = "range moved: the groups serving the watched range changed; resume at resume_revision"
+
+
+@dataclass(frozen=True, slots=True)
+class WatchLimits:
+    """Bounds of the hub (per node; every bound holds against hostile clients)."""
+
+    watchers_per_stream: int = 1024
+    watchers_per_node: int = 16384
+    stream_bytes: int = 4 << 20
+    """Queued replies of one stream; the hub reads nothing more for it above this."""
+    node_bytes: int = 64 << 20
+    """Queued replies of all streams; above it the fullest stream's watches are canceled."""
+    requests_per_stream: int = 256
+    """Requests queued on a stream before `step` handles them (the adapter waits above it)."""
+    reply_bytes: int = 1 << 20
+    """Events per reply (about; a revision is never split over replies)."""
+    read_events: int = 1024
+    """Changes read per group per watcher per step."""
+    step_events: int = 2048
+    """Changes read per step in all; the rest waits for the next step (`step` returns True)."""
+    slow_after: float = 10.0
+    """Seconds a stream may stay full before its watches are canceled."""
+    progress_interval: float = 1.0
+    """A quiet watcher with progress_notify gets a progress reply this often."""
+    close_interval: float = 0.1
+    """How often the node closes the groups `lagging_groups` names (the driver's period)."""
+    close_idle: float = 0.05
+    """A group that applied a change this recently is not named by `lagging_groups` (it is likely
+    to pass the others by itself with its next write)."""
+
+
+class WatchSource(Protocol):
+    """What the hub reads: the applied state of the groups on this node (`StoreSource`)."""
+
+    def rev_state(self, group: int) -> mvcc.RevState: ...
+
+    def changes(self, group: int, lo: int, hi: int, max_events: int, max_bytes: int, prev_kv: bool) -> ChangeBatch: ...
+
+    def shard_state(self, group: int) -> ShardState | None: ...
+
+
+class StoreSource:
+    """A `NodeStore` as a `WatchSource`."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: _Store) -> None:
+        self._store = store
+
+    def rev_state(self, group: int) -> mvcc.RevState:
+        return self._store.revisions.rev_state(group)
+
+    def changes(self, group: int, lo: int, hi: int, max_events: int, max_bytes: int, prev_kv: bool) -> ChangeBatch:
+        return self._store.revisions.changes(group, lo, hi, max_events, max_bytes, prev_kv)
+
+    def shard_state(self, group: int) -> ShardState | None:
+        return self._store.shard_state(group)
+
+
+class _Revisions(Protocol):
+    def rev_state(self, group: int) -> mvcc.RevState: ...
+
+    def changes(self, group: int, lo: int, hi: int, max_events: int, max_bytes: int, prev_kv: bool) -> ChangeBatch: ...
+
+
+class _Store(Protocol):
+    @property
+    def revisions(self) -> _Revisions: ...
+
+    def shard_state(self, group: int) -> ShardState | None: ...
+
+
+@dataclass(slots=True)
+class Watcher:
+    """One watch. Invariant: every matching event below `next_rev` is queued or sent; every reply
+    the adapter took says everything at or below `delivered` is sent."""
+
+    id: int
+    spec: WatchSpec
+    groups: tuple[int, ...]
+    shards: dict[int, ShardState | None]
+    next_rev: int
+    delivered: int
+    last_reply: float
+
+
+@dataclass(slots=True)
+class _Create:
+    spec: WatchSpec
+    groups: tuple[int, ...]
+    watch_id: int
+
+
+@dataclass(slots=True)
+class _Cancel:
+    watch_id: int
+
+
+class _Progress:
+    pass
+
+
+_Request = _Create | _Cancel | _Progress
+
+
+class WatchStream:
+    """One client stream: its watchers, its queue of replies (`take`), its pending requests."""
+
+    def __init__(self, hub: WatchHub, sid: int) -> None:
+        self.hub = hub
+        self.id = sid
+        self.watchers: dict[int, Watcher] = {}
+        self.outbox: deque[tuple[Reply, Watcher | None]] = deque()
+        self.bytes = 0
+        self.requests: deque[_Request] = deque()
+        self.next_id = 1
+        self.stalled_since: float | None = None
+        self.closed = False
+        self.on_reply: Callable[[], None] | None = None
+        """Called whenever a reply is queued (the adapter wakes its sender)."""
+
+    # --- requests (the adapter; handled by the next `step`) ----------------------------------
+    def create(self, spec: WatchSpec, groups: Sequence[int], watch_id: int = 0) -> None:
+        """Ask for a watch of `spec` over `groups` (the data groups its range may live in) with the
+        client's id (0: one is assigned). Answered by a created or a canceled reply."""
+        self._queue(_Create(spec, tuple(sorted(set(groups))), watch_id))
+
+    def cancel(self, watch_id: int) -> None:
+        self._queue(_Cancel(watch_id))
+
+    def progress(self) -> None:
+        """A progress reply for every watch of the stream."""
+        self._queue(_Progress())
+
+    def refuse(self, watch_id: int, err: errors.KVError) -> None:
+        """Answer a create the adapter refused (permission, malformed fields): canceled, definite."""
+        self._put(Reply(watch_id, canceled=True, cancel_reason=err.message, error=err,
+                        compact_revision=getattr(err, "compact_revision", 0)), None)
+
+    def _queue(self, r: _Request) -> None:
+        if not self.closed:
+            self.requests.append(r)
+            self.hub._has_requests = True
+
+    @property
+    def busy(self) -> bool:
+        """The adapter should read no more requests until replies are taken / requests handled."""
+        lim = self.hub.limits
+        return self.bytes >= lim.stream_bytes or len(self.requests) >= lim.requests_per_stream
+
+    # --- replies ------------------------------------------------------------------------------
+    def take(self, max_replies: int = 64) -> list[Reply]:
+        """The next queued replies, in order (handed to the transport)."""
+        out: list[Reply] = []
+        hub = self.hub
+        if self.bytes >= hub.limits.stream_bytes:
+            hub._work = True  # it may drain below the bound: the hub reads for it again
+        while self.outbox and len(out) < max_replies:
+            r, w = self.outbox.popleft()
+            self.bytes -= r.size
+            hub.pending_bytes -= r.size
+            if w is not None and r.revision > w.delivered:
+                w.delivered = r.revision
+            out.append(r)
+        return out
+
+    def _put(self, r: Reply, w: Watcher | None) -> None:
+        self.outbox.append((r, w))
+        self.bytes += r.size
+        self.hub.pending_bytes += r.size
+        if self.on_reply is not None:
+            self.on_reply()
+
+    def close(self) -> None:
+        """The client went away: forget its watchers and replies."""
+        if self.closed:
+            return
+        self.closed = True
+        hub = self.hub
+        for w in list(self.watchers.values()):
+            hub._forget(self, w)
+        hub.pending_bytes -= self.bytes
+        self.bytes = 0
+        self.outbox.clear()
+        self.requests.clear()
+        hub.streams.pop(self.id, None)
+
+
+class WatchHub:
+    """Every watch stream of a node (see the module docstring)."""
+
+    def __init__(self, source: WatchSource, hosts: Callable[[int], bool], limits: WatchLimits | None = None) -> None:
+        self.source = source
+        self.hosts = hosts
+        self.limits = limits or WatchLimits()
+        self.streams: dict[int, WatchStream] = {}
+        self.pending_bytes = 0
+        """Bytes queued in all streams' outboxes."""
+        self.count = 0
+        """Watchers on this node."""
+        self.last: dict[int, int] = {}
+        """Watched group -> its last revision as applied here (the frontier's inputs)."""
+        self.changed_at: dict[int, float] = {}
+        """Watched group -> when its last revision last changed (or it became watched)."""
+        self.watching: dict[int, list[tuple[WatchStream, Watcher]]] = {}
+        self._dirty: set[int] = set()
+        self._has_requests = False
+        self._work = False
+        """Something may let a watcher move: a frontier moved, a watch was created, a step left
+        work, a full stream drained. Without it (and before `_next_pass`) a step skips the
+        watchers: a thousand idle watches cost nothing per Ready cycle."""
+        self._next_pass = 0.0
+        """When the next full pass is due anyway (progress replies, slow streams)."""
+        self._sid = 0
+        self._rr = 0
+        self.canceled_slow = 0
+        self.canceled_moved = 0
+
+    # --- inputs ---------------------------------------------------------------------------------
+    def open(self) -> WatchStream:
+        self._sid += 1
+        s = self.streams[self._sid] = WatchStream(self, self._sid)
+        return s
+
+    def applied(self, groups: Iterable[int]) -> None:
+        """A cycle applied entries (or installed a snapshot) in `groups`: the next step looks at
+        their revision and shard state again. Costs nothing for unwatched groups."""
+        w = self.watching
+        for g in groups:
+            if g in w:
+                self._dirty.add(g)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to do: no watcher, no request."""
+        return not self.watching and not self._has_requests
+
+    # --- the step -------------------------------------------------------------------------------
+    def step(self, now: float) -> bool:
+        """Handle queued requests, look at the groups that applied, move every watcher forward
+        within the bounds. Returns True if a watcher still has events to read (step again soon)."""
+        if self.idle:
+            return False
+        hosts = self.hosts
+        for g in self.watching:
+            if not hosts(g):  # the group left this node (no apply will say so)
+                self._dirty.add(g)
+        for g in sorted(self._dirty):
+            self._refresh(g, now)
+        self._dirty.clear()
+        if self._has_requests:
+            self._has_requests = False
+            for s in list(self.streams.values()):
+                if not s.requests:
+                    continue
+                while s.requests:
+                    self._handle(s, s.requests.popleft(), now)
+                if s.on_reply is not None:
+                    s.on_reply()  # its queue of requests has room again (even if nothing was queued)
+        lim = self.limits
+        if not self._work and now < self._next_pass:
+            return False
+        self._work = False
+        self._next_pass = now + lim.progress_interval / 4
+        budget = [lim.step_events]
+        cache = _StepCache()
+        more = False
+        streams = list(self.streams.values())
+        if streams:
+            self._rr = (self._rr + 1) % len(streams)
+            streams = streams[self._rr:] + streams[: self._rr]
+        for s in streams:
+            if s.bytes >= lim.stream_bytes:
+                if s.stalled_since is None:
+                    s.stalled_since = now
+                elif now - s.stalled_since >= lim.slow_after:
+                    self._cancel_all(s, SLOW)
+                continue
+            s.stalled_since = None
+            for w in list(s.watchers.values()):
+                if budget[0] <= 0 or s.bytes >= lim.stream_bytes:
+                    more = True
+                    break
+                while self._advance(s, w, now, cache, budget):
+                    if budget[0] <= 0 or s.bytes >= lim.stream_bytes or s.watchers.get(w.id) is not w:
+                        more = True
+                        break
+                if (w.spec.progress_notify and s.watchers.get(w.id) is w and now - w.last_reply >= lim.progress_interval
+                        and s.bytes < lim.stream_bytes):
+                    self._reply(s, w, Reply(w.id, revision=w.next_rev - 1), now)
+        while self.pending_bytes > lim.node_bytes:
+            fullest = max(self.streams.values(), key=lambda x: x.bytes, default=None)
+            if fullest is None or not fullest.watchers:
+                break
+            self._cancel_all(fullest, SLOW)
+        if more:
+            self._work = True
+        return more
+
+    def lagging_groups(self, now: float) -> dict[int, int]:
+        """Quiet groups (last revision unchanged for `close_idle`) that hold some watcher's
+        frontier below another of its groups' last revision: group -> that revision. Closing the
+        group at (at least) it lets the watcher's events out."""
+        out: dict[int, int] = {}
+        wait = self.limits.close_idle
+        last, changed = self.last, self.changed_at
+        for s in self.streams.values():
+            for w in s.watchers.values():
+                if len(w.groups) < 2:
+                    continue
+                top = max(last[g] for g in w.groups)
+                for g in w.groups:
+                    if last[g] < top and now - changed[g] >= wait and out.get(g, 0) < top:
+                        out[g] = top
+        return out
+
+    # --- requests -------------------------------------------------------------------------------
+    def _handle(self, s: WatchStream, r: _Request, now: float) -> None:
+        if isinstance(r, _Create):
+            self._create(s, r, now)
+        elif isinstance(r, _Cancel):
+            w = s.watchers.get(r.watch_id)
+            if w is None:
+                s.refuse(r.watch_id, errors.InvalidArgument(f"no watch {r.watch_id} on this stream"))
+                return
+            self._forget(s, w)
+            s._put(Reply(w.id, revision=w.next_rev - 1, canceled=True, cancel_reason="canceled by the client"), None)
+        else:
+            for w in s.watchers.values():
+                self._reply(s, w, Reply(w.id, revision=w.next_rev - 1), now)
+
+    def _create(self, s: WatchStream, r: _Create, now: float) -> None:
+        lim = self.limits
+        wid = r.watch_id
+        if wid < 0:
+            s.refuse(wid, errors.InvalidArgument(f"watch id {wid} is negative"))
+            return
+        if wid == 0:
+            while s.next_id in s.watchers:
+                s.next_id += 1
+            wid = s.next_id
+            s.next_id += 1
+        elif wid in s.watchers:
+            s.refuse(wid, errors.InvalidArgument(f"watch id {wid} is already in use on this stream"))
+            return
+        if len(s.watchers) >= lim.watchers_per_stream or self.count >= lim.watchers_per_node:
+            s.refuse(wid, errors.ResourceExhausted(
+                f"too many watches (at most {lim.watchers_per_stream} per stream, {lim.watchers_per_node} per node)"))
+            return
+        if not r.groups:
+            s.refuse(wid, errors.WrongShard("the watched range lies in no data group (no shard map yet?)"))
+            return
+        missing = [g for g in r.groups if not self.hosts(g)]
+        if missing:
+            s.refuse(wid, errors.WrongShard(
+                f"this node does not host group(s) {_names(missing)} of the watched range (it needs groups "
+                f"{_names(r.groups)}); watch at a node that hosts them all"))
+            return
+        src = self.source
+        shards: dict[int, ShardState | None] = {}
+        states: dict[int, mvcc.RevState] = {}
+        try:
+            for g in r.groups:
+                sh = shards[g] = src.shard_state(g)
+                if sh is not None and (sh.frozen or sh.installing):
+                    s.refuse(wid, errors.WrongShard(f"a range of group {g} is moving: watch again once it moved"))
+                    return
+                if sh is not None and r.spec.single_key and key_hash(r.spec.start) not in sh.active:
+                    s.refuse(wid, errors.WrongShard(f"group {g} does not serve the key (it moved)"))
+                    return
+                states[g] = src.rev_state(g)
+        except StorageError as err:
+            s.refuse(wid, errors.Unavailable(f"cannot read the watched groups here: {err}"))
+            return
+        if not r.spec.single_key and all(sh is not None for sh in shards.values()):
+            served = IntervalSet()
+            for sh in shards.values():
+                assert sh is not None
+                served = served.union(sh.active)
+            if not served.is_full():  # the map here lags a group that serves part of the range
+                s.refuse(wid, errors.WrongShard(
+                    f"groups {_names(r.groups)} do not serve every key here (this node's shard map is behind)"))
+                return
+        for g, st in states.items():
+            if g not in self.last:
+                self.changed_at[g] = now
+            if self.last.get(g) != st.last:
+                self.last[g] = st.last
+        start = r.spec.start_revision
+        compact = max(st.compact for st in states.values())
+        if not start:
+            start = max(min(self.last[g] for g in r.groups), compact) + 1
+        elif start <= mvcc.LEGACY_REVISION:
+            # Revision 1 holds the versions written before revisions existed (one row per such
+            # key, all at 1, recorded lazily): the state before history began, not changes.
+            start = mvcc.LEGACY_REVISION + 1
+        if start <= compact:
+            s.refuse(wid, errors.Compacted(
+                f"watch start revision {start} is compacted: the compact revision is {compact} "
+                f"(watch from {compact + 1} or later)", compact_revision=compact))
+            return
+        w = Watcher(wid, r.spec, r.groups, shards, start, start - 1, now)
+        s.watchers[wid] = w
+        self.count += 1
+        self._work = True
+        for g in r.groups:
+            self.watching.setdefault(g, []).append((s, w))
+        self._reply(s, w, Reply(wid, revision=start - 1, created=True), now)
+
+    # --- moving forward -------------------------------------------------------------------------
+    def _advance(self, s: WatchStream, w: Watcher, now: float, cache: _StepCache, budget: list[int]) -> bool:
+        """Queue `w`'s events in [next_rev, frontier] (bounded). True if more remain. Watchers of
+        the same spec, groups and position share one merge (`cache.merged`): a thousand watches
+        of one prefix cost one read and one merge per step, and a reply each."""
+        last = self.last
+        hi = min(last[g] for g in w.groups)
+        lo = w.next_rev
+        if hi < lo:
+            return False
+        mk = (w.groups, lo, hi, w.spec)
+        done = cache.merged.get(mk)
+        if done is not None:
+            events, upto, size = done
+            w.next_rev = upto + 1
+            if events:
+                self._queue_events(s, w, events, upto, now, size)
+            return upto < hi
+        lim = self.limits
+        prev = w.spec.prev_kv
+        batches: list[ChangeBatch] = []
+        for g in w.groups:
+            k = (g, lo, hi, prev)
+            b = cache.reads.get(k)
+            if b is None:
+                try:
+                    b = self.source.changes(g, lo, hi, lim.read_events, lim.reply_bytes, prev)
+                except mvcc.Compacted as err:
+                    self._cancel(s, w, errors.Compacted(
+                        f"the watch fell behind compaction in group {g}: the compact revision is "
+                        f"{err.compact_revision}", compact_revision=err.compact_revision), resumable=False)
+                    return False
+                except StorageError as err:
+                    self._cancel(s, w, errors.Unavailable(f"reading group {g}'s changes failed here: {err}"))
+                    return False
+                cache.reads[k] = b
+                budget[0] -= len(b.changes)
+            batches.append(b)
+        upto = min(b.upto for b in batches)
+        spec = w.spec
+        lists = [[c for c in b.changes if c.revision <= upto and spec.matches(c.key) and _wanted(spec, c)]
+                 for b in batches]
+        events = lists[0] if len(lists) == 1 else list(heapq.merge(*lists, key=_rev))
+        size = sum(c.size() for c in events)
+        cache.merged[mk] = (events, upto, size)
+        w.next_rev = upto + 1
+        if events:
+            self._queue_events(s, w, events, upto, now, size)
+        return upto < hi
+
+    def _queue_events(self, s: WatchStream, w: Watcher, events: list[Change], upto: int, now: float,
+                      total: int) -> None:
+        """Replies of at most about `reply_bytes` of events each, a revision never split; the
+        last one says `upto`. (`events` may be shared with other watchers: never changed.)"""
+        cap = self.limits.reply_bytes
+        if total + 64 <= cap:
+            self._reply(s, w, Reply(w.id, revision=upto, events=events, size=64 + total), now)
+            return
+        cur: list[Change] = []
+        size = 64
+        for c in events:
+            if cur and c.revision != cur[-1].revision and size >= cap:
+                self._reply(s, w, Reply(w.id, revision=cur[-1].revision, events=cur, size=size), now)
+                cur, size = [], 64
+            cur.append(c)
+            size += c.size()
+        self._reply(s, w, Reply(w.id, revision=upto, events=cur, size=size), now)
+
+    def _reply(self, s: WatchStream, w: Watcher, r: Reply, now: float) -> None:
+        s._put(r, w)
+        w.last_reply = now
+
+    # --- cancels --------------------------------------------------------------------------------
+    def _refresh(self, g: int, now: float) -> None:
+        """Group `g` applied something: its frontier, and whether its shard state (a range move)
+        or its presence here changed under its watchers."""
+        if g not in self.watching:
+            return
+        src = self.source
+        if not self.hosts(g):
+            err: errors.KVError = errors.WrongShard(f"group {g} left this node; {MOVED}")
+            for s, w in list(self.watching.get(g, ())):
+                self.canceled_moved += 1
+                self._cancel(s, w, err)
+            return
+        try:
+            st = src.rev_state(g)
+            sh = src.shard_state(g)
+        except StorageError as err2:
+            for s, w in list(self.watching.get(g, ())):
+                self._cancel(s, w, errors.Unavailable(f"reading group {g} failed here: {err2}"))
+            return
+        if self.last.get(g) != st.last:
+            self.last[g] = st.last
+            self.changed_at[g] = now
+            self._work = True
+        for s, w in list(self.watching.get(g, ())):
+            if w.shards.get(g) != sh:
+                self.canceled_moved += 1
+                self._cancel(s, w, errors.WrongShard(f"group {g}: {MOVED}"))
+
+    def cancel_everything(self, err: errors.KVError) -> None:
+        """Cancel every watch of the node with `err`, resumable, dropping queued events (the
+        driver's answer to an unexpected failure of a step: the watchers start again, nothing
+        else of the node is affected)."""
+        self._dirty.clear()
+        for s in list(self.streams.values()):
+            s.requests.clear()
+            for w in list(s.watchers.values()):
+                self._cancel(s, w, err, drop=True)
+
+    def _cancel_all(self, s: WatchStream, reason: str) -> None:
+        """Cancel every watch of a slow stream, dropping its queued events (bounded memory)."""
+        for w in list(s.watchers.values()):
+            self.canceled_slow += 1
+            self._cancel(s, w, errors.ResourceExhausted(reason), drop=True)
+
+    def _cancel(self, s: WatchStream, w: Watcher, err: errors.KVError, *, resumable: bool = True,
+                drop: bool = False) -> None:
+        """Cancel `w` with `err` (definite). Resumable: at `next_rev` (its events below it are
+        queued ahead of the cancel), or with `drop`, at `delivered` + 1 after removing its
+        queued replies."""
+        self._forget(s, w)
+        if drop:
+            keep: deque[tuple[Reply, Watcher | None]] = deque()
+            for r, ww in s.outbox:
+                if ww is w:
+                    s.bytes -= r.size
+                    self.pending_bytes -= r.size
+                else:
+                    keep.append((r, ww))
+            s.outbox = keep
+            resume = w.delivered + 1
+        else:
+            resume = w.next_rev
+        s._put(Reply(w.id, revision=resume - 1, canceled=True, cancel_reason=err.message, error=err,
+                     resume_revision=resume if resumable else 0,
+                     compact_revision=getattr(err, "compact_revision", 0)), None)
+
+    def _forget(self, s: WatchStream, w: Watcher) -> None:
+        if s.watchers.pop(w.id, None) is None:
+            return
+        self.count -= 1
+        for g in w.groups:
+            lst = self.watching.get(g)
+            if lst is None:
+                continue
+            lst[:] = [(ss, ww) for ss, ww in lst if ww is not w]
+            if not lst:
+                del self.watching[g]
+                self.last.pop(g, None)
+                self.changed_at.pop(g, None)
+                self._dirty.discard(g)
+
+
+@dataclass(slots=True)
+class _StepCache:
+    """What one step read and merged, shared by the watchers at the same position."""
+
+    reads: dict[tuple[int, int, int, bool], ChangeBatch] = field(default_factory=dict)
+    merged: dict[tuple[tuple[int, ...], int, int, WatchSpec], tuple[list[Change], int, int]] = field(
+        default_factory=dict)
+
+
+def _rev(c: Change) -> int:
+    return c.revision
+
+
+def _wanted(spec: WatchSpec, c: Change) -> bool:
+    if c.kind == PUT:
+        return not spec.no_put
+    return not spec.no_delete
+
+
+def _names(groups: Iterable[int]) -> str:
+    return ", ".join(str(g) for g in groups)
+
+
+__all__ = ["MOVED", "SLOW", "StoreSource", "WatchHub", "WatchLimits", "WatchSource", "WatchStream", "Watcher"]

@@ -1,0 +1,260 @@
+"""`KV.Watch`: the gRPC adapter of the node's watch hub (`kvstore/node/watch.py`). Thin: it
+turns requests into hub calls and the hub's replies into `WatchResponse`s; all watch logic
+(frontier, catch-up, bounds, cancels) is in the hub.
+
+Per stream:
+- a create is checked here for what needs the call: the caller's RBAC read permission on the
+  whole watched range (PERMISSION_DENIED, definite) and, with a rate limit, one token of the
+  caller's bucket (RESOURCE_EXHAUSTED with a retry-after); its groups come from this node's
+  shard map (one key: its group; a range: every data group); the hub does the rest;
+- the stream reads no more requests while the hub says it is busy (replies not taken, or too
+  many requests queued): gRPC flow control pushes back on the client;
+- replies are sent in order; a stream opened with a token re-checks it before each batch of
+  replies and ends UNAUTHENTICATED once it expired or was revoked;
+- a stream whose client closed its side keeps serving its watches (as etcd's does) and ends
+  once none is left; when the call ends, the stream's watchers are forgotten.
+
+`WatchDriver` is the node side of the hub's timing: `after_cycle` (the groups a Ready cycle
+applied to, then a step) from the Ready loop, and `closer` (a task) that closes the idle groups
+holding a watcher's frontier back (`lagging_groups`) every `close_interval` (100 ms), through
+`kvstore.node.closes` (locally if this node leads the group, else via its leader). Each such
+close is one Raft entry of the group (an fsync on each replica) per interval, only while a
+watcher waits on it, and it keeps the group from quiescing meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from kvstore import errors
+from kvstore.node.host import Host
+from kvstore.node.store import ApplyBatch, GroupWrite
+from kvstore.node.watch import WatchHub, WatchStream
+from kvstore.node.watchspec import Reply, WatchSpec
+from kvstore.raft import Role
+from kvstore.security.guard import credential_of_call
+from kvstore.security.identity import identity_of_call
+from kvstore.security.rbac import READ
+from kvstore.storage import mvcc
+from kvstore.storage.changefeed import PUT, Change
+from kvstore.v1 import kv_pb2
+
+from .admission import rate_key
+from .requests import KVRequests
+
+log = logging.getLogger("kvstore.watch")
+
+_NOPUT = kv_pb2.WatchCreateRequest.NOPUT
+_NODELETE = kv_pb2.WatchCreateRequest.NODELETE
+
+
+class WatchService:
+    """The `KV.Watch` handler of one node (used by `KVService.Watch`)."""
+
+    def __init__(self, rq: KVRequests, hub: WatchHub) -> None:
+        self.rq = rq
+        self.hub = hub
+        self.node_id = rq.cfg.id
+        self._shared: tuple[list[Change], kv_pb2.WatchResponse] | None = None
+        """The events list last turned into protobuf, and the response holding them."""
+
+    async def watch(self, requests: AsyncIterator[kv_pb2.WatchRequest], context: Any) -> AsyncIterator[kv_pb2.WatchResponse]:
+        rq = self.rq
+        s = self.hub.open()
+        out = asyncio.Event()
+        room = asyncio.Event()
+        s.on_reply = out.set
+        adm = rq.admission
+        limited = adm is not None and adm.limiter is not None
+        bucket = (rate_key(identity_of_call(), context) or "") if limited else ""
+        cred = credential_of_call() if rq.guard is not None else None
+        cred = cred if cred is not None and cred.key else None
+        reading = True
+
+        async def read() -> None:
+            nonlocal reading
+            try:
+                async for req in requests:
+                    kind = req.WhichOneof("request_union")
+                    if kind == "create_request":
+                        self._create(s, req.create_request, bucket if limited else None)
+                    elif kind == "cancel_request":
+                        s.cancel(req.cancel_request.watch_id)
+                    elif kind == "progress_request":
+                        s.progress()
+                    rq.wake()
+                    while s.busy and not s.closed:
+                        room.clear()
+                        await room.wait()
+            finally:
+                reading = False
+                out.set()
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while True:
+                replies = s.take()
+                if not s.busy:
+                    room.set()
+                if not replies:
+                    if not reading and not s.watchers and not s.requests:
+                        break  # half-closed by the client, and nothing left to watch or answer
+                    out.clear()
+                    await out.wait()
+                    continue
+                if cred is not None and rq.guard is not None:
+                    try:
+                        rq.guard.recheck(cred)
+                    except errors.Unauthenticated as err:
+                        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"KV.Watch: {err.message}")
+                if self.hub.watching:
+                    rq.wake()  # the hub may read more for this stream now
+                for r in replies:
+                    yield self.response(r)
+        finally:
+            s.close()
+            room.set()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+    def _create(self, s: WatchStream, c: kv_pb2.WatchCreateRequest, bucket: str | None) -> None:
+        """Check a create (fields, permission, rate) and hand it to the hub; a refusal is its
+        reply (definite)."""
+        rq = self.rq
+        try:
+            spec = WatchSpec.make(
+                c.key, c.range_end, c.prefix, c.start_revision, prev_kv=c.prev_kv, progress_notify=c.progress_notify,
+                no_put=_NOPUT in c.filters, no_delete=_NODELETE in c.filters, max_key=rq.cfg.limits.max_key,
+            )
+            if rq.guard is not None:
+                rq.guard.check_range(spec.start, spec.end, READ)
+            if bucket is not None and rq.admission is not None:
+                k, after = rq.admission.admit(bucket, 1)
+                if not k:
+                    raise errors.ResourceExhausted(
+                        f"rate limit exceeded: retry after {errors.retry_after_ms(after)} ms", retry_after=after)
+            m = rq.tracker.map
+            if m is None:
+                raise errors.NoLeader("this node has no shard map yet")
+            groups = [m.group_for_key(spec.start)] if spec.single_key else m.data_groups()
+        except errors.KVError as err:
+            s.refuse(c.watch_id, err)
+            return
+        s.create(spec, groups, c.watch_id)
+
+    def response(self, r: Reply) -> kv_pb2.WatchResponse:
+        """The `WatchResponse` of a reply. Replies of watchers at the same position share their
+        events list (`WatchHub`): its events are built once and merged into each response."""
+        resp = kv_pb2.WatchResponse(
+            watch_id=r.watch_id, created=r.created, canceled=r.canceled, cancel_reason=r.cancel_reason,
+            compact_revision=r.compact_revision, resume_revision=r.resume_revision, revision=r.revision,
+            node_id=self.node_id,
+        )
+        if r.error is not None:
+            resp.error.CopyFrom(self.rq.err(r.error))
+        if not r.events:
+            return resp
+        shared = self._shared
+        if shared is None or shared[0] is not r.events:
+            template = kv_pb2.WatchResponse()
+            self._add_events(template, r)
+            shared = self._shared = (r.events, template)
+        resp.MergeFrom(shared[1])
+        return resp
+
+    def _add_events(self, resp: kv_pb2.WatchResponse, r: Reply) -> None:
+        add = resp.events.add
+        for c in r.events:
+            if c.kind == PUT:
+                ev = add(type=kv_pb2.Event.PUT)
+                ev.kv.key, ev.kv.value = c.key, c.value or b""
+                ev.kv.create_revision, ev.kv.mod_revision, ev.kv.version = c.create_revision, c.revision, c.version
+            else:
+                ev = add(type=kv_pb2.Event.DELETE)
+                ev.kv.key, ev.kv.mod_revision = c.key, c.revision
+            p = c.prev
+            if p is not None and p.value is not None:
+                pk = ev.prev_kv
+                pk.key, pk.value = c.key, p.value
+                pk.create_revision, pk.mod_revision, pk.version = (
+                    p.meta.create_revision, p.meta.mod_revision, p.meta.version)
+
+
+class WatchDriver:
+    """Runs the hub from the node's loop (see the module docstring)."""
+
+    def __init__(self, hub: WatchHub, host: Host, rq: KVRequests, wake: Callable[[], None]) -> None:
+        self.hub = hub
+        self.host = host
+        self.rq = rq
+        self.wake = wake
+        self.closes_sent = 0
+        self._closing: set[int] = set()
+
+    def after_cycle(self, applies: list[ApplyBatch], writes: list[GroupWrite]) -> None:
+        hub = self.hub
+        if hub.idle:
+            return
+        hub.applied(a.group for a in applies)
+        hub.applied(w.group for w in writes if w.snapshot is not None)
+        self.step()
+
+    def step(self) -> None:
+        """One hub step (on the Ready loop). A failure of it (a bug) cancels every watch, to be
+        resumed by its client, and never stops the Ready loop."""
+        hub = self.hub
+        if hub.idle:
+            return
+        try:
+            more = hub.step(time.monotonic())
+        except Exception as err:
+            log.exception("a watch step failed: every watch is canceled (its client resumes it)")
+            hub.cancel_everything(errors.InternalError(f"the watch hub failed: {type(err).__name__}: {err}",
+                                                       indeterminate=False))
+            return
+        if more:
+            asyncio.get_running_loop().call_soon(self.wake)
+
+    async def closer(self) -> None:
+        """Every close interval: close the idle groups holding a watcher's frontier back."""
+        interval = self.hub.limits.close_interval
+        while True:
+            await asyncio.sleep(interval)
+            if not self.hub.watching:
+                continue
+            try:
+                for g, top in self.hub.lagging_groups(time.monotonic()).items():
+                    if g in self._closing:
+                        continue
+                    now = mvcc.make_revision(time.time_ns() // 1_000_000, 0, 0)
+                    self._close(g, max(top, now))
+            except Exception:  # optional work: a bug here must not take the node down
+                log.exception("closing idle watched groups failed")
+
+    def _close(self, g: int, revision: int) -> None:
+        self._closing.add(g)
+        self.closes_sent += 1
+
+        def done(_last: int, err: errors.KVError | None) -> None:
+            self._closing.discard(g)
+            if err is not None:
+                log.debug("closing group %d at %d for a watcher failed: %s", g, revision, err)
+            self.wake()
+
+        grp = self.host.groups.get(g)
+        try:
+            if grp is not None and grp.core.role == Role.LEADER:
+                self.rq.closes.close(g, revision, done)
+            else:
+                self.rq._forward_close(g, revision, done)
+        except errors.KVError as err:
+            done(0, err)
+        self.wake()
