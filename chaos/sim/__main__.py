@@ -1,4 +1,5 @@
-"""`python -m chaos.sim --seeds N [--nodes 3|5] [--start S] [--quiesce auto|on|off] [--moves auto|on|off]` or `--seed S --trace`.
+"""`python -m chaos.sim --seeds N [--nodes 3|5] [--start S] [--quiesce auto|on|off] [--moves auto|on|off]
+[--watches auto|on|off]` or `--seed S --trace`.
 
 Runs whole simulated nodes (`chaos/sim/nodes.py`: the real node logic, host, state machine,
 store, reads and range moves) under the seed's faults. Prints one line per failing seed, a
@@ -38,9 +39,15 @@ def main(argv: list[str] | None = None) -> int:
         "--moves", choices=("auto", "on", "off"), default="auto",
         help="range moves: on a fixed half of the seeds (auto), on every seed, or off",
     )
+    ap.add_argument(
+        "--watches", choices=("auto", "on", "off"), default="auto",
+        help="watchers on the real watch hub, checked (chaos/sim/watches.py): on a fixed fifth of the seeds "
+             "(auto), on every seed, or off",
+    )
     args = ap.parse_args(argv)
     quiesce = {"auto": None, "on": True, "off": False}[args.quiesce]
     moves = {"auto": None, "on": True, "off": False}[args.moves]
+    watches = {"auto": None, "on": True, "off": False}[args.watches]
     if not args.trace:
         logging.disable(logging.CRITICAL)  # the nodes' own logs (refused forgeries...) are expected
 
@@ -50,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with planted(args.plant):
         for seed in seeds:
-            res = run_node_seed(seed, nodes=args.nodes, trace=args.trace, moves=moves, quiesce=quiesce)
+            res = run_node_seed(seed, nodes=args.nodes, trace=args.trace, moves=moves, quiesce=quiesce, watches=watches)
             results.append(res)
             ops += res.ops
             if args.trace:
@@ -69,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{ops} client operations checked", file=sys.stderr)
     print(nodes_summary(results))
     print(quiesce_summary(results))
+    print(watch_summary(results))
     print(f"seeds: {len(seeds)}, violations: {violations}")
     return 0 if violations == 0 else 1
 
@@ -92,6 +100,29 @@ def nodes_summary(results: list[NodeSimResult]) -> str:
         f"{sum(c.second_phase for c in closed)} with a second phase), {sum(c.checked for c in closed)} checked, "
         f"{sum(c.failed for c in closed)} failed, {sum(c.raced_moves for c in closed)} raced moves, "
         f"{sum(c.closes_forwarded for c in closed)} closes forwarded"
+    )
+
+
+def watch_summary(results: list[NodeSimResult]) -> str:
+    ws = [r.watches for r in results if r.watches is not None]
+    if not ws:
+        return f"watchers: off in all {len(results)} seeds"
+    refused: dict[str, int] = {}
+    canceled: dict[str, int] = {}
+    for w in ws:
+        for k, v in w.refused.items():
+            refused[k] = refused.get(k, 0) + v
+        for k, v in w.canceled.items():
+            canceled[k] = canceled.get(k, 0) + v
+    return (
+        f"watchers in {len(ws)}/{len(results)} seeds: {sum(w.chains for w in ws)} watches, "
+        f"{sum(w.creates for w in ws)} creates, {sum(w.events for w in ws)} events delivered, "
+        f"{sum(w.checked_events for w in ws)} checked against the history in {sum(w.checked_chains for w in ws)} "
+        f"watches, {sum(w.progress for w in ws)} replies without events, {sum(w.resumes for w in ws)} resumes; "
+        f"creates refused {dict(sorted(refused.items()))}; canceled by the server {dict(sorted(canceled.items()))}, "
+        f"by the client {sum(w.client_cancels for w in ws)}, broken by crashes {sum(w.broken for w in ws)}; "
+        f"{sum(w.compactions for w in ws)} compactions, {sum(w.closes for w in ws)} closes of idle groups "
+        f"({sum(w.closes_forwarded for w in ws)} forwarded)"
     )
 
 

@@ -87,6 +87,7 @@ from .membership import MembershipDriver
 from .moves import SimMoves
 from .quiet import QuiesceStats, QuietScenario, quiesce_by_default
 from .revisions import RevisionChecker, RevisionViolation
+from .watches import SimWatches, WatchStats, WatchViolation, watches_by_default
 
 FORGER = 1000
 """The outsider's node id: never a member."""
@@ -249,6 +250,8 @@ class NodeSimResult:
     """What quiescence did (`quiet.py`; all zero when it was off)."""
     closed_reads: ClosedReadStats | None = None
     """What the cross-group scans did (`closed_reads.py`; None when they were off)."""
+    watches: WatchStats | None = None
+    """What the watchers did (`watches.py`; None when they were off)."""
 
 
 class SimTransport:
@@ -313,6 +316,7 @@ class NodeSimulation:
         moves: bool | None = None,
         quiesce: bool | None = None,
         closed_reads: bool | None = None,
+        watches: bool | None = None,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -379,6 +383,10 @@ class NodeSimulation:
             closed_reads = params is None and closed_reads_by_default(seed)
         self.closed_reads = ClosedReads(self) if closed_reads else None
         """Scans across groups at a revision and linearizable ones (`closed_reads.py`)."""
+        if watches is None:
+            watches = params is None and watches_by_default(seed)
+        self.watches = SimWatches(self) if watches else None
+        """The real watch hub on every node, simulated watchers and their checks (`watches.py`)."""
         self.written: dict[tuple[bytes, bytes], tuple[int, int]] = {}
         """(key, value) -> the (group, index) of the entry that wrote it (`_check_written_once`)."""
         self.cut: Callable[[Message], bool] | None = None
@@ -445,6 +453,8 @@ class NodeSimulation:
                 self.churn.start((50, max(51, self.p.fault_ms // 4)))
             if self.closed_reads is not None:
                 self.closed_reads.start()
+            if self.watches is not None:
+                self.watches.start()
             while self._events:
                 t, seq, fn, args = heapq.heappop(self._events)
                 if self.end is not None and t > self.end:
@@ -465,6 +475,8 @@ class NodeSimulation:
                 timeout()
             if self.closed_reads is not None:
                 self.closed_reads.recheck()
+            if self.watches is not None:
+                self.watches.check_end()
             self._check_liveness()
             res = check(self.history, timeout=20.0)
             verdict = res.verdict.value
@@ -473,7 +485,7 @@ class NodeSimulation:
                 violation = f"linearizability: key {res.bad_key} is not linearizable: {shown}"
         except (
             SafetyViolation, SimulationFailure, replica_reads.StaleReadViolation, RevisionViolation,
-            ClosedReadViolation,
+            ClosedReadViolation, WatchViolation,
         ) as err:
             violation = f"{type(err).__name__}: {err}"
             verdict = "violation"
@@ -488,6 +500,7 @@ class NodeSimulation:
             self.moves.summary() if self.moves is not None else {},
             self.p.quiesce_ticks, self.quiet.stats if self.quiet is not None else QuiesceStats(),
             self.closed_reads.stats if self.closed_reads is not None else None,
+            self.watches.stats if self.watches is not None else None,
         )
 
     def _close(self) -> None:
@@ -615,6 +628,8 @@ class NodeSimulation:
             self._check_revisions(n, cycle)
             host.end_cycle(cycle)
             n.logic.after_cycle()
+            if self.watches is not None:
+                self.watches.after_cycle(n, cycle)
             if host.failed is not None:
                 self.log(f"n{nid} STORAGE FAILED: {host.failed}")
                 self.at(n.tick_ms, self._retry_storage, nid, epoch)
@@ -752,6 +767,8 @@ class NodeSimulation:
                 return
             host.end_cycle(cycle)
             n.logic.after_cycle()
+            if self.watches is not None:
+                self.watches.after_cycle(n, cycle)
         if host.failed is None:
             self.log(f"n{nid} STORAGE WORKS AGAIN")
             n.cycling = False
@@ -1360,11 +1377,14 @@ def lmdb_store(node_id: int, directory: Path) -> NodeStore:
 
 def run_node_seed(seed: int, nodes: int = 3, trace: bool = False, params: NodeSimParams | None = None,
                   store_factory: StoreFactory | None = None, moves: bool | None = None,
-                  quiesce: bool | None = None, closed_reads: bool | None = None) -> NodeSimResult:
+                  quiesce: bool | None = None, closed_reads: bool | None = None,
+                  watches: bool | None = None) -> NodeSimResult:
     """One seed; `moves` forces range moves on or off (default: drawn, on half of the seeds),
     `quiesce` quiescence (default: `quiesce_by_default`), `closed_reads` the cross-group scans
-    (default: `closed_reads_by_default`, when the params are drawn)."""
+    (default: `closed_reads_by_default`, when the params are drawn), `watches` the watchers
+    (default: `watches_by_default`, when the params are drawn)."""
     return NodeSimulation(
-        seed, nodes, params, trace, store_factory, moves=moves, quiesce=quiesce, closed_reads=closed_reads
+        seed, nodes, params, trace, store_factory, moves=moves, quiesce=quiesce, closed_reads=closed_reads,
+        watches=watches,
     ).run()
 

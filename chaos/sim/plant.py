@@ -17,6 +17,7 @@ from kvstore.node.inbound import Inbound
 from kvstore.node.memstore import ListStream, MemoryNodeStore
 from kvstore.node.moves import MoveCoordinator, Propose, Work
 from kvstore.node.reads import NodeReads
+from kvstore.node.watch import StoreSource, WatchHub
 from kvstore.raft import HardState, Message, RaftNode, Role, admission
 from kvstore.raft.log import RaftLog
 from kvstore.raft.readonly import ReadRequest
@@ -342,6 +343,38 @@ MOVE_BUGS = (
 on every seed)."""
 
 
+_real_advance = WatchHub._advance
+_real_changes = StoreSource.changes
+
+
+def _advance_beyond_frontier(self: WatchHub, s: Any, w: Any, now: float, cache: Any, budget: list[int]) -> bool:
+    # BUG: a watcher over several groups is sent everything up to the HIGHEST last revision of its
+    # groups instead of the lowest (the frontier): a quiet group may still write below it, and
+    # that write is never sent (and the bookmark already said everything below it was).
+    real = self.last
+    top = max(real[g] for g in w.groups)
+    self.last = {**real, **{g: top for g in w.groups}}
+    try:
+        return _real_advance(self, s, w, now, cache, budget)
+    finally:
+        self.last = real
+
+
+def _catch_up_past_cursor(self: StoreSource, group: int, lo: int, hi: int, max_events: int, max_bytes: int,
+                          prev_kv: bool) -> Any:
+    # BUG: the catch-up read starts one past the watcher's cursor (an off-by-one at the change
+    # log's boundary): a change at exactly the start revision (or at a resume revision) is skipped.
+    return _real_changes(self, group, lo + 1, hi, max_events, max_bytes, prev_kv)
+
+
+WATCH_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
+    "watch-beyond-frontier": (WatchHub, "_advance", _advance_beyond_frontier),
+    "watch-catch-up-off-by-one": (StoreSource, "changes", _catch_up_past_cursor),
+}
+"""Bugs planted into the watch hub (`kvstore/node/watch.py`): found by the simulator's watchers
+(`chaos/sim/watches.py`; `tests/simulation/test_node_sim_watches.py`)."""
+
+
 def _ack_without_fdatasync(self: Wal) -> None:
     # BUG: the WAL acknowledges the cycle (its records count as durable) without its fdatasync:
     # the bytes are in the page cache only, so a kill -9 keeps them and a power loss does not.
@@ -356,7 +389,7 @@ STORAGE_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
 simulated file system (`tests/unit/test_wal_crash.py`); the whole-node simulator does not run the
 WAL yet (issue 20: the node store still keeps its Raft log in LMDB)."""
 
-ALL_BUGS = {**BUGS, **NODE_BUGS, **STORAGE_BUGS}
+ALL_BUGS = {**BUGS, **NODE_BUGS, **STORAGE_BUGS, **WATCH_BUGS}
 
 
 @contextmanager
