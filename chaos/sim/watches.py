@@ -42,6 +42,9 @@ Checked, per chain, on every reply as it arrives:
   compaction is at or below it;
 
 and at the end of the run against the final history of applied writes (`RevisionChecker`):
+- **live** (with clocks within the uncertainty bound `MAX_CLOCK_OFFSET_MS`): a watch that reads
+  its stream, created since `liveness_ms` after the heal on a node still up, has been told
+  everything applied by then;
 - **reliable**: the events of each chain are exactly the applied writes of its range and kinds
   with start <= revision <= its last bookmark, in order, each with its value, create revision
   and version (and prev_kv, when asked, the key's previous version unless compacted away).
@@ -59,6 +62,7 @@ from typing import Any
 
 from kvstore import errors
 from kvstore.node.closes import CloseCallback, NodeCloses
+from kvstore.node.hlc import MAX_CLOCK_OFFSET_MS
 from kvstore.node.watch import StoreSource, WatchHub, WatchLimits, WatchStream
 from kvstore.node.watchspec import ALL_KEYS_END, Reply, WatchSpec
 from kvstore.raft import Role
@@ -109,6 +113,7 @@ class WatchStats:
     canceled: dict[str, int] = field(default_factory=dict)
     """Watches canceled by the server after they were created, by error code."""
     client_cancels: int = 0
+    progress_requests: int = 0
     broken: int = 0
     """Streams broken by a node crash (the client resumed elsewhere)."""
     compactions: int = 0
@@ -145,6 +150,8 @@ class _Chain:
     epoch: int = 0
     created: bool = False
     """The current stream's watch was created."""
+    created_at: int = 0
+    """When the current stream's created reply arrived."""
     deliver_at: int = 0
     """When the current stream's last reply in flight arrives (replies arrive in order)."""
     asked: int = 0
@@ -174,6 +181,8 @@ class SimWatches:
         self.compacted = 0
         """The largest revision a compaction was asked for (each group clamps it to its last)."""
         self.compact = not sim.p.moves
+        self.settled: tuple[int, int] | None = None
+        """(time, the highest revision applied then), `liveness_ms` after the heal."""
 
     # --- wiring ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -240,6 +249,8 @@ class SimWatches:
         if sim.quiet is not None and sim.quiet.calm:
             self._stop_all()
             return
+        if self.settled is None and sim.healed_at is not None and sim.now >= sim.healed_at + sim.p.liveness_ms:
+            self.settled = (sim.now, max(self._revisions(), default=0))
         period = int(self.limits.close_interval * 1000)
         for nid in sorted(self.hubs):
             h = self.hubs[nid]
@@ -492,7 +503,13 @@ class SimWatches:
         if c.ended:
             return
         s = c.stream
-        if s is not None and c.created and not s.closed:
+        if s is not None and c.created and not s.closed and self.rng.random() < 0.3:
+            self.stats.progress_requests += 1
+            s.progress()  # answered with a progress reply: a bookmark like any other
+            n = self.sim.nodes.get(c.node)
+            if n is not None and n.epoch == c.epoch:
+                self.sim._kick(n)
+        elif s is not None and c.created and not s.closed:
             self.stats.client_cancels += 1
             s.cancel(1)
             n = self.sim.nodes.get(c.node)
@@ -534,6 +551,7 @@ class SimWatches:
     def _on_created(self, c: _Chain, r: Reply, where: str) -> None:
         self.stats.created += 1
         c.created = True
+        c.created_at = self.sim.now
         want = c.asked - 1 if c.asked > mvcc.LEGACY_REVISION else (
             mvcc.LEGACY_REVISION if c.asked else r.revision)
         if r.revision != want:
@@ -619,9 +637,32 @@ class SimWatches:
         self.stats.events += len(r.events)
         c.bookmark = r.revision
 
-    # --- the end of the run: reliable -------------------------------------------------------------
+    # --- the end of the run: live and reliable ---------------------------------------------------
     def check_end(self) -> None:
-        """Every chain's events against the final history (module docstring: reliable)."""
+        """Every chain's events against the final history (module docstring: reliable), and
+        liveness: a watch that reads its stream, on a node up since the cluster settled, has
+        been told everything applied by then."""
+        self._check_live()
+        self._check_reliable()
+
+    def _check_live(self) -> None:
+        if self.settled is None or 2 * self.sim.p.clock_offset_ms > MAX_CLOCK_OFFSET_MS:
+            # Clocks further apart than the stated bound: a leader refuses to close its group at
+            # a revision another group's faster clock issued (`HybridClock.check_close`), so a
+            # watch across groups waits for the slow group's own next write (by design).
+            return
+        at, target = self.settled
+        for c in self.chains:
+            n = self.sim.nodes.get(c.node)
+            if c.ended or c.slow or not c.created or c.created_at > at or n is None or n.epoch != c.epoch \
+                    or n.logic is None:
+                continue
+            if c.bookmark < target:
+                raise WatchViolation(
+                    f"liveness: watch #{c.id} ({c.spec}) at n{c.node} was told everything through {c.bookmark} by the "
+                    f"end of the run ({self.sim.now} ms), below the revision {target} applied by {at} ms")
+
+    def _check_reliable(self) -> None:
         hist = self.sim.revisions.versions
         expected_all: list[Event] = []
         for key, vs in hist.items():
@@ -667,7 +708,7 @@ class SimWatches:
         s = self.stats
         return (
             f"watches: {s.chains} chains, {s.creates} creates ({s.created} created), {s.events} events, "
-            f"{s.progress} replies without events, {s.resumes} resumes, refused {dict(sorted(s.refused.items()))}, "
+            f"{s.progress} replies without events ({s.progress_requests} asked), {s.resumes} resumes, refused {dict(sorted(s.refused.items()))}, "
             f"canceled {dict(sorted(s.canceled.items()))}, {s.client_cancels} client cancels, {s.broken} broken "
             f"by crashes, {s.compactions} compactions, {s.closes} closes ({s.closes_forwarded} forwarded), "
             f"{s.checked_events} events checked in {s.checked_chains} chains"

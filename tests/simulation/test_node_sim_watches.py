@@ -56,7 +56,7 @@ def test_watchers_run_on_a_fixed_fifth_of_the_seeds_and_replay() -> None:
 
 WATCH_BUG_SEEDS = {
     "watch-beyond-frontier": 10,  # found by seeds 4, 6, 7, 10, 11 and 12 of 0..13 (10 runs fastest)
-    "watch-catch-up-off-by-one": 3,  # the first seed that finds it
+    "watch-catch-up-off-by-one": 9,  # found by seeds 5, 9 and 11 of 0..11 (9 runs fastest)
 }
 """Every hub bug of `plant.WATCH_BUGS`, with a seed that finds it (3 nodes, watchers on; a
 regression target: searching from seed 0 takes 5 to 15 s each on this shared machine)."""
