@@ -15,9 +15,10 @@ so that the catch-up boundaries, split replies and slow-watcher cancels happen i
 
 Simulated clients watch one key, a range, the prefix `k` or the whole key space, from revision 0
 (now), 1 (all history), a past write's revision (exactly, one above or one below: the catch-up
-boundary) or a compacted one, with and without prev_kv and progress notifications; one stream
-per watch, replies delivered in order after a network delay. A client cancels its watch now and
-then (and resumes it from its last revision + 1 or stops), some clients read their stream too
+boundary) or a compacted one, with and without prev_kv, NOPUT / NODELETE and progress
+notifications; one stream per watch, replies delivered in order after a network delay. A client
+asks for a progress reply now and then, cancels its watch (and resumes it from its last
+revision + 1, or stops), some clients read their stream too
 slowly (the hub cancels them: RESOURCE_EXHAUSTED, resumable), range moves cancel watches
 (WRONG_SHARD, resumable) and a node crash breaks the stream: the client resumes from its last
 revision + 1 at a node that hosts the groups, as `kvstore/client/watches.py` does. A *chain* is
