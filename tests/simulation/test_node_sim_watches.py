@@ -12,7 +12,10 @@ import pytest
 
 from chaos.sim.nodes import NodeSimulation, run_node_seed
 from chaos.sim.plant import WATCH_BUGS, planted
-from chaos.sim.watches import watches_by_default
+from chaos.sim.watches import SimWatches, WatchViolation, _Chain, watches_by_default
+from kvstore import errors
+from kvstore.node.watchspec import Reply, WatchSpec
+from kvstore.storage.changefeed import PUT, Change
 
 
 @pytest.fixture(autouse=True)
@@ -75,3 +78,59 @@ def test_planted_watch_bug_is_found(bug: str) -> None:
     clean = run_node_seed(seed, watches=True)  # the bug, not the seed: the same seed passes without it
     assert clean.ok, clean.violation
 
+
+
+def _checker() -> tuple[NodeSimulation, SimWatches]:
+    sim = NodeSimulation(0, 3, watches=True)
+    sim._close()  # not run: the checker is fed replies by hand
+    assert sim.watches is not None
+    return sim, sim.watches
+
+
+def _created(w: SimWatches, start: int = 11) -> _Chain:
+    c = _Chain(len(w.chains), WatchSpec.make(b"", prefix=b"k"), start, False)
+    w.chains.append(c)
+    c.asked = start
+    w._receive(c, c.attempt, Reply(1, revision=start - 1, created=True))
+    return c
+
+
+def _ev(rev: int, key: bytes = b"k0") -> Change:
+    return Change(rev, key, PUT, b"v%d" % rev, rev, 1)
+
+
+@pytest.mark.parametrize(("replies", "why"), [
+    ([Reply(1, revision=13, events=[_ev(13), _ev(12)])], "ordered"),
+    ([Reply(1, revision=20), Reply(1, revision=21, events=[_ev(15)])], "bookmarkable"),
+    ([Reply(1, revision=12, events=[_ev(12)]), Reply(1, revision=12, events=[_ev(12)])], "bookmarkable"),
+    ([Reply(1, revision=24, events=[_ev(25)])], "in a reply at revision 24"),
+    ([Reply(1, revision=24, events=[_ev(20, b"x")])], "not in the watch"),
+    ([Reply(1, revision=24, events=[_ev(5)])], "bookmarkable"),
+    ([Reply(1, revision=30), Reply(1, revision=29)], "after one at 30"),
+    ([Reply(1, revision=30, canceled=True, error=errors.WrongShard("moved"), resume_revision=32)], "resume revision"),
+    ([Reply(1, revision=30, canceled=True, error=errors.Compacted("c", compact_revision=40),
+            compact_revision=40)], "compacted at 40"),
+])
+def test_the_checker_refuses_what_breaks_a_guarantee(replies: list[Reply], why: str) -> None:
+    """Each reply sequence breaks one guarantee: the checks on arrival say which."""
+    _, w = _checker()
+    c = _created(w)
+    with pytest.raises(WatchViolation, match=why):
+        for r in replies:
+            w._receive(c, c.attempt, r)
+
+
+def test_the_checker_finds_a_gap_and_a_wrong_start_at_the_end() -> None:
+    sim, w = _checker()
+    sim.revisions.versions[b"k0"] = [(11, b"v11"), (12, b"v12"), (13, None)]
+    c = _created(w)
+    w._receive(c, c.attempt, Reply(1, revision=13, events=[_ev(11)]))  # 12 and 13 missing
+    with pytest.raises(WatchViolation, match="reliable: event #1 missing"):
+        w.check_end()
+    _, w = _checker()  # a start at 20 refused as compacted at 10: it was not
+    w.compacted = 30
+    c = _Chain(0, WatchSpec.make(b"k0"), 20, False, asked=20)
+    w.chains.append(c)
+    with pytest.raises(WatchViolation, match="refused as compacted at 10"):
+        w._receive(c, c.attempt, Reply(1, canceled=True, error=errors.Compacted("c", compact_revision=10),
+                                       compact_revision=10))
