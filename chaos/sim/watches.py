@@ -430,6 +430,9 @@ class SimWatches:
             sim.at(50, self._retry, c, start)
             return
         choices = [n for n in alive if n.id != avoid] or alive
+        able = [n for n in choices if self._hosts_all(n, c.spec)]
+        if able and self.rng.random() < 0.8:  # (a client that learned which nodes serve the watch)
+            choices = able
         n = self.rng.choice(choices)
         h = self.hub(n)
         assert h is not None
@@ -448,6 +451,15 @@ class SimWatches:
         self._pump(n, h)
         sim._kick(n)
         sim.at(50, self._watch_stream, c, c.attempt)
+
+    @staticmethod
+    def _hosts_all(n: Any, spec: WatchSpec) -> bool:
+        """Does node `n` host every group the watch covers (by its own map)?"""
+        m = n.logic.shard_tracker.map
+        if m is None:
+            return False
+        groups = [m.group_for_key(spec.start)] if spec.single_key else m.data_groups()
+        return all(g in n.logic.host.groups for g in groups)
 
     def _retry(self, c: _Chain, start: int) -> None:
         if not c.ended and not self._closing_time():
