@@ -765,6 +765,7 @@ class NodeSimulation:
         if cycle is not None:
             if not self._persist(n, cycle):
                 return
+            self._check_revisions(n, cycle)  # (its entries are applied now: the history must have them)
             host.end_cycle(cycle)
             n.logic.after_cycle()
             if self.watches is not None:

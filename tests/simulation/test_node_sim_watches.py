@@ -134,3 +134,13 @@ def test_the_checker_finds_a_gap_and_a_wrong_start_at_the_end() -> None:
     with pytest.raises(WatchViolation, match="refused as compacted at 10"):
         w._receive(c, c.attempt, Reply(1, canceled=True, error=errors.Compacted("c", compact_revision=10),
                                        compact_revision=10))
+
+
+def test_writes_applied_by_a_retried_cycle_are_in_the_history() -> None:
+    """Found as seed 518 (`--watches on`): a watcher got a write that the simulator's history of
+    applied writes (`RevisionChecker`) lacked, because the entries a cycle applies when it is
+    retried after a failed fsync (`_retry_storage`) were not handed to the checker. They are now
+    (the revision rules and the scans at a revision are checked against them too)."""
+    res = run_node_seed(518, watches=True)
+    assert res.ok, res.violation
+    assert res.watches is not None and res.watches.checked_events > 0
