@@ -886,7 +886,8 @@ class MemoryNodeStore:
         st = None if g is None else g.applied.shards
         if g is None or st is None or not ranges.issubset(st.frozen):
             raise StorageError(f"group {group} has not frozen the ranges to export")
-        recs: list[tuple[bytes, bool]] = [(encode_record(REC_CLOSED, b"", U64.pack(mvcc.rev_state(g.rows).last)), False)]
+        rst = mvcc.rev_state(g.rows)
+        recs: list[tuple[bytes, bool]] = [(encode_record(REC_CLOSED, b"", U64_PAIR.pack(rst.last, rst.compact)), False)]
         data = g.data
         for k in g.sorted_keys():
             if key_hash(k) in ranges:

@@ -620,7 +620,8 @@ class KVState:
 
         def gen() -> Iterator[tuple[bytes, int]]:
             rows = LmdbRows(txn, group, rev_dbs(env))
-            buf: list[bytes] = [encode_record(REC_CLOSED, b"", U64.pack(_rev_state(rows).last))]
+            rst = _rev_state(rows)
+            buf: list[bytes] = [encode_record(REC_CLOSED, b"", U64_PAIR.pack(rst.last, rst.compact))]
             size = len(buf[0])
             keys = 0
             for k, v in _iter_range(txn, env.db(DB_DATA), group, b"", None):
