@@ -197,6 +197,28 @@ class NodeLogs:
                 hs[g] = new_hs
         return recs
 
+    def must_sync(self, records: list[GroupRecord]) -> bool:
+        """Do `records` (not written yet) change anything a Raft message may promise (etcd's
+        `MustSync`)? Entries, a new base, a destroy, a term or a vote do; a HARD_STATE that only
+        moves the commit index does not: it becomes durable with the next sync, and a commit
+        index lost in a crash is learnt again from the leader (start-up raises it to the applied
+        index LMDB keeps durably: `LmdbNodeStore._repair`)."""
+        prev: dict[int, HardState] = {}
+        for r in records:
+            if r.kind != KIND_HARD_STATE or r.hard_state is None:
+                return True
+            before = prev.get(r.group)
+            if before is None:
+                lg = self.log(r.group)
+                if lg is None:
+                    return True
+                before = lg.hard_state
+            hs = r.hard_state
+            if (hs.term, hs.vote) != (before.term, before.vote):
+                return True
+            prev[r.group] = hs
+        return False
+
     def check(self, records: list[GroupRecord]) -> None:
         """Raise (RaftError / ValueError) if `records` could not be written after the current logs."""
         self.rw.groups._check(records)
@@ -212,13 +234,13 @@ class NodeLogs:
         except StorageError as err:
             raise self._failure(err) from err
 
-    def sync(self) -> None:
-        """ONE `fdatasync` for everything written so far (none if nothing is new or sync is off);
-        then a checkpoint if the log has grown by enough segments."""
+    def sync(self, flush: bool = True) -> None:
+        """ONE `fdatasync` for everything written so far (none if nothing is new, sync is off or
+        not `flush`: see `must_sync`); then a checkpoint if the log has grown by enough segments."""
         self._check_usable()
         rw = self.rw
         try:
-            if self.sync_enabled:
+            if self.sync_enabled and flush:
                 rw.sync()
             if len(rw.wal.segments()) >= self._ckpt_at:
                 rw.checkpoint()

@@ -88,6 +88,7 @@ from .shardcmd import ShardState
 from .snapfile import SnapshotHeader, read_snapshot_header, write_frames
 from .wal import FileSystem, OsFileSystem, WalOptions
 from .walmigrate import migrate
+from .walrec import KIND_HARD_STATE, GroupRecord
 
 log = logging.getLogger("kvstore.storage")
 
@@ -168,6 +169,11 @@ class LmdbNodeStore:
                 continue
             if a.index == 0:
                 continue
+            if lg is not None and lg.hard_state.commit < a.index <= lg.last_index():
+                # The commit index moved without a flush (`NodeLogs.must_sync`) and a crash lost
+                # it, while LMDB kept what was applied there: applied entries were committed.
+                hs = lg.hard_state
+                self._wal.write_synced([GroupRecord(KIND_HARD_STATE, g, hard_state=HardState(hs.term, hs.vote, a.index))])
             base = self._snapshot_base(g)
             at_snapshot = base is not None and base.index == a.index
             if lg is not None and a.index <= lg.last_index():
@@ -282,8 +288,9 @@ class LmdbNodeStore:
             if installs:
                 self._install(writes, installs)
             if records:
+                flush = self._wal.must_sync(records)
                 self._wal.write(records)
-                self._wal.sync()
+                self._wal.sync(flush)
                 for r in records:
                     self._groups.add(r.group)
             results: list[list[ApplyResult | None]] = []

@@ -75,10 +75,36 @@ def test_a_cycle_for_many_groups_is_one_fdatasync_and_reopens_the_same(tmp_path:
     assert fs.syncs[0] == before + 1  # one flush for three groups' entries and hard states
     store.persist_and_apply([], [ApplyBatch(1, store.log_storage(1).entries(1, 7), CONF)])
     assert fs.syncs[0] == before + 1  # applying writes nothing to the WAL
+    # A cycle that only moves commit indexes (etcd's MustSync is false) is not flushed...
+    store.persist_and_apply([GroupWrite(g, [], HardState(2, 1, 8)) for g in (1, 2)],
+                            [ApplyBatch(1, store.log_storage(1).entries(7, 9), CONF)])
+    assert fs.syncs[0] == before + 1 and store.hard_state(2) == HardState(2, 1, 8)
+    store.persist([GroupWrite(3, [], HardState(3, 0, 6))])  # ...a new term is
+    assert fs.syncs[0] == before + 2
     want = {g: view(store, g) for g in (1, 2, 3)}
     store.close()
     store = LmdbNodeStore(tmp_path / "db")
-    assert {g: view(store, g) for g in (1, 2, 3)} == want and store.applied_index(1) == 6
+    assert {g: view(store, g) for g in (1, 2, 3)} == want and store.applied_index(1) == 8
+    store.close()
+
+
+def test_a_commit_index_lost_without_a_flush_is_raised_to_the_applied_index_at_open(tmp_path: Path) -> None:
+    """The crash after an unflushed commit-only record and the apply transaction that followed
+    it: LMDB has applied entries the WAL's commit index does not cover; the store raises the
+    commit index before any core reads it (a core refuses an applied index above the commit)."""
+    db = tmp_path / "db"
+    store = LmdbNodeStore(db)
+    store.bootstrap(1, CONF)
+    store.persist([GroupWrite(1, ents(1, 4, 5), HardState(2, 1, 3))])
+    wal_file = store._wal.rw.wal._file
+    assert wal_file is not None
+    end = store._wal.rw.wal._offset  # what the lost record would have followed
+    store.persist_and_apply([GroupWrite(1, [], HardState(2, 1, 8))], [ApplyBatch(1, store.log_storage(1).entries(1, 9), CONF)])
+    wal_file.truncate(end)  # the unflushed record never reached the disk
+    store.close()
+    store = LmdbNodeStore(db)
+    assert store.applied_index(1) == 8 and store.hard_state(1) == HardState(2, 1, 8)
+    assert store.log_storage(1).last_index() == 8
     store.close()
 
 
