@@ -35,8 +35,9 @@ replayed (LMDB's apply transactions are synced), so nothing else bounds it.
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from kvstore.node.store import GroupWrite
 from kvstore.raft.storage import CompactedError, SnapshotTemporarilyUnavailable, UnavailableError
@@ -54,6 +55,7 @@ SEGMENT_BYTES = 8 << 20
 """A node's WAL segment size (preallocated; a put costs ~100-200 bytes of it)."""
 
 _EMPTY_BASE = SnapshotMeta()
+log = logging.getLogger("kvstore.storage")
 
 
 def log_is_empty(g: GroupLog | None) -> bool:
@@ -290,6 +292,57 @@ class NodeLogs:
             if index > applied:
                 raise RaftError(f"compact {index} beyond applied index {applied}")
             self.write_synced([GroupRecord(KIND_COMPACT, group, base=g.compaction_base(index))])
+
+    # --- start-up -----------------------------------------------------------------------------------
+    def repair(
+        self,
+        groups: Iterable[int],
+        applied: Callable[[int], int],
+        snapshot_base: Callable[[int], SnapshotMeta | None],
+        dead: set[int],
+    ) -> set[int]:
+        """Finish what a crash interrupted between the logs and the state machine, before any
+        core starts; returns the groups left with no state at all. `groups`: those with state in
+        the state machine; `applied(g)`: its DURABLE applied index; `snapshot_base(g)`: the base
+        of the last snapshot installed there (recorded with the install); `dead`: tombstones.
+        - a destroy (state machine deleted first, the WAL's DESTROY not written): a tombstoned
+          group, or a log whose base is above the applied index (only a destroy lowers that);
+        - a commit index that moved without a flush and was lost (`must_sync`): raised to the
+          applied index (applied entries were committed);
+        - a snapshot install (state machine first, the WAL's RESET not written): the applied
+          index is the recorded snapshot base, and the log ends before it or holds another term
+          there: the RESET is written now. An applied index beyond the log with no snapshot
+          there is damage: StorageError."""
+        gone: set[int] = set()
+        for g in sorted(set(self.groups()) | set(groups)):
+            lg = self.log(g)
+            a = applied(g)
+            if g in dead or (lg is not None and lg.base.index > a):
+                if lg is not None:
+                    log.warning("group %d: finishing its interrupted destroy", g)
+                    self.destroy(g)
+                if a == 0:
+                    gone.add(g)
+                continue
+            if a == 0:
+                continue
+            if lg is not None and lg.hard_state.commit < a <= lg.last_index():
+                hs = lg.hard_state
+                self.write_synced([GroupRecord(KIND_HARD_STATE, g, hard_state=HardState(hs.term, hs.vote, a))])
+            base = snapshot_base(g)
+            if lg is not None and a <= lg.last_index():
+                if base is None or base.index != a or lg.term(a) == base.term:
+                    continue
+            elif base is None or base.index != a:
+                raise StorageError(
+                    f"group {g}: the state machine is at index {a}, beyond its log (last index "
+                    f"{0 if lg is None else lg.last_index()}), and no snapshot was installed there"
+                )
+            hs = HardState() if lg is None else lg.hard_state
+            hs = HardState(hs.term, hs.vote, a) if hs.term >= base.term else HardState(base.term, 0, a)
+            log.warning("group %d: resetting its log to the snapshot installed at %d before a crash", g, a)
+            self.reset(g, base, hs)
+        return gone
 
     # --- failures and lifecycle ------------------------------------------------------------------
     def _check_usable(self) -> None:

@@ -88,7 +88,6 @@ from .shardcmd import ShardState
 from .snapfile import SnapshotHeader, read_snapshot_header, write_frames
 from .wal import FileSystem, OsFileSystem, WalOptions
 from .walmigrate import migrate
-from .walrec import KIND_HARD_STATE, GroupRecord
 
 log = logging.getLogger("kvstore.storage")
 
@@ -154,43 +153,11 @@ class LmdbNodeStore:
         return None if raw is None else decode_log_base(raw)
 
     def _repair(self) -> None:
-        """Finish what a crash interrupted, before any core starts (module docstring): a destroy
-        (LMDB done, the WAL's DESTROY not), a snapshot install (LMDB done, the WAL's RESET not)."""
-        dead = self.tombstones()
-        for g in sorted(set(self._wal.groups()) | self._groups):
-            lg = self._wal.log(g)
-            a = self._kv.applied(g)
-            if g in dead or (lg is not None and lg.base.index > a.index):
-                if lg is not None:  # the state machine is gone (or older than the log: only a
-                    log.warning("group %d: finishing its interrupted destroy", g)  # destroy does that)
-                    self._wal.destroy(g)
-                if a.index == 0:
-                    self._groups.discard(g)
-                continue
-            if a.index == 0:
-                continue
-            if lg is not None and lg.hard_state.commit < a.index <= lg.last_index():
-                # The commit index moved without a flush (`NodeLogs.must_sync`) and a crash lost
-                # it, while LMDB kept what was applied there: applied entries were committed.
-                hs = lg.hard_state
-                self._wal.write_synced([GroupRecord(KIND_HARD_STATE, g, hard_state=HardState(hs.term, hs.vote, a.index))])
-            base = self._snapshot_base(g)
-            at_snapshot = base is not None and base.index == a.index
-            if lg is not None and a.index <= lg.last_index():
-                # The log has the applied index; it is the snapshot's (or the install's RESET
-                # was written) unless its term there is not the snapshot's.
-                if not at_snapshot or lg.term(a.index) == base.term:  # type: ignore[union-attr]
-                    continue
-            elif not at_snapshot:
-                raise StorageError(
-                    f"group {g}: the state machine is at index {a.index}, beyond its log (last index "
-                    f"{0 if lg is None else lg.last_index()}), and no snapshot was installed there"
-                )
-            assert base is not None
-            hs = HardState() if lg is None else lg.hard_state
-            hs = HardState(hs.term, hs.vote, a.index) if hs.term >= base.term else HardState(base.term, 0, a.index)
-            log.warning("group %d: resetting its log to the snapshot installed at %d before a crash", g, a.index)
-            self._wal.reset(g, base, hs)
+        """Finish what a crash interrupted, before any core starts (`NodeLogs.repair`)."""
+        gone = self._wal.repair(
+            sorted(self._groups), lambda g: self._kv.applied(g).index, self._snapshot_base, self.tombstones()
+        )
+        self._groups -= gone
 
     def groups(self) -> list[int]:
         """Groups with state on disk, sorted."""
