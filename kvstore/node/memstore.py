@@ -1,47 +1,52 @@
-"""`MemoryNodeStore`: the `NodeStore` on plain Python data, for the deterministic simulator. STANDARD LIBRARY ONLY.
+"""`MemoryNodeStore`: the `NodeStore` for the deterministic simulator. Standard library only, plus
+the storage layer's write-ahead log code (which does all its I/O through an injected file system).
 
-Same behaviour as `LmdbNodeStore` (the contract test runs one suite on both): the apply logic is
+Same behaviour as `LmdbNodeStore` (the contract test runs one suite on both): every group's Raft
+log and hard state live in the SAME `storage/nodelogs.NodeLogs` (a `RaftWal`) the real store uses,
+here on a `SimFileSystem`; the state machines are plain Python data: the apply logic is
 `machine.apply_data` on `MemGroupView` (same session, LRU and shard semantics as the LMDB view),
 snapshots use the `snapfile` format and come out byte-identical to LMDB's for the same state, and
-`export_range` yields the same `shardcmd` records in the same order. No clock; randomness only from
-the injected `random.Random`, and only for fault injection.
+`export_range` yields the same `shardcmd` records in the same order. `persist_and_apply` runs the
+real store's three steps (snapshot install, the log's records and one sync, the apply
+transaction). No clock; randomness only from the injected `random.Random` (fault injection, and
+one draw at construction that seeds the simulated disk's crash outcomes).
 
-Durability model (what the simulator relies on). Every write call is one transaction:
-- it mutates the live state in place, recording an undo record per change; it becomes VISIBLE
-  when the call returns (published scalars such as the applied index and the logs are switched at
-  commit, so `on_applied` still sees the previous ones);
-- it becomes DURABLE at its sync: with `sync=True` at commit (a sync flushes everything before it
-  too: the journal is dropped); with `sync=False` its undo records are kept in the journal of
-  unsynced transactions until `fsync()` or a later synced transaction;
-- `crash()` kills the store and returns a new one recovered from the durable image only: the
-  journal is undone newest first, so everything not synced is gone (with `sync=False`, nothing
-  since the last synced transaction survives: "acknowledge before fsync" planted). Received
-  snapshot files are gone too (LMDB deletes them at open).
-- a call that raises undoes its records at once: nothing of it is visible or durable.
+Durability model (what the simulator relies on):
+- the Raft logs: a record is durable once the WAL's `fdatasync` covered it (a cycle's sync; with
+  `sync=False`, never, except a segment rotation); `crash()` crashes the simulated disk in its
+  random mode: every synced record survives, plus a random prefix of the rest whose last write
+  may be torn (the WAL's recovery cuts it). Then `NodeLogs.repair` runs, as the real store's
+  start-up does;
+- the state machines (and tombstones, the audit head): every write call is one transaction. It
+  mutates the live state in place, recording an undo record per change; it becomes VISIBLE when
+  the call returns (published scalars such as the applied index are switched at commit, so
+  `on_applied` still sees the previous ones); it becomes DURABLE at its sync: with `sync=True` at
+  commit (a sync flushes everything before it too: the journal is dropped); with `sync=False` its
+  undo records are kept in the journal of unsynced transactions until `fsync()` or a later
+  synced transaction; `crash()` undoes the journal newest first (keeping the oldest
+  `keep_unsynced`), so everything not synced is gone. Received snapshot files are gone too (LMDB
+  deletes them at open). A transaction that raises undoes its records at once.
 
-Faults (deterministic: one-shot, or a rate drawn from the injected rng per synced transaction; the
-rng is drawn only for a rate > 0, so adding no faults changes no random sequence):
-- failed fsync (`fail_next_fsync`, `FaultRates.fsync`): the transaction raises StorageIOError and
-  is undone. A caller may assume exactly what `StorageError` promises: this transaction is not
-  visible and never will be, every earlier synced transaction is still durable, and the same call
-  may be retried. It may not assume the retry succeeds, nor (as PostgreSQL learnt of real fsync
-  errors) that anything written since the last successful sync reached the disk: with sync=False
-  earlier unsynced transactions stay visible but remain exactly as undurable as before;
+Faults (deterministic: one-shot, or a rate drawn from the injected rng per synced step; the rng is
+drawn only for a rate > 0, so adding no faults changes no random sequence):
+- failed fsync (`fail_next_fsync`, `FaultRates.fsync`): of the log's sync, the call raises
+  StorageIOError with the records written but not durable (a crash may lose them; the retry
+  writes them again); of a transaction, it raises StorageIOError and the transaction is undone.
+  A caller may assume exactly what `StorageError` promises (`node/store.py`) and may retry; it may
+  not assume the retry succeeds, nor (as PostgreSQL learnt of real fsync errors) that anything
+  written since the last successful sync reached the disk;
 - full disk (`fill_disk`, `FaultRates.full_disk`): every write (and `receive_snapshot`) raises
-  StorageFullError and sets `full`, until `free_space()`; the next successful write clears `full`
-  (as LMDB's does), so the host's retry path can be exercised. The disk stays full across a crash;
-- torn write (`tear_next_sync`, `FaultRates.torn`): the machine crashes DURING the sync. The call
-  raises `SimulatedCrash` (not a StorageError: the process is gone, nothing may handle it) after
-  `on_applied` ran; the store is dead until `crash()`, which recovers the torn transaction (and
-  the unsynced ones before it, which its sync was flushing) all or nothing, chosen by the rng: the
-  real store is LMDB, whose transactions are atomic via its meta-page flip. A write-ahead log
-  (issue 20) will need record-level tearing (a prefix of a transaction's records on disk, then
-  garbage): `TornWriteModel` is the hook, it returns how many of the torn transaction's records
-  survive, and `crash()` keeps exactly those (today: 0 or all).
+  StorageFullError before writing anything and sets `full`, until `free_space()`; the next
+  successful write clears `full` (as LMDB's does). The disk stays full across a crash;
+- torn write (`tear_next_sync`, `FaultRates.torn`): the machine crashes DURING a sync. The call
+  raises `SimulatedCrash` (not a StorageError: the process is gone, nothing may handle it); the
+  store is dead until `crash()`. During the log's sync: the cycle's records survive as the
+  simulated disk's crash decides (a prefix, maybe torn). During a transaction's (after
+  `on_applied` ran): that transaction (and the unsynced ones before it) survives all or nothing,
+  chosen by `torn_model` (LMDB's transactions are atomic via its meta-page flip).
 
 Memory is not bounded (the simulator runs small states); the costs per transaction are the changes
-it makes (no copy of the durable image: the undo journal is the difference), plus a copy of a
-group's log list when a transaction truncates, compacts or replaces it (rare).
+it makes (no copy of the durable image: the undo journal is the difference).
 """
 
 from __future__ import annotations
