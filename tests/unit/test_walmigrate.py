@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kvstore.node.store import ApplyBatch, GroupWrite
 from kvstore.raft.types import ConfState, Entry, EntryType, HardState
@@ -124,5 +126,43 @@ def test_a_migration_cut_short_by_a_crash_completes_on_the_next_open(
         assert lmdb_log_groups(store._env) == []
         _check(store)
         assert import_lmdb_logs(store._env, store._wal.rw) == []  # nothing left to import
+    finally:
+        store.close()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    hs=st.binary(max_size=30), base=st.binary(max_size=40),
+    entries=st.lists(st.tuples(st.integers(0, 6), st.binary(max_size=20)), max_size=5),
+)
+def test_hostile_lmdb_log_tables_fail_the_open_cleanly(
+    tmp_path_factory: pytest.TempPathFactory, hs: bytes, base: bytes, entries: list[tuple[int, bytes]]
+) -> None:
+    """Whatever bytes an old data directory's log tables hold, opening it either migrates them or
+    raises StorageError (a clear refusal), never another exception, and never half a migration."""
+    from kvstore.storage import layout
+    from kvstore.storage.errors import StorageError
+
+    db = tmp_path_factory.mktemp("hostile") / "db"
+    store = LmdbNodeStore(db, sync=False, wal_segment_bytes=64 << 10)
+    env = store._env
+    p = layout.group_prefix(7)
+
+    def fill(txn: Any) -> None:
+        if hs:
+            txn.put(p + layout.HARD_STATE_TAG, hs, db=env.db(layout.DB_RAFTSTATE))
+        if base:
+            txn.put(p + layout.LOG_BASE_TAG, base, db=env.db(layout.DB_RAFTSTATE))
+        for index, value in entries:
+            txn.put(layout.log_key(7, index), value, db=env.db(layout.DB_RAFTLOG))
+
+    env.write(fill)
+    store.close()
+    try:
+        store = LmdbNodeStore(db, sync=False, wal_segment_bytes=64 << 10)
+    except StorageError:
+        return
+    try:
+        assert lmdb_log_groups(store._env) == []  # migrated whole: the tables are empty
     finally:
         store.close()
