@@ -748,8 +748,15 @@ class NodeSimulation:
         host = n.logic.host
         cycle = host.retry_cycle(self._node_now(n))
         if cycle is not None:
+            served = self._served_before(n, cycle)
+            writes = self._writes_before(n, cycle, served)
             if not self._persist(n, cycle):
                 return
+            # A retried cycle applies what the failed one did not: the same checks as `_cycle`
+            # (they skip a cycle that failed again).
+            self._check_ownership_refusals(n, cycle, served)
+            self._check_written_once(n, writes)
+            self._check_revisions(n, cycle)
             host.end_cycle(cycle)
             n.logic.after_cycle()
         if host.failed is None:
