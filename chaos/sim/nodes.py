@@ -763,9 +763,15 @@ class NodeSimulation:
         host = n.logic.host
         cycle = host.retry_cycle(self._node_now(n))
         if cycle is not None:
+            served = self._served_before(n, cycle)
+            writes = self._writes_before(n, cycle, served)
             if not self._persist(n, cycle):
                 return
-            self._check_revisions(n, cycle)  # (its entries are applied now: the history must have them)
+            # A retried cycle applies what the failed one did not: the same checks as `_cycle`
+            # (they skip a cycle that failed again).
+            self._check_ownership_refusals(n, cycle, served)
+            self._check_written_once(n, writes)
+            self._check_revisions(n, cycle)
             host.end_cycle(cycle)
             n.logic.after_cycle()
             if self.watches is not None:
@@ -1333,20 +1339,24 @@ class NodeSimulation:
         return 0 if m is None else m.next_move - 1 - len(m.moves)
 
     def _extend_for_moves(self) -> bool:
-        """At the end of the run: range moves still pending, but some finished since the heal (the
+        """At the end of the run: range-move work still pending (moves, or a group they drained
+        and the coordinator has not dropped yet), but some moves finished since the heal (the
         coordinator drives moves one by one, and an admin may have queued many during the
-        faults)? Then the run goes on once for another `heal_ms`, and every move must have
+        faults)? Then the run goes on once for another `heal_ms`, and all of it must have
         finished by then. A stalled coordinator (no move finished since the heal) gets no extra
         time. Runs that finished their moves in time are unchanged (same events, same result)."""
         if self._extended or self.moves is None or self.end is None:
             return False
         m = self.moves.final_map()
-        if m is None or not m.moves or self._moves_done() <= self._moves_at_heal:
+        if m is None or self._moves_done() <= self._moves_at_heal:
+            return False
+        pending = self.moves.check_finished()  # moves, or a drained group not dropped yet
+        if pending is None:
             return False
         self._extended = True
         self.end += self.p.heal_ms
-        self.log(f"EXTEND the run by {self.p.heal_ms} ms: {len(m.moves)} range moves still pending, "
-                 f"{self._moves_done() - self._moves_at_heal} finished since the heal")
+        self.log(f"EXTEND the run by {self.p.heal_ms} ms: {pending}, "
+                 f"{self._moves_done() - self._moves_at_heal} moves finished since the heal")
         return True
 
 

@@ -386,8 +386,9 @@ STORAGE_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
     "wal-skip-fdatasync": (Wal, "sync", _ack_without_fdatasync),
 }
 """Bugs planted into the storage layer's write-ahead log. Found by `chaos/sim/walcrash.py` on the
-simulated file system (`tests/unit/test_wal_crash.py`); the whole-node simulator does not run the
-WAL yet (issue 20: the node store still keeps its Raft log in LMDB)."""
+simulated file system (`tests/unit/test_wal_crash.py`) and by the whole-node simulator, whose
+`MemoryNodeStore` keeps the nodes' Raft logs in that WAL on `SimFileSystem`
+(`tests/simulation/test_node_sim.py`)."""
 
 ALL_BUGS = {**BUGS, **NODE_BUGS, **STORAGE_BUGS, **WATCH_BUGS}
 

@@ -98,6 +98,9 @@ def cli() -> None:
 @click.option("--quota-bytes", type=str, default="0", show_default=True,
               help="Space quota of the store (bytes; K/M/G suffixes): above it the NOSPACE alarm is raised "
               "cluster-wide and puts are refused until `kvctl alarm disarm` (0: none).")
+@click.option("--wal-segment-bytes", type=str, default="8M", show_default=True,
+              help="Size of a segment of the write-ahead log holding the Raft logs (bytes; K/M/G suffixes; "
+              "preallocated on disk).")
 @click.option("--max-streams-per-connection", type=click.IntRange(min=0), default=0, show_default=True,
               help="Concurrent RPCs one client connection may have open (HTTP/2 MAX_CONCURRENT_STREAMS; "
               "0: gRPC's default).")
@@ -114,7 +117,7 @@ def serve(
     replication: int, vnodes: int, log_level: str, certs_dir: Path | None, insecure: bool,
     audit_log: Path | None, audit_writes: bool, audit_max_bytes: int, audit_keep: int, audit_sync_lines: int,
     audit_sync_ms: int, rate_limit: str, max_apply_lag: int, memory_limit: str, quota_bytes: str, max_streams_per_connection: int,
-    idle_timeout: float, max_ping_strikes: int, history_retention: float,
+    idle_timeout: float, max_ping_strikes: int, history_retention: float, wal_segment_bytes: str,
 ) -> None:
     """Run one node of a cluster. Restarting with the same --data-dir resumes it.
 
@@ -139,7 +142,7 @@ def serve(
             id=node_id, data_dir=data_dir, listen=listen, peers=parse_peers(peers), cluster_id=cluster_id,
             join=join or learner, learner=learner, advertise=advertise, metrics_listen=metrics_listen,
             client_listen=client_listen, client_advertise=client_advertise,
-            request_timeout=request_timeout,
+            request_timeout=request_timeout, wal_segment_bytes=parse_bytes(wal_segment_bytes),
             raft=RaftSettings(
                 tick_ms=tick_ms, election_tick=election_ticks, lease_read=lease_read, quiesce_ticks=quiesce_ticks,
                 compact_threshold=compact_threshold, compact_keep=min(1000, compact_threshold // 2),

@@ -8,9 +8,10 @@ One cycle (`run_cycle`), run by the one Ready-loop implementation `kvstore.raft.
 module supplies the staging into one store batch, the sending and the answering):
 1. collect the Ready of every group that has one;
 2. hand the messages that need not wait to the transport;
-3. ONE storage call for all groups: persist snapshots, entries and hard states, and apply the
-   committed entries, in one LMDB write transaction with one fsync (the driver runs this step
-   on a worker thread, so the event loop keeps taking requests, which the next cycle batches);
+3. ONE storage call for all groups: persist snapshots, entries and hard states (write-ahead log
+   records and one fdatasync), then apply the committed entries in one LMDB write transaction
+   (the driver runs this step on a worker thread, so the event loop keeps taking requests,
+   which the next cycle batches);
 4. hand the remaining messages (vote and append responses) to the transport;
 5. answer the waiting clients (writes by (index, term), reads once applied through their index);
 6. advance every group.
@@ -154,7 +155,8 @@ class Cycle:
         return bool(self.writes or self.applies)
 
     def persist(self) -> None:
-        """Step 3: one LMDB write transaction and one fsync for every group. Thread-safe with
+        """Step 3: the WAL's records and one fdatasync, then one LMDB write transaction, for every
+        group (`NodeStore.persist_and_apply`). Thread-safe with
         respect to the host: touches only the store and this cycle."""
         early = self.on_applied
         try:

@@ -1,47 +1,52 @@
-"""`MemoryNodeStore`: the `NodeStore` on plain Python data, for the deterministic simulator. STANDARD LIBRARY ONLY.
+"""`MemoryNodeStore`: the `NodeStore` for the deterministic simulator. Standard library only, plus
+the storage layer's write-ahead log code (which does all its I/O through an injected file system).
 
-Same behaviour as `LmdbNodeStore` (the contract test runs one suite on both): the apply logic is
+Same behaviour as `LmdbNodeStore` (the contract test runs one suite on both): every group's Raft
+log and hard state live in the SAME `storage/nodelogs.NodeLogs` (a `RaftWal`) the real store uses,
+here on a `SimFileSystem`; the state machines are plain Python data: the apply logic is
 `machine.apply_data` on `MemGroupView` (same session, LRU and shard semantics as the LMDB view),
 snapshots use the `snapfile` format and come out byte-identical to LMDB's for the same state, and
-`export_range` yields the same `shardcmd` records in the same order. No clock; randomness only from
-the injected `random.Random`, and only for fault injection.
+`export_range` yields the same `shardcmd` records in the same order. `persist_and_apply` runs the
+real store's three steps (snapshot install, the log's records and one sync, the apply
+transaction). No clock; randomness only from the injected `random.Random` (fault injection, and
+one draw at construction that seeds the simulated disk's crash outcomes).
 
-Durability model (what the simulator relies on). Every write call is one transaction:
-- it mutates the live state in place, recording an undo record per change; it becomes VISIBLE
-  when the call returns (published scalars such as the applied index and the logs are switched at
-  commit, so `on_applied` still sees the previous ones);
-- it becomes DURABLE at its sync: with `sync=True` at commit (a sync flushes everything before it
-  too: the journal is dropped); with `sync=False` its undo records are kept in the journal of
-  unsynced transactions until `fsync()` or a later synced transaction;
-- `crash()` kills the store and returns a new one recovered from the durable image only: the
-  journal is undone newest first, so everything not synced is gone (with `sync=False`, nothing
-  since the last synced transaction survives: "acknowledge before fsync" planted). Received
-  snapshot files are gone too (LMDB deletes them at open).
-- a call that raises undoes its records at once: nothing of it is visible or durable.
+Durability model (what the simulator relies on):
+- the Raft logs: a record is durable once the WAL's `fdatasync` covered it (a cycle's sync; with
+  `sync=False`, never, except a segment rotation); `crash()` crashes the simulated disk in its
+  random mode: every synced record survives, plus a random prefix of the rest whose last write
+  may be torn (the WAL's recovery cuts it). Then `NodeLogs.repair` runs, as the real store's
+  start-up does;
+- the state machines (and tombstones, the audit head): every write call is one transaction. It
+  mutates the live state in place, recording an undo record per change; it becomes VISIBLE when
+  the call returns (published scalars such as the applied index are switched at commit, so
+  `on_applied` still sees the previous ones); it becomes DURABLE at its sync: with `sync=True` at
+  commit (a sync flushes everything before it too: the journal is dropped); with `sync=False` its
+  undo records are kept in the journal of unsynced transactions until `fsync()` or a later
+  synced transaction; `crash()` undoes the journal newest first (keeping the oldest
+  `keep_unsynced`), so everything not synced is gone. Received snapshot files are gone too (LMDB
+  deletes them at open). A transaction that raises undoes its records at once.
 
-Faults (deterministic: one-shot, or a rate drawn from the injected rng per synced transaction; the
-rng is drawn only for a rate > 0, so adding no faults changes no random sequence):
-- failed fsync (`fail_next_fsync`, `FaultRates.fsync`): the transaction raises StorageIOError and
-  is undone. A caller may assume exactly what `StorageError` promises: this transaction is not
-  visible and never will be, every earlier synced transaction is still durable, and the same call
-  may be retried. It may not assume the retry succeeds, nor (as PostgreSQL learnt of real fsync
-  errors) that anything written since the last successful sync reached the disk: with sync=False
-  earlier unsynced transactions stay visible but remain exactly as undurable as before;
+Faults (deterministic: one-shot, or a rate drawn from the injected rng per synced step; the rng is
+drawn only for a rate > 0, so adding no faults changes no random sequence):
+- failed fsync (`fail_next_fsync`, `FaultRates.fsync`): of the log's sync, the call raises
+  StorageIOError with the records written but not durable (a crash may lose them; the retry
+  writes them again); of a transaction, it raises StorageIOError and the transaction is undone.
+  A caller may assume exactly what `StorageError` promises (`node/store.py`) and may retry; it may
+  not assume the retry succeeds, nor (as PostgreSQL learnt of real fsync errors) that anything
+  written since the last successful sync reached the disk;
 - full disk (`fill_disk`, `FaultRates.full_disk`): every write (and `receive_snapshot`) raises
-  StorageFullError and sets `full`, until `free_space()`; the next successful write clears `full`
-  (as LMDB's does), so the host's retry path can be exercised. The disk stays full across a crash;
-- torn write (`tear_next_sync`, `FaultRates.torn`): the machine crashes DURING the sync. The call
-  raises `SimulatedCrash` (not a StorageError: the process is gone, nothing may handle it) after
-  `on_applied` ran; the store is dead until `crash()`, which recovers the torn transaction (and
-  the unsynced ones before it, which its sync was flushing) all or nothing, chosen by the rng: the
-  real store is LMDB, whose transactions are atomic via its meta-page flip. A write-ahead log
-  (issue 20) will need record-level tearing (a prefix of a transaction's records on disk, then
-  garbage): `TornWriteModel` is the hook, it returns how many of the torn transaction's records
-  survive, and `crash()` keeps exactly those (today: 0 or all).
+  StorageFullError before writing anything and sets `full`, until `free_space()`; the next
+  successful write clears `full` (as LMDB's does). The disk stays full across a crash;
+- torn write (`tear_next_sync`, `FaultRates.torn`): the machine crashes DURING a sync. The call
+  raises `SimulatedCrash` (not a StorageError: the process is gone, nothing may handle it); the
+  store is dead until `crash()`. During the log's sync: the cycle's records survive as the
+  simulated disk's crash decides (a prefix, maybe torn). During a transaction's (after
+  `on_applied` ran): that transaction (and the unsynced ones before it) survives all or nothing,
+  chosen by `torn_model` (LMDB's transactions are atomic via its meta-page flip).
 
 Memory is not bounded (the simulator runs small states); the costs per transaction are the changes
-it makes (no copy of the durable image: the undo journal is the difference), plus a copy of a
-group's log list when a transaction truncates, compacts or replaces it (rare).
+it makes (no copy of the durable image: the undo journal is the difference).
 """
 
 from __future__ import annotations
@@ -53,7 +58,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from ..raft.storage import CompactedError, SnapshotTemporarilyUnavailable, UnavailableError
 from ..raft.types import (
     ConfChange,
     ConfChangeType,
@@ -62,11 +66,8 @@ from ..raft.types import (
     EntryType,
     HardState,
     RaftError,
-    Snapshot,
     SnapshotMeta,
     bootstrap_entries,
-    entries_to_append,
-    limit_size,
 )
 from ..shard.ranges import IntervalSet, key_hash
 from ..storage import changefeed, mvcc
@@ -80,6 +81,7 @@ from ..storage.errors import (
 )
 from ..storage.machine import LIMITS, SessionHead, SessionLimits, SessionMeta, apply_data
 from ..storage.mvcc_mem import MemRows
+from ..storage.nodelogs import NodeLogs, WalLogStorage, log_is_empty
 from ..storage.shardcmd import (
     REC_CLOSED,
     REC_DATA,
@@ -102,6 +104,7 @@ from ..storage.snapfile import (
     SnapshotDecoder,
     encode_snapshot,
 )
+from ..storage.wal import CRASH_RANDOM, SimFileSystem, WalOptions
 from .store import ApplyBatch, ApplyResults, AuditHead, GroupWrite, NodeStore
 
 T = TypeVar("T")
@@ -111,6 +114,8 @@ SESSION_META_KEY = b"M"
 SNAPSHOT_DIR = Path("/memstore/snapshots")
 """A virtual directory: received snapshots live in memory under paths in it (nothing touches a disk)."""
 
+WAL_OPTIONS = WalOptions(segment_bytes=64 << 10)
+"""Small segments, so the simulator's runs rotate and checkpoint the log."""
 _MISSING: Any = object()
 _NORMAL = EntryType.NORMAL
 _CONF_CHANGE = EntryType.CONF_CHANGE
@@ -138,21 +143,6 @@ class FaultRates:
     torn: float = 0.0
 
 
-@dataclass(slots=True)
-class _Log:
-    """A group's published log. `entries[i]` is entry `base.index + 1 + i`; outside a transaction
-    `len(entries) == last - base.index` (a transaction may extend the list in place beyond `last`:
-    invisible until the new `_Log` is published)."""
-
-    hard_state: HardState = field(default_factory=HardState)
-    base: SnapshotMeta = field(default_factory=SnapshotMeta)
-    entries: list[Entry] = field(default_factory=list)
-    last: int = 0
-
-    def is_empty(self) -> bool:
-        return self.hard_state == HardState() and self.base.index == 0 and self.last == 0
-
-
 @dataclass(slots=True, frozen=True)
 class _Applied:
     """Published: applied index, the configuration in force there, and the shard state."""
@@ -168,8 +158,9 @@ class _Group:
     head; `results` keys are clients (possibly with an empty dict); `keys` is None or the sorted
     keys of `data`; `meta` None means no session meta row (as in LMDB)."""
 
-    log: _Log = field(default_factory=_Log)
     applied: _Applied = field(default_factory=_Applied)
+    snap_base: SnapshotMeta | None = None
+    """The base of the last snapshot installed (for `NodeLogs.repair` after a crash)."""
     data: dict[bytes, bytes] = field(default_factory=dict)
     heads: dict[int, SessionHead] = field(default_factory=dict)
     results: dict[int, dict[int, bytes]] = field(default_factory=dict)
@@ -179,9 +170,6 @@ class _Group:
     keys: list[bytes] | None = None
     rows: MemRows = field(default_factory=MemRows)
     """The MVCC tables (`storage/mvcc.py`)."""
-
-    def has_state(self) -> bool:
-        return not self.log.is_empty() or self.applied.index != 0
 
     def sorted_keys(self) -> list[bytes]:
         k = self.keys
@@ -196,7 +184,6 @@ _U_DATA = 1  # target: _Group; a data key (also invalidates the sorted key cache
 _U_ATTR = 2  # target: object; key: attribute name
 _U_LRU_ADD = 3  # target: _Group; key: the LRU item added
 _U_LRU_DEL = 4  # target: _Group; key: the LRU item removed
-_U_LOG = 5  # target: _Group; old: the previous _Log (trimmed back to its length)
 _U_SET_ADD = 6  # target: set; key: the item added
 _U_ROWS = 7  # target: MemRows; key: (table, row key); old: the old value or None
 Undo = tuple[int, Any, Any, Any]
@@ -224,9 +211,6 @@ def _undo(records: list[Undo], keep: int = 0) -> None:
             del lru[bisect_left(lru, key)]
         elif op == _U_LRU_DEL:
             insort(target.lru, key)
-        elif op == _U_LOG:
-            target.log = old
-            del old.entries[old.last - old.base.index :]
         elif op == _U_SET_ADD:
             target.discard(key)
         elif op == _U_ROWS:
@@ -354,62 +338,6 @@ class MemGroupView:
         return len(gone)
 
 
-class MemLogStorage:
-    """`LogStorage` of one group of a `MemoryNodeStore`: reads the group's published `_Log`."""
-
-    __slots__ = ("_store", "group")
-
-    def __init__(self, store: MemoryNodeStore, group: int) -> None:
-        self._store = store
-        self.group = group
-
-    def _log(self) -> _Log:
-        g = self._store._live().get(self.group)
-        return _EMPTY_LOG if g is None else g.log
-
-    def initial_state(self) -> tuple[HardState, ConfState]:
-        lg = self._log()
-        return lg.hard_state, lg.base.conf_state
-
-    def first_index(self) -> int:
-        return self._log().base.index + 1
-
-    def last_index(self) -> int:
-        return self._log().last
-
-    def term(self, index: int) -> int:
-        lg = self._log()
-        b = lg.base.index
-        if index < b:
-            raise CompactedError(index)
-        if index > lg.last:
-            raise UnavailableError(index)
-        if index == b:
-            return lg.base.term
-        return lg.entries[index - b - 1].term
-
-    def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
-        lg = self._log()
-        b = lg.base.index
-        if lo <= b:
-            raise CompactedError(lo)
-        if hi > lg.last + 1:
-            raise UnavailableError(hi)
-        if lo >= hi:
-            return []
-        return limit_size(lg.entries[lo - b - 1 : hi - b - 1], max_size)
-
-    def snapshot(self) -> Snapshot:
-        g = self._store._live().get(self.group)
-        a = _EMPTY_APPLIED if g is None else g.applied
-        try:
-            term = self.term(a.index)
-        except (CompactedError, UnavailableError):
-            raise SnapshotTemporarilyUnavailable() from None
-        return Snapshot(SnapshotMeta(a.index, term, a.conf_state), b"")
-
-
-_EMPTY_LOG = _Log()
 _EMPTY_APPLIED = _Applied()
 
 
@@ -443,10 +371,14 @@ class MemoryNodeStore:
         snapshot_chunk_size: int = 1 << 20,
         session_limits: SessionLimits = LIMITS,
         torn_model: TornWriteModel = all_or_nothing,
+        wal_fs: SimFileSystem | None = None,
     ) -> None:
-        self.sync = sync
-        """With False, transactions are visible at once but durable only at the next sync."""
         self.rng = rng if rng is not None else random.Random(0)
+        self._fs = wal_fs if wal_fs is not None else SimFileSystem(random.Random(self.rng.getrandbits(64)))
+        """The simulated disk holding the Raft logs' write-ahead log (its own rng, drawn once
+        from `rng` here: its crashes keep random prefixes of the unsynced writes, maybe torn)."""
+        self._wal = NodeLogs(self._fs, WAL_OPTIONS, sync=sync)
+        self._wal_unsynced = 0
         self.rates = rates if rates is not None else FaultRates()
         self.snapshot_chunk_size = snapshot_chunk_size
         self.session_limits = session_limits
@@ -455,7 +387,6 @@ class MemoryNodeStore:
         self._groups: dict[int, _Group] = {}
         self._tombstones: set[int] = set()
         self._audit_head: AuditHead | None = None
-        self._logs: dict[int, MemLogStorage] = {}
         self._journal: list[list[Undo]] = []
         """Undo records of the transactions committed since the last sync, oldest first."""
         self._torn: list[Undo] | None = None
@@ -470,6 +401,16 @@ class MemoryNodeStore:
         self._tear = 0
         self.syncs = 0
         self.transactions = 0
+
+    @property
+    def sync(self) -> bool:
+        """With False, transactions (and the WAL's records) are visible at once but durable only
+        at the next sync."""
+        return self._wal.sync_enabled
+
+    @sync.setter
+    def sync(self, on: bool) -> None:
+        self._wal.sync_enabled = on
 
     # --- faults and crashes -----------------------------------------------------------------
     def fail_next_fsync(self, n: int = 1) -> None:
@@ -490,13 +431,15 @@ class MemoryNodeStore:
 
     @property
     def unsynced(self) -> int:
-        """How many committed transactions a crash would lose right now."""
-        return len(self._journal)
+        """How many committed transactions (state machine) and WAL writes a crash may lose now."""
+        return len(self._journal) + self._wal_unsynced
 
     def fsync(self) -> None:
         """Make everything visible durable (as a sync would; no fault is injected here)."""
         self._check_open()
         self._journal.clear()
+        self._wal.rw.sync()
+        self._wal_unsynced = 0
         self.syncs += 1
 
     def crash(self, keep_unsynced: int = 0) -> MemoryNodeStore:
@@ -520,9 +463,10 @@ class MemoryNodeStore:
         self._journal.clear()
         self._torn = None
         self._dead = self._closed = True
+        fs = self._fs.crash(CRASH_RANDOM)  # the WAL: what was synced, plus any prefix of the rest (maybe torn)
         new = MemoryNodeStore(
             sync=self.sync, rng=self.rng, rates=self.rates, snapshot_chunk_size=self.snapshot_chunk_size,
-            session_limits=self.session_limits, torn_model=self.torn_model,
+            session_limits=self.session_limits, torn_model=self.torn_model, wal_fs=fs,
         )
         new._groups = self._groups
         new._tombstones = self._tombstones
@@ -530,6 +474,17 @@ class MemoryNodeStore:
         new._disk_full = self._disk_full
         self._groups = {}
         self._tombstones = set()
+        groups = new._groups
+        gone = new._wal.repair(
+            sorted(g for g, st in groups.items() if st.applied.index),
+            lambda g: groups[g].applied.index if g in groups else 0,
+            lambda g: groups[g].snap_base if g in groups else None,
+            new._tombstones,
+        )
+        for g in gone:
+            st = groups.get(g)
+            if st is not None and not st.applied.index:
+                del groups[g]
         return new
 
     # --- transactions --------------------------------------------------------------------------
@@ -609,33 +564,45 @@ class MemoryNodeStore:
     def full(self) -> bool:
         return self._full
 
+    def _has_state(self, gid: int) -> bool:
+        st = self._groups.get(gid)
+        return (st is not None and st.applied.index != 0) or not log_is_empty(self._wal.log(gid))
+
     def groups(self) -> list[int]:
-        return sorted(g for g, st in self._live().items() if st.has_state())
+        live = self._live()
+        return sorted(g for g in set(live) | set(self._wal.groups()) if self._has_state(g))
 
     def has_group(self, group: int) -> bool:
-        g = self._live().get(group)
-        return g is not None and g.has_state()
+        self._live()
+        return self._has_state(group)
 
     def tombstones(self) -> set[int]:
         self._check_open()
         return set(self._tombstones)
 
-    def log_storage(self, group: int) -> MemLogStorage:
-        ls = self._logs.get(group)
-        if ls is None:
-            ls = self._logs[group] = MemLogStorage(self, group)
-        return ls
+    def log_storage(self, group: int) -> WalLogStorage:
+        groups = self._groups
+
+        def applied() -> tuple[int, ConfState]:
+            g = groups.get(group)
+            a = _EMPTY_APPLIED if g is None else g.applied
+            return a.index, a.conf_state
+
+        return self._wal.view(group, applied)
 
     def hard_state(self, group: int) -> HardState:
-        g = self._live().get(group)
-        return HardState() if g is None else g.log.hard_state
+        self._live()
+        lg = self._wal.log(group)
+        return HardState() if lg is None else lg.hard_state
 
     def bootstrap(self, group: int, conf: ConfState, data: Sequence[bytes] = ()) -> bool:
         if self.has_group(group) or group in self._tombstones:
             return False
         ents = bootstrap_entries(conf, group)
         ents += [Entry(1, len(ents) + i, EntryType.NORMAL, d, group) for i, d in enumerate(data, 1)]
-        self.persist([GroupWrite(group, ents, HardState(1, 0, len(ents)))])
+        self._wal_fault()
+        self._wal.bootstrap(group, HardState(1, 0, len(ents)), ents)
+        self._wal_flushed()
         return True
 
     def destroy_group(self, group: int, tombstone: bool = False) -> None:
@@ -647,7 +614,8 @@ class MemoryNodeStore:
                 self._tombstones.add(group)
                 undo.append((_U_SET_ADD, self._tombstones, group, None))
 
-        self._write(fn)
+        self._write(fn)  # the state machine first, then the log (`NodeLogs.repair` finishes it)
+        self._wal.destroy(group)
 
     # --- the audit log's head ---------------------------------------------------------------------
     def audit_head(self) -> AuditHead | None:
@@ -674,54 +642,125 @@ class MemoryNodeStore:
         batches: Sequence[ApplyBatch],
         on_applied: Callable[[ApplyResults], None] | None = None,
     ) -> ApplyResults:
+        """The three steps of `LmdbNodeStore.persist_and_apply`: snapshot installs (one synced
+        transaction), the WAL's records and ONE sync, the apply transaction (synced)."""
         if not writes and not batches:
             return []
-        files: list[str] = []
-
-        def fn(undo: list[Undo]) -> ApplyResults:
-            drafts: dict[int, _Log] = {}
-            applied: dict[int, _Applied] = {}
-            for w in writes:
-                gid = w.group
-                g = self._group_for_write(gid, undo)
-                d = drafts.get(gid)
-                if d is None:
-                    lg = g.log
-                    undo.append((_U_LOG, g, None, lg))  # also trims an in-place extension on abort
-                    d = drafts[gid] = _Log(lg.hard_state, lg.base, lg.entries, lg.last)
-                if w.snapshot is not None:
-                    if w.snapshot_file is None:
-                        raise ValueError(f"group {gid}: a snapshot write needs its snapshot_file")
-                    files.append(str(w.snapshot_file))
-                    cur = applied.get(gid, g.applied)
-                    if w.snapshot.index > max(cur.index, d.base.index):
-                        applied[gid] = self._install(g, gid, w.snapshot, str(w.snapshot_file), undo)
-                        d.base, d.entries, d.last = w.snapshot, [], w.snapshot.index
-                _append(d, w.entries, g.log)
-                if w.hard_state is not None:
-                    d.hard_state = w.hard_state
-            results: ApplyResults = []
-            for b in batches:
-                g = self._group_for_write(b.group, undo)
-                cur = applied.get(b.group, g.applied)
-                res, applied[b.group] = self._apply(g, b, cur, undo)
-                results.append(res)
-            if on_applied is not None and results:
-                on_applied(results)
-            # Publish (still inside the transaction: a failing commit undoes it).
-            for gid, d in drafts.items():
-                self._groups[gid].log = d
-            for gid, a in applied.items():
-                g = self._groups[gid]
-                if a is not g.applied:
-                    undo.append((_U_ATTR, g, "applied", g.applied))
-                    g.applied = a
-            return results
-
-        results = self._write(fn)
+        self._check_open()
+        if self._in_txn:
+            raise RuntimeError("nested write transaction")
+        installs = self._installs(writes)
+        self._check_applies(batches, installs)
+        records = self._wal.stage(writes, lambda gid: max(self._applied_index(gid), installs.get(gid, 0)))
+        self._wal.check(records)
+        files = [str(w.snapshot_file) for w in writes if w.snapshot is not None and w.snapshot_file is not None]
+        if installs:
+            self._write(lambda undo: self._install_all(writes, installs, undo))
+        if records:
+            flush = self._wal.must_sync(records)
+            self._wal_fault()
+            self._wal.write(records)
+            self._wal_sync(flush)
+        results: ApplyResults = []
+        if batches:
+            results = self._write(lambda undo: self._apply_all(batches, on_applied, undo))
         for f in files:
             self._received.pop(f, None)
         return results
+
+    def _applied_index(self, gid: int) -> int:
+        g = self._groups.get(gid)
+        return 0 if g is None else g.applied.index
+
+    def _installs(self, writes: Sequence[GroupWrite]) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for w in writes:
+            if w.snapshot is None:
+                continue
+            if w.snapshot_file is None:
+                raise ValueError(f"group {w.group}: a snapshot write needs its snapshot_file")
+            if w.snapshot.index > max(self._applied_index(w.group), out.get(w.group, 0)):
+                out[w.group] = w.snapshot.index
+        return out
+
+    def _check_applies(self, batches: Sequence[ApplyBatch], installs: dict[int, int]) -> None:
+        idx: dict[int, int] = {}
+        for b in batches:
+            cur = idx.get(b.group)
+            if cur is None:
+                cur = max(self._applied_index(b.group), installs.get(b.group, 0))
+            for e in b.entries:
+                if e.index <= cur:
+                    continue
+                if e.index != cur + 1:
+                    raise RaftError(f"group {b.group}: entry {e.index} applied after {cur}: entries would be lost")
+                cur = e.index
+            idx[b.group] = cur
+
+    def _install_all(self, writes: Sequence[GroupWrite], installs: dict[int, int], undo: list[Undo]) -> None:
+        for w in writes:
+            snap, gid = w.snapshot, w.group
+            if snap is None or w.snapshot_file is None or installs.get(gid) != snap.index:
+                continue
+            g = self._group_for_write(gid, undo)
+            a = self._install(g, gid, snap, str(w.snapshot_file), undo)
+            undo.append((_U_ATTR, g, "snap_base", g.snap_base))
+            g.snap_base = snap
+            undo.append((_U_ATTR, g, "applied", g.applied))
+            g.applied = a
+
+    def _apply_all(
+        self, batches: Sequence[ApplyBatch], on_applied: Callable[[ApplyResults], None] | None, undo: list[Undo]
+    ) -> ApplyResults:
+        applied: dict[int, _Applied] = {}
+        results: ApplyResults = []
+        for b in batches:
+            g = self._group_for_write(b.group, undo)
+            cur = applied.get(b.group, g.applied)
+            res, applied[b.group] = self._apply(g, b, cur, undo)
+            results.append(res)
+        if on_applied is not None and results:
+            on_applied(results)
+        # Publish (still inside the transaction: a failing commit undoes it).
+        for gid, a in applied.items():
+            g = self._groups[gid]
+            if a is not g.applied:
+                undo.append((_U_ATTR, g, "applied", g.applied))
+                g.applied = a
+        return results
+
+    # --- the WAL step's faults ----------------------------------------------------------------------
+    def _wal_fault(self) -> None:
+        """Before the WAL is written: a full disk refuses it (nothing written)."""
+        if self._disk_full or self._draw(self.rates.full_disk):
+            self._disk_full = self._full = True
+            raise StorageFullError("simulated: no space left on device (write-ahead log)")
+
+    def _wal_sync(self, flush: bool) -> None:
+        """The WAL's one sync of a cycle, with the faults of a synced transaction: a failed
+        fsync raises StorageIOError (the records stay written, not durable: the retry writes them
+        again), a torn write is the machine crashing during the sync (`crash()` keeps a random
+        prefix of the unsynced writes, maybe torn)."""
+        if not flush or not self.sync:
+            self._wal.sync(flush=False)
+            self._wal_unsynced += 1
+            self._full = False
+            return
+        if self._fail_fsync > 0 or self._draw(self.rates.fsync):
+            self._fail_fsync = max(0, self._fail_fsync - 1)
+            self._wal_unsynced += 1
+            raise StorageIOError("simulated: fsync of the write-ahead log failed (EIO)")
+        if self._tear > 0 or self._draw(self.rates.torn):
+            self._tear = max(0, self._tear - 1)
+            self._dead = True
+            raise SimulatedCrash("simulated: the machine crashed during the write-ahead log's fsync")
+        self._wal.sync()
+        self._wal_flushed()
+
+    def _wal_flushed(self) -> None:
+        self._wal_unsynced = 0
+        self.syncs += 1
+        self._full = False
 
     def _apply(
         self, g: _Group, b: ApplyBatch, cur: _Applied, undo: list[Undo]
@@ -822,32 +861,8 @@ class MemoryNodeStore:
         return _Applied(hm.index, hm.conf_state, shards)
 
     def compact(self, group: int, index: int) -> None:
-        g = self._live().get(group)
-        lg = _EMPTY_LOG if g is None else g.log
-        if index <= lg.base.index:
-            return
-        if index > lg.last:
-            raise RaftError(f"compact {index} beyond last index {lg.last}")
-        applied = 0 if g is None else g.applied.index
-        if index > applied:
-            raise RaftError(f"compact {index} beyond applied index {applied}")
-        assert g is not None
-        b = lg.base.index
-        conf = lg.base.conf_state
-        for e in lg.entries[: index - b]:
-            if e.type == _CONF_CHANGE:
-                try:
-                    conf = conf.apply(ConfChange.decode(e.data))
-                except ValueError:
-                    continue
-        new = _Log(lg.hard_state, SnapshotMeta(index, lg.entries[index - b - 1].term, conf),
-                   lg.entries[index - b :], lg.last)
-
-        def fn(undo: list[Undo]) -> None:
-            undo.append((_U_LOG, g, None, g.log))
-            g.log = new
-
-        self._write(fn)
+        self._check_open()
+        self._wal.compact(group, index, self._applied_index(group))
 
     # --- state ----------------------------------------------------------------------------------
     def applied_index(self, group: int) -> int:
@@ -886,7 +901,8 @@ class MemoryNodeStore:
         st = None if g is None else g.applied.shards
         if g is None or st is None or not ranges.issubset(st.frozen):
             raise StorageError(f"group {group} has not frozen the ranges to export")
-        recs: list[tuple[bytes, bool]] = [(encode_record(REC_CLOSED, b"", U64.pack(mvcc.rev_state(g.rows).last)), False)]
+        rst = mvcc.rev_state(g.rows)
+        recs: list[tuple[bytes, bool]] = [(encode_record(REC_CLOSED, b"", U64_PAIR.pack(rst.last, rst.compact)), False)]
         data = g.data
         for k in g.sorted_keys():
             if key_hash(k) in ranges:
@@ -1059,15 +1075,15 @@ class MemoryNodeStore:
     def stats(self) -> dict[str, Any]:
         groups: dict[int, dict[str, int]] = {}
         for gid in self.groups():
-            g = self._groups[gid]
-            lg = g.log
+            ls = self.log_storage(gid)
+            hs = ls.hard_state
             groups[gid] = {
-                "first_index": lg.base.index + 1,
-                "last_index": lg.last,
-                "log_entries": lg.last - lg.base.index,
-                "applied_index": g.applied.index,
-                "term": lg.hard_state.term,
-                "commit": lg.hard_state.commit,
+                "first_index": ls.first_index(),
+                "last_index": ls.last_index(),
+                "log_entries": ls.last_index() - ls.base.index,
+                "applied_index": self._applied_index(gid),
+                "term": hs.term,
+                "commit": hs.commit,
             }
         return {
             "full": self.full,
@@ -1088,23 +1104,6 @@ class MemoryNodeStore:
 
     def close(self) -> None:
         self._closed = True
-
-
-def _append(d: _Log, entries: list[Entry], published: _Log) -> None:
-    """`GroupLogStorage.stage_append` on a draft: append, truncating a conflicting suffix. Extends
-    the published list in place when nothing visible changes, else works on a copy."""
-    entries = entries_to_append(entries, d.base.index, d.last)
-    if not entries:
-        return
-    start = entries[0].index
-    new_last = entries[-1].index
-    keep = start - 1 - d.base.index
-    if d.entries is published.entries and (keep != len(d.entries) or keep != published.last - published.base.index):
-        d.entries = d.entries[:keep]  # a truncation of visible entries: copy
-    else:
-        del d.entries[keep:]
-    d.entries.extend(entries)
-    d.last = new_last
 
 
 def _apply_member(g: _Group, data: bytes, undo: list[Undo]) -> None:

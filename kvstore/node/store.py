@@ -1,19 +1,25 @@
 """`NodeStore`: the one storage interface of a node, and what a Ready cycle hands it. STANDARD LIBRARY ONLY.
 
-Two implementations: `kvstore.storage.store.LmdbNodeStore` (the server: one LMDB environment, one
-write transaction and one fsync per call) and `kvstore.node.memstore.MemoryNodeStore` (the
-simulator: plain Python data, deterministic, with a durability model and disk faults). A contract
-test (`tests/unit/test_node_store.py`) runs the same suite on both and checks they agree.
+Two implementations: `kvstore.storage.store.LmdbNodeStore` (the server: every group's Raft log in
+one write-ahead log, the state machines in one LMDB environment; a cycle is one `fdatasync` of
+the log, then one LMDB transaction if it applies) and `kvstore.node.memstore.MemoryNodeStore`
+(the simulator: the same write-ahead log code on a simulated file system, the state machines in
+plain Python data, deterministic, with a durability model and disk faults). A contract test
+(`tests/unit/test_node_store.py`) runs the same suite on both and checks they agree.
 
 Contract shared by every method that writes (`persist_and_apply`, `bootstrap`, `destroy_group`,
 `compact`):
-- a call is ONE atomic transaction: when it returns, all of it is visible; if it raises, none of
-  it is (nor ever becomes durable) and every cache is unchanged, so the same call may be retried;
+- when a call returns, all of it is visible; a call that raises a programming error (RaftError
+  for a gap, ValueError) wrote nothing. `persist_and_apply` is up to three steps (a snapshot
+  install, the log's records, the apply transaction: `LmdbNodeStore`'s docstring): a
+  `StorageError` leaves the steps before the failed one in place, which is harmless (a crash
+  right after them leaves the same) and nothing of the failed step; the same call may be
+  retried (it writes the log's records again and applies each entry once);
 - when it returns on a store opened with `sync=True`, all of it is durable: after a crash (kill -9,
   power loss) the store returns exactly what returned calls wrote. With `sync=False` it is visible
   but may be lost by a machine crash (never half of it);
-- `StorageFullError`: the disk is full; nothing was written; `full` is True until a later write
-  succeeds. `StorageIOError`: the device failed (e.g. a failed fsync); nothing was written.
+- `StorageFullError`: the disk is full; `full` is True until a later write succeeds.
+  `StorageIOError`: the device failed (e.g. a failed fsync).
 
 Reads see the last returned transaction. Streams (`scan_chunks`, `export_range`,
 `snapshot_chunks`) are one consistent view taken when the call was made.
@@ -170,12 +176,13 @@ class NodeStore(Protocol):
         batches: Sequence[ApplyBatch],
         on_applied: Callable[[ApplyResults], None] | None = None,
     ) -> ApplyResults:
-        """ONE transaction (one fsync with sync=True) for ALL groups: per write, in order, install
+        """For ALL groups at once (one `fdatasync` of the log, one apply transaction; see the module
+        docstring for failures): per write, in order, install
         its snapshot (if newer than the group's applied index and log base; the file is consumed
         either way once the transaction commits), append its entries (truncating a conflicting
         suffix) and set its hard state; then per batch apply its committed entries, in order,
         each exactly once (an entry at or below the applied index is skipped with result None; a
-        gap raises RaftError and nothing is written), and record the new applied index with
+        gap raises RaftError before anything is written), and record the new applied index with
         `conf_state`. The applied index and the data, sessions, members and shard state it covers
         change together; the results are computed inside the transaction, so they are those of
         the state the transaction commits.
@@ -184,7 +191,7 @@ class NodeStore(Protocol):
         are known, before the commit and its fsync (possibly more than once with the same
         results): the entries applied are committed, so their outcome is decided whether or not
         this transaction becomes durable. It must not read the store's data nor write: the
-        applied index, shard state and logs it could see are still the previous ones.
+        applied index and shard state it could see are still the previous ones.
 
         Returns the results (`[]` for a call with nothing to do, which touches nothing)."""
         ...

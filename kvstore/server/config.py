@@ -69,6 +69,8 @@ class NodeConfig:
     metrics_listen: str = ""
     request_timeout: float = 5.0
     sync: bool = True
+    wal_segment_bytes: int = 8 << 20
+    """Size of a segment of the node's write-ahead log (`--wal-segment-bytes`; preallocated)."""
     raft: RaftSettings = field(default_factory=RaftSettings)
     limits: Limits = field(default_factory=Limits)
     groups: int = 1
@@ -94,6 +96,8 @@ class NodeConfig:
         return self.audit is not None and self.audit.writes
 
     def validate(self) -> None:
+        if not 64 << 10 <= self.wal_segment_bytes <= 1 << 30:
+            raise ValueError(f"--wal-segment-bytes {self.wal_segment_bytes} must be in 64K..1G")
         if not 0 <= self.history_retention <= 100 * 365 * 86400:
             raise ValueError(f"--history-retention {self.history_retention} must be 0 (off) or a positive duration")
         self.limits.validate()

@@ -137,7 +137,9 @@ class Node:
         if cfg.certs_dir is not None:
             self.tls = NodeTls(cfg.certs_dir, cfg.id)  # before the store: bad certificates fail fast
         tls = self.tls
-        self.store = store = LmdbNodeStore(cfg.data_dir / "db", sync=cfg.sync, map_size=1 << 36)
+        self.store = store = LmdbNodeStore(
+            cfg.data_dir / "db", sync=cfg.sync, map_size=1 << 36, wal_segment_bytes=cfg.wal_segment_bytes
+        )
         if cfg.audit is not None:
             self.audit = AuditLog(cfg.audit, load_or_create_key(cfg.data_dir / KEY_FILE), store, cfg.id)
             self.audit.open()

@@ -1,7 +1,9 @@
-"""kvstore.storage: a node's durable state on LMDB (one environment, every Raft group in it).
+"""kvstore.storage: a node's durable state: every Raft group's log in one write-ahead log, every
+group's state machine in one LMDB environment.
 
-Modules: `lmdb_env` (open, durability, map growth, full disk), `layout` (keys and encodings),
-`raftlog` (LogStorage per group), `commands` + `machine` (command encoding and the pure apply
+Modules: `nodelogs` (the Raft logs in the WAL: `wal/`, `walrec`, `walgroups`, `raftwal`;
+`walmigrate` moves an old data directory's logs out of LMDB, read by `raftlog`), `lmdb_env` (open,
+durability, map growth, full disk), `layout` (keys and encodings), `commands` + `machine` (command encoding and the pure apply
 logic, standard library only), `kvstate` (the state machine on LMDB), `snapfile` (snapshot
 stream format), `store` (`LmdbNodeStore`, the facade the server uses: the LMDB implementation of
 the `kvstore.node.store.NodeStore` protocol; `NodeStore` here is its old name).

@@ -17,7 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -41,23 +41,17 @@ from .layout import (
     DB_APPLIED,
     DB_DATA,
     DB_MEMBERS,
-    DB_RAFTLOG,
-    DB_RAFTSTATE,
     DB_REVS,
     DB_SESSION_LRU,
     DB_SESSIONS,
     DB_SHARDS,
-    LOG_BASE_TAG,
     SESSION_META_TAG,
     U64,
     U64_PAIR,
     decode_applied,
-    decode_log_base,
-    decode_log_term,
     encode_applied,
     group_end,
     group_prefix,
-    log_key,
 )
 from .machine import LIMITS, SessionHead, SessionLimits, SessionMeta, apply_data
 from .mvcc_lmdb import LmdbRows, rev_dbs
@@ -567,9 +561,12 @@ class KVState:
         return out
 
     # --- snapshots out ------------------------------------------------------------------------
-    def snapshot_stream(self, group: int, chunk_size: int) -> tuple[SnapshotMeta, TxnStream[bytes]]:
+    def snapshot_stream(
+        self, group: int, chunk_size: int, term_of: Callable[[int], int | None]
+    ) -> tuple[SnapshotMeta, TxnStream[bytes]]:
         """The group's state at its applied index as (meta, chunks), from ONE read transaction.
-        Raises SnapshotTemporarilyUnavailable if the term of the applied index is not in the log."""
+        `term_of(index)` is the term of a log index (None if the log no longer has it: the WAL
+        holds the logs); raises SnapshotTemporarilyUnavailable then."""
         env = self._env
         reader = env.reader()
         try:
@@ -577,7 +574,7 @@ class KVState:
             p = group_prefix(group)
             raw = txn.get(p, db=env.db(DB_APPLIED))
             index, conf = (0, ConfState()) if raw is None else decode_applied(raw)
-            term = _term_in(txn, env, group, index)
+            term = 0 if index == 0 else term_of(index)
             if term is None:
                 raise SnapshotTemporarilyUnavailable()
         except BaseException:
@@ -620,7 +617,8 @@ class KVState:
 
         def gen() -> Iterator[tuple[bytes, int]]:
             rows = LmdbRows(txn, group, rev_dbs(env))
-            buf: list[bytes] = [encode_record(REC_CLOSED, b"", U64.pack(_rev_state(rows).last))]
+            rst = _rev_state(rows)
+            buf: list[bytes] = [encode_record(REC_CLOSED, b"", U64_PAIR.pack(rst.last, rst.compact))]
             size = len(buf[0])
             keys = 0
             for k, v in _iter_range(txn, env.db(DB_DATA), group, b"", None):
@@ -701,21 +699,6 @@ def _decode_shards(raw: bytes) -> ShardState:
         return ShardState.decode(bytes(raw))
     except ValueError as err:
         raise StorageError(f"corrupt shard state: {err}") from None
-
-
-def _term_in(txn: Txn, env: LmdbEnv, group: int, index: int) -> int | None:
-    """The term of entry `index` as seen by `txn` (log entry, or the log base), or None."""
-    if index == 0:
-        return 0
-    raw = txn.get(log_key(group, index), db=env.db(DB_RAFTLOG))
-    if raw is not None:
-        return decode_log_term(raw)
-    raw = txn.get(group_prefix(group) + LOG_BASE_TAG, db=env.db(DB_RAFTSTATE))
-    if raw is not None:
-        base = decode_log_base(raw)
-        if base.index == index:
-            return base.term
-    return None
 
 
 def _iter_range(

@@ -4,9 +4,16 @@ One LMDB environment per node holds every Raft group; every key starts with the 
 big-endian bytes, so one group's rows are one contiguous key range in each sub-database and byte
 order equals numeric order.
 
-    raftlog    group:u64 index:u64             -> term:u64 type:u8 data
+    raftlog    group:u64 index:u64             -> term:u64 type:u8 data          } the Raft logs
     raftstate  group:u64 b"h"                  -> hard state   term:u64 vote:u64 commit:u64
                group:u64 b"b"                  -> log base     index:u64 term:u64 conf
+               (these three are only READ now, once: a data directory written before the Raft
+               logs moved to the write-ahead log (`nodelogs.py`) has them copied into it and
+               emptied at open, `walmigrate.py`)
+               group:u64 b"s"                  -> the last snapshot installed: index:u64 term:u64
+                                                  conf (written with the install; start-up
+                                                  re-creates the WAL's log from it after a crash
+                                                  between the install and the WAL's RESET)
     data       group:u64 user_key              -> value
     sessions   group:u64 client:u64            -> session head: floor:u64 last:u64 created:u64
                                                   (machine.SessionHead; the previous release
@@ -79,6 +86,7 @@ _CONF_HEAD = struct.Struct(">II")
 HARD_STATE_TAG = b"h"
 TOMBSTONE_TAG = b"T"
 LOG_BASE_TAG = b"b"
+SNAPSHOT_BASE_TAG = b"s"
 GROUP_MAX = (1 << 64) - 1
 
 

@@ -427,13 +427,13 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
             return ApplyResult(error="install superseded by another installation (token mismatch)")
         records = list(iter_records(cmd.records))
         histories: dict[bytes, list[tuple[int, bytes]]] = {}
-        closed = 0
+        closed = compacted = 0
         for tag, key, value in records:  # all checks first: a refused INSTALL changes nothing
             if tag == REC_CLOSED:
-                (at,) = U64.unpack(value)
+                at, comp = U64_PAIR.unpack(value)  # comp <= at: checked by iter_records
                 if at > mvcc.PROPOSAL_MAX:
                     return ApplyResult(error=f"install with a closed revision {at} out of range")
-                closed = max(closed, at)
+                closed, compacted = max(closed, at), max(compacted, comp)
             if tag == REC_HISTORY:
                 try:
                     histories[key] = mvcc.decode_versions(value)
@@ -448,10 +448,18 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
         if histories or closed:
             rows = view.mvcc
             rst = mvcc.rev_state(rows)
-            for key, versions in histories.items():
-                rst = mvcc.install_history(rows, rst, key, versions)
+            if compacted > rst.compact:
+                # The source compacted further: the moved keys' versions below its compact
+                # revision are gone, so this group's history below it is no longer whole either.
+                # Compact this group's own history there first (deterministic, like any COMPACT),
+                # then the moved rows land above it (no change-log rows at or below it).
+                rst = mvcc.compact(rows, rst, compacted)
             if closed > rst.last:  # the source's closed revision: later writes here go above it
                 rst = mvcc.RevState(closed, rst.compact, rst.next_kid)
+            if compacted > rst.compact:  # compact() stops at this group's old last revision
+                rst = mvcc.RevState(rst.last, compacted, rst.next_kid)
+            for key, versions in histories.items():
+                rst = mvcc.install_history(rows, rst, key, versions)
             rows.put(mvcc.T_STATE, b"", rst.encode())
         for tag, key, value in records:
             if tag == REC_DATA:

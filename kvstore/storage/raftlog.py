@@ -1,46 +1,36 @@
-"""`GroupLogStorage`: the `kvstore.raft.storage.LogStorage` of one Raft group, on the node's LMDB env.
+"""`GroupLogStorage`: READ-ONLY access to one group's Raft log as kvstore kept it in LMDB before the
+logs moved to the write-ahead log (`nodelogs.py`, issue 20). Only `walmigrate.py` uses it, once per
+old data directory, to copy the logs into the WAL; nothing writes these tables any more.
 
-Same semantics as `kvstore.raft.MemoryStorage` (append truncates a conflicting suffix, compaction
-keeps the term of the last discarded entry, the same errors). Layout: see `layout.py`.
-
-Reads: `first_index`, `last_index`, `initial_state` and (almost always) `term` are answered from a
-cache (`LogState`) without touching LMDB; `entries` are answered from the cached tail of the log
-(the last `TAIL_ENTRIES` entries appended since the store was opened: what the state machine
-applies next and what followers usually need) or else read with a cursor in a short read
+It is a `kvstore.raft.storage.LogStorage` with `MemoryStorage`'s semantics. Layout: see
+`layout.py`. Reads: `first_index`, `last_index`, `initial_state` and (almost always) `term` are
+answered from a cache (`LogState`) without touching LMDB; `entries` with a cursor in a short read
 transaction.
 
-Writes happen only through `NodeStore`, inside its single write transaction: the `stage_*`
-methods write into the transaction and update a *draft* copy of the cache; `NodeStore` installs the
-draft with `commit_draft` once the transaction committed. A failed or retried transaction therefore
-never leaves the cache ahead of (or behind) the disk.
-
-Invariants (of the cache and of the disk):
+Invariants of the stored log (checked as far as a read needs them: a violation is a
+StorageError, never another exception):
 - entries are contiguous: keys (group, first_index) .. (group, last_index) exist, no others;
 - `base` is the (index, term, configuration) of the last entry discarded (0, 0, empty initially);
   `first_index == base.index + 1`, `last_index >= base.index`;
-- `base.conf_state` is the configuration in force after entry `base.index`, which is what the core
-  takes as its starting configuration before scanning the remaining entries.
+- `base.conf_state` is the configuration in force after entry `base.index`.
 """
 
 from __future__ import annotations
 
 import struct
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvstore.raft.storage import CompactedError, SnapshotTemporarilyUnavailable, UnavailableError
 from kvstore.raft.types import (
-    ConfChange,
     ConfState,
     Entry,
     EntryType,
     HardState,
-    RaftError,
     Snapshot,
     SnapshotMeta,
-    entries_to_append,
     limit_size,
 )
 
@@ -55,8 +45,6 @@ from .layout import (
     decode_hard_state,
     decode_log_base,
     decode_log_term,
-    encode_hard_state,
-    encode_log_base,
     group_end,
     group_prefix,
     log_key,
@@ -229,150 +217,7 @@ class GroupLogStorage:
             raise SnapshotTemporarilyUnavailable() from None
         return Snapshot(SnapshotMeta(index, term, conf), b"")
 
-    # --- cache access for NodeStore --------------------------------------------------------
+    # --- what the migration reads ----------------------------------------------------------
     @property
     def state(self) -> LogState:
         return self._st
-
-    @property
-    def hard_state(self) -> HardState:
-        return self._st.hard_state
-
-    @property
-    def base(self) -> SnapshotMeta:
-        return self._st.base
-
-    def draft(self) -> LogState:
-        return self._st.copy()
-
-    def commit_draft(self, draft: LogState) -> None:
-        self._st = draft
-
-    def reset(self) -> None:
-        self._st = LogState()
-
-    # --- staged writes (inside NodeStore's write transaction) -------------------------------
-    def stage_append(self, txn: Txn, st: LogState, entries: list[Entry]) -> None:
-        """Append `entries`, truncating any suffix they conflict with (MemoryStorage.append)."""
-        entries = entries_to_append(entries, st.base.index, st.last)
-        if not entries:
-            return
-        start = entries[0].index
-        new_last = entries[-1].index
-        group = self.group
-        db = self._env.db(DB_RAFTLOG)
-        for i in range(new_last + 1, st.last + 1):
-            txn.delete(log_key(group, i), db=db)
-        pack_val = LOG_VALUE.pack
-        pack_key = U64_PAIR.pack
-        cur = txn.cursor(db=db)
-        cur.putmulti([(pack_key(group, e.index), pack_val(e.term, int(e.type)) + e.data) for e in entries])
-        starts, terms = st.run_starts, st.run_terms
-        if not starts or start <= starts[0]:
-            starts.clear()
-            terms.clear()
-        else:
-            k = bisect_left(starts, start)
-            del starts[k:]
-            del terms[k:]
-        for e in entries:
-            if not terms or terms[-1] != e.term:
-                starts.append(e.index)
-                terms.append(e.term)
-        tail = st.tail
-        if tail and tail[0].index < start:
-            del tail[start - tail[0].index :]
-            tail.extend(entries)
-        else:
-            st.tail = tail = list(entries)
-        if len(tail) > TAIL_ENTRIES:
-            del tail[: len(tail) - TAIL_ENTRIES]
-        st.last = new_last
-
-    def stage_hard_state(self, txn: Txn, st: LogState, hs: HardState) -> None:
-        if hs == st.hard_state:
-            return
-        txn.put(self._prefix + HARD_STATE_TAG, encode_hard_state(hs), db=self._env.db(DB_RAFTSTATE))
-        st.hard_state = hs
-
-    def stage_snapshot(self, txn: Txn, st: LogState, meta: SnapshotMeta) -> None:
-        """Drop every entry of the group and make `meta` the log's base (first = meta.index + 1)."""
-        self._delete_range(txn, st.first, st.last)
-        self._put_base(txn, st, meta)
-        st.last = meta.index
-        st.run_starts.clear()
-        st.run_terms.clear()
-        st.tail = []
-
-    def stage_compact(self, txn: Txn, st: LogState, index: int, applied_index: int) -> bool:
-        """Discard entries <= `index`; the base becomes (index, term(index), conf in force there).
-        Returns False (and changes nothing) if `index` is already compacted."""
-        if index <= st.base.index:
-            return False
-        if index > st.last:
-            raise RaftError(f"compact {index} beyond last index {st.last}")
-        if index > applied_index:
-            raise RaftError(f"compact {index} beyond applied index {applied_index}")
-        conf, term = self._conf_and_term_at(txn, st, index)
-        self._delete_range(txn, st.first, index)
-        self._put_base(txn, st, SnapshotMeta(index, term, conf))
-        starts, terms = st.run_starts, st.run_terms
-        if starts:
-            k = bisect_right(starts, index + 1) - 1
-            if k > 0:
-                del starts[:k]
-                del terms[:k]
-            if starts and starts[0] < index + 1:
-                starts[0] = index + 1
-        if st.tail and st.tail[0].index <= index:
-            del st.tail[: index + 1 - st.tail[0].index]
-        return True
-
-    def _conf_and_term_at(self, txn: Txn, st: LogState, index: int) -> tuple[ConfState, int]:
-        """The configuration in force after entry `index` (base configuration plus the CONF_CHANGE
-        entries up to `index`, skipping invalid ones exactly as the core does) and its term."""
-        group = self.group
-        conf = st.base.conf_state
-        cur = txn.cursor(db=self._env.db(DB_RAFTLOG))
-        if not cur.set_key(log_key(group, st.first)):
-            raise StorageError(f"raft log of group {group} is corrupt: entry {st.first} is missing")
-        term = st.base.term
-        end = log_key(group, index)
-        unpack = LOG_VALUE.unpack_from
-        cc = int(EntryType.CONF_CHANGE)
-        for key, value in cur.iternext():
-            if key > end:
-                break
-            try:
-                term, etype = unpack(value)
-            except struct.error as err:
-                raise StorageError(f"raft log of group {group} is corrupt: {err}") from None
-            if etype == cc:
-                try:
-                    conf = conf.apply(ConfChange.decode(value[LOG_VALUE.size :]))
-                except ValueError:
-                    continue
-        return conf, term
-
-    def stage_destroy(self, txn: Txn) -> None:
-        st = self._st
-        self._delete_range(txn, st.first, st.last)
-        db = self._env.db(DB_RAFTSTATE)
-        txn.delete(self._prefix + HARD_STATE_TAG, db=db)
-        txn.delete(self._prefix + LOG_BASE_TAG, db=db)
-
-    def _put_base(self, txn: Txn, st: LogState, meta: SnapshotMeta) -> None:
-        txn.put(self._prefix + LOG_BASE_TAG, encode_log_base(meta), db=self._env.db(DB_RAFTSTATE))
-        st.base = meta
-
-    def _delete_range(self, txn: Txn, lo: int, hi: int) -> None:
-        """Delete entries lo..hi (inclusive)."""
-        if hi < lo:
-            return
-        cur = txn.cursor(db=self._env.db(DB_RAFTLOG))
-        end = log_key(self.group, hi)
-        if not cur.set_range(log_key(self.group, lo)):
-            return
-        while cur.key() <= end:
-            if not cur.delete():
-                break

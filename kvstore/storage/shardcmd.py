@@ -62,9 +62,12 @@ REC_RESULT = 3
 REC_HISTORY = 4
 """A moved key's retained history (`mvcc.encode_versions`), keyed by the user key."""
 REC_CLOSED = 5
-"""The source group's last (closed) revision when it exported (empty key, value u64): the
-target's last revision is raised to it, so a read at R the source answered for a moved key
-(source last >= R) is not changed by a later write of the target (docs/REVISIONS.md)."""
+"""The source group's last (closed) and compact revisions when it exported (empty key, value
+u64 last, u64 compact, compact <= last): the target's last revision is raised to the first, so a
+read at R the source answered for a moved key (source last >= R) is not changed by a later write
+of the target; its compact revision to the second, so no read or watch of the target below it
+sees a moved key's history with the versions the source had compacted missing
+(docs/REVISIONS.md)."""
 
 
 class ShardOp(enum.IntEnum):
@@ -192,8 +195,12 @@ def iter_records(data: bytes) -> Iterator[tuple[int, bytes, bytes]]:
             raise ValueError(f"install data key of {kl} bytes")
         if tag == REC_FLOOR and (kl != 8 or vl != 8):
             raise ValueError("install floor record is not (u64, u64)")
-        if tag == REC_CLOSED and (kl != 0 or vl != 8):
-            raise ValueError("install closed-revision record is not (empty, u64)")
+        if tag == REC_CLOSED:
+            if kl != 0 or vl != 16:
+                raise ValueError("install closed-revision record is not (empty, u64 last, u64 compact)")
+            last, comp = U64_PAIR.unpack(value)
+            if comp > last:
+                raise ValueError(f"install closed-revision record with compact {comp} above last {last}")
         if tag == REC_RESULT:
             if kl != 16:
                 raise ValueError("install result record key is not (u64, u64)")

@@ -1,26 +1,50 @@
-"""`LmdbNodeStore`: a node's durable state (every Raft group's log, hard state and KV state machine) in
-one LMDB environment, behind the calls the server's Ready loop makes.
+"""`LmdbNodeStore`: a node's durable state behind the calls the server's Ready loop makes: every Raft
+group's log and hard state in ONE write-ahead log (`nodelogs.NodeLogs`, a `RaftWal` under
+`<path>/wal`), the KV state machine of every group in ONE LMDB environment (`<path>`).
 
-One call = ONE write transaction = one fsync (with sync=True), for ALL groups: `persist_and_apply`
-persists every group's snapshot, entries and hard state and applies every group's committed
-entries atomically; `persist` and `apply` are its two halves. If a call raises, nothing of it was
-written and every cache is unchanged (the call may be retried); `StorageFullError` also sets `full`.
+One Ready cycle (`persist_and_apply`), for ALL groups (issue 20):
+1. (only if the cycle installs a snapshot) ONE synced LMDB transaction installs the snapshots;
+2. the cycle's WAL records (RESET for a new group or an installed snapshot, ENTRIES, HARD_STATE),
+   then ONE `fdatasync` of the WAL;
+3. (only if the cycle applies) ONE LMDB transaction applies the committed entries (synced: data
+   and applied index stay consistent in LMDB). Entries applied may be those persisted in step 2.
+A cycle that only persists costs one `fdatasync`; one that persists and applies, the WAL's and
+LMDB's (two ordered flushes: data, then the meta page). Before this, two LMDB commits per put.
 
-After a restart (even kill -9) the store returns exactly what committed calls wrote: hard states,
-logs, log bases, KV data, applied indexes (with their configurations), sessions and members.
+Failures: a call that raises wrote nothing of step 3; the programming errors (a gap in entries
+to append or to apply: RaftError) are found before step 1. A storage error after step 1 or 2
+leaves those steps in place, which is harmless: installing a snapshot the node's core holds in
+its Ready, or persisting entries and hard states nobody was told about yet, is what a crash
+right after the same write would leave; the same call may be retried (it writes the WAL records
+again, skips the installed snapshot and applies once). `StorageFullError` also sets `full`.
+
+Why this order (the crash cases): the WAL RESET of an installed snapshot comes AFTER the LMDB
+install, so a crash between leaves the state machine ahead of the log, never a log compacted past
+what the state machine holds; start-up (`_repair`) then writes the RESET from the snapshot base
+LMDB recorded with the install, before any core starts. Compaction is a COMPACT record never past
+LMDB's (durable) applied index. A destroyed group is deleted from LMDB first (with its
+tombstone), then DESTROYed in the WAL; start-up finishes a destroy a crash interrupted. A data
+directory from before the WAL has its LMDB logs moved into it at open (`walmigrate.py`).
+
+After a restart (even kill -9, or power loss with sync=True) the store returns exactly what
+returned calls wrote: hard states, logs, log bases, KV data, applied indexes (with their
+configurations), sessions and members.
 
 Snapshots: `snapshot_chunks` streams a group's state at its applied index from one read
 transaction; the receiver stores the chunks in a file (`receive_snapshot`) and installs it with
-`persist(GroupWrite(..., snapshot=meta, snapshot_file=path))` inside the normal write
-transaction, which deletes the file after commit. `meta` must be the metadata `snapshot_chunks`
-returned on the sender (the file's header is checked against it).
+`persist(GroupWrite(..., snapshot=meta, snapshot_file=path))`, which deletes the file afterwards.
+`meta` must be the metadata `snapshot_chunks` returned on the sender (the file's header is
+checked against it).
 
-Use a NodeStore from one thread only (the node's event loop).
+Use a NodeStore from one thread only (the node's event loop), except `persist_and_apply`, which
+the server runs on its persist thread (the WAL's lock serializes it with `compact` and the other
+writes; LMDB serializes its own transactions).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,7 +53,15 @@ from typing import TYPE_CHECKING, Any
 
 from kvstore.node.store import ApplyBatch, AuditHead, GroupWrite
 from kvstore.node.store import NodeStore as ProtocolNodeStore
-from kvstore.raft.types import ConfState, Entry, EntryType, HardState, SnapshotMeta, bootstrap_entries
+from kvstore.raft.types import (
+    ConfState,
+    Entry,
+    EntryType,
+    HardState,
+    RaftError,
+    SnapshotMeta,
+    bootstrap_entries,
+)
 from kvstore.shard.ranges import IntervalSet
 
 from .commands import ApplyResult
@@ -39,24 +71,31 @@ from .layout import (
     AUDIT_HEAD_KEY,
     DB_APPLIED,
     DB_NODEMETA,
-    DB_RAFTLOG,
     DB_RAFTSTATE,
     DB_SHARDS,
+    SNAPSHOT_BASE_TAG,
     TOMBSTONE_TAG,
     U64,
     decode_audit_head,
+    decode_log_base,
     encode_audit_head,
+    encode_log_base,
 )
 from .lmdb_env import LmdbEnv
 from .machine import SessionMeta
-from .raftlog import GroupLogStorage, LogState
+from .nodelogs import SEGMENT_BYTES, NodeLogs, WalLogStorage, log_is_empty
 from .shardcmd import ShardState
 from .snapfile import SnapshotHeader, read_snapshot_header, write_frames
+from .wal import FileSystem, OsFileSystem, WalOptions
+from .walmigrate import migrate
+
+log = logging.getLogger("kvstore.storage")
 
 if TYPE_CHECKING:
     from .lmdb_env import Txn
 
 SNAPSHOT_DIR = "snapshots"
+WAL_DIR = "wal"
 SNAPSHOT_SUFFIX = ".snap"
 
 
@@ -72,34 +111,53 @@ class LmdbNodeStore:
         map_size: int = 64 << 20,
         snapshot_chunk_size: int = 1 << 20,
         max_map_size: int = 1 << 40,
+        wal_segment_bytes: int = SEGMENT_BYTES,
+        wal_fs: FileSystem | None = None,
     ) -> None:
+        """`wal_fs`: the WAL's directory (default: `<path>/wal` on the OS; tests wrap it to
+        inject faults)."""
         self.path = Path(path)
         self.sync = sync
         self.snapshot_chunk_size = snapshot_chunk_size
         self.snapshot_dir = self.path / SNAPSHOT_DIR
         self._env = LmdbEnv(self.path, sync=sync, map_size=map_size, max_map_size=max_map_size)
         self._kv = KVState(self._env)
-        self._logs: dict[int, GroupLogStorage] = {}
-        self._groups: set[int] = self._scan_groups()
-        for g in self._groups:
-            self.log_storage(g)
-            self._kv.applied(g)
+        try:
+            opts = WalOptions(segment_bytes=wal_segment_bytes)
+            fs = wal_fs if wal_fs is not None else OsFileSystem(self.path / WAL_DIR)
+            self._wal = NodeLogs(fs, opts, sync=sync)
+        except BaseException:
+            self._env.close()
+            raise
+        try:
+            moved = migrate(self._env, self._wal.rw)
+            if moved:
+                log.info("moved the Raft logs of groups %s from LMDB into the write-ahead log", moved)
+            self._groups: set[int] = self._scan_groups()
+            self._repair()
+        except BaseException:
+            self.close()
+            raise
         self._clean_snapshot_dir()
 
     # --- groups ---------------------------------------------------------------------------------
     def _scan_groups(self) -> set[int]:
-        found: set[int] = set()
+        found = {g for g in self._wal.groups() if not log_is_empty(self._wal.log(g))}
         with self._env.read() as txn:
-            for name in (DB_RAFTSTATE, DB_APPLIED):
-                for key in txn.cursor(db=self._env.db(name)).iternext(values=False):
-                    found.add(U64.unpack_from(key)[0])
-            cur = txn.cursor(db=self._env.db(DB_RAFTLOG))
-            ok = cur.first()
-            while ok:  # one seek per group, not one step per entry
-                g = U64.unpack_from(cur.key())[0]
-                found.add(g)
-                ok = g < (1 << 64) - 1 and cur.set_range(U64.pack(g + 1))
+            for key in txn.cursor(db=self._env.db(DB_APPLIED)).iternext(values=False):
+                found.add(U64.unpack_from(key)[0])
         return found
+
+    def _snapshot_base(self, group: int) -> SnapshotMeta | None:
+        raw = self._env.get(self._env.db(DB_RAFTSTATE), U64.pack(group) + SNAPSHOT_BASE_TAG)
+        return None if raw is None else decode_log_base(raw)
+
+    def _repair(self) -> None:
+        """Finish what a crash interrupted, before any core starts (`NodeLogs.repair`)."""
+        gone = self._wal.repair(
+            sorted(self._groups), lambda g: self._kv.applied(g).index, self._snapshot_base, self.tombstones()
+        )
+        self._groups -= gone
 
     def groups(self) -> list[int]:
         """Groups with state on disk, sorted."""
@@ -108,18 +166,15 @@ class LmdbNodeStore:
     def has_group(self, group: int) -> bool:
         return group in self._groups
 
-    def log_storage(self, group: int) -> GroupLogStorage:
+    def log_storage(self, group: int) -> WalLogStorage:
         """The group's LogStorage (the same object on every call)."""
-        ls = self._logs.get(group)
-        if ls is None:
-            kv = self._kv
+        kv = self._kv
 
-            def applied() -> tuple[int, ConfState]:
-                st = kv.applied(group)
-                return st.index, st.conf_state
+        def applied() -> tuple[int, ConfState]:
+            st = kv.applied(group)
+            return st.index, st.conf_state
 
-            ls = self._logs[group] = GroupLogStorage(self._env, group, applied)
-        return ls
+        return self._wal.view(group, applied)
 
     def bootstrap(self, group: int, conf: ConfState, data: Sequence[bytes] = ()) -> bool:
         """Give a new group its initial log (`bootstrap_entries`, then one NORMAL entry per item of
@@ -130,7 +185,8 @@ class LmdbNodeStore:
             return False
         ents = bootstrap_entries(conf, group)
         ents += [Entry(1, len(ents) + i, EntryType.NORMAL, d, group) for i, d in enumerate(data, 1)]
-        self.persist([GroupWrite(group, ents, HardState(1, 0, len(ents)))])
+        self._wal.bootstrap(group, HardState(1, 0, len(ents)), ents)
+        self._groups.add(group)
         return True
 
     def tombstones(self) -> set[int]:
@@ -143,23 +199,25 @@ class LmdbNodeStore:
         return out
 
     def _has_state(self, group: int) -> bool:
-        return not self.log_storage(group).state.is_empty() or self._kv.applied(group).index != 0
+        return not log_is_empty(self._wal.log(group)) or self._kv.applied(group).index != 0
 
     def destroy_group(self, group: int, tombstone: bool = False) -> None:
-        """Delete everything of `group` (log, hard state, data, sessions, members, applied index),
-        in one transaction; with `tombstone`, also record that it must never come back here."""
-        ls = self.log_storage(group)
+        """Delete everything of `group` (data, sessions, members, applied index in one LMDB
+        transaction, with the tombstone if asked; then its log: a DESTROY in the WAL, synced);
+        with `tombstone`, it must never come back here."""
+        raftstate = self._env.db(DB_RAFTSTATE)
 
         def fn(txn: Txn) -> None:
-            ls.stage_destroy(txn)
             self._kv.stage_destroy(txn, group)
+            txn.delete(U64.pack(group) + SNAPSHOT_BASE_TAG, db=raftstate)
             if tombstone:
                 txn.put(U64.pack(group) + TOMBSTONE_TAG, b"", db=self._env.db(DB_SHARDS))
 
-        self._env.write(fn)
-        ls.reset()
-        self._kv.forget(group)
-        self._groups.discard(group)
+        with self._wal.lock:
+            self._env.write(fn)
+            self._kv.forget(group)
+            self._groups.discard(group)
+            self._wal.destroy(group)
 
     # --- the Ready loop ----------------------------------------------------------------------
     def persist(self, writes: Sequence[GroupWrite]) -> None:
@@ -178,42 +236,97 @@ class LmdbNodeStore:
         batches: Sequence[ApplyBatch],
         on_applied: Callable[[list[list[ApplyResult | None]]], None] | None = None,
     ) -> list[list[ApplyResult | None]]:
-        """`persist(writes)` then `apply(batches)`, in ONE transaction and one fsync.
+        """`persist(writes)` then `apply(batches)`: the three steps of the module docstring, one
+        `fdatasync` of the WAL for all groups' records (plus LMDB's commit if anything applies).
 
-        `on_applied(results)`, if given, is called inside the transaction as soon as the results
-        are known, before the commit and its fsync (and again, with the same results, if the
+        `on_applied(results)`, if given, is called inside the apply transaction as soon as the
+        results are known, before its commit and fsync (and again, with the same results, if the
         transaction is retried after growing the map): the entries applied are committed, so
         their outcome is decided whether or not this transaction becomes durable."""
         if not writes and not batches:
             return []
         kv = self._kv
+        with self._wal.lock:
+            installs = self._installs(writes)
+            self._check_applies(batches, installs)
+            records = self._wal.stage(writes, lambda g: max(kv.applied(g).index, installs.get(g, 0)))
+            self._wal.check(records)
+            files = [Path(w.snapshot_file) for w in writes if w.snapshot is not None and w.snapshot_file is not None]
+            if installs:
+                self._install(writes, installs)
+            if records:
+                flush = self._wal.must_sync(records)
+                self._wal.write(records)
+                self._wal.sync(flush)
+                for r in records:
+                    self._groups.add(r.group)
+            results: list[list[ApplyResult | None]] = []
+            if batches:
+                results = self._apply(batches, on_applied)
+        for f in files:
+            with contextlib.suppress(OSError):
+                f.unlink()
+        return results
 
-        def fn(
-            txn: Txn,
-        ) -> tuple[list[list[ApplyResult | None]], dict[int, LogState], dict[int, AppliedState], list[Path]]:
-            drafts: dict[int, LogState] = {}
+    def _installs(self, writes: Sequence[GroupWrite]) -> dict[int, int]:
+        """group -> index of the snapshot this call installs in LMDB (newer than its applied index)."""
+        out: dict[int, int] = {}
+        for w in writes:
+            if w.snapshot is None:
+                continue
+            if w.snapshot_file is None:
+                raise ValueError(f"group {w.group}: a snapshot write needs its snapshot_file")
+            cur = max(self._kv.applied(w.group).index, out.get(w.group, 0))
+            if w.snapshot.index > cur:
+                out[w.group] = w.snapshot.index
+        return out
+
+    def _check_applies(self, batches: Sequence[ApplyBatch], installs: dict[int, int]) -> None:
+        """RaftError before anything is written if a batch would leave a gap after the applied index."""
+        idx: dict[int, int] = {}
+        for b in batches:
+            g = b.group
+            cur = idx.get(g)
+            if cur is None:
+                cur = max(self._kv.applied(g).index, installs.get(g, 0))
+            for e in b.entries:
+                if e.index <= cur:
+                    continue
+                if e.index != cur + 1:
+                    raise RaftError(f"group {g}: entry {e.index} applied after {cur}: entries would be lost")
+                cur = e.index
+            idx[g] = cur
+
+    def _install(self, writes: Sequence[GroupWrite], installs: dict[int, int]) -> None:
+        """Step 1: the snapshots newer than the applied index, in ONE LMDB transaction (with the
+        base each leaves, for `_repair`)."""
+        kv = self._kv
+        raftstate = self._env.db(DB_RAFTSTATE)
+
+        def fn(txn: Txn) -> dict[int, AppliedState]:
             applied: dict[int, AppliedState] = {}
-            files: list[Path] = []
             for w in writes:
-                g = w.group
-                ls = self.log_storage(g)
-                d = drafts.get(g)
-                if d is None:
-                    d = drafts[g] = ls.draft()
-                if w.snapshot is not None:
-                    if w.snapshot_file is None:
-                        raise ValueError(f"group {g}: a snapshot write needs its snapshot_file")
-                    files.append(Path(w.snapshot_file))
-                    cur = applied.get(g)
-                    if cur is None:
-                        cur = kv.applied(g)
-                    # A snapshot not newer than what we have is superseded: only its file is dropped.
-                    if w.snapshot.index > max(cur.index, d.base.index):
-                        applied[g] = kv.stage_install(txn, g, w.snapshot, Path(w.snapshot_file))
-                        ls.stage_snapshot(txn, d, w.snapshot)
-                ls.stage_append(txn, d, w.entries)
-                if w.hard_state is not None:
-                    ls.stage_hard_state(txn, d, w.hard_state)
+                snap, g = w.snapshot, w.group
+                if snap is None or w.snapshot_file is None or installs.get(g) != snap.index:
+                    continue
+                applied[g] = kv.stage_install(txn, g, snap, Path(w.snapshot_file))
+                txn.put(U64.pack(g) + SNAPSHOT_BASE_TAG, encode_log_base(snap), db=raftstate)
+            return applied
+
+        for g, a in self._env.write(fn).items():
+            kv.commit_applied(g, a)
+            self._groups.add(g)
+
+    def _apply(
+        self,
+        batches: Sequence[ApplyBatch],
+        on_applied: Callable[[list[list[ApplyResult | None]]], None] | None,
+    ) -> list[list[ApplyResult | None]]:
+        """Step 3: apply every batch in ONE LMDB transaction."""
+        kv = self._kv
+
+        def fn(txn: Txn) -> tuple[list[list[ApplyResult | None]], dict[int, AppliedState]]:
+            applied: dict[int, AppliedState] = {}
             results: list[list[ApplyResult | None]] = []
             for b in batches:
                 cur = applied.get(b.group)
@@ -223,36 +336,20 @@ class LmdbNodeStore:
                 results.append(res)
             if on_applied is not None and results:
                 on_applied(results)
-            return results, drafts, applied, files
+            return results, applied
 
-        results, drafts, applied, files = self._env.write(fn)
-        for g, d in drafts.items():
-            self._logs[g].commit_draft(d)
-            if not d.is_empty():
-                self._groups.add(g)
+        results, applied = self._env.write(fn)
         for g, a in applied.items():
             kv.commit_applied(g, a)
             if a.index:
                 self._groups.add(g)
-        for f in files:
-            with contextlib.suppress(OSError):
-                f.unlink()
         return results
 
     def compact(self, group: int, index: int) -> None:
         """Discard log entries <= `index` (which must be <= the applied index) and record (index,
-        term, configuration there) as the log's base. A no-op if already compacted that far."""
-        ls = self.log_storage(group)
-        if index <= ls.base.index:
-            return
-        applied = self._kv.applied(group).index
-
-        def fn(txn: Txn) -> LogState:
-            d = ls.draft()
-            ls.stage_compact(txn, d, index, applied)
-            return d
-
-        ls.commit_draft(self._env.write(fn))
+        term, configuration there) as the log's base: a COMPACT record in the WAL, synced. A no-op
+        if already compacted that far."""
+        self._wal.compact(group, index, self._kv.applied(group).index)
 
     # --- the audit log's head -------------------------------------------------------------------
     def audit_head(self) -> AuditHead | None:
@@ -296,7 +393,8 @@ class LmdbNodeStore:
         return self._kv.session_meta(group)
 
     def hard_state(self, group: int) -> HardState:
-        return self.log_storage(group).hard_state
+        lg = self._wal.log(group)
+        return HardState() if lg is None else lg.hard_state
 
     def members(self) -> dict[int, str]:
         """node id -> address, from the contexts of applied conf changes (all groups)."""
@@ -305,7 +403,7 @@ class LmdbNodeStore:
     @property
     def full(self) -> bool:
         """True after a StorageFullError, until a write succeeds with enough free disk space."""
-        return self._env.full
+        return self._env.full or self._wal.full
 
     # --- reads -----------------------------------------------------------------------------------
     @property
@@ -342,7 +440,7 @@ class LmdbNodeStore:
         """(meta, chunks) of the group's state at its applied index, from ONE read transaction;
         chunks are at most `snapshot_chunk_size` bytes. Raises SnapshotTemporarilyUnavailable if
         the term of the applied index is not available."""
-        return self._kv.snapshot_stream(group, self.snapshot_chunk_size)
+        return self._kv.snapshot_stream(group, self.snapshot_chunk_size, self.log_storage(group).term_or_none)
 
     def receive_snapshot(self, group: int, chunks: Iterable[bytes], directory: Path | None = None) -> Path:
         """Write incoming chunks to a new file (under the data dir by default) and return its path.
@@ -390,17 +488,22 @@ class LmdbNodeStore:
     def stats(self) -> dict[str, Any]:
         groups: dict[int, dict[str, int]] = {}
         for g in sorted(self._groups):
-            st = self.log_storage(g).state
+            ls = self.log_storage(g)
+            hs = ls.hard_state
             groups[g] = {
-                "first_index": st.first,
-                "last_index": st.last,
-                "log_entries": st.last - st.base.index,
+                "first_index": ls.first_index(),
+                "last_index": ls.last_index(),
+                "log_entries": ls.last_index() - ls.base.index,
                 "applied_index": self._kv.applied(g).index,
-                "term": st.hard_state.term,
-                "commit": st.hard_state.commit,
+                "term": hs.term,
+                "commit": hs.commit,
             }
+        wal = self._wal.rw.wal
         return {
             **self.disk_usage(),
+            "wal_segments": len(wal.segments()),
+            "wal_syncs": wal.stats.syncs,
+            "wal_checkpoints": self._wal.checkpoints,
             "full": self.full,
             "map_grow_count": self._env.grow_count,
             "rows": self._env.db_entries(),
@@ -413,7 +516,9 @@ class LmdbNodeStore:
         return self._env.closed
 
     def close(self) -> None:
-        """Close the environment (open streams become invalid). Idempotent."""
+        """Close the environment and the WAL (open streams become invalid). Idempotent."""
+        if hasattr(self, "_wal"):
+            self._wal.close()
         self._env.close()
 
     def __enter__(self) -> LmdbNodeStore:

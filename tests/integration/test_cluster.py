@@ -326,6 +326,7 @@ def test_node_with_a_full_disk_stops_cleanly_and_recovers(tmp_path: Path) -> Non
     try:
         victim = cluster.nodes[3]
         victim.args[victim.args.index("--data-dir") + 1] = str(fs / "n3")
+        victim.args += ["--wal-segment-bytes", "512K"]
         cluster.start()
         with Client(cluster.endpoints) as c:
             written = _fill_the_leaders_disk(cluster, c, victim)
@@ -358,6 +359,7 @@ def test_a_full_disk_recovers_by_itself_once_space_is_freed(tmp_path: Path) -> N
     try:
         victim = cluster.nodes[3]
         victim.args[victim.args.index("--data-dir") + 1] = str(fs / "n3")
+        victim.args += ["--wal-segment-bytes", "512K"]
         cluster.start()
         with Client(cluster.endpoints) as c:
             written = _fill_the_leaders_disk(cluster, c, victim)

@@ -113,6 +113,22 @@ def test_planted_node_bug_is_found(bug: str) -> None:
     pytest.fail(f"planted bug {bug!r} not found in {SEED_BUDGET} seeds")
 
 
+def test_planted_wal_bug_is_found() -> None:
+    """`wal-skip-fdatasync`: the WAL acknowledges a cycle without its fdatasync. The simulated
+    nodes keep their Raft logs in that WAL on `SimFileSystem`, whose crashes lose what no
+    fdatasync covered, so a restarted node finds its log behind what it acknowledged and
+    applied (a kill -9 would keep the page cache and hide it: `chaos/nodekill.py` cannot)."""
+    for seed in range(10):  # found at seed 0
+        with planted("wal-skip-fdatasync"):
+            res = run_node_seed(seed)
+        if not res.ok:
+            assert res.violation
+            clean = run_node_seed(seed)
+            assert clean.ok, f"seed {seed} fails without the bug too: {clean.violation}"
+            return
+    pytest.fail("planted bug 'wal-skip-fdatasync' not found in 10 seeds")
+
+
 CORE_BUG_BUDGET = {
     "commit-previous-term": 150,  # first found at seed 20 (Figure 8: `churn.py` with one-entry appends)
     "lease-across-quiescence": 100,  # seed 17 (quiescence, lease reads and an isolated leader)

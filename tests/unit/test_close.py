@@ -256,7 +256,7 @@ def test_a_moved_range_lands_in_a_group_closed_at_the_sources_last_revision(make
     assert _append_apply(src, 1, [encode_shard_command(ShardOp.FREEZE, rng, move=1)])[-1].error is None
     records = b"".join(chunk for chunk, _ in src.export_range(1, rng, 1 << 20))
     recs = list(iter_records(records))
-    assert recs[0] == (REC_CLOSED, b"", r.to_bytes(8, "big"))
+    assert recs[0] == (REC_CLOSED, b"", r.to_bytes(8, "big") + (0).to_bytes(8, "big"))
     dst = DictState(group=2)
     assert dst.apply(encode_shard_command(ShardOp.SET, IntervalSet())).error is None
     assert dst.apply(encode_shard_command(ShardOp.BEGIN, rng, move=1, token=5)).error is None
@@ -270,8 +270,50 @@ def test_a_moved_range_lands_in_a_group_closed_at_the_sources_last_revision(make
     bad = DictState(group=3)
     bad.apply(encode_shard_command(ShardOp.SET, IntervalSet()))
     bad.apply(encode_shard_command(ShardOp.BEGIN, rng, move=1, token=5))
-    forged = encode_record(REC_CLOSED, b"", (mvcc.PROPOSAL_MAX + 1).to_bytes(8, "big")) + records
+    forged = encode_record(REC_CLOSED, b"", (mvcc.PROPOSAL_MAX + 1).to_bytes(8, "big") + bytes(8)) + records
     res = bad.apply(encode_shard_command(ShardOp.INSTALL, records=forged, move=1, token=5))
     assert res.error is not None and mvcc.rev_state(bad.rows).last == 0 and not bad.data
-    with pytest.raises(ValueError):
-        list(iter_records(encode_record(REC_CLOSED, b"k", b"\x00" * 8)))
+    for key, value in ((b"k", bytes(16)), (b"", bytes(8)), (b"", (1).to_bytes(8, "big") + (2).to_bytes(8, "big"))):
+        with pytest.raises(ValueError):  # a key, the old 8-byte form, compact above last
+            list(iter_records(encode_record(REC_CLOSED, key, value)))
+
+
+def test_a_moved_range_lands_in_a_group_compacted_at_least_at_the_sources_compact_revision(
+    make: Callable[[], Any],
+) -> None:
+    """The source compacted at C (the moved key keeps only its newest version <= C and later
+    ones); the target had compacted less. After the move the target's compact revision is C: a
+    read below C is COMPACTED (it would otherwise miss the versions the source dropped), its
+    own keys' history below C is compacted like any COMPACT, and what is at or above C reads
+    the same as at the source."""
+    from kvstore.shard.ranges import IntervalSet, key_hash
+    from kvstore.storage.shardcmd import ShardOp, encode_shard_command
+
+    src = make()
+    assert src.bootstrap(1, CONF, [encode_shard_command(ShardOp.SET, IntervalSet.full())])
+    puts = [cmds.encode_put(b"m", b"v%d" % i, revision=NOW) for i in range(4)]
+    revs = [res.revision for res in _append_apply(src, 1, puts)[-4:]]  # (the bootstrap's entry first)
+    c = revs[2]
+    assert _append_apply(src, 1, [cmds.encode_compact(c)])[-1].error is None
+    rng = IntervalSet([(key_hash(b"m"), key_hash(b"m"))])
+    assert _append_apply(src, 1, [encode_shard_command(ShardOp.FREEZE, rng, move=1)])[-1].error is None
+    records = b"".join(chunk for chunk, _ in src.export_range(1, rng, 1 << 20))
+    dst = DictState(group=2)
+    assert dst.apply(encode_shard_command(ShardOp.SET, IntervalSet.full().difference(rng))).error is None
+    own = [dst.apply(cmds.encode_put(b"own/%d" % i, b"o%d" % i, revision=NOW)).revision for i in range(2)]
+    dst.apply(cmds.encode_put(b"own/0", b"o-again", revision=NOW))
+    assert mvcc.rev_state(dst.rows).compact == 0
+    assert dst.apply(encode_shard_command(ShardOp.BEGIN, rng, move=1, token=5)).error is None
+    assert dst.apply(encode_shard_command(ShardOp.INSTALL, records=records, move=1, token=5)).error is None
+    assert dst.apply(encode_shard_command(ShardOp.ACTIVATE, rng, move=1, token=5)).error is None
+    st = mvcc.rev_state(dst.rows)
+    assert st.compact == c and st.last >= revs[-1]
+    # at and above C: the moved key reads as at the source
+    for at, want in ((c, b"v2"), (revs[3], b"v3")):
+        assert mvcc.version_at(dst.rows, b"m", at, dst.data[b"m"]).value == want  # type: ignore[union-attr]
+    # the change log (what a watch replays) holds nothing at or below C
+    assert all(r > c for r, _ in mvcc.changes_from(dst.rows, 0))
+    assert revs[3] in [r for r, _ in mvcc.changes_from(dst.rows, 0)]
+    # the target's own keys keep their newest version at or below C (compaction keeps it)
+    assert own[1] < c
+    assert mvcc.version_at(dst.rows, b"own/1", st.last, dst.data[b"own/1"]).value == b"o1"  # type: ignore[union-attr]

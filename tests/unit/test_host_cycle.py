@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -15,10 +16,12 @@ from kvstore.raft import ConfState, Message, Role
 from kvstore.storage import commands
 from kvstore.storage.errors import StorageFullError
 from kvstore.storage.store import LmdbNodeStore as NodeStore
+from kvstore.storage.wal import OsFileSystem
+from kvstore.storage.wal.osfs import OsFile
 
 
 def _single_voter(tmp_path: Path) -> tuple[Host, NodeStore]:
-    store = NodeStore(tmp_path / "n1", sync=True)
+    store = NodeStore(tmp_path / "n1", sync=True, wal_fs=_FullDiskFs(tmp_path / "n1" / "wal"))
     sent: list[Message] = []
     host = Host(1, store, sent.extend, RaftSettings(), random.Random(1))
     host.open_group(1, ConfState((1,)))
@@ -27,6 +30,36 @@ def _single_voter(tmp_path: Path) -> tuple[Host, NodeStore]:
         host.run_cycle()
     assert host.groups[1].core.role == Role.LEADER
     return host, store
+
+
+class _FullDiskFs(OsFileSystem):
+    """The WAL's directory: its next `fail_writes` writes fail with ENOSPC (one per attempt of a
+    cycle: the failed write poisons the log, which the store reopens before the next attempt)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.fail_writes = 0
+        self.failed = 0
+
+    def open(self, name: str, *, create: bool = False) -> _FullDiskFile:
+        f = super().open(name, create=create)
+        return _FullDiskFile(f._fd, f.name, self)
+
+
+class _FullDiskFile(OsFile):
+    __slots__ = ("fs",)
+
+    def __init__(self, fd: int, name: str, fs: _FullDiskFs) -> None:
+        super().__init__(fd, name)
+        self.fs = fs
+
+    def write_at(self, offset: int, data: bytes | memoryview) -> None:
+        fs = self.fs
+        if fs.fail_writes > 0:
+            fs.fail_writes -= 1
+            fs.failed += 1
+            raise OSError(errno.ENOSPC, "injected: no space left on device")
+        super().write_at(offset, data)
 
 
 def test_a_write_is_answered_from_inside_its_apply_transaction_and_only_once(tmp_path: Path) -> None:
@@ -76,21 +109,35 @@ def test_without_an_early_hook_end_cycle_answers(tmp_path: Path) -> None:
 
 
 class _FullDisk:
-    """Wraps the store's LMDB environment: the next `left` write transactions run in full and
-    then fail as a full disk does at commit (the transaction is aborted, nothing of it stays)."""
+    """The store's disk fills (`arm`): the next `n` attempts of one step fail as a full disk
+    does: the WAL's write of a cycle's records ("wal"), or LMDB's apply transaction ("lmdb": run
+    in full, then its commit fails; aborted, nothing of it stays)."""
 
     def __init__(self, store: NodeStore) -> None:
         self.env = store._env
+        fs = store._wal._fs
+        assert isinstance(fs, _FullDiskFs)
+        self.fs = fs
         self.real_write = self.env.write
         self.left = 0
-        self.failed = 0
+        self.lmdb_failed = 0
         self.env.write = self.write  # type: ignore[method-assign]
+
+    def arm(self, n: int, target: str) -> None:
+        if target == "wal":
+            self.fs.fail_writes = n
+        else:
+            self.left = n
+
+    @property
+    def failed(self) -> int:
+        return self.lmdb_failed + self.fs.failed
 
     def write(self, fn: Callable[[Any], Any]) -> Any:
         if self.left <= 0:
             return self.real_write(fn)
         self.left -= 1
-        self.failed += 1
+        self.lmdb_failed += 1
 
         def failing(txn: Any) -> Any:
             fn(txn)  # everything staged, then the commit fails
@@ -127,7 +174,7 @@ def test_a_cycle_that_failed_on_a_full_disk_is_retried_until_it_persists(tmp_pat
     try:
         answers: list[tuple[Any, Any]] = []
         idx = host.propose(1, commands.encode_cas(b"k", True, b"", b"v1", 7, 1, 1), lambda r, e: answers.append((r, e)))
-        disk.left = 3
+        disk.arm(3, "wal")
         cycle = host.begin_cycle()
         assert cycle is not None and cycle.writes  # the entry, to be made durable
         cycle.persist()
@@ -170,7 +217,7 @@ def test_a_cycle_that_failed_on_a_full_disk_is_retried_until_it_persists(tmp_pat
         cycle = host.begin_cycle()
         assert cycle is not None and [e.index for a in cycle.applies for e in a.entries] == [idx2]
         cycle.on_applied = host.answer_writes
-        disk.left = 1
+        disk.arm(1, "lmdb")
         cycle.persist()
         host.end_cycle(cycle)
         assert host.failed is not None and store.get(1, b"k") == b"v1"  # the apply was aborted

@@ -18,7 +18,16 @@ from kvstore import errors
 from kvstore.node.grouprequests import check_group_request
 from kvstore.node.host import Host, RaftSettings
 from kvstore.node.inbound import Inbound, RefusalLog
-from kvstore.raft import ConfChange, ConfChangeType, ConfState, EntryType, Message, MessageType, Role
+from kvstore.raft import (
+    ConfChange,
+    ConfChangeType,
+    ConfState,
+    EntryType,
+    HardState,
+    Message,
+    MessageType,
+    Role,
+)
 from kvstore.raft.admission import MAX_TERM_JUMP
 from kvstore.raft.types import MAX_U63
 from kvstore.shard.ranges import IntervalSet
@@ -290,14 +299,21 @@ def test_damaged_records_on_disk_raise_storage_error_only(tmp_path: Path, damage
     def put(db: bytes, key: bytes, value: bytes) -> None:
         env.write(lambda txn: txn.put(key, value, db=env.db(db)))
 
+    # The Raft logs live in the WAL now; what is still decoded from LMDB's log tables is an old
+    # data directory's log (group 7 here), read once to move it into the WAL at open.
+    old = layout.group_prefix(7)
+    if damage in ("hard_state", "log_base", "entry_short", "entry_type"):
+        put(layout.DB_RAFTSTATE, old + layout.HARD_STATE_TAG, layout.encode_hard_state(HardState(1, 0, 2)))
+        for i in (1, 2):
+            put(layout.DB_RAFTLOG, layout.log_key(7, i), layout.LOG_VALUE.pack(1, 0) + b"x")
     if damage == "hard_state":
-        put(layout.DB_RAFTSTATE, p + layout.HARD_STATE_TAG, b"\x01\x02")
+        put(layout.DB_RAFTSTATE, old + layout.HARD_STATE_TAG, b"\x01\x02")
     elif damage == "log_base":
-        put(layout.DB_RAFTSTATE, p + layout.LOG_BASE_TAG, b"\x00" * 5)
+        put(layout.DB_RAFTSTATE, old + layout.LOG_BASE_TAG, b"\x00" * 5)
     elif damage == "entry_short":
-        put(layout.DB_RAFTLOG, layout.log_key(1, 1), b"\x00")
+        put(layout.DB_RAFTLOG, layout.log_key(7, 1), b"\x00")
     elif damage == "entry_type":
-        put(layout.DB_RAFTLOG, layout.log_key(1, 2), layout.LOG_VALUE.pack(1, 77) + b"x")
+        put(layout.DB_RAFTLOG, layout.log_key(7, 2), layout.LOG_VALUE.pack(1, 77) + b"x")
     elif damage == "applied":
         put(layout.DB_APPLIED, p, b"\x00\x01")
     else:

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from kvstore.node.host import Host, RaftSettings
 from kvstore.node.memstore import FaultRates, MemoryNodeStore, SimulatedCrash
-from kvstore.node.store import ApplyBatch, GroupWrite, NodeStore
+from kvstore.node.store import ApplyBatch, AuditHead, GroupWrite, NodeStore
 from kvstore.raft import ConfState, Message, MessageType, Role, Snapshot
 from kvstore.raft.storage import CompactedError, SnapshotTemporarilyUnavailable, UnavailableError
 from kvstore.raft.types import ConfChange, ConfChangeType, Entry, EntryType, HardState, RaftError
@@ -351,39 +351,70 @@ def test_synced_transactions_survive_a_crash() -> None:
         s.get(1, b"k0")
 
 
-def test_a_crash_loses_every_unsynced_transaction() -> None:
-    s, states = _mem_with_history(sync=True)
-    s.sync = False
-    for i in range(3):
-        append(s, 1, [put(b"u%d" % i)])
-    assert s.unsynced == 3 and s.get(1, b"u0") is None and s.log_storage(1).last_index() == 10
-    assert observe(s.crash()) == states[-1]
+def _log_of(s: Any, g: int = 1) -> list[Any]:
+    ls = s.log_storage(g)
+    return ls.entries(ls.first_index(), ls.last_index() + 1)
+
+
+def test_a_crash_keeps_what_was_synced_and_at_most_a_prefix_of_the_rest() -> None:
+    """The Raft logs are a write-ahead log on `SimFileSystem`: a crash keeps every synced record
+    and a random prefix of the unsynced ones (maybe torn: cut off at recovery). The state
+    machine's unsynced transactions are all lost (or the oldest `keep_unsynced`)."""
+    lasts = set()
+    for seed in range(12):
+        s = MemoryNodeStore(rng=random.Random(seed))
+        s.bootstrap(1, CONF)
+        for i in range(4):
+            append(s, 1, [put(b"k%d" % i, 3, i + 1)])
+            apply_all(s, 1)
+        synced = observe(s)
+        s.sync = False
+        for i in range(3):
+            append(s, 1, [put(b"u%d" % i)])
+        assert s.unsynced == 3 and s.get(1, b"u0") is None and s.log_storage(1).last_index() == 10
+        full = _log_of(s)
+        r = s.crash()
+        got = observe(r)
+        last = r.log_storage(1).last_index()
+        assert 7 <= last <= 10 and _log_of(r) == full[:last]
+        assert got["g1"][:6] == synced["g1"][:6] and got["g1"][10] == synced["g1"][10]  # the state machine
+        lasts.add(last)
+    assert len(lasts) > 1  # some crashes kept unsynced appends, some did not
     s2, _ = _mem_with_history(sync=True)
     s2.sync = False
-    append(s2, 1, [put(b"u")])
-    mid = observe(s2)
-    append(s2, 1, [put(b"w")])
-    assert observe(s2.crash(keep_unsynced=1)) == mid
-    s3, st3 = _mem_with_history(sync=False)  # acknowledged, never synced: nothing survives
-    assert observe(s3.crash()) == st3[0]
+    s2.set_audit_head(AuditHead(1, b"m" * 32))
+    s2.set_audit_head(AuditHead(2, b"n" * 32))
+    assert s2.crash(keep_unsynced=1).audit_head() == AuditHead(1, b"m" * 32)
 
 
-def test_a_failed_fsync_leaves_nothing_and_the_call_can_be_retried() -> None:
-    s, states = _mem_with_history(sync=True)
-    s.fail_next_fsync()
+def test_a_failed_fsync_applies_nothing_and_the_call_can_be_retried() -> None:
+    """A failed fsync of the WAL: nothing applied, the records written but not durable (a crash
+    may lose them); a failed fsync of the apply transaction: nothing of it stays (its results
+    were computed). Either way the same call succeeds when retried."""
     es = [Entry(1, 8, data=put(b"x"), group=1)]
+    s, _ = _mem_with_history(sync=True)
+    s.fail_next_fsync()
     called: list[Any] = []
     with pytest.raises(StorageIOError):
         s.persist_and_apply([GroupWrite(1, es, HardState(1, 0, 8))], [ApplyBatch(1, es, CONF)], called.append)
-    assert called and observe(s) == states[-1]  # the results were computed, nothing stayed
-    assert observe(s.crash()) == states[-1]
-    s, states = _mem_with_history(sync=True)
+    assert not called and s.applied_index(1) == 7 and s.get(1, b"x") is None
+    r = s.crash()
+    assert r.applied_index(1) == 7 and r.log_storage(1).last_index() in (7, 8)
+    s, _ = _mem_with_history(sync=True)
     s.fail_next_fsync()
     with pytest.raises(StorageIOError):
         s.persist_and_apply([GroupWrite(1, es, HardState(1, 0, 8))], [ApplyBatch(1, es, CONF)])
     s.persist_and_apply([GroupWrite(1, es, HardState(1, 0, 8))], [ApplyBatch(1, es, CONF)])
     now = observe(s)
     assert s.get(1, b"x") == b"vx0" and observe(s.crash()) == now
+    s, _ = _mem_with_history(sync=True)
+    s.persist_and_apply([GroupWrite(1, es, HardState(1, 0, 8))], ())
+    s.fail_next_fsync()
+    with pytest.raises(StorageIOError):
+        s.persist_and_apply((), [ApplyBatch(1, es, CONF)], called.append)
+    assert called and s.applied_index(1) == 7 and s.get(1, b"x") is None
+    s.persist_and_apply((), [ApplyBatch(1, es, CONF)])
+    assert s.get(1, b"x") == b"vx0" and s.applied_index(1) == 8
 
 
 def test_full_disk_until_space_is_freed() -> None:
@@ -405,56 +436,58 @@ def test_full_disk_until_space_is_freed() -> None:
     assert not r.full and r.log_storage(1).last_index() == 8
 
 
-def test_a_torn_sync_is_all_or_nothing() -> None:
-    outcomes = set()
-    for seed in range(12):
+def test_a_torn_sync_crashes_the_machine() -> None:
+    """The machine crashes during the WAL's sync (a torn write): the cycle's records survive
+    whole, in part or not at all (a torn record is cut at recovery), nothing was applied. During
+    the sync of an apply transaction: all or nothing (LMDB's meta-page flip)."""
+    outcomes: set[Any] = set()
+    for seed in range(16):
         s = MemoryNodeStore(rng=random.Random(seed))
         s.bootstrap(1, CONF)
-        s.sync = False
-        append(s, 1, [put(b"a")])  # unsynced; the torn sync flushes it with its own transaction
-        s.sync = True
-        twin = MemoryNodeStore()  # the same history, without the fault
-        twin.bootstrap(1, CONF)
-        before = observe(twin)  # durable: the bootstrap only
-        append(twin, 1, [put(b"a")])
-        es = [Entry(1, 5, data=put(b"b"), group=1)]
-        twin.persist_and_apply([GroupWrite(1, es, HardState(1, 0, 5))], [ApplyBatch(1, twin.log_storage(1).entries(1, 5) + es, CONF)])
-        after = observe(twin)
+        before = observe(s)
+        boot = _log_of(s)
+        es = [Entry(1, 4, data=put(b"a"), group=1), Entry(1, 5, data=put(b"b"), group=1)]
         s.tear_next_sync()
-        called: list[Any] = []
         with pytest.raises(SimulatedCrash):
-            s.persist_and_apply([GroupWrite(1, es, HardState(1, 0, 5))],
-                                [ApplyBatch(1, s.log_storage(1).entries(1, 5) + es, CONF)], called.append)
-        assert called
+            s.persist_and_apply([GroupWrite(1, es, HardState(1, 0, 5))], ())
         with pytest.raises(StorageClosedError):
             s.applied_index(1)
-        got = observe(s.crash())
-        assert got in (before, after)
-        outcomes.add(got == after)
-    assert outcomes == {True, False}
+        r = s.crash()
+        last = r.log_storage(1).last_index()
+        assert last in (3, 4, 5) and _log_of(r) == (boot + es)[:last]
+        assert observe(r)["g1"][:6] == before["g1"][:6]
+        outcomes.add(last)
+        if last == 5:  # a torn apply transaction
+            r.tear_next_sync()
+            called: list[Any] = []
+            with pytest.raises(SimulatedCrash):
+                r.persist_and_apply((), [ApplyBatch(1, _log_of(r), CONF)], called.append)
+            assert called
+            r2 = r.crash()
+            assert r2.applied_index(1) in (0, 5)
+            outcomes.add(("applied", r2.applied_index(1)))
+    assert {3, 5} <= outcomes and {("applied", 0), ("applied", 5)} <= outcomes
 
 
-def test_rate_based_faults_are_deterministic_and_leave_no_trace() -> None:
+def test_rate_based_faults_are_deterministic_and_a_failed_call_applies_nothing() -> None:
     def run(seed: int) -> tuple[list[str], dict[str, Any]]:
         s = MemoryNodeStore(rng=random.Random(seed), rates=FaultRates(fsync=0.2, full_disk=0.1))
-        twin = MemoryNodeStore()
         log: list[str] = []
-        for x in (s, twin):
-            x.rates, rates = FaultRates(), x.rates
-            x.bootstrap(1, CONF)
-            x.rates = rates
+        s.rates, rates = FaultRates(), s.rates
+        s.bootstrap(1, CONF)
+        s.rates = rates
         for i in range(60):
             s.free_space()
             key = b"k%d" % i
             for call in (lambda x: append(x, 1, [put(key)]), lambda x: apply_all(x, 1)):  # noqa: B023 - called at once
+                was = (s.applied_index(1), s.scan(1, b"", None))
                 try:
                     call(s)
                 except (StorageIOError, StorageFullError) as err:
                     log.append(type(err).__name__)
+                    assert (s.applied_index(1), s.scan(1, b"", None)) == was  # nothing applied
                     continue
                 log.append("ok")
-                call(twin)  # only the calls that returned
-            assert observe(s) == observe(twin)  # every failed call left nothing
         return log, observe(s.crash())
 
     a, b = run(3), run(3)
