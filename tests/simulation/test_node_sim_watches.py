@@ -139,8 +139,8 @@ def test_the_checker_finds_a_gap_and_a_wrong_start_at_the_end() -> None:
 def test_writes_applied_by_a_retried_cycle_are_in_the_history() -> None:
     """Found as seed 518 (`--watches on`): a watcher got a write that the simulator's history of
     applied writes (`RevisionChecker`) lacked, because the entries a cycle applies when it is
-    retried after a failed fsync (`_retry_storage`) were not handed to the checker. They are now
-    (the revision rules and the scans at a revision are checked against them too)."""
+    retried after a failed fsync (`_retry_storage`) were not handed to the checker (closed on main
+    meanwhile, found there as seed 108)."""
     res = run_node_seed(518, watches=True)
     assert res.ok, res.violation
     assert res.watches is not None and res.watches.checked_events > 0
