@@ -183,7 +183,16 @@ def test_add_learner_promote_remove_old_member_and_transfer(tmp_path: Path) -> N
             c.promote_member(4)
             leader = cluster.wait_leader()
             victim = next(n for n in cluster.nodes.values() if n.id not in (leader.id, 4))
-            c.remove_member(victim.id)
+            for attempt in range(3):
+                try:
+                    c.remove_member(victim.id)
+                    break
+                except errors.Timeout as err:
+                    # "not applied in time ... repeat the request to finish" (indeterminate): the
+                    # change runs group after group; repeating it is idempotent. Seen twice under
+                    # CI load since the WAL merge (the metadata group's change took longer than
+                    # the server's 2x request timeout); the final membership is asserted below.
+                    assert err.indeterminate and attempt < 2, err
             victim.terminate()
             c.put(b"after-change", b"ok")
             c.transfer_leader(4)
