@@ -59,7 +59,7 @@ def test_threads_share_one_client_and_each_reads_its_own_writes(cluster: Cluster
 
 def test_close_with_threads_calling_leaves_none_waiting(cluster: Cluster) -> None:
     """Threads put in a loop while close() runs: each stops with a result or a clear error
-    (`RuntimeError` "client is closed" for a call refused or never started; a `KVError` saying
+    (`ClientClosed`, definite, for a call refused or never started; a `KVError` saying
     definite or indeterminate for one cancelled in flight), and every acknowledged put is there."""
     c = Client(cluster.endpoints, timeout=20)
     c.put(b"warm", b"up")
@@ -93,7 +93,9 @@ def test_close_with_threads_calling_leaves_none_waiting(cluster: Cluster) -> Non
     assert len(outcomes) == 8
     for e in outcomes:
         assert "closed" in str(e), e
-        if isinstance(e, errors.KVError):
+        if isinstance(e, errors.ClientClosed):
+            assert e.definite  # refused, or never started: not applied
+        elif isinstance(e, errors.KVError):
             assert e.indeterminate  # a put cancelled in flight may have been applied
     with Client(cluster.endpoints, timeout=20) as check:
         stored = dict(check.scan(b"cl/"))
