@@ -284,6 +284,21 @@ def test_health_metrics_and_new_member_catches_up_by_snapshot(tmp_path: Path) ->
 FILL_VALUE = b"x" * 60_000
 
 
+HANDED_BACK = "handing leadership to its preferred leader"
+
+
+def _wait_led_by(cluster: Cluster, node: NodeProc, handed_back_before: int, timeout: float, why: str) -> None:
+    """Wait until `node` leads, or has led: the leader balancer may hand the group back to its
+    preferred leader within a tick or two of the transfer, faster than a status poll can see
+    (CI saw it), and it logs that hand-back, which only a leader does."""
+    deadline = time.monotonic() + timeout
+    while (ld := cluster.leader()) is None or ld.id != node.id:
+        if node.log_text().count(HANDED_BACK) > handed_back_before:
+            return
+        assert time.monotonic() < deadline, why
+        time.sleep(0.02)
+
+
 def _fill_the_leaders_disk(cluster: Cluster, c: Client, victim: NodeProc) -> int:
     """Make `victim` (its data dir on a small tmpfs) the leader, then write until its disk is
     full; returns the number of fill keys written (the other two nodes keep the cluster writable)."""
@@ -292,13 +307,11 @@ def _fill_the_leaders_disk(cluster: Cluster, c: Client, victim: NodeProc) -> int
     while (s3 := victim.status()) is None or _g(s3).applied < _g(s3).commit or not _g(s3).commit:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    handed_back = victim.log_text().count(HANDED_BACK)
     c.transfer_leader(victim.id)  # the hard case: the leader's disk fills up
     # (The leader balancer may later hand the group back to its preferred leader; the
     # transfer itself must happen.)
-    deadline = time.monotonic() + 10
-    while (ld := cluster.leader()) is None or ld.id != victim.id:
-        assert time.monotonic() < deadline, f"leadership never moved to node {victim.id}"
-        time.sleep(0.02)
+    _wait_led_by(cluster, victim, handed_back, 10, f"leadership never moved to node {victim.id}")
     written = 0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -384,11 +397,9 @@ def test_a_full_disk_recovers_by_itself_once_space_is_freed(tmp_path: Path) -> N
             with Client([victim.address]) as c3:
                 assert c3.get(b"after-full", consistency="serializable") == b"ok"
                 assert c3.get(b"fill00000", consistency="serializable") == FILL_VALUE
+            handed_back = victim.log_text().count(HANDED_BACK)
             c.transfer_leader(victim.id)
-            deadline = time.monotonic() + 15
-            while (ld := cluster.leader()) is None or ld.id != victim.id:
-                assert time.monotonic() < deadline, "the recovered node never led again"
-                time.sleep(0.02)
+            _wait_led_by(cluster, victim, handed_back, 15, "the recovered node never led again")
             c.put(b"led-again", b"yes")
             assert c.get(b"led-again") == b"yes"
     finally:
