@@ -292,7 +292,7 @@ async def run_row(cluster: BenchCluster, system: str, writer: RevisionWriter, ro
         "max_ms": t.latencies_ms[-1] if t.latencies_ms else math.nan,
         "watcher_procs": len(procs), "watcher_cores_max": max(cores, default=0.0), "watcher_cores_sum": sum(cores),
         "server_cores": server_cores, "ready_s": ready_s, "loadavg_1m": os.getloadavg()[0],
-        "watcher_errors": errors[:3],
+        "watch_resumes": sum(r.resumes for r in results), "watcher_errors": errors[:3],
     }
 
 

@@ -77,6 +77,8 @@ class WatcherResult:
     cpu_s: float = 0.0
     """CPU (user + system) of this process from ready to done."""
     wall_s: float = 0.0
+    resumes: int = 0
+    """kvstore: how many times the client moved a watch to a new stream (0 for etcd)."""
     error: str = ""
 
 
@@ -143,6 +145,7 @@ async def run_watches(plan: WatchPlan, ready: Any) -> WatcherResult:
     watch ended or the deadline. A watch that fails is recorded in ``error`` (the others go on)."""
     watches = [_Watch() for _ in range(plan.watches)]
     closers: list[Any] = []
+    client: Any = None
     if plan.system == "kvstore":
         from kvstore.client import AsyncClient
 
@@ -187,6 +190,8 @@ async def run_watches(plan: WatchPlan, ready: Any) -> WatcherResult:
         for close in closers:
             with contextlib.suppress(Exception):
                 await close()
+    if client is not None:
+        res.resumes = client.watch_resumes
     res.revisions = [w.revisions for w in watches]
     res.arrivals = [w.arrivals for w in watches]
     res.ended = sum(w.ended for w in watches)
