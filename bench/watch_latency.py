@@ -226,6 +226,16 @@ def _stop(procs: Sequence[Any]) -> None:
             p.join(5)
 
 
+def _by_node(acks: dict[int, float], results: Sequence[WatcherResult]) -> dict[str, dict[str, float]]:
+    """Per serving node (kvstore: the node that answered a watch first; etcd: its member): how
+    many watches it served and their ack->event p50 (a follower applies later than the leader)."""
+    per: dict[int, list[tuple[Sequence[int], Sequence[float]]]] = {}
+    for r in results:
+        for node, revs, times in zip(r.nodes, r.revisions, r.arrivals, strict=True):
+            per.setdefault(node, []).append((revs, times))
+    return {str(n): {"watches": len(w), "p50_ms": tally(acks, w).p50} for n, w in sorted(per.items())}
+
+
 async def run_row(cluster: BenchCluster, system: str, writer: RevisionWriter, row: Row, index: int, *,
                   seconds: float, warmup_puts: int, per_proc: int, max_procs: int, drain: float,
                   profile_pids: Sequence[int] = ()) -> dict[str, Any]:
@@ -292,7 +302,8 @@ async def run_row(cluster: BenchCluster, system: str, writer: RevisionWriter, ro
         "max_ms": t.latencies_ms[-1] if t.latencies_ms else math.nan,
         "watcher_procs": len(procs), "watcher_cores_max": max(cores, default=0.0), "watcher_cores_sum": sum(cores),
         "server_cores": server_cores, "ready_s": ready_s, "loadavg_1m": os.getloadavg()[0],
-        "watch_resumes": sum(r.resumes for r in results), "watcher_errors": errors[:3],
+        "watch_resumes": sum(r.resumes for r in results), "by_node": _by_node(res.acks, results),
+        "watcher_errors": errors[:3],
     }
 
 

@@ -79,6 +79,9 @@ class WatcherResult:
     wall_s: float = 0.0
     resumes: int = 0
     """kvstore: how many times the client moved a watch to a new stream (0 for etcd)."""
+    nodes: list[int] = field(default_factory=list)
+    """Per watch, the node serving it (kvstore: the node id of its first response; etcd: member
+    index + 1)."""
     error: str = ""
 
 
@@ -88,6 +91,7 @@ class _Watch:
     arrivals: array[float] = field(default_factory=lambda: array("d"))
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     ended: bool = False
+    node: int = 0
 
 
 def _cpu() -> float:
@@ -102,7 +106,9 @@ async def _kvstore_watch(client: Any, plan: WatchPlan, w: _Watch) -> None:
         key, start_revision=plan.start_revision, progress=True, **kw)
     async for batch in batches:
         t = time.monotonic()
-        w.ready.set()  # the first response (progress or events): the watch is established
+        if not w.ready.is_set():  # the first response (progress or events): the watch is established
+            w.node = batch.node_id
+            w.ready.set()
         for ev in batch.events:
             if ev.value == plan.end_value:
                 w.ended = True
@@ -157,6 +163,8 @@ async def run_watches(plan: WatchPlan, ready: Any) -> WatcherResult:
         closers += [ch.close for ch in channels]
         stubs = [etcd_pb2_grpc.WatchStub(ch) for ch in channels]
         coros = [_etcd_watch(stubs[(plan.first + i) % len(stubs)], plan, w) for i, w in enumerate(watches)]
+        for i, w in enumerate(watches):
+            w.node = (plan.first + i) % len(stubs) + 1
     else:
         raise ValueError(f"unknown system {plan.system!r}")
     tasks = [asyncio.ensure_future(c) for c in coros]
@@ -195,6 +203,7 @@ async def run_watches(plan: WatchPlan, ready: Any) -> WatcherResult:
     res.revisions = [w.revisions for w in watches]
     res.arrivals = [w.arrivals for w in watches]
     res.ended = sum(w.ended for w in watches)
+    res.nodes = [w.node for w in watches]
     return res
 
 
