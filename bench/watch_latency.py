@@ -372,6 +372,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true",
                     help="cProfile every kvstore node's event loop during the row with the most watchers")
     ap.add_argument("--profile-top", type=int, default=20)
+    ap.add_argument("--from-jsonl", type=Path, default=None,
+                    help="run nothing: summarize the points of an earlier run's watch.jsonl again")
     args = ap.parse_args(argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if not args.systems or any(s not in SYSTEMS for s in args.systems):
@@ -391,6 +393,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_jsonl is not None:
+        recs = [json.loads(ln) for ln in args.from_jsonl.read_text().splitlines() if ln.startswith("{")]
+        print(markdown(summarize([r for r in recs if r["kind"] == "point"], args.systems), args.systems))
+        return 0
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # unwind: every cluster and watcher process is stopped

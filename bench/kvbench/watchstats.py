@@ -94,6 +94,12 @@ def tally(acks: Mapping[int, float], watches: Iterable[tuple[Sequence[int], Sequ
     return Tally(expected, received, expected - received, duplicates, unexpected, lat, lat_send)
 
 
+RATIO_FLOOR_MS = 1.0
+"""A kvstore/etcd ratio is taken only over an etcd figure of at least this: below it the figure is
+the difference of two processes' clock readings within their scheduling noise (etcd's
+ack->event p50 is often -0.2 to 0.2 ms), and a ratio over it means nothing."""
+
+
 def _median(xs: Iterable[float]) -> float:
     v = [x for x in xs if not math.isnan(x)]
     return statistics.median(v) if v else math.nan
@@ -104,7 +110,8 @@ def summarize(points: Sequence[Mapping[str, Any]], systems: Sequence[str]) -> li
     p99 (from the acknowledgement and from the send), achieved put rate and watcher / server
     cores, the sums of expected / received / missing; and the kvstore/etcd ratios of each
     percentile, each the median of the per-round ratios (same round, same row), so slow drift
-    of the machine cancels. A ratio over an etcd figure <= 0 is left out (NaN if none is left)."""
+    of the machine cancels. A round whose etcd figure is below ``RATIO_FLOOR_MS`` is left out of
+    that ratio (NaN if none is left)."""
     rows: dict[str, dict[str, list[Mapping[str, Any]]]] = {}
     for p in points:
         rows.setdefault(p["row"], {}).setdefault(p["system"], []).append(p)
@@ -133,7 +140,7 @@ def summarize(points: Sequence[Mapping[str, Any]], systems: Sequence[str]) -> li
             etcd = {p["round"]: p for p in by_sys["etcd"]}
             pairs = [(k, etcd[k["round"]]) for k in by_sys["kvstore"] if k["round"] in etcd]
             for q in ("p50_ms", "p99_ms", "send_p50_ms", "send_p99_ms"):
-                s[f"ratio_{q}"] = _median(k[q] / e[q] for k, e in pairs if e[q] > 0)
+                s[f"ratio_{q}"] = _median(k[q] / e[q] for k, e in pairs if e[q] >= RATIO_FLOOR_MS)
             s["ratio_pairs"] = len(pairs)
         out.append(s)
     return out

@@ -93,11 +93,13 @@ def test_summary_ratios_are_taken_round_by_round() -> None:
     assert "| 297 / 300 | 3 |" in table
 
 
-def test_a_ratio_over_a_nonpositive_etcd_figure_is_left_out() -> None:
-    pts = [_point("kvstore", 0, 5, 50), _point("etcd", 0, -0.1, 2)]
+def test_a_ratio_over_an_etcd_figure_below_the_floor_is_left_out() -> None:
+    pts = [_point("kvstore", 0, 5, 50), _point("etcd", 0, -0.1, 2),
+           _point("kvstore", 1, 6, 60), _point("etcd", 1, 0.5, 3)]
     (s,) = summarize(pts, ["kvstore", "etcd"])
-    assert math.isnan(s["ratio_p50_ms"]) and s["ratio_p99_ms"] == 25.0
-    assert "| - / 25.00 |" in markdown([s], ["kvstore", "etcd"])
+    assert math.isnan(s["ratio_p50_ms"]) and s["ratio_p99_ms"] == 22.5  # median of 25 and 20
+    assert s["ratio_send_p50_ms"] == pytest.approx((7 / 1.9 + 8 / 2.5) / 2)  # both etcd figures >= 1 ms
+    assert "| - / 22.50 |" in markdown([s], ["kvstore", "etcd"])
 
 
 def test_row_syntax() -> None:
