@@ -361,8 +361,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--seconds", type=float, default=10.0, help="measured puts per row: RATE x SECONDS")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup-puts", type=int, default=5, help="puts before the measured ones (not counted)")
-    ap.add_argument("--watchers-per-proc", type=int, default=250)
-    ap.add_argument("--max-procs", type=int, default=4)
+    ap.add_argument("--watchers-per-proc", type=int, default=125,
+                    help="watches per watcher process (a put's burst of events is read in sequence there)")
+    ap.add_argument("--max-procs", type=int, default=8)
     ap.add_argument("--drain", type=float, default=30.0, help="seconds the watchers wait for the last events")
     ap.add_argument("--groups", type=int, default=3, help="kvstore data groups (serve --groups)")
     ap.add_argument("--out", type=Path, default=Path("results"))
