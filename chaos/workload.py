@@ -76,6 +76,7 @@ class OpRecord:
     node: str | None = None  # endpoint that served a pinned (stale) read
     consistency: str | None = None  # reads below linearizable: stale / bounded
     staleness: float | None = None  # the staleness bound the serving node reported (seconds)
+    revision: int | None = None  # a write that took effect: its revision (the client's reply)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -150,6 +151,7 @@ class WorkloadOptions:
     pinned_reads: float = 0.5  # replicas workload: fraction of gets pinned to one replica
     certs_dir: str = ""  # TLS: a certs dir with ca.crt and client.<user>.crt/.key ("": plaintext)
     user: str = "root"  # TLS: whose client certificate the clients present
+    deletes: float = 0.0  # register: share of operations that delete the key (the watch workload's DELETEs)
 
 
 class _KeyRing:
@@ -247,16 +249,34 @@ class Workload:
         return await self.rec.call(p, "get", key, None, read, is_write=False, workload=self.name, final=final)
 
     async def put(self, cl: AsyncClient, p: int, key: str, value: str) -> OpRecord:
-        async def write() -> None:
-            await cl.put(key.encode(), value.encode())
+        revision = 0
 
-        return await self.rec.call(p, "put", key, value, write, is_write=True, workload=self.name)
+        async def write() -> None:
+            nonlocal revision
+            revision = await cl.put(key.encode(), value.encode())
+
+        rec = await self.rec.call(p, "put", key, value, write, is_write=True, workload=self.name)
+        if rec.status == "ok":
+            rec.revision = revision
+        return rec
 
     async def cas(self, cl: AsyncClient, p: int, key: str, expected: str | None, new: str) -> OpRecord:
         async def swap() -> bool:
             return await cl.cas(key.encode(), None if expected is None else expected.encode(), new.encode())
 
-        return await self.rec.call(p, "cas", key, [expected, new], swap, is_write=True, workload=self.name)
+        rec = await self.rec.call(p, "cas", key, [expected, new], swap, is_write=True, workload=self.name)
+        if rec.status == "ok" and rec.output:
+            rec.revision = cl.revision  # a worker's client runs one call at a time: its reply's revision
+        return rec
+
+    async def delete(self, cl: AsyncClient, p: int, key: str) -> OpRecord:
+        async def remove() -> bool:
+            return await cl.delete(key.encode())
+
+        rec = await self.rec.call(p, "delete", key, None, remove, is_write=True, workload=self.name)
+        if rec.status == "ok" and rec.output:
+            rec.revision = cl.revision
+        return rec
 
     # ----- the loop -----
 
@@ -323,7 +343,11 @@ class RegisterWorkload(Workload):
     async def step(self, cl: AsyncClient, p: int, w: int) -> bool:
         key = self.ring.pick(self.rng)
         r = self.rng.random()
-        if r < 0.4:
+        if self.opts.deletes and self.rng.random() < self.opts.deletes:
+            rec = await self.delete(cl, p, key)
+            if rec.status == "ok":
+                self.seen[(w, key)] = None
+        elif r < 0.4:
             rec = await self.get(cl, p, key)
             if rec.status == "ok":
                 self.seen[(w, key)] = rec.output
@@ -543,6 +567,8 @@ def to_operations(records: list[OpRecord]) -> list[Operation]:
                                  r.invoke, complete, st))
         elif r.f == "put":
             ops.append(Operation(r.process, "put", r.key, r.value, None, r.invoke, complete, st))
+        elif r.f == "delete":
+            ops.append(Operation(r.process, "delete", r.key, None, None, r.invoke, complete, st))
         elif r.f == "cas":
             exp, new = r.value
             out = bool(r.output) if st is Status.OK else None
