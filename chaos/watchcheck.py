@@ -170,7 +170,7 @@ def check_batch(state: FeedState, revision: int, events: Iterable[tuple[int, byt
     ``revision`` with ``events`` ((revision, key) in order); updates ``state`` when it passes.
     Shared by kvchaos and the simulator."""
     if revision < state.bookmark:
-        return BatchCheck("bookmarkable", f"a response at revision {revision} after one at {state.bookmark}")
+        return BatchCheck("bookmarkable", f"a reply at revision {revision} after one at {state.bookmark}")
     prev = state.last_event
     first = True
     batch: set[tuple[bytes | str, int]] = set()
@@ -178,14 +178,14 @@ def check_batch(state: FeedState, revision: int, events: Iterable[tuple[int, byt
         if (key, rev) in state.seen or (key, rev) in batch:
             return BatchCheck("unique", f"event ({rev}, {key!r}) delivered twice")
         if first and rev == state.last_event and rev > 0:
-            return BatchCheck("atomic", f"revision {rev} split over two responses (event {key!r})")
+            return BatchCheck("atomic", f"revision {rev} split over two replies (event {key!r})")
         if rev <= state.bookmark:
             return BatchCheck("bookmarkable", f"event ({rev}, {key!r}) at or below the revision {state.bookmark} "
-                              "an earlier response said was complete")
+                              "an earlier reply said was complete")
         if rev < prev or (first and rev <= prev):
             return BatchCheck("ordered", f"event ({rev}, {key!r}) after an event at {prev}")
         if rev > revision:
-            return BatchCheck("bookmarkable", f"event ({rev}, {key!r}) in a response at revision {revision}")
+            return BatchCheck("bookmarkable", f"event ({rev}, {key!r}) in a reply at revision {revision}")
         batch.add((key, rev))
         prev = rev
         first = False
@@ -234,7 +234,7 @@ class WatchCheckResult:
 
 
 def _check_feed(w: WatcherLog, res: WatchCheckResult) -> list[WatchEventRecord]:
-    """The per-response checks over one watcher; returns the events that passed them."""
+    """The per-response checks over one watcher; returns the events delivered (each once)."""
     state = FeedState()
     good: list[WatchEventRecord] = []
     where = f"watcher {w.id} ({_describe(w)})"
@@ -243,17 +243,25 @@ def _check_feed(w: WatcherLog, res: WatchCheckResult) -> list[WatchEventRecord]:
         if not b.events:
             res.progress += 1
         bad = check_batch(state, b.revision, [(e.revision, e.key) for e in b.events])
-        if bad is not None:
-            res.add(bad.prop, f"{where}, response at {b.revision} from node {b.node} ({b.t:.1f}s): {bad.message}")
-            continue  # its events are not trusted further
-        good.extend(b.events)
+        if bad is None:
+            good.extend(b.events)
+            continue
+        res.add(bad.prop, f"{where}, response at {b.revision} from node {b.node} ({b.t:.1f}s): {bad.message}")
+        # Go on from what it delivered (each event once), so one fault is reported once.
+        for e in b.events:
+            if (e.key, e.revision) not in state.seen:
+                state.seen.add((e.key, e.revision))
+                good.append(e)
+            state.last_event = max(state.last_event, e.revision)
+        state.bookmark = max(state.bookmark, b.revision)
     res.events += sum(len(b.events) for b in w.batches)
     return good
 
 
 def _describe(w: WatcherLog) -> str:
     r = w.range
-    what = f"key {r.start!r}" if r.end is None else f"[{r.start!r}, {r.end!r})"
+    what = f"key {r.start!r}" if r.end is None else "every key" if (r.start, r.end) == ("\0", "") else (
+        f"[{r.start!r}, {r.end!r})")
     return f"{what} from {w.start_revision}" + (" prev_kv" if w.prev_kv else "")
 
 
