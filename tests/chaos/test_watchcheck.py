@@ -175,7 +175,7 @@ def test_any_split_of_a_correct_feed_passes_and_any_dropped_event_is_caught(revs
     dropped = [(r, [e for e in evs if e is not events[i]]) for r, evs in batches]
     res = check_all([watcher(0, dropped, rng=KeyRange("k"), prev_kv=False)], writes, end_revision=revs[-1])
     assert "reliable" in res.violations
-    repeated = [(r, evs + [events[i]] if events[i] in evs else evs) for r, evs in batches]
+    repeated = [(r, [*evs, events[i]] if events[i] in evs else evs) for r, evs in batches]
     res = check_all([watcher(0, repeated, rng=KeyRange("k"), prev_kv=False)], writes, end_revision=revs[-1])
     assert "unique" in res.violations
 
