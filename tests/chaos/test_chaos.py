@@ -136,7 +136,8 @@ def test_netns_rebalance_during_partitions_and_kills_is_valid(tmp_path: Path) ->
     move finishes once the faults are healed."""
     out = tmp_path / "runs"
     code, text = kvchaos(["run", "--nodes", "3", "--groups", "4", "--time", "45", "--nemesis",
-                          "rebalance,partition,kill", "--workload", "register", "--seed", "11", "--out", str(out)],
+                          "rebalance,partition,kill", "--workload", "register", "--seed", "11", "--watchers", "4",
+                          "--out", str(out)],
                          timeout=420)
     lines = text.strip().splitlines()
     assert lines[-1] == "verdict: valid", text[-6000:]
@@ -175,6 +176,15 @@ def test_netns_rebalance_during_partitions_and_kills_is_valid(tmp_path: Path) ->
     assert any(f["family"] == "heal" and f["kind"] == "moves" and f["ok"] for f in faults)
     assert "kvchaos: range moves:" in text and "none pending" in text
     assert "rebalance" in (d / "index.html").read_text()
+    # the watchers (every key, the prefix, one key, a range) went through the moves, partitions and
+    # kills by resuming, and their histories hold etcd's watch guarantees against the writes
+    wt = summary["watch"]
+    assert wt["checked"] is True and wt["valid"] is True and wt["violations"] == {}, wt
+    assert wt["watchers"] == 4 and wt["ended"] == {"stopped": 4}, wt
+    assert wt["events"] > 500 and wt["acked_checked"] > 500 and wt["cross_checked"] > 100, wt
+    assert wt["resumes"] > 0, wt
+    assert (d / "watches.jsonl").exists()
+    assert "kvchaos: watch: 4 watcher(s)" in text
     assert_cleaned(d)
     assert node_pids_of(d) == []
 
@@ -564,13 +574,36 @@ def test_clean_removes_what_a_crashed_harness_left(tmp_path: Path) -> None:
 def test_local_backend_kill_and_pause_is_valid(tmp_path: Path) -> None:
     out = tmp_path / "runs"
     code, text = kvchaos(["run", "--backend", "local", "--nodes", "3", "--time", "10", "--nemesis", "kill,pause",
-                          "--workload", "bank", "--seed", "3", "--out", str(out)])
+                          "--workload", "bank", "--seed", "3", "--watchers", "3", "--out", str(out)])
     assert text.strip().splitlines()[-1] == "verdict: valid", text[-4000:]
     assert code == 0
     d = run_dir_of(out)
     summary = json.loads((d / "summary.json").read_text())
     assert summary["analysis"]["bank"]["valid"] is True
     assert summary["analysis"]["bank"]["reads"] > 50
+    wt = summary["watch"]  # every transfer's cas seen by the watchers of every key and of b/
+    assert wt["checked"] is True and wt["valid"] is True and wt["ended"] == {"stopped": 3}, wt
+    assert wt["events"] > 50 and wt["acked_checked"] > 50, wt
+    assert node_pids_of(d) == []
+
+
+def test_planted_watch_bug_makes_a_local_run_invalid(tmp_path: Path) -> None:
+    """Nodes that drop an event from a watch response now and then (the hidden
+    --plant-watch-bug): the history stays linearizable, the watch checks make the run invalid."""
+    out = tmp_path / "runs"
+    code, text = kvchaos(["run", "--backend", "local", "--nodes", "3", "--time", "6", "--nemesis", "pause",
+                          "--workload", "register", "--seed", "4", "--watchers", "3", "--plant-watch-bug", "drop",
+                          "--out", str(out)])
+    assert text.strip().splitlines()[-1] == "verdict: invalid", text[-4000:]
+    assert code == 1
+    d = run_dir_of(out)
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["analysis"]["linearizability"]["verdict"] == "linearizable"
+    wt = summary["watch"]
+    assert wt["valid"] is False and wt["planted"] == "drop", wt
+    assert set(wt["violations"]) <= {"reliable", "atomic"} and wt["violations"].get("reliable"), wt
+    assert any(r.startswith("watch: reliable:") for r in summary["analysis"]["reasons"]), summary["analysis"]["reasons"]
+    assert "PLANTED WATCH BUG 'drop'" in (d / "nodes" / "n1.log").read_text()
     assert node_pids_of(d) == []
 
 
