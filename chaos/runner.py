@@ -261,6 +261,9 @@ def analyze(run_dir: Path, *, check_timeout: float | None = None) -> dict[str, A
         a.reasons.extend(f"watch: {m}" for m in watch["messages"][:5])
         if len(watch["messages"]) > 5:
             a.reasons.append(f"watch: {sum(watch['violations'].values()) - 5} more violation(s): see summary.json")
+    elif watch.get("reason") and a.verdict == "valid":
+        a.verdict = "unknown"
+        a.reasons.append(watch["reason"])
     liveness = _liveness(cfg, execution, faults)
     if liveness.get("valid") is False:
         a.verdict = "invalid"
@@ -399,11 +402,8 @@ def _watch_check(
     path = run_dir / "watches.jsonl"
     if not cfg.watchers:
         return {"checked": False, "valid": None}
-    if not path.exists():
-        if execution.get("error"):
-            return {"checked": False, "valid": None}
-        return {"checked": False, "valid": False, "violations": {"recorded": 1},
-                "messages": ["the run had watchers but recorded no watches.jsonl"]}
+    if not path.exists():  # the execute phase did not get that far (the run is unknown)
+        return {"checked": False, "valid": None, "reason": "watch unknown: no watches.jsonl was recorded"}
     end = int((execution.get("watch") or {}).get("end_revision") or 0)
     res = check_all(load_watchers(path), writes_of(records), end_revision=end)
     return {"checked": True, **res.to_json(), "end_revision": end,

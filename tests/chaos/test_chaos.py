@@ -878,3 +878,41 @@ def test_a_call_grpc_broke_under_the_client_is_unreached_and_any_other_internal_
     server = AioRpcError(grpc.StatusCode.INTERNAL, Metadata(), Metadata(), details="boom")
     assert outcome("wrong_node", _code(broke), internal=True) == "unreached"
     assert outcome("wrong_node", _code(server), internal=True) == "not_refused"
+
+
+def test_a_watch_violation_makes_the_run_invalid_and_no_watch_record_unknown(tmp_path: Path) -> None:
+    """`analyze` judges the watchers' histories (chaos.watchcheck) with the rest: a watcher that
+    missed an acknowledged write makes a linearizable run invalid; a run with watchers but no
+    watches.jsonl is unknown."""
+    from chaos.runner import RunConfig, analyze
+    from chaos.watchcheck import KeyRange, WatchBatchRecord, WatcherLog, WatchEventRecord
+    from chaos.watchers import write_records
+
+    cfg = RunConfig(time=6, nemesis=["kill"], run_id="t", watchers=1)
+    recs = [
+        _op(1, "put", "r/0", "a", None, 0.0, 1.0),
+        _op(2, "put", "r/0", "b", None, 2.0, 3.0),
+        _op(3, "get", "r/0", None, "b", 6.0, 7.0, final=True),
+    ]
+    recs[0].revision, recs[1].revision = 10, 20
+    execution = {"keys": ["r/0"], "watch": {"end_revision": 20, "waited": 0.1}}
+    put_a = WatchEventRecord("PUT", "r/0", "a", 10, 10, 1)
+    put_b = WatchEventRecord("PUT", "r/0", "b", 20, 10, 2)
+    for name, events in (("good", [put_a, put_b]), ("missed", [put_a])):
+        d = tmp_path / name
+        _write_run(d, cfg, execution, [], recs)
+        log = WatcherLog(0, KeyRange("r/", "r0"), 0, False,
+                         [WatchBatchRecord(9, []), *(WatchBatchRecord(e.revision, [e]) for e in events),
+                          WatchBatchRecord(25, [])], 1, "stopped")
+        write_records(d / "watches.jsonl", [log])
+    summary = analyze(tmp_path / "good")
+    assert summary["verdict"] == "valid", summary["analysis"]["reasons"]
+    assert summary["watch"]["valid"] is True and summary["watch"]["acked_checked"] == 2
+    summary = analyze(tmp_path / "missed")
+    assert summary["verdict"] == "invalid"
+    assert summary["analysis"]["linearizability"]["verdict"] == "linearizable"  # judged apart
+    assert summary["watch"]["violations"] == {"reliable": 1}
+    assert any(r.startswith("watch: reliable:") and "at 20 missing" in r for r in summary["analysis"]["reasons"])
+    (tmp_path / "missed" / "watches.jsonl").unlink()
+    summary = analyze(tmp_path / "missed")
+    assert summary["verdict"] == "unknown" and summary["watch"]["valid"] is None
