@@ -287,7 +287,7 @@ def analyze(run_dir: Path, *, check_timeout: float | None = None) -> dict[str, A
         "watch": watch,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    write_report(run_dir, cfg, records, faults, a, execution)
+    write_report(run_dir, cfg, records, faults, a, execution, watch)
     return summary
 
 

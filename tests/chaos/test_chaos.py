@@ -913,6 +913,8 @@ def test_a_watch_violation_makes_the_run_invalid_and_no_watch_record_unknown(tmp
     assert summary["analysis"]["linearizability"]["verdict"] == "linearizable"  # judged apart
     assert summary["watch"]["violations"] == {"reliable": 1}
     assert any(r.startswith("watch: reliable:") and "at 20 missing" in r for r in summary["analysis"]["reasons"])
+    page = (tmp_path / "missed" / "index.html").read_text()
+    assert "id='watch'" in page and "at 20 missing" in page
     (tmp_path / "missed" / "watches.jsonl").unlink()
     summary = analyze(tmp_path / "missed")
     assert summary["verdict"] == "unknown" and summary["watch"]["valid"] is None
