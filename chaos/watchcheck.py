@@ -182,7 +182,7 @@ def check_batch(state: FeedState, revision: int, events: Iterable[tuple[int, byt
         if rev <= state.bookmark:
             return BatchCheck("bookmarkable", f"event ({rev}, {key!r}) at or below the revision {state.bookmark} "
                               "an earlier reply said was complete")
-        if rev < prev or (first and rev <= prev):
+        if rev < prev:
             return BatchCheck("ordered", f"event ({rev}, {key!r}) after an event at {prev}")
         if rev > revision:
             return BatchCheck("bookmarkable", f"event ({rev}, {key!r}) in a reply at revision {revision}")

@@ -28,7 +28,8 @@ compact revision, and watchers compaction overtakes, are refused with COMPACTED.
 moves: the move protocol does not carry the source's compact revision yet, a known gap of
 docs/REVISIONS.md that this checker would report.)
 
-Checked, per chain, on every reply as it arrives:
+Checked, per chain, on every reply as it arrives (the first four by `chaos.watchcheck.check_batch`,
+which kvchaos runs on its real watchers too):
 - **ordered**: event revisions strictly increase within and across responses (one key per
   revision here: non-decreasing inside a response is strictly increasing);
 - **unique**: no (revision, key) twice;
