@@ -10,7 +10,9 @@ namespace into the test network:
   report, and prints ``verdict: ...`` as its last line.
 * :func:`execute` (``kvchaos execute RUN_DIR``, hidden): starts the nodes, runs the workload and
   the nemesis schedule, heals, waits the quiet period, makes the final reads, and writes
-  ``ops.jsonl`` (every operation with its error text), ``faults.json`` and ``execution.json``.
+  ``ops.jsonl`` (every operation with its error text), ``faults.json`` and ``execution.json``
+  (with ``--watchers``, also ``watches.jsonl``: the watchers of `chaos.watchers` run alongside the
+  workload and stop after the final reads once told about the last acknowledged write).
   On a sharded run (``--groups`` > 1 or the ``rebalance`` nemesis) it first waits, bounded by
   ``--moves-timeout``, for every range move to finish (``execution.json["shards"]``); moves that
   never finish fail the run as a *liveness* failure, reported apart from linearizability

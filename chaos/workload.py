@@ -11,6 +11,8 @@ Workloads:
 
 * ``register``: get / put / cas on a few keys with unique values; each key takes at most
   ``ops_per_key`` operations, then a fresh key replaces it (keeps the checker's search small).
+  With ``deletes`` (the watch workload, ``--watchers``) that share of its operations deletes the
+  key instead, so that watchers see DELETEs.
 * ``set``: every operation adds a new element (a put of a unique key under ``s/``); at the end
   one linearizable scan must return every acknowledged element.
 * ``bank``: one key per bank holds all the balances; a transfer reads the bank and cas-es it to
@@ -24,8 +26,9 @@ Workloads:
   must stay linearizable under partitions, at ``stale`` it is expected not to be (the checker
   must see the stale reads), and either way every read must be honest about its staleness.
 
-All of them record their operations as get / put / cas on keys, so every workload's history is
-also checked for linearizability, key by key.
+All of them record their operations as get / put / cas (/ delete) on keys, so every workload's
+history is also checked for linearizability, key by key. A write that took effect records the
+revision its reply carried (``OpRecord.revision``: what the watch checks compare events with).
 
 ``stale_reads`` is a planted bug for testing the harness: gets are served by a random node's
 local state (``consistency=SERIALIZABLE``), which is not linearizable under partitions.
