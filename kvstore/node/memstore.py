@@ -981,6 +981,10 @@ class MemoryNodeStore:
             return changefeed.ChangeBatch(mvcc.RevState(), [], hi)
         return changefeed.read_changes(g.rows, lo, hi, max_events=max_events, max_bytes=max_bytes, prev_kv=prev_kv)
 
+    def retention_point(self, group: int, keep: int) -> int:
+        g = self._read(group)
+        return 0 if g is None else mvcc.retention_point(g.rows, keep)
+
     # --- reads -----------------------------------------------------------------------------------
     def get(self, group: int, key: bytes) -> bytes | None:
         g = self._read(group)

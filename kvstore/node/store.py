@@ -117,6 +117,11 @@ class RevisionReads(Protocol):
         `NodeStore.scan_chunks`), and the revision state of that view. Raises mvcc.Compacted."""
         ...
 
+    def retention_point(self, group: int, keep: int) -> int:
+        """The compact revision that keeps the group's newest `keep` (>= 1) write revisions
+        (`mvcc.retention_point`, committed state, one view; 0: it has `keep` or fewer)."""
+        ...
+
     def changes(self, group: int, lo: int, hi: int, max_events: int, max_bytes: int, prev_kv: bool) -> ChangeBatch:
         """The group's changes with lo <= revision <= hi from its change log, in one view
         (`storage/changefeed.py`: whole revisions, at most about `max_events` / `max_bytes`;

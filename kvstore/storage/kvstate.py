@@ -553,6 +553,16 @@ class KVState:
             except ValueError as err:
                 raise StorageError(f"corrupt change log of group {group}: {err}") from None
 
+    def retention_point(self, group: int, keep: int) -> int:
+        """`mvcc.retention_point` of the group's committed state, from ONE read transaction:
+        the compact revision that keeps its newest `keep` write revisions (0: nothing to
+        compact). StorageError for a corrupt change log or revision state."""
+        with self._env.read() as txn:
+            try:
+                return mvcc.retention_point(LmdbRows(txn, group, rev_dbs(self._env)), keep)
+            except ValueError as err:  # RevisionError too (a corrupt revision state)
+                raise StorageError(f"corrupt change log of group {group}: {err}") from None
+
     def members(self) -> dict[int, str]:
         out: dict[int, str] = {}
         with self._env.read() as txn:

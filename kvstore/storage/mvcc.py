@@ -214,6 +214,11 @@ class Rows(Protocol):
         the table while iterating only at rows it has already passed."""
         ...
 
+    def keys_back(self, t: int, lo: bytes) -> Iterator[bytes]:
+        """The keys of the rows with key >= lo, descending (from the table's last row of the
+        group). Read only: the caller does not change the table while iterating."""
+        ...
+
 
 def rev_state(rows: Rows) -> RevState:
     raw = rows.get(T_STATE, b"")
@@ -470,6 +475,29 @@ def versions_in_range(
         v = version_at(rows, k, at, value)
         if v is not None and v.value is not None:
             yield k, v
+
+
+def retention_point(rows: Rows, keep: int) -> int:
+    """The compact revision that keeps the group's newest `keep` (>= 1) write revisions: the
+    revision of its (keep + 1)-th newest distinct change revision, read backwards from the end of
+    its change log; 0 if the log holds `keep` or fewer above the compact revision (nothing to
+    compact). The LEGACY revision (1: versions written before revisions existed) is not a write
+    and is not counted. Compacting at the result keeps every change above it (the newest `keep`)
+    and the state at it: reads at the result and above still work. Work: `keep` + 1 rows at most
+    (several changes of one revision count once). ValueError for a malformed change-log key."""
+    if keep < 1:
+        raise ValueError(f"keep {keep} must be at least 1")
+    st = rev_state(rows)
+    seen, prev = 0, -1
+    for k in rows.keys_back(T_CHANGES, _PAIR.pack(max(st.compact, LEGACY_REVISION) + 1, 0)):
+        if len(k) != _PAIR.size:
+            raise ValueError(f"change-log key of {len(k)} bytes")
+        (r,) = _U64.unpack_from(k)
+        if r != prev:
+            seen, prev = seen + 1, r
+            if seen > keep:
+                return r
+    return 0
 
 
 def changes_from(rows: Rows, rev: int) -> Iterator[tuple[int, bytes]]:

@@ -92,3 +92,16 @@ class LmdbRows:
             if end is not None and k >= end:
                 return
             yield bytes(k[8:]), bytes(v)
+
+    def keys_back(self, t: int, lo: bytes) -> Iterator[bytes]:
+        low = self._p + lo
+        cur = self._txn.cursor(db=self._dbs[t])
+        # From the group's last row: the one before the next group's first (or the table's last).
+        end = self._end
+        ok = cur.prev() if end is not None and cur.set_range(end) else cur.last()
+        while ok:
+            k = cur.key()
+            if k < low:
+                return
+            yield bytes(k[8:])
+            ok = cur.prev()

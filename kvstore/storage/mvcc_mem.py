@@ -87,5 +87,10 @@ class MemRows:
             yield k, d[k]
             i = bisect_right(ks, k)
 
+    def keys_back(self, t: int, lo: bytes) -> Iterator[bytes]:
+        ks = self.keys[t]
+        for i in range(len(ks) - 1, bisect_left(ks, lo) - 1, -1):
+            yield ks[i]
+
     def copy(self) -> MemRows:
         return MemRows([dict(d) for d in self.tables], [list(k) for k in self.keys])
