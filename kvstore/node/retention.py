@@ -30,6 +30,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from kvstore import errors
+from kvstore.node.host import Host
+from kvstore.storage import mvcc
+from kvstore.storage.errors import StorageError
 
 MAX_KEEP = 100_000_000
 """The largest N: a group's leader walks up to N + 1 rows of its change log per round."""
@@ -47,3 +50,36 @@ def cluster_point(points: Mapping[int, int]) -> int:
     """The revision to compact every group at, from the data groups' own points (group -> p_g;
     0: the group has N or fewer write revisions): the highest (0: nothing to compact)."""
     return max(points.values(), default=0)
+
+
+def group_point(host: Host, group: int, keep: int) -> int:
+    """This node's answer to a retention request for `group` (a GroupPropose with
+    `retention_keep`): the group's point (`mvcc.retention_point`) read from this node's applied
+    state, which must be the leader's with a current view (`Host.leads_current`: it has applied
+    everything committed before its term). Definite errors: InvalidArgument for a bad `keep`,
+    WrongShard for a group not here, NotLeader / NoLeader elsewhere; InternalError for a
+    corrupt change log."""
+    check_keep(keep)
+    g = host.groups.get(group)
+    if g is None:
+        raise errors.WrongShard(f"group {group} is not on this node")
+    if not host.leads_current(group):
+        lead = g.core.lead
+        if lead and lead != host.node_id:
+            raise errors.NotLeader(lead, host.members.get(lead, ""))
+        raise errors.NoLeader(f"group {group} has no current leader here")
+    try:
+        return host.store.revisions.retention_point(group, keep)
+    except StorageError as err:
+        raise errors.InternalError(f"group {group}: {err}") from None
+
+
+def check_point(group: int, revision: int) -> int:
+    """A point a group's leader answered (from the wire): `revision` if it is 0 or a revision of
+    `group`'s slot within the int64 range; definite InvalidArgument otherwise, so a garbled or
+    forged answer never becomes a compaction."""
+    if revision == 0:
+        return 0
+    if not 0 < revision <= mvcc.REVISION_MAX or revision % mvcc.STEP != mvcc.slot_of(group):
+        raise errors.InvalidArgument(f"group {group}: {revision} is not a retention point of this group")
+    return revision

@@ -126,3 +126,80 @@ def test_history_retention_compacts_old_versions_by_itself(tmp_path: Path) -> No
             assert kv.get(b"ret/a") == b"2"
     finally:
         c.stop()
+
+
+def _retention_point(revs: list[int], keep: int) -> int:
+    """The compact revision retention by revisions picks for these writes (the only writes of
+    the data groups): the highest of the groups' (keep+1)-th newest revisions."""
+    points = []
+    for slot in {r % mvcc.STEP for r in revs}:
+        mine = sorted((r for r in revs if r % mvcc.STEP == slot), reverse=True)
+        points.append(mine[keep] if len(mine) > keep else 0)
+    return max(points)
+
+
+def _wait_compacted_at(kv: Client, key: bytes, point: int) -> None:
+    """Wait for the condition: a read of `key` just below `point` is COMPACTED naming `point`."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            kv.get(key, revision=point - 1)
+        except errors.Compacted as err:
+            if err.compact_revision == point:
+                return
+            assert err.compact_revision < point, f"compacted at {err.compact_revision}, beyond {point}"
+        assert time.monotonic() < deadline, f"never compacted at {point}"
+        time.sleep(0.1)
+
+
+def _check_retained(kv: Client, writes: list[tuple[bytes, int, bytes]], keep: int, point: int) -> None:
+    """Reads at the cluster's `keep` newest revisions (and at the point) answer what was written;
+    a read below the point is COMPACTED naming it."""
+    newest = sorted(writes, key=lambda w: w[1])[-keep:]
+    assert all(r > point for _, r, _ in newest)
+    for key, r, value in newest:
+        assert kv.get(key, revision=r) == value
+    for key, r, value in writes:
+        if r >= point:
+            assert kv.get(key, revision=r) == value
+        else:
+            with pytest.raises(errors.Compacted) as e:
+                kv.get(key, revision=r)
+            assert e.value.compact_revision == point
+
+
+def test_history_retention_by_revisions_keeps_the_newest_revisions_across_restart_and_move(tmp_path: Path) -> None:
+    keep = 4
+    c = Cluster(tmp_path / "retention", 3, extra_args=[
+        "--groups", "2", "--history-retention-revisions", str(keep), "--history-retention-interval", "0.3",
+    ])
+    try:
+        c.start()
+        writes: list[tuple[bytes, int, bytes]] = []
+        with Client(c.endpoints, timeout=30) as kv:
+            for i in range(12):
+                key, value = b"rr/%d" % (i % 5), b"v%d" % i
+                writes.append((key, kv.put(key, value), value))
+            revs = [r for _, r, _ in writes]
+            assert len({r % mvcc.STEP for r in revs}) == 2  # both data groups wrote
+            point = _retention_point(revs, keep)
+            top = next(k for k, r, _ in writes if r == point)
+            _wait_compacted_at(kv, top, point)
+            _check_retained(kv, writes, keep, point)
+        # Every node crashes and restarts: the new metadata leader's rounds compute from the
+        # stored change logs (the loop keeps no state of its own).
+        for n in c.nodes.values():
+            n.kill9()
+        for n in c.nodes.values():
+            n.start()
+        c.wait_leader()
+        with Client(c.endpoints, timeout=30) as kv:
+            for i in range(6):
+                key, value = b"rr/%d" % (i % 5), b"w%d" % i
+                writes.append((key, kv.put(key, value), value))
+            point = _retention_point([r for _, r, _ in writes], keep)
+            top = next(k for k, r, _ in writes if r == point)
+            _wait_compacted_at(kv, top, point)
+            _check_retained(kv, writes, keep, point)
+    finally:
+        c.stop()

@@ -211,3 +211,89 @@ def test_the_cluster_point_keeps_the_clusters_newest_revisions_and_each_group_at
     newest = sorted((x for rs in revs for x in rs), reverse=True)[:keep]
     assert all(x > r for x in newest)
     assert all(len([x for x in rs if x > r]) <= keep for rs in revs)
+
+
+# --- the request on the wire and the leader's answer ----------------------------------------------
+def _three_hosts() -> tuple[dict[int, Any], list[Any]]:
+    import random
+
+    from kvstore.node.host import Host, RaftSettings
+
+    outbox: list[Any] = []
+    hosts = {i: Host(i, MemoryNodeStore(), outbox.extend, RaftSettings(), random.Random(i)) for i in (1, 2, 3)}
+    for h in hosts.values():
+        h.open_group(5, ConfState((1, 2, 3)))
+    hosts[1].groups[5].core.campaign()
+    return hosts, outbox
+
+
+def _pump(hosts: dict[int, Any], outbox: list[Any]) -> None:
+    for _ in range(500):
+        busy = False
+        for h in hosts.values():
+            while h.has_work():
+                h.run_cycle()
+                busy = True
+        msgs, outbox[:] = list(outbox), []
+        for m in msgs:
+            hosts[m.to].step(m)
+            busy = True
+        if not busy:
+            return
+    raise AssertionError("never went quiet")
+
+
+def test_the_groups_leader_answers_from_its_change_log_and_others_point_to_it() -> None:
+    from kvstore.node.retention import group_point
+
+    hosts, outbox = _three_hosts()
+    _pump(hosts, outbox)
+    revs: list[int] = []
+    for i in range(6):
+        hosts[1].propose(5, cmds.encode_put(b"k%d" % (i % 2), b"v%d" % i), lambda r, e: revs.append(r.revision))
+        _pump(hosts, outbox)
+    assert len(revs) == 6 and revs == sorted(revs)
+    assert group_point(hosts[1], 5, 2) == revs[-3]
+    assert group_point(hosts[1], 5, 6) == 0
+    with pytest.raises(errors.NotLeader) as e:
+        group_point(hosts[2], 5, 2)
+    assert e.value.leader_id == 1
+    with pytest.raises(errors.WrongShard):
+        group_point(hosts[1], 9, 2)
+    with pytest.raises(errors.InvalidArgument):
+        group_point(hosts[1], 5, 0)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=64))
+def test_any_group_propose_bytes_with_a_retention_request_are_checked_totally(raw: bytes) -> None:
+    """Whatever a peer sends, the check returns or refuses definitely; a retention request is
+    accepted only with a number of revisions in range (and then changes nothing)."""
+    from google.protobuf.message import DecodeError
+
+    from kvstore.node.grouprequests import check_group_request
+    from kvstore.v1 import shard_pb2
+
+    try:
+        req = shard_pb2.GroupProposeRequest.FromString(raw)
+    except DecodeError:
+        return
+    try:
+        check_group_request(req, None)
+    except errors.KVError as err:
+        assert not err.indeterminate
+        assert not (req.retention_keep and 1 <= req.retention_keep <= MAX_KEEP and not req.conf_change)
+    else:
+        assert req.retention_keep == 0 or 1 <= req.retention_keep <= MAX_KEEP or req.conf_change
+
+
+@given(st.integers(0, 4095), st.integers(0, (1 << 64) - 1))
+def test_an_answered_point_must_be_a_revision_of_the_group(group: int, revision: int) -> None:
+    from kvstore.node.retention import check_point
+
+    ok = revision == 0 or (revision <= mvcc.REVISION_MAX and revision % mvcc.STEP == group)
+    if ok:
+        assert check_point(group, revision) == revision
+    else:
+        with pytest.raises(errors.InvalidArgument):
+            check_point(group, revision)
