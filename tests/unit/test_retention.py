@@ -297,3 +297,73 @@ def test_an_answered_point_must_be_a_revision_of_the_group(group: int, revision:
     else:
         with pytest.raises(errors.InvalidArgument):
             check_point(group, revision)
+
+
+# --- range moves and configuration ----------------------------------------------------------------
+def test_history_that_moved_with_its_range_counts_in_the_target_and_stays_readable() -> None:
+    """A range moves from group 1 to group 2 with its history (REC_HISTORY records, then the
+    source drops it): the target's change log holds the moved revisions, so the cluster point
+    still keeps the cluster's newest revisions, now read from the target."""
+    from kvstore.shard.ranges import IntervalSet, key_hash
+    from kvstore.storage.shardcmd import (
+        REC_CLOSED,
+        REC_DATA,
+        REC_HISTORY,
+        ShardOp,
+        encode_record,
+        encode_shard_command,
+    )
+
+    keep = 3
+    full = IntervalSet.full()
+    src, dst = DictState(group=1), DictState(group=2)
+    assert src.apply(encode_shard_command(ShardOp.SET, full)).error is None
+    assert dst.apply(encode_shard_command(ShardOp.SET, IntervalSet())).error is None
+    writes = [(b"m", src.apply(cmds.encode_put(b"m", b"%d" % i, revision=NOW)).revision, b"%d" % i) for i in range(5)]
+    writes.append((b"s", src.apply(cmds.encode_put(b"s", b"x")).revision, b"x"))
+    rng = IntervalSet([(key_hash(b"m"), key_hash(b"m"))])
+    assert src.apply(encode_shard_command(ShardOp.FREEZE, rng, move=1)).error is None
+    st_ = mvcc.rev_state(src.rows)
+    records = (
+        encode_record(REC_DATA, b"m", src.data[b"m"])
+        + encode_record(REC_HISTORY, b"m", mvcc.encode_versions(mvcc.key_history(src.rows, b"m")))
+        + encode_record(REC_CLOSED, b"", mvcc._PAIR.pack(st_.last, st_.compact))
+    )
+    assert dst.apply(encode_shard_command(ShardOp.BEGIN, rng, move=1, token=5)).error is None
+    assert dst.apply(encode_shard_command(ShardOp.INSTALL, records=records, move=1, token=5)).error is None
+    assert dst.apply(encode_shard_command(ShardOp.ACTIVATE, rng, move=1, token=5)).error is None
+    assert src.apply(encode_shard_command(ShardOp.DROP, rng, move=1)).error is None
+    # The moved key's revisions are the target's now: 5 of them, the source keeps only "s".
+    assert mvcc.retention_point(dst.rows, keep) == writes[1][1]
+    assert mvcc.retention_point(src.rows, keep) == 0
+    writes.append((b"m", dst.apply(cmds.encode_put(b"m", b"after")).revision, b"after"))
+    r = cluster_point({1: mvcc.retention_point(src.rows, keep), 2: mvcc.retention_point(dst.rows, keep)})
+    newest = sorted(writes, key=lambda w: w[1])[-keep:]
+    assert all(w[1] > r for w in newest) and r == writes[2][1]
+    for s in (src, dst):
+        assert s.apply(cmds.encode_compact(r)).error is None
+    for key, rev, value in writes:
+        s = dst if key == b"m" else src
+        if rev >= r or key == b"s":  # "s" is the source's newest: its last clamps the compaction
+            assert mvcc.version_at(s.rows, key, rev, s.data.get(key)) is not None
+            assert mvcc.version_at(s.rows, key, rev, s.data.get(key)).value == value  # type: ignore[union-attr]
+    assert mvcc.rev_state(dst.rows).compact == r
+    assert len([x for x, _ in mvcc.changes_from(dst.rows, r + 1)]) == keep
+
+
+@pytest.mark.parametrize(
+    ("time_s", "revs", "interval", "ok"),
+    [(0, 0, 0, True), (3600, 0, 0, True), (0, 1000, 0, True), (0, 1000, 0.3, True), (3600, 1000, 0, False),
+     (0, MAX_KEEP + 1, 0, False), (0, -1, 0, False), (0, 10, 0.01, False), (0, 10, 86401, False)],
+)
+def test_the_serve_options_of_retention(time_s: float, revs: int, interval: float, ok: bool) -> None:
+    """By time or by revisions, not both (one compact revision per round); N and the interval in range."""
+    from kvstore.server.config import NodeConfig
+
+    cfg = NodeConfig(id=1, data_dir=Path("d"), listen="127.0.0.1:1", peers={1: "127.0.0.1:1"},
+                     history_retention=time_s, history_retention_revisions=revs, history_retention_interval=interval)
+    if ok:
+        cfg.validate()
+    else:
+        with pytest.raises(ValueError, match="history-retention"):
+            cfg.validate()
