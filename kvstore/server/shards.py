@@ -289,8 +289,10 @@ async def local_group_call(
             await waiters.propose_conf_change(host, wake, request.group, cc, timeout)
             return shard_pb2.GroupProposeResponse()
         if request.retention_keep:
-            revision = retention.group_point(host, request.group, request.retention_keep)
-            return shard_pb2.GroupProposeResponse(revision=revision)
+            walk = retention.begin_walk(host, request.group, request.retention_keep)
+            while not retention.walk_step(host, request.group, walk):
+                await asyncio.sleep(0)  # a long change log: let the node's loop run between steps
+            return shard_pb2.GroupProposeResponse(revision=walk.point)
         if request.read_barrier:
             index = await waiters.read_point(host, wake, request.group, timeout)
             return shard_pb2.GroupProposeResponse(index=index)

@@ -553,13 +553,13 @@ class KVState:
             except ValueError as err:
                 raise StorageError(f"corrupt change log of group {group}: {err}") from None
 
-    def retention_point(self, group: int, keep: int) -> int:
-        """`mvcc.retention_point` of the group's committed state, from ONE read transaction:
-        the compact revision that keeps its newest `keep` write revisions (0: nothing to
-        compact). StorageError for a corrupt change log or revision state."""
+    def retention_step(self, group: int, walk: mvcc.RetentionWalk, max_rows: int = 0) -> bool:
+        """`mvcc.retention_step` on the group's committed state, in ONE read transaction (each
+        step its own): True once `walk.point` is the answer. StorageError for a corrupt change
+        log or revision state."""
         with self._env.read() as txn:
             try:
-                return mvcc.retention_point(LmdbRows(txn, group, rev_dbs(self._env)), keep)
+                return mvcc.retention_step(LmdbRows(txn, group, rev_dbs(self._env)), walk, max_rows)
             except ValueError as err:  # RevisionError too (a corrupt revision state)
                 raise StorageError(f"corrupt change log of group {group}: {err}") from None
 

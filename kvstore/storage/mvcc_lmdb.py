@@ -93,11 +93,11 @@ class LmdbRows:
                 return
             yield bytes(k[8:]), bytes(v)
 
-    def keys_back(self, t: int, lo: bytes) -> Iterator[bytes]:
+    def keys_back(self, t: int, lo: bytes, hi: bytes | None = None) -> Iterator[bytes]:
         low = self._p + lo
         cur = self._txn.cursor(db=self._dbs[t])
-        # From the group's last row: the one before the next group's first (or the table's last).
-        end = self._end
+        # From the last row below `end`: the one before the first at or after it (or the table's last).
+        end = self._p + hi if hi is not None else self._end
         ok = cur.prev() if end is not None and cur.set_range(end) else cur.last()
         while ok:
             k = cur.key()

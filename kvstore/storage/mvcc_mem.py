@@ -87,9 +87,10 @@ class MemRows:
             yield k, d[k]
             i = bisect_right(ks, k)
 
-    def keys_back(self, t: int, lo: bytes) -> Iterator[bytes]:
+    def keys_back(self, t: int, lo: bytes, hi: bytes | None = None) -> Iterator[bytes]:
         ks = self.keys[t]
-        for i in range(len(ks) - 1, bisect_left(ks, lo) - 1, -1):
+        top = len(ks) if hi is None else bisect_left(ks, hi)
+        for i in range(top - 1, bisect_left(ks, lo) - 1, -1):
             yield ks[i]
 
     def copy(self) -> MemRows:
