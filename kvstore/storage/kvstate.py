@@ -90,11 +90,12 @@ class AppliedState:
 
 class LmdbGroupView:
     """`machine.StateView` of one group inside a write transaction. The session meta row is read
-    once and written through on every change."""
+    once and written through on every change. Values are read and written through one cursor
+    kept for the view's life (cheaper than `txn.get` / `txn.put`, which set one up per call)."""
 
     __slots__ = (
-        "_data", "_lru", "_meta", "_p", "_sessions", "_shards_db", "_txn", "changed", "group", "index", "mvcc",
-        "shards",
+        "_data", "_dcur", "_lru", "_meta", "_p", "_sessions", "_shards_db", "_txn", "changed", "group", "index",
+        "mvcc", "shards",
     )
 
     def __init__(
@@ -108,6 +109,7 @@ class LmdbGroupView:
         path reads it on every write)."""
         self._p = group_prefix(group)
         self._data = data
+        self._dcur = txn.cursor(db=data)
         self._sessions = sessions
         self._shards_db = shards_db
         self._lru = lru
@@ -139,10 +141,10 @@ class LmdbGroupView:
                 return n
 
     def get(self, key: bytes) -> bytes | None:
-        return self._txn.get(self._p + key, db=self._data)
+        return self._dcur.get(self._p + key)
 
     def put(self, key: bytes, value: bytes) -> None:
-        self._txn.put(self._p + key, value, db=self._data)
+        self._dcur.put(self._p + key, value)
 
     def delete(self, key: bytes) -> bool:
         return self._txn.delete(self._p + key, db=self._data)
