@@ -168,7 +168,12 @@ def _check_retained(kv: Client, writes: list[tuple[bytes, int, bytes]], keep: in
             assert e.value.compact_revision == point
 
 
-def test_history_retention_by_revisions_keeps_the_newest_revisions_across_restart_and_move(tmp_path: Path) -> None:
+def test_history_retention_by_revisions_keeps_the_newest_revisions_across_a_restart(tmp_path: Path) -> None:
+    """`--history-retention-revisions 4` on 3 nodes with two data groups: the metadata leader
+    compacts every group at the highest of the groups' 5th newest write revisions; the cluster's
+    4 newest (and every one above that point) stay readable, below it reads are COMPACTED naming
+    it; after every node crashed and restarted, later writes move the point on the same way.
+    (History that moved with a range: tests/unit/test_retention.py.)"""
     keep = 4
     c = Cluster(tmp_path / "retention", 3, extra_args=[
         "--groups", "2", "--history-retention-revisions", str(keep), "--history-retention-interval", "0.3",
