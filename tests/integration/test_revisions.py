@@ -168,12 +168,12 @@ def _check_retained(kv: Client, writes: list[tuple[bytes, int, bytes]], keep: in
             assert e.value.compact_revision == point
 
 
-def test_history_retention_by_revisions_keeps_the_newest_revisions_across_a_restart(tmp_path: Path) -> None:
+def test_history_retention_by_revisions_keeps_the_newest_revisions_across_a_restart_and_a_move(tmp_path: Path) -> None:
     """`--history-retention-revisions 4` on 3 nodes with two data groups: the metadata leader
     compacts every group at the highest of the groups' 5th newest write revisions; the cluster's
     4 newest (and every one above that point) stay readable, below it reads are COMPACTED naming
-    it; after every node crashed and restarted, later writes move the point on the same way.
-    (History that moved with a range: tests/unit/test_retention.py.)"""
+    it; after every node crashed and restarted, later writes move the point on the same way; and
+    after a range moved to a new group with its history, the new group's point decides."""
     keep = 4
     c = Cluster(tmp_path / "retention", 3, extra_args=[
         "--groups", "2", "--history-retention-revisions", str(keep), "--history-retention-interval", "0.3",
@@ -206,5 +206,25 @@ def test_history_retention_by_revisions_keeps_the_newest_revisions_across_a_rest
             top = next(k for k, r, _ in writes if r == point)
             _wait_compacted_at(kv, top, point)
             _check_retained(kv, writes, keep, point)
+            # A range move to a new group: the moved keys' history is the new group's, which
+            # then writes the cluster's newest revisions, so its own point becomes the cluster's.
+            extra = [b"rm/%02d" % i for i in range(24)]
+            first = {k: kv.put(k, b"x") for k in extra}
+            before = kv.shard_map(refresh=True)
+            kv.add_group(wait=True, timeout=120)
+            after = kv.shard_map(refresh=True)
+            assert before is not None and after is not None
+            moved = [k for k in extra if after.group_for_key(k) != before.group_for_key(k)]
+            assert moved, "no key moved to the new group"
+            m = moved[0]
+            mine = [(m, kv.put(m, b"n%d" % i), b"n%d" % i) for i in range(2 * keep + 2)]
+            point = mine[-keep - 1][1]  # the new group's (keep+1)-th newest, the cluster's too
+            _wait_compacted_at(kv, m, point)
+            for key, r, value in mine[-keep - 1:]:
+                assert kv.get(key, revision=r) == value
+            for r in (first[m], *(r for _, r, _ in mine[: -keep - 1])):  # moved history too
+                with pytest.raises(errors.Compacted) as e:
+                    kv.get(m, revision=r)
+                assert e.value.compact_revision == point
     finally:
         c.stop()
