@@ -101,6 +101,9 @@ class RaftSettings:
     """Compact a group's log once it holds this many applied entries."""
     compact_keep: int = 1_000
     """Entries kept behind the applied index after compaction, for slow followers."""
+    announce_commit: bool = True
+    """Followers learn a new commit index at once when it covers the leader's whole log (see
+    `kvstore.raft.core`, "Commit propagation"), not at the next heartbeat."""
     quiesce_ticks: int = 20
     """An idle group stops heartbeating and ticking after this many ticks (0: never). The node's
     own liveness pings (one small batch per peer per tick, whatever the number of groups) wake a
@@ -232,6 +235,7 @@ class Host:
             applied=self.store.applied_index(group),
             lease_read=s.lease_read,
             quiesce_ticks=s.quiesce_ticks,
+            announce_commit=s.announce_commit,
             max_inflight_msgs=s.max_inflight_msgs,
             max_size_per_msg=s.max_size_per_msg,
         )
