@@ -265,8 +265,11 @@ def lost_reply(s: Script) -> Steps:
     m = s.map()
     src = s.leader(2)
     assert m is not None and m.moves and src is not None and src.store is not None
-    key = next(f"k{i}" for i in range(s.sim.p.keys) if m.group_for_key(f"k{i}".encode()) == 2)
+    # A key of group 2 that no workload client writes: a concurrent write to the cas's key could
+    # make its compare fail for its own reasons (seen once commits reached followers faster).
+    key = next(f"lost-reply-{i}" for i in range(10_000) if m.group_for_key(f"lost-reply-{i}".encode()) == 2)
     old = src.store.get(2, key.encode())
+    assert old is None
     new = f"v{next(s.sim._value)}"
     s.sim.p.reply_loss = 1.0
     s.note(f"the coordinator stops right before FREEZE; a client's cas({key}: {old!r} -> {new!r}) at "
