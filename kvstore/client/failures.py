@@ -17,7 +17,7 @@ from __future__ import annotations
 import grpc
 import grpc.aio
 
-from kvstore.client.mux import StreamError
+from kvstore.client.mux import STREAM_REFUSALS, StreamError
 from kvstore.errors import (
     InternalError,
     InvalidArgument,
@@ -87,7 +87,7 @@ def classify(exc: grpc.aio.AioRpcError, *, endpoint: str, is_write: bool) -> Rpc
     code = exc.code()
     details = exc.details() or ""
     low = details.lower()
-    if isinstance(exc, StreamError) and not exc.sent:
+    if isinstance(exc, StreamError) and not exc.sent and code not in STREAM_REFUSALS:
         return RpcFailure(
             Unavailable(f"cannot reach {endpoint}: {details}"), transport=True, retryable=True, reason="stream broke"
         )

@@ -35,6 +35,11 @@ CLOSE_GRACE = 1.0
 """Seconds a closing mux waits for the server to answer what is in flight and end the stream."""
 
 
+STREAM_REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+"""A stream the server ended with one of these refused the caller itself: operations never sent
+on it fail with that (definite) status, not as a broken stream to retry elsewhere."""
+
+
 class StreamError(grpc.aio.AioRpcError):
     """An operation failed with its stream; `sent` says whether it may have reached the server."""
 
@@ -121,7 +126,15 @@ class OpMux:
                     w.sent = True
             if hoptrace.ON:
                 hoptrace.mark("c.write")
-            await call.write(kv_pb2.OpBatch(ops=ops))
+            try:
+                await call.write(kv_pb2.OpBatch(ops=ops))
+            except (asyncio.InvalidStateError, grpc.aio.AioRpcError) as err:
+                if _never_sent(err):
+                    for op in ops:
+                        w = pending.get(op.id)
+                        if w is not None:
+                            w.sent = False
+                raise
 
     async def _read_loop(self, call: Any, held: dict[int, Any]) -> None:
         pending = self._pending
@@ -212,6 +225,8 @@ class OpMux:
                 w.fut.set_result(held[op_id])
             elif w.sent:
                 w.fut.set_exception(StreamError(code, details, sent=True))
+            elif code in STREAM_REFUSALS:  # the server refused the caller: retrying cannot help
+                w.fut.set_exception(StreamError(code, details, sent=False))
             else:
                 w.fut.set_exception(StreamError(
                     grpc.StatusCode.UNAVAILABLE, f"not sent: the stream to {self.endpoint} broke ({details})",
@@ -232,6 +247,20 @@ class OpMux:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         self._fail(StreamError(grpc.StatusCode.CANCELLED, "client closed", sent=True))
+
+
+def _never_sent(err: BaseException) -> bool:
+    """Did a failed `write` certainly put nothing on the wire? True when grpc refused it before
+    starting it: the call had already finished (`InvalidStateError`), or the core refused to
+    start the send batch (INTERNAL "Failed execute_batch": grpc then marks the whole call
+    INTERNAL, which hides the server's status from the read side too). Any other failure may
+    have happened after the message left, so its operations stay "may have reached the server"."""
+    if isinstance(err, asyncio.InvalidStateError):
+        return True
+    if isinstance(err, grpc.aio.AioRpcError) and err.code() == grpc.StatusCode.INTERNAL:
+        debug = err.debug_error_string() or ""
+        return 'Failed "execute_batch"' in debug
+    return False
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
