@@ -379,6 +379,10 @@ class MemoryNodeStore:
         from `rng` here: its crashes keep random prefixes of the unsynced writes, maybe torn)."""
         self._wal = NodeLogs(self._fs, WAL_OPTIONS, sync=sync)
         self._wal_unsynced = 0
+        self._wal_sync_failed = False
+        """A WAL fsync failed and none succeeded since: the next cycle flushes, whatever its records
+        (a retried cycle's records are already in the logs in memory, so it may stage none, or a
+        vote that looks like "commit only" to `must_sync`)."""
         self.rates = rates if rates is not None else FaultRates()
         self.snapshot_chunk_size = snapshot_chunk_size
         self.session_limits = session_limits
@@ -661,6 +665,10 @@ class MemoryNodeStore:
             self._wal_fault()
             self._wal.write(records)
             self._wal_sync(flush)
+        elif self._wal_sync_failed:
+            # A retried cycle whose records were written before the failed fsync stages none now
+            # (the logs in memory already hold them): they still have to become durable.
+            self._wal_sync(True)
         results: ApplyResults = []
         if batches:
             results = self._write(lambda undo: self._apply_all(batches, on_applied, undo))
@@ -741,6 +749,8 @@ class MemoryNodeStore:
         fsync raises StorageIOError (the records stay written, not durable: the retry writes them
         again), a torn write is the machine crashing during the sync (`crash()` keeps a random
         prefix of the unsynced writes, maybe torn)."""
+        if self._wal_sync_failed:
+            flush = True
         if not flush or not self.sync:
             self._wal.sync(flush=False)
             self._wal_unsynced += 1
@@ -749,6 +759,7 @@ class MemoryNodeStore:
         if self._fail_fsync > 0 or self._draw(self.rates.fsync):
             self._fail_fsync = max(0, self._fail_fsync - 1)
             self._wal_unsynced += 1
+            self._wal_sync_failed = True
             raise StorageIOError("simulated: fsync of the write-ahead log failed (EIO)")
         if self._tear > 0 or self._draw(self.rates.torn):
             self._tear = max(0, self._tear - 1)
@@ -759,6 +770,7 @@ class MemoryNodeStore:
 
     def _wal_flushed(self) -> None:
         self._wal_unsynced = 0
+        self._wal_sync_failed = False
         self.syncs += 1
         self._full = False
 
