@@ -221,6 +221,8 @@ class SimWatches:
 
         def forward(g: int, revision: int, cb: CloseCallback) -> None:
             self.stats.closes += 1
+            if n.reads is None:
+                raise errors.Unavailable(f"n{n.id} has no reads (not booted)")
             send = replica_close(self.closes(n), n.reads, lambda g2, r2, cb2: self._forward(n, g2, r2, cb2))
             send(g, revision, self._logged(n, g, revision, cb))
 
