@@ -170,6 +170,7 @@ class _NodeHub:
     epoch: int
     closer: WatchCloser
     retry_armed: bool = False
+    retry_at: float = 0.0
     chains: dict[int, _Chain] = field(default_factory=dict)
     """stream id -> the chain it serves."""
 
@@ -264,9 +265,9 @@ class SimWatches:
         """What `WatchDriver` does after a step: send the closes due; arm the retry timer."""
         now = self.sim._node_now(n)
         h.closer.run(now)
-        at = h.closer.retry_at()
-        if at is not None and not h.retry_armed:
-            h.retry_armed = True
+        at = h.closer.retry_at(now)
+        if at is not None and (not h.retry_armed or at < h.retry_at):
+            h.retry_armed, h.retry_at = True, at  # (an earlier timer still armed just runs early)
             self.sim.at(max(1, int((at - now) * 1000) + 1), self._retried, n.id, h.epoch)
 
     def _retried(self, nid: int, epoch: int) -> None:

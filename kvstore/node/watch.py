@@ -278,6 +278,9 @@ class WatchHub:
         waits for: its last revision when a refresh saw a change applied (or when it became
         watched: unknown, so assumed), else unchanged (a CLOSE). Invariant: every change of the
         group applied here is at or below it, and it is <= `last`."""
+        self.wrote_at: dict[int, float] = {}
+        """Watched group (of a watch over several groups) -> when a refresh last saw it apply a
+        change (a busy group may pass a wanted revision by itself: `watchcloses`)."""
         self._sets: dict[tuple[int, ...], int] = {}
         """The group sets of watches over several groups -> how many watches have it."""
         self._multi: dict[int, int] = {}
@@ -629,6 +632,7 @@ class WatchHub:
                 seen = self.written.get(g, 0)
                 if old is None or (st.last > seen and self._wrote(g, max(old, seen) + 1, st.last)):
                     self.written[g] = st.last
+                    self.wrote_at[g] = now
         for s, w in list(self.watching.get(g, ())):
             if w.shards.get(g) != sh:
                 self.canceled_moved += 1
@@ -706,6 +710,7 @@ class WatchHub:
                 self.last.pop(g, None)
                 self.changed_at.pop(g, None)
                 self.written.pop(g, None)
+                self.wrote_at.pop(g, None)
                 self._asked.pop(g, None)
                 self._dirty.discard(g)
 

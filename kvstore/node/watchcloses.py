@@ -16,6 +16,10 @@ Invariants of `CloseSchedule`:
 - nothing is sent for a revision the group has already passed (its last revision as applied
   here, or a close of it acknowledged at or above it): a group that writes by itself past R needs
   no close, and a want it passed is dropped;
+- a want may be held until a time (`hold_until`): `WatchCloser` holds the want of a group that
+  applied a change of its own within the last `busy_grace` seconds, so under a high write rate
+  groups that write pass each other's revisions by themselves instead of closing each other
+  (at most `busy_grace` more wait for an event when the busy group stops);
 - a failed close is sent again after a backoff (`backoff` doubling up to `max_backoff` per
   consecutive failure of the group), as long as it is still wanted; a success resets it.
 """
@@ -46,6 +50,8 @@ class _Group:
     """Consecutive failed closes."""
     retry_at: float = 0.0
     """No close before this time (after a failure)."""
+    hold_until: float = 0.0
+    """Nor before this one (the group writes by itself: it may pass the want)."""
 
 
 class CloseSchedule:
@@ -61,13 +67,15 @@ class CloseSchedule:
         self.inflight = 0
         """Closes in flight (<= `max_inflight`)."""
 
-    def want(self, group: int, revision: int) -> None:
-        """Ask for `group` to be closed at `revision` (merged with what is already asked)."""
+    def want(self, group: int, revision: int, hold_until: float = 0.0) -> None:
+        """Ask for `group` to be closed at `revision` (merged with what is already asked), not
+        before `hold_until`."""
         g = self.groups.get(group)
         if g is None:
             g = self.groups[group] = _Group()
         if revision > g.want and revision > g.reached:
             g.want = revision
+        g.hold_until = hold_until
 
     def due(self, now: float, last: Callable[[int], int | None]) -> list[tuple[int, int]]:
         """The closes to send now, as (group, revision), marked in flight: each group with a want
@@ -89,7 +97,7 @@ class CloseSchedule:
                 if not g.inflight and g.reached <= have:
                     del self.groups[gid]  # nothing asked, nothing to remember
                 continue
-            if g.inflight or now < g.retry_at or self.inflight >= self.max_inflight:
+            if g.inflight or now < g.retry_at or now < g.hold_until or self.inflight >= self.max_inflight:
                 continue
             g.inflight, g.want = g.want, 0
             self.inflight += 1
@@ -114,9 +122,11 @@ class CloseSchedule:
         if revision > g.want:
             g.want = revision
 
-    def next_retry(self) -> float | None:
-        """When the earliest close that waits for its backoff may be sent (None: none waits)."""
-        times = [g.retry_at for g in self.groups.values() if g.want and not g.inflight and g.retry_at]
+    def next_retry(self, now: float) -> float | None:
+        """When the earliest close that waits for its backoff or hold may be sent (None: none
+        waits; one that waits for the in-flight bound goes when a close ends)."""
+        times = [t for g in self.groups.values()
+                 if g.want and not g.inflight and (t := max(g.retry_at, g.hold_until)) > now]
         return min(times, default=None)
 
 
@@ -151,7 +161,7 @@ class WatchCloser:
     after `wake`, which a finished close calls); the driver also calls `run` by `retry_at`."""
 
     def __init__(self, hub: WatchHub, leads: Leads, close: Send, forward: Send, clock: Callable[[], float],
-                 wake: Callable[[], None], schedule: CloseSchedule | None = None) -> None:
+                 wake: Callable[[], None], schedule: CloseSchedule | None = None, busy_grace: float = 0.01) -> None:
         self.hub = hub
         self.leads = leads
         self.close = close
@@ -159,6 +169,9 @@ class WatchCloser:
         self.clock = clock
         self.wake = wake
         self.schedule = schedule or CloseSchedule()
+        self.busy_grace = busy_grace
+        """A group that applied a change of its own this recently is given this long to pass a
+        wanted revision by itself before it is closed (seconds; 0: never held)."""
         self.sent = 0
         """Closes sent (a measure of what watches cost)."""
         self.failed = 0
@@ -171,16 +184,18 @@ class WatchCloser:
     def run(self, now: float) -> None:
         """Take the hub's new wants and send what is due."""
         sched = self.schedule
+        wrote, grace = self.hub.wrote_at, self.busy_grace
         for g, rev in self.hub.close_wants().items():
-            sched.want(g, rev)
+            t = wrote.get(g)
+            sched.want(g, rev, t + grace if t is not None and grace else 0.0)
         if not sched.groups:
             return
         for g, rev in sched.due(now, self.hub.last.get):
             self._send(g, rev)
 
-    def retry_at(self) -> float | None:
-        """When `run` has a retry to send (the driver's timer)."""
-        return self.schedule.next_retry()
+    def retry_at(self, now: float) -> float | None:
+        """When `run` has a held or retried close to send (the driver's timer)."""
+        return self.schedule.next_retry(now)
 
     def _send(self, g: int, rev: int) -> None:
         self.sent += 1

@@ -203,6 +203,7 @@ class WatchDriver:
             hub, self._leads, rq.closes.close,
             replica_close(rq.closes, rq.reads.logic, rq._forward_close), time.monotonic, wake)
         self._retry: asyncio.TimerHandle | None = None
+        self._retry_at = 0.0
 
     @property
     def closes_sent(self) -> int:
@@ -241,15 +242,18 @@ class WatchDriver:
     def _closes(self) -> None:
         """Send the closes the hub wants now; arm the timer of the next retry."""
         c = self.closing
+        now = time.monotonic()
         try:
-            c.run(time.monotonic())
+            c.run(now)
         except Exception:  # optional work: a bug here must not take the node down
             log.exception("closing watched groups failed")
             return
-        at = c.retry_at()
-        if at is not None and self._retry is None:
-            loop = asyncio.get_running_loop()
-            self._retry = loop.call_later(max(0.0, at - time.monotonic()), self._retried)
+        at = c.retry_at(now)
+        if at is not None and (self._retry is None or at < self._retry_at):
+            if self._retry is not None:
+                self._retry.cancel()
+            self._retry_at = at
+            self._retry = asyncio.get_running_loop().call_later(at - now, self._retried)
 
     def _retried(self) -> None:
         self._retry = None

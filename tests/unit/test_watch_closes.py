@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_watch_hub import Cluster, drain, events
 
 from kvstore import errors
 from kvstore.node.closes import CloseCallback
@@ -15,8 +16,6 @@ from kvstore.node.watchcloses import CloseSchedule, WatchCloser
 from kvstore.node.watchspec import WatchSpec
 from kvstore.storage import commands
 from kvstore.storage.changefeed import PUT
-
-from test_watch_hub import Cluster, drain, events
 
 # --- CloseSchedule --------------------------------------------------------------------------------
 
@@ -57,21 +56,31 @@ def test_a_failed_close_is_retried_after_a_doubling_backoff_while_still_wanted()
     s.want(1, 100)
     assert s.due(0.0, last) == [(1, 100)]
     s.finished(1, 100, 0, errors.NoLeader("no leader"), 1.0)
-    assert s.next_retry() == 1.02
+    assert s.next_retry(1.0) == 1.02
     assert s.due(1.01, last) == []
     assert s.due(1.02, last) == [(1, 100)]
     s.finished(1, 100, 0, errors.Timeout("lost", indeterminate=True), 2.0)
-    assert s.next_retry() == 2.04  # doubled
+    assert s.next_retry(2.0) == 2.04  # doubled
     s.want(1, 150)  # a later event meanwhile: the retry closes at it
     assert s.due(2.03, last) == [] and s.due(2.04, last) == [(1, 150)]
     s.finished(1, 150, 0, errors.NoLeader("no leader"), 3.0)
-    assert s.next_retry() == 3.05  # capped at max_backoff
+    assert s.next_retry(3.0) == 3.05  # capped at max_backoff
     assert s.due(3.05, {1: 150}.get) == []  # passed meanwhile: no retry
-    assert s.groups == {} and s.next_retry() is None
+    assert s.groups == {} and s.next_retry(3.1) is None
     s.want(1, 200)
     assert s.due(3.05, {1: 150}.get) == [(1, 200)]  # a new want after that starts without backoff
     s.finished(1, 200, 200, None, 3.1)
-    assert s.groups[1].failures == 0 and s.next_retry() is None
+    assert s.groups[1].failures == 0 and s.next_retry(3.1) is None
+
+
+def test_a_busy_group_is_given_its_grace_to_pass_the_revision_by_itself() -> None:
+    s = CloseSchedule()
+    s.want(1, 100, hold_until=0.01)  # group 1 wrote at 0.0: it may pass 100 with its next write
+    assert s.due(0.005, {1: 90}.get) == [] and s.next_retry(0.005) == 0.01
+    assert s.due(0.008, {1: 120}.get) == []  # it did: nothing sent, nothing left
+    assert s.groups == {} and s.next_retry(0.008) is None
+    s.want(1, 200, hold_until=0.02)
+    assert s.due(0.02, {1: 120}.get) == [(1, 200)]  # it stopped writing: closed after the grace
 
 
 def test_closes_in_flight_are_bounded_and_the_rest_go_when_one_ends() -> None:
@@ -267,7 +276,7 @@ def test_the_closer_gets_an_event_out_after_one_round_and_retries_a_failed_close
     assert drain(hub, s) == []
     node.closer.run(node.now)
     assert sorted(node.sent) == [("close", 1, r1), ("forward", 3, r1)]
-    retry = node.closer.retry_at()
+    retry = node.closer.retry_at(node.now)
     assert retry is not None and retry > node.now  # group 3 failed: after a backoff
     node.round()
     hub.applied([1])
@@ -282,7 +291,36 @@ def test_the_closer_gets_an_event_out_after_one_round_and_retries_a_failed_close
     hub.applied([3])
     assert events(drain(hub, s)) == [(r1, b"app/a", PUT, b"1")]
     node.closer.run(node.now)
-    assert len(node.sent) == 3 and node.closer.retry_at() is None
+    assert len(node.sent) == 3 and node.closer.retry_at(node.now) is None
+
+
+def test_groups_that_all_write_pass_each_other_without_closes() -> None:
+    c = Cluster()
+    hub = c.hub()
+    s = _prefix_watch(c, hub)
+    node = Node(c, hub, lead={1, 2, 3})
+    node.closer.busy_grace = 0.01
+    revs = []
+    for g in c.groups:  # every group writes (before the closer first runs)
+        revs.append(c.put(g, b"app/w%d" % g, b"x"))
+        hub.applied([g])
+    got = []
+    for i in range(30):  # every group writes every 3 ms (a high write rate)
+        g = 1 + i % 3
+        revs.append(c.put(g, b"app/%d" % i, b"x"))
+        hub.applied([g])
+        node.now = 0.001 * (i + 1)
+        got += events(drain(hub, s, node.now))
+        node.closer.run(node.now)
+    assert node.sent == []  # each lagging group had written within the grace
+    assert len(got) >= 28  # and the events went out as the groups passed each other
+    node.now += 0.01
+    node.closer.run(node.now)  # the writes stopped: the last event's lagging groups are closed
+    assert sorted(g for _, g, _ in node.sent) == [1, 2] and {r for _, _, r in node.sent} == {revs[-1]}
+    node.round()
+    hub.applied([1, 2])
+    got += events(drain(hub, s, node.now))
+    assert [e[0] for e in got] == revs
 
 
 def test_a_burst_of_writes_costs_one_close_per_lagging_group_per_round() -> None:
