@@ -12,7 +12,9 @@ driver, this directory's, using only APIs both have.
 1. Apply only: `apply_revisions.py` (the state machine's apply on LMDB, sync off): puts/s and
    this process's CPU microseconds per put (steadier than the wall clock on a shared machine).
 2. End to end: `admission.py`'s driver: one `kvstore serve` (one data group, data in a temporary
-   directory, stopped by its PID), `--inflight` puts in flight on one `KV.Stream` for `--seconds`.
+   directory, stopped by its PID), `--inflight` puts in flight on one `KV.Stream` for `--seconds`
+   after a 1 s warm-up: puts/s, and the server process's CPU microseconds per put (all its
+   threads, from /proc: steadier than puts/s when other work shares the machine).
 
 Rounds alternate A and B (B first in every second round). Reported: each side's median and the
 median of the per-round ratios A/B (this checkout's puts/s over the other's: 0.90 = 10 % fewer),
@@ -52,14 +54,52 @@ def apply_once(checkout: Path, puts: int) -> tuple[float, float]:
     return float(m.group(1).replace(",", "")), float(m.group(2))
 
 
-def e2e_once(checkout: Path, seconds: float, inflight: int) -> float:
-    """Puts/s of one end-to-end run (one node, `inflight` puts in flight)."""
+def e2e_once(checkout: Path, seconds: float, inflight: int) -> tuple[float, float]:
+    """(puts/s, the server's CPU microseconds per put) of one end-to-end run (one node,
+    `inflight` puts in flight)."""
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import admission; "
-        "print(admission.run_one([], float(sys.argv[2]), int(sys.argv[3])))"
+        "import sys; sys.path.insert(0, sys.argv[1]); import ab_revisions; "
+        "print(*ab_revisions.e2e_run(float(sys.argv[2]), int(sys.argv[3])))"
     )
     out = _child(checkout, ["-c", code, str(HERE), str(seconds), str(inflight)], seconds + 120)
-    return float(out.strip().splitlines()[-1])
+    rate, cpu = out.strip().splitlines()[-1].split()
+    return float(rate), float(cpu)
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) process `pid` used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def e2e_run(seconds: float, inflight: int) -> tuple[float, float]:
+    """In the child (its checkout's `kvstore`): one `kvstore serve` (one data group, data in a
+    temporary directory, stopped by its PID), a 1 s warm-up, then `admission.drive` for `seconds`.
+    Returns puts/s and the server's CPU microseconds per put over the measured window (its CPU
+    time, every thread: steadier than the wall clock on a shared machine; the window also holds
+    the stream's set-up, a few puts)."""
+    import asyncio
+    import importlib
+    import shutil
+    import tempfile
+
+    admission = importlib.import_module("admission")  # this directory's driver (on sys.path in the child)
+    from clusterharness import Cluster
+
+    root = Path(tempfile.mkdtemp(prefix="kvbench-ab-"))
+    c = Cluster(root, n=1, extra_args=["--groups", "1"])
+    try:
+        c.start()
+        ld = c.wait_leader()
+        assert ld.proc is not None
+        asyncio.run(admission.drive(ld.address, 1.0, inflight))
+        cpu0 = _process_cpu(ld.proc.pid)
+        rate = asyncio.run(admission.drive(ld.address, seconds, inflight))
+        cpu = _process_cpu(ld.proc.pid) - cpu0
+        return rate, cpu / (rate * seconds) * 1e6
+    finally:
+        c.stop()  # each process by its PID
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _summary(name: str, a: list[float], b: list[float], higher_is_better: bool = True) -> str:
@@ -87,6 +127,7 @@ def main() -> None:
     ap_rate: dict[str, list[float]] = {"A": [], "B": []}
     ap_cpu: dict[str, list[float]] = {"A": [], "B": []}
     e2e: dict[str, list[float]] = {"A": [], "B": []}
+    e2e_cpu: dict[str, list[float]] = {"A": [], "B": []}
     for r in range(a.rounds):
         order = ("A", "B") if r % 2 == 0 else ("B", "A")
         line: list[str] = []
@@ -97,8 +138,10 @@ def main() -> None:
                 ap_cpu[side].append(cpu)
                 line.append(f"{side} apply {rate:,.0f} puts/s ({cpu:.1f} CPU us/put)")
             if not a.skip_e2e:
-                e2e[side].append(e2e_once(sides[side], a.seconds, a.inflight))
-                line.append(f"{side} end to end {e2e[side][-1]:,.0f} puts/s")
+                rate, cpu = e2e_once(sides[side], a.seconds, a.inflight)
+                e2e[side].append(rate)
+                e2e_cpu[side].append(cpu)
+                line.append(f"{side} end to end {rate:,.0f} puts/s ({cpu:.1f} server CPU us/put)")
         print(f"round {r + 1}: " + "; ".join(line), flush=True)
     print(f"A = {ROOT}, B = {base}; {a.rounds} alternating rounds")
     if not a.skip_apply:
@@ -106,6 +149,7 @@ def main() -> None:
         print(_summary("apply CPU us per put (as a rate: B cpu / A cpu)", ap_cpu["A"], ap_cpu["B"], False))
     if not a.skip_e2e:
         print(_summary(f"end to end puts/s at {a.inflight} in flight", e2e["A"], e2e["B"]))
+        print(_summary("end to end server CPU us per put (as a rate: B cpu / A cpu)", e2e_cpu["A"], e2e_cpu["B"], False))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from clusterharness import Cluster
 
-from kvstore.client import AsyncClient, Client
+from kvstore.client import AsyncClient, Client, group_status
 
 
 async def load(endpoints: list[str], keys: int, value: bytes, inflight: int, prefix: bytes) -> float:
@@ -72,12 +72,14 @@ def main() -> None:
             c.snapshot()  # compact the leader's log: the lagger can only catch up by snapshot
         st = leader.status()
         assert st is not None
-        target = st.groups[0].commit
+        gs = group_status(st)  # the data group (groups[0] is the metadata group)
+        assert gs is not None
+        target = gs.commit
         t0 = time.monotonic()
         lagger.start()
         while True:
             s = lagger.status()
-            if s is not None and s.groups and s.groups[0].applied >= target:
+            if s is not None and (lg := group_status(s)) is not None and lg.applied >= target:
                 break
             if time.monotonic() - t0 > 600:
                 raise SystemExit("catch-up did not finish in 600 s")

@@ -60,6 +60,13 @@ Read replicas: --learners N adds N learner hosts (`kvstore serve --learner`). Th
 workload reads through them at --read-consistency (half routed by the client library with
 --read-from, half pinned to one replica); at `stale` the run is expected to be invalid, and
 every run checks that each read was no staler than the bound it reported.
+
+\b
+Watch: --watchers N runs N watchers for the whole run (every key, the workload's prefix, one key,
+a range; from now or from an earlier write's revision; some with prev_kv), recording every batch
+and progress notification the client library delivers across its resumes. Their histories are
+checked for etcd's watch guarantees (ordered, unique, atomic, bookmarkable, reliable, resumable)
+against the acknowledged writes; any violation makes the run invalid.
 """
 
 
@@ -109,12 +116,20 @@ def _nemesis(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 @click.option("--max-staleness", type=float, default=0.5, show_default=True, help="Bound of bounded reads (s).")
 @click.option("--tls/--insecure", "tls", default=True, show_default=True,
               help="Mutual TLS everywhere (a CA and certificates made for the run), or plaintext nodes (--insecure).")
+@click.option("--watchers", type=click.IntRange(0, 32), default=0, show_default=True,
+              help="The watch workload: watchers (key, prefix, range, everything) through the client library, "
+                   "checked for etcd's watch guarantees; the register workload then also deletes.")
+@click.option("--watch-timeout", type=float, default=30.0, show_default=True,
+              help="After the final reads: how long the watchers may take to be told about the last write (s).")
+@click.option("--plant-watch-bug", type=click.Choice(["drop", "repeat"]), default=None, hidden=True,
+              help="PLANTED BUG for testing the harness: the nodes drop or repeat a watch event now and then.")
 def run(
     nodes: str, seconds: float, nemesis: list[str], workload: str, backend: str, seed: int, out: Path,
     concurrency: int, rate: float, quiet: float | None, tick_ms: int, op_timeout: float,
     fault_min: float | None, fault_max: float | None, check_timeout: float, groups: int, moves_timeout: float,
     keep_data: bool, stale_reads: bool,
     learners: int | None, read_from: str | None, read_consistency: str, max_staleness: float, tls: bool,
+    watchers: int, watch_timeout: float, plant_watch_bug: str | None,
 ) -> None:
     from . import netns
     from .runner import RunConfig
@@ -127,6 +142,7 @@ def run(
         check_timeout=check_timeout, groups=groups, moves_timeout=moves_timeout,
         learners=learners if learners is not None else (2 if workload == "replicas" else 0),
         read_from=read_from or "", read_consistency=read_consistency, max_staleness=max_staleness, tls=tls,
+        watchers=watchers, watch_timeout=watch_timeout, plant_watch_bug=plant_watch_bug or "",
     )
     try:
         code, _run_dir, _summary = do_run(cfg)

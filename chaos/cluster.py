@@ -167,8 +167,10 @@ class Cluster:
         learners: int = 0,
         metrics: bool = False,
         tls: RunPki | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.backend = backend
+        self.env = dict(env or {})  # extra environment of the node processes (a planted bug's switch)
         self.tls = tls  # the run's certificates (None: plaintext, --insecure)
         self._admin_creds = tls.client(ADMIN_USER) if tls is not None else None
         self.metrics = metrics  # start the nodes with --metrics-listen (scraped by the forge nemesis)
@@ -239,7 +241,8 @@ class Cluster:
             log.write(f"=== {time.strftime('%H:%M:%S')} harness: starting node {nh.node_id} on host {host}\n".encode())
             log.flush()
             nh.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None,
             )
         nh.paused = False
         ns = netns_name(self.backend, host)

@@ -41,6 +41,9 @@ class RunConfig:
     read_consistency: str = "linearizable"
     max_staleness: float = 0.5  # bounded reads
     tls: bool = False  # mutual TLS everywhere (`kvchaos run` defaults to it; old run folders were plaintext)
+    watchers: int = 0  # the watch workload: watchers through the client library, checked (chaos.watchcheck)
+    plant_watch_bug: str = ""  # PLANTED BUG (tests of the watch checks): drop / repeat, see watch_service.py
+    watch_timeout: float = 30.0  # after the final reads: how long the watchers may take to reach the end
 
     @property
     def hosts(self) -> int:
@@ -54,6 +57,12 @@ class RunConfig:
     def sharded(self) -> bool:
         """Range moves can happen: check after the heal that they all finished."""
         return self.groups > 1 or "rebalance" in self.nemesis
+
+    def server_env(self) -> dict[str, str]:
+        """Environment of the node processes beyond the harness's own (only a planted bug)."""
+        from kvstore.server.watch_service import PLANT_ENV
+
+        return {PLANT_ENV: self.plant_watch_bug} if self.plant_watch_bug else {}
 
     def server_args(self) -> list[str]:
         """kvstore serve flags beyond the ones the cluster always passes."""

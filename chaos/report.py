@@ -266,6 +266,7 @@ def write_report(
     faults: Sequence[dict[str, Any]],
     analysis: Analysis,
     execution: dict[str, Any],
+    watch: dict[str, Any] | None = None,
 ) -> Path:
     end = max([r.complete or r.invoke for r in records] + [float(cfg.time)])
     a = analysis
@@ -320,6 +321,9 @@ def write_report(
         out.append("<h2>Set</h2><pre>" + _e(_pretty(a.set)) + "</pre>")
     if a.bank is not None:
         out.append("<h2>Bank</h2><pre>" + _e(_pretty(a.bank)) + "</pre>")
+    if watch is not None and watch.get("checked"):
+        planted = f" (planted bug: {watch['planted']})" if watch.get("planted") else ""
+        out.append(f"<h2 id='watch'>Watch{_e(planted)}</h2><pre>" + _e(_pretty(watch)) + "</pre>")
     out.append("<h2>Faults</h2><table><tr><th>start</th><th>end</th><th>nemesis</th><th>detail</th><th>notes</th></tr>")
     for f in faults:
         endt = f.get("end")

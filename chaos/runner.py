@@ -10,7 +10,9 @@ namespace into the test network:
   report, and prints ``verdict: ...`` as its last line.
 * :func:`execute` (``kvchaos execute RUN_DIR``, hidden): starts the nodes, runs the workload and
   the nemesis schedule, heals, waits the quiet period, makes the final reads, and writes
-  ``ops.jsonl`` (every operation with its error text), ``faults.json`` and ``execution.json``.
+  ``ops.jsonl`` (every operation with its error text), ``faults.json`` and ``execution.json``
+  (with ``--watchers``, also ``watches.jsonl``: the watchers of `chaos.watchers` run alongside the
+  workload and stop after the final reads once told about the last acknowledged write).
   On a sharded run (``--groups`` > 1 or the ``rebalance`` nemesis) it first waits, bounded by
   ``--moves-timeout``, for every range move to finish (``execution.json["shards"]``); moves that
   never finish fail the run as a *liveness* failure, reported apart from linearizability
@@ -41,6 +43,7 @@ from .config import RunConfig
 from .nemesis import Nemesis, NemesisOptions
 from .pki import WORKLOAD_USER, RunPki
 from .state import RunState
+from .watchers import Watchers, load_watchers, write_records, writes_of
 from .workload import OpRecord, Recorder, WorkloadOptions, make_workload
 
 __all__ = ["RunConfig", "analyze", "execute", "run"]
@@ -70,7 +73,7 @@ def execute(run_dir: Path) -> int:
     pki = RunPki.create(run_dir / "certs") if cfg.tls else None
     cluster = Cluster(
         backend, run_dir, cfg.nodes, state, tick_ms=cfg.tick_ms, log_level=cfg.log_level, learners=cfg.learners,
-        extra_args=cfg.server_args(), metrics="forge" in cfg.nemesis, tls=pki,
+        extra_args=cfg.server_args(), metrics="forge" in cfg.nemesis, tls=pki, env=cfg.server_env(),
     )
     # SIGTERM (e.g. from the outer harness) unwinds like Ctrl-C so the nodes are stopped.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -110,8 +113,10 @@ async def _execute(cfg: RunConfig, run_dir: Path, cluster: Cluster) -> int:
         endpoints=cluster.endpoints, replica_endpoints=[cluster.hosts[h].address for h in cluster.learner_hosts],
         read_from=cfg.read_from, read_consistency=cfg.read_consistency, max_staleness=cfg.max_staleness,
         certs_dir=str(cluster.tls.root) if cluster.tls is not None else "", user=WORKLOAD_USER,
+        deletes=0.05 if cfg.watchers else 0.0,
     )
     wl = make_workload(cfg.workload, wopts, rec)
+    watchers = Watchers(cfg.watchers, cfg.workload, wopts, rec, stagger=min(1.0, cfg.time * 0.05))
     quiet = cfg.quiet_seconds()
     fault_until = max(0.0, cfg.time - quiet)
     scale = min(1.0, max(0.3, cfg.time / 60.0))
@@ -131,6 +136,7 @@ async def _execute(cfg: RunConfig, run_dir: Path, cluster: Cluster) -> int:
     log(f"workload {cfg.workload} x{cfg.concurrency} for {cfg.time:g}s; nemesis {','.join(cfg.nemesis) or 'none'} "
         f"until {fault_until:.0f}s, then heal and {quiet:.0f}s quiet")
     wl_task = asyncio.ensure_future(wl.run(stop_wl))
+    watch_task = asyncio.ensure_future(watchers.run())
     warmup = min(2.0, cfg.time * 0.1)
 
     async def nemesis_after_warmup() -> None:
@@ -173,12 +179,22 @@ async def _execute(cfg: RunConfig, run_dir: Path, cluster: Cluster) -> int:
         await wl.final(time.monotonic() + 30)
         finals = [r for r in rec.ops if r.final]
         log(f"final reads: {sum(1 for r in finals if r.status == 'ok')} ok of {len(finals)} attempts")
+        if cfg.watchers:
+            end_revision = max((r.revision or 0 for r in rec.ops), default=0)
+            waited = await watchers.finish(end_revision, cfg.watch_timeout)
+            logs = watchers.logs()
+            log(f"watchers stopped after {waited:.1f}s: {sum(len(w.batches) for w in logs)} batches, "
+                f"{sum(len(b.events) for w in logs for b in w.batches)} events, {sum(w.resumes for w in logs)} resumes")
+            execution["watch"] = {"end_revision": end_revision, "waited": round(waited, 2)}
     finally:
         prog_task.cancel()
-        for t in (nem_task, wl_task):
+        for t in (nem_task, wl_task, watch_task):
             if not t.done():
                 t.cancel()
-        await asyncio.gather(prog_task, nem_task, wl_task, return_exceptions=True)
+        await asyncio.gather(prog_task, nem_task, wl_task, watch_task, return_exceptions=True)
+        await watchers.close()
+        if cfg.watchers:
+            write_records(run_dir / "watches.jsonl", watchers.logs())
         await wl.close()
         await cluster.close()
         _write_ops(run_dir / "ops.jsonl", rec.ops)
@@ -241,6 +257,15 @@ def analyze(run_dir: Path, *, check_timeout: float | None = None) -> dict[str, A
     if forge.get("valid") is False:
         a.verdict = "invalid"
         a.reasons.extend(forge["reasons"])
+    watch = _watch_check(cfg, run_dir, records, execution)
+    if watch.get("valid") is False:
+        a.verdict = "invalid"
+        a.reasons.extend(f"watch: {m}" for m in watch["messages"][:5])
+        if len(watch["messages"]) > 5:
+            a.reasons.append(f"watch: {sum(watch['violations'].values()) - 5} more violation(s): see summary.json")
+    elif watch.get("reason") and a.verdict == "valid":
+        a.verdict = "unknown"
+        a.reasons.append(watch["reason"])
     liveness = _liveness(cfg, execution, faults)
     if liveness.get("valid") is False:
         a.verdict = "invalid"
@@ -261,9 +286,10 @@ def analyze(run_dir: Path, *, check_timeout: float | None = None) -> dict[str, A
         "throughput": round(a.counts.get("ok", 0) / cfg.time, 1) if cfg.time else None,
         "liveness": liveness,
         "forge": forge,
+        "watch": watch,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    write_report(run_dir, cfg, records, faults, a, execution)
+    write_report(run_dir, cfg, records, faults, a, execution, watch)
     return summary
 
 
@@ -366,6 +392,24 @@ def _forge_check(
                        f"when healthy ({ratio:.0%} < {FORGE_MIN_AVAILABILITY:.0%})")
     out.update(valid=not reasons, reasons=reasons)
     return out
+
+
+def _watch_check(
+    cfg: RunConfig, run_dir: Path, records: list[OpRecord], execution: dict[str, Any]
+) -> dict[str, Any]:
+    """The watch workload's verdict (`chaos.watchcheck`; ``valid`` None when the run had no
+    watchers)."""
+    from .watchcheck import check_all
+
+    path = run_dir / "watches.jsonl"
+    if not cfg.watchers:
+        return {"checked": False, "valid": None}
+    if not path.exists():  # the execute phase did not get that far (the run is unknown)
+        return {"checked": False, "valid": None, "reason": "watch unknown: no watches.jsonl was recorded"}
+    end = int((execution.get("watch") or {}).get("end_revision") or 0)
+    res = check_all(load_watchers(path), writes_of(records), end_revision=end)
+    return {"checked": True, **res.to_json(), "end_revision": end,
+            "waited": (execution.get("watch") or {}).get("waited"), "planted": cfg.plant_watch_bug or None}
 
 
 def _liveness(cfg: RunConfig, execution: dict[str, Any], faults: list[dict[str, Any]]) -> dict[str, Any]:
@@ -495,6 +539,12 @@ def run(cfg: RunConfig) -> tuple[int, Path, dict[str, Any]]:
              f"healthy; nodes dead {fg['nodes_dead']}, wedged {fg['nodes_unresponsive']}")
     for reason in a["reasons"]:
         _say(f"kvchaos: {reason}")
+    wt = summary.get("watch") or {}
+    if wt.get("checked"):
+        _say(f"kvchaos: watch: {wt['watchers']} watcher(s), {wt['batches']} batches ({wt['progress']} progress), "
+             f"{wt['events']} events, {wt['resumes']} resumes, {wt['acked_checked']} acknowledged writes checked, "
+             f"{wt['indeterminate_seen']} indeterminate seen, {wt['cross_checked']} cross-watcher revisions; "
+             f"violations {wt['violations'] or 'none'}")
     _say(f"kvchaos: report {run_dir / 'index.html'}")
     if summary["verdict"] == "valid" and not cfg.keep_data:
         shutil.rmtree(run_dir / "data", ignore_errors=True)

@@ -11,6 +11,8 @@ Workloads:
 
 * ``register``: get / put / cas on a few keys with unique values; each key takes at most
   ``ops_per_key`` operations, then a fresh key replaces it (keeps the checker's search small).
+  With ``deletes`` (the watch workload, ``--watchers``) that share of its operations deletes the
+  key instead, so that watchers see DELETEs.
 * ``set``: every operation adds a new element (a put of a unique key under ``s/``); at the end
   one linearizable scan must return every acknowledged element.
 * ``bank``: one key per bank holds all the balances; a transfer reads the bank and cas-es it to
@@ -24,8 +26,9 @@ Workloads:
   must stay linearizable under partitions, at ``stale`` it is expected not to be (the checker
   must see the stale reads), and either way every read must be honest about its staleness.
 
-All of them record their operations as get / put / cas on keys, so every workload's history is
-also checked for linearizability, key by key.
+All of them record their operations as get / put / cas (/ delete) on keys, so every workload's
+history is also checked for linearizability, key by key. A write that took effect records the
+revision its reply carried (``OpRecord.revision``: what the watch checks compare events with).
 
 ``stale_reads`` is a planted bug for testing the harness: gets are served by a random node's
 local state (``consistency=SERIALIZABLE``), which is not linearizable under partitions.
@@ -76,6 +79,7 @@ class OpRecord:
     node: str | None = None  # endpoint that served a pinned (stale) read
     consistency: str | None = None  # reads below linearizable: stale / bounded
     staleness: float | None = None  # the staleness bound the serving node reported (seconds)
+    revision: int | None = None  # a write that took effect: its revision (the client's reply)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -150,6 +154,7 @@ class WorkloadOptions:
     pinned_reads: float = 0.5  # replicas workload: fraction of gets pinned to one replica
     certs_dir: str = ""  # TLS: a certs dir with ca.crt and client.<user>.crt/.key ("": plaintext)
     user: str = "root"  # TLS: whose client certificate the clients present
+    deletes: float = 0.0  # register: share of operations that delete the key (the watch workload's DELETEs)
 
 
 class _KeyRing:
@@ -247,16 +252,34 @@ class Workload:
         return await self.rec.call(p, "get", key, None, read, is_write=False, workload=self.name, final=final)
 
     async def put(self, cl: AsyncClient, p: int, key: str, value: str) -> OpRecord:
-        async def write() -> None:
-            await cl.put(key.encode(), value.encode())
+        revision = 0
 
-        return await self.rec.call(p, "put", key, value, write, is_write=True, workload=self.name)
+        async def write() -> None:
+            nonlocal revision
+            revision = await cl.put(key.encode(), value.encode())
+
+        rec = await self.rec.call(p, "put", key, value, write, is_write=True, workload=self.name)
+        if rec.status == "ok":
+            rec.revision = revision
+        return rec
 
     async def cas(self, cl: AsyncClient, p: int, key: str, expected: str | None, new: str) -> OpRecord:
         async def swap() -> bool:
             return await cl.cas(key.encode(), None if expected is None else expected.encode(), new.encode())
 
-        return await self.rec.call(p, "cas", key, [expected, new], swap, is_write=True, workload=self.name)
+        rec = await self.rec.call(p, "cas", key, [expected, new], swap, is_write=True, workload=self.name)
+        if rec.status == "ok" and rec.output:
+            rec.revision = cl.revision  # a worker's client runs one call at a time: its reply's revision
+        return rec
+
+    async def delete(self, cl: AsyncClient, p: int, key: str) -> OpRecord:
+        async def remove() -> bool:
+            return await cl.delete(key.encode())
+
+        rec = await self.rec.call(p, "delete", key, None, remove, is_write=True, workload=self.name)
+        if rec.status == "ok" and rec.output:
+            rec.revision = cl.revision
+        return rec
 
     # ----- the loop -----
 
@@ -323,7 +346,11 @@ class RegisterWorkload(Workload):
     async def step(self, cl: AsyncClient, p: int, w: int) -> bool:
         key = self.ring.pick(self.rng)
         r = self.rng.random()
-        if r < 0.4:
+        if self.opts.deletes and self.rng.random() < self.opts.deletes:
+            rec = await self.delete(cl, p, key)
+            if rec.status == "ok":
+                self.seen[(w, key)] = None
+        elif r < 0.4:
             rec = await self.get(cl, p, key)
             if rec.status == "ok":
                 self.seen[(w, key)] = rec.output
@@ -543,6 +570,8 @@ def to_operations(records: list[OpRecord]) -> list[Operation]:
                                  r.invoke, complete, st))
         elif r.f == "put":
             ops.append(Operation(r.process, "put", r.key, r.value, None, r.invoke, complete, st))
+        elif r.f == "delete":
+            ops.append(Operation(r.process, "delete", r.key, None, None, r.invoke, complete, st))
         elif r.f == "cas":
             exp, new = r.value
             out = bool(r.output) if st is Status.OK else None

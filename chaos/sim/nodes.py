@@ -263,11 +263,18 @@ class SimTransport:
         self.addresses: dict[int, str] = {}
 
     def send(self, messages: list[Message]) -> None:
+        # As the real transport (`kvstore.transport.peer.Transport.send`): a message to a node
+        # outside the address book the node logic keeps (`set_addresses`) is dropped.
         for m in messages:
-            self.sim._send(m)
+            if m.to in self.addresses:
+                self.sim._send(m)
 
     def send_snapshot(self, m: Message) -> None:
-        self.sim._send_snapshot(self.node_id, m)
+        if m.to in self.addresses:
+            self.sim._send_snapshot(self.node_id, m)
+        else:  # the real transport reports "no address for node N" as a failed snapshot
+            sim = self.sim
+            sim.at(1, sim._snapshot_done, self.node_id, sim.nodes[self.node_id].epoch, m.group, m.to, True)
 
     def set_addresses(self, addresses: dict[int, str]) -> None:
         self.addresses = {n: a for n, a in addresses.items() if n != self.node_id}

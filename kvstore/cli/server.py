@@ -62,6 +62,12 @@ def cli() -> None:
 @click.option("--history-retention", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
               help="Keep this many seconds of MVCC history: older versions are compacted automatically (0: keep "
               "all until `kvctl compact`).")
+@click.option("--history-retention-revisions", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="Keep the cluster's newest N write revisions: every group is compacted at one revision that "
+              "keeps them, each group keeping at most its own newest N (0: off; not with --history-retention).")
+@click.option("--history-retention-interval", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              metavar="SECONDS", help="How often the automatic compaction runs (0: min(60, retention / 2) with "
+              "--history-retention, 300 with --history-retention-revisions).")
 @click.option("--groups", type=click.IntRange(1, 100_000), default=1, show_default=True,
               help="Data Raft groups a new cluster starts with (keys are spread over them by consistent hashing).")
 @click.option("--replication", type=click.IntRange(1, 7), default=3, show_default=True,
@@ -117,7 +123,8 @@ def serve(
     replication: int, vnodes: int, log_level: str, certs_dir: Path | None, insecure: bool,
     audit_log: Path | None, audit_writes: bool, audit_max_bytes: int, audit_keep: int, audit_sync_lines: int,
     audit_sync_ms: int, rate_limit: str, max_apply_lag: int, memory_limit: str, quota_bytes: str, max_streams_per_connection: int,
-    idle_timeout: float, max_ping_strikes: int, history_retention: float, wal_segment_bytes: str,
+    idle_timeout: float, max_ping_strikes: int, history_retention: float, history_retention_revisions: int,
+    history_retention_interval: float, wal_segment_bytes: str,
 ) -> None:
     """Run one node of a cluster. Restarting with the same --data-dir resumes it.
 
@@ -150,6 +157,8 @@ def serve(
             limits=Limits(max_key, max_value, max_request),
             groups=groups, replication=replication, vnodes=vnodes,
             reads=ReadSettings(probe_ticks=max(0, probe_ticks)), history_retention=history_retention,
+            history_retention_revisions=history_retention_revisions,
+            history_retention_interval=history_retention_interval,
             certs_dir=certs_dir, insecure=insecure,
             audit=None if audit_log is None else AuditSettings(
                 audit_log.absolute(), writes=audit_writes, max_bytes=audit_max_bytes, keep=audit_keep,

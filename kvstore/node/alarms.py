@@ -26,11 +26,11 @@ from __future__ import annotations
 import enum
 import logging
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from kvstore.node.metakey import MetaKeyTracker
 from kvstore.node.store import NodeStore
-from kvstore.shard.shardmap import META_GROUP
 
 __all__ = ["ALARMS_KEY", "Alarm", "AlarmTracker", "AlarmType", "QuotaWatch", "decode_alarms", "encode_alarms"]
 
@@ -81,47 +81,30 @@ def decode_alarms(data: bytes) -> frozenset[Alarm]:
     return frozenset(out)
 
 
-class AlarmTracker:
-    """The alarm set as of the metadata group's applied state on this node. A stored value that
-    does not decode (it cannot get into group 0 through the node's own checks) is logged and the
-    last good set stays in force."""
+class AlarmTracker(MetaKeyTracker[frozenset[Alarm]]):
+    """The alarm set as of the metadata group's applied state on this node (`raw`: the stored
+    value it was decoded from, None if never raised: what a CAS of the set expects). A stored
+    value that does not decode is logged and the last good set stays in force."""
 
-    __slots__ = ("_seen_applied", "alarms", "nospace", "on_change", "raw", "store")
+    __slots__ = ("nospace",)
 
     def __init__(self, store: NodeStore) -> None:
-        self.store = store
-        self.alarms: frozenset[Alarm] = frozenset()
-        self.raw: bytes | None = None
-        """The stored value the set was decoded from (None: never raised): a CAS expects it."""
+        super().__init__(store, ALARMS_KEY, "alarm set", decode_alarms, frozenset(), absent=frozenset())
         self.nospace = False
         """Some node's NOSPACE alarm is raised: refuse puts and CAS (the per-write check)."""
-        self._seen_applied = -1
-        self.on_change: list[Callable[[], None]] = []
 
-    def refresh(self) -> bool:
-        """Re-read the set if the metadata group applied something; True if it changed."""
-        if not self.store.has_group(META_GROUP):
-            return False
-        applied = self.store.applied_index(META_GROUP)
-        if applied == self._seen_applied:
-            return False
-        self._seen_applied = applied
-        raw = self.store.get(META_GROUP, ALARMS_KEY)
-        if raw == self.raw:
-            return False
-        try:
-            alarms = decode_alarms(raw) if raw is not None else frozenset()
-        except ValueError as err:
-            log.error("cannot decode the alarm set: %s", err)
-            return False
-        self.raw = None if raw is None else bytes(raw)
-        if alarms != self.alarms:
-            log.warning("cluster alarms now: %s", ", ".join(f"{a.type.name}@node{a.node}" for a in sorted(alarms)) or "none")
-        self.alarms = alarms
-        self.nospace = any(a.type == AlarmType.NOSPACE for a in alarms)
-        for cb in self.on_change:
-            cb()
-        return True
+    @property
+    def alarms(self) -> frozenset[Alarm]:
+        return self.value
+
+    @property
+    def raw(self) -> bytes | None:
+        return self.stored
+
+    def _updated(self, old: frozenset[Alarm], new: frozenset[Alarm]) -> None:
+        if new != old:
+            log.warning("cluster alarms now: %s", ", ".join(f"{a.type.name}@node{a.node}" for a in sorted(new)) or "none")
+        self.nospace = any(a.type == AlarmType.NOSPACE for a in new)
 
 
 def with_alarm(alarms: frozenset[Alarm], alarm: Alarm) -> bytes:

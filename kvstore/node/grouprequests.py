@@ -18,6 +18,7 @@ from typing import Protocol
 from kvstore import errors
 from kvstore.node.alarms import ALARMS_KEY, decode_alarms
 from kvstore.node.host import Host
+from kvstore.node.retention import check_keep
 from kvstore.raft import ConfChange
 from kvstore.security.authstate import AUTH_KEY, AuthError, AuthState
 from kvstore.shard.ranges import IntervalSet
@@ -48,6 +49,8 @@ class GroupRequest(Protocol):
     def transfer(self) -> bool: ...
     @property
     def from_node(self) -> int: ...
+    @property
+    def retention_keep(self) -> int: ...
 
 
 def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfChange | None:
@@ -59,7 +62,8 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
     the old one (`check_auth_change`); a data group only shard commands that decode (never SET,
     which only a group's bootstrap log carries) and that belong to a range move of the shard map
     `smap`, with that move's ranges, in the group that plays that part in it (FREEZE and DROP in
-    the source, BEGIN, INSTALL and ACTIVATE in the target); a COMPACT or a CLOSE (history and
+    the source, BEGIN, INSTALL and ACTIVATE in the target); a retention request (`retention_keep`,
+    a read) needs a number of revisions in 1..`retention.MAX_KEEP`; a COMPACT or a CLOSE (history and
     revision state only) goes to any group (the receiving leader checks a CLOSE's revision
     against its clock: `kvstore.node.closes`); a conf change must decode. A move
     this node's map does not show yet is refused as WRONG_SHARD (the caller retries: the map
@@ -71,6 +75,9 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
             return ConfChange.decode(request.conf_change)
         except ValueError as err:
             raise errors.InvalidArgument(f"malformed conf change: {err}") from None
+    if request.retention_keep:
+        check_keep(request.retention_keep)  # a read of the change log: changes nothing
+        return None
     if request.read_barrier or request.transfer:
         return None
     data = request.command

@@ -101,6 +101,9 @@ class RaftSettings:
     """Compact a group's log once it holds this many applied entries."""
     compact_keep: int = 1_000
     """Entries kept behind the applied index after compaction, for slow followers."""
+    announce_commit: bool = True
+    """Followers learn a new commit index at once when it covers the leader's whole log (see
+    `kvstore.raft.core`, "Commit propagation"), not at the next heartbeat."""
     quiesce_ticks: int = 20
     """An idle group stops heartbeating and ticking after this many ticks (0: never). The node's
     own liveness pings (one small batch per peer per tick, whatever the number of groups) wake a
@@ -210,6 +213,9 @@ class Host:
         self.suspected: set[int] = set()
         """Nodes whose liveness pings stopped (see `suspect`)."""
         self.hosted = HostedMembers()
+        self._removed: set[int] = set()
+        """Nodes removed by an applied change, still in `members` while some hosted group's
+        configuration lists them (see `_forget_removed`)."""
         """The nodes some hosted group's configuration lists (kept current: see `hosted`)."""
 
     # --- groups -----------------------------------------------------------------------------
@@ -229,6 +235,7 @@ class Host:
             applied=self.store.applied_index(group),
             lease_read=s.lease_read,
             quiesce_ticks=s.quiesce_ticks,
+            announce_commit=s.announce_commit,
             max_inflight_msgs=s.max_inflight_msgs,
             max_size_per_msg=s.max_size_per_msg,
         )
@@ -272,6 +279,8 @@ class Host:
         keeps it from being recreated by a late message. Call only between cycles."""
         g = self.groups.pop(group, None)
         self.hosted.drop(group)
+        if self._removed:
+            self._forget_removed()
         if g is not None:
             err = errors.LeadershipLost(f"group {group} left this node", indeterminate=True)
             for w in g.writes.values():
@@ -545,7 +554,7 @@ class Host:
         (from the store's `results`), queue its read states."""
         for e, res in zip(rd.committed_entries, results, strict=True):
             if e.type == EntryType.CONF_CHANGE:
-                self._applied_conf_change(e.data)
+                self._applied_conf_change(g.id, e.data)
             w = g.writes.pop(e.index, None)
             if w is not None:
                 _answer(w, e.term, res)
@@ -597,16 +606,37 @@ class Host:
             except StorageError as err:  # optional work: the next cycle tries again
                 log.warning("compacting group %d failed: %s", g.id, err)
 
-    def _applied_conf_change(self, data: bytes) -> None:
+    def _applied_conf_change(self, group: int, data: bytes) -> None:
         try:
             cc = ConfChange.decode(data)
         except ValueError:
             return  # the core skips an invalid conf change too (never written since validation)
         if cc.type == ConfChangeType.REMOVE_NODE:
             if cc.node_id != self.node_id:
-                self.members.pop(cc.node_id, None)
+                self._removed.add(cc.node_id)
+                self._forget_removed(leaving=group)
         elif cc.context:
+            self._removed.discard(cc.node_id)
             self.members[cc.node_id] = cc.context.decode()
+
+    def _forget_removed(self, leaving: int = -1) -> None:
+        """Drop from `members` the removed nodes that no hosted group lists any more, in its newest
+        configuration or in its applied one (`leaving`: the group applying a node's removal right
+        now). A member is removed group by group, and the transport follows `members`: until the
+        last group here let a node go, this node must keep answering it there. Dropping it at its
+        first removal cut a metadata leader off from its followers while it was removing itself
+        there (their acknowledgements never reached it: check-quorum deposed it and the change
+        timed out). The applied configuration counts too: a follower that appended a node's
+        removal must still acknowledge it to that node, if it leads. Runs only when a removal is
+        applied or a group closes (O(groups) each time)."""
+        for n in list(self._removed):
+            if n in self.hosted or any(
+                n in g.core.conf_state_at(g.core.applied).members()
+                for gid, g in self.groups.items() if gid != leaving
+            ):
+                continue
+            self.members.pop(n, None)
+            self._removed.discard(n)
 
     def retry_cycle(self, now: float) -> Cycle | None:
         """The failed cycle, to persist again and then end (`end_cycle`), if storage failed and a

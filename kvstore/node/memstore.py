@@ -981,6 +981,13 @@ class MemoryNodeStore:
             return changefeed.ChangeBatch(mvcc.RevState(), [], hi)
         return changefeed.read_changes(g.rows, lo, hi, max_events=max_events, max_bytes=max_bytes, prev_kv=prev_kv)
 
+    def retention_step(self, group: int, walk: mvcc.RetentionWalk, max_rows: int = 0) -> bool:
+        g = self._read(group)
+        if g is None:
+            walk.done = True
+            return True
+        return mvcc.retention_step(g.rows, walk, max_rows)
+
     # --- reads -----------------------------------------------------------------------------------
     def get(self, group: int, key: bytes) -> bytes | None:
         g = self._read(group)

@@ -117,6 +117,13 @@ class RevisionReads(Protocol):
         `NodeStore.scan_chunks`), and the revision state of that view. Raises mvcc.Compacted."""
         ...
 
+    def retention_step(self, group: int, walk: mvcc.RetentionWalk, max_rows: int = 0) -> bool:
+        """Continue the walk for the group's retention point (`mvcc.retention_step`: the
+        compact revision that keeps its newest `walk.keep` write revisions) over at most
+        `max_rows` rows (0: no bound) of its committed change log, in one view; True once
+        `walk.point` is the answer (0: nothing to compact; a group not here: 0)."""
+        ...
+
     def changes(self, group: int, lo: int, hi: int, max_events: int, max_bytes: int, prev_kv: bool) -> ChangeBatch:
         """The group's changes with lo <= revision <= hi from its change log, in one view
         (`storage/changefeed.py`: whole revisions, at most about `max_events` / `max_bytes`;

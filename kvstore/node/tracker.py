@@ -8,46 +8,31 @@ logged and ignored: the last good map stays in force.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-
+from kvstore.node.metakey import MetaKeyTracker
 from kvstore.node.store import NodeStore
-from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, ShardMap, ShardMapError
-
-log = logging.getLogger("kvstore.shards")
+from kvstore.shard.shardmap import SHARD_MAP_KEY, ShardMap, ShardMapError
 
 
-class ShardTracker:
-    """The shard map as of the metadata group's applied state on this node."""
+class ShardTracker(MetaKeyTracker[ShardMap | None]):
+    """The shard map as of the metadata group's applied state on this node (`map`: None before
+    the first; `raw`: its encoding, b"" before the first, what a CAS of the map expects)."""
+
+    __slots__ = ()
 
     def __init__(self, store: NodeStore) -> None:
-        self.store = store
-        self.map: ShardMap | None = None
-        self.raw: bytes = b""
-        self._seen_applied = -1
-        self.on_change: list[Callable[[], None]] = []
-        """Called after the map changed (the asyncio shell wakes its waiters from here)."""
+        super().__init__(store, SHARD_MAP_KEY, "shard map", ShardMap.decode, None, errors=(ShardMapError,))
 
-    def refresh(self) -> bool:
-        """Re-read the map if the metadata group applied something; True if the map changed."""
-        if not self.store.has_group(META_GROUP):  # runs after every Ready cycle: no sorting
-            return False
-        applied = self.store.applied_index(META_GROUP)
-        if applied == self._seen_applied:
-            return False
-        self._seen_applied = applied
-        raw = self.store.get(META_GROUP, SHARD_MAP_KEY)
-        if raw is None or raw == self.raw:
-            return False
-        try:
-            m = ShardMap.decode(raw)
-        except ShardMapError as err:
-            log.error("cannot decode the shard map: %s", err)
-            return False
-        self.map, self.raw = m, bytes(raw)
-        for cb in self.on_change:
-            cb()
-        return True
+    @property
+    def map(self) -> ShardMap | None:
+        return self.value
+
+    @map.setter
+    def map(self, m: ShardMap | None) -> None:
+        self.value = m
+
+    @property
+    def raw(self) -> bytes:
+        return self.stored or b""
 
     @property
     def version(self) -> int:

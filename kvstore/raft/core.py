@@ -16,14 +16,17 @@ Safety-relevant rules kept here:
   majority has confirmed its leadership after the read arrived (or, in lease mode, while the
   leader's lease holds).
 
-Commit propagation (a cost choice, not a safety rule). A leader whose commit index advances does
-not broadcast an append just to announce it (etcd-raft does): followers learn it from the next
-append carrying entries, or from the next heartbeat (`heartbeat_tick`), and a follower or learner
-that asked for a read index is sent an append with the commit index right after the answer, so
-a replica read never waits for a heartbeat. Under a steady stream of writes this halves the
-messages and follower write transactions per write (the commit rides on the next append); a
-follower's state machine may lag the commit index by up to one heartbeat when writes stop. Which
-index is committed, and when, is unchanged.
+Commit propagation (a cost choice, not a safety rule). etcd-raft broadcasts an append whenever
+the leader's commit index advances. Here, while entries are still in flight, the new commit index
+rides on the next append carrying entries (under a steady stream of writes this halves the
+messages and follower write transactions per write). Once the whole log is committed, so that no
+append would come soon to carry it, `Config.announce_commit` sends each caught-up member that was
+not yet told it one empty append carrying it (`_announce_commit`): followers and learners apply a
+lone write within a round trip instead of at the next heartbeat (a watch or a replica read served
+there waited up to a heartbeat for it). Without it they learn from the next heartbeat
+(`heartbeat_tick`). Either way, a follower or learner that asked for a read index is sent an
+append with the commit index right after the answer. Which index is committed, and when, is
+unchanged.
 
 Membership changes are single-server changes (Ongaro's dissertation §4.1): each CONF_CHANGE entry
 adds or removes one voter (or changes learners, which never count toward a quorum). A node uses
@@ -145,6 +148,9 @@ class Config:
     """Serve ReadIndex from the leader lease instead of a heartbeat round. Relies on
     check_quorum and on clocks drifting less than `lease_drift_ticks` per election timeout."""
     lease_drift_ticks: int = 2
+    announce_commit: bool = False
+    """Tell caught-up members a new commit index at once when it covers the whole log (see
+    "Commit propagation"); off: they learn it from the next append or heartbeat."""
     quiesce_ticks: int = 0
     """Quiescence (hibernation) of idle groups: a leader that has been idle for this many
     consecutive ticks, with every member caught up, quiesces and tells its followers to quiesce
@@ -625,14 +631,30 @@ class RaftNode:
             return self._send_snapshot(to, pr)
         if not ents and not send_if_empty:
             return False
+        commit = self.log.committed
         self._send(
             Message(
                 MT.APP, to, self.id, index=pr.next - 1, log_term=prev_term, entries=ents,
-                commit=self.log.committed,
+                commit=commit,
             )
         )
+        pr.commit_sent = commit
         pr.sent_entries(ents[-1].index if ents else pr.next - 1)
         return True
+
+    def _announce_commit(self, only: int = NONE) -> None:
+        """See "Commit propagation": once the whole log is committed, send every caught-up member
+        in REPLICATE state (`only`: just that one) that no append told the commit index yet an
+        empty append carrying it. Called where the commit index advances or a member catches up."""
+        log = self.log
+        commit = log.committed
+        if log.last_index() != commit:
+            return  # entries in flight: the next append carries it
+        for nid in [only] if only != NONE else sorted(self.prs):
+            pr = self.prs.get(nid)
+            if nid != self.id and pr is not None and pr.state == ProgressState.REPLICATE \
+                    and pr.match == commit and pr.commit_sent < commit:
+                self._send_append(nid)
 
     def _send_snapshot(self, to: int, pr: Progress) -> bool:
         try:
@@ -987,10 +1009,13 @@ class RaftNode:
             elif pr.state == ProgressState.SNAPSHOT and pr.match >= pr.pending_snapshot:
                 pr.become_probe()
                 pr.become_replicate()
-            if self._maybe_commit() and self.role != Role.LEADER:
+            advanced = self._maybe_commit()
+            if advanced and self.role != Role.LEADER:
                 return
             while self._send_append(m.frm, send_if_empty=False):
                 pass
+            if self.cfg.announce_commit:
+                self._announce_commit(NONE if advanced else m.frm)
             if m.frm == self.lead_transferee and pr.match == self.log.last_index():
                 self._send_timeout_now(m.frm)
         elif self.cfg.quiesce_ticks and pr.state == ProgressState.PROBE and m.index == pr.match:
@@ -1147,8 +1172,9 @@ class RaftNode:
         if self.role == Role.LEADER:
             pr = self.prs.get(self.id)
             stable = self._stable_last_index()
-            if pr is not None and pr.maybe_update(stable):
-                self._maybe_commit()
+            if pr is not None and pr.maybe_update(stable) and self._maybe_commit() \
+                    and self.cfg.announce_commit and self.role == Role.LEADER:
+                self._announce_commit()
 
     # --- introspection ----------------------------------------------------------------------
     @property

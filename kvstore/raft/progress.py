@@ -44,6 +44,8 @@ class Progress:
     commit_known: int = 0
     """Highest commit index the follower reported having (heartbeat responses, only with
     quiescence enabled): a leader quiesces only once every follower knows its commit index."""
+    commit_sent: int = 0
+    """Highest commit index an append to this follower carried (`Config.announce_commit`)."""
 
     def become_probe(self) -> None:
         if self.state == ProgressState.SNAPSHOT:

@@ -38,11 +38,11 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 
 from kvstore import errors
+from kvstore.node.metakey import MetaKeyTracker, MetaStore
 
 from .authstate import AUTH_KEY, AuthError, AuthState
 from .identity import ANONYMOUS, Principal, PrincipalKind, identity_of_call, set_identity, token_of
@@ -133,37 +133,28 @@ def credential_of_call() -> Credential | None:
     return _credential.get()
 
 
-class AuthTracker:
+class AuthTracker(MetaKeyTracker[AuthState]):
     """The auth state as of the metadata group's applied state on this node (like the shard
-    tracker: it may lag the committed state by a little). A stored state that does not decode
-    (it cannot get into group 0 through the node's checks) is logged and ignored."""
+    tracker: it may lag the committed state by a little; `raw`: its encoding, b"" before the
+    first, what a CAS of the state expects). A stored state that does not decode is logged and
+    ignored."""
 
-    def __init__(self, store: Any) -> None:
-        self.store = store
-        self.state = AuthState()
-        self.raw = b""
-        self._seen_applied = -1
-        self.on_change: list[Callable[[], None]] = []
+    __slots__ = ()
 
-    def refresh(self) -> bool:
-        if not self.store.has_group(META_GROUP):
-            return False
-        applied = self.store.applied_index(META_GROUP)
-        if applied == self._seen_applied:
-            return False
-        self._seen_applied = applied
-        raw = self.store.get(META_GROUP, AUTH_KEY)
-        if raw is None or raw == self.raw:
-            return False
-        try:
-            st = AuthState.decode(raw)
-        except AuthError as err:
-            log.error("cannot decode the auth state: %s", err)
-            return False
-        self.state, self.raw = st, bytes(raw)
-        for cb in self.on_change:
-            cb()
-        return True
+    def __init__(self, store: MetaStore) -> None:
+        super().__init__(store, AUTH_KEY, "auth state", AuthState.decode, AuthState(), errors=(AuthError,))
+
+    @property
+    def state(self) -> AuthState:
+        return self.value
+
+    @state.setter
+    def state(self, st: AuthState) -> None:
+        self.value = st
+
+    @property
+    def raw(self) -> bytes:
+        return self.stored or b""
 
 
 class AuthGuard:

@@ -1,7 +1,12 @@
 """History compaction across the cluster: `KV.Compact`'s fan-out, and the automatic retention
-(`--history-retention`): the metadata group's leader compacts every group at "now - retention"
-once every `interval` (revisions carry their HLC time, so a revision of a time is exact to the
-millisecond; see docs/REVISIONS.md). Each group clamps the revision to its own last one."""
+driven by the metadata group's leader once every `interval`, which compacts every group at one
+revision (each group clamps it to its own last one; docs/REVISIONS.md, "Retention"):
+
+- by time (`--history-retention SECONDS`, `Retention`): at "now - retention" (revisions carry
+  their HLC time, so a revision of a time is exact to the millisecond);
+- by revisions (`--history-retention-revisions N`, `RevisionRetention`): at the highest of the
+  data groups' points, each computed by the group's leader from its own change log
+  (`kvstore.node.retention`: the cluster keeps its newest N write revisions)."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from collections.abc import Callable
 
 from kvstore import errors
 from kvstore.node.host import Host
+from kvstore.node.retention import check_keep, cluster_point
 from kvstore.raft import Role
 from kvstore.shard.shardmap import META_GROUP
 from kvstore.storage import commands, mvcc
@@ -50,13 +56,13 @@ class Retention:
 
     def __init__(
         self, host: Host, caller: GroupCaller, tracker: ShardTracker, retention_s: float,
-        now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000, interval: float = 0.0,
     ) -> None:
         self.host = host
         self.caller = caller
         self.tracker = tracker
         self.retention_s = retention_s
-        self.interval = min(60.0, max(0.5, retention_s / 2))
+        self.interval = interval or min(60.0, max(0.5, retention_s / 2))
         self.now_ms = now_ms
         self.compacted = 0
         """The last revision this node compacted at."""
@@ -65,15 +71,47 @@ class Retention:
         g = self.host.groups.get(META_GROUP)
         return g is not None and g.core.role == Role.LEADER
 
+    async def point(self) -> int:
+        """The revision to compact every group at now (0: none)."""
+        return retention_revision(self.now_ms(), self.retention_s)
+
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            if not self.leads_metadata():
-                continue
-            rev = retention_revision(self.now_ms(), self.retention_s)
-            if rev <= self.compacted:
-                continue
+            await self.round()
+
+    async def round(self) -> None:
+        """One round: compact at `point()` if this node leads the metadata group and the point
+        moved past the last one it compacted at."""
+        if not self.leads_metadata():
+            return
+        rev = await self.point()
+        if rev <= self.compacted:
+            return
+        try:
+            self.compacted = await compact_all(self.caller, self.tracker, rev)
+        except errors.KVError as err:  # no leader, a timeout: the next round tries again
+            log.warning("history retention: compacting at %d failed: %s", rev, err)
+
+
+class RevisionRetention(Retention):
+    """Retention by revisions: every `interval` seconds (300 by default, etcd's period in its
+    revision mode), ask each data group's leader for its point keeping `keep` write revisions
+    and compact every group at the highest (`kvstore.node.retention`). A group that does not
+    answer in time is left out of the round's maximum: that only lowers it (keeps more)."""
+
+    def __init__(self, host: Host, caller: GroupCaller, tracker: ShardTracker, keep: int, interval: float = 0.0) -> None:
+        super().__init__(host, caller, tracker, 0.0, interval=interval or 300.0)
+        self.keep = check_keep(keep)
+
+    async def point(self) -> int:
+        smap = self.tracker.map
+        if smap is None:
+            return 0
+        points: dict[int, int] = {}
+        for gid in smap.data_groups():
             try:
-                self.compacted = await compact_all(self.caller, self.tracker, rev)
-            except errors.KVError as err:  # no leader, a timeout: the next round tries again
-                log.warning("history retention: compacting at %d failed: %s", rev, err)
+                points[gid] = await self.caller.retention_point(gid, self.keep, timeout=self.caller.request_timeout)
+            except errors.KVError as err:
+                log.info("history retention: group %d gave no retention point this round: %s", gid, err)
+        return cluster_point(points)

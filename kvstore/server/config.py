@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvstore.node.host import RaftSettings
+from kvstore.node.retention import MAX_KEEP
 from kvstore.security.audit import AuditSettings
 from kvstore.security.net import is_loopback
 from kvstore.shard.endpoints import check_address
@@ -90,6 +91,13 @@ class NodeConfig:
     history_retention: float = 0.0
     """Seconds of MVCC history kept (`--history-retention`): the metadata leader compacts every
     group at now - this, periodically. 0: no automatic compaction."""
+    history_retention_revisions: int = 0
+    """The cluster's newest write revisions kept (`--history-retention-revisions`): the metadata
+    leader compacts every group at one revision that keeps them (`kvstore.node.retention`).
+    0: off. Not with `history_retention`."""
+    history_retention_interval: float = 0.0
+    """Seconds between automatic compactions (0: min(60, history_retention / 2) by time, 300 by
+    revisions, as etcd's revision mode)."""
 
     @property
     def audit_writes(self) -> bool:
@@ -100,6 +108,12 @@ class NodeConfig:
             raise ValueError(f"--wal-segment-bytes {self.wal_segment_bytes} must be in 64K..1G")
         if not 0 <= self.history_retention <= 100 * 365 * 86400:
             raise ValueError(f"--history-retention {self.history_retention} must be 0 (off) or a positive duration")
+        if self.history_retention and self.history_retention_revisions:
+            raise ValueError("--history-retention and --history-retention-revisions exclude each other: choose one")
+        if not 0 <= self.history_retention_revisions <= MAX_KEEP:
+            raise ValueError(f"--history-retention-revisions {self.history_retention_revisions} must be in 0..{MAX_KEEP}")
+        if not (self.history_retention_interval == 0 or 0.1 <= self.history_retention_interval <= 86400):
+            raise ValueError(f"--history-retention-interval {self.history_retention_interval} must be 0 or in 0.1..86400")
         self.limits.validate()
         self.admission.validate()
         if self.audit is not None:

@@ -53,7 +53,7 @@ from .audit_rpc import audited
 from .auth_service import AuthService
 from .clientaddr import publish_client_address
 from .clientport import ClientPort
-from .compaction import Retention
+from .compaction import Retention, RevisionRetention
 from .config import NodeConfig
 from .kv_service import KVService
 from .learner import register_learner
@@ -238,8 +238,14 @@ class Node:
             loop.create_task(publish_client_address(cfg.id, cfg.client_address, tracker, caller.propose),
                              name="client-address"),
         ]
+        retention: Retention | None = None
         if cfg.history_retention > 0:
-            retention = Retention(self.host, self.caller, self.tracker, cfg.history_retention)
+            retention = Retention(self.host, self.caller, self.tracker, cfg.history_retention,
+                                  interval=cfg.history_retention_interval)
+        elif cfg.history_retention_revisions > 0:
+            retention = RevisionRetention(self.host, self.caller, self.tracker, cfg.history_retention_revisions,
+                                          interval=cfg.history_retention_interval)
+        if retention is not None:
             self._tasks.append(loop.create_task(retention.run(), name="history-retention"))
         for t in self._tasks:
             t.add_done_callback(self._task_ended)

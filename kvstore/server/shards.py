@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from kvstore import errors
+from kvstore.node import retention
 from kvstore.node.closes import NodeCloses
 from kvstore.node.grouprequests import (
     check_export_request,
@@ -210,6 +211,13 @@ class GroupCaller:
         resp = await self.call(group, shard_pb2.GroupProposeRequest(group=group, command=data), timeout=timeout)
         return commands.decode_result(resp.result) if resp.result else ApplyResult()
 
+    async def retention_point(self, group: int, keep: int, *, timeout: float | None = None) -> int:
+        """The group's retention point keeping its newest `keep` write revisions, computed by its
+        leader from its change log (`kvstore.node.retention`); an answer that is not a revision
+        of the group is refused (definite InvalidArgument)."""
+        resp = await self.call(group, shard_pb2.GroupProposeRequest(group=group, retention_keep=keep), timeout=timeout)
+        return retention.check_point(group, resp.revision)
+
     async def transfer(self, group: int, to: int, *, timeout: float | None = None) -> None:
         await self.call(
             group, shard_pb2.GroupProposeRequest(group=group, transfer=True, transfer_to=to),
@@ -280,6 +288,11 @@ async def local_group_call(
         if cc is not None:
             await waiters.propose_conf_change(host, wake, request.group, cc, timeout)
             return shard_pb2.GroupProposeResponse()
+        if request.retention_keep:
+            walk = retention.begin_walk(host, request.group, request.retention_keep)
+            while not retention.walk_step(host, request.group, walk):
+                await asyncio.sleep(0)  # a long change log: let the node's loop run between steps
+            return shard_pb2.GroupProposeResponse(revision=walk.point)
         if request.read_barrier:
             index = await waiters.read_point(host, wake, request.group, timeout)
             return shard_pb2.GroupProposeResponse(index=index)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -57,6 +58,13 @@ log = logging.getLogger("kvstore.watch")
 _NOPUT = kv_pb2.WatchCreateRequest.NOPUT
 _NODELETE = kv_pb2.WatchCreateRequest.NODELETE
 
+PLANT_ENV = "KVSTORE_PLANT_WATCH_BUG"
+"""PLANTED BUG, for testing kvchaos's watch checks only: ``drop`` or ``repeat`` makes every
+`PLANT_EVERY`-th response with events lose its last event or repeat its first one. Never set
+unless a test asks for it (kvchaos's hidden ``--plant-watch-bug``)."""
+
+PLANT_EVERY = 20
+
 
 class WatchService:
     """The `KV.Watch` handler of one node (used by `KVService.Watch`)."""
@@ -67,6 +75,10 @@ class WatchService:
         self.node_id = rq.cfg.id
         self._shared: tuple[list[Change], kv_pb2.WatchResponse] | None = None
         """The events list last turned into protobuf, and the response holding them."""
+        self._plant = os.environ.get(PLANT_ENV, "")
+        self._planted = 0
+        if self._plant:
+            log.warning("PLANTED WATCH BUG %r is active (%s): watch responses are corrupted", self._plant, PLANT_ENV)
 
     async def watch(self, requests: AsyncIterator[kv_pb2.WatchRequest], context: Any) -> AsyncIterator[kv_pb2.WatchResponse]:
         rq = self.rq
@@ -171,7 +183,19 @@ class WatchService:
             self._add_events(template, r)
             shared = self._shared = (r.events, template)
         resp.MergeFrom(shared[1])
+        if self._plant:
+            self._plant_bug(resp)
         return resp
+
+    def _plant_bug(self, resp: kv_pb2.WatchResponse) -> None:
+        """The planted bug of `PLANT_ENV` (see there)."""
+        self._planted += 1
+        if self._planted % PLANT_EVERY:
+            return
+        if self._plant == "drop":
+            del resp.events[-1]
+        elif self._plant == "repeat":
+            resp.events.add().CopyFrom(resp.events[0])
 
     def _add_events(self, resp: kv_pb2.WatchResponse, r: Reply) -> None:
         add = resp.events.add

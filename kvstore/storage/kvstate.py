@@ -90,11 +90,13 @@ class AppliedState:
 
 class LmdbGroupView:
     """`machine.StateView` of one group inside a write transaction. The session meta row is read
-    once and written through on every change."""
+    once and written through on every change. Values, session rows and the session LRU are read
+    and written through cursors kept for the view's life (cheaper than `txn.get` / `txn.put` /
+    `txn.delete`, which set one up per call; LMDB keeps them valid across the other writes)."""
 
     __slots__ = (
-        "_data", "_lru", "_meta", "_p", "_sessions", "_shards_db", "_txn", "changed", "group", "index", "mvcc",
-        "shards",
+        "_data", "_dcur", "_lcur", "_lru", "_meta", "_p", "_scur", "_sessions", "_shards_db", "_txn", "changed",
+        "group", "index", "mvcc", "shards",
     )
 
     def __init__(
@@ -108,6 +110,9 @@ class LmdbGroupView:
         path reads it on every write)."""
         self._p = group_prefix(group)
         self._data = data
+        self._dcur = txn.cursor(db=data)
+        self._scur = txn.cursor(db=sessions)
+        self._lcur = txn.cursor(db=lru)
         self._sessions = sessions
         self._shards_db = shards_db
         self._lru = lru
@@ -139,25 +144,25 @@ class LmdbGroupView:
                 return n
 
     def get(self, key: bytes) -> bytes | None:
-        return self._txn.get(self._p + key, db=self._data)
+        return self._dcur.get(self._p + key)
 
     def put(self, key: bytes, value: bytes) -> None:
-        self._txn.put(self._p + key, value, db=self._data)
+        self._dcur.put(self._p + key, value)
 
     def delete(self, key: bytes) -> bool:
         return self._txn.delete(self._p + key, db=self._data)
 
     # --- sessions -----------------------------------------------------------------------------
     def session_head(self, client_id: int) -> SessionHead | None:
-        raw = self._txn.get(self._p + U64.pack(client_id), db=self._sessions)
+        raw = self._scur.get(self._p + U64.pack(client_id))
         return None if raw is None else _decode_head(raw)
 
     def set_session_head(self, client_id: int, head: SessionHead, old: SessionHead | None) -> None:
-        txn, p = self._txn, self._p
-        if old is not None:
-            txn.delete(p + U64_PAIR.pack(old.last, client_id), db=self._lru)
-        txn.put(p + U64.pack(client_id), head.encode(), db=self._sessions)
-        txn.put(p + U64_PAIR.pack(head.last, client_id), b"", db=self._lru)
+        p, lcur = self._p, self._lcur
+        if old is not None and lcur.set_key(p + U64_PAIR.pack(old.last, client_id)):
+            lcur.delete()
+        self._scur.put(p + U64.pack(client_id), head.encode())
+        lcur.put(p + U64_PAIR.pack(head.last, client_id), b"")
 
     def delete_session(self, client_id: int, head: SessionHead) -> None:
         txn, db, p = self._txn, self._sessions, self._p
@@ -174,7 +179,7 @@ class LmdbGroupView:
 
     def oldest_session(self) -> tuple[int, int] | None:
         p = self._p
-        cur = self._txn.cursor(db=self._lru)
+        cur = self._lcur
         if not cur.set_range(p):
             return None
         k = cur.key()
@@ -195,10 +200,10 @@ class LmdbGroupView:
         self._txn.put(self._p + SESSION_META_TAG, meta.encode(), db=self._sessions)
 
     def session_result(self, client_id: int, seq: int) -> bytes | None:
-        return self._txn.get(self._p + U64_PAIR.pack(client_id, seq), db=self._sessions)
+        return self._scur.get(self._p + U64_PAIR.pack(client_id, seq))
 
     def put_session_result(self, client_id: int, seq: int, result: bytes) -> None:
-        self._txn.put(self._p + U64_PAIR.pack(client_id, seq), result, db=self._sessions)
+        self._scur.put(self._p + U64_PAIR.pack(client_id, seq), result)
 
     def forget_results(self, client_id: int, old_floor: int, new_floor: int) -> None:
         txn, db, p = self._txn, self._sessions, self._p
@@ -206,8 +211,10 @@ class LmdbGroupView:
             return
         # Rows below old_floor are already gone: only [old_floor, new_floor) can remain.
         if new_floor - old_floor <= 16:
+            scur = self._scur
             for s in range(old_floor, new_floor):
-                txn.delete(p + U64_PAIR.pack(client_id, s), db=db)
+                if scur.set_key(p + U64_PAIR.pack(client_id, s)):
+                    scur.delete()
             return
         cur = txn.cursor(db=db)
         end = p + U64_PAIR.pack(client_id, new_floor)
@@ -551,6 +558,16 @@ class KVState:
             except mvcc.RevisionError as err:
                 raise StorageError(str(err)) from None
             except ValueError as err:
+                raise StorageError(f"corrupt change log of group {group}: {err}") from None
+
+    def retention_step(self, group: int, walk: mvcc.RetentionWalk, max_rows: int = 0) -> bool:
+        """`mvcc.retention_step` on the group's committed state, in ONE read transaction (each
+        step its own): True once `walk.point` is the answer. StorageError for a corrupt change
+        log or revision state."""
+        with self._env.read() as txn:
+            try:
+                return mvcc.retention_step(LmdbRows(txn, group, rev_dbs(self._env)), walk, max_rows)
+            except ValueError as err:  # RevisionError too (a corrupt revision state)
                 raise StorageError(f"corrupt change log of group {group}: {err}") from None
 
     def members(self) -> dict[int, str]:

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
     Txn: TypeAlias = lmdb.Transaction[bytes]
     Db: TypeAlias = lmdb._Database
+    Cursor: TypeAlias = lmdb.Cursor[bytes]
 
 T = TypeVar("T")
 

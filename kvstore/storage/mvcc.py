@@ -214,6 +214,11 @@ class Rows(Protocol):
         the table while iterating only at rows it has already passed."""
         ...
 
+    def keys_back(self, t: int, lo: bytes, hi: bytes | None = None) -> Iterator[bytes]:
+        """The keys of the rows with lo <= key < hi (hi None: to the group's last row),
+        descending. Read only: the caller does not change the table while iterating."""
+        ...
+
 
 def rev_state(rows: Rows) -> RevState:
     raw = rows.get(T_STATE, b"")
@@ -470,6 +475,65 @@ def versions_in_range(
         v = version_at(rows, k, at, value)
         if v is not None and v.value is not None:
             yield k, v
+
+
+@dataclass(slots=True)
+class RetentionWalk:
+    """A backwards walk of a group's change log for its retention point (`retention_step`),
+    resumable across read views so a long one can be cut into bounded steps. `seen` distinct
+    write revisions counted so far, the lowest of them `prev` (0: none yet); `point` is the
+    answer once `done`: the revision of the (keep + 1)-th newest, or 0 (the log holds `keep` or
+    fewer above the compact revision)."""
+
+    keep: int
+    seen: int = 0
+    prev: int = 0
+    done: bool = False
+    point: int = 0
+
+
+def retention_step(rows: Rows, walk: RetentionWalk, max_rows: int = 0) -> bool:
+    """Continue `walk` in `rows` for at most `max_rows` change-log rows (0: no bound); True once
+    it is done (then `walk.point` is the answer).
+
+    The retention point keeps the group's newest `keep` (>= 1) write revisions: the revision of
+    its (keep + 1)-th newest distinct change revision, read backwards from the end of its change
+    log. Compacting at it keeps every change above it (the newest `keep`) and the state at it:
+    reads at it and above still work. The LEGACY revision (1: versions written before revisions
+    existed) is not a write and is not counted; several changes of one revision count once.
+    Resumed in a later view, the walk continues below `prev`: writes since land above it and do
+    not count, rows installed below it by a range move meanwhile are counted if reached, rows
+    compacted meanwhile are not; each only lowers the point or leaves it at or below the compact
+    revision (a no-op compaction), so a resumed walk never compacts what a single view would
+    have kept. ValueError for a malformed change-log key or a bad `keep`."""
+    if walk.keep < 1:
+        raise ValueError(f"keep {walk.keep} must be at least 1")
+    if walk.done:
+        return True
+    st = rev_state(rows)
+    lo = _PAIR.pack(max(st.compact, LEGACY_REVISION) + 1, 0)
+    hi = _PAIR.pack(walk.prev, 0) if walk.prev else None
+    for n, k in enumerate(rows.keys_back(T_CHANGES, lo, hi), 1):
+        if len(k) != _PAIR.size:
+            raise ValueError(f"change-log key of {len(k)} bytes")
+        (r,) = _U64.unpack_from(k)
+        if r != walk.prev:
+            walk.seen, walk.prev = walk.seen + 1, r
+            if walk.seen > walk.keep:
+                walk.point, walk.done = r, True
+                return True
+        if n == max_rows:
+            return False
+    walk.done = True
+    return True
+
+
+def retention_point(rows: Rows, keep: int) -> int:
+    """The group's retention point keeping its newest `keep` write revisions, in one view
+    (`retention_step` without a bound; 0: nothing to compact). Work: keep + 1 rows at most."""
+    walk = RetentionWalk(keep)
+    retention_step(rows, walk)
+    return walk.point
 
 
 def changes_from(rows: Rows, rev: int) -> Iterator[tuple[int, bytes]]:

@@ -4,7 +4,7 @@ Every row key is the group prefix + the table key; `last_le` and `iter` never le
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from .layout import DB_REVS, group_end, group_prefix
@@ -14,7 +14,7 @@ from .mvcc import T_KEYS as _T_KEYS
 from .mvcc import T_STATE as _T_STATE
 
 if TYPE_CHECKING:
-    from .lmdb_env import Db, LmdbEnv, Txn
+    from .lmdb_env import Cursor, Db, LmdbEnv, Txn
 
 
 def rev_dbs(env: LmdbEnv) -> tuple[Db, ...]:
@@ -23,9 +23,14 @@ def rev_dbs(env: LmdbEnv) -> tuple[Db, ...]:
 
 class LmdbRows:
     """The MVCC tables of `group` seen through `txn` (a write transaction, or a read one for
-    `get`, `last_le` and `iter` only)."""
+    `get`, `last_le` and `iter` only).
 
-    __slots__ = ("_changes", "_dbs", "_dirty", "_end", "_hist", "_keys", "_p", "_put", "_state", "_txn")
+    The key rows are read, and the write path's three rows written, through cursors kept for the
+    view's life (made on first use): a cursor operation skips the cursor setup that every
+    `txn.get` / `txn.put` does (measured ~0.6 -> ~0.3 µs for a key row's read and rewrite). LMDB
+    keeps cursors of a write transaction valid across the transaction's other writes."""
+
+    __slots__ = ("_changes", "_dbs", "_dirty", "_end", "_hist", "_keycur", "_keys", "_p", "_puts", "_state", "_txn")
 
     def __init__(self, txn: Txn, group: int, dbs: tuple[Db, ...]) -> None:
         self._txn = txn
@@ -33,13 +38,20 @@ class LmdbRows:
         self._end = group_end(group)
         self._dbs = dbs
         self._hist, self._changes, self._keys = dbs[_T_HIST], dbs[_T_CHANGES], dbs[_T_KEYS]
-        self._put = txn.put
+        self._keycur: Cursor | None = None
+        self._puts: tuple[Callable[[bytes, bytes], bool], ...] | None = None
+        """The write path's (HIST, CHANGES, KEYS) cursors' `put`, once `record` ran."""
         self._state: bytes | None = None
         """The group's revision state row, once read or written: read once per batch, written
         once per batch by `flush` (the caller's, before its transaction commits)."""
         self._dirty = False
 
     def get(self, t: int, k: bytes) -> bytes | None:
+        if t == _T_KEYS:
+            cur = self._keycur
+            if cur is None:
+                cur = self._keycur = self._txn.cursor(db=self._keys)
+            return cur.get(self._p + k)
         if t == _T_STATE:
             if self._state is None:
                 self._state = self._txn.get(self._p + k, db=self._dbs[t])
@@ -53,11 +65,15 @@ class LmdbRows:
         self._txn.put(self._p + k, v, db=self._dbs[t])
 
     def record(self, key: bytes, kid_rev: bytes, row: bytes, rev_kid: bytes, key_row: bytes | None) -> None:
-        put, p = self._put, self._p
-        put(p + kid_rev, row, db=self._hist)
-        put(p + rev_kid, key, db=self._changes)
+        puts = self._puts
+        if puts is None:
+            txn = self._txn
+            puts = self._puts = tuple(txn.cursor(db=db).put for db in (self._hist, self._changes, self._keys))
+        p = self._p
+        puts[0](p + kid_rev, row)
+        puts[1](p + rev_kid, key)
         if key_row is not None:
-            put(p + key, key_row, db=self._keys)
+            puts[2](p + key, key_row)
 
     def flush(self) -> None:
         """Write the revision state row if it changed (once per apply batch)."""
@@ -92,3 +108,16 @@ class LmdbRows:
             if end is not None and k >= end:
                 return
             yield bytes(k[8:]), bytes(v)
+
+    def keys_back(self, t: int, lo: bytes, hi: bytes | None = None) -> Iterator[bytes]:
+        low = self._p + lo
+        cur = self._txn.cursor(db=self._dbs[t])
+        # From the last row below `end`: the one before the first at or after it (or the table's last).
+        end = self._p + hi if hi is not None else self._end
+        ok = cur.prev() if end is not None and cur.set_range(end) else cur.last()
+        while ok:
+            k = cur.key()
+            if k < low:
+                return
+            yield bytes(k[8:])
+            ok = cur.prev()

@@ -87,5 +87,11 @@ class MemRows:
             yield k, d[k]
             i = bisect_right(ks, k)
 
+    def keys_back(self, t: int, lo: bytes, hi: bytes | None = None) -> Iterator[bytes]:
+        ks = self.keys[t]
+        top = len(ks) if hi is None else bisect_left(ks, hi)
+        for i in range(top - 1, bisect_left(ks, lo) - 1, -1):
+            yield ks[i]
+
     def copy(self) -> MemRows:
         return MemRows([dict(d) for d in self.tables], [list(k) for k in self.keys])

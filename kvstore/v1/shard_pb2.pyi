@@ -110,7 +110,7 @@ class GetShardMapResponse(_message.Message):
     def __init__(self, error: _Optional[_Union[_kv_pb2.Error, _Mapping]] = ..., map: _Optional[bytes] = ..., version: _Optional[int] = ...) -> None: ...
 
 class GroupProposeRequest(_message.Message):
-    __slots__ = ("group", "command", "conf_change", "read_barrier", "transfer", "transfer_to", "cluster_id", "from_node")
+    __slots__ = ("group", "command", "conf_change", "read_barrier", "transfer", "transfer_to", "cluster_id", "from_node", "retention_keep")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
     CONF_CHANGE_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,7 @@ class GroupProposeRequest(_message.Message):
     TRANSFER_TO_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_NODE_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_KEEP_FIELD_NUMBER: _ClassVar[int]
     group: int
     command: bytes
     conf_change: bytes
@@ -127,17 +128,20 @@ class GroupProposeRequest(_message.Message):
     transfer_to: int
     cluster_id: str
     from_node: int
-    def __init__(self, group: _Optional[int] = ..., command: _Optional[bytes] = ..., conf_change: _Optional[bytes] = ..., read_barrier: _Optional[bool] = ..., transfer: _Optional[bool] = ..., transfer_to: _Optional[int] = ..., cluster_id: _Optional[str] = ..., from_node: _Optional[int] = ...) -> None: ...
+    retention_keep: int
+    def __init__(self, group: _Optional[int] = ..., command: _Optional[bytes] = ..., conf_change: _Optional[bytes] = ..., read_barrier: _Optional[bool] = ..., transfer: _Optional[bool] = ..., transfer_to: _Optional[int] = ..., cluster_id: _Optional[str] = ..., from_node: _Optional[int] = ..., retention_keep: _Optional[int] = ...) -> None: ...
 
 class GroupProposeResponse(_message.Message):
-    __slots__ = ("error", "result", "index")
+    __slots__ = ("error", "result", "index", "revision")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     error: _kv_pb2.Error
     result: bytes
     index: int
-    def __init__(self, error: _Optional[_Union[_kv_pb2.Error, _Mapping]] = ..., result: _Optional[bytes] = ..., index: _Optional[int] = ...) -> None: ...
+    revision: int
+    def __init__(self, error: _Optional[_Union[_kv_pb2.Error, _Mapping]] = ..., result: _Optional[bytes] = ..., index: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class ExportRangeRequest(_message.Message):
     __slots__ = ("group", "lo", "hi", "chunk_bytes", "cluster_id", "from_node")

@@ -136,7 +136,8 @@ def test_netns_rebalance_during_partitions_and_kills_is_valid(tmp_path: Path) ->
     move finishes once the faults are healed."""
     out = tmp_path / "runs"
     code, text = kvchaos(["run", "--nodes", "3", "--groups", "4", "--time", "45", "--nemesis",
-                          "rebalance,partition,kill", "--workload", "register", "--seed", "11", "--out", str(out)],
+                          "rebalance,partition,kill", "--workload", "register", "--seed", "11", "--watchers", "4",
+                          "--out", str(out)],
                          timeout=420)
     lines = text.strip().splitlines()
     assert lines[-1] == "verdict: valid", text[-6000:]
@@ -175,6 +176,15 @@ def test_netns_rebalance_during_partitions_and_kills_is_valid(tmp_path: Path) ->
     assert any(f["family"] == "heal" and f["kind"] == "moves" and f["ok"] for f in faults)
     assert "kvchaos: range moves:" in text and "none pending" in text
     assert "rebalance" in (d / "index.html").read_text()
+    # the watchers (every key, the prefix, one key, a range) went through the moves, partitions and
+    # kills by resuming, and their histories hold etcd's watch guarantees against the writes
+    wt = summary["watch"]
+    assert wt["checked"] is True and wt["valid"] is True and wt["violations"] == {}, wt
+    assert wt["watchers"] == 4 and wt["ended"] == {"stopped": 4}, wt
+    assert wt["events"] > 500 and wt["acked_checked"] > 500 and wt["cross_checked"] > 100, wt
+    assert wt["resumes"] > 0, wt
+    assert (d / "watches.jsonl").exists()
+    assert "kvchaos: watch: 4 watcher(s)" in text
     assert_cleaned(d)
     assert node_pids_of(d) == []
 
@@ -564,13 +574,36 @@ def test_clean_removes_what_a_crashed_harness_left(tmp_path: Path) -> None:
 def test_local_backend_kill_and_pause_is_valid(tmp_path: Path) -> None:
     out = tmp_path / "runs"
     code, text = kvchaos(["run", "--backend", "local", "--nodes", "3", "--time", "10", "--nemesis", "kill,pause",
-                          "--workload", "bank", "--seed", "3", "--out", str(out)])
+                          "--workload", "bank", "--seed", "3", "--watchers", "3", "--out", str(out)])
     assert text.strip().splitlines()[-1] == "verdict: valid", text[-4000:]
     assert code == 0
     d = run_dir_of(out)
     summary = json.loads((d / "summary.json").read_text())
     assert summary["analysis"]["bank"]["valid"] is True
     assert summary["analysis"]["bank"]["reads"] > 50
+    wt = summary["watch"]  # every transfer's cas seen by the watchers of every key and of b/
+    assert wt["checked"] is True and wt["valid"] is True and wt["ended"] == {"stopped": 3}, wt
+    assert wt["events"] > 50 and wt["acked_checked"] > 50, wt
+    assert node_pids_of(d) == []
+
+
+def test_planted_watch_bug_makes_a_local_run_invalid(tmp_path: Path) -> None:
+    """Nodes that drop an event from a watch response now and then (the hidden
+    --plant-watch-bug): the history stays linearizable, the watch checks make the run invalid."""
+    out = tmp_path / "runs"
+    code, text = kvchaos(["run", "--backend", "local", "--nodes", "3", "--time", "6", "--nemesis", "pause",
+                          "--workload", "register", "--seed", "4", "--watchers", "3", "--plant-watch-bug", "drop",
+                          "--out", str(out)])
+    assert text.strip().splitlines()[-1] == "verdict: invalid", text[-4000:]
+    assert code == 1
+    d = run_dir_of(out)
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["analysis"]["linearizability"]["verdict"] == "linearizable"
+    wt = summary["watch"]
+    assert wt["valid"] is False and wt["planted"] == "drop", wt
+    assert set(wt["violations"]) <= {"reliable", "atomic"} and wt["violations"].get("reliable"), wt
+    assert any(r.startswith("watch: reliable:") for r in summary["analysis"]["reasons"]), summary["analysis"]["reasons"]
+    assert "PLANTED WATCH BUG 'drop'" in (d / "nodes" / "n1.log").read_text()
     assert node_pids_of(d) == []
 
 
@@ -845,3 +878,43 @@ def test_a_call_grpc_broke_under_the_client_is_unreached_and_any_other_internal_
     server = AioRpcError(grpc.StatusCode.INTERNAL, Metadata(), Metadata(), details="boom")
     assert outcome("wrong_node", _code(broke), internal=True) == "unreached"
     assert outcome("wrong_node", _code(server), internal=True) == "not_refused"
+
+
+def test_a_watch_violation_makes_the_run_invalid_and_no_watch_record_unknown(tmp_path: Path) -> None:
+    """`analyze` judges the watchers' histories (chaos.watchcheck) with the rest: a watcher that
+    missed an acknowledged write makes a linearizable run invalid; a run with watchers but no
+    watches.jsonl is unknown."""
+    from chaos.runner import RunConfig, analyze
+    from chaos.watchcheck import KeyRange, WatchBatchRecord, WatcherLog, WatchEventRecord
+    from chaos.watchers import write_records
+
+    cfg = RunConfig(time=6, nemesis=["kill"], run_id="t", watchers=1)
+    recs = [
+        _op(1, "put", "r/0", "a", None, 0.0, 1.0),
+        _op(2, "put", "r/0", "b", None, 2.0, 3.0),
+        _op(3, "get", "r/0", None, "b", 6.0, 7.0, final=True),
+    ]
+    recs[0].revision, recs[1].revision = 10, 20
+    execution = {"keys": ["r/0"], "watch": {"end_revision": 20, "waited": 0.1}}
+    put_a = WatchEventRecord("PUT", "r/0", "a", 10, 10, 1)
+    put_b = WatchEventRecord("PUT", "r/0", "b", 20, 10, 2)
+    for name, events in (("good", [put_a, put_b]), ("missed", [put_a])):
+        d = tmp_path / name
+        _write_run(d, cfg, execution, [], recs)
+        log = WatcherLog(0, KeyRange("r/", "r0"), 0, False,
+                         [WatchBatchRecord(9, []), *(WatchBatchRecord(e.revision, [e]) for e in events),
+                          WatchBatchRecord(25, [])], 1, "stopped")
+        write_records(d / "watches.jsonl", [log])
+    summary = analyze(tmp_path / "good")
+    assert summary["verdict"] == "valid", summary["analysis"]["reasons"]
+    assert summary["watch"]["valid"] is True and summary["watch"]["acked_checked"] == 2
+    summary = analyze(tmp_path / "missed")
+    assert summary["verdict"] == "invalid"
+    assert summary["analysis"]["linearizability"]["verdict"] == "linearizable"  # judged apart
+    assert summary["watch"]["violations"] == {"reliable": 1}
+    assert any(r.startswith("watch: reliable:") and "at 20 missing" in r for r in summary["analysis"]["reasons"])
+    page = (tmp_path / "missed" / "index.html").read_text()
+    assert "id='watch'" in page and "at 20 missing" in page
+    (tmp_path / "missed" / "watches.jsonl").unlink()
+    summary = analyze(tmp_path / "missed")
+    assert summary["verdict"] == "unknown" and summary["watch"]["valid"] is None

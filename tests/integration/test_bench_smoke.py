@@ -192,3 +192,34 @@ def test_tls_clusters_refuse_a_client_without_a_certificate(tmp_path: Path) -> N
                 assert st.enabled and st.admin, st
         finally:
             cluster.stop()
+
+
+def test_watch_bench_smoke_etcd(tmp_path: Path) -> None:
+    """`bench/watch_latency.py` end to end on etcd (the kvstore side's watch path is the client
+    library's, covered by tests/integration/test_watch_cluster.py; a kvstore cluster would cost
+    this smoke ~7 s more): a 3-member etcd, two prefix watchers in a watcher process through
+    the v3 Watch API, a few puts; every watcher gets every put, and the table says so. Nothing
+    about speed."""
+    _need_etcd()
+    out_dir = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "bench.watch_latency", "--systems", "etcd", "--rows", "prefix:2@50",
+        "--seconds", "0.2", "--rounds", "1", "--warmup-puts", "1", "--out", str(out_dir),
+        "--data-root", str(tmp_path),
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)  # the benchmark stops its cluster and watchers on the way out
+        out, _ = proc.communicate(timeout=60)
+        pytest.fail(f"the watch benchmark did not finish in 120 s:\n{out[-5000:]}")
+    assert proc.returncode == 0, out[-5000:]
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert records == [json.loads(line) for line in (out_dir / "watch.jsonl").read_text().splitlines()]
+    (point,) = [r for r in records if r["kind"] == "point"]
+    assert point["system"] == "etcd" and point["watchers"] == 2 and point["puts"] == 10, point
+    assert point["expected"] == 20 and point["received"] == 20 and point["missing"] == 0, point
+    assert point["duplicates"] == 0 and point["unexpected"] == 0 and point["write_errors"] == 0, point
+    assert point["send_p50_ms"] > 0 and point["send_p99_ms"] >= point["send_p50_ms"], point
+    assert "| prefix x2 @50/s | etcd |" in (out_dir / "watch.md").read_text()

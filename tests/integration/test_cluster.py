@@ -23,6 +23,14 @@ from kvstore.v1 import admin_pb2
 pytestmark = pytest.mark.timeout(300)
 
 
+def _group_leader(cluster: Cluster, group: int) -> NodeProc | None:
+    for n in cluster.nodes.values():
+        st = n.status() if n.alive else None
+        if st is not None and (g := group_status(st, group)) is not None and g.role == "leader":
+            return n
+    return None
+
+
 def _g(st: admin_pb2.StatusResponse) -> admin_pb2.GroupStatus:
     g = group_status(st)
     assert g is not None, "the node has no data group 1"
@@ -182,17 +190,15 @@ def test_add_learner_promote_remove_old_member_and_transfer(tmp_path: Path) -> N
                 raise AssertionError(new.log_text()[-3000:])
             c.promote_member(4)
             leader = cluster.wait_leader()
-            victim = next(n for n in cluster.nodes.values() if n.id not in (leader.id, 4))
-            for attempt in range(3):
-                try:
-                    c.remove_member(victim.id)
-                    break
-                except errors.Timeout as err:
-                    # "not applied in time ... repeat the request to finish" (indeterminate): the
-                    # change runs group after group; repeating it is idempotent. Seen twice under
-                    # CI load since the WAL merge (the metadata group's change took longer than
-                    # the server's 2x request timeout); the final membership is asserted below.
-                    assert err.indeterminate and attempt < 2, err
+            # The hard case when it can be had: remove the metadata group's leader (not the data
+            # group's). Its data group lets it go first; its followers there once dropped its
+            # address at that point, so it never heard their acknowledgements of its own removal
+            # from the metadata group, lost check-quorum, and the request timed out (1 run in 3).
+            meta = _group_leader(cluster, 0)
+            victim = meta if meta is not None and meta.id not in (leader.id, 4) else next(
+                n for n in cluster.nodes.values() if n.id not in (leader.id, 4)
+            )
+            c.remove_member(victim.id)
             victim.terminate()
             c.put(b"after-change", b"ok")
             c.transfer_leader(4)

@@ -126,3 +126,105 @@ def test_history_retention_compacts_old_versions_by_itself(tmp_path: Path) -> No
             assert kv.get(b"ret/a") == b"2"
     finally:
         c.stop()
+
+
+def _retention_point(revs: list[int], keep: int) -> int:
+    """The compact revision retention by revisions picks for these writes (the only writes of
+    the data groups): the highest of the groups' (keep+1)-th newest revisions."""
+    points = []
+    for slot in {r % mvcc.STEP for r in revs}:
+        mine = sorted((r for r in revs if r % mvcc.STEP == slot), reverse=True)
+        points.append(mine[keep] if len(mine) > keep else 0)
+    return max(points)
+
+
+def _wait_compacted_at(kv: Client, key: bytes, point: int) -> None:
+    """Wait for the condition: a read of `key` just below `point` is COMPACTED naming `point`."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            kv.get(key, revision=point - 1)
+        except errors.Compacted as err:
+            if err.compact_revision == point:
+                return
+            assert err.compact_revision < point, f"compacted at {err.compact_revision}, beyond {point}"
+        assert time.monotonic() < deadline, f"never compacted at {point}"
+        time.sleep(0.1)
+
+
+def _check_retained(kv: Client, writes: list[tuple[bytes, int, bytes]], keep: int, point: int) -> None:
+    """Reads at the cluster's `keep` newest revisions (and at the point) answer what was written;
+    a read below the point is COMPACTED naming it."""
+    newest = sorted(writes, key=lambda w: w[1])[-keep:]
+    assert all(r > point for _, r, _ in newest)
+    for key, r, value in newest:
+        assert kv.get(key, revision=r) == value
+    for key, r, value in writes:
+        if r >= point:
+            assert kv.get(key, revision=r) == value
+        else:
+            with pytest.raises(errors.Compacted) as e:
+                kv.get(key, revision=r)
+            assert e.value.compact_revision == point
+
+
+def test_history_retention_by_revisions_keeps_the_newest_revisions_across_a_restart_and_a_move(tmp_path: Path) -> None:
+    """`--history-retention-revisions 4` on 3 nodes with two data groups: the metadata leader
+    compacts every group at the highest of the groups' 5th newest write revisions; the cluster's
+    4 newest (and every one above that point) stay readable, below it reads are COMPACTED naming
+    it; after every node crashed and restarted, later writes move the point on the same way; and
+    after a range moved to a new group with its history, the new group's point decides."""
+    keep = 4
+    c = Cluster(tmp_path / "retention", 3, extra_args=[
+        "--groups", "2", "--history-retention-revisions", str(keep), "--history-retention-interval", "0.3",
+    ])
+    try:
+        c.start()
+        writes: list[tuple[bytes, int, bytes]] = []
+        with Client(c.endpoints, timeout=30) as kv:
+            for i in range(12):
+                key, value = b"rr/%d" % (i % 5), b"v%d" % i
+                writes.append((key, kv.put(key, value), value))
+            revs = [r for _, r, _ in writes]
+            assert len({r % mvcc.STEP for r in revs}) == 2  # both data groups wrote
+            point = _retention_point(revs, keep)
+            top = next(k for k, r, _ in writes if r == point)
+            _wait_compacted_at(kv, top, point)
+            _check_retained(kv, writes, keep, point)
+        # Every node crashes and restarts: the new metadata leader's rounds compute from the
+        # stored change logs (the loop keeps no state of its own).
+        for n in c.nodes.values():
+            n.kill9()
+        for n in c.nodes.values():
+            n.start()
+        c.wait_leader()
+        with Client(c.endpoints, timeout=30) as kv:
+            for i in range(6):
+                key, value = b"rr/%d" % (i % 5), b"w%d" % i
+                writes.append((key, kv.put(key, value), value))
+            point = _retention_point([r for _, r, _ in writes], keep)
+            top = next(k for k, r, _ in writes if r == point)
+            _wait_compacted_at(kv, top, point)
+            _check_retained(kv, writes, keep, point)
+            # A range move to a new group: the moved keys' history is the new group's, which
+            # then writes the cluster's newest revisions, so its own point becomes the cluster's.
+            extra = [b"rm/%02d" % i for i in range(24)]
+            first = {k: kv.put(k, b"x") for k in extra}
+            before = kv.shard_map(refresh=True)
+            kv.add_group(wait=True, timeout=120)
+            after = kv.shard_map(refresh=True)
+            assert before is not None and after is not None
+            moved = [k for k in extra if after.group_for_key(k) != before.group_for_key(k)]
+            assert moved, "no key moved to the new group"
+            m = moved[0]
+            mine = [(m, kv.put(m, b"n%d" % i), b"n%d" % i) for i in range(2 * keep + 2)]
+            point = mine[-keep - 1][1]  # the new group's (keep+1)-th newest, the cluster's too
+            _wait_compacted_at(kv, m, point)
+            for key, r, value in mine[-keep - 1:]:
+                assert kv.get(key, revision=r) == value
+            for r in (first[m], *(r for _, r, _ in mine[: -keep - 1])):  # moved history too
+                with pytest.raises(errors.Compacted) as e:
+                    kv.get(m, revision=r)
+                assert e.value.compact_revision == point
+    finally:
+        c.stop()

@@ -102,7 +102,8 @@ def _ev(rev: int, key: bytes = b"k0") -> Change:
 @pytest.mark.parametrize(("replies", "why"), [
     ([Reply(1, revision=13, events=[_ev(13), _ev(12)])], "ordered"),
     ([Reply(1, revision=20), Reply(1, revision=21, events=[_ev(15)])], "bookmarkable"),
-    ([Reply(1, revision=12, events=[_ev(12)]), Reply(1, revision=12, events=[_ev(12)])], "bookmarkable"),
+    ([Reply(1, revision=12, events=[_ev(12)]), Reply(1, revision=12, events=[_ev(12)])], "unique"),
+    ([Reply(1, revision=12, events=[_ev(12)]), Reply(1, revision=13, events=[_ev(12, b"k1")])], "atomic"),
     ([Reply(1, revision=24, events=[_ev(25)])], "in a reply at revision 24"),
     ([Reply(1, revision=24, events=[_ev(20, b"x")])], "not in the watch"),
     ([Reply(1, revision=24, events=[_ev(5)])], "bookmarkable"),

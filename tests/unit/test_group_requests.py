@@ -46,6 +46,7 @@ class Req:
     read_barrier: bool = False
     transfer: bool = False
     from_node: int = 0
+    retention_keep: int = 0
 
 
 def _valid_commands() -> list[tuple[int, bytes]]:

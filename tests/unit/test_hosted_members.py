@@ -94,3 +94,39 @@ def test_member_set_matches_a_walk_over_the_groups(seq: list[tuple[str, int, Con
             walked = any(node in c.voters or node in c.learners for c in groups.values())
             assert (node in hosted) == walked
         assert all(n > 0 for n in hosted.counts.values())
+
+
+def test_a_node_removed_from_one_group_keeps_its_address_until_its_last_group_here_lets_it_go() -> None:
+    """`Host.members` is the address book the transport follows: a node removed from a data group
+    but still a voter of the metadata group must stay reachable (dropping it at the first removal
+    cut a metadata leader off from its followers while it removed itself: check-quorum deposed it
+    and `kvctl member remove` timed out)."""
+    host, inbound, answers = _single_voter_host()
+    host.open_group(0, ConfState((1,)))
+    host.groups[0].core.campaign()
+    _settle(host)
+    for g in (0, 1):
+        host.propose_conf_change(g, ConfChange(ConfChangeType.ADD_LEARNER, 4, b"127.0.0.1:4"),
+                                 lambda r, e: answers.append(e))
+    _settle(host)
+    assert answers == [None, None] and host.members.get(4) == "127.0.0.1:4"
+    host.propose_conf_change(1, ConfChange(ConfChangeType.REMOVE_NODE, 4), lambda r, e: answers.append(e))
+    _settle(host)
+    assert answers[-1] is None and 4 not in host.groups[1].core.conf.members()
+    assert host.members.get(4) == "127.0.0.1:4", "still a member of group 0: its address must stay"
+    host.propose_conf_change(0, ConfChange(ConfChangeType.REMOVE_NODE, 4), lambda r, e: answers.append(e))
+    _settle(host)
+    assert answers[-1] is None and 4 not in host.members and not inbound.is_member(4)
+
+
+def test_a_removed_node_leaves_the_address_book_when_the_last_group_listing_it_closes() -> None:
+    host, _, answers = _single_voter_host()
+    host.open_group(2, ConfState((1,), (4,)))
+    host.propose_conf_change(1, ConfChange(ConfChangeType.ADD_LEARNER, 4, b"127.0.0.1:4"),
+                             lambda r, e: answers.append(e))
+    _settle(host)
+    host.propose_conf_change(1, ConfChange(ConfChangeType.REMOVE_NODE, 4), lambda r, e: answers.append(e))
+    _settle(host)
+    assert answers == [None, None] and host.members.get(4) == "127.0.0.1:4"  # group 2 lists it
+    host.close_group(2, destroy=False)
+    assert 4 not in host.members

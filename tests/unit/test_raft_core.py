@@ -569,3 +569,34 @@ def test_learner_read_index_and_leader_contact_ticks() -> None:
     net.isolate(2)
     net.tick(3 * net.node(2).cfg.election_tick, only=[2])
     assert net.node(2).leader_contact_ticks is None
+
+
+@pytest.mark.parametrize("announce", [False, True])
+def test_announce_commit_tells_followers_and_learners_a_lone_write_without_a_heartbeat(announce: bool) -> None:
+    """With `announce_commit`, once the whole log is committed every caught-up member gets the
+    commit index in one empty append, so it applies a lone write without waiting for a
+    heartbeat; without it, members learn it only at the next heartbeat. Under a stream of writes
+    (entries still in flight) nothing extra is sent."""
+    net = Network(learners=[4], announce_commit=announce)
+    leader = net.elect(1)
+    net.heartbeat(1)
+    net.delivered.clear()
+    idx = net.propose(1, b"lone")  # stabilize: every message delivered, no tick
+    assert leader.committed == idx
+    knows = [net.node(n).committed == idx for n in (2, 3, 4)]
+    assert knows == [announce] * 3
+    assert (net.applied_data(4) == [b"lone"]) is announce
+    empties = [m for m in net.delivered if m.type == MT.APP and not m.entries and m.frm == 1]
+    assert len(empties) == (3 if announce else 0)
+    net.heartbeat(1)
+    assert all(net.node(n).committed == idx for n in (2, 3, 4))  # a heartbeat tells them anyway
+    # A burst proposed before any answer: only the last commit, covering the whole log, is
+    # announced (each member at most once per commit index).
+    net.delivered.clear()
+    for i in range(5):
+        leader.propose(b"burst%d" % i)
+    net.stabilize()
+    last = leader.log.last_index()
+    assert leader.committed == last
+    commits = [m.commit for m in net.delivered if m.type == MT.APP and not m.entries and m.frm == 1]
+    assert all(c == last for c in commits) and len(commits) == (3 if announce else 0)
