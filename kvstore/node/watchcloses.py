@@ -140,11 +140,12 @@ leader); may raise a definite KVError instead of calling back."""
 
 def replica_close(closes: NodeCloses, reads: NodeReads, forward: Forward) -> Send:
     """The `Send` of a replica that does not lead the group: `NodeCloses.ensure_closed` (the
-    close through the leader, then a linearizable read point here). The read point is what makes
-    it one round: a follower otherwise learns the close's commit from the leader's next append or
-    heartbeat (`kvstore/raft/core.py`, "Commit propagation": up to a heartbeat interval), while the
-    leader sends it the commit index right after answering its read index. The callback's
-    revision is the one asked for (the group is closed at least there, as applied here)."""
+    close through the leader, then a linearizable read point here), so the callback comes once
+    this replica applied the close: the leader sends it the commit index right after answering
+    its read index, whatever `kvstore/raft/core.py` ("Commit propagation") would otherwise do.
+    (With `announce_commit` on, the follower would mostly have learned it within a round trip
+    anyway: the read index round is then the price of knowing it here.) The callback's revision
+    is the one asked for (the group is closed at least there, as applied here)."""
 
     def send(group: int, revision: int, cb: CloseCallback) -> None:
         def done(err: errors.KVError | None) -> None:
