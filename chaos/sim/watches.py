@@ -6,10 +6,14 @@ Each node runs a real `kvstore.node.watch.WatchHub` over its own store (`StoreSo
 per life of the node (a crash loses it and every stream on it). It is driven as
 `kvstore/server/watch_service.py` drives it: after every Ready cycle the groups the cycle applied
 (or installed a snapshot of) are handed to `applied` and the hub steps (again at once while it
-says it has more to read); every `close_interval` the groups `lagging_groups` names are closed at
-max(their watcher's highest last revision, the node's wall clock) through the real
-`kvstore.node.closes.NodeCloses`, proposed at the leader or forwarded to it over the simulated
-network (lost, delayed or cut like any message). The hub's bounds are drawn small per seed
+says it has more to read); after every step the hub's close wants (`close_wants`: the groups an
+event waits on, at its revision) go out through the real `kvstore.node.watchcloses.WatchCloser`
+(coalesced, bounded, retried after a backoff) and `kvstore.node.closes.NodeCloses`, proposed at
+the leader or forwarded to it over the simulated network (lost, delayed or cut like any
+message); every `close_interval` the groups `lagging_groups(progress_only=True)` names (they hold
+back a watch with progress notifications) are asked too, at max(their watcher's highest last
+revision, the node's wall clock). A watch without progress notifications thus gets its events
+through the event-driven closes alone, so the liveness check below checks them. The hub's bounds are drawn small per seed
 (few changes per read and per step, small replies, small stream buffers, a short `slow_after`),
 so that the catch-up boundaries, split replies and slow-watcher cancels happen in a short run.
 
@@ -67,6 +71,7 @@ from kvstore import errors
 from kvstore.node.closes import CloseCallback, NodeCloses
 from kvstore.node.hlc import MAX_CLOCK_OFFSET_MS
 from kvstore.node.watch import StoreSource, WatchHub, WatchLimits, WatchStream
+from kvstore.node.watchcloses import WatchCloser, replica_close
 from kvstore.node.watchspec import ALL_KEYS_END, Reply, WatchSpec
 from kvstore.raft import Role
 from kvstore.storage import commands, mvcc
@@ -166,7 +171,9 @@ class _Chain:
 class _NodeHub:
     hub: WatchHub
     epoch: int
-    closing: set[int] = field(default_factory=set)
+    closer: WatchCloser
+    retry_armed: bool = False
+    retry_at: float = 0.0
     chains: dict[int, _Chain] = field(default_factory=dict)
     """stream id -> the chain it serves."""
 
@@ -204,9 +211,40 @@ class SimWatches:
         if h is not None and h.epoch == n.epoch:
             return h
         logic = n.logic
-        h = self.hubs[n.id] = _NodeHub(WatchHub(StoreSource(n.store), lambda g: g in logic.host.groups, self.limits),
-                                       n.epoch)
+        hub = WatchHub(StoreSource(n.store), lambda g: g in logic.host.groups, self.limits)
+        epoch = n.epoch
+
+        def leads(g: int) -> bool:
+            grp = logic.host.groups.get(g)
+            return grp is not None and grp.core.role == Role.LEADER
+
+        def close(g: int, revision: int, cb: CloseCallback) -> None:
+            self.stats.closes += 1
+            self.closes(n).close(g, revision, self._logged(n, g, revision, cb))
+            self.sim._kick(n)
+
+        def forward(g: int, revision: int, cb: CloseCallback) -> None:
+            self.stats.closes += 1
+            if n.reads is None:
+                raise errors.Unavailable(f"n{n.id} has no reads (not booted)")
+            send = replica_close(self.closes(n), n.reads, lambda g2, r2, cb2: self._forward(n, g2, r2, cb2))
+            send(g, revision, self._logged(n, g, revision, cb))
+
+        def wake() -> None:
+            if n.epoch == epoch:
+                self.sim.at(0, self._run_closes, n.id, epoch)
+                self.sim._kick(n)
+
+        closer = WatchCloser(hub, leads, close, forward, lambda: self.sim._node_now(n), wake)
+        h = self.hubs[n.id] = _NodeHub(hub, epoch, closer)
         return h
+
+    def _logged(self, n: Any, g: int, revision: int, cb: CloseCallback) -> CloseCallback:
+        def done(last: int, err: errors.KVError | None) -> None:
+            if err is not None:
+                self.sim.log(f"watch close of g{g} at {revision} from n{n.id} failed: {err!r}")
+            cb(last, err)
+        return done
 
     def after_cycle(self, n: Any, cycle: Any) -> None:
         """What `WatchDriver.after_cycle` does after each Ready cycle of node `n`."""
@@ -224,6 +262,28 @@ class SimWatches:
         self._pump(n, h)
         if more:
             self.sim.at(1, self._step_again, n.id, h.epoch)
+        self._send_closes(n, h)
+
+    def _send_closes(self, n: Any, h: _NodeHub) -> None:
+        """What `WatchDriver` does after a step: send the closes due; arm the retry timer."""
+        now = self.sim._node_now(n)
+        h.closer.run(now)
+        at = h.closer.retry_at(now)
+        if at is not None and (not h.retry_armed or at < h.retry_at):
+            h.retry_armed, h.retry_at = True, at  # (an earlier timer still armed just runs early)
+            self.sim.at(max(1, int((at - now) * 1000) + 1), self._retried, n.id, h.epoch)
+
+    def _retried(self, nid: int, epoch: int) -> None:
+        h = self.hubs.get(nid)
+        if h is not None and h.epoch == epoch:
+            h.retry_armed = False
+            self._run_closes(nid, epoch)
+
+    def _run_closes(self, nid: int, epoch: int) -> None:
+        n = self.sim.nodes.get(nid)
+        h = self.hubs.get(nid)
+        if n is not None and n.logic is not None and h is not None and h.epoch == epoch == n.epoch:
+            self._send_closes(n, h)
 
     def _step_again(self, nid: int, epoch: int) -> None:
         n = self.sim.nodes.get(nid)
@@ -263,32 +323,11 @@ class SimWatches:
                 continue
             now = sim._node_now(n)
             wall = mvcc.make_revision(mvcc.EPOCH_MS + int(now * 1000), 0, 0)
-            for g, top in sorted(h.hub.lagging_groups(now).items()):
-                if g not in h.closing:
-                    self._close(n, h, g, max(top, wall))
+            lagging = h.hub.lagging_groups(now, progress_only=True)
+            if lagging:
+                h.closer.ask({g: max(top, wall) for g, top in sorted(lagging.items())})
+                self._send_closes(n, h)
         sim.at(period, self._closer)
-
-    def _close(self, n: Any, h: _NodeHub, g: int, revision: int) -> None:
-        h.closing.add(g)
-        self.stats.closes += 1
-        epoch = n.epoch
-
-        def done(_last: int, err: errors.KVError | None) -> None:
-            h.closing.discard(g)
-            if err is not None:
-                self.sim.log(f"watch close of g{g} at {revision} from n{n.id} failed: {err!r}")
-            if n.epoch == epoch:
-                self.sim._kick(n)
-
-        grp = n.logic.host.groups.get(g)
-        try:
-            if grp is not None and grp.core.role == Role.LEADER:
-                self.closes(n).close(g, revision, done)
-            else:
-                self._forward(n, g, revision, done)
-        except errors.KVError as err:
-            done(0, err)
-        self.sim._kick(n)
 
     def closes(self, n: Any) -> NodeCloses:
         """Node `n`'s `NodeCloses` (shared with the cross-group scans when they run: one per node,

@@ -15,7 +15,17 @@ How a watch is served:
   later write of the group gets a higher revision (the apply rule; CLOSE raises it without a
   write). So a watcher may send every event at or below F = min over its groups of their last
   revision, and nothing at or below F can appear later: events go out in revision order, each
-  once. `lagging_groups` names the idle groups that hold a frontier back, for the node to close.
+  once. `close_wants` names the groups to close so that held events go out (below).
+- **Event-driven closes.** The hub knows, per watched group, the highest revision at which it saw
+  the group apply a change (`written`: a write, not a CLOSE; found by reading one change row of
+  the revisions a cycle applied). A watch over several groups whose frontier F is below a
+  revision R = max `written` of its groups holds an event (maybe outside its key range) that waits
+  for the groups whose last is below R: `close_wants` names exactly those, at R, as soon as a step
+  sees it (and, for a progress request, every group below the highest last of the stream's
+  watches). Closes raise `last` without a change, so they never make more wants: once the lagging
+  groups are closed at R, nothing waits. The node (`kvstore/node/watchcloses.py`) coalesces and
+  sends them. `lagging_groups` names the idle groups that hold back a watch with progress
+  notifications (the node's periodic closer).
 - **One reader for catch-up and live.** A watcher is a cursor `next_rev` into its groups' change
   logs (`storage/changefeed.py`): each step reads [next_rev, F] (bounded: whole revisions, at most
   `read_events` per group), merges by revision, filters by key range and kind, queues the events
@@ -83,7 +93,8 @@ class WatchLimits:
     progress_interval: float = 1.0
     """A quiet watcher with progress_notify gets a progress reply this often."""
     close_interval: float = 0.1
-    """How often the node closes the groups `lagging_groups` names (the driver's period)."""
+    """How often the node closes the groups `lagging_groups` names (the driver's period): the
+    fallback that moves the frontier of watches with progress notifications."""
     close_idle: float = 0.05
     """A group that applied a change this recently is not named by `lagging_groups` (it is likely
     to pass the others by itself with its next write)."""
@@ -262,6 +273,22 @@ class WatchHub:
         """Watched group -> its last revision as applied here (the frontier's inputs)."""
         self.changed_at: dict[int, float] = {}
         """Watched group -> when its last revision last changed (or it became watched)."""
+        self.written: dict[int, int] = {}
+        """Watched group -> the highest revision at or below which it may hold a change a watcher
+        waits for: its last revision when a refresh saw a change applied (or when it became
+        watched: unknown, so assumed), else unchanged (a CLOSE). Invariant: every change of the
+        group applied here is at or below it, and it is <= `last`."""
+        self.wrote_at: dict[int, float] = {}
+        """Watched group (of a watch over several groups) -> when a refresh last saw it apply a
+        change (a busy group may pass a wanted revision by itself: `watchcloses`)."""
+        self._sets: dict[tuple[int, ...], int] = {}
+        """The group sets of watches over several groups -> how many watches have it."""
+        self._multi: dict[int, int] = {}
+        """Group -> how many watches over several groups cover it (only those need `written`)."""
+        self._asked: dict[int, int] = {}
+        """Closes asked for by progress requests since the last `close_wants`."""
+        self._wants_changed = False
+        """`last`, `written`, the sets or `_asked` changed since the last `close_wants`."""
         self.watching: dict[int, list[tuple[WatchStream, Watcher]]] = {}
         self._dirty: set[int] = set()
         self._has_requests = False
@@ -357,16 +384,36 @@ class WatchHub:
             self._work = True
         return more
 
-    def lagging_groups(self, now: float) -> dict[int, int]:
+    def close_wants(self) -> dict[int, int]:
+        """Group -> the revision to close it at so that the events the hub holds go out (see the
+        module docstring): for each set of groups watched together, every group whose last is
+        below the highest `written` of the set, at that revision; plus the closes progress
+        requests asked for. Empty when nothing changed since the last call (the caller keeps
+        what it was told until the groups pass it). Reads nothing."""
+        if not self._wants_changed:
+            return {}
+        self._wants_changed = False
+        out, self._asked = self._asked, {}
+        last, written = self.last, self.written
+        for gs in self._sets:
+            top = max(written[g] for g in gs)
+            for g in gs:
+                if last[g] < top and out.get(g, 0) < top:
+                    out[g] = top
+        return out
+
+    def lagging_groups(self, now: float, progress_only: bool = False) -> dict[int, int]:
         """Quiet groups (last revision unchanged for `close_idle`) that hold some watcher's
         frontier below another of its groups' last revision: group -> that revision. Closing the
-        group at (at least) it lets the watcher's events out."""
+        group at (at least) it lets the watcher's frontier move. With `progress_only`, only the
+        watches with progress notifications count (the others wait for events only:
+        `close_wants`)."""
         out: dict[int, int] = {}
         wait = self.limits.close_idle
         last, changed = self.last, self.changed_at
         for s in self.streams.values():
             for w in s.watchers.values():
-                if len(w.groups) < 2:
+                if len(w.groups) < 2 or (progress_only and not w.spec.progress_notify):
                     continue
                 top = max(last[g] for g in w.groups)
                 for g in w.groups:
@@ -386,8 +433,15 @@ class WatchHub:
             self._forget(s, w)
             s._put(Reply(w.id, revision=w.next_rev - 1, canceled=True, cancel_reason="canceled by the client"), None)
         else:
+            asked, last = self._asked, self.last
             for w in s.watchers.values():
                 self._reply(s, w, Reply(w.id, revision=w.next_rev - 1), now)
+                if len(w.groups) > 1:  # the next reply should get past every group's last now
+                    top = max(last[g] for g in w.groups)
+                    for g in w.groups:
+                        if last[g] < top and asked.get(g, 0) < top:
+                            asked[g] = top
+                            self._wants_changed = True
 
     def _create(self, s: WatchStream, r: _Create, now: float) -> None:
         lim = self.limits
@@ -444,8 +498,10 @@ class WatchHub:
         for g, st in states.items():
             if g not in self.last:
                 self.changed_at[g] = now
+                self.written[g] = st.last  # unknown: the group may hold a change up to its last
             if self.last.get(g) != st.last:
                 self.last[g] = st.last
+                self.written[g] = max(self.written[g], st.last)  # (not refreshed since it moved)
         start = r.spec.start_revision
         compact = max(st.compact for st in states.values())
         if not start:
@@ -465,6 +521,13 @@ class WatchHub:
         self._work = True
         for g in r.groups:
             self.watching.setdefault(g, []).append((s, w))
+        if len(r.groups) > 1:
+            self._sets[r.groups] = self._sets.get(r.groups, 0) + 1
+            for g in r.groups:
+                if g not in self._multi:  # `written` was not kept up to date: assume a change
+                    self.written[g] = self.last[g]
+                self._multi[g] = self._multi.get(g, 0) + 1
+            self._wants_changed = True
         self._reply(s, w, Reply(wid, revision=start - 1, created=True), now)
 
     # --- moving forward -------------------------------------------------------------------------
@@ -559,14 +622,29 @@ class WatchHub:
             for s, w in list(self.watching.get(g, ())):
                 self._cancel(s, w, errors.Unavailable(f"reading group {g} failed here: {err2}"))
             return
-        if self.last.get(g) != st.last:
+        old = self.last.get(g)
+        if old != st.last:
             self.last[g] = st.last
             self.changed_at[g] = now
             self._work = True
+            if g in self._multi:
+                self._wants_changed = True  # a want may be met, or a new one made
+                seen = self.written.get(g, 0)
+                if old is None or (st.last > seen and self._wrote(g, max(old, seen) + 1, st.last)):
+                    self.written[g] = st.last
+                    self.wrote_at[g] = now
         for s, w in list(self.watching.get(g, ())):
             if w.shards.get(g) != sh:
                 self.canceled_moved += 1
                 self._cancel(s, w, errors.WrongShard(f"group {g}: {MOVED}"))
+
+    def _wrote(self, g: int, lo: int, hi: int) -> bool:
+        """Whether group `g` holds a change in [lo, hi] (one row read). When it cannot tell (a
+        compaction passed lo, a failed read) it says yes: a close too many, never an event held."""
+        try:
+            return bool(self.source.changes(g, lo, hi, 1, 1, False).changes)
+        except (mvcc.Compacted, StorageError):
+            return True
 
     def cancel_everything(self, err: errors.KVError) -> None:
         """Cancel every watch of the node with `err`, resumable, dropping queued events (the
@@ -610,6 +688,18 @@ class WatchHub:
         if s.watchers.pop(w.id, None) is None:
             return
         self.count -= 1
+        if len(w.groups) > 1:
+            n = self._sets[w.groups] - 1
+            if n:
+                self._sets[w.groups] = n
+            else:
+                del self._sets[w.groups]
+            for g in w.groups:
+                m = self._multi[g] - 1
+                if m:
+                    self._multi[g] = m
+                else:
+                    del self._multi[g]
         for g in w.groups:
             lst = self.watching.get(g)
             if lst is None:
@@ -619,6 +709,9 @@ class WatchHub:
                 del self.watching[g]
                 self.last.pop(g, None)
                 self.changed_at.pop(g, None)
+                self.written.pop(g, None)
+                self.wrote_at.pop(g, None)
+                self._asked.pop(g, None)
                 self._dirty.discard(g)
 
 

@@ -15,11 +15,13 @@ Per stream:
   once none is left; when the call ends, the stream's watchers are forgotten.
 
 `WatchDriver` is the node side of the hub's timing: `after_cycle` (the groups a Ready cycle
-applied to, then a step) from the Ready loop, and `closer` (a task) that closes the idle groups
-holding a watcher's frontier back (`lagging_groups`) every `close_interval` (100 ms), through
-`kvstore.node.closes` (locally if this node leads the group, else via its leader). Each such
-close is one Raft entry of the group (an fsync on each replica) per interval, only while a
-watcher waits on it, and it keeps the group from quiescing meanwhile.
+applied to, then a step) from the Ready loop; after every step the hub's close wants go out at
+once through `kvstore.node.watchcloses.WatchCloser` (coalesced, one close per group in flight,
+retried after a backoff: a timer wakes the loop), via `kvstore.node.closes` (locally if this
+node leads the group, else via its leader), so an event held by idle groups goes out after one
+Raft round of them. `closer` (a task) is the fallback for progress notifications: every
+`close_interval` (100 ms) it asks closes of the idle groups holding back a watch with progress
+notifications (`lagging_groups(progress_only=True)`), at max(their top, the wall clock now).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from kvstore import errors
 from kvstore.node.host import Host
 from kvstore.node.store import ApplyBatch, GroupWrite
 from kvstore.node.watch import WatchHub, WatchStream
+from kvstore.node.watchcloses import WatchCloser, replica_close
 from kvstore.node.watchspec import Reply, WatchSpec
 from kvstore.raft import Role
 from kvstore.security.guard import credential_of_call
@@ -220,8 +223,20 @@ class WatchDriver:
         self.host = host
         self.rq = rq
         self.wake = wake
-        self.closes_sent = 0
-        self._closing: set[int] = set()
+        self.closing = WatchCloser(
+            hub, self._leads, rq.closes.close,
+            replica_close(rq.closes, rq.reads.logic, rq._forward_close), time.monotonic, wake)
+        self._retry: asyncio.TimerHandle | None = None
+        self._retry_at = 0.0
+
+    @property
+    def closes_sent(self) -> int:
+        """CLOSE commands this node sent (or forwarded) for its watches."""
+        return self.closing.sent
+
+    def _leads(self, g: int) -> bool:
+        grp = self.host.groups.get(g)
+        return grp is not None and grp.core.role == Role.LEADER
 
     def after_cycle(self, applies: list[ApplyBatch], writes: list[GroupWrite]) -> None:
         hub = self.hub
@@ -246,39 +261,42 @@ class WatchDriver:
             return
         if more:
             asyncio.get_running_loop().call_soon(self.wake)
+        self._closes()
+
+    def _closes(self) -> None:
+        """Send the closes the hub wants now; arm the timer of the next retry."""
+        c = self.closing
+        now = time.monotonic()
+        try:
+            c.run(now)
+        except Exception:  # optional work: a bug here must not take the node down
+            log.exception("closing watched groups failed")
+            return
+        at = c.retry_at(now)
+        if at is not None and (self._retry is None or at < self._retry_at):
+            if self._retry is not None:
+                self._retry.cancel()
+            self._retry_at = at
+            self._retry = asyncio.get_running_loop().call_later(at - now, self._retried)
+
+    def _retried(self) -> None:
+        self._retry = None
+        self.wake()
 
     async def closer(self) -> None:
-        """Every close interval: close the idle groups holding a watcher's frontier back."""
+        """Every close interval: ask closes of the idle groups holding back a watch with
+        progress notifications (the events themselves do not wait for this: `step`)."""
         interval = self.hub.limits.close_interval
         while True:
             await asyncio.sleep(interval)
             if not self.hub.watching:
                 continue
             try:
-                for g, top in self.hub.lagging_groups(time.monotonic()).items():
-                    if g in self._closing:
-                        continue
-                    now = mvcc.make_revision(time.time_ns() // 1_000_000, 0, 0)
-                    self._close(g, max(top, now))
+                lagging = self.hub.lagging_groups(time.monotonic(), progress_only=True)
+                if not lagging:
+                    continue
+                now = mvcc.make_revision(time.time_ns() // 1_000_000, 0, 0)
+                self.closing.ask({g: max(top, now) for g, top in lagging.items()})
             except Exception:  # optional work: a bug here must not take the node down
                 log.exception("closing idle watched groups failed")
-
-    def _close(self, g: int, revision: int) -> None:
-        self._closing.add(g)
-        self.closes_sent += 1
-
-        def done(_last: int, err: errors.KVError | None) -> None:
-            self._closing.discard(g)
-            if err is not None:
-                log.debug("closing group %d at %d for a watcher failed: %s", g, revision, err)
             self.wake()
-
-        grp = self.host.groups.get(g)
-        try:
-            if grp is not None and grp.core.role == Role.LEADER:
-                self.rq.closes.close(g, revision, done)
-            else:
-                self.rq._forward_close(g, revision, done)
-        except errors.KVError as err:
-            done(0, err)
-        self.wake()

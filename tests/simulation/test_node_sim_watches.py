@@ -27,10 +27,11 @@ def _quiet() -> Iterator[None]:
 
 def test_watch_seeds_hold_every_guarantee() -> None:
     """A few seeds with watchers (3 nodes, faults, crashes, compactions; seed 6 with range
-    moves): every watch's events are exactly the history's, and the runs exercised what the
-    checks are about (resumes after crashes and cancels, compacted starts, closes of idle groups)."""
+    moves; seeds 3 and 4, not 1 and 9, since the event-driven closes changed the runs): every
+    watch's events are exactly the history's, and the runs exercised what the checks are about
+    (resumes after crashes and cancels, compacted starts, closes of idle groups)."""
     stats = []
-    for seed in (1, 6, 9):
+    for seed in (3, 4, 6):
         res = run_node_seed(seed, watches=True)
         assert res.ok, (seed, res.violation)
         assert res.watches is not None
@@ -58,8 +59,8 @@ def test_watchers_run_on_a_fixed_fifth_of_the_seeds_and_replay() -> None:
 
 
 WATCH_BUG_SEEDS = {
-    "watch-beyond-frontier": 6,  # found by seeds 6, 11 and 12 of 0..13
-    "watch-catch-up-off-by-one": 6,  # found by seeds 3, 6, 12 and 13 of 0..13
+    "watch-beyond-frontier": 6,  # found by seeds 4, 5, 6, 7, 11 and 12 of 0..13
+    "watch-catch-up-off-by-one": 3,  # found by seeds 0, 3, 7, 12 and 13 of 0..13
 }
 """Every hub bug of `plant.WATCH_BUGS`, with a seed that finds it (3 nodes, watchers on; a
 regression target: searching from seed 0 takes 5 to 15 s each on this shared machine)."""
