@@ -136,7 +136,7 @@ CORE_BUG_BUDGET = {
     "read-without-confirmation": 30,  # seed 7
     "wake-does-nothing": 30,  # seed 2
     "skip-log-consistency-check": 30,  # seed 2
-    "apply-before-commit": 30,  # seed 1
+    "apply-before-commit": 30,  # seed 6 (1 before followers were told commits at once)
     "vote-without-log-check": 30,  # seed 1
     "no-admission": 30,  # seed 0 (the rogue member's acknowledgement beyond the log)
 }
