@@ -90,9 +90,10 @@ class OpStream:
         self._prepare: dict[str, Callable[[Any], tuple[bytes, bytes]]] = {
             "put": svc.prepare_put, "delete": svc.prepare_delete, "cas": svc.prepare_cas,
         }
-        self._reply: dict[str, Callable[[ApplyResult | None], Any]] = {
-            "put": svc.put_reply, "delete": svc.delete_reply, "cas": svc.cas_reply,
+        self._reply: dict[str, Callable[[Any, ApplyResult | None], None]] = {
+            "put": svc.put_reply_into, "delete": svc.delete_reply_into, "cas": svc.cas_reply_into,
         }
+        """Each write kind's reply, filled into the OpResult's field in place (no copy)."""
 
     # --- the call ---------------------------------------------------------------------------
     async def run(self, requests: AsyncIterator[kv_pb2.OpBatch]) -> AsyncIterator[kv_pb2.ResultBatch]:
@@ -257,14 +258,16 @@ class OpStream:
                 res = svc.write_outcome(gid, result)
                 svc.metrics.writes.inc()
                 svc.metrics.proposal_seconds.observe(self.loop.time() - t0)
-                reply = self._reply[kind](res)
+                r = kv_pb2.OpResult(id=op_id)
+                self._reply[kind](getattr(r, kind), res)
             except errors.KVError as e:
                 self._error(op_id, kind, e)
                 return
             except Exception as e:
                 self._error(op_id, kind, svc.internal(f"stream {kind}", e))
                 return
-            self._answer(op_id, kind, reply)
+            self.out.append(r)
+            self.has_out.set()
 
         try:
             svc.host.propose(gid, data, done)
