@@ -105,12 +105,17 @@ _BODY_ONLY = (Op.COMPACT, Op.CLOSE)
 _OPS = {int(o): o for o in Op}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Command:
     """One state-machine command. `value` is used by PUT and CAS; `expected`/`expect_absent` by CAS.
 
     CAS: with `expect_absent`, swap iff the key is absent (`expected` must then be empty);
     otherwise swap iff the key is present and its value equals `expected`.
+
+    A value: nothing assigns to a command's fields once built. Not `frozen`: `decode_command`
+    builds one per applied entry, and a frozen dataclass's `__init__` (one `object.__setattr__`
+    per field) costs about four times a plain one there (bench/README.md, "Put CPU since the
+    revisions"); not hashable, as nothing needs it to be.
     """
 
     op: Op
