@@ -11,7 +11,11 @@ driver, this directory's, using only APIs both have.
 
 1. Apply only: `apply_revisions.py` (the state machine's apply on LMDB, sync off): puts/s and
    this process's CPU microseconds per put (steadier than the wall clock on a shared machine).
-2. End to end: `admission.py`'s driver: one `kvstore serve` (one data group, data in a temporary
+2. Persist cycles: `persist_cycle.py` (what the server's persist thread does per put: WAL
+   records and LMDB apply, 64 puts per cycle, sync on, in a temporary directory under this
+   checkout, i.e. on its disk): this process's CPU microseconds per put, user + system (the
+   kernel's share of the flushes included).
+3. End to end: `admission.py`'s driver: one `kvstore serve` (one data group, data in a temporary
    directory, stopped by its PID), `--inflight` puts in flight on one `KV.Stream` for `--seconds`
    after a 1 s warm-up: puts/s, and the server process's CPU microseconds per put (all its
    threads, from /proc: steadier than puts/s when other work shares the machine).
@@ -52,6 +56,15 @@ def apply_once(checkout: Path, puts: int) -> tuple[float, float]:
     if m is None:
         raise RuntimeError(f"unexpected output: {out!r}")
     return float(m.group(1).replace(",", "")), float(m.group(2))
+
+
+def persist_once(checkout: Path, puts: int) -> float:
+    """CPU microseconds per put (user + system) of one persist-cycle run, on this repository's disk."""
+    out = _child(checkout, [str(HERE / "persist_cycle.py"), "--puts", str(puts), "--dir", str(ROOT)], 600)
+    m = re.search(r": ([\d.]+) CPU us per put", out)
+    if m is None:
+        raise RuntimeError(f"unexpected output: {out!r}")
+    return float(m.group(1))
 
 
 def e2e_once(checkout: Path, seconds: float, inflight: int) -> tuple[float, float]:
@@ -118,6 +131,7 @@ def main() -> None:
     ap.add_argument("--inflight", type=int, default=64)
     ap.add_argument("--puts", type=int, default=20_000)
     ap.add_argument("--skip-apply", action="store_true")
+    ap.add_argument("--skip-persist", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
     a = ap.parse_args()
     base = a.base.resolve()
@@ -126,6 +140,7 @@ def main() -> None:
     sides = {"A": ROOT, "B": base}
     ap_rate: dict[str, list[float]] = {"A": [], "B": []}
     ap_cpu: dict[str, list[float]] = {"A": [], "B": []}
+    persist_cpu: dict[str, list[float]] = {"A": [], "B": []}
     e2e: dict[str, list[float]] = {"A": [], "B": []}
     e2e_cpu: dict[str, list[float]] = {"A": [], "B": []}
     for r in range(a.rounds):
@@ -137,6 +152,10 @@ def main() -> None:
                 ap_rate[side].append(rate)
                 ap_cpu[side].append(cpu)
                 line.append(f"{side} apply {rate:,.0f} puts/s ({cpu:.1f} CPU us/put)")
+            if not a.skip_persist:
+                cpu = persist_once(sides[side], a.puts)
+                persist_cpu[side].append(cpu)
+                line.append(f"{side} persist {cpu:.1f} CPU us/put")
             if not a.skip_e2e:
                 rate, cpu = e2e_once(sides[side], a.seconds, a.inflight)
                 e2e[side].append(rate)
@@ -147,6 +166,8 @@ def main() -> None:
     if not a.skip_apply:
         print(_summary("apply puts/s (wall)", ap_rate["A"], ap_rate["B"]))
         print(_summary("apply CPU us per put (as a rate: B cpu / A cpu)", ap_cpu["A"], ap_cpu["B"], False))
+    if not a.skip_persist:
+        print(_summary("persist cycles CPU us per put (as a rate: B cpu / A cpu)", persist_cpu["A"], persist_cpu["B"], False))
     if not a.skip_e2e:
         print(_summary(f"end to end puts/s at {a.inflight} in flight", e2e["A"], e2e["B"]))
         print(_summary("end to end server CPU us per put (as a rate: B cpu / A cpu)", e2e_cpu["A"], e2e_cpu["B"], False))
