@@ -126,6 +126,30 @@ def test_each_operation_is_answered_once_like_the_unary_call(cluster: Cluster) -
     assert again[2][0].get.value == b"new"
 
 
+def test_a_batch_of_writes_is_proposed_together_in_order_and_a_repeated_id_is_refused(cluster: Cluster) -> None:
+    """The writes of one batch go to their group in one append, in the batch's order (a CAS that
+    expects what an earlier put of the same batch wrote swaps); an operation id repeated inside
+    the batch is refused (definite) while the first one is answered normally."""
+    leader = _settled_leader(cluster)
+    batch = [
+        kv_pb2.Op(id=1, put=kv_pb2.PutRequest(key=b"b/k", value=b"one", session=_session(1001))),
+        kv_pb2.Op(id=2, cas=kv_pb2.CasRequest(key=b"b/k", expected=b"one", value=b"two", session=_session(1002))),
+        kv_pb2.Op(id=3, put=kv_pb2.PutRequest(key=b"b/other", value=b"x", session=_session(1003))),
+        kv_pb2.Op(id=3, put=kv_pb2.PutRequest(key=b"b/dup", value=b"y", session=_session(1004))),
+        kv_pb2.Op(id=4, get=kv_pb2.GetRequest(key=b"b/k")),
+    ]
+    got = asyncio.run(_exchange(leader.address, [batch]))
+    assert got[1][0].put.error.code == kv_pb2.OK
+    assert got[2][0].cas.swapped, got[2][0]
+    assert got[2][0].cas.index == got[1][0].put.index + 1  # one append, in the batch's order
+    three = sorted(r.put.error.code for r in got[3])
+    assert three == sorted([kv_pb2.OK, kv_pb2.INVALID_ARGUMENT]), got[3]
+    refused = next(r.put.error for r in got[3] if r.put.error.code != kv_pb2.OK)
+    assert "already in flight" in refused.message and not refused.indeterminate
+    after = asyncio.run(_exchange(leader.address, [[kv_pb2.Op(id=1, get=kv_pb2.GetRequest(key=b"b/dup"))]]))
+    assert not after[1][0].get.found  # the refused one was never proposed
+
+
 def test_stream_to_a_follower_redirects_writes_and_serves_reads(cluster: Cluster) -> None:
     for _ in range(20):  # bounded: the leader balancer may move the leadership between look and put
         leader = _settled_leader(cluster)
