@@ -191,12 +191,13 @@ class KVRequests:
 
     def prepare_put(self, r: kv_pb2.PutRequest) -> tuple[bytes, bytes]:
         """(key, command) of a checked put."""
-        self.check_key(r.key)
-        self.allow(r.key, WRITE)
-        self.check_value(r.value)
+        key, value = r.key, r.value  # each read of a bytes field makes a new bytes object: once
+        self.check_key(key)
+        self.allow(key, WRITE)
+        self.check_value(value)
         s = r.session
-        return r.key, _encode(
-            commands.encode_put, r.key, r.value, s.client_id, s.seq, s.ack, s.retry, s.horizon,
+        return key, _encode(
+            commands.encode_put, key, value, s.client_id, s.seq, s.ack, s.retry, s.horizon,
             self.clock.propose(s.revision),
         )
 
