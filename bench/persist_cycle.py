@@ -53,6 +53,11 @@ def run(puts: int, batch: int, sync: bool, parent: str | None) -> tuple[float, f
                 prev = es
             wall = time.perf_counter() - t0
             r1 = resource.getrusage(resource.RUSAGE_SELF)
+            # Every batch but the last was applied: the last put of each key among them reads back.
+            applied = puts - len(prev or [])
+            for i in range(max(0, applied - 10_000), applied):
+                if s.get(1, b"k%d" % (i % 10_000)) != b"v" * 64:
+                    raise AssertionError(f"put {i} was not applied")
         finally:
             s.close()
     return (r1.ru_utime - r0.ru_utime) / puts * 1e6, (r1.ru_stime - r0.ru_stime) / puts * 1e6, puts / wall
