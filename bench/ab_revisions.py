@@ -2,7 +2,7 @@
 parent of the revisions merge), alternating in the same run (issue 16's target: at most 10 %
 fewer puts/s at 64 in flight).
 
-    python bench/ab_revisions.py --base DIR [--rounds 5] [--seconds 5] [--inflight 64] [--puts 20000]
+    python bench/ab_revisions.py --base DIR [--rounds 5] [--seconds 5] [--inflight 64] [--puts 20000] [--nodes 1|3]
 
 DIR is a checkout of the other commit (e.g. `git worktree add --detach DIR <commit>`). Each run
 is a fresh process whose `kvstore` is imported from its checkout (working directory and
@@ -15,10 +15,11 @@ driver, this directory's, using only APIs both have.
    records and LMDB apply, 64 puts per cycle, sync on, in a temporary directory under this
    checkout, i.e. on its disk): this process's CPU microseconds per put, user + system (the
    kernel's share of the flushes included).
-3. End to end: `admission.py`'s driver: one `kvstore serve` (one data group, data in a temporary
-   directory, stopped by its PID), `--inflight` puts in flight on one `KV.Stream` for `--seconds`
-   after a 1 s warm-up: puts/s, and the server process's CPU microseconds per put (all its
-   threads, from /proc: steadier than puts/s when other work shares the machine).
+3. End to end: `admission.py`'s driver: one `kvstore serve` (`--nodes 3`: three; one data
+   group, data in a temporary directory, each process stopped by its PID), `--inflight` puts in
+   flight on one `KV.Stream` to the data group's leader for `--seconds` after a 1 s warm-up:
+   puts/s, and the leader process's CPU microseconds per put (all its threads, from /proc:
+   steadier than puts/s when other work shares the machine).
 
 Rounds alternate A and B (B first in every second round). Reported: each side's median and the
 median of the per-round ratios A/B (this checkout's puts/s over the other's: 0.90 = 10 % fewer),
@@ -67,14 +68,14 @@ def persist_once(checkout: Path, puts: int) -> float:
     return float(m.group(1))
 
 
-def e2e_once(checkout: Path, seconds: float, inflight: int) -> tuple[float, float]:
-    """(puts/s, the server's CPU microseconds per put) of one end-to-end run (one node,
-    `inflight` puts in flight)."""
+def e2e_once(checkout: Path, seconds: float, inflight: int, nodes: int = 1) -> tuple[float, float]:
+    """(puts/s, the serving node's CPU microseconds per put) of one end-to-end run (`nodes`
+    nodes, `inflight` puts in flight)."""
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import ab_revisions; "
-        "print(*ab_revisions.e2e_run(float(sys.argv[2]), int(sys.argv[3])))"
+        "print(*ab_revisions.e2e_run(float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))"
     )
-    out = _child(checkout, ["-c", code, str(HERE), str(seconds), str(inflight)], seconds + 120)
+    out = _child(checkout, ["-c", code, str(HERE), str(seconds), str(inflight), str(nodes)], seconds + 180)
     rate, cpu = out.strip().splitlines()[-1].split()
     return float(rate), float(cpu)
 
@@ -85,12 +86,13 @@ def _process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def e2e_run(seconds: float, inflight: int) -> tuple[float, float]:
-    """In the child (its checkout's `kvstore`): one `kvstore serve` (one data group, data in a
-    temporary directory, stopped by its PID), a 1 s warm-up, then `admission.drive` for `seconds`.
-    Returns puts/s and the server's CPU microseconds per put over the measured window (its CPU
-    time, every thread: steadier than the wall clock on a shared machine; the window also holds
-    the stream's set-up, a few puts)."""
+def e2e_run(seconds: float, inflight: int, nodes: int = 1) -> tuple[float, float]:
+    """In the child (its checkout's `kvstore`): `nodes` `kvstore serve` processes (one data
+    group, data in a temporary directory, each stopped by its PID), a 1 s warm-up, then
+    `admission.drive` for `seconds` against the data group's leader. Returns puts/s and that
+    leader's CPU microseconds per put over the measured window (its CPU time, every thread:
+    steadier than the wall clock on a shared machine; the window also holds the stream's
+    set-up, a few puts)."""
     import asyncio
     import importlib
     import shutil
@@ -100,10 +102,10 @@ def e2e_run(seconds: float, inflight: int) -> tuple[float, float]:
     from clusterharness import Cluster
 
     root = Path(tempfile.mkdtemp(prefix="kvbench-ab-"))
-    c = Cluster(root, n=1, extra_args=["--groups", "1"])
+    c = Cluster(root, n=nodes, extra_args=["--groups", "1"])
     try:
         c.start()
-        ld = c.wait_leader()
+        ld = c.wait_leader() if nodes == 1 else c.settled_leader(1)
         assert ld.proc is not None
         asyncio.run(admission.drive(ld.address, 1.0, inflight))
         cpu0 = _process_cpu(ld.proc.pid)
@@ -129,6 +131,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--inflight", type=int, default=64)
+    ap.add_argument("--nodes", type=int, default=1, help="nodes of the end-to-end cluster (1 or 3)")
     ap.add_argument("--puts", type=int, default=20_000)
     ap.add_argument("--skip-apply", action="store_true")
     ap.add_argument("--skip-persist", action="store_true")
@@ -157,7 +160,7 @@ def main() -> None:
                 persist_cpu[side].append(cpu)
                 line.append(f"{side} persist {cpu:.1f} CPU us/put")
             if not a.skip_e2e:
-                rate, cpu = e2e_once(sides[side], a.seconds, a.inflight)
+                rate, cpu = e2e_once(sides[side], a.seconds, a.inflight, a.nodes)
                 e2e[side].append(rate)
                 e2e_cpu[side].append(cpu)
                 line.append(f"{side} end to end {rate:,.0f} puts/s ({cpu:.1f} server CPU us/put)")
@@ -169,7 +172,7 @@ def main() -> None:
     if not a.skip_persist:
         print(_summary("persist cycles CPU us per put (as a rate: B cpu / A cpu)", persist_cpu["A"], persist_cpu["B"], False))
     if not a.skip_e2e:
-        print(_summary(f"end to end puts/s at {a.inflight} in flight", e2e["A"], e2e["B"]))
+        print(_summary(f"end to end puts/s at {a.inflight} in flight, {a.nodes} node(s)", e2e["A"], e2e["B"]))
         print(_summary("end to end server CPU us per put (as a rate: B cpu / A cpu)", e2e_cpu["A"], e2e_cpu["B"], False))
 
 
