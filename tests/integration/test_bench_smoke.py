@@ -192,13 +192,3 @@ def test_tls_clusters_refuse_a_client_without_a_certificate(tmp_path: Path) -> N
                 assert st.enabled and st.admin, st
         finally:
             cluster.stop()
-
-
-def test_persist_cycle_bench_persists_and_applies(tmp_path: Path) -> None:
-    """bench/persist_cycle.py (ab_revisions.py's persist phase) runs on this checkout's store and
-    checks its puts were applied; nothing about speed."""
-    from bench import persist_cycle
-
-    user, system, rate = persist_cycle.run(640, 64, False, str(tmp_path))
-    assert rate > 0 and user >= 0 and system >= 0
-    assert not any(tmp_path.iterdir()), "the temporary store was not removed"
