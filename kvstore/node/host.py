@@ -402,6 +402,29 @@ class Host:
         g.writes[index] = PendingWrite(g.core.term, callback)
         return index
 
+    def propose_many(self, group: int, datas: list[bytes], callbacks: list[WriteCallback]) -> int:
+        """Propose several commands to one group in one append: `callbacks[i]` answers
+        `datas[i]` as `propose`'s callback does. One core call for all of them (one leadership
+        check, one append, one append message per follower instead of one per command); the
+        entries get consecutive indexes, in order. Raises a definite KVError, as `propose`, and
+        then none of them was appended. Returns the index of the last one."""
+        if len(datas) != len(callbacks) or not datas:
+            raise ValueError("propose_many needs one callback per command, and at least one command")
+        self._check_writable()
+        g = self.groups[group]
+        if g.core.role != Role.LEADER:
+            raise self._not_leader(g)
+        try:
+            last = g.core.propose(datas)
+        except ProposalDropped as err:
+            raise errors.ProposalDropped(str(err)) from err
+        self._dirty.add(group)
+        term = g.core.term
+        writes = g.writes
+        for index, callback in enumerate(callbacks, last - len(datas) + 1):
+            writes[index] = PendingWrite(term, callback)
+        return last
+
     def propose_conf_change(self, group: int, cc: ConfChange, callback: WriteCallback) -> int:
         self._check_writable()
         g = self.groups[group]

@@ -12,6 +12,10 @@ Invariants:
   the stream lives; one operation's failure, whatever it is (a definite KVError, or INTERNAL
   for an unexpected exception, logged), is that operation's answer and never ends the stream; a callback arriving after the answer (a late commit after a TIMEOUT) is
   dropped, and an indeterminate TIMEOUT says so;
+- the writes of one batch are proposed together, per group, after the batch's operations were
+  validated (`Host.propose_many`: one append and one append message per follower for all of
+  them, in the batch's order); a refusal before appending (NOT_LEADER, ...) answers each of them
+  with it (definite), an unexpected failure each with INTERNAL (indeterminate);
 - at most `MAX_PENDING` operations per stream wait for the host: beyond that the stream stops
   reading, and gRPC flow control pushes back on the client;
 - with a rate limit (`--rate-limit`), each batch of N operations asks the caller's bucket (keyed
@@ -33,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -60,6 +65,17 @@ _ERROR_REPLY: dict[str, Callable[[kv_pb2.Error], Any]] = {
 }
 
 
+@dataclass(slots=True)
+class _Queued:
+    """A validated write waiting for the end of its batch to be proposed."""
+
+    op_id: int
+    kind: str
+    data: bytes
+    done: Callable[[Any, errors.KVError | None], None]
+    timeout: float
+
+
 class OpStream:
     def __init__(self, svc: KVRequests, context: Any = None) -> None:
         self.svc = svc
@@ -81,6 +97,10 @@ class OpStream:
         """Operations running a unary handler's coroutine (the slow paths)."""
         self.running: set[int] = set()
         """The ids of the operations in `tasks`."""
+        self._queued: dict[int, list[_Queued]] = {}
+        """The current batch's validated writes, by group, until `_propose_queued`."""
+        self._queued_ids: set[int] = set()
+        """Their operation ids (in flight too: a repeated id is refused)."""
         self.out: list[kv_pb2.OpResult] = []
         self.has_out = asyncio.Event()
         self.room = asyncio.Event()
@@ -90,9 +110,10 @@ class OpStream:
         self._prepare: dict[str, Callable[[Any], tuple[bytes, bytes]]] = {
             "put": svc.prepare_put, "delete": svc.prepare_delete, "cas": svc.prepare_cas,
         }
-        self._reply: dict[str, Callable[[ApplyResult | None], Any]] = {
-            "put": svc.put_reply, "delete": svc.delete_reply, "cas": svc.cas_reply,
+        self._reply: dict[str, Callable[[Any, ApplyResult | None], None]] = {
+            "put": svc.put_reply_into, "delete": svc.delete_reply_into, "cas": svc.cas_reply_into,
         }
+        """Each write kind's reply, filled into the OpResult's field in place (no copy)."""
 
     # --- the call ---------------------------------------------------------------------------
     async def run(self, requests: AsyncIterator[kv_pb2.OpBatch]) -> AsyncIterator[kv_pb2.ResultBatch]:
@@ -129,6 +150,8 @@ class OpStream:
                 else:
                     for op in batch.ops:
                         self._start(op)
+                if self._queued:
+                    self._propose_queued()
                 if hoptrace.ON:
                     hoptrace.mark("s.proposed")
                 self.svc.wake()
@@ -223,7 +246,7 @@ class OpStream:
             self.has_out.set()
             return
         try:
-            if op.id in self.pending or op.id in self.running:
+            if op.id in self.pending or op.id in self.running or op.id in self._queued_ids:
                 raise errors.InvalidArgument(f"operation id {op.id} is already in flight")
             timeout = self.svc.cfg.request_timeout
             if op.timeout_ms:
@@ -241,7 +264,8 @@ class OpStream:
             self._error(op.id, kind, self.svc.internal(f"stream {kind}", err, indeterminate=False))
 
     def _write(self, op_id: int, kind: str, req: Any, timeout: float) -> None:
-        """Validate and propose; raises (KVError or anything else) only before proposing."""
+        """Validate and queue the write for `_propose_queued` (the end of its batch); raises
+        (KVError or anything else) only while validating: then nothing was queued."""
         svc = self.svc
         key, data = self._prepare[kind](req)
         gid = svc.route_write(key, data, kind == "delete")
@@ -257,24 +281,41 @@ class OpStream:
                 res = svc.write_outcome(gid, result)
                 svc.metrics.writes.inc()
                 svc.metrics.proposal_seconds.observe(self.loop.time() - t0)
-                reply = self._reply[kind](res)
+                r = kv_pb2.OpResult(id=op_id)
+                self._reply[kind](getattr(r, kind), res)
             except errors.KVError as e:
                 self._error(op_id, kind, e)
                 return
             except Exception as e:
                 self._error(op_id, kind, svc.internal(f"stream {kind}", e))
                 return
-            self._answer(op_id, kind, reply)
+            self.out.append(r)
+            self.has_out.set()
 
-        try:
-            svc.host.propose(gid, data, done)
-        except errors.KVError:
-            raise  # refused before appending: definite
-        except Exception as err:
-            # The core may have appended it: indeterminate.
-            self._error(op_id, kind, svc.internal(f"stream {kind}", err, indeterminate=True))
-            return
-        self.pending[op_id] = self.loop.call_later(timeout, self._expire, op_id, kind, timeout)
+        self._queued.setdefault(gid, []).append(_Queued(op_id, kind, data, done, timeout))
+        self._queued_ids.add(op_id)
+
+    def _propose_queued(self) -> None:
+        """Propose the batch's queued writes, one `Host.propose_many` per group (in the batch's
+        order), and start their timers. Never raises: a failure is each write's answer."""
+        queued, self._queued = self._queued, {}
+        self._queued_ids.clear()
+        host = self.svc.host
+        for gid, items in queued.items():
+            try:
+                host.propose_many(gid, [q.data for q in items], [q.done for q in items])
+            except errors.KVError as err:
+                for q in items:  # refused before appending: definite
+                    self._error(q.op_id, q.kind, err)
+                continue
+            except Exception as err:
+                # The core may have appended them: indeterminate.
+                for q in items:
+                    self._error(q.op_id, q.kind, self.svc.internal(f"stream {q.kind}", err, indeterminate=True))
+                continue
+            call_later, expire, pending = self.loop.call_later, self._expire, self.pending
+            for q in items:
+                pending[q.op_id] = call_later(q.timeout, expire, q.op_id, q.kind, q.timeout)
 
     def _get(self, op_id: int, req: kv_pb2.GetRequest, timeout: float) -> None:
         svc = self.svc

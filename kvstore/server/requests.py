@@ -133,19 +133,21 @@ class KVRequests:
         return errors.WrongShard(message, shard_version=self.tracker.version)
 
     # --- routing ----------------------------------------------------------------------------
-    def group_for(self, key: bytes) -> int:
-        """The group the shard map routes `key` to, if it is on this node (definite error else)."""
+    def group_for(self, key: bytes, h: int | None = None) -> int:
+        """The group the shard map routes `key` to, if it is on this node (definite error else).
+        `h`: `key_hash(key)` if the caller has it already (one hash per request)."""
         m = self.tracker.map
         if m is None:
             raise errors.NoLeader("this node has no shard map yet")
-        gid = m.group_for_key(key)
+        gid = m.group_for_hash(key_hash(key) if h is None else h)
         if gid not in self.host.groups:
             raise self.wrong_shard(f"the key's group {gid} is not on node {self.cfg.id}")
         return gid
 
-    def check_owned(self, gid: int, key: bytes) -> None:
+    def check_owned(self, gid: int, key: bytes, h: int | None = None) -> None:
+        """WRONG_SHARD (definite) unless `gid`'s shard state serves `key` (`h`: its hash, if known)."""
         st = self.store.shard_state(gid)
-        if st is not None and key_hash(key) not in st.active:
+        if st is not None and (key_hash(key) if h is None else h) not in st.active:
             raise self.wrong_shard(f"group {gid} does not serve the key (it moved)")
 
     def route_write(self, key: bytes, data: bytes, delete: bool = False) -> int:
@@ -155,8 +157,9 @@ class KVRequests:
         and is not refused for NOSPACE)."""
         if len(data) > self.cfg.limits.max_request:
             raise errors.RequestTooLarge(len(data), self.cfg.limits.max_request)
-        gid = self.group_for(key)
-        self.check_owned(gid, key)
+        h = key_hash(key)  # once: routing and the ownership check both need it
+        gid = self.group_for(key, h)
+        self.check_owned(gid, key, h)
         if self.admission is not None:
             self.admission.check_write(gid, delete)
         return gid
@@ -188,12 +191,13 @@ class KVRequests:
 
     def prepare_put(self, r: kv_pb2.PutRequest) -> tuple[bytes, bytes]:
         """(key, command) of a checked put."""
-        self.check_key(r.key)
-        self.allow(r.key, WRITE)
-        self.check_value(r.value)
+        key, value = r.key, r.value  # each read of a bytes field makes a new bytes object: once
+        self.check_key(key)
+        self.allow(key, WRITE)
+        self.check_value(value)
         s = r.session
-        return r.key, _encode(
-            commands.encode_put, r.key, r.value, s.client_id, s.seq, s.ack, s.retry, s.horizon,
+        return key, _encode(
+            commands.encode_put, key, value, s.client_id, s.seq, s.ack, s.retry, s.horizon,
             self.clock.propose(s.revision),
         )
 
@@ -222,24 +226,44 @@ class KVRequests:
         )
 
     # Write replies carry the index of the entry that applied them (a committed index: the client
-    # learns the group's horizon from it, see kvstore.storage.machine).
+    # learns the group's horizon from it, see kvstore.storage.machine). Each `*_reply_into` fills
+    # an empty message in place (KV.Stream fills its OpResult's field: no reply built, then
+    # copied); `*_reply` builds one. Both give the same message: an `error` present (OK, our
+    # shard map version) and, for an applied result, its fields.
+    def _ok_into(self, err: kv_pb2.Error) -> None:
+        err.SetInParent()
+        err.shard_version = self.tracker.version
+
+    def put_reply_into(self, msg: kv_pb2.PutResponse, res: ApplyResult | None) -> None:
+        self._ok_into(msg.error)
+        if res is not None:
+            msg.index, msg.revision = res.index, res.revision
+
+    def delete_reply_into(self, msg: kv_pb2.DeleteResponse, res: ApplyResult | None) -> None:
+        self._ok_into(msg.error)
+        if res is not None:
+            msg.existed, msg.index, msg.revision = bool(res.existed), res.index, res.revision
+
+    def cas_reply_into(self, msg: kv_pb2.CasResponse, res: ApplyResult | None) -> None:
+        self._ok_into(msg.error)
+        if res is not None:
+            msg.swapped, msg.found, msg.current = bool(res.swapped), bool(res.found), res.current or b""
+            msg.index, msg.revision = res.index, res.revision
+
     def put_reply(self, res: ApplyResult | None) -> kv_pb2.PutResponse:
-        if res is None:
-            return kv_pb2.PutResponse(error=self.ok())
-        return kv_pb2.PutResponse(error=self.ok(), index=res.index, revision=res.revision)
+        msg = kv_pb2.PutResponse()
+        self.put_reply_into(msg, res)
+        return msg
 
     def delete_reply(self, res: ApplyResult | None) -> kv_pb2.DeleteResponse:
-        if res is None:
-            return kv_pb2.DeleteResponse(error=self.ok())
-        return kv_pb2.DeleteResponse(existed=bool(res.existed), error=self.ok(), index=res.index, revision=res.revision)
+        msg = kv_pb2.DeleteResponse()
+        self.delete_reply_into(msg, res)
+        return msg
 
     def cas_reply(self, res: ApplyResult | None) -> kv_pb2.CasResponse:
-        if res is None:
-            return kv_pb2.CasResponse(error=self.ok())
-        return kv_pb2.CasResponse(
-            swapped=bool(res.swapped), found=bool(res.found), current=res.current or b"", error=self.ok(),
-            index=res.index, revision=res.revision,
-        )
+        msg = kv_pb2.CasResponse()
+        self.cas_reply_into(msg, res)
+        return msg
 
     # --- reads ------------------------------------------------------------------------------
     def get_reply(self, gid: int, key: bytes, point: ReadPoint, revision: int = 0) -> kv_pb2.GetResponse:

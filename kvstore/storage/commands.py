@@ -105,12 +105,17 @@ _BODY_ONLY = (Op.COMPACT, Op.CLOSE)
 _OPS = {int(o): o for o in Op}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Command:
     """One state-machine command. `value` is used by PUT and CAS; `expected`/`expect_absent` by CAS.
 
     CAS: with `expect_absent`, swap iff the key is absent (`expected` must then be empty);
     otherwise swap iff the key is present and its value equals `expected`.
+
+    A value: nothing assigns to a command's fields once built. Not `frozen`: `decode_command`
+    builds one per applied entry, and a frozen dataclass's `__init__` (one `object.__setattr__`
+    per field) costs about four times a plain one there (bench/README.md, "Put CPU since the
+    revisions"); not hashable, as nothing needs it to be.
     """
 
     op: Op
@@ -237,18 +242,45 @@ def encode_command(cmd: Command) -> bytes:
     raise ValueError(f"unknown command op {cmd.op!r}")
 
 
+def _session_head(
+    op: int, key: bytes, client_id: int, seq: int, ack: int, retry: bool, horizon: int, revision: int
+) -> bytes:
+    """The header of a keyed command (PUT, DELETE, CAS), with the checks `encode_command` makes
+    first, in its order and with its messages: the key's length, then each 64-bit field."""
+    if len(key) > MAX_KEY_SIZE:
+        raise ValueError(f"key of {len(key)} bytes exceeds the maximum of {MAX_KEY_SIZE}")
+    if not (
+        0 <= client_id <= U64_MAX and 0 <= seq <= U64_MAX and 0 <= ack <= U64_MAX and 0 <= horizon <= U64_MAX
+        and 0 <= revision <= U64_MAX
+    ):
+        for name, n in (("client_id", client_id), ("seq", seq), ("ack", ack), ("horizon", horizon), ("revision", revision)):
+            if not 0 <= n <= U64_MAX:
+                raise ValueError(f"{name} {n} is not a 64-bit unsigned integer")
+    return _HEAD.pack(FORMAT_VERSION, op, client_id, seq, ack, _RETRY if retry else 0, horizon, revision)
+
+
+# The write path's encoders build the bytes directly (no `Command` on the way: the hot path of
+# every write request); each returns exactly `encode_command` of the same command and refuses
+# exactly what it refuses, with the same message (tests/unit/test_commands_fast.py checks both).
+_OP_PUT, _OP_DELETE, _OP_CAS = int(Op.PUT), int(Op.DELETE), int(Op.CAS)
+
+
 def encode_put(
     key: bytes, value: bytes, client_id: int = 0, seq: int = 0, ack: int = 0, retry: bool = False, horizon: int = 0,
     revision: int = 0,
 ) -> bytes:
-    return encode_command(Command.put(key, value, client_id, seq, ack, retry, horizon, revision))
+    key = bytes(key)
+    head = _session_head(_OP_PUT, key, client_id, seq, ack, retry, horizon, revision)
+    return b"".join((head, _U32.pack(len(key)), key, value))
 
 
 def encode_delete(
     key: bytes, client_id: int = 0, seq: int = 0, ack: int = 0, retry: bool = False, horizon: int = 0,
     revision: int = 0,
 ) -> bytes:
-    return encode_command(Command.delete(key, client_id, seq, ack, retry, horizon, revision))
+    key = bytes(key)
+    head = _session_head(_OP_DELETE, key, client_id, seq, ack, retry, horizon, revision)
+    return b"".join((head, _U32.pack(len(key)), key))
 
 
 def encode_cas(
@@ -263,9 +295,12 @@ def encode_cas(
     horizon: int = 0,
     revision: int = 0,
 ) -> bytes:
-    return encode_command(
-        Command.cas(key, expect_absent, expected, value, client_id, seq, ack, retry, horizon, revision)
-    )
+    key = bytes(key)
+    head = _session_head(_OP_CAS, key, client_id, seq, ack, retry, horizon, revision)
+    if expect_absent and expected:
+        raise ValueError("CAS with expect_absent must not carry an expected value")
+    flags = _CAS_EXPECT_ABSENT if expect_absent else 0
+    return b"".join((head, _CAS.pack(flags, len(key), len(expected)), key, expected, value))
 
 
 def encode_compact(revision: int) -> bytes:

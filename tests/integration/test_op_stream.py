@@ -86,6 +86,35 @@ def test_each_operation_is_answered_once_like_the_unary_call(cluster: Cluster) -
     assert res[301].cas.swapped and res[301].cas.found
     assert not res[302].cas.swapped and res[302].cas.current == b"v2"
     assert res[303].delete.existed and not res[304].delete.existed
+    # The stream fills each write's reply in place: exactly the message the unary path builds
+    # (an OK error present with the map version, then the applied result's fields, nothing else).
+    for i in (*range(1, 51), 301, 302, 303, 304):
+        kind = res[i].WhichOneof("result")
+        r = getattr(res[i], kind)
+        assert r.HasField("error") and r.error.code == kv_pb2.OK and r.error.shard_version > 0
+        assert r.index > 0 and (r.revision > 0) == (i not in (302, 304)), (i, r)
+    assert res[1].put == kv_pb2.PutResponse(
+        error=kv_pb2.Error(shard_version=res[1].put.error.shard_version), index=res[1].put.index,
+        revision=res[1].put.revision,
+    )
+
+    async def unary_retries() -> tuple[kv_pb2.PutResponse, kv_pb2.CasResponse]:
+        async with grpc.aio.insecure_channel(leader.address) as ch:
+            stub = kv_pb2_grpc.KVStub(ch)
+            put = await stub.Put(kv_pb2.PutRequest(key=b"s/7", value=b"v7", session=_session(7)), timeout=20)
+            cas = await stub.Cas(
+                kv_pb2.CasRequest(key=b"s/2", expected=b"nope", value=b"new", session=_session(302)), timeout=20
+            )
+            return put, cas
+
+    # The same writes retried (same sessions) on the unary calls: answered from the session
+    # table (the same revision and outcome; the index is the retry's own entry), with the very
+    # messages the stream answered otherwise.
+    unary_put, unary_cas = asyncio.run(unary_retries())
+    for unary, streamed in ((unary_put, res[7].put), (unary_cas, res[302].cas)):
+        assert unary.index > streamed.index
+        unary.index = streamed.index
+        assert unary.SerializeToString() == streamed.SerializeToString()
 
     # A retry of an applied write (same session) is answered from the session table, not applied
     # again: the CAS that swapped says so again although the value is no longer "v1".
@@ -95,6 +124,30 @@ def test_each_operation_is_answered_once_like_the_unary_call(cluster: Cluster) -
     ]]))
     assert again[1][0].cas.swapped
     assert again[2][0].get.value == b"new"
+
+
+def test_a_batch_of_writes_is_proposed_together_in_order_and_a_repeated_id_is_refused(cluster: Cluster) -> None:
+    """The writes of one batch go to their group in one append, in the batch's order (a CAS that
+    expects what an earlier put of the same batch wrote swaps); an operation id repeated inside
+    the batch is refused (definite) while the first one is answered normally."""
+    leader = _settled_leader(cluster)
+    batch = [
+        kv_pb2.Op(id=1, put=kv_pb2.PutRequest(key=b"b/k", value=b"one", session=_session(1001))),
+        kv_pb2.Op(id=2, cas=kv_pb2.CasRequest(key=b"b/k", expected=b"one", value=b"two", session=_session(1002))),
+        kv_pb2.Op(id=3, put=kv_pb2.PutRequest(key=b"b/other", value=b"x", session=_session(1003))),
+        kv_pb2.Op(id=3, put=kv_pb2.PutRequest(key=b"b/dup", value=b"y", session=_session(1004))),
+        kv_pb2.Op(id=4, get=kv_pb2.GetRequest(key=b"b/k")),
+    ]
+    got = asyncio.run(_exchange(leader.address, [batch]))
+    assert got[1][0].put.error.code == kv_pb2.OK
+    assert got[2][0].cas.swapped, got[2][0]
+    assert got[2][0].cas.index == got[1][0].put.index + 1  # one append, in the batch's order
+    three = sorted(r.put.error.code for r in got[3])
+    assert three == sorted([kv_pb2.OK, kv_pb2.INVALID_ARGUMENT]), got[3]
+    refused = next(r.put.error for r in got[3] if r.put.error.code != kv_pb2.OK)
+    assert "already in flight" in refused.message and not refused.indeterminate
+    after = asyncio.run(_exchange(leader.address, [[kv_pb2.Op(id=1, get=kv_pb2.GetRequest(key=b"b/dup"))]]))
+    assert not after[1][0].get.found  # the refused one was never proposed
 
 
 def test_stream_to_a_follower_redirects_writes_and_serves_reads(cluster: Cluster) -> None:

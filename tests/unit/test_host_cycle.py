@@ -108,6 +108,55 @@ def test_without_an_early_hook_end_cycle_answers(tmp_path: Path) -> None:
         store.close()
 
 
+def test_propose_many_appends_in_order_and_answers_each_write(tmp_path: Path) -> None:
+    host, store = _single_voter(tmp_path)
+    try:
+        answers: list[tuple[int, Any, Any]] = []
+
+        def cb(i: int) -> Callable[[Any, Any], None]:
+            return lambda r, e: answers.append((i, r, e))
+
+        datas = [
+            commands.encode_cas(b"k", True, b"", b"1", 7, 1, 1),   # swaps: absent
+            commands.encode_cas(b"k", True, b"", b"2", 7, 2, 2),   # after it, in order: k is present
+            commands.encode_put(b"j", b"x"),
+        ]
+        before = store.log_storage(1).last_index()
+        last = host.propose_many(1, datas, [cb(0), cb(1), cb(2)])
+        assert last == before + 3
+        while host.has_work():
+            host.run_cycle()
+        assert [i for i, _, _ in answers] == [0, 1, 2] and all(e is None for _, _, e in answers)
+        assert answers[0][1].swapped and not answers[1][1].swapped and answers[2][1].revision > 0
+        assert [answers[i][1].index for i in range(3)] == [before + 1, before + 2, before + 3]
+        assert store.get(1, b"k") == b"1" and store.get(1, b"j") == b"x"
+        with pytest.raises(ValueError):
+            host.propose_many(1, datas, [cb(0)])
+        with pytest.raises(ValueError):
+            host.propose_many(1, [], [])
+        assert store.log_storage(1).last_index() == last  # refused: nothing appended
+    finally:
+        store.close()
+
+
+def test_propose_many_on_a_non_leader_refuses_all_definitely_and_appends_nothing(tmp_path: Path) -> None:
+    store = NodeStore(tmp_path / "n2", sync=False)
+    try:
+        host = Host(2, store, lambda ms: None, RaftSettings(), random.Random(2))
+        host.open_group(1, ConfState((1, 2, 3)))
+        before = store.log_storage(1).last_index()
+        answers: list[object] = []
+        with pytest.raises((errors.NotLeader, errors.NoLeader)) as info:
+            host.propose_many(1, [commands.encode_put(b"a", b"1"), commands.encode_put(b"b", b"2")],
+                              [lambda r, e: answers.append(e), lambda r, e: answers.append(e)])
+        assert not info.value.indeterminate
+        while host.has_work():
+            host.run_cycle()
+        assert store.log_storage(1).last_index() == before and answers == [] and not host.groups[1].writes
+    finally:
+        store.close()
+
+
 class _FullDisk:
     """The store's disk fills (`arm`): the next `n` attempts of one step fail as a full disk
     does: the WAL's write of a cycle's records ("wal"), or LMDB's apply transaction ("lmdb": run
