@@ -52,15 +52,23 @@ class _Group:
     """No close before this time (after a failure)."""
     hold_until: float = 0.0
     """Nor before this one (the group writes by itself: it may pass the want)."""
+    sent_at: float = 0.0
+    """When the close in flight was sent."""
 
 
 class CloseSchedule:
     """Which groups to close at which revision, and when (see the module docstring)."""
 
-    def __init__(self, max_inflight: int = 64, backoff: float = 0.02, max_backoff: float = 1.0) -> None:
-        if max_inflight < 1 or backoff <= 0 or max_backoff < backoff:
-            raise ValueError("max_inflight >= 1 and 0 < backoff <= max_backoff")
+    def __init__(self, max_inflight: int = 64, backoff: float = 0.02, max_backoff: float = 1.0,
+                 timeout: float = 0.5) -> None:
+        if max_inflight < 1 or backoff <= 0 or max_backoff < backoff or timeout <= 0:
+            raise ValueError("max_inflight >= 1, 0 < backoff <= max_backoff and timeout > 0")
         self.max_inflight = max_inflight
+        self.timeout = timeout
+        """A close unanswered this long (seconds) is taken as failed and asked again: its answer
+        may never come (a forward's reply lost, the leader that took it crashed or deposed). A
+        late answer of it is ignored, or counts for the close sent again at the same revision
+        (both are true statements about the group)."""
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.groups: dict[int, _Group] = {}
@@ -91,6 +99,8 @@ class CloseSchedule:
                 else:
                     g.want = 0
                 continue
+            if g.inflight and now - g.sent_at >= self.timeout:
+                self.finished(gid, g.inflight, 0, _TIMED_OUT, now)
             if g.want and (g.want <= have or g.want <= g.reached):
                 g.want = 0  # passed by itself (its own writes) or by an earlier close
             if not g.want:
@@ -100,6 +110,7 @@ class CloseSchedule:
             if g.inflight or now < g.retry_at or now < g.hold_until or self.inflight >= self.max_inflight:
                 continue
             g.inflight, g.want = g.want, 0
+            g.sent_at = now
             self.inflight += 1
             out.append((gid, g.inflight))
         return out
@@ -127,8 +138,11 @@ class CloseSchedule:
         waits; one that waits for the in-flight bound goes when a close ends)."""
         times = [t for g in self.groups.values()
                  if g.want and not g.inflight and (t := max(g.retry_at, g.hold_until)) > now]
+        times += [g.sent_at + self.timeout for g in self.groups.values() if g.inflight]
         return min(times, default=None)
 
+
+_TIMED_OUT = errors.Timeout("the close was not answered in time", indeterminate=True)
 
 Leads = Callable[[int], bool]
 """`leads(group)`: this node leads the group now."""

@@ -347,3 +347,19 @@ def test_a_burst_of_writes_costs_one_close_per_lagging_group_per_round() -> None
     assert [e[0] for e in events(got)] == revs[1:]  # the rest after the second
     node.closer.run(node.now)
     assert len(node.sent) == 4
+
+
+def test_a_close_never_answered_is_taken_as_failed_after_the_timeout_and_sent_again() -> None:
+    """A forward's reply can be lost and the leader that took a close can crash: without an
+    answer the group would stay "in flight" for good and its watches would stall (simulator seed
+    1138: a watch's frontier stopped 1.5 s before the end of the run)."""
+    s = CloseSchedule(backoff=0.02, timeout=0.5)
+    last = {1: 0}.get
+    s.want(1, 100)
+    assert s.due(0.0, last) == [(1, 100)]
+    assert s.next_retry(0.1) == 0.5  # the driver's timer wakes at the timeout
+    assert s.due(0.4, last) == []  # still in flight
+    assert s.due(0.5, last) == [] and s.inflight == 0 and s.groups[1].failures == 1
+    assert s.due(0.52, last) == [(1, 100)]  # asked again after the backoff
+    s.finished(1, 100, 100, None, 0.55)  # (an answer, maybe the first close's, late)
+    assert s.inflight == 0 and s.groups[1].reached == 100 and s.due(0.6, last) == []
