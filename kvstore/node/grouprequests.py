@@ -69,7 +69,15 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
     this node's map does not show yet is refused as WRONG_SHARD (the caller retries: the map
     may lag the coordinator's by a little). Returns the decoded conf change, if any. So no
     request can write garbage into group 0, a malformed command into any log, or freeze or drop
-    ranges no move is moving, whoever sends it."""
+    ranges no move is moving, whoever sends it. A request asks for exactly one thing (a conf
+    change, a retention walk, a read barrier, a transfer, or a command): one that sets several is
+    refused rather than served by whichever field is looked at first."""
+    kinds = [name for name, isset in (
+        ("conf_change", bool(request.conf_change)), ("retention_keep", bool(request.retention_keep)),
+        ("read_barrier", request.read_barrier), ("transfer", request.transfer), ("command", bool(request.command)),
+    ) if isset]
+    if len(kinds) > 1:
+        raise errors.InvalidArgument(f"a GroupPropose request asks for one thing; this one sets {', '.join(kinds)}")
     if request.conf_change:
         try:
             return ConfChange.decode(request.conf_change)

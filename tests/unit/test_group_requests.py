@@ -26,6 +26,7 @@ from kvstore.node.grouprequests import (
 from kvstore.node.host import Host, RaftSettings
 from kvstore.node.memstore import MemoryNodeStore
 from kvstore.raft import ConfChange, ConfState
+from kvstore.raft.types import ConfChangeType
 from kvstore.shard.ranges import HASH_MAX, IntervalSet
 from kvstore.shard.shardmap import SHARD_MAP_KEY, ShardMap
 from kvstore.storage import commands
@@ -120,14 +121,42 @@ def test_conf_change_bytes_decode_or_are_refused(raw: bytes, barrier: bool, tran
     try:
         out = check_group_request(Req(1, conf_change=raw, read_barrier=barrier, transfer=transfer), MAP)
     except errors.InvalidArgument:
-        # empty conf change bytes mean "no conf change": a barrier or transfer passes, and
-        # anything else is checked as a command (an empty one, refused)
-        assert raw or not (barrier or transfer)
+        # empty conf change bytes mean "no conf change": a barrier or transfer alone passes, and
+        # anything else is checked as a command (an empty one, refused); a request that asks
+        # for two things is refused whatever they are
+        asked = bool(raw) + barrier + transfer
+        assert asked != 1 or (raw and not _decodes(raw))
         return
+    assert bool(raw) + barrier + transfer == 1
     if raw:
         assert out == ConfChange.decode(raw)
     else:
         assert out is None
+
+
+def _decodes(raw: bytes) -> bool:
+    try:
+        ConfChange.decode(raw)
+    except ValueError:
+        return False
+    return True
+
+
+KINDS = ("conf_change", "retention_keep", "read_barrier", "transfer", "command")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(KINDS), min_size=2, max_size=5, unique=True))
+def test_a_request_that_asks_for_several_things_is_refused(kinds: list[str]) -> None:
+    req = Req(
+        1,
+        command=encode_shard_command(ShardOp.FREEZE, IntervalSet.full(), move=1) if "command" in kinds else b"",
+        conf_change=ConfChange(ConfChangeType.ADD_VOTER, 4).encode() if "conf_change" in kinds else b"",
+        read_barrier="read_barrier" in kinds, transfer="transfer" in kinds,
+        retention_keep=100 if "retention_keep" in kinds else 0,
+    )
+    with pytest.raises(errors.InvalidArgument, match="asks for one thing"):
+        check_group_request(req, PLANNED)
 
 
 def test_protobuf_requests_satisfy_the_protocol() -> None:
