@@ -13,7 +13,12 @@ What arrives here is hostile until shown otherwise:
   (`kvstore.node.inbound`) before any core sees it;
 - a received snapshot is checked whole (framing, every record, count, checksum, and a header
   naming the same group, index, term and configuration as its message) before it is delivered,
-  so a damaged or forged snapshot never reaches the store's install transaction.
+  so a damaged or forged snapshot never reaches the store's install transaction;
+- a snapshot stream is bounded: at most `SnapshotLimits.per_sender` in flight from one node
+  (more are refused at once, and the sender's Raft retries later), and the file stops growing
+  (refused, file deleted) once the file system's free space would fall below
+  `SnapshotLimits.reserve_bytes`, so no member, however broken, can fill the disk the node's
+  write-ahead log needs. The file's writes and its `fsync` run off the event loop.
 Refusals are logged once per sender and reason per minute (`RefusalLog`), never per message.
 """
 
@@ -23,10 +28,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import grpc
 
@@ -44,6 +51,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvstore.transport")
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotLimits:
+    """Bounds on receiving snapshots (per node)."""
+
+    per_sender: int = 16
+    """Snapshot streams in flight from one node (one per group it sends: a new member may take
+    many groups at once)."""
+    reserve_bytes: int = 256 << 20
+    """Free space a received snapshot file must leave on its file system."""
+    check_every: int = 4 << 20
+    """Re-read the free space after this many bytes written."""
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
 class RaftService(raft_pb2_grpc.RaftServicer):
     def __init__(
         self,
@@ -56,7 +80,14 @@ class RaftService(raft_pb2_grpc.RaftServicer):
         on_connected: Callable[[int], None] | None = None,
         refusals: RefusalLog | None = None,
         verify: Callable[[grpc.aio.ServicerContext, int], str | None] | None = None,
+        snapshot_limits: SnapshotLimits | None = None,
+        free_bytes: Callable[[Path], int] = _free_bytes,
     ) -> None:
+        self.snapshot_limits = snapshot_limits or SnapshotLimits()
+        self.free_bytes = free_bytes
+        """Free bytes on the file system of a path (injected: tests fill a disk without one)."""
+        self._receiving: dict[int, int] = {}
+        """Snapshot streams in flight per sender."""
         self.verify = verify
         """TLS: why the caller may not speak for a node id (None: it may). None: no TLS check."""
         self.on_heard = on_heard
@@ -139,10 +170,14 @@ class RaftService(raft_pb2_grpc.RaftServicer):
     ) -> raft_pb2.SnapshotDone:
         head: raft_pb2.RaftMessage | None = None
         sender = 0
+        counted = False
+        lim = self.snapshot_limits
         self.snapshot_dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix="recv-", suffix=".snap", dir=self.snapshot_dir)
         path = Path(name)
         complete = False
+        written = 0
+        checked_at = -lim.check_every  # check before the first write
         try:
             with os.fdopen(fd, "wb") as f:
                 async for chunk in request_iterator:
@@ -151,14 +186,32 @@ class RaftService(raft_pb2_grpc.RaftServicer):
                         await self._check(chunk.cluster_id, sender, chunk.to, context)
                         if not chunk.HasField("message"):
                             return raft_pb2.SnapshotDone(installed=False, error="first chunk carries no message")
+                        if self._receiving.get(sender, 0) >= lim.per_sender:
+                            self._refuse(sender, "snapshot_limit", f"more than {lim.per_sender} snapshots in flight")
+                            return raft_pb2.SnapshotDone(
+                                installed=False, error=f"more than {lim.per_sender} snapshots in flight from node {sender}"
+                            )
+                        self._receiving[sender] = self._receiving.get(sender, 0) + 1
+                        counted = True
                         head = chunk.message
                     if chunk.data:
-                        write_frames(f, [chunk.data])
+                        if written + len(chunk.data) - checked_at >= lim.check_every:
+                            free = await asyncio.to_thread(self.free_bytes, self.snapshot_dir)
+                            checked_at = written
+                            if free - len(chunk.data) - lim.check_every < lim.reserve_bytes:
+                                self._refuse(sender, "snapshot_space", f"{free} bytes free after {written} received")
+                                return raft_pb2.SnapshotDone(
+                                    installed=False,
+                                    error=f"refused: receiving it would leave under {lim.reserve_bytes} bytes free "
+                                    f"({free} free after {written} bytes of it)",
+                                )
+                        await asyncio.to_thread(write_frames, f, [chunk.data])
+                        written += len(chunk.data)
                     if chunk.last:
                         complete = True
                         break
-                f.flush()
-                os.fsync(f.fileno())
+                if complete and head is not None:
+                    await asyncio.to_thread(_flush_and_sync, f)
             if head is None or not complete:
                 return raft_pb2.SnapshotDone(installed=False, error="snapshot stream ended early")
             frm = sender
@@ -176,9 +229,20 @@ class RaftService(raft_pb2_grpc.RaftServicer):
             path = Path()  # handed over: the store deletes it once installed (or it is superseded)
             return raft_pb2.SnapshotDone(installed=True)
         finally:
+            if counted:
+                left = self._receiving[sender] - 1
+                if left:
+                    self._receiving[sender] = left
+                else:
+                    del self._receiving[sender]
             if path != Path():
                 with contextlib.suppress(OSError):
                     path.unlink()
+
+
+def _flush_and_sync(f: BinaryIO) -> None:
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _verify_snapshot_file(path: Path, m: Message) -> None:
