@@ -17,7 +17,7 @@ What arrives here is hostile until shown otherwise:
 - a snapshot stream is bounded: at most `SnapshotLimits.per_sender` in flight from one node
   (more are refused at once, and the sender's Raft retries later), and the file stops growing
   (refused, file deleted) once the file system's free space would fall below
-  `SnapshotLimits.reserve_bytes`, so no member, however broken, can fill the disk the node's
+  `SnapshotLimits.reserve_bytes` (or a tenth of the file system, if smaller), so no member, however broken, can fill the disk the node's
   write-ahead log needs. The file's writes and its `fsync` run off the event loop.
 Refusals are logged once per sender and reason per minute (`RefusalLog`), never per message.
 """
@@ -59,13 +59,16 @@ class SnapshotLimits:
     """Snapshot streams in flight from one node (one per group it sends: a new member may take
     many groups at once)."""
     reserve_bytes: int = 256 << 20
-    """Free space a received snapshot file must leave on its file system."""
+    """Free space a received snapshot file must leave on its file system (at most a tenth of the
+    file system's size: a small disk still takes snapshots)."""
     check_every: int = 4 << 20
     """Re-read the free space after this many bytes written."""
 
 
-def _free_bytes(path: Path) -> int:
-    return shutil.disk_usage(path).free
+def _disk_usage(path: Path) -> tuple[int, int]:
+    """(total, free) bytes of the file system holding `path`."""
+    usage = shutil.disk_usage(path)
+    return usage.total, usage.free
 
 
 class RaftService(raft_pb2_grpc.RaftServicer):
@@ -81,11 +84,11 @@ class RaftService(raft_pb2_grpc.RaftServicer):
         refusals: RefusalLog | None = None,
         verify: Callable[[grpc.aio.ServicerContext, int], str | None] | None = None,
         snapshot_limits: SnapshotLimits | None = None,
-        free_bytes: Callable[[Path], int] = _free_bytes,
+        disk_usage: Callable[[Path], tuple[int, int]] = _disk_usage,
     ) -> None:
         self.snapshot_limits = snapshot_limits or SnapshotLimits()
-        self.free_bytes = free_bytes
-        """Free bytes on the file system of a path (injected: tests fill a disk without one)."""
+        self.disk_usage = disk_usage
+        """(total, free) bytes of the file system of a path (injected: tests fill a disk without one)."""
         self._receiving: dict[int, int] = {}
         """Snapshot streams in flight per sender."""
         self.verify = verify
@@ -196,13 +199,14 @@ class RaftService(raft_pb2_grpc.RaftServicer):
                         head = chunk.message
                     if chunk.data:
                         if written + len(chunk.data) - checked_at >= lim.check_every:
-                            free = await asyncio.to_thread(self.free_bytes, self.snapshot_dir)
+                            total, free = await asyncio.to_thread(self.disk_usage, self.snapshot_dir)
                             checked_at = written
-                            if free - len(chunk.data) - lim.check_every < lim.reserve_bytes:
+                            reserve = min(lim.reserve_bytes, total // 10)
+                            if free - len(chunk.data) - lim.check_every < reserve:
                                 self._refuse(sender, "snapshot_space", f"{free} bytes free after {written} received")
                                 return raft_pb2.SnapshotDone(
                                     installed=False,
-                                    error=f"refused: receiving it would leave under {lim.reserve_bytes} bytes free "
+                                    error=f"refused: receiving it would leave under {reserve} bytes free "
                                     f"({free} free after {written} bytes of it)",
                                 )
                         await asyncio.to_thread(write_frames, f, [chunk.data])

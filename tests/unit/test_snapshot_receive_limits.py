@@ -80,13 +80,13 @@ def test_a_snapshot_that_would_fill_the_disk_is_refused_and_deleted(tmp_path: Pa
         free = [10 << 20]
         written: list[int] = []
 
-        def free_bytes(path: Path) -> int:
+        def disk_usage(path: Path) -> tuple[int, int]:
             size = sum(p.stat().st_size for p in path.iterdir())
             written.append(size)
-            return free[0] - size
+            return 1 << 30, free[0] - size
 
         limits = SnapshotLimits(reserve_bytes=4 << 20, check_every=1 << 20)
-        svc = RaftService(1, "c", lambda m: None, tmp_path / "snaps", snapshot_limits=limits, free_bytes=free_bytes)
+        svc = RaftService(1, "c", lambda m: None, tmp_path / "snaps", snapshot_limits=limits, disk_usage=disk_usage)
         server, port = await _serve(svc)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -103,6 +103,17 @@ def test_a_snapshot_that_would_fill_the_disk_is_refused_and_deleted(tmp_path: Pa
                 assert max(written) <= (6 << 20)
             assert list((tmp_path / "snaps").iterdir()) == []
             assert svc._receiving == {}
+            # a small file system: the reserve is a tenth of it, not 256 MiB
+            svc.disk_usage = lambda path: (64 << 20, 60 << 20)
+            svc.snapshot_limits = SnapshotLimits()
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = raft_pb2_grpc.RaftStub(ch)
+
+                async def small() -> AsyncIterator[raft_pb2.SnapshotChunk]:
+                    yield _chunk(b"z" * 1000, first=True, last=True)
+
+                done = await stub.SendSnapshot(small(), timeout=60)
+                assert not done.installed and "bytes free" not in done.error  # read, then refused as no snapshot
         finally:
             await server.stop(None)
 
