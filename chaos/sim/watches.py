@@ -26,11 +26,11 @@ revision + 1, or stops), some clients read their stream too
 slowly (the hub cancels them: RESOURCE_EXHAUSTED, resumable), range moves cancel watches
 (WRONG_SHARD, resumable) and a node crash breaks the stream: the client resumes from its last
 revision + 1 at a node that hosts the groups, as `kvstore/client/watches.py` does. A *chain* is
-one client's watch across all its resumes. On seeds without range moves the groups are compacted
-now and then (at a past write's revision, each group through its log), so starts at or below the
-compact revision, and watchers compaction overtakes, are refused with COMPACTED. (Not with range
-moves: the move protocol does not carry the source's compact revision yet, a known gap of
-docs/REVISIONS.md that this checker would report.)
+one client's watch across all its resumes. The groups are compacted now and then (at a past
+write's revision, each group through its log), so starts at or below the compact revision, and
+watchers compaction overtakes, are refused with COMPACTED; also on seeds with range moves, where
+a move carries the source's compact revision to the target (`shardcmd`'s closed-revision record),
+so a watch resumed in the target after a move is refused there too, never shown a gap.
 
 Checked, per chain, on every reply as it arrives (the first four by `chaos.watchcheck.check_batch`,
 which kvchaos runs on its real watchers too):
@@ -191,7 +191,7 @@ class SimWatches:
         self._closes: dict[int, tuple[int, NodeCloses]] = {}
         self.compacted = 0
         """The largest revision a compaction was asked for (each group clamps it to its last)."""
-        self.compact = not sim.p.moves
+        self.compact = True
         self.settled: tuple[int, int] | None = None
         """(time, the highest revision applied then), `liveness_ms` after the heal."""
 
