@@ -31,7 +31,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -103,7 +103,7 @@ class WatchService:
                     elif kind == "cancel_request":
                         s.cancel(req.cancel_request.watch_id)
                     elif kind == "progress_request":
-                        s.progress()
+                        self._progress(s, req.progress_request.revision)
                     rq.wake()
                     while s.busy and not s.closed:
                         room.clear()
@@ -160,10 +160,28 @@ class WatchService:
             if m is None:
                 raise errors.NoLeader("this node has no shard map yet")
             groups = [m.group_for_key(spec.start)] if spec.single_key else m.data_groups()
+            partial = False
+            if c.groups:
+                chosen = check_groups(c.groups, groups)
+                partial = len(chosen) < len(groups)
+                groups = chosen
         except errors.KVError as err:
             s.refuse(c.watch_id, err)
             return
-        s.create(spec, groups, c.watch_id)
+        s.create(spec, groups, c.watch_id, partial)
+
+    def _progress(self, s: WatchStream, revision: int) -> None:
+        """A progress request; one at a revision is checked against the node's clock first (a
+        refusal is one response with watch_id 0 and the error, definite: no watch is touched)."""
+        if revision:
+            try:
+                if revision < 0:
+                    raise errors.InvalidArgument(f"progress revision {revision} is negative")
+                self.rq.closes.check(revision)
+            except errors.KVError as err:
+                s.refuse(0, errors.InvalidArgument(f"progress request refused: {err.message}"), canceled=False)
+                return
+        s.progress(revision)
 
     def response(self, r: Reply) -> kv_pb2.WatchResponse:
         """The `WatchResponse` of a reply. Replies of watchers at the same position share their
@@ -213,6 +231,28 @@ class WatchService:
                 pk.key, pk.value = c.key, p.value
                 pk.create_revision, pk.mod_revision, pk.version = (
                     p.meta.create_revision, p.meta.mod_revision, p.meta.version)
+
+
+MAX_GROUPS = 1024
+"""Groups a create may name (`WatchCreateRequest.groups`)."""
+
+
+def check_groups(asked: Sequence[int], allowed: Sequence[int]) -> list[int]:
+    """The groups a create names, checked against `allowed` (the data groups of this node's map
+    the range may live in): at most `MAX_GROUPS`, no duplicates, each allowed; else a definite
+    InvalidArgument naming what is wrong. (Whether this node hosts them is the hub's check:
+    WRONG_SHARD.)"""
+    if len(asked) > MAX_GROUPS:
+        raise errors.InvalidArgument(f"a watch names at most {MAX_GROUPS} groups ({len(asked)} named)")
+    if len(set(asked)) != len(asked):
+        raise errors.InvalidArgument("a watch names a group twice")
+    ok = set(allowed)
+    bad = sorted(g for g in asked if g not in ok)
+    if bad:
+        raise errors.InvalidArgument(
+            f"group(s) {', '.join(map(str, bad[:16]))} are not data groups of the watched range in this node's "
+            f"shard map (it has {', '.join(map(str, allowed[:64]))})")
+    return sorted(asked)
 
 
 class WatchDriver:
