@@ -186,10 +186,7 @@ class Merge(Generic[E]):
         if f > self.emitted:
             ready = [self._ready(s, f) for s in self.subs]
             groups = [g for g in ready if g]
-            if len(groups) == 1:
-                merged = groups[0]
-            else:
-                merged = list(heapq.merge(*groups, key=_first))
+            merged = groups[0] if len(groups) == 1 else list(heapq.merge(*groups, key=_first))
             events: list[E] = []
             for _, evs in merged:
                 events.extend(evs)

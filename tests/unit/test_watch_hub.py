@@ -587,3 +587,16 @@ def test_thousands_of_creates_on_one_stream_are_bounded() -> None:
 def test_bad_keys_are_refused(bad: bytes) -> None:
     with pytest.raises(errors.KVError):
         WatchSpec.make(bad)
+
+
+@given(st.lists(st.integers(0, 2**64 - 1), max_size=40), st.lists(st.integers(1, 30), max_size=20, unique=True))
+def test_named_groups_are_checked_totally(asked: list[int], allowed: list[int]) -> None:
+    from kvstore.server.watch_service import check_groups
+
+    try:
+        got = check_groups(asked, sorted(allowed))
+    except errors.InvalidArgument as err:
+        assert not err.indeterminate
+        assert len(set(asked)) != len(asked) or not set(asked) <= set(allowed)
+    else:
+        assert got == sorted(asked) and set(got) <= set(allowed) and len(set(asked)) == len(asked)
