@@ -7,9 +7,6 @@ from __future__ import annotations
 import asyncio
 import random
 
-import pytest
-
-from kvstore import errors
 from kvstore.client.checks import RequestChecks
 from kvstore.client.retry import Deadline, RetryPolicy
 from kvstore.client.routing import Router
