@@ -13,8 +13,14 @@ Semantics the caller can rely on (README, "Watch"):
 - a node that answers nothing (not even the progress responses the client always asks for,
   one a second when quiet) for ``idle_timeout`` seconds is left for another one.
 
-The node serving a watch must host every group the range lives in (a watch of one key: its
-group; any other range: every data group); the client picks such a node from its shard map.
+A node serves a watch of the groups it hosts. The client picks a live node that hosts every
+group of the range (a watch of one key: its group; any other range: every data group) from its
+shard map; when none does (say 5 nodes with 3 replicas), it covers the groups with few nodes
+(`watchmerge.cover`), opens one sub-watch of its groups at each (`WatchCreateRequest.groups`,
+each its own stream) and merges them (`watchmerge.Merge`: revision order, whole revisions, the
+lowest of the subs' revisions as the merged one; progress requests at a revision to the subs an
+event waits on). Any end of a sub restarts the whole merged watch from its last delivered
+revision + 1 with a fresh cover, so the contract above holds for merged watches too.
 """
 
 from __future__ import annotations

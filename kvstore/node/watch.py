@@ -8,9 +8,18 @@ returns; the node's Ready loop calls `applied` with the groups each cycle applie
 
 How a watch is served:
 - **Groups.** A watch of one key covers the group its hash maps to; any other range covers every
-  data group (keys are spread by hash). This node must host all of them (any replica: leader,
-  follower or learner, since it reads its own applied state); otherwise the create is refused
-  with a definite WRONG_SHARD naming the groups. Node-to-node feeds are not built.
+  data group (keys are spread by hash), or only the ones its create names (`partial`: a client
+  merges the sub-watches of a cover of the groups at several nodes, `client/watchmerge.py`).
+  This node must host all of them (any replica: leader, follower or learner, since it reads its
+  own applied state); otherwise the create is refused with a definite WRONG_SHARD naming them.
+- **Start now.** A create with start revision 0 starts at M + 1, M = the highest last revision
+  of its groups (or compact): the groups below M are closed up to M first (`_asked`), and the
+  created reply (revision M) goes out only once every group reached M (`Watcher.waiting`,
+  `_settle`); nothing of the watch is sent before it. So every change applied after the created
+  reply is delivered, and none applied before the create.
+- **Progress at a revision.** A progress request at R (the adapter checked R against the clock)
+  asks closes of every group of the stream's watches below R, up to R, and gives each watch a
+  progress reply once its cursor passed R (`Watcher.progress_at`).
 - **The frontier.** A group's last revision `RevState.last`, as applied here, is closed: every
   later write of the group gets a higher revision (the apply rule; CLOSE raises it without a
   write). So a watcher may send every event at or below F = min over its groups of their last
