@@ -52,6 +52,10 @@ IDLE_TIMEOUT = 8.0
 MAX_QUEUED = 10_000
 """Events a sub-watch of a merged watch may hold ahead of the others before it is read no more."""
 
+CATCH_UP = 1.0
+"""Seconds without a response on any sub of a merged watch before the subs below the most
+advanced one are asked to get to its revision (bookmarks while quiet)."""
+
 _RESUMABLE = (errors.WrongShard, errors.NoLeader, errors.ResourceExhausted, errors.Unavailable,
               errors.ShuttingDown, errors.Timeout, errors.StaleReplica, errors.InternalError)
 
@@ -226,7 +230,12 @@ class Watches:
         node = 0
         try:
             while True:
-                i, item = await inbox.get()
+                try:
+                    i, item = await asyncio.wait_for(inbox.get(), CATCH_UP)
+                except TimeoutError:  # quiet: let the merged revision follow the most advanced sub
+                    merge.catch_up()
+                    self._ask(merge, extra)
+                    continue
                 if isinstance(item, BaseException):
                     raise item
                 ep = plan[i][0]
@@ -242,9 +251,7 @@ class Watches:
                         merge.response(i, item.revision, [_event(e) for e in item.events])
                 except ValueError as err:  # a sub broke the watch contract
                     raise _Resume(errors.InternalError(f"{ep}: {err}", indeterminate=False), ep) from None
-                for j, rev in merge.asks():
-                    extra[j].put_nowait(kv_pb2.WatchRequest(
-                        progress_request=kv_pb2.WatchProgressRequest(revision=rev)))
+                self._ask(merge, extra)
                 for j, gate in enumerate(gates):
                     if merge.paused(j):
                         gate.clear()
@@ -262,6 +269,12 @@ class Watches:
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
+
+    @staticmethod
+    def _ask(merge: Merge[WatchEvent], extra: list[asyncio.Queue[kv_pb2.WatchRequest | None]]) -> None:
+        """Send the progress requests at a revision the merge asks for."""
+        for j, rev in merge.asks():
+            extra[j].put_nowait(kv_pb2.WatchRequest(progress_request=kv_pb2.WatchProgressRequest(revision=rev)))
 
     async def _plan(self, key: bytes | None, tried: list[str]) -> list[tuple[str, tuple[int, ...]]]:
         """Where to watch: [(a node that hosts every group of the range, ())] (a key: its group),

@@ -163,6 +163,17 @@ class Merge(Generic[E]):
                 out.append((i, s.want))
         return out
 
+    def catch_up(self) -> None:
+        """Bookmarks while quiet (the caller's timer, about once a second): ask the subs below
+        the most advanced one to get to its revision, so the merged revision follows it even
+        when no event waits (as a progress request does for the groups of a watch on one node)."""
+        if not self._started:
+            return
+        top = max(s.frontier for s in self.subs)
+        for s in self.subs:
+            if s.frontier < top:
+                s.want = max(s.want, top)
+
     def paused(self, sub: int) -> bool:
         """Sub `sub` holds too many events it cannot emit yet: stop reading it for now."""
         return self.subs[sub].queued >= self.max_queued

@@ -232,3 +232,18 @@ def test_cover_is_a_cover_or_none(members: dict[int, set[int]], usable: set[int]
     if c is not None:
         assert sorted(g for gs in c.values() for g in gs) == sorted(members)
         assert all(n in usable and n in members[g] for n, gs in c.items() for g in gs)
+
+
+def test_catch_up_asks_the_subs_below_the_most_advanced_one() -> None:
+    m: Merge[Ev] = Merge(3, 5)
+    m.catch_up()  # not started: nothing to ask
+    for i in range(3):
+        m.created(i, 4)
+    m.response(1, 30, [])
+    m.response(2, 12, [])
+    assert m.asks() == []  # no event waits
+    m.catch_up()
+    assert sorted(m.asks()) == [(0, 30), (2, 30)]
+    m.response(0, 31, [])
+    m.response(2, 30, [])
+    assert [b.revision for b in m.take()] == [4, 12, 30]
