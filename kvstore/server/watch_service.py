@@ -31,7 +31,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -41,7 +41,7 @@ from kvstore.node.host import Host
 from kvstore.node.store import ApplyBatch, GroupWrite
 from kvstore.node.watch import WatchHub, WatchStream
 from kvstore.node.watchcloses import WatchCloser, replica_close
-from kvstore.node.watchspec import Reply, WatchSpec
+from kvstore.node.watchspec import Reply, WatchSpec, check_groups
 from kvstore.raft import Role
 from kvstore.security.guard import credential_of_call
 from kvstore.security.identity import identity_of_call
@@ -231,28 +231,6 @@ class WatchService:
                 pk.key, pk.value = c.key, p.value
                 pk.create_revision, pk.mod_revision, pk.version = (
                     p.meta.create_revision, p.meta.mod_revision, p.meta.version)
-
-
-MAX_GROUPS = 1024
-"""Groups a create may name (`WatchCreateRequest.groups`)."""
-
-
-def check_groups(asked: Sequence[int], allowed: Sequence[int]) -> list[int]:
-    """The groups a create names, checked against `allowed` (the data groups of this node's map
-    the range may live in): at most `MAX_GROUPS`, no duplicates, each allowed; else a definite
-    InvalidArgument naming what is wrong. (Whether this node hosts them is the hub's check:
-    WRONG_SHARD.)"""
-    if len(asked) > MAX_GROUPS:
-        raise errors.InvalidArgument(f"a watch names at most {MAX_GROUPS} groups ({len(asked)} named)")
-    if len(set(asked)) != len(asked):
-        raise errors.InvalidArgument("a watch names a group twice")
-    ok = set(allowed)
-    bad = sorted(g for g in asked if g not in ok)
-    if bad:
-        raise errors.InvalidArgument(
-            f"group(s) {', '.join(map(str, bad[:16]))} are not data groups of the watched range in this node's "
-            f"shard map (it has {', '.join(map(str, allowed[:64]))})")
-    return sorted(asked)
 
 
 class WatchDriver:

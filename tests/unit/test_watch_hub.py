@@ -591,7 +591,7 @@ def test_bad_keys_are_refused(bad: bytes) -> None:
 
 @given(st.lists(st.integers(0, 2**64 - 1), max_size=40), st.lists(st.integers(1, 30), max_size=20, unique=True))
 def test_named_groups_are_checked_totally(asked: list[int], allowed: list[int]) -> None:
-    from kvstore.server.watch_service import check_groups
+    from kvstore.node.watchspec import check_groups
 
     try:
         got = check_groups(asked, sorted(allowed))
