@@ -25,7 +25,15 @@ asks for a progress reply now and then, cancels its watch (and resumes it from i
 revision + 1, or stops), some clients read their stream too
 slowly (the hub cancels them: RESOURCE_EXHAUSTED, resumable), range moves cancel watches
 (WRONG_SHARD, resumable) and a node crash breaks the stream: the client resumes from its last
-revision + 1 at a node that hosts the groups, as `kvstore/client/watches.py` does. A *chain* is
+revision + 1 at a node that hosts the groups, as `kvstore/client/watches.py` does. A range
+watch with no live node hosting every group (5 nodes, 3 replicas), and now and then one that has
+such a node, is *merged* as the client library does it: sub-watches of the groups (each a stream
+with `groups`, created `partial` after the adapter's `check_groups`) at a cover of nodes (the
+greedy `watchmerge.cover`, or each group at a random replica so that 3-node runs merge too),
+their replies fed to the client's real `watchmerge.Merge` (a sub that breaks its contract is a
+violation), its progress requests at a revision sent to the subs (checked against the node's
+clock as the adapter does), `catch_up` every second, and any end of a sub restarting the whole
+merged watch from its last revision + 1; its batches go through the same checks. A *chain* is
 one client's watch across all its resumes. On seeds without range moves the groups are compacted
 now and then (at a past write's revision, each group through its log), so starts at or below the
 compact revision, and watchers compaction overtakes, are refused with COMPACTED. (Not with range
