@@ -224,6 +224,9 @@ class Watches:
                     await gates[i].wait()  # far ahead of the others: read no more for now
             except (_Resume, _Broken, _Idle) as err:
                 await inbox.put((i, err))
+            except Exception as err:  # (a bug): the merged watch starts again, not stuck
+                await inbox.put((i, _Resume(errors.InternalError(
+                    f"the sub-watch at {ep} failed: {type(err).__name__}: {err}", indeterminate=False), ep)))
 
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(pump(i, ep, gs)) for i, (ep, gs) in enumerate(plan)]
@@ -244,8 +247,8 @@ class Watches:
                         merge.created(i, item.revision)
                     elif item.canceled:
                         raise _canceled(item, ep)
-                    elif item.HasField("error"):  # our progress request was refused
-                        raise _Resume(errors.from_proto(item.error, is_write=False), ep)
+                    elif item.HasField("error"):  # our progress request was refused (its clock)
+                        merge.refused(i)
                     else:
                         node = item.node_id
                         merge.response(i, item.revision, [_event(e) for e in item.events])

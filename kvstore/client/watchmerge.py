@@ -25,7 +25,9 @@ response: it has delivered every event of its groups at or below f_i):
 - Memory: `paused(i)` says sub i holds more than `max_queued` events it cannot emit yet; its
   reader should stop reading (transport flow control then holds the node back). The sub at the
   frontier holds nothing unemittable, so pausing never stalls the merge.
-- Any failure of a sub (a broken stream, a cancel, a refused request) ends the merged watch:
+- A progress request the sub's node refuses (its clock is behind the revision by more than the
+  uncertainty bound) is asked again after the next `catch_up` (about a second), not at once.
+- Any other failure of a sub (a broken stream, a cancel) ends the merged watch:
   the caller starts a new one from `restart_revision` with a fresh cover (`Merge` does not
   recover itself).
 """
@@ -72,6 +74,9 @@ class _Sub(Generic[E]):
     """The highest revision to ask it to progress to."""
     asked: int = 0
     """The revision of its progress request in flight (answered once frontier >= it)."""
+    held: bool = False
+    """Its node refused a progress request (its clock is behind the revision): asked again
+    only after the next `catch_up`."""
 
 
 class Merge(Generic[E]):
@@ -158,7 +163,7 @@ class Merge(Generic[E]):
         """(sub, revision) progress requests to send now (marked in flight)."""
         out: list[tuple[int, int]] = []
         for i, s in enumerate(self.subs):
-            if s.want > s.frontier and s.asked <= s.frontier and s.frontier >= 0:
+            if s.want > s.frontier and s.asked <= s.frontier and s.frontier >= 0 and not s.held:
                 s.asked = s.want
                 out.append((i, s.want))
         return out
@@ -171,8 +176,17 @@ class Merge(Generic[E]):
             return
         top = max(s.frontier for s in self.subs)
         for s in self.subs:
+            s.held = False
             if s.frontier < top:
                 s.want = max(s.want, top)
+
+    def refused(self, sub: int) -> None:
+        """Sub `sub`'s node refused its progress request (the revision is further ahead of its
+        clock than the uncertainty bound: clocks apart by more than that). The want stays; it is
+        asked again after the next `catch_up` (its clock moves on meanwhile)."""
+        s = self.subs[sub]
+        s.asked = 0
+        s.held = True
 
     def paused(self, sub: int) -> bool:
         """Sub `sub` holds too many events it cannot emit yet: stop reading it for now."""

@@ -97,9 +97,14 @@ def run(seed: int, groups: int, revisions: int, nsubs: int, failures: int, start
                 else:
                     r, evs = sv.respond()
                 m.response(i, r, evs)
+            if rng.random() < 0.05:
+                m.catch_up()
             for i, rev in m.asks():
                 assert servers[i].pos < rev <= top, (servers[i].pos, rev)
-                servers[i].asked = max(servers[i].asked, rev)
+                if rng.random() < 0.1:  # its node's clock refuses it
+                    m.refused(i)
+                else:
+                    servers[i].asked = max(servers[i].asked, rev)
             got += m.take()
             if m.started and first_base is None:
                 first_base = m.base
@@ -247,3 +252,16 @@ def test_catch_up_asks_the_subs_below_the_most_advanced_one() -> None:
     m.response(0, 31, [])
     m.response(2, 30, [])
     assert [b.revision for b in m.take()] == [4, 12, 30]
+
+
+def test_a_refused_progress_request_is_asked_again_only_after_a_catch_up() -> None:
+    m: Merge[Ev] = Merge(2, 5)
+    m.created(0, 4)
+    m.created(1, 4)
+    m.response(0, 20, [Ev(20, 0, 0)])
+    assert m.asks() == [(1, 20)]
+    m.refused(1)
+    m.response(0, 21, [])
+    assert m.asks() == []  # held
+    m.catch_up()
+    assert m.asks() == [(1, 21)]
