@@ -167,6 +167,8 @@ class Watcher:
     revision (its start - 1; closes asked): until then nothing of it is sent."""
     progress_at: int = 0
     """> 0: a progress request asked for a progress reply once `next_rev` - 1 reaches it."""
+    partial: bool = False
+    """A watch of some of its range's groups (a sub-watch a client merges with others)."""
 
 
 @dataclass(slots=True)
@@ -432,17 +434,20 @@ class WatchHub:
         frontier below another of its groups' last revision: group -> that revision. Closing the
         group at (at least) it lets the watcher's frontier move. With `progress_only`, only the
         watches with progress notifications count (the others wait for events only:
-        `close_wants`)."""
+        `close_wants`). A watch of some groups of its range (`partial`: part of a merged watch)
+        counts with one group too, and all its quiet groups are named (at its top): the node
+        closes them at its clock's now, so the merged watch's revision follows the clock while
+        quiet as a watch of every group does."""
         out: dict[int, int] = {}
         wait = self.limits.close_idle
         last, changed = self.last, self.changed_at
         for s in self.streams.values():
             for w in s.watchers.values():
-                if len(w.groups) < 2 or (progress_only and not w.spec.progress_notify):
+                if (len(w.groups) < 2 and not w.partial) or (progress_only and not w.spec.progress_notify):
                     continue
                 top = max(last[g] for g in w.groups)
                 for g in w.groups:
-                    if last[g] < top and now - changed[g] >= wait and out.get(g, 0) < top:
+                    if (last[g] < top or w.partial) and now - changed[g] >= wait and out.get(g, -1) < top:
                         out[g] = top
         return out
 
@@ -571,7 +576,7 @@ class WatchHub:
                 f"watch start revision {start} is compacted: the compact revision is {compact} "
                 f"(watch from {compact + 1} or later)", compact_revision=compact))
             return
-        w = Watcher(wid, r.spec, r.groups, shards, start, start - 1, now)
+        w = Watcher(wid, r.spec, r.groups, shards, start, start - 1, now, partial=r.partial)
         if not r.spec.start_revision and any(self.last[g] < start - 1 for g in r.groups):
             w.waiting = start - 1
             asked = self._asked

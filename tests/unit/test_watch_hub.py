@@ -600,3 +600,16 @@ def test_named_groups_are_checked_totally(asked: list[int], allowed: list[int]) 
         assert len(set(asked)) != len(asked) or not set(asked) <= set(allowed)
     else:
         assert got == sorted(asked) and set(got) <= set(allowed) and len(set(asked)) == len(asked)
+
+
+def test_a_quiet_partial_watch_with_progress_names_its_groups_for_the_periodic_closer() -> None:
+    c = Cluster(groups=(1, 2))
+    hub = c.hub()
+    s = hub.open()
+    s.create(WatchSpec.make(b"k", progress_notify=True), (1,), watch_id=1)  # a key watch: never
+    s.create(WatchSpec.make(b"", prefix=b"p", progress_notify=True, start_revision=2), (2,), watch_id=2,
+             partial=True)
+    drain(hub, s, now=0.0)
+    assert hub.lagging_groups(0.01, progress_only=True) == {}  # not quiet yet
+    last2 = c.store.revisions.rev_state(2).last
+    assert hub.lagging_groups(1.0, progress_only=True) == {2: last2}  # closed at the clock's now by the node
