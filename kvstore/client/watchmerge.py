@@ -14,8 +14,8 @@ response: it has delivered every event of its groups at or below f_i):
   revision below the start (start - 1), or with a start "now" the highest created revision M of
   the subs.
 - Everything at or below F is emitted, in revision order, all events of one revision in one
-  batch (a revision lives in one group, so in one sub, and is never split over a sub's
-  responses), each event once, nothing at or below `base` (so nothing from before the start).
+  batch (a revision lives in one group: its slot bits name it; so in one sub, and is never
+  split over a sub's responses), each event once, nothing at or below `base` (so nothing from before the start).
   `emitted` is the highest F handed out; a restart from `emitted` + 1 misses and repeats nothing.
 - Nothing is emitted before every sub is created (the start is not known before).
 - A sub holding an event at R > F waits for the subs below R: `asks` names them, at R (the
@@ -25,6 +25,9 @@ response: it has delivered every event of its groups at or below f_i):
 - Memory: `paused(i)` says sub i holds more than `max_queued` events it cannot emit yet; its
   reader should stop reading (transport flow control then holds the node back). The sub at the
   frontier holds nothing unemittable, so pausing never stalls the merge.
+- Bookmarks while quiet: `catch_up` (the caller's timer) asks the subs below the most advanced
+  one to reach its revision (their nodes also close a quiet sub's groups at the clock's now, as
+  for any watch with progress notifications), so the merged revision follows the clock.
 - A progress request the sub's node refuses (its clock is behind the revision by more than the
   uncertainty bound) is asked again after the next `catch_up` (about a second), not at once.
 - Any other failure of a sub (a broken stream, a cancel) ends the merged watch:
