@@ -524,6 +524,8 @@ ACTIONS = st.lists(
                   st.sampled_from([(1,), (2,), (1, 2), (1, 2, 9)])),
         st.tuples(st.just("cancel"), st.integers(min_value=-3, max_value=40)),
         st.tuples(st.just("progress")),
+        st.tuples(st.just("progress_to"), st.integers(min_value=0, max_value=2**40)),
+        st.tuples(st.just("partial"), st.integers(min_value=0, max_value=40), st.sampled_from([(1,), (2,)])),
         st.tuples(st.just("put"), st.sampled_from([1, 2])),
         st.tuples(st.just("take")),
     ),
@@ -549,14 +551,23 @@ def test_hostile_request_sequences_keep_the_bounds_and_answer_every_create(actio
             s.cancel(a[1])
         elif a[0] == "progress":
             s.progress()
+        elif a[0] == "progress_to":  # (the adapter bounds it by the clock; the hub must cope anyway)
+            s.progress(c.clock + a[1])
+        elif a[0] == "partial":
+            creates += 1
+            s.create(WatchSpec.make(b"", prefix=b"k"), a[2], a[1], partial=True)
         elif a[0] == "put":
             c.put(a[1], b"k1", b"v" * 50)
             hub.applied([a[1]])
         else:
             got += s.take(3)
         hub.step(0.0)
+        _close_as_asked(c, hub)
         assert len(s.watchers) <= lim.watchers_per_stream and hub.count <= lim.watchers_per_node
         assert s.bytes == sum(r.size for r, _ in s.outbox)
+    for _ in range(3):  # the closes asked for land (starts now get their created reply)
+        got += drain(hub, s)
+        _close_as_asked(c, hub)
     got += drain(hub, s)
     # every create is answered exactly once: created, or refused (definite)
     refused = [r for r in got if r.canceled and r.error is not None and "no watch" not in r.error.message]
@@ -566,6 +577,13 @@ def test_hostile_request_sequences_keep_the_bounds_and_answer_every_create(actio
             assert not r.error.indeterminate
     # the other stream's watcher is unharmed
     assert 1 in other.watchers
+
+
+def _close_as_asked(c: Cluster, hub: WatchHub) -> None:
+    """What the node's closer does with the hub's wants: CLOSE entries, applied."""
+    for g, rev in sorted(hub.close_wants().items()):
+        c.apply(g, [commands.encode_close(rev)])
+        hub.applied([g])
 
 
 def test_thousands_of_creates_on_one_stream_are_bounded() -> None:
