@@ -28,10 +28,10 @@ slowly (the hub cancels them: RESOURCE_EXHAUSTED, resumable), range moves cancel
 revision + 1 at a node that hosts the groups, as `kvstore/client/watches.py` does. A range
 watch with no live node hosting every group (5 nodes, 3 replicas), and now and then one that has
 such a node, is *merged* as the client library does it: sub-watches of the groups (each a stream
-with `groups`, created `partial` after the adapter's `check_groups`) at a cover of nodes (the
-greedy `watchmerge.cover`, or each group at a random replica so that 3-node runs merge too),
-their replies fed to the client's real `watchmerge.Merge` (a sub that breaks its contract is a
-violation), its progress requests at a revision sent to the subs (checked against the node's
+with `groups`, created `partial` after the adapter's checks: `check_groups` and the shard map
+version) at a cover of nodes (the greedy `watchmerge.cover`, or each group at a random replica so
+that 3-node runs merge too), their replies fed to the client's real `watchmerge.Merge` (a sub
+that breaks its contract is a violation), its progress requests at a revision sent to the subs (checked against the node's
 clock as the adapter does), `catch_up` every second, and any end of a sub restarting the whole
 merged watch from its last revision + 1; its batches go through the same checks. A *chain* is
 one client's watch across all its resumes. On seeds without range moves the groups are compacted
@@ -694,6 +694,8 @@ class SimWatches:
                     raise errors.NoLeader("this node has no shard map yet")
                 allowed = nm.data_groups()
                 chosen = check_groups(gs, allowed)
+                if len(chosen) < len(allowed) and nm.version != m.version:
+                    raise errors.WrongShard(f"map version {m.version}, the node's is {nm.version}")
             except errors.InvalidArgument as err:  # its map differs from the one the cover came from
                 s.refuse(1, errors.WrongShard(err.message))
             except errors.KVError as err:

@@ -146,10 +146,10 @@ class Watches:
         backoff = Backoff(self.policy.backoff_base, self.policy.backoff_cap, rng=self._rng)
         tried: list[str] = []
         while True:
-            plan = await self._plan(key if single else None, tried)
+            plan, version = await self._plan(key if single else None, tried)
             create = kv_pb2.WatchCreateRequest(
                 key=key, range_end=range_end, prefix=prefix, start_revision=cur.next_rev, prev_kv=prev_kv,
-                progress_notify=True, watch_id=1,
+                progress_notify=True, watch_id=1, shard_version=version if len(plan) > 1 else 0,
             )
             if cur.started:
                 self.resumes += 1
@@ -279,11 +279,13 @@ class Watches:
         for j, rev in merge.asks():
             extra[j].put_nowait(kv_pb2.WatchRequest(progress_request=kv_pb2.WatchProgressRequest(revision=rev)))
 
-    async def _plan(self, key: bytes | None, tried: list[str]) -> list[tuple[str, tuple[int, ...]]]:
+    async def _plan(self, key: bytes | None, tried: list[str]) -> tuple[list[tuple[str, tuple[int, ...]]], int]:
         """Where to watch: [(a node that hosts every group of the range, ())] (a key: its group),
         preferring one not tried since the last success; else, when no such node is usable, a
         cover of the groups by few nodes [(node, its groups), ...] (`watchmerge.cover`: greedy,
-        over the untried live nodes first, then the live ones, then all)."""
+        over the untried live nodes first, then the live ones, then all). With the version of
+        the shard map it comes from (each sub-watch's node checks it is its own: a newer map may
+        hold a group the cover lacks)."""
         deadline = Deadline(self.policy.timeout)
         m = None
         with contextlib.suppress(errors.KVError):
@@ -305,14 +307,14 @@ class Watches:
             for pool in (fresh, live, set(eps)):
                 whole = [n for n in order if n in pool and all(n in members[g] for g in groups)]
                 if whole:
-                    return [(eps[whole[0]], ())]
+                    return [(eps[whole[0]], ())], m.version
                 c = cover(groups, members, pool, order)
                 if c is not None:
-                    return [(eps[n], gs) for n, gs in sorted(c.items())]
+                    return [(eps[n], gs) for n, gs in sorted(c.items())], m.version
         all_eps = list(router.endpoints)
         fresh_eps = [e for e in all_eps if e not in tried and router.breaker(e).would_allow()]
         some = fresh_eps or [e for e in all_eps if router.breaker(e).would_allow()] or all_eps
-        return [(some[self._rng.randrange(len(some))], ())]
+        return [(some[self._rng.randrange(len(some))], ())], 0
 
     async def _stream(self, ep: str, create: kv_pb2.WatchCreateRequest,
                       extra: asyncio.Queue[kv_pb2.WatchRequest | None]) -> AsyncIterator[kv_pb2.WatchResponse]:

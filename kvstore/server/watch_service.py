@@ -165,6 +165,10 @@ class WatchService:
                 chosen = check_groups(c.groups, groups)
                 partial = len(chosen) < len(groups)
                 groups = chosen
+                if partial and c.shard_version != m.version:
+                    raise errors.WrongShard(
+                        f"the watch names groups of shard map version {c.shard_version}, this node's map is "
+                        f"version {m.version}: cover the range again", shard_version=m.version)
         except errors.KVError as err:
             s.refuse(c.watch_id, err)
             return

@@ -324,7 +324,7 @@ class CompactResponse(_message.Message):
     def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class WatchCreateRequest(_message.Message):
-    __slots__ = ("key", "range_end", "prefix", "start_revision", "progress_notify", "filters", "prev_kv", "watch_id", "groups")
+    __slots__ = ("key", "range_end", "prefix", "start_revision", "progress_notify", "filters", "prev_kv", "watch_id", "groups", "shard_version")
     class FilterType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         NOPUT: _ClassVar[WatchCreateRequest.FilterType]
@@ -340,6 +340,7 @@ class WatchCreateRequest(_message.Message):
     PREV_KV_FIELD_NUMBER: _ClassVar[int]
     WATCH_ID_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_VERSION_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     range_end: bytes
     prefix: bytes
@@ -349,7 +350,8 @@ class WatchCreateRequest(_message.Message):
     prev_kv: bool
     watch_id: int
     groups: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, key: _Optional[bytes] = ..., range_end: _Optional[bytes] = ..., prefix: _Optional[bytes] = ..., start_revision: _Optional[int] = ..., progress_notify: _Optional[bool] = ..., filters: _Optional[_Iterable[_Union[WatchCreateRequest.FilterType, str]]] = ..., prev_kv: _Optional[bool] = ..., watch_id: _Optional[int] = ..., groups: _Optional[_Iterable[int]] = ...) -> None: ...
+    shard_version: int
+    def __init__(self, key: _Optional[bytes] = ..., range_end: _Optional[bytes] = ..., prefix: _Optional[bytes] = ..., start_revision: _Optional[int] = ..., progress_notify: _Optional[bool] = ..., filters: _Optional[_Iterable[_Union[WatchCreateRequest.FilterType, str]]] = ..., prev_kv: _Optional[bool] = ..., watch_id: _Optional[int] = ..., groups: _Optional[_Iterable[int]] = ..., shard_version: _Optional[int] = ...) -> None: ...
 
 class WatchCancelRequest(_message.Message):
     __slots__ = ("watch_id",)

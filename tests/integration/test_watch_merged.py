@@ -14,10 +14,12 @@ import sys
 import threading
 from collections.abc import Iterator
 
+import grpc
 import pytest
 from clusterharness import Cluster
 
 from kvstore.client import AsyncClient, WatchEvent
+from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -86,6 +88,30 @@ async def _merged_across_a_kill(cluster: Cluster) -> None:
     assert got == sorted(acked), "events differ from the puts (missing, repeated or out of order)"
     assert killed and resumes >= 1
     assert len(set(serving)) >= 2, "the watch was not served by several nodes"
+
+
+def test_a_watch_of_some_groups_needs_the_nodes_shard_map_version(cluster: Cluster) -> None:
+    asyncio.run(_version_checked(cluster))
+
+
+async def _version_checked(cluster: Cluster) -> None:
+    async with AsyncClient(cluster.endpoints, timeout=30) as kv:
+        m = await kv.shard_map(refresh=True)
+        assert m is not None
+    node = cluster.nodes[1]
+    [g, *_] = m.groups_of_node(1)
+    async with grpc.aio.insecure_channel(node.address) as ch:
+        stub = kv_pb2_grpc.KVStub(ch)
+        for version, created in ((m.version + 7, False), (m.version, True)):
+            call = stub.Watch(iter([kv_pb2.WatchRequest(create_request=kv_pb2.WatchCreateRequest(
+                prefix=b"sv/", groups=[g], shard_version=version, watch_id=1))]))
+            r = await asyncio.wait_for(call.__aiter__().__anext__(), 20)
+            call.cancel()
+            if created:
+                assert r.created and not r.canceled, r
+            else:
+                assert r.canceled and r.error.code == kv_pb2.WRONG_SHARD and not r.error.indeterminate, r
+                assert r.error.shard_version == m.version
 
 
 def _kvctl(cluster: Cluster, *args: str) -> list[str]:

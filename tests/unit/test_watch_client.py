@@ -41,7 +41,7 @@ def test_a_prefix_watch_goes_to_a_node_hosting_every_group() -> None:
     m = ShardMap.initial([1, 2, 3], 3, replication=3, addresses={n: NODES[n] for n in (1, 2, 3)})
     w = watches(m)
     for _ in range(20):
-        [(ep, groups)] = asyncio.run(w._plan(None, []))
+        [(ep, groups)], _ = asyncio.run(w._plan(None, []))
         assert ep in hosts_of(m, m.data_groups()) and groups == ()
 
 
@@ -50,11 +50,13 @@ def test_a_key_watch_goes_to_a_replica_of_its_group() -> None:
     w = watches(m)
     g = m.group_for_key(b"k")
     for _ in range(20):
-        [(ep, groups)] = asyncio.run(w._plan(b"k", []))
+        [(ep, groups)], _ = asyncio.run(w._plan(b"k", []))
         assert ep in hosts_of(m, [g]) and groups == ()
 
 
-def cover_of(plan: list[tuple[str, tuple[int, ...]]], m: ShardMap) -> dict[int, tuple[int, ...]]:
+def cover_of(planned: tuple[list[tuple[str, tuple[int, ...]]], int], m: ShardMap) -> dict[int, tuple[int, ...]]:
+    plan, version = planned
+    assert version == m.version  # each sub-watch's node checks it
     node_of = {a: n for n, a in NODES.items()}
     out = {node_of[ep]: gs for ep, gs in plan}
     assert len(out) == len(plan), "one sub-watch per node"
