@@ -152,7 +152,7 @@ def check(got: list[Batch[Ev]], hist: list[Ev], base: int, top: int) -> None:
     assert [e.revision for e in seen] == sorted(e.revision for e in seen), "ordered"
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 2**32), st.integers(1, 6), st.integers(1, 60), st.integers(1, 4), st.integers(0, 3),
        st.sampled_from([0, 1, 5]))
 def test_the_merge_matches_the_history_under_any_interleaving_failures_and_restarts(
