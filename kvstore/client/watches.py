@@ -53,8 +53,8 @@ MAX_QUEUED = 10_000
 """Events a sub-watch of a merged watch may hold ahead of the others before it is read no more."""
 
 CATCH_UP = 1.0
-"""Seconds without a response on any sub of a merged watch before the subs below the most
-advanced one are asked to get to its revision (bookmarks while quiet)."""
+"""How often the subs of a merged watch below the most advanced one are asked to get to its
+revision (bookmarks while quiet; at most one request in flight per sub)."""
 
 _RESUMABLE = (errors.WrongShard, errors.NoLeader, errors.ResourceExhausted, errors.Unavailable,
               errors.ShuttingDown, errors.Timeout, errors.StaleReplica, errors.InternalError)
@@ -209,7 +209,7 @@ class Watches:
         starts a new one from `cur.next_rev` with a fresh cover: simple and exact)."""
         merge: Merge[WatchEvent] = Merge(len(plan), create.start_revision, self.max_queued)
         extra: list[asyncio.Queue[kv_pb2.WatchRequest | None]] = [asyncio.Queue() for _ in plan]
-        inbox: asyncio.Queue[tuple[int, kv_pb2.WatchResponse | BaseException]] = asyncio.Queue(64)
+        inbox: asyncio.Queue[tuple[int, kv_pb2.WatchResponse | BaseException | None]] = asyncio.Queue(64)
         gates = [asyncio.Event() for _ in plan]
         for g in gates:
             g.set()
@@ -228,14 +228,19 @@ class Watches:
                 await inbox.put((i, _Resume(errors.InternalError(
                     f"the sub-watch at {ep} failed: {type(err).__name__}: {err}", indeterminate=False), ep)))
 
+        async def ticker() -> None:  # bookmarks while quiet: `Merge.catch_up` once a second
+            while True:
+                await asyncio.sleep(CATCH_UP)
+                await inbox.put((-1, None))
+
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(pump(i, ep, gs)) for i, (ep, gs) in enumerate(plan)]
+        tasks.append(loop.create_task(ticker()))
         node = 0
         try:
             while True:
-                try:
-                    i, item = await asyncio.wait_for(inbox.get(), CATCH_UP)
-                except TimeoutError:  # quiet: let the merged revision follow the most advanced sub
+                i, item = await inbox.get()
+                if item is None:  # the ticker: let the merged revision follow the most advanced sub
                     merge.catch_up()
                     self._ask(merge, extra)
                     continue
