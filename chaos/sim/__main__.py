@@ -122,7 +122,8 @@ def watch_summary(results: list[NodeSimResult]) -> str:
         f"creates refused {dict(sorted(refused.items()))}; canceled by the server {dict(sorted(canceled.items()))}, "
         f"by the client {sum(w.client_cancels for w in ws)}, broken by crashes {sum(w.broken for w in ws)}; "
         f"{sum(w.compactions for w in ws)} compactions, {sum(w.closes for w in ws)} closes of idle groups "
-        f"({sum(w.closes_forwarded for w in ws)} forwarded)"
+        f"({sum(w.closes_forwarded for w in ws)} forwarded); {sum(w.merged for w in ws)} merged watches "
+        f"({sum(w.subs for w in ws)} sub-watches, {sum(w.asks for w in ws)} progress requests at a revision)"
     )
 
 

@@ -25,7 +25,15 @@ asks for a progress reply now and then, cancels its watch (and resumes it from i
 revision + 1, or stops), some clients read their stream too
 slowly (the hub cancels them: RESOURCE_EXHAUSTED, resumable), range moves cancel watches
 (WRONG_SHARD, resumable) and a node crash breaks the stream: the client resumes from its last
-revision + 1 at a node that hosts the groups, as `kvstore/client/watches.py` does. A *chain* is
+revision + 1 at a node that hosts the groups, as `kvstore/client/watches.py` does. A range
+watch with no live node hosting every group (5 nodes, 3 replicas), and now and then one that has
+such a node, is *merged* as the client library does it: sub-watches of the groups (each a stream
+with `groups`, created `partial` after the adapter's checks: `check_groups` and the shard map
+version) at a cover of nodes (the greedy `watchmerge.cover`, or each group at a random replica so
+that 3-node runs merge too), their replies fed to the client's real `watchmerge.Merge` (a sub
+that breaks its contract is a violation), its progress requests at a revision sent to the subs (checked against the node's
+clock as the adapter does), `catch_up` every second, and any end of a sub restarting the whole
+merged watch from its last revision + 1; its batches go through the same checks. A *chain* is
 one client's watch across all its resumes. The groups are compacted now and then (at a past
 write's revision, each group through its log), so starts at or below the compact revision, and
 watchers compaction overtakes, are refused with COMPACTED; also on seeds with range moves, where
@@ -68,11 +76,12 @@ from typing import Any
 
 from chaos.watchcheck import FeedState, check_batch
 from kvstore import errors
+from kvstore.client.watchmerge import Merge, cover
 from kvstore.node.closes import CloseCallback, NodeCloses
 from kvstore.node.hlc import MAX_CLOCK_OFFSET_MS
 from kvstore.node.watch import StoreSource, WatchHub, WatchLimits, WatchStream
 from kvstore.node.watchcloses import WatchCloser, replica_close
-from kvstore.node.watchspec import ALL_KEYS_END, Reply, WatchSpec
+from kvstore.node.watchspec import ALL_KEYS_END, Reply, WatchSpec, check_groups
 from kvstore.raft import Role
 from kvstore.storage import commands, mvcc
 from kvstore.storage.changefeed import PUT, Change
@@ -129,6 +138,12 @@ class WatchStats:
     closes_forwarded: int = 0
     checked_chains: int = 0
     checked_events: int = 0
+    merged: int = 0
+    """Merged watches opened (sub-watches at several nodes: `kvstore/client/watchmerge.py`)."""
+    subs: int = 0
+    """Their sub-watches."""
+    asks: int = 0
+    """Progress requests at a revision the merges sent to their subs."""
 
 
 Event = tuple[int, bytes, int, bytes | None, int, int, bytes | None]
@@ -165,6 +180,16 @@ class _Chain:
     """When the current stream's last reply in flight arrives (replies arrive in order)."""
     asked: int = 0
     """The start revision of the current stream's create."""
+    merge: Merge[Change] | None = None
+    """A merged watch (no `stream`): the client's merge of `subs`."""
+    subs: list[tuple[WatchStream, int, int]] = field(default_factory=list)
+    """(stream, node id, node epoch) of each sub-watch of the merge."""
+
+    def sub_of(self, node: int, sid: int) -> int | None:
+        for i, (s, nid, _) in enumerate(self.subs):
+            if nid == node and s.id == sid:
+                return i
+        return None
 
 
 @dataclass(slots=True)
@@ -294,10 +319,21 @@ class SimWatches:
     def _pump(self, n: Any, h: _NodeHub) -> None:
         """Hand the queued replies of every stream with a reading client to the network."""
         for sid, c in list(h.chains.items()):
+            if c.merge is not None:
+                i = c.sub_of(n.id, sid)
+                if i is not None and not c.merge.paused(i):  # (a sub far ahead is read no more)
+                    self._send_sub(c, i, c.subs[i][0].take(1 << 20))
+                continue
             s = c.stream
             if s is None or s.id != sid or c.slow:
                 continue
             self._send(c, s.take(1 << 20))
+
+    def _send_sub(self, c: _Chain, i: int, replies: list[Reply]) -> None:
+        attempt = c.attempt
+        for r in replies:
+            c.deliver_at = max(c.deliver_at, self.sim.now + self.rng.randint(*self.sim.p.delay_ms))
+            self.sim.at(c.deliver_at - self.sim.now, self._receive_sub, c, attempt, i, r)
 
     def _send(self, c: _Chain, replies: list[Reply]) -> None:
         attempt = c.attempt
@@ -473,6 +509,9 @@ class SimWatches:
             return
         choices = [n for n in alive if n.id != avoid] or alive
         able = [n for n in choices if self._hosts_all(n, c.spec)]
+        if not c.slow and not c.spec.single_key and (not able or self.rng.random() < 0.3):
+            self._open_merged(c, start, alive, avoid)
+            return
         if able and self.rng.random() < 0.8:  # (a client that learned which nodes serve the watch)
             choices = able
         n = self.rng.choice(choices)
@@ -512,6 +551,13 @@ class SimWatches:
     def _drop_stream(self, c: _Chain) -> None:
         """The client is done with its current stream: whatever else arrives on it is ignored."""
         c.attempt += 1
+        for sub, nid, epoch in c.subs:
+            h = self.hubs.get(nid)
+            if h is not None and h.epoch == epoch:
+                h.chains.pop(sub.id, None)
+                sub.close()
+        c.subs = []
+        c.merge = None
         s = c.stream
         h = self.hubs.get(c.node)
         if s is not None:
@@ -525,8 +571,7 @@ class SimWatches:
         crash arrived, and resumes from its last revision + 1 elsewhere."""
         if c.ended or c.attempt != attempt:
             return
-        n = self.sim.nodes.get(c.node)
-        if n is not None and n.epoch == c.epoch and n.logic is not None:
+        if self._chain_up(c):
             self.sim.at(50, self._watch_stream, c, attempt)
             return
         self.sim.at(max(0, c.deliver_at - self.sim.now) + 1, self._broken, c, attempt)
@@ -557,6 +602,9 @@ class SimWatches:
     def _maybe_cancel(self, c: _Chain) -> None:
         if c.ended:
             return
+        if c.merge is not None:
+            self._maybe_cancel_merged(c)
+            return
         s = c.stream
         if s is not None and c.created and not s.closed and self.rng.random() < 0.3:
             self.stats.progress_requests += 1
@@ -586,6 +634,204 @@ class SimWatches:
             if n is not None and n.epoch == c.epoch:
                 self.sim._kick(n)
         self.sim.at(self.rng.randrange(200, 900), self._slow_read, c)
+
+    # --- merged watches (sub-watches at several nodes, the client's merge) --------------------
+    def _chain_up(self, c: _Chain) -> bool:
+        """Every node serving the chain's current stream(s) is up in the same life."""
+        if c.merge is not None:
+            return all((n := self.sim.nodes.get(nid)) is not None and n.epoch == epoch and n.logic is not None
+                       for _, nid, epoch in c.subs)
+        n = self.sim.nodes.get(c.node)
+        return n is not None and n.epoch == c.epoch and n.logic is not None
+
+    def _open_merged(self, c: _Chain, start: int, alive: list[Any], avoid: int) -> None:
+        """What `kvstore/client/watches.py` does when no live node hosts every group of a range:
+        sub-watches of the groups at a cover of nodes (greedy by the map of a random live node; or
+        now and then each group at a random replica, so 3-node runs merge too), merged."""
+        sim, rng = self.sim, self.rng
+        m = rng.choice(alive).logic.shard_tracker.map
+        if m is None:
+            sim.at(50, self._retry, c, start)
+            return
+        groups = m.data_groups()
+        members = {g: set(m.groups[g].members()) for g in groups}
+        up = {n.id for n in alive}
+        plan: dict[int, tuple[int, ...]] | None
+        if rng.random() < 0.5:
+            plan = cover(groups, members, up - {avoid}) or cover(groups, members, up)
+        else:
+            picks: dict[int, list[int]] = {}
+            for g in groups:
+                hosts = sorted(members[g] & up)
+                if not hosts:
+                    plan = None
+                    break
+                picks.setdefault(rng.choice(hosts), []).append(g)
+            else:
+                plan = {n: tuple(gs) for n, gs in picks.items()}
+        if not plan:
+            sim.at(50, self._retry, c, start)
+            return
+        c.attempt += 1
+        c.merge = Merge(len(plan), start, max_queued=rng.choice([2, 50, 10_000]))
+        c.subs = []
+        c.stream, c.created, c.asked, c.deliver_at = None, False, start, sim.now
+        self.stats.merged += 1
+        spec = WatchSpec(c.spec.start, c.spec.end, start, c.spec.prev_kv, c.spec.progress_notify,
+                         c.spec.no_put, c.spec.no_delete)
+        for nid, gs in sorted(plan.items()):
+            n = sim.nodes[nid]
+            h = self.hub(n)
+            assert h is not None
+            s = h.hub.open()
+            h.chains[s.id] = c
+            c.subs.append((s, nid, n.epoch))
+            self.stats.creates += 1
+            self.stats.subs += 1
+            nm = n.logic.shard_tracker.map
+            try:  # the adapter's check, against this node's map
+                if nm is None:
+                    raise errors.NoLeader("this node has no shard map yet")
+                allowed = nm.data_groups()
+                chosen = check_groups(gs, allowed)
+                if len(chosen) < len(allowed) and nm.version != m.version:
+                    raise errors.WrongShard(f"map version {m.version}, the node's is {nm.version}")
+            except errors.InvalidArgument as err:  # its map differs from the one the cover came from
+                s.refuse(1, errors.WrongShard(err.message))
+            except errors.KVError as err:
+                s.refuse(1, err)
+            else:
+                s.create(spec, chosen, 1, partial=len(chosen) < len(allowed))
+        c.node, c.epoch = c.subs[0][1], c.subs[0][2]
+        sim.log(f"watch #{c.id} merged from {start}: " + ", ".join(f"n{nid} {gs}" for nid, gs in sorted(plan.items())))
+        for _, nid, _ in c.subs:
+            n = sim.nodes[nid]
+            h = self.hub(n)
+            assert h is not None
+            self._pump(n, h)
+            sim._kick(n)
+        sim.at(50, self._watch_stream, c, c.attempt)
+        sim.at(1000, self._catch_up, c, c.attempt)
+
+    def _catch_up(self, c: _Chain, attempt: int) -> None:
+        """The client's timer: bookmarks while quiet (`Merge.catch_up`)."""
+        if c.ended or c.attempt != attempt or c.merge is None:
+            return
+        c.merge.catch_up()
+        self._asks(c)
+        self.sim.at(1000, self._catch_up, c, attempt)
+
+    def _asks(self, c: _Chain) -> None:
+        mg = c.merge
+        assert mg is not None
+        for j, rev in mg.asks():
+            s, nid, epoch = c.subs[j]
+            n = self.sim.nodes.get(nid)
+            if n is None or n.epoch != epoch or n.logic is None or s.closed:
+                continue
+            if not self._clock_ok(n, rev):  # the adapter refuses it: asked again after a catch_up
+                self.sim.log(f"watch #{c.id}: progress at {rev} refused by n{nid}'s clock")
+                mg.refused(j)
+                continue
+            self.stats.asks += 1
+            s.progress(rev)
+            self.sim._kick(n)
+
+    def _clock_ok(self, n: Any, revision: int) -> bool:
+        """`NodeCloses.check` on node `n` (its clock: what the adapter checks)."""
+        try:
+            self.closes(n).check(revision)
+        except errors.InvalidArgument:
+            return False
+        return True
+
+    def _maybe_cancel_merged(self, c: _Chain) -> None:
+        """A merged watch's client asks its subs for progress now and then, or stops (and maybe
+        starts again from its last revision + 1)."""
+        if self.rng.random() < 0.3:
+            for s, nid, epoch in c.subs:
+                n = self.sim.nodes.get(nid)
+                if n is not None and n.epoch == epoch and not s.closed:
+                    self.stats.progress_requests += 1
+                    s.progress()
+                    self.sim._kick(n)
+        elif c.created:
+            self.stats.client_cancels += 1
+            self._drop_stream(c)
+            if self.rng.random() < 0.5:
+                c.ended = "canceled by the client"
+                self.sim.at(self.rng.randrange(50, 300), self._new_chain, False)
+                return
+            self._resume(c)
+        self.sim.at(self.rng.randrange(300, 2500), self._maybe_cancel, c)
+
+    def _receive_sub(self, c: _Chain, attempt: int, i: int, r: Reply) -> None:
+        if c.ended or c.attempt != attempt or c.merge is None:
+            return
+        self.stats.replies += 1
+        mg = c.merge
+        where = f"watch #{c.id} ({c.spec}) merged, sub {i} at n{c.subs[i][1]}"
+        if r.created:
+            want = c.asked - 1 if c.asked > mvcc.LEGACY_REVISION else (
+                mvcc.LEGACY_REVISION if c.asked else r.revision)
+            if r.revision != want:
+                raise WatchViolation(f"{where}: created at revision {r.revision} for a start of {c.asked}")
+            mg.created(i, r.revision)
+        elif r.canceled:
+            self._sub_canceled(c, i, r, where)
+            return
+        elif r.error is not None:
+            raise WatchViolation(f"{where}: a request refused: {r.error!r}")
+        else:
+            try:
+                mg.response(i, r.revision, r.events)
+            except ValueError as err:
+                raise WatchViolation(f"{where}: {err}") from None
+        self._asks(c)
+        if c.merge is not mg:
+            return
+        for b in mg.take():
+            if not c.created:
+                self._on_created(c, Reply(1, revision=b.revision, created=True), where)
+                if not b.events:
+                    continue
+            self._on_events(c, Reply(1, revision=b.revision, events=list(b.events)), where)
+        self._pump_subs(c)
+
+    def _pump_subs(self, c: _Chain) -> None:
+        """Subs paused for being far ahead may be read again."""
+        for _, nid, epoch in c.subs:
+            n = self.sim.nodes.get(nid)
+            h = self.hubs.get(nid)
+            if n is not None and h is not None and h.epoch == epoch == n.epoch and n.logic is not None:
+                self._pump(n, h)
+
+    def _sub_canceled(self, c: _Chain, i: int, r: Reply, where: str) -> None:
+        """A sub ended: COMPACTED ends the chain (checked as for one stream); anything else
+        restarts the whole merged watch from its last revision + 1 (`_resume`)."""
+        err = r.error
+        code = type(err).__name__ if err is not None else "client"
+        self.sim.log(f"{where}: canceled ({code}: {r.cancel_reason}), resume {r.resume_revision}")
+        if isinstance(err, errors.InvalidArgument):
+            raise WatchViolation(f"{where}: a valid create refused: {r.cancel_reason}")
+        if err is None:
+            raise WatchViolation(f"{where}: canceled as by the client, which never cancels a sub")
+        self._drop_stream(c)
+        if not c.created:
+            self.stats.refused[code] = self.stats.refused.get(code, 0) + 1
+        else:
+            self.stats.canceled[code] = self.stats.canceled.get(code, 0) + 1
+        if isinstance(err, errors.Compacted):
+            crev = r.compact_revision
+            if crev > self.compacted or (not c.created and c.asked and crev < c.asked):
+                raise WatchViolation(
+                    f"{where}: compacted at {crev} (start {c.asked}, largest compaction asked for: {self.compacted})")
+            c.ended = "compacted"
+            return
+        if r.resume_revision and r.resume_revision != r.revision + 1:
+            raise WatchViolation(
+                f"{where}: canceled at revision {r.revision} with resume revision {r.resume_revision}")
+        self._resume(c)
 
     # --- replies and the checks on arrival --------------------------------------------------------
     def _receive(self, c: _Chain, attempt: int, r: Reply) -> None:
@@ -695,15 +941,18 @@ class SimWatches:
             return
         at, target = self.settled
         for c in self.chains:
-            n = self.sim.nodes.get(c.node)
-            if c.ended or c.slow or not c.created or c.created_at > at or n is None or n.epoch != c.epoch \
-                    or n.logic is None:
+            if c.ended or c.slow or not c.created or c.created_at > at or not self._chain_up(c):
                 continue
             # With progress notifications the watch is told the frontier even when its keys are
             # quiet; without them (as in etcd) only its own events tell it anything, so what it
             # must have been told is its last matching change applied by then (seed 1122: a key
             # watch whose group kept writing other keys).
-            need = target if c.spec.progress_notify else self._last_matching(c, target)
+            # A key watch covers one group, which nothing closes for it while quiet (the periodic
+            # closes are for watches over several groups, or parts of merged ones): its bookmark
+            # moves with its group's own writes and with closes other watches cause, so only its
+            # own changes are owed (seed 1138 once merged watches changed the watchers' draws).
+            owed_all = c.spec.progress_notify and not c.spec.single_key
+            need = target if owed_all else self._last_matching(c, target)
             if c.bookmark < need:
                 raise WatchViolation(
                     f"liveness: watch #{c.id} ({c.spec}) at n{c.node} was told everything through {c.bookmark} by the "
@@ -770,7 +1019,8 @@ class SimWatches:
             f"{s.progress} replies without events ({s.progress_requests} asked), {s.resumes} resumes, refused {dict(sorted(s.refused.items()))}, "
             f"canceled {dict(sorted(s.canceled.items()))}, {s.client_cancels} client cancels, {s.broken} broken "
             f"by crashes, {s.compactions} compactions, {s.closes} closes ({s.closes_forwarded} forwarded), "
-            f"{s.checked_events} events checked in {s.checked_chains} chains"
+            f"{s.checked_events} events checked in {s.checked_chains} chains, {s.merged} merged watches "
+            f"({s.subs} sub-watches, {s.asks} progress requests at a revision)"
         )
 
 

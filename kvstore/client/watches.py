@@ -13,8 +13,14 @@ Semantics the caller can rely on (README, "Watch"):
 - a node that answers nothing (not even the progress responses the client always asks for,
   one a second when quiet) for ``idle_timeout`` seconds is left for another one.
 
-The node serving a watch must host every group the range lives in (a watch of one key: its
-group; any other range: every data group); the client picks such a node from its shard map.
+A node serves a watch of the groups it hosts. The client picks a live node that hosts every
+group of the range (a watch of one key: its group; any other range: every data group) from its
+shard map; when none does (say 5 nodes with 3 replicas), it covers the groups with few nodes
+(`watchmerge.cover`), opens one sub-watch of its groups at each (`WatchCreateRequest.groups`,
+each its own stream) and merges them (`watchmerge.Merge`: revision order, whole revisions, the
+lowest of the subs' revisions as the merged one; progress requests at a revision to the subs an
+event waits on). Any end of a sub restarts the whole merged watch from its last delivered
+revision + 1 with a fresh cover, so the contract above holds for merged watches too.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -35,12 +41,20 @@ from kvstore.client.cluster_view import ClusterView
 from kvstore.client.failures import classify
 from kvstore.client.retry import Backoff, Deadline, RetryPolicy
 from kvstore.client.types import KeyValue
+from kvstore.client.watchmerge import Merge, cover
 from kvstore.v1 import kv_pb2
 
 __all__ = ["WatchBatch", "WatchEvent", "Watches"]
 
 IDLE_TIMEOUT = 8.0
 """Seconds without any response (events, progress) before the client moves the watch elsewhere."""
+
+MAX_QUEUED = 10_000
+"""Events a sub-watch of a merged watch may hold ahead of the others before it is read no more."""
+
+CATCH_UP = 1.0
+"""How often the subs of a merged watch below the most advanced one are asked to get to its
+revision (bookmarks while quiet; at most one request in flight per sub)."""
 
 _RESUMABLE = (errors.WrongShard, errors.NoLeader, errors.ResourceExhausted, errors.Unavailable,
               errors.ShuttingDown, errors.Timeout, errors.StaleReplica, errors.InternalError)
@@ -100,6 +114,7 @@ class Watches:
         self.policy = policy
         self._rng = rng
         self.idle_timeout = IDLE_TIMEOUT
+        self.max_queued = MAX_QUEUED
         self.resumes = 0
         """How many times a watch of this client was resumed (new stream) after it had started."""
 
@@ -127,101 +142,195 @@ class Watches:
         if not key and not prefix and not range_end:
             raise errors.InvalidArgument("a watch needs a key, a range or a prefix")
         single = not prefix and not range_end
-        next_rev = start_revision
+        cur = _Cursor(start_revision)
         backoff = Backoff(self.policy.backoff_base, self.policy.backoff_cap, rng=self._rng)
         tried: list[str] = []
-        started = False
         while True:
-            ep = await self._pick(key if single else None, tried)
+            plan, version = await self._plan(key if single else None, tried)
             create = kv_pb2.WatchCreateRequest(
-                key=key, range_end=range_end, prefix=prefix, start_revision=next_rev, prev_kv=prev_kv,
-                progress_notify=True, watch_id=1,
+                key=key, range_end=range_end, prefix=prefix, start_revision=cur.next_rev, prev_kv=prev_kv,
+                progress_notify=True, watch_id=1, shard_version=version if len(plan) > 1 else 0,
             )
-            if started:
+            if cur.started:
                 self.resumes += 1
+            attempt = self._one(plan[0][0], create, cur) if len(plan) == 1 else self._merged(plan, create, cur)
+            failed: str | None = None
             try:
-                async for resp in self._stream(ep, create):
-                    if resp.created:
-                        started = True
-                        tried.clear()
-                        backoff = Backoff(self.policy.backoff_base, self.policy.backoff_cap, rng=self._rng)
-                        if not next_rev:
-                            next_rev = resp.revision + 1
-                        continue
-                    if resp.canceled:
-                        err = errors.from_proto(resp.error, is_write=False) if resp.HasField("error") else None
-                        if resp.compact_revision or isinstance(err, errors.Compacted):
-                            crev = resp.compact_revision or getattr(err, "compact_revision", 0)
-                            raise errors.Compacted(
-                                err.message if err is not None else f"revision compacted: the compact revision is {crev}",
-                                compact_revision=crev)
-                        if resp.resume_revision:
-                            next_rev = resp.resume_revision
-                            raise _Resume(err)
-                        if err is None or isinstance(err, _RESUMABLE):
-                            raise _Resume(err)
-                        raise err
-                    batch = WatchBatch(resp.revision, tuple(_event(e) for e in resp.events), not resp.events, resp.node_id)
-                    if batch.events or progress:
-                        yield batch
-                    if resp.revision + 1 > next_rev:
-                        next_rev = resp.revision + 1
+                async with contextlib.aclosing(attempt) as batches:
+                    async for batch in batches:
+                        if batch.events or progress:
+                            yield batch
             except _Resume as r:
                 if isinstance(r.error, errors.WrongShard):
                     self.router.invalidate_shard_map(r.error.shard_version)
-                tried.append(ep)
-            except grpc.aio.AioRpcError as e:
-                failure = classify(e, endpoint=ep, is_write=False)
-                if not failure.retryable and e.code() != grpc.StatusCode.UNAUTHENTICATED:
+                failed = r.endpoint
+            except _Broken as b:
+                failure = classify(b.error, endpoint=b.endpoint, is_write=False)
+                if not failure.retryable and b.error.code() != grpc.StatusCode.UNAUTHENTICATED:
                     raise failure.error from None
                 if failure.transport:
-                    self.router.on_transport_failure(None, ep, failure.reason)
-                tried.append(ep)
-            except _Idle:
-                tried.append(ep)
-            del tried[:-16]  # the recent failures are enough to pick another node
+                    self.router.on_transport_failure(None, b.endpoint, failure.reason)
+                failed = b.endpoint
+            except _Idle as i:
+                failed = i.endpoint
+            if cur.ok:  # it had started since the last failure: start afresh
+                cur.ok = False
+                tried.clear()
+                backoff = Backoff(self.policy.backoff_base, self.policy.backoff_cap, rng=self._rng)
+            if failed is not None:
+                tried.append(failed)
+            del tried[:-16]  # the recent failures are enough to pick other nodes
             await asyncio.sleep(backoff.next_delay())
 
-    async def _pick(self, key: bytes | None, tried: list[str]) -> str:
-        """A node that hosts every group of the range (a key: its group), preferring one not tried
-        since the last success."""
+    async def _one(self, ep: str, create: kv_pb2.WatchCreateRequest, cur: _Cursor) -> AsyncGenerator[WatchBatch, None]:
+        """One watch at one node that hosts every group of the range; its batches (raises
+        `_Resume`, `_Broken` or `_Idle` when it ends, or a definite error)."""
+        async for resp in self._stream(ep, create, asyncio.Queue()):
+            if resp.created:
+                cur.started = cur.ok = True
+                if not cur.next_rev:
+                    cur.next_rev = resp.revision + 1
+                continue
+            if resp.canceled:
+                if resp.resume_revision:
+                    cur.next_rev = resp.resume_revision
+                raise _canceled(resp, ep)
+            if resp.HasField("error"):  # a refused request (we send none that can be)
+                raise _Resume(errors.from_proto(resp.error, is_write=False), ep)
+            batch = WatchBatch(resp.revision, tuple(_event(e) for e in resp.events), not resp.events, resp.node_id)
+            if resp.revision + 1 > cur.next_rev:
+                cur.next_rev = resp.revision + 1
+            yield batch
+
+    async def _merged(self, plan: list[tuple[str, tuple[int, ...]]], create: kv_pb2.WatchCreateRequest,
+                      cur: _Cursor) -> AsyncGenerator[WatchBatch, None]:
+        """One watch merged from sub-watches of the groups in `plan` (endpoint, its groups):
+        `kvstore.client.watchmerge.Merge` over one stream each. Any sub's end ends it (the caller
+        starts a new one from `cur.next_rev` with a fresh cover: simple and exact)."""
+        merge: Merge[WatchEvent] = Merge(len(plan), create.start_revision, self.max_queued)
+        extra: list[asyncio.Queue[kv_pb2.WatchRequest | None]] = [asyncio.Queue() for _ in plan]
+        inbox: asyncio.Queue[tuple[int, kv_pb2.WatchResponse | BaseException | None]] = asyncio.Queue(64)
+        gates = [asyncio.Event() for _ in plan]
+        for g in gates:
+            g.set()
+
+        async def pump(i: int, ep: str, groups: tuple[int, ...]) -> None:
+            c = kv_pb2.WatchCreateRequest()
+            c.CopyFrom(create)
+            c.groups.extend(groups)
+            try:
+                async for resp in self._stream(ep, c, extra[i]):
+                    await inbox.put((i, resp))
+                    await gates[i].wait()  # far ahead of the others: read no more for now
+            except (_Resume, _Broken, _Idle) as err:
+                await inbox.put((i, err))
+            except Exception as err:  # (a bug): the merged watch starts again, not stuck
+                await inbox.put((i, _Resume(errors.InternalError(
+                    f"the sub-watch at {ep} failed: {type(err).__name__}: {err}", indeterminate=False), ep)))
+
+        async def ticker() -> None:  # bookmarks while quiet: `Merge.catch_up` once a second
+            while True:
+                await asyncio.sleep(CATCH_UP)
+                await inbox.put((-1, None))
+
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(pump(i, ep, gs)) for i, (ep, gs) in enumerate(plan)]
+        tasks.append(loop.create_task(ticker()))
+        node = 0
+        try:
+            while True:
+                i, item = await inbox.get()
+                if item is None:  # the ticker: let the merged revision follow the most advanced sub
+                    merge.catch_up()
+                    self._ask(merge, extra)
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                ep = plan[i][0]
+                try:
+                    if item.created:
+                        merge.created(i, item.revision)
+                    elif item.canceled:
+                        raise _canceled(item, ep)
+                    elif item.HasField("error"):  # our progress request was refused (its clock)
+                        merge.refused(i)
+                    else:
+                        node = item.node_id
+                        merge.response(i, item.revision, [_event(e) for e in item.events])
+                except ValueError as err:  # a sub broke the watch contract
+                    raise _Resume(errors.InternalError(f"{ep}: {err}", indeterminate=False), ep) from None
+                self._ask(merge, extra)
+                for j, gate in enumerate(gates):
+                    if merge.paused(j):
+                        gate.clear()
+                    else:
+                        gate.set()
+                for b in merge.take():
+                    first = not cur.started or not cur.ok
+                    cur.started = cur.ok = True
+                    cur.next_rev = b.revision + 1
+                    if not first or b.events:
+                        yield WatchBatch(b.revision, b.events, not b.events, node)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+
+    @staticmethod
+    def _ask(merge: Merge[WatchEvent], extra: list[asyncio.Queue[kv_pb2.WatchRequest | None]]) -> None:
+        """Send the progress requests at a revision the merge asks for."""
+        for j, rev in merge.asks():
+            extra[j].put_nowait(kv_pb2.WatchRequest(progress_request=kv_pb2.WatchProgressRequest(revision=rev)))
+
+    async def _plan(self, key: bytes | None, tried: list[str]) -> tuple[list[tuple[str, tuple[int, ...]]], int]:
+        """Where to watch: [(a node that hosts every group of the range, ())] (a key: its group),
+        preferring one not tried since the last success; else, when no such node is usable, a
+        cover of the groups by few nodes [(node, its groups), ...] (`watchmerge.cover`: greedy,
+        over the untried live nodes first, then the live ones, then all). With the version of
+        the shard map it comes from (each sub-watch's node checks it is its own: a newer map may
+        hold a group the cover lacks)."""
         deadline = Deadline(self.policy.timeout)
         m = None
         with contextlib.suppress(errors.KVError):
             m = await self.view.shard_map(deadline, refresh=bool(tried))
         router = self.router
-        eps: list[str] = []
         if m is not None:
             groups = [m.group_for_key(key)] if key is not None else m.data_groups()
-            hosts: set[int] | None = None
-            for g in groups:
-                placement = m.groups.get(g)
-                members = set(placement.members()) if placement is not None else set()
-                hosts = members if hosts is None else hosts & members
-            if hosts is not None and not hosts:
-                raise errors.WrongShard(
-                    f"no node hosts every group of the watched range (groups {', '.join(map(str, groups))}): a "
-                    "prefix or range watch needs a node that replicates every data group (node-to-node feeds "
-                    "are not built yet)")
+            members = {g: set(m.groups[g].members()) if g in m.groups else set() for g in groups}
             book = m.clients if router.client_port else m.nodes
-            for n in sorted(hosts or ()):
+            eps: dict[int, str] = {}
+            for n in sorted(set().union(*members.values())):
                 addr = router.address_of(n) or book.get(n)
                 if addr:
-                    eps.append(router.add_endpoint(addr) or addr)
-        if not eps:
-            eps = list(router.endpoints)
-        fresh = [e for e in eps if e not in tried and router.breaker(e).would_allow()]
-        pool = fresh or [e for e in eps if router.breaker(e).would_allow()] or eps
-        return pool[self._rng.randrange(len(pool))]
+                    eps[n] = router.add_endpoint(addr) or addr
+            live = {n for n, e in eps.items() if router.breaker(e).would_allow()}
+            fresh = {n for n in live if eps[n] not in tried}
+            order = sorted(eps)
+            self._rng.shuffle(order)
+            for pool in (fresh, live, set(eps)):
+                whole = [n for n in order if n in pool and all(n in members[g] for g in groups)]
+                if whole:
+                    return [(eps[whole[0]], ())], m.version
+                c = cover(groups, members, pool, order)
+                if c is not None:
+                    return [(eps[n], gs) for n, gs in sorted(c.items())], m.version
+        all_eps = list(router.endpoints)
+        fresh_eps = [e for e in all_eps if e not in tried and router.breaker(e).would_allow()]
+        some = fresh_eps or [e for e in all_eps if router.breaker(e).would_allow()] or all_eps
+        return [(some[self._rng.randrange(len(some))], ())], 0
 
-    async def _stream(self, ep: str, create: kv_pb2.WatchCreateRequest) -> AsyncIterator[kv_pb2.WatchResponse]:
-        """One `KV.Watch` stream at `ep` with one create; its responses, raising `_Idle` when the
-        node goes quiet for `idle_timeout`."""
-        done = asyncio.Event()
+    async def _stream(self, ep: str, create: kv_pb2.WatchCreateRequest,
+                      extra: asyncio.Queue[kv_pb2.WatchRequest | None]) -> AsyncIterator[kv_pb2.WatchResponse]:
+        """One `KV.Watch` stream at `ep` with one create, then the requests put in `extra`; its
+        responses, raising `_Idle` when the node goes quiet for `idle_timeout`, `_Broken` when
+        the call fails, `_Resume` when the node ends it."""
 
         async def requests() -> AsyncIterator[kv_pb2.WatchRequest]:
             yield kv_pb2.WatchRequest(create_request=create)
-            await done.wait()
+            while (r := await extra.get()) is not None:
+                yield r
 
         call = self.channels.kv(ep).Watch(requests())
         it = call.__aiter__()
@@ -230,23 +339,64 @@ class Watches:
                 try:
                     resp = await asyncio.wait_for(it.__anext__(), self.idle_timeout)
                 except StopAsyncIteration:
-                    raise _Resume(errors.Unavailable(f"{ep} ended the watch stream")) from None
+                    raise _Resume(errors.Unavailable(f"{ep} ended the watch stream"), ep) from None
                 except TimeoutError:
-                    raise _Idle() from None
+                    raise _Idle(ep) from None
+                except grpc.aio.AioRpcError as e:
+                    raise _Broken(e, ep) from None
                 self.router.on_reply(ep)
                 yield resp
         finally:
-            done.set()
+            extra.put_nowait(None)
             call.cancel()
+
+
+@dataclass(slots=True)
+class _Cursor:
+    """Where a watch is: the next revision to deliver (0: start now, not created yet)."""
+
+    next_rev: int
+    started: bool = False
+    """It was created once (a later attempt is a resume)."""
+    ok: bool = False
+    """Created since the last failure."""
+
+
+def _canceled(resp: kv_pb2.WatchResponse, ep: str) -> Exception:
+    """What a server's cancel means for the client: Compacted (definite), a resume, or the
+    error as it is (definite: permission, invalid request)."""
+    err = errors.from_proto(resp.error, is_write=False) if resp.HasField("error") else None
+    if resp.compact_revision or isinstance(err, errors.Compacted):
+        crev = resp.compact_revision or getattr(err, "compact_revision", 0)
+        return errors.Compacted(
+            err.message if err is not None else f"revision compacted: the compact revision is {crev}",
+            compact_revision=crev)
+    if resp.resume_revision or err is None or isinstance(err, _RESUMABLE):
+        return _Resume(err, ep)
+    return err
 
 
 class _Resume(Exception):
     """The stream ended in a way a new watch from the same revision overcomes."""
 
-    def __init__(self, error: errors.KVError | None) -> None:
+    def __init__(self, error: errors.KVError | None, endpoint: str) -> None:
         super().__init__(str(error))
         self.error = error
+        self.endpoint = endpoint
+
+
+class _Broken(Exception):
+    """The call failed (a gRPC status)."""
+
+    def __init__(self, error: grpc.aio.AioRpcError, endpoint: str) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.endpoint = endpoint
 
 
 class _Idle(Exception):
     """The serving node sent nothing for the idle timeout."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(endpoint)
+        self.endpoint = endpoint

@@ -8,9 +8,18 @@ returns; the node's Ready loop calls `applied` with the groups each cycle applie
 
 How a watch is served:
 - **Groups.** A watch of one key covers the group its hash maps to; any other range covers every
-  data group (keys are spread by hash). This node must host all of them (any replica: leader,
-  follower or learner, since it reads its own applied state); otherwise the create is refused
-  with a definite WRONG_SHARD naming the groups. Node-to-node feeds are not built.
+  data group (keys are spread by hash), or only the ones its create names (`partial`: a client
+  merges the sub-watches of a cover of the groups at several nodes, `client/watchmerge.py`).
+  This node must host all of them (any replica: leader, follower or learner, since it reads its
+  own applied state); otherwise the create is refused with a definite WRONG_SHARD naming them.
+- **Start now.** A create with start revision 0 starts at M + 1, M = the highest last revision
+  of its groups (or compact): the groups below M are closed up to M first (`_asked`), and the
+  created reply (revision M) goes out only once every group reached M (`Watcher.waiting`,
+  `_settle`); nothing of the watch is sent before it. So every change applied after the created
+  reply is delivered, and none applied before the create.
+- **Progress at a revision.** A progress request at R (the adapter checked R against the clock)
+  asks closes of every group of the stream's watches below R, up to R, and gives each watch a
+  progress reply once its cursor passed R (`Watcher.progress_at`).
 - **The frontier.** A group's last revision `RevState.last`, as applied here, is closed: every
   later write of the group gets a higher revision (the apply rule; CLOSE raises it without a
   write). So a watcher may send every event at or below F = min over its groups of their last
@@ -153,6 +162,13 @@ class Watcher:
     next_rev: int
     delivered: int
     last_reply: float
+    waiting: int = 0
+    """> 0: a watch started "now" whose created reply waits until every group reached this
+    revision (its start - 1; closes asked): until then nothing of it is sent."""
+    progress_at: int = 0
+    """> 0: a progress request asked for a progress reply once `next_rev` - 1 reaches it."""
+    partial: bool = False
+    """A watch of some of its range's groups (a sub-watch a client merges with others)."""
 
 
 @dataclass(slots=True)
@@ -160,6 +176,7 @@ class _Create:
     spec: WatchSpec
     groups: tuple[int, ...]
     watch_id: int
+    partial: bool = False
 
 
 @dataclass(slots=True)
@@ -167,8 +184,9 @@ class _Cancel:
     watch_id: int
 
 
+@dataclass(slots=True)
 class _Progress:
-    pass
+    revision: int = 0
 
 
 _Request = _Create | _Cancel | _Progress
@@ -191,21 +209,25 @@ class WatchStream:
         """Called whenever a reply is queued (the adapter wakes its sender)."""
 
     # --- requests (the adapter; handled by the next `step`) ----------------------------------
-    def create(self, spec: WatchSpec, groups: Sequence[int], watch_id: int = 0) -> None:
-        """Ask for a watch of `spec` over `groups` (the data groups its range may live in) with the
-        client's id (0: one is assigned). Answered by a created or a canceled reply."""
-        self._queue(_Create(spec, tuple(sorted(set(groups))), watch_id))
+    def create(self, spec: WatchSpec, groups: Sequence[int], watch_id: int = 0, partial: bool = False) -> None:
+        """Ask for a watch of `spec` over `groups` (the data groups its range may live in, or with
+        `partial` some of them: the client merges the others from other nodes) with the client's
+        id (0: one is assigned). Answered by a created or a canceled reply."""
+        self._queue(_Create(spec, tuple(sorted(set(groups))), watch_id, partial))
 
     def cancel(self, watch_id: int) -> None:
         self._queue(_Cancel(watch_id))
 
-    def progress(self) -> None:
-        """A progress reply for every watch of the stream."""
-        self._queue(_Progress())
+    def progress(self, revision: int = 0) -> None:
+        """A progress reply for every watch of the stream: at once (`revision` 0), or once it has
+        everything up to `revision` (its groups below it are closed up to it first; the caller
+        checked `revision` against the node's clock)."""
+        self._queue(_Progress(revision))
 
-    def refuse(self, watch_id: int, err: errors.KVError) -> None:
-        """Answer a create the adapter refused (permission, malformed fields): canceled, definite."""
-        self._put(Reply(watch_id, canceled=True, cancel_reason=err.message, error=err,
+    def refuse(self, watch_id: int, err: errors.KVError, canceled: bool = True) -> None:
+        """Answer a create the adapter refused (permission, malformed fields): canceled, definite.
+        (Not `canceled`: a refused progress request, `watch_id` 0, that touches no watch.)"""
+        self._put(Reply(watch_id, canceled=canceled, cancel_reason=err.message if canceled else "", error=err,
                         compact_revision=getattr(err, "compact_revision", 0)), None)
 
     def _queue(self, r: _Request) -> None:
@@ -368,12 +390,17 @@ class WatchHub:
                 if budget[0] <= 0 or s.bytes >= lim.stream_bytes:
                     more = True
                     break
+                if w.waiting and not self._settle(s, w, now):
+                    continue
                 while self._advance(s, w, now, cache, budget):
                     if budget[0] <= 0 or s.bytes >= lim.stream_bytes or s.watchers.get(w.id) is not w:
                         more = True
                         break
                 if (w.spec.progress_notify and s.watchers.get(w.id) is w and now - w.last_reply >= lim.progress_interval
                         and s.bytes < lim.stream_bytes):
+                    self._reply(s, w, Reply(w.id, revision=w.next_rev - 1), now)
+                if w.progress_at and w.next_rev > w.progress_at and s.watchers.get(w.id) is w:
+                    w.progress_at = 0
                     self._reply(s, w, Reply(w.id, revision=w.next_rev - 1), now)
         while self.pending_bytes > lim.node_bytes:
             fullest = max(self.streams.values(), key=lambda x: x.bytes, default=None)
@@ -407,17 +434,20 @@ class WatchHub:
         frontier below another of its groups' last revision: group -> that revision. Closing the
         group at (at least) it lets the watcher's frontier move. With `progress_only`, only the
         watches with progress notifications count (the others wait for events only:
-        `close_wants`)."""
+        `close_wants`). A watch of some groups of its range (`partial`: part of a merged watch)
+        counts with one group too, and all its quiet groups are named (at its top): the node
+        closes them at its clock's now, so the merged watch's revision follows the clock while
+        quiet as a watch of every group does."""
         out: dict[int, int] = {}
         wait = self.limits.close_idle
         last, changed = self.last, self.changed_at
         for s in self.streams.values():
             for w in s.watchers.values():
-                if len(w.groups) < 2 or (progress_only and not w.spec.progress_notify):
+                if (len(w.groups) < 2 and not w.partial) or (progress_only and not w.spec.progress_notify):
                     continue
                 top = max(last[g] for g in w.groups)
                 for g in w.groups:
-                    if last[g] < top and now - changed[g] >= wait and out.get(g, 0) < top:
+                    if (last[g] < top or w.partial) and now - changed[g] >= wait and out.get(g, -1) < top:
                         out[g] = top
         return out
 
@@ -432,9 +462,13 @@ class WatchHub:
                 return
             self._forget(s, w)
             s._put(Reply(w.id, revision=w.next_rev - 1, canceled=True, cancel_reason="canceled by the client"), None)
+        elif r.revision:
+            self._progress_to(s, r.revision)
         else:
             asked, last = self._asked, self.last
             for w in s.watchers.values():
+                if w.waiting:
+                    continue  # not created yet: its created reply comes first
                 self._reply(s, w, Reply(w.id, revision=w.next_rev - 1), now)
                 if len(w.groups) > 1:  # the next reply should get past every group's last now
                     top = max(last[g] for g in w.groups)
@@ -442,6 +476,31 @@ class WatchHub:
                         if last[g] < top and asked.get(g, 0) < top:
                             asked[g] = top
                             self._wants_changed = True
+
+    def _progress_to(self, s: WatchStream, revision: int) -> None:
+        """A progress request at `revision`: close every group of the stream's watches below it
+        up to it (coalesced per group with every other want), and mark each watch that has not
+        got that far to get a progress reply once it has (`step`)."""
+        asked, last = self._asked, self.last
+        for w in s.watchers.values():
+            if w.next_rev > revision and not w.waiting:
+                self._work = True  # it is there already: the next pass answers
+            w.progress_at = max(w.progress_at, revision)
+            for g in w.groups:
+                if last[g] < revision and asked.get(g, 0) < revision:
+                    asked[g] = revision
+                    self._wants_changed = True
+
+    def _settle(self, s: WatchStream, w: Watcher, now: float) -> bool:
+        """A watch started "now" at M = `waiting`: answer its created reply once every group of
+        it reached M (closed there), so every change applied after that reply is above M and
+        delivered, none at or below it. False while it waits."""
+        last = self.last
+        if min(last[g] for g in w.groups) < w.waiting:
+            return False
+        w.waiting = 0
+        self._reply(s, w, Reply(w.id, revision=w.next_rev - 1, created=True), now)
+        return True
 
     def _create(self, s: WatchStream, r: _Create, now: float) -> None:
         lim = self.limits
@@ -486,7 +545,7 @@ class WatchHub:
         except StorageError as err:
             s.refuse(wid, errors.Unavailable(f"cannot read the watched groups here: {err}"))
             return
-        if not r.spec.single_key and all(sh is not None for sh in shards.values()):
+        if not r.spec.single_key and not r.partial and all(sh is not None for sh in shards.values()):
             served = IntervalSet()
             for sh in shards.values():
                 assert sh is not None
@@ -505,7 +564,9 @@ class WatchHub:
         start = r.spec.start_revision
         compact = max(st.compact for st in states.values())
         if not start:
-            start = max(min(self.last[g] for g in r.groups), compact) + 1
+            # Exactly now: at the highest last revision of the groups (the created reply waits
+            # until the others are closed up to it: `_settle`).
+            start = max(max(self.last[g] for g in r.groups), compact) + 1
         elif start <= mvcc.LEGACY_REVISION:
             # Revision 1 holds the versions written before revisions existed (one row per such
             # key, all at 1, recorded lazily): the state before history began, not changes.
@@ -515,7 +576,14 @@ class WatchHub:
                 f"watch start revision {start} is compacted: the compact revision is {compact} "
                 f"(watch from {compact + 1} or later)", compact_revision=compact))
             return
-        w = Watcher(wid, r.spec, r.groups, shards, start, start - 1, now)
+        w = Watcher(wid, r.spec, r.groups, shards, start, start - 1, now, partial=r.partial)
+        if not r.spec.start_revision and any(self.last[g] < start - 1 for g in r.groups):
+            w.waiting = start - 1
+            asked = self._asked
+            for g in r.groups:
+                if self.last[g] < w.waiting and asked.get(g, 0) < w.waiting:
+                    asked[g] = w.waiting
+                    self._wants_changed = True
         s.watchers[wid] = w
         self.count += 1
         self._work = True
@@ -528,7 +596,8 @@ class WatchHub:
                     self.written[g] = self.last[g]
                 self._multi[g] = self._multi.get(g, 0) + 1
             self._wants_changed = True
-        self._reply(s, w, Reply(wid, revision=start - 1, created=True), now)
+        if not w.waiting:
+            self._reply(s, w, Reply(wid, revision=start - 1, created=True), now)
 
     # --- moving forward -------------------------------------------------------------------------
     def _advance(self, s: WatchStream, w: Watcher, now: float, cache: _StepCache, budget: list[int]) -> bool:

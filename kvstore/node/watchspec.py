@@ -4,11 +4,13 @@
 definite `InvalidArgument` / `KeyTooLarge` for anything hostile: negative revisions, empty or
 inverted ranges, oversized keys), so nothing unchecked reaches the hub (`watch.py`). `Reply` is
 what the hub queues for a stream; the gRPC adapter (`server/watch_service.py`) turns it into a
-`WatchResponse`.
+`WatchResponse`. `check_groups` checks the groups a create names (a sub-watch of a merged
+watch: `kvstore/client/watchmerge.py`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvstore import errors
@@ -79,6 +81,28 @@ class WatchSpec:
                 raise errors.InvalidArgument("the watch range is empty (range_end <= key)")
             start, end = key, range_end
         return WatchSpec(start, end, start_revision, prev_kv, progress_notify, no_put, no_delete)
+
+
+MAX_WATCH_GROUPS = 1024
+"""Groups a create may name (`WatchCreateRequest.groups`)."""
+
+
+def check_groups(asked: Sequence[int], allowed: Sequence[int]) -> list[int]:
+    """The groups a create names, checked against `allowed` (the data groups of this node's map
+    the range may live in): at most `MAX_WATCH_GROUPS`, no duplicates, each allowed; else a definite
+    InvalidArgument naming what is wrong. (Whether this node hosts them is the hub's check:
+    WRONG_SHARD.)"""
+    if len(asked) > MAX_WATCH_GROUPS:
+        raise errors.InvalidArgument(f"a watch names at most {MAX_WATCH_GROUPS} groups ({len(asked)} named)")
+    if len(set(asked)) != len(asked):
+        raise errors.InvalidArgument("a watch names a group twice")
+    ok = set(allowed)
+    bad = sorted(g for g in asked if g not in ok)
+    if bad:
+        raise errors.InvalidArgument(
+            f"group(s) {', '.join(map(str, bad[:16]))} are not data groups of the watched range in this node's "
+            f"shard map (it has {', '.join(map(str, allowed[:64]))})")
+    return sorted(asked)
 
 
 @dataclass(slots=True)

@@ -41,7 +41,7 @@ from kvstore.node.host import Host
 from kvstore.node.store import ApplyBatch, GroupWrite
 from kvstore.node.watch import WatchHub, WatchStream
 from kvstore.node.watchcloses import WatchCloser, replica_close
-from kvstore.node.watchspec import Reply, WatchSpec
+from kvstore.node.watchspec import Reply, WatchSpec, check_groups
 from kvstore.raft import Role
 from kvstore.security.guard import credential_of_call
 from kvstore.security.identity import identity_of_call
@@ -103,7 +103,7 @@ class WatchService:
                     elif kind == "cancel_request":
                         s.cancel(req.cancel_request.watch_id)
                     elif kind == "progress_request":
-                        s.progress()
+                        self._progress(s, req.progress_request.revision)
                     rq.wake()
                     while s.busy and not s.closed:
                         room.clear()
@@ -160,10 +160,32 @@ class WatchService:
             if m is None:
                 raise errors.NoLeader("this node has no shard map yet")
             groups = [m.group_for_key(spec.start)] if spec.single_key else m.data_groups()
+            partial = False
+            if c.groups:
+                chosen = check_groups(c.groups, groups)
+                partial = len(chosen) < len(groups)
+                groups = chosen
+                if partial and c.shard_version != m.version:
+                    raise errors.WrongShard(
+                        f"the watch names groups of shard map version {c.shard_version}, this node's map is "
+                        f"version {m.version}: cover the range again", shard_version=m.version)
         except errors.KVError as err:
             s.refuse(c.watch_id, err)
             return
-        s.create(spec, groups, c.watch_id)
+        s.create(spec, groups, c.watch_id, partial)
+
+    def _progress(self, s: WatchStream, revision: int) -> None:
+        """A progress request; one at a revision is checked against the node's clock first (a
+        refusal is one response with watch_id 0 and the error, definite: no watch is touched)."""
+        if revision:
+            try:
+                if revision < 0:
+                    raise errors.InvalidArgument(f"progress revision {revision} is negative")
+                self.rq.closes.check(revision)
+            except errors.KVError as err:
+                s.refuse(0, errors.InvalidArgument(f"progress request refused: {err.message}"), canceled=False)
+                return
+        s.progress(revision)
 
     def response(self, r: Reply) -> kv_pb2.WatchResponse:
         """The `WatchResponse` of a reply. Replies of watchers at the same position share their

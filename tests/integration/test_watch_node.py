@@ -111,6 +111,50 @@ async def _hostile(tmp_path: Path) -> None:
         assert hub.count == 0 and hub.pending_bytes == 0
 
 
+def test_hostile_groups_and_progress_revisions_get_definite_answers_and_harm_nobody(tmp_path: Path) -> None:
+    asyncio.run(_hostile_groups(tmp_path))
+
+
+async def _hostile_groups(tmp_path: Path) -> None:
+    async with one_node(tmp_path) as n, grpc.aio.insecure_channel(n.address) as ch:
+        stub = kv_pb2_grpc.KVStub(ch)
+        assert n.node.tracker is not None and n.node.tracker.map is not None
+        [g] = n.node.tracker.map.data_groups()
+        good = Stream(stub)
+        good.send(W(create_request=C(prefix=b"ok/", watch_id=1, groups=[g])))  # every group, named
+        assert (await good.recv()).created
+        bad = Stream(stub)
+        for c in [
+            C(prefix=b"p", groups=[g + 1000]),            # not a data group
+            C(prefix=b"p", groups=[g, g]),                # twice
+            C(prefix=b"p", groups=list(range(1, 2000))),  # too many
+            C(key=b"k", groups=[g + 1]),                  # not the key's group
+        ]:
+            bad.send(W(create_request=c))
+            r = await bad.recv()
+            assert r.canceled and r.error.code == kv_pb2.INVALID_ARGUMENT and not r.error.indeterminate, (c, r)
+        for rev in (-1, 2**62, 2**63 - 1):  # negative, far ahead of the clock: refused, no watch touched
+            bad.send(W(progress_request=kv_pb2.WatchProgressRequest(revision=rev)))
+            r = await bad.recv()
+            assert (r.watch_id, r.canceled, r.created, r.error.code, r.error.indeterminate) == (
+                0, False, False, kv_pb2.INVALID_ARGUMENT, False), r
+        # the good stream is unharmed; a progress request at a revision is answered past it
+        put = await stub.Put(kv_pb2.PutRequest(key=b"ok/1", value=b"v"))
+        r = await good.recv()
+        while not r.events:
+            r = await good.recv()
+        assert [(e.kv.key, e.kv.mod_revision) for e in r.events] == [(b"ok/1", put.revision)]
+        target = put.revision + (50 << 22)  # 50 ms of the clock later (within the clock bound)
+        good.send(W(progress_request=kv_pb2.WatchProgressRequest(revision=target)))
+        r = await good.recv()
+        while r.revision < target:  # quiet-time progress responses may come first
+            assert not r.events and not r.canceled, r
+            r = await good.recv()
+        assert r.watch_id == 1 and not r.events and not r.canceled
+        for s in (good, bad):
+            s.call.cancel()
+
+
 def test_malformed_watch_bytes_are_invalid_argument(tmp_path: Path) -> None:
     asyncio.run(_malformed(tmp_path))
 

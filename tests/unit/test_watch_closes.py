@@ -163,7 +163,11 @@ def test_schedule_invariants_under_any_sequence(ops: list[tuple[str, int, int]],
 
 def _prefix_watch(c: Cluster, hub: WatchHub, progress: bool = False) -> WatchStream:
     s = hub.open()
-    s.create(WatchSpec.make(b"", prefix=b"app/", progress_notify=progress), c.groups, watch_id=1)
+    # from the lowest last revision of the groups (what "now" meant before exact starts), so
+    # the watch is created at once and the later writes of the test are its events
+    start = min(c.store.revisions.rev_state(g).last for g in c.groups) + 1
+    s.create(WatchSpec.make(b"", prefix=b"app/", start_revision=start, progress_notify=progress), c.groups,
+             watch_id=1)
     drain(hub, s)
     hub.close_wants()  # (a new watch assumes every group may hold a change up to its last)
     return s

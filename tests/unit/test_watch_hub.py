@@ -237,19 +237,87 @@ def test_start_one_begins_after_the_legacy_revision() -> None:
     assert events(got) == [(r, b"a", PUT, b"1")]
 
 
-def test_start_zero_begins_at_the_frontier() -> None:
+def test_start_zero_starts_exactly_at_the_highest_last_revision_once_the_others_are_closed_there() -> None:
     c = Cluster(groups=(1, 2))
     c.put(1, b"a", b"1")
     r2 = c.put(2, b"b", b"2")
     hub = c.hub()
     s = hub.open()
     s.create(WatchSpec.make(b"", b"\0"), (1, 2))
-    [created] = drain(hub, s)
-    r1 = c.store.revisions.rev_state(1).last
-    assert created.created and created.revision == min(r1, r2)
+    # group 1 is below r2: no created reply (nothing) until it is closed up to r2
+    assert drain(hub, s) == []
+    assert hub.close_wants() == {1: r2}
+    c.apply(2, [commands.encode_close(c.tick())])  # group 2 moves on: no created reply yet
+    hub.applied([2])
+    assert drain(hub, s) == []
     c.apply(1, [commands.encode_close(r2)])
     hub.applied([1])
-    assert events(drain(hub, s)) == [(r2, b"b", PUT, b"2")]  # above the frontier at creation
+    [created] = drain(hub, s)
+    assert created.created and created.revision == r2
+    # nothing at or below r2 is delivered (both puts came before the create); later changes are
+    r3 = c.put(2, b"c", b"3")
+    r4 = c.put(1, b"d", b"4")
+    c.apply(2, [commands.encode_close(r4)])
+    hub.applied([1, 2])
+    assert events(drain(hub, s)) == [(r3, b"c", PUT, b"3"), (r4, b"d", PUT, b"4")]
+
+
+def test_start_zero_on_groups_already_level_answers_at_once() -> None:
+    c = Cluster(groups=(1, 2))
+    r = c.put(1, b"a", b"1")
+    c.apply(2, [commands.encode_close(r)])
+    hub = c.hub()
+    s = hub.open()
+    s.create(WatchSpec.make(b"", b"\0"), (1, 2))
+    [created] = drain(hub, s)
+    top = max(c.store.revisions.rev_state(g).last for g in (1, 2))
+    assert created.created and created.revision == top
+    assert hub.close_wants() == {}
+
+
+def test_a_watch_of_some_groups_sees_only_theirs_and_needs_only_them_hosted() -> None:
+    c = Cluster()
+    c.hosted.discard(3)
+    hub = c.hub()
+    s = hub.open()
+    s.create(WatchSpec.make(b"", prefix=b"k", start_revision=2), (1, 2), watch_id=1, partial=True)
+    s.create(WatchSpec.make(b"", prefix=b"k", start_revision=2), (1, 2, 3), watch_id=2, partial=True)
+    got = drain(hub, s)
+    assert [(x.watch_id, x.created, x.canceled) for x in got] == [(1, True, False), (2, False, True)]
+    assert isinstance(got[1].error, errors.WrongShard) and "3" in got[1].cancel_reason
+    r1 = c.put(1, b"k1", b"1")
+    c.put(3, b"k3", b"3")  # not watched here
+    r2 = c.put(2, b"k2", b"2")
+    c.apply(1, [commands.encode_close(r2)])
+    hub.applied([1, 2, 3])
+    assert events(drain(hub, s)) == [(r1, b"k1", PUT, b"1"), (r2, b"k2", PUT, b"2")]
+
+
+def test_a_progress_request_at_a_revision_closes_the_groups_below_it_and_answers_once_past_it() -> None:
+    c = Cluster(groups=(1, 2))
+    hub = c.hub()
+    s = hub.open()
+    s.create(WatchSpec.make(b"", prefix=b"k", start_revision=2), (1,), watch_id=1, partial=True)
+    s.create(WatchSpec.make(b"", prefix=b"k", start_revision=2), (1, 2), watch_id=2)
+    drain(hub, s)
+    hub.close_wants()
+    target = c.tick(50)
+    s.progress(target)
+    assert drain(hub, s) == []  # neither watch has reached it
+    assert hub.close_wants() == {1: target, 2: target}
+    c.apply(1, [commands.encode_close(target)])
+    hub.applied([1])
+    got = drain(hub, s)
+    assert [(x.watch_id, x.events, x.created) for x in got] == [(1, [], False)] and got[0].revision >= target
+    c.apply(2, [commands.encode_close(target)])
+    hub.applied([2])
+    got = drain(hub, s)
+    assert [(x.watch_id, x.events) for x in got] == [(2, [])] and got[0].revision >= target
+    assert drain(hub, s, now=0.1) == []  # answered once
+    s.progress(target)  # already past it: answered at the next step, no close asked
+    got = drain(hub, s)
+    assert sorted(x.watch_id for x in got) == [1, 2] and all(x.revision >= target for x in got)
+    assert hub.close_wants() == {}
 
 
 def test_progress_on_request_and_when_quiet() -> None:
@@ -456,6 +524,8 @@ ACTIONS = st.lists(
                   st.sampled_from([(1,), (2,), (1, 2), (1, 2, 9)])),
         st.tuples(st.just("cancel"), st.integers(min_value=-3, max_value=40)),
         st.tuples(st.just("progress")),
+        st.tuples(st.just("progress_to"), st.integers(min_value=0, max_value=2**40)),
+        st.tuples(st.just("partial"), st.integers(min_value=0, max_value=40), st.sampled_from([(1,), (2,)])),
         st.tuples(st.just("put"), st.sampled_from([1, 2])),
         st.tuples(st.just("take")),
     ),
@@ -481,14 +551,23 @@ def test_hostile_request_sequences_keep_the_bounds_and_answer_every_create(actio
             s.cancel(a[1])
         elif a[0] == "progress":
             s.progress()
+        elif a[0] == "progress_to":  # (the adapter bounds it by the clock; the hub must cope anyway)
+            s.progress(c.clock + a[1])
+        elif a[0] == "partial":
+            creates += 1
+            s.create(WatchSpec.make(b"", prefix=b"k"), a[2], a[1], partial=True)
         elif a[0] == "put":
             c.put(a[1], b"k1", b"v" * 50)
             hub.applied([a[1]])
         else:
             got += s.take(3)
         hub.step(0.0)
+        _close_as_asked(c, hub)
         assert len(s.watchers) <= lim.watchers_per_stream and hub.count <= lim.watchers_per_node
         assert s.bytes == sum(r.size for r, _ in s.outbox)
+    for _ in range(3):  # the closes asked for land (starts now get their created reply)
+        got += drain(hub, s)
+        _close_as_asked(c, hub)
     got += drain(hub, s)
     # every create is answered exactly once: created, or refused (definite)
     refused = [r for r in got if r.canceled and r.error is not None and "no watch" not in r.error.message]
@@ -498,6 +577,13 @@ def test_hostile_request_sequences_keep_the_bounds_and_answer_every_create(actio
             assert not r.error.indeterminate
     # the other stream's watcher is unharmed
     assert 1 in other.watchers
+
+
+def _close_as_asked(c: Cluster, hub: WatchHub) -> None:
+    """What the node's closer does with the hub's wants: CLOSE entries, applied."""
+    for g, rev in sorted(hub.close_wants().items()):
+        c.apply(g, [commands.encode_close(rev)])
+        hub.applied([g])
 
 
 def test_thousands_of_creates_on_one_stream_are_bounded() -> None:
@@ -519,3 +605,29 @@ def test_thousands_of_creates_on_one_stream_are_bounded() -> None:
 def test_bad_keys_are_refused(bad: bytes) -> None:
     with pytest.raises(errors.KVError):
         WatchSpec.make(bad)
+
+
+@given(st.lists(st.integers(0, 2**64 - 1), max_size=40), st.lists(st.integers(1, 30), max_size=20, unique=True))
+def test_named_groups_are_checked_totally(asked: list[int], allowed: list[int]) -> None:
+    from kvstore.node.watchspec import check_groups
+
+    try:
+        got = check_groups(asked, sorted(allowed))
+    except errors.InvalidArgument as err:
+        assert not err.indeterminate
+        assert len(set(asked)) != len(asked) or not set(asked) <= set(allowed)
+    else:
+        assert got == sorted(asked) and set(got) <= set(allowed) and len(set(asked)) == len(asked)
+
+
+def test_a_quiet_partial_watch_with_progress_names_its_groups_for_the_periodic_closer() -> None:
+    c = Cluster(groups=(1, 2))
+    hub = c.hub()
+    s = hub.open()
+    s.create(WatchSpec.make(b"k", progress_notify=True), (1,), watch_id=1)  # a key watch: never
+    s.create(WatchSpec.make(b"", prefix=b"p", progress_notify=True, start_revision=2), (2,), watch_id=2,
+             partial=True)
+    drain(hub, s, now=0.0)
+    assert hub.lagging_groups(0.01, progress_only=True) == {}  # not quiet yet
+    last2 = c.store.revisions.rev_state(2).last
+    assert hub.lagging_groups(1.0, progress_only=True) == {2: last2}  # closed at the clock's now by the node

@@ -1,0 +1,176 @@
+"""A prefix watch when no node hosts every group (README, "Watch"): a real 5-node cluster of
+`kvstore serve` processes with 5 data groups of 3 replicas each, so every node hosts 3 of them.
+The client covers the groups with sub-watches at a few nodes and merges them
+(`kvstore/client/watchmerge.py`); checked: every put exactly once, in order, across the kill of a
+node serving a sub-watch; and `kvctl watch --prefix` from now sees every later put."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from clusterharness import Cluster
+
+from kvstore.client import AsyncClient, WatchEvent
+from kvstore.v1 import kv_pb2, kv_pb2_grpc
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("wmerge"), 5, extra_args=["--groups", "5", "--replication", "3"])
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+async def _keys_over_every_group(kv: AsyncClient, prefix: bytes, n: int) -> list[bytes]:
+    m = await kv.shard_map(refresh=True)
+    assert m is not None
+    groups = m.data_groups()
+    members = [set(m.groups[g].members()) for g in groups]
+    assert len(groups) == 5 and not set.intersection(*members), "some node hosts every group"
+    keys = [prefix + b"%02d" % i for i in range(n)]
+    assert {m.group_for_key(k) for k in keys} == set(groups), "the keys do not span every group"
+    return keys
+
+
+def test_a_prefix_watch_merged_across_nodes_sees_every_put_once_in_order_across_a_kill(cluster: Cluster) -> None:
+    asyncio.run(_merged_across_a_kill(cluster))
+
+
+async def _merged_across_a_kill(cluster: Cluster) -> None:
+    async with AsyncClient(cluster.endpoints, timeout=30) as kv:
+        keys = await _keys_over_every_group(kv, b"mk/", 40)
+        start = await kv.put(b"mk/start", b"0")
+        acked: list[tuple[int, bytes, bytes]] = []
+        seen: list[WatchEvent] = []
+        serving: list[int] = []
+        killed: list[int] = []
+
+        async def writer() -> None:
+            for i in range(120):
+                k, v = keys[i % len(keys)], b"w%d" % i
+                acked.append((await kv.put(k, v), k, v))
+                if i == 40:
+                    while not serving:  # the watch delivered something: kill a node serving a part of it
+                        await asyncio.sleep(0.01)
+                    victim = cluster.nodes[serving[-1]]
+                    victim.kill9()
+                    killed.append(victim.id)
+
+        w = asyncio.create_task(writer())
+
+        async def watch() -> None:
+            async for batch in kv.watch_batches(prefix=b"mk/", start_revision=start + 1, progress=True):
+                seen.extend(batch.events)
+                if batch.events:
+                    serving.append(batch.node_id)
+                if w.done() and batch.revision >= max(a[0] for a in acked):
+                    return
+
+        try:
+            await asyncio.wait_for(asyncio.gather(w, watch()), 150)
+        finally:
+            for nid in killed:
+                cluster.nodes[nid].start()
+        resumes = kv.watch_resumes
+    got = [(e.revision, e.key, e.value) for e in seen]
+    assert got == sorted(acked), "events differ from the puts (missing, repeated or out of order)"
+    assert killed and resumes >= 1
+    assert len(set(serving)) >= 2, "the watch was not served by several nodes"
+
+
+def test_a_watch_of_some_groups_needs_the_nodes_shard_map_version(cluster: Cluster) -> None:
+    asyncio.run(_version_checked(cluster))
+
+
+async def _version_checked(cluster: Cluster) -> None:
+    async with AsyncClient(cluster.endpoints, timeout=30) as kv:
+        m = await kv.shard_map(refresh=True)
+        assert m is not None
+    node = cluster.nodes[1]
+    [g, *_] = m.groups_of_node(1)
+    async with grpc.aio.insecure_channel(node.address) as ch:
+        await asyncio.wait_for(ch.channel_ready(), 30)  # (a node killed by an earlier test restarts)
+        stub = kv_pb2_grpc.KVStub(ch)
+
+        async def create(version: int) -> kv_pb2.WatchResponse:
+            call = stub.Watch(iter([kv_pb2.WatchRequest(create_request=kv_pb2.WatchCreateRequest(
+                prefix=b"sv/", groups=[g], shard_version=version, watch_id=1))]))
+            try:
+                return await asyncio.wait_for(call.__aiter__().__anext__(), 20)
+            finally:
+                call.cancel()
+
+        for _ in range(300):  # until the node (maybe just restarted) serves its groups: bounded
+            r = await create(m.version)
+            if r.created:
+                break
+            assert r.canceled and r.error.code != kv_pb2.INVALID_ARGUMENT, r
+            await asyncio.sleep(0.1)
+        assert r.created and not r.canceled, r
+        r = await create(m.version + 7)  # another map version: its cover may lack a group
+        assert r.canceled and r.error.code == kv_pb2.WRONG_SHARD and not r.error.indeterminate, r
+        assert r.error.shard_version == m.version and "version" in r.cancel_reason
+
+
+def _kvctl(cluster: Cluster, *args: str) -> list[str]:
+    return [sys.executable, "-m", "kvstore.cli.kvctl", "--endpoints", ",".join(cluster.endpoints),
+            "--timeout", "20", *args]
+
+
+def test_kvctl_watch_prefix_from_now_sees_every_later_put_once_in_order(cluster: Cluster) -> None:
+    """From now: the puts it prints are exactly the acknowledged ones from some point on (no gap,
+    no repeat, none missing once it started), through the last one."""
+    p = subprocess.Popen(_kvctl(cluster, "-o", "json", "watch", "--prefix", "kc/"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[dict] = []  # type: ignore[type-arg]
+    first = threading.Event()
+
+    def read() -> None:
+        assert p.stdout is not None
+        for line in p.stdout:
+            lines.append(json.loads(line))
+            first.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    async def writes() -> list[int]:
+        async with AsyncClient(cluster.endpoints, timeout=30) as kv:
+            keys = await _keys_over_every_group(kv, b"kc/", 20)
+            acked: list[int] = []
+            for i in range(400):  # until the watch prints its first event (bounded)
+                acked.append(await kv.put(keys[i % len(keys)], b"c%d" % i))
+                if first.is_set():
+                    break
+            assert first.is_set(), "kvctl watch printed nothing"
+            for i in range(30):
+                acked.append(await kv.put(keys[i % len(keys)], b"d%d" % i))
+            return acked
+
+    try:
+        acked = asyncio.run(writes())
+        for _ in range(3000):  # until the last put is printed (bounded)
+            if lines and lines[-1]["revision"] >= acked[-1]:
+                break
+            reader.join(0.01)
+    finally:
+        p.send_signal(signal.SIGINT)
+        code = p.wait(timeout=30)
+    assert code == 0, p.stderr.read() if p.stderr is not None else ""
+    revs = [x["revision"] for x in lines]
+    assert revs and revs[-1] == acked[-1]
+    k = acked.index(revs[0])
+    assert revs == acked[k:], "kvctl watch missed, repeated or reordered a put"
+    assert all(x["type"] == "PUT" and x["key"].startswith("kc/") for x in lines)
