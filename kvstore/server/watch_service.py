@@ -75,17 +75,29 @@ class WatchService:
         self.node_id = rq.cfg.id
         self._shared: tuple[list[Change], kv_pb2.WatchResponse] | None = None
         """The events list last turned into protobuf, and the response holding them."""
+        self._encoded: tuple[list[Change], bytes] | None = None
+        """The events list last serialized, and its bytes (`encode`)."""
         self._plant = os.environ.get(PLANT_ENV, "")
         self._planted = 0
         if self._plant:
             log.warning("PLANTED WATCH BUG %r is active (%s): watch responses are corrupted", self._plant, PLANT_ENV)
 
-    async def watch(self, requests: AsyncIterator[kv_pb2.WatchRequest], context: Any) -> AsyncIterator[kv_pb2.WatchResponse]:
+    async def watch(self, requests: AsyncIterator[kv_pb2.WatchRequest], context: Any) -> AsyncIterator[bytes]:
+        """Serve one `KV.Watch` call: its responses, serialized (`encode`)."""
         rq = self.rq
         s = self.hub.open()
-        out = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] | None = None
+        """Set while the sender waits for replies (the hub wakes it when the outbox stops being
+        empty, and the sender then sends everything queued before it waits again)."""
+
+        def wake() -> None:
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
         room = asyncio.Event()
-        s.on_reply = out.set
+        s.on_reply = wake
+        stream_bytes = self.hub.limits.stream_bytes
         adm = rq.admission
         limited = adm is not None and adm.limiter is not None
         bucket = (rate_key(identity_of_call(), context) or "") if limited else ""
@@ -110,29 +122,33 @@ class WatchService:
                         await room.wait()
             finally:
                 reading = False
-                out.set()
+                wake()
 
-        reader = asyncio.get_running_loop().create_task(read())
+        reader = loop.create_task(read())
         try:
             while True:
-                replies = s.take()
+                full = s.bytes >= stream_bytes
+                replies = s.take(1 << 16)
                 if not s.busy:
                     room.set()
                 if not replies:
                     if not reading and not s.watchers and not s.requests:
                         break  # half-closed by the client, and nothing left to watch or answer
-                    out.clear()
-                    await out.wait()
+                    waiter = loop.create_future()
+                    try:
+                        await waiter
+                    finally:
+                        waiter = None
                     continue
                 if cred is not None and rq.guard is not None:
                     try:
                         rq.guard.recheck(cred)
                     except errors.Unauthenticated as err:
                         await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"KV.Watch: {err.message}")
-                if self.hub.watching:
-                    rq.wake()  # the hub may read more for this stream now
+                if full and self.hub.watching:
+                    rq.wake()  # the hub stopped reading for this stream: it may read again now
                 for r in replies:
-                    yield self.response(r)
+                    yield self.encode(r)
         finally:
             s.close()
             room.set()
@@ -164,6 +180,30 @@ class WatchService:
             s.refuse(c.watch_id, err)
             return
         s.create(spec, groups, c.watch_id)
+
+    def encode(self, r: Reply) -> bytes:
+        """The serialized `WatchResponse` of a reply (the server's serializer passes bytes
+        through: `wire.add_services`). Replies of watchers at the same position share their
+        events list (`WatchHub`): its events are serialized once, and each response is its own
+        fields followed by those bytes (protobuf appends a repeated field's elements across
+        concatenated messages)."""
+        if self._plant:
+            return self.response(r).SerializeToString()
+        head = kv_pb2.WatchResponse(
+            watch_id=r.watch_id, created=r.created, canceled=r.canceled, cancel_reason=r.cancel_reason,
+            compact_revision=r.compact_revision, resume_revision=r.resume_revision, revision=r.revision,
+            node_id=self.node_id,
+        )
+        if r.error is not None:
+            head.error.CopyFrom(self.rq.err(r.error))
+        if not r.events:
+            return head.SerializeToString()
+        shared = self._encoded
+        if shared is None or shared[0] is not r.events:
+            template = kv_pb2.WatchResponse()
+            self._add_events(template, r)
+            shared = self._encoded = (r.events, template.SerializeToString())
+        return head.SerializeToString() + shared[1]
 
     def response(self, r: Reply) -> kv_pb2.WatchResponse:
         """The `WatchResponse` of a reply. Replies of watchers at the same position share their
