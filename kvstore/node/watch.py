@@ -30,7 +30,16 @@ How a watch is served:
   logs (`storage/changefeed.py`): each step reads [next_rev, F] (bounded: whole revisions, at most
   `read_events` per group), merges by revision, filters by key range and kind, queues the events
   in replies (a revision never split; `revision` = everything at or below it sent), and moves
-  next_rev past it. Watchers at the same position share the step's reads. A start revision at or
+  next_rev past it. Watchers at the same position share the step's reads.
+- **Work proportional to what changed.** Caught-up watchers of one group set (and prev_kv
+  choice) are a `_Cohort` at one shared position: a step reads and merges its [pos, F] once,
+  selects each distinct filter's events once and hands the same lists to that filter's members
+  (a member that gets no event is not visited). Watchers catching up, or whose stream is full,
+  are behind (`_behind`): visited one by one, they join the cohort at its position. Progress
+  replies come from a heap of deadlines, slow-stream checks from the set of full streams,
+  `lagging_groups` from per-set counts: no per-cycle walk over every watcher (`visits` counts
+  the watchers steps looked at).
+- **Compaction.** A start revision at or
   below a group's compact revision (or a cursor that compaction overtook) is canceled with
   COMPACTED naming it: definite, never a silent gap.
 - **Bounded memory.** A stream's queued replies are bounded (`stream_bytes`): above it the hub

@@ -9,8 +9,11 @@ Per stream:
   shard map (one key: its group; a range: every data group); the hub does the rest;
 - the stream reads no more requests while the hub says it is busy (replies not taken, or too
   many requests queued): gRPC flow control pushes back on the client;
-- replies are sent in order; a stream opened with a token re-checks it before each batch of
-  replies and ends UNAUTHENTICATED once it expired or was revoked;
+- replies are sent in order, serialized here (`encode`: a batch of events the hub handed to many
+  watchers is serialized once and its bytes appended to each response's own fields; the
+  server's serializer passes bytes through); the sender wakes when the stream's queue stops being
+  empty and sends all of it before it waits again; a stream opened with a token re-checks it
+  before each batch of replies and ends UNAUTHENTICATED once it expired or was revoked;
 - a stream whose client closed its side keeps serving its watches (as etcd's does) and ends
   once none is left; when the call ends, the stream's watchers are forgotten.
 
