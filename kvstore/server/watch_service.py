@@ -34,6 +34,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -44,17 +45,17 @@ from kvstore.node.host import Host
 from kvstore.node.store import ApplyBatch, GroupWrite
 from kvstore.node.watch import WatchHub, WatchStream
 from kvstore.node.watchcloses import WatchCloser, replica_close
-from kvstore.node.watchspec import Reply, WatchSpec
+from kvstore.node.watchspec import WatchSpec
 from kvstore.raft import Role
 from kvstore.security.guard import credential_of_call
 from kvstore.security.identity import identity_of_call
 from kvstore.security.rbac import READ
 from kvstore.storage import mvcc
-from kvstore.storage.changefeed import PUT, Change
 from kvstore.v1 import kv_pb2
 
 from .admission import rate_key
 from .requests import KVRequests
+from .watch_encode import WatchEncoder
 
 log = logging.getLogger("kvstore.watch")
 
@@ -68,6 +69,9 @@ unless a test asks for it (kvchaos's hidden ``--plant-watch-bug``)."""
 
 PLANT_EVERY = 20
 
+WAKE_BATCH = 32
+"""Stream senders woken per turn of the event loop (`WatchService._wake_soon`)."""
+
 
 class WatchService:
     """The `KV.Watch` handler of one node (used by `KVService.Watch`)."""
@@ -76,14 +80,14 @@ class WatchService:
         self.rq = rq
         self.hub = hub
         self.node_id = rq.cfg.id
-        self._shared: tuple[list[Change], kv_pb2.WatchResponse] | None = None
-        """The events list last turned into protobuf, and the response holding them."""
-        self._encoded: tuple[list[Change], bytes] | None = None
-        """The events list last serialized, and its bytes (`encode`)."""
-        self._plant = os.environ.get(PLANT_ENV, "")
-        self._planted = 0
-        if self._plant:
-            log.warning("PLANTED WATCH BUG %r is active (%s): watch responses are corrupted", self._plant, PLANT_ENV)
+        plant = os.environ.get(PLANT_ENV, "")
+        self.encoder = WatchEncoder(self.node_id, rq.err, plant, PLANT_EVERY)
+        """Replies to serialized responses (`server/watch_encode.py`)."""
+        self._ready: deque[Callable[[], None]] = deque()
+        """Senders to wake (`_wake_soon`), in order."""
+        self._pumping = False
+        if plant:
+            log.warning("PLANTED WATCH BUG %r is active (%s): watch responses are corrupted", plant, PLANT_ENV)
 
     async def watch(self, requests: AsyncIterator[kv_pb2.WatchRequest], context: Any) -> AsyncIterator[bytes]:
         """Serve one `KV.Watch` call: its responses, serialized (`encode`)."""
@@ -99,8 +103,10 @@ class WatchService:
                 waiter.set_result(None)
 
         room = asyncio.Event()
-        s.on_reply = wake
+        s.on_reply = lambda: self._wake_soon(wake)
         stream_bytes = self.hub.limits.stream_bytes
+        max_merge = self.hub.limits.reply_bytes
+        encode_all = self.encoder.encode_all
         adm = rq.admission
         limited = adm is not None and adm.limiter is not None
         bucket = (rate_key(identity_of_call(), context) or "") if limited else ""
@@ -130,11 +136,9 @@ class WatchService:
         reader = loop.create_task(read())
         try:
             while True:
-                full = s.bytes >= stream_bytes
-                replies = s.take(1 << 16)
-                if not s.busy:
-                    room.set()
-                if not replies:
+                if not s.outbox:
+                    if not s.busy:
+                        room.set()
                     if not reading and not s.watchers and not s.requests:
                         break  # half-closed by the client, and nothing left to watch or answer
                     waiter = loop.create_future()
@@ -143,6 +147,10 @@ class WatchService:
                     finally:
                         waiter = None
                     continue
+                full = s.bytes >= stream_bytes
+                replies = s.take(1 << 16)
+                if not s.busy:
+                    room.set()
                 if cred is not None and rq.guard is not None:
                     try:
                         rq.guard.recheck(cred)
@@ -150,8 +158,8 @@ class WatchService:
                         await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"KV.Watch: {err.message}")
                 if full and self.hub.watching:
                     rq.wake()  # the hub stopped reading for this stream: it may read again now
-                for r in replies:
-                    yield self.encode(r)
+                for data in encode_all(replies, max_merge):
+                    yield data
         finally:
             s.close()
             room.set()
@@ -184,78 +192,23 @@ class WatchService:
             return
         s.create(spec, groups, c.watch_id)
 
-    def encode(self, r: Reply) -> bytes:
-        """The serialized `WatchResponse` of a reply (the server's serializer passes bytes
-        through: `wire.add_services`). Replies of watchers at the same position share their
-        events list (`WatchHub`): its events are serialized once, and each response is its own
-        fields followed by those bytes (protobuf appends a repeated field's elements across
-        concatenated messages)."""
-        if self._plant:
-            return self.response(r).SerializeToString()
-        head = kv_pb2.WatchResponse(
-            watch_id=r.watch_id, created=r.created, canceled=r.canceled, cancel_reason=r.cancel_reason,
-            compact_revision=r.compact_revision, resume_revision=r.resume_revision, revision=r.revision,
-            node_id=self.node_id,
-        )
-        if r.error is not None:
-            head.error.CopyFrom(self.rq.err(r.error))
-        if not r.events:
-            return head.SerializeToString()
-        shared = self._encoded
-        if shared is None or shared[0] is not r.events:
-            template = kv_pb2.WatchResponse()
-            self._add_events(template, r)
-            shared = self._encoded = (r.events, template.SerializeToString())
-        return head.SerializeToString() + shared[1]
+    def _wake_soon(self, wake: Callable[[], None]) -> None:
+        """Wake a stream's sender, at most `WAKE_BATCH` per turn of the event loop: a put that
+        1,000 watchers take wakes them in batches with the loop's I/O (Raft messages, the next
+        put) in between, instead of queueing 1,000 sends ahead of it."""
+        self._ready.append(wake)
+        if not self._pumping:
+            self._pumping = True
+            asyncio.get_running_loop().call_soon(self._pump)
 
-    def response(self, r: Reply) -> kv_pb2.WatchResponse:
-        """The `WatchResponse` of a reply. Replies of watchers at the same position share their
-        events list (`WatchHub`): its events are built once and merged into each response."""
-        resp = kv_pb2.WatchResponse(
-            watch_id=r.watch_id, created=r.created, canceled=r.canceled, cancel_reason=r.cancel_reason,
-            compact_revision=r.compact_revision, resume_revision=r.resume_revision, revision=r.revision,
-            node_id=self.node_id,
-        )
-        if r.error is not None:
-            resp.error.CopyFrom(self.rq.err(r.error))
-        if not r.events:
-            return resp
-        shared = self._shared
-        if shared is None or shared[0] is not r.events:
-            template = kv_pb2.WatchResponse()
-            self._add_events(template, r)
-            shared = self._shared = (r.events, template)
-        resp.MergeFrom(shared[1])
-        if self._plant:
-            self._plant_bug(resp)
-        return resp
-
-    def _plant_bug(self, resp: kv_pb2.WatchResponse) -> None:
-        """The planted bug of `PLANT_ENV` (see there)."""
-        self._planted += 1
-        if self._planted % PLANT_EVERY:
-            return
-        if self._plant == "drop":
-            del resp.events[-1]
-        elif self._plant == "repeat":
-            resp.events.add().CopyFrom(resp.events[0])
-
-    def _add_events(self, resp: kv_pb2.WatchResponse, r: Reply) -> None:
-        add = resp.events.add
-        for c in r.events:
-            if c.kind == PUT:
-                ev = add(type=kv_pb2.Event.PUT)
-                ev.kv.key, ev.kv.value = c.key, c.value or b""
-                ev.kv.create_revision, ev.kv.mod_revision, ev.kv.version = c.create_revision, c.revision, c.version
-            else:
-                ev = add(type=kv_pb2.Event.DELETE)
-                ev.kv.key, ev.kv.mod_revision = c.key, c.revision
-            p = c.prev
-            if p is not None and p.value is not None:
-                pk = ev.prev_kv
-                pk.key, pk.value = c.key, p.value
-                pk.create_revision, pk.mod_revision, pk.version = (
-                    p.meta.create_revision, p.meta.mod_revision, p.meta.version)
+    def _pump(self) -> None:
+        ready = self._ready
+        for _ in range(min(len(ready), WAKE_BATCH)):
+            ready.popleft()()
+        if ready:
+            asyncio.get_running_loop().call_soon(self._pump)
+        else:
+            self._pumping = False
 
 
 class WatchDriver:
