@@ -9,11 +9,14 @@ Per stream:
   shard map (one key: its group; a range: every data group); the hub does the rest;
 - the stream reads no more requests while the hub says it is busy (replies not taken, or too
   many requests queued): gRPC flow control pushes back on the client;
-- replies are sent in order, serialized here (`encode`: a batch of events the hub handed to many
-  watchers is serialized once and its bytes appended to each response's own fields; the
+- replies are sent in order, serialized by `watch_encode.WatchEncoder` (a batch of events the hub
+  handed to many watchers is serialized once and its bytes appended to each response's own
+  fields; consecutive event replies of one watch that queued up go out as one response; the
   server's serializer passes bytes through); the sender wakes when the stream's queue stops being
-  empty and sends all of it before it waits again; a stream opened with a token re-checks it
-  before each batch of replies and ends UNAUTHENTICATED once it expired or was revoked;
+  empty (senders are woken at most `WAKE_BATCH` per turn of the event loop, so the Raft messages
+  and the next put are not queued behind a thousand sends) and sends all of it before it waits
+  again; a stream opened with a token re-checks it before each batch of replies and ends
+  UNAUTHENTICATED once it expired or was revoked;
 - a stream whose client closed its side keeps serving its watches (as etcd's does) and ends
   once none is left; when the call ends, the stream's watchers are forgotten.
 
@@ -90,7 +93,7 @@ class WatchService:
             log.warning("PLANTED WATCH BUG %r is active (%s): watch responses are corrupted", plant, PLANT_ENV)
 
     async def watch(self, requests: AsyncIterator[kv_pb2.WatchRequest], context: Any) -> AsyncIterator[bytes]:
-        """Serve one `KV.Watch` call: its responses, serialized (`encode`)."""
+        """Serve one `KV.Watch` call: its responses, serialized (`WatchEncoder.encode_all`)."""
         rq = self.rq
         s = self.hub.open()
         loop = asyncio.get_running_loop()
