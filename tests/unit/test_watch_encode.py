@@ -73,7 +73,7 @@ def ch_tuple(c: Change) -> tuple:  # type: ignore[type-arg]
             c.prev.value if c.prev is not None and c.prev.value is not None else None)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(reply_lists(), st.sampled_from([200, 1 << 20]))
 def test_encoded_responses_carry_every_event_once_in_order_and_every_control_reply(
         replies: list[Reply], max_merge: int) -> None:

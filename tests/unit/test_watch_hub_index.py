@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_watch_hub import Cluster
 
+from kvstore import errors
 from kvstore.node.watch import WatchLimits, WatchStream
 from kvstore.node.watchspec import Reply, WatchSpec
 from kvstore.storage import commands
@@ -96,7 +97,7 @@ OPS = st.lists(st.one_of(
 ), min_size=10, max_size=80)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(OPS)
 def test_every_watcher_gets_exactly_the_model_events_under_random_creates_cancels_applies_closes_and_slow_streams(
         ops: list[tuple]) -> None:  # type: ignore[type-arg]
@@ -110,13 +111,17 @@ def test_every_watcher_gets_exactly_the_model_events_under_random_creates_cancel
     values: dict[bytes, bytes] = {}
     now = 0.0
 
-    def take(i: int, n: int) -> None:
-        for r in streams[i].take(n):
+    def take(i: int, n: int) -> int:
+        got = streams[i].take(n)
+        for r in got:
             w = watches[(i, r.watch_id)]
+            if w.ended and w.cancel_asked and r.canceled and isinstance(r.error, errors.InvalidArgument):
+                continue  # the answer to a cancel that crossed the server's own cancel: no such watch
             assert not w.ended, "a reply after the watch ended"
             w.replies.append(r)
             if r.canceled:
                 w.ended = True
+        return len(got)
 
     for op in ops:
         kind = op[0]
@@ -167,11 +172,10 @@ def test_every_watcher_gets_exactly_the_model_events_under_random_creates_cancel
         if ask:
             for s in streams:
                 s.progress()
-        for _ in range(400):
+        for _ in range(400):  # as the server: a step again after replies were taken (a full stream drained)
             more = hub.step(now)
-            for i in range(3):
-                take(i, 1 << 20)
-            if not more and not any(s.outbox for s in streams) and not any(s.requests for s in streams):
+            taken = sum(take(i, 1 << 20) for i in range(3))
+            if not more and not taken and not any(s.requests for s in streams):
                 break
         assert not any(s.outbox for s in streams)
     for (i, wid), w in watches.items():
