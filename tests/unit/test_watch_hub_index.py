@@ -70,7 +70,11 @@ def check_against_model(history: list[Write], w: Watch) -> None:
         if r.created:
             assert not w.start
             w.start = r.revision + 1
+            assert not w.spec.start_revision or w.start == w.spec.start_revision
             continue
+        if not w.start:  # its created reply was dropped with the rest by a slow-watcher cancel
+            assert r.canceled and r.resume_revision, r
+            w.start = w.spec.start_revision or r.resume_revision
         if r.canceled and r.resume_revision:
             assert r.revision == r.resume_revision - 1
         if r.canceled and not r.resume_revision:
