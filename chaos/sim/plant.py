@@ -343,21 +343,14 @@ MOVE_BUGS = (
 on every seed)."""
 
 
-_real_advance = WatchHub._advance
 _real_changes = StoreSource.changes
 
 
-def _advance_beyond_frontier(self: WatchHub, s: Any, w: Any, now: float, cache: Any, budget: list[int]) -> bool:
+def _frontier_beyond(self: WatchHub, groups: tuple[int, ...]) -> int:
     # BUG: a watcher over several groups is sent everything up to the HIGHEST last revision of its
     # groups instead of the lowest (the frontier): a quiet group may still write below it, and
     # that write is never sent (and the bookmark already said everything below it was).
-    real = self.last
-    top = max(real[g] for g in w.groups)
-    self.last = {**real, **{g: top for g in w.groups}}
-    try:
-        return _real_advance(self, s, w, now, cache, budget)
-    finally:
-        self.last = real
+    return max(self.last[g] for g in groups)
 
 
 def _catch_up_past_cursor(self: StoreSource, group: int, lo: int, hi: int, max_events: int, max_bytes: int,
@@ -368,7 +361,7 @@ def _catch_up_past_cursor(self: StoreSource, group: int, lo: int, hi: int, max_e
 
 
 WATCH_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
-    "watch-beyond-frontier": (WatchHub, "_advance", _advance_beyond_frontier),
+    "watch-beyond-frontier": (WatchHub, "_frontier", _frontier_beyond),
     "watch-catch-up-off-by-one": (StoreSource, "changes", _catch_up_past_cursor),
 }
 """Bugs planted into the watch hub (`kvstore/node/watch.py`): found by the simulator's watchers

@@ -15,11 +15,12 @@ How a watch is served:
 - **Start now.** A create with start revision 0 starts at M + 1, M = the highest last revision
   of its groups (or compact): the groups below M are closed up to M first (`_asked`), and the
   created reply (revision M) goes out only once every group reached M (`Watcher.waiting`,
-  `_settle`); nothing of the watch is sent before it. So every change applied after the created
-  reply is delivered, and none applied before the create.
+  `_settle`; until then it is in `_waiting`, not advanced); nothing of the watch is sent before
+  it. So every change applied after the created reply is delivered, and none applied before
+  the create.
 - **Progress at a revision.** A progress request at R (the adapter checked R against the clock)
   asks closes of every group of the stream's watches below R, up to R, and gives each watch a
-  progress reply once its cursor passed R (`Watcher.progress_at`).
+  progress reply once its cursor passed R (`Watcher.progress_at`, `_progress_at`).
 - **The frontier.** A group's last revision `RevState.last`, as applied here, is closed: every
   later write of the group gets a higher revision (the apply rule; CLOSE raises it without a
   write). So a watcher may send every event at or below F = min over its groups of their last
@@ -39,7 +40,16 @@ How a watch is served:
   logs (`storage/changefeed.py`): each step reads [next_rev, F] (bounded: whole revisions, at most
   `read_events` per group), merges by revision, filters by key range and kind, queues the events
   in replies (a revision never split; `revision` = everything at or below it sent), and moves
-  next_rev past it. Watchers at the same position share the step's reads. A start revision at or
+  next_rev past it. Watchers at the same position share the step's reads.
+- **Work proportional to what changed.** Caught-up watchers of one group set (and prev_kv
+  choice) are a `_Cohort` at one shared position: a step reads and merges its [pos, F] once,
+  selects each distinct filter's events once and hands the same lists to that filter's members
+  (a member that gets no event is not visited). Watchers catching up, or whose stream is full,
+  are behind (`_behind`): visited one by one, they join the cohort at its position. Progress
+  replies come from a heap of deadlines, slow-stream checks from the set of full streams,
+  `lagging_groups` from per-set counts: no per-cycle walk over every watcher (`visits` counts
+  the watchers steps looked at).
+- **Compaction.** A start revision at or
   below a group's compact revision (or a cursor that compaction overtook) is canceled with
   COMPACTED naming it: definite, never a silent gap.
 - **Bounded memory.** A stream's queued replies are bounded (`stream_bytes`): above it the hub
@@ -150,18 +160,21 @@ class _Store(Protocol):
     def shard_state(self, group: int) -> ShardState | None: ...
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Watcher:
     """One watch. Invariant: every matching event below `next_rev` is queued or sent; every reply
-    the adapter took says everything at or below `delivered` is sent."""
+    the adapter took says everything at or below `delivered` is sent. `next_rev` is its own
+    cursor `rev` while it is behind (catching up, or its stream full), and its cohort's `pos`
+    while it is in one (caught up: `_Cohort`). Hashed by identity."""
 
     id: int
     spec: WatchSpec
     groups: tuple[int, ...]
     shards: dict[int, ShardState | None]
-    next_rev: int
+    rev: int
     delivered: int
     last_reply: float
+    cohort: _Cohort | None = None
     waiting: int = 0
     """> 0: a watch started "now" whose created reply waits until every group reached this
     revision (its start - 1; closes asked): until then nothing of it is sent."""
@@ -169,6 +182,78 @@ class Watcher:
     """> 0: a progress request asked for a progress reply once `next_rev` - 1 reaches it."""
     partial: bool = False
     """A watch of some of its range's groups (a sub-watch a client merges with others)."""
+
+    @property
+    def next_rev(self) -> int:
+        """The first revision not yet queued for it."""
+        c = self.cohort
+        return self.rev if c is None else c.pos
+
+    @next_rev.setter
+    def next_rev(self, rev: int) -> None:
+        assert self.cohort is None, "a cohort member moves with its cohort"
+        self.rev = rev
+
+
+_Filter = tuple[bytes, bytes | None, bool, bool]
+"""What selects a watch's events from a change log: (start, end, no_put, no_delete)."""
+
+
+def _filter(spec: WatchSpec) -> _Filter:
+    return (spec.start, spec.end, spec.no_put, spec.no_delete)
+
+
+@dataclass(slots=True, eq=False)
+class _Cohort:
+    """The caught-up watchers of one group set and `prev_kv` choice, all at one position `pos`
+    (every member's `next_rev`). A step reads [pos, frontier] of its groups once, merges it once,
+    selects the events of each distinct filter once (single keys by a dict lookup per change)
+    and hands the same event lists to every member of that filter: its cost is the changes read
+    plus one reply per member that gets an event; members that get none are not visited.
+    Invariant: `pos` <= frontier + 1 unless a member was created with a later start revision;
+    a member whose stream is full when it would get events leaves at the position before them
+    (it catches up from history as a watcher behind, then joins again)."""
+
+    key: tuple[tuple[int, ...], bool]
+    pos: int
+    by_filter: dict[_Filter, dict[Watcher, WatchStream]] = field(default_factory=dict)
+    keys: dict[bytes, list[_Filter]] = field(default_factory=dict)
+    """Single-key filters by their key."""
+    ranges: list[_Filter] = field(default_factory=list)
+    """The other filters."""
+    size: int = 0
+
+    def add(self, w: Watcher, s: WatchStream) -> None:
+        f = _filter(w.spec)
+        members = self.by_filter.get(f)
+        if members is None:
+            members = self.by_filter[f] = {}
+            if w.spec.single_key:
+                self.keys.setdefault(f[0], []).append(f)
+            else:
+                self.ranges.append(f)
+        members[w] = s
+        w.cohort = self
+        self.size += 1
+
+    def remove(self, w: Watcher) -> None:
+        f = _filter(w.spec)
+        members = self.by_filter[f]
+        del members[w]
+        w.rev, w.cohort = self.pos, None
+        self.size -= 1
+        if not members:
+            del self.by_filter[f]
+            if w.spec.single_key:
+                fs = self.keys[f[0]]
+                fs.remove(f)
+                if not fs:
+                    del self.keys[f[0]]
+            else:
+                self.ranges.remove(f)
+
+    def members(self) -> list[tuple[Watcher, WatchStream]]:
+        return [m for ms in self.by_filter.values() for m in ms.items()]
 
 
 @dataclass(slots=True)
@@ -246,22 +331,35 @@ class WatchStream:
         """The next queued replies, in order (handed to the transport)."""
         out: list[Reply] = []
         hub = self.hub
-        if self.bytes >= hub.limits.stream_bytes:
+        full = self.bytes >= hub.limits.stream_bytes
+        if full:
             hub._work = True  # it may drain below the bound: the hub reads for it again
-        while self.outbox and len(out) < max_replies:
-            r, w = self.outbox.popleft()
-            self.bytes -= r.size
-            hub.pending_bytes -= r.size
+        outbox = self.outbox
+        n = min(len(outbox), max_replies)
+        taken = 0
+        for _ in range(n):
+            r, w = outbox.popleft()
+            taken += r.size
             if w is not None and r.revision > w.delivered:
                 w.delivered = r.revision
             out.append(r)
+        self.bytes -= taken
+        hub.pending_bytes -= taken
+        if full and self.bytes < hub.limits.stream_bytes:
+            hub._full.pop(self, None)
+            self.stalled_since = None
         return out
 
     def _put(self, r: Reply, w: Watcher | None) -> None:
+        """Queue `r`; wake the adapter if the outbox was empty (it drains all of it per wake)."""
+        was_empty = not self.outbox
         self.outbox.append((r, w))
         self.bytes += r.size
-        self.hub.pending_bytes += r.size
-        if self.on_reply is not None:
+        hub = self.hub
+        hub.pending_bytes += r.size
+        if self.bytes >= hub.limits.stream_bytes:
+            hub._full[self] = None
+        if was_empty and self.on_reply is not None:
             self.on_reply()
 
     def close(self) -> None:
@@ -276,6 +374,7 @@ class WatchStream:
         self.bytes = 0
         self.outbox.clear()
         self.requests.clear()
+        hub._full.pop(self, None)
         hub.streams.pop(self.id, None)
 
 
@@ -311,17 +410,47 @@ class WatchHub:
         """Closes asked for by progress requests since the last `close_wants`."""
         self._wants_changed = False
         """`last`, `written`, the sets or `_asked` changed since the last `close_wants`."""
-        self.watching: dict[int, list[tuple[WatchStream, Watcher]]] = {}
+        self._psets: dict[tuple[int, ...], int] = {}
+        """The group sets of watches over several groups with progress notifications -> how many."""
+        self.watching: dict[int, dict[Watcher, WatchStream]] = {}
+        """Watched group -> its watchers."""
+        self._shards: dict[int, dict[ShardState | None, int]] = {}
+        """Watched group -> the shard states its watchers were created under -> how many (a
+        refresh walks the group's watchers only when the group's state is not the only one)."""
+        self._cohorts: dict[tuple[tuple[int, ...], bool], _Cohort] = {}
+        """(groups, prev_kv) -> the caught-up watchers of it (`_Cohort`)."""
+        self._behind: dict[Watcher, WatchStream] = {}
+        """Watchers not in a cohort: catching up from history, stalled by their full stream, or
+        created at a later start revision than their cohort's position. A step visits them one by
+        one (bounded by `step_events`); once caught up they join their cohort."""
+        self._full: dict[WatchStream, None] = {}
+        """Streams at or above `stream_bytes` (the slow-stream checks look at these only)."""
+        self._progress: list[tuple[float, int, Watcher, WatchStream]] = []
+        """Heap of (when due, seq, watcher, stream): watchers with progress notifications, each
+        once while it lives (dead entries are dropped when popped, or by a rebuild)."""
+        self._pseq = 0
+        self._waiting: dict[Watcher, WatchStream] = {}
+        """Watches started "now" whose created reply waits for their groups to reach their start
+        (`_settle`): indexed per group (their groups' last revisions are refreshed) but in no
+        cohort and not behind, so nothing of them is read or sent yet."""
+        self._progress_at: dict[Watcher, WatchStream] = {}
+        """Watchers owed a progress reply once their cursor passes `progress_at`."""
+        self._partial: dict[tuple[int, ...], int] = {}
+        """The group sets of partial watches (sub-watches of merged ones) -> how many."""
+        self._ppartial: dict[tuple[int, ...], int] = {}
+        """The same, of those with progress notifications."""
         self._dirty: set[int] = set()
         self._has_requests = False
         self._work = False
         """Something may let a watcher move: a frontier moved, a watch was created, a step left
-        work, a full stream drained. Without it (and before `_next_pass`) a step skips the
-        watchers: a thousand idle watches cost nothing per Ready cycle."""
-        self._next_pass = 0.0
-        """When the next full pass is due anyway (progress replies, slow streams)."""
+        work, a full stream drained. Without it a step reads nothing and visits no watcher: a
+        thousand idle watches cost nothing per Ready cycle (progress replies and slow streams
+        are found by the heap of deadlines and the set of full streams)."""
         self._sid = 0
         self._rr = 0
+        self.visits = 0
+        """Watchers the steps looked at one by one (a measure of the per-cycle work: a cohort's
+        members that get no event, and idle watchers, are not visited)."""
         self.canceled_slow = 0
         self.canceled_moved = 0
 
@@ -367,40 +496,40 @@ class WatchHub:
                 if s.on_reply is not None:
                     s.on_reply()  # its queue of requests has room again (even if nothing was queued)
         lim = self.limits
-        if not self._work and now < self._next_pass:
-            return False
-        self._work = False
-        self._next_pass = now + lim.progress_interval / 4
-        budget = [lim.step_events]
-        cache = _StepCache()
+        if self._full:
+            self._check_full(now)
         more = False
-        streams = list(self.streams.values())
-        if streams:
-            self._rr = (self._rr + 1) % len(streams)
-            streams = streams[self._rr:] + streams[: self._rr]
-        for s in streams:
-            if s.bytes >= lim.stream_bytes:
-                if s.stalled_since is None:
-                    s.stalled_since = now
-                elif now - s.stalled_since >= lim.slow_after:
-                    self._cancel_all(s, SLOW)
-                continue
-            s.stalled_since = None
-            for w in list(s.watchers.values()):
-                if budget[0] <= 0 or s.bytes >= lim.stream_bytes:
+        if self._waiting:
+            for w, s in list(self._waiting.items()):
+                if s.watchers.get(w.id) is not w:
+                    del self._waiting[w]
+                elif self._settle(s, w, now):
+                    del self._waiting[w]
+                    self._behind[w] = s
+                    self._work = True
+        if self._work:
+            self._work = False
+            budget = [lim.step_events]
+            cache = _StepCache()
+            for c in list(self._cohorts.values()):
+                if budget[0] <= 0:
                     more = True
                     break
-                if w.waiting and not self._settle(s, w, now):
-                    continue
-                while self._advance(s, w, now, cache, budget):
-                    if budget[0] <= 0 or s.bytes >= lim.stream_bytes or s.watchers.get(w.id) is not w:
+                while self._advance_cohort(c, now, cache, budget):
+                    if budget[0] <= 0:
                         more = True
                         break
-                if (w.spec.progress_notify and s.watchers.get(w.id) is w and now - w.last_reply >= lim.progress_interval
-                        and s.bytes < lim.stream_bytes):
-                    self._reply(s, w, Reply(w.id, revision=w.next_rev - 1), now)
-                if w.progress_at and w.next_rev > w.progress_at and s.watchers.get(w.id) is w:
+            if self._behind and self._advance_behind(now, cache, budget):
+                more = True
+        if self._progress and self._progress[0][0] <= now:
+            self._progress_due(now)
+        if self._progress_at:
+            for w, s in list(self._progress_at.items()):
+                if s.watchers.get(w.id) is not w or not w.progress_at:
+                    del self._progress_at[w]
+                elif w.next_rev > w.progress_at and not w.waiting:
                     w.progress_at = 0
+                    del self._progress_at[w]
                     self._reply(s, w, Reply(w.id, revision=w.next_rev - 1), now)
         while self.pending_bytes > lim.node_bytes:
             fullest = max(self.streams.values(), key=lambda x: x.bytes, default=None)
@@ -441,14 +570,16 @@ class WatchHub:
         out: dict[int, int] = {}
         wait = self.limits.close_idle
         last, changed = self.last, self.changed_at
-        for s in self.streams.values():
-            for w in s.watchers.values():
-                if (len(w.groups) < 2 and not w.partial) or (progress_only and not w.spec.progress_notify):
-                    continue
-                top = max(last[g] for g in w.groups)
-                for g in w.groups:
-                    if (last[g] < top or w.partial) and now - changed[g] >= wait and out.get(g, -1) < top:
-                        out[g] = top
+        for gs in self._psets if progress_only else self._sets:  # per group set, not per watcher
+            top = max(last[g] for g in gs)
+            for g in gs:
+                if last[g] < top and now - changed[g] >= wait and out.get(g, 0) < top:
+                    out[g] = top
+        for gs in self._ppartial if progress_only else self._partial:  # every quiet group of it
+            top = max(last[g] for g in gs)
+            for g in gs:
+                if now - changed[g] >= wait and out.get(g, -1) < top:
+                    out[g] = top
         return out
 
     # --- requests -------------------------------------------------------------------------------
@@ -486,6 +617,7 @@ class WatchHub:
             if w.next_rev > revision and not w.waiting:
                 self._work = True  # it is there already: the next pass answers
             w.progress_at = max(w.progress_at, revision)
+            self._progress_at[w] = s
             for g in w.groups:
                 if last[g] < revision and asked.get(g, 0) < revision:
                     asked[g] = revision
@@ -587,8 +719,11 @@ class WatchHub:
         s.watchers[wid] = w
         self.count += 1
         self._work = True
-        for g in r.groups:
-            self.watching.setdefault(g, []).append((s, w))
+        self._index(s, w, now)
+        if r.partial:
+            self._partial[r.groups] = self._partial.get(r.groups, 0) + 1
+            if r.spec.progress_notify:
+                self._ppartial[r.groups] = self._ppartial.get(r.groups, 0) + 1
         if len(r.groups) > 1:
             self._sets[r.groups] = self._sets.get(r.groups, 0) + 1
             for g in r.groups:
@@ -604,8 +739,7 @@ class WatchHub:
         """Queue `w`'s events in [next_rev, frontier] (bounded). True if more remain. Watchers of
         the same spec, groups and position share one merge (`cache.merged`): a thousand watches
         of one prefix cost one read and one merge per step, and a reply each."""
-        last = self.last
-        hi = min(last[g] for g in w.groups)
+        hi = self._frontier(w.groups)
         lo = w.next_rev
         if hi < lo:
             return False
@@ -649,6 +783,12 @@ class WatchHub:
             self._queue_events(s, w, events, upto, now, size)
         return upto < hi
 
+    def _frontier(self, groups: tuple[int, ...]) -> int:
+        """The revision up to which watchers of `groups` may be sent everything: the lowest last
+        revision of the groups (see the module docstring)."""
+        last = self.last
+        return min(last[g] for g in groups)
+
     def _queue_events(self, s: WatchStream, w: Watcher, events: list[Change], upto: int, now: float,
                       total: int) -> None:
         """Replies of at most about `reply_bytes` of events each, a revision never split; the
@@ -671,6 +811,203 @@ class WatchHub:
         s._put(r, w)
         w.last_reply = now
 
+    def _advance_cohort(self, c: _Cohort, now: float, cache: _StepCache, budget: list[int]) -> bool:
+        """Move cohort `c` over [pos, frontier] (bounded like `_advance`): one read per group, one
+        merge, the events of each filter selected once and handed to its members. True if more
+        remain."""
+        if self._cohorts.get(c.key) is not c:
+            return False  # emptied (canceled, or its members' streams full) earlier in the step
+        gs, prev = c.key
+        hi = self._frontier(gs)
+        lo = c.pos
+        if hi < lo:
+            return False
+        lim = self.limits
+        batches: list[ChangeBatch] = []
+        for g in gs:
+            k = (g, lo, hi, prev)
+            b = cache.reads.get(k)
+            if b is None:
+                try:
+                    b = self.source.changes(g, lo, hi, lim.read_events, lim.reply_bytes, prev)
+                except mvcc.Compacted as err:
+                    e: errors.KVError = errors.Compacted(
+                        f"the watch fell behind compaction in group {g}: the compact revision is "
+                        f"{err.compact_revision}", compact_revision=err.compact_revision)
+                    for w, s in c.members():
+                        self._cancel(s, w, e, resumable=False)
+                    return False
+                except StorageError as err2:
+                    e = errors.Unavailable(f"reading group {g}'s changes failed here: {err2}")
+                    for w, s in c.members():
+                        self._cancel(s, w, e)
+                    return False
+                cache.reads[k] = b
+                budget[0] -= len(b.changes)
+            batches.append(b)
+        upto = min(b.upto for b in batches)
+        if len(batches) == 1:
+            changes = [x for x in batches[0].changes if x.revision <= upto]
+        else:
+            changes = list(heapq.merge(*([x for x in b.changes if x.revision <= upto] for b in batches), key=_rev))
+        c.pos = upto + 1
+        if changes:
+            self._hand_out(c, changes, lo, upto, now)
+        return upto < hi
+
+    def _hand_out(self, c: _Cohort, changes: list[Change], lo: int, upto: int, now: float) -> None:
+        """Queue the events of [lo, upto] (`changes`, in revision order) to the members of `c` they
+        match; a member whose stream is full leaves `c` at `lo` instead."""
+        hits: dict[_Filter, list[Change]] = {}
+        if c.keys:
+            keys = c.keys
+            for ch in changes:
+                fs = keys.get(ch.key)
+                if fs is not None:
+                    for f in fs:
+                        if not (f[2] if ch.kind == PUT else f[3]):
+                            hits.setdefault(f, []).append(ch)
+        for f in c.ranges:
+            start, end, no_put, no_delete = f
+            evs = [ch for ch in changes if start <= ch.key and (end is None or ch.key < end)
+                   and not (no_put if ch.kind == PUT else no_delete)]
+            if evs:
+                hits[f] = evs
+        if not hits:
+            return
+        cap = self.limits.stream_bytes
+        full: list[tuple[Watcher, WatchStream]] = []
+        for f, evs in hits.items():
+            parts = self._parts(evs, upto)
+            members = c.by_filter[f]
+            self.visits += len(members)
+            for w, s in members.items():
+                if s.bytes >= cap:
+                    full.append((w, s))
+                    continue
+                wid = w.id
+                for part, rev, size in parts:
+                    s._put(Reply(wid, revision=rev, events=part, size=size), w)
+                w.last_reply = now
+        for w, s in full:  # it reads [lo, ...] from history once its stream drains
+            c.remove(w)
+            w.rev = lo
+            self._behind[w] = s
+        if not c.size and self._cohorts.get(c.key) is c:
+            del self._cohorts[c.key]
+
+    def _parts(self, events: list[Change], upto: int) -> list[tuple[list[Change], int, int]]:
+        """`events` as the (events, revision, size) of replies of at most about `reply_bytes`
+        each, a revision never split; the last one says `upto` (the lists are shared: never
+        changed)."""
+        cap = self.limits.reply_bytes
+        total = sum(ch.size() for ch in events)
+        if total + 64 <= cap:
+            return [(events, upto, 64 + total)]
+        out: list[tuple[list[Change], int, int]] = []
+        cur: list[Change] = []
+        size = 64
+        for ch in events:
+            if cur and ch.revision != cur[-1].revision and size >= cap:
+                out.append((cur, cur[-1].revision, size))
+                cur, size = [], 64
+            cur.append(ch)
+            size += ch.size()
+        out.append((cur, upto, size))
+        return out
+
+    def _advance_behind(self, now: float, cache: _StepCache, budget: list[int]) -> bool:
+        """Move the watchers behind, one by one, round robin, within the budget; those caught up
+        join their cohort. True if one has more to read."""
+        lim = self.limits
+        more = False
+        todo = list(self._behind.items())
+        if len(todo) > 1:
+            self._rr = (self._rr + 1) % len(todo)
+            todo = todo[self._rr:] + todo[: self._rr]
+        for w, s in todo:
+            if s.bytes >= lim.stream_bytes or self._behind.get(w) is not s:
+                continue  # a full stream: its watchers wait until it drains (`take`)
+            if budget[0] <= 0:
+                more = True
+                break
+            self.visits += 1
+            stopped = False
+            while self._advance(s, w, now, cache, budget):
+                if budget[0] <= 0 or s.bytes >= lim.stream_bytes or s.watchers.get(w.id) is not w:
+                    more = stopped = True
+                    break
+            if not stopped and s.watchers.get(w.id) is w:
+                self._join(s, w)
+        return more
+
+    def _join(self, s: WatchStream, w: Watcher) -> None:
+        """`w` (behind) joins its cohort if it is caught up and at the cohort's position (or
+        starts the cohort)."""
+        if w.rev <= self._frontier(w.groups):
+            return
+        key = (w.groups, w.spec.prev_kv)
+        c = self._cohorts.get(key)
+        if c is None:
+            c = self._cohorts[key] = _Cohort(key, w.rev)
+        elif c.pos != w.rev:
+            return
+        del self._behind[w]
+        c.add(w, s)
+
+    def _index(self, s: WatchStream, w: Watcher, now: float) -> None:
+        """Make a new watcher known to the per-group and per-set indexes (it starts behind)."""
+        for g in w.groups:
+            self.watching.setdefault(g, {})[w] = s
+            counts = self._shards.setdefault(g, {})
+            sh = w.shards.get(g)
+            counts[sh] = counts.get(sh, 0) + 1
+        if w.waiting:
+            self._waiting[w] = s
+        else:
+            self._behind[w] = s
+        if w.spec.progress_notify:
+            if len(w.groups) > 1:
+                self._psets[w.groups] = self._psets.get(w.groups, 0) + 1
+            self._pseq += 1
+            heapq.heappush(self._progress, (now + self.limits.progress_interval, self._pseq, w, s))
+            if len(self._progress) > 2 * self.count + 64:  # canceled watchers' entries
+                self._progress = [e for e in self._progress if e[3].watchers.get(e[2].id) is e[2]]
+                heapq.heapify(self._progress)
+
+    def _progress_due(self, now: float) -> None:
+        """Progress replies of the watchers with progress notifications quiet for an interval."""
+        lim = self.limits
+        heap = self._progress
+        while heap and heap[0][0] <= now:
+            _, _, w, s = heapq.heappop(heap)
+            if s.watchers.get(w.id) is not w:
+                continue
+            due = w.last_reply + lim.progress_interval
+            if w.waiting:  # not created yet: no progress reply before its created reply
+                due = now + lim.progress_interval / 4
+            elif due <= now:
+                self.visits += 1
+                if s.bytes < lim.stream_bytes:
+                    self._reply(s, w, Reply(w.id, revision=w.next_rev - 1), now)
+                    due = now + lim.progress_interval
+                else:
+                    due = now + lim.progress_interval / 4
+            self._pseq += 1
+            heapq.heappush(heap, (due, self._pseq, w, s))
+
+    def _check_full(self, now: float) -> None:
+        """Slow streams: a stream full for `slow_after` seconds has its watches canceled."""
+        lim = self.limits
+        for s in list(self._full):
+            if s.bytes < lim.stream_bytes:
+                del self._full[s]
+                s.stalled_since = None
+            elif s.stalled_since is None:
+                s.stalled_since = now
+            elif now - s.stalled_since >= lim.slow_after:
+                self._cancel_all(s, SLOW)
+
     # --- cancels --------------------------------------------------------------------------------
     def _refresh(self, g: int, now: float) -> None:
         """Group `g` applied something: its frontier, and whether its shard state (a range move)
@@ -680,7 +1017,7 @@ class WatchHub:
         src = self.source
         if not self.hosts(g):
             err: errors.KVError = errors.WrongShard(f"group {g} left this node; {MOVED}")
-            for s, w in list(self.watching.get(g, ())):
+            for w, s in list(self.watching.get(g, {}).items()):
                 self.canceled_moved += 1
                 self._cancel(s, w, err)
             return
@@ -688,7 +1025,7 @@ class WatchHub:
             st = src.rev_state(g)
             sh = src.shard_state(g)
         except StorageError as err2:
-            for s, w in list(self.watching.get(g, ())):
+            for w, s in list(self.watching.get(g, {}).items()):
                 self._cancel(s, w, errors.Unavailable(f"reading group {g} failed here: {err2}"))
             return
         old = self.last.get(g)
@@ -702,7 +1039,11 @@ class WatchHub:
                 if old is None or (st.last > seen and self._wrote(g, max(old, seen) + 1, st.last)):
                     self.written[g] = st.last
                     self.wrote_at[g] = now
-        for s, w in list(self.watching.get(g, ())):
+        counts = self._shards.get(g)
+        if counts is None or (len(counts) == 1 and sh in counts):
+            return  # every watcher of g was created under its state now: none to cancel
+        for w, s in list(self.watching.get(g, {}).items()):
+            self.visits += 1
             if w.shards.get(g) != sh:
                 self.canceled_moved += 1
                 self._cancel(s, w, errors.WrongShard(f"group {g}: {MOVED}"))
@@ -746,6 +1087,9 @@ class WatchHub:
                 else:
                     keep.append((r, ww))
             s.outbox = keep
+            if s.bytes < self.limits.stream_bytes:
+                self._full.pop(s, None)
+                s.stalled_since = None
             resume = w.delivered + 1
         else:
             resume = w.next_rev
@@ -757,6 +1101,28 @@ class WatchHub:
         if s.watchers.pop(w.id, None) is None:
             return
         self.count -= 1
+        c = w.cohort
+        if c is not None:
+            c.remove(w)  # its position stays the cohort's (`next_rev`)
+            if not c.size and self._cohorts.get(c.key) is c:
+                del self._cohorts[c.key]
+        else:
+            self._behind.pop(w, None)
+        self._waiting.pop(w, None)
+        self._progress_at.pop(w, None)
+        if w.partial:
+            for sets in (self._partial, self._ppartial) if w.spec.progress_notify else (self._partial,):
+                n = sets[w.groups] - 1
+                if n:
+                    sets[w.groups] = n
+                else:
+                    del sets[w.groups]
+        if w.spec.progress_notify and len(w.groups) > 1:
+            n = self._psets[w.groups] - 1
+            if n:
+                self._psets[w.groups] = n
+            else:
+                del self._psets[w.groups]
         if len(w.groups) > 1:
             n = self._sets[w.groups] - 1
             if n:
@@ -770,12 +1136,21 @@ class WatchHub:
                 else:
                     del self._multi[g]
         for g in w.groups:
+            counts = self._shards.get(g)
+            if counts is not None:
+                sh = w.shards.get(g)
+                m = counts.get(sh, 0) - 1
+                if m > 0:
+                    counts[sh] = m
+                else:
+                    counts.pop(sh, None)
             lst = self.watching.get(g)
             if lst is None:
                 continue
-            lst[:] = [(ss, ww) for ss, ww in lst if ww is not w]
+            lst.pop(w, None)
             if not lst:
                 del self.watching[g]
+                self._shards.pop(g, None)
                 self.last.pop(g, None)
                 self.changed_at.pop(g, None)
                 self.written.pop(g, None)

@@ -121,8 +121,9 @@ class KVService(kv_pb2_grpc.KVServicer):
 
     async def Watch(
         self, request_iterator: AsyncIterator[kv_pb2.WatchRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[kv_pb2.WatchResponse]:
-        """Change feeds of key ranges, many on one stream (see watch_service.py)."""
+    ) -> AsyncIterator[bytes]:
+        """Change feeds of key ranges, many on one stream (see watch_service.py; the responses
+        come serialized)."""
         async for resp in self.watches.watch(request_iterator, context):
             yield resp
 

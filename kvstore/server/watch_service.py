@@ -9,8 +9,14 @@ Per stream:
   shard map (one key: its group; a range: every data group); the hub does the rest;
 - the stream reads no more requests while the hub says it is busy (replies not taken, or too
   many requests queued): gRPC flow control pushes back on the client;
-- replies are sent in order; a stream opened with a token re-checks it before each batch of
-  replies and ends UNAUTHENTICATED once it expired or was revoked;
+- replies are sent in order, serialized by `watch_encode.WatchEncoder` (a batch of events the hub
+  handed to many watchers is serialized once and its bytes appended to each response's own
+  fields; consecutive event replies of one watch that queued up go out as one response; the
+  server's serializer passes bytes through); the sender wakes when the stream's queue stops being
+  empty (senders are woken at most `WAKE_BATCH` per turn of the event loop, so the Raft messages
+  and the next put are not queued behind a thousand sends) and sends all of it before it waits
+  again; a stream opened with a token re-checks it before each batch of replies and ends
+  UNAUTHENTICATED once it expired or was revoked;
 - a stream whose client closed its side keeps serving its watches (as etcd's does) and ends
   once none is left; when the call ends, the stream's watchers are forgotten.
 
@@ -31,6 +37,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -41,17 +48,17 @@ from kvstore.node.host import Host
 from kvstore.node.store import ApplyBatch, GroupWrite
 from kvstore.node.watch import WatchHub, WatchStream
 from kvstore.node.watchcloses import WatchCloser, replica_close
-from kvstore.node.watchspec import Reply, WatchSpec, check_groups
+from kvstore.node.watchspec import WatchSpec, check_groups
 from kvstore.raft import Role
 from kvstore.security.guard import credential_of_call
 from kvstore.security.identity import identity_of_call
 from kvstore.security.rbac import READ
 from kvstore.storage import mvcc
-from kvstore.storage.changefeed import PUT, Change
 from kvstore.v1 import kv_pb2
 
 from .admission import rate_key
 from .requests import KVRequests
+from .watch_encode import WatchEncoder
 
 log = logging.getLogger("kvstore.watch")
 
@@ -65,6 +72,9 @@ unless a test asks for it (kvchaos's hidden ``--plant-watch-bug``)."""
 
 PLANT_EVERY = 20
 
+WAKE_BATCH = 32
+"""Stream senders woken per turn of the event loop (`WatchService._wake_soon`)."""
+
 
 class WatchService:
     """The `KV.Watch` handler of one node (used by `KVService.Watch`)."""
@@ -73,19 +83,33 @@ class WatchService:
         self.rq = rq
         self.hub = hub
         self.node_id = rq.cfg.id
-        self._shared: tuple[list[Change], kv_pb2.WatchResponse] | None = None
-        """The events list last turned into protobuf, and the response holding them."""
-        self._plant = os.environ.get(PLANT_ENV, "")
-        self._planted = 0
-        if self._plant:
-            log.warning("PLANTED WATCH BUG %r is active (%s): watch responses are corrupted", self._plant, PLANT_ENV)
+        plant = os.environ.get(PLANT_ENV, "")
+        self.encoder = WatchEncoder(self.node_id, rq.err, plant, PLANT_EVERY)
+        """Replies to serialized responses (`server/watch_encode.py`)."""
+        self._ready: deque[Callable[[], None]] = deque()
+        """Senders to wake (`_wake_soon`), in order."""
+        self._pumping = False
+        if plant:
+            log.warning("PLANTED WATCH BUG %r is active (%s): watch responses are corrupted", plant, PLANT_ENV)
 
-    async def watch(self, requests: AsyncIterator[kv_pb2.WatchRequest], context: Any) -> AsyncIterator[kv_pb2.WatchResponse]:
+    async def watch(self, requests: AsyncIterator[kv_pb2.WatchRequest], context: Any) -> AsyncIterator[bytes]:
+        """Serve one `KV.Watch` call: its responses, serialized (`WatchEncoder.encode_all`)."""
         rq = self.rq
         s = self.hub.open()
-        out = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] | None = None
+        """Set while the sender waits for replies (the hub wakes it when the outbox stops being
+        empty, and the sender then sends everything queued before it waits again)."""
+
+        def wake() -> None:
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
         room = asyncio.Event()
-        s.on_reply = out.set
+        s.on_reply = lambda: self._wake_soon(wake)
+        stream_bytes = self.hub.limits.stream_bytes
+        max_merge = self.hub.limits.reply_bytes
+        encode_all = self.encoder.encode_all
         adm = rq.admission
         limited = adm is not None and adm.limiter is not None
         bucket = (rate_key(identity_of_call(), context) or "") if limited else ""
@@ -110,29 +134,35 @@ class WatchService:
                         await room.wait()
             finally:
                 reading = False
-                out.set()
+                wake()
 
-        reader = asyncio.get_running_loop().create_task(read())
+        reader = loop.create_task(read())
         try:
             while True:
-                replies = s.take()
-                if not s.busy:
-                    room.set()
-                if not replies:
+                if not s.outbox:
+                    if not s.busy:
+                        room.set()
                     if not reading and not s.watchers and not s.requests:
                         break  # half-closed by the client, and nothing left to watch or answer
-                    out.clear()
-                    await out.wait()
+                    waiter = loop.create_future()
+                    try:
+                        await waiter
+                    finally:
+                        waiter = None
                     continue
+                full = s.bytes >= stream_bytes
+                replies = s.take(1 << 16)
+                if not s.busy:
+                    room.set()
                 if cred is not None and rq.guard is not None:
                     try:
                         rq.guard.recheck(cred)
                     except errors.Unauthenticated as err:
                         await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"KV.Watch: {err.message}")
-                if self.hub.watching:
-                    rq.wake()  # the hub may read more for this stream now
-                for r in replies:
-                    yield self.response(r)
+                if full and self.hub.watching:
+                    rq.wake()  # the hub stopped reading for this stream: it may read again now
+                for data in encode_all(replies, max_merge):
+                    yield data
         finally:
             s.close()
             room.set()
@@ -187,54 +217,23 @@ class WatchService:
                 return
         s.progress(revision)
 
-    def response(self, r: Reply) -> kv_pb2.WatchResponse:
-        """The `WatchResponse` of a reply. Replies of watchers at the same position share their
-        events list (`WatchHub`): its events are built once and merged into each response."""
-        resp = kv_pb2.WatchResponse(
-            watch_id=r.watch_id, created=r.created, canceled=r.canceled, cancel_reason=r.cancel_reason,
-            compact_revision=r.compact_revision, resume_revision=r.resume_revision, revision=r.revision,
-            node_id=self.node_id,
-        )
-        if r.error is not None:
-            resp.error.CopyFrom(self.rq.err(r.error))
-        if not r.events:
-            return resp
-        shared = self._shared
-        if shared is None or shared[0] is not r.events:
-            template = kv_pb2.WatchResponse()
-            self._add_events(template, r)
-            shared = self._shared = (r.events, template)
-        resp.MergeFrom(shared[1])
-        if self._plant:
-            self._plant_bug(resp)
-        return resp
+    def _wake_soon(self, wake: Callable[[], None]) -> None:
+        """Wake a stream's sender, at most `WAKE_BATCH` per turn of the event loop: a put that
+        1,000 watchers take wakes them in batches with the loop's I/O (Raft messages, the next
+        put) in between, instead of queueing 1,000 sends ahead of it."""
+        self._ready.append(wake)
+        if not self._pumping:
+            self._pumping = True
+            asyncio.get_running_loop().call_soon(self._pump)
 
-    def _plant_bug(self, resp: kv_pb2.WatchResponse) -> None:
-        """The planted bug of `PLANT_ENV` (see there)."""
-        self._planted += 1
-        if self._planted % PLANT_EVERY:
-            return
-        if self._plant == "drop":
-            del resp.events[-1]
-        elif self._plant == "repeat":
-            resp.events.add().CopyFrom(resp.events[0])
-
-    def _add_events(self, resp: kv_pb2.WatchResponse, r: Reply) -> None:
-        add = resp.events.add
-        for c in r.events:
-            if c.kind == PUT:
-                ev = add(type=kv_pb2.Event.PUT)
-                ev.kv.key, ev.kv.value = c.key, c.value or b""
-                ev.kv.create_revision, ev.kv.mod_revision, ev.kv.version = c.create_revision, c.revision, c.version
-            else:
-                ev = add(type=kv_pb2.Event.DELETE)
-                ev.kv.key, ev.kv.mod_revision = c.key, c.revision
-            p = c.prev
-            if p is not None and p.value is not None:
-                pk = ev.prev_kv
-                pk.key, pk.value = c.key, p.value
-                pk.create_revision, pk.mod_revision, pk.version = (
-                    p.meta.create_revision, p.meta.mod_revision, p.meta.version)
+    def _pump(self) -> None:
+        ready = self._ready
+        for _ in range(min(len(ready), WAKE_BATCH)):
+            ready.popleft()()
+        if ready:
+            asyncio.get_running_loop().call_soon(self._pump)
+        else:
+            self._pumping = False
 
 
 class WatchDriver:

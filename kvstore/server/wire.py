@@ -234,6 +234,14 @@ def _connection_principal(guard: AuthGuard | None, context: grpc.aio.ServicerCon
     return Principal(PrincipalKind.ANONYMOUS, peer=peer)
 
 
+def _serialize(message: Any) -> bytes:
+    """A response on the wire: a message, or bytes a handler serialized itself (`KV.Watch`
+    sends one encoding of a batch of events to many streams)."""
+    if type(message) is bytes:
+        return message
+    return bytes(message.SerializeToString())
+
+
 _HANDLER = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
@@ -258,13 +266,12 @@ def add_services(
             if include is not None and not include(f"/{service.full_name}/{m.name}"):
                 continue
             request_cls = message_factory.GetMessageClass(m.input_type)
-            response_cls = message_factory.GetMessageClass(m.output_type)
             make = _HANDLER[(m.client_streaming, m.server_streaming)]
             path = f"/{service.full_name}/{m.name}"
             handlers[m.name] = make(
                 _wrap(getattr(servicer, m.name), m, guard, path, limit),
                 request_deserializer=decoder(request_cls),
-                response_serializer=response_cls.SerializeToString,
+                response_serializer=_serialize,
             )
             paths.append(path)
         if handlers:
