@@ -120,6 +120,9 @@ class WatcherLog:
     resumes: int = 0
     ended: str = ""
     """Why it stopped: "stopped" (by the harness, after the final reads) or an error."""
+    breaches: int = 0
+    """Sub-watch responses of a merged watch that broke the watch contract (the client library
+    hid them by restarting the watch: each is a server-side violation)."""
 
     def window(self) -> tuple[int, int] | None:
         """``[lo, hi]`` of the module docstring (None: nothing delivered)."""
@@ -378,6 +381,9 @@ def check_all(logs: Sequence[WatcherLog], writes: Sequence[WriteRecord], *, end_
     good: dict[int, list[WatchEventRecord]] = {}
     for w in logs:
         res.resumes += w.resumes
+        if w.breaches:
+            res.add("ordered", f"watcher {w.id} ({_describe(w)}): {w.breaches} sub-watch response(s) of its merged "
+                    "watch broke the watch contract (out of order, going back, or before created)")
         res.ended[w.ended or "running"] = res.ended.get(w.ended or "running", 0) + 1
         good[w.id] = _check_feed(w, res)
         _check_events(w, good[w.id], writes, by_value, deletes, res, indeterminate)

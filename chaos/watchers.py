@@ -113,15 +113,15 @@ class Watchers:
             async for b in cl.watch_batches(key, prefix=prefix, range_end=end, start_revision=log.start_revision,
                                             prev_kv=log.prev_kv, progress=True):
                 log.batches.append(_record(b, self.rec.now()))
-                log.resumes = cl.watch_resumes
+                log.resumes, log.breaches = cl.watch_resumes, cl.watch_breaches
                 w.advanced.set()
             log.ended = "the feed ended"
         except asyncio.CancelledError:
-            log.resumes = cl.watch_resumes
+            log.resumes, log.breaches = cl.watch_resumes, cl.watch_breaches
             log.ended = log.ended or "stopped"
             raise
         except Exception as err:  # what the client raised instead of resuming: recorded, judged
-            log.resumes = cl.watch_resumes
+            log.resumes, log.breaches = cl.watch_resumes, cl.watch_breaches
             log.ended = f"{type(err).__name__}: {err}"
         w.advanced.set()
 
@@ -187,7 +187,7 @@ def write_records(path: Path, logs: list[WatcherLog]) -> None:
             for b in w.batches:
                 fh.write(json.dumps({"w": w.id, "t": b.t, "rev": b.revision, "node": b.node,
                                      "events": [e.to_json() for e in b.events]}, separators=(",", ":")) + "\n")
-            fh.write(json.dumps({"w": w.id, "end": w.ended, "resumes": w.resumes}) + "\n")
+            fh.write(json.dumps({"w": w.id, "end": w.ended, "resumes": w.resumes, "breaches": w.breaches}) + "\n")
 
 
 def load_watchers(path: Path) -> list[WatcherLog]:
@@ -203,6 +203,7 @@ def load_watchers(path: Path) -> list[WatcherLog]:
             elif "end" in d:
                 logs[d["w"]].ended = str(d["end"])
                 logs[d["w"]].resumes = int(d["resumes"])
+                logs[d["w"]].breaches = int(d.get("breaches", 0))
             else:
                 logs[d["w"]].batches.append(WatchBatchRecord(
                     int(d["rev"]), [WatchEventRecord.from_json(e) for e in d["events"]], float(d["t"]), int(d["node"])))

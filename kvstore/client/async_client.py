@@ -397,6 +397,12 @@ class AsyncClient:
                 yield ev
 
     @property
+    def watch_breaches(self) -> int:
+        """How many times a node serving part of a merged watch broke the watch contract (the
+        client restarted the watch; see `Watches.breaches`)."""
+        return self._watches.breaches
+
+    @property
     def watch_resumes(self) -> int:
         """How many times this client's watches were resumed on a new stream (after a failure, a
         range move or a server cancel) once started."""

@@ -116,6 +116,11 @@ class Watches:
         self.idle_timeout = IDLE_TIMEOUT
         self.max_queued = MAX_QUEUED
         self.resumes = 0
+        self.breaches = 0
+        """How many times a sub-watch of a merged watch broke the watch contract (events out of
+        order, a revision going back, an answer before its created reply): the merged watch
+        restarts from its last delivered revision, so nothing wrong reaches the caller, but the
+        server misbehaved; a harness (kvchaos) counts these as violations."""
         """How many times a watch of this client was resumed (new stream) after it had started."""
 
     async def watch_batches(
@@ -258,6 +263,7 @@ class Watches:
                         node = item.node_id
                         merge.response(i, item.revision, [_event(e) for e in item.events])
                 except ValueError as err:  # a sub broke the watch contract
+                    self.breaches += 1
                     raise _Resume(errors.InternalError(f"{ep}: {err}", indeterminate=False), ep) from None
                 self._ask(merge, extra)
                 for j, gate in enumerate(gates):

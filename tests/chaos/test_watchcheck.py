@@ -105,6 +105,14 @@ def test_atomic_across_watchers() -> None:
     assert v == {"atomic": 1}
 
 
+def test_a_merged_watch_whose_sub_broke_the_contract_is_a_violation() -> None:
+    """The client library restarts a merged watch when a node's sub-watch breaks the contract, so
+    the feed the harness sees is correct: the breach count it reports makes the run invalid."""
+    w = watcher(0, good_batches())
+    w.breaches = 1
+    assert violated([w]) == {"ordered": 1}
+
+
 def test_bookmarkable() -> None:
     """An event at or below a progress notification's revision, after it."""
     _, ev = history()
@@ -183,6 +191,7 @@ def test_any_split_of_a_correct_feed_passes_and_any_dropped_event_is_caught(revs
 def test_records_round_trip_and_writes_of_a_history(tmp_path: Path) -> None:
     logs = [watcher(0, good_batches()), watcher(1, [(10, [])], rng=KeyRange("r/", "r0"), start=3, ended="Compacted: x")]
     logs[0].resumes = 2
+    logs[0].breaches = 1
     write_records(tmp_path / "watches.jsonl", logs)
     back = load_watchers(tmp_path / "watches.jsonl")
     assert back == logs
