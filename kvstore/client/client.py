@@ -35,6 +35,9 @@ T = TypeVar("T")
 DEFAULT_COALESCE = 0.001
 """Seconds a call may be held back so that other threads' calls leave with it (see `Client`)."""
 MAX_COALESCE = 0.1
+IDLE_RESET = 5
+"""A call made after no call ran for `IDLE_RESET * coalesce` leaves at once (and `_peak` restarts
+at 1): a client that sat idle holds nothing back for threads that may not be there."""
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -103,10 +106,11 @@ class Client:
 
     ``coalesce`` (seconds, default 1 ms, 0 turns it off): threads come back from their calls
     one by one, so left alone their next calls would leave in small batches that cost the
-    servers several times more per operation than one full batch. While other calls are in
-    flight, a call may wait up to ``coalesce`` for the other threads' calls (until as many calls
-    are waiting or running as the most seen at once, `_peak`; a wait that runs out lowers
-    `_peak` to what is there). A call made while no other runs leaves at once.
+    servers several times more per operation than one full batch. So a call may wait up to
+    ``coalesce`` for the other threads' calls: until as many calls are waiting or running (a
+    long call, a watch waiting for events, counts: its thread is busy, not coming back) as the
+    most seen at once, `_peak`; a wait that runs out lowers `_peak` to what is there. A call
+    made after no call ran for `IDLE_RESET` times ``coalesce`` leaves at once.
     """
 
     def __init__(self, endpoints: Sequence[str] | str, *, coalesce: float = DEFAULT_COALESCE, **kwargs: Any) -> None:
@@ -124,12 +128,17 @@ class Client:
         self._drain_scheduled = False
         """True from the `call_soon_threadsafe(_drain)` until `_drain` takes the inbox."""
         self._live: set[_Call] = set()
-        """Calls started on the loop and not finished (loop thread only)."""
+        """Calls started on the loop and not finished (changed on the loop thread, under
+        `_inbox_lock`)."""
+        self._idle_since = 0.0
+        """Loop time when the last call running finished (loop thread)."""
         self._peak = 1
         """Calls seen waiting or running at once (under `_inbox_lock`): the threads in use."""
         self._holding = False
         """The loop holds the inbox back for more calls (under `_inbox_lock`); `_timer` ends it."""
         self._timer: asyncio.TimerHandle | None = None
+        self._holds_expired = 0
+        """Holds that waited the whole `coalesce` (loop thread): each one cost its calls that much."""
         self._thread = threading.Thread(target=self._run_loop, name="kvstore-client", daemon=True)
         self._thread.start()
 
@@ -139,13 +148,16 @@ class Client:
 
     def _drain(self) -> None:
         """On the loop thread, woken by the first call into an empty inbox or by the call that
-        fills it to `_peak`: start the calls waiting, or hold them back (see `coalesce`)."""
+        brings the calls waiting or running up to `_peak`: start the calls waiting, or hold them
+        back (see `coalesce`)."""
         with self._inbox_lock:
             n, live = len(self._inbox), len(self._live)
             if n == 0:
                 self._drain_scheduled = self._holding
                 return
-            hold = self._coalesce > 0 and live > 0 and n < self._peak and self._timer is None
+            if live == 0 and self._loop.time() - self._idle_since > IDLE_RESET * self._coalesce:
+                self._peak = 1  # the client sat idle: what its threads do now is not known yet
+            hold = self._coalesce > 0 and n + live < self._peak and self._timer is None
             self._peak = max(self._peak, n + live)
             if hold:
                 self._holding = True
@@ -157,6 +169,7 @@ class Client:
         """`coalesce` passed without every thread back: fewer threads than `_peak` are calling
         now; learn it, and start what waits."""
         self._timer = None
+        self._holds_expired += 1
         with self._inbox_lock:
             self._peak = max(1, len(self._inbox) + len(self._live))
         self._start_inbox()
@@ -181,11 +194,15 @@ class Client:
                 continue
             task = loop.create_task(coro)
             call.task = task
-            self._live.add(call)
+            with self._inbox_lock:
+                self._live.add(call)
             task.add_done_callback(functools.partial(self._finished, call))
 
     def _finished(self, call: _Call, task: asyncio.Task[Any]) -> None:
-        self._live.discard(call)
+        with self._inbox_lock:
+            self._live.discard(call)
+            if not self._live:
+                self._idle_since = self._loop.time()
         call.finish(task)
 
     def _abandon(self, call: _Call) -> None:
@@ -209,7 +226,7 @@ class Client:
             self._inbox.append(call)
             wake = not self._drain_scheduled
             self._drain_scheduled = True
-            if self._holding and len(self._inbox) >= self._peak:  # every thread is back: go
+            if self._holding and len(self._inbox) + len(self._live) >= self._peak:  # every thread is back: go
                 self._holding = False
                 wake = True
         if wake:

@@ -779,6 +779,46 @@ def test_sync_client_many_threads_each_read_their_own_writes(cluster: FakeCluste
     assert len(by_seq) == n * per
 
 
+def test_sync_client_a_long_call_does_not_hold_back_the_other_threads(cluster: FakeCluster) -> None:
+    """One thread's call runs for long (a watch waiting for events, say) while another thread
+    calls in a loop: every call already waiting or running counts towards the threads in use, so
+    the other thread's calls leave at once, never held for `coalesce` waiting for a thread that
+    is busy; and once the client sat idle, a lone call leaves at once too."""
+    from kvstore.client.client import IDLE_RESET
+
+    with Client(cluster.endpoints, coalesce=0.1, **FAST) as c:
+        c.put(b"lc/k", b"v")
+        release = asyncio.Event()
+
+        async def long_call() -> None:
+            await release.wait()
+
+        t = threading.Thread(target=c._run, args=(long_call(),))
+        t.start()
+        _wait_for(lambda: len(c._live) == 1)
+        for _ in range(10):
+            assert c.get(b"lc/k") == b"v"
+        c._loop.call_soon_threadsafe(release.set)
+        t.join(10)
+        assert not t.is_alive()
+        assert c._holds_expired == 0
+
+        def worker() -> None:
+            for _ in range(5):
+                assert c.get(b"lc/k") == b"v"
+
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads)
+        expired = c._holds_expired  # 8 threads finishing one by one: some holds ran out
+        _wait_for(lambda: not c._live and c._loop.time() - c._idle_since > IDLE_RESET * 0.1)
+        assert c.get(b"lc/k") == b"v"
+        assert c._holds_expired == expired
+
+
 def test_sync_client_coalesce_is_validated_and_zero_works(cluster: FakeCluster) -> None:
     for bad in (-0.001, 0.5):
         with pytest.raises(ValueError, match="coalesce"):
