@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import threading
+from collections import deque
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -35,6 +35,9 @@ T = TypeVar("T")
 DEFAULT_COALESCE = 0.001
 """Seconds a call may be held back so that other threads' calls leave with it (see `Client`)."""
 MAX_COALESCE = 0.1
+RELAY_GRACE = 0.005
+"""Seconds the loop thread lets calls done wait for the relay (see `Client._finished`) to reach
+them before it wakes them itself: only a relay lost to an exception in its thread takes that long."""
 IDLE_RESET = 5
 """A call made after no call ran for `IDLE_RESET * coalesce` leaves at once (and `_peak` restarts
 at 1): a client that sat idle holds nothing back for threads that may not be there."""
@@ -59,6 +62,8 @@ class _Call:
     `done`. `task` is set (on the loop thread) when the coroutine starts; `abandoned` is set by
     the calling thread when it stops waiting (an exception such as KeyboardInterrupt), after which
     the loop thread cancels the task or, if it never started, closes the coroutine unstarted.
+    `relay` (under the client's `_inbox_lock`) is set on a call whose `done` was released with
+    the relay: its thread, once awake, wakes the next call done (`Client._pass_relay`).
     """
 
     coro: Coroutine[Any, Any, Any] | None
@@ -69,17 +74,7 @@ class _Call:
     error: BaseException | None = None
     task: asyncio.Task[Any] | None = None
     abandoned: bool = False
-
-    def finish(self, task: asyncio.Task[Any]) -> None:
-        """The task's done callback: record its outcome and wake the calling thread."""
-        if task.cancelled():  # by close() (or by an abandoned caller, who reads nothing)
-            self.error = Unavailable("the client was closed while the operation ran", indeterminate=self.write)
-        else:
-            self.error = task.exception()
-            if self.error is None:
-                self.result = task.result()
-        self.task = None
-        self.done.release()
+    relay: bool = False
 
     def fail(self, error: BaseException) -> None:
         """Never started (the client closed first): close the coroutine and wake the caller."""
@@ -139,6 +134,16 @@ class Client:
         self._timer: asyncio.TimerHandle | None = None
         self._holds_expired = 0
         """Holds that waited the whole `coalesce` (loop thread): each one cost its calls that much."""
+        self._ready: deque[_Call] = deque()
+        """Calls done, their outcome set, waiting for the relay to wake their threads (under
+        `_inbox_lock`)."""
+        self._relay = False
+        """A woken calling thread carries the relay: calls done queue in `_ready` for it (under
+        `_inbox_lock`); False: the loop thread wakes the next call done itself."""
+        self._relay_passes = 0
+        """Times the relay was passed on (under `_inbox_lock`): the watchdog's sign of progress."""
+        self._relay_watch: asyncio.TimerHandle | None = None
+        """`_watch_relay`, armed while `_ready` holds calls (loop thread)."""
         self._thread = threading.Thread(target=self._run_loop, name="kvstore-client", daemon=True)
         self._thread.start()
 
@@ -192,18 +197,77 @@ class Client:
                 call.error = RuntimeError("call abandoned")
                 call.done.release()
                 continue
-            task = loop.create_task(coro)
-            call.task = task
             with self._inbox_lock:
                 self._live.add(call)
-            task.add_done_callback(functools.partial(self._finished, call))
+            call.task = loop.create_task(self._drive(call, coro))
 
-    def _finished(self, call: _Call, task: asyncio.Task[Any]) -> None:
+    async def _drive(self, call: _Call, coro: Coroutine[Any, Any, Any]) -> None:
+        """A call's task: run it, record its outcome and have its thread woken, in the task
+        itself (no done callback to schedule, one loop iteration later, per call)."""
+        try:
+            call.result = await coro
+        except asyncio.CancelledError:  # by close() (or by an abandoned caller, who reads nothing)
+            call.error = Unavailable("the client was closed while the operation ran", indeterminate=call.write)
+        except BaseException as e:  # the caller's to see, whatever it is
+            call.error = e
+        call.task = None
+        self._finished(call)
+
+    def _finished(self, call: _Call) -> None:
+        """On the loop thread, `call`'s outcome set: wake its thread, or queue it for the relay.
+
+        The relay: waking a thread costs the waker a system call with the GIL held, and threads
+        woken together then compete for the GIL (each failed try one more sleep and wake-up). So
+        of the calls done together the loop thread wakes only the first, handing it the relay;
+        that thread, awake, wakes the next (`_pass_relay`), and so on down `_ready`, while the
+        loop thread goes on with the streams. A watchdog (`_watch_relay`) wakes what waits if
+        the relay stops moving."""
         with self._inbox_lock:
             self._live.discard(call)
             if not self._live:
                 self._idle_since = self._loop.time()
-        call.finish(task)
+            if call.abandoned:  # nobody waits for it
+                return
+            if self._relay and not self._shut:
+                self._ready.append(call)
+                if self._relay_watch is None:
+                    self._relay_watch = self._loop.call_later(RELAY_GRACE, self._watch_relay, self._relay_passes)
+                return
+            self._relay = True
+            call.relay = True
+        call.done.release()
+
+    def _pass_relay(self, call: _Call) -> None:
+        """In the thread of `call`, just woken with the relay: wake the next call done (which
+        carries the relay on), or end the relay if none waits. Idempotent."""
+        with self._inbox_lock:
+            if not call.relay:
+                return
+            call.relay = False
+            self._relay_passes += 1
+            if not self._ready:
+                self._relay = False
+                return
+            nxt = self._ready.popleft()
+            nxt.relay = True
+        nxt.done.release()
+
+    def _watch_relay(self, passes: int) -> None:
+        """On the loop thread, `RELAY_GRACE` after calls began to wait in `_ready`: if the relay
+        has not moved since (its thread met an exception before passing it on), wake every call
+        waiting and end the relay; else look again later."""
+        self._relay_watch = None
+        with self._inbox_lock:
+            if not self._ready:
+                return
+            if self._relay_passes != passes:
+                self._relay_watch = self._loop.call_later(RELAY_GRACE, self._watch_relay, self._relay_passes)
+                return
+            calls = list(self._ready)
+            self._ready.clear()
+            self._relay = False
+        for c in calls:
+            c.done.release()
 
     def _abandon(self, call: _Call) -> None:
         """On the loop thread: the caller stopped waiting; cancel its task if it runs."""
@@ -213,7 +277,7 @@ class Client:
     def _run(self, coro: Coroutine[Any, Any, T], write: bool = False) -> T:
         """Run `coro` on the loop thread and return its result or raise its exception (`write`:
         it is a mutation, for the error a close() during the call gives)."""
-        if threading.current_thread() is self._thread:
+        if threading.get_ident() == self._thread.ident:
             coro.close()
             raise RuntimeError("the synchronous Client cannot be called from its own event loop")
         done = threading.Lock()
@@ -240,10 +304,16 @@ class Client:
         try:
             done.acquire()
         except BaseException:
-            call.abandoned = True
+            with self._inbox_lock:
+                call.abandoned = True
+                with contextlib.suppress(ValueError):  # queued for the relay: nobody to wake now
+                    self._ready.remove(call)
             with contextlib.suppress(RuntimeError):  # the loop is closed
                 self._loop.call_soon_threadsafe(self._abandon, call)
             raise
+        finally:
+            if call.relay:  # woken with the relay (before any abandon): pass it on
+                self._pass_relay(call)
         if call.error is not None:
             raise call.error
         return call.result
@@ -293,11 +363,13 @@ class Client:
             for call in calls:
                 call.fail(ClientClosed("client is closed"))
             if stopped:
-                for call in list(self._live):
-                    self._live.discard(call)
+                with self._inbox_lock:
+                    live, self._live = list(self._live), set()
+                for call in live:
                     call.error = Unavailable("the client was closed while the operation ran",
                                              indeterminate=call.write)
                     call.done.release()
+                self._release_ready()
 
     async def _shutdown(self) -> None:
         """On the loop thread: accept nothing more, fail what never started, cancel what runs
@@ -317,7 +389,20 @@ class Client:
             t.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=2)
+        self._release_ready()
         await self._async.close()
+
+    def _release_ready(self) -> None:
+        """Closing (`_shut` set): wake every call done still waiting for the relay."""
+        with self._inbox_lock:
+            calls = list(self._ready)
+            self._ready.clear()
+            self._relay = False
+        if self._relay_watch is not None:
+            self._relay_watch.cancel()
+            self._relay_watch = None
+        for c in calls:
+            c.done.release()
 
     def get(
         self,
