@@ -95,9 +95,12 @@ class Client:
     How calls reach the loop (the cost that matters with many threads): a calling thread puts
     its call in an inbox and blocks on a plain lock of its own; the loop thread is woken
     (`call_soon_threadsafe`) only when the inbox goes from empty to non-empty, and then starts
-    every call waiting there in one go; a call's task releases its caller's lock when done. So a
-    burst of calls from many threads costs one wake-up of the loop, not one each, and no
-    `concurrent.futures.Future` (with its condition variable) per call.
+    every call waiting there in one go; a call's task records its outcome and releases its
+    caller's lock when done. So a burst of calls from many threads costs one wake-up of the loop,
+    not one each, and no `concurrent.futures.Future` (with its condition variable) per call. Of
+    the calls done together the loop thread wakes only the first; each thread woken wakes the
+    next (the relay, see `_finished`), so the loop thread makes one wake-up system call per burst
+    and the threads do not all compete for the GIL at once.
 
     ``coalesce`` (seconds, default 1 ms, 0 turns it off): threads come back from their calls
     one by one, so left alone their next calls would leave in small batches that cost the
@@ -190,9 +193,10 @@ class Client:
             self._holding = False
         loop = self._loop
         for call in calls:
-            coro, call.coro = call.coro, None
+            coro = call.coro
             assert coro is not None
             if call.abandoned:
+                call.coro = None
                 coro.close()
                 call.error = RuntimeError("call abandoned")
                 call.done.release()
@@ -204,6 +208,7 @@ class Client:
     async def _drive(self, call: _Call, coro: Coroutine[Any, Any, Any]) -> None:
         """A call's task: run it, record its outcome and have its thread woken, in the task
         itself (no done callback to schedule, one loop iteration later, per call)."""
+        call.coro = None
         try:
             call.result = await coro
         except asyncio.CancelledError:  # by close() (or by an abandoned caller, who reads nothing)
@@ -271,8 +276,27 @@ class Client:
 
     def _abandon(self, call: _Call) -> None:
         """On the loop thread: the caller stopped waiting; cancel its task if it runs."""
-        if call.task is not None:
-            call.task.cancel()
+        self._cancel(call)
+
+    def _cancel(self, call: _Call) -> None:
+        """On the loop thread: cancel `call`'s task. A task cancelled before its first step
+        never runs `_drive`: then the call is finished here, as never started."""
+        task = call.task
+        if task is None:
+            return
+        task.add_done_callback(lambda _: self._finish_unstarted(call))
+        task.cancel()
+
+    def _finish_unstarted(self, call: _Call) -> None:
+        with self._inbox_lock:
+            unfinished = call in self._live
+        if unfinished:  # `_drive` never ran: nothing was sent
+            if call.coro is not None:
+                call.coro.close()
+                call.coro = None
+            call.error = ClientClosed("client is closed")
+            call.task = None
+            self._finished(call)
 
     def _run(self, coro: Coroutine[Any, Any, T], write: bool = False) -> T:
         """Run `coro` on the loop thread and return its result or raise its exception (`write`:
@@ -384,9 +408,10 @@ class Client:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        tasks = [c.task for c in self._live if c.task is not None]
-        for t in tasks:
-            t.cancel()
+        live = list(self._live)
+        tasks = [c.task for c in live if c.task is not None]
+        for c in live:
+            self._cancel(c)
         if tasks:
             await asyncio.wait(tasks, timeout=2)
         self._release_ready()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -817,6 +818,115 @@ def test_sync_client_a_long_call_does_not_hold_back_the_other_threads(cluster: F
         _wait_for(lambda: not c._live and c._loop.time() - c._idle_since > IDLE_RESET * 0.1)
         assert c.get(b"lc/k") == b"v"
         assert c._holds_expired == expired
+
+
+def _gets_from_threads(c: Client, key: bytes, value: bytes, threads: int = 8, each: int = 10) -> None:
+    """`threads` threads each get `key` `each` times: every get returns `value`, none hangs."""
+    failures: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for _ in range(each):
+                assert c.get(key) == value
+        except BaseException as e:
+            failures.append(e)
+
+    ts = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    assert not any(t.is_alive() for t in ts)
+    assert not failures, failures[0]
+
+
+def test_sync_client_the_relay_ends_with_every_thread_woken(cluster: FakeCluster) -> None:
+    """Threads woken by the relay (each wakes the next call done): all of them return, and once
+    they are done no call waits for the relay and none carries it."""
+    with Client(cluster.endpoints, **FAST) as c:
+        c.put(b"rl/k", b"v")
+        _gets_from_threads(c, b"rl/k", b"v", threads=32)
+        with c._inbox_lock:
+            assert not c._ready and not c._relay
+
+
+def test_sync_client_a_lost_relay_is_recovered_by_the_watchdog(cluster: FakeCluster) -> None:
+    """If the thread carrying the relay never passes it on (an exception at the wrong moment),
+    the calls done queue for it only until the loop thread's watchdog wakes them."""
+    with Client(cluster.endpoints, **FAST) as c:
+        c.put(b"rl/k", b"v")
+        with c._inbox_lock:
+            c._relay = True  # as if some thread carried it and stopped before passing it on
+        _gets_from_threads(c, b"rl/k", b"v")
+        with c._inbox_lock:
+            assert not c._ready and not c._relay
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_sync_client_an_interrupted_caller_leaves_the_others_running(cluster: FakeCluster) -> None:
+    """A signal interrupts the main thread waiting on a call (as Ctrl-C does): the call raises
+    there, its task is cancelled, and the other threads' calls (and the relay) go on."""
+
+    def interrupt(*_: object) -> None:
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with Client(cluster.endpoints, **FAST) as c:
+            c.put(b"rl/k", b"v")
+            release = asyncio.Event()
+
+            async def long_call() -> None:
+                await release.wait()
+
+            def interrupter() -> None:
+                _wait_for(lambda: len(c._live) == 1)
+                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+
+            t = threading.Thread(target=interrupter)
+            t.start()
+            with pytest.raises(_Interrupted):
+                c._run(long_call())
+            t.join(10)
+            _wait_for(lambda: not c._live)  # its task was cancelled
+            _gets_from_threads(c, b"rl/k", b"v")
+            with c._inbox_lock:
+                assert not c._ready and not c._relay
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_sync_client_a_call_cancelled_before_its_first_step_still_wakes_its_thread(cluster: FakeCluster) -> None:
+    """close() (or an abandoning caller) may cancel a call's task before it ever ran: the call is
+    finished all the same (ClientClosed, definite: nothing was sent), its thread woken, and it
+    no longer counts as running."""
+    from kvstore.client.client import _Call
+
+    with Client(cluster.endpoints, **FAST) as c:
+        ran: list[bool] = []
+
+        async def op() -> None:
+            ran.append(True)
+
+        done = threading.Lock()
+        done.acquire()
+        call = _Call(op(), done, write=True)
+
+        def start_and_cancel() -> None:  # on the loop thread, in one callback: no step ran
+            with c._inbox_lock:
+                c._inbox.append(call)
+            c._start_inbox()
+            c._cancel(call)
+
+        c._loop.call_soon_threadsafe(start_and_cancel)
+        assert done.acquire(timeout=10)
+        assert isinstance(call.error, errors.ClientClosed) and call.error.definite
+        assert not ran and not c._live
+        c.put(b"after", b"cancel")  # the client goes on
+        assert c.get(b"after") == b"cancel"
 
 
 def test_sync_client_coalesce_is_validated_and_zero_works(cluster: FakeCluster) -> None:
