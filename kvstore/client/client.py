@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections import deque
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -35,9 +34,6 @@ T = TypeVar("T")
 DEFAULT_COALESCE = 0.001
 """Seconds a call may be held back so that other threads' calls leave with it (see `Client`)."""
 MAX_COALESCE = 0.1
-RELAY_GRACE = 0.005
-"""Seconds the loop thread lets calls done wait for the relay (see `Client._finished`) to reach
-them before it wakes them itself: only a relay lost to an exception in its thread takes that long."""
 IDLE_RESET = 5
 """A call made after no call ran for `IDLE_RESET * coalesce` leaves at once (and `_peak` restarts
 at 1): a client that sat idle holds nothing back for threads that may not be there."""
@@ -62,8 +58,6 @@ class _Call:
     `done`. `task` is set (on the loop thread) when the coroutine starts; `abandoned` is set by
     the calling thread when it stops waiting (an exception such as KeyboardInterrupt), after which
     the loop thread cancels the task or, if it never started, closes the coroutine unstarted.
-    `relay` (under the client's `_inbox_lock`) is set on a call whose `done` was released with
-    the relay: its thread, once awake, wakes the next call done (`Client._pass_relay`).
     """
 
     coro: Coroutine[Any, Any, Any] | None
@@ -74,7 +68,6 @@ class _Call:
     error: BaseException | None = None
     task: asyncio.Task[Any] | None = None
     abandoned: bool = False
-    relay: bool = False
 
     def fail(self, error: BaseException) -> None:
         """Never started (the client closed first): close the coroutine and wake the caller."""
@@ -97,10 +90,7 @@ class Client:
     (`call_soon_threadsafe`) only when the inbox goes from empty to non-empty, and then starts
     every call waiting there in one go; a call's task records its outcome and releases its
     caller's lock when done. So a burst of calls from many threads costs one wake-up of the loop,
-    not one each, and no `concurrent.futures.Future` (with its condition variable) per call. Of
-    the calls done together the loop thread wakes only the first; each thread woken wakes the
-    next (the relay, see `_finished`), so the loop thread makes one wake-up system call per burst
-    and the threads do not all compete for the GIL at once.
+    not one each, and no `concurrent.futures.Future` (with its condition variable) per call.
 
     ``coalesce`` (seconds, default 1 ms, 0 turns it off): threads come back from their calls
     one by one, so left alone their next calls would leave in small batches that cost the
@@ -137,16 +127,6 @@ class Client:
         self._timer: asyncio.TimerHandle | None = None
         self._holds_expired = 0
         """Holds that waited the whole `coalesce` (loop thread): each one cost its calls that much."""
-        self._ready: deque[_Call] = deque()
-        """Calls done, their outcome set, waiting for the relay to wake their threads (under
-        `_inbox_lock`)."""
-        self._relay = False
-        """A woken calling thread carries the relay: calls done queue in `_ready` for it (under
-        `_inbox_lock`); False: the loop thread wakes the next call done itself."""
-        self._relay_passes = 0
-        """Times the relay was passed on (under `_inbox_lock`): the watchdog's sign of progress."""
-        self._relay_watch: asyncio.TimerHandle | None = None
-        """`_watch_relay`, armed while `_ready` holds calls (loop thread)."""
         self._thread = threading.Thread(target=self._run_loop, name="kvstore-client", daemon=True)
         self._thread.start()
 
@@ -219,60 +199,12 @@ class Client:
         self._finished(call)
 
     def _finished(self, call: _Call) -> None:
-        """On the loop thread, `call`'s outcome set: wake its thread, or queue it for the relay.
-
-        The relay: waking a thread costs the waker a system call with the GIL held, and threads
-        woken together then compete for the GIL (each failed try one more sleep and wake-up). So
-        of the calls done together the loop thread wakes only the first, handing it the relay;
-        that thread, awake, wakes the next (`_pass_relay`), and so on down `_ready`, while the
-        loop thread goes on with the streams. A watchdog (`_watch_relay`) wakes what waits if
-        the relay stops moving."""
+        """On the loop thread, `call`'s outcome set: it no longer runs; wake its thread."""
         with self._inbox_lock:
             self._live.discard(call)
             if not self._live:
                 self._idle_since = self._loop.time()
-            if call.abandoned:  # nobody waits for it
-                return
-            if self._relay and not self._shut:
-                self._ready.append(call)
-                if self._relay_watch is None:
-                    self._relay_watch = self._loop.call_later(RELAY_GRACE, self._watch_relay, self._relay_passes)
-                return
-            self._relay = True
-            call.relay = True
         call.done.release()
-
-    def _pass_relay(self, call: _Call) -> None:
-        """In the thread of `call`, just woken with the relay: wake the next call done (which
-        carries the relay on), or end the relay if none waits. Idempotent."""
-        with self._inbox_lock:
-            if not call.relay:
-                return
-            call.relay = False
-            self._relay_passes += 1
-            if not self._ready:
-                self._relay = False
-                return
-            nxt = self._ready.popleft()
-            nxt.relay = True
-        nxt.done.release()
-
-    def _watch_relay(self, passes: int) -> None:
-        """On the loop thread, `RELAY_GRACE` after calls began to wait in `_ready`: if the relay
-        has not moved since (its thread met an exception before passing it on), wake every call
-        waiting and end the relay; else look again later."""
-        self._relay_watch = None
-        with self._inbox_lock:
-            if not self._ready:
-                return
-            if self._relay_passes != passes:
-                self._relay_watch = self._loop.call_later(RELAY_GRACE, self._watch_relay, self._relay_passes)
-                return
-            calls = list(self._ready)
-            self._ready.clear()
-            self._relay = False
-        for c in calls:
-            c.done.release()
 
     def _abandon(self, call: _Call) -> None:
         """On the loop thread: the caller stopped waiting; cancel its task if it runs."""
@@ -328,16 +260,10 @@ class Client:
         try:
             done.acquire()
         except BaseException:
-            with self._inbox_lock:
-                call.abandoned = True
-                with contextlib.suppress(ValueError):  # queued for the relay: nobody to wake now
-                    self._ready.remove(call)
+            call.abandoned = True
             with contextlib.suppress(RuntimeError):  # the loop is closed
                 self._loop.call_soon_threadsafe(self._abandon, call)
             raise
-        finally:
-            if call.relay:  # woken with the relay (before any abandon): pass it on
-                self._pass_relay(call)
         if call.error is not None:
             raise call.error
         return call.result
@@ -393,7 +319,6 @@ class Client:
                     call.error = Unavailable("the client was closed while the operation ran",
                                              indeterminate=call.write)
                     call.done.release()
-                self._release_ready()
 
     async def _shutdown(self) -> None:
         """On the loop thread: accept nothing more, fail what never started, cancel what runs
@@ -414,20 +339,7 @@ class Client:
             self._cancel(c)
         if tasks:
             await asyncio.wait(tasks, timeout=2)
-        self._release_ready()
         await self._async.close()
-
-    def _release_ready(self) -> None:
-        """Closing (`_shut` set): wake every call done still waiting for the relay."""
-        with self._inbox_lock:
-            calls = list(self._ready)
-            self._ready.clear()
-            self._relay = False
-        if self._relay_watch is not None:
-            self._relay_watch.cancel()
-            self._relay_watch = None
-        for c in calls:
-            c.done.release()
 
     def get(
         self,

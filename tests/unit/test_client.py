@@ -840,35 +840,14 @@ def _gets_from_threads(c: Client, key: bytes, value: bytes, threads: int = 8, ea
     assert not failures, failures[0]
 
 
-def test_sync_client_the_relay_ends_with_every_thread_woken(cluster: FakeCluster) -> None:
-    """Threads woken by the relay (each wakes the next call done): all of them return, and once
-    they are done no call waits for the relay and none carries it."""
-    with Client(cluster.endpoints, **FAST) as c:
-        c.put(b"rl/k", b"v")
-        _gets_from_threads(c, b"rl/k", b"v", threads=32)
-        with c._inbox_lock:
-            assert not c._ready and not c._relay
-
-
-def test_sync_client_a_lost_relay_is_recovered_by_the_watchdog(cluster: FakeCluster) -> None:
-    """If the thread carrying the relay never passes it on (an exception at the wrong moment),
-    the calls done queue for it only until the loop thread's watchdog wakes them."""
-    with Client(cluster.endpoints, **FAST) as c:
-        c.put(b"rl/k", b"v")
-        with c._inbox_lock:
-            c._relay = True  # as if some thread carried it and stopped before passing it on
-        _gets_from_threads(c, b"rl/k", b"v")
-        with c._inbox_lock:
-            assert not c._ready and not c._relay
-
-
 class _Interrupted(Exception):
     pass
 
 
 def test_sync_client_an_interrupted_caller_leaves_the_others_running(cluster: FakeCluster) -> None:
     """A signal interrupts the main thread waiting on a call (as Ctrl-C does): the call raises
-    there, its task is cancelled, and the other threads' calls (and the relay) go on."""
+    there, its task is cancelled (it no longer counts as running), and the other threads' calls
+    go on."""
 
     def interrupt(*_: object) -> None:
         raise _Interrupted
@@ -892,9 +871,8 @@ def test_sync_client_an_interrupted_caller_leaves_the_others_running(cluster: Fa
                 c._run(long_call())
             t.join(10)
             _wait_for(lambda: not c._live)  # its task was cancelled
-            _gets_from_threads(c, b"rl/k", b"v")
-            with c._inbox_lock:
-                assert not c._ready and not c._relay
+            _gets_from_threads(c, b"rl/k", b"v", threads=32)
+            assert not c._live
     finally:
         signal.signal(signal.SIGUSR1, previous)
 
