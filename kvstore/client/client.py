@@ -193,6 +193,8 @@ class Client:
             call.result = await coro
         except asyncio.CancelledError:  # by close() (or by an abandoned caller, who reads nothing)
             call.error = Unavailable("the client was closed while the operation ran", indeterminate=call.write)
+        except GeneratorExit:  # the task itself is being destroyed: close() answers its caller
+            raise
         except BaseException as e:  # the caller's to see, whatever it is
             call.error = e
         call.task = None
