@@ -12,7 +12,10 @@ each concurrency N, a round runs A then B, alternating, so both see the same mac
 
 Each run is bounded by `--seconds` (after one warm-up operation per worker) and counts only
 successful operations (any error stops the bench). Prints every round, then the medians and the
-ratio sync/async. The machine may be shared: read the ratio of one run, not absolute numbers.
+ratio sync/async, and the client's CPU time per operation (this process's user + system time
+over the run: it runs the client only, the nodes are other processes), which a busy machine
+disturbs less than throughput. The machine may be shared: read the ratios of one run, not
+absolute numbers.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 import statistics
@@ -44,13 +48,16 @@ def _key(worker: int, i: int) -> bytes:
     return b"bench/%03d/%04d" % (worker, i % KEYS)
 
 
-def sync_rate(endpoints: list[str], workload: str, threads: int, seconds: float) -> float:
-    """Operations/s of one `Client` shared by `threads` threads for `seconds`."""
+def sync_rate(endpoints: list[str], workload: str, threads: int, seconds: float) -> tuple[float, float]:
+    """Operations/s of one `Client` shared by `threads` threads for `seconds`, and this
+    process's CPU seconds per operation."""
     counts = [0] * threads
     errors: list[BaseException] = []
     window = [0.0]
+    cpu = [0.0]
 
     def open_window() -> None:  # run by the last thread to reach the barrier, before any leaves
+        cpu[0] = time.process_time()
         window[0] = time.monotonic() + seconds
 
     start = threading.Barrier(threads + 1, action=open_window)
@@ -86,12 +93,14 @@ def sync_rate(endpoints: list[str], workload: str, threads: int, seconds: float)
         for t in ts:
             t.join()
         elapsed = time.monotonic() - t0
+        used = time.process_time() - cpu[0]
     if errors:
         raise RuntimeError(f"a sync worker failed: {errors[0]!r}")
-    return sum(counts) / elapsed
+    ops = sum(counts)
+    return ops / elapsed, used / max(1, ops)
 
 
-async def _async_rate(endpoints: list[str], workload: str, tasks: int, seconds: float) -> float:
+async def _async_rate(endpoints: list[str], workload: str, tasks: int, seconds: float) -> tuple[float, float]:
     async with AsyncClient(endpoints, timeout=30) as c:
         async def op(w: int, i: int) -> object:
             if workload == "put":
@@ -108,13 +117,14 @@ async def _async_rate(endpoints: list[str], workload: str, tasks: int, seconds: 
                 i += 1
             return i - 1
 
-        t0 = time.monotonic()
-        counts = await asyncio.gather(*(worker(w) for w in range(tasks)))
-        return sum(counts) / (time.monotonic() - t0)
+        t0, c0 = time.monotonic(), time.process_time()
+        ops = sum(await asyncio.gather(*(worker(w) for w in range(tasks))))
+        return ops / (time.monotonic() - t0), (time.process_time() - c0) / max(1, ops)
 
 
-def async_rate(endpoints: list[str], workload: str, tasks: int, seconds: float) -> float:
-    """Operations/s of one `AsyncClient` (uvloop) with `tasks` tasks for `seconds`."""
+def async_rate(endpoints: list[str], workload: str, tasks: int, seconds: float) -> tuple[float, float]:
+    """Operations/s of one `AsyncClient` (uvloop) with `tasks` tasks for `seconds`, and this
+    process's CPU seconds per operation."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
@@ -146,21 +156,26 @@ def main() -> None:
         cluster.start()
         cluster.settled_leader()
         asyncio.run(fill(cluster.endpoints))
-        results: dict[tuple[str, int], tuple[list[float], list[float]]] = {}
+        results: dict[tuple[str, int], tuple[list[tuple[float, float]], list[tuple[float, float]]]] = {}
         for r in range(args.rounds):
             for wl in workloads:
                 for n in levels:
                     s, a = results.setdefault((wl, n), ([], []))
                     s.append(sync_rate(cluster.endpoints, wl, n, args.seconds))
                     a.append(async_rate(cluster.endpoints, wl, n, args.seconds))
-                    print(f"round {r + 1} {wl:>3} x{n:<3}: sync {s[-1]:8.0f}/s  async {a[-1]:8.0f}/s  "
-                          f"sync/async {s[-1] / a[-1]:.2f}", flush=True)
-        print(f"\nmedians of {args.rounds} rounds, {args.seconds:g} s each (3 nodes, fsync on, linearizable gets):")
-        print("| workload | concurrency | sync Client (threads) | AsyncClient (tasks) | sync/async |")
-        print("|---|---|---|---|---|")
+                    (sr, sc), (ar, ac) = s[-1], a[-1]
+                    print(f"round {r + 1} {wl:>3} x{n:<3}: sync {sr:8.0f}/s {sc * 1e6:6.1f} us/op  "
+                          f"async {ar:8.0f}/s {ac * 1e6:6.1f} us/op  sync/async {sr / ar:.2f}", flush=True)
+        print(f"\nmedians of {args.rounds} rounds, {args.seconds:g} s each (3 nodes, fsync on, linearizable gets; "
+              f"client CPU per operation):")
+        print("| workload | concurrency | sync Client (threads) | AsyncClient (tasks) | sync/async "
+              "| client CPU sync | client CPU async |")
+        print("|---|---|---|---|---|---|---|")
         for (wl, n), (s, a) in results.items():
-            ms, ma = statistics.median(s), statistics.median(a)
-            print(f"| {wl} | {n} | {ms:,.0f}/s | {ma:,.0f}/s | {ms / ma:.2f}x |")
+            ms, ma = statistics.median(x[0] for x in s), statistics.median(x[0] for x in a)
+            cs, ca = statistics.median(x[1] for x in s), statistics.median(x[1] for x in a)
+            print(f"| {wl} | {n} | {ms:,.0f}/s | {ma:,.0f}/s | {ms / ma:.2f}x | {cs * 1e6:.0f} us | {ca * 1e6:.0f} us |")
+        print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     finally:
         cluster.stop()  # by PID
         shutil.rmtree(root, ignore_errors=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,9 @@ T = TypeVar("T")
 DEFAULT_COALESCE = 0.001
 """Seconds a call may be held back so that other threads' calls leave with it (see `Client`)."""
 MAX_COALESCE = 0.1
+IDLE_RESET = 5
+"""A call made after no call ran for `IDLE_RESET * coalesce` leaves at once (and `_peak` restarts
+at 1): a client that sat idle holds nothing back for threads that may not be there."""
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -67,17 +69,6 @@ class _Call:
     task: asyncio.Task[Any] | None = None
     abandoned: bool = False
 
-    def finish(self, task: asyncio.Task[Any]) -> None:
-        """The task's done callback: record its outcome and wake the calling thread."""
-        if task.cancelled():  # by close() (or by an abandoned caller, who reads nothing)
-            self.error = Unavailable("the client was closed while the operation ran", indeterminate=self.write)
-        else:
-            self.error = task.exception()
-            if self.error is None:
-                self.result = task.result()
-        self.task = None
-        self.done.release()
-
     def fail(self, error: BaseException) -> None:
         """Never started (the client closed first): close the coroutine and wake the caller."""
         if self.coro is not None:
@@ -97,16 +88,17 @@ class Client:
     How calls reach the loop (the cost that matters with many threads): a calling thread puts
     its call in an inbox and blocks on a plain lock of its own; the loop thread is woken
     (`call_soon_threadsafe`) only when the inbox goes from empty to non-empty, and then starts
-    every call waiting there in one go; a call's task releases its caller's lock when done. So a
-    burst of calls from many threads costs one wake-up of the loop, not one each, and no
-    `concurrent.futures.Future` (with its condition variable) per call.
+    every call waiting there in one go; a call's task records its outcome and releases its
+    caller's lock when done. So a burst of calls from many threads costs one wake-up of the loop,
+    not one each, and no `concurrent.futures.Future` (with its condition variable) per call.
 
     ``coalesce`` (seconds, default 1 ms, 0 turns it off): threads come back from their calls
     one by one, so left alone their next calls would leave in small batches that cost the
-    servers several times more per operation than one full batch. While other calls are in
-    flight, a call may wait up to ``coalesce`` for the other threads' calls (until as many calls
-    are waiting or running as the most seen at once, `_peak`; a wait that runs out lowers
-    `_peak` to what is there). A call made while no other runs leaves at once.
+    servers several times more per operation than one full batch. So a call may wait up to
+    ``coalesce`` for the other threads' calls: until as many calls are waiting or running (a
+    long call, a watch waiting for events, counts: its thread is busy, not coming back) as the
+    most seen at once, `_peak`; a wait that runs out lowers `_peak` to what is there. A call
+    made after no call ran for `IDLE_RESET` times ``coalesce`` leaves at once.
     """
 
     def __init__(self, endpoints: Sequence[str] | str, *, coalesce: float = DEFAULT_COALESCE, **kwargs: Any) -> None:
@@ -124,12 +116,17 @@ class Client:
         self._drain_scheduled = False
         """True from the `call_soon_threadsafe(_drain)` until `_drain` takes the inbox."""
         self._live: set[_Call] = set()
-        """Calls started on the loop and not finished (loop thread only)."""
+        """Calls started on the loop and not finished (changed on the loop thread, under
+        `_inbox_lock`)."""
+        self._idle_since = 0.0
+        """Loop time when the last call running finished (loop thread)."""
         self._peak = 1
         """Calls seen waiting or running at once (under `_inbox_lock`): the threads in use."""
         self._holding = False
         """The loop holds the inbox back for more calls (under `_inbox_lock`); `_timer` ends it."""
         self._timer: asyncio.TimerHandle | None = None
+        self._holds_expired = 0
+        """Holds that waited the whole `coalesce` (loop thread): each one cost its calls that much."""
         self._thread = threading.Thread(target=self._run_loop, name="kvstore-client", daemon=True)
         self._thread.start()
 
@@ -139,13 +136,16 @@ class Client:
 
     def _drain(self) -> None:
         """On the loop thread, woken by the first call into an empty inbox or by the call that
-        fills it to `_peak`: start the calls waiting, or hold them back (see `coalesce`)."""
+        brings the calls waiting or running up to `_peak`: start the calls waiting, or hold them
+        back (see `coalesce`)."""
         with self._inbox_lock:
             n, live = len(self._inbox), len(self._live)
             if n == 0:
                 self._drain_scheduled = self._holding
                 return
-            hold = self._coalesce > 0 and live > 0 and n < self._peak and self._timer is None
+            if live == 0 and self._loop.time() - self._idle_since > IDLE_RESET * self._coalesce:
+                self._peak = 1  # the client sat idle: what its threads do now is not known yet
+            hold = self._coalesce > 0 and n + live < self._peak and self._timer is None
             self._peak = max(self._peak, n + live)
             if hold:
                 self._holding = True
@@ -157,6 +157,7 @@ class Client:
         """`coalesce` passed without every thread back: fewer threads than `_peak` are calling
         now; learn it, and start what waits."""
         self._timer = None
+        self._holds_expired += 1
         with self._inbox_lock:
             self._peak = max(1, len(self._inbox) + len(self._live))
         self._start_inbox()
@@ -172,31 +173,69 @@ class Client:
             self._holding = False
         loop = self._loop
         for call in calls:
-            coro, call.coro = call.coro, None
+            coro = call.coro
             assert coro is not None
             if call.abandoned:
+                call.coro = None
                 coro.close()
                 call.error = RuntimeError("call abandoned")
                 call.done.release()
                 continue
-            task = loop.create_task(coro)
-            call.task = task
-            self._live.add(call)
-            task.add_done_callback(functools.partial(self._finished, call))
+            with self._inbox_lock:
+                self._live.add(call)
+            call.task = loop.create_task(self._drive(call, coro))
 
-    def _finished(self, call: _Call, task: asyncio.Task[Any]) -> None:
-        self._live.discard(call)
-        call.finish(task)
+    async def _drive(self, call: _Call, coro: Coroutine[Any, Any, Any]) -> None:
+        """A call's task: run it, record its outcome and have its thread woken, in the task
+        itself (no done callback to schedule, one loop iteration later, per call)."""
+        call.coro = None
+        try:
+            call.result = await coro
+        except asyncio.CancelledError:  # by close() (or by an abandoned caller, who reads nothing)
+            call.error = Unavailable("the client was closed while the operation ran", indeterminate=call.write)
+        except GeneratorExit:  # the task itself is being destroyed: close() answers its caller
+            raise
+        except BaseException as e:  # the caller's to see, whatever it is
+            call.error = e
+        call.task = None
+        self._finished(call)
+
+    def _finished(self, call: _Call) -> None:
+        """On the loop thread, `call`'s outcome set: it no longer runs; wake its thread."""
+        with self._inbox_lock:
+            self._live.discard(call)
+            if not self._live:
+                self._idle_since = self._loop.time()
+        call.done.release()
 
     def _abandon(self, call: _Call) -> None:
         """On the loop thread: the caller stopped waiting; cancel its task if it runs."""
-        if call.task is not None:
-            call.task.cancel()
+        self._cancel(call)
+
+    def _cancel(self, call: _Call) -> None:
+        """On the loop thread: cancel `call`'s task. A task cancelled before its first step
+        never runs `_drive`: then the call is finished here, as never started."""
+        task = call.task
+        if task is None:
+            return
+        task.add_done_callback(lambda _: self._finish_unstarted(call))
+        task.cancel()
+
+    def _finish_unstarted(self, call: _Call) -> None:
+        with self._inbox_lock:
+            unfinished = call in self._live
+        if unfinished:  # `_drive` never ran: nothing was sent
+            if call.coro is not None:
+                call.coro.close()
+                call.coro = None
+            call.error = ClientClosed("client is closed")
+            call.task = None
+            self._finished(call)
 
     def _run(self, coro: Coroutine[Any, Any, T], write: bool = False) -> T:
         """Run `coro` on the loop thread and return its result or raise its exception (`write`:
         it is a mutation, for the error a close() during the call gives)."""
-        if threading.current_thread() is self._thread:
+        if threading.get_ident() == self._thread.ident:
             coro.close()
             raise RuntimeError("the synchronous Client cannot be called from its own event loop")
         done = threading.Lock()
@@ -209,7 +248,7 @@ class Client:
             self._inbox.append(call)
             wake = not self._drain_scheduled
             self._drain_scheduled = True
-            if self._holding and len(self._inbox) >= self._peak:  # every thread is back: go
+            if self._holding and len(self._inbox) + len(self._live) >= self._peak:  # every thread is back: go
                 self._holding = False
                 wake = True
         if wake:
@@ -276,8 +315,9 @@ class Client:
             for call in calls:
                 call.fail(ClientClosed("client is closed"))
             if stopped:
-                for call in list(self._live):
-                    self._live.discard(call)
+                with self._inbox_lock:
+                    live, self._live = list(self._live), set()
+                for call in live:
                     call.error = Unavailable("the client was closed while the operation ran",
                                              indeterminate=call.write)
                     call.done.release()
@@ -295,9 +335,10 @@ class Client:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        tasks = [c.task for c in self._live if c.task is not None]
-        for t in tasks:
-            t.cancel()
+        live = list(self._live)
+        tasks = [c.task for c in live if c.task is not None]
+        for c in live:
+            self._cancel(c)
         if tasks:
             await asyncio.wait(tasks, timeout=2)
         await self._async.close()

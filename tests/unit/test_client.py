@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -777,6 +778,133 @@ def test_sync_client_many_threads_each_read_their_own_writes(cluster: FakeCluste
         if p.key.startswith(b"mt/"):
             assert by_seq.setdefault((p.client_id, p.seq), p.key) == p.key
     assert len(by_seq) == n * per
+
+
+def test_sync_client_a_long_call_does_not_hold_back_the_other_threads(cluster: FakeCluster) -> None:
+    """One thread's call runs for long (a watch waiting for events, say) while another thread
+    calls in a loop: every call already waiting or running counts towards the threads in use, so
+    the other thread's calls leave at once, never held for `coalesce` waiting for a thread that
+    is busy; and once the client sat idle, a lone call leaves at once too."""
+    from kvstore.client.client import IDLE_RESET
+
+    with Client(cluster.endpoints, coalesce=0.1, **FAST) as c:
+        c.put(b"lc/k", b"v")
+        release = asyncio.Event()
+
+        async def long_call() -> None:
+            await release.wait()
+
+        t = threading.Thread(target=c._run, args=(long_call(),))
+        t.start()
+        _wait_for(lambda: len(c._live) == 1)
+        for _ in range(10):
+            assert c.get(b"lc/k") == b"v"
+        c._loop.call_soon_threadsafe(release.set)
+        t.join(10)
+        assert not t.is_alive()
+        assert c._holds_expired == 0
+
+        def worker() -> None:
+            for _ in range(5):
+                assert c.get(b"lc/k") == b"v"
+
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads)
+        expired = c._holds_expired  # 8 threads finishing one by one: some holds ran out
+        _wait_for(lambda: not c._live and c._loop.time() - c._idle_since > IDLE_RESET * 0.1)
+        assert c.get(b"lc/k") == b"v"
+        assert c._holds_expired == expired
+
+
+def _gets_from_threads(c: Client, key: bytes, value: bytes, threads: int = 8, each: int = 10) -> None:
+    """`threads` threads each get `key` `each` times: every get returns `value`, none hangs."""
+    failures: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for _ in range(each):
+                assert c.get(key) == value
+        except BaseException as e:
+            failures.append(e)
+
+    ts = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    assert not any(t.is_alive() for t in ts)
+    assert not failures, failures[0]
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_sync_client_an_interrupted_caller_leaves_the_others_running(cluster: FakeCluster) -> None:
+    """A signal interrupts the main thread waiting on a call (as Ctrl-C does): the call raises
+    there, its task is cancelled (it no longer counts as running), and the other threads' calls
+    go on."""
+
+    def interrupt(*_: object) -> None:
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with Client(cluster.endpoints, **FAST) as c:
+            c.put(b"rl/k", b"v")
+            release = asyncio.Event()
+
+            async def long_call() -> None:
+                await release.wait()
+
+            def interrupter() -> None:
+                _wait_for(lambda: len(c._live) == 1)
+                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+
+            t = threading.Thread(target=interrupter)
+            t.start()
+            with pytest.raises(_Interrupted):
+                c._run(long_call())
+            t.join(10)
+            _wait_for(lambda: not c._live)  # its task was cancelled
+            _gets_from_threads(c, b"rl/k", b"v", threads=32)
+            assert not c._live
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_sync_client_a_call_cancelled_before_its_first_step_still_wakes_its_thread(cluster: FakeCluster) -> None:
+    """close() (or an abandoning caller) may cancel a call's task before it ever ran: the call is
+    finished all the same (ClientClosed, definite: nothing was sent), its thread woken, and it
+    no longer counts as running."""
+    from kvstore.client.client import _Call
+
+    with Client(cluster.endpoints, **FAST) as c:
+        ran: list[bool] = []
+
+        async def op() -> None:
+            ran.append(True)
+
+        done = threading.Lock()
+        done.acquire()
+        call = _Call(op(), done, write=True)
+
+        def start_and_cancel() -> None:  # on the loop thread, in one callback: no step ran
+            with c._inbox_lock:
+                c._inbox.append(call)
+            c._start_inbox()
+            c._cancel(call)
+
+        c._loop.call_soon_threadsafe(start_and_cancel)
+        assert done.acquire(timeout=10)
+        assert isinstance(call.error, errors.ClientClosed) and call.error.definite
+        assert not ran and not c._live
+        c.put(b"after", b"cancel")  # the client goes on
+        assert c.get(b"after") == b"cancel"
 
 
 def test_sync_client_coalesce_is_validated_and_zero_works(cluster: FakeCluster) -> None:
