@@ -47,7 +47,9 @@ import contextlib
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,8 +66,9 @@ from kvstore.raft.types import (
 )
 from kvstore.shard.ranges import IntervalSet
 
+from . import lmdbckpt
 from .commands import ApplyResult
-from .errors import StorageError
+from .errors import StorageError, StorageIOError
 from .kvstate import AppliedState, KVState, TxnStream
 from .layout import (
     AUDIT_HEAD_KEY,
@@ -76,6 +79,7 @@ from .layout import (
     SNAPSHOT_BASE_TAG,
     TOMBSTONE_TAG,
     U64,
+    decode_applied,
     decode_audit_head,
     decode_log_base,
     encode_audit_head,
@@ -98,6 +102,23 @@ SNAPSHOT_DIR = "snapshots"
 WAL_DIR = "wal"
 SNAPSHOT_SUFFIX = ".snap"
 
+STATE_SYNC_MODES = ("checkpoint", "commit")
+"""How the state machine becomes durable (`--state-sync`): `commit`, every apply transaction is
+synced (LMDB's two ordered flushes per cycle that applies); `checkpoint`, none is, and the
+checkpointer makes them durable in the background of the cycles (module docstring)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointPolicy:
+    """When the checkpointer runs (checkpoint mode): before a cycle, once this many applying
+    cycles, applied entry bytes or seconds passed since the last checkpoint (whichever comes
+    first); also at open, at close, after a snapshot install, a group destroy, an audit head
+    and a map growth. Bounds the WAL a restart after a crash replays."""
+
+    cycles: int = 4096
+    bytes: int = 32 << 20
+    seconds: float = 5.0
+
 
 class LmdbNodeStore:
     """The node's durable state on LMDB: the `kvstore.node.store.NodeStore` protocol. See the
@@ -113,15 +134,53 @@ class LmdbNodeStore:
         max_map_size: int = 1 << 40,
         wal_segment_bytes: int = SEGMENT_BYTES,
         wal_fs: FileSystem | None = None,
+        state_sync: str = "commit",
+        checkpoint_policy: CheckpointPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`wal_fs`: the WAL's directory (default: `<path>/wal` on the OS; tests wrap it to
-        inject faults)."""
+        inject faults). `state_sync`: one of `STATE_SYNC_MODES` (checkpoint mode needs `sync`;
+        without it nothing is flushed either way)."""
+        if state_sync not in STATE_SYNC_MODES:
+            raise ValueError(f"state_sync must be one of {STATE_SYNC_MODES}, not {state_sync!r}")
         self.path = Path(path)
         self.sync = sync
+        self.state_sync = state_sync
+        self.checkpointed = sync and state_sync == "checkpoint"
+        self.checkpoint_policy = checkpoint_policy or CheckpointPolicy()
+        self._clock = clock
+        self._ckpt_applied: dict[int, int] = {}
+        """group -> its applied index in the last checkpoint (checkpoint mode): what a crash
+        restores, so what the WAL must keep everything after (`compact`)."""
+        self._ckpt_failed: StorageError | None = None
+        self._ckpt_cycles = 0
+        self._ckpt_bytes = 0
+        self._ckpt_at = clock()
+        self.checkpoints = 0
+        self.restored = False
+        """True if this open put the state machine back to its last checkpoint (unclean stop)."""
         self.snapshot_chunk_size = snapshot_chunk_size
         self.snapshot_dir = self.path / SNAPSHOT_DIR
-        self._env = LmdbEnv(self.path, sync=sync, map_size=map_size, max_map_size=max_map_size)
+        self.path.mkdir(parents=True, exist_ok=True)
+        saved = lmdbckpt.read(self.path)
+        if saved is not None:
+            self.restored = lmdbckpt.restore(self.path, saved)
+            if self.restored:
+                log.warning("the state machine was not stopped cleanly: restored its checkpoint at "
+                            "LMDB transaction %d; the WAL's committed entries after it are replayed", saved.txnid)
+        self._env = LmdbEnv(
+            self.path, sync=sync, map_size=map_size, max_map_size=max_map_size, checkpointed=self.checkpointed
+        )
         self._kv = KVState(self._env)
+        try:
+            if self.checkpointed:
+                self._env.after_grow = self._checkpoint_locked
+                self.checkpoint()
+            elif saved is not None:
+                lmdbckpt.remove(self.path)  # commit mode from here: every apply is synced
+        except BaseException:
+            self._env.close()
+            raise
         try:
             opts = WalOptions(segment_bytes=wal_segment_bytes)
             fs = wal_fs if wal_fs is not None else OsFileSystem(self.path / WAL_DIR)
@@ -133,6 +192,8 @@ class LmdbNodeStore:
             moved = migrate(self._env, self._wal.rw)
             if moved:
                 log.info("moved the Raft logs of groups %s from LMDB into the write-ahead log", moved)
+                if self.checkpointed:
+                    self.checkpoint()
             self._groups: set[int] = self._scan_groups()
             self._repair()
         except BaseException:
@@ -214,9 +275,12 @@ class LmdbNodeStore:
                 txn.put(U64.pack(group) + TOMBSTONE_TAG, b"", db=self._env.db(DB_SHARDS))
 
         with self._wal.lock:
+            self._check_checkpoints()
             self._env.write(fn)
             self._kv.forget(group)
             self._groups.discard(group)
+            if self.checkpointed:
+                self.checkpoint()  # the deletion is durable before the log goes
             self._wal.destroy(group)
 
     # --- the Ready loop ----------------------------------------------------------------------
@@ -247,13 +311,18 @@ class LmdbNodeStore:
             return []
         kv = self._kv
         with self._wal.lock:
+            self._check_checkpoints()
             installs = self._installs(writes)
             self._check_applies(batches, installs)
             records = self._wal.stage(writes, lambda g: max(kv.applied(g).index, installs.get(g, 0)))
             self._wal.check(records)
             files = [Path(w.snapshot_file) for w in writes if w.snapshot is not None and w.snapshot_file is not None]
+            if self.checkpointed and self._checkpoint_due():
+                self.checkpoint()  # between cycles: a failure here wrote nothing of this one
             if installs:
                 self._install(writes, installs)
+                if self.checkpointed:
+                    self.checkpoint()  # the install is durable before the WAL's RESET
             if records:
                 flush = self._wal.must_sync(records)
                 self._wal.write(records)
@@ -263,6 +332,9 @@ class LmdbNodeStore:
             results: list[list[ApplyResult | None]] = []
             if batches:
                 results = self._apply(batches, on_applied)
+                if self.checkpointed:
+                    self._ckpt_cycles += 1
+                    self._ckpt_bytes += sum(len(e.data) for b in batches for e in b.entries)
         for f in files:
             with contextlib.suppress(OSError):
                 f.unlink()
@@ -348,8 +420,81 @@ class LmdbNodeStore:
     def compact(self, group: int, index: int) -> None:
         """Discard log entries <= `index` (which must be <= the applied index) and record (index,
         term, configuration there) as the log's base: a COMPACT record in the WAL, synced. A no-op
-        if already compacted that far."""
-        self._wal.compact(group, index, self._kv.applied(group).index)
+        if already compacted that far. In checkpoint mode never past the group's applied index in
+        the last checkpoint: `index` is lowered to it (a crash restores the state machine there,
+        and the WAL is its redo log from there)."""
+        applied = self._kv.applied(group).index
+        if self.checkpointed and index <= applied:
+            index = min(index, self._ckpt_applied.get(group, 0))
+        self._wal.compact(group, index, applied)
+
+    # --- the checkpointer (checkpoint mode) ---------------------------------------------------------
+    def checkpointed_applied(self, group: int) -> int:
+        """The group's applied index a crash now would restore (the live one in commit mode)."""
+        if self.checkpointed:
+            return self._ckpt_applied.get(group, 0)
+        return self._kv.applied(group).index
+
+    def _checkpoint_due(self) -> bool:
+        p = self.checkpoint_policy
+        if not (self._ckpt_cycles or self._ckpt_bytes):
+            return False
+        return (
+            self._ckpt_cycles >= p.cycles
+            or self._ckpt_bytes >= p.bytes
+            or self._clock() - self._ckpt_at >= p.seconds
+        )
+
+    def _check_checkpoints(self) -> None:
+        if self._ckpt_failed is not None:
+            raise StorageIOError(
+                f"a checkpoint of the state machine failed and the node must be restarted: {self._ckpt_failed}"
+            )
+
+    def checkpoint(self) -> None:
+        """Make everything committed to LMDB durable and restorable (checkpoint mode; a no-op
+        otherwise): under LMDB's write lock (no commit in between), (1) pin a read transaction on
+        the latest snapshot, (2) `env.sync(True)`, (3) read the two meta pages (they must be at
+        the pinned transaction) and every group's applied index FROM THE PINNED SNAPSHOT,
+        (4) write the record (`lmdbckpt.write`: atomic, durable), (5) release the previous pin.
+        A crash before (4) restores the previous checkpoint, whose pages the previous pin kept.
+        A failure fails the checkpointer for good (after a failed flush what reached the disk is
+        unknown, and a later successful one proves nothing): every later write raises
+        StorageIOError until a restart restores the last good checkpoint."""
+        if not self.checkpointed:
+            return
+        with self._env.write_lock:
+            self._checkpoint_locked()
+
+    def _checkpoint_locked(self) -> None:
+        self._check_checkpoints()
+        env = self._env
+        pin = env.begin_read()
+        try:
+            env.sync_all()
+            metas = lmdbckpt.read_metas(self.path / "data.mdb", env.psize)
+            txnid = lmdbckpt.meta_txnid(metas, env.psize)
+            if txnid != pin.id():
+                raise StorageError(
+                    f"LMDB's meta pages are at transaction {txnid}, the pinned snapshot at {pin.id()}: "
+                    "this LMDB's file layout is not the one the checkpointer knows"
+                )
+            applied = []
+            for key, raw in pin.cursor(db=env.db(DB_APPLIED)):
+                if len(key) == U64.size:
+                    applied.append((U64.unpack(key)[0], decode_applied(raw)[0]))
+            lmdbckpt.write(self.path, lmdbckpt.Checkpoint(env.psize, txnid, tuple(sorted(applied)), metas))
+        except BaseException as err:
+            with contextlib.suppress(Exception):
+                pin.abort()
+            if isinstance(err, StorageError):
+                self._ckpt_failed = err
+            raise
+        env.pin(pin)
+        self._ckpt_applied = dict(applied)
+        self._ckpt_cycles = self._ckpt_bytes = 0
+        self._ckpt_at = self._clock()
+        self.checkpoints += 1
 
     # --- the audit log's head -------------------------------------------------------------------
     def audit_head(self) -> AuditHead | None:
@@ -368,7 +513,10 @@ class LmdbNodeStore:
         def fn(txn: Txn) -> None:
             txn.put(AUDIT_HEAD_KEY, value, db=db)
 
-        self._env.write(fn)
+        with self._env.write_lock:
+            self._check_checkpoints()
+            self._env.write(fn)
+            self.checkpoint()  # checkpoint mode: durable on return all the same
 
     # --- state ----------------------------------------------------------------------------------
     def applied_index(self, group: int) -> int:
@@ -504,6 +652,8 @@ class LmdbNodeStore:
             "wal_segments": len(wal.segments()),
             "wal_syncs": wal.stats.syncs,
             "wal_checkpoints": self._wal.checkpoints,
+            "state_sync": self.state_sync if self.sync else "off",
+            "lmdb_checkpoints": self.checkpoints,
             "full": self.full,
             "map_grow_count": self._env.grow_count,
             "rows": self._env.db_entries(),
@@ -516,7 +666,13 @@ class LmdbNodeStore:
         return self._env.closed
 
     def close(self) -> None:
-        """Close the environment and the WAL (open streams become invalid). Idempotent."""
+        """Checkpoint (checkpoint mode: a clean stop, which the next open needs not restore), close
+        the environment and the WAL (open streams become invalid). Idempotent."""
+        if self.checkpointed and not self._env.closed and self._ckpt_failed is None:
+            try:
+                self.checkpoint()
+            except StorageError as err:
+                log.error("the last checkpoint at close failed (the next start restores the one before): %s", err)
         if hasattr(self, "_wal"):
             self._wal.close()
         self._env.close()
