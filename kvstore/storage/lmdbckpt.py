@@ -38,6 +38,10 @@ from crc32c import crc32c
 
 from .errors import StorageError, StorageIOError
 
+STATE_SYNC_MODES = ("checkpoint", "commit")
+"""How the state machine becomes durable (`--state-sync`): `commit`, every apply transaction is
+synced (LMDB's two ordered flushes per cycle that applies); `checkpoint`, none is, and the
+checkpointer makes them durable between cycles (`store.LmdbNodeStore.checkpoint`)."""
 CHECKPOINT_FILE = "checkpoint"
 MAGIC = b"KVLMCKP1"
 _HEAD = struct.Struct(">8sIQI")

@@ -86,6 +86,7 @@ from .layout import (
     encode_log_base,
 )
 from .lmdb_env import LmdbEnv
+from .lmdbckpt import STATE_SYNC_MODES
 from .machine import SessionMeta
 from .nodelogs import SEGMENT_BYTES, NodeLogs, WalLogStorage, log_is_empty
 from .shardcmd import ShardState
@@ -102,10 +103,6 @@ SNAPSHOT_DIR = "snapshots"
 WAL_DIR = "wal"
 SNAPSHOT_SUFFIX = ".snap"
 
-STATE_SYNC_MODES = ("checkpoint", "commit")
-"""How the state machine becomes durable (`--state-sync`): `commit`, every apply transaction is
-synced (LMDB's two ordered flushes per cycle that applies); `checkpoint`, none is, and the
-checkpointer makes them durable in the background of the cycles (module docstring)."""
 
 
 @dataclass(frozen=True, slots=True)
