@@ -384,7 +384,7 @@ class MemoryNodeStore:
         torn_model: TornWriteModel = all_or_nothing,
         wal_fs: SimFileSystem | None = None,
         state_sync: str = "commit",
-        checkpoint_every: int = 8,
+        checkpoint_every: int = 32,
     ) -> None:
         self.rng = rng if rng is not None else random.Random(0)
         self._fs = wal_fs if wal_fs is not None else SimFileSystem(random.Random(self.rng.getrandbits(64)))
