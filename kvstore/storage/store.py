@@ -153,6 +153,11 @@ class LmdbNodeStore:
         self._ckpt_cycles = 0
         self._ckpt_bytes = 0
         self._ckpt_at = clock()
+        self._replay: dict[int, int] = {}
+        """group -> the commit index its core replays up to after this open (checkpoint mode):
+        once every group got there, the next cycle checkpoints, so repeated crashes never make
+        the replay (and the WAL kept for it) grow."""
+        self._ckpt_now = False
         self.checkpoints = 0
         self.restored = False
         """True if this open put the state machine back to its last checkpoint (unclean stop)."""
@@ -193,6 +198,11 @@ class LmdbNodeStore:
                     self.checkpoint()
             self._groups: set[int] = self._scan_groups()
             self._repair()
+            if self.checkpointed:
+                for g in self._groups:
+                    lg = self._wal.log(g)
+                    if lg is not None and lg.hard_state.commit > self._kv.applied(g).index:
+                        self._replay[g] = lg.hard_state.commit
         except BaseException:
             self.close()
             raise
@@ -332,6 +342,8 @@ class LmdbNodeStore:
                 if self.checkpointed:
                     self._ckpt_cycles += 1
                     self._ckpt_bytes += sum(len(e.data) for b in batches for e in b.entries)
+                    if self._replay:
+                        self._replayed()
         for f in files:
             with contextlib.suppress(OSError):
                 f.unlink()
@@ -432,12 +444,20 @@ class LmdbNodeStore:
             return self._ckpt_applied.get(group, 0)
         return self._kv.applied(group).index
 
+    def _replayed(self) -> None:
+        kv = self._kv
+        for g in [g for g, upto in self._replay.items() if kv.applied(g).index >= upto or g not in self._groups]:
+            del self._replay[g]
+        if not self._replay:
+            self._ckpt_now = True
+
     def _checkpoint_due(self) -> bool:
         p = self.checkpoint_policy
         if not (self._ckpt_cycles or self._ckpt_bytes):
             return False
         return (
-            self._ckpt_cycles >= p.cycles
+            self._ckpt_now
+            or self._ckpt_cycles >= p.cycles
             or self._ckpt_bytes >= p.bytes
             or self._clock() - self._ckpt_at >= p.seconds
         )
@@ -490,6 +510,7 @@ class LmdbNodeStore:
         env.pin(pin)
         self._ckpt_applied = dict(applied)
         self._ckpt_cycles = self._ckpt_bytes = 0
+        self._ckpt_now = False
         self._ckpt_at = self._clock()
         self.checkpoints += 1
 

@@ -175,6 +175,10 @@ def test_recovery_restores_the_checkpoint_and_the_replay_gives_the_acknowledged_
         again = [(x.index, x.revision, cmds.encode_result(x)) for x in res if x is not None]
         assert again == [a for a in acked if a[0] > at_ckpt]
         assert _state(r) == live
+        # the replay done, the next cycle checkpoints first: another crash would not replay it again
+        before = r.checkpoints
+        _cycle(r, live[0] + 1, 1)
+        assert r.checkpoints == before + 1 and r.checkpointed_applied(1) == live[0]
     finally:
         r.close()
 
