@@ -6,10 +6,27 @@ One Ready cycle (`persist_and_apply`), for ALL groups (issue 20):
 1. (only if the cycle installs a snapshot) ONE synced LMDB transaction installs the snapshots;
 2. the cycle's WAL records (RESET for a new group or an installed snapshot, ENTRIES, HARD_STATE),
    then ONE `fdatasync` of the WAL;
-3. (only if the cycle applies) ONE LMDB transaction applies the committed entries (synced: data
-   and applied index stay consistent in LMDB). Entries applied may be those persisted in step 2.
-A cycle that only persists costs one `fdatasync`; one that persists and applies, the WAL's and
-LMDB's (two ordered flushes: data, then the meta page). Before this, two LMDB commits per put.
+3. (only if the cycle applies) ONE LMDB transaction applies the committed entries (data and
+   applied index stay consistent in LMDB). Entries applied may be those persisted in step 2.
+`state_sync` (`kvstore serve --state-sync`) decides whether step 3 (and step 1) flush:
+- `commit`: every LMDB transaction is synced. A cycle that only persists costs one `fdatasync`;
+  one that persists and applies, the WAL's and LMDB's (two ordered flushes: data, then the meta
+  page).
+- `checkpoint`: no LMDB transaction is synced; a cycle costs the WAL's one `fdatasync`. The
+  checkpointer (`checkpoint`) makes them durable: before a cycle when `CheckpointPolicy` says so,
+  at open and close, right after step 1, between a destroy's LMDB write and its DESTROY record,
+  after an audit head, right after a map growth, and once the replay after an unclean start is
+  done. A checkpoint pins a read transaction on the latest snapshot, `env.sync(True)`s, and
+  records LMDB's two meta pages and every group's applied index (read from the pinned snapshot)
+  durably in `<path>/checkpoint` (`lmdbckpt.py`), then releases the previous pin: LMDB never
+  reuses a page a live reader can reach, so the checkpointed tree survives any later unsynced
+  commit, and only the meta pages (overwritten in place) need the copy. Invariants: the WAL
+  keeps every entry after each group's checkpointed applied index (`compact` never passes it),
+  and the last checkpoint's tree is pinned from its record until the next record is durable.
+  Open after an unclean stop: the record's meta pages are written back before LMDB opens
+  (`lmdbckpt.restore`; a clean stop ended with a checkpoint, so they match and nothing is
+  written); the cores then start at the checkpoint's applied indexes, below their commit
+  indexes, and replay the WAL's committed entries (the apply rules are deterministic).
 
 Failures: a call that raises wrote nothing of step 3; the programming errors (a gap in entries
 to append or to apply: RaftError) are found before step 1. A storage error after step 1 or 2
@@ -28,7 +45,9 @@ directory from before the WAL has its LMDB logs moved into it at open (`walmigra
 
 After a restart (even kill -9, or power loss with sync=True) the store returns exactly what
 returned calls wrote: hard states, logs, log bases, KV data, applied indexes (with their
-configurations), sessions and members.
+configurations), sessions and members; in checkpoint mode, the state machine as of the last
+checkpoint, and the logs hold every committed entry after it (a core's replay brings it back
+to what was applied, with the same results).
 
 Snapshots: `snapshot_chunks` streams a group's state at its applied index from one read
 transaction; the receiver stores the chunks in a file (`receive_snapshot`) and installs it with
