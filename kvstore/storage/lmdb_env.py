@@ -125,8 +125,9 @@ class LmdbEnv:
         self.path = Path(path)
         self.checkpointed = checkpointed
         self.after_grow: Callable[[], None] | None = None
-        """Called right after every map growth, with the write lock held and no write
-        transaction open (checkpointed mode: the store's checkpoint, which re-pins)."""
+        """Called right after every map growth, and before a write finds no pin, with the write
+        lock held and no write transaction open (checkpointed mode: the store's checkpoint, which
+        pins again). Invariant, once it is set: no write transaction begins without a pin."""
         self._pin: Txn | None = None
         self.max_map_size = max(max_map_size, map_size)
         self.full = False
@@ -209,6 +210,8 @@ class LmdbEnv:
     def _write(self, fn: Callable[[Txn], T]) -> T:
         self._check_open()
         self._maybe_grow()
+        if self._pin is None and self.after_grow is not None:
+            self.after_grow()  # a checkpoint after a growth failed (full disk): pin before writing
         while True:
             try:
                 txn = self.env.begin(write=True)

@@ -29,6 +29,8 @@ committed entries from the checkpoint's applied indexes.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import struct
 from dataclasses import dataclass
@@ -36,7 +38,7 @@ from pathlib import Path
 
 from crc32c import crc32c
 
-from .errors import StorageError, StorageIOError
+from .errors import StorageError, StorageFullError, StorageIOError
 
 STATE_SYNC_MODES = ("checkpoint", "commit")
 """How the state machine becomes durable (`--state-sync`): `commit`, every apply transaction is
@@ -64,6 +66,11 @@ META_TXNID_OFFSET = 144
 
 class CheckpointCorruptError(StorageError):
     """The checkpoint record is not exactly what `encode` writes: the store refuses to open."""
+
+
+class CheckpointSpaceError(StorageFullError):
+    """No room for the new record: nothing was replaced (the temporary file is removed), the
+    previous record still holds, and the checkpoint may be tried again later."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,10 +172,19 @@ def write(directory: Path, ckpt: Checkpoint) -> None:
             os.fdatasync(fd)
         finally:
             os.close(fd)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise CheckpointSpaceError(
+                f"storage full: no room for the LMDB checkpoint record in {directory}: {err}"
+            ) from err
+        raise StorageIOError(f"writing the LMDB checkpoint record in {directory}: {err}") from err
+    try:
         os.replace(tmp, directory / CHECKPOINT_FILE)
         fsync_dir(directory)
     except OSError as err:
-        raise StorageIOError(f"writing the LMDB checkpoint record in {directory}: {err}") from err
+        raise StorageIOError(f"installing the LMDB checkpoint record in {directory}: {err}") from err
 
 
 def remove(directory: Path) -> None:

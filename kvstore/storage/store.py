@@ -302,10 +302,13 @@ class LmdbNodeStore:
 
         with self._wal.lock:
             self._check_checkpoints()
+            if self.checkpointed and self._ckpt_now:
+                self.checkpoint()
             self._env.write(fn)
             self._kv.forget(group)
             self._groups.discard(group)
             if self.checkpointed:
+                self._ckpt_now = True  # if it fails (full disk), the next write checkpoints first
                 self.checkpoint()  # the deletion is durable before the log goes
             self._wal.destroy(group)
 
@@ -348,6 +351,7 @@ class LmdbNodeStore:
             if installs:
                 self._install(writes, installs)
                 if self.checkpointed:
+                    self._ckpt_now = True  # if it fails (full disk), the retry checkpoints first
                     self.checkpoint()  # the install is durable before the WAL's RESET
             if records:
                 flush = self._wal.must_sync(records)
@@ -472,11 +476,12 @@ class LmdbNodeStore:
 
     def _checkpoint_due(self) -> bool:
         p = self.checkpoint_policy
+        if self._ckpt_now:
+            return True
         if not (self._ckpt_cycles or self._ckpt_bytes):
             return False
         return (
-            self._ckpt_now
-            or self._ckpt_cycles >= p.cycles
+            self._ckpt_cycles >= p.cycles
             or self._ckpt_bytes >= p.bytes
             or self._clock() - self._ckpt_at >= p.seconds
         )
@@ -496,7 +501,10 @@ class LmdbNodeStore:
         A crash before (4) restores the previous checkpoint, whose pages the previous pin kept.
         A failure fails the checkpointer for good (after a failed flush what reached the disk is
         unknown, and a later successful one proves nothing): every later write raises
-        StorageIOError until a restart restores the last good checkpoint."""
+        StorageIOError until a restart restores the last good checkpoint. Except no room for
+        the record (`CheckpointSpaceError`, a `StorageFullError`, sets `full`): nothing was
+        replaced, the previous checkpoint and its pin hold, and the next cycle tries again
+        before writing anything (a forced one is never skipped)."""
         if not self.checkpointed:
             return
         with self._env.write_lock:
@@ -523,7 +531,9 @@ class LmdbNodeStore:
         except BaseException as err:
             with contextlib.suppress(Exception):
                 pin.abort()
-            if isinstance(err, StorageError):
+            if isinstance(err, lmdbckpt.CheckpointSpaceError):
+                env.full = True  # the previous record and its pin still hold: retried later
+            elif isinstance(err, StorageError):
                 self._ckpt_failed = err
             raise
         env.pin(pin)

@@ -6,6 +6,8 @@ map growth followed by a checkpoint, and a damaged record refused."""
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -15,10 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvstore.node.store import ApplyBatch, GroupWrite
+from kvstore.node.store import ApplyBatch, AuditHead, GroupWrite
 from kvstore.raft.types import ConfState, Entry, EntryType, HardState
 from kvstore.storage import commands as cmds
 from kvstore.storage import lmdbckpt
+from kvstore.storage.errors import StorageFullError, StorageIOError
 from kvstore.storage.lmdbckpt import Checkpoint, CheckpointCorruptError
 from kvstore.storage.store import CheckpointPolicy, LmdbNodeStore
 
@@ -309,3 +312,51 @@ def test_random_cycles_then_a_crash_replay_to_the_same_state(tmp_path: Path, siz
         assert _state(r) == live
     finally:
         r.close()
+
+
+def test_no_room_for_the_record_keeps_the_previous_checkpoint_and_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = _bootstrapped(tmp_path / "a", checkpoint_policy=CheckpointPolicy(cycles=1 << 30, bytes=1 << 40, seconds=1e9))
+    try:
+        s.checkpoint()
+        before = lmdbckpt.read(tmp_path / "a")
+        nxt = s.log_storage(1).last_index() + 1
+        _cycle(s, nxt, 5)
+        real = os.fdatasync
+
+        def full(fd: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(lmdbckpt.os, "fdatasync", full)
+        with pytest.raises(StorageFullError):
+            s.checkpoint()
+        monkeypatch.setattr(lmdbckpt.os, "fdatasync", real)
+        assert s.full and s._env.pinned
+        assert lmdbckpt.read(tmp_path / "a") == before
+        assert not (tmp_path / "a" / (lmdbckpt.CHECKPOINT_FILE + ".new")).exists()
+        _cycle(s, nxt + 5, 5)  # the store goes on; the next checkpoint succeeds
+        s.checkpoint()
+        assert s.checkpointed_applied(1) == nxt + 9
+    finally:
+        s.close()
+
+
+def test_a_failed_flush_fails_the_store_for_good(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = _bootstrapped(tmp_path / "a")
+    try:
+        nxt = s.log_storage(1).last_index() + 1
+
+        def eio(self: Any) -> None:
+            raise StorageIOError("simulated: fdatasync failed (EIO)")
+
+        monkeypatch.setattr(type(s._env), "sync_all", eio)
+        with pytest.raises(StorageIOError):
+            s.checkpoint()
+        monkeypatch.undo()
+        with pytest.raises(StorageIOError, match="must be restarted"):
+            _cycle(s, nxt, 1)
+        with pytest.raises(StorageIOError, match="must be restarted"):
+            s.set_audit_head(AuditHead(1, b"m" * 32, 0))
+    finally:
+        s.close()
