@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import struct
 from dataclasses import dataclass
@@ -204,6 +205,26 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+LOCK_FILE = "checkpoint.lock"
+
+
+def lock(directory: Path) -> int:
+    """An exclusive lock on the store's directory for this process (the descriptor; `os.close`
+    releases it): restoring meta pages under an LMDB another process has open would corrupt it,
+    so a second opener is refused with StorageError."""
+    path = directory / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise StorageIOError(f"opening {path}: {err}") from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        raise StorageError(f"the store at {directory} is open in another process (or twice in this one): {err}") from err
+    return fd
 
 
 def read_metas(data_file: Path, psize: int) -> bytes:

@@ -184,14 +184,25 @@ class LmdbNodeStore:
         self.snapshot_dir = self.path / SNAPSHOT_DIR
         self.path.mkdir(parents=True, exist_ok=True)
         saved = lmdbckpt.read(self.path)
+        self._lock_fd: int | None = None
+        if self.checkpointed or saved is not None:
+            self._lock_fd = lmdbckpt.lock(self.path)
         if saved is not None:
-            self.restored = lmdbckpt.restore(self.path, saved)
+            try:
+                self.restored = lmdbckpt.restore(self.path, saved)
+            except BaseException:
+                self._unlock()
+                raise
             if self.restored:
                 log.warning("the state machine was not stopped cleanly: restored its checkpoint at "
                             "LMDB transaction %d; the WAL's committed entries after it are replayed", saved.txnid)
-        self._env = LmdbEnv(
-            self.path, sync=sync, map_size=map_size, max_map_size=max_map_size, checkpointed=self.checkpointed
-        )
+        try:
+            self._env = LmdbEnv(
+                self.path, sync=sync, map_size=map_size, max_map_size=max_map_size, checkpointed=self.checkpointed
+            )
+        except BaseException:
+            self._unlock()
+            raise
         self._kv = KVState(self._env)
         try:
             if self.checkpointed:
@@ -201,6 +212,7 @@ class LmdbNodeStore:
                 lmdbckpt.remove(self.path)  # commit mode from here: every apply is synced
         except BaseException:
             self._env.close()
+            self._unlock()
             raise
         try:
             opts = WalOptions(segment_bytes=wal_segment_bytes)
@@ -208,6 +220,7 @@ class LmdbNodeStore:
             self._wal = NodeLogs(fs, opts, sync=sync)
         except BaseException:
             self._env.close()
+            self._unlock()
             raise
         try:
             moved = migrate(self._env, self._wal.rw)
@@ -723,6 +736,12 @@ class LmdbNodeStore:
         if hasattr(self, "_wal"):
             self._wal.close()
         self._env.close()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def __enter__(self) -> LmdbNodeStore:
         return self

@@ -21,7 +21,7 @@ from kvstore.node.store import ApplyBatch, AuditHead, GroupWrite
 from kvstore.raft.types import ConfState, Entry, EntryType, HardState
 from kvstore.storage import commands as cmds
 from kvstore.storage import lmdbckpt
-from kvstore.storage.errors import StorageFullError, StorageIOError
+from kvstore.storage.errors import StorageError, StorageFullError, StorageIOError
 from kvstore.storage.lmdbckpt import Checkpoint, CheckpointCorruptError
 from kvstore.storage.store import CheckpointPolicy, LmdbNodeStore
 
@@ -360,3 +360,14 @@ def test_a_failed_flush_fails_the_store_for_good(tmp_path: Path, monkeypatch: py
             s.set_audit_head(AuditHead(1, b"m" * 32, 0))
     finally:
         s.close()
+
+
+def test_a_second_opener_is_refused_while_the_store_is_open(tmp_path: Path) -> None:
+    """Restoring meta pages under an LMDB another process has open would corrupt it."""
+    s = _bootstrapped(tmp_path / "a")
+    try:
+        with pytest.raises(StorageError, match="open in another process"):
+            _open(tmp_path / "a")
+    finally:
+        s.close()
+    _open(tmp_path / "a").close()  # released at close
