@@ -107,7 +107,7 @@ def cli() -> None:
 @click.option("--wal-segment-bytes", type=str, default="8M", show_default=True,
               help="Size of a segment of the write-ahead log holding the Raft logs (bytes; K/M/G suffixes; "
               "preallocated on disk).")
-@click.option("--state-sync", type=click.Choice(["checkpoint", "commit"]), default="commit", show_default=True,
+@click.option("--state-sync", type=click.Choice(["checkpoint", "commit"]), default="checkpoint", show_default=True,
               help="How the state machine (LMDB) becomes durable: 'commit' syncs every apply transaction; "
               "'checkpoint' syncs none (a cycle costs the write-ahead log's one fdatasync) and checkpoints "
               "it every few seconds, a restart after a crash replaying the log from the last checkpoint.")

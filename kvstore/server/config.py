@@ -71,10 +71,11 @@ class NodeConfig:
     metrics_listen: str = ""
     request_timeout: float = 5.0
     sync: bool = True
-    state_sync: str = "commit"
-    """How the state machine (LMDB) becomes durable (`--state-sync`): `commit` (every apply
-    transaction synced) or `checkpoint` (none synced; the checkpointer makes them durable and a
-    restart after a crash replays the WAL from the last checkpoint: `storage/store.py`)."""
+    state_sync: str = "checkpoint"
+    """How the state machine (LMDB) becomes durable (`--state-sync`): `checkpoint` (the default:
+    no apply transaction synced; the checkpointer makes them durable and a restart after a crash
+    replays the WAL from the last checkpoint: `storage/store.py`) or `commit` (every apply
+    transaction synced)."""
     wal_segment_bytes: int = 8 << 20
     """Size of a segment of the node's write-ahead log (`--wal-segment-bytes`; preallocated)."""
     raft: RaftSettings = field(default_factory=RaftSettings)

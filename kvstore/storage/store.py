@@ -467,10 +467,14 @@ class LmdbNodeStore:
         term, configuration there) as the log's base: a COMPACT record in the WAL, synced. A no-op
         if already compacted that far. In checkpoint mode never past the group's applied index in
         the last checkpoint: `index` is lowered to it (a crash restores the state machine there,
-        and the WAL is its redo log from there)."""
+        and the WAL is its redo log from there), and the next cycle checkpoints, so the caller's
+        next compaction goes as far as it asked."""
         applied = self._kv.applied(group).index
         if self.checkpointed and index <= applied:
-            index = min(index, self._ckpt_applied.get(group, 0))
+            bound = self._ckpt_applied.get(group, 0)
+            if index > bound:
+                index = bound
+                self._ckpt_now = True  # the next cycle checkpoints: the compaction then goes through
         self._wal.compact(group, index, applied)
 
     # --- the checkpointer (checkpoint mode) ---------------------------------------------------------
