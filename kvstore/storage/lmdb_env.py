@@ -128,7 +128,11 @@ class LmdbEnv:
         """Called right after every map growth, and before a write finds no pin, with the write
         lock held and no write transaction open (checkpointed mode: the store's checkpoint, which
         pins again). Invariant, once it is set: no write transaction begins without a pin."""
+        self.before_grow: Callable[[], None] | None = None
+        """Called before a map growth (the store waits for its background checkpoint: growing
+        kills every read transaction of the process, the one it is about to pin too)."""
         self._pin: Txn | None = None
+        self._pin_lock = threading.Lock()
         self.max_map_size = max(max_map_size, map_size)
         self.full = False
         self.generation = 0
@@ -187,7 +191,8 @@ class LmdbEnv:
     def pin(self, txn: Txn) -> None:
         """Keep `txn` open until the next `pin` (its snapshot's pages are never reused); the
         previous pin is released."""
-        old, self._pin = self._pin, txn
+        with self._pin_lock:
+            old, self._pin = self._pin, txn
         if old is not None:
             _abort(old)
 
@@ -292,6 +297,8 @@ class LmdbEnv:
             )
         new = min(max(cur * 2, min_size), self.max_map_size)
         new = -(-new // self.psize) * self.psize
+        if self.before_grow is not None:
+            self.before_grow()
         # Kills every read transaction open in this process; long-lived readers see the new
         # generation and raise ReadInvalidatedError instead of touching their dead transaction.
         self.generation += 1
@@ -376,7 +383,8 @@ class LmdbEnv:
         self.env.close()
 
     def pin_release(self) -> None:
-        old, self._pin = self._pin, None
+        with self._pin_lock:
+            old, self._pin = self._pin, None
         if old is not None:
             _abort(old)
 

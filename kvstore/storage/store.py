@@ -66,6 +66,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -177,6 +178,11 @@ class LmdbNodeStore:
         once every group got there, the next cycle checkpoints, so repeated crashes never make
         the replay (and the WAL kept for it) grow."""
         self._ckpt_now = False
+        """A forced checkpoint failed (full disk): the next write runs one first, synchronously."""
+        self._ckpt_soon = False
+        """The next cycle starts a checkpoint whatever the policy says (the replay after an
+        unclean start is done, a compaction is held back by the last checkpoint)."""
+        self._ckpt_thread: threading.Thread | None = None
         self.checkpoints = 0
         self.restored = False
         """True if this open put the state machine back to its last checkpoint (unclean stop)."""
@@ -207,6 +213,7 @@ class LmdbNodeStore:
         try:
             if self.checkpointed:
                 self._env.after_grow = self._checkpoint_locked
+                self._env.before_grow = self.wait_checkpoint
                 self.checkpoint()
             elif saved is not None:
                 lmdbckpt.remove(self.path)  # commit mode from here: every apply is synced
@@ -359,8 +366,10 @@ class LmdbNodeStore:
             records = self._wal.stage(writes, lambda g: max(kv.applied(g).index, installs.get(g, 0)))
             self._wal.check(records)
             files = [Path(w.snapshot_file) for w in writes if w.snapshot is not None and w.snapshot_file is not None]
-            if self.checkpointed and self._checkpoint_due():
-                self.checkpoint()  # between cycles: a failure here wrote nothing of this one
+            if self.checkpointed and self._ckpt_now:
+                self.checkpoint()  # a forced one that failed (full disk): before anything else
+            elif self.checkpointed and self._checkpoint_due():
+                self._checkpoint_soon()  # between cycles: a failure here wrote nothing of this one
             if installs:
                 self._install(writes, installs)
                 if self.checkpointed:
@@ -474,7 +483,7 @@ class LmdbNodeStore:
             bound = self._ckpt_applied.get(group, 0)
             if index > bound:
                 index = bound
-                self._ckpt_now = True  # the next cycle checkpoints: the compaction then goes through
+                self._ckpt_soon = True  # the next cycle checkpoints: the compaction then goes through
         self._wal.compact(group, index, applied)
 
     # --- the checkpointer (checkpoint mode) ---------------------------------------------------------
@@ -489,11 +498,11 @@ class LmdbNodeStore:
         for g in [g for g, upto in self._replay.items() if kv.applied(g).index >= upto or g not in self._groups]:
             del self._replay[g]
         if not self._replay:
-            self._ckpt_now = True
+            self._ckpt_soon = True
 
     def _checkpoint_due(self) -> bool:
         p = self.checkpoint_policy
-        if self._ckpt_now:
+        if self._ckpt_soon:
             return True
         if not (self._ckpt_cycles or self._ckpt_bytes):
             return False
@@ -510,12 +519,16 @@ class LmdbNodeStore:
             )
 
     def checkpoint(self) -> None:
-        """Make everything committed to LMDB durable and restorable (checkpoint mode; a no-op
-        otherwise): under LMDB's write lock (no commit in between), (1) pin a read transaction on
-        the latest snapshot, (2) `env.sync(True)`, (3) read the two meta pages (they must be at
-        the pinned transaction) and every group's applied index FROM THE PINNED SNAPSHOT,
-        (4) write the record (`lmdbckpt.write`: atomic, durable), (5) release the previous pin.
-        A crash before (4) restores the previous checkpoint, whose pages the previous pin kept.
+        """Make everything committed to LMDB durable and restorable now (checkpoint mode; a no-op
+        otherwise), waiting for a background checkpoint in flight first. The steps: under LMDB's
+        write lock (no commit in between) (1) pin a read transaction on the latest snapshot and
+        read, from the page cache, the two meta pages (the newer must be at the pinned
+        transaction) and every group's applied index FROM THE PINNED SNAPSHOT; then (2)
+        `env.sync(True)` (every page of the pinned tree was written before (1), so it is on disk
+        after it, whatever later commits do), (3) write the record (`lmdbckpt.write`: atomic,
+        durable), (4) release the previous pin. A crash before (3) restores the previous
+        checkpoint, whose pages the previous pin kept. Here (2) to (4) run under the write lock;
+        `_checkpoint_soon` runs them on a thread of their own while cycles go on.
         A failure fails the checkpointer for good (after a failed flush what reached the disk is
         unknown, and a later successful one proves nothing): every later write raises
         StorageIOError until a restart restores the last good checkpoint. Except no room for
@@ -524,15 +537,20 @@ class LmdbNodeStore:
         before writing anything (a forced one is never skipped)."""
         if not self.checkpointed:
             return
+        self.wait_checkpoint()
         with self._env.write_lock:
             self._checkpoint_locked()
 
     def _checkpoint_locked(self) -> None:
         self._check_checkpoints()
+        self._finish_checkpoint(self._prepare_checkpoint())
+        self._ckpt_now = False  # (only a synchronous one clears it: it is what a forced one waits for)
+
+    def _prepare_checkpoint(self) -> tuple[Txn, lmdbckpt.Checkpoint]:
+        """Step (1), with LMDB's write lock held."""
         env = self._env
         pin = env.begin_read()
         try:
-            env.sync_all()
             metas = lmdbckpt.read_metas(self.path / "data.mdb", env.psize)
             txnid = lmdbckpt.meta_txnid(metas, env.psize)
             if txnid != pin.id():
@@ -544,21 +562,65 @@ class LmdbNodeStore:
             for key, raw in pin.cursor(db=env.db(DB_APPLIED)):
                 if len(key) == U64.size:
                     applied.append((U64.unpack(key)[0], decode_applied(raw)[0]))
-            lmdbckpt.write(self.path, lmdbckpt.Checkpoint(env.psize, txnid, tuple(sorted(applied)), metas))
         except BaseException as err:
-            with contextlib.suppress(Exception):
-                pin.abort()
-            if isinstance(err, lmdbckpt.CheckpointSpaceError):
-                env.full = True  # the previous record and its pin still hold: retried later
-            elif isinstance(err, StorageError):
-                self._ckpt_failed = err
+            self._checkpoint_failed(pin, err)
             raise
-        env.pin(pin)
-        self._ckpt_applied = dict(applied)
         self._ckpt_cycles = self._ckpt_bytes = 0
-        self._ckpt_now = False
+        self._ckpt_soon = False
         self._ckpt_at = self._clock()
+        return pin, lmdbckpt.Checkpoint(env.psize, txnid, tuple(sorted(applied)), metas)
+
+    def _finish_checkpoint(self, prepared: tuple[Txn, lmdbckpt.Checkpoint]) -> None:
+        """Steps (2) to (4): no lock needed (LMDB's flush is one `fdatasync`; no map growth
+        meanwhile: `_grow` waits for this first)."""
+        pin, ckpt = prepared
+        try:
+            self._env.sync_all()
+            lmdbckpt.write(self.path, ckpt)
+        except BaseException as err:
+            self._checkpoint_failed(pin, err)
+            raise
+        self._env.pin(pin)
+        self._ckpt_applied = ckpt.applied_map()
         self.checkpoints += 1
+
+    def _checkpoint_failed(self, pin: Txn, err: BaseException) -> None:
+        with contextlib.suppress(Exception):
+            pin.abort()
+        if isinstance(err, lmdbckpt.CheckpointSpaceError):
+            self._env.full = True  # the previous record and its pin still hold: retried later
+            self._ckpt_soon = True
+        elif isinstance(err, StorageError):
+            self._ckpt_failed = err
+
+    def _checkpoint_soon(self) -> None:
+        """A checkpoint the policy asks for: prepared here (a moment under the write lock), its
+        flush and record on a thread of their own, so no cycle waits for the flush. One at a
+        time; a failure shows at the next write (`_check_checkpoints`)."""
+        if self._ckpt_thread is not None:
+            if self._ckpt_thread.is_alive():
+                return
+            self._ckpt_thread = None
+        with self._env.write_lock:
+            prepared = self._prepare_checkpoint()
+
+        def run() -> None:
+            try:
+                self._finish_checkpoint(prepared)
+            except Exception as err:  # kept in `_ckpt_failed` (or retried: full disk)
+                log.error("a background checkpoint of the state machine failed: %s", err)
+
+        t = threading.Thread(target=run, name="lmdb-checkpoint", daemon=True)
+        self._ckpt_thread = t
+        t.start()
+
+    def wait_checkpoint(self) -> None:
+        """Wait for a background checkpoint in flight, if any (done before a synchronous one, a
+        map growth and a close)."""
+        t = self._ckpt_thread
+        if t is not None:
+            t.join()
+            self._ckpt_thread = None
 
     # --- the audit log's head -------------------------------------------------------------------
     def audit_head(self) -> AuditHead | None:
@@ -732,6 +794,8 @@ class LmdbNodeStore:
     def close(self) -> None:
         """Checkpoint (checkpoint mode: a clean stop, which the next open needs not restore), close
         the environment and the WAL (open streams become invalid). Idempotent."""
+        if hasattr(self, "_ckpt_thread"):
+            self.wait_checkpoint()
         if self.checkpointed and not self._env.closed and self._ckpt_failed is None:
             try:
                 self.checkpoint()

@@ -10,6 +10,7 @@ import errno
 import os
 import shutil
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,7 @@ def test_recovery_restores_the_checkpoint_and_the_replay_gives_the_acknowledged_
         # the replay done, the next cycle checkpoints first: another crash would not replay it again
         before = r.checkpoints
         _cycle(r, live[0] + 1, 1)
+        r.wait_checkpoint()  # (it runs in the background)
         assert r.checkpoints == before + 1 and r.checkpointed_applied(1) == live[0]
     finally:
         r.close()
@@ -216,7 +218,8 @@ def test_compaction_never_passes_the_checkpointed_applied_index(tmp_path: Path) 
         s.compact(1, applied)
         assert s.log_storage(1).first_index() == at_ckpt + 1
         before = s.checkpoints
-        _cycle(s, nxt, 1)  # the held-back compaction asked for a checkpoint: this cycle runs it first
+        _cycle(s, nxt, 1)  # the held-back compaction asked for a checkpoint: this cycle starts it first
+        s.wait_checkpoint()
         assert s.checkpoints == before + 1 and s.checkpointed_applied(1) == applied
         s.compact(1, applied)
         assert s.log_storage(1).first_index() == applied + 1
@@ -232,6 +235,7 @@ def test_the_policy_checkpoints_between_cycles(tmp_path: Path) -> None:
         nxt = s.log_storage(1).last_index() + 1
         for _ in range(9):
             _cycle(s, nxt, 2)
+            s.wait_checkpoint()  # (it runs in the background: one at a time)
             nxt += 2
         assert s.checkpoints - before == 2  # before the 5th and the 9th applying cycle
         saved = lmdbckpt.read(tmp_path / "a")
@@ -373,3 +377,39 @@ def test_a_second_opener_is_refused_while_the_store_is_open(tmp_path: Path) -> N
     finally:
         s.close()
     _open(tmp_path / "a").close()  # released at close
+
+
+def test_cycles_go_on_while_a_background_checkpoint_flushes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The policy's checkpoint is prepared between cycles (pin, meta pages, applied indexes) and
+    flushed on a thread of its own: cycles commit meanwhile, and the record names the prepared
+    snapshot, made durable only once the flush is done."""
+    s = _bootstrapped(tmp_path / "a", checkpoint_policy=CheckpointPolicy(cycles=2, bytes=1 << 40, seconds=1e9))
+    try:
+        s.checkpoint()
+        release, flushing = threading.Event(), threading.Event()
+        real = type(s._env).sync_all
+
+        def slow(env: Any) -> None:
+            flushing.set()
+            assert release.wait(30)
+            real(env)
+
+        monkeypatch.setattr(type(s._env), "sync_all", slow)
+        nxt = s.log_storage(1).last_index() + 1
+        _cycle(s, nxt, 3)
+        _cycle(s, nxt + 3, 3)
+        prepared_at = s.applied_index(1)
+        before = s.checkpoints
+        _cycle(s, nxt + 6, 3)  # starts the checkpoint of `prepared_at`, then applies
+        assert flushing.wait(30)
+        for i in range(5):  # not blocked by the flush
+            _cycle(s, nxt + 9 + 3 * i, 3)
+        assert s.checkpoints == before and s.checkpointed_applied(1) == nxt - 1
+        release.set()
+        s.wait_checkpoint()
+        monkeypatch.undo()
+        assert s.checkpoints == before + 1 and s.checkpointed_applied(1) == prepared_at
+        saved = lmdbckpt.read(tmp_path / "a")
+        assert saved is not None and saved.applied_map()[1] == prepared_at
+    finally:
+        s.close()
