@@ -13,12 +13,14 @@ One Ready cycle (`persist_and_apply`), for ALL groups (issue 20):
   one that persists and applies, the WAL's and LMDB's (two ordered flushes: data, then the meta
   page).
 - `checkpoint`: no LMDB transaction is synced; a cycle costs the WAL's one `fdatasync`. The
-  checkpointer (`checkpoint`) makes them durable: before a cycle when `CheckpointPolicy` says so,
-  at open and close, right after step 1, between a destroy's LMDB write and its DESTROY record,
-  after an audit head, right after a map growth, and once the replay after an unclean start is
-  done. A checkpoint pins a read transaction on the latest snapshot, `env.sync(True)`s, and
-  records LMDB's two meta pages and every group's applied index (read from the pinned snapshot)
-  durably in `<path>/checkpoint` (`lmdbckpt.py`), then releases the previous pin: LMDB never
+  checkpointer (`checkpoint`) makes them durable: in the background of the cycles when
+  `CheckpointPolicy` says so (or a compaction is held back, or the replay after an unclean start
+  is done: prepared between cycles, flushed on a thread of its own), and synchronously at open
+  and close, right after step 1, between a destroy's LMDB write and its DESTROY record, after an
+  audit head and right after a map growth. A checkpoint pins a read transaction on the latest
+  snapshot, saves LMDB's two meta pages and every group's applied index (read from the pinned
+  snapshot), `env.sync(True)`s, records them durably in `<path>/checkpoint` (`lmdbckpt.py`),
+  then releases the previous pin: LMDB never
   reuses a page a live reader can reach, so the checkpointed tree survives any later unsynced
   commit, and only the meta pages (overwritten in place) need the copy. Invariants: the WAL
   keeps every entry after each group's checkpointed applied index (`compact` never passes it),
