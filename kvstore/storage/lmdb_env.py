@@ -297,11 +297,12 @@ class LmdbEnv:
             )
         new = min(max(cur * 2, min_size), self.max_map_size)
         new = -(-new // self.psize) * self.psize
+        # Kills every read transaction open in this process; long-lived readers see the new
+        # generation and raise ReadInvalidatedError instead of touching their dead transaction
+        # (a checkpoint prepared before it is dropped: the store checks the generation first).
+        self.generation += 1
         if self.before_grow is not None:
             self.before_grow()
-        # Kills every read transaction open in this process; long-lived readers see the new
-        # generation and raise ReadInvalidatedError instead of touching their dead transaction.
-        self.generation += 1
         self._readers.clear()
         self.pin_release()  # it would die with the others: `after_grow` pins again
         try:

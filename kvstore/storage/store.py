@@ -185,6 +185,9 @@ class LmdbNodeStore:
         """The next cycle starts a checkpoint whatever the policy says (the replay after an
         unclean start is done, a compaction is held back by the last checkpoint)."""
         self._ckpt_thread: threading.Thread | None = None
+        self._ckpt_lock = threading.Lock()
+        self._ckpt_txnid = 0
+        """The LMDB transaction of the last checkpoint record written."""
         self.checkpoints = 0
         self.restored = False
         """True if this open put the state machine back to its last checkpoint (unclean stop)."""
@@ -215,7 +218,7 @@ class LmdbNodeStore:
         try:
             if self.checkpointed:
                 self._env.after_grow = self._checkpoint_locked
-                self._env.before_grow = self.wait_checkpoint
+                self._env.before_grow = self._no_finish_in_flight
                 self.checkpoint()
             elif saved is not None:
                 lmdbckpt.remove(self.path)  # commit mode from here: every apply is synced
@@ -539,18 +542,24 @@ class LmdbNodeStore:
         before writing anything (a forced one is never skipped)."""
         if not self.checkpointed:
             return
-        self.wait_checkpoint()
-        with self._env.write_lock:
-            self._checkpoint_locked()
-
-    def _checkpoint_locked(self) -> None:
         self._check_checkpoints()
-        self._finish_checkpoint(self._prepare_checkpoint())
+        with self._env.write_lock:
+            prepared = self._prepare_checkpoint()
+        self._finish_checkpoint(prepared)  # commits may go on meanwhile
         self._ckpt_now = False  # (only a synchronous one clears it: it is what a forced one waits for)
 
-    def _prepare_checkpoint(self) -> tuple[Txn, lmdbckpt.Checkpoint]:
-        """Step (1), with LMDB's write lock held."""
+    def _checkpoint_locked(self) -> None:
+        """A whole checkpoint under the write lock (after a map growth: before the next commit)."""
+        self._check_checkpoints()
+        self._finish_checkpoint(self._prepare_checkpoint())
+        self._ckpt_now = False
+
+    def _prepare_checkpoint(self) -> tuple[Txn, lmdbckpt.Checkpoint, int]:
+        """Step (1), with LMDB's write lock held. Also returns the map's generation (a growth
+        before `_finish_checkpoint` kills the pin: that checkpoint is dropped, the growth's own
+        covers it)."""
         env = self._env
+        generation = env.generation
         pin = env.begin_read()
         try:
             metas = lmdbckpt.read_metas(self.path / "data.mdb", env.psize)
@@ -570,21 +579,34 @@ class LmdbNodeStore:
         self._ckpt_cycles = self._ckpt_bytes = 0
         self._ckpt_soon = False
         self._ckpt_at = self._clock()
-        return pin, lmdbckpt.Checkpoint(env.psize, txnid, tuple(sorted(applied)), metas)
+        return pin, lmdbckpt.Checkpoint(env.psize, txnid, tuple(sorted(applied)), metas), generation
 
-    def _finish_checkpoint(self, prepared: tuple[Txn, lmdbckpt.Checkpoint]) -> None:
-        """Steps (2) to (4): no lock needed (LMDB's flush is one `fdatasync`; no map growth
-        meanwhile: `_grow` waits for this first)."""
-        pin, ckpt = prepared
-        try:
-            self._env.sync_all()
-            lmdbckpt.write(self.path, ckpt)
-        except BaseException as err:
-            self._checkpoint_failed(pin, err)
-            raise
-        self._env.pin(pin)
-        self._ckpt_applied = ckpt.applied_map()
-        self.checkpoints += 1
+    def _finish_checkpoint(self, prepared: tuple[Txn, lmdbckpt.Checkpoint, int]) -> None:
+        """Steps (2) to (4), without LMDB's write lock (its flush is one `fdatasync`), under
+        `_ckpt_lock`: one finish at a time, so a record and its pin change together (a record
+        whose tree is not pinned never exists), never back to an older snapshot, and a map growth
+        (`before_grow` takes the lock) never lands inside one."""
+        pin, ckpt, generation = prepared
+        with self._ckpt_lock:
+            if self._env.generation != generation or ckpt.txnid < self._ckpt_txnid:
+                with contextlib.suppress(Exception):  # a growth killed it, or a newer one is done
+                    pin.abort()
+                return
+            try:
+                self._env.sync_all()
+                lmdbckpt.write(self.path, ckpt)
+            except BaseException as err:
+                self._checkpoint_failed(pin, err)
+                raise
+            self._env.pin(pin)
+            self._ckpt_txnid = ckpt.txnid
+            self._ckpt_applied = ckpt.applied_map()
+            self.checkpoints += 1
+
+    def _no_finish_in_flight(self) -> None:
+        """`LmdbEnv.before_grow`: wait for a checkpoint's finish in flight (on another thread)."""
+        with self._ckpt_lock:
+            pass
 
     def _checkpoint_failed(self, pin: Txn, err: BaseException) -> None:
         with contextlib.suppress(Exception):
@@ -617,8 +639,7 @@ class LmdbNodeStore:
         t.start()
 
     def wait_checkpoint(self) -> None:
-        """Wait for a background checkpoint in flight, if any (done before a synchronous one, a
-        map growth and a close)."""
+        """Wait for a background checkpoint in flight, if any (done before a close)."""
         t = self._ckpt_thread
         if t is not None:
             t.join()
@@ -641,10 +662,9 @@ class LmdbNodeStore:
         def fn(txn: Txn) -> None:
             txn.put(AUDIT_HEAD_KEY, value, db=db)
 
-        with self._env.write_lock:
-            self._check_checkpoints()
-            self._env.write(fn)
-            self.checkpoint()  # checkpoint mode: durable on return all the same
+        self._check_checkpoints()
+        self._env.write(fn)
+        self.checkpoint()  # checkpoint mode: durable on return all the same
 
     # --- state ----------------------------------------------------------------------------------
     def applied_index(self, group: int) -> int:

@@ -413,3 +413,29 @@ def test_cycles_go_on_while_a_background_checkpoint_flushes(tmp_path: Path, monk
         assert saved is not None and saved.applied_map()[1] == prepared_at
     finally:
         s.close()
+
+
+def test_a_checkpoint_prepared_before_a_map_growth_is_dropped(tmp_path: Path) -> None:
+    """A growth kills every read transaction of the process, a prepared checkpoint's pin too: its
+    record must never be written (its tree would not be pinned); the growth's own checkpoint
+    (newer) stands."""
+    s = _bootstrapped(tmp_path / "a", map_size=1 << 20,
+                      checkpoint_policy=CheckpointPolicy(cycles=1 << 30, bytes=1 << 40, seconds=1e9))
+    try:
+        with s._env.write_lock:
+            prepared = s._prepare_checkpoint()
+        grows = s._env.grow_count
+        nxt = s.log_storage(1).last_index() + 1
+        while s._env.grow_count == grows:
+            ents = [Entry(1, nxt + i, EntryType.NORMAL, cmds.encode_put(b"g%d" % (nxt + i), b"y" * 4000, 0, 0, 0), 1)
+                    for i in range(20)]
+            s.persist_and_apply([GroupWrite(1, ents, HardState(1, 1, ents[-1].index))], [ApplyBatch(1, ents, CONF)])
+            nxt += 20
+            assert nxt < 5000
+        after_growth = lmdbckpt.read(tmp_path / "a")
+        count = s.checkpoints
+        s._finish_checkpoint(prepared)
+        assert s.checkpoints == count and lmdbckpt.read(tmp_path / "a") == after_growth
+        assert after_growth is not None and after_growth.txnid > prepared[1].txnid and s._env.pinned
+    finally:
+        s.close()
