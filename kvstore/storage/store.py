@@ -543,16 +543,19 @@ class LmdbNodeStore:
         if not self.checkpointed:
             return
         self._check_checkpoints()
-        with self._env.write_lock:
-            prepared = self._prepare_checkpoint()
-        self._finish_checkpoint(prepared)  # commits may go on meanwhile
-        self._ckpt_now = False  # (only a synchronous one clears it: it is what a forced one waits for)
+        for _ in range(8):  # again only if a map growth dropped it before the growth could checkpoint
+            with self._env.write_lock:
+                prepared = self._prepare_checkpoint()
+            if self._finish_checkpoint(prepared):  # commits may go on meanwhile
+                self._ckpt_now = False  # (only a synchronous one clears it: what a forced one waits for)
+                return
+        raise StorageIOError("a checkpoint of the state machine was cut by a map growth eight times in a row")
 
     def _checkpoint_locked(self) -> None:
         """A whole checkpoint under the write lock (after a map growth: before the next commit)."""
         self._check_checkpoints()
-        self._finish_checkpoint(self._prepare_checkpoint())
-        self._ckpt_now = False
+        if self._finish_checkpoint(self._prepare_checkpoint()):  # (no growth can cut it: the lock)
+            self._ckpt_now = False
 
     def _prepare_checkpoint(self) -> tuple[Txn, lmdbckpt.Checkpoint, int]:
         """Step (1), with LMDB's write lock held. Also returns the map's generation (a growth
@@ -581,17 +584,18 @@ class LmdbNodeStore:
         self._ckpt_at = self._clock()
         return pin, lmdbckpt.Checkpoint(env.psize, txnid, tuple(sorted(applied)), metas), generation
 
-    def _finish_checkpoint(self, prepared: tuple[Txn, lmdbckpt.Checkpoint, int]) -> None:
+    def _finish_checkpoint(self, prepared: tuple[Txn, lmdbckpt.Checkpoint, int]) -> bool:
         """Steps (2) to (4), without LMDB's write lock (its flush is one `fdatasync`), under
         `_ckpt_lock`: one finish at a time, so a record and its pin change together (a record
         whose tree is not pinned never exists), never back to an older snapshot, and a map growth
-        (`before_grow` takes the lock) never lands inside one."""
+        (`before_grow` takes the lock) never lands inside one. Returns True once a record at or
+        after the prepared snapshot is durable (this one, or a newer one that finished first)."""
         pin, ckpt, generation = prepared
         with self._ckpt_lock:
             if self._env.generation != generation or ckpt.txnid < self._ckpt_txnid:
                 with contextlib.suppress(Exception):  # a growth killed it, or a newer one is done
                     pin.abort()
-                return
+                return self._ckpt_txnid >= ckpt.txnid
             try:
                 self._env.sync_all()
                 lmdbckpt.write(self.path, ckpt)
@@ -602,6 +606,7 @@ class LmdbNodeStore:
             self._ckpt_txnid = ckpt.txnid
             self._ckpt_applied = ckpt.applied_map()
             self.checkpoints += 1
+            return True
 
     def _no_finish_in_flight(self) -> None:
         """`LmdbEnv.before_grow`: wait for a checkpoint's finish in flight (on another thread)."""

@@ -434,7 +434,7 @@ def test_a_checkpoint_prepared_before_a_map_growth_is_dropped(tmp_path: Path) ->
             assert nxt < 5000
         after_growth = lmdbckpt.read(tmp_path / "a")
         count = s.checkpoints
-        s._finish_checkpoint(prepared)
+        assert s._finish_checkpoint(prepared)  # dropped, and covered by the growth's newer checkpoint
         assert s.checkpoints == count and lmdbckpt.read(tmp_path / "a") == after_growth
         assert after_growth is not None and after_growth.txnid > prepared[1].txnid and s._env.pinned
     finally:
