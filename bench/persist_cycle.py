@@ -1,6 +1,6 @@
 """Micro-benchmark: the persist thread's work per put, as a leader's Ready cycles do it.
 
-    python bench/persist_cycle.py [--puts N] [--batch B] [--sync 0|1] [--dir DIR]
+    python bench/persist_cycle.py [--puts N] [--batch B] [--sync 0|1] [--state-sync MODE] [--dir DIR]
 
 One group of an `LmdbNodeStore` in a temporary directory under DIR (default: the system's;
 give a directory on the disk the server would use), N puts (64-byte values over 10,000 keys, no
@@ -8,7 +8,8 @@ sessions, as `ab_revisions.py`'s end-to-end driver sends them), B per cycle: eac
 `persist_and_apply` call persists batch k (entries and hard state) and applies batch k-1, as a
 single-node leader's cycle does. With `--sync 1` (the server's setting) every cycle flushes what
 the store flushes (on main: the WAL's fdatasync, then LMDB's commit; before the WAL: LMDB's
-commit alone). Prints the CPU microseconds per put of this process, user and system (the
+commit alone; with `--state-sync checkpoint`, the WAL's fdatasync alone, plus the checkpoints
+the store's policy runs). Prints the CPU microseconds per put of this process, user and system (the
 kernel's share of the flushes included), and puts/s. Uses only APIs every checkout since
 4965e32 has: `bench/ab_revisions.py` runs it on two checkouts, alternating.
 """
@@ -21,6 +22,7 @@ import resource
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from kvstore.node.store import ApplyBatch, GroupWrite
 from kvstore.raft import ConfState
@@ -29,7 +31,7 @@ from kvstore.storage import commands
 from kvstore.storage.store import LmdbNodeStore
 
 
-def run(puts: int, batch: int, sync: bool, parent: str | None) -> tuple[float, float, float]:
+def run(puts: int, batch: int, sync: bool, parent: str | None, state_sync: str | None = None) -> tuple[float, float, float]:
     """(user CPU µs per put, system CPU µs per put, puts/s) over `puts` puts."""
     conf = ConfState((1,))
     revisions = "revision" in inspect.signature(commands.encode_put).parameters
@@ -38,7 +40,8 @@ def run(puts: int, batch: int, sync: bool, parent: str | None) -> tuple[float, f
         for i in range(puts)
     ]
     with tempfile.TemporaryDirectory(prefix="kvbench-persist-", dir=parent) as tmp:
-        s = LmdbNodeStore(Path(tmp) / "s", sync=sync)
+        mode: dict[str, Any] = {"state_sync": state_sync} if state_sync else {}
+        s = LmdbNodeStore(Path(tmp) / "s", sync=sync, **mode)
         try:
             s.bootstrap(1, conf)
             first = s.log_storage(1).last_index() + 1
@@ -68,10 +71,12 @@ def main() -> None:
     ap.add_argument("--puts", type=int, default=20_000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--sync", type=int, choices=(0, 1), default=1)
+    ap.add_argument("--state-sync", choices=("checkpoint", "commit"), default=None,
+                    help="the store's state_sync (default: the store's; needs a checkout that has it)")
     ap.add_argument("--dir", default=None, help="where the temporary store goes (default: the system's)")
     a = ap.parse_args()
-    user, system, rate = run(a.puts, a.batch, bool(a.sync), a.dir)
-    print(f"{a.puts} puts, {a.batch} per cycle, sync {a.sync}: {user + system:.1f} CPU us per put "
+    user, system, rate = run(a.puts, a.batch, bool(a.sync), a.dir, a.state_sync)
+    print(f"{a.puts} puts, {a.batch} per cycle, sync {a.sync}, state-sync {a.state_sync or 'default'}: {user + system:.1f} CPU us per put "
           f"(user {user:.1f}, system {system:.1f}), {rate:,.0f} puts/s")
 
 

@@ -1,6 +1,6 @@
 """Restart time and snapshot catch-up time of a 3-node cluster holding N keys.
 
-    python bench/restart_and_catchup.py [--keys 100000] [--value-size 100] [--inflight 64]
+    python bench/restart_and_catchup.py [--keys 100000] [--value-size 100] [--inflight 64] [--state-sync MODE]
 
 Real `kvstore serve` processes on 127.0.0.1 (free ports), data in a temporary directory that is
 removed at the end. Prints: load rate; time from starting all three stopped nodes to the first
@@ -43,9 +43,12 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=100_000)
     ap.add_argument("--value-size", type=int, default=100)
     ap.add_argument("--inflight", type=int, default=64)
+    ap.add_argument("--state-sync", choices=("checkpoint", "commit"), default=None,
+                    help="the nodes' --state-sync (default: serve's default)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="kvbench-"))
-    cluster = Cluster(root, 3, extra_args=["--compact-threshold", "20000"])
+    mode = ["--state-sync", args.state_sync] if args.state_sync else []
+    cluster = Cluster(root, 3, extra_args=["--compact-threshold", "20000", *mode])
     try:
         cluster.start()
         value = b"v" * args.value_size

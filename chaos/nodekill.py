@@ -4,12 +4,15 @@ kills it with SIGKILL, restarts it on the same data directory, and checks that e
 acknowledged put is there with its value and that nothing else is (a put whose answer was lost to
 the kill may or may not be there; if it is, it holds its own value) before the next round.
 
-    python -m chaos.nodekill --kills 200 [--dir D] [--seed S]      # the long soak (~3 s a kill)
+    python -m chaos.nodekill --kills 200 [--dir D] [--seed S] [--state-sync checkpoint|commit]
+                                                                  # the long soak (~3 s a kill)
 
 One node, so nothing can come back from a peer: what the restarted node serves is what its own
 disk held. A kill -9 keeps the page cache, so this proves the process-crash path (a cycle killed
 between its WAL sync and its apply transaction, in the middle of either, during a checkpoint or a
-segment rotation); the `fdatasync`s themselves are proven on the simulated file system
+segment rotation). With `--state-sync checkpoint` every restart also puts LMDB back to its last
+checkpoint (the meta pages the kill left are newer than the record) and replays the WAL from
+there, so each kill exercises the checkpointer's restore and replay. The `fdatasync`s themselves are proven on the simulated file system
 (`python -m chaos.sim.walcrash`, `tests/unit/test_nodelogs.py`). CI runs three kills
 (`tests/integration/test_node_kill9.py`).
 
@@ -58,8 +61,9 @@ def _free_port() -> int:
 class Node:
     """One `kvstore serve` process on a fixed address and data directory."""
 
-    def __init__(self, root: Path, port: int) -> None:
+    def __init__(self, root: Path, port: int, state_sync: str | None = None) -> None:
         self.address = f"127.0.0.1:{port}"
+        self.state_sync = state_sync
         self.data_dir = root / "n1"
         self.log_path = root / "n1.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -69,7 +73,8 @@ class Node:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "kvstore.cli.server", "serve", "--id", "1", "--data-dir", str(self.data_dir),
                  "--listen", self.address, "--peers", f"1={self.address}", "--replication", "1",
-                 "--tick-ms", "50", "--log-level", "warning"],
+                 "--tick-ms", "50", "--log-level", "warning",
+                 *(["--state-sync", self.state_sync] if self.state_sync else [])],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 
@@ -148,10 +153,12 @@ def _verify(address: str, acked: dict[bytes, bytes], maybe: set[bytes]) -> list[
     return problems
 
 
-def run(root: Path, kills: int, seed: int, say: Callable[[str], None] = print) -> Outcome:
-    """`kills` rounds of write, kill -9, restart, verify (module docstring)."""
+def run(root: Path, kills: int, seed: int, say: Callable[[str], None] = print,
+        state_sync: str | None = None) -> Outcome:
+    """`kills` rounds of write, kill -9, restart, verify (module docstring); `state_sync`: the
+    node's `--state-sync` (None: its default)."""
     rng = random.Random(seed)
-    node = Node(root, _free_port())
+    node = Node(root, _free_port(), state_sync)
     out = Outcome()
     acked: dict[bytes, bytes] = {}
     maybe: set[bytes] = set()
@@ -193,12 +200,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--state-sync", choices=["checkpoint", "commit"], default=None,
+                    help="the node's --state-sync (default: the node's default)")
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one, removed)")
     a = ap.parse_args()
     with contextlib.ExitStack() as stack:
         root = a.dir if a.dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         root.mkdir(parents=True, exist_ok=True)
-        out = run(root, a.kills, a.seed)
+        out = run(root, a.kills, a.seed, state_sync=a.state_sync)
     rs = sorted(out.restart_seconds)
     print(f"{out.kills} kills, {out.acked} acknowledged puts all present, {out.maybe} indeterminate; restart "
           f"p50 {rs[len(rs) // 2]:.2f}s max {rs[-1]:.2f}s" if rs else "no kills")

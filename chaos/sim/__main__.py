@@ -44,7 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         help="watchers on the real watch hub, checked (chaos/sim/watches.py): on a fixed fifth of the seeds "
              "(auto), on every seed, or off",
     )
+    ap.add_argument(
+        "--state-sync", choices=("checkpoint", "commit"), default=None,
+        help="the stores' state-machine durability (default: NodeSimParams.state_sync, checkpoint)",
+    )
     args = ap.parse_args(argv)
+    from . import nodes
+
+    nodes.STATE_SYNC = args.state_sync
     quiesce = {"auto": None, "on": True, "off": False}[args.quiesce]
     moves = {"auto": None, "on": True, "off": False}[args.moves]
     watches = {"auto": None, "on": True, "off": False}[args.watches]

@@ -129,6 +129,10 @@ class NodeSimParams:
     """Chance the machine crashes during a sync (all or nothing of that transaction survives)."""
     sync: bool = True
     """Stores make transactions durable (False only to plant "acknowledge before fsync")."""
+    state_sync: str = "checkpoint"
+    """How the stores' state machines become durable (`MemoryNodeStore`: `checkpoint`, a crash
+    loses every apply since the last checkpoint and the cores replay the WAL; `commit`, each
+    apply transaction is synced). Not drawn: `python -m chaos.sim --state-sync` sets it."""
     membership: bool = False
     """Replace voters by new nodes (remove from every group, add a new id, promote)."""
     lease_read: bool = False
@@ -1373,6 +1377,10 @@ def syncs_writes(params: NodeSimParams) -> bool:
     return params.sync
 
 
+STATE_SYNC: str | None = None
+"""Overrides every run's `NodeSimParams.state_sync` (`python -m chaos.sim --state-sync`)."""
+
+
 def memory_store(sim: NodeSimulation) -> StoreFactory:
     """In-memory stores with the run's disk faults: failed fsyncs and torn writes at the seed's
     rates (a crash recovers only what was synced). A store made after the heal (a replacement
@@ -1381,7 +1389,8 @@ def memory_store(sim: NodeSimulation) -> StoreFactory:
 
     def factory(node_id: int, directory: Path) -> NodeStore:
         return MemoryNodeStore(sync=syncs_writes(sim.p), rng=random.Random(sim.rng.getrandbits(64)),
-                               rates=rates if sim.healed_at is None else FaultRates(), snapshot_chunk_size=4096)
+                               rates=rates if sim.healed_at is None else FaultRates(), snapshot_chunk_size=4096,
+                               state_sync=STATE_SYNC or sim.p.state_sync)
 
     return factory
 

@@ -14,7 +14,7 @@ from typing import Any
 from kvstore.node.closes import NodeCloses
 from kvstore.node.host import Group, Host
 from kvstore.node.inbound import Inbound
-from kvstore.node.memstore import ListStream, MemoryNodeStore
+from kvstore.node.memstore import _U_ATTR, ListStream, MemoryNodeStore, _undo
 from kvstore.node.moves import MoveCoordinator, Propose, Work
 from kvstore.node.reads import NodeReads
 from kvstore.node.watch import StoreSource, WatchHub
@@ -375,13 +375,32 @@ def _ack_without_fdatasync(self: Wal) -> None:
     self._synced = self.next_seq - 1
 
 
+def _compact_past_checkpoint(self: MemoryNodeStore, group: int, index: int) -> None:
+    # BUG: the Raft log is compacted up to the LIVE applied index, past the last checkpoint of
+    # the state machine: after a crash the state machine is back at the checkpoint and the
+    # entries it must replay are gone from the WAL.
+    self._check_open()
+    self._wal.compact(group, index, self._applied_index(group))
+
+
+def _skip_meta_restore(self: MemoryNodeStore, keep_unsynced: int) -> None:
+    # BUG: a start after a crash opens LMDB as the crash left it instead of writing the
+    # checkpoint's meta pages back: the newest meta page (with its applied indexes) reached the
+    # disk, the data pages it points to did not. The node believes it applied what it lost.
+    for undo in reversed(self._journal):
+        _undo([u for u in undo if not (u[0] == _U_ATTR and u[2] == "applied")])
+
+
 STORAGE_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
     "wal-skip-fdatasync": (Wal, "sync", _ack_without_fdatasync),
+    "lmdb-compact-past-checkpoint": (MemoryNodeStore, "compact", _compact_past_checkpoint),
+    "lmdb-skip-meta-restore": (MemoryNodeStore, "_lose_unsynced", _skip_meta_restore),
 }
 """Bugs planted into the storage layer's write-ahead log. Found by `chaos/sim/walcrash.py` on the
 simulated file system (`tests/unit/test_wal_crash.py`) and by the whole-node simulator, whose
 `MemoryNodeStore` keeps the nodes' Raft logs in that WAL on `SimFileSystem`
-(`tests/simulation/test_node_sim.py`)."""
+(`tests/simulation/test_node_sim.py`). The `lmdb-*` ones break the LMDB checkpointer's model in
+`MemoryNodeStore` (checkpoint mode, the simulator's default): found by the whole-node simulator."""
 
 ALL_BUGS = {**BUGS, **NODE_BUGS, **STORAGE_BUGS, **WATCH_BUGS}
 

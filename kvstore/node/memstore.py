@@ -26,6 +26,17 @@ Durability model (what the simulator relies on):
   synced transaction; `crash()` undoes the journal newest first (keeping the oldest
   `keep_unsynced`), so everything not synced is gone. Received snapshot files are gone too (LMDB
   deletes them at open). A transaction that raises undoes its records at once.
+- the state machines in checkpoint mode (`state_sync="checkpoint"`, as `LmdbNodeStore`'s
+  `--state-sync checkpoint`): NO transaction is synced at commit; `checkpoint()` makes all of
+  them durable at once (before a cycle once `checkpoint_every` cycles applied since the last one,
+  after a snapshot install, between a destroy's state-machine write and its log record, after an
+  audit head) and records each group's applied index then, which bounds `compact` (the WAL is the
+  state machine's redo log from there). `crash()` undoes EVERY transaction after the last
+  checkpoint (the real store restores the checkpoint's meta pages, whatever the OS wrote), so a
+  restarted node's cores replay the committed entries from the checkpointed applied indexes. A
+  checkpoint has the faults of a sync: a failed fsync raises StorageIOError and changes nothing
+  (a forced one is then retried before anything else is written), a torn one crashes the machine
+  and survives all or nothing.
 
 Faults (deterministic: one-shot, or a rate drawn from the injected rng per synced step; the rng is
 drawn only for a rate > 0, so adding no faults changes no random sequence):
@@ -372,6 +383,8 @@ class MemoryNodeStore:
         session_limits: SessionLimits = LIMITS,
         torn_model: TornWriteModel = all_or_nothing,
         wal_fs: SimFileSystem | None = None,
+        state_sync: str = "commit",
+        checkpoint_every: int = 32,
     ) -> None:
         self.rng = rng if rng is not None else random.Random(0)
         self._fs = wal_fs if wal_fs is not None else SimFileSystem(random.Random(self.rng.getrandbits(64)))
@@ -405,6 +418,18 @@ class MemoryNodeStore:
         self._tear = 0
         self.syncs = 0
         self.transactions = 0
+        if state_sync not in ("checkpoint", "commit"):
+            raise ValueError(f"state_sync must be 'checkpoint' or 'commit', not {state_sync!r}")
+        self.state_sync = state_sync
+        self.checkpointed = state_sync == "checkpoint"
+        self.checkpoint_every = checkpoint_every
+        self.checkpoints = 0
+        self._ckpt_applied: dict[int, int] = {}
+        """group -> its applied index at the last checkpoint (what a crash keeps)."""
+        self._ckpt_cycles = 0
+        self._ckpt_forced = False
+        """A forced checkpoint (install, destroy) failed: the next write checkpoints first."""
+        self._ckpt_torn = False
 
     @property
     def sync(self) -> bool:
@@ -442,6 +467,7 @@ class MemoryNodeStore:
         """Make everything visible durable (as a sync would; no fault is injected here)."""
         self._check_open()
         self._journal.clear()
+        self._ckpt_done()
         self._wal.rw.sync()
         self._wal_unsynced = 0
         self.syncs += 1
@@ -453,6 +479,10 @@ class MemoryNodeStore:
         sync in flight survives as `torn_model` decides (with the unsynced ones it was flushing)."""
         if self._in_txn:
             raise RuntimeError("crash() from inside a write transaction")
+        if self._ckpt_torn and self.rng.random() < 0.5:  # the torn checkpoint's record made it
+            self._journal.clear()
+        if self.checkpointed:
+            keep_unsynced = 0  # the checkpoint's meta pages are restored: nothing after it survives
         torn = self._torn
         if torn is not None:
             keep = self.torn_model(self.rng, len(torn))
@@ -462,8 +492,7 @@ class MemoryNodeStore:
                 _undo(torn, keep)
                 if keep:  # the WAL hook: a prefix of a sequential log means all before it was written
                     self._journal.clear()
-        for undo in reversed(self._journal[keep_unsynced:]):
-            _undo(undo)
+        self._lose_unsynced(keep_unsynced)
         self._journal.clear()
         self._torn = None
         self._dead = self._closed = True
@@ -471,6 +500,7 @@ class MemoryNodeStore:
         new = MemoryNodeStore(
             sync=self.sync, rng=self.rng, rates=self.rates, snapshot_chunk_size=self.snapshot_chunk_size,
             session_limits=self.session_limits, torn_model=self.torn_model, wal_fs=fs,
+            state_sync=self.state_sync, checkpoint_every=self.checkpoint_every,
         )
         new._groups = self._groups
         new._tombstones = self._tombstones
@@ -489,7 +519,57 @@ class MemoryNodeStore:
             st = groups.get(g)
             if st is not None and not st.applied.index:
                 del groups[g]
+        new._ckpt_done()
         return new
+
+    def _lose_unsynced(self, keep_unsynced: int) -> None:
+        """At a crash: undo the transactions no sync or checkpoint covered, newest first (but the
+        oldest `keep_unsynced`)."""
+        for undo in reversed(self._journal[keep_unsynced:]):
+            _undo(undo)
+
+    # --- checkpoints (checkpoint mode) ------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Make every transaction durable (checkpoint mode; module docstring), with a sync's faults."""
+        if not self.checkpointed:
+            return
+        self._check_open()
+        if self._in_txn:
+            raise RuntimeError("checkpoint from inside a write transaction")
+        if not self.sync:
+            return  # nothing ever becomes durable (the planted "acknowledge before fsync")
+        if self._disk_full or self._draw(self.rates.full_disk):
+            self._disk_full = self._full = True
+            raise StorageFullError("simulated: no space left on device (checkpoint record)")
+        if self._fail_fsync > 0 or self._draw(self.rates.fsync):
+            self._fail_fsync = max(0, self._fail_fsync - 1)
+            raise StorageIOError("simulated: fsync of the state machine's checkpoint failed (EIO)")
+        if self._tear > 0 or self._draw(self.rates.torn):
+            self._tear = max(0, self._tear - 1)
+            self._ckpt_torn = self._dead = True
+            raise SimulatedCrash("simulated: the machine crashed during a checkpoint")
+        self._journal.clear()
+        self._ckpt_done()
+        self.syncs += 1
+        self.checkpoints += 1
+        self._full = False
+
+    def _ckpt_done(self) -> None:
+        self._ckpt_applied = {g: st.applied.index for g, st in self._groups.items()}
+        self._ckpt_cycles = 0
+        self._ckpt_forced = False
+
+    def _forced_checkpoint(self) -> None:
+        """A checkpoint an ordering needs (install before the WAL's RESET, destroy before DESTROY)."""
+        if self.checkpointed:
+            self._ckpt_forced = True
+            self.checkpoint()
+
+    def checkpointed_applied(self, group: int) -> int:
+        """The group's applied index a crash now would keep."""
+        if self.checkpointed:
+            return self._ckpt_applied.get(group, 0)
+        return self._applied_index(group)
 
     # --- transactions --------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -544,7 +624,7 @@ class MemoryNodeStore:
             self._disk_full = self._full = True
             raise StorageFullError("simulated: no space left on device")
         self.transactions += 1
-        if not self.sync:
+        if not self.sync or self.checkpointed:
             self._journal.append(undo)
             self._full = False
             return
@@ -618,7 +698,10 @@ class MemoryNodeStore:
                 self._tombstones.add(group)
                 undo.append((_U_SET_ADD, self._tombstones, group, None))
 
+        if self._ckpt_forced:
+            self.checkpoint()
         self._write(fn)  # the state machine first, then the log (`NodeLogs.repair` finishes it)
+        self._forced_checkpoint()
         self._wal.destroy(group)
 
     # --- the audit log's head ---------------------------------------------------------------------
@@ -632,6 +715,7 @@ class MemoryNodeStore:
             self._audit_head = head
 
         self._write(fn)
+        self.checkpoint()  # checkpoint mode: durable on return all the same
 
     # --- the Ready loop -------------------------------------------------------------------------
     def persist(self, writes: Sequence[GroupWrite]) -> None:
@@ -658,8 +742,11 @@ class MemoryNodeStore:
         records = self._wal.stage(writes, lambda gid: max(self._applied_index(gid), installs.get(gid, 0)))
         self._wal.check(records)
         files = [str(w.snapshot_file) for w in writes if w.snapshot is not None and w.snapshot_file is not None]
+        if self.checkpointed and (self._ckpt_forced or self._ckpt_cycles >= self.checkpoint_every):
+            self.checkpoint()  # between cycles: a failure here wrote nothing of this one
         if installs:
             self._write(lambda undo: self._install_all(writes, installs, undo))
+            self._forced_checkpoint()  # the install is durable before the WAL's RESET
         if records:
             flush = self._wal.must_sync(records)
             self._wal_fault()
@@ -672,6 +759,7 @@ class MemoryNodeStore:
         results: ApplyResults = []
         if batches:
             results = self._write(lambda undo: self._apply_all(batches, on_applied, undo))
+            self._ckpt_cycles += 1
         for f in files:
             self._received.pop(f, None)
         return results
@@ -873,8 +961,13 @@ class MemoryNodeStore:
         return _Applied(hm.index, hm.conf_state, shards)
 
     def compact(self, group: int, index: int) -> None:
+        """In checkpoint mode never past the group's applied index at the last checkpoint (as
+        `LmdbNodeStore.compact`): `index` is lowered to it."""
         self._check_open()
-        self._wal.compact(group, index, self._applied_index(group))
+        applied = self._applied_index(group)
+        if self.checkpointed and index <= applied:
+            index = min(index, self._ckpt_applied.get(group, 0))
+        self._wal.compact(group, index, applied)
 
     # --- state ----------------------------------------------------------------------------------
     def applied_index(self, group: int) -> int:
@@ -1110,6 +1203,7 @@ class MemoryNodeStore:
             "transactions": self.transactions,
             "syncs": self.syncs,
             "unsynced": self.unsynced,
+            "checkpoints": self.checkpoints,
         }
 
     @property

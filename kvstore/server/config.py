@@ -12,6 +12,7 @@ from kvstore.security.net import is_loopback
 from kvstore.shard.endpoints import check_address
 from kvstore.shard.shardmap import MAX_GROUP_ID
 from kvstore.storage.commands import MAX_KEY_SIZE, command_size_bound
+from kvstore.storage.lmdbckpt import STATE_SYNC_MODES
 
 from .admission_settings import AdmissionSettings
 from .reads import ReadSettings
@@ -70,6 +71,11 @@ class NodeConfig:
     metrics_listen: str = ""
     request_timeout: float = 5.0
     sync: bool = True
+    state_sync: str = "checkpoint"
+    """How the state machine (LMDB) becomes durable (`--state-sync`): `checkpoint` (the default:
+    no apply transaction synced; the checkpointer makes them durable and a restart after a crash
+    replays the WAL from the last checkpoint: `storage/store.py`) or `commit` (every apply
+    transaction synced)."""
     wal_segment_bytes: int = 8 << 20
     """Size of a segment of the node's write-ahead log (`--wal-segment-bytes`; preallocated)."""
     raft: RaftSettings = field(default_factory=RaftSettings)
@@ -104,6 +110,8 @@ class NodeConfig:
         return self.audit is not None and self.audit.writes
 
     def validate(self) -> None:
+        if self.state_sync not in STATE_SYNC_MODES:
+            raise ValueError(f"--state-sync {self.state_sync!r} must be one of {', '.join(STATE_SYNC_MODES)}")
         if not 64 << 10 <= self.wal_segment_bytes <= 1 << 30:
             raise ValueError(f"--wal-segment-bytes {self.wal_segment_bytes} must be in 64K..1G")
         if not 0 <= self.history_retention <= 100 * 365 * 86400:

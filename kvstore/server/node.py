@@ -138,7 +138,8 @@ class Node:
             self.tls = NodeTls(cfg.certs_dir, cfg.id)  # before the store: bad certificates fail fast
         tls = self.tls
         self.store = store = LmdbNodeStore(
-            cfg.data_dir / "db", sync=cfg.sync, map_size=1 << 36, wal_segment_bytes=cfg.wal_segment_bytes
+            cfg.data_dir / "db", sync=cfg.sync, map_size=1 << 36, wal_segment_bytes=cfg.wal_segment_bytes,
+            state_sync=cfg.state_sync,
         )
         if cfg.audit is not None:
             self.audit = AuditLog(cfg.audit, load_or_create_key(cfg.data_dir / KEY_FILE), store, cfg.id)

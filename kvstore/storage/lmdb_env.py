@@ -7,6 +7,12 @@ Durability: with `sync=True` (the default) every committed write transaction is 
 `commit()` returns (LMDB fdatasyncs the data pages, then the meta page). `sync=False` skips the
 syncs: a process crash still loses nothing that was committed (the OS has the pages), a machine
 crash may lose recent transactions but never corrupts the database. Only for tests and benchmarks.
+With `checkpointed=True` (`--state-sync checkpoint`) commits skip the syncs too, and the store
+makes them durable by checkpoints instead (`lmdbckpt.py`, `store.LmdbNodeStore.checkpoint`):
+`sync_all()` flushes everything committed, and `pin(txn)` keeps a read transaction open on the
+checkpointed snapshot until the next checkpoint, so LMDB reuses none of its pages. Growing the
+map kills that pin with every other reader of the process: `after_grow` (the store's checkpoint)
+runs at once, before any later commit could reuse a page of the checkpointed tree.
 
 Threading: use an `LmdbEnv` from ONE thread (the node's asyncio loop; its Ready cycles' writes run
 on the persist thread), except that `write` may be called from any thread: a lock serializes the
@@ -114,8 +120,19 @@ class LmdbEnv:
         max_map_size: int = 1 << 40,
         max_readers: int = 126,
         db_names: Sequence[bytes] = DB_NAMES,
+        checkpointed: bool = False,
     ) -> None:
         self.path = Path(path)
+        self.checkpointed = checkpointed
+        self.after_grow: Callable[[], None] | None = None
+        """Called right after every map growth, and before a write finds no pin, with the write
+        lock held and no write transaction open (checkpointed mode: the store's checkpoint, which
+        pins again). Invariant, once it is set: no write transaction begins without a pin."""
+        self.before_grow: Callable[[], None] | None = None
+        """Called before a map growth (the store waits for its background checkpoint: growing
+        kills every read transaction of the process, the one it is about to pin too)."""
+        self._pin: Txn | None = None
+        self._pin_lock = threading.Lock()
         self.max_map_size = max(max_map_size, map_size)
         self.full = False
         self.generation = 0
@@ -130,8 +147,8 @@ class LmdbEnv:
                 map_size=map_size,
                 subdir=True,
                 max_dbs=len(db_names) + 2,
-                sync=sync,
-                metasync=sync,
+                sync=sync and not checkpointed,
+                metasync=sync and not checkpointed,
                 readahead=False,
                 writemap=False,
                 max_readers=max_readers,
@@ -146,6 +163,42 @@ class LmdbEnv:
             return {name: self.env.open_db(name, txn=txn, create=True) for name in db_names}
 
         self.dbs: dict[bytes, Db] = self.write(create)
+        if checkpointed:
+            self.sync_all()  # a new file is durable before the first checkpoint names it
+
+    # --- checkpoints (checkpointed mode) ----------------------------------------------------------
+    @property
+    def write_lock(self) -> threading.RLock:
+        """Held by `write`; a checkpoint holds it so no commit lands between its pin and its sync."""
+        return self._write_lock
+
+    def begin_read(self) -> Txn:
+        """A raw read transaction on the latest committed snapshot (for `pin`)."""
+        self._check_open()
+        try:
+            return self.env.begin()
+        except lmdb.Error as err:
+            raise self.translate_error(err, "opening a read transaction") from err
+
+    def sync_all(self) -> None:
+        """`env.sync(True)`: every committed page and both meta pages are on disk on return."""
+        self._check_open()
+        try:
+            self.env.sync(True)
+        except (lmdb.Error, OSError) as err:
+            raise self.translate_error(err, "flushing the environment") from err
+
+    def pin(self, txn: Txn) -> None:
+        """Keep `txn` open until the next `pin` (its snapshot's pages are never reused); the
+        previous pin is released."""
+        with self._pin_lock:
+            old, self._pin = self._pin, txn
+        if old is not None:
+            _abort(old)
+
+    @property
+    def pinned(self) -> bool:
+        return self._pin is not None
 
     # --- transactions --------------------------------------------------------------------------
     def write(self, fn: Callable[[Txn], T]) -> T:
@@ -162,6 +215,8 @@ class LmdbEnv:
     def _write(self, fn: Callable[[Txn], T]) -> T:
         self._check_open()
         self._maybe_grow()
+        if self._pin is None and self.after_grow is not None:
+            self.after_grow()  # a checkpoint after a growth failed (full disk): pin before writing
         while True:
             try:
                 txn = self.env.begin(write=True)
@@ -243,14 +298,20 @@ class LmdbEnv:
         new = min(max(cur * 2, min_size), self.max_map_size)
         new = -(-new // self.psize) * self.psize
         # Kills every read transaction open in this process; long-lived readers see the new
-        # generation and raise ReadInvalidatedError instead of touching their dead transaction.
+        # generation and raise ReadInvalidatedError instead of touching their dead transaction
+        # (a checkpoint prepared before it is dropped: the store checks the generation first).
         self.generation += 1
+        if self.before_grow is not None:
+            self.before_grow()
         self._readers.clear()
+        self.pin_release()  # it would die with the others: `after_grow` pins again
         try:
             self.env.set_mapsize(new)
         except lmdb.Error as err:
             raise self.translate_error(err, "growing the map") from err
         self.grow_count += 1
+        if self.after_grow is not None:
+            self.after_grow()
 
     # --- disk -----------------------------------------------------------------------------------
     def fs_free_bytes(self) -> int:
@@ -319,7 +380,14 @@ class LmdbEnv:
         self._closed = True
         self.generation += 1
         self._readers.clear()
+        self.pin_release()
         self.env.close()
+
+    def pin_release(self) -> None:
+        with self._pin_lock:
+            old, self._pin = self._pin, None
+        if old is not None:
+            _abort(old)
 
 
 def _abort(txn: Txn) -> None:

@@ -29,8 +29,10 @@ and recovers from the disk.
 
 Checkpoints: once the log has `CHECKPOINT_SEGMENTS` segments (or two more than after the last
 checkpoint, if the live logs fill more than one), `RaftWal.checkpoint` restates the groups that
-pin old segments and removes those segments. The state machine never needs the WAL to be
-replayed (LMDB's apply transactions are synced), so nothing else bounds it.
+pin old segments and removes those segments. It restates every live log whole, so it drops no
+entry a log still holds: what bounds the state machine's redo log (with `--state-sync
+checkpoint`, every entry after a group's applied index in LMDB's last checkpoint) is the
+compaction bound the store passes to `compact`.
 """
 
 from __future__ import annotations

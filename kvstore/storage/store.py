@@ -6,10 +6,29 @@ One Ready cycle (`persist_and_apply`), for ALL groups (issue 20):
 1. (only if the cycle installs a snapshot) ONE synced LMDB transaction installs the snapshots;
 2. the cycle's WAL records (RESET for a new group or an installed snapshot, ENTRIES, HARD_STATE),
    then ONE `fdatasync` of the WAL;
-3. (only if the cycle applies) ONE LMDB transaction applies the committed entries (synced: data
-   and applied index stay consistent in LMDB). Entries applied may be those persisted in step 2.
-A cycle that only persists costs one `fdatasync`; one that persists and applies, the WAL's and
-LMDB's (two ordered flushes: data, then the meta page). Before this, two LMDB commits per put.
+3. (only if the cycle applies) ONE LMDB transaction applies the committed entries (data and
+   applied index stay consistent in LMDB). Entries applied may be those persisted in step 2.
+`state_sync` (`kvstore serve --state-sync`) decides whether step 3 (and step 1) flush:
+- `commit`: every LMDB transaction is synced. A cycle that only persists costs one `fdatasync`;
+  one that persists and applies, the WAL's and LMDB's (two ordered flushes: data, then the meta
+  page).
+- `checkpoint`: no LMDB transaction is synced; a cycle costs the WAL's one `fdatasync`. The
+  checkpointer (`checkpoint`) makes them durable: in the background of the cycles when
+  `CheckpointPolicy` says so (or a compaction is held back, or the replay after an unclean start
+  is done: prepared between cycles, flushed on a thread of its own), and synchronously at open
+  and close, right after step 1, between a destroy's LMDB write and its DESTROY record, after an
+  audit head and right after a map growth. A checkpoint pins a read transaction on the latest
+  snapshot, saves LMDB's two meta pages and every group's applied index (read from the pinned
+  snapshot), `env.sync(True)`s, records them durably in `<path>/checkpoint` (`lmdbckpt.py`),
+  then releases the previous pin: LMDB never
+  reuses a page a live reader can reach, so the checkpointed tree survives any later unsynced
+  commit, and only the meta pages (overwritten in place) need the copy. Invariants: the WAL
+  keeps every entry after each group's checkpointed applied index (`compact` never passes it),
+  and the last checkpoint's tree is pinned from its record until the next record is durable.
+  Open after an unclean stop: the record's meta pages are written back before LMDB opens
+  (`lmdbckpt.restore`; a clean stop ended with a checkpoint, so they match and nothing is
+  written); the cores then start at the checkpoint's applied indexes, below their commit
+  indexes, and replay the WAL's committed entries (the apply rules are deterministic).
 
 Failures: a call that raises wrote nothing of step 3; the programming errors (a gap in entries
 to append or to apply: RaftError) are found before step 1. A storage error after step 1 or 2
@@ -28,7 +47,9 @@ directory from before the WAL has its LMDB logs moved into it at open (`walmigra
 
 After a restart (even kill -9, or power loss with sync=True) the store returns exactly what
 returned calls wrote: hard states, logs, log bases, KV data, applied indexes (with their
-configurations), sessions and members.
+configurations), sessions and members; in checkpoint mode, the state machine as of the last
+checkpoint, and the logs hold every committed entry after it (a core's replay brings it back
+to what was applied, with the same results).
 
 Snapshots: `snapshot_chunks` streams a group's state at its applied index from one read
 transaction; the receiver stores the chunks in a file (`receive_snapshot`) and installs it with
@@ -47,7 +68,10 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,8 +88,9 @@ from kvstore.raft.types import (
 )
 from kvstore.shard.ranges import IntervalSet
 
+from . import lmdbckpt
 from .commands import ApplyResult
-from .errors import StorageError
+from .errors import StorageError, StorageIOError
 from .kvstate import AppliedState, KVState, TxnStream
 from .layout import (
     AUDIT_HEAD_KEY,
@@ -76,12 +101,14 @@ from .layout import (
     SNAPSHOT_BASE_TAG,
     TOMBSTONE_TAG,
     U64,
+    decode_applied,
     decode_audit_head,
     decode_log_base,
     encode_audit_head,
     encode_log_base,
 )
 from .lmdb_env import LmdbEnv
+from .lmdbckpt import STATE_SYNC_MODES
 from .machine import SessionMeta
 from .nodelogs import SEGMENT_BYTES, NodeLogs, WalLogStorage, log_is_empty
 from .shardcmd import ShardState
@@ -99,6 +126,19 @@ WAL_DIR = "wal"
 SNAPSHOT_SUFFIX = ".snap"
 
 
+
+@dataclass(frozen=True, slots=True)
+class CheckpointPolicy:
+    """When the checkpointer runs (checkpoint mode): before a cycle, once this many applying
+    cycles, applied entry bytes or seconds passed since the last checkpoint (whichever comes
+    first); also at open, at close, after a snapshot install, a group destroy, an audit head
+    and a map growth. Bounds the WAL a restart after a crash replays."""
+
+    cycles: int = 4096
+    bytes: int = 32 << 20
+    seconds: float = 5.0
+
+
 class LmdbNodeStore:
     """The node's durable state on LMDB: the `kvstore.node.store.NodeStore` protocol. See the
     module docstring."""
@@ -113,28 +153,100 @@ class LmdbNodeStore:
         max_map_size: int = 1 << 40,
         wal_segment_bytes: int = SEGMENT_BYTES,
         wal_fs: FileSystem | None = None,
+        state_sync: str = "commit",
+        checkpoint_policy: CheckpointPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`wal_fs`: the WAL's directory (default: `<path>/wal` on the OS; tests wrap it to
-        inject faults)."""
+        inject faults). `state_sync`: one of `STATE_SYNC_MODES` (checkpoint mode needs `sync`;
+        without it nothing is flushed either way)."""
+        if state_sync not in STATE_SYNC_MODES:
+            raise ValueError(f"state_sync must be one of {STATE_SYNC_MODES}, not {state_sync!r}")
         self.path = Path(path)
         self.sync = sync
+        self.state_sync = state_sync
+        self.checkpointed = sync and state_sync == "checkpoint"
+        self.checkpoint_policy = checkpoint_policy or CheckpointPolicy()
+        self._clock = clock
+        self._ckpt_applied: dict[int, int] = {}
+        """group -> its applied index in the last checkpoint (checkpoint mode): what a crash
+        restores, so what the WAL must keep everything after (`compact`)."""
+        self._ckpt_failed: StorageError | None = None
+        self._ckpt_cycles = 0
+        self._ckpt_bytes = 0
+        self._ckpt_at = clock()
+        self._replay: dict[int, int] = {}
+        """group -> the commit index its core replays up to after this open (checkpoint mode):
+        once every group got there, the next cycle checkpoints, so repeated crashes never make
+        the replay (and the WAL kept for it) grow."""
+        self._ckpt_now = False
+        """A forced checkpoint failed (full disk): the next write runs one first, synchronously."""
+        self._ckpt_soon = False
+        """The next cycle starts a checkpoint whatever the policy says (the replay after an
+        unclean start is done, a compaction is held back by the last checkpoint)."""
+        self._ckpt_thread: threading.Thread | None = None
+        self._ckpt_lock = threading.Lock()
+        self._ckpt_txnid = 0
+        """The LMDB transaction of the last checkpoint record written."""
+        self.checkpoints = 0
+        self.restored = False
+        """True if this open put the state machine back to its last checkpoint (unclean stop)."""
         self.snapshot_chunk_size = snapshot_chunk_size
         self.snapshot_dir = self.path / SNAPSHOT_DIR
-        self._env = LmdbEnv(self.path, sync=sync, map_size=map_size, max_map_size=max_map_size)
+        self.path.mkdir(parents=True, exist_ok=True)
+        saved = lmdbckpt.read(self.path)
+        self._lock_fd: int | None = None
+        if self.checkpointed or saved is not None:
+            self._lock_fd = lmdbckpt.lock(self.path)
+        if saved is not None:
+            try:
+                self.restored = lmdbckpt.restore(self.path, saved)
+            except BaseException:
+                self._unlock()
+                raise
+            if self.restored:
+                log.warning("the state machine was not stopped cleanly: restored its checkpoint at "
+                            "LMDB transaction %d; the WAL's committed entries after it are replayed", saved.txnid)
+        try:
+            self._env = LmdbEnv(
+                self.path, sync=sync, map_size=map_size, max_map_size=max_map_size, checkpointed=self.checkpointed
+            )
+        except BaseException:
+            self._unlock()
+            raise
         self._kv = KVState(self._env)
+        try:
+            if self.checkpointed:
+                self._env.after_grow = self._checkpoint_locked
+                self._env.before_grow = self._no_finish_in_flight
+                self.checkpoint()
+            elif saved is not None:
+                lmdbckpt.remove(self.path)  # commit mode from here: every apply is synced
+        except BaseException:
+            self._env.close()
+            self._unlock()
+            raise
         try:
             opts = WalOptions(segment_bytes=wal_segment_bytes)
             fs = wal_fs if wal_fs is not None else OsFileSystem(self.path / WAL_DIR)
             self._wal = NodeLogs(fs, opts, sync=sync)
         except BaseException:
             self._env.close()
+            self._unlock()
             raise
         try:
             moved = migrate(self._env, self._wal.rw)
             if moved:
                 log.info("moved the Raft logs of groups %s from LMDB into the write-ahead log", moved)
+                if self.checkpointed:
+                    self.checkpoint()
             self._groups: set[int] = self._scan_groups()
             self._repair()
+            if self.checkpointed:
+                for g in self._groups:
+                    lg = self._wal.log(g)
+                    if lg is not None and lg.hard_state.commit > self._kv.applied(g).index:
+                        self._replay[g] = lg.hard_state.commit
         except BaseException:
             self.close()
             raise
@@ -214,9 +326,15 @@ class LmdbNodeStore:
                 txn.put(U64.pack(group) + TOMBSTONE_TAG, b"", db=self._env.db(DB_SHARDS))
 
         with self._wal.lock:
+            self._check_checkpoints()
+            if self.checkpointed and self._ckpt_now:
+                self.checkpoint()
             self._env.write(fn)
             self._kv.forget(group)
             self._groups.discard(group)
+            if self.checkpointed:
+                self._ckpt_now = True  # if it fails (full disk), the next write checkpoints first
+                self.checkpoint()  # the deletion is durable before the log goes
             self._wal.destroy(group)
 
     # --- the Ready loop ----------------------------------------------------------------------
@@ -247,13 +365,21 @@ class LmdbNodeStore:
             return []
         kv = self._kv
         with self._wal.lock:
+            self._check_checkpoints()
             installs = self._installs(writes)
             self._check_applies(batches, installs)
             records = self._wal.stage(writes, lambda g: max(kv.applied(g).index, installs.get(g, 0)))
             self._wal.check(records)
             files = [Path(w.snapshot_file) for w in writes if w.snapshot is not None and w.snapshot_file is not None]
+            if self.checkpointed and self._ckpt_now:
+                self.checkpoint()  # a forced one that failed (full disk): before anything else
+            elif self.checkpointed and self._checkpoint_due():
+                self._checkpoint_soon()  # between cycles: a failure here wrote nothing of this one
             if installs:
                 self._install(writes, installs)
+                if self.checkpointed:
+                    self._ckpt_now = True  # if it fails (full disk), the retry checkpoints first
+                    self.checkpoint()  # the install is durable before the WAL's RESET
             if records:
                 flush = self._wal.must_sync(records)
                 self._wal.write(records)
@@ -263,6 +389,11 @@ class LmdbNodeStore:
             results: list[list[ApplyResult | None]] = []
             if batches:
                 results = self._apply(batches, on_applied)
+                if self.checkpointed:
+                    self._ckpt_cycles += 1
+                    self._ckpt_bytes += sum(len(e.data) for b in batches for e in b.entries)
+                    if self._replay:
+                        self._replayed()
         for f in files:
             with contextlib.suppress(OSError):
                 f.unlink()
@@ -348,8 +479,176 @@ class LmdbNodeStore:
     def compact(self, group: int, index: int) -> None:
         """Discard log entries <= `index` (which must be <= the applied index) and record (index,
         term, configuration there) as the log's base: a COMPACT record in the WAL, synced. A no-op
-        if already compacted that far."""
-        self._wal.compact(group, index, self._kv.applied(group).index)
+        if already compacted that far. In checkpoint mode never past the group's applied index in
+        the last checkpoint: `index` is lowered to it (a crash restores the state machine there,
+        and the WAL is its redo log from there), and the next cycle checkpoints, so the caller's
+        next compaction goes as far as it asked."""
+        applied = self._kv.applied(group).index
+        if self.checkpointed and index <= applied:
+            bound = self._ckpt_applied.get(group, 0)
+            if index > bound:
+                index = bound
+                self._ckpt_soon = True  # the next cycle checkpoints: the compaction then goes through
+        self._wal.compact(group, index, applied)
+
+    # --- the checkpointer (checkpoint mode) ---------------------------------------------------------
+    def checkpointed_applied(self, group: int) -> int:
+        """The group's applied index a crash now would restore (the live one in commit mode)."""
+        if self.checkpointed:
+            return self._ckpt_applied.get(group, 0)
+        return self._kv.applied(group).index
+
+    def _replayed(self) -> None:
+        kv = self._kv
+        for g in [g for g, upto in self._replay.items() if kv.applied(g).index >= upto or g not in self._groups]:
+            del self._replay[g]
+        if not self._replay:
+            self._ckpt_soon = True
+
+    def _checkpoint_due(self) -> bool:
+        p = self.checkpoint_policy
+        if self._ckpt_soon:
+            return True
+        if not (self._ckpt_cycles or self._ckpt_bytes):
+            return False
+        return (
+            self._ckpt_cycles >= p.cycles
+            or self._ckpt_bytes >= p.bytes
+            or self._clock() - self._ckpt_at >= p.seconds
+        )
+
+    def _check_checkpoints(self) -> None:
+        if self._ckpt_failed is not None:
+            raise StorageIOError(
+                f"a checkpoint of the state machine failed and the node must be restarted: {self._ckpt_failed}"
+            )
+
+    def checkpoint(self) -> None:
+        """Make everything committed to LMDB durable and restorable now (checkpoint mode; a no-op
+        otherwise), waiting for a background checkpoint in flight first. The steps: under LMDB's
+        write lock (no commit in between) (1) pin a read transaction on the latest snapshot and
+        read, from the page cache, the two meta pages (the newer must be at the pinned
+        transaction) and every group's applied index FROM THE PINNED SNAPSHOT; then (2)
+        `env.sync(True)` (every page of the pinned tree was written before (1), so it is on disk
+        after it, whatever later commits do), (3) write the record (`lmdbckpt.write`: atomic,
+        durable), (4) release the previous pin. A crash before (3) restores the previous
+        checkpoint, whose pages the previous pin kept. Here (2) to (4) run under the write lock;
+        `_checkpoint_soon` runs them on a thread of their own while cycles go on.
+        A failure fails the checkpointer for good (after a failed flush what reached the disk is
+        unknown, and a later successful one proves nothing): every later write raises
+        StorageIOError until a restart restores the last good checkpoint. Except no room for
+        the record (`CheckpointSpaceError`, a `StorageFullError`, sets `full`): nothing was
+        replaced, the previous checkpoint and its pin hold, and the next cycle tries again
+        before writing anything (a forced one is never skipped)."""
+        if not self.checkpointed:
+            return
+        self._check_checkpoints()
+        for _ in range(8):  # again only if a map growth dropped it before the growth could checkpoint
+            with self._env.write_lock:
+                prepared = self._prepare_checkpoint()
+            if self._finish_checkpoint(prepared):  # commits may go on meanwhile
+                self._ckpt_now = False  # (only a synchronous one clears it: what a forced one waits for)
+                return
+        raise StorageIOError("a checkpoint of the state machine was cut by a map growth eight times in a row")
+
+    def _checkpoint_locked(self) -> None:
+        """A whole checkpoint under the write lock (after a map growth: before the next commit)."""
+        self._check_checkpoints()
+        if self._finish_checkpoint(self._prepare_checkpoint()):  # (no growth can cut it: the lock)
+            self._ckpt_now = False
+
+    def _prepare_checkpoint(self) -> tuple[Txn, lmdbckpt.Checkpoint, int]:
+        """Step (1), with LMDB's write lock held. Also returns the map's generation (a growth
+        before `_finish_checkpoint` kills the pin: that checkpoint is dropped, the growth's own
+        covers it)."""
+        env = self._env
+        generation = env.generation
+        pin = env.begin_read()
+        try:
+            metas = lmdbckpt.read_metas(self.path / "data.mdb", env.psize)
+            txnid = lmdbckpt.meta_txnid(metas, env.psize)
+            if txnid != pin.id():
+                raise StorageError(
+                    f"LMDB's meta pages are at transaction {txnid}, the pinned snapshot at {pin.id()}: "
+                    "this LMDB's file layout is not the one the checkpointer knows"
+                )
+            applied = []
+            for key, raw in pin.cursor(db=env.db(DB_APPLIED)):
+                if len(key) == U64.size:
+                    applied.append((U64.unpack(key)[0], decode_applied(raw)[0]))
+        except BaseException as err:
+            self._checkpoint_failed(pin, err)
+            raise
+        self._ckpt_cycles = self._ckpt_bytes = 0
+        self._ckpt_soon = False
+        self._ckpt_at = self._clock()
+        return pin, lmdbckpt.Checkpoint(env.psize, txnid, tuple(sorted(applied)), metas), generation
+
+    def _finish_checkpoint(self, prepared: tuple[Txn, lmdbckpt.Checkpoint, int]) -> bool:
+        """Steps (2) to (4), without LMDB's write lock (its flush is one `fdatasync`), under
+        `_ckpt_lock`: one finish at a time, so a record and its pin change together (a record
+        whose tree is not pinned never exists), never back to an older snapshot, and a map growth
+        (`before_grow` takes the lock) never lands inside one. Returns True once a record at or
+        after the prepared snapshot is durable (this one, or a newer one that finished first)."""
+        pin, ckpt, generation = prepared
+        with self._ckpt_lock:
+            if self._env.generation != generation or ckpt.txnid < self._ckpt_txnid:
+                with contextlib.suppress(Exception):  # a growth killed it, or a newer one is done
+                    pin.abort()
+                return self._ckpt_txnid >= ckpt.txnid
+            try:
+                self._env.sync_all()
+                lmdbckpt.write(self.path, ckpt)
+            except BaseException as err:
+                self._checkpoint_failed(pin, err)
+                raise
+            self._env.pin(pin)
+            self._ckpt_txnid = ckpt.txnid
+            self._ckpt_applied = ckpt.applied_map()
+            self.checkpoints += 1
+            return True
+
+    def _no_finish_in_flight(self) -> None:
+        """`LmdbEnv.before_grow`: wait for a checkpoint's finish in flight (on another thread)."""
+        with self._ckpt_lock:
+            pass
+
+    def _checkpoint_failed(self, pin: Txn, err: BaseException) -> None:
+        with contextlib.suppress(Exception):
+            pin.abort()
+        if isinstance(err, lmdbckpt.CheckpointSpaceError):
+            self._env.full = True  # the previous record and its pin still hold: retried later
+            self._ckpt_soon = True
+        elif isinstance(err, StorageError):
+            self._ckpt_failed = err
+
+    def _checkpoint_soon(self) -> None:
+        """A checkpoint the policy asks for: prepared here (a moment under the write lock), its
+        flush and record on a thread of their own, so no cycle waits for the flush. One at a
+        time; a failure shows at the next write (`_check_checkpoints`)."""
+        if self._ckpt_thread is not None:
+            if self._ckpt_thread.is_alive():
+                return
+            self._ckpt_thread = None
+        with self._env.write_lock:
+            prepared = self._prepare_checkpoint()
+
+        def run() -> None:
+            try:
+                self._finish_checkpoint(prepared)
+            except Exception as err:  # kept in `_ckpt_failed` (or retried: full disk)
+                log.error("a background checkpoint of the state machine failed: %s", err)
+
+        t = threading.Thread(target=run, name="lmdb-checkpoint", daemon=True)
+        self._ckpt_thread = t
+        t.start()
+
+    def wait_checkpoint(self) -> None:
+        """Wait for a background checkpoint in flight, if any (done before a close)."""
+        t = self._ckpt_thread
+        if t is not None:
+            t.join()
+            self._ckpt_thread = None
 
     # --- the audit log's head -------------------------------------------------------------------
     def audit_head(self) -> AuditHead | None:
@@ -368,7 +667,9 @@ class LmdbNodeStore:
         def fn(txn: Txn) -> None:
             txn.put(AUDIT_HEAD_KEY, value, db=db)
 
+        self._check_checkpoints()
         self._env.write(fn)
+        self.checkpoint()  # checkpoint mode: durable on return all the same
 
     # --- state ----------------------------------------------------------------------------------
     def applied_index(self, group: int) -> int:
@@ -504,6 +805,8 @@ class LmdbNodeStore:
             "wal_segments": len(wal.segments()),
             "wal_syncs": wal.stats.syncs,
             "wal_checkpoints": self._wal.checkpoints,
+            "state_sync": self.state_sync if self.sync else "off",
+            "lmdb_checkpoints": self.checkpoints,
             "full": self.full,
             "map_grow_count": self._env.grow_count,
             "rows": self._env.db_entries(),
@@ -516,10 +819,24 @@ class LmdbNodeStore:
         return self._env.closed
 
     def close(self) -> None:
-        """Close the environment and the WAL (open streams become invalid). Idempotent."""
+        """Checkpoint (checkpoint mode: a clean stop, which the next open needs not restore), close
+        the environment and the WAL (open streams become invalid). Idempotent."""
+        if hasattr(self, "_ckpt_thread"):
+            self.wait_checkpoint()
+        if self.checkpointed and not self._env.closed and self._ckpt_failed is None:
+            try:
+                self.checkpoint()
+            except StorageError as err:
+                log.error("the last checkpoint at close failed (the next start restores the one before): %s", err)
         if hasattr(self, "_wal"):
             self._wal.close()
         self._env.close()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def __enter__(self) -> LmdbNodeStore:
         return self

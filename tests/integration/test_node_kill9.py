@@ -14,8 +14,10 @@ from kvstore.client import Client
 pytestmark = pytest.mark.timeout(180)
 
 
-def test_kill_9_of_a_node_loses_no_acknowledged_put(tmp_path: Path) -> None:
-    out = run(tmp_path, kills=3, seed=5, say=lambda _: None)
+@pytest.mark.parametrize("state_sync", ["checkpoint", "commit"])
+def test_kill_9_of_a_node_loses_no_acknowledged_put(tmp_path: Path, state_sync: str) -> None:
+    """checkpoint: each restart restores LMDB's last checkpoint and replays the WAL after it."""
+    out = run(tmp_path, kills=3, seed=5, say=lambda _: None, state_sync=state_sync)
     assert out.problems == [] and out.kills == 3
     assert out.acked > 30  # the writers really got answers between the kills
 

@@ -129,6 +129,28 @@ def test_planted_wal_bug_is_found() -> None:
     pytest.fail("planted bug 'wal-skip-fdatasync' not found in 10 seeds")
 
 
+LMDB_BUG_BUDGET = {
+    "lmdb-compact-past-checkpoint": 12,  # first found at seed 5 (a restarted core's applied index beyond its log)
+    "lmdb-skip-meta-restore": 8,  # seed 4 (replicas disagree on a revision: entries the node believed applied)
+}
+"""The LMDB checkpointer's planted bugs (`plant.STORAGE_BUGS`), in the simulator's default checkpoint
+mode (`MemoryNodeStore(state_sync="checkpoint")`: a crash loses every apply since the last
+checkpoint, and the restarted cores replay the WAL)."""
+
+
+@pytest.mark.parametrize("bug", sorted(LMDB_BUG_BUDGET))
+def test_planted_checkpointer_bug_is_found(bug: str) -> None:
+    for seed in range(LMDB_BUG_BUDGET[bug]):
+        with planted(bug):
+            res = run_node_seed(seed)
+        if not res.ok:
+            assert res.violation
+            clean = run_node_seed(seed)
+            assert clean.ok, f"seed {seed} fails without {bug!r} too: {clean.violation}"
+            return
+    pytest.fail(f"planted bug {bug!r} not found in {LMDB_BUG_BUDGET[bug]} seeds")
+
+
 CORE_BUG_BUDGET = {
     "commit-previous-term": 150,  # first found at seed 20 (Figure 8: `churn.py` with one-entry appends)
     "lease-across-quiescence": 100,  # seed 17 (quiescence, lease reads and an isolated leader)

@@ -27,11 +27,12 @@ def _quiet() -> Iterator[None]:
 
 def test_watch_seeds_hold_every_guarantee() -> None:
     """A few seeds with watchers (3 nodes, faults, crashes, compactions; seed 6 with range
-    moves; seeds 3 and 4, not 1 and 9, since the event-driven closes changed the runs): every
-    watch's events are exactly the history's, and the runs exercised what the checks are about
-    (resumes after crashes and cancels, compacted starts, closes of idle groups)."""
+    moves; seeds 3 and 4, not 1 and 9, since the event-driven closes changed the runs; 16, not 4,
+    since the stores run in checkpoint mode: its crash restarts replay): every watch's events are
+    exactly the history's, and the runs exercised what the checks are about (resumes after
+    crashes and cancels, compacted starts, closes of idle groups)."""
     stats = []
-    for seed in (3, 4, 6):
+    for seed in (3, 6, 16):
         res = run_node_seed(seed, watches=True)
         assert res.ok, (seed, res.violation)
         assert res.watches is not None

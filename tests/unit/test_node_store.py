@@ -49,18 +49,19 @@ from kvstore.storage.shardcmd import (
 from kvstore.storage.store import LmdbNodeStore
 
 CONF = ConfState((1, 2, 3))
-KINDS = ["lmdb", "mem"]
+KINDS = ["lmdb", "lmdb-ckpt", "mem", "mem-ckpt"]
 HALF = IntervalSet([(0, HASH_MAX // 2)])
 OTHER = IntervalSet([(HASH_MAX // 2 + 1, HASH_MAX)])
 
 
 def open_store(kind: str, path: Path, limits: SessionLimits | None = None, sync: bool = True) -> Any:
-    if kind == "lmdb":
-        s = LmdbNodeStore(path, sync=sync)
+    if kind in ("lmdb", "lmdb-ckpt"):
+        s = LmdbNodeStore(path, sync=sync, state_sync="checkpoint" if kind == "lmdb-ckpt" else "commit")
         if limits is not None:
             s._kv.session_limits = limits
         return s
-    return MemoryNodeStore(sync=sync, session_limits=limits or SessionLimits())
+    return MemoryNodeStore(sync=sync, session_limits=limits or SessionLimits(),
+                           state_sync="checkpoint" if kind == "mem-ckpt" else "commit")
 
 
 @pytest.fixture(params=KINDS)
@@ -210,6 +211,10 @@ def test_compaction_and_conf_at_the_base(make: Callable[..., Any]) -> None:
     apply_all(s, 1, ConfState((1, 2)))
     assert s.members() == {2: "127.0.0.1:2"}
     s.compact(1, 3)
+    if getattr(s, "checkpointed", False):  # never past the last checkpoint: it has nothing applied
+        assert s.log_storage(1).first_index() == 1
+        s.checkpoint()
+        s.compact(1, 3)
     ls = s.log_storage(1)
     assert (ls.first_index(), ls.last_index(), ls.term(3)) == (4, 4, 2)  # entries 1 (bootstrap), 2 (cc), 3-4
     assert ls.initial_state()[1] == ConfState((1, 2))
@@ -713,3 +718,54 @@ def test_an_unsynced_audit_head_is_lost_in_a_crash() -> None:
     s.sync = False
     s.set_audit_head(AuditHead(2, b"\x02" * 32))
     assert s.crash().audit_head() == AuditHead(1, b"\x01" * 32)
+
+
+def test_checkpoint_mode_crash_loses_every_apply_since_the_last_checkpoint() -> None:
+    """`MemoryNodeStore(state_sync="checkpoint")`: applies are durable only at a checkpoint; a crash
+    goes back to it whatever the OS wrote (`keep_unsynced` is ignored), the WAL keeps the entries to
+    replay, and compaction never passes the checkpointed applied index."""
+    s = MemoryNodeStore(state_sync="checkpoint", checkpoint_every=1 << 30)
+    s.bootstrap(1, ConfState((1,)))
+    append(s, 1, [put(b"a"), put(b"b")])
+    apply_all(s, 1, ConfState((1,)))
+    s.checkpoint()
+    at = s.applied_index(1)
+    append(s, 1, [put(b"c")])
+    apply_all(s, 1, ConfState((1,)))
+    live = s.applied_index(1)
+    assert s.checkpointed_applied(1) == at < live
+    s.compact(1, live)
+    assert s.log_storage(1).first_index() == at + 1  # not past the checkpoint
+    r = s.crash(keep_unsynced=5)
+    assert r.applied_index(1) == at and r.get(1, b"c") is None
+    ls = r.log_storage(1)
+    assert ls.last_index() == live and ls.first_index() == at + 1  # the replay's entries are there
+    apply_all(r, 1, ConfState((1,)))
+    assert r.get(1, b"c") == b"vc0"
+    r.checkpoint()
+    assert r.crash().get(1, b"c") == b"vc0"
+
+
+def test_checkpoint_mode_a_failed_forced_checkpoint_is_retried_before_the_next_write() -> None:
+    s = MemoryNodeStore(state_sync="checkpoint", checkpoint_every=1 << 30)
+    s.bootstrap(1, ConfState((1,)))
+    apply_all(s, 1, ConfState((1,)))
+    s.bootstrap(2, ConfState((1,)))
+    apply_all(s, 2, ConfState((1,)))
+    s.checkpoint()
+    s.fail_next_fsync()
+    with pytest.raises(StorageIOError):
+        s.destroy_group(2, tombstone=True)  # deleted, not durable, the log not destroyed yet
+    assert s.crash().has_group(2)  # lost: the group is back whole
+    s2 = MemoryNodeStore(state_sync="checkpoint", checkpoint_every=1 << 30)
+    s2.bootstrap(1, ConfState((1,)))
+    apply_all(s2, 1, ConfState((1,)))
+    s2.bootstrap(2, ConfState((1,)))
+    apply_all(s2, 2, ConfState((1,)))
+    s2.checkpoint()
+    s2.fail_next_fsync()
+    with pytest.raises(StorageIOError):
+        s2.destroy_group(2, tombstone=True)
+    append(s2, 1, [put(b"x")])  # the next write checkpoints first
+    r = s2.crash()
+    assert not r.has_group(2) and 2 in r.tombstones()  # start-up finished the destroy
