@@ -239,3 +239,28 @@ class Cluster:
         for n in self.nodes.values():
             with contextlib.suppress(Exception):
                 n.terminate()
+
+
+def start_watching_cli(args: list[str]) -> subprocess.Popen[str]:
+    """Start a long-running CLI (e.g. `kvctl watch`) with `faulthandler` on, so `stop_cli` can
+    have it print every thread's stack if it does not exit."""
+    env = dict(os.environ, PYTHONFAULTHANDLER="1")
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def stop_cli(p: subprocess.Popen[str], timeout: float = 30) -> int:
+    """SIGINT (what Ctrl-C sends) and its exit code. One that has not exited within `timeout` is
+    never left behind: SIGABRT makes it print every thread's stack (faulthandler), then it is
+    killed, and the test fails with those stacks."""
+    p.send_signal(signal.SIGINT)
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGABRT)
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        err = p.stderr.read() if p.stderr is not None else ""
+        raise AssertionError(f"process {p.pid} did not exit within {timeout} s of SIGINT; its stacks:\n{err[-6000:]}") from None

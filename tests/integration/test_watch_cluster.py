@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
-from clusterharness import Cluster
+from clusterharness import Cluster, start_watching_cli, stop_cli
 
 from kvstore.client import AsyncClient, WatchEvent
 
@@ -188,14 +187,12 @@ def test_kvctl_watch_prints_json_lines_and_exits_2_on_a_compacted_revision(clust
             return [*revs, kv.revision]
 
     revs = asyncio.run(writes())
-    p = subprocess.Popen(_kvctl(cluster, "-o", "json", "watch", "--prefix", "cli/", "--rev", str(revs[0]), "--prev-kv"),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = start_watching_cli(_kvctl(cluster, "-o", "json", "watch", "--prefix", "cli/", "--rev", str(revs[0]), "--prev-kv"))
     try:
         assert p.stdout is not None
         lines = [json.loads(p.stdout.readline()) for _ in range(3)]
     finally:
-        p.send_signal(signal.SIGINT)
-        code = p.wait(timeout=30)
+        code = stop_cli(p)
     assert code == 0, p.stderr.read() if p.stderr is not None else ""
     assert [(x["type"], x["key"], x["value"], x["revision"]) for x in lines] == [
         ("PUT", "cli/a", "1", revs[0]), ("PUT", "cli/b", "2", revs[1]), ("DELETE", "cli/a", None, revs[2])]

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -17,7 +15,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from clusterharness import Cluster
+from clusterharness import Cluster, start_watching_cli, stop_cli
 
 from kvstore.client import AsyncClient, WatchEvent
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
@@ -133,8 +131,7 @@ def _kvctl(cluster: Cluster, *args: str) -> list[str]:
 def test_kvctl_watch_prefix_from_now_sees_every_later_put_once_in_order(cluster: Cluster) -> None:
     """From now: the puts it prints are exactly the acknowledged ones from some point on (no gap,
     no repeat, none missing once it started), through the last one."""
-    p = subprocess.Popen(_kvctl(cluster, "-o", "json", "watch", "--prefix", "kc/"),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = start_watching_cli(_kvctl(cluster, "-o", "json", "watch", "--prefix", "kc/"))
     lines: list[dict] = []  # type: ignore[type-arg]
     first = threading.Event()
 
@@ -169,8 +166,7 @@ def test_kvctl_watch_prefix_from_now_sees_every_later_put_once_in_order(cluster:
                 break
             reader.join(0.01)
     finally:
-        p.send_signal(signal.SIGINT)
-        code = p.wait(timeout=30)
+        code = stop_cli(p)
     assert code == 0, p.stderr.read() if p.stderr is not None else ""
     revs = [x["revision"] for x in lines]
     assert revs and revs[-1] == acked[-1]
