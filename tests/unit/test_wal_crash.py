@@ -53,4 +53,6 @@ def test_planted_bug_really_skips_the_flush_and_is_removed_afterwards() -> None:
     wal.append([b"b"])
     wal.sync()
     assert fs.fdatasyncs == base + 1
-    assert set(STORAGE_BUGS) == {"wal-skip-fdatasync"}
+    # the WAL's one plant is this one (the `lmdb-*` plants break the checkpointer's model of the
+    # simulated store instead: `tests/simulation/test_node_sim.py` hunts them)
+    assert {n for n in STORAGE_BUGS if not n.startswith("lmdb-")} == {"wal-skip-fdatasync"}
