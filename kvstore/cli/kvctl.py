@@ -696,8 +696,8 @@ def member_remove(c: _Ctx, node_id: int, groups: tuple[int, ...]) -> None:
 @pass_ctx
 def transfer_leader(c: _Ctx, node_id: int, groups: tuple[int, ...]) -> None:
     """Hand leadership to node ID (default: the most up-to-date voter), of every group or of
-    the --group(s) given. The leader balancer later hands data groups back to their preferred
-    leaders."""
+    the --group(s) given. The leader balancer hands data groups back to their preferred leaders
+    300 ticks later (30 s at the default --tick-ms)."""
     target = f"node {node_id}" if node_id else "the most up-to-date voter"
     _admin(c, lambda cl: cl.transfer_leader(node_id, groups=list(groups)), f"leadership transferred to {target}")
 

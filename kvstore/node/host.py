@@ -338,6 +338,10 @@ class Host:
             log.debug("message for unknown group %d from node %d dropped", m.group, m.frm)
             return False
         self._dirty.add(m.group)
+        if m.type == MessageType.TIMEOUT_NOW:
+            # Leadership handed here on purpose (an operator's transfer, a drain) is held: the
+            # balancer leaves this group alone for `balance_backoff_ticks` before handing it on.
+            self._balance_next[m.group] = max(self._balance_next.get(m.group, 0), self._ticks + self.balance_backoff_ticks)
         try:
             g.core.step(m)
         except RaftError as err:
@@ -366,7 +370,10 @@ class Host:
     def _balance_leaders(self) -> None:
         """Hand each group this node leads to its preferred leader, once that node is a voter,
         reachable (recently active) and fully caught up. A failed attempt backs off for a while,
-        so a slow or flaky preferred node does not make the group flap."""
+        so a slow or flaky preferred node does not make the group flap; so does leadership that
+        reached this node by a transfer (TimeoutNow, see `step`), so an operator's
+        `transfer-leader` holds for at least `balance_backoff_ticks` rather than one balancer
+        period."""
         for gid, g in self.groups.items():
             core = g.core
             want = self.preferred_leader.get(gid)
