@@ -215,6 +215,8 @@ class Host:
         self.draining = False
         """Set by a drain (`drain_leadership`): TimeoutNow is refused, so leadership is not handed
         back to a node that is leaving."""
+        self._drain_tried: dict[int, set[int]] = {}
+        """group -> the voters a drain offered its leadership to (each is offered it once)."""
         self.hosted = HostedMembers()
         self._removed: set[int] = set()
         """Nodes removed by an applied change, still in `members` while some hosted group's
@@ -485,18 +487,23 @@ class Host:
         g.core.transfer_leader(to)
         self._dirty.add(group)
 
-    def drain_leadership(self) -> list[int]:
+    def drain_leadership(self) -> tuple[list[int], list[int]]:
         """One step of a drain (SIGTERM, `kvstore/server/node.py`): hand every group this node
-        leads to another voter, and return the groups it still leads. Call it again (every tick)
-        until that list is empty or the drain's time is up. For each led group without a transfer
-        in flight, the target is the voter that is recently active and not suspected with the
-        highest match index; the core appends to it until it has the whole log, then sends it
-        TimeoutNow, so the new leader holds every entry this node appended and the writes waiting
-        here are answered when this node, now a follower, applies them. A group with no such voter
-        (a single-voter group, every other voter down) stays led here. While a transfer is in
-        flight the core refuses proposals (definite ProposalDropped: the client retries)."""
+        leads to another voter. Returns (the groups it still leads, those of them nobody is left
+        to take). Call it again (every tick) until the first list is empty, or equals the second,
+        or the drain's time is up.
+
+        For each led group without a transfer in flight, the target is the voter not tried yet in
+        this drain, recently active and not suspected, with the highest match index; the core
+        appends to it until it has the whole log, then sends it TimeoutNow, so the new leader holds
+        every entry this node appended and the writes waiting here are answered when this node,
+        now a follower, applies them. A voter that did not take it (the transfer timed out after
+        an election timeout: e.g. it is draining too and refused) is not tried again, so a drain
+        of a whole cluster at once ends within one election timeout per voter. While a transfer
+        is in flight the core refuses proposals (definite ProposalDropped: the client retries)."""
         self.draining = True
         led: list[int] = []
+        stuck: list[int] = []
         for gid, g in self.groups.items():
             core = g.core
             if core.role != Role.LEADER:
@@ -508,17 +515,21 @@ class Host:
                 core.wake()
                 self._dirty.add(gid)
                 continue
+            tried = self._drain_tried.setdefault(gid, set())
             cands = [
                 (pr.match, nid) for nid, pr in sorted(core.prs.items())
-                if nid != self.node_id and nid in core.conf.voters and pr.recent_active and nid not in self.suspected
+                if nid != self.node_id and nid in core.conf.voters and nid not in tried
+                and pr.recent_active and nid not in self.suspected
             ]
             if not cands:
+                stuck.append(gid)
                 continue
             to = max(cands)[1]
+            tried.add(to)
             log.info("group %d: draining, handing leadership to node %d", gid, to)
             core.transfer_leader(to)
             self._dirty.add(gid)
-        return led
+        return led, stuck
 
     def pending_writes(self) -> int:
         """Writes proposed here that are not answered yet (all groups)."""

@@ -437,7 +437,9 @@ class Node:
         proposed here waits for its answer, for at most `timeout` seconds. Meanwhile the node
         keeps running (it must replicate to the new leaders and answer its waiting writes) but
         is not ready, and new proposals here are refused with a definite error (transfer in
-        progress, then NOT_LEADER), which clients retry at the new leader. True if it drained."""
+        progress, then NOT_LEADER), which clients retry at the new leader. It ends early when no
+        live voter is left to take the groups still led here (the whole cluster stopping).
+        True if it drained."""
         host = self.host
         if host is None or timeout <= 0:
             return False
@@ -449,12 +451,16 @@ class Node:
         period = self.cfg.raft.tick_ms / 1000
         had = sum(1 for g in host.groups.values() if g.core.role == Role.LEADER)
         while True:
-            led = host.drain_leadership()
+            led, stuck = host.drain_leadership()
             waiting = host.pending_writes()
             if not led and not waiting:
                 log.info("node %d: drained: handed leadership of %d group(s) to other nodes in %.2f s; "
                          "stopping", self.cfg.id, had, loop.time() - started)
                 return True
+            if led and len(stuck) == len(led):
+                log.warning("node %d: drain: no live voter left to take group(s) %s; stopping anyway",
+                            self.cfg.id, stuck)
+                return False
             if loop.time() >= deadline or self.died.is_set():
                 log.warning("node %d: drain timed out after %.1f s: still leads group(s) %s, %d write(s) "
                             "unanswered; stopping anyway", self.cfg.id, timeout, led, waiting)
