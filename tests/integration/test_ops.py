@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import lmdb
 from clusterharness import Cluster, NodeProc, free_ports, probe, wait_probe
 
 from kvstore import errors
@@ -147,4 +151,75 @@ def test_sigterm_hands_leadership_over_before_stopping(tmp_path: Path) -> None:
         assert not failures, failures
     finally:
         stop.set()
+        cluster.stop()
+
+
+def _kvctl(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kvstore.cli.kvctl", "--endpoints", ",".join(cluster.endpoints), *args],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def _plant(data_dir: Path, value: bytes, planted: bytes) -> int:
+    """Change `value` to `planted` wherever the stopped node's LMDB holds it (the current value
+    in `data`, the version in `rev_hist`: what a bit flip or a bug in one replica's apply would
+    leave); returns the rows changed."""
+    env = lmdb.open(str(data_dir / "db"), max_dbs=32, subdir=True)
+    changed = 0
+    try:
+        with env.begin(write=True) as txn:
+            for name in (b"data", b"rev_hist"):
+                db = env.open_db(name, txn=txn, create=False)
+                rows = [(k, v) for k, v in txn.cursor(db=db) if v.endswith(value)]
+                for k, v in rows:
+                    txn.put(k, v[: len(v) - len(value)] + planted, db=db)
+                    changed += 1
+    finally:
+        env.close()
+    return changed
+
+
+def test_kvctl_check_passes_then_names_the_diverged_group(tmp_path: Path) -> None:
+    # --state-sync commit: a restart opens LMDB as it is (in checkpoint mode it would go back to
+    # its last checkpoint, undoing the planted change, and replay the log)
+    cluster = Cluster(tmp_path, 3, extra_args=["--groups", "2", "--state-sync", "commit"])
+    try:
+        cluster.start()
+        with Client(cluster.endpoints) as c:
+            for i in range(200):
+                c.put(b"key%03d" % i, b"value-%03d" % i)
+            c.delete(b"key007")
+            target = b"value-042"
+            smap = c.shard_map(refresh=True)
+            assert smap is not None
+            gid = smap.group_for_key(b"key042")
+        ok = _kvctl(cluster, "check")
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert ok.stdout.count(": ok at revision") == 3  # the metadata group and both data groups
+        js = _kvctl(cluster, "-o", "json", "check")
+        assert js.returncode == 0
+        report = json.loads(js.stdout)
+        assert report["ok"] and sum(len(g["hashes"]) for g in report["groups"]) == 9
+        # A replica diverges (planted while it is stopped): one that neither leads the group nor
+        # is its preferred leader (the balancer would hand it the group back).
+        leader = cluster.settled_leader(gid)
+        victim = cluster.nodes[next(n for n in sorted(cluster.nodes) if n != leader.id)]
+        assert victim.terminate() == 0
+        assert _plant(victim.data_dir, target, b"value-XYZ") == 2
+        victim.start()
+        cluster.wait_leader()
+        deadline = time.monotonic() + 60
+        while True:  # until the restarted node answers the check (its status shows it back)
+            bad = _kvctl(cluster, "check")
+            if "not checked" not in bad.stdout and bad.returncode != 2:
+                break
+            assert time.monotonic() < deadline, bad.stdout + bad.stderr
+        assert bad.returncode == 1, bad.stdout + bad.stderr
+        assert f"replicas differ in group(s) {gid} (node(s) {victim.id})" in bad.stderr
+        assert f"group {gid}: DIFFERS" in bad.stdout
+        others = [g for g in range(3) if g != gid]
+        for g in others:
+            assert f"group {g}: ok" in bad.stdout
+    finally:
         cluster.stop()
