@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -60,8 +61,13 @@ def test_probes_follow_the_node_and_its_peers(tmp_path: Path) -> None:
         except urllib.error.HTTPError as err:
             assert err.code == 405
         # A node whose peers are all stopped is alive but not ready.
-        for nid in (2, 3):
-            cluster.nodes[nid].terminate()
+        for nid in (2, 3):  # both at once (each stop takes a grace period)
+            proc = cluster.nodes[nid].proc
+            assert proc is not None
+            proc.send_signal(signal.SIGTERM)
+        for nid in (2, 3):  # one SIGTERM each: a second one could hit the exiting interpreter
+            proc = cluster.nodes[nid].proc
+            assert proc is not None and proc.wait(30) == 0
         reason = wait_probe(ports[1], "/readyz", 503)
         assert reason.endswith("\n") and reason.count("\n") == 1
         assert "reachable" in reason or "no leader" in reason, reason
