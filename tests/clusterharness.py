@@ -136,7 +136,10 @@ class Cluster:
         d = self.root / f"n{nid}"
         args = [
             "--id", str(nid), "--data-dir", str(d), "--listen", addr, "--peers", peers,
-            "--tick-ms", "50", "--log-level", "info", "--replication", str(max(3, self.n)), *self.extra_args,
+            "--tick-ms", "50", "--log-level", "info", "--replication", str(max(3, self.n)),
+            # no SIGTERM drain unless a test asks for one (`extra_args`, the last one given wins):
+            # `stop` stops every node at once, where handing leadership around only costs time
+            "--drain-timeout", "0", *self.extra_args,
         ]
         if nid in self.client_addresses:
             args += ["--client-listen", self.client_addresses[nid]]

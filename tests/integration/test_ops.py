@@ -45,7 +45,7 @@ def leaders(cluster: Cluster, groups: range) -> dict[int, int]:
 
 
 def test_probes_follow_the_node_and_its_peers(tmp_path: Path) -> None:
-    cluster = Cluster(tmp_path, 3)
+    cluster = Cluster(tmp_path, 3, extra_args=["--drain-timeout", "5"])
     ports = _with_metrics(cluster)
     try:
         cluster.start()
