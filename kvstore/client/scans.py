@@ -69,7 +69,7 @@ class Scans:
         self.policy = policy
         self._rng = rng
         self.observe: Callable[[int], None] = lambda revision: None
-        """Told the revision a linearizable scan across groups was served at (the client's
+        """Told the revision a linearizable scan was served at (across groups: R) (the client's
         causality floor)."""
 
     async def scan(
@@ -170,6 +170,8 @@ class Scans:
                 raise
             if not sharded or _covers_once([p.owned or IntervalSet() for p in parts]):
                 if revision or level != kv_pb2.LINEARIZABLE or len(parts) == 1:
+                    if not revision and level == kv_pb2.LINEARIZABLE and parts:
+                        self.observe(max(p.served for p in parts))  # one group: its read point's revision
                     break
                 try:
                     await self._snapshot(parts, limit, level, deadline, learns_leader)
