@@ -15,15 +15,17 @@ from clusterharness import Cluster
 
 from kvstore.cli.kvctl import cli as kvctl_cli
 from kvstore.client import Client
-from kvstore.errors import KVError
+from kvstore.errors import KVError, PermissionDenied
+from kvstore.v1 import auth_pb2
 
 pytestmark = pytest.mark.timeout(120)
 
 KEYS = [f"k{i:03d}".encode() for i in range(120)]
 
 
-def kvctl(endpoints: list[str], *args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(kvctl_cli, ["--endpoints", ",".join(endpoints), "--timeout", "20", *args],
+def kvctl(endpoints: list[str], *args: str, user: str = "root", password: str = "rootpw") -> tuple[int, str, str]:
+    r = CliRunner().invoke(kvctl_cli, ["--endpoints", ",".join(endpoints), "--timeout", "20", "--user", user,
+                                       "--password", password, *args],
                            catch_exceptions=False)
     return r.exit_code, r.stdout, r.stderr
 
@@ -33,13 +35,33 @@ def kvstore_restore(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
+Op = auth_pb2.AuthChangeRequest
+ROOT = {"user": "root", "password": "rootpw"}
+AUTH_CHANGES = [
+    Op(op=Op.USER_ADD, user="root", password="rootpw"),
+    Op(op=Op.USER_ADD, user="alice", password="s3cret-pw"),
+    Op(op=Op.ROLE_ADD, role="reader"),
+    Op(op=Op.ROLE_GRANT, role="reader", permission=auth_pb2.Permission(kind=auth_pb2.READ, key=b"k", range_end=b"l")),
+    Op(op=Op.USER_GRANT_ROLE, user="alice", role="reader"),
+    Op(op=Op.ENABLE),
+]
+
+
+def auth_view(c: Client) -> tuple[object, ...]:
+    st = c.auth_call("Status", auth_pb2.AuthStatusRequest())
+    users = sorted((u.name, tuple(u.roles), u.has_password) for u in st.users)
+    roles = sorted((r.name, tuple(p.SerializeToString() for p in r.permissions)) for r in st.roles)
+    assert ("alice", ("reader",), True) in users and roles
+    return st.enabled, users, roles
+
+
 class Writer(threading.Thread):
     """Puts KEYS round robin with unique values until stopped; records every acknowledged write
     with its revision, and the keys with a write of unknown outcome."""
 
     def __init__(self, endpoints: list[str]) -> None:
         super().__init__(daemon=True)
-        self.client = Client(endpoints, timeout=5)
+        self.client = Client(endpoints, timeout=5, **ROOT)
         self.stop = threading.Event()
         self.acked: list[tuple[bytes, bytes, int]] = []
         self.unknown: dict[bytes, set[bytes]] = {}
@@ -76,6 +98,12 @@ def test_save_while_writing_restore_into_new_cluster(tmp_path: Path) -> None:
             for k in KEYS[:60]:
                 c.put(k, b"initial")
             c.put(b"solo", b"\x00binary\xff")
+            for req in AUTH_CHANGES:
+                c.auth_call("Change", req)
+        with Client(old.endpoints, timeout=10, **ROOT) as c:
+            auth_before = auth_view(c)
+        code, _, err = kvctl(old.endpoints, "snapshot", "save", str(backup), user="alice", password="s3cret-pw")
+        assert code == 2 and "admin permission" in err and not backup.exists()
         w = Writer(old.endpoints)
         w.start()
         w.wait_writes(50)
@@ -117,7 +145,7 @@ def test_save_while_writing_restore_into_new_cluster(tmp_path: Path) -> None:
                 assert got[key][0] == b"initial", key  # untouched by the writer before R
         assert got[b"solo"][0] == b"\x00binary\xff"
         # ... and against a read of every key at R on the old cluster
-        with Client(old.endpoints, timeout=10) as c:
+        with Client(old.endpoints, timeout=10, **ROOT) as c:
             at_r = {kv.key: (kv.value, kv.mod_revision, kv.version) for kv in c.scan_kvs(revision=rev)}
         assert at_r == got
     finally:
@@ -133,16 +161,22 @@ def test_save_while_writing_restore_into_new_cluster(tmp_path: Path) -> None:
         assert f"{status['keys']} keys in 3 data groups" in res.stdout
     res = kvstore_restore(str(backup), "--data-dir", str(new.nodes[1].data_dir), "--id", "1", "--peers", peers)
     assert res.returncode == 2 and "not empty" in res.stderr
-    new.start()
+    for node in new.nodes.values():  # (not `new.start()`: its leader check is an unauthenticated Status)
+        node.start()
     try:
-        with Client(new.endpoints, timeout=20) as c:
+        with Client(new.endpoints, timeout=20, **ROOT) as c:
+            restored = {kv.key: (kv.value, kv.mod_revision, kv.version) for kv in c.scan_kvs()}
             smap = c.shard_map(refresh=True)
             assert smap is not None and len(smap.groups) == 3
-            restored = {kv.key: (kv.value, kv.mod_revision, kv.version) for kv in c.scan_kvs()}
             assert restored == got
             assert c.get(b"solo") == b"\x00binary\xff"
+            assert auth_view(c) == auth_before  # users (with passwords) and roles came along
             assert c.put(b"after", b"restore") > rev  # later revisions are above R
             assert c.put(KEYS[0], b"again") > rev
+        with Client(new.endpoints, timeout=20, user="alice", password="s3cret-pw") as c:
+            assert c.get(KEYS[1]) == got[KEYS[1]][0]  # alice's password and read permission came along
+            with pytest.raises(PermissionDenied):
+                c.put(KEYS[1], b"not allowed")
     finally:
         new.stop()
 
