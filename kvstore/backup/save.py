@@ -1,12 +1,13 @@
 """`kvctl snapshot save`: write the whole keyspace of a running cluster at ONE revision to a file.
 
-How the revision is chosen: one linearizable scan of every key through the client library. Such a
-scan is one consistent snapshot of every data group at R = the highest revision a group served
-its part at (`kvstore/client/scans.py`; docs/REVISIONS.md, "Reads at a revision"): groups that
-served below R are re-read at R, closing them at R through their logs first. So the file holds
-exactly the writes with revision <= R in every group, and every write acknowledged before the
-save started is among them. The client learns R before the first key arrives (its observed
-revision), so the header carries it; the writer checks every key's mod_revision <= R.
+How the revision is chosen: a linearizable scan (of one key) through the client library opens
+every data group's part at a read point and settles on R = the highest revision a group served
+its part at (`kvstore/client/scans.py`; docs/REVISIONS.md, "Reads at a revision"); every write
+acknowledged before the save started is at or below it. Then every key is read by a scan AT R,
+which is exact in every group (a group whose applied last revision is below R is closed at R
+through its log first, so it can never again write at or below R). So the file holds exactly
+the writes with revision <= R in every group, whatever writes run meanwhile; the writer checks
+every key's mod_revision <= R.
 
 Also saved: the auth state (users with their password hashes, roles, whether auth is on: the
 metadata group's value as the serving node applied it, `Auth.Status` with `export_state`; needs
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from kvstore.backup.format import BackupInfo, BackupKey, BackupSummary, BackupWriter
 from kvstore.client import Client
-from kvstore.errors import PermissionDenied
+from kvstore.errors import InvalidArgument, PermissionDenied
 from kvstore.v1 import auth_pb2
 
 Progress = Callable[[int, int], None]
@@ -46,6 +47,18 @@ def export_auth(client: Client) -> bytes:
     return bytes(resp.state)
 
 
+def choose_revision(client: Client, timeout: float) -> int:
+    """R: the revision a linearizable scan of every group is served at (one key is enough: the
+    scan opens every group's part at a read point and settles on their highest revision). Every
+    write acknowledged before this call is at or below it. InvalidArgument if nothing was ever
+    written (no revision to save at)."""
+    for _ in client.scan_kvs(limit=1, consistency="linearizable", timeout=timeout):
+        break
+    if client.revision < 1:
+        raise InvalidArgument("the cluster has no revision to save at yet (nothing was ever written)")
+    return client.revision
+
+
 def save(client: Client, path: Path, *, timeout: float, progress: Progress | None = None) -> BackupSummary:
     """Write the backup to `path` atomically; its summary. Raises the client's KVError on a failed
     scan (nothing is written then), OSError on a failed write."""
@@ -58,16 +71,13 @@ def save(client: Client, path: Path, *, timeout: float, progress: Progress | Non
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            it = iter(client.scan_kvs(consistency="linearizable", timeout=timeout))
-            first = next(it, None)  # the scan's revision R is known once it has opened every group
-            info = BackupInfo(client.revision, int(time.time() * 1000), groups, min(replication, 7), vnodes)
+            revision = choose_revision(client, timeout)
+            info = BackupInfo(revision, int(time.time() * 1000), groups, min(replication, 7), vnodes)
             w = BackupWriter(f, info, auth)
-            kv = first
-            while kv is not None:
+            for kv in client.scan_kvs(revision=revision, timeout=timeout):
                 w.add(BackupKey(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version))
                 if progress is not None and w.keys % 1000 == 0:
                     progress(w.keys, w.size)
-                kv = next(it, None)
             digest = w.finish()
             f.flush()
             os.fsync(f.fileno())

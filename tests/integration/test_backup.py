@@ -15,7 +15,7 @@ from clusterharness import Cluster
 
 from kvstore.cli.kvctl import cli as kvctl_cli
 from kvstore.client import Client
-from kvstore.errors import KVError, PermissionDenied
+from kvstore.errors import Compacted, KVError, PermissionDenied
 from kvstore.v1 import auth_pb2
 
 pytestmark = pytest.mark.timeout(120)
@@ -171,6 +171,10 @@ def test_save_while_writing_restore_into_new_cluster(tmp_path: Path) -> None:
             assert restored == got
             assert c.get(b"solo") == b"\x00binary\xff"
             assert auth_view(c) == auth_before  # users (with passwords) and roles came along
+            at_r_new = {kv.key: (kv.value, kv.mod_revision, kv.version) for kv in c.scan_kvs(revision=rev)}
+            assert at_r_new == got  # a read at R is the backup; below R the history is gone
+            with pytest.raises(Compacted):
+                list(c.scan_kvs(revision=rev - 1))
             assert c.put(b"after", b"restore") > rev  # later revisions are above R
             assert c.put(KEYS[0], b"again") > rev
         with Client(new.endpoints, timeout=20, user="alice", password="s3cret-pw") as c:
