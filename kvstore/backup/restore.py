@@ -8,7 +8,8 @@ used again: the map is in the metadata group's log). What a member's directory h
 
 - the metadata group (every voter): its bootstrap log, as `serve` writes it, with the commands
   CLOSE(R) (so the group's later revisions are above R), the put of the new shard map and the
-  put of the backup's auth state (users, roles, whether auth is on, the token key);
+  put of the backup's auth state (users, roles, whether auth is on) with a new token key derived
+  from the old one and the file's hash (`restored_auth`: old tokens are not valid here);
 - each data group the map creates with this node among its initial voters: a Raft snapshot
   installed at index 1, term 1, with the group's initial members as its configuration, holding
   the group's ranges of the new ring (keys are re-hashed: any number of groups) and the backup's
@@ -27,17 +28,18 @@ snapshot chunk at a time (one pass over the file per hosted data group).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kvstore.backup.format import BackupReader, BackupSummary, verify
 from kvstore.node.store import GroupWrite
 from kvstore.raft.types import ConfState, HardState, SnapshotMeta
-from kvstore.security.authstate import AUTH_KEY
+from kvstore.security.authstate import AUTH_KEY, AuthError, AuthState
 from kvstore.shard.ranges import IntervalSet, key_hash
 from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, ShardMap, ShardMapError
 from kvstore.storage import mvcc
@@ -88,6 +90,20 @@ def group_records(path: Path, ranges: IntervalSet, revision: int, counts: list[i
             kid += 1
     counts.append(kid - 1)
     yield TAG_REV_STATE, b"", mvcc.RevState(revision, revision, kid).encode()
+
+
+def restored_auth(auth: bytes, file_sha256: str) -> bytes:
+    """The backup's auth state with a new token key, derived from the old one and the file's hash
+    (the same on every member restored from the file; secret as the old one is): tokens the old
+    cluster issued are not valid on the new one."""
+    try:
+        st = AuthState.decode(auth)
+    except AuthError as err:
+        raise RestoreError(f"the backup's auth state does not decode: {err}") from None
+    if not st.token_key:
+        return auth
+    key = hashlib.sha256(b"kvstore restore\x00" + st.token_key + bytes.fromhex(file_sha256)).digest()
+    return replace(st, token_key=key[: len(st.token_key)]).encode()
 
 
 def _check_target(data_dir: Path) -> None:
@@ -144,7 +160,7 @@ def restore(
                 restored[gid] = counts[0]
             boot = [encode_close(info.revision), encode_put(SHARD_MAP_KEY, smap.encode())]
             if summary.auth:
-                boot.append(encode_put(AUTH_KEY, summary.auth))
+                boot.append(encode_put(AUTH_KEY, restored_auth(summary.auth, summary.sha256)))
             store.bootstrap(META_GROUP, ConfState(voters), boot)
         if data_dir.exists():
             data_dir.rmdir()  # empty (checked above)

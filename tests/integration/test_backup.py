@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+import grpc
 import pytest
 from click.testing import CliRunner
 from clusterharness import Cluster
@@ -16,7 +17,7 @@ from clusterharness import Cluster
 from kvstore.cli.kvctl import cli as kvctl_cli
 from kvstore.client import Client
 from kvstore.errors import Compacted, KVError, PermissionDenied
-from kvstore.v1 import auth_pb2
+from kvstore.v1 import auth_pb2, auth_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -102,6 +103,12 @@ def test_save_while_writing_restore_into_new_cluster(tmp_path: Path) -> None:
                 c.auth_call("Change", req)
         with Client(old.endpoints, timeout=10, **ROOT) as c:
             auth_before = auth_view(c)
+        with grpc.insecure_channel(old.endpoints[0]) as ch:
+            old_token = auth_pb2_grpc.AuthStub(ch).Authenticate(
+                auth_pb2.AuthenticateRequest(user="root", password="rootpw"), timeout=10).token
+            st = auth_pb2_grpc.AuthStub(ch).Status(
+                auth_pb2.AuthStatusRequest(), metadata=[("authorization", f"Bearer {old_token}")], timeout=10)
+            assert st.identity and st.admin  # the token works where it was issued
         code, _, err = kvctl(old.endpoints, "snapshot", "save", str(backup), user="alice", password="s3cret-pw")
         assert code == 2 and "admin permission" in err and not backup.exists()
         w = Writer(old.endpoints)
@@ -177,6 +184,11 @@ def test_save_while_writing_restore_into_new_cluster(tmp_path: Path) -> None:
                 list(c.scan_kvs(revision=rev - 1))
             assert c.put(b"after", b"restore") > rev  # later revisions are above R
             assert c.put(KEYS[0], b"again") > rev
+        with grpc.insecure_channel(new.endpoints[0]) as ch:  # the new cluster has a token key of its own
+            with pytest.raises(grpc.RpcError) as refused:
+                auth_pb2_grpc.AuthStub(ch).Status(
+                    auth_pb2.AuthStatusRequest(), metadata=[("authorization", f"Bearer {old_token}")], timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with Client(new.endpoints, timeout=20, user="alice", password="s3cret-pw") as c:
             assert c.get(KEYS[1]) == got[KEYS[1]][0]  # alice's password and read permission came along
             with pytest.raises(PermissionDenied):

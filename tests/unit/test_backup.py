@@ -21,15 +21,18 @@ from kvstore.backup.format import (
     verify,
 )
 from kvstore.backup.restore import RestoreError, restore
-from kvstore.security.authstate import AuthState
+from kvstore.raft.types import EntryType
+from kvstore.security.authstate import AUTH_KEY, ROOT, AuthCommand, AuthOp, AuthState
 from kvstore.shard.ranges import key_hash
-from kvstore.shard.shardmap import META_GROUP
+from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY
 from kvstore.storage import mvcc
+from kvstore.storage.commands import Op, decode_command
 from kvstore.storage.store import LmdbNodeStore
 
 pytestmark = pytest.mark.timeout(60)
 
 REV = (1 << 30) << 12 | 7
+PW_HASH = b"h" * 32  # (any bytes: the state stores a hash it does not check)
 
 
 def keys_strategy() -> st.SearchStrategy[list[BackupKey]]:
@@ -170,7 +173,10 @@ def test_restore_five_members_four_groups(tmp_path: Path) -> None:
     keys = [BackupKey(f"key{i:04d}".encode(), f"value{i}".encode(), 4096 + i, 4096 * 2 + i, 1 + i % 3)
             for i in range(300)]
     path = tmp_path / "b.kvbk"
-    path.write_bytes(encode(keys, AuthState().encode()))
+    auth = AuthState()
+    for cmd in (AuthCommand(AuthOp.USER_ADD, user=ROOT, password=PW_HASH), AuthCommand(AuthOp.ENABLE, token_key=b"k" * 32)):
+        auth = auth.apply(cmd)
+    path.write_bytes(encode(keys, auth.encode()))
     peers = {i: f"127.0.0.1:{20000 + i}" for i in range(1, 6)}
     held: dict[int, dict[bytes, bytes]] = {}
     meta_logs = set()
@@ -181,7 +187,7 @@ def test_restore_five_members_four_groups(tmp_path: Path) -> None:
         with LmdbNodeStore(tmp_path / f"n{nid}" / "db", map_size=1 << 30, state_sync="checkpoint") as store:
             assert sorted(store.groups()) == sorted({META_GROUP, *res.groups})
             log = store.log_storage(META_GROUP)
-            meta_logs.add(tuple(e.data for e in log.entries(log.first_index(), log.last_index() + 1)))
+            meta_logs.add(tuple((e.type, e.data) for e in log.entries(log.first_index(), log.last_index() + 1)))
             for g, n in res.groups.items():
                 assert store.applied_index(g) == 1
                 rows = dict(store.scan(g, b"", None))
@@ -201,6 +207,12 @@ def test_restore_five_members_four_groups(tmp_path: Path) -> None:
                 shards = store.shard_state(g)
                 assert shards is not None and shards.active == smap.bootstrap_ranges(g)
     assert len(meta_logs) == 1
+    (log,) = meta_logs
+    cmds = [decode_command(d) for t, d in log if t == EntryType.NORMAL]
+    assert [c.op for c in cmds] == [Op.CLOSE, Op.PUT, Op.PUT]
+    assert cmds[0].revision == REV and cmds[1].key == SHARD_MAP_KEY and cmds[2].key == AUTH_KEY
+    restored = AuthState.decode(cmds[2].value)
+    assert restored.users == auth.users and restored.enabled and restored.token_key != auth.token_key
     union = {k: v for rows in held.values() for k, v in rows.items()}
     assert union == {k.key: k.value for k in keys}
     assert sum(len(r) for r in held.values()) == len(keys)  # each key in exactly one group
@@ -227,3 +239,4 @@ def test_a_scan_without_a_map_takes_no_part_for_the_whole() -> None:
     assert _whole([SimpleNamespace(owned=None)], sharded=False)
     assert _whole([SimpleNamespace(owned=half), SimpleNamespace(owned=other)], sharded=True)
     assert not _whole([SimpleNamespace(owned=half), SimpleNamespace(owned=half)], sharded=True)
+
