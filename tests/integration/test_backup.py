@@ -208,6 +208,9 @@ def test_damaged_backup_is_refused(tmp_path: Path) -> None:
         w.finish()
     code, out, _ = kvctl(["127.0.0.1:1"], "snapshot", "status", str(good))
     assert code == 0 and "50 keys" in out and "verified" in out
+    code, _, err = kvctl(["127.0.0.1:1"], "--timeout", "1", "snapshot", "save", str(tmp_path / "none.kvbk"))
+    assert code == 2 and err.startswith("kvctl: ")  # no cluster there: nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.kvbk"]
     data = good.read_bytes()
     for name, damaged in [("flipped", data[:100] + bytes([data[100] ^ 1]) + data[101:]),
                           ("truncated", data[:-1]), ("padded", data + b"\x00")]:
