@@ -840,9 +840,11 @@ def _summary_text(s: BackupSummary) -> str:
 def snapshot_save(c: _Ctx, path: str, save_timeout: float) -> None:
     """Write every key of the cluster as of ONE revision (and the users and roles) to FILE.
 
-    The keys are read by one linearizable scan of every group, which is one consistent snapshot
-    at a revision R: every write with revision <= R is in the file, none above. The file is
-    written under a temporary name, fsynced and renamed. Needs the admin permission."""
+    R is the revision a linearizable scan across the groups settles on (every write acknowledged
+    before the save is at or below it); then every key is read by a scan at R, exact in every
+    group: every write with revision <= R is in the file, none above, whatever writes run
+    meanwhile. The file is written under a temporary name, fsynced and renamed (mode 0600: it
+    holds the password hashes). Needs the admin permission."""
     from kvstore.backup.save import save
 
     with _errors(is_write=False), _progress("saving") as progress:
