@@ -1,4 +1,5 @@
-"""The backup file of `kvctl snapshot save`: the whole keyspace at one revision. STANDARD LIBRARY ONLY.
+"""The backup file of `kvctl snapshot save`: the whole keyspace at one revision. No I/O but the
+file object handed in; imports only the standard library and `authstate` (standard library only).
 
 Layout (integers big-endian):
 
