@@ -92,9 +92,10 @@ class Writer(threading.Thread):
 
 
 def test_save_while_writing_restore_into_new_cluster(tmp_path: Path) -> None:
-    old = Cluster(tmp_path / "old", 3, extra_args=["--groups", "2"]).start()
+    old = Cluster(tmp_path / "old", 3, extra_args=["--groups", "2"])
     backup = tmp_path / "backup.kvbk"
     try:
+        old.start()
         with Client(old.endpoints, timeout=10) as c:
             for k in KEYS[:60]:
                 c.put(k, b"initial")
@@ -168,9 +169,9 @@ def test_save_while_writing_restore_into_new_cluster(tmp_path: Path) -> None:
         assert f"{status['keys']} keys in 3 data groups" in res.stdout
     res = kvstore_restore(str(backup), "--data-dir", str(new.nodes[1].data_dir), "--id", "1", "--peers", peers)
     assert res.returncode == 2 and "not empty" in res.stderr
-    for node in new.nodes.values():  # (not `new.start()`: its leader check is an unauthenticated Status)
-        node.start()
     try:
+        for node in new.nodes.values():  # (not `new.start()`: its leader check is an unauthenticated Status)
+            node.start()
         with Client(new.endpoints, timeout=20, **ROOT) as c:
             restored = {kv.key: (kv.value, kv.mod_revision, kv.version) for kv in c.scan_kvs()}
             smap = c.shard_map(refresh=True)
