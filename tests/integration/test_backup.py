@@ -94,6 +94,7 @@ class Writer(threading.Thread):
 def test_save_while_writing_restore_into_new_cluster(tmp_path: Path) -> None:
     old = Cluster(tmp_path / "old", 3, extra_args=["--groups", "2"])
     backup = tmp_path / "backup.kvbk"
+    w: Writer | None = None
     try:
         old.start()
         with Client(old.endpoints, timeout=10) as c:
@@ -157,6 +158,8 @@ def test_save_while_writing_restore_into_new_cluster(tmp_path: Path) -> None:
             at_r = {kv.key: (kv.value, kv.mod_revision, kv.version) for kv in c.scan_kvs(revision=rev)}
         assert at_r == got
     finally:
+        if w is not None:
+            w.stop.set()
         old.stop()
 
     # A NEW cluster of 3 groups (the old one had 2): every member restored from the same file.
