@@ -224,7 +224,7 @@ def test_restore_five_members_four_groups(tmp_path: Path) -> None:
 
 
 def test_a_scan_without_a_map_takes_no_part_for_the_whole() -> None:
-    """Regression (found by test_backup.py's restored cluster): a client that scanned before the
+    """Regression (found by test_backup_cluster.py's restored cluster): a client that scanned before the
     metadata group had applied its map took group 1's part for the whole keyspace."""
     from types import SimpleNamespace
 
