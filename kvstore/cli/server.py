@@ -15,6 +15,7 @@ import click
 
 from kvstore.cli.audit import audit
 from kvstore.cli.cert import cert
+from kvstore.cli.restore import restore
 from kvstore.node.host import RaftSettings
 from kvstore.server.config import NodeConfig, parse_peers
 from kvstore.storage.commands import MAX_KEY_SIZE
@@ -331,6 +332,7 @@ def _enable_dev_auth(endpoints: list[str], certs_dir: Path) -> Path:
 
 cli.add_command(cert)
 cli.add_command(audit)
+cli.add_command(restore)
 
 
 def main() -> None:

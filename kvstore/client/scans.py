@@ -69,7 +69,7 @@ class Scans:
         self.policy = policy
         self._rng = rng
         self.observe: Callable[[int], None] = lambda revision: None
-        """Told the revision a linearizable scan across groups was served at (the client's
+        """Told the revision a linearizable scan was served at (across groups: R) (the client's
         causality floor)."""
 
     async def scan(
@@ -168,8 +168,10 @@ class Scans:
                 for p in parts:
                     p.close()
                 raise
-            if not sharded or _covers_once([p.owned or IntervalSet() for p in parts]):
+            if _whole(parts, sharded):
                 if revision or level != kv_pb2.LINEARIZABLE or len(parts) == 1:
+                    if not revision and level == kv_pb2.LINEARIZABLE and parts:
+                        self.observe(max(p.served for p in parts))  # one group: its read point's revision
                     break
                 try:
                     await self._snapshot(parts, limit, level, deadline, learns_leader)
@@ -177,7 +179,7 @@ class Scans:
                     for p in parts:
                         p.close()
                     raise
-                if not sharded or _covers_once([p.owned or IntervalSet() for p in parts]):
+                if _whole(parts, sharded):
                     break  # (else a range moved between the two phases: start again)
             for p in parts:
                 p.close()
@@ -185,7 +187,7 @@ class Scans:
             self.router.invalidate_shard_map()
             if deadline.expired:
                 raise Timeout(f"scan did not get a consistent set of parts within {deadline.timeout:g}s "
-                              "(ranges kept moving between groups)")
+                              "(ranges kept moving between groups, or no shard map yet)")
             await asyncio.sleep(deadline.bound(backoff.next_delay()))
         try:
             remaining = limit
@@ -442,6 +444,17 @@ class _ScanPart:
         self.received = 0
         self.lo = self.first_lo
         self.one_message = self.first_one_message
+
+
+def _whole(parts: list[_ScanPart], sharded: bool) -> bool:
+    """The parts are the whole keyspace: their owned ranges cover the hash space exactly once.
+    Without a shard map (a server that offers none, or a new cluster whose metadata group has not
+    applied its map yet) the one part must still own everything, or report no ranges at all
+    (a server without sharding): a part of a sharded cluster is not taken for the whole."""
+    owned = [p.owned or IntervalSet() for p in parts]
+    if not sharded and not any(owned):
+        return True
+    return _covers_once(owned)
 
 
 def _covers_once(parts: list[IntervalSet]) -> bool:

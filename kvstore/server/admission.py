@@ -153,7 +153,7 @@ class Admission:
             self._count("nospace")
             raise errors.NoSpace(
                 "the cluster's space quota alarm is raised (NOSPACE): puts and compare-and-swaps are refused; "
-                "delete keys, compact their history (`kvctl compact REV`) and the log (`kvctl snapshot`), "
+                "delete keys, compact their history (`kvctl compact REV`) and the log (`kvctl raft-snapshot`), "
                 "then `kvctl alarm disarm`"
             )
         if self.shedder is not None:

@@ -224,4 +224,6 @@ class AuthService(auth_pb2_grpc.AuthServicer):
                 resp.users.add(name=u.name, roles=list(u.roles), has_password=bool(u.password))
             for r in state.roles.values():
                 resp.roles.add(name=r.name, permissions=[permission_pb(x) for x in r.perms])
+            if request.export_state:
+                resp.state = state.encode()
         return resp

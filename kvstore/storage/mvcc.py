@@ -253,6 +253,16 @@ def _put_key_row(rows: Rows, key: bytes, kid: int, meta: KeyMeta) -> None:
     rows.put(T_KEYS, key, _KEYROW.pack(kid, meta.create_revision, meta.mod_revision, meta.version))
 
 
+def encode_key_row(kid: int, meta: KeyMeta) -> bytes:
+    """A KEYS row: the key's id and current metadata (for writers of whole tables: restore)."""
+    return _KEYROW_PACK(kid, meta.create_revision, meta.mod_revision, meta.version)
+
+
+def hist_key(kid: int, rev: int) -> bytes:
+    """The HIST key of version `rev` of key `kid` (and, swapped, a CHANGES key)."""
+    return _PAIR_PACK(kid, rev)
+
+
 def kid_of(rows: Rows, key: bytes) -> int | None:
     row = _key_row(rows, key)
     return None if row is None else row[0]

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from kvstore.v1 import kv_pb2 as kvstore_dot_v1_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kvstore/v1/auth.proto\x12\nkvstore.v1\x1a\x13kvstore/v1/kv.proto\"V\n\nPermission\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.kvstore.v1.PermissionKind\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x11\n\trange_end\x18\x03 \x01(\x0c\"J\n\x13\x41uthenticateRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"\\\n\x14\x41uthenticateResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\r\n\x05token\x18\x02 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"\xe7\x02\n\x11\x41uthChangeRequest\x12,\n\x02op\x18\x01 \x01(\x0e\x32 .kvstore.v1.AuthChangeRequest.Op\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x10\n\x08password\x18\x04 \x01(\t\x12*\n\npermission\x18\x05 \x01(\x0b\x32\x16.kvstore.v1.Permission\"\xc9\x01\n\x02Op\x12\x0f\n\x0bUNSPECIFIED\x10\x00\x12\n\n\x06\x45NABLE\x10\x01\x12\x0b\n\x07\x44ISABLE\x10\x02\x12\x0c\n\x08USER_ADD\x10\x03\x12\x0f\n\x0bUSER_DELETE\x10\x04\x12\x0f\n\x0bUSER_PASSWD\x10\x05\x12\x13\n\x0fUSER_GRANT_ROLE\x10\x06\x12\x14\n\x10USER_REVOKE_ROLE\x10\x07\x12\x0c\n\x08ROLE_ADD\x10\x08\x12\x0f\n\x0bROLE_DELETE\x10\t\x12\x0e\n\nROLE_GRANT\x10\n\x12\x0f\n\x0bROLE_REVOKE\x10\x0b\"H\n\x12\x41uthChangeResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\x10\n\x08revision\x18\x02 \x01(\x04\"\x13\n\x11\x41uthStatusRequest\"=\n\x08UserInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05roles\x18\x02 \x03(\t\x12\x14\n\x0chas_password\x18\x03 \x01(\x08\"E\n\x08RoleInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x0bpermissions\x18\x02 \x03(\x0b\x32\x16.kvstore.v1.Permission\"\xc4\x01\n\x12\x41uthStatusResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x10\n\x08revision\x18\x03 \x01(\x04\x12\x10\n\x08identity\x18\x04 \x01(\t\x12\r\n\x05\x61\x64min\x18\x05 \x01(\x08\x12#\n\x05users\x18\x06 \x03(\x0b\x32\x14.kvstore.v1.UserInfo\x12#\n\x05roles\x18\x07 \x03(\x0b\x32\x14.kvstore.v1.RoleInfo*P\n\x0ePermissionKind\x12\x1a\n\x16PERMISSION_UNSPECIFIED\x10\x00\x12\x08\n\x04READ\x10\x01\x12\t\n\x05WRITE\x10\x02\x12\r\n\tREADWRITE\x10\x03\x32\xeb\x01\n\x04\x41uth\x12Q\n\x0c\x41uthenticate\x12\x1f.kvstore.v1.AuthenticateRequest\x1a .kvstore.v1.AuthenticateResponse\x12G\n\x06\x43hange\x12\x1d.kvstore.v1.AuthChangeRequest\x1a\x1e.kvstore.v1.AuthChangeResponse\x12G\n\x06Status\x12\x1d.kvstore.v1.AuthStatusRequest\x1a\x1e.kvstore.v1.AuthStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kvstore/v1/auth.proto\x12\nkvstore.v1\x1a\x13kvstore/v1/kv.proto\"V\n\nPermission\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.kvstore.v1.PermissionKind\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x11\n\trange_end\x18\x03 \x01(\x0c\"J\n\x13\x41uthenticateRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"\\\n\x14\x41uthenticateResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\r\n\x05token\x18\x02 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"\xe7\x02\n\x11\x41uthChangeRequest\x12,\n\x02op\x18\x01 \x01(\x0e\x32 .kvstore.v1.AuthChangeRequest.Op\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x10\n\x08password\x18\x04 \x01(\t\x12*\n\npermission\x18\x05 \x01(\x0b\x32\x16.kvstore.v1.Permission\"\xc9\x01\n\x02Op\x12\x0f\n\x0bUNSPECIFIED\x10\x00\x12\n\n\x06\x45NABLE\x10\x01\x12\x0b\n\x07\x44ISABLE\x10\x02\x12\x0c\n\x08USER_ADD\x10\x03\x12\x0f\n\x0bUSER_DELETE\x10\x04\x12\x0f\n\x0bUSER_PASSWD\x10\x05\x12\x13\n\x0fUSER_GRANT_ROLE\x10\x06\x12\x14\n\x10USER_REVOKE_ROLE\x10\x07\x12\x0c\n\x08ROLE_ADD\x10\x08\x12\x0f\n\x0bROLE_DELETE\x10\t\x12\x0e\n\nROLE_GRANT\x10\n\x12\x0f\n\x0bROLE_REVOKE\x10\x0b\"H\n\x12\x41uthChangeResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\x10\n\x08revision\x18\x02 \x01(\x04\")\n\x11\x41uthStatusRequest\x12\x14\n\x0c\x65xport_state\x18\x01 \x01(\x08\"=\n\x08UserInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05roles\x18\x02 \x03(\t\x12\x14\n\x0chas_password\x18\x03 \x01(\x08\"E\n\x08RoleInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x0bpermissions\x18\x02 \x03(\x0b\x32\x16.kvstore.v1.Permission\"\xd3\x01\n\x12\x41uthStatusResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x10\n\x08revision\x18\x03 \x01(\x04\x12\x10\n\x08identity\x18\x04 \x01(\t\x12\r\n\x05\x61\x64min\x18\x05 \x01(\x08\x12#\n\x05users\x18\x06 \x03(\x0b\x32\x14.kvstore.v1.UserInfo\x12#\n\x05roles\x18\x07 \x03(\x0b\x32\x14.kvstore.v1.RoleInfo\x12\r\n\x05state\x18\x08 \x01(\x0c*P\n\x0ePermissionKind\x12\x1a\n\x16PERMISSION_UNSPECIFIED\x10\x00\x12\x08\n\x04READ\x10\x01\x12\t\n\x05WRITE\x10\x02\x12\r\n\tREADWRITE\x10\x03\x32\xeb\x01\n\x04\x41uth\x12Q\n\x0c\x41uthenticate\x12\x1f.kvstore.v1.AuthenticateRequest\x1a .kvstore.v1.AuthenticateResponse\x12G\n\x06\x43hange\x12\x1d.kvstore.v1.AuthChangeRequest\x1a\x1e.kvstore.v1.AuthChangeResponse\x12G\n\x06Status\x12\x1d.kvstore.v1.AuthStatusRequest\x1a\x1e.kvstore.v1.AuthStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvstore.v1.auth_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PERMISSIONKIND']._serialized_start=1106
-  _globals['_PERMISSIONKIND']._serialized_end=1186
+  _globals['_PERMISSIONKIND']._serialized_start=1143
+  _globals['_PERMISSIONKIND']._serialized_end=1223
   _globals['_PERMISSION']._serialized_start=58
   _globals['_PERMISSION']._serialized_end=144
   _globals['_AUTHENTICATEREQUEST']._serialized_start=146
@@ -47,13 +47,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTHCHANGERESPONSE']._serialized_start=678
   _globals['_AUTHCHANGERESPONSE']._serialized_end=750
   _globals['_AUTHSTATUSREQUEST']._serialized_start=752
-  _globals['_AUTHSTATUSREQUEST']._serialized_end=771
-  _globals['_USERINFO']._serialized_start=773
-  _globals['_USERINFO']._serialized_end=834
-  _globals['_ROLEINFO']._serialized_start=836
-  _globals['_ROLEINFO']._serialized_end=905
-  _globals['_AUTHSTATUSRESPONSE']._serialized_start=908
-  _globals['_AUTHSTATUSRESPONSE']._serialized_end=1104
-  _globals['_AUTH']._serialized_start=1189
-  _globals['_AUTH']._serialized_end=1424
+  _globals['_AUTHSTATUSREQUEST']._serialized_end=793
+  _globals['_USERINFO']._serialized_start=795
+  _globals['_USERINFO']._serialized_end=856
+  _globals['_ROLEINFO']._serialized_start=858
+  _globals['_ROLEINFO']._serialized_end=927
+  _globals['_AUTHSTATUSRESPONSE']._serialized_start=930
+  _globals['_AUTHSTATUSRESPONSE']._serialized_end=1141
+  _globals['_AUTH']._serialized_start=1226
+  _globals['_AUTH']._serialized_end=1461
 # @@protoc_insertion_point(module_scope)

@@ -98,8 +98,10 @@ class AuthChangeResponse(_message.Message):
     def __init__(self, error: _Optional[_Union[_kv_pb2.Error, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class AuthStatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("export_state",)
+    EXPORT_STATE_FIELD_NUMBER: _ClassVar[int]
+    export_state: bool
+    def __init__(self, export_state: _Optional[bool] = ...) -> None: ...
 
 class UserInfo(_message.Message):
     __slots__ = ("name", "roles", "has_password")
@@ -120,7 +122,7 @@ class RoleInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., permissions: _Optional[_Iterable[_Union[Permission, _Mapping]]] = ...) -> None: ...
 
 class AuthStatusResponse(_message.Message):
-    __slots__ = ("error", "enabled", "revision", "identity", "admin", "users", "roles")
+    __slots__ = ("error", "enabled", "revision", "identity", "admin", "users", "roles", "state")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +130,7 @@ class AuthStatusResponse(_message.Message):
     ADMIN_FIELD_NUMBER: _ClassVar[int]
     USERS_FIELD_NUMBER: _ClassVar[int]
     ROLES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     error: _kv_pb2.Error
     enabled: bool
     revision: int
@@ -135,4 +138,5 @@ class AuthStatusResponse(_message.Message):
     admin: bool
     users: _containers.RepeatedCompositeFieldContainer[UserInfo]
     roles: _containers.RepeatedCompositeFieldContainer[RoleInfo]
-    def __init__(self, error: _Optional[_Union[_kv_pb2.Error, _Mapping]] = ..., enabled: _Optional[bool] = ..., revision: _Optional[int] = ..., identity: _Optional[str] = ..., admin: _Optional[bool] = ..., users: _Optional[_Iterable[_Union[UserInfo, _Mapping]]] = ..., roles: _Optional[_Iterable[_Union[RoleInfo, _Mapping]]] = ...) -> None: ...
+    state: bytes
+    def __init__(self, error: _Optional[_Union[_kv_pb2.Error, _Mapping]] = ..., enabled: _Optional[bool] = ..., revision: _Optional[int] = ..., identity: _Optional[str] = ..., admin: _Optional[bool] = ..., users: _Optional[_Iterable[_Union[UserInfo, _Mapping]]] = ..., roles: _Optional[_Iterable[_Union[RoleInfo, _Mapping]]] = ..., state: _Optional[bytes] = ...) -> None: ...

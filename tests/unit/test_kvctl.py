@@ -143,8 +143,13 @@ def test_admin_commands(cluster: FakeCluster) -> None:
     assert kvctl(cluster, "member", "promote", "4").exit_code == 0
     r = kvctl(cluster, "-o", "json", "member", "remove", "4")
     assert r.exit_code == 0 and json.loads(r.stdout)["ok"] is True
-    assert kvctl(cluster, "snapshot").exit_code == 0
-    assert kvctl(cluster, "snapshot", "--node", cluster.addr(2)).exit_code == 0
+    assert kvctl(cluster, "raft-snapshot").exit_code == 0
+    assert kvctl(cluster, "raft-snapshot", "--node", cluster.addr(2)).exit_code == 0
+    n = len(cluster.admin_calls)
+    assert kvctl(cluster, "snapshot").exit_code == 0  # the old spelling, kept as an alias
+    r = kvctl(cluster, "snapshot", "--node", cluster.addr(2), "-o", "json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["ok"] is True
+    assert [c[1] for c in cluster.admin_calls[n:]] == ["Snapshot", "Snapshot"]
     r = kvctl(cluster, "transfer-leader", "3")
     assert r.exit_code == 0 and cluster.leader_id == 3
     assert kvctl(cluster, "transfer-leader").exit_code == 0

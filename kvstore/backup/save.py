@@ -1,0 +1,96 @@
+"""`kvctl snapshot save`: write the whole keyspace of a running cluster at ONE revision to a file.
+
+How the revision is chosen: a linearizable scan (of one key) through the client library opens
+every data group's part at a read point and settles on R = the highest revision a group served
+its part at (`kvstore/client/scans.py`; docs/REVISIONS.md, "Reads at a revision"); every write
+acknowledged before the save started is at or below it. Then every key is read by a scan AT R,
+which is exact in every group (a group whose applied last revision is below R is closed at R
+through its log first, so it can never again write at or below R). So the file holds exactly
+the writes with revision <= R in every group, whatever writes run meanwhile; the writer checks
+every key's mod_revision <= R.
+
+Also saved: the auth state (users with their password hashes, roles, whether auth is on: the
+metadata group's value as the serving node applied it, `Auth.Status` with `export_state`; needs
+the admin permission) and the source cluster's data groups, replication and virtual nodes (the
+defaults of `kvstore restore`).
+
+Bounded memory: keys stream from the scan (a chunk per group at a time) into the file.
+Atomic: the file is written under a temporary name in the target's directory, fsynced, renamed
+over the target and the directory fsynced; a failure leaves no partial file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from kvstore.backup.format import BackupInfo, BackupKey, BackupSummary, BackupWriter
+from kvstore.client import Client
+from kvstore.errors import InvalidArgument, PermissionDenied
+from kvstore.v1 import auth_pb2
+
+Progress = Callable[[int, int], None]
+"""Told (keys written, bytes written) as the save proceeds."""
+
+
+def export_auth(client: Client) -> bytes:
+    """The encoded auth state; PermissionDenied (definite) unless the caller is an admin."""
+    resp = client.auth_call("Status", auth_pb2.AuthStatusRequest(export_state=True))
+    if not resp.admin or not resp.state:
+        raise PermissionDenied(
+            "snapshot save needs the admin permission (the backup holds the users and roles)", indeterminate=False
+        )
+    return bytes(resp.state)
+
+
+def choose_revision(client: Client, timeout: float) -> int:
+    """R: the revision a linearizable scan of every group is served at (one key is enough: the
+    scan opens every group's part at a read point and settles on their highest revision). Every
+    write acknowledged before this call is at or below it. InvalidArgument if nothing was ever
+    written (no revision to save at)."""
+    for _ in client.scan_kvs(limit=1, consistency="linearizable", timeout=timeout):
+        break
+    if client.revision < 1:
+        raise InvalidArgument("the cluster has no revision to save at yet (nothing was ever written)")
+    return client.revision
+
+
+def save(client: Client, path: Path, *, timeout: float, progress: Progress | None = None) -> BackupSummary:
+    """Write the backup to `path` atomically; its summary. Raises the client's KVError on a failed
+    scan (nothing is written then), OSError on a failed write."""
+    auth = export_auth(client)
+    smap = client.shard_map(refresh=True)
+    groups, replication, vnodes = (1, 3, 128) if smap is None else (
+        max(1, len(smap.groups)), smap.replication, smap.vnodes)
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            revision = choose_revision(client, timeout)
+            info = BackupInfo(revision, int(time.time() * 1000), groups, min(replication, 7), vnodes)
+            w = BackupWriter(f, info, auth)
+            for kv in client.scan_kvs(revision=revision, timeout=timeout):
+                w.add(BackupKey(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version))
+                if progress is not None and w.keys % 1000 == 0:
+                    progress(w.keys, w.size)
+            digest = w.finish()
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    if progress is not None:
+        progress(w.keys, w.size)
+    return BackupSummary(info, auth, w.keys, w.records, w.size, digest)
