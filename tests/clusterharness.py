@@ -20,6 +20,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,7 +136,10 @@ class Cluster:
         d = self.root / f"n{nid}"
         args = [
             "--id", str(nid), "--data-dir", str(d), "--listen", addr, "--peers", peers,
-            "--tick-ms", "50", "--log-level", "info", "--replication", str(max(3, self.n)), *self.extra_args,
+            "--tick-ms", "50", "--log-level", "info", "--replication", str(max(3, self.n)),
+            # no SIGTERM drain unless a test asks for one (`extra_args`, the last one given wins):
+            # `stop` stops every node at once, where handing leadership around only costs time
+            "--drain-timeout", "0", *self.extra_args,
         ]
         if nid in self.client_addresses:
             args += ["--client-listen", self.client_addresses[nid]]
@@ -264,3 +269,24 @@ def stop_cli(p: subprocess.Popen[str], timeout: float = 30) -> int:
             p.wait()
         err = p.stderr.read() if p.stderr is not None else ""
         raise AssertionError(f"process {p.pid} did not exit within {timeout} s of SIGINT; its stacks:\n{err[-6000:]}") from None
+
+
+def probe(port: int, path: str) -> tuple[int, str]:
+    """(HTTP status, body) of a probe; (0, reason) if nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+    except OSError as err:
+        return 0, str(err)
+
+
+def wait_probe(port: int, path: str, status: int, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        got, body = probe(port, path)
+        if got == status:
+            return body
+        assert time.monotonic() < deadline, f"{path} never answered {status}: last {got} {body!r}"
+        time.sleep(0.05)

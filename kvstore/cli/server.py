@@ -48,7 +48,11 @@ def cli() -> None:
               "certificate, so every call but login needs a token (auth must be enabled).")
 @click.option("--client-advertise", default="",
               help="Address clients reach the client port at (default: --client-listen); published in the shard map.")
-@click.option("--metrics-listen", default="", help="HOST:PORT for the Prometheus /metrics endpoint.")
+@click.option("--metrics-listen", default="",
+              help="HOST:PORT for the Prometheus /metrics endpoint and the /livez and /readyz probes.")
+@click.option("--drain-timeout", type=click.FloatRange(0, 3600), default=5.0, show_default=True,
+              help="On SIGTERM, seconds spent handing the groups this node leads to other voters before "
+              "stopping (0: stop at once).")
 @click.option("--tick-ms", type=int, default=100, show_default=True)
 @click.option("--election-ticks", type=int, default=5, show_default=True)
 @click.option("--lease-read", is_flag=True, help="Serve linearizable reads from the leader lease.")
@@ -122,7 +126,7 @@ def cli() -> None:
               "data (0: never).")
 def serve(
     node_id: int, data_dir: Path, listen: str, peers: str, cluster_id: str, join: bool, learner: bool,
-    probe_ticks: int, advertise: str, client_listen: str, client_advertise: str, metrics_listen: str, tick_ms: int, election_ticks: int, lease_read: bool,
+    probe_ticks: int, advertise: str, client_listen: str, client_advertise: str, metrics_listen: str, drain_timeout: float, tick_ms: int, election_ticks: int, lease_read: bool,
     quiesce_ticks: int,
     request_timeout: float, max_key: int, max_value: int, max_request: int, compact_threshold: int, groups: int,
     replication: int, vnodes: int, log_level: str, certs_dir: Path | None, insecure: bool,
@@ -153,6 +157,7 @@ def serve(
         cfg = NodeConfig(
             id=node_id, data_dir=data_dir, listen=listen, peers=parse_peers(peers), cluster_id=cluster_id,
             join=join or learner, learner=learner, advertise=advertise, metrics_listen=metrics_listen,
+            drain_timeout=drain_timeout,
             client_listen=client_listen, client_advertise=client_advertise,
             request_timeout=request_timeout, wal_segment_bytes=parse_bytes(wal_segment_bytes),
             state_sync=state_sync,

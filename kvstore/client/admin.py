@@ -18,7 +18,7 @@ from kvstore.client.failures import RpcFailure
 from kvstore.client.invoke import Invoker
 from kvstore.client.retry import RetryPolicy
 from kvstore.client.routing import DEFAULT_GROUP
-from kvstore.client.types import AdminResult, Alarm, NodeStatus, ShardOpResult, Status
+from kvstore.client.types import AdminResult, Alarm, GroupHash, NodeStatus, ShardOpResult, Status
 from kvstore.errors import InternalError, InvalidArgument, Unavailable
 from kvstore.v1 import admin_pb2, admin_pb2_grpc, kv_pb2, shard_pb2
 
@@ -242,6 +242,24 @@ class Admin:
         return await self._admin_call(
             "snapshot", lambda s, t: s.Snapshot(req, timeout=t), endpoint=endpoint, timeout=timeout
         )
+
+    async def hash_kv(self, endpoint: str, group: int, revision: int = 0, *, timeout: float | None = None) -> GroupHash:
+        """The hash of `group`'s key space at `revision` on the node at `endpoint` (Admin.HashKV;
+        admin permission). Revision 0: `endpoint` must be the group's leader, which hashes at its
+        last revision after a linearizable read point (NOT_LEADER elsewhere, not retried: the
+        caller picks the node). A read: an attempt that failed is retried at the same node."""
+        if not 0 <= group <= MAX_GROUP_ID:
+            raise InvalidArgument(f"group {group} is out of range")
+        rev = check_revision(revision, zero=True)
+        req = admin_pb2.HashKVRequest(group=group, revision=rev)
+        resp = await self.invoker.invoke(
+            "hash_kv", lambda ep, t: self.channels.admin(ep).HashKV(req, timeout=t),
+            deadline=self.checks.deadline(timeout), is_write=False, endpoint=endpoint, learns_leader=False,
+        )
+        return GroupHash.from_proto(resp)
+
+
+MAX_GROUP_ID = (1 << 63) - 1
 
 
 def _alarms(resp: admin_pb2.AlarmResponse) -> list[Alarm]:

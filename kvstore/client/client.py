@@ -16,6 +16,7 @@ from kvstore.client.types import (
     AdminResult,
     Alarm,
     Consistency,
+    GroupHash,
     KeyValue,
     NodeStatus,
     ReadPreference,
@@ -526,6 +527,9 @@ class Client:
 
     def disarm_alarms(self, node_id: int = 0, type: str | None = None, *, timeout: float | None = None) -> list[Alarm]:
         return self._run(self._async.disarm_alarms(node_id, type, timeout=timeout))
+
+    def hash_kv(self, endpoint: str, group: int, revision: int = 0, *, timeout: float | None = None) -> GroupHash:
+        return self._run(self._async.hash_kv(endpoint, group, revision, timeout=timeout))
 
     def snapshot(self, endpoint: str | None = None, *, timeout: float | None = None) -> AdminResult:
         return self._run(self._async.snapshot(endpoint, timeout=timeout))

@@ -18,6 +18,7 @@ __all__ = [
     "AdminResult",
     "Alarm",
     "Consistency",
+    "GroupHash",
     "GroupInfo",
     "GroupStatus",
     "KeyValue",
@@ -231,3 +232,22 @@ def group_status(
         if g.group == group:
             return g
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupHash:
+    """One replica's hash of a group's key space at a revision (`Admin.HashKV`, `kvctl check`):
+    BLAKE2b-256 over every key present at `revision` with its value and metadata (see
+    `kvstore/node/kvhash.py`); `applied` is the group's applied index there when it was taken."""
+
+    node_id: int
+    group: int
+    revision: int
+    hash: bytes
+    keys: int
+    applied: int
+    compact_revision: int
+
+    @classmethod
+    def from_proto(cls, r: admin_pb2.HashKVResponse) -> GroupHash:
+        return cls(r.node_id, r.group, r.revision, r.hash, r.keys, r.applied, r.compact_revision)

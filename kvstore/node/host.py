@@ -212,6 +212,11 @@ class Host:
         self.full_scan_ticks = 10
         self.suspected: set[int] = set()
         """Nodes whose liveness pings stopped (see `suspect`)."""
+        self.draining = False
+        """Set by a drain (`drain_leadership`): TimeoutNow is refused, so leadership is not handed
+        back to a node that is leaving."""
+        self._drain_tried: dict[int, set[int]] = {}
+        """group -> the voters a drain offered its leadership to (each is offered it once)."""
         self.hosted = HostedMembers()
         self._removed: set[int] = set()
         """Nodes removed by an applied change, still in `members` while some hosted group's
@@ -339,6 +344,9 @@ class Host:
             return False
         self._dirty.add(m.group)
         if m.type == MessageType.TIMEOUT_NOW:
+            if self.draining:  # leaving: do not take leadership (the sender's transfer times out)
+                log.info("group %d: draining, refused leadership offered by node %d", m.group, m.frm)
+                return False
             # Leadership handed here on purpose (an operator's transfer, a drain) is held: the
             # balancer leaves this group alone for `balance_backoff_ticks` before handing it on.
             self._balance_next[m.group] = max(self._balance_next.get(m.group, 0), self._ticks + self.balance_backoff_ticks)
@@ -478,6 +486,54 @@ class Host:
             raise errors.InvalidArgument(f"node {to} is not a voter of group {group}")
         g.core.transfer_leader(to)
         self._dirty.add(group)
+
+    def drain_leadership(self) -> tuple[list[int], list[int]]:
+        """One step of a drain (SIGTERM, `kvstore/server/node.py`): hand every group this node
+        leads to another voter. Returns (the groups it still leads, those of them nobody is left
+        to take). Call it again (every tick) until the first list is empty, or equals the second,
+        or the drain's time is up.
+
+        For each led group without a transfer in flight, the target is the voter not tried yet in
+        this drain, recently active and not suspected, with the highest match index; the core
+        appends to it until it has the whole log, then sends it TimeoutNow, so the new leader holds
+        every entry this node appended and the writes waiting here are answered when this node,
+        now a follower, applies them. A voter that did not take it (the transfer timed out after
+        an election timeout: e.g. it is draining too and refused) is not tried again, so a drain
+        of a whole cluster at once ends within one election timeout per voter. While a transfer
+        is in flight the core refuses proposals (definite ProposalDropped: the client retries)."""
+        self.draining = True
+        led: list[int] = []
+        stuck: list[int] = []
+        for gid, g in self.groups.items():
+            core = g.core
+            if core.role != Role.LEADER:
+                continue
+            led.append(gid)
+            if core.lead_transferee != NONE:
+                continue
+            if core.quiesced:  # its followers' activity is unknown: wake it, hand it on next time
+                core.wake()
+                self._dirty.add(gid)
+                continue
+            tried = self._drain_tried.setdefault(gid, set())
+            cands = [
+                (pr.match, nid) for nid, pr in sorted(core.prs.items())
+                if nid != self.node_id and nid in core.conf.voters and nid not in tried
+                and pr.recent_active and nid not in self.suspected
+            ]
+            if not cands:
+                stuck.append(gid)
+                continue
+            to = max(cands)[1]
+            tried.add(to)
+            log.info("group %d: draining, handing leadership to node %d", gid, to)
+            core.transfer_leader(to)
+            self._dirty.add(gid)
+        return led, stuck
+
+    def pending_writes(self) -> int:
+        """Writes proposed here that are not answered yet (all groups)."""
+        return sum(len(g.writes) for g in self.groups.values())
 
     def report_snapshot(self, group: int, to: int, failed: bool) -> None:
         g = self.groups.get(group)

@@ -97,6 +97,7 @@ RULES: dict[str, Rule] = {
     "/kvstore.v1.Admin/Snapshot": Rule.ADMIN,
     "/kvstore.v1.Admin/AlarmList": Rule.ADMIN,
     "/kvstore.v1.Admin/AlarmDisarm": Rule.ADMIN,
+    "/kvstore.v1.Admin/HashKV": Rule.ADMIN,
     "/kvstore.v1.Auth/Authenticate": Rule.PUBLIC,
     "/kvstore.v1.Auth/Change": Rule.USER,
     "/kvstore.v1.Auth/Status": Rule.USER,

@@ -18,9 +18,11 @@ import grpc
 from kvstore import errors
 from kvstore.node.alarms import Alarm, AlarmType
 from kvstore.node.host import Host
+from kvstore.node.kvhash import KVHasher
 from kvstore.raft import ConfChange, ConfChangeType
 from kvstore.raft.types import MAX_CONF_CONTEXT, MAX_U63
 from kvstore.shard.shardmap import META_GROUP, ShardMap
+from kvstore.storage import mvcc
 from kvstore.v1 import admin_pb2, admin_pb2_grpc
 
 from .admission import Admission
@@ -28,6 +30,7 @@ from .config import NodeConfig
 from .movedriver import MoveDriver
 from .reads import ReplicaReads
 from .shards import GroupCaller, ShardTracker
+from .waiters import read_point
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
@@ -243,6 +246,56 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         except errors.KVError as err:
             return admin_pb2.AlarmResponse(error=errors.to_proto(err))
         return admin_pb2.AlarmResponse(alarms=_alarms_proto(alarms))
+
+    async def HashKV(self, request: admin_pb2.HashKVRequest, context: grpc.aio.ServicerContext) -> admin_pb2.HashKVResponse:
+        """The hash of a group's key space at a revision on this node (see the message in
+        admin.proto and `kvstore/node/kvhash.py`). Computed a chunk at a time on one read view,
+        yielding to the event loop between chunks, so a big group does not hold the node up."""
+        try:
+            return await self._hash_kv(request.group, request.revision)
+        except errors.KVError as err:
+            return admin_pb2.HashKVResponse(error=errors.to_proto(err), node_id=self.cfg.id, group=request.group)
+
+    async def _hash_kv(self, gid: int, revision: int) -> admin_pb2.HashKVResponse:
+        if revision < 0 or revision > MAX_U63:
+            raise errors.InvalidArgument(f"revision {revision} is out of range")
+        if gid not in self.host.groups:
+            raise errors.WrongShard(f"group {gid} is not on node {self.cfg.id}")
+        store = self.host.store
+        if revision == 0:
+            await read_point(self.host, self.wake, gid, self.cfg.request_timeout)  # NOT_LEADER elsewhere
+        else:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.cfg.request_timeout
+            while store.revisions.rev_state(gid).last < revision:
+                if loop.time() >= deadline:
+                    raise errors.Timeout(
+                        f"group {gid} has not applied revision {revision} on node {self.cfg.id} within "
+                        f"{self.cfg.request_timeout:g}s", indeterminate=False)
+                await asyncio.sleep(self.cfg.raft.tick_ms / 1000)
+                if gid not in self.host.groups:
+                    raise errors.WrongShard(f"group {gid} left node {self.cfg.id}")
+        applied = self.host.groups[gid].core.applied
+        try:
+            rst, stream = store.revisions.scan_versions(gid, b"", None, 0, revision, HASH_CHUNK_ITEMS, HASH_CHUNK_BYTES)
+        except mvcc.Compacted as err:
+            raise errors.Compacted(compact_revision=err.compact_revision) from None
+        hasher = KVHasher()
+        try:
+            for chunk in stream:
+                hasher.add(chunk)
+                await asyncio.sleep(0)  # one chunk at a time: the loop serves others in between
+        finally:
+            stream.close()
+        return admin_pb2.HashKVResponse(
+            node_id=self.cfg.id, group=gid, revision=revision or rst.last, hash=hasher.digest(), keys=hasher.keys,
+            applied=applied, compact_revision=rst.compact,
+        )
+
+
+HASH_CHUNK_ITEMS = 1024
+HASH_CHUNK_BYTES = 1 << 20
+"""`HashKV` hashes at most about this many keys / bytes between two turns of the event loop."""
 
 
 def _alarms_proto(alarms: frozenset[Alarm]) -> list[admin_pb2.Alarm]:

@@ -2,7 +2,7 @@
 so that every call that changes something leaves one line in the audit log
 (`kvstore.security.audit.AuditLog`) with who called, from where, what, on what, and the outcome.
 
-Audited (`AUDITED`): every Admin RPC but the reads Status and AlarmList (membership, leadership transfer, snapshot, alarm disarm), every
+Audited (`AUDITED`): every Admin RPC but the reads Status, AlarmList and HashKV (membership, leadership transfer, snapshot, alarm disarm), every
 Shard.ShardOp but INFO (add / remove group, rebalance), Shard.GroupPropose but read barriers (the
 internal RPC a node forwards proposals, membership changes and transfers with: audited where they
 take effect, with the calling node's identity), and with `writes`, KV Put / Delete / Cas and every
@@ -156,7 +156,7 @@ KV_WRITES: dict[str, Describer] = {
 }
 STREAM_WRITES = ("put", "delete", "cas")
 NOT_AUDITED: dict[str, frozenset[str]] = {
-    "kvstore.v1.Admin": frozenset({"Status", "AlarmList"}),
+    "kvstore.v1.Admin": frozenset({"Status", "AlarmList", "HashKV"}),
     "kvstore.v1.Auth": frozenset({"Status"}),
     "kvstore.v1.Shard": frozenset({"GetShardMap", "ExportRange"}),
     "kvstore.v1.KV": frozenset({"Get", "Scan", "Watch"}),

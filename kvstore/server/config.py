@@ -69,7 +69,12 @@ class NodeConfig:
     """Address clients reach the client port at (defaults to `client_listen`), published in the
     shard map."""
     metrics_listen: str = ""
+    """HOST:PORT of `/metrics`, `/livez` and `/readyz` (`--metrics-listen`; "" for none)."""
     request_timeout: float = 5.0
+    drain_timeout: float = 5.0
+    """Seconds a SIGTERM'd node spends handing the groups it leads to other voters (and waiting
+    for its writes in flight to be answered) before it stops anyway (`--drain-timeout`; 0: no
+    drain)."""
     sync: bool = True
     state_sync: str = "checkpoint"
     """How the state machine (LMDB) becomes durable (`--state-sync`): `checkpoint` (the default:
@@ -122,6 +127,8 @@ class NodeConfig:
             raise ValueError(f"--history-retention-revisions {self.history_retention_revisions} must be in 0..{MAX_KEEP}")
         if not (self.history_retention_interval == 0 or 0.1 <= self.history_retention_interval <= 86400):
             raise ValueError(f"--history-retention-interval {self.history_retention_interval} must be 0 or in 0.1..86400")
+        if not 0 <= self.drain_timeout <= 3600:
+            raise ValueError(f"--drain-timeout {self.drain_timeout} must be in 0..3600 seconds")
         self.limits.validate()
         self.admission.validate()
         if self.audit is not None:

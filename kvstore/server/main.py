@@ -13,6 +13,7 @@ from kvstore.security.audit import AuditOpenError, KeyFileError
 from .config import NodeConfig
 from .metrics_http import MetricsEndpoint
 from .node import Node
+from .probes import LoopProbe
 from .profiletoggle import install as install_profile_toggle
 
 log = logging.getLogger("kvstore")
@@ -51,18 +52,20 @@ async def serve(cfg: NodeConfig) -> int:
     after logging why: a supervisor should restart it)."""
     node = Node(cfg)
     await node.start()
+    loop = asyncio.get_running_loop()
     metrics: MetricsEndpoint | None = None
     if cfg.metrics_listen:
-        # HTTPS with mutual TLS under --certs-dir (metrics_http.py), plain HTTP otherwise.
-        metrics = MetricsEndpoint(cfg.metrics_listen, node.metrics.registry, cfg.certs_dir)
-        log.info("metrics on %s", metrics.url)
+        # HTTPS with mutual TLS under --certs-dir (metrics_http.py), plain HTTP otherwise;
+        # /livez and /readyz run their checks on this loop (probes.py).
+        probe = LoopProbe(loop, node.liveness, node.ready)
+        metrics = MetricsEndpoint(cfg.metrics_listen, node.metrics.registry, cfg.certs_dir, probe=probe.answer)
+        log.info("metrics on %s (probes: /livez, /readyz)", metrics.url)
 
     def reload_certificates() -> None:
         if node.reload_certificates() and metrics is not None:
             metrics.reload()
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_certificates)
@@ -74,13 +77,16 @@ async def serve(cfg: NodeConfig) -> int:
     await asyncio.wait([stopped, died], return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
     died.cancel()
-    if metrics is not None:
-        metrics.close()
     if node.fatal is not None:
+        if metrics is not None:
+            metrics.close()
         log.critical("node %d exits: %s", cfg.id, node.fatal)
         await node.stop(grace=0.5)
         return 1
-    log.info("shutting down")
+    log.info("shutting down: draining (at most %g s)", cfg.drain_timeout)
+    await node.drain(cfg.drain_timeout)  # /readyz answers 503 meanwhile
+    if metrics is not None:
+        metrics.close()
     await node.stop()
     return 0
 

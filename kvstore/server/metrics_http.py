@@ -1,4 +1,5 @@
-"""The node's Prometheus endpoint (`--metrics-listen HOST:PORT`, path `/metrics`).
+"""The node's Prometheus endpoint (`--metrics-listen HOST:PORT`, path `/metrics`), which also
+answers the `/livez` and `/readyz` probes (`probes.py`) when given a `probe`.
 
 Without `--certs-dir` it is plain HTTP (bind it to loopback or a private network). With
 `--certs-dir` it is HTTPS with the node's certificate (`node.crt` / `node.key`) and, like every
@@ -23,6 +24,7 @@ import logging
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler
@@ -31,6 +33,8 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from kvstore.security.certs import CA_CERT, NODE_CERT, NODE_KEY
+
+from .probes import probe_app
 
 log = logging.getLogger("kvstore.metrics")
 
@@ -103,9 +107,11 @@ class _Server(ThreadingWSGIServer):
 
 class MetricsEndpoint:
     """Serves `registry` on `listen` ("HOST:PORT"; port 0 picks one) from a daemon thread,
-    over HTTPS with mutual TLS when `certs_dir` is given (see the module docstring)."""
+    over HTTPS with mutual TLS when `certs_dir` is given (see the module docstring); with
+    `probe` (path -> None when healthy, else the reason) it answers `/livez` and `/readyz` too."""
 
-    def __init__(self, listen: str, registry: CollectorRegistry, certs_dir: Path | None = None) -> None:
+    def __init__(self, listen: str, registry: CollectorRegistry, certs_dir: Path | None = None,
+                 probe: Callable[[str], str | None] | None = None) -> None:
         host, _, port = listen.rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
         self.certs_dir = certs_dir
@@ -118,7 +124,8 @@ class MetricsEndpoint:
         self._httpd = Server((host, int(port)), _Handler)
         self._httpd.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._httpd.ssl_context = ctx
-        self._httpd.set_app(make_wsgi_app(registry))
+        metrics = make_wsgi_app(registry)
+        self._httpd.set_app(metrics if probe is None else probe_app(probe, metrics))
         self.host = host
         self.port: int = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics", daemon=True)

@@ -8,8 +8,11 @@ map (`clientaddr.py`), the tick timer, the Ready loop and the shard coordinator.
 The shell only drives the logic: ticks on a timer (`NodeLogic.tick`), peer messages as they
 arrive (`NodeLogic.deliver`), each Ready cycle with its persist step on a thread, then
 `NodeLogic.after_cycle` (membership and shard map).
-Shutdown (SIGTERM / SIGINT): health goes NOT_SERVING, the server stops taking requests and gives
-in-flight ones a grace period, the loops stop, the store closes. Nothing durable depends on a
+Shutdown (SIGTERM / SIGINT): first a drain (`drain`, at most `--drain-timeout` seconds: readiness
+and the health of `kvstore.v1.KV` go NOT_SERVING, every group this node leads is handed to another
+up-to-date voter, and the writes waiting here are answered), then health goes NOT_SERVING, the
+server stops taking requests and gives in-flight ones a grace period, the loops stop, the store
+closes. Nothing durable depends on a
 graceful stop: kill -9 at any moment loses no acknowledged write.
 """
 
@@ -35,6 +38,7 @@ from kvstore.node.alarms import AlarmTracker
 from kvstore.node.host import Cycle, Host
 from kvstore.node.inbound import Inbound, RefusalLog
 from kvstore.node.logic import Bootstrap, NodeLogic
+from kvstore.node.readiness import Readiness
 from kvstore.node.store import NodeStore
 from kvstore.raft import Message, Role
 from kvstore.security.audit import KEY_FILE, AuditLog, load_or_create_key
@@ -59,6 +63,7 @@ from .kv_service import KVService
 from .learner import register_learner
 from .metrics import Metrics
 from .movedriver import MoveDriver
+from .probes import PERSIST_STUCK
 from .reads import ReadMetrics, ReplicaReads
 from .shards import AsyncShardTracker, GroupCaller, NodeCluster, ShardService
 from .watch_service import WatchDriver
@@ -108,6 +113,11 @@ class Node:
         self.watch: WatchDriver | None = None
         """Drives the watch hub from the Ready loop (`server/watch_service.py`)."""
         self.admission: Admission | None = None
+        self.readiness: Readiness | None = None
+        self.draining = False
+        """Set by `drain` (SIGTERM): not ready any more."""
+        self.persist_since: float | None = None
+        """`time.monotonic()` when the storage call in flight started (None: none in flight)."""
 
     def wake(self) -> None:
         self._wake.set()
@@ -160,6 +170,7 @@ class Node:
             RefusalLog(time.monotonic, on_refused=lambda reason: refused.labels(reason).inc()), tracker,
         )
         host = self.host = logic.host
+        self.readiness = Readiness(host)
         self.inbound = logic.inbound
         caller = self.caller = GroupCaller(
             cfg.id, host, self.wake, tracker, cfg.request_timeout, cfg.cluster_id,
@@ -344,7 +355,11 @@ class Node:
                             # Let the peer streams write the appends first: the persist thread
                             # takes the GIL for its Python part and would hold them back.
                             await asyncio.sleep(0)
-                        await io.run(functools.partial(_timed_persist, cycle))
+                        self.persist_since = time.monotonic()
+                        try:
+                            await io.run(functools.partial(_timed_persist, cycle))
+                        finally:
+                            self.persist_since = None
                     # else only messages and read states (heartbeats, read-index rounds): no
                     # thread round trip for an empty transaction.
                     n = host.end_cycle(cycle)
@@ -396,6 +411,62 @@ class Node:
             self.metrics.sessions_evicted.labels(label).set(sm.evicted)
         if self.reads is not None:
             self.reads.update_gauges()
+
+    # --- probes and drain (`probes.py`; run on the event loop) ---------------------------------
+    def liveness(self) -> str | None:
+        """None while the node works (`/livez`), else why not: a loop it needs died, or one
+        storage call has been running for more than `PERSIST_STUCK` seconds."""
+        if self.fatal is not None:
+            return f"a loop of the node died: {self.fatal}"
+        since = self.persist_since
+        if since is not None and (stuck := time.monotonic() - since) > PERSIST_STUCK:
+            return f"a storage call has been running for {stuck:.0f} s"
+        return None
+
+    def ready(self) -> str | None:
+        """None when the node serves (`/readyz`: `kvstore.node.readiness`), else why not."""
+        if self.draining or self._stopping:
+            return "stopping: handing leadership to other nodes"
+        if self.readiness is None:
+            return "starting"
+        return self.readiness.check()
+
+    async def drain(self, timeout: float) -> bool:
+        """SIGTERM: hand every group this node leads to another up-to-date voter (`Host.
+        drain_leadership`, retried every tick) and wait until it leads none and no write
+        proposed here waits for its answer, for at most `timeout` seconds. Meanwhile the node
+        keeps running (it must replicate to the new leaders and answer its waiting writes) but
+        is not ready, and new proposals here are refused with a definite error (transfer in
+        progress, then NOT_LEADER), which clients retry at the new leader. It ends early when no
+        live voter is left to take the groups still led here (the whole cluster stopping).
+        True if it drained."""
+        host = self.host
+        if host is None or timeout <= 0:
+            return False
+        self.draining = True
+        self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.NOT_SERVING)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + timeout
+        period = self.cfg.raft.tick_ms / 1000
+        had = sum(1 for g in host.groups.values() if g.core.role == Role.LEADER)
+        while True:
+            led, stuck = host.drain_leadership()
+            waiting = host.pending_writes()
+            if not led and not waiting:
+                log.info("node %d: drained: handed leadership of %d group(s) to other nodes in %.2f s; "
+                         "stopping", self.cfg.id, had, loop.time() - started)
+                return True
+            if led and len(stuck) == len(led):
+                log.warning("node %d: drain: no live voter left to take group(s) %s; stopping anyway",
+                            self.cfg.id, stuck)
+                return False
+            if loop.time() >= deadline or self.died.is_set():
+                log.warning("node %d: drain timed out after %.1f s: still leads group(s) %s, %d write(s) "
+                            "unanswered; stopping anyway", self.cfg.id, timeout, led, waiting)
+                return False
+            self.wake()
+            await asyncio.sleep(period)
 
     async def _register_learner(self) -> None:
         assert self.host is not None

@@ -171,3 +171,31 @@ class AlarmResponse(_message.Message):
     error: _kv_pb2.Error
     alarms: _containers.RepeatedCompositeFieldContainer[Alarm]
     def __init__(self, error: _Optional[_Union[_kv_pb2.Error, _Mapping]] = ..., alarms: _Optional[_Iterable[_Union[Alarm, _Mapping]]] = ...) -> None: ...
+
+class HashKVRequest(_message.Message):
+    __slots__ = ("group", "revision")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    group: int
+    revision: int
+    def __init__(self, group: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class HashKVResponse(_message.Message):
+    __slots__ = ("error", "node_id", "group", "revision", "hash", "keys", "applied", "compact_revision")
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    COMPACT_REVISION_FIELD_NUMBER: _ClassVar[int]
+    error: _kv_pb2.Error
+    node_id: int
+    group: int
+    revision: int
+    hash: bytes
+    keys: int
+    applied: int
+    compact_revision: int
+    def __init__(self, error: _Optional[_Union[_kv_pb2.Error, _Mapping]] = ..., node_id: _Optional[int] = ..., group: _Optional[int] = ..., revision: _Optional[int] = ..., hash: _Optional[bytes] = ..., keys: _Optional[int] = ..., applied: _Optional[int] = ..., compact_revision: _Optional[int] = ...) -> None: ...

@@ -74,6 +74,11 @@ class AdminStub:
                 request_serializer=kvstore_dot_v1_dot_admin__pb2.AlarmDisarmRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_admin__pb2.AlarmResponse.FromString,
                 _registered_method=True)
+        self.HashKV = channel.unary_unary(
+                '/kvstore.v1.Admin/HashKV',
+                request_serializer=kvstore_dot_v1_dot_admin__pb2.HashKVRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_admin__pb2.HashKVResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -127,6 +132,12 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HashKV(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +180,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.AlarmDisarm,
                     request_deserializer=kvstore_dot_v1_dot_admin__pb2.AlarmDisarmRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_admin__pb2.AlarmResponse.SerializeToString,
+            ),
+            'HashKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.HashKV,
+                    request_deserializer=kvstore_dot_v1_dot_admin__pb2.HashKVRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_admin__pb2.HashKVResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +403,33 @@ class Admin:
             '/kvstore.v1.Admin/AlarmDisarm',
             kvstore_dot_v1_dot_admin__pb2.AlarmDisarmRequest.SerializeToString,
             kvstore_dot_v1_dot_admin__pb2.AlarmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HashKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Admin/HashKV',
+            kvstore_dot_v1_dot_admin__pb2.HashKVRequest.SerializeToString,
+            kvstore_dot_v1_dot_admin__pb2.HashKVResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from clusterharness import Cluster, NodeProc
+from clusterharness import Cluster, NodeProc, free_ports, probe, wait_probe
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvstore import errors
@@ -387,17 +387,22 @@ def test_a_full_disk_recovers_by_itself_once_space_is_freed(tmp_path: Path) -> N
     try:
         victim = cluster.nodes[3]
         victim.args[victim.args.index("--data-dir") + 1] = str(fs / "n3")
-        victim.args += ["--wal-segment-bytes", "512K"]
+        (metrics_port,) = free_ports(1)
+        victim.args += ["--wal-segment-bytes", "512K", "--metrics-listen", f"127.0.0.1:{metrics_port}"]
         cluster.start()
         with Client(cluster.endpoints) as c:
             written = _fill_the_leaders_disk(cluster, c, victim)
             assert victim.proc is not None
             pid = victim.proc.pid
             assert _kv_health(victim.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+            # the /readyz probe agrees: a full disk is not ready (but the process is alive)
+            assert wait_probe(metrics_port, "/readyz", 503).startswith("storage failed")
+            assert probe(metrics_port, "/livez") == (200, "ok\n")
             subprocess.run(["mount", "-o", "remount,size=64m", str(fs)], check=True)
             _caught_up(victim, written)
             assert victim.alive and victim.proc.pid == pid, "recovered without a restart"
             assert _kv_health(victim.address) == health_pb2.HealthCheckResponse.SERVING
+            wait_probe(metrics_port, "/readyz", 200)
             assert "storage works again" in victim.log_text()
             assert victim.log_text().count("storage failed") == 1  # logged once, not per retry
             with Client([victim.address]) as c3:
