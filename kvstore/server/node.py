@@ -36,6 +36,7 @@ from kvstore.node.host import Cycle, Host
 from kvstore.node.inbound import Inbound, RefusalLog
 from kvstore.node.logic import Bootstrap, NodeLogic
 from kvstore.node.store import NodeStore
+from kvstore.node.version import CommandGate, VersionTracker, members_of
 from kvstore.raft import Message, Role
 from kvstore.security.audit import KEY_FILE, AuditLog, load_or_create_key
 from kvstore.security.guard import AuthGuard, AuthTracker
@@ -61,6 +62,7 @@ from .metrics import Metrics
 from .movedriver import MoveDriver
 from .reads import ReadMetrics, ReplicaReads
 from .shards import AsyncShardTracker, GroupCaller, NodeCluster, ShardService
+from .versions import maintain_cluster_version
 from .watch_service import WatchDriver
 
 log = logging.getLogger("kvstore.node")
@@ -105,6 +107,8 @@ class Node:
         self.fatal: str | None = None
         self._stopping = False
         self.alarms: AlarmTracker | None = None
+        self.versions: VersionTracker | None = None
+        """The cluster version and every member's advertised feature level (`node/version.py`)."""
         self.watch: WatchDriver | None = None
         """Drives the watch hub from the Ready loop (`server/watch_service.py`)."""
         self.admission: Admission | None = None
@@ -175,6 +179,9 @@ class Node:
         self.reads = ReplicaReads(
             host, cfg.reads, metrics=ReadMetrics(self.metrics.registry), request_timeout=cfg.request_timeout
         )
+        versions = self.versions = VersionTracker(store)
+        versions.refresh()
+        host.gate = CommandGate(lambda: versions.value, lambda: members_of(tracker.map)).check
         alarms = self.alarms = AlarmTracker(store)
         alarms.refresh()
         alarm_gauge = self.metrics.alarms.labels("NOSPACE")
@@ -205,7 +212,8 @@ class Node:
              raft_pb2.DESCRIPTOR.services_by_name["Raft"]),
             (watched(kv, "kvstore.v1.KV"),
              kv_pb2.DESCRIPTOR.services_by_name["KV"]),
-            (watched(AdminService(cfg, host, self.wake, tracker, caller, self.coordinator, self.reads, admission),
+            (watched(AdminService(cfg, host, self.wake, tracker, caller, self.coordinator, self.reads, admission,
+                                  versions),
                      "kvstore.v1.Admin"),
              admin_pb2.DESCRIPTOR.services_by_name["Admin"]),
             (watched(ShardService(cfg.id, host, self.wake, tracker, caller, self.coordinator, cfg.request_timeout,
@@ -238,6 +246,8 @@ class Node:
             loop.create_task(self.watch.closer(), name="watch-closer"),
             loop.create_task(publish_client_address(cfg.id, cfg.client_address, tracker, caller.propose),
                              name="client-address"),
+            loop.create_task(maintain_cluster_version(cfg.id, host, versions, tracker, caller.propose),
+                             name="cluster-version"),
         ]
         retention: Retention | None = None
         if cfg.history_retention > 0:
@@ -358,6 +368,8 @@ class Node:
                     self.auth.refresh()
                     if self.alarms is not None:
                         self.alarms.refresh()
+                    if self.versions is not None:
+                        self.versions.refresh()
                 watch.step()  # watch requests, progress, slow streams (between cycles)
                 if host.failed is not None:
                     m.storage_full.set(1)
