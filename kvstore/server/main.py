@@ -9,6 +9,7 @@ import signal
 import sys
 
 from kvstore.security.audit import AuditOpenError, KeyFileError
+from kvstore.storage.dataformat import FormatError
 
 from .config import NodeConfig
 from .metrics_http import MetricsEndpoint
@@ -90,6 +91,6 @@ def run(cfg: NodeConfig) -> int:
     set_switch_interval()
     try:
         return asyncio.run(serve(cfg))
-    except (OSError, AuditOpenError, KeyFileError) as err:
+    except (OSError, AuditOpenError, KeyFileError, FormatError) as err:
         print(f"kvstore: {err}", file=sys.stderr)
         return 2
