@@ -32,6 +32,7 @@ from grpc_health.v1 import health, health_pb2
 
 from kvstore import hoptrace
 from kvstore.node.alarms import AlarmTracker
+from kvstore.node.forcenew import force_logs, lost_groups
 from kvstore.node.host import Cycle, Host
 from kvstore.node.inbound import Inbound, RefusalLog
 from kvstore.node.logic import Bootstrap, NodeLogic
@@ -56,6 +57,7 @@ from .clientaddr import publish_client_address
 from .clientport import ClientPort
 from .compaction import Retention, RevisionRetention
 from .config import NodeConfig
+from .forcenew import rewrite_shard_map
 from .kv_service import KVService
 from .learner import register_learner
 from .metrics import Metrics
@@ -158,9 +160,13 @@ class Node:
         )
         tracker = self.tracker = AsyncShardTracker(store)
         refused = self.metrics.inbound_refused
+        peers = dict(cfg.peers)
+        if cfg.force_new_cluster:
+            peers = {cfg.id: cfg.address}
+            self._force_logs(store, tracker)
         self.logic = logic = NodeLogic(
             cfg.id, store, _CountingTransport(self.transport, self.metrics), cfg.raft,
-            Bootstrap(dict(cfg.peers), cfg.groups, cfg.replication, cfg.vnodes, cfg.join), random.Random(),
+            Bootstrap(peers, cfg.groups, cfg.replication, cfg.vnodes, cfg.join), random.Random(),
             RefusalLog(time.monotonic, on_refused=lambda reason: refused.labels(reason).inc()), tracker,
         )
         host = self.host = logic.host
@@ -262,11 +268,31 @@ class Node:
             t.add_done_callback(self._task_ended)
         if cfg.learner:
             self._tasks.append(loop.create_task(self._register_learner(), name="register-learner"))
+        if cfg.force_new_cluster:  # ends once the map is rewritten: not a task the node needs
+            self._tasks.append(loop.create_task(
+                rewrite_shard_map(cfg.id, cfg.address, host, tracker, caller.propose), name="force-new-cluster"))
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.SERVING)
         log.info("node %d of cluster %r serving on %s (%s)%s", cfg.id, cfg.cluster_id, cfg.listen,
                  f"TLS, certificates from {cfg.certs_dir}" if tls is not None else "plaintext, no TLS",
                  f"; clients with a token on {cfg.client_listen}" if cfg.client_listen else "")
+
+    def _force_logs(self, store: NodeStore, tracker: AsyncShardTracker) -> None:
+        """`--force-new-cluster`, step 1 (`kvstore.node.forcenew.force_logs`), before any core
+        starts; says loudly what it did and which data groups are lost."""
+        cfg = self.cfg
+        done = force_logs(store, cfg.id)
+        for f in done:
+            if f.removed or f.promoted:
+                log.warning("force-new-cluster: group %d is now node %d alone (removed %s%s); committed through %d",
+                            f.group, cfg.id, f.removed, ", promoted from learner" if f.promoted else "", f.last)
+        tracker.refresh()
+        lost = lost_groups(tracker.map, cfg.id) if tracker.map is not None else []
+        if lost:
+            log.critical("force-new-cluster: data groups %s have no replica on node %d: their keys are LOST "
+                         "(they stay in the shard map, unavailable)", lost, cfg.id)
+        log.warning("force-new-cluster: node %d starts as a new single-member cluster from its data "
+                    "(%d groups); add members back with `kvctl member add`", cfg.id, len(done))
 
     def reload_certificates(self) -> bool:
         """SIGHUP: read the certs directory again. On success the server presents the new
