@@ -188,6 +188,8 @@ class Node:
         versions = self.versions = VersionTracker(store)
         versions.refresh()
         host.gate = CommandGate(lambda: versions.value, lambda: members_of(tracker.map)).check
+        self.metrics.cluster_version.set_function(lambda: versions.value.cluster)
+        self.metrics.supported_level.set_function(lambda: versions.supported)
         alarms = self.alarms = AlarmTracker(store)
         alarms.refresh()
         alarm_gauge = self.metrics.alarms.labels("NOSPACE")
