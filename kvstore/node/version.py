@@ -28,9 +28,12 @@ Invariants:
   binary would not: `kvstore serve` refuses to run a binary below the applied cluster version,
   see `VersionTracker.too_old`.)
 
-What an unknown command kind does at apply (`machine.apply_data`): `decode_command` raises, the
-entry yields an error result and changes nothing, the same on every replica of the same binary;
-a newer binary that knows the kind would apply it, hence the gate.
+What an unknown command kind does at apply: before this module, `decode_command` raised and the
+entry yielded an error result that changed nothing: deterministic among replicas of one release,
+but a replica of an older release would have diverged from newer ones that apply the kind. Now
+`machine.apply_data` raises `UnknownCommandKind` for a command of a known format and an unknown
+kind: the apply transaction is abandoned whole and the node stops (etcd panics likewise) until
+it runs a release that knows the kind. Garbage (an unknown format) is still an error result.
 
 Synchronous and pure (no I/O): the asyncio loop that proposes is `kvstore.server.versions`.
 """

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from kvstore import errors
 from kvstore.node.grouprequests import check_group_request
+from kvstore.node.store import ApplyBatch, GroupWrite
 from kvstore.node.version import (
     COMMAND_LEVELS,
     LEVEL_BASE,
@@ -29,9 +31,11 @@ from kvstore.node.version import (
     encode_versions,
     raise_command,
 )
+from kvstore.raft.types import ConfState, Entry, EntryType, HardState
 from kvstore.shard.shardmap import META_GROUP, ShardMap
 from kvstore.storage import commands
-from kvstore.storage.machine import DictState
+from kvstore.storage.machine import DictState, UnknownCommandKind
+from kvstore.storage.store import LmdbNodeStore
 
 FAKE_KIND = 0xEE
 """A command kind no release has: placed at level 2 by the test's table (TXN is not on main)."""
@@ -206,3 +210,29 @@ def test_kvctl_status_prints_the_version_line() -> None:
     ]
     assert _version_line(nodes) == "cluster version 2; feature levels: node 1 = 2, node 2 = 2"
     assert _version_line([NodeStatus("c")]) == ""
+
+
+def test_an_unknown_command_kind_stops_apply_instead_of_diverging(tmp_path: Path) -> None:
+    """A replica of an older release meeting a kind it does not know (written by a newer one)
+    must not apply it as an error result (the newer replicas apply it): the whole apply
+    transaction is abandoned and `UnknownCommandKind` says why. Garbage is still an error result."""
+    put = commands.encode_put(b"k", b"v")
+    unknown = bytes([commands.FORMAT_VERSION, FAKE_KIND]) + put[2:]
+    assert commands.unknown_kind(unknown) == FAKE_KIND and commands.unknown_kind(put) is None
+    assert commands.unknown_kind(b"\x07garbage") is None
+    with pytest.raises(UnknownCommandKind, match=f"kind {FAKE_KIND}"):
+        DictState().apply(unknown)
+    store = LmdbNodeStore(tmp_path / "db", sync=False)
+    try:
+        conf = ConfState((1,))
+        store.bootstrap(1, conf, [])
+        start = store.applied_index(1) + 1
+        es = [Entry(1, start + i, EntryType.NORMAL, d, group=1) for i, d in enumerate((put, unknown))]
+        store.persist_and_apply([GroupWrite(1, es, HardState(1, 0, start + 1))], [])
+        with pytest.raises(UnknownCommandKind):
+            store.persist_and_apply([], [ApplyBatch(1, es, conf)])
+        assert store.applied_index(1) == start - 1 and store.get(1, b"k") is None  # nothing of the batch
+        res = store.persist_and_apply([], [ApplyBatch(1, es[:1], conf)])
+        assert store.get(1, b"k") == b"v" and res
+    finally:
+        store.close()
