@@ -26,7 +26,8 @@ Invariants:
   log, and the cluster version was raised only after every member advertised at least that level,
   so every member's binary knows every kind in its logs. (A member added later with an older
   binary would not: `kvstore serve` refuses to run a binary below the applied cluster version,
-  see `VersionTracker.too_old`.)
+  see `VersionTracker.too_old`, and its apply stops at the first entry of a kind it does not
+  know, below.)
 
 What an unknown command kind does at apply: before this module, `decode_command` raised and the
 entry yielded an error result that changed nothing: deterministic among replicas of one release,
