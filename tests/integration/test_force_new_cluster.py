@@ -1,20 +1,25 @@
-"""Recovery after losing quorum (`kvstore serve --force-new-cluster`, kvstore/node/forcenew.py):
+"""The cluster version on a real 3-node cluster (every member's level in Admin.Status and
+`kvctl status`), then recovery after losing quorum (`kvstore serve --force-new-cluster`, kvstore/node/forcenew.py):
 a 3-node cluster with two data groups loses two nodes (kill -9); the survivor restarts as a new
 single-member cluster from its data: every acknowledged key is readable, writes work, every group
 (and the shard map) names it alone, and a new member added back gets the data."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from click.testing import CliRunner
 from clusterharness import Cluster
 
 from kvstore import errors
+from kvstore.cli.kvctl import cli as kvctl_cli
 from kvstore.client import Client
+from kvstore.node.version import LEVEL_BASE, SUPPORTED_LEVEL
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -39,6 +44,20 @@ def test_a_survivor_becomes_a_new_cluster_and_takes_a_new_member(tmp_path: Path)
         with Client(cluster.endpoints, timeout=10) as c:
             for k, v in keys.items():
                 c.put(k, v)
+        # Every member advertised its feature level; `kvctl status` shows them and the cluster version.
+        end = time.monotonic() + 30
+        while True:
+            st = cluster.nodes[1].status()
+            if st is not None and dict(st.member_levels) == {1: SUPPORTED_LEVEL, 2: SUPPORTED_LEVEL, 3: SUPPORTED_LEVEL}:
+                break
+            assert time.monotonic() < end, f"levels never advertised: {st}"
+            time.sleep(0.05)
+        assert st.cluster_version == LEVEL_BASE
+        r = CliRunner().invoke(kvctl_cli, ["--endpoints", ",".join(cluster.endpoints), "status", "-o", "json"],
+                               catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        node1 = next(n for n in json.loads(r.stdout)["nodes"] if n.get("node_id") == 1)
+        assert node1["cluster_version"] == LEVEL_BASE and node1["member_levels"] == {"1": 1, "2": 1, "3": 1}
         survivor = cluster.nodes[1]
         cluster.nodes[2].kill9()
         cluster.nodes[3].kill9()
