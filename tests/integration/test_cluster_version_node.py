@@ -2,7 +2,8 @@
 node advertises its level by itself, Admin.Status reports the cluster version and every member's
 level, and a command kind above the cluster version is refused with a definite error on the
 unary and the streaming paths (a gate table with PUT moved to level 2 stands in for a new kind)
-until the member advertises level 2 and the leader raises the version."""
+until the member advertises level 2 and the leader raises the version; a node whose release
+supports less than the cluster version stops."""
 
 from __future__ import annotations
 
@@ -86,3 +87,11 @@ async def _gate_on_a_node(tmp_path: Path) -> None:
             await wait_for(raised, "the cluster version raised to 2")
             await client.put(b"gated", b"v")
             assert await client.get(b"gated") == b"v"
+
+        # A downgrade below the cluster version: the node refuses to go on (it may meet kinds it
+        # does not know). Its own advertisement of level 1 is what wakes its loop here.
+        versions.supported = 1
+        cmd = advertise_command(versions.value, versions.raw, 1, 1)
+        assert cmd is not None and (await node.caller.propose(META_GROUP, cmd)).swapped
+        await asyncio.wait_for(node.died.wait(), 20)
+        assert node.fatal is not None and "cluster version is 2" in node.fatal
