@@ -525,6 +525,9 @@ def _status_json(nodes: list[NodeStatus]) -> dict[str, Any]:
                 cluster_id=st.cluster_id,
                 address=st.address,
                 storage_full=st.storage_full,
+                cluster_version=st.cluster_version,
+                supported_level=st.supported_level,
+                member_levels={str(n): lv for n, lv in st.member_levels},
                 groups=[
                     {
                         "lag_entries": _lag(g, _leader_commit(nodes, g.group))[0],
@@ -546,6 +549,17 @@ def _status_json(nodes: list[NodeStatus]) -> dict[str, Any]:
             )
         out["nodes"].append(node)
     return out
+
+
+def _version_line(nodes: list[NodeStatus]) -> str:
+    """"cluster version N; feature levels: node 1 = 2, ..." from the most advanced answer ("" if
+    no node reports a cluster version)."""
+    best = max((ns.status for ns in nodes if ns.status is not None and ns.status.cluster_version),
+               key=lambda st: (st.cluster_version, len(st.member_levels)), default=None)
+    if best is None:
+        return ""
+    levels = ", ".join(f"node {n} = {lv}" for n, lv in best.member_levels) or "none advertised yet"
+    return f"cluster version {best.cluster_version}; feature levels: {levels}"
 
 
 def _status_table(nodes: list[NodeStatus]) -> None:
@@ -602,6 +616,9 @@ def _status_table(nodes: list[NodeStatus]) -> None:
                 "-" if g.role == "leader" else _lag_text(*_lag(g, _leader_commit(nodes, g.group))),
             )
     console.print(table)
+    version = _version_line(nodes)
+    if version:
+        console.print(version)
     if any(ns.status is not None and any(g.role != "leader" for g in ns.status.groups) for ns in nodes):
         console.print("LAG: entries behind the leader's commit index / upper bound on how far behind in time")
     for line in problems:

@@ -141,6 +141,12 @@ class Status:
     storage_full: bool = False
     client_address: str = ""
     """The node's client-only address (`--client-listen`), "" without one."""
+    cluster_version: int = 0
+    """The cluster version as this node applied it (0: a node that does not report it)."""
+    supported_level: int = 0
+    """The highest feature level this node's binary supports (0: not reported)."""
+    member_levels: tuple[tuple[int, int], ...] = ()
+    """(node id, advertised feature level) of every node that advertised one, by node id."""
 
     @classmethod
     def from_proto(cls, st: admin_pb2.StatusResponse) -> Status:
@@ -148,6 +154,8 @@ class Status:
             node_id=st.node_id, cluster_id=st.cluster_id, address=st.address, client_address=st.client_address,
             members=tuple(Member.from_proto(m) for m in st.members),
             groups=tuple(GroupStatus.from_proto(g) for g in st.groups), storage_full=st.storage_full,
+            cluster_version=st.cluster_version, supported_level=st.supported_level,
+            member_levels=tuple(sorted(st.member_levels.items())),
         )
 
 

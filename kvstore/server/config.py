@@ -59,6 +59,9 @@ class NodeConfig:
     """Start without bootstrapping: wait to be added to an existing cluster (`kvctl member add`)."""
     learner: bool = False
     """A read replica: start like `join`, and ask the cluster to add this node as a learner."""
+    force_new_cluster: bool = False
+    """Recovery after losing quorum: make this node's data a new single-member cluster
+    (`kvstore.node.forcenew`); the other --peers are ignored."""
     advertise: str = ""
     """Address peers and clients use to reach this node (defaults to `listen`)."""
     client_listen: str = ""
@@ -137,6 +140,8 @@ class NodeConfig:
             raise ValueError("--id must be >= 1")
         if not self.join and self.id not in self.peers:
             raise ValueError(f"--peers must include this node (id {self.id})")
+        if self.force_new_cluster and self.join:
+            raise ValueError("--force-new-cluster starts from this node's own data: not with --join or --learner")
         if self.learner and not any(nid != self.id for nid in self.peers):
             raise ValueError("--learner needs the address of at least one other member in --peers")
         for nid, addr in self.peers.items():

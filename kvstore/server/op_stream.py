@@ -269,6 +269,9 @@ class OpStream:
         svc = self.svc
         key, data = self._prepare[kind](req)
         gid = svc.route_write(key, data, kind == "delete")
+        gate = svc.host.gate
+        if gate is not None:  # this write alone, not its whole batch, is refused (propose_many checks again)
+            gate(data)
         t0 = self.loop.time()
 
         def done(result: Any, err: errors.KVError | None) -> None:

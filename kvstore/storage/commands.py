@@ -312,6 +312,14 @@ def encode_close(revision: int) -> bytes:
     return encode_command(Command.close(revision))
 
 
+def unknown_kind(data: bytes) -> int | None:
+    """The kind (op code) of `data` if it is a command of a format this release knows whose kind
+    it does not (written by a newer release: `kvstore.node.version`), else None."""
+    if len(data) >= 2 and FORMAT_VERSION_1 <= data[0] <= FORMAT_VERSION and data[1] not in _OPS:
+        return data[1]
+    return None
+
+
 def decode_command(data: bytes) -> Command:
     """Decode a command. Raises ValueError (with a clear message) for anything malformed."""
     data = bytes(data)

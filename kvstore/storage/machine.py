@@ -74,7 +74,7 @@ from typing import Protocol
 
 from ..shard.ranges import IntervalSet, key_hash
 from . import mvcc
-from .commands import ApplyResult, Command, Op, decode_command, decode_result, encode_result
+from .commands import ApplyResult, Command, Op, decode_command, decode_result, encode_result, unknown_kind
 from .mvcc_mem import MemRows
 from .shardcmd import (
     REC_CLOSED,
@@ -500,15 +500,32 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
     return ApplyResult(error=f"unknown shard op {cmd.op!r}")
 
 
+class UnknownCommandKind(Exception):
+    """An entry holds a command of a known format but of a kind this release does not know: a
+    newer release wrote it (`kvstore.node.version` gates new kinds until every member supports
+    them; a member started later with an older release can still meet one). Applying it as an
+    error result would make this replica diverge from those that know the kind, so apply stops
+    instead (etcd panics likewise): the raising transaction is abandoned whole and the node stops;
+    it applies the entry after an upgrade. No proposal path of this release can put such an entry
+    into a log (`grouprequests.check_group_request`, the KV services encode every command)."""
+
+
 def apply_data(view: StateView, data: bytes, limits: SessionLimits = LIMITS) -> ApplyResult:
     """Apply the data of the NORMAL entry at `view.index`, then evict sessions as `limits` say.
-    Garbage yields an error result and changes nothing (but sessions may still expire)."""
+    Garbage yields an error result and changes nothing (but sessions may still expire); a command
+    of a kind this release does not know raises `UnknownCommandKind`."""
     if is_shard_command(data):
         res = apply_shard_command(view, data)
     else:
         try:
             cmd = decode_command(data)
         except ValueError as err:
+            kind = unknown_kind(data)
+            if kind is not None:
+                raise UnknownCommandKind(
+                    f"entry {view.index} of group {view.group} holds a command of kind {kind}, which this release "
+                    "does not know (a newer release wrote it): upgrade this node; it stops rather than diverge"
+                ) from None
             res = ApplyResult(error=f"malformed command: {err}")
         else:
             res = apply_command(view, cmd)
