@@ -1,4 +1,4 @@
-"""Writes (put, delete, cas) under the client's session: exactly-once across retries.
+"""Writes (put, delete, cas, txn) under the client's session: exactly-once across retries.
 
 Invariants:
 - every write gets a fresh ``seq``, reused unchanged on each retry of that write, so the state
@@ -12,12 +12,15 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from kvstore.client.channels import Channels
 from kvstore.client.checks import RequestChecks
 from kvstore.client.invoke import Invoker
+from kvstore.client.txns import first_key, txn_body
+from kvstore.client.types import Compare, Op, TxnResponse
+from kvstore.errors import InvalidArgument
 from kvstore.v1 import kv_pb2
 
 __all__ = ["Writes"]
@@ -55,7 +58,8 @@ class Writes:
         self._inflight.pop(session.seq, None)
 
     async def write(
-        self, op: str, key: bytes, make_request: Callable[[kv_pb2.Session], Any], timeout: float | None
+        self, op: str, key: bytes, make_request: Callable[[kv_pb2.Session], Any], timeout: float | None,
+        rpc: Callable[[str, Any, float], Awaitable[Any]] | None = None,
     ) -> Any:
         """Run one write (`op`: put, delete or cas, the operation's name on the stream) under a
         fresh session; every retry reuses that session (exactly-once).
@@ -64,7 +68,8 @@ class Writes:
         highest index this client has seen from that group (the horizon). Once one is, every
         later attempt carries ``retry`` and, if it goes to the recorded group, that horizon (0
         otherwise): a group that evicted the session since then refuses it (SESSION_EXPIRED,
-        indeterminate) rather than applying it a second time."""
+        indeterminate) rather than applying it a second time. `rpc(endpoint, request, timeout)`:
+        a unary call instead of the stream (a transaction)."""
         session = self.begin_write()
         seen = self._seen
         # The group and horizon of the first attempt that may have applied, and the latest group.
@@ -84,6 +89,8 @@ class Writes:
                 first[2] = group
 
             def call(ep: str, t: float) -> Awaitable[Any]:
+                if rpc is not None:
+                    return rpc(ep, req, t)
                 return self.channels.mux(ep).call(op, req, t)
 
             resp = await self.invoker.invoke(
@@ -123,3 +130,18 @@ class Writes:
             timeout,
         )
         return bool(resp.swapped)
+
+    async def txn(
+        self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op], *, timeout: float | None = None
+    ) -> TxnResponse:
+        """Run a transaction whose keys all live in one group (see `AsyncClient.txn`)."""
+        body = txn_body(self.checks, compares, success, failure)
+        key = first_key(body)
+        if key is None:
+            raise InvalidArgument("a transaction must name at least one key")
+
+        def rpc(ep: str, req: kv_pb2.TxnRequest, t: float) -> Awaitable[kv_pb2.TxnResponse]:
+            return self.channels.kv(ep).Txn(req, timeout=t)
+
+        resp = await self.write("txn", key, lambda s: kv_pb2.TxnRequest(txn=body, session=s), timeout, rpc)
+        return TxnResponse.from_proto(resp.result, int(resp.revision))
