@@ -176,6 +176,8 @@ class KVRequests:
         if m is None:
             raise errors.NoLeader("this node has no shard map yet")
         hashes = {k: key_hash(k) for k, _ in txn.keys_of(t)}
+        if not hashes:
+            raise errors.InvalidArgument("a transaction must name at least one key (it is routed by its keys)")
         groups: dict[int, bytes] = {}
         for k, h in hashes.items():
             groups.setdefault(m.group_for_hash(h), k)

@@ -57,6 +57,10 @@ def request_for(path: str, who: str) -> Any:
         return kv_pb2.OpBatch(ops=[kv_pb2.Op(id=1, put=kv_pb2.PutRequest(key=b"data/t", value=b"v"))])
     if cls is kv_pb2.WatchRequest:
         return cls(create_request=kv_pb2.WatchCreateRequest(key=b"data/t", watch_id=1))
+    if cls is kv_pb2.TxnRequest:  # reads and writes data/t: alice may, bob may not
+        return cls(txn=kv_pb2.TxnBody(
+            compares=[kv_pb2.Compare(key=b"data/t", target=kv_pb2.COMPARE_VERSION, result=kv_pb2.GREATER, number=0)],
+            success=[kv_pb2.TxnOp(get=b"data/t")], failure=[kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=b"data/t", value=b"v"))]))
     if cls is kv_pb2.ScanRequest:
         return kv_pb2.ScanRequest(prefix=b"data/", group=1)
     if cls is shard_pb2.GroupProposeRequest:
