@@ -465,3 +465,24 @@ def _stamp(r: TxnResult, rev: int) -> TxnResult:
         tuple(OpResult(o.kind, txn=_stamp(o.txn, rev)) if o.txn is not None else o for o in r.responses),
         rev,
     )
+
+
+def writes_of(t: Txn, r: TxnResult) -> list[tuple[bytes, bytes | None]]:
+    """The writes (key, new value; None: deleted) that applying `t` made, given its result `r`
+    (the same list `evaluate` returned: the branches `r` says ran, a DELETE only if the key
+    existed). ValueError if `r` is not a result of `t` (checkers use it on replicated results)."""
+    ops = t.success if r.succeeded else t.failure
+    if len(ops) != len(r.responses):
+        raise ValueError("transaction result does not match the transaction")
+    out: list[tuple[bytes, bytes | None]] = []
+    for op, o in zip(ops, r.responses, strict=True):
+        if op.kind != o.kind:
+            raise ValueError("transaction result does not match the transaction")
+        if op.kind == OpKind.PUT:
+            out.append((op.key, op.value))
+        elif op.kind == OpKind.DELETE and o.found:
+            out.append((op.key, None))
+        elif op.kind == OpKind.TXN:
+            assert op.txn is not None and o.txn is not None
+            out += writes_of(op.txn, o.txn)
+    return out
