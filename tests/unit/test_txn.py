@@ -41,6 +41,7 @@ from kvstore.storage.txn import (
     decode_txn_result,
     encode_txn,
     encode_txn_result,
+    writes_of,
 )
 
 E, NE, GT, LT = CmpResult.EQUAL, CmpResult.NOT_EQUAL, CmpResult.GREATER, CmpResult.LESS
@@ -221,6 +222,7 @@ def test_all_writes_share_one_revision_and_the_change_log_has_them_together() ->
     assert (rb.value, rb.create_revision, rb.mod_revision, rb.version) == (b"2", rev, rev, 1)
     assert res.txn.responses[2] == OpResult(OpKind.DELETE, False)
     assert s.data == {b"a": b"1", b"b": b"2"}
+    assert writes_of(t, res.txn) == [(b"a", b"1"), (b"b", b"2")]  # the absent c's delete wrote nothing
     assert mvcc.rev_state(s.rows).last == rev
     assert [r for r, _ in mvcc.changes_from(s.rows, rev)] == [rev, rev]
     batch = read_changes(s.rows, rev, rev, max_events=100, max_bytes=1 << 20, prev_kv=False)
@@ -337,6 +339,7 @@ def test_apply_matches_a_model(ts: list[Txn]) -> None:
         assert s.data == {k: v[0] for k, v in model.items()}
         wrote = mvcc.rev_state(s.rows).last != before
         assert res.revision == (rev if wrote else 0)
+        assert bool(writes_of(t, res.txn)) is wrote  # what the simulator's checker reconstructs
         if wrote:
             assert {r for r, _ in mvcc.changes_from(s.rows, before + 1)} == {rev}
         for k, (_, c, m, n) in model.items():
