@@ -20,7 +20,7 @@ from kvstore.client.checks import RequestChecks
 from kvstore.client.invoke import Invoker
 from kvstore.client.txns import first_key, txn_body
 from kvstore.client.types import Compare, Op, TxnResponse
-from kvstore.errors import InvalidArgument
+from kvstore.errors import InternalError, InvalidArgument
 from kvstore.v1 import kv_pb2
 
 __all__ = ["Writes"]
@@ -144,4 +144,6 @@ class Writes:
             return self.channels.kv(ep).Txn(req, timeout=t)
 
         resp = await self.write("txn", key, lambda s: kv_pb2.TxnRequest(txn=body, session=s), timeout, rpc)
+        if not resp.HasField("result"):
+            raise InternalError("the server answered a transaction without its result", indeterminate=True)
         return TxnResponse.from_proto(resp.result, int(resp.revision))

@@ -215,14 +215,15 @@ class KVRequests:
             result = await waiters.propose(self.host, self.wake, gid, data, self.cfg.request_timeout)
             res = self.write_outcome(gid, result)
             self.metrics.writes.inc()
-            msg = kv_pb2.TxnResponse(error=self.ok())
-            if res is not None:
-                if res.txn is None:
-                    raise errors.InvalidArgument(
-                        "the session's result for this sequence number belongs to a different request (a reused seq)"
-                    )
-                result_into(msg.result, t, res.txn)
-                msg.index, msg.revision = res.index, res.revision
+            if res is None:  # applied, but no result came back: retrying under the session answers it
+                raise errors.InternalError("the transaction was applied but its result is not known here",
+                                           indeterminate=True)
+            if res.txn is None:  # a cached result of another command under this (client, seq)
+                raise errors.InvalidArgument(
+                    "the session's result for this sequence number belongs to a different request (a reused seq)"
+                )
+            msg = kv_pb2.TxnResponse(error=self.ok(), index=res.index, revision=res.revision)
+            result_into(msg.result, t, res.txn)
             return msg
         except errors.KVError as err:
             return kv_pb2.TxnResponse(error=self.err(err))
