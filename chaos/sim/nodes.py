@@ -87,6 +87,7 @@ from .membership import MembershipDriver
 from .moves import SimMoves
 from .quiet import QuiesceStats, QuietScenario, quiesce_by_default
 from .revisions import RevisionChecker, RevisionViolation
+from .txn_pairs import TxnPairs, TxnPairStats, TxnPairViolation, txn_pairs_by_default
 from .watches import SimWatches, WatchStats, WatchViolation, watches_by_default
 
 FORGER = 1000
@@ -256,6 +257,8 @@ class NodeSimResult:
     """What the cross-group scans did (`closed_reads.py`; None when they were off)."""
     watches: WatchStats | None = None
     """What the watchers did (`watches.py`; None when they were off)."""
+    txn_pairs: TxnPairStats | None = None
+    """What the pair transactions did (`txn_pairs.py`; None when they were off)."""
 
 
 class SimTransport:
@@ -328,6 +331,7 @@ class NodeSimulation:
         quiesce: bool | None = None,
         closed_reads: bool | None = None,
         watches: bool | None = None,
+        txn_pairs: bool | None = None,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -397,6 +401,10 @@ class NodeSimulation:
         if watches is None:
             watches = params is None and watches_by_default(seed)
         self.watches = SimWatches(self) if watches else None
+        if txn_pairs is None:
+            txn_pairs = params is None and txn_pairs_by_default(seed)
+        self.txn_pairs = TxnPairs(self) if txn_pairs else None
+        """Multi-key transactions on key pairs, checked for atomicity (`txn_pairs.py`)."""
         """The real watch hub on every node, simulated watchers and their checks (`watches.py`)."""
         self.written: dict[tuple[bytes, bytes], tuple[int, int]] = {}
         """(key, value) -> the (group, index) of the entry that wrote it (`_check_written_once`)."""
@@ -466,6 +474,8 @@ class NodeSimulation:
                 self.closed_reads.start()
             if self.watches is not None:
                 self.watches.start()
+            if self.txn_pairs is not None:
+                self.txn_pairs.start()
             while self._events:
                 t, seq, fn, args = heapq.heappop(self._events)
                 if self.end is not None and t > self.end:
@@ -496,7 +506,7 @@ class NodeSimulation:
                 violation = f"linearizability: key {res.bad_key} is not linearizable: {shown}"
         except (
             SafetyViolation, SimulationFailure, replica_reads.StaleReadViolation, RevisionViolation,
-            ClosedReadViolation, WatchViolation,
+            ClosedReadViolation, WatchViolation, TxnPairViolation,
         ) as err:
             violation = f"{type(err).__name__}: {err}"
             verdict = "violation"
@@ -512,6 +522,7 @@ class NodeSimulation:
             self.p.quiesce_ticks, self.quiet.stats if self.quiet is not None else QuiesceStats(),
             self.closed_reads.stats if self.closed_reads is not None else None,
             self.watches.stats if self.watches is not None else None,
+            self.txn_pairs.stats if self.txn_pairs is not None else None,
         )
 
     def _close(self) -> None:
@@ -1421,14 +1432,15 @@ def lmdb_store(node_id: int, directory: Path) -> NodeStore:
 def run_node_seed(seed: int, nodes: int = 3, trace: bool = False, params: NodeSimParams | None = None,
                   store_factory: StoreFactory | None = None, moves: bool | None = None,
                   quiesce: bool | None = None, closed_reads: bool | None = None,
-                  watches: bool | None = None) -> NodeSimResult:
+                  watches: bool | None = None, txn_pairs: bool | None = None) -> NodeSimResult:
     """One seed; `moves` forces range moves on or off (default: drawn, on half of the seeds),
     `quiesce` quiescence (default: `quiesce_by_default`), `closed_reads` the cross-group scans
     (default: `closed_reads_by_default`, when the params are drawn), `watches` the watchers
-    (default: `watches_by_default`, when the params are drawn)."""
+    (default: `watches_by_default`, when the params are drawn), `txn_pairs` the pair
+    transactions (default: `txn_pairs_by_default`, when the params are drawn)."""
     return NodeSimulation(
         seed, nodes, params, trace, store_factory, moves=moves, quiesce=quiesce, closed_reads=closed_reads,
-        watches=watches,
+        watches=watches, txn_pairs=txn_pairs,
     ).run()
 
 
