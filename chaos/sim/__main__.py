@@ -18,6 +18,7 @@ import time
 
 from .nodes import NodeSimResult, run_node_seed
 from .plant import ALL_BUGS, planted
+from .txn_pairs import txn_pairs_by_default
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with planted(args.plant):
         for seed in seeds:
+            pairs = txn_pairs_by_default(seed) if txn_pairs is None else txn_pairs
             res = run_node_seed(seed, nodes=args.nodes, trace=args.trace, moves=moves, quiesce=quiesce, watches=watches,
-                                txn_pairs=txn_pairs)
+                                txn_pairs=pairs)
             results.append(res)
             ops += res.ops
             if args.trace:

@@ -19,8 +19,9 @@ revisions, or a read between a transaction's writes, shows up as a pair that dif
 The transactions carry no session (a retry may apply twice: harmless here, each keeps the pair
 equal) and are not part of the linearizability history. A pair split by a range move is refused
 (WRONG_SHARD, by design: cross-group transactions are not supported), so these operations make
-no liveness claim. They run on a fixed fifth of the seeds (`txn_pairs_by_default`), from their
-own random stream, so the other seeds replay as before.
+no liveness claim. `python -m chaos.sim` runs them on a fixed fifth of the seeds
+(`txn_pairs_by_default`), from their own random stream (`--txn-pairs on|off` forces them); the
+library's default is off, so the seeds tests pin replay as before.
 """
 
 from __future__ import annotations
