@@ -58,18 +58,16 @@ class Writes:
         self._inflight.pop(session.seq, None)
 
     async def write(
-        self, op: str, key: bytes, make_request: Callable[[kv_pb2.Session], Any], timeout: float | None,
-        rpc: Callable[[str, Any, float], Awaitable[Any]] | None = None,
+        self, op: str, key: bytes, make_request: Callable[[kv_pb2.Session], Any], timeout: float | None
     ) -> Any:
-        """Run one write (`op`: put, delete or cas, the operation's name on the stream) under a
+        """Run one write (`op`: put, delete, cas or txn, the operation's name on the stream) under a
         fresh session; every retry reuses that session (exactly-once).
 
         Until an attempt's outcome is indeterminate, each attempt records its group and the
         highest index this client has seen from that group (the horizon). Once one is, every
         later attempt carries ``retry`` and, if it goes to the recorded group, that horizon (0
         otherwise): a group that evicted the session since then refuses it (SESSION_EXPIRED,
-        indeterminate) rather than applying it a second time. `rpc(endpoint, request, timeout)`:
-        a unary call instead of the stream (a transaction)."""
+        indeterminate) rather than applying it a second time."""
         session = self.begin_write()
         seen = self._seen
         # The group and horizon of the first attempt that may have applied, and the latest group.
@@ -89,8 +87,6 @@ class Writes:
                 first[2] = group
 
             def call(ep: str, t: float) -> Awaitable[Any]:
-                if rpc is not None:
-                    return rpc(ep, req, t)
                 return self.channels.mux(ep).call(op, req, t)
 
             resp = await self.invoker.invoke(
@@ -140,10 +136,7 @@ class Writes:
         if key is None:
             raise InvalidArgument("a transaction must name at least one key")
 
-        def rpc(ep: str, req: kv_pb2.TxnRequest, t: float) -> Awaitable[kv_pb2.TxnResponse]:
-            return self.channels.kv(ep).Txn(req, timeout=t)
-
-        resp = await self.write("txn", key, lambda s: kv_pb2.TxnRequest(txn=body, session=s), timeout, rpc)
+        resp = await self.write("txn", key, lambda s: kv_pb2.TxnRequest(txn=body, session=s), timeout)
         if not resp.HasField("result"):
             raise InternalError("the server answered a transaction without its result", indeterminate=True)
         return TxnResponse.from_proto(resp.result, int(resp.revision))

@@ -169,7 +169,7 @@ KV_WRITES: dict[str, Describer] = {
     "Cas": lambda r: {**key_fields(r.key), "value_bytes": len(r.value)},
     "Txn": lambda r: _txn_fields(r),
 }
-STREAM_WRITES = ("put", "delete", "cas")
+STREAM_WRITES = ("put", "delete", "cas", "txn")
 NOT_AUDITED: dict[str, frozenset[str]] = {
     "kvstore.v1.Admin": frozenset({"Status", "AlarmList"}),
     "kvstore.v1.Auth": frozenset({"Status"}),

@@ -207,6 +207,20 @@ class KVRequests:
             commands.Command.transaction(t, s.client_id, s.seq, s.ack, s.retry, s.horizon, self.clock.propose(s.revision)),
         )
 
+    def txn_reply_into(self, msg: kv_pb2.TxnResponse, t: txn.Txn, res: ApplyResult | None) -> None:
+        """Fill `msg` with the applied result `res` of transaction `t` (raises a KVError when
+        there is none to give: see below)."""
+        if res is None:  # applied, but no result came back: retrying under the session answers it
+            raise errors.InternalError("the transaction was applied but its result is not known here",
+                                       indeterminate=True)
+        if res.txn is None:  # a cached result of another command under this (client, seq)
+            raise errors.InvalidArgument(
+                "the session's result for this sequence number belongs to a different request (a reused seq)"
+            )
+        self._ok_into(msg.error)
+        msg.index, msg.revision = res.index, res.revision
+        result_into(msg.result, t, res.txn)
+
     async def txn(self, r: kv_pb2.TxnRequest) -> kv_pb2.TxnResponse:
         """A whole transaction (`KV.Txn`), every failure in the reply."""
         try:
@@ -215,15 +229,8 @@ class KVRequests:
             result = await waiters.propose(self.host, self.wake, gid, data, self.cfg.request_timeout)
             res = self.write_outcome(gid, result)
             self.metrics.writes.inc()
-            if res is None:  # applied, but no result came back: retrying under the session answers it
-                raise errors.InternalError("the transaction was applied but its result is not known here",
-                                           indeterminate=True)
-            if res.txn is None:  # a cached result of another command under this (client, seq)
-                raise errors.InvalidArgument(
-                    "the session's result for this sequence number belongs to a different request (a reused seq)"
-                )
-            msg = kv_pb2.TxnResponse(error=self.ok(), index=res.index, revision=res.revision)
-            result_into(msg.result, t, res.txn)
+            msg = kv_pb2.TxnResponse()
+            self.txn_reply_into(msg, t, res)
             return msg
         except errors.KVError as err:
             return kv_pb2.TxnResponse(error=self.err(err))

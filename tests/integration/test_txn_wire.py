@@ -1,4 +1,4 @@
-"""Hostile `KV.Txn` requests on one node: any field values (unknown enums, negative numbers,
+"""Hostile transactions on one node, as `KV.Txn` calls and on `KV.Stream`: any field values (unknown enums, negative numbers,
 oversized or empty keys, unset operations, deep nesting, too many items, duplicate writes)
 get a success or a definite error in the reply, never UNKNOWN, never an indeterminate error;
 and a node keeps serving afterwards."""
@@ -52,6 +52,7 @@ class _Node:
     def __init__(self, tmp: Path) -> None:
         self.loop = asyncio.new_event_loop()
         self.tmp = tmp
+        self.ids = 0
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(asyncio.wait_for(coro, 60))
@@ -89,6 +90,17 @@ def test_any_txn_request_gets_a_success_or_a_definite_error(node: _Node, body: k
         assert r.error.code in DEFINITE_OK and not r.error.indeterminate, (req, r.error)
         if r.error.code == kv_pb2.OK:
             assert r.HasField("result")
+        # the same on KV.Stream, next to a good operation: the same kind of answer, the stream lives on
+        node.ids += 2
+        ops = [kv_pb2.Op(id=node.ids, txn=req), kv_pb2.Op(id=node.ids + 1, put=kv_pb2.PutRequest(key=b"alive", value=b"1"))]
+        got: dict[int, kv_pb2.OpResult] = {}
+        async for rb in node.kv.Stream(iter([kv_pb2.OpBatch(ops=ops)]), timeout=20):
+            for res in rb.results:
+                got[res.id] = res
+        bad, good = got[node.ids], got[node.ids + 1]
+        assert bad.WhichOneof("result") == "txn"
+        assert bad.txn.error.code in DEFINITE_OK and not bad.txn.error.indeterminate, (req, bad.txn.error)
+        assert good.put.error.code == kv_pb2.OK
         # the node keeps serving
         assert (await node.kv.Put(kv_pb2.PutRequest(key=b"alive", value=b"1"), timeout=20)).error.code == kv_pb2.OK
 

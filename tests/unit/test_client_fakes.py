@@ -215,7 +215,8 @@ class _KV(kv_pb2_grpc.KVServicer):
         """Each operation runs its unary handler (scripts and all), concurrently."""
         out: asyncio.Queue[Any] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
-        handlers = {"get": self.Get, "put": self.Put, "delete": self.Delete, "cas": self.Cas, "scan": self.scan_once}
+        handlers = {"get": self.Get, "put": self.Put, "delete": self.Delete, "cas": self.Cas, "scan": self.scan_once,
+                    "txn": self.Txn}
 
         async def one(op: kv_pb2.Op) -> None:
             kind = op.WhichOneof("op")
