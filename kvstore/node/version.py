@@ -69,7 +69,7 @@ FEATURES: dict[int, str] = {
 }
 """What each feature level adds."""
 
-SUPPORTED_LEVEL = LEVEL_BASE
+SUPPORTED_LEVEL = LEVEL_TRANSACTIONS
 """The highest level this binary supports (it knows every command kind of `COMMAND_LEVELS`)."""
 
 MAX_LEVEL = 0xFFFF
@@ -81,6 +81,7 @@ COMMAND_LEVELS: dict[int, int] = {
     commands.Op.CAS: LEVEL_BASE,
     commands.Op.COMPACT: LEVEL_BASE,
     commands.Op.CLOSE: LEVEL_BASE,
+    commands.Op.TXN: LEVEL_TRANSACTIONS,
 }
 """command kind (`commands.Op` code) -> the lowest cluster version that may propose it."""
 

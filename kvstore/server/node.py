@@ -196,7 +196,7 @@ class Node:
         self.reads = ReplicaReads(
             host, cfg.reads, metrics=ReadMetrics(self.metrics.registry), request_timeout=cfg.request_timeout
         )
-        versions = self.versions = VersionTracker(store)
+        versions = self.versions = VersionTracker(store, cfg.feature_level)
         versions.refresh()
         host.gate = CommandGate(lambda: versions.value, lambda: members_of(tracker.map)).check
         self.metrics.cluster_version.set_function(lambda: versions.value.cluster)

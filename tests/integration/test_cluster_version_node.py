@@ -1,9 +1,9 @@
-"""The cluster version on a real node (kvstore/node/version.py, kvstore/server/versions.py): the
-node advertises its level by itself, Admin.Status reports the cluster version and every member's
-level, and a command kind above the cluster version is refused with a definite error on the
-unary and the streaming paths (a gate table with PUT moved to level 2 stands in for a new kind)
-until the member advertises level 2 and the leader raises the version; a node whose release
-supports less than the cluster version stops."""
+"""The cluster version on a real node (kvstore/node/version.py, kvstore/server/versions.py): a node
+run as an older release (feature level 1, before transactions) advertises its level by itself,
+Admin.Status reports the cluster version and every member's level, and a TXN (level 2) is refused
+with a definite error on the unary and the streaming paths, nothing written, until the member
+advertises level 2 (its upgrade) and the leader raises the version; a node whose release supports
+less than the cluster version stops."""
 
 from __future__ import annotations
 
@@ -17,14 +17,13 @@ import pytest
 from onenode import one_node
 
 from kvstore import errors
-from kvstore.client import AsyncClient
+from kvstore.client import AsyncClient, Op
 from kvstore.node.version import (
     COMMAND_LEVELS,
+    LEVEL_BASE,
     LEVEL_TRANSACTIONS,
     SUPPORTED_LEVEL,
-    CommandGate,
     advertise_command,
-    members_of,
 )
 from kvstore.shard.shardmap import META_GROUP
 from kvstore.storage import commands
@@ -45,30 +44,29 @@ def test_status_reports_levels_and_the_gate_holds_until_the_member_advertises(tm
 
 
 async def _gate_on_a_node(tmp_path: Path) -> None:
-    async with one_node(tmp_path) as n, grpc.aio.insecure_channel(n.address) as ch:
+    async with one_node(tmp_path, feature_level=LEVEL_BASE) as n, grpc.aio.insecure_channel(n.address) as ch:
         admin = admin_pb2_grpc.AdminStub(ch)
         kv = kv_pb2_grpc.KVStub(ch)
 
         async def advertised() -> bool:
             st = await admin.Status(admin_pb2.StatusRequest(), timeout=5)
-            return dict(st.member_levels) == {1: SUPPORTED_LEVEL}
+            return dict(st.member_levels) == {1: LEVEL_BASE}
 
         await wait_for(advertised, "node 1 advertising its level")
         st = await admin.Status(admin_pb2.StatusRequest(), timeout=5)
-        assert st.cluster_version == 1 and st.supported_level == SUPPORTED_LEVEL
+        assert st.cluster_version == 1 and st.supported_level == LEVEL_BASE
+        assert COMMAND_LEVELS[commands.Op.TXN] == LEVEL_TRANSACTIONS == SUPPORTED_LEVEL
 
         node = n.node
         assert node.versions is not None and node.host is not None and node.caller is not None
-        versions, tracker = node.versions, node.tracker
-        node.host.gate = CommandGate(
-            lambda: versions.value, lambda: members_of(tracker.map), {**COMMAND_LEVELS, commands.Op.PUT: LEVEL_TRANSACTIONS},
-        ).check
-        r = await kv.Put(kv_pb2.PutRequest(key=b"gated", value=b"v"), timeout=5)
+        versions = node.versions
+        body = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=b"gated", value=b"v"))])
+        r = await kv.Txn(kv_pb2.TxnRequest(txn=body), timeout=5)
         assert r.error.code == kv_pb2.INVALID_ARGUMENT and not r.error.indeterminate
         assert "needs cluster version 2" in r.error.message and "node 1 (advertises 1)" in r.error.message
         async with AsyncClient([n.address], timeout=5) as client:
             with pytest.raises(errors.InvalidArgument) as e:
-                await client.put(b"gated", b"v")  # KV.Stream
+                await client.txn([], [Op.put(b"gated", b"v")])  # KV.Stream
             assert e.value.definite and "needs cluster version 2" in e.value.message
             assert node.store is not None and node.store.get(1, b"gated") is None
             await client.delete(b"warm")  # level 1 kinds still pass
@@ -85,7 +83,8 @@ async def _gate_on_a_node(tmp_path: Path) -> None:
                 return st.cluster_version == 2
 
             await wait_for(raised, "the cluster version raised to 2")
-            await client.put(b"gated", b"v")
+            res = await client.txn([], [Op.put(b"gated", b"v")])
+            assert res.succeeded
             assert await client.get(b"gated") == b"v"
 
         # A downgrade below the cluster version: the node refuses to go on (it may meet kinds it

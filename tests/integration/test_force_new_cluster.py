@@ -19,7 +19,7 @@ from clusterharness import Cluster
 from kvstore import errors
 from kvstore.cli.kvctl import cli as kvctl_cli
 from kvstore.client import Client
-from kvstore.node.version import LEVEL_BASE, SUPPORTED_LEVEL
+from kvstore.node.version import SUPPORTED_LEVEL
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -52,12 +52,13 @@ def test_a_survivor_becomes_a_new_cluster_and_takes_a_new_member(tmp_path: Path)
                 break
             assert time.monotonic() < end, f"levels never advertised: {st}"
             time.sleep(0.05)
-        assert st.cluster_version == LEVEL_BASE
+        assert st.cluster_version == SUPPORTED_LEVEL  # raised once all three advertised
         r = CliRunner().invoke(kvctl_cli, ["--endpoints", ",".join(cluster.endpoints), "status", "-o", "json"],
                                catch_exceptions=False)
         assert r.exit_code == 0, r.output
         node1 = next(n for n in json.loads(r.stdout)["nodes"] if n.get("node_id") == 1)
-        assert node1["cluster_version"] == LEVEL_BASE and node1["member_levels"] == {"1": 1, "2": 1, "3": 1}
+        lv = SUPPORTED_LEVEL
+        assert node1["cluster_version"] == lv and node1["member_levels"] == {"1": lv, "2": lv, "3": lv}
         survivor = cluster.nodes[1]
         cluster.nodes[2].kill9()
         cluster.nodes[3].kill9()

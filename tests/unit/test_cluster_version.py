@@ -38,7 +38,7 @@ from kvstore.storage.machine import DictState, UnknownCommandKind
 from kvstore.storage.store import LmdbNodeStore
 
 FAKE_KIND = 0xEE
-"""A command kind no release has: placed at level 2 by the test's table (TXN is not on main)."""
+"""A command kind no release has: placed at level 2 by the test's table (a kind beyond TXN)."""
 
 
 def test_table_covers_every_command_kind_and_this_binary_supports_them() -> None:
