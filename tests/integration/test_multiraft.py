@@ -129,6 +129,44 @@ def kvctl_json(endpoints: list[str], *args: str) -> Any:
 
 
 # --- the leader balancer, in process and deterministic ---------------------------------------------
+class _Hosts:
+    """Three in-process Hosts (nodes 1-3) hosting group 1 with preferred leader node 1, on an
+    instant in-memory network: `pump` runs every cycle and delivers every message until quiet."""
+
+    def __init__(self, root: Path) -> None:
+        self.queue: list[Message] = []
+        self.hosts: dict[int, Host] = {}
+        for nid in (1, 2, 3):
+            h = Host(nid, NodeStore(root / f"n{nid}", sync=False), self.queue.extend, RaftSettings(), random.Random(nid))
+            h.open_group(1, ConfState((1, 2, 3)))
+            h.preferred_leader = {1: 1}
+            self.hosts[nid] = h
+
+    def pump(self) -> None:
+        while True:
+            for h in self.hosts.values():
+                while h.has_work():
+                    h.run_cycle()
+            if not self.queue:
+                return
+            msgs = self.queue[:]
+            self.queue.clear()
+            for m in msgs:
+                self.hosts[m.to].step(m)
+
+    def tick(self) -> None:
+        for h in self.hosts.values():
+            h.tick()
+        self.pump()
+
+    def leader(self) -> int | None:
+        return next((nid for nid, h in self.hosts.items() if h.groups[1].core.role == Role.LEADER), None)
+
+    def close(self) -> None:
+        for h in self.hosts.values():
+            h.store.close()
+
+
 def test_leader_balancer_hands_over_whatever_the_phase_of_the_check_quorum_timer(tmp_path: Path) -> None:
     """Three in-process Hosts on an instant in-memory network, one group led by node 2, preferred
     leader node 1. For every phase of the leader's check-quorum timer relative to the balancer's
@@ -141,48 +179,26 @@ def test_leader_balancer_hands_over_whatever_the_phase_of_the_check_quorum_timer
     period = settings.election_tick * 2
     rounds: dict[int, int | None] = {}
     for offset in range(period):
-        queue: list[Message] = []
-        hosts: dict[int, Host] = {}
-        for nid in (1, 2, 3):
-            store = NodeStore(tmp_path / f"p{offset}" / f"n{nid}", sync=False)
-            h = Host(nid, store, queue.extend, RaftSettings(), random.Random(nid))
-            h.open_group(1, ConfState((1, 2, 3)))
-            h.preferred_leader = {1: 1}
-            hosts[nid] = h
-
-        def pump(hosts: dict[int, Host] = hosts, queue: list[Message] = queue) -> None:
-            while True:
-                for h in hosts.values():
-                    while h.has_work():
-                        h.run_cycle()
-                if not queue:
-                    return
-                msgs = queue[:]
-                queue.clear()
-                for m in msgs:
-                    hosts[m.to].step(m)
-
+        net = _Hosts(tmp_path / f"p{offset}")
+        hosts = net.hosts
         try:
-            pump()
+            net.pump()
             hosts[2].groups[1].core.campaign()
             hosts[2].touch(1)  # driven outside the host: tell it to look at the group
-            pump()
-            assert hosts[2].groups[1].core.role == Role.LEADER
+            net.pump()
+            assert net.leader() == 2
             for _ in range(offset):  # shift the leader's timers against the host's tick count
                 hosts[2].groups[1].core.tick()
                 hosts[2].touch(1)
-                pump()
+                net.pump()
             rounds[offset] = None
             for t in range(10 * hosts[2].balance_every_ticks):
-                for h in hosts.values():
-                    h.tick()
-                pump()
-                if hosts[1].groups[1].core.role == Role.LEADER:
+                net.tick()
+                if net.leader() == 1:
                     rounds[offset] = t // hosts[2].balance_every_ticks
                     break
         finally:
-            for h in hosts.values():
-                h.store.close()
+            net.close()
     stuck = [off for off, r in rounds.items() if r is None]
     assert not stuck, f"the balancer never handed leadership over at timer offsets {stuck} (of {period})"
 
@@ -192,58 +208,30 @@ def test_leadership_handed_over_by_a_transfer_is_held_before_the_balancer_hands_
     holds for `balance_backoff_ticks` (the balancer on node 3 does not hand the group straight
     back, one balancer period later: a `transfer-leader` that is undone within a second, before
     anyone can see it, once failed a cluster test); after the hold, node 1 leads again."""
-    queue: list[Message] = []
-    hosts: dict[int, Host] = {}
-    for nid in (1, 2, 3):
-        store = NodeStore(tmp_path / f"n{nid}", sync=False)
-        h = Host(nid, store, queue.extend, RaftSettings(), random.Random(nid))
-        h.open_group(1, ConfState((1, 2, 3)))
-        h.preferred_leader = {1: 1}
-        hosts[nid] = h
-
-    def pump() -> None:
-        while True:
-            for h in hosts.values():
-                while h.has_work():
-                    h.run_cycle()
-            if not queue:
-                return
-            msgs = queue[:]
-            queue.clear()
-            for m in msgs:
-                hosts[m.to].step(m)
-
-    def leader() -> int:
-        return next(nid for nid, h in hosts.items() if h.groups[1].core.role == Role.LEADER)
-
-    def tick() -> None:
-        for h in hosts.values():
-            h.tick()
-        pump()
-
+    net = _Hosts(tmp_path)
+    hosts = net.hosts
     try:
-        pump()
+        net.pump()
         hosts[1].groups[1].core.campaign()
         hosts[1].touch(1)
-        pump()
-        assert leader() == 1
+        net.pump()
+        assert net.leader() == 1
         for _ in range(3):
-            tick()  # followers caught up and recently active
+            net.tick()  # followers caught up and recently active
         hosts[1].transfer_leader(1, 3)
-        pump()
-        assert leader() == 3
+        net.pump()
+        assert net.leader() == 3
         hold = hosts[3].balance_backoff_ticks
         for t in range(hold - hosts[3].balance_every_ticks):
-            tick()
-            assert leader() == 3, f"handed back after {t + 1} ticks, before the hold of {hold}"
+            net.tick()
+            assert net.leader() == 3, f"handed back after {t + 1} ticks, before the hold of {hold}"
         for _ in range(3 * hosts[3].balance_every_ticks):
-            tick()
-            if leader() == 1:
+            net.tick()
+            if net.leader() == 1:
                 break
-        assert leader() == 1, "the balancer never handed the group back after the hold"
+        assert net.leader() == 1, "the balancer never handed the group back after the hold"
     finally:
-        for h in hosts.values():
-            h.store.close()
+        net.close()
 
 
 # --- leader balance over 8 groups (3 nodes) ----------------------------------------------------------
