@@ -32,8 +32,8 @@ Invariants:
 What an unknown command kind does at apply: before this module, `decode_command` raised and the
 entry yielded an error result that changed nothing: deterministic among replicas of one release,
 but a replica of an older release would have diverged from newer ones that apply the kind. Now
-`machine.apply_data` raises `UnknownCommandKind` for a command of a known format and an unknown
-kind: the apply transaction is abandoned whole and the node stops (etcd panics likewise) until
+`machine.apply_data` raises `UnknownCommandKind` for what a newer release writes for a new kind
+(the current format's whole, well-formed header with an op code outside `Op`: `commands.unknown_kind`): the apply transaction is abandoned whole and the node stops (etcd panics likewise) until
 it runs a release that knows the kind. Garbage (an unknown format) is still an error result.
 
 Synchronous and pure (no I/O): the asyncio loop that proposes is `kvstore.server.versions`.

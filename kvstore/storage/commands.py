@@ -338,11 +338,16 @@ def encode_close(revision: int) -> bytes:
 
 
 def unknown_kind(data: bytes) -> int | None:
-    """The kind (op code) of `data` if it is a command of a format this release knows whose kind
-    it does not (written by a newer release: `kvstore.node.version`), else None."""
-    if len(data) >= 2 and FORMAT_VERSION_1 <= data[0] <= FORMAT_VERSION and data[1] not in _OPS:
-        return data[1]
-    return None
+    """The kind (op code) of `data` if it is what a newer release would write for a kind this one
+    does not know (`kvstore.node.version`): the current format's whole, well-formed header (a
+    newer release never writes a new kind in an older format) with an op code outside `Op`.
+    Anything else that does not decode is garbage (None): an error result at apply, not a stop,
+    so a short or damaged entry never stops a node."""
+    if len(data) < _HEAD.size or data[0] != FORMAT_VERSION or data[1] in _OPS:
+        return None
+    if _HEAD.unpack_from(data)[5] & ~_RETRY:
+        return None
+    return data[1]
 
 
 def decode_command(data: bytes) -> Command:
