@@ -137,6 +137,19 @@ class Podman:
         """Run the container's health check once (podman records the result); True if it passed."""
         return self.podman("healthcheck", "run", container, check=False, timeout=30).returncode == 0
 
+    def wait_healthy(self, containers: list[str], timeout: float = 120) -> None:
+        """Run the containers' health checks in a bounded loop until every one has passed."""
+        deadline = time.monotonic() + timeout
+        pending = list(containers)
+        while pending:
+            pending = [c for c in pending if not self.healthy(c)]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                logs = "\n".join(self.podman("logs", "--tail", "20", c, check=False).stderr for c in pending)
+                raise AssertionError(f"not healthy after {timeout} s: {pending}\n{logs}")
+            time.sleep(1)
+
     @contextmanager
     def health_pump(self, containers: list[str], interval: float = 1.0) -> Iterator[None]:
         """Run every container's health check every `interval` seconds while the block runs (what
@@ -173,18 +186,7 @@ class Project:
         return f"{self.name}-{service}-1"
 
     def wait_healthy(self, services: list[str], timeout: float = 120) -> None:
-        """Run the health checks in a bounded loop until every service's passes."""
-        deadline = time.monotonic() + timeout
-        pending = list(services)
-        while pending:
-            pending = [s for s in pending if not self.pm.healthy(self.container(s))]
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                logs = "\n".join(self.pm.podman("logs", "--tail", "20", self.container(s), check=False).stderr
-                                 for s in pending)
-                raise AssertionError(f"not healthy after {timeout} s: {pending}\n{logs}")
-            time.sleep(1)
+        self.pm.wait_healthy([self.container(s) for s in services], timeout)
 
     def exec(self, service: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.pm.podman("exec", self.container(service), *cmd, check=check, timeout=60)

@@ -3,7 +3,10 @@
 every node's health check (/readyz), let the health-gated one-shot `ready` service run, use
 `kvctl` inside a node's container, SIGTERM one node (`compose stop`: it drains its leaderships
 and exits 0) and check the other two still serve; then the TLS variant (docker/compose.tls.yaml:
-certificates made by its one-shot `certs` service) serves kvctl over mutual TLS.
+certificates made by its one-shot `certs` service) serves kvctl over mutual TLS; and the
+Kubernetes StatefulSet's pod spec (deploy/kubernetes/statefulset.yaml) run as podman containers
+named like its pods, with its peer DNS names as network aliases: the pods take their ids from
+their host names and form the cluster.
 
 Root only (podman as root, apt-get for what is missing); skipped otherwise, never in CI (CI=true
 fails instead). Everything is named kvstore-test-* and removed by name in `finally`.
@@ -17,7 +20,8 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from podmanenv import Podman, Project, ensure_debian_packages, unavailable
+import yaml
+from podmanenv import IMAGE, REPO, Podman, Project, ensure_debian_packages, unavailable
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -104,3 +108,36 @@ def test_tls_cluster_serves_over_mutual_tls(pm: Podman) -> None:
         project.down()
     assert pm.podman("volume", "ls", "-q", "--filter", "name=kvstore-test-tls").stdout.strip() == ""
 
+
+
+def test_statefulset_pods_take_their_ids_from_their_names(pm: Podman) -> None:
+    """What Kubernetes would do with the StatefulSet, on podman: pod kvstore-N with host name
+    kvstore-N, reachable as kvstore-N.kvstore-peer (the headless Service), the pod spec's
+    environment and arguments, a volume per pod."""
+    sts = yaml.safe_load((REPO / "deploy" / "kubernetes" / "statefulset.yaml").read_text())
+    name, svc, n = sts["metadata"]["name"], sts["spec"]["serviceName"], sts["spec"]["replicas"]
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    env = [f"{e['name']}={e['value']}" for e in c["env"]]
+    net = "kvstore-test-k8s"
+    pods = [f"kvstore-test-k8s-{i}" for i in range(n)]
+    volumes = [f"kvstore-test-k8s-data-{i}" for i in range(n)]
+    try:
+        pm.podman("network", "create", net)
+        for i, pod in enumerate(pods):
+            pm.podman("run", "-d", "--name", pod, "--hostname", f"{name}-{i}", "--network", net,
+                      "--network-alias", f"{name}-{i}.{svc}", "-v", f"{volumes[i]}:{c['volumeMounts'][0]['mountPath']}",
+                      *(a for e in env for a in ("-e", e)), IMAGE, *c["args"])
+        pm.wait_healthy(pods)
+        st = json.loads(pm.podman("exec", pods[0], "kvctl", "-o", "json", "status").stdout)
+        assert {m["id"]: m["address"] for m in st["members"]} == {
+            i + 1: f"{name}-{i}.{svc}:2379" for i in range(n)}
+        pm.podman("exec", pods[1], "kvctl", "put", "k8s/key", "v")
+        assert pm.podman("exec", pods[2], "kvctl", "get", "k8s/key").stdout == "v\n"
+        grace = sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        pm.podman("stop", "-t", str(grace), pods[0], timeout=grace + 30)
+        assert pm.podman("inspect", "-f", "{{.State.ExitCode}}", pods[0]).stdout.strip() == "0"
+        assert "node 1 stopped" in pm.podman("logs", pods[0]).stderr
+    finally:
+        pm.podman("rm", "-f", "-t", "5", *pods, check=False)
+        pm.podman("volume", "rm", "-f", *volumes, check=False)
+        pm.podman("network", "rm", "-f", net, check=False)
