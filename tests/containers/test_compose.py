@@ -23,7 +23,7 @@ import pytest
 import yaml
 from podmanenv import IMAGE, REPO, Podman, Project, ensure_debian_packages, unavailable
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = pytest.mark.timeout(480)
 
 NODES = ["kvstore-1", "kvstore-2", "kvstore-3"]
 
