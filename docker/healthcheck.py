@@ -23,7 +23,7 @@ TIMEOUT = 3.0
 def target(listen: str) -> tuple[str, int]:
     """(host, port) to ask, from a HOST:PORT listen address; ValueError if it is not one."""
     host, sep, port = listen.strip().rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"KVSTORE_METRICS_LISTEN={listen!r} is not HOST:PORT")
     host = host.strip("[]")
     if host in ("", "0.0.0.0", "::"):

@@ -70,7 +70,7 @@ class NodeIdParam(click.ParamType):
             text = str(value).strip()
             if text.lower() == AUTO:
                 return AUTO
-            if not text.isdigit() or len(text) > 18:
+            if not (text.isascii() and text.isdigit()) or len(text) > 18:
                 self.fail(f"{value!r} is not a node id: expected an integer >= 1, or 'auto' "
                           "(from the host name, like --id-from-hostname)", param, ctx)
             num = int(text)
@@ -84,7 +84,7 @@ def id_from_hostname(hostname: str) -> int:
     fully qualified name counts (`kvstore-2.kvstore-peer.default.svc` -> 3). ValueError, naming
     the host name, when it does not end in `-<ordinal>`."""
     label = hostname.strip().split(".", 1)[0].lower()
-    m = _POD_NAME.match(label)
+    m = _POD_NAME.fullmatch(label)
     if m is None:
         raise ValueError(
             f"cannot derive a node id from host name {hostname!r}: expected NAME-ORDINAL, the name of a "

@@ -164,7 +164,7 @@ def test_healthcheck_target() -> None:
     assert HC.target("[::]:9") == ("127.0.0.1", 9)
     assert HC.target("10.0.0.5:9090") == ("10.0.0.5", 9090)
     assert HC.target(":9090") == ("127.0.0.1", 9090)
-    for bad in ("", "9090", "host:", "host:0", "host:65536", "host:x", "host:-1"):
+    for bad in ("", "9090", "host:", "host:0", "host:65536", "host:x", "host:-1", "host:\u00b2"):
         with pytest.raises(ValueError, match="not HOST:PORT"):
             HC.target(bad)
 

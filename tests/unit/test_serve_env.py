@@ -99,7 +99,8 @@ def test_id_from_hostname(host: str, nid: int) -> None:
 
 
 @pytest.mark.parametrize("host", ["", "kvstore", "kvstore-", "-1", "kvstore-01", "kvstore-x", "kvstore-1a",
-                                  "kvstore_1", "k-1000000", ".kvstore-1", "kvstore--1x", "kvstore-+1"])
+                                  "kvstore_1", "k-1000000", ".kvstore-1", "kvstore--1x", "kvstore-+1",
+                                  "kvstore-\u0663", "kvstore-1\n-2"])
 def test_id_from_hostname_refuses_other_names(host: str) -> None:
     with pytest.raises(ValueError, match="host name"):
         id_from_hostname(host)
@@ -139,7 +140,7 @@ def test_node_id_param_is_total(value: object) -> None:
 def test_node_id_param() -> None:
     p = NodeIdParam()
     assert p.convert("3", None, None) == 3 and p.convert(" Auto ", None, None) == AUTO
-    for bad in ("0", "-1", "1.5", "three", "", "1" * 19):
+    for bad in ("0", "-1", "1.5", "three", "", "1" * 19, "\u00b2", "\u0663"):
         with pytest.raises(click.BadParameter):
             p.convert(bad, None, None)
 
