@@ -19,6 +19,7 @@ from kvstore.v1 import kv_pb2
 
 __all__ = [
     "ClientClosed",
+    "ClusterVersionTooLow",
     "InternalError",
     "InvalidArgument",
     "KVError",
@@ -174,6 +175,14 @@ class InvalidArgument(KVError):
     code = kv_pb2.INVALID_ARGUMENT
     code_name = "INVALID_ARGUMENT"
     default_message = "invalid argument"
+
+
+class ClusterVersionTooLow(InvalidArgument):
+    """Definite: the command's kind needs a higher cluster version than the cluster runs (some
+    member's binary does not support it yet; `kvstore.node.version`). Travels as INVALID_ARGUMENT:
+    retrying cannot help until every member is upgraded."""
+
+    default_message = "the cluster version does not allow this command yet"
 
 
 class Timeout(KVError):

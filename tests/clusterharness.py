@@ -28,6 +28,7 @@ from pathlib import Path
 import grpc
 
 from kvstore.client import group_status
+from kvstore.node.version import SUPPORTED_LEVEL
 from kvstore.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -172,7 +173,20 @@ class Cluster:
         for n in self.nodes.values():
             n.start()
         self.wait_leader()
+        self.wait_cluster_version()
         return self
+
+    def wait_cluster_version(self, level: int = SUPPORTED_LEVEL, timeout: float = 20.0) -> None:
+        """Wait until the metadata group's cluster version reaches `level` (a new cluster starts at
+        1 and is raised once every member advertised: transactions are refused before that) on every
+        running node (the gate checks the proposing node's own applied value) (none answering, e.g. auth on: return, the caller waits its own way)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            views = [st.cluster_version for n in self.nodes.values() if n.alive and (st := n.status()) is not None]
+            if not views or min(views) >= level:
+                return
+            assert time.monotonic() < deadline, f"cluster versions {views} (want {level} on every node)"
+            time.sleep(0.05)
 
     def add_node(self, nid: int, *, learner: bool = False) -> NodeProc:
         """Start node `nid` with --join (to be added by hand), or with --learner (it registers

@@ -32,7 +32,7 @@ class OneNode:
 @contextlib.asynccontextmanager
 async def one_node(
     tmp_path: Path, *, request_timeout: float = 3.0, audit: AuditSettings | None = None,
-    admission: AdmissionSettings | None = None, client_port: bool = False,
+    admission: AdmissionSettings | None = None, client_port: bool = False, feature_level: int | None = None,
 ) -> AsyncIterator[OneNode]:
     """Start node 1 of a one-member cluster (one data group) and wait until it leads it
     (`admission`: its admission control settings; a refusal of the first write by them counts
@@ -46,6 +46,8 @@ async def one_node(
         request_timeout=request_timeout, raft=RaftSettings(tick_ms=20), groups=1, replication=1, audit=audit,
         admission=admission or AdmissionSettings(),
     )
+    if feature_level is not None:
+        cfg.feature_level = feature_level
     node = Node(cfg)
     await node.start()
     try:
@@ -63,6 +65,12 @@ async def one_node(
                     break
                 assert time.monotonic() < deadline, f"the node never served a write: {r.error}"
                 await asyncio.sleep(0.05)
+        # The cluster version reaches the node's level once it advertised it (the gate refuses
+        # transactions before that): a test of the gate itself passes a lower `feature_level`.
+        versions = node.versions
+        while feature_level is None and versions is not None and versions.value.cluster < cfg.feature_level:
+            assert time.monotonic() < deadline, f"the cluster version stayed at {versions.value.cluster}"
+            await asyncio.sleep(0.02)
         yield OneNode(node, address, client_address)
     finally:
         await node.stop(grace=0.5)

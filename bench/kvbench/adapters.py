@@ -23,7 +23,7 @@ import grpc.aio
 
 from bench.etcdpb import etcd_pb2, etcd_pb2_grpc
 from bench.kvbench.tls import ClusterCerts
-from kvstore.client import AsyncClient
+from kvstore.client import AsyncClient, Compare, Op
 from kvstore.errors import KVError
 
 #: The range end that makes an etcd Range cover every key >= its start.
@@ -38,6 +38,15 @@ class Adapter(Protocol):
     async def get(self, key: bytes) -> bytes | None: ...
 
     async def scan(self, start: bytes, limit: int) -> int: ...
+
+    async def txn2(self, k1: bytes, k2: bytes, value: bytes) -> None:
+        """A transaction of 2 compares (each key's version > 0: the keys are preloaded, so they
+        hold) and 2 puts; raises unless it succeeded."""
+        ...
+
+    async def pairs(self, keys: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
+        """Pairs of `keys` that one transaction may name (kvstore: keys of one group)."""
+        ...
 
     def prefer(self, endpoint: str) -> None: ...
 
@@ -67,6 +76,20 @@ class KvstoreAdapter:
         async for chunk in self.client.scan_chunks(start=start, limit=limit):
             n += len(chunk)
         return n
+
+    async def txn2(self, k1: bytes, k2: bytes, value: bytes) -> None:
+        r = await self.client.txn(
+            [Compare.version(k1, ">", 0), Compare.version(k2, ">", 0)], [Op.put(k1, value), Op.put(k2, value)]
+        )
+        if not r.succeeded:
+            raise LookupError(f"transaction on {k1!r}, {k2!r} did not succeed")
+
+    async def pairs(self, keys: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
+        m = await self.client.shard_map(refresh=True)
+        by_group: dict[int, list[bytes]] = {}
+        for k in keys:
+            by_group.setdefault(m.group_for_key(k) if m is not None else 0, []).append(k)
+        return [(ks[i], ks[i + 1]) for ks in by_group.values() for i in range(0, len(ks) - 1, 2)]
 
     def prefer(self, endpoint: str) -> None:
         """The client finds the leader by itself."""
@@ -143,6 +166,22 @@ class EtcdAdapter:
         req = etcd_pb2.RangeRequest(key=start, range_end=ETCD_RANGE_TO_END, limit=limit)
         resp: etcd_pb2.RangeResponse = await self._kv.Range(req, timeout=self.timeout)
         return len(resp.kvs)
+
+    async def txn2(self, k1: bytes, k2: bytes, value: bytes) -> None:
+        gt = etcd_pb2.Compare.GREATER
+        ver = etcd_pb2.Compare.VERSION
+        req = etcd_pb2.TxnRequest(
+            compare=[etcd_pb2.Compare(result=gt, target=ver, key=k1, version=0),
+                     etcd_pb2.Compare(result=gt, target=ver, key=k2, version=0)],
+            success=[etcd_pb2.RequestOp(request_put=etcd_pb2.PutRequest(key=k1, value=value)),
+                     etcd_pb2.RequestOp(request_put=etcd_pb2.PutRequest(key=k2, value=value))],
+        )
+        resp: etcd_pb2.TxnResponse = await self._kv.Txn(req, timeout=self.timeout)
+        if not resp.succeeded:
+            raise LookupError(f"transaction on {k1!r}, {k2!r} did not succeed")
+
+    async def pairs(self, keys: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
+        return [(keys[i], keys[i + 1]) for i in range(0, len(keys) - 1, 2)]
 
     async def put_until_ack(self, key: bytes, value: bytes, timeout: float, attempt_timeout: float = 2.0) -> int:
         """Put at the preferred member; on any error try the next member after 10 ms (as

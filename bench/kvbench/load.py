@@ -21,7 +21,8 @@ from typing import Any
 from bench.kvbench.adapters import Adapter
 from bench.kvbench.clusters import proc_cpu_seconds
 
-WORKLOADS = ("put", "get", "mixed", "scan")
+WORKLOADS = ("put", "get", "mixed", "scan", "txn")
+"""txn: 2 compares and 2 puts on a pair of keys (for kvstore, two keys of one group)."""
 SCAN_LIMIT = 100
 KEY_SIZE = 16
 VALUE_SIZE = 128
@@ -135,10 +136,14 @@ async def run_point(
     nkeys = len(keys)
     perf = time.perf_counter_ns
 
+    pairs = await adapter.pairs(keys) if workload == "txn" else []
+    if workload == "txn" and not pairs:
+        raise ValueError("the txn workload needs two keys in one group")
+
     async def worker(wid: int) -> None:
         rng = random.Random(seed * 1_000_003 + wid)
         pick = rng.randrange
-        put, get, scan = adapter.put, adapter.get, adapter.scan
+        put, get, scan, txn2 = adapter.put, adapter.get, adapter.scan, adapter.txn2
         while not st.stop:
             key = keys[pick(nkeys)]
             kind = workload
@@ -151,6 +156,9 @@ async def run_point(
                 elif kind == "get":
                     if await get(key) is None:
                         raise LookupError(f"{key!r} not found")
+                elif kind == "txn":
+                    k1, k2 = pairs[pick(len(pairs))]
+                    await txn2(k1, k2, value)
                 else:
                     await scan(key, SCAN_LIMIT)
             except asyncio.CancelledError:

@@ -18,6 +18,7 @@ import time
 
 from .nodes import NodeSimResult, run_node_seed
 from .plant import ALL_BUGS, planted
+from .txn_pairs import txn_pairs_by_default
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         "--state-sync", choices=("checkpoint", "commit"), default=None,
         help="the stores' state-machine durability (default: NodeSimParams.state_sync, checkpoint)",
     )
+    ap.add_argument(
+        "--txn-pairs", choices=("auto", "on", "off"), default="auto",
+        help="multi-key transactions on key pairs, checked for atomicity (chaos/sim/txn_pairs.py): on a fixed "
+             "fifth of the seeds (auto), on every seed, or off",
+    )
     args = ap.parse_args(argv)
     from . import nodes
 
@@ -55,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     quiesce = {"auto": None, "on": True, "off": False}[args.quiesce]
     moves = {"auto": None, "on": True, "off": False}[args.moves]
     watches = {"auto": None, "on": True, "off": False}[args.watches]
+    txn_pairs = {"auto": None, "on": True, "off": False}[args.txn_pairs]
     if not args.trace:
         logging.disable(logging.CRITICAL)  # the nodes' own logs (refused forgeries...) are expected
 
@@ -64,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with planted(args.plant):
         for seed in seeds:
-            res = run_node_seed(seed, nodes=args.nodes, trace=args.trace, moves=moves, quiesce=quiesce, watches=watches)
+            pairs = txn_pairs_by_default(seed) if txn_pairs is None else txn_pairs
+            res = run_node_seed(seed, nodes=args.nodes, trace=args.trace, moves=moves, quiesce=quiesce, watches=watches,
+                                txn_pairs=pairs)
             results.append(res)
             ops += res.ops
             if args.trace:
@@ -83,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{ops} client operations checked", file=sys.stderr)
     print(nodes_summary(results))
     print(quiesce_summary(results))
+    print(txn_pairs_summary(results))
     print(watch_summary(results))
     print(f"seeds: {len(seeds)}, violations: {violations}")
     return 0 if violations == 0 else 1
@@ -132,6 +142,16 @@ def watch_summary(results: list[NodeSimResult]) -> str:
         f"({sum(w.closes_forwarded for w in ws)} forwarded); {sum(w.merged for w in ws)} merged watches "
         f"({sum(w.subs for w in ws)} sub-watches, {sum(w.asks for w in ws)} progress requests at a revision)"
     )
+
+
+def txn_pairs_summary(results: list[NodeSimResult]) -> str:
+    on = [r.txn_pairs for r in results if r.txn_pairs is not None]
+    if not on:
+        return "pair transactions: off"
+    return (f"pair transactions in {len(on)}/{len(results)} seeds: {sum(s.issued for s in on)} issued, "
+            f"{sum(s.answered for s in on)} answered ({sum(s.writes for s in on)} wrote), "
+            f"{sum(s.reads_checked for s in on)} reads of both keys checked equal, "
+            f"{sum(s.refused for s in on)} refused or unanswered")
 
 
 def quiesce_summary(results: list[NodeSimResult]) -> str:

@@ -73,7 +73,7 @@ from kvstore.raft import (
 from kvstore.raft.admission import MAX_TERM_JUMP
 from kvstore.shard.ranges import IntervalSet, key_hash
 from kvstore.shard.shardmap import META_GROUP
-from kvstore.storage import commands, mvcc
+from kvstore.storage import commands, mvcc, txn
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
 from kvstore.storage.shardcmd import is_shard_command
@@ -87,6 +87,7 @@ from .membership import MembershipDriver
 from .moves import SimMoves
 from .quiet import QuiesceStats, QuietScenario, quiesce_by_default
 from .revisions import RevisionChecker, RevisionViolation
+from .txn_pairs import TxnPairs, TxnPairStats, TxnPairViolation
 from .watches import SimWatches, WatchStats, WatchViolation, watches_by_default
 
 FORGER = 1000
@@ -256,6 +257,8 @@ class NodeSimResult:
     """What the cross-group scans did (`closed_reads.py`; None when they were off)."""
     watches: WatchStats | None = None
     """What the watchers did (`watches.py`; None when they were off)."""
+    txn_pairs: TxnPairStats | None = None
+    """What the pair transactions did (`txn_pairs.py`; None when they were off)."""
 
 
 class SimTransport:
@@ -328,6 +331,7 @@ class NodeSimulation:
         quiesce: bool | None = None,
         closed_reads: bool | None = None,
         watches: bool | None = None,
+        txn_pairs: bool | None = None,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -397,6 +401,10 @@ class NodeSimulation:
         if watches is None:
             watches = params is None and watches_by_default(seed)
         self.watches = SimWatches(self) if watches else None
+        self.txn_pairs = TxnPairs(self) if txn_pairs else None
+        """Multi-key transactions on key pairs, checked for atomicity (`txn_pairs.py`; off unless
+        asked for, so the seeds pinned by tests replay as before; `python -m chaos.sim` runs them
+        on a fifth of the seeds, `txn_pairs_by_default`)."""
         """The real watch hub on every node, simulated watchers and their checks (`watches.py`)."""
         self.written: dict[tuple[bytes, bytes], tuple[int, int]] = {}
         """(key, value) -> the (group, index) of the entry that wrote it (`_check_written_once`)."""
@@ -466,6 +474,8 @@ class NodeSimulation:
                 self.closed_reads.start()
             if self.watches is not None:
                 self.watches.start()
+            if self.txn_pairs is not None:
+                self.txn_pairs.start()
             while self._events:
                 t, seq, fn, args = heapq.heappop(self._events)
                 if self.end is not None and t > self.end:
@@ -496,7 +506,7 @@ class NodeSimulation:
                 violation = f"linearizability: key {res.bad_key} is not linearizable: {shown}"
         except (
             SafetyViolation, SimulationFailure, replica_reads.StaleReadViolation, RevisionViolation,
-            ClosedReadViolation, WatchViolation,
+            ClosedReadViolation, WatchViolation, TxnPairViolation,
         ) as err:
             violation = f"{type(err).__name__}: {err}"
             verdict = "violation"
@@ -512,6 +522,7 @@ class NodeSimulation:
             self.p.quiesce_ticks, self.quiet.stats if self.quiet is not None else QuiesceStats(),
             self.closed_reads.stats if self.closed_reads is not None else None,
             self.watches.stats if self.watches is not None else None,
+            self.txn_pairs.stats if self.txn_pairs is not None else None,
         )
 
     def _close(self) -> None:
@@ -700,6 +711,9 @@ class NodeSimulation:
                     continue
                 if cmd.client_id and cmd.op in (commands.Op.PUT, commands.Op.CAS):
                     found.setdefault(cmd.key, []).append((e.index, cmd.value))
+                elif cmd.client_id and cmd.txn is not None:
+                    for key, value in _txn_puts(cmd.txn):
+                        found.setdefault(key, []).append((e.index, value))
                 elif cmd.op == commands.Op.DELETE:
                     found.setdefault(cmd.key, []).append((0, b""))
             for key, ws in found.items():
@@ -746,10 +760,13 @@ class NodeSimulation:
                 if not (isinstance(res, ApplyResult) and res.wrong_shard):
                     continue
                 try:
-                    key = commands.decode_command(e.data).key
+                    cmd = commands.decode_command(e.data)
                 except ValueError:
                     continue
-                if key_hash(key) in active:
+                # a transaction is refused if any of its keys is not served
+                keys = [k for k, _ in txn.keys_of(cmd.txn)] if cmd.txn is not None else [cmd.key]
+                key = keys[0]
+                if all(key_hash(k) in active for k in keys):
                     raise SimulationFailure(
                         f"ownership: group {a.group} answered WRONG_SHARD at index {e.index} (n{n.id}) for "
                         f"key {key!r}, which it serves"
@@ -952,13 +969,19 @@ class NodeSimulation:
         key = f"k{rng.randrange(self.p.keys)}"
         r = rng.random()
         value: Any
+        as_txn = False
         if r < 0.4:
             f, value = "get", None
         elif r < 0.75:
             f, value = "put", f"v{next(self._value)}"
         elif r < 0.95:
             exp = None if rng.random() < 0.2 else f"v{rng.randrange(max(1, next(self._value) - 1)) + 1}"
-            f, value = "cas", (exp, f"v{next(self._value)}")
+            n = next(self._value)
+            f, value = "cas", (exp, f"v{n}")
+            # every 4th compare-and-swap is proposed as the equivalent one-key transaction (TXN:
+            # compare the value, or create = 0 for "absent"; put, else get), checked as a cas;
+            # chosen by the value's number, so the seeds' random streams are unchanged
+            as_txn = n % 4 == 0
         else:
             f, value = "delete", None
         hint = self.leader_hint.get(process, 0)
@@ -973,7 +996,7 @@ class NodeSimulation:
         if f == "get" and (level := self.reads_params.level(rng)) != LINEARIZABLE:
             replica_reads.bounded_read(self, process, key, level, target)  # checked against its bound, not linearizable
             return
-        self._invoke(process, f, key, value, target)
+        self._invoke(process, f, key, value, target, as_txn=as_txn)
 
     def one_shot(self, f: str, key: str, value: Any, target: SimNode,
                  after: Callable[[Status, Any], None]) -> None:
@@ -986,7 +1009,7 @@ class NodeSimulation:
         self._invoke(process, f, key, value, target, after)
 
     def _invoke(self, process: int, f: str, key: str, value: Any, target: SimNode,
-                after: Callable[[Status, Any], None] | None = None) -> None:
+                after: Callable[[Status, Any], None] | None = None, as_txn: bool = False) -> None:
         """One client operation, as the client library does it: reads go to one node; writes
         carry the process's session (client id, seq) and are retried at the leader (hinted or
         another node) under the same session while an attempt's outcome is unknown, so the state
@@ -1052,6 +1075,9 @@ class NodeSimulation:
             if f == "delete":
                 return commands.encode_delete(k, cid, seq, seq, retry, revision=rev)
             exp, new = value
+            if as_txn:
+                return commands.encode_command(commands.Command.transaction(
+                    _cas_txn(k, exp, new), cid, seq, seq, retry, revision=rev))
             return commands.encode_cas(
                 k, exp is None, (exp or "").encode(), new.encode(), cid, seq, seq, retry, revision=rev
             )
@@ -1072,7 +1098,8 @@ class NodeSimulation:
                     done(Status.INFO)
                     return
                 if err is None and not (res is not None and (res.wrong_shard or res.error)):
-                    done(Status.OK, bool(res.swapped) if (f == "cas" and res is not None) else None, node.id)
+                    swapped = res is not None and (res.txn.succeeded if res.txn is not None else res.swapped)
+                    done(Status.OK, bool(swapped) if f == "cas" else None, node.id)
                     return
                 if err is not None and err.indeterminate:
                     maybe_applied = True
@@ -1405,13 +1432,31 @@ def lmdb_store(node_id: int, directory: Path) -> NodeStore:
 def run_node_seed(seed: int, nodes: int = 3, trace: bool = False, params: NodeSimParams | None = None,
                   store_factory: StoreFactory | None = None, moves: bool | None = None,
                   quiesce: bool | None = None, closed_reads: bool | None = None,
-                  watches: bool | None = None) -> NodeSimResult:
+                  watches: bool | None = None, txn_pairs: bool | None = None) -> NodeSimResult:
     """One seed; `moves` forces range moves on or off (default: drawn, on half of the seeds),
     `quiesce` quiescence (default: `quiesce_by_default`), `closed_reads` the cross-group scans
     (default: `closed_reads_by_default`, when the params are drawn), `watches` the watchers
-    (default: `watches_by_default`, when the params are drawn)."""
+    (default: `watches_by_default`, when the params are drawn), `txn_pairs` the pair
+    transactions (default: off)."""
     return NodeSimulation(
         seed, nodes, params, trace, store_factory, moves=moves, quiesce=quiesce, closed_reads=closed_reads,
-        watches=watches,
+        watches=watches, txn_pairs=txn_pairs,
     ).run()
 
+
+def _cas_txn(key: bytes, expected: str | None, new: str) -> txn.Txn:
+    """The one-key transaction equivalent to a CAS of `key` (expected None: "absent")."""
+    cmp = (txn.Compare(key, txn.Target.CREATE, txn.CmpResult.EQUAL, b"", 0) if expected is None
+           else txn.Compare(key, txn.Target.VALUE, txn.CmpResult.EQUAL, expected.encode()))
+    return txn.Txn((cmp,), (txn.TxnOp(txn.OpKind.PUT, key, new.encode()),), (txn.TxnOp(txn.OpKind.GET, key),))
+
+
+def _txn_puts(t: txn.Txn) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) a PUT anywhere in `t` may write."""
+    out: list[tuple[bytes, bytes]] = []
+    for op in (*t.success, *t.failure):
+        if op.kind == txn.OpKind.PUT:
+            out.append((op.key, op.value))
+        elif op.txn is not None:
+            out += _txn_puts(op.txn)
+    return out

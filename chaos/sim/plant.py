@@ -21,7 +21,7 @@ from kvstore.node.watch import StoreSource, WatchHub
 from kvstore.raft import HardState, Message, RaftNode, Role, admission
 from kvstore.raft.log import RaftLog
 from kvstore.raft.readonly import ReadRequest
-from kvstore.storage import machine, mvcc
+from kvstore.storage import machine, mvcc, txn
 from kvstore.storage.commands import ApplyResult, Op, encode_result
 from kvstore.storage.shardcmd import (
     REC_DATA,
@@ -402,7 +402,34 @@ simulated file system (`tests/unit/test_wal_crash.py`) and by the whole-node sim
 (`tests/simulation/test_node_sim.py`). The `lmdb-*` ones break the LMDB checkpointer's model in
 `MemoryNodeStore` (checkpoint mode, the simulator's default): found by the whole-node simulator."""
 
-ALL_BUGS = {**BUGS, **NODE_BUGS, **STORAGE_BUGS, **WATCH_BUGS}
+def _txn_partial(view: Any, t: txn.Txn, proposed: int) -> ApplyResult:
+    # BUG: a transaction that writes several keys loses its last write (not atomic).
+    rows = view.mvcc
+    rev = mvcc.next_revision(mvcc.rev_state(rows).last, proposed, view.group)
+
+    def read(key: bytes) -> txn.Current | None:
+        value = view.get(key)
+        meta = mvcc.current_meta(rows, key, value)
+        return None if value is None or meta is None else txn.Current(
+            value, meta.create_revision, meta.mod_revision, meta.version)
+
+    out = txn.evaluate(t, read, rev)
+    for key, value in out.writes[:-1] if len(out.writes) > 1 else out.writes:
+        mvcc.write_version(rows, view.group, key, value, view.get(key), rev, exact=True)
+        if value is None:
+            view.delete(key)
+        else:
+            view.put(key, value)
+    return ApplyResult(revision=out.result.revision, txn=out.result)
+
+
+TXN_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
+    "node-txn-partial": (machine, "apply_txn", _txn_partial),
+}
+"""Bugs in transactions, found by the pair transactions (`txn_pairs.py`, forced on in
+`tests/simulation/test_node_sim_txn.py`)."""
+
+ALL_BUGS = {**BUGS, **NODE_BUGS, **STORAGE_BUGS, **WATCH_BUGS, **TXN_BUGS}
 
 
 @contextmanager

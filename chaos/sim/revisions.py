@@ -20,7 +20,7 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
 from kvstore.shard.shardmap import META_GROUP
-from kvstore.storage import commands, mvcc
+from kvstore.storage import commands, mvcc, txn
 from kvstore.storage.commands import ApplyResult
 
 
@@ -61,6 +61,9 @@ class RevisionChecker:
             if not res.error:
                 self._place(group, index, rev, False)
             return
+        if cmd.op == commands.Op.TXN:
+            self._on_txn(group, index, cmd, res)
+            return
         wrote = not res.error and (cmd.op == commands.Op.PUT or res.swapped or res.existed)
         if not wrote:
             if rev and cmd.op != commands.Op.PUT and not res.error:
@@ -81,6 +84,41 @@ class RevisionChecker:
         if self._place(group, index, rev, True) and group != META_GROUP:
             vs = self.versions.setdefault(cmd.key, [])
             vs.insert(bisect_left(vs, rev, key=_rev), (rev, None if cmd.op == commands.Op.DELETE else cmd.value))
+
+    def _on_txn(self, group: int, index: int, cmd: commands.Command, res: ApplyResult) -> None:
+        """A transaction: every key it wrote (`txn.writes_of` its result) at the one revision
+        of its result, which it has iff it wrote something."""
+        rev = res.revision
+        if res.error or res.txn is None:
+            if rev:
+                raise RevisionViolation(f"g{group} index {index}: a refused transaction has revision {rev}")
+            return
+        assert cmd.txn is not None
+        try:
+            writes = txn.writes_of(cmd.txn, res.txn)
+        except ValueError as err:
+            raise RevisionViolation(f"g{group} index {index}: {err}") from None
+        if bool(writes) != bool(rev) or res.txn.revision != rev:
+            raise RevisionViolation(
+                f"g{group} index {index}: a transaction with {len(writes)} writes has revision {rev} "
+                f"(its result says {res.txn.revision})"
+            )
+        if not writes:
+            return
+        who = (group, index, cmd.client_id, cmd.seq)
+        first = self.owner.setdefault(rev, who)
+        if first[:2] != who[:2]:
+            if cmd.client_id and first[2:] == who[2:]:
+                return  # the retry of a transaction, answered from the session cache
+            raise RevisionViolation(
+                f"uniqueness: revision {rev} assigned to g{first[0]} index {first[1]} and to g{group} index {index}"
+            )
+        if rev % mvcc.STEP != mvcc.slot_of(group):
+            raise RevisionViolation(f"g{group} index {index}: revision {rev} is not in the group's slot")
+        if self._place(group, index, rev, True) and group != META_GROUP:
+            for key, value in writes:
+                vs = self.versions.setdefault(key, [])
+                vs.insert(bisect_left(vs, rev, key=_rev), (rev, value))
 
     def _place(self, group: int, index: int, rev: int, write: bool) -> bool:
         """Put (index, rev) in the group's apply order, checking its neighbours: revisions never

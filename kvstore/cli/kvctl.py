@@ -22,7 +22,18 @@ from typing import Any, NoReturn
 import click
 
 from kvstore.backup.format import BackupSummary
-from kvstore.client import AdminResult, Alarm, Client, GroupStatus, Member, NodeStatus, Status, WatchEvent
+from kvstore.cli.txnparse import TxnSyntaxError, parse_txn
+from kvstore.client import (
+    AdminResult,
+    Alarm,
+    Client,
+    GroupStatus,
+    Member,
+    NodeStatus,
+    Status,
+    TxnResponse,
+    WatchEvent,
+)
 from kvstore.client.checks import INT64_MAX
 from kvstore.client.readpref import READ_PREFERENCES, parse_duration
 from kvstore.client.routing import DEFAULT_GROUP, parse_endpoints
@@ -331,6 +342,59 @@ def cas(c: _Ctx, args: tuple[str, ...], absent: bool) -> None:
         sys.exit(EXIT_NO)
 
 
+@cli.command(
+    epilog="\b\nExample (etcdctl's format: compares, blank line, success ops, blank line, failure ops):\n"
+    "  printf 'value(\"k\") = \"old\"\\n\\nput k new\\nget j\\n\\nget k\\n' | kvctl txn"
+)
+@_output_option
+@pass_ctx
+def txn(c: _Ctx) -> None:
+    """Run a transaction read from standard input, in etcdctl's format: compare lines
+    (value("k") = "v", version("k") > "3", create("k") = "0", mod("k") < "10"), a blank line,
+    the operations to run if every compare holds (put KEY VALUE, get KEY, del KEY), a blank
+    line, the operations to run otherwise. Prints SUCCESS or FAILURE, then each operation's
+    result after a blank line (put: OK; get: key and value lines, nothing if absent; del: the
+    number deleted), as etcdctl does. Exit 0 either way; 2 or 3 if it could not run. Every key
+    must live in one group (cross-group transactions are not supported yet)."""
+    try:
+        parsed = parse_txn(sys.stdin.read(), lambda t: c.parse(t, "key or value"))
+    except (TxnSyntaxError, click.BadParameter) as err:
+        raise click.UsageError(str(err)) from None
+    with _errors(is_write=True):
+        resp = c.client().txn(parsed.compares, parsed.success, parsed.failure)
+    if c.json:
+        _emit_json(_txn_json(c, resp))
+        return
+    click.echo("SUCCESS" if resp.succeeded else "FAILURE")
+    for r in resp.responses:
+        click.echo("")
+        if r.kind == "put":
+            click.echo("OK")
+        elif r.kind == "delete":
+            click.echo("1" if r.deleted else "0")
+        elif r.kind == "get" and r.kv is not None:
+            click.echo(c.raw(r.kv.key))
+            click.echo(c.raw(r.kv.value))
+
+
+def _txn_json(c: _Ctx, resp: TxnResponse) -> dict[str, Any]:
+    out: list[dict[str, Any]] = []
+    for r in resp.responses:
+        if r.kind == "put":
+            out.append({"put": {"revision": r.revision}})
+        elif r.kind == "delete":
+            out.append({"delete": {"deleted": int(r.deleted)}})
+        elif r.kind == "get":
+            kv = r.kv
+            out.append({"get": None if kv is None else {
+                "key": c.show(kv.key), "value": c.show(kv.value), "create_revision": kv.create_revision,
+                "mod_revision": kv.mod_revision, "version": kv.version,
+            }})
+        elif r.txn is not None:
+            out.append({"txn": _txn_json(c, r.txn)})
+    return {"succeeded": resp.succeeded, "revision": resp.revision, "responses": out}
+
+
 @cli.command()
 @click.argument("prefix", required=False, default="")
 @click.option("--limit", type=click.IntRange(min=0), default=0, help="At most N pairs (0 = all).")
@@ -525,6 +589,9 @@ def _status_json(nodes: list[NodeStatus]) -> dict[str, Any]:
                 cluster_id=st.cluster_id,
                 address=st.address,
                 storage_full=st.storage_full,
+                cluster_version=st.cluster_version,
+                supported_level=st.supported_level,
+                member_levels={str(n): lv for n, lv in st.member_levels},
                 groups=[
                     {
                         "lag_entries": _lag(g, _leader_commit(nodes, g.group))[0],
@@ -546,6 +613,17 @@ def _status_json(nodes: list[NodeStatus]) -> dict[str, Any]:
             )
         out["nodes"].append(node)
     return out
+
+
+def _version_line(nodes: list[NodeStatus]) -> str:
+    """"cluster version N; feature levels: node 1 = 2, ..." from the most advanced answer ("" if
+    no node reports a cluster version)."""
+    best = max((ns.status for ns in nodes if ns.status is not None and ns.status.cluster_version),
+               key=lambda st: (st.cluster_version, len(st.member_levels)), default=None)
+    if best is None:
+        return ""
+    levels = ", ".join(f"node {n} = {lv}" for n, lv in best.member_levels) or "none advertised yet"
+    return f"cluster version {best.cluster_version}; feature levels: {levels}"
 
 
 def _status_table(nodes: list[NodeStatus]) -> None:
@@ -602,6 +680,9 @@ def _status_table(nodes: list[NodeStatus]) -> None:
                 "-" if g.role == "leader" else _lag_text(*_lag(g, _leader_commit(nodes, g.group))),
             )
     console.print(table)
+    version = _version_line(nodes)
+    if version:
+        console.print(version)
     if any(ns.status is not None and any(g.role != "leader" for g in ns.status.groups) for ns in nodes):
         console.print("LAG: entries behind the leader's commit index / upper bound on how far behind in time")
     for line in problems:

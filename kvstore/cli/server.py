@@ -43,6 +43,9 @@ def cli() -> None:
 @click.option("--join", is_flag=True, help="Do not bootstrap: wait to be added with `kvctl member add`.")
 @click.option("--learner", is_flag=True,
               help="Start a read replica: like --join, and ask the members in --peers to add this node as a learner.")
+@click.option("--force-new-cluster", is_flag=True,
+              help="Recovery after losing quorum: start this node as a new single-member cluster from its data "
+              "(every group it hosts; groups it does not host are lost). The other --peers are ignored.")
 @click.option("--probe-ticks", type=int, default=2, show_default=True,
               help="Ticks between two staleness probes (ReadIndex) of each group; 0 disables bounded reads on replicas.")
 @click.option("--advertise", default="", help="Address others reach this node at (default: its --peers entry).")
@@ -130,7 +133,7 @@ def cli() -> None:
               "data (0: never).")
 def serve(
     node_id: int | str | None, id_from_hostname: bool, data_dir: Path, listen: str, peers: str, cluster_id: str, join: bool, learner: bool,
-    probe_ticks: int, advertise: str, client_listen: str, client_advertise: str, metrics_listen: str, drain_timeout: float, tick_ms: int, election_ticks: int, lease_read: bool,
+    force_new_cluster: bool, probe_ticks: int, advertise: str, client_listen: str, client_advertise: str, metrics_listen: str, drain_timeout: float, tick_ms: int, election_ticks: int, lease_read: bool,
     quiesce_ticks: int,
     request_timeout: float, max_key: int, max_value: int, max_request: int, compact_threshold: int, groups: int,
     replication: int, vnodes: int, log_level: str, certs_dir: Path | None, insecure: bool,
@@ -166,8 +169,8 @@ def serve(
     try:
         cfg = NodeConfig(
             id=nid, data_dir=data_dir, listen=listen, peers=parse_peers(peers), cluster_id=cluster_id,
-            join=join or learner, learner=learner, advertise=advertise, metrics_listen=metrics_listen,
-            drain_timeout=drain_timeout,
+            join=join or learner, learner=learner, force_new_cluster=force_new_cluster, advertise=advertise,
+            metrics_listen=metrics_listen, drain_timeout=drain_timeout,
             client_listen=client_listen, client_advertise=client_advertise,
             request_timeout=request_timeout, wal_segment_bytes=parse_bytes(wal_segment_bytes),
             state_sync=state_sync,

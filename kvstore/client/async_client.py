@@ -66,14 +66,17 @@ from kvstore.client.scans import Scans
 from kvstore.client.types import (
     AdminResult,
     Alarm,
+    Compare,
     Consistency,
     GroupHash,
     KeyValue,
     NodeStatus,
+    Op,
     ReadPreference,
     ReadResult,
     ShardOpResult,
     Status,
+    TxnResponse,
 )
 from kvstore.client.watches import WatchBatch, Watches, WatchEvent
 from kvstore.client.writes import Writes
@@ -314,6 +317,24 @@ class AsyncClient:
         """Set ``key`` to ``new`` if its current value is ``expected`` (None: if it does not
         exist). True if swapped."""
         return await self._writes.cas(key, expected, new, timeout=timeout)
+
+    async def txn(
+        self,
+        compares: Sequence[Compare] = (),
+        success: Sequence[Op] = (),
+        failure: Sequence[Op] = (),
+        *,
+        timeout: float | None = None,
+    ) -> TxnResponse:
+        """A transaction (etcd's Txn): if every compare holds, run the ``success`` operations,
+        else the ``failure`` ones, atomically at one revision. Every key it names must live in
+        one group: otherwise :class:`~kvstore.errors.InvalidArgument` (definite; cross-group
+        transactions are not supported yet). Exactly-once like a put: a retried transaction is
+        not applied twice, and a timeout after sending is indeterminate. Example::
+
+            await c.txn([Compare.value(b"k", "=", b"old")], [Op.put(b"k", b"new"), Op.get(b"j")])
+        """
+        return await self._writes.txn(compares, success, failure, timeout=timeout)
 
     def scan(
         self,

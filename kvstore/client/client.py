@@ -15,14 +15,17 @@ from kvstore.client.async_client import AsyncClient
 from kvstore.client.types import (
     AdminResult,
     Alarm,
+    Compare,
     Consistency,
     GroupHash,
     KeyValue,
     NodeStatus,
+    Op,
     ReadPreference,
     ReadResult,
     ShardOpResult,
     Status,
+    TxnResponse,
 )
 from kvstore.client.watches import WatchBatch, WatchEvent
 from kvstore.errors import ClientClosed, Unavailable
@@ -394,6 +397,17 @@ class Client:
 
     def cas(self, key: bytes, expected: bytes | None, new: bytes, *, timeout: float | None = None) -> bool:
         return self._run(self._async.cas(key, expected, new, timeout=timeout), write=True)
+
+    def txn(
+        self,
+        compares: Sequence[Compare] = (),
+        success: Sequence[Op] = (),
+        failure: Sequence[Op] = (),
+        *,
+        timeout: float | None = None,
+    ) -> TxnResponse:
+        """See :meth:`AsyncClient.txn`."""
+        return self._run(self._async.txn(compares, success, failure, timeout=timeout), write=True)
 
     def scan(
         self,

@@ -68,7 +68,7 @@ class OpMux:
         self._closed = False
 
     async def call(self, kind: str, request: Any, timeout: float) -> Any:
-        """Send one operation (`kind`: get, put, delete or cas) and wait for its reply."""
+        """Send one operation (`kind`: get, put, delete, cas or txn) and wait for its reply."""
         if hoptrace.ON:
             hoptrace.mark("c.call")
         if self._closed:

@@ -7,16 +7,18 @@ no `kvstore.v1` import. Field names are the wire names.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, overload
 
 from kvstore.client.routing import DEFAULT_GROUP
-from kvstore.errors import KVError
-from kvstore.v1 import admin_pb2, shard_pb2
+from kvstore.errors import InternalError, KVError
+from kvstore.v1 import admin_pb2, kv_pb2, shard_pb2
 
 __all__ = [
     "AdminResult",
     "Alarm",
+    "Compare",
     "Consistency",
     "GroupHash",
     "GroupInfo",
@@ -24,11 +26,14 @@ __all__ = [
     "KeyValue",
     "Member",
     "NodeStatus",
+    "Op",
+    "OpResponse",
     "Progress",
     "ReadPreference",
     "ReadResult",
     "ShardOpResult",
     "Status",
+    "TxnResponse",
     "group_status",
 ]
 
@@ -64,6 +69,113 @@ class KeyValue:
     create_revision: int = 0
     mod_revision: int = 0
     version: int = 0
+
+
+CompareTarget = Literal["value", "version", "create", "mod"]
+CompareOp = Literal["=", "!=", ">", "<"]
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    """One compare of a transaction (etcd's): ``target(key) op operand``. ``value`` compares
+    bytes (false whatever ``op`` for a missing key); ``version``, ``create`` and ``mod`` compare
+    the key's version, create revision and mod revision (all 0 for a missing key, so
+    ``Compare.create(k, "=", 0)`` tests that ``k`` does not exist). Build with the class methods."""
+
+    key: bytes
+    target: CompareTarget
+    op: CompareOp
+    operand: bytes | int
+
+    @classmethod
+    def value(cls, key: bytes, op: CompareOp, value: bytes) -> Compare:
+        return cls(key, "value", op, value)
+
+    @classmethod
+    def version(cls, key: bytes, op: CompareOp, n: int) -> Compare:
+        return cls(key, "version", op, n)
+
+    @classmethod
+    def create(cls, key: bytes, op: CompareOp, revision: int) -> Compare:
+        return cls(key, "create", op, revision)
+
+    @classmethod
+    def mod(cls, key: bytes, op: CompareOp, revision: int) -> Compare:
+        return cls(key, "mod", op, revision)
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One operation of a transaction: ``Op.put(k, v)``, ``Op.delete(k)``, ``Op.get(k)`` or a
+    nested ``Op.txn(compares, success, failure)``."""
+
+    kind: Literal["put", "delete", "get", "txn"]
+    key: bytes = b""
+    value: bytes = b""
+    compares: tuple[Compare, ...] = ()
+    success: tuple[Op, ...] = ()
+    failure: tuple[Op, ...] = ()
+
+    @classmethod
+    def put(cls, key: bytes, value: bytes) -> Op:
+        return cls("put", key, value)
+
+    @classmethod
+    def delete(cls, key: bytes) -> Op:
+        return cls("delete", key)
+
+    @classmethod
+    def get(cls, key: bytes) -> Op:
+        return cls("get", key)
+
+    @classmethod
+    def txn(cls, compares: Sequence[Compare] = (), success: Sequence[Op] = (), failure: Sequence[Op] = ()) -> Op:
+        return cls("txn", compares=tuple(compares), success=tuple(success), failure=tuple(failure))
+
+
+@dataclass(frozen=True, slots=True)
+class OpResponse:
+    """What one operation of a transaction did: ``put`` (its ``revision``), ``delete``
+    (``deleted``: the key existed), ``get`` (``kv``: the key, None if absent) or ``txn``
+    (``txn``: the nested transaction's response)."""
+
+    kind: Literal["put", "delete", "get", "txn"]
+    revision: int = 0
+    deleted: bool = False
+    kv: KeyValue | None = None
+    txn: TxnResponse | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TxnResponse:
+    """A transaction's outcome: ``succeeded`` (every compare held: the success operations ran,
+    else the failure ones), one response per operation that ran, and the ``revision`` of its
+    writes (0: it wrote nothing)."""
+
+    succeeded: bool
+    responses: tuple[OpResponse, ...]
+    revision: int = 0
+
+    @classmethod
+    def from_proto(cls, r: kv_pb2.TxnResult, revision: int) -> TxnResponse:
+        out = []
+        for o in r.responses:
+            which = o.WhichOneof("op")
+            if which == "put":
+                out.append(OpResponse("put", revision=o.put))
+            elif which == "delete":
+                out.append(OpResponse("delete", deleted=o.delete))
+            elif which == "get":
+                g = o.get
+                kv = KeyValue(g.key, g.value, g.create_revision, g.mod_revision, g.version) if g.key else None
+                out.append(OpResponse("get", kv=kv))
+            elif which == "txn":
+                out.append(OpResponse("txn", txn=cls.from_proto(o.txn, revision)))
+            else:
+                raise InternalError(
+                    f"malformed transaction response: an operation response of kind {which!r}", indeterminate=True
+                )
+        return cls(r.succeeded, tuple(out), revision)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +253,12 @@ class Status:
     storage_full: bool = False
     client_address: str = ""
     """The node's client-only address (`--client-listen`), "" without one."""
+    cluster_version: int = 0
+    """The cluster version as this node applied it (0: a node that does not report it)."""
+    supported_level: int = 0
+    """The highest feature level this node's binary supports (0: not reported)."""
+    member_levels: tuple[tuple[int, int], ...] = ()
+    """(node id, advertised feature level) of every node that advertised one, by node id."""
 
     @classmethod
     def from_proto(cls, st: admin_pb2.StatusResponse) -> Status:
@@ -148,6 +266,8 @@ class Status:
             node_id=st.node_id, cluster_id=st.cluster_id, address=st.address, client_address=st.client_address,
             members=tuple(Member.from_proto(m) for m in st.members),
             groups=tuple(GroupStatus.from_proto(g) for g in st.groups), storage_full=st.storage_full,
+            cluster_version=st.cluster_version, supported_level=st.supported_level,
+            member_levels=tuple(sorted(st.member_levels.items())),
         )
 
 

@@ -1,4 +1,4 @@
-"""Writes (put, delete, cas) under the client's session: exactly-once across retries.
+"""Writes (put, delete, cas, txn) under the client's session: exactly-once across retries.
 
 Invariants:
 - every write gets a fresh ``seq``, reused unchanged on each retry of that write, so the state
@@ -12,12 +12,15 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from kvstore.client.channels import Channels
 from kvstore.client.checks import RequestChecks
 from kvstore.client.invoke import Invoker
+from kvstore.client.txns import first_key, txn_body
+from kvstore.client.types import Compare, Op, TxnResponse
+from kvstore.errors import InternalError, InvalidArgument
 from kvstore.v1 import kv_pb2
 
 __all__ = ["Writes"]
@@ -57,7 +60,7 @@ class Writes:
     async def write(
         self, op: str, key: bytes, make_request: Callable[[kv_pb2.Session], Any], timeout: float | None
     ) -> Any:
-        """Run one write (`op`: put, delete or cas, the operation's name on the stream) under a
+        """Run one write (`op`: put, delete, cas or txn, the operation's name on the stream) under a
         fresh session; every retry reuses that session (exactly-once).
 
         Until an attempt's outcome is indeterminate, each attempt records its group and the
@@ -123,3 +126,17 @@ class Writes:
             timeout,
         )
         return bool(resp.swapped)
+
+    async def txn(
+        self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op], *, timeout: float | None = None
+    ) -> TxnResponse:
+        """Run a transaction whose keys all live in one group (see `AsyncClient.txn`)."""
+        body = txn_body(self.checks, compares, success, failure)
+        key = first_key(body)
+        if key is None:
+            raise InvalidArgument("a transaction must name at least one key")
+
+        resp = await self.write("txn", key, lambda s: kv_pb2.TxnRequest(txn=body, session=s), timeout)
+        if not resp.HasField("result"):
+            raise InternalError("the server answered a transaction without its result", indeterminate=True)
+        return TxnResponse.from_proto(resp.result, int(resp.revision))

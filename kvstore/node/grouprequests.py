@@ -19,6 +19,7 @@ from kvstore import errors
 from kvstore.node.alarms import ALARMS_KEY, decode_alarms
 from kvstore.node.host import Host
 from kvstore.node.retention import check_keep
+from kvstore.node.version import VERSIONS_KEY, check_version_change, members_of
 from kvstore.raft import ConfChange
 from kvstore.security.authstate import AUTH_KEY, AuthError, AuthState
 from kvstore.shard.ranges import IntervalSet
@@ -58,7 +59,8 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
     never send: the metadata group takes only compare-and-swaps of the shard map whose new value
     is a valid map of a higher version that changes no client address but the sender's own
     (`check_client_addresses`), and of the alarm set (`kvstore.node.alarms`) between
-    valid encodings, and of the auth state whose new value is a valid state one version after
+    valid encodings, and of the cluster version by the sender advertising its own level
+    or the raise over the members of `smap` (`version.check_version_change`), and of the auth state whose new value is a valid state one version after
     the old one (`check_auth_change`); a data group only shard commands that decode (never SET,
     which only a group's bootstrap log carries) and that belong to a range move of the shard map
     `smap`, with that move's ranges, in the group that plays that part in it (FREEZE and DROP in
@@ -109,9 +111,16 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
             except ValueError as err:
                 raise errors.InvalidArgument(f"not a valid alarm set: {err}") from None
             return None
+        if cmd.op == commands.Op.CAS and cmd.key == VERSIONS_KEY:
+            try:
+                check_version_change(cmd.expect_absent, cmd.expected, cmd.value, request.from_node, members_of(smap))
+            except ValueError as err:
+                raise errors.InvalidArgument(f"not a valid cluster version change: {err}") from None
+            return None
         if cmd.op != commands.Op.CAS or cmd.key != SHARD_MAP_KEY or cmd.expect_absent:
             raise errors.InvalidArgument(
-                "the metadata group takes only compare-and-swaps of the shard map, the alarm set and the auth state"
+                "the metadata group takes only compare-and-swaps of the shard map, the alarm set, the auth state "
+                "and the cluster version"
             )
         try:
             old, new = ShardMap.decode(cmd.expected), ShardMap.decode(cmd.value)

@@ -217,6 +217,9 @@ class Host:
         back to a node that is leaving."""
         self._drain_tried: dict[int, set[int]] = {}
         """group -> the voters a drain offered its leadership to (each is offered it once)."""
+        self.gate: Callable[[bytes], None] | None = None
+        """Checks a command before it is proposed and raises a definite KVError to refuse it (the
+        cluster-version gate, `kvstore.node.version.CommandGate.check`); None admits everything."""
         self.hosted = HostedMembers()
         self._removed: set[int] = set()
         """Nodes removed by an applied change, still in `members` while some hosted group's
@@ -402,13 +405,15 @@ class Host:
     def propose(self, group: int, data: bytes, callback: WriteCallback) -> int:
         """Propose a command; `callback(result, None)` once applied, or `(None, error)`.
 
-        Raises a definite KVError (not leader, transfer in progress, storage full) if the
-        command could not even be appended.
+        Raises a definite KVError (not leader, transfer in progress, storage full, a command kind
+        the cluster version does not allow yet: `gate`) if the command could not even be appended.
         """
         self._check_writable()
         g = self.groups[group]
         if g.core.role != Role.LEADER:
             raise self._not_leader(g)
+        if self.gate is not None:
+            self.gate(data)
         try:
             index = g.core.propose(data)
         except ProposalDropped as err:
@@ -429,6 +434,10 @@ class Host:
         g = self.groups[group]
         if g.core.role != Role.LEADER:
             raise self._not_leader(g)
+        gate = self.gate
+        if gate is not None:
+            for data in datas:
+                gate(data)
         try:
             last = g.core.propose(datas)
         except ProposalDropped as err:

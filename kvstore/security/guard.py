@@ -86,6 +86,7 @@ RULES: dict[str, Rule] = {
     "/kvstore.v1.KV/Put": Rule.USER,
     "/kvstore.v1.KV/Delete": Rule.USER,
     "/kvstore.v1.KV/Cas": Rule.USER,
+    "/kvstore.v1.KV/Txn": Rule.USER,
     "/kvstore.v1.KV/Scan": Rule.USER,
     "/kvstore.v1.KV/Watch": Rule.USER,
     "/kvstore.v1.KV/Compact": Rule.ADMIN,

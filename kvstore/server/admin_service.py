@@ -19,6 +19,7 @@ from kvstore import errors
 from kvstore.node.alarms import Alarm, AlarmType
 from kvstore.node.host import Host
 from kvstore.node.kvhash import KVHasher
+from kvstore.node.version import VersionTracker
 from kvstore.raft import ConfChange, ConfChangeType
 from kvstore.raft.types import MAX_CONF_CONTEXT, MAX_U63
 from kvstore.shard.shardmap import META_GROUP, ShardMap
@@ -44,8 +45,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         coordinator: MoveDriver,
         reads: ReplicaReads | None = None,
         admission: Admission | None = None,
+        versions: VersionTracker | None = None,
     ) -> None:
         self.admission = admission
+        self.versions = versions
         self.coordinator = coordinator
         self.cfg = cfg
         self.host = host
@@ -83,10 +86,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     admin_pb2.GroupStatus.Progress(id=nid, match=pr["match"], next=pr["next"], state=pr["state"])
                 )
             groups.append(gs)
-        return admin_pb2.StatusResponse(
+        reply = admin_pb2.StatusResponse(
             node_id=self.cfg.id, cluster_id=self.cfg.cluster_id, address=self.cfg.address,
             client_address=self.cfg.client_address, members=self._members(), groups=groups, storage_full=self.host.failed is not None,
         )
+        if self.versions is not None:
+            v = self.versions.value
+            reply.cluster_version = v.cluster
+            reply.supported_level = self.versions.supported
+            for n, level in v.advertised.items():
+                reply.member_levels[n] = level
+        return reply
 
     def _replica_status(self, gs: admin_pb2.GroupStatus) -> None:
         """Read-replica fields: staleness bound and time since leader contact."""

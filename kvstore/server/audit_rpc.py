@@ -72,6 +72,20 @@ def key_fields(key: bytes, name: str = "key") -> dict[str, Value]:
     return out
 
 
+def _txn_fields(r: Any) -> dict[str, Value]:
+    """A transaction: its top level's sizes and the first key it names there (bounded work: the
+    request may be hostile; the server validates it after this)."""
+    b = r.txn
+    out: dict[str, Value] = {"compares": len(b.compares), "success_ops": len(b.success), "failure_ops": len(b.failure)}
+    for op in (*b.success[:1], *b.failure[:1]):
+        which = op.WhichOneof("op")
+        key = op.put.key if which == "put" else op.delete if which == "delete" else op.get if which == "get" else None
+        if key is not None:
+            out.update(key_fields(key))
+            break
+    return out
+
+
 def _groups(groups: Any) -> str:
     return ",".join(str(g) for g in groups) if groups else "all"
 
@@ -153,8 +167,9 @@ KV_WRITES: dict[str, Describer] = {
     "Put": lambda r: {**key_fields(r.key), "value_bytes": len(r.value)},
     "Delete": lambda r: key_fields(r.key),
     "Cas": lambda r: {**key_fields(r.key), "value_bytes": len(r.value)},
+    "Txn": lambda r: _txn_fields(r),
 }
-STREAM_WRITES = ("put", "delete", "cas")
+STREAM_WRITES = ("put", "delete", "cas", "txn")
 NOT_AUDITED: dict[str, frozenset[str]] = {
     "kvstore.v1.Admin": frozenset({"Status", "AlarmList", "HashKV"}),
     "kvstore.v1.Auth": frozenset({"Status"}),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kvstore.node.host import RaftSettings
 from kvstore.node.retention import MAX_KEEP
+from kvstore.node.version import SUPPORTED_LEVEL
 from kvstore.security.audit import AuditSettings
 from kvstore.security.net import is_loopback
 from kvstore.shard.endpoints import check_address
@@ -59,6 +60,12 @@ class NodeConfig:
     """Start without bootstrapping: wait to be added to an existing cluster (`kvctl member add`)."""
     learner: bool = False
     """A read replica: start like `join`, and ask the cluster to add this node as a learner."""
+    force_new_cluster: bool = False
+    """Recovery after losing quorum: make this node's data a new single-member cluster
+    (`kvstore.node.forcenew`); the other --peers are ignored."""
+    feature_level: int = SUPPORTED_LEVEL
+    """The feature level this node advertises (`kvstore.node.version`): this binary's highest by
+    default; lower only to run a node as an older release would (upgrade tests)."""
     advertise: str = ""
     """Address peers and clients use to reach this node (defaults to `listen`)."""
     client_listen: str = ""
@@ -129,6 +136,8 @@ class NodeConfig:
             raise ValueError(f"--history-retention-interval {self.history_retention_interval} must be 0 or in 0.1..86400")
         if not 0 <= self.drain_timeout <= 3600:
             raise ValueError(f"--drain-timeout {self.drain_timeout} must be in 0..3600 seconds")
+        if not 1 <= self.feature_level <= SUPPORTED_LEVEL:
+            raise ValueError(f"feature level {self.feature_level} must be in 1..{SUPPORTED_LEVEL} (this release's)")
         self.limits.validate()
         self.admission.validate()
         if self.audit is not None:
@@ -137,6 +146,8 @@ class NodeConfig:
             raise ValueError("--id must be >= 1")
         if not self.join and self.id not in self.peers:
             raise ValueError(f"--peers must include this node (id {self.id})")
+        if self.force_new_cluster and self.join:
+            raise ValueError("--force-new-cluster starts from this node's own data: not with --join or --learner")
         if self.learner and not any(nid != self.id for nid in self.peers):
             raise ValueError("--learner needs the address of at least one other member in --peers")
         for nid, addr in self.peers.items():

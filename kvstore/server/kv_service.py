@@ -95,6 +95,10 @@ class KVService(kv_pb2_grpc.KVServicer):
         except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
             return kv_pb2.CasResponse(error=rq.err(rq.internal("Cas", err)))
 
+    async def Txn(self, request: kv_pb2.TxnRequest, context: grpc.aio.ServicerContext) -> kv_pb2.TxnResponse:
+        """A transaction whose keys are all in one group (see `KVRequests.txn`)."""
+        return await self.requests.txn(request)
+
     async def Compact(self, request: kv_pb2.CompactRequest, context: grpc.aio.ServicerContext) -> kv_pb2.CompactResponse:
         """Compact every group's history at `revision` (each group clamps it to its own last
         revision; see storage/mvcc.py). A revision below the current compact revision of a group

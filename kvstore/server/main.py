@@ -8,7 +8,9 @@ import os
 import signal
 import sys
 
+from kvstore.node.forcenew import ForceError
 from kvstore.security.audit import AuditOpenError, KeyFileError
+from kvstore.storage.dataformat import FormatError
 
 from .config import NodeConfig
 from .metrics_http import MetricsEndpoint
@@ -96,6 +98,6 @@ def run(cfg: NodeConfig) -> int:
     set_switch_interval()
     try:
         return asyncio.run(serve(cfg))
-    except (OSError, AuditOpenError, KeyFileError) as err:
+    except (OSError, AuditOpenError, KeyFileError, FormatError, ForceError) as err:
         print(f"kvstore: {err}", file=sys.stderr)
         return 2

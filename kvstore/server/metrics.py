@@ -57,3 +57,7 @@ class Metrics:
             ["reason"], registry=r)
         self.watch_closes = Gauge(
             "kvstore_watch_closes", "CLOSE commands this node sent so that watches get past idle groups", registry=r)
+        self.cluster_version = Gauge(
+            "kvstore_cluster_version", "The cluster version (feature level) as this node applied it", registry=r)
+        self.supported_level = Gauge(
+            "kvstore_supported_feature_level", "The highest feature level this node's binary supports", registry=r)

@@ -35,11 +35,13 @@ from grpc_health.v1 import health, health_pb2
 
 from kvstore import hoptrace
 from kvstore.node.alarms import AlarmTracker
+from kvstore.node.forcenew import force_logs, lost_groups
 from kvstore.node.host import Cycle, Host
 from kvstore.node.inbound import Inbound, RefusalLog
 from kvstore.node.logic import Bootstrap, NodeLogic
 from kvstore.node.readiness import Readiness
 from kvstore.node.store import NodeStore
+from kvstore.node.version import CommandGate, VersionTracker, members_of
 from kvstore.raft import Message, Role
 from kvstore.security.audit import KEY_FILE, AuditLog, load_or_create_key
 from kvstore.security.guard import AuthGuard, AuthTracker
@@ -59,6 +61,7 @@ from .clientaddr import publish_client_address
 from .clientport import ClientPort
 from .compaction import Retention, RevisionRetention
 from .config import NodeConfig
+from .forcenew import rewrite_shard_map
 from .kv_service import KVService
 from .learner import register_learner
 from .metrics import Metrics
@@ -66,6 +69,7 @@ from .movedriver import MoveDriver
 from .probes import PERSIST_STUCK
 from .reads import ReadMetrics, ReplicaReads
 from .shards import AsyncShardTracker, GroupCaller, NodeCluster, ShardService
+from .versions import maintain_cluster_version
 from .watch_service import WatchDriver
 
 log = logging.getLogger("kvstore.node")
@@ -110,6 +114,8 @@ class Node:
         self.fatal: str | None = None
         self._stopping = False
         self.alarms: AlarmTracker | None = None
+        self.versions: VersionTracker | None = None
+        """The cluster version and every member's advertised feature level (`node/version.py`)."""
         self.watch: WatchDriver | None = None
         """Drives the watch hub from the Ready loop (`server/watch_service.py`)."""
         self.admission: Admission | None = None
@@ -164,9 +170,13 @@ class Node:
         )
         tracker = self.tracker = AsyncShardTracker(store)
         refused = self.metrics.inbound_refused
+        peers = dict(cfg.peers)
+        if cfg.force_new_cluster:
+            peers = {cfg.id: cfg.address}
+            self._force_logs(store, tracker)
         self.logic = logic = NodeLogic(
             cfg.id, store, _CountingTransport(self.transport, self.metrics), cfg.raft,
-            Bootstrap(dict(cfg.peers), cfg.groups, cfg.replication, cfg.vnodes, cfg.join), random.Random(),
+            Bootstrap(peers, cfg.groups, cfg.replication, cfg.vnodes, cfg.join), random.Random(),
             RefusalLog(time.monotonic, on_refused=lambda reason: refused.labels(reason).inc()), tracker,
         )
         host = self.host = logic.host
@@ -186,6 +196,11 @@ class Node:
         self.reads = ReplicaReads(
             host, cfg.reads, metrics=ReadMetrics(self.metrics.registry), request_timeout=cfg.request_timeout
         )
+        versions = self.versions = VersionTracker(store, cfg.feature_level)
+        versions.refresh()
+        host.gate = CommandGate(lambda: versions.value, lambda: members_of(tracker.map)).check
+        self.metrics.cluster_version.set_function(lambda: versions.value.cluster)
+        self.metrics.supported_level.set_function(lambda: versions.supported)
         alarms = self.alarms = AlarmTracker(store)
         alarms.refresh()
         alarm_gauge = self.metrics.alarms.labels("NOSPACE")
@@ -216,7 +231,8 @@ class Node:
              raft_pb2.DESCRIPTOR.services_by_name["Raft"]),
             (watched(kv, "kvstore.v1.KV"),
              kv_pb2.DESCRIPTOR.services_by_name["KV"]),
-            (watched(AdminService(cfg, host, self.wake, tracker, caller, self.coordinator, self.reads, admission),
+            (watched(AdminService(cfg, host, self.wake, tracker, caller, self.coordinator, self.reads, admission,
+                                  versions),
                      "kvstore.v1.Admin"),
              admin_pb2.DESCRIPTOR.services_by_name["Admin"]),
             (watched(ShardService(cfg.id, host, self.wake, tracker, caller, self.coordinator, cfg.request_timeout,
@@ -249,6 +265,8 @@ class Node:
             loop.create_task(self.watch.closer(), name="watch-closer"),
             loop.create_task(publish_client_address(cfg.id, cfg.client_address, tracker, caller.propose),
                              name="client-address"),
+            loop.create_task(maintain_cluster_version(cfg.id, host, versions, tracker, caller.propose),
+                             name="cluster-version"),
         ]
         retention: Retention | None = None
         if cfg.history_retention > 0:
@@ -263,11 +281,31 @@ class Node:
             t.add_done_callback(self._task_ended)
         if cfg.learner:
             self._tasks.append(loop.create_task(self._register_learner(), name="register-learner"))
+        if cfg.force_new_cluster:  # ends once the map is rewritten: not a task the node needs
+            self._tasks.append(loop.create_task(
+                rewrite_shard_map(cfg.id, cfg.address, host, tracker, caller.propose), name="force-new-cluster"))
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("kvstore.v1.KV", health_pb2.HealthCheckResponse.SERVING)
         log.info("node %d of cluster %r serving on %s (%s)%s", cfg.id, cfg.cluster_id, cfg.listen,
                  f"TLS, certificates from {cfg.certs_dir}" if tls is not None else "plaintext, no TLS",
                  f"; clients with a token on {cfg.client_listen}" if cfg.client_listen else "")
+
+    def _force_logs(self, store: NodeStore, tracker: AsyncShardTracker) -> None:
+        """`--force-new-cluster`, step 1 (`kvstore.node.forcenew.force_logs`), before any core
+        starts; says loudly what it did and which data groups are lost."""
+        cfg = self.cfg
+        done = force_logs(store, cfg.id)
+        for f in done:
+            if f.removed or f.promoted:
+                log.warning("force-new-cluster: group %d is now node %d alone (removed %s%s); committed through %d",
+                            f.group, cfg.id, f.removed, ", promoted from learner" if f.promoted else "", f.last)
+        tracker.refresh()
+        lost = lost_groups(tracker.map, cfg.id) if tracker.map is not None else []
+        if lost:
+            log.critical("force-new-cluster: data groups %s have no replica on node %d: their keys are LOST "
+                         "(they stay in the shard map, unavailable)", lost, cfg.id)
+        log.warning("force-new-cluster: node %d starts as a new single-member cluster from its data "
+                    "(%d groups); add members back with `kvctl member add`", cfg.id, len(done))
 
     def reload_certificates(self) -> bool:
         """SIGHUP: read the certs directory again. On success the server presents the new
@@ -373,6 +411,8 @@ class Node:
                     self.auth.refresh()
                     if self.alarms is not None:
                         self.alarms.refresh()
+                    if self.versions is not None:
+                        self.versions.refresh()
                 watch.step()  # watch requests, progress, slow streams (between cycles)
                 if host.failed is not None:
                     m.storage_full.set(1)

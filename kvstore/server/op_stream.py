@@ -47,6 +47,7 @@ from kvstore.raft import Role
 from kvstore.security.guard import credential_of_call
 from kvstore.security.identity import identity_of_call
 from kvstore.security.rbac import READ
+from kvstore.storage import txn
 from kvstore.storage.commands import ApplyResult
 from kvstore.v1 import kv_pb2
 
@@ -62,6 +63,7 @@ _ERROR_REPLY: dict[str, Callable[[kv_pb2.Error], Any]] = {
     "delete": lambda e: kv_pb2.DeleteResponse(error=e),
     "cas": lambda e: kv_pb2.CasResponse(error=e),
     "scan": lambda e: kv_pb2.ScanResponse(error=e),
+    "txn": lambda e: kv_pb2.TxnResponse(error=e),
 }
 
 
@@ -267,8 +269,16 @@ class OpStream:
         """Validate and queue the write for `_propose_queued` (the end of its batch); raises
         (KVError or anything else) only while validating: then nothing was queued."""
         svc = self.svc
-        key, data = self._prepare[kind](req)
-        gid = svc.route_write(key, data, kind == "delete")
+        t: txn.Txn | None = None
+        if kind == "txn":
+            t, data = svc.prepare_txn(req)
+            gid = svc.route_txn(t, data)
+        else:
+            key, data = self._prepare[kind](req)
+            gid = svc.route_write(key, data, kind == "delete")
+        gate = svc.host.gate
+        if gate is not None:  # this write alone, not its whole batch, is refused (propose_many checks again)
+            gate(data)
         t0 = self.loop.time()
 
         def done(result: Any, err: errors.KVError | None) -> None:
@@ -282,7 +292,10 @@ class OpStream:
                 svc.metrics.writes.inc()
                 svc.metrics.proposal_seconds.observe(self.loop.time() - t0)
                 r = kv_pb2.OpResult(id=op_id)
-                self._reply[kind](getattr(r, kind), res)
+                if t is not None:
+                    svc.txn_reply_into(r.txn, t, res)
+                else:
+                    self._reply[kind](getattr(r, kind), res)
             except errors.KVError as e:
                 self._error(op_id, kind, e)
                 return

@@ -35,7 +35,7 @@ from kvstore.node.store import ReadStream
 from kvstore.security.guard import AuthGuard
 from kvstore.security.rbac import READ, READWRITE, WRITE, PermKind
 from kvstore.shard.ranges import IntervalSet, key_hash
-from kvstore.storage import commands, mvcc
+from kvstore.storage import commands, mvcc, txn
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
 from kvstore.v1 import kv_pb2
@@ -46,6 +46,7 @@ from .config import NodeConfig
 from .metrics import Metrics
 from .reads import ReadPoint, ReplicaReads
 from .shards import GroupCaller, ShardTracker
+from .txn_wire import result_into, txn_from_proto
 
 log = logging.getLogger("kvstore.kv")
 
@@ -163,6 +164,78 @@ class KVRequests:
         if self.admission is not None:
             self.admission.check_write(gid, delete)
         return gid
+
+    def route_txn(self, t: txn.Txn, data: bytes) -> int:
+        """The one group every key of transaction `t` maps to (led here, serving them all), to
+        propose `data` to. Definite errors: keys in several groups (INVALID_ARGUMENT naming them:
+        cross-group transactions are not supported yet), a key whose range moved (WRONG_SHARD,
+        the client refreshes its map and retries), and admission's refusals as for a put."""
+        if len(data) > self.cfg.limits.max_request:
+            raise errors.RequestTooLarge(len(data), self.cfg.limits.max_request)
+        m = self.tracker.map
+        if m is None:
+            raise errors.NoLeader("this node has no shard map yet")
+        hashes = {k: key_hash(k) for k, _ in txn.keys_of(t)}
+        if not hashes:
+            raise errors.InvalidArgument("a transaction must name at least one key (it is routed by its keys)")
+        groups: dict[int, bytes] = {}
+        for k, h in hashes.items():
+            groups.setdefault(m.group_for_hash(h), k)
+        if len(groups) > 1:
+            names = ", ".join(f"{g} (key {k[:32]!r})" for g, k in sorted(groups.items()))
+            raise errors.InvalidArgument(
+                f"cross-group transactions are not supported yet: the transaction's keys are in groups {names}"
+            )
+        (gid,) = groups
+        if gid not in self.host.groups:
+            raise self.wrong_shard(f"the transaction's group {gid} is not on node {self.cfg.id}")
+        for k, h in hashes.items():
+            self.check_owned(gid, k, h)
+        if self.admission is not None:
+            self.admission.check_write(gid, not _has_put(t))
+        return gid
+
+    def prepare_txn(self, r: kv_pb2.TxnRequest) -> tuple[txn.Txn, bytes]:
+        """(transaction, command) of a checked transaction: read permission on every key it
+        compares or gets, write permission on every key it puts or deletes (on any path)."""
+        t = txn_from_proto(r.txn, self.check_key, self.check_value)
+        for key, written in txn.keys_of(t):
+            self.allow(key, WRITE if written else READ)
+        s = r.session
+        return t, _encode(
+            commands.encode_command,
+            commands.Command.transaction(t, s.client_id, s.seq, s.ack, s.retry, s.horizon, self.clock.propose(s.revision)),
+        )
+
+    def txn_reply_into(self, msg: kv_pb2.TxnResponse, t: txn.Txn, res: ApplyResult | None) -> None:
+        """Fill `msg` with the applied result `res` of transaction `t` (raises a KVError when
+        there is none to give: see below)."""
+        if res is None:  # applied, but no result came back: retrying under the session answers it
+            raise errors.InternalError("the transaction was applied but its result is not known here",
+                                       indeterminate=True)
+        if res.txn is None:  # a cached result of another command under this (client, seq)
+            raise errors.InvalidArgument(
+                "the session's result for this sequence number belongs to a different request (a reused seq)"
+            )
+        self._ok_into(msg.error)
+        msg.index, msg.revision = res.index, res.revision
+        result_into(msg.result, t, res.txn)
+
+    async def txn(self, r: kv_pb2.TxnRequest) -> kv_pb2.TxnResponse:
+        """A whole transaction (`KV.Txn`), every failure in the reply."""
+        try:
+            t, data = self.prepare_txn(r)
+            gid = self.route_txn(t, data)
+            result = await waiters.propose(self.host, self.wake, gid, data, self.cfg.request_timeout)
+            res = self.write_outcome(gid, result)
+            self.metrics.writes.inc()
+            msg = kv_pb2.TxnResponse()
+            self.txn_reply_into(msg, t, res)
+            return msg
+        except errors.KVError as err:
+            return kv_pb2.TxnResponse(error=self.err(err))
+        except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
+            return kv_pb2.TxnResponse(error=self.err(self.internal("Txn", err)))
 
     # --- writes -----------------------------------------------------------------------------
     def write_outcome(self, gid: int, result: ApplyResult | None) -> ApplyResult | None:
@@ -437,6 +510,13 @@ class KVRequests:
         _scan_meta(msg, point, self.cfg.id)
         msg.revision = served_at(request.revision, rst)
         return msg, stream
+
+
+def _has_put(t: txn.Txn) -> bool:
+    """Whether `t` may put a key (one that only deletes frees space: NOSPACE does not refuse it)."""
+    return any(
+        op.kind == txn.OpKind.PUT or (op.txn is not None and _has_put(op.txn)) for op in (*t.success, *t.failure)
+    )
 
 
 def _encode(encoder: Callable[..., bytes], *args: Any) -> bytes:

@@ -15,6 +15,8 @@ Command wire format (big-endian, `struct`; never pickle or json):
     COMPACT  revision:u64                                     (compact history at it; no key)
     CLOSE    revision:u64                                     (close the group at it; no key,
                                                                no session)
+    TXN      txn                                              (`txn.py`'s encoding, the rest;
+                                                               no key: the command's key is b"")
 
 `revision` is the leader's proposed revision for the write (`mvcc.next_revision` turns it into
 the write's revision at apply; 0 = none proposed). COMPACT and CLOSE carry their revision in
@@ -32,7 +34,8 @@ target group the client had seen in any reply before its first attempt that may 
 Result format: version:u8 (=2)  flags:u8  revision:u64  [current_len:u32 current]  [error: utf-8, the rest]
 (version 1, cached by the previous release, has no revision: decoded with revision 0)
 with flags bit 0 swapped, 1 found, 2 existed, 3 current present, 4 error present, 5 wrong shard,
-6 session expired (never cached: such a result only answers the request that got it).
+6 session expired (never cached: such a result only answers the request that got it), 7 a
+transaction result present (`txn.py`'s result encoding, after `current`, before the error).
 
 Invariants:
 - `decode_command(encode_command(c)) == c` for every valid command;
@@ -48,6 +51,11 @@ import enum
 import struct
 from dataclasses import dataclass, field
 
+from .keylimit import MAX_KEY_SIZE
+from .txn import Txn, TxnResult, decode_txn, decode_txn_result, encode_txn, encode_txn_result
+
+__all__ = ["MAX_KEY_SIZE"]
+
 FORMAT_VERSION = 3
 FORMAT_VERSION_2 = 2
 """The previous release's format (no proposed revision): still decoded."""
@@ -56,10 +64,6 @@ FORMAT_VERSION_1 = 1
 RESULT_VERSION = 2
 RESULT_VERSION_1 = 1
 
-MAX_KEY_SIZE = 503
-"""Longest user key: LMDB's default maximum key size (511) minus the 8-byte group prefix. The one
-key-size limit: the server's `Limits.max_key` may not exceed it, and the client library's default
-`max_key_size` is it."""
 
 U64_MAX = (1 << 64) - 1
 
@@ -88,7 +92,10 @@ _R_CURRENT = 0x08
 _R_ERROR = 0x10
 _R_WRONG_SHARD = 0x20
 _R_SESSION_EXPIRED = 0x40
-_R_ALL = _R_SWAPPED | _R_FOUND | _R_EXISTED | _R_CURRENT | _R_ERROR | _R_WRONG_SHARD | _R_SESSION_EXPIRED
+_R_TXN = 0x80
+_R_ALL = (
+    _R_SWAPPED | _R_FOUND | _R_EXISTED | _R_CURRENT | _R_ERROR | _R_WRONG_SHARD | _R_SESSION_EXPIRED | _R_TXN
+)
 
 
 class Op(enum.IntEnum):
@@ -97,6 +104,7 @@ class Op(enum.IntEnum):
     CAS = 3
     COMPACT = 4
     CLOSE = 5
+    TXN = 6
 
 
 _BODY_ONLY = (Op.COMPACT, Op.CLOSE)
@@ -132,8 +140,10 @@ class Command:
     """The highest applied index of the target group the client had seen before its first attempt
     that may have applied (0 = unknown)."""
     revision: int = 0
-    """PUT/DELETE/CAS: the leader's proposed revision (0 = none); COMPACT: the compact revision;
+    """PUT/DELETE/CAS/TXN: the leader's proposed revision (0 = none); COMPACT: the compact revision;
     CLOSE: the revision to close the group at."""
+    txn: Txn | None = None
+    """TXN: the transaction (its key is b"", its value and expected empty)."""
 
     @classmethod
     def put(
@@ -164,6 +174,13 @@ class Command:
         revision: int = 0,
     ) -> Command:
         return cls(Op.CAS, key, value, expected, expect_absent, client_id, seq, ack, retry, horizon, revision)
+
+    @classmethod
+    def transaction(
+        cls, t: Txn, client_id: int = 0, seq: int = 0, ack: int = 0, retry: bool = False, horizon: int = 0,
+        revision: int = 0,
+    ) -> Command:
+        return cls(Op.TXN, b"", b"", b"", False, client_id, seq, ack, retry, horizon, revision, t)
 
     @classmethod
     def compact(cls, revision: int) -> Command:
@@ -197,6 +214,8 @@ class ApplyResult:
     session_expired: bool = False
     """A retry whose session expired: not applied now, never cached, `error` says so too; an
     earlier attempt may have been applied (indeterminate for the client)."""
+    txn: TxnResult | None = None
+    """A TXN's result (None for every other command; a TXN refused before it ran has none either)."""
     revision: int = field(default=0, compare=False)
     """The revision of the write (0: it changed nothing, e.g. a failed CAS or a delete of an
     absent key; for a COMPACT, the revision the group compacted at; for a CLOSE, the group's last
@@ -230,6 +249,12 @@ def encode_command(cmd: Command) -> bytes:
         if cmd.op == Op.CLOSE and (cmd.client_id or cmd.seq or cmd.ack or cmd.retry or cmd.horizon):
             raise ValueError("CLOSE carries no session")
         return head + _U64.pack(cmd.revision)
+    if cmd.op == Op.TXN:
+        if key or cmd.value or cmd.expected or cmd.expect_absent or cmd.txn is None:
+            raise ValueError("TXN carries a transaction and no key or value")
+        return head + encode_txn(cmd.txn)
+    if cmd.txn is not None:
+        raise ValueError(f"{cmd.op.name} carries no transaction")
     if cmd.op == Op.PUT:
         return b"".join((head, _U32.pack(len(key)), key, cmd.value))
     if cmd.op == Op.DELETE:
@@ -312,6 +337,14 @@ def encode_close(revision: int) -> bytes:
     return encode_command(Command.close(revision))
 
 
+def unknown_kind(data: bytes) -> int | None:
+    """The kind (op code) of `data` if it is a command of a format this release knows whose kind
+    it does not (written by a newer release: `kvstore.node.version`), else None."""
+    if len(data) >= 2 and FORMAT_VERSION_1 <= data[0] <= FORMAT_VERSION and data[1] not in _OPS:
+        return data[1]
+    return None
+
+
 def decode_command(data: bytes) -> Command:
     """Decode a command. Raises ValueError (with a clear message) for anything malformed."""
     data = bytes(data)
@@ -359,6 +392,10 @@ def decode_command(data: bytes) -> Command:
             raise ValueError("CLOSE command carries a session")
         (at,) = _U64.unpack_from(data, pos)
         return Command(Op.CLOSE, b"", revision=at)
+    if kind == Op.TXN:
+        if version != FORMAT_VERSION:
+            raise ValueError(f"TXN command in format version {version}")
+        return Command(Op.TXN, b"", b"", b"", False, client_id, seq, ack, retry, horizon, revision, decode_txn(data, pos))
     if kind == Op.CAS:
         if n < pos + _CAS.size:
             raise ValueError("CAS command truncated in its length fields")
@@ -403,10 +440,13 @@ def encode_result(res: ApplyResult) -> bytes:
         | (_R_ERROR if res.error is not None else 0)
         | (_R_WRONG_SHARD if res.wrong_shard else 0)
         | (_R_SESSION_EXPIRED if res.session_expired else 0)
+        | (_R_TXN if res.txn is not None else 0)
     )
     parts = [_RES.pack(RESULT_VERSION, flags, res.revision)]
     if res.current is not None:
         parts += (_U32.pack(len(res.current)), res.current)
+    if res.txn is not None:
+        parts.append(encode_txn_result(res.txn))
     if res.error is not None:
         parts.append(res.error.encode())
     return b"".join(parts)
@@ -441,6 +481,9 @@ def decode_result(data: bytes) -> ApplyResult:
             raise ValueError(f"result truncated: value needs {pos + clen} bytes, has {n}")
         current = data[pos : pos + clen]
         pos += clen
+    txn = None
+    if flags & _R_TXN:
+        txn, pos = decode_txn_result(data, pos)
     error = None
     if flags & _R_ERROR:
         try:
@@ -451,5 +494,5 @@ def decode_result(data: bytes) -> ApplyResult:
         raise ValueError(f"result has {n - pos} trailing bytes")
     return ApplyResult(
         bool(flags & _R_SWAPPED), bool(flags & _R_FOUND), bool(flags & _R_EXISTED), current, error,
-        bool(flags & _R_WRONG_SHARD), bool(flags & _R_SESSION_EXPIRED), revision,
+        bool(flags & _R_WRONG_SHARD), bool(flags & _R_SESSION_EXPIRED), txn, revision,
     )

@@ -19,6 +19,14 @@ Semantics (deterministic: every replica computes the same result and the same ne
   else), so every later write of the group gets a revision above R: a read at R ≤ last is exact
   forever after (docs/REVISIONS.md, "Reads at a revision"); one above `mvcc.PROPOSAL_MAX` is
   refused (error result, nothing changes). Both carry no session.
+- TXN (`txn.py`): the compares and the branch's operations are evaluated by `txn.evaluate`
+  (pure) against the group's current state, as if written at R = `mvcc.next_revision(last,
+  proposed, group)`; then every write it returns is made at exactly R (etcd's rule: one revision
+  per transaction; the change log holds them all at R, so a watch delivers them together). A
+  transaction that writes nothing leaves the revision state alone (result revision 0). The
+  result (succeeded, per-operation responses) is cached in the session like any result, so a
+  retry answers it again without re-running it. Ownership: every key the transaction names (on
+  any path) must be served by the group, else `wrong_shard` as for a single key.
 - Malformed command bytes change nothing and give a result with `error` set.
 - Exactly-once (client_id != 0): each client has an ack *floor* (the highest `ack` seen, capped by
   the seq that carried it). A command with seq < floor is a stale retry of a request whose reply
@@ -73,8 +81,8 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from ..shard.ranges import IntervalSet, key_hash
-from . import mvcc
-from .commands import ApplyResult, Command, Op, decode_command, decode_result, encode_result
+from . import mvcc, txn
+from .commands import ApplyResult, Command, Op, decode_command, decode_result, encode_result, unknown_kind
 from .mvcc_mem import MemRows
 from .shardcmd import (
     REC_CLOSED,
@@ -263,6 +271,9 @@ def execute(view: StateView, cmd: Command) -> ApplyResult:
                 view.put(cmd.key, cmd.value)
                 return ApplyResult(swapped=True, found=current is not None, revision=rev)
             return ApplyResult(found=current is not None, current=current)
+        if op == Op.TXN:
+            assert cmd.txn is not None  # decode_command guarantees it
+            return apply_txn(view, cmd.txn, cmd.revision)
         if op == Op.COMPACT:
             return compact(view, cmd.revision)
         if op == Op.CLOSE:
@@ -270,6 +281,39 @@ def execute(view: StateView, cmd: Command) -> ApplyResult:
     except mvcc.RevisionError as err:
         return ApplyResult(error=f"revision refused: {err}")
     return ApplyResult(error=f"unknown command op {op!r}")
+
+
+def apply_txn(view: StateView, t: txn.Txn, proposed: int) -> ApplyResult:
+    """Run transaction `t` at one revision (see the module docstring). RevisionError (a refused
+    proposal) propagates before anything changed."""
+    rows = view.mvcc
+    rev = mvcc.next_revision(mvcc.rev_state(rows).last, proposed, view.group)
+
+    def read(key: bytes) -> txn.Current | None:
+        value = view.get(key)
+        meta = mvcc.current_meta(rows, key, value)
+        if value is None or meta is None:
+            return None
+        return txn.Current(value, meta.create_revision, meta.mod_revision, meta.version)
+
+    out = txn.evaluate(t, read, rev)
+    for key, value in out.writes:
+        prev = view.get(key)
+        mvcc.write_version(rows, view.group, key, value, prev, rev, exact=True)
+        if value is None:
+            view.delete(key)
+        else:
+            view.put(key, value)
+    return ApplyResult(revision=out.result.revision, txn=out.result)
+
+
+def serves(st: ShardState | None, cmd: Command) -> bool:
+    """Whether a group with shard state `st` serves every key `cmd` names."""
+    if st is None:
+        return True
+    if cmd.txn is not None:
+        return all(key_hash(k) in st.active for k, _ in txn.keys_of(cmd.txn))
+    return key_hash(cmd.key) in st.active
 
 
 def compact(view: StateView, revision: int) -> ApplyResult:
@@ -353,8 +397,7 @@ def apply_command(view: StateView, cmd: Command) -> ApplyResult:
     if cmd.op == Op.COMPACT or cmd.op == Op.CLOSE:
         return execute(view, cmd) if cid == 0 else ApplyResult(error=f"{cmd.op.name} takes no session")
     if cid == 0:
-        st = view.shards
-        if st is not None and key_hash(cmd.key) not in st.active:
+        if not serves(view.shards, cmd):
             return ApplyResult(wrong_shard=True, error="the key is not served by this group")
         return execute(view, cmd)
     head = view.session_head(cid)
@@ -366,8 +409,7 @@ def apply_command(view: StateView, cmd: Command) -> ApplyResult:
         return decode_result(cached)
     if cmd.retry and (head is None or head.created > cmd.horizon) and view.session_meta().horizon > cmd.horizon:
         return ApplyResult(session_expired=True, error=SESSION_EXPIRED)
-    st = view.shards
-    if st is not None and key_hash(cmd.key) not in st.active:
+    if not serves(view.shards, cmd):
         return ApplyResult(wrong_shard=True, error="the key is not served by this group")
     result = execute(view, cmd)
     new_floor = max(floor, min(cmd.ack, cmd.seq))
@@ -500,15 +542,32 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
     return ApplyResult(error=f"unknown shard op {cmd.op!r}")
 
 
+class UnknownCommandKind(Exception):
+    """An entry holds a command of a known format but of a kind this release does not know: a
+    newer release wrote it (`kvstore.node.version` gates new kinds until every member supports
+    them; a member started later with an older release can still meet one). Applying it as an
+    error result would make this replica diverge from those that know the kind, so apply stops
+    instead (etcd panics likewise): the raising transaction is abandoned whole and the node stops;
+    it applies the entry after an upgrade. No proposal path of this release can put such an entry
+    into a log (`grouprequests.check_group_request`, the KV services encode every command)."""
+
+
 def apply_data(view: StateView, data: bytes, limits: SessionLimits = LIMITS) -> ApplyResult:
     """Apply the data of the NORMAL entry at `view.index`, then evict sessions as `limits` say.
-    Garbage yields an error result and changes nothing (but sessions may still expire)."""
+    Garbage yields an error result and changes nothing (but sessions may still expire); a command
+    of a kind this release does not know raises `UnknownCommandKind`."""
     if is_shard_command(data):
         res = apply_shard_command(view, data)
     else:
         try:
             cmd = decode_command(data)
         except ValueError as err:
+            kind = unknown_kind(data)
+            if kind is not None:
+                raise UnknownCommandKind(
+                    f"entry {view.index} of group {view.group} holds a command of kind {kind}, which this release "
+                    "does not know (a newer release wrote it): upgrade this node; it stops rather than diverge"
+                ) from None
             res = ApplyResult(error=f"malformed command: {err}")
         else:
             res = apply_command(view, cmd)

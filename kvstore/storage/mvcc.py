@@ -300,6 +300,7 @@ def write_version(
     prev: bytes | None,
     proposed: int,
     read_prev: Callable[[bytes], bytes | None] | None = None,
+    exact: bool = False,
 ) -> int:
     """The apply path of one write, in one call (the hot path: no intermediate objects): assign
     the revision (`next_revision` from the group's state), record `key`'s new version (`value`;
@@ -311,7 +312,12 @@ def write_version(
 
     `read_prev` (a PUT, which does not need the key's value itself): `prev` is not known and is
     read with it only if the key has no key row (the only case that needs it: a LEGACY key's
-    first write); a key with a key row costs no read of its value."""
+    first write); a key with a key row costs no read of its value.
+
+    `exact` (a transaction's writes, which share one revision): the write's revision is
+    `proposed` itself, which must be in the group's slot and >= the group's last revision (the
+    caller took it from `next_revision`; its first write raises last to it, the others find last
+    equal to it). The caller writes each key at most once per revision."""
     raw = rows.get(T_STATE, b"")
     if raw is None:
         last, compact, next_kid = 0, 0, 1
@@ -319,14 +325,19 @@ def write_version(
         last, compact, next_kid = _STATE_UNPACK(raw)
     else:
         raise RevisionError(f"corrupt revision state: a row of {len(raw)} bytes")
+    if exact:
+        if not last <= proposed <= REVISION_MAX or proposed % STEP != group % MAX_GROUPS:
+            raise RevisionError(f"revision {proposed} is not a next revision of group {group} (last {last})")
+        rev = proposed
     # next_revision(last, proposed, group), inlined (the hot path; test_mvcc checks they agree).
-    if proposed > PROPOSAL_MAX or proposed < 0:
+    elif proposed > PROPOSAL_MAX or proposed < 0:
         raise RevisionError(f"proposed revision {proposed} is out of range")
-    c = last + 1 if last >= proposed else proposed
-    slot = group % MAX_GROUPS
-    rev = ((c - slot + STEP - 1) >> SLOT_BITS << SLOT_BITS) + slot
-    if rev > REVISION_MAX:
-        raise RevisionError(f"group {group} has run out of revisions (last {last})")
+    else:
+        c = last + 1 if last >= proposed else proposed
+        slot = group % MAX_GROUPS
+        rev = ((c - slot + STEP - 1) >> SLOT_BITS << SLOT_BITS) + slot
+        if rev > REVISION_MAX:
+            raise RevisionError(f"group {group} has run out of revisions (last {last})")
     krow = rows.get(T_KEYS, key)
     if krow is None:  # the key's first write under revisions
         if read_prev is not None:

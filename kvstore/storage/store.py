@@ -43,7 +43,9 @@ what the state machine holds; start-up (`_repair`) then writes the RESET from th
 LMDB recorded with the install, before any core starts. Compaction is a COMPACT record never past
 LMDB's (durable) applied index. A destroyed group is deleted from LMDB first (with its
 tombstone), then DESTROYed in the WAL; start-up finishes a destroy a crash interrupted. A data
-directory from before the WAL has its LMDB logs moved into it at open (`walmigrate.py`).
+directory from before the WAL has its LMDB logs moved into it at open (`walmigrate.py`), as the
+migration from data format 1 to 2 (`dataformat.py`: the format record, checked before anything
+opens, newer formats refused; `MIGRATIONS`).
 
 After a restart (even kill -9, or power loss with sync=True) the store returns exactly what
 returned calls wrote: hard states, logs, log bases, KV data, applied indexes (with their
@@ -88,7 +90,7 @@ from kvstore.raft.types import (
 )
 from kvstore.shard.ranges import IntervalSet
 
-from . import lmdbckpt
+from . import dataformat, lmdbckpt
 from .commands import ApplyResult
 from .errors import StorageError, StorageIOError
 from .kvstate import AppliedState, KVState, TxnStream
@@ -194,6 +196,9 @@ class LmdbNodeStore:
         self.snapshot_chunk_size = snapshot_chunk_size
         self.snapshot_dir = self.path / SNAPSHOT_DIR
         self.path.mkdir(parents=True, exist_ok=True)
+        self.format = dataformat.check(self.path)  # before anything opens: refuses a newer format
+        """The data format the directory had when opened (`dataformat.py`); migrated to the
+        current one by this open."""
         saved = lmdbckpt.read(self.path)
         self._lock_fd: int | None = None
         if self.checkpointed or saved is not None:
@@ -235,11 +240,7 @@ class LmdbNodeStore:
             self._unlock()
             raise
         try:
-            moved = migrate(self._env, self._wal.rw)
-            if moved:
-                log.info("moved the Raft logs of groups %s from LMDB into the write-ahead log", moved)
-                if self.checkpointed:
-                    self.checkpoint()
+            self._migrate()
             self._groups: set[int] = self._scan_groups()
             self._repair()
             if self.checkpointed:
@@ -251,6 +252,24 @@ class LmdbNodeStore:
             self.close()
             raise
         self._clean_snapshot_dir()
+
+    def _migrate(self) -> None:
+        """Run the migrations from the directory's format up to `dataformat.FORMAT_VERSION`, in
+        order; each is idempotent, and the record moves to v + 1 only once migration v is durable
+        (in checkpoint mode: after a checkpoint)."""
+        for version in range(self.format, dataformat.FORMAT_VERSION):
+            log.warning("migrating the data directory %s from format %d to %d (%s)", self.path, version, version + 1,
+                        dataformat.FORMATS[version + 1])
+            MIGRATIONS[version](self)
+            if self.checkpointed:
+                self.checkpoint()
+            dataformat.write(self.path, version + 1)
+
+    def _migrate_logs_to_wal(self) -> None:
+        """Format 1 -> 2: the Raft logs move from LMDB into the write-ahead log (`walmigrate.py`)."""
+        moved = migrate(self._env, self._wal.rw)
+        if moved:
+            log.info("moved the Raft logs of groups %s from LMDB into the write-ahead log", moved)
 
     # --- groups ---------------------------------------------------------------------------------
     def _scan_groups(self) -> set[int]:
@@ -882,3 +901,9 @@ __all__ = ["ApplyBatch", "AuditHead", "GroupWrite", "LmdbNodeStore", "NodeStore"
 def _is_a_node_store(store: LmdbNodeStore) -> ProtocolNodeStore:
     """Never called: makes mypy check that `LmdbNodeStore` implements the protocol."""
     return store
+
+
+MIGRATIONS: dict[int, Callable[[LmdbNodeStore], None]] = {
+    1: LmdbNodeStore._migrate_logs_to_wal,
+}
+"""Data format v -> the migration to v + 1 (`dataformat.py`): one per older format, in order."""

@@ -25,15 +25,17 @@ _sym_db = _symbol_database.Default()
 from kvstore.v1 import kv_pb2 as kvstore_dot_v1_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvstore/v1/admin.proto\x12\nkvstore.v1\x1a\x13kvstore/v1/kv.proto\"N\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07learner\x18\x03 \x01(\x08\x12\x16\n\x0e\x63lient_address\x18\x04 \x01(\t\"\x8c\x03\n\x0bGroupStatus\x12\r\n\x05group\x18\x01 \x01(\x04\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\x04\x12\x11\n\tleader_id\x18\x04 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x05 \x01(\x04\x12\x0f\n\x07\x61pplied\x18\x06 \x01(\x04\x12\x12\n\nlast_index\x18\x07 \x01(\x04\x12\x13\n\x0b\x66irst_index\x18\x08 \x01(\x04\x12\x0e\n\x06voters\x18\t \x03(\x04\x12\x10\n\x08learners\x18\n \x03(\x04\x12\x32\n\x08progress\x18\x0b \x03(\x0b\x32 .kvstore.v1.GroupStatus.Progress\x12\x14\n\x0cstaleness_ms\x18\x14 \x01(\x03\x12\x19\n\x11leader_contact_ms\x18\x15 \x01(\x03\x12\x10\n\x08sessions\x18\x16 \x01(\x04\x12\x18\n\x10sessions_evicted\x18\x17 \x01(\x04\x1a\x42\n\x08Progress\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05match\x18\x02 \x01(\x04\x12\x0c\n\x04next\x18\x03 \x01(\x04\x12\r\n\x05state\x18\x04 \x01(\t\"\x0f\n\rStatusRequest\"\xc2\x01\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12#\n\x07members\x18\x04 \x03(\x0b\x32\x12.kvstore.v1.Member\x12\'\n\x06groups\x18\x05 \x03(\x0b\x32\x17.kvstore.v1.GroupStatus\x12\x14\n\x0cstorage_full\x18\x06 \x01(\x08\x12\x16\n\x0e\x63lient_address\x18\x07 \x01(\t\"P\n\x10\x41\x64\x64MemberRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07learner\x18\x03 \x01(\x08\x12\x0e\n\x06groups\x18\x04 \x03(\x04\"2\n\x14PromoteMemberRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06groups\x18\x02 \x03(\x04\"1\n\x13RemoveMemberRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06groups\x18\x02 \x03(\x04\"3\n\x15TransferLeaderRequest\x12\n\n\x02to\x18\x01 \x01(\x04\x12\x0e\n\x06groups\x18\x02 \x03(\x04\"\x11\n\x0fSnapshotRequest\"g\n\rAdminResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\x0f\n\x07message\x18\x02 \x01(\t\x12#\n\x07members\x18\x03 \x03(\x0b\x32\x12.kvstore.v1.Member\"=\n\x05\x41larm\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12#\n\x04type\x18\x02 \x01(\x0e\x32\x15.kvstore.v1.AlarmType\"\x12\n\x10\x41larmListRequest\"J\n\x12\x41larmDisarmRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12#\n\x04type\x18\x02 \x01(\x0e\x32\x15.kvstore.v1.AlarmType\"T\n\rAlarmResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12!\n\x06\x61larms\x18\x02 \x03(\x0b\x32\x11.kvstore.v1.Alarm\"0\n\rHashKVRequest\x12\r\n\x05group\x18\x01 \x01(\x04\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\xab\x01\n\x0eHashKVResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\x0f\n\x07node_id\x18\x02 \x01(\x04\x12\r\n\x05group\x18\x03 \x01(\x04\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12\x0c\n\x04hash\x18\x05 \x01(\x0c\x12\x0c\n\x04keys\x18\x06 \x01(\x04\x12\x0f\n\x07\x61pplied\x18\x07 \x01(\x04\x12\x18\n\x10\x63ompact_revision\x18\x08 \x01(\x03*.\n\tAlarmType\x12\x0e\n\nALARM_NONE\x10\x00\x12\x11\n\rALARM_NOSPACE\x10\x01\x32\x8d\x05\n\x05\x41\x64min\x12?\n\x06Status\x12\x19.kvstore.v1.StatusRequest\x1a\x1a.kvstore.v1.StatusResponse\x12\x44\n\tAddMember\x12\x1c.kvstore.v1.AddMemberRequest\x1a\x19.kvstore.v1.AdminResponse\x12L\n\rPromoteMember\x12 .kvstore.v1.PromoteMemberRequest\x1a\x19.kvstore.v1.AdminResponse\x12J\n\x0cRemoveMember\x12\x1f.kvstore.v1.RemoveMemberRequest\x1a\x19.kvstore.v1.AdminResponse\x12N\n\x0eTransferLeader\x12!.kvstore.v1.TransferLeaderRequest\x1a\x19.kvstore.v1.AdminResponse\x12\x42\n\x08Snapshot\x12\x1b.kvstore.v1.SnapshotRequest\x1a\x19.kvstore.v1.AdminResponse\x12\x44\n\tAlarmList\x12\x1c.kvstore.v1.AlarmListRequest\x1a\x19.kvstore.v1.AlarmResponse\x12H\n\x0b\x41larmDisarm\x12\x1e.kvstore.v1.AlarmDisarmRequest\x1a\x19.kvstore.v1.AlarmResponse\x12?\n\x06HashKV\x12\x19.kvstore.v1.HashKVRequest\x1a\x1a.kvstore.v1.HashKVResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvstore/v1/admin.proto\x12\nkvstore.v1\x1a\x13kvstore/v1/kv.proto\"N\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07learner\x18\x03 \x01(\x08\x12\x16\n\x0e\x63lient_address\x18\x04 \x01(\t\"\x8c\x03\n\x0bGroupStatus\x12\r\n\x05group\x18\x01 \x01(\x04\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\x04\x12\x11\n\tleader_id\x18\x04 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x05 \x01(\x04\x12\x0f\n\x07\x61pplied\x18\x06 \x01(\x04\x12\x12\n\nlast_index\x18\x07 \x01(\x04\x12\x13\n\x0b\x66irst_index\x18\x08 \x01(\x04\x12\x0e\n\x06voters\x18\t \x03(\x04\x12\x10\n\x08learners\x18\n \x03(\x04\x12\x32\n\x08progress\x18\x0b \x03(\x0b\x32 .kvstore.v1.GroupStatus.Progress\x12\x14\n\x0cstaleness_ms\x18\x14 \x01(\x03\x12\x19\n\x11leader_contact_ms\x18\x15 \x01(\x03\x12\x10\n\x08sessions\x18\x16 \x01(\x04\x12\x18\n\x10sessions_evicted\x18\x17 \x01(\x04\x1a\x42\n\x08Progress\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05match\x18\x02 \x01(\x04\x12\x0c\n\x04next\x18\x03 \x01(\x04\x12\r\n\x05state\x18\x04 \x01(\t\"\x0f\n\rStatusRequest\"\xee\x02\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12#\n\x07members\x18\x04 \x03(\x0b\x32\x12.kvstore.v1.Member\x12\'\n\x06groups\x18\x05 \x03(\x0b\x32\x17.kvstore.v1.GroupStatus\x12\x14\n\x0cstorage_full\x18\x06 \x01(\x08\x12\x16\n\x0e\x63lient_address\x18\x07 \x01(\t\x12\x17\n\x0f\x63luster_version\x18\x14 \x01(\r\x12\x17\n\x0fsupported_level\x18\x15 \x01(\r\x12\x43\n\rmember_levels\x18\x16 \x03(\x0b\x32,.kvstore.v1.StatusResponse.MemberLevelsEntry\x1a\x33\n\x11MemberLevelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"P\n\x10\x41\x64\x64MemberRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07learner\x18\x03 \x01(\x08\x12\x0e\n\x06groups\x18\x04 \x03(\x04\"2\n\x14PromoteMemberRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06groups\x18\x02 \x03(\x04\"1\n\x13RemoveMemberRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06groups\x18\x02 \x03(\x04\"3\n\x15TransferLeaderRequest\x12\n\n\x02to\x18\x01 \x01(\x04\x12\x0e\n\x06groups\x18\x02 \x03(\x04\"\x11\n\x0fSnapshotRequest\"g\n\rAdminResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\x0f\n\x07message\x18\x02 \x01(\t\x12#\n\x07members\x18\x03 \x03(\x0b\x32\x12.kvstore.v1.Member\"=\n\x05\x41larm\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12#\n\x04type\x18\x02 \x01(\x0e\x32\x15.kvstore.v1.AlarmType\"\x12\n\x10\x41larmListRequest\"J\n\x12\x41larmDisarmRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12#\n\x04type\x18\x02 \x01(\x0e\x32\x15.kvstore.v1.AlarmType\"T\n\rAlarmResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12!\n\x06\x61larms\x18\x02 \x03(\x0b\x32\x11.kvstore.v1.Alarm\"0\n\rHashKVRequest\x12\r\n\x05group\x18\x01 \x01(\x04\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\xab\x01\n\x0eHashKVResponse\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.kvstore.v1.Error\x12\x0f\n\x07node_id\x18\x02 \x01(\x04\x12\r\n\x05group\x18\x03 \x01(\x04\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12\x0c\n\x04hash\x18\x05 \x01(\x0c\x12\x0c\n\x04keys\x18\x06 \x01(\x04\x12\x0f\n\x07\x61pplied\x18\x07 \x01(\x04\x12\x18\n\x10\x63ompact_revision\x18\x08 \x01(\x03*.\n\tAlarmType\x12\x0e\n\nALARM_NONE\x10\x00\x12\x11\n\rALARM_NOSPACE\x10\x01\x32\x8d\x05\n\x05\x41\x64min\x12?\n\x06Status\x12\x19.kvstore.v1.StatusRequest\x1a\x1a.kvstore.v1.StatusResponse\x12\x44\n\tAddMember\x12\x1c.kvstore.v1.AddMemberRequest\x1a\x19.kvstore.v1.AdminResponse\x12L\n\rPromoteMember\x12 .kvstore.v1.PromoteMemberRequest\x1a\x19.kvstore.v1.AdminResponse\x12J\n\x0cRemoveMember\x12\x1f.kvstore.v1.RemoveMemberRequest\x1a\x19.kvstore.v1.AdminResponse\x12N\n\x0eTransferLeader\x12!.kvstore.v1.TransferLeaderRequest\x1a\x19.kvstore.v1.AdminResponse\x12\x42\n\x08Snapshot\x12\x1b.kvstore.v1.SnapshotRequest\x1a\x19.kvstore.v1.AdminResponse\x12\x44\n\tAlarmList\x12\x1c.kvstore.v1.AlarmListRequest\x1a\x19.kvstore.v1.AlarmResponse\x12H\n\x0b\x41larmDisarm\x12\x1e.kvstore.v1.AlarmDisarmRequest\x1a\x19.kvstore.v1.AlarmResponse\x12?\n\x06HashKV\x12\x19.kvstore.v1.HashKVRequest\x1a\x1a.kvstore.v1.HashKVResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvstore.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ALARMTYPE']._serialized_start=1583
-  _globals['_ALARMTYPE']._serialized_end=1629
+  _globals['_STATUSRESPONSE_MEMBERLEVELSENTRY']._loaded_options = None
+  _globals['_STATUSRESPONSE_MEMBERLEVELSENTRY']._serialized_options = b'8\001'
+  _globals['_ALARMTYPE']._serialized_start=1755
+  _globals['_ALARMTYPE']._serialized_end=1801
   _globals['_MEMBER']._serialized_start=59
   _globals['_MEMBER']._serialized_end=137
   _globals['_GROUPSTATUS']._serialized_start=140
@@ -43,31 +45,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_start=538
   _globals['_STATUSREQUEST']._serialized_end=553
   _globals['_STATUSRESPONSE']._serialized_start=556
-  _globals['_STATUSRESPONSE']._serialized_end=750
-  _globals['_ADDMEMBERREQUEST']._serialized_start=752
-  _globals['_ADDMEMBERREQUEST']._serialized_end=832
-  _globals['_PROMOTEMEMBERREQUEST']._serialized_start=834
-  _globals['_PROMOTEMEMBERREQUEST']._serialized_end=884
-  _globals['_REMOVEMEMBERREQUEST']._serialized_start=886
-  _globals['_REMOVEMEMBERREQUEST']._serialized_end=935
-  _globals['_TRANSFERLEADERREQUEST']._serialized_start=937
-  _globals['_TRANSFERLEADERREQUEST']._serialized_end=988
-  _globals['_SNAPSHOTREQUEST']._serialized_start=990
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1007
-  _globals['_ADMINRESPONSE']._serialized_start=1009
-  _globals['_ADMINRESPONSE']._serialized_end=1112
-  _globals['_ALARM']._serialized_start=1114
-  _globals['_ALARM']._serialized_end=1175
-  _globals['_ALARMLISTREQUEST']._serialized_start=1177
-  _globals['_ALARMLISTREQUEST']._serialized_end=1195
-  _globals['_ALARMDISARMREQUEST']._serialized_start=1197
-  _globals['_ALARMDISARMREQUEST']._serialized_end=1271
-  _globals['_ALARMRESPONSE']._serialized_start=1273
-  _globals['_ALARMRESPONSE']._serialized_end=1357
-  _globals['_HASHKVREQUEST']._serialized_start=1359
-  _globals['_HASHKVREQUEST']._serialized_end=1407
-  _globals['_HASHKVRESPONSE']._serialized_start=1410
-  _globals['_HASHKVRESPONSE']._serialized_end=1581
-  _globals['_ADMIN']._serialized_start=1632
-  _globals['_ADMIN']._serialized_end=2285
+  _globals['_STATUSRESPONSE']._serialized_end=922
+  _globals['_STATUSRESPONSE_MEMBERLEVELSENTRY']._serialized_start=871
+  _globals['_STATUSRESPONSE_MEMBERLEVELSENTRY']._serialized_end=922
+  _globals['_ADDMEMBERREQUEST']._serialized_start=924
+  _globals['_ADDMEMBERREQUEST']._serialized_end=1004
+  _globals['_PROMOTEMEMBERREQUEST']._serialized_start=1006
+  _globals['_PROMOTEMEMBERREQUEST']._serialized_end=1056
+  _globals['_REMOVEMEMBERREQUEST']._serialized_start=1058
+  _globals['_REMOVEMEMBERREQUEST']._serialized_end=1107
+  _globals['_TRANSFERLEADERREQUEST']._serialized_start=1109
+  _globals['_TRANSFERLEADERREQUEST']._serialized_end=1160
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1162
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1179
+  _globals['_ADMINRESPONSE']._serialized_start=1181
+  _globals['_ADMINRESPONSE']._serialized_end=1284
+  _globals['_ALARM']._serialized_start=1286
+  _globals['_ALARM']._serialized_end=1347
+  _globals['_ALARMLISTREQUEST']._serialized_start=1349
+  _globals['_ALARMLISTREQUEST']._serialized_end=1367
+  _globals['_ALARMDISARMREQUEST']._serialized_start=1369
+  _globals['_ALARMDISARMREQUEST']._serialized_end=1443
+  _globals['_ALARMRESPONSE']._serialized_start=1445
+  _globals['_ALARMRESPONSE']._serialized_end=1529
+  _globals['_HASHKVREQUEST']._serialized_start=1531
+  _globals['_HASHKVREQUEST']._serialized_end=1579
+  _globals['_HASHKVRESPONSE']._serialized_start=1582
+  _globals['_HASHKVRESPONSE']._serialized_end=1753
+  _globals['_ADMIN']._serialized_start=1804
+  _globals['_ADMIN']._serialized_end=2457
 # @@protoc_insertion_point(module_scope)

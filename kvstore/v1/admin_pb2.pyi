@@ -77,7 +77,14 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node_id", "cluster_id", "address", "members", "groups", "storage_full", "client_address")
+    __slots__ = ("node_id", "cluster_id", "address", "members", "groups", "storage_full", "client_address", "cluster_version", "supported_level", "member_levels")
+    class MemberLevelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +92,9 @@ class StatusResponse(_message.Message):
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     STORAGE_FULL_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTED_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_LEVELS_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     cluster_id: str
     address: str
@@ -92,7 +102,10 @@ class StatusResponse(_message.Message):
     groups: _containers.RepeatedCompositeFieldContainer[GroupStatus]
     storage_full: bool
     client_address: str
-    def __init__(self, node_id: _Optional[int] = ..., cluster_id: _Optional[str] = ..., address: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., storage_full: _Optional[bool] = ..., client_address: _Optional[str] = ...) -> None: ...
+    cluster_version: int
+    supported_level: int
+    member_levels: _containers.ScalarMap[int, int]
+    def __init__(self, node_id: _Optional[int] = ..., cluster_id: _Optional[str] = ..., address: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., storage_full: _Optional[bool] = ..., client_address: _Optional[str] = ..., cluster_version: _Optional[int] = ..., supported_level: _Optional[int] = ..., member_levels: _Optional[_Mapping[int, int]] = ...) -> None: ...
 
 class AddMemberRequest(_message.Message):
     __slots__ = ("id", "address", "learner", "groups")

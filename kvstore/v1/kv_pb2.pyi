@@ -37,6 +37,22 @@ class Consistency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SERIALIZABLE: _ClassVar[Consistency]
     STALE: _ClassVar[Consistency]
     BOUNDED: _ClassVar[Consistency]
+
+class CompareTarget(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPARE_TARGET_UNSPECIFIED: _ClassVar[CompareTarget]
+    COMPARE_VALUE: _ClassVar[CompareTarget]
+    COMPARE_VERSION: _ClassVar[CompareTarget]
+    COMPARE_CREATE: _ClassVar[CompareTarget]
+    COMPARE_MOD: _ClassVar[CompareTarget]
+
+class CompareResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPARE_RESULT_UNSPECIFIED: _ClassVar[CompareResult]
+    EQUAL: _ClassVar[CompareResult]
+    NOT_EQUAL: _ClassVar[CompareResult]
+    GREATER: _ClassVar[CompareResult]
+    LESS: _ClassVar[CompareResult]
 OK: ErrorCode
 NOT_LEADER: ErrorCode
 NO_LEADER: ErrorCode
@@ -62,6 +78,16 @@ LINEARIZABLE: Consistency
 SERIALIZABLE: Consistency
 STALE: Consistency
 BOUNDED: Consistency
+COMPARE_TARGET_UNSPECIFIED: CompareTarget
+COMPARE_VALUE: CompareTarget
+COMPARE_VERSION: CompareTarget
+COMPARE_CREATE: CompareTarget
+COMPARE_MOD: CompareTarget
+COMPARE_RESULT_UNSPECIFIED: CompareResult
+EQUAL: CompareResult
+NOT_EQUAL: CompareResult
+GREATER: CompareResult
+LESS: CompareResult
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "leader_id", "leader_hint", "indeterminate", "shard_version", "retry_after_ms", "leader_client_hint", "compact_revision")
@@ -207,6 +233,90 @@ class CasResponse(_message.Message):
     revision: int
     def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., swapped: _Optional[bool] = ..., found: _Optional[bool] = ..., current: _Optional[bytes] = ..., index: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
 
+class Compare(_message.Message):
+    __slots__ = ("key", "target", "result", "value", "number")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    target: CompareTarget
+    result: CompareResult
+    value: bytes
+    number: int
+    def __init__(self, key: _Optional[bytes] = ..., target: _Optional[_Union[CompareTarget, str]] = ..., result: _Optional[_Union[CompareResult, str]] = ..., value: _Optional[bytes] = ..., number: _Optional[int] = ...) -> None: ...
+
+class TxnPut(_message.Message):
+    __slots__ = ("key", "value")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    value: bytes
+    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ...) -> None: ...
+
+class TxnOp(_message.Message):
+    __slots__ = ("put", "delete", "get", "txn")
+    PUT_FIELD_NUMBER: _ClassVar[int]
+    DELETE_FIELD_NUMBER: _ClassVar[int]
+    GET_FIELD_NUMBER: _ClassVar[int]
+    TXN_FIELD_NUMBER: _ClassVar[int]
+    put: TxnPut
+    delete: bytes
+    get: bytes
+    txn: TxnBody
+    def __init__(self, put: _Optional[_Union[TxnPut, _Mapping]] = ..., delete: _Optional[bytes] = ..., get: _Optional[bytes] = ..., txn: _Optional[_Union[TxnBody, _Mapping]] = ...) -> None: ...
+
+class TxnBody(_message.Message):
+    __slots__ = ("compares", "success", "failure")
+    COMPARES_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    compares: _containers.RepeatedCompositeFieldContainer[Compare]
+    success: _containers.RepeatedCompositeFieldContainer[TxnOp]
+    failure: _containers.RepeatedCompositeFieldContainer[TxnOp]
+    def __init__(self, compares: _Optional[_Iterable[_Union[Compare, _Mapping]]] = ..., success: _Optional[_Iterable[_Union[TxnOp, _Mapping]]] = ..., failure: _Optional[_Iterable[_Union[TxnOp, _Mapping]]] = ...) -> None: ...
+
+class TxnRequest(_message.Message):
+    __slots__ = ("txn", "session")
+    TXN_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    txn: TxnBody
+    session: Session
+    def __init__(self, txn: _Optional[_Union[TxnBody, _Mapping]] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class TxnOpResponse(_message.Message):
+    __slots__ = ("put", "delete", "get", "txn")
+    PUT_FIELD_NUMBER: _ClassVar[int]
+    DELETE_FIELD_NUMBER: _ClassVar[int]
+    GET_FIELD_NUMBER: _ClassVar[int]
+    TXN_FIELD_NUMBER: _ClassVar[int]
+    put: int
+    delete: bool
+    get: KeyValue
+    txn: TxnResult
+    def __init__(self, put: _Optional[int] = ..., delete: _Optional[bool] = ..., get: _Optional[_Union[KeyValue, _Mapping]] = ..., txn: _Optional[_Union[TxnResult, _Mapping]] = ...) -> None: ...
+
+class TxnResult(_message.Message):
+    __slots__ = ("succeeded", "responses")
+    SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    succeeded: bool
+    responses: _containers.RepeatedCompositeFieldContainer[TxnOpResponse]
+    def __init__(self, succeeded: _Optional[bool] = ..., responses: _Optional[_Iterable[_Union[TxnOpResponse, _Mapping]]] = ...) -> None: ...
+
+class TxnResponse(_message.Message):
+    __slots__ = ("error", "result", "index", "revision")
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    error: Error
+    result: TxnResult
+    index: int
+    revision: int
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., result: _Optional[_Union[TxnResult, _Mapping]] = ..., index: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
+
 class ScanRequest(_message.Message):
     __slots__ = ("start", "end", "prefix", "limit", "consistency", "group", "max_staleness_ms", "revision")
     START_FIELD_NUMBER: _ClassVar[int]
@@ -264,7 +374,7 @@ class ScanResponse(_message.Message):
     def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., items: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ..., more: _Optional[bool] = ..., owned_lo: _Optional[_Iterable[int]] = ..., owned_hi: _Optional[_Iterable[int]] = ..., index: _Optional[int] = ..., staleness_ms: _Optional[int] = ..., node_id: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class Op(_message.Message):
-    __slots__ = ("id", "timeout_ms", "get", "put", "delete", "cas", "scan")
+    __slots__ = ("id", "timeout_ms", "get", "put", "delete", "cas", "scan", "txn")
     ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     GET_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +382,7 @@ class Op(_message.Message):
     DELETE_FIELD_NUMBER: _ClassVar[int]
     CAS_FIELD_NUMBER: _ClassVar[int]
     SCAN_FIELD_NUMBER: _ClassVar[int]
+    TXN_FIELD_NUMBER: _ClassVar[int]
     id: int
     timeout_ms: int
     get: GetRequest
@@ -279,23 +390,26 @@ class Op(_message.Message):
     delete: DeleteRequest
     cas: CasRequest
     scan: ScanRequest
-    def __init__(self, id: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., get: _Optional[_Union[GetRequest, _Mapping]] = ..., put: _Optional[_Union[PutRequest, _Mapping]] = ..., delete: _Optional[_Union[DeleteRequest, _Mapping]] = ..., cas: _Optional[_Union[CasRequest, _Mapping]] = ..., scan: _Optional[_Union[ScanRequest, _Mapping]] = ...) -> None: ...
+    txn: TxnRequest
+    def __init__(self, id: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., get: _Optional[_Union[GetRequest, _Mapping]] = ..., put: _Optional[_Union[PutRequest, _Mapping]] = ..., delete: _Optional[_Union[DeleteRequest, _Mapping]] = ..., cas: _Optional[_Union[CasRequest, _Mapping]] = ..., scan: _Optional[_Union[ScanRequest, _Mapping]] = ..., txn: _Optional[_Union[TxnRequest, _Mapping]] = ...) -> None: ...
 
 class OpResult(_message.Message):
-    __slots__ = ("id", "get", "put", "delete", "cas", "scan")
+    __slots__ = ("id", "get", "put", "delete", "cas", "scan", "txn")
     ID_FIELD_NUMBER: _ClassVar[int]
     GET_FIELD_NUMBER: _ClassVar[int]
     PUT_FIELD_NUMBER: _ClassVar[int]
     DELETE_FIELD_NUMBER: _ClassVar[int]
     CAS_FIELD_NUMBER: _ClassVar[int]
     SCAN_FIELD_NUMBER: _ClassVar[int]
+    TXN_FIELD_NUMBER: _ClassVar[int]
     id: int
     get: GetResponse
     put: PutResponse
     delete: DeleteResponse
     cas: CasResponse
     scan: ScanResponse
-    def __init__(self, id: _Optional[int] = ..., get: _Optional[_Union[GetResponse, _Mapping]] = ..., put: _Optional[_Union[PutResponse, _Mapping]] = ..., delete: _Optional[_Union[DeleteResponse, _Mapping]] = ..., cas: _Optional[_Union[CasResponse, _Mapping]] = ..., scan: _Optional[_Union[ScanResponse, _Mapping]] = ...) -> None: ...
+    txn: TxnResponse
+    def __init__(self, id: _Optional[int] = ..., get: _Optional[_Union[GetResponse, _Mapping]] = ..., put: _Optional[_Union[PutResponse, _Mapping]] = ..., delete: _Optional[_Union[DeleteResponse, _Mapping]] = ..., cas: _Optional[_Union[CasResponse, _Mapping]] = ..., scan: _Optional[_Union[ScanResponse, _Mapping]] = ..., txn: _Optional[_Union[TxnResponse, _Mapping]] = ...) -> None: ...
 
 class OpBatch(_message.Message):
     __slots__ = ("ops",)

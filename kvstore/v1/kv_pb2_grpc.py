@@ -59,6 +59,11 @@ class KVStub:
                 request_serializer=kvstore_dot_v1_dot_kv__pb2.CasRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kv__pb2.CasResponse.FromString,
                 _registered_method=True)
+        self.Txn = channel.unary_unary(
+                '/kvstore.v1.KV/Txn',
+                request_serializer=kvstore_dot_v1_dot_kv__pb2.TxnRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kv__pb2.TxnResponse.FromString,
+                _registered_method=True)
         self.Scan = channel.unary_stream(
                 '/kvstore.v1.KV/Scan',
                 request_serializer=kvstore_dot_v1_dot_kv__pb2.ScanRequest.SerializeToString,
@@ -105,6 +110,12 @@ class KVServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Cas(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Txn(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,6 +168,11 @@ def add_KVServicer_to_server(servicer, server):
                     servicer.Cas,
                     request_deserializer=kvstore_dot_v1_dot_kv__pb2.CasRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kv__pb2.CasResponse.SerializeToString,
+            ),
+            'Txn': grpc.unary_unary_rpc_method_handler(
+                    servicer.Txn,
+                    request_deserializer=kvstore_dot_v1_dot_kv__pb2.TxnRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kv__pb2.TxnResponse.SerializeToString,
             ),
             'Scan': grpc.unary_stream_rpc_method_handler(
                     servicer.Scan,
@@ -309,6 +325,33 @@ class KV:
             '/kvstore.v1.KV/Cas',
             kvstore_dot_v1_dot_kv__pb2.CasRequest.SerializeToString,
             kvstore_dot_v1_dot_kv__pb2.CasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Txn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KV/Txn',
+            kvstore_dot_v1_dot_kv__pb2.TxnRequest.SerializeToString,
+            kvstore_dot_v1_dot_kv__pb2.TxnResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -123,7 +123,7 @@ def test_a_node_audits_admin_shard_and_write_rpcs_but_not_reads(tmp_path: Path) 
 def _requests(draw: st.DrawFn) -> tuple[str, str, object]:
     u64 = st.integers(0, 2**64 - 1)
     which = draw(st.sampled_from(["AddMember", "PromoteMember", "RemoveMember", "TransferLeader", "Snapshot",
-                                  "ShardOp", "GroupPropose", "Put", "Delete", "Cas"]))
+                                  "ShardOp", "GroupPropose", "Put", "Delete", "Cas", "Txn"]))
     if which == "AddMember":
         return "kvstore.v1.Admin", which, admin_pb2.AddMemberRequest(
             id=draw(u64), address=draw(st.text(max_size=300)), learner=draw(st.booleans()),
@@ -147,6 +147,12 @@ def _requests(draw: st.DrawFn) -> tuple[str, str, object]:
         return "kvstore.v1.KV", which, kv_pb2.PutRequest(key=key, value=draw(st.binary(max_size=50)))
     if which == "Delete":
         return "kvstore.v1.KV", which, kv_pb2.DeleteRequest(key=key)
+    if which == "Txn":
+        ops = st.one_of(st.builds(lambda k: kv_pb2.TxnOp(get=k), st.binary(max_size=600)),
+                        st.builds(lambda k: kv_pb2.TxnOp(delete=k), st.binary(max_size=600)), st.just(kv_pb2.TxnOp()))
+        return "kvstore.v1.KV", which, kv_pb2.TxnRequest(txn=kv_pb2.TxnBody(
+            compares=[kv_pb2.Compare(key=key)], success=draw(st.lists(ops, max_size=3)),
+            failure=draw(st.lists(ops, max_size=3))))
     return "kvstore.v1.KV", which, kv_pb2.CasRequest(key=key, value=draw(st.binary(max_size=50)))
 
 

@@ -57,6 +57,10 @@ def request_for(path: str, who: str) -> Any:
         return kv_pb2.OpBatch(ops=[kv_pb2.Op(id=1, put=kv_pb2.PutRequest(key=b"data/t", value=b"v"))])
     if cls is kv_pb2.WatchRequest:
         return cls(create_request=kv_pb2.WatchCreateRequest(key=b"data/t", watch_id=1))
+    if cls is kv_pb2.TxnRequest:  # reads and writes data/t: alice may, bob may not
+        return cls(txn=kv_pb2.TxnBody(
+            compares=[kv_pb2.Compare(key=b"data/t", target=kv_pb2.COMPARE_VERSION, result=kv_pb2.GREATER, number=0)],
+            success=[kv_pb2.TxnOp(get=b"data/t")], failure=[kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=b"data/t", value=b"v"))]))
     if cls is kv_pb2.ScanRequest:
         return kv_pb2.ScanRequest(prefix=b"data/", group=1)
     if cls is shard_pb2.GroupProposeRequest:
@@ -556,3 +560,39 @@ async def _a_client_logs_in_again_when_its_stream_token_dies(tmp_path: Path) -> 
             assert exc.value.definite
             g = await kv_pb2_grpc.KVStub(ch).Get(kv_pb2.GetRequest(key=b"data/3"), metadata=bearer(root), timeout=10)
             assert g.error.code == kv_pb2.OK and not g.found
+
+
+def test_txn_needs_read_on_what_it_reads_and_write_on_what_it_writes(tmp_path: Path) -> None:
+    asyncio.run(_txn_permissions(tmp_path))
+
+
+async def _txn_permissions(tmp_path: Path) -> None:
+    async with one_node(tmp_path) as n:
+        tokens = await setup_auth(n)
+        async with grpc.aio.insecure_channel(n.address) as ch:
+            kv = kv_pb2_grpc.KVStub(ch)
+
+            def txn(cmp_key: bytes, get_key: bytes, put_key: bytes | None, in_failure: bool = False) -> kv_pb2.TxnRequest:
+                ops = [kv_pb2.TxnOp(get=get_key)]
+                if put_key is not None:
+                    ops.append(kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=put_key, value=b"t")))
+                body = kv_pb2.TxnBody(compares=[kv_pb2.Compare(key=cmp_key, target=kv_pb2.COMPARE_VERSION,
+                                                               result=kv_pb2.EQUAL, number=0)])  # absent: holds
+                (body.failure if in_failure else body.success).extend(ops)
+                return kv_pb2.TxnRequest(txn=body)
+
+            async def code(user: str, req: kv_pb2.TxnRequest) -> int:
+                r = await kv.Txn(req, metadata=bearer(tokens[user]), timeout=10)
+                assert not r.error.indeterminate, r.error
+                return r.error.code
+
+            assert await code("alice", txn(b"data/a", b"data/b", b"data/c")) == kv_pb2.OK
+            assert await code("reader", txn(b"data/a", b"data/b", None)) == kv_pb2.OK
+            # a write anywhere in it, even in a branch that would not run, needs write permission
+            assert await code("reader", txn(b"data/a", b"data/b", b"data/c", in_failure=True)) == kv_pb2.PERMISSION_DENIED
+            # a compare or a get outside the user's keys needs read permission there
+            assert await code("alice", txn(b"other/a", b"data/b", b"data/c")) == kv_pb2.PERMISSION_DENIED
+            assert await code("alice", txn(b"data/a", b"other/b", None)) == kv_pb2.PERMISSION_DENIED
+            assert await code("bob", txn(b"data/a", b"data/b", None)) == kv_pb2.PERMISSION_DENIED
+            g = await kv.Get(kv_pb2.GetRequest(key=b"data/c"), metadata=bearer(tokens["root"]), timeout=10)
+            assert g.value == b"t"  # alice's transaction wrote it

@@ -15,7 +15,7 @@ import pytest
 from test_client_fakes import Action, FakeCluster, closed_port
 
 from kvstore import errors
-from kvstore.client import AsyncClient, Client
+from kvstore.client import AsyncClient, Client, Compare, Op
 from kvstore.client.retry import Backoff, BreakerState, CircuitBreaker, Deadline, RetryPolicy
 from kvstore.client.routing import DEFAULT_GROUP, Router
 from kvstore.client.scans import scan_range
@@ -307,6 +307,49 @@ def test_indeterminate_retries_reuse_session_exactly_once(cluster: FakeCluster) 
     assert len(puts) >= 3
     assert len({(p.client_id, p.seq) for p in puts}) == 1
     assert [a for a in cluster.applied if a[0] == "Put"] == [("Put", puts[0].client_id, puts[0].seq, b"k")]
+
+
+def test_txn_retries_reuse_its_session_and_errors_say_definite_or_not(cluster: FakeCluster) -> None:
+    """A transaction applied while the client heard TIMEOUT is retried under the same session,
+    applied once, and answered with its first result; a definite refusal is definite; a
+    malformed transaction is refused before anything is sent."""
+    cluster.script(1, Action("error", kv_pb2.TIMEOUT, indeterminate=True, apply=True, methods=("Txn",)),
+                   Action("error", kv_pb2.LEADERSHIP_LOST, indeterminate=True, methods=("Txn",)))
+
+    async def main() -> None:
+        async with AsyncClient(cluster.endpoints, **FAST) as c:
+            r = await c.txn([], [Op.put(b"tx", b"1"), Op.get(b"tx")])
+            assert r.succeeded and [x.kind for x in r.responses] == ["put", "get"]
+            kv = r.responses[1].kv
+            assert kv is not None and kv.value == b"1"
+            r = await c.txn([Compare.value(b"tx", "=", b"other")], [Op.put(b"tx", b"2")], [Op.get(b"nope")])
+            assert not r.succeeded and r.responses[0].kv is None
+            cluster.script(1, Action("error", kv_pb2.INVALID_ARGUMENT, methods=("Txn",)))
+            with pytest.raises(errors.InvalidArgument) as ei:
+                await c.txn([], [Op.put(b"tx", b"3")])
+            assert ei.value.definite
+            cluster.script(1, *[Action("error", kv_pb2.TIMEOUT, indeterminate=True, methods=("Txn",))] * 1000)
+            with pytest.raises(errors.Timeout) as et:
+                await c.txn([], [Op.put(b"tx", b"4")], timeout=0.3)
+            assert et.value.indeterminate
+            cluster.nodes[1].script.clear()
+            before = len(cluster.kv_calls("Txn"))
+            for bad, msg in [
+                (([], []), "at least one key"),
+                (([Compare.version(b"k", ">", -1)], [Op.get(b"k")]), "integer"),
+                (([Compare(b"k", "value", "==", b"v")], [Op.get(b"k")]), "operator"),
+                (([], [Op.get(b"")]), "empty"),
+                (([], [Op.txn([], [Op.txn([], [Op.txn([], [Op.txn([], [Op.get(b"k")])])])])]), "deeper"),
+            ]:
+                with pytest.raises(errors.InvalidArgument, match=msg):
+                    await c.txn(*bad)  # type: ignore[arg-type]
+            assert len(cluster.kv_calls("Txn")) == before  # nothing sent
+
+    run(main())
+    txns = [t for t in cluster.kv_calls("Txn") if t.node == 1]
+    assert len({(t.client_id, t.seq) for t in txns[:3]}) == 1 and [t.retry for t in txns[:3]] == [False, True, True]
+    applied = [a for a in cluster.applied if a[0] == "Txn"]
+    assert [a[2] for a in applied] == [txns[0].seq, txns[0].seq + 1]  # the first once, the second; no others
 
 
 def test_retry_after_indeterminate_carries_retry_and_horizon(cluster: FakeCluster) -> None:

@@ -177,6 +177,20 @@ class FakeCluster:
         return resp
 
 
+def txn_key(request: kv_pb2.TxnRequest) -> bytes:
+    """The first key a (one-level) transaction names."""
+    b = request.txn
+    for c in b.compares:
+        return c.key
+    for op in (*b.success, *b.failure):
+        which = op.WhichOneof("op")
+        if which == "put":
+            return op.put.key
+        if which in ("get", "delete"):
+            return getattr(op, which)
+    return b""
+
+
 class _Abort(Exception):
     def __init__(self, status: grpc.StatusCode, details: str) -> None:
         super().__init__(details)
@@ -201,7 +215,8 @@ class _KV(kv_pb2_grpc.KVServicer):
         """Each operation runs its unary handler (scripts and all), concurrently."""
         out: asyncio.Queue[Any] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
-        handlers = {"get": self.Get, "put": self.Put, "delete": self.Delete, "cas": self.Cas, "scan": self.scan_once}
+        handlers = {"get": self.Get, "put": self.Put, "delete": self.Delete, "cas": self.Cas, "scan": self.scan_once,
+                    "txn": self.Txn}
 
         async def one(op: kv_pb2.Op) -> None:
             kind = op.WhichOneof("op")
@@ -247,7 +262,7 @@ class _KV(kv_pb2_grpc.KVServicer):
         s = getattr(request, "session", None)
         self.c.calls.append(
             Call(self.node.id, method, s.client_id if s else 0, s.seq if s else 0, s.ack if s else 0,
-                 request.start if method in ("Scan", "ScanOnce") else request.key,
+                 request.start if method in ("Scan", "ScanOnce") else txn_key(request) if method == "Txn" else request.key,
                  bool(s.retry) if s else False, s.horizon if s else 0)
         )
         if self.node.hang:
@@ -268,7 +283,7 @@ class _KV(kv_pb2_grpc.KVServicer):
         err = self.c.leader_error(self.node)
         if err is not None:
             return err
-        if method not in ("Scan", "ScanOnce") and len(request.key) > MAX_KEY:
+        if method not in ("Scan", "ScanOnce", "Txn") and len(request.key) > MAX_KEY:
             return kv_pb2.Error(code=kv_pb2.KEY_TOO_LARGE, message=f"key too large: {len(request.key)} bytes > {MAX_KEY}")
         value = getattr(request, "value", b"")
         if len(value) > MAX_VALUE:
@@ -306,6 +321,35 @@ class _KV(kv_pb2_grpc.KVServicer):
         err = await self._gate("Delete", request, context, apply)
         if err is not None:
             return kv_pb2.DeleteResponse(error=err)
+        return apply()
+
+    async def Txn(self, request: kv_pb2.TxnRequest, context: Any) -> kv_pb2.TxnResponse:
+        """A fake of one-level transactions: value compares, then puts and gets (enough for the
+        client's session and error handling; the real semantics are tested on real nodes)."""
+        body = request.txn
+
+        def do() -> kv_pb2.TxnResponse:
+            ok = all(self.c.store.get(c.key) == c.value for c in body.compares)
+            out = kv_pb2.TxnResponse(index=self.c.index + 1, revision=self.c.index + 1)
+            out.result.succeeded = ok
+            for op in body.success if ok else body.failure:
+                if op.WhichOneof("op") == "put":
+                    self.c.store[op.put.key] = op.put.value
+                    out.result.responses.add(put=self.c.index + 1)
+                elif op.WhichOneof("op") == "get":
+                    v = self.c.store.get(op.get)
+                    kv = out.result.responses.add().get
+                    kv.SetInParent()
+                    if v is not None:
+                        kv.key, kv.value = op.get, v
+            return out
+
+        def apply() -> kv_pb2.TxnResponse:
+            return self.c.apply(request.session, do, "Txn", txn_key(request))
+
+        err = await self._gate("Txn", request, context, apply)
+        if err is not None:
+            return kv_pb2.TxnResponse(error=err)
         return apply()
 
     async def Cas(self, request: kv_pb2.CasRequest, context: Any) -> kv_pb2.CasResponse:

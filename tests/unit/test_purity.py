@@ -15,6 +15,8 @@ PURE = [
     ROOT / "kvstore" / "storage" / "shardcmd.py",
     ROOT / "kvstore" / "storage" / "mvcc.py",
     ROOT / "kvstore" / "storage" / "mvcc_mem.py",
+    ROOT / "kvstore" / "storage" / "txn.py",
+    ROOT / "kvstore" / "storage" / "keylimit.py",
     ROOT / "kvstore" / "storage" / "changefeed.py",
     ROOT / "kvstore" / "shard" / "ranges.py",
     ROOT / "kvstore" / "node" / "store.py",

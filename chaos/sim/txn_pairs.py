@@ -1,0 +1,168 @@
+"""Multi-key transactions in the whole-node simulator, checked for atomicity.
+
+A few key *pairs* are chosen at the start so that the shard map puts both keys of a pair in one
+group. Clients then run transactions (TXN commands through the real nodes' Raft groups, under
+the simulator's faults and range moves) that only ever keep a pair's two keys equal:
+
+- write: put both keys to one fresh value;
+- delete: delete both;
+- conditional: if the first key exists, put both to a fresh value, else get both;
+- read: get both.
+
+Checked: every answered transaction that read the pair saw both keys equal (both absent, or the
+same value), whichever branch ran; and every write's revision is the one revision of all its
+writes (the revision checker, `revisions.py`, records each transaction's writes at its result's
+revision and checks that revision against the group's apply order; closed reads and watches then
+check their answers against those writes). A write that was partly applied, or applied at two
+revisions, or a read between a transaction's writes, shows up as a pair that differs.
+
+The transactions carry no session (a retry may apply twice: harmless here, each keeps the pair
+equal) and are not part of the linearizability history. A pair split by a range move is refused
+(WRONG_SHARD, by design: cross-group transactions are not supported), so these operations make
+no liveness claim. `python -m chaos.sim` runs them on a fixed fifth of the seeds
+(`txn_pairs_by_default`), from their own random stream (`--txn-pairs on|off` forces them); the
+library's default is off, so the seeds tests pin replay as before.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from kvstore import errors
+from kvstore.storage import commands, txn
+from kvstore.storage.commands import ApplyResult
+
+PAIRS = 3
+RETRIES = 8
+
+
+class TxnPairViolation(AssertionError):
+    """A transaction saw a pair's two keys differ: transactions are not atomic."""
+
+
+def txn_pairs_by_default(seed: int) -> bool:
+    """Whether a seed runs the pair transactions: a fixed fifth of the seeds, decided apart from
+    the seed's own random stream."""
+    return random.Random(f"txnpairs:{seed}").random() < 0.2
+
+
+@dataclass(slots=True)
+class TxnPairStats:
+    issued: int = 0
+    answered: int = 0
+    reads_checked: int = 0
+    writes: int = 0
+    refused: int = 0
+    """Refused or unanswered after the retries (a split pair, a down leader...)."""
+
+
+class TxnPairs:
+    def __init__(self, sim: Any) -> None:
+        self.sim = sim
+        self.rng = random.Random(f"txnpairs-run:{sim.seed}")
+        self.pairs: list[tuple[bytes, bytes]] = []
+        self.stats = TxnPairStats()
+        self.refusals: dict[str, int] = {}
+        self._value = 0
+
+    def start(self) -> None:
+        self.sim.at(self.rng.randrange(100, 300), self._next)
+
+    def _choose_pairs(self) -> bool:
+        for n in sorted(self.sim.nodes.values(), key=lambda n: n.id):
+            smap = n.logic.shard_tracker.map if n.logic is not None else None
+            if smap is None:
+                continue
+            for i in range(PAIRS):
+                a = b"pair%d/a" % i
+                g = smap.group_for_key(a)
+                b = next(k for j in range(10_000) if smap.group_for_key(k := b"pair%d/b%d" % (i, j)) == g)
+                self.pairs.append((a, b))
+            return True
+        return False
+
+    def _next(self) -> None:
+        sim = self.sim
+        if sim.end is not None and sim.now >= sim.end - sim.p.client_timeout_ms:
+            return
+        rng = self.rng
+        if sim.quiet is not None and (wait := sim.quiet.clients_wait()):  # the clients go idle too
+            sim.at(min(wait, 100) + rng.randrange(0, 30), self._next)
+            return
+        if not self.pairs and not self._choose_pairs():
+            sim.at(rng.randrange(50, 150), self._next)
+            return
+        a, b = rng.choice(self.pairs)
+        r = rng.random()
+        self._value += 1
+        v = b"t%d" % self._value
+        put, get, delete = txn.OpKind.PUT, txn.OpKind.GET, txn.OpKind.DELETE
+        if r < 0.35:
+            t = txn.Txn((), (txn.TxnOp(put, a, v), txn.TxnOp(put, b, v)))
+        elif r < 0.45:
+            t = txn.Txn((), (txn.TxnOp(delete, a), txn.TxnOp(delete, b)))
+        elif r < 0.7:
+            t = txn.Txn(
+                (txn.Compare(a, txn.Target.VERSION, txn.CmpResult.GREATER, b"", 0),),
+                (txn.TxnOp(put, a, v), txn.TxnOp(put, b, v), txn.TxnOp(get, b), txn.TxnOp(get, a)),
+                (txn.TxnOp(get, a), txn.TxnOp(get, b)),
+            )
+        else:
+            t = txn.Txn((), (txn.TxnOp(get, a), txn.TxnOp(get, b)))
+        self.stats.issued += 1
+        members = [n for n in sim.nodes.values() if not n.removed]
+        self._attempt(rng.choice(members), a, t, 0)
+        sim.at(rng.randrange(100, 400), self._next)  # light: small appends replicate slowly
+
+    def _attempt(self, node: Any, a: bytes, t: txn.Txn, n: int) -> None:
+        sim = self.sim
+        data = commands.encode_command(commands.Command.transaction(t, revision=sim._clock(node).propose()))
+        done = False
+
+        def outcome(res: ApplyResult | None, err: errors.KVError | None, lead: int) -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            if err is None and res is not None and res.txn is not None and not res.error:
+                self.stats.answered += 1
+                self._check(t, res.txn, res.revision)
+                return
+            if n >= RETRIES:
+                self.stats.refused += 1
+                why = type(err).__name__ if err is not None else (res.error or "refused") if res is not None else "no result"
+                self.refusals[why] = self.refusals.get(why, 0) + 1
+                return
+            nxt = sim.nodes.get(lead) if lead and lead != node.id else None
+            if nxt is None or nxt.removed:
+                nxt = self.rng.choice([x for x in sim.nodes.values() if not x.removed])
+            sim.at(self.rng.randrange(5, 40), self._attempt, nxt, a, t, n + 1)
+
+        def lost() -> None:
+            if not done:
+                outcome(None, errors.Timeout("attempt timed out", indeterminate=True), 0)
+
+        sim.at(sim.p.client_timeout_ms // 4, lost)
+        sim._write(node, a, data, outcome)
+
+    def _check(self, t: txn.Txn, r: txn.TxnResult, revision: int) -> None:
+        """The branch that ran read both keys of the pair equal (each GET of `a` and of `b`,
+        wherever it stood: a GET after the transaction's own PUT sees the new value)."""
+        ops = t.success if r.succeeded else t.failure
+        seen: dict[bytes, tuple[bool, bytes]] = {}
+        for op, o in zip(ops, r.responses, strict=True):
+            if op.kind == txn.OpKind.GET:
+                seen[op.key] = (o.found, o.value)
+        if txn.writes_of(t, r):
+            self.stats.writes += 1
+            if r.revision != revision or not revision:
+                raise TxnPairViolation(f"a transaction that wrote answered revision {revision}, its result {r.revision}")
+        if len(seen) == 2:
+            self.stats.reads_checked += 1
+            (ka, va), (kb, vb) = seen.items()
+            if va != vb:
+                raise TxnPairViolation(
+                    f"transaction {t} saw {ka!r} = {va} and {kb!r} = {vb} (at {self.sim.now} ms): not atomic"
+                )

@@ -1,0 +1,121 @@
+"""`kvctl txn`'s input: etcdctl's non-interactive format, parsed into client types.
+
+    compares        one a line: TARGET("KEY") OP "OPERAND"
+                    TARGET: value | val | version | ver | create | c | mod | m
+                    OP: = != > <     (numbers for version / create / mod: decimal, >= 0)
+    (blank line)
+    success ops     one a line: put KEY VALUE | get KEY | del KEY (delete KEY)
+    (blank line)
+    failure ops     likewise, up to a blank line or the end of the input
+
+KEY and VALUE in operation lines are shell words (quote them with "..." or '...' to include
+spaces); quoted strings in compares use Go / JSON escapes (\\" \\\\ \\n \\t \\uXXXX), as
+etcdctl's %q does. Range flags (--prefix, --from-key) and leases are not supported: a line with
+them is refused. Every malformed line raises `TxnSyntaxError` naming it (nothing is sent).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvstore.client.types import Compare, CompareOp, CompareTarget, Op
+
+__all__ = ["ParsedTxn", "TxnSyntaxError", "parse_txn"]
+
+_TARGETS: dict[str, CompareTarget] = {
+    "value": "value", "val": "value", "version": "version", "ver": "version",
+    "create": "create", "c": "create", "mod": "mod", "m": "mod",
+}
+_OPS: dict[str, CompareOp] = {"=": "=", "!=": "!=", ">": ">", "<": "<"}
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+_COMPARE = re.compile(rf"^(\w+)\(({_QUOTED})\) (\S+) ({_QUOTED})$")
+INT64_MAX = (1 << 63) - 1
+
+
+class TxnSyntaxError(ValueError):
+    """The input is not a transaction in etcdctl's format (the message says where)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTxn:
+    compares: tuple[Compare, ...]
+    success: tuple[Op, ...]
+    failure: tuple[Op, ...]
+
+
+def _unquote(q: str, line: str) -> str:
+    try:
+        out = json.loads(q)
+    except ValueError:
+        raise TxnSyntaxError(f"malformed quoted string {q} in: {line}") from None
+    if not isinstance(out, str):
+        raise TxnSyntaxError(f"malformed quoted string {q} in: {line}")
+    return out
+
+
+def _compare(line: str, encode: Callable[[str], bytes]) -> Compare:
+    m = _COMPARE.match(line)
+    if m is None:
+        raise TxnSyntaxError(f'malformed comparison (expected TARGET("KEY") OP "VALUE"): {line}')
+    target = _TARGETS.get(m.group(1))
+    if target is None:
+        raise TxnSyntaxError(f"malformed comparison: {line} (unknown target {m.group(1)})")
+    op = _OPS.get(m.group(3))
+    if op is None:
+        raise TxnSyntaxError(f"malformed comparison: {line} (unknown operator {m.group(3)}; use = != > <)")
+    key = encode(_unquote(m.group(2), line))
+    operand = _unquote(m.group(4), line)
+    if target == "value":
+        return Compare(key, target, op, encode(operand))
+    if not re.fullmatch(r"[0-9]+", operand) or int(operand) > INT64_MAX:
+        raise TxnSyntaxError(f"malformed comparison: {line} ({target} needs a number in 0..{INT64_MAX})")
+    return Compare(key, target, op, int(operand))
+
+
+def _op(line: str, encode: Callable[[str], bytes]) -> Op:
+    try:
+        words = shlex.split(line)
+    except ValueError as err:
+        raise TxnSyntaxError(f"malformed operation ({err}): {line}") from None
+    if any(w.startswith("--") for w in words[1:]):
+        raise TxnSyntaxError(f"operation flags (ranges, leases) are not supported: {line}")
+    if words and words[0] == "put":
+        if len(words) != 3:
+            raise TxnSyntaxError(f"put takes KEY VALUE: {line}")
+        return Op.put(encode(words[1]), encode(words[2]))
+    if words and words[0] in ("get", "del", "delete"):
+        if len(words) != 2:
+            raise TxnSyntaxError(f"{words[0]} takes KEY: {line}")
+        k = encode(words[1])
+        return Op.get(k) if words[0] == "get" else Op.delete(k)
+    raise TxnSyntaxError(f"unknown operation (expected put, get or del): {line}")
+
+
+def parse_txn(text: str, encode: Callable[[str], bytes]) -> ParsedTxn:
+    """Parse etcdctl's txn input; `encode` turns a key or value as written into bytes (and may
+    raise ValueError, e.g. for bad hex), which becomes a TxnSyntaxError."""
+    lines = text.splitlines()
+    sections: list[list[str]] = [[], [], []]
+    i = 0
+    for line in lines:
+        line = line.strip()
+        if not line:
+            i += 1
+            if i == 3:
+                break
+            continue
+        sections[i].append(line)
+    try:
+        return ParsedTxn(
+            tuple(_compare(s, encode) for s in sections[0]),
+            tuple(_op(s, encode) for s in sections[1]),
+            tuple(_op(s, encode) for s in sections[2]),
+        )
+    except TxnSyntaxError:
+        raise
+    except ValueError as err:
+        raise TxnSyntaxError(str(err)) from None

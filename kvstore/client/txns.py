@@ -1,0 +1,87 @@
+"""Transactions on the client: `types.Compare` / `types.Op` checked and turned into the wire's
+`TxnBody`. Everything the server would refuse for its shape is refused here first (definite
+InvalidArgument / KeyTooLarge / ValueTooLarge, nothing sent): unknown targets or operators, a
+number operand that is not a non-negative int (or a value operand that is not bytes), more than
+`MAX_TXN_ITEMS` compares and operations, nesting deeper than `MAX_TXN_DEPTH`. Whether the keys
+share one group is the server's call (its shard map is the authority)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kvstore.client.checks import RequestChecks
+from kvstore.client.types import Compare, Op
+from kvstore.errors import InvalidArgument
+from kvstore.storage.txn import MAX_TXN_DEPTH, MAX_TXN_ITEMS, NUMBER_MAX
+from kvstore.v1 import kv_pb2
+
+__all__ = ["first_key", "txn_body"]
+
+_TARGETS = {
+    "value": kv_pb2.COMPARE_VALUE, "version": kv_pb2.COMPARE_VERSION,
+    "create": kv_pb2.COMPARE_CREATE, "mod": kv_pb2.COMPARE_MOD,
+}
+_OPS = {"=": kv_pb2.EQUAL, "!=": kv_pb2.NOT_EQUAL, ">": kv_pb2.GREATER, "<": kv_pb2.LESS}
+
+
+def txn_body(
+    checks: RequestChecks, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]
+) -> kv_pb2.TxnBody:
+    """The checked wire form of a transaction."""
+    items = [0]
+
+    def body(compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op], depth: int) -> kv_pb2.TxnBody:
+        if depth > MAX_TXN_DEPTH:
+            raise InvalidArgument(f"transaction nested deeper than {MAX_TXN_DEPTH}")
+        items[0] += len(compares) + len(success) + len(failure)
+        if items[0] > MAX_TXN_ITEMS:
+            raise InvalidArgument(f"transaction has more than {MAX_TXN_ITEMS} compares and operations")
+        b = kv_pb2.TxnBody()
+        for c in compares:
+            if not isinstance(c, Compare):
+                raise InvalidArgument(f"a compare must be a Compare, not {type(c).__name__}")
+            target, op = _TARGETS.get(c.target), _OPS.get(c.op)
+            if target is None or op is None:
+                raise InvalidArgument(f"compare {c.target!r} {c.op!r}: target must be one of {', '.join(_TARGETS)}, "
+                                      f"operator one of {', '.join(_OPS)}")
+            m = b.compares.add(key=checks.key(c.key), target=target, result=op)
+            if c.target == "value":
+                m.value = checks.value(c.operand)
+            elif isinstance(c.operand, bool) or not isinstance(c.operand, int) or not 0 <= c.operand <= NUMBER_MAX:
+                raise InvalidArgument(f"a {c.target} compare needs an integer in 0..{NUMBER_MAX}, not {c.operand!r}")
+            else:
+                m.number = c.operand
+        for ops, out in ((success, b.success), (failure, b.failure)):
+            for o in ops:
+                if not isinstance(o, Op):
+                    raise InvalidArgument(f"an operation must be an Op, not {type(o).__name__}")
+                if o.kind == "put":
+                    out.add().put.CopyFrom(kv_pb2.TxnPut(key=checks.key(o.key), value=checks.value(o.value)))
+                elif o.kind == "delete":
+                    out.add(delete=checks.key(o.key))
+                elif o.kind == "get":
+                    out.add(get=checks.key(o.key))
+                elif o.kind == "txn":
+                    out.add().txn.CopyFrom(body(o.compares, o.success, o.failure, depth + 1))
+                else:
+                    raise InvalidArgument(f"unknown operation kind {o.kind!r}")
+        return b
+
+    return body(compares, success, failure, 1)
+
+
+def first_key(b: kv_pb2.TxnBody) -> bytes | None:
+    """The first key the transaction names (routes it: all its keys must be in that key's group)."""
+    for c in b.compares:
+        return c.key
+    for o in (*b.success, *b.failure):
+        which = o.WhichOneof("op")
+        if which == "put":
+            return o.put.key
+        if which in ("delete", "get"):
+            return o.delete if which == "delete" else o.get
+        if which == "txn":
+            k = first_key(o.txn)
+            if k is not None:
+                return k
+    return None

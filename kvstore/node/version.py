@@ -1,0 +1,284 @@
+"""The cluster version: which state-machine commands the whole cluster may use (etcd's cluster
+version), so a rolling upgrade never puts into a log a command some member cannot apply.
+
+Feature levels: each binary supports every level up to `SUPPORTED_LEVEL` (`FEATURES` says what
+each adds); `COMMAND_LEVELS` maps every command kind (`commands.Op` code) to the lowest level that
+knows it. A new command kind is one line there (TXN: `LEVEL_TRANSACTIONS`).
+
+The replicated state is the value of the reserved key `VERSIONS_KEY` in the metadata group
+(`ClusterVersion`): the cluster version and each node's advertised level. It changes only by
+compare-and-swap of the whole encoded value, in two ways:
+- a node ADVERTISES its own level (`advertise_command`; writes through a GroupPropose are checked
+  by `check_version_change`: only the sender's own entry may change, or the value is exactly the
+  raise below);
+- the metadata group's leader RAISES the cluster version (`raise_command`) to the minimum level
+  over all members (voters and learners of every group, `members_of`) once every member has
+  advertised; the value it writes keeps only members' entries.
+
+Invariants:
+- the cluster version never decreases (`raise_command` only raises; `check_version_change` refuses
+  a lower one), and it starts at `LEVEL_BASE` (an absent key means `LEVEL_BASE`);
+- levels, advertised or replicated, are in 1..`MAX_LEVEL` and node ids in 1..2**63-1:
+  `decode_versions` raises `ValueError` on anything else, and on any non-canonical encoding;
+- a proposal of a command whose level exceeds the cluster version is refused before it reaches a
+  log (`CommandGate.check`, called by `Host.propose`), with a definite `ClusterVersionTooLow`
+  naming the level needed and the members that lag. Only a command the gate admitted can be in a
+  log, and the cluster version was raised only after every member advertised at least that level,
+  so every member's binary knows every kind in its logs. (A member added later with an older
+  binary would not: `kvstore serve` refuses to run a binary below the applied cluster version,
+  see `VersionTracker.too_old`, and its apply stops at the first entry of a kind it does not
+  know, below.)
+
+What an unknown command kind does at apply: before this module, `decode_command` raised and the
+entry yielded an error result that changed nothing: deterministic among replicas of one release,
+but a replica of an older release would have diverged from newer ones that apply the kind. Now
+`machine.apply_data` raises `UnknownCommandKind` for a command of a known format and an unknown
+kind: the apply transaction is abandoned whole and the node stops (etcd panics likewise) until
+it runs a release that knows the kind. Garbage (an unknown format) is still an error result.
+
+Synchronous and pure (no I/O): the asyncio loop that proposes is `kvstore.server.versions`.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+
+from kvstore import errors
+from kvstore.node.metakey import MetaKeyTracker, MetaStore
+from kvstore.shard.shardmap import ShardMap
+from kvstore.storage import commands
+from kvstore.storage.shardcmd import is_shard_command
+
+__all__ = [
+    "COMMAND_LEVELS", "FEATURES", "LEVEL_BASE", "LEVEL_TRANSACTIONS", "MAX_LEVEL", "SUPPORTED_LEVEL",
+    "VERSIONS_KEY", "ClusterVersion", "CommandGate", "VersionTracker", "advertise_command",
+    "check_level", "check_version_change", "decode_versions", "encode_versions", "members_of", "raise_command",
+]
+
+log = logging.getLogger("kvstore.version")
+
+LEVEL_BASE = 1
+LEVEL_TRANSACTIONS = 2
+
+FEATURES: dict[int, str] = {
+    LEVEL_BASE: "PUT, DELETE, CAS, COMPACT, CLOSE, shard commands, the metadata keys",
+    LEVEL_TRANSACTIONS: "TXN: multi-key transactions",
+}
+"""What each feature level adds."""
+
+SUPPORTED_LEVEL = LEVEL_TRANSACTIONS
+"""The highest level this binary supports (it knows every command kind of `COMMAND_LEVELS`)."""
+
+MAX_LEVEL = 0xFFFF
+"""Levels are u16 on the wire; anything outside 1..MAX_LEVEL is malformed."""
+
+COMMAND_LEVELS: dict[int, int] = {
+    commands.Op.PUT: LEVEL_BASE,
+    commands.Op.DELETE: LEVEL_BASE,
+    commands.Op.CAS: LEVEL_BASE,
+    commands.Op.COMPACT: LEVEL_BASE,
+    commands.Op.CLOSE: LEVEL_BASE,
+    commands.Op.TXN: LEVEL_TRANSACTIONS,
+}
+"""command kind (`commands.Op` code) -> the lowest cluster version that may propose it."""
+
+VERSIONS_KEY = b"\x00kvstore/versions"
+"""The reserved key of the `ClusterVersion` in the metadata group (clients cannot reach it)."""
+
+_MAGIC = b"KVV1"
+_HEAD = struct.Struct(">4sHI")
+_ENTRY = struct.Struct(">QH")
+MAX_MEMBERS = 4096
+_MAX_NODE = (1 << 63) - 1
+
+
+def check_level(level: int, what: str = "level") -> int:
+    """`level` if it is an int in 1..MAX_LEVEL, else `ValueError` (hostile advertisements)."""
+    if type(level) is not int or not 1 <= level <= MAX_LEVEL:
+        raise ValueError(f"{what} {level!r} is not in 1..{MAX_LEVEL}")
+    return level
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterVersion:
+    """The replicated cluster version and every node's advertised level (node id -> level)."""
+
+    cluster: int = LEVEL_BASE
+    advertised: Mapping[int, int] = field(default_factory=dict)
+
+    def lagging(self, members: Collection[int], level: int) -> list[str]:
+        """The members below `level`, each as "node N (advertises L)" or "node N (not advertised)"."""
+        out = []
+        for n in sorted(members):
+            got = self.advertised.get(n)
+            if got is None:
+                out.append(f"node {n} (not advertised)")
+            elif got < level:
+                out.append(f"node {n} (advertises {got})")
+        return out
+
+
+def encode_versions(v: ClusterVersion) -> bytes:
+    """Canonical: magic, cluster u16, count u32, then (node u64, level u16) by node id."""
+    items = sorted(v.advertised.items())
+    return _HEAD.pack(_MAGIC, v.cluster, len(items)) + b"".join(_ENTRY.pack(n, lv) for n, lv in items)
+
+
+def decode_versions(data: bytes) -> ClusterVersion:
+    """The `ClusterVersion` of a stored value; `ValueError` for anything but a canonical encoding."""
+    if len(data) < _HEAD.size:
+        raise ValueError(f"cluster version of {len(data)} bytes is shorter than its {_HEAD.size}-byte header")
+    magic, cluster, n = _HEAD.unpack_from(data)
+    if magic != _MAGIC:
+        raise ValueError("not a cluster version value")
+    check_level(cluster, "cluster version")
+    if n > MAX_MEMBERS or len(data) != _HEAD.size + n * _ENTRY.size:
+        raise ValueError(f"cluster version of {len(data)} bytes does not hold {n} members")
+    adv: dict[int, int] = {}
+    prev = 0
+    for i in range(n):
+        node, level = _ENTRY.unpack_from(data, _HEAD.size + i * _ENTRY.size)
+        if not 1 <= node <= _MAX_NODE:
+            raise ValueError(f"level advertised for node id {node}")
+        if node <= prev:
+            raise ValueError("advertised levels not in canonical order")
+        adv[node] = check_level(level, f"level advertised by node {node}")
+        prev = node
+    return ClusterVersion(cluster, adv)
+
+
+def _decode_or_base(raw: bytes | None) -> ClusterVersion:
+    return ClusterVersion() if raw is None else decode_versions(raw)
+
+
+def _cas(raw: bytes | None, new: ClusterVersion) -> bytes:
+    value = encode_versions(new)
+    if raw is None:
+        return commands.encode_cas(VERSIONS_KEY, True, b"", value)
+    return commands.encode_cas(VERSIONS_KEY, False, raw, value)
+
+
+def members_of(m: ShardMap | None) -> frozenset[int]:
+    """Every member of the cluster as the shard map has it: its nodes and the voters and learners
+    of every group."""
+    if m is None:
+        return frozenset()
+    out = set(m.nodes)
+    for p in m.groups.values():
+        out.update(p.members())
+    return frozenset(out)
+
+
+def advertise_command(v: ClusterVersion, raw: bytes | None, node: int, level: int) -> bytes | None:
+    """The metadata-group command that makes `v` (stored as `raw`, None if absent) carry `level`
+    as node `node`'s advertised level, or None when it already does."""
+    check_level(level)
+    if v.advertised.get(node) == level:
+        return None
+    adv = dict(v.advertised)
+    adv[node] = level
+    return _cas(raw, ClusterVersion(v.cluster, adv))
+
+
+def raise_command(v: ClusterVersion, raw: bytes | None, members: Collection[int]) -> bytes | None:
+    """The command (for the metadata group's leader) that raises the cluster version to the
+    minimum advertised level over `members`, or None: some member has not advertised, or the
+    minimum is not above the current version (never lowered). Non-members' entries are dropped."""
+    if not members or any(n not in v.advertised for n in members):
+        return None
+    target = min(v.advertised[n] for n in members)
+    if target <= v.cluster:
+        return None
+    return _cas(raw, ClusterVersion(target, {n: v.advertised[n] for n in members}))
+
+
+def check_version_change(
+    expect_absent: bool, expected: bytes, value: bytes, sender: int, members: Collection[int] = (),
+) -> None:
+    """Refuse (`ValueError`) a compare-and-swap of the cluster version sent through a GroupPropose
+    that is neither node `sender` advertising its own level (the cluster version stays, no entry
+    but the sender's changes) nor exactly the raise `raise_command` makes from the old value over
+    `members` (the checking node's view of the members: a raise from a different view is refused
+    and decided again). Both values must decode."""
+    if expect_absent and expected:
+        raise ValueError("a compare-and-swap expecting absence carries no expected value")
+    old = ClusterVersion() if expect_absent else decode_versions(expected)
+    new = decode_versions(value)
+    if new.cluster != old.cluster:
+        want = raise_command(old, None if expect_absent else expected, members)
+        if want is None or commands.decode_command(want).value != value:
+            raise ValueError(
+                f"a raise of the cluster version ({old.cluster} -> {new.cluster}) must be to the lowest level every "
+                f"member advertised, keeping exactly the members' entries"
+            )
+        return
+    for n in set(old.advertised) | set(new.advertised):
+        if n != sender and old.advertised.get(n) != new.advertised.get(n):
+            raise ValueError(f"node {sender} may not change node {n}'s advertised level")
+
+
+class VersionTracker(MetaKeyTracker[ClusterVersion]):
+    """The cluster version as of the metadata group's applied state on this node (`raw`: the
+    stored value, None if never written: what a CAS expects)."""
+
+    __slots__ = ("supported",)
+
+    def __init__(self, store: MetaStore, supported: int = SUPPORTED_LEVEL) -> None:
+        super().__init__(store, VERSIONS_KEY, "cluster version", decode_versions, ClusterVersion())
+        self.supported = check_level(supported, "supported level")
+
+    @property
+    def raw(self) -> bytes | None:
+        return self.stored
+
+    @property
+    def too_old(self) -> bool:
+        """This binary supports less than the applied cluster version (it was downgraded, or
+        joined with an older release): it may not know some command kind in the logs."""
+        return self.supported < self.value.cluster
+
+    def _updated(self, old: ClusterVersion, new: ClusterVersion) -> None:
+        if new.cluster != old.cluster:
+            log.warning("cluster version now %d (%s)", new.cluster, FEATURES.get(new.cluster, "a newer release's features"))
+
+
+class CommandGate:
+    """Refuses proposals of command kinds above the cluster version (see the module docstring).
+    `version` reads the cluster version, `members` the cluster's members (for the message).
+    `levels` is the table (the real `COMMAND_LEVELS` unless a test adds a kind)."""
+
+    __slots__ = ("levels", "members", "top", "version")
+
+    def __init__(
+        self, version: Callable[[], ClusterVersion], members: Callable[[], Collection[int]],
+        levels: Mapping[int, int] = COMMAND_LEVELS,
+    ) -> None:
+        self.version = version
+        self.members = members
+        self.levels = levels
+        self.top = max(levels.values(), default=LEVEL_BASE)
+        """The highest level of the table: while the cluster version reaches it (or it is the base
+        level, as long as no kind needs more), `check` is one comparison per proposal."""
+
+    def check(self, data: bytes) -> None:
+        """Raise `errors.ClusterVersionTooLow` (definite) if `data` is a KV command whose kind
+        needs a level above the cluster version. Shard commands and garbage pass (garbage is
+        refused where it is decoded, and yields an error result at apply)."""
+        if self.top <= LEVEL_BASE or len(data) < 2 or is_shard_command(data):
+            return
+        need = self.levels.get(data[1], LEVEL_BASE)
+        if need <= LEVEL_BASE:
+            return
+        v = self.version()
+        if need <= v.cluster:
+            return
+        lag = v.lagging(self.members(), need)
+        name = commands.Op(data[1]).name if data[1] in commands.Op._value2member_map_ else f"kind {data[1]}"
+        raise errors.ClusterVersionTooLow(
+            f"{name} needs cluster version {need} ({FEATURES.get(need, 'a newer feature level')}); the cluster "
+            f"version is {v.cluster}" + (f"; members below level {need}: {', '.join(lag)}" if lag else
+                                          "; every member supports it: the metadata leader raises the version shortly")
+        )

@@ -1,0 +1,488 @@
+"""Multi-key transactions (etcd's Txn shape): types, wire codec and evaluation. STANDARD LIBRARY ONLY.
+
+A transaction is a list of compares, then the operations of the `success` branch if every
+compare holds, else those of the `failure` branch. Operations: PUT, DELETE and GET of one key,
+and a nested transaction. The apply logic (`machine.apply_txn`) runs it inside one group at one
+revision; a later two-phase commit across groups is meant to reuse `evaluate` unchanged at a
+prepared revision (the function takes the revision and a reader, and returns the writes to make).
+
+Compare semantics (etcd's): target VALUE compares the value bytewise; VERSION, CREATE and MOD
+compare the key's version, create revision and mod revision as integers. A missing key has
+version = create = mod = 0, and every VALUE compare on it is false (whatever the operator): so
+`create("k") = "0"` is the existence test ("k" is absent), as in etcd.
+
+Evaluation is sequential: each operation sees the writes of the operations before it in the
+same transaction (a GET after a PUT of the key returns the new value, at the transaction's
+revision). A DELETE of an absent key writes nothing.
+
+Wire format (big-endian `struct`; never pickle or json):
+
+    txn     n_cmp:u16 n_success:u16 n_failure:u16  cmp*  op*  op*
+    cmp     target:u8 result:u8 key_len:u16 key  (VALUE: len:u32 value | other: number:u64)
+    op      kind:u8 key_len:u16 key  (PUT: len:u32 value | TXN: key_len 0, then a txn)
+    result  flags:u8 (bit 0 succeeded) revision:u64 n:u16  opres*
+    opres   kind:u8  (PUT: nothing | DELETE: existed:u8 |
+                      GET: found:u8 [create:u64 mod:u64 version:u64 len:u32 value] | TXN: result)
+
+Invariants (checked by `check_txn`, run by both `encode_txn` and `decode_txn`):
+- at most `MAX_TXN_ITEMS` compares + operations in the whole tree, nesting at most
+  `MAX_TXN_DEPTH` deep (the top level is depth 1), an encoding of at most `MAX_TXN_BYTES`;
+- keys are non-empty and at most `MAX_KEY_SIZE` bytes; numbers are 0 .. 2^63 - 1;
+- no key is written (PUT or DELETE) twice on any path the transaction can take (etcd's rule:
+  every write of a transaction has the same revision, and one key has one version per
+  revision); the two branches of one nested transaction may write the same key;
+- `decode_txn(encode_txn(t)) == t`, and decoding anything else raises ValueError (never another
+  exception type), likewise for results.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from .keylimit import MAX_KEY_SIZE
+
+MAX_TXN_ITEMS = 128
+"""Compares plus operations in a whole transaction tree."""
+MAX_TXN_DEPTH = 4
+"""Nesting depth (the top-level transaction is depth 1)."""
+MAX_TXN_BYTES = 4 << 20
+"""The largest encoded transaction (the server's request limit is usually smaller)."""
+NUMBER_MAX = (1 << 63) - 1
+
+_COUNTS = struct.Struct(">HHH")
+_CMP = struct.Struct(">BBH")
+_OP = struct.Struct(">BH")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_RES = struct.Struct(">BQH")
+_META = struct.Struct(">QQQI")
+
+
+class Target(enum.IntEnum):
+    VALUE = 1
+    VERSION = 2
+    CREATE = 3
+    MOD = 4
+
+
+class CmpResult(enum.IntEnum):
+    EQUAL = 1
+    NOT_EQUAL = 2
+    GREATER = 3
+    LESS = 4
+
+
+class OpKind(enum.IntEnum):
+    PUT = 1
+    DELETE = 2
+    GET = 3
+    TXN = 4
+
+
+_TARGETS = {int(t): t for t in Target}
+_RESULTS = {int(r): r for r in CmpResult}
+_KINDS = {int(k): k for k in OpKind}
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    """`target(key) result operand`: `value` is the operand of a VALUE compare, `number` of the others."""
+
+    key: bytes
+    target: Target
+    result: CmpResult
+    value: bytes = b""
+    number: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TxnOp:
+    """One operation: PUT `key` = `value`, DELETE `key`, GET `key`, or the nested `txn` (no key)."""
+
+    kind: OpKind
+    key: bytes = b""
+    value: bytes = b""
+    txn: Txn | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Txn:
+    compares: tuple[Compare, ...] = ()
+    success: tuple[TxnOp, ...] = ()
+    failure: tuple[TxnOp, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OpResult:
+    """What one operation did. PUT: nothing more (its revision is the transaction's). DELETE:
+    `found` = the key existed. GET: `found`, and when found `value` and the key's metadata.
+    TXN: `txn`, the nested transaction's result."""
+
+    kind: OpKind
+    found: bool = False
+    value: bytes = b""
+    create_revision: int = 0
+    mod_revision: int = 0
+    version: int = 0
+    txn: TxnResult | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TxnResult:
+    """Whether the compares held, one result per operation of the branch taken, and the revision
+    of the transaction's writes (0: it wrote nothing; the same in nested results)."""
+
+    succeeded: bool
+    responses: tuple[OpResult, ...] = ()
+    revision: int = 0
+
+
+@dataclass(slots=True)
+class Current:
+    """A key's current state as `evaluate` reads it (None for an absent key)."""
+
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+
+
+Reader = Callable[[bytes], "Current | None"]
+
+
+# --- validation ----------------------------------------------------------------------------------
+def _check_key(key: bytes) -> None:
+    if not key:
+        raise ValueError("transaction key must not be empty")
+    if len(key) > MAX_KEY_SIZE:
+        raise ValueError(f"key of {len(key)} bytes exceeds the maximum of {MAX_KEY_SIZE}")
+
+
+def _writes(ops: tuple[TxnOp, ...]) -> set[bytes]:
+    """The keys a branch may write; ValueError if one path writes a key twice."""
+    out: set[bytes] = set()
+    for op in ops:
+        if op.kind in (OpKind.PUT, OpKind.DELETE):
+            mine = {op.key}
+        elif op.kind == OpKind.TXN and op.txn is not None:
+            mine = _writes(op.txn.success) | _writes(op.txn.failure)
+        else:
+            continue
+        dup = out & mine
+        if dup:
+            raise ValueError(f"transaction writes key {min(dup)!r} more than once")
+        out |= mine
+    return out
+
+
+def check_txn(t: Txn) -> None:
+    """Raise ValueError unless `t` keeps the module's invariants (size checked by the codec)."""
+    items = 0
+
+    def walk(t: Txn, depth: int) -> None:
+        nonlocal items
+        if depth > MAX_TXN_DEPTH:
+            raise ValueError(f"transaction nested deeper than {MAX_TXN_DEPTH}")
+        items += len(t.compares) + len(t.success) + len(t.failure)
+        if items > MAX_TXN_ITEMS:
+            raise ValueError(f"transaction has more than {MAX_TXN_ITEMS} compares and operations")
+        for c in t.compares:
+            _check_key(c.key)
+            if not isinstance(c.target, Target) or not isinstance(c.result, CmpResult):
+                raise ValueError(f"bad compare {c.target!r} {c.result!r}")
+            if c.target == Target.VALUE:
+                if c.number:
+                    raise ValueError("a VALUE compare carries no number")
+            elif c.value or not 0 <= c.number <= NUMBER_MAX:
+                raise ValueError(f"a {c.target.name} compare needs a number in 0..{NUMBER_MAX} and no value")
+        for op in (*t.success, *t.failure):
+            if op.kind == OpKind.TXN:
+                if op.txn is None or op.key or op.value:
+                    raise ValueError("a nested transaction operation carries a transaction and no key or value")
+                walk(op.txn, depth + 1)
+                continue
+            if not isinstance(op.kind, OpKind):
+                raise ValueError(f"bad operation kind {op.kind!r}")
+            _check_key(op.key)
+            if op.txn is not None or (op.value and op.kind != OpKind.PUT):
+                raise ValueError(f"a {op.kind.name} operation carries only a key")
+
+    walk(t, 1)
+    _writes(t.success)
+    _writes(t.failure)
+
+
+def keys_of(t: Txn) -> Iterator[tuple[bytes, bool]]:
+    """Every (key, written) the transaction names, on every path (compares and GETs: read)."""
+    for c in t.compares:
+        yield c.key, False
+    for op in (*t.success, *t.failure):
+        if op.kind == OpKind.TXN:
+            assert op.txn is not None
+            yield from keys_of(op.txn)
+        else:
+            yield op.key, op.kind != OpKind.GET
+
+
+# --- codec ---------------------------------------------------------------------------------------
+def encode_txn(t: Txn) -> bytes:
+    """Encode `t`; ValueError if it breaks the invariants."""
+    check_txn(t)
+    out = bytearray()
+    _enc(t, out)
+    if len(out) > MAX_TXN_BYTES:
+        raise ValueError(f"transaction of {len(out)} bytes exceeds the maximum of {MAX_TXN_BYTES}")
+    return bytes(out)
+
+
+def _enc(t: Txn, out: bytearray) -> None:
+    out += _COUNTS.pack(len(t.compares), len(t.success), len(t.failure))
+    for c in t.compares:
+        out += _CMP.pack(c.target, c.result, len(c.key)) + c.key
+        out += _U32.pack(len(c.value)) + c.value if c.target == Target.VALUE else _U64.pack(c.number)
+    for op in (*t.success, *t.failure):
+        out += _OP.pack(op.kind, len(op.key)) + op.key
+        if op.kind == OpKind.PUT:
+            out += _U32.pack(len(op.value)) + op.value
+        elif op.kind == OpKind.TXN:
+            assert op.txn is not None
+            _enc(op.txn, out)
+
+
+class _Buf:
+    """A cursor over bytes whose reads raise ValueError when they run past the end."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes, pos: int = 0) -> None:
+        self.data, self.pos = data, pos
+
+    def take(self, n: int, what: str) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise ValueError(f"transaction truncated in {what}")
+        out = self.data[self.pos : end]
+        self.pos = end
+        return out
+
+    def unpack(self, s: struct.Struct, what: str) -> tuple[int, ...]:
+        return s.unpack(self.take(s.size, what))
+
+
+def decode_txn(data: bytes, pos: int = 0) -> Txn:
+    """Decode a transaction occupying data[pos:] exactly; ValueError for anything malformed."""
+    data = bytes(data)
+    if len(data) - pos > MAX_TXN_BYTES:
+        raise ValueError(f"transaction of {len(data) - pos} bytes exceeds the maximum of {MAX_TXN_BYTES}")
+    buf = _Buf(data, pos)
+    items = [0]
+    t = _dec(buf, 1, items)
+    if buf.pos != len(data):
+        raise ValueError(f"transaction has {len(data) - buf.pos} trailing bytes")
+    check_txn(t)
+    return t
+
+
+def _dec(buf: _Buf, depth: int, items: list[int]) -> Txn:
+    if depth > MAX_TXN_DEPTH:
+        raise ValueError(f"transaction nested deeper than {MAX_TXN_DEPTH}")
+    nc, ns, nf = buf.unpack(_COUNTS, "its counts")
+    items[0] += nc + ns + nf
+    if items[0] > MAX_TXN_ITEMS:
+        raise ValueError(f"transaction has more than {MAX_TXN_ITEMS} compares and operations")
+    cmps = []
+    for _ in range(nc):
+        tg, rs, kl = buf.unpack(_CMP, "a compare")
+        target, result = _TARGETS.get(tg), _RESULTS.get(rs)
+        if target is None or result is None:
+            raise ValueError(f"unknown compare target {tg} or result {rs}")
+        key = buf.take(kl, "a compare key")
+        if target == Target.VALUE:
+            (vl,) = buf.unpack(_U32, "a compare value length")
+            cmps.append(Compare(key, target, result, buf.take(vl, "a compare value")))
+        else:
+            (num,) = buf.unpack(_U64, "a compare number")
+            cmps.append(Compare(key, target, result, b"", num))
+    ops: list[TxnOp] = []
+    for _ in range(ns + nf):
+        k, kl = buf.unpack(_OP, "an operation")
+        kind = _KINDS.get(k)
+        if kind is None:
+            raise ValueError(f"unknown transaction operation kind {k}")
+        key = buf.take(kl, "an operation key")
+        if kind == OpKind.PUT:
+            (vl,) = buf.unpack(_U32, "a put value length")
+            ops.append(TxnOp(kind, key, buf.take(vl, "a put value")))
+        elif kind == OpKind.TXN:
+            if key:
+                raise ValueError("a nested transaction operation carries a key")
+            ops.append(TxnOp(kind, txn=_dec(buf, depth + 1, items)))
+        else:
+            ops.append(TxnOp(kind, key))
+    return Txn(tuple(cmps), tuple(ops[:ns]), tuple(ops[ns:]))
+
+
+def encode_txn_result(r: TxnResult) -> bytes:
+    out = bytearray()
+    _enc_res(r, out)
+    return bytes(out)
+
+
+def _enc_res(r: TxnResult, out: bytearray) -> None:
+    out += _RES.pack(1 if r.succeeded else 0, r.revision, len(r.responses))
+    for o in r.responses:
+        out.append(o.kind)
+        if o.kind == OpKind.DELETE:
+            out.append(1 if o.found else 0)
+        elif o.kind == OpKind.GET:
+            out.append(1 if o.found else 0)
+            if o.found:
+                out += _META.pack(o.create_revision, o.mod_revision, o.version, len(o.value)) + o.value
+        elif o.kind == OpKind.TXN:
+            assert o.txn is not None
+            _enc_res(o.txn, out)
+
+
+def decode_txn_result(data: bytes, pos: int = 0) -> tuple[TxnResult, int]:
+    """Decode a result starting at data[pos]; returns it and the position after it. ValueError
+    for anything malformed."""
+    buf = _Buf(bytes(data), pos)
+    r = _dec_res(buf, 1)
+    return r, buf.pos
+
+
+def _dec_res(buf: _Buf, depth: int) -> TxnResult:
+    if depth > MAX_TXN_DEPTH:
+        raise ValueError(f"transaction result nested deeper than {MAX_TXN_DEPTH}")
+    flags, rev, n = buf.unpack(_RES, "a result header")
+    if flags & ~1:
+        raise ValueError(f"transaction result has unknown flags {flags:#x}")
+    if n > MAX_TXN_ITEMS:
+        raise ValueError(f"transaction result with {n} responses")
+    out = []
+    for _ in range(n):
+        (k,) = buf.take(1, "a response kind")
+        kind = _KINDS.get(k)
+        if kind is None:
+            raise ValueError(f"unknown transaction response kind {k}")
+        if kind == OpKind.PUT:
+            out.append(OpResult(kind))
+        elif kind == OpKind.TXN:
+            out.append(OpResult(kind, txn=_dec_res(buf, depth + 1)))
+        else:
+            (found,) = buf.take(1, "a response flag")
+            if found > 1:
+                raise ValueError(f"transaction response flag {found}")
+            if kind == OpKind.GET and found:
+                c, m, v, vl = buf.unpack(_META, "a get response")
+                out.append(OpResult(kind, True, buf.take(vl, "a get value"), c, m, v))
+            else:
+                out.append(OpResult(kind, bool(found)))
+    return TxnResult(bool(flags & 1), tuple(out), rev)
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+def _holds(c: Compare, cur: Current | None) -> bool:
+    if c.target == Target.VALUE:
+        if cur is None:
+            return False
+        a: bytes | int = cur.value
+        b: bytes | int = c.value
+    else:
+        a = 0 if cur is None else (
+            cur.version if c.target == Target.VERSION
+            else cur.create_revision if c.target == Target.CREATE else cur.mod_revision
+        )
+        b = c.number
+    if c.result == CmpResult.EQUAL:
+        return a == b
+    if c.result == CmpResult.NOT_EQUAL:
+        return a != b
+    if c.result == CmpResult.GREATER:
+        return a > b  # type: ignore[operator]
+    return a < b  # type: ignore[operator]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """`evaluate`'s answer: the result, and the writes to make at its revision in order (key,
+    new value; None: delete a present key)."""
+
+    result: TxnResult
+    writes: list[tuple[bytes, bytes | None]]
+
+
+def evaluate(t: Txn, read: Reader, revision: int) -> Outcome:
+    """Evaluate `t` against the state `read` returns, as if its writes happen at `revision`
+    (pure: nothing is written; deterministic). The caller makes `Outcome.writes`, all at
+    `revision`; the result's revision is `revision` if there are any, else 0."""
+    overlay: dict[bytes, Current | None] = {}
+    writes: list[tuple[bytes, bytes | None]] = []
+
+    def cur(key: bytes) -> Current | None:
+        return overlay[key] if key in overlay else read(key)
+
+    def run(t: Txn) -> tuple[bool, list[OpResult]]:
+        ok = all(_holds(c, cur(c.key)) for c in t.compares)
+        res: list[OpResult] = []
+        for op in t.success if ok else t.failure:
+            if op.kind == OpKind.GET:
+                c = cur(op.key)
+                res.append(OpResult(op.kind) if c is None else OpResult(
+                    op.kind, True, c.value, c.create_revision, c.mod_revision, c.version))
+            elif op.kind == OpKind.PUT:
+                c = cur(op.key)
+                overlay[op.key] = (
+                    Current(op.value, revision, revision, 1) if c is None
+                    else Current(op.value, c.create_revision, revision, c.version + 1)
+                )
+                writes.append((op.key, op.value))
+                res.append(OpResult(op.kind))
+            elif op.kind == OpKind.DELETE:
+                c = cur(op.key)
+                if c is not None:
+                    overlay[op.key] = None
+                    writes.append((op.key, None))
+                res.append(OpResult(op.kind, c is not None))
+            else:
+                assert op.txn is not None
+                sub_ok, sub = run(op.txn)
+                res.append(OpResult(op.kind, txn=TxnResult(sub_ok, tuple(sub))))
+        return ok, res
+
+    ok, res = run(t)
+    rev = revision if writes else 0
+    return Outcome(_stamp(TxnResult(ok, tuple(res)), rev), writes)
+
+
+def _stamp(r: TxnResult, rev: int) -> TxnResult:
+    """`r` with `rev` as the revision of it and of every nested result."""
+    return TxnResult(
+        r.succeeded,
+        tuple(OpResult(o.kind, txn=_stamp(o.txn, rev)) if o.txn is not None else o for o in r.responses),
+        rev,
+    )
+
+
+def writes_of(t: Txn, r: TxnResult) -> list[tuple[bytes, bytes | None]]:
+    """The writes (key, new value; None: deleted) that applying `t` made, given its result `r`
+    (the same list `evaluate` returned: the branches `r` says ran, a DELETE only if the key
+    existed). ValueError if `r` is not a result of `t` (checkers use it on replicated results)."""
+    ops = t.success if r.succeeded else t.failure
+    if len(ops) != len(r.responses):
+        raise ValueError("transaction result does not match the transaction")
+    out: list[tuple[bytes, bytes | None]] = []
+    for op, o in zip(ops, r.responses, strict=True):
+        if op.kind != o.kind:
+            raise ValueError("transaction result does not match the transaction")
+        if op.kind == OpKind.PUT:
+            out.append((op.key, op.value))
+        elif op.kind == OpKind.DELETE and o.found:
+            out.append((op.key, None))
+        elif op.kind == OpKind.TXN:
+            assert op.txn is not None and o.txn is not None
+            out += writes_of(op.txn, o.txn)
+    return out

@@ -1,0 +1,139 @@
+"""Transactions on a real 3-node cluster with two data groups: the client's `txn` (compares,
+both branches, one revision for all writes, seen by a watch as one batch), `kvctl txn` in
+etcdctl's format, a refused cross-group transaction (definite, naming the groups), and
+concurrent optimistic increments of a key pair that never lose an update."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from clusterharness import Cluster
+
+from kvstore.client import AsyncClient, Client, Compare, Op
+from kvstore.errors import InvalidArgument
+from kvstore.shard.shardmap import ShardMap
+
+
+def _keys_by_group(m: ShardMap, prefix: bytes, n: int) -> dict[int, list[bytes]]:
+    out: dict[int, list[bytes]] = {}
+    i = 0
+    while len(out) < 2 or min(len(v) for v in out.values()) < n:
+        k = prefix + b"%d" % i
+        out.setdefault(m.group_for_key(k), []).append(k)
+        i += 1
+    return out
+
+
+def _kvctl(cluster: Cluster, stdin: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "kvstore.cli.kvctl", "--endpoints", ",".join(cluster.endpoints), "--timeout", "20",
+         "txn", *args],
+        input=stdin, capture_output=True, text=True, timeout=60, env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
+    c = Cluster(Path(tmp_path_factory.mktemp("txn")), 3, extra_args=["--groups", "2"]).start()
+    try:
+        yield c  # type: ignore[misc]
+    finally:
+        c.stop()
+
+
+def test_client_txn_kvctl_txn_and_a_refused_cross_group_txn(cluster: Cluster) -> None:
+    with Client(cluster.endpoints, timeout=20) as c:
+        m = c.shard_map(refresh=True)
+        assert m is not None
+        by_group = _keys_by_group(m, b"t/", 3)
+        (g1, (a, b, absent)), (g2, (other, _, _)) = sorted((g, ks[:3]) for g, ks in by_group.items())[:2]
+
+        # create both keys if a is absent: both writes at one revision
+        r = c.txn([Compare.create(a, "=", 0)], [Op.put(a, b"1"), Op.put(b, b"2"), Op.get(a)], [Op.get(a)])
+        assert r.succeeded and r.revision > 0
+        assert [x.kind for x in r.responses] == ["put", "put", "get"]
+        assert r.responses[0].revision == r.revision
+        kv = r.responses[2].kv
+        assert kv is not None and (kv.key, kv.value, kv.mod_revision, kv.version) == (a, b"1", r.revision, 1)
+        ra, rb = c.read(a), c.read(b)
+        assert (ra.value, rb.value) == (b"1", b"2")
+        assert ra.mod_revision == rb.mod_revision == r.revision
+        # a watch from that revision delivers both changes in one batch at it
+        batch = next(iter(c.watch_batches(prefix=b"t/", start_revision=r.revision)))
+        assert batch.revision == r.revision
+        assert sorted((e.key, e.value, e.mod_revision) for e in batch.events) == [
+            (a, b"1", r.revision), (b, b"2", r.revision)]
+
+        # the same transaction again: the compare fails, the failure branch reads
+        r2 = c.txn([Compare.create(a, "=", 0)], [Op.put(a, b"x")], [Op.get(a), Op.delete(b), Op.get(absent)])
+        assert not r2.succeeded and r2.revision > r.revision  # the delete wrote
+        assert r2.responses[0].kv is not None and r2.responses[0].kv.value == b"1"
+        assert r2.responses[1].deleted and r2.responses[2].kv is None
+        assert c.get(b) is None
+
+        # keys in two groups: refused, definitely not applied, naming both groups
+        with pytest.raises(InvalidArgument) as err:
+            c.txn([], [Op.put(a, b"cross"), Op.put(other, b"cross")])
+        assert not err.value.indeterminate
+        assert "cross-group" in err.value.message
+        assert f"groups {g1}" in err.value.message and f"{g2} (key" in err.value.message
+        assert c.get(a) == b"1" and c.get(other) is None
+
+    # kvctl txn, in etcdctl's format and output
+    sa, sb = a.decode(), b.decode()
+    p = _kvctl(cluster, f'value("{sa}") = "1"\nversion("{sa}") > "0"\n\nput {sa} "two words"\nget {sa}\n'
+                        f'del {sb}\nget {sb}\n\nget {sa}\n\n')
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == f"SUCCESS\n\nOK\n\n{sa}\ntwo words\n\n0\n\n"
+    p = _kvctl(cluster, f'mod("{sa}") < "1"\n\nput {sa} never\n\nget {sa}\n')
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == f"FAILURE\n\n{sa}\ntwo words\n"
+    p = _kvctl(cluster, f'\nput {sa} x\nput {other.decode()} y\n\n')
+    assert p.returncode == 2 and "cross-group transactions are not supported" in p.stderr, (p.stdout, p.stderr)
+    p = _kvctl(cluster, 'bogus("k") = "1"\n\n\n')
+    assert p.returncode == 2 and "unknown target bogus" in p.stderr
+    p = _kvctl(cluster, f'\nget {sa}\n\n', "-o", "json")
+    assert p.returncode == 0 and '"succeeded": true' in p.stdout and '"value": "two words"' in p.stdout
+
+
+def test_concurrent_txn_increments_of_a_key_pair_lose_no_update(cluster: Cluster) -> None:
+    workers, each = 6, 5
+
+    async def main() -> tuple[bytes | None, bytes | None, int]:
+        async with AsyncClient(cluster.endpoints, timeout=30) as c:
+            m = await c.shard_map(refresh=True)
+            assert m is not None
+            x, y = next(ks for ks in _keys_by_group(m, b"pair/", 2).values() if len(ks) >= 2)[:2]
+            conflicts = 0
+
+            async def worker() -> None:
+                nonlocal conflicts
+                for _ in range(each):
+                    cur = await c.read(x)
+                    mod, n = cur.mod_revision, int(cur.value or b"0")
+                    while True:
+                        # compare the mod revision read: no one wrote x since; then both keys move
+                        r = await c.txn(
+                            [Compare.mod(x, "=", mod)],
+                            [Op.put(x, b"%d" % (n + 1)), Op.put(y, b"%d" % (n + 1))],
+                            [Op.get(x)],
+                        )
+                        if r.succeeded:
+                            break
+                        conflicts += 1
+                        kv = r.responses[0].kv
+                        assert kv is not None
+                        mod, n = kv.mod_revision, int(kv.value)
+
+            await asyncio.gather(*(worker() for _ in range(workers)))
+            return (await c.get(x)), (await c.get(y)), conflicts
+
+    vx, vy, conflicts = asyncio.run(main())
+    print(f"\n{workers * each} increments, {conflicts} compare failures retried")
+    assert vx == vy == b"%d" % (workers * each)

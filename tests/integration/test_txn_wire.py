@@ -1,0 +1,135 @@
+"""Hostile transactions on one node, as `KV.Txn` calls and on `KV.Stream`: any field values (unknown enums, negative numbers,
+oversized or empty keys, unset operations, deep nesting, too many items, duplicate writes)
+get a success or a definite error in the reply, never UNKNOWN, never an indeterminate error;
+and a node keeps serving afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onenode import one_node
+
+from kvstore.v1 import kv_pb2, kv_pb2_grpc
+
+pytestmark = pytest.mark.timeout(300)
+
+DEFINITE_OK = {kv_pb2.OK, kv_pb2.INVALID_ARGUMENT, kv_pb2.KEY_TOO_LARGE, kv_pb2.VALUE_TOO_LARGE,
+               kv_pb2.REQUEST_TOO_LARGE}
+
+keys = st.one_of(st.sampled_from([b"a", b"b", b""]), st.binary(max_size=600))
+compares = st.builds(
+    kv_pb2.Compare, key=keys, target=st.integers(-1, 6), result=st.integers(-1, 6), value=st.binary(max_size=20),
+    number=st.integers(-(2**63), 2**63 - 1),
+)
+
+
+def _ops(body: st.SearchStrategy[kv_pb2.TxnBody]) -> st.SearchStrategy[kv_pb2.TxnOp]:
+    return st.one_of(
+        st.builds(lambda k, v: kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=k, value=v)), keys, st.binary(max_size=20)),
+        st.builds(lambda k: kv_pb2.TxnOp(get=k), keys),
+        st.builds(lambda k: kv_pb2.TxnOp(delete=k), keys),
+        st.just(kv_pb2.TxnOp()),
+        body.map(lambda b: kv_pb2.TxnOp(txn=b)),
+    )
+
+
+bodies = st.recursive(
+    st.builds(kv_pb2.TxnBody, compares=st.lists(compares, max_size=3)),
+    lambda inner: st.builds(kv_pb2.TxnBody, compares=st.lists(compares, max_size=3),
+                            success=st.lists(_ops(inner), max_size=4), failure=st.lists(_ops(inner), max_size=4)),
+    max_leaves=20,
+)
+
+
+class _Node:
+    def __init__(self, tmp: Path) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.tmp = tmp
+        self.ids = 0
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(asyncio.wait_for(coro, 60))
+
+    async def start(self) -> None:
+        self.ctx = one_node(self.tmp, request_timeout=2.0)
+        self.n = await self.ctx.__aenter__()
+        self.ch = grpc.aio.insecure_channel(self.n.address)
+        self.kv = kv_pb2_grpc.KVStub(self.ch)
+
+    async def stop(self) -> None:
+        await self.ch.close()
+        await self.ctx.__aexit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Node]:
+    n = _Node(tmp_path_factory.mktemp("txnwire"))
+    n.run(n.start())
+    try:
+        yield n
+    finally:
+        n.run(n.stop())
+        n.loop.close()
+
+
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(body=bodies, seq=st.integers(0, 2**64 - 1), revision=st.integers(-(2**63), 2**63 - 1))
+def test_any_txn_request_gets_a_success_or_a_definite_error(node: _Node, body: kv_pb2.TxnBody, seq: int,
+                                                            revision: int) -> None:
+    async def main() -> None:
+        req = kv_pb2.TxnRequest(txn=body, session=kv_pb2.Session(client_id=0, seq=seq, revision=revision))
+        r = await node.kv.Txn(req, timeout=20)
+        assert r.error.code in DEFINITE_OK and not r.error.indeterminate, (req, r.error)
+        if r.error.code == kv_pb2.OK:
+            assert r.HasField("result")
+        # the same on KV.Stream, next to a good operation: the same kind of answer, the stream lives on
+        node.ids += 2
+        ops = [kv_pb2.Op(id=node.ids, txn=req), kv_pb2.Op(id=node.ids + 1, put=kv_pb2.PutRequest(key=b"alive", value=b"1"))]
+        got: dict[int, kv_pb2.OpResult] = {}
+        async for rb in node.kv.Stream(iter([kv_pb2.OpBatch(ops=ops)]), timeout=20):
+            for res in rb.results:
+                got[res.id] = res
+        bad, good = got[node.ids], got[node.ids + 1]
+        assert bad.WhichOneof("result") == "txn"
+        assert bad.txn.error.code in DEFINITE_OK and not bad.txn.error.indeterminate, (req, bad.txn.error)
+        assert good.put.error.code == kv_pb2.OK
+        # the node keeps serving
+        assert (await node.kv.Put(kv_pb2.PutRequest(key=b"alive", value=b"1"), timeout=20)).error.code == kv_pb2.OK
+
+    node.run(main())
+
+
+def test_txn_refusals_say_what_is_wrong(node: _Node) -> None:
+    def body(*ops: kv_pb2.TxnOp, cmps: tuple[kv_pb2.Compare, ...] = ()) -> kv_pb2.TxnRequest:
+        return kv_pb2.TxnRequest(txn=kv_pb2.TxnBody(compares=list(cmps), success=list(ops)))
+
+    deep = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(get=b"k")])
+    for _ in range(5):
+        deep = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(txn=deep)])
+    cases = [
+        (kv_pb2.TxnRequest(), "at least one key"),
+        (body(kv_pb2.TxnOp()), "sets none of"),
+        (body(kv_pb2.TxnOp(get=b"")), "key must not be empty"),
+        (body(kv_pb2.TxnOp(get=b"k" * 600)), "key"),
+        (body(cmps=(kv_pb2.Compare(key=b"k"),)), "no valid target"),
+        (body(cmps=(kv_pb2.Compare(key=b"k", target=kv_pb2.COMPARE_MOD, result=kv_pb2.LESS, number=-1),)), ">= 0"),
+        (body(*[kv_pb2.TxnOp(get=b"k%d" % i) for i in range(129)]), "more than 128"),
+        (kv_pb2.TxnRequest(txn=deep), "deeper than 4"),
+        (body(kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=b"k")), kv_pb2.TxnOp(delete=b"k")), "more than once"),
+    ]
+
+    async def main() -> None:
+        for req, msg in cases:
+            r = await node.kv.Txn(req, timeout=20)
+            assert r.error.code != kv_pb2.OK and not r.error.indeterminate, (req, r.error)
+            assert msg in r.error.message, (msg, r.error.message)
+
+    node.run(main())

@@ -1,0 +1,76 @@
+"""`kvctl txn`'s input parser (etcdctl's format): the documented forms, refusals naming the bad
+line, and totality on any text (TxnSyntaxError, never another exception)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvstore.cli.txnparse import TxnSyntaxError, parse_txn
+from kvstore.client.types import Compare, Op
+
+
+def enc(s: str) -> bytes:
+    return s.encode()
+
+
+def test_the_etcdctl_format() -> None:
+    text = (
+        'value("k") = "v"\nversion("k") > "3"\ncreate("new") = "0"\nmod("k") < "10"\nval("q\\"x") != "a\\nb"\n'
+        'ver("k") != "1"\nc("k") > "0"\nm("k") = "5"\n'
+        "\n"
+        "put k v1\nput \"two words\" 'a b'\nget k\n"
+        "\n"
+        "del k\ndelete j\n"
+    )
+    p = parse_txn(text, enc)
+    assert p.compares == (
+        Compare.value(b"k", "=", b"v"), Compare.version(b"k", ">", 3), Compare.create(b"new", "=", 0),
+        Compare.mod(b"k", "<", 10), Compare.value(b'q"x', "!=", b"a\nb"), Compare.version(b"k", "!=", 1),
+        Compare.create(b"k", ">", 0), Compare.mod(b"k", "=", 5),
+    )
+    assert p.success == (Op.put(b"k", b"v1"), Op.put(b"two words", b"a b"), Op.get(b"k"))
+    assert p.failure == (Op.delete(b"k"), Op.delete(b"j"))
+    # no compares (a leading blank line): the success ops always run
+    p = parse_txn("\nput a 1\n", enc)
+    assert p.compares == () and p.success == (Op.put(b"a", b"1"),) and p.failure == ()
+    # everything after the failure section's blank line is ignored, as etcdctl does
+    assert parse_txn("\n\nget a\n\nput b 2\n", enc).failure == (Op.get(b"a"),)
+
+
+@pytest.mark.parametrize(("text", "msg"), [
+    ('value("k")="v"\n', "malformed comparison"),
+    ('lease("k") = "1"\n', "unknown target lease"),
+    ('value("k") == "v"\n', "unknown operator =="),
+    ('version("k") > "-1"\n', "needs a number"),
+    ('mod("k") < "x"\n', "needs a number"),
+    ('version("k") > "9223372036854775808"\n', "needs a number"),
+    ("\nput k\n", "put takes KEY VALUE"),
+    ("\nget k --prefix\n", "not supported"),
+    ("\nget\n", "get takes KEY"),
+    ("\nrange k\n", "unknown operation"),
+    ('\nput "k v\n', "malformed operation"),
+    ('value("k\\q") = "v"\n', "malformed quoted string"),
+])
+def test_refusals_name_the_line(text: str, msg: str) -> None:
+    with pytest.raises(TxnSyntaxError, match=msg):
+        parse_txn(text, enc)
+
+
+def test_an_encoder_refusal_is_a_syntax_error() -> None:
+    def hexenc(s: str) -> bytes:
+        return bytes.fromhex(s)
+
+    assert parse_txn("\nput 6b 76\n", hexenc).success == (Op.put(b"k", b"v"),)
+    with pytest.raises(TxnSyntaxError):
+        parse_txn("\nput zz 76\n", hexenc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from('valuesrinoc()"= !<>0123456789\\\n\'-kpdgt '), max_size=80))
+def test_parse_is_total(text: str) -> None:
+    with contextlib.suppress(TxnSyntaxError):
+        parse_txn(text, enc)
