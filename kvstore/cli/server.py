@@ -16,6 +16,7 @@ import click
 from kvstore.cli.audit import audit
 from kvstore.cli.cert import cert
 from kvstore.cli.restore import restore
+from kvstore.cli.serve_env import NodeIdParam, add_natural_envvars, natural_envvars, resolve_node_id
 from kvstore.node.host import RaftSettings
 from kvstore.server.config import NodeConfig, parse_peers
 from kvstore.storage.commands import MAX_KEY_SIZE
@@ -31,7 +32,10 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--id", "node_id", type=int, required=True, help="This node's id (>= 1).")
+@click.option("--id", "node_id", type=NodeIdParam(), default=None,
+              help="This node's id (>= 1); 'auto': from the host name, like --id-from-hostname.")
+@click.option("--id-from-hostname", is_flag=True,
+              help="Take the id from the host name, a StatefulSet pod's: kvstore-0 is node 1, kvstore-2 node 3.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--listen", required=True, help="HOST:PORT to serve clients and peers on.")
 @click.option("--peers", required=True, help="The initial cluster: 1=HOST:PORT,2=HOST:PORT,... (includes this node).")
@@ -128,7 +132,7 @@ def cli() -> None:
               help="Close a connection that sends this many keepalive pings less than 5 s apart without "
               "data (0: never).")
 def serve(
-    node_id: int, data_dir: Path, listen: str, peers: str, cluster_id: str, join: bool, learner: bool,
+    node_id: int | str | None, id_from_hostname: bool, data_dir: Path, listen: str, peers: str, cluster_id: str, join: bool, learner: bool,
     force_new_cluster: bool, probe_ticks: int, advertise: str, client_listen: str, client_advertise: str, metrics_listen: str, drain_timeout: float, tick_ms: int, election_ticks: int, lease_read: bool,
     quiesce_ticks: int,
     request_timeout: float, max_key: int, max_value: int, max_request: int, compact_threshold: int, groups: int,
@@ -141,7 +145,13 @@ def serve(
     """Run one node of a cluster. Restarting with the same --data-dir resumes it.
 
     Without --certs-dir the node only listens and advertises on loopback addresses, unless
-    --insecure is given."""
+    --insecure is given. Every option --foo-bar can also be set by the environment variable
+    KVSTORE_FOO_BAR (KVSTORE_ID, KVSTORE_PEERS, KVSTORE_DATA_DIR, ...; the older KVSTORE_SERVE_*
+    names work too)."""
+    try:
+        nid = resolve_node_id(node_id, id_from_hostname)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
     from kvstore.server import grpc_env
 
     grpc_env.apply()  # before anything imports grpc
@@ -154,11 +164,11 @@ def serve(
     from kvstore.server.reads import ReadSettings
 
     logging.basicConfig(
-        level=log_level.upper(), format=f"%(asctime)s n{node_id} %(levelname)s %(name)s: %(message)s"
+        level=log_level.upper(), format=f"%(asctime)s n{nid} %(levelname)s %(name)s: %(message)s"
     )
     try:
         cfg = NodeConfig(
-            id=node_id, data_dir=data_dir, listen=listen, peers=parse_peers(peers), cluster_id=cluster_id,
+            id=nid, data_dir=data_dir, listen=listen, peers=parse_peers(peers), cluster_id=cluster_id,
             join=join or learner, learner=learner, force_new_cluster=force_new_cluster, advertise=advertise,
             metrics_listen=metrics_listen, drain_timeout=drain_timeout,
             client_listen=client_listen, client_advertise=client_advertise,
@@ -194,9 +204,12 @@ def serve(
         logging.getLogger("kvstore").warning(
             "*** --insecure: node %d serves PLAINTEXT gRPC on %s without authentication: anyone who can "
             "reach it can read and write every key and join the cluster. Use --certs-dir. ***",
-            node_id, ", ".join(filter(None, [listen, client_listen])),
+            nid, ", ".join(filter(None, [listen, client_listen])),
         )
     sys.exit(run(cfg))
+
+
+add_natural_envvars(serve)
 
 
 def parse_bytes(text: str) -> int:
@@ -250,6 +263,9 @@ def dev(nodes: str, data_dir: Path, base_port: int, groups: int, secure: bool) -
     signal.signal(signal.SIGTERM, interrupted)
     peers = ",".join(f"{i}=127.0.0.1:{base_port + i - 1}" for i in range(1, n + 1))
     data_dir.mkdir(parents=True, exist_ok=True)
+    # The nodes get every setting from their flags: none from a KVSTORE_* variable of this shell
+    # (one exported for kvctl, like KVSTORE_CERTS_DIR, must not turn into a node's setting).
+    child_env = {k: v for k, v in os.environ.items() if k not in natural_envvars(serve)}
     procs: list[subprocess.Popen[bytes]] = []
     endpoints = [f"127.0.0.1:{base_port + i - 1}" for i in range(1, n + 1)]
     click.echo(f"kvstore dev: {n} nodes, data in {data_dir.resolve()}")
@@ -261,7 +277,7 @@ def dev(nodes: str, data_dir: Path, base_port: int, groups: int, secure: bool) -
                     [sys.executable, "-m", "kvstore.cli.server", "serve", "--id", str(i),
                      "--data-dir", str(data_dir / f"node{i}"), "--listen", endpoints[i - 1], "--peers", peers,
                      "--groups", str(groups), *tls_args[i]],
-                    stdout=log, stderr=subprocess.STDOUT,
+                    stdout=log, stderr=subprocess.STDOUT, env=child_env,
                 )
             )
         click.echo("endpoints: " + ",".join(endpoints))
