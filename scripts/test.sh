@@ -4,6 +4,11 @@
 # and the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "$(id -u)" -eq 0 ]; then
+  bash scripts/system-deps.sh  # iptables, podman, etcd, ... from Debian when missing
+else
+  echo "(not root: system packages are not installed; the tests that need root or them skip or fail)"
+fi
 VENV=${KVSTORE_VENV:-.venv}
 PY=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
