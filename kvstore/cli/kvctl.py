@@ -728,7 +728,7 @@ def check(c: _Ctx) -> None:
     else:
         for r in results:
             lead = r.hashes[r.leader]
-            state = "ok" if r.consistent else "DIFFERS"
+            state = "ok" if r.consistent else "DIFFERS" if r.diverged else "INCOMPLETE"
             click.echo(f"group {r.group}: {state} at revision {r.revision}: {lead.keys} keys, hash "
                        f"{lead.hash.hex()[:16]} on {len(r.hashes)} of {len(r.voters)} voters")
             for n in r.diverged:

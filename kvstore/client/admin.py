@@ -243,15 +243,19 @@ class Admin:
             "snapshot", lambda s, t: s.Snapshot(req, timeout=t), endpoint=endpoint, timeout=timeout
         )
 
-    async def hash_kv(self, endpoint: str, group: int, revision: int = 0, *, timeout: float | None = None) -> GroupHash:
+    async def hash_kv(
+        self, endpoint: str, group: int, revision: int = 0, *, exact: bool = False, timeout: float | None = None
+    ) -> GroupHash:
         """The hash of `group`'s key space at `revision` on the node at `endpoint` (Admin.HashKV;
-        admin permission). Revision 0: `endpoint` must be the group's leader, which hashes at its
-        last revision after a linearizable read point (NOT_LEADER elsewhere, not retried: the
-        caller picks the node). A read: an attempt that failed is retried at the same node."""
+        admin permission). Revision 0 without `exact`: `endpoint` must be the group's leader, which
+        hashes at its last revision after a linearizable read point (NOT_LEADER elsewhere, not
+        retried: the caller picks the node); with `exact`, at `revision` as given, 0 included (a
+        leader's answer for a group that never wrote). A read: an attempt that failed is retried
+        at the same node."""
         if not 0 <= group <= MAX_GROUP_ID:
             raise InvalidArgument(f"group {group} is out of range")
         rev = check_revision(revision, zero=True)
-        req = admin_pb2.HashKVRequest(group=group, revision=rev)
+        req = admin_pb2.HashKVRequest(group=group, revision=rev, exact=exact)
         resp = await self.invoker.invoke(
             "hash_kv", lambda ep, t: self.channels.admin(ep).HashKV(req, timeout=t),
             deadline=self.checks.deadline(timeout), is_write=False, endpoint=endpoint, learns_leader=False,

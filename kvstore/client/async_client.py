@@ -498,10 +498,12 @@ class AsyncClient:
         """Disarm the matching alarms (default: all); returns the alarms still raised."""
         return await self._admin.disarm_alarms(node_id, type, timeout=timeout)
 
-    async def hash_kv(self, endpoint: str, group: int, revision: int = 0, *, timeout: float | None = None) -> GroupHash:
-        """The hash of ``group``'s key space at ``revision`` on the node at ``endpoint`` (0: at
-        its leader's last revision; see `kvstore.client.admin.Admin.hash_kv`)."""
-        return await self._admin.hash_kv(endpoint, group, revision, timeout=timeout)
+    async def hash_kv(
+        self, endpoint: str, group: int, revision: int = 0, *, exact: bool = False, timeout: float | None = None
+    ) -> GroupHash:
+        """The hash of ``group``'s key space at ``revision`` on the node at ``endpoint`` (0 without
+        ``exact``: at its leader's last revision; see `kvstore.client.admin.Admin.hash_kv`)."""
+        return await self._admin.hash_kv(endpoint, group, revision, exact=exact, timeout=timeout)
 
     async def snapshot(self, endpoint: str | None = None, *, timeout: float | None = None) -> AdminResult:
         """Trigger a snapshot (and log compaction) at ``endpoint``, or at the leader."""

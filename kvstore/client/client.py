@@ -542,8 +542,10 @@ class Client:
     def disarm_alarms(self, node_id: int = 0, type: str | None = None, *, timeout: float | None = None) -> list[Alarm]:
         return self._run(self._async.disarm_alarms(node_id, type, timeout=timeout))
 
-    def hash_kv(self, endpoint: str, group: int, revision: int = 0, *, timeout: float | None = None) -> GroupHash:
-        return self._run(self._async.hash_kv(endpoint, group, revision, timeout=timeout))
+    def hash_kv(
+        self, endpoint: str, group: int, revision: int = 0, *, exact: bool = False, timeout: float | None = None
+    ) -> GroupHash:
+        return self._run(self._async.hash_kv(endpoint, group, revision, exact=exact, timeout=timeout))
 
     def snapshot(self, endpoint: str | None = None, *, timeout: float | None = None) -> AdminResult:
         return self._run(self._async.snapshot(endpoint, timeout=timeout))

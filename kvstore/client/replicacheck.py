@@ -118,7 +118,7 @@ def check_group(c: Client, group: int, nodes: list[NodeStatus], timeout: float |
             out.errors[v] = "no address known"
             continue
         try:
-            out.hashes[v] = c.hash_kv(addr, group, first.revision, timeout=timeout)
+            out.hashes[v] = c.hash_kv(addr, group, first.revision, exact=True, timeout=timeout)
         except KVError as err:
             out.errors[v] = str(err)
     return out

@@ -262,17 +262,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         admin.proto and `kvstore/node/kvhash.py`). Computed a chunk at a time on one read view,
         yielding to the event loop between chunks, so a big group does not hold the node up."""
         try:
-            return await self._hash_kv(request.group, request.revision)
+            return await self._hash_kv(request.group, request.revision, request.exact)
         except errors.KVError as err:
             return admin_pb2.HashKVResponse(error=errors.to_proto(err), node_id=self.cfg.id, group=request.group)
 
-    async def _hash_kv(self, gid: int, revision: int) -> admin_pb2.HashKVResponse:
+    async def _hash_kv(self, gid: int, revision: int, exact: bool = False) -> admin_pb2.HashKVResponse:
         if revision < 0 or revision > MAX_U63:
             raise errors.InvalidArgument(f"revision {revision} is out of range")
         if gid not in self.host.groups:
             raise errors.WrongShard(f"group {gid} is not on node {self.cfg.id}")
         store = self.host.store
-        if revision == 0:
+        if revision == 0 and not exact:
             await read_point(self.host, self.wake, gid, self.cfg.request_timeout)  # NOT_LEADER elsewhere
         else:
             loop = asyncio.get_running_loop()
@@ -290,6 +290,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             rst, stream = store.revisions.scan_versions(gid, b"", None, 0, revision, HASH_CHUNK_ITEMS, HASH_CHUNK_BYTES)
         except mvcc.Compacted as err:
             raise errors.Compacted(compact_revision=err.compact_revision) from None
+        if exact and revision == 0 and rst.last != 0:
+            stream.close()  # "at revision 0" is the empty history; this replica has written since
+            raise errors.Unavailable(
+                f"group {gid} wrote on node {self.cfg.id} after its leader hashed it at revision 0: check again")
         hasher = KVHasher()
         try:
             for chunk in stream:

@@ -186,12 +186,14 @@ class AlarmResponse(_message.Message):
     def __init__(self, error: _Optional[_Union[_kv_pb2.Error, _Mapping]] = ..., alarms: _Optional[_Iterable[_Union[Alarm, _Mapping]]] = ...) -> None: ...
 
 class HashKVRequest(_message.Message):
-    __slots__ = ("group", "revision")
+    __slots__ = ("group", "revision", "exact")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
     group: int
     revision: int
-    def __init__(self, group: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
+    exact: bool
+    def __init__(self, group: _Optional[int] = ..., revision: _Optional[int] = ..., exact: _Optional[bool] = ...) -> None: ...
 
 class HashKVResponse(_message.Message):
     __slots__ = ("error", "node_id", "group", "revision", "hash", "keys", "applied", "compact_revision")
