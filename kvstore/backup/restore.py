@@ -44,6 +44,7 @@ from kvstore.shard.ranges import IntervalSet, key_hash
 from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, ShardMap, ShardMapError
 from kvstore.storage import mvcc
 from kvstore.storage.commands import encode_close, encode_put
+from kvstore.storage.fsutil import fsync_dir
 from kvstore.storage.shardcmd import ShardState
 from kvstore.storage.snapfile import (
     TAG_DATA,
@@ -169,9 +170,5 @@ def restore(
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)
         raise
-    fd = os.open(parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(parent)
     return RestoreResult(summary, smap, restored)

@@ -31,6 +31,7 @@ from pathlib import Path
 from kvstore.backup.format import BackupInfo, BackupKey, BackupSummary, BackupWriter
 from kvstore.client import Client
 from kvstore.errors import InvalidArgument, PermissionDenied
+from kvstore.storage.fsutil import fsync_dir
 from kvstore.v1 import auth_pb2
 
 Progress = Callable[[int, int], None]
@@ -86,11 +87,7 @@ def save(client: Client, path: Path, *, timeout: float, progress: Progress | Non
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(directory)
     if progress is not None:
         progress(w.keys, w.size)
     return BackupSummary(info, auth, w.keys, w.records, w.size, digest)

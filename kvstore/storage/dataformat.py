@@ -26,6 +26,7 @@ import zlib
 from pathlib import Path
 
 from .errors import StorageError
+from .fsutil import fsync_dir
 
 __all__ = ["FORMATS", "FORMAT_FILE", "FORMAT_NO_RECORD", "FORMAT_VERSION", "FormatError", "check", "read", "write"]
 
@@ -90,11 +91,7 @@ def write(path: Path, version: int) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path / FORMAT_FILE)
-    dfd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path)
 
 
 def check(path: Path) -> int:

@@ -40,6 +40,7 @@ from pathlib import Path
 from crc32c import crc32c
 
 from .errors import StorageError, StorageFullError, StorageIOError
+from .fsutil import fsync_dir
 
 STATE_SYNC_MODES = ("checkpoint", "commit")
 """How the state machine becomes durable (`--state-sync`): `commit`, every apply transaction is
@@ -197,14 +198,6 @@ def remove(directory: Path) -> None:
     except OSError as err:
         raise StorageIOError(f"removing the LMDB checkpoint record in {directory}: {err}") from err
     fsync_dir(directory)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 LOCK_FILE = "checkpoint.lock"
