@@ -296,7 +296,10 @@ def apply_txn(view: StateView, t: txn.Txn, proposed: int) -> ApplyResult:
             return None
         return txn.Current(value, meta.create_revision, meta.mod_revision, meta.version)
 
-    out = txn.evaluate(t, read, rev)
+    try:
+        out = txn.evaluate(t, read, rev)
+    except txn.ResultTooLarge as err:
+        return ApplyResult(error=str(err))  # nothing written
     for key, value in out.writes:
         prev = view.get(key)
         mvcc.write_version(rows, view.group, key, value, prev, rev, exact=True)

@@ -406,6 +406,17 @@ def _holds(c: Compare, cur: Current | None) -> bool:
     return a < b  # type: ignore[operator]
 
 
+MAX_RESULT_VALUE_BYTES = 32 << 20
+"""The most value bytes one transaction's GETs may return, together (a result must fit a reply,
+and a result with a session is kept in every replica's session table until acknowledged: 128
+GETs of a 1 MiB value would otherwise make a 561-byte command answer with 128 MiB)."""
+
+
+class ResultTooLarge(ValueError):
+    """The transaction's GETs would return more than `MAX_RESULT_VALUE_BYTES`: it is refused
+    whole (the same on every replica: the total is a function of the state)."""
+
+
 @dataclass(slots=True)
 class Outcome:
     """`evaluate`'s answer: the result, and the writes to make at its revision in order (key,
@@ -418,9 +429,12 @@ class Outcome:
 def evaluate(t: Txn, read: Reader, revision: int) -> Outcome:
     """Evaluate `t` against the state `read` returns, as if its writes happen at `revision`
     (pure: nothing is written; deterministic). The caller makes `Outcome.writes`, all at
-    `revision`; the result's revision is `revision` if there are any, else 0."""
+    `revision`; the result's revision is `revision` if there are any, else 0. Raises
+    `ResultTooLarge` (nothing to write then) if the GETs would return more than
+    `MAX_RESULT_VALUE_BYTES` of values."""
     overlay: dict[bytes, Current | None] = {}
     writes: list[tuple[bytes, bytes | None]] = []
+    returned = 0
 
     def cur(key: bytes) -> Current | None:
         return overlay[key] if key in overlay else read(key)
@@ -428,9 +442,15 @@ def evaluate(t: Txn, read: Reader, revision: int) -> Outcome:
     def run(t: Txn) -> tuple[bool, list[OpResult]]:
         ok = all(_holds(c, cur(c.key)) for c in t.compares)
         res: list[OpResult] = []
+        nonlocal returned
         for op in t.success if ok else t.failure:
             if op.kind == OpKind.GET:
                 c = cur(op.key)
+                if c is not None:
+                    returned += len(c.value)
+                    if returned > MAX_RESULT_VALUE_BYTES:
+                        raise ResultTooLarge(
+                            f"the transaction's gets would return more than {MAX_RESULT_VALUE_BYTES} bytes of values")
                 res.append(OpResult(op.kind) if c is None else OpResult(
                     op.kind, True, c.value, c.create_revision, c.mod_revision, c.version))
             elif op.kind == OpKind.PUT:

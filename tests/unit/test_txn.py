@@ -26,6 +26,7 @@ from kvstore.storage.commands import (
 from kvstore.storage.machine import DictState
 from kvstore.storage.shardcmd import ShardState
 from kvstore.storage.txn import (
+    MAX_RESULT_VALUE_BYTES,
     MAX_TXN_DEPTH,
     MAX_TXN_ITEMS,
     CmpResult,
@@ -280,6 +281,23 @@ def test_a_txn_naming_a_key_the_group_does_not_serve_is_refused_whole() -> None:
     assert res.wrong_shard and res.txn is None
     assert s.data == {b"mine": b"1"}
     assert s.session_result(3, 2) is None  # never cached: its retry elsewhere may apply
+
+
+def test_gets_returning_too_much_are_refused_whole_and_cache_only_the_error() -> None:
+    """A tiny transaction may not make every replica keep a huge result: 40 GETs of a 1 MiB
+    value (40 MiB) are refused with an error result, and its PUT is not made."""
+    s = DictState()
+    big = b"v" * (1 << 20)
+    run(s, Txn((), (put(b"big", big),)))
+    before = dict(s.data), mvcc.rev_state(s.rows)
+    t = Txn((), (put(b"other", b"x"),) + (get(b"big"),) * 40)
+    assert MAX_RESULT_VALUE_BYTES < 40 << 20
+    res = run(s, t, cid=5, seq=1)
+    assert res.error and "more than" in res.error and res.txn is None
+    assert (dict(s.data), mvcc.rev_state(s.rows)) == before
+    assert len(encode_result(res)) < 1000
+    ok = run(s, Txn((), (get(b"big"),) * 8), cid=5, seq=2)  # 8 MiB: under the bound
+    assert ok.txn is not None and all(o.value == big for o in ok.txn.responses)
 
 
 def test_a_refused_proposal_changes_nothing() -> None:
