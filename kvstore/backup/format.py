@@ -33,6 +33,10 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from kvstore.security.authstate import AuthError, AuthState
+from kvstore.shard.shardmap import MAX_GROUP_ID
+from kvstore.storage.keylimit import MAX_KEY_SIZE
+from kvstore.storage.mvcc import ROW_HEADER_BYTES
+from kvstore.storage.snapfile import MAX_RECORD_VALUE
 
 MAGIC = b"KVBK"
 VERSION = 1
@@ -41,8 +45,9 @@ TAG_INFO = 1
 TAG_AUTH = 2
 TAG_KEYS = 3
 CHUNK_BYTES = 256 << 10
-MAX_KEY = 503
-MAX_VALUE = 64 << 20
+MAX_KEY = MAX_KEY_SIZE
+MAX_VALUE = MAX_RECORD_VALUE - ROW_HEADER_BYTES
+"""The longest value a restore can put in a group snapshot's history row (`snapfile` bounds a record)."""
 MAX_RECORD = MAX_VALUE + (1 << 20)
 MAX_AUTH = 1 << 20
 REVISION_MAX = (1 << 63) - 1
@@ -98,8 +103,8 @@ class BackupSummary:
 def check_info(info: BackupInfo) -> None:
     if not 0 <= info.revision <= REVISION_MAX:
         raise BackupFormatError(f"revision {info.revision} out of range")
-    if not 1 <= info.groups <= 4095:
-        raise BackupFormatError(f"{info.groups} data groups (1..4095)")
+    if not 1 <= info.groups <= MAX_GROUP_ID:
+        raise BackupFormatError(f"{info.groups} data groups (1..{MAX_GROUP_ID})")
     if not 1 <= info.replication <= 7:
         raise BackupFormatError(f"replication {info.replication} (1..7)")
     if not 1 <= info.vnodes <= 4096:
@@ -128,6 +133,11 @@ class BackupWriter:
         check_info(info)
         if len(auth) > MAX_AUTH:
             raise BackupFormatError(f"auth state of {len(auth)} bytes (at most {MAX_AUTH})")
+        if auth:
+            try:  # the reader decodes it: a save must not write a file its restore refuses
+                AuthState.decode(auth)
+            except AuthError as err:
+                raise BackupFormatError(f"auth state does not decode: {err}") from None
         self._f = f
         self._hash = hashlib.sha256()
         self.info = info

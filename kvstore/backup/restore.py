@@ -74,13 +74,17 @@ class RestoreResult:
     """data group hosted here -> keys restored into it"""
 
 
-def group_records(path: Path, ranges: IntervalSet, revision: int, counts: list[int]) -> Iterator[Record]:
+def group_records(
+    path: Path, ranges: IntervalSet, revision: int, counts: list[int], sha256: str
+) -> Iterator[Record]:
     """The snapshot records of a data group serving `ranges`: its shard state, then per key of
-    the backup in those ranges its data, key and history rows, then its revision state."""
+    the backup in those ranges its data, key and history rows, then its revision state. Each pass
+    reads the file again: RestoreError if it is no longer the file `verify` read (`sha256`)."""
     yield TAG_SHARDS, b"", ShardState(ranges, IntervalSet()).encode()
     kid = 1
     with open(path, "rb") as f:
-        for k in BackupReader(f).entries():
+        reader = BackupReader(f)
+        for k in reader.entries():
             if key_hash(k.key) not in ranges:
                 continue
             meta = mvcc.KeyMeta(k.create_revision, k.mod_revision, k.version)
@@ -89,6 +93,8 @@ def group_records(path: Path, ranges: IntervalSet, revision: int, counts: list[i
             yield TAG_REV_HIST, mvcc.hist_key(kid, k.mod_revision), mvcc.encode_row(
                 mvcc.KIND_PUT, k.create_revision, k.version, k.value)
             kid += 1
+    if reader.sha256 != sha256:
+        raise RestoreError(f"{path} changed while it was being restored (sha256 {reader.sha256}, verified {sha256})")
     counts.append(kid - 1)
     yield TAG_REV_STATE, b"", mvcc.RevState(revision, revision, kid).encode()
 
@@ -155,7 +161,7 @@ def restore(
                 conf = ConfState(tuple(sorted(p.bootstrap)))
                 meta = SnapshotMeta(SNAPSHOT_INDEX, SNAPSHOT_TERM, conf)
                 counts: list[int] = []
-                records = group_records(path, smap.bootstrap_ranges(gid), info.revision, counts)
+                records = group_records(path, smap.bootstrap_ranges(gid), info.revision, counts, summary.sha256)
                 snap = store.receive_snapshot(gid, encode_snapshot(gid, meta, records, CHUNK))
                 store.persist([GroupWrite(gid, [], HardState(SNAPSHOT_TERM, 0, SNAPSHOT_INDEX), meta, snap)])
                 restored[gid] = counts[0]

@@ -31,6 +31,7 @@ from pathlib import Path
 from kvstore.backup.format import BackupInfo, BackupKey, BackupSummary, BackupWriter
 from kvstore.client import Client
 from kvstore.errors import InvalidArgument, PermissionDenied
+from kvstore.shard.shardmap import DEFAULT_REPLICATION, DEFAULT_VNODES
 from kvstore.storage.fsutil import fsync_dir
 from kvstore.v1 import auth_pb2
 
@@ -65,7 +66,7 @@ def save(client: Client, path: Path, *, timeout: float, progress: Progress | Non
     scan (nothing is written then), OSError on a failed write."""
     auth = export_auth(client)
     smap = client.shard_map(refresh=True)
-    groups, replication, vnodes = (1, 3, 128) if smap is None else (
+    groups, replication, vnodes = (1, DEFAULT_REPLICATION, DEFAULT_VNODES) if smap is None else (
         max(1, len(smap.groups)), smap.replication, smap.vnodes)
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")

@@ -32,6 +32,7 @@ def restore(path: Path, data_dir: Path, node_id: int, peers: str, groups: int | 
     from kvstore.backup.format import BackupFormatError
     from kvstore.backup.restore import RestoreError
     from kvstore.backup.restore import restore as do_restore
+    from kvstore.storage.errors import StorageError
 
     try:
         peer_map = parse_peers(peers)
@@ -39,7 +40,7 @@ def restore(path: Path, data_dir: Path, node_id: int, peers: str, groups: int | 
     except BackupFormatError as err:
         click.echo(f"kvstore restore: {path} is damaged or not a backup: {err}", err=True)
         sys.exit(2)
-    except (RestoreError, ValueError, OSError) as err:
+    except (RestoreError, ValueError, OSError, StorageError) as err:
         click.echo(f"kvstore restore: {err}", err=True)
         sys.exit(2)
     s = res.summary

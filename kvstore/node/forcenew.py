@@ -78,6 +78,11 @@ def force_logs(store: NodeStore, node: int) -> list[ForcedGroup]:
     for gid in groups:
         conf = conf_at_end(store, gid)
         if node not in conf.voters and node not in conf.learners:
+            if gid == META_GROUP:  # it would start, never lead group 0, and never rewrite the map
+                raise ForceError(
+                    f"node {node} is not a member of the metadata group at the end of its log (being removed or not "
+                    "yet added): force a member of the metadata group instead"
+                )
             continue  # being removed from it, or not yet added: not hosted
         changes: list[ConfChange] = []
         promoted = node in conf.learners

@@ -73,6 +73,8 @@ KIND_DELETE = 2
 _U64 = struct.Struct(">Q")
 _PAIR = struct.Struct(">QQ")
 _ROW = struct.Struct(">BQQ")
+ROW_HEADER_BYTES = _ROW.size
+"""Bytes a history row adds to its value (`encode_row`)."""
 _STATE = struct.Struct(">QQQ")
 _KEYROW = struct.Struct(">QQQQ")
 _MAX_KEY = _U64.pack((1 << 64) - 1)

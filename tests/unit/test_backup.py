@@ -20,10 +20,10 @@ from kvstore.backup.format import (
     BackupWriter,
     verify,
 )
-from kvstore.backup.restore import RestoreError, restore
+from kvstore.backup.restore import RestoreError, group_records, restore
 from kvstore.raft.types import EntryType
 from kvstore.security.authstate import AUTH_KEY, ROOT, AuthCommand, AuthOp, AuthState
-from kvstore.shard.ranges import key_hash
+from kvstore.shard.ranges import IntervalSet, key_hash
 from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY
 from kvstore.storage import mvcc
 from kvstore.storage.commands import Op, decode_command
@@ -164,6 +164,8 @@ def test_writer_refuses_what_a_reader_would() -> None:
             w.add(bad)
     with pytest.raises(BackupFormatError):
         BackupWriter(io.BytesIO(), BackupInfo(REV, 0, 0, 3, 16))
+    with pytest.raises(BackupFormatError, match="auth state does not decode"):  # the reader would refuse it
+        BackupWriter(io.BytesIO(), BackupInfo(REV, 0, 1, 3, 16), b"not an auth state")
 
 
 def test_restore_five_members_four_groups(tmp_path: Path) -> None:
@@ -240,3 +242,16 @@ def test_a_scan_without_a_map_takes_no_part_for_the_whole() -> None:
     assert _whole([SimpleNamespace(owned=half), SimpleNamespace(owned=other)], sharded=True)
     assert not _whole([SimpleNamespace(owned=half), SimpleNamespace(owned=half)], sharded=True)
 
+
+
+def test_a_pass_over_a_file_that_changed_since_it_was_verified_is_refused(tmp_path: Path) -> None:
+    """Restore reads the file once to verify it and again per hosted group: a pass that reads
+    another (valid) file raises instead of mixing two backups in one data directory."""
+    path = tmp_path / "b.kvbk"
+    path.write_bytes(encode([BackupKey(b"k", b"v", 1, 1, 1)], b""))
+    with path.open("rb") as f:
+        verified = verify(f).sha256
+    assert [r[0] for r in group_records(path, IntervalSet.full(), REV, [], verified)]
+    path.write_bytes(encode([BackupKey(b"k", b"other", 1, 1, 1)], b""))
+    with pytest.raises(RestoreError, match="changed while it was being restored"):
+        list(group_records(path, IntervalSet.full(), REV, [], verified))

@@ -40,6 +40,13 @@ def test_force_logs_leaves_the_node_alone_in_every_group_it_hosts(tmp_path: Path
     try:
         with pytest.raises(ForceError, match="does not host the metadata group"):
             force_logs(store, 1)
+        store.bootstrap(META_GROUP, ConfState((2, 3)), [])  # hosted, but node 1 is not (yet) a member
+        with pytest.raises(ForceError, match="not a member of the metadata group"):
+            force_logs(store, 1)
+    finally:
+        store.close()
+    store = LmdbNodeStore(tmp_path / "db2", sync=False)
+    try:
         for g, conf in ((META_GROUP, ConfState((1, 2, 3))), (1, ConfState((2, 3), (1,))), (2, ConfState((2, 3)))):
             store.bootstrap(g, conf, [])
         # Group 2: node 1 was being added (a conf change in the log, uncommitted): it counts.
