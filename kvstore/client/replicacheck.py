@@ -104,6 +104,8 @@ def check_group(c: Client, group: int, nodes: list[NodeStatus], timeout: float |
             first = c.hash_kv(addresses[lead], group, 0, timeout=timeout)
         except (NotLeader, NoLeader):
             continue
+        if (first.node_id, first.group) != (lead, group):
+            continue  # the address answers for another node (a stale view): look again
         break
     else:
         raise CheckError(f"group {group} has no leader to ask right now; retry")
@@ -118,9 +120,14 @@ def check_group(c: Client, group: int, nodes: list[NodeStatus], timeout: float |
             out.errors[v] = "no address known"
             continue
         try:
-            out.hashes[v] = c.hash_kv(addr, group, first.revision, exact=True, timeout=timeout)
+            h = c.hash_kv(addr, group, first.revision, exact=True, timeout=timeout)
         except KVError as err:
             out.errors[v] = str(err)
+            continue
+        if (h.node_id, h.group) != (v, group):  # never count one node's hash as another's
+            out.errors[v] = f"{addr} answered as node {h.node_id} for group {h.group}"
+            continue
+        out.hashes[v] = h
     return out
 
 

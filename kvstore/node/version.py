@@ -122,8 +122,12 @@ class ClusterVersion:
 
 
 def encode_versions(v: ClusterVersion) -> bytes:
-    """Canonical: magic, cluster u16, count u32, then (node u64, level u16) by node id."""
+    """Canonical: magic, cluster u16, count u32, then (node u64, level u16) by node id.
+    `ValueError` beyond `MAX_MEMBERS` entries (never write what `decode_versions` refuses: every
+    later compare-and-swap would expect a value no tracker could read)."""
     items = sorted(v.advertised.items())
+    if len(items) > MAX_MEMBERS:
+        raise ValueError(f"a cluster version holds at most {MAX_MEMBERS} members' levels, not {len(items)}")
     return _HEAD.pack(_MAGIC, v.cluster, len(items)) + b"".join(_ENTRY.pack(n, lv) for n, lv in items)
 
 
@@ -266,11 +270,17 @@ class CommandGate:
     def check(self, data: bytes) -> None:
         """Raise `errors.ClusterVersionTooLow` (definite) if `data` is a KV command whose kind
         needs a level above the cluster version. Shard commands and garbage pass (garbage is
-        refused where it is decoded, and yields an error result at apply)."""
-        if self.top <= LEVEL_BASE or len(data) < 2 or is_shard_command(data):
+        refused where it is decoded, and yields an error result at apply); a kind the table does not
+        know that has a well-formed header (`commands.unknown_kind`: its apply would stop every
+        replica) never does."""
+        if len(data) < 2 or is_shard_command(data):
             return
-        need = self.levels.get(data[1], LEVEL_BASE)
-        if need <= LEVEL_BASE:
+        need = self.levels.get(data[1])
+        if need is None:
+            if commands.unknown_kind(data) is not None:
+                raise errors.InvalidArgument(f"command kind {data[1]} is unknown to this release")
+            return
+        if self.top <= LEVEL_BASE or need <= LEVEL_BASE:
             return
         v = self.version()
         if need <= v.cluster:

@@ -285,7 +285,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 await asyncio.sleep(self.cfg.raft.tick_ms / 1000)
                 if gid not in self.host.groups:
                     raise errors.WrongShard(f"group {gid} left node {self.cfg.id}")
-        applied = self.host.groups[gid].core.applied
+        g = self.host.groups.get(gid)
+        if g is None:  # left this node while the read point or the wait ran
+            raise errors.WrongShard(f"group {gid} left node {self.cfg.id}")
+        applied = g.core.applied
         try:
             rst, stream = store.revisions.scan_versions(gid, b"", None, 0, revision, HASH_CHUNK_ITEMS, HASH_CHUNK_BYTES)
         except mvcc.Compacted as err:

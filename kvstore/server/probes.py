@@ -46,10 +46,9 @@ class LoopProbe:
 
     def answer(self, path: str) -> str | None:
         """The reason `path`'s probe fails, or None (call from any thread but the loop's)."""
-        live = self._on_loop(self._checks["/livez"])
-        if live is not None or path == "/livez":
-            return live
-        return self._on_loop(self._checks[path])
+        live, check = self._checks["/livez"], self._checks[path]
+        # one trip through the loop (each may wait LOOP_TIMEOUT: a probe answers within one)
+        return self._on_loop(lambda: live() or (None if check is live else check()))
 
     def _on_loop(self, check: Check) -> str | None:
         fut: concurrent.futures.Future[str | None] = concurrent.futures.Future()

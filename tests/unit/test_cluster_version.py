@@ -20,6 +20,7 @@ from kvstore.node.version import (
     LEVEL_BASE,
     LEVEL_TRANSACTIONS,
     MAX_LEVEL,
+    MAX_MEMBERS,
     SUPPORTED_LEVEL,
     VERSIONS_KEY,
     ClusterVersion,
@@ -153,6 +154,28 @@ def test_garbage_and_shard_commands_pass_the_gate_untouched() -> None:
     gate = CommandGate(lambda: ClusterVersion(), lambda: {1}, {FAKE_KIND: 2})
     for data in (b"", b"\x03", b"\xff" * 10):
         gate.check(data)
+
+
+def test_the_gate_refuses_a_kind_no_table_knows() -> None:
+    """A well-formed command of a kind neither the release nor the gate's table knows would stop
+    every replica at apply (`UnknownCommandKind`): refused before the log, definite."""
+    put = commands.encode_put(b"k", b"v")
+    unknown = bytes([commands.FORMAT_VERSION, 99]) + put[2:]
+    assert commands.unknown_kind(unknown) == 99
+    for table in (COMMAND_LEVELS, {commands.Op.PUT: LEVEL_BASE}):
+        with pytest.raises(errors.InvalidArgument, match="kind 99 is unknown") as e:
+            CommandGate(lambda: ClusterVersion(SUPPORTED_LEVEL), lambda: {1}, table).check(unknown)
+        assert e.value.definite
+    CommandGate(lambda: ClusterVersion(), lambda: {1}).check(put)  # a known kind passes
+
+
+def test_no_value_beyond_the_members_limit_is_written() -> None:
+    """`decode_versions` refuses more than MAX_MEMBERS entries, so the encoder never makes one
+    (a committed value no tracker reads would make every later compare-and-swap fail)."""
+    full = ClusterVersion(1, {n: 1 for n in range(1, MAX_MEMBERS + 1)})
+    assert decode_versions(encode_versions(full)) == full
+    with pytest.raises(ValueError, match="at most"):
+        advertise_command(full, encode_versions(full), MAX_MEMBERS + 1, 1)
 
 
 class Req:
