@@ -9,9 +9,10 @@
     failure ops     likewise, up to a blank line or the end of the input
 
 KEY and VALUE in operation lines are shell words (quote them with "..." or '...' to include
-spaces); quoted strings in compares use Go / JSON escapes (\\" \\\\ \\n \\t \\uXXXX), as
-etcdctl's %q does. Range flags (--prefix, --from-key) and leases are not supported: a line with
-them is refused. Every malformed line raises `TxnSyntaxError` naming it (nothing is sent).
+spaces); quoted strings in compares use the escapes Go and JSON share (\\" \\\\ \\n \\t \\uXXXX);
+Go's \\xNN and octal escapes (etcdctl's %q of bytes that are not UTF-8) are refused, not guessed
+at. Anything after the failure ops' closing blank line is refused (not dropped). Range flags
+(--prefix, --from-key) and leases are not supported: a line with them is refused. Every malformed line raises `TxnSyntaxError` naming it (nothing is sent).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvstore.client.checks import INT64_MAX
 from kvstore.client.types import Compare, CompareOp, CompareTarget, Op
 
 __all__ = ["ParsedTxn", "TxnSyntaxError", "parse_txn"]
@@ -33,7 +35,6 @@ _TARGETS: dict[str, CompareTarget] = {
 _OPS: dict[str, CompareOp] = {"=": "=", "!=": "!=", ">": ">", "<": "<"}
 _QUOTED = r'"(?:[^"\\]|\\.)*"'
 _COMPARE = re.compile(rf"^(\w+)\(({_QUOTED})\) (\S+) ({_QUOTED})$")
-INT64_MAX = (1 << 63) - 1
 
 
 class TxnSyntaxError(ValueError):
@@ -71,7 +72,7 @@ def _compare(line: str, encode: Callable[[str], bytes]) -> Compare:
     operand = _unquote(m.group(4), line)
     if target == "value":
         return Compare(key, target, op, encode(operand))
-    if not re.fullmatch(r"[0-9]+", operand) or int(operand) > INT64_MAX:
+    if not re.fullmatch(r"[0-9]{1,19}", operand) or int(operand) > INT64_MAX:
         raise TxnSyntaxError(f"malformed comparison: {line} ({target} needs a number in 0..{INT64_MAX})")
     return Compare(key, target, op, int(operand))
 
@@ -105,9 +106,9 @@ def parse_txn(text: str, encode: Callable[[str], bytes]) -> ParsedTxn:
         line = line.strip()
         if not line:
             i += 1
-            if i == 3:
-                break
             continue
+        if i >= 3:
+            raise TxnSyntaxError(f"input after the failure operations' closing blank line: {line}")
         sections[i].append(line)
     try:
         return ParsedTxn(

@@ -37,8 +37,11 @@ def test_the_etcdctl_format() -> None:
     # no compares (a leading blank line): the success ops always run
     p = parse_txn("\nput a 1\n", enc)
     assert p.compares == () and p.success == (Op.put(b"a", b"1"),) and p.failure == ()
-    # everything after the failure section's blank line is ignored, as etcdctl does
-    assert parse_txn("\n\nget a\n\nput b 2\n", enc).failure == (Op.get(b"a"),)
+    # trailing blank lines end the input; etcdctl ignores anything after them, here it is refused
+    # (a stray blank line inside the failure ops would otherwise drop the rest silently)
+    assert parse_txn("\n\nget a\n\n\n", enc).failure == (Op.get(b"a"),)
+    with pytest.raises(TxnSyntaxError, match="after the failure operations"):
+        parse_txn("\n\nget a\n\nput b 2\n", enc)
 
 
 @pytest.mark.parametrize(("text", "msg"), [
@@ -48,6 +51,7 @@ def test_the_etcdctl_format() -> None:
     ('version("k") > "-1"\n', "needs a number"),
     ('mod("k") < "x"\n', "needs a number"),
     ('version("k") > "9223372036854775808"\n', "needs a number"),
+    ('version("k") > "' + "9" * 5000 + '"\n', "needs a number"),  # past int()'s digit limit: still named
     ("\nput k\n", "put takes KEY VALUE"),
     ("\nget k --prefix\n", "not supported"),
     ("\nget\n", "get takes KEY"),
