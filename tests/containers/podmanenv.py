@@ -14,6 +14,7 @@ Everything it creates is named `kvstore-test-...` and removed by that name.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -79,6 +80,20 @@ def run(cmd: list[str], env: dict[str, str], timeout: float = 120, check: bool =
     return r
 
 
+def drop_bridge_rules(bridge: str) -> None:
+    """Delete the iptables rules that name `bridge` (a removed test network's bridge): CNI's
+    plugins leave some behind (dnsname's DNS accept, the firewall plugin's isolation rules) when
+    the network goes. Only rules naming that exact interface are touched."""
+    for table in ("filter", "nat"):
+        listed = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True, check=False).stdout
+        for line in listed.splitlines():
+            words = shlex.split(line)
+            if words[:1] == ["-A"] and bridge in words:
+                subprocess.run(["iptables", "-t", table, "-D", *words[1:]], capture_output=True, check=False)
+        left = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True, check=False).stdout
+        assert not [ln for ln in left.splitlines() if bridge in shlex.split(ln)], f"rules naming {bridge} remain"
+
+
 class Podman:
     """podman plus its Docker API service on a private socket, for Docker Compose."""
 
@@ -129,6 +144,23 @@ class Podman:
             unavailable(f"cannot build {BASE_IMAGE}: {r.stderr.strip()[-800:]}")
         self.podman("build", "-q", "--format", "docker", "-f", "docker/Dockerfile", "-t", IMAGE, str(REPO),
                     timeout=900)
+
+    def networks(self, prefix: str) -> dict[str, str]:
+        """The networks whose names start with `prefix` (ours: kvstore-test-*), with their bridges."""
+        names = self.podman("network", "ls", "--format", "{{.Name}}", check=False).stdout.split()
+        out = {}
+        for n in names:
+            if n.startswith(prefix):
+                r = self.podman("network", "inspect", "-f", "{{.NetworkInterface}}", n, check=False)
+                out[n] = r.stdout.strip() if r.returncode == 0 else ""
+        return out
+
+    def remove_networks(self, nets: dict[str, str]) -> None:
+        """Remove networks (name -> bridge, from `networks`) and the rules CNI leaves for them."""
+        for n, bridge in nets.items():
+            self.podman("network", "rm", "-f", n, check=False)
+            if bridge:
+                drop_bridge_rules(bridge)
 
     def remove_image(self) -> None:
         self.podman("rmi", "--ignore", IMAGE, check=False)
@@ -192,4 +224,6 @@ class Project:
         return self.pm.podman("exec", self.container(service), *cmd, check=check, timeout=60)
 
     def down(self) -> None:
+        nets = self.pm.networks(self.name)
         self.compose("down", "-v", "--remove-orphans", "-t", "5", check=False)
+        self.pm.remove_networks(nets)

@@ -140,4 +140,4 @@ def test_statefulset_pods_take_their_ids_from_their_names(pm: Podman) -> None:
     finally:
         pm.podman("rm", "-f", "-t", "5", *pods, check=False)
         pm.podman("volume", "rm", "-f", *volumes, check=False)
-        pm.podman("network", "rm", "-f", net, check=False)
+        pm.remove_networks(pm.networks(net))
