@@ -80,18 +80,25 @@ def read(path: Path) -> int | None:
 
 
 def write(path: Path, version: int) -> None:
-    """Record `version` in directory `path`, atomically and durably."""
+    """Record `version` in directory `path`, atomically and durably. An OS error (a full disk, a
+    read-only directory) raises FormatError naming the directory; the old record, if any, stays."""
     if version not in FORMATS:
         raise ValueError(f"unknown data format {version}")
     tmp = path / (FORMAT_FILE + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    data = _line(version).encode("ascii")
     try:
-        os.write(fd, _line(version).encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path / FORMAT_FILE)
-    fsync_dir(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:  # os.write may write less than asked (a full disk part way)
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path / FORMAT_FILE)
+        fsync_dir(path)
+    except OSError as err:
+        raise FormatError(f"cannot write the data format record in {path}: {err}") from None
 
 
 def check(path: Path) -> int:

@@ -125,3 +125,26 @@ def test_damaged_records_are_refused(tmp_path: Path, text: str) -> None:
     with pytest.raises(FormatError, match="never existed"):
         dataformat.check(tmp_path)
     os.remove(tmp_path / FORMAT_FILE)
+
+
+def test_the_record_is_whole_when_the_os_writes_a_byte_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.write
+    monkeypatch.setattr(dataformat.os, "write", lambda fd, data: real(fd, bytes(data[:1])))
+    dataformat.write(tmp_path, FORMAT_VERSION)
+    monkeypatch.undo()
+    assert dataformat.read(tmp_path) == FORMAT_VERSION
+
+
+def test_a_full_disk_while_recording_is_a_format_error_and_keeps_the_old_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataformat.write(tmp_path, 1)
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dataformat.os, "write", full)
+    with pytest.raises(FormatError, match="cannot write the data format record"):
+        dataformat.write(tmp_path, FORMAT_VERSION)
+    monkeypatch.undo()
+    assert dataformat.read(tmp_path) == 1
