@@ -197,6 +197,7 @@ def clean(run_dirs: tuple[Path, ...], all_stale: bool) -> None:
     """Remove what runs left behind (processes, namespaces with their bridge and iptables
     rules; the container backend's containers, volumes and network with the iptables rules CNI
     left for its bridge), from each run's record (RUN_DIR/state.json), by recorded name only."""
+    from .containers import ContainerError
     from .runner import teardown
     from .state import REGISTRY, RunState, registered_states
 
@@ -221,7 +222,11 @@ def clean(run_dirs: tuple[Path, ...], all_stale: bool) -> None:
             click.echo(f"{st.path}: no such record", err=True)
             continue
         data = st.read()
-        done = teardown(st)
+        try:
+            done = teardown(st)
+        except ContainerError as err:
+            click.echo(f"{st.path}: {err}; nothing removed", err=True)
+            continue
         click.echo(f"{data.get('run_dir', st.path.parent)}: " + ("; ".join(done) if done else "nothing left"))
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -52,6 +53,7 @@ __all__ = [
     "ContainerBackend",
     "ContainerCluster",
     "ContainerError",
+    "ContainerRecord",
     "ContainerTopology",
     "drop_bridge_rules",
     "require",
@@ -155,8 +157,57 @@ class ContainerTopology:
 
     @classmethod
     def from_state(cls, state: RunState) -> ContainerTopology:
-        rec = state.read().get("container") or {}
-        return cls(str(rec["run_id"]), int(rec["hosts"]), int(rec["octet"]))
+        rec = ContainerRecord.from_json(state.read().get("container"))
+        return cls(rec.run_id, rec.hosts, rec.octet)
+
+
+_RUN_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z_.]{0,31}")
+_BRIDGE = re.compile(r"[0-9A-Za-z][0-9A-Za-z_.-]{0,14}")  # a Linux interface name
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerRecord:
+    """The ``container`` key of a run's state.json, validated: every name is one this module
+    makes for the record's run id (``kvc-RUN``, ``kvc-RUN-node<ID>``, ``kvc-RUN-data<ID>``), so
+    a damaged or hostile record can never make ``kvchaos clean`` remove anything else (or pass
+    an option such as ``--all`` to podman)."""
+
+    run_id: str
+    hosts: int
+    octet: int
+    network: str
+    bridge: str
+    containers: tuple[str, ...]
+    volumes: tuple[str, ...]
+
+    @classmethod
+    def from_json(cls, obj: object) -> ContainerRecord:
+        """Parse the record; raises ContainerError (saying what is wrong) on anything else."""
+        if not isinstance(obj, dict):
+            raise ContainerError("state.json has no container record")
+        run_id = obj.get("run_id")
+        if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+            raise ContainerError(f"container record: bad run id {run_id!r}")
+        hosts, octet = obj.get("hosts"), obj.get("octet")
+        if type(hosts) is not int or not 1 <= hosts <= 200:
+            raise ContainerError(f"container record: bad host count {hosts!r}")
+        if type(octet) is not int or not 1 <= octet <= 254:
+            raise ContainerError(f"container record: bad subnet octet {octet!r}")
+        network = obj.get("network", f"kvc-{run_id}")
+        if network != f"kvc-{run_id}":
+            raise ContainerError(f"container record: network {network!r} is not kvc-{run_id}")
+        bridge = obj.get("bridge", "")
+        if not isinstance(bridge, str) or (bridge and not _BRIDGE.fullmatch(bridge)):
+            raise ContainerError(f"container record: bad bridge name {bridge!r}")
+
+        def names(key: str, kind: str) -> tuple[str, ...]:
+            items = obj.get(key, [])
+            pattern = re.compile(rf"kvc-{re.escape(run_id)}-{kind}[1-9][0-9]{{0,5}}")
+            if not isinstance(items, list) or not all(isinstance(n, str) and pattern.fullmatch(n) for n in items):
+                raise ContainerError(f"container record: {key} must be names kvc-{run_id}-{kind}<id>: {items!r}")
+            return tuple(items)
+
+        return cls(run_id, hosts, octet, network, bridge, names("containers", "node"), names("volumes", "data"))
 
 
 # ----- set up and tear down (from the record) -----
@@ -227,19 +278,20 @@ def teardown(state: RunState) -> list[str]:
     """Remove the recorded containers, volumes and network, and the rules CNI left naming the
     network's bridge. Idempotent; returns what it did."""
     data = state.read()
-    rec: dict[str, Any] = data.get("container") or {}
+    if data.get("container") is None:
+        return []  # the run stopped before it created anything
+    rec = ContainerRecord.from_json(data["container"])
     log: list[str] = []
-    for name in rec.get("containers") or []:
+    for name in rec.containers:
         if podman("container", "exists", name, check=False).returncode == 0:
             r = podman("rm", "-f", "-t", "0", name, check=False, timeout=60)
             log.append(f"removed container {name}" if r.returncode == 0 else f"could not remove {name}: {r.stderr}")
-    for name in rec.get("volumes") or []:
+    for name in rec.volumes:
         if podman("volume", "exists", name, check=False).returncode == 0:
             r = podman("volume", "rm", "-f", name, check=False)
             log.append(f"removed volume {name}" if r.returncode == 0 else f"could not remove {name}: {r.stderr}")
-    net = str(rec.get("network") or "")
-    bridge = str(rec.get("bridge") or "")
-    if net and podman("network", "exists", net, check=False).returncode == 0:
+    net, bridge = rec.network, rec.bridge
+    if podman("network", "exists", net, check=False).returncode == 0:
         if not bridge:
             bridge = podman("network", "inspect", "-f", "{{.NetworkInterface}}", net, check=False).stdout.strip()
         r = podman("network", "rm", "-f", net, check=False)
@@ -251,9 +303,9 @@ def teardown(state: RunState) -> list[str]:
             log.append(f"deleted {n - len(left)} iptables rule(s) naming {bridge}")
         if left:
             log.append(f"iptables rules naming {bridge} remain: {left}")
-    gone = (all(podman("container", "exists", c, check=False).returncode != 0 for c in rec.get("containers") or [])
-            and all(podman("volume", "exists", v, check=False).returncode != 0 for v in rec.get("volumes") or [])
-            and not (net and podman("network", "exists", net, check=False).returncode == 0))
+    gone = (all(podman("container", "exists", c, check=False).returncode != 0 for c in rec.containers)
+            and all(podman("volume", "exists", v, check=False).returncode != 0 for v in rec.volumes)
+            and podman("network", "exists", net, check=False).returncode != 0)
     with state.update() as d:
         d["torn_down"] = gone
     if gone:

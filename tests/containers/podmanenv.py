@@ -14,7 +14,6 @@ Everything it creates is named `kvstore-test-...` and removed by that name.
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import socket
 import subprocess
@@ -25,6 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from chaos import containers as chaos_containers
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "docker" / "containers.conf"
@@ -81,17 +82,10 @@ def run(cmd: list[str], env: dict[str, str], timeout: float = 120, check: bool =
 
 
 def drop_bridge_rules(bridge: str) -> None:
-    """Delete the iptables rules that name `bridge` (a removed test network's bridge): CNI's
-    plugins leave some behind (dnsname's DNS accept, the firewall plugin's isolation rules) when
-    the network goes. Only rules naming that exact interface are touched."""
-    for table in ("filter", "nat"):
-        listed = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True, check=False).stdout
-        for line in listed.splitlines():
-            words = shlex.split(line)
-            if words[:1] == ["-A"] and bridge in words:
-                subprocess.run(["iptables", "-t", table, "-D", *words[1:]], capture_output=True, check=False)
-        left = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True, check=False).stdout
-        assert not [ln for ln in left.splitlines() if bridge in shlex.split(ln)], f"rules naming {bridge} remain"
+    """Delete the iptables rules that name `bridge` (a removed test network's bridge: CNI's
+    plugins leave some behind), with chaos.containers' function; only that exact interface."""
+    left = chaos_containers.drop_bridge_rules(bridge)
+    assert not left, f"rules naming {bridge} remain: {left}"
 
 
 class Podman:

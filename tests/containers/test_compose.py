@@ -15,39 +15,14 @@ fails instead). Everything is named kvstore-test-* and removed by name in `final
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-from collections.abc import Iterator
 
 import pytest
 import yaml
-from podmanenv import IMAGE, REPO, Podman, Project, ensure_debian_packages, unavailable
+from podmanenv import IMAGE, REPO, Podman, Project
 
 pytestmark = pytest.mark.timeout(480)
 
 NODES = ["kvstore-1", "kvstore-2", "kvstore-3"]
-
-
-@pytest.fixture(scope="module")
-def pm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
-    if os.geteuid() != 0:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("container tests need root in CI")
-        pytest.skip("container tests need root (podman as root, apt-get)")
-    ensure_debian_packages()
-    p = Podman(tmp_path_factory.mktemp("podman"))
-    try:
-        p.build_images()
-        p.start_service()
-    except subprocess.TimeoutExpired as err:
-        p.stop_service()
-        p.remove_image()
-        unavailable(f"timed out: {err}")
-    try:
-        yield p
-    finally:
-        p.stop_service()
-        p.remove_image()
 
 
 def _up_healthy(project: Project) -> None:
