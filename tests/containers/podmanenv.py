@@ -22,8 +22,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from chaos import containers as chaos_containers
 
@@ -72,6 +74,17 @@ def compose_binary() -> Path:
     if not binary.exists():
         unavailable(f"no Docker Compose binary at {binary}")
     return binary
+
+
+def kustomize(overlay: Path) -> list[dict[str, Any]]:
+    """The documents `kubectl kustomize OVERLAY` renders (offline: kubectl's built-in kustomize
+    needs no server)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        unavailable("kubectl (its built-in kustomize) is not installed")
+    r = subprocess.run([str(kubectl), "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [d for d in yaml.safe_load_all(r.stdout) if d]
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
