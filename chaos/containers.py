@@ -24,8 +24,9 @@ with the container's namespace. Healing flushes the chains; a restarted containe
 namespace, and its chains are made again when it starts.
 
 Every network, volume and container is recorded in the run's ``state.json`` (key
-``container``) before it is created; :func:`teardown` and ``kvchaos clean RUN_DIR`` remove
-exactly those, by name, then delete the iptables rules CNI leaves naming the network's bridge
+``container``) before it is created; :func:`teardown` and ``kvchaos clean RUN_DIR`` save each
+volume as ``RUN_DIR/data/n<ID>.tar`` (``podman volume export``: the data of an invalid run stays
+for inspection, as on the other backends), then remove exactly those, by name, then delete the iptables rules CNI leaves naming the network's bridge
 (only while no other network uses that bridge name). Nothing is looked up by a broad pattern.
 """
 
@@ -286,8 +287,15 @@ def teardown(state: RunState) -> list[str]:
         if podman("container", "exists", name, check=False).returncode == 0:
             r = podman("rm", "-f", "-t", "0", name, check=False, timeout=60)
             log.append(f"removed container {name}" if r.returncode == 0 else f"could not remove {name}: {r.stderr}")
+    keep = state.path.parent / "data"  # the run folder's (a valid run deletes it unless --keep-data)
     for name in rec.volumes:
         if podman("volume", "exists", name, check=False).returncode == 0:
+            tar = keep / f"n{name.rpartition('-data')[2]}.tar"
+            if not tar.exists():
+                keep.mkdir(parents=True, exist_ok=True)
+                r = podman("volume", "export", name, "--output", str(tar), check=False, timeout=120)
+                log.append(f"saved volume {name} as {tar}" if r.returncode == 0 else
+                           f"could not save volume {name}: {r.stderr.strip()}")
             r = podman("volume", "rm", "-f", name, check=False)
             log.append(f"removed volume {name}" if r.returncode == 0 else f"could not remove {name}: {r.stderr}")
     net, bridge = rec.network, rec.bridge

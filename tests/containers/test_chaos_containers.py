@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,7 @@ def test_container_run_with_a_partition_and_a_kill_is_linearizable_and_cleans_up
     rec = containers.ContainerRecord.from_json(RunState(run_dir / "state.json").read()["container"])
     assert len(rec.containers) == 3
     _assert_all_gone(pm, rec, registry)
+    assert not (run_dir / "data").exists()  # saved at teardown, deleted as the run was valid
 
 
 def test_clean_removes_what_a_dead_harness_left_running(pm: Podman, tmp_path: Path,
@@ -96,6 +98,9 @@ def test_clean_removes_what_a_dead_harness_left_running(pm: Podman, tmp_path: Pa
     finally:
         code, text = _kvchaos(pm, ["clean", str(run_dir)], registry, timeout=120)
     assert code == 0, text
+    # The volumes were saved in the run folder before they went (the data stays for inspection).
+    with tarfile.open(run_dir / "data" / "n1.tar") as tar:
+        assert any(m.name.endswith("FORMAT") for m in tar.getmembers()), tar.getnames()[:20]
     assert f"removed container {topo.container(1)}" in text and f"removed network {topo.network}" in text, text
     _assert_all_gone(pm, containers.ContainerRecord.from_json(state.read()["container"]), registry)
     code, text = _kvchaos(pm, ["clean", str(run_dir)], registry, timeout=120)
