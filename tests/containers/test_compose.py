@@ -141,11 +141,15 @@ def test_tls_statefulset_pods_serve_over_mutual_tls_with_exec_probes(pm: Podman,
                         str(n)], capture_output=True, text=True, timeout=120,
                        env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
+    # As the kubelet mounts the Secret (defaultMode, group fsGroup) and the emptyDir (the pod's user).
+    sc = spec["securityContext"]
+    uid, fs_group = sc["runAsUser"], sc["fsGroup"]
+    mode = next(v for v in spec["volumes"] if v["name"] == "tls-secret")["secret"]["defaultMode"]
     secret = certs / "secret"
-    os.chown(secret, 0, 10001)
+    os.chown(secret, 0, fs_group)
     for f in secret.iterdir():
-        os.chown(f, 0, 10001)
-        f.chmod(0o440)
+        os.chown(f, 0, fs_group)
+        f.chmod(mode)
     net = "kvstore-test-k8stls"
     pods = [f"{net}-{i}" for i in range(n)]
     volumes = [f"{net}-data-{i}" for i in range(n)]
@@ -154,7 +158,7 @@ def test_tls_statefulset_pods_serve_over_mutual_tls_with_exec_probes(pm: Podman,
         for i, pod in enumerate(pods):
             empty_dir = tmp_path / f"empty-dir-{i}"  # the pod's emptyDir, shared by its two containers
             empty_dir.mkdir(mode=0o700)
-            os.chown(empty_dir, 10001, 10001)
+            os.chown(empty_dir, uid, fs_group)
             pm.podman("run", "--rm", "--network", "none", "-e", f"POD_NAME={name}-{i}",
                       "-v", f"{secret}:{init_mounts['tls-secret']}:ro", "-v", f"{empty_dir}:{init_mounts['certs']}",
                       "--entrypoint", init["command"][0], IMAGE, *init["command"][1:], *init["args"])
