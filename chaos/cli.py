@@ -32,8 +32,9 @@ Backends:
   container  (root, podman) every node a podman container of --image (built from
          docker/Dockerfile) on a network the run creates (kvc-RUN, 10.78.X.0/24), with a named
          volume each; kill = podman kill -s KILL + start, pause = podman pause; partitions are
-         iptables DROP rules inside the containers' namespaces. The harness runs in the root
-         namespace and talks only to the run's containers.
+         iptables DROP rules inside the containers' namespaces (where another rule lets a node
+         send only to loopback and the run's subnet). The harness runs in the root namespace and
+         talks only to the run's containers.
 
 \b
 Nemesis families (comma-separated, or `all`): {", ".join(ALL_FAMILIES)}; and {", ".join(EXTRA_FAMILIES)}

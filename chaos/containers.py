@@ -20,7 +20,8 @@ volume, same address); *pause* is ``podman pause`` / ``unpause`` (the cgroup fre
 *partition* is iptables DROP rules in the container's own network namespace, in the chains
 ``KVC-IN`` / ``KVC-OUT`` (jumped to from INPUT / OUTPUT), written with the host's iptables
 through ``nsenter -t PID -n``: the image needs neither iptables nor NET_ADMIN, and the rules go
-with the container's namespace. Healing flushes the chains; a restarted container gets a fresh
+with the container's namespace. The same way, ``KVC-EGRESS`` lets a node send only to loopback
+and the run's subnet (the network's gateway is there for the harness, not for the nodes). Healing flushes the chains; a restarted container gets a fresh
 namespace, and its chains are made again when it starts.
 
 Every network, volume and container is recorded in the run's ``state.json`` (key
@@ -69,6 +70,7 @@ DATA_MOUNT = "/var/lib/kvstore/data"
 CERTS_MOUNT = "/etc/kvstore/certs"
 CHAIN_IN = "KVC-IN"
 CHAIN_OUT = "KVC-OUT"
+CHAIN_EGRESS = "KVC-EGRESS"
 LABEL = "kvchaos.run"
 
 
@@ -336,19 +338,26 @@ def _ipt(pid: int, *args: str, check: bool = True) -> subprocess.CompletedProces
     return proc
 
 
-def ensure_chains(pid: int) -> None:
-    """Our chains KVC-IN / KVC-OUT, jumped to first from INPUT / OUTPUT, in ``pid``'s netns."""
-    for chain, hook in ((CHAIN_IN, "INPUT"), (CHAIN_OUT, "OUTPUT")):
+def ensure_chains(pid: int, subnet: str) -> None:
+    """In ``pid``'s netns: our chains KVC-IN / KVC-OUT (partitions), jumped to from INPUT /
+    OUTPUT, and KVC-EGRESS, which lets the node send only to loopback and the run's own
+    ``subnet`` (RETURN, so KVC-OUT's cuts still apply) and rejects the rest: the network the
+    run creates has a gateway (the harness reaches the nodes through it), and no node is to use
+    it to reach anything else."""
+    for chain, hook in ((CHAIN_IN, "INPUT"), (CHAIN_OUT, "OUTPUT"), (CHAIN_EGRESS, "OUTPUT")):
         if _ipt(pid, "-n", "-L", chain, check=False).returncode != 0:
             _ipt(pid, "-N", chain)
         if _ipt(pid, "-C", hook, "-j", chain, check=False).returncode != 0:
-            _ipt(pid, "-I", hook, "1", "-j", chain)
+            _ipt(pid, "-A", hook, "-j", chain)
+    _ipt(pid, "-F", CHAIN_EGRESS)
+    for rule in (["-o", "lo", "-j", "RETURN"], ["-d", subnet, "-j", "RETURN"], ["-j", "REJECT"]):
+        _ipt(pid, "-A", CHAIN_EGRESS, *rule)
 
 
-def chain_rules(pid: int) -> list[str]:
+def chain_rules(pid: int, chains: tuple[str, ...] = (CHAIN_IN, CHAIN_OUT)) -> list[str]:
     """The rules in our chains in ``pid``'s netns (for tests)."""
     out = []
-    for chain in (CHAIN_IN, CHAIN_OUT):
+    for chain in chains:
         out += [ln for ln in _ipt(pid, "-S", chain, check=False).stdout.splitlines() if ln.startswith("-A")]
     return out
 
@@ -400,7 +409,7 @@ class ContainerBackend:
 
     def attach(self, host: int, pid: int) -> None:
         """Host ``host`` now runs in the container whose init is ``pid``: make our chains there."""
-        ensure_chains(pid)
+        ensure_chains(pid, self.topo.subnet)
         self.pids[host] = pid
 
     def partition(self, cuts: set[tuple[int, int]]) -> None:

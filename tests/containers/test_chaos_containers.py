@@ -90,6 +90,9 @@ def test_clean_removes_what_a_dead_harness_left_running(pm: Podman, tmp_path: Pa
         assert cluster.hosts[1].alive and backend.pids[1] != first
         mounts = pm.podman("inspect", "-f", "{{range .Mounts}}{{.Name}}{{end}}", topo.container(1)).stdout.strip()
         assert mounts == topo.volume(1)
+        assert containers.chain_rules(backend.pids[1], ("KVC-EGRESS",)) == [
+            "-A KVC-EGRESS -o lo -j RETURN", f"-A KVC-EGRESS -d {topo.subnet} -j RETURN",
+            "-A KVC-EGRESS -j REJECT --reject-with icmp-port-unreachable"]
         backend.partition({(1, 2)})
         assert containers.chain_rules(backend.pids[1]) == [
             f"-A KVC-IN -s {topo.ip(2)}/32 -j DROP", f"-A KVC-OUT -d {topo.ip(2)}/32 -j DROP"]
