@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from .containers import DEFAULT_IMAGE
 from .nemesis import ALL_FAMILIES, EXTRA_FAMILIES, parse_families
 from .workload import WORKLOADS
 
@@ -28,6 +29,12 @@ Backends:
          iptables DROP rules in both directions.
   local  nodes on 127.0.0.1 ports, no root. Partitions cannot be made there: the partition
          nemesis PAUSES (SIGSTOP) the side that would be cut off instead.
+  container  (root, podman) every node a podman container of --image (built from
+         docker/Dockerfile) on a network the run creates (kvc-RUN, 10.78.X.0/24), with a named
+         volume each; kill = podman kill -s KILL + start, pause = podman pause; partitions are
+         iptables DROP rules inside the containers' namespaces (where another rule lets a node
+         send only to loopback and the run's subnet). The harness runs in the root namespace and
+         talks only to the run's containers.
 
 \b
 Nemesis families (comma-separated, or `all`): {", ".join(ALL_FAMILIES)}; and {", ".join(EXTRA_FAMILIES)}
@@ -88,7 +95,9 @@ def _nemesis(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 @click.option("--nemesis", default="partition,kill", show_default=True, callback=_nemesis,
               help="Comma-separated nemesis families, `all` or `none`.")
 @click.option("--workload", type=click.Choice(sorted(WORKLOADS)), default="register", show_default=True)
-@click.option("--backend", type=click.Choice(["netns", "local"]), default="netns", show_default=True)
+@click.option("--backend", type=click.Choice(["netns", "local", "container"]), default="netns", show_default=True)
+@click.option("--image", default=None, metavar="IMAGE",
+              help=f"The container backend's kvstore image (default {DEFAULT_IMAGE}; never pulled).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the nemesis schedule and the workload.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("kvchaos-runs"),
               show_default=True, help="Folder for run folders.")
@@ -129,9 +138,9 @@ def run(
     fault_min: float | None, fault_max: float | None, check_timeout: float, groups: int, moves_timeout: float,
     keep_data: bool, stale_reads: bool,
     learners: int | None, read_from: str | None, read_consistency: str, max_staleness: float, tls: bool,
-    watchers: int, watch_timeout: float, plant_watch_bug: str | None,
+    watchers: int, watch_timeout: float, plant_watch_bug: str | None, image: str | None,
 ) -> None:
-    from . import netns
+    from . import containers, netns
     from .runner import RunConfig
     from .runner import run as do_run
 
@@ -143,10 +152,13 @@ def run(
         learners=learners if learners is not None else (2 if workload == "replicas" else 0),
         read_from=read_from or "", read_consistency=read_consistency, max_staleness=max_staleness, tls=tls,
         watchers=watchers, watch_timeout=watch_timeout, plant_watch_bug=plant_watch_bug or "",
+        image=(image or DEFAULT_IMAGE) if backend == "container" else "",
     )
+    if image is not None and backend != "container":
+        raise click.UsageError("--image is for --backend container")
     try:
         code, _run_dir, _summary = do_run(cfg)
-    except netns.NetnsError as err:
+    except (netns.NetnsError, containers.ContainerError) as err:
         click.echo(f"kvchaos: {err}", err=True)
         click.echo("verdict: unknown")
         sys.exit(2)
@@ -184,9 +196,10 @@ def check(run_dir: Path, check_timeout: float | None) -> None:
 @click.option("--all-stale", is_flag=True, help="Every registered run whose harness is no longer running.")
 def clean(run_dirs: tuple[Path, ...], all_stale: bool) -> None:
     """Remove what runs left behind (processes, namespaces with their bridge and iptables
-    rules), from each run's record (RUN_DIR/state.json)."""
-    from . import netns
-    from .runner import _teardown_local
+    rules; the container backend's containers, volumes and network with the iptables rules CNI
+    left for its bridge), from each run's record (RUN_DIR/state.json), by recorded name only."""
+    from .containers import ContainerError
+    from .runner import teardown
     from .state import REGISTRY, RunState, registered_states
 
     states: list[RunState] = [RunState(Path(d) / "state.json") for d in run_dirs]
@@ -210,7 +223,11 @@ def clean(run_dirs: tuple[Path, ...], all_stale: bool) -> None:
             click.echo(f"{st.path}: no such record", err=True)
             continue
         data = st.read()
-        done = netns.teardown(st) if data.get("backend") == "netns" else _teardown_local(st)
+        try:
+            done = teardown(st)
+        except ContainerError as err:
+            click.echo(f"{st.path}: {err}; nothing removed", err=True)
+            continue
         click.echo(f"{data.get('run_dir', st.path.parent)}: " + ("; ".join(done) if done else "nothing left"))
 
 

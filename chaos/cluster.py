@@ -129,6 +129,16 @@ class LocalBackend:
         pass
 
 
+class ProcessHandle(Protocol):
+    """What the cluster needs of a node that is not a local child process (a container):
+    ``poll()`` is None while it runs, else its exit code (also ``returncode``)."""
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+
 @dataclass
 class NodeHost:
     host: int
@@ -137,13 +147,23 @@ class NodeHost:
     args: list[str]
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    handle: ProcessHandle | None = None  # set instead of ``proc`` when the node is a container
     paused: bool = False
     member: bool = True  # part of the cluster's configuration (False between remove and re-add)
     history: list[str] = field(default_factory=list)
 
     @property
     def alive(self) -> bool:
+        if self.handle is not None:
+            return self.handle.poll() is None
         return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code of a node that stopped (None while it runs or before it started)."""
+        if self.handle is not None:
+            return self.handle.poll()
+        return self.proc.poll() if self.proc is not None else None
 
     @property
     def pid(self) -> int | None:
@@ -209,7 +229,7 @@ class Cluster:
     def _make(self, host: int, node_id: int, peers: str, *, join: bool, learner: bool = False) -> NodeHost:
         addr = self.backend.address(host)
         args = [
-            "--id", str(node_id), "--data-dir", str(self.data_root / f"n{node_id}"), "--listen", addr,
+            "--id", str(node_id), "--data-dir", self._data_dir(node_id), "--listen", addr,
             "--peers", peers, "--cluster-id", self.cluster_id, "--tick-ms", str(self.tick_ms),
             "--log-level", self.log_level, "--replication", str(max(3, self.n)),
             *self._security_args(node_id, addr),
@@ -222,6 +242,10 @@ class Cluster:
         elif join:
             args.append("--join")
         return NodeHost(host, node_id, addr, args, self.log_root / f"n{node_id}.log")
+
+    def _data_dir(self, node_id: int) -> str:
+        """The ``--data-dir`` of node ``node_id`` as the node sees it."""
+        return str(self.data_root / f"n{node_id}")
 
     def _security_args(self, node_id: int, address: str) -> list[str]:
         if self.tls is None:

@@ -43,7 +43,8 @@ class RunConfig:
     tls: bool = False  # mutual TLS everywhere (`kvchaos run` defaults to it; old run folders were plaintext)
     watchers: int = 0  # the watch workload: watchers through the client library, checked (chaos.watchcheck)
     plant_watch_bug: str = ""  # PLANTED BUG (tests of the watch checks): drop / repeat, see watch_service.py
-    watch_timeout: float = 30.0  # after the final reads: how long the watchers may take to reach the end
+    watch_timeout: float = 30.0
+    image: str = ""  # the container backend's image (kvstore built from docker/Dockerfile)  # after the final reads: how long the watchers may take to reach the end
 
     @property
     def hosts(self) -> int:

@@ -899,7 +899,7 @@ class Nemesis:
         for h in self.hosts:
             nh = self.cluster.hosts[h]
             if not nh.alive and h != self._pending_member:
-                code = nh.proc.returncode if nh.proc is not None else None
+                code = nh.exit_code
                 w.notes.append(f"node {nh.node_id} on host {h} was not running (exit code {code}); restarted")
                 self.log(f"nemesis: node {nh.node_id} was not running (exit code {code})")
                 self.cluster.start(h)

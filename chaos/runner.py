@@ -36,7 +36,7 @@ from typing import Any
 
 from chaos.checker import dump_jsonl
 
-from . import netns
+from . import containers, netns
 from .checks import analyze_records
 from .cluster import Backend, Cluster, LocalBackend, NetnsBackend
 from .config import RunConfig
@@ -57,7 +57,9 @@ def _say(msg: str) -> None:
 # execute phase
 
 
-def _backend(cfg: RunConfig) -> Backend:
+def _backend(cfg: RunConfig, state: RunState) -> Backend:
+    if cfg.backend == "container":
+        return containers.ContainerBackend(containers.ContainerTopology.from_state(state))
     if cfg.backend == "netns":
         return NetnsBackend(netns.Topology(cfg.run_id, cfg.hosts))
     return LocalBackend(cfg.hosts, cfg.ports or None)
@@ -69,11 +71,15 @@ def execute(run_dir: Path) -> int:
     run_dir = Path(run_dir)
     cfg = RunConfig.from_json(json.loads((run_dir / "config.json").read_text()))
     state = RunState(run_dir / "state.json")
-    backend = _backend(cfg)
+    backend = _backend(cfg, state)
     pki = RunPki.create(run_dir / "certs") if cfg.tls else None
-    cluster = Cluster(
-        backend, run_dir, cfg.nodes, state, tick_ms=cfg.tick_ms, log_level=cfg.log_level, learners=cfg.learners,
-        extra_args=cfg.server_args(), metrics="forge" in cfg.nemesis, tls=pki, env=cfg.server_env(),
+    opts: dict[str, Any] = dict(
+        tick_ms=cfg.tick_ms, log_level=cfg.log_level, learners=cfg.learners, extra_args=cfg.server_args(),
+        metrics="forge" in cfg.nemesis, tls=pki, env=cfg.server_env(),
+    )
+    cluster = (
+        containers.ContainerCluster(backend, run_dir, cfg.nodes, state, image=cfg.image, **opts)
+        if isinstance(backend, containers.ContainerBackend) else Cluster(backend, run_dir, cfg.nodes, state, **opts)
     )
     # SIGTERM (e.g. from the outer harness) unwinds like Ctrl-C so the nodes are stopped.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -466,6 +472,8 @@ def run(cfg: RunConfig) -> tuple[int, Path, dict[str, Any]]:
         cfg.run_id = secrets.token_hex(3)
     if cfg.backend == "netns":
         netns.require_tools()
+    if cfg.backend == "container":
+        containers.require(cfg.image)
     run_dir = new_run_dir(Path(cfg.out), cfg)
     state = RunState.create(run_dir, cfg.run_id, cfg.backend)
     if cfg.backend == "local" and not cfg.ports:
@@ -497,6 +505,11 @@ def run(cfg: RunConfig) -> tuple[int, Path, dict[str, Any]]:
                 code = -1
             state.remove_pid(proc.pid)
         else:
+            if cfg.backend == "container":
+                ctopo = containers.setup(cfg.run_id, cfg.hosts, cfg.image, state)
+                _say(f"kvchaos: containers of {cfg.image} on network {ctopo.network} ({ctopo.subnet}): "
+                     f"{', '.join(ctopo.address(h) for h in range(1, cfg.hosts + 1))}; the harness in the root "
+                     "namespace")
             try:
                 code = execute(run_dir)
             except KeyboardInterrupt:
@@ -508,7 +521,7 @@ def run(cfg: RunConfig) -> tuple[int, Path, dict[str, Any]]:
             execution.setdefault("error", f"the execute phase exited with {code}: the history may be incomplete")
             (run_dir / "execution.json").write_text(json.dumps(execution, indent=1))
     finally:
-        done = netns.teardown(state) if cfg.backend == "netns" else _teardown_local(state)
+        done = teardown(state)
         _say(f"kvchaos: teardown: {len(done)} action(s); everything the run created is gone")
     if interrupted:
         _say("verdict: unknown")
@@ -551,6 +564,17 @@ def run(cfg: RunConfig) -> tuple[int, Path, dict[str, Any]]:
         shutil.rmtree(run_dir / "certs", ignore_errors=True)  # the run's throwaway CA and keys
     _say(f"verdict: {summary['verdict']}")
     return (0 if summary["verdict"] == "valid" else 1), run_dir, summary
+
+
+def teardown(state: RunState) -> list[str]:
+    """Remove everything the run's record lists, whatever its backend (what `kvchaos clean`
+    runs); returns what it did."""
+    backend = state.read().get("backend")
+    if backend == "netns":
+        return netns.teardown(state)
+    if backend == "container":
+        return containers.teardown(state)  # the harness ran in-process: no process of its own recorded
+    return _teardown_local(state)
 
 
 def _teardown_local(state: RunState) -> list[str]:

