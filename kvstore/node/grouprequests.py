@@ -95,6 +95,10 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
         # KV.Compact's fan-out (admin only at the client edge), or a close for a read at a
         # revision: idempotent, changes no data.
         return None
+    if request.group != META_GROUP and _is_cross_command(data):
+        # A cross-group transaction's step, from a member's coordinator or resolver (this RPC is
+        # internal: only members reach it); never from a client port.
+        return None
     if request.group == META_GROUP:
         try:
             cmd = commands.decode_command(data)
@@ -160,6 +164,18 @@ def check_client_addresses(old: ShardMap, new: ShardMap, sender: int) -> None:
 def _is_history_command(data: bytes) -> bool:
     """Whether `data` is a well-formed COMPACT (`KV.Compact`) or CLOSE command."""
     return is_close(data) or _decodes_as(data, commands.Op.COMPACT)
+
+
+def _is_cross_command(data: bytes) -> bool:
+    """Whether `data` is a well-formed command of a transaction across groups (PREPARE ..
+    FINALIZE: idempotent, each checked again at apply)."""
+    if len(data) < 2 or data[1] not in commands.X_OPS:
+        return False
+    try:
+        commands.decode_command(data)
+    except ValueError:
+        return False
+    return True
 
 
 def is_close(data: bytes) -> bool:

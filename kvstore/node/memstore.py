@@ -1046,6 +1046,17 @@ class MemoryNodeStore:
         g = self._read(group)
         return mvcc.RevState() if g is None else mvcc.rev_state(g.rows)
 
+    def intents(self, group: int, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        g = self._read(group)
+        if g is None:
+            return []
+        out: list[tuple[bytes, bytes]] = []
+        for k, v in g.rows.iter(mvcc.T_INTENTS, start, end):
+            if len(out) >= limit:
+                break
+            out.append((k, v))
+        return out
+
     def get_version(self, group: int, key: bytes, rev: int = 0) -> tuple[mvcc.Version | None, mvcc.RevState]:
         g = self._read(group)
         if g is None:

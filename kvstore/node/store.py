@@ -104,6 +104,11 @@ class RevisionReads(Protocol):
         """The group's last and compact revisions (committed state)."""
         ...
 
+    def intents(self, group: int, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        """At most `limit` (key, intent row) of cross-group transactions' intents on keys in
+        [start, end) (end None: to the last), in key order (committed state)."""
+        ...
+
     def get_version(self, group: int, key: bytes, rev: int = 0) -> tuple[mvcc.Version | None, mvcc.RevState]:
         """The key's version at `rev` (0: now; None: absent) and the group's revision state.
         Raises mvcc.Compacted below the compact revision."""

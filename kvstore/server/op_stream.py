@@ -272,7 +272,11 @@ class OpStream:
         t: txn.Txn | None = None
         if kind == "txn":
             t, data = svc.prepare_txn(req)
-            gid = svc.route_txn(t, data)
+            routed = svc.route_txn(t, data)
+            if not isinstance(routed, int):  # keys in several groups: a two-phase commit
+                self._slow(op_id, "txn", svc.cross_txn(t, routed, req))
+                return
+            gid = routed
         else:
             key, data = self._prepare[kind](req)
             gid = svc.route_write(key, data, kind == "delete")

@@ -482,6 +482,17 @@ class KVState:
         with self._env.read() as txn:
             return _rev_state(LmdbRows(txn, group, rev_dbs(self._env)))
 
+    def intents(self, group: int, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        """At most `limit` intents on keys in [start, end), in key order (`mvcc.T_INTENTS`)."""
+        with self._env.read() as txn:
+            rows = LmdbRows(txn, group, rev_dbs(self._env))
+            out: list[tuple[bytes, bytes]] = []
+            for k, v in rows.iter(mvcc.T_INTENTS, start, end):
+                if len(out) >= limit:
+                    break
+                out.append((k, v))
+            return out
+
     def get_version(self, group: int, key: bytes, rev: int = 0) -> tuple[mvcc.Version | None, mvcc.RevState]:
         """The key's version at revision `rev` (0: its current one) and the group's revision state,
         from ONE read transaction. Raises mvcc.Compacted if `rev` is below the compact revision."""

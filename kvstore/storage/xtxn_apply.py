@@ -30,8 +30,8 @@ Rules (each command is idempotent: a coordinator or a resolver may propose it ag
   `current` (a session's cached answer to an earlier attempt names that attempt's id).
 - RESOLVE(id, start), in the primary: the record, as it is; none: an ABORTED record is written
   first (so the coordinator's RECORD can no longer commit). The answer's `current` is the record.
-- FINALIZE(id): a COMMITTED record becomes FINALIZED (its writes dropped: every participant
-  applied its COMMIT). ABORTED and FINALIZED records, and done rows, are forgotten once the group
+- FINALIZE(id): a COMMITTED record becomes FINALIZED (its writes dropped, the client's result
+  kept: every participant applied its COMMIT). ABORTED and FINALIZED records, and done rows, are forgotten once the group
   is `MAX_AGE` past the start (at most `GC_PER_ENTRY` per applied command of this module).
 """
 
@@ -164,7 +164,7 @@ def _apply(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult:
     if c.op == XOp.FINALIZE:
         rec = record_of(rows, c.txn)
         if rec is not None and rec.state == State.COMMITTED:
-            rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(Record(State.FINALIZED, rec.start, rec.at)))
+            rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(Record(State.FINALIZED, rec.start, rec.at, rec.result)))
             _gc_later(rows, rec.start, c.txn)
         return ApplyResult()
     return ApplyResult(error=f"unknown cross-group op {c.op!r}")

@@ -308,3 +308,70 @@ def test_node_stores_apply_and_snapshots_carry_intents(kind: str, tmp_path: Path
     finally:
         a.close()
         b.close()
+
+
+# --- the coordinator's and resolver's decisions (kvstore/node/xtxn.py) over two groups ----------
+def _run_until(crash_after: int) -> tuple[DictState, DictState, int]:
+    """One transaction over groups 1 and 2 (a in 1: the primary, b in 2), driven by the node
+    logic, with the coordinator dying after `crash_after` steps (a large number: it finishes);
+    then a resolver meets whatever intents remain. Returns the groups and the commit revision
+    (0: it did not reach its commit point)."""
+    from kvstore.node import xtxn as logic
+    from kvstore.storage.txn import CmpResult, Compare, Target
+
+    g = {1: state(1), 2: state(2)}
+    g[1].apply(encode_command(Command.put(b"a", b"1")))
+    t = Txn((Compare(b"a", Target.VALUE, CmpResult.EQUAL, b"1"),),
+            (TxnOp(OpKind.PUT, b"a", b"2"), TxnOp(OpKind.PUT, b"b", b"2")))
+    p = logic.plan(t, [(b"a", 1), (b"b", 2)])
+    tid = TxnId(5, 5)
+    steps: list[tuple[int, bytes]] = []
+    results: dict[int, ApplyResult] = {}
+    for gid, data in logic.prepare_commands(p, tid, START, 0).items():
+        steps.append((gid, data))
+    done = 0
+    for gid, data in steps:
+        if done == crash_after:
+            break
+        results[gid] = g[gid].apply(data)
+        done += 1
+    committed = 0
+    if done == len(steps):
+        ready = logic.after_prepare(t, p, results)
+        assert isinstance(ready, logic.Ready) and ready.at == max(r.revision for r in results.values())
+        if done < crash_after:
+            out = logic.after_record(tid, g[1].apply(logic.record_command(tid, START, ready)))
+            assert isinstance(out, logic.Committed) and out.mine
+            committed = ready.at
+            done += 1
+            for gid, data in logic.commit_commands(tid, ready, [1, 2]).items():
+                if done >= crash_after:
+                    break
+                assert g[gid].apply(data).error is None
+                done += 1
+    # a resolver meets what is left, in either group
+    for gid in (2, 1):
+        lock = g[gid].apply(encode_command(Command.put(b"a" if gid == 1 else b"b", b"other")))
+        met = logic.lock_of(lock)
+        if met is None:
+            continue
+        _, intent = met
+        assert logic.expired(intent, mvcc.revision_ms(START) + logic.TXN_TIMEOUT_MS + 1)
+        res = g[intent.primary].apply(logic.resolve_command(intent))
+        follow = logic.resolution(intent, gid, res)
+        assert follow is not None and g[gid].apply(follow).error is None
+    return g[1], g[2], committed
+
+
+@pytest.mark.parametrize("crash_after", range(7))
+def test_a_dead_coordinator_leaves_all_or_nothing(crash_after: int) -> None:
+    a, b, committed = _run_until(crash_after)
+    va, vb = a.get(b"a"), b.get(b"b")
+    if committed:  # both writes at R in both groups (the resolver's own write came after)
+        for s, k in ((a, b"a"), (b, b"b")):
+            v = mvcc.version_at(s.rows, k, committed, s.get(k))
+            assert v is not None and v.value == b"2" and v.meta.mod_revision == committed
+    else:
+        assert va in (b"1", b"other") and vb in (None, b"other")
+        assert all(v != b"2" for v in (va, vb))
+    assert xtxn_apply.min_pending(a.rows) == xtxn_apply.min_pending(b.rows) == 0

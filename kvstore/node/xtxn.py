@@ -1,0 +1,250 @@
+"""The coordinator and resolver of transactions across groups: synchronous, deterministic
+decisions (no I/O, no clock, no randomness of its own: the caller hands in ids, clock readings
+and the applied results). The asyncio shell (`kvstore/server/xtxn_run.py`) proposes the commands
+these functions return and feeds back the results; the simulator can drive the same functions.
+
+One attempt (docs/REVISIONS.md, "Transactions across groups"):
+1. `plan`: the participant groups (of every key the transaction names, `txn.keys_of`), each with
+   its keys; the primary is the group of the first key named. `prepare_commands`: one PREPARE
+   per participant (the same txn id, primary, start).
+2. `after_prepare`: every participant answered. A LOCKED answer (another transaction's intent) or
+   any other refusal: the attempt aborts what it prepared (`abort_commands`) and, for a lock,
+   retries later (`Conflict`), resolving the intent first if it is older than the timeout. Else
+   R = max(p_g) (unique: the revision one participant reserved in its own slot); the transaction
+   is evaluated by `txn.evaluate` over the prepared values at R; the writes are split by group.
+   A transaction that writes nothing ends here (its reads were one snapshot: every key was held
+   at once); the intents are released with ABORT.
+3. The commit point: RECORD in the primary (`record_command`; it carries the client's session,
+   so a retry of the same request answers the first attempt's result). `after_record`: committed
+   (the client's answer is success from here on; a lost reply is indeterminate), or aborted by a
+   resolver (definite), or the session's answer to an earlier attempt (this attempt's intents are
+   aborted, the earlier result is the answer).
+4. COMMIT in every participant (`commit_commands`), then FINALIZE in the primary.
+
+A resolver (`resolve_commands`) meeting an old intent asks the primary (RESOLVE: absent record
+-> ABORTED is written), then COMMITs (with the record's writes of the intent's group) or ABORTs
+the intent's group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from kvstore.storage import commands, mvcc, txn, xtxn
+from kvstore.storage.commands import ApplyResult, Command
+from kvstore.storage.xtxn import Intent, Record, State, TxnId, XCmd, XOp
+
+TXN_TIMEOUT_MS = 5_000
+"""An intent older than this (by its start's HLC time against the meeting node's clock) may be
+resolved by whoever meets it: its coordinator is presumed dead. A live coordinator whose intents
+are resolved meanwhile gets a definite abort at its RECORD (never a split outcome)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The participants of a transaction: group -> its keys (in first-named order); `primary`
+    holds the record. `group_of` maps every key to its group."""
+
+    primary: int
+    keys: dict[int, tuple[bytes, ...]]
+    group_of: dict[bytes, int]
+
+
+def plan(t: txn.Txn, group_for: Iterable[tuple[bytes, int]]) -> Plan:
+    """The plan of `t`, given each named key's group (`group_for` yields (key, group) in the
+    order `txn.keys_of` names the keys). ValueError if it names no key."""
+    keys: dict[int, list[bytes]] = {}
+    group_of: dict[bytes, int] = {}
+    for k, g in group_for:
+        if k in group_of:
+            continue
+        group_of[k] = g
+        keys.setdefault(g, []).append(k)
+    if not group_of:
+        raise ValueError("a transaction must name at least one key")
+    primary = next(iter(keys))
+    return Plan(primary, {g: tuple(ks) for g, ks in keys.items()}, group_of)
+
+
+def prepare_commands(p: Plan, tid: TxnId, start: int, proposed: int) -> dict[int, bytes]:
+    """The PREPARE of each participant (ValueError if a command cannot be encoded)."""
+    return {
+        g: commands.encode_command(Command.cross(XCmd(XOp.PREPARE, tid, p.primary, start, keys=ks), revision=proposed))
+        for g, ks in sorted(p.keys.items())
+    }
+
+
+def abort_commands(tid: TxnId, groups: Iterable[int]) -> dict[int, bytes]:
+    data = commands.encode_command(Command.cross(XCmd(XOp.ABORT, tid)))
+    return {g: data for g in sorted(groups)}
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """A key holds another transaction's intent: abort what was prepared, maybe resolve the
+    intent (`intent`, met in `group`), retry later."""
+
+    group: int
+    key: bytes
+    intent: Intent
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A participant refused the PREPARE for another reason (`wrong_shard`: a key's range moved);
+    definite: nothing will be written."""
+
+    group: int
+    message: str
+    wrong_shard: bool = False
+
+
+@dataclass(slots=True)
+class Ready:
+    """Every participant prepared: the outcome evaluated at `at` (R)."""
+
+    at: int
+    result: txn.TxnResult
+    writes: dict[int, tuple[xtxn.Write, ...]] = field(default_factory=dict)
+
+    @property
+    def writes_anything(self) -> bool:
+        return any(self.writes.values())
+
+
+def after_prepare(t: txn.Txn, p: Plan, results: dict[int, ApplyResult]) -> Conflict | Refused | Ready:
+    """Decide after every participant's PREPARE result (see the module docstring). Raises
+    `txn.ResultTooLarge` if the transaction's GETs return too much (abort, definite)."""
+    current: dict[bytes, txn.Current | None] = {}
+    at = 0
+    for g in sorted(p.keys):
+        res = results[g]
+        if res.error is not None:
+            if res.error.startswith(xtxn.LOCKED) and res.current is not None:
+                try:
+                    key, intent = xtxn.decode_lock(res.current)
+                except ValueError:
+                    return Refused(g, f"group {g} answered a malformed lock")
+                return Conflict(g, key, intent)
+            return Refused(g, f"group {g}: {res.error}", res.wrong_shard)
+        ks = p.keys[g]
+        if res.txn is None or len(res.txn.responses) != len(ks) or not res.revision:
+            return Refused(g, f"group {g} answered a PREPARE without the prepared values")
+        for k, o in zip(ks, res.txn.responses, strict=True):
+            current[k] = txn.Current(o.value, o.create_revision, o.mod_revision, o.version) if o.found else None
+        at = max(at, res.revision)
+    out = txn.evaluate(t, lambda k: current[k], at)
+    writes: dict[int, list[xtxn.Write]] = {g: [] for g in p.keys}
+    for k, v in out.writes:
+        writes[p.group_of[k]].append((k, v))
+    return Ready(at, out.result, {g: tuple(ws) for g, ws in writes.items()})
+
+
+def record_command(tid: TxnId, start: int, r: Ready, client_id: int = 0, seq: int = 0, ack: int = 0) -> bytes:
+    groups = tuple((g, ws) for g, ws in sorted(r.writes.items()))
+    x = XCmd(XOp.RECORD, tid, start=start, at=r.at, result=r.result, groups=groups)
+    return commands.encode_command(Command.cross(x, client_id, seq, ack))
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """The record is COMMITTED: the client's answer (`result`, at `at`). `mine` False: the
+    session's cached answer to an earlier attempt (this attempt aborts its own intents)."""
+
+    at: int
+    result: txn.TxnResult | None
+    mine: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Aborted:
+    message: str
+
+
+def after_record(tid: TxnId, res: ApplyResult) -> Committed | Aborted:
+    if res.error is not None:
+        return Aborted(res.error)
+    return Committed(res.revision, res.txn, res.current == tid.encode())
+
+
+def commit_commands(tid: TxnId, r: Ready, groups: Iterable[int]) -> dict[int, bytes]:
+    return {
+        g: commands.encode_command(Command.cross(XCmd(XOp.COMMIT, tid, at=r.at, writes=r.writes.get(g, ()))))
+        for g in sorted(groups)
+    }
+
+
+def finalize_command(tid: TxnId) -> bytes:
+    return commands.encode_command(Command.cross(XCmd(XOp.FINALIZE, tid)))
+
+
+# --- meeting intents -----------------------------------------------------------------------------
+def lock_of(res: ApplyResult) -> tuple[bytes, Intent] | None:
+    """The key and intent a LOCKED result names (None: not a lock, or a malformed one)."""
+    if res.error is None or not res.error.startswith(xtxn.LOCKED) or res.current is None:
+        return None
+    try:
+        return xtxn.decode_lock(res.current)
+    except ValueError:
+        return None
+
+
+def expired(intent: Intent, now_ms: int, timeout_ms: int = TXN_TIMEOUT_MS) -> bool:
+    """Whether an intent is old enough to be resolved by whoever meets it."""
+    return now_ms - mvcc.revision_ms(intent.start) > timeout_ms
+
+
+def resolve_command(intent: Intent) -> bytes:
+    """The RESOLVE to propose in the intent's primary group."""
+    return commands.encode_command(Command.cross(XCmd(XOp.RESOLVE, intent.txn, start=intent.start)))
+
+
+def committed_record(res: ApplyResult) -> Record | None:
+    """A RESOLVE's answer: the record if it says COMMITTED (or FINALIZED), None if ABORTED.
+    ValueError if the answer is an error or unusable (ask again)."""
+    if res.error is not None or res.current is None:
+        raise ValueError(res.error or "RESOLVE answered no record")
+    rec = xtxn.decode_record(res.current)
+    return None if rec.state == State.ABORTED else rec
+
+
+def resolution(intent: Intent, group: int, res: ApplyResult) -> bytes | None:
+    """After RESOLVE answered `res`: the COMMIT or ABORT to propose in `group` (where the intent
+    was met), or None if the answer is unusable (an error: try again later)."""
+    if res.error is not None or res.current is None:
+        return None
+    try:
+        rec: Record = xtxn.decode_record(res.current)
+    except ValueError:
+        return None
+    if rec.state == State.ABORTED:
+        return commands.encode_command(Command.cross(XCmd(XOp.ABORT, intent.txn)))
+    if rec.state == State.COMMITTED:
+        x = XCmd(XOp.COMMIT, intent.txn, at=rec.at, writes=rec.writes_of(group))
+        return commands.encode_command(Command.cross(x))
+    return None  # FINALIZED: every participant committed already; the intent is gone by now
+
+
+__all__ = [
+    "TXN_TIMEOUT_MS",
+    "Aborted",
+    "Committed",
+    "Conflict",
+    "Plan",
+    "Ready",
+    "Refused",
+    "abort_commands",
+    "after_prepare",
+    "after_record",
+    "commit_commands",
+    "committed_record",
+    "expired",
+    "finalize_command",
+    "lock_of",
+    "plan",
+    "prepare_commands",
+    "record_command",
+    "resolution",
+    "resolve_command",
+]

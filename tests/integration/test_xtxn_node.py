@@ -1,0 +1,94 @@
+"""Transactions across groups on one in-process node with two data groups: atomic at one
+revision (reads below it see neither write), the failure branch across groups, and a dead
+coordinator's intents recovered by the next reader or writer (to COMMITTED when its record says
+so, to ABORTED when it has none), planted through the node's own proposal path."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from onenode import one_node
+
+from kvstore.client import AsyncClient, Compare, Op
+from kvstore.node import xtxn as logic
+from kvstore.shard.shardmap import ShardMap
+from kvstore.storage import commands, mvcc, txn
+from kvstore.storage.xtxn import TxnId, XCmd, XOp
+
+
+def _pair(m: ShardMap, prefix: bytes) -> tuple[bytes, bytes]:
+    """Two keys of `prefix` in different groups (the first in the lower group)."""
+    by: dict[int, bytes] = {}
+    i = 0
+    while len(by) < 2:
+        k = prefix + b"%d" % i
+        by.setdefault(m.group_for_key(k), k)
+        i += 1
+    (_, a), (_, b) = sorted(by.items())
+    return a, b
+
+
+def test_cross_group_txn_and_recovery_of_a_dead_coordinator(tmp_path: Path) -> None:
+    asyncio.run(_main(tmp_path))
+
+
+async def _main(tmp_path: Path) -> None:
+    async with one_node(tmp_path, groups=2) as n, AsyncClient([n.address], timeout=20) as c:
+        m = await c.shard_map(refresh=True)
+        assert m is not None
+        a, b = _pair(m, b"x/")
+        ga, gb = m.group_for_key(a), m.group_for_key(b)
+        assert ga != gb
+        await c.put(a, b"0")
+        before = (await c.read(a)).mod_revision
+
+        # atomic across the groups, at one revision
+        r = await c.txn([Compare.value(a, "=", b"0")], [Op.put(a, b"1"), Op.put(b, b"1"), Op.get(a)])
+        assert r.succeeded and r.revision > before
+        ra, rb = await c.read(a), await c.read(b)
+        assert (ra.value, rb.value) == (b"1", b"1") and ra.mod_revision == rb.mod_revision == r.revision
+        assert r.responses[2].kv is not None and r.responses[2].kv.value == b"1"
+        old_a, old_b = await c.read(a, revision=r.revision - 1), await c.read(b, revision=r.revision - 1)
+        assert (old_a.value, old_b.value) == (b"0", None)
+        # the failure branch reads both groups and writes nothing
+        r2 = await c.txn([Compare.value(b, "=", b"nope")], [Op.put(a, b"never")], [Op.get(a), Op.get(b)])
+        assert not r2.succeeded and r2.revision == 0
+        assert [x.kv.value for x in r2.responses if x.kv is not None] == [b"1", b"1"]
+        # a cross-group delete
+        r3 = await c.txn([], [Op.delete(a), Op.delete(b)])
+        assert r3.succeeded and await c.get(a) is None and await c.get(b) is None
+
+        # A coordinator that died after its commit point: both groups prepared, the record says
+        # COMMITTED, only the primary committed. Its start is older than the timeout.
+        node = n.node
+        assert node.caller is not None
+        propose = node.caller.propose
+        start = mvcc.make_revision(time.time_ns() // 1_000_000 - 2 * logic.TXN_TIMEOUT_MS, 0, 0)
+        tid = TxnId(99, 1)
+        p = logic.plan(txn.Txn(success=(txn.TxnOp(txn.OpKind.PUT, a, b"A"), txn.TxnOp(txn.OpKind.PUT, b, b"B"))),
+                       [(a, ga), (b, gb)])
+        got = {g: await propose(g, d) for g, d in logic.prepare_commands(p, tid, start, 0).items()}
+        ready = logic.after_prepare(
+            txn.Txn(success=(txn.TxnOp(txn.OpKind.PUT, a, b"A"), txn.TxnOp(txn.OpKind.PUT, b, b"B"))), p, got)
+        assert isinstance(ready, logic.Ready)
+        rec = await propose(ga, logic.record_command(tid, start, ready))
+        assert rec.error is None
+        assert (await propose(ga, logic.commit_commands(tid, ready, [ga])[ga])).error is None
+        # a reader of b meets the intent, resolves it (COMMITTED) and then reads the commit
+        rb = await c.read(b)
+        assert rb.value == b"B" and rb.mod_revision == ready.at
+        assert await c.get(a) == b"A"
+
+        # A coordinator that died after preparing only: the next writer aborts its intents.
+        tid2 = TxnId(99, 2)
+        for g, d in logic.prepare_commands(p, tid2, start, 0).items():
+            assert (await propose(g, d)).error is None
+        await c.put(b, b"mine")  # refused while locked, resolved to ABORTED, retried by the client
+        assert await c.get(b) == b"mine" and await c.get(a) == b"A"  # a's intent resolved by the read
+        # the late RECORD of that coordinator can no longer commit
+        late = await propose(ga, logic.record_command(tid2, start, ready))
+        assert late.error is not None
+        assert isinstance(commands.decode_command(logic.finalize_command(tid2)).x, XCmd)
+        assert commands.decode_command(logic.finalize_command(tid2)).x.op == XOp.FINALIZE  # type: ignore[union-attr]
