@@ -81,7 +81,7 @@ from ..raft.types import (
     bootstrap_entries,
 )
 from ..shard.ranges import IntervalSet, key_hash
-from ..storage import changefeed, mvcc
+from ..storage import changefeed, mvcc, xtxn_apply
 from ..storage.commands import MAX_KEY_SIZE, ApplyResult, decode_result
 from ..storage.errors import (
     SnapshotFormatError,
@@ -1045,6 +1045,10 @@ class MemoryNodeStore:
     def rev_state(self, group: int) -> mvcc.RevState:
         g = self._read(group)
         return mvcc.RevState() if g is None else mvcc.rev_state(g.rows)
+
+    def min_pending(self, group: int) -> int:
+        g = self._read(group)
+        return 0 if g is None else xtxn_apply.min_pending(g.rows)
 
     def intents(self, group: int, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         g = self._read(group)

@@ -104,6 +104,11 @@ class RevisionReads(Protocol):
         """The group's last and compact revisions (committed state)."""
         ...
 
+    def min_pending(self, group: int) -> int:
+        """The lowest revision a cross-group transaction reserved in the group and may still
+        commit at or above (0: none; `xtxn_apply.min_pending`, committed state)."""
+        ...
+
     def intents(self, group: int, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         """At most `limit` (key, intent row) of cross-group transactions' intents on keys in
         [start, end) (end None: to the last), in key order (committed state)."""

@@ -27,6 +27,9 @@ from kvstore.storage.xtxn import Intent, TxnId
 
 Propose = Callable[[int, bytes], Awaitable[ApplyResult]]
 
+SWEEP_BATCH = 64
+"""The most intents of one group the background sweep looks at per round."""
+
 
 class CrossTxns:
     """Runs transactions across groups for one node, and resolves intents its requests meet."""
@@ -171,6 +174,21 @@ class CrossTxns:
                 await self.propose(group, follow)
         except errors.KVError:
             pass  # the next request that meets the intent tries again
+
+    async def sweep(self, led: Callable[[], list[int]], intents: Callable[[int], list[tuple[bytes, bytes]]],
+                    interval: float = 1.0) -> None:
+        """Forever: resolve the expired intents of the groups this node leads (`led`), so an
+        intent nobody meets (a dead coordinator's, on a key nobody touches) does not hold back
+        the groups' watch frontier and compaction for ever. At most `SWEEP_BATCH` per group and
+        round; each resolution is the same as a request's that meets the intent."""
+        while True:
+            await asyncio.sleep(interval)
+            for g in led():
+                for _key, raw in intents(g):
+                    try:
+                        self.met(g, Intent.decode(raw))
+                    except ValueError:
+                        continue
 
     def locked_error(self, group: int, result: ApplyResult) -> errors.KVError | None:
         """For a write refused because a key holds an intent: the definite, retryable error the

@@ -375,3 +375,25 @@ def test_a_dead_coordinator_leaves_all_or_nothing(crash_after: int) -> None:
         assert va in (b"1", b"other") and vb in (None, b"other")
         assert all(v != b"2" for v in (va, vb))
     assert xtxn_apply.min_pending(a.rows) == xtxn_apply.min_pending(b.rows) == 0
+
+
+def test_the_watch_frontier_stays_below_a_pending_commit(tmp_path: Path) -> None:
+    """`StoreSource.rev_state` (what the watch hub takes as a group's closed frontier) holds the
+    group's last below the lowest pending reservation: a commit at R >= p inserts change-log
+    rows below last, which a watch must not have passed."""
+    from kvstore.node.watch import StoreSource
+
+    conf = ConfState((1, 2, 3))
+    s = MemoryNodeStore()
+    assert s.bootstrap(4, conf)
+    datas = [cmd(XCmd(XOp.PREPARE, T1, 4, START, keys=(b"a",))), encode_command(Command.put(b"z", b"1"))]
+    es = [Entry(1, 2 + i, EntryType.NORMAL, d, 4) for i, d in enumerate(datas)]
+    s.persist_and_apply([GroupWrite(4, es, HardState(1, 0, es[-1].index))], ())
+    ls = s.log_storage(4)
+    res = s.persist_and_apply((), [ApplyBatch(4, ls.entries(1, ls.last_index() + 1), conf)])[0]
+    p, w = res[-2].revision, res[-1].revision
+    assert w > p and s.revisions.rev_state(4).last == w
+    assert s.min_pending(4) == p and StoreSource(s).rev_state(4).last == p - 1
+    es = [Entry(1, 4, EntryType.NORMAL, cmd(XCmd(XOp.COMMIT, T1, at=p, writes=((b"a", b"2"),))), 4)]
+    s.persist_and_apply([GroupWrite(4, es, HardState(1, 0, 4))], [ApplyBatch(4, es, conf)])
+    assert s.min_pending(4) == 0 and StoreSource(s).rev_state(4).last == w
