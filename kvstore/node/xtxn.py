@@ -190,6 +190,18 @@ def lock_of(res: ApplyResult) -> tuple[bytes, Intent] | None:
         return None
 
 
+def blocking_intent(rows: Iterable[tuple[bytes, bytes]], served: int) -> tuple[bytes, Intent] | None:
+    """The first (key, intent) of `rows` (a group's intents on the keys a read covers, read after
+    the read's view) prepared at or below `served`, the revision the read is served at: its
+    commit may still write there (at R >= the prepared revision), so the read must not answer
+    yet. An intent prepared later is above everything the read saw. ValueError for a corrupt row."""
+    for key, raw in rows:
+        intent = Intent.decode(bytes(raw))
+        if intent.prepared <= served:
+            return bytes(key), intent
+    return None
+
+
 def expired(intent: Intent, now_ms: int, timeout_ms: int = TXN_TIMEOUT_MS) -> bool:
     """Whether an intent is old enough to be resolved by whoever meets it."""
     return now_ms - mvcc.revision_ms(intent.start) > timeout_ms
@@ -237,6 +249,7 @@ __all__ = [
     "abort_commands",
     "after_prepare",
     "after_record",
+    "blocking_intent",
     "commit_commands",
     "committed_record",
     "expired",

@@ -39,7 +39,6 @@ from kvstore.shard.ranges import IntervalSet, key_hash
 from kvstore.storage import commands, mvcc, txn
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
-from kvstore.storage.xtxn import Intent
 from kvstore.v1 import kv_pb2
 
 from . import waiters
@@ -397,17 +396,17 @@ class KVRequests:
         commit may still write there (at R >= the prepared revision), so the answer would not be
         final. Called after the read (an intent prepared later is above every revision the read
         saw: the read stays exact). An old intent is resolved meanwhile."""
-        for key, raw in self.store.revisions.intents(gid, start, end, 64):
-            try:
-                intent = Intent.decode(raw)
-            except ValueError:
-                raise errors.InternalError(f"group {gid} holds a corrupt intent row", indeterminate=False) from None
-            if intent.prepared <= served:
-                if self.cross is not None:
-                    self.cross.met(gid, intent)
-                raise errors.ProposalDropped(
-                    f"key {key[:32]!r} is held by transaction {intent.txn} in progress (group {gid}); retry"
-                )
+        try:
+            blocking = xlogic.blocking_intent(self.store.revisions.intents(gid, start, end, 64), served)
+        except ValueError:
+            raise errors.InternalError(f"group {gid} holds a corrupt intent row", indeterminate=False) from None
+        if blocking is not None:
+            key, intent = blocking
+            if self.cross is not None:
+                self.cross.met(gid, intent)
+            raise errors.ProposalDropped(
+                f"key {key[:32]!r} is held by transaction {intent.txn} in progress (group {gid}); retry"
+            )
 
     async def read_point(self, gid: int, consistency: int, max_staleness_ms: int = 0) -> ReadPoint:
         """Wait until the group may be read at `consistency` (see reads.py: replicas serve too)."""
