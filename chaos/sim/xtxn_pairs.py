@@ -139,7 +139,8 @@ class CrossPairs:
             for gid in sorted(node.logic.host.groups):
                 if gid == 0 or sim._lead(node, gid) != node.id:
                     continue
-                for _key, raw in node.store.intents(gid, b"", None, 16):
+                rows = [raw for _k, raw in node.store.intents(gid, b"", None, 16)] + node.store.range_locks(gid)
+                for raw in rows:
                     try:
                         self._meet(node, gid, Intent.decode(raw))
                     except ValueError:

@@ -313,6 +313,16 @@ class AsyncClient:
         """Delete ``key``; True if it existed."""
         return await self._writes.delete(key, timeout=timeout)
 
+    async def delete_prefix(self, prefix: bytes, *, timeout: float | None = None) -> int:
+        """Delete every key starting with ``prefix`` (not empty), in every group, atomically at
+        one revision (a two-phase commit: docs/REVISIONS.md); returns how many it deleted."""
+        return (await self._writes.delete_range(b"", prefix=prefix, timeout=timeout))[0]
+
+    async def delete_range(self, start: bytes, end: bytes, *, timeout: float | None = None) -> int:
+        """Delete every key in ``[start, end)`` (``end`` ``b"\\x00"``: every key from ``start``),
+        atomically at one revision across the groups; returns how many it deleted."""
+        return (await self._writes.delete_range(start, end, timeout=timeout))[0]
+
     async def cas(self, key: bytes, expected: bytes | None, new: bytes, *, timeout: float | None = None) -> bool:
         """Set ``key`` to ``new`` if its current value is ``expected`` (None: if it does not
         exist). True if swapped."""

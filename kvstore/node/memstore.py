@@ -81,7 +81,7 @@ from ..raft.types import (
     bootstrap_entries,
 )
 from ..shard.ranges import IntervalSet, key_hash
-from ..storage import changefeed, mvcc, xtxn_apply
+from ..storage import changefeed, mvcc, xtxn, xtxn_apply
 from ..storage.commands import MAX_KEY_SIZE, ApplyResult, decode_result
 from ..storage.errors import (
     SnapshotFormatError,
@@ -1049,6 +1049,10 @@ class MemoryNodeStore:
     def min_pending(self, group: int) -> int:
         g = self._read(group)
         return 0 if g is None else xtxn_apply.min_pending(g.rows)
+
+    def range_locks(self, group: int) -> list[bytes]:
+        g = self._read(group)
+        return [] if g is None else [v[:xtxn.INTENT_BYTES] for _k, v in g.rows.iter(mvcc.T_TXN, b"l", b"m")]
 
     def intents(self, group: int, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         g = self._read(group)

@@ -109,6 +109,11 @@ class RevisionReads(Protocol):
         commit at or above (0: none; `xtxn_apply.min_pending`, committed state)."""
         ...
 
+    def range_locks(self, group: int) -> list[bytes]:
+        """The intents (encoded `xtxn.Intent`) of the range locks held in the group (range
+        deletes in progress; committed state)."""
+        ...
+
     def intents(self, group: int, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         """At most `limit` (key, intent row) of cross-group transactions' intents on keys in
         [start, end) (end None: to the last), in key order (committed state)."""

@@ -49,6 +49,8 @@ class Plan:
     primary: int
     keys: dict[int, tuple[bytes, ...]]
     group_of: dict[bytes, int]
+    lock: tuple[bytes, bytes] | None = None
+    """A range delete's key range [start, end) (end b"": no end), locked in every group."""
 
 
 def plan(t: txn.Txn, group_for: Iterable[tuple[bytes, int]]) -> Plan:
@@ -67,10 +69,23 @@ def plan(t: txn.Txn, group_for: Iterable[tuple[bytes, int]]) -> Plan:
     return Plan(primary, {g: tuple(ks) for g, ks in keys.items()}, group_of)
 
 
+def plan_range(groups: Iterable[int], lo: bytes, hi: bytes) -> Plan:
+    """The plan of a range delete of [lo, hi) (hi b"": no end): every data group (keys are
+    hashed whole, so any key range may have keys in each), the lowest one primary. ValueError if
+    there is no group or the range is empty."""
+    gs = sorted(set(groups))
+    if not gs:
+        raise ValueError("no data group to delete from")
+    if hi and hi <= lo:
+        raise ValueError("the range's end is at or before its start")
+    return Plan(gs[0], {g: () for g in gs}, {}, (lo, hi))
+
+
 def prepare_commands(p: Plan, tid: TxnId, start: int, proposed: int) -> dict[int, bytes]:
     """The PREPARE of each participant (ValueError if a command cannot be encoded)."""
     return {
-        g: commands.encode_command(Command.cross(XCmd(XOp.PREPARE, tid, p.primary, start, keys=ks), revision=proposed))
+        g: commands.encode_command(
+            Command.cross(XCmd(XOp.PREPARE, tid, p.primary, start, keys=ks, lock=p.lock), revision=proposed))
         for g, ks in sorted(p.keys.items())
     }
 
@@ -113,11 +128,7 @@ class Ready:
         return any(self.writes.values())
 
 
-def after_prepare(t: txn.Txn, p: Plan, results: dict[int, ApplyResult]) -> Conflict | Refused | Ready:
-    """Decide after every participant's PREPARE result (see the module docstring). Raises
-    `txn.ResultTooLarge` if the transaction's GETs return too much (abort, definite)."""
-    current: dict[bytes, txn.Current | None] = {}
-    at = 0
+def _refusal(p: Plan, results: dict[int, ApplyResult]) -> Conflict | Refused | None:
     for g in sorted(p.keys):
         res = results[g]
         if res.error is not None:
@@ -128,6 +139,42 @@ def after_prepare(t: txn.Txn, p: Plan, results: dict[int, ApplyResult]) -> Confl
                     return Refused(g, f"group {g} answered a malformed lock")
                 return Conflict(g, key, intent)
             return Refused(g, f"group {g}: {res.error}", res.wrong_shard)
+        if not res.revision:
+            return Refused(g, f"group {g} answered a PREPARE without its reservation")
+    return None
+
+
+def after_prepare_range(p: Plan, results: dict[int, ApplyResult]) -> Conflict | Refused | Ready:
+    """A range delete after every group's PREPARE: delete every key each group found in the
+    range, all at R = max p_g. The result's revision is R if anything is deleted, else 0; its
+    responses are one DELETE per key (found)."""
+    refused = _refusal(p, results)
+    if refused is not None:
+        return refused
+    at = max(results[g].revision for g in p.keys)
+    writes: dict[int, tuple[xtxn.Write, ...]] = {}
+    n = 0
+    for g in sorted(p.keys):
+        try:
+            found = xtxn.decode_found(results[g].current or b"")
+        except ValueError:
+            return Refused(g, f"group {g} answered a malformed range")
+        writes[g] = tuple((k, None) for k in found)
+        n += len(found)
+    rev = at if n else 0
+    return Ready(at, txn.TxnResult(True, tuple(txn.OpResult(txn.OpKind.DELETE, True) for _ in range(n)), rev), writes)
+
+
+def after_prepare(t: txn.Txn, p: Plan, results: dict[int, ApplyResult]) -> Conflict | Refused | Ready:
+    """Decide after every participant's PREPARE result (see the module docstring). Raises
+    `txn.ResultTooLarge` if the transaction's GETs return too much (abort, definite)."""
+    current: dict[bytes, txn.Current | None] = {}
+    at = 0
+    refused = _refusal(p, results)
+    if refused is not None:
+        return refused
+    for g in sorted(p.keys):
+        res = results[g]
         ks = p.keys[g]
         if res.txn is None or len(res.txn.responses) != len(ks) or not res.revision:
             return Refused(g, f"group {g} answered a PREPARE without the prepared values")
@@ -248,6 +295,7 @@ __all__ = [
     "Refused",
     "abort_commands",
     "after_prepare",
+    "after_prepare_range",
     "after_record",
     "blocking_intent",
     "commit_commands",
@@ -256,6 +304,7 @@ __all__ = [
     "finalize_command",
     "lock_of",
     "plan",
+    "plan_range",
     "prepare_commands",
     "record_command",
     "resolution",

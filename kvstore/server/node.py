@@ -275,7 +275,8 @@ class Node:
                 return sorted(g for g, grp in host.groups.items() if g != META_GROUP and grp.core.lead == cfg.id)
 
             def intents(g: int) -> list[tuple[bytes, bytes]]:
-                return store.revisions.intents(g, b"", None, SWEEP_BATCH)
+                revs = store.revisions
+                return [*revs.intents(g, b"", None, SWEEP_BATCH), *((b"", raw) for raw in revs.range_locks(g))]
 
             self._tasks.append(loop.create_task(cross.sweep(led, intents), name="intent-sweep"))
         retention: Retention | None = None

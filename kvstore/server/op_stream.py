@@ -277,6 +277,9 @@ class OpStream:
                 self._slow(op_id, "txn", svc.cross_txn(t, routed, req))
                 return
             gid = routed
+        elif kind == "delete" and svc.is_range_delete(req):  # every group: a two-phase commit
+            self._slow(op_id, "delete", svc.delete_range(req))
+            return
         else:
             key, data = self._prepare[kind](req)
             gid = svc.route_write(key, data, kind == "delete")

@@ -36,6 +36,7 @@ from kvstore.node.store import ReadStream
 from kvstore.security.guard import AuthGuard
 from kvstore.security.rbac import READ, READWRITE, WRITE, PermKind
 from kvstore.shard.ranges import IntervalSet, key_hash
+from kvstore.shard.shardmap import META_GROUP
 from kvstore.storage import commands, mvcc, txn
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
@@ -311,6 +312,42 @@ class KVRequests:
         return r.key, _encode(
             commands.encode_delete, r.key, s.client_id, s.seq, s.ack, s.retry, s.horizon, self.clock.propose(s.revision)
         )
+
+    @staticmethod
+    def is_range_delete(r: kv_pb2.DeleteRequest) -> bool:
+        return bool(r.prefix or r.range_end)
+
+    async def delete_range(self, r: kv_pb2.DeleteRequest) -> kv_pb2.DeleteResponse:
+        """A range delete (`DeleteRequest.prefix` or `range_end`): every key of the range in
+        every data group, atomically at one revision, by a two-phase commit that locks the
+        range in each group (`kvstore.node.xtxn.plan_range`). Raises a KVError on failure (no
+        session: a retry deletes what exists then)."""
+        if r.prefix:
+            if len(r.prefix) > self.cfg.limits.max_key:
+                raise errors.KeyTooLarge(message=f"prefix of {len(r.prefix)} bytes is longer than the longest key")
+            lo, hi = r.prefix, _prefix_end(r.prefix) or b""
+        else:
+            self.check_key(r.key)
+            if len(r.range_end) > self.cfg.limits.max_key:
+                raise errors.KeyTooLarge(message=f"range end of {len(r.range_end)} bytes is longer than the longest key")
+            lo, hi = r.key, b"" if r.range_end == b"\x00" else r.range_end
+            if hi and hi <= lo:
+                raise errors.InvalidArgument("the range's end is at or before its start")
+        if self.guard is not None:
+            self.guard.check_range(lo, hi or None, WRITE)
+        m = self.tracker.map
+        if m is None:
+            raise errors.NoLeader("this node has no shard map yet")
+        if self.cross is None:
+            raise errors.InvalidArgument("this node runs no range deletes")
+        groups = [g for g in m.data_groups() if g != META_GROUP]
+        if self.admission is not None:
+            for g in groups:
+                self.admission.check_write(g, True)
+        res = await self.cross.run(None, xlogic.plan_range(groups, lo, hi), r.session.revision)
+        self.metrics.writes.inc()
+        n = len(res.txn.responses) if res.txn is not None else 0
+        return kv_pb2.DeleteResponse(error=self.ok(), existed=n > 0, revision=res.revision, deleted=n)
 
     def prepare_cas(self, r: kv_pb2.CasRequest) -> tuple[bytes, bytes]:
         """(key, command) of a checked compare-and-swap (it may reveal the current value: read

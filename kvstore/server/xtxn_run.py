@@ -67,10 +67,11 @@ class CrossTxns:
         if groups:
             await self._all(logic.abort_commands(tid, groups))
 
-    async def run(self, t: txn.Txn, p: logic.Plan, floor: int = 0, client_id: int = 0, seq: int = 0,
+    async def run(self, t: txn.Txn | None, p: logic.Plan, floor: int = 0, client_id: int = 0, seq: int = 0,
                   ack: int = 0) -> ApplyResult:
-        """Run `t` over the participants of `p` until it commits, aborts for good, or the deadline
-        passes (definite `Timeout` then, unless the commit point's outcome is unknown)."""
+        """Run `t` over the participants of `p` (None: the range delete `p.lock`) until it
+        commits, aborts for good, or the deadline passes (definite `Timeout` then, unless the
+        commit point's outcome is unknown)."""
         loop = asyncio.get_running_loop()
         end = loop.time() + self.timeout
         delay = 0.005
@@ -89,7 +90,8 @@ class CrossTxns:
             else:
                 results = {g: r for g, r in got.items() if isinstance(r, ApplyResult)}
                 try:
-                    decision = logic.after_prepare(t, p, results)
+                    decision = (logic.after_prepare(t, p, results) if t is not None
+                                else logic.after_prepare_range(p, results))
                 except txn.ResultTooLarge as err:
                     await self._release(tid, sorted(got))
                     raise errors.InvalidArgument(str(err)) from None
@@ -113,7 +115,7 @@ class CrossTxns:
             delay = min(delay * 2, 0.2)
 
     async def _commit(
-        self, t: txn.Txn, p: logic.Plan, tid: TxnId, start: int, r: logic.Ready, client_id: int, seq: int,
+        self, t: txn.Txn | None, p: logic.Plan, tid: TxnId, start: int, r: logic.Ready, client_id: int, seq: int,
         ack: int, end: float,
     ) -> ApplyResult | None:
         """From a prepared attempt to its answer (None: aborted by a resolver, retry)."""

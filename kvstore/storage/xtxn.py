@@ -8,7 +8,10 @@ when it began; every command of the transaction is refused once the group's last
 more than `MAX_AGE` past it, so a delayed duplicate can never act after the transaction's rows
 were forgotten). Commands (op codes in `commands.Op`; none carries a client key of its own):
 
-    PREPARE   id primary:u64 start:u64 n:u16 (klen:u16 key)*      (in each participant)
+    PREPARE   id primary:u64 start:u64 n:u16 (klen:u16 key)* r:u8 [slen:u16 start elen:u16 end]
+                                                                  (in each participant; r = 1:
+                                                                  also lock the key range
+                                                                  [start, end), end empty = no end)
     COMMIT    id at:u64 n:u16 write*                             (in each participant)
     ABORT     id                                                  (in each participant)
     RECORD    id start:u64 at:u64 result-len:u32 result n:u16 (group:u64 n:u16 write*)*
@@ -20,7 +23,8 @@ were forgotten). Commands (op codes in `commands.Op`; none carries a client key 
 Rows (table `mvcc.T_TXN` of the group; `row_*` give the keys):
 
     i + key                 -> intent   id primary:u64 start:u64 prepared:u64      (one per key)
-    t + id + key            -> b""      the keys of a transaction's intents in this group
+    t + id                  -> prepared:u64 start:u64 (klen:u16 key)*  the keys of its intents here
+    l + id                  -> intent slen:u16 start end   a range lock (a range delete's)
     p + prepared:u64 + key  -> b""      the intents by prepared revision (the group's minimum pending)
     r + id                  -> record   state:u8 start:u64 at:u64 result-len:u32 result groups
     d + id                  -> start:u64  the transaction is done in this group (committed or aborted)
@@ -58,6 +62,7 @@ _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _INTENT = struct.Struct(">16sQQQ")
+INTENT_BYTES = _INTENT.size
 _REC_HEAD = struct.Struct(">BQQ")
 _W_PUT = 0x01
 
@@ -158,6 +163,9 @@ class XCmd:
     writes: tuple[Write, ...] = ()
     result: TxnResult | None = None
     groups: tuple[tuple[int, tuple[Write, ...]], ...] = ()
+    lock: tuple[bytes, bytes] | None = None
+    """PREPARE: a key range [start, end) to lock too (end b"": no end), every key in it found
+    answered (a range delete)."""
 
 
 # --- rows ----------------------------------------------------------------------------------------
@@ -221,6 +229,50 @@ class _Buf:
 def _check_key(k: bytes) -> None:
     if not 0 < len(k) <= MAX_KEY_SIZE:
         raise ValueError(f"key of {len(k)} bytes (must be 1 to {MAX_KEY_SIZE})")
+
+
+def _check_range(lo: bytes, hi: bytes) -> None:
+    if len(lo) > MAX_KEY_SIZE or len(hi) > MAX_KEY_SIZE:
+        raise ValueError(f"range bound longer than {MAX_KEY_SIZE} bytes")
+    if hi and hi <= lo:
+        raise ValueError("range end at or before its start")
+
+
+def in_range(key: bytes, lock: tuple[bytes, bytes]) -> bool:
+    lo, hi = lock
+    return key >= lo and (not hi or key < hi)
+
+
+def overlaps(a: tuple[bytes, bytes], b: tuple[bytes, bytes]) -> bool:
+    return (not a[1] or b[0] < a[1]) and (not b[1] or a[0] < b[1])
+
+
+def encode_range_lock(intent: Intent, lock: tuple[bytes, bytes]) -> bytes:
+    lo, hi = lock
+    return intent.encode() + _U16.pack(len(lo)) + lo + hi
+
+
+def decode_range_lock(raw: bytes) -> tuple[Intent, tuple[bytes, bytes]]:
+    """Total: ValueError for anything malformed."""
+    b = _Buf(bytes(raw), 0)
+    intent = Intent.decode(b.take(_INTENT.size, "the intent"))
+    lo = b.take(b.u(_U16, "the range start's length"), "the range start")
+    hi = bytes(raw[b.pos:])
+    _check_range(lo, hi)
+    return intent, (lo, hi)
+
+
+def encode_found(keys: list[bytes]) -> bytes:
+    """A range PREPARE's answer (`ApplyResult.current`): the keys it found in the range."""
+    return b"".join(_U16.pack(len(k)) + k for k in keys)
+
+
+def decode_found(raw: bytes) -> list[bytes]:
+    b = _Buf(bytes(raw), 0)
+    out: list[bytes] = []
+    while b.pos < len(b.data):
+        out.append(b.key())
+    return out
 
 
 def _check_rev(name: str, n: int) -> None:
@@ -309,16 +361,22 @@ def encode_body(c: XCmd) -> bytes:
     defaults = XCmd(c.op, c.txn)
     if c.op == XOp.PREPARE:
         _check_rev("start", c.start)
-        if not 0 < len(c.keys) <= MAX_KEYS:
-            raise ValueError(f"PREPARE of {len(c.keys)} keys (must be 1 to {MAX_KEYS})")
+        if not (len(c.keys) > 0 or c.lock is not None) or len(c.keys) > MAX_KEYS:
+            raise ValueError(f"PREPARE of {len(c.keys)} keys (must be 1 to {MAX_KEYS}, or 0 with a range)")
         if len(set(c.keys)) != len(c.keys):
             raise ValueError("PREPARE names a key twice")
-        if c != XCmd(c.op, c.txn, c.primary, c.start, keys=c.keys):
+        if c != XCmd(c.op, c.txn, c.primary, c.start, keys=c.keys, lock=c.lock):
             raise ValueError("PREPARE carries fields it does not use")
         out += (_U64.pack(c.primary), _U64.pack(c.start), _U16.pack(len(c.keys)))
         for k in c.keys:
             _check_key(k)
             out += (_U16.pack(len(k)), k)
+        if c.lock is None:
+            out.append(_U8.pack(0))
+        else:
+            lo, hi = c.lock
+            _check_range(lo, hi)
+            out += (_U8.pack(1), _U16.pack(len(lo)), lo, _U16.pack(len(hi)), hi)
     elif c.op == XOp.COMMIT:
         _check_rev("commit revision", c.at)
         if c != XCmd(c.op, c.txn, at=c.at, writes=c.writes):
@@ -362,12 +420,23 @@ def decode_body(op: XOp, data: bytes, pos: int = 0) -> XCmd:
         start = b.u(_U64, "the start")
         _check_rev("start", start)
         n = b.u(_U16, "the number of keys")
-        if not 0 < n <= MAX_KEYS:
-            raise ValueError(f"PREPARE of {n} keys (must be 1 to {MAX_KEYS})")
+        if n > MAX_KEYS:
+            raise ValueError(f"PREPARE of {n} keys (at most {MAX_KEYS})")
         keys = tuple(b.key() for _ in range(n))
         if len(set(keys)) != n:
             raise ValueError("PREPARE names a key twice")
-        c = XCmd(op, t, primary, start, keys=keys)
+        flag = b.u(_U8, "the range flag")
+        lock: tuple[bytes, bytes] | None = None
+        if flag == 1:
+            lo = b.take(b.u(_U16, "the range start's length"), "the range start")
+            hi = b.take(b.u(_U16, "the range end's length"), "the range end")
+            _check_range(lo, hi)
+            lock = (lo, hi)
+        elif flag != 0:
+            raise ValueError(f"unknown range flag {flag}")
+        if not n and lock is None:
+            raise ValueError("PREPARE of no key and no range")
+        c = XCmd(op, t, primary, start, keys=keys, lock=lock)
     elif op == XOp.COMMIT:
         at = b.u(_U64, "the commit revision")
         _check_rev("commit revision", at)

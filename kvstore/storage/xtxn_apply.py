@@ -84,12 +84,34 @@ def intent_of(rows: mvcc.Rows, key: bytes) -> Intent | None:
         raise mvcc.RevisionError(f"corrupt intent row: {err}") from None
 
 
-def locked(rows: mvcc.Rows, keys: Iterable[bytes]) -> ApplyResult | None:
-    """The LOCKED result for the first of `keys` holding an intent, or None."""
+def range_locks(rows: mvcc.Rows) -> list[tuple[Intent, tuple[bytes, bytes]]]:
+    """The group's range locks (range deletes in progress; few)."""
+    out = []
+    for _k, v in rows.iter(mvcc.T_TXN, b"l", b"m"):
+        try:
+            out.append(xtxn.decode_range_lock(bytes(v)))
+        except ValueError as err:
+            raise mvcc.RevisionError(f"corrupt range lock row: {err}") from None
+    return out
+
+
+def _lock_result(k: bytes, it: Intent) -> ApplyResult:
+    return ApplyResult(error=f"{xtxn.LOCKED} {it.txn}", current=xtxn.encode_lock(k, it))
+
+
+def locked(rows: mvcc.Rows, keys: Iterable[bytes], mine: TxnId | None = None) -> ApplyResult | None:
+    """The LOCKED result for the first of `keys` holding an intent or inside a range lock (of
+    another transaction than `mine`), or None."""
+    ranges: list[tuple[Intent, tuple[bytes, bytes]]] | None = None
     for k in keys:
         it = intent_of(rows, k)
-        if it is not None:
-            return ApplyResult(error=f"{xtxn.LOCKED} {it.txn}", current=xtxn.encode_lock(k, it))
+        if it is not None and it.txn != mine:
+            return _lock_result(k, it)
+        if ranges is None:
+            ranges = range_locks(rows)
+        for rit, rng in ranges:
+            if rit.txn != mine and xtxn.in_range(k, rng):
+                return _lock_result(k, rit)
     return None
 
 
@@ -102,7 +124,10 @@ def min_pending(rows: mvcc.Rows) -> int:
 
 
 def intents_in(rows: mvcc.Rows, ranges: IntervalSet) -> bool:
-    """Whether a key whose hash is in `ranges` holds an intent (a range move waits for them)."""
+    """Whether a key whose hash is in `ranges` holds an intent, or any range lock is held (a
+    key range covers every hash range): a range move waits for them."""
+    if any(True for _ in rows.iter(mvcc.T_TXN, b"l", b"m")):
+        return True
     return any(key_hash(bytes(k)) in ranges for k, _ in rows.iter(mvcc.T_INTENTS, b"", None))
 
 
@@ -116,15 +141,16 @@ def record_of(rows: mvcc.Rows, t: TxnId) -> Record | None:
         raise mvcc.RevisionError(f"corrupt transaction record: {err}") from None
 
 
-def _encode_keys(keys: tuple[bytes, ...], prepared: int) -> bytes:
-    return _U64.pack(prepared) + b"".join(_U16.pack(len(k)) + k for k in keys)
+def _encode_keys(keys: Iterable[bytes], prepared: int, start: int) -> bytes:
+    return _U64.pack(prepared) + _U64.pack(start) + b"".join(_U16.pack(len(k)) + k for k in keys)
 
 
-def _decode_keys(raw: bytes) -> tuple[int, list[bytes]]:
-    if len(raw) < _U64.size:
+def _decode_keys(raw: bytes) -> tuple[int, int, list[bytes]]:
+    if len(raw) < 2 * _U64.size:
         raise mvcc.RevisionError("corrupt transaction key list")
     prepared = int(_U64.unpack_from(raw)[0])
-    pos, out = _U64.size, []
+    start = int(_U64.unpack_from(raw, _U64.size)[0])
+    pos, out = 2 * _U64.size, []
     while pos < len(raw):
         if pos + 2 > len(raw):
             raise mvcc.RevisionError("corrupt transaction key list")
@@ -133,11 +159,11 @@ def _decode_keys(raw: bytes) -> tuple[int, list[bytes]]:
             raise mvcc.RevisionError("corrupt transaction key list")
         out.append(raw[pos + 2:pos + 2 + n])
         pos += 2 + n
-    return prepared, out
+    return prepared, start, out
 
 
-def prepared_keys(rows: mvcc.Rows, t: TxnId) -> tuple[int, list[bytes]] | None:
-    """(p, keys) of the transaction's intents in this group, or None if it holds none."""
+def prepared_keys(rows: mvcc.Rows, t: TxnId) -> tuple[int, int, list[bytes]] | None:
+    """(p, start, keys) of the transaction's intents in this group, or None if it holds none."""
     raw = rows.get(mvcc.T_TXN, b"t" + t.encode())
     return None if raw is None else _decode_keys(bytes(raw))
 
@@ -205,15 +231,22 @@ def _prepare(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult
     if st is not None and not all(key_hash(k) in st.active for k in c.keys):
         return ApplyResult(wrong_shard=True, error="the key is not served by this group")
     mine = prepared_keys(rows, c.txn)
+    found: list[bytes] = []
     if mine is None:
         lock = locked(rows, c.keys)
         if lock is not None:
             return lock
+        if c.lock is not None:
+            conflict = _range_conflict(view, rows, c, found)
+            if conflict is not None:
+                return conflict
         p = mvcc.next_revision(mvcc.rev_state(rows).last, proposed, view.group)
-    elif sorted(mine[1]) != sorted(c.keys):
+    elif not set(c.keys) <= set(mine[2]) or (c.lock is None and len(c.keys) != len(mine[2])):
         return ApplyResult(error="PREPARE names other keys than the transaction prepared in this group")
     else:
         p = mine[0]
+        named = set(c.keys)
+        found = [k for k in mine[2] if k not in named]
     gets: list[txn.OpResult] = []
     size = 0
     for k in c.keys:
@@ -227,14 +260,50 @@ def _prepare(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult
             return ApplyResult(error=f"the prepared keys hold more than {txn.MAX_RESULT_VALUE_BYTES} bytes of values")
         gets.append(txn.OpResult(txn.OpKind.GET, True, value, meta.create_revision, meta.mod_revision, meta.version))
     if mine is None:
-        intent = Intent(c.txn, c.primary, c.start, p).encode()
-        for k in c.keys:
+        it = Intent(c.txn, c.primary, c.start, p)
+        intent = it.encode()
+        for k in (*c.keys, *found):
             rows.put(mvcc.T_INTENTS, k, intent)
-        rows.put(mvcc.T_TXN, b"t" + c.txn.encode(), _encode_keys(c.keys, p))
+        rows.put(mvcc.T_TXN, b"t" + c.txn.encode(), _encode_keys((*c.keys, *found), p, c.start))
         rows.put(mvcc.T_TXN, b"p" + _U64.pack(p) + c.txn.encode(), b"")
+        if c.lock is not None:
+            rows.put(mvcc.T_TXN, b"l" + c.txn.encode(), xtxn.encode_range_lock(it, c.lock))
         rs = mvcc.rev_state(rows)
         rows.put(mvcc.T_STATE, b"", mvcc.RevState(p, rs.compact, rs.next_kid).encode())
-    return ApplyResult(revision=p, txn=txn.TxnResult(True, tuple(gets), p))
+    return ApplyResult(
+        revision=p, txn=txn.TxnResult(True, tuple(gets), p),
+        current=xtxn.encode_found(found) if c.lock is not None else None,
+    )
+
+
+MAX_RANGE_KEYS = 10_000
+"""The most keys one group's part of a range delete may cover (their intents are written by
+one PREPARE, their deletes by one COMMIT)."""
+
+
+def _range_conflict(view: View, rows: mvcc.Rows, c: XCmd, found: list[bytes]) -> ApplyResult | None:
+    """For a PREPARE with a range: the LOCKED result if another transaction holds an intent on a
+    key in it or a range lock overlapping it; else fill `found` with the keys present in it
+    (not named by the PREPARE itself). An error result if it holds too many."""
+    assert c.lock is not None
+    lo, hi = c.lock
+    for rit, rng in range_locks(rows):
+        if xtxn.overlaps(rng, c.lock):
+            return _lock_result(lo, rit)
+    end = hi or None
+    for k, _v in rows.iter(mvcc.T_INTENTS, lo, end):
+        it = intent_of(rows, bytes(k))
+        if it is not None:
+            return _lock_result(bytes(k), it)
+    named = set(c.keys)
+    for k, _ in rows.iter(mvcc.T_KEYS, lo, end):
+        key = bytes(k)
+        if key in named or view.get(key) is None:
+            continue
+        found.append(key)
+        if len(found) > MAX_RANGE_KEYS:
+            return ApplyResult(error=f"the range holds more than {MAX_RANGE_KEYS} keys in group {view.group}")
+    return None
 
 
 def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
@@ -243,9 +312,7 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
         if c.op == XOp.ABORT or rows.get(mvcc.T_TXN, xtxn.row_done(c.txn)) is not None:
             return ApplyResult(revision=c.at)
         return ApplyResult(error="COMMIT of a transaction that holds no intents in this group")
-    p, keys = mine
-    intent = intent_of(rows, keys[0]) if keys else None
-    start = intent.start if intent is not None else 0
+    p, start, keys = mine
     if c.op == XOp.COMMIT:
         held = set(keys)
         if any(k not in held for k, _ in c.writes):
@@ -266,6 +333,7 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
         rows.delete(mvcc.T_INTENTS, k)
     rows.delete(mvcc.T_TXN, b"t" + c.txn.encode())
     rows.delete(mvcc.T_TXN, b"p" + _U64.pack(p) + c.txn.encode())
+    rows.delete(mvcc.T_TXN, b"l" + c.txn.encode())
     rows.put(mvcc.T_TXN, xtxn.row_done(c.txn), _U64.pack(start))
     _gc_later(rows, start, c.txn)
     return ApplyResult(revision=c.at)

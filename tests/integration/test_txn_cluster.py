@@ -182,3 +182,21 @@ def test_concurrent_bank_transfers_across_groups_keep_the_total(cluster: Cluster
     print(f"\n{workers * each} transfers across groups, {retries} compare failures retried")
     assert sum(final.values()) == start * len(final)
     assert final == {k: start + moved[k] for k in final}
+
+
+def test_kvctl_delete_prefix_across_groups(cluster: Cluster) -> None:
+    with Client(cluster.endpoints, timeout=20) as c:
+        m = c.shard_map(refresh=True)
+        assert m is not None
+        keys = [b"del/%d" % i for i in range(8)]
+        assert len({m.group_for_key(k) for k in keys}) > 1
+        assert c.txn([], [Op.put(k, b"x") for k in keys]).succeeded
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.run(
+        [sys.executable, "-m", "kvstore.cli.kvctl", "--endpoints", ",".join(cluster.endpoints), "--timeout", "20",
+         "delete", "--prefix", "del/"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert p.returncode == 0 and p.stdout == "8\n", (p.stdout, p.stderr)
+    with Client(cluster.endpoints, timeout=20) as c:
+        assert all(c.get(k) is None for k in keys)

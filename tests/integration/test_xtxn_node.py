@@ -92,3 +92,42 @@ async def _main(tmp_path: Path) -> None:
         assert late.error is not None
         assert isinstance(commands.decode_command(logic.finalize_command(tid2)).x, XCmd)
         assert commands.decode_command(logic.finalize_command(tid2)).x.op == XOp.FINALIZE  # type: ignore[union-attr]
+
+
+def test_range_delete_across_groups_is_atomic(tmp_path: Path) -> None:
+    asyncio.run(_range(tmp_path))
+
+
+async def _range(tmp_path: Path) -> None:
+    async with one_node(tmp_path, groups=2) as n, AsyncClient([n.address], timeout=20) as c:
+        m = await c.shard_map(refresh=True)
+        assert m is not None
+        keys = [b"d/%d" % i for i in range(12)]
+        assert len({m.group_for_key(k) for k in keys}) == 2
+        r = await c.txn([], [Op.put(k, b"v") for k in keys])
+        assert r.succeeded
+        await c.put(b"e/1", b"stays")
+        await c.put(b"d", b"not in the prefix d/")
+        assert await c.delete_prefix(b"d/") == 12
+        rev = c.revision
+        assert all([await c.get(k) is None for k in keys])
+        assert await c.get(b"e/1") == b"stays" and await c.get(b"d") == b"not in the prefix d/"
+        # one revision: just below it every key is there, at it none is
+        before = [(await c.read(k, revision=rev - 1)).value for k in keys]
+        assert before == [b"v"] * 12
+        assert all([(await c.read(k, revision=rev)).value is None for k in keys])
+        assert await c.delete_prefix(b"d/") == 0  # nothing left: writes nothing
+        # a range [start, end)
+        await c.txn([], [Op.put(b"r/a", b"1"), Op.put(b"r/b", b"1"), Op.put(b"r/c", b"1")])
+        assert await c.delete_range(b"r/a", b"r/c") == 2
+        assert await c.get(b"r/c") == b"1" and await c.get(b"r/a") is None
+        # a dead coordinator's range lock: an insert into the range meets it, resolves it (no
+        # record: ABORTED) and goes in
+        node = n.node
+        assert node.caller is not None
+        start = mvcc.make_revision(time.time_ns() // 1_000_000 - 2 * logic.TXN_TIMEOUT_MS, 0, 0)
+        p = logic.plan_range(m.data_groups(), b"z/", b"z0")
+        for g, d in logic.prepare_commands(p, TxnId(98, 1), start, 0).items():
+            assert (await node.caller.propose(g, d)).error is None
+        await c.put(b"z/new", b"in")
+        assert await c.get(b"z/new") == b"in"

@@ -45,9 +45,13 @@ writes_st = st.lists(st.tuples(st.binary(min_size=1, max_size=20), st.none() | s
 ids_st = st.builds(TxnId, st.integers(0, (1 << 64) - 1), st.integers(0, (1 << 64) - 1))
 revs_st = st.integers(0, mvcc.REVISION_MAX)
 result_st = st.none() | st.just(TxnResult(True, (OpResult(OpKind.PUT),), 5))
+lock_st = st.none() | st.tuples(st.binary(max_size=8), st.binary(max_size=8)).map(
+    lambda r: (r[0], r[1] if not r[1] or r[1] > r[0] else b""))
 xcmd_st = st.one_of(
-    st.builds(lambda t, p, s, ks: XCmd(XOp.PREPARE, t, p, s, keys=tuple(ks)), ids_st, st.integers(0, 4095), revs_st,
-              keys_st),
+    st.builds(lambda t, p, s, ks, lk: XCmd(XOp.PREPARE, t, p, s, keys=tuple(ks), lock=lk), ids_st,
+              st.integers(0, 4095), revs_st, keys_st, lock_st),
+    st.builds(lambda t, p, s, lk: XCmd(XOp.PREPARE, t, p, s, lock=lk), ids_st, st.integers(0, 4095), revs_st,
+              st.tuples(st.binary(max_size=8), st.just(b""))),
     st.builds(lambda t, a, ws: XCmd(XOp.COMMIT, t, at=a, writes=tuple(ws)), ids_st, revs_st, writes_st),
     st.builds(lambda t: XCmd(XOp.ABORT, t), ids_st),
     st.builds(lambda t: XCmd(XOp.FINALIZE, t), ids_st),
@@ -397,3 +401,29 @@ def test_the_watch_frontier_stays_below_a_pending_commit(tmp_path: Path) -> None
     es = [Entry(1, 4, EntryType.NORMAL, cmd(XCmd(XOp.COMMIT, T1, at=p, writes=((b"a", b"2"),))), 4)]
     s.persist_and_apply([GroupWrite(4, es, HardState(1, 0, 4))], [ApplyBatch(4, es, conf)])
     assert s.min_pending(4) == 0 and StoreSource(s).rev_state(4).last == w
+
+
+def test_a_range_prepare_locks_the_range() -> None:
+    s = state()
+    for k in (b"d/1", b"d/2", b"e/1"):
+        s.apply(encode_command(Command.put(k, b"v")))
+    s.apply(encode_command(Command.delete(b"d/2")))  # a key row left by a delete: not found
+    s.apply(encode_command(Command.put(b"d/3", b"v")))
+    res = s.apply(cmd(XCmd(XOp.PREPARE, T1, 1, START, lock=(b"d/", b"d0"))))
+    assert res.error is None and res.current is not None
+    assert xtxn.decode_found(res.current) == [b"d/1", b"d/3"]
+    for c in (Command.put(b"d/new", b"x"), Command.put(b"d/1", b"x"), Command.delete(b"d/3")):
+        r = s.apply(encode_command(c))
+        assert r.error is not None and r.error.startswith(xtxn.LOCKED)
+    assert s.apply(encode_command(Command.put(b"e/2", b"x"))).error is None  # outside the range
+    other = s.apply(cmd(XCmd(XOp.PREPARE, T2, 1, START, lock=(b"d/5", b""))))  # overlapping
+    assert other.error is not None and other.error.startswith(xtxn.LOCKED)
+    assert s.apply(cmd(XCmd(XOp.PREPARE, T2, 1, START, keys=(b"d/9",)))).error is not None  # inside it
+    frz = s.apply(encode_shard_command(ShardOp.FREEZE, IntervalSet([(0, 5)]), move=1))
+    assert frz.error is not None and "intents" in frz.error
+    again = s.apply(cmd(XCmd(XOp.PREPARE, T1, 1, START, lock=(b"d/", b"d0"))))  # idempotent
+    assert again.revision == res.revision and again.current == res.current
+    done = s.apply(cmd(XCmd(XOp.COMMIT, T1, at=res.revision, writes=((b"d/1", None), (b"d/3", None)))))
+    assert done.error is None and s.get(b"d/1") is None and s.get(b"d/3") is None and s.get(b"e/1") == b"v"
+    assert s.apply(encode_command(Command.put(b"d/new", b"x"))).error is None  # released
+    assert list(s.rows.iter(mvcc.T_TXN, b"l", b"m")) == []
