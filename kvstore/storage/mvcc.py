@@ -211,6 +211,11 @@ class Rows(Protocol):
 
     def delete(self, t: int, k: bytes) -> None: ...
 
+    def has_locks(self) -> bool:
+        """Whether the group holds any cross-group intent (`T_INTENTS`) or range lock (`T_TXN`
+        rows `l...`): when it holds none, no write can be locked (the hot path skips the check)."""
+        ...
+
     def last_le(self, t: int, lo: bytes, k: bytes) -> tuple[bytes, bytes] | None:
         """The row with the greatest key in [lo, k], if any."""
         ...

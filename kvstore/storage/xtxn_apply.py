@@ -102,6 +102,8 @@ def _lock_result(k: bytes, it: Intent) -> ApplyResult:
 def locked(rows: mvcc.Rows, keys: Iterable[bytes], mine: TxnId | None = None) -> ApplyResult | None:
     """The LOCKED result for the first of `keys` holding an intent or inside a range lock (of
     another transaction than `mine`), or None."""
+    if not rows.has_locks():
+        return None
     ranges: list[tuple[Intent, tuple[bytes, bytes]]] | None = None
     for k in keys:
         it = intent_of(rows, k)
