@@ -337,10 +337,10 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> TxnResponse:
         """A transaction (etcd's Txn): if every compare holds, run the ``success`` operations,
-        else the ``failure`` ones, atomically at one revision. Every key it names must live in
-        one group: otherwise :class:`~kvstore.errors.InvalidArgument` (definite; cross-group
-        transactions are not supported yet). Exactly-once like a put: a retried transaction is
-        not applied twice, and a timeout after sending is indeterminate. Example::
+        else the ``failure`` ones, atomically at one revision. Keys in one group take one Raft
+        proposal; keys in several groups a two-phase commit run by the server that receives it
+        (docs/REVISIONS.md), with the same guarantees. Exactly-once like a put: a retried
+        transaction is not applied twice, and a timeout after sending is indeterminate. Example::
 
             await c.txn([Compare.value(b"k", "=", b"old")], [Op.put(b"k", b"new"), Op.get(b"j")])
         """

@@ -143,7 +143,7 @@ class Writes:
     async def txn(
         self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op], *, timeout: float | None = None
     ) -> TxnResponse:
-        """Run a transaction whose keys all live in one group (see `AsyncClient.txn`)."""
+        """Run a transaction (see `AsyncClient.txn`); it is routed by its first key."""
         body = txn_body(self.checks, compares, success, failure)
         key = first_key(body)
         if key is None:

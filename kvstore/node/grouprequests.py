@@ -67,7 +67,9 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
     the source, BEGIN, INSTALL and ACTIVATE in the target); a retention request (`retention_keep`,
     a read) needs a number of revisions in 1..`retention.MAX_KEEP`; a COMPACT or a CLOSE (history and
     revision state only) goes to any group (the receiving leader checks a CLOSE's revision
-    against its clock: `kvstore.node.closes`); a conf change must decode. A move
+    against its clock: `kvstore.node.closes`); a well-formed command of a transaction across
+    groups (PREPARE .. FINALIZE: a member's coordinator or resolver) goes to a data group, never
+    to the metadata group; a conf change must decode. A move
     this node's map does not show yet is refused as WRONG_SHARD (the caller retries: the map
     may lag the coordinator's by a little). Returns the decoded conf change, if any. So no
     request can write garbage into group 0, a malformed command into any log, or freeze or drop

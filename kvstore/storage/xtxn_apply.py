@@ -291,7 +291,7 @@ def _range_conflict(view: View, rows: mvcc.Rows, c: XCmd, found: list[bytes]) ->
     lo, hi = c.lock
     for rit, rng in range_locks(rows):
         if xtxn.overlaps(rng, c.lock):
-            return _lock_result(lo, rit)
+            return _lock_result(max(lo, rng[0]) or b"\x00", rit)  # a key in both ranges names the lock
     end = hi or None
     for k, _v in rows.iter(mvcc.T_INTENTS, lo, end):
         it = intent_of(rows, bytes(k))

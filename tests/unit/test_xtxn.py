@@ -79,7 +79,7 @@ def test_cross_commands_round_trip(x: XCmd) -> None:
 @given(st.sampled_from(list(XOp)), st.binary(max_size=200))
 def test_every_decoder_is_total(op: XOp, data: bytes) -> None:
     for f in (lambda: xtxn.decode_body(op, data), lambda: xtxn.decode_record(data), lambda: xtxn.decode_lock(data),
-              lambda: xtxn.Intent.decode(data)):
+              lambda: xtxn.Intent.decode(data), lambda: xtxn.decode_range_lock(data), lambda: xtxn.decode_found(data)):
         with contextlib.suppress(ValueError):
             f()
 
