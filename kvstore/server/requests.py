@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -49,7 +50,7 @@ from .metrics import Metrics
 from .reads import ReadPoint, ReplicaReads
 from .shards import GroupCaller, ShardTracker
 from .txn_wire import result_into, txn_from_proto
-from .xtxn_run import CrossTxns
+from .xtxn_run import PLANT_ENV, CrossTxns, planted_halt
 
 log = logging.getLogger("kvstore.kv")
 
@@ -95,8 +96,9 @@ class KVRequests:
         self.clock = closes.clock
         """Proposes the revisions of this node's writes (docs/REVISIONS.md); checks closes."""
         self._forwards: set[asyncio.Task[ApplyResult]] = set()
+        halt = planted_halt(cfg.id, os.environ.get(PLANT_ENV, ""))
         self.cross: CrossTxns | None = (
-            CrossTxns(cfg.id, caller.propose, self.clock, cfg.request_timeout) if caller is not None else None
+            CrossTxns(cfg.id, caller.propose, self.clock, cfg.request_timeout, halt=halt) if caller is not None else None
         )
         """Runs transactions across groups (two-phase commit through each group's leader) and
         resolves intents this node's requests meet; None without a caller (a bare service): a

@@ -30,6 +30,21 @@ Propose = Callable[[int, bytes], Awaitable[ApplyResult]]
 SWEEP_BATCH = 64
 """The most intents of one group the background sweep looks at per round."""
 
+PLANT_ENV = "KVSTORE_PLANT_XTXN_HALT"
+"""PLANTED FAULT, for testing recovery only: ``NODE:prepare`` or ``NODE:record`` (comma-separated
+for several nodes) makes node NODE's coordinator stop for good after a writing transaction's
+PREPAREs (or its RECORD), as if it died there, so a test can kill it and check that readers and
+writers recover its intents. Never set unless a test asks for it."""
+
+
+def planted_halt(node_id: int, value: str) -> str | None:
+    """The stage at which node `node_id`'s coordinator halts, from `PLANT_ENV`'s value."""
+    for part in value.split(","):
+        nid, _, stage = part.partition(":")
+        if nid.strip() == str(node_id) and stage in ("prepare", "record"):
+            return stage
+    return None
+
 
 class CrossTxns:
     """Runs transactions across groups for one node, and resolves intents its requests meet."""
@@ -37,7 +52,7 @@ class CrossTxns:
     def __init__(
         self, node_id: int, propose: Propose, clock: HybridClock, timeout: float,
         rng: random.Random | None = None, now_ms: Callable[[], int] | None = None,
-        txn_timeout_ms: int = logic.TXN_TIMEOUT_MS,
+        txn_timeout_ms: int = logic.TXN_TIMEOUT_MS, halt: str | None = None,
     ) -> None:
         self.node_id = node_id
         self.propose = propose
@@ -47,6 +62,12 @@ class CrossTxns:
         self.now_ms = now_ms or (lambda: time.time_ns() // 1_000_000)
         self.txn_timeout_ms = txn_timeout_ms
         self._resolving: dict[TxnId, asyncio.Task[None]] = {}
+        self.halt = halt
+        """`PLANT_ENV`'s stage for this node (None: never halts)."""
+
+    async def _halt(self, stage: str) -> None:
+        if self.halt == stage:
+            await asyncio.Event().wait()  # the planted coordinator death: never returns
 
     def new_id(self) -> TxnId:
         return TxnId(self.node_id, self.rng.getrandbits(64))
@@ -123,6 +144,7 @@ class CrossTxns:
         if not r.writes_anything:  # a read-only transaction: its reads were one snapshot at R
             await self._release(tid, groups)
             return ApplyResult(revision=r.result.revision, txn=r.result)
+        await self._halt("prepare")
         record = logic.record_command(tid, start, r, client_id, seq, ack)
         outcome = await self._record(tid, p.primary, record, start, end)
         if isinstance(outcome, logic.Aborted):
@@ -132,6 +154,7 @@ class CrossTxns:
             await self._release(tid, groups)
             return ApplyResult(revision=outcome.at, txn=outcome.result)
         self.clock.observe(r.at)
+        await self._halt("record")
         commits = await self._all(logic.commit_commands(tid, r, groups))
         if all(isinstance(x, ApplyResult) and x.error is None for x in commits.values()):
             await self._all({p.primary: logic.finalize_command(tid)})
