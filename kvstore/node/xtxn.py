@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from kvstore.storage import commands, mvcc, txn, xtxn
 from kvstore.storage.commands import ApplyResult, Command
 from kvstore.storage.xtxn import Intent, Record, State, TxnId, XCmd, XOp
+from kvstore.storage.xtxn_apply import TOO_OLD, TXN_ABORTED
 
 TXN_TIMEOUT_MS = 5_000
 """An intent older than this (by its start's HLC time against the meeting node's clock) may be
@@ -188,10 +189,15 @@ def after_prepare(t: txn.Txn, p: Plan, results: dict[int, ApplyResult]) -> Confl
     return Ready(at, out.result, {g: tuple(ws) for g, ws in writes.items()})
 
 
-def record_command(tid: TxnId, start: int, r: Ready, client_id: int = 0, seq: int = 0, ack: int = 0) -> bytes:
+def record_command(
+    tid: TxnId, start: int, r: Ready, client_id: int = 0, seq: int = 0, ack: int = 0, retry: bool = False,
+    horizon: int = 0,
+) -> bytes:
+    """The RECORD (the commit point) with the client's session (`retry` / `horizon` as the
+    client sent them: a retry whose session the primary evicted is refused, not applied twice)."""
     groups = tuple((g, ws) for g, ws in sorted(r.writes.items()))
     x = XCmd(XOp.RECORD, tid, start=start, at=r.at, result=r.result, groups=groups)
-    return commands.encode_command(Command.cross(x, client_id, seq, ack))
+    return commands.encode_command(Command.cross(x, client_id, seq, ack, retry=retry, horizon=horizon))
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,12 +212,20 @@ class Committed:
 
 @dataclass(frozen=True, slots=True)
 class Aborted:
+    """The RECORD did not commit: `retry` (a resolver aborted the attempt, or it is too old) or
+    not (the session refused it: a stale request, or `expired`, a retry whose session the
+    primary evicted: an earlier attempt may have committed, indeterminate)."""
+
     message: str
+    retry: bool = True
+    expired: bool = False
 
 
 def after_record(tid: TxnId, res: ApplyResult) -> Committed | Aborted:
+    if res.session_expired:
+        return Aborted(res.error or "session expired", retry=False, expired=True)
     if res.error is not None:
-        return Aborted(res.error)
+        return Aborted(res.error, retry=res.error in (TXN_ABORTED, TOO_OLD))
     return Committed(res.revision, res.txn, res.current == tid.encode())
 
 

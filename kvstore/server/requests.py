@@ -241,7 +241,7 @@ class KVRequests:
         """Run transaction `t` across the groups of plan `p` (raises a KVError on failure)."""
         assert self.cross is not None  # route_txn plans only when it exists
         s = r.session
-        res = await self.cross.run(t, p, s.revision, s.client_id, s.seq, s.ack)
+        res = await self.cross.run(t, p, s.revision, s.client_id, s.seq, s.ack, s.retry, s.horizon)
         self.metrics.writes.inc()
         msg = kv_pb2.TxnResponse()
         self.txn_reply_into(msg, t, res)

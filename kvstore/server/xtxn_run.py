@@ -89,7 +89,7 @@ class CrossTxns:
             await self._all(logic.abort_commands(tid, groups))
 
     async def run(self, t: txn.Txn | None, p: logic.Plan, floor: int = 0, client_id: int = 0, seq: int = 0,
-                  ack: int = 0) -> ApplyResult:
+                  ack: int = 0, retry: bool = False, horizon: int = 0) -> ApplyResult:
         """Run `t` over the participants of `p` (None: the range delete `p.lock`) until it
         commits, aborts for good, or the deadline passes (definite `Timeout` then, unless the
         commit point's outcome is unknown)."""
@@ -126,7 +126,7 @@ class CrossTxns:
                     last = f"key {decision.key[:32]!r} is locked by transaction {decision.intent.txn}"
                     self.met(decision.group, decision.intent)
                 else:
-                    done = await self._commit(t, p, tid, start, decision, client_id, seq, ack, end)
+                    done = await self._commit(t, p, tid, start, decision, (client_id, seq, ack, retry, horizon), end)
                     if done is not None:
                         return done
                     last = "a resolver aborted the attempt before its commit point"
@@ -136,8 +136,8 @@ class CrossTxns:
             delay = min(delay * 2, 0.2)
 
     async def _commit(
-        self, t: txn.Txn | None, p: logic.Plan, tid: TxnId, start: int, r: logic.Ready, client_id: int, seq: int,
-        ack: int, end: float,
+        self, t: txn.Txn | None, p: logic.Plan, tid: TxnId, start: int, r: logic.Ready,
+        session: tuple[int, int, int, bool, int], end: float,
     ) -> ApplyResult | None:
         """From a prepared attempt to its answer (None: aborted by a resolver, retry)."""
         groups = sorted(p.keys)
@@ -145,10 +145,15 @@ class CrossTxns:
             await self._release(tid, groups)
             return ApplyResult(revision=r.result.revision, txn=r.result)
         await self._halt("prepare")
-        record = logic.record_command(tid, start, r, client_id, seq, ack)
+        client_id, seq, ack, retry, horizon = session
+        record = logic.record_command(tid, start, r, client_id, seq, ack, retry, horizon)
         outcome = await self._record(tid, p.primary, record, start, end)
         if isinstance(outcome, logic.Aborted):
             await self._release(tid, groups)
+            if outcome.expired:
+                raise errors.SessionExpired(f"group {p.primary}: {outcome.message}")
+            if not outcome.retry:
+                raise errors.InvalidArgument(f"group {p.primary} refused the transaction: {outcome.message}")
             return None
         if not outcome.mine:  # this request's session already committed an earlier attempt
             await self._release(tid, groups)

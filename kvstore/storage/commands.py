@@ -200,10 +200,14 @@ class Command:
         return cls(Op.TXN, b"", b"", b"", False, client_id, seq, ack, retry, horizon, revision, t)
 
     @classmethod
-    def cross(cls, x: XCmd, client_id: int = 0, seq: int = 0, ack: int = 0, revision: int = 0) -> Command:
+    def cross(
+        cls, x: XCmd, client_id: int = 0, seq: int = 0, ack: int = 0, revision: int = 0, retry: bool = False,
+        horizon: int = 0,
+    ) -> Command:
         """A command of a transaction across groups (a session only on RECORD, a revision only
         on PREPARE)."""
-        return cls(Op(int(x.op)), b"", client_id=client_id, seq=seq, ack=ack, revision=revision, x=x)
+        return cls(Op(int(x.op)), b"", client_id=client_id, seq=seq, ack=ack, retry=retry, horizon=horizon,
+                   revision=revision, x=x)
 
     @classmethod
     def compact(cls, revision: int) -> Command:

@@ -27,6 +27,9 @@ Semantics (deterministic: every replica computes the same result and the same ne
   result (succeeded, per-operation responses) is cached in the session like any result, so a
   retry answers it again without re-running it. Ownership: every key the transaction names (on
   any path) must be served by the group, else `wrong_shard` as for a single key.
+- Transactions across groups (PREPARE .. FINALIZE, `xtxn_apply.py`): no session but on RECORD
+  (the client's, cached like any result unless refused); while a key holds an intent, every
+  other command naming it (PUT, DELETE, CAS, TXN, another PREPARE) is refused LOCKED, not cached.
 - Malformed command bytes change nothing and give a result with `error` set.
 - Exactly-once (client_id != 0): each client has an ack *floor* (the highest `ack` seen, capped by
   the seq that carried it). A command with seq < floor is a stale retry of a request whose reply
@@ -449,6 +452,8 @@ def apply_command(view: StateView, cmd: Command) -> ApplyResult:
         if lock is not None:  # not cached: the retry applies once the transaction resolved
             return lock
     result = execute(view, cmd)
+    if cmd.op == Op.RECORD and result.error is not None:
+        return result  # a refused commit point changed nothing: not cached, the next attempt's RECORD applies
     new_floor = max(floor, min(cmd.ack, cmd.seq))
     view.put_session_result(cid, cmd.seq, encode_result(result))
     if new_floor > floor:

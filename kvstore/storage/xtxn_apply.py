@@ -27,7 +27,8 @@ Rules (each command is idempotent: a coordinator or a resolver may propose it ag
   at R: answered again. If there is none: refused when the group is more than `MAX_AGE` past
   `start` (a late proposal can never commit after an ABORTED record was forgotten), else the
   record is written COMMITTED. The answer carries R, the client's result, and the id in
-  `current` (a session's cached answer to an earlier attempt names that attempt's id).
+  `current` (a session's cached answer to an earlier attempt names that attempt's id). A refused
+  RECORD is not cached in the session (`machine.apply_command`): the next attempt's applies.
 - RESOLVE(id, start), in the primary: the record, as it is; none: an ABORTED record is written
   first (so the coordinator's RECORD can no longer commit). The answer's `current` is the record.
 - FINALIZE(id): a COMMITTED record becomes FINALIZED (its writes dropped, the client's result

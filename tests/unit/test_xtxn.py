@@ -427,3 +427,12 @@ def test_a_range_prepare_locks_the_range() -> None:
     assert done.error is None and s.get(b"d/1") is None and s.get(b"d/3") is None and s.get(b"e/1") == b"v"
     assert s.apply(encode_command(Command.put(b"d/new", b"x"))).error is None  # released
     assert list(s.rows.iter(mvcc.T_TXN, b"l", b"m")) == []
+
+
+def test_a_refused_record_is_not_cached_in_the_session() -> None:
+    s = state()
+    s.apply(cmd(XCmd(XOp.RESOLVE, T1, start=START)))  # a resolver aborted attempt T1 first
+    r1 = s.apply(cmd(XCmd(XOp.RECORD, T1, start=START, at=5), cid=7, seq=1))
+    assert r1.error == xtxn_apply.TXN_ABORTED and s.session_result(7, 1) is None
+    r2 = s.apply(cmd(XCmd(XOp.RECORD, T2, start=START, at=9), cid=7, seq=1))  # the next attempt commits
+    assert r2.error is None and r2.current == T2.encode() and s.session_result(7, 1) is not None
