@@ -41,6 +41,7 @@ from .xtxn_pairs import CrossPairs
 
 PAIRS = 3
 CROSS_PAIRS = 2
+CROSS_RETRIES = 4
 RETRIES = 8
 
 
@@ -180,14 +181,15 @@ class TxnPairs:
         sim = self.sim
         live = [x for x in sim.nodes.values() if not x.removed and x.logic is not None]
         late = sim.end is not None and sim.now >= sim.end - sim.p.client_timeout_ms
-        if n > RETRIES or not live or late or (sim.quiet is not None and sim.quiet.clients_wait()):
+        if n > CROSS_RETRIES or not live or late or (sim.quiet is not None and sim.quiet.clients_wait()):
             self.stats.refused += 1
             self.refusals["cross-group attempts exhausted"] = self.refusals.get("cross-group attempts exhausted", 0) + 1
             return
         d = self.cross_driver
 
         def retry(m: int) -> None:
-            self.sim.at(self.rng.randrange(20, 200), self._cross_attempt, t, groups, m)
+            # backoff: each attempt is four proposals or more, on groups the simulator keeps slow
+            self.sim.at(self.rng.randrange(100, 400) * m, self._cross_attempt, t, groups, m)
 
         node = self.rng.choice(live)
         smap = node.logic.shard_tracker.map
