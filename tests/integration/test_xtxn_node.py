@@ -11,6 +11,7 @@ from pathlib import Path
 
 from onenode import one_node
 
+from kvstore import errors
 from kvstore.client import AsyncClient, Compare, Op
 from kvstore.node import xtxn as logic
 from kvstore.shard.shardmap import ShardMap
@@ -131,3 +132,50 @@ async def _range(tmp_path: Path) -> None:
             assert (await node.caller.propose(g, d)).error is None
         await c.put(b"z/new", b"in")
         assert await c.get(b"z/new") == b"in"
+
+
+def test_reads_meet_intents_of_keys_that_do_not_exist_yet(tmp_path: Path) -> None:
+    asyncio.run(_reads(tmp_path))
+
+
+async def _reads(tmp_path: Path) -> None:
+    async with one_node(tmp_path, groups=2) as n, AsyncClient([n.address], timeout=20) as c:
+        m = await c.shard_map(refresh=True)
+        assert m is not None
+        await c.put(b"s/old", b"1")
+        before = c.revision
+        node = n.node
+        assert node.caller is not None
+        # a live coordinator's PREPARE (its start is now: not expired) on a key that does not exist
+        start = mvcc.make_revision(time.time_ns() // 1_000_000, 0, 0)
+        g = m.group_for_key(b"s/new")
+        p = logic.plan(txn.Txn(success=(txn.TxnOp(txn.OpKind.PUT, b"s/new", b"x"),)), [(b"s/new", g)])
+        tid = TxnId(97, 1)
+        got = await node.caller.propose(g, logic.prepare_commands(p, tid, start, before + 1)[g])
+        assert got.error is None
+        prepared = got.revision
+        assert prepared > before
+
+        async def scan(revision: int = 0) -> list[tuple[bytes, bytes]]:
+            return [kv async for kv in c.scan(b"s/", timeout=1.0, revision=revision)]
+
+        # a scan (current, or at a revision at or above the reservation) waits for it: refused
+        # (definite, retried by the client until its deadline)
+        for rev in (0, prepared):
+            try:
+                await scan(rev)
+            except errors.KVError as err:
+                assert err.definite
+            else:
+                raise AssertionError(f"a scan at {rev} over a pending intent answered")
+        with_get = None
+        try:
+            with_get = await c.get(b"s/new", timeout=1.0)
+        except errors.KVError as err:
+            assert err.definite
+        assert with_get is None
+        # below the reservation the answer is already final
+        assert await scan(prepared - 1) == [(b"s/old", b"1")]
+        # the coordinator aborts: the scan answers
+        assert (await node.caller.propose(g, logic.abort_commands(tid, [g])[g])).error is None
+        assert await scan() == [(b"s/old", b"1")]
