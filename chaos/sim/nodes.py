@@ -768,6 +768,8 @@ class NodeSimulation:
                     [k for k, _ in txn.keys_of(cmd.txn)] if cmd.txn is not None
                     else list(cmd.x.keys) if cmd.x is not None else [cmd.key]
                 )
+                if not keys:
+                    continue  # a range delete's PREPARE refused while a range moves
                 key = keys[0]
                 if all(key_hash(k) in active for k in keys):
                     raise SimulationFailure(

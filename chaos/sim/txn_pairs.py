@@ -69,6 +69,8 @@ class TxnPairStats:
     """Cross-group attempts whose coordinator died (left its intents to resolvers)."""
     cross_resolved: int = 0
     """Intents resolved by a later attempt that met them."""
+    range_deletes: int = 0
+    """Answered range deletes of a cross pair's prefix (both keys at one revision)."""
 
 
 class TxnPairs:
@@ -141,7 +143,11 @@ class TxnPairs:
         self.stats.issued += 1
         members = [n for n in sim.nodes.values() if not n.removed]
         if a in self.cross:
-            self._cross_attempt(t, self.cross[a], 0)
+            if 0.35 <= r < 0.45:  # a pair delete: a range delete of the pair's prefix
+                prefix = a[:a.index(b"/") + 1]
+                self._cross_attempt(None, self.cross[a], 0, (prefix, prefix[:-1] + b"0"))
+            else:
+                self._cross_attempt(t, self.cross[a], 0)
         else:
             self._attempt(rng.choice(members), a, t, 0)
         sim.at(rng.randrange(100, 400), self._next)  # light: small appends replicate slowly
@@ -177,7 +183,8 @@ class TxnPairs:
         sim.at(sim.p.client_timeout_ms // 4, lost)
         sim._write(node, a, data, outcome)
 
-    def _cross_attempt(self, t: txn.Txn, groups: dict[bytes, int], n: int) -> None:
+    def _cross_attempt(self, t: txn.Txn | None, groups: dict[bytes, int], n: int,
+                       lock: tuple[bytes, bytes] | None = None) -> None:
         sim = self.sim
         live = [x for x in sim.nodes.values() if not x.removed and x.logic is not None]
         late = sim.end is not None and sim.now >= sim.end - sim.p.client_timeout_ms
@@ -189,20 +196,26 @@ class TxnPairs:
 
         def retry(m: int) -> None:
             # backoff: each attempt is four proposals or more, on groups the simulator keeps slow
-            self.sim.at(self.rng.randrange(100, 400) * m, self._cross_attempt, t, groups, m)
+            self.sim.at(self.rng.randrange(100, 400) * m, self._cross_attempt, t, groups, m, lock)
 
         node = self.rng.choice(live)
         smap = node.logic.shard_tracker.map
         if smap is not None:  # the coordinator routes by its own map (ranges move)
             groups = {k: smap.group_for_key(k) for k in groups}
-        d.attempt(node, t, groups, n, retry)
+        d.attempt(node, t, groups, n, retry, lock)
         self.stats.cross_died, self.stats.cross_resolved = d.died, d.resolved
 
-    def answered_cross(self, t: txn.Txn, r: txn.TxnResult, revision: int) -> None:
-        """A cross-group transaction's answer (from `xtxn_pairs.CrossPairs`)."""
+    def answered_cross(self, t: txn.Txn | None, r: txn.TxnResult, revision: int) -> None:
+        """A cross-group transaction's answer (from `xtxn_pairs.CrossPairs`; `t` None: a range
+        delete of a pair's prefix, which deleted at most the pair's two keys, at one revision)."""
         self.stats.answered += 1
         self.stats.cross_answered += 1
         self.stats.cross_died, self.stats.cross_resolved = self.cross_driver.died, self.cross_driver.resolved
+        if t is None:
+            self.stats.range_deletes += 1
+            if len(r.responses) > 2 or bool(r.responses) != bool(revision) or r.revision != revision:
+                raise TxnPairViolation(f"a range delete of a pair answered {len(r.responses)} deletes at {revision}")
+            return
         self._check(t, r, revision)
 
     def _check(self, t: txn.Txn, r: txn.TxnResult, revision: int) -> None:

@@ -151,9 +151,19 @@ class CrossPairs:
         return mvcc.revision_ms(self.sim._clock(node).propose())
 
     # --- one attempt -------------------------------------------------------------------------
-    def attempt(self, node: Any, t: txn.Txn, groups: dict[bytes, int], n: int, retry: Callable[[int], None]) -> None:
-        """One attempt of `t` coordinated at `node`; `retry(n + 1)` to try again later."""
-        p = logic.plan(t, ((k, groups[k]) for k, _ in txn.keys_of(t)))
+    def attempt(self, node: Any, t: txn.Txn | None, groups: dict[bytes, int], n: int, retry: Callable[[int], None],
+                lock: tuple[bytes, bytes] | None = None) -> None:
+        """One attempt of `t` (None: a range delete of `lock`, over every data group of `node`'s
+        map) coordinated at `node`; `retry(n + 1)` to try again later."""
+        if t is None:
+            assert lock is not None
+            smap = node.logic.shard_tracker.map if node.logic is not None else None
+            if smap is None:
+                retry(n + 1)
+                return
+            p = logic.plan_range([g for g in smap.data_groups() if g != 0], *lock)
+        else:
+            p = logic.plan(t, ((k, groups[k]) for k, _ in txn.keys_of(t)))
         clock = self.sim._clock(node)
         tid = TxnId(node.id, self.rng.getrandbits(64))
         start = clock.propose()
@@ -165,7 +175,7 @@ class CrossPairs:
                 self._forget(node, logic.abort_commands(tid, got))
                 retry(n + 1)
                 return
-            decision = logic.after_prepare(t, p, results)
+            decision = logic.after_prepare(t, p, results) if t is not None else logic.after_prepare_range(p, results)
             if isinstance(decision, logic.Conflict):
                 self.conflicts += 1
                 self._forget(node, logic.abort_commands(tid, [g for g, r in results.items() if r.error is None]))
@@ -197,18 +207,31 @@ class CrossPairs:
                 return
             commits = logic.commit_commands(tid, r, p.keys)
             first, *rest = sorted(commits)
-            self._send(node, first, commits[first], lambda _res, _err: None)
+            ok: dict[int, bool] = {}
+
+            def committed_in(g: int) -> Answer:
+                def answer(res: ApplyResult | None, err: errors.KVError | None) -> None:
+                    ok[g] = err is None and res is not None and res.error is None
+                    if len(ok) == len(commits) and all(ok.values()):
+                        # FINALIZE only once every participant applied its COMMIT (a group left
+                        # with intents needs the record's writes to resolve them)
+                        self._send(node, p.primary, logic.finalize_command(tid), lambda _res, _err: None)
+                return answer
+
+            self._send(node, first, commits[first], committed_in(first))
             if self._dies(2):
                 return
             for g in rest:
-                self._send(node, g, commits[g], lambda _res, _err: None)
-            self._send(node, p.primary, logic.finalize_command(tid), lambda _res, _err: None)
+                self._send(node, g, commits[g], committed_in(g))
             self.pairs.answered_cross(t, r.result, r.at)
 
         self._all(node, cmds, prepared)
 
     def _dies(self, point: int) -> bool:
-        if self.rng.random() < DIE[point]:
+        """Whether the coordinator dies here (only while the faults run, like every other fault:
+        a dead coordinator's intents hold its groups' watch frontier until they are resolved, a
+        timeout later, which the liveness checks after the heal do not allow for)."""
+        if self.rng.random() < DIE[point] and self.sim._faults_on():
             self.died += 1
             return True
         return False

@@ -7,7 +7,8 @@ carry them like every MVCC table.
 Rules (each command is idempotent: a coordinator or a resolver may propose it again):
 - PREPARE(id, primary, start, keys) with proposed revision P, in a participant: refused (nothing
   changes) if the group is more than `MAX_AGE` past `start`, if the transaction is already done
-  here, if the group does not serve a key (`wrong_shard`), or if a key holds another
+  here, if the group does not serve a key (`wrong_shard`; also for a range while any range of
+  the group is frozen or being installed: a move), or if a key holds another
   transaction's intent (LOCKED, with that intent: the caller resolves it or waits). Otherwise it
   reserves p = `next_revision(last, P, group)` (last := p), records an intent per key at p, and
   answers the keys' current values as a `TxnResult` of GETs in key order, at revision p. The
@@ -233,6 +234,9 @@ def _prepare(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult
     st = view.shards
     if st is not None and not all(key_hash(k) in st.active for k in c.keys):
         return ApplyResult(wrong_shard=True, error="the key is not served by this group")
+    if c.lock is not None and st is not None and (st.frozen or st.installing):
+        # keys of a moving range are in two groups or none: a range delete waits for the move
+        return ApplyResult(wrong_shard=True, error="a range of this group is moving: the range delete waits for it")
     mine = prepared_keys(rows, c.txn)
     found: list[bytes] = []
     if mine is None:
@@ -299,9 +303,10 @@ def _range_conflict(view: View, rows: mvcc.Rows, c: XCmd, found: list[bytes]) ->
         if it is not None:
             return _lock_result(bytes(k), it)
     named = set(c.keys)
+    st = view.shards
     for k, _ in rows.iter(mvcc.T_KEYS, lo, end):
         key = bytes(k)
-        if key in named or view.get(key) is None:
+        if key in named or view.get(key) is None or (st is not None and key_hash(key) not in st.active):
             continue
         found.append(key)
         if len(found) > MAX_RANGE_KEYS:

@@ -436,3 +436,14 @@ def test_a_refused_record_is_not_cached_in_the_session() -> None:
     assert r1.error == xtxn_apply.TXN_ABORTED and s.session_result(7, 1) is None
     r2 = s.apply(cmd(XCmd(XOp.RECORD, T2, start=START, at=9), cid=7, seq=1))  # the next attempt commits
     assert r2.error is None and r2.current == T2.encode() and s.session_result(7, 1) is not None
+
+
+def test_a_range_prepare_waits_for_a_moving_range() -> None:
+    s = state()
+    s.shard_state = ShardState(IntervalSet.full(), IntervalSet())
+    s.apply(encode_command(Command.put(b"d/1", b"v")))
+    h = key_hash(b"d/1")
+    assert s.apply(encode_shard_command(ShardOp.FREEZE, IntervalSet([(h, h)]), move=1)).error is None
+    # d/1 is frozen (moving out): a range delete here would miss it or delete it twice
+    r = s.apply(cmd(XCmd(XOp.PREPARE, T1, 1, START, lock=(b"d/", b"d0"))))
+    assert r.wrong_shard and s.rows.get(mvcc.T_TXN, b"l" + T1.encode()) is None
