@@ -14,6 +14,7 @@ to COMMITTED by whoever meets them).
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -23,9 +24,12 @@ from kvstore.node import xtxn as logic
 from kvstore.node.hlc import HybridClock
 from kvstore.storage import txn
 from kvstore.storage.commands import ApplyResult
+from kvstore.storage.errors import StorageError
 from kvstore.storage.xtxn import Intent, TxnId
 
 Propose = Callable[[int, bytes], Awaitable[ApplyResult]]
+
+log = logging.getLogger("kvstore.xtxn")
 
 SWEEP_BATCH = 64
 """The most intents of one group the background sweep looks at per round."""
@@ -214,11 +218,16 @@ class CrossTxns:
         while True:
             await asyncio.sleep(interval)
             for g in led():
-                for _key, raw in intents(g):
+                try:
+                    rows = intents(g)
+                except StorageError as err:  # a group going away, a damaged read: next round
+                    log.warning("intent sweep of group %d: %s", g, err)
+                    continue
+                for _key, raw in rows:
                     try:
                         self.met(g, Intent.decode(raw))
                     except ValueError:
-                        continue
+                        log.warning("intent sweep of group %d: a corrupt intent row", g)
 
     def locked_error(self, group: int, result: ApplyResult) -> errors.KVError | None:
         """For a write refused because a key holds an intent: the definite, retryable error the

@@ -46,7 +46,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
         c.stop()
 
 
-def test_client_txn_kvctl_txn_and_a_refused_cross_group_txn(cluster: Cluster) -> None:
+def test_client_txn_kvctl_txn_and_a_cross_group_txn(cluster: Cluster) -> None:
     with Client(cluster.endpoints, timeout=20) as c:
         m = c.shard_map(refresh=True)
         assert m is not None
