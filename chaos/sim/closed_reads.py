@@ -256,7 +256,7 @@ class ClosedReads:
             items = {k: v.value for chunk in stream for k, v in chunk if v.value is not None}
             served = at or rst.last
             # After the view, as the server does: an intent at or below `served` may still commit there.
-            if xlogic.blocking_intent(store.revisions.intents(part.group, b"", None, 64), served) is not None:
+            if xlogic.blocking_intent(store.revisions.intents(part.group, b"", None, xlogic.READ_INTENTS_MAX), served) is not None:
                 failed(errors.ProposalDropped(f"g{part.group} holds an intent at or below {served}; retry"))
                 return
             answer(items, served, owned)

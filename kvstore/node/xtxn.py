@@ -36,6 +36,10 @@ from kvstore.storage.commands import ApplyResult, Command
 from kvstore.storage.xtxn import Intent, Record, State, TxnId, XCmd, XOp
 from kvstore.storage.xtxn_apply import TOO_OLD, TXN_ABORTED
 
+READ_INTENTS_MAX = 1 << 20
+"""A read looks at up to this many intents of its range (every one: a pending commit below the
+read's revision must be found whatever the intents before it hold; a group holds few)."""
+
 TXN_TIMEOUT_MS = 5_000
 """An intent older than this (by its start's HLC time against the meeting node's clock) may be
 resolved by whoever meets it: its coordinator is presumed dead. A live coordinator whose intents
@@ -300,6 +304,7 @@ def resolution(intent: Intent, group: int, res: ApplyResult) -> bytes | None:
 
 
 __all__ = [
+    "READ_INTENTS_MAX",
     "TXN_TIMEOUT_MS",
     "Aborted",
     "Committed",

@@ -436,7 +436,7 @@ class KVRequests:
         final. Called after the read (an intent prepared later is above every revision the read
         saw: the read stays exact). An old intent is resolved meanwhile."""
         try:
-            blocking = xlogic.blocking_intent(self.store.revisions.intents(gid, start, end, 64), served)
+            blocking = xlogic.blocking_intent(self.store.revisions.intents(gid, start, end, xlogic.READ_INTENTS_MAX), served)
         except ValueError:
             raise errors.InternalError(f"group {gid} holds a corrupt intent row", indeterminate=False) from None
         if blocking is not None:

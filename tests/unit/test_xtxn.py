@@ -447,3 +447,16 @@ def test_a_range_prepare_waits_for_a_moving_range() -> None:
     # d/1 is frozen (moving out): a range delete here would miss it or delete it twice
     r = s.apply(cmd(XCmd(XOp.PREPARE, T1, 1, START, lock=(b"d/", b"d0"))))
     assert r.wrong_shard and s.rows.get(mvcc.T_TXN, b"l" + T1.encode()) is None
+
+
+def test_the_read_rule_finds_a_blocking_intent_behind_many_others() -> None:
+    from kvstore.node import xtxn as logic
+
+    later = [(b"k%04d" % i, Intent(TxnId(1, i), 1, START, 1000).encode()) for i in range(200)]
+    rows = [*later, (b"z", Intent(T2, 1, START, 10).encode())]
+    assert logic.blocking_intent(later, 999) is None  # all prepared above the read: final
+    assert logic.blocking_intent(rows, 999) == (b"z", Intent(T2, 1, START, 10))
+    assert logic.blocking_intent(rows, 1000) is not None
+    with pytest.raises(ValueError):
+        logic.blocking_intent([(b"x", b"garbage")], 5)
+    assert logic.READ_INTENTS_MAX > 200
