@@ -248,6 +248,14 @@ class CrossPairs:
                 self.resolving.discard(intent.txn)
                 return
             self.resolved += 1
-            self._send(node, group, follow, lambda _res, _err: self.resolving.discard(intent.txn))
+            assert follow is not None
+
+            def applied(res2: ApplyResult | None, err2: errors.KVError | None) -> None:
+                self.resolving.discard(intent.txn)
+                done = logic.finalize_after(intent, group, follow) if res2 is not None and res2.error is None else None
+                if done is not None and err2 is None:
+                    self._send(node, intent.primary, done, lambda _res, _err: None)
+
+            self._send(node, group, follow, applied)
 
         self._send(node, intent.primary, logic.resolve_command(intent), resolved)

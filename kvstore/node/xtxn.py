@@ -240,8 +240,20 @@ def commit_commands(tid: TxnId, r: Ready, groups: Iterable[int]) -> dict[int, by
     }
 
 
-def finalize_command(tid: TxnId) -> bytes:
-    return commands.encode_command(Command.cross(XCmd(XOp.FINALIZE, tid)))
+def finalize_command(tid: TxnId, group: int = 0) -> bytes:
+    """FINALIZE in the primary: every participant applied its COMMIT (group 0, the coordinator),
+    or `group` did (a resolver that committed its intents)."""
+    return commands.encode_command(Command.cross(XCmd(XOp.FINALIZE, tid, group=group)))
+
+
+def finalize_after(intent: Intent, group: int, follow: bytes) -> bytes | None:
+    """After a resolver's `follow` (from `resolution`) applied in `group`: the FINALIZE of that
+    participant to propose in the primary if it was a COMMIT (None for an ABORT)."""
+    try:
+        op = commands.decode_command(follow).op
+    except ValueError:
+        return None
+    return finalize_command(intent.txn, group) if op == commands.Op.COMMIT else None
 
 
 # --- meeting intents -----------------------------------------------------------------------------
@@ -320,6 +332,7 @@ __all__ = [
     "commit_commands",
     "committed_record",
     "expired",
+    "finalize_after",
     "finalize_command",
     "lock_of",
     "plan",

@@ -165,8 +165,12 @@ class CrossTxns:
         self.clock.observe(r.at)
         await self._halt("record")
         commits = await self._all(logic.commit_commands(tid, r, groups))
-        if all(isinstance(x, ApplyResult) and x.error is None for x in commits.values()):
+        done = [g for g, x in commits.items() if isinstance(x, ApplyResult) and x.error is None]
+        if len(done) == len(commits):
             await self._all({p.primary: logic.finalize_command(tid)})
+        else:  # the record keeps only the writes of the participants still holding intents
+            for g in done:
+                await self._all({p.primary: logic.finalize_command(tid, g)})
         return ApplyResult(revision=r.result.revision, txn=r.result)
 
     async def _record(self, tid: TxnId, primary: int, record: bytes, start: int, end: float
@@ -204,8 +208,10 @@ class CrossTxns:
         try:
             res = await self.propose(intent.primary, logic.resolve_command(intent))
             follow = logic.resolution(intent, group, res)
-            if follow is not None:
-                await self.propose(group, follow)
+            if follow is not None and (await self.propose(group, follow)).error is None:
+                done = logic.finalize_after(intent, group, follow)
+                if done is not None:  # the record forgets this participant's writes
+                    await self.propose(intent.primary, done)
         except errors.KVError:
             pass  # the next request that meets the intent tries again
 

@@ -17,7 +17,9 @@ were forgotten). Commands (op codes in `commands.Op`; none carries a client key 
     RECORD    id start:u64 at:u64 result-len:u32 result n:u16 (group:u64 n:u16 write*)*
                                                                   (in the primary: the commit point)
     RESOLVE   id start:u64                                        (in the primary)
-    FINALIZE  id                                                  (in the primary)
+    FINALIZE  id group:u64                                        (in the primary; group 0: every
+                                                                  participant applied its COMMIT,
+                                                                  else that participant did)
     write     flags:u8 (bit 0: a put) klen:u16 key [vlen:u32 value]
 
 Rows (table `mvcc.T_TXN` of the group; `row_*` give the keys):
@@ -166,6 +168,8 @@ class XCmd:
     lock: tuple[bytes, bytes] | None = None
     """PREPARE: a key range [start, end) to lock too (end b"": no end), every key in it found
     answered (a range delete)."""
+    group: int = 0
+    """FINALIZE: the participant that applied its COMMIT (0: every one)."""
 
 
 # --- rows ----------------------------------------------------------------------------------------
@@ -383,9 +387,13 @@ def encode_body(c: XCmd) -> bytes:
             raise ValueError("COMMIT carries fields it does not use")
         out.append(_U64.pack(c.at))
         _enc_writes(c.writes, out)
-    elif c.op in (XOp.ABORT, XOp.FINALIZE):
+    elif c.op == XOp.ABORT:
         if c != defaults:
             raise ValueError(f"{c.op.name} carries nothing but the transaction id")
+    elif c.op == XOp.FINALIZE:
+        if c != XCmd(c.op, c.txn, group=c.group) or not 0 <= c.group < (1 << 64):
+            raise ValueError("FINALIZE carries the transaction id and a group only")
+        out.append(_U64.pack(c.group))
     elif c.op == XOp.RECORD:
         _check_rev("start", c.start)
         _check_rev("commit revision", c.at)
@@ -441,8 +449,10 @@ def decode_body(op: XOp, data: bytes, pos: int = 0) -> XCmd:
         at = b.u(_U64, "the commit revision")
         _check_rev("commit revision", at)
         c = XCmd(op, t, at=at, writes=_dec_writes(b))
-    elif op in (XOp.ABORT, XOp.FINALIZE):
+    elif op == XOp.ABORT:
         c = XCmd(op, t)
+    elif op == XOp.FINALIZE:
+        c = XCmd(op, t, group=b.u(_U64, "the group"))
     elif op == XOp.RECORD:
         start = b.u(_U64, "the start")
         at = b.u(_U64, "the commit revision")

@@ -32,8 +32,10 @@ Rules (each command is idempotent: a coordinator or a resolver may propose it ag
   RECORD is not cached in the session (`machine.apply_command`): the next attempt's applies.
 - RESOLVE(id, start), in the primary: the record, as it is; none: an ABORTED record is written
   first (so the coordinator's RECORD can no longer commit). The answer's `current` is the record.
-- FINALIZE(id): a COMMITTED record becomes FINALIZED (its writes dropped, the client's result
-  kept: every participant applied its COMMIT). ABORTED and FINALIZED records, and done rows, are forgotten once the group
+- FINALIZE(id, group): a COMMITTED record becomes FINALIZED (its writes dropped, the client's
+  result kept) once every participant applied its COMMIT: group 0 (the coordinator's) says all
+  did; a group (a resolver's, after it committed that group's intents) takes that participant
+  off the record, which becomes FINALIZED when none is left. ABORTED and FINALIZED records, and done rows, are forgotten once the group
   is `MAX_AGE` past the start (at most `GC_PER_ENTRY` per applied command of this module).
 """
 
@@ -194,8 +196,14 @@ def _apply(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult:
     if c.op == XOp.FINALIZE:
         rec = record_of(rows, c.txn)
         if rec is not None and rec.state == State.COMMITTED:
-            rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(Record(State.FINALIZED, rec.start, rec.at, rec.result)))
-            _gc_later(rows, rec.start, c.txn)
+            left = tuple((g, ws) for g, ws in rec.writes if c.group and g != c.group)
+            if left:  # one participant done (a resolver's): the others may still need their writes
+                rows.put(mvcc.T_TXN, xtxn.row_record(c.txn),
+                         xtxn.encode_record(Record(State.COMMITTED, rec.start, rec.at, rec.result, left)))
+            else:
+                rows.put(mvcc.T_TXN, xtxn.row_record(c.txn),
+                         xtxn.encode_record(Record(State.FINALIZED, rec.start, rec.at, rec.result)))
+                _gc_later(rows, rec.start, c.txn)
         return ApplyResult()
     return ApplyResult(error=f"unknown cross-group op {c.op!r}")
 

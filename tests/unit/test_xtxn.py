@@ -54,7 +54,7 @@ xcmd_st = st.one_of(
               st.tuples(st.binary(max_size=8), st.just(b""))),
     st.builds(lambda t, a, ws: XCmd(XOp.COMMIT, t, at=a, writes=tuple(ws)), ids_st, revs_st, writes_st),
     st.builds(lambda t: XCmd(XOp.ABORT, t), ids_st),
-    st.builds(lambda t: XCmd(XOp.FINALIZE, t), ids_st),
+    st.builds(lambda t, g: XCmd(XOp.FINALIZE, t, group=g), ids_st, st.integers(0, (1 << 64) - 1)),
     st.builds(lambda t, s: XCmd(XOp.RESOLVE, t, start=s), ids_st, revs_st),
     st.builds(lambda t, s, a, r, g: XCmd(XOp.RECORD, t, start=s, at=a, result=r,
                                          groups=tuple((i, tuple(ws)) for i, ws in enumerate(g))),
@@ -460,3 +460,21 @@ def test_the_read_rule_finds_a_blocking_intent_behind_many_others() -> None:
     with pytest.raises(ValueError):
         logic.blocking_intent([(b"x", b"garbage")], 5)
     assert logic.READ_INTENTS_MAX > 200
+
+
+def test_resolvers_finalize_a_dead_coordinators_record_group_by_group() -> None:
+    s = state()
+    groups = ((1, ((b"a", b"1"),)), (2, ((b"b", b"2"),)), (3, ()))
+    s.apply(cmd(XCmd(XOp.RECORD, T1, start=START, at=99, groups=groups)))
+    s.apply(cmd(XCmd(XOp.FINALIZE, T1, group=2)))  # group 2's resolver committed its intents
+    rec = xtxn_apply.record_of(s.rows, T1)
+    assert rec is not None and rec.state == State.COMMITTED and [g for g, _ in rec.writes] == [1, 3]
+    assert rec.writes_of(1) == ((b"a", b"1"),)
+    s.apply(cmd(XCmd(XOp.FINALIZE, T1, group=1)))
+    s.apply(cmd(XCmd(XOp.FINALIZE, T1, group=3)))
+    rec = xtxn_apply.record_of(s.rows, T1)
+    assert rec is not None and rec.state == State.FINALIZED and rec.writes == ()
+    # and then forgotten once old
+    s.apply(encode_command(Command.close(START + xtxn.MAX_AGE + 1)))
+    s.apply(cmd(XCmd(XOp.FINALIZE, TxnId(9, 9))))
+    assert xtxn_apply.record_of(s.rows, T1) is None
