@@ -33,8 +33,9 @@ class OneNode:
 async def one_node(
     tmp_path: Path, *, request_timeout: float = 3.0, audit: AuditSettings | None = None,
     admission: AdmissionSettings | None = None, client_port: bool = False, feature_level: int | None = None,
+    groups: int = 1,
 ) -> AsyncIterator[OneNode]:
-    """Start node 1 of a one-member cluster (one data group) and wait until it leads it
+    """Start node 1 of a one-member cluster (`groups` data groups) and wait until it leads it
     (`admission`: its admission control settings; a refusal of the first write by them counts
     as "serving")."""
     port, cport = free_ports(2)
@@ -43,7 +44,7 @@ async def one_node(
     cfg = NodeConfig(
         client_listen=client_address,
         id=1, data_dir=tmp_path / "n1", listen=address, peers={1: address}, sync=False,
-        request_timeout=request_timeout, raft=RaftSettings(tick_ms=20), groups=1, replication=1, audit=audit,
+        request_timeout=request_timeout, raft=RaftSettings(tick_ms=20), groups=groups, replication=1, audit=audit,
         admission=admission or AdmissionSettings(),
     )
     if feature_level is not None:

@@ -44,8 +44,9 @@ class Adapter(Protocol):
         hold) and 2 puts; raises unless it succeeded."""
         ...
 
-    async def pairs(self, keys: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
-        """Pairs of `keys` that one transaction may name (kvstore: keys of one group)."""
+    async def pairs(self, keys: Sequence[bytes], cross: bool = False) -> list[tuple[bytes, bytes]]:
+        """Pairs of `keys` for the transactions (kvstore: keys of one group; `cross`: of two
+        groups, a two-phase commit)."""
         ...
 
     def prefer(self, endpoint: str) -> None: ...
@@ -84,11 +85,14 @@ class KvstoreAdapter:
         if not r.succeeded:
             raise LookupError(f"transaction on {k1!r}, {k2!r} did not succeed")
 
-    async def pairs(self, keys: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
+    async def pairs(self, keys: Sequence[bytes], cross: bool = False) -> list[tuple[bytes, bytes]]:
         m = await self.client.shard_map(refresh=True)
         by_group: dict[int, list[bytes]] = {}
         for k in keys:
             by_group.setdefault(m.group_for_key(k) if m is not None else 0, []).append(k)
+        if cross:  # the first key of each pair in one group, the second in the next
+            gs = [by_group[g] for g in sorted(by_group)]
+            return [(a, b) for i in range(len(gs) - 1) for a, b in zip(gs[i], gs[i + 1], strict=False)]
         return [(ks[i], ks[i + 1]) for ks in by_group.values() for i in range(0, len(ks) - 1, 2)]
 
     def prefer(self, endpoint: str) -> None:
@@ -180,8 +184,8 @@ class EtcdAdapter:
         if not resp.succeeded:
             raise LookupError(f"transaction on {k1!r}, {k2!r} did not succeed")
 
-    async def pairs(self, keys: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
-        return [(keys[i], keys[i + 1]) for i in range(0, len(keys) - 1, 2)]
+    async def pairs(self, keys: Sequence[bytes], cross: bool = False) -> list[tuple[bytes, bytes]]:
+        return [(keys[i], keys[i + 1]) for i in range(0, len(keys) - 1, 2)]  # one keyspace: cross is moot
 
     async def put_until_ack(self, key: bytes, value: bytes, timeout: float, attempt_timeout: float = 2.0) -> int:
         """Put at the preferred member; on any error try the next member after 10 ms (as

@@ -21,8 +21,9 @@ from typing import Any
 from bench.kvbench.adapters import Adapter
 from bench.kvbench.clusters import proc_cpu_seconds
 
-WORKLOADS = ("put", "get", "mixed", "scan", "txn")
-"""txn: 2 compares and 2 puts on a pair of keys (for kvstore, two keys of one group)."""
+WORKLOADS = ("put", "get", "mixed", "scan", "txn", "txnx")
+"""txn: 2 compares and 2 puts on a pair of keys (for kvstore, two keys of one group); txnx: the
+same on keys of two groups (kvstore: a two-phase commit; etcd: the same as txn)."""
 SCAN_LIMIT = 100
 KEY_SIZE = 16
 VALUE_SIZE = 128
@@ -136,9 +137,9 @@ async def run_point(
     nkeys = len(keys)
     perf = time.perf_counter_ns
 
-    pairs = await adapter.pairs(keys) if workload == "txn" else []
-    if workload == "txn" and not pairs:
-        raise ValueError("the txn workload needs two keys in one group")
+    pairs = await adapter.pairs(keys, cross=workload == "txnx") if workload in ("txn", "txnx") else []
+    if workload in ("txn", "txnx") and not pairs:
+        raise ValueError(f"the {workload} workload needs pairs of keys (in one group, or in two for txnx)")
 
     async def worker(wid: int) -> None:
         rng = random.Random(seed * 1_000_003 + wid)
@@ -156,7 +157,7 @@ async def run_point(
                 elif kind == "get":
                     if await get(key) is None:
                         raise LookupError(f"{key!r} not found")
-                elif kind == "txn":
+                elif kind in ("txn", "txnx"):
                     k1, k2 = pairs[pick(len(pairs))]
                     await txn2(k1, k2, value)
                 else:

@@ -151,7 +151,9 @@ def txn_pairs_summary(results: list[NodeSimResult]) -> str:
     return (f"pair transactions in {len(on)}/{len(results)} seeds: {sum(s.issued for s in on)} issued, "
             f"{sum(s.answered for s in on)} answered ({sum(s.writes for s in on)} wrote), "
             f"{sum(s.reads_checked for s in on)} reads of both keys checked equal, "
-            f"{sum(s.refused for s in on)} refused or unanswered")
+            f"{sum(s.refused for s in on)} refused or unanswered; across groups {sum(s.cross_answered for s in on)} "
+            f"answered ({sum(s.range_deletes for s in on)} range deletes), {sum(s.cross_died for s in on)} "
+            f"coordinators died, {sum(s.cross_resolved for s in on)} intents resolved")
 
 
 def quiesce_summary(results: list[NodeSimResult]) -> str:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kvstore import errors
+from kvstore.node import xtxn as xlogic
 from kvstore.node.closes import CloseCallback, NodeCloses
 from kvstore.node.hlc import MAX_CLOCK_OFFSET_MS, HybridClock
 from kvstore.node.reads import LINEARIZABLE, NodeReads, ReadPoint
@@ -253,7 +254,12 @@ class ClosedReads:
                 answer(None, 0, owned)
                 return
             items = {k: v.value for chunk in stream for k, v in chunk if v.value is not None}
-            answer(items, at or rst.last, owned)
+            served = at or rst.last
+            # After the view, as the server does: an intent at or below `served` may still commit there.
+            if xlogic.blocking_intent(store.revisions.intents(part.group, b"", None, xlogic.READ_INTENTS_MAX), served) is not None:
+                failed(errors.ProposalDropped(f"g{part.group} holds an intent at or below {served}; retry"))
+                return
+            answer(items, served, owned)
 
         def failed(err: BaseException | None) -> None:
             sim.log(f"closed-reads g{part.group} at n{n.id} (revision {at}) failed: {err!r}")

@@ -764,7 +764,12 @@ class NodeSimulation:
                 except ValueError:
                     continue
                 # a transaction is refused if any of its keys is not served
-                keys = [k for k, _ in txn.keys_of(cmd.txn)] if cmd.txn is not None else [cmd.key]
+                keys = (
+                    [k for k, _ in txn.keys_of(cmd.txn)] if cmd.txn is not None
+                    else list(cmd.x.keys) if cmd.x is not None else [cmd.key]
+                )
+                if not keys:
+                    continue  # a range delete's PREPARE refused while a range moves
                 key = keys[0]
                 if all(key_hash(k) in active for k in keys):
                     raise SimulationFailure(

@@ -21,7 +21,7 @@ from kvstore.node.watch import StoreSource, WatchHub
 from kvstore.raft import HardState, Message, RaftNode, Role, admission
 from kvstore.raft.log import RaftLog
 from kvstore.raft.readonly import ReadRequest
-from kvstore.storage import machine, mvcc, txn
+from kvstore.storage import commands, machine, mvcc, txn
 from kvstore.storage.commands import ApplyResult, Op, encode_result
 from kvstore.storage.shardcmd import (
     REC_DATA,
@@ -34,7 +34,7 @@ from kvstore.storage.shardcmd import (
 )
 from kvstore.storage.wal import Wal
 
-from . import nodes
+from . import nodes, xtxn_pairs
 
 
 def _commit_previous_term(self: RaftLog, max_index: int, term: int) -> bool:
@@ -423,8 +423,17 @@ def _txn_partial(view: Any, t: txn.Txn, proposed: int) -> ApplyResult:
     return ApplyResult(revision=out.result.revision, txn=out.result)
 
 
+def _commit_without_record(driver: Any, node: Any, primary: int, record: bytes, answer: Any) -> None:
+    # BUG: the coordinator takes its commit point as passed without proposing the RECORD: a
+    # resolver finds no record and aborts the intents it meets, while other groups committed.
+    x = commands.decode_command(record).x
+    assert x is not None
+    answer(ApplyResult(revision=x.at, txn=x.result, current=x.txn.encode()), None)
+
+
 TXN_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
     "node-txn-partial": (machine, "apply_txn", _txn_partial),
+    "node-xtxn-commit-without-record": (xtxn_pairs, "commit_point", _commit_without_record),
 }
 """Bugs in transactions, found by the pair transactions (`txn_pairs.py`, forced on in
 `tests/simulation/test_node_sim_txn.py`)."""

@@ -41,6 +41,10 @@ class RevisionChecker:
     """key -> (revision, value; None: deleted) of every applied write of it in a data group
     (the metadata group's are no client keys), ascending."""
     checks: int = 0
+    committed: set[tuple[int, bytes]] = field(default_factory=set)
+    """(group, transaction id) of the cross-group COMMITs recorded in `versions` (once each)."""
+    prepared: dict[tuple[int, bytes], int] = field(default_factory=dict)
+    """(group, transaction id) -> the revision its PREPARE reserved there."""
 
     def on_apply(self, node: int, group: int, index: int, data: bytes, res: ApplyResult) -> None:
         """Entry (group, index) with command `data` was applied on `node` with result `res`."""
@@ -63,6 +67,9 @@ class RevisionChecker:
             return
         if cmd.op == commands.Op.TXN:
             self._on_txn(group, index, cmd, res)
+            return
+        if cmd.op in commands.X_OPS:
+            self._on_cross(group, index, cmd, res)
             return
         wrote = not res.error and (cmd.op == commands.Op.PUT or res.swapped or res.existed)
         if not wrote:
@@ -119,6 +126,46 @@ class RevisionChecker:
             for key, value in writes:
                 vs = self.versions.setdefault(key, [])
                 vs.insert(bisect_left(vs, rev, key=_rev), (rev, value))
+
+    def _on_cross(self, group: int, index: int, cmd: commands.Command, res: ApplyResult) -> None:
+        """A cross-group transaction's command (docs/REVISIONS.md, "Transactions across groups"):
+        a PREPARE reserves a revision in the group's slot, above everything before it in apply
+        order (placed like a write); a COMMIT writes its keys at R, which some participant
+        reserved (unique: its owner is that PREPARE), possibly below the group's later entries
+        (the one exception to the apply order: not placed), once per group and transaction."""
+        x = cmd.x
+        assert x is not None
+        if res.error:
+            return
+        if cmd.op == commands.Op.PREPARE:
+            rev = res.revision
+            old = self.prepared.get((group, x.txn.encode()))
+            if old is not None:  # another replica of the entry, or the same PREPARE again (idempotent)
+                if old != rev:
+                    raise RevisionViolation(f"g{group} index {index}: a transaction prepared at two revisions")
+                return
+            self.prepared[(group, x.txn.encode())] = rev
+            if rev % mvcc.STEP != mvcc.slot_of(group):
+                raise RevisionViolation(f"g{group} index {index}: PREPARE reserved {rev}, not in the group's slot")
+            first = self.owner.setdefault(rev, (group, index, 0, 0))
+            if first[:2] != (group, index) and first[0] != group:
+                raise RevisionViolation(
+                    f"uniqueness: revision {rev} assigned to g{first[0]} index {first[1]} and reserved by g{group} "
+                    f"index {index}"
+                )
+            self._place(group, index, rev, True)
+            return
+        if cmd.op == commands.Op.COMMIT and (group, x.txn.encode()) not in self.committed:
+            self.committed.add((group, x.txn.encode()))
+            if group != META_GROUP:
+                for key, value in x.writes:
+                    vs = self.versions.setdefault(key, [])
+                    i = bisect_right(vs, x.at, key=_rev)
+                    if value is None and (i == 0 or vs[i - 1][1] is None):
+                        continue  # a delete of an absent key writes nothing (as at apply)
+                    if any(r == x.at for r, _ in vs):
+                        raise RevisionViolation(f"g{group} index {index}: key {key!r} written twice at {x.at}")
+                    vs.insert(bisect_left(vs, x.at, key=_rev), (x.at, value))
 
     def _place(self, group: int, index: int, rev: int, write: bool) -> bool:
         """Put (index, rev) in the group's apply order, checking its neighbours: revisions never

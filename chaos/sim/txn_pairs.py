@@ -16,10 +16,13 @@ revision and checks that revision against the group's apply order; closed reads 
 check their answers against those writes). A write that was partly applied, or applied at two
 revisions, or a read between a transaction's writes, shows up as a pair that differs.
 
+Some pairs (`CROSS_PAIRS`) have their keys in two groups: their transactions run the two-phase
+commit across groups, with coordinator crashes (`xtxn_pairs.py`), and are checked the same way.
+
 The transactions carry no session (a retry may apply twice: harmless here, each keeps the pair
-equal) and are not part of the linearizability history. A pair split by a range move is refused
-(WRONG_SHARD, by design: cross-group transactions are not supported), so these operations make
-no liveness claim. `python -m chaos.sim` runs them on a fixed fifth of the seeds
+equal) and are not part of the linearizability history. A one-group pair split by a range move
+is refused (WRONG_SHARD: it is sent as a one-group TXN), so these operations make no liveness
+claim. `python -m chaos.sim` runs them on a fixed fifth of the seeds
 (`txn_pairs_by_default`), from their own random stream (`--txn-pairs on|off` forces them); the
 library's default is off, so the seeds tests pin replay as before.
 """
@@ -34,7 +37,11 @@ from kvstore import errors
 from kvstore.storage import commands, txn
 from kvstore.storage.commands import ApplyResult
 
+from .xtxn_pairs import CrossPairs
+
 PAIRS = 3
+CROSS_PAIRS = 2
+CROSS_RETRIES = 4
 RETRIES = 8
 
 
@@ -56,6 +63,14 @@ class TxnPairStats:
     writes: int = 0
     refused: int = 0
     """Refused or unanswered after the retries (a split pair, a down leader...)."""
+    cross_answered: int = 0
+    """Answered transactions of pairs across groups (two-phase commit)."""
+    cross_died: int = 0
+    """Cross-group attempts whose coordinator died (left its intents to resolvers)."""
+    cross_resolved: int = 0
+    """Intents resolved by a later attempt that met them."""
+    range_deletes: int = 0
+    """Answered range deletes of a cross pair's prefix (both keys at one revision)."""
 
 
 class TxnPairs:
@@ -63,12 +78,16 @@ class TxnPairs:
         self.sim = sim
         self.rng = random.Random(f"txnpairs-run:{sim.seed}")
         self.pairs: list[tuple[bytes, bytes]] = []
+        self.cross: dict[bytes, dict[bytes, int]] = {}
+        """First key of a pair across groups -> both keys' groups (when the pair was chosen)."""
+        self.cross_driver = CrossPairs(self)
         self.stats = TxnPairStats()
         self.refusals: dict[str, int] = {}
         self._value = 0
 
     def start(self) -> None:
         self.sim.at(self.rng.randrange(100, 300), self._next)
+        self.cross_driver.start_sweep()
 
     def _choose_pairs(self) -> bool:
         for n in sorted(self.sim.nodes.values(), key=lambda n: n.id):
@@ -80,6 +99,16 @@ class TxnPairs:
                 g = smap.group_for_key(a)
                 b = next(k for j in range(10_000) if smap.group_for_key(k := b"pair%d/b%d" % (i, j)) == g)
                 self.pairs.append((a, b))
+            for i in range(CROSS_PAIRS):
+                a = b"xpair%d/a" % i
+                g = smap.group_for_key(a)
+                other = (k for j in range(1_000) if smap.group_for_key(k := b"xpair%d/b%d" % (i, j)) != g)
+                found = next(other, None)
+                if found is None:  # one data group: no pair across groups
+                    break
+                b = found
+                self.pairs.append((a, b))
+                self.cross[a] = {a: g, b: smap.group_for_key(b)}
             return True
         return False
 
@@ -113,7 +142,14 @@ class TxnPairs:
             t = txn.Txn((), (txn.TxnOp(get, a), txn.TxnOp(get, b)))
         self.stats.issued += 1
         members = [n for n in sim.nodes.values() if not n.removed]
-        self._attempt(rng.choice(members), a, t, 0)
+        if a in self.cross:
+            if 0.35 <= r < 0.45:  # a pair delete: a range delete of the pair's prefix
+                prefix = a[:a.index(b"/") + 1]
+                self._cross_attempt(None, self.cross[a], 0, (prefix, prefix[:-1] + b"0"))
+            else:
+                self._cross_attempt(t, self.cross[a], 0)
+        else:
+            self._attempt(rng.choice(members), a, t, 0)
         sim.at(rng.randrange(100, 400), self._next)  # light: small appends replicate slowly
 
     def _attempt(self, node: Any, a: bytes, t: txn.Txn, n: int) -> None:
@@ -146,6 +182,41 @@ class TxnPairs:
 
         sim.at(sim.p.client_timeout_ms // 4, lost)
         sim._write(node, a, data, outcome)
+
+    def _cross_attempt(self, t: txn.Txn | None, groups: dict[bytes, int], n: int,
+                       lock: tuple[bytes, bytes] | None = None) -> None:
+        sim = self.sim
+        live = [x for x in sim.nodes.values() if not x.removed and x.logic is not None]
+        late = sim.end is not None and sim.now >= sim.end - sim.p.client_timeout_ms
+        if n > CROSS_RETRIES or not live or late or (sim.quiet is not None and sim.quiet.clients_wait()):
+            self.stats.refused += 1
+            self.refusals["cross-group attempts exhausted"] = self.refusals.get("cross-group attempts exhausted", 0) + 1
+            return
+        d = self.cross_driver
+
+        def retry(m: int) -> None:
+            # backoff: each attempt is four proposals or more, on groups the simulator keeps slow
+            self.sim.at(self.rng.randrange(100, 400) * m, self._cross_attempt, t, groups, m, lock)
+
+        node = self.rng.choice(live)
+        smap = node.logic.shard_tracker.map
+        if smap is not None:  # the coordinator routes by its own map (ranges move)
+            groups = {k: smap.group_for_key(k) for k in groups}
+        d.attempt(node, t, groups, n, retry, lock)
+        self.stats.cross_died, self.stats.cross_resolved = d.died, d.resolved
+
+    def answered_cross(self, t: txn.Txn | None, r: txn.TxnResult, revision: int) -> None:
+        """A cross-group transaction's answer (from `xtxn_pairs.CrossPairs`; `t` None: a range
+        delete of a pair's prefix, which deleted at most the pair's two keys, at one revision)."""
+        self.stats.answered += 1
+        self.stats.cross_answered += 1
+        self.stats.cross_died, self.stats.cross_resolved = self.cross_driver.died, self.cross_driver.resolved
+        if t is None:
+            self.stats.range_deletes += 1
+            if len(r.responses) > 2 or bool(r.responses) != bool(revision) or r.revision != revision:
+                raise TxnPairViolation(f"a range delete of a pair answered {len(r.responses)} deletes at {revision}")
+            return
+        self._check(t, r, revision)
 
     def _check(self, t: txn.Txn, r: txn.TxnResult, revision: int) -> None:
         """The branch that ran read both keys of the pair equal (each GET of `a` and of `b`,

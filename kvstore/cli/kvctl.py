@@ -306,11 +306,21 @@ def put(c: _Ctx, key: str, value: str) -> None:
 
 @cli.command()
 @click.argument("key")
+@click.option("--prefix", is_flag=True, help="Delete every key starting with KEY, in every group, atomically.")
 @_output_option
 @pass_ctx
-def delete(c: _Ctx, key: str) -> None:
-    """Delete KEY (exit 0 whether or not it existed; -o json says which)."""
+def delete(c: _Ctx, key: str, prefix: bool) -> None:
+    """Delete KEY (exit 0 whether or not it existed; -o json says which). With --prefix, every
+    key starting with KEY, atomically at one revision, printing how many (as etcdctl del --prefix)."""
     k = c.parse(key, "KEY")
+    if prefix:
+        with _errors(is_write=True):
+            n = c.client().delete_prefix(k)
+        if c.json:
+            _emit_json({"prefix": c.show(k), "deleted": n, "revision": c.client().revision if n else None})
+        else:
+            click.echo(n)
+        return
     with _errors(is_write=True):
         existed = c.client().delete(k)
     if c.json:

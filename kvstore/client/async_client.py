@@ -313,6 +313,16 @@ class AsyncClient:
         """Delete ``key``; True if it existed."""
         return await self._writes.delete(key, timeout=timeout)
 
+    async def delete_prefix(self, prefix: bytes, *, timeout: float | None = None) -> int:
+        """Delete every key starting with ``prefix`` (not empty), in every group, atomically at
+        one revision (a two-phase commit: docs/REVISIONS.md); returns how many it deleted."""
+        return (await self._writes.delete_range(b"", prefix=prefix, timeout=timeout))[0]
+
+    async def delete_range(self, start: bytes, end: bytes, *, timeout: float | None = None) -> int:
+        """Delete every key in ``[start, end)`` (``end`` ``b"\\x00"``: every key from ``start``),
+        atomically at one revision across the groups; returns how many it deleted."""
+        return (await self._writes.delete_range(start, end, timeout=timeout))[0]
+
     async def cas(self, key: bytes, expected: bytes | None, new: bytes, *, timeout: float | None = None) -> bool:
         """Set ``key`` to ``new`` if its current value is ``expected`` (None: if it does not
         exist). True if swapped."""
@@ -327,10 +337,10 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> TxnResponse:
         """A transaction (etcd's Txn): if every compare holds, run the ``success`` operations,
-        else the ``failure`` ones, atomically at one revision. Every key it names must live in
-        one group: otherwise :class:`~kvstore.errors.InvalidArgument` (definite; cross-group
-        transactions are not supported yet). Exactly-once like a put: a retried transaction is
-        not applied twice, and a timeout after sending is indeterminate. Example::
+        else the ``failure`` ones, atomically at one revision. Keys in one group take one Raft
+        proposal; keys in several groups a two-phase commit run by the server that receives it
+        (docs/REVISIONS.md), with the same guarantees. Exactly-once like a put: a retried
+        transaction is not applied twice, and a timeout after sending is indeterminate. Example::
 
             await c.txn([Compare.value(b"k", "=", b"old")], [Op.put(b"k", b"new"), Op.get(b"j")])
         """

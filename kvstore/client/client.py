@@ -395,6 +395,12 @@ class Client:
     def delete(self, key: bytes, *, timeout: float | None = None) -> bool:
         return self._run(self._async.delete(key, timeout=timeout), write=True)
 
+    def delete_prefix(self, prefix: bytes, *, timeout: float | None = None) -> int:
+        return self._run(self._async.delete_prefix(prefix, timeout=timeout), write=True)
+
+    def delete_range(self, start: bytes, end: bytes, *, timeout: float | None = None) -> int:
+        return self._run(self._async.delete_range(start, end, timeout=timeout), write=True)
+
     def cas(self, key: bytes, expected: bytes | None, new: bytes, *, timeout: float | None = None) -> bool:
         return self._run(self._async.cas(key, expected, new, timeout=timeout), write=True)
 

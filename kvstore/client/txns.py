@@ -3,7 +3,8 @@
 InvalidArgument / KeyTooLarge / ValueTooLarge, nothing sent): unknown targets or operators, a
 number operand that is not a non-negative int (or a value operand that is not bytes), more than
 `MAX_TXN_ITEMS` compares and operations, nesting deeper than `MAX_TXN_DEPTH`. Whether the keys
-share one group is the server's call (its shard map is the authority)."""
+share one group (one proposal) or not (a two-phase commit) is the server's call (its shard map
+is the authority)."""
 
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def txn_body(
 
 
 def first_key(b: kv_pb2.TxnBody) -> bytes | None:
-    """The first key the transaction names (routes it: all its keys must be in that key's group)."""
+    """The first key the transaction names (routes it: to the leader of that key's group, which
+    proposes it, or coordinates it if its keys are in several groups)."""
     for c in b.compares:
         return c.key
     for o in (*b.success, *b.failure):

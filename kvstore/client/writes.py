@@ -112,6 +112,19 @@ class Writes:
         resp = await self.write("delete", k, lambda s: kv_pb2.DeleteRequest(key=k, session=s), timeout)
         return bool(resp.existed)
 
+    async def delete_range(
+        self, start: bytes, end: bytes = b"", prefix: bytes = b"", *, timeout: float | None = None
+    ) -> tuple[int, int]:
+        """Delete every key of [start, end) (end b"\\0": no end), or with `prefix`, atomically at one
+        revision across the groups; (number deleted, revision)."""
+        k = self.checks.key(prefix or start)
+        if not prefix and not end:
+            raise InvalidArgument("a range delete needs an end (b'\\x00': every key from start) or a prefix")
+        resp = await self.write(
+            "delete", k, lambda s: kv_pb2.DeleteRequest(key=k, range_end=end, prefix=prefix, session=s), timeout
+        )
+        return int(resp.deleted), int(resp.revision)
+
     async def cas(
         self, key: bytes, expected: bytes | None, new: bytes, *, timeout: float | None = None
     ) -> bool:
@@ -130,7 +143,7 @@ class Writes:
     async def txn(
         self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op], *, timeout: float | None = None
     ) -> TxnResponse:
-        """Run a transaction whose keys all live in one group (see `AsyncClient.txn`)."""
+        """Run a transaction (see `AsyncClient.txn`); it is routed by its first key."""
         body = txn_body(self.checks, compares, success, failure)
         key = first_key(body)
         if key is None:

@@ -67,7 +67,9 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
     the source, BEGIN, INSTALL and ACTIVATE in the target); a retention request (`retention_keep`,
     a read) needs a number of revisions in 1..`retention.MAX_KEEP`; a COMPACT or a CLOSE (history and
     revision state only) goes to any group (the receiving leader checks a CLOSE's revision
-    against its clock: `kvstore.node.closes`); a conf change must decode. A move
+    against its clock: `kvstore.node.closes`); a well-formed command of a transaction across
+    groups (PREPARE .. FINALIZE: a member's coordinator or resolver) goes to a data group, never
+    to the metadata group; a conf change must decode. A move
     this node's map does not show yet is refused as WRONG_SHARD (the caller retries: the map
     may lag the coordinator's by a little). Returns the decoded conf change, if any. So no
     request can write garbage into group 0, a malformed command into any log, or freeze or drop
@@ -94,6 +96,10 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
     if _is_history_command(data):
         # KV.Compact's fan-out (admin only at the client edge), or a close for a read at a
         # revision: idempotent, changes no data.
+        return None
+    if request.group != META_GROUP and _is_cross_command(data):
+        # A cross-group transaction's step, from a member's coordinator or resolver (this RPC is
+        # internal: only members reach it); never from a client port.
         return None
     if request.group == META_GROUP:
         try:
@@ -160,6 +166,18 @@ def check_client_addresses(old: ShardMap, new: ShardMap, sender: int) -> None:
 def _is_history_command(data: bytes) -> bool:
     """Whether `data` is a well-formed COMPACT (`KV.Compact`) or CLOSE command."""
     return is_close(data) or _decodes_as(data, commands.Op.COMPACT)
+
+
+def _is_cross_command(data: bytes) -> bool:
+    """Whether `data` is a well-formed command of a transaction across groups (PREPARE ..
+    FINALIZE: idempotent, each checked again at apply)."""
+    if len(data) < 2 or data[1] not in commands.X_OPS:
+        return False
+    try:
+        commands.decode_command(data)
+    except ValueError:
+        return False
+    return True
 
 
 def is_close(data: bytes) -> bool:

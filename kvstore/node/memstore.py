@@ -81,7 +81,7 @@ from ..raft.types import (
     bootstrap_entries,
 )
 from ..shard.ranges import IntervalSet, key_hash
-from ..storage import changefeed, mvcc
+from ..storage import changefeed, mvcc, xtxn, xtxn_apply
 from ..storage.commands import MAX_KEY_SIZE, ApplyResult, decode_result
 from ..storage.errors import (
     SnapshotFormatError,
@@ -91,7 +91,7 @@ from ..storage.errors import (
     StorageIOError,
 )
 from ..storage.machine import LIMITS, SessionHead, SessionLimits, SessionMeta, apply_data
-from ..storage.mvcc_mem import MemRows
+from ..storage.mvcc_mem import N_TABLES, MemRows
 from ..storage.nodelogs import NodeLogs, WalLogStorage, log_is_empty
 from ..storage.shardcmd import (
     REC_CLOSED,
@@ -108,6 +108,7 @@ from ..storage.snapfile import (
     TAG_DATA,
     TAG_MEMBER,
     TAG_REV_BASE,
+    TAG_REV_INTENTS,
     TAG_REV_STATE,
     TAG_SESSION,
     TAG_SHARDS,
@@ -926,7 +927,7 @@ class MemoryNodeStore:
             if len(key) > MAX_KEY_SIZE:
                 raise SnapshotFormatError(f"snapshot file {name} has a key of {len(key)} bytes")
             try:
-                if TAG_REV_BASE <= tag <= TAG_REV_STATE:
+                if TAG_REV_BASE <= tag <= TAG_REV_INTENTS:
                     if tag == TAG_REV_STATE:
                         mvcc.RevState.decode(value)
                     rows.put(tag - TAG_REV_BASE, key, value)
@@ -1044,6 +1045,25 @@ class MemoryNodeStore:
     def rev_state(self, group: int) -> mvcc.RevState:
         g = self._read(group)
         return mvcc.RevState() if g is None else mvcc.rev_state(g.rows)
+
+    def min_pending(self, group: int) -> int:
+        g = self._read(group)
+        return 0 if g is None else xtxn_apply.min_pending(g.rows)
+
+    def range_locks(self, group: int) -> list[bytes]:
+        g = self._read(group)
+        return [] if g is None else [v[:xtxn.INTENT_BYTES] for _k, v in g.rows.iter(mvcc.T_TXN, b"l", b"m")]
+
+    def intents(self, group: int, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        g = self._read(group)
+        if g is None:
+            return []
+        out: list[tuple[bytes, bytes]] = []
+        for k, v in g.rows.iter(mvcc.T_INTENTS, start, end):
+            if len(out) >= limit:
+                break
+            out.append((k, v))
+        return out
 
     def get_version(self, group: int, key: bytes, rev: int = 0) -> tuple[mvcc.Version | None, mvcc.RevState]:
         g = self._read(group)
@@ -1167,7 +1187,7 @@ class MemoryNodeStore:
         records += [(TAG_DATA, k, data[k]) for k in g.sorted_keys()]
         records += [(TAG_SESSION, k, v) for k, v in _session_rows(g, meta=True)]
         records += [(TAG_MEMBER, U64.pack(n), g.members[n]) for n in sorted(g.members)]
-        for t in range(4):
+        for t in range(N_TABLES):
             records += [(TAG_REV_BASE + t, k, v) for k, v in g.rows.iter(t, b"", None)]
         return meta, encode_snapshot(group, meta, records, self.snapshot_chunk_size)
 

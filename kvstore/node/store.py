@@ -104,6 +104,21 @@ class RevisionReads(Protocol):
         """The group's last and compact revisions (committed state)."""
         ...
 
+    def min_pending(self, group: int) -> int:
+        """The lowest revision a cross-group transaction reserved in the group and may still
+        commit at or above (0: none; `xtxn_apply.min_pending`, committed state)."""
+        ...
+
+    def range_locks(self, group: int) -> list[bytes]:
+        """The intents (encoded `xtxn.Intent`) of the range locks held in the group (range
+        deletes in progress; committed state)."""
+        ...
+
+    def intents(self, group: int, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        """At most `limit` (key, intent row) of cross-group transactions' intents on keys in
+        [start, end) (end None: to the last), in key order (committed state)."""
+        ...
+
     def get_version(self, group: int, key: bytes, rev: int = 0) -> tuple[mvcc.Version | None, mvcc.RevState]:
         """The key's version at `rev` (0: now; None: absent) and the group's revision state.
         Raises mvcc.Compacted below the compact revision."""

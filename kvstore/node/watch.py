@@ -23,7 +23,8 @@ How a watch is served:
   progress reply once its cursor passed R (`Watcher.progress_at`, `_progress_at`).
 - **The frontier.** A group's last revision `RevState.last`, as applied here, is closed: every
   later write of the group gets a higher revision (the apply rule; CLOSE raises it without a
-  write). So a watcher may send every event at or below F = min over its groups of their last
+  write), except a cross-group transaction's commit at R >= the revision p it reserved while its
+  intents are held: so the frontier is min(last, lowest pending p - 1) (`StoreSource.rev_state`). So a watcher may send every event at or below F = min over its groups of their last
   revision, and nothing at or below F can appear later: events go out in revision order, each
   once. `close_wants` names the groups to close so that held events go out (below).
 - **Event-driven closes.** The hub knows, per watched group, the highest revision at which it saw
@@ -138,7 +139,15 @@ class StoreSource:
         self._store = store
 
     def rev_state(self, group: int) -> mvcc.RevState:
-        return self._store.revisions.rev_state(group)
+        """The group's revision state, its `last` held below the lowest revision a cross-group
+        transaction reserved and may still commit at (its COMMIT inserts change-log rows there,
+        below the group's last): the frontier never passes a pending commit."""
+        revs = self._store.revisions
+        st = revs.rev_state(group)
+        pending = revs.min_pending(group)
+        if pending and pending <= st.last:
+            return mvcc.RevState(pending - 1, st.compact, st.next_kid)
+        return st
 
     def changes(self, group: int, lo: int, hi: int, max_events: int, max_bytes: int, prev_kv: bool) -> ChangeBatch:
         return self._store.revisions.changes(group, lo, hi, max_events, max_bytes, prev_kv)
@@ -149,6 +158,8 @@ class StoreSource:
 
 class _Revisions(Protocol):
     def rev_state(self, group: int) -> mvcc.RevState: ...
+
+    def min_pending(self, group: int) -> int: ...
 
     def changes(self, group: int, lo: int, hi: int, max_events: int, max_bytes: int, prev_kv: bool) -> ChangeBatch: ...
 

@@ -76,6 +76,8 @@ class KVService(kv_pb2_grpc.KVServicer):
     async def Delete(self, request: kv_pb2.DeleteRequest, context: grpc.aio.ServicerContext) -> kv_pb2.DeleteResponse:
         rq = self.requests
         try:
+            if rq.is_range_delete(request):
+                return await rq.delete_range(request)
             res = await rq.write(*rq.prepare_delete(request), delete=True)
             self.metrics.writes.inc()
             return rq.delete_reply(res)

@@ -71,6 +71,7 @@ from .reads import ReadMetrics, ReplicaReads
 from .shards import AsyncShardTracker, GroupCaller, NodeCluster, ShardService
 from .versions import maintain_cluster_version
 from .watch_service import WatchDriver
+from .xtxn_run import SWEEP_BATCH
 
 log = logging.getLogger("kvstore.node")
 
@@ -268,6 +269,16 @@ class Node:
             loop.create_task(maintain_cluster_version(cfg.id, host, versions, tracker, caller.propose),
                              name="cluster-version"),
         ]
+        cross = kv.requests.cross
+        if cross is not None:
+            def led() -> list[int]:
+                return sorted(g for g, grp in host.groups.items() if g != META_GROUP and grp.core.lead == cfg.id)
+
+            def intents(g: int) -> list[tuple[bytes, bytes]]:
+                revs = store.revisions
+                return [*revs.intents(g, b"", None, SWEEP_BATCH), *((b"", raw) for raw in revs.range_locks(g))]
+
+            self._tasks.append(loop.create_task(cross.sweep(led, intents), name="intent-sweep"))
         retention: Retention | None = None
         if cfg.history_retention > 0:
             retention = Retention(self.host, self.caller, self.tracker, cfg.history_retention,

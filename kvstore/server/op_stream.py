@@ -272,7 +272,14 @@ class OpStream:
         t: txn.Txn | None = None
         if kind == "txn":
             t, data = svc.prepare_txn(req)
-            gid = svc.route_txn(t, data)
+            routed = svc.route_txn(t, data)
+            if not isinstance(routed, int):  # keys in several groups: a two-phase commit
+                self._slow(op_id, "txn", svc.cross_txn(t, routed, req), write=True)
+                return
+            gid = routed
+        elif kind == "delete" and svc.is_range_delete(req):  # every group: a two-phase commit
+            self._slow(op_id, "delete", svc.delete_range(req), write=True)
+            return
         else:
             key, data = self._prepare[kind](req)
             gid = svc.route_write(key, data, kind == "delete")
@@ -363,9 +370,11 @@ class OpStream:
         svc.host.read(gid, done)
         self.pending[op_id] = self.loop.call_later(timeout, self._expire, op_id, "get", timeout)
 
-    def _slow(self, op_id: int, kind: str, answer: Coroutine[Any, Any, Any]) -> None:
+    def _slow(self, op_id: int, kind: str, answer: Coroutine[Any, Any, Any], write: bool = False) -> None:
         """Run a handler's coroutine (with its own timeouts) and answer with its reply: replica,
-        bounded and stale reads, and scans (none of them writes: any failure is definite)."""
+        bounded and stale reads, and scans (none of them writes: any failure is definite), and
+        the writes across groups (`write`: a transaction's or a range delete's two-phase commit,
+        whose KVErrors say definite or not, and an unexpected failure is indeterminate)."""
 
         async def serve() -> None:
             try:
@@ -374,7 +383,7 @@ class OpStream:
                 self._error(op_id, kind, err)
                 return
             except Exception as err:
-                self._error(op_id, kind, self.svc.internal(f"stream {kind}", err, indeterminate=False))
+                self._error(op_id, kind, self.svc.internal(f"stream {kind}", err, indeterminate=write))
                 return
             self._answer(op_id, kind, reply)
 

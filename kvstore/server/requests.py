@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kvstore import errors
+from kvstore.node import xtxn as xlogic
 from kvstore.node.closes import NodeCloses
 from kvstore.node.hlc import HybridClock
 from kvstore.node.host import Host
@@ -35,6 +37,7 @@ from kvstore.node.store import ReadStream
 from kvstore.security.guard import AuthGuard
 from kvstore.security.rbac import READ, READWRITE, WRITE, PermKind
 from kvstore.shard.ranges import IntervalSet, key_hash
+from kvstore.shard.shardmap import META_GROUP
 from kvstore.storage import commands, mvcc, txn
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
@@ -47,6 +50,7 @@ from .metrics import Metrics
 from .reads import ReadPoint, ReplicaReads
 from .shards import GroupCaller, ShardTracker
 from .txn_wire import result_into, txn_from_proto
+from .xtxn_run import PLANT_ENV, CrossTxns, planted_halt
 
 log = logging.getLogger("kvstore.kv")
 
@@ -92,6 +96,13 @@ class KVRequests:
         self.clock = closes.clock
         """Proposes the revisions of this node's writes (docs/REVISIONS.md); checks closes."""
         self._forwards: set[asyncio.Task[ApplyResult]] = set()
+        halt = planted_halt(cfg.id, os.environ.get(PLANT_ENV, ""))
+        self.cross: CrossTxns | None = (
+            CrossTxns(cfg.id, caller.propose, self.clock, cfg.request_timeout, halt=halt) if caller is not None else None
+        )
+        """Runs transactions across groups (two-phase commit through each group's leader) and
+        resolves intents this node's requests meet; None without a caller (a bare service): a
+        cross-group transaction is refused then."""
 
     # --- validation -------------------------------------------------------------------------
     def check_key(self, key: bytes) -> None:
@@ -165,11 +176,13 @@ class KVRequests:
             self.admission.check_write(gid, delete)
         return gid
 
-    def route_txn(self, t: txn.Txn, data: bytes) -> int:
+    def route_txn(self, t: txn.Txn, data: bytes) -> int | xlogic.Plan:
         """The one group every key of transaction `t` maps to (led here, serving them all), to
-        propose `data` to. Definite errors: keys in several groups (INVALID_ARGUMENT naming them:
-        cross-group transactions are not supported yet), a key whose range moved (WRONG_SHARD,
-        the client refreshes its map and retries), and admission's refusals as for a put."""
+        propose `data` to; or, if its keys are in several groups, the plan of a two-phase commit
+        across them (`kvstore.node.xtxn`, run by `cross_txn`: the participants' leaders may be
+        anywhere). Definite errors: a key whose range moved (WRONG_SHARD, the client refreshes
+        its map and retries), a cross-group transaction on a node that cannot run one, and
+        admission's refusals as for a put."""
         if len(data) > self.cfg.limits.max_request:
             raise errors.RequestTooLarge(len(data), self.cfg.limits.max_request)
         m = self.tracker.map
@@ -182,10 +195,13 @@ class KVRequests:
         for k, h in hashes.items():
             groups.setdefault(m.group_for_hash(h), k)
         if len(groups) > 1:
-            names = ", ".join(f"{g} (key {k[:32]!r})" for g, k in sorted(groups.items()))
-            raise errors.InvalidArgument(
-                f"cross-group transactions are not supported yet: the transaction's keys are in groups {names}"
-            )
+            if self.cross is None:
+                names = ", ".join(f"{g} (key {k[:32]!r})" for g, k in sorted(groups.items()))
+                raise errors.InvalidArgument(f"this node runs no cross-group transactions: the keys are in groups {names}")
+            if self.admission is not None:
+                for g in sorted(groups):
+                    self.admission.check_write(g, not _has_put(t))
+            return xlogic.plan(t, ((k, m.group_for_hash(h)) for k, h in hashes.items()))
         (gid,) = groups
         if gid not in self.host.groups:
             raise self.wrong_shard(f"the transaction's group {gid} is not on node {self.cfg.id}")
@@ -221,11 +237,23 @@ class KVRequests:
         msg.index, msg.revision = res.index, res.revision
         result_into(msg.result, t, res.txn)
 
+    async def cross_txn(self, t: txn.Txn, p: xlogic.Plan, r: kv_pb2.TxnRequest) -> kv_pb2.TxnResponse:
+        """Run transaction `t` across the groups of plan `p` (raises a KVError on failure)."""
+        assert self.cross is not None  # route_txn plans only when it exists
+        s = r.session
+        res = await self.cross.run(t, p, s.revision, s.client_id, s.seq, s.ack, s.retry, s.horizon)
+        self.metrics.writes.inc()
+        msg = kv_pb2.TxnResponse()
+        self.txn_reply_into(msg, t, res)
+        return msg
+
     async def txn(self, r: kv_pb2.TxnRequest) -> kv_pb2.TxnResponse:
         """A whole transaction (`KV.Txn`), every failure in the reply."""
         try:
             t, data = self.prepare_txn(r)
             gid = self.route_txn(t, data)
+            if isinstance(gid, xlogic.Plan):
+                return await self.cross_txn(t, gid, r)
             result = await waiters.propose(self.host, self.wake, gid, data, self.cfg.request_timeout)
             res = self.write_outcome(gid, result)
             self.metrics.writes.inc()
@@ -245,6 +273,10 @@ class KVRequests:
         if result is not None and result.session_expired:
             # A retry after its session was evicted: not applied now; an earlier attempt may have been.
             raise errors.SessionExpired(f"group {gid}: {result.error}")
+        if result is not None and result.error and self.cross is not None:
+            locked = self.cross.locked_error(gid, result)  # a key holds a transaction's intent
+            if locked is not None:
+                raise locked
         if result is not None and result.error:
             # The state machine refused it (e.g. a retry older than the session's ack): no effect.
             raise errors.InvalidArgument(result.error)
@@ -282,6 +314,42 @@ class KVRequests:
         return r.key, _encode(
             commands.encode_delete, r.key, s.client_id, s.seq, s.ack, s.retry, s.horizon, self.clock.propose(s.revision)
         )
+
+    @staticmethod
+    def is_range_delete(r: kv_pb2.DeleteRequest) -> bool:
+        return bool(r.prefix or r.range_end)
+
+    async def delete_range(self, r: kv_pb2.DeleteRequest) -> kv_pb2.DeleteResponse:
+        """A range delete (`DeleteRequest.prefix` or `range_end`): every key of the range in
+        every data group, atomically at one revision, by a two-phase commit that locks the
+        range in each group (`kvstore.node.xtxn.plan_range`). Raises a KVError on failure (no
+        session: a retry deletes what exists then)."""
+        if r.prefix:
+            if len(r.prefix) > self.cfg.limits.max_key:
+                raise errors.KeyTooLarge(message=f"prefix of {len(r.prefix)} bytes is longer than the longest key")
+            lo, hi = r.prefix, _prefix_end(r.prefix) or b""
+        else:
+            self.check_key(r.key)
+            if len(r.range_end) > self.cfg.limits.max_key:
+                raise errors.KeyTooLarge(message=f"range end of {len(r.range_end)} bytes is longer than the longest key")
+            lo, hi = r.key, b"" if r.range_end == b"\x00" else r.range_end
+            if hi and hi <= lo:
+                raise errors.InvalidArgument("the range's end is at or before its start")
+        if self.guard is not None:
+            self.guard.check_range(lo, hi or None, WRITE)
+        m = self.tracker.map
+        if m is None:
+            raise errors.NoLeader("this node has no shard map yet")
+        if self.cross is None:
+            raise errors.InvalidArgument("this node runs no range deletes")
+        groups = [g for g in m.data_groups() if g != META_GROUP]
+        if self.admission is not None:
+            for g in groups:
+                self.admission.check_write(g, True)
+        res = await self.cross.run(None, xlogic.plan_range(groups, lo, hi), r.session.revision)
+        self.metrics.writes.inc()
+        n = len(res.txn.responses) if res.txn is not None else 0
+        return kv_pb2.DeleteResponse(error=self.ok(), existed=n > 0, revision=res.revision, deleted=n)
 
     def prepare_cas(self, r: kv_pb2.CasRequest) -> tuple[bytes, bytes]:
         """(key, command) of a checked compare-and-swap (it may reveal the current value: read
@@ -347,10 +415,12 @@ class KVRequests:
             v, st = self.store.revisions.get_version(gid, key, revision)
         except mvcc.Compacted as err:
             raise errors.Compacted(compact_revision=err.compact_revision) from None
+        served = served_at(revision, st)
+        self.check_intents(gid, key, key + b"\x00", served)
         self.metrics.reads.inc()
         resp = kv_pb2.GetResponse(
             found=v is not None, index=point.index, staleness_ms=point.staleness_ms, node_id=self.cfg.id,
-            error=self.ok(), revision=served_at(revision, st),
+            error=self.ok(), revision=served,
         )
         if v is not None and v.value is not None:
             resp.value = v.value
@@ -358,6 +428,24 @@ class KVRequests:
                 v.meta.create_revision, v.meta.mod_revision, v.meta.version,
             )
         return resp
+
+    def check_intents(self, gid: int, start: bytes, end: bytes | None, served: int) -> None:
+        """Refuse (definite, retryable) a read served at `served` of keys in [start, end) while a
+        cross-group transaction holds an intent on one of them prepared at or below `served`: its
+        commit may still write there (at R >= the prepared revision), so the answer would not be
+        final. Called after the read (an intent prepared later is above every revision the read
+        saw: the read stays exact). An old intent is resolved meanwhile."""
+        try:
+            blocking = xlogic.blocking_intent(self.store.revisions.intents(gid, start, end, xlogic.READ_INTENTS_MAX), served)
+        except ValueError:
+            raise errors.InternalError(f"group {gid} holds a corrupt intent row", indeterminate=False) from None
+        if blocking is not None:
+            key, intent = blocking
+            if self.cross is not None:
+                self.cross.met(gid, intent)
+            raise errors.ProposalDropped(
+                f"key {key[:32]!r} is held by transaction {intent.txn} in progress (group {gid}); retry"
+            )
 
     async def read_point(self, gid: int, consistency: int, max_staleness_ms: int = 0) -> ReadPoint:
         """Wait until the group may be read at `consistency` (see reads.py: replicas serve too)."""
@@ -506,6 +594,11 @@ class KVRequests:
             )
         except mvcc.Compacted as err:
             raise errors.Compacted(compact_revision=err.compact_revision) from None
+        try:  # after the scan's view: an intent prepared later is above everything it serves
+            self.check_intents(gid, start, end, served_at(request.revision, rst))
+        except errors.KVError:
+            stream.close()
+            raise
         msg = kv_pb2.ScanResponse(more=True, owned_lo=[a for a, _ in owned], owned_hi=[b for _, b in owned])
         _scan_meta(msg, point, self.cfg.id)
         msg.revision = served_at(request.revision, rst)

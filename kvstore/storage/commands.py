@@ -17,6 +17,9 @@ Command wire format (big-endian, `struct`; never pickle or json):
                                                                no session)
     TXN      txn                                              (`txn.py`'s encoding, the rest;
                                                                no key: the command's key is b"")
+    PREPARE .. FINALIZE (7..12)  body                         (`xtxn.py`'s encoding, the rest;
+                                                               no key; only RECORD may carry a
+                                                               session, only PREPARE a revision)
 
 `revision` is the leader's proposed revision for the write (`mvcc.next_revision` turns it into
 the write's revision at apply; 0 = none proposed). COMPACT and CLOSE carry their revision in
@@ -53,6 +56,7 @@ from dataclasses import dataclass, field
 
 from .keylimit import MAX_KEY_SIZE
 from .txn import Txn, TxnResult, decode_txn, decode_txn_result, encode_txn, encode_txn_result
+from .xtxn import XCmd, XOp, decode_body, encode_body
 
 __all__ = ["MAX_KEY_SIZE"]
 
@@ -105,6 +109,17 @@ class Op(enum.IntEnum):
     COMPACT = 4
     CLOSE = 5
     TXN = 6
+    PREPARE = int(XOp.PREPARE)
+    COMMIT = int(XOp.COMMIT)
+    ABORT = int(XOp.ABORT)
+    RECORD = int(XOp.RECORD)
+    RESOLVE = int(XOp.RESOLVE)
+    FINALIZE = int(XOp.FINALIZE)
+
+
+X_OPS = frozenset((Op.PREPARE, Op.COMMIT, Op.ABORT, Op.RECORD, Op.RESOLVE, Op.FINALIZE))
+"""The commands of transactions across groups (`xtxn.py`): proposed only by a node's own
+coordinator or resolver, never accepted from a client or a peer's GroupPropose."""
 
 
 _BODY_ONLY = (Op.COMPACT, Op.CLOSE)
@@ -144,6 +159,8 @@ class Command:
     CLOSE: the revision to close the group at."""
     txn: Txn | None = None
     """TXN: the transaction (its key is b"", its value and expected empty)."""
+    x: XCmd | None = None
+    """PREPARE .. FINALIZE: the cross-group command's body (`x.op` is the command's op)."""
 
     @classmethod
     def put(
@@ -181,6 +198,16 @@ class Command:
         revision: int = 0,
     ) -> Command:
         return cls(Op.TXN, b"", b"", b"", False, client_id, seq, ack, retry, horizon, revision, t)
+
+    @classmethod
+    def cross(
+        cls, x: XCmd, client_id: int = 0, seq: int = 0, ack: int = 0, revision: int = 0, retry: bool = False,
+        horizon: int = 0,
+    ) -> Command:
+        """A command of a transaction across groups (a session only on RECORD, a revision only
+        on PREPARE)."""
+        return cls(Op(int(x.op)), b"", client_id=client_id, seq=seq, ack=ack, retry=retry, horizon=horizon,
+                   revision=revision, x=x)
 
     @classmethod
     def compact(cls, revision: int) -> Command:
@@ -253,7 +280,14 @@ def encode_command(cmd: Command) -> bytes:
         if key or cmd.value or cmd.expected or cmd.expect_absent or cmd.txn is None:
             raise ValueError("TXN carries a transaction and no key or value")
         return head + encode_txn(cmd.txn)
-    if cmd.txn is not None:
+    if cmd.op in X_OPS:
+        if key or cmd.value or cmd.expected or cmd.expect_absent or cmd.txn is not None or cmd.x is None:
+            raise ValueError(f"{cmd.op.name} carries its body and no key or value")
+        if int(cmd.x.op) != int(cmd.op):
+            raise ValueError(f"{cmd.op.name} carries the body of a {cmd.x.op.name}")
+        _check_x_head(cmd.op, cmd.client_id, cmd.seq, cmd.ack, cmd.retry, cmd.horizon, cmd.revision)
+        return head + encode_body(cmd.x)
+    if cmd.txn is not None or cmd.x is not None:
         raise ValueError(f"{cmd.op.name} carries no transaction")
     if cmd.op == Op.PUT:
         return b"".join((head, _U32.pack(len(key)), key, cmd.value))
@@ -265,6 +299,14 @@ def encode_command(cmd: Command) -> bytes:
         flags = _CAS_EXPECT_ABSENT if cmd.expect_absent else 0
         return b"".join((head, _CAS.pack(flags, len(key), len(cmd.expected)), key, cmd.expected, cmd.value))
     raise ValueError(f"unknown command op {cmd.op!r}")
+
+
+def _check_x_head(op: Op, client_id: int, seq: int, ack: int, retry: bool, horizon: int, revision: int) -> None:
+    """A cross-group command's header: a session only on RECORD, a revision only on PREPARE."""
+    if op != Op.RECORD and (client_id or seq or ack or retry or horizon):
+        raise ValueError(f"{op.name} carries no session")
+    if op != Op.PREPARE and revision:
+        raise ValueError(f"{op.name} carries no proposed revision")
 
 
 def _session_head(
@@ -397,6 +439,14 @@ def decode_command(data: bytes) -> Command:
             raise ValueError("CLOSE command carries a session")
         (at,) = _U64.unpack_from(data, pos)
         return Command(Op.CLOSE, b"", revision=at)
+    if kind in X_OPS:
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{kind.name} command in format version {version}")
+        _check_x_head(kind, client_id, seq, ack, retry, horizon, revision)
+        return Command(
+            kind, b"", b"", b"", False, client_id, seq, ack, retry, horizon, revision, None,
+            decode_body(XOp(int(kind)), data, pos),
+        )
     if kind == Op.TXN:
         if version != FORMAT_VERSION:
             raise ValueError(f"TXN command in format version {version}")

@@ -34,7 +34,7 @@ from kvstore.raft.types import (
 )
 from kvstore.shard.ranges import IntervalSet, key_hash
 
-from . import changefeed, mvcc
+from . import changefeed, mvcc, xtxn, xtxn_apply
 from .commands import MAX_KEY_SIZE, ApplyResult, decode_result
 from .errors import SnapshotFormatError, StorageError
 from .layout import (
@@ -481,6 +481,26 @@ class KVState:
         """The group's revision state as committed (last revision, compact revision)."""
         with self._env.read() as txn:
             return _rev_state(LmdbRows(txn, group, rev_dbs(self._env)))
+
+    def min_pending(self, group: int) -> int:
+        with self._env.read() as txn:
+            return xtxn_apply.min_pending(LmdbRows(txn, group, rev_dbs(self._env)))
+
+    def range_locks(self, group: int) -> list[bytes]:
+        with self._env.read() as txn:
+            rows = LmdbRows(txn, group, rev_dbs(self._env))
+            return [bytes(v)[:xtxn.INTENT_BYTES] for _k, v in rows.iter(mvcc.T_TXN, b"l", b"m")]
+
+    def intents(self, group: int, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        """At most `limit` intents on keys in [start, end), in key order (`mvcc.T_INTENTS`)."""
+        with self._env.read() as txn:
+            rows = LmdbRows(txn, group, rev_dbs(self._env))
+            out: list[tuple[bytes, bytes]] = []
+            for k, v in rows.iter(mvcc.T_INTENTS, start, end):
+                if len(out) >= limit:
+                    break
+                out.append((k, v))
+            return out
 
     def get_version(self, group: int, key: bytes, rev: int = 0) -> tuple[mvcc.Version | None, mvcc.RevState]:
         """The key's version at revision `rev` (0: its current one) and the group's revision state,

@@ -63,8 +63,10 @@ DB_REV_KEYS = b"rev_keys"
 DB_REV_HIST = b"rev_hist"
 DB_REV_CHANGES = b"rev_changes"
 DB_REV_STATE = b"rev_state"
-DB_REVS = (DB_REV_KEYS, DB_REV_HIST, DB_REV_CHANGES, DB_REV_STATE)
-"""The MVCC tables of `mvcc.py` (T_KEYS, T_HIST, T_CHANGES, T_STATE, in that order), each row key
+DB_REV_TXN = b"rev_txn"
+DB_REV_INTENTS = b"rev_intents"
+DB_REVS = (DB_REV_KEYS, DB_REV_HIST, DB_REV_CHANGES, DB_REV_STATE, DB_REV_TXN, DB_REV_INTENTS)
+"""The MVCC tables of `mvcc.py` (T_KEYS, T_HIST, T_CHANGES, T_STATE, T_TXN, T_INTENTS, in that order), each row key
 prefixed with the group id like every other table."""
 DB_NODEMETA = b"nodemeta"
 """Small per-node records that belong to no group (keys are names, not group ids)."""

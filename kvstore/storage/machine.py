@@ -27,6 +27,9 @@ Semantics (deterministic: every replica computes the same result and the same ne
   result (succeeded, per-operation responses) is cached in the session like any result, so a
   retry answers it again without re-running it. Ownership: every key the transaction names (on
   any path) must be served by the group, else `wrong_shard` as for a single key.
+- Transactions across groups (PREPARE .. FINALIZE, `xtxn_apply.py`): no session but on RECORD
+  (the client's, cached like any result unless refused); while a key holds an intent, every
+  other command naming it (PUT, DELETE, CAS, TXN, another PREPARE) is refused LOCKED, not cached.
 - Malformed command bytes change nothing and give a result with `error` set.
 - Exactly-once (client_id != 0): each client has an ack *floor* (the highest `ack` seen, capped by
   the seq that carried it). A command with seq < floor is a stale retry of a request whose reply
@@ -81,8 +84,17 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from ..shard.ranges import IntervalSet, key_hash
-from . import mvcc, txn
-from .commands import ApplyResult, Command, Op, decode_command, decode_result, encode_result, unknown_kind
+from . import mvcc, txn, xtxn_apply
+from .commands import (
+    X_OPS,
+    ApplyResult,
+    Command,
+    Op,
+    decode_command,
+    decode_result,
+    encode_result,
+    unknown_kind,
+)
 from .mvcc_mem import MemRows
 from .shardcmd import (
     REC_CLOSED,
@@ -274,6 +286,9 @@ def execute(view: StateView, cmd: Command) -> ApplyResult:
         if op == Op.TXN:
             assert cmd.txn is not None  # decode_command guarantees it
             return apply_txn(view, cmd.txn, cmd.revision)
+        if op in X_OPS:
+            assert cmd.x is not None  # decode_command guarantees it
+            return xtxn_apply.apply(view, cmd.x, cmd.revision)
         if op == Op.COMPACT:
             return compact(view, cmd.revision)
         if op == Op.CLOSE:
@@ -319,6 +334,17 @@ def serves(st: ShardState | None, cmd: Command) -> bool:
     return key_hash(cmd.key) in st.active
 
 
+def _locked(view: StateView, cmd: Command) -> ApplyResult | None:
+    """The LOCKED result if a key `cmd` writes or reads holds a cross-group transaction's intent
+    (`xtxn_apply.locked`; a corrupt intent row gives an error result)."""
+    try:
+        if cmd.txn is not None:
+            return xtxn_apply.locked(view.mvcc, (k for k, _ in txn.keys_of(cmd.txn)))
+        return xtxn_apply.locked(view.mvcc, (cmd.key,))
+    except mvcc.RevisionError as err:
+        return ApplyResult(error=f"revision refused: {err}")
+
+
 def compact(view: StateView, revision: int) -> ApplyResult:
     """Compact the group's history at `revision` (result revision: the group's compact revision
     afterwards)."""
@@ -326,6 +352,9 @@ def compact(view: StateView, revision: int) -> ApplyResult:
         return ApplyResult(error=f"compact revision {revision} is out of range")
     rows = view.mvcc
     st = mvcc.rev_state(rows)
+    pending = xtxn_apply.min_pending(rows)
+    if pending:  # a cross-group commit may still write at or above it
+        revision = min(revision, pending - 1)
     new = mvcc.compact(rows, st, revision)
     if new != st:
         rows.put(mvcc.T_STATE, b"", new.encode())
@@ -400,8 +429,12 @@ def apply_command(view: StateView, cmd: Command) -> ApplyResult:
     if cmd.op == Op.COMPACT or cmd.op == Op.CLOSE:
         return execute(view, cmd) if cid == 0 else ApplyResult(error=f"{cmd.op.name} takes no session")
     if cid == 0:
-        if not serves(view.shards, cmd):
-            return ApplyResult(wrong_shard=True, error="the key is not served by this group")
+        if cmd.op not in X_OPS:
+            if not serves(view.shards, cmd):
+                return ApplyResult(wrong_shard=True, error="the key is not served by this group")
+            lock = _locked(view, cmd)
+            if lock is not None:
+                return lock
         return execute(view, cmd)
     head = view.session_head(cid)
     floor = 0 if head is None else head.floor
@@ -412,9 +445,15 @@ def apply_command(view: StateView, cmd: Command) -> ApplyResult:
         return decode_result(cached)
     if cmd.retry and (head is None or head.created > cmd.horizon) and view.session_meta().horizon > cmd.horizon:
         return ApplyResult(session_expired=True, error=SESSION_EXPIRED)
-    if not serves(view.shards, cmd):
-        return ApplyResult(wrong_shard=True, error="the key is not served by this group")
+    if cmd.op not in X_OPS:
+        if not serves(view.shards, cmd):
+            return ApplyResult(wrong_shard=True, error="the key is not served by this group")
+        lock = _locked(view, cmd)
+        if lock is not None:  # not cached: the retry applies once the transaction resolved
+            return lock
     result = execute(view, cmd)
+    if cmd.op == Op.RECORD and result.error is not None:
+        return result  # a refused commit point changed nothing: not cached, the next attempt's RECORD applies
     new_floor = max(floor, min(cmd.ack, cmd.seq))
     view.put_session_result(cid, cmd.seq, encode_result(result))
     if new_floor > floor:
@@ -455,6 +494,8 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
             return ApplyResult()
         if not r.difference(st.frozen).issubset(st.active):
             return ApplyResult(error="cannot freeze ranges the group does not serve")
+        if xtxn_apply.intents_in(view.mvcc, r):  # the move waits: intents never move
+            return ApplyResult(error="cannot freeze ranges that hold intents of transactions in progress")
         view.set_shards(replace(st, active=st.active.difference(r), frozen=st.frozen.union(r)))
         return ApplyResult()
     if cmd.op == ShardOp.BEGIN:

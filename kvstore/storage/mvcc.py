@@ -66,6 +66,10 @@ T_KEYS = 0
 T_HIST = 1
 T_CHANGES = 2
 T_STATE = 3
+T_TXN = 4
+"""Cross-group transactions' intents, records and bookkeeping (`xtxn.py` describes its rows)."""
+T_INTENTS = 5
+"""Cross-group transactions' intents: user key -> `xtxn.Intent`."""
 
 KIND_PUT = 1
 KIND_DELETE = 2
@@ -207,6 +211,11 @@ class Rows(Protocol):
 
     def delete(self, t: int, k: bytes) -> None: ...
 
+    def has_locks(self) -> bool:
+        """Whether the group holds any cross-group intent (`T_INTENTS`) or range lock (`T_TXN`
+        rows `l...`): when it holds none, no write can be locked (the hot path skips the check)."""
+        ...
+
     def last_le(self, t: int, lo: bytes, k: bytes) -> tuple[bytes, bytes] | None:
         """The row with the greatest key in [lo, k], if any."""
         ...
@@ -303,6 +312,7 @@ def write_version(
     proposed: int,
     read_prev: Callable[[bytes], bytes | None] | None = None,
     exact: bool = False,
+    commit: bool = False,
 ) -> int:
     """The apply path of one write, in one call (the hot path: no intermediate objects): assign
     the revision (`next_revision` from the group's state), record `key`'s new version (`value`;
@@ -319,7 +329,13 @@ def write_version(
     `exact` (a transaction's writes, which share one revision): the write's revision is
     `proposed` itself, which must be in the group's slot and >= the group's last revision (the
     caller took it from `next_revision`; its first write raises last to it, the others find last
-    equal to it). The caller writes each key at most once per revision."""
+    equal to it). The caller writes each key at most once per revision.
+
+    `commit` (a cross-group transaction's COMMIT, `xtxn_apply`): the revision is `proposed`
+    itself, above the group's compact revision, possibly in another group's slot and below the
+    group's last revision (it is >= the revision the group reserved for the transaction while
+    the key's intent held every other write of it back, so it is above the key's own versions);
+    last := max(last, proposed)."""
     raw = rows.get(T_STATE, b"")
     if raw is None:
         last, compact, next_kid = 0, 0, 1
@@ -327,7 +343,11 @@ def write_version(
         last, compact, next_kid = _STATE_UNPACK(raw)
     else:
         raise RevisionError(f"corrupt revision state: a row of {len(raw)} bytes")
-    if exact:
+    if commit:
+        if not compact < proposed <= REVISION_MAX:
+            raise RevisionError(f"commit revision {proposed} of group {group} is at or below its compact revision")
+        rev = proposed
+    elif exact:
         if not last <= proposed <= REVISION_MAX or proposed % STEP != group % MAX_GROUPS:
             raise RevisionError(f"revision {proposed} is not a next revision of group {group} (last {last})")
         rev = proposed
@@ -367,7 +387,7 @@ def write_version(
             create, version = rev, 1
         hrow = _ROW_PACK(KIND_PUT, create, version) + value
     rows.record(key, _PAIR_PACK(kid, rev), hrow, _PAIR_PACK(rev, kid), _KEYROW_PACK(kid, create, rev, version))
-    rows.put(T_STATE, b"", _STATE_PACK(rev, compact, next_kid))
+    rows.put(T_STATE, b"", _STATE_PACK(rev if rev > last else last, compact, next_kid))
     return rev
 
 

@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING
 from .layout import DB_REVS, group_end, group_prefix
 from .mvcc import T_CHANGES as _T_CHANGES
 from .mvcc import T_HIST as _T_HIST
+from .mvcc import T_INTENTS as _T_INTENTS
 from .mvcc import T_KEYS as _T_KEYS
 from .mvcc import T_STATE as _T_STATE
+from .mvcc import T_TXN as _T_TXN
 
 if TYPE_CHECKING:
     from .lmdb_env import Cursor, Db, LmdbEnv, Txn
@@ -30,7 +32,9 @@ class LmdbRows:
     `txn.get` / `txn.put` does (measured ~0.6 -> ~0.3 µs for a key row's read and rewrite). LMDB
     keeps cursors of a write transaction valid across the transaction's other writes."""
 
-    __slots__ = ("_changes", "_dbs", "_dirty", "_end", "_hist", "_keycur", "_keys", "_p", "_puts", "_state", "_txn")
+    __slots__ = (
+        "_changes", "_dbs", "_dirty", "_end", "_hist", "_keycur", "_keys", "_locks", "_p", "_puts", "_state", "_txn",
+    )
 
     def __init__(self, txn: Txn, group: int, dbs: tuple[Db, ...]) -> None:
         self._txn = txn
@@ -45,6 +49,9 @@ class LmdbRows:
         """The group's revision state row, once read or written: read once per batch, written
         once per batch by `flush` (the caller's, before its transaction commits)."""
         self._dirty = False
+        self._locks: bool | None = None
+        """Whether the group holds an intent or a range lock (None: not known yet; read once per
+        batch, and again after this view deletes one)."""
 
     def get(self, t: int, k: bytes) -> bytes | None:
         if t == _T_KEYS:
@@ -62,7 +69,25 @@ class LmdbRows:
         if t == _T_STATE:
             self._state, self._dirty = v, True
             return
+        if t == _T_INTENTS or (t == _T_TXN and k[:1] == b"l"):
+            self._locks = True
         self._txn.put(self._p + k, v, db=self._dbs[t])
+
+    def has_locks(self) -> bool:
+        """Whether the group holds any intent or range lock (the write path's lock check is
+        skipped without: one look per batch)."""
+        if self._locks is None:
+            p = self._p
+            found = False
+            for t, lo in ((_T_INTENTS, p), (_T_TXN, p + b"l")):
+                cur = self._txn.cursor(db=self._dbs[t])
+                if cur.set_range(lo):
+                    k = cur.key()
+                    if k[:len(lo)] == lo and (t == _T_INTENTS or k[:len(p) + 1] == p + b"l"):
+                        found = True
+                        break
+            self._locks = found
+        return self._locks
 
     def record(self, key: bytes, kid_rev: bytes, row: bytes, rev_kid: bytes, key_row: bytes | None) -> None:
         puts = self._puts
@@ -82,6 +107,8 @@ class LmdbRows:
             self._dirty = False
 
     def delete(self, t: int, k: bytes) -> None:
+        if t in (_T_INTENTS, _T_TXN):
+            self._locks = None
         self._txn.delete(self._p + k, db=self._dbs[t])
 
     def last_le(self, t: int, lo: bytes, k: bytes) -> tuple[bytes, bytes] | None:

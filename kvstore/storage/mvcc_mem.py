@@ -7,9 +7,9 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from .mvcc import T_CHANGES, T_HIST, T_KEYS
+from .mvcc import T_CHANGES, T_HIST, T_INTENTS, T_KEYS, T_TXN
 
-N_TABLES = 4
+N_TABLES = 6
 
 Undo = Callable[["MemRows", int, bytes, "bytes | None"], None]
 """Called before each change with (rows, table, key, the old value or None)."""
@@ -46,6 +46,14 @@ class MemRows:
         self.put(T_CHANGES, rev_kid, key)
         if key_row is not None:
             self.put(T_KEYS, key, key_row)
+
+    def has_locks(self) -> bool:
+        """Whether any intent or range lock is held (`mvcc.Rows.has_locks`)."""
+        if self.keys[T_INTENTS]:
+            return True
+        ks = self.keys[T_TXN]
+        i = bisect_left(ks, b"l")
+        return i < len(ks) and ks[i][:1] == b"l"
 
     def delete(self, t: int, k: bytes) -> None:
         d = self.tables[t]

@@ -46,10 +46,11 @@ TAG_SESSION = 2
 TAG_MEMBER = 3
 TAG_SHARDS = 4
 TAG_REV_BASE = 5
-"""Tags TAG_REV_BASE + t carry the rows of MVCC table t (`mvcc.T_KEYS` .. `mvcc.T_STATE`)."""
-TAG_REV_KEYS, TAG_REV_HIST, TAG_REV_CHANGES, TAG_REV_STATE = 5, 6, 7, 8
+"""Tags TAG_REV_BASE + t carry the rows of MVCC table t (`mvcc.T_KEYS` .. `mvcc.T_INTENTS`: 9 and
+10 carry the records and intents of cross-group transactions)."""
+TAG_REV_KEYS, TAG_REV_HIST, TAG_REV_CHANGES, TAG_REV_STATE, TAG_REV_TXN, TAG_REV_INTENTS = 5, 6, 7, 8, 9, 10
 _TAGS = frozenset({TAG_DATA, TAG_SESSION, TAG_MEMBER, TAG_SHARDS, TAG_REV_KEYS, TAG_REV_HIST, TAG_REV_CHANGES,
-                   TAG_REV_STATE})
+                   TAG_REV_STATE, TAG_REV_TXN, TAG_REV_INTENTS})
 
 MAX_MEMBERS = 4096
 MAX_RECORD_KEY = 4096

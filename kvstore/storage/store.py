@@ -874,7 +874,7 @@ def read_audit_head(path: str | os.PathLike[str]) -> AuditHead | None:
     if not (p / "data.mdb").exists():
         raise StorageError(f"no node store at {p} (expected {p / 'data.mdb'})")
     try:
-        env = lmdb.open(str(p), readonly=True, lock=True, subdir=True, max_dbs=16)
+        env = lmdb.open(str(p), readonly=True, lock=True, subdir=True, max_dbs=32)
     except lmdb.Error as err:
         raise StorageError(f"cannot open the node store at {p}: {err}") from err
     try:

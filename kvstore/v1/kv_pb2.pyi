@@ -184,24 +184,30 @@ class PutResponse(_message.Message):
     def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., index: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("key", "session")
+    __slots__ = ("key", "session", "range_end", "prefix")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    RANGE_END_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     session: Session
-    def __init__(self, key: _Optional[bytes] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+    range_end: bytes
+    prefix: bytes
+    def __init__(self, key: _Optional[bytes] = ..., session: _Optional[_Union[Session, _Mapping]] = ..., range_end: _Optional[bytes] = ..., prefix: _Optional[bytes] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
-    __slots__ = ("error", "existed", "index", "revision")
+    __slots__ = ("error", "existed", "index", "revision", "deleted")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     EXISTED_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
     error: Error
     existed: bool
     index: int
     revision: int
-    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., existed: _Optional[bool] = ..., index: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
+    deleted: int
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., existed: _Optional[bool] = ..., index: _Optional[int] = ..., revision: _Optional[int] = ..., deleted: _Optional[int] = ...) -> None: ...
 
 class CasRequest(_message.Message):
     __slots__ = ("key", "expect_absent", "expected", "value", "session")

@@ -1,6 +1,6 @@
 """Transactions on a real 3-node cluster with two data groups: the client's `txn` (compares,
 both branches, one revision for all writes, seen by a watch as one batch), `kvctl txn` in
-etcdctl's format, a refused cross-group transaction (definite, naming the groups), and
+etcdctl's format, a transaction across both groups (two-phase commit: one revision), and
 concurrent optimistic increments of a key pair that never lose an update."""
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import pytest
 from clusterharness import Cluster
 
 from kvstore.client import AsyncClient, Client, Compare, Op
-from kvstore.errors import InvalidArgument
 from kvstore.shard.shardmap import ShardMap
 
 
@@ -47,7 +46,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
         c.stop()
 
 
-def test_client_txn_kvctl_txn_and_a_refused_cross_group_txn(cluster: Cluster) -> None:
+def test_client_txn_kvctl_txn_and_a_cross_group_txn(cluster: Cluster) -> None:
     with Client(cluster.endpoints, timeout=20) as c:
         m = c.shard_map(refresh=True)
         assert m is not None
@@ -77,12 +76,11 @@ def test_client_txn_kvctl_txn_and_a_refused_cross_group_txn(cluster: Cluster) ->
         assert r2.responses[1].deleted and r2.responses[2].kv is None
         assert c.get(b) is None
 
-        # keys in two groups: refused, definitely not applied, naming both groups
-        with pytest.raises(InvalidArgument) as err:
-            c.txn([], [Op.put(a, b"cross"), Op.put(other, b"cross")])
-        assert not err.value.indeterminate
-        assert "cross-group" in err.value.message
-        assert f"groups {g1}" in err.value.message and f"{g2} (key" in err.value.message
+        # keys in two groups: a two-phase commit, both writes at one revision
+        assert g1 != g2
+        rx = c.txn([], [Op.put(b, b"cross"), Op.put(other, b"cross")])
+        assert rx.succeeded and c.read(b).mod_revision == c.read(other).mod_revision == rx.revision
+        c.txn([], [Op.delete(b), Op.delete(other)])
         assert c.get(a) == b"1" and c.get(other) is None
 
     # kvctl txn, in etcdctl's format and output
@@ -94,8 +92,8 @@ def test_client_txn_kvctl_txn_and_a_refused_cross_group_txn(cluster: Cluster) ->
     p = _kvctl(cluster, f'mod("{sa}") < "1"\n\nput {sa} never\n\nget {sa}\n')
     assert p.returncode == 0, p.stderr
     assert p.stdout == f"FAILURE\n\n{sa}\ntwo words\n"
-    p = _kvctl(cluster, f'\nput {sa} x\nput {other.decode()} y\n\n')
-    assert p.returncode == 2 and "cross-group transactions are not supported" in p.stderr, (p.stdout, p.stderr)
+    p = _kvctl(cluster, f'\nput {sa} "two words"\nput {other.decode()} y\n\n')
+    assert p.returncode == 0 and p.stdout == "SUCCESS\n\nOK\n\nOK\n", (p.stdout, p.stderr)
     p = _kvctl(cluster, 'bogus("k") = "1"\n\n\n')
     assert p.returncode == 2 and "unknown target bogus" in p.stderr
     p = _kvctl(cluster, f'\nget {sa}\n\n', "-o", "json")
@@ -137,3 +135,68 @@ def test_concurrent_txn_increments_of_a_key_pair_lose_no_update(cluster: Cluster
     vx, vy, conflicts = asyncio.run(main())
     print(f"\n{workers * each} increments, {conflicts} compare failures retried")
     assert vx == vy == b"%d" % (workers * each)
+
+
+def test_concurrent_bank_transfers_across_groups_keep_the_total(cluster: Cluster) -> None:
+    """Accounts in both groups; concurrent transfers, each a transaction across two groups that
+    reads both balances (its failure branch) and moves one unit if neither changed since: the
+    total never changes and every committed transfer is in the final balances (no lost update)."""
+    workers, each, start = 4, 4, 50
+
+    async def main() -> tuple[dict[bytes, int], dict[bytes, int], int]:
+        async with AsyncClient(cluster.endpoints, timeout=30) as c:
+            m = await c.shard_map(refresh=True)
+            assert m is not None
+            by_group = _keys_by_group(m, b"bank/", 2)
+            accts = [k for ks in list(by_group.values())[:2] for k in ks[:2]]
+            r = await c.txn([], [Op.put(k, b"%d" % start) for k in accts])
+            assert r.succeeded
+            moved = {k: 0 for k in accts}
+            retries = 0
+
+            async def worker(w: int) -> None:
+                nonlocal retries
+                for i in range(each):
+                    src = accts[(w + i) % len(accts)]
+                    dst = next(k for k in accts[(w + i + 1) % len(accts):] + accts
+                               if m.group_for_key(k) != m.group_for_key(src))
+                    while True:
+                        cur = await c.txn([], [Op.get(src), Op.get(dst)])
+                        (s, d) = (cur.responses[0].kv, cur.responses[1].kv)
+                        assert s is not None and d is not None
+                        r = await c.txn(
+                            [Compare.mod(src, "=", s.mod_revision), Compare.mod(dst, "=", d.mod_revision)],
+                            [Op.put(src, b"%d" % (int(s.value) - 1)), Op.put(dst, b"%d" % (int(d.value) + 1))],
+                        )
+                        if r.succeeded:
+                            moved[src] -= 1
+                            moved[dst] += 1
+                            break
+                        retries += 1
+
+            await asyncio.gather(*(worker(w) for w in range(workers)))
+            final = {k: int(await c.get(k) or b"0") for k in accts}
+            return final, moved, retries
+
+    final, moved, retries = asyncio.run(main())
+    print(f"\n{workers * each} transfers across groups, {retries} compare failures retried")
+    assert sum(final.values()) == start * len(final)
+    assert final == {k: start + moved[k] for k in final}
+
+
+def test_kvctl_delete_prefix_across_groups(cluster: Cluster) -> None:
+    with Client(cluster.endpoints, timeout=20) as c:
+        m = c.shard_map(refresh=True)
+        assert m is not None
+        keys = [b"del/%d" % i for i in range(8)]
+        assert len({m.group_for_key(k) for k in keys}) > 1
+        assert c.txn([], [Op.put(k, b"x") for k in keys]).succeeded
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.run(
+        [sys.executable, "-m", "kvstore.cli.kvctl", "--endpoints", ",".join(cluster.endpoints), "--timeout", "20",
+         "delete", "--prefix", "del/"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert p.returncode == 0 and p.stdout == "8\n", (p.stdout, p.stderr)
+    with Client(cluster.endpoints, timeout=20) as c:
+        assert all(c.get(k) is None for k in keys)

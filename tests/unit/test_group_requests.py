@@ -31,6 +31,7 @@ from kvstore.shard.ranges import HASH_MAX, IntervalSet
 from kvstore.shard.shardmap import SHARD_MAP_KEY, ShardMap
 from kvstore.storage import commands
 from kvstore.storage.shardcmd import ShardOp, decode_shard_command, encode_shard_command
+from kvstore.storage.xtxn import TxnId, XCmd, XOp
 from kvstore.v1 import shard_pb2
 
 MAP = ShardMap.initial([1, 2, 3], 2, 3, 16, {1: "a:1", 2: "b:1", 3: "c:1"})
@@ -63,6 +64,14 @@ def _valid_commands() -> list[tuple[int, bytes]]:
         out.append((mv.target, encode_shard_command(ShardOp.BEGIN, mv.ranges, token=3, move=mv.id)))
         out.append((mv.target, encode_shard_command(ShardOp.ACTIVATE, mv.ranges, token=3, move=mv.id)))
         out.append((mv.source, encode_shard_command(ShardOp.DROP, mv.ranges, move=mv.id)))
+    # the steps of a transaction across groups (a member's coordinator or resolver), to data groups
+    tid = TxnId(1, 2)
+    out += [
+        (1, commands.encode_command(commands.Command.cross(XCmd(XOp.PREPARE, tid, 1, 5, keys=(b"k",)), revision=9))),
+        (2, commands.encode_command(commands.Command.cross(XCmd(XOp.COMMIT, tid, at=9, writes=((b"k", b"v"),))))),
+        (1, commands.encode_command(commands.Command.cross(XCmd(XOp.RECORD, tid, start=5, at=9), 4, 1, 1))),
+        (2, commands.encode_command(commands.Command.cross(XCmd(XOp.ABORT, tid)))),
+    ]
     return out
 
 
@@ -107,12 +116,25 @@ def test_group_request_check_is_total_and_accepts_only_real_move_steps(
             return
         assert ShardMap.decode(decoded.value).version > ShardMap.decode(decoded.expected).version
         return
+    if len(data) > 1 and data[1] in commands.X_OPS:  # a cross-group step: any data group, well-formed
+        assert commands.decode_command(data).x is not None
+        return
     assert smap is not None
     sc = decode_shard_command(data)
     mv = next(m for m in smap.moves if m.id == sc.move)
     assert sc.op != ShardOp.SET
     assert group == (mv.source if sc.op in (ShardOp.FREEZE, ShardOp.DROP) else mv.target)
     assert sc.op == ShardOp.INSTALL or sc.ranges == mv.ranges
+
+
+def test_cross_group_steps_go_to_data_groups_only() -> None:
+    prepare = commands.encode_command(
+        commands.Command.cross(XCmd(XOp.PREPARE, TxnId(1, 2), 1, 5, keys=(b"k",)), revision=9))
+    assert check_group_request(Req(1, prepare), MAP) is None
+    with pytest.raises(errors.InvalidArgument):
+        check_group_request(Req(0, prepare), MAP)  # never the metadata group
+    with pytest.raises(errors.InvalidArgument):
+        check_group_request(Req(1, prepare[:-1]), MAP)  # malformed: not a cross step, not a shard command
 
 
 @settings(max_examples=200, deadline=None)

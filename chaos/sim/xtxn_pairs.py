@@ -1,0 +1,261 @@
+"""Pair transactions ACROSS groups in the whole-node simulator: the two-phase commit of
+`kvstore/node/xtxn.py` driven over the simulated network and Raft groups, with coordinator crashes.
+
+`txn_pairs.TxnPairs` picks some pairs whose two keys are in different groups and hands their
+transactions here. One attempt, at a node the client picked (the coordinator):
+
+1. PREPARE in both groups (each proposed at the group's leader, following leader hints); a lock
+   (another transaction's intent) or any failure aborts what was prepared and retries later with
+   a new id; a lock older than the timeout is resolved first (RESOLVE in its primary, then COMMIT
+   or ABORT where it was met) as a real node does.
+2. `after_prepare` evaluates at R = max p_g; a read-only transaction releases its intents and is
+   answered; otherwise the RECORD in the primary is the commit point; then COMMIT in both groups
+   and FINALIZE.
+
+The coordinator *dies* (stops driving the attempt, leaving its intents) with the probabilities
+`DIE` after the PREPAREs, after the RECORD, or between the two COMMITs: later attempts on the
+pair meet the intents and resolve them once they are older than the timeout. Every answered
+transaction goes through `TxnPairs._check` (both keys read equal; the writes at one revision),
+and the revision checker (`revisions.py`) records the COMMITs' writes at R, so closed reads and
+watches check them too. A planted bug (`node-xtxn-commit-without-record`: the coordinator
+commits without writing its record, so a resolver meeting an intent of a coordinator that died
+between its COMMITs aborts that group while the other committed) makes pairs differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from kvstore import errors
+from kvstore.node import xtxn as logic
+from kvstore.storage import mvcc, txn
+from kvstore.storage.commands import ApplyResult
+from kvstore.storage.xtxn import Intent, TxnId
+
+DIE = (0.1, 0.1, 0.35)
+"""The chance the coordinator dies after the PREPAREs, after the RECORD, between the COMMITs."""
+TIMEOUT_MS = 600
+"""An intent older than this is resolved by whoever meets it (the simulator's runs are short:
+a real node's `logic.TXN_TIMEOUT_MS` is 5 s, `CrossTxns.txn_timeout_ms`)."""
+SWEEP_MS = 250
+"""Every group leader resolves its expired intents this often (the node's `CrossTxns.sweep`)."""
+SEND_TRIES = 4
+Answer = Callable[[ApplyResult | None, errors.KVError | None], None]
+
+
+def commit_point(driver: CrossPairs, node: Any, primary: int, record: bytes, answer: Answer) -> None:
+    """The commit point: propose the RECORD in the primary (`chaos/sim/plant.py` replaces this
+    with a coordinator that commits without its record)."""
+    driver._send(node, primary, record, answer)
+
+
+class CrossPairs:
+    """Runs cross-group pair transactions for `TxnPairs` (its `sim`, `rng`, `stats`, `_check`)."""
+
+    def __init__(self, pairs: Any) -> None:
+        self.pairs = pairs
+        self.sim = pairs.sim
+        self.rng = pairs.rng
+        self.died = 0
+        self.resolved = 0
+        self.conflicts = 0
+        self.resolving: set[TxnId] = set()
+
+    # --- proposing in a group --------------------------------------------------------------
+    def _send(self, node: Any, gid: int, data: bytes, answer: Answer, tries: int = 0) -> None:
+        """Propose `data` in group `gid` at its leader (starting from `node`, following hints);
+        `answer(result, error)` once, from the applied result or the last failure."""
+        sim = self.sim
+        done = False
+
+        def outcome(res: ApplyResult | None, err: errors.KVError | None, lead: int) -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            if err is None and res is not None:
+                if res.revision:
+                    sim._clock(node).observe(res.revision)
+                answer(res, None)
+                return
+            if tries + 1 >= SEND_TRIES or (err is not None and err.indeterminate):
+                # (an attempt that may still apply is not proposed again: the groups are slow
+                # already; what it leaves behind is resolved like a dead coordinator's)
+                answer(None, err or errors.Timeout("no result", indeterminate=True))
+                return
+            nxt = sim.nodes.get(lead) if lead and lead != node.id else None
+            if nxt is None or nxt.removed or nxt.logic is None:
+                live = [x for x in sim.nodes.values() if not x.removed and x.logic is not None]
+                if not live:
+                    answer(None, err)
+                    return
+                nxt = self.rng.choice(live)
+            sim.at(self.rng.randrange(5, 40), self._send, nxt, gid, data, answer, tries + 1)
+
+        def lost() -> None:
+            outcome(None, errors.Timeout("attempt timed out", indeterminate=True), 0)
+
+        sim.at(sim.p.client_timeout_ms // 4, lost)
+        if node.logic is None or gid not in node.logic.host.groups:
+            sim.at(1, outcome, None, errors.Unavailable(f"n{node.id} is down or does not host g{gid}"), 0)
+            return
+        try:
+            node.logic.host.propose(gid, data, lambda res, err: outcome(res, err, sim._lead(node, gid)))
+        except errors.KVError as err:
+            lead = err.leader_id if isinstance(err, errors.NotLeader) else 0
+            sim.at(1, outcome, None, err, lead)
+            return
+        sim._kick(node)
+
+    def _all(self, node: Any, cmds: dict[int, bytes], then: Callable[[dict[int, ApplyResult | None]], None]) -> None:
+        """Send every command; `then(results)` once all answered (None: failed)."""
+        got: dict[int, ApplyResult | None] = {}
+
+        def one(g: int) -> Answer:
+            def answer(res: ApplyResult | None, err: errors.KVError | None) -> None:
+                got[g] = res if err is None else None
+                if len(got) == len(cmds):
+                    then(got)
+            return answer
+
+        for g, d in sorted(cmds.items()):
+            self._send(node, g, d, one(g))
+
+    def _forget(self, node: Any, cmds: dict[int, bytes]) -> None:
+        self._all(node, cmds, lambda _got: None)
+
+    def start_sweep(self) -> None:
+        self.sim.at(SWEEP_MS, self._sweep)
+
+    def _sweep(self) -> None:
+        """Each live node resolves the expired intents of the data groups it leads, as the
+        node's background sweep does (so a dead coordinator's intents nobody meets do not hold
+        a range move, a watch or compaction back for ever)."""
+        sim = self.sim
+        for node in sorted(sim.nodes.values(), key=lambda x: x.id):
+            if node.removed or node.logic is None or node.store is None:
+                continue
+            for gid in sorted(node.logic.host.groups):
+                if gid == 0 or sim._lead(node, gid) != node.id:
+                    continue
+                rows = [raw for _k, raw in node.store.intents(gid, b"", None, 16)] + node.store.range_locks(gid)
+                for raw in rows:
+                    try:
+                        self._meet(node, gid, Intent.decode(raw))
+                    except ValueError:
+                        continue
+        sim.at(SWEEP_MS, self._sweep)
+
+    def _now_ms(self, node: Any) -> int:
+        return mvcc.revision_ms(self.sim._clock(node).propose())
+
+    # --- one attempt -------------------------------------------------------------------------
+    def attempt(self, node: Any, t: txn.Txn | None, groups: dict[bytes, int], n: int, retry: Callable[[int], None],
+                lock: tuple[bytes, bytes] | None = None) -> None:
+        """One attempt of `t` (None: a range delete of `lock`, over every data group of `node`'s
+        map) coordinated at `node`; `retry(n + 1)` to try again later."""
+        if t is None:
+            assert lock is not None
+            smap = node.logic.shard_tracker.map if node.logic is not None else None
+            if smap is None:
+                retry(n + 1)
+                return
+            p = logic.plan_range([g for g in smap.data_groups() if g != 0], *lock)
+        else:
+            p = logic.plan(t, ((k, groups[k]) for k, _ in txn.keys_of(t)))
+        clock = self.sim._clock(node)
+        tid = TxnId(node.id, self.rng.getrandbits(64))
+        start = clock.propose()
+        cmds = logic.prepare_commands(p, tid, start, clock.propose())
+
+        def prepared(got: dict[int, ApplyResult | None]) -> None:
+            results = {g: r for g, r in got.items() if r is not None}
+            if len(results) < len(got):
+                self._forget(node, logic.abort_commands(tid, got))
+                retry(n + 1)
+                return
+            decision = logic.after_prepare(t, p, results) if t is not None else logic.after_prepare_range(p, results)
+            if isinstance(decision, logic.Conflict):
+                self.conflicts += 1
+                self._forget(node, logic.abort_commands(tid, [g for g, r in results.items() if r.error is None]))
+                self._meet(node, decision.group, decision.intent)
+                retry(n + 1)
+                return
+            if isinstance(decision, logic.Refused):
+                self._forget(node, logic.abort_commands(tid, got))
+                retry(n + 1)
+                return
+            if not decision.writes_anything:
+                self._forget(node, logic.abort_commands(tid, got))
+                self.pairs.answered_cross(t, decision.result, decision.result.revision)
+                return
+            if self._dies(0):
+                return
+            commit_point(self, node, p.primary, logic.record_command(tid, start, decision),
+                         lambda res, err: committed(decision, res if err is None else None))
+
+        def committed(r: logic.Ready, res: ApplyResult | None) -> None:
+            if res is None:
+                return  # the commit point's outcome is unknown here: resolvers settle it
+            out = logic.after_record(tid, res)
+            if isinstance(out, logic.Aborted):
+                self._forget(node, logic.abort_commands(tid, p.keys))
+                retry(n + 1)
+                return
+            if self._dies(1):
+                return
+            commits = logic.commit_commands(tid, r, p.keys)
+            first, *rest = sorted(commits)
+            ok: dict[int, bool] = {}
+
+            def committed_in(g: int) -> Answer:
+                def answer(res: ApplyResult | None, err: errors.KVError | None) -> None:
+                    ok[g] = err is None and res is not None and res.error is None
+                    if len(ok) == len(commits) and all(ok.values()):
+                        # FINALIZE only once every participant applied its COMMIT (a group left
+                        # with intents needs the record's writes to resolve them)
+                        self._send(node, p.primary, logic.finalize_command(tid), lambda _res, _err: None)
+                return answer
+
+            self._send(node, first, commits[first], committed_in(first))
+            if self._dies(2):
+                return
+            for g in rest:
+                self._send(node, g, commits[g], committed_in(g))
+            self.pairs.answered_cross(t, r.result, r.at)
+
+        self._all(node, cmds, prepared)
+
+    def _dies(self, point: int) -> bool:
+        """Whether the coordinator dies here (only while the faults run, like every other fault:
+        a dead coordinator's intents hold its groups' watch frontier until they are resolved, a
+        timeout later, which the liveness checks after the heal do not allow for)."""
+        if self.rng.random() < DIE[point] and self.sim._faults_on():
+            self.died += 1
+            return True
+        return False
+
+    def _meet(self, node: Any, group: int, intent: Intent) -> None:
+        """An intent met in `group`: resolve it if it is older than the timeout."""
+        if not logic.expired(intent, self._now_ms(node), TIMEOUT_MS) or intent.txn in self.resolving:
+            return
+        self.resolving.add(intent.txn)
+
+        def resolved(res: ApplyResult | None, err: errors.KVError | None) -> None:
+            follow = logic.resolution(intent, group, res) if res is not None and err is None else None
+            if follow is None:
+                self.resolving.discard(intent.txn)
+                return
+            self.resolved += 1
+            assert follow is not None
+
+            def applied(res2: ApplyResult | None, err2: errors.KVError | None) -> None:
+                self.resolving.discard(intent.txn)
+                done = logic.finalize_after(intent, group, follow) if res2 is not None and res2.error is None else None
+                if done is not None and err2 is None:
+                    self._send(node, intent.primary, done, lambda _res, _err: None)
+
+            self._send(node, group, follow, applied)
+
+        self._send(node, intent.primary, logic.resolve_command(intent), resolved)

@@ -1,0 +1,344 @@
+"""The coordinator and resolver of transactions across groups: synchronous, deterministic
+decisions (no I/O, no clock, no randomness of its own: the caller hands in ids, clock readings
+and the applied results). The asyncio shell (`kvstore/server/xtxn_run.py`) proposes the commands
+these functions return and feeds back the results; the simulator can drive the same functions.
+
+One attempt (docs/REVISIONS.md, "Transactions across groups"):
+1. `plan`: the participant groups (of every key the transaction names, `txn.keys_of`), each with
+   its keys; the primary is the group of the first key named. `prepare_commands`: one PREPARE
+   per participant (the same txn id, primary, start).
+2. `after_prepare`: every participant answered. A LOCKED answer (another transaction's intent) or
+   any other refusal: the attempt aborts what it prepared (`abort_commands`) and, for a lock,
+   retries later (`Conflict`), resolving the intent first if it is older than the timeout. Else
+   R = max(p_g) (unique: the revision one participant reserved in its own slot); the transaction
+   is evaluated by `txn.evaluate` over the prepared values at R; the writes are split by group.
+   A transaction that writes nothing ends here (its reads were one snapshot: every key was held
+   at once); the intents are released with ABORT.
+3. The commit point: RECORD in the primary (`record_command`; it carries the client's session,
+   so a retry of the same request answers the first attempt's result). `after_record`: committed
+   (the client's answer is success from here on; a lost reply is indeterminate), or aborted by a
+   resolver (definite), or the session's answer to an earlier attempt (this attempt's intents are
+   aborted, the earlier result is the answer).
+4. COMMIT in every participant (`commit_commands`), then FINALIZE in the primary.
+
+A resolver (`resolve_commands`) meeting an old intent asks the primary (RESOLVE: absent record
+-> ABORTED is written), then COMMITs (with the record's writes of the intent's group) or ABORTs
+the intent's group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from kvstore.storage import commands, mvcc, txn, xtxn
+from kvstore.storage.commands import ApplyResult, Command
+from kvstore.storage.xtxn import Intent, Record, State, TxnId, XCmd, XOp
+from kvstore.storage.xtxn_apply import TOO_OLD, TXN_ABORTED
+
+READ_INTENTS_MAX = 1 << 20
+"""A read looks at up to this many intents of its range (every one: a pending commit below the
+read's revision must be found whatever the intents before it hold; a group holds few)."""
+
+TXN_TIMEOUT_MS = 5_000
+"""An intent older than this (by its start's HLC time against the meeting node's clock) may be
+resolved by whoever meets it: its coordinator is presumed dead. A live coordinator whose intents
+are resolved meanwhile gets a definite abort at its RECORD (never a split outcome)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The participants of a transaction: group -> its keys (in first-named order); `primary`
+    holds the record. `group_of` maps every key to its group."""
+
+    primary: int
+    keys: dict[int, tuple[bytes, ...]]
+    group_of: dict[bytes, int]
+    lock: tuple[bytes, bytes] | None = None
+    """A range delete's key range [start, end) (end b"": no end), locked in every group."""
+
+
+def plan(t: txn.Txn, group_for: Iterable[tuple[bytes, int]]) -> Plan:
+    """The plan of `t`, given each named key's group (`group_for` yields (key, group) in the
+    order `txn.keys_of` names the keys). ValueError if it names no key."""
+    keys: dict[int, list[bytes]] = {}
+    group_of: dict[bytes, int] = {}
+    for k, g in group_for:
+        if k in group_of:
+            continue
+        group_of[k] = g
+        keys.setdefault(g, []).append(k)
+    if not group_of:
+        raise ValueError("a transaction must name at least one key")
+    primary = next(iter(keys))
+    return Plan(primary, {g: tuple(ks) for g, ks in keys.items()}, group_of)
+
+
+def plan_range(groups: Iterable[int], lo: bytes, hi: bytes) -> Plan:
+    """The plan of a range delete of [lo, hi) (hi b"": no end): every data group (keys are
+    hashed whole, so any key range may have keys in each), the lowest one primary. ValueError if
+    there is no group or the range is empty."""
+    gs = sorted(set(groups))
+    if not gs:
+        raise ValueError("no data group to delete from")
+    if hi and hi <= lo:
+        raise ValueError("the range's end is at or before its start")
+    return Plan(gs[0], {g: () for g in gs}, {}, (lo, hi))
+
+
+def prepare_commands(p: Plan, tid: TxnId, start: int, proposed: int) -> dict[int, bytes]:
+    """The PREPARE of each participant (ValueError if a command cannot be encoded)."""
+    return {
+        g: commands.encode_command(
+            Command.cross(XCmd(XOp.PREPARE, tid, p.primary, start, keys=ks, lock=p.lock), revision=proposed))
+        for g, ks in sorted(p.keys.items())
+    }
+
+
+def abort_commands(tid: TxnId, groups: Iterable[int]) -> dict[int, bytes]:
+    data = commands.encode_command(Command.cross(XCmd(XOp.ABORT, tid)))
+    return {g: data for g in sorted(groups)}
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """A key holds another transaction's intent: abort what was prepared, maybe resolve the
+    intent (`intent`, met in `group`), retry later."""
+
+    group: int
+    key: bytes
+    intent: Intent
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A participant refused the PREPARE for another reason (`wrong_shard`: a key's range moved);
+    definite: nothing will be written."""
+
+    group: int
+    message: str
+    wrong_shard: bool = False
+
+
+@dataclass(slots=True)
+class Ready:
+    """Every participant prepared: the outcome evaluated at `at` (R)."""
+
+    at: int
+    result: txn.TxnResult
+    writes: dict[int, tuple[xtxn.Write, ...]] = field(default_factory=dict)
+
+    @property
+    def writes_anything(self) -> bool:
+        return any(self.writes.values())
+
+
+def _refusal(p: Plan, results: dict[int, ApplyResult]) -> Conflict | Refused | None:
+    for g in sorted(p.keys):
+        res = results[g]
+        if res.error is not None:
+            if res.error.startswith(xtxn.LOCKED) and res.current is not None:
+                try:
+                    key, intent = xtxn.decode_lock(res.current)
+                except ValueError:
+                    return Refused(g, f"group {g} answered a malformed lock")
+                return Conflict(g, key, intent)
+            return Refused(g, f"group {g}: {res.error}", res.wrong_shard)
+        if not res.revision:
+            return Refused(g, f"group {g} answered a PREPARE without its reservation")
+    return None
+
+
+def after_prepare_range(p: Plan, results: dict[int, ApplyResult]) -> Conflict | Refused | Ready:
+    """A range delete after every group's PREPARE: delete every key each group found in the
+    range, all at R = max p_g. The result's revision is R if anything is deleted, else 0; its
+    responses are one DELETE per key (found)."""
+    refused = _refusal(p, results)
+    if refused is not None:
+        return refused
+    at = max(results[g].revision for g in p.keys)
+    writes: dict[int, tuple[xtxn.Write, ...]] = {}
+    n = 0
+    for g in sorted(p.keys):
+        try:
+            found = xtxn.decode_found(results[g].current or b"")
+        except ValueError:
+            return Refused(g, f"group {g} answered a malformed range")
+        writes[g] = tuple((k, None) for k in found)
+        n += len(found)
+    rev = at if n else 0
+    return Ready(at, txn.TxnResult(True, tuple(txn.OpResult(txn.OpKind.DELETE, True) for _ in range(n)), rev), writes)
+
+
+def after_prepare(t: txn.Txn, p: Plan, results: dict[int, ApplyResult]) -> Conflict | Refused | Ready:
+    """Decide after every participant's PREPARE result (see the module docstring). Raises
+    `txn.ResultTooLarge` if the transaction's GETs return too much (abort, definite)."""
+    current: dict[bytes, txn.Current | None] = {}
+    at = 0
+    refused = _refusal(p, results)
+    if refused is not None:
+        return refused
+    for g in sorted(p.keys):
+        res = results[g]
+        ks = p.keys[g]
+        if res.txn is None or len(res.txn.responses) != len(ks) or not res.revision:
+            return Refused(g, f"group {g} answered a PREPARE without the prepared values")
+        for k, o in zip(ks, res.txn.responses, strict=True):
+            current[k] = txn.Current(o.value, o.create_revision, o.mod_revision, o.version) if o.found else None
+        at = max(at, res.revision)
+    out = txn.evaluate(t, lambda k: current[k], at)
+    writes: dict[int, list[xtxn.Write]] = {g: [] for g in p.keys}
+    for k, v in out.writes:
+        writes[p.group_of[k]].append((k, v))
+    return Ready(at, out.result, {g: tuple(ws) for g, ws in writes.items()})
+
+
+def record_command(
+    tid: TxnId, start: int, r: Ready, client_id: int = 0, seq: int = 0, ack: int = 0, retry: bool = False,
+    horizon: int = 0,
+) -> bytes:
+    """The RECORD (the commit point) with the client's session (`retry` / `horizon` as the
+    client sent them: a retry whose session the primary evicted is refused, not applied twice)."""
+    groups = tuple((g, ws) for g, ws in sorted(r.writes.items()))
+    x = XCmd(XOp.RECORD, tid, start=start, at=r.at, result=r.result, groups=groups)
+    return commands.encode_command(Command.cross(x, client_id, seq, ack, retry=retry, horizon=horizon))
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """The record is COMMITTED: the client's answer (`result`, at `at`). `mine` False: the
+    session's cached answer to an earlier attempt (this attempt aborts its own intents)."""
+
+    at: int
+    result: txn.TxnResult | None
+    mine: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Aborted:
+    """The RECORD did not commit: `retry` (a resolver aborted the attempt, or it is too old) or
+    not (the session refused it: a stale request, or `expired`, a retry whose session the
+    primary evicted: an earlier attempt may have committed, indeterminate)."""
+
+    message: str
+    retry: bool = True
+    expired: bool = False
+
+
+def after_record(tid: TxnId, res: ApplyResult) -> Committed | Aborted:
+    if res.session_expired:
+        return Aborted(res.error or "session expired", retry=False, expired=True)
+    if res.error is not None:
+        return Aborted(res.error, retry=res.error in (TXN_ABORTED, TOO_OLD))
+    return Committed(res.revision, res.txn, res.current == tid.encode())
+
+
+def commit_commands(tid: TxnId, r: Ready, groups: Iterable[int]) -> dict[int, bytes]:
+    return {
+        g: commands.encode_command(Command.cross(XCmd(XOp.COMMIT, tid, at=r.at, writes=r.writes.get(g, ()))))
+        for g in sorted(groups)
+    }
+
+
+def finalize_command(tid: TxnId, group: int = 0) -> bytes:
+    """FINALIZE in the primary: every participant applied its COMMIT (group 0, the coordinator),
+    or `group` did (a resolver that committed its intents)."""
+    return commands.encode_command(Command.cross(XCmd(XOp.FINALIZE, tid, group=group)))
+
+
+def finalize_after(intent: Intent, group: int, follow: bytes) -> bytes | None:
+    """After a resolver's `follow` (from `resolution`) applied in `group`: the FINALIZE of that
+    participant to propose in the primary if it was a COMMIT (None for an ABORT)."""
+    try:
+        op = commands.decode_command(follow).op
+    except ValueError:
+        return None
+    return finalize_command(intent.txn, group) if op == commands.Op.COMMIT else None
+
+
+# --- meeting intents -----------------------------------------------------------------------------
+def lock_of(res: ApplyResult) -> tuple[bytes, Intent] | None:
+    """The key and intent a LOCKED result names (None: not a lock, or a malformed one)."""
+    if res.error is None or not res.error.startswith(xtxn.LOCKED) or res.current is None:
+        return None
+    try:
+        return xtxn.decode_lock(res.current)
+    except ValueError:
+        return None
+
+
+def blocking_intent(rows: Iterable[tuple[bytes, bytes]], served: int) -> tuple[bytes, Intent] | None:
+    """The first (key, intent) of `rows` (a group's intents on the keys a read covers, read after
+    the read's view) prepared at or below `served`, the revision the read is served at: its
+    commit may still write there (at R >= the prepared revision), so the read must not answer
+    yet. An intent prepared later is above everything the read saw. ValueError for a corrupt row."""
+    for key, raw in rows:
+        intent = Intent.decode(bytes(raw))
+        if intent.prepared <= served:
+            return bytes(key), intent
+    return None
+
+
+def expired(intent: Intent, now_ms: int, timeout_ms: int = TXN_TIMEOUT_MS) -> bool:
+    """Whether an intent is old enough to be resolved by whoever meets it."""
+    return now_ms - mvcc.revision_ms(intent.start) > timeout_ms
+
+
+def resolve_command(intent: Intent) -> bytes:
+    """The RESOLVE to propose in the intent's primary group."""
+    return commands.encode_command(Command.cross(XCmd(XOp.RESOLVE, intent.txn, start=intent.start)))
+
+
+def committed_record(res: ApplyResult) -> Record | None:
+    """A RESOLVE's answer: the record if it says COMMITTED (or FINALIZED), None if ABORTED.
+    ValueError if the answer is an error or unusable (ask again)."""
+    if res.error is not None or res.current is None:
+        raise ValueError(res.error or "RESOLVE answered no record")
+    rec = xtxn.decode_record(res.current)
+    return None if rec.state == State.ABORTED else rec
+
+
+def resolution(intent: Intent, group: int, res: ApplyResult) -> bytes | None:
+    """After RESOLVE answered `res`: the COMMIT or ABORT to propose in `group` (where the intent
+    was met), or None if the answer is unusable (an error: try again later)."""
+    if res.error is not None or res.current is None:
+        return None
+    try:
+        rec: Record = xtxn.decode_record(res.current)
+    except ValueError:
+        return None
+    if rec.state == State.ABORTED:
+        return commands.encode_command(Command.cross(XCmd(XOp.ABORT, intent.txn)))
+    if rec.state == State.COMMITTED:
+        x = XCmd(XOp.COMMIT, intent.txn, at=rec.at, writes=rec.writes_of(group))
+        return commands.encode_command(Command.cross(x))
+    return None  # FINALIZED: every participant committed already; the intent is gone by now
+
+
+__all__ = [
+    "READ_INTENTS_MAX",
+    "TXN_TIMEOUT_MS",
+    "Aborted",
+    "Committed",
+    "Conflict",
+    "Plan",
+    "Ready",
+    "Refused",
+    "abort_commands",
+    "after_prepare",
+    "after_prepare_range",
+    "after_record",
+    "blocking_intent",
+    "commit_commands",
+    "committed_record",
+    "expired",
+    "finalize_after",
+    "finalize_command",
+    "lock_of",
+    "plan",
+    "plan_range",
+    "prepare_commands",
+    "record_command",
+    "resolution",
+    "resolve_command",
+]

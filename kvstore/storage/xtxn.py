@@ -1,0 +1,518 @@
+"""Transactions across groups (two-phase commit): the commands' bodies, the rows they keep, and
+their codecs. STANDARD LIBRARY ONLY (the simulator imports it; `xtxn_apply.py` applies them).
+
+A cross-group transaction has a 16-byte id (`TxnId`: the coordinator's node id and a counter or
+random number, unique), a *primary* group (the group of its first key: it holds the transaction
+*record*, the commit point) and a *start* (a revision-valued reading of the coordinator's clock
+when it began; every command of the transaction is refused once the group's last revision is
+more than `MAX_AGE` past it, so a delayed duplicate can never act after the transaction's rows
+were forgotten). Commands (op codes in `commands.Op`; none carries a client key of its own):
+
+    PREPARE   id primary:u64 start:u64 n:u16 (klen:u16 key)* r:u8 [slen:u16 start elen:u16 end]
+                                                                  (in each participant; r = 1:
+                                                                  also lock the key range
+                                                                  [start, end), end empty = no end)
+    COMMIT    id at:u64 n:u16 write*                             (in each participant)
+    ABORT     id                                                  (in each participant)
+    RECORD    id start:u64 at:u64 result-len:u32 result n:u16 (group:u64 n:u16 write*)*
+                                                                  (in the primary: the commit point)
+    RESOLVE   id start:u64                                        (in the primary)
+    FINALIZE  id group:u64                                        (in the primary; group 0: every
+                                                                  participant applied its COMMIT,
+                                                                  else that participant did)
+    write     flags:u8 (bit 0: a put) klen:u16 key [vlen:u32 value]
+
+Rows (table `mvcc.T_TXN` of the group; `row_*` give the keys):
+
+    i + key                 -> intent   id primary:u64 start:u64 prepared:u64      (one per key)
+    t + id                  -> prepared:u64 start:u64 (klen:u16 key)*  the keys of its intents here
+    l + id                  -> intent slen:u16 start end   a range lock (a range delete's)
+    p + prepared:u64 + key  -> b""      the intents by prepared revision (the group's minimum pending)
+    r + id                  -> record   state:u8 start:u64 at:u64 result-len:u32 result groups
+    d + id                  -> start:u64  the transaction is done in this group (committed or aborted)
+    g + expiry:u64 + id     -> kind:u8   age-ordered index of the rows forgotten at `expiry`
+
+Invariants: every decoder is total (raises `ValueError`, never another type) and bounded (at
+most `MAX_KEYS` keys or writes per group, `MAX_GROUPS_PER_TXN` groups, `MAX_BODY` bytes);
+`decode_*(encode_*(x)) == x`.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from . import mvcc
+from .keylimit import MAX_KEY_SIZE
+from .txn import MAX_TXN_BYTES, MAX_TXN_ITEMS, TxnResult, decode_txn_result, encode_txn_result
+
+MAX_KEYS = MAX_TXN_ITEMS
+"""The most keys (PREPARE) or writes (COMMIT, a group of a RECORD) per group and command."""
+MAX_GROUPS_PER_TXN = MAX_TXN_ITEMS
+"""The most participant groups a RECORD lists."""
+MAX_BODY = 2 * MAX_TXN_BYTES + (1 << 20)
+"""The largest body of any of these commands."""
+MAX_AGE = 120_000 << mvcc.PHYSICAL_SHIFT
+"""How long (in revision units: 120 s of HLC time) after its start a transaction's commands are
+still applied. A coordinator gives up long before (its request's deadline)."""
+ID_BYTES = 16
+
+_ID = struct.Struct(">QQ")
+_U8 = struct.Struct(">B")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_INTENT = struct.Struct(">16sQQQ")
+INTENT_BYTES = _INTENT.size
+_REC_HEAD = struct.Struct(">BQQ")
+_W_PUT = 0x01
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class TxnId:
+    """A transaction's id: the coordinator's node id and a number unique on that node."""
+
+    node: int
+    n: int
+
+    def encode(self) -> bytes:
+        return _ID.pack(self.node, self.n)
+
+    @staticmethod
+    def decode(raw: bytes) -> TxnId:
+        if len(raw) != ID_BYTES:
+            raise ValueError(f"transaction id of {len(raw)} bytes (expected {ID_BYTES})")
+        return TxnId(*_ID.unpack(raw))
+
+    def __str__(self) -> str:
+        return f"{self.node:x}-{self.n:x}"
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """A key's intent: transaction `txn` prepared it at revision `prepared` in this group; its
+    record is in group `primary`; it started at `start`."""
+
+    txn: TxnId
+    primary: int
+    start: int
+    prepared: int
+
+    def encode(self) -> bytes:
+        return _INTENT.pack(self.txn.encode(), self.primary, self.start, self.prepared)
+
+    @staticmethod
+    def decode(raw: bytes) -> Intent:
+        if len(raw) != _INTENT.size:
+            raise ValueError(f"intent row of {len(raw)} bytes (expected {_INTENT.size})")
+        tid, primary, start, prepared = _INTENT.unpack(raw)
+        return Intent(TxnId.decode(tid), primary, start, prepared)
+
+
+Write = tuple[bytes, "bytes | None"]
+"""(key, new value; None: delete)."""
+
+
+class State(enum.IntEnum):
+    COMMITTED = 1
+    ABORTED = 2
+    FINALIZED = 3
+    """Committed, and every participant has applied its COMMIT (the writes are no longer kept)."""
+
+
+_STATES = {int(s): s for s in State}
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A transaction record (in its primary group). COMMITTED: at revision `at` with `writes`
+    per participant group and the client's `result`; ABORTED: nothing (at 0)."""
+
+    state: State
+    start: int
+    at: int = 0
+    result: TxnResult | None = None
+    writes: tuple[tuple[int, tuple[Write, ...]], ...] = ()
+
+    def writes_of(self, group: int) -> tuple[Write, ...]:
+        for g, ws in self.writes:
+            if g == group:
+                return ws
+        return ()
+
+
+class XOp(enum.IntEnum):
+    PREPARE = 7
+    COMMIT = 8
+    ABORT = 9
+    RECORD = 10
+    RESOLVE = 11
+    FINALIZE = 12
+
+
+@dataclass(frozen=True, slots=True)
+class XCmd:
+    """The body of one cross-group command (which fields matter depends on `op`, see the module
+    docstring; the others are at their defaults, and `encode_body` refuses them otherwise)."""
+
+    op: XOp
+    txn: TxnId
+    primary: int = 0
+    start: int = 0
+    at: int = 0
+    keys: tuple[bytes, ...] = ()
+    writes: tuple[Write, ...] = ()
+    result: TxnResult | None = None
+    groups: tuple[tuple[int, tuple[Write, ...]], ...] = ()
+    lock: tuple[bytes, bytes] | None = None
+    """PREPARE: a key range [start, end) to lock too (end b"": no end), every key in it found
+    answered (a range delete)."""
+    group: int = 0
+    """FINALIZE: the participant that applied its COMMIT (0: every one)."""
+
+
+# --- rows ----------------------------------------------------------------------------------------
+def row_intent(key: bytes) -> bytes:
+    return b"i" + key
+
+
+def row_txn_key(t: TxnId, key: bytes) -> bytes:
+    return b"t" + t.encode() + key
+
+
+def row_pending(prepared: int, key: bytes) -> bytes:
+    return b"p" + _U64.pack(prepared) + key
+
+
+def row_record(t: TxnId) -> bytes:
+    return b"r" + t.encode()
+
+
+def row_done(t: TxnId) -> bytes:
+    return b"d" + t.encode()
+
+
+def row_gc(expiry: int, t: TxnId) -> bytes:
+    return b"g" + _U64.pack(expiry) + t.encode()
+
+
+GC_RECORD = 1
+GC_DONE = 2
+
+
+# --- codec helpers -------------------------------------------------------------------------------
+class _Buf:
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes, pos: int) -> None:
+        self.data, self.pos = data, pos
+
+    def take(self, n: int, what: str) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise ValueError(f"truncated in {what}")
+        out = self.data[self.pos:end]
+        self.pos = end
+        return out
+
+    def u(self, s: struct.Struct, what: str) -> int:
+        return int(s.unpack(self.take(s.size, what))[0])
+
+    def key(self) -> bytes:
+        n = self.u(_U16, "a key's length")
+        if not 0 < n <= MAX_KEY_SIZE:
+            raise ValueError(f"key of {n} bytes (must be 1 to {MAX_KEY_SIZE})")
+        return self.take(n, "a key")
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            raise ValueError(f"{len(self.data) - self.pos} trailing bytes")
+
+
+def _check_key(k: bytes) -> None:
+    if not 0 < len(k) <= MAX_KEY_SIZE:
+        raise ValueError(f"key of {len(k)} bytes (must be 1 to {MAX_KEY_SIZE})")
+
+
+def _check_range(lo: bytes, hi: bytes) -> None:
+    if len(lo) > MAX_KEY_SIZE or len(hi) > MAX_KEY_SIZE:
+        raise ValueError(f"range bound longer than {MAX_KEY_SIZE} bytes")
+    if hi and hi <= lo:
+        raise ValueError("range end at or before its start")
+
+
+def in_range(key: bytes, lock: tuple[bytes, bytes]) -> bool:
+    lo, hi = lock
+    return key >= lo and (not hi or key < hi)
+
+
+def overlaps(a: tuple[bytes, bytes], b: tuple[bytes, bytes]) -> bool:
+    return (not a[1] or b[0] < a[1]) and (not b[1] or a[0] < b[1])
+
+
+def encode_range_lock(intent: Intent, lock: tuple[bytes, bytes]) -> bytes:
+    lo, hi = lock
+    return intent.encode() + _U16.pack(len(lo)) + lo + hi
+
+
+def decode_range_lock(raw: bytes) -> tuple[Intent, tuple[bytes, bytes]]:
+    """Total: ValueError for anything malformed."""
+    b = _Buf(bytes(raw), 0)
+    intent = Intent.decode(b.take(_INTENT.size, "the intent"))
+    lo = b.take(b.u(_U16, "the range start's length"), "the range start")
+    hi = bytes(raw[b.pos:])
+    _check_range(lo, hi)
+    return intent, (lo, hi)
+
+
+def encode_found(keys: list[bytes]) -> bytes:
+    """A range PREPARE's answer (`ApplyResult.current`): the keys it found in the range."""
+    return b"".join(_U16.pack(len(k)) + k for k in keys)
+
+
+def decode_found(raw: bytes) -> list[bytes]:
+    b = _Buf(bytes(raw), 0)
+    out: list[bytes] = []
+    while b.pos < len(b.data):
+        out.append(b.key())
+    return out
+
+
+def _check_rev(name: str, n: int) -> None:
+    if not 0 <= n <= mvcc.REVISION_MAX:
+        raise ValueError(f"{name} {n} is out of range")
+
+
+def _enc_writes(ws: tuple[Write, ...], out: list[bytes]) -> None:
+    if len(ws) > MAX_KEYS:
+        raise ValueError(f"{len(ws)} writes (at most {MAX_KEYS})")
+    seen: set[bytes] = set()
+    out.append(_U16.pack(len(ws)))
+    for k, v in ws:
+        _check_key(k)
+        if k in seen:
+            raise ValueError(f"key {k!r} written twice")
+        seen.add(k)
+        out += (_U8.pack(_W_PUT if v is not None else 0), _U16.pack(len(k)), k)
+        if v is not None:
+            out += (_U32.pack(len(v)), v)
+
+
+def _dec_writes(b: _Buf) -> tuple[Write, ...]:
+    n = b.u(_U16, "the number of writes")
+    if n > MAX_KEYS:
+        raise ValueError(f"{n} writes (at most {MAX_KEYS})")
+    out: list[Write] = []
+    seen: set[bytes] = set()
+    for _ in range(n):
+        flags = b.u(_U8, "a write's flags")
+        if flags & ~_W_PUT:
+            raise ValueError(f"write with unknown flags {flags:#x}")
+        k = b.key()
+        if k in seen:
+            raise ValueError(f"key {k!r} written twice")
+        seen.add(k)
+        v = b.take(b.u(_U32, "a value's length"), "a value") if flags & _W_PUT else None
+        out.append((k, v))
+    return tuple(out)
+
+
+def _enc_groups(gs: tuple[tuple[int, tuple[Write, ...]], ...], out: list[bytes]) -> None:
+    if len(gs) > MAX_GROUPS_PER_TXN:
+        raise ValueError(f"{len(gs)} groups (at most {MAX_GROUPS_PER_TXN})")
+    ids = [g for g, _ in gs]
+    if ids != sorted(set(ids)):
+        raise ValueError("groups must be distinct and in increasing order")
+    out.append(_U16.pack(len(gs)))
+    for g, ws in gs:
+        out.append(_U64.pack(g))
+        _enc_writes(ws, out)
+
+
+def _dec_groups(b: _Buf) -> tuple[tuple[int, tuple[Write, ...]], ...]:
+    n = b.u(_U16, "the number of groups")
+    if n > MAX_GROUPS_PER_TXN:
+        raise ValueError(f"{n} groups (at most {MAX_GROUPS_PER_TXN})")
+    out: list[tuple[int, tuple[Write, ...]]] = []
+    for _ in range(n):
+        g = b.u(_U64, "a group id")
+        if out and g <= out[-1][0]:
+            raise ValueError("groups must be distinct and in increasing order")
+        out.append((g, _dec_writes(b)))
+    return tuple(out)
+
+
+def _enc_result(r: TxnResult | None, out: list[bytes]) -> None:
+    raw = b"" if r is None else encode_txn_result(r)
+    out += (_U32.pack(len(raw)), raw)
+
+
+def _dec_result(b: _Buf) -> TxnResult | None:
+    raw = b.take(b.u(_U32, "the result's length"), "the result")
+    if not raw:
+        return None
+    r, pos = decode_txn_result(raw, 0)
+    if pos != len(raw):
+        raise ValueError("the result has trailing bytes")
+    return r
+
+
+# --- command bodies ------------------------------------------------------------------------------
+def encode_body(c: XCmd) -> bytes:
+    """The body of `c` (after the command header). ValueError if it breaks the invariants."""
+    out: list[bytes] = [c.txn.encode()]
+    defaults = XCmd(c.op, c.txn)
+    if c.op == XOp.PREPARE:
+        _check_rev("start", c.start)
+        if not (len(c.keys) > 0 or c.lock is not None) or len(c.keys) > MAX_KEYS:
+            raise ValueError(f"PREPARE of {len(c.keys)} keys (must be 1 to {MAX_KEYS}, or 0 with a range)")
+        if len(set(c.keys)) != len(c.keys):
+            raise ValueError("PREPARE names a key twice")
+        if c != XCmd(c.op, c.txn, c.primary, c.start, keys=c.keys, lock=c.lock):
+            raise ValueError("PREPARE carries fields it does not use")
+        out += (_U64.pack(c.primary), _U64.pack(c.start), _U16.pack(len(c.keys)))
+        for k in c.keys:
+            _check_key(k)
+            out += (_U16.pack(len(k)), k)
+        if c.lock is None:
+            out.append(_U8.pack(0))
+        else:
+            lo, hi = c.lock
+            _check_range(lo, hi)
+            out += (_U8.pack(1), _U16.pack(len(lo)), lo, _U16.pack(len(hi)), hi)
+    elif c.op == XOp.COMMIT:
+        _check_rev("commit revision", c.at)
+        if c != XCmd(c.op, c.txn, at=c.at, writes=c.writes):
+            raise ValueError("COMMIT carries fields it does not use")
+        out.append(_U64.pack(c.at))
+        _enc_writes(c.writes, out)
+    elif c.op == XOp.ABORT:
+        if c != defaults:
+            raise ValueError(f"{c.op.name} carries nothing but the transaction id")
+    elif c.op == XOp.FINALIZE:
+        if c != XCmd(c.op, c.txn, group=c.group) or not 0 <= c.group < (1 << 64):
+            raise ValueError("FINALIZE carries the transaction id and a group only")
+        out.append(_U64.pack(c.group))
+    elif c.op == XOp.RECORD:
+        _check_rev("start", c.start)
+        _check_rev("commit revision", c.at)
+        if c != XCmd(c.op, c.txn, start=c.start, at=c.at, result=c.result, groups=c.groups):
+            raise ValueError("RECORD carries fields it does not use")
+        out += (_U64.pack(c.start), _U64.pack(c.at))
+        _enc_result(c.result, out)
+        _enc_groups(c.groups, out)
+    elif c.op == XOp.RESOLVE:
+        _check_rev("start", c.start)
+        if c != XCmd(c.op, c.txn, start=c.start):
+            raise ValueError("RESOLVE carries fields it does not use")
+        out.append(_U64.pack(c.start))
+    else:
+        raise ValueError(f"unknown cross-group op {c.op!r}")
+    body = b"".join(out)
+    if len(body) > MAX_BODY:
+        raise ValueError(f"{c.op.name} of {len(body)} bytes (at most {MAX_BODY})")
+    return body
+
+
+def decode_body(op: XOp, data: bytes, pos: int = 0) -> XCmd:
+    """Decode the body of a command of kind `op` from `data[pos:]` (all of it). Total: raises
+    ValueError for anything malformed."""
+    if len(data) - pos > MAX_BODY:
+        raise ValueError(f"{op.name} of {len(data) - pos} bytes (at most {MAX_BODY})")
+    b = _Buf(data, pos)
+    t = TxnId.decode(b.take(ID_BYTES, "the transaction id"))
+    c: XCmd
+    if op == XOp.PREPARE:
+        primary = b.u(_U64, "the primary group")
+        start = b.u(_U64, "the start")
+        _check_rev("start", start)
+        n = b.u(_U16, "the number of keys")
+        if n > MAX_KEYS:
+            raise ValueError(f"PREPARE of {n} keys (at most {MAX_KEYS})")
+        keys = tuple(b.key() for _ in range(n))
+        if len(set(keys)) != n:
+            raise ValueError("PREPARE names a key twice")
+        flag = b.u(_U8, "the range flag")
+        lock: tuple[bytes, bytes] | None = None
+        if flag == 1:
+            lo = b.take(b.u(_U16, "the range start's length"), "the range start")
+            hi = b.take(b.u(_U16, "the range end's length"), "the range end")
+            _check_range(lo, hi)
+            lock = (lo, hi)
+        elif flag != 0:
+            raise ValueError(f"unknown range flag {flag}")
+        if not n and lock is None:
+            raise ValueError("PREPARE of no key and no range")
+        c = XCmd(op, t, primary, start, keys=keys, lock=lock)
+    elif op == XOp.COMMIT:
+        at = b.u(_U64, "the commit revision")
+        _check_rev("commit revision", at)
+        c = XCmd(op, t, at=at, writes=_dec_writes(b))
+    elif op == XOp.ABORT:
+        c = XCmd(op, t)
+    elif op == XOp.FINALIZE:
+        c = XCmd(op, t, group=b.u(_U64, "the group"))
+    elif op == XOp.RECORD:
+        start = b.u(_U64, "the start")
+        at = b.u(_U64, "the commit revision")
+        _check_rev("start", start)
+        _check_rev("commit revision", at)
+        c = XCmd(op, t, start=start, at=at, result=_dec_result(b), groups=_dec_groups(b))
+    elif op == XOp.RESOLVE:
+        start = b.u(_U64, "the start")
+        _check_rev("start", start)
+        c = XCmd(op, t, start=start)
+    else:
+        raise ValueError(f"unknown cross-group op {op!r}")
+    b.end()
+    return c
+
+
+# --- records -------------------------------------------------------------------------------------
+def encode_record(r: Record) -> bytes:
+    _check_rev("start", r.start)
+    _check_rev("commit revision", r.at)
+    out: list[bytes] = [_REC_HEAD.pack(int(r.state), r.start, r.at)]
+    _enc_result(r.result, out)
+    _enc_groups(r.writes, out)
+    return b"".join(out)
+
+
+def decode_record(raw: bytes) -> Record:
+    """Total: ValueError for anything malformed."""
+    if len(raw) > MAX_BODY:
+        raise ValueError(f"record of {len(raw)} bytes (at most {MAX_BODY})")
+    b = _Buf(raw, 0)
+    st = b.u(_U8, "the record's state")
+    state = _STATES.get(st)
+    if state is None:
+        raise ValueError(f"record of unknown state {st}")
+    start = b.u(_U64, "the start")
+    at = b.u(_U64, "the commit revision")
+    _check_rev("start", start)
+    _check_rev("commit revision", at)
+    res = _dec_result(b)
+    groups = _dec_groups(b)
+    b.end()
+    return Record(state, start, at, res, groups)
+
+
+# --- a lock met by a write -----------------------------------------------------------------------
+LOCKED = "key locked by a transaction in progress"
+"""The error text's start of a command refused because a key it names holds another transaction's
+intent (nothing changed, nothing cached: retry after the transaction resolves)."""
+
+
+def encode_lock(key: bytes, intent: Intent) -> bytes:
+    """The `current` of a LOCKED result: which key, and its intent."""
+    return _U16.pack(len(key)) + key + intent.encode()
+
+
+def decode_lock(raw: bytes) -> tuple[bytes, Intent]:
+    """Total: ValueError for anything malformed."""
+    b = _Buf(bytes(raw), 0)
+    key = b.key()
+    intent = Intent.decode(b.take(_INTENT.size, "the intent"))
+    b.end()
+    return key, intent

@@ -1,0 +1,383 @@
+"""Applying the commands of transactions across groups (two-phase commit). STANDARD LIBRARY ONLY.
+
+Run by `machine.execute` on every replica, so everything here is a function of the log alone.
+The rows are `xtxn.py`'s, in the group's MVCC tables (`mvcc.T_TXN`, `mvcc.T_INTENTS`); snapshots
+carry them like every MVCC table.
+
+Rules (each command is idempotent: a coordinator or a resolver may propose it again):
+- PREPARE(id, primary, start, keys) with proposed revision P, in a participant: refused (nothing
+  changes) if the group is more than `MAX_AGE` past `start`, if the transaction is already done
+  here, if the group does not serve a key (`wrong_shard`; also for a range while any range of
+  the group is frozen or being installed: a move), or if a key holds another
+  transaction's intent (LOCKED, with that intent: the caller resolves it or waits). Otherwise it
+  reserves p = `next_revision(last, P, group)` (last := p), records an intent per key at p, and
+  answers the keys' current values as a `TxnResult` of GETs in key order, at revision p. The
+  same PREPARE again (every key holds this transaction's intent) answers the same; a PREPARE
+  naming some of them only is refused.
+- While a key holds an intent, every other write of it is refused at apply (LOCKED, not cached:
+  `locked`), so the key's versions stay below p, and its next version is the commit's, at
+  R >= p.
+- COMMIT(id, R, writes): every write's key must hold this transaction's intent, R >= p and R
+  above the compact revision; the writes are made at exactly R (`mvcc.write_version(commit=True)`:
+  last := max(last, R); the change log rows at (R, kid), possibly below last), the intents go,
+  and a *done* row stays (until the group is `MAX_AGE` past the start) so a delayed duplicate
+  PREPARE is refused. With no intents of the transaction left: a no-op if it is done, else refused.
+- ABORT(id): drops the intents (done row as for COMMIT). A no-op without intents.
+- RECORD(id, start, R, result, writes per group), in the primary: the commit point. If the
+  record says ABORTED (a resolver got there first): refused (TXN_ABORTED). If it says COMMITTED
+  at R: answered again. If there is none: refused when the group is more than `MAX_AGE` past
+  `start` (a late proposal can never commit after an ABORTED record was forgotten), else the
+  record is written COMMITTED. The answer carries R, the client's result, and the id in
+  `current` (a session's cached answer to an earlier attempt names that attempt's id). A refused
+  RECORD is not cached in the session (`machine.apply_command`): the next attempt's applies.
+- RESOLVE(id, start), in the primary: the record, as it is; none: an ABORTED record is written
+  first (so the coordinator's RECORD can no longer commit). The answer's `current` is the record.
+- FINALIZE(id, group): a COMMITTED record becomes FINALIZED (its writes dropped, the client's
+  result kept) once every participant applied its COMMIT: group 0 (the coordinator's) says all
+  did; a group (a resolver's, after it committed that group's intents) takes that participant
+  off the record, which becomes FINALIZED when none is left. ABORTED and FINALIZED records, and done rows, are forgotten once the group
+  is `MAX_AGE` past the start (at most `GC_PER_ENTRY` per applied command of this module).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from typing import Protocol
+
+from ..shard.ranges import IntervalSet, key_hash
+from . import mvcc, txn, xtxn
+from .commands import ApplyResult
+from .shardcmd import ShardState
+from .xtxn import Intent, Record, State, TxnId, XCmd, XOp
+
+GC_PER_ENTRY = 4
+TXN_ABORTED = "transaction aborted: a resolver aborted it before its commit point"
+TOO_OLD = "transaction too old: its start is more than the maximum age behind the group"
+_U16 = struct.Struct(">H")
+_U64 = struct.Struct(">Q")
+
+
+class View(Protocol):
+    """What this module needs of a group's state (`machine.StateView` has it)."""
+
+    group: int
+
+    def get(self, key: bytes) -> bytes | None: ...
+
+    def put(self, key: bytes, value: bytes) -> None: ...
+
+    def delete(self, key: bytes) -> bool: ...
+
+    @property
+    def mvcc(self) -> mvcc.Rows: ...
+
+    @property
+    def shards(self) -> ShardState | None: ...
+
+
+# --- reading the rows ----------------------------------------------------------------------------
+def intent_of(rows: mvcc.Rows, key: bytes) -> Intent | None:
+    """The key's intent, if any. A corrupt row raises RevisionError (as a corrupt state does)."""
+    raw = rows.get(mvcc.T_INTENTS, key)
+    if raw is None:
+        return None
+    try:
+        return Intent.decode(bytes(raw))
+    except ValueError as err:
+        raise mvcc.RevisionError(f"corrupt intent row: {err}") from None
+
+
+def range_locks(rows: mvcc.Rows) -> list[tuple[Intent, tuple[bytes, bytes]]]:
+    """The group's range locks (range deletes in progress; few)."""
+    out = []
+    for _k, v in rows.iter(mvcc.T_TXN, b"l", b"m"):
+        try:
+            out.append(xtxn.decode_range_lock(bytes(v)))
+        except ValueError as err:
+            raise mvcc.RevisionError(f"corrupt range lock row: {err}") from None
+    return out
+
+
+def _lock_result(k: bytes, it: Intent) -> ApplyResult:
+    return ApplyResult(error=f"{xtxn.LOCKED} {it.txn}", current=xtxn.encode_lock(k, it))
+
+
+def locked(rows: mvcc.Rows, keys: Iterable[bytes], mine: TxnId | None = None) -> ApplyResult | None:
+    """The LOCKED result for the first of `keys` holding an intent or inside a range lock (of
+    another transaction than `mine`), or None."""
+    if not rows.has_locks():
+        return None
+    ranges: list[tuple[Intent, tuple[bytes, bytes]]] | None = None
+    for k in keys:
+        it = intent_of(rows, k)
+        if it is not None and it.txn != mine:
+            return _lock_result(k, it)
+        if ranges is None:
+            ranges = range_locks(rows)
+        for rit, rng in ranges:
+            if rit.txn != mine and xtxn.in_range(k, rng):
+                return _lock_result(k, rit)
+    return None
+
+
+def min_pending(rows: mvcc.Rows) -> int:
+    """The lowest revision reserved by a PREPARE whose intents are still held (0: none). A commit
+    may still write at any revision at or above it."""
+    for k, _ in rows.iter(mvcc.T_TXN, b"p", b"q"):
+        return int(_U64.unpack_from(bytes(k), 1)[0])
+    return 0
+
+
+def intents_in(rows: mvcc.Rows, ranges: IntervalSet) -> bool:
+    """Whether a key whose hash is in `ranges` holds an intent, or any range lock is held (a
+    key range covers every hash range): a range move waits for them."""
+    if any(True for _ in rows.iter(mvcc.T_TXN, b"l", b"m")):
+        return True
+    return any(key_hash(bytes(k)) in ranges for k, _ in rows.iter(mvcc.T_INTENTS, b"", None))
+
+
+def record_of(rows: mvcc.Rows, t: TxnId) -> Record | None:
+    raw = rows.get(mvcc.T_TXN, xtxn.row_record(t))
+    if raw is None:
+        return None
+    try:
+        return xtxn.decode_record(bytes(raw))
+    except ValueError as err:
+        raise mvcc.RevisionError(f"corrupt transaction record: {err}") from None
+
+
+def _encode_keys(keys: Iterable[bytes], prepared: int, start: int) -> bytes:
+    return _U64.pack(prepared) + _U64.pack(start) + b"".join(_U16.pack(len(k)) + k for k in keys)
+
+
+def _decode_keys(raw: bytes) -> tuple[int, int, list[bytes]]:
+    if len(raw) < 2 * _U64.size:
+        raise mvcc.RevisionError("corrupt transaction key list")
+    prepared = int(_U64.unpack_from(raw)[0])
+    start = int(_U64.unpack_from(raw, _U64.size)[0])
+    pos, out = 2 * _U64.size, []
+    while pos < len(raw):
+        if pos + 2 > len(raw):
+            raise mvcc.RevisionError("corrupt transaction key list")
+        (n,) = _U16.unpack_from(raw, pos)
+        if pos + 2 + n > len(raw):
+            raise mvcc.RevisionError("corrupt transaction key list")
+        out.append(raw[pos + 2:pos + 2 + n])
+        pos += 2 + n
+    return prepared, start, out
+
+
+def prepared_keys(rows: mvcc.Rows, t: TxnId) -> tuple[int, int, list[bytes]] | None:
+    """(p, start, keys) of the transaction's intents in this group, or None if it holds none."""
+    raw = rows.get(mvcc.T_TXN, b"t" + t.encode())
+    return None if raw is None else _decode_keys(bytes(raw))
+
+
+# --- apply ---------------------------------------------------------------------------------------
+def apply(view: View, c: XCmd, proposed: int) -> ApplyResult:
+    """Apply cross-group command `c` (see the module docstring). RevisionError propagates (the
+    caller turns it into an error result) only before anything changed."""
+    rows = view.mvcc
+    res = _apply(view, rows, c, proposed)
+    _gc(rows)
+    return res
+
+
+def _apply(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult:
+    if c.op == XOp.PREPARE:
+        return _prepare(view, rows, c, proposed)
+    if c.op in (XOp.COMMIT, XOp.ABORT):
+        return _finish(view, rows, c)
+    if c.op == XOp.RECORD:
+        return _record(rows, c)
+    if c.op == XOp.RESOLVE:
+        return _resolve(rows, c)
+    if c.op == XOp.FINALIZE:
+        rec = record_of(rows, c.txn)
+        if rec is not None and rec.state == State.COMMITTED:
+            left = tuple((g, ws) for g, ws in rec.writes if c.group and g != c.group)
+            if left:  # one participant done (a resolver's): the others may still need their writes
+                rows.put(mvcc.T_TXN, xtxn.row_record(c.txn),
+                         xtxn.encode_record(Record(State.COMMITTED, rec.start, rec.at, rec.result, left)))
+            else:
+                rows.put(mvcc.T_TXN, xtxn.row_record(c.txn),
+                         xtxn.encode_record(Record(State.FINALIZED, rec.start, rec.at, rec.result)))
+                _gc_later(rows, rec.start, c.txn)
+        return ApplyResult()
+    return ApplyResult(error=f"unknown cross-group op {c.op!r}")
+
+
+def _too_old(rows: mvcc.Rows, start: int) -> bool:
+    return mvcc.rev_state(rows).last > start + xtxn.MAX_AGE
+
+
+def _gc_later(rows: mvcc.Rows, start: int, t: TxnId) -> None:
+    rows.put(mvcc.T_TXN, xtxn.row_gc(start + xtxn.MAX_AGE, t), b"")
+
+
+def _gc(rows: mvcc.Rows) -> None:
+    """Forget at most GC_PER_ENTRY expired rows (ABORTED / FINALIZED records, done rows)."""
+    last = mvcc.rev_state(rows).last
+    gone: list[bytes] = []
+    for k, _ in rows.iter(mvcc.T_TXN, b"g", b"h"):
+        k = bytes(k)
+        if len(gone) >= GC_PER_ENTRY or len(k) != 1 + 8 + xtxn.ID_BYTES or _U64.unpack_from(k, 1)[0] >= last:
+            break
+        gone.append(k)
+    for k in gone:
+        t = TxnId.decode(k[9:])
+        rows.delete(mvcc.T_TXN, k)
+        rows.delete(mvcc.T_TXN, xtxn.row_done(t))
+        rec = rows.get(mvcc.T_TXN, xtxn.row_record(t))
+        if rec is not None and bytes(rec)[:1] != bytes((int(State.COMMITTED),)):
+            rows.delete(mvcc.T_TXN, xtxn.row_record(t))
+
+
+def _prepare(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult:
+    if _too_old(rows, c.start):
+        return ApplyResult(error=TOO_OLD)
+    if rows.get(mvcc.T_TXN, xtxn.row_done(c.txn)) is not None:
+        return ApplyResult(error="transaction already finished in this group")
+    st = view.shards
+    if st is not None and not all(key_hash(k) in st.active for k in c.keys):
+        return ApplyResult(wrong_shard=True, error="the key is not served by this group")
+    if c.lock is not None and st is not None and (st.frozen or st.installing):
+        # keys of a moving range are in two groups or none: a range delete waits for the move
+        return ApplyResult(wrong_shard=True, error="a range of this group is moving: the range delete waits for it")
+    mine = prepared_keys(rows, c.txn)
+    found: list[bytes] = []
+    if mine is None:
+        lock = locked(rows, c.keys)
+        if lock is not None:
+            return lock
+        if c.lock is not None:
+            conflict = _range_conflict(view, rows, c, found)
+            if conflict is not None:
+                return conflict
+        p = mvcc.next_revision(mvcc.rev_state(rows).last, proposed, view.group)
+    elif not set(c.keys) <= set(mine[2]) or (c.lock is None and len(c.keys) != len(mine[2])):
+        return ApplyResult(error="PREPARE names other keys than the transaction prepared in this group")
+    else:
+        p = mine[0]
+        named = set(c.keys)
+        found = [k for k in mine[2] if k not in named]
+    gets: list[txn.OpResult] = []
+    size = 0
+    for k in c.keys:
+        value = view.get(k)
+        meta = mvcc.current_meta(rows, k, value)
+        if value is None or meta is None:
+            gets.append(txn.OpResult(txn.OpKind.GET))
+            continue
+        size += len(value)
+        if size > txn.MAX_RESULT_VALUE_BYTES:
+            return ApplyResult(error=f"the prepared keys hold more than {txn.MAX_RESULT_VALUE_BYTES} bytes of values")
+        gets.append(txn.OpResult(txn.OpKind.GET, True, value, meta.create_revision, meta.mod_revision, meta.version))
+    if mine is None:
+        it = Intent(c.txn, c.primary, c.start, p)
+        intent = it.encode()
+        for k in (*c.keys, *found):
+            rows.put(mvcc.T_INTENTS, k, intent)
+        rows.put(mvcc.T_TXN, b"t" + c.txn.encode(), _encode_keys((*c.keys, *found), p, c.start))
+        rows.put(mvcc.T_TXN, b"p" + _U64.pack(p) + c.txn.encode(), b"")
+        if c.lock is not None:
+            rows.put(mvcc.T_TXN, b"l" + c.txn.encode(), xtxn.encode_range_lock(it, c.lock))
+        rs = mvcc.rev_state(rows)
+        rows.put(mvcc.T_STATE, b"", mvcc.RevState(p, rs.compact, rs.next_kid).encode())
+    return ApplyResult(
+        revision=p, txn=txn.TxnResult(True, tuple(gets), p),
+        current=xtxn.encode_found(found) if c.lock is not None else None,
+    )
+
+
+MAX_RANGE_KEYS = 10_000
+"""The most keys one group's part of a range delete may cover (their intents are written by
+one PREPARE, their deletes by one COMMIT)."""
+
+
+def _range_conflict(view: View, rows: mvcc.Rows, c: XCmd, found: list[bytes]) -> ApplyResult | None:
+    """For a PREPARE with a range: the LOCKED result if another transaction holds an intent on a
+    key in it or a range lock overlapping it; else fill `found` with the keys present in it
+    (not named by the PREPARE itself). An error result if it holds too many."""
+    assert c.lock is not None
+    lo, hi = c.lock
+    for rit, rng in range_locks(rows):
+        if xtxn.overlaps(rng, c.lock):
+            return _lock_result(max(lo, rng[0]) or b"\x00", rit)  # a key in both ranges names the lock
+    end = hi or None
+    for k, _v in rows.iter(mvcc.T_INTENTS, lo, end):
+        it = intent_of(rows, bytes(k))
+        if it is not None:
+            return _lock_result(bytes(k), it)
+    named = set(c.keys)
+    st = view.shards
+    for k, _ in rows.iter(mvcc.T_KEYS, lo, end):
+        key = bytes(k)
+        if key in named or view.get(key) is None or (st is not None and key_hash(key) not in st.active):
+            continue
+        found.append(key)
+        if len(found) > MAX_RANGE_KEYS:
+            return ApplyResult(error=f"the range holds more than {MAX_RANGE_KEYS} keys in group {view.group}")
+    return None
+
+
+def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
+    mine = prepared_keys(rows, c.txn)
+    if mine is None:
+        if c.op == XOp.ABORT or rows.get(mvcc.T_TXN, xtxn.row_done(c.txn)) is not None:
+            return ApplyResult(revision=c.at)
+        return ApplyResult(error="COMMIT of a transaction that holds no intents in this group")
+    p, start, keys = mine
+    if c.op == XOp.COMMIT:
+        held = set(keys)
+        if any(k not in held for k, _ in c.writes):
+            return ApplyResult(error="COMMIT writes a key the transaction did not prepare in this group")
+        st = mvcc.rev_state(rows)
+        if not (c.at >= p and c.at > st.compact):
+            return ApplyResult(error=f"COMMIT at {c.at} below the transaction's prepared revision {p}")
+        for k, v in c.writes:
+            prev = view.get(k)
+            if v is None and prev is None:
+                continue
+            mvcc.write_version(rows, view.group, k, v, prev, c.at, commit=True)
+            if v is None:
+                view.delete(k)
+            else:
+                view.put(k, v)
+    for k in keys:
+        rows.delete(mvcc.T_INTENTS, k)
+    rows.delete(mvcc.T_TXN, b"t" + c.txn.encode())
+    rows.delete(mvcc.T_TXN, b"p" + _U64.pack(p) + c.txn.encode())
+    rows.delete(mvcc.T_TXN, b"l" + c.txn.encode())
+    rows.put(mvcc.T_TXN, xtxn.row_done(c.txn), _U64.pack(start))
+    _gc_later(rows, start, c.txn)
+    return ApplyResult(revision=c.at)
+
+
+def _answer(rec: Record, t: TxnId) -> ApplyResult:
+    return ApplyResult(revision=rec.at, txn=rec.result, current=t.encode())
+
+
+def _record(rows: mvcc.Rows, c: XCmd) -> ApplyResult:
+    rec = record_of(rows, c.txn)
+    if rec is not None:
+        if rec.state == State.ABORTED:
+            return ApplyResult(error=TXN_ABORTED)
+        if rec.at != c.at:
+            return ApplyResult(error=f"the transaction is already recorded at {rec.at}")
+        return _answer(Record(rec.state, rec.start, rec.at, rec.result if rec.result is not None else c.result), c.txn)
+    if _too_old(rows, c.start):
+        return ApplyResult(error=TOO_OLD)
+    new = Record(State.COMMITTED, c.start, c.at, c.result, c.groups)
+    rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(new))
+    return _answer(new, c.txn)
+
+
+def _resolve(rows: mvcc.Rows, c: XCmd) -> ApplyResult:
+    rec = record_of(rows, c.txn)
+    if rec is None:
+        rec = Record(State.ABORTED, c.start)
+        rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(rec))
+        _gc_later(rows, c.start, c.txn)
+    return ApplyResult(revision=rec.at, current=xtxn.encode_record(rec))
