@@ -81,7 +81,7 @@ from ..raft.types import (
     bootstrap_entries,
 )
 from ..shard.ranges import IntervalSet, key_hash
-from ..storage import changefeed, mvcc
+from ..storage import changefeed, leases, mvcc
 from ..storage.commands import MAX_KEY_SIZE, ApplyResult, decode_result
 from ..storage.errors import (
     SnapshotFormatError,
@@ -91,7 +91,7 @@ from ..storage.errors import (
     StorageIOError,
 )
 from ..storage.machine import LIMITS, SessionHead, SessionLimits, SessionMeta, apply_data
-from ..storage.mvcc_mem import MemRows
+from ..storage.mvcc_mem import N_TABLES, MemRows
 from ..storage.nodelogs import NodeLogs, WalLogStorage, log_is_empty
 from ..storage.shardcmd import (
     REC_CLOSED,
@@ -106,6 +106,7 @@ from ..storage.shardcmd import (
 )
 from ..storage.snapfile import (
     TAG_DATA,
+    TAG_LEASES,
     TAG_MEMBER,
     TAG_REV_BASE,
     TAG_REV_STATE,
@@ -926,9 +927,11 @@ class MemoryNodeStore:
             if len(key) > MAX_KEY_SIZE:
                 raise SnapshotFormatError(f"snapshot file {name} has a key of {len(key)} bytes")
             try:
-                if TAG_REV_BASE <= tag <= TAG_REV_STATE:
+                if TAG_REV_BASE <= tag <= TAG_LEASES:
                     if tag == TAG_REV_STATE:
                         mvcc.RevState.decode(value)
+                    elif tag == TAG_LEASES:
+                        leases.check_rows(key, value)
                     rows.put(tag - TAG_REV_BASE, key, value)
                 elif tag == TAG_DATA:
                     data[key] = value
@@ -1167,7 +1170,7 @@ class MemoryNodeStore:
         records += [(TAG_DATA, k, data[k]) for k in g.sorted_keys()]
         records += [(TAG_SESSION, k, v) for k, v in _session_rows(g, meta=True)]
         records += [(TAG_MEMBER, U64.pack(n), g.members[n]) for n in sorted(g.members)]
-        for t in range(4):
+        for t in range(N_TABLES):
             records += [(TAG_REV_BASE + t, k, v) for k, v in g.rows.iter(t, b"", None)]
         return meta, encode_snapshot(group, meta, records, self.snapshot_chunk_size)
 

@@ -81,8 +81,17 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from ..shard.ranges import IntervalSet, key_hash
-from . import mvcc, txn
-from .commands import ApplyResult, Command, Op, decode_command, decode_result, encode_result, unknown_kind
+from . import leases, mvcc, txn
+from .commands import (
+    LEASE_OPS,
+    ApplyResult,
+    Command,
+    Op,
+    decode_command,
+    decode_result,
+    encode_result,
+    unknown_kind,
+)
 from .mvcc_mem import MemRows
 from .shardcmd import (
     REC_CLOSED,
@@ -98,6 +107,8 @@ from .shardcmd import (
     is_shard_command,
     iter_records,
 )
+
+_U64 = struct.Struct(">Q")
 
 STALE_REQUEST = "stale request: the client already acknowledged the reply for this sequence number"
 SESSION_EXPIRED = (
@@ -255,6 +266,7 @@ def execute(view: StateView, cmd: Command) -> ApplyResult:
         if op == Op.PUT:  # the key's value is read only for a LEGACY key (no key row yet)
             rev = mvcc.write_version(view.mvcc, view.group, cmd.key, cmd.value, None, cmd.revision, view.get)
             view.put(cmd.key, cmd.value)
+            leases.detach(view.mvcc, cmd.key)
             return ApplyResult(revision=rev)
         if op == Op.DELETE:
             prev = view.get(cmd.key)
@@ -262,6 +274,7 @@ def execute(view: StateView, cmd: Command) -> ApplyResult:
                 return ApplyResult(existed=False)
             rev = mvcc.write_version(view.mvcc, view.group, cmd.key, None, prev, cmd.revision)
             view.delete(cmd.key)
+            leases.detach(view.mvcc, cmd.key)
             return ApplyResult(existed=True, revision=rev)
         if op == Op.CAS:
             current = view.get(cmd.key)
@@ -269,6 +282,7 @@ def execute(view: StateView, cmd: Command) -> ApplyResult:
             if swap:
                 rev = mvcc.write_version(view.mvcc, view.group, cmd.key, cmd.value, current, cmd.revision)
                 view.put(cmd.key, cmd.value)
+                leases.detach(view.mvcc, cmd.key)
                 return ApplyResult(swapped=True, found=current is not None, revision=rev)
             return ApplyResult(found=current is not None, current=current)
         if op == Op.TXN:
@@ -278,6 +292,8 @@ def execute(view: StateView, cmd: Command) -> ApplyResult:
             return compact(view, cmd.revision)
         if op == Op.CLOSE:
             return close(view, cmd.revision)
+        if cmd.lease is not None:
+            return apply_lease(view, cmd)
     except mvcc.RevisionError as err:
         return ApplyResult(error=f"revision refused: {err}")
     return ApplyResult(error=f"unknown command op {op!r}")
@@ -307,7 +323,24 @@ def apply_txn(view: StateView, t: txn.Txn, proposed: int) -> ApplyResult:
             view.delete(key)
         else:
             view.put(key, value)
+        leases.detach(rows, key)
     return ApplyResult(revision=out.result.revision, txn=out.result)
+
+
+def apply_lease(view: StateView, cmd: Command) -> ApplyResult:
+    """A lease command (`leases.apply`). The result: `found`; `current` = ttl_s:u64 for a GRANT
+    or a RENEW that found the lease, the number of keys deleted:u64 for REVOKE, EXPIRE and DROP;
+    `revision` of the deletion or of a LEASE_PUT; `error` when refused (nothing changed)."""
+    lc = cmd.lease
+    assert lc is not None  # the caller checked
+    out = leases.apply(view.mvcc, view.group, lc, cmd.key, cmd.value, cmd.revision, view.get, view.put, view.delete)
+    k = lc.kind
+    current = None
+    if out.found and k in (leases.Kind.GRANT, leases.Kind.RENEW):
+        current = _U64.pack(out.ttl_s)
+    elif out.found and k in (leases.Kind.REVOKE, leases.Kind.EXPIRE, leases.Kind.DROP):
+        current = _U64.pack(out.deleted)
+    return ApplyResult(found=out.found, current=current, error=out.error, revision=out.revision)
 
 
 def serves(st: ShardState | None, cmd: Command) -> bool:
@@ -316,6 +349,8 @@ def serves(st: ShardState | None, cmd: Command) -> bool:
         return True
     if cmd.txn is not None:
         return all(key_hash(k) in st.active for k, _ in txn.keys_of(cmd.txn))
+    if cmd.op in LEASE_OPS and cmd.op != Op.LEASE_PUT:
+        return True  # no key: a lease record is the group's by its id, not by a key's hash
     return key_hash(cmd.key) in st.active
 
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from .mvcc import T_CHANGES, T_HIST, T_KEYS
 
-N_TABLES = 4
+N_TABLES = 5
+"""The four MVCC tables and the lease table (`leases.T_LEASES`)."""
 
 Undo = Callable[["MemRows", int, bytes, "bytes | None"], None]
 """Called before each change with (rows, table, key, the old value or None)."""

@@ -938,7 +938,7 @@ def test_garbage_messages_are_clear() -> None:
 
 PURE = [
     "storage/commands.py", "storage/machine.py", "storage/shardcmd.py", "shard/ranges.py", "storage/mvcc.py",
-    "storage/mvcc_mem.py", "storage/txn.py", "storage/keylimit.py",
+    "storage/mvcc_mem.py", "storage/txn.py", "storage/keylimit.py", "storage/leases.py",
 ]
 
 
