@@ -1048,6 +1048,10 @@ class MemoryNodeStore:
         g = self._read(group)
         return mvcc.RevState() if g is None else mvcc.rev_state(g.rows)
 
+    def read_leases(self, group: int, fn: Callable[[mvcc.Rows], T]) -> T:
+        g = self._read(group)
+        return fn(MemRows() if g is None else g.rows)
+
     def get_version(self, group: int, key: bytes, rev: int = 0) -> tuple[mvcc.Version | None, mvcc.RevState]:
         g = self._read(group)
         if g is None:

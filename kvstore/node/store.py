@@ -45,6 +45,7 @@ from ..storage.machine import SessionMeta
 from ..storage.shardcmd import ShardState
 
 T_co = TypeVar("T_co", covariant=True)
+T = TypeVar("T")
 
 ApplyResults = list[list[ApplyResult | None]]
 """One list per `ApplyBatch`, one item per entry (None for entries without a data result)."""
@@ -102,6 +103,11 @@ class RevisionReads(Protocol):
 
     def rev_state(self, group: int) -> mvcc.RevState:
         """The group's last and compact revisions (committed state)."""
+        ...
+
+    def read_leases(self, group: int, fn: Callable[[mvcc.Rows], T]) -> T:
+        """`fn` run on the group's committed rows (one read view; `storage/leases.py` reads its
+        lease table, table `leases.T_LEASES`, through it). `fn` only reads."""
         ...
 
     def get_version(self, group: int, key: bytes, rev: int = 0) -> tuple[mvcc.Version | None, mvcc.RevState]:

@@ -488,6 +488,11 @@ class KVState:
         with self._env.read() as txn:
             return _rev_state(LmdbRows(txn, group, rev_dbs(self._env)))
 
+    def read_leases(self, group: int, fn: Callable[[mvcc.Rows], T]) -> T:
+        """`fn` on the group's committed rows, in one read transaction (the lease table)."""
+        with self._env.read() as txn:
+            return fn(LmdbRows(txn, group, rev_dbs(self._env)))
+
     def get_version(self, group: int, key: bytes, rev: int = 0) -> tuple[mvcc.Version | None, mvcc.RevState]:
         """The key's version at revision `rev` (0: its current one) and the group's revision state,
         from ONE read transaction. Raises mvcc.Compacted if `rev` is below the compact revision."""
