@@ -132,11 +132,40 @@ class LeaseRequests:
         except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
             return kv_pb2.LeaseKeepAliveResponse(error=self.rq.err(self.rq.internal("LeaseKeepAlive", err)), id=r.id)
 
-    async def keep_alive(self, requests: AsyncIterator[kv_pb2.LeaseKeepAliveRequest]
+    async def keep_alive(self, requests: AsyncIterator[kv_pb2.LeaseKeepAliveRequest], window: int = 1024
                          ) -> AsyncIterator[kv_pb2.LeaseKeepAliveResponse]:
-        """One reply per request, in order (each renewal through the home group's log)."""
-        async for r in requests:
-            yield await self.keep_alive_one(r)
+        """One reply per request (each renewal through the home group's log), up to `window`
+        renewals in flight at once: replies come as renewals apply (each names its lease)."""
+        out: asyncio.Queue[kv_pb2.LeaseKeepAliveResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(window)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(r: kv_pb2.LeaseKeepAliveRequest) -> None:
+            try:
+                await out.put(await self.keep_alive_one(r))
+            finally:
+                slots.release()
+
+        async def reader() -> None:
+            try:
+                async for r in requests:
+                    await slots.acquire()
+                    t = asyncio.get_running_loop().create_task(one(r))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                await out.put(None)
+
+        feed = asyncio.get_running_loop().create_task(reader())
+        try:
+            while (resp := await out.get()) is not None:
+                yield resp
+        finally:
+            feed.cancel()
+            for t in list(tasks):
+                t.cancel()
 
     async def time_to_live(self, r: kv_pb2.LeaseTimeToLiveRequest) -> kv_pb2.LeaseTimeToLiveResponse:
         rq = self.rq
