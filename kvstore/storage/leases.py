@@ -309,12 +309,16 @@ Delete = Callable[[bytes], bool]
 Put = Callable[[bytes, bytes], None]
 
 
-def drop_attached(rows: mvcc.Rows, group: int, lease_id: int, proposed: int, get: Get, delete: Delete) -> Outcome:
+def drop_attached(rows: mvcc.Rows, group: int, lease_id: int, proposed: int, get: Get, delete: Delete,
+                  serves: Callable[[bytes], bool] = lambda _k: True) -> Outcome:
     """Delete every key attached to `lease_id` in this group at ONE revision (mvcc.next_revision
     of the proposal) and its attachment rows. The per-group half of a lease's deletion (see the
-    module docstring); RevisionError propagates before anything changed."""
+    module docstring); RevisionError propagates before anything changed. Only keys the group
+    serves (`serves`) are deleted: a key in a range frozen for a move is immutable (its export
+    must read the same on every replica); it moves without its attachment (a known gap: README
+    "Leases")."""
     keys = attached_keys(rows, lease_id)
-    present = [(k, v) for k in keys if (v := get(k)) is not None]
+    present = [(k, v) for k in keys if serves(k) and (v := get(k)) is not None]
     rev = 0
     if present:
         rev = mvcc.next_revision(mvcc.rev_state(rows).last, proposed, group)
@@ -328,10 +332,11 @@ def drop_attached(rows: mvcc.Rows, group: int, lease_id: int, proposed: int, get
 
 
 def apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, proposed: int,
-          get: Get, put: Put, delete: Delete) -> Outcome:
+          get: Get, put: Put, delete: Delete, serves: Callable[[bytes], bool] = lambda _k: True) -> Outcome:
     """Apply lease command `c` to a group (see the module docstring). `key`/`value`: LEASE_PUT's;
-    `proposed`: the leader's proposed revision for a write. RevisionError propagates before
-    anything changed."""
+    `proposed`: the leader's proposed revision for a write; `serves(key)`: whether the group
+    serves the key (deletions skip keys it does not). RevisionError propagates before anything
+    changed."""
     lid, k = c.lease_id, c.kind
     home = home_group(lid) == group
     rk = record_key(lid)
@@ -356,7 +361,7 @@ def apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, pr
             rows.put(T_LEASES, attach_key(lid, key), key)
         return Outcome(found=True, revision=rev)
     if k == Kind.DROP:
-        out = drop_attached(rows, group, lid, proposed, get, delete)
+        out = drop_attached(rows, group, lid, proposed, get, delete, serves)
         if not home:
             rows.put(T_LEASES, tomb_key(lid), b"")
         return out
@@ -377,7 +382,7 @@ def apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, pr
     if k == Kind.EXPIRE or k == Kind.REVOKE:
         if rec is None or not live or (k == Kind.EXPIRE and rec.renews != c.renews):
             return Outcome(error=NOT_FOUND) if k == Kind.REVOKE else Outcome()
-        out = drop_attached(rows, group, lid, proposed, get, delete)
+        out = drop_attached(rows, group, lid, proposed, get, delete, serves)
         rows.put(T_LEASES, rk, Record(rec.ttl_s, 0, rec.renews, REVOKED).encode())
         return out
     if k == Kind.FORGET:

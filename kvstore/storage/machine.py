@@ -333,7 +333,9 @@ def apply_lease(view: StateView, cmd: Command) -> ApplyResult:
     `revision` of the deletion or of a LEASE_PUT; `error` when refused (nothing changed)."""
     lc = cmd.lease
     assert lc is not None  # the caller checked
-    out = leases.apply(view.mvcc, view.group, lc, cmd.key, cmd.value, cmd.revision, view.get, view.put, view.delete)
+    st = view.shards
+    out = leases.apply(view.mvcc, view.group, lc, cmd.key, cmd.value, cmd.revision, view.get, view.put, view.delete,
+                       (lambda _k: True) if st is None else (lambda k: key_hash(k) in st.active))
     k = lc.kind
     current = None
     if out.found and k in (leases.Kind.GRANT, leases.Kind.RENEW):

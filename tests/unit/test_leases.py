@@ -249,3 +249,21 @@ def test_snapshot_install_refuses_a_bad_lease_row(tmp_path: Path) -> None:
     with pytest.raises(SnapshotFormatError):
         st_.persist([GroupWrite(G, [], HardState(1, 0, 5), meta, path)])
     st_.close()
+
+
+def test_a_revoke_leaves_keys_in_a_range_frozen_for_a_move() -> None:
+    """A frozen range is immutable while it is exported: the deletion skips its keys."""
+    from kvstore.shard.ranges import IntervalSet, key_hash
+    from kvstore.storage.shardcmd import ShardState
+
+    s = DictState(group=G)
+    grant(s)
+    lput(s, b"moving", b"v")
+    lput(s, b"staying", b"v")
+    h = key_hash(b"moving")
+    everything = IntervalSet.full()
+    frozen = IntervalSet([(h, h + 1)])
+    s.shard_state = ShardState(everything.difference(frozen), frozen)
+    r = run(s, LeaseCmd(Kind.REVOKE, LID))
+    assert r.found and r.current == struct.pack(">Q", 1)  # type: ignore[attr-defined]
+    assert s.data == {b"moving": b"v"}
