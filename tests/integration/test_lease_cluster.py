@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from clusterharness import Cluster
 
+from kvstore.backup.format import BackupReader
 from kvstore.client import Client
 from kvstore.errors import InvalidArgument
 from kvstore.shard.shardmap import ShardMap
@@ -128,6 +129,15 @@ def test_kvctl_lease_commands(cluster: Cluster) -> None:
     assert ka.returncode == 0 and ka.stdout == f"lease {hex_id} keepalived with TTL(60)\n", (ka.stdout, ka.stderr)
     ls = _kvctl(cluster, "lease", "list")
     assert ls.returncode == 0 and hex_id in ls.stdout.split() and ls.stdout.startswith("found "), ls.stdout
+    # a backup carries the lease: its TTL, remaining TTL and keys
+    backup = cluster.root / "with-lease.kvbk"
+    sv = _kvctl(cluster, "snapshot", "save", str(backup))
+    assert sv.returncode == 0, sv.stderr
+    with open(backup, "rb") as f:
+        reader = BackupReader(f)
+        list(reader.entries())
+    (saved,) = [le for le in reader.leases if le.id == int(hex_id, 16)]
+    assert saved.ttl_s == 60 and 0 < saved.remaining_ms <= 60_000 and saved.keys == (b"lk",)
     rv = _kvctl(cluster, "lease", "revoke", hex_id)
     assert rv.returncode == 0 and rv.stdout == f"lease {hex_id} revoked\n", (rv.stdout, rv.stderr)
     with Client(cluster.endpoints, timeout=20) as c:  # "lk" may be in another group: deleted right after
