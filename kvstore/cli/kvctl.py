@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -1148,6 +1148,121 @@ def lease_list(c: _Ctx) -> None:
     click.echo(f"found {len(ids)} leases")
     for i in ids:
         click.echo(f"{i:016x}")
+
+
+def _hold(c: _Ctx, name: str, proposal: bytes | None, command: tuple[str, ...], ttl: int) -> int:
+    """Acquire NAME's lock (or campaign with PROPOSAL), print the key (and value), then run
+    COMMAND with the fencing token in its environment, or hold until interrupted. Returns the
+    exit code: COMMAND's, or 1 if the session's lease was lost while holding."""
+    import asyncio
+    import os
+    import subprocess
+
+    from kvstore.client.concurrency import Election, Mutex, Session
+
+    client = c.client()
+    state: dict[str, Any] = {}
+
+    async def acquire() -> None:
+        session = Session(client._async, ttl)
+        await session.__aenter__()
+        state["session"] = session
+        m = Election(session, c.parse(name, "NAME")) if proposal is not None else Mutex(session, c.parse(name, "NAME"))
+        state["mutex"] = m
+        held = await (m.campaign(proposal) if isinstance(m, Election) and proposal is not None else m.acquire())
+        state["held"] = held
+
+    async def wait_lost(proc: subprocess.Popen[bytes] | None) -> bool:
+        session = state["session"]
+        while proc is None or proc.poll() is None:
+            if session.lost.is_set():
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    async def release() -> None:
+        if "mutex" in state and not state["session"].lost.is_set():
+            with suppress(KVError):
+                await state["mutex"].release()
+        if "session" in state:
+            await state["session"].__aexit__(None, None, None)
+
+    try:
+        with _errors(is_write=True):
+            client._run(acquire(), write=True)
+        held = state["held"]
+        click.echo(c.show(held.key))
+        if proposal is not None:
+            click.echo(c.show(proposal))
+        proc = None
+        if command:
+            env = {**os.environ, "KVSTORE_LOCK_FENCE": str(held.fence), "KVSTORE_LOCK_KEY": c.show(held.key)}
+            proc = subprocess.Popen(list(command), env=env)
+        lost = client._run(wait_lost(proc))
+        if lost:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+            click.echo(f"kvctl: the session's lease was lost: {c.show(held.key)} is no longer held", err=True)
+            return EXIT_NO
+        return proc.returncode if proc is not None else 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        with suppress(Exception):
+            client._run(release())
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("--ttl", type=click.IntRange(min=1, max=3600), default=10, show_default=True,
+              help="The session lease's TTL in seconds.")
+@pass_ctx
+def lock(c: _Ctx, name: str, command: tuple[str, ...], ttl: int) -> None:
+    """Acquire the distributed lock NAME and print its key; then run COMMAND (after `--`) with
+    the fencing token in $KVSTORE_LOCK_FENCE (the key's create revision: a resource should refuse
+    any token below the highest it has seen) and release the lock when it exits, or hold the lock
+    until interrupted. Exit: COMMAND's status, or 1 if the session's lease was lost."""
+    sys.exit(_hold(c, name, None, command, ttl))
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("proposal", required=False)
+@click.option("--ttl", type=click.IntRange(min=1, max=3600), default=10, show_default=True,
+              help="The session lease's TTL in seconds.")
+@pass_ctx
+def elect(c: _Ctx, name: str, proposal: str | None, ttl: int) -> None:
+    """Campaign in election NAME with PROPOSAL: once elected print the key and the proposal and
+    hold the leadership until interrupted (exit 1 if the session's lease is lost). Without
+    PROPOSAL, observe: print the leader's key and value each time the leadership changes."""
+    if proposal is not None:
+        sys.exit(_hold(c, name, c.parse(proposal, "PROPOSAL"), (), ttl))
+    client = c.client()
+    prefix = c.parse(name, "NAME").rstrip(b"/") + b"/"
+
+    async def observe() -> None:
+        last: bytes | None = None
+        while True:
+            kvs = []
+            async for chunk in client._async.scan_kvs(prefix):
+                kvs += chunk
+            if kvs:
+                first = min(kvs, key=lambda kv: kv.create_revision)
+                if first.key != last:
+                    last = first.key
+                    click.echo(c.show(first.key))
+                    click.echo(c.show(first.value))
+            rev = max((kv.mod_revision for kv in kvs), default=0)
+            async for _ev in client._async.watch(prefix=prefix, start_revision=rev + 1 if rev else 0):
+                break
+
+    try:
+        with _errors(is_write=False):
+            client._run(observe())
+    except KeyboardInterrupt:
+        return
 
 
 @cli.group()

@@ -126,19 +126,37 @@ class Leases:
         return LeaseInfo(lid, int(resp.ttl), int(resp.granted_ttl), tuple(resp.keys))
 
     async def list(self, *, timeout: float | None = None) -> list[int]:
-        """The live leases' ids, as the answering node's replicas of the data groups know them."""
+        """The live leases' ids: the union of what every reachable node's replicas of the data
+        groups hold (each group's leader among them has applied every grant it acknowledged; a
+        lagging replica may still list a lease revoked a moment ago)."""
         req = kv_pb2.LeaseLeasesRequest()
-        resp = await self.invoker.invoke(
-            "lease list", lambda ep, t: self.channels.kv(ep).LeaseLeases(req, timeout=t),
-            deadline=self.checks.deadline(timeout), is_write=False, learns_leader=False,
-        )
-        return sorted(int(i) for i in resp.ids)
+        ids: set[int] = set()
+        answered = 0
+        last: KVError | None = None
+        for ep in list(self.view.router.endpoints):
+            try:
+                resp = await self.invoker.invoke(
+                    "lease list", lambda e, t: self.channels.kv(e).LeaseLeases(req, timeout=t),
+                    deadline=self.checks.deadline(timeout), is_write=False, learns_leader=False, endpoint=ep,
+                )
+            except KVError as err:
+                last = err
+                continue
+            answered += 1
+            ids.update(int(i) for i in resp.ids)
+        if not answered and last is not None:
+            raise last
+        return sorted(ids)
 
     async def put(self, key: bytes, value: bytes, lease_id: int, *, timeout: float | None = None) -> int:
         """Put `key` attached to the lease (exactly-once, like `put`); returns its revision.
         Refused (definite InvalidArgument "requested lease not found") if the lease is not live."""
         lid = _id(lease_id)
         k, v = self.checks.key(key), self.checks.value(value)
+        # The lease must be live at its home (its leader answers): a key in another group is
+        # attached only to a lease its home had granted; one revoked since is refused there.
+        if (await self.time_to_live(lid, timeout=timeout)).ttl < 0:
+            raise InvalidArgument(f"{leases.NOT_FOUND}: lease {lid:x}")
         try:
             resp = await self.writes.write(
                 "lease put", k, lambda s: kv_pb2.LeasePutRequest(key=k, value=v, lease=lid, session=s), timeout,

@@ -5,8 +5,9 @@ LeasePut) and the node's lease clock driver. A thin shell: the rules are `storag
 Routing: a lease operation goes to the lease's home group (`leases.home_group(id)`, the id's low
 12 bits), which must be led here (else NOT_LEADER / NO_LEADER with the leader's hint: the client
 retries there). A LeasePut goes to the key's group; for a key outside the home group the home's
-record is read first (here, when this node has a replica of it that is current; otherwise the put
-is refused as "requested lease not found" only by the groups themselves: see `leases.py`).
+record is checked first where this node leads the home group with a current view; elsewhere the
+client library has checked it at the home leader just before (`client/leases.py`), and a lease
+revoked since is refused by the key's group once its DROP applied (`leases.py`).
 
 What answers read: LeaseTimeToLive's remaining TTL is the home leader's lease clock (its
 `Lessor`), or the last checkpoint if the lease clock has not timed it yet; its keys, and
@@ -176,6 +177,9 @@ class LeaseRequests:
                 raise rq.wrong_shard(f"lease {lid:x}'s home group {g} is not on node {rq.cfg.id}")
             if not rq.host.leads_current(g):
                 raise rq.host._not_leader(rq.host.groups[g])
+            # a linearizable read point: a grant acknowledged from inside its apply transaction
+            # is visible to the read that follows it
+            await rq.read_point(g, kv_pb2.LINEARIZABLE)
             rec = self._record(lid)
             if rec is None or rec.state != leases.LIVE:
                 return kv_pb2.LeaseTimeToLiveResponse(error=rq.ok(), id=lid, ttl=-1)
@@ -215,8 +219,9 @@ class LeaseRequests:
             rq.check_value(value)
             lid = _lease_id(r.lease)
             home = leases.home_group(lid)
-            if home in rq.host.groups and rq.group_for(key) != home:
-                rec = self._record(lid)  # this node's replica of the home group: refuse a dead lease early
+            if rq.host.leads_current(home) and rq.group_for(key) != home:
+                await rq.read_point(home, kv_pb2.LINEARIZABLE)
+                rec = self._record(lid)  # this node leads the home group: refuse a dead lease here
                 if rec is None or rec.state != leases.LIVE:
                     raise errors.InvalidArgument(leases.NOT_FOUND)
             data = self._encode(LeaseCmd(Kind.PUT, lid), key, value, r.session)

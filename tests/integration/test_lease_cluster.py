@@ -136,7 +136,9 @@ def test_kvctl_lease_commands(cluster: Cluster) -> None:
     with open(backup, "rb") as f:
         reader = BackupReader(f)
         list(reader.entries())
-    (saved,) = [le for le in reader.leases if le.id == int(hex_id, 16)]
+    found = [le for le in reader.leases if le.id == int(hex_id, 16)]
+    assert len(found) == 1, (reader.leases, hex_id, sv.stdout)
+    saved = found[0]
     assert saved.ttl_s == 60 and 0 < saved.remaining_ms <= 60_000 and saved.keys == (b"lk",)
     rv = _kvctl(cluster, "lease", "revoke", hex_id)
     assert rv.returncode == 0 and rv.stdout == f"lease {hex_id} revoked\n", (rv.stdout, rv.stderr)
@@ -150,3 +152,52 @@ def test_kvctl_lease_commands(cluster: Cluster) -> None:
     assert bad.returncode == 2 and leases.NOT_FOUND in bad.stderr, (bad.returncode, bad.stderr)
     junk = _kvctl(cluster, "lease", "revoke", "zz")
     assert junk.returncode == 2 and "hexadecimal" in junk.stderr
+
+
+def test_mutex_fencing_tokens_under_a_leader_kill(cluster: Cluster) -> None:
+    """Three sessions contend for one lock, each holding it a moment per turn, while one group's
+    leader is killed: the resource (which refuses a token below the highest it has seen) never
+    sees two holders at once, and the tokens it accepts only grow."""
+    import asyncio
+
+    from kvstore.client import AsyncClient
+    from kvstore.client.concurrency import Mutex, Session
+
+    cluster.wait_leader()
+    accepted: list[int] = []
+    inside: list[int] = []
+
+    async def worker(i: int, turns: int) -> None:
+        async with AsyncClient(cluster.endpoints, timeout=20) as client, Session(client, ttl=10) as s:
+            m = Mutex(s, b"locks/res")
+            for _ in range(turns):
+                held = await m.acquire()
+                assert not inside, f"worker {i} got the lock while {inside} holds it"
+                assert not accepted or held.fence > accepted[-1], (held.fence, accepted)
+                inside.append(i)
+                accepted.append(held.fence)
+                await asyncio.sleep(0.05)
+                inside.remove(i)
+                await m.release()
+
+    async def main() -> None:
+        tasks = [asyncio.create_task(worker(i, 4)) for i in range(3)]
+        await asyncio.sleep(1.0)
+        leader = cluster.settled_leader(1)
+        leader.kill9()
+        await asyncio.gather(*tasks)
+        leader.start()
+
+    asyncio.run(main())
+    assert len(accepted) == 12 and accepted == sorted(accepted)
+
+
+def test_kvctl_lock_passes_the_fencing_token(cluster: Cluster) -> None:
+    cluster.wait_leader()
+    r = _kvctl(cluster, "lock", "--ttl", "5", "jobs/nightly", "--", sys.executable, "-c",
+               "import os; print('fence', os.environ['KVSTORE_LOCK_FENCE'])")
+    assert r.returncode == 0, r.stderr
+    key_line, fence_line = r.stdout.splitlines()[:2]
+    assert key_line.startswith("jobs/nightly/") and int(fence_line.split()[1]) > 0
+    with Client(cluster.endpoints, timeout=20) as c:  # released when the command exited
+        _wait(lambda: not list(c.scan(b"jobs/nightly/")), "the lock key released")
