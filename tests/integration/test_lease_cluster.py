@@ -183,7 +183,7 @@ def test_mutex_fencing_tokens_under_a_leader_kill(cluster: Cluster) -> None:
     async def main() -> None:
         tasks = [asyncio.create_task(worker(i, 4)) for i in range(3)]
         await asyncio.sleep(1.0)
-        leader = cluster.settled_leader(1)
+        leader = await asyncio.to_thread(cluster.settled_leader, 1)  # (blocking: not on the loop)
         leader.kill9()
         await asyncio.gather(*tasks)
         leader.start()
