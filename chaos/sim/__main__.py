@@ -16,6 +16,7 @@ import logging
 import sys
 import time
 
+from .leases import leases_by_default
 from .nodes import NodeSimResult, run_node_seed
 from .plant import ALL_BUGS, planted
 from .txn_pairs import txn_pairs_by_default
@@ -54,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         help="multi-key transactions on key pairs, checked for atomicity (chaos/sim/txn_pairs.py): on a fixed "
              "fifth of the seeds (auto), on every seed, or off",
     )
+    ap.add_argument(
+        "--leases", choices=("auto", "on", "off"), default="auto",
+        help="lease clients with the real lease clock and drifting clocks, checked for early expiry and the "
+             "expiry bound (chaos/sim/leases.py): on a fixed fifth of the seeds (auto), on every seed, or off",
+    )
     args = ap.parse_args(argv)
     from . import nodes
 
@@ -62,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     moves = {"auto": None, "on": True, "off": False}[args.moves]
     watches = {"auto": None, "on": True, "off": False}[args.watches]
     txn_pairs = {"auto": None, "on": True, "off": False}[args.txn_pairs]
+    use_leases = {"auto": None, "on": True, "off": False}[args.leases]
     if not args.trace:
         logging.disable(logging.CRITICAL)  # the nodes' own logs (refused forgeries...) are expected
 
@@ -72,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     with planted(args.plant):
         for seed in seeds:
             pairs = txn_pairs_by_default(seed) if txn_pairs is None else txn_pairs
+            lz = leases_by_default(seed) if use_leases is None else use_leases
             res = run_node_seed(seed, nodes=args.nodes, trace=args.trace, moves=moves, quiesce=quiesce, watches=watches,
-                                txn_pairs=pairs)
+                                txn_pairs=pairs, leases=lz)
             results.append(res)
             ops += res.ops
             if args.trace:
@@ -94,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     print(quiesce_summary(results))
     print(txn_pairs_summary(results))
     print(watch_summary(results))
+    print(lease_summary(results))
     print(f"seeds: {len(seeds)}, violations: {violations}")
     return 0 if violations == 0 else 1
 
@@ -142,6 +151,15 @@ def watch_summary(results: list[NodeSimResult]) -> str:
         f"({sum(w.closes_forwarded for w in ws)} forwarded); {sum(w.merged for w in ws)} merged watches "
         f"({sum(w.subs for w in ws)} sub-watches, {sum(w.asks for w in ws)} progress requests at a revision)"
     )
+
+
+def lease_summary(results: list[NodeSimResult]) -> str:
+    on = [r.leases for r in results if r.leases is not None]
+    if not on:
+        return "leases: off"
+    return (f"leases: {len(on)} seeds, {sum(s.granted for s in on)} granted, {sum(s.renewed for s in on)} renewals, "
+            f"{sum(s.attached for s in on)} keys attached, {sum(s.expired for s in on)} expired, "
+            f"{sum(s.kept for s in on)} kept alive to the end")
 
 
 def txn_pairs_summary(results: list[NodeSimResult]) -> str:

@@ -83,6 +83,7 @@ from . import replica_reads
 from .churn import CompetingSuffixes
 from .closed_reads import ClosedReads, ClosedReadStats, ClosedReadViolation, closed_reads_by_default
 from .invariants import SafetyChecker, SafetyViolation
+from .leases import LeaseStats, LeaseViolation, SimLeases
 from .membership import MembershipDriver
 from .moves import SimMoves
 from .quiet import QuiesceStats, QuietScenario, quiesce_by_default
@@ -259,6 +260,8 @@ class NodeSimResult:
     """What the watchers did (`watches.py`; None when they were off)."""
     txn_pairs: TxnPairStats | None = None
     """What the pair transactions did (`txn_pairs.py`; None when they were off)."""
+    leases: LeaseStats | None = None
+    """What the lease clients did (`leases.py`; None when they were off)."""
 
 
 class SimTransport:
@@ -332,6 +335,7 @@ class NodeSimulation:
         closed_reads: bool | None = None,
         watches: bool | None = None,
         txn_pairs: bool | None = None,
+        leases: bool | None = None,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -402,6 +406,10 @@ class NodeSimulation:
             watches = params is None and watches_by_default(seed)
         self.watches = SimWatches(self) if watches else None
         self.txn_pairs = TxnPairs(self) if txn_pairs else None
+        self.leases = SimLeases(self) if leases and self.quiet is None else None
+        """Leases with the real lease clock on every node, drifting clocks, checked for early
+        expiry and the expiry bound (`leases.py`; off unless asked for, and off with quiescence:
+        a live lease keeps its home group awake, its leader's clock checkpoints it)."""
         """Multi-key transactions on key pairs, checked for atomicity (`txn_pairs.py`; off unless
         asked for, so the seeds pinned by tests replay as before; `python -m chaos.sim` runs them
         on a fifth of the seeds, `txn_pairs_by_default`)."""
@@ -476,6 +484,8 @@ class NodeSimulation:
                 self.watches.start()
             if self.txn_pairs is not None:
                 self.txn_pairs.start()
+            if self.leases is not None:
+                self.leases.start()
             while self._events:
                 t, seq, fn, args = heapq.heappop(self._events)
                 if self.end is not None and t > self.end:
@@ -498,6 +508,8 @@ class NodeSimulation:
                 self.closed_reads.recheck()
             if self.watches is not None:
                 self.watches.check_end()
+            if self.leases is not None:
+                self.leases.check_end()
             self._check_liveness()
             res = check(self.history, timeout=20.0)
             verdict = res.verdict.value
@@ -506,7 +518,7 @@ class NodeSimulation:
                 violation = f"linearizability: key {res.bad_key} is not linearizable: {shown}"
         except (
             SafetyViolation, SimulationFailure, replica_reads.StaleReadViolation, RevisionViolation,
-            ClosedReadViolation, WatchViolation, TxnPairViolation,
+            ClosedReadViolation, WatchViolation, TxnPairViolation, LeaseViolation,
         ) as err:
             violation = f"{type(err).__name__}: {err}"
             verdict = "violation"
@@ -523,6 +535,7 @@ class NodeSimulation:
             self.closed_reads.stats if self.closed_reads is not None else None,
             self.watches.stats if self.watches is not None else None,
             self.txn_pairs.stats if self.txn_pairs is not None else None,
+            self.leases.stats if self.leases is not None else None,
         )
 
     def _close(self) -> None:
@@ -741,10 +754,20 @@ class NodeSimulation:
         """The revision rules (`revisions.py`) on every entry the cycle applied."""
         if cycle.error is not None or len(cycle.results) != len(cycle.applies):
             return  # the transaction failed: nothing was applied
+        store = n.store
+
+        def deleted_at(group: int) -> Callable[[int], list[bytes]]:
+            def at(rev: int) -> list[bytes]:
+                if store is None:
+                    return []
+                batch = store.revisions.changes(group, rev, rev, 10_000, 1 << 30, False)
+                return [c.key for c in batch.changes if c.value is None]
+            return at
+
         for a, results in zip(cycle.applies, cycle.results, strict=True):
             for e, res in zip(a.entries, results, strict=True):
                 if isinstance(res, ApplyResult) and e.data and not is_shard_command(e.data):
-                    self.revisions.on_apply(n.id, a.group, e.index, e.data, res)
+                    self.revisions.on_apply(n.id, a.group, e.index, e.data, res, deleted_at(a.group))
 
     def _check_ownership_refusals(self, n: SimNode, cycle: Any, served: dict[int, IntervalSet]) -> None:
         """A group refuses a key for ownership (WRONG_SHARD) only if it does not serve the key at
@@ -1437,15 +1460,16 @@ def lmdb_store(node_id: int, directory: Path) -> NodeStore:
 def run_node_seed(seed: int, nodes: int = 3, trace: bool = False, params: NodeSimParams | None = None,
                   store_factory: StoreFactory | None = None, moves: bool | None = None,
                   quiesce: bool | None = None, closed_reads: bool | None = None,
-                  watches: bool | None = None, txn_pairs: bool | None = None) -> NodeSimResult:
+                  watches: bool | None = None, txn_pairs: bool | None = None,
+                  leases: bool | None = None) -> NodeSimResult:
     """One seed; `moves` forces range moves on or off (default: drawn, on half of the seeds),
     `quiesce` quiescence (default: `quiesce_by_default`), `closed_reads` the cross-group scans
     (default: `closed_reads_by_default`, when the params are drawn), `watches` the watchers
     (default: `watches_by_default`, when the params are drawn), `txn_pairs` the pair
-    transactions (default: off)."""
+    transactions (default: off), `leases` the lease clients (default: off)."""
     return NodeSimulation(
         seed, nodes, params, trace, store_factory, moves=moves, quiesce=quiesce, closed_reads=closed_reads,
-        watches=watches, txn_pairs=txn_pairs,
+        watches=watches, txn_pairs=txn_pairs, leases=leases,
     ).run()
 
 

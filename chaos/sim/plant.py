@@ -14,6 +14,7 @@ from typing import Any
 from kvstore.node.closes import NodeCloses
 from kvstore.node.host import Group, Host
 from kvstore.node.inbound import Inbound
+from kvstore.node.lessor import Lessor
 from kvstore.node.memstore import _U_ATTR, ListStream, MemoryNodeStore, _undo
 from kvstore.node.moves import MoveCoordinator, Propose, Work
 from kvstore.node.reads import NodeReads
@@ -438,7 +439,26 @@ TXN_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
 """Bugs in transactions, found by the pair transactions (`txn_pairs.py`, forced on in
 `tests/simulation/test_node_sim_txn.py`)."""
 
-ALL_BUGS = {**BUGS, **NODE_BUGS, **STORAGE_BUGS, **WATCH_BUGS, **TXN_BUGS}
+def _scan_without_margin(self: Lessor, now_ms: float, recs: Any, data_groups: Any) -> None:
+    # BUG: the deadline is the remaining TTL on the leader's own clock, with no margin for its
+    # rate error: a leader whose clock runs fast expires a lease before the client's TTL passed.
+    drift = self.p.drift
+    self.p = dataclasses.replace(self.p, drift=0.0)
+    try:
+        _real_scan(self, now_ms, recs, data_groups)
+    finally:
+        self.p = dataclasses.replace(self.p, drift=drift)
+
+
+_real_scan = Lessor._scan
+
+LEASE_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
+    "lease-no-drift-margin": (Lessor, "_scan", _scan_without_margin),
+}
+"""Bugs in leases, found by the lease clients (`leases.py`, forced on in
+`tests/simulation/test_node_sim_leases.py`)."""
+
+ALL_BUGS = {**BUGS, **NODE_BUGS, **STORAGE_BUGS, **WATCH_BUGS, **TXN_BUGS, **LEASE_BUGS}
 
 
 @contextmanager

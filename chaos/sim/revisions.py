@@ -17,6 +17,7 @@ It also keeps every applied write's (revision, key, new value) once, so the scan
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvstore.shard.shardmap import META_GROUP
@@ -46,8 +47,11 @@ class RevisionChecker:
     prepared: dict[tuple[int, bytes], int] = field(default_factory=dict)
     """(group, transaction id) -> the revision its PREPARE reserved there."""
 
-    def on_apply(self, node: int, group: int, index: int, data: bytes, res: ApplyResult) -> None:
-        """Entry (group, index) with command `data` was applied on `node` with result `res`."""
+    def on_apply(self, node: int, group: int, index: int, data: bytes, res: ApplyResult,
+                 deleted_at: Callable[[int], list[bytes]] | None = None) -> None:
+        """Entry (group, index) with command `data` was applied on `node` with result `res`.
+        `deleted_at(rev)`: the keys the group's change log deleted at `rev` (a lease's deletion
+        names no keys in its command)."""
         try:
             cmd = commands.decode_command(data)
         except ValueError:
@@ -70,6 +74,8 @@ class RevisionChecker:
             return
         if cmd.op in commands.X_OPS:
             self._on_cross(group, index, cmd, res)
+        if cmd.lease is not None:
+            self._on_lease(group, index, cmd, res, deleted_at)
             return
         wrote = not res.error and (cmd.op == commands.Op.PUT or res.swapped or res.existed)
         if not wrote:
@@ -166,6 +172,33 @@ class RevisionChecker:
                     if any(r == x.at for r, _ in vs):
                         raise RevisionViolation(f"g{group} index {index}: key {key!r} written twice at {x.at}")
                     vs.insert(bisect_left(vs, x.at, key=_rev), (x.at, value))
+    def _on_lease(self, group: int, index: int, cmd: commands.Command, res: ApplyResult,
+                  deleted_at: Callable[[int], list[bytes]] | None) -> None:
+        """A lease command: LEASE_PUT writes its key; REVOKE, EXPIRE and DROP delete the lease's
+        keys in the group at one revision (read back from the change log); the others write
+        nothing and have no revision."""
+        rev = res.revision
+        if not rev:
+            return
+        if res.error:
+            raise RevisionViolation(f"g{group} index {index}: a refused lease command has revision {rev}")
+        first = self.owner.setdefault(rev, (group, index, cmd.client_id, cmd.seq))
+        if first[:2] != (group, index):
+            raise RevisionViolation(
+                f"uniqueness: revision {rev} assigned to g{first[0]} index {first[1]} and to g{group} index {index}"
+            )
+        if rev % mvcc.STEP != mvcc.slot_of(group):
+            raise RevisionViolation(f"g{group} index {index}: revision {rev} is not in the group's slot")
+        if not self._place(group, index, rev, True) or group == META_GROUP:
+            return
+        writes: list[tuple[bytes, bytes | None]]
+        if cmd.op == commands.Op.LEASE_PUT:
+            writes = [(cmd.key, cmd.value)]
+        else:
+            writes = [(k, None) for k in (deleted_at(rev) if deleted_at is not None else [])]
+        for key, value in writes:
+            vs = self.versions.setdefault(key, [])
+            vs.insert(bisect_left(vs, rev, key=_rev), (rev, value))
 
     def _place(self, group: int, index: int, rev: int, write: bool) -> bool:
         """Put (index, rev) in the group's apply order, checking its neighbours: revisions never

@@ -10,6 +10,8 @@ Layout (integers big-endian):
                AUTH (2)  at most once, before any KEYS: the encoded auth state (users, roles)
                KEYS (3)  a chunk: count:u32, then per key klen:u16 vlen:u32 create:u64 mod:u64
                          version:u64 key value
+               LEASES (4) after every KEYS: a chunk: count:u32, then per lease id:u64 ttl_s:u64
+                         remaining_ms:u64 nkeys:u32, then per attached key klen:u16 key
                END  (0)  exactly once, last: keys:u64 records:u64
     trailer  SHA-256 (32 bytes) of every byte before it
 
@@ -34,6 +36,7 @@ from typing import BinaryIO
 
 from kvstore.security.authstate import AuthError, AuthState
 from kvstore.shard.shardmap import MAX_GROUP_ID
+from kvstore.storage import leases
 from kvstore.storage.keylimit import MAX_KEY_SIZE
 from kvstore.storage.mvcc import ROW_HEADER_BYTES
 from kvstore.storage.snapfile import MAX_RECORD_VALUE
@@ -44,6 +47,7 @@ TAG_END = 0
 TAG_INFO = 1
 TAG_AUTH = 2
 TAG_KEYS = 3
+TAG_LEASES = 4
 CHUNK_BYTES = 256 << 10
 MAX_KEY = MAX_KEY_SIZE
 MAX_VALUE = MAX_RECORD_VALUE - ROW_HEADER_BYTES
@@ -58,6 +62,8 @@ _INFO = struct.Struct(">QQIBI")
 _COUNT = struct.Struct(">I")
 _KV = struct.Struct(">HIQQQ")
 _END = struct.Struct(">QQ")
+_LEASE = struct.Struct(">QQQI")
+_KLEN = struct.Struct(">H")
 HASH_BYTES = 32
 
 
@@ -86,6 +92,66 @@ class BackupKey:
     create_revision: int
     mod_revision: int
     version: int
+
+
+@dataclass(frozen=True, slots=True)
+class BackupLease:
+    """A live lease when the backup was saved: its granted TTL, its remaining TTL then, and the
+    keys attached to it (ids strictly ascending in the file)."""
+
+    id: int
+    ttl_s: int
+    remaining_ms: int
+    keys: tuple[bytes, ...] = ()
+
+
+def check_lease(le: BackupLease, prev: int) -> None:
+    try:
+        leases.check_id(le.id)
+        leases.check_ttl(le.ttl_s)
+    except ValueError as err:
+        raise BackupFormatError(f"lease: {err}") from None
+    if le.id <= prev:
+        raise BackupFormatError(f"leases out of order at {le.id:x}")
+    if not 0 <= le.remaining_ms <= le.ttl_s * 1000:
+        raise BackupFormatError(f"lease {le.id:x}: remaining {le.remaining_ms} ms beyond its TTL of {le.ttl_s} s")
+    for k in le.keys:
+        if not 1 <= len(k) <= MAX_KEY:
+            raise BackupFormatError(f"lease {le.id:x}: an attached key of {len(k)} bytes (1..{MAX_KEY})")
+
+
+def encode_lease(le: BackupLease) -> bytes:
+    return _LEASE.pack(le.id, le.ttl_s, le.remaining_ms, len(le.keys)) + b"".join(
+        _KLEN.pack(len(k)) + k for k in le.keys)
+
+
+def decode_leases(payload: bytes) -> list[BackupLease]:
+    """A LEASES record's leases (total: BackupFormatError on any damage; order is the caller's)."""
+    if len(payload) < _COUNT.size:
+        raise BackupFormatError("lease chunk without its count")
+    (count,) = _COUNT.unpack_from(payload)
+    if count == 0:
+        raise BackupFormatError("empty lease chunk")
+    pos, n, out = _COUNT.size, len(payload), []
+    for _ in range(count):
+        if n - pos < _LEASE.size:
+            raise BackupFormatError("lease chunk truncated in a lease's header")
+        lid, ttl, rem, nkeys = _LEASE.unpack_from(payload, pos)
+        pos += _LEASE.size
+        keys = []
+        for _ in range(nkeys):
+            if n - pos < _KLEN.size:
+                raise BackupFormatError("lease chunk truncated in a key's length")
+            (klen,) = _KLEN.unpack_from(payload, pos)
+            pos += _KLEN.size
+            if n - pos < klen:
+                raise BackupFormatError("lease chunk truncated in a key")
+            keys.append(payload[pos : pos + klen])
+            pos += klen
+        out.append(BackupLease(lid, ttl, rem, tuple(keys)))
+    if pos != n:
+        raise BackupFormatError(f"lease chunk has {n - pos} bytes after its {count} leases")
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +213,8 @@ class BackupWriter:
         self._prev: bytes | None = None
         self._chunk = bytearray()
         self._chunk_count = 0
+        self.leases = 0
+        self._prev_lease = 0
         self._write(_HEAD.pack(MAGIC, VERSION))
         self._record(TAG_INFO, _INFO.pack(info.revision, info.created_ms, info.groups, info.replication, info.vnodes))
         if auth:
@@ -163,6 +231,8 @@ class BackupWriter:
         self.records += 1
 
     def add(self, k: BackupKey) -> None:
+        if self.leases:
+            raise BackupFormatError("keys after leases")
         check_key(k, self.info.revision, self._prev)
         self._prev = k.key
         self._chunk += _KV.pack(len(k.key), len(k.value), k.create_revision, k.mod_revision, k.version)
@@ -173,9 +243,25 @@ class BackupWriter:
         if len(self._chunk) >= CHUNK_BYTES:
             self._flush()
 
+    def add_lease(self, le: BackupLease) -> None:
+        """A lease (after every key; ids ascending)."""
+        check_lease(le, self._prev_lease)
+        if not self.leases:
+            self._flush()
+        enc = encode_lease(le)
+        if len(enc) + _COUNT.size > MAX_RECORD:
+            raise BackupFormatError(f"lease {le.id:x} has too many keys for one record")
+        if len(self._chunk) + len(enc) > CHUNK_BYTES:
+            self._flush()
+        self._prev_lease = le.id
+        self._chunk += enc
+        self._chunk_count += 1
+        self.leases += 1
+
     def _flush(self) -> None:
         if self._chunk_count:
-            self._record(TAG_KEYS, _COUNT.pack(self._chunk_count) + bytes(self._chunk))
+            tag = TAG_LEASES if self.leases else TAG_KEYS
+            self._record(tag, _COUNT.pack(self._chunk_count) + bytes(self._chunk))
             self._chunk.clear()
             self._chunk_count = 0
 
@@ -252,6 +338,8 @@ class BackupReader:
             self._pending = None
         self.keys_read = 0
         self.sha256 = ""
+        self.leases: list[BackupLease] = []
+        """The leases, once `entries()` has run to the end."""
 
     def _read(self, n: int, what: str) -> bytes:
         data = _read_exact(self._f, n, what)
@@ -261,7 +349,7 @@ class BackupReader:
 
     def _next(self) -> tuple[int, bytes]:
         tag, length = _REC.unpack(self._read(_REC.size, "a record header"))
-        if tag not in (TAG_END, TAG_INFO, TAG_AUTH, TAG_KEYS):
+        if tag not in (TAG_END, TAG_INFO, TAG_AUTH, TAG_KEYS, TAG_LEASES):
             raise BackupFormatError(f"unknown record tag {tag}")
         if length > MAX_RECORD:
             raise BackupFormatError(f"record of {length} bytes (at most {MAX_RECORD})")
@@ -281,7 +369,12 @@ class BackupReader:
                 tag, payload = self._next()
             if tag == TAG_END:
                 break
-            if tag != TAG_KEYS:
+            if tag == TAG_LEASES:
+                for le in decode_leases(payload):
+                    check_lease(le, self.leases[-1].id if self.leases else 0)
+                    self.leases.append(le)
+                continue
+            if tag != TAG_KEYS or self.leases:
                 raise BackupFormatError(f"record of tag {tag} among the keys")
             for k in _decode_keys(payload):
                 check_key(k, rev, prev)

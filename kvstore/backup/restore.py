@@ -16,7 +16,11 @@ used again: the map is in the metadata group's log). What a member's directory h
   keys whose hash falls in them, each with its value, create and mod revisions and version
   (history rows as `mvcc.py` keeps them), and the revision state last = compact = R. So later
   writes of the group get revisions above R (the apply rule), reads at R return exactly the
-  backup, and reads or watches below R fail COMPACTED. Members the map places in a group later
+  backup, and reads or watches below R fail COMPACTED; and the leases the backup has (README
+  "Leases"): each lease's record in its home group (the group its id names: a lease whose home
+  group the new cluster does not have is not restored, its keys are restored unattached), with
+  the remaining TTL it had when saved, which the new cluster's leader counts from when it first
+  reads it; the attachments of the keys each group holds. Members the map places in a group later
   (none at start) would receive it by Raft snapshot as usual.
 
 The file is verified whole (hash included) before anything is written; the directory is built
@@ -31,6 +35,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -42,12 +47,13 @@ from kvstore.raft.types import ConfState, HardState, SnapshotMeta
 from kvstore.security.authstate import AUTH_KEY, AuthError, AuthState
 from kvstore.shard.ranges import IntervalSet, key_hash
 from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY, ShardMap, ShardMapError
-from kvstore.storage import mvcc
+from kvstore.storage import leases, mvcc
 from kvstore.storage.commands import encode_close, encode_put
 from kvstore.storage.fsutil import fsync_dir
 from kvstore.storage.shardcmd import ShardState
 from kvstore.storage.snapfile import (
     TAG_DATA,
+    TAG_LEASES,
     TAG_REV_HIST,
     TAG_REV_KEYS,
     TAG_REV_STATE,
@@ -75,11 +81,13 @@ class RestoreResult:
 
 
 def group_records(
-    path: Path, ranges: IntervalSet, revision: int, counts: list[int], sha256: str
+    path: Path, ranges: IntervalSet, revision: int, counts: list[int], sha256: str, group: int = 0,
 ) -> Iterator[Record]:
-    """The snapshot records of a data group serving `ranges`: its shard state, then per key of
-    the backup in those ranges its data, key and history rows, then its revision state. Each pass
-    reads the file again: RestoreError if it is no longer the file `verify` read (`sha256`)."""
+    """The snapshot records of data group `group` serving `ranges`: its shard state, then per key
+    of the backup in those ranges its data, key and history rows, then its revision state, then
+    its lease rows (the records of the leases homed in `group`, with the remaining TTL the backup
+    has; the attachments of its keys). Each pass reads the file again: RestoreError if it is no
+    longer the file `verify` read (`sha256`)."""
     yield TAG_SHARDS, b"", ShardState(ranges, IntervalSet()).encode()
     kid = 1
     with open(path, "rb") as f:
@@ -97,6 +105,16 @@ def group_records(
         raise RestoreError(f"{path} changed while it was being restored (sha256 {reader.sha256}, verified {sha256})")
     counts.append(kid - 1)
     yield TAG_REV_STATE, b"", mvcc.RevState(revision, revision, kid).encode()
+    rows: dict[bytes, bytes] = {}
+    for le in reader.leases:
+        if group and leases.home_group(le.id) == group:
+            rows[leases.record_key(le.id)] = leases.Record(le.ttl_s, le.remaining_ms, 1).encode()
+        for key in le.keys:
+            if key_hash(key) in ranges:
+                rows[leases.attach_key(le.id, key)] = key
+                rows[leases.owner_key(key)] = struct.pack(">Q", le.id)
+    for row in sorted(rows):
+        yield TAG_LEASES, row, rows[row]
 
 
 def restored_auth(auth: bytes, file_sha256: str) -> bytes:
@@ -161,7 +179,7 @@ def restore(
                 conf = ConfState(tuple(sorted(p.bootstrap)))
                 meta = SnapshotMeta(SNAPSHOT_INDEX, SNAPSHOT_TERM, conf)
                 counts: list[int] = []
-                records = group_records(path, smap.bootstrap_ranges(gid), info.revision, counts, summary.sha256)
+                records = group_records(path, smap.bootstrap_ranges(gid), info.revision, counts, summary.sha256, gid)
                 snap = store.receive_snapshot(gid, encode_snapshot(gid, meta, records, CHUNK))
                 store.persist([GroupWrite(gid, [], HardState(SNAPSHOT_TERM, 0, SNAPSHOT_INDEX), meta, snap)])
                 restored[gid] = counts[0]

@@ -13,8 +13,9 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -38,6 +39,7 @@ from kvstore.client.checks import INT64_MAX
 from kvstore.client.readpref import READ_PREFERENCES, parse_duration
 from kvstore.client.routing import DEFAULT_GROUP, parse_endpoints
 from kvstore.errors import KVError
+from kvstore.storage import leases
 
 DEFAULT_ENDPOINTS = "127.0.0.1:2379,127.0.0.1:2380,127.0.0.1:2381"
 
@@ -288,18 +290,47 @@ def get(
         sys.exit(EXIT_NO)
 
 
+def _lease_id(value: str) -> int:
+    """A lease id in hexadecimal, as etcdctl prints and takes it."""
+    try:
+        lid = int(value, 16)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a lease id in hexadecimal") from None
+    try:
+        return leases.check_id(lid)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+class _LeaseId(click.ParamType):
+    name = "LEASE_ID"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return _lease_id(value)
+        except click.BadParameter as err:
+            self.fail(err.message, param, ctx)
+
+
+LEASE_ID = _LeaseId()
+
+
 @cli.command()
 @click.argument("key")
 @click.argument("value")
+@click.option("--lease", "lease", type=LEASE_ID, default=None, help="Attach KEY to this lease (hexadecimal id).")
 @_output_option
 @pass_ctx
-def put(c: _Ctx, key: str, value: str) -> None:
+def put(c: _Ctx, key: str, value: str, lease: int | None) -> None:
     """Set KEY to VALUE. A VALUE of `-` reads the value (raw bytes) from standard input, for
-    values larger than a command-line argument may be."""
+    values larger than a command-line argument may be. With --lease, KEY is deleted when the
+    lease expires or is revoked (refused if the lease is not live)."""
     k = c.parse(key, "KEY")
     v = sys.stdin.buffer.read() if value == "-" else c.parse(value, "VALUE")
     with _errors(is_write=True):
-        revision = c.client().put(k, v)
+        revision = c.client().put(k, v, lease=lease or 0)
     if c.json:
         _emit_json({"key": c.show(k), "ok": True, "revision": revision})
 
@@ -1033,6 +1064,215 @@ def _progress(what: str) -> Iterator[Callable[[int, int], None] | None]:
             bar.update(task, description=f"{what}: {keys} keys, {size / (1 << 20):.1f} MiB")
 
         yield update
+
+
+@cli.group()
+def lease() -> None:
+    """Leases (TTL): keys attached to a lease are deleted when it expires or is revoked. Ids are
+    hexadecimal, as etcdctl's; the output is etcdctl 3.4's."""
+
+
+@lease.command("grant")
+@click.argument("ttl", type=click.IntRange(min=leases.MIN_TTL_S, max=leases.MAX_TTL_S))
+@click.option("--id", "lease_id", type=LEASE_ID, default=None, help="Grant this id (hexadecimal) instead of a random one.")
+@_output_option
+@pass_ctx
+def lease_grant(c: _Ctx, ttl: int, lease_id: int | None) -> None:
+    """Grant a lease of TTL seconds."""
+    with _errors(is_write=True):
+        lid = c.client().lease_grant(ttl, lease_id or 0)
+    if c.json:
+        _emit_json({"id": f"{lid:016x}", "ttl": ttl})
+    else:
+        click.echo(f"lease {lid:016x} granted with TTL({ttl}s)")
+
+
+@lease.command("revoke")
+@click.argument("lease_id", type=LEASE_ID)
+@_output_option
+@pass_ctx
+def lease_revoke(c: _Ctx, lease_id: int) -> None:
+    """Revoke a lease: every key attached to it is deleted."""
+    with _errors(is_write=True):
+        c.client().lease_revoke(lease_id)
+    if c.json:
+        _emit_json({"id": f"{lease_id:016x}", "revoked": True})
+    else:
+        click.echo(f"lease {lease_id:016x} revoked")
+
+
+@lease.command("keep-alive")
+@click.argument("lease_id", type=LEASE_ID)
+@click.option("--once", is_flag=True, help="Renew once and exit.")
+@pass_ctx
+def lease_keep_alive(c: _Ctx, lease_id: int, once: bool) -> None:
+    """Keep a lease alive (a renewal every third of its TTL) until interrupted; exit 1 once it
+    is found expired or revoked."""
+    while True:
+        with _errors(is_write=True):
+            ttl = c.client().lease_keep_alive_once(lease_id)
+        if ttl <= 0:
+            click.echo(f"lease {lease_id:016x} expired or revoked.")
+            sys.exit(EXIT_NO)
+        click.echo(f"lease {lease_id:016x} keepalived with TTL({ttl})")
+        if once:
+            return
+        try:
+            time.sleep(max(ttl / 3, 0.5))
+        except KeyboardInterrupt:
+            return
+
+
+@lease.command("timetolive")
+@click.argument("lease_id", type=LEASE_ID)
+@click.option("--keys", is_flag=True, help="List the keys attached to the lease.")
+@_output_option
+@pass_ctx
+def lease_timetolive(c: _Ctx, lease_id: int, keys: bool) -> None:
+    """Show a lease's granted and remaining TTL (and, with --keys, its keys)."""
+    with _errors(is_write=False):
+        info = c.client().lease_time_to_live(lease_id, keys)
+    if c.json:
+        _emit_json({"id": f"{lease_id:016x}", "ttl": info.ttl, "granted_ttl": info.granted_ttl,
+                    "keys": [c.show(k) for k in info.keys]})
+        return
+    if info.ttl == -1:
+        click.echo(f"lease {lease_id:016x} already expired")
+        return
+    txt = f"lease {lease_id:016x} granted with TTL({info.granted_ttl}s), remaining({info.ttl}s)"
+    if info.keys:
+        txt += f", attached keys([{' '.join(c.show(k) for k in info.keys)}])"
+    click.echo(txt)
+
+
+@lease.command("list")
+@_output_option
+@pass_ctx
+def lease_list(c: _Ctx) -> None:
+    """List the live leases."""
+    with _errors(is_write=False):
+        ids = c.client().lease_list()
+    if c.json:
+        _emit_json({"leases": [f"{i:016x}" for i in ids]})
+        return
+    click.echo(f"found {len(ids)} leases")
+    for i in ids:
+        click.echo(f"{i:016x}")
+
+
+def _hold(c: _Ctx, name: str, proposal: bytes | None, command: tuple[str, ...], ttl: int) -> int:
+    """Acquire NAME's lock (or campaign with PROPOSAL), print the key (and value), then run
+    COMMAND with the fencing token in its environment, or hold until interrupted. Returns the
+    exit code: COMMAND's, or 1 if the session's lease was lost while holding."""
+    import asyncio
+    import os
+    import subprocess
+
+    from kvstore.client.concurrency import Election, Mutex, Session
+
+    client = c.client()
+    state: dict[str, Any] = {}
+
+    async def acquire() -> None:
+        session = Session(client._async, ttl)
+        await session.__aenter__()
+        state["session"] = session
+        m = Election(session, c.parse(name, "NAME")) if proposal is not None else Mutex(session, c.parse(name, "NAME"))
+        state["mutex"] = m
+        held = await (m.campaign(proposal) if isinstance(m, Election) and proposal is not None else m.acquire())
+        state["held"] = held
+
+    async def wait_lost(proc: subprocess.Popen[bytes] | None) -> bool:
+        session = state["session"]
+        while proc is None or proc.poll() is None:
+            if session.lost.is_set():
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    async def release() -> None:
+        if "mutex" in state and not state["session"].lost.is_set():
+            with suppress(KVError):
+                await state["mutex"].release()
+        if "session" in state:
+            await state["session"].__aexit__(None, None, None)
+
+    try:
+        with _errors(is_write=True):
+            client._run(acquire(), write=True)
+        held = state["held"]
+        click.echo(c.show(held.key))
+        if proposal is not None:
+            click.echo(c.show(proposal))
+        proc = None
+        if command:
+            env = {**os.environ, "KVSTORE_LOCK_FENCE": str(held.fence), "KVSTORE_LOCK_KEY": c.show(held.key)}
+            proc = subprocess.Popen(list(command), env=env)
+        lost = client._run(wait_lost(proc))
+        if lost:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+            click.echo(f"kvctl: the session's lease was lost: {c.show(held.key)} is no longer held", err=True)
+            return EXIT_NO
+        return proc.returncode if proc is not None else 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        with suppress(Exception):
+            client._run(release())
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("--ttl", type=click.IntRange(min=1, max=3600), default=10, show_default=True,
+              help="The session lease's TTL in seconds.")
+@pass_ctx
+def lock(c: _Ctx, name: str, command: tuple[str, ...], ttl: int) -> None:
+    """Acquire the distributed lock NAME and print its key; then run COMMAND (after `--`) with
+    the fencing token in $KVSTORE_LOCK_FENCE (the key's create revision: a resource should refuse
+    any token below the highest it has seen) and release the lock when it exits, or hold the lock
+    until interrupted. Exit: COMMAND's status, or 1 if the session's lease was lost."""
+    sys.exit(_hold(c, name, None, command, ttl))
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("proposal", required=False)
+@click.option("--ttl", type=click.IntRange(min=1, max=3600), default=10, show_default=True,
+              help="The session lease's TTL in seconds.")
+@pass_ctx
+def elect(c: _Ctx, name: str, proposal: str | None, ttl: int) -> None:
+    """Campaign in election NAME with PROPOSAL: once elected print the key and the proposal and
+    hold the leadership until interrupted (exit 1 if the session's lease is lost). Without
+    PROPOSAL, observe: print the leader's key and value each time the leadership changes."""
+    if proposal is not None:
+        sys.exit(_hold(c, name, c.parse(proposal, "PROPOSAL"), (), ttl))
+    client = c.client()
+    prefix = c.parse(name, "NAME").rstrip(b"/") + b"/"
+
+    async def observe() -> None:
+        last: bytes | None = None
+        while True:
+            kvs = []
+            async for chunk in client._async.scan_kvs(prefix):
+                kvs += chunk
+            if kvs:
+                first = min(kvs, key=lambda kv: kv.create_revision)
+                if first.key != last:
+                    last = first.key
+                    click.echo(c.show(first.key))
+                    click.echo(c.show(first.value))
+            rev = max((kv.mod_revision for kv in kvs), default=0)
+            async for _ev in client._async.watch(prefix=prefix, start_revision=rev + 1 if rev else 0):
+                break
+
+    try:
+        with _errors(is_write=False):
+            client._run(observe())
+    except KeyboardInterrupt:
+        return
 
 
 @cli.group()

@@ -49,6 +49,7 @@ from kvstore.client.checks import DEFAULT_MAX_KEY_SIZE, DEFAULT_MAX_VALUE_SIZE, 
 from kvstore.client.cluster_view import ClusterView
 from kvstore.client.failures import classify
 from kvstore.client.invoke import Invoker
+from kvstore.client.leases import Leases
 from kvstore.client.readpref import ReplicaRouter
 from kvstore.client.reads import Reads
 from kvstore.client.retry import (
@@ -183,6 +184,8 @@ class AsyncClient:
         self._scans.observe = self._writes.observe
         self._admin = Admin(self.checks, self.channels, self.view, invoker, self.policy)
         self._watches = Watches(self.checks, self.channels, self.view, self.policy, rng)
+        self.leases = Leases(self.checks, self.channels, self.view, invoker, self._writes, rng)
+        """Leases (TTL): grant, revoke, keep_alive_once, time_to_live, list, put (`client/leases.py`)."""
 
     # ----- settings -----
 

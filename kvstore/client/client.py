@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kvstore.client.async_client import AsyncClient
+from kvstore.client.leases import LeaseInfo
 from kvstore.client.types import (
     AdminResult,
     Alarm,
@@ -386,8 +387,27 @@ class Client:
         """The highest revision this client has observed (see AsyncClient.revision)."""
         return self._async.revision
 
-    def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> int:
+    def put(self, key: bytes, value: bytes, *, lease: int = 0, timeout: float | None = None) -> int:
+        """Set `key` to `value` (attached to lease `lease` if not 0); returns the revision."""
+        if lease:
+            return self._run(self._async.leases.put(key, value, lease, timeout=timeout), write=True)
         return self._run(self._async.put(key, value, timeout=timeout), write=True)
+
+    # ----- leases (`client/leases.py`) -----
+    def lease_grant(self, ttl: int, lease_id: int = 0, *, timeout: float | None = None) -> int:
+        return self._run(self._async.leases.grant(ttl, lease_id, timeout=timeout), write=True)
+
+    def lease_revoke(self, lease_id: int, *, timeout: float | None = None) -> int:
+        return self._run(self._async.leases.revoke(lease_id, timeout=timeout), write=True)
+
+    def lease_keep_alive_once(self, lease_id: int, *, timeout: float | None = None) -> int:
+        return self._run(self._async.leases.keep_alive_once(lease_id, timeout=timeout), write=True)
+
+    def lease_time_to_live(self, lease_id: int, keys: bool = False, *, timeout: float | None = None) -> LeaseInfo:
+        return self._run(self._async.leases.time_to_live(lease_id, keys, timeout=timeout))
+
+    def lease_list(self, *, timeout: float | None = None) -> list[int]:
+        return self._run(self._async.leases.list(timeout=timeout))
 
     def compact(self, revision: int, *, timeout: float | None = None) -> int:
         return self._run(self._async.compact(revision, timeout=timeout), write=True)

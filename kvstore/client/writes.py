@@ -58,7 +58,8 @@ class Writes:
         self._inflight.pop(session.seq, None)
 
     async def write(
-        self, op: str, key: bytes, make_request: Callable[[kv_pb2.Session], Any], timeout: float | None
+        self, op: str, key: bytes, make_request: Callable[[kv_pb2.Session], Any], timeout: float | None,
+        unary: Callable[[str, Any, float], Awaitable[Any]] | None = None,
     ) -> Any:
         """Run one write (`op`: put, delete, cas or txn, the operation's name on the stream) under a
         fresh session; every retry reuses that session (exactly-once).
@@ -67,7 +68,8 @@ class Writes:
         highest index this client has seen from that group (the horizon). Once one is, every
         later attempt carries ``retry`` and, if it goes to the recorded group, that horizon (0
         otherwise): a group that evicted the session since then refuses it (SESSION_EXPIRED,
-        indeterminate) rather than applying it a second time."""
+        indeterminate) rather than applying it a second time. `unary(endpoint, request, timeout)`:
+        a unary RPC instead of the multiplexed stream (operations the stream does not carry)."""
         session = self.begin_write()
         seen = self._seen
         # The group and horizon of the first attempt that may have applied, and the latest group.
@@ -87,6 +89,8 @@ class Writes:
                 first[2] = group
 
             def call(ep: str, t: float) -> Awaitable[Any]:
+                if unary is not None:
+                    return unary(ep, req, t)
                 return self.channels.mux(ep).call(op, req, t)
 
             resp = await self.invoker.invoke(

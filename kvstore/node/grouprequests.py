@@ -93,6 +93,9 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
     if request.read_barrier or request.transfer:
         return None
     data = request.command
+    if request.group != META_GROUP and _decodes_as(data, commands.Op.LEASE_DROP):
+        # A revoked lease's keys deleted in another group (the home leader's lease clock, node/lessor.py).
+        return None
     if _is_history_command(data):
         # KV.Compact's fan-out (admin only at the client edge), or a close for a read at a
         # revision: idempotent, changes no data.

@@ -81,7 +81,7 @@ from ..raft.types import (
     bootstrap_entries,
 )
 from ..shard.ranges import IntervalSet, key_hash
-from ..storage import changefeed, mvcc, xtxn, xtxn_apply
+from ..storage import changefeed, leases, mvcc, xtxn, xtxn_apply
 from ..storage.commands import MAX_KEY_SIZE, ApplyResult, decode_result
 from ..storage.errors import (
     SnapshotFormatError,
@@ -106,9 +106,9 @@ from ..storage.shardcmd import (
 )
 from ..storage.snapfile import (
     TAG_DATA,
+    TAG_LEASES,
     TAG_MEMBER,
     TAG_REV_BASE,
-    TAG_REV_INTENTS,
     TAG_REV_STATE,
     TAG_SESSION,
     TAG_SHARDS,
@@ -927,9 +927,11 @@ class MemoryNodeStore:
             if len(key) > MAX_KEY_SIZE:
                 raise SnapshotFormatError(f"snapshot file {name} has a key of {len(key)} bytes")
             try:
-                if TAG_REV_BASE <= tag <= TAG_REV_INTENTS:
+                if TAG_REV_BASE <= tag <= TAG_LEASES:
                     if tag == TAG_REV_STATE:
                         mvcc.RevState.decode(value)
+                    elif tag == TAG_LEASES:
+                        leases.check_rows(key, value)
                     rows.put(tag - TAG_REV_BASE, key, value)
                 elif tag == TAG_DATA:
                     data[key] = value
@@ -1064,6 +1066,9 @@ class MemoryNodeStore:
                 break
             out.append((k, v))
         return out
+    def read_leases(self, group: int, fn: Callable[[mvcc.Rows], T]) -> T:
+        g = self._read(group)
+        return fn(MemRows() if g is None else g.rows)
 
     def get_version(self, group: int, key: bytes, rev: int = 0) -> tuple[mvcc.Version | None, mvcc.RevState]:
         g = self._read(group)

@@ -45,6 +45,7 @@ from ..storage.machine import SessionMeta
 from ..storage.shardcmd import ShardState
 
 T_co = TypeVar("T_co", covariant=True)
+T = TypeVar("T")
 
 ApplyResults = list[list[ApplyResult | None]]
 """One list per `ApplyBatch`, one item per entry (None for entries without a data result)."""
@@ -117,6 +118,11 @@ class RevisionReads(Protocol):
     def intents(self, group: int, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         """At most `limit` (key, intent row) of cross-group transactions' intents on keys in
         [start, end) (end None: to the last), in key order (committed state)."""
+        ...
+
+    def read_leases(self, group: int, fn: Callable[[mvcc.Rows], T]) -> T:
+        """`fn` run on the group's committed rows (one read view; `storage/leases.py` reads its
+        lease table, table `leases.T_LEASES`, through it). `fn` only reads."""
         ...
 
     def get_version(self, group: int, key: bytes, rev: int = 0) -> tuple[mvcc.Version | None, mvcc.RevState]:

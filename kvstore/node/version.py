@@ -53,7 +53,8 @@ from kvstore.storage import commands
 from kvstore.storage.shardcmd import is_shard_command
 
 __all__ = [
-    "COMMAND_LEVELS", "FEATURES", "LEVEL_BASE", "LEVEL_CROSS_TRANSACTIONS", "LEVEL_TRANSACTIONS", "MAX_LEVEL", "SUPPORTED_LEVEL",
+    "COMMAND_LEVELS", "FEATURES", "LEVEL_BASE", "LEVEL_CROSS_TRANSACTIONS", "LEVEL_LEASES", "LEVEL_TRANSACTIONS",
+    "MAX_LEVEL", "SUPPORTED_LEVEL",
     "VERSIONS_KEY", "ClusterVersion", "CommandGate", "VersionTracker", "advertise_command",
     "check_level", "check_version_change", "decode_versions", "encode_versions", "members_of", "raise_command",
 ]
@@ -63,15 +64,17 @@ log = logging.getLogger("kvstore.version")
 LEVEL_BASE = 1
 LEVEL_TRANSACTIONS = 2
 LEVEL_CROSS_TRANSACTIONS = 3
+LEVEL_LEASES = 4
 
 FEATURES: dict[int, str] = {
     LEVEL_BASE: "PUT, DELETE, CAS, COMPACT, CLOSE, shard commands, the metadata keys",
     LEVEL_TRANSACTIONS: "TXN: multi-key transactions",
     LEVEL_CROSS_TRANSACTIONS: "PREPARE, COMMIT, ABORT, RECORD, RESOLVE, FINALIZE: transactions across groups",
+    LEVEL_LEASES: "LEASE_*: leases (TTL) and keys attached to them",
 }
 """What each feature level adds."""
 
-SUPPORTED_LEVEL = LEVEL_CROSS_TRANSACTIONS
+SUPPORTED_LEVEL = LEVEL_LEASES
 """The highest level this binary supports (it knows every command kind of `COMMAND_LEVELS`)."""
 
 MAX_LEVEL = 0xFFFF
@@ -85,6 +88,7 @@ COMMAND_LEVELS: dict[int, int] = {
     commands.Op.CLOSE: LEVEL_BASE,
     commands.Op.TXN: LEVEL_TRANSACTIONS,
     **{op: LEVEL_CROSS_TRANSACTIONS for op in sorted(commands.X_OPS)},
+    **{op: LEVEL_LEASES for op in commands.Op if op.name.startswith("LEASE_")},
 }
 """command kind (`commands.Op` code) -> the lowest cluster version that may propose it."""
 

@@ -26,6 +26,7 @@ from kvstore.v1 import kv_pb2, kv_pb2_grpc
 from .admission import Admission
 from .compaction import compact_all
 from .config import NodeConfig
+from .lease_service import LeaseDriver, LeaseRequests
 from .metrics import Metrics
 from .op_stream import OpStream
 from .reads import ReplicaReads
@@ -58,6 +59,33 @@ class KVService(kv_pb2_grpc.KVServicer):
         self.watch_hub = WatchHub(StoreSource(host.store), host.groups.__contains__, WatchLimits())
         """The node's watches (`kvstore/node/watch.py`); the node's Ready loop drives it (`WatchDriver`)."""
         self.watches = WatchService(self.requests, self.watch_hub)
+        self.lease_driver = LeaseDriver(self.requests, caller)
+        """The node's lease clocks (`node/lessor.py`); the node runs its loop."""
+        self.leases = LeaseRequests(self.requests, self.lease_driver.lessors)
+
+    async def LeaseGrant(self, request: kv_pb2.LeaseGrantRequest, context: grpc.aio.ServicerContext
+                         ) -> kv_pb2.LeaseGrantResponse:
+        return await self.leases.grant(request)
+
+    async def LeaseRevoke(self, request: kv_pb2.LeaseRevokeRequest, context: grpc.aio.ServicerContext
+                          ) -> kv_pb2.LeaseRevokeResponse:
+        return await self.leases.revoke(request)
+
+    async def LeaseKeepAlive(self, request_iterator: AsyncIterator[kv_pb2.LeaseKeepAliveRequest],
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[kv_pb2.LeaseKeepAliveResponse]:
+        async for resp in self.leases.keep_alive(request_iterator):
+            yield resp
+
+    async def LeaseTimeToLive(self, request: kv_pb2.LeaseTimeToLiveRequest, context: grpc.aio.ServicerContext
+                              ) -> kv_pb2.LeaseTimeToLiveResponse:
+        return await self.leases.time_to_live(request)
+
+    async def LeaseLeases(self, request: kv_pb2.LeaseLeasesRequest, context: grpc.aio.ServicerContext
+                          ) -> kv_pb2.LeaseLeasesResponse:
+        return await self.leases.leases(request)
+
+    async def LeasePut(self, request: kv_pb2.LeasePutRequest, context: grpc.aio.ServicerContext) -> kv_pb2.PutResponse:
+        return await self.leases.put(request)
 
     async def Get(self, request: kv_pb2.GetRequest, context: grpc.aio.ServicerContext | None) -> kv_pb2.GetResponse:
         return await self.requests.get(request)

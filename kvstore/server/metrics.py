@@ -57,6 +57,9 @@ class Metrics:
             ["reason"], registry=r)
         self.watch_closes = Gauge(
             "kvstore_watch_closes", "CLOSE commands this node sent so that watches get past idle groups", registry=r)
+        self.leases = Gauge("kvstore_leases", "Live leases homed in the groups this node leads", registry=r)
+        self.lease_expired = Counter(
+            "kvstore_lease_expired_total", "Leases this node's lease clock expired (EXPIRE applied)", registry=r)
         self.cluster_version = Gauge(
             "kvstore_cluster_version", "The cluster version (feature level) as this node applied it", registry=r)
         self.supported_level = Gauge(

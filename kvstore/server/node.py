@@ -213,7 +213,7 @@ class Node:
         refused_by = self.metrics.admission_refused
         admission.on_refused = lambda reason: refused_by.labels(reason).inc()
 
-        kv = KVService(cfg, host, self.wake, self.metrics, tracker, self.reads, admission, guard, caller)
+        self.kv = kv = KVService(cfg, host, self.wake, self.metrics, tracker, self.reads, admission, guard, caller)
         self.watch = watch = WatchDriver(kv.watch_hub, host, kv.requests, self.wake)
         hub = kv.watch_hub
         m = self.metrics
@@ -264,6 +264,7 @@ class Node:
             loop.create_task(self.coordinator.run(), name="shard-coordinator"),
             loop.create_task(admission.run(), name="admission"),
             loop.create_task(self.watch.closer(), name="watch-closer"),
+            loop.create_task(self.kv.lease_driver.run(), name="lease-clock"),
             loop.create_task(publish_client_address(cfg.id, cfg.client_address, tracker, caller.propose),
                              name="client-address"),
             loop.create_task(maintain_cluster_version(cfg.id, host, versions, tracker, caller.propose),

@@ -20,6 +20,8 @@ Command wire format (big-endian, `struct`; never pickle or json):
     PREPARE .. FINALIZE (7..12)  body                         (`xtxn.py`'s encoding, the rest;
                                                                no key; only RECORD may carry a
                                                                session, only PREPARE a revision)
+    LEASE_*  lease_id:u64 ttl_s:u64 renews:u64 remaining_ms:u64   (ops 20..27, `leases.py`; no key,
+             LEASE_PUT then key_len:u32 key value                 except LEASE_PUT's)
 
 `revision` is the leader's proposed revision for the write (`mvcc.next_revision` turns it into
 the write's revision at apply; 0 = none proposed). COMPACT and CLOSE carry their revision in
@@ -55,6 +57,11 @@ import struct
 from dataclasses import dataclass, field
 
 from .keylimit import MAX_KEY_SIZE
+from .leases import BODY as _LEASE_BODY
+from .leases import Kind as LeaseKind
+from .leases import LeaseCmd
+from .leases import decode_body as decode_lease_body
+from .leases import encode_body as encode_lease_body
 from .txn import Txn, TxnResult, decode_txn, decode_txn_result, encode_txn, encode_txn_result
 from .xtxn import XCmd, XOp, decode_body, encode_body
 
@@ -115,12 +122,24 @@ class Op(enum.IntEnum):
     RECORD = int(XOp.RECORD)
     RESOLVE = int(XOp.RESOLVE)
     FINALIZE = int(XOp.FINALIZE)
+    LEASE_GRANT = 20
+    LEASE_REVOKE = 21
+    LEASE_RENEW = 22
+    LEASE_CHECKPOINT = 23
+    LEASE_EXPIRE = 24
+    LEASE_DROP = 25
+    LEASE_FORGET = 26
+    LEASE_PUT = 27
 
 
 X_OPS = frozenset((Op.PREPARE, Op.COMMIT, Op.ABORT, Op.RECORD, Op.RESOLVE, Op.FINALIZE))
 """The commands of transactions across groups (`xtxn.py`): proposed only by a node's own
 coordinator or resolver, never accepted from a client or a peer's GroupPropose."""
 
+
+LEASE_OPS = frozenset(int(k) for k in LeaseKind)
+"""The lease commands' ops (`leases.Kind`; each `Op.LEASE_*` has the same code)."""
+assert {int(o) for o in Op if o.name.startswith("LEASE_")} == LEASE_OPS
 
 _BODY_ONLY = (Op.COMPACT, Op.CLOSE)
 """Ops whose only field is the revision in their body (no key, value, or header revision)."""
@@ -161,6 +180,17 @@ class Command:
     """TXN: the transaction (its key is b"", its value and expected empty)."""
     x: XCmd | None = None
     """PREPARE .. FINALIZE: the cross-group command's body (`x.op` is the command's op)."""
+    lease: LeaseCmd | None = None
+    """LEASE_*: the lease fields (`leases.py`); LEASE_PUT's key and value are `key` and `value`,
+    the other lease commands have neither."""
+
+    @classmethod
+    def lease_command(
+        cls, c: LeaseCmd, key: bytes = b"", value: bytes = b"", client_id: int = 0, seq: int = 0, ack: int = 0,
+        retry: bool = False, horizon: int = 0, revision: int = 0,
+    ) -> Command:
+        """A lease command (`leases.LeaseCmd`); `key`/`value` only for LEASE_PUT."""
+        return cls(Op(int(c.kind)), key, value, b"", False, client_id, seq, ack, retry, horizon, revision, lease=c)
 
     @classmethod
     def put(
@@ -289,6 +319,20 @@ def encode_command(cmd: Command) -> bytes:
         return head + encode_body(cmd.x)
     if cmd.txn is not None or cmd.x is not None:
         raise ValueError(f"{cmd.op.name} carries no transaction")
+    if int(cmd.op) in LEASE_OPS:
+        lc = cmd.lease
+        if lc is None or int(lc.kind) != int(cmd.op):
+            raise ValueError(f"{cmd.op.name} needs its lease fields of the same kind")
+        body = encode_lease_body(lc)
+        if cmd.expected or cmd.expect_absent:
+            raise ValueError(f"{cmd.op.name} carries no expected value")
+        if cmd.op == Op.LEASE_PUT:
+            return b"".join((head, body, _U32.pack(len(key)), key, cmd.value))
+        if key or cmd.value:
+            raise ValueError(f"{cmd.op.name} carries no key or value")
+        return head + body
+    if cmd.lease is not None:
+        raise ValueError(f"{cmd.op.name} carries no lease fields")
     if cmd.op == Op.PUT:
         return b"".join((head, _U32.pack(len(key)), key, cmd.value))
     if cmd.op == Op.DELETE:
@@ -451,6 +495,27 @@ def decode_command(data: bytes) -> Command:
         if version != FORMAT_VERSION:
             raise ValueError(f"TXN command in format version {version}")
         return Command(Op.TXN, b"", b"", b"", False, client_id, seq, ack, retry, horizon, revision, decode_txn(data, pos))
+    if op in LEASE_OPS:
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{kind.name} command in format version {version}")
+        end = pos + _LEASE_BODY.size
+        if n < end:
+            raise ValueError(f"{kind.name} command truncated: needs {end} bytes, has {n}")
+        lc = decode_lease_body(op, data[pos:end])
+        if kind != Op.LEASE_PUT:
+            if n != end:
+                raise ValueError(f"{kind.name} command has {n - end} trailing bytes")
+            return Command(kind, b"", b"", b"", False, client_id, seq, ack, retry, horizon, revision, lease=lc)
+        if n < end + _U32.size:
+            raise ValueError("LEASE_PUT command truncated in its key length")
+        (klen,) = _U32.unpack_from(data, end)
+        pos = end + _U32.size
+        if klen > MAX_KEY_SIZE:
+            raise ValueError(f"key of {klen} bytes exceeds the maximum of {MAX_KEY_SIZE}")
+        if pos + klen > n:
+            raise ValueError(f"LEASE_PUT command truncated: key needs {pos + klen} bytes, has {n}")
+        key = data[pos : pos + klen]
+        return Command(kind, key, data[pos + klen :], b"", False, client_id, seq, ack, retry, horizon, revision, lease=lc)
     if kind == Op.CAS:
         if n < pos + _CAS.size:
             raise ValueError("CAS command truncated in its length fields")

@@ -34,7 +34,7 @@ from kvstore.raft.types import (
 )
 from kvstore.shard.ranges import IntervalSet, key_hash
 
-from . import changefeed, mvcc, xtxn, xtxn_apply
+from . import changefeed, leases, mvcc, xtxn, xtxn_apply
 from .commands import MAX_KEY_SIZE, ApplyResult, decode_result
 from .errors import SnapshotFormatError, StorageError
 from .layout import (
@@ -58,6 +58,7 @@ from .mvcc_lmdb import LmdbRows, rev_dbs
 from .shardcmd import REC_CLOSED, REC_DATA, REC_FLOOR, REC_HISTORY, REC_RESULT, ShardState, encode_record
 from .snapfile import (
     TAG_DATA,
+    TAG_LEASES,
     TAG_MEMBER,
     TAG_REV_BASE,
     TAG_REV_STATE,
@@ -391,6 +392,11 @@ class KVState:
                         mvcc.RevState.decode(value)
                     except ValueError as err:
                         raise SnapshotFormatError(f"snapshot file {path} has a bad revision state: {err}") from None
+                if tag == TAG_LEASES:
+                    try:
+                        leases.check_rows(key, value)
+                    except ValueError as err:
+                        raise SnapshotFormatError(f"snapshot file {path} has a bad lease row: {err}") from None
                 if len(key) > MAX_KEY_SIZE:
                     raise SnapshotFormatError(f"snapshot file {path} has a key of {len(key)} bytes")
                 if tag == TAG_SESSION:
@@ -501,6 +507,10 @@ class KVState:
                     break
                 out.append((k, v))
             return out
+    def read_leases(self, group: int, fn: Callable[[mvcc.Rows], T]) -> T:
+        """`fn` on the group's committed rows, in one read transaction (the lease table)."""
+        with self._env.read() as txn:
+            return fn(LmdbRows(txn, group, rev_dbs(self._env)))
 
     def get_version(self, group: int, key: bytes, rev: int = 0) -> tuple[mvcc.Version | None, mvcc.RevState]:
         """The key's version at revision `rev` (0: its current one) and the group's revision state,

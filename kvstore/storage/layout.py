@@ -31,6 +31,8 @@ order equals numeric order.
     rev_hist   group:u64 kid:u64 rev:u64       -> history row } versions, tombstones, the changes
     rev_changes group:u64 rev:u64 kid:u64      -> user_key    } in revision order, and the
     rev_state  group:u64                       -> last:u64 compact:u64 next_kid:u64   } counters
+    leases     group:u64 lease row             -> `leases.py`'s rows (records, attachments,
+                                                  tombstones); table 6 of the group's `mvcc.Rows`
                (an environment made before revisions gets these tables, empty, when opened:
                its keys read as LEGACY keys, see `mvcc.py`)
 
@@ -65,7 +67,10 @@ DB_REV_CHANGES = b"rev_changes"
 DB_REV_STATE = b"rev_state"
 DB_REV_TXN = b"rev_txn"
 DB_REV_INTENTS = b"rev_intents"
-DB_REVS = (DB_REV_KEYS, DB_REV_HIST, DB_REV_CHANGES, DB_REV_STATE, DB_REV_TXN, DB_REV_INTENTS)
+DB_LEASES = b"leases"
+DB_REVS = (DB_REV_KEYS, DB_REV_HIST, DB_REV_CHANGES, DB_REV_STATE, DB_REV_TXN, DB_REV_INTENTS, DB_LEASES)
+"""The group's `mvcc.Rows` tables in table order: the MVCC tables of `mvcc.py` (T_KEYS, T_HIST,
+T_CHANGES, T_STATE, T_TXN, T_INTENTS), then the lease table (`leases.T_LEASES`)."""
 """The MVCC tables of `mvcc.py` (T_KEYS, T_HIST, T_CHANGES, T_STATE, T_TXN, T_INTENTS, in that order), each row key
 prefixed with the group id like every other table."""
 DB_NODEMETA = b"nodemeta"

@@ -84,8 +84,9 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from ..shard.ranges import IntervalSet, key_hash
-from . import mvcc, txn, xtxn_apply
+from . import leases, mvcc, txn, xtxn_apply
 from .commands import (
+    LEASE_OPS,
     X_OPS,
     ApplyResult,
     Command,
@@ -110,6 +111,8 @@ from .shardcmd import (
     is_shard_command,
     iter_records,
 )
+
+_U64 = struct.Struct(">Q")
 
 STALE_REQUEST = "stale request: the client already acknowledged the reply for this sequence number"
 SESSION_EXPIRED = (
@@ -267,6 +270,7 @@ def execute(view: StateView, cmd: Command) -> ApplyResult:
         if op == Op.PUT:  # the key's value is read only for a LEGACY key (no key row yet)
             rev = mvcc.write_version(view.mvcc, view.group, cmd.key, cmd.value, None, cmd.revision, view.get)
             view.put(cmd.key, cmd.value)
+            leases.detach(view.mvcc, cmd.key)
             return ApplyResult(revision=rev)
         if op == Op.DELETE:
             prev = view.get(cmd.key)
@@ -274,6 +278,7 @@ def execute(view: StateView, cmd: Command) -> ApplyResult:
                 return ApplyResult(existed=False)
             rev = mvcc.write_version(view.mvcc, view.group, cmd.key, None, prev, cmd.revision)
             view.delete(cmd.key)
+            leases.detach(view.mvcc, cmd.key)
             return ApplyResult(existed=True, revision=rev)
         if op == Op.CAS:
             current = view.get(cmd.key)
@@ -281,6 +286,7 @@ def execute(view: StateView, cmd: Command) -> ApplyResult:
             if swap:
                 rev = mvcc.write_version(view.mvcc, view.group, cmd.key, cmd.value, current, cmd.revision)
                 view.put(cmd.key, cmd.value)
+                leases.detach(view.mvcc, cmd.key)
                 return ApplyResult(swapped=True, found=current is not None, revision=rev)
             return ApplyResult(found=current is not None, current=current)
         if op == Op.TXN:
@@ -293,6 +299,8 @@ def execute(view: StateView, cmd: Command) -> ApplyResult:
             return compact(view, cmd.revision)
         if op == Op.CLOSE:
             return close(view, cmd.revision)
+        if cmd.lease is not None:
+            return apply_lease(view, cmd)
     except mvcc.RevisionError as err:
         return ApplyResult(error=f"revision refused: {err}")
     return ApplyResult(error=f"unknown command op {op!r}")
@@ -322,7 +330,26 @@ def apply_txn(view: StateView, t: txn.Txn, proposed: int) -> ApplyResult:
             view.delete(key)
         else:
             view.put(key, value)
+        leases.detach(rows, key)
     return ApplyResult(revision=out.result.revision, txn=out.result)
+
+
+def apply_lease(view: StateView, cmd: Command) -> ApplyResult:
+    """A lease command (`leases.apply`). The result: `found`; `current` = ttl_s:u64 for a GRANT
+    or a RENEW that found the lease, the number of keys deleted:u64 for REVOKE, EXPIRE and DROP;
+    `revision` of the deletion or of a LEASE_PUT; `error` when refused (nothing changed)."""
+    lc = cmd.lease
+    assert lc is not None  # the caller checked
+    st = view.shards
+    out = leases.apply(view.mvcc, view.group, lc, cmd.key, cmd.value, cmd.revision, view.get, view.put, view.delete,
+                       (lambda _k: True) if st is None else (lambda k: key_hash(k) in st.active))
+    k = lc.kind
+    current = None
+    if out.found and k in (leases.Kind.GRANT, leases.Kind.RENEW):
+        current = _U64.pack(out.ttl_s)
+    elif out.found and k in (leases.Kind.REVOKE, leases.Kind.EXPIRE, leases.Kind.DROP):
+        current = _U64.pack(out.deleted)
+    return ApplyResult(found=out.found, current=current, error=out.error, revision=out.revision)
 
 
 def serves(st: ShardState | None, cmd: Command) -> bool:
@@ -331,6 +358,8 @@ def serves(st: ShardState | None, cmd: Command) -> bool:
         return True
     if cmd.txn is not None:
         return all(key_hash(k) in st.active for k, _ in txn.keys_of(cmd.txn))
+    if cmd.op in LEASE_OPS and cmd.op != Op.LEASE_PUT:
+        return True  # no key: a lease record is the group's by its id, not by a key's hash
     return key_hash(cmd.key) in st.active
 
 

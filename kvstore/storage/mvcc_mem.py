@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from .mvcc import T_CHANGES, T_HIST, T_INTENTS, T_KEYS, T_TXN
 
-N_TABLES = 6
+N_TABLES = 7
+"""The six MVCC tables and the lease table (`leases.T_LEASES`)."""
 
 Undo = Callable[["MemRows", int, bytes, "bytes | None"], None]
 """Called before each change with (rows, table, key, the old value or None)."""

@@ -6,7 +6,8 @@ boundaries carry no meaning; a record may span chunks):
     header   magic b"KVSS"  version:u8 (=1)  group:u64  index:u64  term:u64
              n_voters:u32  n_learners:u32  ids:u64 * (n_voters + n_learners)
     record   tag:u8  key_len:u32  value_len:u32  key  value      (tag 1 data, 2 session, 3 member,
-             4 shard state, 5..8 the MVCC tables of `mvcc.py`: keys, history, changes, state)
+             4 shard state, 5..8 the MVCC tables of `mvcc.py`: keys, history, changes, state;
+             9 the lease table of `leases.py`)
     end      tag:u8 (=0)  0:u32  12:u32  record_count:u64  crc32:u32   (crc32 of every byte before it)
 
 Data keys are user keys; session keys are `client:u64` (the ack floor) or `client:u64 seq:u64`;
@@ -47,10 +48,12 @@ TAG_MEMBER = 3
 TAG_SHARDS = 4
 TAG_REV_BASE = 5
 """Tags TAG_REV_BASE + t carry the rows of MVCC table t (`mvcc.T_KEYS` .. `mvcc.T_INTENTS`: 9 and
-10 carry the records and intents of cross-group transactions)."""
+10 carry the records and intents of cross-group transactions; 11 the lease table)."""
 TAG_REV_KEYS, TAG_REV_HIST, TAG_REV_CHANGES, TAG_REV_STATE, TAG_REV_TXN, TAG_REV_INTENTS = 5, 6, 7, 8, 9, 10
+TAG_LEASES = 11
+"""The rows of the lease table (`leases.py`, table 6 of the group's rows: TAG_REV_BASE + 6)."""
 _TAGS = frozenset({TAG_DATA, TAG_SESSION, TAG_MEMBER, TAG_SHARDS, TAG_REV_KEYS, TAG_REV_HIST, TAG_REV_CHANGES,
-                   TAG_REV_STATE, TAG_REV_TXN, TAG_REV_INTENTS})
+                   TAG_REV_STATE, TAG_REV_TXN, TAG_REV_INTENTS, TAG_LEASES})
 
 MAX_MEMBERS = 4096
 MAX_RECORD_KEY = 4096

@@ -79,6 +79,36 @@ class KVStub:
                 request_serializer=kvstore_dot_v1_dot_kv__pb2.WatchRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kv__pb2.WatchResponse.FromString,
                 _registered_method=True)
+        self.LeaseGrant = channel.unary_unary(
+                '/kvstore.v1.KV/LeaseGrant',
+                request_serializer=kvstore_dot_v1_dot_kv__pb2.LeaseGrantRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kv__pb2.LeaseGrantResponse.FromString,
+                _registered_method=True)
+        self.LeaseRevoke = channel.unary_unary(
+                '/kvstore.v1.KV/LeaseRevoke',
+                request_serializer=kvstore_dot_v1_dot_kv__pb2.LeaseRevokeRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kv__pb2.LeaseRevokeResponse.FromString,
+                _registered_method=True)
+        self.LeaseKeepAlive = channel.stream_stream(
+                '/kvstore.v1.KV/LeaseKeepAlive',
+                request_serializer=kvstore_dot_v1_dot_kv__pb2.LeaseKeepAliveRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kv__pb2.LeaseKeepAliveResponse.FromString,
+                _registered_method=True)
+        self.LeaseTimeToLive = channel.unary_unary(
+                '/kvstore.v1.KV/LeaseTimeToLive',
+                request_serializer=kvstore_dot_v1_dot_kv__pb2.LeaseTimeToLiveRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kv__pb2.LeaseTimeToLiveResponse.FromString,
+                _registered_method=True)
+        self.LeaseLeases = channel.unary_unary(
+                '/kvstore.v1.KV/LeaseLeases',
+                request_serializer=kvstore_dot_v1_dot_kv__pb2.LeaseLeasesRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kv__pb2.LeaseLeasesResponse.FromString,
+                _registered_method=True)
+        self.LeasePut = channel.unary_unary(
+                '/kvstore.v1.KV/LeasePut',
+                request_serializer=kvstore_dot_v1_dot_kv__pb2.LeasePutRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kv__pb2.PutResponse.FromString,
+                _registered_method=True)
 
 
 class KVServicer:
@@ -141,6 +171,45 @@ class KVServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LeaseGrant(self, request, context):
+        """Leases (TTL; README "Leases"): routed to the lease's home group's leader (the id's low 12 bits).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaseRevoke(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaseKeepAlive(self, request_iterator, context):
+        """One reply per request; each renewal goes through the home group's log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaseTimeToLive(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaseLeases(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeasePut(self, request, context):
+        """A put that attaches the key to a lease (refused, definite, if the lease is not live).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +257,36 @@ def add_KVServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=kvstore_dot_v1_dot_kv__pb2.WatchRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kv__pb2.WatchResponse.SerializeToString,
+            ),
+            'LeaseGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseGrant,
+                    request_deserializer=kvstore_dot_v1_dot_kv__pb2.LeaseGrantRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kv__pb2.LeaseGrantResponse.SerializeToString,
+            ),
+            'LeaseRevoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseRevoke,
+                    request_deserializer=kvstore_dot_v1_dot_kv__pb2.LeaseRevokeRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kv__pb2.LeaseRevokeResponse.SerializeToString,
+            ),
+            'LeaseKeepAlive': grpc.stream_stream_rpc_method_handler(
+                    servicer.LeaseKeepAlive,
+                    request_deserializer=kvstore_dot_v1_dot_kv__pb2.LeaseKeepAliveRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kv__pb2.LeaseKeepAliveResponse.SerializeToString,
+            ),
+            'LeaseTimeToLive': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseTimeToLive,
+                    request_deserializer=kvstore_dot_v1_dot_kv__pb2.LeaseTimeToLiveRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kv__pb2.LeaseTimeToLiveResponse.SerializeToString,
+            ),
+            'LeaseLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseLeases,
+                    request_deserializer=kvstore_dot_v1_dot_kv__pb2.LeaseLeasesRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kv__pb2.LeaseLeasesResponse.SerializeToString,
+            ),
+            'LeasePut': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeasePut,
+                    request_deserializer=kvstore_dot_v1_dot_kv__pb2.LeasePutRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kv__pb2.PutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -433,6 +532,168 @@ class KV:
             '/kvstore.v1.KV/Watch',
             kvstore_dot_v1_dot_kv__pb2.WatchRequest.SerializeToString,
             kvstore_dot_v1_dot_kv__pb2.WatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KV/LeaseGrant',
+            kvstore_dot_v1_dot_kv__pb2.LeaseGrantRequest.SerializeToString,
+            kvstore_dot_v1_dot_kv__pb2.LeaseGrantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseRevoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KV/LeaseRevoke',
+            kvstore_dot_v1_dot_kv__pb2.LeaseRevokeRequest.SerializeToString,
+            kvstore_dot_v1_dot_kv__pb2.LeaseRevokeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseKeepAlive(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kvstore.v1.KV/LeaseKeepAlive',
+            kvstore_dot_v1_dot_kv__pb2.LeaseKeepAliveRequest.SerializeToString,
+            kvstore_dot_v1_dot_kv__pb2.LeaseKeepAliveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseTimeToLive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KV/LeaseTimeToLive',
+            kvstore_dot_v1_dot_kv__pb2.LeaseTimeToLiveRequest.SerializeToString,
+            kvstore_dot_v1_dot_kv__pb2.LeaseTimeToLiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KV/LeaseLeases',
+            kvstore_dot_v1_dot_kv__pb2.LeaseLeasesRequest.SerializeToString,
+            kvstore_dot_v1_dot_kv__pb2.LeaseLeasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeasePut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KV/LeasePut',
+            kvstore_dot_v1_dot_kv__pb2.LeasePutRequest.SerializeToString,
+            kvstore_dot_v1_dot_kv__pb2.PutResponse.FromString,
             options,
             channel_credentials,
             insecure,

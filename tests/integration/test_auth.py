@@ -69,6 +69,10 @@ def request_for(path: str, who: str) -> Any:
         return cls(cluster_id="kvstore", from_node=99, group=1)
     msg = cls()
     fields = {f.name for f in cls.DESCRIPTOR.fields}
+    if "lease" in fields:
+        msg.lease = 4096 + 1  # a lease homed in group 1 (never granted)
+    if path.startswith("/kvstore.v1.KV/Lease") and "id" in fields:
+        msg.id = 4096 + 1
     if "key" in fields:
         msg.key = b"data/t"
     if "value" in fields:
@@ -137,6 +141,9 @@ async def setup_auth(n: OneNode) -> dict[str, str | None]:
 
 
 AUTH_FAIL = {"UNAUTHENTICATED", "PERMISSION_DENIED"}
+LEASE_ANY_USER = tuple(f"/kvstore.v1.KV/Lease{m}" for m in ("Grant", "Revoke", "KeepAlive", "TimeToLive", "Leases"))
+"""As etcd: any authenticated user may grant, keep alive, list and read leases, and revoke one
+whose keys it may write (these requests name a lease with no keys); LeasePut needs write on its key."""
 
 
 def test_every_rpc_with_no_credentials_wrong_user_and_right_user(tmp_path: Path) -> None:
@@ -178,7 +185,7 @@ async def _every_rpc_with_no_credentials_wrong_user_and_right_user(tmp_path: Pat
                 else:
                     assert none == "UNAUTHENTICATED", (path, got)
                     assert ok not in AUTH_FAIL, (path, got)
-                    bob_may = path in ("/kvstore.v1.Admin/Status", "/kvstore.v1.Shard/GetShardMap",
+                    bob_may = path in LEASE_ANY_USER or path in ("/kvstore.v1.Admin/Status", "/kvstore.v1.Shard/GetShardMap",
                                        "/kvstore.v1.Auth/Status")
                     if bob_may:
                         assert wrong not in AUTH_FAIL, (path, got)
@@ -230,7 +237,7 @@ async def _every_rpc_on_the_client_port(tmp_path: Path) -> None:
                     assert none not in AUTH_FAIL and ok not in AUTH_FAIL, (path, got)
                 else:
                     assert none == "UNAUTHENTICATED" and ok not in AUTH_FAIL, (path, got)
-                    bob_may = path in ("/kvstore.v1.Admin/Status", "/kvstore.v1.Shard/GetShardMap",
+                    bob_may = path in LEASE_ANY_USER or path in ("/kvstore.v1.Admin/Status", "/kvstore.v1.Shard/GetShardMap",
                                        "/kvstore.v1.Auth/Status")
                     assert (wrong not in AUTH_FAIL) if bob_may else (wrong == "PERMISSION_DENIED"), (path, got)
             code, detail = await call(ch, "/kvstore.v1.KV/Get", None, "none")

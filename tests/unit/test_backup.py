@@ -16,12 +16,15 @@ from kvstore.backup.format import (
     BackupFormatError,
     BackupInfo,
     BackupKey,
+    BackupLease,
     BackupReader,
     BackupWriter,
+    check_lease,
+    decode_leases,
     verify,
 )
 from kvstore.backup.restore import RestoreError, group_records, restore
-from kvstore.raft.types import EntryType
+from kvstore.raft.types import ConfState, EntryType
 from kvstore.security.authstate import AUTH_KEY, ROOT, AuthCommand, AuthOp, AuthState
 from kvstore.shard.ranges import IntervalSet, key_hash
 from kvstore.shard.shardmap import META_GROUP, SHARD_MAP_KEY
@@ -32,7 +35,8 @@ from kvstore.storage.store import LmdbNodeStore
 pytestmark = pytest.mark.timeout(60)
 
 REV = (1 << 30) << 12 | 7
-PW_HASH = b"h" * 32  # (any bytes: the state stores a hash it does not check)
+PW_HASH = b"h" * 32
+CONF1 = ConfState((1,))  # (any bytes: the state stores a hash it does not check)
 
 
 def keys_strategy() -> st.SearchStrategy[list[BackupKey]]:
@@ -255,3 +259,105 @@ def test_a_pass_over_a_file_that_changed_since_it_was_verified_is_refused(tmp_pa
     path.write_bytes(encode([BackupKey(b"k", b"other", 1, 1, 1)], b""))
     with pytest.raises(RestoreError, match="changed while it was being restored"):
         list(group_records(path, IntervalSet.full(), REV, [], verified))
+
+
+def leases_strategy() -> st.SearchStrategy[list[BackupLease]]:
+    lease = st.builds(
+        lambda hi, g, ttl, frac, ks: BackupLease((hi << 12) | g, ttl, int(ttl * 1000 * frac), tuple(sorted(ks))),
+        st.integers(1, 2**40), st.integers(1, 4095), st.integers(1, 100), st.floats(0, 1),
+        st.sets(st.binary(min_size=1, max_size=20), max_size=5),
+    )
+    return st.lists(lease, max_size=8, unique_by=lambda le: le.id).map(lambda ls: sorted(ls, key=lambda le: le.id))
+
+
+def encode_with_leases(keys: list[BackupKey], ls: list[BackupLease], chunk: int | None = None) -> bytes:
+    import kvstore.backup.format as fmt
+
+    f = io.BytesIO()
+    old = fmt.CHUNK_BYTES
+    if chunk is not None:
+        fmt.CHUNK_BYTES = chunk
+    try:
+        w = BackupWriter(f, BackupInfo(REV, 1_700_000_000_000, 2, 3, 64))
+        for k in keys:
+            w.add(k)
+        for le in ls:
+            w.add_lease(le)
+        w.finish()
+    finally:
+        fmt.CHUNK_BYTES = old
+    return f.getvalue()
+
+
+@settings(max_examples=60, deadline=None)
+@given(keys_strategy(), leases_strategy(), st.sampled_from([None, 64, 1]))
+def test_leases_round_trip(keys: list[BackupKey], ls: list[BackupLease], chunk: int | None) -> None:
+    data = encode_with_leases(keys, ls, chunk)
+    r = BackupReader(io.BytesIO(data))
+    assert list(r.entries()) == keys
+    assert r.leases == ls
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(keys_strategy(), leases_strategy(), st.data())
+def test_damage_in_leases_is_refused_with_one_error_type(keys: list[BackupKey], ls: list[BackupLease],
+                                                         data: st.DataObject) -> None:
+    good = encode_with_leases(keys, ls, 128)
+    i = data.draw(st.integers(0, len(good) - 1))
+    bad = good[:i] + bytes([good[i] ^ (1 << data.draw(st.integers(0, 7)))]) + good[i + 1 :]
+    with pytest.raises(BackupFormatError):
+        _decode_all(bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_lease_chunk_decoder_is_total(raw: bytes) -> None:
+    try:
+        for le in decode_leases(raw):
+            check_lease(le, 0)
+    except BackupFormatError:
+        pass
+
+
+def test_writer_refuses_bad_leases() -> None:
+    w = BackupWriter(io.BytesIO(), BackupInfo(REV, 1, 2, 3, 64))
+    for bad in (BackupLease(0, 10, 0), BackupLease(4096, 10, 0), BackupLease(4097, 0, 0), BackupLease(4097, 10, 10_001),
+                BackupLease(4097, 10, 0, (b"",))):
+        with pytest.raises(BackupFormatError):
+            w.add_lease(bad)
+    w.add_lease(BackupLease(8193, 10, 5))
+    with pytest.raises(BackupFormatError):
+        w.add_lease(BackupLease(4097, 10, 5))  # out of order
+    with pytest.raises(BackupFormatError):
+        w.add(BackupKey(b"k", b"v", 1, 1, 1))  # keys after leases
+
+
+def test_restore_carries_leases(tmp_path: Path) -> None:
+    """The lease's record lands in its home group with the saved remaining TTL, its keys'
+    attachments in the groups holding them; a revoke there deletes them."""
+    from kvstore.raft.types import Entry
+    from kvstore.storage import commands, leases
+    from kvstore.storage.store import ApplyBatch, GroupWrite
+
+    keys = [BackupKey(f"k{i:03d}".encode(), b"v", 4096 + i, 4096 + i, 1) for i in range(40)]
+    lid = leases.make_id(1, 99)
+    attached = tuple(k.key for k in keys[:10])
+    path = tmp_path / "b.kvbk"
+    path.write_bytes(encode_with_leases(keys, [BackupLease(lid, 30, 12_000, attached)]))
+    peers = {1: "127.0.0.1:20001"}
+    res = restore(path, tmp_path / "n1", 1, peers, groups=2, replication=1)
+    with LmdbNodeStore(tmp_path / "n1" / "db", map_size=1 << 30, state_sync="checkpoint") as store:
+        kv = store.revisions
+        assert kv.read_leases(1, lambda rows: leases.get_record(rows, lid)) == leases.Record(30, 12_000, 1)
+        found = []
+        for g in res.groups:
+            found += kv.read_leases(g, lambda rows: leases.attached_keys(rows, lid))
+        assert sorted(found) == sorted(attached)
+        for g in res.groups:
+            cmd = commands.Command.lease_command(
+                leases.LeaseCmd(leases.Kind.REVOKE if g == 1 else leases.Kind.DROP, lid))
+            e = Entry(1, store.applied_index(g) + 1, EntryType.NORMAL, commands.encode_command(cmd))
+            store.persist([GroupWrite(g, [e])])
+            store.apply([ApplyBatch(g, [e], CONF1)])
+        left = {k for g in res.groups for k, _ in store.scan(g, b"", None)}
+        assert left == {k.key for k in keys[10:]}

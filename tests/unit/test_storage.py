@@ -921,7 +921,7 @@ def test_garbage_messages_are_clear() -> None:
     cases = {
         b"": "too short",
         b"\x09" + good[1:]: "format version 9",
-        good[:1] + b"\x19" + good[2:]: "unknown command op 25",
+        good[:1] + b"\x1f" + good[2:]: "unknown command op 31",
         good[:-1]: "truncated",
         good + b"x": "trailing",
         cmds.encode_put(b"k", b"v")[:45]: "truncated",
@@ -938,7 +938,7 @@ def test_garbage_messages_are_clear() -> None:
 
 PURE = [
     "storage/commands.py", "storage/machine.py", "storage/shardcmd.py", "shard/ranges.py", "storage/mvcc.py",
-    "storage/mvcc_mem.py", "storage/txn.py", "storage/keylimit.py", "storage/xtxn.py", "storage/xtxn_apply.py",
+    "storage/mvcc_mem.py", "storage/txn.py", "storage/keylimit.py", "storage/xtxn.py", "storage/xtxn_apply.py", "storage/leases.py",
 ]
 
 

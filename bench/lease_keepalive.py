@@ -1,0 +1,112 @@
+"""Lease keep-alive cost with many leases, on a 3-node kvstore cluster on 127.0.0.1 (data on disk,
+fsync on):
+
+    python -m bench.lease_keepalive --leases 10000 --ttl 60 --idle 10
+
+Grants N leases (homed in one data group, so one leader renews them all), then renews every lease
+once over one LeaseKeepAlive stream to that leader (each renewal is a RENEW through the group's
+log, the replies pipelined: renewals per second), then measures the CPU the nodes spend holding
+the N leases idle for `--idle` seconds (the lease clock's scans and remaining-TTL checkpoints:
+CPU seconds per second, per node). Prints one JSON line per measurement. etcd is not run: its
+keep-alive is answered by its leader without a log entry (and its TTLs reset on a leader change),
+so the two numbers measure different guarantees; bench/README.md says more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import grpc
+
+from bench.kvbench.clusters import KvstoreCluster, proc_cpu_seconds
+from kvstore.client import AsyncClient
+from kvstore.errors import InvalidArgument
+from kvstore.storage import leases
+from kvstore.v1 import kv_pb2, kv_pb2_grpc
+
+
+async def _leader_of(client: AsyncClient, group: int, endpoints: list[str]) -> str:
+    deadline = time.monotonic() + 60
+    while True:  # a new cluster raises its version to the leases' level within a few seconds
+        try:
+            await client.leases.revoke(await client.leases.grant(5))
+            break
+        except InvalidArgument as err:
+            if "cluster version" not in err.message or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+    await asyncio.sleep(5)  # the leader balancer hands each group to its preferred node after a start
+    for ep in endpoints:
+        async with grpc.aio.insecure_channel(ep) as ch:
+            r = await kv_pb2_grpc.KVStub(ch).LeaseTimeToLive(
+                kv_pb2.LeaseTimeToLiveRequest(id=leases.make_id(group, 1)), timeout=5)
+            if r.error.code == kv_pb2.OK:
+                return ep
+    raise RuntimeError(f"no leader of group {group} found")
+
+
+async def _run(n: int, ttl: int, idle: float, inflight: int, cluster: KvstoreCluster) -> None:
+    eps = cluster.endpoints
+    async with AsyncClient(eps, timeout=30) as client:
+        group = 1
+        leader = await _leader_of(client, group, eps)
+        ids = [leases.make_id(group, i + 1000) for i in range(n)]
+        async with grpc.aio.insecure_channel(leader) as ch:
+            stub = kv_pb2_grpc.KVStub(ch)
+            sem = asyncio.Semaphore(inflight)
+
+            async def grant(lid: int) -> None:
+                async with sem:
+                    r = await stub.LeaseGrant(kv_pb2.LeaseGrantRequest(ttl=ttl, id=lid), timeout=30)
+                    assert r.error.code == kv_pb2.OK, r.error
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(grant(i) for i in ids))
+            dt = time.perf_counter() - t0
+            print(json.dumps({"measure": "grant", "leases": n, "seconds": round(dt, 3), "per_s": round(n / dt)}))
+
+            async def requests() -> object:
+                for i in ids:
+                    yield kv_pb2.LeaseKeepAliveRequest(id=i)
+
+            t0 = time.perf_counter()
+            got = 0
+            async for resp in stub.LeaseKeepAlive(requests(), timeout=600):
+                assert resp.error.code == kv_pb2.OK and resp.ttl == ttl, resp
+                got += 1
+                if got == n:
+                    break
+            dt = time.perf_counter() - t0
+            print(json.dumps({"measure": "keep-alive (each lease once, one stream)", "leases": n,
+                              "seconds": round(dt, 3), "renewals_per_s": round(n / dt)}))
+
+    pids = cluster.pids()
+    c0 = [proc_cpu_seconds([p]) for p in pids]
+    await asyncio.sleep(idle)
+    c1 = [proc_cpu_seconds([p]) for p in pids]
+    print(json.dumps({"measure": f"idle with {n} live leases", "seconds": idle,
+                      "cpu_s_per_s_per_node": [round((b - a) / idle, 3) for a, b in zip(c0, c1, strict=True)]}))
+
+
+@click.command()
+@click.option("--leases", "n", default=10_000, show_default=True)
+@click.option("--ttl", default=60, show_default=True, help="Seconds (long enough that none expires during the run).")
+@click.option("--idle", default=10.0, show_default=True, help="Seconds of idle CPU measured with the leases held.")
+@click.option("--inflight", default=256, show_default=True, help="Grants in flight at once.")
+def main(n: int, ttl: int, idle: float, inflight: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="lease-bench-") as d:
+        cluster = KvstoreCluster(Path(d), ["--groups", "2"])
+        cluster.start()
+        try:
+            asyncio.run(_run(n, ttl, idle, inflight, cluster))
+        finally:
+            cluster.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""The lease RPCs of `KV` (LeaseGrant, LeaseRevoke, LeaseKeepAlive, LeaseTimeToLive, LeaseLeases,
+LeasePut) and the node's lease clock driver. A thin shell: the rules are `storage/leases.py`
+(what applies) and `node/lessor.py` (when the home leader expires and checkpoints).
+
+Routing: a lease operation goes to the lease's home group (`leases.home_group(id)`, the id's low
+12 bits), which must be led here (else NOT_LEADER / NO_LEADER with the leader's hint: the client
+retries there). A LeasePut goes to the key's group; for a key outside the home group the home's
+record is checked first where this node leads the home group with a current view; elsewhere the
+client library has checked it at the home leader just before (`client/leases.py`), and a lease
+revoked since is refused by the key's group once its DROP applied (`leases.py`).
+
+What answers read: LeaseTimeToLive's remaining TTL is the home leader's lease clock (its
+`Lessor`), or the last checkpoint if the lease clock has not timed it yet; its keys, and
+LeaseLeases, come from the replicas of the data groups on the answering node (they may lag their
+leaders by what is in flight). Every error says whether the operation may have happened.
+
+Permissions (as etcd): granting, keeping alive and listing need an authenticated caller when auth
+is on; LeasePut needs write on its key; LeaseRevoke write on every key attached to the lease on
+this node's replicas; LeaseTimeToLive with keys read on each key it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from kvstore import errors
+from kvstore.node.lessor import Lessor, LessorParams, Proposal
+from kvstore.security.rbac import READ, WRITE
+from kvstore.storage import commands, leases
+from kvstore.storage.commands import ApplyResult
+from kvstore.storage.leases import Kind, LeaseCmd
+from kvstore.v1 import kv_pb2
+
+from . import waiters
+from .requests import KVRequests
+
+log = logging.getLogger("kvstore.leases")
+
+_WRITES = frozenset({Kind.PUT, Kind.REVOKE, Kind.EXPIRE, Kind.DROP})
+"""Lease commands that may write (delete or put keys): they carry a proposed revision."""
+
+
+def _lease_id(raw: int) -> int:
+    try:
+        return leases.check_id(int(raw))
+    except ValueError as err:
+        raise errors.InvalidArgument(str(err)) from None
+
+
+class LeaseRequests:
+    """The lease RPCs over `KVRequests` (its host, clock, routing and errors)."""
+
+    def __init__(self, rq: KVRequests, lessors: dict[int, Lessor]) -> None:
+        self.rq = rq
+        self.lessors = lessors
+
+    def _encode(self, c: LeaseCmd, key: bytes = b"", value: bytes = b"", s: kv_pb2.Session | None = None) -> bytes:
+        rev = self.rq.clock.propose(s.revision if s is not None else 0) if c.kind in _WRITES else 0
+        if s is None:
+            cmd = commands.Command.lease_command(c, key, value, revision=rev)
+        else:
+            cmd = commands.Command.lease_command(c, key, value, s.client_id, s.seq, s.ack, s.retry, s.horizon, rev)
+        try:
+            return commands.encode_command(cmd)
+        except ValueError as err:
+            raise errors.InvalidArgument(str(err)) from None
+
+    async def _propose_home(self, lid: int, data: bytes) -> ApplyResult:
+        g = leases.home_group(lid)
+        rq = self.rq
+        if g not in rq.host.groups:
+            raise rq.wrong_shard(f"lease {lid:x}'s home group {g} is not on node {rq.cfg.id}")
+        res = await waiters.propose(rq.host, rq.wake, g, data, rq.cfg.request_timeout)
+        out = rq.write_outcome(g, res)
+        if out is None:
+            raise errors.InternalError("the lease command was applied but its result is not known here",
+                                       indeterminate=True)
+        return out
+
+    def _record(self, lid: int) -> leases.Record | None:
+        g = leases.home_group(lid)
+        if g not in self.rq.host.groups:
+            return None
+        return self.rq.store.revisions.read_leases(g, lambda rows: leases.get_record(rows, lid))
+
+    def _attached(self, lid: int) -> list[bytes]:
+        out: list[bytes] = []
+        for g in sorted(self.rq.host.groups):
+            if g != 0:
+                out += self.rq.store.revisions.read_leases(g, lambda rows: leases.attached_keys(rows, lid))
+        return sorted(set(out))
+
+    async def grant(self, r: kv_pb2.LeaseGrantRequest) -> kv_pb2.LeaseGrantResponse:
+        try:
+            lid = _lease_id(r.id)
+            try:
+                ttl = leases.check_ttl(int(r.ttl))
+            except ValueError as err:
+                raise errors.InvalidArgument(str(err)) from None
+            res = await self._propose_home(lid, self._encode(LeaseCmd(Kind.GRANT, lid, ttl_s=ttl)))
+            return kv_pb2.LeaseGrantResponse(error=self.rq.ok(), id=lid, ttl=ttl) if res.found else \
+                kv_pb2.LeaseGrantResponse(error=self.rq.err(errors.InvalidArgument("lease already exists")))
+        except errors.KVError as err:
+            return kv_pb2.LeaseGrantResponse(error=self.rq.err(err))
+        except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
+            return kv_pb2.LeaseGrantResponse(error=self.rq.err(self.rq.internal("LeaseGrant", err)))
+
+    async def revoke(self, r: kv_pb2.LeaseRevokeRequest) -> kv_pb2.LeaseRevokeResponse:
+        try:
+            lid = _lease_id(r.id)
+            for k in self._attached(lid):
+                self.rq.allow(k, WRITE)
+            res = await self._propose_home(lid, self._encode(LeaseCmd(Kind.REVOKE, lid)))
+            n = int.from_bytes(res.current or b"", "big")
+            return kv_pb2.LeaseRevokeResponse(error=self.rq.ok(), deleted=n)
+        except errors.KVError as err:
+            return kv_pb2.LeaseRevokeResponse(error=self.rq.err(err))
+        except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
+            return kv_pb2.LeaseRevokeResponse(error=self.rq.err(self.rq.internal("LeaseRevoke", err)))
+
+    async def keep_alive_one(self, r: kv_pb2.LeaseKeepAliveRequest) -> kv_pb2.LeaseKeepAliveResponse:
+        try:
+            lid = _lease_id(r.id)
+            res = await self._propose_home(lid, self._encode(LeaseCmd(Kind.RENEW, lid)))
+            ttl = int.from_bytes(res.current, "big") if res.found and res.current else 0
+            return kv_pb2.LeaseKeepAliveResponse(error=self.rq.ok(), id=lid, ttl=ttl)
+        except errors.KVError as err:
+            return kv_pb2.LeaseKeepAliveResponse(error=self.rq.err(err), id=r.id)
+        except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
+            return kv_pb2.LeaseKeepAliveResponse(error=self.rq.err(self.rq.internal("LeaseKeepAlive", err)), id=r.id)
+
+    async def keep_alive(self, requests: AsyncIterator[kv_pb2.LeaseKeepAliveRequest], window: int = 1024
+                         ) -> AsyncIterator[kv_pb2.LeaseKeepAliveResponse]:
+        """One reply per request (each renewal through the home group's log), up to `window`
+        renewals in flight at once: replies come as renewals apply (each names its lease)."""
+        out: asyncio.Queue[kv_pb2.LeaseKeepAliveResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(window)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(r: kv_pb2.LeaseKeepAliveRequest) -> None:
+            try:
+                await out.put(await self.keep_alive_one(r))
+            finally:
+                slots.release()
+
+        async def reader() -> None:
+            try:
+                async for r in requests:
+                    await slots.acquire()
+                    t = asyncio.get_running_loop().create_task(one(r))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                await out.put(None)
+
+        feed = asyncio.get_running_loop().create_task(reader())
+        try:
+            while (resp := await out.get()) is not None:
+                yield resp
+        finally:
+            feed.cancel()
+            for t in list(tasks):
+                t.cancel()
+
+    async def time_to_live(self, r: kv_pb2.LeaseTimeToLiveRequest) -> kv_pb2.LeaseTimeToLiveResponse:
+        rq = self.rq
+        try:
+            lid = _lease_id(r.id)
+            g = leases.home_group(lid)
+            if g not in rq.host.groups:
+                raise rq.wrong_shard(f"lease {lid:x}'s home group {g} is not on node {rq.cfg.id}")
+            if not rq.host.leads_current(g):
+                raise rq.host._not_leader(rq.host.groups[g])
+            # a linearizable read point: a grant acknowledged from inside its apply transaction
+            # is visible to the read that follows it
+            await rq.read_point(g, kv_pb2.LINEARIZABLE)
+            rec = self._record(lid)
+            if rec is None or rec.state != leases.LIVE:
+                return kv_pb2.LeaseTimeToLiveResponse(error=rq.ok(), id=lid, ttl=-1)
+            lz = self.lessors.get(g)
+            rem = lz.remaining_ms(lid, time.monotonic() * 1000) if lz is not None else None
+            rem = rec.remaining_ms if rem is None else rem
+            keys = self._attached(lid) if r.keys else []
+            for k in keys:
+                rq.allow(k, READ)
+            return kv_pb2.LeaseTimeToLiveResponse(error=rq.ok(), id=lid, ttl=rem // 1000, granted_ttl=rec.ttl_s,
+                                                  keys=keys)
+        except errors.KVError as err:
+            return kv_pb2.LeaseTimeToLiveResponse(error=rq.err(err))
+        except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
+            return kv_pb2.LeaseTimeToLiveResponse(error=rq.err(rq.internal("LeaseTimeToLive", err)))
+
+    async def leases(self, r: kv_pb2.LeaseLeasesRequest) -> kv_pb2.LeaseLeasesResponse:
+        rq = self.rq
+        try:
+            ids: list[int] = []
+            for g in sorted(rq.host.groups):
+                if g != 0:
+                    ids += [lid for lid, rec in rq.store.revisions.read_leases(g, leases.iter_records)
+                            if rec.state == leases.LIVE]
+            return kv_pb2.LeaseLeasesResponse(error=rq.ok(), ids=sorted(ids))
+        except errors.KVError as err:
+            return kv_pb2.LeaseLeasesResponse(error=rq.err(err))
+        except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
+            return kv_pb2.LeaseLeasesResponse(error=rq.err(rq.internal("LeaseLeases", err)))
+
+    async def put(self, r: kv_pb2.LeasePutRequest) -> kv_pb2.PutResponse:
+        rq = self.rq
+        try:
+            key, value = r.key, r.value
+            rq.check_key(key)
+            rq.allow(key, WRITE)
+            rq.check_value(value)
+            lid = _lease_id(r.lease)
+            home = leases.home_group(lid)
+            if rq.host.leads_current(home) and rq.group_for(key) != home:
+                await rq.read_point(home, kv_pb2.LINEARIZABLE)
+                rec = self._record(lid)  # this node leads the home group: refuse a dead lease here
+                if rec is None or rec.state != leases.LIVE:
+                    raise errors.InvalidArgument(leases.NOT_FOUND)
+            data = self._encode(LeaseCmd(Kind.PUT, lid), key, value, r.session)
+            res = await rq.write(key, data)
+            rq.metrics.writes.inc()
+            return rq.put_reply(res)
+        except errors.KVError as err:
+            return kv_pb2.PutResponse(error=rq.err(err))
+        except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
+            return kv_pb2.PutResponse(error=rq.err(rq.internal("LeasePut", err)))
+
+
+class LeaseDriver:
+    """The node's lease clocks: every `period` seconds, a `Lessor` per data group hosted here is
+    stepped with this node's monotonic clock and, if this node leads the group with a current
+    view, its term; what it asks for is proposed (the home group's commands here, a DROP at the
+    other group's leader through `caller`). Counts the expiries that applied (`/metrics`)."""
+
+    def __init__(self, rq: KVRequests, caller: Any, params: LessorParams | None = None, period: float = 0.1) -> None:
+        self.rq = rq
+        self.caller = caller
+        self.params = params or LessorParams()
+        self.period = period
+        self.lessors: dict[int, Lessor] = {}
+        self.expired = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def step(self) -> None:
+        rq = self.rq
+        host = rq.host
+        smap = rq.tracker.map
+        groups = smap.data_groups() if smap is not None else []
+        now = time.monotonic() * 1000
+        for g in groups:
+            if g not in host.groups:
+                self.lessors.pop(g, None)
+                continue
+            lz = self.lessors.setdefault(g, Lessor(g, self.params))
+            term = host.groups[g].core.term if host.leads_current(g) else 0
+            props = lz.step(now, term, self._records(g), lambda: groups)
+            for p in props:
+                t = asyncio.get_running_loop().create_task(self._send(lz, p))
+                self._tasks.add(t)
+                t.add_done_callback(self._tasks.discard)
+
+    def _records(self, g: int) -> Callable[[], list[tuple[int, leases.Record]]]:
+        store = self.rq.store
+
+        def read() -> list[tuple[int, leases.Record]]:
+            out: list[tuple[int, leases.Record]] = store.revisions.read_leases(g, leases.iter_records)
+            return out
+        return read
+
+    async def _send(self, lz: Lessor, p: Proposal) -> None:
+        rq = self.rq
+        rev = rq.clock.propose(0) if p.cmd.kind in _WRITES else 0
+        data = commands.encode_command(commands.Command.lease_command(p.cmd, revision=rev))
+        try:
+            if p.group in rq.host.groups and rq.host.leads_current(p.group):
+                res = await waiters.propose(rq.host, rq.wake, p.group, data, rq.cfg.request_timeout)
+            elif self.caller is not None:
+                res = await self.caller.propose(p.group, data)
+            else:
+                lz.on_outcome(p, False)
+                return
+        except errors.KVError as err:
+            log.debug("lease command %s to group %d failed: %s", p.cmd.kind.name, p.group, err)
+            lz.on_outcome(p, False)
+            return
+        ok = res is not None and not res.error
+        if ok and p.cmd.kind == Kind.EXPIRE and res is not None and res.found:
+            self.expired += 1
+            rq.metrics.lease_expired.inc()
+        lz.on_outcome(p, ok)
+
+    def live_count(self) -> int:
+        """Live leases homed in the groups this node leads."""
+        return sum(len(lz.leases) for lz in self.lessors.values())
+
+    async def run(self) -> None:
+        while True:
+            try:
+                self.step()
+                self.rq.metrics.leases.set(self.live_count())
+            except Exception as err:  # a bug: logged, the loop goes on
+                log.error("lease clock step failed: %s: %s", type(err).__name__, err, exc_info=err)
+            await asyncio.sleep(self.period)

@@ -1,0 +1,394 @@
+"""Leases (TTL) in a group's state machine: ids, records, command bodies, apply rules. STANDARD
+LIBRARY ONLY (the simulator applies them on `DictState` / `MemoryNodeStore`).
+
+Where a lease lives. A lease id is an int64 in 1..2**63-1 whose low 12 bits (`ID_GROUP_BITS`, the
+same width as a revision's group slot) name its *home* data group: any node routes a lease
+operation by the id alone. The home group's state machine holds the lease's record; keys attached
+to it may live in any data group, each of which keeps its own attachment rows.
+
+Rows (one table of the group's `mvcc.Rows`, `T_LEASES`: LMDB sub-database `leases`, carried by
+raft snapshots as tag `snapfile.TAG_LEASES`; group prefix omitted):
+
+    b"L" id:u64          -> record: ttl_s:u64 remaining_ms:u64 renews:u64 state:u8   (home group)
+    b"A" id:u64 h:16     -> key        (key `key` is attached to lease id; h = BLAKE2b-128(key))
+    b"K" h:16            -> id:u64     (the lease key `key` is attached to; at most one)
+    b"X" id:u64          -> b""        (tombstone: the lease was revoked; its id is never live again here)
+
+Commands (`commands.Op` codes 20..27, gated by `node.version.LEVEL_LEASES`; body = `_BODY`:
+lease_id:u64 ttl_s:u64 renews:u64 remaining_ms:u64, fields a kind does not use are 0, LEASE_PUT
+then carries key_len:u32 key value):
+
+- GRANT(id, ttl_s): home group only; a record (remaining = ttl, renews = 1). Refused when the
+  id is live, revoked (tombstone) or not homed here.
+- RENEW(id): a keep-alive, through the log: remaining := ttl, renews += 1 (result `found`, and
+  `current` = ttl_s:u64). An unknown or revoked lease: not found (no error).
+- CHECKPOINT(id, renews, remaining_ms): the home leader's remaining TTL, applied only if the
+  record's `renews` still equals `renews` (a renew after the leader read the record wins).
+- EXPIRE(id, renews): the home leader's expiry, applied only if `renews` still matches (a renew
+  that committed first cancels it); then as REVOKE.
+- REVOKE(id): the record becomes REVOKED and every key attached to the lease IN THIS GROUP is
+  deleted at one revision (DELETE events in the change log, so watches see them).
+- DROP(id): in any group: the keys attached here are deleted at one revision, and the group
+  keeps a tombstone so that a LEASE_PUT of that lease arriving later is refused.
+- FORGET(id): home group: a REVOKED record whose DROPs every other data group applied becomes a
+  tombstone.
+- PUT(id, key, value): a put that attaches `key` to the lease (detaching it from any other).
+  Refused (definite, "requested lease not found") in the home group unless the record is LIVE,
+  and in any group holding the lease's tombstone. A plain write of an attached key (PUT, CAS,
+  DELETE, a transaction's write) detaches it, as in etcd.
+
+Invariant (no key stays attached to a dead lease forever): a group attaches a key to lease L only
+while it holds no tombstone of L; the home leader fans DROP(L) out to every data group after L's
+revocation (`node.lessor`) and FORGETs L only when all applied it. A LEASE_PUT applied before a
+group's DROP is deleted by it; one after it is refused. The client library checks the lease at its
+home before proposing a LEASE_PUT to another group (a definite "requested lease not found").
+That per-group deletion is `drop_attached` below: one function boundary to replace by one atomic
+cross-group deletion once cross-group transactions exist.
+
+Every decoder is total: garbage raises `ValueError` (never another exception type).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import mvcc
+from .keylimit import MAX_KEY_SIZE
+
+ID_GROUP_BITS = 12
+ID_GROUP_MASK = (1 << ID_GROUP_BITS) - 1
+MAX_LEASE_ID = (1 << 63) - 1
+MIN_TTL_S = 1
+MAX_TTL_S = 9_000_000_000
+"""etcd's MaxLeaseTTL (about 285 years)."""
+T_LEASES = 6
+"""The lease table's number in the group's `mvcc.Rows` (after the MVCC tables 0..3)."""
+
+LIVE = 0
+REVOKED = 1
+
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+_REC = struct.Struct(">QQQB")
+BODY = struct.Struct(">QQQQ")
+
+
+class Kind(enum.IntEnum):
+    """Lease command kinds: their `commands.Op` codes."""
+
+    GRANT = 20
+    REVOKE = 21
+    RENEW = 22
+    CHECKPOINT = 23
+    EXPIRE = 24
+    DROP = 25
+    FORGET = 26
+    PUT = 27
+
+
+KINDS = frozenset(int(k) for k in Kind)
+NOT_FOUND = "requested lease not found"
+
+
+def home_group(lease_id: int) -> int:
+    """The data group that holds lease `lease_id`'s record."""
+    return lease_id & ID_GROUP_MASK
+
+
+def check_id(lease_id: object) -> int:
+    """`lease_id` if it is a valid lease id homed in a data group (not the metadata group 0),
+    else ValueError."""
+    if type(lease_id) is not int or not 0 < lease_id <= MAX_LEASE_ID:
+        raise ValueError(f"lease id {lease_id!r} is not in 1..{MAX_LEASE_ID}")
+    if home_group(lease_id) == 0:
+        raise ValueError(f"lease id {lease_id:x} names group 0 as its home (the metadata group holds no leases)")
+    return lease_id
+
+
+def make_id(group: int, random_bits: int) -> int:
+    """A lease id homed in `group` (1..4095) from `random_bits` (any int; its bits above the
+    group's are used, never 0 there)."""
+    if not 0 < group <= ID_GROUP_MASK:
+        raise ValueError(f"group {group} cannot home leases (1..{ID_GROUP_MASK})")
+    high = (random_bits % (MAX_LEASE_ID >> ID_GROUP_BITS)) + 1
+    return (high << ID_GROUP_BITS) | group
+
+
+def check_ttl(ttl_s: object) -> int:
+    if type(ttl_s) is not int or not MIN_TTL_S <= ttl_s <= MAX_TTL_S:
+        raise ValueError(f"lease TTL {ttl_s!r} is not in {MIN_TTL_S}..{MAX_TTL_S} seconds")
+    return ttl_s
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A lease's record in its home group. `remaining_ms` is the remaining TTL as of the entry
+    that last set it (a GRANT, a RENEW, or the leader's CHECKPOINT); `renews` counts GRANT and
+    RENEWs (CHECKPOINT and EXPIRE name it to be conditional on no renew in between)."""
+
+    ttl_s: int
+    remaining_ms: int
+    renews: int
+    state: int = LIVE
+
+    def encode(self) -> bytes:
+        return _REC.pack(self.ttl_s, self.remaining_ms, self.renews, self.state)
+
+    @staticmethod
+    def decode(raw: bytes) -> Record:
+        if len(raw) != _REC.size:
+            raise ValueError(f"lease record of {len(raw)} bytes, not {_REC.size}")
+        ttl, rem, renews, state = _REC.unpack(raw)
+        if not MIN_TTL_S <= ttl <= MAX_TTL_S:
+            raise ValueError(f"lease record with TTL {ttl}")
+        if rem > ttl * 1000:
+            raise ValueError(f"lease record with remaining {rem} ms above its TTL of {ttl} s")
+        if state not in (LIVE, REVOKED):
+            raise ValueError(f"lease record in state {state}")
+        return Record(ttl, rem, renews, state)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseCmd:
+    """The lease part of a command (`commands.Command.lease`); LEASE_PUT's key and value are the
+    command's own `key` and `value`."""
+
+    kind: Kind
+    lease_id: int
+    ttl_s: int = 0
+    renews: int = 0
+    remaining_ms: int = 0
+
+    def validate(self) -> None:
+        """ValueError unless the fields fit the kind (what `decode_body` accepts)."""
+        check_id(self.lease_id)
+        k = self.kind
+        if k == Kind.GRANT:
+            check_ttl(self.ttl_s)
+        elif self.ttl_s:
+            raise ValueError(f"{k.name} carries no TTL")
+        if k in (Kind.CHECKPOINT, Kind.EXPIRE):
+            if not 0 < self.renews < 1 << 64:
+                raise ValueError(f"{k.name} needs the record's renew count (1..2**64-1), not {self.renews}")
+        elif self.renews:
+            raise ValueError(f"{k.name} carries no renew count")
+        if k == Kind.CHECKPOINT:
+            if not 0 <= self.remaining_ms <= MAX_TTL_S * 1000:
+                raise ValueError(f"checkpoint remaining {self.remaining_ms} ms is out of range")
+        elif self.remaining_ms:
+            raise ValueError(f"{k.name} carries no remaining TTL")
+
+
+def encode_body(c: LeaseCmd) -> bytes:
+    c.validate()
+    return BODY.pack(c.lease_id, c.ttl_s, c.renews, c.remaining_ms)
+
+
+def decode_body(kind: int, body: bytes | memoryview) -> LeaseCmd:
+    """The lease fields of a command of op `kind` (exactly `BODY.size` bytes). ValueError on garbage."""
+    if kind not in KINDS:
+        raise ValueError(f"op {kind} is not a lease command")
+    if len(body) != BODY.size:
+        raise ValueError(f"lease command body of {len(body)} bytes, not {BODY.size}")
+    lid, ttl, renews, rem = BODY.unpack(body)
+    c = LeaseCmd(Kind(kind), lid, ttl, renews, rem)
+    c.validate()
+    return c
+
+
+# --- rows -----------------------------------------------------------------------------------------
+def key_hash16(key: bytes) -> bytes:
+    return hashlib.blake2b(key, digest_size=16).digest()
+
+
+def record_key(lease_id: int) -> bytes:
+    return b"L" + _U64.pack(lease_id)
+
+
+def tomb_key(lease_id: int) -> bytes:
+    return b"X" + _U64.pack(lease_id)
+
+
+def attach_key(lease_id: int, key: bytes) -> bytes:
+    return b"A" + _U64.pack(lease_id) + key_hash16(key)
+
+
+def owner_key(key: bytes) -> bytes:
+    return b"K" + key_hash16(key)
+
+
+def get_record(rows: mvcc.Rows, lease_id: int) -> Record | None:
+    raw = rows.get(T_LEASES, record_key(lease_id))
+    return None if raw is None else Record.decode(bytes(raw))
+
+
+def attached_keys(rows: mvcc.Rows, lease_id: int) -> list[bytes]:
+    """The keys attached to `lease_id` in this group, in attachment-row order."""
+    lo = b"A" + _U64.pack(lease_id)
+    hi = b"A" + _U64.pack(lease_id + 1)
+    return [bytes(v) for _, v in rows.iter(T_LEASES, lo, hi)]
+
+
+def iter_records(rows: mvcc.Rows) -> list[tuple[int, Record]]:
+    """Every lease record of the group (home leases), by id."""
+    out: list[tuple[int, Record]] = []
+    for k, v in rows.iter(T_LEASES, b"L", b"M"):
+        if len(k) != 9:
+            raise ValueError(f"lease record key of {len(k)} bytes")
+        out.append((_U64.unpack_from(k, 1)[0], Record.decode(bytes(v))))
+    return out
+
+
+def attached_leases(rows: mvcc.Rows) -> list[int]:
+    """The ids of the leases with keys attached in this group (each once, ascending)."""
+    out: list[int] = []
+    for k, _ in rows.iter(T_LEASES, b"A", b"B"):
+        lid = _U64.unpack_from(k, 1)[0]
+        if not out or out[-1] != lid:
+            out.append(lid)
+    return out
+
+
+def lease_of(rows: mvcc.Rows, key: bytes) -> int:
+    """The lease `key` is attached to in this group (0: none)."""
+    raw = rows.get(T_LEASES, owner_key(key))
+    return 0 if raw is None else int(_U64.unpack(bytes(raw))[0])
+
+
+def detach(rows: mvcc.Rows, key: bytes) -> None:
+    """Detach `key` from its lease, if any (a plain write or delete of the key)."""
+    ok = owner_key(key)
+    raw = rows.get(T_LEASES, ok)
+    if raw is None:
+        return
+    lid = _U64.unpack(bytes(raw))[0]
+    rows.delete(T_LEASES, ok)
+    rows.delete(T_LEASES, attach_key(lid, key))
+
+
+def check_rows(key: bytes, value: bytes) -> None:
+    """ValueError unless (key, value) is a well-formed lease-table row (snapshot installs)."""
+    if not key:
+        raise ValueError("empty lease row key")
+    t, n = key[:1], len(key)
+    if t == b"L" and n == 9:
+        Record.decode(value)
+    elif t == b"X" and n == 9:
+        if value:
+            raise ValueError("lease tombstone with a value")
+    elif t == b"A" and n == 25:
+        if not 0 < len(value) <= MAX_KEY_SIZE or key_hash16(value) != key[9:]:
+            raise ValueError("lease attachment row whose key does not match its hash")
+    elif t == b"K" and n == 17:
+        if len(value) != 8:
+            raise ValueError(f"lease owner row of {len(value)} bytes")
+    else:
+        raise ValueError(f"lease row key {bytes(key[:1])!r} of {n} bytes")
+
+
+# --- apply ----------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a lease command did: `found` (the lease was live / the conditional step applied),
+    `ttl_s` (RENEW), `deleted` keys at `revision` (REVOKE, EXPIRE, DROP), `error` (refused,
+    nothing changed)."""
+
+    found: bool = False
+    ttl_s: int = 0
+    deleted: int = 0
+    revision: int = 0
+    error: str | None = None
+
+
+Get = Callable[[bytes], "bytes | None"]
+Delete = Callable[[bytes], bool]
+Put = Callable[[bytes, bytes], None]
+
+
+def drop_attached(rows: mvcc.Rows, group: int, lease_id: int, proposed: int, get: Get, delete: Delete,
+                  serves: Callable[[bytes], bool] = lambda _k: True) -> Outcome:
+    """Delete every key attached to `lease_id` in this group at ONE revision (mvcc.next_revision
+    of the proposal) and its attachment rows. The per-group half of a lease's deletion (see the
+    module docstring); RevisionError propagates before anything changed. Only keys the group
+    serves (`serves`) are deleted: a key in a range frozen for a move is immutable (its export
+    must read the same on every replica); it moves without its attachment (a known gap: README
+    "Leases")."""
+    keys = attached_keys(rows, lease_id)
+    present = [(k, v) for k in keys if serves(k) and (v := get(k)) is not None]
+    rev = 0
+    if present:
+        rev = mvcc.next_revision(mvcc.rev_state(rows).last, proposed, group)
+        for k, prev in present:
+            mvcc.write_version(rows, group, k, None, prev, rev, exact=True)
+            delete(k)
+    for k in keys:
+        rows.delete(T_LEASES, attach_key(lease_id, k))
+        rows.delete(T_LEASES, owner_key(k))
+    return Outcome(found=True, deleted=len(present), revision=rev)
+
+
+def apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, proposed: int,
+          get: Get, put: Put, delete: Delete, serves: Callable[[bytes], bool] = lambda _k: True) -> Outcome:
+    """Apply lease command `c` to a group (see the module docstring). `key`/`value`: LEASE_PUT's;
+    `proposed`: the leader's proposed revision for a write; `serves(key)`: whether the group
+    serves the key (deletions skip keys it does not). RevisionError propagates before anything
+    changed."""
+    lid, k = c.lease_id, c.kind
+    home = home_group(lid) == group
+    rk = record_key(lid)
+    rec = get_record(rows, lid) if home else None
+    if k == Kind.GRANT:
+        if not home:
+            return Outcome(error=f"lease {lid:x} is homed in group {home_group(lid)}, not {group}")
+        if rec is not None or rows.get(T_LEASES, tomb_key(lid)) is not None:
+            return Outcome(error="lease already exists")
+        rows.put(T_LEASES, rk, Record(c.ttl_s, c.ttl_s * 1000, 1).encode())
+        return Outcome(found=True, ttl_s=c.ttl_s)
+    if k == Kind.PUT:
+        if (home and (rec is None or rec.state != LIVE)) or rows.get(T_LEASES, tomb_key(lid)) is not None:
+            return Outcome(error=NOT_FOUND)
+        rev = mvcc.write_version(rows, group, key, value, None, proposed, get)
+        put(key, value)
+        old = lease_of(rows, key)
+        if old != lid:
+            if old:
+                rows.delete(T_LEASES, attach_key(old, key))
+            rows.put(T_LEASES, owner_key(key), _U64.pack(lid))
+            rows.put(T_LEASES, attach_key(lid, key), key)
+        return Outcome(found=True, revision=rev)
+    if k == Kind.DROP:
+        out = drop_attached(rows, group, lid, proposed, get, delete, serves)
+        if not home:
+            rows.put(T_LEASES, tomb_key(lid), b"")
+        return out
+    if not home:
+        return Outcome(error=f"lease {lid:x} is homed in group {home_group(lid)}, not {group}")
+    live = rec is not None and rec.state == LIVE
+    if k == Kind.RENEW:
+        if rec is None or not live:
+            return Outcome()
+        rows.put(T_LEASES, rk, Record(rec.ttl_s, rec.ttl_s * 1000, rec.renews + 1).encode())
+        return Outcome(found=True, ttl_s=rec.ttl_s)
+    if k == Kind.CHECKPOINT:
+        if rec is None or not live or rec.renews != c.renews:
+            return Outcome()
+        rem = min(c.remaining_ms, rec.ttl_s * 1000)
+        rows.put(T_LEASES, rk, Record(rec.ttl_s, rem, rec.renews).encode())
+        return Outcome(found=True)
+    if k == Kind.EXPIRE or k == Kind.REVOKE:
+        if rec is None or not live or (k == Kind.EXPIRE and rec.renews != c.renews):
+            return Outcome(error=NOT_FOUND) if k == Kind.REVOKE else Outcome()
+        out = drop_attached(rows, group, lid, proposed, get, delete, serves)
+        rows.put(T_LEASES, rk, Record(rec.ttl_s, 0, rec.renews, REVOKED).encode())
+        return out
+    if k == Kind.FORGET:
+        if rec is None or rec.state != REVOKED:
+            return Outcome()
+        rows.delete(T_LEASES, rk)
+        rows.put(T_LEASES, tomb_key(lid), b"")
+        return Outcome(found=True)
+    return Outcome(error=f"unknown lease command {k!r}")

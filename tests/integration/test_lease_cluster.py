@@ -1,0 +1,203 @@
+"""Leases on a real 3-node cluster with two data groups: a lease homed in one group with keys in
+both, kept alive across a kill -9 of its home group's leader (the keys stay), then left to expire
+(the keys go, in both groups, and a watch sees their DELETEs); a put with a revoked lease is
+refused (definite); kvctl's lease commands print etcdctl's lines."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from clusterharness import Cluster
+
+from kvstore.backup.format import BackupReader
+from kvstore.client import Client
+from kvstore.errors import InvalidArgument
+from kvstore.shard.shardmap import ShardMap
+from kvstore.storage import leases
+
+TTL = 3
+
+
+def _keys_by_group(m: ShardMap, prefix: bytes) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    i = 0
+    while len(out) < 2:
+        k = prefix + b"%d" % i
+        out.setdefault(m.group_for_key(k), k)
+        i += 1
+    return out
+
+
+def _wait(cond: Callable[[], bool], what: str, timeout: float = 40.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _kvctl(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "kvstore.cli.kvctl", "--endpoints", ",".join(cluster.endpoints), "--timeout", "20",
+         *args], capture_output=True, text=True, timeout=60, env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
+    c = Cluster(Path(tmp_path_factory.mktemp("lease")), 3, extra_args=["--groups", "2"]).start()
+    try:
+        c.wait_cluster_version()
+        yield c  # type: ignore[misc]
+    finally:
+        c.stop()
+
+
+def test_keep_alive_holds_across_a_leader_kill_and_expiry_deletes_everywhere(cluster: Cluster) -> None:
+    with Client(cluster.endpoints, timeout=20) as c:
+        m = c.shard_map(refresh=True)
+        assert m is not None
+        keys = _keys_by_group(m, b"l/")
+        home = min(keys)
+        lid = c.lease_grant(TTL, leases.make_id(home, 0x5EED))
+        assert leases.home_group(lid) == home
+        revs = [c.put(k, b"v", lease=lid) for k in keys.values()]
+        info = c.lease_time_to_live(lid, keys=True)
+        assert info.granted_ttl == TTL and 0 <= info.ttl <= TTL and sorted(info.keys) == sorted(keys.values())
+        assert lid in c.lease_list()
+
+        stop = threading.Event()
+        renewals: list[int] = []
+
+        def keep() -> None:
+            with Client(cluster.endpoints, timeout=20) as k:
+                while not stop.is_set():
+                    renewals.append(k.lease_keep_alive_once(lid))
+                    stop.wait(0.5)
+
+        t = threading.Thread(target=keep, daemon=True)
+        t.start()
+        leader = cluster.settled_leader(home)
+        leader.kill9()
+        # kept alive past two TTLs with the home group's leader gone: the keys stay
+        kill_at = time.monotonic()
+        _wait(lambda: time.monotonic() - kill_at > 2 * TTL and len(renewals) > 4 * TTL, "renewals after the kill")
+        assert all(r == TTL for r in renewals)
+        for k in keys.values():
+            assert c.get(k) == b"v"
+
+        stop.set()
+        t.join(30)
+        _wait(lambda: all(c.get(k) is None for k in keys.values()), "the lease's keys deleted in both groups")
+        assert c.lease_time_to_live(lid).ttl == -1
+        assert lid not in c.lease_list()
+        # the watch saw each key's DELETE
+        deletes: set[bytes] = set()
+        for batch in c.watch_batches(prefix=b"l/", start_revision=min(revs)):
+            deletes |= {e.key for e in batch.events if e.type == "DELETE"}
+            if deletes == set(keys.values()):
+                break
+        # a put with the dead lease is refused, definitely
+        with pytest.raises(InvalidArgument) as e:
+            c.put(keys[home], b"w", lease=lid)
+        assert leases.NOT_FOUND in e.value.message and e.value.definite
+        leader.start()
+
+
+def test_kvctl_lease_commands(cluster: Cluster) -> None:
+    cluster.wait_leader()
+    g = _kvctl(cluster, "lease", "grant", "60")
+    assert g.returncode == 0, g.stderr
+    words = g.stdout.split()
+    assert words[0] == "lease" and words[2:] == ["granted", "with", "TTL(60s)"], g.stdout
+    hex_id = words[1]
+    assert len(hex_id) == 16 and int(hex_id, 16) > 0
+    p = _kvctl(cluster, "put", "--lease", hex_id, "lk", "v")
+    assert p.returncode == 0, p.stderr
+    ttl = _kvctl(cluster, "lease", "timetolive", hex_id, "--keys")
+    assert ttl.returncode == 0, ttl.stderr
+    assert ttl.stdout.startswith(f"lease {hex_id} granted with TTL(60s), remaining(")
+    assert ttl.stdout.rstrip().endswith("attached keys([lk])"), ttl.stdout
+    ka = _kvctl(cluster, "lease", "keep-alive", "--once", hex_id)
+    assert ka.returncode == 0 and ka.stdout == f"lease {hex_id} keepalived with TTL(60)\n", (ka.stdout, ka.stderr)
+    ls = _kvctl(cluster, "lease", "list")
+    assert ls.returncode == 0 and hex_id in ls.stdout.split() and ls.stdout.startswith("found "), ls.stdout
+    # a backup carries the lease: its TTL, remaining TTL and keys
+    backup = cluster.root / "with-lease.kvbk"
+    sv = _kvctl(cluster, "snapshot", "save", str(backup))
+    assert sv.returncode == 0, sv.stderr
+    with open(backup, "rb") as f:
+        reader = BackupReader(f)
+        list(reader.entries())
+    found = [le for le in reader.leases if le.id == int(hex_id, 16)]
+    assert len(found) == 1, (reader.leases, hex_id, sv.stdout)
+    saved = found[0]
+    assert saved.ttl_s == 60 and 0 < saved.remaining_ms <= 60_000 and saved.keys == (b"lk",)
+    rv = _kvctl(cluster, "lease", "revoke", hex_id)
+    assert rv.returncode == 0 and rv.stdout == f"lease {hex_id} revoked\n", (rv.stdout, rv.stderr)
+    with Client(cluster.endpoints, timeout=20) as c:  # "lk" may be in another group: deleted right after
+        _wait(lambda: c.get(b"lk") is None, "the revoked lease's key deleted")
+    assert _kvctl(cluster, "get", "lk").returncode == 1
+    assert _kvctl(cluster, "lease", "timetolive", hex_id).stdout == f"lease {hex_id} already expired\n"
+    dead = _kvctl(cluster, "lease", "keep-alive", hex_id)
+    assert dead.returncode == 1 and dead.stdout == f"lease {hex_id} expired or revoked.\n"
+    bad = _kvctl(cluster, "put", "--lease", hex_id, "lk", "v")
+    assert bad.returncode == 2 and leases.NOT_FOUND in bad.stderr, (bad.returncode, bad.stderr)
+    junk = _kvctl(cluster, "lease", "revoke", "zz")
+    assert junk.returncode == 2 and "hexadecimal" in junk.stderr
+
+
+def test_mutex_fencing_tokens_under_a_leader_kill(cluster: Cluster) -> None:
+    """Three sessions contend for one lock, each holding it a moment per turn, while one group's
+    leader is killed: the resource (which refuses a token below the highest it has seen) never
+    sees two holders at once, and the tokens it accepts only grow."""
+    import asyncio
+
+    from kvstore.client import AsyncClient
+    from kvstore.client.concurrency import Mutex, Session
+
+    cluster.wait_leader()
+    accepted: list[int] = []
+    inside: list[int] = []
+
+    async def worker(i: int, turns: int) -> None:
+        async with AsyncClient(cluster.endpoints, timeout=20) as client, Session(client, ttl=10) as s:
+            m = Mutex(s, b"locks/res")
+            for _ in range(turns):
+                held = await m.acquire()
+                assert not inside, f"worker {i} got the lock while {inside} holds it"
+                assert not accepted or held.fence > accepted[-1], (held.fence, accepted)
+                inside.append(i)
+                accepted.append(held.fence)
+                await asyncio.sleep(0.05)
+                inside.remove(i)
+                await m.release()
+
+    async def main() -> None:
+        tasks = [asyncio.create_task(worker(i, 4)) for i in range(3)]
+        await asyncio.sleep(1.0)
+        leader = await asyncio.to_thread(cluster.settled_leader, 1)  # (blocking: not on the loop)
+        leader.kill9()
+        await asyncio.gather(*tasks)
+        leader.start()
+
+    asyncio.run(main())
+    assert len(accepted) == 12 and accepted == sorted(accepted)
+
+
+def test_kvctl_lock_passes_the_fencing_token(cluster: Cluster) -> None:
+    cluster.wait_leader()
+    r = _kvctl(cluster, "lock", "--ttl", "5", "jobs/nightly", "--", sys.executable, "-c",
+               "import os; print('fence', os.environ['KVSTORE_LOCK_FENCE'])")
+    assert r.returncode == 0, r.stderr
+    key_line, fence_line = r.stdout.splitlines()[:2]
+    assert key_line.startswith("jobs/nightly/") and int(fence_line.split()[1]) > 0
+    with Client(cluster.endpoints, timeout=20) as c:  # released when the command exited
+        _wait(lambda: not list(c.scan(b"jobs/nightly/")), "the lock key released")
