@@ -74,6 +74,7 @@ class RevisionChecker:
             return
         if cmd.op in commands.X_OPS:
             self._on_cross(group, index, cmd, res)
+            return
         if cmd.lease is not None:
             self._on_lease(group, index, cmd, res, deleted_at)
             return
