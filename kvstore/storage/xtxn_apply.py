@@ -346,7 +346,7 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
                 view.delete(k)
             else:
                 view.put(k, v)
-            leases.detach(rows, k)  # a transaction's write or delete detaches the key, as a PUT does
+            detach_written(rows, k)
     for k in keys:
         rows.delete(mvcc.T_INTENTS, k)
     rows.delete(mvcc.T_TXN, b"t" + c.txn.encode())
@@ -355,6 +355,12 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
     rows.put(mvcc.T_TXN, xtxn.row_done(c.txn), _U64.pack(start))
     _gc_later(rows, start, c.txn)
     return ApplyResult(revision=c.at)
+
+
+def detach_written(rows: mvcc.Rows, key: bytes) -> None:
+    """A COMMIT's write or delete of `key` detaches it from its lease, as a PUT does (else the
+    lease's expiry would later delete what the transaction wrote without it)."""
+    leases.detach(rows, key)
 
 
 def _answer(rec: Record, t: TxnId) -> ApplyResult:
