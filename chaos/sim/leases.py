@@ -23,13 +23,20 @@ Checked (`LeaseViolation`):
   time is in the leaderless time),
   checked once the simulation healed;
 - keys: at the end every key attached to a revoked lease is gone on every live node that is
-  caught up, and a lease whose client never stopped still has its record LIVE.
+  caught up, and a lease whose client never stopped still has its record LIVE;
+- with the pair transactions on as well (`--txn-pairs on`), each lease's second key is rewritten
+  without the lease by a cross-group transaction (the pair workload's two-phase commit driver)
+  after its attach: its COMMIT detaches the key, so no lease deletion may delete that write (the
+  revision checker's history of the key never has the transaction's version followed directly
+  by a deletion; `check_rewrites`). A planted COMMIT that leaves the key attached
+  (`node-xtxn-commit-keeps-lease`) is found.
 `python -m chaos.sim --leases on` runs it (a fixed fifth of the seeds by default: `leases_by_default`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +44,7 @@ from typing import Any
 
 from kvstore import errors
 from kvstore.node.lessor import Lessor, LessorParams, Proposal
-from kvstore.storage import commands, leases
+from kvstore.storage import commands, leases, txn
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.leases import Kind, LeaseCmd
 
@@ -52,6 +59,10 @@ DRIFT = 0.2
 """The nodes' lease clocks run up to 20% fast or slow (the simulator's tick skew is as large)."""
 PARAMS = LessorParams(drift=DRIFT, scan_interval_ms=20, checkpoint_interval_ms=1_000, retry_ms=150)
 """Checkpoints every second (light: the simulated cluster replicates small appends slowly)."""
+REWRITE = 1.0
+"""With the pair transactions on, the chance that a lease's second key is rewritten without the
+lease by a cross-group transaction after its attach (`SimLeases._rewrite`)."""
+REWRITTEN = b"tx"
 SLACK_MS = 300
 """Scan, commit and retry latencies after a deadline (generous: the simulated network loses and
 delays messages)."""
@@ -89,6 +100,8 @@ class LeaseStats:
     kept: int = 0
     """Leases kept alive to the end (never expired)."""
     checked_bound: int = 0
+    rewrites: int = 0
+    """Cross-group transactions started over an attached key (`SimLeases._rewrite`)."""
 
 
 @dataclass(slots=True)
@@ -106,6 +119,9 @@ class _Client:
     revoked_at: int = -1
     changes_after_stop: int = 0
     leaderless_ms: int = 0
+    rewritten: set[bytes] = field(default_factory=set)
+    """Keys a cross-group transaction may have rewritten without the lease (`SimLeases._rewrite`):
+    the lease's deletion leaves them."""
     attached_in: dict[bytes, int] = field(default_factory=dict)
     """key -> the group it was attached in (a range move carries no lease attachment: a key moved
     away from it is not checked, see the report of `storage/leases.py`'s known gap)."""
@@ -224,11 +240,31 @@ class SimLeases:
             if res is not None and not res.error:
                 self.stats.attached += 1
                 c.attached_in[key] = group
+                if key == c.keys[-1] and self.sim.txn_pairs is not None and self.rng.random() < REWRITE:
+                    self.sim.at(self.rng.randrange(50, 600), self._rewrite, c, key)
             elif (res is None or res.wrong_shard) and n < 20:
                 self.sim.at(self.rng.randrange(20, 60), self._attach, c, key, n + 1)
 
         group = smap.group_for_key(key)
         self._propose(group, data, done)
+
+    def _rewrite(self, c: _Client, key: bytes) -> None:
+        """A cross-group transaction puts `key` (attached to the lease) and a companion key in
+        another group, without a lease (through the pair workload's two-phase commit driver): the
+        COMMIT detaches `key`, so the lease's deletion must never delete this write
+        (`check_rewrites`)."""
+        smap = self._smap()
+        pairs = self.sim.txn_pairs
+        if smap is None or pairs is None:
+            return
+        g = smap.group_for_key(key)
+        other = next((k for k in (key + b"/tx%d" % j for j in range(64)) if smap.group_for_key(k) != g), None)
+        if other is None:
+            return
+        self.stats.rewrites += 1
+        c.rewritten.add(key)
+        t = txn.Txn(success=(txn.TxnOp(txn.OpKind.PUT, key, REWRITTEN), txn.TxnOp(txn.OpKind.PUT, other, REWRITTEN)))
+        pairs.cross_attempt(t, {key: g, other: smap.group_for_key(other)}, 0)
 
     def _renew(self, c: _Client, final: int = 0) -> None:
         """A keep-alive; at `stop_at` the client sends a last one, retried until it is answered
@@ -349,9 +385,26 @@ class SimLeases:
                     f"ms, bound {b:.0f} ms ({c.changes_after_stop} leader changes, {c.leaderless_ms} ms leaderless)"
                 )
 
+    def check_rewrites(self) -> None:
+        """No lease deletion deletes a value a cross-group transaction wrote without the lease:
+        in every key's applied history (the revision checker's), a version written by `_rewrite`
+        is never followed directly by a deletion (only the lease's deletion deletes these keys;
+        a later LEASE_PUT retry would attach it again first)."""
+        for c in self.clients:
+            for key in c.keys:
+                vs = self.sim.revisions.versions.get(key, [])
+                for (r1, v1), (r2, v2) in itertools.pairwise(vs):
+                    if v1 == REWRITTEN and v2 is None:
+                        raise LeaseViolation(
+                            f"key {key!r}, written without a lease by a cross-group transaction at {r1}, was "
+                            f"deleted at {r2} by the deletion of lease {c.lid:x} it was attached to before"
+                        )
+
     def check_end(self) -> None:
-        """At the end: kept leases live; every key of an expired lease gone where caught up."""
+        """At the end: kept leases live; every key of an expired lease gone where caught up; no
+        transaction's write deleted by a lease (`check_rewrites`)."""
         sim = self.sim
+        self.check_rewrites()
         for c in self.clients:
             if c.granted_at < 0:
                 continue
@@ -366,7 +419,7 @@ class SimLeases:
             smap = self._smap()
             for k in c.keys:
                 g = smap.group_for_key(k) if smap is not None else 0
-                if c.attached_in.get(k) != g:
+                if c.attached_in.get(k) != g or k in c.rewritten:
                     continue  # never attached, or moved to another group since (moves carry no attachment)
                 lead = self._leader(g)
                 if lead is not None and lead.store is not None and lead.store.get(g, k) is not None:

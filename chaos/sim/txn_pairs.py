@@ -183,6 +183,12 @@ class TxnPairs:
         sim.at(sim.p.client_timeout_ms // 4, lost)
         sim._write(node, a, data, outcome)
 
+    def cross_attempt(self, t: txn.Txn, groups: dict[bytes, int], n: int) -> None:
+        """Run transaction `t` over `groups` (key -> group) as a cross-group transaction, retried
+        like a pair's (the lease workload's rewrite of a lease's key); its answer is checked as a
+        pair transaction's (a transaction without GETs: its writes at one revision)."""
+        self._cross_attempt(t, groups, n)
+
     def _cross_attempt(self, t: txn.Txn | None, groups: dict[bytes, int], n: int,
                        lock: tuple[bytes, bytes] | None = None) -> None:
         sim = self.sim

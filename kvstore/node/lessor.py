@@ -30,7 +30,11 @@ at o' >= c gets o' + r'(1+rho) >= the old deadline (a checkpoint never shortens 
 EXPIRE or CHECKPOINT (renews changed) does not apply. Liveness: after the last renew (applied at
 a), a stable leader expires the lease by a + scan_interval + TTL(1+rho)/(1-rho) + one commit; each
 leader change adds at most an election (election timeout + the new leader's first commit) plus
-`checkpoint_interval_ms` (the age of the newest checkpoint), each scaled by (1+rho)/(1-rho).
+`checkpoint_interval_ms` (the age of the newest checkpoint), each scaled by (1+rho)/(1-rho); and
+an EXPIRE refused because an attached key of the home group holds a cross-group transaction's
+intent (`machine._locked`) is sent again every `retry_ms`, so the lock's lifetime adds to it (at
+most the transaction timeout plus the intent sweep's interval when the coordinator died). A DROP
+refused the same way stays pending and is sent again.
 """
 
 from __future__ import annotations

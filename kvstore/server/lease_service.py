@@ -292,6 +292,8 @@ class LeaseDriver:
             lz.on_outcome(p, False)
             return
         ok = res is not None and not res.error
+        if res is not None and res.error and rq.cross is not None:
+            rq.cross.locked_error(p.group, res)  # an attached key holds an intent: resolve it if old; retried
         if ok and p.cmd.kind == Kind.EXPIRE and res is not None and res.found:
             self.expired += 1
             rq.metrics.lease_expired.inc()

@@ -27,7 +27,11 @@ then carries key_len:u32 key value):
 - EXPIRE(id, renews): the home leader's expiry, applied only if `renews` still matches (a renew
   that committed first cancels it); then as REVOKE.
 - REVOKE(id): the record becomes REVOKED and every key attached to the lease IN THIS GROUP is
-  deleted at one revision (DELETE events in the change log, so watches see them).
+  deleted at one revision (DELETE events in the change log, so watches see them). REVOKE, EXPIRE
+  and DROP are refused at apply (LOCKED, nothing changed, not cached: `machine._locked`) while a
+  key attached to the lease in the group holds a cross-group transaction's intent or lies in a
+  range lock; the lease clock and the DROP sender retry, the client's revoke gets a retryable
+  error.
 - DROP(id): in any group: the keys attached here are deleted at one revision, and the group
   keeps a tombstone so that a LEASE_PUT of that lease arriving later is refused.
 - FORGET(id): home group: a REVOKED record whose DROPs every other data group applied becomes a
@@ -35,7 +39,7 @@ then carries key_len:u32 key value):
 - PUT(id, key, value): a put that attaches `key` to the lease (detaching it from any other).
   Refused (definite, "requested lease not found") in the home group unless the record is LIVE,
   and in any group holding the lease's tombstone. A plain write of an attached key (PUT, CAS,
-  DELETE, a transaction's write) detaches it, as in etcd.
+  DELETE, a transaction's write, a cross-group COMMIT's write or delete) detaches it, as in etcd.
 
 Invariant (no key stays attached to a dead lease forever): a group attaches a key to lease L only
 while it holds no tombstone of L; the home leader fans DROP(L) out to every data group after L's

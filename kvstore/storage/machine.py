@@ -363,12 +363,23 @@ def serves(st: ShardState | None, cmd: Command) -> bool:
     return key_hash(cmd.key) in st.active
 
 
+_LEASE_DELETES = frozenset({leases.Kind.REVOKE, leases.Kind.EXPIRE, leases.Kind.DROP})
+
+
 def _locked(view: StateView, cmd: Command) -> ApplyResult | None:
     """The LOCKED result if a key `cmd` writes or reads holds a cross-group transaction's intent
-    (`xtxn_apply.locked`; a corrupt intent row gives an error result)."""
+    (`xtxn_apply.locked`; a corrupt intent row gives an error result). A lease's REVOKE, EXPIRE
+    or DROP writes every key attached to the lease in this group: it is refused (all or nothing,
+    not cached; the lease clock or the client retries) while any of them holds an intent or lies
+    in a range lock, so no key is ever deleted under a prepared transaction."""
     try:
         if cmd.txn is not None:
             return xtxn_apply.locked(view.mvcc, (k for k, _ in txn.keys_of(cmd.txn)))
+        lc = cmd.lease
+        if lc is not None and lc.kind in _LEASE_DELETES:
+            if not view.mvcc.has_locks():
+                return None
+            return xtxn_apply.locked(view.mvcc, leases.attached_keys(view.mvcc, lc.lease_id))
         return xtxn_apply.locked(view.mvcc, (cmd.key,))
     except mvcc.RevisionError as err:
         return ApplyResult(error=f"revision refused: {err}")

@@ -18,7 +18,8 @@ Rules (each command is idempotent: a coordinator or a resolver may propose it ag
   `locked`), so the key's versions stay below p, and its next version is the commit's, at
   R >= p.
 - COMMIT(id, R, writes): every write's key must hold this transaction's intent, R >= p and R
-  above the compact revision; the writes are made at exactly R (`mvcc.write_version(commit=True)`:
+  above the compact revision; the writes are made at exactly R, each detaching its key from its
+  lease (`leases.detach`, as a PUT does) (`mvcc.write_version(commit=True)`:
   last := max(last, R); the change log rows at (R, kid), possibly below last), the intents go,
   and a *done* row stays (until the group is `MAX_AGE` past the start) so a delayed duplicate
   PREPARE is refused. With no intents of the transaction left: a no-op if it is done, else refused.
@@ -46,7 +47,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from ..shard.ranges import IntervalSet, key_hash
-from . import mvcc, txn, xtxn
+from . import leases, mvcc, txn, xtxn
 from .commands import ApplyResult
 from .shardcmd import ShardState
 from .xtxn import Intent, Record, State, TxnId, XCmd, XOp
@@ -345,6 +346,7 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
                 view.delete(k)
             else:
                 view.put(k, v)
+            detach_written(rows, k)
     for k in keys:
         rows.delete(mvcc.T_INTENTS, k)
     rows.delete(mvcc.T_TXN, b"t" + c.txn.encode())
@@ -353,6 +355,12 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
     rows.put(mvcc.T_TXN, xtxn.row_done(c.txn), _U64.pack(start))
     _gc_later(rows, start, c.txn)
     return ApplyResult(revision=c.at)
+
+
+def detach_written(rows: mvcc.Rows, key: bytes) -> None:
+    """A COMMIT's write or delete of `key` detaches it from its lease, as a PUT does (else the
+    lease's expiry would later delete what the transaction wrote without it)."""
+    leases.detach(rows, key)
 
 
 def _answer(rec: Record, t: TxnId) -> ApplyResult:

@@ -2,12 +2,14 @@
 every node with drifting clocks, under crashes, partitions and leader changes; seeds pass (no
 early expiry, expiry within the bound, revoked leases' keys gone), and a planted lease clock
 without its drift margin is found (a lease expires before its acknowledged keep-alive's TTL
-passed), and the same seed passes without it."""
+passed), and the same seed passes without it. With the pair transactions on too, a cross-group
+transaction rewrites a lease's key without the lease; a planted COMMIT that leaves the key
+attached is found (the lease's deletion deletes the transaction's write)."""
 
 from __future__ import annotations
 
 from chaos.sim.nodes import run_node_seed
-from chaos.sim.plant import LEASE_BUGS, planted
+from chaos.sim.plant import LEASE_BUGS, LEASE_TXN_BUGS, planted
 
 SEEDS = range(1000, 1010)
 
@@ -35,3 +37,15 @@ def test_planted_lease_bug_is_found() -> None:
                 break
         else:
             raise AssertionError(f"planted bug {bug!r} not found in seeds {SEEDS}")
+
+
+def test_planted_lease_txn_bug_is_found() -> None:
+    for bug in LEASE_TXN_BUGS:
+        seed = 1001
+        with planted(bug):
+            res = run_node_seed(seed, leases=True, quiesce=False, txn_pairs=True)
+        assert not res.ok and res.violation is not None and "LeaseViolation" in res.violation, res.violation
+        assert "cross-group transaction" in res.violation
+        clean = run_node_seed(seed, leases=True, quiesce=False, txn_pairs=True)
+        assert clean.ok, f"seed {seed} fails without {bug!r} too: {clean.violation}"
+        assert clean.leases is not None and clean.leases.rewrites > 0

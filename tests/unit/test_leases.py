@@ -1,8 +1,9 @@
 """Leases in the state machine (`kvstore/storage/leases.py`, `machine.apply_lease`): the lease
 commands' codec (round trips, hostile bytes), ids, the apply rules on `DictState` (grant, renew,
 conditional checkpoint and expiry, revoke deleting attached keys at one revision with DELETE
-changes, the tombstone that refuses a late attach, detaching by a plain write), and snapshots of
-the lease table on the simulator's store."""
+changes, the tombstone that refuses a late attach, detaching by a plain write), snapshots of the lease
+table on the simulator's store, and where leases meet cross-group transactions (no deletion under
+an intent or a range lock; a cross-group COMMIT detaches what it writes)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from kvstore.node.memstore import MemoryNodeStore
 from kvstore.node.version import COMMAND_LEVELS, LEVEL_LEASES, SUPPORTED_LEVEL
 from kvstore.raft.types import ConfState, Entry, EntryType, HardState
-from kvstore.storage import leases
+from kvstore.storage import leases, mvcc, xtxn
 from kvstore.storage.changefeed import read_changes
 from kvstore.storage.commands import LEASE_OPS, Command, Op, decode_command, encode_command
 from kvstore.storage.errors import SnapshotFormatError
@@ -27,6 +28,7 @@ from kvstore.storage.leases import Kind, LeaseCmd, Record
 from kvstore.storage.machine import DictState
 from kvstore.storage.snapfile import TAG_LEASES, SnapshotDecoder, encode_snapshot
 from kvstore.storage.store import ApplyBatch, GroupWrite, NodeStore
+from kvstore.storage.xtxn import TxnId, XCmd, XOp
 
 CONF = ConfState((1, 2, 3))
 
@@ -267,3 +269,70 @@ def test_a_revoke_leaves_keys_in_a_range_frozen_for_a_move() -> None:
     r = run(s, LeaseCmd(Kind.REVOKE, LID))
     assert r.found and r.current == struct.pack(">Q", 1)  # type: ignore[attr-defined]
     assert s.data == {b"moving": b"v"}
+
+
+# --- where leases meet cross-group transactions --------------------------------------------------
+T1, T2 = TxnId(1, 1), TxnId(2, 7)
+START = mvcc.make_revision(mvcc.EPOCH_MS + 1000, 0, 0)
+
+
+def xrun(s: DictState, x: XCmd, revision: int = 0) -> Any:
+    return s.apply(encode_command(Command.cross(x, 0, 0, 0, revision)))
+
+
+def test_a_lease_deletion_never_deletes_under_an_intent() -> None:
+    s = DictState(group=G)
+    grant(s)
+    for k in (b"a", b"b"):
+        lput(s, k, b"v")
+    s.apply(encode_command(Command.put(b"z", b"plain")))
+    p = xrun(s, XCmd(XOp.PREPARE, T1, 1, START, keys=(b"b",)))
+    assert p.error is None
+    before = (dict(s.data), leases.attached_keys(s.rows, LID), leases.get_record(s.rows, LID))
+    for c in (LeaseCmd(Kind.REVOKE, LID), LeaseCmd(Kind.EXPIRE, LID, renews=1), LeaseCmd(Kind.DROP, LID)):
+        r = s.apply(encode_command(Command.lease_command(c, client_id=9, seq=1, ack=1)))
+        assert r.error is not None and r.error.startswith(xtxn.LOCKED) and r.current is not None
+        assert xtxn.decode_lock(r.current)[0] == b"b"
+        assert s.session_result(9, 1) is None  # not cached: the retry applies once the intent is gone
+        assert (dict(s.data), leases.attached_keys(s.rows, LID), leases.get_record(s.rows, LID)) == before
+    # another lease's deletion is not held back by an intent on a key it does not hold
+    second = leases.make_id(G, 31)
+    grant(s, lid=second)
+    lput(s, b"c", b"v", lid=second)
+    assert run(s, LeaseCmd(Kind.REVOKE, second)).found  # type: ignore[attr-defined]
+    assert b"c" not in s.data
+    xrun(s, XCmd(XOp.ABORT, T1))
+    rv = s.apply(encode_command(Command.lease_command(LeaseCmd(Kind.REVOKE, LID), client_id=9, seq=1, ack=1)))
+    assert rv.found and rv.current == struct.pack(">Q", 2) and s.data == {b"z": b"plain"}
+
+
+def test_a_range_lock_holds_back_a_lease_deletion_in_another_group() -> None:
+    other = DictState(group=5)
+    for k in (b"d/1", b"e/1"):
+        lput(other, k, b"v")
+    assert xrun(other, XCmd(XOp.PREPARE, T2, 1, START, lock=(b"d/", b"d0"))).error is None
+    r = other.apply(encode_command(Command.lease_command(LeaseCmd(Kind.DROP, LID))))
+    assert r.error is not None and r.error.startswith(xtxn.LOCKED)
+    assert other.data == {b"d/1": b"v", b"e/1": b"v"} and leases.attached_leases(other.rows) == [LID]
+    assert other.rows.get(leases.T_LEASES, leases.tomb_key(LID)) is None  # no tombstone either: all or nothing
+    xrun(other, XCmd(XOp.ABORT, T2))
+    d = other.apply(encode_command(Command.lease_command(LeaseCmd(Kind.DROP, LID))))
+    assert d.found and other.data == {}
+
+
+def test_a_cross_group_commit_detaches_the_keys_it_writes() -> None:
+    s = DictState(group=G)
+    grant(s)
+    for k in (b"a", b"b", b"c", b"d/1"):
+        lput(s, k, b"v")
+    p = xrun(s, XCmd(XOp.PREPARE, T1, 1, START, keys=(b"a", b"b"))).revision
+    assert xrun(s, XCmd(XOp.COMMIT, T1, at=p, writes=((b"a", b"new"), (b"b", None)))).error is None
+    assert leases.lease_of(s.rows, b"a") == 0 and leases.lease_of(s.rows, b"b") == 0
+    # a range delete's COMMIT detaches what it deletes
+    rp = xrun(s, XCmd(XOp.PREPARE, T2, 1, START, lock=(b"d/", b"d0")))
+    assert rp.error is None and rp.current is not None and xtxn.decode_found(rp.current) == [b"d/1"]
+    assert xrun(s, XCmd(XOp.COMMIT, T2, at=rp.revision, writes=((b"d/1", None),))).error is None
+    assert leases.attached_keys(s.rows, LID) == [b"c"]
+    rv = run(s, LeaseCmd(Kind.REVOKE, LID))
+    # the lease's expiry deletes only the key still attached: the transaction's write stays
+    assert rv.current == struct.pack(">Q", 1) and s.data == {b"a": b"new"}  # type: ignore[attr-defined]
