@@ -14,7 +14,7 @@ import click
 
 from .containers import DEFAULT_IMAGE
 from .nemesis import ALL_FAMILIES, EXTRA_FAMILIES, parse_families
-from .workload import WORKLOADS
+from .registry import WORKLOADS
 
 RUN_HELP = f"""Run a cluster under a workload and a nemesis, check the history, write a report.
 

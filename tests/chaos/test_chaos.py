@@ -574,7 +574,7 @@ def test_clean_removes_what_a_crashed_harness_left(tmp_path: Path) -> None:
 def test_local_backend_kill_and_pause_is_valid(tmp_path: Path) -> None:
     out = tmp_path / "runs"
     code, text = kvchaos(["run", "--backend", "local", "--nodes", "3", "--time", "10", "--nemesis", "kill,pause",
-                          "--workload", "bank", "--seed", "3", "--watchers", "3", "--out", str(out)])
+                          "--workload", "bank1", "--seed", "3", "--watchers", "3", "--out", str(out)])
     assert text.strip().splitlines()[-1] == "verdict: valid", text[-4000:]
     assert code == 0
     d = run_dir_of(out)
@@ -763,7 +763,7 @@ def test_bank_total_must_be_conserved() -> None:
         _op(2, "cas", "b/0", [good, bad], True, 2.0, 3.0),
         _op(3, "get", "b/0", None, bad, 4.0, 5.0, final=True),
     ]
-    a = analyze_records(recs, workload="bank", bank_total=200, bank_accounts=2, expected_final_keys=["b/0"])
+    a = analyze_records(recs, workload="bank1", bank_total=200, bank_accounts=2, expected_final_keys=["b/0"])
     assert a.verdict == "invalid" and a.bank is not None and a.bank["bad_count"] == 1
 
 
