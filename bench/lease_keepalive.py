@@ -73,7 +73,7 @@ async def _run(n: int, ttl: int, idle: float, inflight: int, cluster: KvstoreClu
             t0 = time.perf_counter()
             await asyncio.gather(*(grant(i) for i in ids))
             dt = time.perf_counter() - t0
-            print(json.dumps({"measure": "grant", "leases": n, "seconds": round(dt, 3), "per_s": round(n / dt)}))
+            print(json.dumps({"system": "kvstore", "measure": "grant", "leases": n, "seconds": round(dt, 3), "per_s": round(n / dt)}))
             res = {"grant_per_s": n / dt}
 
             async def requests() -> object:
@@ -88,7 +88,7 @@ async def _run(n: int, ttl: int, idle: float, inflight: int, cluster: KvstoreClu
                 if got == n:
                     break
             dt = time.perf_counter() - t0
-            print(json.dumps({"measure": "keep-alive (each lease once, one stream)", "leases": n,
+            print(json.dumps({"system": "kvstore", "measure": "keep-alive (each lease once, one stream)", "leases": n,
                               "seconds": round(dt, 3), "renewals_per_s": round(n / dt)}))
             res["renewals_per_s"] = n / dt
     res["idle_cpu"] = await _idle_cpu(cluster.pids(), idle, n, "kvstore")

@@ -149,12 +149,14 @@ class BankTxnWorkload(Workload):
         return []
 
 
-def _written(records: Sequence[OpRecord], initial: int | None) -> dict[str, set[int]]:
+def _written(records: Sequence[OpRecord], initial: int | None, *, applied: bool = True) -> dict[str, set[int]]:
     """Per account, every balance some transfer that may have applied (ok and succeeded, or
-    indeterminate) wrote, and the initial balance."""
+    indeterminate) wrote, and the initial balance; with ``applied=False`` instead the balances
+    of transfers the client was told did not apply (refused by their compares, or failed)."""
     out: dict[str, set[int]] = {}
     for r in records:
-        if r.f != "transfer" or not (r.status == "info" or (r.status == "ok" and r.output is True)):
+        maybe = r.status == "info" or (r.status == "ok" and r.output is True)
+        if r.f != "transfer" or r.status == "invoke" or maybe is not applied:
             continue
         v = r.value
         if not (isinstance(v, list) and len(v) == 5 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
@@ -162,7 +164,7 @@ def _written(records: Sequence[OpRecord], initial: int | None) -> dict[str, set[
         src, dst, _amount, new_src, new_dst = v
         out.setdefault(account(src).decode(), set()).add(new_src)
         out.setdefault(account(dst).decode(), set()).add(new_dst)
-    if initial is not None:
+    if initial is not None and applied:
         for vals in out.values():
             vals.add(initial)
     return out
@@ -179,6 +181,7 @@ def check_bank(records: Sequence[OpRecord], total: int | None, accounts: int | N
     reads = [r for r in records if r.f == "balances" and r.status == "ok" and isinstance(r.output, dict)]
     initial = total // accounts if total is not None and accounts else None
     written = _written(records, initial)
+    denied = _written(records, None, applied=False)
     bad: list[dict[str, Any]] = []
     totals: dict[int, int] = {}
     empty = 0
@@ -206,8 +209,11 @@ def check_bank(records: Sequence[OpRecord], total: int | None, accounts: int | N
         else:
             thin = sorted(k for k, b in bal.items() if b != initial and b not in written.get(k, ()))
             if thin:
-                bad.append({"op": f"balances at {r.invoke:.3f}", "value": bal,
-                            "why": f"balance of {', '.join(thin)} written by no transfer"})
+                lied = [k for k in thin if bal[k] in denied.get(k, ())]
+                why = f"balance of {', '.join(thin)} written by no transfer that may have applied"
+                if lied:
+                    why += f" ({', '.join(lied)}: the value of a transfer reported refused or failed)"
+                bad.append({"op": f"balances at {r.invoke:.3f}", "value": bal, "why": why})
     transfers = [r for r in records if r.f == "transfer"]
     finals = [r for r in reads if r.final]
     return {

@@ -82,6 +82,15 @@ def test_bank_violations_are_reported(bal: list[int], why: str) -> None:
     assert a.verdict == "invalid" and a.reasons[0].startswith("bank:"), a.reasons
 
 
+def test_bank_read_of_a_transfer_reported_refused_is_a_violation() -> None:
+    """A transfer the client was told did not apply (compares failed) whose writes are seen:
+    the total holds, the reply was wrong."""
+    recs = [transfer(1.0, 0, 1, 10, (90, 110), applied=False), balances(2.0, [90, 110, 100]),
+            balances(3.0, [90, 110, 100], final=True)]
+    res = check_bank(recs, 300, 3)
+    assert res["valid"] is False and "reported refused or failed" in res["bad_reads"][0]["why"], res
+
+
 def test_bank_negative_balance_and_missing_final_read() -> None:
     res = check_bank([transfer(1.0, 0, 1, 10, (-10, 210)), balances(2.0, [-10, 210, 100], final=True)], 300, 3)
     assert res["valid"] is False and res["bad_reads"][0]["why"] == "negative balance"
