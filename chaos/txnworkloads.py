@@ -38,6 +38,7 @@ from typing import Any
 from kvstore.client import AsyncClient
 from kvstore.client.concurrency import Mutex, Session
 from kvstore.client.types import Compare, Op
+from kvstore.errors import Timeout
 
 from .workload import OpRecord, Recorder, Workload, WorkloadOptions
 
@@ -87,6 +88,8 @@ class BankTxnWorkload(Workload):
         rec = await self.rec.call(p, "create", ACCT, self.opts.accounts, create, is_write=True, workload=self.name)
         if rec.status == "ok":
             self.created = True
+        elif rec.status == "fail":
+            await asyncio.sleep(0.3)  # e.g. a new cluster not yet at the transactions' feature level
         return rec.status == "info"
 
     async def read_balances(self, cl: AsyncClient, p: int, *, final: bool = False) -> OpRecord:
@@ -269,7 +272,11 @@ class LockWorkload(Workload):
             mutex = Mutex(session, LOCK_NAME)
 
             async def acquire() -> int:
-                held = await asyncio.wait_for(mutex.acquire(f"{p}".encode()), self.opts.lock_wait)
+                try:
+                    held = await asyncio.wait_for(mutex.acquire(f"{p}".encode()), self.opts.lock_wait)
+                except TimeoutError:
+                    raise Timeout(f"the lock was not acquired within {self.opts.lock_wait:g} s",
+                                  indeterminate=False) from None
                 return held.fence
 
             # is_write=False: acquiring only matters through the token the resource sees
