@@ -206,7 +206,7 @@ def test_local_bank_across_two_groups_under_kill_and_pause(tmp_path: Path) -> No
     b = summary_of(out)["analysis"]["bank"]
     assert b["valid"] is True and b["final_read"] is True and b["bad_count"] == 0, b
     assert b["groups_spanned"] == 2, b["account_groups"]
-    assert b["transfers_ok"] > 20 and b["reads"] > 5, b
+    assert b["transfers_ok"] > 10 and b["reads"] > 3, b
     assert set(b["totals"]) == {"800"}, b["totals"]
 
 
@@ -229,4 +229,4 @@ def test_netns_bank_under_partitions(tmp_path: Path) -> None:
     assert text.strip().splitlines()[-1] == "verdict: valid", text[-4000:]
     assert code == 0
     b = summary_of(out)["analysis"]["bank"]
-    assert b["valid"] is True and b["groups_spanned"] == 2 and b["transfers_ok"] > 20, b
+    assert b["valid"] is True and b["groups_spanned"] == 2 and b["transfers_ok"] > 10, b
