@@ -342,7 +342,16 @@ def _forge_check(
         length = sum(b - a for a, b in inside)
         return sum(1 for t in ok if any(a <= t <= b for a, b in inside)) / length if length > 0 else None
 
-    healthy_len = max(0.0, end - start) - sum(b - a for a, b in faulted)
+    # the faulted time inside [start, end] only (a fault may outlast fault_until, e.g. a member
+    # replacement; windows may overlap): merged, clipped intervals
+    clipped = sorted((max(a, start), min(b, end)) for a, b in faulted if min(b, end) > max(a, start))
+    merged: list[tuple[float, float]] = []
+    for a, b in clipped:
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    healthy_len = max(0.0, end - start) - sum(b - a for a, b in merged)
     healthy_ok = sum(1 for t in ok if start <= t <= end and not any(a <= t <= b for a, b in faulted))
     healthy = healthy_ok / healthy_len if healthy_len > 1.0 else None
     during = rate(spans)
