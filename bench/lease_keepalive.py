@@ -7,9 +7,13 @@ Grants N leases (homed in one data group, so one leader renews them all), then r
 once over one LeaseKeepAlive stream to that leader (each renewal is a RENEW through the group's
 log, the replies pipelined: renewals per second), then measures the CPU the nodes spend holding
 the N leases idle for `--idle` seconds (the lease clock's scans and remaining-TTL checkpoints:
-CPU seconds per second, per node). Prints one JSON line per measurement. etcd is not run: its
-keep-alive is answered by its leader without a log entry (and its TTLs reset on a leader change),
-so the two numbers measure different guarantees; bench/README.md says more.
+CPU seconds per second, per node). Then (unless `--no-etcd`) the same three measurements on a
+3-node etcd 3.4 on 127.0.0.1 (fsync on) in the same run, through etcd's own Lease API
+(`LeaseGrant`, one `LeaseKeepAlive` stream to its leader; stubs in bench/etcdpb), and the ratios
+kvstore / etcd. Prints one JSON line per measurement. The two keep-alives give different
+guarantees: etcd's leader answers a keep-alive from memory without a log entry (its TTLs reset on
+a leader change), kvstore's is a RENEW through the group's log (the remaining TTL survives leader
+changes); bench/README.md says more.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from pathlib import Path
 import click
 import grpc
 
-from bench.kvbench.clusters import KvstoreCluster, proc_cpu_seconds
+from bench.etcdpb import etcd_pb2, etcd_pb2_grpc
+from bench.kvbench.clusters import EtcdCluster, KvstoreCluster, proc_cpu_seconds
 from kvstore.client import AsyncClient
 from kvstore.errors import InvalidArgument
 from kvstore.storage import leases
@@ -50,7 +55,7 @@ async def _leader_of(client: AsyncClient, group: int, endpoints: list[str]) -> s
     raise RuntimeError(f"no leader of group {group} found")
 
 
-async def _run(n: int, ttl: int, idle: float, inflight: int, cluster: KvstoreCluster) -> None:
+async def _run(n: int, ttl: int, idle: float, inflight: int, cluster: KvstoreCluster) -> dict[str, float]:
     eps = cluster.endpoints
     async with AsyncClient(eps, timeout=30) as client:
         group = 1
@@ -68,7 +73,8 @@ async def _run(n: int, ttl: int, idle: float, inflight: int, cluster: KvstoreClu
             t0 = time.perf_counter()
             await asyncio.gather(*(grant(i) for i in ids))
             dt = time.perf_counter() - t0
-            print(json.dumps({"measure": "grant", "leases": n, "seconds": round(dt, 3), "per_s": round(n / dt)}))
+            print(json.dumps({"system": "kvstore", "measure": "grant", "leases": n, "seconds": round(dt, 3), "per_s": round(n / dt)}))
+            res = {"grant_per_s": n / dt}
 
             async def requests() -> object:
                 for i in ids:
@@ -82,15 +88,86 @@ async def _run(n: int, ttl: int, idle: float, inflight: int, cluster: KvstoreClu
                 if got == n:
                     break
             dt = time.perf_counter() - t0
-            print(json.dumps({"measure": "keep-alive (each lease once, one stream)", "leases": n,
+            print(json.dumps({"system": "kvstore", "measure": "keep-alive (each lease once, one stream)", "leases": n,
                               "seconds": round(dt, 3), "renewals_per_s": round(n / dt)}))
+            res["renewals_per_s"] = n / dt
+    res["idle_cpu"] = await _idle_cpu(cluster.pids(), idle, n, "kvstore")
+    return res
 
-    pids = cluster.pids()
+
+async def _idle_cpu(pids: list[int], idle: float, n: int, system: str) -> float:
+    """CPU seconds per second the nodes spend over ``idle`` seconds (printed per node); returns
+    the sum over the nodes."""
     c0 = [proc_cpu_seconds([p]) for p in pids]
     await asyncio.sleep(idle)
     c1 = [proc_cpu_seconds([p]) for p in pids]
-    print(json.dumps({"measure": f"idle with {n} live leases", "seconds": idle,
-                      "cpu_s_per_s_per_node": [round((b - a) / idle, 3) for a, b in zip(c0, c1, strict=True)]}))
+    per = [(b - a) / idle for a, b in zip(c0, c1, strict=True)]
+    print(json.dumps({"system": system, "measure": f"idle with {n} live leases", "seconds": idle,
+                      "cpu_s_per_s_per_node": [round(x, 3) for x in per]}))
+    return sum(per)
+
+
+async def _etcd_leader(endpoints: list[str]) -> str:
+    """The client URL of the member every member names as leader (polled until they agree)."""
+    deadline = time.monotonic() + 60
+    while True:
+        ids: dict[int, str] = {}
+        leaders: set[int] = set()
+        for ep in endpoints:
+            try:
+                async with grpc.aio.insecure_channel(ep) as ch:
+                    r = await etcd_pb2_grpc.MaintenanceStub(ch).Status(etcd_pb2.StatusRequest(), timeout=5)
+                ids[r.header.member_id] = ep
+                leaders.add(r.leader)
+            except grpc.RpcError:
+                pass
+        if len(leaders) == 1 and (lead := next(iter(leaders))) in ids:
+            return ids[lead]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"etcd: no agreed leader among {endpoints}")
+        await asyncio.sleep(0.5)
+
+
+async def _run_etcd(n: int, ttl: int, idle: float, inflight: int, cluster: EtcdCluster) -> dict[str, float]:
+    """The same measurements on etcd, through its Lease API at its leader."""
+    leader = await _etcd_leader(cluster.endpoints)
+    res: dict[str, float] = {}
+    async with grpc.aio.insecure_channel(leader) as ch:
+        stub = etcd_pb2_grpc.LeaseStub(ch)
+        sem = asyncio.Semaphore(inflight)
+        ids = [i + 1000 for i in range(n)]
+
+        async def grant(lid: int) -> None:
+            async with sem:
+                r = await stub.LeaseGrant(etcd_pb2.LeaseGrantRequest(TTL=ttl, ID=lid), timeout=30)
+                if r.error or lid != r.ID:
+                    raise RuntimeError(f"etcd LeaseGrant {lid}: {r.error or r.ID}")
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(grant(i) for i in ids))
+        dt = time.perf_counter() - t0
+        print(json.dumps({"system": "etcd", "measure": "grant", "leases": n, "seconds": round(dt, 3),
+                          "per_s": round(n / dt)}))
+        res["grant_per_s"] = n / dt
+
+        async def requests() -> object:
+            for i in ids:
+                yield etcd_pb2.LeaseKeepAliveRequest(ID=i)
+
+        t0 = time.perf_counter()
+        got = 0
+        async for resp in stub.LeaseKeepAlive(requests(), timeout=600):
+            if resp.TTL <= 0:
+                raise RuntimeError(f"etcd keep-alive of {resp.ID}: lease not found")
+            got += 1
+            if got == n:
+                break
+        dt = time.perf_counter() - t0
+        print(json.dumps({"system": "etcd", "measure": "keep-alive (each lease once, one stream)", "leases": n,
+                          "seconds": round(dt, 3), "renewals_per_s": round(n / dt)}))
+        res["renewals_per_s"] = n / dt
+    res["idle_cpu"] = await _idle_cpu(cluster.pids(), idle, n, "etcd")
+    return res
 
 
 @click.command()
@@ -98,14 +175,26 @@ async def _run(n: int, ttl: int, idle: float, inflight: int, cluster: KvstoreClu
 @click.option("--ttl", default=60, show_default=True, help="Seconds (long enough that none expires during the run).")
 @click.option("--idle", default=10.0, show_default=True, help="Seconds of idle CPU measured with the leases held.")
 @click.option("--inflight", default=256, show_default=True, help="Grants in flight at once.")
-def main(n: int, ttl: int, idle: float, inflight: int) -> None:
+@click.option("--etcd/--no-etcd", "with_etcd", default=True, show_default=True,
+              help="Also measure etcd 3.4 (the etcd binary) in the same run and print the ratios.")
+def main(n: int, ttl: int, idle: float, inflight: int, with_etcd: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="lease-bench-") as d:
-        cluster = KvstoreCluster(Path(d), ["--groups", "2"])
+        cluster = KvstoreCluster(Path(d) / "kvstore", ["--groups", "2"])
         cluster.start()
         try:
-            asyncio.run(_run(n, ttl, idle, inflight, cluster))
+            kv = asyncio.run(_run(n, ttl, idle, inflight, cluster))
         finally:
             cluster.stop()
+        if not with_etcd:
+            return
+        etcd = EtcdCluster(Path(d) / "etcd")
+        etcd.start()
+        try:
+            et = asyncio.run(_run_etcd(n, ttl, idle, inflight, etcd))
+        finally:
+            etcd.stop()
+    print(json.dumps({"measure": "ratios kvstore / etcd", "leases": n,
+                      **{k: round(kv[k] / et[k], 3) if et[k] else None for k in kv}}))
 
 
 if __name__ == "__main__":

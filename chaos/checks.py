@@ -22,6 +22,7 @@ from typing import Any
 
 from chaos.checker import Operation, Status, Verdict, check, format_op
 
+from .txnworkloads import check_bank, check_lock
 from .workload import OpRecord, parse_bank, to_operations
 
 __all__ = ["Analysis", "analyze_records"]
@@ -34,6 +35,7 @@ class Analysis:
     linearizability: dict[str, Any] = field(default_factory=dict)
     set: dict[str, Any] | None = None
     bank: dict[str, Any] | None = None
+    lock: dict[str, Any] | None = None
     staleness: dict[str, Any] | None = None
     counts: dict[str, int] = field(default_factory=dict)
     bad_key: str | None = None
@@ -48,6 +50,7 @@ class Analysis:
             "linearizability": self.linearizability,
             "set": self.set,
             "bank": self.bank,
+            "lock": self.lock,
             "staleness": self.staleness,
             "counts": self.counts,
             "bad_key": self.bad_key,
@@ -143,6 +146,7 @@ def analyze_records(
     check_timeout: float = 60.0,
     bank_total: int | None = None,
     bank_accounts: int | None = None,
+    account_groups: dict[str, int] | None = None,
     expected_final_keys: Sequence[str] = (),
 ) -> Analysis:
     counts = {"ok": 0, "fail": 0, "info": 0}
@@ -176,10 +180,25 @@ def analyze_records(
             )
         elif a.set["valid"] is None:
             a.reasons.append("set: " + a.set["error"])
-    if workload == "bank":
+    if workload == "bank1":
         a.bank = _bank_check(records, bank_total, bank_accounts)
         if not a.bank["valid"]:
             a.reasons.append(f"bank: {a.bank['bad_count']} read(s) break the conservation of the total")
+    if workload == "bank":
+        a.bank = check_bank(records, bank_total, bank_accounts)
+        if account_groups:
+            a.bank["account_groups"] = account_groups
+            a.bank["groups_spanned"] = len(set(account_groups.values()))
+        if a.bank["valid"] is False:
+            a.reasons.append(f"bank: {a.bank['bad_count']} read(s) break the conservation of the total")
+        elif a.bank["valid"] is None:
+            a.reasons.append("bank: no final balances read succeeded after heal")
+    if workload == "lock":
+        a.lock = check_lock(records)
+        if a.lock["valid"] is False:
+            a.reasons.append(f"lock: {a.lock['violation_count']} fencing violation(s): {a.lock['violations'][0]}")
+        elif a.lock["valid"] is None:
+            a.reasons.append("lock: the resource could not be read after heal")
     if any(r.consistency in ("stale", "bounded") for r in records):
         a.staleness = _staleness_check(records, check_timeout)
         if a.staleness["valid"] is False:
@@ -198,12 +217,16 @@ def analyze_records(
     invalid = (
         res.verdict is Verdict.NOT_LINEARIZABLE
         or (a.set is not None and a.set["valid"] is False)
-        or (a.bank is not None and not a.bank["valid"])
+        or (a.bank is not None and a.bank["valid"] is False)
+        or (a.lock is not None and a.lock["valid"] is False)
         or (a.staleness is not None and a.staleness["valid"] is False)
     )
     if invalid:
         a.verdict = "invalid"
-    elif res.verdict is Verdict.UNKNOWN or missing or not counts["ok"] or (a.set is not None and a.set["valid"] is None):
+    elif (
+        res.verdict is Verdict.UNKNOWN or missing or not counts["ok"] or (a.set is not None and a.set["valid"] is None)
+        or (a.bank is not None and a.bank["valid"] is None) or (a.lock is not None and a.lock["valid"] is None)
+    ):
         a.verdict = "unknown"
     return a
 

@@ -14,7 +14,7 @@ import click
 
 from .containers import DEFAULT_IMAGE
 from .nemesis import ALL_FAMILIES, EXTRA_FAMILIES, parse_families
-from .workload import WORKLOADS
+from .registry import WORKLOADS
 
 RUN_HELP = f"""Run a cluster under a workload and a nemesis, check the history, write a report.
 
@@ -156,6 +156,9 @@ def run(
     )
     if image is not None and backend != "container":
         raise click.UsageError("--image is for --backend container")
+    if watchers and workload in ("bank", "lock"):
+        raise click.UsageError(f"--watchers checks writes recorded as put / cas / delete; the {workload} "
+                               "workload writes by transactions (use bank1 or register)")
     try:
         code, _run_dir, _summary = do_run(cfg)
     except (netns.NetnsError, containers.ContainerError) as err:

@@ -321,6 +321,8 @@ def write_report(
         out.append("<h2>Set</h2><pre>" + _e(_pretty(a.set)) + "</pre>")
     if a.bank is not None:
         out.append("<h2>Bank</h2><pre>" + _e(_pretty(a.bank)) + "</pre>")
+    if a.lock is not None:
+        out.append("<h2>Lock</h2><pre>" + _e(_pretty(a.lock)) + "</pre>")
     if watch is not None and watch.get("checked"):
         planted = f" (planted bug: {watch['planted']})" if watch.get("planted") else ""
         out.append(f"<h2 id='watch'>Watch{_e(planted)}</h2><pre>" + _e(_pretty(watch)) + "</pre>")

@@ -42,9 +42,10 @@ from .cluster import Backend, Cluster, LocalBackend, NetnsBackend
 from .config import RunConfig
 from .nemesis import Nemesis, NemesisOptions
 from .pki import WORKLOAD_USER, RunPki
+from .registry import make_workload
 from .state import RunState
 from .watchers import Watchers, load_watchers, write_records, writes_of
-from .workload import OpRecord, Recorder, WorkloadOptions, make_workload
+from .workload import OpRecord, Recorder, WorkloadOptions
 
 __all__ = ["RunConfig", "analyze", "execute", "run"]
 
@@ -119,7 +120,7 @@ async def _execute(cfg: RunConfig, run_dir: Path, cluster: Cluster) -> int:
         endpoints=cluster.endpoints, replica_endpoints=[cluster.hosts[h].address for h in cluster.learner_hosts],
         read_from=cfg.read_from, read_consistency=cfg.read_consistency, max_staleness=cfg.max_staleness,
         certs_dir=str(cluster.tls.root) if cluster.tls is not None else "", user=WORKLOAD_USER,
-        deletes=0.05 if cfg.watchers else 0.0,
+        deletes=0.05 if cfg.watchers else 0.0, accounts=8 if cfg.workload == "bank" else 5,
     )
     wl = make_workload(cfg.workload, wopts, rec)
     watchers = Watchers(cfg.watchers, cfg.workload, wopts, rec, stagger=min(1.0, cfg.time * 0.05))
@@ -208,7 +209,8 @@ async def _execute(cfg: RunConfig, run_dir: Path, cluster: Cluster) -> int:
     execution.update(
         workload_end=workload_end, fault_until=fault_until, time=cfg.time, quiet=quiet,
         keys=wl.keys_used(), bank_total=getattr(wl, "total", None),
-        bank_accounts=wopts.accounts if cfg.workload == "bank" else None,
+        bank_accounts=wopts.accounts if cfg.workload in ("bank", "bank1") else None,
+        account_groups=getattr(wl, "groups", None),
         shards=shards,
         nodes={str(h): {"node_id": nh.node_id, "address": nh.address, "history": nh.history}
                for h, nh in cluster.hosts.items()},
@@ -246,11 +248,11 @@ def analyze(run_dir: Path, *, check_timeout: float | None = None) -> dict[str, A
     execution = _load_json(run_dir / "execution.json", {})
     faults = _load_json(run_dir / "faults.json", [])
     records = load_ops(run_dir / "ops.jsonl") if (run_dir / "ops.jsonl").exists() else []
-    expected_keys = execution.get("keys") or [] if cfg.workload in ("register", "bank") else []
+    expected_keys = execution.get("keys") or [] if cfg.workload in ("register", "bank1") else []
     a = analyze_records(
         records, workload=cfg.workload, check_timeout=check_timeout or cfg.check_timeout,
         bank_total=execution.get("bank_total"), bank_accounts=execution.get("bank_accounts"),
-        expected_final_keys=expected_keys,
+        account_groups=execution.get("account_groups"), expected_final_keys=expected_keys,
     )
     if execution.get("error"):
         a.verdict = "unknown"
@@ -340,7 +342,16 @@ def _forge_check(
         length = sum(b - a for a, b in inside)
         return sum(1 for t in ok if any(a <= t <= b for a, b in inside)) / length if length > 0 else None
 
-    healthy_len = max(0.0, end - start) - sum(b - a for a, b in faulted)
+    # the faulted time inside [start, end] only (a fault may outlast fault_until, e.g. a member
+    # replacement; windows may overlap): merged, clipped intervals
+    clipped = sorted((max(a, start), min(b, end)) for a, b in faulted if min(b, end) > max(a, start))
+    merged: list[tuple[float, float]] = []
+    for a, b in clipped:
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    healthy_len = max(0.0, end - start) - sum(b - a for a, b in merged)
     healthy_ok = sum(1 for t in ok if start <= t <= end and not any(a <= t <= b for a, b in faulted))
     healthy = healthy_ok / healthy_len if healthy_len > 1.0 else None
     during = rate(spans)

@@ -36,7 +36,7 @@ from .workload import OpRecord, Recorder, WorkloadOptions
 
 __all__ = ["Watchers", "load_watchers", "write_records"]
 
-PREFIXES = {"register": "r/", "replicas": "r/", "set": "s/", "bank": "b/"}
+PREFIXES = {"register": "r/", "replicas": "r/", "set": "s/", "bank1": "b/"}
 """The key prefix each workload writes under."""
 
 

@@ -15,8 +15,9 @@ Workloads:
   key instead, so that watchers see DELETEs.
 * ``set``: every operation adds a new element (a put of a unique key under ``s/``); at the end
   one linearizable scan must return every acknowledged element.
-* ``bank``: one key per bank holds all the balances; a transfer reads the bank and cas-es it to
-  the new balances. Every read must show the same total and no negative balance.
+* ``bank1``: one key per bank holds all the balances; a transfer reads the bank and cas-es it to
+  the new balances. Every read must show the same total and no negative balance. (``bank`` and
+  ``lock``, the multi-key transaction workloads, are in :mod:`chaos.txnworkloads`.)
 
 * ``replicas``: ``register`` with every get read through the read replicas (learners) at the
   run's read consistency: half routed by the client library (read preference, ``replica`` unless
@@ -155,6 +156,9 @@ class WorkloadOptions:
     certs_dir: str = ""  # TLS: a certs dir with ca.crt and client.<user>.crt/.key ("": plaintext)
     user: str = "root"  # TLS: whose client certificate the clients present
     deletes: float = 0.0  # register: share of operations that delete the key (the watch workload's DELETEs)
+    lock_ttl: float = 2.0  # lock: the session's lease TTL (whole seconds)
+    lock_wait: float = 4.0  # lock: how long a worker waits for the mutex before giving up (fail)
+    lock_pause: float = 0.2  # lock: share of holders that stop (no renewals) past their TTL between writes
 
 
 class _KeyRing:
@@ -427,7 +431,7 @@ def parse_bank(value: str) -> list[int] | None:
 
 
 class BankWorkload(Workload):
-    name = "bank"
+    name = "bank1"
 
     def __init__(self, opts: WorkloadOptions, rec: Recorder) -> None:
         super().__init__(opts, rec)
@@ -536,7 +540,7 @@ class ReplicasWorkload(RegisterWorkload):
 WORKLOADS: dict[str, type[Workload]] = {
     "register": RegisterWorkload,
     "set": SetWorkload,
-    "bank": BankWorkload,
+    "bank1": BankWorkload,
     "replicas": ReplicasWorkload,
 }
 

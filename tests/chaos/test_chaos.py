@@ -316,6 +316,26 @@ def test_forge_check_fails_on_forged_reads_accepted_outsiders_and_dead_nodes(tmp
     assert any("not refused" in r for r in reasons) and any("dead on hosts [2]" in r for r in reasons), reasons
 
 
+def test_forge_healthy_throughput_counts_only_faulted_time_inside_the_fault_period(tmp_path: Path) -> None:
+    """A fault that outlasts fault_until (a member replacement) or overlaps another is subtracted
+    from the healthy time only where it lies inside [first fault, fault_until], once."""
+    from chaos.runner import RunConfig, analyze
+
+    cfg = RunConfig(time=10, nemesis=["forge", "member"], run_id="t")
+    recs = [_op(1, "put", "r/0", f"v{i}", None, t, t + 0.1) for i, t in enumerate([1.2, 2.5, 3.5, 4.5])]
+    recs.append(_op(2, "get", "r/0", None, "v3", 9.0, 9.5, final=True))
+    info = {"forged_messages": 10, "forged_rpcs": 2, "outsider_codes": {"PERMISSION_DENIED": 2},
+            "member_codes": {}, "refused": {"not_member": 2}, "refused_total": 2,
+            "accepted_from_outsider": 0, "nodes_dead": [], "nodes_unresponsive": []}
+    forge = FaultWindow("forge", "outsider+malformed", "x", 1.0, 2.0, hosts=[1, 2, 3], info=info).to_json()
+    member = FaultWindow("member", "replace", "x", 5.0, 30.0, hosts=[3]).to_json()
+    inner = FaultWindow("pause", "one", "x", 5.5, 6.0, hosts=[2]).to_json()
+    _write_run(tmp_path / "r", cfg, {"keys": ["r/0"], "fault_until": 8.0}, [forge, member, inner], recs)
+    f = analyze(tmp_path / "r")["forge"]
+    # healthy: [1, 8] minus [1, 2] and [5, 8] = 3 s with 3 ok operations
+    assert f["ok_per_s_healthy"] == 1.0 and f["ok_per_s_forge"] == 1.0, f
+
+
 def test_forge_check_under_tls_needs_every_outsider_refused_and_none_answered(tmp_path: Path) -> None:
     from chaos.forge import TLS_CASES
     from chaos.runner import RunConfig, analyze
@@ -574,7 +594,7 @@ def test_clean_removes_what_a_crashed_harness_left(tmp_path: Path) -> None:
 def test_local_backend_kill_and_pause_is_valid(tmp_path: Path) -> None:
     out = tmp_path / "runs"
     code, text = kvchaos(["run", "--backend", "local", "--nodes", "3", "--time", "10", "--nemesis", "kill,pause",
-                          "--workload", "bank", "--seed", "3", "--watchers", "3", "--out", str(out)])
+                          "--workload", "bank1", "--seed", "3", "--watchers", "3", "--out", str(out)])
     assert text.strip().splitlines()[-1] == "verdict: valid", text[-4000:]
     assert code == 0
     d = run_dir_of(out)
@@ -763,7 +783,7 @@ def test_bank_total_must_be_conserved() -> None:
         _op(2, "cas", "b/0", [good, bad], True, 2.0, 3.0),
         _op(3, "get", "b/0", None, bad, 4.0, 5.0, final=True),
     ]
-    a = analyze_records(recs, workload="bank", bank_total=200, bank_accounts=2, expected_final_keys=["b/0"])
+    a = analyze_records(recs, workload="bank1", bank_total=200, bank_accounts=2, expected_final_keys=["b/0"])
     assert a.verdict == "invalid" and a.bank is not None and a.bank["bad_count"] == 1
 
 
