@@ -5,9 +5,10 @@ so that every call that changes something leaves one line in the audit log
 Audited (`AUDITED`): every Admin RPC but the reads Status, AlarmList and HashKV (membership, leadership transfer, snapshot, alarm disarm), every
 Shard.ShardOp but INFO (add / remove group, rebalance), Shard.GroupPropose but read barriers (the
 internal RPC a node forwards proposals, membership changes and transfers with: audited where they
-take effect, with the calling node's identity), and with `writes`, KV Put / Delete / Cas and every
-put / delete / cas carried by KV.Stream (matched to its result by operation id). Reads are never
-audited.
+take effect, with the calling node's identity), and with `writes`, KV Put / Delete / Cas / Txn,
+LeaseGrant / LeaseRevoke / LeasePut and every put / delete / cas / txn carried by KV.Stream
+(matched to its result by operation id). Reads are never audited, nor are a lease's keep-alive
+renewals (a stream of them per lease, every few seconds: they would drown the log).
 
 The outcome is "ok", the error code a reply carries (e.g. "NOT_LEADER", "TIMEOUT"), or the gRPC
 status of a call that failed as a whole (e.g. "PERMISSION_DENIED"), or "cancelled". A line is
@@ -168,15 +169,19 @@ KV_WRITES: dict[str, Describer] = {
     "Delete": lambda r: key_fields(r.key),
     "Cas": lambda r: {**key_fields(r.key), "value_bytes": len(r.value)},
     "Txn": lambda r: _txn_fields(r),
+    "LeaseGrant": lambda r: {"lease": f"{r.id:016x}" if r.id > 0 else "", "ttl": r.ttl},
+    "LeaseRevoke": lambda r: {"lease": f"{r.id:016x}" if r.id > 0 else str(r.id)},
+    "LeasePut": lambda r: {**key_fields(r.key), "value_bytes": len(r.value),
+                           "lease": f"{r.lease:016x}" if r.lease > 0 else str(r.lease)},
 }
 STREAM_WRITES = ("put", "delete", "cas", "txn")
 NOT_AUDITED: dict[str, frozenset[str]] = {
     "kvstore.v1.Admin": frozenset({"Status", "AlarmList", "HashKV"}),
     "kvstore.v1.Auth": frozenset({"Status"}),
     "kvstore.v1.Shard": frozenset({"GetShardMap", "ExportRange"}),
-    "kvstore.v1.KV": frozenset({"Get", "Scan", "Watch"}),
+    "kvstore.v1.KV": frozenset({"Get", "Scan", "Watch", "LeaseKeepAlive", "LeaseTimeToLive", "LeaseLeases"}),
 }
-"""The RPCs that change nothing (reads). Every RPC of these services is in exactly one of
+"""The RPCs that change nothing (reads), and lease keep-alives (module docstring). Every RPC of these services is in exactly one of
 `AUDITED`, `KV_WRITES` (+ `Stream`) and this table; a test checks it against the descriptors."""
 
 
