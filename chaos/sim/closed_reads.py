@@ -44,6 +44,7 @@ from kvstore.node.reads import LINEARIZABLE, NodeReads, ReadPoint
 from kvstore.node.store import NodeStore
 from kvstore.shard.ranges import HASH_MAX, IntervalSet
 from kvstore.storage import mvcc
+from kvstore.storage.xtxn import IntentProbe
 
 from .revisions import RevisionChecker
 
@@ -248,15 +249,17 @@ class ClosedReads:
                 return
             st = store.shard_state(part.group)
             owned = st.active if st is not None else IntervalSet.full()
+            probe = IntentProbe(xlogic.READ_INTENTS_MAX)
             try:
-                rst, stream = store.revisions.scan_versions(part.group, b"", None, 0, at, 1 << 20, 1 << 30, owned)
+                rst, stream = store.revisions.scan_versions(part.group, b"", None, 0, at, 1 << 20, 1 << 30, owned, probe)
             except mvcc.Compacted:
                 answer(None, 0, owned)
                 return
             items = {k: v.value for chunk in stream for k, v in chunk if v.value is not None}
             served = at or rst.last
-            # After the view, as the server does: an intent at or below `served` may still commit there.
-            if xlogic.blocking_intent(store.revisions.intents(part.group, b"", None, xlogic.READ_INTENTS_MAX), served) is not None:
+            # The intents of the scan's own view, as the server does: an intent at or below
+            # `served` may still commit there.
+            if xlogic.blocking_intent(probe.rows, served) is not None:
                 failed(errors.ProposalDropped(f"g{part.group} holds an intent at or below {served}; retry"))
                 return
             answer(items, served, owned)

@@ -63,9 +63,11 @@ class CrossPairs:
         self.resolving: set[TxnId] = set()
 
     # --- proposing in a group --------------------------------------------------------------
-    def _send(self, node: Any, gid: int, data: bytes, answer: Answer, tries: int = 0) -> None:
+    def _send(self, node: Any, gid: int, data: bytes, answer: Answer, tries: int = 0, wait_ms: int = 0) -> None:
         """Propose `data` in group `gid` at its leader (starting from `node`, following hints);
-        `answer(result, error)` once, from the applied result or the last failure."""
+        `answer(result, error)` once, from the applied result or the last failure. An attempt
+        is given up (indeterminate) after `wait_ms` (0: a quarter of the client timeout, as the
+        coordinator's own steps)."""
         sim = self.sim
         done = False
 
@@ -91,12 +93,12 @@ class CrossPairs:
                     answer(None, err)
                     return
                 nxt = self.rng.choice(live)
-            sim.at(self.rng.randrange(5, 40), self._send, nxt, gid, data, answer, tries + 1)
+            sim.at(self.rng.randrange(5, 40), self._send, nxt, gid, data, answer, tries + 1, wait_ms)
 
         def lost() -> None:
             outcome(None, errors.Timeout("attempt timed out", indeterminate=True), 0)
 
-        sim.at(sim.p.client_timeout_ms // 4, lost)
+        sim.at(wait_ms or sim.p.client_timeout_ms // 4, lost)
         if node.logic is None or gid not in node.logic.host.groups:
             sim.at(1, outcome, None, errors.Unavailable(f"n{node.id} is down or does not host g{gid}"), 0)
             return
@@ -256,6 +258,10 @@ class CrossPairs:
                 if done is not None and err2 is None:
                     self._send(node, intent.primary, done, lambda _res, _err: None)
 
-            self._send(node, group, follow, applied)
+            self._send(node, group, follow, applied, wait_ms=self.sim.p.client_timeout_ms)
 
-        self._send(node, intent.primary, logic.resolve_command(intent), resolved)
+        # A resolver's step waits for its command as long as the node's does (`CrossTxns._resolve`
+        # awaits the proposal for the whole request timeout): given up after a quarter of it, a
+        # RESOLVE stuck behind a slow group's backlog was proposed again by every sweep round,
+        # each copy applied but unanswered, and the copies kept the group too busy to catch up.
+        self._send(node, intent.primary, logic.resolve_command(intent), resolved, wait_ms=self.sim.p.client_timeout_ms)

@@ -1060,30 +1060,29 @@ class MemoryNodeStore:
         g = self._read(group)
         if g is None:
             return []
-        out: list[tuple[bytes, bytes]] = []
-        for k, v in g.rows.iter(mvcc.T_INTENTS, start, end):
-            if len(out) >= limit:
-                break
-            out.append((k, v))
-        return out
+        return _intents(g.rows, start, end, limit)
+
     def read_leases(self, group: int, fn: Callable[[mvcc.Rows], T]) -> T:
         g = self._read(group)
         return fn(MemRows() if g is None else g.rows)
 
-    def get_version(self, group: int, key: bytes, rev: int = 0) -> tuple[mvcc.Version | None, mvcc.RevState]:
+    def get_version(self, group: int, key: bytes, rev: int = 0, probe: xtxn.IntentProbe | None = None,
+                    ) -> tuple[mvcc.Version | None, mvcc.RevState]:
         g = self._read(group)
         if g is None:
             return None, mvcc.RevState()
         st = mvcc.rev_state(g.rows)
         if rev and rev < st.compact:
             raise mvcc.Compacted(st.compact)
+        if probe is not None:  # the same view (nothing applies in between: one thread)
+            probe.rows = _intents(g.rows, key, key + b"\x00", probe.limit)
         if len(key) > MAX_KEY_SIZE:
             return None, st
         return mvcc.version_at(g.rows, key, rev or mvcc.REVISION_MAX, g.data.get(key)), st
 
     def scan_versions(
         self, group: int, start: bytes, end: bytes | None, limit: int, rev: int, chunk_items: int, chunk_bytes: int,
-        owned: IntervalSet | None = None,
+        owned: IntervalSet | None = None, probe: xtxn.IntentProbe | None = None,
     ) -> tuple[mvcc.RevState, ListStream[list[tuple[bytes, mvcc.Version]]]]:
         g = self._read(group)
         if g is None:
@@ -1091,6 +1090,8 @@ class MemoryNodeStore:
         st = mvcc.rev_state(g.rows)
         if rev and rev < st.compact:
             raise mvcc.Compacted(st.compact)
+        if probe is not None:
+            probe.rows = _intents(g.rows, start, end, probe.limit)
         data = g.data
         current = iter([(k, data[k]) for k in self._range(g, start, end)])
         items: list[tuple[bytes, mvcc.Version]] = []
@@ -1279,3 +1280,13 @@ def _decode_shards(raw: bytes) -> ShardState:
 def _is_a_node_store(store: MemoryNodeStore) -> NodeStore:
     """Never called: makes mypy check that `MemoryNodeStore` implements the protocol."""
     return store
+
+
+def _intents(rows: mvcc.Rows, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+    """At most `limit` (key, intent row) of the intents on keys in [start, end), in key order."""
+    out: list[tuple[bytes, bytes]] = []
+    for k, v in rows.iter(mvcc.T_INTENTS, start, end):
+        if len(out) >= limit:
+            break
+        out.append((k, v))
+    return out

@@ -38,7 +38,7 @@ from typing import Any, Protocol, TypeVar
 from ..raft.storage import LogStorage
 from ..raft.types import ConfState, Entry, HardState, SnapshotMeta
 from ..shard.ranges import IntervalSet
-from ..storage import mvcc
+from ..storage import mvcc, xtxn
 from ..storage.changefeed import ChangeBatch
 from ..storage.commands import ApplyResult
 from ..storage.machine import SessionMeta
@@ -125,17 +125,20 @@ class RevisionReads(Protocol):
         lease table, table `leases.T_LEASES`, through it). `fn` only reads."""
         ...
 
-    def get_version(self, group: int, key: bytes, rev: int = 0) -> tuple[mvcc.Version | None, mvcc.RevState]:
-        """The key's version at `rev` (0: now; None: absent) and the group's revision state.
-        Raises mvcc.Compacted below the compact revision."""
+    def get_version(self, group: int, key: bytes, rev: int = 0, probe: xtxn.IntentProbe | None = None,
+                    ) -> tuple[mvcc.Version | None, mvcc.RevState]:
+        """The key's version at `rev` (0: now; None: absent) and the group's revision state;
+        `probe` (if given) gets the key's intent from the same view. Raises mvcc.Compacted below
+        the compact revision."""
         ...
 
     def scan_versions(
         self, group: int, start: bytes, end: bytes | None, limit: int, rev: int, chunk_items: int, chunk_bytes: int,
-        owned: IntervalSet | None = None,
+        owned: IntervalSet | None = None, probe: xtxn.IntentProbe | None = None,
     ) -> tuple[mvcc.RevState, ReadStream[list[tuple[bytes, mvcc.Version]]]]:
         """Keys in [start, end) present at `rev` (0: now) with their versions, in chunks (as
-        `NodeStore.scan_chunks`), and the revision state of that view. Raises mvcc.Compacted."""
+        `NodeStore.scan_chunks`), and the revision state of that view; `probe` (if given) gets
+        the intents on keys in [start, end) from the same view. Raises mvcc.Compacted."""
         ...
 
     def retention_step(self, group: int, walk: mvcc.RetentionWalk, max_rows: int = 0) -> bool:

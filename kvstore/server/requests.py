@@ -33,7 +33,7 @@ from kvstore.node import xtxn as xlogic
 from kvstore.node.closes import NodeCloses
 from kvstore.node.hlc import HybridClock
 from kvstore.node.host import Host
-from kvstore.node.store import ReadStream
+from kvstore.node.store import ReadStream, RevisionReads
 from kvstore.security.guard import AuthGuard
 from kvstore.security.rbac import READ, READWRITE, WRITE, PermKind
 from kvstore.shard.ranges import IntervalSet, key_hash
@@ -41,6 +41,7 @@ from kvstore.shard.shardmap import META_GROUP
 from kvstore.storage import commands, mvcc, txn
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
+from kvstore.storage.xtxn import Intent, IntentProbe
 from kvstore.v1 import kv_pb2
 
 from . import waiters
@@ -411,12 +412,9 @@ class KVRequests:
         """Read `key` from `gid`'s local state at `point` (ownership checked at the read point),
         at `revision` (0: the current version), with its metadata."""
         self.check_owned(gid, key)
-        try:
-            v, st = self.store.revisions.get_version(gid, key, revision)
-        except mvcc.Compacted as err:
-            raise errors.Compacted(compact_revision=err.compact_revision) from None
+        v, st, blocking = read_version(self.store.revisions, gid, key, revision)
         served = served_at(revision, st)
-        self.check_intents(gid, key, key + b"\x00", served)
+        self.check_intents(gid, blocking)
         self.metrics.reads.inc()
         resp = kv_pb2.GetResponse(
             found=v is not None, index=point.index, staleness_ms=point.staleness_ms, node_id=self.cfg.id,
@@ -429,16 +427,9 @@ class KVRequests:
             )
         return resp
 
-    def check_intents(self, gid: int, start: bytes, end: bytes | None, served: int) -> None:
-        """Refuse (definite, retryable) a read served at `served` of keys in [start, end) while a
-        cross-group transaction holds an intent on one of them prepared at or below `served`: its
-        commit may still write there (at R >= the prepared revision), so the answer would not be
-        final. Called after the read (an intent prepared later is above every revision the read
-        saw: the read stays exact). An old intent is resolved meanwhile."""
-        try:
-            blocking = xlogic.blocking_intent(self.store.revisions.intents(gid, start, end, xlogic.READ_INTENTS_MAX), served)
-        except ValueError:
-            raise errors.InternalError(f"group {gid} holds a corrupt intent row", indeterminate=False) from None
+    def check_intents(self, gid: int, blocking: tuple[bytes, Intent] | None) -> None:
+        """Refuse (definite, retryable) a read that `blocking_in_view` found blocked by an
+        intent (resolving it meanwhile if it is old)."""
         if blocking is not None:
             key, intent = blocking
             if self.cross is not None:
@@ -588,14 +579,9 @@ class KVRequests:
         point = await self.closed_point(gid, request.revision, point)
         st = self.store.shard_state(gid)
         owned = st.active if st is not None else IntervalSet.full()
+        rst, stream, blocking = open_scan(self.store.revisions, gid, start, end, request.limit or 0, request.revision, owned)
         try:
-            rst, stream = self.store.revisions.scan_versions(
-                gid, start, end, request.limit or 0, request.revision, SCAN_CHUNK_ITEMS, SCAN_CHUNK_BYTES, owned
-            )
-        except mvcc.Compacted as err:
-            raise errors.Compacted(compact_revision=err.compact_revision) from None
-        try:  # after the scan's view: an intent prepared later is above everything it serves
-            self.check_intents(gid, start, end, served_at(request.revision, rst))
+            self.check_intents(gid, blocking)
         except errors.KVError:
             stream.close()
             raise
@@ -603,6 +589,52 @@ class KVRequests:
         _scan_meta(msg, point, self.cfg.id)
         msg.revision = served_at(request.revision, rst)
         return msg, stream
+
+
+def blocking_in_view(gid: int, probe: IntentProbe, served: int) -> tuple[bytes, Intent] | None:
+    """The intent that blocks a read served at `served` (None: the answer is final): one on a
+    read key prepared at or below `served`, whose commit may still write there (at R >= the
+    prepared revision). `probe` holds the intents of the read's OWN view: an intent looked up in
+    a later view could be gone, its COMMIT applied after the data was read, and the read would
+    return one side of a transaction across groups. Raises a definite InternalError on a
+    corrupt intent row."""
+    try:
+        return xlogic.blocking_intent(probe.rows, served)
+    except ValueError:
+        raise errors.InternalError(f"group {gid} holds a corrupt intent row", indeterminate=False) from None
+
+
+def read_version(revisions: RevisionReads, gid: int, key: bytes, revision: int
+                 ) -> tuple[mvcc.Version | None, mvcc.RevState, tuple[bytes, Intent] | None]:
+    """`key`'s version in `gid` at `revision` (0: now), the view's revision state and the intent
+    that blocks the answer (`blocking_in_view`), all from one read view."""
+    probe = IntentProbe(xlogic.READ_INTENTS_MAX)
+    try:
+        v, st = revisions.get_version(gid, key, revision, probe)
+    except mvcc.Compacted as err:
+        raise errors.Compacted(compact_revision=err.compact_revision) from None
+    return v, st, blocking_in_view(gid, probe, served_at(revision, st))
+
+
+def open_scan(
+    revisions: RevisionReads, gid: int, start: bytes, end: bytes | None, limit: int, revision: int,
+    owned: IntervalSet,
+) -> tuple[mvcc.RevState, ReadStream[list[tuple[bytes, mvcc.Version]]], tuple[bytes, Intent] | None]:
+    """Open a scan of [start, end) in `gid` at `revision` (0: now): the view's revision state,
+    its chunks and the intent that blocks it (`blocking_in_view`), all from one read view (the
+    caller closes the stream)."""
+    probe = IntentProbe(xlogic.READ_INTENTS_MAX)
+    try:
+        rst, stream = revisions.scan_versions(
+            gid, start, end, limit, revision, SCAN_CHUNK_ITEMS, SCAN_CHUNK_BYTES, owned, probe
+        )
+    except mvcc.Compacted as err:
+        raise errors.Compacted(compact_revision=err.compact_revision) from None
+    try:
+        return rst, stream, blocking_in_view(gid, probe, served_at(revision, rst))
+    except errors.KVError:
+        stream.close()
+        raise
 
 
 def _has_put(t: txn.Txn) -> bool:

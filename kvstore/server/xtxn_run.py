@@ -143,13 +143,21 @@ class CrossTxns:
         self, t: txn.Txn | None, p: logic.Plan, tid: TxnId, start: int, r: logic.Ready,
         session: tuple[int, int, int, bool, int], end: float,
     ) -> ApplyResult | None:
-        """From a prepared attempt to its answer (None: aborted by a resolver, retry)."""
+        """From a prepared attempt to its answer (None: aborted by a resolver, retry).
+
+        A client's retry (`retry` with a session: an earlier attempt of the request may have
+        committed) always goes through the RECORD, even when this attempt writes nothing: its
+        compares now see the earlier attempt's own writes, and only the RECORD's session check
+        gives the answer of the attempt that committed (exactly once); when none did, the
+        RECORD commits this attempt's answer."""
         groups = sorted(p.keys)
-        if not r.writes_anything:  # a read-only transaction: its reads were one snapshot at R
+        client_id, seq, ack, retry, horizon = session
+        if not r.writes_anything and not (client_id and retry):
+            # a read-only answer, or a first attempt that writes nothing: its reads were one
+            # snapshot at R, and no earlier attempt of this request can have committed
             await self._release(tid, groups)
             return ApplyResult(revision=r.result.revision, txn=r.result)
         await self._halt("prepare")
-        client_id, seq, ack, retry, horizon = session
         record = logic.record_command(tid, start, r, client_id, seq, ack, retry, horizon)
         outcome = await self._record(tid, p.primary, record, start, end)
         if isinstance(outcome, logic.Aborted):

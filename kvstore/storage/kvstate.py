@@ -501,24 +501,24 @@ class KVState:
         """At most `limit` intents on keys in [start, end), in key order (`mvcc.T_INTENTS`)."""
         with self._env.read() as txn:
             rows = LmdbRows(txn, group, rev_dbs(self._env))
-            out: list[tuple[bytes, bytes]] = []
-            for k, v in rows.iter(mvcc.T_INTENTS, start, end):
-                if len(out) >= limit:
-                    break
-                out.append((k, v))
-            return out
+            return _intents(rows, start, end, limit)
+
     def read_leases(self, group: int, fn: Callable[[mvcc.Rows], T]) -> T:
         """`fn` on the group's committed rows, in one read transaction (the lease table)."""
         with self._env.read() as txn:
             return fn(LmdbRows(txn, group, rev_dbs(self._env)))
 
-    def get_version(self, group: int, key: bytes, rev: int = 0) -> tuple[mvcc.Version | None, mvcc.RevState]:
-        """The key's version at revision `rev` (0: its current one) and the group's revision state,
-        from ONE read transaction. Raises mvcc.Compacted if `rev` is below the compact revision."""
+    def get_version(self, group: int, key: bytes, rev: int = 0, probe: xtxn.IntentProbe | None = None,
+                    ) -> tuple[mvcc.Version | None, mvcc.RevState]:
+        """The key's version at revision `rev` (0: its current one), the group's revision state
+        and (into `probe`) the key's intent, from ONE read transaction. Raises mvcc.Compacted if
+        `rev` is below the compact revision."""
         env = self._env
         with env.read() as txn:
             rows = LmdbRows(txn, group, rev_dbs(env))
             st = _rev_state(rows)
+            if probe is not None:
+                probe.rows = _intents(rows, key, key + b"\x00", probe.limit)
             if len(key) > MAX_KEY_SIZE:
                 return None, st
             current = txn.get(group_prefix(group) + key, db=env.db(DB_DATA))
@@ -534,10 +534,12 @@ class KVState:
         chunk_items: int,
         chunk_bytes: int,
         owned: IntervalSet | None = None,
+        probe: xtxn.IntentProbe | None = None,
     ) -> tuple[mvcc.RevState, TxnStream[list[tuple[bytes, mvcc.Version]]]]:
         """The group's keys in [start, end) at revision `rev` (0: now) with their metadata, in
-        chunks, from ONE read transaction, and the revision state of that transaction. Raises
-        mvcc.Compacted if `rev` is below the compact revision."""
+        chunks, from ONE read transaction, the revision state of that transaction and (into
+        `probe`) the intents on keys in [start, end) in it. Raises mvcc.Compacted if `rev` is
+        below the compact revision."""
         env = self._env
         reader = env.reader()
         try:
@@ -546,6 +548,8 @@ class KVState:
             st = _rev_state(rows)
             if rev and rev < st.compact:
                 raise mvcc.Compacted(st.compact)
+            if probe is not None:
+                probe.rows = _intents(rows, start, end, probe.limit)
         except BaseException:
             reader.close()
             raise
@@ -781,3 +785,13 @@ def _delete_prefix(txn: Txn, db: Db, group: int) -> None:
             return
         if not cur.delete():
             return
+
+
+def _intents(rows: mvcc.Rows, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+    """At most `limit` (key, intent row) of the intents on keys in [start, end), in key order."""
+    out: list[tuple[bytes, bytes]] = []
+    for k, v in rows.iter(mvcc.T_INTENTS, start, end):
+        if len(out) >= limit:
+            break
+        out.append((k, v))
+    return out

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import mvcc
 from .keylimit import MAX_KEY_SIZE
@@ -112,6 +112,18 @@ class Intent:
 
 Write = tuple[bytes, "bytes | None"]
 """(key, new value; None: delete)."""
+
+
+@dataclass(slots=True)
+class IntentProbe:
+    """A read's request for the pending intents on the keys it reads, filled by the store from
+    the read's OWN view (the same read transaction as its data): a COMMIT landing between the
+    data and a separate look at the intents would drop the intent unseen while the data predates
+    the commit (half of a transaction across groups in a linearizable scan). `rows`: at most
+    `limit` (key, intent row) in key order, of the keys the read covers."""
+
+    limit: int
+    rows: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 class State(enum.IntEnum):

@@ -39,3 +39,15 @@ def test_planted_txn_bug_is_found() -> None:
                 break
         else:
             raise AssertionError(f"planted bug {bug!r} not found in {SEED_BUDGET} seeds")
+
+
+def test_resolver_waits_for_its_resolve_on_a_slow_primary() -> None:
+    """Seed 1326 (3 nodes, drawn pairs and leases): one entry per append, one append in flight,
+    slow disks. A resolver that gave up on its RESOLVE after a quarter of the client timeout
+    proposed it again every sweep round (each copy applied, none answered in time); the copies
+    kept the primary's group too busy to serve writes after the heal (liveness failure). The
+    simulated resolver now waits as long as a node's does, and the intents are resolved."""
+    seed = 1326
+    res = run_node_seed(seed, txn_pairs=True, leases=True)
+    assert res.ok, res.violation
+    assert res.txn_pairs is not None and res.txn_pairs.cross_resolved > 0
