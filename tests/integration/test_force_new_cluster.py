@@ -60,6 +60,14 @@ def test_a_survivor_becomes_a_new_cluster_and_takes_a_new_member(tmp_path: Path)
         lv = SUPPORTED_LEVEL
         assert node1["cluster_version"] == lv and node1["member_levels"] == {"1": lv, "2": lv, "3": lv}
         survivor = cluster.nodes[1]
+        # A write is acknowledged once a majority holds it: the survivor may lag behind nodes 2 and 3.
+        # --force-new-cluster keeps exactly what the survivor has (as etcd's does), so the operator picks
+        # the member with the most recent data; here: wait until node 1 itself has applied every key.
+        with Client([survivor.address], timeout=5) as c1:
+            end = time.monotonic() + 30
+            while any(c1.get(k, consistency="serializable") != v for k, v in keys.items()):
+                assert time.monotonic() < end, "node 1 never applied every acknowledged key"
+                time.sleep(0.05)
         cluster.nodes[2].kill9()
         cluster.nodes[3].kill9()
         survivor.terminate()
