@@ -9,7 +9,7 @@ log, the replies pipelined: renewals per second), then measures the CPU the node
 the N leases idle for `--idle` seconds (the lease clock's scans and remaining-TTL checkpoints:
 CPU seconds per second, per node). Then (unless `--no-etcd`) the same three measurements on a
 3-node etcd 3.4 on 127.0.0.1 (fsync on) in the same run, through etcd's own Lease API
-(`LeaseGrant`, one `LeaseKeepAlive` stream to its leader; stubs in bench/etcdpb), and the ratios
+(`LeaseGrant`, one `LeaseKeepAlive` stream to its leader; stubs in kvstore/etcdpb), and the ratios
 kvstore / etcd. Prints one JSON line per measurement. The two keep-alives give different
 guarantees: etcd's leader answers a keep-alive from memory without a log entry (its TTLs reset on
 a leader change), kvstore's is a RENEW through the group's log (the remaining TTL survives leader
@@ -27,10 +27,11 @@ from pathlib import Path
 import click
 import grpc
 
-from bench.etcdpb import etcd_pb2, etcd_pb2_grpc
 from bench.kvbench.clusters import EtcdCluster, KvstoreCluster, proc_cpu_seconds
 from kvstore.client import AsyncClient
 from kvstore.errors import InvalidArgument
+from kvstore.etcdpb.etcdserverpb import rpc_pb2 as etcd_pb2
+from kvstore.etcdpb.etcdserverpb import rpc_pb2_grpc as etcd_pb2_grpc
 from kvstore.storage import leases
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 

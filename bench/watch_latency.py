@@ -17,7 +17,7 @@ arrived, how many are missing (and, in the JSON lines, duplicates and revisions 
 acknowledged). The watchers run in separate processes (``--watchers-per-proc``, at most
 ``--max-procs``), each watch on its own gRPC stream: kvstore through its client library
 (``AsyncClient.watch_batches``, which puts a prefix watch on a node hosting every group, at
-random among them), etcd through the v3 ``Watch`` API (generated stubs in ``bench/etcdpb``,
+random among them), etcd through the v3 ``Watch`` API (generated stubs in ``kvstore/etcdpb``,
 grpc.aio), watch i at member i mod 3. Latency = the event's arrival at its watcher process minus
 the put's acknowledgement at the writer (this process), both ``time.monotonic()``
 (CLOCK_MONOTONIC, one clock for every process on a Linux host); it can be slightly negative when

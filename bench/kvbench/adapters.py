@@ -3,7 +3,7 @@ trying until acknowledged (for failover).
 
 - kvstore goes through its own client library (``kvstore.client.AsyncClient``): leader
   discovery, sessions, retries and all, as an application would use it.
-- etcd goes through its v3 gRPC KV API with the generated stubs of ``bench/etcdpb`` over one
+- etcd goes through its v3 gRPC KV API with the generated stubs of ``kvstore/etcdpb`` over one
   grpc.aio channel to one member (the leader by default, as the kvstore client also talks to the
   leader; a follower would forward writes to the leader, one more hop). Range is linearizable
   (etcd's default: ``serializable`` false).
@@ -21,10 +21,11 @@ from typing import Protocol
 import grpc
 import grpc.aio
 
-from bench.etcdpb import etcd_pb2, etcd_pb2_grpc
 from bench.kvbench.tls import ClusterCerts
 from kvstore.client import AsyncClient, Compare, Op
 from kvstore.errors import KVError
+from kvstore.etcdpb.etcdserverpb import rpc_pb2 as etcd_pb2
+from kvstore.etcdpb.etcdserverpb import rpc_pb2_grpc as etcd_pb2_grpc
 
 #: The range end that makes an etcd Range cover every key >= its start.
 ETCD_RANGE_TO_END = b"\x00"

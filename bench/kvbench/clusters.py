@@ -23,8 +23,9 @@ from typing import Protocol
 
 import grpc
 
-from bench.etcdpb import etcd_pb2, etcd_pb2_grpc
 from kvstore.client import group_status
+from kvstore.etcdpb.etcdserverpb import rpc_pb2 as etcd_pb2
+from kvstore.etcdpb.etcdserverpb import rpc_pb2_grpc as etcd_pb2_grpc
 from kvstore.security.tls import client_credentials
 from kvstore.v1 import auth_pb2, auth_pb2_grpc
 
@@ -421,8 +422,8 @@ class EtcdCluster:
         if any(st is None for st in sts.values()):
             return False
         leads = {st.leader for st in sts.values() if st is not None}
-        applied = [st.raft_applied_index for st in sts.values() if st is not None]
-        commits = [st.raft_index for st in sts.values() if st is not None]
+        applied = [st.raftAppliedIndex for st in sts.values() if st is not None]
+        commits = [st.raftIndex for st in sts.values() if st is not None]
         return len(leads) == 1 and 0 not in leads and min(applied) + 100 >= max(commits)
 
     def kill9(self, member: int) -> None:

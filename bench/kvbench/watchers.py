@@ -29,7 +29,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from bench.etcdpb import etcd_pb2, etcd_pb2_grpc
+from kvstore.etcdpb.etcdserverpb import rpc_pb2 as etcd_pb2
+from kvstore.etcdpb.etcdserverpb import rpc_pb2_grpc as etcd_pb2_grpc
 
 SYSTEMS = ("kvstore", "etcd")
 

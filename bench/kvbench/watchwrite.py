@@ -20,9 +20,10 @@ from typing import Protocol
 import grpc
 import grpc.aio
 
-from bench.etcdpb import etcd_pb2, etcd_pb2_grpc
 from kvstore.client import AsyncClient
 from kvstore.errors import KVError
+from kvstore.etcdpb.etcdserverpb import rpc_pb2 as etcd_pb2
+from kvstore.etcdpb.etcdserverpb import rpc_pb2_grpc as etcd_pb2_grpc
 
 
 class RevisionWriter(Protocol):

@@ -61,6 +61,7 @@ from .clientaddr import publish_client_address
 from .clientport import ClientPort
 from .compaction import Retention, RevisionRetention
 from .config import NodeConfig
+from .etcd import etcd_services
 from .forcenew import rewrite_shard_map
 from .kv_service import KVService
 from .learner import register_learner
@@ -244,6 +245,8 @@ class Node:
              auth_pb2.DESCRIPTOR.services_by_name["Auth"]),
             (self.health, health_pb2.DESCRIPTOR.services_by_name["Health"]),
         ]
+        # etcd's v3 KV, Watch and Lease on the same port, over the (audited) KV servicer.
+        services += etcd_services(services[1][0], caller, cfg.cluster_id, cfg.id, cfg.request_timeout)
         limit = admission.call_limit()
         self.rpc_methods = wire.add_services(server, services, guard, limit=limit)
         self.port = (

@@ -117,14 +117,19 @@ class GroupCaller:
         """This node's closes (the node sets it): a CLOSE for a group led here goes through it,
         coalesced with the group's other closes (None: proposed as any command)."""
 
-    def stub(self, addr: str) -> shard_pb2_grpc.ShardStub:
+    def channel(self, addr: str) -> grpc.aio.Channel:
+        """The channel to the node at `addr` (one per address, TLS with the node's credentials
+        when it has them)."""
         ch = self._channels.get(addr)
         if ch is None:
             ch = self._channels[addr] = (
                 grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS) if self.credentials is None
                 else grpc.aio.secure_channel(addr, self.credentials(), options=CHANNEL_OPTIONS)
             )
-        return shard_pb2_grpc.ShardStub(ch)
+        return ch
+
+    def stub(self, addr: str) -> shard_pb2_grpc.ShardStub:
+        return shard_pb2_grpc.ShardStub(self.channel(addr))
 
     def reset_channels(self) -> None:
         """Certificates were reloaded: later calls dial new channels; the old ones are closed

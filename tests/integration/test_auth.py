@@ -16,7 +16,9 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2
 from onenode import OneNode, one_node
 
+from kvstore.etcdpb.etcdserverpb import rpc_pb2
 from kvstore.security.guard import Rule, rule_of
+from kvstore.server.etcd import SERVICES as ETCD_SERVICES
 from kvstore.v1 import admin_pb2, auth_pb2, auth_pb2_grpc, kv_pb2, kv_pb2_grpc, raft_pb2, shard_pb2
 
 DESCRIPTORS = {
@@ -24,6 +26,10 @@ DESCRIPTORS = {
     for fd in (kv_pb2.DESCRIPTOR, admin_pb2.DESCRIPTOR, shard_pb2.DESCRIPTOR, raft_pb2.DESCRIPTOR,
                auth_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR)
     for svc in fd.services_by_name.values()
+    for m in svc.methods
+} | {
+    f"/{svc.full_name}/{m.name}": m  # etcd's API: the services a node serves
+    for svc in (rpc_pb2.DESCRIPTOR.services_by_name[name] for name in ETCD_SERVICES)
     for m in svc.methods
 }
 Op = auth_pb2.AuthChangeRequest
@@ -61,6 +67,21 @@ def request_for(path: str, who: str) -> Any:
         return cls(txn=kv_pb2.TxnBody(
             compares=[kv_pb2.Compare(key=b"data/t", target=kv_pb2.COMPARE_VERSION, result=kv_pb2.GREATER, number=0)],
             success=[kv_pb2.TxnOp(get=b"data/t")], failure=[kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=b"data/t", value=b"v"))]))
+    if cls is rpc_pb2.WatchRequest:
+        return cls(create_request=rpc_pb2.WatchCreateRequest(key=b"data/t"))
+    if cls is rpc_pb2.TxnRequest:  # as kvstore's above
+        return cls(compare=[rpc_pb2.Compare(key=b"data/t", target=rpc_pb2.Compare.VERSION,
+                                            result=rpc_pb2.Compare.GREATER, version=0)],
+                   success=[rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=b"data/t"))],
+                   failure=[rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=b"data/t", value=b"v"))])
+    if cls is rpc_pb2.CompactionRequest:
+        return cls(revision=1)
+    if cls is rpc_pb2.LeaseGrantRequest:
+        return cls(TTL=10)
+    if cls is rpc_pb2.PutRequest:
+        return cls(key=b"data/t", value=b"v")
+    if path.startswith("/etcdserverpb.Lease/") and "ID" in {f.name for f in cls.DESCRIPTOR.fields}:
+        return cls(ID=4096 + 1)  # a lease homed in group 1 (never granted)
     if cls is kv_pb2.ScanRequest:
         return kv_pb2.ScanRequest(prefix=b"data/", group=1)
     if cls is shard_pb2.GroupProposeRequest:
@@ -97,6 +118,9 @@ async def call(ch: grpc.aio.Channel, path: str, token: str | None, who: str) -> 
                 if isinstance(req, kv_pb2.WatchRequest):  # the stream ends once no watch is left
                     await answered.wait()
                     yield kv_pb2.WatchRequest(cancel_request=kv_pb2.WatchCancelRequest(watch_id=1))
+                if isinstance(req, rpc_pb2.WatchRequest):  # etcd's: the first watch's id is 0
+                    await answered.wait()
+                    yield rpc_pb2.WatchRequest(cancel_request=rpc_pb2.WatchCancelRequest(watch_id=0))
             responses = []
             async for r in ch.stream_stream(path, ser, de)(one(), metadata=md, timeout=10):
                 responses.append(r)
@@ -112,7 +136,9 @@ async def call(ch: grpc.aio.Channel, path: str, token: str | None, who: str) -> 
     except grpc.aio.AioRpcError as e:
         return e.code().name, e.details()
     for r in responses:
-        errs = [r.error] if hasattr(r, "error") and r.HasField("error") else []
+        if isinstance(r, rpc_pb2.WatchResponse) and r.canceled and r.cancel_reason == "etcdserver: permission denied":
+            return "PERMISSION_DENIED", r.cancel_reason  # etcd refuses a watch in the stream, as a cancel
+        errs = [r.error] if isinstance(getattr(r, "error", None), kv_pb2.Error) and r.HasField("error") else []
         if isinstance(r, kv_pb2.ResultBatch):
             errs = [getattr(x, x.WhichOneof("result")).error for x in r.results if x.WhichOneof("result")]
         for e in errs:
@@ -141,7 +167,8 @@ async def setup_auth(n: OneNode) -> dict[str, str | None]:
 
 
 AUTH_FAIL = {"UNAUTHENTICATED", "PERMISSION_DENIED"}
-LEASE_ANY_USER = tuple(f"/kvstore.v1.KV/Lease{m}" for m in ("Grant", "Revoke", "KeepAlive", "TimeToLive", "Leases"))
+LEASE_ANY_USER = tuple(f"/kvstore.v1.KV/Lease{m}" for m in ("Grant", "Revoke", "KeepAlive", "TimeToLive", "Leases")) + \
+    tuple(f"/etcdserverpb.Lease/Lease{m}" for m in ("Grant", "Revoke", "KeepAlive", "TimeToLive", "Leases"))
 """As etcd: any authenticated user may grant, keep alive, list and read leases, and revoke one
 whose keys it may write (these requests name a lease with no keys); LeasePut needs write on its key."""
 

@@ -25,19 +25,6 @@ if str(ROOT) not in sys.path:  # `bench` is not an installed package: import it 
 pytestmark = pytest.mark.timeout(240)
 
 
-def test_etcd_proto_code_is_current(tmp_path: Path) -> None:
-    subprocess.run(
-        ["bash", str(ROOT / "bench" / "gen_proto.sh"), str(tmp_path)],
-        check=True, cwd=ROOT, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
-    )
-    generated = sorted((tmp_path / "bench" / "etcdpb").iterdir())
-    assert generated, "protoc produced nothing"
-    for path in generated:
-        committed = ROOT / path.relative_to(tmp_path)
-        assert committed.exists(), f"{committed} is not committed; run bench/gen_proto.sh"
-        assert committed.read_bytes() == path.read_bytes(), f"{committed} is stale; run bench/gen_proto.sh"
-
-
 def _need_etcd() -> None:
     if shutil.which("etcd") is None:
         if os.environ.get("CI"):
@@ -163,8 +150,9 @@ def test_tls_clusters_refuse_a_client_without_a_certificate(tmp_path: Path) -> N
     _need_etcd()
     import grpc
 
-    from bench.etcdpb import etcd_pb2, etcd_pb2_grpc
     from bench.kvbench.clusters import make_cluster
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2 as etcd_pb2
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2_grpc as etcd_pb2_grpc
 
     for system in ("kvstore-tls", "etcd-tls"):
         cluster = make_cluster(system, tmp_path / system)

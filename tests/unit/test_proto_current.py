@@ -1,4 +1,4 @@
-"""The committed generated code in kvstore/v1 is exactly what scripts/gen_proto.sh produces."""
+"""The committed generated code in kvstore/v1 and kvstore/etcdpb is exactly what scripts/gen_proto.sh produces."""
 
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
         ["bash", str(ROOT / "scripts" / "gen_proto.sh"), str(tmp_path)],
         check=True, cwd=ROOT, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
     )
-    generated = sorted(p.relative_to(tmp_path) for p in (tmp_path / "kvstore" / "v1").iterdir())
+    generated = sorted(
+        p.relative_to(tmp_path)
+        for d in ("v1", "etcdpb/etcdserverpb", "etcdpb/mvccpb")
+        for p in (tmp_path / "kvstore" / d).iterdir()
+    )
     assert generated, "protoc produced nothing"
     for rel in generated:
         committed = ROOT / rel

@@ -1,0 +1,390 @@
+"""etcd v3 messages to and from kvstore's (`kvstore.v1.kv_pb2`): pure functions, every field of a
+request checked before anything is proposed (`EtcdRequestError`, definite, with etcd's message
+where etcd has one). No I/O; fuzzed in tests/unit/test_etcd_convert.py.
+
+What does not map (yet) is refused with `Unsupported` (FAILED_PRECONDITION, definite), naming the
+field: README, "etcd compatibility", lists them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from kvstore.etcdpb.etcdserverpb import rpc_pb2
+from kvstore.etcdpb.mvccpb import kv_pb2 as mvcc_pb2
+from kvstore.v1 import kv_pb2
+
+MAX_INT64 = (1 << 63) - 1
+MAX_TXN_OPS = 128
+"""kvstore's limit on compares and operations of a transaction, all levels together (etcd's
+default --max-txn-ops is 128 per level)."""
+MAX_DEPTH = 4
+
+
+class EtcdRequestError(Exception):
+    """A request refused before it reached the core: nothing happened. `code` is the gRPC status
+    name etcd uses for it (INVALID_ARGUMENT, OUT_OF_RANGE, ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> EtcdRequestError:
+    return EtcdRequestError("INVALID_ARGUMENT", message)
+
+
+def unsupported(what: str) -> EtcdRequestError:
+    return EtcdRequestError(
+        "FAILED_PRECONDITION", f"kvstore: {what} is not supported by kvstore's etcd API yet (README, \"etcd compatibility\")"
+    )
+
+
+EMPTY_KEY = "etcdserver: key is not provided"
+VALUE_PROVIDED = "etcdserver: value is provided"
+LEASE_PROVIDED = "etcdserver: lease is provided"
+TOO_MANY_OPS = "etcdserver: too many operations in txn request"
+DUPLICATE_KEY = "etcdserver: duplicate key given in txn request"
+
+
+def cluster_id_of(name: str) -> int:
+    """The uint64 `cluster_id` of etcd's response headers for the kvstore cluster named `name`:
+    the first 8 bytes of its SHA-256, big-endian, never 0 (0 reads as "unknown" in etcd tools)."""
+    v = int.from_bytes(hashlib.sha256(name.encode("utf-8", "surrogatepass")).digest()[:8], "big")
+    return v or 1
+
+
+def _int64(v: int, what: str, *, low: int = 0) -> int:
+    if not low <= v <= MAX_INT64:
+        raise invalid(f"etcdserver: {what} {v} is out of range ({low}..{MAX_INT64})")
+    return v
+
+
+# --- ranges --------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class KeyRange:
+    """A checked key or range: `end` None means the single key `start`; b"" means every key
+    >= start (etcd's range_end "\\0"); else [start, end)."""
+
+    start: bytes
+    end: bytes | None
+
+    @property
+    def single(self) -> bool:
+        return self.end is None
+
+
+def key_range(key: bytes, range_end: bytes) -> KeyRange:
+    """etcd's (key, range_end): "\\0" as range_end = every key >= key; key "\\0" with range_end
+    "\\0" = every key. An empty key is refused as etcd does; so is a range_end that is not above
+    key (etcd answers such a range empty: here it is a definite error naming it)."""
+    if not key:
+        raise invalid(EMPTY_KEY)
+    if not range_end:
+        return KeyRange(key, None)
+    if range_end == b"\x00":
+        return KeyRange(key, b"")
+    if range_end <= key:
+        raise invalid(f"kvstore: range_end {range_end[:64]!r} is not above key {key[:64]!r}")
+    return KeyRange(key, range_end)
+
+
+@dataclass(frozen=True, slots=True)
+class RangeQuery:
+    """A checked RangeRequest."""
+
+    keys: KeyRange
+    limit: int
+    revision: int
+    sort_order: int
+    sort_target: int
+    serializable: bool
+    keys_only: bool
+    count_only: bool
+    min_mod: int
+    max_mod: int
+    min_create: int
+    max_create: int
+
+
+def range_query(r: rpc_pb2.RangeRequest) -> RangeQuery:
+    keys = key_range(r.key, r.range_end)
+    if r.limit < 0:
+        raise invalid(f"etcdserver: limit {r.limit} is negative")
+    if r.sort_order not in rpc_pb2.RangeRequest.SortOrder.values():
+        raise invalid(f"etcdserver: unknown sort order {r.sort_order}")
+    if r.sort_target not in rpc_pb2.RangeRequest.SortTarget.values():
+        raise invalid(f"etcdserver: unknown sort target {r.sort_target}")
+    for name in ("min_mod_revision", "max_mod_revision", "min_create_revision", "max_create_revision"):
+        _int64(getattr(r, name), name)
+    return RangeQuery(
+        keys, r.limit, max(r.revision, 0), r.sort_order, r.sort_target, r.serializable, r.keys_only, r.count_only,
+        r.min_mod_revision, r.max_mod_revision, r.min_create_revision, r.max_create_revision,
+    )
+
+
+def to_mvcc(kv: kv_pb2.KeyValue, keys_only: bool = False) -> mvcc_pb2.KeyValue:
+    """kvstore's KeyValue as etcd's (`lease` is 0: kvstore does not report a key's lease yet)."""
+    return mvcc_pb2.KeyValue(
+        key=kv.key, value=b"" if keys_only else kv.value, create_revision=kv.create_revision,
+        mod_revision=kv.mod_revision, version=kv.version,
+    )
+
+
+_SORT_FIELD: dict[int, Callable[[kv_pb2.KeyValue], Any]] = {
+    rpc_pb2.RangeRequest.KEY: lambda kv: kv.key,
+    rpc_pb2.RangeRequest.VERSION: lambda kv: kv.version,
+    rpc_pb2.RangeRequest.CREATE: lambda kv: kv.create_revision,
+    rpc_pb2.RangeRequest.MOD: lambda kv: kv.mod_revision,
+    rpc_pb2.RangeRequest.VALUE: lambda kv: kv.value,
+}
+
+
+def range_reply(q: RangeQuery, items: Iterable[kv_pb2.KeyValue], into: rpc_pb2.RangeResponse) -> None:
+    """Fill `into` (kvs, count, more) from the range's `items` (in key order), as etcd's apply
+    does: count is every key in the range, the revision filters then prune, a sort target other
+    than KEY sorts ascending by default, the limit cuts and sets `more`; keys_only drops values;
+    count_only returns no keys."""
+    kvs = list(items)
+    into.count = len(kvs)
+    if q.count_only:
+        return
+    if q.max_mod:
+        kvs = [kv for kv in kvs if kv.mod_revision <= q.max_mod]
+    if q.min_mod:
+        kvs = [kv for kv in kvs if kv.mod_revision >= q.min_mod]
+    if q.max_create:
+        kvs = [kv for kv in kvs if kv.create_revision <= q.max_create]
+    if q.min_create:
+        kvs = [kv for kv in kvs if kv.create_revision >= q.min_create]
+    order = q.sort_order
+    if q.sort_target != rpc_pb2.RangeRequest.KEY and order == rpc_pb2.RangeRequest.NONE:
+        order = rpc_pb2.RangeRequest.ASCEND
+    if order != rpc_pb2.RangeRequest.NONE:
+        kvs.sort(key=_SORT_FIELD[q.sort_target], reverse=order == rpc_pb2.RangeRequest.DESCEND)
+    if q.limit and len(kvs) > q.limit:
+        kvs = kvs[: q.limit]
+        into.more = True
+    into.kvs.extend(to_mvcc(kv, q.keys_only) for kv in kvs)
+
+
+# --- writes --------------------------------------------------------------------------------
+def check_put(r: rpc_pb2.PutRequest) -> None:
+    """etcd's checks of a PutRequest (what is not supported yet is refused, definite)."""
+    if not r.key:
+        raise invalid(EMPTY_KEY)
+    if r.ignore_value and r.value:
+        raise invalid(VALUE_PROVIDED)
+    if r.ignore_lease and r.lease:
+        raise invalid(LEASE_PROVIDED)
+    _int64(r.lease, "lease")
+    if r.ignore_lease:
+        raise unsupported("Put's ignore_lease")
+    if r.lease and (r.prev_kv or r.ignore_value):
+        raise unsupported("Put with a lease and prev_kv or ignore_value")
+
+
+# --- transactions --------------------------------------------------------------------------
+_RESULT = {
+    rpc_pb2.Compare.EQUAL: kv_pb2.EQUAL,
+    rpc_pb2.Compare.GREATER: kv_pb2.GREATER,
+    rpc_pb2.Compare.LESS: kv_pb2.LESS,
+    rpc_pb2.Compare.NOT_EQUAL: kv_pb2.NOT_EQUAL,
+}
+_TARGET = {
+    rpc_pb2.Compare.VERSION: (kv_pb2.COMPARE_VERSION, "version"),
+    rpc_pb2.Compare.CREATE: (kv_pb2.COMPARE_CREATE, "create_revision"),
+    rpc_pb2.Compare.MOD: (kv_pb2.COMPARE_MOD, "mod_revision"),
+    rpc_pb2.Compare.VALUE: (kv_pb2.COMPARE_VALUE, "value"),
+}
+
+
+@dataclass(slots=True)
+class OpPlan:
+    """How one etcd RequestOp became kvstore TxnOps: `kind` is range / put / delete / txn;
+    `with_prev`: a get of the key was put before the write (prev_kv); `nested`: a nested plan."""
+
+    kind: str
+    with_prev: bool = False
+    keys_only: bool = False
+    count_only: bool = False
+    nested: TxnPlan | None = None
+
+
+@dataclass(slots=True)
+class TxnPlan:
+    """The plans of a transaction's success and failure operations, to map the results back."""
+
+    success: list[OpPlan]
+    failure: list[OpPlan]
+
+
+def _compare(c: rpc_pb2.Compare, into: kv_pb2.Compare) -> None:
+    if not c.key:
+        raise invalid(EMPTY_KEY)
+    if c.range_end:
+        raise unsupported("a Compare over a range (range_end)")
+    if c.result not in _RESULT:
+        raise invalid(f"etcdserver: unknown compare result {c.result}")
+    if c.target == rpc_pb2.Compare.LEASE:
+        raise unsupported("a Compare of a key's lease")
+    if c.target not in _TARGET:
+        raise invalid(f"etcdserver: unknown compare target {c.target}")
+    target, field = _TARGET[c.target]
+    which = c.WhichOneof("target_union")
+    if which is not None and which != field:
+        raise invalid(f"etcdserver: compare target {rpc_pb2.Compare.CompareTarget.Name(c.target)} with a {which} operand")
+    into.key, into.target, into.result = c.key, target, _RESULT[c.result]
+    if target == kv_pb2.COMPARE_VALUE:
+        into.value = c.value
+    else:
+        into.number = _int64(getattr(c, field), field)
+
+
+def _ops(ops: Iterable[rpc_pb2.RequestOp], into: list[kv_pb2.TxnOp], plans: list[OpPlan], depth: int,
+         count: list[int]) -> None:
+    for op in ops:
+        which = op.WhichOneof("request")
+        count[0] += 1
+        if count[0] > MAX_TXN_OPS:
+            raise invalid(TOO_MANY_OPS)
+        if which == "request_range":
+            r = op.request_range
+            q = range_query(r)
+            if not q.keys.single:
+                raise unsupported("a range (range_end) read inside a transaction")
+            if q.revision:
+                raise unsupported("a read at a revision inside a transaction")
+            into.append(kv_pb2.TxnOp(get=r.key))
+            plans.append(OpPlan("range", keys_only=q.keys_only, count_only=q.count_only))
+        elif which == "request_put":
+            p = op.request_put
+            check_put(p)
+            if p.lease:
+                raise unsupported("a put with a lease inside a transaction")
+            if p.ignore_value:
+                raise unsupported("Put's ignore_value inside a transaction")
+            if p.prev_kv:
+                into.append(kv_pb2.TxnOp(get=p.key))
+            into.append(kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=p.key, value=p.value)))
+            plans.append(OpPlan("put", with_prev=p.prev_kv))
+        elif which == "request_delete_range":
+            d = op.request_delete_range
+            k = key_range(d.key, d.range_end)
+            if not k.single:
+                raise unsupported("a range delete (range_end) inside a transaction")
+            if d.prev_kv:
+                into.append(kv_pb2.TxnOp(get=d.key))
+            into.append(kv_pb2.TxnOp(delete=d.key))
+            plans.append(OpPlan("delete", with_prev=d.prev_kv))
+        elif which == "request_txn":
+            body = kv_pb2.TxnBody()
+            nested = _txn(op.request_txn, body, depth + 1, count)
+            into.append(kv_pb2.TxnOp(txn=body))
+            plans.append(OpPlan("txn", nested=nested))
+        else:
+            raise invalid("etcdserver: a transaction operation with no request")
+
+
+def _txn(r: rpc_pb2.TxnRequest, body: kv_pb2.TxnBody, depth: int, count: list[int]) -> TxnPlan:
+    if depth > MAX_DEPTH:
+        raise invalid(f"kvstore: transactions nest at most {MAX_DEPTH} deep")
+    for c in r.compare:
+        count[0] += 1
+        if count[0] > MAX_TXN_OPS:
+            raise invalid(TOO_MANY_OPS)
+        _compare(c, body.compares.add())
+    plan = TxnPlan([], [])
+    succ: list[kv_pb2.TxnOp] = []
+    fail: list[kv_pb2.TxnOp] = []
+    _ops(r.success, succ, plan.success, depth, count)
+    _ops(r.failure, fail, plan.failure, depth, count)
+    body.success.extend(succ)
+    body.failure.extend(fail)
+    return plan
+
+
+def txn_body(r: rpc_pb2.TxnRequest) -> tuple[kv_pb2.TxnBody, TxnPlan]:
+    """etcd's TxnRequest as kvstore's TxnBody and the plan to map its result back. Compares on a
+    key's lease, ranges (in compares, reads or deletes), leases on puts, reads at a revision and
+    ignore_value are refused (`unsupported`); prev_kv becomes a get before the write."""
+    body = kv_pb2.TxnBody()
+    plan = _txn(r, body, 1, [0])
+    return body, plan
+
+
+def _kv_found(kv: kv_pb2.KeyValue) -> bool:
+    return bool(kv.key)
+
+
+def txn_reply(plan: TxnPlan, result: kv_pb2.TxnResult, header: rpc_pb2.ResponseHeader,
+              into: rpc_pb2.TxnResponse) -> None:
+    """Fill etcd's TxnResponse from kvstore's result of the transaction planned by `plan`."""
+    into.header.CopyFrom(header)
+    into.succeeded = result.succeeded
+    plans = plan.success if result.succeeded else plan.failure
+    responses = list(result.responses)
+    i = 0
+    for p in plans:
+        out = into.responses.add()
+        prev: kv_pb2.KeyValue | None = None
+        if p.with_prev:
+            prev = responses[i].get
+            i += 1
+        r = responses[i]
+        i += 1
+        if p.kind == "range":
+            rr = out.response_range
+            rr.header.CopyFrom(header)
+            if _kv_found(r.get):
+                rr.count = 1
+                if not p.count_only:
+                    rr.kvs.append(to_mvcc(r.get, p.keys_only))
+        elif p.kind == "put":
+            pr = out.response_put
+            pr.header.CopyFrom(header)
+            if prev is not None and _kv_found(prev):
+                pr.prev_kv.CopyFrom(to_mvcc(prev))
+        elif p.kind == "delete":
+            dr = out.response_delete_range
+            dr.header.CopyFrom(header)
+            dr.deleted = 1 if r.delete else 0
+            if prev is not None and _kv_found(prev):
+                dr.prev_kvs.append(to_mvcc(prev))
+        else:
+            assert p.nested is not None
+            txn_reply(p.nested, r.txn, header, out.response_txn)
+
+
+# --- watch ---------------------------------------------------------------------------------
+def watch_create(r: rpc_pb2.WatchCreateRequest, watch_id: int) -> kv_pb2.WatchCreateRequest:
+    """etcd's WatchCreateRequest as kvstore's, with the stream-unique id `watch_id` (> 0) the
+    servicer chose (kvstore's ids are > 0; etcd's start at 0: `watch.py` maps them)."""
+    keys = key_range(r.key, r.range_end)
+    if r.start_revision < 0:
+        raise invalid(f"etcdserver: start_revision {r.start_revision} is negative")
+    if r.fragment:
+        raise unsupported("Watch's fragment")
+    filters = []
+    for f in r.filters:
+        if f not in rpc_pb2.WatchCreateRequest.FilterType.values():
+            raise invalid(f"etcdserver: unknown watch filter {f}")
+        filters.append(kv_pb2.WatchCreateRequest.NOPUT if f == rpc_pb2.WatchCreateRequest.NOPUT
+                       else kv_pb2.WatchCreateRequest.NODELETE)
+    end = b"" if keys.end is None else (b"\x00" if keys.end == b"" else keys.end)
+    return kv_pb2.WatchCreateRequest(
+        key=keys.start, range_end=end, start_revision=r.start_revision, progress_notify=r.progress_notify,
+        filters=filters, prev_kv=r.prev_kv, watch_id=watch_id,
+    )
+
+
+def watch_event(e: kv_pb2.Event) -> mvcc_pb2.Event:
+    out = mvcc_pb2.Event(type=mvcc_pb2.Event.DELETE if e.type == kv_pb2.Event.DELETE else mvcc_pb2.Event.PUT)
+    out.kv.CopyFrom(to_mvcc(e.kv))
+    if e.HasField("prev_kv"):
+        out.prev_kv.CopyFrom(to_mvcc(e.prev_kv))
+    return out

@@ -1,0 +1,104 @@
+"""An etcd call runs where it lands (etcd clients do not follow leader hints): its kvstore
+request goes to the node's own KV servicer (the audited one, behind the caller's own credential,
+so RBAC and audit apply as for kvstore's RPCs), and a reply NOT_LEADER with the leader's address
+is sent on to that node's KV service with the caller's bearer token (at most `MAX_HOPS` hops).
+
+Forwarding never lends this node's identity to a caller: on a TLS cluster a call is forwarded
+only if it carries a token (the leader authenticates the caller by it); otherwise the reply
+stays NOT_LEADER (UNAVAILABLE "etcdserver: not leader", definite) and the client retries
+another endpoint."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from kvstore.security.identity import METADATA_KEY
+from kvstore.v1 import kv_pb2, kv_pb2_grpc
+
+from ..shards import GroupCaller
+from .status import EtcdStatus, check_reply
+
+MAX_HOPS = 3
+
+
+def _token_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
+    try:
+        md = context.invocation_metadata() or ()
+    except Exception:  # a context without metadata (tests)
+        md = ()
+    return tuple((k, v) for k, v in md if k == METADATA_KEY and isinstance(v, str))
+
+
+@dataclass(slots=True)
+class Forwarder:
+    """Runs kvstore KV requests for the etcd servicers (see the module docstring). `kv` is the
+    node's KV servicer as registered (audited with --audit-log); `caller` supplies channels to
+    other nodes; `timeout` bounds each forwarded call."""
+
+    kv: Any
+    caller: GroupCaller | None
+    timeout: float
+
+    def _may_forward(self, context: grpc.aio.ServicerContext) -> bool:
+        if self.caller is None:
+            return False
+        return self.caller.credentials is None or bool(_token_metadata(context))
+
+    def _stub(self, addr: str) -> kv_pb2_grpc.KVStub:
+        assert self.caller is not None
+        return kv_pb2_grpc.KVStub(self.caller.channel(addr))
+
+    async def call(self, method: str, request: Any, context: grpc.aio.ServicerContext, *, is_write: bool) -> Any:
+        """The reply of KV.`method` for `request`, from this node or its group's leader; raises
+        `EtcdStatus` for an error reply."""
+        resp = await getattr(self.kv, method)(request, context)
+        hops = 0
+        while (resp.error.code == kv_pb2.NOT_LEADER and resp.error.leader_hint and hops < MAX_HOPS
+               and self._may_forward(context)):
+            hops += 1
+            try:
+                resp = await getattr(self._stub(resp.error.leader_hint), method)(
+                    request, metadata=_token_metadata(context), timeout=self.timeout)
+            except grpc.aio.AioRpcError as e:
+                raise EtcdStatus(grpc.StatusCode.UNAVAILABLE,
+                                 f"kvstore: the call forwarded to the leader failed: {e.code().name} {e.details()}",
+                                 indeterminate=is_write) from None
+        check_reply(resp.error, is_write=is_write)
+        return resp
+
+    async def keep_alive(self, local: Any, request: kv_pb2.LeaseKeepAliveRequest,
+                         context: grpc.aio.ServicerContext) -> kv_pb2.LeaseKeepAliveResponse:
+        """One keep-alive: `local.keep_alive_one` here, or one message on a LeaseKeepAlive
+        stream to the home group's leader."""
+        resp = await local.keep_alive_one(request)
+        hops = 0
+        while (resp.error.code == kv_pb2.NOT_LEADER and resp.error.leader_hint and hops < MAX_HOPS
+               and self._may_forward(context)):
+            hops += 1
+
+            async def one() -> AsyncIterator[kv_pb2.LeaseKeepAliveRequest]:
+                yield request
+
+            try:
+                call = self._stub(resp.error.leader_hint).LeaseKeepAlive(
+                    one(), metadata=_token_metadata(context), timeout=self.timeout)
+                got = None
+                async for r in call:
+                    got = r
+                    break
+                call.cancel()
+            except grpc.aio.AioRpcError as e:
+                raise EtcdStatus(grpc.StatusCode.UNAVAILABLE,
+                                 f"kvstore: the keep-alive forwarded to the leader failed: {e.code().name}",
+                                 indeterminate=True) from None
+            if got is None:
+                raise EtcdStatus(grpc.StatusCode.UNAVAILABLE, "kvstore: the leader ended the keep-alive stream",
+                                 indeterminate=True)
+            resp = got
+        check_reply(resp.error, is_write=True)
+        return resp
+

@@ -1,0 +1,212 @@
+"""etcd's `KV` service (Range, Put, DeleteRange, Txn, Compact) over kvstore's KV servicer:
+every request checked (`convert.py`), then run as kvstore's own request (Get, Scan, Put,
+LeasePut, Delete, Txn, Compact) through `forward.Forwarder`, so routing, validation,
+permissions, admission and audit are kvstore's.
+
+A range over several keys reads every data group of the shard map on this node (each must be
+hosted here: a follower or learner serves it after a ReadIndex round), linearizably unless
+`serializable`; parts served at different revisions are read again at the highest one, so a
+range is one consistent snapshot at one revision (as the client library's scans). Put's prev_kv
+and DeleteRange's prev_kv on one key, and Put's ignore_value, are transactions (a get, then the
+write, at one revision)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from kvstore import errors
+from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+from kvstore.v1 import kv_pb2
+
+from .base import EtcdNode, fail
+from .convert import (
+    KeyRange,
+    RangeQuery,
+    check_put,
+    invalid,
+    key_range,
+    range_query,
+    range_reply,
+    to_mvcc,
+    txn_body,
+    txn_reply,
+    unsupported,
+)
+from .status import KEY_NOT_FOUND, EtcdStatus, check_reply
+
+IGNORE_VALUE_TRIES = 16
+"""Put with ignore_value re-reads and retries its compare-and-put this often when the key keeps
+changing under it (then a definite UNAVAILABLE)."""
+RANGE_TRIES = 8
+"""A range part refused because a transaction holds an intent (PROPOSAL_DROPPED, definite) is
+read again this often, with a short backoff."""
+
+
+class EtcdKV(rpc_pb2_grpc.KVServicer):
+    def __init__(self, node: EtcdNode) -> None:
+        self.n = node
+
+    # --- Range ---------------------------------------------------------------------------
+    async def Range(self, request: rpc_pb2.RangeRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.RangeResponse:
+        try:
+            q = range_query(request)
+            resp = rpc_pb2.RangeResponse()
+            if q.keys.single:
+                items, rev, group = await self._get(q, context)
+            else:
+                items, rev = await self._scan(q, context)
+                group = None
+            range_reply(q, items, resp)
+            resp.header.CopyFrom(self.n.header(rev, group))
+            return resp
+        except Exception as err:
+            await fail(err, context, "Range")
+
+    async def _get(self, q: RangeQuery, context: grpc.aio.ServicerContext
+                   ) -> tuple[list[kv_pb2.KeyValue], int, int]:
+        r = kv_pb2.GetRequest(key=q.keys.start, revision=q.revision,
+                              consistency=kv_pb2.SERIALIZABLE if q.serializable else kv_pb2.LINEARIZABLE)
+        g = await self.n.forward.call("Get", r, context, is_write=False)
+        items = [kv_pb2.KeyValue(key=q.keys.start, value=g.value, create_revision=g.create_revision,
+                                 mod_revision=g.mod_revision, version=g.version)] if g.found else []
+        return items, g.revision, self.n.group_of(q.keys.start)
+
+    async def _part(self, keys: KeyRange, group: int, revision: int, consistency: int,
+                    context: grpc.aio.ServicerContext) -> tuple[list[kv_pb2.KeyValue], int]:
+        req = kv_pb2.ScanRequest(start=keys.start, end=keys.end or b"", group=group, revision=revision,
+                                 consistency=consistency)  # type: ignore[arg-type]
+        for attempt in range(RANGE_TRIES):
+            items: list[kv_pb2.KeyValue] = []
+            rev = 0
+            err: errors.KVError | None = None
+            first = True
+            async for msg in self.n.forward.kv.Scan(req, context):
+                err = errors.from_proto(msg.error, is_write=False) if msg.HasField("error") else None
+                if err is not None:
+                    break
+                if first:
+                    rev, first = msg.revision, False
+                items.extend(msg.items)
+            if err is None:
+                return items, rev
+            if not isinstance(err, errors.ProposalDropped) or attempt == RANGE_TRIES - 1:
+                raise err
+            await asyncio.sleep(0.02 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _scan(self, q: RangeQuery, context: grpc.aio.ServicerContext) -> tuple[list[kv_pb2.KeyValue], int]:
+        groups = self.n.shard_map().data_groups()
+        consistency = kv_pb2.SERIALIZABLE if q.serializable else kv_pb2.LINEARIZABLE
+        parts = {g: await self._part(q.keys, g, q.revision, consistency, context) for g in groups}
+        top = max((rev for _, rev in parts.values()), default=0)
+        if not q.revision and not q.serializable:
+            for g, (_, rev) in list(parts.items()):
+                if rev < top:  # one snapshot: every group at the highest revision seen
+                    parts[g] = await self._part(q.keys, g, top, consistency, context)
+        items = sorted((kv for its, _ in parts.values() for kv in its), key=lambda kv: kv.key)
+        return items, q.revision or top
+
+    # --- Put -----------------------------------------------------------------------------
+    async def Put(self, request: rpc_pb2.PutRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.PutResponse:
+        try:
+            check_put(request)
+            fw, key = self.n.forward, request.key
+            group = self.n.group_of(key)
+            if request.lease:
+                p = await fw.call("LeasePut", kv_pb2.LeasePutRequest(key=key, value=request.value, lease=request.lease),
+                                  context, is_write=True)
+                return rpc_pb2.PutResponse(header=self.n.header(p.revision, group))
+            if request.ignore_value:
+                return await self._put_keeping_value(request, group, context)
+            if request.prev_kv:
+                body = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(get=key),
+                                               kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=key, value=request.value))])
+                t = await fw.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True)
+                resp = rpc_pb2.PutResponse(header=self.n.header(t.revision, group))
+                prev = t.result.responses[0].get
+                if prev.key:
+                    resp.prev_kv.CopyFrom(to_mvcc(prev))
+                return resp
+            p = await fw.call("Put", kv_pb2.PutRequest(key=key, value=request.value), context, is_write=True)
+            return rpc_pb2.PutResponse(header=self.n.header(p.revision, group))
+        except Exception as err:
+            await fail(err, context, "Put")
+
+    async def _put_keeping_value(self, request: rpc_pb2.PutRequest, group: int,
+                                 context: grpc.aio.ServicerContext) -> rpc_pb2.PutResponse:
+        """ignore_value: put the key's current value again (a new version), as a compare of its
+        mod revision and a put, retried while the key changes in between."""
+        key, fw = request.key, self.n.forward
+        for _ in range(IGNORE_VALUE_TRIES):
+            g = await fw.call("Get", kv_pb2.GetRequest(key=key), context, is_write=False)
+            if not g.found:
+                raise invalid(KEY_NOT_FOUND)
+            body = kv_pb2.TxnBody(
+                compares=[kv_pb2.Compare(key=key, target=kv_pb2.COMPARE_MOD, result=kv_pb2.EQUAL, number=g.mod_revision)],
+                success=[kv_pb2.TxnOp(get=key), kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=key, value=g.value))],
+            )
+            t = await fw.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True)
+            if t.result.succeeded:
+                resp = rpc_pb2.PutResponse(header=self.n.header(t.revision, group))
+                if request.prev_kv:
+                    resp.prev_kv.CopyFrom(to_mvcc(t.result.responses[0].get))
+                return resp
+        raise EtcdStatus(grpc.StatusCode.UNAVAILABLE,
+                         f"kvstore: ignore_value: the key changed under each of {IGNORE_VALUE_TRIES} tries; nothing was written")
+
+    # --- DeleteRange ---------------------------------------------------------------------
+    async def DeleteRange(self, request: rpc_pb2.DeleteRangeRequest, context: grpc.aio.ServicerContext
+                          ) -> rpc_pb2.DeleteRangeResponse:
+        try:
+            keys = key_range(request.key, request.range_end)
+            fw = self.n.forward
+            if keys.single:
+                group = self.n.group_of(keys.start)
+                if request.prev_kv:
+                    body = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(get=keys.start), kv_pb2.TxnOp(delete=keys.start)])
+                    t = await fw.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True)
+                    resp = rpc_pb2.DeleteRangeResponse(header=self.n.header(t.revision, group),
+                                                       deleted=1 if t.result.responses[1].delete else 0)
+                    prev = t.result.responses[0].get
+                    if prev.key:
+                        resp.prev_kvs.append(to_mvcc(prev))
+                    return resp
+                d = await fw.call("Delete", kv_pb2.DeleteRequest(key=keys.start), context, is_write=True)
+                return rpc_pb2.DeleteRangeResponse(header=self.n.header(d.revision, group), deleted=1 if d.existed else 0)
+            if request.prev_kv:
+                raise unsupported("DeleteRange's prev_kv over a range (range_end)")
+            d = await fw.call("Delete", kv_pb2.DeleteRequest(key=keys.start, range_end=keys.end or b"\x00"),
+                              context, is_write=True)
+            return rpc_pb2.DeleteRangeResponse(header=self.n.header(d.revision), deleted=d.deleted)
+        except Exception as err:
+            await fail(err, context, "DeleteRange")
+
+    # --- Txn -----------------------------------------------------------------------------
+    async def Txn(self, request: rpc_pb2.TxnRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.TxnResponse:
+        try:
+            body, plan = txn_body(request)
+            resp = rpc_pb2.TxnResponse()
+            if not body.compares and not body.success:
+                # Nothing to compare and nothing to do on success: etcd answers "succeeded".
+                resp.header.CopyFrom(self.n.header(0))
+                resp.succeeded = True
+                return resp
+            t = await self.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True)
+            txn_reply(plan, t.result, self.n.header(t.revision), resp)
+            return resp
+        except Exception as err:
+            await fail(err, context, "Txn")
+
+    # --- Compact -------------------------------------------------------------------------
+    async def Compact(self, request: rpc_pb2.CompactionRequest, context: grpc.aio.ServicerContext
+                      ) -> rpc_pb2.CompactionResponse:
+        try:
+            if request.revision <= 0:
+                raise invalid(f"etcdserver: compact revision {request.revision} must be positive")
+            c = await self.n.forward.kv.Compact(kv_pb2.CompactRequest(revision=request.revision), context)
+            check_reply(c.error, is_write=True)
+            return rpc_pb2.CompactionResponse(header=self.n.header(c.revision))
+        except Exception as err:
+            await fail(err, context, "Compact")

@@ -1,0 +1,119 @@
+"""etcd's `Watch` service over kvstore's watch stream (`server/watch_service.py`, the node's
+watch hub): each etcd request becomes a kvstore one, each kvstore response an etcd one, on one
+stream. Watch ids: etcd numbers a stream's watches from 0 (or takes the client's); kvstore's are
+> 0, so etcd id `e` is kvstore id `e + 1`. A create that does not check (`convert.watch_create`)
+is answered as etcd answers an invalid one: watch_id -1, created and canceled, with the reason;
+the stream goes on."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+from kvstore.v1 import kv_pb2
+
+from .base import EtcdNode, fail
+from .convert import MAX_INT64, EtcdRequestError, watch_create, watch_event
+from .status import COMPACTED, PERMISSION_DENIED
+
+_DONE = object()
+
+
+class EtcdWatch(rpc_pb2_grpc.WatchServicer):
+    def __init__(self, node: EtcdNode) -> None:
+        self.n = node
+
+    def _response(self, r: kv_pb2.WatchResponse) -> rpc_pb2.WatchResponse | None:
+        """etcd's response for kvstore's `r` (None: nothing to send, e.g. a refused progress
+        request, which names no watch)."""
+        if r.watch_id <= 0:
+            return None
+        out = rpc_pb2.WatchResponse(header=self.n.header(r.revision), watch_id=r.watch_id - 1, created=r.created,
+                                    canceled=r.canceled, compact_revision=r.compact_revision)
+        if r.canceled:
+            if r.error.code == kv_pb2.COMPACTED:
+                out.cancel_reason = COMPACTED
+            elif r.error.code == kv_pb2.PERMISSION_DENIED:
+                out.cancel_reason = PERMISSION_DENIED
+            elif r.cancel_reason or r.error.message:
+                out.cancel_reason = f"kvstore: {r.cancel_reason or r.error.message}"
+        out.events.extend(watch_event(e) for e in r.events)
+        return out
+
+    async def Watch(self, request_iterator: AsyncIterator[rpc_pb2.WatchRequest],
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[rpc_pb2.WatchResponse]:
+        out: asyncio.Queue[object] = asyncio.Queue()
+        in_use: set[int] = set()
+        created: set[int] = set()
+        """kvstore ids of the watches answered `created`."""
+        next_id = 0
+
+        async def translated() -> AsyncIterator[kv_pb2.WatchRequest]:
+            nonlocal next_id
+            async for req in request_iterator:
+                kind = req.WhichOneof("request_union")
+                if kind == "create_request":
+                    c = req.create_request
+                    wid = c.watch_id
+                    try:
+                        if wid < 0 or wid >= MAX_INT64:
+                            raise EtcdRequestError("INVALID_ARGUMENT", f"etcdserver: watch_id {wid} is out of range")
+                        if wid == 0 or wid in in_use:
+                            if wid and wid in in_use:
+                                raise EtcdRequestError("INVALID_ARGUMENT", "etcdserver: duplicate watch ID")
+                            while next_id in in_use:
+                                next_id += 1
+                            wid = next_id
+                        kc = watch_create(c, wid + 1)
+                    except EtcdRequestError as err:
+                        out.put_nowait(rpc_pb2.WatchResponse(header=self.n.header(0), watch_id=-1, created=True,
+                                                             canceled=True, cancel_reason=err.message))
+                        continue
+                    in_use.add(wid)
+                    yield kv_pb2.WatchRequest(create_request=kc)
+                elif kind == "cancel_request":
+                    wid = req.cancel_request.watch_id
+                    if 0 <= wid < MAX_INT64:
+                        yield kv_pb2.WatchRequest(cancel_request=kv_pb2.WatchCancelRequest(watch_id=wid + 1))
+                elif kind == "progress_request":
+                    yield kv_pb2.WatchRequest(progress_request=kv_pb2.WatchProgressRequest())
+
+        async def pump() -> None:
+            try:
+                async for data in self.n.forward.kv.Watch(translated(), context):
+                    r = data if isinstance(data, kv_pb2.WatchResponse) else kv_pb2.WatchResponse.FromString(data)
+                    if r.canceled and r.watch_id > 0 and not r.created and r.watch_id not in created:
+                        # etcd answers every create with `created` first (clients match creates by
+                        # it), then the cancel (e.g. a compacted start revision)
+                        out.put_nowait(rpc_pb2.WatchResponse(header=self.n.header(r.revision),
+                                                             watch_id=r.watch_id - 1, created=True))
+                    if r.created:
+                        created.add(r.watch_id)
+                    if r.canceled and r.watch_id > 0:
+                        in_use.discard(r.watch_id - 1)
+                        created.discard(r.watch_id)
+                    e = self._response(r)
+                    if e is not None:
+                        out.put_nowait(e)
+            except BaseException as err:  # handed to the sender, which ends the call with it
+                out.put_nowait(err)
+            finally:
+                out.put_nowait(_DONE)
+
+        task = asyncio.get_running_loop().create_task(pump())
+        try:
+            while True:
+                item = await out.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, asyncio.CancelledError | grpc.aio.AbortError):
+                    raise item  # a cancel, or kvstore's watch already ended the call with its status
+                if isinstance(item, BaseException):
+                    await fail(item, context, "Watch")
+                assert isinstance(item, rpc_pb2.WatchResponse)
+                yield item
+        finally:
+            task.cancel()
