@@ -1,0 +1,353 @@
+"""etcd's v3 API on a kvstore cluster (3 nodes, 2 data groups; README "etcd compatibility"),
+driven by the real `etcdctl` 3.4 and by python-etcd3, and differentially against a real etcd
+started on loopback: the same commands, the same output once normalised.
+
+Normalised (`_norm`): revisions (each replaced by its rank among the revisions the script's own
+writes got, in order: kvstore's revisions are clock values, etcd's a counter), header fields
+(`cluster_id`, `member_id`, `raft_term`, `revision`) and lease ids (replaced by `LEASE`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clusterharness import Cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # `bench` is not an installed package: import it from the checkout
+    sys.path.insert(0, str(ROOT))
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _need(binary: str) -> None:
+    if shutil.which(binary) is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{binary} is not installed (scripts/system-deps.sh installs etcd-server and etcd-client)")
+        pytest.skip(f"{binary} is not installed: apt-get install -y etcd-server etcd-client")
+
+
+@pytest.fixture(scope="module")
+def kv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A kvstore cluster; the endpoint etcdctl talks to (node 2: some groups are led elsewhere,
+    so writes are forwarded)."""
+    c = Cluster(Path(tmp_path_factory.mktemp("etcdkv")), 3, extra_args=["--groups", "2"]).start()
+    try:
+        yield c.endpoints[1]
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    _need("etcd")
+    from bench.kvbench.clusters import EtcdCluster
+
+    e = EtcdCluster(Path(tmp_path_factory.mktemp("etcd")), n=1)
+    e.start()
+    try:
+        yield e.endpoints[0]
+    finally:
+        e.stop()
+
+
+def ctl(endpoint: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    _need("etcdctl")
+    return subprocess.run(
+        ["etcdctl", f"--endpoints={endpoint}", "--command-timeout=15s", *args], input=stdin,
+        capture_output=True, text=True, timeout=60, env={**os.environ, "ETCDCTL_API": "3"},
+    )
+
+
+def _rev(endpoint: str, key: str, value: str) -> int:
+    """Put and return the put's revision (etcdctl -w json: the header's)."""
+    p = ctl(endpoint, "put", key, value, "-w", "json")
+    assert p.returncode == 0, p.stderr
+    return int(json.loads(p.stdout)["header"]["revision"])
+
+
+REVISION_FIELDS = ("create_revision", "mod_revision", "revision", "compact_revision")
+
+
+def _norm(text: str, revs: list[int]) -> str:
+    """Normalise one command's output (see the module docstring)."""
+    rank = {r: f"R{i}" for i, r in enumerate(sorted(set(revs)))}
+
+    def fix(o: Any) -> Any:
+        if isinstance(o, dict):
+            out = {}
+            for k, v in o.items():
+                if k in ("header", "Header", "cluster_id", "member_id", "raft_term"):
+                    continue
+                if k in REVISION_FIELDS and isinstance(v, int):
+                    v = rank.get(v, "R?")
+                out[k] = fix(v)
+            return out
+        if isinstance(o, list):
+            return [fix(x) for x in o]
+        return o
+
+    lines = []
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("{"):
+            lines.append(json.dumps(fix(json.loads(s)), sort_keys=True))
+        else:
+            line = re.sub(r"\b[0-9a-f]{16}\b", "LEASE", line)
+            lines.append(re.sub(r"(--rev=|revision |compact )(\d+)",
+                                lambda m: m.group(1) + rank.get(int(m.group(2)), "R?"), line))
+    return "\n".join(lines)
+
+
+Script = Callable[[str], list[tuple[str, str]]]
+
+
+def _differential(kv: str, etcd: str, script: Script) -> None:
+    """Run `script` (endpoint -> [(command, output)]) on both and compare the normalised outputs."""
+    got = {name: script(ep) for name, ep in (("kvstore", kv), ("etcd", etcd))}
+    assert [c for c, _ in got["kvstore"]] == [c for c, _ in got["etcd"]]
+    for (cmd, a), (_, b) in zip(got["kvstore"], got["etcd"], strict=True):
+        assert a == b, f"{cmd}:\n--- kvstore\n{a}\n--- etcd\n{b}"
+
+
+def test_kv_commands_answer_as_etcd(kv: str, etcd: str) -> None:
+    def script(ep: str) -> list[tuple[str, str]]:
+        revs = [_rev(ep, "d/a", "1"), _rev(ep, "d/b", "2"), _rev(ep, "d/c", "3"), _rev(ep, "d/b", "22")]
+        out: list[tuple[str, str]] = []
+
+        def run(*args: str, stdin: str | None = None) -> None:
+            p = ctl(ep, *args, stdin=stdin)
+            text = p.stdout + (f"\nexit {p.returncode}: {p.stderr.strip().splitlines()[-1]}" if p.returncode else "")
+            out.append((_norm(" ".join(args), revs), _norm(text, revs)))
+
+        run("get", "d/", "--prefix")
+        run("get", "d/", "--prefix", "--limit", "2", "-w", "json")
+        run("get", "d/", "--prefix", "--keys-only")
+        run("get", "d/", "--prefix", "--sort-by=VALUE", "--order=DESCEND", "--print-value-only")
+        run("get", "d/", "--prefix", "--sort-by=MODIFY", "-w", "json")
+        run("get", "d/", "--prefix", "--sort-by=VERSION", "--order=DESCEND", "--limit", "1")
+        run("get", "d/a", "d/c")  # a range [d/a, d/c)
+        run("get", "d/b", f"--rev={revs[1]}")
+        run("get", "d/", "--prefix", f"--rev={revs[2]}", "-w", "json")
+        run("get", "d/", "--prefix", "--consistency=s", "--print-value-only")
+        run("get", "d/nothing")
+        run("put", "d/a", "11", "--prev-kv")
+        run("txn", stdin='value("d/a") = "11"\nversion("d/b") = "2"\ncreate("d/none") = "0"\n\n'
+                         'put d/x xv\nget d/a\ndel d/c\n\nget d/b\n\n')
+        run("txn", "-w", "json", stdin='mod("d/a") < "1"\n\nput d/y yv\n\nget d/b\nget d/nothing\n\n')
+        run("get", "d/", "--prefix")
+        run("del", "d/a", "--prev-kv")
+        run("del", "d/nothing")
+        run("del", "d/", "--prefix")
+        run("get", "", "--prefix", "--keys-only")
+        return out
+
+    _differential(kv, etcd, script)
+
+
+def test_compaction_errors_as_etcd(kv: str, etcd: str) -> None:
+    def script(ep: str) -> list[tuple[str, str]]:
+        revs = [_rev(ep, "c/a", "1"), _rev(ep, "c/a", "2"), _rev(ep, "c/a", "3")]
+        out = []
+        for args in (("compact", str(revs[1])), ("get", "c/a", f"--rev={revs[0]}"), ("get", "c/a", f"--rev={revs[2]}")):
+            p = ctl(ep, *args)
+            err = p.stderr.strip().splitlines()[-1] if p.returncode else ""
+            out.append((_norm(" ".join(args), revs), _norm(f"{p.stdout}{err}", revs)))
+        return out
+
+    _differential(kv, etcd, script)
+
+
+def _watch(ep: str, done: Callable[[list[str]], bool], *args: str) -> list[str]:
+    """The lines `etcdctl watch ARGS` prints until `done(lines)` holds (it runs until killed:
+    read on a thread, waited on for at most 30 s, then stopped)."""
+    _need("etcdctl")
+    p = subprocess.Popen(["etcdctl", f"--endpoints={ep}", "watch", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env={**os.environ, "ETCDCTL_API": "3"})
+    got: list[str] = []
+    changed = threading.Condition()
+
+    def read() -> None:
+        assert p.stdout is not None
+        for line in p.stdout:
+            with changed:
+                got.append(line.rstrip("\n"))
+                changed.notify_all()
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    try:
+        with changed:
+            changed.wait_for(lambda: done(got), timeout=30)
+            return list(got)
+    finally:
+        p.kill()
+        p.wait(10)
+        t.join(10)
+
+
+def _lines(n: int) -> Callable[[list[str]], bool]:
+    return lambda got: len(got) >= n
+
+
+def _events(lines: list[str]) -> list[Any]:
+    """Every event of etcdctl's -w json watch lines (responses may batch events differently)."""
+    return [ev for line in lines if line.startswith("{") for ev in json.loads(line).get("Events") or []]
+
+
+def test_watch_answers_as_etcd(kv: str, etcd: str) -> None:
+    def script(ep: str) -> list[tuple[str, str]]:
+        revs = [_rev(ep, "w/a", "1"), _rev(ep, "w/b", "2"), _rev(ep, "w/a", "3")]
+        assert ctl(ep, "del", "w/b").returncode == 0
+        out = [
+            ("watch --prefix", "\n".join(_watch(ep, _lines(12), "w/", "--prefix", f"--rev={revs[0]}"))),
+            ("watch --prev-kv", "\n".join(_watch(ep, _lines(8), "w/a", f"--rev={revs[0]}", "--prev-kv"))),
+            ("watch range json", _norm(json.dumps({"Events": _events(_watch(
+                ep, lambda got: len(_events(got)) >= 3, "w/a", "w/c", f"--rev={revs[1]}", "-w", "json"))}), revs)),
+        ]
+        return out
+
+    _differential(kv, etcd, script)
+
+
+def test_watch_from_now_and_compacted_on_kvstore(kv: str) -> None:
+    """A watch from now sees a later put (put again until one shows: the watch may not be
+    created yet when the first goes out); a start revision below the compact revision is
+    canceled with etcd's message."""
+    p = subprocess.Popen(["etcdctl", f"--endpoints={kv}", "watch", "now/k"], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "ETCDCTL_API": "3"})
+    try:
+        assert p.stdout is not None
+        os.set_blocking(p.stdout.fileno(), False)
+        seen = ""
+        deadline = time.monotonic() + 30
+        i = 0
+        while "PUT\nnow/k\n" not in seen:
+            assert time.monotonic() < deadline, seen
+            i += 1
+            assert ctl(kv, "put", "now/k", f"v{i}").returncode == 0
+            time.sleep(0.1)
+            seen += p.stdout.read() or ""
+    finally:
+        p.kill()
+        p.wait(10)
+    r0 = _rev(kv, "cw/a", "1")
+    r1 = _rev(kv, "cw/a", "2")
+    assert ctl(kv, "compact", str(r1)).returncode == 0
+    lines = _watch(kv, _lines(1), "cw/a", f"--rev={r0}")
+    assert lines[:1] == ["watch was canceled (etcdserver: mvcc: required revision has been compacted)"], lines
+
+
+def test_lease_commands_answer_as_etcd(kv: str, etcd: str) -> None:
+    def script(ep: str) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+
+        def run(*args: str) -> str:
+            p = ctl(ep, *args)
+            text = p.stdout + (f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1]}" if p.returncode else "")
+            out.append((_norm(" ".join(args), []), _norm(text, [])))
+            return p.stdout
+
+        lid = run("lease", "grant", "100").split()[1]
+        run("put", f"--lease={lid}", "l/a", "1")
+        run("put", f"--lease={lid}", "l/b", "2")
+        run("lease", "keep-alive", "--once", lid)
+        listed = ctl(ep, "lease", "list").stdout
+        assert lid in listed, listed
+        ttl = ctl(ep, "lease", "timetolive", lid, "--keys").stdout
+        assert re.fullmatch(rf"lease {lid} granted with TTL\(100s\), remaining\(\d+s\), attached keys\(\[l/[ab] l/[ab]\]\)\n",
+                            ttl), ttl
+        run("lease", "revoke", lid)
+        # kvstore deletes a revoked lease's keys in its home group with the revoke and in the other
+        # groups just after it answered (README "Leases"): wait for that, then compare
+        deadline = time.monotonic() + 30
+        while ctl(ep, "get", "l/", "--prefix").stdout:
+            assert time.monotonic() < deadline, "the revoked lease's keys stayed"
+            time.sleep(0.05)
+        run("get", "l/", "--prefix")
+        run("lease", "timetolive", lid)
+        run("lease", "revoke", lid)
+        run("lease", "keep-alive", "--once", lid)
+        run("put", f"--lease={lid}", "l/c", "3")
+        return out
+
+    _differential(kv, etcd, script)
+
+
+ETCD3_SCRIPT = r'''
+import json, sys, threading, time
+import etcd3
+host, port = sys.argv[1].rsplit(":", 1)
+c = etcd3.client(host=host, port=int(port), timeout=20)
+out = {}
+c.put("py/a", "1")
+c.put("py/b", "2")
+v, meta = c.get("py/a")
+out["get"] = [v.decode(), meta.version]
+out["prefix"] = [(v.decode(), m.key.decode()) for v, m in c.get_prefix("py/")]
+ok, responses = c.transaction(
+    compare=[c.transactions.value("py/a") == "1", c.transactions.version("py/b") > 0],
+    success=[c.transactions.put("py/a", "10"), c.transactions.get("py/b")],
+    failure=[c.transactions.delete("py/a")])
+out["txn"] = [ok, [[(v.decode(), m.key.decode()) for v, m in r] if isinstance(r, list) else type(r).__name__
+                   for r in responses]]
+lease = c.lease(60)
+c.put("py/l", "x", lease=lease)
+out["lease_keys"] = sorted(k.decode() for k in lease.keys)
+out["refresh"] = [r.TTL for r in lease.refresh()]
+lease.revoke()
+out["after_revoke"] = c.get("py/l")[0]
+events, cancel = c.watch_prefix("py/w/")
+got = []
+def reader():
+    for ev in events:
+        got.append((type(ev).__name__, ev.key.decode(), ev.value.decode()))
+        if type(ev).__name__ == "DeleteEvent":
+            break
+t = threading.Thread(target=reader, daemon=True)
+t.start()
+deadline = time.monotonic() + 20
+i = 0
+while not got and time.monotonic() < deadline:  # the watch may not be created yet: put until seen
+    i += 1
+    c.put("py/w/k", "v%d" % i)
+    time.sleep(0.2)
+c.delete("py/w/k")
+t.join(20)
+cancel()
+out["watch_last"] = got[-1] if got else None
+out["deleted_prefix"] = c.delete_prefix("py/").deleted
+print(json.dumps(out))
+'''
+
+
+def test_python_etcd3_client(kv: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """python-etcd3 (a client nobody here wrote) in its own virtualenv: its generated code needs
+    protobuf < 4, with the pure-Python protobuf runtime."""
+    venv = tmp_path_factory.mktemp("etcd3venv")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "etcd3==0.12.0", "protobuf<4"],
+                         capture_output=True, text=True, timeout=300)
+    if pip.returncode != 0:
+        pytest.fail(f"cannot install etcd3: {pip.stderr[-2000:]}")
+    p = subprocess.run([str(venv / "bin" / "python"), "-c", ETCD3_SCRIPT, kv], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout)
+    assert out["get"] == ["1", 1]
+    assert out["prefix"] == [["1", "py/a"], ["2", "py/b"]]
+    assert out["txn"] == [True, ["ResponseOp", [["2", "py/b"]]]]  # etcd3 hands a put's response over raw
+    assert out["lease_keys"] == ["py/l"] and out["refresh"] == [60]
+    assert out["after_revoke"] is None
+    assert out["watch_last"] is not None and out["watch_last"][0] == "DeleteEvent" and out["watch_last"][1] == "py/w/k"
+    assert out["deleted_prefix"] == 2  # py/a and py/b (py/l went with its lease, py/w/k was deleted)

@@ -1,0 +1,176 @@
+"""etcd v3 requests to kvstore's (`kvstore/server/etcd/convert.py`): every decoded request either
+translates or is refused with `EtcdRequestError` (fuzzed with hypothesis from raw bytes and from
+well-formed messages with hostile field values), and the replies are built as etcd builds them
+(count before the revision filters, sort defaults, limit and `more`, keys_only, count_only)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvstore.etcdpb.etcdserverpb import rpc_pb2
+from kvstore.server.etcd.convert import (
+    EtcdRequestError,
+    check_put,
+    cluster_id_of,
+    range_query,
+    range_reply,
+    txn_body,
+    txn_reply,
+    watch_create,
+)
+from kvstore.server.etcd.lease import grant_id
+from kvstore.storage import leases
+from kvstore.v1 import kv_pb2
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+KEYS = st.binary(max_size=6)
+
+
+def _total(fn, msg) -> None:  # type: ignore[no-untyped-def]
+    try:
+        fn(msg)
+    except EtcdRequestError as err:
+        assert err.message and err.code in {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=64))
+def test_any_bytes_decode_and_convert_or_refuse(data: bytes) -> None:
+    for cls, fn in ((rpc_pb2.RangeRequest, range_query), (rpc_pb2.PutRequest, check_put),
+                    (rpc_pb2.TxnRequest, txn_body), (rpc_pb2.WatchCreateRequest, lambda m: watch_create(m, 1))):
+        try:
+            msg = cls.FromString(data)
+        except DecodeError:
+            continue
+        _total(fn, msg)
+
+
+ranges = st.builds(
+    rpc_pb2.RangeRequest, key=KEYS, range_end=KEYS, limit=INT64, revision=INT64,
+    sort_order=st.integers(0, 4), sort_target=st.integers(0, 6), serializable=st.booleans(),
+    keys_only=st.booleans(), count_only=st.booleans(), min_mod_revision=INT64, max_create_revision=INT64,
+)
+puts = st.builds(rpc_pb2.PutRequest, key=KEYS, value=KEYS, lease=INT64, prev_kv=st.booleans(),
+                 ignore_value=st.booleans(), ignore_lease=st.booleans())
+deletes = st.builds(rpc_pb2.DeleteRangeRequest, key=KEYS, range_end=KEYS, prev_kv=st.booleans())
+compares = st.builds(rpc_pb2.Compare, key=KEYS, result=st.integers(0, 5), target=st.integers(0, 6),
+                     version=INT64, range_end=st.sampled_from([b"", b"z"]))
+
+
+def _ops(depth: int) -> st.SearchStrategy[rpc_pb2.RequestOp]:
+    leaf = st.one_of(
+        st.builds(rpc_pb2.RequestOp, request_range=ranges), st.builds(rpc_pb2.RequestOp, request_put=puts),
+        st.builds(rpc_pb2.RequestOp, request_delete_range=deletes), st.just(rpc_pb2.RequestOp()),
+    )
+    if depth == 0:
+        return leaf
+    return st.one_of(leaf, st.builds(rpc_pb2.RequestOp, request_txn=_txns(depth - 1)))
+
+
+def _txns(depth: int) -> st.SearchStrategy[rpc_pb2.TxnRequest]:
+    return st.builds(rpc_pb2.TxnRequest, compare=st.lists(compares, max_size=3),
+                     success=st.lists(_ops(depth), max_size=3), failure=st.lists(_ops(depth), max_size=3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(r=ranges, p=puts, t=_txns(5), w=st.builds(
+    rpc_pb2.WatchCreateRequest, key=KEYS, range_end=KEYS, start_revision=INT64,
+    filters=st.lists(st.integers(0, 3), max_size=3), fragment=st.booleans()))
+def test_hostile_field_values_convert_or_refuse(r: rpc_pb2.RangeRequest, p: rpc_pb2.PutRequest,
+                                                t: rpc_pb2.TxnRequest, w: rpc_pb2.WatchCreateRequest) -> None:
+    _total(range_query, r)
+    _total(check_put, p)
+    _total(txn_body, t)
+    _total(lambda m: watch_create(m, 1), w)
+
+
+def test_the_empty_key_and_etcds_messages() -> None:
+    with pytest.raises(EtcdRequestError, match=r"^etcdserver: key is not provided$"):
+        range_query(rpc_pb2.RangeRequest())
+    with pytest.raises(EtcdRequestError, match=r"^etcdserver: value is provided$"):
+        check_put(rpc_pb2.PutRequest(key=b"k", value=b"v", ignore_value=True))
+    with pytest.raises(EtcdRequestError, match=r"^etcdserver: lease is provided$"):
+        check_put(rpc_pb2.PutRequest(key=b"k", lease=5, ignore_lease=True))
+    with pytest.raises(EtcdRequestError) as e:
+        txn_body(rpc_pb2.TxnRequest(compare=[rpc_pb2.Compare(key=b"k", target=rpc_pb2.Compare.LEASE)]))
+    assert e.value.code == "FAILED_PRECONDITION" and "lease" in e.value.message
+    many = rpc_pb2.TxnRequest(success=[rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=b"k%d" % i))
+                                       for i in range(129)])
+    with pytest.raises(EtcdRequestError, match="too many operations"):
+        txn_body(many)
+
+
+def test_all_keys_prefix_and_single_key() -> None:
+    assert range_query(rpc_pb2.RangeRequest(key=b"\0", range_end=b"\0")).keys.end == b""
+    assert range_query(rpc_pb2.RangeRequest(key=b"a")).keys.single
+    q = range_query(rpc_pb2.RangeRequest(key=b"a/", range_end=b"a0"))
+    assert (q.keys.start, q.keys.end) == (b"a/", b"a0")
+    w = watch_create(rpc_pb2.WatchCreateRequest(key=b"a", range_end=b"\0", filters=[rpc_pb2.WatchCreateRequest.NODELETE]), 7)
+    assert (w.key, w.range_end, w.watch_id, list(w.filters)) == (b"a", b"\0", 7, [kv_pb2.WatchCreateRequest.NODELETE])
+
+
+def _kv(key: bytes, value: bytes, create: int, mod: int, version: int) -> kv_pb2.KeyValue:
+    return kv_pb2.KeyValue(key=key, value=value, create_revision=create, mod_revision=mod, version=version)
+
+
+ITEMS = [_kv(b"a", b"3", 10, 50, 2), _kv(b"b", b"1", 20, 20, 1), _kv(b"c", b"2", 30, 40, 3)]
+
+
+def _reply(**kw: object) -> rpc_pb2.RangeResponse:
+    r = rpc_pb2.RangeResponse()
+    range_reply(range_query(rpc_pb2.RangeRequest(key=b"a", range_end=b"z", **kw)), ITEMS, r)  # type: ignore[arg-type]
+    return r
+
+
+def test_range_reply_as_etcds_apply() -> None:
+    r = _reply(limit=2)
+    assert [kv.key for kv in r.kvs] == [b"a", b"b"] and r.more and r.count == 3
+    assert [kv.key for kv in _reply(sort_target=rpc_pb2.RangeRequest.MOD).kvs] == [b"b", b"c", b"a"]  # ascending by default
+    r = _reply(sort_target=rpc_pb2.RangeRequest.VALUE, sort_order=rpc_pb2.RangeRequest.DESCEND, limit=1)
+    assert [kv.key for kv in r.kvs] == [b"a"] and r.more
+    r = _reply(min_mod_revision=30, keys_only=True)
+    assert [(kv.key, kv.value) for kv in r.kvs] == [(b"a", b""), (b"c", b"")] and r.count == 3  # count before filters
+    r = _reply(count_only=True)
+    assert r.count == 3 and not r.kvs
+    r = _reply(max_create_revision=20, min_create_revision=20)
+    assert [kv.key for kv in r.kvs] == [b"b"]
+
+
+def test_txn_plan_maps_results_back_with_prev_kv() -> None:
+    t = rpc_pb2.TxnRequest(
+        compare=[rpc_pb2.Compare(key=b"k", target=rpc_pb2.Compare.VALUE, result=rpc_pb2.Compare.EQUAL, value=b"x")],
+        success=[rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=b"k", value=b"y", prev_kv=True)),
+                 rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=b"d")),
+                 rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=b"k", keys_only=True))],
+    )
+    body, plan = txn_body(t)
+    assert [op.WhichOneof("op") for op in body.success] == ["get", "put", "delete", "get"]
+    assert body.compares[0].target == kv_pb2.COMPARE_VALUE and body.compares[0].value == b"x"
+    res = kv_pb2.TxnResult(succeeded=True, responses=[
+        kv_pb2.TxnOpResponse(get=_kv(b"k", b"x", 1, 1, 1)), kv_pb2.TxnOpResponse(put=5),
+        kv_pb2.TxnOpResponse(delete=True), kv_pb2.TxnOpResponse(get=_kv(b"k", b"y", 1, 5, 2))])
+    out = rpc_pb2.TxnResponse()
+    txn_reply(plan, res, rpc_pb2.ResponseHeader(revision=5), out)
+    assert out.succeeded and len(out.responses) == 3
+    assert out.responses[0].response_put.prev_kv.value == b"x"
+    assert out.responses[1].response_delete_range.deleted == 1
+    kvs = out.responses[2].response_range.kvs
+    assert [(kv.key, kv.value, kv.version) for kv in kvs] == [(b"k", b"", 2)]
+
+
+def test_cluster_id_and_lease_ids() -> None:
+    assert cluster_id_of("kvstore") == cluster_id_of("kvstore") != cluster_id_of("other")
+    assert 0 < cluster_id_of("") < 2**64
+    rng = random.Random(1)
+    for _ in range(50):
+        lid = grant_id(0, [1, 2], rng)
+        assert leases.home_group(lid) in (1, 2) and 0 < lid < 2**63
+    assert grant_id(4096 + 2, [1, 2], rng) == 4098
+    for bad in (-1, 4096 * 5, 4096 + 3):
+        with pytest.raises(EtcdRequestError):
+            grant_id(bad, [1, 2], rng)
