@@ -351,3 +351,63 @@ def test_python_etcd3_client(kv: str, tmp_path_factory: pytest.TempPathFactory) 
     assert out["after_revoke"] is None
     assert out["watch_last"] is not None and out["watch_last"][0] == "DeleteEvent" and out["watch_last"][1] == "py/w/k"
     assert out["deleted_prefix"] == 2  # py/a and py/b (py/l went with its lease, py/w/k was deleted)
+
+
+def _fuzz_requests() -> Any:
+    from hypothesis import strategies as st
+
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2
+
+    i64 = st.integers(-(2**63), 2**63 - 1)
+    keys = st.one_of(st.binary(max_size=8).map(lambda b: b"fz/" + b), st.just(b""),
+                     st.sampled_from([4096, 4097]).map(lambda n: b"fz/" + b"k" * n))
+    ends = st.one_of(st.just(b""), st.binary(max_size=8).map(lambda b: b"fz/" + b))
+    ranges = st.builds(rpc_pb2.RangeRequest, key=keys, range_end=ends, limit=i64, revision=i64,
+                       sort_order=st.integers(0, 4), sort_target=st.integers(0, 6), serializable=st.booleans(),
+                       keys_only=st.booleans(), count_only=st.booleans(), min_mod_revision=i64)
+    puts = st.builds(rpc_pb2.PutRequest, key=keys, value=st.binary(max_size=8), lease=i64, prev_kv=st.booleans(),
+                     ignore_value=st.booleans(), ignore_lease=st.booleans())
+    deletes = st.builds(rpc_pb2.DeleteRangeRequest, key=keys, range_end=ends, prev_kv=st.booleans())
+    compares = st.builds(rpc_pb2.Compare, key=keys, result=st.integers(0, 5), target=st.integers(0, 5),
+                         version=i64, mod_revision=i64)
+    op = st.one_of(st.builds(rpc_pb2.RequestOp, request_range=ranges), st.builds(rpc_pb2.RequestOp, request_put=puts),
+                   st.builds(rpc_pb2.RequestOp, request_delete_range=deletes))
+    txns = st.builds(rpc_pb2.TxnRequest, compare=st.lists(compares, max_size=2), success=st.lists(op, max_size=2),
+                     failure=st.lists(op, max_size=2))
+    grants = st.builds(rpc_pb2.LeaseGrantRequest, TTL=i64, ID=i64)
+    ttls = st.builds(rpc_pb2.LeaseTimeToLiveRequest, ID=i64, keys=st.booleans())
+    revokes = st.builds(rpc_pb2.LeaseRevokeRequest, ID=i64)
+    return st.one_of(ranges, puts, deletes, txns, grants, ttls, revokes)
+
+
+def test_hostile_field_values_get_an_answer_or_a_definite_error(kv: str) -> None:
+    """Any field values on KV and Lease: served, or a gRPC status that is not UNKNOWN / INTERNAL
+    and says `kvstore-outcome: definite` (nothing happened); the node serves on."""
+    import grpc
+    from hypothesis import HealthCheck, given, settings
+
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+
+    methods = {rpc_pb2.RangeRequest: ("KV", "Range"), rpc_pb2.PutRequest: ("KV", "Put"),
+               rpc_pb2.DeleteRangeRequest: ("KV", "DeleteRange"), rpc_pb2.TxnRequest: ("KV", "Txn"),
+               rpc_pb2.LeaseGrantRequest: ("Lease", "LeaseGrant"),
+               rpc_pb2.LeaseTimeToLiveRequest: ("Lease", "LeaseTimeToLive"),
+               rpc_pb2.LeaseRevokeRequest: ("Lease", "LeaseRevoke")}
+    with grpc.insecure_channel(kv) as ch:
+        stubs = {"KV": rpc_pb2_grpc.KVStub(ch), "Lease": rpc_pb2_grpc.LeaseStub(ch)}
+
+        @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @given(req=_fuzz_requests())
+        def check(req: Any) -> None:
+            svc, name = methods[type(req)]
+            try:
+                getattr(stubs[svc], name)(req, timeout=30)
+            except grpc.RpcError as err:
+                code = err.code()  # type: ignore[attr-defined]
+                assert code not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), (req, err)
+                outcome = dict(err.trailing_metadata() or ()).get("kvstore-outcome")  # type: ignore[attr-defined]
+                assert outcome == "definite", (req, code, err.details(), outcome)  # type: ignore[attr-defined]
+
+        check()
+        stubs["KV"].Put(rpc_pb2.PutRequest(key=b"fz-after", value=b"ok"), timeout=30)
+        assert stubs["KV"].Range(rpc_pb2.RangeRequest(key=b"fz-after"), timeout=30).kvs[0].value == b"ok"
