@@ -9,7 +9,7 @@ field: README, "etcd compatibility", lists them.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,11 +127,11 @@ def range_query(r: rpc_pb2.RangeRequest) -> RangeQuery:
     )
 
 
-def to_mvcc(kv: kv_pb2.KeyValue, keys_only: bool = False) -> mvcc_pb2.KeyValue:
-    """kvstore's KeyValue as etcd's (`lease` is 0: kvstore does not report a key's lease yet)."""
+def to_mvcc(kv: kv_pb2.KeyValue, keys_only: bool = False, lease: int = 0) -> mvcc_pb2.KeyValue:
+    """kvstore's KeyValue as etcd's, with the key's `lease` (0: none or not known)."""
     return mvcc_pb2.KeyValue(
         key=kv.key, value=b"" if keys_only else kv.value, create_revision=kv.create_revision,
-        mod_revision=kv.mod_revision, version=kv.version,
+        mod_revision=kv.mod_revision, version=kv.version, lease=lease,
     )
 
 
@@ -144,11 +144,12 @@ _SORT_FIELD: dict[int, Callable[[kv_pb2.KeyValue], Any]] = {
 }
 
 
-def range_reply(q: RangeQuery, items: Iterable[kv_pb2.KeyValue], into: rpc_pb2.RangeResponse) -> None:
+def range_reply(q: RangeQuery, items: Iterable[kv_pb2.KeyValue], into: rpc_pb2.RangeResponse,
+                leases: Mapping[bytes, int] | None = None) -> None:
     """Fill `into` (kvs, count, more) from the range's `items` (in key order), as etcd's apply
     does: count is every key in the range, the revision filters then prune, a sort target other
     than KEY sorts ascending by default, the limit cuts and sets `more`; keys_only drops values;
-    count_only returns no keys."""
+    count_only returns no keys. `leases`: each key's lease, where known."""
     kvs = list(items)
     into.count = len(kvs)
     if q.count_only:
@@ -169,7 +170,7 @@ def range_reply(q: RangeQuery, items: Iterable[kv_pb2.KeyValue], into: rpc_pb2.R
     if q.limit and len(kvs) > q.limit:
         kvs = kvs[: q.limit]
         into.more = True
-    into.kvs.extend(to_mvcc(kv, q.keys_only) for kv in kvs)
+    into.kvs.extend(to_mvcc(kv, q.keys_only, leases.get(kv.key, 0) if leases else 0) for kv in kvs)
 
 
 # --- writes --------------------------------------------------------------------------------

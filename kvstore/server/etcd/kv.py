@@ -13,11 +13,14 @@ write, at one revision)."""
 from __future__ import annotations
 
 import asyncio
+import functools
+from typing import Any
 
 import grpc
 
 from kvstore import errors
 from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+from kvstore.storage import leases
 from kvstore.v1 import kv_pb2
 
 from .base import EtcdNode, fail
@@ -44,6 +47,10 @@ RANGE_TRIES = 8
 read again this often, with a short backoff."""
 
 
+def _leases_of(keys: list[bytes], rows: Any) -> dict[bytes, int]:
+    return {k: leases.lease_of(rows, k) for k in keys}
+
+
 class EtcdKV(rpc_pb2_grpc.KVServicer):
     def __init__(self, node: EtcdNode) -> None:
         self.n = node
@@ -58,11 +65,24 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
             else:
                 items, rev = await self._scan(q, context)
                 group = None
-            range_reply(q, items, resp)
+            range_reply(q, items, resp, self._leases(items) if not q.revision and not q.count_only else None)
             resp.header.CopyFrom(self.n.header(rev, group))
             return resp
         except Exception as err:
             await fail(err, context, "Range")
+
+    def _leases(self, items: list[kv_pb2.KeyValue]) -> dict[bytes, int]:
+        """Each key's lease as attached now on this node's replica of its group (read right after
+        the range, so at or after its read point; reads at a past revision report none)."""
+        by_group: dict[int, list[bytes]] = {}
+        for kv in items:
+            by_group.setdefault(self.n.group_of(kv.key), []).append(kv.key)
+        out: dict[bytes, int] = {}
+        revisions = self.n.requests.store.revisions
+        for g, keys in sorted(by_group.items()):
+            if g in self.n.host.groups:
+                out.update(revisions.read_leases(g, functools.partial(_leases_of, keys)))
+        return out
 
     async def _get(self, q: RangeQuery, context: grpc.aio.ServicerContext
                    ) -> tuple[list[kv_pb2.KeyValue], int, int]:
