@@ -15,6 +15,7 @@ from kvstore.shard.ranges import key_hash
 from kvstore.shard.shardmap import ShardMap
 
 from ..requests import KVRequests
+from ..wire import MalformedRequest
 from .convert import EtcdRequestError, cluster_id_of
 from .forward import Forwarder
 from .status import EtcdStatus, of_kv_error, of_request_error
@@ -56,7 +57,10 @@ class EtcdNode:
 
 
 async def fail(err: BaseException, context: grpc.aio.ServicerContext, what: str) -> NoReturn:
-    """End the call with the etcd status of `err` (a bug: INTERNAL, indeterminate)."""
+    """End the call with the etcd status of `err` (a bug: INTERNAL, indeterminate). A malformed
+    message in a request stream goes back to `wire.py`, which ends the call INVALID_ARGUMENT."""
+    if isinstance(err, MalformedRequest):
+        raise err
     if isinstance(err, EtcdRequestError):
         await of_request_error(err).abort(context)
     if isinstance(err, errors.KVError):
