@@ -417,3 +417,60 @@ def test_hostile_field_values_get_an_answer_or_a_definite_error(kv: str) -> None
         check()
         stubs["KV"].Put(rpc_pb2.PutRequest(key=b"fz-after", value=b"ok"), timeout=30)
         assert stubs["KV"].Range(rpc_pb2.RangeRequest(key=b"fz-after"), timeout=30).kvs[0].value == b"ok"
+
+
+def test_many_watches_on_one_stream_filters_cancel_and_progress(kv: str) -> None:
+    """etcd's Watch on one stream: ids 0 and 1 assigned in order, a NOPUT prefix watch with
+    prev_kv sees only the DELETE (with the previous value), a key watch sees the PUTs; a progress
+    request answers each watch; a cancel is answered canceled; an invalid create is answered
+    watch_id -1, created and canceled, and the stream goes on."""
+    import queue
+
+    import grpc
+
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+
+    start = _rev(kv, "ms/a", "0")
+    assert ctl(kv, "put", "ms/a", "1").returncode == 0
+    assert ctl(kv, "del", "ms/a").returncode == 0
+    reqs: queue.Queue[rpc_pb2.WatchRequest | None] = queue.Queue()
+
+    def requests() -> Iterator[rpc_pb2.WatchRequest]:
+        while (r := reqs.get()) is not None:
+            yield r
+
+    def create(**kw: Any) -> rpc_pb2.WatchRequest:
+        return rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(**kw))
+
+    with grpc.insecure_channel(kv) as ch:
+        stream = rpc_pb2_grpc.WatchStub(ch).Watch(requests(), timeout=60)
+        reqs.put(create(key=b"ms/", range_end=b"ms0", start_revision=start, prev_kv=True,
+                        filters=[rpc_pb2.WatchCreateRequest.NOPUT]))
+        reqs.put(create(key=b"ms/a", start_revision=start))
+        reqs.put(create(key=b""))  # invalid: no key
+        got: dict[int, list[rpc_pb2.WatchResponse]] = {}
+        events: dict[int, list[tuple[int, bytes, bytes, bytes]]] = {0: [], 1: []}
+        for resp in stream:
+            got.setdefault(resp.watch_id, []).append(resp)
+            for e in resp.events:
+                events[resp.watch_id].append((e.type, e.kv.key, e.kv.value, e.prev_kv.value))
+            if len(events[0]) == 1 and len(events[1]) == 3 and -1 in got:
+                break
+        assert got[0][0].created and got[1][0].created
+        assert got[-1][0].created and got[-1][0].canceled and "key is not provided" in got[-1][0].cancel_reason
+        assert events[0] == [(1, b"ms/a", b"", b"1")]  # DELETE only, with the value before it
+        assert [(t, v) for t, _, v, _ in events[1]] == [(0, b"0"), (0, b"1"), (1, b"")]
+        reqs.put(rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest()))
+        progressed: set[int] = set()
+        for resp in stream:
+            if not resp.events and not resp.created and not resp.canceled:
+                progressed.add(resp.watch_id)
+            if progressed >= {0, 1}:
+                break
+        reqs.put(rpc_pb2.WatchRequest(cancel_request=rpc_pb2.WatchCancelRequest(watch_id=1)))
+        for resp in stream:
+            if resp.canceled:
+                assert resp.watch_id == 1
+                break
+        reqs.put(None)
+        stream.cancel()

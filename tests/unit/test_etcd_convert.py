@@ -174,3 +174,8 @@ def test_cluster_id_and_lease_ids() -> None:
     for bad in (-1, 4096 * 5, 4096 + 3):
         with pytest.raises(EtcdRequestError):
             grant_id(bad, [1, 2], rng)
+
+
+def test_a_grant_prefers_a_group_this_node_hosts() -> None:
+    rng = random.Random(2)
+    assert {leases.home_group(grant_id(0, [1, 2, 3], rng, frozenset({0, 3}))) for _ in range(20)} == {3}

@@ -1,7 +1,7 @@
 """etcd's `Lease` service over kvstore's lease RPCs (`server/lease_service.py`): grant, revoke,
 keep-alive (a stream; each renewal through the home group's log), time-to-live with keys, and
 the list. Ids are kvstore's: an id's low 12 bits name its home data group; a grant with ID 0 gets
-a random id homed in a random data group (etcd picks one too), a grant with an id names a data
+a random id homed in a random data group this node hosts (etcd picks one too), a grant with an id names a data
 group in its low bits or is refused (INVALID_ARGUMENT, definite)."""
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ MAX_TTL = 9_000_000_000
 """kvstore's largest lease TTL in seconds (`storage/leases.check_ttl`)."""
 
 
-def grant_id(requested: int, data_groups: list[int], rng: random.Random) -> int:
-    """The kvstore lease id for an etcd grant asking for `requested` (0: any)."""
+def grant_id(requested: int, data_groups: list[int], rng: random.Random, hosted: frozenset[int] = frozenset()) -> int:
+    """The kvstore lease id for an etcd grant asking for `requested` (0: any, homed in a random
+    data group, one of the `hosted` ones if any is)."""
     if requested == 0:
         homes = [g for g in data_groups if 0 < g <= leases.ID_GROUP_MASK]
+        homes = [g for g in homes if g in hosted] or homes
         if not homes:
             raise invalid("kvstore: no data group can home a lease")
         return leases.make_id(rng.choice(homes), rng.getrandbits(63))
@@ -48,7 +50,7 @@ class EtcdLease(rpc_pb2_grpc.LeaseServicer):
         try:
             if not 0 < request.TTL <= MAX_TTL:
                 raise invalid(f"etcdserver: lease TTL {request.TTL} is not in 1..{MAX_TTL}")
-            lid = grant_id(request.ID, self.n.shard_map().data_groups(), self.rng)
+            lid = grant_id(request.ID, self.n.shard_map().data_groups(), self.rng, frozenset(self.n.host.groups))
             g = await self.n.forward.call("LeaseGrant", kv_pb2.LeaseGrantRequest(ttl=request.TTL, id=lid), context,
                                           is_write=True)
             return rpc_pb2.LeaseGrantResponse(header=self.n.header(0, leases.home_group(lid)), ID=g.id, TTL=g.ttl)
