@@ -15,8 +15,9 @@ command -v podman >/dev/null 2>&1 || need+=(podman)
 command -v runc >/dev/null 2>&1 || need+=(runc)
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 [ -e /usr/lib/cni/dnsname ] || need+=(golang-github-containernetworking-plugin-dnsname)
-# etcd 3.4, the peer system of the benchmark smoke (tests/integration/test_bench_smoke.py).
-command -v etcd >/dev/null 2>&1 || need+=(etcd-server etcd-client)
+# etcd 3.4, the peer system of the benchmark smoke (tests/integration/test_bench_smoke.py), and
+# etcdctl 3.4, which drives kvstore's etcd API (tests/integration/test_etcd_api.py).
+{ command -v etcd && command -v etcdctl; } >/dev/null 2>&1 || need+=(etcd-server etcd-client)
 if [ "${#need[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   # Installing etcd-server must not start a system etcd (it would take 127.0.0.1:2379):
