@@ -3,7 +3,8 @@ watch hub): each etcd request becomes a kvstore one, each kvstore response an et
 stream. Watch ids: etcd numbers a stream's watches from 0 (or takes the client's); kvstore's are
 > 0, so etcd id `e` is kvstore id `e + 1`. A create that does not check (`convert.watch_create`)
 is answered as etcd answers an invalid one: watch_id -1, created and canceled, with the reason;
-the stream goes on."""
+the stream goes on. Creates are answered in the order they came (the next request is read once
+the previous create is answered), as etcd's clients expect."""
 
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
         out: asyncio.Queue[object] = asyncio.Queue()
         in_use: set[int] = set()
         created: set[int] = set()
+        pending: dict[int, asyncio.Event] = {}
+        """kvstore ids of creates sent and not answered yet."""
         """kvstore ids of the watches answered `created`."""
         next_id = 0
 
@@ -73,7 +76,11 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
                                                              canceled=True, cancel_reason=err.message))
                         continue
                     in_use.add(wid)
+                    answered = pending[kc.watch_id] = asyncio.Event()
                     yield kv_pb2.WatchRequest(create_request=kc)
+                    # etcd answers creates in order (clients match `created` replies to their
+                    # creates by order): the next request waits for this one's answer
+                    await answered.wait()
                 elif kind == "cancel_request":
                     wid = req.cancel_request.watch_id
                     if 0 <= wid < MAX_INT64:
@@ -92,6 +99,8 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
                                                              watch_id=r.watch_id - 1, created=True))
                     if r.created:
                         created.add(r.watch_id)
+                    if (r.created or r.canceled) and r.watch_id in pending:
+                        pending.pop(r.watch_id).set()
                     if r.canceled and r.watch_id > 0:
                         in_use.discard(r.watch_id - 1)
                         created.discard(r.watch_id)
