@@ -214,3 +214,32 @@ def test_auth_events_are_audited_with_the_authenticated_user_and_never_a_passwor
         assert [x["identity"] for x in lines if x["op"] == "KV.Put"][-1] == "root (by token)"  # (earlier: warm-up)
 
     asyncio.run(main())
+
+
+def test_etcd_api_writes_are_audited_as_the_kvstore_rpcs_they_run_as(tmp_path: Path) -> None:
+    """etcd's Put, DeleteRange, Txn, LeaseGrant and Compact run as kvstore's KV RPCs through the
+    audited servicer: the same lines (op, key, caller, result); Range is a read, not audited."""
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+
+    path = tmp_path / "audit.log"
+
+    async def main() -> None:
+        async with one_node(tmp_path, audit=AuditSettings(path, writes=True, sync_ms=20)) as n, \
+                grpc.aio.insecure_channel(n.address) as ch:
+            kv, lease = rpc_pb2_grpc.KVStub(ch), rpc_pb2_grpc.LeaseStub(ch)
+            put = await kv.Put(rpc_pb2.PutRequest(key=b"e/a", value=b"1"))
+            await kv.Range(rpc_pb2.RangeRequest(key=b"e/", range_end=b"e0"))
+            await kv.Txn(rpc_pb2.TxnRequest(success=[rpc_pb2.RequestOp(
+                request_put=rpc_pb2.PutRequest(key=b"e/b", value=b"2"))]))
+            await kv.DeleteRange(rpc_pb2.DeleteRangeRequest(key=b"e/a"))
+            await lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=30))
+            await kv.Compact(rpc_pb2.CompactionRequest(revision=put.header.revision))
+            assert n.node.audit is not None and n.node.audit.flush()
+
+    asyncio.run(main())
+    by_op = {str(x["op"]): x for x in _lines(path)}
+    assert {"key": "e/a", "result": "ok", "identity": "anonymous"}.items() <= by_op["KV.Put"].items()
+    assert {"key": "e/b", "result": "ok"}.items() <= by_op["KV.Txn"].items()
+    assert {"key": "e/a", "result": "ok"}.items() <= by_op["KV.Delete"].items()
+    assert by_op["KV.LeaseGrant"]["result"] == "ok" and by_op["KV.Compact"]["result"] == "ok"
+    assert not any("Range" in op or "Scan" in op or "Get" in op for op in by_op)
