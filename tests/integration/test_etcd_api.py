@@ -161,7 +161,8 @@ def test_compaction_errors_as_etcd(kv: str, etcd: str) -> None:
     def script(ep: str) -> list[tuple[str, str]]:
         revs = [_rev(ep, "c/a", "1"), _rev(ep, "c/a", "2"), _rev(ep, "c/a", "3")]
         out = []
-        for args in (("compact", str(revs[1])), ("get", "c/a", f"--rev={revs[0]}"), ("get", "c/a", f"--rev={revs[2]}")):
+        for args in (("compact", str(revs[1])), ("get", "c/a", f"--rev={revs[0]}"), ("get", "c/a", f"--rev={revs[2]}"),
+                     ("get", "c/a", "--rev=9000000000000000000")):
             p = ctl(ep, *args)
             err = p.stderr.strip().splitlines()[-1] if p.returncode else ""
             out.append((_norm(" ".join(args), revs), _norm(f"{p.stdout}{err}", revs)))
