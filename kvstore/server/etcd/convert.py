@@ -145,13 +145,14 @@ _SORT_FIELD: dict[int, Callable[[kv_pb2.KeyValue], Any]] = {
 
 
 def range_reply(q: RangeQuery, items: Iterable[kv_pb2.KeyValue], into: rpc_pb2.RangeResponse,
-                leases: Mapping[bytes, int] | None = None) -> None:
+                leases: Mapping[bytes, int] | None = None, count: int | None = None) -> None:
     """Fill `into` (kvs, count, more) from the range's `items` (in key order), as etcd's apply
     does: count is every key in the range, the revision filters then prune, a sort target other
     than KEY sorts ascending by default, the limit cuts and sets `more`; keys_only drops values;
-    count_only returns no keys. `leases`: each key's lease, where known."""
+    count_only returns no keys. `leases`: each key's lease, where known; `count`: how many keys
+    the range holds, if `items` are only the first of them (else all are there)."""
     kvs = list(items)
-    into.count = len(kvs)
+    into.count = len(kvs) if count is None else count
     if q.count_only:
         return
     if q.max_mod:

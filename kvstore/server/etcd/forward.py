@@ -10,6 +10,7 @@ another endpoint."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +55,25 @@ class Forwarder:
 
     async def call(self, method: str, request: Any, context: grpc.aio.ServicerContext, *, is_write: bool) -> Any:
         """The reply of KV.`method` for `request`, from this node or its group's leader; raises
-        `EtcdStatus` for an error reply."""
+        `EtcdStatus` for an error reply. A definite refusal that an election or a leadership
+        transfer ends (no leader known, a dropped proposal) is retried with backoff for up to
+        `timeout`, as etcd's server waits for a leader: etcd clients do not retry a write."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.timeout
+        delay = 0.02
+        while True:
+            resp = await self._call_once(method, request, context, is_write=is_write)
+            code, err = resp.error.code, resp.error
+            retry = (code == kv_pb2.PROPOSAL_DROPPED or code == kv_pb2.NO_LEADER
+                     or (code == kv_pb2.NOT_LEADER and not err.leader_hint))
+            if not retry or err.indeterminate or loop.time() + delay > end:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        check_reply(resp.error, is_write=is_write)
+        return resp
+
+    async def _call_once(self, method: str, request: Any, context: grpc.aio.ServicerContext, *, is_write: bool) -> Any:
         resp = await getattr(self.kv, method)(request, context)
         hops = 0
         while (resp.error.code == kv_pb2.NOT_LEADER and resp.error.leader_hint and hops < MAX_HOPS
@@ -67,7 +86,6 @@ class Forwarder:
                 raise EtcdStatus(grpc.StatusCode.UNAVAILABLE,
                                  f"kvstore: the call forwarded to the leader failed: {e.code().name} {e.details()}",
                                  indeterminate=is_write) from None
-        check_reply(resp.error, is_write=is_write)
         return resp
 
     async def keep_alive(self, local: Any, request: kv_pb2.LeaseKeepAliveRequest,

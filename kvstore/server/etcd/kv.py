@@ -25,6 +25,7 @@ from kvstore.v1 import kv_pb2
 
 from .base import EtcdNode, fail
 from .convert import (
+    MAX_INT64,
     KeyRange,
     RangeQuery,
     check_put,
@@ -42,9 +43,23 @@ from .status import KEY_NOT_FOUND, EtcdStatus, check_reply
 IGNORE_VALUE_TRIES = 16
 """Put with ignore_value re-reads and retries its compare-and-put this often when the key keeps
 changing under it (then a definite UNAVAILABLE)."""
+MAX_RANGE_BYTES = 64 << 20
+"""The most key and value bytes a Range keeps to answer (a definite RESOURCE_EXHAUSTED beyond)."""
 RANGE_TRIES = 8
-"""A range part refused because a transaction holds an intent (PROPOSAL_DROPPED, definite) is
-read again this often, with a short backoff."""
+"""A range part refused because a transaction holds an intent (PROPOSAL_DROPPED, definite) or no
+leader is known (an election) is read again this often, with a growing backoff."""
+
+
+def _keep(q: RangeQuery) -> int:
+    """How many keys of each group's part a Range needs: none to count; with a limit on key
+    order and no revision filters the first limit + 1 (the parts merge in key order, and the one
+    more tells `more`); else all (bounded by MAX_RANGE_BYTES)."""
+    if q.count_only:
+        return 0
+    key_order = q.sort_target == rpc_pb2.RangeRequest.KEY and q.sort_order != rpc_pb2.RangeRequest.DESCEND
+    if q.limit and key_order and not (q.min_mod or q.max_mod or q.min_create or q.max_create):
+        return q.limit + 1
+    return MAX_INT64
 
 
 def _leases_of(keys: list[bytes], rows: Any) -> dict[bytes, int]:
@@ -62,10 +77,11 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
             resp = rpc_pb2.RangeResponse()
             if q.keys.single:
                 items, rev, group = await self._get(q, context)
+                count = len(items)
             else:
-                items, rev = await self._scan(q, context)
+                items, count, rev = await self._scan(q, context)
                 group = None
-            range_reply(q, items, resp, self._leases(items) if not q.revision and not q.count_only else None)
+            range_reply(q, items, resp, self._leases(items) if not q.revision and not q.count_only else None, count)
             resp.header.CopyFrom(self.n.header(rev, group))
             return resp
         except Exception as err:
@@ -93,13 +109,15 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                                  mod_revision=g.mod_revision, version=g.version)] if g.found else []
         return items, g.revision, self.n.group_of(q.keys.start)
 
-    async def _part(self, keys: KeyRange, group: int, revision: int, consistency: int,
-                    context: grpc.aio.ServicerContext) -> tuple[list[kv_pb2.KeyValue], int]:
+    async def _part(self, keys: KeyRange, group: int, revision: int, consistency: int, keep: int, keys_only: bool,
+                    context: grpc.aio.ServicerContext) -> tuple[list[kv_pb2.KeyValue], int, int]:
+        """One group's part of a range: (its first `keep` keys, how many it holds, the revision
+        it was read at). The scan streams in chunks; what is kept is bounded (`MAX_RANGE_BYTES`)."""
         req = kv_pb2.ScanRequest(start=keys.start, end=keys.end or b"", group=group, revision=revision,
                                  consistency=consistency)  # type: ignore[arg-type]
         for attempt in range(RANGE_TRIES):
             items: list[kv_pb2.KeyValue] = []
-            rev = 0
+            count = size = rev = 0
             err: errors.KVError | None = None
             first = True
             async for msg in self.n.forward.kv.Scan(req, context):
@@ -108,25 +126,35 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                     break
                 if first:
                     rev, first = msg.revision, False
-                items.extend(msg.items)
+                count += len(msg.items)
+                for kv in msg.items[: max(0, keep - len(items))]:
+                    items.append(kv)
+                    size += len(kv.key) + (0 if keys_only else len(kv.value))
+                if size > MAX_RANGE_BYTES:
+                    raise EtcdStatus(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                     f"kvstore: the range's answer would exceed {MAX_RANGE_BYTES >> 20} MiB: "
+                                     "ask for fewer keys (limit, a narrower range, keys_only or count_only)")
             if err is None:
-                return items, rev
-            if not isinstance(err, errors.ProposalDropped) or attempt == RANGE_TRIES - 1:
+                return items, count, rev
+            if not isinstance(err, errors.ProposalDropped | errors.NoLeader) or attempt == RANGE_TRIES - 1:
                 raise err
-            await asyncio.sleep(0.02 * (attempt + 1))
+            await asyncio.sleep(0.02 * (1 << attempt))
         raise AssertionError("unreachable")
 
-    async def _scan(self, q: RangeQuery, context: grpc.aio.ServicerContext) -> tuple[list[kv_pb2.KeyValue], int]:
+    async def _scan(self, q: RangeQuery, context: grpc.aio.ServicerContext
+                    ) -> tuple[list[kv_pb2.KeyValue], int, int]:
+        """(the keys kept, in key order; how many the range holds; the revision it was read at)."""
         groups = self.n.shard_map().data_groups()
         consistency = kv_pb2.SERIALIZABLE if q.serializable else kv_pb2.LINEARIZABLE
-        parts = {g: await self._part(q.keys, g, q.revision, consistency, context) for g in groups}
-        top = max((rev for _, rev in parts.values()), default=0)
+        keep = _keep(q)
+        parts = {g: await self._part(q.keys, g, q.revision, consistency, keep, q.keys_only, context) for g in groups}
+        top = max((rev for _, _, rev in parts.values()), default=0)
         if not q.revision and not q.serializable:
-            for g, (_, rev) in list(parts.items()):
+            for g, (_, _, rev) in list(parts.items()):
                 if rev < top:  # one snapshot: every group at the highest revision seen
-                    parts[g] = await self._part(q.keys, g, top, consistency, context)
-        items = sorted((kv for its, _ in parts.values() for kv in its), key=lambda kv: kv.key)
-        return items, q.revision or top
+                    parts[g] = await self._part(q.keys, g, top, consistency, keep, q.keys_only, context)
+        items = sorted((kv for its, _, _ in parts.values() for kv in its), key=lambda kv: kv.key)
+        return items, sum(n for _, n, _ in parts.values()), q.revision or top
 
     # --- Put -----------------------------------------------------------------------------
     async def Put(self, request: rpc_pb2.PutRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.PutResponse:
