@@ -144,6 +144,9 @@ def test_kv_commands_answer_as_etcd(kv: str, etcd: str) -> None:
         run("get", "d/", "--prefix", "--consistency=s", "--print-value-only")
         run("get", "d/nothing")
         run("put", "d/a", "11", "--prev-kv")
+        run("put", "d/b", "--ignore-value", "--prev-kv")
+        run("get", "d/b", "-w", "json")  # the same value, version 3
+        run("put", "d/nothing", "--ignore-value")
         run("txn", stdin='value("d/a") = "11"\nversion("d/b") = "2"\ncreate("d/none") = "0"\n\n'
                          'put d/x xv\nget d/a\ndel d/c\n\nget d/b\n\n')
         run("txn", "-w", "json", stdin='mod("d/a") < "1"\n\nput d/y yv\n\nget d/b\nget d/nothing\n\n')
