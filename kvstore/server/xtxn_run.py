@@ -12,7 +12,8 @@ to COMMITTED by whoever meets them).
 
 A failure that is no KVError (a bug, a broken proposal path) is never let through with intents
 held: before the RECORD is proposed every participant is released (ABORT) and the client gets a
-definite `InternalError`; while the RECORD's outcome is unknown it gets an indeterminate one
+definite `ProposalDropped` (an INTERNAL code would read as indeterminate for a write at the
+client); while the RECORD's outcome is unknown it gets an indeterminate one
 (the RECORD may have applied: nothing is aborted, the resolvers settle it); after the RECORD
 committed the answer stays success (the COMMITs left undone are resolved from the record). A
 RECORD or COMMIT that cannot be built releases every participant and answers a definite
@@ -113,7 +114,7 @@ class CrossTxns:
 
     async def _prepared_or_released(self, tid: TxnId, groups: list[int], step: Awaitable[_T]) -> _T:
         """Await a step before the commit point; if it fails with anything but a KVError,
-        release every participant and answer a definite InternalError (no RECORD was
+        release every participant and answer a definite ProposalDropped (no RECORD was
         proposed: the transaction did not happen)."""
         try:
             return await step
@@ -122,8 +123,8 @@ class CrossTxns:
         except Exception as err:
             await self._release(tid, groups)
             log.exception("transaction %s failed before its commit point", tid)
-            raise errors.InternalError(f"the transaction failed before its commit point: {err!r}",
-                                       indeterminate=False) from err
+            raise errors.ProposalDropped(f"the transaction failed before its commit point and was released "
+                                         f"(nothing was written): {err!r}") from err
 
     async def run(self, t: txn.Txn | None, p: logic.Plan, floor: int = 0, client_id: int = 0, seq: int = 0,
                   ack: int = 0, retry: bool = False, horizon: int = 0) -> ApplyResult:

@@ -147,9 +147,12 @@ def test_a_broken_prepare_releases_the_prepared_groups_definitely() -> None:
     g = _groups()
 
     async def main() -> None:
-        with pytest.raises(errors.InternalError) as e:
+        with pytest.raises(errors.ProposalDropped) as e:
             await _coordinator(g, _breaking(Op.PREPARE, 2)).run(TRANSFER, PLAN)
         assert not e.value.indeterminate
+        # and so it reads at the client, over the wire
+        back = errors.from_proto(errors.to_proto(e.value), is_write=True)
+        assert back is not None and back.definite
 
     asyncio.run(main())
     assert not _intents(g[1]), "group 1's intents leaked"
@@ -163,6 +166,8 @@ def test_a_broken_record_is_indeterminate_and_keeps_the_intents() -> None:
         with pytest.raises(errors.InternalError) as e:
             await _coordinator(g, _breaking(Op.RECORD, 1)).run(TRANSFER, PLAN)
         assert e.value.indeterminate
+        back = errors.from_proto(errors.to_proto(e.value), is_write=True)
+        assert back is not None and back.indeterminate
 
     asyncio.run(main())
     # nothing aborted: the RECORD may have applied; a resolver settles it (no record: ABORTED)
