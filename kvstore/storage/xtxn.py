@@ -12,10 +12,13 @@ were forgotten). Commands (op codes in `commands.Op`; none carries a client key 
                                                                   (in each participant; r = 1:
                                                                   also lock the key range
                                                                   [start, end), end empty = no end)
-    COMMIT    id at:u64 n:u16 write* [all:u8]                    (in each participant)
+    COMMIT    id at:u64 n:u16 write* [2:u8]                      (in each participant; the tail:
+                                                                  delete every key prepared)
     ABORT     id                                                  (in each participant)
-    RECORD    id start:u64 at:u64 result-len:u32 result n:u16 (group:u64 n:u16 write*)* [all:u8]
-                                                                  (in the primary: the commit point)
+    RECORD    id start:u64 at:u64 result-len:u32 result n:u16 (group:u64 n:u16 write*)* [2:u8]
+                                                                  (in the primary: the commit point;
+                                                                  the tail: every group's COMMIT
+                                                                  deletes every key prepared)
     RESOLVE   id start:u64                                        (in the primary)
     FINALIZE  id group:u64                                        (in the primary; group 0: every
                                                                   participant applied its COMMIT,
@@ -23,8 +26,8 @@ were forgotten). Commands (op codes in `commands.Op`; none carries a client key 
     write     flags:u8 (bit 0: a put) klen:u16 key [vlen:u32 value]
 
 Group ids (PREPARE's primary, FINALIZE's group, a RECORD's groups) are below `mvcc.MAX_GROUPS`.
-`all` (present only as 1, with no write listed; absent: 0) is a range delete's compact form
-(`XCmd.delete_prepared`): the COMMIT deletes every key the transaction prepared in the group,
+The tail byte 2 (with no write listed; absent: not) is a range delete's compact form
+(`XCmd.delete_prepared`; tag 2, so that a RECORD's other tails keep their own tags): the COMMIT deletes every key the transaction prepared in the group,
 and the RECORD says so of every group it lists. A range PREPARE may find up to
 `xtxn_apply.MAX_RANGE_KEYS` keys per group, far more than a command may list (`MAX_KEYS`, and
 `MAX_BODY` bytes): the keys need not be listed, because the group's intents fix them (its range
@@ -40,7 +43,7 @@ Rows (`row_*` give the keys; `check_rows` validates one, as a snapshot brings it
     l + id                  -> intent slen:u16 start end   a range lock (a range delete's)
     p + prepared:u64 + id   -> b""      the transactions by prepared revision (the minimum pending)
     r + id                  -> record   state:u8 start:u64 at:u64 result-len:u32 result n:u16
-                                        (group:u64 n:u16 write*)* [all:u8]
+                                        (group:u64 n:u16 write*)* [2:u8]
     d + id                  -> start:u64  the transaction is done in this group (committed or aborted)
     g + expiry:u64 + id     -> b""      age-ordered index of the rows forgotten at `expiry`
 
@@ -374,17 +377,21 @@ def _check_group(name: str, g: int) -> None:
         raise ValueError(f"{name} {g} is out of range (0 to {mvcc.MAX_GROUPS - 1})")
 
 
+_TAIL_DELETE_PREPARED = 2
+"""The tail tag of a COMMIT, RECORD or record row that deletes every key prepared."""
+
+
 def _enc_all(flag: bool, out: list[bytes]) -> None:
     if flag:
-        out.append(_U8.pack(1))
+        out.append(_U8.pack(_TAIL_DELETE_PREPARED))
 
 
 def _dec_all(b: _Buf) -> bool:
-    """The optional trailing `all` byte (absent: False; only 1 may be present)."""
+    """The optional delete-prepared tail (absent: False; no other tail is known here)."""
     if b.pos == len(b.data):
         return False
-    if b.u(_U8, "the delete-prepared flag") != 1:
-        raise ValueError("unknown delete-prepared flag")
+    if b.u(_U8, "the tail's tag") != _TAIL_DELETE_PREPARED:
+        raise ValueError("unknown tail")
     return True
 
 
