@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command (and what .ci/run calls): set up a virtualenv if needed, then run
 # the linters, the type checker, 500 seeds of the simulator (whole nodes; 3 and 5 nodes in parallel)
-# and the test suite.
+# and the test suite (arguments: run only those pytest arguments instead of the whole suite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -eq 0 ]; then
@@ -30,5 +30,14 @@ wait "$SIM5" || SIMRC=1
 cat "$SIMLOG/3" "$SIMLOG/5"
 rm -rf "$SIMLOG"
 [ "$SIMRC" -eq 0 ]
-echo "== pytest"
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=25 "$@"
+if [ "$#" -gt 0 ]; then  # the tests named on the command line, as pytest would run them
+  echo "== pytest $*"
+  exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=25 "$@"
+fi
+# The unit and simulation tests are CPU-bound and independent: one worker per core (pytest-xdist).
+# The rest start real clusters, network namespaces and containers and wait on them: one at a time.
+echo "== pytest: unit and simulation tests, one worker per core"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=10 -n auto tests/unit tests/simulation
+echo "== pytest: integration, chaos and container tests"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=25 tests \
+  --ignore=tests/unit --ignore=tests/simulation

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvstore.shard.shardmap import META_GROUP
-from kvstore.storage import commands, mvcc, txn
+from kvstore.storage import commands, mvcc, txn, xtxn
 from kvstore.storage.commands import ApplyResult
 
 
@@ -46,6 +46,9 @@ class RevisionChecker:
     """(group, transaction id) of the cross-group COMMITs recorded in `versions` (once each)."""
     prepared: dict[tuple[int, bytes], int] = field(default_factory=dict)
     """(group, transaction id) -> the revision its PREPARE reserved there."""
+    held: dict[tuple[int, bytes], tuple[bytes, ...]] = field(default_factory=dict)
+    """(group, transaction id) -> the keys its PREPARE put intents on there (the named ones and
+    those a range found): a range delete's COMMIT (`delete_prepared`) deletes exactly these."""
 
     def on_apply(self, node: int, group: int, index: int, data: bytes, res: ApplyResult,
                  deleted_at: Callable[[int], list[bytes]] | None = None) -> None:
@@ -152,6 +155,8 @@ class RevisionChecker:
                     raise RevisionViolation(f"g{group} index {index}: a transaction prepared at two revisions")
                 return
             self.prepared[(group, x.txn.encode())] = rev
+            found = xtxn.decode_found(res.current) if x.lock is not None and res.current else []
+            self.held[(group, x.txn.encode())] = (*x.keys, *found)
             if rev % mvcc.STEP != mvcc.slot_of(group):
                 raise RevisionViolation(f"g{group} index {index}: PREPARE reserved {rev}, not in the group's slot")
             first = self.owner.setdefault(rev, (group, index, 0, 0))
@@ -165,7 +170,9 @@ class RevisionChecker:
         if cmd.op == commands.Op.COMMIT and (group, x.txn.encode()) not in self.committed:
             self.committed.add((group, x.txn.encode()))
             if group != META_GROUP:
-                for key, value in x.writes:
+                writes = ([(k, None) for k in self.held.get((group, x.txn.encode()), ())] if x.delete_prepared
+                          else x.writes)
+                for key, value in writes:
                     vs = self.versions.setdefault(key, [])
                     i = bisect_right(vs, x.at, key=_rev)
                     if value is None and (i == 0 or vs[i - 1][1] is None):

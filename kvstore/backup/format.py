@@ -18,7 +18,8 @@ Layout (integers big-endian):
 Invariants a reader checks (`read_backup`, total: any damage raises `BackupFormatError` and
 nothing else): the magic and version; every record's tag and length (a payload at most
 `MAX_RECORD` bytes, read only as far as the file has it); INFO first and once, AUTH at most once
-and decodable (`AuthState.decode`), END last with the counts of what came before; keys strictly ascending across the
+and decodable (`AuthState.decode`), END last with the counts of what came before; no key attached
+to two leases (nor twice to one); keys strictly ascending across the
 whole file, 1..`MAX_KEY` bytes, values at most `MAX_VALUE`; 1 <= create <= mod <= revision and
 version >= 1 for every key; the trailer equals the SHA-256 of everything before it, and nothing
 follows it. Keys come in key order, so a restore streams them into each group's snapshot in order.
@@ -106,6 +107,7 @@ class BackupLease:
 
 
 def check_lease(le: BackupLease, prev: int) -> None:
+    """BackupFormatError unless `le` is valid after the lease of id `prev`."""
     try:
         leases.check_id(le.id)
         leases.check_ttl(le.ttl_s)
@@ -118,6 +120,18 @@ def check_lease(le: BackupLease, prev: int) -> None:
     for k in le.keys:
         if not 1 <= len(k) <= MAX_KEY:
             raise BackupFormatError(f"lease {le.id:x}: an attached key of {len(k)} bytes (1..{MAX_KEY})")
+
+
+def check_attachments(le: BackupLease, attached: set[bytes]) -> None:
+    """BackupFormatError if `le` names a key twice or a key of `attached` (the keys of the leases
+    before it): a key has at most one lease (a forged file, or a save that raced a key's
+    re-attachment). Adds its keys to `attached` only if it passes."""
+    if len(set(le.keys)) != len(le.keys):
+        raise BackupFormatError(f"lease {le.id:x} lists an attached key twice")
+    for k in le.keys:
+        if k in attached:
+            raise BackupFormatError(f"key {k[:64]!r} is attached to lease {le.id:x} and to an earlier lease")
+    attached.update(le.keys)
 
 
 def encode_lease(le: BackupLease) -> bytes:
@@ -215,6 +229,7 @@ class BackupWriter:
         self._chunk_count = 0
         self.leases = 0
         self._prev_lease = 0
+        self._attached: set[bytes] = set()
         self._write(_HEAD.pack(MAGIC, VERSION))
         self._record(TAG_INFO, _INFO.pack(info.revision, info.created_ms, info.groups, info.replication, info.vnodes))
         if auth:
@@ -246,11 +261,12 @@ class BackupWriter:
     def add_lease(self, le: BackupLease) -> None:
         """A lease (after every key; ids ascending)."""
         check_lease(le, self._prev_lease)
-        if not self.leases:
-            self._flush()
         enc = encode_lease(le)
         if len(enc) + _COUNT.size > MAX_RECORD:
             raise BackupFormatError(f"lease {le.id:x} has too many keys for one record")
+        check_attachments(le, self._attached)
+        if not self.leases:
+            self._flush()
         if len(self._chunk) + len(enc) > CHUNK_BYTES:
             self._flush()
         self._prev_lease = le.id
@@ -340,6 +356,7 @@ class BackupReader:
         self.sha256 = ""
         self.leases: list[BackupLease] = []
         """The leases, once `entries()` has run to the end."""
+        self._attached: set[bytes] = set()
 
     def _read(self, n: int, what: str) -> bytes:
         data = _read_exact(self._f, n, what)
@@ -372,6 +389,7 @@ class BackupReader:
             if tag == TAG_LEASES:
                 for le in decode_leases(payload):
                     check_lease(le, self.leases[-1].id if self.leases else 0)
+                    check_attachments(le, self._attached)
                     self.leases.append(le)
                 continue
             if tag != TAG_KEYS or self.leases:

@@ -35,9 +35,8 @@ import contextlib
 import hashlib
 import os
 import shutil
-import struct
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -82,12 +81,15 @@ class RestoreResult:
 
 def group_records(
     path: Path, ranges: IntervalSet, revision: int, counts: list[int], sha256: str, group: int = 0,
+    homes: Collection[int] = frozenset(),
 ) -> Iterator[Record]:
     """The snapshot records of data group `group` serving `ranges`: its shard state, then per key
     of the backup in those ranges its data, key and history rows, then its revision state, then
     its lease rows (the records of the leases homed in `group`, with the remaining TTL the backup
-    has; the attachments of its keys). Each pass reads the file again: RestoreError if it is no
-    longer the file `verify` read (`sha256`)."""
+    has; the attachments of its keys to leases whose home group is one of `homes`, the new
+    cluster's data groups: a lease homed elsewhere is not restored, so its keys stay unattached).
+    Each pass reads the file again: RestoreError if it is no longer the file `verify` read
+    (`sha256`), or if a key is attached to two leases."""
     yield TAG_SHARDS, b"", ShardState(ranges, IntervalSet()).encode()
     kid = 1
     with open(path, "rb") as f:
@@ -109,10 +111,16 @@ def group_records(
     for le in reader.leases:
         if group and leases.home_group(le.id) == group:
             rows[leases.record_key(le.id)] = leases.Record(le.ttl_s, le.remaining_ms, 1).encode()
+        if leases.home_group(le.id) not in homes:
+            continue  # the lease is not restored: its keys come back unattached
         for key in le.keys:
             if key_hash(key) in ranges:
+                owner = leases.owner_key(key)
+                if owner in rows:
+                    raise RestoreError(f"key {key[:64]!r} is attached to two leases in the backup "
+                                       f"({int.from_bytes(rows[owner], 'big'):x} and {le.id:x})")
                 rows[leases.attach_key(le.id, key)] = key
-                rows[leases.owner_key(key)] = struct.pack(">Q", le.id)
+                rows[owner] = leases.owner_row(le.id)
     for row in sorted(rows):
         yield TAG_LEASES, row, rows[row]
 
@@ -170,6 +178,7 @@ def restore(
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.restore-", dir=parent))
     restored: dict[int, int] = {}
+    homes = frozenset(smap.data_groups())
     try:
         with LmdbNodeStore(tmp / "db", map_size=1 << 36, state_sync="checkpoint") as store:
             for gid in smap.groups_of_node(node_id):
@@ -179,7 +188,8 @@ def restore(
                 conf = ConfState(tuple(sorted(p.bootstrap)))
                 meta = SnapshotMeta(SNAPSHOT_INDEX, SNAPSHOT_TERM, conf)
                 counts: list[int] = []
-                records = group_records(path, smap.bootstrap_ranges(gid), info.revision, counts, summary.sha256, gid)
+                records = group_records(path, smap.bootstrap_ranges(gid), info.revision, counts, summary.sha256, gid,
+                                        homes)
                 snap = store.receive_snapshot(gid, encode_snapshot(gid, meta, records, CHUNK))
                 store.persist([GroupWrite(gid, [], HardState(SNAPSHOT_TERM, 0, SNAPSHOT_INDEX), meta, snap)])
                 restored[gid] = counts[0]

@@ -80,13 +80,17 @@ def save(client: Client, path: Path, *, timeout: float, progress: Progress | Non
                 w.add(BackupKey(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version))
                 if progress is not None and w.keys % 1000 == 0:
                     progress(w.keys, w.size)
+            attached: set[bytes] = set()
             for lid in client.lease_list(timeout=timeout):
                 # each lease's remaining TTL and keys as its home leader answers now (after the
-                # scan: not at the keys' revision); one that is gone meanwhile is left out
+                # scan: not at the keys' revision); one that is gone meanwhile is left out. A key
+                # re-attached to another lease between two of these answers is named by both: it
+                # is kept with the first (the file holds each key under one lease at most)
                 lease = client.lease_time_to_live(lid, keys=True, timeout=timeout)
                 if lease.ttl >= 0:
-                    w.add_lease(BackupLease(lid, lease.granted_ttl, min(lease.ttl, lease.granted_ttl) * 1000,
-                                            tuple(sorted(set(lease.keys)))))
+                    keys = tuple(k for k in sorted(set(lease.keys)) if k not in attached)
+                    attached.update(keys)
+                    w.add_lease(BackupLease(lid, lease.granted_ttl, min(lease.ttl, lease.granted_ttl) * 1000, keys))
             digest = w.finish()
             f.flush()
             os.fsync(f.fileno())

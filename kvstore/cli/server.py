@@ -131,6 +131,9 @@ def cli() -> None:
 @click.option("--max-ping-strikes", type=click.IntRange(min=0), default=0, show_default=True,
               help="Close a connection that sends this many keepalive pings less than 5 s apart without "
               "data (0: never).")
+@click.option("--plant-xtxn-halt", default="", hidden=True,
+              help="PLANTED FAULT (recovery tests only): NODE:prepare or NODE:record makes that node's "
+              "transaction coordinator halt there for good.")
 def serve(
     node_id: int | str | None, id_from_hostname: bool, data_dir: Path, listen: str, peers: str, cluster_id: str, join: bool, learner: bool,
     force_new_cluster: bool, probe_ticks: int, advertise: str, client_listen: str, client_advertise: str, metrics_listen: str, drain_timeout: float, tick_ms: int, election_ticks: int, lease_read: bool,
@@ -140,7 +143,7 @@ def serve(
     audit_log: Path | None, audit_writes: bool, audit_max_bytes: int, audit_keep: int, audit_sync_lines: int,
     audit_sync_ms: int, rate_limit: str, max_apply_lag: int, memory_limit: str, quota_bytes: str, max_streams_per_connection: int,
     idle_timeout: float, max_ping_strikes: int, history_retention: float, history_retention_revisions: int,
-    history_retention_interval: float, wal_segment_bytes: str, state_sync: str,
+    history_retention_interval: float, wal_segment_bytes: str, state_sync: str, plant_xtxn_halt: str,
 ) -> None:
     """Run one node of a cluster. Restarting with the same --data-dir resumes it.
 
@@ -173,7 +176,7 @@ def serve(
             metrics_listen=metrics_listen, drain_timeout=drain_timeout,
             client_listen=client_listen, client_advertise=client_advertise,
             request_timeout=request_timeout, wal_segment_bytes=parse_bytes(wal_segment_bytes),
-            state_sync=state_sync,
+            state_sync=state_sync, plant_xtxn_halt=plant_xtxn_halt,
             raft=RaftSettings(
                 tick_ms=tick_ms, election_tick=election_ticks, lease_read=lease_read, quiesce_ticks=quiesce_ticks,
                 compact_threshold=compact_threshold, compact_keep=min(1000, compact_threshold // 2),

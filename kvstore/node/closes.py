@@ -108,7 +108,7 @@ class NodeCloses:
         if g is None:
             raise errors.WrongShard(f"group {group} is not on node {self.host.node_id}")
         if g.core.role != Role.LEADER:
-            raise self.host._not_leader(g)
+            raise self.host.not_leader_error(g.id)
         self.host._check_writable()
         self.clock.observe(revision)
         gc = self._groups.get(group)
@@ -162,7 +162,7 @@ class NodeCloses:
         if g is None or g.core.role != Role.LEADER:
             waiting, gc.waiting, gc.pending = gc.waiting, [], 0
             self._groups.pop(group, None)
-            err = errors.NoLeader(f"group {group} is gone") if g is None else self.host._not_leader(g)
+            err = errors.NoLeader(f"group {group} is gone") if g is None else self.host.not_leader_error(g.id)
             for _, cb in waiting:
                 cb(0, err)
             return

@@ -322,6 +322,15 @@ class Host:
         core = g.core
         return core.log.term_or_zero(core.applied) == core.term
 
+    def not_leader_error(self, group: int) -> errors.KVError:
+        """The error for a request that needs group `group`'s leader here, when this node does
+        not lead it: NotLeader with the leader's addresses if one is known, else NoLeader (also
+        for a group not hosted here). Definite: nothing was proposed."""
+        g = self.groups.get(group)
+        if g is None:
+            return errors.NoLeader(f"group {group} is not hosted on node {self.node_id}")
+        return self._not_leader(g)
+
     def _not_leader(self, g: Group) -> errors.KVError:
         lead = g.core.lead
         if lead == NONE or lead == self.node_id:

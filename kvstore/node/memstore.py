@@ -932,6 +932,8 @@ class MemoryNodeStore:
                         mvcc.RevState.decode(value)
                     elif tag == TAG_LEASES:
                         leases.check_rows(key, value)
+                    elif tag - TAG_REV_BASE in (mvcc.T_TXN, mvcc.T_INTENTS):
+                        xtxn.check_rows(tag - TAG_REV_BASE, key, value)
                     rows.put(tag - TAG_REV_BASE, key, value)
                 elif tag == TAG_DATA:
                     data[key] = value
@@ -1060,7 +1062,7 @@ class MemoryNodeStore:
         g = self._read(group)
         if g is None:
             return []
-        return _intents(g.rows, start, end, limit)
+        return xtxn_apply.intent_rows(g.rows, start, end, limit)
 
     def read_leases(self, group: int, fn: Callable[[mvcc.Rows], T]) -> T:
         g = self._read(group)
@@ -1075,7 +1077,7 @@ class MemoryNodeStore:
         if rev and rev < st.compact:
             raise mvcc.Compacted(st.compact)
         if probe is not None:  # the same view (nothing applies in between: one thread)
-            probe.rows = _intents(g.rows, key, key + b"\x00", probe.limit)
+            probe.rows = xtxn_apply.intent_rows(g.rows, key, key + b"\x00", probe.limit)
         if len(key) > MAX_KEY_SIZE:
             return None, st
         return mvcc.version_at(g.rows, key, rev or mvcc.REVISION_MAX, g.data.get(key)), st
@@ -1091,7 +1093,7 @@ class MemoryNodeStore:
         if rev and rev < st.compact:
             raise mvcc.Compacted(st.compact)
         if probe is not None:
-            probe.rows = _intents(g.rows, start, end, probe.limit)
+            probe.rows = xtxn_apply.intent_rows(g.rows, start, end, probe.limit)
         data = g.data
         current = iter([(k, data[k]) for k in self._range(g, start, end)])
         items: list[tuple[bytes, mvcc.Version]] = []
@@ -1280,13 +1282,3 @@ def _decode_shards(raw: bytes) -> ShardState:
 def _is_a_node_store(store: MemoryNodeStore) -> NodeStore:
     """Never called: makes mypy check that `MemoryNodeStore` implements the protocol."""
     return store
-
-
-def _intents(rows: mvcc.Rows, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
-    """At most `limit` (key, intent row) of the intents on keys in [start, end), in key order."""
-    out: list[tuple[bytes, bytes]] = []
-    for k, v in rows.iter(mvcc.T_INTENTS, start, end):
-        if len(out) >= limit:
-            break
-        out.append((k, v))
-    return out

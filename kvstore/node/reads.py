@@ -278,7 +278,7 @@ class NodeReads:
         self.host._check_writable()
         g = self.host.groups[group]
         if g.core.role != Role.LEADER:
-            raise self.host._not_leader(g)
+            raise self.host.not_leader_error(g.id)
         self._send_read_index(group, callback, probe=False)
 
     def _fail(self, p: _Pending, why: str) -> None:

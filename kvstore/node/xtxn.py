@@ -76,11 +76,14 @@ def plan(t: txn.Txn, group_for: Iterable[tuple[bytes, int]]) -> Plan:
 
 def plan_range(groups: Iterable[int], lo: bytes, hi: bytes) -> Plan:
     """The plan of a range delete of [lo, hi) (hi b"": no end): every data group (keys are
-    hashed whole, so any key range may have keys in each), the lowest one primary. ValueError if
-    there is no group or the range is empty."""
+    hashed whole, so any key range may have keys in each), the lowest one primary. ValueError
+    (the one check of the range: the caller answers a definite InvalidArgument) if there is no
+    group, more than a RECORD lists (`xtxn.MAX_GROUPS_PER_TXN`), or the range is empty."""
     gs = sorted(set(groups))
     if not gs:
         raise ValueError("no data group to delete from")
+    if len(gs) > xtxn.MAX_GROUPS_PER_TXN:
+        raise ValueError(f"a range delete spans at most {xtxn.MAX_GROUPS_PER_TXN} data groups, not {len(gs)}")
     if hi and hi <= lo:
         raise ValueError("the range's end is at or before its start")
     return Plan(gs[0], {g: () for g in gs}, {}, (lo, hi))
@@ -127,6 +130,10 @@ class Ready:
     at: int
     result: txn.TxnResult
     writes: dict[int, tuple[xtxn.Write, ...]] = field(default_factory=dict)
+    delete_prepared: bool = False
+    """A range delete: `writes` lists the keys each group found (for the answer), but its RECORD
+    and COMMITs say "every key prepared" instead (`XCmd.delete_prepared`: a group may find more
+    keys than a command may list)."""
 
     @property
     def writes_anything(self) -> bool:
@@ -167,7 +174,8 @@ def after_prepare_range(p: Plan, results: dict[int, ApplyResult]) -> Conflict | 
         writes[g] = tuple((k, None) for k in found)
         n += len(found)
     rev = at if n else 0
-    return Ready(at, txn.TxnResult(True, tuple(txn.OpResult(txn.OpKind.DELETE, True) for _ in range(n)), rev), writes)
+    result = txn.TxnResult(True, tuple(txn.OpResult(txn.OpKind.DELETE, True) for _ in range(n)), rev)
+    return Ready(at, result, writes, delete_prepared=True)
 
 
 def after_prepare(t: txn.Txn, p: Plan, results: dict[int, ApplyResult]) -> Conflict | Refused | Ready:
@@ -198,7 +206,14 @@ def record_command(
     horizon: int = 0,
 ) -> bytes:
     """The RECORD (the commit point) with the client's session (`retry` / `horizon` as the
-    client sent them: a retry whose session the primary evicted is refused, not applied twice)."""
+    client sent them: a retry whose session the primary evicted is refused, not applied twice).
+    A range delete's lists its groups only (`delete_prepared`) and no result (it has no
+    session; its answer, one DELETE per key, may be longer than a result may be). ValueError if
+    it cannot be encoded (nothing was proposed: abort the attempt, definite)."""
+    if r.delete_prepared:
+        x = XCmd(XOp.RECORD, tid, start=start, at=r.at, groups=tuple((g, ()) for g in sorted(r.writes)),
+                 delete_prepared=True)
+        return commands.encode_command(Command.cross(x))
     groups = tuple((g, ws) for g, ws in sorted(r.writes.items()))
     x = XCmd(XOp.RECORD, tid, start=start, at=r.at, result=r.result, groups=groups)
     return commands.encode_command(Command.cross(x, client_id, seq, ack, retry=retry, horizon=horizon))
@@ -234,10 +249,14 @@ def after_record(tid: TxnId, res: ApplyResult) -> Committed | Aborted:
 
 
 def commit_commands(tid: TxnId, r: Ready, groups: Iterable[int]) -> dict[int, bytes]:
-    return {
-        g: commands.encode_command(Command.cross(XCmd(XOp.COMMIT, tid, at=r.at, writes=r.writes.get(g, ()))))
-        for g in sorted(groups)
-    }
+    """The COMMIT of each participant (a range delete's: `delete_prepared`). ValueError if one
+    cannot be encoded."""
+    def one(g: int) -> XCmd:
+        if r.delete_prepared:
+            return XCmd(XOp.COMMIT, tid, at=r.at, delete_prepared=True)
+        return XCmd(XOp.COMMIT, tid, at=r.at, writes=r.writes.get(g, ()))
+
+    return {g: commands.encode_command(Command.cross(one(g))) for g in sorted(groups)}
 
 
 def finalize_command(tid: TxnId, group: int = 0) -> bytes:
@@ -310,7 +329,7 @@ def resolution(intent: Intent, group: int, res: ApplyResult) -> bytes | None:
     if rec.state == State.ABORTED:
         return commands.encode_command(Command.cross(XCmd(XOp.ABORT, intent.txn)))
     if rec.state == State.COMMITTED:
-        x = XCmd(XOp.COMMIT, intent.txn, at=rec.at, writes=rec.writes_of(group))
+        x = XCmd(XOp.COMMIT, intent.txn, at=rec.at, writes=rec.writes_of(group), delete_prepared=rec.delete_prepared)
         return commands.encode_command(Command.cross(x))
     return None  # FINALIZED: every participant committed already; the intent is gone by now
 

@@ -63,6 +63,9 @@ class NodeConfig:
     force_new_cluster: bool = False
     """Recovery after losing quorum: make this node's data a new single-member cluster
     (`kvstore.node.forcenew`); the other --peers are ignored."""
+    plant_xtxn_halt: str = ""
+    """PLANTED FAULT for recovery tests only (`kvstore serve`'s hidden `--plant-xtxn-halt`,
+    `xtxn_run.PLANT_ENV`): where this node's transaction coordinator halts; "" never."""
     feature_level: int = SUPPORTED_LEVEL
     """The feature level this node advertises (`kvstore.node.version`): this binary's highest by
     default; lower only to run a node as an older release would (upgrade tests)."""

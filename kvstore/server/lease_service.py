@@ -15,8 +15,11 @@ LeaseLeases, come from the replicas of the data groups on the answering node (th
 leaders by what is in flight). Every error says whether the operation may have happened.
 
 Permissions (as etcd): granting, keeping alive and listing need an authenticated caller when auth
-is on; LeasePut needs write on its key; LeaseRevoke write on every key attached to the lease on
-this node's replicas; LeaseTimeToLive with keys read on each key it returns.
+is on; LeasePut needs write on its key; LeaseRevoke write on every key attached to the lease, in
+every data group (`check_revoke`: a caller who may write every key passes at once; else the node
+checks the keys attached in its replicas, and refuses, definitely, when it does not host every
+data group, since it cannot see the keys of the others); LeaseTimeToLive with keys read on each
+key it returns.
 """
 
 from __future__ import annotations
@@ -24,24 +27,51 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 from kvstore import errors
 from kvstore.node.lessor import Lessor, LessorParams, Proposal
-from kvstore.security.rbac import READ, WRITE
+from kvstore.security.identity import identity_of_call
+from kvstore.security.rbac import READ, WRITE, Grants
 from kvstore.storage import commands, leases
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.leases import Kind, LeaseCmd
 from kvstore.v1 import kv_pb2
 
 from . import waiters
+from .coalesce import CoalescingQueue
 from .requests import KVRequests
 
 log = logging.getLogger("kvstore.leases")
 
+KEEPALIVE_BUFFER = 256
+"""The most keep-alive replies one stream holds unread (one per lease, the latest)."""
+
 _WRITES = frozenset({Kind.PUT, Kind.REVOKE, Kind.EXPIRE, Kind.DROP})
 """Lease commands that may write (delete or put keys): they carry a proposed revision."""
+
+
+def check_revoke(lid: int, grants: Grants | None, data_groups: Collection[int] | None, hosted: Collection[int],
+                 attached: Callable[[], list[bytes]]) -> None:
+    """etcd's rule for LeaseRevoke: the caller (`grants`; None: auth is off) must be allowed to
+    write every key attached to the lease, in any data group. Whoever may write every key passes
+    at once. Else every data group (`data_groups`, None: no shard map yet) must be `hosted`
+    here, and each key `attached` (read from those replicas) writable; a group not hosted here
+    could hold an attached key this node cannot see, so the revoke is refused. Raises
+    PermissionDenied (definite: nothing was proposed)."""
+    if grants is None or grants.allows_range(b"\x00", None, WRITE):  # every key (keys are non-empty)
+        return
+    missing = sorted(set(data_groups) - set(hosted)) if data_groups is not None else None
+    if missing is None or missing:
+        raise errors.PermissionDenied(
+            f"revoking lease {lid:x} needs write permission on every key attached to it, and this node cannot "
+            f"see the keys of data groups {missing if missing else 'it has no map of'}: revoke it through a node "
+            "that hosts every data group, or as a user who may write every key")
+    for k in attached():
+        if not grants.allows(k, WRITE):
+            raise errors.PermissionDenied(f"revoking lease {lid:x} needs write permission on its attached key "
+                                          f"{k[:64]!r}")
 
 
 def _lease_id(raw: int) -> int:
@@ -112,8 +142,13 @@ class LeaseRequests:
     async def revoke(self, r: kv_pb2.LeaseRevokeRequest) -> kv_pb2.LeaseRevokeResponse:
         try:
             lid = _lease_id(r.id)
-            for k in self._attached(lid):
-                self.rq.allow(k, WRITE)
+            rq = self.rq
+            grants = None
+            if rq.guard is not None and rq.guard.tracker.state.enabled:
+                grants = rq.guard.grants(identity_of_call())
+            smap = rq.tracker.map
+            data = [g for g in smap.data_groups() if g != 0] if smap is not None else None
+            check_revoke(lid, grants, data, rq.host.groups, lambda: self._attached(lid))
             res = await self._propose_home(lid, self._encode(LeaseCmd(Kind.REVOKE, lid)))
             n = int.from_bytes(res.current or b"", "big")
             return kv_pb2.LeaseRevokeResponse(error=self.rq.ok(), deleted=n)
@@ -133,17 +168,21 @@ class LeaseRequests:
         except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
             return kv_pb2.LeaseKeepAliveResponse(error=self.rq.err(self.rq.internal("LeaseKeepAlive", err)), id=r.id)
 
-    async def keep_alive(self, requests: AsyncIterator[kv_pb2.LeaseKeepAliveRequest], window: int = 1024
-                         ) -> AsyncIterator[kv_pb2.LeaseKeepAliveResponse]:
-        """One reply per request (each renewal through the home group's log), up to `window`
-        renewals in flight at once: replies come as renewals apply (each names its lease)."""
-        out: asyncio.Queue[kv_pb2.LeaseKeepAliveResponse | None] = asyncio.Queue()
+    async def keep_alive(self, requests: AsyncIterator[kv_pb2.LeaseKeepAliveRequest], window: int = 1024,
+                         buffered: int = KEEPALIVE_BUFFER) -> AsyncIterator[kv_pb2.LeaseKeepAliveResponse]:
+        """Replies to the requests (each renewal through the home group's log), up to `window`
+        renewals in flight at once: replies come as renewals apply (each names its lease). At
+        most `buffered` replies wait to be read, one per lease (`CoalescingQueue`: a newer reply
+        of a lease replaces its unread one, since only the latest TTL matters); while they are
+        all other leases' the renewals wait, and so does the reading of requests: a client that
+        never reads its replies holds at most `window` + `buffered` of them in the server."""
+        out: CoalescingQueue[int, kv_pb2.LeaseKeepAliveResponse] = CoalescingQueue(buffered)
         slots = asyncio.Semaphore(window)
         tasks: set[asyncio.Task[None]] = set()
 
         async def one(r: kv_pb2.LeaseKeepAliveRequest) -> None:
             try:
-                await out.put(await self.keep_alive_one(r))
+                await out.put(r.id, await self.keep_alive_one(r))
             finally:
                 slots.release()
 
@@ -157,7 +196,7 @@ class LeaseRequests:
                 if tasks:
                     await asyncio.gather(*tasks, return_exceptions=True)
             finally:
-                await out.put(None)
+                await out.close()
 
         feed = asyncio.get_running_loop().create_task(reader())
         try:
@@ -176,7 +215,7 @@ class LeaseRequests:
             if g not in rq.host.groups:
                 raise rq.wrong_shard(f"lease {lid:x}'s home group {g} is not on node {rq.cfg.id}")
             if not rq.host.leads_current(g):
-                raise rq.host._not_leader(rq.host.groups[g])
+                raise rq.host.not_leader_error(g)
             # a linearizable read point: a grant acknowledged from inside its apply transaction
             # is visible to the read that follows it
             await rq.read_point(g, kv_pb2.LINEARIZABLE)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -51,7 +50,7 @@ from .metrics import Metrics
 from .reads import ReadPoint, ReplicaReads
 from .shards import GroupCaller, ShardTracker
 from .txn_wire import result_into, txn_from_proto
-from .xtxn_run import PLANT_ENV, CrossTxns, planted_halt
+from .xtxn_run import CrossTxns, planted_halt
 
 log = logging.getLogger("kvstore.kv")
 
@@ -97,7 +96,7 @@ class KVRequests:
         self.clock = closes.clock
         """Proposes the revisions of this node's writes (docs/REVISIONS.md); checks closes."""
         self._forwards: set[asyncio.Task[ApplyResult]] = set()
-        halt = planted_halt(cfg.id, os.environ.get(PLANT_ENV, ""))
+        halt = planted_halt(cfg.id, cfg.plant_xtxn_halt)
         self.cross: CrossTxns | None = (
             CrossTxns(cfg.id, caller.propose, self.clock, cfg.request_timeout, halt=halt) if caller is not None else None
         )
@@ -334,20 +333,22 @@ class KVRequests:
             if len(r.range_end) > self.cfg.limits.max_key:
                 raise errors.KeyTooLarge(message=f"range end of {len(r.range_end)} bytes is longer than the longest key")
             lo, hi = r.key, b"" if r.range_end == b"\x00" else r.range_end
-            if hi and hi <= lo:
-                raise errors.InvalidArgument("the range's end is at or before its start")
-        if self.guard is not None:
-            self.guard.check_range(lo, hi or None, WRITE)
         m = self.tracker.map
         if m is None:
             raise errors.NoLeader("this node has no shard map yet")
         if self.cross is None:
             raise errors.InvalidArgument("this node runs no range deletes")
         groups = [g for g in m.data_groups() if g != META_GROUP]
+        try:
+            plan = xlogic.plan_range(groups, lo, hi)  # the one check of the range
+        except ValueError as err:
+            raise errors.InvalidArgument(str(err)) from None
+        if self.guard is not None:
+            self.guard.check_range(lo, hi or None, WRITE)
         if self.admission is not None:
             for g in groups:
                 self.admission.check_write(g, True)
-        res = await self.cross.run(None, xlogic.plan_range(groups, lo, hi), r.session.revision)
+        res = await self.cross.run(None, plan, r.session.revision)
         self.metrics.writes.inc()
         n = len(res.txn.responses) if res.txn is not None else 0
         return kv_pb2.DeleteResponse(error=self.ok(), existed=n > 0, revision=res.revision, deleted=n)

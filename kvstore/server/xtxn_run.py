@@ -9,6 +9,15 @@ is settled by a RESOLVE in the primary (which writes ABORTED if the record is ab
 that cannot be done before the deadline is the answer indeterminate. After the commit point the
 answer is success, whatever happens to the COMMITs (a participant left with intents is resolved
 to COMMITTED by whoever meets them).
+
+A failure that is no KVError (a bug, a broken proposal path) is never let through with intents
+held: before the RECORD is proposed every participant is released (ABORT) and the client gets a
+definite `ProposalDropped` (an INTERNAL code would read as indeterminate for a write at the
+client); while the RECORD's outcome is unknown it gets an indeterminate one
+(the RECORD may have applied: nothing is aborted, the resolvers settle it); after the RECORD
+committed the answer stays success (the COMMITs left undone are resolved from the record). A
+RECORD or COMMIT that cannot be built releases every participant and answers a definite
+`InvalidArgument`.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from kvstore import errors
 from kvstore.node import xtxn as logic
@@ -28,6 +38,7 @@ from kvstore.storage.errors import StorageError
 from kvstore.storage.xtxn import Intent, TxnId
 
 Propose = Callable[[int, bytes], Awaitable[ApplyResult]]
+_T = TypeVar("_T")
 
 log = logging.getLogger("kvstore.xtxn")
 
@@ -35,14 +46,16 @@ SWEEP_BATCH = 64
 """The most intents of one group the background sweep looks at per round."""
 
 PLANT_ENV = "KVSTORE_PLANT_XTXN_HALT"
-"""PLANTED FAULT, for testing recovery only: ``NODE:prepare`` or ``NODE:record`` (comma-separated
-for several nodes) makes node NODE's coordinator stop for good after a writing transaction's
-PREPAREs (or its RECORD), as if it died there, so a test can kill it and check that readers and
-writers recover its intents. Never set unless a test asks for it."""
+"""PLANTED FAULT, for testing recovery only: the variable of `kvstore serve`'s hidden option
+`--plant-xtxn-halt` (`NodeConfig.plant_xtxn_halt`, handed to `CrossTxns` as `halt`; nothing here
+reads the environment). ``NODE:prepare`` or ``NODE:record`` (comma-separated for several nodes)
+makes node NODE's coordinator stop for good after a writing transaction's PREPAREs (or its
+RECORD), as if it died there, so a test can kill it and check that readers and writers recover
+its intents. Never set unless a test asks for it."""
 
 
 def planted_halt(node_id: int, value: str) -> str | None:
-    """The stage at which node `node_id`'s coordinator halts, from `PLANT_ENV`'s value."""
+    """The stage at which node `node_id`'s coordinator halts, from the option's value."""
     for part in value.split(","):
         nid, _, stage = part.partition(":")
         if nid.strip() == str(node_id) and stage in ("prepare", "record"):
@@ -77,6 +90,8 @@ class CrossTxns:
         return TxnId(self.node_id, self.rng.getrandbits(64))
 
     async def _all(self, cmds: dict[int, bytes]) -> dict[int, ApplyResult | errors.KVError]:
+        """Propose each group's command at once; every one is awaited. A failure that is no
+        KVError is raised after all are done (the first, by group)."""
         groups = sorted(cmds)
         got = await asyncio.gather(*(self.propose(g, cmds[g]) for g in groups), return_exceptions=True)
         out: dict[int, ApplyResult | errors.KVError] = {}
@@ -88,9 +103,28 @@ class CrossTxns:
         return out
 
     async def _release(self, tid: TxnId, groups: list[int]) -> None:
-        """Abort the attempt's intents (best effort: one left behind resolves to ABORTED)."""
-        if groups:
+        """Abort the attempt's intents (best effort, never raises but on cancellation: an intent
+        left behind has no COMMITTED record, so whoever meets it resolves it to ABORTED)."""
+        if not groups:
+            return
+        try:
             await self._all(logic.abort_commands(tid, groups))
+        except Exception:  # best effort: the caller reports its own failure
+            log.exception("releasing transaction %s in groups %s", tid, groups)
+
+    async def _prepared_or_released(self, tid: TxnId, groups: list[int], step: Awaitable[_T]) -> _T:
+        """Await a step before the commit point; if it fails with anything but a KVError,
+        release every participant and answer a definite ProposalDropped (no RECORD was
+        proposed: the transaction did not happen)."""
+        try:
+            return await step
+        except errors.KVError:
+            raise
+        except Exception as err:
+            await self._release(tid, groups)
+            log.exception("transaction %s failed before its commit point", tid)
+            raise errors.ProposalDropped(f"the transaction failed before its commit point and was released "
+                                         f"(nothing was written): {err!r}") from err
 
     async def run(self, t: txn.Txn | None, p: logic.Plan, floor: int = 0, client_id: int = 0, seq: int = 0,
                   ack: int = 0, retry: bool = False, horizon: int = 0) -> ApplyResult:
@@ -104,7 +138,11 @@ class CrossTxns:
         while True:
             tid = self.new_id()
             start = self.clock.propose(floor)
-            got = await self._all(logic.prepare_commands(p, tid, start, self.clock.propose(floor)))
+            try:
+                prepares = logic.prepare_commands(p, tid, start, self.clock.propose(floor))
+            except ValueError as bad:  # nothing proposed
+                raise errors.InvalidArgument(f"the transaction cannot be prepared: {bad}") from None
+            got = await self._prepared_or_released(tid, sorted(p.keys), self._all(prepares))
             failed = {g: r for g, r in got.items() if not isinstance(r, ApplyResult)}
             if failed:
                 await self._release(tid, sorted(got))
@@ -158,8 +196,19 @@ class CrossTxns:
             await self._release(tid, groups)
             return ApplyResult(revision=r.result.revision, txn=r.result)
         await self._halt("prepare")
-        record = logic.record_command(tid, start, r, client_id, seq, ack, retry, horizon)
-        outcome = await self._record(tid, p.primary, record, start, end)
+        try:  # both built before the commit point: a COMMIT that cannot be built must not follow it
+            record = logic.record_command(tid, start, r, client_id, seq, ack, retry, horizon)
+            commit_cmds = logic.commit_commands(tid, r, groups)
+        except ValueError as err:
+            await self._release(tid, groups)
+            raise errors.InvalidArgument(f"the transaction cannot be recorded: {err}") from None
+        try:
+            outcome = await self._record(tid, p.primary, record, start, end)
+        except errors.KVError:
+            raise
+        except Exception as err:  # the RECORD may have applied: settled by the resolvers, never aborted here
+            log.exception("transaction %s: its RECORD failed", tid)
+            raise errors.InternalError(f"the transaction's commit point failed: {err!r}", indeterminate=True) from err
         if isinstance(outcome, logic.Aborted):
             await self._release(tid, groups)
             if outcome.expired:
@@ -172,14 +221,18 @@ class CrossTxns:
             return ApplyResult(revision=outcome.at, txn=outcome.result)
         self.clock.observe(r.at)
         await self._halt("record")
-        commits = await self._all(logic.commit_commands(tid, r, groups))
-        done = [g for g, x in commits.items() if isinstance(x, ApplyResult) and x.error is None]
-        if len(done) == len(commits):
-            await self._all({p.primary: logic.finalize_command(tid)})
-        else:  # the record keeps only the writes of the participants still holding intents
-            for g in done:
-                await self._all({p.primary: logic.finalize_command(tid, g)})
-        return ApplyResult(revision=r.result.revision, txn=r.result)
+        answer = ApplyResult(revision=r.result.revision, txn=r.result)
+        try:
+            commits = await self._all(commit_cmds)
+            done = [g for g, x in commits.items() if isinstance(x, ApplyResult) and x.error is None]
+            if len(done) == len(commits):
+                await self._all({p.primary: logic.finalize_command(tid)})
+            else:  # the record keeps only the writes of the participants still holding intents
+                for g in done:
+                    await self._all({p.primary: logic.finalize_command(tid, g)})
+        except Exception:  # committed: the record stays COMMITTED, the resolvers finish its COMMITs
+            log.exception("transaction %s committed at %d; finishing its COMMITs failed", tid, r.at)
+        return answer
 
     async def _record(self, tid: TxnId, primary: int, record: bytes, start: int, end: float
                       ) -> logic.Committed | logic.Aborted:

@@ -397,6 +397,11 @@ class KVState:
                         leases.check_rows(key, value)
                     except ValueError as err:
                         raise SnapshotFormatError(f"snapshot file {path} has a bad lease row: {err}") from None
+                if tag - TAG_REV_BASE in (mvcc.T_TXN, mvcc.T_INTENTS):
+                    try:
+                        xtxn.check_rows(tag - TAG_REV_BASE, key, value)
+                    except ValueError as err:
+                        raise SnapshotFormatError(f"snapshot file {path} has a bad transaction row: {err}") from None
                 if len(key) > MAX_KEY_SIZE:
                     raise SnapshotFormatError(f"snapshot file {path} has a key of {len(key)} bytes")
                 if tag == TAG_SESSION:
@@ -501,7 +506,7 @@ class KVState:
         """At most `limit` intents on keys in [start, end), in key order (`mvcc.T_INTENTS`)."""
         with self._env.read() as txn:
             rows = LmdbRows(txn, group, rev_dbs(self._env))
-            return _intents(rows, start, end, limit)
+            return xtxn_apply.intent_rows(rows, start, end, limit)
 
     def read_leases(self, group: int, fn: Callable[[mvcc.Rows], T]) -> T:
         """`fn` on the group's committed rows, in one read transaction (the lease table)."""
@@ -518,7 +523,7 @@ class KVState:
             rows = LmdbRows(txn, group, rev_dbs(env))
             st = _rev_state(rows)
             if probe is not None:
-                probe.rows = _intents(rows, key, key + b"\x00", probe.limit)
+                probe.rows = xtxn_apply.intent_rows(rows, key, key + b"\x00", probe.limit)
             if len(key) > MAX_KEY_SIZE:
                 return None, st
             current = txn.get(group_prefix(group) + key, db=env.db(DB_DATA))
@@ -549,7 +554,7 @@ class KVState:
             if rev and rev < st.compact:
                 raise mvcc.Compacted(st.compact)
             if probe is not None:
-                probe.rows = _intents(rows, start, end, probe.limit)
+                probe.rows = xtxn_apply.intent_rows(rows, start, end, probe.limit)
         except BaseException:
             reader.close()
             raise
@@ -785,13 +790,3 @@ def _delete_prefix(txn: Txn, db: Db, group: int) -> None:
             return
         if not cur.delete():
             return
-
-
-def _intents(rows: mvcc.Rows, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
-    """At most `limit` (key, intent row) of the intents on keys in [start, end), in key order."""
-    out: list[tuple[bytes, bytes]] = []
-    for k, v in rows.iter(mvcc.T_INTENTS, start, end):
-        if len(out) >= limit:
-            break
-        out.append((k, v))
-    return out

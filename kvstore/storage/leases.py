@@ -225,6 +225,11 @@ def owner_key(key: bytes) -> bytes:
     return b"K" + key_hash16(key)
 
 
+def owner_row(lease_id: int) -> bytes:
+    """The value of a key's owner row (`owner_key`): the id of the lease it is attached to."""
+    return _U64.pack(lease_id)
+
+
 def get_record(rows: mvcc.Rows, lease_id: int) -> Record | None:
     raw = rows.get(T_LEASES, record_key(lease_id))
     return None if raw is None else Record.decode(bytes(raw))
@@ -361,7 +366,7 @@ def apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, pr
         if old != lid:
             if old:
                 rows.delete(T_LEASES, attach_key(old, key))
-            rows.put(T_LEASES, owner_key(key), _U64.pack(lid))
+            rows.put(T_LEASES, owner_key(key), owner_row(lid))
             rows.put(T_LEASES, attach_key(lid, key), key)
         return Outcome(found=True, revision=rev)
     if k == Kind.DROP:

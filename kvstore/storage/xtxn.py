@@ -12,25 +12,40 @@ were forgotten). Commands (op codes in `commands.Op`; none carries a client key 
                                                                   (in each participant; r = 1:
                                                                   also lock the key range
                                                                   [start, end), end empty = no end)
-    COMMIT    id at:u64 n:u16 write*                             (in each participant)
+    COMMIT    id at:u64 n:u16 write* [2:u8]                      (in each participant; the tail:
+                                                                  delete every key prepared)
     ABORT     id                                                  (in each participant)
-    RECORD    id start:u64 at:u64 result-len:u32 result n:u16 (group:u64 n:u16 write*)*
-                                                                  (in the primary: the commit point)
+    RECORD    id start:u64 at:u64 result-len:u32 result n:u16 (group:u64 n:u16 write*)* [2:u8]
+                                                                  (in the primary: the commit point;
+                                                                  the tail: every group's COMMIT
+                                                                  deletes every key prepared)
     RESOLVE   id start:u64                                        (in the primary)
     FINALIZE  id group:u64                                        (in the primary; group 0: every
                                                                   participant applied its COMMIT,
                                                                   else that participant did)
     write     flags:u8 (bit 0: a put) klen:u16 key [vlen:u32 value]
 
-Rows (table `mvcc.T_TXN` of the group; `row_*` give the keys):
+Group ids (PREPARE's primary, FINALIZE's group, a RECORD's groups) are below `mvcc.MAX_GROUPS`.
+The tail byte 2 (with no write listed; absent: not) is a range delete's compact form
+(`XCmd.delete_prepared`; tag 2, so that a RECORD's other tails keep their own tags): the COMMIT deletes every key the transaction prepared in the group,
+and the RECORD says so of every group it lists. A range PREPARE may find up to
+`xtxn_apply.MAX_RANGE_KEYS` keys per group, far more than a command may list (`MAX_KEYS`, and
+`MAX_BODY` bytes): the keys need not be listed, because the group's intents fix them (its range
+lock refuses every insert into the range until the COMMIT or ABORT), so the commit point and
+the COMMITs describe any range delete the PREPAREs accepted.
 
-    i + key                 -> intent   id primary:u64 start:u64 prepared:u64      (one per key)
+Rows (`row_*` give the keys; `check_rows` validates one, as a snapshot brings it):
+
+    table mvcc.T_INTENTS:
+    key                     -> intent   id primary:u64 start:u64 prepared:u64      (one per key)
+    table mvcc.T_TXN:
     t + id                  -> prepared:u64 start:u64 (klen:u16 key)*  the keys of its intents here
     l + id                  -> intent slen:u16 start end   a range lock (a range delete's)
-    p + prepared:u64 + key  -> b""      the intents by prepared revision (the group's minimum pending)
-    r + id                  -> record   state:u8 start:u64 at:u64 result-len:u32 result groups
+    p + prepared:u64 + id   -> b""      the transactions by prepared revision (the minimum pending)
+    r + id                  -> record   state:u8 start:u64 at:u64 result-len:u32 result n:u16
+                                        (group:u64 n:u16 write*)* [2:u8]
     d + id                  -> start:u64  the transaction is done in this group (committed or aborted)
-    g + expiry:u64 + id     -> kind:u8   age-ordered index of the rows forgotten at `expiry`
+    g + expiry:u64 + id     -> b""      age-ordered index of the rows forgotten at `expiry`
 
 Invariants: every decoder is total (raises `ValueError`, never another type) and bounded (at
 most `MAX_KEYS` keys or writes per group, `MAX_GROUPS_PER_TXN` groups, `MAX_BODY` bytes);
@@ -146,6 +161,9 @@ class Record:
     at: int = 0
     result: TxnResult | None = None
     writes: tuple[tuple[int, tuple[Write, ...]], ...] = ()
+    delete_prepared: bool = False
+    """A range delete's (module docstring): each group's COMMIT deletes every key the
+    transaction prepared there (`writes` lists the groups, with no write)."""
 
     def writes_of(self, group: int) -> tuple[Write, ...]:
         for g, ws in self.writes:
@@ -182,19 +200,23 @@ class XCmd:
     answered (a range delete)."""
     group: int = 0
     """FINALIZE: the participant that applied its COMMIT (0: every one)."""
+    delete_prepared: bool = False
+    """COMMIT (with no `writes`): delete every key the transaction prepared in the group; RECORD
+    (every group listed with no write): so does each group's COMMIT. A range delete's compact
+    form (module docstring)."""
 
 
 # --- rows ----------------------------------------------------------------------------------------
-def row_intent(key: bytes) -> bytes:
-    return b"i" + key
+def row_txn(t: TxnId) -> bytes:
+    return b"t" + t.encode()
 
 
-def row_txn_key(t: TxnId, key: bytes) -> bytes:
-    return b"t" + t.encode() + key
+def row_pending(prepared: int, t: TxnId) -> bytes:
+    return b"p" + _U64.pack(prepared) + t.encode()
 
 
-def row_pending(prepared: int, key: bytes) -> bytes:
-    return b"p" + _U64.pack(prepared) + key
+def row_lock(t: TxnId) -> bytes:
+    return b"l" + t.encode()
 
 
 def row_record(t: TxnId) -> bytes:
@@ -209,8 +231,62 @@ def row_gc(expiry: int, t: TxnId) -> bytes:
     return b"g" + _U64.pack(expiry) + t.encode()
 
 
-GC_RECORD = 1
-GC_DONE = 2
+def encode_txn_keys(keys: tuple[bytes, ...] | list[bytes], prepared: int, start: int) -> bytes:
+    """The `t` row: the keys of a transaction's intents in the group."""
+    return _U64.pack(prepared) + _U64.pack(start) + b"".join(_U16.pack(len(k)) + k for k in keys)
+
+
+def decode_txn_keys(raw: bytes) -> tuple[int, int, list[bytes]]:
+    """(prepared, start, keys) of a `t` row. Total: ValueError for anything malformed."""
+    b = _Buf(bytes(raw), 0)
+    prepared = b.u(_U64, "the prepared revision")
+    start = b.u(_U64, "the start")
+    _check_rev("prepared revision", prepared)
+    _check_rev("start", start)
+    out: list[bytes] = []
+    while b.pos < len(b.data):
+        out.append(b.key())
+    return prepared, start, out
+
+
+_ROW_ID = 1 + ID_BYTES
+_ROW_REV_ID = 1 + 8 + ID_BYTES
+
+
+def check_rows(table: int, key: bytes, value: bytes) -> None:
+    """Validate one row of `mvcc.T_TXN` or `mvcc.T_INTENTS` as a snapshot brings it (the row
+    table in the module docstring): its key's shape and its value decode, so nothing that reads
+    the rows later (`min_pending`, the GC, the read rule, the sweep) meets a malformed one.
+    Total: ValueError for anything malformed (the caller refuses the whole snapshot)."""
+    key, value = bytes(key), bytes(value)
+    if table == mvcc.T_INTENTS:
+        _check_key(key)
+        Intent.decode(value)
+        return
+    if table != mvcc.T_TXN:
+        raise ValueError(f"table {table} holds no transaction rows")
+    kind = key[:1]
+    if kind in (b"t", b"l", b"r", b"d"):
+        if len(key) != _ROW_ID:
+            raise ValueError(f"{kind.decode()} row key of {len(key)} bytes (expected {_ROW_ID})")
+        if kind == b"t":
+            decode_txn_keys(value)
+        elif kind == b"l":
+            decode_range_lock(value)
+        elif kind == b"r":
+            decode_record(value)
+        elif len(value) != _U64.size:
+            raise ValueError(f"done row of {len(value)} bytes (expected {_U64.size})")
+        else:
+            _check_rev("start", _U64.unpack(value)[0])
+    elif kind in (b"p", b"g"):
+        if len(key) != _ROW_REV_ID:
+            raise ValueError(f"{kind.decode()} row key of {len(key)} bytes (expected {_ROW_REV_ID})")
+        _check_rev("revision", _U64.unpack_from(key, 1)[0])
+        if value:
+            raise ValueError(f"{kind.decode()} row with a value of {len(value)} bytes (expected none)")
+    else:
+        raise ValueError(f"unknown transaction row kind {kind!r}")
 
 
 # --- codec helpers -------------------------------------------------------------------------------
@@ -296,6 +372,34 @@ def _check_rev(name: str, n: int) -> None:
         raise ValueError(f"{name} {n} is out of range")
 
 
+def _check_group(name: str, g: int) -> None:
+    if not 0 <= g < mvcc.MAX_GROUPS:
+        raise ValueError(f"{name} {g} is out of range (0 to {mvcc.MAX_GROUPS - 1})")
+
+
+_TAIL_DELETE_PREPARED = 2
+"""The tail tag of a COMMIT, RECORD or record row that deletes every key prepared."""
+
+
+def _enc_all(flag: bool, out: list[bytes]) -> None:
+    if flag:
+        out.append(_U8.pack(_TAIL_DELETE_PREPARED))
+
+
+def _dec_all(b: _Buf) -> bool:
+    """The optional delete-prepared tail (absent: False; no other tail is known here)."""
+    if b.pos == len(b.data):
+        return False
+    if b.u(_U8, "the tail's tag") != _TAIL_DELETE_PREPARED:
+        raise ValueError("unknown tail")
+    return True
+
+
+def _check_all(flag: bool, groups: tuple[tuple[int, tuple[Write, ...]], ...]) -> None:
+    if flag and any(ws for _g, ws in groups):
+        raise ValueError("a delete-prepared command lists no write")
+
+
 def _enc_writes(ws: tuple[Write, ...], out: list[bytes]) -> None:
     if len(ws) > MAX_KEYS:
         raise ValueError(f"{len(ws)} writes (at most {MAX_KEYS})")
@@ -336,6 +440,8 @@ def _enc_groups(gs: tuple[tuple[int, tuple[Write, ...]], ...], out: list[bytes])
     ids = [g for g, _ in gs]
     if ids != sorted(set(ids)):
         raise ValueError("groups must be distinct and in increasing order")
+    for g in ids:
+        _check_group("group", g)
     out.append(_U16.pack(len(gs)))
     for g, ws in gs:
         out.append(_U64.pack(g))
@@ -349,6 +455,7 @@ def _dec_groups(b: _Buf) -> tuple[tuple[int, tuple[Write, ...]], ...]:
     out: list[tuple[int, tuple[Write, ...]]] = []
     for _ in range(n):
         g = b.u(_U64, "a group id")
+        _check_group("group", g)
         if out and g <= out[-1][0]:
             raise ValueError("groups must be distinct and in increasing order")
         out.append((g, _dec_writes(b)))
@@ -383,6 +490,7 @@ def encode_body(c: XCmd) -> bytes:
             raise ValueError("PREPARE names a key twice")
         if c != XCmd(c.op, c.txn, c.primary, c.start, keys=c.keys, lock=c.lock):
             raise ValueError("PREPARE carries fields it does not use")
+        _check_group("primary group", c.primary)
         out += (_U64.pack(c.primary), _U64.pack(c.start), _U16.pack(len(c.keys)))
         for k in c.keys:
             _check_key(k)
@@ -395,25 +503,31 @@ def encode_body(c: XCmd) -> bytes:
             out += (_U8.pack(1), _U16.pack(len(lo)), lo, _U16.pack(len(hi)), hi)
     elif c.op == XOp.COMMIT:
         _check_rev("commit revision", c.at)
-        if c != XCmd(c.op, c.txn, at=c.at, writes=c.writes):
+        if c != XCmd(c.op, c.txn, at=c.at, writes=c.writes, delete_prepared=c.delete_prepared):
             raise ValueError("COMMIT carries fields it does not use")
+        _check_all(c.delete_prepared, ((0, c.writes),))
         out.append(_U64.pack(c.at))
         _enc_writes(c.writes, out)
+        _enc_all(c.delete_prepared, out)
     elif c.op == XOp.ABORT:
         if c != defaults:
             raise ValueError(f"{c.op.name} carries nothing but the transaction id")
     elif c.op == XOp.FINALIZE:
-        if c != XCmd(c.op, c.txn, group=c.group) or not 0 <= c.group < (1 << 64):
+        if c != XCmd(c.op, c.txn, group=c.group):
             raise ValueError("FINALIZE carries the transaction id and a group only")
+        _check_group("group", c.group)
         out.append(_U64.pack(c.group))
     elif c.op == XOp.RECORD:
         _check_rev("start", c.start)
         _check_rev("commit revision", c.at)
-        if c != XCmd(c.op, c.txn, start=c.start, at=c.at, result=c.result, groups=c.groups):
+        if c != XCmd(c.op, c.txn, start=c.start, at=c.at, result=c.result, groups=c.groups,
+                     delete_prepared=c.delete_prepared):
             raise ValueError("RECORD carries fields it does not use")
+        _check_all(c.delete_prepared, c.groups)
         out += (_U64.pack(c.start), _U64.pack(c.at))
         _enc_result(c.result, out)
         _enc_groups(c.groups, out)
+        _enc_all(c.delete_prepared, out)
     elif c.op == XOp.RESOLVE:
         _check_rev("start", c.start)
         if c != XCmd(c.op, c.txn, start=c.start):
@@ -437,6 +551,7 @@ def decode_body(op: XOp, data: bytes, pos: int = 0) -> XCmd:
     c: XCmd
     if op == XOp.PREPARE:
         primary = b.u(_U64, "the primary group")
+        _check_group("primary group", primary)
         start = b.u(_U64, "the start")
         _check_rev("start", start)
         n = b.u(_U16, "the number of keys")
@@ -460,17 +575,26 @@ def decode_body(op: XOp, data: bytes, pos: int = 0) -> XCmd:
     elif op == XOp.COMMIT:
         at = b.u(_U64, "the commit revision")
         _check_rev("commit revision", at)
-        c = XCmd(op, t, at=at, writes=_dec_writes(b))
+        writes = _dec_writes(b)
+        every = _dec_all(b)
+        _check_all(every, ((0, writes),))
+        c = XCmd(op, t, at=at, writes=writes, delete_prepared=every)
     elif op == XOp.ABORT:
         c = XCmd(op, t)
     elif op == XOp.FINALIZE:
-        c = XCmd(op, t, group=b.u(_U64, "the group"))
+        group = b.u(_U64, "the group")
+        _check_group("group", group)
+        c = XCmd(op, t, group=group)
     elif op == XOp.RECORD:
         start = b.u(_U64, "the start")
         at = b.u(_U64, "the commit revision")
         _check_rev("start", start)
         _check_rev("commit revision", at)
-        c = XCmd(op, t, start=start, at=at, result=_dec_result(b), groups=_dec_groups(b))
+        result = _dec_result(b)
+        groups = _dec_groups(b)
+        every = _dec_all(b)
+        _check_all(every, groups)
+        c = XCmd(op, t, start=start, at=at, result=result, groups=groups, delete_prepared=every)
     elif op == XOp.RESOLVE:
         start = b.u(_U64, "the start")
         _check_rev("start", start)
@@ -485,9 +609,11 @@ def decode_body(op: XOp, data: bytes, pos: int = 0) -> XCmd:
 def encode_record(r: Record) -> bytes:
     _check_rev("start", r.start)
     _check_rev("commit revision", r.at)
+    _check_all(r.delete_prepared, r.writes)
     out: list[bytes] = [_REC_HEAD.pack(int(r.state), r.start, r.at)]
     _enc_result(r.result, out)
     _enc_groups(r.writes, out)
+    _enc_all(r.delete_prepared, out)
     return b"".join(out)
 
 
@@ -506,8 +632,10 @@ def decode_record(raw: bytes) -> Record:
     _check_rev("commit revision", at)
     res = _dec_result(b)
     groups = _dec_groups(b)
+    every = _dec_all(b)
+    _check_all(every, groups)
     b.end()
-    return Record(state, start, at, res, groups)
+    return Record(state, start, at, res, groups, every)
 
 
 # --- a lock met by a write -----------------------------------------------------------------------

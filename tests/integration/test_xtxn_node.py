@@ -122,6 +122,18 @@ async def _range(tmp_path: Path) -> None:
         await c.txn([], [Op.put(b"r/a", b"1"), Op.put(b"r/b", b"1"), Op.put(b"r/c", b"1")])
         assert await c.delete_range(b"r/a", b"r/c") == 2
         assert await c.get(b"r/c") == b"1" and await c.get(b"r/a") is None
+        # more keys than a command lists (issue 17: its RECORD could not be built, INTERNAL)
+        big = [b"big/%04d" % i for i in range(400)]
+        await asyncio.gather(*(c.put(k, b"v") for k in big))
+        assert max(sum(m.group_for_key(k) == g for k in big) for g in m.data_groups()) > 128
+        assert await c.delete_prefix(b"big/") == len(big)
+        assert [kv async for kv in c.scan(b"big/")] == []
+        try:
+            await c.delete_range(b"r/c", b"r/a")
+        except errors.InvalidArgument as err:
+            assert err.definite
+        else:
+            raise AssertionError("an empty range was deleted")
         # a dead coordinator's range lock: an insert into the range meets it, resolves it (no
         # record: ABORTED) and goes in
         node = n.node

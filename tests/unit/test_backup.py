@@ -267,7 +267,17 @@ def leases_strategy() -> st.SearchStrategy[list[BackupLease]]:
         st.integers(1, 2**40), st.integers(1, 4095), st.integers(1, 100), st.floats(0, 1),
         st.sets(st.binary(min_size=1, max_size=20), max_size=5),
     )
-    return st.lists(lease, max_size=8, unique_by=lambda le: le.id).map(lambda ls: sorted(ls, key=lambda le: le.id))
+    return st.lists(lease, max_size=8, unique_by=lambda le: le.id).map(lambda ls: _one_lease_per_key(
+        sorted(ls, key=lambda le: le.id)))
+
+
+def _one_lease_per_key(ls: list[BackupLease]) -> list[BackupLease]:
+    seen: set[bytes] = set()
+    out = []
+    for le in ls:
+        out.append(BackupLease(le.id, le.ttl_s, le.remaining_ms, tuple(k for k in le.keys if k not in seen)))
+        seen.update(le.keys)
+    return out
 
 
 def encode_with_leases(keys: list[BackupKey], ls: list[BackupLease], chunk: int | None = None) -> bytes:
@@ -361,3 +371,66 @@ def test_restore_carries_leases(tmp_path: Path) -> None:
             store.apply([ApplyBatch(g, [e], CONF1)])
         left = {k for g in res.groups for k, _ in store.scan(g, b"", None)}
         assert left == {k.key for k in keys[10:]}
+
+
+def _forged_with_leases(ls: list[BackupLease]) -> bytes:
+    """A well-hashed file whose writer was made to skip the one-lease-per-key check (a forger's)."""
+    f = io.BytesIO()
+    w = BackupWriter(f, BackupInfo(REV, 1_700_000_000_000, 2, 3, 64))
+    w.add(BackupKey(b"k", b"v", 1, 1, 1))
+    for le in ls:
+        w._attached.clear()
+        w.add_lease(le)
+    w.finish()
+    return f.getvalue()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sets(st.sampled_from([b"a", b"b", b"c", b"d"]), max_size=3), min_size=1, max_size=4))
+def test_a_key_attached_to_two_leases_is_refused(key_sets: list[set[bytes]]) -> None:
+    ls = [BackupLease((i + 1) << 12 | 1, 10, 0, tuple(sorted(ks))) for i, ks in enumerate(key_sets)]
+    data = _forged_with_leases(ls)
+    twice = sum(len(ks) for ks in key_sets) != len(set().union(*key_sets))
+    if twice:
+        with pytest.raises(BackupFormatError, match="attached to lease"):
+            _decode_all(data)
+        with pytest.raises(BackupFormatError, match="attached to lease"):
+            encode_with_leases([], ls)  # the writer refuses it too
+    else:
+        r = BackupReader(io.BytesIO(data))
+        list(r.entries())
+        assert r.leases == ls
+
+
+def test_restore_refuses_a_key_attached_to_two_leases(tmp_path: Path) -> None:
+    path = tmp_path / "b.kvbk"
+    path.write_bytes(_forged_with_leases([BackupLease(4097, 10, 0, (b"k",)), BackupLease(8193, 10, 0, (b"k",))]))
+    with pytest.raises(BackupFormatError, match="attached to lease 2001 and to an earlier lease"):
+        restore(path, tmp_path / "n1", 1, {1: "127.0.0.1:20001"}, groups=2, replication=1)
+    assert not (tmp_path / "n1").exists()
+    verified = "0" * 64
+    with pytest.raises((BackupFormatError, RestoreError)):
+        list(group_records(path, IntervalSet.full(), REV, [], verified, 1, homes={1}))
+
+
+def test_restore_leaves_keys_of_a_lease_homed_in_a_missing_group_unattached(tmp_path: Path) -> None:
+    """A lease whose home group the new cluster lacks is not restored, and (as the docstring
+    says) its keys come back unattached: no attachment row points at a lease that is nowhere."""
+    from kvstore.storage import leases
+
+    keys = [BackupKey(f"k{i:03d}".encode(), b"v", 4096 + i, 4096 + i, 1) for i in range(20)]
+    home_here, home_gone = leases.make_id(1, 5), leases.make_id(3, 7)
+    path = tmp_path / "b.kvbk"
+    path.write_bytes(encode_with_leases(keys, [BackupLease(home_here, 30, 1000, (b"k000",)),
+                                               BackupLease(home_gone, 30, 1000, (b"k001", b"k002"))]))
+    res = restore(path, tmp_path / "n1", 1, {1: "127.0.0.1:20001"}, groups=2, replication=1)
+    with LmdbNodeStore(tmp_path / "n1" / "db", map_size=1 << 30, state_sync="checkpoint") as store:
+        kv = store.revisions
+        owners = {k: kv.read_leases(g, lambda rows, k=k: leases.lease_of(rows, k))
+                  for g in res.groups for k in (b"k000", b"k001", b"k002")
+                  if kv.read_leases(g, lambda rows, k=k: leases.lease_of(rows, k))}
+        assert owners == {b"k000": home_here}
+        assert all(not kv.read_leases(g, lambda rows: leases.attached_keys(rows, home_gone)) for g in res.groups)
+        assert all(kv.read_leases(g, lambda rows: leases.get_record(rows, home_gone)) is None for g in res.groups)
+        found = {k for g in res.groups for k, _ in store.scan(g, b"", None)}
+        assert {b"k001", b"k002"} <= found  # the keys themselves are restored

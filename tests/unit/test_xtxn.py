@@ -54,7 +54,10 @@ xcmd_st = st.one_of(
               st.tuples(st.binary(max_size=8), st.just(b""))),
     st.builds(lambda t, a, ws: XCmd(XOp.COMMIT, t, at=a, writes=tuple(ws)), ids_st, revs_st, writes_st),
     st.builds(lambda t: XCmd(XOp.ABORT, t), ids_st),
-    st.builds(lambda t, g: XCmd(XOp.FINALIZE, t, group=g), ids_st, st.integers(0, (1 << 64) - 1)),
+    st.builds(lambda t, g: XCmd(XOp.FINALIZE, t, group=g), ids_st, st.integers(0, mvcc.MAX_GROUPS - 1)),
+    st.builds(lambda t, a: XCmd(XOp.COMMIT, t, at=a, delete_prepared=True), ids_st, revs_st),
+    st.builds(lambda t, s, a, n: XCmd(XOp.RECORD, t, start=s, at=a, groups=tuple((i, ()) for i in range(n)),
+                                      delete_prepared=True), ids_st, revs_st, revs_st, st.integers(0, 3)),
     st.builds(lambda t, s: XCmd(XOp.RESOLVE, t, start=s), ids_st, revs_st),
     st.builds(lambda t, s, a, r, g: XCmd(XOp.RECORD, t, start=s, at=a, result=r,
                                          groups=tuple((i, tuple(ws)) for i, ws in enumerate(g))),
@@ -79,7 +82,9 @@ def test_cross_commands_round_trip(x: XCmd) -> None:
 @given(st.sampled_from(list(XOp)), st.binary(max_size=200))
 def test_every_decoder_is_total(op: XOp, data: bytes) -> None:
     for f in (lambda: xtxn.decode_body(op, data), lambda: xtxn.decode_record(data), lambda: xtxn.decode_lock(data),
-              lambda: xtxn.Intent.decode(data), lambda: xtxn.decode_range_lock(data), lambda: xtxn.decode_found(data)):
+              lambda: xtxn.Intent.decode(data), lambda: xtxn.decode_range_lock(data), lambda: xtxn.decode_found(data),
+              lambda: xtxn.decode_txn_keys(data), lambda: xtxn.check_rows(mvcc.T_TXN, data[:25], data[25:]),
+              lambda: xtxn.check_rows(mvcc.T_INTENTS, data[:8], data[8:])):
         with contextlib.suppress(ValueError):
             f()
 
