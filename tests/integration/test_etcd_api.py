@@ -478,3 +478,23 @@ def test_many_watches_on_one_stream_filters_cancel_and_progress(kv: str) -> None
                 break
         reqs.put(None)
         stream.cancel()
+
+
+def test_every_node_answers_for_keys_of_groups_it_does_not_host(tmp_path: Path) -> None:
+    """3 nodes, 2 groups of 2 replicas each: some node lacks some group. Every node still takes
+    puts, gets, deletes and a lease put of every key (sent on to a node hosting its group)."""
+    c = Cluster(tmp_path, 3, extra_args=["--groups", "2", "--replication", "2"]).start()
+    try:
+        lid = ctl(c.endpoints[0], "lease", "grant", "60").stdout.split()[1]
+        for i, ep in enumerate(c.endpoints):
+            for k in range(4):
+                key = f"ph/{i}/{k}"
+                p = ctl(ep, "put", key, f"v{k}") if k else ctl(ep, "put", f"--lease={lid}", key, "v0")
+                assert p.returncode == 0, (ep, key, p.stderr)
+                g = ctl(ep, "get", key, "--print-value-only")
+                assert (g.returncode, g.stdout) == (0, f"v{k}\n"), (ep, key, g.stderr)
+            d = ctl(ep, "del", f"ph/{i}/3")
+            assert (d.returncode, d.stdout) == (0, "1\n"), (ep, d.stderr)
+            assert ctl(ep, "lease", "keep-alive", "--once", lid).returncode == 0
+    finally:
+        c.stop()

@@ -319,6 +319,20 @@ def txn_body(r: rpc_pb2.TxnRequest) -> tuple[kv_pb2.TxnBody, TxnPlan]:
     return body, plan
 
 
+def txn_keys(body: kv_pb2.TxnBody) -> list[bytes]:
+    """Every key a kvstore transaction names, on any path (nested ones too)."""
+    out = [c.key for c in body.compares]
+    for op in (*body.success, *body.failure):
+        which = op.WhichOneof("op")
+        if which == "put":
+            out.append(op.put.key)
+        elif which in ("delete", "get"):
+            out.append(getattr(op, which))
+        elif which == "txn":
+            out += txn_keys(op.txn)
+    return out
+
+
 def _kv_found(kv: kv_pb2.KeyValue) -> bool:
     return bool(kv.key)
 

@@ -1,7 +1,8 @@
 """An etcd call runs where it lands (etcd clients do not follow leader hints): its kvstore
 request goes to the node's own KV servicer (the audited one, behind the caller's own credential,
 so RBAC and audit apply as for kvstore's RPCs), and a reply NOT_LEADER with the leader's address
-is sent on to that node's KV service with the caller's bearer token (at most `MAX_HOPS` hops).
+(or WRONG_SHARD for a group this node does not host: to a node that hosts it) is sent on to that
+node's KV service with the caller's bearer token (at most `MAX_HOPS` hops).
 
 Forwarding never lends this node's identity to a caller: on a TLS cluster a call is forwarded
 only if it carries a token (the leader authenticates the caller by it); otherwise the reply
@@ -17,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from kvstore.node.grouprequests import leader_candidates
 from kvstore.security.identity import METADATA_KEY
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
@@ -53,16 +55,19 @@ class Forwarder:
         assert self.caller is not None
         return kv_pb2_grpc.KVStub(self.caller.channel(addr))
 
-    async def call(self, method: str, request: Any, context: grpc.aio.ServicerContext, *, is_write: bool) -> Any:
+    async def call(self, method: str, request: Any, context: grpc.aio.ServicerContext, *, is_write: bool,
+                   group: int | None = None) -> Any:
         """The reply of KV.`method` for `request`, from this node or its group's leader; raises
         `EtcdStatus` for an error reply. A definite refusal that an election or a leadership
         transfer ends (no leader known, a dropped proposal) is retried with backoff for up to
-        `timeout`, as etcd's server waits for a leader: etcd clients do not retry a write."""
+        `timeout`, as etcd's server waits for a leader: etcd clients do not retry a write.
+        `group`: the one group the request touches, if known: a node that does not host it sends
+        the request on to one that does (its leader, if known)."""
         loop = asyncio.get_running_loop()
         end = loop.time() + self.timeout
         delay = 0.02
         while True:
-            resp = await self._call_once(method, request, context, is_write=is_write)
+            resp = await self._call_once(method, request, context, is_write=is_write, group=group)
             code, err = resp.error.code, resp.error
             retry = (code == kv_pb2.PROPOSAL_DROPPED or code == kv_pb2.NO_LEADER
                      or (code == kv_pb2.NOT_LEADER and not err.leader_hint))
@@ -73,14 +78,27 @@ class Forwarder:
         check_reply(resp.error, is_write=is_write)
         return resp
 
-    async def _call_once(self, method: str, request: Any, context: grpc.aio.ServicerContext, *, is_write: bool) -> Any:
+    def _target(self, err: kv_pb2.Error, group: int | None) -> str:
+        """Where to send a request answered `err` on: the leader a NOT_LEADER names; for a
+        WRONG_SHARD of a `group` this node does not host, the best guess among its members
+        (`leader_candidates`); "" for nowhere."""
+        if err.code == kv_pb2.NOT_LEADER:
+            return err.leader_hint
+        c = self.caller
+        if err.code == kv_pb2.WRONG_SHARD and group is not None and c is not None and group not in c.host.groups:
+            for n in leader_candidates(c.host, c.tracker.map, group):
+                if n != c.node_id and (addr := c.address(n)):
+                    return addr
+        return ""
+
+    async def _call_once(self, method: str, request: Any, context: grpc.aio.ServicerContext, *, is_write: bool,
+                         group: int | None) -> Any:
         resp = await getattr(self.kv, method)(request, context)
         hops = 0
-        while (resp.error.code == kv_pb2.NOT_LEADER and resp.error.leader_hint and hops < MAX_HOPS
-               and self._may_forward(context)):
+        while hops < MAX_HOPS and (addr := self._target(resp.error, group)) and self._may_forward(context):
             hops += 1
             try:
-                resp = await getattr(self._stub(resp.error.leader_hint), method)(
+                resp = await getattr(self._stub(addr), method)(
                     request, metadata=_token_metadata(context), timeout=self.timeout)
             except grpc.aio.AioRpcError as e:
                 raise EtcdStatus(grpc.StatusCode.UNAVAILABLE,
@@ -88,21 +106,20 @@ class Forwarder:
                                  indeterminate=is_write) from None
         return resp
 
-    async def keep_alive(self, local: Any, request: kv_pb2.LeaseKeepAliveRequest,
-                         context: grpc.aio.ServicerContext) -> kv_pb2.LeaseKeepAliveResponse:
+    async def keep_alive(self, local: Any, request: kv_pb2.LeaseKeepAliveRequest, context: grpc.aio.ServicerContext,
+                         group: int) -> kv_pb2.LeaseKeepAliveResponse:
         """One keep-alive: `local.keep_alive_one` here, or one message on a LeaseKeepAlive
-        stream to the home group's leader."""
+        stream to the leader of the lease's home `group`."""
         resp = await local.keep_alive_one(request)
         hops = 0
-        while (resp.error.code == kv_pb2.NOT_LEADER and resp.error.leader_hint and hops < MAX_HOPS
-               and self._may_forward(context)):
+        while hops < MAX_HOPS and (addr := self._target(resp.error, group)) and self._may_forward(context):
             hops += 1
 
             async def one() -> AsyncIterator[kv_pb2.LeaseKeepAliveRequest]:
                 yield request
 
             try:
-                call = self._stub(resp.error.leader_hint).LeaseKeepAlive(
+                call = self._stub(addr).LeaseKeepAlive(
                     one(), metadata=_token_metadata(context), timeout=self.timeout)
                 got = None
                 async for r in call:

@@ -35,6 +35,7 @@ from .convert import (
     range_reply,
     to_mvcc,
     txn_body,
+    txn_keys,
     txn_reply,
     unsupported,
 )
@@ -104,10 +105,11 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                    ) -> tuple[list[kv_pb2.KeyValue], int, int]:
         r = kv_pb2.GetRequest(key=q.keys.start, revision=q.revision,
                               consistency=kv_pb2.SERIALIZABLE if q.serializable else kv_pb2.LINEARIZABLE)
-        g = await self.n.forward.call("Get", r, context, is_write=False)
+        group = self.n.group_of(q.keys.start)
+        g = await self.n.forward.call("Get", r, context, is_write=False, group=group)
         items = [kv_pb2.KeyValue(key=q.keys.start, value=g.value, create_revision=g.create_revision,
                                  mod_revision=g.mod_revision, version=g.version)] if g.found else []
-        return items, g.revision, self.n.group_of(q.keys.start)
+        return items, g.revision, group
 
     async def _part(self, keys: KeyRange, group: int, revision: int, consistency: int, keep: int, keys_only: bool,
                     context: grpc.aio.ServicerContext) -> tuple[list[kv_pb2.KeyValue], int, int]:
@@ -164,20 +166,21 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
             group = self.n.group_of(key)
             if request.lease:
                 p = await fw.call("LeasePut", kv_pb2.LeasePutRequest(key=key, value=request.value, lease=request.lease),
-                                  context, is_write=True)
+                                  context, is_write=True, group=group)
                 return rpc_pb2.PutResponse(header=self.n.header(p.revision, group))
             if request.ignore_value:
                 return await self._put_keeping_value(request, group, context)
             if request.prev_kv:
                 body = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(get=key),
                                                kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=key, value=request.value))])
-                t = await fw.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True)
+                t = await fw.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True, group=group)
                 resp = rpc_pb2.PutResponse(header=self.n.header(t.revision, group))
                 prev = t.result.responses[0].get
                 if prev.key:
                     resp.prev_kv.CopyFrom(to_mvcc(prev))
                 return resp
-            p = await fw.call("Put", kv_pb2.PutRequest(key=key, value=request.value), context, is_write=True)
+            p = await fw.call("Put", kv_pb2.PutRequest(key=key, value=request.value), context, is_write=True,
+                              group=group)
             return rpc_pb2.PutResponse(header=self.n.header(p.revision, group))
         except Exception as err:
             await fail(err, context, "Put")
@@ -188,14 +191,14 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         mod revision and a put, retried while the key changes in between."""
         key, fw = request.key, self.n.forward
         for _ in range(IGNORE_VALUE_TRIES):
-            g = await fw.call("Get", kv_pb2.GetRequest(key=key), context, is_write=False)
+            g = await fw.call("Get", kv_pb2.GetRequest(key=key), context, is_write=False, group=group)
             if not g.found:
                 raise invalid(KEY_NOT_FOUND)
             body = kv_pb2.TxnBody(
                 compares=[kv_pb2.Compare(key=key, target=kv_pb2.COMPARE_MOD, result=kv_pb2.EQUAL, number=g.mod_revision)],
                 success=[kv_pb2.TxnOp(get=key), kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=key, value=g.value))],
             )
-            t = await fw.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True)
+            t = await fw.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True, group=group)
             if t.result.succeeded:
                 resp = rpc_pb2.PutResponse(header=self.n.header(t.revision, group))
                 if request.prev_kv:
@@ -214,14 +217,14 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                 group = self.n.group_of(keys.start)
                 if request.prev_kv:
                     body = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(get=keys.start), kv_pb2.TxnOp(delete=keys.start)])
-                    t = await fw.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True)
+                    t = await fw.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True, group=group)
                     resp = rpc_pb2.DeleteRangeResponse(header=self.n.header(t.revision, group),
                                                        deleted=1 if t.result.responses[1].delete else 0)
                     prev = t.result.responses[0].get
                     if prev.key:
                         resp.prev_kvs.append(to_mvcc(prev))
                     return resp
-                d = await fw.call("Delete", kv_pb2.DeleteRequest(key=keys.start), context, is_write=True)
+                d = await fw.call("Delete", kv_pb2.DeleteRequest(key=keys.start), context, is_write=True, group=group)
                 return rpc_pb2.DeleteRangeResponse(header=self.n.header(d.revision, group), deleted=1 if d.existed else 0)
             if request.prev_kv:
                 raise unsupported("DeleteRange's prev_kv over a range (range_end)")
@@ -241,7 +244,9 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                 resp.header.CopyFrom(self.n.header(0))
                 resp.succeeded = True
                 return resp
-            t = await self.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True)
+            groups = {self.n.group_of(k) for k in txn_keys(body)}
+            t = await self.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True,
+                                          group=groups.pop() if len(groups) == 1 else None)
             txn_reply(plan, t.result, self.n.header(t.revision), resp)
             return resp
         except Exception as err:

@@ -52,7 +52,7 @@ class EtcdLease(rpc_pb2_grpc.LeaseServicer):
                 raise invalid(f"etcdserver: lease TTL {request.TTL} is not in 1..{MAX_TTL}")
             lid = grant_id(request.ID, self.n.shard_map().data_groups(), self.rng, frozenset(self.n.host.groups))
             g = await self.n.forward.call("LeaseGrant", kv_pb2.LeaseGrantRequest(ttl=request.TTL, id=lid), context,
-                                          is_write=True)
+                                          is_write=True, group=leases.home_group(lid))
             return rpc_pb2.LeaseGrantResponse(header=self.n.header(0, leases.home_group(lid)), ID=g.id, TTL=g.ttl)
         except Exception as err:
             await fail(err, context, "LeaseGrant")
@@ -61,7 +61,8 @@ class EtcdLease(rpc_pb2_grpc.LeaseServicer):
                           ) -> rpc_pb2.LeaseRevokeResponse:
         try:
             lid = _lease(request.ID)
-            await self.n.forward.call("LeaseRevoke", kv_pb2.LeaseRevokeRequest(id=lid), context, is_write=True)
+            await self.n.forward.call("LeaseRevoke", kv_pb2.LeaseRevokeRequest(id=lid), context, is_write=True,
+                                      group=leases.home_group(lid))
             return rpc_pb2.LeaseRevokeResponse(header=self.n.header(0, leases.home_group(lid)))
         except Exception as err:
             await fail(err, context, "LeaseRevoke")
@@ -73,7 +74,7 @@ class EtcdLease(rpc_pb2_grpc.LeaseServicer):
             async for r in request_iterator:
                 lid = _lease(r.ID)
                 k = await self.n.forward.keep_alive(self.n.forward.kv.leases, kv_pb2.LeaseKeepAliveRequest(id=lid),
-                                                    context)
+                                                    context, leases.home_group(lid))
                 yield rpc_pb2.LeaseKeepAliveResponse(header=self.n.header(0, leases.home_group(lid)), ID=lid, TTL=k.ttl)
         except Exception as err:
             await fail(err, context, "LeaseKeepAlive")
@@ -83,7 +84,7 @@ class EtcdLease(rpc_pb2_grpc.LeaseServicer):
         try:
             lid = _lease(request.ID)
             t = await self.n.forward.call("LeaseTimeToLive", kv_pb2.LeaseTimeToLiveRequest(id=lid, keys=request.keys),
-                                          context, is_write=False)
+                                          context, is_write=False, group=leases.home_group(lid))
             return rpc_pb2.LeaseTimeToLiveResponse(header=self.n.header(0, leases.home_group(lid)), ID=lid, TTL=t.ttl,
                                                    grantedTTL=t.granted_ttl, keys=list(t.keys))
         except Exception as err:
