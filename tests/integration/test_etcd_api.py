@@ -482,7 +482,8 @@ def test_many_watches_on_one_stream_filters_cancel_and_progress(kv: str) -> None
 
 def test_every_node_answers_for_keys_of_groups_it_does_not_host(tmp_path: Path) -> None:
     """3 nodes, 2 groups of 2 replicas each: some node lacks some group. Every node still takes
-    puts, gets, deletes and a lease put of every key (sent on to a node hosting its group)."""
+    puts, gets, deletes and a lease put of every key (sent on to a node hosting its group), and
+    ranges over every group."""
     c = Cluster(tmp_path, 3, extra_args=["--groups", "2", "--replication", "2"]).start()
     try:
         lid = ctl(c.endpoints[0], "lease", "grant", "60").stdout.split()[1]
@@ -496,5 +497,9 @@ def test_every_node_answers_for_keys_of_groups_it_does_not_host(tmp_path: Path) 
             d = ctl(ep, "del", f"ph/{i}/3")
             assert (d.returncode, d.stdout) == (0, "1\n"), (ep, d.stderr)
             assert ctl(ep, "lease", "keep-alive", "--once", lid).returncode == 0
+        expect = "".join(f"ph/{i}/{k}\n" for i in range(3) for k in range(3))
+        for ep in c.endpoints:  # a range reads the groups this node lacks at a node that has them
+            g = ctl(ep, "get", "ph/", "--prefix", "--keys-only")
+            assert (g.returncode, g.stdout.replace("\n\n", "\n")) == (0, expect), (ep, g.stderr)
     finally:
         c.stop()

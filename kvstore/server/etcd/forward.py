@@ -106,6 +106,27 @@ class Forwarder:
                                  indeterminate=is_write) from None
         return resp
 
+    def scan(self, request: kv_pb2.ScanRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[kv_pb2.ScanResponse]:
+        """KV.Scan of one group's part: here if this node hosts the group, else at a node that
+        does (any replica serves it; with the caller's token, under the same rule as `call`)."""
+        c = self.caller
+        if c is None or request.group in c.host.groups or not self._may_forward(context):
+            return self.kv.Scan(request, context)
+        for n in leader_candidates(c.host, c.tracker.map, request.group):
+            if n != c.node_id and (addr := c.address(n)):
+                return self._remote_scan(addr, request, context)
+        return self.kv.Scan(request, context)
+
+    async def _remote_scan(self, addr: str, request: kv_pb2.ScanRequest, context: grpc.aio.ServicerContext
+                           ) -> AsyncIterator[kv_pb2.ScanResponse]:
+        try:
+            async for msg in self._stub(addr).Scan(request, metadata=_token_metadata(context), timeout=self.timeout):
+                yield msg
+        except grpc.aio.AioRpcError as e:
+            raise EtcdStatus(grpc.StatusCode.UNAVAILABLE,
+                             f"kvstore: reading group {request.group} at {addr} failed: {e.code().name} {e.details()}"
+                             ) from None
+
     async def keep_alive(self, local: Any, request: kv_pb2.LeaseKeepAliveRequest, context: grpc.aio.ServicerContext,
                          group: int) -> kv_pb2.LeaseKeepAliveResponse:
         """One keep-alive: `local.keep_alive_one` here, or one message on a LeaseKeepAlive

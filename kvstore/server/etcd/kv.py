@@ -122,7 +122,7 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
             count = size = rev = 0
             err: errors.KVError | None = None
             first = True
-            async for msg in self.n.forward.kv.Scan(req, context):
+            async for msg in self.n.forward.scan(req, context):
                 err = errors.from_proto(msg.error, is_write=False) if msg.HasField("error") else None
                 if err is not None:
                     break
