@@ -232,21 +232,33 @@ def test_watch_from_now_and_compacted_on_kvstore(kv: str) -> None:
     canceled with etcd's message."""
     p = subprocess.Popen(["etcdctl", f"--endpoints={kv}", "watch", "now/k"], stdout=subprocess.PIPE, text=True,
                          env={**os.environ, "ETCDCTL_API": "3"})
-    try:
+    lines: list[str] = []
+    changed = threading.Condition()
+
+    def read() -> None:
         assert p.stdout is not None
-        os.set_blocking(p.stdout.fileno(), False)
-        seen = ""
+        for line in p.stdout:
+            with changed:
+                lines.append(line.rstrip("\n"))
+                changed.notify_all()
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    try:
         deadline = time.monotonic() + 30
         i = 0
-        while "PUT\nnow/k\n" not in seen:
-            assert time.monotonic() < deadline, seen
+        while True:
             i += 1
             assert ctl(kv, "put", "now/k", f"v{i}").returncode == 0
-            time.sleep(0.1)
-            seen += p.stdout.read() or ""
+            with changed:
+                if changed.wait_for(lambda: "now/k" in lines, timeout=0.2):
+                    break
+            assert time.monotonic() < deadline, lines
+        assert lines[0] == "PUT" and lines[1] == "now/k", lines
     finally:
         p.kill()
         p.wait(10)
+        t.join(10)
     r0 = _rev(kv, "cw/a", "1")
     r1 = _rev(kv, "cw/a", "2")
     assert ctl(kv, "compact", str(r1)).returncode == 0
