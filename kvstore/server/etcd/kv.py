@@ -245,9 +245,9 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                 resp.succeeded = True
                 return resp
             groups = {self.n.group_of(k) for k in txn_keys(body)}
-            t = await self.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True,
-                                          group=groups.pop() if len(groups) == 1 else None)
-            txn_reply(plan, t.result, self.n.header(t.revision), resp)
+            one = groups.pop() if len(groups) == 1 else None
+            t = await self.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True, group=one)
+            txn_reply(plan, t.result, self.n.header(t.revision, one), resp)
             return resp
         except Exception as err:
             await fail(err, context, "Txn")
