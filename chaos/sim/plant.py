@@ -35,7 +35,7 @@ from kvstore.storage.shardcmd import (
 )
 from kvstore.storage.wal import Wal
 
-from . import nodes, xtxn_pairs
+from . import locks, nodes, xtxn_pairs
 
 
 def _commit_previous_term(self: RaftLog, max_index: int, term: int) -> bool:
@@ -509,7 +509,25 @@ LEASE_TXN_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
 """Bugs where leases meet cross-group transactions, found by the lease clients with the pair
 transactions on (`leases.py`'s rewrites; `tests/simulation/test_node_sim_leases.py`)."""
 
-ALL_BUGS = {**BUGS, **NODE_BUGS, **STORAGE_BUGS, **WATCH_BUGS, **TXN_BUGS, **TXN_MODEL_BUGS, **LEASE_BUGS, **LEASE_TXN_BUGS}
+def _holder_latest(queue: dict[bytes, int]) -> bytes:
+    # BUG: the holder is the key with the HIGHEST create revision (the newest waiter).
+    return max(queue, key=lambda k: queue[k])
+
+
+def _fence_lease_id(queue: dict[bytes, int], key: bytes, lease_id: int) -> int:
+    # BUG: the fencing token is the session's lease id (unique, but random: not ordered like the
+    # acquisitions).
+    return lease_id
+
+
+LOCK_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
+    "lock-holder-latest": (locks, "holder_of", _holder_latest),
+    "lock-fence-lease-id": (locks, "fence_of", _fence_lease_id),
+}
+"""Bugs in the lock recipe, found by the lock clients' checks (`locks.py`, forced on in
+`tests/simulation/test_node_sim_locks.py`)."""
+
+ALL_BUGS = {**BUGS, **NODE_BUGS, **STORAGE_BUGS, **WATCH_BUGS, **TXN_BUGS, **TXN_MODEL_BUGS, **LEASE_BUGS, **LEASE_TXN_BUGS, **LOCK_BUGS}
 
 
 @contextmanager
