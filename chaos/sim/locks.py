@@ -107,6 +107,8 @@ class _Client:
     paused_until: int = 0
     ended: bool = False
     crashed: bool = False
+    fails: int = 0
+    """Scans failed in a row."""
 
 
 @dataclass(slots=True)
@@ -216,9 +218,9 @@ class SimLocks:
         if c.ended:
             return
         c.ended = True
-        if lost:
+        if lost:  # backs off longer: on a slow cluster, new sessions only add load
             self.stats.lost += 1
-        self.sim.at(self.rng.randrange(50, 300), self._session)
+        self.sim.at(self.rng.randrange(300, 1000) if lost else self.rng.randrange(50, 300), self._session)
 
     def _grant(self, c: _Client, n: int) -> None:
         sent = self.sim.now
@@ -285,15 +287,17 @@ class SimLocks:
             if not self._valid(c):
                 self._end(c, lost=True)
                 return
-            if q is None:
+            if q is None:  # backs off (a slow cluster fails scans: each retry adds reads and closes)
                 self.stats.scans_failed += 1
-                self.sim.at(self.rng.randrange(30, 120), self._scan, c)
+                c.fails += 1
+                self.sim.at(self.rng.randrange(100, 300) << min(c.fails, 4), self._scan, c)
                 return
+            c.fails = 0
             if c.key not in q:  # the lease expired (its key was deleted)
                 self._end(c, lost=True)
                 return
             if holder_of(q) != c.key:
-                self.sim.at(self.rng.randrange(50, 150), self._scan, c)
+                self.sim.at(self.rng.randrange(100, 300), self._scan, c)
                 return
             self.stats.acquired += 1
             self.acquired.append(_Acquired(c.n, c.key, at, fence_of(q, c.key, c.lid)))
@@ -320,7 +324,7 @@ class SimLocks:
             return
         if r < CRASH + PAUSE:  # checked, then paused: the operation arrives after the pause
             self.stats.paused += 1
-            pause = self.rng.randrange(TTL_S * 1500, TTL_S * 4000)
+            pause = self.rng.randrange(TTL_S * 2000, TTL_S * 4000)
             c.paused_until = sim.now + pause
             sim.at(pause, self._deliver, acq, token)
             sim.at(pause + 1, self._hold, c, acq, left - 1)
