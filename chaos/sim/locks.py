@@ -18,7 +18,9 @@ before each, then revokes its lease (releasing the lock). Holders misbehave as r
 one may PAUSE after its check (a GC pause: its renewals stop too, its lease expires, and its
 operation reaches the resource after the pause, carrying the old token), or CRASH (its key stays
 until the lease expires). The resource accepts an operation iff its token is at least the
-highest token it has seen.
+highest token it has seen. Failed scans back off exponentially and a client whose session was
+lost waits longer before the next (seed 1326's slow cluster, one entry per append and slow disks,
+otherwise kept a group too busy to serve the other clients after the heal).
 
 Checked at the end against the applied history of the `lock/` keys (the revision checker's,
 `revisions.py`; `LockViolation`):

@@ -99,7 +99,6 @@ class _Answer:
     """A read-only one: the [lo, hi) revision segments whose state gives its answer."""
 
 
-Key = bytes
 State = dict[bytes, txn.Current]
 
 
