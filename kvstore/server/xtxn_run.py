@@ -145,12 +145,12 @@ class CrossTxns:
     ) -> ApplyResult | None:
         """From a prepared attempt to its answer (None: aborted by a resolver, retry)."""
         groups = sorted(p.keys)
-        if not r.writes_anything:  # a read-only transaction: its reads were one snapshot at R
+        if not r.writes_anything and not p.lease:  # a read-only transaction: its reads were one snapshot at R
             await self._release(tid, groups)
             return ApplyResult(revision=r.result.revision, txn=r.result)
         await self._halt("prepare")
         client_id, seq, ack, retry, horizon = session
-        record = logic.record_command(tid, start, r, client_id, seq, ack, retry, horizon)
+        record = logic.record_command(tid, start, r, client_id, seq, ack, retry, horizon, p.lease, p.renews)
         outcome = await self._record(tid, p.primary, record, start, end)
         if isinstance(outcome, logic.Aborted):
             await self._release(tid, groups)

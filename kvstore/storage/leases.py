@@ -329,10 +329,44 @@ def drop_attached(rows: mvcc.Rows, group: int, lease_id: int, proposed: int, get
         for k, prev in present:
             mvcc.write_version(rows, group, k, None, prev, rev, exact=True)
             delete(k)
-    for k in keys:
+    forget_attached(rows, lease_id, keys)
+    return Outcome(found=True, deleted=len(present), revision=rev)
+
+
+def forget_attached(rows: mvcc.Rows, lease_id: int, keys: list[bytes] | None = None) -> None:
+    """Remove every attachment row of `lease_id` in this group (`keys`: `attached_keys`, if read
+    already); the keys themselves are not touched."""
+    for k in attached_keys(rows, lease_id) if keys is None else keys:
         rows.delete(T_LEASES, attach_key(lease_id, k))
         rows.delete(T_LEASES, owner_key(k))
-    return Outcome(found=True, deleted=len(present), revision=rev)
+
+
+LEASE_RENEWED = "lease renewed since its expiry was decided"
+"""A lease deletion's RECORD refused because an expiry's renew count no longer matches."""
+
+
+def revoke_record(rows: mvcc.Rows, group: int, lease_id: int, renews: int) -> str | None:
+    """The commit point of a lease's deletion across groups (a RECORD with a lease, in its home
+    group): mark the record REVOKED if it is LIVE and (`renews` != 0, an expiry) still has that
+    renew count; else the reason it is refused (nothing changed)."""
+    if home_group(lease_id) != group:
+        return f"lease {lease_id:x} is homed in group {home_group(lease_id)}, not {group}"
+    rec = get_record(rows, lease_id)
+    if rec is None or rec.state != LIVE:
+        return NOT_FOUND
+    if renews and rec.renews != renews:
+        return LEASE_RENEWED
+    rows.put(T_LEASES, record_key(lease_id), Record(rec.ttl_s, 0, rec.renews, REVOKED).encode())
+    return None
+
+
+def deleted_everywhere(rows: mvcc.Rows, group: int, lease_id: int) -> None:
+    """A lease deletion's COMMIT in this group (its keys' deletes are the COMMIT's writes): the
+    attachment rows go and a group other than the home keeps a tombstone, so that a LEASE_PUT
+    of the lease arriving later is refused."""
+    forget_attached(rows, lease_id)
+    if home_group(lease_id) != group:
+        rows.put(T_LEASES, tomb_key(lease_id), b"")
 
 
 def apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, proposed: int,
