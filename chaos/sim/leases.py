@@ -24,6 +24,12 @@ Checked (`LeaseViolation`):
   checked once the simulation healed;
 - keys: at the end every key attached to a revoked lease is gone on every live node that is
   caught up, and a lease whose client never stopped still has its record LIVE;
+- atomicity: the two keys of a lease (usually in two groups) that were deleted were deleted at
+  ONE revision (`check_atomic`, from the revision checker's applied histories, where a
+  COMMIT's deletes are placed at R): the lease clock's EXPIRE runs, with several data groups,
+  as one two-phase commit (`_delete_across`, the pair workload's driver `CrossPairs` with
+  `xtxn.plan_lease`; its coordinator may die, its intents and lease locks are resolved by the
+  sweep). Deleting per group (`node-lease-partial-delete`) is found;
 - with the pair transactions on as well (`--txn-pairs on`), each lease's second key is rewritten
   without the lease by a cross-group transaction (the pair workload's two-phase commit driver)
   after its attach: its COMMIT detaches the key, so no lease deletion may delete that write (the

@@ -46,8 +46,12 @@ while it holds no tombstone of L; the home leader fans DROP(L) out to every data
 revocation (`node.lessor`) and FORGETs L only when all applied it. A LEASE_PUT applied before a
 group's DROP is deleted by it; one after it is refused. The client library checks the lease at its
 home before proposing a LEASE_PUT to another group (a definite "requested lease not found").
-That per-group deletion is `drop_attached` below: one function boundary to replace by one atomic
-cross-group deletion once cross-group transactions exist.
+With more than one data group the lease's EXPIRE/REVOKE is instead one atomic deletion across
+groups (a two-phase commit, `xtxn_apply.py`): the home group's RECORD is its commit point
+(`revoke_record`: LIVE, the same renew count for an expiry; REVOKED in the same apply) and each
+group's COMMIT deletes its attached keys at the one revision R, then drops the attachment rows
+and keeps a tombstone outside the home (`deleted_everywhere`); a LEASE_PUT meeting the deletion's
+lease lock is refused LOCKED. The DROPs that follow delete nothing then.
 
 Every decoder is total: garbage raises `ValueError` (never another exception type).
 """
