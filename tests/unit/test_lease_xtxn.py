@@ -5,6 +5,8 @@ groups' state machines (the lease's home and another group)."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -12,10 +14,15 @@ from hypothesis import strategies as st
 
 from kvstore.node import lessor
 from kvstore.node import xtxn as logic
+from kvstore.node.memstore import MemoryNodeStore
+from kvstore.node.store import ApplyBatch, GroupWrite
+from kvstore.raft import ConfState
+from kvstore.raft.types import Entry, EntryType, HardState
 from kvstore.storage import leases, mvcc, xtxn
 from kvstore.storage.commands import ApplyResult, Command, decode_command, encode_command
 from kvstore.storage.leases import Kind, LeaseCmd
 from kvstore.storage.machine import DictState
+from kvstore.storage.store import LmdbNodeStore
 from kvstore.storage.xtxn import Intent, State, TxnId, XCmd, XOp
 
 HOME, OTHER = 3, 5
@@ -187,3 +194,42 @@ def test_a_record_outside_the_home_group_is_refused() -> None:
 def xtxn_record(s: DictState, t: TxnId) -> xtxn.Record | None:
     raw = s.rows.get(mvcc.T_TXN, xtxn.row_record(t))
     return None if raw is None else xtxn.decode_record(bytes(raw))
+
+
+# --- both node stores: the lease lock refuses a LEASE_PUT, a snapshot carries it, COMMIT releases it
+@pytest.mark.parametrize("kind", ["lmdb", "memory"])
+def test_node_stores_hold_the_lease_lock(kind: str, tmp_path: Path) -> None:
+    def open_(name: str) -> Any:
+        return LmdbNodeStore(tmp_path / name) if kind == "lmdb" else MemoryNodeStore()
+
+    conf = ConfState((1, 2, 3))
+    a, b = open_("a"), open_("b")
+    g = OTHER
+    try:
+        assert a.bootstrap(g, conf)
+        datas = [encode_command(Command.lease_command(LeaseCmd(Kind.PUT, LID), b"o/1", b"v", revision=START)),
+                 encode_command(Command.cross(XCmd(XOp.PREPARE, T1, HOME, START, lease=LID), revision=START)),
+                 encode_command(Command.lease_command(LeaseCmd(Kind.PUT, LID), b"o/2", b"v", revision=START))]
+        es = [Entry(1, 2 + i, EntryType.NORMAL, d, g) for i, d in enumerate(datas)]
+        a.persist_and_apply([GroupWrite(g, es, HardState(1, 0, es[-1].index))], ())
+        ls = a.log_storage(g)
+        res = a.persist_and_apply((), [ApplyBatch(g, ls.entries(1, ls.last_index() + 1), conf)])[0]
+        p = res[-2].revision
+        assert xtxn.decode_found(res[-2].current or b"") == [b"o/1"]
+        assert res[-1].error is not None and res[-1].error.startswith(xtxn.LOCKED)
+        assert [bytes(x) for x in a.revisions.range_locks(g)] == [Intent(T1, HOME, START, p).encode()]  # swept like range locks
+        meta, chunks = a.snapshot_chunks(g)
+        path = b.receive_snapshot(g, list(chunks))
+        b.persist_and_apply([GroupWrite(g, [], HardState(1, 0, meta.index), meta, path)], ())
+        more = [encode_command(Command.lease_command(LeaseCmd(Kind.PUT, LID), b"o/3", b"v", revision=START)),
+                encode_command(Command.cross(XCmd(XOp.COMMIT, T1, at=p, writes=((b"o/1", None),)))),
+                encode_command(Command.lease_command(LeaseCmd(Kind.PUT, LID), b"o/4", b"v", revision=START))]
+        es = [Entry(1, meta.index + 1 + i, EntryType.NORMAL, d, g) for i, d in enumerate(more)]
+        after = b.persist_and_apply([GroupWrite(g, es, HardState(1, 0, es[-1].index))], [ApplyBatch(g, es, conf)])[0]
+        assert after[0].error is not None and after[0].error.startswith(xtxn.LOCKED)  # the lock came along
+        assert after[1].error is None and b.get(g, b"o/1") is None
+        assert after[2].error == leases.NOT_FOUND  # the tombstone, after the deletion
+        assert b.revisions.range_locks(g) == []
+    finally:
+        a.close()
+        b.close()
