@@ -17,7 +17,14 @@ Rules (`leases.py` has the commands):
 - Every `checkpoint_interval_ms` it proposes CHECKPOINT(id, renews, ceil((deadline - now)/(1+rho))),
   also conditional on the renew count: the remaining TTL survives a leader change, it is never
   reset to the full TTL (etcd-io/etcd#9395).
-- A REVOKED record: DROP(id) to every other data group until each applied one, then FORGET(id).
+- With more than one data group (`cross_group_deletion`), the shell runs an EXPIRE as the lease's
+  deletion across groups (`xtxn.plan_lease` with the renew count): it commits only if no RENEW
+  applied in the home group before its RECORD (the commit point), which revokes the lease and
+  fixes the revision R at which every group deletes the lease's keys. An attempt that aborts
+  (a lock, a lost reply) is retried like a lost EXPIRE.
+- A REVOKED record: DROP(id) to every other data group until each applied one, then FORGET(id)
+  (after a deletion across groups every group has deleted the keys and kept a tombstone
+  already: the DROPs delete nothing; they cover a group the deletion did not reach).
 
 The bound. rho (`drift`) is the largest rate error of any node's monotonic clock (offsets do not
 matter: only elapsed time on one node's clock is used). Safety: if a RENEW sent by a client at
@@ -34,7 +41,10 @@ leader change adds at most an election (election timeout + the new leader's firs
 an EXPIRE refused because an attached key of the home group holds a cross-group transaction's
 intent (`machine._locked`) is sent again every `retry_ms`, so the lock's lifetime adds to it (at
 most the transaction timeout plus the intent sweep's interval when the coordinator died). A DROP
-refused the same way stays pending and is sent again.
+refused the same way stays pending and is sent again. A deletion across groups adds its two-phase
+commit's latency (a PREPARE in every data group, then the RECORD) to the one commit, and an
+attempt that aborts adds `retry_ms` per retry; safety is unchanged (the RECORD applies only if
+the renew count still matches, as the EXPIRE did).
 """
 
 from __future__ import annotations
@@ -45,6 +55,15 @@ from dataclasses import dataclass, field
 
 from ..storage import leases
 from ..storage.leases import Kind, LeaseCmd, Record
+
+
+def cross_group_deletion(data_groups: Iterable[int]) -> bool:
+    """Whether a lease's EXPIRE or REVOKE must run as one transaction across groups (the shell's
+    two-phase commit, `xtxn.plan_lease`: every data group deletes the lease's keys at one
+    revision R, the home group's RECORD the commit point) rather than as one command of the home
+    group: whenever there is more than one data group (a key attached to the lease may be in
+    any of them; the home cannot know which)."""
+    return len(set(data_groups) - {0}) > 1
 
 
 @dataclass(frozen=True, slots=True)

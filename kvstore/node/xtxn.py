@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from kvstore.storage import commands, mvcc, txn, xtxn
+from kvstore.storage import commands, leases, mvcc, txn, xtxn
 from kvstore.storage.commands import ApplyResult, Command
 from kvstore.storage.xtxn import Intent, Record, State, TxnId, XCmd, XOp
 from kvstore.storage.xtxn_apply import TOO_OLD, TXN_ABORTED
@@ -56,6 +56,10 @@ class Plan:
     group_of: dict[bytes, int]
     lock: tuple[bytes, bytes] | None = None
     """A range delete's key range [start, end) (end b"": no end), locked in every group."""
+    lease: int = 0
+    """A lease's deletion: the lease whose attached keys every group deletes (0: none)."""
+    renews: int = 0
+    """A lease's expiry: the renew count it was decided on (0: a revoke)."""
 
 
 def plan(t: txn.Txn, group_for: Iterable[tuple[bytes, int]]) -> Plan:
@@ -86,11 +90,26 @@ def plan_range(groups: Iterable[int], lo: bytes, hi: bytes) -> Plan:
     return Plan(gs[0], {g: () for g in gs}, {}, (lo, hi))
 
 
+def plan_lease(groups: Iterable[int], lease_id: int, renews: int = 0) -> Plan:
+    """The plan of lease `lease_id`'s deletion (an expiry at renew count `renews`, or a revoke:
+    0): every data group in `groups` (a key attached to the lease may be in any), the lease's
+    home group primary (its RECORD revokes the lease: the commit point). ValueError if the home
+    group is not among them."""
+    home = leases.home_group(leases.check_id(lease_id))
+    gs = sorted(set(groups))
+    if home not in gs:
+        raise ValueError(f"lease {lease_id:x}'s home group {home} is not a data group")
+    if not 0 <= renews < 1 << 64:
+        raise ValueError(f"renew count {renews} is out of range")
+    return Plan(home, {g: () for g in gs}, {}, lease=lease_id, renews=renews)
+
+
 def prepare_commands(p: Plan, tid: TxnId, start: int, proposed: int) -> dict[int, bytes]:
     """The PREPARE of each participant (ValueError if a command cannot be encoded)."""
     return {
         g: commands.encode_command(
-            Command.cross(XCmd(XOp.PREPARE, tid, p.primary, start, keys=ks, lock=p.lock), revision=proposed))
+            Command.cross(XCmd(XOp.PREPARE, tid, p.primary, start, keys=ks, lock=p.lock, lease=p.lease),
+                          revision=proposed))
         for g, ks in sorted(p.keys.items())
     }
 
@@ -195,12 +214,13 @@ def after_prepare(t: txn.Txn, p: Plan, results: dict[int, ApplyResult]) -> Confl
 
 def record_command(
     tid: TxnId, start: int, r: Ready, client_id: int = 0, seq: int = 0, ack: int = 0, retry: bool = False,
-    horizon: int = 0,
+    horizon: int = 0, lease: int = 0, renews: int = 0,
 ) -> bytes:
     """The RECORD (the commit point) with the client's session (`retry` / `horizon` as the
-    client sent them: a retry whose session the primary evicted is refused, not applied twice)."""
+    client sent them: a retry whose session the primary evicted is refused, not applied twice);
+    for a lease's deletion, its lease and renew count (`Plan.lease`, `Plan.renews`)."""
     groups = tuple((g, ws) for g, ws in sorted(r.writes.items()))
-    x = XCmd(XOp.RECORD, tid, start=start, at=r.at, result=r.result, groups=groups)
+    x = XCmd(XOp.RECORD, tid, start=start, at=r.at, result=r.result, groups=groups, lease=lease, renews=renews)
     return commands.encode_command(Command.cross(x, client_id, seq, ack, retry=retry, horizon=horizon))
 
 
@@ -336,6 +356,7 @@ __all__ = [
     "finalize_command",
     "lock_of",
     "plan",
+    "plan_lease",
     "plan_range",
     "prepare_commands",
     "record_command",

@@ -152,13 +152,13 @@ class CrossTxns:
         RECORD commits this attempt's answer."""
         groups = sorted(p.keys)
         client_id, seq, ack, retry, horizon = session
-        if not r.writes_anything and not (client_id and retry):
+        if not r.writes_anything and not p.lease and not (client_id and retry):
             # a read-only answer, or a first attempt that writes nothing: its reads were one
             # snapshot at R, and no earlier attempt of this request can have committed
             await self._release(tid, groups)
             return ApplyResult(revision=r.result.revision, txn=r.result)
         await self._halt("prepare")
-        record = logic.record_command(tid, start, r, client_id, seq, ack, retry, horizon)
+        record = logic.record_command(tid, start, r, client_id, seq, ack, retry, horizon, p.lease, p.renews)
         outcome = await self._record(tid, p.primary, record, start, end)
         if isinstance(outcome, logic.Aborted):
             await self._release(tid, groups)

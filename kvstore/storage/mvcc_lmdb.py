@@ -69,21 +69,21 @@ class LmdbRows:
         if t == _T_STATE:
             self._state, self._dirty = v, True
             return
-        if t == _T_INTENTS or (t == _T_TXN and k[:1] == b"l"):
+        if t == _T_INTENTS or (t == _T_TXN and k[:1] in (b"l", b"e")):
             self._locks = True
         self._txn.put(self._p + k, v, db=self._dbs[t])
 
     def has_locks(self) -> bool:
-        """Whether the group holds any intent or range lock (the write path's lock check is
+        """Whether the group holds any intent, range lock or lease lock (the write path's lock check is
         skipped without: one look per batch)."""
         if self._locks is None:
             p = self._p
             found = False
-            for t, lo in ((_T_INTENTS, p), (_T_TXN, p + b"l")):
+            for t, lo in ((_T_INTENTS, p), (_T_TXN, p + b"l"), (_T_TXN, p + b"e")):
                 cur = self._txn.cursor(db=self._dbs[t])
                 if cur.set_range(lo):
                     k = cur.key()
-                    if k[:len(lo)] == lo and (t == _T_INTENTS or k[:len(p) + 1] == p + b"l"):
+                    if k[:len(lo)] == lo:
                         found = True
                         break
             self._locks = found

@@ -49,12 +49,15 @@ class MemRows:
             self.put(T_KEYS, key, key_row)
 
     def has_locks(self) -> bool:
-        """Whether any intent or range lock is held (`mvcc.Rows.has_locks`)."""
+        """Whether any intent, range lock or lease lock is held (`mvcc.Rows.has_locks`)."""
         if self.keys[T_INTENTS]:
             return True
         ks = self.keys[T_TXN]
-        i = bisect_left(ks, b"l")
-        return i < len(ks) and ks[i][:1] == b"l"
+        for tag in (b"e", b"l"):  # lease locks, range locks
+            i = bisect_left(ks, tag)
+            if i < len(ks) and ks[i][:1] == tag:
+                return True
+        return False
 
     def delete(self, t: int, k: bytes) -> None:
         d = self.tables[t]

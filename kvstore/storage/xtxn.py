@@ -11,11 +11,14 @@ were forgotten). Commands (op codes in `commands.Op`; none carries a client key 
     PREPARE   id primary:u64 start:u64 n:u16 (klen:u16 key)* r:u8 [slen:u16 start elen:u16 end]
                                                                   (in each participant; r = 1:
                                                                   also lock the key range
-                                                                  [start, end), end empty = no end)
+                                                                  [start, end), end empty = no end;
+                                                                  r = 2: then lease:u64, lock the
+                                                                  keys attached to that lease)
     COMMIT    id at:u64 n:u16 write*                             (in each participant)
     ABORT     id                                                  (in each participant)
     RECORD    id start:u64 at:u64 result-len:u32 result n:u16 (group:u64 n:u16 write*)*
-                                                                  (in the primary: the commit point)
+              [1:u8 lease:u64 renews:u64]                         (in the primary: the commit point;
+                                                                  the tail: a lease's deletion)
     RESOLVE   id start:u64                                        (in the primary)
     FINALIZE  id group:u64                                        (in the primary; group 0: every
                                                                   participant applied its COMMIT,
@@ -27,6 +30,7 @@ Rows (table `mvcc.T_TXN` of the group; `row_*` give the keys):
     i + key                 -> intent   id primary:u64 start:u64 prepared:u64      (one per key)
     t + id                  -> prepared:u64 start:u64 (klen:u16 key)*  the keys of its intents here
     l + id                  -> intent slen:u16 start end   a range lock (a range delete's)
+    e + id                  -> intent lease:u64   a lease lock (a lease deletion's: no LEASE_PUT of it)
     p + prepared:u64 + key  -> b""      the intents by prepared revision (the group's minimum pending)
     r + id                  -> record   state:u8 start:u64 at:u64 result-len:u32 result groups
     d + id                  -> start:u64  the transaction is done in this group (committed or aborted)
@@ -43,7 +47,7 @@ import enum
 import struct
 from dataclasses import dataclass, field
 
-from . import mvcc
+from . import leases, mvcc
 from .keylimit import MAX_KEY_SIZE
 from .txn import MAX_TXN_BYTES, MAX_TXN_ITEMS, TxnResult, decode_txn_result, encode_txn_result
 
@@ -182,6 +186,13 @@ class XCmd:
     answered (a range delete)."""
     group: int = 0
     """FINALIZE: the participant that applied its COMMIT (0: every one)."""
+    lease: int = 0
+    """PREPARE: lock the keys attached to this lease in the group (every one found answered; a
+    lease's deletion, no keys named). RECORD: the commit point of that deletion, in the lease's
+    home group: it commits only while the lease is LIVE (and, with `renews`, still has that
+    renew count: an expiry), and revokes the lease in the same apply."""
+    renews: int = 0
+    """RECORD with a lease: the renew count an expiry was decided on (0: a revoke, any)."""
 
 
 # --- rows ----------------------------------------------------------------------------------------
@@ -207,6 +218,10 @@ def row_done(t: TxnId) -> bytes:
 
 def row_gc(expiry: int, t: TxnId) -> bytes:
     return b"g" + _U64.pack(expiry) + t.encode()
+
+
+def row_lease_lock(t: TxnId) -> bytes:
+    return b"e" + t.encode()
 
 
 GC_RECORD = 1
@@ -276,6 +291,24 @@ def decode_range_lock(raw: bytes) -> tuple[Intent, tuple[bytes, bytes]]:
     hi = bytes(raw[b.pos:])
     _check_range(lo, hi)
     return intent, (lo, hi)
+
+
+def encode_lease_lock(intent: Intent, lease_id: int) -> bytes:
+    return intent.encode() + _U64.pack(lease_id)
+
+
+def decode_lease_lock(raw: bytes) -> tuple[Intent, int]:
+    """Total: ValueError for anything malformed."""
+    b = _Buf(bytes(raw), 0)
+    intent = Intent.decode(b.take(_INTENT.size, "the intent"))
+    lid = check_lease(b.u(_U64, "the lease id"))
+    b.end()
+    return intent, lid
+
+
+def check_lease(lease_id: int) -> int:
+    """`lease_id` if it is a valid lease id (`leases.check_id`), else ValueError."""
+    return leases.check_id(lease_id)
 
 
 def encode_found(keys: list[bytes]) -> bytes:
@@ -377,17 +410,21 @@ def encode_body(c: XCmd) -> bytes:
     defaults = XCmd(c.op, c.txn)
     if c.op == XOp.PREPARE:
         _check_rev("start", c.start)
-        if not (len(c.keys) > 0 or c.lock is not None) or len(c.keys) > MAX_KEYS:
-            raise ValueError(f"PREPARE of {len(c.keys)} keys (must be 1 to {MAX_KEYS}, or 0 with a range)")
+        if not (len(c.keys) > 0 or c.lock is not None or c.lease) or len(c.keys) > MAX_KEYS:
+            raise ValueError(f"PREPARE of {len(c.keys)} keys (must be 1 to {MAX_KEYS}, or 0 with a range or lease)")
         if len(set(c.keys)) != len(c.keys):
             raise ValueError("PREPARE names a key twice")
-        if c != XCmd(c.op, c.txn, c.primary, c.start, keys=c.keys, lock=c.lock):
+        if c.lease and (c.keys or c.lock is not None):
+            raise ValueError("a lease's PREPARE names no keys and no range")
+        if c != XCmd(c.op, c.txn, c.primary, c.start, keys=c.keys, lock=c.lock, lease=c.lease):
             raise ValueError("PREPARE carries fields it does not use")
         out += (_U64.pack(c.primary), _U64.pack(c.start), _U16.pack(len(c.keys)))
         for k in c.keys:
             _check_key(k)
             out += (_U16.pack(len(k)), k)
-        if c.lock is None:
+        if c.lease:
+            out += (_U8.pack(2), _U64.pack(check_lease(c.lease)))
+        elif c.lock is None:
             out.append(_U8.pack(0))
         else:
             lo, hi = c.lock
@@ -409,11 +446,14 @@ def encode_body(c: XCmd) -> bytes:
     elif c.op == XOp.RECORD:
         _check_rev("start", c.start)
         _check_rev("commit revision", c.at)
-        if c != XCmd(c.op, c.txn, start=c.start, at=c.at, result=c.result, groups=c.groups):
+        if c != XCmd(c.op, c.txn, start=c.start, at=c.at, result=c.result, groups=c.groups, lease=c.lease,
+                     renews=c.renews) or (c.renews and not c.lease) or not 0 <= c.renews < 1 << 64:
             raise ValueError("RECORD carries fields it does not use")
         out += (_U64.pack(c.start), _U64.pack(c.at))
         _enc_result(c.result, out)
         _enc_groups(c.groups, out)
+        if c.lease:
+            out += (_U8.pack(1), _U64.pack(check_lease(c.lease)), _U64.pack(c.renews))
     elif c.op == XOp.RESOLVE:
         _check_rev("start", c.start)
         if c != XCmd(c.op, c.txn, start=c.start):
@@ -447,16 +487,21 @@ def decode_body(op: XOp, data: bytes, pos: int = 0) -> XCmd:
             raise ValueError("PREPARE names a key twice")
         flag = b.u(_U8, "the range flag")
         lock: tuple[bytes, bytes] | None = None
-        if flag == 1:
+        lease = 0
+        if flag == 2:
+            lease = check_lease(b.u(_U64, "the lease id"))
+            if n:
+                raise ValueError("a lease's PREPARE names no keys")
+        elif flag == 1:
             lo = b.take(b.u(_U16, "the range start's length"), "the range start")
             hi = b.take(b.u(_U16, "the range end's length"), "the range end")
             _check_range(lo, hi)
             lock = (lo, hi)
         elif flag != 0:
             raise ValueError(f"unknown range flag {flag}")
-        if not n and lock is None:
+        if not n and lock is None and not lease:
             raise ValueError("PREPARE of no key and no range")
-        c = XCmd(op, t, primary, start, keys=keys, lock=lock)
+        c = XCmd(op, t, primary, start, keys=keys, lock=lock, lease=lease)
     elif op == XOp.COMMIT:
         at = b.u(_U64, "the commit revision")
         _check_rev("commit revision", at)
@@ -470,7 +515,14 @@ def decode_body(op: XOp, data: bytes, pos: int = 0) -> XCmd:
         at = b.u(_U64, "the commit revision")
         _check_rev("start", start)
         _check_rev("commit revision", at)
-        c = XCmd(op, t, start=start, at=at, result=_dec_result(b), groups=_dec_groups(b))
+        result, groups = _dec_result(b), _dec_groups(b)
+        lease = renews = 0
+        if b.pos < len(b.data):
+            if b.u(_U8, "the lease flag") != 1:
+                raise ValueError("RECORD with an unknown tail")
+            lease = check_lease(b.u(_U64, "the lease id"))
+            renews = b.u(_U64, "the renew count")
+        c = XCmd(op, t, start=start, at=at, result=result, groups=groups, lease=lease, renews=renews)
     elif op == XOp.RESOLVE:
         start = b.u(_U64, "the start")
         _check_rev("start", start)
