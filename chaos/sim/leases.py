@@ -344,7 +344,9 @@ class SimLeases:
                 for g in groups:
                     if g not in host.groups:
                         continue
-                    lz = self.lessors.setdefault((n.id, g), Lessor(g, PARAMS))
+                    lz = self.lessors.get((n.id, g))
+                    if lz is None:
+                        lz = self.lessors[(n.id, g)] = Lessor(g, PARAMS)
                     term = host.groups[g].core.term if host.leads_current(g) else 0
                     props = lz.step(self.local_ms(n), term, _records(n.store, g), _const(groups))
                     for p in props:

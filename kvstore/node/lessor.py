@@ -19,12 +19,16 @@ Rules (`leases.py` has the commands):
   reset to the full TTL (etcd-io/etcd#9395).
 - With more than one data group (`cross_group_deletion`), the shell runs an EXPIRE as the lease's
   deletion across groups (`xtxn.plan_lease` with the renew count): it commits only if no RENEW
-  applied in the home group before its RECORD (the commit point), which revokes the lease and
-  fixes the revision R at which every group deletes the lease's keys. An attempt that aborts
-  (a lock, a lost reply) is retried like a lost EXPIRE.
-- A REVOKED record: DROP(id) to every other data group until each applied one, then FORGET(id)
-  (after a deletion across groups every group has deleted the keys and kept a tombstone
-  already: the DROPs delete nothing; they cover a group the deletion did not reach).
+  applied in the home group before its RECORD (the commit point), which revokes and forgets the
+  lease (its record becomes the tombstone: every group's COMMIT deletes the keys and keeps a
+  tombstone, so nothing is left to DROP or FORGET) and fixes the revision R at which every group
+  deletes the lease's keys. An attempt that aborts (a lock, a lost reply) is retried like a lost
+  EXPIRE.
+- A REVOKED record (the one-command EXPIRE/REVOKE): DROP(id) to every other data group until
+  each applied one, then FORGET(id).
+- Work per step: the timed leases sit in a heap by the time each is next due (its deadline, its
+  next checkpoint, or its EXPIRE's retry), so a step pops only what is due; the applied records
+  are read once per `scan_interval_ms`.
 
 The bound. rho (`drift`) is the largest rate error of any node's monotonic clock (offsets do not
 matter: only elapsed time on one node's clock is used). Safety: if a RENEW sent by a client at
@@ -49,6 +53,7 @@ the renew count still matches, as the EXPIRE did).
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -105,6 +110,9 @@ class _Lease:
     checkpointed: float
     ttl_s: int
     expire_sent: float = -math.inf
+    due: float = math.inf
+    """When `step` must next look at it (`Lessor._due`); its entry in `Lessor._heap` is the one
+    with this time (others for the id are stale)."""
 
 
 @dataclass(slots=True)
@@ -123,6 +131,9 @@ class Lessor:
         self.p = params or LessorParams()
         self.term = 0
         self.leases: dict[int, _Lease] = {}
+        self._heap: list[tuple[float, int]] = []
+        """(due, id) of the timed leases: a step pops only what is due (O(due) per tick, not
+        O(leases)); an entry whose lease is gone or has another `due` is stale and skipped."""
         self.revoked: dict[int, _Revoked] = {}
         self._scanned = -math.inf
         self.expired = 0
@@ -156,9 +167,12 @@ class Lessor:
             self._scan(now_ms, records(), data_groups)
         out: list[Proposal] = []
         limit = p.max_proposals
-        for lid, le in self.leases.items():
-            if len(out) >= limit:
-                break
+        heap = self._heap
+        while heap and heap[0][0] <= now_ms and len(out) < limit:
+            due, lid = heapq.heappop(heap)
+            le = self.leases.get(lid)
+            if le is None or le.due != due:
+                continue  # stale: the lease is gone, or was scheduled again
             if le.deadline <= now_ms:
                 if now_ms - le.expire_sent >= p.retry_ms:
                     le.expire_sent = now_ms
@@ -169,6 +183,7 @@ class Lessor:
                 rem = math.ceil((le.deadline - now_ms) / (1 + p.drift))
                 out.append(Proposal(self.group, LeaseCmd(Kind.CHECKPOINT, lid, renews=le.renews,
                                                          remaining_ms=min(rem, le.ttl_s * 1000))))
+            self._schedule(lid, le)
         for lid, rv in self.revoked.items():
             if len(out) >= limit:
                 break
@@ -194,9 +209,24 @@ class Lessor:
         elif c.kind == Kind.FORGET and applied:
             self.revoked.pop(c.lease_id, None)
 
+    def _due(self, le: _Lease) -> float:
+        """When `step` must look at `le` next: its deadline or next checkpoint, or once its
+        EXPIRE was sent, when that may be sent again."""
+        if le.expire_sent > -math.inf:
+            return max(le.deadline, le.expire_sent + self.p.retry_ms)
+        return min(le.deadline, le.checkpointed + self.p.checkpoint_interval_ms)
+
+    def _schedule(self, lid: int, le: _Lease) -> None:
+        le.due = self._due(le)
+        heapq.heappush(self._heap, (le.due, lid))
+        if len(self._heap) > 4 * len(self.leases) + 64:  # drop the stale entries
+            self._heap = [(x.due, i) for i, x in self.leases.items()]
+            heapq.heapify(self._heap)
+
     def _reset(self, term: int) -> None:
         self.term = term
         self.leases.clear()
+        self._heap.clear()
         self.revoked.clear()
         self._scanned = -math.inf
 
@@ -210,7 +240,8 @@ class Lessor:
             if rec.state == leases.LIVE:
                 le = self.leases.get(lid)
                 if le is None or le.renews != rec.renews:
-                    self.leases[lid] = _Lease(rec.renews, now_ms + rec.remaining_ms * factor, now_ms, rec.ttl_s)
+                    le = self.leases[lid] = _Lease(rec.renews, now_ms + rec.remaining_ms * factor, now_ms, rec.ttl_s)
+                    self._schedule(lid, le)
                 continue
             self.leases.pop(lid, None)
             if lid not in self.revoked:

@@ -281,11 +281,14 @@ class LeaseDriver:
         smap = rq.tracker.map
         groups = smap.data_groups() if smap is not None else []
         now = time.monotonic() * 1000
+        for g in [g for g in self.lessors if g not in host.groups or g not in groups]:
+            del self.lessors[g]  # no longer hosted here, or no longer a data group (a move dropped it)
         for g in groups:
             if g not in host.groups:
-                self.lessors.pop(g, None)
                 continue
-            lz = self.lessors.setdefault(g, Lessor(g, self.params))
+            lz = self.lessors.get(g)
+            if lz is None:
+                lz = self.lessors[g] = Lessor(g, self.params)
             term = host.groups[g].core.term if host.leads_current(g) else 0
             props = lz.step(now, term, self._records(g), lambda: groups)
             for p in props:

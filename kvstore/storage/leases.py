@@ -47,11 +47,12 @@ revocation (`node.lessor`) and FORGETs L only when all applied it. A LEASE_PUT a
 group's DROP is deleted by it; one after it is refused. The client library checks the lease at its
 home before proposing a LEASE_PUT to another group (a definite "requested lease not found").
 With more than one data group the lease's EXPIRE/REVOKE is instead one atomic deletion across
-groups (a two-phase commit, `xtxn_apply.py`): the home group's RECORD is its commit point
-(`revoke_record`: LIVE, the same renew count for an expiry; REVOKED in the same apply) and each
-group's COMMIT deletes its attached keys at the one revision R, then drops the attachment rows
-and keeps a tombstone outside the home (`deleted_everywhere`); a LEASE_PUT meeting the deletion's
-lease lock is refused LOCKED. The DROPs that follow delete nothing then.
+groups (a two-phase commit, `xtxn_apply.py`, feature level 4 like these commands): the home
+group's RECORD is its commit point (`revoke_record`: LIVE, the same renew count for an expiry;
+the record becomes the tombstone in the same apply) and each group's COMMIT deletes its attached
+keys at the one revision R, then drops the attachment rows and keeps a tombstone
+(`deleted_everywhere`); a LEASE_PUT meeting the deletion's lease lock is refused LOCKED. No DROP
+or FORGET follows (the record is not REVOKED, it is gone).
 
 Every decoder is total: garbage raises `ValueError` (never another exception type).
 """
@@ -73,8 +74,8 @@ MAX_LEASE_ID = (1 << 63) - 1
 MIN_TTL_S = 1
 MAX_TTL_S = 9_000_000_000
 """etcd's MaxLeaseTTL (about 285 years)."""
-T_LEASES = 6
-"""The lease table's number in the group's `mvcc.Rows` (after the MVCC tables 0..3)."""
+T_LEASES = mvcc.T_LEASES
+"""The lease table's number in the group's `mvcc.Rows` (after the MVCC and transaction tables)."""
 
 LIVE = 0
 REVOKED = 1
@@ -268,7 +269,10 @@ def lease_of(rows: mvcc.Rows, key: bytes) -> int:
 
 
 def detach(rows: mvcc.Rows, key: bytes) -> None:
-    """Detach `key` from its lease, if any (a plain write or delete of the key)."""
+    """Detach `key` from its lease, if any (a plain write or delete of the key). A group with
+    no attachment at all answers from the rows' per-batch flag (`mvcc.Rows.has_attachments`)."""
+    if not rows.has_attachments():
+        return
     ok = owner_key(key)
     raw = rows.get(T_LEASES, ok)
     if raw is None:
@@ -351,8 +355,10 @@ LEASE_RENEWED = "lease renewed since its expiry was decided"
 
 def revoke_record(rows: mvcc.Rows, group: int, lease_id: int, renews: int) -> str | None:
     """The commit point of a lease's deletion across groups (a RECORD with a lease, in its home
-    group): mark the record REVOKED if it is LIVE and (`renews` != 0, an expiry) still has that
-    renew count; else the reason it is refused (nothing changed)."""
+    group): if the record is LIVE and (`renews` != 0, an expiry) still has that renew count, the
+    lease is revoked and forgotten at once (its record becomes the tombstone: every group's
+    COMMIT deletes its keys and keeps a tombstone, so no DROP and no FORGET follow); else the
+    reason it is refused (nothing changed)."""
     if home_group(lease_id) != group:
         return f"lease {lease_id:x} is homed in group {home_group(lease_id)}, not {group}"
     rec = get_record(rows, lease_id)
@@ -360,7 +366,8 @@ def revoke_record(rows: mvcc.Rows, group: int, lease_id: int, renews: int) -> st
         return NOT_FOUND
     if renews and rec.renews != renews:
         return LEASE_RENEWED
-    rows.put(T_LEASES, record_key(lease_id), Record(rec.ttl_s, 0, rec.renews, REVOKED).encode())
+    rows.delete(T_LEASES, record_key(lease_id))
+    rows.put(T_LEASES, tomb_key(lease_id), b"")
     return None
 
 

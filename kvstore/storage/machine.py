@@ -385,6 +385,8 @@ def _locked(view: StateView, cmd: Command) -> ApplyResult | None:
                     or xtxn_apply.lease_locked(view.mvcc, lc.lease_id, keys[0] if keys else b"\x00"))
         if lc is not None and lc.kind == leases.Kind.PUT:  # no attach to a lease whose deletion is prepared
             return xtxn_apply.lease_locked(view.mvcc, lc.lease_id, cmd.key) or xtxn_apply.locked(view.mvcc, (cmd.key,))
+        if lc is not None:  # GRANT, RENEW, CHECKPOINT, FORGET: no key (as `serves`), nothing to lock
+            return None
         return xtxn_apply.locked(view.mvcc, (cmd.key,))
     except mvcc.RevisionError as err:
         return ApplyResult(error=f"revision refused: {err}")

@@ -7,7 +7,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from .mvcc import T_CHANGES, T_HIST, T_INTENTS, T_KEYS, T_TXN
+from .mvcc import T_CHANGES, T_HIST, T_INTENTS, T_KEYS, T_LEASES, T_TXN
 
 N_TABLES = 7
 """The six MVCC tables and the lease table (`leases.T_LEASES`)."""
@@ -58,6 +58,12 @@ class MemRows:
             if i < len(ks) and ks[i][:1] == tag:
                 return True
         return False
+
+    def has_attachments(self) -> bool:
+        """Whether any key is attached to a lease (`mvcc.Rows.has_attachments`)."""
+        ks = self.keys[T_LEASES]
+        i = bisect_left(ks, b"K")
+        return i < len(ks) and ks[i][:1] == b"K"
 
     def delete(self, t: int, k: bytes) -> None:
         d = self.tables[t]

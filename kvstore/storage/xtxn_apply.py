@@ -31,7 +31,8 @@ Rules (each command is idempotent: a coordinator or a resolver may propose it ag
   its PREPARE found. Its COMMIT deletes them at R (the record's writes) and then drops L's
   attachment rows, and a group other than L's home keeps L's tombstone (`leases.deleted_everywhere`).
   Its RECORD, in L's home group, commits only if L is LIVE (and, for an expiry, still at the
-  renew count it was decided on) and makes it REVOKED in the same apply; else it writes the
+  renew count it was decided on) and revokes and forgets it in the same apply (the record becomes
+  its tombstone: no DROP or FORGET follows); else it writes the
   record ABORTED and is refused (`leases.revoke_record`).
 - RECORD(id, start, R, result, writes per group), in the primary: the commit point. If the
   record says ABORTED (a resolver got there first): refused (TXN_ABORTED). If it says COMMITTED

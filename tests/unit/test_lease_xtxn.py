@@ -12,13 +12,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvstore import errors
 from kvstore.node import lessor
 from kvstore.node import xtxn as logic
 from kvstore.node.memstore import MemoryNodeStore
 from kvstore.node.store import ApplyBatch, GroupWrite
+from kvstore.node.version import (
+    COMMAND_LEVELS,
+    LEVEL_CROSS_TRANSACTIONS,
+    LEVEL_LEASES,
+    ClusterVersion,
+    CommandGate,
+    command_level,
+)
 from kvstore.raft import ConfState
 from kvstore.raft.types import Entry, EntryType, HardState
-from kvstore.storage import leases, mvcc, xtxn
+from kvstore.storage import leases, mvcc, txn, xtxn
 from kvstore.storage.commands import ApplyResult, Command, decode_command, encode_command
 from kvstore.storage.leases import Kind, LeaseCmd
 from kvstore.storage.machine import DictState
@@ -131,8 +140,10 @@ def test_an_expiry_deletes_every_groups_keys_at_one_revision() -> None:
     assert isinstance(ready, logic.Ready) and ready.at == max(r.revision for r in got.values())
     rec = home.apply(logic.record_command(T1, START, ready, lease=LID, renews=1))
     assert rec.error is None and rec.revision == ready.at
-    got_rec = leases.get_record(home.rows, LID)
-    assert got_rec is not None and got_rec.state == leases.REVOKED  # revoked by the commit point
+    # revoked and forgotten by the commit point: the record is the tombstone (no DROP, no FORGET)
+    assert leases.get_record(home.rows, LID) is None
+    assert home.rows.get(leases.T_LEASES, leases.tomb_key(LID)) is not None
+    assert leases.iter_records(home.rows) == []  # nothing left for the lease clock
     for g, s in ((HOME, home), (OTHER, other)):
         assert x(s, XCmd(XOp.COMMIT, T1, at=ready.at, writes=ready.writes[g])).error is None
     assert home.get(b"h/1") is None and other.get(b"o/1") is None and other.get(b"o/2") is None
@@ -233,3 +244,56 @@ def test_node_stores_hold_the_lease_lock(kind: str, tmp_path: Path) -> None:
     finally:
         a.close()
         b.close()
+
+
+# --- feature level: the lease forms of PREPARE and RECORD are level 4 ------------------------------
+def test_the_lease_forms_need_the_lease_level() -> None:
+    ready = logic.Ready(START, txn.TxnResult(True, (), START), {HOME: ()})
+    lease_forms = [encode_command(Command.cross(XCmd(XOp.PREPARE, T1, HOME, START, lease=LID), revision=START)),
+                   logic.record_command(T1, START, ready, lease=LID, renews=2)]
+    plain_forms = [encode_command(Command.cross(XCmd(XOp.PREPARE, T1, HOME, START, keys=(b"k",)), revision=START)),
+                   logic.record_command(T1, START, ready)]
+    assert [command_level(d) for d in lease_forms] == [LEVEL_LEASES] * 2
+    assert [command_level(d) for d in plain_forms] == [LEVEL_CROSS_TRANSACTIONS] * 2
+    assert command_level(lease_forms[0][:-3]) == COMMAND_LEVELS[lease_forms[0][1]]  # garbage: its kind's level
+    cluster = ClusterVersion(LEVEL_CROSS_TRANSACTIONS, {1: LEVEL_LEASES, 2: LEVEL_CROSS_TRANSACTIONS})
+    gate = CommandGate(lambda: cluster, lambda: {1, 2})
+    for d in plain_forms:
+        gate.check(d)
+    for d in lease_forms:
+        with pytest.raises(errors.ClusterVersionTooLow) as e:
+            gate.check(d)
+        assert e.value.definite and "lease's deletion across groups" in e.value.message
+        assert f"needs cluster version {LEVEL_LEASES}" in e.value.message and "node 2 (advertises 3)" in e.value.message
+    cluster = ClusterVersion(LEVEL_LEASES, {1: LEVEL_LEASES, 2: LEVEL_LEASES})
+    for d in lease_forms + plain_forms:
+        gate.check(d)
+
+
+# --- a write detaches its key: the per-batch "any attachment" flag of both row kinds ---------------
+@pytest.mark.parametrize("kind", ["lmdb", "memory"])
+def test_a_write_detaches_after_an_attach_in_the_same_batch(kind: str, tmp_path: Path) -> None:
+    store: Any = LmdbNodeStore(tmp_path / "s") if kind == "lmdb" else MemoryNodeStore()
+    conf = ConfState((1, 2, 3))
+    g = OTHER
+    try:
+        assert store.bootstrap(g, conf)
+        datas = [encode_command(Command.put(b"plain", b"v", revision=START)),  # nothing attached yet
+                 encode_command(Command.lease_command(LeaseCmd(Kind.PUT, LID), b"k", b"v", revision=START)),
+                 encode_command(Command.lease_command(LeaseCmd(Kind.PUT, LID), b"k2", b"v", revision=START)),
+                 encode_command(Command.put(b"k", b"w", revision=START)),  # detaches k (same batch)
+                 encode_command(Command.delete(b"k2", revision=START))]  # and k2: none left
+        es = [Entry(1, 2 + i, EntryType.NORMAL, d, g) for i, d in enumerate(datas)]
+        store.persist_and_apply([GroupWrite(g, es, HardState(1, 0, es[-1].index))], ())
+        ls = store.log_storage(g)
+        res = store.persist_and_apply((), [ApplyBatch(g, ls.entries(1, ls.last_index() + 1), conf)])[0]
+        assert all(r.error is None for r in res[-len(datas):]), res
+        assert store.revisions.read_leases(g, lambda rows: (leases.attached_keys(rows, LID), rows.has_attachments(),
+                                                             leases.lease_of(rows, b"k"))) == ([], False, 0)
+    finally:
+        store.close()
+    s = DictState(group=g)
+    assert not s.rows.has_attachments()
+    assert lease(s, LeaseCmd(Kind.PUT, LID), b"k", b"v").error is None and s.rows.has_attachments()
+    s.apply(encode_command(Command.put(b"k", b"w")))
+    assert not s.rows.has_attachments() and leases.attached_keys(s.rows, LID) == []
