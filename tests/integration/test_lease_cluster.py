@@ -132,6 +132,31 @@ def test_a_revoke_deletes_keys_in_both_groups_at_one_revision(cluster: Cluster) 
         with pytest.raises(InvalidArgument) as e:
             c.lease_revoke(lid)
         assert leases.NOT_FOUND in e.value.message and e.value.definite
+        for k in keys.values():  # every group holds the lease's tombstone (no DROP follows the deletion)
+            with pytest.raises(InvalidArgument) as e:
+                c.put(k, b"again", lease=lid)
+            assert leases.NOT_FOUND in e.value.message and e.value.definite
+
+
+def test_an_election_made_before_its_session_started(cluster: Cluster) -> None:
+    import asyncio
+
+    from kvstore.client import AsyncClient
+    from kvstore.client.concurrency import Election, Session
+
+    async def main() -> None:
+        async with AsyncClient(cluster.endpoints, timeout=20) as client:
+            s = Session(client, ttl=10)
+            e = Election(s, b"elect/x")  # its key follows the session's lease, granted below
+            async with s:
+                held = await e.campaign(b"me")
+                assert held.key == b"elect/x/%016x" % s.lease
+                assert await e.leader() == (b"me", held.fence)
+                await e.release()
+                assert await e.leader() is None
+
+    cluster.wait_leader()
+    asyncio.run(main())
 
 
 def test_kvctl_lease_commands(cluster: Cluster) -> None:
