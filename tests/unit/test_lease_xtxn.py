@@ -1,10 +1,14 @@
 """A lease's deletion across groups (`xtxn_apply`'s lease PREPARE / RECORD / COMMIT, `leases.py`'s
-`revoke_record` / `deleted_everywhere`): the codec's new fields fuzzed, and the apply rules on two
-groups' state machines (the lease's home and another group)."""
+`revoke_record` / `deleted_everywhere`): the codec's new fields fuzzed (with the compact
+delete-prepared form a lease's deletion is sent in: a RECORD with the lease tail, then tail 2), and
+the apply rules on two groups' state machines (the lease's home and another group), also through
+the real coordinator (`CrossTxns`) with more keys in a group than a command may list."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,7 @@ from hypothesis import strategies as st
 from kvstore import errors
 from kvstore.node import lessor
 from kvstore.node import xtxn as logic
+from kvstore.node.hlc import HybridClock
 from kvstore.node.memstore import MemoryNodeStore
 from kvstore.node.store import ApplyBatch, GroupWrite
 from kvstore.node.version import (
@@ -27,7 +32,8 @@ from kvstore.node.version import (
 )
 from kvstore.raft import ConfState
 from kvstore.raft.types import Entry, EntryType, HardState
-from kvstore.storage import leases, mvcc, txn, xtxn
+from kvstore.server.xtxn_run import CrossTxns
+from kvstore.storage import leases, mvcc, txn, xtxn, xtxn_apply
 from kvstore.storage.commands import ApplyResult, Command, decode_command, encode_command
 from kvstore.storage.leases import Kind, LeaseCmd
 from kvstore.storage.machine import DictState
@@ -48,6 +54,10 @@ xcmd_st = st.one_of(
     st.builds(lambda t, s, a, lid, r: XCmd(XOp.RECORD, t, start=s, at=a, lease=lid, renews=r,
                                            groups=((1, ((b"k", None),)), (2, ()))),
               ids_st, revs_st, revs_st, lease_st, st.integers(0, (1 << 64) - 1)),
+    # the form the coordinator sends: the lease tail, then "every group deletes every key prepared"
+    st.builds(lambda t, s, a, lid, r, n: XCmd(XOp.RECORD, t, start=s, at=a, lease=lid, renews=r,
+                                              groups=tuple((i, ()) for i in range(1, n + 1)), delete_prepared=True),
+              ids_st, revs_st, revs_st, lease_st, st.integers(0, (1 << 64) - 1), st.integers(0, 3)),
 )
 
 
@@ -72,6 +82,25 @@ def test_mangled_lease_commands_raise_value_error_only(x: XCmd, data: st.DataObj
             decode_command(b)
         with contextlib.suppress(ValueError):
             xtxn.decode_lease_lock(b[-40:])
+
+
+def test_the_record_tails_are_canonical() -> None:
+    """Tag 1 (the lease) then tag 2 (delete every key prepared), each at most once, in that order;
+    anything else is a ValueError, as is a write listed beside tag 2."""
+    both = xtxn.encode_body(XCmd(XOp.RECORD, T1, start=START, at=START, groups=((HOME, ()),), lease=LID, renews=4,
+                                 delete_prepared=True))
+    lease_tail = struct.pack(">BQQ", 1, LID, 4)
+    assert both.endswith(lease_tail + b"\x02")
+    body = both[:-len(lease_tail) - 1]
+    assert xtxn.decode_body(XOp.RECORD, body + lease_tail).delete_prepared is False
+    assert xtxn.decode_body(XOp.RECORD, body + b"\x02").lease == 0
+    for bad in (body + b"\x02" + lease_tail, body + lease_tail + lease_tail, body + lease_tail + b"\x02\x02",
+                body + b"\x03", body + lease_tail[:-1], body + lease_tail + b"\x01"):
+        with pytest.raises(ValueError):
+            xtxn.decode_body(XOp.RECORD, bad)
+    with pytest.raises(ValueError):
+        xtxn.encode_body(XCmd(XOp.RECORD, T1, start=START, at=START, groups=((HOME, ((b"k", None),)),), lease=LID,
+                              delete_prepared=True))
 
 
 def test_encoders_refuse_bad_lease_fields() -> None:
@@ -202,6 +231,83 @@ def test_a_record_outside_the_home_group_is_refused() -> None:
     assert rec.error is not None and "homed in group" in rec.error
 
 
+def _attach_many(home: DictState, other: DictState, n: int) -> list[bytes]:
+    """`n` keys attached to LID in `other` (more than a command lists), one in `home`."""
+    assert lease(home, LeaseCmd(Kind.GRANT, LID, ttl_s=10)).found
+    assert lease(home, LeaseCmd(Kind.PUT, LID), b"h/1", b"v").error is None
+    keys = [b"o/%04d" % i for i in range(n)]
+    for k in keys:
+        assert lease(other, LeaseCmd(Kind.PUT, LID), k, b"v").error is None
+    other.apply(encode_command(Command.put(b"o/plain", b"v")))
+    return keys
+
+
+def test_the_coordinator_deletes_more_keys_than_a_command_lists_in_one_commit() -> None:
+    """Through the real coordinator (`CrossTxns.run` over two state machines, each proposal
+    applied at once): a group holding more keys of the lease than a COMMIT or RECORD may list
+    (`xtxn.MAX_KEYS`) is deleted whole at one revision; the RECORD lists no key (the compact
+    form, with the lease tail) and revokes and forgets the lease."""
+    home, other = DictState(group=HOME), DictState(group=OTHER)
+    keys = _attach_many(home, other, xtxn.MAX_KEYS + 40)
+    groups = {HOME: home, OTHER: other}
+    sent: list[XCmd] = []
+
+    async def propose(g: int, data: bytes) -> ApplyResult:
+        c = decode_command(data).x
+        assert c is not None
+        sent.append(c)
+        return groups[g].apply(data)
+
+    async def main() -> ApplyResult:
+        coord = CrossTxns(9, propose, HybridClock(lambda: mvcc.EPOCH_MS + 10_000), timeout=2.0)
+        return await coord.run(None, logic.plan_lease([HOME, OTHER], LID))
+
+    res = asyncio.run(main())
+    assert res.txn is not None and len(res.txn.responses) == len(keys) + 1 and res.revision
+    records = [c for c in sent if c.op == XOp.RECORD]
+    assert len(records) == 1 and records[0].lease == LID and records[0].delete_prepared
+    assert records[0].groups == ((HOME, ()), (OTHER, ())) and records[0].result is None
+    commits = [c for c in sent if c.op == XOp.COMMIT]
+    assert len(commits) == 2 and all(c.delete_prepared and c.at == res.revision for c in commits)
+    assert not any(k.startswith((b"o/0", b"h/")) for s in groups.values() for k in s.data)
+    assert other.get(b"o/plain") == b"v"
+    for s in groups.values():
+        assert leases.attached_keys(s.rows, LID) == [] and not s.rows.has_locks()
+        assert s.rows.get(leases.T_LEASES, leases.tomb_key(LID)) is not None
+        assert mvcc.rev_state(s.rows).last >= res.revision
+    assert leases.get_record(home.rows, LID) is None  # revoked and forgotten at the commit point
+    tid = TxnId.decode(bytes(next(iter(home.rows.iter(mvcc.T_TXN, b"r", b"s")))[0])[1:])
+    rec = xtxn_record(home, tid)
+    assert rec is not None and rec.state == State.FINALIZED and rec.at == res.revision
+
+
+def test_a_resolver_finishes_a_lease_deletion_from_its_compact_record() -> None:
+    """The coordinator dies after the RECORD: a resolver's COMMIT from the record (which lists no
+    key) deletes every key the group prepared, drops the attachments and keeps the tombstone."""
+    home, other = DictState(group=HOME), DictState(group=OTHER)
+    keys = _attach_many(home, other, xtxn.MAX_KEYS + 10)
+    p = logic.plan_lease([HOME, OTHER], LID)
+    ready = logic.after_prepare_range(p, prepare_both(home, other, T1))
+    assert isinstance(ready, logic.Ready) and ready.delete_prepared
+    assert len(ready.writes[OTHER]) == len(keys)
+    assert home.apply(logic.record_command(T1, START, ready, lease=LID)).error is None
+    rec = xtxn_record(home, T1)
+    assert rec is not None and rec.delete_prepared and rec.writes == ((HOME, ()), (OTHER, ()))
+    for g, s in ((OTHER, other), (HOME, home)):
+        intent = Intent.decode(bytes(next(iter(s.rows.iter(mvcc.T_INTENTS, b"", None)))[1]))
+        follow = logic.resolution(intent, g, home.apply(logic.resolve_command(intent)))
+        assert follow is not None and s.apply(follow).error is None
+        assert home.apply(logic.finalize_command(T1, g)).error is None  # the resolver's, naming the group
+    assert not any(k.startswith((b"o/0", b"h/")) for s in (home, other) for k in s.data)
+    assert other.get(b"o/plain") == b"v"
+    for s in (home, other):
+        assert not list(s.rows.iter(mvcc.T_INTENTS, b"", None)) and not s.rows.has_locks()
+        assert leases.attached_keys(s.rows, LID) == []
+    assert other.rows.get(leases.T_LEASES, leases.tomb_key(LID)) is not None
+    done = xtxn_apply.record_of(home.rows, T1)
+    assert done is not None and done.state == State.FINALIZED
+
+
 def xtxn_record(s: DictState, t: TxnId) -> xtxn.Record | None:
     raw = s.rows.get(mvcc.T_TXN, xtxn.row_record(t))
     return None if raw is None else xtxn.decode_record(bytes(raw))
@@ -249,12 +355,16 @@ def test_node_stores_hold_the_lease_lock(kind: str, tmp_path: Path) -> None:
 # --- feature level: the lease forms of PREPARE and RECORD are level 4 ------------------------------
 def test_the_lease_forms_need_the_lease_level() -> None:
     ready = logic.Ready(START, txn.TxnResult(True, (), START), {HOME: ()})
+    compact = logic.Ready(START, txn.TxnResult(True, (), START), {HOME: ((b"k", None),)}, delete_prepared=True)
     lease_forms = [encode_command(Command.cross(XCmd(XOp.PREPARE, T1, HOME, START, lease=LID), revision=START)),
-                   logic.record_command(T1, START, ready, lease=LID, renews=2)]
+                   logic.record_command(T1, START, ready, lease=LID, renews=2),
+                   logic.record_command(T1, START, compact, lease=LID)]  # both tails: a lease's deletion
+    # the compact form alone (a range delete's RECORD and COMMIT) is part of level 3 itself
     plain_forms = [encode_command(Command.cross(XCmd(XOp.PREPARE, T1, HOME, START, keys=(b"k",)), revision=START)),
-                   logic.record_command(T1, START, ready)]
-    assert [command_level(d) for d in lease_forms] == [LEVEL_LEASES] * 2
-    assert [command_level(d) for d in plain_forms] == [LEVEL_CROSS_TRANSACTIONS] * 2
+                   logic.record_command(T1, START, ready), logic.record_command(T1, START, compact),
+                   *logic.commit_commands(T1, compact, [HOME]).values()]
+    assert [command_level(d) for d in lease_forms] == [LEVEL_LEASES] * 3
+    assert [command_level(d) for d in plain_forms] == [LEVEL_CROSS_TRANSACTIONS] * 4
     assert command_level(lease_forms[0][:-3]) == COMMAND_LEVELS[lease_forms[0][1]]  # garbage: its kind's level
     cluster = ClusterVersion(LEVEL_CROSS_TRANSACTIONS, {1: LEVEL_LEASES, 2: LEVEL_CROSS_TRANSACTIONS})
     gate = CommandGate(lambda: cluster, lambda: {1, 2})
