@@ -154,10 +154,13 @@ class CrossPairs:
 
     # --- one attempt -------------------------------------------------------------------------
     def attempt(self, node: Any, t: txn.Txn | None, groups: dict[bytes, int], n: int, retry: Callable[[int], None],
-                lock: tuple[bytes, bytes] | None = None) -> None:
+                lock: tuple[bytes, bytes] | None = None, plan: logic.Plan | None = None) -> None:
         """One attempt of `t` (None: a range delete of `lock`, over every data group of `node`'s
-        map) coordinated at `node`; `retry(n + 1)` to try again later."""
-        if t is None:
+        map, or `plan`: a lease's deletion, `logic.plan_lease`) coordinated at `node`;
+        `retry(n + 1)` to try again later."""
+        if plan is not None:
+            p = plan
+        elif t is None:
             assert lock is not None
             smap = node.logic.shard_tracker.map if node.logic is not None else None
             if smap is None:
@@ -188,14 +191,14 @@ class CrossPairs:
                 self._forget(node, logic.abort_commands(tid, got))
                 retry(n + 1)
                 return
-            if not decision.writes_anything:
+            if not decision.writes_anything and not p.lease:
                 self._forget(node, logic.abort_commands(tid, got))
                 self.pairs.answered_cross(t, decision.result, decision.result.revision)
                 return
             if self._dies(0):
                 return
-            commit_point(self, node, p.primary, logic.record_command(tid, start, decision),
-                         lambda res, err: committed(decision, res if err is None else None))
+            record = logic.record_command(tid, start, decision, lease=p.lease, renews=p.renews)
+            commit_point(self, node, p.primary, record, lambda res, err: committed(decision, res if err is None else None))
 
         def committed(r: logic.Ready, res: ApplyResult | None) -> None:
             if res is None:

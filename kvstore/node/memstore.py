@@ -1056,7 +1056,8 @@ class MemoryNodeStore:
 
     def range_locks(self, group: int) -> list[bytes]:
         g = self._read(group)
-        return [] if g is None else [v[:xtxn.INTENT_BYTES] for _k, v in g.rows.iter(mvcc.T_TXN, b"l", b"m")]
+        return [] if g is None else [v[:xtxn.INTENT_BYTES] for lo, hi in ((b"e", b"f"), (b"l", b"m"))
+                                     for _k, v in g.rows.iter(mvcc.T_TXN, lo, hi)]
 
     def intents(self, group: int, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         g = self._read(group)

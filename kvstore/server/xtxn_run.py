@@ -187,17 +187,18 @@ class CrossTxns:
         committed) always goes through the RECORD, even when this attempt writes nothing: its
         compares now see the earlier attempt's own writes, and only the RECORD's session check
         gives the answer of the attempt that committed (exactly once); when none did, the
-        RECORD commits this attempt's answer."""
+        RECORD commits this attempt's answer. A lease's deletion (`p.lease`) always goes
+        through the RECORD too, even when it finds no key: its RECORD revokes the lease."""
         groups = sorted(p.keys)
         client_id, seq, ack, retry, horizon = session
-        if not r.writes_anything and not (client_id and retry):
+        if not r.writes_anything and not p.lease and not (client_id and retry):
             # a read-only answer, or a first attempt that writes nothing: its reads were one
             # snapshot at R, and no earlier attempt of this request can have committed
             await self._release(tid, groups)
             return ApplyResult(revision=r.result.revision, txn=r.result)
         await self._halt("prepare")
         try:  # both built before the commit point: a COMMIT that cannot be built must not follow it
-            record = logic.record_command(tid, start, r, client_id, seq, ack, retry, horizon)
+            record = logic.record_command(tid, start, r, client_id, seq, ack, retry, horizon, p.lease, p.renews)
             commit_cmds = logic.commit_commands(tid, r, groups)
         except ValueError as err:
             await self._release(tid, groups)

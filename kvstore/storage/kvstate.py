@@ -500,7 +500,8 @@ class KVState:
     def range_locks(self, group: int) -> list[bytes]:
         with self._env.read() as txn:
             rows = LmdbRows(txn, group, rev_dbs(self._env))
-            return [bytes(v)[:xtxn.INTENT_BYTES] for _k, v in rows.iter(mvcc.T_TXN, b"l", b"m")]
+            return [bytes(v)[:xtxn.INTENT_BYTES] for lo, hi in ((b"e", b"f"), (b"l", b"m"))
+                    for _k, v in rows.iter(mvcc.T_TXN, lo, hi)]
 
     def intents(self, group: int, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         """At most `limit` intents on keys in [start, end), in key order (`mvcc.T_INTENTS`)."""

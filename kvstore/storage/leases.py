@@ -46,8 +46,13 @@ while it holds no tombstone of L; the home leader fans DROP(L) out to every data
 revocation (`node.lessor`) and FORGETs L only when all applied it. A LEASE_PUT applied before a
 group's DROP is deleted by it; one after it is refused. The client library checks the lease at its
 home before proposing a LEASE_PUT to another group (a definite "requested lease not found").
-That per-group deletion is `drop_attached` below: one function boundary to replace by one atomic
-cross-group deletion once cross-group transactions exist.
+With more than one data group the lease's EXPIRE/REVOKE is instead one atomic deletion across
+groups (a two-phase commit, `xtxn_apply.py`, feature level 4 like these commands): the home
+group's RECORD is its commit point (`revoke_record`: LIVE, the same renew count for an expiry;
+the record becomes the tombstone in the same apply) and each group's COMMIT deletes its attached
+keys at the one revision R, then drops the attachment rows and keeps a tombstone
+(`deleted_everywhere`); a LEASE_PUT meeting the deletion's lease lock is refused LOCKED. No DROP
+or FORGET follows (the record is not REVOKED, it is gone).
 
 Every decoder is total: garbage raises `ValueError` (never another exception type).
 """
@@ -69,8 +74,8 @@ MAX_LEASE_ID = (1 << 63) - 1
 MIN_TTL_S = 1
 MAX_TTL_S = 9_000_000_000
 """etcd's MaxLeaseTTL (about 285 years)."""
-T_LEASES = 6
-"""The lease table's number in the group's `mvcc.Rows` (after the MVCC tables 0..3)."""
+T_LEASES = mvcc.T_LEASES
+"""The lease table's number in the group's `mvcc.Rows` (after the MVCC and transaction tables)."""
 
 LIVE = 0
 REVOKED = 1
@@ -269,7 +274,10 @@ def lease_of(rows: mvcc.Rows, key: bytes) -> int:
 
 
 def detach(rows: mvcc.Rows, key: bytes) -> None:
-    """Detach `key` from its lease, if any (a plain write or delete of the key)."""
+    """Detach `key` from its lease, if any (a plain write or delete of the key). A group with
+    no attachment at all answers from the rows' per-batch flag (`mvcc.Rows.has_attachments`)."""
+    if not rows.has_attachments():
+        return
     ok = owner_key(key)
     raw = rows.get(T_LEASES, ok)
     if raw is None:
@@ -334,10 +342,48 @@ def drop_attached(rows: mvcc.Rows, group: int, lease_id: int, proposed: int, get
         for k, prev in present:
             mvcc.write_version(rows, group, k, None, prev, rev, exact=True)
             delete(k)
-    for k in keys:
+    forget_attached(rows, lease_id, keys)
+    return Outcome(found=True, deleted=len(present), revision=rev)
+
+
+def forget_attached(rows: mvcc.Rows, lease_id: int, keys: list[bytes] | None = None) -> None:
+    """Remove every attachment row of `lease_id` in this group (`keys`: `attached_keys`, if read
+    already); the keys themselves are not touched."""
+    for k in attached_keys(rows, lease_id) if keys is None else keys:
         rows.delete(T_LEASES, attach_key(lease_id, k))
         rows.delete(T_LEASES, owner_key(k))
-    return Outcome(found=True, deleted=len(present), revision=rev)
+
+
+LEASE_RENEWED = "lease renewed since its expiry was decided"
+"""A lease deletion's RECORD refused because an expiry's renew count no longer matches."""
+
+
+def revoke_record(rows: mvcc.Rows, group: int, lease_id: int, renews: int) -> str | None:
+    """The commit point of a lease's deletion across groups (a RECORD with a lease, in its home
+    group): if the record is LIVE and (`renews` != 0, an expiry) still has that renew count, the
+    lease is revoked and forgotten at once (its record becomes the tombstone: every group's
+    COMMIT deletes its keys and keeps a tombstone, so no DROP and no FORGET follow); else the
+    reason it is refused (nothing changed)."""
+    if home_group(lease_id) != group:
+        return f"lease {lease_id:x} is homed in group {home_group(lease_id)}, not {group}"
+    rec = get_record(rows, lease_id)
+    if rec is None or rec.state != LIVE:
+        return NOT_FOUND
+    if renews and rec.renews != renews:
+        return LEASE_RENEWED
+    rows.delete(T_LEASES, record_key(lease_id))
+    rows.put(T_LEASES, tomb_key(lease_id), b"")
+    return None
+
+
+def deleted_everywhere(rows: mvcc.Rows, group: int, lease_id: int) -> None:
+    """A lease deletion's COMMIT in this group (its keys' deletes are the COMMIT's: every key
+    the deletion prepared here, `XCmd.delete_prepared`, or the writes it lists): the
+    attachment rows go and a group other than the home keeps a tombstone, so that a LEASE_PUT
+    of the lease arriving later is refused."""
+    forget_attached(rows, lease_id)
+    if home_group(lease_id) != group:
+        rows.put(T_LEASES, tomb_key(lease_id), b"")
 
 
 def apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, proposed: int,

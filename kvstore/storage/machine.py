@@ -371,7 +371,8 @@ def _locked(view: StateView, cmd: Command) -> ApplyResult | None:
     (`xtxn_apply.locked`; a corrupt intent row gives an error result). A lease's REVOKE, EXPIRE
     or DROP writes every key attached to the lease in this group: it is refused (all or nothing,
     not cached; the lease clock or the client retries) while any of them holds an intent or lies
-    in a range lock, so no key is ever deleted under a prepared transaction."""
+    in a range lock, so no key is ever deleted under a prepared transaction; a LEASE_PUT is
+    refused while a deletion of its lease holds a lease lock here (`xtxn_apply.lease_locked`)."""
     try:
         if cmd.txn is not None:
             return xtxn_apply.locked(view.mvcc, (k for k, _ in txn.keys_of(cmd.txn)))
@@ -379,7 +380,13 @@ def _locked(view: StateView, cmd: Command) -> ApplyResult | None:
         if lc is not None and lc.kind in _LEASE_DELETES:
             if not view.mvcc.has_locks():
                 return None
-            return xtxn_apply.locked(view.mvcc, leases.attached_keys(view.mvcc, lc.lease_id))
+            keys = leases.attached_keys(view.mvcc, lc.lease_id)
+            return (xtxn_apply.locked(view.mvcc, keys)
+                    or xtxn_apply.lease_locked(view.mvcc, lc.lease_id, keys[0] if keys else b"\x00"))
+        if lc is not None and lc.kind == leases.Kind.PUT:  # no attach to a lease whose deletion is prepared
+            return xtxn_apply.lease_locked(view.mvcc, lc.lease_id, cmd.key) or xtxn_apply.locked(view.mvcc, (cmd.key,))
+        if lc is not None:  # GRANT, RENEW, CHECKPOINT, FORGET: no key (as `serves`), nothing to lock
+            return None
         return xtxn_apply.locked(view.mvcc, (cmd.key,))
     except mvcc.RevisionError as err:
         return ApplyResult(error=f"revision refused: {err}")
