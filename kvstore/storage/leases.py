@@ -282,6 +282,47 @@ def detach(rows: mvcc.Rows, key: bytes) -> None:
     rows.delete(T_LEASES, attach_key(lid, key))
 
 
+def attach(rows: mvcc.Rows, key: bytes, lease_id: int) -> None:
+    """Attach `key` to `lease_id` (detaching it from any other): the rows a LEASE_PUT writes, and
+    an INSTALL of a moved key's attachment."""
+    old = lease_of(rows, key)
+    if old != lease_id:
+        if old:
+            rows.delete(T_LEASES, attach_key(old, key))
+        rows.put(T_LEASES, owner_key(key), _U64.pack(lease_id))
+        rows.put(T_LEASES, attach_key(lease_id, key), key)
+
+
+def attachments(rows: mvcc.Rows, chosen: Callable[[bytes], bool]) -> list[tuple[bytes, int]]:
+    """(key, lease id) of every attachment in this group whose key is `chosen` (a range move's
+    export: the keys of the frozen ranges), in attachment-row order (the same on every replica)."""
+    out: list[tuple[bytes, int]] = []
+    for k, v in rows.iter(T_LEASES, b"A", b"B"):
+        key = bytes(v)
+        if chosen(key):
+            out.append((key, int(_U64.unpack_from(bytes(k), 1)[0])))
+    return out
+
+
+def forget_keys(rows: mvcc.Rows, chosen: Callable[[bytes], bool]) -> int:
+    """Remove the attachment rows of every attached key that is `chosen` (the ranges a group
+    drops after a move, or wipes before installing them). Returns how many."""
+    gone = attachments(rows, chosen)
+    for key, lid in gone:
+        rows.delete(T_LEASES, attach_key(lid, key))
+        rows.delete(T_LEASES, owner_key(key))
+    return len(gone)
+
+
+def may_attach(rows: mvcc.Rows, group: int, lease_id: int) -> bool:
+    """Whether a key may be attached to `lease_id` in this group: in its home group only while
+    its record is LIVE, elsewhere unless the group holds its tombstone (the LEASE_PUT rule)."""
+    if home_group(lease_id) == group:
+        rec = get_record(rows, lease_id)
+        return rec is not None and rec.state == LIVE
+    return rows.get(T_LEASES, tomb_key(lease_id)) is None
+
+
 def check_rows(key: bytes, value: bytes) -> None:
     """ValueError unless (key, value) is a well-formed lease-table row (snapshot installs)."""
     if not key:
@@ -314,6 +355,8 @@ class Outcome:
     deleted: int = 0
     revision: int = 0
     error: str | None = None
+    moving: bool = False
+    """Refused because an attached key is in a moving range (LEASE_MOVING)."""
 
 
 Get = Callable[[bytes], "bytes | None"]
@@ -321,15 +364,27 @@ Delete = Callable[[bytes], bool]
 Put = Callable[[bytes, bytes], None]
 
 
+LEASE_MOVING = "a key attached to the lease is in a range being moved: its deletion waits for the move"
+"""A lease deletion (REVOKE, EXPIRE, DROP) refused while a key attached to the lease in the group
+lies in a range the group froze or is installing (retried: the lease clock, the DROP sender,
+the client's revoke on WRONG_SHARD)."""
+
+Pred = Callable[[bytes], bool]
+
+
 def drop_attached(rows: mvcc.Rows, group: int, lease_id: int, proposed: int, get: Get, delete: Delete,
-                  serves: Callable[[bytes], bool] = lambda _k: True) -> Outcome:
+                  serves: Pred = lambda _k: True, moving: Pred = lambda _k: False) -> Outcome:
     """Delete every key attached to `lease_id` in this group at ONE revision (mvcc.next_revision
     of the proposal) and its attachment rows. The per-group half of a lease's deletion (see the
-    module docstring); RevisionError propagates before anything changed. Only keys the group
-    serves (`serves`) are deleted: a key in a range frozen for a move is immutable (its export
-    must read the same on every replica); it moves without its attachment (a known gap: README
-    "Leases")."""
+    module docstring); RevisionError propagates before anything changed. Refused (LEASE_MOVING,
+    `Outcome.moving`, nothing changed) while an attached key is `moving` (in a range the group
+    froze or is installing: a frozen key is immutable, so its export reads the same on every
+    replica, and it moves WITH its attachment; the deletion is retried after the move, where
+    the move put the key). A key neither served nor moving (a row the group no longer owns) is
+    only detached."""
     keys = attached_keys(rows, lease_id)
+    if any(moving(k) for k in keys):
+        return Outcome(error=LEASE_MOVING, moving=True)
     present = [(k, v) for k in keys if serves(k) and (v := get(k)) is not None]
     rev = 0
     if present:
@@ -381,11 +436,13 @@ def deleted_everywhere(rows: mvcc.Rows, group: int, lease_id: int) -> None:
 
 
 def apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, proposed: int,
-          get: Get, put: Put, delete: Delete, serves: Callable[[bytes], bool] = lambda _k: True) -> Outcome:
+          get: Get, put: Put, delete: Delete, serves: Pred = lambda _k: True,
+          moving: Pred = lambda _k: False) -> Outcome:
     """Apply lease command `c` to a group (see the module docstring). `key`/`value`: LEASE_PUT's;
     `proposed`: the leader's proposed revision for a write; `serves(key)`: whether the group
-    serves the key (deletions skip keys it does not). RevisionError propagates before anything
-    changed."""
+    serves the key; `moving(key)`: whether it lies in a range the group froze or is installing
+    (a deletion is then refused whole: `drop_attached`). RevisionError propagates before
+    anything changed."""
     lid, k = c.lease_id, c.kind
     home = home_group(lid) == group
     rk = record_key(lid)
@@ -402,15 +459,12 @@ def apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, pr
             return Outcome(error=NOT_FOUND)
         rev = mvcc.write_version(rows, group, key, value, None, proposed, get)
         put(key, value)
-        old = lease_of(rows, key)
-        if old != lid:
-            if old:
-                rows.delete(T_LEASES, attach_key(old, key))
-            rows.put(T_LEASES, owner_key(key), _U64.pack(lid))
-            rows.put(T_LEASES, attach_key(lid, key), key)
+        attach(rows, key, lid)
         return Outcome(found=True, revision=rev)
     if k == Kind.DROP:
-        out = drop_attached(rows, group, lid, proposed, get, delete, serves)
+        out = drop_attached(rows, group, lid, proposed, get, delete, serves, moving)
+        if out.error is not None:
+            return out
         if not home:
             rows.put(T_LEASES, tomb_key(lid), b"")
         return out
@@ -431,8 +485,9 @@ def apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, pr
     if k == Kind.EXPIRE or k == Kind.REVOKE:
         if rec is None or not live or (k == Kind.EXPIRE and rec.renews != c.renews):
             return Outcome(error=NOT_FOUND) if k == Kind.REVOKE else Outcome()
-        out = drop_attached(rows, group, lid, proposed, get, delete, serves)
-        rows.put(T_LEASES, rk, Record(rec.ttl_s, 0, rec.renews, REVOKED).encode())
+        out = drop_attached(rows, group, lid, proposed, get, delete, serves, moving)
+        if out.error is None:
+            rows.put(T_LEASES, rk, Record(rec.ttl_s, 0, rec.renews, REVOKED).encode())
         return out
     if k == Kind.FORGET:
         if rec is None or rec.state != REVOKED:
