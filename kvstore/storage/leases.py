@@ -33,7 +33,8 @@ then carries key_len:u32 key value):
   range lock; the lease clock and the DROP sender retry, the client's revoke gets a retryable
   error.
 - DROP(id): in any group: the keys attached here are deleted at one revision, and the group
-  keeps a tombstone so that a LEASE_PUT of that lease arriving later is refused.
+  keeps a tombstone so that a LEASE_PUT of that lease arriving later is refused. Like REVOKE and
+  EXPIRE it waits (refused, retried) while an attached key is in a moving range (below).
 - FORGET(id): home group: a REVOKED record whose DROPs every other data group applied becomes a
   tombstone.
 - PUT(id, key, value): a put that attaches `key` to the lease (detaching it from any other).
@@ -53,6 +54,32 @@ the record becomes the tombstone in the same apply) and each group's COMMIT dele
 keys at the one revision R, then drops the attachment rows and keeps a tombstone
 (`deleted_everywhere`); a LEASE_PUT meeting the deletion's lease lock is refused LOCKED. No DROP
 or FORGET follows (the record is not REVOKED, it is gone).
+
+Range moves (`shardcmd`, `machine.apply_shard_command`). A moved key's attachment moves with it:
+the source's export carries (key, lease id) records (`attachments`, `shardcmd.REC_LEASE`) and the
+target's INSTALL attaches the key as a LEASE_PUT would (`attach`); BEGIN and the source's DROP
+forget the attachment rows of the ranges they wipe (`forget_keys`). Which deletion runs is not
+decided from a set of groups the home keeps (it keeps none): with more than one data group in the
+map it is always the deletion across ALL data groups, with one the one-command path, whose DROP
+fan-out re-reads the data groups before the FORGET (`node.lessor`). Invariant (every key attached
+to a lease when its deletion commits is deleted, wherever a move put it):
+- no deletion skips a moving key: REVOKE, EXPIRE and DROP are refused (LEASE_MOVING, WRONG_SHARD,
+  nothing changed) while a key attached to the lease in the group is in a range it froze or is
+  installing (`drop_attached`); the lease PREPARE is refused while the group has any range frozen
+  or being installed (`xtxn_apply._prepare`). So a key is deleted by the group that serves it.
+- no attachment arrives behind a deletion's back: a PREPARE that found a key put an intent on it,
+  which keeps its range from freezing (FREEZE waits for intents) until the COMMIT deleted it; an
+  INSTALL attaching a key to a lease whose deletion holds a lease lock in the target is refused
+  (`machine._install_lease_check`; the move retries). Hence, with the deletion across groups,
+  an INSTALL never meets the lease's tombstone (the COMMIT that wrote it followed PREPAREs in
+  every group, the source's included, each of which either found and locked the key or ran
+  before the range froze / after it moved).
+- an attachment that does arrive for a lease dead in the target (its tombstone; in its home a
+  record not LIVE) - possible with the one-command path, whose DROP may reach the target before
+  the key does - is not attached: the INSTALL deletes the key at a new revision of the target
+  (`machine.install_attachments`), definitively, since no deletion of the lease would come there.
+Assumed, not enforced here: the coordinator's map lists every data group (a map that lags behind
+a group added and filled by a move after it was read would leave that group out of the plan).
 
 Every decoder is total: garbage raises `ValueError` (never another exception type).
 """
