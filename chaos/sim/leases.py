@@ -160,6 +160,9 @@ class _Own:
     def answered_cross(self, t: txn.Txn | None, r: txn.TxnResult, revision: int) -> None:
         self.leases.stats.cross_deletions += 1
 
+    def finished_record(self) -> None:
+        """The record sweep finished a lease deletion's record (nothing to count here)."""
+
 
 @dataclass(slots=True)
 class SimLeases:

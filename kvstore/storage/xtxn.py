@@ -35,6 +35,8 @@ Rows (table `mvcc.T_TXN` of the group; `row_*` give the keys):
     r + id                  -> record   state:u8 start:u64 at:u64 result-len:u32 result groups
     d + id                  -> start:u64  the transaction is done in this group (committed or aborted)
     g + expiry:u64 + id     -> kind:u8   age-ordered index of the rows forgotten at `expiry`
+    u + start:u64 + id      -> b""      a COMMITTED record not FINALIZED yet, by start (the record
+                                        sweep finishes those whose coordinator died before FINALIZE)
 
 Invariants: every decoder is total (raises `ValueError`, never another type) and bounded (at
 most `MAX_KEYS` keys or writes per group, `MAX_GROUPS_PER_TXN` groups, `MAX_BODY` bytes);
@@ -218,6 +220,10 @@ def row_done(t: TxnId) -> bytes:
 
 def row_gc(expiry: int, t: TxnId) -> bytes:
     return b"g" + _U64.pack(expiry) + t.encode()
+
+
+def row_unfinished(start: int, t: TxnId) -> bytes:
+    return b"u" + _U64.pack(start) + t.encode()
 
 
 def row_lease_lock(t: TxnId) -> bytes:
