@@ -15,7 +15,7 @@ keep-alive retried until answered; its home group's leadership is then transferr
 lease's life), one never does.
 
 Checked (`LeaseViolation`):
-- no early expiry: a lease is never seen REVOKED (polled every `POLL_MS` on every live node)
+- no early expiry: a lease is never seen REVOKED or forgotten (polled every `POLL_MS` on every live node)
   before t + TTL, t the send time of its grant or of any RENEW acknowledged as applied (found);
 - expiry within the bound: a lease whose client stopped is revoked by t_last + TTL(1+rho)/(1-rho)
   + `SLACK_MS` + the time its home group had no current leader + (leader changes after t_last)

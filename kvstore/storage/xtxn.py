@@ -192,7 +192,8 @@ class XCmd:
     """PREPARE: lock the keys attached to this lease in the group (every one found answered; a
     lease's deletion, no keys named). RECORD: the commit point of that deletion, in the lease's
     home group: it commits only while the lease is LIVE (and, with `renews`, still has that
-    renew count: an expiry), and revokes the lease in the same apply."""
+    renew count: an expiry), and revokes and forgets the lease in the same apply
+    (its record becomes the tombstone)."""
     renews: int = 0
     """RECORD with a lease: the renew count an expiry was decided on (0: a revoke, any)."""
 
