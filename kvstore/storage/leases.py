@@ -76,8 +76,9 @@ to a lease when its deletion commits is deleted, wherever a move put it):
   before the range froze / after it moved).
 - an attachment that does arrive for a lease dead in the target (its tombstone; in its home a
   record not LIVE) - possible with the one-command path, whose DROP may reach the target before
-  the key does - is not attached: the INSTALL deletes the key at a new revision of the target
-  (`machine.install_attachments`), definitively, since no deletion of the lease would come there.
+  the key does - does not stay attached: the ACTIVATE of its range deletes the key at a new
+  revision of the target (`machine.settle_dead_attachments`), definitively, since no deletion of
+  the lease would come there.
 Assumed, not enforced here: the coordinator's map lists every data group (a map that lags behind
 a group added and filled by a move after it was read would leave that group out of the plan).
 

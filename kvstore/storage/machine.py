@@ -640,6 +640,10 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
             return ApplyResult(error="cannot activate ranges the group froze")
         if cmd.token != st.token or r != st.installing:
             return ApplyResult(error="activate of an installation that is not the current one")
+        try:
+            settle_dead_attachments(view, r)
+        except mvcc.RevisionError as err:
+            return ApplyResult(error=f"revision refused: {err}")
         view.set_shards(replace(st, active=st.active.union(r), installing=IntervalSet(), token=0))
         return ApplyResult()
     if cmd.op == ShardOp.DROP:
@@ -670,32 +674,43 @@ def _install_lease_check(view: StateView, key: bytes, value: bytes) -> ApplyResu
 
 
 def install_attachments(view: StateView, recs: list[tuple[bytes, bytes]]) -> None:
-    """An INSTALL's lease attachments (`REC_LEASE`: key, lease id), after its data rows: each key
-    is attached to its lease as a LEASE_PUT would attach it (`leases.attach`), so the lease's
-    deletion deletes it in this group. A key whose lease may not be attached here any more
-    (`leases.may_attach`: this group holds the lease's tombstone, or is its home and its record
-    is not LIVE) is deleted at once instead, at one new revision of this group for all such keys
-    of the INSTALL (definitively: its lease is gone, and no deletion would come for it here).
-    With a lease's deletion across groups this cannot happen (the source's PREPARE found the key,
-    whose intent then kept its range from freezing, or the source refused to prepare while the
-    range was frozen; and an INSTALL is refused while the deletion's lease lock is held here); it
-    can with the one-group REVOKE, whose DROP may reach this group before the key arrives."""
-    if not recs:
-        return
+    """An INSTALL's lease attachments (`REC_LEASE`: key, lease id): each key is attached to its
+    lease as a LEASE_PUT would attach it (`leases.attach`), so the lease's deletion deletes it in
+    this group once the range is served here. (While the range is being installed, no deletion
+    touches it: REVOKE / EXPIRE / DROP and the lease PREPARE wait for the move.) An attachment to
+    a lease that is dead here is settled by the ACTIVATE (`settle_dead_attachments`)."""
     rows = view.mvcc
-    dead: list[tuple[bytes, bytes]] = []
     for key, raw in recs:
-        (lid,) = U64.unpack(raw)
-        if leases.may_attach(rows, view.group, lid):
-            leases.attach(rows, key, lid)
-        elif (prev := view.get(key)) is not None:
-            dead.append((key, prev))
-    if dead:
-        rev = mvcc.next_revision(mvcc.rev_state(rows).last, 0, view.group)
-        for key, prev in dead:
+        leases.attach(rows, key, U64.unpack(raw)[0])
+
+
+def settle_dead_attachments(view: StateView, ranges: IntervalSet) -> None:
+    """At the ACTIVATE of `ranges`: a key installed there attached to a lease that may not be
+    attached here any more (`leases.may_attach`: this group holds the lease's tombstone, or is
+    its home and its record is not LIVE) is deleted, at one new revision of this group for all
+    such keys, and detached: definitively, since its lease is gone and no deletion of it would
+    come here. (Done once, at the ACTIVATE, so a late duplicate INSTALL chunk cannot bring the
+    key back after it.) With a lease's deletion across groups this cannot happen (the source's
+    PREPARE found the key, whose intent then kept its range from freezing until the COMMIT
+    deleted it, or the source refused to prepare while the range was frozen; and an INSTALL is
+    refused while the deletion's lease lock is held here); it can with the one-group REVOKE,
+    whose DROP may reach this group before the key does. RevisionError propagates before
+    anything changed."""
+    rows = view.mvcc
+    if not rows.has_attachments():
+        return
+    dead: list[tuple[bytes, bytes | None]] = []
+    for key, lid in leases.attachments(rows, lambda k: key_hash(k) in ranges):
+        if not leases.may_attach(rows, view.group, lid):
+            dead.append((key, view.get(key)))
+    if not dead:
+        return
+    rev = mvcc.next_revision(mvcc.rev_state(rows).last, 0, view.group)
+    for key, prev in dead:
+        if prev is not None:
             mvcc.write_version(rows, view.group, key, None, prev, rev, exact=True)
             view.delete(key)
-            leases.detach(rows, key)
+        leases.detach(rows, key)
 
 
 class UnknownCommandKind(Exception):

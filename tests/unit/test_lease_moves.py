@@ -201,20 +201,23 @@ def test_the_one_group_deletion_runs_after_the_move_where_the_key_went() -> None
     assert dst.get(K_MOVE) is None and dst.get(K_PLAIN) == b"v" and leases.attached_keys(dst.rows, LID) == []
 
 
-def test_an_attachment_arriving_at_a_dead_lease_deletes_the_key() -> None:
+def test_an_attachment_arriving_at_a_dead_lease_deletes_the_key_at_the_activate() -> None:
     _, dst, records = moved()
     assert dst.apply(lease_cmd(LeaseCmd(Kind.DROP, LID))).error is None  # nothing attached yet: a tombstone
+    install = shard(ShardOp.INSTALL, records=records, token=TOKEN)
+    assert dst.apply(install).error is None
     last = mvcc.rev_state(dst.rows).last
-    assert dst.apply(shard(ShardOp.INSTALL, records=records, token=TOKEN)).error is None
+    assert dst.apply(shard(ShardOp.ACTIVATE, MOVING, token=TOKEN)).error is None
     assert dst.get(K_MOVE) is None and dst.get(K_PLAIN) == b"v" and leases.lease_of(dst.rows, K_MOVE) == 0
     hist = mvcc.key_history(dst.rows, K_MOVE)
     assert hist[-1][0] > last and mvcc.current_meta(dst.rows, K_MOVE, None) is None  # deleted at a new revision
-    assert dst.apply(shard(ShardOp.ACTIVATE, MOVING, token=TOKEN)).error is None
+    assert not dst.rows.has_attachments()
+    assert dst.apply(install).error is not None and dst.get(K_MOVE) is None  # a late duplicate brings nothing back
     # the home group as the target, with its record REVOKED (the one-group path): deleted too
     home = DictState(group=HOME)
     for d in (shard(ShardOp.SET, Q[0]), lease_cmd(LeaseCmd(Kind.GRANT, LID, ttl_s=5)),
               lease_cmd(LeaseCmd(Kind.REVOKE, LID)), shard(ShardOp.BEGIN, MOVING, token=TOKEN),
-              shard(ShardOp.INSTALL, records=records, token=TOKEN)):
+              shard(ShardOp.INSTALL, records=records, token=TOKEN), shard(ShardOp.ACTIVATE, MOVING, token=TOKEN)):
         assert home.apply(d).error is None
     assert home.get(K_MOVE) is None and home.get(K_PLAIN) == b"v"
 
