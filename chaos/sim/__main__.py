@@ -202,7 +202,8 @@ def txn_pairs_summary(results: list[NodeSimResult]) -> str:
             f"{sum(s.reads_checked for s in on)} reads of both keys checked equal, "
             f"{sum(s.refused for s in on)} refused or unanswered; across groups {sum(s.cross_answered for s in on)} "
             f"answered ({sum(s.range_deletes for s in on)} range deletes), {sum(s.cross_died for s in on)} "
-            f"coordinators died, {sum(s.cross_resolved for s in on)} intents resolved")
+            f"coordinators died, {sum(s.cross_resolved for s in on)} intents resolved, "
+            f"{sum(s.cross_finished for s in on)} records finished by the sweep")
 
 
 def txn_model_summary(results: list[NodeSimResult]) -> str:

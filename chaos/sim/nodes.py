@@ -83,6 +83,7 @@ from . import replica_reads
 from .churn import CompetingSuffixes
 from .closed_reads import ClosedReads, ClosedReadStats, ClosedReadViolation, closed_reads_by_default
 from .invariants import SafetyChecker, SafetyViolation
+from .leases import SETTLE_MS as LEASE_SETTLE_MS
 from .leases import LeaseStats, LeaseViolation, SimLeases
 from .locks import LockStats, LockViolation, SimLocks
 from .membership import MembershipDriver
@@ -378,6 +379,8 @@ class NodeSimulation:
         self.history: list[Operation] = []
         self.healed_at: int | None = None
         self.end: int | None = None
+        self._extended_leases = False
+        """The run went on once so that a just-revoked lease's moved keys are checked."""
         self._moves_at_heal = 0
         """Range moves finished when the faults stopped (see `_extend_for_moves`)."""
         self._extended = False
@@ -507,7 +510,7 @@ class NodeSimulation:
             while self._events:
                 t, seq, fn, args = heapq.heappop(self._events)
                 if self.end is not None and t > self.end:
-                    if self._extend_for_moves():
+                    if self._extend_for_moves() or self._extend_for_leases():
                         heapq.heappush(self._events, (t, seq, fn, args))
                         continue
                     break
@@ -1448,6 +1451,21 @@ class NodeSimulation:
         self.end += self.p.heal_ms
         self.log(f"EXTEND the run by {self.p.heal_ms} ms: {pending}, "
                  f"{self._moves_done() - self._moves_at_heal} moves finished since the heal")
+        return True
+
+
+    def _extend_for_leases(self) -> bool:
+        """At the end of the run, with leases and range moves on: a lease revoked so recently
+        that its keys' deletion may still be under way, one of them moved to another group since
+        its attach? Then the run goes on once for `leases.SETTLE_MS`, so the end check sees
+        where the move put the key (a move carries its attachment). Other runs are unchanged."""
+        if self._extended_leases or self.leases is None or self.moves is None or self.end is None:
+            return False
+        if not self.leases.moved_key_settling():
+            return False
+        self._extended_leases = True
+        self.end += LEASE_SETTLE_MS
+        self.log(f"EXTEND the run by {LEASE_SETTLE_MS} ms: a moved key's lease was revoked just now")
         return True
 
 

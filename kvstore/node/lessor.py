@@ -25,7 +25,9 @@ Rules (`leases.py` has the commands):
   deletes the lease's keys. An attempt that aborts (a lock, a lost reply) is retried like a lost
   EXPIRE.
 - A REVOKED record (the one-command EXPIRE/REVOKE): DROP(id) to every other data group until
-  each applied one, then FORGET(id).
+  each applied one, then FORGET(id). The data groups are read again at every scan and before the
+  FORGET, so a group added meanwhile (a range move's target) gets its DROP too; a DROP refused
+  while an attached key of its group is in a moving range (WRONG_SHARD) is sent again.
 - Work per step: the timed leases sit in a heap by the time each is next due (its deadline, its
   next checkpoint, or its EXPIRE's retry), so a step pops only what is due; the applied records
   are read once per `scan_interval_ms`.
@@ -117,8 +119,13 @@ class _Lease:
 
 @dataclass(slots=True)
 class _Revoked:
+    """A REVOKED lease's DROPs: `pending` the data groups still to apply one, `done` those that
+    did (a data group that appears later, e.g. the target of a range move that carried a key
+    attached to the lease, is added to `pending` at the next scan and before the FORGET)."""
+
     pending: set[int]
     sent: dict[int, float] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)
 
 
 class Lessor:
@@ -188,6 +195,8 @@ class Lessor:
             if len(out) >= limit:
                 break
             if not rv.pending:
+                rv.pending = set(data_groups()) - {0, self.group} - rv.done
+            if not rv.pending:
                 if now_ms - rv.sent.get(self.group, -math.inf) >= p.retry_ms:
                     rv.sent[self.group] = now_ms
                     out.append(Proposal(self.group, LeaseCmd(Kind.FORGET, lid)))
@@ -206,6 +215,7 @@ class Lessor:
             rv = self.revoked.get(c.lease_id)
             if rv is not None:
                 rv.pending.discard(prop.group)
+                rv.done.add(prop.group)
         elif c.kind == Kind.FORGET and applied:
             self.revoked.pop(c.lease_id, None)
 
@@ -244,10 +254,13 @@ class Lessor:
                     self._schedule(lid, le)
                 continue
             self.leases.pop(lid, None)
-            if lid not in self.revoked:
-                if groups is None:
-                    groups = sorted(set(data_groups()) - {0, self.group})
+            if groups is None:
+                groups = sorted(set(data_groups()) - {0, self.group})
+            rv = self.revoked.get(lid)
+            if rv is None:
                 self.revoked[lid] = _Revoked(set(groups))
+            else:
+                rv.pending.update(g for g in groups if g not in rv.done)
         for lid in [x for x in self.leases if x not in seen]:
             del self.leases[lid]
         for lid in [x for x in self.revoked if x not in seen]:

@@ -51,13 +51,14 @@ from kvstore import errors
 from kvstore.node.metakey import MetaKeyTracker, MetaStore
 from kvstore.shard.shardmap import ShardMap
 from kvstore.storage import commands
-from kvstore.storage.shardcmd import is_shard_command
+from kvstore.storage.shardcmd import REC_LEASE, ShardOp, decode_shard_command, is_shard_command, iter_records
 
 __all__ = [
     "COMMAND_LEVELS", "FEATURES", "FORM_LEVELS", "LEVEL_BASE", "LEVEL_CROSS_TRANSACTIONS", "LEVEL_LEASES",
     "LEVEL_TRANSACTIONS", "MAX_LEVEL", "SUPPORTED_LEVEL",
     "VERSIONS_KEY", "ClusterVersion", "CommandGate", "VersionTracker", "advertise_command",
-    "check_level", "check_version_change", "command_level", "decode_versions", "encode_versions", "members_of",
+    "check_level", "check_version_change", "command_level", "decode_versions", "encode_versions", "install_level",
+    "members_of",
     "raise_command",
 ]
 
@@ -101,7 +102,8 @@ FORM_LEVELS: dict[int, int] = {commands.Op.PREPARE: LEVEL_LEASES, commands.Op.RE
 groups: PREPARE's range flag 2, RECORD's lease tail, `storage/xtxn.py`) need this level, above
 their kind's (`command_level`). A node of level 3 decodes them as malformed, so they must never
 reach a log while such a member exists. Level 4 has not been released yet: its meaning grows
-with these forms rather than taking a level of their own.
+with these forms rather than taking a level of their own. Shard commands have one such form too:
+an INSTALL carrying lease attachments (`install_level`).
 
 Not here: the compact COMMIT/RECORD form of a range delete (tail 2, "delete every key
 prepared", `XCmd.delete_prepared`) is part of level 3's own meaning. No release of level 3 (or
@@ -125,6 +127,23 @@ def command_level(data: bytes, levels: Mapping[int, int] = COMMAND_LEVELS) -> in
     except ValueError:
         return need
     return form if x is not None and x.lease else need
+
+def install_level(data: bytes) -> int:
+    """The lowest cluster version that may propose the shard command `data`: `LEVEL_LEASES` for
+    an INSTALL carrying a moved key's lease attachment (`shardcmd.REC_LEASE`, a later form of
+    INSTALL that a level-3 member decodes as malformed), else `LEVEL_BASE` (garbage too: it is
+    refused where it is decoded). Only a range holding an attached key exports one, and a key is
+    attached only by a LEASE_PUT, itself level 4, so the gate is a second line of defence."""
+    if len(data) < 2 or data[1] != ShardOp.INSTALL:
+        return LEVEL_BASE
+    try:
+        body = decode_shard_command(data).records
+        if any(tag == REC_LEASE for tag, _, _ in iter_records(body)):
+            return LEVEL_LEASES
+    except ValueError:
+        pass
+    return LEVEL_BASE
+
 
 VERSIONS_KEY = b"\x00kvstore/versions"
 """The reserved key of the `ClusterVersion` in the metadata group (clients cannot reach it)."""
@@ -312,10 +331,18 @@ class CommandGate:
         """Raise `errors.ClusterVersionTooLow` (definite) if `data` is a KV command whose kind
         (or form: `FORM_LEVELS`, decoded only while the cluster version is below the form's
         level) needs a level above the cluster version. Shard commands and garbage pass (garbage is
-        refused where it is decoded, and yields an error result at apply); a kind the table does not
+        refused where it is decoded, and yields an error result at apply) but an INSTALL with lease
+        attachments below level 4 (`install_level`); a kind the table does not
         know that has a well-formed header (`commands.unknown_kind`: its apply would stop every
         replica) never does."""
-        if len(data) < 2 or is_shard_command(data):
+        if len(data) < 2:
+            return
+        if is_shard_command(data):
+            cluster = self.version().cluster if data[1] == ShardOp.INSTALL else LEVEL_LEASES
+            if cluster < LEVEL_LEASES and install_level(data) > cluster:
+                raise errors.ClusterVersionTooLow(
+                    f"an INSTALL carrying lease attachments needs cluster version {LEVEL_LEASES} "
+                    f"({FEATURES[LEVEL_LEASES]}); the cluster version is {cluster}")
             return
         need = self.levels.get(data[1])
         if need is None:

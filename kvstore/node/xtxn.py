@@ -297,6 +297,29 @@ def finalize_after(intent: Intent, group: int, follow: bytes) -> bytes | None:
     return finalize_command(intent.txn, group) if op == commands.Op.COMMIT else None
 
 
+# --- the record sweep ----------------------------------------------------------------------------
+RECORD_SWEEP_BATCH = 16
+"""The most unfinished records of one group the record sweep finishes per round."""
+
+
+def sweep_before(now_ms: int, timeout_ms: int = TXN_TIMEOUT_MS) -> int:
+    """The start revision below which a COMMITTED record not yet FINALIZED is the record sweep's
+    (`xtxn_apply.unfinished`): its coordinator had the transaction timeout to FINALIZE it."""
+    ms = now_ms - timeout_ms
+    return mvcc.make_revision(ms, 0, 0) if ms > mvcc.EPOCH_MS else 0
+
+
+def finish_commands(tid: TxnId, rec: Record) -> dict[int, bytes]:
+    """The record sweep's COMMITs for a COMMITTED record whose coordinator died between its
+    RECORD and its FINALIZE: one to every participant the record lists (it lists every one,
+    writes or not), each idempotent (a participant that applied its COMMIT answers it again, or,
+    its done row forgotten by age, refuses it changing nothing: a COMMITTED record's intents are
+    only ever committed). Once every one applied (any result), `finalize_command(tid)` in the
+    primary: the record becomes FINALIZED and is forgotten by age."""
+    return {g: commands.encode_command(Command.cross(XCmd(XOp.COMMIT, tid, at=rec.at, writes=ws)))
+            for g, ws in rec.writes}
+
+
 # --- meeting intents -----------------------------------------------------------------------------
 def lock_of(res: ApplyResult) -> tuple[bytes, Intent] | None:
     """The key and intent a LOCKED result names (None: not a lock, or a malformed one)."""
@@ -358,6 +381,7 @@ def resolution(intent: Intent, group: int, res: ApplyResult) -> bytes | None:
 
 __all__ = [
     "READ_INTENTS_MAX",
+    "RECORD_SWEEP_BATCH",
     "TXN_TIMEOUT_MS",
     "Aborted",
     "Committed",
@@ -375,6 +399,7 @@ __all__ = [
     "expired",
     "finalize_after",
     "finalize_command",
+    "finish_commands",
     "lock_of",
     "plan",
     "plan_lease",
@@ -383,4 +408,5 @@ __all__ = [
     "record_command",
     "resolution",
     "resolve_command",
+    "sweep_before",
 ]

@@ -53,6 +53,8 @@ Rows (`row_*` give the keys; `check_rows` validates one, as a snapshot brings it
                                         (group:u64 n:u16 write*)* [2:u8]
     d + id                  -> start:u64  the transaction is done in this group (committed or aborted)
     g + expiry:u64 + id     -> b""      age-ordered index of the rows forgotten at `expiry`
+    u + start:u64 + id      -> b""      a COMMITTED record not FINALIZED yet, by start (the record
+                                        sweep finishes those whose coordinator died before FINALIZE)
 
 Invariants: every decoder is total (raises `ValueError`, never another type) and bounded (at
 most `MAX_KEYS` keys or writes per group, `MAX_GROUPS_PER_TXN` groups, `MAX_BODY` bytes);
@@ -255,6 +257,10 @@ def encode_txn_keys(keys: tuple[bytes, ...] | list[bytes], prepared: int, start:
     return _U64.pack(prepared) + _U64.pack(start) + b"".join(_U16.pack(len(k)) + k for k in keys)
 
 
+def row_unfinished(start: int, t: TxnId) -> bytes:
+    return b"u" + _U64.pack(start) + t.encode()
+
+
 def decode_txn_keys(raw: bytes) -> tuple[int, int, list[bytes]]:
     """(prepared, start, keys) of a `t` row. Total: ValueError for anything malformed."""
     b = _Buf(bytes(raw), 0)
@@ -300,7 +306,7 @@ def check_rows(table: int, key: bytes, value: bytes) -> None:
             raise ValueError(f"done row of {len(value)} bytes (expected {_U64.size})")
         else:
             _check_rev("start", _U64.unpack(value)[0])
-    elif kind in (b"p", b"g"):
+    elif kind in (b"p", b"g", b"u"):
         if len(key) != _ROW_REV_ID:
             raise ValueError(f"{kind.decode()} row key of {len(key)} bytes (expected {_ROW_REV_ID})")
         _check_rev("revision", _U64.unpack_from(key, 1)[0])

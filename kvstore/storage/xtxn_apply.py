@@ -47,9 +47,11 @@ Rules (each command is idempotent: a coordinator or a resolver may propose it ag
 - RESOLVE(id, start), in the primary: the record, as it is; none: an ABORTED record is written
   first (so the coordinator's RECORD can no longer commit). The answer's `current` is the record.
 - FINALIZE(id, group): a COMMITTED record becomes FINALIZED (its writes dropped, the client's
-  result kept) once every participant applied its COMMIT: group 0 (the coordinator's) says all
-  did; a group (a resolver's, after it committed that group's intents) takes that participant
-  off the record, which becomes FINALIZED when none is left. ABORTED and FINALIZED records, and done rows, are forgotten once the group
+  result kept) once every participant applied its COMMIT: group 0 (the coordinator's, or the
+  record sweep's after it sent every COMMIT again: `unfinished`) says all did; a group (a
+  resolver's, after it committed that group's intents) takes that participant off the record,
+  which becomes FINALIZED when none is left. A COMMITTED record is listed by start (row `u`)
+  until it is FINALIZED. ABORTED and FINALIZED records, and done rows, are forgotten once the group
   is `MAX_AGE` past the start (at most `GC_PER_ENTRY` per applied command of this module).
 """
 
@@ -188,6 +190,23 @@ def intents_in(rows: mvcc.Rows, ranges: IntervalSet) -> bool:
     return any(key_hash(bytes(k)) in ranges for k, _ in rows.iter(mvcc.T_INTENTS, b"", None))
 
 
+def unfinished(rows: mvcc.Rows, before: int, limit: int) -> list[tuple[TxnId, Record]]:
+    """At most `limit` COMMITTED records of this (primary) group not FINALIZED yet whose start is
+    below `before`, oldest first (rows `u`): a coordinator that died after its RECORD and before
+    its FINALIZE leaves one; the record sweep (`node.xtxn.finish_commands`) sends the COMMITs
+    again and FINALIZEs it, after which it is forgotten by age like any FINALIZED record."""
+    out: list[tuple[TxnId, Record]] = []
+    for k, _ in rows.iter(mvcc.T_TXN, b"u", b"v"):
+        k = bytes(k)
+        if len(out) >= limit or len(k) != 1 + 8 + xtxn.ID_BYTES or _U64.unpack_from(k, 1)[0] >= before:
+            break
+        t = TxnId.decode(k[9:])
+        rec = record_of(rows, t)
+        if rec is not None and rec.state == State.COMMITTED:
+            out.append((t, rec))
+    return out
+
+
 def record_of(rows: mvcc.Rows, t: TxnId) -> Record | None:
     raw = rows.get(mvcc.T_TXN, xtxn.row_record(t))
     if raw is None:
@@ -238,6 +257,7 @@ def _apply(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult:
             else:
                 rows.put(mvcc.T_TXN, xtxn.row_record(c.txn),
                          xtxn.encode_record(Record(State.FINALIZED, rec.start, rec.at, rec.result)))
+                rows.delete(mvcc.T_TXN, xtxn.row_unfinished(rec.start, c.txn))
                 _gc_later(rows, rec.start, c.txn)
         return ApplyResult()
     return ApplyResult(error=f"unknown cross-group op {c.op!r}")
@@ -463,6 +483,7 @@ def _record(rows: mvcc.Rows, c: XCmd, group: int) -> ApplyResult:
             return ApplyResult(error=refused)
     new = Record(State.COMMITTED, c.start, c.at, c.result, c.groups, c.delete_prepared)
     rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(new))
+    rows.put(mvcc.T_TXN, xtxn.row_unfinished(c.start, c.txn), b"")
     return _answer(new, c.txn)
 
 

@@ -2,7 +2,8 @@
 both, kept alive across a kill -9 of its home group's leader (the keys stay), then left to expire
 (the keys go, in both groups at one revision, and a watch sees their DELETEs at that revision); a
 revoke deletes a lease's keys in both groups at one revision too; a put with a revoked lease is
-refused (definite); kvctl's lease commands print etcdctl's lines."""
+refused (definite); kvctl's lease commands print etcdctl's lines; keys a range move took to a new
+data group are deleted there when their lease expires."""
 
 from __future__ import annotations
 
@@ -249,3 +250,39 @@ def test_kvctl_lock_passes_the_fencing_token(cluster: Cluster) -> None:
     assert key_line.startswith("jobs/nightly/") and int(fence_line.split()[1]) > 0
     with Client(cluster.endpoints, timeout=20) as c:  # released when the command exited
         _wait(lambda: not list(c.scan(b"jobs/nightly/")), "the lock key released")
+
+
+def test_keys_moved_to_a_new_group_are_deleted_there_when_the_lease_expires(cluster: Cluster) -> None:
+    """Last in this module (it adds a third data group): a range move carries each key's lease
+    attachment, so the lease's expiry deletes the keys in the group they moved to. The lease is
+    kept alive until the move finished, then left to expire."""
+    with Client(cluster.endpoints, timeout=20) as c:
+        m = c.shard_map(refresh=True)
+        assert m is not None
+        lid = c.lease_grant(TTL, leases.make_id(min(m.data_groups()), 0xD00D))
+        keys = [b"mv/%d" % i for i in range(30)]
+        moving = threading.Event()
+        moving.set()
+
+        def keep_alive() -> None:
+            with Client(cluster.endpoints, timeout=20) as k:
+                while moving.is_set():
+                    k.lease_keep_alive_once(lid)
+                    time.sleep(0.5)
+
+        t = threading.Thread(target=keep_alive, daemon=True)
+        t.start()
+        try:
+            for k in keys:
+                c.put(k, b"v", lease=lid)
+            c.add_group(wait=True, timeout=120)
+            _wait(lambda: sorted(c.lease_time_to_live(lid, keys=True).keys) == sorted(keys),
+                  "every key attached after the move")  # (read from this node's replicas)
+        finally:
+            moving.clear()
+            t.join()
+        after = c.shard_map(refresh=True)
+        assert after is not None and len(after.data_groups()) == len(m.data_groups()) + 1
+        assert [k for k in keys if after.group_for_key(k) != m.group_for_key(k)]  # (2/3)**30: some moved
+        _wait(lambda: all(c.get(k) is None for k in keys), "the lease's keys deleted where they are")
+        assert c.lease_time_to_live(lid).ttl < 0  # expired
