@@ -73,6 +73,16 @@ def locks_by_default(seed: int) -> bool:
     return random.Random(f"locks:{seed}").random() < FRACTION
 
 
+def lockers(p: Any) -> int:
+    """How many lock clients a run has: `LOCKERS`, or one when the seed throttles replication to
+    one entry per round trip (`max_size_per_msg` and `max_inflight_msgs` both 1). There a group
+    commits a few dozen entries a second, and four lock sessions (renewals every `KEEP_MS`, queue
+    scans, a cross-group deletion of each session's lease) on top of the other workloads offer more
+    than that: the clients of the liveness check then time out for want of capacity, not because of
+    a fault (seed 1326: one data group left after a group removal, six clients, pair transactions)."""
+    return 1 if p.max_size_per_msg == 1 and p.max_inflight_msgs == 1 else LOCKERS
+
+
 def holder_of(queue: dict[bytes, int]) -> bytes:
     """The holder: the key with the lowest create revision (`Mutex.acquire`)."""
     return min(queue, key=lambda k: queue[k])
@@ -191,7 +201,7 @@ class SimLocks:
     def start(self) -> None:
         if self.sim.leases is None:  # the lessor loop of every node (else the lease clients run it)
             self.sim.at(STEP_MS, self.shell._step_all)
-        for _ in range(LOCKERS):
+        for _ in range(lockers(self.sim.p)):
             self.sim.at(self.rng.randrange(150, 400), self._session)
 
     def _late(self) -> bool:
