@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from kvstore.etcdpb.etcdserverpb import rpc_pb2
 from kvstore.server.etcd.convert import (
+    MAX_DEPTH,
+    MAX_TXN_OPS,
     EtcdRequestError,
     check_put,
     cluster_id_of,
@@ -25,6 +27,7 @@ from kvstore.server.etcd.convert import (
 )
 from kvstore.server.etcd.lease import grant_id
 from kvstore.storage import leases
+from kvstore.storage.txn import MAX_TXN_DEPTH, MAX_TXN_ITEMS
 from kvstore.v1 import kv_pb2
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
@@ -179,3 +182,68 @@ def test_cluster_id_and_lease_ids() -> None:
 def test_a_grant_prefers_a_group_this_node_hosts() -> None:
     rng = random.Random(2)
     assert {leases.home_group(grant_id(0, [1, 2, 3], rng, frozenset({0, 3}))) for _ in range(20)} == {3}
+
+
+def _items(body: kv_pb2.TxnBody) -> int:
+    """kvstore's count of a transaction's compares and operations (`storage/txn.check_txn`)."""
+    n = len(body.compares) + len(body.success) + len(body.failure)
+    return n + sum(_items(op.txn) for op in (*body.success, *body.failure) if op.WhichOneof("op") == "txn")
+
+
+def _put(key: bytes, prev_kv: bool = False) -> rpc_pb2.RequestOp:
+    return rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, prev_kv=prev_kv))
+
+
+def _del(key: bytes) -> rpc_pb2.RequestOp:
+    return rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=key))
+
+
+@settings(max_examples=200, deadline=None)
+@given(t=_txns(5))
+def test_a_converted_txn_keeps_kvstores_limits(t: rpc_pb2.TxnRequest) -> None:
+    """Whatever converts fits kvstore's transaction limits (counted in kvstore ops: a prev_kv is
+    a get more), so the client gets etcd's error, never kvstore's later refusal."""
+    try:
+        body, _ = txn_body(t)
+    except EtcdRequestError:
+        return
+    assert _items(body) <= MAX_TXN_ITEMS
+
+
+def test_txn_limits_are_kvstores_and_count_prev_kv_gets() -> None:
+    assert (MAX_TXN_OPS, MAX_DEPTH) == (MAX_TXN_ITEMS, MAX_TXN_DEPTH)
+    with pytest.raises(EtcdRequestError, match=r"^etcdserver: too many operations in txn request$"):
+        txn_body(rpc_pb2.TxnRequest(success=[_put(b"k%d" % i, prev_kv=True) for i in range(65)]))  # 130 ops
+    body, _ = txn_body(rpc_pb2.TxnRequest(success=[_put(b"k%d" % i, prev_kv=True) for i in range(64)]))
+    assert _items(body) == MAX_TXN_ITEMS
+
+
+def test_a_key_written_twice_in_one_branch_is_refused_as_etcd() -> None:
+    dup = r"^etcdserver: duplicate key given in txn request$"
+    nested = rpc_pb2.TxnRequest(success=[_put(b"a")], failure=[_put(b"a")])
+    for bad in ([_put(b"a"), _put(b"a")], [_put(b"a"), _del(b"a")],
+                [_put(b"a"), rpc_pb2.RequestOp(request_txn=nested)],
+                [_del(b"a"), rpc_pb2.RequestOp(request_txn=rpc_pb2.TxnRequest(failure=[_put(b"a")]))]):
+        with pytest.raises(EtcdRequestError, match=dup):
+            txn_body(rpc_pb2.TxnRequest(success=bad))
+        with pytest.raises(EtcdRequestError, match=dup):
+            txn_body(rpc_pb2.TxnRequest(failure=bad))
+    # deleting twice, one put per branch, and a nested txn's two branches naming one key are etcd's too
+    txn_body(rpc_pb2.TxnRequest(success=[_del(b"b"), _del(b"b"), rpc_pb2.RequestOp(request_txn=nested)],
+                                failure=[_put(b"a")]))
+
+
+def test_a_range_in_a_txn_applies_its_filters_sort_and_limit() -> None:
+    kv = _kv(b"k", b"v", 3, 7, 2)
+    cases = [(rpc_pb2.RangeRequest(key=b"k", max_mod_revision=6), 1, []),
+             (rpc_pb2.RangeRequest(key=b"k", min_create_revision=4), 1, []),
+             (rpc_pb2.RangeRequest(key=b"k", min_mod_revision=7, limit=1, sort_target=rpc_pb2.RangeRequest.MOD,
+                                   sort_order=rpc_pb2.RangeRequest.DESCEND), 1, [b"v"]),
+             (rpc_pb2.RangeRequest(key=b"k", count_only=True), 1, [])]
+    for req, count, values in cases:
+        _, plan = txn_body(rpc_pb2.TxnRequest(success=[rpc_pb2.RequestOp(request_range=req)]))
+        out = rpc_pb2.TxnResponse()
+        txn_reply(plan, kv_pb2.TxnResult(succeeded=True, responses=[kv_pb2.TxnOpResponse(get=kv)]),
+                  rpc_pb2.ResponseHeader(revision=7), out)
+        rr = out.responses[0].response_range
+        assert (rr.count, [k.value for k in rr.kvs], rr.more) == (count, values, False), req

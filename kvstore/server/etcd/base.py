@@ -25,8 +25,9 @@ from .status import EtcdStatus, of_kv_error, of_request_error
 class EtcdNode:
     """One node as etcd's API shows it. Header fields: `cluster_id` from the cluster's name
     (`convert.cluster_id_of`), `member_id` the node id, `revision` the revision the operation
-    was served or written at, `raft_term` the term of the group that served it on this node (0
-    where several groups or none hosted here did)."""
+    was served or written at (a reply with none, e.g. a lease's or an empty Txn's: the node's
+    current revision, `current_revision`, as etcd's), `raft_term` the term of the group that
+    served it on this node (0 where several groups or none hosted here did)."""
 
     host: Host
     requests: KVRequests
@@ -44,7 +45,15 @@ class EtcdNode:
             g = self.host.groups.get(group)
             term = g.core.term if g is not None else 0
         return rpc_pb2.ResponseHeader(cluster_id=self.cluster_id, member_id=self.member_id,
-                                      revision=max(revision, 0), raft_term=term)
+                                      revision=revision if revision > 0 else self.current_revision(group),
+                                      raft_term=term)
+
+    def current_revision(self, group: int | None = None) -> int:
+        """The last revision this node's replica of `group` applied (None, or a group not hosted
+        here: the highest of the groups hosted here; 0 if none is)."""
+        revisions = self.requests.store.revisions
+        groups = [group] if group is not None and group in self.host.groups else list(self.host.groups)
+        return max((revisions.rev_state(g).last for g in groups), default=0)
 
     def shard_map(self) -> ShardMap:
         m = self.requests.tracker.map

@@ -15,13 +15,14 @@ from typing import Any
 
 from kvstore.etcdpb.etcdserverpb import rpc_pb2
 from kvstore.etcdpb.mvccpb import kv_pb2 as mvcc_pb2
+from kvstore.storage.txn import MAX_TXN_DEPTH, MAX_TXN_ITEMS
 from kvstore.v1 import kv_pb2
 
 MAX_INT64 = (1 << 63) - 1
-MAX_TXN_OPS = 128
-"""kvstore's limit on compares and operations of a transaction, all levels together (etcd's
-default --max-txn-ops is 128 per level)."""
-MAX_DEPTH = 4
+MAX_TXN_OPS = MAX_TXN_ITEMS
+"""kvstore's limit on the compares and operations of a transaction, all levels together, counted
+as kvstore ops (a prev_kv adds a get; etcd's default --max-txn-ops is 128 per level)."""
+MAX_DEPTH = MAX_TXN_DEPTH
 
 
 class EtcdRequestError(Exception):
@@ -208,12 +209,13 @@ _TARGET = {
 @dataclass(slots=True)
 class OpPlan:
     """How one etcd RequestOp became kvstore TxnOps: `kind` is range / put / delete / txn;
-    `with_prev`: a get of the key was put before the write (prev_kv); `nested`: a nested plan."""
+    `with_prev`: a get of the key was put before the write (prev_kv); `query`: a range's checked
+    request (its reply is built by `range_reply`: limit, sort, revision filters, keys_only,
+    count_only apply as on a Range); `nested`: a nested plan."""
 
     kind: str
     with_prev: bool = False
-    keys_only: bool = False
-    count_only: bool = False
+    query: RangeQuery | None = None
     nested: TxnPlan | None = None
 
 
@@ -251,9 +253,6 @@ def _ops(ops: Iterable[rpc_pb2.RequestOp], into: list[kv_pb2.TxnOp], plans: list
          count: list[int]) -> None:
     for op in ops:
         which = op.WhichOneof("request")
-        count[0] += 1
-        if count[0] > MAX_TXN_OPS:
-            raise invalid(TOO_MANY_OPS)
         if which == "request_range":
             r = op.request_range
             q = range_query(r)
@@ -262,7 +261,7 @@ def _ops(ops: Iterable[rpc_pb2.RequestOp], into: list[kv_pb2.TxnOp], plans: list
             if q.revision:
                 raise unsupported("a read at a revision inside a transaction")
             into.append(kv_pb2.TxnOp(get=r.key))
-            plans.append(OpPlan("range", keys_only=q.keys_only, count_only=q.count_only))
+            plans.append(OpPlan("range", query=q))
         elif which == "request_put":
             p = op.request_put
             check_put(p)
@@ -290,6 +289,41 @@ def _ops(ops: Iterable[rpc_pb2.RequestOp], into: list[kv_pb2.TxnOp], plans: list
             plans.append(OpPlan("txn", nested=nested))
         else:
             raise invalid("etcdserver: a transaction operation with no request")
+        count[0] += 1 + plans[-1].with_prev  # the kvstore ops it became (prev_kv: a get too)
+        if count[0] > MAX_TXN_OPS:
+            raise invalid(TOO_MANY_OPS)
+
+
+def _writes(ops: Iterable[rpc_pb2.RequestOp]) -> tuple[set[bytes], set[bytes]]:
+    """The keys one branch puts and deletes, nested transactions' too, checked as etcd's
+    `checkIntervals`: a key put twice, or put and deleted, in one branch is refused
+    (DUPLICATE_KEY; deleting a key twice is not); a nested transaction's success and failure
+    may name the same keys (only one of them runs). Deletes here are single keys (`_ops`
+    refuses ranges)."""
+    dels = {op.request_delete_range.key for op in ops if op.WhichOneof("request") == "request_delete_range"}
+    puts: set[bytes] = set()
+    for op in ops:
+        if op.WhichOneof("request") != "request_txn":
+            continue
+        puts_then, dels_then = _writes(op.request_txn.success)
+        puts_else, dels_else = _writes(op.request_txn.failure)
+        for k in puts_then:
+            if k in puts or k in dels:
+                raise invalid(DUPLICATE_KEY)
+            puts.add(k)
+        for k in puts_else:
+            if (k in puts and k not in puts_then) or k in dels:
+                raise invalid(DUPLICATE_KEY)
+            puts.add(k)
+        dels |= dels_then | dels_else
+    for op in ops:
+        if op.WhichOneof("request") != "request_put":
+            continue
+        k = op.request_put.key
+        if k in puts or k in dels:
+            raise invalid(DUPLICATE_KEY)
+        puts.add(k)
+    return puts, dels
 
 
 def _txn(r: rpc_pb2.TxnRequest, body: kv_pb2.TxnBody, depth: int, count: list[int]) -> TxnPlan:
@@ -313,9 +347,13 @@ def _txn(r: rpc_pb2.TxnRequest, body: kv_pb2.TxnBody, depth: int, count: list[in
 def txn_body(r: rpc_pb2.TxnRequest) -> tuple[kv_pb2.TxnBody, TxnPlan]:
     """etcd's TxnRequest as kvstore's TxnBody and the plan to map its result back. Compares on a
     key's lease, ranges (in compares, reads or deletes), leases on puts, reads at a revision and
-    ignore_value are refused (`unsupported`); prev_kv becomes a get before the write."""
+    ignore_value are refused (`unsupported`); prev_kv becomes a get before the write. More than
+    MAX_TXN_OPS kvstore ops, nesting deeper than MAX_DEPTH, or a key put twice (or put and
+    deleted) in one branch are refused as etcd refuses them (INVALID_ARGUMENT)."""
     body = kv_pb2.TxnBody()
     plan = _txn(r, body, 1, [0])
+    _writes(r.success)
+    _writes(r.failure)
     return body, plan
 
 
@@ -354,12 +392,10 @@ def txn_reply(plan: TxnPlan, result: kv_pb2.TxnResult, header: rpc_pb2.ResponseH
         r = responses[i]
         i += 1
         if p.kind == "range":
+            assert p.query is not None
             rr = out.response_range
             rr.header.CopyFrom(header)
-            if _kv_found(r.get):
-                rr.count = 1
-                if not p.count_only:
-                    rr.kvs.append(to_mvcc(r.get, p.keys_only))
+            range_reply(p.query, [r.get] if _kv_found(r.get) else [], rr)
         elif p.kind == "put":
             pr = out.response_put
             pr.header.CopyFrom(header)

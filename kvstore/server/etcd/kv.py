@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -45,7 +46,8 @@ IGNORE_VALUE_TRIES = 16
 """Put with ignore_value re-reads and retries its compare-and-put this often when the key keeps
 changing under it (then a definite UNAVAILABLE)."""
 MAX_RANGE_BYTES = 64 << 20
-"""The most key and value bytes a Range keeps to answer (a definite RESOURCE_EXHAUSTED beyond)."""
+"""The most key and value bytes a Range keeps to answer, all its group parts together (a definite
+RESOURCE_EXHAUSTED beyond)."""
 RANGE_TRIES = 8
 """A range part refused because a transaction holds an intent (PROPOSAL_DROPPED, definite) or no
 leader is known (an election) is read again this often, with a growing backoff."""
@@ -61,6 +63,24 @@ def _keep(q: RangeQuery) -> int:
     if q.limit and key_order and not (q.min_mod or q.max_mod or q.min_create or q.max_create):
         return q.limit + 1
     return MAX_INT64
+
+
+@dataclass(slots=True)
+class _Budget:
+    """The key and value bytes one Range's parts keep (read concurrently, one budget for all):
+    `used` never stays above MAX_RANGE_BYTES (`take` raises first)."""
+
+    used: int = 0
+
+    def take(self, n: int) -> None:
+        self.used += n
+        if self.used > MAX_RANGE_BYTES:
+            raise EtcdStatus(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"kvstore: the range's answer would exceed {MAX_RANGE_BYTES >> 20} MiB: "
+                             "ask for fewer keys (limit, a narrower range, keys_only or count_only)")
+
+    def give_back(self, n: int) -> None:
+        self.used -= n
 
 
 def _leases_of(keys: list[bytes], rows: Any) -> dict[bytes, int]:
@@ -112,9 +132,10 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         return items, g.revision, group
 
     async def _part(self, keys: KeyRange, group: int, revision: int, consistency: int, keep: int, keys_only: bool,
-                    context: grpc.aio.ServicerContext) -> tuple[list[kv_pb2.KeyValue], int, int]:
+                    budget: _Budget, context: grpc.aio.ServicerContext) -> tuple[list[kv_pb2.KeyValue], int, int, int]:
         """One group's part of a range: (its first `keep` keys, how many it holds, the revision
-        it was read at). The scan streams in chunks; what is kept is bounded (`MAX_RANGE_BYTES`)."""
+        it was read at, the bytes it keeps, taken from `budget`). The scan streams in chunks; what
+        all parts keep together is bounded (`MAX_RANGE_BYTES`)."""
         req = kv_pb2.ScanRequest(start=keys.start, end=keys.end or b"", group=group, revision=revision,
                                  consistency=consistency)  # type: ignore[arg-type]
         for attempt in range(RANGE_TRIES):
@@ -129,15 +150,14 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                 if first:
                     rev, first = msg.revision, False
                 count += len(msg.items)
-                for kv in msg.items[: max(0, keep - len(items))]:
-                    items.append(kv)
-                    size += len(kv.key) + (0 if keys_only else len(kv.value))
-                if size > MAX_RANGE_BYTES:
-                    raise EtcdStatus(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                     f"kvstore: the range's answer would exceed {MAX_RANGE_BYTES >> 20} MiB: "
-                                     "ask for fewer keys (limit, a narrower range, keys_only or count_only)")
+                kept = msg.items[: max(0, keep - len(items))]
+                n = sum(len(kv.key) + (0 if keys_only else len(kv.value)) for kv in kept)
+                items.extend(kept)
+                size += n
+                budget.take(n)
             if err is None:
-                return items, count, rev
+                return items, count, rev, size
+            budget.give_back(size)
             if not isinstance(err, errors.ProposalDropped | errors.NoLeader) or attempt == RANGE_TRIES - 1:
                 raise err
             await asyncio.sleep(0.02 * (1 << attempt))
@@ -149,14 +169,23 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         groups = self.n.shard_map().data_groups()
         consistency = kv_pb2.SERIALIZABLE if q.serializable else kv_pb2.LINEARIZABLE
         keep = _keep(q)
-        parts = {g: await self._part(q.keys, g, q.revision, consistency, keep, q.keys_only, context) for g in groups}
-        top = max((rev for _, _, rev in parts.values()), default=0)
+        budget = _Budget()
+
+        async def read(rev: int, gs: list[int]) -> dict[int, tuple[list[kv_pb2.KeyValue], int, int, int]]:
+            got = await asyncio.gather(*(self._part(q.keys, g, rev, consistency, keep, q.keys_only, budget, context)
+                                         for g in gs))
+            return dict(zip(gs, got, strict=True))
+
+        parts = await read(q.revision, groups)
+        top = max((p[2] for p in parts.values()), default=0)
         if not q.revision and not q.serializable:
-            for g, (_, _, rev) in list(parts.items()):
-                if rev < top:  # one snapshot: every group at the highest revision seen
-                    parts[g] = await self._part(q.keys, g, top, consistency, keep, q.keys_only, context)
-        items = sorted((kv for its, _, _ in parts.values() for kv in its), key=lambda kv: kv.key)
-        return items, sum(n for _, n, _ in parts.values()), q.revision or top
+            # one snapshot: every group at the highest revision seen
+            behind = [g for g, p in parts.items() if p[2] < top]
+            for g in behind:
+                budget.give_back(parts[g][3])
+            parts.update(await read(top, behind))
+        items = sorted((kv for p in parts.values() for kv in p[0]), key=lambda kv: kv.key)
+        return items, sum(p[1] for p in parts.values()), q.revision or top
 
     # --- Put -----------------------------------------------------------------------------
     async def Put(self, request: rpc_pb2.PutRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.PutResponse:

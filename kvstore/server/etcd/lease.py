@@ -17,6 +17,7 @@ from kvstore.v1 import kv_pb2
 
 from .base import EtcdNode, fail
 from .convert import invalid
+from .status import LEASE_NOT_FOUND, EtcdStatus
 
 MAX_TTL = 9_000_000_000
 """kvstore's largest lease TTL in seconds (`storage/leases.check_ttl`)."""
@@ -69,12 +70,20 @@ class EtcdLease(rpc_pb2_grpc.LeaseServicer):
 
     async def LeaseKeepAlive(self, request_iterator: AsyncIterator[rpc_pb2.LeaseKeepAliveRequest],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[rpc_pb2.LeaseKeepAliveResponse]:
-        """One answer per request, in order (etcd: TTL 0 for a lease that is gone)."""
+        """One answer per request, in order. As etcd's: a lease that is not found (gone, never
+        granted, or an id that cannot be a kvstore lease's) is answered TTL 0 with its ID, and the
+        stream goes on (clients multiplex every lease on one stream); other errors end it."""
         try:
             async for r in request_iterator:
-                lid = _lease(r.ID)
-                k = await self.n.forward.keep_alive(self.n.forward.kv.leases, kv_pb2.LeaseKeepAliveRequest(id=lid),
-                                                    context, leases.home_group(lid))
+                try:
+                    lid = _lease(r.ID)
+                    k = await self.n.forward.keep_alive(self.n.forward.kv.leases, kv_pb2.LeaseKeepAliveRequest(id=lid),
+                                                        context, leases.home_group(lid))
+                except EtcdStatus as err:
+                    if err.code != grpc.StatusCode.NOT_FOUND:
+                        raise
+                    yield rpc_pb2.LeaseKeepAliveResponse(header=self.n.header(0), ID=r.ID, TTL=0)
+                    continue
                 yield rpc_pb2.LeaseKeepAliveResponse(header=self.n.header(0, leases.home_group(lid)), ID=lid, TTL=k.ttl)
         except Exception as err:
             await fail(err, context, "LeaseKeepAlive")
@@ -106,6 +115,4 @@ def _lease(raw: int) -> int:
     except ValueError:
         # etcd answers an id it does not know with "requested lease not found"; an id that cannot
         # be a kvstore lease is not one it knows.
-        from .status import LEASE_NOT_FOUND, EtcdStatus
-
         raise EtcdStatus(grpc.StatusCode.NOT_FOUND, LEASE_NOT_FOUND) from None

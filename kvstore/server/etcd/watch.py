@@ -4,11 +4,16 @@ stream. Watch ids: etcd numbers a stream's watches from 0 (or takes the client's
 > 0, so etcd id `e` is kvstore id `e + 1`. A create that does not check (`convert.watch_create`)
 is answered as etcd answers an invalid one: watch_id -1, created and canceled, with the reason;
 the stream goes on. Creates are answered in the order they came (the next request is read once
-the previous create is answered), as etcd's clients expect."""
+the previous create is answered), as etcd's clients expect. Automatic ids are never reused on a
+stream (etcd's nextID only grows). A cancel of an id the stream does not have is not answered
+(as etcd's). Backpressure: at most `OUTBOX` translated responses wait for the client; beyond,
+the translation stops reading kvstore's stream, so kvstore's per-stream byte bound and its
+slow-watcher cancel apply to an etcd client that does not read."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -21,6 +26,8 @@ from .convert import MAX_INT64, EtcdRequestError, watch_create, watch_event
 from .status import COMPACTED, PERMISSION_DENIED
 
 _DONE = object()
+OUTBOX = 4
+"""Translated responses queued for the client (each at most about kvstore's `reply_bytes`, 1 MiB)."""
 
 
 class EtcdWatch(rpc_pb2_grpc.WatchServicer):
@@ -46,12 +53,12 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
 
     async def Watch(self, request_iterator: AsyncIterator[rpc_pb2.WatchRequest],
                     context: grpc.aio.ServicerContext) -> AsyncIterator[rpc_pb2.WatchResponse]:
-        out: asyncio.Queue[object] = asyncio.Queue()
+        out: asyncio.Queue[object] = asyncio.Queue(OUTBOX)
         in_use: set[int] = set()
         created: set[int] = set()
+        """kvstore ids of the watches answered `created` (and not canceled since)."""
         pending: dict[int, asyncio.Event] = {}
         """kvstore ids of creates sent and not answered yet."""
-        """kvstore ids of the watches answered `created`."""
         next_id = 0
 
         async def translated() -> AsyncIterator[kv_pb2.WatchRequest]:
@@ -70,10 +77,11 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
                             while next_id in in_use:
                                 next_id += 1
                             wid = next_id
+                            next_id += 1  # never reused on this stream (etcd's nextID++)
                         kc = watch_create(c, wid + 1)
                     except EtcdRequestError as err:
-                        out.put_nowait(rpc_pb2.WatchResponse(header=self.n.header(0), watch_id=-1, created=True,
-                                                             canceled=True, cancel_reason=err.message))
+                        await out.put(rpc_pb2.WatchResponse(header=self.n.header(0), watch_id=-1, created=True,
+                                                            canceled=True, cancel_reason=err.message))
                         continue
                     in_use.add(wid)
                     answered = pending[kc.watch_id] = asyncio.Event()
@@ -92,11 +100,14 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
             try:
                 async for data in self.n.forward.kv.Watch(translated(), context):
                     r = data if isinstance(data, kv_pb2.WatchResponse) else kv_pb2.WatchResponse.FromString(data)
-                    if r.canceled and r.watch_id > 0 and not r.created and r.watch_id not in created:
-                        # etcd answers every create with `created` first (clients match creates by
-                        # it), then the cancel (e.g. a compacted start revision)
-                        out.put_nowait(rpc_pb2.WatchResponse(header=self.n.header(r.revision),
-                                                             watch_id=r.watch_id - 1, created=True))
+                    if r.canceled and not r.created and r.watch_id > 0:
+                        if r.watch_id in pending:
+                            # etcd answers every create with `created` first (clients match creates
+                            # by it), then the cancel (e.g. a compacted start revision)
+                            await out.put(rpc_pb2.WatchResponse(header=self.n.header(r.revision),
+                                                                watch_id=r.watch_id - 1, created=True))
+                        elif r.watch_id not in created:
+                            continue  # a cancel of a watch this stream does not have: etcd says nothing
                     if r.created:
                         created.add(r.watch_id)
                     if (r.created or r.canceled) and r.watch_id in pending:
@@ -106,11 +117,17 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
                         created.discard(r.watch_id)
                     e = self._response(r)
                     if e is not None:
-                        out.put_nowait(e)
+                        await out.put(e)  # waits while the client does not read: backpressure
+            except asyncio.CancelledError as err:
+                # the sender cancels this task when the call ends; any other cancel ends the call
+                with contextlib.suppress(asyncio.QueueFull):
+                    out.put_nowait(err)
+                raise
             except BaseException as err:  # handed to the sender, which ends the call with it
-                out.put_nowait(err)
-            finally:
-                out.put_nowait(_DONE)
+                await out.put(err)
+                await out.put(_DONE)
+            else:
+                await out.put(_DONE)
 
         task = asyncio.get_running_loop().create_task(pump())
         try:
