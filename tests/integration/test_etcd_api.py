@@ -534,3 +534,121 @@ def test_every_node_answers_for_keys_of_groups_it_does_not_host(tmp_path: Path) 
             assert (g.returncode, g.stdout.replace("\n\n", "\n")) == (0, expect), (ep, g.stderr)
     finally:
         c.stop()
+
+
+def _stream(ch: Any, method: str, first: list[Any]) -> tuple[Any, Any]:
+    """A bidirectional etcd stream on `ch` (`Watch.Watch` or `Lease.LeaseKeepAlive`) opened with
+    the requests `first`; returns (the call, a queue to send more on: None ends the requests)."""
+    import queue
+
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2_grpc
+
+    reqs: queue.Queue[Any] = queue.Queue()
+    for r in first:
+        reqs.put(r)
+
+    def requests() -> Iterator[Any]:
+        while (r := reqs.get()) is not None:
+            yield r
+
+    stub = rpc_pb2_grpc.WatchStub(ch) if method == "Watch" else rpc_pb2_grpc.LeaseStub(ch)
+    return getattr(stub, method)(requests(), timeout=120), reqs
+
+
+def test_watch_ids_are_not_reused_and_unknown_cancels_get_no_answer(kv: str) -> None:
+    """As etcd's: an automatic id is never reused on a stream (0, cancel 0, then 1); a cancel of
+    an id the stream does not have gets no answer (the next reply is the next create's); an
+    invalid create's header carries the node's current revision (not 0)."""
+    import grpc
+
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2
+
+    floor = _rev(kv, "wid/a", "0")
+
+    def create(key: bytes) -> rpc_pb2.WatchRequest:
+        return rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(key=key))
+
+    def cancel(wid: int) -> rpc_pb2.WatchRequest:
+        return rpc_pb2.WatchRequest(cancel_request=rpc_pb2.WatchCancelRequest(watch_id=wid))
+
+    with grpc.insecure_channel(kv) as ch:
+        stream, reqs = _stream(ch, "Watch", [create(b"wid/a")])
+        got = [next(stream)]
+        reqs.put(cancel(0))
+        got.append(next(stream))
+        reqs.put(cancel(7))
+        reqs.put(create(b"wid/b"))
+        got.append(next(stream))
+        reqs.put(create(b""))
+        got.append(next(stream))
+        reqs.put(None)
+        stream.cancel()
+    assert [(r.watch_id, r.created, r.canceled) for r in got] == [
+        (0, True, False), (0, False, True), (1, True, False), (-1, True, True)], got
+    assert all(r.header.revision >= floor for r in got), [r.header.revision for r in got]
+
+
+def test_keep_alive_answers_unknown_leases_ttl_0_and_goes_on(kv: str) -> None:
+    """clientv3 keeps every lease alive on one stream: an id that is not a lease's (malformed, or
+    never granted) is answered TTL 0 with its ID, and the stream serves the next request. Lease
+    replies and an empty Txn carry the node's current revision in their headers, as etcd's."""
+    import grpc
+
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+    from kvstore.storage import leases
+
+    floor = _rev(kv, "ka/a", "0")
+    with grpc.insecure_channel(kv) as ch:
+        lease = rpc_pb2_grpc.LeaseStub(ch)
+        g = lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=60), timeout=30)
+        never = leases.make_id(leases.home_group(g.ID), g.ID + 1)
+        ids = [-1, never, g.ID]
+        stream, reqs = _stream(ch, "LeaseKeepAlive", [rpc_pb2.LeaseKeepAliveRequest(ID=i) for i in ids])
+        got = [next(stream) for _ in ids]
+        reqs.put(None)
+        stream.cancel()
+        assert [(r.ID, r.TTL) for r in got[:2]] == [(-1, 0), (never, 0)]
+        assert got[2].ID == g.ID and 0 < got[2].TTL <= 60
+        headers = [g.header, *(r.header for r in got),
+                   lease.LeaseTimeToLive(rpc_pb2.LeaseTimeToLiveRequest(ID=g.ID), timeout=30).header,
+                   lease.LeaseLeases(rpc_pb2.LeaseLeasesRequest(), timeout=30).header,
+                   rpc_pb2_grpc.KVStub(ch).Txn(rpc_pb2.TxnRequest(), timeout=30).header,
+                   lease.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=g.ID), timeout=30).header]
+    assert all(h.revision >= floor for h in headers), [h.revision for h in headers]
+
+
+def test_watchers_that_do_not_read_are_canceled_as_slow(kv: str) -> None:
+    """Backpressure reaches kvstore's watch stream: etcd watch streams whose client reads nothing
+    hold a bounded backlog each (kvstore's per-stream bound, a few translated responses), so
+    together they reach the node's bound on queued watch bytes and kvstore cancels the fullest as
+    a slow watcher. The puts are paced by a watcher that reads (on its own connection): the etcd
+    layer keeps up with them, so without backpressure it queued every event and none was canceled."""
+    import grpc
+
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+
+    streams, puts, value = 18, 20, b"v" * (1000 << 10)
+    create = rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(key=b"slow/", range_end=b"slow0"))
+    with grpc.insecure_channel(kv) as ch, grpc.insecure_channel(
+            kv, options=[("grpc.use_local_subchannel_pool", 1)]) as reader_ch:
+        calls = [_stream(ch, "Watch", [create]) for _ in range(streams)]
+        reader, reader_reqs = _stream(reader_ch, "Watch", [create])
+        for call, _ in [*calls, (reader, None)]:
+            assert next(call).created
+        put = rpc_pb2_grpc.KVStub(ch).Put
+        for i in range(puts):
+            put(rpc_pb2.PutRequest(key=b"slow/%d" % i, value=value), timeout=60)
+            while not any(e.kv.key == b"slow/%d" % i for e in next(reader).events):
+                pass
+        reasons = []
+        for call, reqs in [*calls, (reader, reader_reqs)]:
+            seen = 0
+            while call is not reader and seen < puts:
+                r = next(call)
+                seen += len(r.events)
+                if r.canceled:
+                    reasons.append(r.cancel_reason)
+                    break
+            reqs.put(None)
+            call.cancel()
+    assert reasons and all("slow watcher" in r for r in reasons), reasons

@@ -45,15 +45,15 @@ class EtcdNode:
             g = self.host.groups.get(group)
             term = g.core.term if g is not None else 0
         return rpc_pb2.ResponseHeader(cluster_id=self.cluster_id, member_id=self.member_id,
-                                      revision=revision if revision > 0 else self.current_revision(group),
+                                      revision=revision if revision > 0 else self.current_revision(),
                                       raft_term=term)
 
-    def current_revision(self, group: int | None = None) -> int:
-        """The last revision this node's replica of `group` applied (None, or a group not hosted
-        here: the highest of the groups hosted here; 0 if none is)."""
+    def current_revision(self) -> int:
+        """The highest revision the groups hosted on this node applied (0 if none is): etcd's
+        current revision, for replies that were served at none (a group's own may be far behind
+        when nothing was written to it)."""
         revisions = self.requests.store.revisions
-        groups = [group] if group is not None and group in self.host.groups else list(self.host.groups)
-        return max((revisions.rev_state(g).last for g in groups), default=0)
+        return max((revisions.rev_state(g).last for g in self.host.groups), default=0)
 
     def shard_map(self) -> ShardMap:
         m = self.requests.tracker.map
