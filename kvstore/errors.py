@@ -20,6 +20,7 @@ from kvstore.v1 import kv_pb2
 __all__ = [
     "ClientClosed",
     "ClusterVersionTooLow",
+    "FutureRevision",
     "InternalError",
     "InvalidArgument",
     "KVError",
@@ -183,6 +184,15 @@ class ClusterVersionTooLow(InvalidArgument):
     retrying cannot help until every member is upgraded."""
 
     default_message = "the cluster version does not allow this command yet"
+
+
+class FutureRevision(InvalidArgument):
+    """Definite: the revision asked for (to read or close at) is one this node cannot have yet:
+    further ahead of its clock than the uncertainty bound, or beyond every revision. Travels as
+    INVALID_ARGUMENT with `Error.future_revision` set (etcd's API answers it with etcd's
+    future-revision error)."""
+
+    default_message = "the revision is in the future"
 
 
 class Timeout(KVError):
@@ -419,6 +429,8 @@ def from_proto(error: kv_pb2.Error | None, *, is_write: bool) -> KVError | None:
         return ResourceExhausted(message, retry_after=error.retry_after_ms / 1000, indeterminate=indeterminate)
     if cls is Compacted:
         return Compacted(message, compact_revision=max(0, error.compact_revision), indeterminate=indeterminate)
+    if cls is InvalidArgument and error.future_revision:
+        return FutureRevision(message, indeterminate=indeterminate)
     return cls(message, indeterminate=indeterminate)
 
 
@@ -438,6 +450,8 @@ def to_proto(exc: BaseException) -> kv_pb2.Error:
         err.retry_after_ms = retry_after_ms(exc.retry_after)
     elif isinstance(exc, Compacted):
         err.compact_revision = exc.compact_revision
+    elif isinstance(exc, FutureRevision):
+        err.future_revision = True
     return err
 
 

@@ -83,14 +83,14 @@ class NodeCloses:
 
     # --- checks -----------------------------------------------------------------------------
     def check(self, revision: int) -> None:
-        """Refuse (definite InvalidArgument) a revision to read or close at that is negative,
-        absurd (above `mvcc.PROPOSAL_MAX`) or more than the clock-uncertainty bound ahead of this
-        node's clock: no node has issued it, and closing at it would drag the group's later
-        revisions into the future."""
+        """Refuse (definite InvalidArgument; FutureRevision for one that is absurd (above
+        `mvcc.PROPOSAL_MAX`) or more than the clock-uncertainty bound ahead of this node's clock) a
+        revision to read or close at that is negative, absurd or in the future: no node has issued
+        it, and closing at it would drag the group's later revisions into the future."""
         try:
             self.clock.check_close(revision)
         except errors.InvalidArgument as err:
-            raise errors.InvalidArgument(
+            raise type(err)(
                 f"revision {revision} is beyond what the cluster has issued ({err})"
             ) from None
 

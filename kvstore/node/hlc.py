@@ -48,13 +48,15 @@ class HybridClock:
         self._check_floor(revision, self._physical())
 
     def _check_floor(self, revision: int, physical: int) -> None:
-        if revision < 0 or revision > mvcc.PROPOSAL_MAX:
+        if revision < 0:
             raise errors.InvalidArgument(f"revision {revision} is out of range")
+        if revision > mvcc.PROPOSAL_MAX:
+            raise errors.FutureRevision(f"revision {revision} is out of range")
         if not revision:
             return  # no floor (a client that has seen nothing yet): always acceptable
         bound = max(physical, self.last) + (self.max_offset_ms << mvcc.LOGICAL_BITS)
         if revision >> mvcc.SLOT_BITS > bound:
-            raise errors.InvalidArgument(
+            raise errors.FutureRevision(
                 f"revision {revision} is more than {self.max_offset_ms} ms ahead of node's clock: refused"
             )
 
@@ -63,10 +65,12 @@ class HybridClock:
         negative, absurd, or more than `max_offset_ms` ahead of this node's WALL clock. Unlike
         `check_floor`, the bound ignores the revisions observed: a close is observed, so a bound
         that followed them would let repeated closes ratchet every later revision forward."""
-        if revision < 0 or revision > mvcc.PROPOSAL_MAX:
+        if revision < 0:
             raise errors.InvalidArgument(f"revision {revision} is out of range")
+        if revision > mvcc.PROPOSAL_MAX:
+            raise errors.FutureRevision(f"revision {revision} is out of range")
         if revision >> mvcc.SLOT_BITS > self._physical() + (self.max_offset_ms << mvcc.LOGICAL_BITS):
-            raise errors.InvalidArgument(
+            raise errors.FutureRevision(
                 f"revision {revision} is more than {self.max_offset_ms} ms ahead of node's clock: refused"
             )
 

@@ -90,7 +90,7 @@ GREATER: CompareResult
 LESS: CompareResult
 
 class Error(_message.Message):
-    __slots__ = ("code", "message", "leader_id", "leader_hint", "indeterminate", "shard_version", "retry_after_ms", "leader_client_hint", "compact_revision")
+    __slots__ = ("code", "message", "leader_id", "leader_hint", "indeterminate", "shard_version", "retry_after_ms", "leader_client_hint", "compact_revision", "future_revision")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class Error(_message.Message):
     RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     LEADER_CLIENT_HINT_FIELD_NUMBER: _ClassVar[int]
     COMPACT_REVISION_FIELD_NUMBER: _ClassVar[int]
+    FUTURE_REVISION_FIELD_NUMBER: _ClassVar[int]
     code: ErrorCode
     message: str
     leader_id: int
@@ -109,7 +110,8 @@ class Error(_message.Message):
     retry_after_ms: int
     leader_client_hint: str
     compact_revision: int
-    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., leader_id: _Optional[int] = ..., leader_hint: _Optional[str] = ..., indeterminate: _Optional[bool] = ..., shard_version: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., leader_client_hint: _Optional[str] = ..., compact_revision: _Optional[int] = ...) -> None: ...
+    future_revision: bool
+    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., leader_id: _Optional[int] = ..., leader_hint: _Optional[str] = ..., indeterminate: _Optional[bool] = ..., shard_version: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., leader_client_hint: _Optional[str] = ..., compact_revision: _Optional[int] = ..., future_revision: _Optional[bool] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("client_id", "seq", "ack", "retry", "horizon", "revision")

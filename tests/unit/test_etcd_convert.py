@@ -247,3 +247,32 @@ def test_a_range_in_a_txn_applies_its_filters_sort_and_limit() -> None:
                   rpc_pb2.ResponseHeader(revision=7), out)
         rr = out.responses[0].response_range
         assert (rr.count, [k.value for k in rr.kvs], rr.more) == (count, values, False), req
+
+
+def test_a_future_revision_is_told_by_its_class_not_its_message() -> None:
+    """kvstore's clock refuses a revision it cannot have yet with `FutureRevision` (a distinct
+    flag on the wire), which etcd's API answers with etcd's future-revision error; another
+    INVALID_ARGUMENT is never taken for one by its text."""
+    import grpc
+
+    from kvstore import errors
+    from kvstore.node.hlc import HybridClock
+    from kvstore.server.etcd.status import FUTURE_REV, of_kv_error
+    from kvstore.storage import mvcc
+
+    clock = HybridClock(lambda: 1_000_000)
+    now = clock.propose()
+    clock.check_close(now)  # a revision this node issued: fine
+    for rev in (mvcc.PROPOSAL_MAX + 1, now + (10_000 << mvcc.PHYSICAL_SHIFT)):
+        with pytest.raises(errors.FutureRevision):
+            clock.check_close(rev)
+    with pytest.raises(errors.InvalidArgument) as neg:
+        clock.check_close(-1)
+    assert not isinstance(neg.value, errors.FutureRevision)
+    back = errors.from_proto(errors.to_proto(errors.FutureRevision("revision 9 is ahead")), is_write=False)
+    assert isinstance(back, errors.FutureRevision) and back.message == "revision 9 is ahead"
+    assert type(errors.from_proto(errors.to_proto(errors.InvalidArgument("x")), is_write=False)) is errors.InvalidArgument
+    st = of_kv_error(back)
+    assert (st.code, st.message, st.indeterminate) == (grpc.StatusCode.OUT_OF_RANGE, FUTURE_REV, False)
+    st = of_kv_error(errors.InvalidArgument("revision 5 is out of range"))
+    assert st.code == grpc.StatusCode.INVALID_ARGUMENT and st.message == "etcdserver: revision 5 is out of range"

@@ -73,13 +73,12 @@ def of_kv_error(err: errors.KVError) -> EtcdStatus:
         return EtcdStatus(c.PERMISSION_DENIED, PERMISSION_DENIED, ind)
     if isinstance(err, errors.Unauthenticated):
         return EtcdStatus(c.UNAUTHENTICATED, INVALID_TOKEN, ind)
+    if isinstance(err, errors.FutureRevision):
+        # a read at a revision kvstore cannot have yet (README "Revisions")
+        return EtcdStatus(c.OUT_OF_RANGE, FUTURE_REV, ind)
     if isinstance(err, errors.InvalidArgument | errors.KeyTooLarge | errors.ValueTooLarge):
         if "requested lease not found" in err.message:
             return EtcdStatus(c.NOT_FOUND, LEASE_NOT_FOUND, ind)
-        if err.message.startswith("revision ") and ("ahead of node's clock" in err.message
-                                                    or err.message.endswith("is out of range")):
-            # a read at a revision kvstore cannot have yet (README "Revisions")
-            return EtcdStatus(c.OUT_OF_RANGE, FUTURE_REV, ind)
         if err.message == "lease already exists":
             return EtcdStatus(c.FAILED_PRECONDITION, LEASE_EXISTS, ind)
         return EtcdStatus(c.INVALID_ARGUMENT, f"etcdserver: {err.message}", ind)
