@@ -61,7 +61,7 @@ class EtcdLease(rpc_pb2_grpc.LeaseServicer):
     async def LeaseRevoke(self, request: rpc_pb2.LeaseRevokeRequest, context: grpc.aio.ServicerContext
                           ) -> rpc_pb2.LeaseRevokeResponse:
         try:
-            lid = _lease(request.ID)
+            lid = _lease(request.ID, self.n.shard_map().data_groups())
             await self.n.forward.call("LeaseRevoke", kv_pb2.LeaseRevokeRequest(id=lid), context, is_write=True,
                                       group=leases.home_group(lid))
             return rpc_pb2.LeaseRevokeResponse(header=self.n.header(0, leases.home_group(lid)))
@@ -76,7 +76,7 @@ class EtcdLease(rpc_pb2_grpc.LeaseServicer):
         try:
             async for r in request_iterator:
                 try:
-                    lid = _lease(r.ID)
+                    lid = _lease(r.ID, self.n.shard_map().data_groups())
                     k = await self.n.forward.keep_alive(self.n.forward.kv.leases, kv_pb2.LeaseKeepAliveRequest(id=lid),
                                                         context, leases.home_group(lid))
                 except EtcdStatus as err:
@@ -91,7 +91,7 @@ class EtcdLease(rpc_pb2_grpc.LeaseServicer):
     async def LeaseTimeToLive(self, request: rpc_pb2.LeaseTimeToLiveRequest, context: grpc.aio.ServicerContext
                               ) -> rpc_pb2.LeaseTimeToLiveResponse:
         try:
-            lid = _lease(request.ID)
+            lid = _lease(request.ID, self.n.shard_map().data_groups())
             t = await self.n.forward.call("LeaseTimeToLive", kv_pb2.LeaseTimeToLiveRequest(id=lid, keys=request.keys),
                                           context, is_write=False, group=leases.home_group(lid))
             return rpc_pb2.LeaseTimeToLiveResponse(header=self.n.header(0, leases.home_group(lid)), ID=lid, TTL=t.ttl,
@@ -109,10 +109,14 @@ class EtcdLease(rpc_pb2_grpc.LeaseServicer):
             await fail(err, context, "LeaseLeases")
 
 
-def _lease(raw: int) -> int:
+def _lease(raw: int, data_groups: list[int]) -> int:
+    """`raw` as a kvstore lease id, else etcd's "requested lease not found" (NOT_FOUND,
+    definite): an id that cannot be a kvstore lease's, or one homed in a group that is not a
+    data group, is not one it knows."""
     try:
-        return leases.check_id(raw)
+        lid = leases.check_id(raw)
     except ValueError:
-        # etcd answers an id it does not know with "requested lease not found"; an id that cannot
-        # be a kvstore lease is not one it knows.
         raise EtcdStatus(grpc.StatusCode.NOT_FOUND, LEASE_NOT_FOUND) from None
+    if leases.home_group(lid) not in data_groups:
+        raise EtcdStatus(grpc.StatusCode.NOT_FOUND, LEASE_NOT_FOUND)
+    return lid
