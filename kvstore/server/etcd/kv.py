@@ -3,9 +3,10 @@ every request checked (`convert.py`), then run as kvstore's own request (Get, Sc
 LeasePut, Delete, Txn, Compact) through `forward.Forwarder`, so routing, validation,
 permissions, admission and audit are kvstore's.
 
-A range over several keys reads every data group of the shard map on this node (each must be
-hosted here: a follower or learner serves it after a ReadIndex round), linearizably unless
-`serializable`; parts served at different revisions are read again at the highest one, so a
+A range over several keys reads every data group of the shard map on this node concurrently
+(each must be hosted here: a follower or learner serves it after a ReadIndex round),
+linearizably unless `serializable`; what all its parts keep is bounded by one budget
+(`MAX_RANGE_BYTES`); parts served at different revisions are read again at the highest one, so a
 range is one consistent snapshot at one revision (as the client library's scans). Put's prev_kv
 and DeleteRange's prev_kv on one key, and Put's ignore_value, are transactions (a get, then the
 write, at one revision)."""
@@ -172,8 +173,14 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         budget = _Budget()
 
         async def read(rev: int, gs: list[int]) -> dict[int, tuple[list[kv_pb2.KeyValue], int, int, int]]:
-            got = await asyncio.gather(*(self._part(q.keys, g, rev, consistency, keep, q.keys_only, budget, context)
-                                         for g in gs))
+            tasks = [asyncio.ensure_future(self._part(q.keys, g, rev, consistency, keep, q.keys_only, budget, context))
+                     for g in gs]
+            try:
+                got = await asyncio.gather(*tasks)
+            except BaseException:
+                for t in tasks:  # one part failed (or the budget ran out): the others stop too
+                    t.cancel()
+                raise
             return dict(zip(gs, got, strict=True))
 
         parts = await read(q.revision, groups)
