@@ -171,6 +171,9 @@ LEASE_ANY_USER = tuple(f"/kvstore.v1.KV/Lease{m}" for m in ("Grant", "Revoke", "
     tuple(f"/etcdserverpb.Lease/Lease{m}" for m in ("Grant", "Revoke", "KeepAlive", "TimeToLive", "Leases"))
 """As etcd: any authenticated user may grant, keep alive, list and read leases, and revoke one
 whose keys it may write (these requests name a lease with no keys); LeasePut needs write on its key."""
+BOB_MAY = ("/kvstore.v1.Admin/Status", "/kvstore.v1.Shard/GetShardMap", "/kvstore.v1.Auth/Status",
+           "/etcdserverpb.Cluster/MemberList", "/etcdserverpb.Maintenance/Status")
+"""Besides the leases: what any authenticated user may call (cluster status and membership)."""
 
 
 def test_every_rpc_with_no_credentials_wrong_user_and_right_user(tmp_path: Path) -> None:
@@ -212,8 +215,7 @@ async def _every_rpc_with_no_credentials_wrong_user_and_right_user(tmp_path: Pat
                 else:
                     assert none == "UNAUTHENTICATED", (path, got)
                     assert ok not in AUTH_FAIL, (path, got)
-                    bob_may = path in LEASE_ANY_USER or path in ("/kvstore.v1.Admin/Status", "/kvstore.v1.Shard/GetShardMap",
-                                       "/kvstore.v1.Auth/Status")
+                    bob_may = path in LEASE_ANY_USER or path in BOB_MAY
                     if bob_may:
                         assert wrong not in AUTH_FAIL, (path, got)
                     else:
@@ -221,6 +223,7 @@ async def _every_rpc_with_no_credentials_wrong_user_and_right_user(tmp_path: Pat
         for path, got in sorted(table.items()):
             print(f"{path:40s} none={got[0]:18s} wrong={got[1]:18s} right={got[2]}")
         assert table["/kvstore.v1.KV/Put"][2] == "OK" and table["/kvstore.v1.Admin/Snapshot"][2] == "OK"
+        assert table["/etcdserverpb.Maintenance/Snapshot"][2] == "OK"  # saved as the caller (its token)
 
 
 def test_every_rpc_on_the_client_port_needs_a_token_and_internal_rpcs_are_not_served(tmp_path: Path) -> None:
@@ -264,8 +267,7 @@ async def _every_rpc_on_the_client_port(tmp_path: Path) -> None:
                     assert none not in AUTH_FAIL and ok not in AUTH_FAIL, (path, got)
                 else:
                     assert none == "UNAUTHENTICATED" and ok not in AUTH_FAIL, (path, got)
-                    bob_may = path in LEASE_ANY_USER or path in ("/kvstore.v1.Admin/Status", "/kvstore.v1.Shard/GetShardMap",
-                                       "/kvstore.v1.Auth/Status")
+                    bob_may = path in LEASE_ANY_USER or path in BOB_MAY
                     assert (wrong not in AUTH_FAIL) if bob_may else (wrong == "PERMISSION_DENIED"), (path, got)
             code, detail = await call(ch, "/kvstore.v1.KV/Get", None, "none")
             assert code == "UNAUTHENTICATED" and "log in" in detail and "peer port" in detail, detail

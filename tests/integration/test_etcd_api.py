@@ -4,7 +4,9 @@ started on loopback: the same commands, the same output once normalised.
 
 Normalised (`_norm`): revisions (each replaced by its rank among the revisions the script's own
 writes got, in order: kvstore's revisions are clock values, etcd's a counter), header fields
-(`cluster_id`, `member_id`, `raft_term`, `revision`) and lease ids (replaced by `LEASE`)."""
+(`cluster_id`, `member_id`, `raft_term`, `revision`) and lease ids (replaced by `LEASE`); in the
+Cluster/Maintenance commands also endpoints (`EP`), durations (`T`), member ids (`ID`), and
+`endpoint status` is compared by its fields' names (values differ: versions, sizes, indexes)."""
 
 from __future__ import annotations
 
@@ -38,14 +40,20 @@ def _need(binary: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def kv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A kvstore cluster; the endpoint etcdctl talks to (node 2: some groups are led elsewhere,
-    so writes are forwarded)."""
+def kv_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The module's kvstore cluster (3 nodes, 2 data groups)."""
     c = Cluster(Path(tmp_path_factory.mktemp("etcdkv")), 3, extra_args=["--groups", "2"]).start()
     try:
-        yield c.endpoints[1]
+        yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="module")
+def kv(kv_cluster: Cluster) -> str:
+    """The endpoint etcdctl talks to (node 2: some groups are led elsewhere, so writes are
+    forwarded)."""
+    return kv_cluster.endpoints[1]
 
 
 @pytest.fixture(scope="module")
@@ -418,11 +426,27 @@ def _fuzz_requests() -> Any:
     grants = st.builds(rpc_pb2.LeaseGrantRequest, TTL=i64, ID=i64)
     ttls = st.builds(rpc_pb2.LeaseTimeToLiveRequest, ID=i64, keys=st.booleans())
     revokes = st.builds(rpc_pb2.LeaseRevokeRequest, ID=i64)
-    return st.one_of(ranges, puts, deletes, txns, grants, ttls, revokes)
+    # Cluster and Maintenance: never a real member's id (1..3) and never one well-formed peer URL,
+    # so no request changes the module's cluster
+    strangers = st.integers(0, 2**64 - 1).filter(lambda i: i > 3 or i == 0)
+    urls = st.one_of(st.text(max_size=30), st.just("http://127.0.0.1:1"), st.just("http://[::1]:2"))
+    odd_urls = st.one_of(st.lists(st.text(max_size=30).filter(lambda u: "://" not in u and ":" not in u), max_size=1),
+                         st.lists(urls, min_size=2, max_size=3))
+    ops = st.one_of(
+        st.builds(rpc_pb2.MemberAddRequest, peerURLs=odd_urls, isLearner=st.booleans()),
+        st.builds(rpc_pb2.MemberRemoveRequest, ID=strangers),
+        st.builds(rpc_pb2.MemberPromoteRequest, ID=strangers),
+        st.builds(rpc_pb2.MemberUpdateRequest, ID=st.integers(0, 2**64 - 1), peerURLs=odd_urls),
+        st.builds(rpc_pb2.HashKVRequest, revision=i64),
+        st.builds(rpc_pb2.AlarmRequest, action=st.integers(0, 5), memberID=st.integers(0, 2**64 - 1),
+                  alarm=st.integers(0, 5)),
+        st.builds(rpc_pb2.MoveLeaderRequest, targetID=strangers),
+    )
+    return st.one_of(ranges, puts, deletes, txns, grants, ttls, revokes, ops)
 
 
 def test_hostile_field_values_get_an_answer_or_a_definite_error(kv: str) -> None:
-    """Any field values on KV and Lease: served, or a gRPC status that is not UNKNOWN / INTERNAL
+    """Any field values on KV, Lease, Cluster and Maintenance: served, or a gRPC status that is not UNKNOWN / INTERNAL
     and says `kvstore-outcome: definite` (nothing happened); the node serves on."""
     import grpc
     from hypothesis import HealthCheck, given, settings
@@ -433,9 +457,15 @@ def test_hostile_field_values_get_an_answer_or_a_definite_error(kv: str) -> None
                rpc_pb2.DeleteRangeRequest: ("KV", "DeleteRange"), rpc_pb2.TxnRequest: ("KV", "Txn"),
                rpc_pb2.LeaseGrantRequest: ("Lease", "LeaseGrant"),
                rpc_pb2.LeaseTimeToLiveRequest: ("Lease", "LeaseTimeToLive"),
-               rpc_pb2.LeaseRevokeRequest: ("Lease", "LeaseRevoke")}
+               rpc_pb2.LeaseRevokeRequest: ("Lease", "LeaseRevoke"),
+               rpc_pb2.MemberAddRequest: ("Cluster", "MemberAdd"), rpc_pb2.MemberRemoveRequest: ("Cluster", "MemberRemove"),
+               rpc_pb2.MemberPromoteRequest: ("Cluster", "MemberPromote"),
+               rpc_pb2.MemberUpdateRequest: ("Cluster", "MemberUpdate"),
+               rpc_pb2.HashKVRequest: ("Maintenance", "HashKV"), rpc_pb2.AlarmRequest: ("Maintenance", "Alarm"),
+               rpc_pb2.MoveLeaderRequest: ("Maintenance", "MoveLeader")}
     with grpc.insecure_channel(kv) as ch:
-        stubs = {"KV": rpc_pb2_grpc.KVStub(ch), "Lease": rpc_pb2_grpc.LeaseStub(ch)}
+        stubs = {"KV": rpc_pb2_grpc.KVStub(ch), "Lease": rpc_pb2_grpc.LeaseStub(ch),
+                 "Cluster": rpc_pb2_grpc.ClusterStub(ch), "Maintenance": rpc_pb2_grpc.MaintenanceStub(ch)}
 
         @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
         @given(req=_fuzz_requests())
@@ -450,6 +480,8 @@ def test_hostile_field_values_get_an_answer_or_a_definite_error(kv: str) -> None
                 assert outcome == "definite", (req, code, err.details(), outcome)  # type: ignore[attr-defined]
 
         check()
+        members = stubs["Cluster"].MemberList(rpc_pb2.MemberListRequest(), timeout=30).members
+        assert [m.ID for m in members] == [1, 2, 3]
         stubs["KV"].Put(rpc_pb2.PutRequest(key=b"fz-after", value=b"ok"), timeout=30)
         assert stubs["KV"].Range(rpc_pb2.RangeRequest(key=b"fz-after"), timeout=30).kvs[0].value == b"ok"
 
@@ -534,3 +566,80 @@ def test_every_node_answers_for_keys_of_groups_it_does_not_host(tmp_path: Path) 
             assert (g.returncode, g.stdout.replace("\n\n", "\n")) == (0, expect), (ep, g.stderr)
     finally:
         c.stop()
+
+
+def _ops_norm(text: str, endpoint: str) -> str:
+    text = text.replace(endpoint, "EP")
+    text = re.sub(r"took = [0-9.]+[a-zµ]+", "took = T", text)
+    return re.sub(r"\b(member|Member) [0-9a-f]+\b", r"\1 ID", text)
+
+
+def test_cluster_and_maintenance_commands(kv_cluster: Cluster, kv: str, etcd: str, tmp_path: Path) -> None:
+    """etcdctl's member, endpoint, alarm, defrag, move-leader and snapshot commands (etcd's
+    Cluster and Maintenance services) against kvstore, compared with etcd where comparable."""
+    def script(ep: str) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+
+        def run(*args: str) -> None:
+            p = ctl(ep, *args)
+            text = p.stdout + (f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1]}" if p.returncode else "")
+            out.append((" ".join(args), _ops_norm(text, ep)))
+
+        run("alarm", "list")
+        run("alarm", "disarm")
+        run("defrag")
+        run("endpoint", "health")
+        run("member", "remove", "1234")
+        run("member", "promote", "1234")
+        run("member", "update", "1234", "--peer-urls=http://127.0.0.1:1")
+        status = json.loads(ctl(ep, "endpoint", "status", "-w", "json").stdout)[0]["Status"]
+        out.append(("endpoint status fields", " ".join(sorted(k for k in status if k != "header"))))
+        snap = tmp_path / f"{'kv' if ep == kv else 'etcd'}.snap"
+        p = ctl(ep, "snapshot", "save", str(snap))
+        out.append(("snapshot save", f"{p.returncode} {p.stdout.replace(str(snap), 'FILE').strip()}"))
+        return out
+
+    ctl(kv, "put", "ops/a", "1")
+    _differential(kv, etcd, script)
+
+    # the saved kvstore snapshot is kvstore's backup in etcd's envelope: kvctl reads it
+    from click.testing import CliRunner
+
+    from kvstore.cli.kvctl import cli as kvctl_cli
+
+    r = CliRunner().invoke(kvctl_cli, ["-o", "json", "snapshot", "status", str(tmp_path / "kv.snap")])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["keys"] >= 1
+
+    eps = kv_cluster.endpoints
+    members = json.loads(ctl(kv, "member", "list", "-w", "json").stdout)["members"]
+    assert [(m["ID"], m["name"], m["peerURLs"], m.get("isLearner", False)) for m in members] == [
+        (i + 1, f"kvstore-{i + 1}", [f"http://{a}"], False) for i, a in enumerate(eps)]
+
+    # every node hosts both groups: their HashKV agrees once each applied the same writes
+    def hashes() -> set[str]:
+        p = ctl(",".join(eps), "endpoint", "hashkv", "-w", "json")
+        assert p.returncode == 0, p.stderr
+        return {str(h["HashKV"]["hash"]) for h in json.loads(p.stdout)}
+    deadline = time.monotonic() + 30
+    while len(hashes()) != 1:
+        assert time.monotonic() < deadline, "the replicas' HashKV never agreed"
+
+    # a learner added and removed (never started: it only ever is a learner)
+    p = ctl(kv, "member", "add", "extra", "--peer-urls=http://127.0.0.1:1", "--learner")
+    assert p.returncode == 0 and "Member                4 added" in p.stdout, p.stdout + p.stderr
+    assert ("4, started, kvstore-4, http://127.0.0.1:1, http://127.0.0.1:1, true"
+            in ctl(kv, "member", "list").stdout)
+    p = ctl(kv, "member", "add", "again", "--peer-urls=http://127.0.0.1:1")
+    assert p.returncode != 0 and "etcdserver: Peer URLs already exists" in p.stderr, p.stderr
+    p = ctl(kv, "member", "remove", "4")
+    assert p.returncode == 0 and re.match(r"Member +4 removed", p.stdout), p.stdout + p.stderr
+    assert [m["ID"] for m in json.loads(ctl(kv, "member", "list", "-w", "json").stdout)["members"]] == [1, 2, 3]
+
+    # move-leader: etcdctl sends it to the (metadata group's) leader; every group follows
+    leader = json.loads(ctl(kv, "endpoint", "status", "-w", "json").stdout)[0]["Status"]["leader"]
+    target = next(i for i in (1, 2, 3) if i != leader)
+    p = ctl(",".join(eps), "move-leader", f"{target:x}")
+    assert p.returncode == 0 and "Leadership transferred" in p.stdout, p.stdout + p.stderr
+    st = kv_cluster.nodes[target].status(timeout=5)
+    assert st is not None and {g.group: g.leader_id for g in st.groups} == {0: target, 1: target, 2: target}
