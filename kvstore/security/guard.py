@@ -120,6 +120,11 @@ RULES: dict[str, Rule] = {
     "/etcdserverpb.Maintenance/HashKV": Rule.ADMIN,
     "/etcdserverpb.Maintenance/Snapshot": Rule.ADMIN,
     "/etcdserverpb.Maintenance/MoveLeader": Rule.ADMIN,
+    "/etcdserverpb.Auth/Authenticate": Rule.PUBLIC,
+    **{f"/etcdserverpb.Auth/{m}": Rule.ADMIN for m in (
+        "AuthEnable", "AuthDisable", "UserAdd", "UserGet", "UserList", "UserDelete", "UserChangePassword",
+        "UserGrantRole", "UserRevokeRole", "RoleAdd", "RoleGet", "RoleList", "RoleDelete", "RoleGrantPermission",
+        "RoleRevokePermission")},
     "/kvstore.v1.Admin/Status": Rule.USER,
     "/kvstore.v1.Admin/AddMember": Rule.ADMIN,
     "/kvstore.v1.Admin/PromoteMember": Rule.ADMIN,

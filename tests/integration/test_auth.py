@@ -57,6 +57,8 @@ def request_for(path: str, who: str) -> Any:
     cls = message_factory.GetMessageClass(m.input_type)
     if cls is auth_pb2.AuthenticateRequest:
         return cls(user="alice", password="alicepw" if who == "right" else "guess")
+    if cls is rpc_pb2.AuthenticateRequest:  # etcd's
+        return cls(name="alice", password="alicepw" if who == "right" else "guess")
     if cls is auth_pb2.AuthChangeRequest:
         return cls(op=Op.ROLE_ADD, role=f"table-{who}")
     if cls is kv_pb2.OpBatch:
@@ -166,6 +168,16 @@ async def setup_auth(n: OneNode) -> dict[str, str | None]:
                 "bob": await login(a, "bob", "bobpw"), "reader": await login(a, "reader", "readerpw")}
 
 
+async def reenable(n: OneNode) -> dict[str, str | None]:
+    """After the table's etcd AuthDisable (root's call succeeds): auth on again, everyone logs in
+    again (enabling draws a new token key)."""
+    async with grpc.aio.insecure_channel(n.address) as ch:
+        a = auth_pb2_grpc.AuthStub(ch)
+        r = await change(a, None, op=Op.ENABLE)
+        assert r.error.code == kv_pb2.OK, r.error
+        return {u: await login(a, u, f"{u}pw") for u in ("root", "alice", "bob", "reader")}
+
+
 AUTH_FAIL = {"UNAUTHENTICATED", "PERMISSION_DENIED"}
 LEASE_ANY_USER = tuple(f"/kvstore.v1.KV/Lease{m}" for m in ("Grant", "Revoke", "KeepAlive", "TimeToLive", "Leases")) + \
     tuple(f"/etcdserverpb.Lease/Lease{m}" for m in ("Grant", "Revoke", "KeepAlive", "TimeToLive", "Leases"))
@@ -205,8 +217,13 @@ async def _every_rpc_with_no_credentials_wrong_user_and_right_user(tmp_path: Pat
                 )
                 table[path] = got
                 none, wrong, ok = got
+                if path == "/etcdserverpb.Auth/AuthDisable":
+                    assert ok == "OK", got
+                    tokens = await reenable(n)
                 if path == "/kvstore.v1.Auth/Authenticate":
                     assert (none, wrong, ok) == ("UNAUTHENTICATED", "UNAUTHENTICATED", "OK"), (path, got)
+                elif path == "/etcdserverpb.Auth/Authenticate":  # etcd's refusal: INVALID_ARGUMENT
+                    assert got == ("INVALID_ARGUMENT", "INVALID_ARGUMENT", "OK"), (path, got)
                 elif rule is Rule.PUBLIC:
                     assert none not in AUTH_FAIL and ok not in AUTH_FAIL, (path, got)
                 elif rule is Rule.INTERNAL:
@@ -259,10 +276,15 @@ async def _every_rpc_on_the_client_port(tmp_path: Path) -> None:
                     (await call(ch, path, tokens[right], "right"))[0],
                 )
                 none, wrong, ok = got
+                if path == "/etcdserverpb.Auth/AuthDisable":
+                    assert ok == "OK", got
+                    tokens = await reenable(n)
                 if rule is Rule.INTERNAL:
                     assert got == ("UNIMPLEMENTED",) * 3, (path, got)
                 elif path == "/kvstore.v1.Auth/Authenticate":
                     assert got == ("UNAUTHENTICATED", "UNAUTHENTICATED", "OK"), (path, got)
+                elif path == "/etcdserverpb.Auth/Authenticate":
+                    assert got == ("INVALID_ARGUMENT", "INVALID_ARGUMENT", "OK"), (path, got)
                 elif rule is Rule.PUBLIC:
                     assert none not in AUTH_FAIL and ok not in AUTH_FAIL, (path, got)
                 else:

@@ -102,3 +102,51 @@ def test_node_hash_is_order_free_and_sees_every_group(parts: dict[int, bytes]) -
     for gid, digest in parts.items():
         changed = {**parts, gid: bytes([digest[0] ^ 1]) + digest[1:]}
         assert hash32(changed.items()) != h
+
+
+def test_etcd_root_role_is_kvstores_admin_role_both_ways() -> None:
+    from kvstore.server.etcd.ops import role_to_etcd, role_to_kvstore
+
+    assert role_to_kvstore("root") == "admin" and role_to_etcd("admin") == "root"
+    assert role_to_kvstore("admin") == "root" and role_to_kvstore("r1") == "r1"
+
+
+@given(st.text(max_size=20))
+def test_role_names_map_one_to_one(name: str) -> None:
+    from kvstore.server.etcd.ops import role_to_etcd, role_to_kvstore
+
+    assert role_to_etcd(role_to_kvstore(name)) == name
+
+
+@given(st.integers(-(2**31), 2**31 - 1))
+def test_permission_types_are_total(t: int) -> None:
+    from kvstore.server.etcd.ops import perm_kind, perm_type
+
+    try:
+        k = perm_kind(t)
+    except EtcdRequestError as err:
+        assert err.code == "INVALID_ARGUMENT" and t not in (0, 1, 2)
+        return
+    assert perm_type(k) == t
+
+
+@pytest.mark.parametrize("message, code, etcd", [
+    ("user 'alice' already exists", "FAILED_PRECONDITION", "etcdserver: user name already exists"),
+    ("no user 'bob'", "FAILED_PRECONDITION", "etcdserver: user name not found"),
+    ("no role 'r'", "FAILED_PRECONDITION", "etcdserver: role name not found"),
+    ("user 'a' does not have role 'r'", "FAILED_PRECONDITION", "etcdserver: role is not granted to the user"),
+    ("create user 'root' before enabling auth", "FAILED_PRECONDITION", "etcdserver: root user does not exist"),
+    ("at most 1000 users", "INVALID_ARGUMENT", "etcdserver: at most 1000 users"),
+])
+def test_auth_errors_as_etcds(message: str, code: str, etcd: str) -> None:
+    from kvstore.server.etcd.ops import auth_error
+
+    assert auth_error(message) == (code, etcd)
+
+
+@given(st.text(max_size=200))
+def test_auth_error_mapping_is_total(message: str) -> None:
+    from kvstore.server.etcd.ops import auth_error
+
+    code, text = auth_error(message)
+    assert code in ("FAILED_PRECONDITION", "INVALID_ARGUMENT") and text.startswith("etcdserver: ")

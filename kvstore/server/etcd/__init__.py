@@ -1,8 +1,8 @@
-"""etcd's v3 API (KV, Watch, Lease, Cluster, Maintenance) served on the node's own port, translated onto the kvstore
+"""etcd's v3 API (KV, Watch, Lease, Cluster, Maintenance, Auth) served on the node's own port, translated onto the kvstore
 services' request logic (`server/requests.py`, `lease_service.py`, `watch_service.py`): see
 README, "etcd compatibility". `convert.py` checks and translates messages (pure, fuzzed);
-`kv.py`, `lease.py`, `watch.py`, `cluster.py` and `maintenance.py` are the
-servicers (`ops.py`: the pure conversions of the last two); `status.py` maps kvstore errors onto etcd's
+`kv.py`, `lease.py`, `watch.py`, `cluster.py`, `maintenance.py` and `auth.py` are the
+servicers (`ops.py`: the pure conversions of the last three); `status.py` maps kvstore errors onto etcd's
 gRPC statuses and messages; `forward.py` sends a write to its group's leader."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from kvstore.etcdpb.etcdserverpb import rpc_pb2
 
 from ..shards import GroupCaller
+from .auth import EtcdAuth
 from .base import EtcdNode
 from .cluster import EtcdCluster
 from .forward import Forwarder
@@ -20,21 +21,21 @@ from .lease import EtcdLease
 from .maintenance import EtcdMaintenance
 from .watch import EtcdWatch
 
-SERVICES = ("KV", "Watch", "Lease", "Cluster", "Maintenance")
-"""etcd's services served (Auth is not yet)."""
+SERVICES = ("KV", "Watch", "Lease", "Cluster", "Maintenance", "Auth")
+"""etcd's services served."""
 
 
-def etcd_services(kv: object, admin: object, caller: GroupCaller | None, cluster_name: str, node_id: int,
-                  address: str, timeout: float) -> list[tuple[object, ServiceDescriptor]]:
-    """The etcd servicers of a node, over `kv` and `admin`, its KV and Admin servicers as
-    registered (audited with --audit-log), to register beside kvstore's own services; `address`
+def etcd_services(kv: object, admin: object, auth: object, caller: GroupCaller | None, cluster_name: str,
+                  node_id: int, address: str, timeout: float) -> list[tuple[object, ServiceDescriptor]]:
+    """The etcd servicers of a node, over `kv`, `admin` and `auth`, its KV, Admin and Auth
+    servicers as registered (audited with --audit-log), to register beside kvstore's own services; `address`
     is the node's own (Maintenance.Snapshot saves through it)."""
     requests = kv.requests  # type: ignore[attr-defined]
     node = EtcdNode.of(requests.host, requests, Forwarder(kv, caller, timeout), cluster_name, node_id)
     tls = caller is not None and caller.credentials is not None
     servicers: dict[str, object] = {
         "KV": EtcdKV(node), "Watch": EtcdWatch(node), "Lease": EtcdLease(node), "Cluster": EtcdCluster(node, admin),
-        "Maintenance": EtcdMaintenance(node, admin, address, tls, timeout),
+        "Maintenance": EtcdMaintenance(node, admin, address, tls, timeout), "Auth": EtcdAuth(node, auth),
     }
     return [(servicers[name], rpc_pb2.DESCRIPTOR.services_by_name[name]) for name in SERVICES]
 

@@ -100,3 +100,70 @@ def hash32(parts: Iterable[tuple[int, bytes]]) -> int:
     for gid, digest in sorted(parts):
         crc = zlib.crc32(gid.to_bytes(8, "big") + digest, crc)
     return crc
+
+
+# --- Auth ------------------------------------------------------------------------------------
+AUTH_FAILED = "etcdserver: authentication failed, invalid user ID or password"
+AUTH_NOT_ENABLED = "etcdserver: authentication is not enabled"
+ROOT_USER_NOT_EXIST = "etcdserver: root user does not exist"
+ROOT_ROLE_NOT_EXIST = "etcdserver: root user does not have root role"
+USER_EXISTS = "etcdserver: user name already exists"
+USER_EMPTY = "etcdserver: user name is empty"
+USER_NOT_FOUND = "etcdserver: user name not found"
+ROLE_EXISTS = "etcdserver: role name already exists"
+ROLE_EMPTY = "etcdserver: role name is empty"
+ROLE_NOT_FOUND = "etcdserver: role name not found"
+ROLE_NOT_GRANTED = "etcdserver: role is not granted to the user"
+PERMISSION_NOT_GRANTED = "etcdserver: permission is not granted to the role"
+
+ETCD_ROOT_ROLE = "root"
+"""etcd's role with every permission: kvstore's `ADMIN_ROLE` (`security/authstate.py`)."""
+
+
+def role_to_kvstore(name: str) -> str:
+    """An etcd role name as kvstore's: etcd's `root` is kvstore's `admin` and the other way round
+    (a bijection, so a kvstore role named `root`, if any, shows as `admin`); others unchanged."""
+    from kvstore.security.authstate import ADMIN_ROLE
+
+    return {ETCD_ROOT_ROLE: ADMIN_ROLE, ADMIN_ROLE: ETCD_ROOT_ROLE}.get(name, name)
+
+
+role_to_etcd = role_to_kvstore
+"""The same swap, the other way (it is its own inverse)."""
+
+
+def perm_kind(etcd_type: int) -> int:
+    """kvstore's PermissionKind of an etcd `authpb.Permission.Type` (READ 0, WRITE 1, READWRITE 2)."""
+    if etcd_type not in (0, 1, 2):
+        raise invalid(f"etcdserver: unknown permission type {etcd_type}")
+    return etcd_type + 1
+
+
+def perm_type(kind: int) -> int:
+    """etcd's permission type of a kvstore PermissionKind (1..3)."""
+    if kind not in (1, 2, 3):
+        raise ValueError(f"kvstore permission kind {kind}")
+    return kind - 1
+
+
+_AUTH_ERRORS: tuple[tuple[str, str, str], ...] = (
+    (r"user '.*' already exists", "FAILED_PRECONDITION", USER_EXISTS),
+    (r"no user '.*'", "FAILED_PRECONDITION", USER_NOT_FOUND),
+    (r"role '.*' already exists", "FAILED_PRECONDITION", ROLE_EXISTS),
+    (r"no role '.*'", "FAILED_PRECONDITION", ROLE_NOT_FOUND),
+    (r"user '.*' does not have role '.*'", "FAILED_PRECONDITION", ROLE_NOT_GRANTED),
+    (r"role '.*' has no permission .*", "FAILED_PRECONDITION", PERMISSION_NOT_GRANTED),
+    (r"create user 'root' before enabling auth", "FAILED_PRECONDITION", ROOT_USER_NOT_EXIST),
+    (r"auth is not enabled.*", "FAILED_PRECONDITION", AUTH_NOT_ENABLED),
+)
+
+
+def auth_error(message: str) -> tuple[str, str]:
+    """(gRPC status name, message) of a refused kvstore auth change (an INVALID_ARGUMENT reply
+    with `message`): etcd's where etcd has the same error, else kvstore's own message."""
+    import re
+
+    for pattern, code, etcd in _AUTH_ERRORS:
+        if re.fullmatch(pattern, message, flags=re.DOTALL):
+            return code, etcd
+    return "INVALID_ARGUMENT", f"etcdserver: {message}"
