@@ -105,6 +105,11 @@ class Mutex:
             out += [(kv.create_revision, kv.key) for kv in chunk]
         return sorted(out)
 
+    async def holder(self) -> tuple[int, bytes] | None:
+        """(create revision, key) of the holder now (a linearizable scan), None if none."""
+        queue = await self._queue()
+        return queue[0] if queue else None
+
     async def acquire(self, value: bytes = b"") -> Held:
         """Wait until this session holds the lock; returns the key and the fencing token."""
         client = self.session.client

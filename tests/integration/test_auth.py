@@ -17,7 +17,10 @@ from grpc_health.v1 import health_pb2
 from onenode import OneNode, one_node
 
 from kvstore.etcdpb.etcdserverpb import rpc_pb2
+from kvstore.etcdpb.v3electionpb import v3election_pb2 as epb
+from kvstore.etcdpb.v3lockpb import v3lock_pb2 as lpb
 from kvstore.security.guard import Rule, rule_of
+from kvstore.server.etcd import RECIPE_SERVICES
 from kvstore.server.etcd import SERVICES as ETCD_SERVICES
 from kvstore.v1 import admin_pb2, auth_pb2, auth_pb2_grpc, kv_pb2, kv_pb2_grpc, raft_pb2, shard_pb2
 
@@ -29,7 +32,7 @@ DESCRIPTORS = {
     for m in svc.methods
 } | {
     f"/{svc.full_name}/{m.name}": m  # etcd's API: the services a node serves
-    for svc in (rpc_pb2.DESCRIPTOR.services_by_name[name] for name in ETCD_SERVICES)
+    for svc in (*(rpc_pb2.DESCRIPTOR.services_by_name[name] for name in ETCD_SERVICES), *RECIPE_SERVICES)
     for m in svc.methods
 }
 Op = auth_pb2.AuthChangeRequest
@@ -57,6 +60,11 @@ def request_for(path: str, who: str) -> Any:
     cls = message_factory.GetMessageClass(m.input_type)
     if cls is auth_pb2.AuthenticateRequest:
         return cls(user="alice", password="alicepw" if who == "right" else "guess")
+    if cls in (lpb.LockRequest, epb.CampaignRequest, epb.LeaderRequest):  # a lock / election on data/
+        fields = {f.name for f in cls.DESCRIPTOR.fields}
+        return cls(name=b"data/l", **({"lease": 4096 + 1} if "lease" in fields else {}))
+    if cls in (epb.ProclaimRequest, epb.ResignRequest):
+        return cls(leader=epb.LeaderKey(name=b"data/l", key=b"data/l/1001", rev=1, lease=4096 + 1))
     if cls is rpc_pb2.AuthenticateRequest:  # etcd's
         return cls(name="alice", password="alicepw" if who == "right" else "guess")
     if cls is auth_pb2.AuthChangeRequest:
@@ -131,6 +139,15 @@ async def call(ch: grpc.aio.Channel, path: str, token: str | None, who: str) -> 
             async def one_u() -> AsyncIterator[Any]:
                 yield req
             responses = [await ch.stream_unary(path, ser, de)(one_u(), metadata=md, timeout=10)]
+        elif m.server_streaming and path == "/v3electionpb.Election/Observe":
+            # an election without a leader: admitted, the stream waits for one (ended here by its
+            # deadline); refused, it ends at once with the refusal
+            try:
+                responses = [r async for r in ch.unary_stream(path, ser, de)(req, metadata=md, timeout=2)]
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+                responses = []
         elif m.server_streaming:
             responses = [r async for r in ch.unary_stream(path, ser, de)(req, metadata=md, timeout=10)]
         else:

@@ -700,3 +700,74 @@ def test_auth_commands_answer_as_etcd(kv: str, etcd: str) -> None:
         return out
 
     _differential(kv, etcd, script)
+
+
+def test_lock_and_election_services(kv: str) -> None:
+    """etcd's v3lockpb.Lock and v3electionpb.Election (what clientv3's `concurrency` users and
+    etcd gateways call) over kvstore's recipes: the lock key under NAME/ with the lowest create
+    revision holds, its create revision is the fencing token; a second locker gets the lock
+    once the first unlocks, with a higher token; a Lock that is canceled removes its key; an
+    election's Observe stream follows Proclaim and Resign."""
+    import grpc
+
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+    from kvstore.etcdpb.v3electionpb import v3election_pb2 as epb
+    from kvstore.etcdpb.v3electionpb import v3election_pb2_grpc as epb_grpc
+    from kvstore.etcdpb.v3lockpb import v3lock_pb2 as lpb
+    from kvstore.etcdpb.v3lockpb import v3lock_pb2_grpc as lpb_grpc
+
+    def until(cond: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not cond():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.02)
+
+    with grpc.insecure_channel(kv) as ch:
+        lease, kvs = rpc_pb2_grpc.LeaseStub(ch), rpc_pb2_grpc.KVStub(ch)
+        lock, elect = lpb_grpc.LockStub(ch), epb_grpc.ElectionStub(ch)
+        l1, l2, l3 = (lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=60), timeout=30).ID for _ in range(3))
+
+        def exists(key: bytes) -> bool:
+            return bool(kvs.Range(rpc_pb2.RangeRequest(key=key), timeout=30).kvs)
+
+        first = lock.Lock(lpb.LockRequest(name=b"lk", lease=l1), timeout=30)
+        assert first.key == b"lk/%016x" % l1 and first.header.revision > 0
+        second = lock.Lock.future(lpb.LockRequest(name=b"lk", lease=l2), timeout=60)
+        until(lambda: exists(b"lk/%016x" % l2), "the second locker's key was never put")
+        assert not second.done()  # the first still holds: its key is the lowest
+        third = lock.Lock.future(lpb.LockRequest(name=b"lk", lease=l3), timeout=60)
+        until(lambda: exists(b"lk/%016x" % l3), "the third locker's key was never put")
+        third.cancel()
+        until(lambda: not exists(b"lk/%016x" % l3), "a canceled Lock left its key")
+        lock.Unlock(lpb.UnlockRequest(key=first.key), timeout=30)
+        got = second.result(timeout=60)
+        assert got.key == b"lk/%016x" % l2 and got.header.revision > first.header.revision  # the fencing token grew
+        lock.Unlock(lpb.UnlockRequest(key=got.key), timeout=30)
+        with pytest.raises(grpc.RpcError) as e:
+            lock.Lock(lpb.LockRequest(name=b"lk", lease=0), timeout=30)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and e.value.details() == "etcdserver: requested lease not found"
+
+        with pytest.raises(grpc.RpcError) as e:
+            elect.Leader(epb.LeaderRequest(name=b"el"), timeout=30)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and e.value.details() == "election: no leader"
+        leader = elect.Campaign(epb.CampaignRequest(name=b"el", lease=l1, value=b"p1"), timeout=30).leader
+        assert (leader.name, leader.key, leader.lease) == (b"el", b"el/%016x" % l1, l1) and leader.rev > 0
+        observed = elect.Observe(epb.LeaderRequest(name=b"el"), timeout=60)
+        assert next(observed).kv.value == b"p1"
+        elect.Proclaim(epb.ProclaimRequest(leader=leader, value=b"p2"), timeout=30)
+        assert next(observed).kv.value == b"p2"
+        assert elect.Leader(epb.LeaderRequest(name=b"el"), timeout=30).kv.value == b"p2"
+        with pytest.raises(grpc.RpcError) as e:
+            stale = epb.LeaderKey(name=b"el", key=leader.key, rev=leader.rev - 1, lease=l1)
+            elect.Proclaim(epb.ProclaimRequest(leader=stale, value=b"no"), timeout=30)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and e.value.details() == "election: not leader"
+        follower = elect.Campaign.future(epb.CampaignRequest(name=b"el", lease=l2, value=b"q"), timeout=60)
+        until(lambda: exists(b"el/%016x" % l2), "the second candidate's key was never put")
+        elect.Resign(epb.ResignRequest(leader=leader), timeout=30)
+        nxt = follower.result(timeout=60).leader
+        assert nxt.key == b"el/%016x" % l2 and nxt.rev > leader.rev
+        assert next(observed).kv.value == b"q"
+        observed.cancel()
+        elect.Resign(epb.ResignRequest(leader=nxt), timeout=30)
+        for lid in (l1, l2, l3):
+            lease.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=lid), timeout=30)

@@ -150,3 +150,21 @@ def test_auth_error_mapping_is_total(message: str) -> None:
 
     code, text = auth_error(message)
     assert code in ("FAILED_PRECONDITION", "INVALID_ARGUMENT") and text.startswith("etcdserver: ")
+
+
+@given(st.binary(max_size=20), st.integers(-(2**63), 2**63 - 1))
+def test_lock_names_and_leases_are_checked_totally(name: bytes, lease: int) -> None:
+    """A lock / election name and the caller's lease: accepted, or one definite refusal each."""
+    import grpc
+
+    from kvstore.server.etcd.recipes import recipe_lease, recipe_name
+    from kvstore.server.etcd.status import EtcdStatus
+
+    try:
+        assert recipe_name(name) == name and name.rstrip(b"/")
+    except EtcdRequestError as err:
+        assert err.code == "INVALID_ARGUMENT" and not name.rstrip(b"/")
+    try:
+        assert recipe_lease(lease) == lease > 0
+    except EtcdStatus as err:
+        assert err.code == grpc.StatusCode.NOT_FOUND and err.message == "etcdserver: requested lease not found"

@@ -1,8 +1,10 @@
-"""etcd's v3 API (KV, Watch, Lease, Cluster, Maintenance, Auth) served on the node's own port, translated onto the kvstore
+"""etcd's v3 API (KV, Watch, Lease, Cluster, Maintenance, Auth; the v3lock and v3election
+services) served on the node's own port, translated onto the kvstore
 services' request logic (`server/requests.py`, `lease_service.py`, `watch_service.py`): see
 README, "etcd compatibility". `convert.py` checks and translates messages (pure, fuzzed);
 `kv.py`, `lease.py`, `watch.py`, `cluster.py`, `maintenance.py` and `auth.py` are the
-servicers (`ops.py`: the pure conversions of the last three); `status.py` maps kvstore errors onto etcd's
+servicers (`ops.py`: the pure conversions of the last three), `recipes.py` the lock and
+election servicers (over `client/concurrency.py`, as the caller); `status.py` maps kvstore errors onto etcd's
 gRPC statuses and messages; `forward.py` sends a write to its group's leader."""
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 from google.protobuf.descriptor import ServiceDescriptor
 
 from kvstore.etcdpb.etcdserverpb import rpc_pb2
+from kvstore.etcdpb.v3electionpb import v3election_pb2
+from kvstore.etcdpb.v3lockpb import v3lock_pb2
 
 from ..shards import GroupCaller
 from .auth import EtcdAuth
@@ -19,10 +23,15 @@ from .forward import Forwarder
 from .kv import EtcdKV
 from .lease import EtcdLease
 from .maintenance import EtcdMaintenance
+from .recipes import EtcdElection, EtcdLock, Recipes
 from .watch import EtcdWatch
 
 SERVICES = ("KV", "Watch", "Lease", "Cluster", "Maintenance", "Auth")
-"""etcd's services served."""
+"""etcd's services (package etcdserverpb) served."""
+
+RECIPE_SERVICES = (v3lock_pb2.DESCRIPTOR.services_by_name["Lock"],
+                   v3election_pb2.DESCRIPTOR.services_by_name["Election"])
+"""etcd's lock and election services served (`v3lockpb.Lock`, `v3electionpb.Election`)."""
 
 
 def etcd_services(kv: object, admin: object, auth: object, caller: GroupCaller | None, cluster_name: str,
@@ -37,7 +46,9 @@ def etcd_services(kv: object, admin: object, auth: object, caller: GroupCaller |
         "KV": EtcdKV(node), "Watch": EtcdWatch(node), "Lease": EtcdLease(node), "Cluster": EtcdCluster(node, admin),
         "Maintenance": EtcdMaintenance(node, admin, address, tls, timeout), "Auth": EtcdAuth(node, auth),
     }
-    return [(servicers[name], rpc_pb2.DESCRIPTOR.services_by_name[name]) for name in SERVICES]
+    recipes = Recipes(node, address, tls, timeout)
+    return [(servicers[name], rpc_pb2.DESCRIPTOR.services_by_name[name]) for name in SERVICES] + [
+        (EtcdLock(recipes), RECIPE_SERVICES[0]), (EtcdElection(recipes), RECIPE_SERVICES[1])]
 
 
-__all__ = ["SERVICES", "etcd_services"]
+__all__ = ["RECIPE_SERVICES", "SERVICES", "etcd_services"]
