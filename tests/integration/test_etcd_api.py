@@ -580,8 +580,51 @@ def test_every_node_answers_for_keys_of_groups_it_does_not_host(tmp_path: Path) 
         for ep in c.endpoints:  # a range reads the groups this node lacks at a node that has them
             g = ctl(ep, "get", "ph/", "--prefix", "--keys-only")
             assert (g.returncode, g.stdout.replace("\n\n", "\n")) == (0, expect), (ep, g.stderr)
+        _maintenance_on_a_partly_hosting_cluster(c, tmp_path, keys=9)
     finally:
         c.stop()
+
+
+def _maintenance_on_a_partly_hosting_cluster(c: Cluster, tmp_path: Path, keys: int) -> None:
+    """Cluster and Maintenance where nodes host different data groups: every node lists the
+    same members and the metadata group's leader, answers HashKV over the groups it hosts (nodes
+    that host the same groups agree), saves a snapshot of every group (kvctl reads all `keys`),
+    and move-leader moves the metadata group and every data group the target votes in."""
+    from click.testing import CliRunner
+
+    from kvstore.cli.kvctl import cli as kvctl_cli
+
+    eps = c.endpoints
+    hosted = {}
+    for nid, n in c.nodes.items():
+        st = n.status(timeout=5)
+        assert st is not None
+        hosted[nid] = frozenset(g.group for g in st.groups)
+    lists = {ctl(ep, "member", "list").stdout for ep in eps}
+    assert len(lists) == 1 and len(next(iter(lists)).splitlines()) == len(eps)
+    leaders = {json.loads(ctl(ep, "endpoint", "status", "-w", "json").stdout)[0]["Status"]["leader"] for ep in eps}
+    assert len(leaders) == 1
+
+    def hashes() -> dict[int, int]:
+        p = ctl(",".join(eps), "endpoint", "hashkv", "-w", "json")
+        assert p.returncode == 0, p.stderr
+        return {eps.index(h["Endpoint"]) + 1: h["HashKV"]["hash"] for h in json.loads(p.stdout)}
+    deadline = time.monotonic() + 30
+    while any(h[a] != h[b] for h in [hashes()] for a in h for b in h if hosted[a] == hosted[b]):
+        assert time.monotonic() < deadline, "nodes that host the same groups never agreed"
+
+    lacking = next((nid for nid in hosted if hosted[nid] != max(hosted.values(), key=len)), 1)
+    snap = tmp_path / "partial.snap"
+    p = ctl(eps[lacking - 1], "snapshot", "save", str(snap))
+    assert p.returncode == 0, p.stderr
+    r = CliRunner().invoke(kvctl_cli, ["-o", "json", "snapshot", "status", str(snap)])
+    assert r.exit_code == 0 and json.loads(r.stdout)["keys"] == keys, r.output
+
+    target = next(nid for nid in hosted if nid != next(iter(leaders)))
+    p = ctl(",".join(eps), "move-leader", f"{target:x}")
+    assert p.returncode == 0 and "Leadership transferred" in p.stdout, p.stdout + p.stderr
+    st = c.nodes[target].status(timeout=5)
+    assert st is not None and all(g.leader_id == target for g in st.groups if g.group in hosted[target])
 
 
 def _ops_norm(text: str, endpoint: str) -> str:

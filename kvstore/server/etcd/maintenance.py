@@ -16,7 +16,8 @@
   padding and a SHA-256, which `etcdctl snapshot save` checks); `kvstore restore` and `kvctl
   snapshot status` read the saved file, `etcdctl snapshot restore` cannot. Refused (FAILED_PRECONDITION) on a TLS cluster (the server-side client has no user
   certificate) and, like `kvctl snapshot save`, needs the admin permission.
-- `MoveLeader`: every group this cluster has (metadata and data) hands leadership to `targetID`.
+- `MoveLeader`: every data group `targetID` is a voter of hands it leadership (`Admin.TransferLeader`),
+  then the metadata group.
 - `Defragment`: a no-op success (LMDB reuses freed pages)."""
 
 from __future__ import annotations
@@ -139,8 +140,14 @@ class EtcdMaintenance(rpc_pb2_grpc.MaintenanceServicer):
             voters = set(g.core.conf.voters) if g is not None else set()
             if request.targetID == 0 or (voters and request.targetID not in voters):
                 raise EtcdRequestError("FAILED_PRECONDITION", BAD_TRANSFEREE)
-            _checked(await self.admin.TransferLeader(admin_pb2.TransferLeaderRequest(to=request.targetID), context),
-                     True)
+            m = self.n.shard_map()
+            hosting = [gid for gid in m.data_groups() if request.targetID in m.groups[gid].voters]
+            if hosting:  # the data groups the target votes in (others cannot move to it)
+                _checked(await self.admin.TransferLeader(
+                    admin_pb2.TransferLeaderRequest(to=request.targetID, groups=hosting), context), True)
+            caller = self.n.forward.caller
+            if caller is not None:  # then the metadata group, whose leader Status reports
+                await caller.transfer(META_GROUP, request.targetID, timeout=self.timeout)
             return rpc_pb2.MoveLeaderResponse(header=self.n.header(0, META_GROUP))
         except Exception as err:
             await fail(err, context, "MoveLeader")
