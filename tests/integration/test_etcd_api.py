@@ -1,4 +1,5 @@
-"""etcd's v3 API on a kvstore cluster (3 nodes, 2 data groups; README "etcd compatibility"),
+"""etcd's v3 API on a kvstore cluster (3 nodes, 2 data groups; README "etcd compatibility"; also
+3 nodes with 2 groups of 2 replicas and 5 nodes with 4 groups of 3, where nodes lack groups),
 driven by the real `etcdctl` 3.4 and by python-etcd3, and differentially against a real etcd
 started on loopback: the same commands, the same output once normalised.
 
@@ -814,3 +815,18 @@ def test_lock_and_election_services(kv: str) -> None:
         elect.Resign(epb.ResignRequest(leader=nxt), timeout=30)
         for lid in (l1, l2, l3):
             lease.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=lid), timeout=30)
+
+
+def test_cluster_and_maintenance_on_five_nodes_four_groups_of_three(tmp_path: Path) -> None:
+    """5 nodes, 4 data groups of 3 replicas (each node lacks some groups): puts and gets at every
+    node, then the partly-hosting checks (members, status, hashkv, snapshot, move-leader)."""
+    c = Cluster(tmp_path, 5, extra_args=["--groups", "4", "--replication", "3"]).start()
+    try:
+        for i in range(12):
+            ep = c.endpoints[i % 5]
+            assert ctl(ep, "put", f"five/{i}", str(i)).returncode == 0
+            g = ctl(c.endpoints[(i + 2) % 5], "get", f"five/{i}", "--print-value-only")
+            assert (g.returncode, g.stdout) == (0, f"{i}\n"), g.stderr
+        _maintenance_on_a_partly_hosting_cluster(c, tmp_path, keys=12)
+    finally:
+        c.stop()
