@@ -148,6 +148,17 @@ RULES: dict[str, Rule] = {
 }
 
 
+ETCD_PACKAGES = ("/etcdserverpb.", "/v3lockpb.", "/v3electionpb.")
+ETCD_INVALID_TOKEN = "etcdserver: invalid auth token"
+"""etcd clients match this exact message to log in again (clientv3's `ErrInvalidAuthToken`)."""
+
+
+def token_refusal(path: str, reason: str) -> str:
+    """The message of a call refused for its token (expired, revoked, malformed): etcd's exact
+    text on etcd's services, so etcd clients fetch a new token; kvstore's reason elsewhere."""
+    return ETCD_INVALID_TOKEN if path.startswith(ETCD_PACKAGES) else f"{path}: {reason}"
+
+
 def rule_of(path: str) -> Rule:
     """The rule of method `path` (`/package.Service/Method`); KeyError if it has none."""
     rule = RULES.get(path)
@@ -292,7 +303,7 @@ class AuthGuard:
             c = self.credential(context)
         except errors.Unauthenticated as err:
             if rule not in (Rule.PUBLIC, Rule.INTERNAL):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{path}: {err.message}")
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, token_refusal(path, err.message))
             c = Credential(Principal(PrincipalKind.ANONYMOUS, "", "none", 0, _peer(context)))
         p = c.principal
         set_identity(p)

@@ -737,6 +737,17 @@ def test_auth_commands_answer_as_etcd(kv: str, etcd: str) -> None:
             if ep == kv:  # no credentials: kvstore's guard refuses before etcd's "user name is empty"
                 p = ctl(ep, "get", "au/x")
                 assert p.returncode != 0 and "Unauthenticated" in p.stderr, p.stderr
+                # a token that is not (or no longer) valid: etcd's exact message, which etcd
+                # clients match to log in again
+                import grpc
+
+                from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+
+                with grpc.insecure_channel(ep) as ch, pytest.raises(grpc.RpcError) as e:
+                    rpc_pb2_grpc.KVStub(ch).Range(rpc_pb2.RangeRequest(key=b"au/x"), metadata=(("token", "kv1.bogus"),),
+                                                  timeout=30)
+                assert (e.value.code(), e.value.details()) == (  # type: ignore[attr-defined]
+                    grpc.StatusCode.UNAUTHENTICATED, "etcdserver: invalid auth token")
         finally:
             for args in [("auth", "disable", root), ("user", "delete", "alice"), ("role", "delete", "r1"),
                          ("user", "delete", "root"), ("role", "delete", "root"), ("user", "list"), ("role", "list")]:
