@@ -1,5 +1,5 @@
 """`python -m chaos.sim --seeds N [--nodes 3|5] [--start S] [--quiesce auto|on|off] [--moves auto|on|off]
-[--watches auto|on|off]` or `--seed S --trace`.
+[--watches auto|on|off] [--txns auto|on|off] [--locks auto|on|off]` or `--seed S --trace`.
 
 Runs whole simulated nodes (`chaos/sim/nodes.py`: the real node logic, host, state machine,
 store, reads and range moves) under the seed's faults. Prints one line per failing seed, a
@@ -17,8 +17,10 @@ import sys
 import time
 
 from .leases import leases_by_default
+from .locks import locks_by_default
 from .nodes import NodeSimResult, run_node_seed
 from .plant import ALL_BUGS, planted
+from .txn_model import txn_model_by_default
 from .txn_pairs import txn_pairs_by_default
 
 
@@ -60,6 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         help="lease clients with the real lease clock and drifting clocks, checked for early expiry and the "
              "expiry bound (chaos/sim/leases.py): on a fixed fifth of the seeds (auto), on every seed, or off",
     )
+    ap.add_argument(
+        "--txns", choices=("auto", "on", "off"), default="auto",
+        help="general transactions (one group and across groups) checked for strict serializability against a "
+             "sequential model (chaos/sim/txn_model.py): on a fixed share of the seeds (auto), on every seed, or off",
+    )
+    ap.add_argument(
+        "--locks", choices=("auto", "on", "off"), default="auto",
+        help="lock clients (concurrency.py's Mutex protocol) with fencing tokens checked by a resource "
+             "(chaos/sim/locks.py): on a fixed share of the seeds (auto), on every seed, or off",
+    )
     args = ap.parse_args(argv)
     from . import nodes
 
@@ -69,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     watches = {"auto": None, "on": True, "off": False}[args.watches]
     txn_pairs = {"auto": None, "on": True, "off": False}[args.txn_pairs]
     use_leases = {"auto": None, "on": True, "off": False}[args.leases]
+    use_txns = {"auto": None, "on": True, "off": False}[args.txns]
+    use_locks = {"auto": None, "on": True, "off": False}[args.locks]
     if not args.trace:
         logging.disable(logging.CRITICAL)  # the nodes' own logs (refused forgeries...) are expected
 
@@ -80,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             pairs = txn_pairs_by_default(seed) if txn_pairs is None else txn_pairs
             lz = leases_by_default(seed) if use_leases is None else use_leases
+            tx = txn_model_by_default(seed) if use_txns is None else use_txns
+            lk = locks_by_default(seed) if use_locks is None else use_locks
             res = run_node_seed(seed, nodes=args.nodes, trace=args.trace, moves=moves, quiesce=quiesce, watches=watches,
-                                txn_pairs=pairs, leases=lz)
+                                txn_pairs=pairs, leases=lz, txns=tx, locks=lk)
             results.append(res)
             ops += res.ops
             if args.trace:
@@ -101,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     print(nodes_summary(results))
     print(quiesce_summary(results))
     print(txn_pairs_summary(results))
+    print(txn_model_summary(results))
     print(watch_summary(results))
     print(lease_summary(results))
+    print(lock_summary(results))
     print(f"seeds: {len(seeds)}, violations: {violations}")
     return 0 if violations == 0 else 1
 
@@ -160,7 +178,19 @@ def lease_summary(results: list[NodeSimResult]) -> str:
     return (f"leases: {len(on)} seeds, {sum(s.granted for s in on)} granted, {sum(s.renewed for s in on)} renewals, "
             f"{sum(s.attached for s in on)} keys attached, {sum(s.expired for s in on)} expired, "
             f"{sum(s.kept for s in on)} kept alive to the end, {sum(s.rewrites for s in on)} attached keys rewritten "
-            "by cross-group transactions")
+            f"by cross-group transactions, {sum(s.cross_deletions for s in on)} deletions across groups committed, "
+            f"{sum(s.atomic_checked for s in on)} leases' keys in 2 groups checked deleted at one revision")
+
+
+def lock_summary(results: list[NodeSimResult]) -> str:
+    on = [r.locks for r in results if r.locks is not None]
+    if not on:
+        return "locks: off"
+    return (f"locks: {len(on)} seeds, {sum(s.sessions for s in on)} sessions, {sum(s.acquired for s in on)} "
+            f"acquisitions checked, resource accepted {sum(s.accepted for s in on)} operations and refused "
+            f"{sum(s.refused for s in on)} stale tokens; {sum(s.paused for s in on)} holders paused, "
+            f"{sum(s.crashed for s in on)} crashed, {sum(s.lost for s in on)} sessions lost; "
+            f"{sum(s.scans for s in on)} queue scans ({sum(s.scans_failed for s in on)} failed, retried)")
 
 
 def txn_pairs_summary(results: list[NodeSimResult]) -> str:
@@ -172,7 +202,20 @@ def txn_pairs_summary(results: list[NodeSimResult]) -> str:
             f"{sum(s.reads_checked for s in on)} reads of both keys checked equal, "
             f"{sum(s.refused for s in on)} refused or unanswered; across groups {sum(s.cross_answered for s in on)} "
             f"answered ({sum(s.range_deletes for s in on)} range deletes), {sum(s.cross_died for s in on)} "
-            f"coordinators died, {sum(s.cross_resolved for s in on)} intents resolved")
+            f"coordinators died, {sum(s.cross_resolved for s in on)} intents resolved, "
+            f"{sum(s.cross_finished for s in on)} records finished by the sweep")
+
+
+def txn_model_summary(results: list[NodeSimResult]) -> str:
+    on = [r.txns for r in results if r.txns is not None]
+    if not on:
+        return "general transactions: off"
+    return (f"general transactions in {len(on)}/{len(results)} seeds: {sum(s.issued for s in on)} issued, "
+            f"{sum(s.answered for s in on)} answered ({sum(s.cross_answered for s in on)} across groups, "
+            f"{sum(s.failed_branch for s in on)} took the else branch): {sum(s.writers_checked for s in on)} writers "
+            f"checked at their revision, {sum(s.readers_checked for s in on)} read-only ones at a state, "
+            f"{sum(s.unanswered_committed for s in on)} unanswered write sets explained, "
+            f"{sum(s.realtime_pairs for s in on)} real-time pairs; {sum(s.refused for s in on)} refused or unanswered")
 
 
 def quiesce_summary(results: list[NodeSimResult]) -> str:

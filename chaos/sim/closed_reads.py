@@ -255,7 +255,7 @@ class ClosedReads:
             except mvcc.Compacted:
                 answer(None, 0, owned)
                 return
-            items = {k: v.value for chunk in stream for k, v in chunk if v.value is not None}
+            items = self._items(stream)
             served = at or rst.last
             # The intents of the scan's own view, as the server does: an intent at or below
             # `served` may still commit there.
@@ -298,6 +298,10 @@ class ClosedReads:
             sim.at(1, failed, e)
             return
         sim._kick(n)
+
+    def _items(self, stream: Any) -> dict[bytes, bytes]:
+        """A part's answer from its stream of (key, version) chunks: every present key's value."""
+        return {k: v.value for chunk in stream for k, v in chunk if v.value is not None}
 
     def _forward(self, n: SimNode) -> Callable[[int, int, CloseCallback], None]:
         """`Shard.GroupPropose` of a CLOSE from `n` to the group's leader, over the simulated

@@ -15,15 +15,23 @@ keep-alive retried until answered; its home group's leadership is then transferr
 lease's life), one never does.
 
 Checked (`LeaseViolation`):
-- no early expiry: a lease is never seen REVOKED (polled every `POLL_MS` on every live node)
+- no early expiry: a lease is never seen REVOKED or forgotten (polled every `POLL_MS` on every live node)
   before t + TTL, t the send time of its grant or of any RENEW acknowledged as applied (found);
 - expiry within the bound: a lease whose client stopped is revoked by t_last + TTL(1+rho)/(1-rho)
   + `SLACK_MS` + the time its home group had no current leader + (leader changes after t_last)
   * (checkpoint interval + scan interval) (the module docstring of `lessor.py`; an election's
   time is in the leaderless time),
   checked once the simulation healed;
-- keys: at the end every key attached to a revoked lease is gone on every live node that is
-  caught up, and a lease whose client never stopped still has its record LIVE;
+- keys: at the end every key attached to a revoked lease is gone at the leader of the group
+  that serves it then (with `--moves on`, often another group than it was attached in: a range
+  move carries the attachment; a planted INSTALL that drops it, `node-install-drops-attachments`,
+  is found), and a lease whose client never stopped still has its record LIVE;
+- atomicity: the two keys of a lease (usually in two groups) that were deleted were deleted at
+  ONE revision (`check_atomic`, from the revision checker's applied histories, where a
+  COMMIT's deletes are placed at R): the lease clock's EXPIRE runs, with several data groups,
+  as one two-phase commit (`_delete_across`, the pair workload's driver `CrossPairs` with
+  `xtxn.plan_lease`; its coordinator may die, its intents and lease locks are resolved by the
+  sweep). Deleting per group (`node-lease-partial-delete`) is found;
 - with the pair transactions on as well (`--txn-pairs on`), each lease's second key is rewritten
   without the lease by a cross-group transaction (the pair workload's two-phase commit driver)
   after its attach: its COMMIT detaches the key, so no lease deletion may delete that write (the
@@ -43,10 +51,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvstore import errors
+from kvstore.node import lessor as lessor_logic
+from kvstore.node import xtxn as xlogic
 from kvstore.node.lessor import Lessor, LessorParams, Proposal
 from kvstore.storage import commands, leases, txn
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.leases import Kind, LeaseCmd
+
+from .xtxn_pairs import CrossPairs
 
 LEASES = 4
 TTL_S = 2
@@ -63,6 +75,8 @@ REWRITE = 1.0
 """With the pair transactions on, the chance that a lease's second key is rewritten without the
 lease by a cross-group transaction after its attach (`SimLeases._rewrite`)."""
 REWRITTEN = b"tx"
+SETTLE_MS = 1_500
+"""The end check looks only at leases revoked at least this long ago (their deletion done)."""
 SLACK_MS = 300
 """Scan, commit and retry latencies after a deadline (generous: the simulated network loses and
 delays messages)."""
@@ -102,6 +116,13 @@ class LeaseStats:
     checked_bound: int = 0
     rewrites: int = 0
     """Cross-group transactions started over an attached key (`SimLeases._rewrite`)."""
+    cross_deletions: int = 0
+    """Lease deletions across groups (two-phase commits) that reached their COMMITs."""
+    atomic_checked: int = 0
+    """Leases whose keys in two groups were checked deleted at one revision."""
+    moved_checked: int = 0
+    """Keys of expired leases checked gone in another group than they were attached in (a range
+    move carried them with their attachment)."""
 
 
 @dataclass(slots=True)
@@ -123,8 +144,24 @@ class _Client:
     """Keys a cross-group transaction may have rewritten without the lease (`SimLeases._rewrite`):
     the lease's deletion leaves them."""
     attached_in: dict[bytes, int] = field(default_factory=dict)
-    """key -> the group it was attached in (a range move carries no lease attachment: a key moved
-    away from it is not checked, see the report of `storage/leases.py`'s known gap)."""
+    """key -> the group it was attached in (a range move carries the attachment: a key moved away
+    since is checked in the group that serves it at the end)."""
+
+
+@dataclass(slots=True)
+class _Own:
+    """What `CrossPairs` needs of its owner: the simulator, a random source of its own (the lease
+    clients' sequence stays as it was), and where answers go."""
+
+    sim: Any
+    rng: random.Random
+    leases: SimLeases
+
+    def answered_cross(self, t: txn.Txn | None, r: txn.TxnResult, revision: int) -> None:
+        self.leases.stats.cross_deletions += 1
+
+    def finished_record(self) -> None:
+        """The record sweep finished a lease deletion's record (nothing to count here)."""
 
 
 @dataclass(slots=True)
@@ -136,9 +173,14 @@ class SimLeases:
     drift: dict[int, float] = field(default_factory=dict)
     stats: LeaseStats = field(default_factory=LeaseStats)
     _leaders: dict[int, int] = field(default_factory=dict)
+    cross: CrossPairs = field(init=False)
+    """The two-phase commit driver of the lease deletions across groups (the shell's `CrossTxns`)."""
+    _deleting: dict[int, int] = field(default_factory=dict)
+    """lease -> when its last deletion attempt across groups started (one at a time per lease)."""
 
     def __post_init__(self) -> None:
         self.rng = random.Random(f"leases-run:{self.sim.seed}")
+        self.cross = CrossPairs(_Own(self.sim, random.Random(f"leases-cross:{self.sim.seed}"), self))
 
     # --- clocks -----------------------------------------------------------------------------
     def local_ms(self, node: Any) -> float:
@@ -149,6 +191,7 @@ class SimLeases:
         self.sim.at(self.rng.randrange(150, 300), self._setup)
         self.sim.at(STEP_MS, self._step_all)
         self.sim.at(POLL_MS, self._poll)
+        self.cross.start_sweep()
 
     def _smap(self) -> Any:
         for n in sorted(self.sim.nodes.values(), key=lambda n: n.id):
@@ -311,12 +354,29 @@ class SimLeases:
                 for g in groups:
                     if g not in host.groups:
                         continue
-                    lz = self.lessors.setdefault((n.id, g), Lessor(g, PARAMS))
+                    lz = self.lessors.get((n.id, g))
+                    if lz is None:
+                        lz = self.lessors[(n.id, g)] = Lessor(g, PARAMS)
                     term = host.groups[g].core.term if host.leads_current(g) else 0
                     props = lz.step(self.local_ms(n), term, _records(n.store, g), _const(groups))
                     for p in props:
-                        self._send(lz, p)
+                        if p.cmd.kind == Kind.EXPIRE and lessor_logic.cross_group_deletion(groups):
+                            self._delete_across(n, groups, p)
+                        else:
+                            self._send(lz, p)
         sim.at(STEP_MS, self._step_all)
+
+    def _delete_across(self, node: Any, groups: list[int], p: Proposal) -> None:
+        """The shell's EXPIRE with several data groups: the lease's deletion as one two-phase
+        commit coordinated at `node` (the home leader), at most one attempt per lease per client
+        timeout (an attempt's intents hold back range moves: no tight retry loop); an aborted
+        attempt is retried by the lease clock (its next EXPIRE after that)."""
+        lid = p.cmd.lease_id
+        if self.sim.now - self._deleting.get(lid, -10**9) < self.sim.p.client_timeout_ms:
+            return
+        self._deleting[lid] = self.sim.now
+        plan = xlogic.plan_lease(groups, lid, p.cmd.renews)
+        self.cross.attempt(node, None, {}, 0, lambda _n: None, plan=plan)
 
     def _send(self, lz: Lessor, p: Proposal) -> None:
         data = commands.Command.lease_command(p.cmd)
@@ -400,11 +460,44 @@ class SimLeases:
                             f"deleted at {r2} by the deletion of lease {c.lid:x} it was attached to before"
                         )
 
+    def check_atomic(self) -> None:
+        """A lease's deletion is atomic across groups: the keys of one lease that were deleted
+        (in the applied histories of the revision checker; only their lease's deletion deletes
+        them) were all deleted at ONE revision, so no read at any revision sees some deleted and
+        others not."""
+        for c in self.clients:
+            firsts: dict[bytes, int] = {}
+            for key in c.keys:
+                if key in c.rewritten or c.attached_in.get(key) is None:
+                    continue
+                dels = [r for r, v in self.sim.revisions.versions.get(key, []) if v is None]
+                if dels:
+                    firsts[key] = dels[0]
+            if len(set(firsts.values())) > 1:
+                raise LeaseViolation(
+                    f"lease {c.lid:x}'s keys were deleted at different revisions: "
+                    + ", ".join(f"{k!r} at {r}" for k, r in sorted(firsts.items()))
+                )
+            if len(firsts) > 1 and len({c.attached_in[k] for k in firsts}) > 1:
+                self.stats.atomic_checked += 1
+
+    def moved_key_settling(self) -> bool:
+        """Whether a lease revoked less than `SETTLE_MS` ago has a key that a range move took to
+        another group than it was attached in (the end check would skip it)."""
+        smap = self._smap()
+        if smap is None:
+            return False
+        return any(0 <= self.sim.now - c.revoked_at < SETTLE_MS and c.revoked_at >= 0
+                   and any(k in c.attached_in and k not in c.rewritten and smap.group_for_key(k) != c.attached_in[k]
+                           for k in c.keys)
+                   for c in self.clients)
+
     def check_end(self) -> None:
         """At the end: kept leases live; every key of an expired lease gone where caught up; no
         transaction's write deleted by a lease (`check_rewrites`)."""
         sim = self.sim
         self.check_rewrites()
+        self.check_atomic()
         for c in self.clients:
             if c.granted_at < 0:
                 continue
@@ -414,13 +507,15 @@ class SimLeases:
                 raise LeaseViolation(f"lease {c.lid:x} expired early")
             if c.revoked_at >= 0:
                 self.stats.checked_bound += 1
-            if c.revoked_at < 0 or sim.now - c.revoked_at < 1_500 or sim.healed_at is None:
+            if c.revoked_at < 0 or sim.now - c.revoked_at < SETTLE_MS or sim.healed_at is None:
                 continue
             smap = self._smap()
             for k in c.keys:
                 g = smap.group_for_key(k) if smap is not None else 0
-                if c.attached_in.get(k) != g or k in c.rewritten:
-                    continue  # never attached, or moved to another group since (moves carry no attachment)
+                if c.attached_in.get(k) is None or k in c.rewritten:
+                    continue  # never attached, or rewritten without the lease
+                if c.attached_in[k] != g:
+                    self.stats.moved_checked += 1  # a move carried it with its attachment
                 lead = self._leader(g)
                 if lead is not None and lead.store is not None and lead.store.get(g, k) is not None:
                     raise LeaseViolation(

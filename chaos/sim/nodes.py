@@ -83,11 +83,14 @@ from . import replica_reads
 from .churn import CompetingSuffixes
 from .closed_reads import ClosedReads, ClosedReadStats, ClosedReadViolation, closed_reads_by_default
 from .invariants import SafetyChecker, SafetyViolation
+from .leases import SETTLE_MS as LEASE_SETTLE_MS
 from .leases import LeaseStats, LeaseViolation, SimLeases
+from .locks import LockStats, LockViolation, SimLocks
 from .membership import MembershipDriver
 from .moves import SimMoves
 from .quiet import QuiesceStats, QuietScenario, quiesce_by_default
 from .revisions import RevisionChecker, RevisionViolation
+from .txn_model import TxnModel, TxnModelStats, TxnModelViolation
 from .txn_pairs import TxnPairs, TxnPairStats, TxnPairViolation
 from .watches import SimWatches, WatchStats, WatchViolation, watches_by_default
 
@@ -262,6 +265,10 @@ class NodeSimResult:
     """What the pair transactions did (`txn_pairs.py`; None when they were off)."""
     leases: LeaseStats | None = None
     """What the lease clients did (`leases.py`; None when they were off)."""
+    txns: TxnModelStats | None = None
+    """What the general transactions did (`txn_model.py`; None when they were off)."""
+    locks: LockStats | None = None
+    """What the lock clients did (`locks.py`; None when they were off)."""
 
 
 class SimTransport:
@@ -336,6 +343,8 @@ class NodeSimulation:
         watches: bool | None = None,
         txn_pairs: bool | None = None,
         leases: bool | None = None,
+        txns: bool | None = None,
+        locks: bool | None = None,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -370,6 +379,8 @@ class NodeSimulation:
         self.history: list[Operation] = []
         self.healed_at: int | None = None
         self.end: int | None = None
+        self._extended_leases = False
+        """The run went on once so that a just-revoked lease's moved keys are checked."""
         self._moves_at_heal = 0
         """Range moves finished when the faults stopped (see `_extend_for_moves`)."""
         self._extended = False
@@ -414,6 +425,12 @@ class NodeSimulation:
         asked for, so the seeds pinned by tests replay as before; `python -m chaos.sim` runs them
         on a fifth of the seeds, `txn_pairs_by_default`)."""
         """The real watch hub on every node, simulated watchers and their checks (`watches.py`)."""
+        self.txn_model = TxnModel(self) if txns else None
+        """General transactions checked against a sequential model (`txn_model.py`; off unless
+        asked for, like the pair transactions; `python -m chaos.sim`: `txn_model_by_default`)."""
+        self.locks = SimLocks(self) if locks and self.quiet is None else None
+        """Lock clients with fencing tokens and the resource that checks them (`locks.py`; off
+        unless asked for, and off with quiescence like the lease clients)."""
         self.written: dict[tuple[bytes, bytes], tuple[int, int]] = {}
         """(key, value) -> the (group, index) of the entry that wrote it (`_check_written_once`)."""
         self.cut: Callable[[Message], bool] | None = None
@@ -486,10 +503,14 @@ class NodeSimulation:
                 self.txn_pairs.start()
             if self.leases is not None:
                 self.leases.start()
+            if self.txn_model is not None:
+                self.txn_model.start()
+            if self.locks is not None:
+                self.locks.start()
             while self._events:
                 t, seq, fn, args = heapq.heappop(self._events)
                 if self.end is not None and t > self.end:
-                    if self._extend_for_moves():
+                    if self._extend_for_moves() or self._extend_for_leases():
                         heapq.heappush(self._events, (t, seq, fn, args))
                         continue
                     break
@@ -510,6 +531,10 @@ class NodeSimulation:
                 self.watches.check_end()
             if self.leases is not None:
                 self.leases.check_end()
+            if self.txn_model is not None:
+                self.txn_model.check_end()
+            if self.locks is not None:
+                self.locks.check_end()
             self._check_liveness()
             res = check(self.history, timeout=20.0)
             verdict = res.verdict.value
@@ -519,6 +544,7 @@ class NodeSimulation:
         except (
             SafetyViolation, SimulationFailure, replica_reads.StaleReadViolation, RevisionViolation,
             ClosedReadViolation, WatchViolation, TxnPairViolation, LeaseViolation,
+            TxnModelViolation, LockViolation,
         ) as err:
             violation = f"{type(err).__name__}: {err}"
             verdict = "violation"
@@ -536,6 +562,8 @@ class NodeSimulation:
             self.watches.stats if self.watches is not None else None,
             self.txn_pairs.stats if self.txn_pairs is not None else None,
             self.leases.stats if self.leases is not None else None,
+            self.txn_model.stats if self.txn_model is not None else None,
+            self.locks.stats if self.locks is not None else None,
         )
 
     def _close(self) -> None:
@@ -1426,6 +1454,21 @@ class NodeSimulation:
         return True
 
 
+    def _extend_for_leases(self) -> bool:
+        """At the end of the run, with leases and range moves on: a lease revoked so recently
+        that its keys' deletion may still be under way, one of them moved to another group since
+        its attach? Then the run goes on once for `leases.SETTLE_MS`, so the end check sees
+        where the move put the key (a move carries its attachment). Other runs are unchanged."""
+        if self._extended_leases or self.leases is None or self.moves is None or self.end is None:
+            return False
+        if not self.leases.moved_key_settling():
+            return False
+        self._extended_leases = True
+        self.end += LEASE_SETTLE_MS
+        self.log(f"EXTEND the run by {LEASE_SETTLE_MS} ms: a moved key's lease was revoked just now")
+        return True
+
+
 def syncs_writes(params: NodeSimParams) -> bool:
     """Do the nodes' stores make each transaction durable before the node goes on? (The planted
     bug "ack-before-fsync" says no: acknowledgements then precede durability.)"""
@@ -1461,15 +1504,18 @@ def run_node_seed(seed: int, nodes: int = 3, trace: bool = False, params: NodeSi
                   store_factory: StoreFactory | None = None, moves: bool | None = None,
                   quiesce: bool | None = None, closed_reads: bool | None = None,
                   watches: bool | None = None, txn_pairs: bool | None = None,
-                  leases: bool | None = None) -> NodeSimResult:
+                  leases: bool | None = None, txns: bool | None = None,
+                  locks: bool | None = None) -> NodeSimResult:
     """One seed; `moves` forces range moves on or off (default: drawn, on half of the seeds),
     `quiesce` quiescence (default: `quiesce_by_default`), `closed_reads` the cross-group scans
     (default: `closed_reads_by_default`, when the params are drawn), `watches` the watchers
     (default: `watches_by_default`, when the params are drawn), `txn_pairs` the pair
-    transactions (default: off), `leases` the lease clients (default: off)."""
+    transactions (default: off), `leases` the lease clients (default: off), `txns` the general
+    transactions checked against a model (default: off), `locks` the lock clients with fencing
+    (default: off)."""
     return NodeSimulation(
         seed, nodes, params, trace, store_factory, moves=moves, quiesce=quiesce, closed_reads=closed_reads,
-        watches=watches, txn_pairs=txn_pairs, leases=leases,
+        watches=watches, txn_pairs=txn_pairs, leases=leases, txns=txns, locks=locks,
     ).run()
 
 

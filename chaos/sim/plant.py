@@ -11,6 +11,7 @@ from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from kvstore.node import lessor as lessor_logic
 from kvstore.node.closes import NodeCloses
 from kvstore.node.host import Group, Host
 from kvstore.node.inbound import Inbound
@@ -35,7 +36,7 @@ from kvstore.storage.shardcmd import (
 )
 from kvstore.storage.wal import Wal
 
-from . import nodes, xtxn_pairs
+from . import locks, nodes, xtxn_pairs
 
 
 def _commit_previous_term(self: RaftLog, max_index: int, term: int) -> bool:
@@ -439,6 +440,45 @@ TXN_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
 """Bugs in transactions, found by the pair transactions (`txn_pairs.py`, forced on in
 `tests/simulation/test_node_sim_txn.py`)."""
 
+
+def _txn_stale_compare(view: Any, t: txn.Txn, proposed: int) -> ApplyResult:
+    # BUG: the compares read each key one write behind (its version before its last change,
+    # e.g. from a stale cache); the operations read the current state.
+    rows = view.mvcc
+    rev = mvcc.next_revision(mvcc.rev_state(rows).last, proposed, view.group)
+
+    def read(key: bytes) -> txn.Current | None:
+        value = view.get(key)
+        meta = mvcc.current_meta(rows, key, value)
+        return None if value is None or meta is None else txn.Current(
+            value, meta.create_revision, meta.mod_revision, meta.version)
+
+    def stale(key: bytes) -> txn.Current | None:
+        cur = read(key)
+        if cur is None or cur.version < 2:
+            return None  # absent before its creation
+        old = mvcc.version_at(rows, key, cur.mod_revision - 1, view.get(key))
+        return None if old is None or old.value is None else txn.Current(
+            old.value, old.meta.create_revision, old.meta.mod_revision, old.meta.version)
+
+    ok = all(txn._holds(c, stale(c.key)) for c in t.compares)
+    out = txn.evaluate(txn.Txn((), t.success if ok else t.failure), read, rev)
+    result = txn.TxnResult(ok, out.result.responses, out.result.revision)
+    for key, value in out.writes:
+        mvcc.write_version(rows, view.group, key, value, view.get(key), rev, exact=True)
+        if value is None:
+            view.delete(key)
+        else:
+            view.put(key, value)
+    return ApplyResult(revision=result.revision, txn=result)
+
+
+TXN_MODEL_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
+    "node-txn-stale-compare": (machine, "apply_txn", _txn_stale_compare),
+}
+"""Bugs in one-group transactions that keep them atomic but not serializable, found by the
+general transactions' model (`txn_model.py`, forced on in `tests/simulation/test_node_sim_txn_model.py`)."""
+
 def _scan_without_margin(self: Lessor, now_ms: float, recs: Any, data_groups: Any) -> None:
     # BUG: the deadline is the remaining TTL on the leader's own clock, with no margin for its
     # rate error: a leader whose clock runs fast expires a lease before the client's TTL passed.
@@ -458,8 +498,16 @@ def _commit_keeps_lease(rows: Any, key: bytes) -> None:
     return None
 
 
+def _per_group_deletion(data_groups: Any) -> bool:
+    # BUG: a lease's expiry deletes its keys per group as before the deletion across groups: the
+    # home group's EXPIRE deletes its own at one revision, each other group's DROP its own at
+    # another; a reader between them sees the lease's keys partly deleted.
+    return False
+
+
 LEASE_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
     "lease-no-drift-margin": (Lessor, "_scan", _scan_without_margin),
+    "node-lease-partial-delete": (lessor_logic, "cross_group_deletion", _per_group_deletion),
 }
 """Bugs in leases, found by the lease clients (`leases.py`, forced on in
 `tests/simulation/test_node_sim_leases.py`)."""
@@ -470,7 +518,38 @@ LEASE_TXN_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
 """Bugs where leases meet cross-group transactions, found by the lease clients with the pair
 transactions on (`leases.py`'s rewrites; `tests/simulation/test_node_sim_leases.py`)."""
 
-ALL_BUGS = {**BUGS, **NODE_BUGS, **STORAGE_BUGS, **WATCH_BUGS, **TXN_BUGS, **LEASE_BUGS, **LEASE_TXN_BUGS}
+def _holder_latest(queue: dict[bytes, int]) -> bytes:
+    # BUG: the holder is the key with the HIGHEST create revision (the newest waiter).
+    return max(queue, key=lambda k: queue[k])
+
+
+def _fence_lease_id(queue: dict[bytes, int], key: bytes, lease_id: int) -> int:
+    # BUG: the fencing token is the session's lease id (unique, but random: not ordered like the
+    # acquisitions).
+    return lease_id
+
+
+LOCK_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
+    "lock-holder-latest": (locks, "holder_of", _holder_latest),
+    "lock-fence-lease-id": (locks, "fence_of", _fence_lease_id),
+}
+"""Bugs in the lock recipe, found by the lock clients' checks (`locks.py`, forced on in
+`tests/simulation/test_node_sim_locks.py`)."""
+
+def _install_drops_attachments(view: Any, recs: Any) -> None:
+    # BUG: an INSTALL ignores the moved keys' lease attachments (as before moves carried them):
+    # a key moved to another group stays there after its lease expired.
+    return None
+
+
+LEASE_MOVE_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
+    "node-install-drops-attachments": (machine, "install_attachments", _install_drops_attachments),
+}
+"""Bugs where leases meet range moves, found by the lease clients with the moves on (`leases.py`'s
+end check in the group serving each key; `tests/simulation/test_node_sim_leases.py`)."""
+
+ALL_BUGS = {**BUGS, **NODE_BUGS, **STORAGE_BUGS, **WATCH_BUGS, **TXN_BUGS, **TXN_MODEL_BUGS, **LEASE_BUGS,
+            **LEASE_TXN_BUGS, **LOCK_BUGS, **LEASE_MOVE_BUGS}
 
 
 @contextmanager

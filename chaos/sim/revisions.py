@@ -48,7 +48,8 @@ class RevisionChecker:
     """(group, transaction id) -> the revision its PREPARE reserved there."""
     held: dict[tuple[int, bytes], tuple[bytes, ...]] = field(default_factory=dict)
     """(group, transaction id) -> the keys its PREPARE put intents on there (the named ones and
-    those a range found): a range delete's COMMIT (`delete_prepared`) deletes exactly these."""
+    those a range or a lease's deletion found): such a COMMIT (`delete_prepared`) deletes exactly
+    these."""
 
     def on_apply(self, node: int, group: int, index: int, data: bytes, res: ApplyResult,
                  deleted_at: Callable[[int], list[bytes]] | None = None) -> None:
@@ -155,7 +156,7 @@ class RevisionChecker:
                     raise RevisionViolation(f"g{group} index {index}: a transaction prepared at two revisions")
                 return
             self.prepared[(group, x.txn.encode())] = rev
-            found = xtxn.decode_found(res.current) if x.lock is not None and res.current else []
+            found = xtxn.decode_found(res.current) if (x.lock is not None or x.lease) and res.current else []
             self.held[(group, x.txn.encode())] = (*x.keys, *found)
             if rev % mvcc.STEP != mvcc.slot_of(group):
                 raise RevisionViolation(f"g{group} index {index}: PREPARE reserved {rev}, not in the group's slot")

@@ -69,6 +69,8 @@ class TxnPairStats:
     """Cross-group attempts whose coordinator died (left its intents to resolvers)."""
     cross_resolved: int = 0
     """Intents resolved by a later attempt that met them."""
+    cross_finished: int = 0
+    """COMMITTED records the record sweep finished (coordinator died before its FINALIZE)."""
     range_deletes: int = 0
     """Answered range deletes of a cross pair's prefix (both keys at one revision)."""
 
@@ -209,14 +211,19 @@ class TxnPairs:
         if smap is not None:  # the coordinator routes by its own map (ranges move)
             groups = {k: smap.group_for_key(k) for k in groups}
         d.attempt(node, t, groups, n, retry, lock)
-        self.stats.cross_died, self.stats.cross_resolved = d.died, d.resolved
+        self.stats.cross_died, self.stats.cross_resolved, self.stats.cross_finished = d.died, d.resolved, d.finished
+
+    def finished_record(self) -> None:
+        """The record sweep finished a record (`CrossPairs._finish`)."""
+        self.stats.cross_finished = self.cross_driver.finished
 
     def answered_cross(self, t: txn.Txn | None, r: txn.TxnResult, revision: int) -> None:
         """A cross-group transaction's answer (from `xtxn_pairs.CrossPairs`; `t` None: a range
         delete of a pair's prefix, which deleted at most the pair's two keys, at one revision)."""
         self.stats.answered += 1
         self.stats.cross_answered += 1
-        self.stats.cross_died, self.stats.cross_resolved = self.cross_driver.died, self.cross_driver.resolved
+        d = self.cross_driver
+        self.stats.cross_died, self.stats.cross_resolved, self.stats.cross_finished = d.died, d.resolved, d.finished
         if t is None:
             self.stats.range_deletes += 1
             if len(r.responses) > 2 or bool(r.responses) != bool(revision) or r.revision != revision:

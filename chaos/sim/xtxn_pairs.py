@@ -29,9 +29,9 @@ from typing import Any
 
 from kvstore import errors
 from kvstore.node import xtxn as logic
-from kvstore.storage import mvcc, txn
+from kvstore.storage import mvcc, txn, xtxn_apply
 from kvstore.storage.commands import ApplyResult
-from kvstore.storage.xtxn import Intent, TxnId
+from kvstore.storage.xtxn import Intent, Record, TxnId
 
 DIE = (0.1, 0.1, 0.35)
 """The chance the coordinator dies after the PREPAREs, after the RECORD, between the COMMITs."""
@@ -59,6 +59,8 @@ class CrossPairs:
         self.rng = pairs.rng
         self.died = 0
         self.resolved = 0
+        self.finished = 0
+        """COMMITTED records the record sweep finished (their coordinator died before FINALIZE)."""
         self.conflicts = 0
         self.resolving: set[TxnId] = set()
 
@@ -147,17 +149,46 @@ class CrossPairs:
                         self._meet(node, gid, Intent.decode(raw))
                     except ValueError:
                         continue
+                before = logic.sweep_before(self._now_ms(node), TIMEOUT_MS)
+                for tid, rec in node.store.revisions.read_leases(
+                        gid, lambda rows, b=before: xtxn_apply.unfinished(rows, b, logic.RECORD_SWEEP_BATCH)):
+                    self._finish(node, gid, tid, rec)
         sim.at(SWEEP_MS, self._sweep)
+
+    def _finish(self, node: Any, primary: int, tid: TxnId, rec: Record) -> None:
+        """The record sweep (`CrossTxns.finish`): a COMMITTED record older than the timeout whose
+        coordinator died before its FINALIZE gets every participant's COMMIT again, then FINALIZE."""
+        if tid in self.resolving:
+            return
+        self.resolving.add(tid)
+
+        def committed(got: dict[int, ApplyResult | None]) -> None:
+            if any(r is None for r in got.values()):
+                self.resolving.discard(tid)
+                return
+
+            def finalized(res: ApplyResult | None, err: errors.KVError | None) -> None:
+                self.resolving.discard(tid)
+                if res is not None and err is None:
+                    self.finished += 1
+                    self.pairs.finished_record()
+
+            self._send(node, primary, logic.finalize_command(tid), finalized)
+
+        self._all(node, logic.finish_commands(tid, rec), committed)
 
     def _now_ms(self, node: Any) -> int:
         return mvcc.revision_ms(self.sim._clock(node).propose())
 
     # --- one attempt -------------------------------------------------------------------------
     def attempt(self, node: Any, t: txn.Txn | None, groups: dict[bytes, int], n: int, retry: Callable[[int], None],
-                lock: tuple[bytes, bytes] | None = None) -> None:
+                lock: tuple[bytes, bytes] | None = None, plan: logic.Plan | None = None) -> None:
         """One attempt of `t` (None: a range delete of `lock`, over every data group of `node`'s
-        map) coordinated at `node`; `retry(n + 1)` to try again later."""
-        if t is None:
+        map, or `plan`: a lease's deletion, `logic.plan_lease`) coordinated at `node`;
+        `retry(n + 1)` to try again later."""
+        if plan is not None:
+            p = plan
+        elif t is None:
             assert lock is not None
             smap = node.logic.shard_tracker.map if node.logic is not None else None
             if smap is None:
@@ -188,14 +219,14 @@ class CrossPairs:
                 self._forget(node, logic.abort_commands(tid, got))
                 retry(n + 1)
                 return
-            if not decision.writes_anything:
+            if not decision.writes_anything and not p.lease:
                 self._forget(node, logic.abort_commands(tid, got))
                 self.pairs.answered_cross(t, decision.result, decision.result.revision)
                 return
             if self._dies(0):
                 return
-            commit_point(self, node, p.primary, logic.record_command(tid, start, decision),
-                         lambda res, err: committed(decision, res if err is None else None))
+            record = logic.record_command(tid, start, decision, lease=p.lease, renews=p.renews)
+            commit_point(self, node, p.primary, record, lambda res, err: committed(decision, res if err is None else None))
 
         def committed(r: logic.Ready, res: ApplyResult | None) -> None:
             if res is None:

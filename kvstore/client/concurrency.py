@@ -97,13 +97,23 @@ class Mutex:
     def __init__(self, session: Session, name: bytes) -> None:
         self.session = session
         self.prefix = name.rstrip(b"/") + b"/"
-        self.key = self.prefix + f"{session.lease:016x}".encode()
+
+    @property
+    def key(self) -> bytes:
+        """`NAME/<lease id hex>` of the session's current lease (a Mutex may be made before its
+        session started)."""
+        return self.prefix + f"{self.session.lease:016x}".encode()
+
+    async def _entries(self) -> list[tuple[int, bytes, bytes]]:
+        """(create revision, key, value) of every key under the prefix, from one linearizable
+        scan, by create revision."""
+        out: list[tuple[int, bytes, bytes]] = []
+        async for chunk in self.session.client.scan_kvs(self.prefix):
+            out += [(kv.create_revision, kv.key, kv.value) for kv in chunk]
+        return sorted(out)
 
     async def _queue(self) -> list[tuple[int, bytes]]:
-        out: list[tuple[int, bytes]] = []
-        async for chunk in self.session.client.scan_kvs(self.prefix):
-            out += [(kv.create_revision, kv.key) for kv in chunk]
-        return sorted(out)
+        return [(rev, k) for rev, k, _v in await self._entries()]
 
     async def holder(self) -> tuple[int, bytes] | None:
         """(create revision, key) of the holder now (a linearizable scan), None if none."""
@@ -143,9 +153,8 @@ class Election(Mutex):
 
     async def leader(self) -> tuple[bytes, int] | None:
         """(value, fencing token) of the current leader, None if there is none."""
-        queue = await self._queue()
-        if not queue:
+        entries = await self._entries()  # the value from the same scan (no second read)
+        if not entries:
             return None
-        rev, key = queue[0]
-        value = await self.session.client.get(key)
-        return (value or b""), rev
+        rev, _key, value = entries[0]
+        return value, rev

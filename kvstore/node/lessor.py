@@ -17,7 +17,20 @@ Rules (`leases.py` has the commands):
 - Every `checkpoint_interval_ms` it proposes CHECKPOINT(id, renews, ceil((deadline - now)/(1+rho))),
   also conditional on the renew count: the remaining TTL survives a leader change, it is never
   reset to the full TTL (etcd-io/etcd#9395).
-- A REVOKED record: DROP(id) to every other data group until each applied one, then FORGET(id).
+- With more than one data group (`cross_group_deletion`), the shell runs an EXPIRE as the lease's
+  deletion across groups (`xtxn.plan_lease` with the renew count): it commits only if no RENEW
+  applied in the home group before its RECORD (the commit point), which revokes and forgets the
+  lease (its record becomes the tombstone: every group's COMMIT deletes the keys and keeps a
+  tombstone, so nothing is left to DROP or FORGET) and fixes the revision R at which every group
+  deletes the lease's keys. An attempt that aborts (a lock, a lost reply) is retried like a lost
+  EXPIRE.
+- A REVOKED record (the one-command EXPIRE/REVOKE): DROP(id) to every other data group until
+  each applied one, then FORGET(id). The data groups are read again at every scan and before the
+  FORGET, so a group added meanwhile (a range move's target) gets its DROP too; a DROP refused
+  while an attached key of its group is in a moving range (WRONG_SHARD) is sent again.
+- Work per step: the timed leases sit in a heap by the time each is next due (its deadline, its
+  next checkpoint, or its EXPIRE's retry), so a step pops only what is due; the applied records
+  are read once per `scan_interval_ms`.
 
 The bound. rho (`drift`) is the largest rate error of any node's monotonic clock (offsets do not
 matter: only elapsed time on one node's clock is used). Safety: if a RENEW sent by a client at
@@ -34,17 +47,30 @@ leader change adds at most an election (election timeout + the new leader's firs
 an EXPIRE refused because an attached key of the home group holds a cross-group transaction's
 intent (`machine._locked`) is sent again every `retry_ms`, so the lock's lifetime adds to it (at
 most the transaction timeout plus the intent sweep's interval when the coordinator died). A DROP
-refused the same way stays pending and is sent again.
+refused the same way stays pending and is sent again. A deletion across groups adds its two-phase
+commit's latency (a PREPARE in every data group, then the RECORD) to the one commit, and an
+attempt that aborts adds `retry_ms` per retry; safety is unchanged (the RECORD applies only if
+the renew count still matches, as the EXPIRE did).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..storage import leases
 from ..storage.leases import Kind, LeaseCmd, Record
+
+
+def cross_group_deletion(data_groups: Iterable[int]) -> bool:
+    """Whether a lease's EXPIRE or REVOKE must run as one transaction across groups (the shell's
+    two-phase commit, `xtxn.plan_lease`: every data group deletes the lease's keys at one
+    revision R, the home group's RECORD the commit point) rather than as one command of the home
+    group: whenever there is more than one data group (a key attached to the lease may be in
+    any of them; the home cannot know which)."""
+    return len(set(data_groups) - {0}) > 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +112,20 @@ class _Lease:
     checkpointed: float
     ttl_s: int
     expire_sent: float = -math.inf
+    due: float = math.inf
+    """When `step` must next look at it (`Lessor._due`); its entry in `Lessor._heap` is the one
+    with this time (others for the id are stale)."""
 
 
 @dataclass(slots=True)
 class _Revoked:
+    """A REVOKED lease's DROPs: `pending` the data groups still to apply one, `done` those that
+    did (a data group that appears later, e.g. the target of a range move that carried a key
+    attached to the lease, is added to `pending` at the next scan and before the FORGET)."""
+
     pending: set[int]
     sent: dict[int, float] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)
 
 
 class Lessor:
@@ -104,6 +138,9 @@ class Lessor:
         self.p = params or LessorParams()
         self.term = 0
         self.leases: dict[int, _Lease] = {}
+        self._heap: list[tuple[float, int]] = []
+        """(due, id) of the timed leases: a step pops only what is due (O(due) per tick, not
+        O(leases)); an entry whose lease is gone or has another `due` is stale and skipped."""
         self.revoked: dict[int, _Revoked] = {}
         self._scanned = -math.inf
         self.expired = 0
@@ -137,9 +174,12 @@ class Lessor:
             self._scan(now_ms, records(), data_groups)
         out: list[Proposal] = []
         limit = p.max_proposals
-        for lid, le in self.leases.items():
-            if len(out) >= limit:
-                break
+        heap = self._heap
+        while heap and heap[0][0] <= now_ms and len(out) < limit:
+            due, lid = heapq.heappop(heap)
+            le = self.leases.get(lid)
+            if le is None or le.due != due:
+                continue  # stale: the lease is gone, or was scheduled again
             if le.deadline <= now_ms:
                 if now_ms - le.expire_sent >= p.retry_ms:
                     le.expire_sent = now_ms
@@ -150,9 +190,12 @@ class Lessor:
                 rem = math.ceil((le.deadline - now_ms) / (1 + p.drift))
                 out.append(Proposal(self.group, LeaseCmd(Kind.CHECKPOINT, lid, renews=le.renews,
                                                          remaining_ms=min(rem, le.ttl_s * 1000))))
+            self._schedule(lid, le)
         for lid, rv in self.revoked.items():
             if len(out) >= limit:
                 break
+            if not rv.pending:
+                rv.pending = set(data_groups()) - {0, self.group} - rv.done
             if not rv.pending:
                 if now_ms - rv.sent.get(self.group, -math.inf) >= p.retry_ms:
                     rv.sent[self.group] = now_ms
@@ -172,12 +215,28 @@ class Lessor:
             rv = self.revoked.get(c.lease_id)
             if rv is not None:
                 rv.pending.discard(prop.group)
+                rv.done.add(prop.group)
         elif c.kind == Kind.FORGET and applied:
             self.revoked.pop(c.lease_id, None)
+
+    def _due(self, le: _Lease) -> float:
+        """When `step` must look at `le` next: its deadline or next checkpoint, or once its
+        EXPIRE was sent, when that may be sent again."""
+        if le.expire_sent > -math.inf:
+            return max(le.deadline, le.expire_sent + self.p.retry_ms)
+        return min(le.deadline, le.checkpointed + self.p.checkpoint_interval_ms)
+
+    def _schedule(self, lid: int, le: _Lease) -> None:
+        le.due = self._due(le)
+        heapq.heappush(self._heap, (le.due, lid))
+        if len(self._heap) > 4 * len(self.leases) + 64:  # drop the stale entries
+            self._heap = [(x.due, i) for i, x in self.leases.items()]
+            heapq.heapify(self._heap)
 
     def _reset(self, term: int) -> None:
         self.term = term
         self.leases.clear()
+        self._heap.clear()
         self.revoked.clear()
         self._scanned = -math.inf
 
@@ -191,13 +250,17 @@ class Lessor:
             if rec.state == leases.LIVE:
                 le = self.leases.get(lid)
                 if le is None or le.renews != rec.renews:
-                    self.leases[lid] = _Lease(rec.renews, now_ms + rec.remaining_ms * factor, now_ms, rec.ttl_s)
+                    le = self.leases[lid] = _Lease(rec.renews, now_ms + rec.remaining_ms * factor, now_ms, rec.ttl_s)
+                    self._schedule(lid, le)
                 continue
             self.leases.pop(lid, None)
-            if lid not in self.revoked:
-                if groups is None:
-                    groups = sorted(set(data_groups()) - {0, self.group})
+            if groups is None:
+                groups = sorted(set(data_groups()) - {0, self.group})
+            rv = self.revoked.get(lid)
+            if rv is None:
                 self.revoked[lid] = _Revoked(set(groups))
+            else:
+                rv.pending.update(g for g in groups if g not in rv.done)
         for lid in [x for x in self.leases if x not in seen]:
             del self.leases[lid]
         for lid in [x for x in self.revoked if x not in seen]:

@@ -98,6 +98,7 @@ from ..storage.shardcmd import (
     REC_DATA,
     REC_FLOOR,
     REC_HISTORY,
+    REC_LEASE,
     REC_RESULT,
     U64,
     U64_PAIR,
@@ -1020,6 +1021,8 @@ class MemoryNodeStore:
         for k, _ in g.rows.iter(mvcc.T_KEYS, b"", None):
             if key_hash(k) in ranges:
                 recs.append((encode_record(REC_HISTORY, k, mvcc.encode_versions(mvcc.key_history(g.rows, k))), False))
+        for k, lid in leases.attachments(g.rows, lambda key: key_hash(key) in ranges):
+            recs.append((encode_record(REC_LEASE, k, U64.pack(lid)), False))
         for key, value in _session_rows(g, meta=False):
             if len(key) == 8:
                 recs.append((encode_record(REC_FLOOR, key, U64.pack(SessionHead.decode(value).floor)), False))
@@ -1056,7 +1059,8 @@ class MemoryNodeStore:
 
     def range_locks(self, group: int) -> list[bytes]:
         g = self._read(group)
-        return [] if g is None else [v[:xtxn.INTENT_BYTES] for _k, v in g.rows.iter(mvcc.T_TXN, b"l", b"m")]
+        return [] if g is None else [v[:xtxn.INTENT_BYTES] for lo, hi in ((b"e", b"f"), (b"l", b"m"))
+                                     for _k, v in g.rows.iter(mvcc.T_TXN, lo, hi)]
 
     def intents(self, group: int, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         g = self._read(group)

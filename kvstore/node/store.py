@@ -111,8 +111,8 @@ class RevisionReads(Protocol):
         ...
 
     def range_locks(self, group: int) -> list[bytes]:
-        """The intents (encoded `xtxn.Intent`) of the range locks held in the group (range
-        deletes in progress; committed state)."""
+        """The intents (encoded `xtxn.Intent`) of the range locks and lease locks held in the
+        group (range deletes and lease deletions in progress; committed state)."""
         ...
 
     def intents(self, group: int, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:

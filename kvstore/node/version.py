@@ -3,7 +3,8 @@ version), so a rolling upgrade never puts into a log a command some member canno
 
 Feature levels: each binary supports every level up to `SUPPORTED_LEVEL` (`FEATURES` says what
 each adds); `COMMAND_LEVELS` maps every command kind (`commands.Op` code) to the lowest level that
-knows it. A new command kind is one line there (TXN: `LEVEL_TRANSACTIONS`).
+knows it. A new command kind is one line there (TXN: `LEVEL_TRANSACTIONS`); a new form of a kind
+that an older member would decode as malformed is one line in `FORM_LEVELS` (`command_level`).
 
 The replicated state is the value of the reserved key `VERSIONS_KEY` in the metadata group
 (`ClusterVersion`): the cluster version and each node's advertised level. It changes only by
@@ -50,13 +51,15 @@ from kvstore import errors
 from kvstore.node.metakey import MetaKeyTracker, MetaStore
 from kvstore.shard.shardmap import ShardMap
 from kvstore.storage import commands
-from kvstore.storage.shardcmd import is_shard_command
+from kvstore.storage.shardcmd import REC_LEASE, ShardOp, decode_shard_command, is_shard_command, iter_records
 
 __all__ = [
-    "COMMAND_LEVELS", "FEATURES", "LEVEL_BASE", "LEVEL_CROSS_TRANSACTIONS", "LEVEL_LEASES", "LEVEL_TRANSACTIONS",
-    "MAX_LEVEL", "SUPPORTED_LEVEL",
+    "COMMAND_LEVELS", "FEATURES", "FORM_LEVELS", "LEVEL_BASE", "LEVEL_CROSS_TRANSACTIONS", "LEVEL_LEASES",
+    "LEVEL_TRANSACTIONS", "MAX_LEVEL", "SUPPORTED_LEVEL",
     "VERSIONS_KEY", "ClusterVersion", "CommandGate", "VersionTracker", "advertise_command",
-    "check_level", "check_version_change", "decode_versions", "encode_versions", "members_of", "raise_command",
+    "check_level", "check_version_change", "command_level", "decode_versions", "encode_versions", "install_level",
+    "members_of",
+    "raise_command",
 ]
 
 log = logging.getLogger("kvstore.version")
@@ -69,8 +72,10 @@ LEVEL_LEASES = 4
 FEATURES: dict[int, str] = {
     LEVEL_BASE: "PUT, DELETE, CAS, COMPACT, CLOSE, shard commands, the metadata keys",
     LEVEL_TRANSACTIONS: "TXN: multi-key transactions",
-    LEVEL_CROSS_TRANSACTIONS: "PREPARE, COMMIT, ABORT, RECORD, RESOLVE, FINALIZE: transactions across groups",
-    LEVEL_LEASES: "LEASE_*: leases (TTL) and keys attached to them",
+    LEVEL_CROSS_TRANSACTIONS: "PREPARE, COMMIT, ABORT, RECORD, RESOLVE, FINALIZE: transactions across groups "
+                              "and range deletes (with the COMMIT/RECORD form that deletes every key prepared)",
+    LEVEL_LEASES: "LEASE_*: leases (TTL) and keys attached to them; a lease's deletion across groups (the lease "
+                  "forms of PREPARE and RECORD)",
 }
 """What each feature level adds."""
 
@@ -91,6 +96,54 @@ COMMAND_LEVELS: dict[int, int] = {
     **{op: LEVEL_LEASES for op in commands.Op if op.name.startswith("LEASE_")},
 }
 """command kind (`commands.Op` code) -> the lowest cluster version that may propose it."""
+
+FORM_LEVELS: dict[int, int] = {commands.Op.PREPARE: LEVEL_LEASES, commands.Op.RECORD: LEVEL_LEASES}
+"""Kinds with a later form: the lease forms of PREPARE and RECORD (a lease's deletion across
+groups: PREPARE's range flag 2, RECORD's lease tail, `storage/xtxn.py`) need this level, above
+their kind's (`command_level`). A node of level 3 decodes them as malformed, so they must never
+reach a log while such a member exists. Level 4 has not been released yet: its meaning grows
+with these forms rather than taking a level of their own. Shard commands have one such form too:
+an INSTALL carrying lease attachments (`install_level`).
+
+Not here: the compact COMMIT/RECORD form of a range delete (tail 2, "delete every key
+prepared", `XCmd.delete_prepared`) is part of level 3's own meaning. No release of level 3 (or
+2) exists: the last release (the one `tests/integration/test_rolling_upgrade.py` upgrades from)
+supports level 1 only, so no member that knows COMMIT and RECORD without that form can meet it.
+A lease's deletion uses both tails; its lease tail alone makes it level 4."""
+
+
+def command_level(data: bytes, levels: Mapping[int, int] = COMMAND_LEVELS) -> int | None:
+    """The lowest cluster version that may propose the encoded command `data`: its kind's level,
+    or its form's (`FORM_LEVELS`) if it is a later form of the kind; None if the table does not
+    know the kind. Garbage gets its kind's level (it is refused where it is decoded)."""
+    if len(data) < 2:
+        return None
+    need = levels.get(data[1])
+    form = FORM_LEVELS.get(data[1])
+    if need is None or form is None or form <= need:
+        return need
+    try:
+        x = commands.decode_command(data).x
+    except ValueError:
+        return need
+    return form if x is not None and x.lease else need
+
+def install_level(data: bytes) -> int:
+    """The lowest cluster version that may propose the shard command `data`: `LEVEL_LEASES` for
+    an INSTALL carrying a moved key's lease attachment (`shardcmd.REC_LEASE`, a later form of
+    INSTALL that a level-3 member decodes as malformed), else `LEVEL_BASE` (garbage too: it is
+    refused where it is decoded). Only a range holding an attached key exports one, and a key is
+    attached only by a LEASE_PUT, itself level 4, so the gate is a second line of defence."""
+    if len(data) < 2 or data[1] != ShardOp.INSTALL:
+        return LEVEL_BASE
+    try:
+        body = decode_shard_command(data).records
+        if any(tag == REC_LEASE for tag, _, _ in iter_records(body)):
+            return LEVEL_LEASES
+    except ValueError:
+        pass
+    return LEVEL_BASE
+
 
 VERSIONS_KEY = b"\x00kvstore/versions"
 """The reserved key of the `ClusterVersion` in the metadata group (clients cannot reach it)."""
@@ -276,11 +329,20 @@ class CommandGate:
 
     def check(self, data: bytes) -> None:
         """Raise `errors.ClusterVersionTooLow` (definite) if `data` is a KV command whose kind
-        needs a level above the cluster version. Shard commands and garbage pass (garbage is
-        refused where it is decoded, and yields an error result at apply); a kind the table does not
+        (or form: `FORM_LEVELS`, decoded only while the cluster version is below the form's
+        level) needs a level above the cluster version. Shard commands and garbage pass (garbage is
+        refused where it is decoded, and yields an error result at apply) but an INSTALL with lease
+        attachments below level 4 (`install_level`); a kind the table does not
         know that has a well-formed header (`commands.unknown_kind`: its apply would stop every
         replica) never does."""
-        if len(data) < 2 or is_shard_command(data):
+        if len(data) < 2:
+            return
+        if is_shard_command(data):
+            cluster = self.version().cluster if data[1] == ShardOp.INSTALL else LEVEL_LEASES
+            if cluster < LEVEL_LEASES and install_level(data) > cluster:
+                raise errors.ClusterVersionTooLow(
+                    f"an INSTALL carrying lease attachments needs cluster version {LEVEL_LEASES} "
+                    f"({FEATURES[LEVEL_LEASES]}); the cluster version is {cluster}")
             return
         need = self.levels.get(data[1])
         if need is None:
@@ -290,10 +352,14 @@ class CommandGate:
         if self.top <= LEVEL_BASE or need <= LEVEL_BASE:
             return
         v = self.version()
+        if need <= v.cluster and data[1] in FORM_LEVELS and v.cluster < FORM_LEVELS[data[1]]:
+            need = command_level(data, self.levels) or need  # decoded only below the form's level
         if need <= v.cluster:
             return
         lag = v.lagging(self.members(), need)
         name = commands.Op(data[1]).name if data[1] in commands.Op._value2member_map_ else f"kind {data[1]}"
+        if need > self.levels.get(data[1], need):
+            name += " (a lease's deletion across groups)"
         raise errors.ClusterVersionTooLow(
             f"{name} needs cluster version {need} ({FEATURES.get(need, 'a newer feature level')}); the cluster "
             f"version is {v.cluster}" + (f"; members below level {need}: {', '.join(lag)}" if lag else

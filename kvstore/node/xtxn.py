@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from kvstore.storage import commands, mvcc, txn, xtxn
+from kvstore.storage import commands, leases, mvcc, txn, xtxn
 from kvstore.storage.commands import ApplyResult, Command
 from kvstore.storage.xtxn import Intent, Record, State, TxnId, XCmd, XOp
 from kvstore.storage.xtxn_apply import TOO_OLD, TXN_ABORTED
@@ -56,6 +56,10 @@ class Plan:
     group_of: dict[bytes, int]
     lock: tuple[bytes, bytes] | None = None
     """A range delete's key range [start, end) (end b"": no end), locked in every group."""
+    lease: int = 0
+    """A lease's deletion: the lease whose attached keys every group deletes (0: none)."""
+    renews: int = 0
+    """A lease's expiry: the renew count it was decided on (0: a revoke)."""
 
 
 def plan(t: txn.Txn, group_for: Iterable[tuple[bytes, int]]) -> Plan:
@@ -89,11 +93,26 @@ def plan_range(groups: Iterable[int], lo: bytes, hi: bytes) -> Plan:
     return Plan(gs[0], {g: () for g in gs}, {}, (lo, hi))
 
 
+def plan_lease(groups: Iterable[int], lease_id: int, renews: int = 0) -> Plan:
+    """The plan of lease `lease_id`'s deletion (an expiry at renew count `renews`, or a revoke:
+    0): every data group in `groups` (a key attached to the lease may be in any), the lease's
+    home group primary (its RECORD revokes the lease: the commit point). ValueError if the home
+    group is not among them."""
+    home = leases.home_group(leases.check_id(lease_id))
+    gs = sorted(set(groups))
+    if home not in gs:
+        raise ValueError(f"lease {lease_id:x}'s home group {home} is not a data group")
+    if not 0 <= renews < 1 << 64:
+        raise ValueError(f"renew count {renews} is out of range")
+    return Plan(home, {g: () for g in gs}, {}, lease=lease_id, renews=renews)
+
+
 def prepare_commands(p: Plan, tid: TxnId, start: int, proposed: int) -> dict[int, bytes]:
     """The PREPARE of each participant (ValueError if a command cannot be encoded)."""
     return {
         g: commands.encode_command(
-            Command.cross(XCmd(XOp.PREPARE, tid, p.primary, start, keys=ks, lock=p.lock), revision=proposed))
+            Command.cross(XCmd(XOp.PREPARE, tid, p.primary, start, keys=ks, lock=p.lock, lease=p.lease),
+                          revision=proposed))
         for g, ks in sorted(p.keys.items())
     }
 
@@ -131,7 +150,8 @@ class Ready:
     result: txn.TxnResult
     writes: dict[int, tuple[xtxn.Write, ...]] = field(default_factory=dict)
     delete_prepared: bool = False
-    """A range delete: `writes` lists the keys each group found (for the answer), but its RECORD
+    """A range delete or a lease's deletion (`after_prepare_range`): `writes` lists the keys
+    each group found (for the answer), but its RECORD
     and COMMITs say "every key prepared" instead (`XCmd.delete_prepared`: a group may find more
     keys than a command may list)."""
 
@@ -157,8 +177,8 @@ def _refusal(p: Plan, results: dict[int, ApplyResult]) -> Conflict | Refused | N
 
 
 def after_prepare_range(p: Plan, results: dict[int, ApplyResult]) -> Conflict | Refused | Ready:
-    """A range delete after every group's PREPARE: delete every key each group found in the
-    range, all at R = max p_g. The result's revision is R if anything is deleted, else 0; its
+    """A range delete (or a lease's deletion: the keys attached to the lease) after every
+    group's PREPARE: delete every key each group found in the range, all at R = max p_g. The result's revision is R if anything is deleted, else 0; its
     responses are one DELETE per key (found)."""
     refused = _refusal(p, results)
     if refused is not None:
@@ -203,19 +223,21 @@ def after_prepare(t: txn.Txn, p: Plan, results: dict[int, ApplyResult]) -> Confl
 
 def record_command(
     tid: TxnId, start: int, r: Ready, client_id: int = 0, seq: int = 0, ack: int = 0, retry: bool = False,
-    horizon: int = 0,
+    horizon: int = 0, lease: int = 0, renews: int = 0,
 ) -> bytes:
     """The RECORD (the commit point) with the client's session (`retry` / `horizon` as the
-    client sent them: a retry whose session the primary evicted is refused, not applied twice).
-    A range delete's lists its groups only (`delete_prepared`) and no result (it has no
-    session; its answer, one DELETE per key, may be longer than a result may be). ValueError if
-    it cannot be encoded (nothing was proposed: abort the attempt, definite)."""
+    client sent them: a retry whose session the primary evicted is refused, not applied twice);
+    for a lease's deletion, its lease and renew count (`Plan.lease`, `Plan.renews`). A range
+    delete's and a lease deletion's (`Ready.delete_prepared`) list their groups only
+    (`delete_prepared`) and no result (they have no session; the answer, one DELETE per key, may
+    be longer than a result may be). ValueError if it cannot be encoded (nothing was proposed:
+    abort the attempt, definite)."""
     if r.delete_prepared:
         x = XCmd(XOp.RECORD, tid, start=start, at=r.at, groups=tuple((g, ()) for g in sorted(r.writes)),
-                 delete_prepared=True)
+                 lease=lease, renews=renews, delete_prepared=True)
         return commands.encode_command(Command.cross(x))
     groups = tuple((g, ws) for g, ws in sorted(r.writes.items()))
-    x = XCmd(XOp.RECORD, tid, start=start, at=r.at, result=r.result, groups=groups)
+    x = XCmd(XOp.RECORD, tid, start=start, at=r.at, result=r.result, groups=groups, lease=lease, renews=renews)
     return commands.encode_command(Command.cross(x, client_id, seq, ack, retry=retry, horizon=horizon))
 
 
@@ -273,6 +295,29 @@ def finalize_after(intent: Intent, group: int, follow: bytes) -> bytes | None:
     except ValueError:
         return None
     return finalize_command(intent.txn, group) if op == commands.Op.COMMIT else None
+
+
+# --- the record sweep ----------------------------------------------------------------------------
+RECORD_SWEEP_BATCH = 16
+"""The most unfinished records of one group the record sweep finishes per round."""
+
+
+def sweep_before(now_ms: int, timeout_ms: int = TXN_TIMEOUT_MS) -> int:
+    """The start revision below which a COMMITTED record not yet FINALIZED is the record sweep's
+    (`xtxn_apply.unfinished`): its coordinator had the transaction timeout to FINALIZE it."""
+    ms = now_ms - timeout_ms
+    return mvcc.make_revision(ms, 0, 0) if ms > mvcc.EPOCH_MS else 0
+
+
+def finish_commands(tid: TxnId, rec: Record) -> dict[int, bytes]:
+    """The record sweep's COMMITs for a COMMITTED record whose coordinator died between its
+    RECORD and its FINALIZE: one to every participant the record lists (it lists every one,
+    writes or not), each idempotent (a participant that applied its COMMIT answers it again, or,
+    its done row forgotten by age, refuses it changing nothing: a COMMITTED record's intents are
+    only ever committed). Once every one applied (any result), `finalize_command(tid)` in the
+    primary: the record becomes FINALIZED and is forgotten by age."""
+    return {g: commands.encode_command(Command.cross(XCmd(XOp.COMMIT, tid, at=rec.at, writes=ws)))
+            for g, ws in rec.writes}
 
 
 # --- meeting intents -----------------------------------------------------------------------------
@@ -336,6 +381,7 @@ def resolution(intent: Intent, group: int, res: ApplyResult) -> bytes | None:
 
 __all__ = [
     "READ_INTENTS_MAX",
+    "RECORD_SWEEP_BATCH",
     "TXN_TIMEOUT_MS",
     "Aborted",
     "Committed",
@@ -353,11 +399,14 @@ __all__ = [
     "expired",
     "finalize_after",
     "finalize_command",
+    "finish_commands",
     "lock_of",
     "plan",
+    "plan_lease",
     "plan_range",
     "prepare_commands",
     "record_command",
     "resolution",
     "resolve_command",
+    "sweep_before",
 ]

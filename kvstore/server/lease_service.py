@@ -7,7 +7,10 @@ Routing: a lease operation goes to the lease's home group (`leases.home_group(id
 retries there). A LeasePut goes to the key's group; for a key outside the home group the home's
 record is checked first where this node leads the home group with a current view; elsewhere the
 client library has checked it at the home leader just before (`client/leases.py`), and a lease
-revoked since is refused by the key's group once its DROP applied (`leases.py`).
+revoked since is refused by the key's group once the lease's deletion committed there (`leases.py`).
+With more than one data group, a revoke and the lease clock's expiry delete the lease's keys in
+every group at one revision: a two-phase commit (`xtxn.plan_lease`) whose commit point, the
+home group's RECORD, revokes the lease (`LeaseRequests._delete_across`, `LeaseDriver._expire_across`).
 
 What answers read: LeaseTimeToLive's remaining TTL is the home leader's lease clock (its
 `Lessor`), or the last checkpoint if the lease clock has not timed it yet; its keys, and
@@ -31,6 +34,8 @@ from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 from kvstore import errors
+from kvstore.node import lessor as lessor_logic
+from kvstore.node import xtxn as xlogic
 from kvstore.node.lessor import Lessor, LessorParams, Proposal
 from kvstore.security.identity import identity_of_call
 from kvstore.security.rbac import READ, WRITE, Grants
@@ -149,13 +154,30 @@ class LeaseRequests:
             smap = rq.tracker.map
             data = [g for g in smap.data_groups() if g != 0] if smap is not None else None
             check_revoke(lid, grants, data, rq.host.groups, lambda: self._attached(lid))
-            res = await self._propose_home(lid, self._encode(LeaseCmd(Kind.REVOKE, lid)))
-            n = int.from_bytes(res.current or b"", "big")
+            if rq.cross is not None and data is not None and lessor_logic.cross_group_deletion(data):
+                n = await self._delete_across(lid, data)
+            else:
+                res = await self._propose_home(lid, self._encode(LeaseCmd(Kind.REVOKE, lid)))
+                n = int.from_bytes(res.current or b"", "big")
             return kv_pb2.LeaseRevokeResponse(error=self.rq.ok(), deleted=n)
         except errors.KVError as err:
             return kv_pb2.LeaseRevokeResponse(error=self.rq.err(err))
         except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
             return kv_pb2.LeaseRevokeResponse(error=self.rq.err(self.rq.internal("LeaseRevoke", err)))
+
+    async def _delete_across(self, lid: int, groups: list[int]) -> int:
+        """A revoke with several data groups: the lease's keys in every group deleted at one
+        revision by a two-phase commit whose RECORD (in the home group) revokes the lease
+        (`xlogic.plan_lease`). The number of keys deleted; a lease not live: a definite
+        InvalidArgument("requested lease not found")."""
+        assert self.rq.cross is not None
+        try:
+            res = await self.rq.cross.run(None, xlogic.plan_lease(groups, lid))
+        except errors.InvalidArgument as err:
+            if leases.NOT_FOUND in err.message:
+                raise errors.InvalidArgument(leases.NOT_FOUND) from None
+            raise
+        return len(res.txn.responses) if res.txn is not None else 0
 
     async def keep_alive_one(self, r: kv_pb2.LeaseKeepAliveRequest) -> kv_pb2.LeaseKeepAliveResponse:
         try:
@@ -287,6 +309,8 @@ class LeaseDriver:
         self.lessors: dict[int, Lessor] = {}
         self.expired = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._deleting: set[int] = set()
+        """Leases whose deletion across groups is under way here (one attempt at a time)."""
 
     def step(self) -> None:
         rq = self.rq
@@ -294,15 +318,22 @@ class LeaseDriver:
         smap = rq.tracker.map
         groups = smap.data_groups() if smap is not None else []
         now = time.monotonic() * 1000
+        for g in [g for g in self.lessors if g not in host.groups or g not in groups]:
+            del self.lessors[g]  # no longer hosted here, or no longer a data group (a move dropped it)
         for g in groups:
             if g not in host.groups:
-                self.lessors.pop(g, None)
                 continue
-            lz = self.lessors.setdefault(g, Lessor(g, self.params))
+            lz = self.lessors.get(g)
+            if lz is None:
+                lz = self.lessors[g] = Lessor(g, self.params)
             term = host.groups[g].core.term if host.leads_current(g) else 0
             props = lz.step(now, term, self._records(g), lambda: groups)
             for p in props:
-                t = asyncio.get_running_loop().create_task(self._send(lz, p))
+                if p.cmd.kind == Kind.EXPIRE and rq.cross is not None and lessor_logic.cross_group_deletion(groups):
+                    coro = self._expire_across(lz, p, list(groups))
+                else:
+                    coro = self._send(lz, p)
+                t = asyncio.get_running_loop().create_task(coro)
                 self._tasks.add(t)
                 t.add_done_callback(self._tasks.discard)
 
@@ -313,6 +344,24 @@ class LeaseDriver:
             out: list[tuple[int, leases.Record]] = store.revisions.read_leases(g, leases.iter_records)
             return out
         return read
+
+    async def _expire_across(self, lz: Lessor, p: Proposal, groups: list[int]) -> None:
+        """An EXPIRE with several data groups: the lease's deletion as one two-phase commit
+        (`xlogic.plan_lease` with the renew count), at most one attempt per lease at a time; an
+        attempt that fails is retried by the lease clock (its next EXPIRE)."""
+        rq = self.rq
+        lid = p.cmd.lease_id
+        if rq.cross is None or lid in self._deleting:
+            return
+        self._deleting.add(lid)
+        try:
+            await rq.cross.run(None, xlogic.plan_lease(groups, lid, p.cmd.renews))
+            self.expired += 1
+            rq.metrics.lease_expired.inc()
+        except errors.KVError as err:  # renewed or revoked meanwhile (definite), or retried later
+            log.debug("deletion of lease %x across groups: %s", lid, err)
+        finally:
+            self._deleting.discard(lid)
 
     async def _send(self, lz: Lessor, p: Proposal) -> None:
         rq = self.rq

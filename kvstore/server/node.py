@@ -42,12 +42,15 @@ from kvstore.node.logic import Bootstrap, NodeLogic
 from kvstore.node.readiness import Readiness
 from kvstore.node.store import NodeStore
 from kvstore.node.version import CommandGate, VersionTracker, members_of
+from kvstore.node.xtxn import RECORD_SWEEP_BATCH
 from kvstore.raft import Message, Role
 from kvstore.security.audit import KEY_FILE, AuditLog, load_or_create_key
 from kvstore.security.guard import AuthGuard, AuthTracker
 from kvstore.security.tls import NodeTls, PeerVerifier
 from kvstore.shard.shardmap import META_GROUP
+from kvstore.storage import xtxn_apply
 from kvstore.storage.store import LmdbNodeStore
+from kvstore.storage.xtxn import Record, TxnId
 from kvstore.transport.peer import CHANNEL_OPTIONS, Transport
 from kvstore.transport.service import RaftService
 from kvstore.v1 import admin_pb2, auth_pb2, kv_pb2, raft_pb2, shard_pb2
@@ -284,7 +287,11 @@ class Node:
                 revs = store.revisions
                 return [*revs.intents(g, b"", None, SWEEP_BATCH), *((b"", raw) for raw in revs.range_locks(g))]
 
-            self._tasks.append(loop.create_task(cross.sweep(led, intents), name="intent-sweep"))
+            def records(g: int, before: int) -> list[tuple[TxnId, Record]]:
+                return store.revisions.read_leases(g, lambda rows: xtxn_apply.unfinished(rows, before,
+                                                                                         RECORD_SWEEP_BATCH))
+
+            self._tasks.append(loop.create_task(cross.sweep(led, intents, records=records), name="intent-sweep"))
         retention: Retention | None = None
         if cfg.history_retention > 0:
             retention = Retention(self.host, self.caller, self.tracker, cfg.history_retention,

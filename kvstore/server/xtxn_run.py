@@ -32,10 +32,10 @@ from typing import TypeVar
 from kvstore import errors
 from kvstore.node import xtxn as logic
 from kvstore.node.hlc import HybridClock
-from kvstore.storage import txn
+from kvstore.storage import mvcc, txn
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
-from kvstore.storage.xtxn import Intent, TxnId
+from kvstore.storage.xtxn import Intent, Record, TxnId
 
 Propose = Callable[[int, bytes], Awaitable[ApplyResult]]
 _T = TypeVar("_T")
@@ -187,17 +187,18 @@ class CrossTxns:
         committed) always goes through the RECORD, even when this attempt writes nothing: its
         compares now see the earlier attempt's own writes, and only the RECORD's session check
         gives the answer of the attempt that committed (exactly once); when none did, the
-        RECORD commits this attempt's answer."""
+        RECORD commits this attempt's answer. A lease's deletion (`p.lease`) always goes
+        through the RECORD too, even when it finds no key: its RECORD revokes the lease."""
         groups = sorted(p.keys)
         client_id, seq, ack, retry, horizon = session
-        if not r.writes_anything and not (client_id and retry):
+        if not r.writes_anything and not p.lease and not (client_id and retry):
             # a read-only answer, or a first attempt that writes nothing: its reads were one
             # snapshot at R, and no earlier attempt of this request can have committed
             await self._release(tid, groups)
             return ApplyResult(revision=r.result.revision, txn=r.result)
         await self._halt("prepare")
         try:  # both built before the commit point: a COMMIT that cannot be built must not follow it
-            record = logic.record_command(tid, start, r, client_id, seq, ack, retry, horizon)
+            record = logic.record_command(tid, start, r, client_id, seq, ack, retry, horizon, p.lease, p.renews)
             commit_cmds = logic.commit_commands(tid, r, groups)
         except ValueError as err:
             await self._release(tid, groups)
@@ -276,14 +277,46 @@ class CrossTxns:
         except errors.KVError:
             pass  # the next request that meets the intent tries again
 
+    def finish(self, primary: int, tid: TxnId, rec: Record) -> None:
+        """A COMMITTED record its coordinator did not FINALIZE in time (it died between its
+        RECORD and its FINALIZE): send every participant's COMMIT again and then FINALIZE it, in
+        the background (at most one at a time per transaction)."""
+        if tid in self._resolving:
+            return
+        task = asyncio.get_running_loop().create_task(self._finish(primary, tid, rec))
+        self._resolving[tid] = task
+        task.add_done_callback(lambda _t: self._resolving.pop(tid, None))
+
+    async def _finish(self, primary: int, tid: TxnId, rec: Record) -> None:
+        try:
+            got = await self._all(logic.finish_commands(tid, rec))
+            if all(isinstance(r, ApplyResult) for r in got.values()):  # every participant applied it
+                await self.propose(primary, logic.finalize_command(tid))
+        except errors.KVError:
+            pass  # the next round tries again
+
     async def sweep(self, led: Callable[[], list[int]], intents: Callable[[int], list[tuple[bytes, bytes]]],
-                    interval: float = 1.0) -> None:
+                    interval: float = 1.0,
+                    records: Callable[[int, int], list[tuple[TxnId, Record]]] | None = None) -> None:
         """Forever: resolve the expired intents of the groups this node leads (`led`), so an
         intent nobody meets (a dead coordinator's, on a key nobody touches) does not hold back
         the groups' watch frontier and compaction for ever. At most `SWEEP_BATCH` per group and
-        round; each resolution is the same as a request's that meets the intent."""
+        round; each resolution is the same as a request's that meets the intent. With `records`
+        (group, before -> `xtxn_apply.unfinished` of the group, at most `RECORD_SWEEP_BATCH`),
+        it also finishes the COMMITTED records of those groups whose coordinator did not
+        FINALIZE them within the transaction timeout (`finish`), so they are forgotten by age."""
         while True:
             await asyncio.sleep(interval)
+            if records is not None:
+                before = logic.sweep_before(self.now_ms(), self.txn_timeout_ms)
+                for g in led():
+                    try:
+                        stale = records(g, before)
+                    except (StorageError, mvcc.RevisionError) as err:
+                        log.warning("record sweep of group %d: %s", g, err)
+                        continue
+                    for tid, rec in stale:
+                        self.finish(g, tid, rec)
             for g in led():
                 try:
                     rows = intents(g)

@@ -55,7 +55,16 @@ from .layout import (
 )
 from .machine import LIMITS, SessionHead, SessionLimits, SessionMeta, apply_data
 from .mvcc_lmdb import LmdbRows, rev_dbs
-from .shardcmd import REC_CLOSED, REC_DATA, REC_FLOOR, REC_HISTORY, REC_RESULT, ShardState, encode_record
+from .shardcmd import (
+    REC_CLOSED,
+    REC_DATA,
+    REC_FLOOR,
+    REC_HISTORY,
+    REC_LEASE,
+    REC_RESULT,
+    ShardState,
+    encode_record,
+)
 from .snapfile import (
     TAG_DATA,
     TAG_LEASES,
@@ -500,7 +509,8 @@ class KVState:
     def range_locks(self, group: int) -> list[bytes]:
         with self._env.read() as txn:
             rows = LmdbRows(txn, group, rev_dbs(self._env))
-            return [bytes(v)[:xtxn.INTENT_BYTES] for _k, v in rows.iter(mvcc.T_TXN, b"l", b"m")]
+            return [bytes(v)[:xtxn.INTENT_BYTES] for lo, hi in ((b"e", b"f"), (b"l", b"m"))
+                    for _k, v in rows.iter(mvcc.T_TXN, lo, hi)]
 
     def intents(self, group: int, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         """At most `limit` intents on keys in [start, end), in key order (`mvcc.T_INTENTS`)."""
@@ -655,7 +665,7 @@ class KVState:
     def export_range(self, group: int, ranges: IntervalSet, chunk_bytes: int) -> TxnStream[tuple[bytes, int]]:
         """The group's data rows whose key hash is in `ranges`, and all its sessions (each head row
         as a REC_FLOOR of its floor alone, each cached result as a REC_RESULT; not the session meta
-        row: the eviction horizon stays with its group), as `shardcmd` install records in chunks of about `chunk_bytes` (each with its data-row count),
+        row: the eviction horizon stays with its group), and the keys' lease attachments (REC_LEASE), as `shardcmd` install records in chunks of about `chunk_bytes` (each with its data-row count),
         from ONE read transaction. Raises StorageError unless `ranges` are frozen in the group
         (their data is then immutable, so any replica applied past the FREEZE exports the same)."""
         env = self._env
@@ -691,6 +701,13 @@ class KVState:
                 if key_hash(k) not in ranges:
                     continue
                 rec = encode_record(REC_HISTORY, k, mvcc.encode_versions(mvcc.key_history(rows, k)))
+                buf.append(rec)
+                size += len(rec)
+                if size >= chunk_bytes:
+                    yield b"".join(buf), keys
+                    buf, size, keys = [], 0, 0
+            for k, lid in leases.attachments(rows, lambda key: key_hash(key) in ranges):
+                rec = encode_record(REC_LEASE, k, U64.pack(lid))
                 buf.append(rec)
                 size += len(rec)
                 if size >= chunk_bytes:

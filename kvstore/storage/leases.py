@@ -33,7 +33,8 @@ then carries key_len:u32 key value):
   range lock; the lease clock and the DROP sender retry, the client's revoke gets a retryable
   error.
 - DROP(id): in any group: the keys attached here are deleted at one revision, and the group
-  keeps a tombstone so that a LEASE_PUT of that lease arriving later is refused.
+  keeps a tombstone so that a LEASE_PUT of that lease arriving later is refused. Like REVOKE and
+  EXPIRE it waits (refused, retried) while an attached key is in a moving range (below).
 - FORGET(id): home group: a REVOKED record whose DROPs every other data group applied becomes a
   tombstone.
 - PUT(id, key, value): a put that attaches `key` to the lease (detaching it from any other).
@@ -46,8 +47,40 @@ while it holds no tombstone of L; the home leader fans DROP(L) out to every data
 revocation (`node.lessor`) and FORGETs L only when all applied it. A LEASE_PUT applied before a
 group's DROP is deleted by it; one after it is refused. The client library checks the lease at its
 home before proposing a LEASE_PUT to another group (a definite "requested lease not found").
-That per-group deletion is `drop_attached` below: one function boundary to replace by one atomic
-cross-group deletion once cross-group transactions exist.
+With more than one data group the lease's EXPIRE/REVOKE is instead one atomic deletion across
+groups (a two-phase commit, `xtxn_apply.py`, feature level 4 like these commands): the home
+group's RECORD is its commit point (`revoke_record`: LIVE, the same renew count for an expiry;
+the record becomes the tombstone in the same apply) and each group's COMMIT deletes its attached
+keys at the one revision R, then drops the attachment rows and keeps a tombstone
+(`deleted_everywhere`); a LEASE_PUT meeting the deletion's lease lock is refused LOCKED. No DROP
+or FORGET follows (the record is not REVOKED, it is gone).
+
+Range moves (`shardcmd`, `machine.apply_shard_command`). A moved key's attachment moves with it:
+the source's export carries (key, lease id) records (`attachments`, `shardcmd.REC_LEASE`) and the
+target's INSTALL attaches the key as a LEASE_PUT would (`attach`); BEGIN and the source's DROP
+forget the attachment rows of the ranges they wipe (`forget_keys`). Which deletion runs is not
+decided from a set of groups the home keeps (it keeps none): with more than one data group in the
+map it is always the deletion across ALL data groups, with one the one-command path, whose DROP
+fan-out re-reads the data groups before the FORGET (`node.lessor`). Invariant (every key attached
+to a lease when its deletion commits is deleted, wherever a move put it):
+- no deletion skips a moving key: REVOKE, EXPIRE and DROP are refused (LEASE_MOVING, WRONG_SHARD,
+  nothing changed) while a key attached to the lease in the group is in a range it froze or is
+  installing (`drop_attached`); the lease PREPARE is refused while the group has any range frozen
+  or being installed (`xtxn_apply._prepare`). So a key is deleted by the group that serves it.
+- no attachment arrives behind a deletion's back: a PREPARE that found a key put an intent on it,
+  which keeps its range from freezing (FREEZE waits for intents) until the COMMIT deleted it; an
+  INSTALL attaching a key to a lease whose deletion holds a lease lock in the target is refused
+  (`machine._install_lease_check`; the move retries). Hence, with the deletion across groups,
+  an INSTALL never meets the lease's tombstone (the COMMIT that wrote it followed PREPAREs in
+  every group, the source's included, each of which either found and locked the key or ran
+  before the range froze / after it moved).
+- an attachment that does arrive for a lease dead in the target (its tombstone; in its home a
+  record not LIVE) - possible with the one-command path, whose DROP may reach the target before
+  the key does - does not stay attached: the ACTIVATE of its range deletes the key at a new
+  revision of the target (`machine.settle_dead_attachments`), definitively, since no deletion of
+  the lease would come there.
+Assumed, not enforced here: the coordinator's map lists every data group (a map that lags behind
+a group added and filled by a move after it was read would leave that group out of the plan).
 
 Every decoder is total: garbage raises `ValueError` (never another exception type).
 """
@@ -69,8 +102,8 @@ MAX_LEASE_ID = (1 << 63) - 1
 MIN_TTL_S = 1
 MAX_TTL_S = 9_000_000_000
 """etcd's MaxLeaseTTL (about 285 years)."""
-T_LEASES = 6
-"""The lease table's number in the group's `mvcc.Rows` (after the MVCC tables 0..3)."""
+T_LEASES = mvcc.T_LEASES
+"""The lease table's number in the group's `mvcc.Rows` (after the MVCC and transaction tables)."""
 
 LIVE = 0
 REVOKED = 1
@@ -269,7 +302,10 @@ def lease_of(rows: mvcc.Rows, key: bytes) -> int:
 
 
 def detach(rows: mvcc.Rows, key: bytes) -> None:
-    """Detach `key` from its lease, if any (a plain write or delete of the key)."""
+    """Detach `key` from its lease, if any (a plain write or delete of the key). A group with
+    no attachment at all answers from the rows' per-batch flag (`mvcc.Rows.has_attachments`)."""
+    if not rows.has_attachments():
+        return
     ok = owner_key(key)
     raw = rows.get(T_LEASES, ok)
     if raw is None:
@@ -277,6 +313,47 @@ def detach(rows: mvcc.Rows, key: bytes) -> None:
     lid = _U64.unpack(bytes(raw))[0]
     rows.delete(T_LEASES, ok)
     rows.delete(T_LEASES, attach_key(lid, key))
+
+
+def attach(rows: mvcc.Rows, key: bytes, lease_id: int) -> None:
+    """Attach `key` to `lease_id` (detaching it from any other): the rows a LEASE_PUT writes, and
+    an INSTALL of a moved key's attachment."""
+    old = lease_of(rows, key)
+    if old != lease_id:
+        if old:
+            rows.delete(T_LEASES, attach_key(old, key))
+        rows.put(T_LEASES, owner_key(key), owner_row(lease_id))
+        rows.put(T_LEASES, attach_key(lease_id, key), key)
+
+
+def attachments(rows: mvcc.Rows, chosen: Callable[[bytes], bool]) -> list[tuple[bytes, int]]:
+    """(key, lease id) of every attachment in this group whose key is `chosen` (a range move's
+    export: the keys of the frozen ranges), in attachment-row order (the same on every replica)."""
+    out: list[tuple[bytes, int]] = []
+    for k, v in rows.iter(T_LEASES, b"A", b"B"):
+        key = bytes(v)
+        if chosen(key):
+            out.append((key, int(_U64.unpack_from(bytes(k), 1)[0])))
+    return out
+
+
+def forget_keys(rows: mvcc.Rows, chosen: Callable[[bytes], bool]) -> int:
+    """Remove the attachment rows of every attached key that is `chosen` (the ranges a group
+    drops after a move, or wipes before installing them). Returns how many."""
+    gone = attachments(rows, chosen)
+    for key, lid in gone:
+        rows.delete(T_LEASES, attach_key(lid, key))
+        rows.delete(T_LEASES, owner_key(key))
+    return len(gone)
+
+
+def may_attach(rows: mvcc.Rows, group: int, lease_id: int) -> bool:
+    """Whether a key may be attached to `lease_id` in this group: in its home group only while
+    its record is LIVE, elsewhere unless the group holds its tombstone (the LEASE_PUT rule)."""
+    if home_group(lease_id) == group:
+        rec = get_record(rows, lease_id)
+        return rec is not None and rec.state == LIVE
+    return rows.get(T_LEASES, tomb_key(lease_id)) is None
 
 
 def check_rows(key: bytes, value: bytes) -> None:
@@ -311,6 +388,8 @@ class Outcome:
     deleted: int = 0
     revision: int = 0
     error: str | None = None
+    moving: bool = False
+    """Refused because an attached key is in a moving range (LEASE_MOVING)."""
 
 
 Get = Callable[[bytes], "bytes | None"]
@@ -318,15 +397,27 @@ Delete = Callable[[bytes], bool]
 Put = Callable[[bytes, bytes], None]
 
 
+LEASE_MOVING = "a key attached to the lease is in a range being moved: its deletion waits for the move"
+"""A lease deletion (REVOKE, EXPIRE, DROP) refused while a key attached to the lease in the group
+lies in a range the group froze or is installing (retried: the lease clock, the DROP sender,
+the client's revoke on WRONG_SHARD)."""
+
+Pred = Callable[[bytes], bool]
+
+
 def drop_attached(rows: mvcc.Rows, group: int, lease_id: int, proposed: int, get: Get, delete: Delete,
-                  serves: Callable[[bytes], bool] = lambda _k: True) -> Outcome:
+                  serves: Pred = lambda _k: True, moving: Pred = lambda _k: False) -> Outcome:
     """Delete every key attached to `lease_id` in this group at ONE revision (mvcc.next_revision
     of the proposal) and its attachment rows. The per-group half of a lease's deletion (see the
-    module docstring); RevisionError propagates before anything changed. Only keys the group
-    serves (`serves`) are deleted: a key in a range frozen for a move is immutable (its export
-    must read the same on every replica); it moves without its attachment (a known gap: README
-    "Leases")."""
+    module docstring); RevisionError propagates before anything changed. Refused (LEASE_MOVING,
+    `Outcome.moving`, nothing changed) while an attached key is `moving` (in a range the group
+    froze or is installing: a frozen key is immutable, so its export reads the same on every
+    replica, and it moves WITH its attachment; the deletion is retried after the move, where
+    the move put the key). A key neither served nor moving (a row the group no longer owns) is
+    only detached."""
     keys = attached_keys(rows, lease_id)
+    if any(moving(k) for k in keys):
+        return Outcome(error=LEASE_MOVING, moving=True)
     present = [(k, v) for k in keys if serves(k) and (v := get(k)) is not None]
     rev = 0
     if present:
@@ -334,18 +425,58 @@ def drop_attached(rows: mvcc.Rows, group: int, lease_id: int, proposed: int, get
         for k, prev in present:
             mvcc.write_version(rows, group, k, None, prev, rev, exact=True)
             delete(k)
-    for k in keys:
-        rows.delete(T_LEASES, attach_key(lease_id, k))
-        rows.delete(T_LEASES, owner_key(k))
+    forget_attached(rows, lease_id, keys)
     return Outcome(found=True, deleted=len(present), revision=rev)
 
 
+def forget_attached(rows: mvcc.Rows, lease_id: int, keys: list[bytes] | None = None) -> None:
+    """Remove every attachment row of `lease_id` in this group (`keys`: `attached_keys`, if read
+    already); the keys themselves are not touched."""
+    for k in attached_keys(rows, lease_id) if keys is None else keys:
+        rows.delete(T_LEASES, attach_key(lease_id, k))
+        rows.delete(T_LEASES, owner_key(k))
+
+
+LEASE_RENEWED = "lease renewed since its expiry was decided"
+"""A lease deletion's RECORD refused because an expiry's renew count no longer matches."""
+
+
+def revoke_record(rows: mvcc.Rows, group: int, lease_id: int, renews: int) -> str | None:
+    """The commit point of a lease's deletion across groups (a RECORD with a lease, in its home
+    group): if the record is LIVE and (`renews` != 0, an expiry) still has that renew count, the
+    lease is revoked and forgotten at once (its record becomes the tombstone: every group's
+    COMMIT deletes its keys and keeps a tombstone, so no DROP and no FORGET follow); else the
+    reason it is refused (nothing changed)."""
+    if home_group(lease_id) != group:
+        return f"lease {lease_id:x} is homed in group {home_group(lease_id)}, not {group}"
+    rec = get_record(rows, lease_id)
+    if rec is None or rec.state != LIVE:
+        return NOT_FOUND
+    if renews and rec.renews != renews:
+        return LEASE_RENEWED
+    rows.delete(T_LEASES, record_key(lease_id))
+    rows.put(T_LEASES, tomb_key(lease_id), b"")
+    return None
+
+
+def deleted_everywhere(rows: mvcc.Rows, group: int, lease_id: int) -> None:
+    """A lease deletion's COMMIT in this group (its keys' deletes are the COMMIT's: every key
+    the deletion prepared here, `XCmd.delete_prepared`, or the writes it lists): the
+    attachment rows go and a group other than the home keeps a tombstone, so that a LEASE_PUT
+    of the lease arriving later is refused."""
+    forget_attached(rows, lease_id)
+    if home_group(lease_id) != group:
+        rows.put(T_LEASES, tomb_key(lease_id), b"")
+
+
 def apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, proposed: int,
-          get: Get, put: Put, delete: Delete, serves: Callable[[bytes], bool] = lambda _k: True) -> Outcome:
+          get: Get, put: Put, delete: Delete, serves: Pred = lambda _k: True,
+          moving: Pred = lambda _k: False) -> Outcome:
     """Apply lease command `c` to a group (see the module docstring). `key`/`value`: LEASE_PUT's;
     `proposed`: the leader's proposed revision for a write; `serves(key)`: whether the group
-    serves the key (deletions skip keys it does not). RevisionError propagates before anything
-    changed."""
+    serves the key; `moving(key)`: whether it lies in a range the group froze or is installing
+    (a deletion is then refused whole: `drop_attached`). RevisionError propagates before
+    anything changed."""
     lid, k = c.lease_id, c.kind
     home = home_group(lid) == group
     rk = record_key(lid)
@@ -362,15 +493,12 @@ def apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, pr
             return Outcome(error=NOT_FOUND)
         rev = mvcc.write_version(rows, group, key, value, None, proposed, get)
         put(key, value)
-        old = lease_of(rows, key)
-        if old != lid:
-            if old:
-                rows.delete(T_LEASES, attach_key(old, key))
-            rows.put(T_LEASES, owner_key(key), owner_row(lid))
-            rows.put(T_LEASES, attach_key(lid, key), key)
+        attach(rows, key, lid)
         return Outcome(found=True, revision=rev)
     if k == Kind.DROP:
-        out = drop_attached(rows, group, lid, proposed, get, delete, serves)
+        out = drop_attached(rows, group, lid, proposed, get, delete, serves, moving)
+        if out.error is not None:
+            return out
         if not home:
             rows.put(T_LEASES, tomb_key(lid), b"")
         return out
@@ -391,8 +519,9 @@ def apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, pr
     if k == Kind.EXPIRE or k == Kind.REVOKE:
         if rec is None or not live or (k == Kind.EXPIRE and rec.renews != c.renews):
             return Outcome(error=NOT_FOUND) if k == Kind.REVOKE else Outcome()
-        out = drop_attached(rows, group, lid, proposed, get, delete, serves)
-        rows.put(T_LEASES, rk, Record(rec.ttl_s, 0, rec.renews, REVOKED).encode())
+        out = drop_attached(rows, group, lid, proposed, get, delete, serves, moving)
+        if out.error is None:
+            rows.put(T_LEASES, rk, Record(rec.ttl_s, 0, rec.renews, REVOKED).encode())
         return out
     if k == Kind.FORGET:
         if rec is None or rec.state != REVOKED:

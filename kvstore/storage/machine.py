@@ -102,6 +102,7 @@ from .shardcmd import (
     REC_DATA,
     REC_FLOOR,
     REC_HISTORY,
+    REC_LEASE,
     REC_RESULT,
     U64,
     U64_PAIR,
@@ -337,12 +338,21 @@ def apply_txn(view: StateView, t: txn.Txn, proposed: int) -> ApplyResult:
 def apply_lease(view: StateView, cmd: Command) -> ApplyResult:
     """A lease command (`leases.apply`). The result: `found`; `current` = ttl_s:u64 for a GRANT
     or a RENEW that found the lease, the number of keys deleted:u64 for REVOKE, EXPIRE and DROP;
-    `revision` of the deletion or of a LEASE_PUT; `error` when refused (nothing changed)."""
+    `revision` of the deletion or of a LEASE_PUT; `error` when refused (nothing changed), with
+    `wrong_shard` when a deletion waits for a range move (an attached key is frozen or being
+    installed here: `leases.LEASE_MOVING`; not cached, so a retry applies)."""
     lc = cmd.lease
     assert lc is not None  # the caller checked
     st = view.shards
-    out = leases.apply(view.mvcc, view.group, lc, cmd.key, cmd.value, cmd.revision, view.get, view.put, view.delete,
-                       (lambda _k: True) if st is None else (lambda k: key_hash(k) in st.active))
+    if st is None:
+        out = leases.apply(view.mvcc, view.group, lc, cmd.key, cmd.value, cmd.revision, view.get, view.put,
+                           view.delete)
+    else:
+        moving = st.frozen.union(st.installing)
+        out = leases.apply(view.mvcc, view.group, lc, cmd.key, cmd.value, cmd.revision, view.get, view.put,
+                           view.delete, lambda k: key_hash(k) in st.active, lambda k: key_hash(k) in moving)
+    if out.moving:  # definite and retryable (WRONG_SHARD): the deletion runs again after the move
+        return ApplyResult(wrong_shard=True, error=out.error)
     k = lc.kind
     current = None
     if out.found and k in (leases.Kind.GRANT, leases.Kind.RENEW):
@@ -371,7 +381,8 @@ def _locked(view: StateView, cmd: Command) -> ApplyResult | None:
     (`xtxn_apply.locked`; a corrupt intent row gives an error result). A lease's REVOKE, EXPIRE
     or DROP writes every key attached to the lease in this group: it is refused (all or nothing,
     not cached; the lease clock or the client retries) while any of them holds an intent or lies
-    in a range lock, so no key is ever deleted under a prepared transaction."""
+    in a range lock, so no key is ever deleted under a prepared transaction; a LEASE_PUT is
+    refused while a deletion of its lease holds a lease lock here (`xtxn_apply.lease_locked`)."""
     try:
         if cmd.txn is not None:
             return xtxn_apply.locked(view.mvcc, (k for k, _ in txn.keys_of(cmd.txn)))
@@ -379,7 +390,13 @@ def _locked(view: StateView, cmd: Command) -> ApplyResult | None:
         if lc is not None and lc.kind in _LEASE_DELETES:
             if not view.mvcc.has_locks():
                 return None
-            return xtxn_apply.locked(view.mvcc, leases.attached_keys(view.mvcc, lc.lease_id))
+            keys = leases.attached_keys(view.mvcc, lc.lease_id)
+            return (xtxn_apply.locked(view.mvcc, keys)
+                    or xtxn_apply.lease_locked(view.mvcc, lc.lease_id, keys[0] if keys else b"\x00"))
+        if lc is not None and lc.kind == leases.Kind.PUT:  # no attach to a lease whose deletion is prepared
+            return xtxn_apply.lease_locked(view.mvcc, lc.lease_id, cmd.key) or xtxn_apply.locked(view.mvcc, (cmd.key,))
+        if lc is not None:  # GRANT, RENEW, CHECKPOINT, FORGET: no key (as `serves`), nothing to lock
+            return None
         return xtxn_apply.locked(view.mvcc, (cmd.key,))
     except mvcc.RevisionError as err:
         return ApplyResult(error=f"revision refused: {err}")
@@ -494,6 +511,8 @@ def apply_command(view: StateView, cmd: Command) -> ApplyResult:
     result = execute(view, cmd)
     if cmd.op == Op.RECORD and result.error is not None:
         return result  # a refused commit point changed nothing: not cached, the next attempt's RECORD applies
+    if result.wrong_shard:
+        return result  # a lease deletion waiting for a move changed nothing: not cached, its retry applies
     new_floor = max(floor, min(cmd.ack, cmd.seq))
     view.put_session_result(cid, cmd.seq, encode_result(result))
     if new_floor > floor:
@@ -544,8 +563,10 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
             return ApplyResult(existed=True)
         if r.overlaps(st.active) or r.overlaps(st.frozen):
             return ApplyResult(error="ranges to receive overlap ranges the group serves or froze")
-        forget_history(view, r.union(st.installing))
-        view.delete_hashes(r.union(st.installing))
+        wipe = r.union(st.installing)
+        forget_history(view, wipe)
+        view.delete_hashes(wipe)
+        leases.forget_keys(view.mvcc, lambda k: key_hash(k) in wipe)
         view.set_shards(replace(st, installing=r, token=cmd.token))
         return ApplyResult()
     if cmd.op == ShardOp.INSTALL:
@@ -565,7 +586,11 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
                     histories[key] = mvcc.decode_versions(value)
                 except ValueError as err:
                     return ApplyResult(error=f"install with a bad history record: {err}")
-            if tag in (REC_DATA, REC_HISTORY):
+            if tag == REC_LEASE:
+                refused = _install_lease_check(view, key, value)
+                if refused is not None:
+                    return refused
+            if tag in (REC_DATA, REC_HISTORY, REC_LEASE):
                 h = key_hash(key)
                 if h in st.active or h in st.frozen:
                     return ApplyResult(error="install would overwrite a served key (or a frozen one)")
@@ -605,6 +630,7 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
                 if seq >= floor and view.session_result(cid, seq) is None:
                     view.put_session_result(cid, seq, value)
                 touch_session(view, cid, head, floor)
+        install_attachments(view, [(k, v) for tag, k, v in records if tag == REC_LEASE])
         return ApplyResult()
     if cmd.op == ShardOp.ACTIVATE:
         if r.issubset(st.active):
@@ -614,16 +640,77 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
             return ApplyResult(error="cannot activate ranges the group froze")
         if cmd.token != st.token or r != st.installing:
             return ApplyResult(error="activate of an installation that is not the current one")
+        try:
+            settle_dead_attachments(view, r)
+        except mvcc.RevisionError as err:
+            return ApplyResult(error=f"revision refused: {err}")
         view.set_shards(replace(st, active=st.active.union(r), installing=IntervalSet(), token=0))
         return ApplyResult()
     if cmd.op == ShardOp.DROP:
         if r.overlaps(st.active) or r.overlaps(st.installing):
             return ApplyResult(error="cannot drop ranges the group serves or is installing")
-        forget_history(view, r.intersection(st.frozen))
-        view.delete_hashes(r.intersection(st.frozen))
+        gone = r.intersection(st.frozen)
+        forget_history(view, gone)
+        view.delete_hashes(gone)
+        leases.forget_keys(view.mvcc, lambda k: key_hash(k) in gone)
         view.set_shards(replace(st, frozen=st.frozen.difference(r)))
         return ApplyResult()
     return ApplyResult(error=f"unknown shard op {cmd.op!r}")
+
+
+def _install_lease_check(view: StateView, key: bytes, value: bytes) -> ApplyResult | None:
+    """The refusal of an INSTALL record attaching `key` to a lease whose deletion across groups
+    holds a lease lock in this group (prepared here, not yet committed or aborted), or None. The
+    move waits (the coordinator retries the installation): a key attached to the lease must not
+    arrive after the deletion's PREPARE looked for the lease's keys here."""
+    (lid,) = U64.unpack(value)  # a valid lease id: checked by iter_records
+    try:
+        lock = xtxn_apply.lease_locked(view.mvcc, lid, key)
+    except mvcc.RevisionError as err:
+        return ApplyResult(error=f"revision refused: {err}")
+    if lock is not None:
+        return ApplyResult(error=f"install of a key attached to lease {lid:x}, whose deletion is in progress here")
+    return None
+
+
+def install_attachments(view: StateView, recs: list[tuple[bytes, bytes]]) -> None:
+    """An INSTALL's lease attachments (`REC_LEASE`: key, lease id): each key is attached to its
+    lease as a LEASE_PUT would attach it (`leases.attach`), so the lease's deletion deletes it in
+    this group once the range is served here. (While the range is being installed, no deletion
+    touches it: REVOKE / EXPIRE / DROP and the lease PREPARE wait for the move.) An attachment to
+    a lease that is dead here is settled by the ACTIVATE (`settle_dead_attachments`)."""
+    rows = view.mvcc
+    for key, raw in recs:
+        leases.attach(rows, key, U64.unpack(raw)[0])
+
+
+def settle_dead_attachments(view: StateView, ranges: IntervalSet) -> None:
+    """At the ACTIVATE of `ranges`: a key installed there attached to a lease that may not be
+    attached here any more (`leases.may_attach`: this group holds the lease's tombstone, or is
+    its home and its record is not LIVE) is deleted, at one new revision of this group for all
+    such keys, and detached: definitively, since its lease is gone and no deletion of it would
+    come here. (Done once, at the ACTIVATE, so a late duplicate INSTALL chunk cannot bring the
+    key back after it.) With a lease's deletion across groups this cannot happen (the source's
+    PREPARE found the key, whose intent then kept its range from freezing until the COMMIT
+    deleted it, or the source refused to prepare while the range was frozen; and an INSTALL is
+    refused while the deletion's lease lock is held here); it can with the one-group REVOKE,
+    whose DROP may reach this group before the key does. RevisionError propagates before
+    anything changed."""
+    rows = view.mvcc
+    if not rows.has_attachments():
+        return
+    dead: list[tuple[bytes, bytes | None]] = []
+    for key, lid in leases.attachments(rows, lambda k: key_hash(k) in ranges):
+        if not leases.may_attach(rows, view.group, lid):
+            dead.append((key, view.get(key)))
+    if not dead:
+        return
+    rev = mvcc.next_revision(mvcc.rev_state(rows).last, 0, view.group)
+    for key, prev in dead:
+        if prev is not None:
+            mvcc.write_version(rows, view.group, key, None, prev, rev, exact=True)
+            view.delete(key)
+        leases.detach(rows, key)
 
 
 class UnknownCommandKind(Exception):

@@ -70,6 +70,8 @@ T_TXN = 4
 """Cross-group transactions' intents, records and bookkeeping (`xtxn.py` describes its rows)."""
 T_INTENTS = 5
 """Cross-group transactions' intents: user key -> `xtxn.Intent`."""
+T_LEASES = 6
+"""Leases (`leases.py` describes its rows); attachments are the rows `K` + hash (`has_attachments`)."""
 
 KIND_PUT = 1
 KIND_DELETE = 2
@@ -214,6 +216,11 @@ class Rows(Protocol):
     def has_locks(self) -> bool:
         """Whether the group holds any cross-group intent (`T_INTENTS`) or range lock (`T_TXN`
         rows `l...`): when it holds none, no write can be locked (the hot path skips the check)."""
+        ...
+
+    def has_attachments(self) -> bool:
+        """Whether any key of the group is attached to a lease (`T_LEASES` rows `K...`): when
+        none is, a write has nothing to detach (the hot path skips the lookup)."""
         ...
 
     def last_le(self, t: int, lo: bytes, k: bytes) -> tuple[bytes, bytes] | None:

@@ -12,6 +12,7 @@ from .mvcc import T_CHANGES as _T_CHANGES
 from .mvcc import T_HIST as _T_HIST
 from .mvcc import T_INTENTS as _T_INTENTS
 from .mvcc import T_KEYS as _T_KEYS
+from .mvcc import T_LEASES as _T_LEASES
 from .mvcc import T_STATE as _T_STATE
 from .mvcc import T_TXN as _T_TXN
 
@@ -33,7 +34,8 @@ class LmdbRows:
     keeps cursors of a write transaction valid across the transaction's other writes."""
 
     __slots__ = (
-        "_changes", "_dbs", "_dirty", "_end", "_hist", "_keycur", "_keys", "_locks", "_p", "_puts", "_state", "_txn",
+        "_attached", "_changes", "_dbs", "_dirty", "_end", "_hist", "_keycur", "_keys", "_locks", "_p", "_puts", "_state",
+        "_txn",
     )
 
     def __init__(self, txn: Txn, group: int, dbs: tuple[Db, ...]) -> None:
@@ -52,6 +54,8 @@ class LmdbRows:
         self._locks: bool | None = None
         """Whether the group holds an intent or a range lock (None: not known yet; read once per
         batch, and again after this view deletes one)."""
+        self._attached: bool | None = None
+        """Whether a key of the group is attached to a lease (None: not known yet; as `_locks`)."""
 
     def get(self, t: int, k: bytes) -> bytes | None:
         if t == _T_KEYS:
@@ -69,25 +73,36 @@ class LmdbRows:
         if t == _T_STATE:
             self._state, self._dirty = v, True
             return
-        if t == _T_INTENTS or (t == _T_TXN and k[:1] == b"l"):
+        if t == _T_INTENTS or (t == _T_TXN and k[:1] in (b"l", b"e")):
             self._locks = True
+        elif t == _T_LEASES and k[:1] == b"K":
+            self._attached = True
         self._txn.put(self._p + k, v, db=self._dbs[t])
 
     def has_locks(self) -> bool:
-        """Whether the group holds any intent or range lock (the write path's lock check is
+        """Whether the group holds any intent, range lock or lease lock (the write path's lock check is
         skipped without: one look per batch)."""
         if self._locks is None:
             p = self._p
             found = False
-            for t, lo in ((_T_INTENTS, p), (_T_TXN, p + b"l")):
+            for t, lo in ((_T_INTENTS, p), (_T_TXN, p + b"l"), (_T_TXN, p + b"e")):
                 cur = self._txn.cursor(db=self._dbs[t])
                 if cur.set_range(lo):
                     k = cur.key()
-                    if k[:len(lo)] == lo and (t == _T_INTENTS or k[:len(p) + 1] == p + b"l"):
+                    if k[:len(lo)] == lo:
                         found = True
                         break
             self._locks = found
         return self._locks
+
+    def has_attachments(self) -> bool:
+        """Whether a key of the group is attached to a lease (a write's detach is skipped
+        without: one look per batch)."""
+        if self._attached is None:
+            lo = self._p + b"K"
+            cur = self._txn.cursor(db=self._dbs[_T_LEASES])
+            self._attached = bool(cur.set_range(lo)) and cur.key()[:len(lo)] == lo
+        return self._attached
 
     def record(self, key: bytes, kid_rev: bytes, row: bytes, rev_kid: bytes, key_row: bytes | None) -> None:
         puts = self._puts
@@ -109,6 +124,8 @@ class LmdbRows:
     def delete(self, t: int, k: bytes) -> None:
         if t in (_T_INTENTS, _T_TXN):
             self._locks = None
+        elif t == _T_LEASES:
+            self._attached = None
         self._txn.delete(self._p + k, db=self._dbs[t])
 
     def last_le(self, t: int, lo: bytes, k: bytes) -> tuple[bytes, bytes] | None:

@@ -7,7 +7,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from .mvcc import T_CHANGES, T_HIST, T_INTENTS, T_KEYS, T_TXN
+from .mvcc import T_CHANGES, T_HIST, T_INTENTS, T_KEYS, T_LEASES, T_TXN
 
 N_TABLES = 7
 """The six MVCC tables and the lease table (`leases.T_LEASES`)."""
@@ -49,12 +49,21 @@ class MemRows:
             self.put(T_KEYS, key, key_row)
 
     def has_locks(self) -> bool:
-        """Whether any intent or range lock is held (`mvcc.Rows.has_locks`)."""
+        """Whether any intent, range lock or lease lock is held (`mvcc.Rows.has_locks`)."""
         if self.keys[T_INTENTS]:
             return True
         ks = self.keys[T_TXN]
-        i = bisect_left(ks, b"l")
-        return i < len(ks) and ks[i][:1] == b"l"
+        for tag in (b"e", b"l"):  # lease locks, range locks
+            i = bisect_left(ks, tag)
+            if i < len(ks) and ks[i][:1] == tag:
+                return True
+        return False
+
+    def has_attachments(self) -> bool:
+        """Whether any key is attached to a lease (`mvcc.Rows.has_attachments`)."""
+        ks = self.keys[T_LEASES]
+        i = bisect_left(ks, b"K")
+        return i < len(ks) and ks[i][:1] == b"K"
 
     def delete(self, t: int, k: bytes) -> None:
         d = self.tables[t]

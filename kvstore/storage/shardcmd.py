@@ -25,7 +25,9 @@ with their format version 1, shard commands with `SHARD_MAGIC`).
     wire: SHARD_MAGIC:u8 op:u8 [move:u64 unless SET] payload; ranges = IntervalSet.encode();
     token = u64;
     records = (tag:u8 key_len:u32 value_len:u32 key value)*, tag 1 = data row (key, value),
-    2 = session floor (client:u64, floor:u64), 3 = session result (client:u64 seq:u64, result)
+    2 = session floor (client:u64, floor:u64), 3 = session result (client:u64 seq:u64, result),
+    4 = a key's history, 5 = the source's closed and compact revisions, 6 = a key's lease
+    attachment (key, lease id:u64; `REC_LEASE`, feature level 4)
 
 Invariants (with `machine.apply_command`):
 - a group serves a key iff its hash is in the group's active set (a group without shard state,
@@ -48,6 +50,7 @@ from dataclasses import dataclass, field
 
 from ..shard.ranges import IntervalSet
 from .commands import MAX_KEY_SIZE, decode_result
+from .leases import check_id as check_lease_id
 
 SHARD_MAGIC = 0xA5
 
@@ -68,6 +71,11 @@ read at R the source answered for a moved key (source last >= R) is not changed 
 of the target; its compact revision to the second, so no read or watch of the target below it
 sees a moved key's history with the versions the source had compacted missing
 (docs/REVISIONS.md)."""
+REC_LEASE = 6
+"""A moved key's lease attachment (key, lease id u64: a valid id, `leases.check_id`): the INSTALL
+attaches the key to the lease in the target as a LEASE_PUT would (`machine.apply_shard_command`).
+Part of feature level 4 (`node.version.install_level`): only a range holding attached keys
+exports one, and a key is attached only by a LEASE_PUT, which needs level 4 already."""
 
 
 class ShardOp(enum.IntEnum):
@@ -181,17 +189,22 @@ def encode_record(tag: int, key: bytes, value: bytes) -> bytes:
     return _REC.pack(tag, len(key), len(value)) + key + value
 
 
+_TAGS = frozenset({REC_DATA, REC_FLOOR, REC_RESULT, REC_HISTORY, REC_CLOSED, REC_LEASE})
+
+
 def iter_records(data: bytes) -> Iterator[tuple[int, bytes, bytes]]:
+    """The (tag, key, value) records of an INSTALL's body, checked as they are read: any
+    malformed record raises ValueError (total on garbage)."""
     pos, n = 0, len(data)
     while pos < n:
         if pos + _REC.size > n:
             raise ValueError("install records truncated in a header")
         tag, kl, vl = _REC.unpack_from(data, pos)
         pos += _REC.size
-        if tag not in (REC_DATA, REC_FLOOR, REC_RESULT, REC_HISTORY, REC_CLOSED) or pos + kl + vl > n:
+        if tag not in _TAGS or pos + kl + vl > n:
             raise ValueError("install records malformed")
         key, value = data[pos : pos + kl], data[pos + kl : pos + kl + vl]
-        if tag in (REC_DATA, REC_HISTORY) and not 0 < kl <= MAX_KEY_SIZE:
+        if tag in (REC_DATA, REC_HISTORY, REC_LEASE) and not 0 < kl <= MAX_KEY_SIZE:
             raise ValueError(f"install data key of {kl} bytes")
         if tag == REC_FLOOR and (kl != 8 or vl != 8):
             raise ValueError("install floor record is not (u64, u64)")
@@ -201,6 +214,10 @@ def iter_records(data: bytes) -> Iterator[tuple[int, bytes, bytes]]:
             last, comp = U64_PAIR.unpack(value)
             if comp > last:
                 raise ValueError(f"install closed-revision record with compact {comp} above last {last}")
+        if tag == REC_LEASE:
+            if vl != 8:
+                raise ValueError("install lease record's value is not a lease id (u64)")
+            check_lease_id(U64.unpack(value)[0])  # ValueError: not a lease id
         if tag == REC_RESULT:
             if kl != 16:
                 raise ValueError("install result record key is not (u64, u64)")

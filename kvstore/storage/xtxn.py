@@ -11,14 +11,17 @@ were forgotten). Commands (op codes in `commands.Op`; none carries a client key 
     PREPARE   id primary:u64 start:u64 n:u16 (klen:u16 key)* r:u8 [slen:u16 start elen:u16 end]
                                                                   (in each participant; r = 1:
                                                                   also lock the key range
-                                                                  [start, end), end empty = no end)
+                                                                  [start, end), end empty = no end;
+                                                                  r = 2: then lease:u64, lock the
+                                                                  keys attached to that lease)
     COMMIT    id at:u64 n:u16 write* [2:u8]                      (in each participant; the tail:
                                                                   delete every key prepared)
     ABORT     id                                                  (in each participant)
-    RECORD    id start:u64 at:u64 result-len:u32 result n:u16 (group:u64 n:u16 write*)* [2:u8]
-                                                                  (in the primary: the commit point;
-                                                                  the tail: every group's COMMIT
-                                                                  deletes every key prepared)
+    RECORD    id start:u64 at:u64 result-len:u32 result n:u16 (group:u64 n:u16 write*)*
+              [1:u8 lease:u64 renews:u64] [2:u8]                  (in the primary: the commit point;
+                                                                  tail 1: a lease's deletion; tail 2:
+                                                                  every group's COMMIT deletes every
+                                                                  key prepared; both: in that order)
     RESOLVE   id start:u64                                        (in the primary)
     FINALIZE  id group:u64                                        (in the primary; group 0: every
                                                                   participant applied its COMMIT,
@@ -26,13 +29,16 @@ were forgotten). Commands (op codes in `commands.Op`; none carries a client key 
     write     flags:u8 (bit 0: a put) klen:u16 key [vlen:u32 value]
 
 Group ids (PREPARE's primary, FINALIZE's group, a RECORD's groups) are below `mvcc.MAX_GROUPS`.
-The tail byte 2 (with no write listed; absent: not) is a range delete's compact form
-(`XCmd.delete_prepared`; tag 2, so that a RECORD's other tails keep their own tags): the COMMIT deletes every key the transaction prepared in the group,
-and the RECORD says so of every group it lists. A range PREPARE may find up to
-`xtxn_apply.MAX_RANGE_KEYS` keys per group, far more than a command may list (`MAX_KEYS`, and
-`MAX_BODY` bytes): the keys need not be listed, because the group's intents fix them (its range
-lock refuses every insert into the range until the COMMIT or ABORT), so the commit point and
-the COMMITs describe any range delete the PREPAREs accepted.
+The tail byte 2 (with no write listed; absent: not) is the compact form of a range delete and
+of a lease's deletion (`XCmd.delete_prepared`; tag 2, after the RECORD's lease tail, tag 1, when
+both are there: tags come in increasing order, each at most once): the COMMIT deletes every key
+the transaction prepared in the group, and the RECORD says so of every group it lists. A range
+or lease PREPARE may find up to `xtxn_apply.MAX_RANGE_KEYS` keys per group, far more than a
+command may list (`MAX_KEYS`, and `MAX_BODY` bytes): the keys need not be listed, because the
+group's intents fix them (its range lock refuses every insert into the range, its lease lock
+every attachment to the lease, until the COMMIT or ABORT), so the commit point and the COMMITs
+describe any deletion the PREPAREs accepted. The coordinator sends a lease's deletion as a
+RECORD with both tails (`node/xtxn.record_command`); the codec also takes the lease tail alone.
 
 Rows (`row_*` give the keys; `check_rows` validates one, as a snapshot brings it):
 
@@ -41,11 +47,14 @@ Rows (`row_*` give the keys; `check_rows` validates one, as a snapshot brings it
     table mvcc.T_TXN:
     t + id                  -> prepared:u64 start:u64 (klen:u16 key)*  the keys of its intents here
     l + id                  -> intent slen:u16 start end   a range lock (a range delete's)
+    e + id                  -> intent lease:u64   a lease lock (a lease deletion's: no LEASE_PUT of it)
     p + prepared:u64 + id   -> b""      the transactions by prepared revision (the minimum pending)
     r + id                  -> record   state:u8 start:u64 at:u64 result-len:u32 result n:u16
                                         (group:u64 n:u16 write*)* [2:u8]
     d + id                  -> start:u64  the transaction is done in this group (committed or aborted)
     g + expiry:u64 + id     -> b""      age-ordered index of the rows forgotten at `expiry`
+    u + start:u64 + id      -> b""      a COMMITTED record not FINALIZED yet, by start (the record
+                                        sweep finishes those whose coordinator died before FINALIZE)
 
 Invariants: every decoder is total (raises `ValueError`, never another type) and bounded (at
 most `MAX_KEYS` keys or writes per group, `MAX_GROUPS_PER_TXN` groups, `MAX_BODY` bytes);
@@ -58,7 +67,7 @@ import enum
 import struct
 from dataclasses import dataclass, field
 
-from . import mvcc
+from . import leases, mvcc
 from .keylimit import MAX_KEY_SIZE
 from .txn import MAX_TXN_BYTES, MAX_TXN_ITEMS, TxnResult, decode_txn_result, encode_txn_result
 
@@ -202,8 +211,16 @@ class XCmd:
     """FINALIZE: the participant that applied its COMMIT (0: every one)."""
     delete_prepared: bool = False
     """COMMIT (with no `writes`): delete every key the transaction prepared in the group; RECORD
-    (every group listed with no write): so does each group's COMMIT. A range delete's compact
-    form (module docstring)."""
+    (every group listed with no write): so does each group's COMMIT. The compact form of a range
+    delete and of a lease's deletion (module docstring)."""
+    lease: int = 0
+    """PREPARE: lock the keys attached to this lease in the group (every one found answered; a
+    lease's deletion, no keys named). RECORD: the commit point of that deletion, in the lease's
+    home group: it commits only while the lease is LIVE (and, with `renews`, still has that
+    renew count: an expiry), and revokes and forgets the lease in the same apply
+    (its record becomes the tombstone)."""
+    renews: int = 0
+    """RECORD with a lease: the renew count an expiry was decided on (0: a revoke, any)."""
 
 
 # --- rows ----------------------------------------------------------------------------------------
@@ -217,6 +234,10 @@ def row_pending(prepared: int, t: TxnId) -> bytes:
 
 def row_lock(t: TxnId) -> bytes:
     return b"l" + t.encode()
+
+
+def row_lease_lock(t: TxnId) -> bytes:
+    return b"e" + t.encode()
 
 
 def row_record(t: TxnId) -> bytes:
@@ -234,6 +255,10 @@ def row_gc(expiry: int, t: TxnId) -> bytes:
 def encode_txn_keys(keys: tuple[bytes, ...] | list[bytes], prepared: int, start: int) -> bytes:
     """The `t` row: the keys of a transaction's intents in the group."""
     return _U64.pack(prepared) + _U64.pack(start) + b"".join(_U16.pack(len(k)) + k for k in keys)
+
+
+def row_unfinished(start: int, t: TxnId) -> bytes:
+    return b"u" + _U64.pack(start) + t.encode()
 
 
 def decode_txn_keys(raw: bytes) -> tuple[int, int, list[bytes]]:
@@ -266,20 +291,22 @@ def check_rows(table: int, key: bytes, value: bytes) -> None:
     if table != mvcc.T_TXN:
         raise ValueError(f"table {table} holds no transaction rows")
     kind = key[:1]
-    if kind in (b"t", b"l", b"r", b"d"):
+    if kind in (b"t", b"l", b"e", b"r", b"d"):
         if len(key) != _ROW_ID:
             raise ValueError(f"{kind.decode()} row key of {len(key)} bytes (expected {_ROW_ID})")
         if kind == b"t":
             decode_txn_keys(value)
         elif kind == b"l":
             decode_range_lock(value)
+        elif kind == b"e":
+            decode_lease_lock(value)
         elif kind == b"r":
             decode_record(value)
         elif len(value) != _U64.size:
             raise ValueError(f"done row of {len(value)} bytes (expected {_U64.size})")
         else:
             _check_rev("start", _U64.unpack(value)[0])
-    elif kind in (b"p", b"g"):
+    elif kind in (b"p", b"g", b"u"):
         if len(key) != _ROW_REV_ID:
             raise ValueError(f"{kind.decode()} row key of {len(key)} bytes (expected {_ROW_REV_ID})")
         _check_rev("revision", _U64.unpack_from(key, 1)[0])
@@ -354,6 +381,24 @@ def decode_range_lock(raw: bytes) -> tuple[Intent, tuple[bytes, bytes]]:
     return intent, (lo, hi)
 
 
+def encode_lease_lock(intent: Intent, lease_id: int) -> bytes:
+    return intent.encode() + _U64.pack(lease_id)
+
+
+def decode_lease_lock(raw: bytes) -> tuple[Intent, int]:
+    """Total: ValueError for anything malformed."""
+    b = _Buf(bytes(raw), 0)
+    intent = Intent.decode(b.take(_INTENT.size, "the intent"))
+    lid = check_lease(b.u(_U64, "the lease id"))
+    b.end()
+    return intent, lid
+
+
+def check_lease(lease_id: int) -> int:
+    """`lease_id` if it is a valid lease id (`leases.check_id`), else ValueError."""
+    return leases.check_id(lease_id)
+
+
 def encode_found(keys: list[bytes]) -> bytes:
     """A range PREPARE's answer (`ApplyResult.current`): the keys it found in the range."""
     return b"".join(_U16.pack(len(k)) + k for k in keys)
@@ -377,8 +422,11 @@ def _check_group(name: str, g: int) -> None:
         raise ValueError(f"{name} {g} is out of range (0 to {mvcc.MAX_GROUPS - 1})")
 
 
+_TAIL_LEASE = 1
+"""The tail tag of a RECORD of a lease's deletion (then lease:u64 renews:u64); before tag 2."""
 _TAIL_DELETE_PREPARED = 2
-"""The tail tag of a COMMIT, RECORD or record row that deletes every key prepared."""
+"""The tail tag of a COMMIT, RECORD or record row that deletes every key prepared (the last
+tail: after a RECORD's lease tail, if any)."""
 
 
 def _enc_all(flag: bool, out: list[bytes]) -> None:
@@ -387,7 +435,8 @@ def _enc_all(flag: bool, out: list[bytes]) -> None:
 
 
 def _dec_all(b: _Buf) -> bool:
-    """The optional delete-prepared tail (absent: False; no other tail is known here)."""
+    """The optional delete-prepared tail (absent: False; any other tag here is refused: a
+    RECORD's lease tail, tag 1, was read before it)."""
     if b.pos == len(b.data):
         return False
     if b.u(_U8, "the tail's tag") != _TAIL_DELETE_PREPARED:
@@ -484,18 +533,22 @@ def encode_body(c: XCmd) -> bytes:
     defaults = XCmd(c.op, c.txn)
     if c.op == XOp.PREPARE:
         _check_rev("start", c.start)
-        if not (len(c.keys) > 0 or c.lock is not None) or len(c.keys) > MAX_KEYS:
-            raise ValueError(f"PREPARE of {len(c.keys)} keys (must be 1 to {MAX_KEYS}, or 0 with a range)")
+        if not (len(c.keys) > 0 or c.lock is not None or c.lease) or len(c.keys) > MAX_KEYS:
+            raise ValueError(f"PREPARE of {len(c.keys)} keys (must be 1 to {MAX_KEYS}, or 0 with a range or lease)")
         if len(set(c.keys)) != len(c.keys):
             raise ValueError("PREPARE names a key twice")
-        if c != XCmd(c.op, c.txn, c.primary, c.start, keys=c.keys, lock=c.lock):
+        if c.lease and (c.keys or c.lock is not None):
+            raise ValueError("a lease's PREPARE names no keys and no range")
+        if c != XCmd(c.op, c.txn, c.primary, c.start, keys=c.keys, lock=c.lock, lease=c.lease):
             raise ValueError("PREPARE carries fields it does not use")
         _check_group("primary group", c.primary)
         out += (_U64.pack(c.primary), _U64.pack(c.start), _U16.pack(len(c.keys)))
         for k in c.keys:
             _check_key(k)
             out += (_U16.pack(len(k)), k)
-        if c.lock is None:
+        if c.lease:
+            out += (_U8.pack(2), _U64.pack(check_lease(c.lease)))
+        elif c.lock is None:
             out.append(_U8.pack(0))
         else:
             lo, hi = c.lock
@@ -520,13 +573,16 @@ def encode_body(c: XCmd) -> bytes:
     elif c.op == XOp.RECORD:
         _check_rev("start", c.start)
         _check_rev("commit revision", c.at)
-        if c != XCmd(c.op, c.txn, start=c.start, at=c.at, result=c.result, groups=c.groups,
-                     delete_prepared=c.delete_prepared):
+        if c != XCmd(c.op, c.txn, start=c.start, at=c.at, result=c.result, groups=c.groups, lease=c.lease,
+                     renews=c.renews, delete_prepared=c.delete_prepared) or (c.renews and not c.lease) \
+                or not 0 <= c.renews < 1 << 64:
             raise ValueError("RECORD carries fields it does not use")
         _check_all(c.delete_prepared, c.groups)
         out += (_U64.pack(c.start), _U64.pack(c.at))
         _enc_result(c.result, out)
         _enc_groups(c.groups, out)
+        if c.lease:
+            out += (_U8.pack(_TAIL_LEASE), _U64.pack(check_lease(c.lease)), _U64.pack(c.renews))
         _enc_all(c.delete_prepared, out)
     elif c.op == XOp.RESOLVE:
         _check_rev("start", c.start)
@@ -562,16 +618,21 @@ def decode_body(op: XOp, data: bytes, pos: int = 0) -> XCmd:
             raise ValueError("PREPARE names a key twice")
         flag = b.u(_U8, "the range flag")
         lock: tuple[bytes, bytes] | None = None
-        if flag == 1:
+        lease = 0
+        if flag == 2:
+            lease = check_lease(b.u(_U64, "the lease id"))
+            if n:
+                raise ValueError("a lease's PREPARE names no keys")
+        elif flag == 1:
             lo = b.take(b.u(_U16, "the range start's length"), "the range start")
             hi = b.take(b.u(_U16, "the range end's length"), "the range end")
             _check_range(lo, hi)
             lock = (lo, hi)
         elif flag != 0:
             raise ValueError(f"unknown range flag {flag}")
-        if not n and lock is None:
+        if not n and lock is None and not lease:
             raise ValueError("PREPARE of no key and no range")
-        c = XCmd(op, t, primary, start, keys=keys, lock=lock)
+        c = XCmd(op, t, primary, start, keys=keys, lock=lock, lease=lease)
     elif op == XOp.COMMIT:
         at = b.u(_U64, "the commit revision")
         _check_rev("commit revision", at)
@@ -590,11 +651,16 @@ def decode_body(op: XOp, data: bytes, pos: int = 0) -> XCmd:
         at = b.u(_U64, "the commit revision")
         _check_rev("start", start)
         _check_rev("commit revision", at)
-        result = _dec_result(b)
-        groups = _dec_groups(b)
+        result, groups = _dec_result(b), _dec_groups(b)
+        lease = renews = 0
+        if b.pos < len(b.data) and b.data[b.pos] == _TAIL_LEASE:
+            b.pos += 1
+            lease = check_lease(b.u(_U64, "the lease id"))
+            renews = b.u(_U64, "the renew count")
         every = _dec_all(b)
         _check_all(every, groups)
-        c = XCmd(op, t, start=start, at=at, result=result, groups=groups, delete_prepared=every)
+        c = XCmd(op, t, start=start, at=at, result=result, groups=groups, lease=lease, renews=renews,
+                 delete_prepared=every)
     elif op == XOp.RESOLVE:
         start = b.u(_U64, "the start")
         _check_rev("start", start)

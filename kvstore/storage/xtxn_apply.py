@@ -18,13 +18,25 @@ Rules (each command is idempotent: a coordinator or a resolver may propose it ag
   `locked`), so the key's versions stay below p, and its next version is the commit's, at
   R >= p.
 - COMMIT(id, R, writes): every write's key must hold this transaction's intent (`delete_prepared`:
-  the writes are the deletes of every key it prepared here, a range delete's), R >= p and R
+  the writes are the deletes of every key it prepared here, a range delete's or a lease
+  deletion's), R >= p and R
   above the compact revision; the writes are made at exactly R, each detaching its key from its
   lease (`leases.detach`, as a PUT does) (`mvcc.write_version(commit=True)`:
   last := max(last, R); the change log rows at (R, kid), possibly below last), the intents go,
   and a *done* row stays (until the group is `MAX_AGE` past the start) so a delayed duplicate
   PREPARE is refused. With no intents of the transaction left: a no-op if it is done, else refused.
 - ABORT(id): drops the intents (done row as for COMMIT). A no-op without intents.
+- A lease's deletion (PREPARE with a lease L, no keys): as a range delete, but its keys are the
+  keys attached to L here (served, with a value: answered as found, each given an intent), and
+  it holds a *lease lock* (row `e`) until its COMMIT or ABORT: a LEASE_PUT of L is refused
+  LOCKED meanwhile (`lease_locked`), so every key attached to L when its RECORD commits is one
+  its PREPARE found. Its COMMIT deletes them at R (`delete_prepared`: every key it prepared
+  here, however many: up to `MAX_RANGE_KEYS`, as a range delete) and then drops L's
+  attachment rows, and a group other than L's home keeps L's tombstone (`leases.deleted_everywhere`).
+  Its RECORD, in L's home group, commits only if L is LIVE (and, for an expiry, still at the
+  renew count it was decided on) and revokes and forgets it in the same apply (the record becomes
+  its tombstone: no DROP or FORGET follows); else it writes the
+  record ABORTED and is refused (`leases.revoke_record`).
 - RECORD(id, start, R, result, writes per group), in the primary: the commit point. If the
   record says ABORTED (a resolver got there first): refused (TXN_ABORTED). If it says COMMITTED
   at R: answered again. If there is none: refused when the group is more than `MAX_AGE` past
@@ -35,9 +47,11 @@ Rules (each command is idempotent: a coordinator or a resolver may propose it ag
 - RESOLVE(id, start), in the primary: the record, as it is; none: an ABORTED record is written
   first (so the coordinator's RECORD can no longer commit). The answer's `current` is the record.
 - FINALIZE(id, group): a COMMITTED record becomes FINALIZED (its writes dropped, the client's
-  result kept) once every participant applied its COMMIT: group 0 (the coordinator's) says all
-  did; a group (a resolver's, after it committed that group's intents) takes that participant
-  off the record, which becomes FINALIZED when none is left. ABORTED and FINALIZED records, and done rows, are forgotten once the group
+  result kept) once every participant applied its COMMIT: group 0 (the coordinator's, or the
+  record sweep's after it sent every COMMIT again: `unfinished`) says all did; a group (a
+  resolver's, after it committed that group's intents) takes that participant off the record,
+  which becomes FINALIZED when none is left. A COMMITTED record is listed by start (row `u`)
+  until it is FINALIZED. ABORTED and FINALIZED records, and done rows, are forgotten once the group
   is `MAX_AGE` past the start (at most `GC_PER_ENTRY` per applied command of this module).
 """
 
@@ -102,6 +116,28 @@ def range_locks(rows: mvcc.Rows) -> list[tuple[Intent, tuple[bytes, bytes]]]:
     return out
 
 
+def lease_locks(rows: mvcc.Rows) -> list[tuple[Intent, int]]:
+    """The group's lease locks (lease deletions in progress; few)."""
+    out = []
+    for _k, v in rows.iter(mvcc.T_TXN, b"e", b"f"):
+        try:
+            out.append(xtxn.decode_lease_lock(bytes(v)))
+        except ValueError as err:
+            raise mvcc.RevisionError(f"corrupt lease lock row: {err}") from None
+    return out
+
+
+def lease_locked(rows: mvcc.Rows, lease_id: int, key: bytes, mine: TxnId | None = None) -> ApplyResult | None:
+    """The LOCKED result (naming `key`) if another transaction than `mine` holds a lease lock
+    of `lease_id` here (its deletion is prepared: no key may be attached to it), or None."""
+    if not rows.has_locks():
+        return None
+    for it, lid in lease_locks(rows):
+        if lid == lease_id and it.txn != mine:
+            return _lock_result(key, it)
+    return None
+
+
 def _lock_result(k: bytes, it: Intent) -> ApplyResult:
     return ApplyResult(error=f"{xtxn.LOCKED} {it.txn}", current=xtxn.encode_lock(k, it))
 
@@ -154,6 +190,23 @@ def intents_in(rows: mvcc.Rows, ranges: IntervalSet) -> bool:
     return any(key_hash(bytes(k)) in ranges for k, _ in rows.iter(mvcc.T_INTENTS, b"", None))
 
 
+def unfinished(rows: mvcc.Rows, before: int, limit: int) -> list[tuple[TxnId, Record]]:
+    """At most `limit` COMMITTED records of this (primary) group not FINALIZED yet whose start is
+    below `before`, oldest first (rows `u`): a coordinator that died after its RECORD and before
+    its FINALIZE leaves one; the record sweep (`node.xtxn.finish_commands`) sends the COMMITs
+    again and FINALIZEs it, after which it is forgotten by age like any FINALIZED record."""
+    out: list[tuple[TxnId, Record]] = []
+    for k, _ in rows.iter(mvcc.T_TXN, b"u", b"v"):
+        k = bytes(k)
+        if len(out) >= limit or len(k) != 1 + 8 + xtxn.ID_BYTES or _U64.unpack_from(k, 1)[0] >= before:
+            break
+        t = TxnId.decode(k[9:])
+        rec = record_of(rows, t)
+        if rec is not None and rec.state == State.COMMITTED:
+            out.append((t, rec))
+    return out
+
+
 def record_of(rows: mvcc.Rows, t: TxnId) -> Record | None:
     raw = rows.get(mvcc.T_TXN, xtxn.row_record(t))
     if raw is None:
@@ -191,7 +244,7 @@ def _apply(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult:
     if c.op in (XOp.COMMIT, XOp.ABORT):
         return _finish(view, rows, c)
     if c.op == XOp.RECORD:
-        return _record(rows, c)
+        return _record(rows, c, view.group)
     if c.op == XOp.RESOLVE:
         return _resolve(rows, c)
     if c.op == XOp.FINALIZE:
@@ -204,6 +257,7 @@ def _apply(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult:
             else:
                 rows.put(mvcc.T_TXN, xtxn.row_record(c.txn),
                          xtxn.encode_record(Record(State.FINALIZED, rec.start, rec.at, rec.result)))
+                rows.delete(mvcc.T_TXN, xtxn.row_unfinished(rec.start, c.txn))
                 _gc_later(rows, rec.start, c.txn)
         return ApplyResult()
     return ApplyResult(error=f"unknown cross-group op {c.op!r}")
@@ -246,7 +300,7 @@ def _prepare(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult
     st = view.shards
     if st is not None and not all(key_hash(k) in st.active for k in c.keys):
         return ApplyResult(wrong_shard=True, error="the key is not served by this group")
-    if c.lock is not None and st is not None and (st.frozen or st.installing):
+    if (c.lock is not None or c.lease) and st is not None and (st.frozen or st.installing):
         # keys of a moving range are in two groups or none: a range delete waits for the move
         return ApplyResult(wrong_shard=True, error="a range of this group is moving: the range delete waits for it")
     mine = prepared_keys(rows, c.txn)
@@ -259,8 +313,13 @@ def _prepare(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult
             conflict = _range_conflict(view, rows, c, found)
             if conflict is not None:
                 return conflict
+        if c.lease:
+            conflict = _lease_conflict(view, rows, c, found)
+            if conflict is not None:
+                return conflict
         p = mvcc.next_revision(mvcc.rev_state(rows).last, proposed, view.group)
-    elif not set(c.keys) <= set(mine[2]) or (c.lock is None and len(c.keys) != len(mine[2])):
+    elif (not set(c.keys) <= set(mine[2]) or (c.lock is None and not c.lease and len(c.keys) != len(mine[2]))
+          or (c.lease and rows.get(mvcc.T_TXN, xtxn.row_lease_lock(c.txn)) is None)):
         return ApplyResult(error="PREPARE names other keys than the transaction prepared in this group")
     else:
         p = mine[0]
@@ -287,11 +346,13 @@ def _prepare(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult
         rows.put(mvcc.T_TXN, xtxn.row_pending(p, c.txn), b"")
         if c.lock is not None:
             rows.put(mvcc.T_TXN, xtxn.row_lock(c.txn), xtxn.encode_range_lock(it, c.lock))
+        if c.lease:
+            rows.put(mvcc.T_TXN, xtxn.row_lease_lock(c.txn), xtxn.encode_lease_lock(it, c.lease))
         rs = mvcc.rev_state(rows)
         rows.put(mvcc.T_STATE, b"", mvcc.RevState(p, rs.compact, rs.next_kid).encode())
     return ApplyResult(
         revision=p, txn=txn.TxnResult(True, tuple(gets), p),
-        current=xtxn.encode_found(found) if c.lock is not None else None,
+        current=xtxn.encode_found(found) if c.lock is not None or c.lease else None,
     )
 
 
@@ -300,7 +361,8 @@ MAX_RANGE_KEYS = 10_000
 one PREPARE, their deletes by one COMMIT). Far more than a command may list (`xtxn.MAX_KEYS`):
 the RECORD and the COMMITs of a range delete do not list its keys but say "every key the
 transaction prepared here" (`XCmd.delete_prepared`), which the group's intents fix and its
-range lock keeps fixed, so whatever a PREPARE accepted the commit point can describe."""
+range lock keeps fixed, so whatever a PREPARE accepted the commit point can describe. The same
+bound and form hold for a lease's deletion (its lease lock keeps the keys fixed)."""
 
 
 def _range_conflict(view: View, rows: mvcc.Rows, c: XCmd, found: list[bytes]) -> ApplyResult | None:
@@ -330,6 +392,23 @@ def _range_conflict(view: View, rows: mvcc.Rows, c: XCmd, found: list[bytes]) ->
     return None
 
 
+def _lease_conflict(view: View, rows: mvcc.Rows, c: XCmd, found: list[bytes]) -> ApplyResult | None:
+    """For a PREPARE with a lease: the LOCKED result if a key attached to it holds another
+    transaction's intent or lies in a range lock, or another deletion of the lease holds its
+    lease lock; else fill `found` with the attached keys present here (served, with a value)."""
+    keys = leases.attached_keys(rows, c.lease)
+    lock = locked(rows, keys) or lease_locked(rows, c.lease, keys[0] if keys else b"\x00")
+    if lock is not None:
+        return lock
+    st = view.shards
+    for k in keys:
+        if (st is None or key_hash(k) in st.active) and view.get(k) is not None:
+            found.append(k)
+    if len(found) > MAX_RANGE_KEYS:
+        return ApplyResult(error=f"the lease has more than {MAX_RANGE_KEYS} keys in group {view.group}")
+    return None
+
+
 def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
     mine = prepared_keys(rows, c.txn)
     if mine is None:
@@ -337,6 +416,13 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
             return ApplyResult(revision=c.at)
         return ApplyResult(error="COMMIT of a transaction that holds no intents in this group")
     p, start, keys = mine
+    ll = rows.get(mvcc.T_TXN, xtxn.row_lease_lock(c.txn))
+    lease_id: int | None = None
+    if ll is not None:
+        try:
+            lease_id = xtxn.decode_lease_lock(bytes(ll))[1]
+        except ValueError as err:
+            raise mvcc.RevisionError(f"corrupt lease lock row: {err}") from None
     if c.op == XOp.COMMIT:
         held = set(keys)
         if any(k not in held for k, _ in c.writes):
@@ -355,6 +441,10 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
             else:
                 view.put(k, v)
             detach_written(rows, k)
+    if lease_id is not None:
+        if c.op == XOp.COMMIT:
+            leases.deleted_everywhere(rows, view.group, lease_id)
+        rows.delete(mvcc.T_TXN, xtxn.row_lease_lock(c.txn))
     for k in keys:
         rows.delete(mvcc.T_INTENTS, k)
     rows.delete(mvcc.T_TXN, xtxn.row_txn(c.txn))
@@ -375,7 +465,7 @@ def _answer(rec: Record, t: TxnId) -> ApplyResult:
     return ApplyResult(revision=rec.at, txn=rec.result, current=t.encode())
 
 
-def _record(rows: mvcc.Rows, c: XCmd) -> ApplyResult:
+def _record(rows: mvcc.Rows, c: XCmd, group: int) -> ApplyResult:
     rec = record_of(rows, c.txn)
     if rec is not None:
         if rec.state == State.ABORTED:
@@ -385,8 +475,15 @@ def _record(rows: mvcc.Rows, c: XCmd) -> ApplyResult:
         return _answer(Record(rec.state, rec.start, rec.at, rec.result if rec.result is not None else c.result), c.txn)
     if _too_old(rows, c.start):
         return ApplyResult(error=TOO_OLD)
+    if c.lease:
+        refused = leases.revoke_record(rows, group, c.lease, c.renews)
+        if refused is not None:  # decided: no later attempt of this id commits (ABORTED, as a RESOLVE)
+            rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(Record(State.ABORTED, c.start)))
+            _gc_later(rows, c.start, c.txn)
+            return ApplyResult(error=refused)
     new = Record(State.COMMITTED, c.start, c.at, c.result, c.groups, c.delete_prepared)
     rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(new))
+    rows.put(mvcc.T_TXN, xtxn.row_unfinished(c.start, c.txn), b"")
     return _answer(new, c.txn)
 
 

@@ -1,7 +1,9 @@
 """Leases on a real 3-node cluster with two data groups: a lease homed in one group with keys in
 both, kept alive across a kill -9 of its home group's leader (the keys stay), then left to expire
-(the keys go, in both groups, and a watch sees their DELETEs); a put with a revoked lease is
-refused (definite); kvctl's lease commands print etcdctl's lines."""
+(the keys go, in both groups at one revision, and a watch sees their DELETEs at that revision); a
+revoke deletes a lease's keys in both groups at one revision too; a put with a revoked lease is
+refused (definite); kvctl's lease commands print etcdctl's lines; keys a range move took to a new
+data group are deleted there when their lease expires."""
 
 from __future__ import annotations
 
@@ -98,17 +100,64 @@ def test_keep_alive_holds_across_a_leader_kill_and_expiry_deletes_everywhere(clu
         _wait(lambda: all(c.get(k) is None for k in keys.values()), "the lease's keys deleted in both groups")
         assert c.lease_time_to_live(lid).ttl == -1
         assert lid not in c.lease_list()
-        # the watch saw each key's DELETE
-        deletes: set[bytes] = set()
+        # the watch saw each key's DELETE, every one at the same revision: one atomic deletion
+        # across the two groups (the home group's RECORD was its commit point)
+        deletes: dict[bytes, int] = {}
         for batch in c.watch_batches(prefix=b"l/", start_revision=min(revs)):
-            deletes |= {e.key for e in batch.events if e.type == "DELETE"}
-            if deletes == set(keys.values()):
+            deletes.update({e.key: e.mod_revision for e in batch.events if e.type == "DELETE"})
+            if set(deletes) == set(keys.values()):
                 break
+        assert len(set(deletes.values())) == 1, deletes
         # a put with the dead lease is refused, definitely
         with pytest.raises(InvalidArgument) as e:
             c.put(keys[home], b"w", lease=lid)
         assert leases.NOT_FOUND in e.value.message and e.value.definite
         leader.start()
+
+
+def test_a_revoke_deletes_keys_in_both_groups_at_one_revision(cluster: Cluster) -> None:
+    with Client(cluster.endpoints, timeout=20) as c:
+        m = c.shard_map(refresh=True)
+        assert m is not None
+        keys = _keys_by_group(m, b"r/")
+        lid = c.lease_grant(60, leases.make_id(max(keys), 0xBEEF))
+        revs = [c.put(k, b"v", lease=lid) for k in keys.values()]
+        assert c.lease_revoke(lid) == len(keys)
+        deletes: dict[bytes, int] = {}
+        for batch in c.watch_batches(prefix=b"r/", start_revision=min(revs)):
+            deletes.update({e.key: e.mod_revision for e in batch.events if e.type == "DELETE"})
+            if set(deletes) == set(keys.values()):
+                break
+        assert len(set(deletes.values())) == 1, deletes
+        assert all(c.get(k) is None for k in keys.values())
+        with pytest.raises(InvalidArgument) as e:
+            c.lease_revoke(lid)
+        assert leases.NOT_FOUND in e.value.message and e.value.definite
+        for k in keys.values():  # every group holds the lease's tombstone (no DROP follows the deletion)
+            with pytest.raises(InvalidArgument) as e:
+                c.put(k, b"again", lease=lid)
+            assert leases.NOT_FOUND in e.value.message and e.value.definite
+
+
+def test_an_election_made_before_its_session_started(cluster: Cluster) -> None:
+    import asyncio
+
+    from kvstore.client import AsyncClient
+    from kvstore.client.concurrency import Election, Session
+
+    async def main() -> None:
+        async with AsyncClient(cluster.endpoints, timeout=20) as client:
+            s = Session(client, ttl=10)
+            e = Election(s, b"elect/x")  # its key follows the session's lease, granted below
+            async with s:
+                held = await e.campaign(b"me")
+                assert held.key == b"elect/x/%016x" % s.lease
+                assert await e.leader() == (b"me", held.fence)
+                await e.release()
+                assert await e.leader() is None
+
+    cluster.wait_leader()
+    asyncio.run(main())
 
 
 def test_kvctl_lease_commands(cluster: Cluster) -> None:
@@ -201,3 +250,39 @@ def test_kvctl_lock_passes_the_fencing_token(cluster: Cluster) -> None:
     assert key_line.startswith("jobs/nightly/") and int(fence_line.split()[1]) > 0
     with Client(cluster.endpoints, timeout=20) as c:  # released when the command exited
         _wait(lambda: not list(c.scan(b"jobs/nightly/")), "the lock key released")
+
+
+def test_keys_moved_to_a_new_group_are_deleted_there_when_the_lease_expires(cluster: Cluster) -> None:
+    """Last in this module (it adds a third data group): a range move carries each key's lease
+    attachment, so the lease's expiry deletes the keys in the group they moved to. The lease is
+    kept alive until the move finished, then left to expire."""
+    with Client(cluster.endpoints, timeout=20) as c:
+        m = c.shard_map(refresh=True)
+        assert m is not None
+        lid = c.lease_grant(TTL, leases.make_id(min(m.data_groups()), 0xD00D))
+        keys = [b"mv/%d" % i for i in range(30)]
+        moving = threading.Event()
+        moving.set()
+
+        def keep_alive() -> None:
+            with Client(cluster.endpoints, timeout=20) as k:
+                while moving.is_set():
+                    k.lease_keep_alive_once(lid)
+                    time.sleep(0.5)
+
+        t = threading.Thread(target=keep_alive, daemon=True)
+        t.start()
+        try:
+            for k in keys:
+                c.put(k, b"v", lease=lid)
+            c.add_group(wait=True, timeout=120)
+            _wait(lambda: sorted(c.lease_time_to_live(lid, keys=True).keys) == sorted(keys),
+                  "every key attached after the move")  # (read from this node's replicas)
+        finally:
+            moving.clear()
+            t.join()
+        after = c.shard_map(refresh=True)
+        assert after is not None and len(after.data_groups()) == len(m.data_groups()) + 1
+        assert [k for k in keys if after.group_for_key(k) != m.group_for_key(k)]  # (2/3)**30: some moved
+        _wait(lambda: all(c.get(k) is None for k in keys), "the lease's keys deleted where they are")
+        assert c.lease_time_to_live(lid).ttl < 0  # expired

@@ -1,7 +1,8 @@
 """Transactions across groups on one in-process node with two data groups: atomic at one
 revision (reads below it see neither write), the failure branch across groups, and a dead
 coordinator's intents recovered by the next reader or writer (to COMMITTED when its record says
-so, to ABORTED when it has none), planted through the node's own proposal path."""
+so, to ABORTED when it has none), planted through the node's own proposal path, and its COMMITTED
+record FINALIZEd by the node's record sweep."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from kvstore import errors
 from kvstore.client import AsyncClient, Compare, Op
 from kvstore.node import xtxn as logic
 from kvstore.shard.shardmap import ShardMap
-from kvstore.storage import commands, mvcc, txn
-from kvstore.storage.xtxn import TxnId, XCmd, XOp
+from kvstore.storage import commands, mvcc, txn, xtxn_apply
+from kvstore.storage.xtxn import State, TxnId, XCmd, XOp
 
 
 def _pair(m: ShardMap, prefix: bytes) -> tuple[bytes, bytes]:
@@ -81,6 +82,18 @@ async def _main(tmp_path: Path) -> None:
         rb = await c.read(b)
         assert rb.value == b"B" and rb.mod_revision == ready.at
         assert await c.get(a) == b"A"
+        # nobody meets an intent of it any more, and its coordinator never FINALIZEs: the node's
+        # record sweep sends the COMMITs again and FINALIZEs the record (then forgotten by age)
+        store = node.store
+        assert store is not None
+        deadline = time.monotonic() + 20
+        while True:
+            left = store.revisions.read_leases(ga, lambda rows: xtxn_apply.record_of(rows, tid))
+            assert left is not None
+            if left.state == State.FINALIZED:
+                break
+            assert time.monotonic() < deadline, f"the record is still {left.state.name}"
+            await asyncio.sleep(0.1)
 
         # A coordinator that died after preparing only: the next writer aborts its intents.
         tid2 = TxnId(99, 2)

@@ -1,28 +1,34 @@
 """Leases in the whole-node simulator (`chaos/sim/leases.py`), forced on: the real lease clock on
 every node with drifting clocks, under crashes, partitions and leader changes; seeds pass (no
-early expiry, expiry within the bound, revoked leases' keys gone), and a planted lease clock
+early expiry, expiry within the bound, revoked leases' keys gone, a lease's keys in two groups
+deleted at one revision), and a planted lease clock
 without its drift margin is found (a lease expires before its acknowledged keep-alive's TTL
 passed), and the same seed passes without it. With the pair transactions on too, a cross-group
 transaction rewrites a lease's key without the lease; a planted COMMIT that leaves the key
-attached is found (the lease's deletion deletes the transaction's write)."""
+attached is found (the lease's deletion deletes the transaction's write). With range moves on,
+a lease's key moved to another group is deleted there when the lease expires; a planted INSTALL
+that drops the moved keys' attachments is found."""
 
 from __future__ import annotations
 
 from chaos.sim.nodes import run_node_seed
-from chaos.sim.plant import LEASE_BUGS, LEASE_TXN_BUGS, planted
+from chaos.sim.plant import LEASE_BUGS, LEASE_MOVE_BUGS, LEASE_TXN_BUGS, planted
 
 SEEDS = range(1000, 1010)
 
 
 def test_leases_hold_on_seeds() -> None:
-    expired = kept = 0
+    expired = kept = atomic = 0
     for seed in range(1000, 1006):
         res = run_node_seed(seed, leases=True, quiesce=False)
         assert res.ok, res.violation
         assert res.leases is not None
         expired += res.leases.expired
         kept += res.leases.kept
-    assert expired > 0 and kept > 0
+        atomic += res.leases.atomic_checked
+    # the atomicity check saw a lease's keys in two groups deleted (the revision checker places
+    # the deletes of a lease deletion's delete-prepared COMMITs, which list no key, at R)
+    assert expired > 0 and kept > 0 and atomic > 0
 
 
 def test_planted_lease_bug_is_found() -> None:
@@ -41,11 +47,29 @@ def test_planted_lease_bug_is_found() -> None:
 
 def test_planted_lease_txn_bug_is_found() -> None:
     for bug in LEASE_TXN_BUGS:
-        seed = 1001
-        with planted(bug):
-            res = run_node_seed(seed, leases=True, quiesce=False, txn_pairs=True)
-        assert not res.ok and res.violation is not None and "LeaseViolation" in res.violation, res.violation
-        assert "cross-group transaction" in res.violation
-        clean = run_node_seed(seed, leases=True, quiesce=False, txn_pairs=True)
-        assert clean.ok, f"seed {seed} fails without {bug!r} too: {clean.violation}"
-        assert clean.leases is not None and clean.leases.rewrites > 0
+        for seed in SEEDS:
+            with planted(bug):
+                res = run_node_seed(seed, leases=True, quiesce=False, txn_pairs=True)
+            if not res.ok and res.violation is not None and "LeaseViolation" in res.violation:
+                assert "cross-group transaction" in res.violation
+                clean = run_node_seed(seed, leases=True, quiesce=False, txn_pairs=True)
+                assert clean.ok, f"seed {seed} fails without {bug!r} too: {clean.violation}"
+                assert clean.leases is not None and clean.leases.rewrites > 0
+                break
+        else:
+            raise AssertionError(f"planted bug {bug!r} not found in seeds {SEEDS}")
+
+
+def test_planted_lease_move_bug_is_found() -> None:
+    for bug in LEASE_MOVE_BUGS:
+        for seed in SEEDS:
+            with planted(bug):
+                res = run_node_seed(seed, leases=True, quiesce=False, moves=True)
+            if not res.ok and res.violation is not None and "LeaseViolation" in res.violation:
+                assert "still present" in res.violation
+                clean = run_node_seed(seed, leases=True, quiesce=False, moves=True)
+                assert clean.ok, f"seed {seed} fails without {bug!r} too: {clean.violation}"
+                assert clean.leases is not None and clean.leases.moved_checked > 0  # deleted where it moved
+                break
+        else:
+            raise AssertionError(f"planted bug {bug!r} not found in seeds {SEEDS}")

@@ -16,7 +16,7 @@ its COMMITs followed by a read of the pair: found by seeds 7, 11, 35 and 41 of 0
 
 
 def test_pair_transactions_hold_on_seeds() -> None:
-    checked = crossed = died = 0
+    checked = crossed = died = finished = 0
     for seed in range(2000, 2006):
         res = run_node_seed(seed, txn_pairs=True)
         assert res.ok, res.violation
@@ -24,7 +24,9 @@ def test_pair_transactions_hold_on_seeds() -> None:
         checked += res.txn_pairs.reads_checked
         crossed += res.txn_pairs.cross_answered
         died += res.txn_pairs.cross_died
+        finished += res.txn_pairs.cross_finished
     assert checked > 0 and crossed > 0 and died > 0  # two-phase commits ran, some coordinators died
+    assert finished > 0  # a record whose coordinator died before FINALIZE was finished by the sweep
 
 
 def test_planted_txn_bug_is_found() -> None:

@@ -253,8 +253,10 @@ def test_snapshot_install_refuses_a_bad_lease_row(tmp_path: Path) -> None:
     st_.close()
 
 
-def test_a_revoke_leaves_keys_in_a_range_frozen_for_a_move() -> None:
-    """A frozen range is immutable while it is exported: the deletion skips its keys."""
+def test_a_revoke_waits_while_an_attached_key_is_frozen_for_a_move() -> None:
+    """A frozen range is immutable while it is exported, and its keys move with their
+    attachments: the deletion is refused whole (WRONG_SHARD, nothing changed) and runs again
+    after the move (tests/unit/test_lease_moves.py has the move)."""
     from kvstore.shard.ranges import IntervalSet, key_hash
     from kvstore.storage.shardcmd import ShardState
 
@@ -267,8 +269,15 @@ def test_a_revoke_leaves_keys_in_a_range_frozen_for_a_move() -> None:
     frozen = IntervalSet([(h, h + 1)])
     s.shard_state = ShardState(everything.difference(frozen), frozen)
     r = run(s, LeaseCmd(Kind.REVOKE, LID))
+    assert r.wrong_shard and r.error == leases.LEASE_MOVING  # type: ignore[attr-defined]
+    assert s.data == {b"moving": b"v", b"staying": b"v"}
+    rec = leases.get_record(s.rows, LID)
+    assert rec is not None and rec.state == leases.LIVE
+    s.shard_state = ShardState(everything.difference(frozen), IntervalSet())  # the move dropped it
+    r = run(s, LeaseCmd(Kind.REVOKE, LID))
     assert r.found and r.current == struct.pack(">Q", 1)  # type: ignore[attr-defined]
-    assert s.data == {b"moving": b"v"}
+    assert s.data == {b"moving": b"v"}  # a row the group no longer owns is only detached
+    assert leases.attached_keys(s.rows, LID) == []
 
 
 # --- where leases meet cross-group transactions --------------------------------------------------

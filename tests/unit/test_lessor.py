@@ -81,3 +81,38 @@ def test_losing_the_lead_forgets_everything() -> None:
     assert lz.step(50, 0, lambda: recs.items(), lambda: [G]) == [] and not lz.leases
     lz.step(60, 2, lambda: recs.items(), lambda: [G])
     assert lz.leases[LID].deadline == 60 + 10_500  # timed afresh from the records in the new term
+
+
+class _CountingLeases(dict):  # type: ignore[type-arg]
+    """The lessor's lease table, counting the leases a step looks at."""
+
+    looked = 0
+
+    def get(self, *a: object) -> object:
+        _CountingLeases.looked += 1
+        return super().get(*a)
+
+    def items(self) -> object:  # a walk of the whole table
+        _CountingLeases.looked += len(self)
+        return super().items()
+
+
+def test_a_step_looks_only_at_what_is_due_in_deadline_order() -> None:
+    p = LessorParams(drift=0.0, scan_interval_ms=10**9, checkpoint_interval_ms=10**9, retry_ms=500, max_proposals=3)
+    lz = Lessor(G, p)
+    ids = [leases.make_id(G, i) for i in range(1, 501)]
+    recs = {lid: Record(10, 10 * (n + 1), 1) for n, lid in enumerate(reversed(ids))}  # deadlines 10 .. 5000 ms
+    step = lambda now: lz.step(now, 3, lambda: recs.items(), lambda: [G])  # noqa: E731
+    assert step(0) == []
+    lz.leases = _CountingLeases(lz.leases)
+    assert step(5) == [] and _CountingLeases.looked == 0  # 500 leases, none due: none looked at
+    out = step(25)
+    assert [x.cmd.lease_id for x in out] == [ids[-1], ids[-2]] and _CountingLeases.looked == 2
+    out = step(1_000)  # at most max_proposals, earliest deadline first; the rest at the next step
+    assert [x.cmd.lease_id for x in out] == [ids[-3], ids[-4], ids[-5]]
+    assert [x.cmd.lease_id for x in step(1_000)] == [ids[-6], ids[-7], ids[-8]]
+    assert all(x.cmd.kind == Kind.EXPIRE for x in out)
+    del recs[ids[-9]]  # forgotten meanwhile: its heap entry is stale
+    lz._scan(1_000, recs.items(), lambda: [G])
+    assert ids[-9] not in [x.cmd.lease_id for x in step(1_001)]
+    assert len(lz._heap) <= 4 * len(lz.leases) + 64

@@ -19,7 +19,7 @@ from kvstore.node.store import ApplyBatch, GroupWrite
 from kvstore.raft import ConfState
 from kvstore.raft.types import Entry, EntryType, HardState
 from kvstore.shard.ranges import IntervalSet, key_hash
-from kvstore.storage import mvcc, xtxn, xtxn_apply
+from kvstore.storage import leases, mvcc, xtxn, xtxn_apply
 from kvstore.storage.changefeed import read_changes
 from kvstore.storage.commands import (
     ApplyResult,
@@ -44,6 +44,7 @@ writes_st = st.lists(st.tuples(st.binary(min_size=1, max_size=20), st.none() | s
                      max_size=5, unique_by=lambda w: w[0])
 ids_st = st.builds(TxnId, st.integers(0, (1 << 64) - 1), st.integers(0, (1 << 64) - 1))
 revs_st = st.integers(0, mvcc.REVISION_MAX)
+lease_st = st.builds(leases.make_id, st.integers(1, 4095), st.integers(0, 1 << 70))
 result_st = st.none() | st.just(TxnResult(True, (OpResult(OpKind.PUT),), 5))
 lock_st = st.none() | st.tuples(st.binary(max_size=8), st.binary(max_size=8)).map(
     lambda r: (r[0], r[1] if not r[1] or r[1] > r[0] else b""))
@@ -59,6 +60,12 @@ xcmd_st = st.one_of(
     st.builds(lambda t, s, a, n: XCmd(XOp.RECORD, t, start=s, at=a, groups=tuple((i, ()) for i in range(n)),
                                       delete_prepared=True), ids_st, revs_st, revs_st, st.integers(0, 3)),
     st.builds(lambda t, s: XCmd(XOp.RESOLVE, t, start=s), ids_st, revs_st),
+    # a lease's deletion: PREPARE range flag 2; RECORD with the lease tail, alone or before tail 2
+    st.builds(lambda t, p, s, lid: XCmd(XOp.PREPARE, t, p, s, lease=lid), ids_st, st.integers(0, 4095), revs_st,
+              lease_st),
+    st.builds(lambda t, s, a, lid, r, n, every: XCmd(XOp.RECORD, t, start=s, at=a, lease=lid, renews=r,
+                                                     groups=tuple((i, ()) for i in range(n)), delete_prepared=every),
+              ids_st, revs_st, revs_st, lease_st, st.integers(0, (1 << 64) - 1), st.integers(0, 3), st.booleans()),
     st.builds(lambda t, s, a, r, g: XCmd(XOp.RECORD, t, start=s, at=a, result=r,
                                          groups=tuple((i, tuple(ws)) for i, ws in enumerate(g))),
               ids_st, revs_st, revs_st, result_st, st.lists(writes_st, max_size=3)),
@@ -83,7 +90,7 @@ def test_cross_commands_round_trip(x: XCmd) -> None:
 def test_every_decoder_is_total(op: XOp, data: bytes) -> None:
     for f in (lambda: xtxn.decode_body(op, data), lambda: xtxn.decode_record(data), lambda: xtxn.decode_lock(data),
               lambda: xtxn.Intent.decode(data), lambda: xtxn.decode_range_lock(data), lambda: xtxn.decode_found(data),
-              lambda: xtxn.decode_txn_keys(data), lambda: xtxn.check_rows(mvcc.T_TXN, data[:25], data[25:]),
+              lambda: xtxn.decode_txn_keys(data), lambda: xtxn.decode_lease_lock(data), lambda: xtxn.check_rows(mvcc.T_TXN, data[:25], data[25:]),
               lambda: xtxn.check_rows(mvcc.T_INTENTS, data[:8], data[8:])):
         with contextlib.suppress(ValueError):
             f()

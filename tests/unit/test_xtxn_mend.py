@@ -27,7 +27,7 @@ from kvstore.node.store import GroupWrite
 from kvstore.raft import ConfState
 from kvstore.raft.types import HardState, SnapshotMeta
 from kvstore.server.xtxn_run import CrossTxns
-from kvstore.storage import mvcc, xtxn, xtxn_apply
+from kvstore.storage import leases, mvcc, xtxn, xtxn_apply
 from kvstore.storage.commands import ApplyResult, Command, Op, decode_command, encode_command
 from kvstore.storage.errors import SnapshotFormatError
 from kvstore.storage.machine import DictState
@@ -208,7 +208,8 @@ def test_group_ids_are_bounded_in_the_codecs() -> None:
 
 # --- 3. snapshot rows ------------------------------------------------------------------------------
 def _real_rows() -> list[tuple[int, bytes, bytes]]:
-    """Every kind of row a group really holds (a range delete prepared, a record, done rows)."""
+    """Every kind of row a group really holds (a range delete prepared, a lease's deletion
+    prepared, a record, done rows)."""
     s = DictState(group=1)
     for k in (b"d/1", b"d/2"):
         s.apply(encode_command(Command.put(k, b"v")))
@@ -217,8 +218,9 @@ def _real_rows() -> list[tuple[int, bytes, bytes]]:
     s.apply(encode_command(Command.cross(XCmd(XOp.RESOLVE, TxnId(2, 2), start=START))))
     s.apply(encode_command(Command.cross(XCmd(XOp.PREPARE, TxnId(3, 3), 1, START, keys=(b"y",)))))
     s.apply(encode_command(Command.cross(XCmd(XOp.ABORT, TxnId(3, 3)))))
+    s.apply(encode_command(Command.cross(XCmd(XOp.PREPARE, TxnId(4, 4), 1, START, lease=leases.make_id(1, 7)))))
     rows = [(t, bytes(k), bytes(v)) for t in (mvcc.T_TXN, mvcc.T_INTENTS) for k, v in s.rows.iter(t, b"", None)]
-    assert {k[:1] for t, k, _ in rows if t == mvcc.T_TXN} == {b"t", b"l", b"p", b"r", b"d", b"g"}
+    assert {k[:1] for t, k, _ in rows if t == mvcc.T_TXN} == {b"t", b"l", b"e", b"p", b"r", b"d", b"g"}
     return rows
 
 
@@ -249,6 +251,7 @@ def test_check_rows_is_total_and_what_it_accepts_reads_back(table: int, data: st
     s.rows.put(table, k, v)
     assert xtxn_apply.min_pending(s.rows) >= 0
     xtxn_apply.range_locks(s.rows)
+    xtxn_apply.lease_locks(s.rows)
     s.apply(encode_command(Command.cross(XCmd(XOp.FINALIZE, TxnId(9, 9)))))  # runs the GC
 
 
@@ -275,6 +278,7 @@ def test_the_gc_skips_a_malformed_row_instead_of_stopping() -> None:
     (mvcc.T_TXN, b"p\x01", b""),  # a short pending row (min_pending: struct.error)
     (mvcc.T_TXN, b"g" + bytes(3), b""),  # a malformed GC row (the GC loop stopped at it)
     (mvcc.T_TXN, b"r" + bytes(16), b"\x09junk"),  # a record of no state
+    (mvcc.T_TXN, b"e" + bytes(16), bytes(xtxn.INTENT_BYTES + 8)),  # a lease lock of lease id 0
     (mvcc.T_INTENTS, b"k", b"short"),  # an intent row that does not decode
 ])
 def test_snapshot_install_refuses_a_bad_transaction_row(kind: str, row: tuple[int, bytes, bytes], tmp_path: Path) -> None:
