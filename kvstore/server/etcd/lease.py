@@ -61,6 +61,11 @@ class EtcdLease(rpc_pb2_grpc.LeaseServicer):
                           ) -> rpc_pb2.LeaseRevokeResponse:
         try:
             lid = _lease(request.ID)
+            if leases.home_group(lid) not in self.n.shard_map().data_groups():
+                # no lease can be homed there: etcd's answer for a lease it does not know
+                from .status import LEASE_NOT_FOUND, EtcdStatus
+
+                raise EtcdStatus(grpc.StatusCode.NOT_FOUND, LEASE_NOT_FOUND)
             await self.n.forward.call("LeaseRevoke", kv_pb2.LeaseRevokeRequest(id=lid), context, is_write=True,
                                       group=leases.home_group(lid))
             return rpc_pb2.LeaseRevokeResponse(header=self.n.header(0, leases.home_group(lid)))
