@@ -15,11 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvstore import errors
 from kvstore.node import lessor
 from kvstore.node import xtxn as logic
 from kvstore.node.hlc import HybridClock
 from kvstore.node.lessor import Proposal
-from kvstore.server.lease_service import LeaseDriver
+from kvstore.server.lease_service import LeaseDriver, LeaseRequests
 from kvstore.server.xtxn_run import CrossTxns
 from kvstore.shard.ranges import key_hash
 from kvstore.storage import leases, mvcc, xtxn
@@ -177,3 +178,19 @@ def test_the_lease_clock_logs_a_deletion_it_cannot_plan_once(caplog: pytest.LogC
         asyncio.run(main())
     logged = [r for r in caplog.records if "cannot be deleted across groups" in r.getMessage()]
     assert len(logged) == 1 and f"{LID:x}" in logged[0].getMessage()
+
+
+def test_a_revoke_that_cannot_be_planned_is_refused_definitely() -> None:
+    """The revoke path turns the plan's ValueError into a definite InvalidArgument saying why
+    (before the fix: a ValueError, answered INTERNAL, which reads as indeterminate)."""
+    async def propose(g: int, data: bytes) -> ApplyResult:
+        raise AssertionError("nothing is proposed for a deletion that cannot be planned")
+
+    async def main() -> None:
+        coord = CrossTxns(9, propose, HybridClock(lambda: mvcc.EPOCH_MS + 10_000), timeout=1.0)
+        lr = LeaseRequests(types.SimpleNamespace(cross=coord), {})  # type: ignore[arg-type]
+        for groups in ([OTHER, 9], list(range(1, xtxn.MAX_GROUPS_PER_TXN + 2))):
+            with pytest.raises(errors.InvalidArgument, match=f"lease {LID:x} cannot be revoked"):
+                await lr._delete_across(LID, groups)
+
+    asyncio.run(main())
