@@ -168,11 +168,13 @@ class LeaseRequests:
     async def _delete_across(self, lid: int, groups: list[int]) -> int:
         """A revoke with several data groups: the lease's keys in every group deleted at one
         revision by a two-phase commit whose RECORD (in the home group) revokes the lease
-        (`xlogic.plan_lease`). The number of keys deleted; a lease not live: a definite
-        InvalidArgument("requested lease not found"); a lease that cannot be deleted atomically
-        (`xlogic.plan_lease` refuses the plan: too many data groups, home not a data group): a
-        definite InvalidArgument saying why."""
+        (`xlogic.plan_lease`). The number of keys deleted; a lease not live, or homed in a group
+        that is not a data group: a definite InvalidArgument("requested lease not found"); a lease
+        that cannot be deleted atomically (`xlogic.plan_lease` refuses the plan: too many data
+        groups): a definite InvalidArgument saying why."""
         assert self.rq.cross is not None
+        if leases.home_group(lid) not in groups:  # no such group, so no such lease (etcd's answer)
+            raise errors.InvalidArgument(leases.NOT_FOUND)
         try:
             plan = xlogic.plan_lease(groups, lid)
         except ValueError as err:

@@ -189,8 +189,11 @@ def test_a_revoke_that_cannot_be_planned_is_refused_definitely() -> None:
     async def main() -> None:
         coord = CrossTxns(9, propose, HybridClock(lambda: mvcc.EPOCH_MS + 10_000), timeout=1.0)
         lr = LeaseRequests(types.SimpleNamespace(cross=coord), {})  # type: ignore[arg-type]
-        for groups in ([OTHER, 9], list(range(1, xtxn.MAX_GROUPS_PER_TXN + 2))):
-            with pytest.raises(errors.InvalidArgument, match=f"lease {LID:x} cannot be revoked"):
-                await lr._delete_across(LID, groups)
+        with pytest.raises(errors.InvalidArgument, match=f"lease {LID:x} cannot be revoked"):
+            await lr._delete_across(LID, list(range(1, xtxn.MAX_GROUPS_PER_TXN + 2)))
+        # A lease homed in a group that is not a data group cannot exist: etcd's "not found".
+        with pytest.raises(errors.InvalidArgument) as err:
+            await lr._delete_across(LID, [OTHER, 9])
+        assert err.value.message == leases.NOT_FOUND
 
     asyncio.run(main())
