@@ -172,7 +172,8 @@ def _sigterm_as_interrupt() -> None:
 
 _common = [
     click.option("--systems", default="kvstore,etcd", show_default=True, callback=_systems,
-                 help="Comma-separated: kvstore, etcd, kvstore-tls, etcd-tls (-tls: mutual TLS on)."),
+                 help="Comma-separated: kvstore, etcd, kvstore-tls, etcd-tls (-tls: mutual TLS on), etcd-api "
+                      "(kvstore driven through its etcd API by etcd's client)."),
     click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
                  show_default=True, help="Directory for the JSON lines, tables and plot."),
     click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -255,7 +256,8 @@ def run(
     if reps < 1 or nkeys < 1 or not inflights or min(inflights) < 1:
         raise click.UsageError("--reps, --keys and every --inflight must be >= 1")
     if tls:
-        systems = list(dict.fromkeys([*systems, *(s if s.endswith("-tls") else f"{s}-tls" for s in systems)]))
+        systems = list(dict.fromkeys([*systems, *(s if s.endswith("-tls") else f"{s}-tls" for s in systems
+                                                   if s != "etcd-api")]))
     root, fstype = _data_root(data_root)
     o = Output(out, "run")
     meta = report.machine_info(root, fstype)
@@ -292,7 +294,7 @@ def run(
             f"Machine: {report.machine_line(meta)}\n{report.competition_note(meta['cores'])}"
         )
         o.table(report.markdown_table(summary), header)
-        if any(s.endswith("-tls") for s in systems):
+        if any(s.endswith("-tls") or s == "etcd-api" for s in systems):
             o.table(report.ratio_table(summary, systems), "Every system and every ratio (a/b, rep by rep):",
                     suffix="-ratios")
         if not no_plot and summary:

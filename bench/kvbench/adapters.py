@@ -229,13 +229,16 @@ def make_adapter(
     system: str, endpoints: Sequence[str], *, leader: str | None = None, timeout: float = 10.0,
     certs: ClusterCerts | None = None,
 ) -> Adapter:
-    """An adapter for `system` (`kvstore`, `etcd`, or either with `-tls`, which needs `certs`)."""
+    """An adapter for `system` (`kvstore`, `etcd`, or either with `-tls`, which needs `certs`;
+    `etcd-api`: etcd's adapter on a kvstore cluster)."""
     base = system.removesuffix("-tls")
     if base != system and certs is None:
         raise ValueError(f"{system} needs the cluster's certificates")
     adapter: KvstoreAdapter | EtcdAdapter
     if base == "kvstore":
         adapter = KvstoreAdapter(endpoints, timeout, certs=certs)
+    elif system == "etcd-api":  # kvstore through its etcd API: etcd's own adapter, unchanged
+        adapter = EtcdAdapter(endpoints, timeout, target=leader)
     elif base == "etcd":
         adapter = EtcdAdapter(endpoints, timeout, target=leader, certs=certs)
     else:

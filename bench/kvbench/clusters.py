@@ -441,8 +441,10 @@ class EtcdCluster:
         return "\n".join(f"--- etcd {n.name}\n{n.log_text()[-3000:]}" for n in self.nodes.values())
 
 
-SYSTEMS = ("kvstore", "etcd", "kvstore-tls", "etcd-tls")
-"""`-tls`: the same system with mutual TLS on (clients and peers), certificates of one CA."""
+SYSTEMS = ("kvstore", "etcd", "kvstore-tls", "etcd-tls", "etcd-api")
+"""`-tls`: the same system with mutual TLS on (clients and peers), certificates of one CA.
+`etcd-api`: a kvstore cluster driven through its etcd API (the same client as etcd: the
+comparison of the two stores through one identical client); it has no `-tls` twin."""
 
 
 def make_cluster(
@@ -452,6 +454,10 @@ def make_cluster(
     base = system.removesuffix("-tls")
     if base == "kvstore":
         return KvstoreCluster(root, kvstore_args, tls=tls)
+    if system == "etcd-api":
+        c = KvstoreCluster(root, kvstore_args)
+        c.system = "etcd-api"
+        return c
     if base == "etcd":
         return EtcdCluster(root, etcd_args, tls=tls)
     raise ValueError(f"unknown system {system!r} (expected one of {', '.join(SYSTEMS)})")

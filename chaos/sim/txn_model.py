@@ -265,6 +265,10 @@ class TxnModel:
         self.cross_driver.attempt(
             node, t, groups, n, lambda m: sim.at(self.rng.randrange(100, 400) * m, self._cross_attempt, t, m))
 
+    def finished_record(self) -> None:
+        """The record sweep finished a record of one of these transactions (`CrossPairs._finish`):
+        nothing to check here (its writes were recorded when its COMMITs applied)."""
+
     def answered_cross(self, t: txn.Txn | None, r: txn.TxnResult, revision: int) -> None:
         """A cross-group transaction's answer (from the `CrossPairs` driver)."""
         assert t is not None

@@ -24,8 +24,9 @@ between its COMMITs aborts that group while the other committed) makes pairs dif
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from kvstore import errors
 from kvstore.node import xtxn as logic
@@ -50,10 +51,22 @@ def commit_point(driver: CrossPairs, node: Any, primary: int, record: bytes, ans
     driver._send(node, primary, record, answer)
 
 
+class CrossOwner(Protocol):
+    """What `CrossPairs` needs of the workload that drives it (`TxnPairs`, `TxnModel`, the lease
+    clients' deletions): the simulation, a random stream, and the two callbacks."""
+
+    sim: Any
+    rng: random.Random
+
+    def answered_cross(self, t: txn.Txn | None, r: txn.TxnResult, revision: int) -> None: ...
+
+    def finished_record(self) -> None: ...
+
+
 class CrossPairs:
     """Runs cross-group pair transactions for `TxnPairs` (its `sim`, `rng`, `stats`, `_check`)."""
 
-    def __init__(self, pairs: Any) -> None:
+    def __init__(self, pairs: CrossOwner) -> None:
         self.pairs = pairs
         self.sim = pairs.sim
         self.rng = pairs.rng

@@ -14,6 +14,9 @@ Layout (integers big-endian):
                          remaining_ms:u64 nkeys:u32, then per attached key klen:u16 key
                END  (0)  exactly once, last: keys:u64 records:u64
     trailer  SHA-256 (32 bytes) of every byte before it
+    [etcd]   optional, for etcd's `Maintenance.Snapshot` (`etcd_envelope`): zero bytes, then
+             the backup's length:u64, then the SHA-256 of every byte before it, so that the
+             whole is 32 bytes past a multiple of 512 (what `etcdctl snapshot save` checks for)
 
 Invariants a reader checks (`read_backup`, total: any damage raises `BackupFormatError` and
 nothing else): the magic and version; every record's tag and length (a payload at most
@@ -22,7 +25,7 @@ and decodable (`AuthState.decode`), END last with the counts of what came before
 to two leases (nor twice to one); keys strictly ascending across the
 whole file, 1..`MAX_KEY` bytes, values at most `MAX_VALUE`; 1 <= create <= mod <= revision and
 version >= 1 for every key; the trailer equals the SHA-256 of everything before it, and nothing
-follows it. Keys come in key order, so a restore streams them into each group's snapshot in order.
+follows it but, optionally, a well-formed etcd envelope. Keys come in key order, so a restore streams them into each group's snapshot in order.
 
 Memory: the writer holds one chunk (`CHUNK_BYTES`, or one key if larger); the reader one record.
 """
@@ -33,7 +36,7 @@ import hashlib
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from kvstore.security.authstate import AuthError, AuthState
 from kvstore.shard.shardmap import MAX_GROUP_ID
@@ -410,10 +413,32 @@ class BackupReader:
         got = _read_exact(self._f, HASH_BYTES, "the SHA-256 trailer")
         if got != want:
             raise BackupFormatError(f"SHA-256 mismatch: the file says {got.hex()}, its contents hash to {want.hex()}")
-        if self._f.read(1):
-            raise BackupFormatError("data after the SHA-256 trailer")
         self.size += HASH_BYTES
         self.sha256 = want.hex()
+        rest = self._f.read(ENVELOPE_MAX + 1)
+        if rest and rest != etcd_envelope(self.size, self._hash_with(got)):
+            raise BackupFormatError("data after the SHA-256 trailer (not an etcd snapshot envelope)")
+
+    def _hash_with(self, trailer: bytes) -> Any:
+        h = self._hash.copy()
+        h.update(trailer)
+        return h
+
+
+ENVELOPE_ALIGN = 512
+ENVELOPE_MAX = ENVELOPE_ALIGN + 8 + HASH_BYTES
+"""An etcd envelope's most bytes."""
+
+
+def etcd_envelope(size: int, hashed: Any) -> bytes:
+    """The bytes that follow a `size`-byte backup in etcd's snapshot stream: zeros, the size as
+    u64, and the SHA-256 of everything before it (`hashed`: a hashlib SHA-256 of the backup's
+    `size` bytes, not changed here), so the whole is 32 bytes past a multiple of 512."""
+    pad = (-(size + 8)) % ENVELOPE_ALIGN
+    body = bytes(pad) + struct.pack(">Q", size)
+    h = hashed.copy()
+    h.update(body)
+    return body + h.digest()
 
 
 def verify(f: BinaryIO) -> BackupSummary:

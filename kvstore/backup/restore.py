@@ -121,6 +121,8 @@ def group_records(
                                        f"({int.from_bytes(rows[owner], 'big'):x} and {le.id:x})")
                 rows[leases.attach_key(le.id, key)] = key
                 rows[owner] = leases.owner_row(le.id)
+                ck = leases.count_key(le.id)  # the attachment count a LEASE_PUT's limit reads
+                rows[ck] = (int.from_bytes(rows.get(ck, bytes(8)), "big") + 1).to_bytes(8, "big")
     for row in sorted(rows):
         yield TAG_LEASES, row, rows[row]
 

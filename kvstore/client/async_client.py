@@ -43,7 +43,7 @@ import grpc.aio
 
 from kvstore import errors
 from kvstore.client.admin import Admin
-from kvstore.client.auth import TokenSource, interceptors
+from kvstore.client.auth import FixedToken, TokenSource, interceptors
 from kvstore.client.channels import CHANNEL_OPTIONS, Channels, close_all_streams
 from kvstore.client.checks import DEFAULT_MAX_KEY_SIZE, DEFAULT_MAX_VALUE_SIZE, RequestChecks
 from kvstore.client.cluster_view import ClusterView
@@ -100,6 +100,9 @@ class AsyncClient:
     (`kvstore serve --client-listen`), and then needs ``password``; ``credentials`` gives
     ready-made ``grpc.ChannelCredentials`` instead. None of them: plaintext.
 
+    ``token``: a token obtained elsewhere, sent with every call as is (never renewed; instead
+    of ``password``).
+
     ``client_port``: the endpoints are client-only ports, so the client follows nodes' client
     addresses (shard map, members, redirects) and never their peer addresses. Default: True with
     ``cacert`` (nothing else could connect), False otherwise.
@@ -130,6 +133,7 @@ class AsyncClient:
         password: str | None = None,
         cacert: str | Path | None = None,
         client_port: bool | None = None,
+        token: str | None = None,
     ) -> None:
         if sum(x is not None for x in (certs_dir, credentials, cacert)) > 1:
             raise ValueError("give one of certs_dir, cacert and credentials")
@@ -164,7 +168,11 @@ class AsyncClient:
         rng = random.Random(seed)
         self.token_source: TokenSource | None = None
         """With `password`: logs `user` in and sends its token with every call."""
-        if password is not None:
+        if token is not None:
+            if password is not None:
+                raise ValueError("give a password or a token, not both")
+            self.token_source = FixedToken(token)
+        elif password is not None:
             self.token_source = TokenSource(user, password, lambda: self.router.endpoints, credentials,
                                             [*CHANNEL_OPTIONS, *channel_options])
         self.channels = Channels(channel_options, credentials,

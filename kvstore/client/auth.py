@@ -82,6 +82,21 @@ class TokenSource:
         raise errors.Unavailable(f"cannot log in: no endpoint answered ({last})")
 
 
+class FixedToken(TokenSource):
+    """A token obtained elsewhere (e.g. a server acting for a caller with the caller's own
+    token): sent as is, never renewed; a refusal is final (no retry with a fresh token)."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__("", "", lambda: (), None)
+        self._token = token
+
+    async def token(self) -> str:
+        return self._token
+
+    def stale_since(self, started: float) -> bool:
+        return False
+
+
 def _with_token(details: Any, token: str) -> Any:
     md = [(k, v) for k, v in (details.metadata or ()) if k != "authorization"]
     md.append(("authorization", f"Bearer {token}"))

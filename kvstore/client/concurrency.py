@@ -115,6 +115,11 @@ class Mutex:
     async def _queue(self) -> list[tuple[int, bytes]]:
         return [(rev, k) for rev, k, _v in await self._entries()]
 
+    async def holder(self) -> tuple[int, bytes] | None:
+        """(create revision, key) of the holder now (a linearizable scan), None if none."""
+        queue = await self._queue()
+        return queue[0] if queue else None
+
     async def acquire(self, value: bytes = b"") -> Held:
         """Wait until this session holds the lock; returns the key and the fencing token."""
         client = self.session.client

@@ -64,13 +64,19 @@ from ..storage import leases
 from ..storage.leases import Kind, LeaseCmd, Record
 
 
+def deletion_groups(data_groups: Iterable[int]) -> list[int]:
+    """The groups a lease's deletion covers: every data group of the shard map (ascending),
+    never the metadata group 0 (it holds no keys). The revoke and the expiry both use it."""
+    return sorted(set(data_groups) - {0})
+
+
 def cross_group_deletion(data_groups: Iterable[int]) -> bool:
     """Whether a lease's EXPIRE or REVOKE must run as one transaction across groups (the shell's
     two-phase commit, `xtxn.plan_lease`: every data group deletes the lease's keys at one
     revision R, the home group's RECORD the commit point) rather than as one command of the home
     group: whenever there is more than one data group (a key attached to the lease may be in
     any of them; the home cannot know which)."""
-    return len(set(data_groups) - {0}) > 1
+    return len(deletion_groups(data_groups)) > 1
 
 
 @dataclass(frozen=True, slots=True)

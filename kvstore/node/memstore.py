@@ -1059,8 +1059,7 @@ class MemoryNodeStore:
 
     def range_locks(self, group: int) -> list[bytes]:
         g = self._read(group)
-        return [] if g is None else [v[:xtxn.INTENT_BYTES] for lo, hi in ((b"e", b"f"), (b"l", b"m"))
-                                     for _k, v in g.rows.iter(mvcc.T_TXN, lo, hi)]
+        return [] if g is None else xtxn_apply.lock_intent_rows(g.rows)
 
     def intents(self, group: int, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         g = self._read(group)

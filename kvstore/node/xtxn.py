@@ -78,16 +78,25 @@ def plan(t: txn.Txn, group_for: Iterable[tuple[bytes, int]]) -> Plan:
     return Plan(primary, {g: tuple(ks) for g, ks in keys.items()}, group_of)
 
 
+def every_group(groups: Iterable[int], what: str) -> list[int]:
+    """The participants of a transaction over every data group in `groups` (a range delete, a
+    lease's deletion), ascending and each once. ValueError (definite: the transaction cannot be
+    run atomically at all, and is not split, which would not be) if there is none or more than
+    a RECORD lists (`xtxn.MAX_GROUPS_PER_TXN`)."""
+    gs = sorted(set(groups))
+    if not gs:
+        raise ValueError(f"no data group for {what}")
+    if len(gs) > xtxn.MAX_GROUPS_PER_TXN:
+        raise ValueError(f"{what} spans at most {xtxn.MAX_GROUPS_PER_TXN} data groups, not {len(gs)}")
+    return gs
+
+
 def plan_range(groups: Iterable[int], lo: bytes, hi: bytes) -> Plan:
     """The plan of a range delete of [lo, hi) (hi b"": no end): every data group (keys are
     hashed whole, so any key range may have keys in each), the lowest one primary. ValueError
     (the one check of the range: the caller answers a definite InvalidArgument) if there is no
     group, more than a RECORD lists (`xtxn.MAX_GROUPS_PER_TXN`), or the range is empty."""
-    gs = sorted(set(groups))
-    if not gs:
-        raise ValueError("no data group to delete from")
-    if len(gs) > xtxn.MAX_GROUPS_PER_TXN:
-        raise ValueError(f"a range delete spans at most {xtxn.MAX_GROUPS_PER_TXN} data groups, not {len(gs)}")
+    gs = every_group(groups, "a range delete")
     if hi and hi <= lo:
         raise ValueError("the range's end is at or before its start")
     return Plan(gs[0], {g: () for g in gs}, {}, (lo, hi))
@@ -97,9 +106,10 @@ def plan_lease(groups: Iterable[int], lease_id: int, renews: int = 0) -> Plan:
     """The plan of lease `lease_id`'s deletion (an expiry at renew count `renews`, or a revoke:
     0): every data group in `groups` (a key attached to the lease may be in any), the lease's
     home group primary (its RECORD revokes the lease: the commit point). ValueError if the home
-    group is not among them."""
+    group is not among them, or (`every_group`) there are more than a RECORD lists: such a lease
+    cannot be deleted atomically, and its deletion is refused rather than split."""
     home = leases.home_group(leases.check_id(lease_id))
-    gs = sorted(set(groups))
+    gs = every_group(groups, "a lease's deletion")
     if home not in gs:
         raise ValueError(f"lease {lease_id:x}'s home group {home} is not a data group")
     if not 0 <= renews < 1 << 64:
@@ -396,6 +406,7 @@ __all__ = [
     "blocking_intent",
     "commit_commands",
     "committed_record",
+    "every_group",
     "expired",
     "finalize_after",
     "finalize_command",

@@ -108,6 +108,31 @@ RULES: dict[str, Rule] = {
     "/etcdserverpb.Lease/LeaseKeepAlive": Rule.USER,
     "/etcdserverpb.Lease/LeaseTimeToLive": Rule.USER,
     "/etcdserverpb.Lease/LeaseLeases": Rule.USER,
+    "/etcdserverpb.Cluster/MemberList": Rule.USER,
+    "/etcdserverpb.Cluster/MemberAdd": Rule.ADMIN,
+    "/etcdserverpb.Cluster/MemberRemove": Rule.ADMIN,
+    "/etcdserverpb.Cluster/MemberUpdate": Rule.ADMIN,
+    "/etcdserverpb.Cluster/MemberPromote": Rule.ADMIN,
+    "/etcdserverpb.Maintenance/Status": Rule.USER,
+    "/etcdserverpb.Maintenance/Alarm": Rule.ADMIN,
+    "/etcdserverpb.Maintenance/Defragment": Rule.ADMIN,
+    "/etcdserverpb.Maintenance/Hash": Rule.ADMIN,
+    "/etcdserverpb.Maintenance/HashKV": Rule.ADMIN,
+    "/etcdserverpb.Maintenance/Snapshot": Rule.ADMIN,
+    "/etcdserverpb.Maintenance/MoveLeader": Rule.ADMIN,
+    "/etcdserverpb.Auth/Authenticate": Rule.PUBLIC,
+    **{f"/etcdserverpb.Auth/{m}": Rule.ADMIN for m in (
+        "AuthEnable", "AuthDisable", "UserAdd", "UserGet", "UserList", "UserDelete", "UserChangePassword",
+        "UserGrantRole", "UserRevokeRole", "RoleAdd", "RoleGet", "RoleList", "RoleDelete", "RoleGrantPermission",
+        "RoleRevokePermission")},
+    # etcd's lock and election services: the caller's own reads and writes of the lock keys
+    "/v3lockpb.Lock/Lock": Rule.USER,
+    "/v3lockpb.Lock/Unlock": Rule.USER,
+    "/v3electionpb.Election/Campaign": Rule.USER,
+    "/v3electionpb.Election/Proclaim": Rule.USER,
+    "/v3electionpb.Election/Leader": Rule.USER,
+    "/v3electionpb.Election/Observe": Rule.USER,
+    "/v3electionpb.Election/Resign": Rule.USER,
     "/kvstore.v1.Admin/Status": Rule.USER,
     "/kvstore.v1.Admin/AddMember": Rule.ADMIN,
     "/kvstore.v1.Admin/PromoteMember": Rule.ADMIN,
@@ -121,6 +146,17 @@ RULES: dict[str, Rule] = {
     "/kvstore.v1.Auth/Change": Rule.USER,
     "/kvstore.v1.Auth/Status": Rule.USER,
 }
+
+
+ETCD_PACKAGES = ("/etcdserverpb.", "/v3lockpb.", "/v3electionpb.")
+ETCD_INVALID_TOKEN = "etcdserver: invalid auth token"
+"""etcd clients match this exact message to log in again (clientv3's `ErrInvalidAuthToken`)."""
+
+
+def token_refusal(path: str, reason: str) -> str:
+    """The message of a call refused for its token (expired, revoked, malformed): etcd's exact
+    text on etcd's services, so etcd clients fetch a new token; kvstore's reason elsewhere."""
+    return ETCD_INVALID_TOKEN if path.startswith(ETCD_PACKAGES) else f"{path}: {reason}"
 
 
 def rule_of(path: str) -> Rule:
@@ -267,7 +303,7 @@ class AuthGuard:
             c = self.credential(context)
         except errors.Unauthenticated as err:
             if rule not in (Rule.PUBLIC, Rule.INTERNAL):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{path}: {err.message}")
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, token_refusal(path, err.message))
             c = Credential(Principal(PrincipalKind.ANONYMOUS, "", "none", 0, _peer(context)))
         p = c.principal
         set_identity(p)

@@ -22,6 +22,8 @@ import grpc
 __all__ = ["ANONYMOUS", "Principal", "PrincipalKind", "identity_of_call", "set_identity", "token_of"]
 
 METADATA_KEY = "authorization"
+ETCD_METADATA_KEY = "token"
+"""etcd's token metadata (its clients send `token: <token>`; kvstore's: `authorization: Bearer`)."""
 BEARER = "Bearer "
 
 
@@ -71,7 +73,9 @@ def set_identity(p: Principal) -> contextvars.Token[Principal]:
 
 def token_of(metadata: object) -> str | None:
     """The bearer token in invocation metadata, None if there is none; ValueError if the
-    authorization metadata is malformed (repeated, not a bearer token, not text)."""
+    authorization metadata is malformed (repeated, not a bearer token, not text). etcd clients
+    send theirs as `token: <token>` (`ETCD_METADATA_KEY`): read the same way; a call carries
+    at most one token, in one of the two forms."""
     found: str | None = None
     if not metadata:
         return None
@@ -84,10 +88,15 @@ def token_of(metadata: object) -> str | None:
             k, v = item
         except (TypeError, ValueError):
             raise ValueError("unreadable call metadata") from None
-        if k != METADATA_KEY:
+        if k != METADATA_KEY and k != ETCD_METADATA_KEY:
             continue
         if found is not None:
             raise ValueError("more than one authorization header")
+        if k == ETCD_METADATA_KEY:
+            if not isinstance(v, str) or not v.strip():
+                raise ValueError("token metadata must be a token")
+            found = v.strip()
+            continue
         if not isinstance(v, str) or not v.startswith(BEARER):
             raise ValueError("authorization metadata must be 'Bearer <token>'")
         found = v[len(BEARER):].strip()

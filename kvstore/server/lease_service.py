@@ -152,7 +152,7 @@ class LeaseRequests:
             if rq.guard is not None and rq.guard.tracker.state.enabled:
                 grants = rq.guard.grants(identity_of_call())
             smap = rq.tracker.map
-            data = [g for g in smap.data_groups() if g != 0] if smap is not None else None
+            data = lessor_logic.deletion_groups(smap.data_groups()) if smap is not None else None
             check_revoke(lid, grants, data, rq.host.groups, lambda: self._attached(lid))
             if rq.cross is not None and data is not None and lessor_logic.cross_group_deletion(data):
                 n = await self._delete_across(lid, data)
@@ -168,11 +168,19 @@ class LeaseRequests:
     async def _delete_across(self, lid: int, groups: list[int]) -> int:
         """A revoke with several data groups: the lease's keys in every group deleted at one
         revision by a two-phase commit whose RECORD (in the home group) revokes the lease
-        (`xlogic.plan_lease`). The number of keys deleted; a lease not live: a definite
-        InvalidArgument("requested lease not found")."""
+        (`xlogic.plan_lease`). The number of keys deleted; a lease not live, or homed in a group
+        that is not a data group: a definite InvalidArgument("requested lease not found"); a lease
+        that cannot be deleted atomically (`xlogic.plan_lease` refuses the plan: too many data
+        groups): a definite InvalidArgument saying why."""
         assert self.rq.cross is not None
+        if leases.home_group(lid) not in groups:  # no such group, so no such lease (etcd's answer)
+            raise errors.InvalidArgument(leases.NOT_FOUND)
         try:
-            res = await self.rq.cross.run(None, xlogic.plan_lease(groups, lid))
+            plan = xlogic.plan_lease(groups, lid)
+        except ValueError as err:
+            raise errors.InvalidArgument(f"lease {lid:x} cannot be revoked: {err}") from None
+        try:
+            res = await self.rq.cross.run(None, plan)
         except errors.InvalidArgument as err:
             if leases.NOT_FOUND in err.message:
                 raise errors.InvalidArgument(leases.NOT_FOUND) from None
@@ -295,6 +303,10 @@ class LeaseRequests:
             return kv_pb2.PutResponse(error=rq.err(rq.internal("LeasePut", err)))
 
 
+_UNPLANNABLE_LOGGED = 4096
+"""How many unplannable lease deletions a `LeaseDriver` remembers having logged."""
+
+
 class LeaseDriver:
     """The node's lease clocks: every `period` seconds, a `Lessor` per data group hosted here is
     stepped with this node's monotonic clock and, if this node leads the group with a current
@@ -311,12 +323,15 @@ class LeaseDriver:
         self._tasks: set[asyncio.Task[None]] = set()
         self._deleting: set[int] = set()
         """Leases whose deletion across groups is under way here (one attempt at a time)."""
+        self._unplannable: set[int] = set()
+        """Leases whose deletion across groups could not be planned (logged once each; bounded by
+        `_UNPLANNABLE_LOGGED`, then forgotten and logged again)."""
 
     def step(self) -> None:
         rq = self.rq
         host = rq.host
         smap = rq.tracker.map
-        groups = smap.data_groups() if smap is not None else []
+        groups = lessor_logic.deletion_groups(smap.data_groups()) if smap is not None else []
         now = time.monotonic() * 1000
         for g in [g for g in self.lessors if g not in host.groups or g not in groups]:
             del self.lessors[g]  # no longer hosted here, or no longer a data group (a move dropped it)
@@ -348,16 +363,25 @@ class LeaseDriver:
     async def _expire_across(self, lz: Lessor, p: Proposal, groups: list[int]) -> None:
         """An EXPIRE with several data groups: the lease's deletion as one two-phase commit
         (`xlogic.plan_lease` with the renew count), at most one attempt per lease at a time; an
-        attempt that fails is retried by the lease clock (its next EXPIRE)."""
+        attempt that fails is retried by the lease clock (its next EXPIRE). A deletion that cannot
+        be planned (`xlogic.plan_lease`: more data groups than one transaction spans) is logged
+        once per lease, never split (that would not be atomic), and retried like any other."""
         rq = self.rq
         lid = p.cmd.lease_id
         if rq.cross is None or lid in self._deleting:
             return
         self._deleting.add(lid)
         try:
-            await rq.cross.run(None, xlogic.plan_lease(groups, lid, p.cmd.renews))
+            plan = xlogic.plan_lease(groups, lid, p.cmd.renews)
+            await rq.cross.run(None, plan)
             self.expired += 1
             rq.metrics.lease_expired.inc()
+        except ValueError as err:  # no atomic deletion is possible with this map: never split, retried
+            if lid not in self._unplannable:
+                if len(self._unplannable) >= _UNPLANNABLE_LOGGED:
+                    self._unplannable.clear()
+                self._unplannable.add(lid)
+                log.error("lease %x expired but cannot be deleted across groups: %s", lid, err)
         except errors.KVError as err:  # renewed or revoked meanwhile (definite), or retried later
             log.debug("deletion of lease %x across groups: %s", lid, err)
         finally:

@@ -248,8 +248,10 @@ class Node:
              auth_pb2.DESCRIPTOR.services_by_name["Auth"]),
             (self.health, health_pb2.DESCRIPTOR.services_by_name["Health"]),
         ]
-        # etcd's v3 KV, Watch and Lease on the same port, over the (audited) KV servicer.
-        services += etcd_services(services[1][0], caller, cfg.cluster_id, cfg.id, cfg.request_timeout)
+        # etcd's v3 KV, Watch, Lease, Cluster, Maintenance and Auth on the same port, over the
+        # (audited) KV, Admin and Auth servicers.
+        services += etcd_services(services[1][0], services[2][0], services[4][0], caller, cfg.cluster_id, cfg.id,
+                                  cfg.address, cfg.request_timeout)
         limit = admission.call_limit()
         self.rpc_methods = wire.add_services(server, services, guard, limit=limit)
         self.port = (

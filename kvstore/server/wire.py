@@ -38,7 +38,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from kvstore import errors
-from kvstore.security.guard import AuthGuard, Credential, Rule, rule_of
+from kvstore.security.guard import AuthGuard, Credential, Rule, rule_of, token_refusal
 from kvstore.security.identity import Principal, PrincipalKind
 
 __all__ = ["CallLimit", "Malformed", "MalformedRequest", "add_services", "decoder"]
@@ -213,7 +213,7 @@ async def _rechecked(responses: AsyncGenerator[Any, None], guard: AuthGuard, c: 
             try:
                 guard.recheck(c)
             except errors.Unauthenticated as err:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{path}: {err.message}")
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, token_refusal(path, err.message))
             yield resp
     finally:
         await responses.aclose()

@@ -508,9 +508,7 @@ class KVState:
 
     def range_locks(self, group: int) -> list[bytes]:
         with self._env.read() as txn:
-            rows = LmdbRows(txn, group, rev_dbs(self._env))
-            return [bytes(v)[:xtxn.INTENT_BYTES] for lo, hi in ((b"e", b"f"), (b"l", b"m"))
-                    for _k, v in rows.iter(mvcc.T_TXN, lo, hi)]
+            return xtxn_apply.lock_intent_rows(LmdbRows(txn, group, rev_dbs(self._env)))
 
     def intents(self, group: int, start: bytes, end: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         """At most `limit` intents on keys in [start, end), in key order (`mvcc.T_INTENTS`)."""

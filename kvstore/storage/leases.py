@@ -13,6 +13,9 @@ raft snapshots as tag `snapfile.TAG_LEASES`; group prefix omitted):
     b"A" id:u64 h:16     -> key        (key `key` is attached to lease id; h = BLAKE2b-128(key))
     b"K" h:16            -> id:u64     (the lease key `key` is attached to; at most one)
     b"X" id:u64          -> b""        (tombstone: the lease was revoked; its id is never live again here)
+    b"C" id:u64          -> n:u64      (how many keys are attached to lease id here: its "A" rows;
+                                        absent when none; kept by `attach`, `detach`, `forget_keys`,
+                                        `forget_attached`, the only writers of "A" rows)
 
 Commands (`commands.Op` codes 20..27, gated by `node.version.LEVEL_LEASES`; body = `_BODY`:
 lease_id:u64 ttl_s:u64 renews:u64 remaining_ms:u64, fields a kind does not use are 0, LEASE_PUT
@@ -39,7 +42,11 @@ then carries key_len:u32 key value):
   tombstone.
 - PUT(id, key, value): a put that attaches `key` to the lease (detaching it from any other).
   Refused (definite, "requested lease not found") in the home group unless the record is LIVE,
-  and in any group holding the lease's tombstone. A plain write of an attached key (PUT, CAS,
+  and in any group holding the lease's tombstone; refused (definite, `TOO_MANY_KEYS`) when it
+  would attach a key to a lease that has `MAX_KEYS_PER_LEASE` keys attached in the group already
+  (the "C" row: O(1)). So a lease's deletion in a group (the one-command REVOKE/EXPIRE/DROP or a
+  PREPARE across groups, neither with a limit of its own) deletes at most that many keys, except
+  where a range move's INSTALL brought more (never refused for the count: a move must finish). A plain write of an attached key (PUT, CAS,
   DELETE, a transaction's write, a cross-group COMMIT's write or delete) detaches it, as in etcd.
 
 Invariant (no key stays attached to a dead lease forever): a group attaches a key to lease L only
@@ -100,6 +107,10 @@ ID_GROUP_BITS = 12
 ID_GROUP_MASK = (1 << ID_GROUP_BITS) - 1
 MAX_LEASE_ID = (1 << 63) - 1
 MIN_TTL_S = 1
+MAX_KEYS_PER_LEASE = 10_000
+"""The most keys a LEASE_PUT attaches to one lease in one group (etcd-style limit; the same as a
+range delete's keys per group, `xtxn_apply.MAX_RANGE_KEYS`)."""
+TOO_MANY_KEYS = f"the lease has {MAX_KEYS_PER_LEASE} keys attached in this group (the most a lease may have)"
 MAX_TTL_S = 9_000_000_000
 """etcd's MaxLeaseTTL (about 285 years)."""
 T_LEASES = mvcc.T_LEASES
@@ -254,6 +265,29 @@ def attach_key(lease_id: int, key: bytes) -> bytes:
     return b"A" + _U64.pack(lease_id) + key_hash16(key)
 
 
+def count_key(lease_id: int) -> bytes:
+    return b"C" + _U64.pack(lease_id)
+
+
+def attached_count(rows: mvcc.Rows, lease_id: int) -> int:
+    """How many keys are attached to `lease_id` in this group (its "C" row; 0 when absent)."""
+    raw = rows.get(T_LEASES, count_key(lease_id))
+    if raw is None:
+        return 0
+    if len(raw) != 8:
+        raise mvcc.RevisionError(f"corrupt lease count row of {len(raw)} bytes")
+    return int(_U64.unpack(bytes(raw))[0])
+
+
+def _count_add(rows: mvcc.Rows, lease_id: int, delta: int) -> None:
+    """Add `delta` to `lease_id`'s count row (the row goes at 0; never below 0)."""
+    n = attached_count(rows, lease_id) + delta
+    if n > 0:
+        rows.put(T_LEASES, count_key(lease_id), _U64.pack(n))
+    else:
+        rows.delete(T_LEASES, count_key(lease_id))
+
+
 def owner_key(key: bytes) -> bytes:
     return b"K" + key_hash16(key)
 
@@ -313,6 +347,7 @@ def detach(rows: mvcc.Rows, key: bytes) -> None:
     lid = _U64.unpack(bytes(raw))[0]
     rows.delete(T_LEASES, ok)
     rows.delete(T_LEASES, attach_key(lid, key))
+    _count_add(rows, lid, -1)
 
 
 def attach(rows: mvcc.Rows, key: bytes, lease_id: int) -> None:
@@ -322,8 +357,16 @@ def attach(rows: mvcc.Rows, key: bytes, lease_id: int) -> None:
     if old != lease_id:
         if old:
             rows.delete(T_LEASES, attach_key(old, key))
+            _count_add(rows, old, -1)
         rows.put(T_LEASES, owner_key(key), owner_row(lease_id))
         rows.put(T_LEASES, attach_key(lease_id, key), key)
+        _count_add(rows, lease_id, 1)
+
+
+def attach_refused(rows: mvcc.Rows, key: bytes, lease_id: int) -> bool:
+    """Whether attaching `key` to `lease_id` would exceed `MAX_KEYS_PER_LEASE` here (a key
+    attached to it already is not a new attachment)."""
+    return attached_count(rows, lease_id) >= MAX_KEYS_PER_LEASE and lease_of(rows, key) != lease_id
 
 
 def attachments(rows: mvcc.Rows, chosen: Callable[[bytes], bool]) -> list[tuple[bytes, int]]:
@@ -341,9 +384,13 @@ def forget_keys(rows: mvcc.Rows, chosen: Callable[[bytes], bool]) -> int:
     """Remove the attachment rows of every attached key that is `chosen` (the ranges a group
     drops after a move, or wipes before installing them). Returns how many."""
     gone = attachments(rows, chosen)
+    per: dict[int, int] = {}
     for key, lid in gone:
         rows.delete(T_LEASES, attach_key(lid, key))
         rows.delete(T_LEASES, owner_key(key))
+        per[lid] = per.get(lid, 0) + 1
+    for lid, n in per.items():
+        _count_add(rows, lid, -n)
     return len(gone)
 
 
@@ -366,6 +413,9 @@ def check_rows(key: bytes, value: bytes) -> None:
     elif t == b"X" and n == 9:
         if value:
             raise ValueError("lease tombstone with a value")
+    elif t == b"C" and n == 9:
+        if len(value) != 8 or _U64.unpack(value)[0] == 0:
+            raise ValueError("lease count row that is not a positive u64")
     elif t == b"A" and n == 25:
         if not 0 < len(value) <= MAX_KEY_SIZE or key_hash16(value) != key[9:]:
             raise ValueError("lease attachment row whose key does not match its hash")
@@ -435,6 +485,7 @@ def forget_attached(rows: mvcc.Rows, lease_id: int, keys: list[bytes] | None = N
     for k in attached_keys(rows, lease_id) if keys is None else keys:
         rows.delete(T_LEASES, attach_key(lease_id, k))
         rows.delete(T_LEASES, owner_key(k))
+    rows.delete(T_LEASES, count_key(lease_id))
 
 
 LEASE_RENEWED = "lease renewed since its expiry was decided"
@@ -491,6 +542,8 @@ def apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, pr
     if k == Kind.PUT:
         if (home and (rec is None or rec.state != LIVE)) or rows.get(T_LEASES, tomb_key(lid)) is not None:
             return Outcome(error=NOT_FOUND)
+        if attach_refused(rows, key, lid):
+            return Outcome(error=TOO_MANY_KEYS)
         rev = mvcc.write_version(rows, group, key, value, None, proposed, get)
         put(key, value)
         attach(rows, key, lid)

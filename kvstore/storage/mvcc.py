@@ -214,8 +214,9 @@ class Rows(Protocol):
     def delete(self, t: int, k: bytes) -> None: ...
 
     def has_locks(self) -> bool:
-        """Whether the group holds any cross-group intent (`T_INTENTS`) or range lock (`T_TXN`
-        rows `l...`): when it holds none, no write can be locked (the hot path skips the check)."""
+        """Whether the group holds any cross-group intent (`T_INTENTS`), range lock (`T_TXN` rows
+        `l...`) or lease lock (`T_TXN` rows `e...`, a lease deletion's, possibly with no intent):
+        when it holds none, no write can be locked (the hot path skips the check)."""
         ...
 
     def has_attachments(self) -> bool:

@@ -33,7 +33,8 @@ The tail byte 2 (with no write listed; absent: not) is the compact form of a ran
 of a lease's deletion (`XCmd.delete_prepared`; tag 2, after the RECORD's lease tail, tag 1, when
 both are there: tags come in increasing order, each at most once): the COMMIT deletes every key
 the transaction prepared in the group, and the RECORD says so of every group it lists. A range
-or lease PREPARE may find up to `xtxn_apply.MAX_RANGE_KEYS` keys per group, far more than a
+or lease PREPARE may find up to `xtxn_apply.MAX_RANGE_KEYS` keys per group (a lease's: the
+LEASE_PUT's limit, `leases.MAX_KEYS_PER_LEASE`, or more a move brought), far more than a
 command may list (`MAX_KEYS`, and `MAX_BODY` bytes): the keys need not be listed, because the
 group's intents fix them (its range lock refuses every insert into the range, its lease lock
 every attachment to the lease, until the COMMIT or ABORT), so the commit point and the COMMITs

@@ -30,8 +30,9 @@ Rules (each command is idempotent: a coordinator or a resolver may propose it ag
   keys attached to L here (served, with a value: answered as found, each given an intent), and
   it holds a *lease lock* (row `e`) until its COMMIT or ABORT: a LEASE_PUT of L is refused
   LOCKED meanwhile (`lease_locked`), so every key attached to L when its RECORD commits is one
-  its PREPARE found. Its COMMIT deletes them at R (`delete_prepared`: every key it prepared
-  here, however many: up to `MAX_RANGE_KEYS`, as a range delete) and then drops L's
+  its PREPARE found (at most `leases.MAX_KEYS_PER_LEASE` per group, the LEASE_PUT limit; a move
+  may bring more: the PREPARE never refuses them for their number, or the lease could never be
+  deleted). Its COMMIT deletes them at R (`delete_prepared`: every key it prepared here) and then drops L's
   attachment rows, and a group other than L's home keeps L's tombstone (`leases.deleted_everywhere`).
   Its RECORD, in L's home group, commits only if L is LIVE (and, for an expiry, still at the
   renew count it was decided on) and revokes and forgets it in the same apply (the record becomes
@@ -180,6 +181,14 @@ def intent_rows(rows: mvcc.Rows, start: bytes, end: bytes | None, limit: int) ->
             break
         out.append((k, v))
     return out
+
+
+def lock_intent_rows(rows: mvcc.Rows) -> list[bytes]:
+    """The intent (`xtxn.Intent` encoding, `xtxn.INTENT_BYTES`) of every lease lock and range
+    lock the group holds, lease locks first (the node stores' lock reads: the intent sweep
+    resolves them like intents)."""
+    return [bytes(v)[:xtxn.INTENT_BYTES] for lo, hi in ((b"e", b"f"), (b"l", b"m"))
+            for _k, v in rows.iter(mvcc.T_TXN, lo, hi)]
 
 
 def intents_in(rows: mvcc.Rows, ranges: IntervalSet) -> bool:
@@ -361,8 +370,9 @@ MAX_RANGE_KEYS = 10_000
 one PREPARE, their deletes by one COMMIT). Far more than a command may list (`xtxn.MAX_KEYS`):
 the RECORD and the COMMITs of a range delete do not list its keys but say "every key the
 transaction prepared here" (`XCmd.delete_prepared`), which the group's intents fix and its
-range lock keeps fixed, so whatever a PREPARE accepted the commit point can describe. The same
-bound and form hold for a lease's deletion (its lease lock keeps the keys fixed)."""
+range lock keeps fixed, so whatever a PREPARE accepted the commit point can describe. A lease's
+deletion has the same form (its lease lock keeps the keys fixed); its bound is the LEASE_PUT's
+(`leases.MAX_KEYS_PER_LEASE`, equal), not a refusal of the PREPARE."""
 
 
 def _range_conflict(view: View, rows: mvcc.Rows, c: XCmd, found: list[bytes]) -> ApplyResult | None:
@@ -395,7 +405,10 @@ def _range_conflict(view: View, rows: mvcc.Rows, c: XCmd, found: list[bytes]) ->
 def _lease_conflict(view: View, rows: mvcc.Rows, c: XCmd, found: list[bytes]) -> ApplyResult | None:
     """For a PREPARE with a lease: the LOCKED result if a key attached to it holds another
     transaction's intent or lies in a range lock, or another deletion of the lease holds its
-    lease lock; else fill `found` with the attached keys present here (served, with a value)."""
+    lease lock; else fill `found` with the attached keys present here (served, with a value).
+    No limit of its own on how many (as the one-command REVOKE/EXPIRE/DROP has none): a LEASE_PUT
+    attaches at most `leases.MAX_KEYS_PER_LEASE` keys to a lease per group, and a refused PREPARE
+    would leave the lease undeletable forever (a range move's INSTALL may bring more)."""
     keys = leases.attached_keys(rows, c.lease)
     lock = locked(rows, keys) or lease_locked(rows, c.lease, keys[0] if keys else b"\x00")
     if lock is not None:
@@ -404,8 +417,6 @@ def _lease_conflict(view: View, rows: mvcc.Rows, c: XCmd, found: list[bytes]) ->
     for k in keys:
         if (st is None or key_hash(k) in st.active) and view.get(k) is not None:
             found.append(k)
-    if len(found) > MAX_RANGE_KEYS:
-        return ApplyResult(error=f"the lease has more than {MAX_RANGE_KEYS} keys in group {view.group}")
     return None
 
 

@@ -294,6 +294,24 @@ async def _memory_ceiling_sheds_writes_and_serves_reads(tmp_path: Path) -> None:
 # --- the space quota ---------------------------------------------------------------------------
 
 
+async def _etcd_sees_nospace(address: str) -> None:
+    """etcd's API shows the alarm as etcd does: Maintenance.Alarm GET lists it, Status.errors
+    names it, a Put is refused RESOURCE_EXHAUSTED "database space exceeded"."""
+    import grpc
+
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as ch:
+        m = rpc_pb2_grpc.MaintenanceStub(ch)
+        got = await m.Alarm(rpc_pb2.AlarmRequest(action=rpc_pb2.AlarmRequest.GET), timeout=10)
+        assert [(a.memberID, a.alarm) for a in got.alarms] == [(1, rpc_pb2.NOSPACE)]
+        assert list((await m.Status(rpc_pb2.StatusRequest(), timeout=10)).errors) == ["memberID:1 alarm:NOSPACE "]
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await rpc_pb2_grpc.KVStub(ch).Put(rpc_pb2.PutRequest(key=b"small", value=b"1"), timeout=10)
+        assert (e.value.code(), e.value.details()) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                      "etcdserver: mvcc: database space exceeded")
+
+
 async def _nospace_alarm_refuses_writes_serves_reads_and_deletes_until_disarmed(tmp_path: Path) -> None:
     """A real node with a small quota: writes past it raise the NOSPACE alarm in the metadata
     group; puts and CAS are refused (definite), reads and deletes served; a disarm while still
@@ -315,6 +333,7 @@ async def _nospace_alarm_refuses_writes_serves_reads_and_deletes_until_disarmed(
             assert len(written) >= 4
             alarms = await kv.alarms()
             assert [(a.node_id, a.type) for a in alarms] == [(1, "NOSPACE")]
+            await _etcd_sees_nospace(n.address)
             # Reads are served; puts and CAS refused, definitely, and not applied.
             assert await kv.get(written[0]) == big
             with pytest.raises(errors.NoSpace):

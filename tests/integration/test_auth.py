@@ -17,7 +17,10 @@ from grpc_health.v1 import health_pb2
 from onenode import OneNode, one_node
 
 from kvstore.etcdpb.etcdserverpb import rpc_pb2
+from kvstore.etcdpb.v3electionpb import v3election_pb2 as epb
+from kvstore.etcdpb.v3lockpb import v3lock_pb2 as lpb
 from kvstore.security.guard import Rule, rule_of
+from kvstore.server.etcd import RECIPE_SERVICES
 from kvstore.server.etcd import SERVICES as ETCD_SERVICES
 from kvstore.v1 import admin_pb2, auth_pb2, auth_pb2_grpc, kv_pb2, kv_pb2_grpc, raft_pb2, shard_pb2
 
@@ -29,7 +32,7 @@ DESCRIPTORS = {
     for m in svc.methods
 } | {
     f"/{svc.full_name}/{m.name}": m  # etcd's API: the services a node serves
-    for svc in (rpc_pb2.DESCRIPTOR.services_by_name[name] for name in ETCD_SERVICES)
+    for svc in (*(rpc_pb2.DESCRIPTOR.services_by_name[name] for name in ETCD_SERVICES), *RECIPE_SERVICES)
     for m in svc.methods
 }
 Op = auth_pb2.AuthChangeRequest
@@ -57,6 +60,13 @@ def request_for(path: str, who: str) -> Any:
     cls = message_factory.GetMessageClass(m.input_type)
     if cls is auth_pb2.AuthenticateRequest:
         return cls(user="alice", password="alicepw" if who == "right" else "guess")
+    if cls in (lpb.LockRequest, epb.CampaignRequest, epb.LeaderRequest):  # a lock / election on data/
+        fields = {f.name for f in cls.DESCRIPTOR.fields}
+        return cls(name=b"data/l", **({"lease": 4096 + 1} if "lease" in fields else {}))
+    if cls in (epb.ProclaimRequest, epb.ResignRequest):
+        return cls(leader=epb.LeaderKey(name=b"data/l", key=b"data/l/1001", rev=1, lease=4096 + 1))
+    if cls is rpc_pb2.AuthenticateRequest:  # etcd's
+        return cls(name="alice", password="alicepw" if who == "right" else "guess")
     if cls is auth_pb2.AuthChangeRequest:
         return cls(op=Op.ROLE_ADD, role=f"table-{who}")
     if cls is kv_pb2.OpBatch:
@@ -129,6 +139,15 @@ async def call(ch: grpc.aio.Channel, path: str, token: str | None, who: str) -> 
             async def one_u() -> AsyncIterator[Any]:
                 yield req
             responses = [await ch.stream_unary(path, ser, de)(one_u(), metadata=md, timeout=10)]
+        elif m.server_streaming and path == "/v3electionpb.Election/Observe":
+            # an election without a leader: admitted, the stream waits for one (ended here by its
+            # deadline); refused, it ends at once with the refusal
+            try:
+                responses = [r async for r in ch.unary_stream(path, ser, de)(req, metadata=md, timeout=2)]
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+                responses = []
         elif m.server_streaming:
             responses = [r async for r in ch.unary_stream(path, ser, de)(req, metadata=md, timeout=10)]
         else:
@@ -166,11 +185,24 @@ async def setup_auth(n: OneNode) -> dict[str, str | None]:
                 "bob": await login(a, "bob", "bobpw"), "reader": await login(a, "reader", "readerpw")}
 
 
+async def reenable(n: OneNode) -> dict[str, str | None]:
+    """After the table's etcd AuthDisable (root's call succeeds): auth on again, everyone logs in
+    again (enabling draws a new token key)."""
+    async with grpc.aio.insecure_channel(n.address) as ch:
+        a = auth_pb2_grpc.AuthStub(ch)
+        r = await change(a, None, op=Op.ENABLE)
+        assert r.error.code == kv_pb2.OK, r.error
+        return {u: await login(a, u, f"{u}pw") for u in ("root", "alice", "bob", "reader")}
+
+
 AUTH_FAIL = {"UNAUTHENTICATED", "PERMISSION_DENIED"}
 LEASE_ANY_USER = tuple(f"/kvstore.v1.KV/Lease{m}" for m in ("Grant", "Revoke", "KeepAlive", "TimeToLive", "Leases")) + \
     tuple(f"/etcdserverpb.Lease/Lease{m}" for m in ("Grant", "Revoke", "KeepAlive", "TimeToLive", "Leases"))
 """As etcd: any authenticated user may grant, keep alive, list and read leases, and revoke one
 whose keys it may write (these requests name a lease with no keys); LeasePut needs write on its key."""
+BOB_MAY = ("/kvstore.v1.Admin/Status", "/kvstore.v1.Shard/GetShardMap", "/kvstore.v1.Auth/Status",
+           "/etcdserverpb.Cluster/MemberList", "/etcdserverpb.Maintenance/Status")
+"""Besides the leases: what any authenticated user may call (cluster status and membership)."""
 
 
 def test_every_rpc_with_no_credentials_wrong_user_and_right_user(tmp_path: Path) -> None:
@@ -202,8 +234,13 @@ async def _every_rpc_with_no_credentials_wrong_user_and_right_user(tmp_path: Pat
                 )
                 table[path] = got
                 none, wrong, ok = got
+                if path == "/etcdserverpb.Auth/AuthDisable":
+                    assert ok == "OK", got
+                    tokens = await reenable(n)
                 if path == "/kvstore.v1.Auth/Authenticate":
                     assert (none, wrong, ok) == ("UNAUTHENTICATED", "UNAUTHENTICATED", "OK"), (path, got)
+                elif path == "/etcdserverpb.Auth/Authenticate":  # etcd's refusal: INVALID_ARGUMENT
+                    assert got == ("INVALID_ARGUMENT", "INVALID_ARGUMENT", "OK"), (path, got)
                 elif rule is Rule.PUBLIC:
                     assert none not in AUTH_FAIL and ok not in AUTH_FAIL, (path, got)
                 elif rule is Rule.INTERNAL:
@@ -212,8 +249,7 @@ async def _every_rpc_with_no_credentials_wrong_user_and_right_user(tmp_path: Pat
                 else:
                     assert none == "UNAUTHENTICATED", (path, got)
                     assert ok not in AUTH_FAIL, (path, got)
-                    bob_may = path in LEASE_ANY_USER or path in ("/kvstore.v1.Admin/Status", "/kvstore.v1.Shard/GetShardMap",
-                                       "/kvstore.v1.Auth/Status")
+                    bob_may = path in LEASE_ANY_USER or path in BOB_MAY
                     if bob_may:
                         assert wrong not in AUTH_FAIL, (path, got)
                     else:
@@ -221,6 +257,7 @@ async def _every_rpc_with_no_credentials_wrong_user_and_right_user(tmp_path: Pat
         for path, got in sorted(table.items()):
             print(f"{path:40s} none={got[0]:18s} wrong={got[1]:18s} right={got[2]}")
         assert table["/kvstore.v1.KV/Put"][2] == "OK" and table["/kvstore.v1.Admin/Snapshot"][2] == "OK"
+        assert table["/etcdserverpb.Maintenance/Snapshot"][2] == "OK"  # saved as the caller (its token)
 
 
 def test_every_rpc_on_the_client_port_needs_a_token_and_internal_rpcs_are_not_served(tmp_path: Path) -> None:
@@ -256,16 +293,20 @@ async def _every_rpc_on_the_client_port(tmp_path: Path) -> None:
                     (await call(ch, path, tokens[right], "right"))[0],
                 )
                 none, wrong, ok = got
+                if path == "/etcdserverpb.Auth/AuthDisable":
+                    assert ok == "OK", got
+                    tokens = await reenable(n)
                 if rule is Rule.INTERNAL:
                     assert got == ("UNIMPLEMENTED",) * 3, (path, got)
                 elif path == "/kvstore.v1.Auth/Authenticate":
                     assert got == ("UNAUTHENTICATED", "UNAUTHENTICATED", "OK"), (path, got)
+                elif path == "/etcdserverpb.Auth/Authenticate":
+                    assert got == ("INVALID_ARGUMENT", "INVALID_ARGUMENT", "OK"), (path, got)
                 elif rule is Rule.PUBLIC:
                     assert none not in AUTH_FAIL and ok not in AUTH_FAIL, (path, got)
                 else:
                     assert none == "UNAUTHENTICATED" and ok not in AUTH_FAIL, (path, got)
-                    bob_may = path in LEASE_ANY_USER or path in ("/kvstore.v1.Admin/Status", "/kvstore.v1.Shard/GetShardMap",
-                                       "/kvstore.v1.Auth/Status")
+                    bob_may = path in LEASE_ANY_USER or path in BOB_MAY
                     assert (wrong not in AUTH_FAIL) if bob_may else (wrong == "PERMISSION_DENIED"), (path, got)
             code, detail = await call(ch, "/kvstore.v1.KV/Get", None, "none")
             assert code == "UNAUTHENTICATED" and "log in" in detail and "peer port" in detail, detail

@@ -69,6 +69,31 @@ def test_bench_smoke_kvstore_vs_etcd(tmp_path: Path) -> None:
     assert (out_dir / "run.md").read_text().count("\n| ") >= 5
 
 
+def test_bench_smoke_etcd_api(tmp_path: Path) -> None:
+    """`--systems etcd-api`: a kvstore cluster driven by etcd's adapter through kvstore's etcd
+    API (no etcd needed): every point served without errors, the all-systems table printed."""
+    out_dir = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "bench.compare", "run", "--systems", "etcd-api", "--workloads", "put,get,txn",
+        "--inflight", "4", "--duration", "1", "--warmup", "0.3", "--reps", "1", "--keys", "200",
+        "--out", str(out_dir), "--data-root", str(tmp_path), "--no-plot",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)  # the benchmark stops its cluster on the way out
+        out, _ = proc.communicate(timeout=60)
+        pytest.fail(f"the benchmark did not finish in 120 s:\n{out[-5000:]}")
+    assert proc.returncode == 0, out[-5000:]
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    points = {r["workload"]: r for r in records if r["kind"] == "point"}
+    assert set(points) == {"put", "get", "txn"}, out[-3000:]
+    for p in points.values():
+        assert p["system"] == "etcd-api" and p["ops"] > 0 and p["errors"] == 0, p
+    assert "etcd-api ops/s" in out  # the every-system table
+
+
 def _point(system: str, rep: int, ops_per_s: float, p99: float) -> dict[str, object]:
     return {
         "kind": "point", "system": system, "workload": "put", "inflight": 16, "rep": rep, "ops": 100,

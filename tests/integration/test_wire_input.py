@@ -63,6 +63,8 @@ def test_garbage_to_every_method_of_every_service_is_invalid_argument(tmp_path: 
             assert {p.split("/")[1] for p in methods} == {
                 "kvstore.v1.KV", "kvstore.v1.Admin", "kvstore.v1.Shard", "kvstore.v1.Raft", "kvstore.v1.Auth",
                 "grpc.health.v1.Health", "etcdserverpb.KV", "etcdserverpb.Watch", "etcdserverpb.Lease",
+                "etcdserverpb.Cluster", "etcdserverpb.Maintenance", "etcdserverpb.Auth",
+                "v3lockpb.Lock", "v3electionpb.Election",
             }
             good = kv_pb2_grpc.KVStub(ch)
             for path in methods:

@@ -150,17 +150,21 @@ def test_token_parsing_is_total(text: str) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["authorization", "x", "user-agent"]),
+@given(st.lists(st.tuples(st.sampled_from(["authorization", "token", "x", "user-agent"]),
                           st.text(max_size=40) | st.builds(lambda t: "Bearer " + t, st.text(max_size=40))),
                 max_size=4))
 def test_authorization_metadata_parsing_is_total(md: list[tuple[str, str]]) -> None:
-    auth = [v for k, v in md if k == "authorization"]
+    """kvstore's `authorization: Bearer <token>` or etcd's `token: <token>`: at most one, well-formed."""
+    auth = [(k, v) for k, v in md if k in ("authorization", "token")]
     try:
         got = token_of(md)
     except ValueError:
-        assert len(auth) > 1 or not auth[0].startswith("Bearer ")
+        k, v = auth[0]
+        assert len(auth) > 1 or (not v.startswith("Bearer ") if k == "authorization" else not v.strip())
         return
     assert (got is None) == (not auth)
+    if auth and auth[0][0] == "token":
+        assert got == auth[0][1].strip()
 
 
 def test_a_peer_can_only_cas_the_auth_state_one_valid_version_forward() -> None:

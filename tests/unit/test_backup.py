@@ -434,3 +434,28 @@ def test_restore_leaves_keys_of_a_lease_homed_in_a_missing_group_unattached(tmp_
         assert all(kv.read_leases(g, lambda rows: leases.get_record(rows, home_gone)) is None for g in res.groups)
         found = {k for g in res.groups for k, _ in store.scan(g, b"", None)}
         assert {b"k001", b"k002"} <= found  # the keys themselves are restored
+
+
+@settings(max_examples=40, deadline=None)
+@given(keys_strategy(), st.data())
+def test_etcd_envelope_is_read_and_any_damage_to_it_refused(keys: list[BackupKey], data: st.DataObject) -> None:
+    """etcd's Maintenance.Snapshot streams the backup then `etcd_envelope` (padding, length,
+    SHA-256): the whole is 32 bytes past a multiple of 512 (etcdctl's check) and reads as the
+    backup; any changed or missing byte of the envelope is refused (the one format error)."""
+    import hashlib
+
+    from kvstore.backup.format import BackupFormatError, etcd_envelope, verify
+
+    raw = encode(keys)
+    wrapped = raw + etcd_envelope(len(raw), hashlib.sha256(raw))
+    assert len(wrapped) % 512 == 32
+    assert hashlib.sha256(wrapped[:-32]).digest() == wrapped[-32:]
+    assert verify(io.BytesIO(wrapped)).keys == verify(io.BytesIO(raw)).keys == len(keys)
+    i = data.draw(st.integers(len(raw), len(wrapped) - 1))
+    damaged = data.draw(st.sampled_from([
+        wrapped[:i] + bytes([wrapped[i] ^ data.draw(st.integers(1, 255))]) + wrapped[i + 1:],
+        wrapped[:i], wrapped + data.draw(st.binary(min_size=1, max_size=600)),
+    ]))
+    if damaged != raw:
+        with pytest.raises(BackupFormatError):
+            verify(io.BytesIO(damaged))

@@ -16,7 +16,8 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
     )
     generated = sorted(
         p.relative_to(tmp_path)
-        for d in ("v1", "etcdpb/etcdserverpb", "etcdpb/mvccpb")
+        for d in ("v1", "etcdpb/etcdserverpb", "etcdpb/mvccpb", "etcdpb/authpb", "etcdpb/v3lockpb",
+                  "etcdpb/v3electionpb")
         for p in (tmp_path / "kvstore" / d).iterdir()
     )
     assert generated, "protoc produced nothing"

@@ -1,7 +1,10 @@
-"""etcd's v3 API (KV, Watch, Lease) served on the node's own port, translated onto the kvstore
+"""etcd's v3 API (KV, Watch, Lease, Cluster, Maintenance, Auth; the v3lock and v3election
+services) served on the node's own port, translated onto the kvstore
 services' request logic (`server/requests.py`, `lease_service.py`, `watch_service.py`): see
 README, "etcd compatibility". `convert.py` checks and translates messages (pure, fuzzed);
-`kv.py`, `lease.py` and `watch.py` are the servicers; `status.py` maps kvstore errors onto etcd's
+`kv.py`, `lease.py`, `watch.py`, `cluster.py`, `maintenance.py` and `auth.py` are the
+servicers (`ops.py`: the pure conversions of the last three), `recipes.py` the lock and
+election servicers (over `client/concurrency.py`, as the caller); `status.py` maps kvstore errors onto etcd's
 gRPC statuses and messages; `forward.py` sends a write to its group's leader."""
 
 from __future__ import annotations
@@ -9,26 +12,43 @@ from __future__ import annotations
 from google.protobuf.descriptor import ServiceDescriptor
 
 from kvstore.etcdpb.etcdserverpb import rpc_pb2
+from kvstore.etcdpb.v3electionpb import v3election_pb2
+from kvstore.etcdpb.v3lockpb import v3lock_pb2
 
 from ..shards import GroupCaller
+from .auth import EtcdAuth
 from .base import EtcdNode
+from .cluster import EtcdCluster
 from .forward import Forwarder
 from .kv import EtcdKV
 from .lease import EtcdLease
+from .maintenance import EtcdMaintenance
+from .recipes import EtcdElection, EtcdLock, Recipes
 from .watch import EtcdWatch
 
-SERVICES = ("KV", "Watch", "Lease")
-"""etcd's services served (Maintenance, Cluster and Auth are not yet)."""
+SERVICES = ("KV", "Watch", "Lease", "Cluster", "Maintenance", "Auth")
+"""etcd's services (package etcdserverpb) served."""
+
+RECIPE_SERVICES = (v3lock_pb2.DESCRIPTOR.services_by_name["Lock"],
+                   v3election_pb2.DESCRIPTOR.services_by_name["Election"])
+"""etcd's lock and election services served (`v3lockpb.Lock`, `v3electionpb.Election`)."""
 
 
-def etcd_services(kv: object, caller: GroupCaller | None, cluster_name: str, node_id: int,
-                  timeout: float) -> list[tuple[object, ServiceDescriptor]]:
-    """The etcd servicers of a node, over `kv`, its KV servicer as registered (audited with
-    --audit-log; a `KVService` underneath), to register beside kvstore's own services."""
+def etcd_services(kv: object, admin: object, auth: object, caller: GroupCaller | None, cluster_name: str,
+                  node_id: int, address: str, timeout: float) -> list[tuple[object, ServiceDescriptor]]:
+    """The etcd servicers of a node, over `kv`, `admin` and `auth`, its KV, Admin and Auth
+    servicers as registered (audited with --audit-log), to register beside kvstore's own services; `address`
+    is the node's own (Maintenance.Snapshot saves through it)."""
     requests = kv.requests  # type: ignore[attr-defined]
     node = EtcdNode.of(requests.host, requests, Forwarder(kv, caller, timeout), cluster_name, node_id)
-    servicers: dict[str, object] = {"KV": EtcdKV(node), "Watch": EtcdWatch(node), "Lease": EtcdLease(node)}
-    return [(servicers[name], rpc_pb2.DESCRIPTOR.services_by_name[name]) for name in SERVICES]
+    tls = caller is not None and caller.credentials is not None
+    servicers: dict[str, object] = {
+        "KV": EtcdKV(node), "Watch": EtcdWatch(node), "Lease": EtcdLease(node), "Cluster": EtcdCluster(node, admin),
+        "Maintenance": EtcdMaintenance(node, admin, address, tls, timeout), "Auth": EtcdAuth(node, auth),
+    }
+    recipes = Recipes(node, address, tls, timeout)
+    return [(servicers[name], rpc_pb2.DESCRIPTOR.services_by_name[name]) for name in SERVICES] + [
+        (EtcdLock(recipes), RECIPE_SERVICES[0]), (EtcdElection(recipes), RECIPE_SERVICES[1])]
 
 
-__all__ = ["SERVICES", "etcd_services"]
+__all__ = ["RECIPE_SERVICES", "SERVICES", "etcd_services"]

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from kvstore.node.grouprequests import leader_candidates
-from kvstore.security.identity import METADATA_KEY
+from kvstore.security.identity import METADATA_KEY, token_of
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 from ..shards import GroupCaller
@@ -29,11 +29,13 @@ MAX_HOPS = 3
 
 
 def _token_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
+    """The caller's token (kvstore's `authorization: Bearer` or etcd's `token` metadata) as
+    kvstore's metadata, to forward; () without one."""
     try:
-        md = context.invocation_metadata() or ()
-    except Exception:  # a context without metadata (tests)
-        md = ()
-    return tuple((k, v) for k, v in md if k == METADATA_KEY and isinstance(v, str))
+        token = token_of(context.invocation_metadata() or ())
+    except Exception:  # a context without metadata (tests); malformed metadata was refused by the guard
+        return ()
+    return ((METADATA_KEY, f"Bearer {token}"),) if token else ()
 
 
 @dataclass(slots=True)

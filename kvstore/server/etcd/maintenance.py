@@ -1,0 +1,203 @@
+"""etcd's `Maintenance` service on a multi-group kvstore node. What each answer means here:
+
+- `Status`: `version` the etcd API level (`ops.VERSION`); `dbSize` this node's LMDB file bytes,
+  `dbSizeInUse` its live bytes; `leader`, `raftTerm`, `raftIndex` (commit) and
+  `raftAppliedIndex` are the metadata group's as this node sees them (data groups have leaders
+  and terms of their own: `kvctl status`); `errors` the raised alarms; `isLearner` whether this
+  node is a learner of the metadata group.
+- `Alarm`: kvstore's cluster-wide alarms (NOSPACE only). GET lists, DEACTIVATE disarms (a node
+  still over quota raises NOSPACE again); ACTIVATE is refused (kvstore raises NOSPACE itself).
+- `Hash` / `HashKV`: each data group this node hosts hashed as `kvctl check` does
+  (`Admin.HashKV`, exact), folded into one uint32 (`ops.hash32`). Without a revision each group
+  is hashed at its last revision here; with one, at that revision (a group whose last revision
+  here is lower: at its last). Nodes hosting different groups answer different hashes.
+- `Snapshot`: the consistent backup `kvctl snapshot save` writes (`kvstore/backup/save.py`),
+  taken through this node and streamed, then etcd's envelope (`backup/format.etcd_envelope`:
+  padding and a SHA-256, which `etcdctl snapshot save` checks); `kvstore restore` and `kvctl
+  snapshot status` read the saved file, `etcdctl snapshot restore` cannot. Refused (FAILED_PRECONDITION) on a TLS cluster (the server-side client has no user
+  certificate) and, like `kvctl snapshot save`, needs the admin permission.
+- `MoveLeader`: every data group `targetID` is a voter of hands it leadership (`Admin.TransferLeader`),
+  then the metadata group.
+- `Defragment`: a no-op success (LMDB reuses freed pages)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from kvstore.backup.format import etcd_envelope
+from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+from kvstore.security.identity import token_of
+from kvstore.shard.shardmap import META_GROUP
+from kvstore.v1 import admin_pb2
+
+from .base import EtcdNode, fail
+from .cluster import _checked
+from .convert import EtcdRequestError, invalid
+from .ops import BAD_TRANSFEREE, VERSION, etcd_alarms, hash32, kvstore_alarm
+
+CHUNK = 64 * 1024
+"""Bytes per SnapshotResponse."""
+
+
+class EtcdMaintenance(rpc_pb2_grpc.MaintenanceServicer):
+    def __init__(self, node: EtcdNode, admin: Any, address: str, tls: bool, timeout: float) -> None:
+        self.n = node
+        self.admin = admin
+        self.address = address
+        self.tls = tls
+        self.timeout = timeout
+
+    async def Status(self, request: rpc_pb2.StatusRequest, context: grpc.aio.ServicerContext
+                     ) -> rpc_pb2.StatusResponse:
+        try:
+            host = self.n.host
+            store: Any = host.store  # the node's LMDB store (`storage/store.py`): sizes are its own
+            usage = store.disk_usage()
+            resp = rpc_pb2.StatusResponse(header=self.n.header(0, META_GROUP), version=VERSION,
+                                          dbSize=int(usage.get("file_bytes", 0)), dbSizeInUse=int(store.live_bytes()))
+            g = host.groups.get(META_GROUP)
+            if g is not None:
+                st: dict[str, Any] = g.core.status()
+                resp.leader, resp.raftTerm = int(st["leader"]), int(st["term"])
+                resp.raftIndex, resp.raftAppliedIndex = int(st["commit"]), int(st["applied"])
+                resp.isLearner = self.n.member_id in set(g.core.conf.learners)
+            alarms = await self.admin.AlarmList(admin_pb2.AlarmListRequest(), context)
+            resp.errors.extend(f"memberID:{a.memberID} alarm:NOSPACE " for a in etcd_alarms(alarms.alarms))
+            return resp
+        except Exception as err:
+            await fail(err, context, "Status")
+
+    async def Alarm(self, request: rpc_pb2.AlarmRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.AlarmResponse:
+        try:
+            kind = kvstore_alarm(request.alarm)
+            if request.action == rpc_pb2.AlarmRequest.GET:
+                resp = _checked(await self.admin.AlarmList(admin_pb2.AlarmListRequest(), context), False)
+            elif request.action == rpc_pb2.AlarmRequest.DEACTIVATE:
+                if kind is None:  # CORRUPT: never raised here, nothing to disarm
+                    resp = _checked(await self.admin.AlarmList(admin_pb2.AlarmListRequest(), context), False)
+                else:
+                    resp = _checked(await self.admin.AlarmDisarm(
+                        admin_pb2.AlarmDisarmRequest(node_id=request.memberID, type=kind), context), True)  # type: ignore[arg-type]
+            elif request.action == rpc_pb2.AlarmRequest.ACTIVATE:
+                raise EtcdRequestError("FAILED_PRECONDITION",
+                                       "kvstore: alarms are raised by the nodes themselves (NOSPACE past --quota-bytes)")
+            else:
+                raise invalid(f"etcdserver: unknown alarm action {request.action}")
+            return rpc_pb2.AlarmResponse(header=self.n.header(0, META_GROUP), alarms=etcd_alarms(resp.alarms))
+        except Exception as err:
+            await fail(err, context, "Alarm")
+
+    async def Defragment(self, request: rpc_pb2.DefragmentRequest, context: grpc.aio.ServicerContext
+                         ) -> rpc_pb2.DefragmentResponse:
+        return rpc_pb2.DefragmentResponse(header=self.n.header(0))
+
+    async def _hash(self, revision: int, context: grpc.aio.ServicerContext) -> tuple[int, int]:
+        """(hash32, highest compact revision) of the data groups hosted here."""
+        if revision < 0:
+            raise invalid(f"etcdserver: revision {revision} is negative")
+        m = self.n.shard_map()
+        parts: list[tuple[int, bytes]] = []
+        compact = 0
+        for gid in m.data_groups():
+            if gid not in self.n.host.groups:
+                continue
+            last = self.n.host.store.revisions.rev_state(gid).last
+            at = last if revision == 0 else min(revision, last)
+            r = _checked(await self.admin.HashKV(admin_pb2.HashKVRequest(group=gid, revision=at, exact=True), context),
+                         False)
+            parts.append((gid, bytes(r.hash)))
+            compact = max(compact, r.compact_revision)
+        return hash32(parts), compact
+
+    async def Hash(self, request: rpc_pb2.HashRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.HashResponse:
+        try:
+            h, _ = await self._hash(0, context)
+            return rpc_pb2.HashResponse(header=self.n.header(0), hash=h)
+        except Exception as err:
+            await fail(err, context, "Hash")
+
+    async def HashKV(self, request: rpc_pb2.HashKVRequest, context: grpc.aio.ServicerContext
+                     ) -> rpc_pb2.HashKVResponse:
+        try:
+            h, compact = await self._hash(request.revision, context)
+            return rpc_pb2.HashKVResponse(header=self.n.header(request.revision), hash=h, compact_revision=compact)
+        except Exception as err:
+            await fail(err, context, "HashKV")
+
+    async def MoveLeader(self, request: rpc_pb2.MoveLeaderRequest, context: grpc.aio.ServicerContext
+                         ) -> rpc_pb2.MoveLeaderResponse:
+        try:
+            g = self.n.host.groups.get(META_GROUP)
+            voters = set(g.core.conf.voters) if g is not None else set()
+            if request.targetID == 0 or (voters and request.targetID not in voters):
+                raise EtcdRequestError("FAILED_PRECONDITION", BAD_TRANSFEREE)
+            m = self.n.shard_map()
+            hosting = [gid for gid in m.data_groups() if request.targetID in m.groups[gid].voters]
+            if hosting:  # the data groups the target votes in (others cannot move to it)
+                _checked(await self.admin.TransferLeader(
+                    admin_pb2.TransferLeaderRequest(to=request.targetID, groups=hosting), context), True)
+            caller = self.n.forward.caller
+            if caller is not None:  # then the metadata group, whose leader Status reports
+                await caller.transfer(META_GROUP, request.targetID, timeout=self.timeout)
+            return rpc_pb2.MoveLeaderResponse(header=self.n.header(0, META_GROUP))
+        except Exception as err:
+            await fail(err, context, "MoveLeader")
+
+    async def Snapshot(self, request: rpc_pb2.SnapshotRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[rpc_pb2.SnapshotResponse]:
+        """The backup file, CHUNK bytes a message; `remaining_bytes` counts what follows each."""
+        try:
+            if self.tls:
+                raise EtcdRequestError("FAILED_PRECONDITION",
+                                       "kvstore: Snapshot through the etcd API is not served on a TLS cluster: "
+                                       "use `kvctl snapshot save`")
+            fd, name = tempfile.mkstemp(prefix="etcd-snapshot-", suffix=".kvbackup")
+            os.close(fd)
+            path = Path(name)
+            try:
+                token = token_of(context.invocation_metadata())
+                await asyncio.to_thread(_save, self.address, path, self.timeout, token)
+                size = path.stat().st_size
+                total = size + len(etcd_envelope(size, hashlib.sha256()))
+                hashed = hashlib.sha256()
+                sent = 0
+                with path.open("rb") as f:
+                    while True:
+                        blob = f.read(CHUNK)
+                        if not blob:
+                            if sent != size:
+                                raise OSError(f"the backup file changed size while it was sent ({sent} != {size})")
+                            blob = etcd_envelope(size, hashed)
+                        else:
+                            hashed.update(blob)
+                        sent += len(blob)
+                        yield rpc_pb2.SnapshotResponse(header=self.n.header(0), remaining_bytes=total - sent, blob=blob)
+                        if sent == total:
+                            break
+            finally:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        except Exception as err:
+            await fail(err, context, "Snapshot")
+
+
+def _save(address: str, path: Path, timeout: float, token: str | None) -> None:
+    """`kvctl snapshot save` through this node as the caller (its token, if it sent one; a
+    thread: the client is synchronous)."""
+    from kvstore.backup.save import save
+    from kvstore.client import Client
+
+    client = Client([address], timeout=timeout, token=token)
+    try:
+        save(client, path, timeout=timeout)
+    finally:
+        client.close()
