@@ -701,8 +701,16 @@ def test_cluster_and_maintenance_commands(kv_cluster: Cluster, kv: str, etcd: st
     target = next(i for i in (1, 2, 3) if i != leader)
     p = ctl(",".join(eps), "move-leader", f"{target:x}")
     assert p.returncode == 0 and "Leadership transferred" in p.stdout, p.stdout + p.stderr
-    st = kv_cluster.nodes[target].status(timeout=5)
-    assert st is not None and {g.group: g.leader_id for g in st.groups} == {0: target, 1: target, 2: target}
+    # the reply comes once the transfers were started and the target led; a node's status may
+    # still show a group's old leader for a moment: wait for every group to name the target
+    deadline = time.monotonic() + 15
+    while True:
+        st = kv_cluster.nodes[target].status(timeout=5)
+        leaders = None if st is None else {g.group: g.leader_id for g in st.groups}
+        if leaders == {0: target, 1: target, 2: target}:
+            break
+        assert time.monotonic() < deadline, f"not every group is led by node {target}: {leaders}"
+        time.sleep(0.05)
 
 
 def test_auth_commands_answer_as_etcd(kv: str, etcd: str) -> None:
