@@ -53,7 +53,9 @@ log = logging.getLogger("kvstore.leases")
 KEEPALIVE_BUFFER = 256
 """The most keep-alive replies one stream holds unread (one per lease, the latest)."""
 
-_WRITES = frozenset({Kind.PUT, Kind.REVOKE, Kind.EXPIRE, Kind.DROP})
+_WRITES = frozenset({Kind.PUT, Kind.REVOKE, Kind.EXPIRE, Kind.DROP, Kind.FORGET})
+"""The kinds proposed with an HLC reading (a write's revision; DROP's and FORGET's: the base of
+the tombstone they keep, `leases.put_tomb`)."""
 """Lease commands that may write (delete or put keys): they carry a proposed revision."""
 
 
@@ -239,7 +241,9 @@ class LeaseRequests:
             if not rq.host.leads_current(g):
                 raise rq.host.not_leader_error(g)
             # a linearizable read point: a grant acknowledged from inside its apply transaction
-            # is visible to the read that follows it
+            # is visible to the read that follows it; `checked` is read before it (a put with
+            # the lease may use it: the lease was live at a time after it)
+            checked = rq.clock.propose(0)
             await rq.read_point(g, kv_pb2.LINEARIZABLE)
             rec = self._record(lid)
             if rec is None or rec.state != leases.LIVE:
@@ -251,7 +255,7 @@ class LeaseRequests:
             for k in keys:
                 rq.allow(k, READ)
             return kv_pb2.LeaseTimeToLiveResponse(error=rq.ok(), id=lid, ttl=rem // 1000, granted_ttl=rec.ttl_s,
-                                                  keys=keys)
+                                                  keys=keys, checked=checked)
         except errors.KVError as err:
             return kv_pb2.LeaseTimeToLiveResponse(error=rq.err(err))
         except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
@@ -279,13 +283,19 @@ class LeaseRequests:
             rq.allow(key, WRITE)
             rq.check_value(value)
             lid = _lease_id(r.lease)
+            if not 0 <= r.checked <= leases.MAX_CHECKED:
+                raise errors.InvalidArgument(f"lease put checked revision {r.checked} is out of range")
+            checked = r.checked
             home = leases.home_group(lid)
             if rq.host.leads_current(home) and rq.group_for(key) != home:
+                now = rq.clock.propose(0)  # read before the check: the lease is live after it
                 await rq.read_point(home, kv_pb2.LINEARIZABLE)
                 rec = self._record(lid)  # this node leads the home group: refuse a dead lease here
                 if rec is None or rec.state != leases.LIVE:
                     raise errors.InvalidArgument(leases.NOT_FOUND)
-            data = self._encode(LeaseCmd(Kind.PUT, lid), key, value, r.session)
+                checked = max(checked, now)
+            # else the key's group refuses the put unless `checked` is recent (`leases.too_old`)
+            data = self._encode(LeaseCmd(Kind.PUT, lid, checked=checked), key, value, r.session)
             res = await rq.write(key, data)
             rq.metrics.writes.inc()
             return rq.put_reply(res)
