@@ -6,8 +6,11 @@ Routing: a lease operation goes to the lease's home group (`leases.home_group(id
 12 bits), which must be led here (else NOT_LEADER / NO_LEADER with the leader's hint: the client
 retries there). A LeasePut goes to the key's group; for a key outside the home group the home's
 record is checked first where this node leads the home group with a current view; elsewhere the
-client library has checked it at the home leader just before (`client/leases.py`), and a lease
-revoked since is refused by the key's group once the lease's deletion committed there (`leases.py`).
+client library (or the etcd layer) has checked it at the home leader just before and passes the
+home's `checked` answer (`client/leases.py`); a lease revoked since is refused by the key's group
+once the lease's deletion committed there (its tombstone), and a put whose `checked` is more
+than 60 s (HLC) behind the group when it applies is refused, so tombstones can be forgotten
+(`leases.py`). LeaseTimeToLive answers `checked`: this node's HLC reading taken before its read.
 With more than one data group, a revoke and the lease clock's expiry delete the lease's keys in
 every group at one revision: a two-phase commit (`xtxn.plan_lease`) whose commit point, the
 home group's RECORD, revokes the lease (`LeaseRequests._delete_across`, `LeaseDriver._expire_across`).
