@@ -94,7 +94,7 @@ def _const(groups: list[int]) -> Callable[[], list[int]]:
 
 
 _WRITES = frozenset({commands.Op.LEASE_PUT, commands.Op.LEASE_REVOKE, commands.Op.LEASE_EXPIRE,
-                     commands.Op.LEASE_DROP})
+                     commands.Op.LEASE_DROP, commands.Op.LEASE_FORGET})
 
 
 class LeaseViolation(AssertionError):
@@ -229,6 +229,10 @@ class SimLeases:
             return
         if cmd.op in _WRITES:
             cmd = dataclasses.replace(cmd, revision=self.sim._clock(node).propose())
+        if cmd.lease is not None and cmd.lease.kind == Kind.PUT and not cmd.lease.checked:
+            # the simulated clients attach only to a lease they hold (granted, not revoked by
+            # them): checked now, at the proposing node's clock, as the server fills it
+            cmd = dataclasses.replace(cmd, lease=dataclasses.replace(cmd.lease, checked=cmd.revision))
         data = commands.encode_command(cmd)
         answered = False
 

@@ -32,12 +32,14 @@ __all__ = ["LeaseInfo", "Leases"]
 @dataclass(frozen=True, slots=True)
 class LeaseInfo:
     """A lease's time to live: `ttl` remaining seconds (-1: not found, expired or revoked),
-    `granted_ttl` seconds, `keys` attached (when asked for)."""
+    `granted_ttl` seconds, `keys` attached (when asked for), `checked` (an HLC reading the home
+    leader took before it found the lease live; 0 if not live: what a put with it carries)."""
 
     id: int
     ttl: int
     granted_ttl: int
     keys: tuple[bytes, ...] = ()
+    checked: int = 0
 
 
 def _id(lease_id: object) -> int:
@@ -123,7 +125,7 @@ class Leases:
         req = kv_pb2.LeaseTimeToLiveRequest(id=lid, keys=keys)
         resp = await self._home("lease timetolive", lid,
                                 lambda ep, t: self.channels.kv(ep).LeaseTimeToLive(req, timeout=t), timeout)
-        return LeaseInfo(lid, int(resp.ttl), int(resp.granted_ttl), tuple(resp.keys))
+        return LeaseInfo(lid, int(resp.ttl), int(resp.granted_ttl), tuple(resp.keys), int(resp.checked))
 
     async def list(self, *, timeout: float | None = None) -> list[int]:
         """The live leases' ids: the union of what every reachable node's replicas of the data
@@ -154,12 +156,15 @@ class Leases:
         lid = _id(lease_id)
         k, v = self.checks.key(key), self.checks.value(value)
         # The lease must be live at its home (its leader answers): a key in another group is
-        # attached only to a lease its home had granted; one revoked since is refused there.
-        if (await self.time_to_live(lid, timeout=timeout)).ttl < 0:
+        # attached only to a lease its home had granted; one revoked since is refused there
+        # (its tombstone), as is a put applied more than 60 s after this check (`checked`).
+        info = await self.time_to_live(lid, timeout=timeout)
+        if info.ttl < 0:
             raise InvalidArgument(f"{leases.NOT_FOUND}: lease {lid:x}")
         try:
             resp = await self.writes.write(
-                "lease put", k, lambda s: kv_pb2.LeasePutRequest(key=k, value=v, lease=lid, session=s), timeout,
+                "lease put", k,
+                lambda s: kv_pb2.LeasePutRequest(key=k, value=v, lease=lid, session=s, checked=info.checked), timeout,
                 unary=lambda ep, req, t: self.channels.kv(ep).LeasePut(req, timeout=t),
             )
         except KVError as err:

@@ -6,8 +6,11 @@ Routing: a lease operation goes to the lease's home group (`leases.home_group(id
 12 bits), which must be led here (else NOT_LEADER / NO_LEADER with the leader's hint: the client
 retries there). A LeasePut goes to the key's group; for a key outside the home group the home's
 record is checked first where this node leads the home group with a current view; elsewhere the
-client library has checked it at the home leader just before (`client/leases.py`), and a lease
-revoked since is refused by the key's group once the lease's deletion committed there (`leases.py`).
+client library (or the etcd layer) has checked it at the home leader just before and passes the
+home's `checked` answer (`client/leases.py`); a lease revoked since is refused by the key's group
+once the lease's deletion committed there (its tombstone), and a put whose `checked` is more
+than 60 s (HLC) behind the group when it applies is refused, so tombstones can be forgotten
+(`leases.py`). LeaseTimeToLive answers `checked`: this node's HLC reading taken before its read.
 With more than one data group, a revoke and the lease clock's expiry delete the lease's keys in
 every group at one revision: a two-phase commit (`xtxn.plan_lease`) whose commit point, the
 home group's RECORD, revokes the lease (`LeaseRequests._delete_across`, `LeaseDriver._expire_across`).
@@ -53,7 +56,9 @@ log = logging.getLogger("kvstore.leases")
 KEEPALIVE_BUFFER = 256
 """The most keep-alive replies one stream holds unread (one per lease, the latest)."""
 
-_WRITES = frozenset({Kind.PUT, Kind.REVOKE, Kind.EXPIRE, Kind.DROP})
+_WRITES = frozenset({Kind.PUT, Kind.REVOKE, Kind.EXPIRE, Kind.DROP, Kind.FORGET})
+"""The kinds proposed with an HLC reading (a write's revision; DROP's and FORGET's: the base of
+the tombstone they keep, `leases.put_tomb`)."""
 """Lease commands that may write (delete or put keys): they carry a proposed revision."""
 
 
@@ -247,7 +252,9 @@ class LeaseRequests:
             if not rq.host.leads_current(g):
                 raise rq.host.not_leader_error(g)
             # a linearizable read point: a grant acknowledged from inside its apply transaction
-            # is visible to the read that follows it
+            # is visible to the read that follows it; `checked` is read before it (a put with
+            # the lease may use it: the lease was live at a time after it)
+            checked = rq.clock.propose(0)
             await rq.read_point(g, kv_pb2.LINEARIZABLE)
             rec = self._record(lid)
             if rec is None or rec.state != leases.LIVE:
@@ -259,7 +266,7 @@ class LeaseRequests:
             for k in keys:
                 rq.allow(k, READ)
             return kv_pb2.LeaseTimeToLiveResponse(error=rq.ok(), id=lid, ttl=rem // 1000, granted_ttl=rec.ttl_s,
-                                                  keys=keys)
+                                                  keys=keys, checked=checked)
         except errors.KVError as err:
             return kv_pb2.LeaseTimeToLiveResponse(error=rq.err(err))
         except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
@@ -287,13 +294,19 @@ class LeaseRequests:
             rq.allow(key, WRITE)
             rq.check_value(value)
             lid = _lease_id(r.lease)
+            if not 0 <= r.checked <= leases.MAX_CHECKED:
+                raise errors.InvalidArgument(f"lease put checked revision {r.checked} is out of range")
+            checked = r.checked
             home = leases.home_group(lid)
             if rq.host.leads_current(home) and rq.group_for(key) != home:
+                now = rq.clock.propose(0)  # read before the check: the lease is live after it
                 await rq.read_point(home, kv_pb2.LINEARIZABLE)
                 rec = self._record(lid)  # this node leads the home group: refuse a dead lease here
                 if rec is None or rec.state != leases.LIVE:
                     raise errors.InvalidArgument(leases.NOT_FOUND)
-            data = self._encode(LeaseCmd(Kind.PUT, lid), key, value, r.session)
+                checked = max(checked, now)
+            # else the key's group refuses the put unless `checked` is recent (`leases.too_old`)
+            data = self._encode(LeaseCmd(Kind.PUT, lid, checked=checked), key, value, r.session)
             res = await rq.write(key, data)
             rq.metrics.writes.inc()
             return rq.put_reply(res)

@@ -20,7 +20,7 @@ Command wire format (big-endian, `struct`; never pickle or json):
     PREPARE .. FINALIZE (7..12)  body                         (`xtxn.py`'s encoding, the rest;
                                                                no key; only RECORD may carry a
                                                                session, only PREPARE a revision)
-    LEASE_*  lease_id:u64 ttl_s:u64 renews:u64 remaining_ms:u64   (ops 20..27, `leases.py`; no key,
+    LEASE_*  lease_id:u64 ttl_s:u64 renews:u64 remaining_ms:u64 [checked:u64: LEASE_PUT]  (ops 20..27, `leases.py`; no key,
              LEASE_PUT then key_len:u32 key value                 except LEASE_PUT's)
 
 `revision` is the leader's proposed revision for the write (`mvcc.next_revision` turns it into
@@ -57,9 +57,9 @@ import struct
 from dataclasses import dataclass, field
 
 from .keylimit import MAX_KEY_SIZE
-from .leases import BODY as _LEASE_BODY
 from .leases import Kind as LeaseKind
 from .leases import LeaseCmd
+from .leases import body_size as lease_body_size
 from .leases import decode_body as decode_lease_body
 from .leases import encode_body as encode_lease_body
 from .txn import Txn, TxnResult, decode_txn, decode_txn_result, encode_txn, encode_txn_result
@@ -498,7 +498,7 @@ def decode_command(data: bytes) -> Command:
     if op in LEASE_OPS:
         if version != FORMAT_VERSION:
             raise ValueError(f"{kind.name} command in format version {version}")
-        end = pos + _LEASE_BODY.size
+        end = pos + lease_body_size(op)
         if n < end:
             raise ValueError(f"{kind.name} command truncated: needs {end} bytes, has {n}")
         lc = decode_lease_body(op, data[pos:end])

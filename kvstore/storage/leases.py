@@ -12,14 +12,17 @@ raft snapshots as tag `snapfile.TAG_LEASES`; group prefix omitted):
     b"L" id:u64          -> record: ttl_s:u64 remaining_ms:u64 renews:u64 state:u8   (home group)
     b"A" id:u64 h:16     -> key        (key `key` is attached to lease id; h = BLAKE2b-128(key))
     b"K" h:16            -> id:u64     (the lease key `key` is attached to; at most one)
-    b"X" id:u64          -> b""        (tombstone: the lease was revoked; its id is never live again here)
+    b"X" id:u64          -> expiry:u64 (tombstone: the lease was revoked; refused here until forgotten)
+    b"x" expiry:u64 id:u64 -> b""      (the tombstones by expiry: the age index the GC walks)
     b"C" id:u64          -> n:u64      (how many keys are attached to lease id here: its "A" rows;
                                         absent when none; kept by `attach`, `detach`, `forget_keys`,
                                         `forget_attached`, the only writers of "A" rows)
 
-Commands (`commands.Op` codes 20..27, gated by `node.version.LEVEL_LEASES`; body = `_BODY`:
-lease_id:u64 ttl_s:u64 renews:u64 remaining_ms:u64, fields a kind does not use are 0, LEASE_PUT
-then carries key_len:u32 key value):
+Commands (`commands.Op` codes 20..27, gated by `node.version.LEVEL_LEASES`; body = `BODY`:
+lease_id:u64 ttl_s:u64 renews:u64 remaining_ms:u64, fields a kind does not use are 0; LEASE_PUT's
+body is `PUT_BODY`: those four then checked:u64, and the command then carries key_len:u32 key
+value. Leases are feature level 4, which no release has shipped, so LEASE_PUT's body changed in
+place (no older format is decoded):
 
 - GRANT(id, ttl_s): home group only; a record (remaining = ttl, renews = 1). Refused when the
   id is live, revoked (tombstone) or not homed here.
@@ -40,9 +43,12 @@ then carries key_len:u32 key value):
   EXPIRE it waits (refused, retried) while an attached key is in a moving range (below).
 - FORGET(id): home group: a REVOKED record whose DROPs every other data group applied becomes a
   tombstone.
-- PUT(id, key, value): a put that attaches `key` to the lease (detaching it from any other).
-  Refused (definite, "requested lease not found") in the home group unless the record is LIVE,
-  and in any group holding the lease's tombstone; refused (definite, `TOO_MANY_KEYS`) when it
+- PUT(id, key, value, checked): a put that attaches `key` to the lease (detaching it from any
+  other). Refused (definite, "requested lease not found") in the home group unless the record is
+  LIVE; in any other group while it holds the lease's tombstone, and when `checked` (a
+  revision-valued HLC reading taken before the lease was seen LIVE at its home; 0: never
+  checked) is more than `LEASE_PUT_MAX_AGE` behind the group's last revision (below);
+  refused (definite, `TOO_MANY_KEYS`) when it
   would attach a key to a lease that has `MAX_KEYS_PER_LEASE` keys attached in the group already
   (the "C" row: O(1)). So a lease's deletion in a group (the one-command REVOKE/EXPIRE/DROP or a
   PREPARE across groups, neither with a limit of its own) deletes at most that many keys, except
@@ -61,6 +67,34 @@ the record becomes the tombstone in the same apply) and each group's COMMIT dele
 keys at the one revision R, then drops the attachment rows and keeps a tombstone
 (`deleted_everywhere`); a LEASE_PUT meeting the deletion's lease lock is refused LOCKED. No DROP
 or FORGET follows (the record is not REVOKED, it is gone).
+
+Tombstones are forgotten (issue 17). A tombstone is written with an expiry: its *base* (a
+revision-valued time no earlier than the lease's death, up to clock skew) plus `TOMB_LIFE`
+(`LEASE_PUT_MAX_AGE + TOMB_MARGIN`; twice that in the home group, whose tombstone only refuses a
+re-GRANT of the id and so outlives the other groups'), indexed by an age row `x`; every lease
+command that applies (not a refused one) and every cross-group command forgets at most `GC_PER_ENTRY` tombstones whose
+expiry is below the group's last revision (`gc`: a pure function of the rows, the same on every
+replica and store). The bases: DROP and FORGET, max(last, proposed) - the proposal is the home
+leader's / the DROP sender's HLC reading taken after the lease's death applied at its home; a
+deletion across groups, max(last, R) in every group (R = max of the PREPAREs' revisions, each at
+least the coordinator's HLC reading when it sent them). Why a LEASE_PUT that is accepted in a
+group other than the home still meets the tombstone (L: the group's last revision when the PUT
+applies; c: its `checked`; b: the tombstone's base):
+- accepted means L <= c + LEASE_PUT_MAX_AGE (`too_old`);
+- c was read before a read at the home saw the lease LIVE, so before its death applied there;
+  the death's base b was read after the PREPAREs were sent (a deletion across groups) or after
+  the death applied (DROP). Clock assumption: HLC readings of different nodes differ by less than
+  their real-time order plus S, and a deletion's RECORD applies within T of its PREPAREs being
+  sent; TOMB_MARGIN (120 s) >= S + T, so c <= b + TOMB_MARGIN;
+- the tombstone is forgotten only at an apply whose last L' > b + LEASE_PUT_MAX_AGE + TOMB_MARGIN
+  >= c + LEASE_PUT_MAX_AGE >= L, and L' only grows: so not before the PUT applies (GC at the PUT's
+  own apply compares with L, not above it either). A refused PUT changes nothing.
+A PUT whose `checked` is 0 (never checked) or forged: 0 is refused in every group but the home
+(L > LEASE_PUT_MAX_AGE for every revision after 2026-01-01T00:01Z); a forged future `checked` can
+only attach a key its writer could have put without a lease anyway (its own write permission).
+Residual assumption (as before this change for the coordinator's map): a range move whose
+INSTALL brings a key attached to a lease that died by the one-command path reaches its ACTIVATE
+within the tombstone's life (else `settle_dead_attachments` no longer sees the tombstone).
 
 Range moves (`shardcmd`, `machine.apply_shard_command`). A moved key's attachment moves with it:
 the source's export carries (key, lease id) records (`attachments`, `shardcmd.REC_LEASE`) and the
@@ -122,7 +156,23 @@ REVOKED = 1
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
 _REC = struct.Struct(">QQQB")
+_AGE = struct.Struct(">QQ")
 BODY = struct.Struct(">QQQQ")
+PUT_BODY = struct.Struct(">QQQQQ")
+"""LEASE_PUT's body: BODY's fields, then `checked`."""
+MAX_CHECKED = (1 << 63) - 1
+
+LEASE_PUT_MAX_AGE = 60_000 << mvcc.PHYSICAL_SHIFT
+"""How far (revision units: 60 s of HLC time) a LEASE_PUT's `checked` may be behind the last
+revision of a group other than the lease's home when it applies (else refused, definitely)."""
+TOMB_MARGIN = 120_000 << mvcc.PHYSICAL_SHIFT
+"""The clock skew and deletion delay the tombstones' life allows for (module docstring)."""
+TOMB_LIFE = LEASE_PUT_MAX_AGE + TOMB_MARGIN
+"""How long after its base a tombstone is kept in a group other than the lease's home (3 min of
+HLC time); the home keeps its own twice as long."""
+GC_PER_ENTRY = 4
+"""The most tombstones one applied command forgets."""
+_U64_MAX = (1 << 64) - 1
 
 
 class Kind(enum.IntEnum):
@@ -210,11 +260,19 @@ class LeaseCmd:
     ttl_s: int = 0
     renews: int = 0
     remaining_ms: int = 0
+    checked: int = 0
+    """LEASE_PUT only: a revision-valued HLC reading taken before the lease was seen LIVE at its
+    home (0: not checked; refused outside the home group)."""
 
     def validate(self) -> None:
         """ValueError unless the fields fit the kind (what `decode_body` accepts)."""
         check_id(self.lease_id)
         k = self.kind
+        if k == Kind.PUT:
+            if type(self.checked) is not int or not 0 <= self.checked <= MAX_CHECKED:
+                raise ValueError(f"LEASE_PUT checked revision {self.checked!r} is out of range")
+        elif self.checked:
+            raise ValueError(f"{k.name} carries no checked revision")
         if k == Kind.GRANT:
             check_ttl(self.ttl_s)
         elif self.ttl_s:
@@ -231,19 +289,31 @@ class LeaseCmd:
             raise ValueError(f"{k.name} carries no remaining TTL")
 
 
+def body_size(kind: int) -> int:
+    """The size of the lease body of a command of op `kind` (a lease kind)."""
+    return PUT_BODY.size if kind == Kind.PUT else BODY.size
+
+
 def encode_body(c: LeaseCmd) -> bytes:
     c.validate()
+    if c.kind == Kind.PUT:
+        return PUT_BODY.pack(c.lease_id, c.ttl_s, c.renews, c.remaining_ms, c.checked)
     return BODY.pack(c.lease_id, c.ttl_s, c.renews, c.remaining_ms)
 
 
 def decode_body(kind: int, body: bytes | memoryview) -> LeaseCmd:
-    """The lease fields of a command of op `kind` (exactly `BODY.size` bytes). ValueError on garbage."""
+    """The lease fields of a command of op `kind` (exactly `body_size(kind)` bytes). ValueError
+    on garbage."""
     if kind not in KINDS:
         raise ValueError(f"op {kind} is not a lease command")
-    if len(body) != BODY.size:
-        raise ValueError(f"lease command body of {len(body)} bytes, not {BODY.size}")
-    lid, ttl, renews, rem = BODY.unpack(body)
-    c = LeaseCmd(Kind(kind), lid, ttl, renews, rem)
+    size = body_size(kind)
+    if len(body) != size:
+        raise ValueError(f"lease command body of {len(body)} bytes, not {size}")
+    if kind == Kind.PUT:
+        lid, ttl, renews, rem, checked = PUT_BODY.unpack(body)
+    else:
+        (lid, ttl, renews, rem), checked = BODY.unpack(body), 0
+    c = LeaseCmd(Kind(kind), lid, ttl, renews, rem, checked)
     c.validate()
     return c
 
@@ -259,6 +329,61 @@ def record_key(lease_id: int) -> bytes:
 
 def tomb_key(lease_id: int) -> bytes:
     return b"X" + _U64.pack(lease_id)
+
+
+def age_key(expiry: int, lease_id: int) -> bytes:
+    return b"x" + _AGE.pack(expiry, lease_id)
+
+
+def tomb_expiry(rows: mvcc.Rows, lease_id: int) -> int | None:
+    """The expiry of the group's tombstone of `lease_id` (None: no tombstone)."""
+    raw = rows.get(T_LEASES, tomb_key(lease_id))
+    if raw is None:
+        return None
+    if len(raw) != 8:
+        raise mvcc.RevisionError(f"corrupt lease tombstone of {len(raw)} bytes")
+    return int(_U64.unpack(bytes(raw))[0])
+
+
+def put_tomb(rows: mvcc.Rows, group: int, lease_id: int, base: int) -> None:
+    """Keep a tombstone of `lease_id` until `base` + its life (`TOMB_LIFE`, twice that in the
+    home group); an existing tombstone keeps the later expiry."""
+    life = TOMB_LIFE * 2 if home_group(lease_id) == group else TOMB_LIFE
+    expiry = min(base + life, _U64_MAX)
+    old = tomb_expiry(rows, lease_id)
+    if old is not None:
+        if old >= expiry:
+            return
+        rows.delete(T_LEASES, age_key(old, lease_id))
+    rows.put(T_LEASES, tomb_key(lease_id), _U64.pack(expiry))
+    rows.put(T_LEASES, age_key(expiry, lease_id), b"")
+
+
+def gc(rows: mvcc.Rows) -> int:
+    """Forget at most `GC_PER_ENTRY` tombstones whose expiry is below the group's last revision
+    (with their age rows), oldest first; returns how many. Deterministic: a function of the rows."""
+    last = mvcc.rev_state(rows).last
+    gone: list[bytes] = []
+    for k, _ in rows.iter(T_LEASES, b"x", b"y"):
+        k = bytes(k)
+        if len(k) != 17:  # never there (snapshots are checked: `check_rows`): skip, do not stop
+            continue
+        if len(gone) >= GC_PER_ENTRY or _U64.unpack_from(k, 1)[0] >= last:
+            break
+        gone.append(k)
+    for k in gone:
+        lid = _U64.unpack_from(k, 9)[0]
+        rows.delete(T_LEASES, k)
+        raw = rows.get(T_LEASES, tomb_key(lid))
+        if raw is not None and bytes(raw) == k[1:9]:
+            rows.delete(T_LEASES, tomb_key(lid))
+    return len(gone)
+
+
+def too_old(rows: mvcc.Rows, checked: int) -> bool:
+    """Whether a LEASE_PUT checked at `checked` is refused in a group other than its lease's home:
+    the group's last revision is more than `LEASE_PUT_MAX_AGE` past it."""
+    return mvcc.rev_state(rows).last > checked + LEASE_PUT_MAX_AGE
 
 
 def attach_key(lease_id: int, key: bytes) -> bytes:
@@ -411,8 +536,11 @@ def check_rows(key: bytes, value: bytes) -> None:
     if t == b"L" and n == 9:
         Record.decode(value)
     elif t == b"X" and n == 9:
+        if len(value) != 8:
+            raise ValueError(f"lease tombstone of {len(value)} bytes")
+    elif t == b"x" and n == 17:
         if value:
-            raise ValueError("lease tombstone with a value")
+            raise ValueError("lease tombstone age row with a value")
     elif t == b"C" and n == 9:
         if len(value) != 8 or _U64.unpack(value)[0] == 0:
             raise ValueError("lease count row that is not a positive u64")
@@ -492,12 +620,12 @@ LEASE_RENEWED = "lease renewed since its expiry was decided"
 """A lease deletion's RECORD refused because an expiry's renew count no longer matches."""
 
 
-def revoke_record(rows: mvcc.Rows, group: int, lease_id: int, renews: int) -> str | None:
+def revoke_record(rows: mvcc.Rows, group: int, lease_id: int, renews: int, base: int) -> str | None:
     """The commit point of a lease's deletion across groups (a RECORD with a lease, in its home
     group): if the record is LIVE and (`renews` != 0, an expiry) still has that renew count, the
     lease is revoked and forgotten at once (its record becomes the tombstone: every group's
     COMMIT deletes its keys and keeps a tombstone, so no DROP and no FORGET follow); else the
-    reason it is refused (nothing changed)."""
+    reason it is refused (nothing changed). `base`: the tombstone's base (the deletion's R)."""
     if home_group(lease_id) != group:
         return f"lease {lease_id:x} is homed in group {home_group(lease_id)}, not {group}"
     rec = get_record(rows, lease_id)
@@ -506,18 +634,18 @@ def revoke_record(rows: mvcc.Rows, group: int, lease_id: int, renews: int) -> st
     if renews and rec.renews != renews:
         return LEASE_RENEWED
     rows.delete(T_LEASES, record_key(lease_id))
-    rows.put(T_LEASES, tomb_key(lease_id), b"")
+    put_tomb(rows, group, lease_id, max(base, mvcc.rev_state(rows).last))
     return None
 
 
-def deleted_everywhere(rows: mvcc.Rows, group: int, lease_id: int) -> None:
+def deleted_everywhere(rows: mvcc.Rows, group: int, lease_id: int, base: int) -> None:
     """A lease deletion's COMMIT in this group (its keys' deletes are the COMMIT's: every key
     the deletion prepared here, `XCmd.delete_prepared`, or the writes it lists): the
     attachment rows go and a group other than the home keeps a tombstone, so that a LEASE_PUT
-    of the lease arriving later is refused."""
+    of the lease arriving later is refused (`base`: the deletion's R, `put_tomb`)."""
     forget_attached(rows, lease_id)
     if home_group(lease_id) != group:
-        rows.put(T_LEASES, tomb_key(lease_id), b"")
+        put_tomb(rows, group, lease_id, max(base, mvcc.rev_state(rows).last))
 
 
 def apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, proposed: int,
@@ -527,7 +655,16 @@ def apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, pr
     `proposed`: the leader's proposed revision for a write; `serves(key)`: whether the group
     serves the key; `moving(key)`: whether it lies in a range the group froze or is installing
     (a deletion is then refused whole: `drop_attached`). RevisionError propagates before
-    anything changed."""
+    anything changed. A command that applied then forgets expired tombstones (`gc`; a refused
+    one changes nothing)."""
+    out = _apply(rows, group, c, key, value, proposed, get, put, delete, serves, moving)
+    if out.error is None:
+        gc(rows)
+    return out
+
+
+def _apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, proposed: int,
+           get: Get, put: Put, delete: Delete, serves: Pred, moving: Pred) -> Outcome:
     lid, k = c.lease_id, c.kind
     home = home_group(lid) == group
     rk = record_key(lid)
@@ -540,7 +677,10 @@ def apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, pr
         rows.put(T_LEASES, rk, Record(c.ttl_s, c.ttl_s * 1000, 1).encode())
         return Outcome(found=True, ttl_s=c.ttl_s)
     if k == Kind.PUT:
-        if (home and (rec is None or rec.state != LIVE)) or rows.get(T_LEASES, tomb_key(lid)) is not None:
+        if home:
+            if rec is None or rec.state != LIVE:
+                return Outcome(error=NOT_FOUND)
+        elif rows.get(T_LEASES, tomb_key(lid)) is not None or too_old(rows, c.checked):
             return Outcome(error=NOT_FOUND)
         if attach_refused(rows, key, lid):
             return Outcome(error=TOO_MANY_KEYS)
@@ -553,7 +693,7 @@ def apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, pr
         if out.error is not None:
             return out
         if not home:
-            rows.put(T_LEASES, tomb_key(lid), b"")
+            put_tomb(rows, group, lid, max(proposed, mvcc.rev_state(rows).last))
         return out
     if not home:
         return Outcome(error=f"lease {lid:x} is homed in group {home_group(lid)}, not {group}")
@@ -580,6 +720,6 @@ def apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, pr
         if rec is None or rec.state != REVOKED:
             return Outcome()
         rows.delete(T_LEASES, rk)
-        rows.put(T_LEASES, tomb_key(lid), b"")
+        put_tomb(rows, group, lid, max(proposed, mvcc.rev_state(rows).last))
         return Outcome(found=True)
     return Outcome(error=f"unknown lease command {k!r}")

@@ -244,6 +244,7 @@ def apply(view: View, c: XCmd, proposed: int) -> ApplyResult:
     rows = view.mvcc
     res = _apply(view, rows, c, proposed)
     _gc(rows)
+    leases.gc(rows)  # the lease tombstones a COMMIT or RECORD keeps are forgotten here too
     return res
 
 
@@ -454,7 +455,7 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
             detach_written(rows, k)
     if lease_id is not None:
         if c.op == XOp.COMMIT:
-            leases.deleted_everywhere(rows, view.group, lease_id)
+            leases.deleted_everywhere(rows, view.group, lease_id, c.at)
         rows.delete(mvcc.T_TXN, xtxn.row_lease_lock(c.txn))
     for k in keys:
         rows.delete(mvcc.T_INTENTS, k)
@@ -487,7 +488,7 @@ def _record(rows: mvcc.Rows, c: XCmd, group: int) -> ApplyResult:
     if _too_old(rows, c.start):
         return ApplyResult(error=TOO_OLD)
     if c.lease:
-        refused = leases.revoke_record(rows, group, c.lease, c.renews)
+        refused = leases.revoke_record(rows, group, c.lease, c.renews, c.at)
         if refused is not None:  # decided: no later attempt of this id commits (ABORTED, as a RESOLVE)
             rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(Record(State.ABORTED, c.start)))
             _gc_later(rows, c.start, c.txn)

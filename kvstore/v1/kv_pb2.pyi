@@ -594,18 +594,20 @@ class LeaseTimeToLiveRequest(_message.Message):
     def __init__(self, id: _Optional[int] = ..., keys: _Optional[bool] = ...) -> None: ...
 
 class LeaseTimeToLiveResponse(_message.Message):
-    __slots__ = ("error", "id", "ttl", "granted_ttl", "keys")
+    __slots__ = ("error", "id", "ttl", "granted_ttl", "keys", "checked")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     TTL_FIELD_NUMBER: _ClassVar[int]
     GRANTED_TTL_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_FIELD_NUMBER: _ClassVar[int]
     error: Error
     id: int
     ttl: int
     granted_ttl: int
     keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., id: _Optional[int] = ..., ttl: _Optional[int] = ..., granted_ttl: _Optional[int] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    checked: int
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., id: _Optional[int] = ..., ttl: _Optional[int] = ..., granted_ttl: _Optional[int] = ..., keys: _Optional[_Iterable[bytes]] = ..., checked: _Optional[int] = ...) -> None: ...
 
 class LeaseLeasesRequest(_message.Message):
     __slots__ = ()
@@ -620,13 +622,15 @@ class LeaseLeasesResponse(_message.Message):
     def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LeasePutRequest(_message.Message):
-    __slots__ = ("key", "value", "lease", "session")
+    __slots__ = ("key", "value", "lease", "session", "checked")
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     value: bytes
     lease: int
     session: Session
-    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., lease: _Optional[int] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+    checked: int
+    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., lease: _Optional[int] = ..., session: _Optional[_Union[Session, _Mapping]] = ..., checked: _Optional[int] = ...) -> None: ...

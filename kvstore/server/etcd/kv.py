@@ -195,13 +195,25 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         return items, sum(p[1] for p in parts.values()), q.revision or top
 
     # --- Put -----------------------------------------------------------------------------
+    async def _lease_checked(self, lease_id: int, group: int, context: grpc.aio.ServicerContext) -> int:
+        """A put with lease `lease_id` into `group`: when that is not the lease's home, the home
+        leader's reading of when the lease was live (`LeasePutRequest.checked`; 0 if it is not:
+        the put is then refused where it applies); in the home group its record decides."""
+        if lease_id <= 0 or leases.home_group(lease_id) == group or leases.home_group(lease_id) == 0:
+            return 0
+        t = await self.n.forward.call("LeaseTimeToLive", kv_pb2.LeaseTimeToLiveRequest(id=lease_id), context,
+                                      is_write=False, group=leases.home_group(lease_id))
+        return int(t.checked) if t.ttl >= 0 else 0
+
     async def Put(self, request: rpc_pb2.PutRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.PutResponse:
         try:
             check_put(request)
             fw, key = self.n.forward, request.key
             group = self.n.group_of(key)
             if request.lease:
-                p = await fw.call("LeasePut", kv_pb2.LeasePutRequest(key=key, value=request.value, lease=request.lease),
+                checked = await self._lease_checked(request.lease, group, context)
+                p = await fw.call("LeasePut", kv_pb2.LeasePutRequest(key=key, value=request.value, lease=request.lease,
+                                                                     checked=checked),
                                   context, is_write=True, group=group)
                 return rpc_pb2.PutResponse(header=self.n.header(p.revision, group))
             if request.ignore_value:
