@@ -326,8 +326,14 @@ def finish_commands(tid: TxnId, rec: Record) -> dict[int, bytes]:
     its done row forgotten by age, refuses it changing nothing: a COMMITTED record's intents are
     only ever committed). Once every one applied (any result), `finalize_command(tid)` in the
     primary: the record becomes FINALIZED and is forgotten by age."""
-    return {g: commands.encode_command(Command.cross(XCmd(XOp.COMMIT, tid, at=rec.at, writes=ws)))
-            for g, ws in rec.writes}
+    return {g: commands.encode_command(Command.cross(_commit_from_record(tid, rec, g))) for g, _ in rec.writes}
+
+
+def _commit_from_record(tid: TxnId, rec: Record, group: int) -> XCmd:
+    """The COMMIT of participant `group` as a COMMITTED record describes it (the resolver's and
+    the record sweep's): its writes, or, for a range delete or a lease's deletion, "every key
+    prepared here" (`delete_prepared`)."""
+    return XCmd(XOp.COMMIT, tid, at=rec.at, writes=rec.writes_of(group), delete_prepared=rec.delete_prepared)
 
 
 # --- meeting intents -----------------------------------------------------------------------------
@@ -384,7 +390,7 @@ def resolution(intent: Intent, group: int, res: ApplyResult) -> bytes | None:
     if rec.state == State.ABORTED:
         return commands.encode_command(Command.cross(XCmd(XOp.ABORT, intent.txn)))
     if rec.state == State.COMMITTED:
-        x = XCmd(XOp.COMMIT, intent.txn, at=rec.at, writes=rec.writes_of(group), delete_prepared=rec.delete_prepared)
+        x = _commit_from_record(intent.txn, rec, group)
         return commands.encode_command(Command.cross(x))
     return None  # FINALIZED: every participant committed already; the intent is gone by now
 

@@ -59,7 +59,6 @@ KEEPALIVE_BUFFER = 256
 _WRITES = frozenset({Kind.PUT, Kind.REVOKE, Kind.EXPIRE, Kind.DROP, Kind.FORGET})
 """The kinds proposed with an HLC reading (a write's revision; DROP's and FORGET's: the base of
 the tombstone they keep, `leases.put_tomb`)."""
-"""Lease commands that may write (delete or put keys): they carry a proposed revision."""
 
 
 def check_revoke(lid: int, grants: Grants | None, data_groups: Collection[int] | None, hosted: Collection[int],

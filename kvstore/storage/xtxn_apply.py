@@ -207,7 +207,11 @@ def unfinished(rows: mvcc.Rows, before: int, limit: int) -> list[tuple[TxnId, Re
     out: list[tuple[TxnId, Record]] = []
     for k, _ in rows.iter(mvcc.T_TXN, b"u", b"v"):
         k = bytes(k)
-        if len(out) >= limit or len(k) != 1 + 8 + xtxn.ID_BYTES or _U64.unpack_from(k, 1)[0] >= before:
+        if len(out) >= limit:
+            break
+        if len(k) != 1 + 8 + xtxn.ID_BYTES:  # malformed (snapshots are checked): skip, as `_gc` does
+            continue
+        if _U64.unpack_from(k, 1)[0] >= before:
             break
         t = TxnId.decode(k[9:])
         rec = record_of(rows, t)

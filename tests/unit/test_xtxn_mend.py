@@ -312,3 +312,23 @@ def test_results_of_a_range_delete_need_no_record_result() -> None:
     r = logic.Ready(START, TxnResult(True, (), START), {1: ((b"k", None),)}, delete_prepared=True)
     x = decode_command(logic.record_command(T1, START, r)).x
     assert x is not None and x.delete_prepared and x.groups == ((1, ()),) and x.result is None
+
+
+def test_the_record_sweep_commits_a_range_delete_from_its_compact_record() -> None:
+    """The coordinator dies after the RECORD and nobody meets the intents: the record sweep's
+    COMMITs (`finish_commands`) delete every key each group prepared, as a resolver's do (before
+    the fix they carried no `delete_prepared`: the intents were released and the keys kept)."""
+    g = _groups()
+    for i in range(40):
+        g[1 + i % 2].apply(encode_command(Command.put(b"s/%04d" % i, b"v")))
+    p = logic.plan_range([1, 2], b"s/", b"s0")
+    got = {gid: g[gid].apply(c) for gid, c in logic.prepare_commands(p, T1, START, 0).items()}
+    ready = logic.after_prepare_range(p, got)
+    assert isinstance(ready, logic.Ready)
+    assert g[1].apply(logic.record_command(T1, START, ready)).error is None
+    stale = xtxn_apply.unfinished(g[1].rows, logic.sweep_before(NOW_MS), logic.RECORD_SWEEP_BATCH)
+    assert [tid for tid, _ in stale] == [T1]
+    for gid, data in sorted(logic.finish_commands(T1, stale[0][1]).items()):
+        assert g[gid].apply(data).error is None
+    assert not g[1].data and not g[2].data
+    assert not _intents(g[1]) and not _intents(g[2])

@@ -40,7 +40,7 @@ from .ops import (
     role_to_etcd,
     role_to_kvstore,
 )
-from .status import EtcdStatus, check_reply
+from .status import check_reply
 
 Op = auth_pb2.AuthChangeRequest
 
@@ -250,4 +250,4 @@ class EtcdAuth(rpc_pb2_grpc.AuthServicer):
             await fail(err, context, "RoleRevokePermission")
 
 
-__all__ = ["EtcdAuth", "EtcdStatus"]
+__all__ = ["EtcdAuth"]
