@@ -84,7 +84,7 @@ delays messages)."""
 
 def _records(store: Any, group: int) -> Callable[[], list[tuple[int, leases.Record]]]:
     def read() -> list[tuple[int, leases.Record]]:
-        out: list[tuple[int, leases.Record]] = store.revisions.read_leases(group, leases.iter_records)
+        out: list[tuple[int, leases.Record]] = store.revisions.read_rows(group, leases.iter_records)
         return out
     return read
 
@@ -408,10 +408,10 @@ class SimLeases:
             for n in sim.nodes.values():
                 if n.logic is None or n.store is None:
                     continue
-                rec = n.store.revisions.read_leases(home, lambda rows, lid=c.lid: leases.get_record(rows, lid))
+                rec = n.store.revisions.read_rows(home, lambda rows, lid=c.lid: leases.get_record(rows, lid))
                 gone = rec is not None and rec.state == leases.REVOKED
                 if not gone and rec is None and n.logic.host.groups.get(home) is not None:
-                    gone = n.store.revisions.read_leases(
+                    gone = n.store.revisions.read_rows(
                         home, lambda rows, lid=c.lid: rows.get(leases.T_LEASES, leases.tomb_key(lid)) is not None)
                 if gone:
                     c.revoked_at = sim.now

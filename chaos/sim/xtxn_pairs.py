@@ -163,7 +163,7 @@ class CrossPairs:
                     except ValueError:
                         continue
                 before = logic.sweep_before(self._now_ms(node), TIMEOUT_MS)
-                for tid, rec in node.store.revisions.read_leases(
+                for tid, rec in node.store.revisions.read_rows(
                         gid, lambda rows, b=before: xtxn_apply.unfinished(rows, b, logic.RECORD_SWEEP_BATCH)):
                     self._finish(node, gid, tid, rec)
         sim.at(SWEEP_MS, self._sweep)

@@ -134,6 +134,9 @@ def cli() -> None:
 @click.option("--plant-xtxn-halt", default="", hidden=True,
               help="PLANTED FAULT (recovery tests only): NODE:prepare or NODE:record makes that node's "
               "transaction coordinator halt there for good.")
+@click.option("--plant-watch-bug", type=click.Choice(["", "drop", "repeat"]), default="", hidden=True,
+              help="PLANTED BUG (kvchaos's watch-check tests only): drop or repeat an event in every "
+              "20th watch response.")
 def serve(
     node_id: int | str | None, id_from_hostname: bool, data_dir: Path, listen: str, peers: str, cluster_id: str, join: bool, learner: bool,
     force_new_cluster: bool, probe_ticks: int, advertise: str, client_listen: str, client_advertise: str, metrics_listen: str, drain_timeout: float, tick_ms: int, election_ticks: int, lease_read: bool,
@@ -144,6 +147,7 @@ def serve(
     audit_sync_ms: int, rate_limit: str, max_apply_lag: int, memory_limit: str, quota_bytes: str, max_streams_per_connection: int,
     idle_timeout: float, max_ping_strikes: int, history_retention: float, history_retention_revisions: int,
     history_retention_interval: float, wal_segment_bytes: str, state_sync: str, plant_xtxn_halt: str,
+    plant_watch_bug: str,
 ) -> None:
     """Run one node of a cluster. Restarting with the same --data-dir resumes it.
 
@@ -176,7 +180,7 @@ def serve(
             metrics_listen=metrics_listen, drain_timeout=drain_timeout,
             client_listen=client_listen, client_advertise=client_advertise,
             request_timeout=request_timeout, wal_segment_bytes=parse_bytes(wal_segment_bytes),
-            state_sync=state_sync, plant_xtxn_halt=plant_xtxn_halt,
+            state_sync=state_sync, plant_xtxn_halt=plant_xtxn_halt, plant_watch_bug=plant_watch_bug,
             raft=RaftSettings(
                 tick_ms=tick_ms, election_tick=election_ticks, lease_read=lease_read, quiesce_ticks=quiesce_ticks,
                 compact_threshold=compact_threshold, compact_keep=min(1000, compact_threshold // 2),

@@ -1067,7 +1067,7 @@ class MemoryNodeStore:
             return []
         return xtxn_apply.intent_rows(g.rows, start, end, limit)
 
-    def read_leases(self, group: int, fn: Callable[[mvcc.Rows], T]) -> T:
+    def read_rows(self, group: int, fn: Callable[[mvcc.Rows], T]) -> T:
         g = self._read(group)
         return fn(MemRows() if g is None else g.rows)
 

@@ -120,9 +120,10 @@ class RevisionReads(Protocol):
         [start, end) (end None: to the last), in key order (committed state)."""
         ...
 
-    def read_leases(self, group: int, fn: Callable[[mvcc.Rows], T]) -> T:
-        """`fn` run on the group's committed rows (one read view; `storage/leases.py` reads its
-        lease table, table `leases.T_LEASES`, through it). `fn` only reads."""
+    def read_rows(self, group: int, fn: Callable[[mvcc.Rows], T]) -> T:
+        """`fn` run on the group's committed rows, every table (one read view): the lease table
+        (`storage/leases.py`, `leases.T_LEASES`) and the transaction records (`xtxn_apply`) are
+        read through it. `fn` only reads."""
         ...
 
     def get_version(self, group: int, key: bytes, rev: int = 0, probe: xtxn.IntentProbe | None = None,

@@ -111,7 +111,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
 
     # --- membership -----------------------------------------------------------------------------
-    def _targets(self, listed: Any) -> list[int]:
+    def _targets(self, listed: Any, *, meta: bool = False) -> list[int]:
+        """The groups a request names (`listed`; none: the metadata group and every data group).
+        A listed group must be a data group, or the metadata group (0) where `meta` allows it
+        (a leadership transfer: etcd's MoveLeader moves it through here, audited)."""
         m = self.tracker.map
         if m is None:
             # E.g. a node still joining: it cannot know the data groups. Definite; the client
@@ -119,7 +122,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             raise errors.NoLeader(f"node {self.cfg.id} has no shard map yet; ask another member")
         if listed:
             if m is not None:
-                unknown = [g for g in listed if g not in m.groups]
+                unknown = [g for g in listed if g not in m.groups and not (meta and g == META_GROUP)]
                 if unknown:
                     raise errors.InvalidArgument(f"no data group(s) {unknown}")
             return sorted(set(listed))
@@ -203,7 +206,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def TransferLeader(self, request: admin_pb2.TransferLeaderRequest, context: grpc.aio.ServicerContext) -> admin_pb2.AdminResponse:
         try:
             _check_node_id(request.to, allow_zero=True)
-            groups = self._targets(request.groups)
+            groups = self._targets(request.groups, meta=True)
             results = await asyncio.gather(
                 *(self.caller.transfer(g, request.to, timeout=self.cfg.request_timeout) for g in groups),
                 return_exceptions=True,

@@ -66,6 +66,9 @@ class NodeConfig:
     plant_xtxn_halt: str = ""
     """PLANTED FAULT for recovery tests only (`kvstore serve`'s hidden `--plant-xtxn-halt`,
     `xtxn_run.PLANT_ENV`): where this node's transaction coordinator halts; "" never."""
+    plant_watch_bug: str = ""
+    """PLANTED BUG for kvchaos's watch-check tests only (hidden `--plant-watch-bug`,
+    `watch_service.PLANT_ENV`): ``drop`` or ``repeat``; "" never."""
     feature_level: int = SUPPORTED_LEVEL
     """The feature level this node advertises (`kvstore.node.version`): this binary's highest by
     default; lower only to run a node as an older release would (upgrade tests)."""

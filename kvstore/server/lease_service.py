@@ -124,13 +124,13 @@ class LeaseRequests:
         g = leases.home_group(lid)
         if g not in self.rq.host.groups:
             return None
-        return self.rq.store.revisions.read_leases(g, lambda rows: leases.get_record(rows, lid))
+        return self.rq.store.revisions.read_rows(g, lambda rows: leases.get_record(rows, lid))
 
     def _attached(self, lid: int) -> list[bytes]:
         out: list[bytes] = []
         for g in sorted(self.rq.host.groups):
             if g != 0:
-                out += self.rq.store.revisions.read_leases(g, lambda rows: leases.attached_keys(rows, lid))
+                out += self.rq.store.revisions.read_rows(g, lambda rows: leases.attached_keys(rows, lid))
         return sorted(set(out))
 
     async def grant(self, r: kv_pb2.LeaseGrantRequest) -> kv_pb2.LeaseGrantResponse:
@@ -277,7 +277,7 @@ class LeaseRequests:
             ids: list[int] = []
             for g in sorted(rq.host.groups):
                 if g != 0:
-                    ids += [lid for lid, rec in rq.store.revisions.read_leases(g, leases.iter_records)
+                    ids += [lid for lid, rec in rq.store.revisions.read_rows(g, leases.iter_records)
                             if rec.state == leases.LIVE]
             return kv_pb2.LeaseLeasesResponse(error=rq.ok(), ids=sorted(ids))
         except errors.KVError as err:
@@ -368,7 +368,7 @@ class LeaseDriver:
         store = self.rq.store
 
         def read() -> list[tuple[int, leases.Record]]:
-            out: list[tuple[int, leases.Record]] = store.revisions.read_leases(g, leases.iter_records)
+            out: list[tuple[int, leases.Record]] = store.revisions.read_rows(g, leases.iter_records)
             return out
         return read
 

@@ -288,7 +288,7 @@ class Node:
                 return [*revs.intents(g, b"", None, SWEEP_BATCH), *((b"", raw) for raw in revs.range_locks(g))]
 
             def records(g: int, before: int) -> list[tuple[TxnId, Record]]:
-                return store.revisions.read_leases(g, lambda rows: xtxn_apply.unfinished(rows, before,
+                return store.revisions.read_rows(g, lambda rows: xtxn_apply.unfinished(rows, before,
                                                                                          RECORD_SWEEP_BATCH))
 
             self._tasks.append(loop.create_task(cross.sweep(led, intents, records=records), name="intent-sweep"))

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -66,9 +65,11 @@ _NOPUT = kv_pb2.WatchCreateRequest.NOPUT
 _NODELETE = kv_pb2.WatchCreateRequest.NODELETE
 
 PLANT_ENV = "KVSTORE_PLANT_WATCH_BUG"
-"""PLANTED BUG, for testing kvchaos's watch checks only: ``drop`` or ``repeat`` makes every
-`PLANT_EVERY`-th response with events lose its last event or repeat its first one. Never set
-unless a test asks for it (kvchaos's hidden ``--plant-watch-bug``)."""
+"""PLANTED BUG, for testing kvchaos's watch checks only: the variable of `kvstore serve`'s hidden
+option `--plant-watch-bug` (`NodeConfig.plant_watch_bug`, read once at start-up; nothing here
+reads the environment). ``drop`` or ``repeat`` makes every `PLANT_EVERY`-th response with events
+lose its last event or repeat its first one. Never set unless a test asks for it (kvchaos's
+hidden ``--plant-watch-bug``)."""
 
 PLANT_EVERY = 20
 
@@ -83,7 +84,7 @@ class WatchService:
         self.rq = rq
         self.hub = hub
         self.node_id = rq.cfg.id
-        plant = os.environ.get(PLANT_ENV, "")
+        plant = rq.cfg.plant_watch_bug
         self.encoder = WatchEncoder(self.node_id, rq.err, plant, PLANT_EVERY)
         """Replies to serialized responses (`server/watch_encode.py`)."""
         self._ready: deque[Callable[[], None]] = deque()

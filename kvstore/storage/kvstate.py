@@ -516,8 +516,8 @@ class KVState:
             rows = LmdbRows(txn, group, rev_dbs(self._env))
             return xtxn_apply.intent_rows(rows, start, end, limit)
 
-    def read_leases(self, group: int, fn: Callable[[mvcc.Rows], T]) -> T:
-        """`fn` on the group's committed rows, in one read transaction (the lease table)."""
+    def read_rows(self, group: int, fn: Callable[[mvcc.Rows], T]) -> T:
+        """`fn` on the group's committed rows (every table), in one read transaction."""
         with self._env.read() as txn:
             return fn(LmdbRows(txn, group, rev_dbs(self._env)))
 

@@ -88,7 +88,7 @@ async def _main(tmp_path: Path) -> None:
         assert store is not None
         deadline = time.monotonic() + 20
         while True:
-            left = store.revisions.read_leases(ga, lambda rows: xtxn_apply.record_of(rows, tid))
+            left = store.revisions.read_rows(ga, lambda rows: xtxn_apply.record_of(rows, tid))
             assert left is not None
             if left.state == State.FINALIZED:
                 break

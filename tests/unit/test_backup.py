@@ -358,10 +358,10 @@ def test_restore_carries_leases(tmp_path: Path) -> None:
     res = restore(path, tmp_path / "n1", 1, peers, groups=2, replication=1)
     with LmdbNodeStore(tmp_path / "n1" / "db", map_size=1 << 30, state_sync="checkpoint") as store:
         kv = store.revisions
-        assert kv.read_leases(1, lambda rows: leases.get_record(rows, lid)) == leases.Record(30, 12_000, 1)
+        assert kv.read_rows(1, lambda rows: leases.get_record(rows, lid)) == leases.Record(30, 12_000, 1)
         found = []
         for g in res.groups:
-            found += kv.read_leases(g, lambda rows: leases.attached_keys(rows, lid))
+            found += kv.read_rows(g, lambda rows: leases.attached_keys(rows, lid))
         assert sorted(found) == sorted(attached)
         for g in res.groups:
             cmd = commands.Command.lease_command(
@@ -426,12 +426,12 @@ def test_restore_leaves_keys_of_a_lease_homed_in_a_missing_group_unattached(tmp_
     res = restore(path, tmp_path / "n1", 1, {1: "127.0.0.1:20001"}, groups=2, replication=1)
     with LmdbNodeStore(tmp_path / "n1" / "db", map_size=1 << 30, state_sync="checkpoint") as store:
         kv = store.revisions
-        owners = {k: kv.read_leases(g, lambda rows, k=k: leases.lease_of(rows, k))
+        owners = {k: kv.read_rows(g, lambda rows, k=k: leases.lease_of(rows, k))
                   for g in res.groups for k in (b"k000", b"k001", b"k002")
-                  if kv.read_leases(g, lambda rows, k=k: leases.lease_of(rows, k))}
+                  if kv.read_rows(g, lambda rows, k=k: leases.lease_of(rows, k))}
         assert owners == {b"k000": home_here}
-        assert all(not kv.read_leases(g, lambda rows: leases.attached_keys(rows, home_gone)) for g in res.groups)
-        assert all(kv.read_leases(g, lambda rows: leases.get_record(rows, home_gone)) is None for g in res.groups)
+        assert all(not kv.read_rows(g, lambda rows: leases.attached_keys(rows, home_gone)) for g in res.groups)
+        assert all(kv.read_rows(g, lambda rows: leases.get_record(rows, home_gone)) is None for g in res.groups)
         found = {k for g in res.groups for k, _ in store.scan(g, b"", None)}
         assert {b"k001", b"k002"} <= found  # the keys themselves are restored
 

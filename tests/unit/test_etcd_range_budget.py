@@ -84,3 +84,13 @@ def test_one_byte_budget_for_all_parts_of_a_range(monkeypatch: pytest.MonkeyPatc
     assert "exceed" in e.value.message
     items, count, _ = _scan(_groups(2, 4, 1000 - 7))  # 8,000 bytes in all: answered
     assert (len(items), count) == (8, 8)
+
+
+def test_at_most_range_parallel_parts_are_read_at_once() -> None:
+    """A Range over more groups than `RANGE_PARALLEL` reads that many parts at a time and still
+    answers every key (the rest are read as the first finish)."""
+    groups = _groups(etcd_kv.RANGE_PARALLEL * 2 + 3, 3, 10)
+    items, count, rev = _scan(groups)
+    assert (len(items), count, rev) == (len(groups.data) * 3, len(groups.data) * 3, 5)
+    assert groups.most_in_flight == etcd_kv.RANGE_PARALLEL, groups.most_in_flight
+    assert sorted(groups.scanned) == groups.data_groups()

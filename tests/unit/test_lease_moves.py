@@ -133,7 +133,7 @@ def test_a_move_carries_the_attachment_and_the_deletion_finds_the_key_in_the_tar
         (frz, exp) = run(a, HOME, [shard(ShardOp.FREEZE, MOVING), lease_cmd(LeaseCmd(Kind.EXPIRE, LID, renews=1))])
         assert frz.error is None
         assert exp.wrong_shard and exp.error == leases.LEASE_MOVING  # waits for the move, nothing changed
-        rec = a.revisions.read_leases(HOME, lambda rows: leases.get_record(rows, LID))
+        rec = a.revisions.read_rows(HOME, lambda rows: leases.get_record(rows, LID))
         assert rec is not None and rec.state == leases.LIVE and a.get(HOME, K_MOVE) == b"v"
         chunks = [c for c, _ in a.export_range(HOME, MOVING, 64)]
         recs = [r for c in chunks for r in iter_records(c)]
@@ -145,9 +145,9 @@ def test_a_move_carries_the_attachment_and_the_deletion_finds_the_key_in_the_tar
                              shard(ShardOp.ACTIVATE, MOVING, token=TOKEN)])
         assert all(r.error is None for r in got), got
         assert run(a, HOME, [shard(ShardOp.DROP, MOVING)])[0].error is None
-        attached = lambda s, g: s.revisions.read_leases(g, lambda rows: leases.attached_keys(rows, LID))  # noqa: E731
+        attached = lambda s, g: s.revisions.read_rows(g, lambda rows: leases.attached_keys(rows, LID))  # noqa: E731
         assert attached(b, OTHER) == [K_MOVE] and attached(a, HOME) == [K_STAY]  # the source forgot its rows
-        assert b.revisions.read_leases(OTHER, lambda rows: leases.lease_of(rows, K_PLAIN)) == 0
+        assert b.revisions.read_rows(OTHER, lambda rows: leases.lease_of(rows, K_PLAIN)) == 0
         # the lease's deletion across the two groups finds each key where it is now
         t = TxnId(1, 1)
         prep = {g: run(s, g, [encode_command(Command.cross(XCmd(XOp.PREPARE, t, HOME, START, lease=LID),

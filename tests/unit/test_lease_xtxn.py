@@ -398,7 +398,7 @@ def test_a_write_detaches_after_an_attach_in_the_same_batch(kind: str, tmp_path:
         ls = store.log_storage(g)
         res = store.persist_and_apply((), [ApplyBatch(g, ls.entries(1, ls.last_index() + 1), conf)])[0]
         assert all(r.error is None for r in res[-len(datas):]), res
-        assert store.revisions.read_leases(g, lambda rows: (leases.attached_keys(rows, LID), rows.has_attachments(),
+        assert store.revisions.read_rows(g, lambda rows: (leases.attached_keys(rows, LID), rows.has_attachments(),
                                                              leases.lease_of(rows, b"k"))) == ([], False, 0)
     finally:
         store.close()

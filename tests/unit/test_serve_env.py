@@ -167,3 +167,13 @@ def test_serve_takes_its_id_from_the_host_name(monkeypatch: pytest.MonkeyPatch, 
     assert r.exit_code == 2 and "give the node id" in r.output, r.output
     r = _serve(["--id", "0"], env)
     assert r.exit_code == 2 and "must be >= 1" in r.output, r.output
+
+
+def test_planted_watch_bug_is_an_option_read_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`watch_service.PLANT_ENV` is `--plant-watch-bug`'s natural name: the node takes it into
+    `NodeConfig.plant_watch_bug` once, and nothing reads the environment at request time."""
+    from kvstore.server import watch_service
+
+    assert _params({watch_service.PLANT_ENV: "drop"}, [], monkeypatch)["plant_watch_bug"] == "drop"
+    assert _params({}, [], monkeypatch)["plant_watch_bug"] == ""
+    assert "os.environ" not in Path(watch_service.__file__).read_text()

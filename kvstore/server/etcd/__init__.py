@@ -46,7 +46,7 @@ def etcd_services(kv: object, admin: object, auth: object, caller: GroupCaller |
         "KV": EtcdKV(node), "Watch": EtcdWatch(node), "Lease": EtcdLease(node), "Cluster": EtcdCluster(node, admin),
         "Maintenance": EtcdMaintenance(node, admin, address, tls, timeout), "Auth": EtcdAuth(node, auth),
     }
-    recipes = Recipes(node, address, tls, timeout)
+    recipes = Recipes(node, servicers["KV"], timeout)  # type: ignore[arg-type]
     return [(servicers[name], rpc_pb2.DESCRIPTOR.services_by_name[name]) for name in SERVICES] + [
         (EtcdLock(recipes), RECIPE_SERVICES[0]), (EtcdElection(recipes), RECIPE_SERVICES[1])]
 

@@ -11,7 +11,6 @@ from typing import Any
 
 import grpc
 
-from kvstore import errors
 from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
 from kvstore.shard.shardmap import META_GROUP
 from kvstore.v1 import admin_pb2
@@ -26,15 +25,7 @@ from .ops import (
     new_member_id,
     one_peer_address,
 )
-from .status import EtcdStatus
-
-
-def _checked(resp: Any, is_write: bool) -> Any:
-    """`resp` of an Admin call, or its error raised as a kvstore error."""
-    err = errors.from_proto(resp.error, is_write=is_write)
-    if err is not None:
-        raise err
-    return resp
+from .status import EtcdStatus, checked
 
 
 class EtcdCluster(rpc_pb2_grpc.ClusterServicer):
@@ -71,8 +62,8 @@ class EtcdCluster(rpc_pb2_grpc.ClusterServicer):
             if any(m.address == address for m in members):
                 raise EtcdRequestError("FAILED_PRECONDITION", PEER_URL_EXISTS)
             new = new_member_id(m.id for m in members)
-            resp = _checked(await self.admin.AddMember(
-                admin_pb2.AddMemberRequest(id=new, address=address, learner=request.isLearner), context), True)
+            resp = checked(await self.admin.AddMember(
+                admin_pb2.AddMemberRequest(id=new, address=address, learner=request.isLearner), context), is_write=True)
             added = next((m for m in resp.members if m.id == new),
                          admin_pb2.Member(id=new, address=address, learner=request.isLearner))
             return rpc_pb2.MemberAddResponse(header=self._header(), member=member_of(added),
@@ -84,7 +75,7 @@ class EtcdCluster(rpc_pb2_grpc.ClusterServicer):
                            ) -> rpc_pb2.MemberRemoveResponse:
         try:
             await self._known(request.ID, context)
-            resp = _checked(await self.admin.RemoveMember(admin_pb2.RemoveMemberRequest(id=request.ID), context), True)
+            resp = checked(await self.admin.RemoveMember(admin_pb2.RemoveMemberRequest(id=request.ID), context), is_write=True)
             return rpc_pb2.MemberRemoveResponse(header=self._header(), members=[member_of(m) for m in resp.members])
         except Exception as err:
             await fail(err, context, "MemberRemove")
@@ -94,8 +85,8 @@ class EtcdCluster(rpc_pb2_grpc.ClusterServicer):
         try:
             if not (await self._known(request.ID, context)).learner:
                 raise EtcdRequestError("FAILED_PRECONDITION", NOT_LEARNER)
-            resp = _checked(await self.admin.PromoteMember(admin_pb2.PromoteMemberRequest(id=request.ID), context),
-                            True)
+            resp = checked(await self.admin.PromoteMember(admin_pb2.PromoteMemberRequest(id=request.ID), context),
+                           is_write=True)
             return rpc_pb2.MemberPromoteResponse(header=self._header(), members=[member_of(m) for m in resp.members])
         except Exception as err:
             await fail(err, context, "MemberPromote")

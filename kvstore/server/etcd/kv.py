@@ -49,6 +49,9 @@ changing under it (then a definite UNAVAILABLE)."""
 MAX_RANGE_BYTES = 64 << 20
 """The most key and value bytes a Range keeps to answer, all its group parts together (a definite
 RESOURCE_EXHAUSTED beyond)."""
+RANGE_PARALLEL = 8
+"""The most group parts of one Range read at once (a Range over many data groups reads the rest
+as these finish)."""
 RANGE_TRIES = 8
 """A range part refused because a transaction holds an intent (PROPOSAL_DROPPED, definite) or no
 leader is known (an election) is read again this often, with a growing backoff."""
@@ -109,6 +112,17 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         except Exception as err:
             await fail(err, context, "Range")
 
+    async def read_range(self, q: RangeQuery, context: grpc.aio.ServicerContext
+                         ) -> tuple[list[kv_pb2.KeyValue], int, int]:
+        """A multi-key Range's (kept keys in key order, count, revision read at), as `Range` reads
+        it, for the lock and election services (`caller.CallerKV`)."""
+        return await self._scan(q, context)
+
+    def leases_of(self, items: list[kv_pb2.KeyValue]) -> dict[bytes, int]:
+        """`_leases`: each key's lease on this node's replica of its group (keys of groups not
+        hosted here are left out)."""
+        return self._leases(items)
+
     def _leases(self, items: list[kv_pb2.KeyValue]) -> dict[bytes, int]:
         """Each key's lease as attached now on this node's replica of its group (read right after
         the range, so at or after its read point; reads at a past revision report none)."""
@@ -119,7 +133,7 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         revisions = self.n.requests.store.revisions
         for g, keys in sorted(by_group.items()):
             if g in self.n.host.groups:
-                out.update(revisions.read_leases(g, functools.partial(_leases_of, keys)))
+                out.update(revisions.read_rows(g, functools.partial(_leases_of, keys)))
         return out
 
     async def _get(self, q: RangeQuery, context: grpc.aio.ServicerContext
@@ -172,9 +186,14 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         keep = _keep(q)
         budget = _Budget()
 
+        gate = asyncio.Semaphore(RANGE_PARALLEL)
+
+        async def part(g: int, rev: int) -> tuple[list[kv_pb2.KeyValue], int, int, int]:
+            async with gate:
+                return await self._part(q.keys, g, rev, consistency, keep, q.keys_only, budget, context)
+
         async def read(rev: int, gs: list[int]) -> dict[int, tuple[list[kv_pb2.KeyValue], int, int, int]]:
-            tasks = [asyncio.ensure_future(self._part(q.keys, g, rev, consistency, keep, q.keys_only, budget, context))
-                     for g in gs]
+            tasks = [asyncio.ensure_future(part(g, rev)) for g in gs]
             try:
                 got = await asyncio.gather(*tasks)
             except BaseException:

@@ -35,14 +35,14 @@ import grpc
 
 from kvstore.backup.format import etcd_envelope
 from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
-from kvstore.security.identity import token_of
+from kvstore.security.identity import identity_of_call, token_of
 from kvstore.shard.shardmap import META_GROUP
 from kvstore.v1 import admin_pb2
 
 from .base import EtcdNode, fail
-from .cluster import _checked
 from .convert import EtcdRequestError, invalid
 from .ops import BAD_TRANSFEREE, VERSION, etcd_alarms, hash32, kvstore_alarm
+from .status import checked
 
 CHUNK = 64 * 1024
 """Bytes per SnapshotResponse."""
@@ -55,6 +55,13 @@ class EtcdMaintenance(rpc_pb2_grpc.MaintenanceServicer):
         self.address = address
         self.tls = tls
         self.timeout = timeout
+
+    def _may_list_alarms(self) -> bool:
+        """Whether the caller may see the raised alarms: kvstore's AlarmList is ADMIN, and the
+        servicer called in-process does not pass through the guard's rule, so it is checked here
+        (auth off: anyone)."""
+        guard = self.n.requests.guard
+        return guard is None or not guard.enabled() or guard.grants(identity_of_call()).admin
 
     async def Status(self, request: rpc_pb2.StatusRequest, context: grpc.aio.ServicerContext
                      ) -> rpc_pb2.StatusResponse:
@@ -70,8 +77,9 @@ class EtcdMaintenance(rpc_pb2_grpc.MaintenanceServicer):
                 resp.leader, resp.raftTerm = int(st["leader"]), int(st["term"])
                 resp.raftIndex, resp.raftAppliedIndex = int(st["commit"]), int(st["applied"])
                 resp.isLearner = self.n.member_id in set(g.core.conf.learners)
-            alarms = await self.admin.AlarmList(admin_pb2.AlarmListRequest(), context)
-            resp.errors.extend(f"memberID:{a.memberID} alarm:NOSPACE " for a in etcd_alarms(alarms.alarms))
+            if self._may_list_alarms():
+                alarms = checked(await self.admin.AlarmList(admin_pb2.AlarmListRequest(), context), is_write=False)
+                resp.errors.extend(f"memberID:{a.memberID} alarm:NOSPACE " for a in etcd_alarms(alarms.alarms))
             return resp
         except Exception as err:
             await fail(err, context, "Status")
@@ -80,13 +88,13 @@ class EtcdMaintenance(rpc_pb2_grpc.MaintenanceServicer):
         try:
             kind = kvstore_alarm(request.alarm)
             if request.action == rpc_pb2.AlarmRequest.GET:
-                resp = _checked(await self.admin.AlarmList(admin_pb2.AlarmListRequest(), context), False)
+                resp = checked(await self.admin.AlarmList(admin_pb2.AlarmListRequest(), context), is_write=False)
             elif request.action == rpc_pb2.AlarmRequest.DEACTIVATE:
                 if kind is None:  # CORRUPT: never raised here, nothing to disarm
-                    resp = _checked(await self.admin.AlarmList(admin_pb2.AlarmListRequest(), context), False)
+                    resp = checked(await self.admin.AlarmList(admin_pb2.AlarmListRequest(), context), is_write=False)
                 else:
-                    resp = _checked(await self.admin.AlarmDisarm(
-                        admin_pb2.AlarmDisarmRequest(node_id=request.memberID, type=kind), context), True)  # type: ignore[arg-type]
+                    resp = checked(await self.admin.AlarmDisarm(
+                        admin_pb2.AlarmDisarmRequest(node_id=request.memberID, type=kind), context), is_write=True)  # type: ignore[arg-type]
             elif request.action == rpc_pb2.AlarmRequest.ACTIVATE:
                 raise EtcdRequestError("FAILED_PRECONDITION",
                                        "kvstore: alarms are raised by the nodes themselves (NOSPACE past --quota-bytes)")
@@ -100,36 +108,41 @@ class EtcdMaintenance(rpc_pb2_grpc.MaintenanceServicer):
                          ) -> rpc_pb2.DefragmentResponse:
         return rpc_pb2.DefragmentResponse(header=self.n.header(0))
 
-    async def _hash(self, revision: int, context: grpc.aio.ServicerContext) -> tuple[int, int]:
-        """(hash32, highest compact revision) of the data groups hosted here."""
+    async def _hash(self, revision: int, context: grpc.aio.ServicerContext) -> tuple[int, int, int]:
+        """(hash32, highest compact revision, revision served) of the data groups hosted here;
+        the revision served is the highest one a group was hashed at (0 if none is hosted)."""
         if revision < 0:
             raise invalid(f"etcdserver: revision {revision} is negative")
         m = self.n.shard_map()
         parts: list[tuple[int, bytes]] = []
-        compact = 0
+        compact = served = 0
         for gid in m.data_groups():
             if gid not in self.n.host.groups:
                 continue
             last = self.n.host.store.revisions.rev_state(gid).last
             at = last if revision == 0 else min(revision, last)
-            r = _checked(await self.admin.HashKV(admin_pb2.HashKVRequest(group=gid, revision=at, exact=True), context),
-                         False)
+            r = checked(await self.admin.HashKV(admin_pb2.HashKVRequest(group=gid, revision=at, exact=True), context),
+                        is_write=False)
             parts.append((gid, bytes(r.hash)))
             compact = max(compact, r.compact_revision)
-        return hash32(parts), compact
+            served = max(served, at)
+        return hash32(parts), compact, served
 
     async def Hash(self, request: rpc_pb2.HashRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.HashResponse:
         try:
-            h, _ = await self._hash(0, context)
-            return rpc_pb2.HashResponse(header=self.n.header(0), hash=h)
+            h, _, served = await self._hash(0, context)
+            return rpc_pb2.HashResponse(header=self.n.header(served), hash=h)
         except Exception as err:
             await fail(err, context, "Hash")
 
     async def HashKV(self, request: rpc_pb2.HashKVRequest, context: grpc.aio.ServicerContext
                      ) -> rpc_pb2.HashKVResponse:
+        """The header's revision is the revision the hash was taken at (the highest of the
+        groups'), never the one asked for: a group whose last revision here is lower is hashed at
+        its last, and a revision beyond every group's is served at theirs."""
         try:
-            h, compact = await self._hash(request.revision, context)
-            return rpc_pb2.HashKVResponse(header=self.n.header(request.revision), hash=h, compact_revision=compact)
+            h, compact, served = await self._hash(request.revision, context)
+            return rpc_pb2.HashKVResponse(header=self.n.header(served), hash=h, compact_revision=compact)
         except Exception as err:
             await fail(err, context, "HashKV")
 
@@ -141,13 +154,12 @@ class EtcdMaintenance(rpc_pb2_grpc.MaintenanceServicer):
             if request.targetID == 0 or (voters and request.targetID not in voters):
                 raise EtcdRequestError("FAILED_PRECONDITION", BAD_TRANSFEREE)
             m = self.n.shard_map()
+            # the data groups the target votes in (others cannot move to it) and the metadata
+            # group, whose leader Status reports: one audited Admin.TransferLeader
             hosting = [gid for gid in m.data_groups() if request.targetID in m.groups[gid].voters]
-            if hosting:  # the data groups the target votes in (others cannot move to it)
-                _checked(await self.admin.TransferLeader(
-                    admin_pb2.TransferLeaderRequest(to=request.targetID, groups=hosting), context), True)
-            caller = self.n.forward.caller
-            if caller is not None:  # then the metadata group, whose leader Status reports
-                await caller.transfer(META_GROUP, request.targetID, timeout=self.timeout)
+            checked(await self.admin.TransferLeader(
+                admin_pb2.TransferLeaderRequest(to=request.targetID, groups=[*hosting, META_GROUP]), context),
+                is_write=True)
             return rpc_pb2.MoveLeaderResponse(header=self.n.header(0, META_GROUP))
         except Exception as err:
             await fail(err, context, "MoveLeader")

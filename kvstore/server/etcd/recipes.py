@@ -1,16 +1,21 @@
-"""etcd's `v3lockpb.Lock` and `v3electionpb.Election` services, run on the server over kvstore's
-lock and election recipes (`client/concurrency.py`) as the caller: each call opens a kvstore
-client to this node with the caller's token (so RBAC applies to the lock keys as to the
-caller's own writes). The caller's lease is the session's: the caller keeps it alive, as etcd
-clients do. The lock / candidate key is `NAME/<lease id, 16 hex digits>` (etcd: `NAME/<hex>`),
+"""etcd's `v3lockpb.Lock` and `v3electionpb.Election` services, run on the server as kvstore's
+lock and election recipes (`client/concurrency.py`: the same keys and the same rule) with the
+caller's identity: each call's reads and writes go in-process through the node's KV servicer
+with the call's own context (`caller.CallerKV`), so RBAC (read on the name's keys, write on the
+caller's own key), admission control and the audit log see the caller, whether it came with a
+token or a client certificate. The caller's lease is the session's: the caller keeps it alive,
+as etcd clients do. The lock / candidate key is `NAME/<lease id, 16 hex digits>` (etcd: `NAME/<hex>`),
 attached to the lease; the holder is the key with the lowest create revision under `NAME/`, and
 its create revision is the fencing token (`LeaderKey.rev`, the response header's revision).
 
 Differences from etcd: `Proclaim` checks the leader key's create revision and then puts the new
 value attached to the lease (two steps, not one transaction: kvstore transactions do not carry
-leases), so a Proclaim racing the same holder's Resign may put the key back as a new candidate,
-which then waits behind the others until its lease ends; a node of a TLS cluster does not serve
-these calls (FAILED_PRECONDITION: it has no client certificate to act as the caller with)."""
+leases), with the lease attached to the leader key on this node's replica (never the request's),
+so a Proclaim racing the same holder's Resign may put the key back as a new candidate, which then
+waits behind the others until its lease ends. Waiting (Lock, Campaign, Observe) watches keys
+under the name on this node, so the node must host the data group of the key waited on (as an
+etcd `Watch`; else a definite WRONG_SHARD error, `kvstore: ...`); Proclaim needs the leader
+key's group hosted here too (it reads the key's lease on this node's replica)."""
 
 from __future__ import annotations
 
@@ -20,19 +25,18 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from kvstore.client.async_client import AsyncClient
-from kvstore.client.concurrency import Election, LockLost, Mutex, Session
-from kvstore.client.types import Compare, Op
 from kvstore.etcdpb.mvccpb import kv_pb2 as mvccpb
 from kvstore.etcdpb.v3electionpb import v3election_pb2 as epb
 from kvstore.etcdpb.v3electionpb import v3election_pb2_grpc as epb_grpc
 from kvstore.etcdpb.v3lockpb import v3lock_pb2 as lpb
 from kvstore.etcdpb.v3lockpb import v3lock_pb2_grpc as lpb_grpc
-from kvstore.security.identity import token_of
 from kvstore.storage import leases
+from kvstore.v1 import kv_pb2
 
 from .base import EtcdNode, fail
+from .caller import CallerKV
 from .convert import EtcdRequestError, invalid
+from .kv import EtcdKV
 from .status import LEASE_NOT_FOUND, EtcdStatus
 
 NOT_LEADER = "election: not leader"
@@ -56,46 +60,50 @@ def recipe_lease(lease: int) -> int:
 
 
 class Recipes:
-    """What the two servicers share: the node and a client per call as the caller."""
+    """What the two servicers share: the node, its etcd KV servicer (range reads) and the
+    recipe steps, run as the caller (`CallerKV`)."""
 
-    def __init__(self, node: EtcdNode, address: str, tls: bool, timeout: float) -> None:
+    def __init__(self, node: EtcdNode, kv: EtcdKV, timeout: float) -> None:
         self.n = node
-        self.address = address
-        self.tls = tls
+        self.kv = kv
         self.timeout = timeout
 
-    @contextlib.asynccontextmanager
-    async def client(self, context: grpc.aio.ServicerContext) -> AsyncIterator[AsyncClient]:
-        if self.tls:
-            raise EtcdRequestError("FAILED_PRECONDITION",
-                                   "kvstore: locks and elections through the etcd API are not served on a TLS cluster: "
-                                   "use kvstore's client (kvstore.client.concurrency)")
-        c = AsyncClient([self.address], timeout=self.timeout, token=token_of(context.invocation_metadata()))
-        try:
-            yield c
-        finally:
-            await c.close()
+    def caller(self, context: grpc.aio.ServicerContext) -> CallerKV:
+        return CallerKV(self.n, self.kv, context)
 
-    def session(self, client: AsyncClient, lease: int) -> Session:
-        """A session on the caller's lease (kept alive by the caller, never revoked here)."""
-        s = Session(client)
-        s.lease = lease
-        return s
+    @staticmethod
+    def prefix(name: bytes) -> bytes:
+        return name.rstrip(b"/") + b"/"
 
-    async def acquire(self, m: Mutex, value: bytes) -> tuple[bytes, int]:
-        """(key, fencing token) once `m` is held; the key is deleted if the call ends first (as
-        etcd's Mutex.Lock does when its context ends). A caller who may not read the name's keys
-        is refused first (PERMISSION_DENIED, definite: nothing written)."""
-        await m.holder()
+    async def queue(self, c: CallerKV, name: bytes) -> tuple[list[kv_pb2.KeyValue], int]:
+        """(the keys under the name by create revision, the revision read at): one scan."""
+        items, rev = await c.scan(self.prefix(name))
+        return sorted(items, key=lambda kv: (kv.create_revision, kv.key)), rev
+
+    async def acquire(self, c: CallerKV, name: bytes, lease: int, value: bytes) -> tuple[bytes, int]:
+        """(key, fencing token) once the caller's key `NAME/<lease>` is the lowest under the
+        name (`concurrency.Mutex.acquire`'s rule): the key is put attached to `lease`, then each
+        round waits for the key just ahead of it to be deleted. The key is deleted if the call
+        ends first (as etcd's Mutex.Lock does when its context ends). A caller who may not read
+        the name's keys is refused first (PERMISSION_DENIED, definite: nothing written)."""
+        key = self.prefix(name) + f"{lease:016x}".encode()
+        await self.queue(c, name)
         try:
-            held = await m.acquire(value)
+            await c.put(key, value, lease)
+            while True:
+                queue, rev = await self.queue(c, name)
+                mine = next((kv.create_revision for kv in queue if kv.key == key), None)
+                if mine is None:  # the lease ended while waiting: its keys went with it
+                    raise EtcdStatus(grpc.StatusCode.NOT_FOUND, LEASE_NOT_FOUND)
+                ahead = [kv for kv in queue if kv.create_revision < mine]
+                if not ahead:
+                    return key, mine
+                await c.wait_for(kv_pb2.WatchCreateRequest(key=ahead[-1].key, start_revision=rev + 1),
+                                 deletes_only=True)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(m.session.client.delete(m.key), self.timeout)
+                await asyncio.wait_for(c.delete(key), self.timeout)
             raise
-        except LockLost:
-            raise EtcdStatus(grpc.StatusCode.NOT_FOUND, LEASE_NOT_FOUND) from None
-        return held.key, held.fence
 
 
 class EtcdLock(lpb_grpc.LockServicer):
@@ -105,8 +113,7 @@ class EtcdLock(lpb_grpc.LockServicer):
     async def Lock(self, request: lpb.LockRequest, context: grpc.aio.ServicerContext) -> lpb.LockResponse:
         try:
             name, lease = recipe_name(request.name), recipe_lease(request.lease)
-            async with self.r.client(context) as c:
-                key, fence = await self.r.acquire(Mutex(self.r.session(c, lease), name), b"")
+            key, fence = await self.r.acquire(self.r.caller(context), name, lease, b"")
             return lpb.LockResponse(header=self.r.n.header(fence), key=key)
         except Exception as err:
             await fail(err, context, "Lock")
@@ -115,9 +122,7 @@ class EtcdLock(lpb_grpc.LockServicer):
         try:
             if not request.key:
                 raise invalid("etcdserver: key is not provided")
-            async with self.r.client(context) as c:
-                await c.delete(request.key)
-                rev = c.revision
+            rev = await self.r.caller(context).delete(request.key)
             return lpb.UnlockResponse(header=self.r.n.header(rev))
         except Exception as err:
             await fail(err, context, "Unlock")
@@ -130,47 +135,52 @@ class EtcdElection(epb_grpc.ElectionServicer):
     async def Campaign(self, request: epb.CampaignRequest, context: grpc.aio.ServicerContext) -> epb.CampaignResponse:
         try:
             name, lease = recipe_name(request.name), recipe_lease(request.lease)
-            async with self.r.client(context) as c:
-                key, fence = await self.r.acquire(Election(self.r.session(c, lease), name), request.value)
+            key, fence = await self.r.acquire(self.r.caller(context), name, lease, request.value)
             return epb.CampaignResponse(header=self.r.n.header(fence),
                                         leader=epb.LeaderKey(name=name, key=key, rev=fence, lease=lease))
         except Exception as err:
             await fail(err, context, "Campaign")
 
     async def Proclaim(self, request: epb.ProclaimRequest, context: grpc.aio.ServicerContext) -> epb.ProclaimResponse:
+        """Put the new value to the leader key, attached to the lease the key holds (read on this
+        node's replica of its group), if the key still has the leader's create revision."""
         try:
             lk = request.leader
-            lease = recipe_lease(lk.lease)
             if not lk.key or lk.rev <= 0:
                 raise EtcdRequestError("FAILED_PRECONDITION", NOT_LEADER)
-            async with self.r.client(context) as c:
-                cur = await c.read(lk.key)
-                if cur.value is None or cur.create_revision != lk.rev:
-                    raise EtcdRequestError("FAILED_PRECONDITION", NOT_LEADER)
-                rev = await c.leases.put(lk.key, request.value, lease)
+            if self.r.n.group_of(lk.key) not in self.r.n.host.groups:
+                raise EtcdRequestError(
+                    "FAILED_PRECONDITION",
+                    "kvstore: Proclaim reads the leader key's lease on the serving node, which does not host "
+                    "its data group: send it to a node that does")
+            c = self.r.caller(context)
+            cur = await c.get(lk.key)
+            if not cur.found or cur.create_revision != lk.rev:
+                raise EtcdRequestError("FAILED_PRECONDITION", NOT_LEADER)
+            lease = self.r.kv.leases_of([kv_pb2.KeyValue(key=lk.key)]).get(lk.key, 0)
+            if lease <= 0:  # a leader key always holds its campaign's lease
+                raise EtcdRequestError("FAILED_PRECONDITION", NOT_LEADER)
+            rev = await c.put(lk.key, request.value, lease)
             return epb.ProclaimResponse(header=self.r.n.header(rev))
         except Exception as err:
             await fail(err, context, "Proclaim")
 
-    async def _leader(self, c: AsyncClient, name: bytes) -> mvccpb.KeyValue | None:
-        e = Election(self.r.session(c, 0), name)
-        while True:
-            holder = await e.holder()
-            if holder is None:
-                return None
-            cur = await c.read(holder[1])
-            if cur.value is not None:  # else gone since the scan: ask again
-                return mvccpb.KeyValue(key=holder[1], value=cur.value, create_revision=cur.create_revision,
-                                       mod_revision=cur.mod_revision, version=cur.version)
+    async def _leader(self, c: CallerKV, name: bytes) -> tuple[mvccpb.KeyValue | None, int]:
+        """(the leader key, the lowest create revision under the name, if any; the revision read at)."""
+        queue, rev = await self.r.queue(c, name)
+        if not queue:
+            return None, rev
+        kv = queue[0]
+        return mvccpb.KeyValue(key=kv.key, value=kv.value, create_revision=kv.create_revision,
+                               mod_revision=kv.mod_revision, version=kv.version), rev
 
     async def Leader(self, request: epb.LeaderRequest, context: grpc.aio.ServicerContext) -> epb.LeaderResponse:
         try:
             name = recipe_name(request.name)
-            async with self.r.client(context) as c:
-                kv = await self._leader(c, name)
-                if kv is None:
-                    raise EtcdRequestError("NOT_FOUND", NO_LEADER)
-                return epb.LeaderResponse(header=self.r.n.header(c.revision), kv=kv)
+            kv, rev = await self._leader(self.r.caller(context), name)
+            if kv is None:
+                raise EtcdRequestError("NOT_FOUND", NO_LEADER)
+            return epb.LeaderResponse(header=self.r.n.header(rev), kv=kv)
         except Exception as err:
             await fail(err, context, "Leader")
 
@@ -179,17 +189,16 @@ class EtcdElection(epb_grpc.ElectionServicer):
         """The leader now (if any) and again at every change of who leads or of the leader's value."""
         try:
             name = recipe_name(request.name)
-            prefix = name.rstrip(b"/") + b"/"
-            async with self.r.client(context) as c:
-                last: tuple[bytes, int] | None = None
-                while True:
-                    start = c.revision + 1 if c.revision else 0
-                    kv = await self._leader(c, name)
-                    if kv is not None and (kv.key, kv.mod_revision) != last:
-                        last = (kv.key, kv.mod_revision)
-                        yield epb.LeaderResponse(header=self.r.n.header(kv.mod_revision), kv=kv)
-                    async for _ in c.watch(prefix=prefix, start_revision=start):
-                        break  # something under the name changed: look again
+            c = self.r.caller(context)
+            last: tuple[bytes, int] | None = None
+            while True:
+                kv, rev = await self._leader(c, name)
+                if kv is not None and (kv.key, kv.mod_revision) != last:
+                    last = (kv.key, kv.mod_revision)
+                    yield epb.LeaderResponse(header=self.r.n.header(kv.mod_revision), kv=kv)
+                # something under the name changed after the read: look again
+                await c.wait_for(kv_pb2.WatchCreateRequest(prefix=self.r.prefix(name), start_revision=rev + 1),
+                                 deletes_only=False)
         except Exception as err:
             await fail(err, context, "Observe")
 
@@ -199,8 +208,7 @@ class EtcdElection(epb_grpc.ElectionServicer):
             lk = request.leader
             if not lk.key:
                 raise invalid("etcdserver: key is not provided")
-            async with self.r.client(context) as c:
-                r = await c.txn([Compare.create(lk.key, "=", lk.rev)], [Op.delete(lk.key)])
-            return epb.ResignResponse(header=self.r.n.header(r.revision))
+            rev = await self.r.caller(context).delete_if_created(lk.key, lk.rev)
+            return epb.ResignResponse(header=self.r.n.header(rev))
         except Exception as err:
             await fail(err, context, "Resign")

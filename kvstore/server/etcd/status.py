@@ -5,6 +5,8 @@ kvstore's own replies say in `Error.indeterminate`."""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import grpc
 
 from kvstore import errors
@@ -28,6 +30,8 @@ INVALID_TOKEN = "etcdserver: invalid auth token"
 LEASE_EXISTS = "etcdserver: lease already exists"
 
 OUTCOME_KEY = "kvstore-outcome"
+
+_R = TypeVar("_R")
 
 
 class EtcdStatus(Exception):
@@ -93,6 +97,13 @@ def check_reply(error: kv_pb2.Error, *, is_write: bool) -> None:
     err = errors.from_proto(error, is_write=is_write)
     if err is not None:
         raise of_kv_error(err)
+
+
+def checked(resp: _R, *, is_write: bool) -> _R:
+    """`resp`, a kvstore reply with an `error` field (an Admin or Auth call's), once
+    `check_reply` found it OK."""
+    check_reply(resp.error, is_write=is_write)  # type: ignore[attr-defined]
+    return resp
 
 
 def of_request_error(err: EtcdRequestError) -> EtcdStatus:

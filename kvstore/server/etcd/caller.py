@@ -1,0 +1,122 @@
+"""kvstore requests of one etcd call, run in-process as its caller (for the lock and election
+services, `recipes.py`).
+
+Every request goes through the node's KV servicer as registered (`Forwarder.call`, the etcd KV
+servicer's range reading, the KV servicer's Watch) with the etcd call's own gRPC context: the
+guard recorded the caller's identity (token or client certificate) in the call's task, so RBAC,
+admission control and the audit log see the caller, never the node, and nothing opens a client
+connection back to the node (so TLS clusters are served the same way).
+
+Invariant: `revision` only grows; it is the highest revision a request of this call was served
+or written at (0 before any)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from kvstore import errors
+from kvstore.etcdpb.etcdserverpb import rpc_pb2
+from kvstore.node.watchspec import prefix_end
+from kvstore.storage import leases
+from kvstore.v1 import kv_pb2
+
+from .base import EtcdNode
+from .convert import range_query
+
+if TYPE_CHECKING:
+    from .kv import EtcdKV
+
+WATCH_ID = 1
+"""The id of the one watch a `CallerKV.wait_for` stream opens (kvstore's ids are > 0)."""
+
+
+class CallerKV:
+    """kvstore reads and writes as the caller of one etcd call (see the module docstring)."""
+
+    def __init__(self, node: EtcdNode, kv: EtcdKV, context: grpc.aio.ServicerContext) -> None:
+        self.n = node
+        self.kv = kv
+        self.context = context
+        self.revision = 0
+
+    def _seen(self, revision: int) -> int:
+        self.revision = max(self.revision, revision)
+        return revision
+
+    async def scan(self, prefix: bytes) -> tuple[list[kv_pb2.KeyValue], int]:
+        """(every key under `prefix`, in key order; the revision they were read at): one
+        linearizable snapshot over every data group, as the etcd `KV.Range` of the prefix."""
+        q = range_query(rpc_pb2.RangeRequest(key=prefix, range_end=prefix_end(prefix) or b"\x00"))
+        items, _count, rev = await self.kv.read_range(q, self.context)
+        return items, self._seen(rev)
+
+    async def get(self, key: bytes) -> kv_pb2.GetResponse:
+        """`key` as a linearizable read at its group finds it."""
+        g = await self.n.forward.call("Get", kv_pb2.GetRequest(key=key), self.context, is_write=False,
+                                      group=self.n.group_of(key))
+        self._seen(g.revision)
+        return g
+
+    async def put(self, key: bytes, value: bytes, lease: int) -> int:
+        """Put `key` attached to `lease` (as the etcd `KV.Put` with a lease); its revision."""
+        group = self.n.group_of(key)
+        home = leases.home_group(lease)
+        checked = 0
+        if home not in (0, group):  # the lease's home vouches for it (`LeasePutRequest.checked`)
+            t = await self.n.forward.call("LeaseTimeToLive", kv_pb2.LeaseTimeToLiveRequest(id=lease), self.context,
+                                          is_write=False, group=home)
+            checked = int(t.checked) if t.ttl >= 0 else 0
+        p = await self.n.forward.call("LeasePut", kv_pb2.LeasePutRequest(key=key, value=value, lease=lease,
+                                                                         checked=checked),
+                                      self.context, is_write=True, group=group)
+        return self._seen(p.revision)
+
+    async def delete(self, key: bytes) -> int:
+        """Delete `key`; the delete's revision (0: the key was absent, nothing changed)."""
+        d = await self.n.forward.call("Delete", kv_pb2.DeleteRequest(key=key), self.context, is_write=True,
+                                      group=self.n.group_of(key))
+        return self._seen(d.revision)
+
+    async def delete_if_created(self, key: bytes, create_revision: int) -> int:
+        """Delete `key` if its create revision is `create_revision` (one transaction); the
+        transaction's revision."""
+        body = kv_pb2.TxnBody(compares=[kv_pb2.Compare(key=key, target=kv_pb2.COMPARE_CREATE, result=kv_pb2.EQUAL,
+                                                       number=create_revision)],
+                              success=[kv_pb2.TxnOp(delete=key)])
+        t = await self.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body), self.context, is_write=True,
+                                      group=self.n.group_of(key))
+        return self._seen(t.revision)
+
+    async def wait_for(self, create: kv_pb2.WatchCreateRequest, *, deletes_only: bool) -> None:
+        """Return once the watch `create` (from its start revision) sees an event (a DELETE if
+        `deletes_only`). Raises the kvstore error of a canceled watch (e.g. COMPACTED, or
+        WRONG_SHARD where this node does not host the key's group: definite)."""
+        create.watch_id = WATCH_ID
+        done = asyncio.Event()
+
+        async def requests() -> AsyncIterator[kv_pb2.WatchRequest]:
+            yield kv_pb2.WatchRequest(create_request=create)
+            await done.wait()  # the request side stays open until the event came
+
+        stream = self.n.forward.kv.Watch(requests(), self.context)
+        try:
+            async for data in stream:
+                r = data if isinstance(data, kv_pb2.WatchResponse) else kv_pb2.WatchResponse.FromString(data)
+                if r.canceled:
+                    err = errors.from_proto(r.error, is_write=False) if r.HasField("error") else None
+                    raise err or errors.Unavailable(f"the watch was canceled: {r.cancel_reason}")
+                if any(e.type == kv_pb2.Event.DELETE or not deletes_only for e in r.events):
+                    self._seen(r.revision)
+                    return
+            raise errors.Unavailable("the node ended the watch")
+        finally:
+            done.set()
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
