@@ -234,10 +234,14 @@ def test_etcd_api_writes_are_audited_as_the_kvstore_rpcs_they_run_as(tmp_path: P
             await kv.DeleteRange(rpc_pb2.DeleteRangeRequest(key=b"e/a"))
             await lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=30))
             await kv.Compact(rpc_pb2.CompactionRequest(revision=put.header.revision))
+            # MoveLeader: the data groups and the metadata group in one audited TransferLeader
+            await rpc_pb2_grpc.MaintenanceStub(ch).MoveLeader(rpc_pb2.MoveLeaderRequest(targetID=1))
             assert n.node.audit is not None and n.node.audit.flush()
 
     asyncio.run(main())
     by_op = {str(x["op"]): x for x in _lines(path)}
+    moved = by_op["Admin.TransferLeader"]
+    assert moved["result"] == "ok" and moved["to"] == 1 and "0" in str(moved["groups"]).split(","), moved
     assert {"key": "e/a", "result": "ok", "identity": "anonymous"}.items() <= by_op["KV.Put"].items()
     assert {"key": "e/b", "result": "ok"}.items() <= by_op["KV.Txn"].items()
     assert {"key": "e/a", "result": "ok"}.items() <= by_op["KV.Delete"].items()

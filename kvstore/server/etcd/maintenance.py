@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -166,18 +167,26 @@ class EtcdMaintenance(rpc_pb2_grpc.MaintenanceServicer):
 
     async def Snapshot(self, request: rpc_pb2.SnapshotRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[rpc_pb2.SnapshotResponse]:
-        """The backup file, CHUNK bytes a message; `remaining_bytes` counts what follows each."""
+        """The backup file, CHUNK bytes a message; `remaining_bytes` counts what follows each.
+        The file is written under the node's data directory (`SNAPSHOT_PREFIX`) and removed when
+        the call ends, however it ends: a call that ends while the save runs (the client went
+        away) stops the save at its next progress report and waits for its thread to finish
+        before removing the file, so a save finishing late cannot leave it behind."""
         try:
             if self.tls:
                 raise EtcdRequestError("FAILED_PRECONDITION",
                                        "kvstore: Snapshot through the etcd API is not served on a TLS cluster: "
                                        "use `kvctl snapshot save`")
-            fd, name = tempfile.mkstemp(prefix="etcd-snapshot-", suffix=".kvbackup")
+            directory = Path(self.n.requests.cfg.data_dir)
+            fd, name = tempfile.mkstemp(prefix=SNAPSHOT_PREFIX, suffix=".kvbackup", dir=directory)
             os.close(fd)
             path = Path(name)
+            stop = threading.Event()
+            job: asyncio.Future[None] | None = None
             try:
                 token = token_of(context.invocation_metadata())
-                await asyncio.to_thread(_save, self.address, path, self.timeout, token)
+                job = asyncio.ensure_future(asyncio.to_thread(_save, self.address, path, self.timeout, token, stop))
+                await asyncio.shield(job)
                 size = path.stat().st_size
                 total = size + len(etcd_envelope(size, hashlib.sha256()))
                 hashed = hashlib.sha256()
@@ -196,20 +205,52 @@ class EtcdMaintenance(rpc_pb2_grpc.MaintenanceServicer):
                         if sent == total:
                             break
             finally:
+                stop.set()
+                if job is not None:
+                    await _settled(job)
                 with contextlib.suppress(OSError):
                     path.unlink()
         except Exception as err:
             await fail(err, context, "Snapshot")
 
 
-def _save(address: str, path: Path, timeout: float, token: str | None) -> None:
+SNAPSHOT_PREFIX = ".etcd-snapshot-"
+"""Name prefix of the backup file a `Maintenance.Snapshot` call writes in the node's data
+directory (removed when the call ends)."""
+
+
+class SaveStopped(Exception):
+    """The call a backup was saved for ended: the save stops (its partial file removed)."""
+
+
+async def _settled(job: asyncio.Future[None]) -> None:
+    """Wait until `job` (a save's thread, which cannot be interrupted) has finished, through
+    cancellations of the waiting task (re-raised once it has); its outcome is dropped."""
+    cancelled = False
+    while not job.done():
+        try:
+            await asyncio.wait({job})
+        except asyncio.CancelledError:
+            cancelled = True
+    if not job.cancelled():
+        job.exception()  # retrieved: a stopped or failed save is the call's end, already reported
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+def _save(address: str, path: Path, timeout: float, token: str | None, stop: threading.Event) -> None:
     """`kvctl snapshot save` through this node as the caller (its token, if it sent one; a
-    thread: the client is synchronous)."""
+    thread: the client is synchronous). Raises SaveStopped at a progress report once `stop` is
+    set (the save then removes its partial file)."""
     from kvstore.backup.save import save
     from kvstore.client import Client
 
+    def progress(_keys: int, _size: int) -> None:
+        if stop.is_set():
+            raise SaveStopped("the Snapshot call ended")
+
     client = Client([address], timeout=timeout, token=token)
     try:
-        save(client, path, timeout=timeout)
+        save(client, path, timeout=timeout, progress=progress)
     finally:
         client.close()
