@@ -18,6 +18,8 @@ from typing import ClassVar
 from kvstore.v1 import kv_pb2
 
 __all__ = [
+    "REFUSALS",
+    "AuthNotEnabled",
     "ClientClosed",
     "ClusterVersionTooLow",
     "FutureRevision",
@@ -26,13 +28,21 @@ __all__ = [
     "KVError",
     "KeyTooLarge",
     "LeadershipLost",
+    "LeaseExists",
+    "LeaseNotFound",
     "NoLeader",
     "NoSpace",
     "NotLeader",
     "PermissionDenied",
+    "PermissionNotGranted",
     "ProposalDropped",
+    "Refused",
     "RequestTooLarge",
     "ResourceExhausted",
+    "RoleExists",
+    "RoleNotFound",
+    "RoleNotGranted",
+    "RootUserMissing",
     "SessionExpired",
     "ShuttingDown",
     "StaleReplica",
@@ -40,6 +50,8 @@ __all__ = [
     "Timeout",
     "Unauthenticated",
     "Unavailable",
+    "UserExists",
+    "UserNotFound",
     "ValueTooLarge",
     "WrongShard",
     "error_class",
@@ -193,6 +205,74 @@ class FutureRevision(InvalidArgument):
     future-revision error)."""
 
     default_message = "the revision is in the future"
+
+
+class Refused(InvalidArgument):
+    """Definite: a refusal a caller must tell apart from other invalid arguments (etcd's API
+    answers each with etcd's own error). Travels as INVALID_ARGUMENT with `Error.refusal` set
+    to the subclass's `refusal` (a `kv_pb2.Refusal`); the message stays kvstore's."""
+
+    refusal: ClassVar[int] = kv_pb2.REFUSAL_NONE
+
+
+class LeaseNotFound(Refused):
+    """The lease is not live (expired, revoked, never granted) or its id cannot be a lease's."""
+
+    refusal = kv_pb2.REFUSAL_LEASE_NOT_FOUND
+    default_message = "requested lease not found"
+
+
+class LeaseExists(Refused):
+    """A grant of an id that names a live lease."""
+
+    refusal = kv_pb2.REFUSAL_LEASE_EXISTS
+    default_message = "lease already exists"
+
+
+class UserExists(Refused):
+    refusal = kv_pb2.REFUSAL_USER_EXISTS
+
+
+class UserNotFound(Refused):
+    refusal = kv_pb2.REFUSAL_USER_NOT_FOUND
+
+
+class RoleExists(Refused):
+    refusal = kv_pb2.REFUSAL_ROLE_EXISTS
+
+
+class RoleNotFound(Refused):
+    refusal = kv_pb2.REFUSAL_ROLE_NOT_FOUND
+
+
+class RoleNotGranted(Refused):
+    """A revoke of a role the user does not hold."""
+
+    refusal = kv_pb2.REFUSAL_ROLE_NOT_GRANTED
+
+
+class PermissionNotGranted(Refused):
+    """A revoke of a permission the role does not hold."""
+
+    refusal = kv_pb2.REFUSAL_PERMISSION_NOT_GRANTED
+
+
+class RootUserMissing(Refused):
+    """Enabling auth without user root."""
+
+    refusal = kv_pb2.REFUSAL_ROOT_USER_MISSING
+
+
+class AuthNotEnabled(Refused):
+    """A login while auth is disabled."""
+
+    refusal = kv_pb2.REFUSAL_AUTH_NOT_ENABLED
+
+
+REFUSALS: dict[int, type[Refused]] = {c.refusal: c for c in (
+    LeaseNotFound, LeaseExists, UserExists, UserNotFound, RoleExists, RoleNotFound, RoleNotGranted,
+    PermissionNotGranted, RootUserMissing, AuthNotEnabled)}
+"""Each `kv_pb2.Refusal` but REFUSAL_NONE: its error class."""
 
 
 class Timeout(KVError):
@@ -431,6 +511,8 @@ def from_proto(error: kv_pb2.Error | None, *, is_write: bool) -> KVError | None:
         return Compacted(message, compact_revision=max(0, error.compact_revision), indeterminate=indeterminate)
     if cls is InvalidArgument and error.future_revision:
         return FutureRevision(message, indeterminate=indeterminate)
+    if cls is InvalidArgument and error.refusal in REFUSALS:
+        return REFUSALS[error.refusal](message, indeterminate=indeterminate)
     return cls(message, indeterminate=indeterminate)
 
 
@@ -452,6 +534,8 @@ def to_proto(exc: BaseException) -> kv_pb2.Error:
         err.compact_revision = exc.compact_revision
     elif isinstance(exc, FutureRevision):
         err.future_revision = True
+    elif isinstance(exc, Refused):
+        err.refusal = exc.refusal  # type: ignore[assignment]
     return err
 
 

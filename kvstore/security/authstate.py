@@ -31,6 +31,8 @@ import enum
 import struct
 from dataclasses import dataclass, field, replace
 
+from kvstore import errors
+
 AUTH_KEY = b"\x00kvstore/auth"
 """The key of the auth state in the metadata group."""
 ROOT = "root"
@@ -60,7 +62,18 @@ _ENABLED = 0x01
 
 
 class AuthError(ValueError):
-    """An auth command or state that is not allowed or does not decode (the message says why)."""
+    """An auth command or state that is not allowed or does not decode (the message says why).
+    `refused`: the kvstore error class a caller tells this refusal apart by (`errors.Refused`:
+    a user or role that exists or not, a role or permission not held, enabling without root);
+    None for the others (then an `errors.InvalidArgument`)."""
+
+    def __init__(self, message: str, refused: type[errors.Refused] | None = None) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+    def as_kv_error(self) -> errors.InvalidArgument:
+        """The definite kvstore error of this refusal."""
+        return (self.refused or errors.InvalidArgument)(str(self))
 
 
 class PermKind(enum.IntEnum):
@@ -183,7 +196,7 @@ class AuthState:
         if op == AuthOp.ENABLE:
             root = users.get(ROOT)
             if root is None:
-                raise AuthError(f"create user {ROOT!r} before enabling auth")
+                raise AuthError(f"create user {ROOT!r} before enabling auth", errors.RootUserMissing)
             if len(cmd.token_key) != TOKEN_KEY_BYTES:
                 raise AuthError("enabling auth needs a fresh token key")
             enabled, key = True, cmd.token_key
@@ -194,13 +207,13 @@ class AuthState:
             u = users.get(cmd.user)
             if op == AuthOp.USER_ADD:
                 if u is not None:
-                    raise AuthError(f"user {cmd.user!r} already exists")
+                    raise AuthError(f"user {cmd.user!r} already exists", errors.UserExists)
                 if len(users) >= MAX_USERS:
                     raise AuthError(f"at most {MAX_USERS} users")
                 _check_hash(cmd.password)
                 users[cmd.user] = User(cmd.user, cmd.password)
             elif u is None:
-                raise AuthError(f"no user {cmd.user!r}")
+                raise AuthError(f"no user {cmd.user!r}", errors.UserNotFound)
             elif op == AuthOp.USER_DELETE:
                 if cmd.user == ROOT and enabled:
                     raise AuthError(f"user {ROOT!r} cannot be deleted while auth is enabled")
@@ -212,25 +225,25 @@ class AuthState:
                 check_name("role", cmd.role)
                 if op == AuthOp.USER_GRANT:
                     if cmd.role not in roles:
-                        raise AuthError(f"no role {cmd.role!r}")
+                        raise AuthError(f"no role {cmd.role!r}", errors.RoleNotFound)
                     if cmd.role not in u.roles and len(u.roles) >= MAX_USER_ROLES:
                         raise AuthError(f"a user has at most {MAX_USER_ROLES} roles")
                     users[cmd.user] = replace(u, roles=tuple(sorted({*u.roles, cmd.role})))
                 else:
                     if cmd.role not in u.roles:
-                        raise AuthError(f"user {cmd.user!r} does not have role {cmd.role!r}")
+                        raise AuthError(f"user {cmd.user!r} does not have role {cmd.role!r}", errors.RoleNotGranted)
                     users[cmd.user] = replace(u, roles=tuple(r for r in u.roles if r != cmd.role))
         elif op in (AuthOp.ROLE_ADD, AuthOp.ROLE_DELETE, AuthOp.ROLE_GRANT, AuthOp.ROLE_REVOKE):
             check_name("role", cmd.role)
             r = roles.get(cmd.role)
             if op == AuthOp.ROLE_ADD:
                 if r is not None:
-                    raise AuthError(f"role {cmd.role!r} already exists")
+                    raise AuthError(f"role {cmd.role!r} already exists", errors.RoleExists)
                 if len(roles) >= MAX_ROLES:
                     raise AuthError(f"at most {MAX_ROLES} roles")
                 roles[cmd.role] = Role(cmd.role)
             elif r is None:
-                raise AuthError(f"no role {cmd.role!r}")
+                raise AuthError(f"no role {cmd.role!r}", errors.RoleNotFound)
             elif op == AuthOp.ROLE_DELETE:
                 del roles[cmd.role]
                 for name, u in users.items():
@@ -246,7 +259,8 @@ class AuthState:
                     roles[cmd.role] = replace(r, perms=tuple(sorted({*r.perms, cmd.perm})))
                 else:
                     if cmd.perm not in r.perms:
-                        raise AuthError(f"role {cmd.role!r} has no permission {cmd.perm.describe()}")
+                        raise AuthError(f"role {cmd.role!r} has no permission {cmd.perm.describe()}",
+                                        errors.PermissionNotGranted)
                     roles[cmd.role] = replace(r, perms=tuple(p for p in r.perms if p != cmd.perm))
         else:  # pragma: no cover - AuthOp is closed
             raise AuthError(f"unknown auth operation {op}")

@@ -136,7 +136,7 @@ class AuthService(auth_pb2_grpc.AuthServicer):
         try:
             state = self.tracker.state
             if not state.enabled:
-                raise errors.InvalidArgument("auth is not enabled: there is nothing to log in to")
+                raise errors.AuthNotEnabled("auth is not enabled: there is nothing to log in to")
             if request.ttl_seconds > tokens.MAX_TTL:
                 raise errors.InvalidArgument(f"ttl_seconds must be at most {tokens.MAX_TTL}")
             u = state.users.get(request.user) if len(request.user) <= 64 else None
@@ -186,7 +186,7 @@ class AuthService(auth_pb2_grpc.AuthServicer):
                 state = AuthState.decode(raw) if raw else AuthState()
                 new = state.apply(cmd)
             except AuthError as err:
-                raise errors.InvalidArgument(str(err)) from None
+                raise err.as_kv_error() from None
             value = new.encode()
             res = await self.caller.propose(META_GROUP, commands.encode_cas(AUTH_KEY, not raw, raw, value))
             if res.error:

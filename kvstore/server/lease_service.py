@@ -178,7 +178,7 @@ class LeaseRequests:
         groups): a definite InvalidArgument saying why."""
         assert self.rq.cross is not None
         if leases.home_group(lid) not in groups:  # no such group, so no such lease (etcd's answer)
-            raise errors.InvalidArgument(leases.NOT_FOUND)
+            raise errors.LeaseNotFound(leases.NOT_FOUND)
         try:
             plan = xlogic.plan_lease(groups, lid)
         except ValueError as err:
@@ -186,8 +186,8 @@ class LeaseRequests:
         try:
             res = await self.rq.cross.run(None, plan)
         except errors.InvalidArgument as err:
-            if leases.NOT_FOUND in err.message:
-                raise errors.InvalidArgument(leases.NOT_FOUND) from None
+            if isinstance(err, errors.LeaseNotFound) or leases.NOT_FOUND in err.message:
+                raise errors.LeaseNotFound(leases.NOT_FOUND) from None
             raise
         return len(res.txn.responses) if res.txn is not None else 0
 
@@ -302,7 +302,7 @@ class LeaseRequests:
                 await rq.read_point(home, kv_pb2.LINEARIZABLE)
                 rec = self._record(lid)  # this node leads the home group: refuse a dead lease here
                 if rec is None or rec.state != leases.LIVE:
-                    raise errors.InvalidArgument(leases.NOT_FOUND)
+                    raise errors.LeaseNotFound(leases.NOT_FOUND)
                 checked = max(checked, now)
             # else the key's group refuses the put unless `checked` is recent (`leases.too_old`)
             data = self._encode(LeaseCmd(Kind.PUT, lid, checked=checked), key, value, r.session)

@@ -37,7 +37,7 @@ from kvstore.security.guard import AuthGuard
 from kvstore.security.rbac import READ, READWRITE, WRITE, PermKind
 from kvstore.shard.ranges import IntervalSet, key_hash
 from kvstore.shard.shardmap import META_GROUP
-from kvstore.storage import commands, mvcc, txn
+from kvstore.storage import commands, leases, mvcc, txn
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
 from kvstore.storage.xtxn import Intent, IntentProbe
@@ -53,6 +53,11 @@ from .txn_wire import result_into, txn_from_proto
 from .xtxn_run import CrossTxns, planted_halt
 
 log = logging.getLogger("kvstore.kv")
+
+_REFUSALS: dict[str, type[errors.InvalidArgument]] = {
+    leases.NOT_FOUND: errors.LeaseNotFound, leases.EXISTS: errors.LeaseExists}
+"""A state machine's result error that is one of its named refusals (equal to the constant, as
+the state machine writes it): the error class it is raised as."""
 
 
 class KVRequests:
@@ -279,7 +284,7 @@ class KVRequests:
                 raise locked
         if result is not None and result.error:
             # The state machine refused it (e.g. a retry older than the session's ack): no effect.
-            raise errors.InvalidArgument(result.error)
+            raise _REFUSALS.get(result.error, errors.InvalidArgument)(result.error)
         if result is not None and result.revision:
             self.clock.observe(result.revision)
         return result

@@ -190,6 +190,9 @@ class Kind(enum.IntEnum):
 
 KINDS = frozenset(int(k) for k in Kind)
 NOT_FOUND = "requested lease not found"
+EXISTS = "lease already exists"
+"""The refusals a caller tells apart (`errors.LeaseNotFound`, `errors.LeaseExists`: the server
+maps a command's result error equal to one of them onto its error class)."""
 
 
 def home_group(lease_id: int) -> int:
@@ -673,7 +676,7 @@ def _apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, p
         if not home:
             return Outcome(error=f"lease {lid:x} is homed in group {home_group(lid)}, not {group}")
         if rec is not None or rows.get(T_LEASES, tomb_key(lid)) is not None:
-            return Outcome(error="lease already exists")
+            return Outcome(error=EXISTS)
         rows.put(T_LEASES, rk, Record(c.ttl_s, c.ttl_s * 1000, 1).encode())
         return Outcome(found=True, ttl_s=c.ttl_s)
     if k == Kind.PUT:

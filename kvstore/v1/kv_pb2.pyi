@@ -31,6 +31,20 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNAUTHENTICATED: _ClassVar[ErrorCode]
     PERMISSION_DENIED: _ClassVar[ErrorCode]
 
+class Refusal(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REFUSAL_NONE: _ClassVar[Refusal]
+    REFUSAL_LEASE_NOT_FOUND: _ClassVar[Refusal]
+    REFUSAL_LEASE_EXISTS: _ClassVar[Refusal]
+    REFUSAL_USER_EXISTS: _ClassVar[Refusal]
+    REFUSAL_USER_NOT_FOUND: _ClassVar[Refusal]
+    REFUSAL_ROLE_EXISTS: _ClassVar[Refusal]
+    REFUSAL_ROLE_NOT_FOUND: _ClassVar[Refusal]
+    REFUSAL_ROLE_NOT_GRANTED: _ClassVar[Refusal]
+    REFUSAL_PERMISSION_NOT_GRANTED: _ClassVar[Refusal]
+    REFUSAL_ROOT_USER_MISSING: _ClassVar[Refusal]
+    REFUSAL_AUTH_NOT_ENABLED: _ClassVar[Refusal]
+
 class Consistency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     LINEARIZABLE: _ClassVar[Consistency]
@@ -74,6 +88,17 @@ NOSPACE: ErrorCode
 COMPACTED: ErrorCode
 UNAUTHENTICATED: ErrorCode
 PERMISSION_DENIED: ErrorCode
+REFUSAL_NONE: Refusal
+REFUSAL_LEASE_NOT_FOUND: Refusal
+REFUSAL_LEASE_EXISTS: Refusal
+REFUSAL_USER_EXISTS: Refusal
+REFUSAL_USER_NOT_FOUND: Refusal
+REFUSAL_ROLE_EXISTS: Refusal
+REFUSAL_ROLE_NOT_FOUND: Refusal
+REFUSAL_ROLE_NOT_GRANTED: Refusal
+REFUSAL_PERMISSION_NOT_GRANTED: Refusal
+REFUSAL_ROOT_USER_MISSING: Refusal
+REFUSAL_AUTH_NOT_ENABLED: Refusal
 LINEARIZABLE: Consistency
 SERIALIZABLE: Consistency
 STALE: Consistency
@@ -90,7 +115,7 @@ GREATER: CompareResult
 LESS: CompareResult
 
 class Error(_message.Message):
-    __slots__ = ("code", "message", "leader_id", "leader_hint", "indeterminate", "shard_version", "retry_after_ms", "leader_client_hint", "compact_revision", "future_revision")
+    __slots__ = ("code", "message", "leader_id", "leader_hint", "indeterminate", "shard_version", "retry_after_ms", "leader_client_hint", "compact_revision", "future_revision", "refusal")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +126,7 @@ class Error(_message.Message):
     LEADER_CLIENT_HINT_FIELD_NUMBER: _ClassVar[int]
     COMPACT_REVISION_FIELD_NUMBER: _ClassVar[int]
     FUTURE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
     code: ErrorCode
     message: str
     leader_id: int
@@ -111,7 +137,8 @@ class Error(_message.Message):
     leader_client_hint: str
     compact_revision: int
     future_revision: bool
-    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., leader_id: _Optional[int] = ..., leader_hint: _Optional[str] = ..., indeterminate: _Optional[bool] = ..., shard_version: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., leader_client_hint: _Optional[str] = ..., compact_revision: _Optional[int] = ..., future_revision: _Optional[bool] = ...) -> None: ...
+    refusal: Refusal
+    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., leader_id: _Optional[int] = ..., leader_hint: _Optional[str] = ..., indeterminate: _Optional[bool] = ..., shard_version: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., leader_client_hint: _Optional[str] = ..., compact_revision: _Optional[int] = ..., future_revision: _Optional[bool] = ..., refusal: _Optional[_Union[Refusal, str]] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("client_id", "seq", "ack", "retry", "horizon", "revision")

@@ -686,14 +686,20 @@ def test_cluster_and_maintenance_commands(kv_cluster: Cluster, kv: str, etcd: st
         assert time.monotonic() < deadline, "the replicas' HashKV never agreed"
 
     # a learner added and removed (never started: it only ever is a learner)
+    # (its id drawn at random as etcd's, above hand-numbered ids: not 4, one above the highest)
     p = ctl(kv, "member", "add", "extra", "--peer-urls=http://127.0.0.1:1", "--learner")
-    assert p.returncode == 0 and "Member                4 added" in p.stdout, p.stdout + p.stderr
-    assert ("4, started, kvstore-4, http://127.0.0.1:1, http://127.0.0.1:1, true"
+    added = re.search(r"Member +([0-9a-f]+) added", p.stdout)
+    assert p.returncode == 0 and added is not None, p.stdout + p.stderr
+    new = int(added[1], 16)
+    from kvstore.server.etcd.ops import NEW_MEMBER_IDS
+
+    assert NEW_MEMBER_IDS[0] <= new < NEW_MEMBER_IDS[1]
+    assert (f"{new:x}, started, kvstore-{new}, http://127.0.0.1:1, http://127.0.0.1:1, true"
             in ctl(kv, "member", "list").stdout)
     p = ctl(kv, "member", "add", "again", "--peer-urls=http://127.0.0.1:1")
     assert p.returncode != 0 and "etcdserver: Peer URLs already exists" in p.stderr, p.stderr
-    p = ctl(kv, "member", "remove", "4")
-    assert p.returncode == 0 and re.match(r"Member +4 removed", p.stdout), p.stdout + p.stderr
+    p = ctl(kv, "member", "remove", f"{new:x}")
+    assert p.returncode == 0 and re.match(rf"Member +{new:x} removed", p.stdout), p.stdout + p.stderr
     assert [m["ID"] for m in json.loads(ctl(kv, "member", "list", "-w", "json").stdout)["members"]] == [1, 2, 3]
 
     # move-leader: etcdctl sends it to the (metadata group's) leader; every group follows

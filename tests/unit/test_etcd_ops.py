@@ -5,14 +5,18 @@ member ids, alarm types both ways, and the node hash."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvstore import errors
 from kvstore.etcdpb.etcdserverpb import rpc_pb2
-from kvstore.raft.types import MAX_U63
+from kvstore.security.authstate import AuthCommand, AuthOp
 from kvstore.server.etcd.convert import EtcdRequestError
 from kvstore.server.etcd.ops import (
+    NEW_MEMBER_IDS,
     etcd_alarms,
     hash32,
     kvstore_alarm,
@@ -71,11 +75,23 @@ def test_members_as_etcd_shows_them() -> None:
     assert (unknown.name, list(unknown.peerURLs), list(unknown.clientURLs)) == ("", [], [])
 
 
-def test_new_member_ids() -> None:
-    assert new_member_id([]) == 1
-    assert new_member_id([1, 5, 3]) == 6
+def test_new_member_ids_are_drawn_unused_and_above_hand_numbered_ids() -> None:
+    """As etcd's server: a random id, never a member's; drawn above the ids operators number
+    nodes with (1, 2, 3, ...), so the highest + 1 (a just-removed node's id) is never chosen
+    the way it was on main."""
+    low, high = NEW_MEMBER_IDS
+    assert 3 < low < high <= 10**15
+    draws = iter([low + 7, low + 7, low + 9])
+    assert new_member_id([1, 2, 3, low + 7], lambda lo, hi: next(draws)) == low + 9
+    import random
+
+    rng = random.Random(18)
+    ids = {new_member_id([1, 2, 3], lambda lo, hi: rng.randrange(lo, hi)) for _ in range(200)}
+    assert len(ids) == 200 and all(low <= i < high for i in ids) and 4 not in ids
     with pytest.raises(EtcdRequestError):
-        new_member_id([MAX_U63 - 1])
+        new_member_id([low], lambda lo, hi: lo)
+    with pytest.raises(ValueError):
+        new_member_id([], lambda lo, hi: 4)
 
 
 @given(st.integers(-(2**31), 2**31 - 1))
@@ -130,26 +146,61 @@ def test_permission_types_are_total(t: int) -> None:
     assert perm_type(k) == t
 
 
-@pytest.mark.parametrize("message, code, etcd", [
-    ("user 'alice' already exists", "FAILED_PRECONDITION", "etcdserver: user name already exists"),
-    ("no user 'bob'", "FAILED_PRECONDITION", "etcdserver: user name not found"),
-    ("no role 'r'", "FAILED_PRECONDITION", "etcdserver: role name not found"),
-    ("user 'a' does not have role 'r'", "FAILED_PRECONDITION", "etcdserver: role is not granted to the user"),
-    ("create user 'root' before enabling auth", "FAILED_PRECONDITION", "etcdserver: root user does not exist"),
-    ("at most 1000 users", "INVALID_ARGUMENT", "etcdserver: at most 1000 users"),
+@pytest.mark.parametrize("op, code, etcd", [
+    (lambda st: st.apply(AuthCommand(AuthOp.USER_ADD, user="alice")), "FAILED_PRECONDITION",
+     "etcdserver: user name already exists"),
+    (lambda st: st.apply(AuthCommand(AuthOp.USER_DELETE, user="bob")), "FAILED_PRECONDITION",
+     "etcdserver: user name not found"),
+    (lambda st: st.apply(AuthCommand(AuthOp.USER_GRANT, user="alice", role="r")), "FAILED_PRECONDITION",
+     "etcdserver: role name not found"),
+    (lambda st: st.apply(AuthCommand(AuthOp.ROLE_ADD, role="r")).apply(AuthCommand(AuthOp.ROLE_ADD, role="r")),
+     "FAILED_PRECONDITION",
+     "etcdserver: role name already exists"),
+    (lambda st: st.apply(AuthCommand(AuthOp.ROLE_ADD, role="r")).apply(
+        AuthCommand(AuthOp.USER_REVOKE, user="alice", role="r")), "FAILED_PRECONDITION",
+     "etcdserver: role is not granted to the user"),
+    (lambda st: st.apply(AuthCommand(AuthOp.ENABLE, token_key=b"k" * 32)), "FAILED_PRECONDITION",
+     "etcdserver: root user does not exist"),
 ])
-def test_auth_errors_as_etcds(message: str, code: str, etcd: str) -> None:
+def test_auth_refusals_as_etcds_by_their_error_class(op: Any, code: str, etcd: str) -> None:
+    """A refusal of kvstore's auth state machine, through the wire (`Error.refusal`), is etcd's
+    error by its class, whatever its text."""
+    from kvstore.security.authstate import AuthError, AuthState
     from kvstore.server.etcd.ops import auth_error
 
-    assert auth_error(message) == (code, etcd)
+    st = AuthState().apply(AuthCommand(AuthOp.USER_ADD, user="alice"))
+    with pytest.raises(AuthError) as e:
+        op(st)
+    err = errors.from_proto(errors.to_proto(e.value.as_kv_error()), is_write=True)
+    assert isinstance(err, errors.Refused)
+    assert auth_error(err) == (code, etcd)
+    err.message = "some other words"
+    assert auth_error(err) == (code, etcd)
 
 
-@given(st.text(max_size=200))
-def test_auth_error_mapping_is_total(message: str) -> None:
+@given(st.text(max_size=200), st.sampled_from([errors.InvalidArgument, *errors.REFUSALS.values()]))
+def test_auth_error_mapping_is_total(message: str, cls: type[errors.InvalidArgument]) -> None:
     from kvstore.server.etcd.ops import auth_error
 
-    code, text = auth_error(message)
+    code, text = auth_error(cls(message))
     assert code in ("FAILED_PRECONDITION", "INVALID_ARGUMENT") and text.startswith("etcdserver: ")
+    assert (code == "FAILED_PRECONDITION") == (cls not in (errors.InvalidArgument, errors.LeaseNotFound,
+                                                           errors.LeaseExists))
+
+
+@given(st.text(max_size=100), st.integers(-(2**31), 2**31 - 1))
+def test_refusals_travel_the_wire_and_unknown_ones_stay_invalid_arguments(message: str, refusal: int) -> None:
+    """`Error.refusal` decodes totally: a known one to its class, anything else to a plain
+    InvalidArgument (never an exception); each class encodes to its own code."""
+    from kvstore.v1 import kv_pb2
+
+    e = kv_pb2.Error(code=kv_pb2.INVALID_ARGUMENT, message=message)
+    e.refusal = refusal  # type: ignore[assignment]
+    err = errors.from_proto(e, is_write=True)
+    assert type(err) is errors.REFUSALS.get(refusal, errors.InvalidArgument) and err.definite
+    for cls in errors.REFUSALS.values():
+        back = errors.from_proto(errors.to_proto(cls(message or "x")), is_write=False)
+        assert type(back) is cls and back.message == (message or "x")
 
 
 @given(st.binary(max_size=20), st.integers(-(2**63), 2**63 - 1))
@@ -168,3 +219,22 @@ def test_lock_names_and_leases_are_checked_totally(name: bytes, lease: int) -> N
         assert recipe_lease(lease) == lease > 0
     except EtcdStatus as err:
         assert err.code == grpc.StatusCode.NOT_FOUND and err.message == "etcdserver: requested lease not found"
+
+
+def test_lease_errors_map_by_class_not_by_text() -> None:
+    """etcd's lease errors come from kvstore's error classes (`errors.LeaseNotFound`,
+    `errors.LeaseExists`, which the server raises for the state machine's named refusals), not
+    from words in a message."""
+    import grpc
+
+    from kvstore.server.etcd.status import LEASE_EXISTS, LEASE_NOT_FOUND, of_kv_error
+    from kvstore.server.requests import _REFUSALS
+    from kvstore.storage import leases
+
+    got = of_kv_error(errors.LeaseNotFound("lease 7 is gone"))
+    assert (got.code, got.message) == (grpc.StatusCode.NOT_FOUND, LEASE_NOT_FOUND)
+    got = of_kv_error(errors.LeaseExists("taken"))
+    assert (got.code, got.message) == (grpc.StatusCode.FAILED_PRECONDITION, LEASE_EXISTS)
+    got = of_kv_error(errors.InvalidArgument("requested lease not found, says this text"))
+    assert got.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert {leases.NOT_FOUND: errors.LeaseNotFound, leases.EXISTS: errors.LeaseExists} == _REFUSALS

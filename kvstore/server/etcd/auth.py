@@ -17,10 +17,11 @@ from typing import Any
 
 import grpc
 
+from kvstore import errors
 from kvstore.etcdpb.authpb import auth_pb2 as authpb
 from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
 from kvstore.shard.shardmap import META_GROUP
-from kvstore.v1 import auth_pb2, kv_pb2
+from kvstore.v1 import auth_pb2
 
 from .base import EtcdNode, fail
 from .convert import EtcdRequestError, invalid
@@ -75,8 +76,9 @@ class EtcdAuth(rpc_pb2_grpc.AuthServicer):
 
     async def _change(self, context: grpc.aio.ServicerContext, **kw: Any) -> None:
         r = await self.auth.Change(auth_pb2.AuthChangeRequest(**kw), context)
-        if r.error.code == kv_pb2.INVALID_ARGUMENT:
-            raise EtcdRequestError(*auth_error(r.error.message))
+        err = errors.from_proto(r.error, is_write=True)
+        if isinstance(err, errors.InvalidArgument):
+            raise EtcdRequestError(*auth_error(err))
         check_reply(r.error, is_write=True)
 
     async def _state(self, context: grpc.aio.ServicerContext) -> auth_pb2.AuthStatusResponse:
@@ -117,7 +119,7 @@ class EtcdAuth(rpc_pb2_grpc.AuthServicer):
         try:
             r = await self.auth.Authenticate(auth_pb2.AuthenticateRequest(user=request.name, password=request.password),
                                              _LoginContext(context))
-            if r.error.code == kv_pb2.INVALID_ARGUMENT and r.error.message.startswith("auth is not enabled"):
+            if isinstance(errors.from_proto(r.error, is_write=False), errors.AuthNotEnabled):
                 raise EtcdRequestError("FAILED_PRECONDITION", AUTH_NOT_ENABLED)
             check_reply(r.error, is_write=False)
             return rpc_pb2.AuthenticateResponse(header=self._header(), token=r.token)

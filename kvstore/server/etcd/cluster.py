@@ -1,12 +1,15 @@
 """etcd's `Cluster` service over kvstore's membership (`server/admin_service.py`): a change
 applies to the metadata group and to every data group, as `kvctl member add/remove/promote` does,
 each at its group's leader. Members are kvstore's (`ops.member_of`); MemberAdd picks the new id
-(`ops.new_member_id`: the node is then started with `kvstore serve --id ID --join ...`).
+as etcd's server does, at random (`ops.new_member_id`, `ops.NEW_MEMBER_IDS`: never a member's,
+and above hand-numbered ids, so not a just-removed node's; the node is then started with
+`kvstore serve --id ID --join ...`).
 MemberUpdate changes nothing kvstore can change: the same peer URL is a success, another is
 refused (FAILED_PRECONDITION, definite). Headers carry the metadata group's raft term."""
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import grpc
@@ -26,6 +29,11 @@ from .ops import (
     one_peer_address,
 )
 from .status import EtcdStatus, checked
+
+
+def secrets_draw(low: int, high: int) -> int:
+    """A random integer in [low, high) (the system's CSPRNG: ids are not guessable)."""
+    return low + secrets.randbelow(high - low)
 
 
 class EtcdCluster(rpc_pb2_grpc.ClusterServicer):
@@ -61,7 +69,7 @@ class EtcdCluster(rpc_pb2_grpc.ClusterServicer):
             members = await self._members(context)
             if any(m.address == address for m in members):
                 raise EtcdRequestError("FAILED_PRECONDITION", PEER_URL_EXISTS)
-            new = new_member_id(m.id for m in members)
+            new = new_member_id((m.id for m in members), secrets_draw)
             resp = checked(await self.admin.AddMember(
                 admin_pb2.AddMemberRequest(id=new, address=address, learner=request.isLearner), context), is_write=True)
             added = next((m for m in resp.members if m.id == new),

@@ -9,11 +9,12 @@ refusal, nothing happened) and nothing else."""
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
+from kvstore import errors
 from kvstore.etcdpb.etcdserverpb import rpc_pb2
-from kvstore.raft.types import MAX_CONF_CONTEXT, MAX_U63
+from kvstore.raft.types import MAX_CONF_CONTEXT
 from kvstore.v1 import admin_pb2
 
 from .convert import EtcdRequestError, invalid
@@ -64,14 +65,25 @@ def member_of(m: admin_pb2.Member) -> rpc_pb2.Member:
                           clientURLs=clients, isLearner=m.learner)
 
 
-def new_member_id(existing: Iterable[int]) -> int:
-    """The id of a member added through etcd's MemberAdd (etcd's server picks it, so does
-    kvstore's etcd API): one above the highest member id, which the new node is started with
-    (`kvstore serve --id`)."""
-    top = max(existing, default=0)
-    if top >= MAX_U63 - 1:
-        raise EtcdRequestError("FAILED_PRECONDITION", "kvstore: no member id left above the highest one")
-    return top + 1
+NEW_MEMBER_IDS = (1 << 32, 1 << 48)
+"""[low, high) of the ids MemberAdd draws from: random, as etcd's server picks them, above every
+id an operator numbers nodes with by hand (1, 2, 3, ...) so that a just-removed member's id (and
+the data directory named after it) is never handed out again by chance; at most 15 decimal
+digits (`kvstore serve --id` takes 18)."""
+
+
+def new_member_id(existing: Iterable[int], draw: Callable[[int, int], int]) -> int:
+    """The id of a member added through etcd's MemberAdd: `draw(low, high)` (a random integer
+    in [low, high), injected) from `NEW_MEMBER_IDS`, drawn again while it is a member's
+    (`existing`). The new node is started with `kvstore serve --id ID`."""
+    taken = set(existing)
+    for _ in range(64):
+        new = draw(*NEW_MEMBER_IDS)
+        if not NEW_MEMBER_IDS[0] <= new < NEW_MEMBER_IDS[1]:
+            raise ValueError(f"drew member id {new} outside {NEW_MEMBER_IDS}")
+        if new not in taken:
+            return new
+    raise EtcdRequestError("FAILED_PRECONDITION", "kvstore: no unused member id was drawn in 64 tries")
 
 
 def kvstore_alarm(t: int) -> int | None:
@@ -146,24 +158,23 @@ def perm_type(kind: int) -> int:
     return kind - 1
 
 
-_AUTH_ERRORS: tuple[tuple[str, str, str], ...] = (
-    (r"user '.*' already exists", "FAILED_PRECONDITION", USER_EXISTS),
-    (r"no user '.*'", "FAILED_PRECONDITION", USER_NOT_FOUND),
-    (r"role '.*' already exists", "FAILED_PRECONDITION", ROLE_EXISTS),
-    (r"no role '.*'", "FAILED_PRECONDITION", ROLE_NOT_FOUND),
-    (r"user '.*' does not have role '.*'", "FAILED_PRECONDITION", ROLE_NOT_GRANTED),
-    (r"role '.*' has no permission .*", "FAILED_PRECONDITION", PERMISSION_NOT_GRANTED),
-    (r"create user 'root' before enabling auth", "FAILED_PRECONDITION", ROOT_USER_NOT_EXIST),
-    (r"auth is not enabled.*", "FAILED_PRECONDITION", AUTH_NOT_ENABLED),
-)
+AUTH_ERRORS: dict[type[errors.Refused], str] = {
+    errors.UserExists: USER_EXISTS,
+    errors.UserNotFound: USER_NOT_FOUND,
+    errors.RoleExists: ROLE_EXISTS,
+    errors.RoleNotFound: ROLE_NOT_FOUND,
+    errors.RoleNotGranted: ROLE_NOT_GRANTED,
+    errors.PermissionNotGranted: PERMISSION_NOT_GRANTED,
+    errors.RootUserMissing: ROOT_USER_NOT_EXIST,
+    errors.AuthNotEnabled: AUTH_NOT_ENABLED,
+}
+"""etcd's message for each kvstore auth refusal (all FAILED_PRECONDITION, as etcd's)."""
 
 
-def auth_error(message: str) -> tuple[str, str]:
-    """(gRPC status name, message) of a refused kvstore auth change (an INVALID_ARGUMENT reply
-    with `message`): etcd's where etcd has the same error, else kvstore's own message."""
-    import re
-
-    for pattern, code, etcd in _AUTH_ERRORS:
-        if re.fullmatch(pattern, message, flags=re.DOTALL):
-            return code, etcd
-    return "INVALID_ARGUMENT", f"etcdserver: {message}"
+def auth_error(err: errors.InvalidArgument) -> tuple[str, str]:
+    """(gRPC status name, message) of a refused kvstore auth change, by its error class (never
+    its text): etcd's where etcd has the same error, else kvstore's own message."""
+    etcd = AUTH_ERRORS.get(type(err))  # type: ignore[arg-type]
+    if etcd is not None:
+        return "FAILED_PRECONDITION", etcd
+    return "INVALID_ARGUMENT", f"etcdserver: {err.message}"

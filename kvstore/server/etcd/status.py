@@ -80,11 +80,11 @@ def of_kv_error(err: errors.KVError) -> EtcdStatus:
     if isinstance(err, errors.FutureRevision):
         # a read at a revision kvstore cannot have yet (README "Revisions")
         return EtcdStatus(c.OUT_OF_RANGE, FUTURE_REV, ind)
+    if isinstance(err, errors.LeaseNotFound):
+        return EtcdStatus(c.NOT_FOUND, LEASE_NOT_FOUND, ind)
+    if isinstance(err, errors.LeaseExists):
+        return EtcdStatus(c.FAILED_PRECONDITION, LEASE_EXISTS, ind)
     if isinstance(err, errors.InvalidArgument | errors.KeyTooLarge | errors.ValueTooLarge):
-        if "requested lease not found" in err.message:
-            return EtcdStatus(c.NOT_FOUND, LEASE_NOT_FOUND, ind)
-        if err.message == "lease already exists":
-            return EtcdStatus(c.FAILED_PRECONDITION, LEASE_EXISTS, ind)
         return EtcdStatus(c.INVALID_ARGUMENT, f"etcdserver: {err.message}", ind)
     if isinstance(err, errors.WrongShard | errors.StaleReplica | errors.ShuttingDown | errors.Unavailable
                   | errors.ProposalDropped | errors.StorageFull):
