@@ -4,7 +4,8 @@ services' request logic (`server/requests.py`, `lease_service.py`, `watch_servic
 README, "etcd compatibility". `convert.py` checks and translates messages (pure, fuzzed);
 `kv.py`, `lease.py`, `watch.py`, `cluster.py`, `maintenance.py` and `auth.py` are the
 servicers (`ops.py`: the pure conversions of the last three), `recipes.py` the lock and
-election servicers (over `client/concurrency.py`, as the caller); `status.py` maps kvstore errors onto etcd's
+election servicers (`client/concurrency.py`'s recipes run in-process as the caller,
+`caller.py`); `status.py` maps kvstore errors onto etcd's
 gRPC statuses and messages; `forward.py` sends a write to its group's leader."""
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def etcd_services(kv: object, admin: object, auth: object, caller: GroupCaller |
                   node_id: int, address: str, timeout: float) -> list[tuple[object, ServiceDescriptor]]:
     """The etcd servicers of a node, over `kv`, `admin` and `auth`, its KV, Admin and Auth
     servicers as registered (audited with --audit-log), to register beside kvstore's own services; `address`
-    is the node's own (Maintenance.Snapshot saves through it)."""
+    is the node's own (Maintenance.Snapshot saves through it; the lock and election services run
+in-process through `kv`, as the caller)."""
     requests = kv.requests  # type: ignore[attr-defined]
     node = EtcdNode.of(requests.host, requests, Forwarder(kv, caller, timeout), cluster_name, node_id)
     tls = caller is not None and caller.credentials is not None
