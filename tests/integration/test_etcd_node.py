@@ -1,6 +1,7 @@
-"""etcd's `Maintenance.Snapshot` on an in-process node (kvstore/server/etcd/maintenance.py): the
-backup is written under the node's data directory and nothing is left behind when the client
-goes away while the save runs."""
+"""etcd's API on an in-process node: `Maintenance.Snapshot` writes the backup under the node's
+data directory and leaves nothing behind when the client goes away while the save runs;
+`HashKV`'s header carries the revision served; `Election.Proclaim` keeps the leader key on the
+lease it holds (kvstore/server/etcd/maintenance.py, recipes.py)."""
 
 from __future__ import annotations
 
@@ -60,5 +61,32 @@ def test_a_snapshot_whose_client_goes_away_mid_save_leaves_nothing(tmp_path: Pat
             while left := _leftovers(data_dir, scratch):
                 assert time.monotonic() < deadline, f"left behind: {left}"
                 await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+
+
+def test_hashkv_header_is_the_revision_served_and_proclaim_keeps_the_keys_lease(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with one_node(tmp_path) as n, grpc.aio.insecure_channel(n.address) as ch:
+            kv, lease = rpc_pb2_grpc.KVStub(ch), rpc_pb2_grpc.LeaseStub(ch)
+            put = await kv.Put(rpc_pb2.PutRequest(key=b"h", value=b"1"), timeout=10)
+            m = rpc_pb2_grpc.MaintenanceStub(ch)
+            far = put.header.revision * 4
+            h = await m.HashKV(rpc_pb2.HashKVRequest(revision=far), timeout=10)
+            assert put.header.revision <= h.header.revision < far  # served at the group's last, not asked
+            now = await m.HashKV(rpc_pb2.HashKVRequest(), timeout=10)
+            assert (now.hash, now.header.revision) == (h.hash, h.header.revision)
+
+            from kvstore.etcdpb.v3electionpb import v3election_pb2 as epb
+            from kvstore.etcdpb.v3electionpb import v3election_pb2_grpc as epb_grpc
+
+            mine, other = [await lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=60), timeout=10) for _ in range(2)]
+            elect = epb_grpc.ElectionStub(ch)
+            leader = (await elect.Campaign(epb.CampaignRequest(name=b"pe", lease=mine.ID, value=b"a"),
+                                           timeout=10)).leader
+            forged = epb.LeaderKey(name=leader.name, key=leader.key, rev=leader.rev, lease=other.ID)
+            await elect.Proclaim(epb.ProclaimRequest(leader=forged, value=b"b"), timeout=10)
+            got = (await kv.Range(rpc_pb2.RangeRequest(key=leader.key), timeout=10)).kvs
+            assert [(x.value, x.lease) for x in got] == [(b"b", mine.ID)]  # the key's lease, not the request's
 
     asyncio.run(main())
