@@ -25,13 +25,14 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from kvstore.backup.format import BackupInfo, BackupKey, BackupLease, BackupSummary, BackupWriter
 from kvstore.client import Client
 from kvstore.errors import InvalidArgument, PermissionDenied
-from kvstore.shard.shardmap import DEFAULT_REPLICATION, DEFAULT_VNODES
+from kvstore.shard.shardmap import DEFAULT_REPLICATION, DEFAULT_VNODES, ShardMap
 from kvstore.storage.fsutil import fsync_dir
 from kvstore.v1 import auth_pb2
 
@@ -39,14 +40,97 @@ Progress = Callable[[int, int], None]
 """Told (keys written, bytes written) as the save proceeds."""
 
 
-def export_auth(client: Client) -> bytes:
-    """The encoded auth state; PermissionDenied (definite) unless the caller is an admin."""
-    resp = client.auth_call("Status", auth_pb2.AuthStatusRequest(export_state=True))
-    if not resp.admin or not resp.state:
+class SavedKey(Protocol):
+    """A key as a scan returns it (`client.types.KeyValue`, `kv_pb2.KeyValue`)."""
+
+    @property
+    def key(self) -> bytes: ...
+    @property
+    def value(self) -> bytes: ...
+    @property
+    def create_revision(self) -> int: ...
+    @property
+    def mod_revision(self) -> int: ...
+    @property
+    def version(self) -> int: ...
+
+
+class SavedLease(Protocol):
+    """A lease as its home answers it (`client.types.LeaseInfo`, `kv_pb2.LeaseTimeToLiveResponse`)."""
+
+    @property
+    def ttl(self) -> int: ...
+    @property
+    def granted_ttl(self) -> int: ...
+    @property
+    def keys(self) -> Sequence[bytes]: ...
+
+
+class Source(Protocol):
+    """What a save reads, all of it as one caller: the client library (`ClientSource`, `kvctl
+    snapshot save`) or a node serving etcd's Snapshot in-process as its caller
+    (`server/etcd/backup.py`)."""
+
+    def export_auth(self) -> bytes:
+        """The encoded auth state; PermissionDenied (definite) unless the caller is an admin."""
+        ...
+
+    def shard_map(self) -> ShardMap | None: ...
+
+    def choose_revision(self, timeout: float) -> int:
+        """R (see `choose_revision`); InvalidArgument if nothing was ever written."""
+        ...
+
+    def scan_at(self, revision: int, timeout: float) -> Iterator[SavedKey]:
+        """Every key at `revision`, in ascending key order."""
+        ...
+
+    def lease_list(self, timeout: float) -> list[int]: ...
+
+    def lease_time_to_live(self, lease_id: int, timeout: float) -> SavedLease:
+        """The lease with its keys (ttl -1: gone)."""
+        ...
+
+
+class ClientSource:
+    """A `Source` over the client library."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def export_auth(self) -> bytes:
+        return export_auth(self.client)
+
+    def shard_map(self) -> ShardMap | None:
+        return self.client.shard_map(refresh=True)
+
+    def choose_revision(self, timeout: float) -> int:
+        return choose_revision(self.client, timeout)
+
+    def scan_at(self, revision: int, timeout: float) -> Iterator[SavedKey]:
+        return iter(self.client.scan_kvs(revision=revision, timeout=timeout))
+
+    def lease_list(self, timeout: float) -> list[int]:
+        return self.client.lease_list(timeout=timeout)
+
+    def lease_time_to_live(self, lease_id: int, timeout: float) -> SavedLease:
+        return self.client.lease_time_to_live(lease_id, keys=True, timeout=timeout)
+
+
+def check_exported(admin: bool, state: bytes) -> bytes:
+    """The auth state an `Auth.Status` with `export_state` answered; PermissionDenied (definite)
+    unless the caller is an admin."""
+    if not admin or not state:
         raise PermissionDenied(
             "snapshot save needs the admin permission (the backup holds the users and roles)", indeterminate=False
         )
-    return bytes(resp.state)
+    return state
+
+
+def export_auth(client: Client) -> bytes:
+    """The encoded auth state; PermissionDenied (definite) unless the caller is an admin."""
+    resp = client.auth_call("Status", auth_pb2.AuthStatusRequest(export_state=True))
+    return check_exported(resp.admin, bytes(resp.state))
 
 
 def choose_revision(client: Client, timeout: float) -> int:
@@ -64,8 +148,13 @@ def choose_revision(client: Client, timeout: float) -> int:
 def save(client: Client, path: Path, *, timeout: float, progress: Progress | None = None) -> BackupSummary:
     """Write the backup to `path` atomically; its summary. Raises the client's KVError on a failed
     scan (nothing is written then), OSError on a failed write."""
-    auth = export_auth(client)
-    smap = client.shard_map(refresh=True)
+    return save_from(ClientSource(client), path, timeout=timeout, progress=progress)
+
+
+def save_from(source: Source, path: Path, *, timeout: float, progress: Progress | None = None) -> BackupSummary:
+    """`save` from any `Source`: the same file, the same guarantees."""
+    auth = source.export_auth()
+    smap = source.shard_map()
     groups, replication, vnodes = (1, DEFAULT_REPLICATION, DEFAULT_VNODES) if smap is None else (
         max(1, len(smap.groups)), smap.replication, smap.vnodes)
     path = Path(path)
@@ -73,20 +162,20 @@ def save(client: Client, path: Path, *, timeout: float, progress: Progress | Non
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            revision = choose_revision(client, timeout)
+            revision = source.choose_revision(timeout)
             info = BackupInfo(revision, int(time.time() * 1000), groups, min(replication, 7), vnodes)
             w = BackupWriter(f, info, auth)
-            for kv in client.scan_kvs(revision=revision, timeout=timeout):
+            for kv in source.scan_at(revision, timeout):
                 w.add(BackupKey(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version))
                 if progress is not None and w.keys % 1000 == 0:
                     progress(w.keys, w.size)
             attached: set[bytes] = set()
-            for lid in client.lease_list(timeout=timeout):
+            for lid in source.lease_list(timeout):
                 # each lease's remaining TTL and keys as its home leader answers now (after the
                 # scan: not at the keys' revision); one that is gone meanwhile is left out. A key
                 # re-attached to another lease between two of these answers is named by both: it
                 # is kept with the first (the file holds each key under one lease at most)
-                lease = client.lease_time_to_live(lid, keys=True, timeout=timeout)
+                lease = source.lease_time_to_live(lid, timeout)
                 if lease.ttl >= 0:
                     keys = tuple(k for k in sorted(set(lease.keys)) if k not in attached)
                     attached.update(keys)

@@ -251,7 +251,7 @@ class Node:
         # etcd's v3 KV, Watch, Lease, Cluster, Maintenance and Auth on the same port, over the
         # (audited) KV, Admin and Auth servicers.
         services += etcd_services(services[1][0], services[2][0], services[4][0], caller, cfg.cluster_id, cfg.id,
-                                  cfg.address, cfg.request_timeout)
+                                  cfg.request_timeout)
         limit = admission.call_limit()
         self.rpc_methods = wire.add_services(server, services, guard, limit=limit)
         self.port = (

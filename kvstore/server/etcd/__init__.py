@@ -36,18 +36,18 @@ RECIPE_SERVICES = (v3lock_pb2.DESCRIPTOR.services_by_name["Lock"],
 
 
 def etcd_services(kv: object, admin: object, auth: object, caller: GroupCaller | None, cluster_name: str,
-                  node_id: int, address: str, timeout: float) -> list[tuple[object, ServiceDescriptor]]:
+                  node_id: int, timeout: float) -> list[tuple[object, ServiceDescriptor]]:
     """The etcd servicers of a node, over `kv`, `admin` and `auth`, its KV, Admin and Auth
-    servicers as registered (audited with --audit-log), to register beside kvstore's own services; `address`
-    is the node's own (Maintenance.Snapshot saves through it; the lock and election services run
-in-process through `kv`, as the caller)."""
+    servicers as registered (audited with --audit-log), to register beside kvstore's own services.
+    Maintenance.Snapshot and the lock and election services run in-process through them as the
+    caller (`caller.py`, `backup.py`): nothing opens a client connection back to the node."""
     requests = kv.requests  # type: ignore[attr-defined]
     node = EtcdNode.of(requests.host, requests, Forwarder(kv, caller, timeout), cluster_name, node_id)
-    tls = caller is not None and caller.credentials is not None
     servicers: dict[str, object] = {
         "KV": EtcdKV(node), "Watch": EtcdWatch(node), "Lease": EtcdLease(node), "Cluster": EtcdCluster(node, admin),
-        "Maintenance": EtcdMaintenance(node, admin, address, tls, timeout), "Auth": EtcdAuth(node, auth),
+        "Auth": EtcdAuth(node, auth),
     }
+    servicers["Maintenance"] = EtcdMaintenance(node, admin, auth, servicers["KV"], timeout)  # type: ignore[arg-type]
     recipes = Recipes(node, servicers["KV"], timeout)  # type: ignore[arg-type]
     return [(servicers[name], rpc_pb2.DESCRIPTOR.services_by_name[name]) for name in SERVICES] + [
         (EtcdLock(recipes), RECIPE_SERVICES[0]), (EtcdElection(recipes), RECIPE_SERVICES[1])]

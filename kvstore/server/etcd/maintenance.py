@@ -12,10 +12,11 @@
   is hashed at its last revision here; with one, at that revision (a group whose last revision
   here is lower: at its last). Nodes hosting different groups answer different hashes.
 - `Snapshot`: the consistent backup `kvctl snapshot save` writes (`kvstore/backup/save.py`),
-  taken through this node and streamed, then etcd's envelope (`backup/format.etcd_envelope`:
-  padding and a SHA-256, which `etcdctl snapshot save` checks); `kvstore restore` and `kvctl
-  snapshot status` read the saved file, `etcdctl snapshot restore` cannot. Refused (FAILED_PRECONDITION) on a TLS cluster (the server-side client has no user
-  certificate) and, like `kvctl snapshot save`, needs the admin permission.
+  saved by this node in-process as the caller (`backup.CallerSource`: its token or client
+  certificate; the admin permission, as `kvctl snapshot save`) into its data directory and
+  streamed, then etcd's envelope (`backup/format.etcd_envelope`: padding and a SHA-256, which
+  `etcdctl snapshot save` checks); `kvstore restore` and `kvctl snapshot status` read the saved
+  file, `etcdctl snapshot restore` cannot.
 - `MoveLeader`: every data group `targetID` is a voter of hands it leadership (`Admin.TransferLeader`),
   then the metadata group.
 - `Defragment`: a no-op success (LMDB reuses freed pages)."""
@@ -35,13 +36,16 @@ from typing import Any
 import grpc
 
 from kvstore.backup.format import etcd_envelope
+from kvstore.backup.save import save_from
 from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
-from kvstore.security.identity import identity_of_call, token_of
+from kvstore.security.identity import identity_of_call
 from kvstore.shard.shardmap import META_GROUP
 from kvstore.v1 import admin_pb2
 
+from .backup import CallerSource
 from .base import EtcdNode, fail
 from .convert import EtcdRequestError, invalid
+from .kv import EtcdKV
 from .ops import BAD_TRANSFEREE, VERSION, etcd_alarms, hash32, kvstore_alarm
 from .status import checked
 
@@ -50,11 +54,11 @@ CHUNK = 64 * 1024
 
 
 class EtcdMaintenance(rpc_pb2_grpc.MaintenanceServicer):
-    def __init__(self, node: EtcdNode, admin: Any, address: str, tls: bool, timeout: float) -> None:
+    def __init__(self, node: EtcdNode, admin: Any, auth: Any, kv: EtcdKV, timeout: float) -> None:
         self.n = node
         self.admin = admin
-        self.address = address
-        self.tls = tls
+        self.auth = auth
+        self.kv = kv
         self.timeout = timeout
 
     def _may_list_alarms(self) -> bool:
@@ -173,10 +177,8 @@ class EtcdMaintenance(rpc_pb2_grpc.MaintenanceServicer):
         away) stops the save at its next progress report and waits for its thread to finish
         before removing the file, so a save finishing late cannot leave it behind."""
         try:
-            if self.tls:
-                raise EtcdRequestError("FAILED_PRECONDITION",
-                                       "kvstore: Snapshot through the etcd API is not served on a TLS cluster: "
-                                       "use `kvctl snapshot save`")
+            source = CallerSource(self.n, self.kv, self.auth, context, asyncio.get_running_loop(), self.timeout)
+            source.check_reach()
             directory = Path(self.n.requests.cfg.data_dir)
             fd, name = tempfile.mkstemp(prefix=SNAPSHOT_PREFIX, suffix=".kvbackup", dir=directory)
             os.close(fd)
@@ -184,8 +186,7 @@ class EtcdMaintenance(rpc_pb2_grpc.MaintenanceServicer):
             stop = threading.Event()
             job: asyncio.Future[None] | None = None
             try:
-                token = token_of(context.invocation_metadata())
-                job = asyncio.ensure_future(asyncio.to_thread(_save, self.address, path, self.timeout, token, stop))
+                job = asyncio.ensure_future(asyncio.to_thread(_save, source, path, self.timeout, stop))
                 await asyncio.shield(job)
                 size = path.stat().st_size
                 total = size + len(etcd_envelope(size, hashlib.sha256()))
@@ -238,19 +239,12 @@ async def _settled(job: asyncio.Future[None]) -> None:
         raise asyncio.CancelledError
 
 
-def _save(address: str, path: Path, timeout: float, token: str | None, stop: threading.Event) -> None:
-    """`kvctl snapshot save` through this node as the caller (its token, if it sent one; a
-    thread: the client is synchronous). Raises SaveStopped at a progress report once `stop` is
-    set (the save then removes its partial file)."""
-    from kvstore.backup.save import save
-    from kvstore.client import Client
-
+def _save(source: CallerSource, path: Path, timeout: float, stop: threading.Event) -> None:
+    """`kvctl snapshot save`'s save (`backup/save.py`) from `source`, in a worker thread (the
+    writer is synchronous; its reads run on the loop as the caller). Raises SaveStopped at a
+    progress report once `stop` is set (the save then removes its partial file)."""
     def progress(_keys: int, _size: int) -> None:
         if stop.is_set():
             raise SaveStopped("the Snapshot call ended")
 
-    client = Client([address], timeout=timeout, token=token)
-    try:
-        save(client, path, timeout=timeout, progress=progress)
-    finally:
-        client.close()
+    save_from(source, path, timeout=timeout, progress=progress)
