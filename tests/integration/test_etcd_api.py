@@ -162,7 +162,7 @@ def test_kv_commands_answer_as_etcd(kv: str, etcd: str) -> None:
         run("get", "d/", "--prefix")
         run("del", "d/a", "--prev-kv")
         run("del", "d/nothing")
-        run("del", "d/", "--prefix")
+        run("del", "d/", "--prefix", "--prev-kv", "-w", "json")  # the deleted keys as they were, in key order
         run("get", "", "--prefix", "--keys-only")
         return out
 
