@@ -836,19 +836,93 @@ def test_lock_and_election_services(kv: str) -> None:
             lease.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=lid), timeout=30)
 
 
-def test_cluster_and_maintenance_on_five_nodes_four_groups_of_three(tmp_path: Path) -> None:
-    """5 nodes, 4 data groups of 3 replicas (each node lacks some groups): puts and gets at every
-    node, then the partly-hosting checks (members, status, hashkv, snapshot, move-leader)."""
-    c = Cluster(tmp_path, 5, extra_args=["--groups", "4", "--replication", "3"]).start()
+def test_cluster_maintenance_and_watches_on_five_nodes_five_groups_of_three(tmp_path: Path) -> None:
+    """5 nodes, 5 data groups of 3 replicas (each node lacks some groups): puts and gets at every
+    node, watches over groups the serving node lacks (merged across nodes), then the
+    partly-hosting checks (members, status, hashkv, snapshot, move-leader)."""
+    c = Cluster(tmp_path, 5, extra_args=["--groups", "5", "--replication", "3"]).start()
     try:
         for i in range(12):
             ep = c.endpoints[i % 5]
             assert ctl(ep, "put", f"five/{i}", str(i)).returncode == 0
             g = ctl(c.endpoints[(i + 2) % 5], "get", f"five/{i}", "--print-value-only")
             assert (g.returncode, g.stdout) == (0, f"{i}\n"), g.stderr
-        _maintenance_on_a_partly_hosting_cluster(c, tmp_path, keys=12)
+        _merged_watches_on_a_partly_hosting_cluster(c)
+        _maintenance_on_a_partly_hosting_cluster(c, tmp_path, keys=28)  # five/ and mw/ keys
     finally:
         c.stop()
+
+
+def _merged_watches_on_a_partly_hosting_cluster(c: Cluster) -> None:
+    """At a node lacking a data group: `etcdctl watch --prefix` from a revision prints every put
+    of the prefix exactly once, in order, including puts to the groups the node does not host;
+    on one gRPC stream a local key watch and a merged prefix watch both get their events, a
+    progress request answers each (the merged one at a revision covering its events), a cancel
+    of the merged one is answered and the local one goes on."""
+    import grpc
+
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2
+
+    hosted = {}
+    for nid, n in c.nodes.items():
+        st = n.status(timeout=5)
+        assert st is not None
+        hosted[nid] = {g.group for g in st.groups}
+    every = set().union(*hosted.values())
+    lacking = next(nid for nid in sorted(hosted) if hosted[nid] != every)
+    ep = c.endpoints[lacking - 1]
+    start = _rev(ep, "mw/0", "0")
+    for i in range(1, 16):  # 16 keys over 5 groups: some in groups the node lacks
+        assert ctl(c.endpoints[i % 5], "put", f"mw/{i}", str(i)).returncode == 0
+    terms = [json.loads(ctl(ep, "get", f"mw/{i}", "-w", "json").stdout)["header"].get("raft_term", 0) for i in range(16)]
+    assert 0 in terms, "every key is in a group the node hosts: the watch would not be merged"  # raft_term 0: not hosted here
+    lines = _watch(ep, lambda got: len(got) >= 48, "--prefix", "mw/", f"--rev={start}")
+    assert lines == [x for i in range(16) for x in ("PUT", f"mw/{i}", str(i))], lines
+
+    def create(**kw: Any) -> rpc_pb2.WatchRequest:
+        return rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(**kw))
+
+    local_key = next(f"mw/{i}" for i in range(16) if terms[i])
+    start = _rev(ep, local_key, "a")
+    with grpc.insecure_channel(ep) as ch:
+        stream, reqs = _stream(ch, "Watch", [create(key=local_key.encode(), start_revision=start),
+                                             create(key=b"mw/", range_end=b"mw0", start_revision=start)])
+        for i in range(6):
+            assert ctl(c.endpoints[i % 5], "put", f"mw/{i}", f"b{i}").returncode == 0
+        events: dict[int, list[tuple[bytes, bytes, int]]] = {0: [], 1: []}
+        created: list[int] = []
+        for resp in stream:
+            assert not resp.canceled, resp
+            if resp.created:
+                created.append(resp.watch_id)
+            events[resp.watch_id] += [(e.kv.key, e.kv.value, e.kv.mod_revision) for e in resp.events]
+            if len(events[1]) == 7 and events[0]:
+                break
+        assert created == [0, 1]
+        assert [(k, v) for k, v, _ in events[1]] == [(local_key.encode(), b"a")] + [
+            (f"mw/{i}".encode(), f"b{i}".encode()) for i in range(6)]
+        revs = [r for _, _, r in events[1]]
+        assert revs == sorted(revs) and len(set(revs)) == 7
+        reqs.put(rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest()))
+        progressed: dict[int, int] = {}
+        for resp in stream:
+            if not resp.events and not resp.created and not resp.canceled:
+                progressed[resp.watch_id] = resp.header.revision
+            if set(progressed) >= {0, 1}:
+                break
+        assert progressed[1] >= revs[-1]
+        reqs.put(rpc_pb2.WatchRequest(cancel_request=rpc_pb2.WatchCancelRequest(watch_id=1)))
+        for resp in stream:
+            if resp.canceled:
+                assert resp.watch_id == 1 and not resp.events
+                break
+        assert ctl(ep, "put", local_key, "c").returncode == 0
+        for resp in stream:
+            assert resp.watch_id == 0 and not resp.canceled, resp
+            if any(e.kv.value == b"c" for e in resp.events):
+                break
+        reqs.put(None)
+        stream.cancel()
 
 
 def _stream(ch: Any, method: str, first: list[Any]) -> tuple[Any, Any]:

@@ -28,7 +28,7 @@ from .status import EtcdStatus, check_reply
 MAX_HOPS = 3
 
 
-def _token_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
+def token_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
     """The caller's token (kvstore's `authorization: Bearer` or etcd's `token` metadata) as
     kvstore's metadata, to forward; () without one."""
     try:
@@ -48,10 +48,12 @@ class Forwarder:
     caller: GroupCaller | None
     timeout: float
 
-    def _may_forward(self, context: grpc.aio.ServicerContext) -> bool:
+    def may_forward(self, context: grpc.aio.ServicerContext) -> bool:
+        """Whether a call of `context` may be sent on to other nodes: there are peers, and on a
+        TLS cluster the call carries the caller's token (never this node's identity)."""
         if self.caller is None:
             return False
-        return self.caller.credentials is None or bool(_token_metadata(context))
+        return self.caller.credentials is None or bool(token_metadata(context))
 
     def _stub(self, addr: str) -> kv_pb2_grpc.KVStub:
         assert self.caller is not None
@@ -97,11 +99,11 @@ class Forwarder:
                          group: int | None) -> Any:
         resp = await getattr(self.kv, method)(request, context)
         hops = 0
-        while hops < MAX_HOPS and (addr := self._target(resp.error, group)) and self._may_forward(context):
+        while hops < MAX_HOPS and (addr := self._target(resp.error, group)) and self.may_forward(context):
             hops += 1
             try:
                 resp = await getattr(self._stub(addr), method)(
-                    request, metadata=_token_metadata(context), timeout=self.timeout)
+                    request, metadata=token_metadata(context), timeout=self.timeout)
             except grpc.aio.AioRpcError as e:
                 raise EtcdStatus(grpc.StatusCode.UNAVAILABLE,
                                  f"kvstore: the call forwarded to the leader failed: {e.code().name} {e.details()}",
@@ -112,7 +114,7 @@ class Forwarder:
         """KV.Scan of one group's part: here if this node hosts the group, else at a node that
         does (any replica serves it; with the caller's token, under the same rule as `call`)."""
         c = self.caller
-        if c is None or request.group in c.host.groups or not self._may_forward(context):
+        if c is None or request.group in c.host.groups or not self.may_forward(context):
             return self.kv.Scan(request, context)
         for n in leader_candidates(c.host, c.tracker.map, request.group):
             if n != c.node_id and (addr := c.address(n)):
@@ -122,7 +124,7 @@ class Forwarder:
     async def _remote_scan(self, addr: str, request: kv_pb2.ScanRequest, context: grpc.aio.ServicerContext
                            ) -> AsyncIterator[kv_pb2.ScanResponse]:
         try:
-            async for msg in self._stub(addr).Scan(request, metadata=_token_metadata(context), timeout=self.timeout):
+            async for msg in self._stub(addr).Scan(request, metadata=token_metadata(context), timeout=self.timeout):
                 yield msg
         except grpc.aio.AioRpcError as e:
             raise EtcdStatus(grpc.StatusCode.UNAVAILABLE,
@@ -135,7 +137,7 @@ class Forwarder:
         stream to the leader of the lease's home `group`."""
         resp = await local.keep_alive_one(request)
         hops = 0
-        while hops < MAX_HOPS and (addr := self._target(resp.error, group)) and self._may_forward(context):
+        while hops < MAX_HOPS and (addr := self._target(resp.error, group)) and self.may_forward(context):
             hops += 1
 
             async def one() -> AsyncIterator[kv_pb2.LeaseKeepAliveRequest]:
@@ -143,7 +145,7 @@ class Forwarder:
 
             try:
                 call = self._stub(addr).LeaseKeepAlive(
-                    one(), metadata=_token_metadata(context), timeout=self.timeout)
+                    one(), metadata=token_metadata(context), timeout=self.timeout)
                 got = None
                 async for r in call:
                     got = r

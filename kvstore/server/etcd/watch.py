@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -28,7 +28,9 @@ from kvstore.v1 import kv_pb2
 
 from .base import EtcdNode, fail
 from .convert import MAX_INT64, EtcdRequestError, watch_create, watch_event
+from .forward import token_metadata
 from .status import COMPACTED, PERMISSION_DENIED
+from .watchmerged import Budget, MergedWatches, PeerSubs, plan_cover
 
 _DONE = object()
 OUTBOX = 4
@@ -78,6 +80,43 @@ def fragments(resp: rpc_pb2.WatchResponse, max_bytes: int) -> list[rpc_pb2.Watch
 class EtcdWatch(rpc_pb2_grpc.WatchServicer):
     def __init__(self, node: EtcdNode) -> None:
         self.n = node
+        self.budget = Budget()
+        """The node's merged watches (`watchmerged.MAX_PER_NODE`)."""
+
+    def _groups(self, c: kv_pb2.WatchCreateRequest) -> list[int] | None:
+        """The data groups kvstore's watch `c` needs (as the hub counts them: a key's group, else
+        every data group); None without a shard map."""
+        m = self.n.requests.tracker.map
+        if m is None:
+            return None
+        return [m.group_for_key(c.key)] if not c.range_end and not c.prefix else m.data_groups()
+
+    def _merges(self, c: kv_pb2.WatchCreateRequest) -> bool:
+        """`c` spans a group this node does not host: it runs merged (`watchmerged`)."""
+        groups = self._groups(c)
+        return groups is not None and any(g not in self.n.host.groups for g in groups)
+
+    def _merged(self, context: grpc.aio.ServicerContext,
+                emit: Callable[[rpc_pb2.WatchResponse, bool], Awaitable[None]]) -> MergedWatches:
+        n = self.n
+        caller = n.forward.caller
+        remote_ok = n.forward.may_forward(context)
+
+        def plan(c: kv_pb2.WatchCreateRequest, failed: list[int]
+                 ) -> tuple[list[tuple[int, tuple[int, ...]]], int] | str | None:
+            m = n.requests.tracker.map
+            groups = self._groups(c)
+            if m is None or groups is None:
+                return None
+            members = {g: m.groups[g].members() if g in m.groups else () for g in groups}
+            everyone = set().union(*map(set, members.values()))
+            reachable = {x for x in everyone if caller is not None and caller.address(x)}
+            p = plan_cover(groups, members, n.member_id, n.host.groups, reachable, failed, remote_ok)
+            return (p, m.version) if isinstance(p, list) else p
+
+        subs = PeerSubs(n.member_id, n.forward.kv, context, caller.channel if caller is not None else None,
+                        caller.address if caller is not None else (lambda _: ""), token_metadata(context))
+        return MergedWatches(plan, subs, emit, n.header, self.budget)
 
     def _response(self, r: kv_pb2.WatchResponse) -> rpc_pb2.WatchResponse | None:
         """etcd's response for kvstore's `r` (None: nothing to send, e.g. a refused progress
@@ -109,6 +148,13 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
         max_bytes = self.n.requests.cfg.limits.max_request
         next_id = 0
 
+        async def emit(resp: rpc_pb2.WatchResponse, fragment: bool) -> None:
+            for piece in fragments(resp, max_bytes) if fragment else (resp,):
+                await out.put(piece)  # waits while the client does not read: backpressure
+
+        merged = self._merged(context, emit)
+        """The stream's watches over groups this node does not host (their etcd ids)."""
+
         async def translated() -> AsyncIterator[kv_pb2.WatchRequest]:
             nonlocal next_id
             async for req in request_iterator:
@@ -119,10 +165,10 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
                     try:
                         if wid < 0 or wid >= MAX_INT64:
                             raise EtcdRequestError("INVALID_ARGUMENT", f"etcdserver: watch_id {wid} is out of range")
-                        if wid == 0 or wid in in_use:
-                            if wid and wid in in_use:
+                        if wid == 0 or wid in in_use or wid in merged:
+                            if wid and (wid in in_use or wid in merged):
                                 raise EtcdRequestError("INVALID_ARGUMENT", "etcdserver: duplicate watch ID")
-                            while next_id in in_use:
+                            while next_id in in_use or next_id in merged:
                                 next_id += 1
                             wid = next_id
                             next_id += 1  # never reused on this stream (etcd's nextID++)
@@ -133,6 +179,10 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
                         await out.put(rpc_pb2.WatchResponse(header=self.n.header(0), watch_id=-1, created=True,
                                                             canceled=True, cancel_reason=err.message))
                         continue
+                    if self._merges(kc):
+                        fragmented.discard(kc.watch_id)
+                        await (await merged.start(wid, kc, c.fragment)).wait()  # creates answered in order
+                        continue
                     in_use.add(wid)
                     answered = pending[kc.watch_id] = asyncio.Event()
                     yield kv_pb2.WatchRequest(create_request=kc)
@@ -141,9 +191,12 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
                     await answered.wait()
                 elif kind == "cancel_request":
                     wid = req.cancel_request.watch_id
-                    if 0 <= wid < MAX_INT64:
+                    if wid in merged:
+                        await merged.cancel(wid)
+                    elif 0 <= wid < MAX_INT64:
                         yield kv_pb2.WatchRequest(cancel_request=kv_pb2.WatchCancelRequest(watch_id=wid + 1))
                 elif kind == "progress_request":
+                    await merged.progress()
                     yield kv_pb2.WatchRequest(progress_request=kv_pb2.WatchProgressRequest())
 
         async def pump() -> None:
@@ -195,3 +248,4 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
                 yield item
         finally:
             task.cancel()
+            await merged.close()
