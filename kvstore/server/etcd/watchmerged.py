@@ -42,7 +42,7 @@ import grpc
 
 from kvstore import errors
 from kvstore.client.watchmerge import cover
-from kvstore.client.watchrun import CATCH_UP, RESUMABLE, Requests, merged_watch
+from kvstore.client.watchrun import CATCH_UP, RESUMABLE, Requests, SubStreams, merged_watch
 from kvstore.etcdpb.etcdserverpb import rpc_pb2
 from kvstore.node.watch import WatchLimits
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
@@ -234,7 +234,7 @@ class MergedWatches:
     covers a create's groups; `subs` opens the sub-streams; `emit` queues responses for the
     client; `header(revision)` makes a response header."""
 
-    def __init__(self, planner: Planner, subs: PeerSubs, emit: Emit,
+    def __init__(self, planner: Planner, subs: SubStreams[int], emit: Emit,
                  header: Callable[[int], rpc_pb2.ResponseHeader], budget: Budget,
                  rng: random.Random | None = None, catch_up: float = CATCH_UP) -> None:
         self.planner = planner
