@@ -76,7 +76,7 @@ class _Nodes:
                                            error=kv_pb2.Error(code=kv_pb2.COMPACTED, message="compacted"))
             while True:
                 async with self.changed:
-                    await self.changed.wait_for(lambda p=pos: self.top() > p or node in self.down)  # type: ignore[misc]
+                    await self.changed.wait_for(lambda p=pos: self.top() > p or node in self.down)
                 if node in self.down:
                     raise Restart(node, "down")
                 top = self.top()
@@ -315,3 +315,32 @@ def test_a_garbage_local_response_restarts_not_crashes() -> None:
                 pass
         assert isinstance(subs.failed(ME, "garbage", False), Restart)
     asyncio.run(main())
+
+
+def test_progress_notify_sends_progress_for_a_quiet_watch_and_only_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A revision with no event of the range (here: of a group no sub watches) moves the merged
+    revision: with progress_notify a progress response at it (the interval set to 0 here: the
+    hub's 1 s otherwise), without, nothing until the next event."""
+    import kvstore.server.etcd.watchmerged as wm
+
+    monkeypatch.setattr(wm, "PROGRESS_INTERVAL", 0.0)
+
+    async def main() -> None:
+        nodes = _Nodes()
+        mw, out = _setup(nodes)
+        quiet = _create()
+        quiet.progress_notify = True
+        await (await mw.start(0, quiet, False)).wait()
+        await (await mw.start(1, _create(), False)).wait()
+        await nodes.put(1, 9, b"elsewhere")
+        got = await _until(out, lambda got: any(r.watch_id == 0 and not r.created for r in got))
+        await nodes.put(2, 1, b"a2")
+        got += await _until(out, lambda more: sum(2 in _revs([r]) for r in more) == 2)
+        by: dict[int, list[rpc_pb2.WatchResponse]] = {0: [], 1: []}
+        for r in got:
+            by[r.watch_id].append(r)
+        assert [(r.created, r.header.revision, _revs([r])) for r in by[0]] == [
+            (True, 0, []), (False, 1, []), (False, 2, [2])]
+        assert [(r.created, _revs([r])) for r in by[1]] == [(True, []), (False, [2])]
+        await mw.close()
+    _run(main)

@@ -198,6 +198,7 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
                 elif kind == "progress_request":
                     await merged.progress()
                     yield kv_pb2.WatchRequest(progress_request=kv_pb2.WatchProgressRequest())
+            await merged.drained()  # half-closed: the merged watches go on until they end
 
         async def pump() -> None:
             try:

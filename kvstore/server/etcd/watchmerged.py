@@ -245,6 +245,9 @@ class MergedWatches:
         self.rng = rng or random.Random()
         self.catch_up = catch_up
         self.watches: dict[int, _Merged] = {}
+        self.none = asyncio.Event()
+        """Set while no merged watch runs (`drained`)."""
+        self.none.set()
         self.restarts = 0
         """Merged watches restarted after a sub's failure (for tests and logs)."""
 
@@ -262,6 +265,7 @@ class MergedWatches:
                                         "that hosts every group of the range, or cancel some"))
             return w.answered
         self.watches[wid] = w
+        self.none.clear()
         self.budget.running += 1
         w.task = asyncio.get_running_loop().create_task(self._run(w))
         return w.answered
@@ -281,6 +285,11 @@ class MergedWatches:
             if w.created:
                 await self.emit(rpc_pb2.WatchResponse(header=self.header(w.revision), watch_id=w.wid), False)
 
+    async def drained(self) -> None:
+        """Until no merged watch runs (a client that closed its side of the stream keeps its
+        watches, as etcd's does)."""
+        await self.none.wait()
+
     async def close(self) -> None:
         """The stream ended: every task cancelled and awaited."""
         for w in list(self.watches.values()):
@@ -298,6 +307,8 @@ class MergedWatches:
         if self.watches.get(w.wid) is w:
             del self.watches[w.wid]
             self.budget.running -= 1
+            if not self.watches:
+                self.none.set()
         w.answered.set()
 
     async def _end(self, w: _Merged, d: Definite) -> None:
