@@ -12,7 +12,9 @@ slow-watcher cancel apply to an etcd client that does not read. A watch created 
 gets a response larger than the node's request limit (`Limits.max_request`, etcd's
 `--max-request-bytes`) split as etcd's `sendFragments` splits it (`fragments`): clients that
 cannot receive messages that large (gRPC's default receive limit is 4 MiB) can still watch big
-revisions; clientv3 joins the pieces."""
+revisions; clientv3 joins the pieces. A watch whose range spans a data group this node does not
+host runs merged across nodes (`watchmerged.MergedWatches`, one per stream), beside the stream's
+local watches, under the same ids, create order and outbox."""
 
 from __future__ import annotations
 
