@@ -840,25 +840,39 @@ def test_cluster_maintenance_and_watches_on_five_nodes_five_groups_of_three(tmp_
     """5 nodes, 5 data groups of 3 replicas (each node lacks some groups): puts and gets at every
     node, watches over groups the serving node lacks (merged across nodes), then the
     partly-hosting checks (members, status, hashkv, snapshot, move-leader)."""
-    c = Cluster(tmp_path, 5, extra_args=["--groups", "5", "--replication", "3"]).start()
+    from clusterharness import free_ports
+
+    c = Cluster(tmp_path, 5, extra_args=["--groups", "5", "--replication", "3"])
+    metrics = dict(zip(sorted(c.nodes), free_ports(5), strict=True))
+    for nid, port in metrics.items():
+        c.nodes[nid].args += ["--metrics-listen", f"127.0.0.1:{port}"]
+    c.start()
     try:
         for i in range(12):
             ep = c.endpoints[i % 5]
             assert ctl(ep, "put", f"five/{i}", str(i)).returncode == 0
             g = ctl(c.endpoints[(i + 2) % 5], "get", f"five/{i}", "--print-value-only")
             assert (g.returncode, g.stdout) == (0, f"{i}\n"), g.stderr
-        _merged_watches_on_a_partly_hosting_cluster(c)
+        _merged_watches_on_a_partly_hosting_cluster(c, metrics)
         _maintenance_on_a_partly_hosting_cluster(c, tmp_path, keys=28)  # five/ and mw/ keys
     finally:
         c.stop()
 
 
-def _merged_watches_on_a_partly_hosting_cluster(c: Cluster) -> None:
+def _watchers(port: int) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("kvstore_watchers "))
+
+
+def _merged_watches_on_a_partly_hosting_cluster(c: Cluster, metrics: dict[int, int]) -> None:
     """At a node lacking a data group: `etcdctl watch --prefix` from a revision prints every put
     of the prefix exactly once, in order, including puts to the groups the node does not host;
     on one gRPC stream a local key watch and a merged prefix watch both get their events, a
     progress request answers each (the merged one at a revision covering its events), a cancel
-    of the merged one is answered and the local one goes on."""
+    of the merged one is answered and the local one goes on; once the stream ends, no node serves
+    a watch any more (every sub-watch, here and at other nodes, ended with it)."""
     import grpc
 
     from kvstore.etcdpb.etcdserverpb import rpc_pb2
@@ -911,6 +925,7 @@ def _merged_watches_on_a_partly_hosting_cluster(c: Cluster) -> None:
             if set(progressed) >= {0, 1}:
                 break
         assert progressed[1] >= revs[-1]
+        assert sum(_watchers(p) for p in metrics.values()) >= 3  # the key watch, and 2+ subs of the merged one
         reqs.put(rpc_pb2.WatchRequest(cancel_request=rpc_pb2.WatchCancelRequest(watch_id=1)))
         for resp in stream:
             if resp.canceled:
@@ -923,6 +938,10 @@ def _merged_watches_on_a_partly_hosting_cluster(c: Cluster) -> None:
                 break
         reqs.put(None)
         stream.cancel()
+    deadline = time.monotonic() + 30
+    while any(_watchers(p) for p in metrics.values()):
+        assert time.monotonic() < deadline, {n: _watchers(p) for n, p in metrics.items()}
+        time.sleep(0.05)
 
 
 def _stream(ch: Any, method: str, first: list[Any]) -> tuple[Any, Any]:
