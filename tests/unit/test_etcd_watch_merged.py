@@ -344,3 +344,26 @@ def test_progress_notify_sends_progress_for_a_quiet_watch_and_only_with_it(monke
         assert [(r.created, _revs([r])) for r in by[1]] == [(True, []), (False, [2])]
         await mw.close()
     _run(main)
+
+
+@settings(max_examples=200, deadline=None)
+@given(members=st.dictionaries(st.integers(1, 6), st.sets(st.integers(1, 5), max_size=3), min_size=1, max_size=6),
+       hosted=st.sets(st.integers(1, 6), max_size=6), reachable=st.sets(st.integers(1, 5), max_size=5),
+       failed=st.lists(st.integers(1, 5), max_size=4), remote_ok=st.booleans())
+def test_a_cover_gives_each_group_to_one_node_hosting_it(members: dict[int, set[int]], hosted: set[int],
+                                                         reachable: set[int], failed: list[int],
+                                                         remote_ok: bool) -> None:
+    groups = sorted(members)
+    p = plan_cover(groups, members, ME, hosted, reachable, failed, remote_ok)
+    if isinstance(p, str):
+        assert not remote_ok and any(g not in hosted for g in groups) and "token" in p
+        return
+    if p is None:  # some group has no usable node
+        assert remote_ok and any(not ((members[g] - {ME}) & reachable or g in hosted) for g in groups)
+        return
+    got = sorted(g for _, gs in p for g in gs)
+    assert got == groups  # every group, once
+    for node, gs in p:
+        assert gs and all((g in hosted) if node == ME else (node in members[g] and node in reachable) for g in gs)
+    assert remote_ok or [n for n, _ in p] == [ME]
+    assert ME not in [n for n, _ in p][1:]  # this node first when it takes part

@@ -119,8 +119,10 @@ def plan_cover(groups: Collection[int], members: Mapping[int, Collection[int]], 
     """Where to watch `groups`: [(node, its groups)] covering every group with few nodes, this
     node (`me`, hosting `hosted`) first, avoiding the nodes in `failed` if possible; other nodes
     only among `reachable` (those with an address) and only if `remote_ok` (the Forwarder's
-    rule). A str: why it cannot be done (definite); None: no cover now (nodes down: retry)."""
-    members = {g: set(members.get(g, ())) | ({me} if g in hosted else set()) for g in groups}
+    rule). This node counts as a member of exactly the groups it `hosted` (the map may name it for
+    a group whose replica is not here yet, or not any more). A str: why it cannot be done
+    (definite); None: no cover now (nodes down: retry)."""
+    members = {g: (set(members.get(g, ())) - {me}) | ({me} if g in hosted else set()) for g in groups}
     if not remote_ok:
         missing = sorted(g for g in groups if g not in hosted)
         if missing:
