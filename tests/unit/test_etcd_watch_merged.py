@@ -367,3 +367,19 @@ def test_a_cover_gives_each_group_to_one_node_hosting_it(members: dict[int, set[
         assert gs and all((g in hosted) if node == ME else (node in members[g] and node in reachable) for g in gs)
     assert remote_ok or [n for n, _ in p] == [ME]
     assert ME not in [n for n, _ in p][1:]  # this node first when it takes part
+
+
+def test_a_watch_from_now_starts_above_the_subs_created_revisions() -> None:
+    async def main() -> None:
+        nodes = _Nodes()
+        for rev, g in [(1, 1), (2, 2), (3, 3)]:
+            await nodes.put(rev, g, b"old%d" % rev)
+        mw, out = _setup(nodes)
+        await (await mw.start(4, _create(0), False)).wait()
+        for rev, g in [(4, 3), (5, 2), (6, 1)]:
+            await nodes.put(rev, g, b"new%d" % rev)
+        got = await _until(out, lambda got: 6 in _revs(got))
+        assert got[0].created and got[0].header.revision == 3
+        assert _revs(got) == [4, 5, 6]
+        await mw.close()
+    _run(main)
