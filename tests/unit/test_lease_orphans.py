@@ -244,3 +244,18 @@ def test_sweep_params_are_validated() -> None:
     for bad in ({"period_ms": 0}, {"page": 0}, {"page": 5000}, {"answer_timeout_ms": -1}):
         with pytest.raises(ValueError):
             SweepParams(**bad)  # type: ignore[arg-type]
+
+
+def test_group_propose_takes_the_sweeps_commands_to_data_groups_only() -> None:
+    from kvstore import errors
+    from kvstore.node.grouprequests import check_group_request
+    from kvstore.v1 import shard_pb2
+
+    for c in (LeaseCmd(Kind.STATUS, LID), LeaseCmd(Kind.ORPHAN, LID, until=9)):
+        data = lcmd(c)
+        assert check_group_request(shard_pb2.GroupProposeRequest(group=HOME, command=data), None) is None
+        with pytest.raises(errors.InvalidArgument):
+            check_group_request(shard_pb2.GroupProposeRequest(group=0, command=data), None)
+    with pytest.raises(errors.KVError):  # a body that does not decode is no lease command
+        check_group_request(shard_pb2.GroupProposeRequest(group=HOME, command=lcmd(LeaseCmd(Kind.STATUS, LID))[:-1]),
+                            None)
