@@ -18,7 +18,7 @@ raft snapshots as tag `snapfile.TAG_LEASES`; group prefix omitted):
                                         absent when none; kept by `attach`, `detach`, `forget_keys`,
                                         `forget_attached`, the only writers of "A" rows)
 
-Commands (`commands.Op` codes 20..27, gated by `node.version.LEVEL_LEASES`; body = `BODY`:
+Commands (`commands.Op` codes 20..29, gated by `node.version.LEVEL_LEASES`; body = `BODY`:
 lease_id:u64 ttl_s:u64 renews:u64 remaining_ms:u64, fields a kind does not use are 0; LEASE_PUT's
 body is `PUT_BODY`: those four then checked:u64, and the command then carries key_len:u32 key
 value. Leases are feature level 4, which no release has shipped, so LEASE_PUT's body changed in
@@ -43,6 +43,11 @@ place (no older format is decoded):
   EXPIRE it waits (refused, retried) while an attached key is in a moving range (below).
 - FORGET(id): home group: a REVOKED record whose DROPs every other data group applied becomes a
   tombstone.
+- STATUS(id): home group: changes nothing; its result is the lease's `Status` (`home_status`),
+  the orphan sweep's question.
+- ORPHAN(id, until): in a group other than the home: a DROP applied only while the group's
+  revision is `TOMB_MARGIN` before `until` (`orphan_drop`); its body is PUT_BODY's size, `until`
+  in the place of `checked`.
 - PUT(id, key, value, checked): a put that attaches `key` to the lease (detaching it from any
   other). Refused (definite, "requested lease not found") in the home group unless the record is
   LIVE; in any other group while it holds the lease's tombstone, and when `checked` (a
@@ -120,8 +125,11 @@ to a lease when its deletion commits is deleted, wherever a move put it):
   the key does - does not stay attached: the ACTIVATE of its range deletes the key at a new
   revision of the target (`machine.settle_dead_attachments`), definitively, since no deletion of
   the lease would come there.
-Assumed, not enforced here: the coordinator's map lists every data group (a map that lags behind
-a group added and filled by a move after it was read would leave that group out of the plan).
+Not assumed any more: that the coordinator's map lists every data group (a map that lags behind
+a group added and filled by a move after it was read leaves that group out of the plan), and
+that a group created after a lease died meets no delayed LEASE_PUT of it: keys so left attached
+to a dead lease are found by each data group's orphan sweep (`node/orphans.py`: LEASE_STATUS at
+the home, then LEASE_ORPHAN, the guarded DROP: `home_status`, `orphan_drop`).
 
 Every decoder is total: garbage raises `ValueError` (never another exception type).
 """
