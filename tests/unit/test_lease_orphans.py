@@ -259,3 +259,20 @@ def test_group_propose_takes_the_sweeps_commands_to_data_groups_only() -> None:
     with pytest.raises(errors.KVError):  # a body that does not decode is no lease command
         check_group_request(shard_pb2.GroupProposeRequest(group=HOME, command=lcmd(LeaseCmd(Kind.STATUS, LID))[:-1]),
                             None)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 600_000), st.integers(0, 600_000), st.integers(1, 900_000))
+def test_orphan_applies_exactly_when_the_answer_is_fresh(last_ms: int, proposed_ms: int, until_ms: int) -> None:
+    """LEASE_ORPHAN deletes iff max(proposed, last) + TOMB_MARGIN <= until; refused, it changes nothing."""
+    g = DictState(group=G)
+    attach(g, b"a")
+    if last_ms:
+        assert g.apply(encode_command(Command.put(b"clock", b"x", revision=T0 + last_ms * MS))).error is None
+    before, last0 = [dict(t) for t in g.rows.tables], last(g)
+    until, proposed = T0 + until_ms * MS, T0 + proposed_ms * MS
+    res = g.apply(lcmd(LeaseCmd(Kind.ORPHAN, LID, until=until), revision=proposed))
+    if max(proposed, last0) + leases.TOMB_MARGIN <= until:
+        assert res.error is None and b"a" not in g.data
+    else:
+        assert res.error == leases.ORPHAN_STALE and [dict(t) for t in g.rows.tables] == before
