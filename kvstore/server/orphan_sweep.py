@@ -25,7 +25,7 @@ from .requests import KVRequests
 log = logging.getLogger("kvstore.leases")
 
 STEP_S = 0.5
-"""How often the driver looks whether a pass is due (a pass itself runs every `period`)."""
+"""How often (at most) the driver looks whether a pass is due (a pass itself runs every `period`)."""
 
 
 class OrphanDriver:
@@ -35,6 +35,7 @@ class OrphanDriver:
         self.rq = rq
         self.caller = caller
         self.params = SweepParams(period_ms=period * 1000, answer_timeout_ms=max(2 * period, 10.0) * 1000)
+        self.tick = min(STEP_S, period)
         self.sweeps: dict[int, OrphanSweep] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -103,4 +104,4 @@ class OrphanDriver:
                 self.step()
             except Exception as err:  # a bug: logged, the loop goes on
                 log.error("orphan sweep step failed: %s: %s", type(err).__name__, err, exc_info=err)
-            await asyncio.sleep(STEP_S)
+            await asyncio.sleep(self.tick)
