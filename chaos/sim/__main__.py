@@ -179,7 +179,9 @@ def lease_summary(results: list[NodeSimResult]) -> str:
             f"{sum(s.attached for s in on)} keys attached, {sum(s.expired for s in on)} expired, "
             f"{sum(s.kept for s in on)} kept alive to the end, {sum(s.rewrites for s in on)} attached keys rewritten "
             f"by cross-group transactions, {sum(s.cross_deletions for s in on)} deletions across groups committed, "
-            f"{sum(s.atomic_checked for s in on)} leases' keys in 2 groups checked deleted at one revision")
+            f"{sum(s.atomic_checked for s in on)} leases' keys in 2 groups checked deleted at one revision, "
+            f"{sum(s.stale_plans for s in on)} deletions planned over a stale map, "
+            f"{sum(s.orphans_swept for s in on)} orphaned keys swept")
 
 
 def lock_summary(results: list[NodeSimResult]) -> str:

@@ -80,6 +80,9 @@ def cli() -> None:
 @click.option("--history-retention-interval", type=click.FloatRange(min=0), default=0.0, show_default=True,
               metavar="SECONDS", help="How often the automatic compaction runs (0: min(60, retention / 2) with "
               "--history-retention, 300 with --history-retention-revisions).")
+@click.option("--lease-orphan-sweep", type=click.FloatRange(0.1, 3600), default=5.0, show_default=True,
+              metavar="SECONDS", help="How often each data group's leader sweeps its keys attached to leases "
+              "that are dead at their home (README: Leases).")
 @click.option("--groups", type=click.IntRange(1, 100_000), default=1, show_default=True,
               help="Data Raft groups a new cluster starts with (keys are spread over them by consistent hashing).")
 @click.option("--replication", type=click.IntRange(1, 7), default=3, show_default=True,
@@ -147,7 +150,7 @@ def serve(
     audit_sync_ms: int, rate_limit: str, max_apply_lag: int, memory_limit: str, quota_bytes: str, max_streams_per_connection: int,
     idle_timeout: float, max_ping_strikes: int, history_retention: float, history_retention_revisions: int,
     history_retention_interval: float, wal_segment_bytes: str, state_sync: str, plant_xtxn_halt: str,
-    plant_watch_bug: str,
+    plant_watch_bug: str, lease_orphan_sweep: float,
 ) -> None:
     """Run one node of a cluster. Restarting with the same --data-dir resumes it.
 
@@ -189,7 +192,7 @@ def serve(
             groups=groups, replication=replication, vnodes=vnodes,
             reads=ReadSettings(probe_ticks=max(0, probe_ticks)), history_retention=history_retention,
             history_retention_revisions=history_retention_revisions,
-            history_retention_interval=history_retention_interval,
+            history_retention_interval=history_retention_interval, lease_orphan_sweep=lease_orphan_sweep,
             certs_dir=certs_dir, insecure=insecure,
             audit=None if audit_log is None else AuditSettings(
                 audit_log.absolute(), writes=audit_writes, max_bytes=audit_max_bytes, keep=audit_keep,

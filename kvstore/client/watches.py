@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -41,7 +42,8 @@ from kvstore.client.cluster_view import ClusterView
 from kvstore.client.failures import classify
 from kvstore.client.retry import Backoff, Deadline, RetryPolicy
 from kvstore.client.types import KeyValue
-from kvstore.client.watchmerge import Merge, cover
+from kvstore.client.watchmerge import cover
+from kvstore.client.watchrun import CATCH_UP, RESUMABLE, merged_watch
 from kvstore.v1 import kv_pb2
 
 __all__ = ["WatchBatch", "WatchEvent", "Watches"]
@@ -52,12 +54,8 @@ IDLE_TIMEOUT = 8.0
 MAX_QUEUED = 10_000
 """Events a sub-watch of a merged watch may hold ahead of the others before it is read no more."""
 
-CATCH_UP = 1.0
-"""How often the subs of a merged watch below the most advanced one are asked to get to its
-revision (bookmarks while quiet; at most one request in flight per sub)."""
+log = logging.getLogger(__name__)
 
-_RESUMABLE = (errors.WrongShard, errors.NoLeader, errors.ResourceExhausted, errors.Unavailable,
-              errors.ShuttingDown, errors.Timeout, errors.StaleReplica, errors.InternalError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +157,8 @@ class Watches:
             if cur.started:
                 self.resumes += 1
             attempt = self._one(plan[0][0], create, cur) if len(plan) == 1 else self._merged(plan, create, cur)
+            log.debug("watch from revision %d (0: now) at %s", cur.next_rev,
+                      ", ".join(f"{ep} groups {list(gs) or 'all'}" for ep, gs in plan))
             failed: str | None = None
             try:
                 async with contextlib.aclosing(attempt) as batches:
@@ -166,17 +166,21 @@ class Watches:
                         if batch.events or progress:
                             yield batch
             except _Resume as r:
+                log.debug("watch at %s ended (%s): resuming from %d", r.endpoint, r.error, cur.next_rev)
                 if isinstance(r.error, errors.WrongShard):
                     self.router.invalidate_shard_map(r.error.shard_version)
                 failed = r.endpoint
             except _Broken as b:
                 failure = classify(b.error, endpoint=b.endpoint, is_write=False)
+                log.debug("watch at %s broke (%s): %s", b.endpoint, failure.reason,
+                          "resuming" if failure.retryable else "giving up")
                 if not failure.retryable and b.error.code() != grpc.StatusCode.UNAUTHENTICATED:
                     raise failure.error from None
                 if failure.transport:
                     self.router.on_transport_failure(None, b.endpoint, failure.reason)
                 failed = b.endpoint
             except _Idle as i:
+                log.debug("watch at %s answered nothing for %.1f s: resuming elsewhere", i.endpoint, self.idle_timeout)
                 failed = i.endpoint
             if cur.ok:  # it had started since the last failure: start afresh
                 cur.ok = False
@@ -210,85 +214,16 @@ class Watches:
     async def _merged(self, plan: list[tuple[str, tuple[int, ...]]], create: kv_pb2.WatchCreateRequest,
                       cur: _Cursor) -> AsyncGenerator[WatchBatch, None]:
         """One watch merged from sub-watches of the groups in `plan` (endpoint, its groups):
-        `kvstore.client.watchmerge.Merge` over one stream each. Any sub's end ends it (the caller
-        starts a new one from `cur.next_rev` with a fresh cover: simple and exact)."""
-        merge: Merge[WatchEvent] = Merge(len(plan), create.start_revision, self.max_queued)
-        extra: list[asyncio.Queue[kv_pb2.WatchRequest | None]] = [asyncio.Queue() for _ in plan]
-        inbox: asyncio.Queue[tuple[int, kv_pb2.WatchResponse | BaseException | None]] = asyncio.Queue(64)
-        gates = [asyncio.Event() for _ in plan]
-        for g in gates:
-            g.set()
-
-        async def pump(i: int, ep: str, groups: tuple[int, ...]) -> None:
-            c = kv_pb2.WatchCreateRequest()
-            c.CopyFrom(create)
-            c.groups.extend(groups)
-            try:
-                async for resp in self._stream(ep, c, extra[i]):
-                    await inbox.put((i, resp))
-                    await gates[i].wait()  # far ahead of the others: read no more for now
-            except (_Resume, _Broken, _Idle) as err:
-                await inbox.put((i, err))
-            except Exception as err:  # (a bug): the merged watch starts again, not stuck
-                await inbox.put((i, _Resume(errors.InternalError(
-                    f"the sub-watch at {ep} failed: {type(err).__name__}: {err}", indeterminate=False), ep)))
-
-        async def ticker() -> None:  # bookmarks while quiet: `Merge.catch_up` once a second
-            while True:
-                await asyncio.sleep(CATCH_UP)
-                await inbox.put((-1, None))
-
-        loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(pump(i, ep, gs)) for i, (ep, gs) in enumerate(plan)]
-        tasks.append(loop.create_task(ticker()))
-        node = 0
-        try:
-            while True:
-                i, item = await inbox.get()
-                if item is None:  # the ticker: let the merged revision follow the most advanced sub
-                    merge.catch_up()
-                    self._ask(merge, extra)
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
-                ep = plan[i][0]
-                try:
-                    if item.created:
-                        merge.created(i, item.revision)
-                    elif item.canceled:
-                        raise _canceled(item, ep)
-                    elif item.HasField("error"):  # our progress request was refused (its clock)
-                        merge.refused(i)
-                    else:
-                        node = item.node_id
-                        merge.response(i, item.revision, [_event(e) for e in item.events])
-                except ValueError as err:  # a sub broke the watch contract
-                    self.breaches += 1
-                    raise _Resume(errors.InternalError(f"{ep}: {err}", indeterminate=False), ep) from None
-                self._ask(merge, extra)
-                for j, gate in enumerate(gates):
-                    if merge.paused(j):
-                        gate.clear()
-                    else:
-                        gate.set()
-                for b in merge.take():
-                    first = not cur.started or not cur.ok
-                    cur.started = cur.ok = True
-                    cur.next_rev = b.revision + 1
-                    if not first or b.events:
-                        yield WatchBatch(b.revision, b.events, not b.events, node)
-        finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
-
-    @staticmethod
-    def _ask(merge: Merge[WatchEvent], extra: list[asyncio.Queue[kv_pb2.WatchRequest | None]]) -> None:
-        """Send the progress requests at a revision the merge asks for."""
-        for j, rev in merge.asks():
-            extra[j].put_nowait(kv_pb2.WatchRequest(progress_request=kv_pb2.WatchProgressRequest(revision=rev)))
+        `kvstore.client.watchrun.merged_watch` over one stream each (`_Subs`). Any sub's end ends
+        it (the caller starts a new one from `cur.next_rev` with a fresh cover: simple and exact)."""
+        run = merged_watch(plan, create, _Subs(self), _event, self.max_queued, CATCH_UP)
+        async with contextlib.aclosing(run) as batches:
+            async for b, node in batches:
+                first = not cur.started or not cur.ok
+                cur.started = cur.ok = True
+                cur.next_rev = b.revision + 1
+                if not first or b.events:
+                    yield WatchBatch(b.revision, b.events, not b.events, node)
 
     async def _plan(self, key: bytes | None, tried: list[str]) -> tuple[list[tuple[str, tuple[int, ...]]], int]:
         """Where to watch: [(a node that hosts every group of the range, ())] (a key: its group),
@@ -357,6 +292,29 @@ class Watches:
             call.cancel()
 
 
+class _Subs:
+    """The client's sub-watches of a merged watch (`watchrun.SubStreams`): `Watches._stream` at
+    an endpoint; a broken contract counts in `Watches.breaches`."""
+
+    ends: tuple[type[BaseException], ...] = ()
+
+    def __init__(self, w: Watches) -> None:
+        self.w = w
+        self.ends = (_Resume, _Broken, _Idle)
+
+    def stream(self, key: str, create: kv_pb2.WatchCreateRequest,
+               extra: asyncio.Queue[kv_pb2.WatchRequest | None]) -> AsyncIterator[kv_pb2.WatchResponse]:
+        return self.w._stream(key, create, extra)
+
+    def canceled(self, resp: kv_pb2.WatchResponse, key: str) -> BaseException:
+        return _canceled(resp, key)
+
+    def failed(self, key: str, message: str, breach: bool) -> BaseException:
+        if breach:
+            self.w.breaches += 1
+        return _Resume(errors.InternalError(message, indeterminate=False), key)
+
+
 @dataclass(slots=True)
 class _Cursor:
     """Where a watch is: the next revision to deliver (0: start now, not created yet)."""
@@ -377,7 +335,7 @@ def _canceled(resp: kv_pb2.WatchResponse, ep: str) -> Exception:
         return errors.Compacted(
             err.message if err is not None else f"revision compacted: the compact revision is {crev}",
             compact_revision=crev)
-    if resp.resume_revision or err is None or isinstance(err, _RESUMABLE):
+    if resp.resume_revision or err is None or isinstance(err, RESUMABLE):
         return _Resume(err, ep)
     return err
 

@@ -65,7 +65,8 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
     which only a group's bootstrap log carries) and that belong to a range move of the shard map
     `smap`, with that move's ranges, in the group that plays that part in it (FREEZE and DROP in
     the source, BEGIN, INSTALL and ACTIVATE in the target); a retention request (`retention_keep`,
-    a read) needs a number of revisions in 1..`retention.MAX_KEEP`; a COMPACT or a CLOSE (history and
+    a read) needs a number of revisions in 1..`retention.MAX_KEEP`; a LEASE_DROP, LEASE_STATUS or
+    LEASE_ORPHAN that decodes goes to a data group; a COMPACT or a CLOSE (history and
     revision state only) goes to any group (the receiving leader checks a CLOSE's revision
     against its clock: `kvstore.node.closes`); a well-formed command of a transaction across
     groups (PREPARE .. FINALIZE: a member's coordinator or resolver) goes to a data group, never
@@ -93,8 +94,12 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
     if request.read_barrier or request.transfer:
         return None
     data = request.command
-    if request.group != META_GROUP and _decodes_as(data, commands.Op.LEASE_DROP):
-        # A revoked lease's keys deleted in another group (the home leader's lease clock, node/lessor.py).
+    if request.group != META_GROUP and (_decodes_as(data, commands.Op.LEASE_DROP)
+                                        or _decodes_as(data, commands.Op.LEASE_STATUS)
+                                        or _decodes_as(data, commands.Op.LEASE_ORPHAN)):
+        # A revoked lease's keys deleted in another group (the home leader's lease clock,
+        # node/lessor.py); the orphan sweep's question to a lease's home (changes nothing) and
+        # its guarded DROP (node/orphans.py).
         return None
     if _is_history_command(data):
         # KV.Compact's fan-out (admin only at the client edge), or a close for a read at a

@@ -74,8 +74,8 @@ FEATURES: dict[int, str] = {
     LEVEL_TRANSACTIONS: "TXN: multi-key transactions",
     LEVEL_CROSS_TRANSACTIONS: "PREPARE, COMMIT, ABORT, RECORD, RESOLVE, FINALIZE: transactions across groups "
                               "and range deletes (with the COMMIT/RECORD form that deletes every key prepared)",
-    LEVEL_LEASES: "LEASE_*: leases (TTL) and keys attached to them; a lease's deletion across groups (the lease "
-                  "forms of PREPARE and RECORD)",
+    LEVEL_LEASES: "LEASE_*: leases (TTL) and keys attached to them (with the orphan sweep's LEASE_STATUS and "
+                  "LEASE_ORPHAN); a lease's deletion across groups (the lease forms of PREPARE and RECORD)",
 }
 """What each feature level adds."""
 

@@ -122,6 +122,9 @@ class NodeConfig:
     history_retention_interval: float = 0.0
     """Seconds between automatic compactions (0: min(60, history_retention / 2) by time, 300 by
     revisions, as etcd's revision mode)."""
+    lease_orphan_sweep: float = 5.0
+    """Seconds between two passes of each data group's orphan-attachment sweep
+    (`--lease-orphan-sweep`, `kvstore/node/orphans.py`)."""
 
     @property
     def audit_writes(self) -> bool:
@@ -140,6 +143,8 @@ class NodeConfig:
             raise ValueError(f"--history-retention-revisions {self.history_retention_revisions} must be in 0..{MAX_KEEP}")
         if not (self.history_retention_interval == 0 or 0.1 <= self.history_retention_interval <= 86400):
             raise ValueError(f"--history-retention-interval {self.history_retention_interval} must be 0 or in 0.1..86400")
+        if not 0.1 <= self.lease_orphan_sweep <= 3600:
+            raise ValueError(f"--lease-orphan-sweep {self.lease_orphan_sweep} must be in 0.1..3600 seconds")
         if not 0 <= self.drain_timeout <= 3600:
             raise ValueError(f"--drain-timeout {self.drain_timeout} must be in 0..3600 seconds")
         if not 1 <= self.feature_level <= SUPPORTED_LEVEL:

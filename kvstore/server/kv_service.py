@@ -29,6 +29,7 @@ from .config import NodeConfig
 from .lease_service import LeaseDriver, LeaseRequests
 from .metrics import Metrics
 from .op_stream import OpStream
+from .orphan_sweep import OrphanDriver
 from .reads import ReplicaReads
 from .requests import KVRequests, add_items
 from .shards import GroupCaller, ShardTracker
@@ -62,6 +63,8 @@ class KVService(kv_pb2_grpc.KVServicer):
         self.lease_driver = LeaseDriver(self.requests, caller)
         """The node's lease clocks (`node/lessor.py`); the node runs its loop."""
         self.leases = LeaseRequests(self.requests, self.lease_driver.lessors)
+        self.orphan_sweep = OrphanDriver(self.requests, caller, cfg.lease_orphan_sweep)
+        """The node's orphan-attachment sweeps (`node/orphans.py`); the node runs its loop."""
 
     async def LeaseGrant(self, request: kv_pb2.LeaseGrantRequest, context: grpc.aio.ServicerContext
                          ) -> kv_pb2.LeaseGrantResponse:

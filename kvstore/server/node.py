@@ -273,6 +273,7 @@ class Node:
             loop.create_task(admission.run(), name="admission"),
             loop.create_task(self.watch.closer(), name="watch-closer"),
             loop.create_task(self.kv.lease_driver.run(), name="lease-clock"),
+            loop.create_task(self.kv.orphan_sweep.run(), name="lease-orphan-sweep"),
             loop.create_task(publish_client_address(cfg.id, cfg.client_address, tracker, caller.propose),
                              name="client-address"),
             loop.create_task(maintain_cluster_version(cfg.id, host, versions, tracker, caller.propose),

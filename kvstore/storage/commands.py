@@ -20,8 +20,9 @@ Command wire format (big-endian, `struct`; never pickle or json):
     PREPARE .. FINALIZE (7..12)  body                         (`xtxn.py`'s encoding, the rest;
                                                                no key; only RECORD may carry a
                                                                session, only PREPARE a revision)
-    LEASE_*  lease_id:u64 ttl_s:u64 renews:u64 remaining_ms:u64 [checked:u64: LEASE_PUT]  (ops 20..27, `leases.py`; no key,
-             LEASE_PUT then key_len:u32 key value                 except LEASE_PUT's)
+    LEASE_*  lease_id:u64 ttl_s:u64 renews:u64 remaining_ms:u64 [checked:u64: LEASE_PUT]  (ops 20..29, `leases.py`; no key,
+             [until:u64: LEASE_ORPHAN]                            except LEASE_PUT's)
+             LEASE_PUT then key_len:u32 key value
 
 `revision` is the leader's proposed revision for the write (`mvcc.next_revision` turns it into
 the write's revision at apply; 0 = none proposed). COMPACT and CLOSE carry their revision in
@@ -130,6 +131,8 @@ class Op(enum.IntEnum):
     LEASE_DROP = 25
     LEASE_FORGET = 26
     LEASE_PUT = 27
+    LEASE_STATUS = 28
+    LEASE_ORPHAN = 29
 
 
 X_OPS = frozenset((Op.PREPARE, Op.COMMIT, Op.ABORT, Op.RECORD, Op.RESOLVE, Op.FINALIZE))

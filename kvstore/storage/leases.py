@@ -18,7 +18,7 @@ raft snapshots as tag `snapfile.TAG_LEASES`; group prefix omitted):
                                         absent when none; kept by `attach`, `detach`, `forget_keys`,
                                         `forget_attached`, the only writers of "A" rows)
 
-Commands (`commands.Op` codes 20..27, gated by `node.version.LEVEL_LEASES`; body = `BODY`:
+Commands (`commands.Op` codes 20..29, gated by `node.version.LEVEL_LEASES`; body = `BODY`:
 lease_id:u64 ttl_s:u64 renews:u64 remaining_ms:u64, fields a kind does not use are 0; LEASE_PUT's
 body is `PUT_BODY`: those four then checked:u64, and the command then carries key_len:u32 key
 value. Leases are feature level 4, which no release has shipped, so LEASE_PUT's body changed in
@@ -43,6 +43,11 @@ place (no older format is decoded):
   EXPIRE it waits (refused, retried) while an attached key is in a moving range (below).
 - FORGET(id): home group: a REVOKED record whose DROPs every other data group applied becomes a
   tombstone.
+- STATUS(id): home group: changes nothing; its result is the lease's `Status` (`home_status`),
+  the orphan sweep's question.
+- ORPHAN(id, until): in a group other than the home: a DROP applied only while the group's
+  revision is `TOMB_MARGIN` before `until` (`orphan_drop`); its body is PUT_BODY's size, `until`
+  in the place of `checked`.
 - PUT(id, key, value, checked): a put that attaches `key` to the lease (detaching it from any
   other). Refused (definite, "requested lease not found") in the home group unless the record is
   LIVE; in any other group while it holds the lease's tombstone, and when `checked` (a
@@ -120,8 +125,11 @@ to a lease when its deletion commits is deleted, wherever a move put it):
   the key does - does not stay attached: the ACTIVATE of its range deletes the key at a new
   revision of the target (`machine.settle_dead_attachments`), definitively, since no deletion of
   the lease would come there.
-Assumed, not enforced here: the coordinator's map lists every data group (a map that lags behind
-a group added and filled by a move after it was read would leave that group out of the plan).
+Not assumed any more: that the coordinator's map lists every data group (a map that lags behind
+a group added and filled by a move after it was read leaves that group out of the plan), and
+that a group created after a lease died meets no delayed LEASE_PUT of it: keys so left attached
+to a dead lease are found by each data group's orphan sweep (`node/orphans.py`: LEASE_STATUS at
+the home, then LEASE_ORPHAN, the guarded DROP: `home_status`, `orphan_drop`).
 
 Every decoder is total: garbage raises `ValueError` (never another exception type).
 """
@@ -186,6 +194,8 @@ class Kind(enum.IntEnum):
     DROP = 25
     FORGET = 26
     PUT = 27
+    STATUS = 28
+    ORPHAN = 29
 
 
 KINDS = frozenset(int(k) for k in Kind)
@@ -266,6 +276,9 @@ class LeaseCmd:
     checked: int = 0
     """LEASE_PUT only: a revision-valued HLC reading taken before the lease was seen LIVE at its
     home (0: not checked; refused outside the home group)."""
+    until: int = 0
+    """LEASE_ORPHAN only: the home's answer (`Status.until`): the lease cannot be granted again
+    before its home's revision passes this (`orphan_drop`)."""
 
     def validate(self) -> None:
         """ValueError unless the fields fit the kind (what `decode_body` accepts)."""
@@ -276,6 +289,11 @@ class LeaseCmd:
                 raise ValueError(f"LEASE_PUT checked revision {self.checked!r} is out of range")
         elif self.checked:
             raise ValueError(f"{k.name} carries no checked revision")
+        if k == Kind.ORPHAN:
+            if type(self.until) is not int or not 0 < self.until <= MAX_CHECKED:
+                raise ValueError(f"LEASE_ORPHAN until revision {self.until!r} is out of range")
+        elif self.until:
+            raise ValueError(f"{k.name} carries no until revision")
         if k == Kind.GRANT:
             check_ttl(self.ttl_s)
         elif self.ttl_s:
@@ -294,13 +312,15 @@ class LeaseCmd:
 
 def body_size(kind: int) -> int:
     """The size of the lease body of a command of op `kind` (a lease kind)."""
-    return PUT_BODY.size if kind == Kind.PUT else BODY.size
+    return PUT_BODY.size if kind in (Kind.PUT, Kind.ORPHAN) else BODY.size
 
 
 def encode_body(c: LeaseCmd) -> bytes:
     c.validate()
     if c.kind == Kind.PUT:
         return PUT_BODY.pack(c.lease_id, c.ttl_s, c.renews, c.remaining_ms, c.checked)
+    if c.kind == Kind.ORPHAN:
+        return PUT_BODY.pack(c.lease_id, c.ttl_s, c.renews, c.remaining_ms, c.until)
     return BODY.pack(c.lease_id, c.ttl_s, c.renews, c.remaining_ms)
 
 
@@ -312,11 +332,14 @@ def decode_body(kind: int, body: bytes | memoryview) -> LeaseCmd:
     size = body_size(kind)
     if len(body) != size:
         raise ValueError(f"lease command body of {len(body)} bytes, not {size}")
+    until = 0
     if kind == Kind.PUT:
         lid, ttl, renews, rem, checked = PUT_BODY.unpack(body)
+    elif kind == Kind.ORPHAN:
+        (lid, ttl, renews, rem, until), checked = PUT_BODY.unpack(body), 0
     else:
         (lid, ttl, renews, rem), checked = BODY.unpack(body), 0
-    c = LeaseCmd(Kind(kind), lid, ttl, renews, rem, checked)
+    c = LeaseCmd(Kind(kind), lid, ttl, renews, rem, checked, until)
     c.validate()
     return c
 
@@ -571,6 +594,8 @@ class Outcome:
     error: str | None = None
     moving: bool = False
     """Refused because an attached key is in a moving range (LEASE_MOVING)."""
+    status: Status | None = None
+    """LEASE_STATUS: the home's answer (`home_status`)."""
 
 
 Get = Callable[[bytes], "bytes | None"]
@@ -691,6 +716,12 @@ def _apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, p
         put(key, value)
         attach(rows, key, lid)
         return Outcome(found=True, revision=rev)
+    if k == Kind.STATUS:
+        if not home:
+            return Outcome(error=f"lease {lid:x} is homed in group {home_group(lid)}, not {group}")
+        return Outcome(found=True, status=home_status(rows, lid))
+    if k == Kind.ORPHAN:
+        return orphan_drop(rows, group, c, proposed, get, delete, serves, moving)
     if k == Kind.DROP:
         out = drop_attached(rows, group, lid, proposed, get, delete, serves, moving)
         if out.error is not None:
@@ -726,3 +757,103 @@ def _apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, p
         put_tomb(rows, group, lid, max(proposed, mvcc.rev_state(rows).last))
         return Outcome(found=True)
     return Outcome(error=f"unknown lease command {k!r}")
+
+
+# --- the orphan sweep (`node/orphans.py`): a lease's status at its home, the guarded DROP ----------
+ALIVE = 0
+DEAD = 1
+UNKNOWN = 2
+_STATUS = struct.Struct(">BQ")
+ORPHAN_STALE = "the orphan sweep's answer is too old: the lease's id may have been granted again"
+"""A LEASE_ORPHAN refused: applied too close to (or past) its `until` (nothing changed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A lease's status at its home (LEASE_STATUS's result, `home_status`): ALIVE (its record is
+    LIVE), DEAD (revoked, and its id cannot be granted again before the home's revision passes
+    `until`: the home's tombstone expiry, or a lower bound of the tombstone to come), UNKNOWN
+    (no record and no tombstone: never granted, or its tombstone forgotten; it may be granted at
+    any time). Invariant: `until` > 0 exactly when DEAD."""
+
+    state: int
+    until: int = 0
+
+    def encode(self) -> bytes:
+        return _STATUS.pack(self.state, self.until)
+
+    @staticmethod
+    def decode(raw: bytes | None) -> Status:
+        """Total: ValueError on anything but a well-formed status."""
+        if raw is None or len(raw) != _STATUS.size:
+            raise ValueError(f"lease status of {None if raw is None else len(raw)} bytes, not {_STATUS.size}")
+        state, until = _STATUS.unpack(raw)
+        if state not in (ALIVE, DEAD, UNKNOWN):
+            raise ValueError(f"lease status in state {state}")
+        if (state == DEAD) != (0 < until <= MAX_CHECKED):
+            raise ValueError(f"lease status {state} with until {until}")
+        return Status(state, until)
+
+
+def home_status(rows: mvcc.Rows, lease_id: int) -> Status:
+    """The status of `lease_id` in its home group's rows (a pure function of them): ALIVE while
+    its record is LIVE; DEAD with a REVOKED record (its FORGET's tombstone will be based at that
+    apply's last revision or later, so `until` = the last revision now + the home's tombstone
+    life is a lower bound of its expiry) or with a tombstone (`until` = its expiry: the GRANT of
+    the id is refused until the tombstone is forgotten, at an apply whose last revision is past
+    it); else UNKNOWN."""
+    rec = get_record(rows, lease_id)
+    if rec is not None:
+        if rec.state == LIVE:
+            return Status(ALIVE)
+        return Status(DEAD, min(mvcc.rev_state(rows).last + 2 * TOMB_LIFE, MAX_CHECKED))
+    expiry = tomb_expiry(rows, lease_id)
+    if expiry is not None and expiry > 0:
+        return Status(DEAD, min(expiry, MAX_CHECKED))
+    return Status(UNKNOWN)
+
+
+def orphan_drop(rows: mvcc.Rows, group: int, c: LeaseCmd, proposed: int, get: Get, delete: Delete,
+                serves: Pred, moving: Pred) -> Outcome:
+    """LEASE_ORPHAN(id, until) in a group other than the lease's home: the orphan sweep found
+    keys attached here to a lease its home answered DEAD (`Status`, `until`). Applies as a
+    DROP (`drop_attached`, then the DROP's tombstone) if the group's revision `at` =
+    max(proposed, last) satisfies at + TOMB_MARGIN <= until; else refused (ORPHAN_STALE,
+    nothing changed: the sweep asks again).
+
+    Why no key of a live lease is deleted. The keys deleted are those attached to the id here
+    when this applies. The home answered DEAD through its log, so the incarnation any of them
+    was attached to (the lease was LIVE at its LEASE_PUT, or its attachment came from such a
+    PUT by a move) had died by then, unless the id was granted again since. A new GRANT of the
+    id applies at the home only once the home's last revision is past `until` (the tombstone's
+    expiry, `gc`), so after some HLC reading >= until; a LEASE_PUT of that new incarnation here
+    follows it in real time, so under the clock assumption of the module docstring (readings of
+    different nodes differ by less than their real-time order plus S <= TOMB_MARGIN) this
+    group's revision is then > until - TOMB_MARGIN >= at: it applies after this command, whose
+    tombstone it may then meet (a refusal, definite; it is forgotten at most TOMB_LIFE -
+    TOMB_MARGIN after the home's). A delayed LEASE_PUT of the dead incarnation applied before
+    this is deleted with the rest; one after it meets the tombstone."""
+    lid = c.lease_id
+    if home_group(lid) == group:
+        return Outcome(error=f"lease {lid:x} is homed in group {group}: its home deletes its keys, not the sweep")
+    at = max(proposed, mvcc.rev_state(rows).last)
+    if at + TOMB_MARGIN > c.until:
+        return Outcome(error=ORPHAN_STALE)
+    out = drop_attached(rows, group, lid, proposed, get, delete, serves, moving)
+    if out.error is None:
+        put_tomb(rows, group, lid, at)
+    return out
+
+
+def attached_page(rows: mvcc.Rows, after: int, limit: int) -> list[int]:
+    """At most `limit` ids of leases with keys attached in this group, ascending, each above
+    `after` (their count rows "C", one per lease: O(limit) rows read)."""
+    out: list[int] = []
+    if limit <= 0 or after >= MAX_LEASE_ID:
+        return out
+    for k, _ in rows.iter(T_LEASES, count_key(after + 1), b"D"):
+        if len(out) >= limit:
+            break
+        if len(k) == 9:
+            out.append(int(_U64.unpack_from(bytes(k), 1)[0]))
+    return out

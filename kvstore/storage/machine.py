@@ -337,7 +337,8 @@ def apply_txn(view: StateView, t: txn.Txn, proposed: int) -> ApplyResult:
 
 def apply_lease(view: StateView, cmd: Command) -> ApplyResult:
     """A lease command (`leases.apply`). The result: `found`; `current` = ttl_s:u64 for a GRANT
-    or a RENEW that found the lease, the number of keys deleted:u64 for REVOKE, EXPIRE and DROP;
+    or a RENEW that found the lease, the number of keys deleted:u64 for REVOKE, EXPIRE, DROP and
+    ORPHAN, the encoded `leases.Status` for a STATUS;
     `revision` of the deletion or of a LEASE_PUT; `error` when refused (nothing changed), with
     `wrong_shard` when a deletion waits for a range move (an attached key is frozen or being
     installed here: `leases.LEASE_MOVING`; not cached, so a retry applies)."""
@@ -357,8 +358,10 @@ def apply_lease(view: StateView, cmd: Command) -> ApplyResult:
     current = None
     if out.found and k in (leases.Kind.GRANT, leases.Kind.RENEW):
         current = _U64.pack(out.ttl_s)
-    elif out.found and k in (leases.Kind.REVOKE, leases.Kind.EXPIRE, leases.Kind.DROP):
+    elif out.found and k in (leases.Kind.REVOKE, leases.Kind.EXPIRE, leases.Kind.DROP, leases.Kind.ORPHAN):
         current = _U64.pack(out.deleted)
+    elif out.status is not None:  # LEASE_STATUS: the home's answer (`leases.Status`)
+        current = out.status.encode()
     return ApplyResult(found=out.found, current=current, error=out.error, revision=out.revision)
 
 
@@ -373,7 +376,7 @@ def serves(st: ShardState | None, cmd: Command) -> bool:
     return key_hash(cmd.key) in st.active
 
 
-_LEASE_DELETES = frozenset({leases.Kind.REVOKE, leases.Kind.EXPIRE, leases.Kind.DROP})
+_LEASE_DELETES = frozenset({leases.Kind.REVOKE, leases.Kind.EXPIRE, leases.Kind.DROP, leases.Kind.ORPHAN})
 
 
 def _locked(view: StateView, cmd: Command) -> ApplyResult | None:
@@ -395,7 +398,7 @@ def _locked(view: StateView, cmd: Command) -> ApplyResult | None:
                     or xtxn_apply.lease_locked(view.mvcc, lc.lease_id, keys[0] if keys else b"\x00"))
         if lc is not None and lc.kind == leases.Kind.PUT:  # no attach to a lease whose deletion is prepared
             return xtxn_apply.lease_locked(view.mvcc, lc.lease_id, cmd.key) or xtxn_apply.locked(view.mvcc, (cmd.key,))
-        if lc is not None:  # GRANT, RENEW, CHECKPOINT, FORGET: no key (as `serves`), nothing to lock
+        if lc is not None:  # GRANT, RENEW, CHECKPOINT, FORGET, STATUS: no key (as `serves`), nothing to lock
             return None
         return xtxn_apply.locked(view.mvcc, (cmd.key,))
     except mvcc.RevisionError as err:

@@ -162,7 +162,7 @@ def test_kv_commands_answer_as_etcd(kv: str, etcd: str) -> None:
         run("get", "d/", "--prefix")
         run("del", "d/a", "--prev-kv")
         run("del", "d/nothing")
-        run("del", "d/", "--prefix")
+        run("del", "d/", "--prefix", "--prev-kv", "-w", "json")  # the deleted keys as they were, in key order
         run("get", "", "--prefix", "--keys-only")
         return out
 
@@ -842,19 +842,112 @@ def test_lock_and_election_services(kv: str) -> None:
             lease.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=lid), timeout=30)
 
 
-def test_cluster_and_maintenance_on_five_nodes_four_groups_of_three(tmp_path: Path) -> None:
-    """5 nodes, 4 data groups of 3 replicas (each node lacks some groups): puts and gets at every
-    node, then the partly-hosting checks (members, status, hashkv, snapshot, move-leader)."""
-    c = Cluster(tmp_path, 5, extra_args=["--groups", "4", "--replication", "3"]).start()
+def test_cluster_maintenance_and_watches_on_five_nodes_five_groups_of_three(tmp_path: Path) -> None:
+    """5 nodes, 5 data groups of 3 replicas (each node lacks some groups): puts and gets at every
+    node, watches over groups the serving node lacks (merged across nodes), then the
+    partly-hosting checks (members, status, hashkv, snapshot, move-leader)."""
+    from clusterharness import free_ports
+
+    c = Cluster(tmp_path, 5, extra_args=["--groups", "5", "--replication", "3"])
+    metrics = dict(zip(sorted(c.nodes), free_ports(5), strict=True))
+    for nid, port in metrics.items():
+        c.nodes[nid].args += ["--metrics-listen", f"127.0.0.1:{port}"]
+    c.start()
     try:
         for i in range(12):
             ep = c.endpoints[i % 5]
             assert ctl(ep, "put", f"five/{i}", str(i)).returncode == 0
             g = ctl(c.endpoints[(i + 2) % 5], "get", f"five/{i}", "--print-value-only")
             assert (g.returncode, g.stdout) == (0, f"{i}\n"), g.stderr
-        _maintenance_on_a_partly_hosting_cluster(c, tmp_path, keys=12)
+        _merged_watches_on_a_partly_hosting_cluster(c, metrics)
+        _maintenance_on_a_partly_hosting_cluster(c, tmp_path, keys=28)  # five/ and mw/ keys
     finally:
         c.stop()
+
+
+def _watchers(port: int) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("kvstore_watchers "))
+
+
+def _merged_watches_on_a_partly_hosting_cluster(c: Cluster, metrics: dict[int, int]) -> None:
+    """At a node lacking a data group: `etcdctl watch --prefix` from a revision prints every put
+    of the prefix exactly once, in order, including puts to the groups the node does not host;
+    on one gRPC stream a local key watch and a merged prefix watch both get their events, a
+    progress request answers each (the merged one at a revision covering its events), a cancel
+    of the merged one is answered and the local one goes on; once the stream ends, no node serves
+    a watch any more (every sub-watch, here and at other nodes, ended with it)."""
+    import grpc
+
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2
+
+    hosted = {}
+    for nid, n in c.nodes.items():
+        st = n.status(timeout=5)
+        assert st is not None
+        hosted[nid] = {g.group for g in st.groups}
+    every = set().union(*hosted.values())
+    lacking = next(nid for nid in sorted(hosted) if hosted[nid] != every)
+    ep = c.endpoints[lacking - 1]
+    start = _rev(ep, "mw/0", "0")
+    for i in range(1, 16):  # 16 keys over 5 groups: some in groups the node lacks
+        assert ctl(c.endpoints[i % 5], "put", f"mw/{i}", str(i)).returncode == 0
+    terms = [json.loads(ctl(ep, "get", f"mw/{i}", "-w", "json").stdout)["header"].get("raft_term", 0) for i in range(16)]
+    assert 0 in terms, "every key is in a group the node hosts: the watch would not be merged"  # raft_term 0: not hosted here
+    lines = _watch(ep, lambda got: len(got) >= 48, "--prefix", "mw/", f"--rev={start}")
+    assert lines == [x for i in range(16) for x in ("PUT", f"mw/{i}", str(i))], lines
+
+    def create(**kw: Any) -> rpc_pb2.WatchRequest:
+        return rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(**kw))
+
+    local_key = next(f"mw/{i}" for i in range(16) if terms[i])
+    start = _rev(ep, local_key, "a")
+    with grpc.insecure_channel(ep) as ch:
+        stream, reqs = _stream(ch, "Watch", [create(key=local_key.encode(), start_revision=start),
+                                             create(key=b"mw/", range_end=b"mw0", start_revision=start)])
+        for i in range(6):
+            assert ctl(c.endpoints[i % 5], "put", f"mw/{i}", f"b{i}").returncode == 0
+        events: dict[int, list[tuple[bytes, bytes, int]]] = {0: [], 1: []}
+        created: list[int] = []
+        for resp in stream:
+            assert not resp.canceled, resp
+            if resp.created:
+                created.append(resp.watch_id)
+            events[resp.watch_id] += [(e.kv.key, e.kv.value, e.kv.mod_revision) for e in resp.events]
+            if len(events[1]) == 7 and events[0]:
+                break
+        assert created == [0, 1]
+        assert [(k, v) for k, v, _ in events[1]] == [(local_key.encode(), b"a")] + [
+            (f"mw/{i}".encode(), f"b{i}".encode()) for i in range(6)]
+        revs = [r for _, _, r in events[1]]
+        assert revs == sorted(revs) and len(set(revs)) == 7
+        reqs.put(rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest()))
+        progressed: dict[int, int] = {}
+        for resp in stream:
+            if not resp.events and not resp.created and not resp.canceled:
+                progressed[resp.watch_id] = resp.header.revision
+            if set(progressed) >= {0, 1}:
+                break
+        assert progressed[1] >= revs[-1]
+        assert sum(_watchers(p) for p in metrics.values()) >= 3  # the key watch, and 2+ subs of the merged one
+        reqs.put(rpc_pb2.WatchRequest(cancel_request=rpc_pb2.WatchCancelRequest(watch_id=1)))
+        for resp in stream:
+            if resp.canceled:
+                assert resp.watch_id == 1 and not resp.events
+                break
+        assert ctl(ep, "put", local_key, "c").returncode == 0
+        for resp in stream:
+            assert resp.watch_id == 0 and not resp.canceled, resp
+            if any(e.kv.value == b"c" for e in resp.events):
+                break
+        reqs.put(None)
+        stream.cancel()
+    deadline = time.monotonic() + 30
+    while any(_watchers(p) for p in metrics.values()):
+        assert time.monotonic() < deadline, {n: _watchers(p) for n, p in metrics.items()}
+        time.sleep(0.05)
 
 
 def _stream(ch: Any, method: str, first: list[Any]) -> tuple[Any, Any]:
@@ -976,3 +1069,48 @@ def test_watchers_that_do_not_read_are_canceled_as_slow(kv: str) -> None:
             reqs.put(None)
             call.cancel()
     assert reasons and all("slow watcher" in r for r in reasons), reasons
+
+
+def test_watch_fragment_splits_a_large_revision_as_etcd(kv: str, etcd: str) -> None:
+    """A range delete of 50 keys of 200 KB, watched with prev_kv from before it by a client with
+    gRPC's default 4 MiB receive limit: without `fragment` the delete's response is too large to
+    receive (RESOURCE_EXHAUSTED, on etcd as on kvstore); with it, every DELETE with its previous
+    value arrives, in pieces marked `fragment` but the last (kvstore splits at its request limit,
+    4 MiB, etcd at its --max-request-bytes, 1.5 MiB)."""
+    import grpc
+
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+
+    value = b"f" * 200_000
+    keys = [b"frag/%02d" % i for i in range(50)]
+    for ep in (kv, etcd):
+        with grpc.insecure_channel(ep) as ch:
+            stub = rpc_pb2_grpc.KVStub(ch)
+            start = max(stub.Put(rpc_pb2.PutRequest(key=k, value=value), timeout=30).header.revision for k in keys)
+            assert stub.DeleteRange(rpc_pb2.DeleteRangeRequest(key=b"frag/", range_end=b"frag0"),
+                                    timeout=30).deleted == 50
+
+            def create(fragment: bool, start: int = start) -> rpc_pb2.WatchRequest:
+                return rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(
+                    key=b"frag/", range_end=b"frag0", start_revision=start + 1, prev_kv=True, fragment=fragment,
+                    filters=[rpc_pb2.WatchCreateRequest.NOPUT]))
+
+            stream, reqs = _stream(ch, "Watch", [create(False)])
+            with pytest.raises(grpc.RpcError) as e:
+                for _ in stream:
+                    pass
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (ep, e.value)
+            reqs.put(None)
+            stream, reqs = _stream(ch, "Watch", [create(True)])
+            got: list[tuple[bytes, int]] = []
+            flags: list[bool] = []
+            for resp in stream:
+                if resp.events:
+                    flags.append(resp.fragment)
+                    got.extend((ev.kv.key, len(ev.prev_kv.value)) for ev in resp.events if ev.type == 1)
+                if len(got) >= len(keys) and not resp.fragment:
+                    break
+            reqs.put(None)
+            stream.cancel()
+        assert sorted(got) == [(k, len(value)) for k in keys], ep
+        assert True in flags and flags[-1] is False, (ep, flags)

@@ -3,7 +3,9 @@ both, kept alive across a kill -9 of its home group's leader (the keys stay), th
 (the keys go, in both groups at one revision, and a watch sees their DELETEs at that revision); a
 revoke deletes a lease's keys in both groups at one revision too; a put with a revoked lease is
 refused (definite); kvctl's lease commands print etcdctl's lines; keys a range move took to a new
-data group are deleted there when their lease expires."""
+data group are deleted there when their lease expires; a put with a lease that died before a data
+group was created, delayed past the death, attaches its key there (issue 17's gap B) and the
+orphan sweep deletes it."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from kvstore.client import Client
 from kvstore.errors import InvalidArgument
 from kvstore.shard.shardmap import ShardMap
 from kvstore.storage import leases
+from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 TTL = 3
 
@@ -54,7 +57,8 @@ def _kvctl(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
-    c = Cluster(Path(tmp_path_factory.mktemp("lease")), 3, extra_args=["--groups", "2"]).start()
+    c = Cluster(Path(tmp_path_factory.mktemp("lease")), 3,
+                extra_args=["--groups", "2", "--lease-orphan-sweep", "0.5"]).start()
     try:
         c.wait_cluster_version()
         yield c  # type: ignore[misc]
@@ -255,11 +259,21 @@ def test_kvctl_lock_passes_the_fencing_token(cluster: Cluster) -> None:
 def test_keys_moved_to_a_new_group_are_deleted_there_when_the_lease_expires(cluster: Cluster) -> None:
     """Last in this module (it adds a third data group): a range move carries each key's lease
     attachment, so the lease's expiry deletes the keys in the group they moved to. The lease is
-    kept alive until the move finished, then left to expire."""
+    kept alive until the move finished, then left to expire.
+
+    Gap B, then: a lease in each old data group is revoked before the group is added, its
+    LeaseTimeToLive answer (`checked`) kept; after, a LeasePut with it (as a client's delayed
+    put: less than 60 s after its check) for a key of the new group, sent to that group's leader
+    (not the lease home's, which would check the record again), is accepted (the new group holds
+    no tombstone of the lease), and the orphan sweep deletes the key (then keeps a tombstone)."""
     with Client(cluster.endpoints, timeout=20) as c:
         m = c.shard_map(refresh=True)
         assert m is not None
         lid = c.lease_grant(TTL, leases.make_id(min(m.data_groups()), 0xD00D))
+        dead: dict[int, tuple[int, int]] = {}  # home group -> (lease, its last `checked`)
+        for g in m.data_groups():
+            d = c.lease_grant(60, leases.make_id(g, 0xDEAD))
+            dead[g] = (d, c.lease_time_to_live(d).checked)
         keys = [b"mv/%d" % i for i in range(30)]
         moving = threading.Event()
         moving.set()
@@ -275,6 +289,8 @@ def test_keys_moved_to_a_new_group_are_deleted_there_when_the_lease_expires(clus
         try:
             for k in keys:
                 c.put(k, b"v", lease=lid)
+            for d, _ in dead.values():
+                c.lease_revoke(d)
             c.add_group(wait=True, timeout=120)
             _wait(lambda: sorted(c.lease_time_to_live(lid, keys=True).keys) == sorted(keys),
                   "every key attached after the move")  # (read from this node's replicas)
@@ -286,3 +302,18 @@ def test_keys_moved_to_a_new_group_are_deleted_there_when_the_lease_expires(clus
         assert [k for k in keys if after.group_for_key(k) != m.group_for_key(k)]  # (2/3)**30: some moved
         _wait(lambda: all(c.get(k) is None for k in keys), "the lease's keys deleted where they are")
         assert c.lease_time_to_live(lid).ttl < 0  # expired
+
+        new = (set(after.data_groups()) - set(m.data_groups())).pop()
+        lead = cluster.settled_leader(new)
+        homes = [g for g in dead if cluster.settled_leader(g).id != lead.id]
+        assert homes, "every old data group is led by the new group's leader"
+        d, checked = dead[homes[0]]
+        key = next(k for i in range(1000) if after.group_for_key(k := b"late/%d" % i) == new)
+        req = kv_pb2.LeasePutRequest(key=key, value=b"late", lease=d, checked=checked)
+        with lead.channel() as ch:
+            resp = kv_pb2_grpc.KVStub(ch).LeasePut(req, timeout=20)
+        assert resp.error.code == kv_pb2.OK and resp.revision > 0, resp.error  # gap B: attached after the death
+        _wait(lambda: c.get(key) is None, "the orphan sweep deleting the key of the dead lease")
+        with lead.channel() as ch:
+            again = kv_pb2_grpc.KVStub(ch).LeasePut(req, timeout=20)
+        assert again.error.code == kv_pb2.INVALID_ARGUMENT and leases.NOT_FOUND in again.error.message

@@ -49,6 +49,8 @@ class Forwarder:
     timeout: float
 
     def may_forward(self, context: grpc.aio.ServicerContext) -> bool:
+        """Whether a call of `context` may be sent on to other nodes: there are peers, and on a
+        TLS cluster the call carries the caller's token (never this node's identity)."""
         if self.caller is None:
             return False
         return self.caller.credentials is None or bool(token_metadata(context))

@@ -13,8 +13,9 @@ value attached to the lease (two steps, not one transaction: kvstore transaction
 leases), with the lease attached to the leader key on this node's replica (never the request's),
 so a Proclaim racing the same holder's Resign may put the key back as a new candidate, which then
 waits behind the others until its lease ends. Waiting (Lock, Campaign, Observe) watches keys
-under the name on this node, so the node must host the data group of the key waited on (as an
-etcd `Watch`; else a definite WRONG_SHARD error, `kvstore: ...`); Proclaim needs the leader
+under the name on this node (kvstore's watch in process, not yet merged across nodes as an etcd
+`Watch` is), so the node must host the data group of the key waited on (else a definite
+WRONG_SHARD error, `kvstore: ...`); Proclaim needs the leader
 key's group hosted here too (it reads the key's lease on this node's replica)."""
 
 from __future__ import annotations

@@ -1,0 +1,153 @@
+"""Running one merged watch over streams: the I/O loop around `watchmerge.Merge`, shared by
+kvstore's client (`watches.Watches`: sub-watches at other nodes over the client's channels) and
+the etcd API (`server/etcd/watchmerged.py`: sub-watches at the node's own servicer and at other
+nodes over its peer channels, with the caller's token).
+
+How a sub-stream is opened, what a sub's cancel or failure means and how a broken contract is
+reported are the caller's (`SubStreams`); the loop is the same for both: one task per sub
+(`SubStreams.stream` with the sub's create, `groups` set, and a queue of further requests), a
+ticker (`CATCH_UP`) for bookmarks while quiet, the progress requests at a revision the merge
+asks for, a sub read no more while `Merge.paused` says it is far ahead of the others.
+
+Invariants: the batches yielded are `Merge.take`'s (revision order, every revision whole, each
+event once; the first one is the merged created point, no events); any end of a sub ends the
+run with the exception `SubStreams` makes of it (nothing is retried here: the caller restarts
+from its last delivered revision + 1 with a fresh cover); when the run ends (an exception, or
+the caller closing the generator) every task it started is cancelled and awaited, and each
+sub-stream's request queue gets None (its stream is closed by `SubStreams.stream`'s own
+`finally`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from typing import Protocol, TypeVar
+
+from kvstore import errors
+from kvstore.client.watchmerge import Batch, Merge
+from kvstore.v1 import kv_pb2
+
+__all__ = ["CATCH_UP", "RESUMABLE", "SubStreams", "merged_watch"]
+
+CATCH_UP = 1.0
+"""How often the subs of a merged watch below the most advanced one are asked to get to its
+revision (bookmarks while quiet; at most one request in flight per sub)."""
+
+RESUMABLE = (errors.WrongShard, errors.NoLeader, errors.ResourceExhausted, errors.Unavailable,
+             errors.ShuttingDown, errors.Timeout, errors.StaleReplica, errors.InternalError)
+"""The errors of a server's cancel that a new watch from the same revision overcomes."""
+
+class _HasRevision(Protocol):
+    @property
+    def revision(self) -> int: ...
+
+
+K = TypeVar("K")
+E = TypeVar("E", bound=_HasRevision)
+K_contra = TypeVar("K_contra", contravariant=True)
+
+Requests = asyncio.Queue[kv_pb2.WatchRequest | None]
+
+
+class SubStreams(Protocol[K_contra]):
+    """How the caller's sub-watches are run (`K`: what names a sub's node)."""
+
+    ends: tuple[type[BaseException], ...]
+    """Exceptions `stream` raises that end the merged watch as they are."""
+
+    def stream(self, key: K_contra, create: kv_pb2.WatchCreateRequest, extra: Requests
+               ) -> AsyncIterator[kv_pb2.WatchResponse]:
+        """One `KV.Watch` stream at `key` with `create` first, then the requests put in `extra`
+        (None: close); raises one of `ends` when it ends."""
+        ...
+
+    def canceled(self, resp: kv_pb2.WatchResponse, key: K_contra) -> BaseException:
+        """What a sub's cancel response ends the merged watch with."""
+        ...
+
+    def failed(self, key: K_contra, message: str, breach: bool) -> BaseException:
+        """What a sub's unexpected failure (a bug: `breach` False) or a broken watch contract
+        (`breach` True: events out of order, a revision going back) ends it with."""
+        ...
+
+
+async def merged_watch(plan: Sequence[tuple[K, tuple[int, ...]]], create: kv_pb2.WatchCreateRequest,
+                       subs: SubStreams[K], event: Callable[[kv_pb2.Event], E], max_queued: int,
+                       catch_up: float = CATCH_UP) -> AsyncGenerator[tuple[Batch[E], int], None]:
+    """One watch merged from sub-watches of the groups in `plan` ((key, its groups), one stream
+    each); yields (batch, the node id of the last response taken). `event` converts each event
+    (its result needs a `revision`). See the module docstring."""
+    merge: Merge[E] = Merge(len(plan), create.start_revision, max_queued)
+    extra: list[Requests] = [asyncio.Queue() for _ in plan]
+    inbox: asyncio.Queue[tuple[int, kv_pb2.WatchResponse | BaseException | None]] = asyncio.Queue(64)
+    gates = [asyncio.Event() for _ in plan]
+    for g in gates:
+        g.set()
+
+    async def pump(i: int, key: K, groups: tuple[int, ...]) -> None:
+        c = kv_pb2.WatchCreateRequest()
+        c.CopyFrom(create)
+        c.groups.extend(groups)
+        try:
+            async for resp in subs.stream(key, c, extra[i]):
+                await inbox.put((i, resp))
+                await gates[i].wait()  # far ahead of the others: read no more for now
+        except subs.ends as err:
+            await inbox.put((i, err))
+        except Exception as err:  # (a bug): the merged watch starts again, not stuck
+            await inbox.put((i, subs.failed(key, f"the sub-watch at {key} failed: {type(err).__name__}: {err}",
+                                            False)))
+
+    async def ticker() -> None:  # bookmarks while quiet: `Merge.catch_up` once a second
+        while True:
+            await asyncio.sleep(catch_up)
+            await inbox.put((-1, None))
+
+    def ask() -> None:
+        for j, rev in merge.asks():
+            extra[j].put_nowait(kv_pb2.WatchRequest(progress_request=kv_pb2.WatchProgressRequest(revision=rev)))
+
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(pump(i, key, gs)) for i, (key, gs) in enumerate(plan)]
+    tasks.append(loop.create_task(ticker()))
+    node = 0
+    try:
+        while True:
+            i, item = await inbox.get()
+            if item is None:  # the ticker: let the merged revision follow the most advanced sub
+                merge.catch_up()
+                ask()
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            key = plan[i][0]
+            try:
+                if item.created:
+                    merge.created(i, item.revision)
+                elif item.canceled:
+                    raise subs.canceled(item, key)
+                elif item.HasField("error"):  # our progress request was refused (its clock)
+                    merge.refused(i)
+                else:
+                    node = item.node_id
+                    merge.response(i, item.revision, [event(e) for e in item.events])
+            except ValueError as err:  # a sub broke the watch contract
+                raise subs.failed(key, f"{key}: {err}", True) from None
+            ask()
+            for j, gate in enumerate(gates):
+                if merge.paused(j):
+                    gate.clear()
+                else:
+                    gate.set()
+            for b in merge.take():
+                yield b, node
+    finally:
+        for q in extra:
+            q.put_nowait(None)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t

@@ -1,0 +1,107 @@
+"""The node's orphan-attachment sweep driver (`kvstore/node/orphans.py` has the rules): every
+`period` seconds (`--lease-orphan-sweep`) it steps an `OrphanSweep` per data group hosted here
+with this node's monotonic clock and the term it leads the group in with a current view, sends
+each probe's LEASE_STATUS to the lease's home (here when this node leads it, else through
+`caller` at its leader) and proposes the LEASE_ORPHAN the sweep asks for in the group. A thin
+shell: an answer that fails or does not decode is no answer (the keys are kept)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from kvstore import errors
+from kvstore.node import lessor as lessor_logic
+from kvstore.node.orphans import OrphanSweep, Probe, SweepParams, status_of
+from kvstore.storage import commands, leases
+from kvstore.storage.commands import ApplyResult
+from kvstore.storage.leases import LeaseCmd
+
+from . import waiters
+from .requests import KVRequests
+
+log = logging.getLogger("kvstore.leases")
+
+STEP_S = 0.5
+"""How often (at most) the driver looks whether a pass is due (a pass itself runs every `period`)."""
+
+
+class OrphanDriver:
+    """The sweeps of the data groups this node leads."""
+
+    def __init__(self, rq: KVRequests, caller: Any, period: float = 5.0) -> None:
+        self.rq = rq
+        self.caller = caller
+        self.params = SweepParams(period_ms=period * 1000, answer_timeout_ms=max(2 * period, 10.0) * 1000)
+        self.tick = min(STEP_S, period)
+        self.sweeps: dict[int, OrphanSweep] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def step(self) -> None:
+        rq = self.rq
+        host = rq.host
+        smap = rq.tracker.map
+        groups = lessor_logic.deletion_groups(smap.data_groups()) if smap is not None else []
+        for g in [g for g in self.sweeps if g not in host.groups or g not in groups]:
+            del self.sweeps[g]
+        now = time.monotonic() * 1000
+        for g in groups:
+            if g not in host.groups:
+                continue
+            sw = self.sweeps.get(g)
+            if sw is None:
+                sw = self.sweeps[g] = OrphanSweep(g, self.params)
+            term = host.groups[g].core.term if host.leads_current(g) else 0
+            for p in sw.step(now, term, self._page(g)):
+                t = asyncio.get_running_loop().create_task(self._probe(sw, p))
+                self._tasks.add(t)
+                t.add_done_callback(self._tasks.discard)
+
+    def _page(self, g: int) -> Any:
+        store = self.rq.store
+
+        def read(after: int, limit: int) -> list[int]:
+            out: list[int] = store.revisions.read_rows(g, lambda rows: leases.attached_page(rows, after, limit))
+            return out
+        return read
+
+    async def _propose(self, group: int, c: LeaseCmd, revision: int = 0) -> ApplyResult | None:
+        rq = self.rq
+        data = commands.encode_command(commands.Command.lease_command(c, revision=revision))
+        try:
+            if group in rq.host.groups and rq.host.leads_current(group):
+                return await waiters.propose(rq.host, rq.wake, group, data, rq.cfg.request_timeout)
+            if self.caller is not None:
+                res: ApplyResult = await self.caller.propose(group, data)
+                return res
+        except errors.KVError as err:
+            log.debug("orphan sweep: %s to group %d failed: %s", c.kind.name, group, err)
+        return None
+
+    async def _probe(self, sw: OrphanSweep, p: Probe) -> None:
+        res = await self._propose(p.home, p.command())
+        status = None if res is None else status_of(res.found, res.error, res.current)
+        cmd = sw.on_status(p, status)
+        if cmd is None:
+            return
+        if not self.rq.host.leads_current(sw.group):
+            sw.on_dropped(p.lease_id, False)
+            return
+        res = await self._propose(sw.group, cmd, self.rq.clock.propose(0))
+        ok = res is not None and not res.error
+        if res is not None and res.error and self.rq.cross is not None:
+            self.rq.cross.locked_error(sw.group, res)  # an attached key holds an old intent: resolve it
+        if ok:
+            log.info("orphan sweep: group %d deleted %d keys of dead lease %x", sw.group,
+                     int.from_bytes(res.current or b"", "big") if res is not None else 0, p.lease_id)
+        sw.on_dropped(p.lease_id, ok)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                self.step()
+            except Exception as err:  # a bug: logged, the loop goes on
+                log.error("orphan sweep step failed: %s: %s", type(err).__name__, err, exc_info=err)
+            await asyncio.sleep(self.tick)
