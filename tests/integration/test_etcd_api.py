@@ -860,9 +860,35 @@ def test_cluster_maintenance_and_watches_on_five_nodes_five_groups_of_three(tmp_
             g = ctl(c.endpoints[(i + 2) % 5], "get", f"five/{i}", "--print-value-only")
             assert (g.returncode, g.stdout) == (0, f"{i}\n"), g.stderr
         _merged_watches_on_a_partly_hosting_cluster(c, metrics)
+        _election_on_a_partly_hosting_cluster(c)
         _maintenance_on_a_partly_hosting_cluster(c, tmp_path, keys=28)  # five/ and mw/ keys
     finally:
         c.stop()
+
+
+def _election_on_a_partly_hosting_cluster(c: Cluster) -> None:
+    """Campaign and Observe (run in-process as the caller) at nodes that lack some data groups:
+    their waits on keys under the name run merged across nodes, as an etcd watch does."""
+    import grpc
+
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+    from kvstore.etcdpb.v3electionpb import v3election_pb2 as epb
+    from kvstore.etcdpb.v3electionpb import v3election_pb2_grpc as epb_grpc
+
+    with grpc.insecure_channel(c.endpoints[0]) as ch0, grpc.insecure_channel(c.endpoints[1]) as ch1:
+        lease = rpc_pb2_grpc.LeaseStub(ch0)
+        l1, l2 = (lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=60), timeout=30).ID for _ in range(2))
+        e0, e1 = epb_grpc.ElectionStub(ch0), epb_grpc.ElectionStub(ch1)
+        first = e0.Campaign(epb.CampaignRequest(name=b"pe", lease=l1, value=b"a"), timeout=30).leader
+        observed = e1.Observe(epb.LeaderRequest(name=b"pe"), timeout=60)
+        assert next(observed).kv.value == b"a"
+        second = e1.Campaign.future(epb.CampaignRequest(name=b"pe", lease=l2, value=b"b"), timeout=60)
+        e0.Resign(epb.ResignRequest(leader=first), timeout=30)
+        nxt = second.result(timeout=60).leader
+        assert nxt.key == b"pe/%016x" % l2 and nxt.rev > first.rev
+        assert next(observed).kv.value == b"b"
+        observed.cancel()
+        e1.Resign(epb.ResignRequest(leader=nxt), timeout=30)
 
 
 def _watchers(port: int) -> float:

@@ -48,7 +48,7 @@ def etcd_services(kv: object, admin: object, auth: object, caller: GroupCaller |
         "Auth": EtcdAuth(node, auth),
     }
     servicers["Maintenance"] = EtcdMaintenance(node, admin, auth, servicers["KV"], timeout)  # type: ignore[arg-type]
-    recipes = Recipes(node, servicers["KV"], timeout)  # type: ignore[arg-type]
+    recipes = Recipes(node, servicers["KV"], servicers["Watch"], timeout)  # type: ignore[arg-type]
     return [(servicers[name], rpc_pb2.DESCRIPTOR.services_by_name[name]) for name in SERVICES] + [
         (EtcdLock(recipes), RECIPE_SERVICES[0]), (EtcdElection(recipes), RECIPE_SERVICES[1])]
 

@@ -2,7 +2,9 @@
 services, `recipes.py`).
 
 Every request goes through the node's KV servicer as registered (`Forwarder.call`, the etcd KV
-servicer's range reading, the KV servicer's Watch) with the etcd call's own gRPC context: the
+servicer's range reading, the KV servicer's Watch; a watch over a group this node does not host
+runs merged across nodes as an etcd watch does, `watch.EtcdWatch.merged`) with the etcd call's
+own gRPC context: the
 guard recorded the caller's identity (token or client certificate) in the call's task, so RBAC,
 admission control and the audit log see the caller, never the node, and nothing opens a client
 connection back to the node (so TLS clusters are served the same way).
@@ -30,6 +32,7 @@ from .convert import range_query
 
 if TYPE_CHECKING:
     from .kv import EtcdKV
+    from .watch import EtcdWatch
 
 WATCH_ID = 1
 """The id of the one watch a `CallerKV.wait_for` stream opens (kvstore's ids are > 0)."""
@@ -38,9 +41,10 @@ WATCH_ID = 1
 class CallerKV:
     """kvstore reads and writes as the caller of one etcd call (see the module docstring)."""
 
-    def __init__(self, node: EtcdNode, kv: EtcdKV, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, node: EtcdNode, kv: EtcdKV, watch: EtcdWatch, context: grpc.aio.ServicerContext) -> None:
         self.n = node
         self.kv = kv
+        self.watch = watch
         self.context = context
         self.revision = 0
 
@@ -97,6 +101,9 @@ class CallerKV:
         `deletes_only`). Raises the kvstore error of a canceled watch (e.g. COMPACTED, or
         WRONG_SHARD where this node does not host the key's group: definite)."""
         create.watch_id = WATCH_ID
+        if self.watch.merges(create):
+            await self._wait_merged(create, deletes_only=deletes_only)
+            return
         done = asyncio.Event()
 
         async def requests() -> AsyncIterator[kv_pb2.WatchRequest]:
@@ -120,3 +127,27 @@ class CallerKV:
             if aclose is not None:
                 with contextlib.suppress(Exception):
                     await aclose()
+
+    async def _wait_merged(self, create: kv_pb2.WatchCreateRequest, *, deletes_only: bool) -> None:
+        """`wait_for` of a watch over a data group this node does not host: run merged across
+        nodes as an etcd watch of this call (`watch.EtcdWatch.merged`: sub-watches here and at
+        peers with the caller's token); a cancel ends the wait with a definite error."""
+        got: asyncio.Queue[rpc_pb2.WatchResponse] = asyncio.Queue()
+
+        async def emit(resp: rpc_pb2.WatchResponse, _fragment: bool) -> None:
+            got.put_nowait(resp)
+
+        merged = self.watch.merged(self.context, emit)
+        try:
+            await merged.start(0, create, False)
+            while True:
+                r = await got.get()
+                if r.canceled:
+                    if r.compact_revision:
+                        raise errors.Compacted(r.cancel_reason, compact_revision=r.compact_revision)
+                    raise errors.Unavailable(f"the wait's watch was canceled: {r.cancel_reason}")
+                if any(e.type == e.DELETE or not deletes_only for e in r.events):
+                    self._seen(r.header.revision)
+                    return
+        finally:
+            await merged.close()

@@ -13,9 +13,9 @@ value attached to the lease (two steps, not one transaction: kvstore transaction
 leases), with the lease attached to the leader key on this node's replica (never the request's),
 so a Proclaim racing the same holder's Resign may put the key back as a new candidate, which then
 waits behind the others until its lease ends. Waiting (Lock, Campaign, Observe) watches keys
-under the name on this node (kvstore's watch in process, not yet merged across nodes as an etcd
-`Watch` is), so the node must host the data group of the key waited on (else a definite
-WRONG_SHARD error, `kvstore: ...`); Proclaim needs the leader
+under the name: in process where this node hosts the groups, else merged across nodes as an
+etcd `Watch` (`watch.EtcdWatch.merged`: peers with the caller's token; on a TLS cluster a caller
+without a token is refused there, definite); Proclaim needs the leader
 key's group hosted here too (it reads the key's lease on this node's replica)."""
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from .caller import CallerKV
 from .convert import EtcdRequestError, invalid
 from .kv import EtcdKV
 from .status import LEASE_NOT_FOUND, EtcdStatus
+from .watch import EtcdWatch
 
 NOT_LEADER = "election: not leader"
 NO_LEADER = "election: no leader"
@@ -64,13 +65,14 @@ class Recipes:
     """What the two servicers share: the node, its etcd KV servicer (range reads) and the
     recipe steps, run as the caller (`CallerKV`)."""
 
-    def __init__(self, node: EtcdNode, kv: EtcdKV, timeout: float) -> None:
+    def __init__(self, node: EtcdNode, kv: EtcdKV, watch: EtcdWatch, timeout: float) -> None:
         self.n = node
         self.kv = kv
+        self.watch = watch
         self.timeout = timeout
 
     def caller(self, context: grpc.aio.ServicerContext) -> CallerKV:
-        return CallerKV(self.n, self.kv, context)
+        return CallerKV(self.n, self.kv, self.watch, context)
 
     @staticmethod
     def prefix(name: bytes) -> bytes:

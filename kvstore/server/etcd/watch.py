@@ -93,6 +93,15 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
             return None
         return [m.group_for_key(c.key)] if not c.range_end and not c.prefix else m.data_groups()
 
+    def merges(self, c: kv_pb2.WatchCreateRequest) -> bool:
+        """`_merges`, for the lock and election services' waits (`caller.CallerKV.wait_for`)."""
+        return self._merges(c)
+
+    def merged(self, context: grpc.aio.ServicerContext,
+               emit: Callable[[rpc_pb2.WatchResponse, bool], Awaitable[None]]) -> MergedWatches:
+        """`_merged`, for the lock and election services' waits."""
+        return self._merged(context, emit)
+
     def _merges(self, c: kv_pb2.WatchCreateRequest) -> bool:
         """`c` spans a group this node does not host: it runs merged (`watchmerged`)."""
         groups = self._groups(c)
