@@ -77,8 +77,9 @@ expiry is below the group's last revision (`gc`: a pure function of the rows, th
 replica and store). The bases: DROP and FORGET, max(last, proposed) - the proposal is the home
 leader's / the DROP sender's HLC reading taken after the lease's death applied at its home (one
 above `mvcc.PROPOSAL_MAX` is refused, a definite error result with nothing changed, whether or not
-the command deletes a key, as a write's proposal is: a forged keyless DROP or FORGET must not
-keep a tombstone forever); a
+the command deletes a key, as a write's proposal is - so are REVOKE's and EXPIRE's, which run the
+same deletion, `drop_attached`: a forged keyless DROP or FORGET must not keep a tombstone
+forever); a
 deletion across groups, max(last, R) in every group (R = max of the PREPAREs' revisions, each at
 least the coordinator's HLC reading when it sent them). Why a LEASE_PUT that is accepted in a
 group other than the home still meets the tombstone (L: the group's last revision when the PUT
@@ -609,7 +610,10 @@ def drop_attached(rows: mvcc.Rows, group: int, lease_id: int, proposed: int, get
     froze or is installing: a frozen key is immutable, so its export reads the same on every
     replica, and it moves WITH its attachment; the deletion is retried after the move, where
     the move put the key). A key neither served nor moving (a row the group no longer owns) is
-    only detached."""
+    only detached. A proposal above `mvcc.PROPOSAL_MAX` is refused (RevisionError) whether or not
+    a key is deleted: a DROP's tombstone is based on it, and a forged keyless one must not keep a
+    tombstone forever."""
+    mvcc.check_proposal(proposed)
     keys = attached_keys(rows, lease_id)
     if any(moving(k) for k in keys):
         return Outcome(error=LEASE_MOVING, moving=True)
@@ -691,19 +695,6 @@ def _apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, p
            get: Get, put: Put, delete: Delete, serves: Pred, moving: Pred) -> Outcome:
     lid, k = c.lease_id, c.kind
     home = home_group(lid) == group
-    if k == Kind.PUT:
-        if not may_attach(rows, group, lid) or (not home and too_old(rows, c.checked)):
-            return Outcome(error=NOT_FOUND)
-        if attach_refused(rows, key, lid):
-            return Outcome(error=TOO_MANY_KEYS)
-        rev = mvcc.write_version(rows, group, key, value, None, proposed, get)
-        put(key, value)
-        attach(rows, key, lid)
-        return Outcome(found=True, revision=rev)
-    if k in (Kind.DROP, Kind.FORGET):
-        # Their tombstone's base is the proposal: an absurd one is refused whether or not a key is
-        # deleted (else a forged keyless DROP / FORGET would keep a tombstone forever).
-        mvcc.check_proposal(proposed)
     rk = record_key(lid)
     rec = get_record(rows, lid) if home else None
     if k == Kind.GRANT:
@@ -713,6 +704,15 @@ def _apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, p
             return Outcome(error="lease already exists")
         rows.put(T_LEASES, rk, Record(c.ttl_s, c.ttl_s * 1000, 1).encode())
         return Outcome(found=True, ttl_s=c.ttl_s)
+    if k == Kind.PUT:
+        if not may_attach(rows, group, lid) or (not home and too_old(rows, c.checked)):
+            return Outcome(error=NOT_FOUND)
+        if attach_refused(rows, key, lid):
+            return Outcome(error=TOO_MANY_KEYS)
+        rev = mvcc.write_version(rows, group, key, value, None, proposed, get)
+        put(key, value)
+        attach(rows, key, lid)
+        return Outcome(found=True, revision=rev)
     if k == Kind.DROP:
         out = drop_attached(rows, group, lid, proposed, get, delete, serves, moving)
         if out.error is not None:
@@ -742,6 +742,7 @@ def _apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, p
             rows.put(T_LEASES, rk, Record(rec.ttl_s, 0, rec.renews, REVOKED).encode())
         return out
     if k == Kind.FORGET:
+        mvcc.check_proposal(proposed)  # the tombstone's base: refused beyond PROPOSAL_MAX, as a DROP's
         if rec is None or rec.state != REVOKED:
             return Outcome()
         rows.delete(T_LEASES, rk)

@@ -222,9 +222,9 @@ def _revoked_home() -> DictState:
 
 @pytest.mark.parametrize("proposal", [mvcc.PROPOSAL_MAX + 1, mvcc.REVISION_MAX, 2**64 - 1])
 def test_a_keyless_drop_or_forget_with_an_absurd_proposal_is_refused(proposal: int) -> None:
-    """A forged DROP with no key attached here, or FORGET, proposed beyond `mvcc.PROPOSAL_MAX`:
-    refused (definite error, nothing written) like the DROP that deletes a key, not a tombstone
-    kept until past the end of the revisions (never forgotten)."""
+    """A forged DROP with no key attached here, or FORGET (or REVOKE), proposed beyond
+    `mvcc.PROPOSAL_MAX`: refused (definite error, nothing written) like the DROP that deletes a
+    key, not a tombstone kept until past the end of the revisions (never forgotten)."""
     s = DictState(group=G)
     advance(s, at(60_000))
     before = _rows(s)
@@ -244,6 +244,12 @@ def test_a_keyless_drop_or_forget_with_an_absurd_proposal_is_refused(proposal: i
     assert tomb(h) is None and _rows(h) == before
     rec = leases.get_record(h.rows, LID)
     assert rec is not None and rec.state == leases.REVOKED
+    # REVOKE runs the same deletion (`drop_attached`): refused too, the record left LIVE
+    live = DictState(group=HOME)
+    assert live.apply(lcmd(LeaseCmd(Kind.GRANT, LID, ttl_s=10))).error is None
+    before = _rows(live)
+    res = live.apply(lcmd(LeaseCmd(Kind.REVOKE, LID), revision=proposal))
+    assert res.error is not None and "revision refused" in res.error and _rows(live) == before
     # at the bound: accepted, and its tombstone can still be forgotten (an expiry below the last
     # revision the group can reach, though its life would end past it)
     assert h.apply(lcmd(LeaseCmd(Kind.FORGET, LID), revision=mvcc.PROPOSAL_MAX)).error is None
