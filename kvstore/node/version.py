@@ -338,8 +338,8 @@ class CommandGate:
         if len(data) < 2:
             return
         if is_shard_command(data):
-            cluster = self.version().cluster if data[1] == ShardOp.INSTALL else LEVEL_LEASES
-            if cluster < LEVEL_LEASES and install_level(data) > cluster:
+            cluster = self.version().cluster
+            if cluster < LEVEL_LEASES and install_level(data) > cluster:  # LEVEL_BASE unless an INSTALL
                 raise errors.ClusterVersionTooLow(
                     f"an INSTALL carrying lease attachments needs cluster version {LEVEL_LEASES} "
                     f"({FEATURES[LEVEL_LEASES]}); the cluster version is {cluster}")

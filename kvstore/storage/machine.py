@@ -345,7 +345,7 @@ def apply_lease(view: StateView, cmd: Command) -> ApplyResult:
     lc = cmd.lease
     assert lc is not None  # the caller checked
     st = view.shards
-    if st is None:
+    if st is None or lc.kind not in _LEASE_DELETES:  # only a deletion asks what the group serves or moves
         out = leases.apply(view.mvcc, view.group, lc, cmd.key, cmd.value, cmd.revision, view.get, view.put,
                            view.delete)
     else:
@@ -709,10 +709,8 @@ def settle_dead_attachments(view: StateView, ranges: IntervalSet) -> None:
     if not dead:
         return
     rev = mvcc.next_revision(mvcc.rev_state(rows).last, 0, view.group)
-    for key, prev in dead:
-        if prev is not None:
-            mvcc.write_version(rows, view.group, key, None, prev, rev, exact=True)
-            view.delete(key)
+    leases.delete_at(rows, view.group, rev, dead, view.delete)
+    for key, _ in dead:
         leases.detach(rows, key)
 
 
