@@ -970,3 +970,101 @@ def test_watchers_that_do_not_read_are_canceled_as_slow(kv: str) -> None:
             reqs.put(None)
             call.cancel()
     assert reasons and all("slow watcher" in r for r in reasons), reasons
+
+
+class _Cli:
+    """A long-running `etcdctl ARGS` (lock, elect): its output lines read on a thread, waited on
+    with `wait_for` (at most 60 s), stopped by PID (SIGTERM: etcdctl unlocks / resigns on it)."""
+
+    def __init__(self, ep: str, *args: str) -> None:
+        _need("etcdctl")
+        self.p = subprocess.Popen(["etcdctl", f"--endpoints={ep}", "--command-timeout=30s", *args],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, "ETCDCTL_API": "3"})
+        self.lines: list[str] = []
+        self.eof = False
+        self.changed = threading.Condition()
+        self.t = threading.Thread(target=self._read, daemon=True)
+        self.t.start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.eof = True
+            self.changed.notify_all()
+
+    def wait_for(self, cond: Callable[[list[str]], bool], what: str) -> list[str]:
+        with self.changed:
+            self.changed.wait_for(lambda: cond(self.lines) or self.eof, timeout=60)
+            assert cond(self.lines), f"{what}: {self.lines}"
+            return list(self.lines)
+
+    def stop(self) -> int:
+        if self.p.poll() is None:
+            self.p.terminate()
+        rc = self.p.wait(30)
+        self.t.join(10)
+        return rc
+
+
+def _keys(ep: str, prefix: str) -> list[str]:
+    out = ctl(ep, "get", prefix, "--prefix", "--keys-only")
+    assert out.returncode == 0, out.stderr
+    return [k for k in out.stdout.split("\n") if k]
+
+
+def _until(cond: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_etcdctl_lock_and_elect(kv_cluster: Cluster, kv: str) -> None:
+    """The real `etcdctl lock` and `etcdctl elect` (etcd's client-side recipes: a session
+    lease, a Txn with a leased put and a range over the prefix sorted by create revision, a
+    range with max_create_revision, a watch) against the 3-node, 2-group cluster, through two
+    different nodes: the second locker waits until the first's holder exits, then runs its
+    command holding the lock with a higher revision; the second candidate is elected when the
+    first resigns, and `elect -l` observes both proposals."""
+    other = kv_cluster.endpoints[2]
+    first = _Cli(kv, "lock", "etl")
+    procs = [first]
+    try:
+        held = first.wait_for(lambda ls: any(x.startswith("etl/") for x in ls), "the first lock was not taken")
+        key1 = next(x for x in held if x.startswith("etl/"))
+        second = _Cli(other, "lock", "etl", "--", "sh", "-c", 'echo "held $ETCD_LOCK_KEY $ETCD_LOCK_REV"')
+        procs.append(second)
+        _until(lambda: len(_keys(kv, "etl/")) == 2, "the second locker's key was never put")
+        assert second.p.poll() is None and not any(x.startswith("held") for x in second.lines)  # it waits
+        kv1 = json.loads(ctl(kv, "get", key1, "-w", "json").stdout)["kvs"][0]
+        rev1 = kv1["create_revision"]
+        assert kv1.get("lease")  # the Txn's put attached the key to the session's lease
+        assert first.stop() == 0  # SIGTERM: it unlocks
+        got = second.wait_for(lambda ls: any(x.startswith("held") for x in ls), "the second never held the lock")
+        assert second.stop() == 0
+        _, key2, rev2 = next(x for x in got if x.startswith("held")).split()
+        assert key2.startswith("etl/") and key2 != key1 and int(rev2) > rev1
+        _until(lambda: _keys(kv, "etl/") == [], "the second locker did not unlock")
+
+        observer = _Cli(other, "elect", "-l", "ete")
+        c1 = _Cli(kv, "elect", "ete", "p1")
+        procs += [observer, c1]
+        c1.wait_for(lambda ls: "p1" in ls, "the first candidate was not elected")
+        observer.wait_for(lambda ls: "p1" in ls, "the observer did not see p1")
+        c2 = _Cli(other, "elect", "ete", "p2")
+        procs.append(c2)
+        _until(lambda: len(_keys(kv, "ete/")) == 2, "the second candidate's key was never put")
+        assert c2.p.poll() is None and "p2" not in c2.lines  # not elected while the first leads
+        assert c1.stop() == 0  # SIGTERM: it resigns
+        c2.wait_for(lambda ls: "p2" in ls, "the second candidate was not elected")
+        observer.wait_for(lambda ls: "p2" in ls, "the observer did not see p2")
+        assert c2.stop() == 0
+        _until(lambda: _keys(kv, "ete/") == [], "the second candidate did not resign")
+    finally:
+        for p in procs:
+            p.stop()
