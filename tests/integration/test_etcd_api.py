@@ -159,6 +159,18 @@ def test_kv_commands_answer_as_etcd(kv: str, etcd: str) -> None:
         run("txn", stdin='value("d/a") = "11"\nversion("d/b") = "2"\ncreate("d/none") = "0"\n\n'
                          'put d/x xv\nget d/a\ndel d/c\n\nget d/b\n\n')
         run("txn", "-w", "json", stdin='mod("d/a") < "1"\n\nput d/y yv\n\nget d/b\nget d/nothing\n\n')
+        # a Mutex.Lock's shape: a leased put and ranges over the prefix in one Txn (both branches)
+        granted = ctl(ep, "lease", "grant", "60")
+        assert granted.returncode == 0, granted.stderr
+        lid = granted.stdout.split()[1]
+        lock = (f'create("d/lk") = "0"\n\nput d/lk lv --lease={lid}\nget d/ --prefix --sort-by=CREATE --limit=2\n\n'
+                'get d/lk\nget d/ --prefix --sort-by=CREATE --order=DESCEND --limit=1\n\n')
+        run("txn", "-w", "json", stdin=lock)
+        run("txn", "-w", "json", stdin=lock)  # the key exists: the read-only branch
+        run("get", "d/lk", "-w", "json")
+        run("txn", "-w", "json", stdin='\n\nget d/ --prefix --keys-only\nget d/ --prefix --count-only\n\n\n')
+        run("put", "d/lk", "lv2", f"--lease={lid}", "--prev-kv")
+        run("lease", "revoke", lid)
         run("get", "d/", "--prefix")
         run("del", "d/a", "--prev-kv")
         run("del", "d/nothing")

@@ -422,14 +422,29 @@ def _kv_found(kv: kv_pb2.KeyValue) -> bool:
     return bool(kv.key)
 
 
-RangeAnswer = tuple[list[kv_pb2.KeyValue], int]
-"""An external range's answer: the keys kept, in key order, and how many the range holds."""
+RangeAnswer = tuple[list[kv_pb2.KeyValue], int, Mapping[bytes, int]]
+"""An external range's answer: the keys kept, in key order, how many the range holds, and each
+key's lease where known."""
+
+
+def txn_gets(result: kv_pb2.TxnResult) -> list[kv_pb2.KeyValue]:
+    """The keys found by the gets of `result` (nested results' too)."""
+    out: list[kv_pb2.KeyValue] = []
+    for r in result.responses:
+        which = r.WhichOneof("op")
+        if which == "get" and _kv_found(r.get):
+            out.append(r.get)
+        elif which == "txn":
+            out += txn_gets(r.txn)
+    return out
 
 
 def txn_reply(plan: TxnPlan, result: kv_pb2.TxnResult, header: rpc_pb2.ResponseHeader,
-              into: rpc_pb2.TxnResponse, ranges: Mapping[int, RangeAnswer] | None = None) -> None:
+              into: rpc_pb2.TxnResponse, ranges: Mapping[int, RangeAnswer] | None = None,
+              leases: Mapping[bytes, int] | None = None) -> None:
     """Fill etcd's TxnResponse from kvstore's result of the transaction planned by `plan`, and
-    the answers of its external ranges on the path taken (`ranges`, by `OpPlan.external`)."""
+    the answers of its external ranges on the path taken (`ranges`, by `OpPlan.external`);
+    `leases`: the leases of keys its one-key ranges found, where known."""
     into.header.CopyFrom(header)
     into.succeeded = result.succeeded
     plans = plan.success if result.succeeded else plan.failure
@@ -439,9 +454,9 @@ def txn_reply(plan: TxnPlan, result: kv_pb2.TxnResult, header: rpc_pb2.ResponseH
         out = into.responses.add()
         if p.external >= 0:
             assert p.query is not None and ranges is not None
-            items, count = ranges[p.external]
+            items, count, leases = ranges[p.external]
             out.response_range.header.CopyFrom(header)
-            range_reply(p.query, items, out.response_range, None, count)
+            range_reply(p.query, items, out.response_range, leases, count)
             continue
         prev: kv_pb2.KeyValue | None = None
         if p.with_prev:
@@ -453,7 +468,7 @@ def txn_reply(plan: TxnPlan, result: kv_pb2.TxnResult, header: rpc_pb2.ResponseH
             assert p.query is not None
             rr = out.response_range
             rr.header.CopyFrom(header)
-            range_reply(p.query, [r.get] if _kv_found(r.get) else [], rr)
+            range_reply(p.query, [r.get] if _kv_found(r.get) else [], rr, leases)
         elif p.kind == "put":
             pr = out.response_put
             pr.header.CopyFrom(header)
@@ -467,7 +482,7 @@ def txn_reply(plan: TxnPlan, result: kv_pb2.TxnResult, header: rpc_pb2.ResponseH
                 dr.prev_kvs.append(to_mvcc(prev))
         else:
             assert p.nested is not None
-            txn_reply(p.nested, r.txn, header, out.response_txn, ranges)
+            txn_reply(p.nested, r.txn, header, out.response_txn, ranges, leases)
 
 
 # --- watch ---------------------------------------------------------------------------------

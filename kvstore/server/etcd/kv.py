@@ -44,6 +44,7 @@ from .convert import (
     taken_ranges,
     to_mvcc,
     txn_body,
+    txn_gets,
     txn_keys,
     txn_reply,
     unsupported,
@@ -325,7 +326,7 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                                       "writes and one-key reads are in several groups")
                 return await self._txn_reading(body, plan, one, context)
             t = await self.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True, group=one)
-            txn_reply(plan, t.result, self.n.header(t.revision, one), resp)
+            txn_reply(plan, t.result, self.n.header(t.revision, one), resp, None, self._leases(txn_gets(t.result)))
             return resp
         except Exception as err:
             await fail(err, context, "Txn")
@@ -389,12 +390,14 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
             at = dataclasses.replace(q, revision=q.revision or rev, serializable=False)
             if at.keys.single:
                 items, _, _ = await self._get(at, context)
-                answers[i] = (items, len(items))
+                count = len(items)
             else:
                 items, count, _ = await self._scan(at, context)
-                answers[i] = (items, count)
+            # leases as a Range of the current state reports them (a read at a past revision: none)
+            answers[i] = (items, count, {} if q.revision or q.count_only else self._leases(items))
         resp = rpc_pb2.TxnResponse()
-        txn_reply(plan, result, self.n.header(rev, group if wrote else None), resp, answers)
+        txn_reply(plan, result, self.n.header(rev, group if wrote else None), resp, answers,
+                  self._leases(txn_gets(result)))
         return resp
 
     async def _evaluate_at(self, body: kv_pb2.TxnBody, revision: int, context: grpc.aio.ServicerContext
