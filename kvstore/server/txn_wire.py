@@ -16,6 +16,7 @@ from kvstore.v1 import kv_pb2
 _TARGETS = {
     kv_pb2.COMPARE_VALUE: txn.Target.VALUE, kv_pb2.COMPARE_VERSION: txn.Target.VERSION,
     kv_pb2.COMPARE_CREATE: txn.Target.CREATE, kv_pb2.COMPARE_MOD: txn.Target.MOD,
+    kv_pb2.COMPARE_LEASE: txn.Target.LEASE,
 }
 _RESULTS = {
     kv_pb2.EQUAL: txn.CmpResult.EQUAL, kv_pb2.NOT_EQUAL: txn.CmpResult.NOT_EQUAL,

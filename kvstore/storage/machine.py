@@ -316,12 +316,15 @@ def apply_txn(view: StateView, t: txn.Txn, proposed: int) -> ApplyResult:
     rows = view.mvcc
     rev = mvcc.next_revision(mvcc.rev_state(rows).last, proposed, view.group)
 
+    with_leases = txn.compares_lease(t)
+
     def read(key: bytes) -> txn.Current | None:
         value = view.get(key)
         meta = mvcc.current_meta(rows, key, value)
         if value is None or meta is None:
             return None
-        return txn.Current(value, meta.create_revision, meta.mod_revision, meta.version)
+        return txn.Current(value, meta.create_revision, meta.mod_revision, meta.version,
+                           leases.lease_of(rows, key) if with_leases else 0)
 
     try:
         out = txn.evaluate(t, read, rev)

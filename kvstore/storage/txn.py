@@ -7,7 +7,9 @@ revision; a later two-phase commit across groups is meant to reuse `evaluate` un
 prepared revision (the function takes the revision and a reader, and returns the writes to make).
 
 Compare semantics (etcd's): target VALUE compares the value bytewise; VERSION, CREATE and MOD
-compare the key's version, create revision and mod revision as integers. A missing key has
+compare the key's version, create revision and mod revision as integers; LEASE the id of the
+lease the key is attached to (0: none; `Current.lease`, read only for a transaction with such a
+compare). A missing key has
 version = create = mod = 0, and every VALUE compare on it is false (whatever the operator): so
 `create("k") = "0"` is the existence test ("k" is absent), as in etcd.
 
@@ -29,6 +31,8 @@ Invariants (checked by `check_txn`, run by both `encode_txn` and `decode_txn`):
 - at most `MAX_TXN_ITEMS` compares + operations in the whole tree, nesting at most
   `MAX_TXN_DEPTH` deep (the top level is depth 1), an encoding of at most `MAX_TXN_BYTES`;
 - keys are non-empty and at most `MAX_KEY_SIZE` bytes; numbers are 0 .. 2^63 - 1;
+- a LEASE compare, like a PUT with a lease, is a later form of TXN (target 5: a node below feature
+  level 5 decodes it as malformed; `has_lease`);
 - only a PUT carries a lease (a valid lease id: `leases.check_id`) and `checked` (0 .. 2^63 - 1,
   and 0 without a lease); a PUT with a lease is encoded as kind PUT_LEASE, a later form of TXN
   that a node below feature level 4 decodes as malformed (`node.version.FORM_LEVELS`);
@@ -71,6 +75,7 @@ class Target(enum.IntEnum):
     VERSION = 2
     CREATE = 3
     MOD = 4
+    LEASE = 5
 
 
 class CmpResult(enum.IntEnum):
@@ -160,6 +165,8 @@ class Current:
     create_revision: int
     mod_revision: int
     version: int
+    lease: int = 0
+    """The lease the key is attached to (0: none, or not read: see `compares_lease`)."""
 
 
 Reader = Callable[[bytes], "Current | None"]
@@ -233,9 +240,16 @@ def check_txn(t: Txn) -> None:
     _writes(t.failure)
 
 
+def compares_lease(t: Txn) -> bool:
+    """Whether a LEASE compare is on any path of `t` (its reader must then fill `Current.lease`)."""
+    return any(c.target == Target.LEASE for c in t.compares) or any(
+        op.txn is not None and compares_lease(op.txn) for op in (*t.success, *t.failure))
+
+
 def has_lease(t: Txn) -> bool:
-    """Whether a PUT with a lease is on any path of `t` (its encoding then needs level 5)."""
-    return any(leased_puts(t))
+    """Whether a PUT with a lease or a LEASE compare is on any path of `t` (its encoding then
+    needs level 5)."""
+    return compares_lease(t) or any(leased_puts(t))
 
 
 def leased_puts(t: Txn) -> Iterator[tuple[bytes, int]]:
@@ -435,7 +449,8 @@ def _holds(c: Compare, cur: Current | None) -> bool:
     else:
         a = 0 if cur is None else (
             cur.version if c.target == Target.VERSION
-            else cur.create_revision if c.target == Target.CREATE else cur.mod_revision
+            else cur.create_revision if c.target == Target.CREATE
+            else cur.lease if c.target == Target.LEASE else cur.mod_revision
         )
         b = c.number
     if c.result == CmpResult.EQUAL:
@@ -500,8 +515,8 @@ def evaluate(t: Txn, read: Reader, revision: int) -> Outcome:
             elif op.kind == OpKind.PUT:
                 c = cur(op.key)
                 overlay[op.key] = (
-                    Current(op.value, revision, revision, 1) if c is None
-                    else Current(op.value, c.create_revision, revision, c.version + 1)
+                    Current(op.value, revision, revision, 1, op.lease) if c is None
+                    else Current(op.value, c.create_revision, revision, c.version + 1, op.lease)
                 )
                 writes.append((op.key, op.value))
                 if op.lease:

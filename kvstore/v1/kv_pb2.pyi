@@ -45,6 +45,7 @@ class CompareTarget(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMPARE_VERSION: _ClassVar[CompareTarget]
     COMPARE_CREATE: _ClassVar[CompareTarget]
     COMPARE_MOD: _ClassVar[CompareTarget]
+    COMPARE_LEASE: _ClassVar[CompareTarget]
 
 class CompareResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -83,6 +84,7 @@ COMPARE_VALUE: CompareTarget
 COMPARE_VERSION: CompareTarget
 COMPARE_CREATE: CompareTarget
 COMPARE_MOD: CompareTarget
+COMPARE_LEASE: CompareTarget
 COMPARE_RESULT_UNSPECIFIED: CompareResult
 EQUAL: CompareResult
 NOT_EQUAL: CompareResult

@@ -1080,3 +1080,56 @@ def test_etcdctl_lock_and_elect(kv_cluster: Cluster, kv: str) -> None:
     finally:
         for p in procs:
             p.stop()
+
+
+def test_txn_with_leases_over_grpc(kv: str) -> None:
+    """What etcdctl cannot send: a Compare of a key's lease; a lease id homed outside the data
+    groups is "requested lease not found" (never a routing error), in a Put and in a Txn; a Txn
+    whose leased put and other write are in two groups is refused (FAILED_PRECONDITION,
+    definite); a revoked lease refuses the whole Txn, nothing written."""
+    import grpc
+
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+    from kvstore.storage import leases
+
+    def put(key: bytes, lease: int = 0) -> rpc_pb2.RequestOp:
+        return rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=b"v", lease=lease))
+
+    def lease_is(key: bytes, lid: int) -> rpc_pb2.Compare:
+        return rpc_pb2.Compare(key=key, target=rpc_pb2.Compare.LEASE, result=rpc_pb2.Compare.EQUAL, lease=lid)
+
+    with grpc.insecure_channel(kv) as ch:
+        lease, kvs = rpc_pb2_grpc.LeaseStub(ch), rpc_pb2_grpc.KVStub(ch)
+        lid = lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=60), timeout=30).ID
+        assert kvs.Txn(rpc_pb2.TxnRequest(success=[put(b"gl/a", lid)]), timeout=30).succeeded
+        not_zero = rpc_pb2.Compare(key=b"gl/a", target=rpc_pb2.Compare.LEASE, result=rpc_pb2.Compare.NOT_EQUAL)
+        got = kvs.Txn(rpc_pb2.TxnRequest(compare=[lease_is(b"gl/a", lid), not_zero], success=[put(b"gl/a")]),
+                      timeout=30)
+        assert got.succeeded
+        assert not kvs.Txn(rpc_pb2.TxnRequest(compare=[lease_is(b"gl/a", lid)]), timeout=30).succeeded  # detached
+        home0 = leases.make_id(1, 3) & ~leases.ID_GROUP_MASK
+        for bad in (home0, home0 | 0x0FF, (1 << 63) - 1):  # homed in groups 0, 255, 4095
+            for call in (lambda b=bad: kvs.Put(rpc_pb2.PutRequest(key=b"gl/x", lease=b), timeout=30),
+                         lambda b=bad: kvs.Txn(rpc_pb2.TxnRequest(success=[put(b"gl/x", b)]), timeout=30)):
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert (e.value.code(), e.value.details()) == (grpc.StatusCode.NOT_FOUND,
+                                                               "etcdserver: requested lease not found")
+        refused, same = None, None
+        for i in range(1, 64):  # of 63 keys, some are in gl/k0's group and some in the other (2 groups)
+            try:
+                kvs.Txn(rpc_pb2.TxnRequest(success=[put(b"gl/k0", lid), put(b"gl/k%d" % i)]), timeout=30)
+                same = same or b"gl/k%d" % i
+            except grpc.RpcError as err:
+                refused = refused or err
+            if refused and same:
+                break
+        assert same is not None and refused is not None and refused.code() == grpc.StatusCode.FAILED_PRECONDITION, refused
+        assert dict(refused.trailing_metadata() or ()).get("kvstore-outcome") == "definite"
+        lease.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=lid), timeout=30)
+        kvs.DeleteRange(rpc_pb2.DeleteRangeRequest(key=b"gl/", range_end=b"gl0"), timeout=30)
+        with pytest.raises(grpc.RpcError) as e:
+            kvs.Txn(rpc_pb2.TxnRequest(success=[put(b"gl/k0"), put(same, lid)]), timeout=30)
+        assert e.value.details() == "etcdserver: requested lease not found"
+        assert not kvs.Range(rpc_pb2.RangeRequest(key=b"gl/", range_end=b"gl0"), timeout=30).kvs
+        kvs.DeleteRange(rpc_pb2.DeleteRangeRequest(key=b"gl/", range_end=b"gl0"), timeout=30)

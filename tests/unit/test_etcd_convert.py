@@ -107,8 +107,10 @@ def test_the_empty_key_and_etcds_messages() -> None:
     with pytest.raises(EtcdRequestError, match=r"^etcdserver: lease is provided$"):
         check_put(rpc_pb2.PutRequest(key=b"k", lease=5, ignore_lease=True))
     with pytest.raises(EtcdRequestError) as e:
-        txn_body(rpc_pb2.TxnRequest(compare=[rpc_pb2.Compare(key=b"k", target=rpc_pb2.Compare.LEASE)]))
-    assert e.value.code == "FAILED_PRECONDITION" and "lease" in e.value.message
+        txn_body(rpc_pb2.TxnRequest(compare=[rpc_pb2.Compare(key=b"k", range_end=b"z")]))
+    assert e.value.code == "FAILED_PRECONDITION" and "range_end" in e.value.message
+    body, _ = txn_body(rpc_pb2.TxnRequest(compare=[rpc_pb2.Compare(key=b"k", target=rpc_pb2.Compare.LEASE, lease=7)]))
+    assert (body.compares[0].target, body.compares[0].number) == (kv_pb2.COMPARE_LEASE, 7)
     many = rpc_pb2.TxnRequest(success=[rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=b"k%d" % i))
                                        for i in range(129)])
     with pytest.raises(EtcdRequestError, match="too many operations"):

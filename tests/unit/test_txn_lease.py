@@ -1,4 +1,4 @@
-"""A TXN's put with a lease (`txn.PUT_LEASE`): its codec (round trips, truncations, hostile bytes:
+"""A TXN's put with a lease (`txn.PUT_LEASE`) and compare of a key's lease (`Target.LEASE`): its codec (round trips, truncations, hostile bytes:
 ValueError only), its feature level (5: `version.FORM_LEVELS`), its apply (the key attached as a
 LEASE_PUT attaches it; a lease that may not attach refuses the whole transaction, nothing
 written) and the wire checks of `TxnPut.lease` (`server/txn_wire.py`)."""
@@ -69,7 +69,9 @@ ops = st.one_of(
     st.builds(lambda k: TxnOp(OpKind.GET, k), keys),
     st.builds(lambda k: TxnOp(OpKind.DELETE, k), keys),
 )
-leaf_txns = st.builds(Txn, st.lists(st.builds(absent, keys), max_size=2).map(tuple),
+cmps = st.one_of(st.builds(absent, keys),
+                 st.builds(lambda k, n: Compare(k, Target.LEASE, CmpResult.EQUAL, b"", n), keys, st.integers(0, 9)))
+leaf_txns = st.builds(Txn, st.lists(cmps, max_size=2).map(tuple),
                       st.lists(ops, max_size=3).map(tuple), st.lists(ops, max_size=3).map(tuple))
 txns = st.one_of(leaf_txns, st.builds(lambda inner, o: Txn((), (TxnOp(OpKind.TXN, txn=inner), *o)),
                                       leaf_txns, st.lists(ops, max_size=2).map(tuple)))
@@ -213,3 +215,19 @@ def test_the_wire_checks_a_puts_lease() -> None:
                 kv_pb2.TxnPut(key=b"k", lease=LID, checked=-2), kv_pb2.TxnPut(key=b"k", checked=3)):
         with pytest.raises(errors.InvalidArgument):
             txn_from_proto(kv_pb2.TxnBody(success=[kv_pb2.TxnOp(put=put)]), _ok, _ok)
+
+
+def test_a_lease_compare_reads_the_attachment_and_the_txns_own_put() -> None:
+    s = DictState(group=G)
+    lease_cmd(s, LeaseCmd(Kind.GRANT, LID, ttl_s=10))
+    run(s, Txn((), (lput(b"k", b"v"), TxnOp(OpKind.PUT, b"plain", b"p"))))
+    is_lid = Compare(b"k", Target.LEASE, CmpResult.EQUAL, b"", LID)
+    r = run(s, Txn((is_lid, Compare(b"plain", Target.LEASE, CmpResult.EQUAL, b"", 0),
+                    Compare(b"missing", Target.LEASE, CmpResult.EQUAL, b"", 0)), (TxnOp(OpKind.GET, b"k"),)))
+    assert r.txn.succeeded  # type: ignore[attr-defined]
+    # inside one transaction a plain put detaches: a nested compare sees lease 0
+    r = run(s, Txn((is_lid,), (TxnOp(OpKind.PUT, b"k", b"w"),
+                               TxnOp(OpKind.TXN, txn=Txn((Compare(b"k", Target.LEASE, CmpResult.EQUAL, b"", 0),))))))
+    assert r.txn.succeeded and r.txn.responses[1].txn.succeeded  # type: ignore[attr-defined]
+    assert not run(s, Txn((is_lid,))).txn.succeeded  # type: ignore[attr-defined]
+    assert command_level(encode_command(Command.transaction(Txn((is_lid,))))) == LEVEL_LEASED_TXN

@@ -201,6 +201,7 @@ _TARGET = {
     rpc_pb2.Compare.CREATE: (kv_pb2.COMPARE_CREATE, "create_revision"),
     rpc_pb2.Compare.MOD: (kv_pb2.COMPARE_MOD, "mod_revision"),
     rpc_pb2.Compare.VALUE: (kv_pb2.COMPARE_VALUE, "value"),
+    rpc_pb2.Compare.LEASE: (kv_pb2.COMPARE_LEASE, "lease"),
 }
 
 
@@ -238,8 +239,6 @@ def _compare(c: rpc_pb2.Compare, into: kv_pb2.Compare) -> None:
         raise unsupported("a Compare over a range (range_end)")
     if c.result not in _RESULT:
         raise invalid(f"etcdserver: unknown compare result {c.result}")
-    if c.target == rpc_pb2.Compare.LEASE:
-        raise unsupported("a Compare of a key's lease")
     if c.target not in _TARGET:
         raise invalid(f"etcdserver: unknown compare target {c.target}")
     target, field = _TARGET[c.target]
@@ -352,8 +351,8 @@ def txn_body(r: rpc_pb2.TxnRequest) -> tuple[kv_pb2.TxnBody, TxnPlan]:
     """etcd's TxnRequest as kvstore's TxnBody and the plan to map its result back. A read of one
     key becomes a get in the body; a read over several keys or at a revision becomes no kvstore
     op (`OpPlan.external`, its query in `TxnPlan.ranges`: the caller reads it). A put's lease
-    is carried (`TxnPut.lease`; its `checked` is left 0 for the caller). Compares on a key's
-    lease or over a range, range deletes, ignore_value and ignore_lease are refused
+    is carried (`TxnPut.lease`; its `checked` is left 0 for the caller), and so is a compare of
+    a key's lease (COMPARE_LEASE). Compares over a range, range deletes, ignore_value and ignore_lease are refused
     (`unsupported`); prev_kv becomes a get before the write. More than MAX_TXN_OPS kvstore ops
     (an external range counts as one), nesting deeper than MAX_DEPTH, or a key put twice (or
     put and deleted) in one branch are refused as etcd refuses them (INVALID_ARGUMENT)."""
@@ -387,6 +386,12 @@ def has_writes(body: kv_pb2.TxnBody) -> bool:
         if which in ("put", "delete") or (which == "txn" and has_writes(op.txn)):
             return True
     return False
+
+
+def compares_lease(body: kv_pb2.TxnBody) -> bool:
+    """Whether a compare of a key's lease is on any path of `body`."""
+    return any(c.target == kv_pb2.COMPARE_LEASE for c in body.compares) or any(
+        op.WhichOneof("op") == "txn" and compares_lease(op.txn) for op in (*body.success, *body.failure))
 
 
 def leased_puts(body: kv_pb2.TxnBody) -> list[kv_pb2.TxnPut]:

@@ -35,6 +35,7 @@ from .convert import (
     RangeQuery,
     TxnPlan,
     check_put,
+    compares_lease,
     has_writes,
     invalid,
     key_range,
@@ -318,6 +319,9 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
             leased = leased_puts(body)
             if leased and one is None:
                 raise unsupported("a put with a lease in a transaction whose keys are in several groups")
+            if compares_lease(body) and (one is None or plan.ranges):
+                raise unsupported("a Compare of a key's lease in a transaction whose keys are in several groups "
+                                  "or that reads a range (range_end or a revision)")
             for put in leased:
                 put.checked = await self._lease_checked(put.lease, self.n.group_of(put.key), context)
             if plan.ranges:
