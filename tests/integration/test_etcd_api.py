@@ -1115,17 +1115,23 @@ def test_txn_with_leases_over_grpc(kv: str) -> None:
                     call()
                 assert (e.value.code(), e.value.details()) == (grpc.StatusCode.NOT_FOUND,
                                                                "etcdserver: requested lease not found")
-        refused, same = None, None
+        refused, same, far = None, None, b""
         for i in range(1, 64):  # of 63 keys, some are in gl/k0's group and some in the other (2 groups)
             try:
                 kvs.Txn(rpc_pb2.TxnRequest(success=[put(b"gl/k0", lid), put(b"gl/k%d" % i)]), timeout=30)
                 same = same or b"gl/k%d" % i
             except grpc.RpcError as err:
-                refused = refused or err
+                refused, far = refused or err, far or b"gl/k%d" % i
             if refused and same:
                 break
         assert same is not None and refused is not None and refused.code() == grpc.StatusCode.FAILED_PRECONDITION, refused
         assert dict(refused.trailing_metadata() or ()).get("kvstore-outcome") == "definite"
+        # a leased put with a read of a key in the other group: the read is served at the Txn's revision
+        seen = kvs.Put(rpc_pb2.PutRequest(key=far, value=b"seen"), timeout=30).header.revision
+        mixed = kvs.Txn(rpc_pb2.TxnRequest(success=[put(b"gl/k0", lid), rpc_pb2.RequestOp(
+            request_range=rpc_pb2.RangeRequest(key=far))]), timeout=30)
+        assert mixed.succeeded and mixed.responses[1].response_range.kvs[0].value == b"seen"
+        assert mixed.header.revision > seen  # the Txn's revision: above every write acknowledged before it
         lease.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=lid), timeout=30)
         kvs.DeleteRange(rpc_pb2.DeleteRangeRequest(key=b"gl/", range_end=b"gl0"), timeout=30)
         with pytest.raises(grpc.RpcError) as e:

@@ -381,3 +381,18 @@ def test_puts_with_a_lease_convert_and_ignore_lease_is_refused() -> None:
     with pytest.raises(EtcdRequestError) as e:
         check_put(rpc_pb2.PutRequest(key=b"k", ignore_lease=True))
     assert e.value.code == "FAILED_PRECONDITION"
+
+
+def test_reads_outside_leave_every_read_to_the_caller() -> None:
+    t = rpc_pb2.TxnRequest(
+        compare=[rpc_pb2.Compare(key=b"a", target=rpc_pb2.Compare.VERSION, result=rpc_pb2.Compare.EQUAL)],
+        success=[rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=b"a", prev_kv=True)), _range_op(b"b")],
+        failure=[rpc_pb2.RequestOp(request_txn=rpc_pb2.TxnRequest(success=[_range_op(b"c")]))])
+    body, plan = txn_body(t, reads_outside=True)
+    assert [op.WhichOneof("op") for op in body.success] == ["get", "put"]  # prev_kv's get stays: a written key
+    assert [q.keys.start for q in plan.ranges] == [b"b", b"c"]
+    res = _result_of(body, False)
+    assert taken_ranges(plan, res) == [1]
+    out = rpc_pb2.TxnResponse()
+    txn_reply(plan, res, rpc_pb2.ResponseHeader(revision=3), out, {1: ([_kv(b"c", b"x", 2, 2, 1)], 1, {})})
+    assert out.responses[0].response_txn.responses[0].response_range.kvs[0].value == b"x"

@@ -253,13 +253,13 @@ def _compare(c: rpc_pb2.Compare, into: kv_pb2.Compare) -> None:
 
 
 def _ops(ops: Iterable[rpc_pb2.RequestOp], into: list[kv_pb2.TxnOp], plans: list[OpPlan], depth: int,
-         count: list[int], ranges: list[RangeQuery]) -> None:
+         count: list[int], ranges: list[RangeQuery], outside: bool) -> None:
     for op in ops:
         which = op.WhichOneof("request")
         if which == "request_range":
             r = op.request_range
             q = range_query(r)
-            if q.keys.single and not q.revision:
+            if q.keys.single and not q.revision and not outside:
                 into.append(kv_pb2.TxnOp(get=r.key))
                 plans.append(OpPlan("range", query=q))
             else:  # read by the caller at the transaction's revision (or the one it names)
@@ -286,7 +286,7 @@ def _ops(ops: Iterable[rpc_pb2.RequestOp], into: list[kv_pb2.TxnOp], plans: list
             plans.append(OpPlan("delete", with_prev=d.prev_kv))
         elif which == "request_txn":
             body = kv_pb2.TxnBody()
-            nested = _txn(op.request_txn, body, depth + 1, count, ranges)
+            nested = _txn(op.request_txn, body, depth + 1, count, ranges, outside)
             into.append(kv_pb2.TxnOp(txn=body))
             plans.append(OpPlan("txn", nested=nested))
         else:
@@ -329,7 +329,7 @@ def _writes(ops: Iterable[rpc_pb2.RequestOp]) -> tuple[set[bytes], set[bytes]]:
 
 
 def _txn(r: rpc_pb2.TxnRequest, body: kv_pb2.TxnBody, depth: int, count: list[int],
-         ranges: list[RangeQuery]) -> TxnPlan:
+         ranges: list[RangeQuery], outside: bool) -> TxnPlan:
     if depth > MAX_DEPTH:
         raise invalid(f"kvstore: transactions nest at most {MAX_DEPTH} deep")
     for c in r.compare:
@@ -340,17 +340,17 @@ def _txn(r: rpc_pb2.TxnRequest, body: kv_pb2.TxnBody, depth: int, count: list[in
     plan = TxnPlan([], [])
     succ: list[kv_pb2.TxnOp] = []
     fail: list[kv_pb2.TxnOp] = []
-    _ops(r.success, succ, plan.success, depth, count, ranges)
-    _ops(r.failure, fail, plan.failure, depth, count, ranges)
+    _ops(r.success, succ, plan.success, depth, count, ranges, outside)
+    _ops(r.failure, fail, plan.failure, depth, count, ranges, outside)
     body.success.extend(succ)
     body.failure.extend(fail)
     return plan
 
 
-def txn_body(r: rpc_pb2.TxnRequest) -> tuple[kv_pb2.TxnBody, TxnPlan]:
+def txn_body(r: rpc_pb2.TxnRequest, reads_outside: bool = False) -> tuple[kv_pb2.TxnBody, TxnPlan]:
     """etcd's TxnRequest as kvstore's TxnBody and the plan to map its result back. A read of one
-    key becomes a get in the body; a read over several keys or at a revision becomes no kvstore
-    op (`OpPlan.external`, its query in `TxnPlan.ranges`: the caller reads it). A put's lease
+    key becomes a get in the body (with `reads_outside`, an external read too); a read over
+    several keys or at a revision becomes no kvstore op (`OpPlan.external`, its query in `TxnPlan.ranges`: the caller reads it). A put's lease
     is carried (`TxnPut.lease`; its `checked` is left 0 for the caller), and so is a compare of
     a key's lease (COMPARE_LEASE). Compares over a range, range deletes, ignore_value and ignore_lease are refused
     (`unsupported`); prev_kv becomes a get before the write. More than MAX_TXN_OPS kvstore ops
@@ -358,7 +358,7 @@ def txn_body(r: rpc_pb2.TxnRequest) -> tuple[kv_pb2.TxnBody, TxnPlan]:
     put and deleted) in one branch are refused as etcd refuses them (INVALID_ARGUMENT)."""
     body = kv_pb2.TxnBody()
     ranges: list[RangeQuery] = []
-    plan = _txn(r, body, 1, [0], ranges)
+    plan = _txn(r, body, 1, [0], ranges, reads_outside)
     plan.ranges = ranges
     _writes(r.success)
     _writes(r.failure)

@@ -316,6 +316,12 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                 return resp
             groups = {self.n.group_of(k) for k in txn_keys(body)}
             one = groups.pop() if len(groups) == 1 else None
+            if one is None and (plan.ranges or leased_puts(body)):
+                # its one-key reads may be read at the transaction's revision too (`_txn_reading`)
+                body_out, plan_out = txn_body(request, reads_outside=True)
+                written = {self.n.group_of(k) for k in txn_keys(body_out)}
+                if len(written) <= 1:
+                    body, plan, one = body_out, plan_out, (written.pop() if written else None)
             leased = leased_puts(body)
             if leased and one is None:
                 raise unsupported("a put with a lease in a transaction whose keys are in several groups")
@@ -326,8 +332,8 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                 put.checked = await self._lease_checked(put.lease, self.n.group_of(put.key), context)
             if plan.ranges:
                 if one is None and (body.compares or body.success or body.failure):
-                    raise unsupported("a range read (range_end or a revision) in a transaction whose compares, "
-                                      "writes and one-key reads are in several groups")
+                    raise unsupported("a range read (range_end or a revision) in a transaction whose compares "
+                                      "and writes are in several groups")
                 return await self._txn_reading(body, plan, one, context)
             t = await self.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True, group=one)
             txn_reply(plan, t.result, self.n.header(t.revision, one), resp, None, self._leases(txn_gets(t.result)))
@@ -337,8 +343,9 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
 
     async def _txn_reading(self, body: kv_pb2.TxnBody, plan: TxnPlan, group: int | None,
                            context: grpc.aio.ServicerContext) -> rpc_pb2.TxnResponse:
-        """A Txn with ranges over several keys (or at a revision, `TxnPlan.ranges`) whose
-        compares, writes and one-key reads (`body`) are all in ONE `group` (or there are none):
+        """A Txn with ranges over several keys (or at a revision, or its one-key reads:
+        `TxnPlan.ranges`) whose compares and writes (`body`, with the gets of prev_kv) are all in
+        ONE `group` (or there are none):
 
         1. M := the revision a linearizable range read across every data group was served at
            (`_scan`: every write acknowledged before this call is at or below M).
