@@ -24,6 +24,7 @@ import grpc
 from kvstore import errors
 from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
 from kvstore.storage import leases, txn
+from kvstore.storage.errors import StorageError
 from kvstore.v1 import kv_pb2
 
 from ..txn_wire import result_into, txn_from_proto
@@ -138,6 +139,15 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
             if g in self.n.host.groups:
                 out.update(revisions.read_leases(g, functools.partial(_leases_of, keys)))
         return out
+
+    def _txn_leases(self, items: list[kv_pb2.KeyValue]) -> dict[bytes, int]:
+        """`_leases` for a Txn's reads, which may follow its write: a lease table that cannot be
+        read (a group dropped from this node meanwhile) reports no leases rather than turn a
+        done write into an error."""
+        try:
+            return self._leases(items)
+        except (errors.KVError, StorageError):
+            return {}
 
     async def _get(self, q: RangeQuery, context: grpc.aio.ServicerContext
                    ) -> tuple[list[kv_pb2.KeyValue], int, int]:
@@ -336,7 +346,7 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                                       "and writes are in several groups")
                 return await self._txn_reading(body, plan, one, context)
             t = await self.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True, group=one)
-            txn_reply(plan, t.result, self.n.header(t.revision, one), resp, None, self._leases(txn_gets(t.result)))
+            txn_reply(plan, t.result, self.n.header(t.revision, one), resp, None, self._txn_leases(txn_gets(t.result)))
             return resp
         except Exception as err:
             await fail(err, context, "Txn")
@@ -396,19 +406,28 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                              f"kvstore: the transaction's keys changed under each of {TXN_READ_TRIES} tries; "
                              "nothing was written")
         answers: dict[int, RangeAnswer] = {}
-        for i in taken_ranges(plan, result):
-            q = plan.ranges[i]
-            at = dataclasses.replace(q, revision=q.revision or rev, serializable=False)
-            if at.keys.single:
-                items, _, _ = await self._get(at, context)
-                count = len(items)
-            else:
-                items, count, _ = await self._scan(at, context)
-            # leases as a Range of the current state reports them (a read at a past revision: none)
-            answers[i] = (items, count, {} if q.revision or q.count_only else self._leases(items))
+        try:
+            for i in taken_ranges(plan, result):
+                q = plan.ranges[i]
+                at = dataclasses.replace(q, revision=q.revision or rev, serializable=False)
+                if at.keys.single:
+                    items, _, _ = await self._get(at, context)
+                    count = len(items)
+                else:
+                    items, count, _ = await self._scan(at, context)
+                # leases as a Range of the current state reports them (a read at a past revision: none)
+                answers[i] = (items, count, {} if q.revision or q.count_only else self._txn_leases(items))
+        except Exception as err:
+            if not wrote:
+                raise
+            # the write is done: an error now must not read as "nothing happened"
+            detail = err.message if isinstance(err, EtcdStatus) else str(err) or type(err).__name__
+            raise EtcdStatus(grpc.StatusCode.UNAVAILABLE,
+                             f"kvstore: the transaction was written at revision {rev} but reading its ranges "
+                             f"failed: {detail}", indeterminate=True) from None
         resp = rpc_pb2.TxnResponse()
         txn_reply(plan, result, self.n.header(rev, group if wrote else None), resp, answers,
-                  self._leases(txn_gets(result)))
+                  self._txn_leases(txn_gets(result)))
         return resp
 
     async def _evaluate_at(self, body: kv_pb2.TxnBody, revision: int, context: grpc.aio.ServicerContext
