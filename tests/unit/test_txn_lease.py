@@ -231,3 +231,29 @@ def test_a_lease_compare_reads_the_attachment_and_the_txns_own_put() -> None:
     assert r.txn.succeeded and r.txn.responses[1].txn.succeeded  # type: ignore[attr-defined]
     assert not run(s, Txn((is_lid,))).txn.succeeded  # type: ignore[attr-defined]
     assert command_level(encode_command(Command.transaction(Txn((is_lid,))))) == LEVEL_LEASED_TXN
+
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+wire_puts = st.builds(kv_pb2.TxnPut, key=st.sampled_from([b"", b"k", b"j"]), value=st.binary(max_size=4),
+                      lease=st.one_of(INT64, st.just(LID)), checked=st.one_of(INT64, st.just(0)))
+wire_cmps = st.builds(kv_pb2.Compare, key=st.sampled_from([b"", b"k"]), target=st.integers(0, 7),
+                      result=st.integers(0, 5), number=INT64, value=st.binary(max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(wire_cmps, max_size=3), st.lists(wire_puts, max_size=3))
+def test_the_wire_conversion_is_total(cmps: list[kv_pb2.Compare], puts: list[kv_pb2.TxnPut]) -> None:
+    """Hostile compares and puts (leases, checked revisions, targets incl. COMPARE_LEASE): a
+    transaction or a definite InvalidArgument, nothing else; what converts encodes."""
+    body = kv_pb2.TxnBody(compares=cmps, success=[kv_pb2.TxnOp(put=p) for p in puts])
+
+    def key_ok(k: bytes) -> None:
+        if not k:
+            raise errors.InvalidArgument("empty key")
+
+    try:
+        t = txn_from_proto(body, key_ok, _ok)
+    except errors.InvalidArgument as err:
+        assert err.definite
+        return
+    assert decode_txn(encode_txn(t)) == t
