@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -179,13 +180,20 @@ def _emit_json(obj: Any) -> None:
 @click.option("--password", envvar="KVSTORE_PASSWORD", default=None, metavar="PASSWORD",
               help="Log in as --user with this password (a token is fetched and sent with every call); "
               "'-' prompts for it. Env: KVSTORE_PASSWORD.")
+@click.option("--debug", is_flag=True, envvar="KVCTL_DEBUG",
+              help="Log what the client does behind a command (a watch's restarts and why) to stderr. "
+              "Env: KVCTL_DEBUG.")
 @click.pass_context
 def cli(ctx: click.Context, endpoints: str, timeout: float, output: str, hex_: bool, certs_dir: str,
-        cacert: str, client_port: bool, user: str, password: str | None) -> None:
+        cacert: str, client_port: bool, user: str, password: str | None, debug: bool) -> None:
     """Talk to a kvstore cluster.
 
     Keys and values on the command line are UTF-8 text (hex with --hex).
     """
+    if debug:
+        logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logging.getLogger("kvstore").setLevel(logging.DEBUG)
     eps = parse_endpoints(endpoints)
     if not eps:
         raise click.BadParameter("no endpoints given", param_hint="--endpoints")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ MAX_QUEUED = 10_000
 CATCH_UP = 1.0
 """How often the subs of a merged watch below the most advanced one are asked to get to its
 revision (bookmarks while quiet; at most one request in flight per sub)."""
+
+log = logging.getLogger(__name__)
 
 _RESUMABLE = (errors.WrongShard, errors.NoLeader, errors.ResourceExhausted, errors.Unavailable,
               errors.ShuttingDown, errors.Timeout, errors.StaleReplica, errors.InternalError)
@@ -159,6 +162,8 @@ class Watches:
             if cur.started:
                 self.resumes += 1
             attempt = self._one(plan[0][0], create, cur) if len(plan) == 1 else self._merged(plan, create, cur)
+            log.debug("watch from revision %d (0: now) at %s", cur.next_rev,
+                      ", ".join(f"{ep} groups {list(gs) or 'all'}" for ep, gs in plan))
             failed: str | None = None
             try:
                 async with contextlib.aclosing(attempt) as batches:
@@ -166,17 +171,21 @@ class Watches:
                         if batch.events or progress:
                             yield batch
             except _Resume as r:
+                log.debug("watch at %s ended (%s): resuming from %d", r.endpoint, r.error, cur.next_rev)
                 if isinstance(r.error, errors.WrongShard):
                     self.router.invalidate_shard_map(r.error.shard_version)
                 failed = r.endpoint
             except _Broken as b:
                 failure = classify(b.error, endpoint=b.endpoint, is_write=False)
+                log.debug("watch at %s broke (%s): %s", b.endpoint, failure.reason,
+                          "resuming" if failure.retryable else "giving up")
                 if not failure.retryable and b.error.code() != grpc.StatusCode.UNAUTHENTICATED:
                     raise failure.error from None
                 if failure.transport:
                     self.router.on_transport_failure(None, b.endpoint, failure.reason)
                 failed = b.endpoint
             except _Idle as i:
+                log.debug("watch at %s answered nothing for %.1f s: resuming elsewhere", i.endpoint, self.idle_timeout)
                 failed = i.endpoint
             if cur.ok:  # it had started since the last failure: start afresh
                 cur.ok = False

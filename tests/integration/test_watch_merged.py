@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -123,6 +125,20 @@ async def _version_checked(cluster: Cluster) -> None:
         assert r.error.shard_version == m.version and "version" in r.cancel_reason
 
 
+def _stopped(p: subprocess.Popen[str]) -> str:
+    """Its exit code and stderr (its `--debug` log of the watch's attempts); one still running is
+    first made to print every thread's stack (SIGABRT with faulthandler on) and killed."""
+    if p.poll() is None:
+        p.send_signal(signal.SIGABRT)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    err = p.stderr.read() if p.stderr is not None else ""
+    return f"kvctl exited {p.returncode}; its stderr:\n{err[-12000:]}"
+
+
 def _kvctl(cluster: Cluster, *args: str) -> list[str]:
     return [sys.executable, "-m", "kvstore.cli.kvctl", "--endpoints", ",".join(cluster.endpoints),
             "--timeout", "20", *args]
@@ -131,7 +147,7 @@ def _kvctl(cluster: Cluster, *args: str) -> list[str]:
 def test_kvctl_watch_prefix_from_now_sees_every_later_put_once_in_order(cluster: Cluster) -> None:
     """From now: the puts it prints are exactly the acknowledged ones from some point on (no gap,
     no repeat, none missing once it started), through the last one."""
-    p = start_watching_cli(_kvctl(cluster, "-o", "json", "watch", "--prefix", "kc/"))
+    p = start_watching_cli(_kvctl(cluster, "--debug", "-o", "json", "watch", "--prefix", "kc/"))
     lines: list[dict] = []  # type: ignore[type-arg]
     first = threading.Event()
 
@@ -151,10 +167,10 @@ def test_kvctl_watch_prefix_from_now_sees_every_later_put_once_in_order(cluster:
             deadline = time.monotonic() + 60  # kvctl's start-up is slow on a loaded machine
             for i in range(3000):  # until the watch prints its first event (bounded in count and time)
                 acked.append(await kv.put(keys[i % len(keys)], b"c%d" % i))
-                if first.is_set() or time.monotonic() > deadline:
+                if first.is_set() or time.monotonic() > deadline or p.poll() is not None:
                     break
                 await asyncio.sleep(0.01)
-            assert first.is_set(), "kvctl watch printed nothing"
+            assert first.is_set(), f"kvctl watch printed nothing; {_stopped(p)}"
             for i in range(30):
                 acked.append(await kv.put(keys[i % len(keys)], b"d%d" % i))
             return acked

@@ -497,8 +497,6 @@ def watch_create(r: rpc_pb2.WatchCreateRequest, watch_id: int) -> kv_pb2.WatchCr
     keys = key_range(r.key, r.range_end)
     if r.start_revision < 0:
         raise invalid(f"etcdserver: start_revision {r.start_revision} is negative")
-    if r.fragment:
-        raise unsupported("Watch's fragment")
     filters = []
     for f in r.filters:
         if f not in rpc_pb2.WatchCreateRequest.FilterType.values():

@@ -306,13 +306,33 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                     return resp
                 d = await fw.call("Delete", kv_pb2.DeleteRequest(key=keys.start), context, is_write=True, group=group)
                 return rpc_pb2.DeleteRangeResponse(header=self.n.header(d.revision, group), deleted=1 if d.existed else 0)
-            if request.prev_kv:
-                raise unsupported("DeleteRange's prev_kv over a range (range_end)")
             d = await fw.call("Delete", kv_pb2.DeleteRequest(key=keys.start, range_end=keys.end or b"\x00"),
                               context, is_write=True)
-            return rpc_pb2.DeleteRangeResponse(header=self.n.header(d.revision), deleted=d.deleted)
+            resp = rpc_pb2.DeleteRangeResponse(header=self.n.header(d.revision), deleted=d.deleted)
+            if request.prev_kv and d.deleted:
+                resp.prev_kvs.extend(to_mvcc(kv) for kv in await self._deleted(request, d.revision, d.deleted, context))
+            return resp
         except Exception as err:
             await fail(err, context, "DeleteRange")
+
+    async def _deleted(self, request: rpc_pb2.DeleteRangeRequest, revision: int, deleted: int,
+                       context: grpc.aio.ServicerContext) -> list[kv_pb2.KeyValue]:
+        """The keys a range delete at `revision` deleted, as they were before it: the range read
+        exactly at `revision` - 1. The delete wrote at `revision` in every group at once
+        (kvstore's range delete), so the state at `revision` - 1 is the state it deleted: every
+        key present there is one it deleted, nothing can appear between the two, and the read
+        finds exactly `deleted` keys. If that read fails (history compacted meanwhile, a budget),
+        the delete has still happened: the error says so (indeterminate, never "not done")."""
+        try:
+            items, count, _ = await self._scan(range_query(rpc_pb2.RangeRequest(
+                key=request.key, range_end=request.range_end, revision=revision - 1)), context)
+        except Exception as err:
+            raise EtcdStatus(grpc.StatusCode.UNAVAILABLE, f"kvstore: the range was deleted at revision {revision}, "
+                             f"but reading its previous values failed: {err}", indeterminate=True) from None
+        if count != deleted:
+            raise EtcdStatus(grpc.StatusCode.INTERNAL, f"kvstore: the range delete at revision {revision} deleted "
+                             f"{deleted} keys, but {count} were there before it", indeterminate=True)
+        return items
 
     # --- Txn -----------------------------------------------------------------------------
     async def Txn(self, request: rpc_pb2.TxnRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.TxnResponse:

@@ -8,7 +8,11 @@ the previous create is answered), as etcd's clients expect. Automatic ids are ne
 stream (etcd's nextID only grows). A cancel of an id the stream does not have is not answered
 (as etcd's). Backpressure: at most `OUTBOX` translated responses wait for the client; beyond,
 the translation stops reading kvstore's stream, so kvstore's per-stream byte bound and its
-slow-watcher cancel apply to an etcd client that does not read."""
+slow-watcher cancel apply to an etcd client that does not read. A watch created with `fragment`
+gets a response larger than the node's request limit (`Limits.max_request`, etcd's
+`--max-request-bytes`) split as etcd's `sendFragments` splits it (`fragments`): clients that
+cannot receive messages that large (gRPC's default receive limit is 4 MiB) can still watch big
+revisions; clientv3 joins the pieces."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+from kvstore.etcdpb.mvccpb import kv_pb2 as mvcc_pb2
 from kvstore.v1 import kv_pb2
 
 from .base import EtcdNode, fail
@@ -28,6 +33,46 @@ from .status import COMPACTED, PERMISSION_DENIED
 _DONE = object()
 OUTBOX = 4
 """Translated responses queued for the client (each at most about kvstore's `reply_bytes`, 1 MiB)."""
+
+
+def _varint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def fragments(resp: rpc_pb2.WatchResponse, max_bytes: int) -> list[rpc_pb2.WatchResponse]:
+    """`resp` as etcd 3.4's `sendFragments` sends it to a watch created with `fragment`: whole
+    when it is smaller than `max_bytes` or has fewer than two events; else pieces with the same
+    header and id, each taking events in order while it stays under `max_bytes` (at least one
+    event each), `fragment` set on every piece but the last. Invariants: the pieces' events,
+    joined, are `resp`'s in order; a piece of two or more events encodes to fewer than
+    `max_bytes` bytes."""
+    if len(resp.events) < 2 or resp.ByteSize() < max_bytes:
+        return [resp]
+    shell = rpc_pb2.WatchResponse()
+    shell.CopyFrom(resp)
+    del shell.events[:]
+    shell.fragment = True
+    base = shell.ByteSize()
+    out: list[rpc_pb2.WatchResponse] = []
+    cur: list[mvcc_pb2.Event] = []
+    size = base
+    for ev in resp.events:
+        n = ev.ByteSize()
+        cost = 1 + _varint_len(n) + n  # field tag, length, the event
+        if cur and size + cost >= max_bytes:
+            piece = rpc_pb2.WatchResponse()
+            piece.CopyFrom(shell)
+            piece.events.extend(cur)
+            out.append(piece)
+            cur, size = [], base
+        cur.append(ev)
+        size += cost
+    last = rpc_pb2.WatchResponse()
+    last.CopyFrom(shell)
+    last.fragment = False
+    last.events.extend(cur)
+    out.append(last)
+    return out
 
 
 class EtcdWatch(rpc_pb2_grpc.WatchServicer):
@@ -59,6 +104,9 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
         """kvstore ids of the watches answered `created` (and not canceled since)."""
         pending: dict[int, asyncio.Event] = {}
         """kvstore ids of creates sent and not answered yet."""
+        fragmented: set[int] = set()
+        """kvstore ids of the watches created with `fragment`."""
+        max_bytes = self.n.requests.cfg.limits.max_request
         next_id = 0
 
         async def translated() -> AsyncIterator[kv_pb2.WatchRequest]:
@@ -79,6 +127,8 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
                             wid = next_id
                             next_id += 1  # never reused on this stream (etcd's nextID++)
                         kc = watch_create(c, wid + 1)
+                        if c.fragment:
+                            fragmented.add(kc.watch_id)
                     except EtcdRequestError as err:
                         await out.put(rpc_pb2.WatchResponse(header=self.n.header(0), watch_id=-1, created=True,
                                                             canceled=True, cancel_reason=err.message))
@@ -112,12 +162,14 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
                         created.add(r.watch_id)
                     if (r.created or r.canceled) and r.watch_id in pending:
                         pending.pop(r.watch_id).set()
+                    e = self._response(r)
                     if r.canceled and r.watch_id > 0:
                         in_use.discard(r.watch_id - 1)
                         created.discard(r.watch_id)
-                    e = self._response(r)
+                        fragmented.discard(r.watch_id)
                     if e is not None:
-                        await out.put(e)  # waits while the client does not read: backpressure
+                        for piece in fragments(e, max_bytes) if r.watch_id in fragmented else (e,):
+                            await out.put(piece)  # waits while the client does not read: backpressure
             except asyncio.CancelledError as err:
                 # the sender cancels this task when the call ends; any other cancel ends the call
                 with contextlib.suppress(asyncio.QueueFull):
