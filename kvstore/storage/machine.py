@@ -341,9 +341,15 @@ def apply_txn(view: StateView, t: txn.Txn, proposed: int) -> ApplyResult:
         else:
             view.put(key, value)
         leases.detach(rows, key)
-    for key, lid, _checked in out.leased:
-        leases.attach(rows, key, lid)
+    attach_leased(rows, out.leased)
     return ApplyResult(revision=out.result.revision, txn=out.result)
+
+
+def attach_leased(rows: mvcc.Rows, leased: list[tuple[bytes, int, int]]) -> None:
+    """Attach each key a transaction put with a lease (key, lease, checked), once its writes
+    are made (their detach first): the rows a LEASE_PUT writes (`leases.attach`)."""
+    for key, lid, _checked in leased:
+        leases.attach(rows, key, lid)
 
 
 def lease_refusal(rows: mvcc.Rows, group: int, leased: list[tuple[bytes, int, int]]) -> str | None:
