@@ -176,7 +176,8 @@ def lease_summary(results: list[NodeSimResult]) -> str:
     if not on:
         return "leases: off"
     return (f"leases: {len(on)} seeds, {sum(s.granted for s in on)} granted, {sum(s.renewed for s in on)} renewals, "
-            f"{sum(s.attached for s in on)} keys attached, {sum(s.expired for s in on)} expired, "
+            f"{sum(s.attached for s in on)} keys attached ({sum(s.attached_by_txn for s in on)} by a TXN), "
+            f"{sum(s.expired for s in on)} expired, "
             f"{sum(s.kept for s in on)} kept alive to the end, {sum(s.rewrites for s in on)} attached keys rewritten "
             f"by cross-group transactions, {sum(s.cross_deletions for s in on)} deletions across groups committed, "
             f"{sum(s.atomic_checked for s in on)} leases' keys in 2 groups checked deleted at one revision, "

@@ -9,7 +9,8 @@ what comes out at the leader of the target group. Each node's lease clock DRIFTS
 offset + (1 + d) * true time with |d| <= `DRIFT` (the lessor is told rho = DRIFT).
 
 Clients grant `LEASES` leases of `TTL_S` seconds in random home groups, attach two keys to each
-(LEASE_PUT, in whatever groups the keys hash to), and keep them alive (RENEW through the log)
+(the first by a TXN whose put carries the lease, `txn.PUT_LEASE`, the second by LEASE_PUT, in
+whatever groups the keys hash to), and keep them alive (RENEW through the log)
 every 400 ms or 1.5 s (`KEEPALIVE_MS`); each client stops at a random time (after a last
 keep-alive retried until answered; its home group's leadership is then transferred late in the
 lease's life), one never does.
@@ -109,7 +110,8 @@ def _const(groups: list[int]) -> Callable[[], list[int]]:
 
 
 _WRITES = frozenset({commands.Op.LEASE_PUT, commands.Op.LEASE_REVOKE, commands.Op.LEASE_EXPIRE,
-                     commands.Op.LEASE_DROP, commands.Op.LEASE_FORGET, commands.Op.LEASE_ORPHAN})
+                     commands.Op.LEASE_DROP, commands.Op.LEASE_FORGET, commands.Op.LEASE_ORPHAN,
+                     commands.Op.TXN})
 SWEEP = SweepParams(period_ms=300, page=64, answer_timeout_ms=1_000)
 """The orphan sweep's pace in the simulator (each data group's leader, `kvstore/node/orphans.py`)."""
 STALE_MAP = 1.0
@@ -117,6 +119,15 @@ STALE_MAP = 1.0
 groups of the map read when the lease was granted (a coordinator whose map lags: a group added
 and filled by a move since is left out, issue 17's gap A; the orphan sweep deletes its keys).
 Groups removed since are not planned over (a PREPARE there would never answer)."""
+
+
+def _checked_at(t: txn.Txn, revision: int) -> txn.Txn:
+    """`t` with every leased put's `checked` set to `revision` where it was 0."""
+    def op(o: txn.TxnOp) -> txn.TxnOp:
+        if o.lease and not o.checked:
+            return dataclasses.replace(o, checked=revision)
+        return dataclasses.replace(o, txn=_checked_at(o.txn, revision)) if o.txn is not None else o
+    return txn.Txn(t.compares, tuple(map(op, t.success)), tuple(map(op, t.failure)))
 
 
 class LeaseViolation(AssertionError):
@@ -132,6 +143,8 @@ class LeaseStats:
     granted: int = 0
     renewed: int = 0
     attached: int = 0
+    attached_by_txn: int = 0
+    """Of `attached`: by a TXN's leased put (each client's first key)."""
     expired: int = 0
     kept: int = 0
     """Leases kept alive to the end (never expired)."""
@@ -268,6 +281,8 @@ class SimLeases:
             # the simulated clients attach only to a lease they hold (granted, not revoked by
             # them): checked now, at the proposing node's clock, as the server fills it
             cmd = dataclasses.replace(cmd, lease=dataclasses.replace(cmd.lease, checked=cmd.revision))
+        if cmd.txn is not None and txn.has_lease(cmd.txn):  # likewise a TXN's leased put
+            cmd = dataclasses.replace(cmd, txn=_checked_at(cmd.txn, cmd.revision))
         data = commands.encode_command(cmd)
         answered = False
 
@@ -316,11 +331,14 @@ class SimLeases:
         smap = self._smap()
         if smap is None or c.revoked_at >= 0:
             return
-        data = commands.Command.lease_command(LeaseCmd(Kind.PUT, c.lid), key, b"v")
+        by_txn = key == c.keys[0]
+        data = (commands.Command.transaction(txn.Txn(success=(txn.TxnOp(txn.OpKind.PUT, key, b"v", lease=c.lid),)))
+                if by_txn else commands.Command.lease_command(LeaseCmd(Kind.PUT, c.lid), key, b"v"))
 
         def done(res: ApplyResult | None) -> None:
             if res is not None and not res.error:
                 self.stats.attached += 1
+                self.stats.attached_by_txn += by_txn
                 c.attached_in[key] = group
                 if key == c.keys[-1] and self.sim.txn_pairs is not None and self.rng.random() < REWRITE:
                     self.sim.at(self.rng.randrange(50, 600), self._rewrite, c, key)

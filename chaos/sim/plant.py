@@ -506,9 +506,16 @@ def _per_group_deletion(data_groups: Any) -> bool:
     return False
 
 
+def _txn_attaches_nothing(rows: Any, leased: Any) -> None:
+    # BUG: a TXN's put with a lease writes the key but never attaches it: the lease's expiry
+    # leaves the key behind.
+    return None
+
+
 LEASE_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
     "lease-no-drift-margin": (Lessor, "_scan", _scan_without_margin),
     "node-lease-partial-delete": (lessor_logic, "cross_group_deletion", _per_group_deletion),
+    "node-txn-lease-not-attached": (machine, "attach_leased", _txn_attaches_nothing),
 }
 """Bugs in leases, found by the lease clients (`leases.py`, forced on in
 `tests/simulation/test_node_sim_leases.py`)."""

@@ -108,6 +108,9 @@ def group_records(
     counts.append(kid - 1)
     yield TAG_REV_STATE, b"", mvcc.RevState(revision, revision, kid).encode()
     rows: dict[bytes, bytes] = {}
+    attached: dict[int, int] = {}
+    """lease id -> how many of its keys are attached here: its count row, which a LEASE_PUT's
+    limit reads (`leases.count_row`)."""
     for le in reader.leases:
         if group and leases.home_group(le.id) == group:
             rows[leases.record_key(le.id)] = leases.Record(le.ttl_s, le.remaining_ms, 1).encode()
@@ -121,8 +124,9 @@ def group_records(
                                        f"({int.from_bytes(rows[owner], 'big'):x} and {le.id:x})")
                 rows[leases.attach_key(le.id, key)] = key
                 rows[owner] = leases.owner_row(le.id)
-                ck = leases.count_key(le.id)  # the attachment count a LEASE_PUT's limit reads
-                rows[ck] = (int.from_bytes(rows.get(ck, bytes(8)), "big") + 1).to_bytes(8, "big")
+                attached[le.id] = attached.get(le.id, 0) + 1
+    for lid, n in attached.items():
+        rows[leases.count_key(lid)] = leases.count_row(n)
     for row in sorted(rows):
         yield TAG_LEASES, row, rows[row]
 

@@ -197,11 +197,14 @@ class Lessor:
                 out.append(Proposal(self.group, LeaseCmd(Kind.CHECKPOINT, lid, renews=le.renews,
                                                          remaining_ms=min(rem, le.ttl_s * 1000))))
             self._schedule(lid, le)
+        others: set[int] | None = None  # the other data groups: read once per step, when first needed
         for lid, rv in self.revoked.items():
             if len(out) >= limit:
                 break
             if not rv.pending:
-                rv.pending = set(data_groups()) - {0, self.group} - rv.done
+                if others is None:
+                    others = set(data_groups()) - {0, self.group}
+                rv.pending = others - rv.done
             if not rv.pending:
                 if now_ms - rv.sent.get(self.group, -math.inf) >= p.retry_ms:
                     rv.sent[self.group] = now_ms

@@ -50,12 +50,12 @@ from dataclasses import dataclass, field
 from kvstore import errors
 from kvstore.node.metakey import MetaKeyTracker, MetaStore
 from kvstore.shard.shardmap import ShardMap
-from kvstore.storage import commands
+from kvstore.storage import commands, txn
 from kvstore.storage.shardcmd import REC_LEASE, ShardOp, decode_shard_command, is_shard_command, iter_records
 
 __all__ = [
-    "COMMAND_LEVELS", "FEATURES", "FORM_LEVELS", "LEVEL_BASE", "LEVEL_CROSS_TRANSACTIONS", "LEVEL_LEASES",
-    "LEVEL_TRANSACTIONS", "MAX_LEVEL", "SUPPORTED_LEVEL",
+    "COMMAND_LEVELS", "FEATURES", "FORM_LEVELS", "LEVEL_BASE", "LEVEL_CROSS_TRANSACTIONS", "LEVEL_LEASED_TXN",
+    "LEVEL_LEASES", "LEVEL_TRANSACTIONS", "MAX_LEVEL", "SUPPORTED_LEVEL",
     "VERSIONS_KEY", "ClusterVersion", "CommandGate", "VersionTracker", "advertise_command",
     "check_level", "check_version_change", "command_level", "decode_versions", "encode_versions", "install_level",
     "members_of",
@@ -68,6 +68,7 @@ LEVEL_BASE = 1
 LEVEL_TRANSACTIONS = 2
 LEVEL_CROSS_TRANSACTIONS = 3
 LEVEL_LEASES = 4
+LEVEL_LEASED_TXN = 5
 
 FEATURES: dict[int, str] = {
     LEVEL_BASE: "PUT, DELETE, CAS, COMPACT, CLOSE, shard commands, the metadata keys",
@@ -76,10 +77,11 @@ FEATURES: dict[int, str] = {
                               "and range deletes (with the COMMIT/RECORD form that deletes every key prepared)",
     LEVEL_LEASES: "LEASE_*: leases (TTL) and keys attached to them (with the orphan sweep's LEASE_STATUS and "
                   "LEASE_ORPHAN); a lease's deletion across groups (the lease forms of PREPARE and RECORD)",
+    LEVEL_LEASED_TXN: "TXN with a put that attaches its key to a lease (the PUT_LEASE operation, `storage/txn.py`)",
 }
 """What each feature level adds."""
 
-SUPPORTED_LEVEL = LEVEL_LEASES
+SUPPORTED_LEVEL = LEVEL_LEASED_TXN
 """The highest level this binary supports (it knows every command kind of `COMMAND_LEVELS`)."""
 
 MAX_LEVEL = 0xFFFF
@@ -97,12 +99,16 @@ COMMAND_LEVELS: dict[int, int] = {
 }
 """command kind (`commands.Op` code) -> the lowest cluster version that may propose it."""
 
-FORM_LEVELS: dict[int, int] = {commands.Op.PREPARE: LEVEL_LEASES, commands.Op.RECORD: LEVEL_LEASES}
+FORM_LEVELS: dict[int, int] = {
+    commands.Op.PREPARE: LEVEL_LEASES, commands.Op.RECORD: LEVEL_LEASES, commands.Op.TXN: LEVEL_LEASED_TXN,
+}
 """Kinds with a later form: the lease forms of PREPARE and RECORD (a lease's deletion across
 groups: PREPARE's range flag 2, RECORD's lease tail, `storage/xtxn.py`) need this level, above
 their kind's (`command_level`). A node of level 3 decodes them as malformed, so they must never
-reach a log while such a member exists. Level 4 has not been released yet: its meaning grows
-with these forms rather than taking a level of their own. Shard commands have one such form too:
+reach a log while such a member exists. Level 4 grew with these forms rather than taking a level
+of their own (it had not been released then). A TXN with a leased put (`txn.PUT_LEASE`, etcd's
+Txn with a leased put: `etcdctl lock`) is level 5: a level-4 node decodes it as malformed (an
+unknown operation kind), and level-4 binaries exist. Shard commands have one such form too:
 an INSTALL carrying lease attachments (`install_level`).
 
 Not here: the compact COMMIT/RECORD form of a range delete (tail 2, "delete every key
@@ -123,10 +129,11 @@ def command_level(data: bytes, levels: Mapping[int, int] = COMMAND_LEVELS) -> in
     if need is None or form is None or form <= need:
         return need
     try:
-        x = commands.decode_command(data).x
+        cmd = commands.decode_command(data)
     except ValueError:
         return need
-    return form if x is not None and x.lease else need
+    later = (cmd.x is not None and cmd.x.lease) or (cmd.txn is not None and txn.has_lease(cmd.txn))
+    return form if later else need
 
 def install_level(data: bytes) -> int:
     """The lowest cluster version that may propose the shard command `data`: `LEVEL_LEASES` for
@@ -338,8 +345,8 @@ class CommandGate:
         if len(data) < 2:
             return
         if is_shard_command(data):
-            cluster = self.version().cluster if data[1] == ShardOp.INSTALL else LEVEL_LEASES
-            if cluster < LEVEL_LEASES and install_level(data) > cluster:
+            cluster = self.version().cluster
+            if cluster < LEVEL_LEASES and install_level(data) > cluster:  # LEVEL_BASE unless an INSTALL
                 raise errors.ClusterVersionTooLow(
                     f"an INSTALL carrying lease attachments needs cluster version {LEVEL_LEASES} "
                     f"({FEATURES[LEVEL_LEASES]}); the cluster version is {cluster}")
@@ -359,7 +366,7 @@ class CommandGate:
         lag = v.lagging(self.members(), need)
         name = commands.Op(data[1]).name if data[1] in commands.Op._value2member_map_ else f"kind {data[1]}"
         if need > self.levels.get(data[1], need):
-            name += " (a lease's deletion across groups)"
+            name += " with a leased put" if data[1] == commands.Op.TXN else " (a lease's deletion across groups)"
         raise errors.ClusterVersionTooLow(
             f"{name} needs cluster version {need} ({FEATURES.get(need, 'a newer feature level')}); the cluster "
             f"version is {v.cluster}" + (f"; members below level {need}: {', '.join(lag)}" if lag else

@@ -200,6 +200,12 @@ class KVRequests:
         for k, h in hashes.items():
             groups.setdefault(m.group_for_hash(h), k)
         if len(groups) > 1:
+            if txn.has_lease(t):
+                names = ", ".join(str(g) for g in sorted(groups))
+                raise errors.InvalidArgument(
+                    f"a transaction with a leased put or a lease compare must name keys of one group only (its "
+                    f"keys are in groups {names}): a transaction across groups cannot attach keys to a lease or "
+                    f"read their leases yet")
             if self.cross is None:
                 names = ", ".join(f"{g} (key {k[:32]!r})" for g, k in sorted(groups.items()))
                 raise errors.InvalidArgument(f"this node runs no cross-group transactions: the keys are in groups {names}")

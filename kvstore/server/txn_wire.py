@@ -1,7 +1,8 @@
 """Transactions on the wire: `kv_pb2.TxnBody` (hostile input) to `storage.txn.Txn`, and results
 back. Every field is validated here, before anything reaches a group: an unknown enum, an unset
 operation, a key or value over the node's limits, a negative number, more than
-`txn.MAX_TXN_ITEMS` compares and operations or nesting deeper than `txn.MAX_TXN_DEPTH` are a
+`txn.MAX_TXN_ITEMS` compares and operations or nesting deeper than `txn.MAX_TXN_DEPTH`, a put's
+lease that is not a valid lease id (`leases.check_id`) are a
 definite INVALID_ARGUMENT (or KEY_TOO_LARGE / VALUE_TOO_LARGE), with a message saying which."""
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from kvstore import errors
-from kvstore.storage import txn
+from kvstore.storage import leases, txn
 from kvstore.v1 import kv_pb2
 
 _TARGETS = {
     kv_pb2.COMPARE_VALUE: txn.Target.VALUE, kv_pb2.COMPARE_VERSION: txn.Target.VERSION,
     kv_pb2.COMPARE_CREATE: txn.Target.CREATE, kv_pb2.COMPARE_MOD: txn.Target.MOD,
+    kv_pb2.COMPARE_LEASE: txn.Target.LEASE,
 }
 _RESULTS = {
     kv_pb2.EQUAL: txn.CmpResult.EQUAL, kv_pb2.NOT_EQUAL: txn.CmpResult.NOT_EQUAL,
@@ -63,7 +65,17 @@ def txn_from_proto(
             if which == "put":
                 check_key(op.put.key)
                 check_value(op.put.value)
-                out.append(txn.TxnOp(txn.OpKind.PUT, op.put.key, op.put.value))
+                lease, checked = op.put.lease, op.put.checked
+                if lease:
+                    try:
+                        leases.check_id(lease)
+                    except ValueError as err:
+                        raise errors.InvalidArgument(str(err)) from None
+                if not 0 <= checked <= leases.MAX_CHECKED:
+                    raise errors.InvalidArgument(f"a put's checked revision {checked} is out of range")
+                if checked and not lease:
+                    raise errors.InvalidArgument("a put without a lease carries no checked revision")
+                out.append(txn.TxnOp(txn.OpKind.PUT, op.put.key, op.put.value, lease=lease, checked=checked))
             elif which == "delete":
                 check_key(op.delete)
                 out.append(txn.TxnOp(txn.OpKind.DELETE, op.delete))

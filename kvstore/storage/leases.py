@@ -80,7 +80,11 @@ re-GRANT of the id and so outlives the other groups'), indexed by an age row `x`
 command that applies (not a refused one) and every cross-group command forgets at most `GC_PER_ENTRY` tombstones whose
 expiry is below the group's last revision (`gc`: a pure function of the rows, the same on every
 replica and store). The bases: DROP and FORGET, max(last, proposed) - the proposal is the home
-leader's / the DROP sender's HLC reading taken after the lease's death applied at its home; a
+leader's / the DROP sender's HLC reading taken after the lease's death applied at its home (one
+above `mvcc.PROPOSAL_MAX` is refused, a definite error result with nothing changed, whether or not
+the command deletes a key, as a write's proposal is - so are REVOKE's and EXPIRE's, which run the
+same deletion, `drop_attached`: a forged keyless DROP or FORGET must not keep a tombstone
+forever); a
 deletion across groups, max(last, R) in every group (R = max of the PREPAREs' revisions, each at
 least the coordinator's HLC reading when it sent them). Why a LEASE_PUT that is accepted in a
 group other than the home still meets the tombstone (L: the group's last revision when the PUT
@@ -139,7 +143,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import mvcc
@@ -180,6 +184,10 @@ TOMB_LIFE = LEASE_PUT_MAX_AGE + TOMB_MARGIN
 HLC time); the home keeps its own twice as long."""
 GC_PER_ENTRY = 4
 """The most tombstones one applied command forgets."""
+TOMB_EXPIRY_MAX = mvcc.REVISION_MAX - mvcc.STEP
+"""The latest expiry a tombstone gets: below the last revision every group can reach (each
+group's highest is at least `REVISION_MAX - STEP + 1`), so every tombstone can be forgotten
+(a home tombstone based at `mvcc.PROPOSAL_MAX` would otherwise expire past the end)."""
 _U64_MAX = (1 << 64) - 1
 
 
@@ -373,9 +381,9 @@ def tomb_expiry(rows: mvcc.Rows, lease_id: int) -> int | None:
 
 def put_tomb(rows: mvcc.Rows, group: int, lease_id: int, base: int) -> None:
     """Keep a tombstone of `lease_id` until `base` + its life (`TOMB_LIFE`, twice that in the
-    home group); an existing tombstone keeps the later expiry."""
+    home group; at most `TOMB_EXPIRY_MAX`); an existing tombstone keeps the later expiry."""
     life = TOMB_LIFE * 2 if home_group(lease_id) == group else TOMB_LIFE
-    expiry = min(base + life, _U64_MAX)
+    expiry = min(base + life, TOMB_EXPIRY_MAX)
     old = tomb_expiry(rows, lease_id)
     if old is not None:
         if old >= expiry:
@@ -387,16 +395,12 @@ def put_tomb(rows: mvcc.Rows, group: int, lease_id: int, base: int) -> None:
 
 def gc(rows: mvcc.Rows) -> int:
     """Forget at most `GC_PER_ENTRY` tombstones whose expiry is below the group's last revision
-    (with their age rows), oldest first; returns how many. Deterministic: a function of the rows."""
-    last = mvcc.rev_state(rows).last
-    gone: list[bytes] = []
-    for k, _ in rows.iter(T_LEASES, b"x", b"y"):
-        k = bytes(k)
-        if len(k) != 17:  # never there (snapshots are checked: `check_rows`): skip, do not stop
-            continue
-        if len(gone) >= GC_PER_ENTRY or _U64.unpack_from(k, 1)[0] >= last:
-            break
-        gone.append(k)
+    (with their age rows), oldest first (`mvcc.expired`); returns how many. Deterministic: a
+    function of the rows. A group that keeps no tombstone answers from the rows' per-batch flag
+    (`mvcc.Rows.has_tombstones`): a plain lease command (GRANT, RENEW) costs no walk there."""
+    if not rows.has_tombstones():
+        return 0
+    gone = mvcc.expired(rows, T_LEASES, b"x", 1 + _AGE.size, GC_PER_ENTRY, "lease tombstone")
     for k in gone:
         lid = _U64.unpack_from(k, 9)[0]
         rows.delete(T_LEASES, k)
@@ -420,6 +424,14 @@ def count_key(lease_id: int) -> bytes:
     return b"C" + _U64.pack(lease_id)
 
 
+def count_row(n: int) -> bytes:
+    """The value of a lease's count row (`count_key`): how many keys are attached to it in the
+    group, n >= 1 (the row is absent at 0: `check_rows`)."""
+    if not 0 < n <= _U64_MAX:
+        raise ValueError(f"lease attachment count {n} is not a positive u64")
+    return _U64.pack(n)
+
+
 def attached_count(rows: mvcc.Rows, lease_id: int) -> int:
     """How many keys are attached to `lease_id` in this group (its "C" row; 0 when absent)."""
     raw = rows.get(T_LEASES, count_key(lease_id))
@@ -434,7 +446,7 @@ def _count_add(rows: mvcc.Rows, lease_id: int, delta: int) -> None:
     """Add `delta` to `lease_id`'s count row (the row goes at 0; never below 0)."""
     n = attached_count(rows, lease_id) + delta
     if n > 0:
-        rows.put(T_LEASES, count_key(lease_id), _U64.pack(n))
+        rows.put(T_LEASES, count_key(lease_id), count_row(n))
     else:
         rows.delete(T_LEASES, count_key(lease_id))
 
@@ -534,7 +546,13 @@ def attachments(rows: mvcc.Rows, chosen: Callable[[bytes], bool]) -> list[tuple[
 def forget_keys(rows: mvcc.Rows, chosen: Callable[[bytes], bool]) -> int:
     """Remove the attachment rows of every attached key that is `chosen` (the ranges a group
     drops after a move, or wipes before installing them). Returns how many."""
-    gone = attachments(rows, chosen)
+    return _forget(rows, attachments(rows, chosen))
+
+
+def _forget(rows: mvcc.Rows, gone: list[tuple[bytes, int]]) -> int:
+    """Remove the attachment rows (`A`, `K`) of each (key, lease id) of `gone` (attachments the
+    group holds) and lower each lease's count row by its number (the row goes at 0). Returns
+    how many. The one writer of `forget_keys` and `forget_attached`."""
     per: dict[int, int] = {}
     for key, lid in gone:
         rows.delete(T_LEASES, attach_key(lid, key))
@@ -620,7 +638,10 @@ def drop_attached(rows: mvcc.Rows, group: int, lease_id: int, proposed: int, get
     froze or is installing: a frozen key is immutable, so its export reads the same on every
     replica, and it moves WITH its attachment; the deletion is retried after the move, where
     the move put the key). A key neither served nor moving (a row the group no longer owns) is
-    only detached."""
+    only detached. A proposal above `mvcc.PROPOSAL_MAX` is refused (RevisionError) whether or not
+    a key is deleted: a DROP's tombstone is based on it, and a forged keyless one must not keep a
+    tombstone forever."""
+    mvcc.check_proposal(proposed)
     keys = attached_keys(rows, lease_id)
     if any(moving(k) for k in keys):
         return Outcome(error=LEASE_MOVING, moving=True)
@@ -628,20 +649,27 @@ def drop_attached(rows: mvcc.Rows, group: int, lease_id: int, proposed: int, get
     rev = 0
     if present:
         rev = mvcc.next_revision(mvcc.rev_state(rows).last, proposed, group)
-        for k, prev in present:
-            mvcc.write_version(rows, group, k, None, prev, rev, exact=True)
-            delete(k)
+        delete_at(rows, group, rev, present, delete)
     forget_attached(rows, lease_id, keys)
     return Outcome(found=True, deleted=len(present), revision=rev)
 
 
+def delete_at(rows: mvcc.Rows, group: int, rev: int, keys: Sequence[tuple[bytes, bytes | None]], delete: Delete) -> None:
+    """Delete each (key, current value) of `keys` at revision `rev` (a next revision of the group:
+    `mvcc.write_version(exact=True)`; a key whose value is None is absent: nothing to delete). The
+    one loop of a lease's deletion in a group (`drop_attached`) and of the ACTIVATE's deletion of
+    keys a move brought attached to a dead lease (`machine.settle_dead_attachments`); their
+    attachment rows are the caller's."""
+    for k, prev in keys:
+        if prev is not None:
+            mvcc.write_version(rows, group, k, None, prev, rev, exact=True)
+            delete(k)
+
+
 def forget_attached(rows: mvcc.Rows, lease_id: int, keys: list[bytes] | None = None) -> None:
     """Remove every attachment row of `lease_id` in this group (`keys`: `attached_keys`, if read
-    already); the keys themselves are not touched."""
-    for k in attached_keys(rows, lease_id) if keys is None else keys:
-        rows.delete(T_LEASES, attach_key(lease_id, k))
-        rows.delete(T_LEASES, owner_key(k))
-    rows.delete(T_LEASES, count_key(lease_id))
+    already), its count row with them; the keys themselves are not touched."""
+    _forget(rows, [(k, lease_id) for k in (attached_keys(rows, lease_id) if keys is None else keys)])
 
 
 LEASE_RENEWED = "lease renewed since its expiry was decided"
@@ -705,10 +733,7 @@ def _apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, p
         rows.put(T_LEASES, rk, Record(c.ttl_s, c.ttl_s * 1000, 1).encode())
         return Outcome(found=True, ttl_s=c.ttl_s)
     if k == Kind.PUT:
-        if home:
-            if rec is None or rec.state != LIVE:
-                return Outcome(error=NOT_FOUND)
-        elif rows.get(T_LEASES, tomb_key(lid)) is not None or too_old(rows, c.checked):
+        if not may_attach(rows, group, lid) or (not home and too_old(rows, c.checked)):
             return Outcome(error=NOT_FOUND)
         if attach_refused(rows, key, lid):
             return Outcome(error=TOO_MANY_KEYS)
@@ -751,6 +776,7 @@ def _apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, p
             rows.put(T_LEASES, rk, Record(rec.ttl_s, 0, rec.renews, REVOKED).encode())
         return out
     if k == Kind.FORGET:
+        mvcc.check_proposal(proposed)  # the tombstone's base: refused beyond PROPOSAL_MAX, as a DROP's
         if rec is None or rec.state != REVOKED:
             return Outcome()
         rows.delete(T_LEASES, rk)

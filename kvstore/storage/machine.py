@@ -23,7 +23,10 @@ Semantics (deterministic: every replica computes the same result and the same ne
   (pure) against the group's current state, as if written at R = `mvcc.next_revision(last,
   proposed, group)`; then every write it returns is made at exactly R (etcd's rule: one revision
   per transaction; the change log holds them all at R, so a watch delivers them together). A
-  transaction that writes nothing leaves the revision state alone (result revision 0). The
+  transaction that writes nothing leaves the revision state alone (result revision 0). A put
+  with a lease on the branch taken attaches its key as a LEASE_PUT would (`lease_refusal`: a
+  lease that may not attach refuses the whole transaction, an error result, nothing written; a
+  TXN naming a lease whose deletion is prepared here is LOCKED, `_locked`). The
   result (succeeded, per-operation responses) is cached in the session like any result, so a
   retry answers it again without re-running it. Ownership: every key the transaction names (on
   any path) must be served by the group, else `wrong_shard` as for a single key.
@@ -313,17 +316,23 @@ def apply_txn(view: StateView, t: txn.Txn, proposed: int) -> ApplyResult:
     rows = view.mvcc
     rev = mvcc.next_revision(mvcc.rev_state(rows).last, proposed, view.group)
 
+    with_leases = txn.compares_lease(t)
+
     def read(key: bytes) -> txn.Current | None:
         value = view.get(key)
         meta = mvcc.current_meta(rows, key, value)
         if value is None or meta is None:
             return None
-        return txn.Current(value, meta.create_revision, meta.mod_revision, meta.version)
+        return txn.Current(value, meta.create_revision, meta.mod_revision, meta.version,
+                           leases.lease_of(rows, key) if with_leases else 0)
 
     try:
         out = txn.evaluate(t, read, rev)
     except txn.ResultTooLarge as err:
         return ApplyResult(error=str(err))  # nothing written
+    refused = lease_refusal(rows, view.group, out.leased)
+    if refused is not None:
+        return ApplyResult(error=refused)  # nothing written: the whole transaction is refused
     for key, value in out.writes:
         prev = view.get(key)
         mvcc.write_version(rows, view.group, key, value, prev, rev, exact=True)
@@ -332,7 +341,37 @@ def apply_txn(view: StateView, t: txn.Txn, proposed: int) -> ApplyResult:
         else:
             view.put(key, value)
         leases.detach(rows, key)
+    attach_leased(rows, out.leased)
     return ApplyResult(revision=out.result.revision, txn=out.result)
+
+
+def attach_leased(rows: mvcc.Rows, leased: list[tuple[bytes, int, int]]) -> None:
+    """Attach each key a transaction put with a lease (key, lease, checked), once its writes
+    are made (their detach first): the rows a LEASE_PUT writes (`leases.attach`)."""
+    for key, lid, _checked in leased:
+        leases.attach(rows, key, lid)
+
+
+def lease_refusal(rows: mvcc.Rows, group: int, leased: list[tuple[bytes, int, int]]) -> str | None:
+    """Why a transaction's puts with leases (key, lease, checked; each key once) may not attach
+    in this group, or None: each by a LEASE_PUT's rules (`leases.py`): in the lease's home its
+    record must be LIVE, elsewhere the group must hold no tombstone of it and `checked` must be
+    recent (`leases.too_old`): else `leases.NOT_FOUND`; and no lease may end with more than
+    `leases.MAX_KEYS_PER_LEASE` keys attached here (the new attachments of one transaction
+    counted together): else `leases.TOO_MANY_KEYS`. Pure: reads only."""
+    new: dict[int, int] = {}
+    for key, lid, checked in leased:
+        if leases.home_group(lid) == group:
+            if not leases.may_attach(rows, group, lid):
+                return leases.NOT_FOUND
+        elif not leases.may_attach(rows, group, lid) or leases.too_old(rows, checked):
+            return leases.NOT_FOUND
+        if leases.lease_of(rows, key) != lid:
+            new[lid] = new.get(lid, 0) + 1
+    for lid, n in new.items():
+        if leases.attached_count(rows, lid) + n > leases.MAX_KEYS_PER_LEASE:
+            return leases.TOO_MANY_KEYS
+    return None
 
 
 def apply_lease(view: StateView, cmd: Command) -> ApplyResult:
@@ -345,7 +384,7 @@ def apply_lease(view: StateView, cmd: Command) -> ApplyResult:
     lc = cmd.lease
     assert lc is not None  # the caller checked
     st = view.shards
-    if st is None:
+    if st is None or lc.kind not in _LEASE_DELETES:  # only a deletion asks what the group serves or moves
         out = leases.apply(view.mvcc, view.group, lc, cmd.key, cmd.value, cmd.revision, view.get, view.put,
                            view.delete)
     else:
@@ -388,6 +427,10 @@ def _locked(view: StateView, cmd: Command) -> ApplyResult | None:
     refused while a deletion of its lease holds a lease lock here (`xtxn_apply.lease_locked`)."""
     try:
         if cmd.txn is not None:
+            for key, lid in txn.leased_puts(cmd.txn):  # as a LEASE_PUT: not while its lease's deletion is prepared
+                lock = xtxn_apply.lease_locked(view.mvcc, lid, key)
+                if lock is not None:
+                    return lock
             return xtxn_apply.locked(view.mvcc, (k for k, _ in txn.keys_of(cmd.txn)))
         lc = cmd.lease
         if lc is not None and lc.kind in _LEASE_DELETES:
@@ -709,10 +752,8 @@ def settle_dead_attachments(view: StateView, ranges: IntervalSet) -> None:
     if not dead:
         return
     rev = mvcc.next_revision(mvcc.rev_state(rows).last, 0, view.group)
-    for key, prev in dead:
-        if prev is not None:
-            mvcc.write_version(rows, view.group, key, None, prev, rev, exact=True)
-            view.delete(key)
+    leases.delete_at(rows, view.group, rev, dead, view.delete)
+    for key, _ in dead:
         leases.detach(rows, key)
 
 

@@ -41,6 +41,7 @@ bytes: user key + revision would not fit for the longest keys. Invariants:
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ T_LEASES = 6
 KIND_PUT = 1
 KIND_DELETE = 2
 
+log = logging.getLogger("kvstore.mvcc")
 _U64 = struct.Struct(">Q")
 _PAIR = struct.Struct(">QQ")
 _ROW = struct.Struct(">BQQ")
@@ -123,6 +125,15 @@ def slot_of(group: int) -> int:
     return group % MAX_GROUPS
 
 
+def check_proposal(proposed: int) -> int:
+    """`proposed` if it may be a write's proposed revision (0..PROPOSAL_MAX), else RevisionError
+    (the apply rule's refusal of an absurd proposal: `next_revision`, `write_version`, and a
+    command that writes only a revision-based time, such as a lease's tombstone)."""
+    if proposed > PROPOSAL_MAX or proposed < 0:
+        raise RevisionError(f"proposed revision {proposed} is out of range")
+    return proposed
+
+
 def next_revision(last: int, proposed: int, group: int) -> int:
     """The apply rule: the smallest revision in `group`'s slot that is > `last` and >= `proposed`.
 
@@ -130,8 +141,7 @@ def next_revision(last: int, proposed: int, group: int) -> int:
     proposal (so at least every revision the client and the leader had seen, plus one), and
     deterministic. Raises RevisionError if the proposal is absurd (above PROPOSAL_MAX) or the
     result would leave the int64 range."""
-    if proposed > PROPOSAL_MAX or proposed < 0:
-        raise RevisionError(f"proposed revision {proposed} is out of range")
+    check_proposal(proposed)
     c = max(last + 1, proposed)
     slot = slot_of(group)
     rev = ((c - slot + STEP - 1) >> SLOT_BITS << SLOT_BITS) + slot
@@ -224,6 +234,11 @@ class Rows(Protocol):
         none is, a write has nothing to detach (the hot path skips the lookup)."""
         ...
 
+    def has_tombstones(self) -> bool:
+        """Whether the group keeps any lease tombstone (`T_LEASES` age rows `x...`): when it keeps
+        none, a lease command has none to forget (`leases.gc` skips its walk)."""
+        ...
+
     def last_le(self, t: int, lo: bytes, k: bytes) -> tuple[bytes, bytes] | None:
         """The row with the greatest key in [lo, k], if any."""
         ...
@@ -237,6 +252,25 @@ class Rows(Protocol):
         """The keys of the rows with lo <= key < hi (hi None: to the group's last row),
         descending. Read only: the caller does not change the table while iterating."""
         ...
+
+
+def expired(rows: Rows, t: int, tag: bytes, key_len: int, limit: int, what: str) -> list[bytes]:
+    """The keys of at most `limit` rows of the expiry index `tag` in table `t` (row keys of
+    `key_len` bytes: `tag` expiry:u64 ...) whose expiry is below the group's last revision, oldest
+    first: what one applied command forgets (the cross-group transactions' `g` rows, the lease
+    tombstones' `x` rows). A row of another length (never there: snapshots are checked) is
+    skipped, not the end of the walk. Deterministic: a function of the rows."""
+    last = rev_state(rows).last
+    out: list[bytes] = []
+    for k, _ in rows.iter(t, tag, bytes((tag[0] + 1,))):
+        k = bytes(k)
+        if len(k) != key_len:
+            log.warning("%s GC: skipped a malformed row of %d bytes", what, len(k))
+            continue
+        if len(out) >= limit or _U64.unpack_from(k, 1)[0] >= last:
+            break
+        out.append(k)
+    return out
 
 
 def rev_state(rows: Rows) -> RevState:

@@ -35,7 +35,7 @@ class LmdbRows:
 
     __slots__ = (
         "_attached", "_changes", "_dbs", "_dirty", "_end", "_hist", "_keycur", "_keys", "_locks", "_p", "_puts", "_state",
-        "_txn",
+        "_tombs", "_txn",
     )
 
     def __init__(self, txn: Txn, group: int, dbs: tuple[Db, ...]) -> None:
@@ -56,6 +56,8 @@ class LmdbRows:
         batch, and again after this view deletes one)."""
         self._attached: bool | None = None
         """Whether a key of the group is attached to a lease (None: not known yet; as `_locks`)."""
+        self._tombs: bool | None = None
+        """Whether the group keeps a lease tombstone (None: not known yet; as `_locks`)."""
 
     def get(self, t: int, k: bytes) -> bytes | None:
         if t == _T_KEYS:
@@ -77,6 +79,8 @@ class LmdbRows:
             self._locks = True
         elif t == _T_LEASES and k[:1] == b"K":
             self._attached = True
+        elif t == _T_LEASES and k[:1] == b"x":
+            self._tombs = True
         self._txn.put(self._p + k, v, db=self._dbs[t])
 
     def has_locks(self) -> bool:
@@ -104,6 +108,15 @@ class LmdbRows:
             self._attached = bool(cur.set_range(lo)) and cur.key()[:len(lo)] == lo
         return self._attached
 
+    def has_tombstones(self) -> bool:
+        """Whether the group keeps a lease tombstone (`leases.gc` is skipped without: one look per
+        batch)."""
+        if self._tombs is None:
+            lo = self._p + b"x"
+            cur = self._txn.cursor(db=self._dbs[_T_LEASES])
+            self._tombs = bool(cur.set_range(lo)) and cur.key()[:len(lo)] == lo
+        return self._tombs
+
     def record(self, key: bytes, kid_rev: bytes, row: bytes, rev_kid: bytes, key_row: bytes | None) -> None:
         puts = self._puts
         if puts is None:
@@ -125,7 +138,7 @@ class LmdbRows:
         if t in (_T_INTENTS, _T_TXN):
             self._locks = None
         elif t == _T_LEASES:
-            self._attached = None
+            self._attached = self._tombs = None
         self._txn.delete(self._p + k, db=self._dbs[t])
 
     def last_le(self, t: int, lo: bytes, k: bytes) -> tuple[bytes, bytes] | None:

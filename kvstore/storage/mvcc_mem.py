@@ -65,6 +65,12 @@ class MemRows:
         i = bisect_left(ks, b"K")
         return i < len(ks) and ks[i][:1] == b"K"
 
+    def has_tombstones(self) -> bool:
+        """Whether any lease tombstone is kept (`mvcc.Rows.has_tombstones`)."""
+        ks = self.keys[T_LEASES]
+        i = bisect_left(ks, b"x")
+        return i < len(ks) and ks[i][:1] == b"x"
+
     def delete(self, t: int, k: bytes) -> None:
         d = self.tables[t]
         old = d.pop(k, None)

@@ -7,7 +7,9 @@ revision; a later two-phase commit across groups is meant to reuse `evaluate` un
 prepared revision (the function takes the revision and a reader, and returns the writes to make).
 
 Compare semantics (etcd's): target VALUE compares the value bytewise; VERSION, CREATE and MOD
-compare the key's version, create revision and mod revision as integers. A missing key has
+compare the key's version, create revision and mod revision as integers; LEASE the id of the
+lease the key is attached to (0: none; `Current.lease`, read only for a transaction with such a
+compare). A missing key has
 version = create = mod = 0, and every VALUE compare on it is false (whatever the operator): so
 `create("k") = "0"` is the existence test ("k" is absent), as in etcd.
 
@@ -19,7 +21,8 @@ Wire format (big-endian `struct`; never pickle or json):
 
     txn     n_cmp:u16 n_success:u16 n_failure:u16  cmp*  op*  op*
     cmp     target:u8 result:u8 key_len:u16 key  (VALUE: len:u32 value | other: number:u64)
-    op      kind:u8 key_len:u16 key  (PUT: len:u32 value | TXN: key_len 0, then a txn)
+    op      kind:u8 key_len:u16 key  (PUT: len:u32 value | TXN: key_len 0, then a txn |
+                                      PUT_LEASE (5): len:u32 value lease:u64 checked:u64)
     result  flags:u8 (bit 0 succeeded) revision:u64 n:u16  opres*
     opres   kind:u8  (PUT: nothing | DELETE: existed:u8 |
                       GET: found:u8 [create:u64 mod:u64 version:u64 len:u32 value] | TXN: result)
@@ -28,6 +31,11 @@ Invariants (checked by `check_txn`, run by both `encode_txn` and `decode_txn`):
 - at most `MAX_TXN_ITEMS` compares + operations in the whole tree, nesting at most
   `MAX_TXN_DEPTH` deep (the top level is depth 1), an encoding of at most `MAX_TXN_BYTES`;
 - keys are non-empty and at most `MAX_KEY_SIZE` bytes; numbers are 0 .. 2^63 - 1;
+- a LEASE compare, like a PUT with a lease, is a later form of TXN (target 5: a node below feature
+  level 5 decodes it as malformed; `has_lease`);
+- only a PUT carries a lease (a valid lease id: `leases.check_id`) and `checked` (0 .. 2^63 - 1,
+  and 0 without a lease); a PUT with a lease is encoded as kind PUT_LEASE, a later form of TXN
+  that a node below feature level 4 decodes as malformed (`node.version.FORM_LEVELS`);
 - no key is written (PUT or DELETE) twice on any path the transaction can take (etcd's rule:
   every write of a transaction has the same revision, and one key has one version per
   revision); the two branches of one nested transaction may write the same key;
@@ -40,8 +48,9 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from . import leases
 from .keylimit import MAX_KEY_SIZE
 
 MAX_TXN_ITEMS = 128
@@ -66,6 +75,7 @@ class Target(enum.IntEnum):
     VERSION = 2
     CREATE = 3
     MOD = 4
+    LEASE = 5
 
 
 class CmpResult(enum.IntEnum):
@@ -85,6 +95,9 @@ class OpKind(enum.IntEnum):
 _TARGETS = {int(t): t for t in Target}
 _RESULTS = {int(r): r for r in CmpResult}
 _KINDS = {int(k): k for k in OpKind}
+PUT_LEASE = 5
+"""The wire kind of a PUT with a lease (decoded as an OpKind.PUT carrying `lease`, `checked`)."""
+_LEASE_TAIL = struct.Struct(">QQ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +113,16 @@ class Compare:
 
 @dataclass(frozen=True, slots=True)
 class TxnOp:
-    """One operation: PUT `key` = `value`, DELETE `key`, GET `key`, or the nested `txn` (no key)."""
+    """One operation: PUT `key` = `value`, DELETE `key`, GET `key`, or the nested `txn` (no key).
+    A PUT's `lease` (0: none) attaches the key to that lease; `checked` is a LEASE_PUT's (when
+    the lease was seen live at its home, `leases.LeaseCmd.checked`)."""
 
     kind: OpKind
     key: bytes = b""
     value: bytes = b""
     txn: Txn | None = None
+    lease: int = 0
+    checked: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +165,8 @@ class Current:
     create_revision: int
     mod_revision: int
     version: int
+    lease: int = 0
+    """The lease the key is attached to (0: none, or not read: see `compares_lease`)."""
 
 
 Reader = Callable[[bytes], "Current | None"]
@@ -209,10 +228,37 @@ def check_txn(t: Txn) -> None:
             _check_key(op.key)
             if op.txn is not None or (op.value and op.kind != OpKind.PUT):
                 raise ValueError(f"a {op.kind.name} operation carries only a key")
+            if op.lease or op.checked:
+                if op.kind != OpKind.PUT:
+                    raise ValueError(f"a {op.kind.name} operation carries no lease")
+                leases.check_id(op.lease)
+                if type(op.checked) is not int or not 0 <= op.checked <= NUMBER_MAX:
+                    raise ValueError(f"a leased put's checked revision {op.checked!r} is out of range")
 
     walk(t, 1)
     _writes(t.success)
     _writes(t.failure)
+
+
+def compares_lease(t: Txn) -> bool:
+    """Whether a LEASE compare is on any path of `t` (its reader must then fill `Current.lease`)."""
+    return any(c.target == Target.LEASE for c in t.compares) or any(
+        op.txn is not None and compares_lease(op.txn) for op in (*t.success, *t.failure))
+
+
+def has_lease(t: Txn) -> bool:
+    """Whether a PUT with a lease or a LEASE compare is on any path of `t` (its encoding then
+    needs level 5)."""
+    return compares_lease(t) or any(leased_puts(t))
+
+
+def leased_puts(t: Txn) -> Iterator[tuple[bytes, int]]:
+    """(key, lease) of every PUT with a lease on any path of `t`."""
+    for op in (*t.success, *t.failure):
+        if op.lease:
+            yield op.key, op.lease
+        elif op.txn is not None:
+            yield from leased_puts(op.txn)
 
 
 def keys_of(t: Txn) -> Iterator[tuple[bytes, bool]]:
@@ -244,9 +290,11 @@ def _enc(t: Txn, out: bytearray) -> None:
         out += _CMP.pack(c.target, c.result, len(c.key)) + c.key
         out += _U32.pack(len(c.value)) + c.value if c.target == Target.VALUE else _U64.pack(c.number)
     for op in (*t.success, *t.failure):
-        out += _OP.pack(op.kind, len(op.key)) + op.key
+        out += _OP.pack(PUT_LEASE if op.lease else op.kind, len(op.key)) + op.key
         if op.kind == OpKind.PUT:
             out += _U32.pack(len(op.value)) + op.value
+            if op.lease:
+                out += _LEASE_TAIL.pack(op.lease, op.checked)
         elif op.kind == OpKind.TXN:
             assert op.txn is not None
             _enc(op.txn, out)
@@ -309,13 +357,20 @@ def _dec(buf: _Buf, depth: int, items: list[int]) -> Txn:
     ops: list[TxnOp] = []
     for _ in range(ns + nf):
         k, kl = buf.unpack(_OP, "an operation")
-        kind = _KINDS.get(k)
+        kind = OpKind.PUT if k == PUT_LEASE else _KINDS.get(k)
         if kind is None:
             raise ValueError(f"unknown transaction operation kind {k}")
         key = buf.take(kl, "an operation key")
         if kind == OpKind.PUT:
             (vl,) = buf.unpack(_U32, "a put value length")
-            ops.append(TxnOp(kind, key, buf.take(vl, "a put value")))
+            value = buf.take(vl, "a put value")
+            if k == PUT_LEASE:
+                lease, checked = buf.unpack(_LEASE_TAIL, "a put's lease")
+                if not lease:
+                    raise ValueError("a leased put with lease 0")  # not canonical: that is a PUT
+                ops.append(TxnOp(kind, key, value, lease=lease, checked=checked))
+            else:
+                ops.append(TxnOp(kind, key, value))
         elif kind == OpKind.TXN:
             if key:
                 raise ValueError("a nested transaction operation carries a key")
@@ -394,7 +449,8 @@ def _holds(c: Compare, cur: Current | None) -> bool:
     else:
         a = 0 if cur is None else (
             cur.version if c.target == Target.VERSION
-            else cur.create_revision if c.target == Target.CREATE else cur.mod_revision
+            else cur.create_revision if c.target == Target.CREATE
+            else cur.lease if c.target == Target.LEASE else cur.mod_revision
         )
         b = c.number
     if c.result == CmpResult.EQUAL:
@@ -420,10 +476,12 @@ class ResultTooLarge(ValueError):
 @dataclass(slots=True)
 class Outcome:
     """`evaluate`'s answer: the result, and the writes to make at its revision in order (key,
-    new value; None: delete a present key)."""
+    new value; None: delete a present key); `leased`: (key, lease, checked) of every PUT with a
+    lease among them, in order (each key once: no key is written twice)."""
 
     result: TxnResult
     writes: list[tuple[bytes, bytes | None]]
+    leased: list[tuple[bytes, int, int]] = field(default_factory=list)
 
 
 def evaluate(t: Txn, read: Reader, revision: int) -> Outcome:
@@ -434,6 +492,7 @@ def evaluate(t: Txn, read: Reader, revision: int) -> Outcome:
     `MAX_RESULT_VALUE_BYTES` of values."""
     overlay: dict[bytes, Current | None] = {}
     writes: list[tuple[bytes, bytes | None]] = []
+    leased: list[tuple[bytes, int, int]] = []
     returned = 0
 
     def cur(key: bytes) -> Current | None:
@@ -456,10 +515,12 @@ def evaluate(t: Txn, read: Reader, revision: int) -> Outcome:
             elif op.kind == OpKind.PUT:
                 c = cur(op.key)
                 overlay[op.key] = (
-                    Current(op.value, revision, revision, 1) if c is None
-                    else Current(op.value, c.create_revision, revision, c.version + 1)
+                    Current(op.value, revision, revision, 1, op.lease) if c is None
+                    else Current(op.value, c.create_revision, revision, c.version + 1, op.lease)
                 )
                 writes.append((op.key, op.value))
+                if op.lease:
+                    leased.append((op.key, op.lease, op.checked))
                 res.append(OpResult(op.kind))
             elif op.kind == OpKind.DELETE:
                 c = cur(op.key)
@@ -475,7 +536,7 @@ def evaluate(t: Txn, read: Reader, revision: int) -> Outcome:
 
     ok, res = run(t)
     rev = revision if writes else 0
-    return Outcome(_stamp(TxnResult(ok, tuple(res)), rev), writes)
+    return Outcome(_stamp(TxnResult(ok, tuple(res)), rev), writes, leased)
 
 
 def _stamp(r: TxnResult, rev: int) -> TxnResult:

@@ -58,7 +58,6 @@ Rules (each command is idempotent: a coordinator or a resolver may propose it ag
 
 from __future__ import annotations
 
-import logging
 import struct
 from collections.abc import Iterable
 from typing import Protocol
@@ -69,7 +68,6 @@ from .commands import ApplyResult
 from .shardcmd import ShardState
 from .xtxn import Intent, Record, State, TxnId, XCmd, XOp
 
-log = logging.getLogger("kvstore.xtxn")
 GC_PER_ENTRY = 4
 TXN_ABORTED = "transaction aborted: a resolver aborted it before its commit point"
 TOO_OLD = "transaction too old: its start is more than the maximum age behind the group"
@@ -286,18 +284,9 @@ def _gc_later(rows: mvcc.Rows, start: int, t: TxnId) -> None:
 
 
 def _gc(rows: mvcc.Rows) -> None:
-    """Forget at most GC_PER_ENTRY expired rows (ABORTED / FINALIZED records, done rows)."""
-    last = mvcc.rev_state(rows).last
-    gone: list[bytes] = []
-    for k, _ in rows.iter(mvcc.T_TXN, b"g", b"h"):
-        k = bytes(k)
-        if len(k) != 1 + 8 + xtxn.ID_BYTES:  # never there (snapshots are checked): skip, do not stop
-            log.warning("transaction GC: skipped a malformed row of %d bytes", len(k))
-            continue
-        if len(gone) >= GC_PER_ENTRY or _U64.unpack_from(k, 1)[0] >= last:
-            break
-        gone.append(k)
-    for k in gone:
+    """Forget at most GC_PER_ENTRY expired rows (ABORTED / FINALIZED records, done rows), by
+    their expiry index (`g` rows: `mvcc.expired`, the walk the lease tombstones' GC uses too)."""
+    for k in mvcc.expired(rows, mvcc.T_TXN, b"g", 1 + 8 + xtxn.ID_BYTES, GC_PER_ENTRY, "transaction"):
         t = TxnId.decode(k[9:])
         rows.delete(mvcc.T_TXN, k)
         rows.delete(mvcc.T_TXN, xtxn.row_done(t))

@@ -59,6 +59,7 @@ class CompareTarget(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMPARE_VERSION: _ClassVar[CompareTarget]
     COMPARE_CREATE: _ClassVar[CompareTarget]
     COMPARE_MOD: _ClassVar[CompareTarget]
+    COMPARE_LEASE: _ClassVar[CompareTarget]
 
 class CompareResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -108,6 +109,7 @@ COMPARE_VALUE: CompareTarget
 COMPARE_VERSION: CompareTarget
 COMPARE_CREATE: CompareTarget
 COMPARE_MOD: CompareTarget
+COMPARE_LEASE: CompareTarget
 COMPARE_RESULT_UNSPECIFIED: CompareResult
 EQUAL: CompareResult
 NOT_EQUAL: CompareResult
@@ -283,12 +285,16 @@ class Compare(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., target: _Optional[_Union[CompareTarget, str]] = ..., result: _Optional[_Union[CompareResult, str]] = ..., value: _Optional[bytes] = ..., number: _Optional[int] = ...) -> None: ...
 
 class TxnPut(_message.Message):
-    __slots__ = ("key", "value")
+    __slots__ = ("key", "value", "lease", "checked")
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     value: bytes
-    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ...) -> None: ...
+    lease: int
+    checked: int
+    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., lease: _Optional[int] = ..., checked: _Optional[int] = ...) -> None: ...
 
 class TxnOp(_message.Message):
     __slots__ = ("put", "delete", "get", "txn")

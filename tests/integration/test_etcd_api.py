@@ -159,6 +159,18 @@ def test_kv_commands_answer_as_etcd(kv: str, etcd: str) -> None:
         run("txn", stdin='value("d/a") = "11"\nversion("d/b") = "2"\ncreate("d/none") = "0"\n\n'
                          'put d/x xv\nget d/a\ndel d/c\n\nget d/b\n\n')
         run("txn", "-w", "json", stdin='mod("d/a") < "1"\n\nput d/y yv\n\nget d/b\nget d/nothing\n\n')
+        # a Mutex.Lock's shape: a leased put and ranges over the prefix in one Txn (both branches)
+        granted = ctl(ep, "lease", "grant", "60")
+        assert granted.returncode == 0, granted.stderr
+        lid = granted.stdout.split()[1]
+        lock = (f'create("d/lk") = "0"\n\nput d/lk lv --lease={lid}\nget d/ --prefix --sort-by=CREATE --limit=2\n\n'
+                'get d/lk\nget d/ --prefix --sort-by=CREATE --order=DESCEND --limit=1\n\n')
+        run("txn", "-w", "json", stdin=lock)
+        run("txn", "-w", "json", stdin=lock)  # the key exists: the read-only branch
+        run("get", "d/lk", "-w", "json")
+        run("txn", "-w", "json", stdin='\n\nget d/ --prefix --keys-only\nget d/ --prefix --count-only\n\n\n')
+        run("put", "d/lk", "lv2", f"--lease={lid}", "--prev-kv")
+        run("lease", "revoke", lid)
         run("get", "d/", "--prefix")
         run("del", "d/a", "--prev-kv")
         run("del", "d/nothing")
@@ -1095,6 +1107,163 @@ def test_watchers_that_do_not_read_are_canceled_as_slow(kv: str) -> None:
             reqs.put(None)
             call.cancel()
     assert reasons and all("slow watcher" in r for r in reasons), reasons
+
+
+class _Cli:
+    """A long-running `etcdctl ARGS` (lock, elect): its output lines read on a thread, waited on
+    with `wait_for` (at most 60 s), stopped by PID (SIGTERM: etcdctl unlocks / resigns on it)."""
+
+    def __init__(self, ep: str, *args: str) -> None:
+        _need("etcdctl")
+        self.p = subprocess.Popen(["etcdctl", f"--endpoints={ep}", "--command-timeout=30s", *args],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, "ETCDCTL_API": "3"})
+        self.lines: list[str] = []
+        self.eof = False
+        self.changed = threading.Condition()
+        self.t = threading.Thread(target=self._read, daemon=True)
+        self.t.start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.eof = True
+            self.changed.notify_all()
+
+    def wait_for(self, cond: Callable[[list[str]], bool], what: str) -> list[str]:
+        with self.changed:
+            self.changed.wait_for(lambda: cond(self.lines) or self.eof, timeout=60)
+            assert cond(self.lines), f"{what}: {self.lines}"
+            return list(self.lines)
+
+    def stop(self) -> int:
+        if self.p.poll() is None:
+            self.p.terminate()
+        rc = self.p.wait(30)
+        self.t.join(10)
+        return rc
+
+
+def _keys(ep: str, prefix: str) -> list[str]:
+    out = ctl(ep, "get", prefix, "--prefix", "--keys-only")
+    assert out.returncode == 0, out.stderr
+    return [k for k in out.stdout.split("\n") if k]
+
+
+def _until(cond: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_etcdctl_lock_and_elect(kv_cluster: Cluster, kv: str) -> None:
+    """The real `etcdctl lock` and `etcdctl elect` (etcd's client-side recipes: a session
+    lease, a Txn with a leased put and a range over the prefix sorted by create revision, a
+    range with max_create_revision, a watch) against the 3-node, 2-group cluster, through two
+    different nodes: the second locker waits until the first's holder exits, then runs its
+    command holding the lock with a higher revision; the second candidate is elected when the
+    first resigns, and `elect -l` observes both proposals."""
+    other = kv_cluster.endpoints[2]
+    first = _Cli(kv, "lock", "etl")
+    procs = [first]
+    try:
+        held = first.wait_for(lambda ls: any(x.startswith("etl/") for x in ls), "the first lock was not taken")
+        key1 = next(x for x in held if x.startswith("etl/"))
+        second = _Cli(other, "lock", "etl", "--", "sh", "-c", 'echo "held $ETCD_LOCK_KEY $ETCD_LOCK_REV"')
+        procs.append(second)
+        _until(lambda: len(_keys(kv, "etl/")) == 2, "the second locker's key was never put")
+        assert second.p.poll() is None and not any(x.startswith("held") for x in second.lines)  # it waits
+        kv1 = json.loads(ctl(kv, "get", key1, "-w", "json").stdout)["kvs"][0]
+        rev1 = kv1["create_revision"]
+        assert kv1.get("lease")  # the Txn's put attached the key to the session's lease
+        assert first.stop() == 0  # SIGTERM: it unlocks
+        got = second.wait_for(lambda ls: any(x.startswith("held") for x in ls), "the second never held the lock")
+        assert second.stop() == 0
+        _, key2, rev2 = next(x for x in got if x.startswith("held")).split()
+        assert key2.startswith("etl/") and key2 != key1 and int(rev2) > rev1
+        _until(lambda: _keys(kv, "etl/") == [], "the second locker did not unlock")
+
+        observer = _Cli(other, "elect", "-l", "ete")
+        c1 = _Cli(kv, "elect", "ete", "p1")
+        procs += [observer, c1]
+        c1.wait_for(lambda ls: "p1" in ls, "the first candidate was not elected")
+        observer.wait_for(lambda ls: "p1" in ls, "the observer did not see p1")
+        c2 = _Cli(other, "elect", "ete", "p2")
+        procs.append(c2)
+        _until(lambda: len(_keys(kv, "ete/")) == 2, "the second candidate's key was never put")
+        assert c2.p.poll() is None and "p2" not in c2.lines  # not elected while the first leads
+        assert c1.stop() == 0  # SIGTERM: it resigns
+        c2.wait_for(lambda ls: "p2" in ls, "the second candidate was not elected")
+        observer.wait_for(lambda ls: "p2" in ls, "the observer did not see p2")
+        assert c2.stop() == 0
+        _until(lambda: _keys(kv, "ete/") == [], "the second candidate did not resign")
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_txn_with_leases_over_grpc(kv: str) -> None:
+    """What etcdctl cannot send: a Compare of a key's lease; a lease id homed outside the data
+    groups is "requested lease not found" (never a routing error), in a Put and in a Txn; a Txn
+    whose leased put and other write are in two groups is refused (FAILED_PRECONDITION,
+    definite); a revoked lease refuses the whole Txn, nothing written."""
+    import grpc
+
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+    from kvstore.storage import leases
+
+    def put(key: bytes, lease: int = 0) -> rpc_pb2.RequestOp:
+        return rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=b"v", lease=lease))
+
+    def lease_is(key: bytes, lid: int) -> rpc_pb2.Compare:
+        return rpc_pb2.Compare(key=key, target=rpc_pb2.Compare.LEASE, result=rpc_pb2.Compare.EQUAL, lease=lid)
+
+    with grpc.insecure_channel(kv) as ch:
+        lease, kvs = rpc_pb2_grpc.LeaseStub(ch), rpc_pb2_grpc.KVStub(ch)
+        lid = lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=60), timeout=30).ID
+        assert kvs.Txn(rpc_pb2.TxnRequest(success=[put(b"gl/a", lid)]), timeout=30).succeeded
+        not_zero = rpc_pb2.Compare(key=b"gl/a", target=rpc_pb2.Compare.LEASE, result=rpc_pb2.Compare.NOT_EQUAL)
+        got = kvs.Txn(rpc_pb2.TxnRequest(compare=[lease_is(b"gl/a", lid), not_zero], success=[put(b"gl/a")]),
+                      timeout=30)
+        assert got.succeeded
+        assert not kvs.Txn(rpc_pb2.TxnRequest(compare=[lease_is(b"gl/a", lid)]), timeout=30).succeeded  # detached
+        home0 = leases.make_id(1, 3) & ~leases.ID_GROUP_MASK
+        for bad in (home0, home0 | 0x0FF, (1 << 63) - 1):  # homed in groups 0, 255, 4095
+            for call in (lambda b=bad: kvs.Put(rpc_pb2.PutRequest(key=b"gl/x", lease=b), timeout=30),
+                         lambda b=bad: kvs.Txn(rpc_pb2.TxnRequest(success=[put(b"gl/x", b)]), timeout=30)):
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert (e.value.code(), e.value.details()) == (grpc.StatusCode.NOT_FOUND,
+                                                               "etcdserver: requested lease not found")
+        refused, same, far = None, None, b""
+        for i in range(1, 64):  # of 63 keys, some are in gl/k0's group and some in the other (2 groups)
+            try:
+                kvs.Txn(rpc_pb2.TxnRequest(success=[put(b"gl/k0", lid), put(b"gl/k%d" % i)]), timeout=30)
+                same = same or b"gl/k%d" % i
+            except grpc.RpcError as err:
+                refused, far = refused or err, far or b"gl/k%d" % i
+            if refused and same:
+                break
+        assert same is not None and refused is not None and refused.code() == grpc.StatusCode.FAILED_PRECONDITION, refused
+        assert dict(refused.trailing_metadata() or ()).get("kvstore-outcome") == "definite"
+        # a leased put with a read of a key in the other group: the read is served at the Txn's revision
+        seen = kvs.Put(rpc_pb2.PutRequest(key=far, value=b"seen"), timeout=30).header.revision
+        mixed = kvs.Txn(rpc_pb2.TxnRequest(success=[put(b"gl/k0", lid), rpc_pb2.RequestOp(
+            request_range=rpc_pb2.RangeRequest(key=far))]), timeout=30)
+        assert mixed.succeeded and mixed.responses[1].response_range.kvs[0].value == b"seen"
+        assert mixed.header.revision > seen  # the Txn's revision: above every write acknowledged before it
+        lease.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=lid), timeout=30)
+        kvs.DeleteRange(rpc_pb2.DeleteRangeRequest(key=b"gl/", range_end=b"gl0"), timeout=30)
+        with pytest.raises(grpc.RpcError) as e:
+            kvs.Txn(rpc_pb2.TxnRequest(success=[put(b"gl/k0"), put(same, lid)]), timeout=30)
+        assert e.value.details() == "etcdserver: requested lease not found"
+        assert not kvs.Range(rpc_pb2.RangeRequest(key=b"gl/", range_end=b"gl0"), timeout=30).kvs
+        kvs.DeleteRange(rpc_pb2.DeleteRangeRequest(key=b"gl/", range_end=b"gl0"), timeout=30)
 
 
 def test_watch_fragment_splits_a_large_revision_as_etcd(kv: str, etcd: str) -> None:

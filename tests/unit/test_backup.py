@@ -361,7 +361,10 @@ def test_restore_carries_leases(tmp_path: Path) -> None:
         assert kv.read_rows(1, lambda rows: leases.get_record(rows, lid)) == leases.Record(30, 12_000, 1)
         found = []
         for g in res.groups:
-            found += kv.read_rows(g, lambda rows: leases.attached_keys(rows, lid))
+            here = kv.read_rows(g, lambda rows: leases.attached_keys(rows, lid))
+            # the count row a LEASE_PUT's limit reads: one per attached key of the group
+            assert kv.read_rows(g, lambda rows: leases.attached_count(rows, lid)) == len(here)
+            found += here
         assert sorted(found) == sorted(attached)
         for g in res.groups:
             cmd = commands.Command.lease_command(

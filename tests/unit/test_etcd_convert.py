@@ -1,7 +1,10 @@
 """etcd v3 requests to kvstore's (`kvstore/server/etcd/convert.py`): every decoded request either
 translates or is refused with `EtcdRequestError` (fuzzed with hypothesis from raw bytes and from
 well-formed messages with hostile field values), and the replies are built as etcd builds them
-(count before the revision filters, sort defaults, limit and `more`, keys_only, count_only)."""
+(count before the revision filters, sort defaults, limit and `more`, keys_only, count_only).
+A Txn's ranges over several keys or at a revision become no kvstore op (the caller reads them at
+the transaction's revision): `taken_ranges` names those on the path a result took, and the
+reply maps every op back, whichever branch ran."""
 
 from __future__ import annotations
 
@@ -19,9 +22,13 @@ from kvstore.server.etcd.convert import (
     EtcdRequestError,
     check_put,
     cluster_id_of,
+    has_writes,
+    leased_puts,
     range_query,
     range_reply,
+    taken_ranges,
     txn_body,
+    txn_gets,
     txn_reply,
     watch_create,
 )
@@ -100,8 +107,10 @@ def test_the_empty_key_and_etcds_messages() -> None:
     with pytest.raises(EtcdRequestError, match=r"^etcdserver: lease is provided$"):
         check_put(rpc_pb2.PutRequest(key=b"k", lease=5, ignore_lease=True))
     with pytest.raises(EtcdRequestError) as e:
-        txn_body(rpc_pb2.TxnRequest(compare=[rpc_pb2.Compare(key=b"k", target=rpc_pb2.Compare.LEASE)]))
-    assert e.value.code == "FAILED_PRECONDITION" and "lease" in e.value.message
+        txn_body(rpc_pb2.TxnRequest(compare=[rpc_pb2.Compare(key=b"k", range_end=b"z")]))
+    assert e.value.code == "FAILED_PRECONDITION" and "range_end" in e.value.message
+    body, _ = txn_body(rpc_pb2.TxnRequest(compare=[rpc_pb2.Compare(key=b"k", target=rpc_pb2.Compare.LEASE, lease=7)]))
+    assert (body.compares[0].target, body.compares[0].number) == (kv_pb2.COMPARE_LEASE, 7)
     many = rpc_pb2.TxnRequest(success=[rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=b"k%d" % i))
                                        for i in range(129)])
     with pytest.raises(EtcdRequestError, match="too many operations"):
@@ -276,3 +285,114 @@ def test_a_future_revision_is_told_by_its_class_not_its_message() -> None:
     assert (st.code, st.message, st.indeterminate) == (grpc.StatusCode.OUT_OF_RANGE, FUTURE_REV, False)
     st = of_kv_error(errors.InvalidArgument("revision 5 is out of range"))
     assert st.code == grpc.StatusCode.INVALID_ARGUMENT and st.message == "etcdserver: revision 5 is out of range"
+
+
+def _result_of(body: kv_pb2.TxnBody, succeeded: bool) -> kv_pb2.TxnResult:
+    """A kvstore result shaped as `body`'s branch `succeeded` (nested ones succeed)."""
+    res = kv_pb2.TxnResult(succeeded=succeeded)
+    for op in body.success if succeeded else body.failure:
+        which = op.WhichOneof("op")
+        if which == "put":
+            res.responses.add(put=7)
+        elif which == "delete":
+            res.responses.add(delete=True)
+        elif which == "get":
+            res.responses.add(get=_kv(op.get, b"v", 3, 7, 1))
+        else:
+            res.responses.add(txn=_result_of(op.txn, True))
+    return res
+
+
+def _range_op(key: bytes, end: bytes = b"", **kw: object) -> rpc_pb2.RequestOp:
+    return rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=key, range_end=end, **kw))  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None)
+@given(t=_txns(3), succeeded=st.booleans())
+def test_every_converted_txn_maps_either_branch_back(t: rpc_pb2.TxnRequest, succeeded: bool) -> None:
+    try:
+        body, plan = txn_body(t)
+    except EtcdRequestError:
+        return
+    res = _result_of(body, succeeded)
+    taken = taken_ranges(plan, res)
+    assert len(set(taken)) == len(taken) and all(0 <= i < len(plan.ranges) for i in taken)
+    out = rpc_pb2.TxnResponse()
+    txn_reply(plan, res, rpc_pb2.ResponseHeader(revision=7), out, {i: ([], 0, {}) for i in taken})
+    assert out.succeeded == succeeded
+    assert len(out.responses) == len(t.success if succeeded else t.failure)
+    assert has_writes(body) == any(op.WhichOneof("op") in ("put", "delete") for op in _walk(body))
+
+
+def _walk(body: kv_pb2.TxnBody) -> list[kv_pb2.TxnOp]:
+    out = []
+    for op in (*body.success, *body.failure):
+        out.append(op)
+        if op.WhichOneof("op") == "txn":
+            out += _walk(op.txn)
+    return out
+
+
+def test_a_lock_txn_leaves_its_prefix_ranges_to_the_caller() -> None:
+    """Mutex.Lock's Txn: If(create(k) = 0) Then(put k with a lease, first key of the prefix by
+    create) Else(get k, the same range): the put carries its lease, the one-key get stays in the
+    body, each prefix range becomes an external read mapped back on the branch taken."""
+    lid = leases.make_id(2, 99)
+    first = {"sort_target": rpc_pb2.RangeRequest.CREATE, "sort_order": rpc_pb2.RangeRequest.ASCEND, "limit": 1}
+    t = rpc_pb2.TxnRequest(
+        compare=[rpc_pb2.Compare(key=b"lk/1", target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.EQUAL)],
+        success=[rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=b"lk/1", lease=lid)),
+                 _range_op(b"lk/", b"lk0", **first)],
+        failure=[_range_op(b"lk/1"), _range_op(b"lk/", b"lk0", **first),
+                 _range_op(b"lk/1", revision=5)],
+    )
+    body, plan = txn_body(t)
+    assert [op.WhichOneof("op") for op in body.success] == ["put"] and body.success[0].put.lease == lid
+    assert [op.WhichOneof("op") for op in body.failure] == ["get"]
+    assert [p.external for p in plan.success] == [-1, 0] and [p.external for p in plan.failure] == [-1, 1, 2]
+    assert [(q.keys.start, q.keys.end, q.revision) for q in plan.ranges] == [
+        (b"lk/", b"lk0", 0), (b"lk/", b"lk0", 0), (b"lk/1", None, 5)]
+    assert has_writes(body) and [p.lease for p in leased_puts(body)] == [lid]
+
+    ok = kv_pb2.TxnResult(succeeded=True, responses=[kv_pb2.TxnOpResponse(put=9)])
+    assert taken_ranges(plan, ok) == [0]
+    holder = [_kv(b"lk/0", b"", 4, 4, 1)]
+    out = rpc_pb2.TxnResponse()
+    txn_reply(plan, ok, rpc_pb2.ResponseHeader(revision=9), out, {0: (holder, 2, {b"lk/0": lid})})
+    rr = out.responses[1].response_range
+    assert (rr.count, [(k.key, k.create_revision, k.lease) for k in rr.kvs]) == (2, [(b"lk/0", 4, lid)])
+    assert out.responses[1].response_range.header.revision == 9
+
+    ko = kv_pb2.TxnResult(succeeded=False, responses=[kv_pb2.TxnOpResponse(get=_kv(b"lk/1", b"", 6, 6, 1))])
+    assert taken_ranges(plan, ko) == [1, 2] and [kv.key for kv in txn_gets(ko)] == [b"lk/1"]
+    out = rpc_pb2.TxnResponse()
+    txn_reply(plan, ko, rpc_pb2.ResponseHeader(revision=9), out, {1: (holder, 2, {}), 2: ([], 0, {})},
+              {b"lk/1": lid})
+    assert [r.response_range.kvs[0].lease if r.response_range.kvs else None for r in out.responses] == [lid, 0, None]
+
+
+def test_puts_with_a_lease_convert_and_ignore_lease_is_refused() -> None:
+    lid = leases.make_id(1, 5)
+    body, _ = txn_body(rpc_pb2.TxnRequest(success=[rpc_pb2.RequestOp(
+        request_put=rpc_pb2.PutRequest(key=b"k", value=b"v", lease=lid, prev_kv=True))]))
+    assert [op.WhichOneof("op") for op in body.success] == ["get", "put"] and body.success[1].put.checked == 0
+    check_put(rpc_pb2.PutRequest(key=b"k", lease=lid, prev_kv=True))
+    check_put(rpc_pb2.PutRequest(key=b"k", lease=lid, ignore_value=True))
+    with pytest.raises(EtcdRequestError) as e:
+        check_put(rpc_pb2.PutRequest(key=b"k", ignore_lease=True))
+    assert e.value.code == "FAILED_PRECONDITION"
+
+
+def test_reads_outside_leave_every_read_to_the_caller() -> None:
+    t = rpc_pb2.TxnRequest(
+        compare=[rpc_pb2.Compare(key=b"a", target=rpc_pb2.Compare.VERSION, result=rpc_pb2.Compare.EQUAL)],
+        success=[rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=b"a", prev_kv=True)), _range_op(b"b")],
+        failure=[rpc_pb2.RequestOp(request_txn=rpc_pb2.TxnRequest(success=[_range_op(b"c")]))])
+    body, plan = txn_body(t, reads_outside=True)
+    assert [op.WhichOneof("op") for op in body.success] == ["get", "put"]  # prev_kv's get stays: a written key
+    assert [q.keys.start for q in plan.ranges] == [b"b", b"c"]
+    res = _result_of(body, False)
+    assert taken_ranges(plan, res) == [1]
+    out = rpc_pb2.TxnResponse()
+    txn_reply(plan, res, rpc_pb2.ResponseHeader(revision=3), out, {1: ([_kv(b"c", b"x", 2, 2, 1)], 1, {})})
+    assert out.responses[0].response_txn.responses[0].response_range.kvs[0].value == b"x"

@@ -8,6 +8,7 @@ same rows and snapshots on the LMDB store and the simulator's store."""
 from __future__ import annotations
 
 import random
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,90 @@ def test_an_accepted_late_put_always_meets_the_tombstone(base_ms: int, skew_ms: 
     assert res.error is not None and leases.NOT_FOUND in res.error and s.get(b"late") is None
 
 
+# --- hostile proposals --------------------------------------------------------------------------
+def _rows(s: DictState) -> tuple[list[dict[bytes, bytes]], dict[bytes, bytes]]:
+    return [dict(t) for t in s.rows.tables], dict(s.data)
+
+
+def _revoked_home() -> DictState:
+    """The lease's home group with its record REVOKED (a FORGET would make it a tombstone)."""
+    s = DictState(group=HOME)
+    assert s.apply(lcmd(LeaseCmd(Kind.GRANT, LID, ttl_s=10))).error is None
+    assert s.apply(lcmd(LeaseCmd(Kind.REVOKE, LID), revision=at(1_000))).error is None
+    return s
+
+
+@pytest.mark.parametrize("proposal", [mvcc.PROPOSAL_MAX + 1, mvcc.REVISION_MAX, 2**64 - 1])
+def test_a_keyless_drop_or_forget_with_an_absurd_proposal_is_refused(proposal: int) -> None:
+    """A forged DROP with no key attached here, or FORGET (or REVOKE), proposed beyond
+    `mvcc.PROPOSAL_MAX`: refused (definite error, nothing written) like the DROP that deletes a
+    key, not a tombstone kept until past the end of the revisions (never forgotten)."""
+    s = DictState(group=G)
+    advance(s, at(60_000))
+    before = _rows(s)
+    res = s.apply(lcmd(LeaseCmd(Kind.DROP, LID), revision=proposal))
+    assert res.error is not None and "revision refused" in res.error
+    assert tomb(s) is None and _rows(s) == before
+    # the keyed form, refused by the same rule (before this change too)
+    assert lput(s, b"a", last(s)).error is None
+    before = _rows(s)
+    res = s.apply(lcmd(LeaseCmd(Kind.DROP, LID), revision=proposal))
+    assert res.error is not None and "revision refused" in res.error and _rows(s) == before
+    # FORGET of a revoked lease in its home group
+    h = _revoked_home()
+    before = _rows(h)
+    res = h.apply(lcmd(LeaseCmd(Kind.FORGET, LID), revision=proposal))
+    assert res.error is not None and "revision refused" in res.error
+    assert tomb(h) is None and _rows(h) == before
+    rec = leases.get_record(h.rows, LID)
+    assert rec is not None and rec.state == leases.REVOKED
+    # REVOKE runs the same deletion (`drop_attached`): refused too, the record left LIVE
+    live = DictState(group=HOME)
+    assert live.apply(lcmd(LeaseCmd(Kind.GRANT, LID, ttl_s=10))).error is None
+    before = _rows(live)
+    res = live.apply(lcmd(LeaseCmd(Kind.REVOKE, LID), revision=proposal))
+    assert res.error is not None and "revision refused" in res.error and _rows(live) == before
+    # at the bound: accepted, and its tombstone can still be forgotten (an expiry below the last
+    # revision the group can reach, though its life would end past it)
+    assert h.apply(lcmd(LeaseCmd(Kind.FORGET, LID), revision=mvcc.PROPOSAL_MAX)).error is None
+    assert tomb(h) == leases.TOMB_EXPIRY_MAX < mvcc.PROPOSAL_MAX + 2 * leases.TOMB_LIFE
+
+
+_HEAD = struct.Struct(">BBQQQBQQ")
+"""A command's version-3 header (`commands.py`): version op client seq ack flags horizon revision."""
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([Kind.DROP, Kind.FORGET]), st.integers(0, 2**64 - 1),
+       st.one_of(st.builds(leases.BODY.pack, st.sampled_from([LID, OTHER, 0, 2**64 - 1]), st.just(0),
+                           st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)),
+                 st.binary(max_size=40)),
+       st.booleans())
+def test_drop_and_forget_commands_are_decoded_totally_and_never_keep_a_tombstone_forever(
+        kind: Kind, revision: int, body: bytes, home: bool) -> None:
+    """Hostile DROP / FORGET entries (any proposal, any body): decoding raises ValueError only;
+    applied, each is either refused with nothing changed, or keeps a tombstone whose expiry the
+    group's revisions can pass (at most `leases.TOMB_EXPIRY_MAX`)."""
+    data = _HEAD.pack(3, int(kind), 0, 0, 0, 0, 0, revision) + body
+    try:
+        c = decode_command(data)
+    except ValueError:
+        pass
+    else:  # accepted: exactly what the encoder writes
+        assert encode_command(c) == data and c.lease is not None and c.lease.kind == kind
+    s = _revoked_home() if home else DictState(group=G)
+    if not home:
+        assert lput(s, b"a", last(s)).error is None
+    before = _rows(s)
+    res = s.apply(data)
+    if res.error is not None:
+        assert _rows(s) == before
+        return
+    for lid in (LID, OTHER):
+        expiry = tomb(s, lid)
+        assert expiry is None or expiry <= leases.TOMB_EXPIRY_MAX
+
+
 # --- stores ------------------------------------------------------------------------------------
 def _apply(store: Any, g: int, datas: list[bytes]) -> list[Any]:
     start = store.applied_index(g) + 1
@@ -243,4 +328,43 @@ def test_lmdb_and_memory_stores_forget_the_same_tombstones(tmp_path: Path) -> No
     # at most GC_PER_ENTRY each); the other three stay, each with its age row
     assert len(rows) == 6 and all(leases.check_rows(k, v) is None for k, v in rows)
     assert sorted(k for k, _ in ref.rows.iter(leases.T_LEASES, b"X", b"Y")) == sorted(k for k, _ in rows if k[:1] == b"X")
+    lm.close()
+
+
+def _tombs(store: Any, g: int) -> list[tuple[bytes, bytes]]:
+    return store.revisions.read_rows(g, lambda rows: [(bytes(k), bytes(v)) for k, v in rows.iter(leases.T_LEASES, b"X", b"y")])
+
+
+def test_the_per_batch_tombstone_flag_follows_the_rows_across_batches(tmp_path: Path) -> None:
+    """`mvcc.Rows.has_tombstones` (read once per LMDB batch, kept by its puts and deletes): a batch
+    that starts with tombstones forgets them as the reference does, one that forgets the last,
+    finds none, then writes one and forgets it agrees with the reference too, and the flag ends
+    False."""
+    lm = NodeStore(tmp_path / "a", sync=False)
+    mem = MemoryNodeStore(rng=random.Random(1))
+    ref = DictState(group=G)
+    a, b, c = (leases.make_id(HOME, 300 + i) for i in range(3))
+    batches = [
+        [lcmd(LeaseCmd(Kind.DROP, a), revision=at(1_000))],
+        [lcmd(LeaseCmd(Kind.GRANT, leases.make_id(G, 5), ttl_s=10))],  # a plain command: nothing to forget yet
+        [encode_command(Command.put(b"clock", b"x", revision=at(2_000) + leases.TOMB_LIFE)),
+         lcmd(LeaseCmd(Kind.RENEW, leases.make_id(G, 5))),  # forgets a: the batch read the flag
+         lcmd(LeaseCmd(Kind.DROP, b), revision=at(3_000) + leases.TOMB_LIFE),
+         lcmd(LeaseCmd(Kind.RENEW, leases.make_id(G, 5)))],  # b is kept (not expired)
+        [encode_command(Command.put(b"clock", b"x", revision=at(4_000) + 2 * leases.TOMB_LIFE)),
+         lcmd(LeaseCmd(Kind.RENEW, leases.make_id(G, 5))),  # forgets b: none left
+         lcmd(LeaseCmd(Kind.RENEW, leases.make_id(G, 5))),  # the flag says none (read again)
+         lcmd(LeaseCmd(Kind.DROP, c), revision=at(5_000) + 2 * leases.TOMB_LIFE),  # the flag follows the put
+         encode_command(Command.put(b"clock", b"x", revision=at(6_000) + 3 * leases.TOMB_LIFE)),
+         lcmd(LeaseCmd(Kind.RENEW, leases.make_id(G, 5)))],  # forgets c in the same batch
+    ]
+    for cmds in batches:
+        want = [ref.apply(d) for d in cmds]
+        assert _apply(lm, G, cmds) == want == _apply(mem, G, cmds)
+        assert _tombs(lm, G) == _tombs(mem, G) == sorted(
+            (bytes(k), bytes(v)) for k, v in ref.rows.iter(leases.T_LEASES, b"X", b"y"))
+        if len(cmds) == 4:
+            assert tomb(ref, a) is None and tomb(ref, b) == at(3_000) + 2 * leases.TOMB_LIFE
+            assert lm.revisions.read_rows(G, lambda r: r.has_tombstones())
+    assert _tombs(lm, G) == [] and not lm.revisions.read_rows(G, lambda r: r.has_tombstones())
     lm.close()

@@ -73,6 +73,32 @@ def test_revoked_lease_is_dropped_everywhere_then_forgotten() -> None:
     assert lz.step(800, 1, lambda: recs.items(), lambda: [1, G, 3]) == [] and lz.revoked == {}
 
 
+def test_the_data_groups_are_read_once_per_step_for_every_revoked_lease() -> None:
+    """Many revoked leases whose DROPs all applied: one read of the data groups per step (not one
+    per lease), and each still gets its FORGET, or the DROP of a group added meanwhile."""
+    lz = Lessor(G, P)
+    ids = [leases.make_id(G, 100 + i) for i in range(5)]
+    recs = {lid: Record(10, 0, 1, leases.REVOKED) for lid in ids}
+    groups = [1, G]
+    reads = 0
+
+    def data_groups() -> list[int]:
+        nonlocal reads
+        reads += 1
+        return groups
+
+    for p in lz.step(0, 1, lambda: recs.items(), data_groups):
+        lz.on_outcome(p, True)  # every DROP applied
+    reads = 0
+    out = lz.step(50, 1, lambda: recs.items(), data_groups)  # no scan: only the FORGETs' read
+    assert reads == 1 and sorted(p.cmd.lease_id for p in out) == sorted(ids)
+    assert all(p == Proposal(G, LeaseCmd(Kind.FORGET, p.cmd.lease_id)) for p in out)
+    groups = [1, G, 3]  # a group added (a move's target) before the FORGETs applied
+    reads = 0
+    out = lz.step(600, 1, lambda: recs.items(), data_groups)
+    assert reads == 1 and kinds(out) == [(3, Kind.DROP)] * len(ids)
+
+
 def test_losing_the_lead_forgets_everything() -> None:
     lz = Lessor(G, P)
     recs = {LID: Record(10, 10_000, 1)}

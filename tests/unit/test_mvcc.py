@@ -3,6 +3,7 @@ view and LMDB against a model dict-of-histories, with compaction, snapshots and 
 
 from __future__ import annotations
 
+import struct
 import tempfile
 from pathlib import Path
 
@@ -360,3 +361,22 @@ def test_a_data_directory_from_before_revisions_opens_and_its_keys_read_as_legac
             assert [v.value for chunk in stream for _, v in chunk] == want, rev
     finally:
         s.close()
+
+
+def test_the_expiry_walk_is_bounded_oldest_first_and_skips_malformed_rows() -> None:
+    """`mvcc.expired` (the GC walk of the transaction `g` rows and the lease tombstones' `x`
+    rows): at most `limit` keys whose expiry is below the group's last revision, oldest first; a
+    row of another length is skipped, not the end of the walk."""
+    from kvstore.storage.mvcc_mem import MemRows
+
+    u64 = struct.Struct(">Q").pack
+    rows = MemRows()
+    rows.put(mvcc.T_STATE, b"", mvcc.RevState(100, 0, 1).encode())
+    row = [b"x" + u64(e) + bytes((i,)) for i, e in enumerate((5, 7, 9, 99, 100, 300))]
+    for k in row:
+        rows.put(mvcc.T_LEASES, k, b"")
+    rows.put(mvcc.T_LEASES, b"x" + u64(6), b"")  # malformed: one byte short
+    rows.put(mvcc.T_LEASES, b"y" + u64(1) + b"\x00", b"")  # another index
+    assert mvcc.expired(rows, mvcc.T_LEASES, b"x", 10, 3, "test") == row[:3]
+    assert mvcc.expired(rows, mvcc.T_LEASES, b"x", 10, 10, "test") == row[:4]  # 100 is not below last
+    assert mvcc.expired(rows, mvcc.T_LEASES, b"x", 10, 0, "test") == []

@@ -327,6 +327,8 @@ def test_apply_matches_a_model(ts: list[Txn]) -> None:
                     return False
                 a: bytes | int = cur[0]
                 b: bytes | int = c.value
+            elif c.target == Target.LEASE:
+                a, b = 0, c.number  # these transactions attach no key to a lease
             else:
                 i = {Target.CREATE: 1, Target.MOD: 2, Target.VERSION: 3}[c.target]
                 a, b = (0 if cur is None else cur[i]), c.number

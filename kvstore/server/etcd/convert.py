@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvstore.etcdpb.etcdserverpb import rpc_pb2
@@ -187,8 +187,6 @@ def check_put(r: rpc_pb2.PutRequest) -> None:
     _int64(r.lease, "lease")
     if r.ignore_lease:
         raise unsupported("Put's ignore_lease")
-    if r.lease and (r.prev_kv or r.ignore_value):
-        raise unsupported("Put with a lease and prev_kv or ignore_value")
 
 
 # --- transactions --------------------------------------------------------------------------
@@ -203,6 +201,7 @@ _TARGET = {
     rpc_pb2.Compare.CREATE: (kv_pb2.COMPARE_CREATE, "create_revision"),
     rpc_pb2.Compare.MOD: (kv_pb2.COMPARE_MOD, "mod_revision"),
     rpc_pb2.Compare.VALUE: (kv_pb2.COMPARE_VALUE, "value"),
+    rpc_pb2.Compare.LEASE: (kv_pb2.COMPARE_LEASE, "lease"),
 }
 
 
@@ -211,20 +210,26 @@ class OpPlan:
     """How one etcd RequestOp became kvstore TxnOps: `kind` is range / put / delete / txn;
     `with_prev`: a get of the key was put before the write (prev_kv); `query`: a range's checked
     request (its reply is built by `range_reply`: limit, sort, revision filters, keys_only,
-    count_only apply as on a Range); `nested`: a nested plan."""
+    count_only apply as on a Range); `nested`: a nested plan. `external`: for a range over
+    several keys or at a revision, its index in `TxnPlan.ranges` (it became no kvstore op: the
+    caller reads it at the transaction's revision); -1 for every other op."""
 
     kind: str
     with_prev: bool = False
     query: RangeQuery | None = None
     nested: TxnPlan | None = None
+    external: int = -1
 
 
 @dataclass(slots=True)
 class TxnPlan:
-    """The plans of a transaction's success and failure operations, to map the results back."""
+    """The plans of a transaction's success and failure operations, to map the results back;
+    `ranges`: the queries of its external ranges (`OpPlan.external`), nested transactions' too
+    (kept on the top-level plan only)."""
 
     success: list[OpPlan]
     failure: list[OpPlan]
+    ranges: list[RangeQuery] = field(default_factory=list)
 
 
 def _compare(c: rpc_pb2.Compare, into: kv_pb2.Compare) -> None:
@@ -234,8 +239,6 @@ def _compare(c: rpc_pb2.Compare, into: kv_pb2.Compare) -> None:
         raise unsupported("a Compare over a range (range_end)")
     if c.result not in _RESULT:
         raise invalid(f"etcdserver: unknown compare result {c.result}")
-    if c.target == rpc_pb2.Compare.LEASE:
-        raise unsupported("a Compare of a key's lease")
     if c.target not in _TARGET:
         raise invalid(f"etcdserver: unknown compare target {c.target}")
     target, field = _TARGET[c.target]
@@ -250,28 +253,27 @@ def _compare(c: rpc_pb2.Compare, into: kv_pb2.Compare) -> None:
 
 
 def _ops(ops: Iterable[rpc_pb2.RequestOp], into: list[kv_pb2.TxnOp], plans: list[OpPlan], depth: int,
-         count: list[int]) -> None:
+         count: list[int], ranges: list[RangeQuery], outside: bool) -> None:
     for op in ops:
         which = op.WhichOneof("request")
         if which == "request_range":
             r = op.request_range
             q = range_query(r)
-            if not q.keys.single:
-                raise unsupported("a range (range_end) read inside a transaction")
-            if q.revision:
-                raise unsupported("a read at a revision inside a transaction")
-            into.append(kv_pb2.TxnOp(get=r.key))
-            plans.append(OpPlan("range", query=q))
+            if q.keys.single and not q.revision and not outside:
+                into.append(kv_pb2.TxnOp(get=r.key))
+                plans.append(OpPlan("range", query=q))
+            else:  # read by the caller at the transaction's revision (or the one it names)
+                plans.append(OpPlan("range", query=q, external=len(ranges)))
+                ranges.append(q)
         elif which == "request_put":
             p = op.request_put
             check_put(p)
-            if p.lease:
-                raise unsupported("a put with a lease inside a transaction")
             if p.ignore_value:
                 raise unsupported("Put's ignore_value inside a transaction")
             if p.prev_kv:
                 into.append(kv_pb2.TxnOp(get=p.key))
-            into.append(kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=p.key, value=p.value)))
+            # a lease's `checked` is the caller's to fill in (it asks the lease's home)
+            into.append(kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=p.key, value=p.value, lease=p.lease)))
             plans.append(OpPlan("put", with_prev=p.prev_kv))
         elif which == "request_delete_range":
             d = op.request_delete_range
@@ -284,7 +286,7 @@ def _ops(ops: Iterable[rpc_pb2.RequestOp], into: list[kv_pb2.TxnOp], plans: list
             plans.append(OpPlan("delete", with_prev=d.prev_kv))
         elif which == "request_txn":
             body = kv_pb2.TxnBody()
-            nested = _txn(op.request_txn, body, depth + 1, count)
+            nested = _txn(op.request_txn, body, depth + 1, count, ranges, outside)
             into.append(kv_pb2.TxnOp(txn=body))
             plans.append(OpPlan("txn", nested=nested))
         else:
@@ -326,7 +328,8 @@ def _writes(ops: Iterable[rpc_pb2.RequestOp]) -> tuple[set[bytes], set[bytes]]:
     return puts, dels
 
 
-def _txn(r: rpc_pb2.TxnRequest, body: kv_pb2.TxnBody, depth: int, count: list[int]) -> TxnPlan:
+def _txn(r: rpc_pb2.TxnRequest, body: kv_pb2.TxnBody, depth: int, count: list[int],
+         ranges: list[RangeQuery], outside: bool) -> TxnPlan:
     if depth > MAX_DEPTH:
         raise invalid(f"kvstore: transactions nest at most {MAX_DEPTH} deep")
     for c in r.compare:
@@ -337,21 +340,26 @@ def _txn(r: rpc_pb2.TxnRequest, body: kv_pb2.TxnBody, depth: int, count: list[in
     plan = TxnPlan([], [])
     succ: list[kv_pb2.TxnOp] = []
     fail: list[kv_pb2.TxnOp] = []
-    _ops(r.success, succ, plan.success, depth, count)
-    _ops(r.failure, fail, plan.failure, depth, count)
+    _ops(r.success, succ, plan.success, depth, count, ranges, outside)
+    _ops(r.failure, fail, plan.failure, depth, count, ranges, outside)
     body.success.extend(succ)
     body.failure.extend(fail)
     return plan
 
 
-def txn_body(r: rpc_pb2.TxnRequest) -> tuple[kv_pb2.TxnBody, TxnPlan]:
-    """etcd's TxnRequest as kvstore's TxnBody and the plan to map its result back. Compares on a
-    key's lease, ranges (in compares, reads or deletes), leases on puts, reads at a revision and
-    ignore_value are refused (`unsupported`); prev_kv becomes a get before the write. More than
-    MAX_TXN_OPS kvstore ops, nesting deeper than MAX_DEPTH, or a key put twice (or put and
-    deleted) in one branch are refused as etcd refuses them (INVALID_ARGUMENT)."""
+def txn_body(r: rpc_pb2.TxnRequest, reads_outside: bool = False) -> tuple[kv_pb2.TxnBody, TxnPlan]:
+    """etcd's TxnRequest as kvstore's TxnBody and the plan to map its result back. A read of one
+    key becomes a get in the body (with `reads_outside`, an external read too); a read over
+    several keys or at a revision becomes no kvstore op (`OpPlan.external`, its query in `TxnPlan.ranges`: the caller reads it). A put's lease
+    is carried (`TxnPut.lease`; its `checked` is left 0 for the caller), and so is a compare of
+    a key's lease (COMPARE_LEASE). Compares over a range, range deletes, ignore_value and ignore_lease are refused
+    (`unsupported`); prev_kv becomes a get before the write. More than MAX_TXN_OPS kvstore ops
+    (an external range counts as one), nesting deeper than MAX_DEPTH, or a key put twice (or
+    put and deleted) in one branch are refused as etcd refuses them (INVALID_ARGUMENT)."""
     body = kv_pb2.TxnBody()
-    plan = _txn(r, body, 1, [0])
+    ranges: list[RangeQuery] = []
+    plan = _txn(r, body, 1, [0], ranges, reads_outside)
+    plan.ranges = ranges
     _writes(r.success)
     _writes(r.failure)
     return body, plan
@@ -371,13 +379,77 @@ def txn_keys(body: kv_pb2.TxnBody) -> list[bytes]:
     return out
 
 
+def has_writes(body: kv_pb2.TxnBody) -> bool:
+    """Whether a put or a delete is on any path of `body`."""
+    for op in (*body.success, *body.failure):
+        which = op.WhichOneof("op")
+        if which in ("put", "delete") or (which == "txn" and has_writes(op.txn)):
+            return True
+    return False
+
+
+def compares_lease(body: kv_pb2.TxnBody) -> bool:
+    """Whether a compare of a key's lease is on any path of `body`."""
+    return any(c.target == kv_pb2.COMPARE_LEASE for c in body.compares) or any(
+        op.WhichOneof("op") == "txn" and compares_lease(op.txn) for op in (*body.success, *body.failure))
+
+
+def leased_puts(body: kv_pb2.TxnBody) -> list[kv_pb2.TxnPut]:
+    """Every put with a lease on any path of `body` (the messages themselves, to fill in)."""
+    out: list[kv_pb2.TxnPut] = []
+    for op in (*body.success, *body.failure):
+        which = op.WhichOneof("op")
+        if which == "put" and op.put.lease:
+            out.append(op.put)
+        elif which == "txn":
+            out += leased_puts(op.txn)
+    return out
+
+
+def taken_ranges(plan: TxnPlan, result: kv_pb2.TxnResult) -> list[int]:
+    """The `TxnPlan.ranges` indexes of the external ranges on the path `result` took."""
+    out: list[int] = []
+    responses = list(result.responses)
+    i = 0
+    for p in plan.success if result.succeeded else plan.failure:
+        if p.external >= 0:
+            out.append(p.external)
+            continue
+        i += p.with_prev
+        if p.kind == "txn":
+            assert p.nested is not None
+            out += taken_ranges(p.nested, responses[i].txn)
+        i += 1
+    return out
+
+
 def _kv_found(kv: kv_pb2.KeyValue) -> bool:
     return bool(kv.key)
 
 
+RangeAnswer = tuple[list[kv_pb2.KeyValue], int, Mapping[bytes, int]]
+"""An external range's answer: the keys kept, in key order, how many the range holds, and each
+key's lease where known."""
+
+
+def txn_gets(result: kv_pb2.TxnResult) -> list[kv_pb2.KeyValue]:
+    """The keys found by the gets of `result` (nested results' too)."""
+    out: list[kv_pb2.KeyValue] = []
+    for r in result.responses:
+        which = r.WhichOneof("op")
+        if which == "get" and _kv_found(r.get):
+            out.append(r.get)
+        elif which == "txn":
+            out += txn_gets(r.txn)
+    return out
+
+
 def txn_reply(plan: TxnPlan, result: kv_pb2.TxnResult, header: rpc_pb2.ResponseHeader,
-              into: rpc_pb2.TxnResponse) -> None:
-    """Fill etcd's TxnResponse from kvstore's result of the transaction planned by `plan`."""
+              into: rpc_pb2.TxnResponse, ranges: Mapping[int, RangeAnswer] | None = None,
+              leases: Mapping[bytes, int] | None = None) -> None:
+    """Fill etcd's TxnResponse from kvstore's result of the transaction planned by `plan`, and
+    the answers of its external ranges on the path taken (`ranges`, by `OpPlan.external`);
+    `leases`: the leases of keys its one-key ranges found, where known."""
     into.header.CopyFrom(header)
     into.succeeded = result.succeeded
     plans = plan.success if result.succeeded else plan.failure
@@ -385,6 +457,12 @@ def txn_reply(plan: TxnPlan, result: kv_pb2.TxnResult, header: rpc_pb2.ResponseH
     i = 0
     for p in plans:
         out = into.responses.add()
+        if p.external >= 0:
+            assert p.query is not None and ranges is not None
+            items, count, leases = ranges[p.external]
+            out.response_range.header.CopyFrom(header)
+            range_reply(p.query, items, out.response_range, leases, count)
+            continue
         prev: kv_pb2.KeyValue | None = None
         if p.with_prev:
             prev = responses[i].get
@@ -395,7 +473,7 @@ def txn_reply(plan: TxnPlan, result: kv_pb2.TxnResult, header: rpc_pb2.ResponseH
             assert p.query is not None
             rr = out.response_range
             rr.header.CopyFrom(header)
-            range_reply(p.query, [r.get] if _kv_found(r.get) else [], rr)
+            range_reply(p.query, [r.get] if _kv_found(r.get) else [], rr, leases)
         elif p.kind == "put":
             pr = out.response_put
             pr.header.CopyFrom(header)
@@ -409,7 +487,7 @@ def txn_reply(plan: TxnPlan, result: kv_pb2.TxnResult, header: rpc_pb2.ResponseH
                 dr.prev_kvs.append(to_mvcc(prev))
         else:
             assert p.nested is not None
-            txn_reply(p.nested, r.txn, header, out.response_txn)
+            txn_reply(p.nested, r.txn, header, out.response_txn, ranges, leases)
 
 
 # --- watch ---------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ write, at one revision)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -22,24 +23,35 @@ import grpc
 
 from kvstore import errors
 from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
-from kvstore.storage import leases
+from kvstore.storage import leases, txn
+from kvstore.storage.errors import StorageError
 from kvstore.v1 import kv_pb2
 
+from ..txn_wire import result_into, txn_from_proto
 from .base import EtcdNode, fail
 from .convert import (
     MAX_INT64,
     KeyRange,
+    RangeAnswer,
     RangeQuery,
+    TxnPlan,
     check_put,
+    compares_lease,
+    has_writes,
     invalid,
     key_range,
+    leased_puts,
     range_query,
     range_reply,
+    taken_ranges,
     to_mvcc,
     txn_body,
+    txn_gets,
     txn_keys,
     txn_reply,
+    unsupported,
 )
+from .lease import _lease
 from .status import KEY_NOT_FOUND, EtcdStatus, check_reply
 
 IGNORE_VALUE_TRIES = 16
@@ -51,6 +63,9 @@ RESOURCE_EXHAUSTED beyond)."""
 RANGE_PARALLEL = 8
 """The most group parts of one Range read at once (a Range over many data groups reads the rest
 as these finish)."""
+TXN_READ_TRIES = 8
+"""A Txn with ranges whose branch taken wrote nothing, but whose keys then changed so that it
+would write, starts again this often (then a definite UNAVAILABLE: `EtcdKV._txn_reading`)."""
 RANGE_TRIES = 8
 """A range part refused because a transaction holds an intent (PROPOSAL_DROPPED, definite) or no
 leader is known (an election) is read again this often, with a growing backoff."""
@@ -84,6 +99,10 @@ class _Budget:
 
     def give_back(self, n: int) -> None:
         self.used -= n
+
+
+def _any(_b: bytes) -> None:
+    """No limit (a transaction's keys and values are checked where they are read or written)."""
 
 
 def _leases_of(keys: list[bytes], rows: Any) -> dict[bytes, int]:
@@ -134,6 +153,15 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
             if g in self.n.host.groups:
                 out.update(revisions.read_rows(g, functools.partial(_leases_of, keys)))
         return out
+
+    def _txn_leases(self, items: list[kv_pb2.KeyValue]) -> dict[bytes, int]:
+        """`_leases` for a Txn's reads, which may follow its write: a lease table that cannot be
+        read (a group dropped from this node meanwhile) reports no leases rather than turn a
+        done write into an error."""
+        try:
+            return self._leases(items)
+        except (errors.KVError, StorageError):
+            return {}
 
     async def _get(self, q: RangeQuery, context: grpc.aio.ServicerContext
                    ) -> tuple[list[kv_pb2.KeyValue], int, int]:
@@ -216,8 +244,11 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
     async def _lease_checked(self, lease_id: int, group: int, context: grpc.aio.ServicerContext) -> int:
         """A put with lease `lease_id` into `group`: when that is not the lease's home, the home
         leader's reading of when the lease was live (`LeasePutRequest.checked`; 0 if it is not:
-        the put is then refused where it applies); in the home group its record decides."""
-        if lease_id <= 0 or leases.home_group(lease_id) == group or leases.home_group(lease_id) == 0:
+        the put is then refused where it applies); in the home group its record decides. An id
+        that cannot be a lease's, or one homed outside the data groups, is etcd's "requested
+        lease not found" (NOT_FOUND, definite: `lease._lease`), never a routing error."""
+        _lease(lease_id, self.n.shard_map().data_groups())
+        if leases.home_group(lease_id) == group:
             return 0
         t = await self.n.forward.call("LeaseTimeToLive", kv_pb2.LeaseTimeToLiveRequest(id=lease_id), context,
                                       is_write=False, group=leases.home_group(lease_id))
@@ -228,17 +259,17 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
             check_put(request)
             fw, key = self.n.forward, request.key
             group = self.n.group_of(key)
-            if request.lease:
-                checked = await self._lease_checked(request.lease, group, context)
+            checked = await self._lease_checked(request.lease, group, context) if request.lease else 0
+            if request.lease and not (request.ignore_value or request.prev_kv):
                 p = await fw.call("LeasePut", kv_pb2.LeasePutRequest(key=key, value=request.value, lease=request.lease,
                                                                      checked=checked),
                                   context, is_write=True, group=group)
                 return rpc_pb2.PutResponse(header=self.n.header(p.revision, group))
             if request.ignore_value:
-                return await self._put_keeping_value(request, group, context)
+                return await self._put_keeping_value(request, group, checked, context)
             if request.prev_kv:
-                body = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(get=key),
-                                               kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=key, value=request.value))])
+                put = kv_pb2.TxnPut(key=key, value=request.value, lease=request.lease, checked=checked)
+                body = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(get=key), kv_pb2.TxnOp(put=put)])
                 t = await fw.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True, group=group)
                 resp = rpc_pb2.PutResponse(header=self.n.header(t.revision, group))
                 prev = t.result.responses[0].get
@@ -251,10 +282,11 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         except Exception as err:
             await fail(err, context, "Put")
 
-    async def _put_keeping_value(self, request: rpc_pb2.PutRequest, group: int,
+    async def _put_keeping_value(self, request: rpc_pb2.PutRequest, group: int, checked: int,
                                  context: grpc.aio.ServicerContext) -> rpc_pb2.PutResponse:
-        """ignore_value: put the key's current value again (a new version), as a compare of its
-        mod revision and a put, retried while the key changes in between."""
+        """ignore_value: put the key's current value again (a new version; with the request's
+        lease, if any, `checked` its home's reading), as a compare of its mod revision and a
+        put, retried while the key changes in between."""
         key, fw = request.key, self.n.forward
         for _ in range(IGNORE_VALUE_TRIES):
             g = await fw.call("Get", kv_pb2.GetRequest(key=key), context, is_write=False, group=group)
@@ -262,7 +294,8 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                 raise invalid(KEY_NOT_FOUND)
             body = kv_pb2.TxnBody(
                 compares=[kv_pb2.Compare(key=key, target=kv_pb2.COMPARE_MOD, result=kv_pb2.EQUAL, number=g.mod_revision)],
-                success=[kv_pb2.TxnOp(get=key), kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=key, value=g.value))],
+                success=[kv_pb2.TxnOp(get=key), kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=key, value=g.value,
+                                                                               lease=request.lease, checked=checked))],
             )
             t = await fw.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True, group=group)
             if t.result.succeeded:
@@ -325,18 +358,141 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         try:
             body, plan = txn_body(request)
             resp = rpc_pb2.TxnResponse()
-            if not body.compares and not body.success:
+            if not body.compares and not body.success and not plan.ranges:
                 # Nothing to compare and nothing to do on success: etcd answers "succeeded".
                 resp.header.CopyFrom(self.n.header(0))
                 resp.succeeded = True
                 return resp
             groups = {self.n.group_of(k) for k in txn_keys(body)}
             one = groups.pop() if len(groups) == 1 else None
+            if one is None and (plan.ranges or leased_puts(body)):
+                # its one-key reads may be read at the transaction's revision too (`_txn_reading`)
+                body_out, plan_out = txn_body(request, reads_outside=True)
+                written = {self.n.group_of(k) for k in txn_keys(body_out)}
+                if len(written) <= 1:
+                    body, plan, one = body_out, plan_out, (written.pop() if written else None)
+            leased = leased_puts(body)
+            if leased and one is None:
+                raise unsupported("a put with a lease in a transaction whose keys are in several groups")
+            if compares_lease(body) and (one is None or plan.ranges):
+                raise unsupported("a Compare of a key's lease in a transaction whose keys are in several groups "
+                                  "or that reads a range (range_end or a revision)")
+            for put in leased:
+                put.checked = await self._lease_checked(put.lease, self.n.group_of(put.key), context)
+            if plan.ranges:
+                if one is None and (body.compares or body.success or body.failure):
+                    raise unsupported("a range read (range_end or a revision) in a transaction whose compares "
+                                      "and writes are in several groups")
+                return await self._txn_reading(body, plan, one, context)
             t = await self.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True, group=one)
-            txn_reply(plan, t.result, self.n.header(t.revision, one), resp)
+            txn_reply(plan, t.result, self.n.header(t.revision, one), resp, None, self._txn_leases(txn_gets(t.result)))
             return resp
         except Exception as err:
             await fail(err, context, "Txn")
+
+    async def _txn_reading(self, body: kv_pb2.TxnBody, plan: TxnPlan, group: int | None,
+                           context: grpc.aio.ServicerContext) -> rpc_pb2.TxnResponse:
+        """A Txn with ranges over several keys (or at a revision, or its one-key reads:
+        `TxnPlan.ranges`) whose compares and writes (`body`, with the gets of prev_kv) are all in
+        ONE `group` (or there are none):
+
+        1. M := the revision a linearizable range read across every data group was served at
+           (`_scan`: every write acknowledged before this call is at or below M).
+        2. If `body` can write: it runs as that group's one TXN command, proposed with M as its
+           floor (`Session.revision`), so its revision R > M. If the branch taken wrote, R is
+           the transaction's revision.
+        3. Otherwise (it cannot write, or the branch taken wrote nothing: no effect at all) the
+           whole body is evaluated here on the state at R := M (each key read exactly at M,
+           `txn.evaluate`, pure). Should that state take a branch that writes (the keys changed
+           in between), start again at 1 (at most `TXN_READ_TRIES` times).
+        4. Every range on the path taken is read exactly at R in every group (at the revision it
+           names, if it names one).
+
+        Why this is etcd's atomic Txn: revisions are unique per group (the group id is in the
+        low bits) and a group's writes are totally ordered by them, so the TXN's state in its
+        group is exactly that group's state at R (every write of the group below R applied
+        before it, none at R but its own, every later one above R). A read at R is exact in
+        every group (docs/REVISIONS.md, "Reads at a revision": a group is closed at R first, so
+        nothing can later appear at or below R): it returns exactly the writes <= R, the TXN's
+        own included. So compares, writes and reads all see the one cut "every write <= R" of the
+        whole store, and that cut is linearizable: it contains every write acknowledged before
+        the call (<= M <= R), and every write in it was applied (closed) before the reads
+        answered. In step 3 nothing was written, so the answer is a read-only transaction at
+        the cut R = M, the same argument without the TXN."""
+        first = plan.ranges[0]
+        cut = dataclasses.replace(first, revision=0, serializable=False, count_only=True,
+                                  keys=KeyRange(first.keys.start, first.keys.start + b"\x00")
+                                  if first.keys.single else first.keys)
+        wrote = False
+        for _attempt in range(TXN_READ_TRIES):
+            _, _, floor = await self._scan(cut, context)  # every data group: a linearizable cut
+            result: kv_pb2.TxnResult | None = None
+            rev = 0
+            if has_writes(body):
+                t = await self.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body, session=kv_pb2.Session(revision=floor)),
+                                              context, is_write=True, group=group)
+                if t.revision:
+                    result, rev, wrote = t.result, t.revision, True
+                else:  # the branch taken wrote nothing: read again from a new cut
+                    _, _, floor = await self._scan(cut, context)
+            if result is None:
+                result = await self._evaluate_at(body, floor, context)
+                rev = floor
+            if result is not None:
+                break
+        else:
+            raise EtcdStatus(grpc.StatusCode.UNAVAILABLE,
+                             f"kvstore: the transaction's keys changed under each of {TXN_READ_TRIES} tries; "
+                             "nothing was written")
+        answers: dict[int, RangeAnswer] = {}
+        try:
+            for i in taken_ranges(plan, result):
+                q = plan.ranges[i]
+                at = dataclasses.replace(q, revision=q.revision or rev, serializable=False)
+                if at.keys.single:
+                    items, _, _ = await self._get(at, context)
+                    count = len(items)
+                else:
+                    items, count, _ = await self._scan(at, context)
+                # leases as a Range of the current state reports them (a read at a past revision: none)
+                answers[i] = (items, count, {} if q.revision or q.count_only else self._txn_leases(items))
+        except Exception as err:
+            if not wrote:
+                raise
+            # the write is done: an error now must not read as "nothing happened"
+            detail = err.message if isinstance(err, EtcdStatus) else str(err) or type(err).__name__
+            raise EtcdStatus(grpc.StatusCode.UNAVAILABLE,
+                             f"kvstore: the transaction was written at revision {rev} but reading its ranges "
+                             f"failed: {detail}", indeterminate=True) from None
+        resp = rpc_pb2.TxnResponse()
+        txn_reply(plan, result, self.n.header(rev, group if wrote else None), resp, answers,
+                  self._txn_leases(txn_gets(result)))
+        return resp
+
+    async def _evaluate_at(self, body: kv_pb2.TxnBody, revision: int, context: grpc.aio.ServicerContext
+                           ) -> kv_pb2.TxnResult | None:
+        """`body`'s result on the state at `revision` (every key it names read exactly there),
+        if the path it takes there writes nothing; else None."""
+        if not body.compares and not body.success and not body.failure:
+            return kv_pb2.TxnResult(succeeded=True)
+        t = txn_from_proto(body, _any, _any)  # checked by convert; the reads below check the keys
+        keys = sorted({k for k, _ in txn.keys_of(t)})
+
+        async def read(key: bytes) -> txn.Current | None:
+            g = await self.n.forward.call("Get", kv_pb2.GetRequest(key=key, revision=revision), context,
+                                          is_write=False, group=self.n.group_of(key))
+            return txn.Current(g.value, g.create_revision, g.mod_revision, g.version) if g.found else None
+
+        state = dict(zip(keys, await asyncio.gather(*(read(k) for k in keys)), strict=True))
+        try:
+            out = txn.evaluate(t, state.__getitem__, revision)
+        except txn.ResultTooLarge as err:
+            raise EtcdStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, f"kvstore: {err}") from None
+        if out.writes:
+            return None
+        msg = kv_pb2.TxnResult()
+        result_into(msg, t, out.result)
+        return msg
 
     # --- Compact -------------------------------------------------------------------------
     async def Compact(self, request: rpc_pb2.CompactionRequest, context: grpc.aio.ServicerContext
