@@ -169,6 +169,8 @@ def test_kv_commands_answer_as_etcd(kv: str, etcd: str) -> None:
         run("txn", "-w", "json", stdin=lock)  # the key exists: the read-only branch
         run("get", "d/lk", "-w", "json")
         run("txn", "-w", "json", stdin='\n\nget d/ --prefix --keys-only\nget d/ --prefix --count-only\n\n\n')
+        # a read of the written key before its put sees the old value; other groups' keys and ranges after
+        run("txn", "-w", "json", stdin='\n\nget d/a\nput d/a 12\nget d/b\nget d/ --prefix --keys-only\n\n\n')
         run("put", "d/lk", "lv2", f"--lease={lid}", "--prev-kv")
         run("lease", "revoke", lid)
         run("get", "d/", "--prefix")

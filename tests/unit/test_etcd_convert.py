@@ -388,7 +388,7 @@ def test_reads_outside_leave_every_read_to_the_caller() -> None:
         compare=[rpc_pb2.Compare(key=b"a", target=rpc_pb2.Compare.VERSION, result=rpc_pb2.Compare.EQUAL)],
         success=[rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=b"a", prev_kv=True)), _range_op(b"b")],
         failure=[rpc_pb2.RequestOp(request_txn=rpc_pb2.TxnRequest(success=[_range_op(b"c")]))])
-    body, plan = txn_body(t, reads_outside=True)
+    body, plan = txn_body(t, reads_outside=lambda k: True)
     assert [op.WhichOneof("op") for op in body.success] == ["get", "put"]  # prev_kv's get stays: a written key
     assert [q.keys.start for q in plan.ranges] == [b"b", b"c"]
     res = _result_of(body, False)
@@ -396,3 +396,49 @@ def test_reads_outside_leave_every_read_to_the_caller() -> None:
     out = rpc_pb2.TxnResponse()
     txn_reply(plan, res, rpc_pb2.ResponseHeader(revision=3), out, {1: ([_kv(b"c", b"x", 2, 2, 1)], 1, {})})
     assert out.responses[0].response_txn.responses[0].response_range.kvs[0].value == b"x"
+
+
+def _t_rng(key: bytes, end: bytes = b"", revision: int = 0) -> rpc_pb2.RequestOp:
+    return rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=key, range_end=end, revision=revision))
+
+
+def _t_put(key: bytes) -> rpc_pb2.RequestOp:
+    return rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=b"v"))
+
+
+def _t_del(key: bytes) -> rpc_pb2.RequestOp:
+    return rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=key))
+
+
+def _t_nested(success: list[rpc_pb2.RequestOp], failure: list[rpc_pb2.RequestOp] | None = None) -> rpc_pb2.RequestOp:
+    return rpc_pb2.RequestOp(request_txn=rpc_pb2.TxnRequest(success=success, failure=failure or []))
+
+
+@pytest.mark.parametrize("success", [
+    [_t_rng(b"p/", b"p0"), _t_put(b"p/x")],                    # a range, then a put into it
+    [_t_rng(b"p/", b"p0"), _t_del(b"p/x")],                    # ... a delete in it
+    [_t_rng(b"p/", b"p0"), _t_nested([_t_put(b"p/x")])],         # ... a nested put in it
+    [_t_nested([], [_t_rng(b"p/", b"\x00")]), _t_put(b"p/x")],   # a nested (else) range, then a put in it
+    [_t_rng(b"p/x"), _t_put(b"p/x")],                          # an external one-key read (reads_outside), then its put
+])
+def test_a_write_after_an_external_read_of_its_key_is_refused(success: list[rpc_pb2.RequestOp]) -> None:
+    """An external read is made at the transaction's revision, after all its writes; etcd's
+    sees only the writes before it (`storeTxnWrite.Range`): such a Txn is refused, not answered
+    differently from etcd."""
+    with pytest.raises(EtcdRequestError) as e:
+        txn_body(rpc_pb2.TxnRequest(success=success), reads_outside=lambda k: True)
+    assert e.value.code == "FAILED_PRECONDITION" and "writes after it" in e.value.message
+
+
+@pytest.mark.parametrize("success, failure", [
+    ([_t_put(b"p/x"), _t_rng(b"p/", b"p0")], []),              # the Mutex's shape: the put, then the range
+    ([_t_rng(b"p/", b"p0"), _t_put(b"q/x")], []),              # a put outside the range
+    ([_t_rng(b"p/", b"p0", revision=5), _t_put(b"p/x")], []),  # a read at a revision of its own
+    ([_t_rng(b"p/", b"p0")], [_t_put(b"p/x")]),                # the other branch writes
+    ([_t_rng(b"p/x"), _t_put(b"p/x")], []),                    # a one-key read of the written group: a get in the TXN
+])
+def test_reads_that_see_what_etcd_sees_are_accepted(success: list[rpc_pb2.RequestOp],
+                                                     failure: list[rpc_pb2.RequestOp]) -> None:
+    body, plan = txn_body(rpc_pb2.TxnRequest(success=success, failure=failure), reads_outside=lambda k: False)
+    assert [op.put.key for op in (*body.success, *body.failure) if op.WhichOneof("op") == "put"] in ([b"p/x"], [b"q/x"])
+    assert all(not q.keys.single or q.revision for q in plan.ranges)  # one-key reads went into the TXN

@@ -78,6 +78,11 @@ class KeyRange:
     def single(self) -> bool:
         return self.end is None
 
+    def holds(self, key: bytes) -> bool:
+        if self.end is None:
+            return key == self.start
+        return self.start <= key and (not self.end or key < self.end)
+
 
 def key_range(key: bytes, range_end: bytes) -> KeyRange:
     """etcd's (key, range_end): "\\0" as range_end = every key >= key; key "\\0" with range_end
@@ -252,22 +257,36 @@ def _compare(c: rpc_pb2.Compare, into: kv_pb2.Compare) -> None:
         into.number = _int64(getattr(c, field), field)
 
 
+def _before(read: list[KeyRange], key: bytes) -> None:
+    """A write of `key` after the external reads `read` on its path: refused if one holds it.
+    An external read is made at the transaction's revision, after all its writes, where etcd's
+    sees only the writes before it on its path (`storeTxnWrite.Range`)."""
+    if any(r.holds(key) for r in read):
+        raise unsupported("a read over several keys (or outside the written group) of a key the same "
+                          "transaction writes after it")
+
+
 def _ops(ops: Iterable[rpc_pb2.RequestOp], into: list[kv_pb2.TxnOp], plans: list[OpPlan], depth: int,
-         count: list[int], ranges: list[RangeQuery], outside: bool) -> None:
+         count: list[int], ranges: list[RangeQuery], outside: Callable[[bytes], bool] | None,
+         read: list[KeyRange]) -> None:
+    """`read`: the keys external reads read earlier on this path (grows as they come)."""
     for op in ops:
         which = op.WhichOneof("request")
         if which == "request_range":
             r = op.request_range
             q = range_query(r)
-            if q.keys.single and not q.revision and not outside:
+            if q.keys.single and not q.revision and not (outside is not None and outside(r.key)):
                 into.append(kv_pb2.TxnOp(get=r.key))
                 plans.append(OpPlan("range", query=q))
             else:  # read by the caller at the transaction's revision (or the one it names)
                 plans.append(OpPlan("range", query=q, external=len(ranges)))
                 ranges.append(q)
+                if not q.revision:
+                    read.append(q.keys)
         elif which == "request_put":
             p = op.request_put
             check_put(p)
+            _before(read, p.key)
             if p.ignore_value:
                 raise unsupported("Put's ignore_value inside a transaction")
             if p.prev_kv:
@@ -280,13 +299,14 @@ def _ops(ops: Iterable[rpc_pb2.RequestOp], into: list[kv_pb2.TxnOp], plans: list
             k = key_range(d.key, d.range_end)
             if not k.single:
                 raise unsupported("a range delete (range_end) inside a transaction")
+            _before(read, d.key)
             if d.prev_kv:
                 into.append(kv_pb2.TxnOp(get=d.key))
             into.append(kv_pb2.TxnOp(delete=d.key))
             plans.append(OpPlan("delete", with_prev=d.prev_kv))
         elif which == "request_txn":
             body = kv_pb2.TxnBody()
-            nested = _txn(op.request_txn, body, depth + 1, count, ranges, outside)
+            nested = _txn(op.request_txn, body, depth + 1, count, ranges, outside, read)
             into.append(kv_pb2.TxnOp(txn=body))
             plans.append(OpPlan("txn", nested=nested))
         else:
@@ -329,7 +349,9 @@ def _writes(ops: Iterable[rpc_pb2.RequestOp]) -> tuple[set[bytes], set[bytes]]:
 
 
 def _txn(r: rpc_pb2.TxnRequest, body: kv_pb2.TxnBody, depth: int, count: list[int],
-         ranges: list[RangeQuery], outside: bool) -> TxnPlan:
+         ranges: list[RangeQuery], outside: Callable[[bytes], bool] | None, read: list[KeyRange]) -> TxnPlan:
+    """`read`: the external reads before it on its path; afterwards it also holds its own (of
+    either branch: which one runs is not known here)."""
     if depth > MAX_DEPTH:
         raise invalid(f"kvstore: transactions nest at most {MAX_DEPTH} deep")
     for c in r.compare:
@@ -340,16 +362,20 @@ def _txn(r: rpc_pb2.TxnRequest, body: kv_pb2.TxnBody, depth: int, count: list[in
     plan = TxnPlan([], [])
     succ: list[kv_pb2.TxnOp] = []
     fail: list[kv_pb2.TxnOp] = []
-    _ops(r.success, succ, plan.success, depth, count, ranges, outside)
-    _ops(r.failure, fail, plan.failure, depth, count, ranges, outside)
+    then, other = list(read), list(read)
+    _ops(r.success, succ, plan.success, depth, count, ranges, outside, then)
+    _ops(r.failure, fail, plan.failure, depth, count, ranges, outside, other)
+    read[len(read):] = then[len(read):] + other[len(read):]
     body.success.extend(succ)
     body.failure.extend(fail)
     return plan
 
 
-def txn_body(r: rpc_pb2.TxnRequest, reads_outside: bool = False) -> tuple[kv_pb2.TxnBody, TxnPlan]:
+def txn_body(r: rpc_pb2.TxnRequest, reads_outside: Callable[[bytes], bool] | None = None
+             ) -> tuple[kv_pb2.TxnBody, TxnPlan]:
     """etcd's TxnRequest as kvstore's TxnBody and the plan to map its result back. A read of one
-    key becomes a get in the body (with `reads_outside`, an external read too); a read over
+    key becomes a get in the body (an external read instead where `reads_outside(key)`: a key
+    of another group than the written one); a read over
     several keys or at a revision becomes no kvstore op (`OpPlan.external`, its query in `TxnPlan.ranges`: the caller reads it). A put's lease
     is carried (`TxnPut.lease`; its `checked` is left 0 for the caller), and so is a compare of
     a key's lease (COMPARE_LEASE). Compares over a range, range deletes, ignore_value and ignore_lease are refused
@@ -358,24 +384,25 @@ def txn_body(r: rpc_pb2.TxnRequest, reads_outside: bool = False) -> tuple[kv_pb2
     put and deleted) in one branch are refused as etcd refuses them (INVALID_ARGUMENT)."""
     body = kv_pb2.TxnBody()
     ranges: list[RangeQuery] = []
-    plan = _txn(r, body, 1, [0], ranges, reads_outside)
+    plan = _txn(r, body, 1, [0], ranges, reads_outside, [])
     plan.ranges = ranges
     _writes(r.success)
     _writes(r.failure)
     return body, plan
 
 
-def txn_keys(body: kv_pb2.TxnBody) -> list[bytes]:
-    """Every key a kvstore transaction names, on any path (nested ones too)."""
+def txn_keys(body: kv_pb2.TxnBody, gets: bool = True) -> list[bytes]:
+    """Every key a kvstore transaction names, on any path (nested ones too); without `gets`,
+    those it compares or writes only."""
     out = [c.key for c in body.compares]
     for op in (*body.success, *body.failure):
         which = op.WhichOneof("op")
         if which == "put":
             out.append(op.put.key)
-        elif which in ("delete", "get"):
+        elif which == "delete" or (which == "get" and gets):
             out.append(getattr(op, which))
         elif which == "txn":
-            out += txn_keys(op.txn)
+            out += txn_keys(op.txn, gets)
     return out
 
 

@@ -366,11 +366,12 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
             groups = {self.n.group_of(k) for k in txn_keys(body)}
             one = groups.pop() if len(groups) == 1 else None
             if one is None and (plan.ranges or leased_puts(body)):
-                # its one-key reads may be read at the transaction's revision too (`_txn_reading`)
-                body_out, plan_out = txn_body(request, reads_outside=True)
-                written = {self.n.group_of(k) for k in txn_keys(body_out)}
+                # compares and writes in one group: its one-key reads of other groups may be read
+                # at the transaction's revision too (`_txn_reading`)
+                written = {self.n.group_of(k) for k in txn_keys(body, gets=False)}
                 if len(written) <= 1:
-                    body, plan, one = body_out, plan_out, (written.pop() if written else None)
+                    one = written.pop() if written else None
+                    body, plan = txn_body(request, reads_outside=lambda k: self.n.group_of(k) != one)
             leased = leased_puts(body)
             if leased and one is None:
                 raise unsupported("a put with a lease in a transaction whose keys are in several groups")
