@@ -442,3 +442,15 @@ def test_reads_that_see_what_etcd_sees_are_accepted(success: list[rpc_pb2.Reques
     body, plan = txn_body(rpc_pb2.TxnRequest(success=success, failure=failure), reads_outside=lambda k: False)
     assert [op.put.key for op in (*body.success, *body.failure) if op.WhichOneof("op") == "put"] in ([b"p/x"], [b"q/x"])
     assert all(not q.keys.single or q.revision for q in plan.ranges)  # one-key reads went into the TXN
+
+
+def test_one_key_reads_after_an_external_range_keep_their_leases() -> None:
+    """A one-key read after an external range in the same branch reports its own lease (the
+    range's answer must not shadow the map of the one-key reads' leases)."""
+    body, plan = txn_body(rpc_pb2.TxnRequest(success=[_t_rng(b"a", b"c"), _t_rng(b"x")]))
+    assert [op.WhichOneof("op") for op in body.success] == ["get"] and len(plan.ranges) == 1
+    x = kv_pb2.KeyValue(key=b"x", value=b"1", create_revision=2, mod_revision=2, version=1)
+    res = kv_pb2.TxnResult(succeeded=True, responses=[kv_pb2.TxnOpResponse(get=x)])
+    out = rpc_pb2.TxnResponse()
+    txn_reply(plan, res, rpc_pb2.ResponseHeader(revision=3), out, {0: ([], 0, {})}, {b"x": 77})
+    assert out.responses[1].response_range.kvs[0].lease == 77

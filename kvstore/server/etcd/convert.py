@@ -486,9 +486,9 @@ def txn_reply(plan: TxnPlan, result: kv_pb2.TxnResult, header: rpc_pb2.ResponseH
         out = into.responses.add()
         if p.external >= 0:
             assert p.query is not None and ranges is not None
-            items, count, leases = ranges[p.external]
+            ext_items, ext_count, ext_leases = ranges[p.external]
             out.response_range.header.CopyFrom(header)
-            range_reply(p.query, items, out.response_range, leases, count)
+            range_reply(p.query, ext_items, out.response_range, ext_leases, ext_count)
             continue
         prev: kv_pb2.KeyValue | None = None
         if p.with_prev:
