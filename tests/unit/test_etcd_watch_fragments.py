@@ -48,3 +48,44 @@ def test_a_large_revision_is_split_and_a_small_one_is_not() -> None:
     assert fragments(small, 1 << 20) == [small]
     one = _resp([2 << 20])  # one event larger than the limit goes whole (etcd's rule)
     assert fragments(one, 1 << 20) == [one]
+
+
+def test_a_fragmented_response_is_one_outbox_item_and_its_pieces_leave_together() -> None:
+    """Several writers share a stream's outbox (the pump and each merged watch): the pieces of
+    one fragmented response are one item, so no other response lands between them."""
+    import asyncio
+
+    from kvstore.server.etcd.watch import queued, sent
+
+    big = _resp([100_000] * 30)
+    item = queued(big, True, 1 << 20)
+    assert isinstance(item, tuple) and list(sent(item)) == fragments(big, 1 << 20)
+    small = _resp([10] * 3)
+    assert queued(small, True, 1 << 20) is small and sent(small) == (small,)
+    assert queued(big, False, 1 << 20) is big  # without `fragment`: whole
+
+    async def run() -> list[tuple[int, bool]]:
+        out: asyncio.Queue[object] = asyncio.Queue(1)
+        others = [rpc_pb2.WatchResponse(watch_id=9, events=[mvcc_pb2.Event()]) for _ in range(5)]
+
+        async def writer_big() -> None:
+            await out.put(queued(big, True, 1 << 20))
+
+        async def writer_small() -> None:
+            for r in others:
+                await out.put(queued(r, True, 1 << 20))
+
+        tasks = [asyncio.ensure_future(writer_small()), asyncio.ensure_future(writer_big())]
+        got: list[tuple[int, bool]] = []
+        while len(got) < 5 + len(fragments(big, 1 << 20)):
+            item = await out.get()
+            assert isinstance(item, rpc_pb2.WatchResponse | tuple)
+            got.extend((r.watch_id, r.fragment) for r in sent(item))
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+        return got
+
+    got = asyncio.run(run())
+    ids = [w for w, _ in got]
+    first = ids.index(3)
+    assert ids[first:first + len(fragments(big, 1 << 20))] == [3] * len(fragments(big, 1 << 20))

@@ -421,9 +421,10 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         answered. In step 3 nothing was written, so the answer is a read-only transaction at
         the cut R = M, the same argument without the TXN."""
         first = plan.ranges[0]
+        # a count of one key's range across every data group: a linearizable cut of all groups
+        # (any range over several keys reads every group) without scanning the Txn's ranges
         cut = dataclasses.replace(first, revision=0, serializable=False, count_only=True,
-                                  keys=KeyRange(first.keys.start, first.keys.start + b"\x00")
-                                  if first.keys.single else first.keys)
+                                  keys=KeyRange(first.keys.start, first.keys.start + b"\x00"))
         wrote = False
         for _attempt in range(TXN_READ_TRIES):
             _, _, floor = await self._scan(cut, context)  # every data group: a linearizable cut

@@ -79,6 +79,23 @@ def fragments(resp: rpc_pb2.WatchResponse, max_bytes: int) -> list[rpc_pb2.Watch
     return out
 
 
+Queued = rpc_pb2.WatchResponse | tuple[rpc_pb2.WatchResponse, ...]
+"""One item of a stream's outbox: a response, or the pieces of one fragmented response."""
+
+
+def queued(resp: rpc_pb2.WatchResponse, fragment: bool, max_bytes: int) -> Queued:
+    """`resp` as ONE outbox item: its pieces (`fragments`) together when it is split, so they
+    leave back to back (clientv3 drops a response of another watch that comes between two
+    pieces, and the outbox has several writers: the stream's pump and each merged watch)."""
+    pieces = fragments(resp, max_bytes) if fragment else [resp]
+    return pieces[0] if len(pieces) == 1 else tuple(pieces)
+
+
+def sent(item: Queued) -> tuple[rpc_pb2.WatchResponse, ...]:
+    """The responses an outbox item sends, in order."""
+    return item if isinstance(item, tuple) else (item,)
+
+
 class EtcdWatch(rpc_pb2_grpc.WatchServicer):
     def __init__(self, node: EtcdNode) -> None:
         self.n = node
@@ -160,8 +177,9 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
         next_id = 0
 
         async def emit(resp: rpc_pb2.WatchResponse, fragment: bool) -> None:
-            for piece in fragments(resp, max_bytes) if fragment else (resp,):
-                await out.put(piece)  # waits while the client does not read: backpressure
+            """Queue `resp` for the client (waits while the client does not read: backpressure),
+            as one item (`queued`)."""
+            await out.put(queued(resp, fragment, max_bytes))
 
         merged = self._merged(context, emit)
         """The stream's watches over groups this node does not host (their etcd ids)."""
@@ -233,8 +251,7 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
                         created.discard(r.watch_id)
                         fragmented.discard(r.watch_id)
                     if e is not None:
-                        for piece in fragments(e, max_bytes) if r.watch_id in fragmented else (e,):
-                            await out.put(piece)  # waits while the client does not read: backpressure
+                        await emit(e, r.watch_id in fragmented)
             except asyncio.CancelledError as err:
                 # the sender cancels this task when the call ends; any other cancel ends the call
                 with contextlib.suppress(asyncio.QueueFull):
@@ -256,8 +273,9 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
                     raise item  # a cancel, or kvstore's watch already ended the call with its status
                 if isinstance(item, BaseException):
                     await fail(item, context, "Watch")
-                assert isinstance(item, rpc_pb2.WatchResponse)
-                yield item
+                assert isinstance(item, rpc_pb2.WatchResponse | tuple)
+                for resp in sent(item):
+                    yield resp
         finally:
             task.cancel()
             await merged.close()
