@@ -83,12 +83,19 @@ class Recipes:
         items, rev = await c.scan(self.prefix(name))
         return sorted(items, key=lambda kv: (kv.create_revision, kv.key)), rev
 
-    async def acquire(self, c: CallerKV, name: bytes, lease: int, value: bytes) -> tuple[bytes, int]:
+    async def acquire(self, c: CallerKV, name: bytes, lease: int, value: bytes, *,
+                      unlock_on_error: bool = False) -> tuple[bytes, int]:
         """(key, fencing token) once the caller's key `NAME/<lease>` is the lowest under the
         name (`concurrency.Mutex.acquire`'s rule): the key is put attached to `lease`, then each
         round waits for the key just ahead of it to be deleted. The key is deleted if the call
         ends first (as etcd's Mutex.Lock does when its context ends). A caller who may not read
-        the name's keys is refused first (PERMISSION_DENIED, definite: nothing written)."""
+        the name's keys is refused first (PERMISSION_DENIED, definite: nothing written).
+
+        `unlock_on_error` (Lock, as etcd's Mutex.Lock unlocks on any wait error): once the put
+        was attempted, ANY failure deletes the key (best effort, bounded by the timeout), so a
+        failed Lock never leaves a queued key that later becomes the holder under the lease the
+        client keeps alive; without it (Campaign, as etcd's Election.Campaign) only the call's
+        end (a cancel) does."""
         key = self.prefix(name) + f"{lease:016x}".encode()
         await self.queue(c, name)
         try:
@@ -103,9 +110,10 @@ class Recipes:
                     return key, mine
                 await c.wait_for(kv_pb2.WatchCreateRequest(key=ahead[-1].key, start_revision=rev + 1),
                                  deletes_only=True)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(c.delete(key), self.timeout)
+        except BaseException as err:
+            if unlock_on_error or isinstance(err, asyncio.CancelledError):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(c.delete(key), self.timeout)
             raise
 
 
@@ -116,7 +124,7 @@ class EtcdLock(lpb_grpc.LockServicer):
     async def Lock(self, request: lpb.LockRequest, context: grpc.aio.ServicerContext) -> lpb.LockResponse:
         try:
             name, lease = recipe_name(request.name), recipe_lease(request.lease)
-            key, fence = await self.r.acquire(self.r.caller(context), name, lease, b"")
+            key, fence = await self.r.acquire(self.r.caller(context), name, lease, b"", unlock_on_error=True)
             return lpb.LockResponse(header=self.r.n.header(fence), key=key)
         except Exception as err:
             await fail(err, context, "Lock")
