@@ -22,8 +22,8 @@ response: it has delivered every event of its groups at or below f_i):
   highest wanted), one progress request in flight per sub (`WatchProgressRequest.revision`: its
   node closes its groups up to R and answers once past it). A start "now" asks the subs created
   below M for M the same way.
-- Memory: `paused(i)` says sub i holds more than `max_queued` events it cannot emit yet; its
-  reader should stop reading (transport flow control then holds the node back). The sub at the
+- Memory: `paused(i)` says sub i holds at least `max_queued` events, or `max_bytes` bytes of
+  events (`response`'s sizes), it cannot emit yet; its reader should stop reading (transport flow control then holds the node back). The sub at the
   frontier holds nothing unemittable, so pausing never stalls the merge.
 - Bookmarks while quiet: `catch_up` (the caller's timer) asks the subs below the most advanced
   one to reach its revision (their nodes also close a quiet sub's groups at the clock's now, as
@@ -43,7 +43,12 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-__all__ = ["Batch", "Merge", "cover"]
+__all__ = ["MAX_QUEUED_BYTES", "Batch", "Merge", "cover"]
+
+MAX_QUEUED_BYTES = 4 << 20
+"""Bytes of events a sub may hold ahead of the others before it is read no more (`Merge.paused`):
+the node watch hub's per-stream bound (`WatchLimits.stream_bytes`), shared by kvstore's client
+and the etcd API's merged watches."""
 
 
 class _HasRevision(Protocol):
@@ -69,10 +74,13 @@ class _Sub(Generic[E]):
     """The revision of its last response (-1: not created yet)."""
     created: int = -1
     """The revision of its created response."""
-    queue: deque[tuple[int, tuple[E, ...]]] = field(default_factory=deque)
-    """Received events above the merged frontier, by revision (one entry per revision)."""
+    queue: deque[tuple[int, tuple[E, ...], int]] = field(default_factory=deque)
+    """Received events above the merged frontier, by revision (one entry per revision: the
+    revision, its events, their bytes)."""
     queued: int = 0
     """Events in `queue`."""
+    queued_bytes: int = 0
+    """Bytes of the events in `queue` (as `response` was told)."""
     want: int = 0
     """The highest revision to ask it to progress to."""
     asked: int = 0
@@ -86,9 +94,10 @@ class Merge(Generic[E]):
     """One merged watch over `subs` sub-watches (see the module docstring). `start_revision` 0:
     start "now" (every sub created with 0)."""
 
-    def __init__(self, subs: int, start_revision: int, max_queued: int = 10_000) -> None:
-        if subs < 1 or start_revision < 0 or max_queued < 1:
-            raise ValueError("subs >= 1, start_revision >= 0, max_queued >= 1")
+    def __init__(self, subs: int, start_revision: int, max_queued: int = 10_000,
+                 max_bytes: int = MAX_QUEUED_BYTES) -> None:
+        if subs < 1 or start_revision < 0 or max_queued < 1 or max_bytes < 1:
+            raise ValueError("subs >= 1, start_revision >= 0, max_queued >= 1, max_bytes >= 1")
         self.subs: list[_Sub[E]] = [_Sub() for _ in range(subs)]
         self.now = not start_revision
         self.base = start_revision - 1 if start_revision else -1
@@ -96,6 +105,7 @@ class Merge(Generic[E]):
         self.emitted = -1
         """The highest frontier handed out (-1: none yet)."""
         self.max_queued = max_queued
+        self.max_bytes = max_bytes
         self._out: list[Batch[E]] = []
         self._started = False
 
@@ -110,9 +120,12 @@ class Merge(Generic[E]):
             self._start()
         self._move()
 
-    def response(self, sub: int, revision: int, events: Sequence[E]) -> None:
-        """A response of sub `sub`: `events` (revision order) and its `revision` (>= each)."""
+    def response(self, sub: int, revision: int, events: Sequence[E], sizes: Sequence[int] = ()) -> None:
+        """A response of sub `sub`: `events` (revision order) and its `revision` (>= each);
+        `sizes`: each event's bytes (what `paused` counts; none given: 0 each)."""
         s = self.subs[sub]
+        if sizes and len(sizes) != len(events):
+            raise ValueError(f"sub {sub}: {len(sizes)} sizes for {len(events)} events")
         if s.frontier < 0:
             raise ValueError(f"sub {sub} answered before it was created")
         if revision < s.frontier or (events and events[0].revision <= s.frontier):
@@ -129,8 +142,10 @@ class Merge(Generic[E]):
             if r > revision or (j < n and events[j].revision < r):
                 raise ValueError(f"sub {sub} sent events out of order or above its revision {revision}")
             if r > floor:
-                q.append((r, tuple(events[i:j])))
+                nbytes = sum(sizes[i:j]) if sizes else 0
+                q.append((r, tuple(events[i:j]), nbytes))
                 s.queued += j - i
+                s.queued_bytes += nbytes
             i = j
         s.frontier = revision
         self._move()
@@ -192,8 +207,10 @@ class Merge(Generic[E]):
         s.held = True
 
     def paused(self, sub: int) -> bool:
-        """Sub `sub` holds too many events it cannot emit yet: stop reading it for now."""
-        return self.subs[sub].queued >= self.max_queued
+        """Sub `sub` holds too many events, or bytes of events, it cannot emit yet: stop
+        reading it for now."""
+        s = self.subs[sub]
+        return s.queued >= self.max_queued or s.queued_bytes >= self.max_bytes
 
     # --- internals ----------------------------------------------------------------------------
     def _start(self) -> None:
@@ -202,7 +219,9 @@ class Merge(Generic[E]):
             self.base = max(s.created for s in self.subs)
             for s in self.subs:  # events of the start's past are not the watch's
                 while s.queue and s.queue[0][0] <= self.base:
-                    s.queued -= len(s.queue.popleft()[1])
+                    _, evs, nbytes = s.queue.popleft()
+                    s.queued -= len(evs)
+                    s.queued_bytes -= nbytes
         for s in self.subs:
             if s.frontier < self.base:
                 s.want = max(s.want, self.base)
@@ -216,7 +235,7 @@ class Merge(Generic[E]):
             groups = [g for g in ready if g]
             merged = groups[0] if len(groups) == 1 else list(heapq.merge(*groups, key=_first))
             events: list[E] = []
-            for _, evs in merged:
+            for _, evs, _n in merged:
                 events.extend(evs)
             self._out.append(Batch(f, tuple(events)))
             self.emitted = f
@@ -228,17 +247,18 @@ class Merge(Generic[E]):
                     s.want = max(s.want, top)
 
     @staticmethod
-    def _ready(s: _Sub[E], f: int) -> list[tuple[int, tuple[E, ...]]]:
+    def _ready(s: _Sub[E], f: int) -> list[tuple[int, tuple[E, ...], int]]:
         out = []
         q = s.queue
         while q and q[0][0] <= f:
             item = q.popleft()
             s.queued -= len(item[1])
+            s.queued_bytes -= item[2]
             out.append(item)
         return out
 
 
-def _first(item: tuple[int, tuple[E, ...]]) -> int:
+def _first(item: tuple[int, tuple[E, ...], int]) -> int:
     return item[0]
 
 

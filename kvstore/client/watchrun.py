@@ -7,7 +7,9 @@ How a sub-stream is opened, what a sub's cancel or failure means and how a broke
 reported are the caller's (`SubStreams`); the loop is the same for both: one task per sub
 (`SubStreams.stream` with the sub's create, `groups` set, and a queue of further requests), a
 ticker (`CATCH_UP`) for bookmarks while quiet, the progress requests at a revision the merge
-asks for, a sub read no more while `Merge.paused` says it is far ahead of the others.
+asks for, a sub read no more while `Merge.paused` says it is far ahead of the others (events or
+bytes), and each sub's reader waits until its response was taken off the inbox (so the inbox
+holds at most one response per sub: memory is bounded by `Merge`'s byte bound, not by counts).
 
 Invariants: the batches yielded are `Merge.take`'s (revision order, every revision whole, each
 event once; the first one is the merged created point, no events); any end of a sub ends the
@@ -26,7 +28,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Protocol, TypeVar
 
 from kvstore import errors
-from kvstore.client.watchmerge import Batch, Merge
+from kvstore.client.watchmerge import MAX_QUEUED_BYTES, Batch, Merge
 from kvstore.v1 import kv_pb2
 
 __all__ = ["CATCH_UP", "RESUMABLE", "SubStreams", "merged_watch"]
@@ -75,14 +77,17 @@ class SubStreams(Protocol[K_contra]):
 
 async def merged_watch(plan: Sequence[tuple[K, tuple[int, ...]]], create: kv_pb2.WatchCreateRequest,
                        subs: SubStreams[K], event: Callable[[kv_pb2.Event], E], max_queued: int,
-                       catch_up: float = CATCH_UP) -> AsyncGenerator[tuple[Batch[E], int], None]:
+                       catch_up: float = CATCH_UP, max_bytes: int = MAX_QUEUED_BYTES
+                       ) -> AsyncGenerator[tuple[Batch[E], int], None]:
     """One watch merged from sub-watches of the groups in `plan` ((key, its groups), one stream
     each); yields (batch, the node id of the last response taken). `event` converts each event
     (its result needs a `revision`). See the module docstring."""
-    merge: Merge[E] = Merge(len(plan), create.start_revision, max_queued)
+    merge: Merge[E] = Merge(len(plan), create.start_revision, max_queued, max_bytes)
     extra: list[Requests] = [asyncio.Queue() for _ in plan]
-    inbox: asyncio.Queue[tuple[int, kv_pb2.WatchResponse | BaseException | None]] = asyncio.Queue(64)
+    inbox: asyncio.Queue[tuple[int, kv_pb2.WatchResponse | BaseException | None]] = asyncio.Queue()
     gates = [asyncio.Event() for _ in plan]
+    taken = [asyncio.Event() for _ in plan]
+    """Set once the sub's last response was taken off the inbox (one in the inbox per sub)."""
     for g in gates:
         g.set()
 
@@ -92,7 +97,9 @@ async def merged_watch(plan: Sequence[tuple[K, tuple[int, ...]]], create: kv_pb2
         c.groups.extend(groups)
         try:
             async for resp in subs.stream(key, c, extra[i]):
-                await inbox.put((i, resp))
+                taken[i].clear()
+                inbox.put_nowait((i, resp))
+                await taken[i].wait()
                 await gates[i].wait()  # far ahead of the others: read no more for now
         except subs.ends as err:
             await inbox.put((i, err))
@@ -103,7 +110,8 @@ async def merged_watch(plan: Sequence[tuple[K, tuple[int, ...]]], create: kv_pb2
     async def ticker() -> None:  # bookmarks while quiet: `Merge.catch_up` once a second
         while True:
             await asyncio.sleep(catch_up)
-            await inbox.put((-1, None))
+            if inbox.qsize() <= len(plan):  # at most one tick waiting
+                inbox.put_nowait((-1, None))
 
     def ask() -> None:
         for j, rev in merge.asks():
@@ -123,6 +131,7 @@ async def merged_watch(plan: Sequence[tuple[K, tuple[int, ...]]], create: kv_pb2
             if isinstance(item, BaseException):
                 raise item
             key = plan[i][0]
+            taken[i].set()
             try:
                 if item.created:
                     merge.created(i, item.revision)
@@ -132,7 +141,8 @@ async def merged_watch(plan: Sequence[tuple[K, tuple[int, ...]]], create: kv_pb2
                     merge.refused(i)
                 else:
                     node = item.node_id
-                    merge.response(i, item.revision, [event(e) for e in item.events])
+                    merge.response(i, item.revision, [event(e) for e in item.events],
+                                   [e.ByteSize() for e in item.events])
             except ValueError as err:  # a sub broke the watch contract
                 raise subs.failed(key, f"{key}: {err}", True) from None
             ask()

@@ -24,7 +24,6 @@ import grpc
 from kvstore import errors
 from kvstore.etcdpb.etcdserverpb import rpc_pb2
 from kvstore.node.watchspec import prefix_end
-from kvstore.storage import leases
 from kvstore.v1 import kv_pb2
 
 from .base import EtcdNode
@@ -67,14 +66,11 @@ class CallerKV:
         return g
 
     async def put(self, key: bytes, value: bytes, lease: int) -> int:
-        """Put `key` attached to `lease` (as the etcd `KV.Put` with a lease); its revision."""
+        """Put `key` attached to `lease` (as the etcd `KV.Put` with a lease, its lease check
+        `EtcdKV._lease_checked`: an id that cannot be a data group's lease is etcd's "requested
+        lease not found"); its revision."""
         group = self.n.group_of(key)
-        home = leases.home_group(lease)
-        checked = 0
-        if home not in (0, group):  # the lease's home vouches for it (`LeasePutRequest.checked`)
-            t = await self.n.forward.call("LeaseTimeToLive", kv_pb2.LeaseTimeToLiveRequest(id=lease), self.context,
-                                          is_write=False, group=home)
-            checked = int(t.checked) if t.ttl >= 0 else 0
+        checked = await self.kv._lease_checked(lease, group, self.context)
         p = await self.n.forward.call("LeasePut", kv_pb2.LeasePutRequest(key=key, value=value, lease=lease,
                                                                          checked=checked),
                                       self.context, is_write=True, group=group)
@@ -131,7 +127,9 @@ class CallerKV:
     async def _wait_merged(self, create: kv_pb2.WatchCreateRequest, *, deletes_only: bool) -> None:
         """`wait_for` of a watch over a data group this node does not host: run merged across
         nodes as an etcd watch of this call (`watch.EtcdWatch.merged`: sub-watches here and at
-        peers with the caller's token); a cancel ends the wait with a definite error."""
+        peers with the caller's token); a cancel ends the wait with the kvstore error the merged
+        watch ended with (`watchmerged.Definite.error`: compacted, permission denied, too many
+        watches, ...), as the local path raises the hub's."""
         got: asyncio.Queue[rpc_pb2.WatchResponse] = asyncio.Queue()
 
         async def emit(resp: rpc_pb2.WatchResponse, _fragment: bool) -> None:
@@ -142,9 +140,10 @@ class CallerKV:
             await merged.start(0, create, False)
             while True:
                 r = await got.get()
-                if r.canceled:
-                    if r.compact_revision:
-                        raise errors.Compacted(r.cancel_reason, compact_revision=r.compact_revision)
+                if r.canceled:  # the kvstore error it ended with (compacted, permission, ...)
+                    ended = merged.ended.get(0)
+                    if ended is not None:
+                        raise ended.error_of()
                     raise errors.Unavailable(f"the wait's watch was canceled: {r.cancel_reason}")
                 if any(e.type == e.DELETE or not deletes_only for e in r.events):
                     self._seen(r.header.revision)

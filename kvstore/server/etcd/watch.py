@@ -26,6 +26,7 @@ import grpc
 
 from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
 from kvstore.etcdpb.mvccpb import kv_pb2 as mvcc_pb2
+from kvstore.node.watch import WatchLimits
 from kvstore.v1 import kv_pb2
 
 from .base import EtcdNode, fail
@@ -144,7 +145,8 @@ class EtcdWatch(rpc_pb2_grpc.WatchServicer):
 
         subs = PeerSubs(n.member_id, n.forward.kv, context, caller.channel if caller is not None else None,
                         caller.address if caller is not None else (lambda _: ""), token_metadata(context))
-        return MergedWatches(plan, subs, emit, n.header, self.budget)
+        return MergedWatches(plan, subs, emit, n.header, self.budget, create_timeout=n.forward.timeout,
+                             reply_bytes=WatchLimits().reply_bytes)
 
     def _response(self, r: kv_pb2.WatchResponse) -> rpc_pb2.WatchResponse | None:
         """etcd's response for kvstore's `r` (None: nothing to send, e.g. a refused progress

@@ -24,7 +24,20 @@ One etcd watch (`_Merged`), invariants:
   `WatchLimits.progress_interval`, as kvstore's hub sends one;
 - bounded: at most `MAX_PER_STREAM` merged watches per etcd stream and `MAX_PER_NODE` per node
   (each opens up to one outbound stream per node); a create beyond is answered created and
-  canceled with the reason (definite);
+  canceled with the reason (definite); a sub is read no more while it holds `MAX_QUEUED` events
+  or `MAX_QUEUED_BYTES` bytes it cannot emit yet (`Merge.paused`), and a merged batch goes out
+  as responses of at most about `REPLY_BYTES` of events each, split between revisions (never
+  inside one: a revision is one response, as kvstore's hub sends it);
+- a create is answered within `create_timeout` (the node's request timeout): a watch with no
+  created point by then (no cover of its groups, or subs failing before all are created) is
+  answered created and canceled with a `kvstore: ...` reason (definite), so one watch never
+  blocks its stream's other requests;
+- every end of the task is answered: an unexpected exception (a bug) is logged and cancels
+  the etcd watch with `kvstore: internal error ...`; a cancel carries the kvstore error class
+  (`Definite.error`, `MergedWatches.ended`) for in-process waiters (`caller.CallerKV`);
+- the local sub runs the KV servicer with the etcd call's context wrapped (`SubContext`): the
+  servicer's abort (a credential that no longer checks) ends the merged watch with a definite
+  reason, never the whole etcd call;
 - `MergedWatches.close` (the etcd stream ended) cancels and awaits every task it started; a
   cancel of one watch cancels and awaits its task before the canceled response goes out.
 """
@@ -33,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -41,7 +55,7 @@ from typing import Any
 import grpc
 
 from kvstore import errors
-from kvstore.client.watchmerge import cover
+from kvstore.client.watchmerge import MAX_QUEUED_BYTES, cover
 from kvstore.client.watchrun import CATCH_UP, RESUMABLE, Requests, SubStreams, merged_watch
 from kvstore.etcdpb.etcdserverpb import rpc_pb2
 from kvstore.node.watch import WatchLimits
@@ -49,6 +63,8 @@ from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 from .convert import watch_event
 from .status import COMPACTED, PERMISSION_DENIED
+
+log = logging.getLogger("kvstore.etcd.watch")
 
 MAX_PER_STREAM = 16
 """Merged watches one etcd Watch stream may run at once."""
@@ -61,7 +77,16 @@ SUB_IDLE = 8.0
 a second when quiet) before it counts as failed."""
 
 MAX_QUEUED = 10_000
-"""Events a sub may hold ahead of the others before it is read no more (`Merge.paused`)."""
+"""Events a sub may hold ahead of the others before it is read no more (`Merge.paused`; also
+`MAX_QUEUED_BYTES`, the hub's per-stream bound `WatchLimits.stream_bytes`, whichever comes first)."""
+
+REPLY_BYTES = WatchLimits().reply_bytes
+"""A merged batch is sent as etcd responses of at most about this many bytes of events each
+(kvstore's hub bound for one reply), split between revisions."""
+
+CREATE_TIMEOUT = 5.0
+"""Seconds a merged create may go without a created point before it is answered created and
+canceled (`MergedWatches.create_timeout`; the node passes its request timeout)."""
 
 BACKOFF_BASE = 0.05
 BACKOFF_CAP = 2.0
@@ -91,12 +116,47 @@ class Restart(Exception):
 
 
 class Definite(Exception):
-    """The etcd watch ends: canceled with etcd's `reason` (and `compact_revision`)."""
+    """The etcd watch ends: canceled with etcd's `reason` (and `compact_revision`); `error` is
+    the kvstore error class it stands for (what an in-process waiter raises: `error_of`)."""
 
-    def __init__(self, reason: str, compact_revision: int = 0) -> None:
+    def __init__(self, reason: str, compact_revision: int = 0,
+                 error: type[errors.KVError] = errors.InternalError) -> None:
         super().__init__(reason)
         self.reason = reason
         self.compact_revision = compact_revision
+        self.error = error
+
+    def error_of(self) -> errors.KVError:
+        """The kvstore error of this end (definite: a watch writes nothing)."""
+        if issubclass(self.error, errors.Compacted):
+            return errors.Compacted(self.reason, compact_revision=self.compact_revision)
+        return self.error(self.reason, indeterminate=False)
+
+
+_ABORT_ERRORS: dict[grpc.StatusCode, type[errors.KVError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+}
+
+
+class SubContext:
+    """The etcd call's context as the local sub's KV servicer sees it: everything is the call's
+    (its identity, metadata, peer), except `abort`, which raises `Definite` (the merged watch
+    ends with the reason) instead of ending the whole etcd call."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", *_: Any) -> None:
+        raise Definite(f"kvstore: {code.name} {details}", error=_ABORT_ERRORS.get(code, errors.InternalError))
+
+    def set_trailing_metadata(self, *_: Any) -> None:
+        """The etcd call's own trailing metadata is its own to set, never a sub's."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 def canceled_by(resp: kv_pb2.WatchResponse, node: int | None) -> Exception:
@@ -105,12 +165,12 @@ def canceled_by(resp: kv_pb2.WatchResponse, node: int | None) -> Exception:
     etcd's reason; anything else: `kvstore: ...`)."""
     err = errors.from_proto(resp.error, is_write=False) if resp.HasField("error") else None
     if resp.compact_revision or isinstance(err, errors.Compacted):
-        return Definite(COMPACTED, resp.compact_revision or getattr(err, "compact_revision", 0))
+        return Definite(COMPACTED, resp.compact_revision or getattr(err, "compact_revision", 0), errors.Compacted)
     if resp.resume_revision or err is None or isinstance(err, RESUMABLE):
         return Restart(node, f"canceled: {resp.cancel_reason or (err.message if err else 'no reason')}")
     if isinstance(err, errors.PermissionDenied):
-        return Definite(PERMISSION_DENIED)
-    return Definite(f"kvstore: {err.message}")
+        return Definite(PERMISSION_DENIED, error=errors.PermissionDenied)
+    return Definite(f"kvstore: {err.message}", error=type(err))
 
 
 def plan_cover(groups: Collection[int], members: Mapping[int, Collection[int]], me: int, hosted: Collection[int],
@@ -149,7 +209,7 @@ class PeerSubs:
                  metadata: tuple[tuple[str, str], ...], idle: float = SUB_IDLE) -> None:
         self.me = me
         self.local = local
-        self.context = context
+        self.context = SubContext(context)
         self.channel = channel
         self.address = address
         self.metadata = metadata
@@ -183,7 +243,8 @@ class PeerSubs:
                     raise Restart(node, f"node {node} answered nothing for {self.idle} s") from None
                 except grpc.aio.AioRpcError as e:
                     if e.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-                        raise Definite(f"kvstore: node {node}: {e.code().name} {e.details()}") from None
+                        raise Definite(f"kvstore: node {node}: {e.code().name} {e.details()}",
+                                       error=_ABORT_ERRORS[e.code()]) from None
                     raise Restart(node, f"node {node}: {e.code().name} {e.details()}") from None
                 yield data if isinstance(data, kv_pb2.WatchResponse) else kv_pb2.WatchResponse.FromString(data)
         finally:
@@ -238,7 +299,12 @@ class MergedWatches:
 
     def __init__(self, planner: Planner, subs: SubStreams[int], emit: Emit,
                  header: Callable[[int], rpc_pb2.ResponseHeader], budget: Budget,
-                 rng: random.Random | None = None, catch_up: float = CATCH_UP) -> None:
+                 rng: random.Random | None = None, catch_up: float = CATCH_UP,
+                 create_timeout: float = CREATE_TIMEOUT, reply_bytes: int = REPLY_BYTES) -> None:
+        self.create_timeout = create_timeout
+        self.reply_bytes = reply_bytes
+        self.ended: dict[int, Definite] = {}
+        """Why each watch that ended definitely ended (by etcd id; the last one per id)."""
         self.planner = planner
         self.subs = subs
         self.emit = emit
@@ -264,7 +330,8 @@ class MergedWatches:
             which = (f"{MAX_PER_STREAM} per stream" if len(self.watches) >= MAX_PER_STREAM
                      else f"{self.budget.limit} per node")
             await self._end(w, Definite(f"kvstore: too many watches across nodes ({which}): watch at a node "
-                                        "that hosts every group of the range, or cancel some"))
+                                        "that hosts every group of the range, or cancel some",
+                                        error=errors.ResourceExhausted))
             return w.answered
         self.watches[wid] = w
         self.none.clear()
@@ -314,6 +381,7 @@ class MergedWatches:
         w.answered.set()
 
     async def _end(self, w: _Merged, d: Definite) -> None:
+        self.ended[w.wid] = d
         if not w.created:
             w.created = True
             await self.emit(rpc_pb2.WatchResponse(header=self.header(0), watch_id=w.wid, created=True), False)
@@ -322,57 +390,100 @@ class MergedWatches:
                                               cancel_reason=d.reason, compact_revision=d.compact_revision), False)
 
     async def _run(self, w: _Merged) -> None:
+        """The watch's task: attempts until a definite end; every end is answered (see the
+        module docstring: the create deadline, an unexpected exception)."""
+        try:
+            deadline = asyncio.timeout(self.create_timeout)
+            try:
+                async with deadline:
+                    await self._attempts(w, deadline)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                raise Definite(f"kvstore: the watch across nodes was not created within {self.create_timeout} s "
+                               "(no node covers a group of its range, or its sub-watches kept failing): watch "
+                               "again, or at a node that hosts every group of the range",
+                               error=errors.Unavailable) from None
+        except Definite as d:
+            await self._end(w, d)
+        except Exception as err:
+            log.exception("etcd watch %d across nodes failed", w.wid)
+            await self._end(w, Definite(f"kvstore: internal error: {type(err).__name__}: {err}"))
+        finally:
+            self._forget(w)
+
+    async def _send(self, w: _Merged, revision: int, events: tuple[SubEvent, ...]) -> None:
+        """A batch's events as responses of at most about `reply_bytes` of events each, split
+        only between revisions; each response's header revision: everything at or below it was
+        sent (the batch's `revision` for the last one)."""
+        resp = rpc_pb2.WatchResponse(watch_id=w.wid)
+        size = 0
+        i, n = 0, len(events)
+        while i < n:
+            r = events[i].revision
+            j = i
+            part = []
+            while j < n and events[j].revision == r:
+                part.append(watch_event(events[j].event))
+                j += 1
+            cost = sum(e.ByteSize() for e in part)
+            if resp.events and size + cost > self.reply_bytes:
+                resp.header.CopyFrom(self.header(resp.events[-1].kv.mod_revision))
+                await self.emit(resp, w.fragment)
+                resp, size = rpc_pb2.WatchResponse(watch_id=w.wid), 0
+            resp.events.extend(part)
+            size += cost
+            i = j
+        resp.header.CopyFrom(self.header(revision))
+        await self.emit(resp, w.fragment)
+
+    async def _attempts(self, w: _Merged, deadline: asyncio.Timeout) -> None:
         loop = asyncio.get_running_loop()
         next_rev = w.create.start_revision
         failed: list[int] = []
         delay = BACKOFF_BASE
         last_sent = loop.time()
-        try:
-            while True:
-                p = self.planner(w.create, failed)
-                if isinstance(p, str):
-                    raise Definite(p)
-                if p is not None:
-                    plan, version = p
-                    c = kv_pb2.WatchCreateRequest()
-                    c.CopyFrom(w.create)
-                    c.watch_id, c.start_revision, c.progress_notify, c.shard_version = 1, next_rev, True, version
-                    try:
-                        run = merged_watch(plan, c, self.subs, SubEvent.of, MAX_QUEUED, self.catch_up)
-                        opened = False
-                        async with contextlib.aclosing(run) as batches:
-                            async for b, _node in batches:
-                                first, point = not w.created, not opened  # point: this attempt's created point
-                                if point:
-                                    opened = True
-                                    failed.clear()
-                                    delay = BACKOFF_BASE
-                                next_rev = b.revision + 1
-                                if first:
-                                    w.created = True
-                                    await self.emit(rpc_pb2.WatchResponse(
-                                        header=self.header(b.revision), watch_id=w.wid, created=True), False)
-                                    w.answered.set()
-                                    last_sent = loop.time()
-                                if b.events:
-                                    resp = rpc_pb2.WatchResponse(header=self.header(b.revision), watch_id=w.wid)
-                                    resp.events.extend(watch_event(e.event) for e in b.events)
-                                    await self.emit(resp, w.fragment)
-                                    last_sent = loop.time()
-                                elif (w.create.progress_notify and not point
-                                      and loop.time() - last_sent >= PROGRESS_INTERVAL):
-                                    await self.emit(rpc_pb2.WatchResponse(
-                                        header=self.header(b.revision), watch_id=w.wid), False)
-                                    last_sent = loop.time()
-                                w.revision = b.revision
-                    except Restart as r:
-                        self.restarts += 1
-                        if r.node is not None:
-                            failed.append(r.node)
-                            del failed[:-16]
-                await asyncio.sleep(delay * (0.5 + self.rng.random()))
-                delay = min(delay * 2, BACKOFF_CAP)
-        except Definite as d:
-            await self._end(w, d)
-        finally:
-            self._forget(w)
+        while True:
+            p = self.planner(w.create, failed)
+            if isinstance(p, str):
+                raise Definite(p, error=errors.Unauthenticated)
+            if p is not None:
+                plan, version = p
+                c = kv_pb2.WatchCreateRequest()
+                c.CopyFrom(w.create)
+                c.watch_id, c.start_revision, c.progress_notify, c.shard_version = 1, next_rev, True, version
+                try:
+                    run = merged_watch(plan, c, self.subs, SubEvent.of, MAX_QUEUED, self.catch_up,
+                                       MAX_QUEUED_BYTES)
+                    opened = False
+                    async with contextlib.aclosing(run) as batches:
+                        async for b, _node in batches:
+                            first, point = not w.created, not opened  # point: this attempt's created point
+                            if point:
+                                opened = True
+                                failed.clear()
+                                delay = BACKOFF_BASE
+                            next_rev = b.revision + 1
+                            if first:
+                                w.created = True
+                                deadline.reschedule(None)
+                                await self.emit(rpc_pb2.WatchResponse(
+                                    header=self.header(b.revision), watch_id=w.wid, created=True), False)
+                                w.answered.set()
+                                last_sent = loop.time()
+                            if b.events:
+                                await self._send(w, b.revision, b.events)
+                                last_sent = loop.time()
+                            elif (w.create.progress_notify and not point
+                                  and loop.time() - last_sent >= PROGRESS_INTERVAL):
+                                await self.emit(rpc_pb2.WatchResponse(
+                                    header=self.header(b.revision), watch_id=w.wid), False)
+                                last_sent = loop.time()
+                            w.revision = b.revision
+                except Restart as r:
+                    self.restarts += 1
+                    if r.node is not None:
+                        failed.append(r.node)
+                        del failed[:-16]
+            await asyncio.sleep(delay * (0.5 + self.rng.random()))
+            delay = min(delay * 2, BACKOFF_CAP)
