@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvstore import errors
 from kvstore.client.watchrun import Requests
 from kvstore.etcdpb.etcdserverpb import rpc_pb2
 from kvstore.server.etcd.forward import Forwarder
@@ -383,3 +384,195 @@ def test_a_watch_from_now_starts_above_the_subs_created_revisions() -> None:
         assert _revs(got) == [4, 5, 6]
         await mw.close()
     _run(main)
+
+
+def _answered_within(ev: asyncio.Event) -> Awaitable[bool]:
+    return asyncio.wait_for(ev.wait(), 5)
+
+
+def test_a_create_with_no_cover_is_answered_created_and_canceled_after_the_timeout() -> None:
+    """No cover (the planner finds none) never blocks the stream: created and canceled (definite)."""
+    async def main() -> None:
+        out: asyncio.Queue[rpc_pb2.WatchResponse] = asyncio.Queue()
+
+        async def emit(r: rpc_pb2.WatchResponse, fragment: bool) -> None:
+            await out.put(r)
+
+        mw = MergedWatches(lambda c, failed: None, _Nodes(), emit, lambda rev: rpc_pb2.ResponseHeader(revision=rev),
+                           Budget(), random.Random(1), catch_up=0.05, create_timeout=0.2)
+        await _answered_within(await mw.start(3, _create(), False))
+        got = await _until(out, lambda got: any(r.canceled for r in got))
+        assert [(r.watch_id, r.created, r.canceled) for r in got] == [(3, True, False), (3, False, True)]
+        assert got[1].cancel_reason.startswith("kvstore: ") and "not created within" in got[1].cancel_reason
+        assert mw.ended[3].error is errors.Unavailable and 3 not in mw and mw.budget.running == 0
+    _run(main)
+
+
+def test_an_unexpected_exception_ends_the_watch_with_an_internal_error() -> None:
+    def broken(c: kv_pb2.WatchCreateRequest, failed: list[int]) -> Any:
+        raise RuntimeError("a bug")
+
+    async def main() -> None:
+        nodes = _Nodes()
+        mw, out = _setup(nodes)
+        mw.planner = broken
+        await _answered_within(await mw.start(4, _create(), False))
+        got = await _until(out, lambda got: any(r.canceled for r in got))
+        assert got[0].created and got[1].canceled
+        assert got[1].cancel_reason == "kvstore: internal error: RuntimeError: a bug"
+        assert 4 not in mw and mw.budget.running == 0
+    _run(main)
+
+
+class _CallAborted(Exception):
+    """What grpc's abort raises: the whole etcd call ends."""
+
+
+class _EtcdCall:
+    def __init__(self) -> None:
+        self.aborted = False
+
+    async def abort(self, code: Any, details: str = "") -> None:
+        self.aborted = True
+        raise _CallAborted(details)
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+
+def test_the_local_subs_abort_ends_the_merged_watch_not_the_etcd_call() -> None:
+    """The KV servicer's credential recheck aborts with UNAUTHENTICATED: the merged watch is
+    canceled with the reason (definite, Unauthenticated), the etcd call goes on."""
+    import grpc
+
+    from kvstore.server.etcd.watchmerged import PeerSubs
+
+    class _Local:
+        async def Watch(self, requests: AsyncIterator[kv_pb2.WatchRequest], context: Any
+                        ) -> AsyncIterator[kv_pb2.WatchResponse]:
+            assert context.invocation_metadata() == ()  # the call's own, otherwise
+            yield kv_pb2.WatchResponse(watch_id=1, created=True, revision=0)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "KV.Watch: the token expired")
+
+    async def main() -> None:
+        call = _EtcdCall()
+        out: asyncio.Queue[rpc_pb2.WatchResponse] = asyncio.Queue()
+
+        async def emit(r: rpc_pb2.WatchResponse, fragment: bool) -> None:
+            await out.put(r)
+
+        subs = PeerSubs(ME, _Local(), call, None, lambda _: "", ())  # type: ignore[arg-type]
+        mw = MergedWatches(lambda c, failed: ([(ME, (1,))], 7), subs, emit,
+                           lambda rev: rpc_pb2.ResponseHeader(revision=rev), Budget(), random.Random(1),
+                           catch_up=0.05)
+        await _answered_within(await mw.start(0, _create(), False))
+        got = await _until(out, lambda got: any(r.canceled for r in got))
+        assert got[-1].canceled and "UNAUTHENTICATED" in got[-1].cancel_reason and "expired" in got[-1].cancel_reason
+        assert not call.aborted and mw.restarts == 0
+        err = mw.ended[0].error_of()
+        assert isinstance(err, errors.Unauthenticated) and err.definite
+    _run(main)
+
+
+def test_a_batch_of_many_revisions_goes_out_in_responses_of_at_most_reply_bytes() -> None:
+    """Split between revisions, never inside one; headers: everything at or below them was sent."""
+    async def main() -> None:
+        nodes = _Nodes()
+        for rev, g in [(1, 1), (2, 2), (2, 2), (3, 3), (4, 1), (5, 2), (6, 3)]:
+            await nodes.put(rev, g, b"x" * 200)
+        out: asyncio.Queue[rpc_pb2.WatchResponse] = asyncio.Queue()
+
+        async def emit(r: rpc_pb2.WatchResponse, fragment: bool) -> None:
+            await out.put(r)
+
+        mw = MergedWatches(_planner(nodes), nodes, emit, lambda rev: rpc_pb2.ResponseHeader(revision=rev),
+                           Budget(), random.Random(1), catch_up=0.05, reply_bytes=500)
+        await (await mw.start(0, _create(), False)).wait()
+        got = await _until(out, lambda got: 6 in _revs(got))
+        data = [r for r in got if r.events]
+        assert _revs(got) == [1, 2, 2, 3, 4, 5, 6]
+        assert len(data) > 1  # not one response of everything
+        for r in data:
+            revs = {e.kv.mod_revision for e in r.events}
+            assert sum(e.ByteSize() for e in r.events) <= 500 or len(revs) == 1
+            assert r.header.revision >= max(revs)
+        assert sum(2 in _revs([r]) for r in data) == 1  # revision 2 whole in one response
+        heads = [r.header.revision for r in data]
+        assert heads == sorted(heads)
+        await mw.close()
+    _run(main)
+
+
+def test_a_sub_far_ahead_is_read_no_more_past_the_byte_bound() -> None:
+    """One sub streams 100 KiB events, the other is silent: the first is read up to about the
+    byte bound (plus one response in the inbox), not for 64 responses or 10,000 events."""
+    from kvstore.client.watchmerge import Batch
+    from kvstore.client.watchrun import merged_watch
+    from kvstore.server.etcd.watchmerged import SubEvent
+
+    produced = [0]
+
+    class _Subs:
+        ends: tuple[type[BaseException], ...] = (Restart, Definite)
+
+        async def stream(self, node: int, create: kv_pb2.WatchCreateRequest, extra: Requests
+                         ) -> AsyncIterator[kv_pb2.WatchResponse]:
+            yield kv_pb2.WatchResponse(watch_id=1, created=True, revision=0)
+            if node == 2:
+                await asyncio.Event().wait()
+            for rev in range(1, 200):
+                produced[0] += 1
+                yield kv_pb2.WatchResponse(watch_id=1, revision=rev, events=[
+                    kv_pb2.Event(kv=kv_pb2.KeyValue(key=b"a", value=b"x" * 100_000, mod_revision=rev))])
+
+        def canceled(self, resp: kv_pb2.WatchResponse, node: int) -> BaseException:
+            return canceled_by(resp, node)
+
+        def failed(self, node: int, message: str, breach: bool) -> BaseException:
+            return Restart(node, message)
+
+    async def main() -> None:
+        run = merged_watch([(1, (1,)), (2, (2,))], _create(), _Subs(), SubEvent.of, 10_000, 60.0, 1 << 20)
+        batches: list[Any] = []
+
+        async def consume() -> None:
+            async for b in run:
+                batches.append(b)
+
+        consumer = asyncio.ensure_future(consume())
+        for _ in range(2000):  # let every task run until nothing moves
+            await asyncio.sleep(0)
+        assert not consumer.done()
+        assert [b for b, _ in batches] == [Batch(0, ())]  # created; sub 2 is silent at 0
+        assert 10 <= produced[0] <= 13
+        consumer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await consumer
+        await run.aclose()
+    _run(main)
+
+
+def test_a_merged_wait_raises_the_kvstore_error_the_watch_ended_with() -> None:
+    """`CallerKV.wait_for` over a merged watch: "too many watches" is ResourceExhausted, a TLS
+    caller without a token Unauthenticated (never a retryable Unavailable)."""
+    from kvstore.server.etcd.caller import CallerKV
+
+    class _Watch:
+        def __init__(self, budget: Budget, remote_ok: bool) -> None:
+            self.budget, self.remote_ok = budget, remote_ok
+
+        def merges(self, c: kv_pb2.WatchCreateRequest) -> bool:
+            return True
+
+        def merged(self, context: Any, emit: Any) -> MergedWatches:
+            return MergedWatches(_planner(_Nodes(), self.remote_ok), _Nodes(), emit,
+                                 lambda rev: rpc_pb2.ResponseHeader(revision=rev), self.budget, random.Random(1))
+
+    async def wait(budget: Budget, remote_ok: bool) -> None:
+        c = CallerKV(None, None, _Watch(budget, remote_ok), None)  # type: ignore[arg-type]
+        await c.wait_for(_create(), deletes_only=True)
+
+    with pytest.raises(errors.ResourceExhausted, match="too many watches"):
+        asyncio.run(wait(Budget(limit=0), True))
+    with pytest.raises(errors.Unauthenticated, match="token"):
+        asyncio.run(wait(Budget(), False))

@@ -203,6 +203,28 @@ def test_a_sub_far_ahead_is_paused_and_the_one_at_the_frontier_never_is() -> Non
     assert [e.revision for b in m.take() for e in b.events] == [1, 2, 3, 4, 5]
 
 
+def test_a_sub_holding_many_bytes_is_paused_before_many_events() -> None:
+    """Memory is bounded by bytes, not only by counts: two 600-byte events pass a 1000-byte bound."""
+    m: Merge[Ev] = Merge(2, 1, max_queued=10_000, max_bytes=1000)
+    m.created(0, 0)
+    m.created(1, 0)
+    m.take()
+    m.response(0, 1, [Ev(1, 0, 0)], [600])
+    assert not m.paused(0)
+    m.response(0, 2, [Ev(2, 0, 0)], [600])
+    assert m.paused(0) and not m.paused(1)
+    m.response(1, 1, [])
+    assert not m.paused(0)  # revision 1 went out: 600 bytes left
+    assert [e.revision for b in m.take() for e in b.events] == [1]
+    m.response(1, 2, [])
+    assert [e.revision for b in m.take() for e in b.events] == [2]
+    assert m.subs[0].queued_bytes == 0
+    with pytest.raises(ValueError):
+        m.response(0, 3, [Ev(3, 0, 0)], [1, 2])  # a size per event
+    with pytest.raises(ValueError):
+        Merge(2, 1, max_bytes=0)
+
+
 @pytest.mark.parametrize("bad", [
     lambda m: m.response(0, 5, [Ev(7, 0, 0)]),  # an event above the response's revision
     lambda m: m.response(0, 9, [Ev(8, 0, 0), Ev(6, 0, 0)]),  # out of order
