@@ -171,6 +171,8 @@ def save_from(source: Source, path: Path, *, timeout: float, progress: Progress 
                     progress(w.keys, w.size)
             attached: set[bytes] = set()
             for lid in source.lease_list(timeout):
+                if progress is not None:  # a caller that stops the save is heard per lease too
+                    progress(w.keys, w.size)
                 # each lease's remaining TTL and keys as its home leader answers now (after the
                 # scan: not at the keys' revision); one that is gone meanwhile is left out. A key
                 # re-attached to another lease between two of these answers is named by both: it

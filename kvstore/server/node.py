@@ -65,6 +65,7 @@ from .clientport import ClientPort
 from .compaction import Retention, RevisionRetention
 from .config import NodeConfig
 from .etcd import etcd_services
+from .etcd.maintenance import remove_snapshot_leftovers
 from .forcenew import rewrite_shard_map
 from .kv_service import KVService
 from .learner import register_learner
@@ -153,6 +154,8 @@ class Node:
     async def start(self) -> None:
         cfg = self.cfg
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        for gone in remove_snapshot_leftovers(cfg.data_dir):  # a Snapshot call's files from before a crash
+            log.warning("node %d: removed %s, left by an etcd Snapshot call of a previous run", cfg.id, gone)
         # A large map reserves address space only; it spares growing the map (which would
         # invalidate open read transactions such as streaming scans) in all but huge stores.
         if cfg.certs_dir is not None:

@@ -1,7 +1,8 @@
 """etcd's API on an in-process node: `Maintenance.Snapshot` writes the backup under the node's
 data directory and leaves nothing behind when the client goes away while the save runs;
 `HashKV`'s header carries the revision served; `Election.Proclaim` keeps the leader key on the
-lease it holds (kvstore/server/etcd/maintenance.py, recipes.py)."""
+lease it holds; a node starts by removing the Snapshot files a crash left (kvstore/server/etcd/maintenance.py,
+recipes.py)."""
 
 from __future__ import annotations
 
@@ -66,8 +67,16 @@ def test_a_snapshot_whose_client_goes_away_mid_save_leaves_nothing(tmp_path: Pat
 
 
 def test_hashkv_header_is_the_revision_served_and_proclaim_keeps_the_keys_lease(tmp_path: Path) -> None:
+    """(Also: a Snapshot's files left by a crash are gone once the node started over its data directory.)"""
+    data_dir = tmp_path / "n1"
+    data_dir.mkdir()
+    crashed = [data_dir / ".etcd-snapshot-abc.kvbackup", data_dir / "..etcd-snapshot-abc.kvbackup.x1.part"]
+    for p in crashed:
+        p.write_bytes(b"a full copy of the store")
+
     async def main() -> None:
         async with one_node(tmp_path) as n, grpc.aio.insecure_channel(n.address) as ch:
+            assert Path(n.node.cfg.data_dir) == data_dir and _leftovers(data_dir) == []
             kv, lease = rpc_pb2_grpc.KVStub(ch), rpc_pb2_grpc.LeaseStub(ch)
             put = await kv.Put(rpc_pb2.PutRequest(key=b"h", value=b"1"), timeout=10)
             m = rpc_pb2_grpc.MaintenanceStub(ch)

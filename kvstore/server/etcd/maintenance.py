@@ -217,7 +217,25 @@ class EtcdMaintenance(rpc_pb2_grpc.MaintenanceServicer):
 
 SNAPSHOT_PREFIX = ".etcd-snapshot-"
 """Name prefix of the backup file a `Maintenance.Snapshot` call writes in the node's data
-directory (removed when the call ends)."""
+directory (removed when the call ends, and at node start: `remove_snapshot_leftovers`)."""
+
+SNAPSHOT_LEFTOVERS = (f"{SNAPSHOT_PREFIX}*", f".{SNAPSHOT_PREFIX}*.part")
+"""What a node that stopped mid-Snapshot (a crash) leaves in its data directory: the call's
+backup file and `save_from`'s partial file beside it (`.<the backup's name>.<random>.part`)."""
+
+
+def remove_snapshot_leftovers(directory: Path) -> list[Path]:
+    """Remove the files of Snapshot calls a previous run of the node left in `directory` (no
+    call of this run exists yet: called where the node opens its data directory, before it
+    serves); the paths removed. A file that cannot be removed is left (the node still starts)."""
+    gone: list[Path] = []
+    for pattern in SNAPSHOT_LEFTOVERS:
+        for path in sorted(directory.glob(pattern)):
+            if path.is_file() and not path.is_symlink():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    gone.append(path)
+    return gone
 
 
 class SaveStopped(Exception):
@@ -242,7 +260,8 @@ async def _settled(job: asyncio.Future[None]) -> None:
 def _save(source: CallerSource, path: Path, timeout: float, stop: threading.Event) -> None:
     """`kvctl snapshot save`'s save (`backup/save.py`) from `source`, in a worker thread (the
     writer is synchronous; its reads run on the loop as the caller). Raises SaveStopped at a
-    progress report once `stop` is set (the save then removes its partial file)."""
+    progress report (every 1000 keys, and before each lease) once `stop` is set (the save then
+    removes its partial file)."""
     def progress(_keys: int, _size: int) -> None:
         if stop.is_set():
             raise SaveStopped("the Snapshot call ended")
