@@ -117,3 +117,48 @@ def test_a_cancelled_lock_or_campaign_deletes_its_key(lock: bool) -> None:
 
     asyncio.run(main())
     assert MINE not in c.keys
+
+
+class _Map:
+    def data_groups(self) -> list[int]:
+        return [1, 2]
+
+
+class _Forward:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    async def call(self, method: str, request: Any, context: Any, *, is_write: bool, group: int) -> Any:
+        self.calls.append((method, group))
+        if method == "LeaseTimeToLive":
+            return kv_pb2.LeaseTimeToLiveResponse(id=request.id, ttl=5, checked=77)
+        return kv_pb2.PutResponse(revision=9)
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.forward = _Forward()
+
+    def shard_map(self) -> _Map:
+        return _Map()
+
+    def group_of(self, key: bytes) -> int:
+        return 1
+
+
+def test_the_callers_put_checks_its_lease_as_etcds_put_does() -> None:
+    """`CallerKV.put` is `EtcdKV._lease_checked` then LeasePut: a lease homed outside the data
+    groups is etcd's "requested lease not found" before anything is sent; one homed elsewhere
+    is vouched for by its home."""
+    from kvstore.server.etcd.caller import CallerKV
+    from kvstore.server.etcd.kv import EtcdKV
+    from kvstore.server.etcd.status import LEASE_NOT_FOUND, EtcdStatus
+    from kvstore.storage import leases
+
+    node = _Node()
+    c = CallerKV(node, EtcdKV(node), None, None)  # type: ignore[arg-type]
+    with pytest.raises(EtcdStatus, match=LEASE_NOT_FOUND):
+        asyncio.run(c.put(b"n/k", b"", leases.make_id(7, 1)))  # group 7 is not a data group
+    assert node.forward.calls == []
+    assert asyncio.run(c.put(b"n/k", b"", leases.make_id(2, 1))) == 9
+    assert node.forward.calls == [("LeaseTimeToLive", 2), ("LeasePut", 1)]
