@@ -259,6 +259,9 @@ def test_merged_watches_are_bounded_per_stream_and_per_node() -> None:
         await (await other.start(0, _create(), False)).wait()
         got = await _until(out2, lambda got: any(r.canceled for r in got))
         assert "1 per node" in got[-1].cancel_reason
+        for wid in range(100, 100 + 2 * MAX_PER_STREAM):  # refused creates are remembered boundedly
+            await (await other.start(wid, _create(), False)).wait()
+        assert len(other.ended) == MAX_PER_STREAM and max(other.ended) == 99 + 2 * MAX_PER_STREAM
         mw.budget.running = MAX_PER_STREAM
         await mw.close()
         assert mw.watches == {} and mw.budget.running == 0

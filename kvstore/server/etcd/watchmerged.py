@@ -304,7 +304,8 @@ class MergedWatches:
         self.create_timeout = create_timeout
         self.reply_bytes = reply_bytes
         self.ended: dict[int, Definite] = {}
-        """Why each watch that ended definitely ended (by etcd id; the last one per id)."""
+        """Why the latest watches that ended definitely ended (by etcd id; at most
+        `MAX_PER_STREAM`, the oldest forgotten first)."""
         self.planner = planner
         self.subs = subs
         self.emit = emit
@@ -381,7 +382,10 @@ class MergedWatches:
         w.answered.set()
 
     async def _end(self, w: _Merged, d: Definite) -> None:
+        self.ended.pop(w.wid, None)
         self.ended[w.wid] = d
+        while len(self.ended) > MAX_PER_STREAM:
+            del self.ended[next(iter(self.ended))]
         if not w.created:
             w.created = True
             await self.emit(rpc_pb2.WatchResponse(header=self.header(0), watch_id=w.wid, created=True), False)
