@@ -579,3 +579,24 @@ def test_a_merged_wait_raises_the_kvstore_error_the_watch_ended_with() -> None:
         asyncio.run(wait(Budget(limit=0), True))
     with pytest.raises(errors.Unauthenticated, match="token"):
         asyncio.run(wait(Budget(), False))
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.tuples(st.integers(1, 3), st.integers(0, 700)), max_size=30), cap=st.integers(1, 3000))
+def test_reply_pieces_split_between_revisions_within_the_bound(sizes: list[tuple[int, int]], cap: int) -> None:
+    from kvstore.server.etcd.watchmerged import SubEvent, reply_pieces
+
+    events: list[SubEvent] = []
+    for rev, (count, size) in enumerate(sizes, start=1):
+        events += [SubEvent.of(kv_pb2.Event(kv=kv_pb2.KeyValue(key=b"k%d" % k, value=b"v" * size, mod_revision=rev)))
+                   for k in range(count)]
+    pieces = reply_pieces(events, cap)
+    assert pieces and [(e.kv.key, e.kv.mod_revision) for p in pieces for e in p] == [
+        (e.event.kv.key, e.revision) for e in events]
+    seen: set[int] = set()
+    for p in pieces:
+        revs = [e.kv.mod_revision for e in p]
+        assert not seen & set(revs)  # a revision never split
+        seen |= set(revs)
+        assert sum(e.ByteSize() for e in p) <= cap or len(set(revs)) == 1
+    assert all(pieces) or len(pieces) == 1

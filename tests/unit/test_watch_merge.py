@@ -287,3 +287,31 @@ def test_a_refused_progress_request_is_asked_again_only_after_a_catch_up() -> No
     assert m.asks() == []  # held
     m.catch_up()
     assert m.asks() == [(1, 21)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3), st.lists(st.integers(0, 5000), max_size=4)),
+                      max_size=40),
+       bound=st.integers(1, 20_000))
+def test_the_byte_count_is_exactly_what_is_held_and_drains_to_zero(steps: list[tuple[int, int, list[int]]],
+                                                                  bound: int) -> None:
+    """Any responses with any sizes: each sub's byte count is the sum of the sizes of the events
+    it holds, `paused` says so against the bound, and once every sub catches up nothing is held."""
+    m: Merge[Ev] = Merge(3, 1, max_queued=10_000, max_bytes=bound)
+    for i in range(3):
+        m.created(i, 0)
+    revs = [0, 0, 0]
+    top = 0
+    for sub, ahead, sizes in steps:
+        top = max(top, revs[sub]) + 1  # this response's revisions: top .. (one event each), above its last
+        evs = [Ev(top + k, sub, 0) for k in range(len(sizes))]
+        top += len(sizes)
+        revs[sub] = top + ahead
+        m.response(sub, revs[sub], evs, sizes)
+        for s in m.subs:
+            assert s.queued_bytes == sum(n for _, _, n in s.queue) >= 0
+        assert all(m.paused(i) == (s.queued_bytes >= bound or s.queued >= 10_000) for i, s in enumerate(m.subs))
+    end = max(revs) + top
+    for i in range(3):
+        m.response(i, end, [])
+    assert all(s.queued_bytes == 0 and s.queued == 0 and not m.paused(i) for i, s in enumerate(m.subs))

@@ -48,7 +48,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,7 @@ from kvstore import errors
 from kvstore.client.watchmerge import MAX_QUEUED_BYTES, cover
 from kvstore.client.watchrun import CATCH_UP, RESUMABLE, Requests, SubStreams, merged_watch
 from kvstore.etcdpb.etcdserverpb import rpc_pb2
+from kvstore.etcdpb.mvccpb import kv_pb2 as mvccpb
 from kvstore.node.watch import WatchLimits
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
@@ -171,6 +172,30 @@ def canceled_by(resp: kv_pb2.WatchResponse, node: int | None) -> Exception:
     if isinstance(err, errors.PermissionDenied):
         return Definite(PERMISSION_DENIED, error=errors.PermissionDenied)
     return Definite(f"kvstore: {err.message}", error=type(err))
+
+
+def reply_pieces(events: Sequence[SubEvent], reply_bytes: int) -> list[list[mvccpb.Event]]:
+    """`events` (revision order) as etcd events in pieces of at most `reply_bytes` bytes of
+    events each, split only between revisions (a revision larger than that is one piece by
+    itself); joined, the pieces are every event in order. At least one piece."""
+    out: list[list[mvccpb.Event]] = [[]]
+    size = 0
+    i, n = 0, len(events)
+    while i < n:
+        r = events[i].revision
+        j = i
+        part = []
+        while j < n and events[j].revision == r:
+            part.append(watch_event(events[j].event))
+            j += 1
+        cost = sum(e.ByteSize() for e in part)
+        if out[-1] and size + cost > reply_bytes:
+            out.append([])
+            size = 0
+        out[-1].extend(part)
+        size += cost
+        i = j
+    return out
 
 
 def plan_cover(groups: Collection[int], members: Mapping[int, Collection[int]], me: int, hosted: Collection[int],
@@ -417,29 +442,14 @@ class MergedWatches:
             self._forget(w)
 
     async def _send(self, w: _Merged, revision: int, events: tuple[SubEvent, ...]) -> None:
-        """A batch's events as responses of at most about `reply_bytes` of events each, split
-        only between revisions; each response's header revision: everything at or below it was
-        sent (the batch's `revision` for the last one)."""
-        resp = rpc_pb2.WatchResponse(watch_id=w.wid)
-        size = 0
-        i, n = 0, len(events)
-        while i < n:
-            r = events[i].revision
-            j = i
-            part = []
-            while j < n and events[j].revision == r:
-                part.append(watch_event(events[j].event))
-                j += 1
-            cost = sum(e.ByteSize() for e in part)
-            if resp.events and size + cost > self.reply_bytes:
-                resp.header.CopyFrom(self.header(resp.events[-1].kv.mod_revision))
-                await self.emit(resp, w.fragment)
-                resp, size = rpc_pb2.WatchResponse(watch_id=w.wid), 0
-            resp.events.extend(part)
-            size += cost
-            i = j
-        resp.header.CopyFrom(self.header(revision))
-        await self.emit(resp, w.fragment)
+        """A batch's events as responses of `reply_pieces`; each response's header revision:
+        everything at or below it was sent (the batch's `revision` for the last one)."""
+        pieces = reply_pieces(events, self.reply_bytes)
+        for k, piece in enumerate(pieces):
+            rev = revision if k == len(pieces) - 1 else piece[-1].kv.mod_revision
+            resp = rpc_pb2.WatchResponse(header=self.header(rev), watch_id=w.wid)
+            resp.events.extend(piece)
+            await self.emit(resp, w.fragment)
 
     async def _attempts(self, w: _Merged, deadline: asyncio.Timeout) -> None:
         loop = asyncio.get_running_loop()
