@@ -407,6 +407,7 @@ def test_a_create_with_no_cover_is_answered_created_and_canceled_after_the_timeo
         got = await _until(out, lambda got: any(r.canceled for r in got))
         assert [(r.watch_id, r.created, r.canceled) for r in got] == [(3, True, False), (3, False, True)]
         assert got[1].cancel_reason.startswith("kvstore: ") and "not created within" in got[1].cancel_reason
+        assert "no cover of its groups" in got[1].cancel_reason
         assert mw.ended[3].error is errors.Unavailable and 3 not in mw and mw.budget.running == 0
     _run(main)
 
@@ -600,3 +601,25 @@ def test_reply_pieces_split_between_revisions_within_the_bound(sizes: list[tuple
         seen |= set(revs)
         assert sum(e.ByteSize() for e in p) <= cap or len(set(revs)) == 1
     assert all(pieces) or len(pieces) == 1
+
+
+def test_a_create_whose_subs_keep_failing_is_answered_after_the_timeout() -> None:
+    """Group 3 lives on node 3 only, which is down: every attempt fails before all subs are
+    created; the create is answered created and canceled (definite), not left pending."""
+    async def main() -> None:
+        nodes = _Nodes()
+        nodes.down.add(3)
+        out: asyncio.Queue[rpc_pb2.WatchResponse] = asyncio.Queue()
+
+        async def emit(r: rpc_pb2.WatchResponse, fragment: bool) -> None:
+            await out.put(r)
+
+        mw = MergedWatches(_planner(nodes), nodes, emit, lambda rev: rpc_pb2.ResponseHeader(revision=rev),
+                           Budget(), random.Random(1), catch_up=0.05, create_timeout=0.3)
+        await _answered_within(await mw.start(1, _create(), False))
+        got = await _until(out, lambda got: any(r.canceled for r in got))
+        assert [(r.created, r.canceled) for r in got] == [(True, False), (False, True)]
+        assert "not created within" in got[1].cancel_reason
+        assert "a sub-watch failed" in got[1].cancel_reason and mw.restarts >= 1
+        assert sorted(nodes.closed) == sorted(n for n, _, _ in nodes.opened) and mw.budget.running == 0
+    _run(main)

@@ -315,6 +315,8 @@ class _Merged:
     revision: int = 0
     """The merged revision: every event at or below it was sent."""
     task: asyncio.Task[None] | None = None
+    why: str = "no attempt ended yet"
+    """Why its last attempt did not get it created (the create deadline's reason names it)."""
 
 
 class MergedWatches:
@@ -430,8 +432,7 @@ class MergedWatches:
                 if not deadline.expired():
                     raise
                 raise Definite(f"kvstore: the watch across nodes was not created within {self.create_timeout} s "
-                               "(no node covers a group of its range, or its sub-watches kept failing): watch "
-                               "again, or at a node that hosts every group of the range",
+                               f"(last: {w.why}): watch again, or at a node that hosts every group of the range",
                                error=errors.Unavailable) from None
         except Definite as d:
             await self._end(w, d)
@@ -461,7 +462,9 @@ class MergedWatches:
             p = self.planner(w.create, failed)
             if isinstance(p, str):
                 raise Definite(p, error=errors.Unauthenticated)
-            if p is not None:
+            if p is None:
+                w.why = "no cover of its groups (their nodes down or without an address)"
+            else:
                 plan, version = p
                 c = kv_pb2.WatchCreateRequest()
                 c.CopyFrom(w.create)
@@ -495,6 +498,7 @@ class MergedWatches:
                                 last_sent = loop.time()
                             w.revision = b.revision
                 except Restart as r:
+                    w.why = f"a sub-watch failed: {r}"
                     self.restarts += 1
                     if r.node is not None:
                         failed.append(r.node)
