@@ -24,8 +24,9 @@ LeaseTimeToLive reads). For a lease the home answers DEAD, and only then, propos
 LEASE_ORPHAN(id, until) in this group: the one-group DROP (its deletion at one revision and its
 tombstone), guarded at apply by `until` (`leases.orphan_drop` says why it never deletes a key
 of a live lease, even one whose id was granted again). Everything else keeps the keys: ALIVE;
-UNKNOWN (no record and no tombstone at the home: never granted, so a forged id, or its
-tombstone already forgotten, so the id may be granted again at any time); no answer (the home
+UNKNOWN (no record and no live tombstone at the home: never granted, so a forged id, or its
+tombstone expired, so the id may be granted again at any time; or a REVOKED record whose
+one-group deletion is under way: DEAD once its FORGET leaves the tombstone); no answer (the home
 group is not in the map, unreachable, leaderless, or refuses). A LEASE_ORPHAN refused (a lock,
 a move, a stale answer) is asked again at the next pass over that id.
 

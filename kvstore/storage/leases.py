@@ -18,7 +18,8 @@ raft snapshots as tag `snapfile.TAG_LEASES`; group prefix omitted):
                                         absent when none; kept by `attach`, `detach`, `forget_keys`,
                                         `forget_attached`, the only writers of "A" rows)
 
-Commands (`commands.Op` codes 20..29, gated by `node.version.LEVEL_LEASES`; body = `BODY`:
+Commands (`commands.Op` codes 20..29, gated by `node.version.LEVEL_LEASES`, STATUS and ORPHAN
+by `LEVEL_LEASES_2`: level-4 binaries without them exist; body = `BODY`:
 lease_id:u64 ttl_s:u64 renews:u64 remaining_ms:u64, fields a kind does not use are 0; LEASE_PUT's
 body is `PUT_BODY`: those four then checked:u64, and the command then carries key_len:u32 key
 value. Leases are feature level 4, which no release has shipped, so LEASE_PUT's body changed in
@@ -79,7 +80,9 @@ revision-valued time no earlier than the lease's death, up to clock skew) plus `
 re-GRANT of the id and so outlives the other groups'), indexed by an age row `x`; every lease
 command that applies (not a refused one) and every cross-group command forgets at most `GC_PER_ENTRY` tombstones whose
 expiry is below the group's last revision (`gc`: a pure function of the rows, the same on every
-replica and store). The bases: DROP and FORGET, max(last, proposed) - the proposal is the home
+replica and store); by the same rule an expired tombstone counts as absent before it is
+forgotten (`live_tomb`: every reader deciding by a tombstone uses it, so a quiet group, where no
+command runs `gc`, never refuses a put or deletes a moved key because of one). The bases: DROP and FORGET, max(last, proposed) - the proposal is the home
 leader's / the DROP sender's HLC reading taken after the lease's death applied at its home (one
 above `mvcc.PROPOSAL_MAX` is refused, a definite error result with nothing changed, whether or not
 the command deletes a key, as a write's proposal is - so are REVOKE's and EXPIRE's, which run the
