@@ -320,3 +320,41 @@ def test_sweep_pages_back_to_back_and_waits_a_period_between_cycles() -> None:
     for p in first:
         assert sw.on_status(p, status(home, p.lease_id)) is None  # ALIVE: kept, answered
     assert [p.lease_id for p in sw.step(60_001.0, 1, page(g))] == ids[2:4]
+
+
+def test_the_node_driver_proposes_nothing_below_level_5(caplog: pytest.LogCaptureFixture) -> None:
+    """The asyncio shell (`server/orphan_sweep.py`) over a node that leads a data group with an
+    attached key: while the cluster version is 4 it reads no page, starts no probe and logs one
+    line however often it steps; at 5 it sweeps."""
+    import asyncio
+    import logging
+    from types import SimpleNamespace
+
+    from kvstore.server.orphan_sweep import OrphanDriver
+
+    g = DictState(group=G)
+    attach(g, b"a")
+    reads: list[int] = []
+
+    def read_rows(group: int, fn: Any) -> Any:
+        reads.append(group)
+        return fn(g.rows)
+    host = SimpleNamespace(groups={G: SimpleNamespace(core=SimpleNamespace(term=2))}, leads_current=lambda _g: True)
+    rq = SimpleNamespace(host=host, tracker=SimpleNamespace(map=SimpleNamespace(data_groups=lambda: [G])),
+                         store=SimpleNamespace(revisions=SimpleNamespace(read_rows=read_rows)))
+    level = [version.LEVEL_LEASES]
+    driver = OrphanDriver(rq, None, period=0.01, cluster_version=lambda: level[0])  # type: ignore[arg-type]
+
+    async def steps() -> int:
+        with caplog.at_level(logging.INFO, logger="kvstore.leases"):
+            for _ in range(20):
+                driver.step()
+        quiet = len(driver._tasks)
+        level[0] = version.LEVEL_LEASES_2
+        driver.step()  # now a pass: the probe goes to the home (no caller here: no answer, keys kept)
+        await asyncio.gather(*driver._tasks)
+        return quiet
+    assert asyncio.run(steps()) == 0
+    assert reads == [G]  # the one page read at level 5, none before
+    assert [r.getMessage() for r in caplog.records if "orphan sweep" in r.getMessage()] == [
+        f"orphan sweep: waits for cluster version {version.LEVEL_LEASES_2} (it is {version.LEVEL_LEASES})"]
