@@ -90,17 +90,19 @@ same deletion, `drop_attached`: a forged keyless DROP or FORGET must not keep a 
 forever); a
 deletion across groups, max(last, R) in every group (R = max of the PREPAREs' revisions, each at
 least the coordinator's HLC reading when it sent them). Why a LEASE_PUT that is accepted in a
-group other than the home still meets the tombstone (L: the group's last revision when the PUT
-applies; c: its `checked`; b: the tombstone's base):
-- accepted means L <= c + LEASE_PUT_MAX_AGE (`too_old`);
+group other than the home still meets the tombstone (L: max(the group's last revision when the
+PUT applies, its proposal); c: its `checked`; b: the tombstone's base):
+- accepted means L <= c + LEASE_PUT_MAX_AGE (`too_old`, `attach_refusal`);
 - c was read before a read at the home saw the lease LIVE, so before its death applied there;
   the death's base b was read after the PREPAREs were sent (a deletion across groups) or after
   the death applied (DROP). Clock assumption: HLC readings of different nodes differ by less than
   their real-time order plus S, and a deletion's RECORD applies within T of its PREPAREs being
   sent; TOMB_MARGIN (120 s) >= S + T, so c <= b + TOMB_MARGIN;
-- the tombstone is forgotten only at an apply whose last L' > b + LEASE_PUT_MAX_AGE + TOMB_MARGIN
-  >= c + LEASE_PUT_MAX_AGE >= L, and L' only grows: so not before the PUT applies (GC at the PUT's
-  own apply compares with L, not above it either). A refused PUT changes nothing.
+- the tombstone is forgotten (or counts as absent, `live_tomb`) only at an apply whose L' >
+  its expiry >= b + LEASE_PUT_MAX_AGE + TOMB_MARGIN (less for the orphan sweep's, still enough:
+  `orphan_drop`) >= c + LEASE_PUT_MAX_AGE >= L, and the last revision only grows: so not before
+  the PUT applies (GC at the PUT's own apply compares with its last, not above it either). A
+  refused PUT changes nothing.
 A PUT whose `checked` is 0 (never checked) or forged: 0 is refused in every group but the home
 (L > LEASE_PUT_MAX_AGE for every revision after 2026-01-01T00:01Z); a forged future `checked` can
 only attach a key its writer could have put without a lease anyway (its own write permission).
@@ -901,10 +903,9 @@ def orphan_drop(rows: mvcc.Rows, group: int, c: LeaseCmd, proposed: int, get: Ge
     expiry, `gc`), so after some HLC reading >= until; a LEASE_PUT of that new incarnation here
     follows it in real time, so under the clock assumption of the module docstring (readings of
     different nodes differ by less than their real-time order plus S <= TOMB_MARGIN) this
-    group's revision is then > until - TOMB_MARGIN >= at: it applies after this command, whose
-    tombstone it may then meet (a refusal, definite; it is forgotten at most TOMB_LIFE -
-    TOMB_MARGIN after the home's). A delayed LEASE_PUT of the dead incarnation applied before
-    this is deleted with the rest; one after it meets the tombstone.
+    group's revision is then > until - TOMB_MARGIN >= at: it applies after this command, and
+    does not meet its tombstone (below). A delayed LEASE_PUT of the dead incarnation applied
+    before this is deleted with the rest; one after it meets the tombstone.
 
     The tombstone's expiry is E = min(at + TOMB_LIFE, until - TOMB_MARGIN) (`put_tomb`'s cap;
     the guard makes E >= at). Why the cap. Without it the tombstone would outlive the home's
@@ -918,11 +919,12 @@ def orphan_drop(rows: mvcc.Rows, group: int, c: LeaseCmd, proposed: int, get: Ge
     tombstone expired (`live_tomb`: absent from then on, as `gc` will forget it). Why E still
     outlives every delayed put of the old incarnation (c: its `checked`; b: the home's
     tombstone base, read after the death, so c <= b + TOMB_MARGIN as in the module docstring;
-    until >= b + 2 * TOMB_LIFE, as an existing tombstone keeps the later expiry (`home_status` answers DEAD
-    only with a tombstone; TOMB_EXPIRY_MAX aside): until - TOMB_MARGIN >= b + 2 * LEASE_PUT_MAX_AGE + TOMB_MARGIN >=
-    c + 2 * LEASE_PUT_MAX_AGE >= c + LEASE_PUT_MAX_AGE, and at + TOMB_LIFE >= c + LEASE_PUT_MAX_AGE
-    as for a DROP (`at` >= this proposal, a reading after the home answered DEAD); a put is
-    accepted only while now <= c + LEASE_PUT_MAX_AGE <= E, when the tombstone still counts."""
+    until >= b + 2 * TOMB_LIFE, since `home_status` answers DEAD only with a tombstone and an
+    existing one keeps the later expiry; TOMB_EXPIRY_MAX aside):
+    until - TOMB_MARGIN >= b + 2 * LEASE_PUT_MAX_AGE + TOMB_MARGIN >= c + 2 * LEASE_PUT_MAX_AGE
+    >= c + LEASE_PUT_MAX_AGE, and at + TOMB_LIFE >= c + LEASE_PUT_MAX_AGE as for a DROP (`at` >=
+    this proposal, a reading after the home answered DEAD); a put is accepted only while
+    now <= c + LEASE_PUT_MAX_AGE <= E (`attach_refusal`), when the tombstone still counts."""
     lid = c.lease_id
     if home_group(lid) == group:
         return Outcome(error=f"lease {lid:x} is homed in group {group}: its home deletes its keys, not the sweep")
