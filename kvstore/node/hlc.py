@@ -83,8 +83,8 @@ class HybridClock:
 
     def check_close(self, revision: int) -> None:
         """Refuse (definite InvalidArgument) a revision to close a group at (or read at) that is
-        negative, absurd, or more than `max_offset_ms` ahead of this node's WALL clock. Unlike
-        `check_floor`, the bound ignores the revisions observed: a close is observed, so a bound
+        negative, absurd, or more than `max_offset_ms` ahead of this node's WALL clock. Like
+        `check_floor`'s, the bound ignores the revisions observed: a close is observed, so a bound
         that followed them would let repeated closes ratchet every later revision forward."""
         if revision < 0:
             raise errors.InvalidArgument(f"revision {revision} is out of range")
