@@ -5,10 +5,11 @@ Pure: the wall clock is injected (`now_ms`, Unix milliseconds); the asyncio shel
 - `propose(floor)` is strictly greater than every earlier reading and every revision observed
   (`observe`, and `floor` itself), and at least the wall clock now (in revision units, slot 0:
   the apply rule `mvcc.next_revision` moves it into the group's slot);
-- `check_floor` refuses a client's revision more than `max_offset_ms` ahead of this node's
-  wall clock (or of what it has already observed), so a forged far-future revision cannot drag
-  the clock (and every later revision of the cluster) into the future; `check_close` refuses a
-  revision to close at (or read at) more than `max_offset_ms` ahead of the wall clock alone.
+- `check_floor` refuses a client's revision more than 2 x `max_offset_ms` ahead of this node's
+  WALL clock alone (`floor_bound`), so neither one forged far-future revision nor a stream of
+  floors each at the bound (each accepted one raises `last`) can drag the clock (and every later
+  revision of the cluster) more than 2 x `max_offset_ms` into the future; `check_close` refuses
+  a revision to close at (or read at) more than `max_offset_ms` ahead of the wall clock alone.
 """
 
 from __future__ import annotations
@@ -42,9 +43,30 @@ class HybridClock:
         if units > self.last:
             self.last = units
 
+    def floor_bound(self, physical: int) -> int:
+        """The highest HLC reading (units: revision >> SLOT_BITS) a client's floor may carry when
+        this node's wall clock reads `physical`: physical + 2 x `max_offset_ms`, the wall clock
+        ALONE (not `last`: a bound that followed the revisions accepted would let each floor at
+        the bound raise the next bound, 500 ms a request).
+
+        Why it admits every legitimate floor: a floor is a revision some node proposed. A node's
+        HLC reading is max(its wall clock, the floors it accepted, the revisions it observed)
+        plus a logical step, so by induction over the proposals a revision made while no floor
+        beyond the wall clocks was accepted (what honest clients send: revisions they read) is
+        at most the highest wall clock among the nodes (plus logical steps), which is at most
+        this node's wall clock + `max_offset_ms` (the uncertainty bound): under the bound with
+        `max_offset_ms` to spare. With hostile floors every revision stays below the highest
+        wall clock + 2 x `max_offset_ms` (each floor is bounded by the wall clock of the node
+        accepting it, never by what it observed), which the lease tombstones' skew allowance
+        (`leases.TOMB_MARGIN`, 120 s) covers; an honest floor that read such a revision may be
+        refused here while it is beyond this bound (definite FutureRevision, for at most
+        `max_offset_ms` of this clock: retried)."""
+        return physical + ((2 * self.max_offset_ms) << mvcc.LOGICAL_BITS)
+
     def check_floor(self, revision: int) -> None:
-        """Refuse (definite InvalidArgument) a client's observed revision that is negative,
-        absurd, or further ahead of this node's clock than the uncertainty bound."""
+        """Refuse (definite FutureRevision or InvalidArgument) a client's observed revision that
+        is negative, absurd, or above `floor_bound` (the wall clock + 2 x the uncertainty
+        bound)."""
         self._check_floor(revision, self._physical())
 
     def _check_floor(self, revision: int, physical: int) -> None:
@@ -54,16 +76,15 @@ class HybridClock:
             raise errors.FutureRevision(f"revision {revision} is out of range")
         if not revision:
             return  # no floor (a client that has seen nothing yet): always acceptable
-        bound = max(physical, self.last) + (self.max_offset_ms << mvcc.LOGICAL_BITS)
-        if revision >> mvcc.SLOT_BITS > bound:
+        if revision >> mvcc.SLOT_BITS > self.floor_bound(physical):
             raise errors.FutureRevision(
-                f"revision {revision} is more than {self.max_offset_ms} ms ahead of node's clock: refused"
+                f"revision {revision} is more than {2 * self.max_offset_ms} ms ahead of node's clock: refused"
             )
 
     def check_close(self, revision: int) -> None:
         """Refuse (definite InvalidArgument) a revision to close a group at (or read at) that is
-        negative, absurd, or more than `max_offset_ms` ahead of this node's WALL clock. Unlike
-        `check_floor`, the bound ignores the revisions observed: a close is observed, so a bound
+        negative, absurd, or more than `max_offset_ms` ahead of this node's WALL clock. Like
+        `check_floor`'s, the bound ignores the revisions observed: a close is observed, so a bound
         that followed them would let repeated closes ratchet every later revision forward."""
         if revision < 0:
             raise errors.InvalidArgument(f"revision {revision} is out of range")

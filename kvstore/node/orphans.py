@@ -10,27 +10,34 @@ group created after the lease died holds no tombstone of it, so a LEASE_PUT chec
 `leases.LEASE_PUT_MAX_AGE` before the death and delayed past it can attach a key there. Either
 way a key stays attached to a dead lease, and no deletion of the lease would come again.
 
-A pass (every `SweepParams.period_ms` while this node leads the group with a current view, in
-term `term`): read a page of at most `SweepParams.page` distinct lease ids from the group's
-attachment index (`leases.attached_page`: its count rows, above the previous page's last id;
-after a short page the next pass starts again from the beginning), and for each id homed in
+A cycle walks the group's whole attachment index, a page per pass, while this node leads the
+group with a current view (in term `term`) and the cluster version is at least
+`version.LEVEL_LEASES_2` (the level of LEASE_STATUS and LEASE_ORPHAN; below it the sweep does
+nothing at all). A pass reads a page of at most `SweepParams.page` distinct lease ids from the
+group's attachment index (`leases.attached_page`: its count rows, above the previous page's last
+id). After a full page the next pass starts as soon as this one's answers are in (or timed out);
+after a short page, the end of the cycle, the next cycle starts from the beginning
+`SweepParams.period_ms` after this pass started. For each id homed in
 another group ask its home for the lease's status: a LEASE_STATUS command through the home's
 log (linearizable: the home's applied record or tombstone, the source of truth
 LeaseTimeToLive reads). For a lease the home answers DEAD, and only then, propose
 LEASE_ORPHAN(id, until) in this group: the one-group DROP (its deletion at one revision and its
 tombstone), guarded at apply by `until` (`leases.orphan_drop` says why it never deletes a key
 of a live lease, even one whose id was granted again). Everything else keeps the keys: ALIVE;
-UNKNOWN (no record and no tombstone at the home: never granted, so a forged id, or its
-tombstone already forgotten, so the id may be granted again at any time); no answer (the home
+UNKNOWN (no record and no live tombstone at the home: never granted, so a forged id, or its
+tombstone expired, so the id may be granted again at any time; or a REVOKED record whose
+one-group deletion is under way: DEAD once its FORGET leaves the tombstone); no answer (the home
 group is not in the map, unreachable, leaderless, or refuses). A LEASE_ORPHAN refused (a lock,
 a move, a stale answer) is asked again at the next pass over that id.
 
 Work per pass: at most `page` probes and `page` LEASE_ORPHANs, and no new pass starts while an
 answer of the last one is awaited (up to `answer_timeout_ms`). Bound: a key attached to a dead
 lease is deleted by the first pass over its id that starts after the death (after the
-attachment, for a late one) and gets the home's answer, i.e. within one period (plus a period
-per further page of the group's attached leases) and the probe's and the LEASE_ORPHAN's
-commits, while the home keeps the lease's tombstone (`leases.TOMB_LIFE` x 2).
+attachment, for a late one) and gets the home's answer, i.e. within one period plus one cycle
+(its pages back to back, each as long as its probes' and LEASE_ORPHANs' commits take), while
+the home keeps the lease's tombstone (`leases.TOMB_LIFE` x 2). Pages do not wait a period each:
+with 64 ids a page and a 5 s period, a group with more than ~3,000 attached leases would not
+reach an id before the home forgot its tombstone, and its key would then stay for ever.
 """
 
 from __future__ import annotations
@@ -40,14 +47,16 @@ from dataclasses import dataclass, field
 
 from ..storage import leases
 from ..storage.leases import Kind, LeaseCmd, Status
+from .version import LEVEL_LEASES_2
 
 MAX_PAGE = 1024
 
 
 @dataclass(frozen=True, slots=True)
 class SweepParams:
-    """`period_ms`: between the starts of two passes; `page`: lease ids per pass (1..MAX_PAGE);
-    `answer_timeout_ms`: how long a pass waits for its answers before the next may start."""
+    """`period_ms`: between the starts of two cycles (a cycle: the passes over every page, back
+    to back); `page`: lease ids per pass (1..MAX_PAGE); `answer_timeout_ms`: how long a pass
+    waits for its answers before the next may start."""
 
     period_ms: float = 5_000.0
     page: int = 64
@@ -91,9 +100,11 @@ Page = Callable[[int, int], list[int]]
 
 @dataclass(slots=True)
 class OrphanSweep:
-    """One data group's sweep on one node. Invariant: `pending` holds the ids of the current
+    """One data group's sweep on one node. Invariants: `pending` holds the ids of the current
     pass still awaiting an answer (a probe's or a LEASE_ORPHAN's), and a pass starts only when
-    it is empty or `answer_timeout_ms` passed since the pass started."""
+    it is empty or `answer_timeout_ms` passed since the pass started; `next_at` is the start of
+    the current pass after a full page (the next page is due at once), its start + `period_ms`
+    after a short one (the next cycle)."""
 
     group: int
     params: SweepParams = field(default_factory=SweepParams)
@@ -106,11 +117,11 @@ class OrphanSweep:
     dropped: int = 0
     """LEASE_ORPHANs applied (with a result that found the command applied)."""
 
-    def step(self, now_ms: float, term: int, page: Page) -> list[Probe]:
+    def step(self, now_ms: float, term: int, page: Page, cluster: int = LEVEL_LEASES_2) -> list[Probe]:
         """The probes of a pass due now (term: the term this node leads the group in with a
-        current view, 0 when it does not lead it: then nothing, and what was pending is
-        dropped)."""
-        if term == 0:
+        current view, 0 when it does not lead it; `cluster`: the cluster version. With term 0 or
+        a cluster version below `LEVEL_LEASES_2`, nothing, and what was pending is dropped)."""
+        if term == 0 or cluster < LEVEL_LEASES_2:
             self.term, self.next_at = 0, None
             self.pending.clear()
             return []
@@ -124,8 +135,9 @@ class OrphanSweep:
             return []
         self.pending.clear()
         ids = page(self.cursor, self.params.page)
-        self.cursor = ids[-1] if len(ids) >= self.params.page else 0
-        self.started, self.next_at = now_ms, now_ms + self.params.period_ms
+        full = len(ids) >= self.params.page
+        self.cursor = ids[-1] if full else 0
+        self.started, self.next_at = now_ms, now_ms if full else now_ms + self.params.period_ms
         probes = [Probe(self.group, lid, leases.home_group(lid)) for lid in ids
                   if leases.home_group(lid) != self.group]
         self.pending = {p.lease_id for p in probes}

@@ -54,10 +54,28 @@ from kvstore.storage import commands, txn
 from kvstore.storage.shardcmd import REC_LEASE, ShardOp, decode_shard_command, is_shard_command, iter_records
 
 __all__ = [
-    "COMMAND_LEVELS", "FEATURES", "FORM_LEVELS", "LEVEL_BASE", "LEVEL_CROSS_TRANSACTIONS", "LEVEL_LEASED_TXN",
-    "LEVEL_LEASES", "LEVEL_TRANSACTIONS", "MAX_LEVEL", "SUPPORTED_LEVEL",
-    "VERSIONS_KEY", "ClusterVersion", "CommandGate", "VersionTracker", "advertise_command",
-    "check_level", "check_version_change", "command_level", "decode_versions", "encode_versions", "install_level",
+    "COMMAND_LEVELS",
+    "FEATURES",
+    "FORM_LEVELS",
+    "LEVEL_BASE",
+    "LEVEL_CROSS_TRANSACTIONS",
+    "LEVEL_LEASES",
+    "LEVEL_LEASES_2",
+    "LEVEL_TRANSACTIONS",
+    "MAX_LEVEL",
+    "SUPPORTED_LEVEL",
+    "SWEEP_OPS",
+    "VERSIONS_KEY",
+    "ClusterVersion",
+    "CommandGate",
+    "VersionTracker",
+    "advertise_command",
+    "check_level",
+    "check_version_change",
+    "command_level",
+    "decode_versions",
+    "encode_versions",
+    "install_level",
     "members_of",
     "raise_command",
 ]
@@ -68,24 +86,28 @@ LEVEL_BASE = 1
 LEVEL_TRANSACTIONS = 2
 LEVEL_CROSS_TRANSACTIONS = 3
 LEVEL_LEASES = 4
-LEVEL_LEASED_TXN = 5
+LEVEL_LEASES_2 = 5
 
 FEATURES: dict[int, str] = {
     LEVEL_BASE: "PUT, DELETE, CAS, COMPACT, CLOSE, shard commands, the metadata keys",
     LEVEL_TRANSACTIONS: "TXN: multi-key transactions",
     LEVEL_CROSS_TRANSACTIONS: "PREPARE, COMMIT, ABORT, RECORD, RESOLVE, FINALIZE: transactions across groups "
                               "and range deletes (with the COMMIT/RECORD form that deletes every key prepared)",
-    LEVEL_LEASES: "LEASE_*: leases (TTL) and keys attached to them (with the orphan sweep's LEASE_STATUS and "
-                  "LEASE_ORPHAN); a lease's deletion across groups (the lease forms of PREPARE and RECORD)",
-    LEVEL_LEASED_TXN: "TXN with a put that attaches its key to a lease (the PUT_LEASE operation, `storage/txn.py`)",
+    LEVEL_LEASES: "LEASE_GRANT..LEASE_PUT: leases (TTL) and keys attached to them; a lease's deletion across "
+                  "groups (the lease forms of PREPARE and RECORD)",
+    LEVEL_LEASES_2: "TXN with a lease (a put that attaches its key to a lease, the PUT_LEASE operation, or a "
+                    "LEASE compare, `storage/txn.py`); the orphan sweep's LEASE_STATUS and LEASE_ORPHAN",
 }
 """What each feature level adds."""
 
-SUPPORTED_LEVEL = LEVEL_LEASED_TXN
+SUPPORTED_LEVEL = LEVEL_LEASES_2
 """The highest level this binary supports (it knows every command kind of `COMMAND_LEVELS`)."""
 
 MAX_LEVEL = 0xFFFF
 """Levels are u16 on the wire; anything outside 1..MAX_LEVEL is malformed."""
+
+SWEEP_OPS = frozenset({commands.Op.LEASE_STATUS, commands.Op.LEASE_ORPHAN})
+"""The orphan sweep's command kinds (`node/orphans.py`): level `LEVEL_LEASES_2`."""
 
 COMMAND_LEVELS: dict[int, int] = {
     commands.Op.PUT: LEVEL_BASE,
@@ -95,12 +117,15 @@ COMMAND_LEVELS: dict[int, int] = {
     commands.Op.CLOSE: LEVEL_BASE,
     commands.Op.TXN: LEVEL_TRANSACTIONS,
     **{op: LEVEL_CROSS_TRANSACTIONS for op in sorted(commands.X_OPS)},
-    **{op: LEVEL_LEASES for op in commands.Op if op.name.startswith("LEASE_")},
+    **{op: LEVEL_LEASES for op in commands.Op if op.name.startswith("LEASE_") and op not in SWEEP_OPS},
+    **{op: LEVEL_LEASES_2 for op in sorted(SWEEP_OPS)},
 }
-"""command kind (`commands.Op` code) -> the lowest cluster version that may propose it."""
+"""command kind (`commands.Op` code) -> the lowest cluster version that may propose it. The
+orphan sweep's kinds (`SWEEP_OPS`) are level 5, not 4 like the other LEASE_* kinds: binaries of
+level 4 without them exist (they came after it), and such a member would stop on them."""
 
 FORM_LEVELS: dict[int, int] = {
-    commands.Op.PREPARE: LEVEL_LEASES, commands.Op.RECORD: LEVEL_LEASES, commands.Op.TXN: LEVEL_LEASED_TXN,
+    commands.Op.PREPARE: LEVEL_LEASES, commands.Op.RECORD: LEVEL_LEASES, commands.Op.TXN: LEVEL_LEASES_2,
 }
 """Kinds with a later form: the lease forms of PREPARE and RECORD (a lease's deletion across
 groups: PREPARE's range flag 2, RECORD's lease tail, `storage/xtxn.py`) need this level, above
@@ -366,7 +391,7 @@ class CommandGate:
         lag = v.lagging(self.members(), need)
         name = commands.Op(data[1]).name if data[1] in commands.Op._value2member_map_ else f"kind {data[1]}"
         if need > self.levels.get(data[1], need):
-            name += " with a leased put" if data[1] == commands.Op.TXN else " (a lease's deletion across groups)"
+            name += " with a lease" if data[1] == commands.Op.TXN else " (a lease's deletion across groups)"
         raise errors.ClusterVersionTooLow(
             f"{name} needs cluster version {need} ({FEATURES.get(need, 'a newer feature level')}); the cluster "
             f"version is {v.cluster}" + (f"; members below level {need}: {', '.join(lag)}" if lag else

@@ -141,8 +141,9 @@ class LeaseRequests:
             except ValueError as err:
                 raise errors.InvalidArgument(str(err)) from None
             res = await self._propose_home(lid, self._encode(LeaseCmd(Kind.GRANT, lid, ttl_s=ttl)))
-            return kv_pb2.LeaseGrantResponse(error=self.rq.ok(), id=lid, ttl=ttl) if res.found else \
-                kv_pb2.LeaseGrantResponse(error=self.rq.err(errors.InvalidArgument("lease already exists")))
+            if not res.found:  # a GRANT that applied either found (created) the lease or was refused
+                raise errors.LeaseExists(leases.EXISTS)
+            return kv_pb2.LeaseGrantResponse(error=self.rq.ok(), id=lid, ttl=ttl)
         except errors.KVError as err:
             return kv_pb2.LeaseGrantResponse(error=self.rq.err(err))
         except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does

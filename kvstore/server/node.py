@@ -221,6 +221,7 @@ class Node:
         admission.on_refused = lambda reason: refused_by.labels(reason).inc()
 
         self.kv = kv = KVService(cfg, host, self.wake, self.metrics, tracker, self.reads, admission, guard, caller)
+        kv.orphan_sweep.cluster_version = lambda: versions.value.cluster
         self.watch = watch = WatchDriver(kv.watch_hub, host, kv.requests, self.wake)
         hub = kv.watch_hub
         m = self.metrics

@@ -3,18 +3,22 @@
 with this node's monotonic clock and the term it leads the group in with a current view, sends
 each probe's LEASE_STATUS to the lease's home (here when this node leads it, else through
 `caller` at its leader) and proposes the LEASE_ORPHAN the sweep asks for in the group. A thin
-shell: an answer that fails or does not decode is no answer (the keys are kept)."""
+shell: an answer that fails or does not decode is no answer (the keys are kept). While the
+cluster version is below `version.LEVEL_LEASES_2` (the level of LEASE_STATUS and LEASE_ORPHAN) it
+proposes nothing and logs that once."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kvstore import errors
 from kvstore.node import lessor as lessor_logic
 from kvstore.node.orphans import OrphanSweep, Probe, SweepParams, status_of
+from kvstore.node.version import LEVEL_LEASES_2
 from kvstore.storage import commands, leases
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.leases import LeaseCmd
@@ -31,9 +35,14 @@ STEP_S = 0.5
 class OrphanDriver:
     """The sweeps of the data groups this node leads."""
 
-    def __init__(self, rq: KVRequests, caller: Any, period: float = 5.0) -> None:
+    def __init__(self, rq: KVRequests, caller: Any, period: float = 5.0,
+                 cluster_version: Callable[[], int] | None = None) -> None:
         self.rq = rq
         self.caller = caller
+        self.cluster_version = cluster_version
+        """Reads the applied cluster version (the node sets it; None: this binary's level is
+        assumed, and the host's `CommandGate` remains the line that refuses a proposal)."""
+        self.waiting_logged = False
         self.params = SweepParams(period_ms=period * 1000, answer_timeout_ms=max(2 * period, 10.0) * 1000)
         self.tick = min(STEP_S, period)
         self.sweeps: dict[int, OrphanSweep] = {}
@@ -46,6 +55,13 @@ class OrphanDriver:
         groups = lessor_logic.deletion_groups(smap.data_groups()) if smap is not None else []
         for g in [g for g in self.sweeps if g not in host.groups or g not in groups]:
             del self.sweeps[g]
+        cluster = LEVEL_LEASES_2 if self.cluster_version is None else self.cluster_version()
+        if cluster < LEVEL_LEASES_2:
+            if not self.waiting_logged:
+                log.info("orphan sweep: waits for cluster version %d (it is %d)", LEVEL_LEASES_2, cluster)
+                self.waiting_logged = True
+        else:
+            self.waiting_logged = False
         now = time.monotonic() * 1000
         for g in groups:
             if g not in host.groups:
@@ -54,7 +70,7 @@ class OrphanDriver:
             if sw is None:
                 sw = self.sweeps[g] = OrphanSweep(g, self.params)
             term = host.groups[g].core.term if host.leads_current(g) else 0
-            for p in sw.step(now, term, self._page(g)):
+            for p in sw.step(now, term, self._page(g), cluster):
                 t = asyncio.get_running_loop().create_task(self._probe(sw, p))
                 self._tasks.add(t)
                 t.add_done_callback(self._tasks.discard)

@@ -18,7 +18,8 @@ raft snapshots as tag `snapfile.TAG_LEASES`; group prefix omitted):
                                         absent when none; kept by `attach`, `detach`, `forget_keys`,
                                         `forget_attached`, the only writers of "A" rows)
 
-Commands (`commands.Op` codes 20..29, gated by `node.version.LEVEL_LEASES`; body = `BODY`:
+Commands (`commands.Op` codes 20..29, gated by `node.version.LEVEL_LEASES`, STATUS and ORPHAN
+by `LEVEL_LEASES_2`: level-4 binaries without them exist; body = `BODY`:
 lease_id:u64 ttl_s:u64 renews:u64 remaining_ms:u64, fields a kind does not use are 0; LEASE_PUT's
 body is `PUT_BODY`: those four then checked:u64, and the command then carries key_len:u32 key
 value. Leases are feature level 4, which no release has shipped, so LEASE_PUT's body changed in
@@ -79,7 +80,9 @@ revision-valued time no earlier than the lease's death, up to clock skew) plus `
 re-GRANT of the id and so outlives the other groups'), indexed by an age row `x`; every lease
 command that applies (not a refused one) and every cross-group command forgets at most `GC_PER_ENTRY` tombstones whose
 expiry is below the group's last revision (`gc`: a pure function of the rows, the same on every
-replica and store). The bases: DROP and FORGET, max(last, proposed) - the proposal is the home
+replica and store); by the same rule an expired tombstone counts as absent before it is
+forgotten (`live_tomb`: every reader deciding by a tombstone uses it, so a quiet group, where no
+command runs `gc`, never refuses a put or deletes a moved key because of one). The bases: DROP and FORGET, max(last, proposed) - the proposal is the home
 leader's / the DROP sender's HLC reading taken after the lease's death applied at its home (one
 above `mvcc.PROPOSAL_MAX` is refused, a definite error result with nothing changed, whether or not
 the command deletes a key, as a write's proposal is - so are REVOKE's and EXPIRE's, which run the
@@ -87,17 +90,19 @@ same deletion, `drop_attached`: a forged keyless DROP or FORGET must not keep a 
 forever); a
 deletion across groups, max(last, R) in every group (R = max of the PREPAREs' revisions, each at
 least the coordinator's HLC reading when it sent them). Why a LEASE_PUT that is accepted in a
-group other than the home still meets the tombstone (L: the group's last revision when the PUT
-applies; c: its `checked`; b: the tombstone's base):
-- accepted means L <= c + LEASE_PUT_MAX_AGE (`too_old`);
+group other than the home still meets the tombstone (L: max(the group's last revision when the
+PUT applies, its proposal); c: its `checked`; b: the tombstone's base):
+- accepted means L <= c + LEASE_PUT_MAX_AGE (`too_old`, `attach_refusal`);
 - c was read before a read at the home saw the lease LIVE, so before its death applied there;
   the death's base b was read after the PREPAREs were sent (a deletion across groups) or after
   the death applied (DROP). Clock assumption: HLC readings of different nodes differ by less than
   their real-time order plus S, and a deletion's RECORD applies within T of its PREPAREs being
   sent; TOMB_MARGIN (120 s) >= S + T, so c <= b + TOMB_MARGIN;
-- the tombstone is forgotten only at an apply whose last L' > b + LEASE_PUT_MAX_AGE + TOMB_MARGIN
-  >= c + LEASE_PUT_MAX_AGE >= L, and L' only grows: so not before the PUT applies (GC at the PUT's
-  own apply compares with L, not above it either). A refused PUT changes nothing.
+- the tombstone is forgotten (or counts as absent, `live_tomb`) only at an apply whose L' >
+  its expiry >= b + LEASE_PUT_MAX_AGE + TOMB_MARGIN (less for the orphan sweep's, still enough:
+  `orphan_drop`) >= c + LEASE_PUT_MAX_AGE >= L, and the last revision only grows: so not before
+  the PUT applies (GC at the PUT's own apply compares with its last, not above it either). A
+  refused PUT changes nothing.
 A PUT whose `checked` is 0 (never checked) or forged: 0 is refused in every group but the home
 (L > LEASE_PUT_MAX_AGE for every revision after 2026-01-01T00:01Z); a forged future `checked` can
 only attach a key its writer could have put without a lease anyway (its own write permission).
@@ -379,11 +384,25 @@ def tomb_expiry(rows: mvcc.Rows, lease_id: int) -> int | None:
     return int(_U64.unpack(bytes(raw))[0])
 
 
-def put_tomb(rows: mvcc.Rows, group: int, lease_id: int, base: int) -> None:
+def live_tomb(rows: mvcc.Rows, lease_id: int, at: int = 0) -> int | None:
+    """The expiry of the group's tombstone of `lease_id` if it still counts (None: no
+    tombstone, or one whose expiry is below max(the group's last revision, `at`): `gc` forgets
+    it at the next command that runs it, so every reader deciding by a tombstone treats it as
+    absent already). Deterministic: a function of the rows (and of `at`, a revision the entry
+    carries: a put's proposal, whose own revision will be at least that), `gc`'s rule, so a quiet
+    group (no lease command applied to run `gc`) decides as if it had run."""
+    expiry = tomb_expiry(rows, lease_id)
+    if expiry is None or expiry < max(mvcc.rev_state(rows).last, at):
+        return None
+    return expiry
+
+
+def put_tomb(rows: mvcc.Rows, group: int, lease_id: int, base: int, cap: int = TOMB_EXPIRY_MAX) -> None:
     """Keep a tombstone of `lease_id` until `base` + its life (`TOMB_LIFE`, twice that in the
-    home group; at most `TOMB_EXPIRY_MAX`); an existing tombstone keeps the later expiry."""
+    home group; at most `cap`, itself at most `TOMB_EXPIRY_MAX`: the orphan sweep's DROP caps it,
+    `orphan_drop`); an existing tombstone keeps the later expiry."""
     life = TOMB_LIFE * 2 if home_group(lease_id) == group else TOMB_LIFE
-    expiry = min(base + life, TOMB_EXPIRY_MAX)
+    expiry = min(base + life, cap, TOMB_EXPIRY_MAX)
     old = tomb_expiry(rows, lease_id)
     if old is not None:
         if old >= expiry:
@@ -391,6 +410,14 @@ def put_tomb(rows: mvcc.Rows, group: int, lease_id: int, base: int) -> None:
         rows.delete(T_LEASES, age_key(old, lease_id))
     rows.put(T_LEASES, tomb_key(lease_id), _U64.pack(expiry))
     rows.put(T_LEASES, age_key(expiry, lease_id), b"")
+
+
+def forget_tomb(rows: mvcc.Rows, lease_id: int) -> None:
+    """Remove the group's tombstone of `lease_id` and its age row, if any."""
+    expiry = tomb_expiry(rows, lease_id)
+    if expiry is not None:
+        rows.delete(T_LEASES, tomb_key(lease_id))
+        rows.delete(T_LEASES, age_key(expiry, lease_id))
 
 
 def gc(rows: mvcc.Rows) -> int:
@@ -410,10 +437,11 @@ def gc(rows: mvcc.Rows) -> int:
     return len(gone)
 
 
-def too_old(rows: mvcc.Rows, checked: int) -> bool:
+def too_old(rows: mvcc.Rows, checked: int, at: int = 0) -> bool:
     """Whether a LEASE_PUT checked at `checked` is refused in a group other than its lease's home:
-    the group's last revision is more than `LEASE_PUT_MAX_AGE` past it."""
-    return mvcc.rev_state(rows).last > checked + LEASE_PUT_MAX_AGE
+    max(the group's last revision, `at`: the put's proposal) is more than `LEASE_PUT_MAX_AGE`
+    past it."""
+    return max(mvcc.rev_state(rows).last, at) > checked + LEASE_PUT_MAX_AGE
 
 
 def attach_key(lease_id: int, key: bytes) -> bytes:
@@ -563,13 +591,30 @@ def _forget(rows: mvcc.Rows, gone: list[tuple[bytes, int]]) -> int:
     return len(gone)
 
 
-def may_attach(rows: mvcc.Rows, group: int, lease_id: int) -> bool:
+def may_attach(rows: mvcc.Rows, group: int, lease_id: int, at: int = 0) -> bool:
     """Whether a key may be attached to `lease_id` in this group: in its home group only while
-    its record is LIVE, elsewhere unless the group holds its tombstone (the LEASE_PUT rule)."""
+    its record is LIVE, elsewhere unless the group holds a tombstone of it that still counts
+    (`live_tomb`, with `at`: an expired one is absent, whether or not `gc` has forgotten it)."""
     if home_group(lease_id) == group:
         rec = get_record(rows, lease_id)
         return rec is not None and rec.state == LIVE
-    return rows.get(T_LEASES, tomb_key(lease_id)) is None
+    return live_tomb(rows, lease_id, at) is None
+
+
+def attach_refusal(rows: mvcc.Rows, group: int, lease_id: int, checked: int, at: int = 0) -> str | None:
+    """Why a put with lease `lease_id` (checked at `checked`, proposed at `at`) may not attach
+    its key in this group, or None: the LEASE_PUT rule (module docstring), shared by LEASE_PUT
+    and a transaction's PUT_LEASE (`machine.lease_refusal`). `NOT_FOUND` unless `may_attach`,
+    and in a group other than the home also when `checked` is too old (`too_old`). Both compare
+    with the same now = max(last, at), so a put accepted (now <= checked + LEASE_PUT_MAX_AGE)
+    still meets every tombstone whose expiry is at least checked + LEASE_PUT_MAX_AGE. Pure:
+    reads only. (The per-lease key limit, `MAX_KEYS_PER_LEASE`, is the caller's: it counts
+    differently for one put and for a transaction's puts together.)"""
+    if not may_attach(rows, group, lease_id, at):
+        return NOT_FOUND
+    if home_group(lease_id) != group and too_old(rows, checked, at):
+        return NOT_FOUND
+    return None
 
 
 def check_rows(key: bytes, value: bytes) -> None:
@@ -728,13 +773,15 @@ def _apply(rows: mvcc.Rows, group: int, c: LeaseCmd, key: bytes, value: bytes, p
     if k == Kind.GRANT:
         if not home:
             return Outcome(error=f"lease {lid:x} is homed in group {home_group(lid)}, not {group}")
-        if rec is not None or rows.get(T_LEASES, tomb_key(lid)) is not None:
+        if rec is not None or live_tomb(rows, lid) is not None:
             return Outcome(error=EXISTS)
+        forget_tomb(rows, lid)  # an expired one (`live_tomb`) that `gc` has not reached yet
         rows.put(T_LEASES, rk, Record(c.ttl_s, c.ttl_s * 1000, 1).encode())
         return Outcome(found=True, ttl_s=c.ttl_s)
     if k == Kind.PUT:
-        if not may_attach(rows, group, lid) or (not home and too_old(rows, c.checked)):
-            return Outcome(error=NOT_FOUND)
+        refused = attach_refusal(rows, group, lid, c.checked, proposed)
+        if refused is not None:
+            return Outcome(error=refused)
         if attach_refused(rows, key, lid):
             return Outcome(error=TOO_MANY_KEYS)
         rev = mvcc.write_version(rows, group, key, value, None, proposed, get)
@@ -823,19 +870,20 @@ class Status:
 
 def home_status(rows: mvcc.Rows, lease_id: int) -> Status:
     """The status of `lease_id` in its home group's rows (a pure function of them): ALIVE while
-    its record is LIVE; DEAD with a REVOKED record (its FORGET's tombstone will be based at that
-    apply's last revision or later, so `until` = the last revision now + the home's tombstone
-    life is a lower bound of its expiry) or with a tombstone (`until` = its expiry: the GRANT of
-    the id is refused until the tombstone is forgotten, at an apply whose last revision is past
-    it); else UNKNOWN."""
+    its record is LIVE; DEAD with a tombstone that still counts (`live_tomb`; `until` = its
+    expiry, at most `TOMB_EXPIRY_MAX`: the GRANT of the id is refused until the home's last
+    revision passes it); else UNKNOWN - no record and no tombstone, an expired tombstone (the
+    id may be granted again at any time), or a REVOKED record: its one-command deletion is
+    under way (the lessor's DROPs, then the FORGET whose tombstone the sweep then gets). A
+    REVOKED record is not DEAD because `until` must be a tombstone expiry based after the death
+    (`orphan_drop` caps its own tombstone at `until - TOMB_MARGIN` and relies on that base);
+    the home's last revision is no such base (a REVOKE that deleted nothing there moves it not)."""
     rec = get_record(rows, lease_id)
     if rec is not None:
-        if rec.state == LIVE:
-            return Status(ALIVE)
-        return Status(DEAD, min(mvcc.rev_state(rows).last + 2 * TOMB_LIFE, MAX_CHECKED))
-    expiry = tomb_expiry(rows, lease_id)
+        return Status(ALIVE) if rec.state == LIVE else Status(UNKNOWN)
+    expiry = live_tomb(rows, lease_id)
     if expiry is not None and expiry > 0:
-        return Status(DEAD, min(expiry, MAX_CHECKED))
+        return Status(DEAD, min(expiry, TOMB_EXPIRY_MAX))
     return Status(UNKNOWN)
 
 
@@ -855,10 +903,28 @@ def orphan_drop(rows: mvcc.Rows, group: int, c: LeaseCmd, proposed: int, get: Ge
     expiry, `gc`), so after some HLC reading >= until; a LEASE_PUT of that new incarnation here
     follows it in real time, so under the clock assumption of the module docstring (readings of
     different nodes differ by less than their real-time order plus S <= TOMB_MARGIN) this
-    group's revision is then > until - TOMB_MARGIN >= at: it applies after this command, whose
-    tombstone it may then meet (a refusal, definite; it is forgotten at most TOMB_LIFE -
-    TOMB_MARGIN after the home's). A delayed LEASE_PUT of the dead incarnation applied before
-    this is deleted with the rest; one after it meets the tombstone."""
+    group's revision is then > until - TOMB_MARGIN >= at: it applies after this command, and
+    does not meet its tombstone (below). A delayed LEASE_PUT of the dead incarnation applied
+    before this is deleted with the rest; one after it meets the tombstone.
+
+    The tombstone's expiry is E = min(at + TOMB_LIFE, until - TOMB_MARGIN) (`put_tomb`'s cap;
+    the guard makes E >= at). Why the cap. Without it the tombstone would outlive the home's
+    by up to LEASE_PUT_MAX_AGE: the home may then grant the id again (client-chosen ids) while
+    this group still refuses its puts, and a range move bringing a key of that LIVE incarnation
+    here would attach it at INSTALL and delete it at ACTIVATE (`settle_dead_attachments`). With
+    it: a key of the new incarnation was written after the re-GRANT, which applied at the home
+    with its last revision past `until`, so (clock assumption) at a revision > until - S >=
+    until - TOMB_MARGIN >= E; its put here (now = max(last, its proposal) > E) or its INSTALL
+    (which raises this group's last past the key's history, `mvcc.install_history`) finds the
+    tombstone expired (`live_tomb`: absent from then on, as `gc` will forget it). Why E still
+    outlives every delayed put of the old incarnation (c: its `checked`; b: the home's
+    tombstone base, read after the death, so c <= b + TOMB_MARGIN as in the module docstring;
+    until >= b + 2 * TOMB_LIFE, since `home_status` answers DEAD only with a tombstone and an
+    existing one keeps the later expiry; TOMB_EXPIRY_MAX aside):
+    until - TOMB_MARGIN >= b + 2 * LEASE_PUT_MAX_AGE + TOMB_MARGIN >= c + 2 * LEASE_PUT_MAX_AGE
+    >= c + LEASE_PUT_MAX_AGE, and at + TOMB_LIFE >= c + LEASE_PUT_MAX_AGE as for a DROP (`at` >=
+    this proposal, a reading after the home answered DEAD); a put is accepted only while
+    now <= c + LEASE_PUT_MAX_AGE <= E (`attach_refusal`), when the tombstone still counts."""
     lid = c.lease_id
     if home_group(lid) == group:
         return Outcome(error=f"lease {lid:x} is homed in group {group}: its home deletes its keys, not the sweep")
@@ -867,7 +933,7 @@ def orphan_drop(rows: mvcc.Rows, group: int, c: LeaseCmd, proposed: int, get: Ge
         return Outcome(error=ORPHAN_STALE)
     out = drop_attached(rows, group, lid, proposed, get, delete, serves, moving)
     if out.error is None:
-        put_tomb(rows, group, lid, at)
+        put_tomb(rows, group, lid, at, cap=c.until - TOMB_MARGIN)
     return out
 
 

@@ -330,7 +330,7 @@ def apply_txn(view: StateView, t: txn.Txn, proposed: int) -> ApplyResult:
         out = txn.evaluate(t, read, rev)
     except txn.ResultTooLarge as err:
         return ApplyResult(error=str(err))  # nothing written
-    refused = lease_refusal(rows, view.group, out.leased)
+    refused = lease_refusal(rows, view.group, out.leased, rev)
     if refused is not None:
         return ApplyResult(error=refused)  # nothing written: the whole transaction is refused
     for key, value in out.writes:
@@ -352,20 +352,17 @@ def attach_leased(rows: mvcc.Rows, leased: list[tuple[bytes, int, int]]) -> None
         leases.attach(rows, key, lid)
 
 
-def lease_refusal(rows: mvcc.Rows, group: int, leased: list[tuple[bytes, int, int]]) -> str | None:
-    """Why a transaction's puts with leases (key, lease, checked; each key once) may not attach
-    in this group, or None: each by a LEASE_PUT's rules (`leases.py`): in the lease's home its
-    record must be LIVE, elsewhere the group must hold no tombstone of it and `checked` must be
-    recent (`leases.too_old`): else `leases.NOT_FOUND`; and no lease may end with more than
+def lease_refusal(rows: mvcc.Rows, group: int, leased: list[tuple[bytes, int, int]], at: int = 0) -> str | None:
+    """Why a transaction's puts with leases (key, lease, checked; each key once), at revision
+    `at`, may not attach in this group, or None: each by a LEASE_PUT's rules
+    (`leases.attach_refusal`: else `leases.NOT_FOUND`); and no lease may end with more than
     `leases.MAX_KEYS_PER_LEASE` keys attached here (the new attachments of one transaction
     counted together): else `leases.TOO_MANY_KEYS`. Pure: reads only."""
     new: dict[int, int] = {}
     for key, lid, checked in leased:
-        if leases.home_group(lid) == group:
-            if not leases.may_attach(rows, group, lid):
-                return leases.NOT_FOUND
-        elif not leases.may_attach(rows, group, lid) or leases.too_old(rows, checked):
-            return leases.NOT_FOUND
+        refused = leases.attach_refusal(rows, group, lid, checked, at)
+        if refused is not None:
+            return refused
         if leases.lease_of(rows, key) != lid:
             new[lid] = new.get(lid, 0) + 1
     for lid, n in new.items():
@@ -732,8 +729,10 @@ def install_attachments(view: StateView, recs: list[tuple[bytes, bytes]]) -> Non
 
 def settle_dead_attachments(view: StateView, ranges: IntervalSet) -> None:
     """At the ACTIVATE of `ranges`: a key installed there attached to a lease that may not be
-    attached here any more (`leases.may_attach`: this group holds the lease's tombstone, or is
-    its home and its record is not LIVE) is deleted, at one new revision of this group for all
+    attached here any more (`leases.may_attach`: this group holds the lease's tombstone and it
+    still counts at max(last, the key's mod revision) - a key written after the tombstone
+    expired is of a later incarnation of the id, `leases.orphan_drop` - or this group is its
+    home and its record is not LIVE) is deleted, at one new revision of this group for all
     such keys, and detached: definitively, since its lease is gone and no deletion of it would
     come here. (Done once, at the ACTIVATE, so a late duplicate INSTALL chunk cannot bring the
     key back after it.) With a lease's deletion across groups this cannot happen (the source's
@@ -747,8 +746,10 @@ def settle_dead_attachments(view: StateView, ranges: IntervalSet) -> None:
         return
     dead: list[tuple[bytes, bytes | None]] = []
     for key, lid in leases.attachments(rows, lambda k: key_hash(k) in ranges):
-        if not leases.may_attach(rows, view.group, lid):
-            dead.append((key, view.get(key)))
+        value = view.get(key)
+        meta = mvcc.current_meta(rows, key, value)
+        if not leases.may_attach(rows, view.group, lid, meta.mod_revision if meta is not None else 0):
+            dead.append((key, value))
     if not dead:
         return
     rev = mvcc.next_revision(mvcc.rev_state(rows).last, 0, view.group)

@@ -35,7 +35,7 @@ Invariants (checked by `check_txn`, run by both `encode_txn` and `decode_txn`):
   level 5 decodes it as malformed; `has_lease`);
 - only a PUT carries a lease (a valid lease id: `leases.check_id`) and `checked` (0 .. 2^63 - 1,
   and 0 without a lease); a PUT with a lease is encoded as kind PUT_LEASE, a later form of TXN
-  that a node below feature level 4 decodes as malformed (`node.version.FORM_LEVELS`);
+  that a node below feature level 5 decodes as malformed (`node.version.FORM_LEVELS`);
 - no key is written (PUT or DELETE) twice on any path the transaction can take (etcd's rule:
   every write of a transaction has the same revision, and one key has one version per
   revision); the two branches of one nested transaction may write the same key;

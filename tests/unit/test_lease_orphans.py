@@ -109,11 +109,35 @@ def test_bad_fields_are_refused() -> None:
     assert status_of(True, None, b"junk") is None
 
 
-def test_new_kinds_are_gated_at_level_4() -> None:
+def test_new_kinds_are_gated_at_level_5() -> None:
+    """Level-4 binaries without LEASE_STATUS / LEASE_ORPHAN exist: a level-4 cluster must not log them."""
     for op in (Op.LEASE_STATUS, Op.LEASE_ORPHAN):
-        assert version.COMMAND_LEVELS[op] == version.LEVEL_LEASES
+        assert version.COMMAND_LEVELS[op] == version.LEVEL_LEASES_2 == 5
+    assert all(version.COMMAND_LEVELS[op] == version.LEVEL_LEASES for op in Op
+               if op.name.startswith("LEASE_") and op not in version.SWEEP_OPS)
     data = lcmd(LeaseCmd(Kind.ORPHAN, LID, until=7))
-    assert version.command_level(data) == version.LEVEL_LEASES
+    assert version.command_level(data) == version.LEVEL_LEASES_2
+    gate = version.CommandGate(lambda: version.ClusterVersion(4, {1: 4}), lambda: {1})
+    from kvstore import errors
+    for c in (LeaseCmd(Kind.STATUS, LID), LeaseCmd(Kind.ORPHAN, LID, until=7)):
+        with pytest.raises(errors.ClusterVersionTooLow):
+            gate.check(lcmd(c))
+        version.CommandGate(lambda: version.ClusterVersion(5, {1: 5}), lambda: {1}).check(lcmd(c))
+
+
+def test_sweep_does_nothing_below_level_5() -> None:
+    g = DictState(group=G)
+    attach(g, b"a")
+    sw = OrphanSweep(G, SweepParams(period_ms=10, page=8))
+    reads: list[int] = []
+
+    def counted(after: int, limit: int) -> list[int]:
+        reads.append(after)
+        return leases.attached_page(g.rows, after, limit)
+    for t in range(5):
+        assert sw.step(10.0 * t, 1, counted, cluster=version.LEVEL_LEASES) == []
+    assert reads == [] and not sw.pending  # not even the index is read
+    assert [p.lease_id for p in sw.step(50.0, 1, counted, cluster=version.LEVEL_LEASES_2)] == [LID]
 
 
 # --- the home's answer ----------------------------------------------------------------------------
@@ -122,9 +146,8 @@ def test_home_status_from_its_rows() -> None:
     assert status(home) == Status(leases.UNKNOWN)  # never granted (a forged id, or forgotten)
     grant(home)
     assert status(home) == Status(leases.ALIVE)
-    kill(home, forget=False)  # REVOKED: its FORGET's tombstone will outlive last + 2 * TOMB_LIFE
-    s = status(home)
-    assert s is not None and s.state == leases.DEAD and s.until == last(home) + 2 * leases.TOMB_LIFE
+    kill(home, forget=False)  # REVOKED: not DEAD until its FORGET's tombstone gives `until` a base after the death
+    assert status(home) == Status(leases.UNKNOWN)
     assert home.apply(lcmd(LeaseCmd(Kind.FORGET, LID), revision=T0 + 2 * MS)).found
     s = status(home)
     assert s == Status(leases.DEAD, leases.tomb_expiry(home.rows, LID) or 0) and s.until > last(home)
@@ -276,3 +299,62 @@ def test_orphan_applies_exactly_when_the_answer_is_fresh(last_ms: int, proposed_
         assert res.error is None and b"a" not in g.data
     else:
         assert res.error == leases.ORPHAN_STALE and [dict(t) for t in g.rows.tables] == before
+
+
+def test_sweep_pages_back_to_back_and_waits_a_period_between_cycles() -> None:
+    """A full page's answers in: the next page starts at once (no period in between); only after
+    the short page closing a cycle does the next cycle wait a period. An unanswered page holds
+    the next back until its answers are in."""
+    home, g = DictState(group=HOME), DictState(group=G)
+    ids = sorted(leases.make_id(HOME, i) for i in range(1, 8))
+    for i, lid in enumerate(ids):
+        grant(home, lid)
+        attach(g, b"k%d" % i, lid)
+    sw = OrphanSweep(G, SweepParams(period_ms=60_000, page=2, answer_timeout_ms=30_000))
+    seen = [[p.lease_id for p in run_pass(sw, 1.0, g, {HOME: home})] for _ in range(4)]
+    assert seen == [ids[0:2], ids[2:4], ids[4:6], ids[6:7]]  # one cycle, all at t = 1 ms
+    assert sw.step(1.0, 1, page(g)) == [] and sw.step(60_000.0, 1, page(g)) == []  # the cycle ended
+    first = sw.step(60_001.0, 1, page(g))
+    assert [p.lease_id for p in first] == ids[0:2]
+    assert sw.step(60_001.0, 1, page(g)) == []  # its answers are not in yet
+    for p in first:
+        assert sw.on_status(p, status(home, p.lease_id)) is None  # ALIVE: kept, answered
+    assert [p.lease_id for p in sw.step(60_001.0, 1, page(g))] == ids[2:4]
+
+
+def test_the_node_driver_proposes_nothing_below_level_5(caplog: pytest.LogCaptureFixture) -> None:
+    """The asyncio shell (`server/orphan_sweep.py`) over a node that leads a data group with an
+    attached key: while the cluster version is 4 it reads no page, starts no probe and logs one
+    line however often it steps; at 5 it sweeps."""
+    import asyncio
+    import logging
+    from types import SimpleNamespace
+
+    from kvstore.server.orphan_sweep import OrphanDriver
+
+    g = DictState(group=G)
+    attach(g, b"a")
+    reads: list[int] = []
+
+    def read_rows(group: int, fn: Any) -> Any:
+        reads.append(group)
+        return fn(g.rows)
+    host = SimpleNamespace(groups={G: SimpleNamespace(core=SimpleNamespace(term=2))}, leads_current=lambda _g: True)
+    rq = SimpleNamespace(host=host, tracker=SimpleNamespace(map=SimpleNamespace(data_groups=lambda: [G])),
+                         store=SimpleNamespace(revisions=SimpleNamespace(read_rows=read_rows)))
+    level = [version.LEVEL_LEASES]
+    driver = OrphanDriver(rq, None, period=0.01, cluster_version=lambda: level[0])  # type: ignore[arg-type]
+
+    async def steps() -> int:
+        with caplog.at_level(logging.INFO, logger="kvstore.leases"):
+            for _ in range(20):
+                driver.step()
+        quiet = len(driver._tasks)
+        level[0] = version.LEVEL_LEASES_2
+        driver.step()  # now a pass: the probe goes to the home (no caller here: no answer, keys kept)
+        await asyncio.gather(*driver._tasks)
+        return quiet
+    assert asyncio.run(steps()) == 0
+    assert reads == [G]  # the one page read at level 5, none before
+    assert [r.getMessage() for r in caplog.records if "orphan sweep" in r.getMessage()] == [
+        f"orphan sweep: waits for cluster version {version.LEVEL_LEASES_2} (it is {version.LEVEL_LEASES})"]

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from kvstore import errors
 from kvstore.node.version import (
     FORM_LEVELS,
-    LEVEL_LEASED_TXN,
     LEVEL_LEASES,
+    LEVEL_LEASES_2,
     LEVEL_TRANSACTIONS,
     SUPPORTED_LEVEL,
     ClusterVersion,
@@ -100,7 +100,7 @@ def test_leased_puts_round_trip_and_every_prefix_is_refused(t: Txn) -> None:
     for cut in range(len(data)):
         with pytest.raises(ValueError):
             decode_txn(data[:cut])
-    assert command_level(wire) == (LEVEL_LEASED_TXN if has_lease(t) else LEVEL_TRANSACTIONS)
+    assert command_level(wire) == (LEVEL_LEASES_2 if has_lease(t) else LEVEL_TRANSACTIONS)
 
 
 @settings(max_examples=300, deadline=None)
@@ -129,15 +129,15 @@ def test_invalid_leases_are_refused_both_ways() -> None:
 
 
 def test_the_gate_refuses_a_leased_txn_below_level_5() -> None:
-    assert FORM_LEVELS[Op.TXN] == LEVEL_LEASED_TXN == SUPPORTED_LEVEL
+    assert FORM_LEVELS[Op.TXN] == LEVEL_LEASES_2 == SUPPORTED_LEVEL
     leased = encode_command(Command.transaction(Txn((), (lput(b"k", b"v"),))))
     plain = encode_command(Command.transaction(Txn((), (TxnOp(OpKind.PUT, b"k", b"v"),))))
     gate = CommandGate(lambda: ClusterVersion(LEVEL_LEASES, {1: LEVEL_LEASES}), lambda: {1})
     gate.check(plain)
     with pytest.raises(errors.ClusterVersionTooLow) as e:
         gate.check(leased)
-    assert e.value.definite and "TXN with a leased put needs cluster version 5" in e.value.message
-    CommandGate(lambda: ClusterVersion(LEVEL_LEASED_TXN, {1: LEVEL_LEASED_TXN}), lambda: {1}).check(leased)
+    assert e.value.definite and "TXN with a lease needs cluster version 5" in e.value.message
+    CommandGate(lambda: ClusterVersion(LEVEL_LEASES_2, {1: LEVEL_LEASES_2}), lambda: {1}).check(leased)
 
 
 # --- apply ---------------------------------------------------------------------------------------
@@ -230,7 +230,7 @@ def test_a_lease_compare_reads_the_attachment_and_the_txns_own_put() -> None:
                                TxnOp(OpKind.TXN, txn=Txn((Compare(b"k", Target.LEASE, CmpResult.EQUAL, b"", 0),))))))
     assert r.txn.succeeded and r.txn.responses[1].txn.succeeded  # type: ignore[attr-defined]
     assert not run(s, Txn((is_lid,))).txn.succeeded  # type: ignore[attr-defined]
-    assert command_level(encode_command(Command.transaction(Txn((is_lid,))))) == LEVEL_LEASED_TXN
+    assert command_level(encode_command(Command.transaction(Txn((is_lid,))))) == LEVEL_LEASES_2
 
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
