@@ -181,6 +181,16 @@ class Cluster:
         self.wait_cluster_version()
         return self
 
+    def wait_serving(self, timeout: float = 30.0) -> None:
+        """Wait until every running node answers (its port is open): `start` waits for one leader
+        only, and a request a node sends on to another (etcd's API forwards) fails while that one
+        is not listening yet."""
+        deadline = time.monotonic() + timeout
+        for n in self.nodes.values():
+            while n.alive and n.status() is None:
+                assert time.monotonic() < deadline, f"node {n.id} does not answer within {timeout} s"
+                time.sleep(0.05)
+
     def wait_cluster_version(self, level: int = SUPPORTED_LEVEL, timeout: float = 20.0) -> None:
         """Wait until the metadata group's cluster version reaches `level` (a new cluster starts at
         1 and is raised once every member advertised: transactions are refused before that) on every

@@ -580,6 +580,7 @@ def test_every_node_answers_for_keys_of_groups_it_does_not_host(tmp_path: Path) 
     ranges over every group."""
     c = Cluster(tmp_path, 3, extra_args=["--groups", "2", "--replication", "2"]).start()
     try:
+        c.wait_serving()
         lid = ctl(c.endpoints[0], "lease", "grant", "60").stdout.split()[1]
         for i, ep in enumerate(c.endpoints):
             for k in range(4):
@@ -868,6 +869,7 @@ def test_cluster_maintenance_and_watches_on_five_nodes_five_groups_of_three(tmp_
         c.nodes[nid].args += ["--metrics-listen", f"127.0.0.1:{port}"]
     c.start()
     try:
+        c.wait_serving()
         for i in range(12):
             ep = c.endpoints[i % 5]
             assert ctl(ep, "put", f"five/{i}", str(i)).returncode == 0
