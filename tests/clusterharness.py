@@ -240,15 +240,18 @@ class Cluster:
         logs = "\n".join(f"--- n{n.id}\n{n.log_text()[-2000:]}" for n in self.nodes.values())
         raise AssertionError(f"no leader within {timeout}s\n{logs}")
 
-    def settled_leader(self, group: int = 1, timeout: float = 30.0) -> NodeProc:
+    def settled_leader(self, group: int = 1, timeout: float = 30.0, preferred: bool = True) -> NodeProc:
         """`group`'s leader once it is the group's preferred node (the leader balancer hands each
-        group there after a start, and then leaves it) and every running node knows it."""
+        group there after a start, and then leaves it) and every running node knows it; with
+        `preferred` False, whichever node every running node hosting the group names."""
         from kvstore.client import Client
 
-        with Client(self.endpoints, credentials=self.credentials) as c:
-            smap = c.shard_map(refresh=True)
-        assert smap is not None
-        preferred = smap.groups[group].voters[0]
+        want: int | None = None
+        if preferred:
+            with Client(self.endpoints, credentials=self.credentials) as c:
+                smap = c.shard_map(refresh=True)
+            assert smap is not None
+            want = smap.groups[group].voters[0]
         deadline = time.monotonic() + timeout
         while True:
             # the views of the running nodes that host the group (one that does not answer: 0)
@@ -259,10 +262,12 @@ class Cluster:
                     g = group_status(st, group) if st is not None else None
                     if st is None or g is not None:
                         views.append(g.leader_id if g is not None else 0)
-            node = self.nodes.get(preferred)
-            if views and node is not None and node.alive and all(v == preferred for v in views):
+            target = want if want is not None else (views[0] if views else 0)
+            node = self.nodes.get(target)
+            if views and node is not None and node.alive and all(v == target for v in views):
                 return node
-            assert time.monotonic() < deadline, f"the leader never settled on its preferred node ({views})"
+            assert time.monotonic() < deadline, (f"the leader never settled on its preferred node ({views})"
+                                                 if preferred else f"the nodes never agreed on a leader ({views})")
             time.sleep(0.05)
 
     def stop(self) -> None:
