@@ -122,9 +122,12 @@ RULES: dict[str, Rule] = {
     "/etcdserverpb.Maintenance/MoveLeader": Rule.ADMIN,
     "/etcdserverpb.Auth/Authenticate": Rule.PUBLIC,
     **{f"/etcdserverpb.Auth/{m}": Rule.ADMIN for m in (
-        "AuthEnable", "AuthDisable", "UserAdd", "UserGet", "UserList", "UserDelete", "UserChangePassword",
-        "UserGrantRole", "UserRevokeRole", "RoleAdd", "RoleGet", "RoleList", "RoleDelete", "RoleGrantPermission",
+        "AuthEnable", "AuthDisable", "UserAdd", "UserList", "UserDelete", "UserChangePassword",
+        "UserGrantRole", "UserRevokeRole", "RoleAdd", "RoleList", "RoleDelete", "RoleGrantPermission",
         "RoleRevokePermission")},
+    # as etcd 3.4: any user may read itself and the roles it holds (the handler checks the rest)
+    "/etcdserverpb.Auth/UserGet": Rule.USER,
+    "/etcdserverpb.Auth/RoleGet": Rule.USER,
     # etcd's lock and election services: the caller's own reads and writes of the lock keys
     "/v3lockpb.Lock/Lock": Rule.USER,
     "/v3lockpb.Lock/Unlock": Rule.USER,

@@ -371,16 +371,19 @@ def test_a_lock_txn_leaves_its_prefix_ranges_to_the_caller() -> None:
     assert [r.response_range.kvs[0].lease if r.response_range.kvs else None for r in out.responses] == [lid, 0, None]
 
 
-def test_puts_with_a_lease_convert_and_ignore_lease_is_refused() -> None:
+def test_puts_with_a_lease_convert_and_ignore_flags_are_refused_only_inside_a_txn() -> None:
     lid = leases.make_id(1, 5)
     body, _ = txn_body(rpc_pb2.TxnRequest(success=[rpc_pb2.RequestOp(
         request_put=rpc_pb2.PutRequest(key=b"k", value=b"v", lease=lid, prev_kv=True))]))
     assert [op.WhichOneof("op") for op in body.success] == ["get", "put"] and body.success[1].put.checked == 0
     check_put(rpc_pb2.PutRequest(key=b"k", lease=lid, prev_kv=True))
     check_put(rpc_pb2.PutRequest(key=b"k", lease=lid, ignore_value=True))
-    with pytest.raises(EtcdRequestError) as e:
-        check_put(rpc_pb2.PutRequest(key=b"k", ignore_lease=True))
-    assert e.value.code == "FAILED_PRECONDITION"
+    check_put(rpc_pb2.PutRequest(key=b"k", ignore_lease=True, ignore_value=True, prev_kv=True))  # a Put: served
+    for flags in ({"ignore_lease": True}, {"ignore_value": True}):
+        with pytest.raises(EtcdRequestError) as e:
+            txn_body(rpc_pb2.TxnRequest(success=[rpc_pb2.RequestOp(
+                request_put=rpc_pb2.PutRequest(key=b"k", **flags))]))  # type: ignore[arg-type]
+        assert e.value.code == "FAILED_PRECONDITION" and "value or lease it has" in e.value.message
 
 
 def test_reads_outside_leave_every_read_to_the_caller() -> None:

@@ -66,19 +66,41 @@ class CallerKV:
         self._seen(g.revision)
         return g
 
+    async def _checked(self, lease: int, group: int) -> int:
+        """A put into `group` with `lease`: its home's reading of when it was live
+        (`LeasePutRequest.checked`; 0 in its home group, where its record decides)."""
+        home = leases.home_group(lease)
+        if home in (0, group):
+            return 0
+        t = await self.n.forward.call("LeaseTimeToLive", kv_pb2.LeaseTimeToLiveRequest(id=lease), self.context,
+                                      is_write=False, group=home)
+        return int(t.checked) if t.ttl >= 0 else 0
+
     async def put(self, key: bytes, value: bytes, lease: int) -> int:
         """Put `key` attached to `lease` (as the etcd `KV.Put` with a lease); its revision."""
         group = self.n.group_of(key)
-        home = leases.home_group(lease)
-        checked = 0
-        if home not in (0, group):  # the lease's home vouches for it (`LeasePutRequest.checked`)
-            t = await self.n.forward.call("LeaseTimeToLive", kv_pb2.LeaseTimeToLiveRequest(id=lease), self.context,
-                                          is_write=False, group=home)
-            checked = int(t.checked) if t.ttl >= 0 else 0
+        checked = await self._checked(lease, group)
         p = await self.n.forward.call("LeasePut", kv_pb2.LeasePutRequest(key=key, value=value, lease=lease,
                                                                          checked=checked),
                                       self.context, is_write=True, group=group)
         return self._seen(p.revision)
+
+    async def put_if_created(self, key: bytes, value: bytes, lease: int, create_revision: int) -> int | None:
+        """Put `key` attached to `lease` if its create revision is `create_revision`, as ONE
+        transaction (etcd's `Election.Proclaim`: `If(CreateRevision(key) == rev)
+        Then(Put(key, value, lease))`); the transaction's revision, or None if the compare failed
+        (nothing written). A lease that is gone refuses the whole transaction (etcd's
+        `requested lease not found`, definite)."""
+        group = self.n.group_of(key)
+        checked = await self._checked(lease, group)
+        body = kv_pb2.TxnBody(
+            compares=[kv_pb2.Compare(key=key, target=kv_pb2.COMPARE_CREATE, result=kv_pb2.EQUAL,
+                                     number=create_revision)],
+            success=[kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=key, value=value, lease=lease, checked=checked))])
+        t = await self.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body), self.context, is_write=True, group=group)
+        if not t.result.succeeded:
+            return None
+        return self._seen(t.revision)
 
     async def delete(self, key: bytes) -> int:
         """Delete `key`; the delete's revision (0: the key was absent, nothing changed)."""

@@ -182,7 +182,8 @@ def range_reply(q: RangeQuery, items: Iterable[kv_pb2.KeyValue], into: rpc_pb2.R
 
 # --- writes --------------------------------------------------------------------------------
 def check_put(r: rpc_pb2.PutRequest) -> None:
-    """etcd's checks of a PutRequest (what is not supported yet is refused, definite)."""
+    """etcd's checks of a PutRequest: a key; no value with ignore_value, no lease with
+    ignore_lease (INVALID_ARGUMENT, definite); a lease id in int64 range."""
     if not r.key:
         raise invalid(EMPTY_KEY)
     if r.ignore_value and r.value:
@@ -190,8 +191,6 @@ def check_put(r: rpc_pb2.PutRequest) -> None:
     if r.ignore_lease and r.lease:
         raise invalid(LEASE_PROVIDED)
     _int64(r.lease, "lease")
-    if r.ignore_lease:
-        raise unsupported("Put's ignore_lease")
 
 
 # --- transactions --------------------------------------------------------------------------
@@ -287,8 +286,11 @@ def _ops(ops: Iterable[rpc_pb2.RequestOp], into: list[kv_pb2.TxnOp], plans: list
             p = op.request_put
             check_put(p)
             _before(read, p.key)
-            if p.ignore_value:
-                raise unsupported("Put's ignore_value inside a transaction")
+            if p.ignore_value or p.ignore_lease:
+                # kvstore's TXN has no put "with the value / lease the key has" (a put carries
+                # both), and a guess compared first would be the caller's compare, not etcd's
+                raise unsupported("Put's ignore_value or ignore_lease inside a transaction (kvstore's TXN "
+                                  "cannot put a key with the value or lease it has)")
             if p.prev_kv:
                 into.append(kv_pb2.TxnOp(get=p.key))
             # a lease's `checked` is the caller's to fill in (it asks the lease's home)

@@ -8,8 +8,9 @@ A range over several keys reads every data group of the shard map on this node c
 linearizably unless `serializable`; what all its parts keep is bounded by one budget
 (`MAX_RANGE_BYTES`); parts served at different revisions are read again at the highest one, so a
 range is one consistent snapshot at one revision (as the client library's scans). Put's prev_kv
-and DeleteRange's prev_kv on one key, and Put's ignore_value, are transactions (a get, then the
-write, at one revision)."""
+and DeleteRange's prev_kv on one key, and Put's ignore_value and ignore_lease, are transactions
+(a get, then the write, at one revision; ignore_* compare the value's mod revision or the lease
+as read before, and retry)."""
 
 from __future__ import annotations
 
@@ -52,11 +53,11 @@ from .convert import (
     unsupported,
 )
 from .lease import _lease
-from .status import KEY_NOT_FOUND, EtcdStatus, check_reply
+from .status import KEY_NOT_FOUND, LEASE_NOT_FOUND, EtcdStatus, check_reply
 
 IGNORE_VALUE_TRIES = 16
-"""Put with ignore_value re-reads and retries its compare-and-put this often when the key keeps
-changing under it (then a definite UNAVAILABLE)."""
+"""Put with ignore_value or ignore_lease re-reads and retries its compare-and-put this often when
+the key keeps changing under it (then a definite UNAVAILABLE)."""
 MAX_RANGE_BYTES = 64 << 20
 """The most key and value bytes a Range keeps to answer, all its group parts together (a definite
 RESOURCE_EXHAUSTED beyond)."""
@@ -135,11 +136,6 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         """A multi-key Range's (kept keys in key order, count, revision read at), as `Range` reads
         it, for the lock and election services (`caller.CallerKV`)."""
         return await self._scan(q, context)
-
-    def leases_of(self, items: list[kv_pb2.KeyValue]) -> dict[bytes, int]:
-        """`_leases`: each key's lease on this node's replica of its group (keys of groups not
-        hosted here are left out)."""
-        return self._leases(items)
 
     def _leases(self, items: list[kv_pb2.KeyValue]) -> dict[bytes, int]:
         """Each key's lease as attached now on this node's replica of its group (read right after
@@ -241,7 +237,7 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         return items, sum(p[1] for p in parts.values()), q.revision or top
 
     # --- Put -----------------------------------------------------------------------------
-    async def _lease_checked(self, lease_id: int, group: int, context: grpc.aio.ServicerContext) -> int:
+    async def lease_checked(self, lease_id: int, group: int, context: grpc.aio.ServicerContext) -> int:
         """A put with lease `lease_id` into `group`: when that is not the lease's home, the home
         leader's reading of when the lease was live (`LeasePutRequest.checked`; 0 if it is not:
         the put is then refused where it applies); in the home group its record decides. An id
@@ -259,14 +255,14 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
             check_put(request)
             fw, key = self.n.forward, request.key
             group = self.n.group_of(key)
-            checked = await self._lease_checked(request.lease, group, context) if request.lease else 0
-            if request.lease and not (request.ignore_value or request.prev_kv):
+            checked = await self.lease_checked(request.lease, group, context) if request.lease else 0
+            if request.ignore_value or request.ignore_lease:
+                return await self._put_reading(request, group, checked, context)
+            if request.lease and not request.prev_kv:
                 p = await fw.call("LeasePut", kv_pb2.LeasePutRequest(key=key, value=request.value, lease=request.lease,
                                                                      checked=checked),
                                   context, is_write=True, group=group)
                 return rpc_pb2.PutResponse(header=self.n.header(p.revision, group))
-            if request.ignore_value:
-                return await self._put_keeping_value(request, group, checked, context)
             if request.prev_kv:
                 put = kv_pb2.TxnPut(key=key, value=request.value, lease=request.lease, checked=checked)
                 body = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(get=key), kv_pb2.TxnOp(put=put)])
@@ -282,29 +278,68 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         except Exception as err:
             await fail(err, context, "Put")
 
-    async def _put_keeping_value(self, request: rpc_pb2.PutRequest, group: int, checked: int,
-                                 context: grpc.aio.ServicerContext) -> rpc_pb2.PutResponse:
-        """ignore_value: put the key's current value again (a new version; with the request's
-        lease, if any, `checked` its home's reading), as a compare of its mod revision and a
-        put, retried while the key changes in between."""
+    async def _current(self, key: bytes, group: int, with_lease: bool, context: grpc.aio.ServicerContext
+                       ) -> tuple[kv_pb2.KeyValue | None, int]:
+        """(`key` as a linearizable read finds it, None if absent; with `with_lease` the lease it
+        is attached to as a replica of its group reports it right after the read, else 0). The
+        lease is read on this node's replica where it hosts the group, else by etcd's Range at a
+        node that does (`Forwarder.etcd_range`). Either may lag the key's newest write: callers
+        compare what they read in the transaction that depends on it."""
+        if not with_lease or group in self.n.host.groups:
+            items, _, _ = await self._get(range_query(rpc_pb2.RangeRequest(key=key)), context)
+            lease = self._leases(items).get(key, 0) if with_lease else 0
+            return (items[0] if items else None), lease
+        r = await self.n.forward.etcd_range(rpc_pb2.RangeRequest(key=key), context, group)
+        if not r.kvs:
+            return None, 0
+        kv = r.kvs[0]
+        return kv_pb2.KeyValue(key=kv.key, value=kv.value, create_revision=kv.create_revision,
+                               mod_revision=kv.mod_revision, version=kv.version), kv.lease
+
+    async def _put_reading(self, request: rpc_pb2.PutRequest, group: int, checked: int,
+                           context: grpc.aio.ServicerContext) -> rpc_pb2.PutResponse:
+        """ignore_value and / or ignore_lease, as etcd's apply reads them: the put keeps the
+        key's current value (ignore_value; else the request's) and the lease it is attached to
+        (ignore_lease; else the request's, `checked` its home's reading); a key that does not
+        exist is etcd's `key not found` (definite). Atomic: the key is read (`_current`), then ONE
+        TXN of its group compares what the put depends on as read (the key exists; its mod
+        revision for ignore_value; its lease for ignore_lease) and puts (after a get, for
+        prev_kv); a compare that fails (the key changed in between) reads again, at most
+        IGNORE_VALUE_TRIES times (then a definite UNAVAILABLE). A kept lease that is gone while
+        the key is still attached to it (a revoke deletes the keys of other groups just after
+        it answered) reads again too, after a backoff: its key is about to go."""
         key, fw = request.key, self.n.forward
-        for _ in range(IGNORE_VALUE_TRIES):
-            g = await fw.call("Get", kv_pb2.GetRequest(key=key), context, is_write=False, group=group)
-            if not g.found:
+        for attempt in range(IGNORE_VALUE_TRIES):
+            cur, lease = await self._current(key, group, request.ignore_lease, context)
+            if cur is None:
                 raise invalid(KEY_NOT_FOUND)
-            body = kv_pb2.TxnBody(
-                compares=[kv_pb2.Compare(key=key, target=kv_pb2.COMPARE_MOD, result=kv_pb2.EQUAL, number=g.mod_revision)],
-                success=[kv_pb2.TxnOp(get=key), kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=key, value=g.value,
-                                                                               lease=request.lease, checked=checked))],
-            )
-            t = await fw.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True, group=group)
+            compares = [kv_pb2.Compare(key=key, target=kv_pb2.COMPARE_VERSION, result=kv_pb2.GREATER, number=0)]
+            if request.ignore_value:
+                compares.append(kv_pb2.Compare(key=key, target=kv_pb2.COMPARE_MOD, result=kv_pb2.EQUAL,
+                                               number=cur.mod_revision))
+            if request.ignore_lease:
+                compares.append(kv_pb2.Compare(key=key, target=kv_pb2.COMPARE_LEASE, result=kv_pb2.EQUAL, number=lease))
+                checked = await self.lease_checked(lease, group, context) if lease else 0
+            else:
+                lease = request.lease
+            put = kv_pb2.TxnPut(key=key, value=cur.value if request.ignore_value else request.value, lease=lease,
+                                checked=checked)
+            body = kv_pb2.TxnBody(compares=compares, success=[kv_pb2.TxnOp(get=key), kv_pb2.TxnOp(put=put)])
+            try:
+                t = await fw.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True, group=group)
+            except EtcdStatus as err:
+                if not (request.ignore_lease and lease and err.message == LEASE_NOT_FOUND and not err.indeterminate):
+                    raise
+                await asyncio.sleep(0.02 * (1 << min(attempt, 4)))
+                continue
             if t.result.succeeded:
                 resp = rpc_pb2.PutResponse(header=self.n.header(t.revision, group))
                 if request.prev_kv:
-                    resp.prev_kv.CopyFrom(to_mvcc(t.result.responses[0].get))
+                    resp.prev_kv.CopyFrom(to_mvcc(t.result.responses[0].get, lease=lease if request.ignore_lease else 0))
                 return resp
         raise EtcdStatus(grpc.StatusCode.UNAVAILABLE,
-                         f"kvstore: ignore_value: the key changed under each of {IGNORE_VALUE_TRIES} tries; nothing was written")
+                         f"kvstore: ignore_value / ignore_lease: the key changed under each of {IGNORE_VALUE_TRIES} "
+                         "tries; nothing was written")
 
     # --- DeleteRange ---------------------------------------------------------------------
     async def DeleteRange(self, request: rpc_pb2.DeleteRangeRequest, context: grpc.aio.ServicerContext
@@ -379,7 +414,7 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                 raise unsupported("a Compare of a key's lease in a transaction whose keys are in several groups "
                                   "or that reads a range (range_end or a revision)")
             for put in leased:
-                put.checked = await self._lease_checked(put.lease, self.n.group_of(put.key), context)
+                put.checked = await self.lease_checked(put.lease, self.n.group_of(put.key), context)
             if plan.ranges:
                 if one is None and (body.compares or body.success or body.failure):
                     raise unsupported("a range read (range_end or a revision) in a transaction whose compares "
