@@ -156,6 +156,17 @@ ETCD_INVALID_TOKEN = "etcdserver: invalid auth token"
 """etcd clients match this exact message to log in again (clientv3's `ErrInvalidAuthToken`)."""
 
 
+ETCD_PERMISSION_DENIED = "etcdserver: permission denied"
+
+
+def admin_refusal(path: str, p: Principal) -> str:
+    """The message of a call refused for want of the admin permission: etcd's exact text on
+    etcd's services (as etcd's `IsAdminPermitted`), kvstore's reason elsewhere."""
+    if path.startswith(ETCD_PACKAGES):
+        return ETCD_PERMISSION_DENIED
+    return f"{path} needs the admin permission, which {p.describe()} does not have"
+
+
 def token_refusal(path: str, reason: str) -> str:
     """The message of a call refused for its token (expired, revoked, malformed): etcd's exact
     text on etcd's services, so etcd clients fetch a new token; kvstore's reason elsewhere."""
@@ -318,8 +329,7 @@ class AuthGuard:
                 CLIENT_PORT_NEEDS_TOKEN if self.client_port
                 else "auth is enabled: log in (a token) or present a client certificate"))
         if rule is Rule.ADMIN and not self.grants(p).admin:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"{path} needs the admin permission, which {p.describe()} does not have")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, admin_refusal(path, p))
         return c
 
     # --- authorization ----------------------------------------------------------------------

@@ -304,12 +304,15 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         exist is etcd's `key not found` (definite). Atomic: the key is read (`_current`), then ONE
         TXN of its group compares what the put depends on as read (the key exists; its mod
         revision for ignore_value; its lease for ignore_lease) and puts (after a get, for
-        prev_kv); a compare that fails (the key changed in between) reads again, at most
-        IGNORE_VALUE_TRIES times (then a definite UNAVAILABLE). A kept lease that is gone while
-        the key is still attached to it (a revoke deletes the keys of other groups just after
-        it answered) reads again too, after a backoff: its key is about to go."""
+        prev_kv); a compare that fails (the key changed in between, or the replica read lagged)
+        reads again after a short backoff, at most IGNORE_VALUE_TRIES times in all (then a
+        definite UNAVAILABLE). A kept lease that is gone while the key is still attached to it (a
+        revoke deletes the keys of other groups just after it answered) reads again too: its key
+        is about to go."""
         key, fw = request.key, self.n.forward
         for attempt in range(IGNORE_VALUE_TRIES):
+            if attempt:  # a replica that lagged the key's last write, a lease about to take its key
+                await asyncio.sleep(0.01 * (1 << min(attempt - 1, 4)))
             cur, lease = await self._current(key, group, request.ignore_lease, context)
             if cur is None:
                 raise invalid(KEY_NOT_FOUND)
@@ -330,7 +333,6 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
             except EtcdStatus as err:
                 if not (request.ignore_lease and lease and err.message == LEASE_NOT_FOUND and not err.indeterminate):
                     raise
-                await asyncio.sleep(0.02 * (1 << min(attempt, 4)))
                 continue
             if t.result.succeeded:
                 resp = rpc_pb2.PutResponse(header=self.n.header(t.revision, group))
