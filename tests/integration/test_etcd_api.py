@@ -185,8 +185,8 @@ def test_kv_commands_answer_as_etcd(kv: str, etcd: str) -> None:
 
 def test_put_ignore_lease_answers_as_etcd(kv: str, etcd: str) -> None:
     """Put with --ignore-lease keeps the key's lease (alone, with --ignore-value, with
-    --prev-kv); a key that does not exist is `key not found`; a lease with it is `lease is
-    provided`."""
+    --prev-kv), also inside a Txn; a key that does not exist is `key not found` (in a Txn only
+    on the path taken); a lease with it is `lease is provided`."""
     def script(ep: str) -> list[tuple[str, str]]:
         granted = ctl(ep, "lease", "grant", "60")
         assert granted.returncode == 0, granted.stderr
@@ -197,9 +197,9 @@ def test_put_ignore_lease_answers_as_etcd(kv: str, etcd: str) -> None:
         revs.append(int(json.loads(p.stdout)["header"]["revision"]))
         out: list[tuple[str, str]] = []
 
-        def run(*args: str) -> None:
-            p = ctl(ep, *args)
-            if p.returncode == 0 and args[0] == "put" and "json" in args:
+        def run(*args: str, stdin: str | None = None) -> None:
+            p = ctl(ep, *args, stdin=stdin)
+            if p.returncode == 0 and args[0] in ("put", "txn") and "json" in args:
                 revs.append(int(json.loads(p.stdout)["header"]["revision"]))
             text = p.stdout + (f"\nexit {p.returncode}: {p.stderr.strip().splitlines()[-1]}" if p.returncode else "")
             out.append((_norm(" ".join(args), revs), _norm(text, revs)))
@@ -212,6 +212,13 @@ def test_put_ignore_lease_answers_as_etcd(kv: str, etcd: str) -> None:
         run("get", "il/", "--prefix", "-w", "json")
         run("put", "il/none", "x", "--ignore-lease")
         run("put", "il/a", "3", "--ignore-lease", f"--lease={lid}")
+        # inside a Txn (keys of one group): the put keeps the key's value and lease as it applies;
+        # an absent key on the path taken fails the whole Txn, one on the other path does not
+        run("txn", "-w", "json", stdin='value("il/a") = "2"\n\nput il/a --ignore-value --ignore-lease --prev-kv\n'
+                                      'get il/a\n\nget il/a\n\n')
+        run("get", "il/a", "-w", "json")
+        run("txn", stdin='\n\nput il/none x --ignore-lease\n\n\n')
+        run("txn", stdin='version("il/none") > "0"\n\nput il/none --ignore-value\n\nget il/none\n\n')
         run("lease", "revoke", lid)
         assert ctl(ep, "del", "il/", "--prefix").returncode == 0
         return out

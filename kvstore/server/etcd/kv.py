@@ -39,6 +39,7 @@ from .convert import (
     check_put,
     compares_lease,
     has_writes,
+    ignored_puts,
     invalid,
     key_range,
     leased_puts,
@@ -108,6 +109,12 @@ def _any(_b: bytes) -> None:
 
 def _leases_of(keys: list[bytes], rows: Any) -> dict[bytes, int]:
     return {k: leases.lease_of(rows, k) for k in keys}
+
+
+def _state_of(state: dict[bytes, tuple[kv_pb2.KeyValue | None, int]], key: bytes) -> txn.Current | None:
+    """`key`'s state as read (`EtcdKV._current`: the key or None, its lease) for `txn.evaluate`."""
+    kv, lease = state[key]
+    return None if kv is None else txn.Current(kv.value, kv.create_revision, kv.mod_revision, kv.version, lease)
 
 
 class EtcdKV(rpc_pb2_grpc.KVServicer):
@@ -409,6 +416,11 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                 if len(written) <= 1:
                     one = written.pop() if written else None
                     body, plan = txn_body(request, reads_outside=lambda k: self.n.group_of(k) != one)
+            if any(ignored_puts(plan, body)):
+                if one is None or plan.ranges:
+                    raise unsupported("Put's ignore_value or ignore_lease in a transaction whose keys are in several "
+                                      "groups or that reads a range (range_end or a revision)")
+                return await self._txn_ignoring(body, plan, one, context)
             leased = leased_puts(body)
             if leased and one is None:
                 raise unsupported("a put with a lease in a transaction whose keys are in several groups")
@@ -427,6 +439,88 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
             return resp
         except Exception as err:
             await fail(err, context, "Txn")
+
+    async def _txn_ignoring(self, body: kv_pb2.TxnBody, plan: TxnPlan, group: int,
+                            context: grpc.aio.ServicerContext) -> rpc_pb2.TxnResponse:
+        """A Txn of ONE `group` (no external ranges) with puts that keep the key's value
+        (ignore_value) or lease (ignore_lease), as etcd's apply: such a put on the path taken
+        whose key does not exist fails the whole Txn (`etcdserver: key not found`, nothing
+        written); else it puts the key's value / lease as they are when the Txn applies.
+
+        kvstore's TXN has no such put, so each try: (1) every key the Txn names is read
+        (`_current`: linearizably, with its lease where the Txn keeps or compares one); (2) the
+        ignored puts are filled in from what was read (a key is written at most once on a path,
+        so what it holds when its put runs is what it held before the Txn), and the Txn is
+        evaluated on that state (`txn.evaluate`, pure) to find its path; (3) ONE TXN of the group
+        is proposed whose compares guard every key as read (its mod revision, or version 0 if
+        absent; its lease where read) and whose success is the filled Txn (one level deeper),
+        or nothing when the path puts an absent key (then the guard holding proves the key
+        absent at one point: `key not found`). A guard holds only if every key the Txn reads or
+        writes is exactly as read, so the filled Txn takes the evaluated path and its puts keep
+        what the keys hold: atomic, as etcd's. A failed guard reads again (at most
+        IGNORE_VALUE_TRIES times, then a definite UNAVAILABLE). A Txn nested 4 deep, or too
+        large to guard within 128 compares and operations, is refused (FAILED_PRECONDITION)."""
+        keys = sorted(set(txn_keys(body)))
+        leased_keys = set(keys) if compares_lease(body) else {
+            put.key for put, p, _ in ignored_puts(plan, body) if p.ignore_lease}
+        fw = self.n.forward
+        last: Exception | None = None
+        for attempt in range(IGNORE_VALUE_TRIES):
+            if attempt:
+                await asyncio.sleep(0.01 * (1 << min(attempt - 1, 4)))
+            read = await asyncio.gather(*(self._current(k, group, k in leased_keys, context) for k in keys))
+            state = dict(zip(keys, read, strict=True))
+            filled = kv_pb2.TxnBody()
+            filled.CopyFrom(body)
+            for put, p, _ in ignored_puts(plan, filled):
+                kv, lease = state[put.key]
+                if kv is not None:
+                    put.value = kv.value if p.ignore_value else put.value
+                    put.lease = lease if p.ignore_lease else put.lease
+            try:
+                out = txn.evaluate(txn_from_proto(filled, _any, _any), functools.partial(_state_of, state), 1)
+            except txn.ResultTooLarge as err:
+                raise EtcdStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, f"kvstore: {err}") from None
+            absent = any(state[put.key][0] is None for put, _, on in ignored_puts(plan, filled, out.result) if on)
+            guards: list[kv_pb2.Compare] = []
+            for k in keys:
+                kv, lease = state[k]
+                guards.append(kv_pb2.Compare(key=k, target=kv_pb2.COMPARE_VERSION, result=kv_pb2.EQUAL, number=0)
+                              if kv is None else
+                              kv_pb2.Compare(key=k, target=kv_pb2.COMPARE_MOD, result=kv_pb2.EQUAL,
+                                             number=kv.mod_revision))
+                if k in leased_keys:
+                    guards.append(kv_pb2.Compare(key=k, target=kv_pb2.COMPARE_LEASE, result=kv_pb2.EQUAL, number=lease))
+            outer = kv_pb2.TxnBody(compares=guards, success=[] if absent else [kv_pb2.TxnOp(txn=filled)])
+            try:
+                txn_from_proto(outer, _any, _any)
+            except errors.InvalidArgument:
+                raise unsupported("Put's ignore_value or ignore_lease in a transaction nested 4 deep or with too "
+                                  "many keys to guard (a compare of each key and one more level)") from None
+            if not absent:
+                for put in leased_puts(filled):
+                    put.checked = await self.lease_checked(put.lease, group, context)
+            try:
+                t = await fw.call("Txn", kv_pb2.TxnRequest(txn=outer), context, is_write=True, group=group)
+            except EtcdStatus as err:
+                if err.message != LEASE_NOT_FOUND or err.indeterminate:
+                    raise
+                last = err  # a lease is gone: a kept one's key is about to go with it; read again
+                continue
+            if not t.result.succeeded:
+                last = None
+                continue
+            if absent:
+                raise invalid(KEY_NOT_FOUND)
+            inner = t.result.responses[0].txn
+            resp = rpc_pb2.TxnResponse()
+            txn_reply(plan, inner, self.n.header(t.revision, group), resp, None, self._txn_leases(txn_gets(inner)))
+            return resp
+        if last is not None:
+            raise last
+        raise EtcdStatus(grpc.StatusCode.UNAVAILABLE,
+                         f"kvstore: the transaction's keys changed under each of {IGNORE_VALUE_TRIES} tries; "
+                         "nothing was written")
 
     async def _txn_reading(self, body: kv_pb2.TxnBody, plan: TxnPlan, group: int | None,
                            context: grpc.aio.ServicerContext) -> rpc_pb2.TxnResponse:
