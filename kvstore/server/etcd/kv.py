@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,9 +57,11 @@ from .convert import (
 from .lease import _lease
 from .status import KEY_NOT_FOUND, LEASE_NOT_FOUND, EtcdStatus, check_reply
 
-IGNORE_VALUE_TRIES = 16
-"""Put with ignore_value or ignore_lease re-reads and retries its compare-and-put this often when
-the key keeps changing under it (then a definite UNAVAILABLE)."""
+RETRY_BACKOFF = (0.005, 0.16)
+"""A Put or Txn with ignore_value / ignore_lease whose guarded TXN lost a race (the key changed
+between its read and the TXN, or the replica read lagged) reads again after a backoff growing
+from the first to the second (seconds), for at most the forwarder's timeout (then a definite
+UNAVAILABLE: `EtcdKV._retries`)."""
 MAX_RANGE_BYTES = 64 << 20
 """The most key and value bytes a Range keeps to answer, all its group parts together (a definite
 RESOURCE_EXHAUSTED beyond)."""
@@ -243,6 +246,22 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         items = sorted((kv for p in parts.values() for kv in p[0]), key=lambda kv: kv.key)
         return items, sum(p[1] for p in parts.values()), q.revision or top
 
+    async def _retries(self) -> AsyncIterator[int]:
+        """Attempt numbers 0, 1, ... for a read-then-guarded-TXN loop: each after the first
+        after a growing backoff (`RETRY_BACKOFF`), none once the forwarder's timeout since the
+        first has passed."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.n.forward.timeout
+        delay, cap = RETRY_BACKOFF
+        attempt = 0
+        while True:
+            yield attempt
+            attempt += 1
+            if loop.time() + delay > end:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, cap)
+
     # --- Put -----------------------------------------------------------------------------
     async def lease_checked(self, lease_id: int, group: int, context: grpc.aio.ServicerContext) -> int:
         """A put with lease `lease_id` into `group`: when that is not the lease's home, the home
@@ -312,14 +331,12 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         TXN of its group compares what the put depends on as read (the key exists; its mod
         revision for ignore_value; its lease for ignore_lease) and puts (after a get, for
         prev_kv); a compare that fails (the key changed in between, or the replica read lagged)
-        reads again after a short backoff, at most IGNORE_VALUE_TRIES times in all (then a
-        definite UNAVAILABLE). A kept lease that is gone while the key is still attached to it (a
+        reads again after a backoff, within the forwarder's timeout (`_retries`; then a definite
+        UNAVAILABLE). A kept lease that is gone while the key is still attached to it (a
         revoke deletes the keys of other groups just after it answered) reads again too: its key
         is about to go."""
         key, fw = request.key, self.n.forward
-        for attempt in range(IGNORE_VALUE_TRIES):
-            if attempt:  # a replica that lagged the key's last write, a lease about to take its key
-                await asyncio.sleep(0.01 * (1 << min(attempt - 1, 4)))
+        async for _ in self._retries():
             cur, lease = await self._current(key, group, request.ignore_lease, context)
             if cur is None:
                 raise invalid(KEY_NOT_FOUND)
@@ -347,8 +364,8 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                     resp.prev_kv.CopyFrom(to_mvcc(t.result.responses[0].get, lease=lease if request.ignore_lease else 0))
                 return resp
         raise EtcdStatus(grpc.StatusCode.UNAVAILABLE,
-                         f"kvstore: ignore_value / ignore_lease: the key changed under each of {IGNORE_VALUE_TRIES} "
-                         "tries; nothing was written")
+                         f"kvstore: ignore_value / ignore_lease: the key changed under each try for "
+                         f"{self.n.forward.timeout:g} s; nothing was written")
 
     # --- DeleteRange ---------------------------------------------------------------------
     async def DeleteRange(self, request: rpc_pb2.DeleteRangeRequest, context: grpc.aio.ServicerContext
@@ -457,17 +474,15 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         or nothing when the path puts an absent key (then the guard holding proves the key
         absent at one point: `key not found`). A guard holds only if every key the Txn reads or
         writes is exactly as read, so the filled Txn takes the evaluated path and its puts keep
-        what the keys hold: atomic, as etcd's. A failed guard reads again (at most
-        IGNORE_VALUE_TRIES times, then a definite UNAVAILABLE). A Txn nested 4 deep, or too
+        what the keys hold: atomic, as etcd's. A failed guard reads again (`_retries`: within the
+        forwarder's timeout, then a definite UNAVAILABLE). A Txn nested 4 deep, or too
         large to guard within 128 compares and operations, is refused (FAILED_PRECONDITION)."""
         keys = sorted(set(txn_keys(body)))
         leased_keys = set(keys) if compares_lease(body) else {
             put.key for put, p, _ in ignored_puts(plan, body) if p.ignore_lease}
         fw = self.n.forward
         last: Exception | None = None
-        for attempt in range(IGNORE_VALUE_TRIES):
-            if attempt:
-                await asyncio.sleep(0.01 * (1 << min(attempt - 1, 4)))
+        async for _ in self._retries():
             read = await asyncio.gather(*(self._current(k, group, k in leased_keys, context) for k in keys))
             state = dict(zip(keys, read, strict=True))
             filled = kv_pb2.TxnBody()
@@ -519,7 +534,7 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         if last is not None:
             raise last
         raise EtcdStatus(grpc.StatusCode.UNAVAILABLE,
-                         f"kvstore: the transaction's keys changed under each of {IGNORE_VALUE_TRIES} tries; "
+                         f"kvstore: the transaction's keys changed under each try for {self.n.forward.timeout:g} s; "
                          "nothing was written")
 
     async def _txn_reading(self, body: kv_pb2.TxnBody, plan: TxnPlan, group: int | None,
