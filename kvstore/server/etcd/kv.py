@@ -496,7 +496,9 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                 out = txn.evaluate(txn_from_proto(filled, _any, _any), functools.partial(_state_of, state), 1)
             except txn.ResultTooLarge as err:
                 raise EtcdStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, f"kvstore: {err}") from None
-            absent = any(state[put.key][0] is None for put, _, on in ignored_puts(plan, filled, out.result) if on)
+            taken = [(put, p) for put, p, on in ignored_puts(plan, filled, out.result) if on]
+            absent = any(state[put.key][0] is None for put, _ in taken)
+            kept = any(p.ignore_lease and put.lease for put, p in taken)  # a lease the Txn keeps
             guards: list[kv_pb2.Compare] = []
             for k in keys:
                 kv, lease = state[k]
@@ -518,9 +520,9 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
             try:
                 t = await fw.call("Txn", kv_pb2.TxnRequest(txn=outer), context, is_write=True, group=group)
             except EtcdStatus as err:
-                if err.message != LEASE_NOT_FOUND or err.indeterminate:
+                if err.message != LEASE_NOT_FOUND or err.indeterminate or not kept:
                     raise
-                last = err  # a lease is gone: a kept one's key is about to go with it; read again
+                last = err  # a lease is gone: if the kept one, its key is about to go with it; read again
                 continue
             if not t.result.succeeded:
                 last = None
