@@ -501,10 +501,11 @@ def txn_gets(result: kv_pb2.TxnResult) -> list[kv_pb2.KeyValue]:
 
 def txn_reply(plan: TxnPlan, result: kv_pb2.TxnResult, header: rpc_pb2.ResponseHeader,
               into: rpc_pb2.TxnResponse, ranges: Mapping[int, RangeAnswer] | None = None,
-              leases: Mapping[bytes, int] | None = None) -> None:
+              leases: Mapping[bytes, int] | None = None, prev_leases: Mapping[bytes, int] | None = None) -> None:
     """Fill etcd's TxnResponse from kvstore's result of the transaction planned by `plan`, and
     the answers of its external ranges on the path taken (`ranges`, by `OpPlan.external`);
-    `leases`: the leases of keys its one-key ranges found, where known."""
+    `leases`: the leases of keys its one-key ranges found, where known; `prev_leases`: the
+    leases keys held before the transaction, where known (a prev_kv's; else 0)."""
     into.header.CopyFrom(header)
     into.succeeded = result.succeeded
     plans = plan.success if result.succeeded else plan.failure
@@ -533,16 +534,16 @@ def txn_reply(plan: TxnPlan, result: kv_pb2.TxnResult, header: rpc_pb2.ResponseH
             pr = out.response_put
             pr.header.CopyFrom(header)
             if prev is not None and _kv_found(prev):
-                pr.prev_kv.CopyFrom(to_mvcc(prev))
+                pr.prev_kv.CopyFrom(to_mvcc(prev, lease=(prev_leases or {}).get(prev.key, 0)))
         elif p.kind == "delete":
             dr = out.response_delete_range
             dr.header.CopyFrom(header)
             dr.deleted = 1 if r.delete else 0
             if prev is not None and _kv_found(prev):
-                dr.prev_kvs.append(to_mvcc(prev))
+                dr.prev_kvs.append(to_mvcc(prev, lease=(prev_leases or {}).get(prev.key, 0)))
         else:
             assert p.nested is not None
-            txn_reply(p.nested, r.txn, header, out.response_txn, ranges, leases)
+            txn_reply(p.nested, r.txn, header, out.response_txn, ranges, leases, prev_leases)
 
 
 # --- watch ---------------------------------------------------------------------------------

@@ -508,15 +508,15 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                                              number=kv.mod_revision))
                 if k in leased_keys:
                     guards.append(kv_pb2.Compare(key=k, target=kv_pb2.COMPARE_LEASE, result=kv_pb2.EQUAL, number=lease))
-            outer = kv_pb2.TxnBody(compares=guards, success=[] if absent else [kv_pb2.TxnOp(txn=filled)])
+            if not absent:
+                for put in leased_puts(filled):
+                    put.checked = await self.lease_checked(put.lease, group, context)
+            outer = kv_pb2.TxnBody(compares=guards, success=[] if absent else [kv_pb2.TxnOp(txn=filled)])  # a copy
             try:
                 txn_from_proto(outer, _any, _any)
             except errors.InvalidArgument:
                 raise unsupported("Put's ignore_value or ignore_lease in a transaction nested 4 deep or with too "
                                   "many keys to guard (a compare of each key and one more level)") from None
-            if not absent:
-                for put in leased_puts(filled):
-                    put.checked = await self.lease_checked(put.lease, group, context)
             try:
                 t = await fw.call("Txn", kv_pb2.TxnRequest(txn=outer), context, is_write=True, group=group)
             except EtcdStatus as err:
@@ -531,7 +531,8 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                 raise invalid(KEY_NOT_FOUND)
             inner = t.result.responses[0].txn
             resp = rpc_pb2.TxnResponse()
-            txn_reply(plan, inner, self.n.header(t.revision, group), resp, None, self._txn_leases(txn_gets(inner)))
+            txn_reply(plan, inner, self.n.header(t.revision, group), resp, None, self._txn_leases(txn_gets(inner)),
+                      {k: state[k][1] for k in leased_keys})  # leases as guarded: exact before the Txn
             return resp
         if last is not None:
             raise last
