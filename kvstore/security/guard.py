@@ -122,9 +122,12 @@ RULES: dict[str, Rule] = {
     "/etcdserverpb.Maintenance/MoveLeader": Rule.ADMIN,
     "/etcdserverpb.Auth/Authenticate": Rule.PUBLIC,
     **{f"/etcdserverpb.Auth/{m}": Rule.ADMIN for m in (
-        "AuthEnable", "AuthDisable", "UserAdd", "UserGet", "UserList", "UserDelete", "UserChangePassword",
-        "UserGrantRole", "UserRevokeRole", "RoleAdd", "RoleGet", "RoleList", "RoleDelete", "RoleGrantPermission",
+        "AuthEnable", "AuthDisable", "UserAdd", "UserList", "UserDelete", "UserChangePassword",
+        "UserGrantRole", "UserRevokeRole", "RoleAdd", "RoleList", "RoleDelete", "RoleGrantPermission",
         "RoleRevokePermission")},
+    # as etcd 3.4: any user may read itself and the roles it holds (the handler checks the rest)
+    "/etcdserverpb.Auth/UserGet": Rule.USER,
+    "/etcdserverpb.Auth/RoleGet": Rule.USER,
     # etcd's lock and election services: the caller's own reads and writes of the lock keys
     "/v3lockpb.Lock/Lock": Rule.USER,
     "/v3lockpb.Lock/Unlock": Rule.USER,
@@ -151,6 +154,17 @@ RULES: dict[str, Rule] = {
 ETCD_PACKAGES = ("/etcdserverpb.", "/v3lockpb.", "/v3electionpb.")
 ETCD_INVALID_TOKEN = "etcdserver: invalid auth token"
 """etcd clients match this exact message to log in again (clientv3's `ErrInvalidAuthToken`)."""
+
+
+ETCD_PERMISSION_DENIED = "etcdserver: permission denied"
+
+
+def admin_refusal(path: str, p: Principal) -> str:
+    """The message of a call refused for want of the admin permission: etcd's exact text on
+    etcd's services (as etcd's `IsAdminPermitted`), kvstore's reason elsewhere."""
+    if path.startswith(ETCD_PACKAGES):
+        return ETCD_PERMISSION_DENIED
+    return f"{path} needs the admin permission, which {p.describe()} does not have"
 
 
 def token_refusal(path: str, reason: str) -> str:
@@ -315,8 +329,7 @@ class AuthGuard:
                 CLIENT_PORT_NEEDS_TOKEN if self.client_port
                 else "auth is enabled: log in (a token) or present a client certificate"))
         if rule is Rule.ADMIN and not self.grants(p).admin:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"{path} needs the admin permission, which {p.describe()} does not have")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, admin_refusal(path, p))
         return c
 
     # --- authorization ----------------------------------------------------------------------

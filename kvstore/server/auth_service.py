@@ -227,3 +227,21 @@ class AuthService(auth_pb2_grpc.AuthServicer):
             if request.export_state:
                 resp.state = state.encode()
         return resp
+
+    def own_status(self, context: grpc.aio.ServicerContext) -> auth_pb2.AuthStatusResponse:
+        """What the caller may read of the auth state without the admin permission (etcd 3.4's
+        `authApplierV3.UserGet` / `RoleGet`): its own user (a USER principal's, if it exists)
+        and the roles that user holds, with their permissions; `admin` as in `Status`. Never
+        the state's export, never another user."""
+        state = self.tracker.state
+        p = identity_of_call(context)
+        resp = auth_pb2.AuthStatusResponse(enabled=state.enabled, revision=state.version, identity=p.describe(),
+                                           admin=(not state.enabled) or self.guard.grants(p).admin)
+        u = state.users.get(p.name) if p.kind is PrincipalKind.USER else None
+        if u is not None:
+            resp.users.add(name=u.name, roles=list(u.roles), has_password=bool(u.password))
+            for name in u.roles:
+                r = state.roles.get(name)
+                if r is not None:
+                    resp.roles.add(name=r.name, permissions=[permission_pb(x) for x in r.perms])
+        return resp

@@ -65,6 +65,10 @@ def request_for(path: str, who: str) -> Any:
         return cls(name=b"data/l", **({"lease": 4096 + 1} if "lease" in fields else {}))
     if cls in (epb.ProclaimRequest, epb.ResignRequest):
         return cls(leader=epb.LeaderKey(name=b"data/l", key=b"data/l/1001", rev=1, lease=4096 + 1))
+    if cls is rpc_pb2.AuthUserGetRequest:  # alice may read herself (etcd 3.4), bob may not read her
+        return cls(name="alice")
+    if cls is rpc_pb2.AuthRoleGetRequest:  # a role alice holds and bob does not
+        return cls(role="data-rw")
     if cls is rpc_pb2.AuthenticateRequest:  # etcd's
         return cls(name="alice", password="alicepw" if who == "right" else "guess")
     if cls is auth_pb2.AuthChangeRequest:

@@ -183,6 +183,49 @@ def test_kv_commands_answer_as_etcd(kv: str, etcd: str) -> None:
     _differential(kv, etcd, script)
 
 
+def test_put_ignore_lease_answers_as_etcd(kv: str, etcd: str) -> None:
+    """Put with --ignore-lease keeps the key's lease (alone, with --ignore-value, with
+    --prev-kv), also inside a Txn; a key that does not exist is `key not found` (in a Txn only
+    on the path taken); a lease with it is `lease is provided`."""
+    def script(ep: str) -> list[tuple[str, str]]:
+        granted = ctl(ep, "lease", "grant", "60")
+        assert granted.returncode == 0, granted.stderr
+        lid = granted.stdout.split()[1]
+        revs = [_rev(ep, "il/c", "c1")]
+        p = ctl(ep, "put", "il/a", "1", f"--lease={lid}", "-w", "json")
+        assert p.returncode == 0, p.stderr
+        revs.append(int(json.loads(p.stdout)["header"]["revision"]))
+        out: list[tuple[str, str]] = []
+
+        def run(*args: str, stdin: str | None = None) -> None:
+            p = ctl(ep, *args, stdin=stdin)
+            if p.returncode == 0 and args[0] in ("put", "txn") and "json" in args:
+                revs.append(int(json.loads(p.stdout)["header"]["revision"]))
+            text = p.stdout + (f"\nexit {p.returncode}: {p.stderr.strip().splitlines()[-1]}" if p.returncode else "")
+            out.append((_norm(" ".join(args), revs), _norm(text, revs)))
+
+        run("put", "il/a", "2", "--ignore-lease", "--prev-kv", "-w", "json")
+        run("get", "il/a", "-w", "json")
+        run("put", "il/a", "--ignore-value", "--ignore-lease", "-w", "json")
+        run("get", "il/a", "-w", "json")
+        run("put", "il/c", "c2", "--ignore-lease", "-w", "json")  # no lease: it stays without one
+        run("get", "il/", "--prefix", "-w", "json")
+        run("put", "il/none", "x", "--ignore-lease")
+        run("put", "il/a", "3", "--ignore-lease", f"--lease={lid}")
+        # inside a Txn (keys of one group): the put keeps the key's value and lease as it applies;
+        # an absent key on the path taken fails the whole Txn, one on the other path does not
+        run("txn", "-w", "json", stdin='value("il/a") = "2"\n\nput il/a --ignore-value --ignore-lease --prev-kv\n'
+                                      'get il/a\n\nget il/a\n\n')
+        run("get", "il/a", "-w", "json")
+        run("txn", stdin='\n\nput il/none x --ignore-lease\n\n\n')
+        run("txn", stdin='version("il/none") > "0"\n\nput il/none --ignore-value\n\nget il/none\n\n')
+        run("lease", "revoke", lid)
+        assert ctl(ep, "del", "il/", "--prefix").returncode == 0
+        return out
+
+    _differential(kv, etcd, script)
+
+
 def test_compaction_errors_as_etcd(kv: str, etcd: str) -> None:
     def script(ep: str) -> list[tuple[str, str]]:
         revs = [_rev(ep, "c/a", "1"), _rev(ep, "c/a", "2"), _rev(ep, "c/a", "3")]
@@ -737,8 +780,10 @@ def test_cluster_and_maintenance_commands(kv_cluster: Cluster, kv: str, etcd: st
 def test_auth_commands_answer_as_etcd(kv: str, etcd: str) -> None:
     """etcdctl's user / role / auth commands (etcd's Auth service over kvstore's RBAC), a get with
     `--user` (etcd's token metadata), permission denied outside the role's keys and a wrong
-    password; everything is undone at the end (auth off, users and roles deleted)."""
-    root = "--user=root:rootpw"
+    password; a non-root user gets itself and the roles it holds, and permission denied for
+    anything else (etcd 3.4's authApplierV3); everything is undone at the end (auth off, users and
+    roles deleted)."""
+    root, alice = "--user=root:rootpw", "--user=alice:alicepw"
 
     def script(ep: str) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
@@ -757,6 +802,10 @@ def test_auth_commands_answer_as_etcd(kv: str, etcd: str) -> None:
                          ("get", "au/x", "--user=alice:wrong"), ("user", "add", "alice:x", root),
                          ("user", "list", root), ("role", "list", root), ("role", "get", "r1", root),
                          ("user", "get", "alice", root), ("user", "get", "root", root), ("user", "get", "nobody", root),
+                         # etcd 3.4: a user reads itself and the roles it holds, nothing else
+                         ("user", "get", "alice", alice), ("user", "get", "root", alice),
+                         ("user", "get", "nobody", alice), ("role", "get", "r1", alice), ("role", "get", "root", alice),
+                         ("role", "get", "nosuch", alice), ("user", "list", alice), ("role", "add", "r2", alice),
                          ("role", "revoke-permission", "r1", "au/", "--prefix", root), ("role", "get", "r1", root),
                          ("role", "revoke-permission", "r1", "au/", "--prefix", root),
                          ("user", "revoke-role", "alice", "r1", root)]:
@@ -884,7 +933,8 @@ def test_cluster_maintenance_and_watches_on_five_nodes_five_groups_of_three(tmp_
 
 def _election_on_a_partly_hosting_cluster(c: Cluster) -> None:
     """Campaign and Observe (run in-process as the caller) at nodes that lack some data groups:
-    their waits on keys under the name run merged across nodes, as an etcd watch does."""
+    their waits on keys under the name run merged across nodes, as an etcd watch does; Proclaim
+    and Put with ignore_lease at every node keep the leader key's value and lease as etcd's."""
     import grpc
 
     from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
@@ -904,6 +954,23 @@ def _election_on_a_partly_hosting_cluster(c: Cluster) -> None:
         assert nxt.key == b"pe/%016x" % l2 and nxt.rev > first.rev
         assert next(observed).kv.value == b"b"
         observed.cancel()
+        # Proclaim (one Txn) and a Put with ignore_lease at every node, the two that lack the
+        # key's group among them (ignore_lease reads the key's lease where its group is hosted)
+        terms = []
+        for i, ep in enumerate(c.endpoints):
+            with grpc.insecure_channel(ep) as ch:
+                epb_grpc.ElectionStub(ch).Proclaim(epb.ProclaimRequest(leader=nxt, value=b"p%d" % i), timeout=30)
+                kv = rpc_pb2_grpc.KVStub(ch)
+                put = kv.Put(rpc_pb2.PutRequest(key=nxt.key, value=b"i%d" % i, ignore_lease=True, prev_kv=True),
+                             timeout=30)
+                assert (put.prev_kv.value, put.prev_kv.lease) == (b"p%d" % i, l2)
+                terms.append(put.header.raft_term)
+                held = kv.Txn(rpc_pb2.TxnRequest(compare=[
+                    rpc_pb2.Compare(key=nxt.key, target=rpc_pb2.Compare.LEASE, result=rpc_pb2.Compare.EQUAL, lease=l2),
+                    rpc_pb2.Compare(key=nxt.key, target=rpc_pb2.Compare.VALUE, result=rpc_pb2.Compare.EQUAL,
+                                    value=b"i%d" % i)]), timeout=30)
+                assert held.succeeded, i
+        assert terms.count(0) == 2, terms  # raft_term 0: the serving node does not host the group
         e1.Resign(epb.ResignRequest(leader=nxt), timeout=30)
 
 

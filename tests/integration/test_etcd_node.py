@@ -1,8 +1,9 @@
 """etcd's API on an in-process node: `Maintenance.Snapshot` writes the backup under the node's
 data directory and leaves nothing behind when the client goes away while the save runs;
-`HashKV`'s header carries the revision served; `Election.Proclaim` keeps the leader key on the
-lease it holds; a node starts by removing the Snapshot files a crash left (kvstore/server/etcd/maintenance.py,
-recipes.py)."""
+`HashKV`'s header carries the revision served; `Election.Proclaim` is etcd's one Txn (the leader
+key's create revision compared, the value put with the request's lease; a stale leader or a gone
+lease writes nothing); a node starts by removing the Snapshot files a crash left
+(kvstore/server/etcd/maintenance.py, recipes.py)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def test_a_snapshot_whose_client_goes_away_mid_save_leaves_nothing(tmp_path: Pat
     asyncio.run(main())
 
 
-def test_hashkv_header_is_the_revision_served_and_proclaim_keeps_the_keys_lease(tmp_path: Path) -> None:
+def test_hashkv_header_is_the_revision_served_and_proclaim_is_one_txn(tmp_path: Path) -> None:
     """(Also: a Snapshot's files left by a crash are gone once the node started over its data directory.)"""
     data_dir = tmp_path / "n1"
     data_dir.mkdir()
@@ -89,13 +90,34 @@ def test_hashkv_header_is_the_revision_served_and_proclaim_keeps_the_keys_lease(
             from kvstore.etcdpb.v3electionpb import v3election_pb2 as epb
             from kvstore.etcdpb.v3electionpb import v3election_pb2_grpc as epb_grpc
 
-            mine, other = [await lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=60), timeout=10) for _ in range(2)]
+            mine, other, gone = [await lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=60), timeout=10)
+                                 for _ in range(3)]
+            await lease.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=gone.ID), timeout=10)
             elect = epb_grpc.ElectionStub(ch)
             leader = (await elect.Campaign(epb.CampaignRequest(name=b"pe", lease=mine.ID, value=b"a"),
                                            timeout=10)).leader
-            forged = epb.LeaderKey(name=leader.name, key=leader.key, rev=leader.rev, lease=other.ID)
-            await elect.Proclaim(epb.ProclaimRequest(leader=forged, value=b"b"), timeout=10)
-            got = (await kv.Range(rpc_pb2.RangeRequest(key=leader.key), timeout=10)).kvs
-            assert [(x.value, x.lease) for x in got] == [(b"b", mine.ID)]  # the key's lease, not the request's
+
+            async def held() -> list[tuple[bytes, int]]:
+                return [(x.value, x.lease) for x in (await kv.Range(rpc_pb2.RangeRequest(key=leader.key),
+                                                                    timeout=10)).kvs]
+
+            # etcd's one Txn: If(CreateRevision(key) == rev) Then(Put(key, value, leader.lease))
+            p = await elect.Proclaim(epb.ProclaimRequest(leader=leader, value=b"b"), timeout=10)
+            assert await held() == [(b"b", mine.ID)] and p.header.revision > leader.rev
+            moved = epb.LeaderKey(name=leader.name, key=leader.key, rev=leader.rev, lease=other.ID)
+            await elect.Proclaim(epb.ProclaimRequest(leader=moved, value=b"c"), timeout=10)
+            assert await held() == [(b"c", other.ID)]  # the request's lease, as etcd's session lease
+            refusals = [(epb.LeaderKey(name=leader.name, key=leader.key, rev=leader.rev + 1, lease=mine.ID),
+                         grpc.StatusCode.FAILED_PRECONDITION, "election: not leader"),
+                        (epb.LeaderKey(name=leader.name, key=leader.key, rev=leader.rev, lease=gone.ID),
+                         grpc.StatusCode.NOT_FOUND, "etcdserver: requested lease not found"),
+                        (epb.LeaderKey(name=leader.name, key=leader.key, rev=leader.rev, lease=0),
+                         grpc.StatusCode.NOT_FOUND, "etcdserver: requested lease not found")]
+            for lk, code, text in refusals:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await elect.Proclaim(epb.ProclaimRequest(leader=lk, value=b"no"), timeout=10)
+                assert (e.value.code(), e.value.details()) == (code, text)
+                assert dict(e.value.trailing_metadata() or ()).get("kvstore-outcome") == "definite"
+            assert await held() == [(b"c", other.ID)]  # nothing written
 
     asyncio.run(main())

@@ -273,3 +273,31 @@ def test_a_stream_credential_is_rechecked_without_the_hmac_while_the_state_is_un
         guard.recheck(bogus)
     cert = Credential(Principal(PrincipalKind.USER, "alice", "certificate"))
     guard.recheck(cert)  # not a token: nothing to expire
+
+
+def test_a_user_without_admin_reads_only_itself_and_the_roles_it_holds() -> None:
+    """etcd 3.4's rule for UserGet / RoleGet (`AuthService.own_status`): a user sees its own
+    record and the roles it holds with their permissions, never another user or role; a node or
+    anonymous caller sees no user. Admin refusals on etcd's services carry etcd's exact text."""
+    from kvstore.node.memstore import MemoryNodeStore
+    from kvstore.security.guard import AuthGuard, AuthTracker, admin_refusal
+    from kvstore.security.identity import ANONYMOUS, Principal, PrincipalKind, set_identity
+    from kvstore.server.auth_service import AuthService
+
+    tracker = AuthTracker(MemoryNodeStore())
+    tracker.state = build().apply(AuthCommand(AuthOp.ROLE_ADD, role="other"))
+    service = AuthService(tracker, AuthGuard(tracker, None), None, 1.0)  # type: ignore[arg-type]
+    set_identity(Principal(PrincipalKind.USER, "alice", "token", 1))
+    st = service.own_status(None)  # type: ignore[arg-type]
+    assert st.enabled and not st.admin and [(u.name, list(u.roles)) for u in st.users] == [("alice", ["rw"])]
+    assert [(r.name, [(p.key, p.range_end) for p in r.permissions]) for r in st.roles] == [
+        ("rw", [(b"a/", b"a0"), (b"one", b"")])]
+    assert not st.state
+    for who in (Principal(PrincipalKind.USER, "ghost", "certificate"), Principal(PrincipalKind.NODE, "node:2"),
+                ANONYMOUS):
+        set_identity(who)
+        st = service.own_status(None)  # type: ignore[arg-type]
+        assert not st.users and not st.roles, who
+    alice = Principal(PrincipalKind.USER, "alice")
+    assert admin_refusal("/etcdserverpb.Auth/UserList", alice) == "etcdserver: permission denied"
+    assert "needs the admin permission" in admin_refusal("/kvstore.v1.Admin/Snapshot", alice)

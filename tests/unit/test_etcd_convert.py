@@ -23,6 +23,7 @@ from kvstore.server.etcd.convert import (
     check_put,
     cluster_id_of,
     has_writes,
+    ignored_puts,
     leased_puts,
     range_query,
     range_reply,
@@ -33,7 +34,7 @@ from kvstore.server.etcd.convert import (
     watch_create,
 )
 from kvstore.server.etcd.lease import grant_id
-from kvstore.storage import leases
+from kvstore.storage import leases, txn
 from kvstore.storage.txn import MAX_TXN_DEPTH, MAX_TXN_ITEMS
 from kvstore.v1 import kv_pb2
 
@@ -97,6 +98,19 @@ def test_hostile_field_values_convert_or_refuse(r: rpc_pb2.RangeRequest, p: rpc_
     _total(check_put, p)
     _total(txn_body, t)
     _total(lambda m: watch_create(m, 1), w)
+    try:
+        body, plan = txn_body(t)
+    except EtcdRequestError:
+        return
+    flagged = [op.request_put.key for op in _all_ops(t) if op.request_put.ignore_value or op.request_put.ignore_lease]
+    assert sorted(put.key for put, _, on in ignored_puts(plan, body) if not on) == sorted(flagged)
+
+
+def _all_ops(t: rpc_pb2.TxnRequest) -> list[rpc_pb2.RequestOp]:
+    out = []
+    for op in (*t.success, *t.failure):
+        out += _all_ops(op.request_txn) if op.WhichOneof("request") == "request_txn" else [op]
+    return out
 
 
 def test_the_empty_key_and_etcds_messages() -> None:
@@ -371,16 +385,35 @@ def test_a_lock_txn_leaves_its_prefix_ranges_to_the_caller() -> None:
     assert [r.response_range.kvs[0].lease if r.response_range.kvs else None for r in out.responses] == [lid, 0, None]
 
 
-def test_puts_with_a_lease_convert_and_ignore_lease_is_refused() -> None:
+def test_puts_with_a_lease_convert_and_ignored_puts_are_planned_to_fill_in() -> None:
     lid = leases.make_id(1, 5)
     body, _ = txn_body(rpc_pb2.TxnRequest(success=[rpc_pb2.RequestOp(
         request_put=rpc_pb2.PutRequest(key=b"k", value=b"v", lease=lid, prev_kv=True))]))
     assert [op.WhichOneof("op") for op in body.success] == ["get", "put"] and body.success[1].put.checked == 0
     check_put(rpc_pb2.PutRequest(key=b"k", lease=lid, prev_kv=True))
     check_put(rpc_pb2.PutRequest(key=b"k", lease=lid, ignore_value=True))
-    with pytest.raises(EtcdRequestError) as e:
-        check_put(rpc_pb2.PutRequest(key=b"k", ignore_lease=True))
-    assert e.value.code == "FAILED_PRECONDITION"
+    check_put(rpc_pb2.PutRequest(key=b"k", ignore_lease=True, ignore_value=True, prev_kv=True))
+
+    def put(key: bytes, **kw: object) -> rpc_pb2.RequestOp:
+        return rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, **kw))  # type: ignore[arg-type]
+
+    t = rpc_pb2.TxnRequest(
+        success=[put(b"a", ignore_value=True, prev_kv=True), rpc_pb2.RequestOp(request_txn=rpc_pb2.TxnRequest(
+            success=[put(b"b", value=b"v", ignore_lease=True)], failure=[put(b"c", value=b"w")]))],
+        failure=[put(b"d", ignore_value=True, ignore_lease=True)])
+    body, plan = txn_body(t)
+    got = [(x.key, p.ignore_value, p.ignore_lease, on) for x, p, on in ignored_puts(plan, body)]
+    assert got == [(b"a", True, False, False), (b"b", False, True, False), (b"d", True, True, False)]
+    taken = txn.TxnResult(True, (txn.OpResult(txn.OpKind.GET), txn.OpResult(txn.OpKind.PUT),
+                                 txn.OpResult(txn.OpKind.TXN, txn=txn.TxnResult(True, (txn.OpResult(txn.OpKind.PUT),)))))
+    assert [(x.key, on) for x, _, on in ignored_puts(plan, body, taken)] == [(b"a", True), (b"b", True), (b"d", False)]
+    other = txn.TxnResult(True, (txn.OpResult(txn.OpKind.GET), txn.OpResult(txn.OpKind.PUT),
+                                 txn.OpResult(txn.OpKind.TXN, txn=txn.TxnResult(False, (txn.OpResult(txn.OpKind.PUT),)))))
+    assert [(x.key, on) for x, _, on in ignored_puts(plan, body, other)] == [(b"a", True), (b"b", False), (b"d", False)]
+    for x, _, _ in ignored_puts(plan, body):  # the messages themselves: filled in place
+        x.value, x.lease = b"kept", lid
+    assert (body.success[1].put.value, body.success[2].txn.success[0].put.lease) == (b"kept", lid)
+    assert body.failure[0].put.value == b"kept"
 
 
 def test_reads_outside_leave_every_read_to_the_caller() -> None:

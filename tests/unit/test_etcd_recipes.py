@@ -147,7 +147,7 @@ class _Node:
 
 
 def test_the_callers_put_checks_its_lease_as_etcds_put_does() -> None:
-    """`CallerKV.put` is `EtcdKV._lease_checked` then LeasePut: a lease homed outside the data
+    """`CallerKV.put` is `EtcdKV.lease_checked` then LeasePut: a lease homed outside the data
     groups is etcd's "requested lease not found" before anything is sent; one homed elsewhere
     is vouched for by its home."""
     from kvstore.server.etcd.caller import CallerKV

@@ -6,9 +6,11 @@ etcd's `token` metadata (`security/identity.token_of`) and as kvstore's bearer t
 etcd's conventions kept: `root` is the admin user; etcd's role `root` (every permission) is
 kvstore's `admin` role under etcd's name (`ops.role_to_kvstore`); AuthEnable needs user root
 with that role (as etcd 3.4: etcdctl adds and grants it when told it is missing) and is a no-op
-when auth is on (kvstore's ENABLE would draw a new token key, ending every token). Differences:
-every method but Authenticate needs the admin permission (a user cannot change its own password
-or read itself through this API: `kvctl` can); a user without a password (`no_password`) logs
+when auth is on (kvstore's ENABLE would draw a new token key, ending every token). Who may call
+what, as etcd 3.4's `authApplierV3`: UserGet of oneself and RoleGet of a role one holds are any
+authenticated user's (`AuthService.own_status`; another user or role is etcd's `permission
+denied`); every other method but Authenticate needs the admin permission (a user cannot change
+its own password through this API: `kvctl` can). A user without a password (`no_password`) logs
 in by client certificate only."""
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from .ops import (
     role_to_etcd,
     role_to_kvstore,
 )
-from .status import check_reply
+from .status import check_reply, of_kv_error
 
 Op = auth_pb2.AuthChangeRequest
 
@@ -84,11 +86,24 @@ class EtcdAuth(rpc_pb2_grpc.AuthServicer):
     async def _state(self, context: grpc.aio.ServicerContext) -> auth_pb2.AuthStatusResponse:
         return await self.auth.Status(auth_pb2.AuthStatusRequest(), context)
 
-    async def _role(self, name: str, context: grpc.aio.ServicerContext) -> auth_pb2.RoleInfo:
+    async def _readable(self, context: grpc.aio.ServicerContext) -> auth_pb2.AuthStatusResponse:
+        """The auth state as the caller may read it for UserGet / RoleGet: all of it for an
+        admin (or while auth is off), else its own user and the roles it holds
+        (`AuthService.own_status`, etcd 3.4's rule)."""
+        st = await self._state(context)
+        return st if st.admin else self.auth.own_status(context)
+
+    async def _role(self, name: str, context: grpc.aio.ServicerContext, *, own: bool = False) -> auth_pb2.RoleInfo:
+        """The role `name` (etcd's name). With `own`, as UserGet / RoleGet read it: a caller
+        without the admin permission sees only the roles it holds; any other is etcd's
+        `permission denied` (PERMISSION_DENIED, definite), whether or not it exists."""
         kv_name = role_to_kvstore(_name(name, ROLE_EMPTY))
-        for r in (await self._state(context)).roles:
+        st = await (self._readable(context) if own else self._state(context))
+        for r in st.roles:
             if r.name == kv_name:
                 return r
+        if not st.admin:
+            raise of_kv_error(errors.PermissionDenied(f"role {name!r} is not one the caller holds"))
         raise EtcdRequestError("FAILED_PRECONDITION", ROLE_NOT_FOUND)
 
     async def AuthEnable(self, request: rpc_pb2.AuthEnableRequest, context: grpc.aio.ServicerContext
@@ -142,7 +157,10 @@ class EtcdAuth(rpc_pb2_grpc.AuthServicer):
                       ) -> rpc_pb2.AuthUserGetResponse:
         try:
             name = _name(request.name, USER_EMPTY)
-            u = next((u for u in (await self._state(context)).users if u.name == name), None)
+            st = await self._readable(context)
+            u = next((u for u in st.users if u.name == name), None)
+            if u is None and not st.admin:  # etcd 3.4: a user may read itself only
+                raise of_kv_error(errors.PermissionDenied(f"user {name!r} is not the caller"))
             if u is None:
                 raise EtcdRequestError("FAILED_PRECONDITION", USER_NOT_FOUND)
             return rpc_pb2.AuthUserGetResponse(header=self._header(), roles=sorted(role_to_etcd(r) for r in u.roles))
@@ -203,7 +221,7 @@ class EtcdAuth(rpc_pb2_grpc.AuthServicer):
     async def RoleGet(self, request: rpc_pb2.AuthRoleGetRequest, context: grpc.aio.ServicerContext
                       ) -> rpc_pb2.AuthRoleGetResponse:
         try:
-            r = await self._role(request.role, context)
+            r = await self._role(request.role, context, own=True)
             perms = [authpb.Permission(permType=perm_type(p.kind), key=p.key, range_end=p.range_end)  # type: ignore[arg-type]
                      for p in r.permissions]
             return rpc_pb2.AuthRoleGetResponse(header=self._header(), perm=perms)

@@ -67,14 +67,31 @@ class CallerKV:
 
     async def put(self, key: bytes, value: bytes, lease: int) -> int:
         """Put `key` attached to `lease` (as the etcd `KV.Put` with a lease, its lease check
-        `EtcdKV._lease_checked`: an id that cannot be a data group's lease is etcd's "requested
+        `EtcdKV.lease_checked`: an id that cannot be a data group's lease is etcd's "requested
         lease not found"); its revision."""
         group = self.n.group_of(key)
-        checked = await self.kv._lease_checked(lease, group, self.context)
+        checked = await self.kv.lease_checked(lease, group, self.context)
         p = await self.n.forward.call("LeasePut", kv_pb2.LeasePutRequest(key=key, value=value, lease=lease,
                                                                          checked=checked),
                                       self.context, is_write=True, group=group)
         return self._seen(p.revision)
+
+    async def put_if_created(self, key: bytes, value: bytes, lease: int, create_revision: int) -> int | None:
+        """Put `key` attached to `lease` if its create revision is `create_revision`, as ONE
+        transaction (etcd's `Election.Proclaim`: `If(CreateRevision(key) == rev)
+        Then(Put(key, value, lease))`); the transaction's revision, or None if the compare failed
+        (nothing written). A lease that is gone refuses the whole transaction (etcd's
+        `requested lease not found`, definite)."""
+        group = self.n.group_of(key)
+        checked = await self.kv.lease_checked(lease, group, self.context)
+        body = kv_pb2.TxnBody(
+            compares=[kv_pb2.Compare(key=key, target=kv_pb2.COMPARE_CREATE, result=kv_pb2.EQUAL,
+                                     number=create_revision)],
+            success=[kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=key, value=value, lease=lease, checked=checked))])
+        t = await self.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body), self.context, is_write=True, group=group)
+        if not t.result.succeeded:
+            return None
+        return self._seen(t.revision)
 
     async def delete(self, key: bytes) -> int:
         """Delete `key`; the delete's revision (0: the key was absent, nothing changed)."""

@@ -9,7 +9,7 @@ field: README, "etcd compatibility", lists them.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,7 +182,8 @@ def range_reply(q: RangeQuery, items: Iterable[kv_pb2.KeyValue], into: rpc_pb2.R
 
 # --- writes --------------------------------------------------------------------------------
 def check_put(r: rpc_pb2.PutRequest) -> None:
-    """etcd's checks of a PutRequest (what is not supported yet is refused, definite)."""
+    """etcd's checks of a PutRequest: a key; no value with ignore_value, no lease with
+    ignore_lease (INVALID_ARGUMENT, definite); a lease id in int64 range."""
     if not r.key:
         raise invalid(EMPTY_KEY)
     if r.ignore_value and r.value:
@@ -190,8 +191,6 @@ def check_put(r: rpc_pb2.PutRequest) -> None:
     if r.ignore_lease and r.lease:
         raise invalid(LEASE_PROVIDED)
     _int64(r.lease, "lease")
-    if r.ignore_lease:
-        raise unsupported("Put's ignore_lease")
 
 
 # --- transactions --------------------------------------------------------------------------
@@ -217,13 +216,18 @@ class OpPlan:
     request (its reply is built by `range_reply`: limit, sort, revision filters, keys_only,
     count_only apply as on a Range); `nested`: a nested plan. `external`: for a range over
     several keys or at a revision, its index in `TxnPlan.ranges` (it became no kvstore op: the
-    caller reads it at the transaction's revision); -1 for every other op."""
+    caller reads it at the transaction's revision); -1 for every other op. `ignore_value`,
+    `ignore_lease`: see below."""
 
     kind: str
     with_prev: bool = False
     query: RangeQuery | None = None
     nested: TxnPlan | None = None
     external: int = -1
+    ignore_value: bool = False
+    ignore_lease: bool = False
+    """A put's etcd flags: its value / lease are the key's own, for the caller to fill in
+    (`ignored_puts`); the body holds the request's (empty value, lease 0) meanwhile."""
 
 
 @dataclass(slots=True)
@@ -287,13 +291,13 @@ def _ops(ops: Iterable[rpc_pb2.RequestOp], into: list[kv_pb2.TxnOp], plans: list
             p = op.request_put
             check_put(p)
             _before(read, p.key)
-            if p.ignore_value:
-                raise unsupported("Put's ignore_value inside a transaction")
             if p.prev_kv:
                 into.append(kv_pb2.TxnOp(get=p.key))
-            # a lease's `checked` is the caller's to fill in (it asks the lease's home)
+            # a lease's `checked` is the caller's to fill in (it asks the lease's home), and so
+            # are the value and lease of a put with ignore_value / ignore_lease (`ignored_puts`)
             into.append(kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=p.key, value=p.value, lease=p.lease)))
-            plans.append(OpPlan("put", with_prev=p.prev_kv))
+            plans.append(OpPlan("put", with_prev=p.prev_kv, ignore_value=p.ignore_value,
+                                ignore_lease=p.ignore_lease))
         elif which == "request_delete_range":
             d = op.request_delete_range
             k = key_range(d.key, d.range_end)
@@ -378,8 +382,10 @@ def txn_body(r: rpc_pb2.TxnRequest, reads_outside: Callable[[bytes], bool] | Non
     of another group than the written one); a read over
     several keys or at a revision becomes no kvstore op (`OpPlan.external`, its query in `TxnPlan.ranges`: the caller reads it). A put's lease
     is carried (`TxnPut.lease`; its `checked` is left 0 for the caller), and so is a compare of
-    a key's lease (COMPARE_LEASE). Compares over a range, range deletes, ignore_value and ignore_lease are refused
-    (`unsupported`); prev_kv becomes a get before the write. More than MAX_TXN_OPS kvstore ops
+    a key's lease (COMPARE_LEASE). A put with ignore_value or ignore_lease is planned as such
+    (`OpPlan.ignore_value`, `ignored_puts`: the caller fills in the key's value and lease).
+    Compares over a range and range deletes are refused (`unsupported`); prev_kv becomes a get
+    before the write. More than MAX_TXN_OPS kvstore ops
     (an external range counts as one), nesting deeper than MAX_DEPTH, or a key put twice (or
     put and deleted) in one branch are refused as etcd refuses them (INVALID_ARGUMENT)."""
     body = kv_pb2.TxnBody()
@@ -433,6 +439,28 @@ def leased_puts(body: kv_pb2.TxnBody) -> list[kv_pb2.TxnPut]:
     return out
 
 
+def ignored_puts(plan: TxnPlan, body: kv_pb2.TxnBody, taken: Any = None
+                 ) -> Iterator[tuple[kv_pb2.TxnPut, OpPlan, bool]]:
+    """Every put of `body` (planned by `plan`, without external ranges) with ignore_value or
+    ignore_lease: (the message itself, to fill in; its plan; whether it is on the path `taken`
+    took). `taken`: a result of `body` (`storage.txn.TxnResult`, whose responses align with the
+    operations of the branch taken), None for no path."""
+    for branch, plans, ops in ((True, plan.success, body.success), (False, plan.failure, body.failure)):
+        on = taken is not None and taken.succeeded == branch
+        i = 0
+        for p in plans:
+            if p.external >= 0:
+                continue
+            i += p.with_prev
+            op = ops[i]
+            if p.kind == "put" and (p.ignore_value or p.ignore_lease):
+                yield op.put, p, on
+            elif p.kind == "txn":
+                assert p.nested is not None
+                yield from ignored_puts(p.nested, op.txn, taken.responses[i].txn if on else None)
+            i += 1
+
+
 def taken_ranges(plan: TxnPlan, result: kv_pb2.TxnResult) -> list[int]:
     """The `TxnPlan.ranges` indexes of the external ranges on the path `result` took."""
     out: list[int] = []
@@ -473,10 +501,11 @@ def txn_gets(result: kv_pb2.TxnResult) -> list[kv_pb2.KeyValue]:
 
 def txn_reply(plan: TxnPlan, result: kv_pb2.TxnResult, header: rpc_pb2.ResponseHeader,
               into: rpc_pb2.TxnResponse, ranges: Mapping[int, RangeAnswer] | None = None,
-              leases: Mapping[bytes, int] | None = None) -> None:
+              leases: Mapping[bytes, int] | None = None, prev_leases: Mapping[bytes, int] | None = None) -> None:
     """Fill etcd's TxnResponse from kvstore's result of the transaction planned by `plan`, and
     the answers of its external ranges on the path taken (`ranges`, by `OpPlan.external`);
-    `leases`: the leases of keys its one-key ranges found, where known."""
+    `leases`: the leases of keys its one-key ranges found, where known; `prev_leases`: the
+    leases keys held before the transaction, where known (a prev_kv's; else 0)."""
     into.header.CopyFrom(header)
     into.succeeded = result.succeeded
     plans = plan.success if result.succeeded else plan.failure
@@ -505,16 +534,16 @@ def txn_reply(plan: TxnPlan, result: kv_pb2.TxnResult, header: rpc_pb2.ResponseH
             pr = out.response_put
             pr.header.CopyFrom(header)
             if prev is not None and _kv_found(prev):
-                pr.prev_kv.CopyFrom(to_mvcc(prev))
+                pr.prev_kv.CopyFrom(to_mvcc(prev, lease=(prev_leases or {}).get(prev.key, 0)))
         elif p.kind == "delete":
             dr = out.response_delete_range
             dr.header.CopyFrom(header)
             dr.deleted = 1 if r.delete else 0
             if prev is not None and _kv_found(prev):
-                dr.prev_kvs.append(to_mvcc(prev))
+                dr.prev_kvs.append(to_mvcc(prev, lease=(prev_leases or {}).get(prev.key, 0)))
         else:
             assert p.nested is not None
-            txn_reply(p.nested, r.txn, header, out.response_txn, ranges, leases)
+            txn_reply(p.nested, r.txn, header, out.response_txn, ranges, leases, prev_leases)
 
 
 # --- watch ---------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
 from kvstore.node.grouprequests import leader_candidates
 from kvstore.security.identity import METADATA_KEY, token_of
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
@@ -109,6 +110,28 @@ class Forwarder:
                                  f"kvstore: the call forwarded to the leader failed: {e.code().name} {e.details()}",
                                  indeterminate=is_write) from None
         return resp
+
+    async def etcd_range(self, request: rpc_pb2.RangeRequest, context: grpc.aio.ServicerContext,
+                         group: int) -> rpc_pb2.RangeResponse:
+        """etcd's `KV.Range` of `request` at a node that hosts `group`, which this node does not
+        (with the caller's token, under the same rule as `call`): its answer reports each key's
+        lease as attached on that node's replica of the group. A failure is that node's status
+        (definite: a read); a call that may not be forwarded (TLS without a token) or a group
+        with no known member is FAILED_PRECONDITION, definite."""
+        c = self.caller
+        if c is not None and self.may_forward(context):
+            for n in leader_candidates(c.host, c.tracker.map, group):
+                if n != c.node_id and (addr := c.address(n)):
+                    try:
+                        return await rpc_pb2_grpc.KVStub(c.channel(addr)).Range(
+                            request, metadata=token_metadata(context), timeout=self.timeout)
+                    except grpc.aio.AioRpcError as e:
+                        raise EtcdStatus(e.code(), e.details() or f"kvstore: reading group {group} at {addr} failed"
+                                         ) from None
+        raise EtcdStatus(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"kvstore: this reads a key's lease where its data group {group} is hosted; this node does "
+                         "not host it and may not send the call on (on a TLS cluster only a call with a token is): "
+                         "send it to a node that hosts the group")
 
     def scan(self, request: kv_pb2.ScanRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[kv_pb2.ScanResponse]:
         """KV.Scan of one group's part: here if this node hosts the group, else at a node that

@@ -8,14 +8,16 @@ A range over several keys reads every data group of the shard map on this node c
 linearizably unless `serializable`; what all its parts keep is bounded by one budget
 (`MAX_RANGE_BYTES`); parts served at different revisions are read again at the highest one, so a
 range is one consistent snapshot at one revision (as the client library's scans). Put's prev_kv
-and DeleteRange's prev_kv on one key, and Put's ignore_value, are transactions (a get, then the
-write, at one revision)."""
+and DeleteRange's prev_kv on one key, and Put's ignore_value and ignore_lease, are transactions
+(a get, then the write, at one revision; ignore_* compare the value's mod revision or the lease
+as read before, and retry)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import functools
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +40,7 @@ from .convert import (
     check_put,
     compares_lease,
     has_writes,
+    ignored_puts,
     invalid,
     key_range,
     leased_puts,
@@ -52,11 +55,13 @@ from .convert import (
     unsupported,
 )
 from .lease import _lease
-from .status import KEY_NOT_FOUND, EtcdStatus, check_reply
+from .status import KEY_NOT_FOUND, LEASE_NOT_FOUND, EtcdStatus, check_reply
 
-IGNORE_VALUE_TRIES = 16
-"""Put with ignore_value re-reads and retries its compare-and-put this often when the key keeps
-changing under it (then a definite UNAVAILABLE)."""
+RETRY_BACKOFF = (0.005, 0.16)
+"""A Put or Txn with ignore_value / ignore_lease whose guarded TXN lost a race (the key changed
+between its read and the TXN, or the replica read lagged) reads again after a backoff growing
+from the first to the second (seconds), for at most the forwarder's timeout (then a definite
+UNAVAILABLE: `EtcdKV._retries`)."""
 MAX_RANGE_BYTES = 64 << 20
 """The most key and value bytes a Range keeps to answer, all its group parts together (a definite
 RESOURCE_EXHAUSTED beyond)."""
@@ -109,6 +114,12 @@ def _leases_of(keys: list[bytes], rows: Any) -> dict[bytes, int]:
     return {k: leases.lease_of(rows, k) for k in keys}
 
 
+def _state_of(state: dict[bytes, tuple[kv_pb2.KeyValue | None, int]], key: bytes) -> txn.Current | None:
+    """`key`'s state as read (`EtcdKV._current`: the key or None, its lease) for `txn.evaluate`."""
+    kv, lease = state[key]
+    return None if kv is None else txn.Current(kv.value, kv.create_revision, kv.mod_revision, kv.version, lease)
+
+
 class EtcdKV(rpc_pb2_grpc.KVServicer):
     def __init__(self, node: EtcdNode) -> None:
         self.n = node
@@ -135,11 +146,6 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         """A multi-key Range's (kept keys in key order, count, revision read at), as `Range` reads
         it, for the lock and election services (`caller.CallerKV`)."""
         return await self._scan(q, context)
-
-    def leases_of(self, items: list[kv_pb2.KeyValue]) -> dict[bytes, int]:
-        """`_leases`: each key's lease on this node's replica of its group (keys of groups not
-        hosted here are left out)."""
-        return self._leases(items)
 
     def _leases(self, items: list[kv_pb2.KeyValue]) -> dict[bytes, int]:
         """Each key's lease as attached now on this node's replica of its group (read right after
@@ -240,8 +246,24 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         items = sorted((kv for p in parts.values() for kv in p[0]), key=lambda kv: kv.key)
         return items, sum(p[1] for p in parts.values()), q.revision or top
 
+    async def _retries(self) -> AsyncIterator[int]:
+        """Attempt numbers 0, 1, ... for a read-then-guarded-TXN loop: each after the first
+        after a growing backoff (`RETRY_BACKOFF`), none once the forwarder's timeout since the
+        first has passed."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.n.forward.timeout
+        delay, cap = RETRY_BACKOFF
+        attempt = 0
+        while True:
+            yield attempt
+            attempt += 1
+            if loop.time() + delay > end:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, cap)
+
     # --- Put -----------------------------------------------------------------------------
-    async def _lease_checked(self, lease_id: int, group: int, context: grpc.aio.ServicerContext) -> int:
+    async def lease_checked(self, lease_id: int, group: int, context: grpc.aio.ServicerContext) -> int:
         """A put with lease `lease_id` into `group`: when that is not the lease's home, the home
         leader's reading of when the lease was live (`LeasePutRequest.checked`; 0 if it is not:
         the put is then refused where it applies); in the home group its record decides. An id
@@ -259,14 +281,14 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
             check_put(request)
             fw, key = self.n.forward, request.key
             group = self.n.group_of(key)
-            checked = await self._lease_checked(request.lease, group, context) if request.lease else 0
-            if request.lease and not (request.ignore_value or request.prev_kv):
+            checked = await self.lease_checked(request.lease, group, context) if request.lease else 0
+            if request.ignore_value or request.ignore_lease:
+                return await self._put_reading(request, group, checked, context)
+            if request.lease and not request.prev_kv:
                 p = await fw.call("LeasePut", kv_pb2.LeasePutRequest(key=key, value=request.value, lease=request.lease,
                                                                      checked=checked),
                                   context, is_write=True, group=group)
                 return rpc_pb2.PutResponse(header=self.n.header(p.revision, group))
-            if request.ignore_value:
-                return await self._put_keeping_value(request, group, checked, context)
             if request.prev_kv:
                 put = kv_pb2.TxnPut(key=key, value=request.value, lease=request.lease, checked=checked)
                 body = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(get=key), kv_pb2.TxnOp(put=put)])
@@ -282,29 +304,68 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         except Exception as err:
             await fail(err, context, "Put")
 
-    async def _put_keeping_value(self, request: rpc_pb2.PutRequest, group: int, checked: int,
-                                 context: grpc.aio.ServicerContext) -> rpc_pb2.PutResponse:
-        """ignore_value: put the key's current value again (a new version; with the request's
-        lease, if any, `checked` its home's reading), as a compare of its mod revision and a
-        put, retried while the key changes in between."""
+    async def _current(self, key: bytes, group: int, with_lease: bool, context: grpc.aio.ServicerContext
+                       ) -> tuple[kv_pb2.KeyValue | None, int]:
+        """(`key` as a linearizable read finds it, None if absent; with `with_lease` the lease it
+        is attached to as a replica of its group reports it right after the read, else 0). The
+        lease is read on this node's replica where it hosts the group, else by etcd's Range at a
+        node that does (`Forwarder.etcd_range`). Either may lag the key's newest write: callers
+        compare what they read in the transaction that depends on it."""
+        if not with_lease or group in self.n.host.groups:
+            items, _, _ = await self._get(range_query(rpc_pb2.RangeRequest(key=key)), context)
+            lease = self._leases(items).get(key, 0) if with_lease else 0
+            return (items[0] if items else None), lease
+        r = await self.n.forward.etcd_range(rpc_pb2.RangeRequest(key=key), context, group)
+        if not r.kvs:
+            return None, 0
+        kv = r.kvs[0]
+        return kv_pb2.KeyValue(key=kv.key, value=kv.value, create_revision=kv.create_revision,
+                               mod_revision=kv.mod_revision, version=kv.version), kv.lease
+
+    async def _put_reading(self, request: rpc_pb2.PutRequest, group: int, checked: int,
+                           context: grpc.aio.ServicerContext) -> rpc_pb2.PutResponse:
+        """ignore_value and / or ignore_lease, as etcd's apply reads them: the put keeps the
+        key's current value (ignore_value; else the request's) and the lease it is attached to
+        (ignore_lease; else the request's, `checked` its home's reading); a key that does not
+        exist is etcd's `key not found` (definite). Atomic: the key is read (`_current`), then ONE
+        TXN of its group compares what the put depends on as read (the key exists; its mod
+        revision for ignore_value; its lease for ignore_lease) and puts (after a get, for
+        prev_kv); a compare that fails (the key changed in between, or the replica read lagged)
+        reads again after a backoff, within the forwarder's timeout (`_retries`; then a definite
+        UNAVAILABLE). A kept lease that is gone while the key is still attached to it (a
+        revoke deletes the keys of other groups just after it answered) reads again too: its key
+        is about to go."""
         key, fw = request.key, self.n.forward
-        for _ in range(IGNORE_VALUE_TRIES):
-            g = await fw.call("Get", kv_pb2.GetRequest(key=key), context, is_write=False, group=group)
-            if not g.found:
+        async for _ in self._retries():
+            cur, lease = await self._current(key, group, request.ignore_lease, context)
+            if cur is None:
                 raise invalid(KEY_NOT_FOUND)
-            body = kv_pb2.TxnBody(
-                compares=[kv_pb2.Compare(key=key, target=kv_pb2.COMPARE_MOD, result=kv_pb2.EQUAL, number=g.mod_revision)],
-                success=[kv_pb2.TxnOp(get=key), kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=key, value=g.value,
-                                                                               lease=request.lease, checked=checked))],
-            )
-            t = await fw.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True, group=group)
+            compares = [kv_pb2.Compare(key=key, target=kv_pb2.COMPARE_VERSION, result=kv_pb2.GREATER, number=0)]
+            if request.ignore_value:
+                compares.append(kv_pb2.Compare(key=key, target=kv_pb2.COMPARE_MOD, result=kv_pb2.EQUAL,
+                                               number=cur.mod_revision))
+            if request.ignore_lease:
+                compares.append(kv_pb2.Compare(key=key, target=kv_pb2.COMPARE_LEASE, result=kv_pb2.EQUAL, number=lease))
+                checked = await self.lease_checked(lease, group, context) if lease else 0
+            else:
+                lease = request.lease
+            put = kv_pb2.TxnPut(key=key, value=cur.value if request.ignore_value else request.value, lease=lease,
+                                checked=checked)
+            body = kv_pb2.TxnBody(compares=compares, success=[kv_pb2.TxnOp(get=key), kv_pb2.TxnOp(put=put)])
+            try:
+                t = await fw.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True, group=group)
+            except EtcdStatus as err:
+                if not (request.ignore_lease and lease and err.message == LEASE_NOT_FOUND and not err.indeterminate):
+                    raise
+                continue
             if t.result.succeeded:
                 resp = rpc_pb2.PutResponse(header=self.n.header(t.revision, group))
                 if request.prev_kv:
-                    resp.prev_kv.CopyFrom(to_mvcc(t.result.responses[0].get))
+                    resp.prev_kv.CopyFrom(to_mvcc(t.result.responses[0].get, lease=lease if request.ignore_lease else 0))
                 return resp
         raise EtcdStatus(grpc.StatusCode.UNAVAILABLE,
-                         f"kvstore: ignore_value: the key changed under each of {IGNORE_VALUE_TRIES} tries; nothing was written")
+                         f"kvstore: ignore_value / ignore_lease: the key changed under each try for "
+                         f"{self.n.forward.timeout:g} s; nothing was written")
 
     # --- DeleteRange ---------------------------------------------------------------------
     async def DeleteRange(self, request: rpc_pb2.DeleteRangeRequest, context: grpc.aio.ServicerContext
@@ -372,6 +433,11 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                 if len(written) <= 1:
                     one = written.pop() if written else None
                     body, plan = txn_body(request, reads_outside=lambda k: self.n.group_of(k) != one)
+            if any(ignored_puts(plan, body)):
+                if one is None or plan.ranges:
+                    raise unsupported("Put's ignore_value or ignore_lease in a transaction whose keys are in several "
+                                      "groups or that reads a range (range_end or a revision)")
+                return await self._txn_ignoring(body, plan, one, context)
             leased = leased_puts(body)
             if leased and one is None:
                 raise unsupported("a put with a lease in a transaction whose keys are in several groups")
@@ -379,7 +445,7 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                 raise unsupported("a Compare of a key's lease in a transaction whose keys are in several groups "
                                   "or that reads a range (range_end or a revision)")
             for put in leased:
-                put.checked = await self._lease_checked(put.lease, self.n.group_of(put.key), context)
+                put.checked = await self.lease_checked(put.lease, self.n.group_of(put.key), context)
             if plan.ranges:
                 if one is None and (body.compares or body.success or body.failure):
                     raise unsupported("a range read (range_end or a revision) in a transaction whose compares "
@@ -390,6 +456,89 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
             return resp
         except Exception as err:
             await fail(err, context, "Txn")
+
+    async def _txn_ignoring(self, body: kv_pb2.TxnBody, plan: TxnPlan, group: int,
+                            context: grpc.aio.ServicerContext) -> rpc_pb2.TxnResponse:
+        """A Txn of ONE `group` (no external ranges) with puts that keep the key's value
+        (ignore_value) or lease (ignore_lease), as etcd's apply: such a put on the path taken
+        whose key does not exist fails the whole Txn (`etcdserver: key not found`, nothing
+        written); else it puts the key's value / lease as they are when the Txn applies.
+
+        kvstore's TXN has no such put, so each try: (1) every key the Txn names is read
+        (`_current`: linearizably, with its lease where the Txn keeps or compares one); (2) the
+        ignored puts are filled in from what was read (a key is written at most once on a path,
+        so what it holds when its put runs is what it held before the Txn), and the Txn is
+        evaluated on that state (`txn.evaluate`, pure) to find its path; (3) ONE TXN of the group
+        is proposed whose compares guard every key as read (its mod revision, or version 0 if
+        absent; its lease where read) and whose success is the filled Txn (one level deeper),
+        or nothing when the path puts an absent key (then the guard holding proves the key
+        absent at one point: `key not found`). A guard holds only if every key the Txn reads or
+        writes is exactly as read, so the filled Txn takes the evaluated path and its puts keep
+        what the keys hold: atomic, as etcd's. A failed guard reads again (`_retries`: within the
+        forwarder's timeout, then a definite UNAVAILABLE). A Txn nested 4 deep, or too
+        large to guard within 128 compares and operations, is refused (FAILED_PRECONDITION)."""
+        keys = sorted(set(txn_keys(body)))
+        leased_keys = set(keys) if compares_lease(body) else {
+            put.key for put, p, _ in ignored_puts(plan, body) if p.ignore_lease}
+        fw = self.n.forward
+        last: Exception | None = None
+        async for _ in self._retries():
+            read = await asyncio.gather(*(self._current(k, group, k in leased_keys, context) for k in keys))
+            state = dict(zip(keys, read, strict=True))
+            filled = kv_pb2.TxnBody()
+            filled.CopyFrom(body)
+            for put, p, _ in ignored_puts(plan, filled):
+                kv, lease = state[put.key]
+                if kv is not None:
+                    put.value = kv.value if p.ignore_value else put.value
+                    put.lease = lease if p.ignore_lease else put.lease
+            try:
+                out = txn.evaluate(txn_from_proto(filled, _any, _any), functools.partial(_state_of, state), 1)
+            except txn.ResultTooLarge as err:
+                raise EtcdStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, f"kvstore: {err}") from None
+            taken = [(put, p) for put, p, on in ignored_puts(plan, filled, out.result) if on]
+            absent = any(state[put.key][0] is None for put, _ in taken)
+            kept = any(p.ignore_lease and put.lease for put, p in taken)  # a lease the Txn keeps
+            guards: list[kv_pb2.Compare] = []
+            for k in keys:
+                kv, lease = state[k]
+                guards.append(kv_pb2.Compare(key=k, target=kv_pb2.COMPARE_VERSION, result=kv_pb2.EQUAL, number=0)
+                              if kv is None else
+                              kv_pb2.Compare(key=k, target=kv_pb2.COMPARE_MOD, result=kv_pb2.EQUAL,
+                                             number=kv.mod_revision))
+                if k in leased_keys:
+                    guards.append(kv_pb2.Compare(key=k, target=kv_pb2.COMPARE_LEASE, result=kv_pb2.EQUAL, number=lease))
+            if not absent:
+                for put in leased_puts(filled):
+                    put.checked = await self.lease_checked(put.lease, group, context)
+            outer = kv_pb2.TxnBody(compares=guards, success=[] if absent else [kv_pb2.TxnOp(txn=filled)])  # a copy
+            try:
+                txn_from_proto(outer, _any, _any)
+            except errors.InvalidArgument:
+                raise unsupported("Put's ignore_value or ignore_lease in a transaction nested 4 deep or with too "
+                                  "many keys to guard (a compare of each key and one more level)") from None
+            try:
+                t = await fw.call("Txn", kv_pb2.TxnRequest(txn=outer), context, is_write=True, group=group)
+            except EtcdStatus as err:
+                if err.message != LEASE_NOT_FOUND or err.indeterminate or not kept:
+                    raise
+                last = err  # a lease is gone: if the kept one, its key is about to go with it; read again
+                continue
+            if not t.result.succeeded:
+                last = None
+                continue
+            if absent:
+                raise invalid(KEY_NOT_FOUND)
+            inner = t.result.responses[0].txn
+            resp = rpc_pb2.TxnResponse()
+            txn_reply(plan, inner, self.n.header(t.revision, group), resp, None, self._txn_leases(txn_gets(inner)),
+                      {k: state[k][1] for k in leased_keys})  # leases as guarded: exact before the Txn
+            return resp
+        if last is not None:
+            raise last
+        raise EtcdStatus(grpc.StatusCode.UNAVAILABLE,
+                         f"kvstore: the transaction's keys changed under each try for {self.n.forward.timeout:g} s; "
+                         "nothing was written")
 
     async def _txn_reading(self, body: kv_pb2.TxnBody, plan: TxnPlan, group: int | None,
                            context: grpc.aio.ServicerContext) -> rpc_pb2.TxnResponse:

@@ -8,15 +8,11 @@ as etcd clients do. The lock / candidate key is `NAME/<lease id, 16 hex digits>`
 attached to the lease; the holder is the key with the lowest create revision under `NAME/`, and
 its create revision is the fencing token (`LeaderKey.rev`, the response header's revision).
 
-Differences from etcd: `Proclaim` checks the leader key's create revision and then puts the new
-value attached to the lease (two steps, not one transaction: kvstore transactions do not carry
-leases), with the lease attached to the leader key on this node's replica (never the request's),
-so a Proclaim racing the same holder's Resign may put the key back as a new candidate, which then
-waits behind the others until its lease ends. Waiting (Lock, Campaign, Observe) watches keys
-under the name: in process where this node hosts the groups, else merged across nodes as an
-etcd `Watch` (`watch.EtcdWatch.merged`: peers with the caller's token; on a TLS cluster a caller
-without a token is refused there, definite); Proclaim needs the leader
-key's group hosted here too (it reads the key's lease on this node's replica)."""
+`Proclaim` is etcd's one transaction (a compare of the leader key's create revision and the
+put of the new value attached to the request's lease). Waiting (Lock, Campaign, Observe)
+watches keys under the name: in process where this node hosts the groups, else merged across
+nodes as an etcd `Watch` (`watch.EtcdWatch.merged`: peers with the caller's token; on a TLS
+cluster a caller without a token is refused there, definite)."""
 
 from __future__ import annotations
 
@@ -38,6 +34,7 @@ from .base import EtcdNode, fail
 from .caller import CallerKV
 from .convert import EtcdRequestError, invalid
 from .kv import EtcdKV
+from .lease import _lease
 from .status import LEASE_NOT_FOUND, EtcdStatus
 from .watch import EtcdWatch
 
@@ -153,26 +150,21 @@ class EtcdElection(epb_grpc.ElectionServicer):
             await fail(err, context, "Campaign")
 
     async def Proclaim(self, request: epb.ProclaimRequest, context: grpc.aio.ServicerContext) -> epb.ProclaimResponse:
-        """Put the new value to the leader key, attached to the lease the key holds (read on this
-        node's replica of its group), if the key still has the leader's create revision."""
+        """etcd's `Election.Proclaim`: ONE transaction `If(CreateRevision(leader.key) ==
+        leader.rev) Then(Put(leader.key, value, leader.lease))` (`CallerKV.put_if_created`);
+        `election: not leader` when the compare fails (nothing written). The lease is the
+        request's, as etcd's server (its session's lease is `leader.lease`); one that cannot be a
+        kvstore lease's (0 included: etcd would grant a new session lease), or is gone, is
+        `requested lease not found` (NOT_FOUND, definite)."""
         try:
             lk = request.leader
             if not lk.key or lk.rev <= 0:
                 raise EtcdRequestError("FAILED_PRECONDITION", NOT_LEADER)
-            if self.r.n.group_of(lk.key) not in self.r.n.host.groups:
-                raise EtcdRequestError(
-                    "FAILED_PRECONDITION",
-                    "kvstore: Proclaim reads the leader key's lease on the serving node, which does not host "
-                    "its data group: send it to a node that does")
-            c = self.r.caller(context)
-            cur = await c.get(lk.key)
-            if not cur.found or cur.create_revision != lk.rev:
+            lease = _lease(lk.lease, self.r.n.shard_map().data_groups())
+            rev = await self.r.caller(context).put_if_created(lk.key, request.value, lease, lk.rev)
+            if rev is None:
                 raise EtcdRequestError("FAILED_PRECONDITION", NOT_LEADER)
-            lease = self.r.kv.leases_of([kv_pb2.KeyValue(key=lk.key)]).get(lk.key, 0)
-            if lease <= 0:  # a leader key always holds its campaign's lease
-                raise EtcdRequestError("FAILED_PRECONDITION", NOT_LEADER)
-            rev = await c.put(lk.key, request.value, lease)
-            return epb.ProclaimResponse(header=self.r.n.header(rev))
+            return epb.ProclaimResponse(header=self.r.n.header(rev, self.r.n.group_of(lk.key)))
         except Exception as err:
             await fail(err, context, "Proclaim")
 
