@@ -14,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 import struct
 from dataclasses import dataclass
 
@@ -51,8 +52,10 @@ def _unb64(s: str) -> bytes:
 
 
 def issue(key: bytes, user: str, revision: int, now: float, ttl: int = DEFAULT_TTL) -> str:
+    """A token for `user` good for at least `ttl` seconds from `now`: its expiry (whole seconds)
+    is rounded up, never down (rounding down made a token die up to a second early)."""
     name = user.encode()
-    payload = bytes([len(name)]) + name + _TAIL.pack(revision, int(now) + ttl)
+    payload = bytes([len(name)]) + name + _TAIL.pack(revision, math.ceil(now + ttl))
     mac = hmac.new(key, payload, hashlib.sha256).digest()
     return PREFIX + _b64(payload) + "." + _b64(mac)
 

@@ -301,3 +301,11 @@ def test_a_user_without_admin_reads_only_itself_and_the_roles_it_holds() -> None
     alice = Principal(PrincipalKind.USER, "alice")
     assert admin_refusal("/etcdserverpb.Auth/UserList", alice) == "etcdserver: permission denied"
     assert "needs the admin permission" in admin_refusal("/kvstore.v1.Admin/Snapshot", alice)
+
+
+def test_a_token_lives_at_least_its_ttl_whatever_the_fraction_of_a_second_it_was_issued_at() -> None:
+    """Its expiry is rounded up: issued at 1000.9 with ttl 60 it expires at 1061, not 1060 (the
+    integration test of expiry failed once when a second boundary fell between issue and check)."""
+    for now, want in ((1000.0, 1060), (1000.2, 1061), (1000.9, 1061)):
+        t = tokens.issue(KEY, "alice", 1, now=now, ttl=60)
+        assert tokens.parse(t, KEY).expires == want
