@@ -62,6 +62,7 @@ __all__ = [
     "LEVEL_LEASES",
     "LEVEL_LEASES_2",
     "LEVEL_TRANSACTIONS",
+    "LEVEL_XTXN_LEASES",
     "MAX_LEVEL",
     "SUPPORTED_LEVEL",
     "SWEEP_OPS",
@@ -75,6 +76,7 @@ __all__ = [
     "command_level",
     "decode_versions",
     "encode_versions",
+    "form_level",
     "install_level",
     "members_of",
     "raise_command",
@@ -87,6 +89,10 @@ LEVEL_TRANSACTIONS = 2
 LEVEL_CROSS_TRANSACTIONS = 3
 LEVEL_LEASES = 4
 LEVEL_LEASES_2 = 5
+LEVEL_XTXN_LEASES = 7
+"""Level 6 is another helper's (`LEVEL_TXN_RANGES`, on its own branch): levels need not
+be contiguous here (a binary of level 7 supports every lower level; `FEATURES` describes those
+it knows, and a level nothing adds is simply nothing new)."""
 
 FEATURES: dict[int, str] = {
     LEVEL_BASE: "PUT, DELETE, CAS, COMPACT, CLOSE, shard commands, the metadata keys",
@@ -97,10 +103,12 @@ FEATURES: dict[int, str] = {
                   "groups (the lease forms of PREPARE and RECORD)",
     LEVEL_LEASES_2: "TXN with a lease (a put that attaches its key to a lease, the PUT_LEASE operation, or a "
                     "LEASE compare, `storage/txn.py`); the orphan sweep's LEASE_STATUS and LEASE_ORPHAN",
+    LEVEL_XTXN_LEASES: "transactions across groups with leased puts or LEASE compares (the leased forms of "
+                       "PREPARE, COMMIT and RECORD, `storage/xtxn.py`)",
 }
 """What each feature level adds."""
 
-SUPPORTED_LEVEL = LEVEL_LEASES_2
+SUPPORTED_LEVEL = LEVEL_XTXN_LEASES
 """The highest level this binary supports (it knows every command kind of `COMMAND_LEVELS`)."""
 
 MAX_LEVEL = 0xFFFF
@@ -125,7 +133,8 @@ orphan sweep's kinds (`SWEEP_OPS`) are level 5, not 4 like the other LEASE_* kin
 level 4 without them exist (they came after it), and such a member would stop on them."""
 
 FORM_LEVELS: dict[int, int] = {
-    commands.Op.PREPARE: LEVEL_LEASES, commands.Op.RECORD: LEVEL_LEASES, commands.Op.TXN: LEVEL_LEASES_2,
+    commands.Op.PREPARE: LEVEL_XTXN_LEASES, commands.Op.RECORD: LEVEL_XTXN_LEASES,
+    commands.Op.COMMIT: LEVEL_XTXN_LEASES, commands.Op.TXN: LEVEL_LEASES_2,
 }
 """Kinds with a later form: the lease forms of PREPARE and RECORD (a lease's deletion across
 groups: PREPARE's range flag 2, RECORD's lease tail, `storage/xtxn.py`) need this level, above
@@ -140,7 +149,24 @@ Not here: the compact COMMIT/RECORD form of a range delete (tail 2, "delete ever
 prepared", `XCmd.delete_prepared`) is part of level 3's own meaning. No release of level 3 (or
 2) exists: the last release (the one `tests/integration/test_rolling_upgrade.py` upgrades from)
 supports level 1 only, so no member that knows COMMIT and RECORD without that form can meet it.
-A lease's deletion uses both tails; its lease tail alone makes it level 4."""
+A lease's deletion uses both tails; its lease tail alone makes it level 4.
+
+The table gives each kind its NEWEST form's level; `form_level` says which form a command is.
+PREPARE, COMMIT and RECORD with leased puts (and PREPARE reading keys' leases: range flag 3, the
+leased tail 3) are level 7 (`LEVEL_XTXN_LEASES`): a level-5 node decodes them as malformed."""
+
+
+def form_level(cmd: commands.Command) -> int:
+    """The level the form of decoded command `cmd` needs beyond its kind's (0: none)."""
+    x = cmd.x
+    if x is not None:
+        if x.leased or x.read_leases:
+            return LEVEL_XTXN_LEASES
+        if x.lease:
+            return LEVEL_LEASES
+    if cmd.txn is not None and txn.has_lease(cmd.txn):
+        return LEVEL_LEASES_2
+    return 0
 
 
 def command_level(data: bytes, levels: Mapping[int, int] = COMMAND_LEVELS) -> int | None:
@@ -157,8 +183,7 @@ def command_level(data: bytes, levels: Mapping[int, int] = COMMAND_LEVELS) -> in
         cmd = commands.decode_command(data)
     except ValueError:
         return need
-    later = (cmd.x is not None and cmd.x.lease) or (cmd.txn is not None and txn.has_lease(cmd.txn))
-    return form if later else need
+    return max(need, form_level(cmd))
 
 def install_level(data: bytes) -> int:
     """The lowest cluster version that may propose the shard command `data`: `LEVEL_LEASES` for
@@ -390,7 +415,9 @@ class CommandGate:
             return
         lag = v.lagging(self.members(), need)
         name = commands.Op(data[1]).name if data[1] in commands.Op._value2member_map_ else f"kind {data[1]}"
-        if need > self.levels.get(data[1], need):
+        if need == LEVEL_XTXN_LEASES:
+            name += " with leased puts or lease compares (a transaction across groups)"
+        elif need > self.levels.get(data[1], need):
             name += " with a lease" if data[1] == commands.Op.TXN else " (a lease's deletion across groups)"
         raise errors.ClusterVersionTooLow(
             f"{name} needs cluster version {need} ({FEATURES.get(need, 'a newer feature level')}); the cluster "

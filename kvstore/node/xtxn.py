@@ -24,11 +24,42 @@ One attempt (docs/REVISIONS.md, "Transactions across groups"):
 A resolver (`resolve_commands`) meeting an old intent asks the primary (RESOLVE: absent record
 -> ABORTED is written), then COMMITs (with the record's writes of the intent's group) or ABORTs
 the intent's group.
+
+Leases (feature level 7, `node.version.LEVEL_XTXN_LEASES`; `storage/xtxn.py`, "Leased puts").
+A put with a lease carries the `checked` stamp its caller took at the lease's home (as for a
+LEASE_PUT: the etcd layer's `lease_checked`, the client's LeaseTimeToLive). `plan` lists, per
+group, the leased puts on ANY path whose key is there (`Plan.leased`), and whether a LEASE
+compare needs the keys' leases (`Plan.read_leases`). Each PREPARE checks its group's leased puts
+by the LEASE_PUT rules, answers which may attach, holds an attach lock on the leases of those
+that may (a deletion of such a lease, across groups or by one command, is refused LOCKED until
+this transaction's COMMIT or ABORT in the group), and answers the keys' leases if asked.
+`after_prepare` evaluates with those leases (a LEASE compare at R) and refuses the transaction,
+definitely and before anything is recorded, if a put on the path TAKEN names a lease a
+participant refused (etcd checks the path taken only): `Refused.lease_not_found`, nothing
+written. Otherwise the RECORD and each COMMIT carry the taken path's leased puts (`Ready.leased`),
+and the COMMIT attaches each key after writing it, exactly as a LEASE_PUT (a plain put of a key
+detaches it, as everywhere).
+
+Why no key stays attached to a dead lease (the commit point is the RECORD; a lease can be found
+gone only at the COMMIT, after it, when its death was decided by a path the attach lock does not
+hold off): from its PREPARE until its COMMIT, the transaction's attach lock in the key's group
+refuses every deletion of the lease there (a deletion across groups PREPAREs in every data group,
+so it cannot commit either; REVOKE, EXPIRE, DROP and ORPHAN by one command are refused in the
+group), and a deletion prepared before it (its lease lock) refused the PREPARE (LOCKED). So a
+deletion of the lease either committed before the PREPARE (then the PREPARE saw its tombstone, or
+a record not LIVE at the home, and refused the put), or runs after the COMMIT (then it finds the
+key attached and deletes it). What is left: a death the lock does not see (a map that lagged
+behind a new group; the tombstone's life passed): the COMMIT then checks again
+(`leases.may_attach` at R): a lease known dead in the group leaves no attachment: the COMMIT
+writes the key's deletion at R instead of the put (the put and the lease's deletion, in one
+step: the key ends absent, as the lease's deletion would have made it); and a dead lease the
+group does not know of is the orphan sweep's (`node/orphans.py`: every lease with keys attached
+in a group is asked about at its home, and its keys there deleted if it is dead).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from kvstore.storage import commands, leases, mvcc, txn, xtxn
@@ -60,6 +91,19 @@ class Plan:
     """A lease's deletion: the lease whose attached keys every group deletes (0: none)."""
     renews: int = 0
     """A lease's expiry: the renew count it was decided on (0: a revoke)."""
+    leased: dict[int, tuple[xtxn.Leased, ...]] = field(default_factory=dict)
+    """Group -> the leased puts on any path of the transaction whose key is there (distinct)."""
+    read_leases: bool = False
+    """A LEASE compare is on some path: every PREPARE answers its keys' leases."""
+
+
+def leased_puts(t: txn.Txn) -> Iterator[xtxn.Leased]:
+    """(key, lease, checked) of every PUT with a lease on any path of `t`."""
+    for op in (*t.success, *t.failure):
+        if op.lease:
+            yield op.key, op.lease, op.checked
+        elif op.txn is not None:
+            yield from leased_puts(op.txn)
 
 
 def plan(t: txn.Txn, group_for: Iterable[tuple[bytes, int]]) -> Plan:
@@ -75,7 +119,11 @@ def plan(t: txn.Txn, group_for: Iterable[tuple[bytes, int]]) -> Plan:
     if not group_of:
         raise ValueError("a transaction must name at least one key")
     primary = next(iter(keys))
-    return Plan(primary, {g: tuple(ks) for g, ks in keys.items()}, group_of)
+    leased: dict[int, list[xtxn.Leased]] = {}
+    for x in dict.fromkeys(leased_puts(t)):
+        leased.setdefault(group_of[x[0]], []).append(x)
+    return Plan(primary, {g: tuple(ks) for g, ks in keys.items()}, group_of,
+                leased={g: tuple(xs) for g, xs in leased.items()}, read_leases=txn.compares_lease(t))
 
 
 def every_group(groups: Iterable[int], what: str) -> list[int]:
@@ -121,8 +169,8 @@ def prepare_commands(p: Plan, tid: TxnId, start: int, proposed: int) -> dict[int
     """The PREPARE of each participant (ValueError if a command cannot be encoded)."""
     return {
         g: commands.encode_command(
-            Command.cross(XCmd(XOp.PREPARE, tid, p.primary, start, keys=ks, lock=p.lock, lease=p.lease),
-                          revision=proposed))
+            Command.cross(XCmd(XOp.PREPARE, tid, p.primary, start, keys=ks, lock=p.lock, lease=p.lease,
+                               leased=p.leased.get(g, ()), read_leases=p.read_leases), revision=proposed))
         for g, ks in sorted(p.keys.items())
     }
 
@@ -150,6 +198,8 @@ class Refused:
     group: int
     message: str
     wrong_shard: bool = False
+    lease_not_found: bool = False
+    """A put on the path taken names a lease the group found gone (`leases.NOT_FOUND`)."""
 
 
 @dataclass(slots=True)
@@ -164,6 +214,8 @@ class Ready:
     each group found (for the answer), but its RECORD
     and COMMITs say "every key prepared" instead (`XCmd.delete_prepared`: a group may find more
     keys than a command may list)."""
+    leased: dict[int, tuple[xtxn.Leased, ...]] = field(default_factory=dict)
+    """Group -> the leased puts among its writes (the path taken)."""
 
     @property
     def writes_anything(self) -> bool:
@@ -216,19 +268,40 @@ def after_prepare(t: txn.Txn, p: Plan, results: dict[int, ApplyResult]) -> Confl
     refused = _refusal(p, results)
     if refused is not None:
         return refused
+    refusal: dict[xtxn.Leased, tuple[int, int]] = {}
     for g in sorted(p.keys):
         res = results[g]
         ks = p.keys[g]
         if res.txn is None or len(res.txn.responses) != len(ks) or not res.revision:
             return Refused(g, f"group {g} answered a PREPARE without the prepared values")
-        for k, o in zip(ks, res.txn.responses, strict=True):
-            current[k] = txn.Current(o.value, o.create_revision, o.mod_revision, o.version) if o.found else None
+        key_leases: tuple[int, ...] = ()
+        mine = p.leased.get(g, ())
+        if mine or p.read_leases:
+            try:
+                key_leases, codes = xtxn.decode_prepared_leases(res.current or b"")
+            except ValueError:
+                return Refused(g, f"group {g} answered a malformed lease answer")
+            if len(codes) != len(mine) or len(key_leases) != (len(ks) if p.read_leases else 0):
+                return Refused(g, f"group {g} answered a PREPARE without its leases")
+            refusal.update((x, (g, code)) for x, code in zip(mine, codes, strict=True))
+        for i, (k, o) in enumerate(zip(ks, res.txn.responses, strict=True)):
+            current[k] = txn.Current(o.value, o.create_revision, o.mod_revision, o.version,
+                                     key_leases[i] if key_leases else 0) if o.found else None
         at = max(at, res.revision)
     out = txn.evaluate(t, lambda k: current[k], at)
+    leased: dict[int, list[xtxn.Leased]] = {}
+    for x in out.leased:
+        g, code = refusal.get(x, (p.group_of[x[0]], xtxn.REFUSAL_NOT_FOUND))
+        if code == xtxn.REFUSAL_TOO_MANY:
+            return Refused(g, f"group {g}: {leases.TOO_MANY_KEYS}")
+        if code != xtxn.REFUSAL_NONE:
+            return Refused(g, leases.NOT_FOUND, lease_not_found=True)
+        leased.setdefault(g, []).append(x)
     writes: dict[int, list[xtxn.Write]] = {g: [] for g in p.keys}
     for k, v in out.writes:
         writes[p.group_of[k]].append((k, v))
-    return Ready(at, out.result, {g: tuple(ws) for g, ws in writes.items()})
+    return Ready(at, out.result, {g: tuple(ws) for g, ws in writes.items()},
+                 leased={g: tuple(xs) for g, xs in leased.items()})
 
 
 def record_command(
@@ -247,7 +320,9 @@ def record_command(
                  lease=lease, renews=renews, delete_prepared=True)
         return commands.encode_command(Command.cross(x))
     groups = tuple((g, ws) for g, ws in sorted(r.writes.items()))
-    x = XCmd(XOp.RECORD, tid, start=start, at=r.at, result=r.result, groups=groups, lease=lease, renews=renews)
+    leased = tuple(x for _g, xs in sorted(r.leased.items()) for x in xs)
+    x = XCmd(XOp.RECORD, tid, start=start, at=r.at, result=r.result, groups=groups, lease=lease, renews=renews,
+             leased=leased)
     return commands.encode_command(Command.cross(x, client_id, seq, ack, retry=retry, horizon=horizon))
 
 
@@ -286,7 +361,7 @@ def commit_commands(tid: TxnId, r: Ready, groups: Iterable[int]) -> dict[int, by
     def one(g: int) -> XCmd:
         if r.delete_prepared:
             return XCmd(XOp.COMMIT, tid, at=r.at, delete_prepared=True)
-        return XCmd(XOp.COMMIT, tid, at=r.at, writes=r.writes.get(g, ()))
+        return XCmd(XOp.COMMIT, tid, at=r.at, writes=r.writes.get(g, ()), leased=r.leased.get(g, ()))
 
     return {g: commands.encode_command(Command.cross(one(g))) for g in sorted(groups)}
 
@@ -333,7 +408,8 @@ def _commit_from_record(tid: TxnId, rec: Record, group: int) -> XCmd:
     """The COMMIT of participant `group` as a COMMITTED record describes it (the resolver's and
     the record sweep's): its writes, or, for a range delete or a lease's deletion, "every key
     prepared here" (`delete_prepared`)."""
-    return XCmd(XOp.COMMIT, tid, at=rec.at, writes=rec.writes_of(group), delete_prepared=rec.delete_prepared)
+    return XCmd(XOp.COMMIT, tid, at=rec.at, writes=rec.writes_of(group), delete_prepared=rec.delete_prepared,
+                leased=rec.leased_of(group))
 
 
 # --- meeting intents -----------------------------------------------------------------------------
@@ -417,6 +493,7 @@ __all__ = [
     "finalize_after",
     "finalize_command",
     "finish_commands",
+    "leased_puts",
     "lock_of",
     "plan",
     "plan_lease",

@@ -40,7 +40,7 @@ from kvstore.shard.shardmap import META_GROUP
 from kvstore.storage import commands, leases, mvcc, txn
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
-from kvstore.storage.xtxn import Intent, IntentProbe
+from kvstore.storage.xtxn import Intent, IntentProbe, TxnId
 from kvstore.v1 import kv_pb2
 
 from . import waiters
@@ -200,19 +200,23 @@ class KVRequests:
         for k, h in hashes.items():
             groups.setdefault(m.group_for_hash(h), k)
         if len(groups) > 1:
-            if txn.has_lease(t):
-                names = ", ".join(str(g) for g in sorted(groups))
-                raise errors.InvalidArgument(
-                    f"a transaction with a leased put or a lease compare must name keys of one group only (its "
-                    f"keys are in groups {names}): a transaction across groups cannot attach keys to a lease or "
-                    f"read their leases yet")
             if self.cross is None:
                 names = ", ".join(f"{g} (key {k[:32]!r})" for g, k in sorted(groups.items()))
                 raise errors.InvalidArgument(f"this node runs no cross-group transactions: the keys are in groups {names}")
             if self.admission is not None:
                 for g in sorted(groups):
                     self.admission.check_write(g, not _has_put(t))
-            return xlogic.plan(t, ((k, m.group_for_hash(h)) for k, h in hashes.items()))
+            p = xlogic.plan(t, ((k, m.group_for_hash(h)) for k, h in hashes.items()))
+            if (p.leased or p.read_leases) and self.host.gate is not None:
+                # leased puts and lease compares across groups are PREPARE/COMMIT/RECORD forms of
+                # level 7: refused here (definite, ClusterVersionTooLow) while the cluster is below
+                try:
+                    probes = xlogic.prepare_commands(p, TxnId(0, 0), 0, 0)
+                except ValueError as bad:
+                    raise errors.InvalidArgument(f"the transaction cannot be prepared: {bad}") from None
+                for probe in probes.values():
+                    self.host.gate(probe)
+            return p
         (gid,) = groups
         if gid not in self.host.groups:
             raise self.wrong_shard(f"the transaction's group {gid} is not on node {self.cfg.id}")

@@ -162,6 +162,8 @@ class CrossTxns:
                     await self._release(tid, sorted(got))
                     if decision.wrong_shard:
                         raise errors.WrongShard(decision.message)
+                    if decision.lease_not_found:
+                        raise errors.LeaseNotFound(decision.message)
                     raise errors.InvalidArgument(decision.message)
                 if isinstance(decision, logic.Conflict):
                     await self._release(tid, [g for g, r in results.items() if r.error is None])

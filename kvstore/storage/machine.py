@@ -434,8 +434,9 @@ def _locked(view: StateView, cmd: Command) -> ApplyResult | None:
             if not view.mvcc.has_locks():
                 return None
             keys = leases.attached_keys(view.mvcc, lc.lease_id)
-            return (xtxn_apply.locked(view.mvcc, keys)
-                    or xtxn_apply.lease_locked(view.mvcc, lc.lease_id, keys[0] if keys else b"\x00"))
+            first = keys[0] if keys else b"\x00"
+            return (xtxn_apply.locked(view.mvcc, keys) or xtxn_apply.lease_locked(view.mvcc, lc.lease_id, first)
+                    or xtxn_apply.attach_locked(view.mvcc, lc.lease_id, first))
         if lc is not None and lc.kind == leases.Kind.PUT:  # no attach to a lease whose deletion is prepared
             return xtxn_apply.lease_locked(view.mvcc, lc.lease_id, cmd.key) or xtxn_apply.locked(view.mvcc, (cmd.key,))
         if lc is not None:  # GRANT, RENEW, CHECKPOINT, FORGET, STATUS: no key (as `serves`), nothing to lock

@@ -225,7 +225,7 @@ class Rows(Protocol):
 
     def has_locks(self) -> bool:
         """Whether the group holds any cross-group intent (`T_INTENTS`), range lock (`T_TXN` rows
-        `l...`) or lease lock (`T_TXN` rows `e...`, a lease deletion's, possibly with no intent):
+        `l...`), lease lock (`T_TXN` rows `e...`, a lease deletion's, possibly with no intent) or attach lock (`a...`):
         when it holds none, no write can be locked (the hot path skips the check)."""
         ...
 

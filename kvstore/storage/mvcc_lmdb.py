@@ -75,7 +75,7 @@ class LmdbRows:
         if t == _T_STATE:
             self._state, self._dirty = v, True
             return
-        if t == _T_INTENTS or (t == _T_TXN and k[:1] in (b"l", b"e")):
+        if t == _T_INTENTS or (t == _T_TXN and k[:1] in (b"l", b"e", b"a")):
             self._locks = True
         elif t == _T_LEASES and k[:1] == b"K":
             self._attached = True
@@ -89,7 +89,7 @@ class LmdbRows:
         if self._locks is None:
             p = self._p
             found = False
-            for t, lo in ((_T_INTENTS, p), (_T_TXN, p + b"l"), (_T_TXN, p + b"e")):
+            for t, lo in ((_T_INTENTS, p), (_T_TXN, p + b"l"), (_T_TXN, p + b"e"), (_T_TXN, p + b"a")):
                 cur = self._txn.cursor(db=self._dbs[t])
                 if cur.set_range(lo):
                     k = cur.key()

@@ -53,7 +53,7 @@ class MemRows:
         if self.keys[T_INTENTS]:
             return True
         ks = self.keys[T_TXN]
-        for tag in (b"e", b"l"):  # lease locks, range locks
+        for tag in (b"a", b"e", b"l"):  # attach locks, lease locks, range locks
             i = bisect_left(ks, tag)
             if i < len(ks) and ks[i][:1] == tag:
                 return True

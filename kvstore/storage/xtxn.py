@@ -13,20 +13,28 @@ were forgotten). Commands (op codes in `commands.Op`; none carries a client key 
                                                                   also lock the key range
                                                                   [start, end), end empty = no end;
                                                                   r = 2: then lease:u64, lock the
-                                                                  keys attached to that lease)
-    COMMIT    id at:u64 n:u16 write* [2:u8]                      (in each participant; the tail:
-                                                                  delete every key prepared)
+                                                                  keys attached to that lease;
+                                                                  r = 3: then read:u8 leased, the
+                                                                  keys' leased puts and whether to
+                                                                  answer the keys' leases)
+    COMMIT    id at:u64 n:u16 write* [2:u8] [3:u8 leased]        (in each participant; tail 2:
+                                                                  delete every key prepared; tail
+                                                                  3: the puts' leases)
     ABORT     id                                                  (in each participant)
     RECORD    id start:u64 at:u64 result-len:u32 result n:u16 (group:u64 n:u16 write*)*
-              [1:u8 lease:u64 renews:u64] [2:u8]                  (in the primary: the commit point;
+              [1:u8 lease:u64 renews:u64] [2:u8] [3:u8 leased]    (in the primary: the commit point;
                                                                   tail 1: a lease's deletion; tail 2:
                                                                   every group's COMMIT deletes every
-                                                                  key prepared; both: in that order)
+                                                                  key prepared; both: in that order;
+                                                                  tail 3, alone: the leases of every
+                                                                  group's puts)
     RESOLVE   id start:u64                                        (in the primary)
     FINALIZE  id group:u64                                        (in the primary; group 0: every
                                                                   participant applied its COMMIT,
                                                                   else that participant did)
     write     flags:u8 (bit 0: a put) klen:u16 key [vlen:u32 value]
+    leased    n:u16 (klen:u16 key lease:u64 checked:u64)*        (puts that attach their key to a
+                                                                  lease, `Leased`; level 7)
 
 Group ids (PREPARE's primary, FINALIZE's group, a RECORD's groups) are below `mvcc.MAX_GROUPS`.
 The tail byte 2 (with no write listed; absent: not) is the compact form of a range delete and
@@ -41,6 +49,19 @@ every attachment to the lease, until the COMMIT or ABORT), so the commit point a
 describe any deletion the PREPAREs accepted. The coordinator sends a lease's deletion as a
 RECORD with both tails (`node/xtxn.record_command`); the codec also takes the lease tail alone.
 
+Leased puts (`XCmd.leased`, feature level 7, `node.version.LEVEL_XTXN_LEASES`): a transaction's
+put that attaches its key to a lease, as a LEASE_PUT does (`Leased`: key, lease, checked). A
+PREPARE lists the leased puts on ANY path of the transaction whose key it names (distinct
+triples: the two branches of a nested transaction may put one key with two leases), checks each
+as a LEASE_PUT would and answers per triple whether it may attach (`encode_prepared_leases`),
+and holds an *attach lock* (row `a`) on their leases until its COMMIT or ABORT: a deletion of
+such a lease is refused LOCKED meanwhile. With `read_leases` it also answers the lease each key
+it names is attached to (a LEASE compare is evaluated by the coordinator at R). A COMMIT lists
+the leased puts among its writes (each a put it writes, each key once), a RECORD those of every
+group (as one list: each key is in one group), and so does the COMMITTED record row (the
+resolvers and the record sweep build the COMMITs from it). Tail 3 never comes with tail 1 or 2
+(a lease's deletion and a range delete put nothing).
+
 Rows (`row_*` give the keys; `check_rows` validates one, as a snapshot brings it):
 
     table mvcc.T_INTENTS:
@@ -51,7 +72,9 @@ Rows (`row_*` give the keys; `check_rows` validates one, as a snapshot brings it
     e + id                  -> intent lease:u64   a lease lock (a lease deletion's: no LEASE_PUT of it)
     p + prepared:u64 + id   -> b""      the transactions by prepared revision (the minimum pending)
     r + id                  -> record   state:u8 start:u64 at:u64 result-len:u32 result n:u16
-                                        (group:u64 n:u16 write*)* [2:u8]
+                                        (group:u64 n:u16 write*)* [2:u8] [3:u8 leased]
+    a + id                  -> intent (lease:u64)+  an attach lock: the leases the transaction's
+                                        PREPARE will attach keys to here (ascending, distinct)
     d + id                  -> start:u64  the transaction is done in this group (committed or aborted)
     g + expiry:u64 + id     -> b""      age-ordered index of the rows forgotten at `expiry`
     u + start:u64 + id      -> b""      a COMMITTED record not FINALIZED yet, by start (the record
@@ -137,6 +160,9 @@ class Intent:
 
 Write = tuple[bytes, "bytes | None"]
 """(key, new value; None: delete)."""
+Leased = tuple[bytes, int, int]
+"""(key, lease, checked): a put that attaches its key to the lease, with its LEASE_PUT `checked`
+stamp (`leases.attach_refusal`); the put's value is its write's."""
 
 
 @dataclass(slots=True)
@@ -174,12 +200,24 @@ class Record:
     delete_prepared: bool = False
     """A range delete's (module docstring): each group's COMMIT deletes every key the
     transaction prepared there (`writes` lists the groups, with no write)."""
+    leased: tuple[Leased, ...] = ()
+    """The leased puts among `writes` (every group's; a key at most once)."""
 
     def writes_of(self, group: int) -> tuple[Write, ...]:
         for g, ws in self.writes:
             if g == group:
                 return ws
         return ()
+
+    def leased_of(self, group: int) -> tuple[Leased, ...]:
+        """The leased puts among the writes of participant `group`."""
+        return leased_in(self.leased, self.writes_of(group))
+
+
+def leased_in(leased: tuple[Leased, ...], writes: tuple[Write, ...]) -> tuple[Leased, ...]:
+    """The entries of `leased` whose key `writes` lists (in `leased`'s order)."""
+    keys = {k for k, _ in writes}
+    return tuple(x for x in leased if x[0] in keys)
 
 
 class XOp(enum.IntEnum):
@@ -222,6 +260,11 @@ class XCmd:
     (its record becomes the tombstone)."""
     renews: int = 0
     """RECORD with a lease: the renew count an expiry was decided on (0: a revoke, any)."""
+    leased: tuple[Leased, ...] = ()
+    """PREPARE: the leased puts on any path of the transaction whose key it names (distinct);
+    COMMIT: those among its writes; RECORD: those among every group's writes (module docstring)."""
+    read_leases: bool = False
+    """PREPARE: also answer the lease each named key is attached to (a LEASE compare)."""
 
 
 # --- rows ----------------------------------------------------------------------------------------
@@ -239,6 +282,10 @@ def row_lock(t: TxnId) -> bytes:
 
 def row_lease_lock(t: TxnId) -> bytes:
     return b"e" + t.encode()
+
+
+def row_attach_lock(t: TxnId) -> bytes:
+    return b"a" + t.encode()
 
 
 def row_record(t: TxnId) -> bytes:
@@ -292,7 +339,7 @@ def check_rows(table: int, key: bytes, value: bytes) -> None:
     if table != mvcc.T_TXN:
         raise ValueError(f"table {table} holds no transaction rows")
     kind = key[:1]
-    if kind in (b"t", b"l", b"e", b"r", b"d"):
+    if kind in (b"t", b"l", b"e", b"r", b"d", b"a"):
         if len(key) != _ROW_ID:
             raise ValueError(f"{kind.decode()} row key of {len(key)} bytes (expected {_ROW_ID})")
         if kind == b"t":
@@ -301,6 +348,8 @@ def check_rows(table: int, key: bytes, value: bytes) -> None:
             decode_range_lock(value)
         elif kind == b"e":
             decode_lease_lock(value)
+        elif kind == b"a":
+            decode_attach_lock(value)
         elif kind == b"r":
             decode_record(value)
         elif len(value) != _U64.size:
@@ -395,6 +444,67 @@ def decode_lease_lock(raw: bytes) -> tuple[Intent, int]:
     return intent, lid
 
 
+def encode_attach_lock(intent: Intent, lease_ids: tuple[int, ...]) -> bytes:
+    """An attach lock's row: the intent and the leases (ascending, distinct, at least one)."""
+    _check_attach(lease_ids)
+    return intent.encode() + b"".join(_U64.pack(lid) for lid in lease_ids)
+
+
+def decode_attach_lock(raw: bytes) -> tuple[Intent, tuple[int, ...]]:
+    """Total: ValueError for anything malformed."""
+    b = _Buf(bytes(raw), 0)
+    intent = Intent.decode(b.take(_INTENT.size, "the intent"))
+    if (len(b.data) - b.pos) % _U64.size:
+        raise ValueError("an attach lock's leases are not whole u64s")
+    ids = tuple(b.u(_U64, "a lease id") for _ in range((len(b.data) - b.pos) // _U64.size))
+    _check_attach(ids)
+    return intent, ids
+
+
+def _check_attach(ids: tuple[int, ...]) -> None:
+    if not ids or list(ids) != sorted(set(ids)):
+        raise ValueError("an attach lock names one or more leases, distinct and ascending")
+    for lid in ids:
+        check_lease(lid)
+
+
+REFUSAL_NONE = 0
+REFUSAL_NOT_FOUND = 1
+REFUSAL_TOO_MANY = 2
+_REFUSALS = (REFUSAL_NONE, REFUSAL_NOT_FOUND, REFUSAL_TOO_MANY)
+
+
+def encode_prepared_leases(key_leases: tuple[int, ...], refusals: tuple[int, ...]) -> bytes:
+    """A PREPARE's answer (`ApplyResult.current`) with leased puts or `read_leases`: the lease
+    of each key it names (none unless asked: 0 for a key attached to none), then per leased put
+    it lists whether it may attach (`REFUSAL_*`)."""
+    if len(key_leases) > MAX_KEYS or len(refusals) > MAX_TXN_ITEMS:
+        raise ValueError("a PREPARE's lease answer is too long")
+    if any(r not in _REFUSALS for r in refusals) or any(not 0 <= x <= leases.MAX_LEASE_ID for x in key_leases):
+        raise ValueError("a PREPARE's lease answer is malformed")
+    return (_U16.pack(len(key_leases)) + b"".join(_U64.pack(x) for x in key_leases)
+            + _U16.pack(len(refusals)) + bytes(refusals))
+
+
+def decode_prepared_leases(raw: bytes) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Total: ValueError for anything malformed."""
+    b = _Buf(bytes(raw), 0)
+    n = b.u(_U16, "the number of keys")
+    if n > MAX_KEYS:
+        raise ValueError(f"lease answer of {n} keys (at most {MAX_KEYS})")
+    ids = tuple(b.u(_U64, "a key's lease") for _ in range(n))
+    if any(x > leases.MAX_LEASE_ID for x in ids):
+        raise ValueError("a key's lease is out of range")
+    m = b.u(_U16, "the number of leased puts")
+    if m > MAX_TXN_ITEMS:
+        raise ValueError(f"lease answer of {m} leased puts (at most {MAX_TXN_ITEMS})")
+    refusals = tuple(b.take(m, "the refusals"))
+    if any(r not in _REFUSALS for r in refusals):
+        raise ValueError("unknown leased put refusal")
+    b.end()
+    return ids, refusals
+
+
 def check_lease(lease_id: int) -> int:
     """`lease_id` if it is a valid lease id (`leases.check_id`), else ValueError."""
     return leases.check_id(lease_id)
@@ -426,8 +536,12 @@ def _check_group(name: str, g: int) -> None:
 _TAIL_LEASE = 1
 """The tail tag of a RECORD of a lease's deletion (then lease:u64 renews:u64); before tag 2."""
 _TAIL_DELETE_PREPARED = 2
-"""The tail tag of a COMMIT, RECORD or record row that deletes every key prepared (the last
-tail: after a RECORD's lease tail, if any)."""
+"""The tail tag of a COMMIT, RECORD or record row that deletes every key prepared (after a
+RECORD's lease tail, if any)."""
+_TAIL_LEASED = 3
+"""The tail tag of a COMMIT, RECORD or record row with leased puts (the last tail; never with
+tag 1 or 2)."""
+_LEASED_TAIL = struct.Struct(">QQ")
 
 
 def _enc_all(flag: bool, out: list[bytes]) -> None:
@@ -436,13 +550,78 @@ def _enc_all(flag: bool, out: list[bytes]) -> None:
 
 
 def _dec_all(b: _Buf) -> bool:
-    """The optional delete-prepared tail (absent: False; any other tag here is refused: a
-    RECORD's lease tail, tag 1, was read before it)."""
-    if b.pos == len(b.data):
+    """The optional delete-prepared tail (absent: False; another byte is left for the next
+    tail's reader, `_dec_leased`, which refuses an unknown tag)."""
+    if b.pos == len(b.data) or b.data[b.pos] != _TAIL_DELETE_PREPARED:
         return False
-    if b.u(_U8, "the tail's tag") != _TAIL_DELETE_PREPARED:
-        raise ValueError("unknown tail")
+    b.pos += 1
     return True
+
+
+def _enc_leased_list(ls: tuple[Leased, ...], out: list[bytes]) -> None:
+    if len(ls) > MAX_TXN_ITEMS:
+        raise ValueError(f"{len(ls)} leased puts (at most {MAX_TXN_ITEMS})")
+    out.append(_U16.pack(len(ls)))
+    for k, lid, checked in ls:
+        _check_key(k)
+        check_lease(lid)
+        _check_checked(checked)
+        out += (_U16.pack(len(k)), k, _LEASED_TAIL.pack(lid, checked))
+
+
+def _dec_leased_list(b: _Buf) -> tuple[Leased, ...]:
+    n = b.u(_U16, "the number of leased puts")
+    if n > MAX_TXN_ITEMS:
+        raise ValueError(f"{n} leased puts (at most {MAX_TXN_ITEMS})")
+    out: list[Leased] = []
+    for _ in range(n):
+        k = b.key()
+        lid = check_lease(b.u(_U64, "a put's lease"))
+        checked = _check_checked(b.u(_U64, "a put's checked revision"))
+        out.append((k, lid, checked))
+    return tuple(out)
+
+
+def _check_checked(checked: int) -> int:
+    if type(checked) is not int or not 0 <= checked <= leases.MAX_CHECKED:
+        raise ValueError(f"a leased put's checked revision {checked!r} is out of range")
+    return checked
+
+
+def _enc_leased(ls: tuple[Leased, ...], out: list[bytes]) -> None:
+    """The optional leased tail (tag 3: none when `ls` is empty)."""
+    if ls:
+        out.append(_U8.pack(_TAIL_LEASED))
+        _enc_leased_list(ls, out)
+
+
+def _dec_leased(b: _Buf) -> tuple[Leased, ...]:
+    """The optional leased tail (absent: no leased put; an unknown tag is refused; an empty
+    list is not canonical: refused)."""
+    if b.pos == len(b.data):
+        return ()
+    if b.u(_U8, "the tail's tag") != _TAIL_LEASED:
+        raise ValueError("unknown tail")
+    ls = _dec_leased_list(b)
+    if not ls:
+        raise ValueError("a leased tail lists no leased put")
+    return ls
+
+
+def _check_leased(ls: tuple[Leased, ...], groups: tuple[tuple[int, tuple[Write, ...]], ...],
+                  exclusive: bool) -> None:
+    """A COMMIT's, RECORD's or record's leased puts: each is a put the writes list (`groups`),
+    each key once; none alongside a delete-prepared or lease tail (`exclusive`)."""
+    if not ls:
+        return
+    if exclusive:
+        raise ValueError("leased puts never come with a range or lease deletion")
+    puts = {k for _g, ws in groups for k, v in ws if v is not None}
+    keys = [k for k, _l, _c in ls]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a key is put with a lease twice")
+    if not set(keys) <= puts:
+        raise ValueError("a leased put's key is not among the puts")
 
 
 def _check_all(flag: bool, groups: tuple[tuple[int, tuple[Write, ...]], ...]) -> None:
@@ -528,6 +707,18 @@ def _dec_result(b: _Buf) -> TxnResult | None:
 
 
 # --- command bodies ------------------------------------------------------------------------------
+def _check_prepare_leased(keys: tuple[bytes, ...], leased: tuple[Leased, ...], other: bool) -> None:
+    """A PREPARE's leased puts / lease read: keys named (no range, no lease deletion: `other`),
+    each leased put's key among them, no triple twice."""
+    if other or not keys:
+        raise ValueError("leased puts and lease reads come with named keys only")
+    if len(set(leased)) != len(leased):
+        raise ValueError("a PREPARE lists a leased put twice")
+    named = set(keys)
+    if any(k not in named for k, _l, _c in leased):
+        raise ValueError("a PREPARE's leased put names a key it does not prepare")
+
+
 def encode_body(c: XCmd) -> bytes:
     """The body of `c` (after the command header). ValueError if it breaks the invariants."""
     out: list[bytes] = [c.txn.encode()]
@@ -540,8 +731,11 @@ def encode_body(c: XCmd) -> bytes:
             raise ValueError("PREPARE names a key twice")
         if c.lease and (c.keys or c.lock is not None):
             raise ValueError("a lease's PREPARE names no keys and no range")
-        if c != XCmd(c.op, c.txn, c.primary, c.start, keys=c.keys, lock=c.lock, lease=c.lease):
+        if c != XCmd(c.op, c.txn, c.primary, c.start, keys=c.keys, lock=c.lock, lease=c.lease, leased=c.leased,
+                     read_leases=c.read_leases):
             raise ValueError("PREPARE carries fields it does not use")
+        if c.leased or c.read_leases:
+            _check_prepare_leased(c.keys, c.leased, c.lock is not None or bool(c.lease))
         _check_group("primary group", c.primary)
         out += (_U64.pack(c.primary), _U64.pack(c.start), _U16.pack(len(c.keys)))
         for k in c.keys:
@@ -549,6 +743,9 @@ def encode_body(c: XCmd) -> bytes:
             out += (_U16.pack(len(k)), k)
         if c.lease:
             out += (_U8.pack(2), _U64.pack(check_lease(c.lease)))
+        elif c.leased or c.read_leases:
+            out += (_U8.pack(3), _U8.pack(1 if c.read_leases else 0))
+            _enc_leased_list(c.leased, out)
         elif c.lock is None:
             out.append(_U8.pack(0))
         else:
@@ -557,12 +754,14 @@ def encode_body(c: XCmd) -> bytes:
             out += (_U8.pack(1), _U16.pack(len(lo)), lo, _U16.pack(len(hi)), hi)
     elif c.op == XOp.COMMIT:
         _check_rev("commit revision", c.at)
-        if c != XCmd(c.op, c.txn, at=c.at, writes=c.writes, delete_prepared=c.delete_prepared):
+        if c != XCmd(c.op, c.txn, at=c.at, writes=c.writes, delete_prepared=c.delete_prepared, leased=c.leased):
             raise ValueError("COMMIT carries fields it does not use")
         _check_all(c.delete_prepared, ((0, c.writes),))
+        _check_leased(c.leased, ((0, c.writes),), c.delete_prepared)
         out.append(_U64.pack(c.at))
         _enc_writes(c.writes, out)
         _enc_all(c.delete_prepared, out)
+        _enc_leased(c.leased, out)
     elif c.op == XOp.ABORT:
         if c != defaults:
             raise ValueError(f"{c.op.name} carries nothing but the transaction id")
@@ -575,16 +774,18 @@ def encode_body(c: XCmd) -> bytes:
         _check_rev("start", c.start)
         _check_rev("commit revision", c.at)
         if c != XCmd(c.op, c.txn, start=c.start, at=c.at, result=c.result, groups=c.groups, lease=c.lease,
-                     renews=c.renews, delete_prepared=c.delete_prepared) or (c.renews and not c.lease) \
-                or not 0 <= c.renews < 1 << 64:
+                     renews=c.renews, delete_prepared=c.delete_prepared, leased=c.leased) \
+                or (c.renews and not c.lease) or not 0 <= c.renews < 1 << 64:
             raise ValueError("RECORD carries fields it does not use")
         _check_all(c.delete_prepared, c.groups)
+        _check_leased(c.leased, c.groups, c.delete_prepared or bool(c.lease))
         out += (_U64.pack(c.start), _U64.pack(c.at))
         _enc_result(c.result, out)
         _enc_groups(c.groups, out)
         if c.lease:
             out += (_U8.pack(_TAIL_LEASE), _U64.pack(check_lease(c.lease)), _U64.pack(c.renews))
         _enc_all(c.delete_prepared, out)
+        _enc_leased(c.leased, out)
     elif c.op == XOp.RESOLVE:
         _check_rev("start", c.start)
         if c != XCmd(c.op, c.txn, start=c.start):
@@ -620,7 +821,18 @@ def decode_body(op: XOp, data: bytes, pos: int = 0) -> XCmd:
         flag = b.u(_U8, "the range flag")
         lock: tuple[bytes, bytes] | None = None
         lease = 0
-        if flag == 2:
+        leased: tuple[Leased, ...] = ()
+        read = False
+        if flag == 3:
+            r = b.u(_U8, "the read-leases flag")
+            if r > 1:
+                raise ValueError(f"read-leases flag {r}")
+            read = r == 1
+            leased = _dec_leased_list(b)
+            if not (read or leased):
+                raise ValueError("a PREPARE's lease form with no leased put and no lease read")
+            _check_prepare_leased(keys, leased, False)
+        elif flag == 2:
             lease = check_lease(b.u(_U64, "the lease id"))
             if n:
                 raise ValueError("a lease's PREPARE names no keys")
@@ -633,14 +845,16 @@ def decode_body(op: XOp, data: bytes, pos: int = 0) -> XCmd:
             raise ValueError(f"unknown range flag {flag}")
         if not n and lock is None and not lease:
             raise ValueError("PREPARE of no key and no range")
-        c = XCmd(op, t, primary, start, keys=keys, lock=lock, lease=lease)
+        c = XCmd(op, t, primary, start, keys=keys, lock=lock, lease=lease, leased=leased, read_leases=read)
     elif op == XOp.COMMIT:
         at = b.u(_U64, "the commit revision")
         _check_rev("commit revision", at)
         writes = _dec_writes(b)
         every = _dec_all(b)
         _check_all(every, ((0, writes),))
-        c = XCmd(op, t, at=at, writes=writes, delete_prepared=every)
+        leased = _dec_leased(b)
+        _check_leased(leased, ((0, writes),), every)
+        c = XCmd(op, t, at=at, writes=writes, delete_prepared=every, leased=leased)
     elif op == XOp.ABORT:
         c = XCmd(op, t)
     elif op == XOp.FINALIZE:
@@ -660,8 +874,10 @@ def decode_body(op: XOp, data: bytes, pos: int = 0) -> XCmd:
             renews = b.u(_U64, "the renew count")
         every = _dec_all(b)
         _check_all(every, groups)
+        leased = _dec_leased(b)
+        _check_leased(leased, groups, every or bool(lease))
         c = XCmd(op, t, start=start, at=at, result=result, groups=groups, lease=lease, renews=renews,
-                 delete_prepared=every)
+                 delete_prepared=every, leased=leased)
     elif op == XOp.RESOLVE:
         start = b.u(_U64, "the start")
         _check_rev("start", start)
@@ -677,10 +893,12 @@ def encode_record(r: Record) -> bytes:
     _check_rev("start", r.start)
     _check_rev("commit revision", r.at)
     _check_all(r.delete_prepared, r.writes)
+    _check_leased(r.leased, r.writes, r.delete_prepared)
     out: list[bytes] = [_REC_HEAD.pack(int(r.state), r.start, r.at)]
     _enc_result(r.result, out)
     _enc_groups(r.writes, out)
     _enc_all(r.delete_prepared, out)
+    _enc_leased(r.leased, out)
     return b"".join(out)
 
 
@@ -701,8 +919,10 @@ def decode_record(raw: bytes) -> Record:
     groups = _dec_groups(b)
     every = _dec_all(b)
     _check_all(every, groups)
+    leased = _dec_leased(b)
+    _check_leased(leased, groups, every)
     b.end()
-    return Record(state, start, at, res, groups, every)
+    return Record(state, start, at, res, groups, every, leased)
 
 
 # --- a lock met by a write -----------------------------------------------------------------------

@@ -137,6 +137,29 @@ def lease_locked(rows: mvcc.Rows, lease_id: int, key: bytes, mine: TxnId | None 
     return None
 
 
+def attach_locks(rows: mvcc.Rows) -> list[tuple[Intent, tuple[int, ...]]]:
+    """The group's attach locks (prepared transactions with leased puts; few)."""
+    out = []
+    for _k, v in rows.iter(mvcc.T_TXN, b"a", b"b"):
+        try:
+            out.append(xtxn.decode_attach_lock(bytes(v)))
+        except ValueError as err:
+            raise mvcc.RevisionError(f"corrupt attach lock row: {err}") from None
+    return out
+
+
+def attach_locked(rows: mvcc.Rows, lease_id: int, key: bytes, mine: TxnId | None = None) -> ApplyResult | None:
+    """The LOCKED result (naming `key`) if another transaction than `mine` holds an attach lock
+    on `lease_id` here (its PREPARE accepted a put attaching a key to the lease: no deletion of
+    the lease may run before its COMMIT or ABORT), or None."""
+    if not rows.has_locks():
+        return None
+    for it, ids in attach_locks(rows):
+        if lease_id in ids and it.txn != mine:
+            return _lock_result(key, it)
+    return None
+
+
 def _lock_result(k: bytes, it: Intent) -> ApplyResult:
     return ApplyResult(error=f"{xtxn.LOCKED} {it.txn}", current=xtxn.encode_lock(k, it))
 
@@ -264,8 +287,9 @@ def _apply(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult:
         if rec is not None and rec.state == State.COMMITTED:
             left = tuple((g, ws) for g, ws in rec.writes if c.group and g != c.group)
             if left:  # one participant done (a resolver's): the others may still need their writes
+                kept = tuple(x for g, _ws in left for x in rec.leased_of(g))
                 rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(
-                    Record(State.COMMITTED, rec.start, rec.at, rec.result, left, rec.delete_prepared)))
+                    Record(State.COMMITTED, rec.start, rec.at, rec.result, left, rec.delete_prepared, kept)))
             else:
                 rows.put(mvcc.T_TXN, xtxn.row_record(c.txn),
                          xtxn.encode_record(Record(State.FINALIZED, rec.start, rec.at, rec.result)))
@@ -320,6 +344,10 @@ def _prepare(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult
             conflict = _lease_conflict(view, rows, c, found)
             if conflict is not None:
                 return conflict
+        for k, lid, _checked in c.leased:  # as a LEASE_PUT: not while a deletion of its lease is prepared
+            lock = lease_locked(rows, lid, k)
+            if lock is not None:
+                return lock
         p = mvcc.next_revision(mvcc.rev_state(rows).last, proposed, view.group)
     elif (not set(c.keys) <= set(mine[2]) or (c.lock is None and not c.lease and len(c.keys) != len(mine[2]))
           or (c.lease and rows.get(mvcc.T_TXN, xtxn.row_lease_lock(c.txn)) is None)):
@@ -340,9 +368,19 @@ def _prepare(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult
         if size > txn.MAX_RESULT_VALUE_BYTES:
             return ApplyResult(error=f"the prepared keys hold more than {txn.MAX_RESULT_VALUE_BYTES} bytes of values")
         gets.append(txn.OpResult(txn.OpKind.GET, True, value, meta.create_revision, meta.mod_revision, meta.version))
+    lease_answer: bytes | None = None
+    locking: tuple[int, ...] = ()
+    if c.leased or c.read_leases:
+        refusals = _attach_refusals(view, rows, c, p, mine is not None)
+        locking = tuple(sorted({lid for (_k, lid, _c), r in zip(c.leased, refusals, strict=True)
+                                if r == xtxn.REFUSAL_NONE}))
+        key_leases = tuple(leases.lease_of(rows, k) for k in c.keys) if c.read_leases else ()
+        lease_answer = xtxn.encode_prepared_leases(key_leases, refusals)
     if mine is None:
         it = Intent(c.txn, c.primary, c.start, p)
         intent = it.encode()
+        if locking:
+            rows.put(mvcc.T_TXN, xtxn.row_attach_lock(c.txn), xtxn.encode_attach_lock(it, locking))
         for k in (*c.keys, *found):
             rows.put(mvcc.T_INTENTS, k, intent)
         rows.put(mvcc.T_TXN, xtxn.row_txn(c.txn), xtxn.encode_txn_keys((*c.keys, *found), p, c.start))
@@ -355,8 +393,37 @@ def _prepare(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult
         rows.put(mvcc.T_STATE, b"", mvcc.RevState(p, rs.compact, rs.next_kid).encode())
     return ApplyResult(
         revision=p, txn=txn.TxnResult(True, tuple(gets), p),
-        current=xtxn.encode_found(found) if c.lock is not None or c.lease else None,
+        current=xtxn.encode_found(found) if c.lock is not None or c.lease else lease_answer,
     )
+
+
+def _attach_refusals(view: View, rows: mvcc.Rows, c: XCmd, p: int, again: bool) -> tuple[int, ...]:
+    """Per leased put of PREPARE `c` (reserving `p`): whether it may attach its key here, by a
+    LEASE_PUT's rules at `p` (`leases.attach_refusal`: `REFUSAL_NOT_FOUND`; the per-lease key
+    limit, every path's new attachments of the lease counted together: `REFUSAL_TOO_MANY`).
+    The same PREPARE `again` also refuses a put whose lease its attach lock does not hold (the
+    first answer refused it: it must not attach unguarded now)."""
+    held: set[int] = set()
+    if again:
+        raw = rows.get(mvcc.T_TXN, xtxn.row_attach_lock(c.txn))
+        if raw is not None:
+            try:
+                held = set(xtxn.decode_attach_lock(bytes(raw))[1])
+            except ValueError as err:
+                raise mvcc.RevisionError(f"corrupt attach lock row: {err}") from None
+    new: dict[int, set[bytes]] = {}
+    for k, lid, _checked in c.leased:
+        if leases.lease_of(rows, k) != lid:
+            new.setdefault(lid, set()).add(k)
+    out: list[int] = []
+    for _k, lid, checked in c.leased:
+        if leases.attach_refusal(rows, view.group, lid, checked, p) is not None or (again and lid not in held):
+            out.append(xtxn.REFUSAL_NOT_FOUND)
+        elif leases.attached_count(rows, lid) + len(new.get(lid, ())) > leases.MAX_KEYS_PER_LEASE:
+            out.append(xtxn.REFUSAL_TOO_MANY)
+        else:
+            out.append(xtxn.REFUSAL_NONE)
+    return tuple(out)
 
 
 MAX_RANGE_KEYS = 10_000
@@ -404,7 +471,8 @@ def _lease_conflict(view: View, rows: mvcc.Rows, c: XCmd, found: list[bytes]) ->
     attaches at most `leases.MAX_KEYS_PER_LEASE` keys to a lease per group, and a refused PREPARE
     would leave the lease undeletable forever (a range move's INSTALL may bring more)."""
     keys = leases.attached_keys(rows, c.lease)
-    lock = locked(rows, keys) or lease_locked(rows, c.lease, keys[0] if keys else b"\x00")
+    first = keys[0] if keys else b"\x00"
+    lock = locked(rows, keys) or lease_locked(rows, c.lease, first) or attach_locked(rows, c.lease, first)
     if lock is not None:
         return lock
     st = view.shards
@@ -436,6 +504,10 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
         if not (c.at >= p and c.at > st.compact):
             return ApplyResult(error=f"COMMIT at {c.at} below the transaction's prepared revision {p}")
         writes: Iterable[xtxn.Write] = ((k, None) for k in keys) if c.delete_prepared else c.writes
+        attaching = {k: lid for k, lid, _checked in c.leased}
+        dead = {k for k, lid in attaching.items() if not leases.may_attach(rows, view.group, lid, c.at)}
+        if dead:  # the lease died here after the commit point: the put is made and deleted with it
+            writes = [(k, None if k in dead else v) for k, v in writes]
         for k, v in writes:
             prev = view.get(k)
             if v is None and prev is None:
@@ -446,6 +518,9 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
             else:
                 view.put(k, v)
             detach_written(rows, k)
+        for k, lid in attaching.items():
+            if k not in dead:
+                leases.attach(rows, k, lid)
     if lease_id is not None:
         if c.op == XOp.COMMIT:
             leases.deleted_everywhere(rows, view.group, lease_id, c.at)
@@ -455,6 +530,7 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
     rows.delete(mvcc.T_TXN, xtxn.row_txn(c.txn))
     rows.delete(mvcc.T_TXN, xtxn.row_pending(p, c.txn))
     rows.delete(mvcc.T_TXN, xtxn.row_lock(c.txn))
+    rows.delete(mvcc.T_TXN, xtxn.row_attach_lock(c.txn))
     rows.put(mvcc.T_TXN, xtxn.row_done(c.txn), _U64.pack(start))
     _gc_later(rows, start, c.txn)
     return ApplyResult(revision=c.at)
@@ -486,7 +562,7 @@ def _record(rows: mvcc.Rows, c: XCmd, group: int) -> ApplyResult:
             rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(Record(State.ABORTED, c.start)))
             _gc_later(rows, c.start, c.txn)
             return ApplyResult(error=refused)
-    new = Record(State.COMMITTED, c.start, c.at, c.result, c.groups, c.delete_prepared)
+    new = Record(State.COMMITTED, c.start, c.at, c.result, c.groups, c.delete_prepared, c.leased)
     rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(new))
     rows.put(mvcc.T_TXN, xtxn.row_unfinished(c.start, c.txn), b"")
     return _answer(new, c.txn)

@@ -426,7 +426,7 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                 return resp
             groups = {self.n.group_of(k) for k in txn_keys(body)}
             one = groups.pop() if len(groups) == 1 else None
-            if one is None and (plan.ranges or leased_puts(body)):
+            if one is None and plan.ranges:
                 # compares and writes in one group: its one-key reads of other groups may be read
                 # at the transaction's revision too (`_txn_reading`)
                 written = {self.n.group_of(k) for k in txn_keys(body, gets=False)}
@@ -438,12 +438,10 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                     raise unsupported("Put's ignore_value or ignore_lease in a transaction whose keys are in several "
                                       "groups or that reads a range (range_end or a revision)")
                 return await self._txn_ignoring(body, plan, one, context)
-            leased = leased_puts(body)
-            if leased and one is None:
-                raise unsupported("a put with a lease in a transaction whose keys are in several groups")
-            if compares_lease(body) and (one is None or plan.ranges):
-                raise unsupported("a Compare of a key's lease in a transaction whose keys are in several groups "
-                                  "or that reads a range (range_end or a revision)")
+            leased = leased_puts(body)  # across groups too: the two-phase commit carries them (level 7)
+            if compares_lease(body) and plan.ranges:
+                raise unsupported("a Compare of a key's lease in a transaction that reads a range (range_end or a "
+                                  "revision)")
             for put in leased:
                 put.checked = await self.lease_checked(put.lease, self.n.group_of(put.key), context)
             if plan.ranges:
