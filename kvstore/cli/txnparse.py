@@ -4,15 +4,18 @@
                     TARGET: value | val | version | ver | create | c | mod | m
                     OP: = != > <     (numbers for version / create / mod: decimal, >= 0)
     (blank line)
-    success ops     one a line: put KEY VALUE | get KEY | del KEY (delete KEY)
+    success ops     one a line: put KEY VALUE [--lease=ID] | get KEY | del KEY (delete KEY)
     (blank line)
     failure ops     likewise, up to a blank line or the end of the input
 
 KEY and VALUE in operation lines are shell words (quote them with "..." or '...' to include
 spaces); quoted strings in compares use the escapes Go and JSON share (\\" \\\\ \\n \\t \\uXXXX);
 Go's \\xNN and octal escapes (etcdctl's %q of bytes that are not UTF-8) are refused, not guessed
-at. Anything after the failure ops' closing blank line is refused (not dropped). Range flags
-(--prefix, --from-key) and leases are not supported: a line with them is refused. Every malformed line raises `TxnSyntaxError` naming it (nothing is sent).
+at. Anything after the failure ops' closing blank line is refused (not dropped). A put's
+``--lease=ID`` (or ``--lease ID``, anywhere after ``put``) is etcdctl's: the lease id in
+hexadecimal (0: none). Other flags (--prefix, --from-key, --prev-kv, --ignore-value, ...) are
+not supported: a line with them is refused. Every malformed line raises `TxnSyntaxError`
+naming it (nothing is sent).
 """
 
 from __future__ import annotations
@@ -82,18 +85,48 @@ def _op(line: str, encode: Callable[[str], bytes]) -> Op:
         words = shlex.split(line)
     except ValueError as err:
         raise TxnSyntaxError(f"malformed operation ({err}): {line}") from None
+    lease = 0
+    if words and words[0] == "put":
+        words, lease = _lease_flag(words, line)
     if any(w.startswith("--") for w in words[1:]):
-        raise TxnSyntaxError(f"operation flags (ranges, leases) are not supported: {line}")
+        raise TxnSyntaxError(f"operation flags other than a put's --lease are not supported: {line}")
     if words and words[0] == "put":
         if len(words) != 3:
-            raise TxnSyntaxError(f"put takes KEY VALUE: {line}")
-        return Op.put(encode(words[1]), encode(words[2]))
+            raise TxnSyntaxError(f"put takes KEY VALUE [--lease=ID]: {line}")
+        return Op.put(encode(words[1]), encode(words[2]), lease=lease)
     if words and words[0] in ("get", "del", "delete"):
         if len(words) != 2:
             raise TxnSyntaxError(f"{words[0]} takes KEY: {line}")
         k = encode(words[1])
         return Op.get(k) if words[0] == "get" else Op.delete(k)
     raise TxnSyntaxError(f"unknown operation (expected put, get or del): {line}")
+
+
+def _lease_flag(words: list[str], line: str) -> tuple[list[str], int]:
+    """A put's words without its ``--lease=ID`` / ``--lease ID`` (at most one), and the id
+    (etcdctl's: hexadecimal, as Go's ParseInt(s, 16, 64); 0: none)."""
+    out: list[str] = []
+    raw: str | None = None
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w == "--lease" or w.startswith("--lease="):
+            if raw is not None:
+                raise TxnSyntaxError(f"--lease given twice: {line}")
+            if w == "--lease":
+                if i + 1 >= len(words):
+                    raise TxnSyntaxError(f"--lease needs an ID: {line}")
+                raw, i = words[i + 1], i + 2
+                continue
+            raw = w[len("--lease="):]
+        else:
+            out.append(w)
+        i += 1
+    if raw is None:
+        return out, 0
+    if not re.fullmatch(r"[0-9a-fA-F]{1,16}", raw) or int(raw, 16) > INT64_MAX:
+        raise TxnSyntaxError(f"bad lease id {raw!r} (hexadecimal, at most {INT64_MAX:x}): {line}")
+    return out, int(raw, 16)
 
 
 def parse_txn(text: str, encode: Callable[[str], bytes]) -> ParsedTxn:

@@ -64,6 +64,7 @@ from kvstore.client.retry import (
 )
 from kvstore.client.routing import Router
 from kvstore.client.scans import Scans
+from kvstore.client.txns import leased_ids
 from kvstore.client.types import (
     AdminResult,
     Alarm,
@@ -83,6 +84,7 @@ from kvstore.client.watches import WatchBatch, Watches, WatchEvent
 from kvstore.client.writes import Writes
 from kvstore.errors import KVError
 from kvstore.shard.shardmap import ShardMap
+from kvstore.storage import leases
 
 __all__ = ["AsyncClient"]
 
@@ -354,8 +356,23 @@ class AsyncClient:
         transaction is not applied twice, and a timeout after sending is indeterminate. Example::
 
             await c.txn([Compare.value(b"k", "=", b"old")], [Op.put(b"k", b"new"), Op.get(b"j")])
+
+        A put with ``lease=`` attaches its key to that lease (in any group, as ``leases.put``):
+        each such lease is first checked live at its home (one LeaseTimeToLive per lease); a
+        lease not live there refuses the transaction (definite ``LeaseNotFound``) only if a put
+        with it is on the path taken, as etcd does.
         """
-        return await self._writes.txn(compares, success, failure, timeout=timeout)
+        checked: dict[int, int] = {}
+        for lid in sorted(set(leased_ids((*success, *failure)))):
+            try:
+                info = await self.leases.time_to_live(lid, timeout=timeout)
+            except KVError as err:
+                if leases.NOT_FOUND in err.message:
+                    checked[lid] = 0
+                    continue
+                raise
+            checked[lid] = info.checked if info.ttl >= 0 else 0
+        return await self._writes.txn(compares, success, failure, timeout=timeout, checked=checked)
 
     def scan(
         self,

@@ -8,27 +8,42 @@ is the authority)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from kvstore.client.checks import RequestChecks
 from kvstore.client.types import Compare, Op
 from kvstore.errors import InvalidArgument
+from kvstore.storage import leases
 from kvstore.storage.txn import MAX_TXN_DEPTH, MAX_TXN_ITEMS, NUMBER_MAX
 from kvstore.v1 import kv_pb2
 
-__all__ = ["first_key", "txn_body"]
+__all__ = ["first_key", "leased_ids", "txn_body"]
 
 _TARGETS = {
     "value": kv_pb2.COMPARE_VALUE, "version": kv_pb2.COMPARE_VERSION,
-    "create": kv_pb2.COMPARE_CREATE, "mod": kv_pb2.COMPARE_MOD,
+    "create": kv_pb2.COMPARE_CREATE, "mod": kv_pb2.COMPARE_MOD, "lease": kv_pb2.COMPARE_LEASE,
 }
 _OPS = {"=": kv_pb2.EQUAL, "!=": kv_pb2.NOT_EQUAL, ">": kv_pb2.GREATER, "<": kv_pb2.LESS}
 
 
+def leased_ids(ops: Sequence[Op]) -> Iterator[int]:
+    """The lease of every put with one in `ops` and their nested transactions (as given: checked
+    by `txn_body`)."""
+    for o in ops:
+        if isinstance(o, Op):
+            if o.kind == "put" and o.lease:
+                yield o.lease
+            elif o.kind == "txn":
+                yield from leased_ids((*o.success, *o.failure))
+
+
 def txn_body(
-    checks: RequestChecks, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]
+    checks: RequestChecks, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op],
+    checked: Mapping[int, int] | None = None,
 ) -> kv_pb2.TxnBody:
-    """The checked wire form of a transaction."""
+    """The checked wire form of a transaction; a put with a lease carries `checked[lease]` (the
+    lease's home's reading when it answered the lease live, `Leases.time_to_live`; 0 if absent:
+    then only the lease's home group accepts the put)."""
     items = [0]
 
     def body(compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op], depth: int) -> kv_pb2.TxnBody:
@@ -57,7 +72,14 @@ def txn_body(
                 if not isinstance(o, Op):
                     raise InvalidArgument(f"an operation must be an Op, not {type(o).__name__}")
                 if o.kind == "put":
-                    out.add().put.CopyFrom(kv_pb2.TxnPut(key=checks.key(o.key), value=checks.value(o.value)))
+                    put = kv_pb2.TxnPut(key=checks.key(o.key), value=checks.value(o.value))
+                    if o.lease:
+                        try:
+                            put.lease = leases.check_id(o.lease)
+                        except ValueError as err:
+                            raise InvalidArgument(f"a put's lease: {err}") from None
+                        put.checked = (checked or {}).get(o.lease, 0)
+                    out.add().put.CopyFrom(put)
                 elif o.kind == "delete":
                     out.add(delete=checks.key(o.key))
                 elif o.kind == "get":

@@ -71,7 +71,7 @@ class KeyValue:
     version: int = 0
 
 
-CompareTarget = Literal["value", "version", "create", "mod"]
+CompareTarget = Literal["value", "version", "create", "mod", "lease"]
 CompareOp = Literal["=", "!=", ">", "<"]
 
 
@@ -80,7 +80,8 @@ class Compare:
     """One compare of a transaction (etcd's): ``target(key) op operand``. ``value`` compares
     bytes (false whatever ``op`` for a missing key); ``version``, ``create`` and ``mod`` compare
     the key's version, create revision and mod revision (all 0 for a missing key, so
-    ``Compare.create(k, "=", 0)`` tests that ``k`` does not exist). Build with the class methods."""
+    ``Compare.create(k, "=", 0)`` tests that ``k`` does not exist); ``lease`` the id of the lease
+    the key is attached to (0: none). Build with the class methods."""
 
     key: bytes
     target: CompareTarget
@@ -103,11 +104,16 @@ class Compare:
     def mod(cls, key: bytes, op: CompareOp, revision: int) -> Compare:
         return cls(key, "mod", op, revision)
 
+    @classmethod
+    def lease(cls, key: bytes, op: CompareOp, lease_id: int) -> Compare:
+        return cls(key, "lease", op, lease_id)
+
 
 @dataclass(frozen=True, slots=True)
 class Op:
-    """One operation of a transaction: ``Op.put(k, v)``, ``Op.delete(k)``, ``Op.get(k)`` or a
-    nested ``Op.txn(compares, success, failure)``."""
+    """One operation of a transaction: ``Op.put(k, v)`` (``lease=``: attach the key to that
+    lease, as ``leases.put`` does), ``Op.delete(k)``, ``Op.get(k)`` or a nested
+    ``Op.txn(compares, success, failure)``."""
 
     kind: Literal["put", "delete", "get", "txn"]
     key: bytes = b""
@@ -115,10 +121,11 @@ class Op:
     compares: tuple[Compare, ...] = ()
     success: tuple[Op, ...] = ()
     failure: tuple[Op, ...] = ()
+    lease: int = 0
 
     @classmethod
-    def put(cls, key: bytes, value: bytes) -> Op:
-        return cls("put", key, value)
+    def put(cls, key: bytes, value: bytes, lease: int = 0) -> Op:
+        return cls("put", key, value, lease=lease)
 
     @classmethod
     def delete(cls, key: bytes) -> Op:

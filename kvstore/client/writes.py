@@ -12,7 +12,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from kvstore.client.channels import Channels
@@ -145,10 +145,12 @@ class Writes:
         return bool(resp.swapped)
 
     async def txn(
-        self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op], *, timeout: float | None = None
+        self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op], *, timeout: float | None = None,
+        checked: Mapping[int, int] | None = None,
     ) -> TxnResponse:
-        """Run a transaction (see `AsyncClient.txn`); it is routed by its first key."""
-        body = txn_body(self.checks, compares, success, failure)
+        """Run a transaction (see `AsyncClient.txn`; `checked`: its leased puts' stamps,
+        `txns.txn_body`); it is routed by its first key."""
+        body = txn_body(self.checks, compares, success, failure, checked)
         key = first_key(body)
         if key is None:
             raise InvalidArgument("a transaction must name at least one key")

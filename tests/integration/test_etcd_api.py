@@ -1278,13 +1278,15 @@ def test_etcdctl_lock_and_elect(kv_cluster: Cluster, kv: str) -> None:
             p.stop()
 
 
-def test_txn_with_leases_over_grpc(kv: str) -> None:
+def test_txn_with_leases_over_grpc(kv: str, kv_cluster: Cluster) -> None:
     """What etcdctl cannot send: a Compare of a key's lease; a lease id homed outside the data
     groups is "requested lease not found" (never a routing error), in a Put and in a Txn; a Txn
-    whose leased put and other write are in two groups is refused (FAILED_PRECONDITION,
-    definite); a revoked lease refuses the whole Txn, nothing written."""
+    whose leased puts are in two groups (etcdctl's `txn` with `put --lease`) attaches both keys
+    (a two-phase commit, level 7), their leases compared across the groups; a revoke deletes
+    both; a revoked lease refuses the whole Txn, nothing written, in one group or two."""
     import grpc
 
+    from kvstore.client import Client
     from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
     from kvstore.storage import leases
 
@@ -1294,6 +1296,13 @@ def test_txn_with_leases_over_grpc(kv: str) -> None:
     def lease_is(key: bytes, lid: int) -> rpc_pb2.Compare:
         return rpc_pb2.Compare(key=key, target=rpc_pb2.Compare.LEASE, result=rpc_pb2.Compare.EQUAL, lease=lid)
 
+    kv_cluster.wait_cluster_version()  # leased puts across groups: level 7
+    with Client(kv_cluster.endpoints, timeout=20) as c:
+        m = c.shard_map(refresh=True)
+        assert m is not None
+        home_of = m.group_for_key(b"gl/k0")
+        same = next(b"gl/k%d" % i for i in range(1, 200) if m.group_for_key(b"gl/k%d" % i) == home_of)
+        far = next(b"gl/k%d" % i for i in range(1, 200) if m.group_for_key(b"gl/k%d" % i) != home_of)
     with grpc.insecure_channel(kv) as ch:
         lease, kvs = rpc_pb2_grpc.LeaseStub(ch), rpc_pb2_grpc.KVStub(ch)
         lid = lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=60), timeout=30).ID
@@ -1306,34 +1315,40 @@ def test_txn_with_leases_over_grpc(kv: str) -> None:
         home0 = leases.make_id(1, 3) & ~leases.ID_GROUP_MASK
         for bad in (home0, home0 | 0x0FF, (1 << 63) - 1):  # homed in groups 0, 255, 4095
             for call in (lambda b=bad: kvs.Put(rpc_pb2.PutRequest(key=b"gl/x", lease=b), timeout=30),
-                         lambda b=bad: kvs.Txn(rpc_pb2.TxnRequest(success=[put(b"gl/x", b)]), timeout=30)):
+                         lambda b=bad: kvs.Txn(rpc_pb2.TxnRequest(success=[put(b"gl/x", b)]), timeout=30),
+                         lambda b=bad: kvs.Txn(rpc_pb2.TxnRequest(success=[put(b"gl/k0", b), put(far)]), timeout=30)):
                 with pytest.raises(grpc.RpcError) as e:
                     call()
                 assert (e.value.code(), e.value.details()) == (grpc.StatusCode.NOT_FOUND,
                                                                "etcdserver: requested lease not found")
-        refused, same, far = None, None, b""
-        for i in range(1, 64):  # of 63 keys, some are in gl/k0's group and some in the other (2 groups)
-            try:
-                kvs.Txn(rpc_pb2.TxnRequest(success=[put(b"gl/k0", lid), put(b"gl/k%d" % i)]), timeout=30)
-                same = same or b"gl/k%d" % i
-            except grpc.RpcError as err:
-                refused, far = refused or err, far or b"gl/k%d" % i
-            if refused and same:
-                break
-        assert same is not None and refused is not None and refused.code() == grpc.StatusCode.FAILED_PRECONDITION, refused
-        assert dict(refused.trailing_metadata() or ()).get("kvstore-outcome") == "definite"
-        # a leased put with a read of a key in the other group: the read is served at the Txn's revision
+        # etcdctl's txn: two leased puts whose keys are in the two groups (one revision)
+        out = ctl(kv, "txn", "-w", "json", stdin=f"\nput gl/k0 v --lease={lid:x}\nput {far.decode()} v "
+                                                  f"--lease={lid:x}\n\n\n")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["succeeded"] is True
+        both = kvs.Txn(rpc_pb2.TxnRequest(compare=[lease_is(b"gl/k0", lid), lease_is(far, lid)],
+                                          success=[rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=far))]),
+                       timeout=30)
+        assert both.succeeded and both.responses[0].response_range.kvs[0].lease == lid
+        ttl = lease.LeaseTimeToLive(rpc_pb2.LeaseTimeToLiveRequest(ID=lid, keys=True), timeout=30)
+        assert {b"gl/k0", far} <= set(ttl.keys)
+        # a leased put with a read of a key in the other group
         seen = kvs.Put(rpc_pb2.PutRequest(key=far, value=b"seen"), timeout=30).header.revision
         mixed = kvs.Txn(rpc_pb2.TxnRequest(success=[put(b"gl/k0", lid), rpc_pb2.RequestOp(
             request_range=rpc_pb2.RangeRequest(key=far))]), timeout=30)
         assert mixed.succeeded and mixed.responses[1].response_range.kvs[0].value == b"seen"
         assert mixed.header.revision > seen  # the Txn's revision: above every write acknowledged before it
+        kvs.Put(rpc_pb2.PutRequest(key=far, value=b"v", lease=lid), timeout=30)
         lease.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=lid), timeout=30)
+        _until(lambda: not kvs.Range(rpc_pb2.RangeRequest(key=b"gl/k0"), timeout=30).kvs
+               and not kvs.Range(rpc_pb2.RangeRequest(key=far), timeout=30).kvs, "the revoked lease's keys deleted")
         kvs.DeleteRange(rpc_pb2.DeleteRangeRequest(key=b"gl/", range_end=b"gl0"), timeout=30)
-        with pytest.raises(grpc.RpcError) as e:
-            kvs.Txn(rpc_pb2.TxnRequest(success=[put(b"gl/k0"), put(same, lid)]), timeout=30)
-        assert e.value.details() == "etcdserver: requested lease not found"
-        assert not kvs.Range(rpc_pb2.RangeRequest(key=b"gl/", range_end=b"gl0"), timeout=30).kvs
+        for keys in ((b"gl/k0", same), (b"gl/k0", far)):  # one group, then two
+            with pytest.raises(grpc.RpcError) as e:
+                kvs.Txn(rpc_pb2.TxnRequest(success=[put(keys[0]), put(keys[1], lid)]), timeout=30)
+            assert e.value.details() == "etcdserver: requested lease not found"
+            assert dict(e.value.trailing_metadata() or ()).get("kvstore-outcome") == "definite"
+            assert not kvs.Range(rpc_pb2.RangeRequest(key=b"gl/", range_end=b"gl0"), timeout=30).kvs
         kvs.DeleteRange(rpc_pb2.DeleteRangeRequest(key=b"gl/", range_end=b"gl0"), timeout=30)
 
 

@@ -21,8 +21,8 @@ import pytest
 from clusterharness import Cluster
 
 from kvstore.backup.format import BackupReader
-from kvstore.client import Client
-from kvstore.errors import InvalidArgument
+from kvstore.client import Client, Compare, Op
+from kvstore.errors import InvalidArgument, LeaseNotFound
 from kvstore.shard.shardmap import ShardMap
 from kvstore.storage import leases
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
@@ -141,6 +141,41 @@ def test_a_revoke_deletes_keys_in_both_groups_at_one_revision(cluster: Cluster) 
             with pytest.raises(InvalidArgument) as e:
                 c.put(k, b"again", lease=lid)
             assert leases.NOT_FOUND in e.value.message and e.value.definite
+
+
+def test_a_txn_across_groups_puts_keys_on_one_lease_and_the_revoke_deletes_both(cluster: Cluster) -> None:
+    """Issue 17: a transaction whose leased puts are in the two groups (a two-phase commit; the
+    client checks the lease at its home for `checked`), its keys' leases compared across the
+    groups; `kvctl txn`'s `put --lease` likewise; the revoke deletes every key at one revision."""
+    with Client(cluster.endpoints, timeout=20) as c:
+        m = c.shard_map(refresh=True)
+        assert m is not None
+        keys = _keys_by_group(m, b"xl/")
+        lid = c.lease_grant(60, leases.make_id(min(keys), 0xFACE))
+        first = c.txn([Compare.create(k, "=", 0) for k in keys.values()],
+                      [Op.put(k, b"v", lease=lid) for k in keys.values()])
+        assert first.succeeded and first.revision
+        more = _keys_by_group(m, b"xm/")
+        line = "".join(f"put {k.decode()} w --lease={lid:x}\n" for k in more.values())
+        out = subprocess.run(
+            [sys.executable, "-m", "kvstore.cli.kvctl", "--endpoints", ",".join(cluster.endpoints), "--timeout", "20",
+             "txn"], input="\n" + line + "\n", capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert out.returncode == 0 and out.stdout.startswith("SUCCESS"), (out.stdout, out.stderr)
+        every = [*keys.values(), *more.values()]
+        held = c.txn([Compare.lease(k, "=", lid) for k in every], [Op.get(k) for k in every])
+        assert held.succeeded and sorted(c.lease_time_to_live(lid, keys=True).keys) == sorted(every)
+        assert c.lease_revoke(lid) == len(every)
+        deletes: dict[bytes, int] = {}
+        for batch in c.watch_batches(prefix=b"x", start_revision=first.revision):
+            deletes.update({e.key: e.mod_revision for e in batch.events if e.type == "DELETE"})
+            if set(deletes) >= set(every):
+                break
+        assert len({deletes[k] for k in every}) == 1, deletes  # one revision in both groups
+        assert all(c.get(k) is None for k in every)
+        with pytest.raises(LeaseNotFound) as e:  # the dead lease: refused whole, nothing written
+            c.txn([], [Op.put(b"xn/plain", b"p"), *(Op.put(k, b"again", lease=lid) for k in keys.values())])
+        assert e.value.definite and c.get(b"xn/plain") is None
 
 
 def test_an_election_made_before_its_session_started(cluster: Cluster) -> None:

@@ -54,6 +54,12 @@ def test_the_etcdctl_format() -> None:
     ('version("k") > "' + "9" * 5000 + '"\n', "needs a number"),  # past int()'s digit limit: still named
     ("\nput k\n", "put takes KEY VALUE"),
     ("\nget k --prefix\n", "not supported"),
+    ("\nput k v --prev-kv\n", "not supported"),
+    ("\nput k v --lease=zz\n", "bad lease id"),
+    ("\nput k v --lease=8000000000000000\n", "bad lease id"),
+    ("\nput k v --lease\n", "needs an ID"),
+    ("\nput k v --lease=1 --lease=2\n", "twice"),
+    ("\nget k --lease=1\n", "not supported"),
     ("\nget\n", "get takes KEY"),
     ("\nrange k\n", "unknown operation"),
     ('\nput "k v\n', "malformed operation"),
@@ -62,6 +68,11 @@ def test_the_etcdctl_format() -> None:
 def test_refusals_name_the_line(text: str, msg: str) -> None:
     with pytest.raises(TxnSyntaxError, match=msg):
         parse_txn(text, enc)
+
+
+def test_a_puts_lease_is_etcdctls_hex_flag() -> None:
+    p = parse_txn("\nput k v --lease=694d81a4b2c3\nput --lease 1f j w\nput a b --lease=0\n", enc)
+    assert p.success == (Op.put(b"k", b"v", lease=0x694D81A4B2C3), Op.put(b"j", b"w", lease=0x1F), Op.put(b"a", b"b"))
 
 
 def test_an_encoder_refusal_is_a_syntax_error() -> None:
