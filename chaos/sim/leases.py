@@ -46,6 +46,12 @@ Checked (`LeaseViolation`):
   end check above finds it otherwise (`--plant lease-no-orphan-sweep`, seed 1019 with
   `--moves on`). Such a key is deleted at the sweep's revision, not the deletion's: the
   atomicity check leaves out the groups the plan left out.
+- leased puts across groups (`run_node_seed(..., lease_txns=True)`): half the clients attach
+  both keys of their lease in ONE transaction across groups (leased puts with the `checked`
+  stamp of the coordinator's clock; `_attach_across`, through the lease deletions' two-phase
+  commit driver), so the checks above cover those attachments: a planted COMMIT that writes the
+  key without attaching it (`node-xtxn-commit-drops-attachment`) is found (a key of a dead lease
+  still present).
 `python -m chaos.sim --leases on` runs it (a fixed fifth of the seeds by default: `leases_by_default`).
 """
 
@@ -144,6 +150,8 @@ class LeaseStats:
     renewed: int = 0
     attached: int = 0
     attached_by_txn: int = 0
+    attached_across: int = 0
+    """Leases whose two keys (in two groups) one transaction across groups attached (answered)."""
     """Of `attached`: by a TXN's leased put (each client's first key)."""
     expired: int = 0
     kept: int = 0
@@ -202,7 +210,11 @@ class _Own:
     leases: SimLeases
 
     def answered_cross(self, t: txn.Txn | None, r: txn.TxnResult, revision: int) -> None:
-        self.leases.stats.cross_deletions += 1
+        c = self.leases.attaching.pop(t, None) if t is not None else None
+        if c is None:
+            self.leases.stats.cross_deletions += 1
+        elif r.succeeded:
+            self.leases.attached_across(c)
 
     def finished_record(self) -> None:
         """The record sweep finished a lease deletion's record (nothing to count here)."""
@@ -223,9 +235,16 @@ class SimLeases:
     """lease -> when its last deletion attempt across groups started (one at a time per lease)."""
     sweeps: dict[tuple[int, int], OrphanSweep] = field(default_factory=dict)
     """(node, data group) -> that node's orphan sweep of the group (it sweeps while it leads it)."""
+    across: bool = False
+    """Half the clients attach both keys in one transaction across groups (`_attach_across`)."""
+    attaching: dict[txn.Txn, _Client] = field(default_factory=dict)
+    """A leased-put transaction in flight -> its client (its answer marks the keys attached)."""
+
+    across_rng: random.Random = field(init=False)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(f"leases-run:{self.sim.seed}")
+        self.across_rng = random.Random(f"leases-across:{self.sim.seed}")
         self.cross = CrossPairs(_Own(self.sim, random.Random(f"leases-cross:{self.sim.seed}"), self))
 
     # --- clocks -----------------------------------------------------------------------------
@@ -317,8 +336,11 @@ class SimLeases:
                 c.held_until = max(c.held_until, sent + TTL_S * 1000)
                 c.last_ack_send = sent
                 self.stats.granted += 1
-                for k in c.keys:
-                    self._attach(c, k, 0)
+                if self.across and self.across_rng.random() < 0.5:
+                    self._attach_across(c, 0)
+                else:
+                    for k in c.keys:
+                        self._attach(c, k, 0)
                 self.sim.at(c.every, self._renew, c)
             elif res is not None and res.error == "lease already exists":
                 return  # an earlier attempt applied but its answer was lost: this lease is not checked
@@ -347,6 +369,37 @@ class SimLeases:
 
         group = smap.group_for_key(key)
         self._propose(group, data, done)
+
+    def _attach_across(self, c: _Client, n: int) -> None:
+        """Both keys of `c`'s lease put with the lease in ONE transaction, coordinated at a random
+        live node over its map (a two-phase commit when the keys are in two groups); each put
+        carries the coordinator's clock reading as `checked` (the client holds the lease: as
+        `_propose` stamps a LEASE_PUT). Retried while refused or conflicting; its answer marks
+        the keys attached (`attached_across`)."""
+        live = [x for x in self.sim.nodes.values() if not x.removed and x.logic is not None]
+        if c.revoked_at >= 0 or not live or n > 20:
+            return
+        node = self.across_rng.choice(live)
+        smap = node.logic.shard_tracker.map
+        if smap is None:
+            self.sim.at(self.across_rng.randrange(20, 60), self._attach_across, c, n + 1)
+            return
+        checked = self.sim._clock(node).propose()
+        t = txn.Txn(success=tuple(txn.TxnOp(txn.OpKind.PUT, k, b"v", lease=c.lid, checked=checked) for k in c.keys))
+        self.attaching[t] = c
+
+        def retry(m: int) -> None:
+            self.attaching.pop(t, None)
+            self.sim.at(self.across_rng.randrange(50, 200), self._attach_across, c, m)
+
+        self.cross.attempt(node, t, {k: smap.group_for_key(k) for k in c.keys}, n, retry)
+
+    def attached_across(self, c: _Client) -> None:
+        smap = self._smap()
+        for k in c.keys:
+            c.attached_in[k] = smap.group_for_key(k) if smap is not None else 0
+        self.stats.attached += len(c.keys)
+        self.stats.attached_across += 1
 
     def _rewrite(self, c: _Client, key: bytes) -> None:
         """A cross-group transaction puts `key` (attached to the lease) and a companion key in

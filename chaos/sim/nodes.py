@@ -345,6 +345,7 @@ class NodeSimulation:
         leases: bool | None = None,
         txns: bool | None = None,
         locks: bool | None = None,
+        lease_txns: bool = False,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -417,7 +418,7 @@ class NodeSimulation:
             watches = params is None and watches_by_default(seed)
         self.watches = SimWatches(self) if watches else None
         self.txn_pairs = TxnPairs(self) if txn_pairs else None
-        self.leases = SimLeases(self) if leases and self.quiet is None else None
+        self.leases = SimLeases(self, across=lease_txns) if leases and self.quiet is None else None
         """Leases with the real lease clock on every node, drifting clocks, checked for early
         expiry and the expiry bound (`leases.py`; off unless asked for, and off with quiescence:
         a live lease keeps its home group awake, its leader's clock checkpoints it)."""
@@ -1505,17 +1506,18 @@ def run_node_seed(seed: int, nodes: int = 3, trace: bool = False, params: NodeSi
                   quiesce: bool | None = None, closed_reads: bool | None = None,
                   watches: bool | None = None, txn_pairs: bool | None = None,
                   leases: bool | None = None, txns: bool | None = None,
-                  locks: bool | None = None) -> NodeSimResult:
+                  locks: bool | None = None, lease_txns: bool = False) -> NodeSimResult:
     """One seed; `moves` forces range moves on or off (default: drawn, on half of the seeds),
     `quiesce` quiescence (default: `quiesce_by_default`), `closed_reads` the cross-group scans
     (default: `closed_reads_by_default`, when the params are drawn), `watches` the watchers
     (default: `watches_by_default`, when the params are drawn), `txn_pairs` the pair
     transactions (default: off), `leases` the lease clients (default: off), `txns` the general
     transactions checked against a model (default: off), `locks` the lock clients with fencing
-    (default: off)."""
+    (default: off), `lease_txns` (with `leases`) the lease clients attaching both keys of a
+    lease in one transaction across groups, half the time (default: off)."""
     return NodeSimulation(
         seed, nodes, params, trace, store_factory, moves=moves, quiesce=quiesce, closed_reads=closed_reads,
-        watches=watches, txn_pairs=txn_pairs, leases=leases, txns=txns, locks=locks,
+        watches=watches, txn_pairs=txn_pairs, leases=leases, txns=txns, locks=locks, lease_txns=lease_txns,
     ).run()
 
 

@@ -499,6 +499,12 @@ def _commit_keeps_lease(rows: Any, key: bytes) -> None:
     return None
 
 
+def _commit_drops_attachment(rows: Any, key: bytes, lease_id: int) -> None:
+    # BUG: a cross-group COMMIT writes a leased put's key but does not attach it: the key
+    # outlives its lease.
+    return None
+
+
 def _per_group_deletion(data_groups: Any) -> bool:
     # BUG: a lease's expiry deletes its keys per group as before the deletion across groups: the
     # home group's EXPIRE deletes its own at one revision, each other group's DROP its own at
@@ -525,6 +531,13 @@ LEASE_TXN_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
 }
 """Bugs where leases meet cross-group transactions, found by the lease clients with the pair
 transactions on (`leases.py`'s rewrites; `tests/simulation/test_node_sim_leases.py`)."""
+
+LEASE_XTXN_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
+    "node-xtxn-commit-drops-attachment": (xtxn_apply, "attach_written", _commit_drops_attachment),
+}
+"""Bugs in leased puts across groups, found by the lease clients attaching both keys of a lease
+in one cross-group transaction (`leases.py`'s `lease_txns`: the end check finds the key of a
+dead lease still present)."""
 
 def _holder_latest(queue: dict[bytes, int]) -> bytes:
     # BUG: the holder is the key with the HIGHEST create revision (the newest waiter).
@@ -564,7 +577,7 @@ LEASE_MOVE_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
 end check in the group serving each key; `tests/simulation/test_node_sim_leases.py`)."""
 
 ALL_BUGS = {**BUGS, **NODE_BUGS, **STORAGE_BUGS, **WATCH_BUGS, **TXN_BUGS, **TXN_MODEL_BUGS, **LEASE_BUGS,
-            **LEASE_TXN_BUGS, **LOCK_BUGS, **LEASE_MOVE_BUGS}
+            **LEASE_TXN_BUGS, **LEASE_XTXN_BUGS, **LOCK_BUGS, **LEASE_MOVE_BUGS}
 
 
 @contextmanager

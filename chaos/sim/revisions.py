@@ -171,8 +171,12 @@ class RevisionChecker:
         if cmd.op == commands.Op.COMMIT and (group, x.txn.encode()) not in self.committed:
             self.committed.add((group, x.txn.encode()))
             if group != META_GROUP:
-                writes = ([(k, None) for k in self.held.get((group, x.txn.encode()), ())] if x.delete_prepared
-                          else x.writes)
+                writes: list[tuple[bytes, bytes | None]] = (
+                    [(k, None) for k in self.held.get((group, x.txn.encode()), ())] if x.delete_prepared
+                    else list(x.writes))
+                if x.leased and res.current:  # leased puts of a lease found dead here: deleted instead
+                    dead = set(xtxn.decode_found(res.current))
+                    writes = [(k, None if k in dead else v) for k, v in writes]
                 for key, value in writes:
                     vs = self.versions.setdefault(key, [])
                     i = bisect_right(vs, x.at, key=_rev)

@@ -21,11 +21,22 @@ Rules (each command is idempotent: a coordinator or a resolver may propose it ag
   the writes are the deletes of every key it prepared here, a range delete's or a lease
   deletion's), R >= p and R
   above the compact revision; the writes are made at exactly R, each detaching its key from its
-  lease (`leases.detach`, as a PUT does) (`mvcc.write_version(commit=True)`:
+  lease (`leases.detach`, as a PUT does), then each leased put (`XCmd.leased`, level 7)
+  attaching its key as a LEASE_PUT would (`attach_written`) - unless the lease is known dead
+  here at R (`leases.may_attach`: its tombstone, or a record not LIVE in its home), when the
+  key's deletion is written at R instead (answered in `current`, `xtxn.encode_found`: the
+  commit point is passed, so the COMMIT cannot refuse; `node/xtxn.py`, "Leases") (`mvcc.write_version(commit=True)`:
   last := max(last, R); the change log rows at (R, kid), possibly below last), the intents go,
   and a *done* row stays (until the group is `MAX_AGE` past the start) so a delayed duplicate
   PREPARE is refused. With no intents of the transaction left: a no-op if it is done, else refused.
 - ABORT(id): drops the intents (done row as for COMMIT). A no-op without intents.
+- Leased puts (PREPARE with `leased` / `read_leases`, level 7): a new PREPARE is refused LOCKED
+  while another transaction's lease lock holds one of their leases (a deletion of it is
+  prepared); it answers per leased put whether it may attach (`leases.attach_refusal` at p, the
+  per-lease key limit over every path's puts together), and the lease each named key is attached
+  to if asked (`xtxn.encode_prepared_leases` in `current`), and writes an *attach lock* (row `a`)
+  on the leases it accepted, until the COMMIT or ABORT: a lease's deletion (its PREPARE, and
+  REVOKE / EXPIRE / DROP / ORPHAN by one command, `machine._locked`) meets it LOCKED.
 - A lease's deletion (PREPARE with a lease L, no keys): as a range delete, but its keys are the
   keys attached to L here (served, with a value: answered as found, each given an intent), and
   it holds a *lease lock* (row `e`) until its COMMIT or ABORT: a LEASE_PUT of L is refused
@@ -496,6 +507,7 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
             lease_id = xtxn.decode_lease_lock(bytes(ll))[1]
         except ValueError as err:
             raise mvcc.RevisionError(f"corrupt lease lock row: {err}") from None
+    dead: set[bytes] = set()
     if c.op == XOp.COMMIT:
         held = set(keys)
         if any(k not in held for k, _ in c.writes):
@@ -520,7 +532,7 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
             detach_written(rows, k)
         for k, lid in attaching.items():
             if k not in dead:
-                leases.attach(rows, k, lid)
+                attach_written(rows, k, lid)
     if lease_id is not None:
         if c.op == XOp.COMMIT:
             leases.deleted_everywhere(rows, view.group, lease_id, c.at)
@@ -533,6 +545,8 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
     rows.delete(mvcc.T_TXN, xtxn.row_attach_lock(c.txn))
     rows.put(mvcc.T_TXN, xtxn.row_done(c.txn), _U64.pack(start))
     _gc_later(rows, start, c.txn)
+    if c.op == XOp.COMMIT and dead:  # the keys deleted instead of put (`current`: the checkers' view)
+        return ApplyResult(revision=c.at, current=xtxn.encode_found(sorted(dead)))
     return ApplyResult(revision=c.at)
 
 
@@ -540,6 +554,12 @@ def detach_written(rows: mvcc.Rows, key: bytes) -> None:
     """A COMMIT's write or delete of `key` detaches it from its lease, as a PUT does (else the
     lease's expiry would later delete what the transaction wrote without it)."""
     leases.detach(rows, key)
+
+
+def attach_written(rows: mvcc.Rows, key: bytes, lease_id: int) -> None:
+    """A COMMIT's leased put of `key` (written and detached first) attaches it to its lease, as
+    a LEASE_PUT does (`leases.attach`)."""
+    leases.attach(rows, key, lease_id)
 
 
 def _answer(rec: Record, t: TxnId) -> ApplyResult:

@@ -9,12 +9,15 @@ attached is found (the lease's deletion deletes the transaction's write). With r
 a lease's key moved to another group is deleted there when the lease expires; a planted INSTALL
 that drops the moved keys' attachments is found. With range moves, a lease's deletion plans over
 the map of its grant (a lagging coordinator's, issue 17's gap A): the orphan sweep deletes the
-keys moved to a group added since; without it (planted) the end check finds them."""
+keys moved to a group added since; without it (planted) the end check finds them. With leased
+puts across groups (`lease_txns`), half the clients attach both keys of a lease in one
+transaction across groups; a planted COMMIT that writes the key without attaching it is found
+(the key outlives its lease)."""
 
 from __future__ import annotations
 
 from chaos.sim.nodes import run_node_seed
-from chaos.sim.plant import LEASE_BUGS, LEASE_MOVE_BUGS, LEASE_TXN_BUGS, planted
+from chaos.sim.plant import LEASE_BUGS, LEASE_MOVE_BUGS, LEASE_TXN_BUGS, LEASE_XTXN_BUGS, planted
 
 SEEDS = range(1000, 1010)
 
@@ -90,3 +93,28 @@ def test_orphan_sweep_deletes_keys_a_stale_plan_left_out() -> None:
             break
     else:
         raise AssertionError("the planted missing orphan sweep was not found")
+
+
+def test_leased_puts_across_groups_hold_on_seeds() -> None:
+    across = 0
+    for seed in (1000, 1002):
+        res = run_node_seed(seed, leases=True, quiesce=False, lease_txns=True)
+        assert res.ok, res.violation
+        assert res.leases is not None
+        across += res.leases.attached_across
+    assert across > 0
+
+
+def test_planted_leased_put_across_groups_bug_is_found() -> None:
+    for bug in LEASE_XTXN_BUGS:
+        for seed in range(1003, 1013):  # 1003: a lease's two keys attached by one transaction, then expired
+            with planted(bug):
+                res = run_node_seed(seed, leases=True, quiesce=False, lease_txns=True)
+            if not res.ok:
+                assert res.violation is not None and "still present" in res.violation, res.violation
+                clean = run_node_seed(seed, leases=True, quiesce=False, lease_txns=True)
+                assert clean.ok, f"seed {seed} fails without {bug!r} too: {clean.violation}"
+                assert clean.leases is not None and clean.leases.attached_across > 0
+                break
+        else:
+            raise AssertionError(f"planted bug {bug!r} not found")

@@ -323,7 +323,8 @@ def test_a_lease_found_dead_only_at_commit_leaves_no_attachment() -> None:
     assert gs[HOME].apply(logic.record_command(T1, START, ready)).error is None
     leases.put_tomb(gs[OTHER].rows, OTHER, LID, START)  # the lease died unseen by the lock
     cmds = logic.commit_commands(T1, ready, sorted(p.keys))
-    assert gs[OTHER].apply(cmds[OTHER]).error is None
+    done = gs[OTHER].apply(cmds[OTHER])
+    assert done.error is None and xtxn.decode_found(done.current or b"") == [b"o/1", b"o/2"]  # deleted instead
     assert gs[OTHER].get(b"o/1") is None and gs[OTHER].get(b"o/2") is None  # deleted at R, not attached
     assert leases.attached_keys(gs[OTHER].rows, LID) == [] and leases.attached_count(gs[OTHER].rows, LID) == 0
     meta = mvcc.current_meta(gs[OTHER].rows, b"o/2", None)
@@ -382,3 +383,25 @@ def test_a_resolver_commits_with_the_records_leases() -> None:
     assert gs[OTHER].apply(follow).error is None
     assert leases.lease_of(gs[OTHER].rows, b"o/1") == LID and leases.lease_of(gs[OTHER].rows, b"o/2") == 0
     assert logic.finish_commands(T1, rec)[OTHER] == follow  # the record sweep sends the same COMMIT
+
+
+# --- the client's wire form ------------------------------------------------------------------------
+def test_the_clients_leased_puts_and_lease_compares_on_the_wire() -> None:
+    from kvstore.client.checks import RequestChecks
+    from kvstore.client.txns import leased_ids, txn_body
+    from kvstore.client.types import Compare as CCompare
+    from kvstore.client.types import Op
+    from kvstore.server.txn_wire import txn_from_proto
+    from kvstore.v1 import kv_pb2
+
+    checks = RequestChecks(timeout=1.0)
+    ops = [Op.put(b"a", b"1", lease=LID), Op.txn([], [Op.put(b"b", b"2", lease=LID + 4096)], [Op.put(b"c", b"3")])]
+    assert sorted(leased_ids(ops)) == [LID, LID + 4096]
+    body = txn_body(checks, [CCompare.lease(b"a", "=", LID)], ops, [], {LID: 77})
+    assert body.compares[0].target == kv_pb2.COMPARE_LEASE and body.compares[0].number == LID
+    assert (body.success[0].put.lease, body.success[0].put.checked) == (LID, 77)
+    assert (body.success[1].txn.success[0].put.lease, body.success[1].txn.success[0].put.checked) == (LID + 4096, 0)
+    t = txn_from_proto(body, lambda k: k, lambda v: v)
+    assert txn.compares_lease(t) and list(logic.leased_puts(t)) == [(b"a", LID, 77), (b"b", LID + 4096, 0)]
+    with pytest.raises(errors.InvalidArgument):
+        txn_body(checks, [], [Op.put(b"a", b"1", lease=1 << 63)], [])
