@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
              "expiry bound (chaos/sim/leases.py): on a fixed fifth of the seeds (auto), on every seed, or off",
     )
     ap.add_argument(
+        "--lease-txns", choices=("on", "off"), default="off",
+        help="with the lease clients: half of them attach both keys of their lease in one transaction across "
+             "groups (leased puts in a two-phase commit; chaos/sim/leases.py)",
+    )
+    ap.add_argument(
         "--txns", choices=("auto", "on", "off"), default="auto",
         help="general transactions (one group and across groups) checked for strict serializability against a "
              "sequential model (chaos/sim/txn_model.py): on a fixed share of the seeds (auto), on every seed, or off",
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             tx = txn_model_by_default(seed) if use_txns is None else use_txns
             lk = locks_by_default(seed) if use_locks is None else use_locks
             res = run_node_seed(seed, nodes=args.nodes, trace=args.trace, moves=moves, quiesce=quiesce, watches=watches,
-                                txn_pairs=pairs, leases=lz, txns=tx, locks=lk)
+                                txn_pairs=pairs, leases=lz, txns=tx, locks=lk, lease_txns=args.lease_txns == "on")
             results.append(res)
             ops += res.ops
             if args.trace:
@@ -176,7 +181,8 @@ def lease_summary(results: list[NodeSimResult]) -> str:
     if not on:
         return "leases: off"
     return (f"leases: {len(on)} seeds, {sum(s.granted for s in on)} granted, {sum(s.renewed for s in on)} renewals, "
-            f"{sum(s.attached for s in on)} keys attached ({sum(s.attached_by_txn for s in on)} by a TXN), "
+            f"{sum(s.attached for s in on)} keys attached ({sum(s.attached_by_txn for s in on)} by a TXN; "
+            f"{sum(s.attached_across for s in on)} leases' keys by one transaction across groups), "
             f"{sum(s.expired for s in on)} expired, "
             f"{sum(s.kept for s in on)} kept alive to the end, {sum(s.rewrites for s in on)} attached keys rewritten "
             f"by cross-group transactions, {sum(s.cross_deletions for s in on)} deletions across groups committed, "
