@@ -53,13 +53,34 @@ class _Moving(errors.NoLeader):
 
 
 @dataclass(slots=True)
-class _Part:
+class Part:
     """One group's part of a scan: its items in key order, whether it stopped early (the bytes
     budget or the limit: keys after its last item were not read), its owned hash ranges."""
 
     items: list[kv_pb2.KeyValue]
     cut: bool
     owned: IntervalSet
+
+
+def combine(parts: list[Part], limit: int, budget: int) -> tuple[list[kv_pb2.KeyValue], bool, int]:
+    """The answer of a scan from its group parts: (the items, a prefix of the range in key
+    order: at most `limit` (0: any number), at most `budget` serialized bytes; whether the range
+    holds more; the bytes they take). A part that stopped early read nothing after its last
+    item, so the answer never goes past the first such item."""
+    ends = [p.items[-1].key for p in parts if p.cut and p.items]
+    upto = min(ends) if ends else None
+    merged = sorted((kv for p in parts for kv in p.items if upto is None or kv.key <= upto), key=lambda kv: kv.key)
+    more = any(p.cut for p in parts)
+    size = 0
+    kept: list[kv_pb2.KeyValue] = []
+    for kv in merged:
+        n = kv.ByteSize()
+        if (limit and len(kept) >= limit) or size + n > budget:
+            more = True
+            break
+        kept.append(kv)
+        size += n
+    return kept, more, size
 
 
 async def _retrying(attempt_once: Callable[[], Awaitable[T]]) -> T:
@@ -125,7 +146,7 @@ class _LocalReading:
 
         return await _retrying(once)
 
-    async def part(self, g: int, r: ScanRange, revision: int, budget: int) -> _Part:
+    async def part(self, g: int, r: ScanRange, revision: int, budget: int) -> Part:
         """Group `g`'s keys of `r` at `revision`, as many as `budget` bytes (and the limit) allow
         plus one."""
         req = kv_pb2.ScanRequest(start=r.start, end=r.end or b"", group=g, revision=revision,
@@ -151,34 +172,23 @@ class _LocalReading:
         finally:
             stream.close()
         cut = cut or bool(r.limit and len(items) > r.limit)
-        return _Part(items, cut, IntervalSet(zip(msg.owned_lo, msg.owned_hi, strict=True)))
+        return Part(items, cut, IntervalSet(zip(msg.owned_lo, msg.owned_hi, strict=True)))
 
     async def scan(self, r: ScanRange, revision: int, budget: list[int]) -> kv_pb2.TxnScanResult:
         """`r` exactly at `revision` across every data group, within `budget[0]` bytes (taken)."""
         groups = self.groups()
 
-        async def once() -> list[_Part]:
+        async def once() -> list[Part]:
             parts = await asyncio.gather(*(self.part(g, r, revision, budget[0]) for g in groups))
             if not covers_once(p.owned for p in parts):
                 raise _Moving("a range is moving between groups")
             return list(parts)
 
         parts = await _retrying(once)
-        # keys after a part's last item were not read: the answer ends at the first such key
-        ends = [p.items[-1].key for p in parts if p.cut and p.items]
-        upto = min(ends) if ends else None
-        items = sorted((kv for p in parts for kv in p.items if upto is None or kv.key <= upto), key=lambda kv: kv.key)
-        more = any(p.cut for p in parts)
         out = kv_pb2.TxnScanResult(revision=revision)
-        size = 0
-        for n, kv in enumerate(items):
-            size += kv.ByteSize()
-            if (r.limit and n >= r.limit) or size > budget[0]:
-                more = True
-                break
-            out.items.append(kv)
-        budget[0] -= sum(kv.ByteSize() for kv in out.items)
-        out.more = more
+        items, out.more, used = combine(parts, r.limit, budget[0])
+        out.items.extend(items)
+        budget[0] -= used
         self.rq.metrics.reads.inc()
         return out
 
