@@ -6,6 +6,7 @@ concurrent optimistic increments of a key pair that never lose an update."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -267,6 +268,12 @@ def test_txn_scans_read_every_group_at_the_transactions_revision(cluster: Cluste
     first = min((a, b, x, y))
     assert p.stdout.startswith(f"SUCCESS\n\n{first.decode()}\n")
     assert p.stdout.count("\n") == 2 + 2 + 1 + 2 * sum(1 for k in (a, b, x, y) if a <= k < b"sc0")
+    p = _kvctl(cluster, "\nget --from-key sc/ --limit=2\n", "-o", "json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    (scan_json,) = out["responses"]
+    assert scan_json["scan"]["more"] and scan_json["scan"]["revision"] > 0
+    assert [i["key"] for i in scan_json["scan"]["items"]] == sorted(k.decode() for k in (a, b, x, y))[:2]
 
 
 def test_txn_scans_under_concurrent_writers_match_history(cluster: Cluster) -> None:
