@@ -126,7 +126,9 @@ class _LocalReading:
             await rq.read_point(g, kv_pb2.LINEARIZABLE)
             return rq.closes.last(g)
 
-        return max(await asyncio.gather(*(last(g) for g in self.groups())), default=0)
+        # at least 1: a read at revision 0 would be of the current state, not exact (a store
+        # that has written nothing holds nothing at revision 1)
+        return max(await asyncio.gather(*(last(g) for g in self.groups())), default=0) or 1
 
     async def write(self, body: kv_pb2.TxnBody, floor: int) -> tuple[kv_pb2.TxnResult, int]:
         s = kv_pb2.Session()
