@@ -109,8 +109,9 @@ def test_netns_rebalance_during_partitions_and_kills_is_valid(tmp_path: Path) ->
     move finishes once the faults are healed. Also the netns backend's basics, checked on this
     run (one fewer 50 s run in CI): the run's files (history in the checker's format, ops,
     report, faults, node logs), nodes on the namespaces' addresses, a partition healed, and
-    nothing left behind (namespaces, processes, registry). A single group's register under
-    partitions and kills is run by the forge and TLS runs below, and by the replica run."""
+    nothing left behind (namespaces, processes, registry). One data group's register under
+    partitions and kills (the run this one absorbed) is run by the forge and TLS runs below
+    (forge,partition,kill) and the replica run (replicas,partition,kill)."""
     out = tmp_path / "runs"
     code, text = kvchaos(["run", "--nodes", "3", "--groups", "4", "--time", "45", "--nemesis",
                           "rebalance,partition,kill", "--workload", "register", "--seed", "11", "--watchers", "4",
