@@ -8,6 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PYBIN=${KVSTORE_VENV:-.venv}/bin/python
 LOGS=$(mktemp -d)
+trap 'rm -rf "$LOGS"' EXIT
 "$PYBIN" -m chaos.sim --seeds 287 --start 1000 --nodes 3 >"$LOGS/3" 2>&1 & A=$!
 ( rc=0
   "$PYBIN" -m chaos.sim --seeds 150 --start 1000 --nodes 5 >"$LOGS/5" 2>&1 || rc=1
@@ -19,5 +20,4 @@ wait "$B" || RC=1
 echo "-- 3 nodes, seeds 1000-1286"; cat "$LOGS/3"
 echo "-- 3 nodes, seeds 1287-1349"; cat "$LOGS/3b"
 echo "-- 5 nodes, seeds 1000-1149"; cat "$LOGS/5"
-rm -rf "$LOGS"
 exit "$RC"
