@@ -5,17 +5,22 @@
                     OP: = != > <     (numbers for version / create / mod: decimal, >= 0)
     (blank line)
     success ops     one a line: put KEY VALUE [--lease=ID] | get KEY | del KEY (delete KEY)
+                    | get KEY RANGE_END | get --prefix KEY | get --from-key KEY
+                    (a range: a scan at the transaction's revision; --limit N caps it)
     (blank line)
     failure ops     likewise, up to a blank line or the end of the input
 
 KEY and VALUE in operation lines are shell words (quote them with "..." or '...' to include
 spaces); quoted strings in compares use the escapes Go and JSON share (\\" \\\\ \\n \\t \\uXXXX);
 Go's \\xNN and octal escapes (etcdctl's %q of bytes that are not UTF-8) are refused, not guessed
-at. Anything after the failure ops' closing blank line is refused (not dropped). A put's
+at. Anything after the failure ops' closing blank line is refused (not dropped). get's range
+forms are etcdctl's (`get KEY RANGE_END`: [KEY, RANGE_END); `--prefix KEY`: every key starting
+with KEY, every key for ""; `--from-key KEY`: every key >= KEY; `--limit N` / `--limit=N`: at
+most N keys, 0 = all; --prefix and --from-key take one KEY and not each other); a put's
 ``--lease=ID`` (or ``--lease ID``, anywhere after ``put``) is etcdctl's: the lease id in
-hexadecimal (0: none). Other flags (--prefix, --from-key, --prev-kv, --ignore-value, ...) are
-not supported: a line with them is refused. Every malformed line raises `TxnSyntaxError`
-naming it (nothing is sent).
+hexadecimal (0: none); other flags (del's ranges, put's --prev-kv / --ignore-*, get's sorting
+and revisions) are refused. Every malformed line raises `TxnSyntaxError` naming it (nothing is
+sent).
 """
 
 from __future__ import annotations
@@ -85,20 +90,21 @@ def _op(line: str, encode: Callable[[str], bytes]) -> Op:
         words = shlex.split(line)
     except ValueError as err:
         raise TxnSyntaxError(f"malformed operation ({err}): {line}") from None
+    if words and words[0] == "get":
+        return _get(words[1:], line, encode)
     lease = 0
     if words and words[0] == "put":
         words, lease = _lease_flag(words, line)
     if any(w.startswith("--") for w in words[1:]):
-        raise TxnSyntaxError(f"operation flags other than a put's --lease are not supported: {line}")
+        raise TxnSyntaxError(f"operation flags (del's ranges, a put's flags but --lease) are not supported: {line}")
     if words and words[0] == "put":
         if len(words) != 3:
             raise TxnSyntaxError(f"put takes KEY VALUE [--lease=ID]: {line}")
         return Op.put(encode(words[1]), encode(words[2]), lease=lease)
-    if words and words[0] in ("get", "del", "delete"):
+    if words and words[0] in ("del", "delete"):
         if len(words) != 2:
             raise TxnSyntaxError(f"{words[0]} takes KEY: {line}")
-        k = encode(words[1])
-        return Op.get(k) if words[0] == "get" else Op.delete(k)
+        return Op.delete(encode(words[1]))
     raise TxnSyntaxError(f"unknown operation (expected put, get or del): {line}")
 
 
@@ -127,6 +133,59 @@ def _lease_flag(words: list[str], line: str) -> tuple[list[str], int]:
     if not re.fullmatch(r"[0-9a-fA-F]{1,16}", raw) or int(raw, 16) > INT64_MAX:
         raise TxnSyntaxError(f"bad lease id {raw!r} (hexadecimal, at most {INT64_MAX:x}): {line}")
     return out, int(raw, 16)
+
+
+def _limit(v: str, line: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,19}", v) or int(v) > INT64_MAX:
+        raise TxnSyntaxError(f"--limit needs a number in 0..{INT64_MAX}: {line}")
+    return int(v)
+
+
+def _get(args: list[str], line: str, encode: Callable[[str], bytes]) -> Op:
+    """etcdctl's get in a txn: `get KEY` (one key), or a range (`Op.scan`): `get KEY RANGE_END`,
+    `get --prefix KEY`, `get --from-key KEY`, each with an optional `--limit N`."""
+    prefix = from_key = False
+    limit = 0
+    pos: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        i += 1
+        if a == "--":
+            pos += args[i:]
+            break
+        if a == "--prefix":
+            prefix = True
+        elif a == "--from-key":
+            from_key = True
+        elif a == "--limit":
+            if i >= len(args):
+                raise TxnSyntaxError(f"--limit needs a number: {line}")
+            limit, i = _limit(args[i], line), i + 1
+        elif a.startswith("--limit="):
+            limit = _limit(a[len("--limit="):], line)
+        elif a.startswith("-") and a != "-":
+            raise TxnSyntaxError(f"get flag {a} is not supported (only --prefix, --from-key, --limit): {line}")
+        else:
+            pos.append(a)
+    if prefix and from_key:
+        raise TxnSyntaxError(f"`--prefix` and `--from-key` cannot be set at the same time, choose one: {line}")
+    if not pos:
+        raise TxnSyntaxError(f"get command needs one argument as key and an optional argument as range_end: {line}")
+    if len(pos) > 2 or (len(pos) == 2 and (prefix or from_key)):
+        raise TxnSyntaxError("too many arguments, only accept one argument when `--prefix` or `--from-key` is set"
+                             f" (and at most KEY RANGE_END otherwise): {line}")
+    key = encode(pos[0])
+    if prefix:
+        return Op.scan(prefix=key, limit=limit)
+    if from_key:
+        return Op.scan(key, limit=limit)
+    if len(pos) == 2:
+        end = encode(pos[1])
+        if not end:
+            raise TxnSyntaxError(f"get's RANGE_END must not be empty: {line}")
+        return Op.scan(key, end, limit=limit)
+    return Op.get(key)
 
 
 def parse_txn(text: str, encode: Callable[[str], bytes]) -> ParsedTxn:

@@ -112,15 +112,19 @@ class Compare:
 @dataclass(frozen=True, slots=True)
 class Op:
     """One operation of a transaction: ``Op.put(k, v)`` (``lease=``: attach the key to that
-    lease, as ``leases.put`` does), ``Op.delete(k)``, ``Op.get(k)`` or a nested
-    ``Op.txn(compares, success, failure)``."""
+    lease, as ``leases.put`` does), ``Op.delete(k)``, ``Op.get(k)``,
+    ``Op.scan(start, end, prefix=, limit=)`` (the keys of a range in every group, at the
+    transaction's revision) or a nested ``Op.txn(compares, success, failure)``."""
 
-    kind: Literal["put", "delete", "get", "txn"]
+    kind: Literal["put", "delete", "get", "txn", "scan"]
     key: bytes = b""
     value: bytes = b""
     compares: tuple[Compare, ...] = ()
     success: tuple[Op, ...] = ()
     failure: tuple[Op, ...] = ()
+    end: bytes = b""
+    prefix: bytes = b""
+    limit: int = 0
     lease: int = 0
 
     @classmethod
@@ -139,18 +143,30 @@ class Op:
     def txn(cls, compares: Sequence[Compare] = (), success: Sequence[Op] = (), failure: Sequence[Op] = ()) -> Op:
         return cls("txn", compares=tuple(compares), success=tuple(success), failure=tuple(failure))
 
+    @classmethod
+    def scan(cls, start: bytes = b"", end: bytes = b"", *, prefix: bytes = b"", limit: int = 0) -> Op:
+        """The keys of [start, end) (end b"": no upper bound), or with ``prefix`` (it overrides
+        both), at most ``limit`` of them (0: all), in key order, as they are at the
+        transaction's revision (its own writes before the scan included). A put or delete later
+        in the transaction into the range is refused (the scan is read after the writes)."""
+        return cls("scan", start, end=end, prefix=prefix, limit=limit)
+
 
 @dataclass(frozen=True, slots=True)
 class OpResponse:
     """What one operation of a transaction did: ``put`` (its ``revision``), ``delete``
-    (``deleted``: the key existed), ``get`` (``kv``: the key, None if absent) or ``txn``
-    (``txn``: the nested transaction's response)."""
+    (``deleted``: the key existed), ``get`` (``kv``: the key, None if absent), ``scan``
+    (``items`` in key order; ``more``: its limit, or the reply's size budget, cut it;
+    ``revision``: the revision it was read at) or ``txn`` (``txn``: the nested transaction's
+    response)."""
 
-    kind: Literal["put", "delete", "get", "txn"]
+    kind: Literal["put", "delete", "get", "txn", "scan"]
     revision: int = 0
     deleted: bool = False
     kv: KeyValue | None = None
     txn: TxnResponse | None = None
+    items: tuple[KeyValue, ...] = ()
+    more: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +194,10 @@ class TxnResponse:
                 out.append(OpResponse("get", kv=kv))
             elif which == "txn":
                 out.append(OpResponse("txn", txn=cls.from_proto(o.txn, revision)))
+            elif which == "scan":
+                items = tuple(KeyValue(i.key, i.value, i.create_revision, i.mod_revision, i.version)
+                              for i in o.scan.items)
+                out.append(OpResponse("scan", revision=o.scan.revision, items=items, more=o.scan.more))
             else:
                 raise InternalError(
                     f"malformed transaction response: an operation response of kind {which!r}", indeterminate=True

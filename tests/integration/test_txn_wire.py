@@ -1,5 +1,6 @@
 """Hostile transactions on one node, as `KV.Txn` calls and on `KV.Stream`: any field values (unknown enums, negative numbers,
-oversized or empty keys, unset operations, deep nesting, too many items, duplicate writes)
+oversized or empty keys, unset operations, scans with any bounds and limits, deep nesting, too many items, duplicate
+writes)
 get a success or a definite error in the reply, never UNKNOWN, never an indeterminate error;
 and a node keeps serving afterwards."""
 
@@ -36,6 +37,8 @@ def _ops(body: st.SearchStrategy[kv_pb2.TxnBody]) -> st.SearchStrategy[kv_pb2.Tx
         st.builds(lambda k: kv_pb2.TxnOp(get=k), keys),
         st.builds(lambda k: kv_pb2.TxnOp(delete=k), keys),
         st.just(kv_pb2.TxnOp()),
+        st.builds(lambda a, b, p, n: kv_pb2.TxnOp(scan=kv_pb2.TxnScan(start=a, end=b, prefix=p, limit=n)),
+                  keys, keys, st.sampled_from([b"", b"a"]) | st.binary(max_size=600), st.integers(0, 2**64 - 1)),
         body.map(lambda b: kv_pb2.TxnOp(txn=b)),
     )
 
@@ -124,6 +127,11 @@ def test_txn_refusals_say_what_is_wrong(node: _Node) -> None:
         (body(*[kv_pb2.TxnOp(get=b"k%d" % i) for i in range(129)]), "more than 128"),
         (kv_pb2.TxnRequest(txn=deep), "deeper than 4"),
         (body(kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=b"k")), kv_pb2.TxnOp(delete=b"k")), "more than once"),
+        (body(kv_pb2.TxnOp(scan=kv_pb2.TxnScan(prefix=b"k")), kv_pb2.TxnOp(delete=b"k1")), "after a scan"),
+        (body(kv_pb2.TxnOp(scan=kv_pb2.TxnScan(start=b"k" * 600))), "longer than the longest key"),
+        (body(kv_pb2.TxnOp(scan=kv_pb2.TxnScan(start=b"b", end=b"a"))), "not after its start"),
+        (body(kv_pb2.TxnOp(scan=kv_pb2.TxnScan(limit=2**63))), "limit"),
+        (body(kv_pb2.TxnOp(scan=kv_pb2.TxnScan()), kv_pb2.TxnOp(get=b"")), "key must not be empty"),
     ]
 
     async def main() -> None:
