@@ -122,6 +122,19 @@ def test_rows_and_answers_round_trip(wl: tuple[tuple[xtxn.Write, ...], tuple[xtx
     xtxn.check_rows(mvcc.T_TXN, xtxn.row_attach_lock(T1), lock)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=80), st.sampled_from([b"a", b"r", b"t"]))
+def test_the_new_decoders_are_total_on_any_bytes(raw: bytes, kind: bytes) -> None:
+    for decode in (xtxn.decode_attach_lock, xtxn.decode_prepared_leases, xtxn.decode_record):
+        with contextlib.suppress(ValueError):
+            decode(raw)
+    with contextlib.suppress(ValueError):
+        xtxn.check_rows(mvcc.T_TXN, kind + raw[:16], raw[16:])
+    for op in (XOp.PREPARE, XOp.COMMIT, XOp.RECORD):
+        with contextlib.suppress(ValueError):
+            xtxn.decode_body(op, T1.encode() + raw)
+
+
 def test_encoders_and_decoders_refuse_bad_leased_forms() -> None:
     put = ((b"a", b"v"), (b"d", None))
     for bad in (
