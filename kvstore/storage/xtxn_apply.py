@@ -36,7 +36,11 @@ Rules (each command is idempotent: a coordinator or a resolver may propose it ag
   per-lease key limit over every path's puts together), and the lease each named key is attached
   to if asked (`xtxn.encode_prepared_leases` in `current`), and writes an *attach lock* (row `a`)
   on the leases it accepted, until the COMMIT or ABORT: a lease's deletion (its PREPARE, and
-  REVOKE / EXPIRE / DROP / ORPHAN by one command, `machine._locked`) meets it LOCKED.
+  REVOKE / EXPIRE / DROP / ORPHAN by one command, `machine._locked`) meets it LOCKED. The
+  per-lease key limit is checked at the PREPARE only (the COMMIT, past the commit point, attaches
+  whatever it must): LEASE_PUTs applied between the two may take a lease past
+  `leases.MAX_KEYS_PER_LEASE` in the group by the transaction's own puts at most (a deletion has
+  no limit of its own, so this bounds work, not safety).
 - A lease's deletion (PREPARE with a lease L, no keys): as a range delete, but its keys are the
   keys attached to L here (served, with a value: answered as found, each given an intent), and
   it holds a *lease lock* (row `e`) until its COMMIT or ABORT: a LEASE_PUT of L is refused
