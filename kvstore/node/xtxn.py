@@ -106,6 +106,18 @@ def leased_puts(t: txn.Txn) -> Iterator[xtxn.Leased]:
             yield from leased_puts(op.txn)
 
 
+def with_checked(t: txn.Txn, stamps: dict[int, int]) -> txn.Txn:
+    """`t` with every PUT of a lease in `stamps` and no `checked` of its own carrying
+    `stamps[lease]` (the coordinator's reading before it found the lease live at its home)."""
+    def op(o: txn.TxnOp) -> txn.TxnOp:
+        if o.txn is not None:
+            return txn.TxnOp(o.kind, o.key, o.value, with_checked(o.txn, stamps), o.lease, o.checked)
+        if o.lease and not o.checked and o.lease in stamps:
+            return txn.TxnOp(o.kind, o.key, o.value, None, o.lease, stamps[o.lease])
+        return o
+    return txn.Txn(t.compares, tuple(map(op, t.success)), tuple(map(op, t.failure)))
+
+
 def plan(t: txn.Txn, group_for: Iterable[tuple[bytes, int]]) -> Plan:
     """The plan of `t`, given each named key's group (`group_for` yields (key, group) in the
     order `txn.keys_of` names the keys). ValueError if it names no key."""
@@ -503,4 +515,5 @@ __all__ = [
     "resolution",
     "resolve_command",
     "sweep_before",
+    "with_checked",
 ]

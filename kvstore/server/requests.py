@@ -255,6 +255,7 @@ class KVRequests:
     async def cross_txn(self, t: txn.Txn, p: xlogic.Plan, r: kv_pb2.TxnRequest) -> kv_pb2.TxnResponse:
         """Run transaction `t` across the groups of plan `p` (raises a KVError on failure)."""
         assert self.cross is not None  # route_txn plans only when it exists
+        t, p = await self._lease_checks(t, p)
         s = r.session
         res = await self.cross.run(t, p, s.revision, s.client_id, s.seq, s.ack, s.retry, s.horizon)
         self.metrics.writes.inc()
@@ -275,6 +276,37 @@ class KVRequests:
         msg = kv_pb2.TxnResponse()
         self.txn_reply_into(msg, t, res)
         return msg
+
+    async def _lease_checks(self, t: txn.Txn, p: xlogic.Plan) -> tuple[txn.Txn, xlogic.Plan]:
+        """The coordinator's check of the leases of a transaction across groups: a put with a
+        lease and no `checked` (the etcd layer and the client library send one: they asked the
+        lease's home first) whose key is outside the lease's home group gets, if the home
+        answers the lease ALIVE (a LEASE_STATUS through its log: linearizable), this node's
+        clock reading taken before it asked, as LeaseTimeToLive's `checked`; else it keeps 0 and
+        the key's group refuses it where it is on the path taken (`requested lease not found`).
+        The plan is made again with the stamps. A failure to ask is the request's (definite:
+        nothing was proposed but the read-only STATUS)."""
+        assert self.cross is not None
+        m = self.tracker.map
+        data_groups = set(m.data_groups()) if m is not None else set()
+        need = sorted({lid for k, lid, checked in xlogic.leased_puts(t)
+                       if not checked and leases.home_group(lid) != p.group_of[k]
+                       and leases.home_group(lid) in data_groups})
+        stamps: dict[int, int] = {}
+        for lid in need:
+            now = self.clock.propose(0)
+            ask = commands.encode_command(commands.Command.lease_command(leases.LeaseCmd(leases.Kind.STATUS, lid)))
+            res = await self.cross.propose(leases.home_group(lid), ask)
+            try:
+                alive = res.error is None and leases.Status.decode(res.current).state == leases.ALIVE
+            except ValueError:
+                alive = False
+            if alive:
+                stamps[lid] = now
+        if not stamps:
+            return t, p
+        t = xlogic.with_checked(t, stamps)
+        return t, xlogic.plan(t, ((k, p.group_of[k]) for k, _ in txn.keys_of(t)))
 
     async def txn(self, r: kv_pb2.TxnRequest) -> kv_pb2.TxnResponse:
         """A whole transaction without scans (`KV.Txn`), every failure in the reply."""

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
 from clusterharness import Cluster
 
@@ -149,7 +150,9 @@ def test_a_revoke_deletes_keys_in_both_groups_at_one_revision(cluster: Cluster) 
 def test_a_txn_across_groups_puts_keys_on_one_lease_and_the_revoke_deletes_both(cluster: Cluster) -> None:
     """Issue 17: a transaction whose leased puts are in the two groups (a two-phase commit; the
     client checks the lease at its home for `checked`), its keys' leases compared across the
-    groups; `kvctl txn`'s `put --lease` likewise; the revoke deletes every key at one revision."""
+    groups; `kvctl txn`'s `put --lease` likewise, and a raw KV.Txn without `checked` (the
+    coordinating node checks the lease at its home); the revoke deletes every key at one
+    revision."""
     with Client(cluster.endpoints, timeout=20) as c:
         m = c.shard_map(refresh=True)
         assert m is not None
@@ -165,7 +168,13 @@ def test_a_txn_across_groups_puts_keys_on_one_lease_and_the_revoke_deletes_both(
              "txn"], input="\n" + line + "\n", capture_output=True, text=True, timeout=60,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         assert out.returncode == 0 and out.stdout.startswith("SUCCESS"), (out.stdout, out.stderr)
-        every = [*keys.values(), *more.values()]
+        raw = _keys_by_group(m, b"xr/")  # KV.Txn without `checked`: the coordinator asks the home
+        body = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=k, value=b"r", lease=lid))
+                                       for k in raw.values()])
+        with grpc.insecure_channel(cluster.endpoints[0]) as ch:
+            got = kv_pb2_grpc.KVStub(ch).Txn(kv_pb2.TxnRequest(txn=body), timeout=20)
+        assert got.error.code == kv_pb2.OK and got.result.succeeded, got.error
+        every = [*keys.values(), *more.values(), *raw.values()]
         held = c.txn([Compare.lease(k, "=", lid) for k in every], [Op.get(k) for k in every])
         assert held.succeeded and sorted(c.lease_time_to_live(lid, keys=True).keys) == sorted(every)
         assert c.lease_revoke(lid) == len(every)

@@ -418,3 +418,14 @@ def test_the_clients_leased_puts_and_lease_compares_on_the_wire() -> None:
     assert txn.compares_lease(t) and list(logic.leased_puts(t)) == [(b"a", LID, 77), (b"b", LID + 4096, 0)]
     with pytest.raises(errors.InvalidArgument):
         txn_body(checks, [], [Op.put(b"a", b"1", lease=1 << 63)], [])
+
+
+def test_with_checked_stamps_only_unchecked_puts_of_the_leases_given() -> None:
+    other = LID + 4096
+    t = Txn((), (TxnOp(OpKind.PUT, b"a", b"1", lease=LID), TxnOp(OpKind.PUT, b"b", b"2", lease=other, checked=5),
+                 TxnOp(OpKind.TXN, txn=Txn((), (TxnOp(OpKind.PUT, b"c", b"3", lease=other),),
+                                           (TxnOp(OpKind.PUT, b"d", b"4"),)))))
+    got = logic.with_checked(t, {LID: 9, other: 11})
+    assert list(logic.leased_puts(got)) == [(b"a", LID, 9), (b"b", other, 5), (b"c", other, 11)]
+    assert logic.with_checked(t, {}) == t
+    txn.check_txn(got)
