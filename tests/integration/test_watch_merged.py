@@ -19,7 +19,7 @@ import grpc
 import pytest
 from clusterharness import Cluster, start_watching_cli, stop_cli
 
-from kvstore.client import AsyncClient, WatchEvent
+from kvstore.client import AsyncClient, Compare, Op, WatchEvent
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 pytestmark = pytest.mark.timeout(240)
@@ -189,3 +189,57 @@ def test_kvctl_watch_prefix_from_now_sees_every_later_put_once_in_order(cluster:
     k = acked.index(revs[0])
     assert revs == acked[k:], "kvctl watch missed, repeated or reordered a put"
     assert all(x["type"] == "PUT" and x["key"].startswith("kc/") for x in lines)
+
+
+async def _history_at(kv: AsyncClient, prefix: bytes, revision: int) -> list[tuple[bytes, bytes, int]]:
+    """The prefix as the client's own fan-out scan reads it exactly at `revision`."""
+    return [(x.key, x.value, x.mod_revision) async for batch in kv.scan_kvs(prefix, revision=revision) for x in batch]
+
+
+def test_txn_scans_at_nodes_lacking_groups_match_history_under_writers(cluster: Cluster) -> None:
+    """kvstore's Txn with a scan over a prefix spread across every group, served by a node that
+    lacks some groups (every node here lacks two): the parts of those groups, their share of the
+    cut and the transaction's compare keys there are read at nodes that host them. Writers put
+    into the prefix meanwhile; each scan must be exactly the prefix at the revision it reports
+    (the history read there by the client), hold the transaction's own write, nothing newer."""
+    async def main() -> list[tuple[int, list[tuple[bytes, bytes, int]], int, bool, int]]:
+        async with AsyncClient(cluster.endpoints, timeout=30) as kv:
+            keys = await _keys_over_every_group(kv, b"tx/", 15)
+            m = await kv.shard_map()
+            assert m is not None
+            one_per_group = list({m.group_for_key(k): k for k in keys}.values())
+            stop = asyncio.Event()
+
+            async def writer(w: int) -> None:
+                n = 0
+                while not stop.is_set():
+                    await kv.put(keys[(w * 7 + n) % len(keys)], b"w%d-%d" % (w, n))
+                    n += 1
+
+            async def txns() -> list[tuple[int, list[tuple[bytes, bytes, int]], int, bool, int]]:
+                out = []
+                for i in range(6):
+                    own = keys[i * 2]  # in a different group each time: a different serving leader
+                    if i % 3 == 2:  # read-only, compares on a key of every group (read at the cut)
+                        r = await kv.txn([Compare.version(k, ">", 1 << 40) for k in one_per_group], [],
+                                         [Op.scan(prefix=b"tx/")])
+                    else:
+                        r = await kv.txn([Compare.version(own, ">", 1 << 40)], [Op.get(own)],
+                                         [Op.put(own, b"t%d" % i), Op.scan(prefix=b"tx/")])
+                    scan = r.responses[-1]
+                    assert scan.kind == "scan" and not scan.more
+                    items = [(x.key, x.value, x.mod_revision) for x in scan.items]
+                    out.append((i, items, scan.revision, r.succeeded, r.revision))
+                stop.set()
+                return out
+
+            got = (await asyncio.gather(writer(0), writer(1), txns()))[2]
+            for i, items, rev, succeeded, wrote in got:
+                assert items == await _history_at(kv, b"tx/", rev), i
+                assert all(mod <= rev for _, _, mod in items) and not succeeded
+                if i % 3 != 2:
+                    assert rev == wrote > 0 and (keys[i * 2], b"t%d" % i, wrote) in items, i
+            return got
+
+    got = asyncio.run(main())
+    assert len(got) == 6 and all(items for _, items, _, _, _ in got)
