@@ -72,8 +72,9 @@ class RemotePart:
     cut: bool
 
 
-class _NotHere(Exception):
-    """This node could not serve the read (unreachable, a broken stream, not hosting the group)."""
+class NotServed(Exception):
+    """A node did not serve the read (unreachable, a broken stream, not hosting the group, a
+    malformed answer): it is made at the next node."""
 
 
 class RemoteReads:
@@ -147,47 +148,81 @@ class RemoteReads:
         for addr in self._targets(request.group):
             try:
                 return await self._scan_at(addr, request, budget)
-            except _NotHere as e:
+            except NotServed as e:
                 why.append(f"{addr}: {e}")
         raise _unreached(request.group, why)
 
     async def _scan_at(self, addr: str, request: kv_pb2.ScanRequest, budget: int) -> RemotePart:
         call = kv_pb2_grpc.KVStub(self.channel(addr)).Scan(request, metadata=self.metadata, timeout=self.timeout)
-        first: kv_pb2.ScanResponse | None = None
-        items: list[kv_pb2.KeyValue] = []
-        size, cut, ended = 0, False, False
+        reader = PartReader(request, budget)
         try:
             async for msg in call:
-                if msg.error.code in _NEXT_NODE:
-                    raise _NotHere(kv_pb2.ErrorCode.Name(msg.error.code))
-                _raise_reply(msg.error)
-                if first is None:
-                    first = msg
-                for kv in msg.items:
-                    if kv.key < request.start or (request.end and kv.key >= request.end):
-                        raise _NotHere(f"it answered key {kv.key[:32]!r}, outside the range")
-                    items.append(kv)
-                    size += kv.ByteSize()
-                    if size > budget:
-                        cut = True
-                        break
-                if cut or not msg.more:
-                    ended = True
+                if reader.add(msg):
                     break
         except grpc.aio.AioRpcError as e:
             _raise_callers(e)
-            raise _NotHere(e.code().name) from None
+            raise NotServed(e.code().name) from None
         finally:
             call.cancel()
-        if first is None or not ended:
-            raise _NotHere("the scan stream ended early")
-        if request.revision and first.revision != request.revision:
-            raise _NotHere(f"it served revision {first.revision}, not {request.revision}")
-        try:
-            owned = IntervalSet(zip(first.owned_lo, first.owned_hi, strict=True))
-        except ValueError as e:
-            raise _NotHere(f"its owned hash ranges are malformed: {e}") from None
-        return RemotePart(int(first.revision), owned, items, cut)
+        return reader.part()
+
+
+class PartReader:
+    """One group's part of a scan from the messages of a remote `KV.Scan` reply, checked (pure:
+    messages in, a `RemotePart` or a refusal out; the messages are hostile input). `add` each
+    message until it says done; then `part`. Raises only `NotServed` (the node did not serve
+    the part, or answered it malformed: read it at the next node) and the reply's own KVError
+    (definite)."""
+
+    __slots__ = ("budget", "done", "first", "items", "last", "owned", "request", "size")
+
+    def __init__(self, request: kv_pb2.ScanRequest, budget: int) -> None:
+        self.request = request
+        self.budget = budget
+        self.first: kv_pb2.ScanResponse | None = None
+        self.owned = IntervalSet()
+        self.items: list[kv_pb2.KeyValue] = []
+        self.size = 0
+        self.last: bytes | None = None
+        self.done = False
+        """The last message came, or the items went past the budget (`part` may be taken)."""
+
+    def add(self, msg: kv_pb2.ScanResponse) -> bool:
+        """Take the next message; whether the part is complete (read no further)."""
+        if self.done:
+            raise NotServed("it sent more after the last message")
+        if msg.error.code in _NEXT_NODE:
+            raise NotServed(kv_pb2.ErrorCode.Name(msg.error.code))
+        _raise_reply(msg.error)
+        r = self.request
+        if self.first is None:
+            if r.revision and msg.revision != r.revision:
+                raise NotServed(f"it served revision {msg.revision}, not {r.revision}")
+            if msg.revision < 0:  # 0: a read of the current state of a group that wrote nothing
+                raise NotServed(f"it served revision {msg.revision}")
+            try:
+                self.owned = IntervalSet(zip(msg.owned_lo, msg.owned_hi, strict=True))
+            except ValueError as e:
+                raise NotServed(f"its owned hash ranges are malformed: {e}") from None
+            self.first = msg
+        for kv in msg.items:
+            k = kv.key
+            if k < r.start or (r.end and k >= r.end) or (self.last is not None and k <= self.last):
+                raise NotServed(f"it answered key {k[:32]!r} out of the range or out of order")
+            self.last = k
+            self.items.append(kv)
+            self.size += kv.ByteSize()
+            if self.size > self.budget:
+                self.done = True
+                return True
+        self.done = not msg.more
+        return self.done
+
+    def part(self) -> RemotePart:
+        """The part read (raises `NotServed` if the stream ended before its last message)."""
+        if self.first is None or not self.done:
+            raise NotServed("the scan stream ended early")
+        return RemotePart(int(self.first.revision), self.owned, self.items, self.size > self.budget)
 
 
 def _raise_reply(err: kv_pb2.Error) -> None:
