@@ -121,7 +121,7 @@ class RemoteReads:
 
     async def get(self, request: kv_pb2.GetRequest, group: int) -> kv_pb2.GetResponse:
         """`KV.Get` of `request` (a key of `group`) at a node hosting `group`: its successful
-        reply; raises its error (definite)."""
+        reply (at the revision asked for); raises its error (definite)."""
         why: list[str] = []
         for addr in self._targets(group):
             try:
@@ -135,6 +135,9 @@ class RemoteReads:
                 why.append(f"{addr}: {kv_pb2.ErrorCode.Name(resp.error.code)}")
                 continue
             _raise_reply(resp.error)
+            if request.revision and resp.revision != request.revision:  # malformed: not the read asked for
+                why.append(f"{addr}: served revision {resp.revision}, not {request.revision}")
+                continue
             return resp
         raise _unreached(group, why)
 
