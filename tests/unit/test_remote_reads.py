@@ -69,11 +69,12 @@ def test_the_nodes_own_refusal_is_the_reads_definite_error() -> None:
 
 
 _items = st.lists(st.builds(kv_pb2.KeyValue, key=st.binary(max_size=4), value=st.binary(max_size=4)), max_size=4)
+_owned = st.sampled_from([([0], [HASH_MAX]), ([], []), ([0, 10], [5, HASH_MAX])]) | st.tuples(
+    st.lists(st.integers(0, 2**64 - 1), max_size=3), st.lists(st.integers(0, 2**64 - 1), max_size=3))
 _msgs = st.lists(st.builds(
-    kv_pb2.ScanResponse, revision=st.integers(-(2**63), 2**63 - 1) | st.sampled_from([0, 7]), more=st.booleans(),
-    items=_items, owned_lo=st.lists(st.integers(0, 2**64 - 1), max_size=3),
-    owned_hi=st.lists(st.integers(0, 2**64 - 1), max_size=3),
-    error=st.builds(kv_pb2.Error, code=st.integers(0, 40)) | st.just(kv_pb2.Error())), max_size=4)
+    lambda owned, **kw: kv_pb2.ScanResponse(owned_lo=owned[0], owned_hi=owned[1], **kw), _owned,
+    revision=st.sampled_from([0, 7]) | st.integers(-(2**63), 2**63 - 1), more=st.booleans(), items=_items,
+    error=st.just(kv_pb2.Error()) | st.builds(kv_pb2.Error, code=st.integers(0, 40))), max_size=4)
 
 
 @settings(max_examples=300, deadline=None)
