@@ -134,7 +134,7 @@ class KVService(kv_pb2_grpc.KVServicer):
         """A transaction: in one group or across groups (see `KVRequests.txn`); with scans,
         served by this node (`txn_scans.py`)."""
         if has_scans(request.txn):
-            return await scanning_txn(self.requests, request)
+            return await scanning_txn(self.requests, request, context)
         return await self.requests.txn(request)
 
     async def Compact(self, request: kv_pb2.CompactRequest, context: grpc.aio.ServicerContext) -> kv_pb2.CompactResponse:

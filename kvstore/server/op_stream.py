@@ -273,7 +273,7 @@ class OpStream:
         svc = self.svc
         t: txn.Txn | None = None
         if kind == "txn" and has_scans(req.txn):  # served by this node, reading every group
-            self._slow(op_id, "txn", scanning_txn(svc, req), write=True)
+            self._slow(op_id, "txn", scanning_txn(svc, req, self.context), write=True)
             return
         if kind == "txn":
             t, data = svc.prepare_txn(req)

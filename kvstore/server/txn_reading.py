@@ -26,7 +26,7 @@ later on the path into a range it read must be refused by the caller before anyt
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,7 +49,8 @@ class ReadingIO(Protocol):
     """The I/O of one reading transaction (see the module docstring)."""
 
     async def cut(self) -> int:
-        """A revision M at or above every write acknowledged before the call, in every data group."""
+        """A revision M >= 1 at or above every write acknowledged before the call, in every data
+        group (`cut_of`)."""
         ...
 
     async def write(self, body: kv_pb2.TxnBody, floor: int) -> tuple[kv_pb2.TxnResult, int]:
@@ -79,6 +80,14 @@ def has_writes(body: kv_pb2.TxnBody) -> bool:
         if which in ("put", "delete") or (which == "txn" and has_writes(op.txn)):
             return True
     return False
+
+
+def cut_of(lasts: Iterable[int]) -> int:
+    """A cut M from the revisions of every data group at a linearizable read point (each
+    group's applied last there): the highest, and at least 1. A read at revision 0 is of the
+    current state, not exact: a cluster that has written nothing is cut at 1, where it holds
+    nothing (every revision is positive)."""
+    return max(lasts, default=0) or 1
 
 
 def unchecked(_b: bytes) -> None:

@@ -3,9 +3,12 @@ without its scans (`kvstore.txnscan.split`) runs as any transaction (one group's
 two-phase commit across groups: `KVRequests.run_txn`) proposed with the floor of a linearizable
 cut of every data group, or, if the branch taken writes nothing, is evaluated read-only at a cut
 (`txn_reading.run_reading`: the algorithm and why it is atomic at one revision R); then every
-scan on the path taken is read exactly at R in every data group (each must be hosted on this
-node: a follower serves its part after a ReadIndex round) and put in its place
-(`txnscan.merge`).
+scan on the path taken is read exactly at R in every data group and put in its place
+(`txnscan.merge`). A group hosted here is read here (a follower serves its part after a
+ReadIndex round); one this node lacks is read at a node that hosts it, as the caller
+(`remote_reads.RemoteReads`: the caller's token, so RBAC applies there as here; another replica
+if one is down, bounded): its part of a scan, its part of the cut M (a linearizable read point
+there), and the transaction's keys read at a revision.
 
 Invariants:
 - everything is checked (scans' bounds and the refusal rule, the transaction's keys, values
@@ -14,6 +17,7 @@ Invariants:
 - a scan's parts cover the hash space exactly once (the groups' owned ranges at their read
   points; a range moving between groups reads again), and it is read at R in every group:
   exactly the writes <= R, the transaction's own included;
+- a read of a group hosted elsewhere is made as the caller, never as this node;
 - all scans of one transaction keep at most `MAX_TXN_SCAN_BYTES` together (with the GETs'
   bounded values the reply stays under the 64 MiB message limit): a scan cut by it (or by its
   limit) says `more`, its items a prefix of the range in key order;
@@ -25,18 +29,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kvstore import errors
 from kvstore.security.rbac import READ
-from kvstore.shard.ranges import IntervalSet, covers_once
+from kvstore.shard.ranges import IntervalSet, covers_once, key_hash
 from kvstore.storage import txn
 from kvstore.storage.errors import StorageError
 from kvstore.txnscan import ScanRange, merge, split, taken_scans
 from kvstore.v1 import kv_pb2
 
+from .remote_reads import RemoteReads
 from .requests import KVRequests
-from .txn_reading import Exhausted, run_reading
+from .txn_reading import Exhausted, cut_of, run_reading
 
 MAX_TXN_SCAN_BYTES = 24 << 20
 """The most serialized item bytes all scans of one transaction return together (the GETs' values
@@ -95,16 +100,20 @@ async def _retrying(attempt_once: Callable[[], Awaitable[T]]) -> T:
     raise AssertionError("unreachable")
 
 
-class _LocalReading:
-    """`txn_reading.ReadingIO` on this node: the cut from every data group's linearizable read
-    point here, the write `KVRequests.run_txn` under the request's session, the reads of keys
-    at a revision `KVRequests.get`."""
+class _Reading:
+    """`txn_reading.ReadingIO` of the node receiving the transaction: the cut from every data
+    group's linearizable read point, the write `KVRequests.run_txn` under the request's session,
+    the reads of keys at a revision `KVRequests.get`; a group not hosted here is read through
+    `remote` (None: no other node, such a group is WRONG_SHARD). `probe`: a range the caller may
+    read (the first scan's), whose one-key scan at a remote node gives that group's read point."""
 
-    __slots__ = ("index", "rq", "session")
+    __slots__ = ("index", "probe", "remote", "rq", "session")
 
-    def __init__(self, rq: KVRequests, session: kv_pb2.Session) -> None:
+    def __init__(self, rq: KVRequests, session: kv_pb2.Session, remote: RemoteReads | None, probe: ScanRange) -> None:
         self.rq = rq
         self.session = session
+        self.remote = remote
+        self.probe = probe
         self.index = 0
         """The applied index of the write's reply (0: none)."""
 
@@ -113,22 +122,31 @@ class _LocalReading:
         if m is None:
             raise errors.NoLeader("this node has no shard map yet")
         groups = m.data_groups()
-        for g in groups:
-            if g not in self.rq.host.groups:
-                raise self.rq.wrong_shard(f"a transaction's scans read every data group on the node that receives "
-                                          f"it, and group {g} is not on node {self.rq.cfg.id}")
+        if self.remote is None:
+            for g in groups:
+                if g not in self.rq.host.groups:
+                    raise self.rq.wrong_shard(f"a transaction's scans read every data group, group {g} is not on node "
+                                              f"{self.rq.cfg.id}, and it reaches no other node")
         return groups
+
+    def _elsewhere(self, g: int) -> RemoteReads | None:
+        """The remote reads of group `g` if it is not hosted here (None: read here)."""
+        return None if g in self.rq.host.groups else self.remote
 
     async def cut(self) -> int:
         rq = self.rq
 
         async def last(g: int) -> int:
-            await rq.read_point(g, kv_pb2.LINEARIZABLE)
-            return rq.closes.last(g)
+            remote = self._elsewhere(g)
+            if remote is None:
+                await rq.read_point(g, kv_pb2.LINEARIZABLE)
+                return rq.closes.last(g)
+            # a linearizable one-key read there: served at its applied last revision
+            req = kv_pb2.ScanRequest(start=self.probe.start, end=self.probe.end or b"", group=g, limit=1,
+                                     consistency=kv_pb2.LINEARIZABLE)
+            return (await _retrying(lambda: remote.scan(req, MAX_TXN_SCAN_BYTES))).revision
 
-        # at least 1: a read at revision 0 would be of the current state, not exact (a store
-        # that has written nothing holds nothing at revision 1)
-        return max(await asyncio.gather(*(last(g) for g in self.groups())), default=0) or 1
+        return cut_of(await asyncio.gather(*(last(g) for g in self.groups())))
 
     async def write(self, body: kv_pb2.TxnBody, floor: int) -> tuple[kv_pb2.TxnResult, int]:
         s = kv_pb2.Session()
@@ -139,11 +157,19 @@ class _LocalReading:
         return resp.result, int(resp.revision)
 
     async def get_at(self, key: bytes, revision: int) -> txn.Current | None:
+        req = kv_pb2.GetRequest(key=key, revision=revision)
+        m = self.rq.tracker.map
+        group = m.group_for_hash(key_hash(key)) if m is not None else 0
+        remote = self._elsewhere(group) if group else None
+
         async def once() -> txn.Current | None:
-            g = await self.rq.get(kv_pb2.GetRequest(key=key, revision=revision))
-            err = errors.from_proto(g.error, is_write=False) if g.error.code else None
-            if err is not None:
-                raise err
+            if remote is not None:
+                g = await remote.get(req, group)
+            else:
+                g = await self.rq.get(req)
+                err = errors.from_proto(g.error, is_write=False) if g.error.code else None
+                if err is not None:
+                    raise err
             return txn.Current(g.value, g.create_revision, g.mod_revision, g.version) if g.found else None
 
         return await _retrying(once)
@@ -153,6 +179,10 @@ class _LocalReading:
         plus one."""
         req = kv_pb2.ScanRequest(start=r.start, end=r.end or b"", group=g, revision=revision,
                                  limit=r.limit + 1 if r.limit else 0, consistency=kv_pb2.LINEARIZABLE)
+        remote = self._elsewhere(g)
+        if remote is not None:
+            got = await remote.scan(req, budget)
+            return Part(got.items, got.cut or bool(r.limit and len(got.items) > r.limit), got.owned)
         msg, stream = await self.rq.scan_start(req)
         items: list[kv_pb2.KeyValue] = []
         size, cut = 0, False
@@ -195,8 +225,9 @@ class _LocalReading:
         return out
 
 
-async def scanning_txn(rq: KVRequests, r: kv_pb2.TxnRequest) -> kv_pb2.TxnResponse:
-    """A whole transaction with scans (see the module docstring), every failure in the reply."""
+async def scanning_txn(rq: KVRequests, r: kv_pb2.TxnRequest, context: Any = None) -> kv_pb2.TxnResponse:
+    """A whole transaction with scans (see the module docstring), every failure in the reply.
+    `context`: the call's gRPC context (its token goes with reads of groups hosted elsewhere)."""
     wrote = 0
     try:
         body, plan = split(r.txn, rq.cfg.limits.max_key)
@@ -204,7 +235,7 @@ async def scanning_txn(rq: KVRequests, r: kv_pb2.TxnRequest) -> kv_pb2.TxnRespon
             for sr in plan.scans:
                 rq.guard.check_range(sr.start, sr.end, READ)
         rq.prepare_txn(kv_pb2.TxnRequest(txn=body))  # checks every key, value and permission; nothing sent
-        io = _LocalReading(rq, r.session)
+        io = _Reading(rq, r.session, RemoteReads.of(rq.caller, context, rq.cfg.request_timeout), plan.scans[0])
         try:
             landed = await run_reading(body, io)
         except Exhausted as err:

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onenode import one_node
 
+from kvstore import errors
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 pytestmark = pytest.mark.timeout(300)
@@ -139,5 +140,54 @@ def test_txn_refusals_say_what_is_wrong(node: _Node) -> None:
             r = await node.kv.Txn(req, timeout=20)
             assert r.error.code != kv_pb2.OK and not r.error.indeterminate, (req, r.error)
             assert msg in r.error.message, (msg, r.error.message)
+
+    node.run(main())
+
+
+def test_remote_reads_go_on_to_another_node_when_one_is_down_bounded(node: _Node) -> None:
+    """`RemoteReads` (how a transaction's scans read a group the serving node lacks): a node that
+    cannot be reached, or that does not host the group, is passed over for the next one that
+    hosts it (here the one node, group 1); with none left the read fails, definite, naming each
+    node tried; at most `MAX_NODES` nodes are tried."""
+    from clusterharness import free_ports
+
+    from kvstore.server.remote_reads import MAX_NODES, RemoteReads
+
+    (port,) = free_ports(1)
+    dead = f"127.0.0.1:{port}"  # nothing listens there
+
+    async def main() -> None:
+        assert (await node.kv.Put(kv_pb2.PutRequest(key=b"rr/a", value=b"1"), timeout=20)).error.code == kv_pb2.OK
+        p = await node.kv.Put(kv_pb2.PutRequest(key=b"rr/b", value=b"2"), timeout=20)
+        channels: dict[str, grpc.aio.Channel] = {}
+
+        def channel(addr: str) -> grpc.aio.Channel:
+            return channels.setdefault(addr, grpc.aio.insecure_channel(addr))
+
+        try:
+            live = RemoteReads(lambda g: [dead, node.n.address], channel, (), 5.0)
+            part = await live.scan(kv_pb2.ScanRequest(prefix=b"", start=b"rr/", end=b"rr0", group=1,
+                                                      revision=p.revision), 1 << 20)
+            assert [(kv.key, kv.value) for kv in part.items] == [(b"rr/a", b"1"), (b"rr/b", b"2")]
+            assert (part.revision, part.cut, part.owned.is_full()) == (p.revision, False, True)
+            g = await live.get(kv_pb2.GetRequest(key=b"rr/a", revision=p.revision), 1)
+            assert (g.value, g.node_id) == (b"1", 1)
+            for reads, group in ((RemoteReads(lambda g: [dead], channel, (), 5.0), 1), (live, 2)):
+                with pytest.raises(errors.Unavailable) as e:  # group 2: WRONG_SHARD at the one node
+                    await reads.scan(kv_pb2.ScanRequest(start=b"rr/", end=b"rr0", group=group), 1 << 20)
+                assert e.value.definite and dead in e.value.message
+            tried: list[str] = []
+
+            def counted(addr: str) -> grpc.aio.Channel:
+                tried.append(addr)
+                return channel(addr)
+
+            many = RemoteReads(lambda g: [dead] * 2 * MAX_NODES, counted, (), 5.0)
+            with pytest.raises(errors.Unavailable):
+                await many.get(kv_pb2.GetRequest(key=b"rr/a"), 1)
+            assert len(tried) == MAX_NODES
+        finally:
+            for ch in channels.values():
+                await ch.close()
 
     node.run(main())

@@ -29,7 +29,7 @@ from kvstore.storage import leases, txn
 from kvstore.storage.errors import StorageError
 from kvstore.v1 import kv_pb2
 
-from ..txn_reading import Exhausted, run_reading, unchecked
+from ..txn_reading import Exhausted, cut_of, run_reading, unchecked
 from ..txn_wire import txn_from_proto
 from .base import EtcdNode, fail
 from .convert import (
@@ -125,7 +125,7 @@ class _EtcdReading:
 
     async def cut(self) -> int:
         _, _, floor = await self.kv._scan(self.cut_query, self.context)
-        return floor
+        return cut_of([floor])  # a range read at the highest revision of its parts: 0 if none wrote
 
     async def write(self, body: kv_pb2.TxnBody, floor: int) -> tuple[kv_pb2.TxnResult, int]:
         t = await self.kv.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body, session=kv_pb2.Session(revision=floor)),
