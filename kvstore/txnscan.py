@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from kvstore import errors
+from kvstore.keyspace import prefix_end
 from kvstore.storage.txn import MAX_TXN_DEPTH, MAX_TXN_ITEMS
 from kvstore.v1 import kv_pb2
 
-__all__ = ["LIMIT_MAX", "ScanPlan", "ScanRange", "Slot", "both_branches", "has_scans", "merge", "prefix_end", "split", "taken_scans"]
+__all__ = ["LIMIT_MAX", "ScanPlan", "ScanRange", "Slot", "both_branches", "has_scans", "merge", "split", "taken_scans"]
 
 T = TypeVar("T")
 
@@ -62,14 +63,6 @@ class ScanPlan:
     success: list[Slot]
     failure: list[Slot]
     scans: list[ScanRange] = field(default_factory=list)
-
-
-def prefix_end(prefix: bytes) -> bytes | None:
-    """The smallest key greater than every key with `prefix` (None: no upper bound)."""
-    stripped = prefix.rstrip(b"\xff")
-    if not stripped:
-        return None
-    return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
 def has_scans(body: kv_pb2.TxnBody) -> bool:

@@ -41,6 +41,7 @@ from kvstore.client.invoke import FREE_REDIRECTS, Invoker
 from kvstore.client.retry import Backoff, Deadline, RetryPolicy
 from kvstore.client.types import Consistency, KeyValue, ReadPreference
 from kvstore.errors import InvalidArgument, KVError, Timeout, Unavailable, from_proto
+from kvstore.keyspace import prefix_end
 from kvstore.shard.ranges import IntervalSet, covers_once
 from kvstore.storage.commands import U64_MAX
 from kvstore.v1 import kv_pb2
@@ -457,20 +458,12 @@ def _whole(parts: list[_ScanPart], sharded: bool) -> bool:
     return covers_once(owned)
 
 
-def _prefix_end(prefix: bytes) -> bytes | None:
-    """The smallest key greater than every key starting with ``prefix`` (None: unbounded)."""
-    stripped = prefix.rstrip(b"\xff")
-    if not stripped:
-        return None
-    return stripped[:-1] + bytes([stripped[-1] + 1])
-
-
 def scan_range(prefix: bytes, start: bytes | None, end: bytes | None) -> tuple[bytes, bytes | None]:
     """Combine a prefix and optional ``[start, end)`` bounds into one range (end None = open)."""
     lo = max(start or b"", prefix)
     hi = end or None
     if prefix:
-        pend = _prefix_end(prefix)
+        pend = prefix_end(prefix)
         if pend is not None and (hi is None or pend < hi):
             hi = pend
     return lo, hi

@@ -14,22 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvstore import errors
+from kvstore.keyspace import prefix_end
 from kvstore.storage import mvcc
 from kvstore.storage.changefeed import Change
 
 ALL_KEYS_END = b"\0"
 """etcd's range_end meaning "every key >= key"."""
-
-
-def prefix_end(prefix: bytes) -> bytes | None:
-    """The smallest key greater than every key with `prefix` (None: no upper bound)."""
-    p = bytearray(prefix)
-    while p:
-        if p[-1] != 0xFF:
-            p[-1] += 1
-            return bytes(p)
-        p.pop()
-    return None
 
 
 @dataclass(frozen=True, slots=True)

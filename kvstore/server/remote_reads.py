@@ -23,17 +23,17 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from kvstore import errors
 from kvstore.node.grouprequests import leader_candidates
-from kvstore.security.identity import METADATA_KEY, token_of
+from kvstore.security.identity import METADATA_KEY, identity_of_call, token_of
 from kvstore.shard.ranges import IntervalSet
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
+from .scan_parts import ByteBudget, Part, PartItems
 from .shards import GroupCaller
 
 MAX_NODES = 3
@@ -51,25 +51,17 @@ Metadata = tuple[tuple[str, str], ...]
 
 def token_metadata(context: Any) -> Metadata:
     """The caller's token (kvstore's `authorization: Bearer` or etcd's `token` metadata) as
-    kvstore's metadata, to forward; () without one."""
+    kvstore's metadata, to forward; () without one, and () unless this node authenticated the
+    caller by that token (`identity_of_call().via == "token"`: auth enabled, the token valid).
+    A token that was not checked here (auth disabled) is never sent on: the next node would
+    authenticate this node's certificate instead, lending the caller this node's identity."""
+    if identity_of_call(context).via != "token":
+        return ()
     try:
         token = token_of(context.invocation_metadata() or ())
     except Exception:  # a context without metadata (tests); malformed metadata was refused by the guard
         return ()
     return ((METADATA_KEY, f"Bearer {token}"),) if token else ()
-
-
-@dataclass(slots=True)
-class RemotePart:
-    """One group's part of a scan as a remote node served it: the revision it was served at
-    (the one asked for, or its applied last for a read of the current state), the hash ranges
-    the group owned there, its items in key order (each in the range asked for), and whether it
-    stopped early (the bytes budget: keys after its last item were not read)."""
-
-    revision: int
-    owned: IntervalSet
-    items: list[kv_pb2.KeyValue]
-    cut: bool
 
 
 class NotServed(Exception):
@@ -141,23 +133,27 @@ class RemoteReads:
             return resp
         raise _unreached(group, why)
 
-    async def scan(self, request: kv_pb2.ScanRequest, budget: int) -> RemotePart:
+    async def scan(self, request: kv_pb2.ScanRequest, budget: ByteBudget) -> Part:
         """`KV.Scan` of `request` (one part, `request.group`, of [start, end)) at a node hosting
-        the group, its items read until their serialized bytes exceed `budget`. Raises the
-        reply's error (definite). A node whose answer is malformed (owned ranges that are not
-        hash intervals, another revision than asked for, a key outside the range) counts as
-        one that did not serve it."""
+        the group, its items' bytes taken from `budget` until it is spent (`PartItems`). Raises
+        the reply's error (definite). A node whose answer is malformed (`PartReader`) counts as
+        one that did not serve it: what it sent is dropped (its bytes given back)."""
         why: list[str] = []
         for addr in self._targets(request.group):
+            reader = PartReader(request, budget)
             try:
-                return await self._scan_at(addr, request, budget)
+                return await self._scan_at(addr, reader)
             except NotServed as e:
+                reader.items.drop()
                 why.append(f"{addr}: {e}")
+            except BaseException:
+                reader.items.drop()
+                raise
         raise _unreached(request.group, why)
 
-    async def _scan_at(self, addr: str, request: kv_pb2.ScanRequest, budget: int) -> RemotePart:
-        call = kv_pb2_grpc.KVStub(self.channel(addr)).Scan(request, metadata=self.metadata, timeout=self.timeout)
-        reader = PartReader(request, budget)
+    async def _scan_at(self, addr: str, reader: PartReader) -> Part:
+        call = kv_pb2_grpc.KVStub(self.channel(addr)).Scan(reader.request, metadata=self.metadata,
+                                                           timeout=self.timeout)
         try:
             async for msg in call:
                 if reader.add(msg):
@@ -172,23 +168,25 @@ class RemoteReads:
 
 class PartReader:
     """One group's part of a scan from the messages of a remote `KV.Scan` reply, checked (pure:
-    messages in, a `RemotePart` or a refusal out; the messages are hostile input). `add` each
-    message until it says done; then `part`. Raises only `NotServed` (the node did not serve
-    the part, or answered it malformed: read it at the next node) and the reply's own KVError
-    (definite)."""
+    messages in, a `Part` or a refusal out; the messages are hostile input). `add` each message
+    until it says done; then `part`. Raises only `NotServed` (the node did not serve the part,
+    or answered it malformed: read it at the next node) and the reply's own KVError (definite).
 
-    __slots__ = ("budget", "done", "first", "items", "last", "owned", "request", "size")
+    Every item is checked before it is kept: its key in the range asked for, after the one
+    before (strictly: no key twice), its key's hash in the hash ranges the group claims to own
+    (so the parts of groups whose owned ranges cover the hash space once never share a key), and
+    for a read at a revision R, 0 < create_revision <= mod_revision <= R."""
 
-    def __init__(self, request: kv_pb2.ScanRequest, budget: int) -> None:
+    __slots__ = ("done", "first", "items", "last", "owned", "request")
+
+    def __init__(self, request: kv_pb2.ScanRequest, budget: ByteBudget) -> None:
         self.request = request
-        self.budget = budget
         self.first: kv_pb2.ScanResponse | None = None
         self.owned = IntervalSet()
-        self.items: list[kv_pb2.KeyValue] = []
-        self.size = 0
+        self.items = PartItems(budget)
         self.last: bytes | None = None
         self.done = False
-        """The last message came, or the items went past the budget (`part` may be taken)."""
+        """The last message came, or the items spent the budget (`part` may be taken)."""
 
     def add(self, msg: kv_pb2.ScanResponse) -> bool:
         """Take the next message; whether the part is complete (read no further)."""
@@ -212,20 +210,23 @@ class PartReader:
             k = kv.key
             if k < r.start or (r.end and k >= r.end) or (self.last is not None and k <= self.last):
                 raise NotServed(f"it answered key {k[:32]!r} out of the range or out of order")
+            if not self.owned.owns_key(k):
+                raise NotServed(f"it answered key {k[:32]!r}, whose hash is outside the ranges it owns")
+            if r.revision and not 0 < kv.create_revision <= kv.mod_revision <= r.revision:
+                raise NotServed(f"it answered key {k[:32]!r} with revisions (create {kv.create_revision}, mod "
+                                f"{kv.mod_revision}) not within 1..{r.revision}")
             self.last = k
-            self.items.append(kv)
-            self.size += kv.ByteSize()
-            if self.size > self.budget:
+            if self.items.add(kv):
                 self.done = True
                 return True
         self.done = not msg.more
         return self.done
 
-    def part(self) -> RemotePart:
+    def part(self) -> Part:
         """The part read (raises `NotServed` if the stream ended before its last message)."""
         if self.first is None or not self.done:
             raise NotServed("the scan stream ended early")
-        return RemotePart(int(self.first.revision), self.owned, self.items, self.size > self.budget)
+        return Part(int(self.first.revision), self.owned, self.items.items, self.items.cut)
 
 
 def _raise_reply(err: kv_pb2.Error) -> None:

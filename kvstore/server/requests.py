@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kvstore import errors
+from kvstore.keyspace import prefix_end
 from kvstore.node import xtxn as xlogic
 from kvstore.node.closes import NodeCloses
 from kvstore.node.hlc import HybridClock
@@ -379,7 +380,7 @@ class KVRequests:
         if r.prefix:
             if len(r.prefix) > self.cfg.limits.max_key:
                 raise errors.KeyTooLarge(message=f"prefix of {len(r.prefix)} bytes is longer than the longest key")
-            lo, hi = r.prefix, _prefix_end(r.prefix) or b""
+            lo, hi = r.prefix, prefix_end(r.prefix) or b""
         else:
             self.check_key(r.key)
             if len(r.range_end) > self.cfg.limits.max_key:
@@ -620,7 +621,7 @@ class KVRequests:
                 ))
         self.check_read_revision(request.revision)
         if request.prefix:
-            start, end = request.prefix, _prefix_end(request.prefix)
+            start, end = request.prefix, prefix_end(request.prefix)
         else:
             start, end = request.start, request.end or None
         if self.guard is not None:
@@ -739,12 +740,3 @@ def _scan_meta(resp: kv_pb2.ScanResponse, point: ReadPoint, node_id: int) -> Non
     resp.node_id = node_id
 
 
-def _prefix_end(prefix: bytes) -> bytes | None:
-    """The smallest key greater than every key with `prefix` (None: no upper bound)."""
-    p = bytearray(prefix)
-    while p:
-        if p[-1] != 0xFF:
-            p[-1] += 1
-            return bytes(p)
-        p.pop()
-    return None

@@ -10,7 +10,9 @@ callers supply the I/O (`ReadingIO`); the logic here decides what to run and at 
 3. Otherwise (it cannot write, or the branch taken wrote nothing) the whole body is evaluated on
    the state at R := a cut M (every key it names read exactly at M, `evaluate_at`, pure
    `txn.evaluate`). Should that state take a branch that writes (the keys changed in between),
-   start again at 1 (at most `TXN_READ_TRIES` times; then `Exhausted`, nothing written).
+   start again at 1 (at most `TXN_READ_TRIES` times; then `Exhausted`, nothing written). Once a
+   write under the client's session wrote nothing (`ReadingIO.can_write` False: its retries
+   would answer that cached result), every next try skips step 2: a new cut, evaluated read-only.
 4. The caller reads every range on the path taken exactly at R in every group.
 
 Why this is one atomic transaction at R: revisions are unique per group and a group's writes
@@ -51,6 +53,12 @@ class ReadingIO(Protocol):
     async def cut(self) -> int:
         """A revision M >= 1 at or above every write acknowledged before the call, in every data
         group (`cut_of`)."""
+        ...
+
+    def can_write(self) -> bool:
+        """Whether `write` may be proposed now: False once a write under the client's session
+        wrote nothing (the session caches that result under its (client, seq): proposing it again
+        would only answer the same result, never write)."""
         ...
 
     async def write(self, body: kv_pb2.TxnBody, floor: int) -> tuple[kv_pb2.TxnResult, int]:
@@ -119,7 +127,7 @@ async def run_reading(body: kv_pb2.TxnBody, io: ReadingIO, tries: int = TXN_READ
     writes = has_writes(body)
     for _attempt in range(tries):
         floor = await io.cut()
-        if writes:
+        if writes and io.can_write():
             result, rev = await io.write(body, floor)
             if rev:
                 return Reading(result, rev, True)

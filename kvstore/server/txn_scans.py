@@ -15,8 +15,13 @@ Invariants:
   and permissions, READ on every scan's range) before anything is proposed or read: a refusal
   is definite;
 - a scan's parts cover the hash space exactly once (the groups' owned ranges at their read
-  points; a range moving between groups reads again), and it is read at R in every group:
-  exactly the writes <= R, the transaction's own included;
+  points; a range moving between groups reads again), and it is read at R in exactly the groups
+  of the cut M (every write acknowledged before the call is at or below M in one of them): a
+  group the shard map gained since (a split) took no part in M, so a scan whose parts do not
+  cover the hash space while the map's data groups differ from the cut's starts again from a
+  new cut if nothing was written (`MapChanged`), or fails indeterminate after a write;
+- a scan's parts are read at most `scan_parts.PARALLEL` at once, keep one byte budget together,
+  and when one fails the others are cancelled and gone before anything is read again;
 - a read of a group hosted elsewhere is made as the caller, never as this node;
 - all scans of one transaction keep at most `MAX_TXN_SCAN_BYTES` together (with the GETs'
   bounded values the reply stays under the 64 MiB message limit): a scan cut by it (or by its
@@ -26,10 +31,8 @@ Invariants:
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+import functools
+from typing import Any
 
 from kvstore import errors
 from kvstore.security.rbac import READ
@@ -41,7 +44,8 @@ from kvstore.v1 import kv_pb2
 
 from .remote_reads import RemoteReads
 from .requests import KVRequests
-from .txn_reading import Exhausted, cut_of, run_reading
+from .scan_parts import ByteBudget, Part, PartItems, combine, gather_parts, retrying
+from .txn_reading import TXN_READ_TRIES, Exhausted, cut_of, run_reading
 
 MAX_TXN_SCAN_BYTES = 24 << 20
 """The most serialized item bytes all scans of one transaction return together (the GETs' values
@@ -49,55 +53,19 @@ are bounded by `txn.MAX_RESULT_VALUE_BYTES`, 32 MiB: the reply stays under 64 Mi
 READ_TRIES = 8
 """A read refused because a transaction holds an intent (PROPOSAL_DROPPED), no leader is known,
 or a range is moving between groups is made again this often, with a growing backoff."""
-_RETRIED = (errors.ProposalDropped, errors.NoLeader)
-T = TypeVar("T")
+_BACKOFF = 0.01
+"""The first retry's backoff (seconds; doubling)."""
 
 
 class _Moving(errors.NoLeader):
-    """The parts' owned ranges do not cover the hash space once: a range is moving (retried)."""
+    """The parts' owned ranges do not cover the hash space once, the shard map's data groups
+    still those of the cut: a range is moving between them (retried)."""
 
 
-@dataclass(slots=True)
-class Part:
-    """One group's part of a scan: its items in key order, whether it stopped early (the bytes
-    budget or the limit: keys after its last item were not read), its owned hash ranges."""
-
-    items: list[kv_pb2.KeyValue]
-    cut: bool
-    owned: IntervalSet
-
-
-def combine(parts: list[Part], limit: int, budget: int) -> tuple[list[kv_pb2.KeyValue], bool, int]:
-    """The answer of a scan from its group parts: (the items, a prefix of the range in key
-    order: at most `limit` (0: any number), at most `budget` serialized bytes; whether the range
-    holds more; the bytes they take). A part that stopped early read nothing after its last
-    item, so the answer never goes past the first such item."""
-    ends = [p.items[-1].key for p in parts if p.cut and p.items]
-    upto = min(ends) if ends else None
-    merged = sorted((kv for p in parts for kv in p.items if upto is None or kv.key <= upto), key=lambda kv: kv.key)
-    more = any(p.cut for p in parts)
-    size = 0
-    kept: list[kv_pb2.KeyValue] = []
-    for kv in merged:
-        n = kv.ByteSize()
-        if (limit and len(kept) >= limit) or size + n > budget:
-            more = True
-            break
-        kept.append(kv)
-        size += n
-    return kept, more, size
-
-
-async def _retrying(attempt_once: Callable[[], Awaitable[T]]) -> T:
-    """`attempt_once()`, made again after a retryable refusal (`READ_TRIES` times at most)."""
-    for attempt in range(READ_TRIES):
-        try:
-            return await attempt_once()
-        except _RETRIED:
-            if attempt == READ_TRIES - 1:
-                raise
-        await asyncio.sleep(0.01 * (1 << attempt))
-    raise AssertionError("unreachable")
+class MapChanged(Exception):
+    """The parts' owned ranges do not cover the hash space once and the shard map's data groups
+    are no longer those of the cut: the scans cannot be read at R in the cut's groups (nothing
+    written: start again from a new cut; after a write: indeterminate)."""
 
 
 class _Reading:
@@ -105,9 +73,13 @@ class _Reading:
     group's linearizable read point, the write `KVRequests.run_txn` under the request's session,
     the reads of keys at a revision `KVRequests.get`; a group not hosted here is read through
     `remote` (None: no other node, such a group is WRONG_SHARD). `probe`: a range the caller may
-    read (the first scan's), whose one-key scan at a remote node gives that group's read point."""
+    read (the first scan's), whose one-key scan at a remote node gives that group's read point.
 
-    __slots__ = ("index", "probe", "remote", "rq", "session")
+    `groups`: the data groups of the last cut, exactly the groups every scan reads. Under the
+    client's session (`session.client_id`) a write that wrote nothing is never proposed again:
+    its retry would answer that first result from the session's cache (`can_write`)."""
+
+    __slots__ = ("groups", "index", "probe", "remote", "rq", "session", "wrote_nothing")
 
     def __init__(self, rq: KVRequests, session: kv_pb2.Session, remote: RemoteReads | None, probe: ScanRange) -> None:
         self.rq = rq
@@ -116,8 +88,12 @@ class _Reading:
         self.probe = probe
         self.index = 0
         """The applied index of the write's reply (0: none)."""
+        self.groups: list[int] = []
+        self.wrote_nothing = False
+        """A write under the session answered that its branch wrote nothing."""
 
-    def groups(self) -> list[int]:
+    def map_groups(self) -> list[int]:
+        """The data groups of this node's shard map now."""
         m = self.rq.tracker.map
         if m is None:
             raise errors.NoLeader("this node has no shard map yet")
@@ -133,20 +109,27 @@ class _Reading:
         """The remote reads of group `g` if it is not hosted here (None: read here)."""
         return None if g in self.rq.host.groups else self.remote
 
+    async def _last(self, g: int) -> int:
+        """Group `g`'s applied last revision at a linearizable read point."""
+        remote = self._elsewhere(g)
+        if remote is None:
+            await self.rq.read_point(g, kv_pb2.LINEARIZABLE)
+            return self.rq.closes.last(g)
+        # a linearizable one-key read there: served at its applied last revision
+        req = kv_pb2.ScanRequest(start=self.probe.start, end=self.probe.end or b"", group=g, limit=1,
+                                 consistency=kv_pb2.LINEARIZABLE)
+        return (await remote.scan(req, ByteBudget(MAX_TXN_SCAN_BYTES))).revision
+
     async def cut(self) -> int:
-        rq = self.rq
+        groups = self.map_groups()
 
-        async def last(g: int) -> int:
-            remote = self._elsewhere(g)
-            if remote is None:
-                await rq.read_point(g, kv_pb2.LINEARIZABLE)
-                return rq.closes.last(g)
-            # a linearizable one-key read there: served at its applied last revision
-            req = kv_pb2.ScanRequest(start=self.probe.start, end=self.probe.end or b"", group=g, limit=1,
-                                     consistency=kv_pb2.LINEARIZABLE)
-            return (await _retrying(lambda: remote.scan(req, MAX_TXN_SCAN_BYTES))).revision
+        lasts = await gather_parts([functools.partial(retrying, functools.partial(self._last, g), READ_TRIES, _BACKOFF)
+                                    for g in groups])
+        self.groups = groups
+        return cut_of(lasts)
 
-        return cut_of(await asyncio.gather(*(last(g) for g in self.groups())))
+    def can_write(self) -> bool:
+        return not (self.wrote_nothing and self.session.client_id)
 
     async def write(self, body: kv_pb2.TxnBody, floor: int) -> tuple[kv_pb2.TxnResult, int]:
         s = kv_pb2.Session()
@@ -154,6 +137,8 @@ class _Reading:
         s.revision = max(s.revision, floor)
         resp = await self.rq.run_txn(kv_pb2.TxnRequest(txn=body, session=s))
         self.index = resp.index
+        if not resp.revision:
+            self.wrote_nothing = True
         return resp.result, int(resp.revision)
 
     async def get_at(self, key: bytes, revision: int) -> txn.Current | None:
@@ -172,51 +157,59 @@ class _Reading:
                     raise err
             return txn.Current(g.value, g.create_revision, g.mod_revision, g.version) if g.found else None
 
-        return await _retrying(once)
+        return await retrying(once, READ_TRIES, _BACKOFF)
 
-    async def part(self, g: int, r: ScanRange, revision: int, budget: int) -> Part:
-        """Group `g`'s keys of `r` at `revision`, as many as `budget` bytes (and the limit) allow
-        plus one."""
+    async def part(self, g: int, r: ScanRange, revision: int, budget: ByteBudget) -> Part:
+        """Group `g`'s keys of `r` at `revision`, their bytes taken from `budget` (`PartItems`:
+        until it is spent, and the limit plus one)."""
         req = kv_pb2.ScanRequest(start=r.start, end=r.end or b"", group=g, revision=revision,
                                  limit=r.limit + 1 if r.limit else 0, consistency=kv_pb2.LINEARIZABLE)
         remote = self._elsewhere(g)
         if remote is not None:
             got = await remote.scan(req, budget)
-            return Part(got.items, got.cut or bool(r.limit and len(got.items) > r.limit), got.owned)
+        else:
+            got = await self._local_part(req, budget)
+        got.cut = got.cut or bool(r.limit and len(got.items) > r.limit)
+        return got
+
+    async def _local_part(self, req: kv_pb2.ScanRequest, budget: ByteBudget) -> Part:
         msg, stream = await self.rq.scan_start(req)
-        items: list[kv_pb2.KeyValue] = []
-        size, cut = 0, False
+        acc = PartItems(budget)
         try:
+            stop = False
             for chunk in stream:
                 for k, v in chunk:
                     m = v.meta
-                    kv = kv_pb2.KeyValue(key=k, value=v.value, create_revision=m.create_revision,
-                                         mod_revision=m.mod_revision, version=m.version)
-                    items.append(kv)
-                    size += kv.ByteSize()
-                    if size > budget:
-                        cut = True
+                    stop = acc.add(kv_pb2.KeyValue(key=k, value=v.value, create_revision=m.create_revision,
+                                                   mod_revision=m.mod_revision, version=m.version))
+                    if stop:
                         break
-                if cut:
+                if stop:
                     break
         except StorageError as err:
             raise errors.Unavailable(f"scan interrupted on node {self.rq.cfg.id}: {err}") from err
         finally:
             stream.close()
-        cut = cut or bool(r.limit and len(items) > r.limit)
-        return Part(items, cut, IntervalSet(zip(msg.owned_lo, msg.owned_hi, strict=True)))
+        return Part(int(msg.revision), IntervalSet(zip(msg.owned_lo, msg.owned_hi, strict=True)), acc.items, acc.cut)
 
     async def scan(self, r: ScanRange, revision: int, budget: list[int]) -> kv_pb2.TxnScanResult:
-        """`r` exactly at `revision` across every data group, within `budget[0]` bytes (taken)."""
-        groups = self.groups()
+        """`r` exactly at `revision` in the groups of the cut, within `budget[0]` bytes (taken).
+        Raises `MapChanged` if the parts do not cover the hash space and the map's groups are
+        no longer the cut's (see the module docstring)."""
+        groups = self.groups
+        if not groups:
+            raise AssertionError("a scan is read only after a cut")
 
         async def once() -> list[Part]:
-            parts = await asyncio.gather(*(self.part(g, r, revision, budget[0]) for g in groups))
+            shared = ByteBudget(budget[0])  # one budget for this attempt's parts (the last one's are gone)
+            parts = await gather_parts([functools.partial(self.part, g, r, revision, shared) for g in groups])
             if not covers_once(p.owned for p in parts):
+                if self.map_groups() != groups:
+                    raise MapChanged("the shard map's data groups changed since the cut")
                 raise _Moving("a range is moving between groups")
-            return list(parts)
+            return parts
 
-        parts = await _retrying(once)
+        parts = await retrying(once, READ_TRIES, _BACKOFF)
         out = kv_pb2.TxnScanResult(revision=revision)
         items, out.more, used = combine(parts, r.limit, budget[0])
         out.items.extend(items)
@@ -227,7 +220,10 @@ class _Reading:
 
 async def scanning_txn(rq: KVRequests, r: kv_pb2.TxnRequest, context: Any = None) -> kv_pb2.TxnResponse:
     """A whole transaction with scans (see the module docstring), every failure in the reply.
-    `context`: the call's gRPC context (its token goes with reads of groups hosted elsewhere)."""
+    `context`: the call's gRPC context (its token goes with reads of groups hosted elsewhere).
+    A scan finding the shard map changed since the cut (`MapChanged`) starts the whole reading
+    again from a new cut when nothing was written (`TXN_READ_TRIES` times at most, then a
+    definite, retryable UNAVAILABLE)."""
     wrote = 0
     try:
         body, plan = split(r.txn, rq.cfg.limits.max_key)
@@ -236,26 +232,34 @@ async def scanning_txn(rq: KVRequests, r: kv_pb2.TxnRequest, context: Any = None
                 rq.guard.check_range(sr.start, sr.end, READ)
         rq.prepare_txn(kv_pb2.TxnRequest(txn=body))  # checks every key, value and permission; nothing sent
         io = _Reading(rq, r.session, RemoteReads.of(rq.caller, context, rq.cfg.request_timeout), plan.scans[0])
-        try:
-            landed = await run_reading(body, io)
-        except Exhausted as err:
-            raise errors.Unavailable(str(err)) from None
-        except txn.ResultTooLarge as err:
-            raise errors.InvalidArgument(f"invalid transaction: {err}") from None
-        if landed.wrote:
-            wrote = landed.revision
-        answers: dict[int, kv_pb2.TxnScanResult] = {}
-        budget = [MAX_TXN_SCAN_BYTES]
-        try:
-            for i in taken_scans(plan, landed.result):
-                answers[i] = await io.scan(plan.scans[i], landed.revision, budget)
-        except errors.KVError as err:
-            if not wrote:
-                raise
-            raise errors.Unavailable(f"the transaction was written at revision {wrote} but reading its scans failed: "
-                                     f"{err.message}", indeterminate=True) from None
-        return kv_pb2.TxnResponse(error=rq.ok(), result=merge(plan, landed.result, answers), index=io.index,
-                                  revision=wrote)
+        for _attempt in range(TXN_READ_TRIES):
+            try:
+                landed = await run_reading(body, io)
+            except Exhausted as err:
+                raise errors.Unavailable(str(err)) from None
+            except txn.ResultTooLarge as err:
+                raise errors.InvalidArgument(f"invalid transaction: {err}") from None
+            if landed.wrote:
+                wrote = landed.revision
+            answers: dict[int, kv_pb2.TxnScanResult] = {}
+            budget = [MAX_TXN_SCAN_BYTES]
+            try:
+                for i in taken_scans(plan, landed.result):
+                    answers[i] = await io.scan(plan.scans[i], landed.revision, budget)
+            except MapChanged as err:
+                if wrote:
+                    raise errors.Unavailable(f"the transaction was written at revision {wrote} but its scans could not "
+                                             f"be read there: {err}", indeterminate=True) from None
+                continue
+            except errors.KVError as err:
+                if not wrote:
+                    raise
+                raise errors.Unavailable(f"the transaction was written at revision {wrote} but reading its scans "
+                                         f"failed: {err.message}", indeterminate=True) from None
+            return kv_pb2.TxnResponse(error=rq.ok(), result=merge(plan, landed.result, answers), index=io.index,
+                                      revision=wrote)
+        raise errors.Unavailable(f"the shard map's data groups changed under each of {TXN_READ_TRIES} tries to read "
+                                 "the transaction's scans; nothing was written")
     except errors.KVError as err:
         return kv_pb2.TxnResponse(error=rq.err(err))
     except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does

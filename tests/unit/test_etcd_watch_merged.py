@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from kvstore import errors
 from kvstore.client.watchrun import Requests
 from kvstore.etcdpb.etcdserverpb import rpc_pb2
+from kvstore.security.identity import ANONYMOUS, Principal, PrincipalKind, set_identity
 from kvstore.server.etcd.forward import Forwarder
 from kvstore.server.etcd.status import COMPACTED
 from kvstore.server.etcd.watchmerged import (
@@ -240,8 +241,14 @@ def test_the_forwarders_rule_other_nodes_only_with_the_callers_token_on_tls() ->
     assert not may(None, (("token", "t"),))  # no peers
     assert may(_Caller(None), ())  # no TLS
     assert not may(_Caller(object()), ())  # TLS, no token: never this node's identity
-    assert may(_Caller(object()), (("token", "t"),))
-    assert may(_Caller(object()), (("authorization", "Bearer t"),))
+    # a token this node did not authenticate the caller by (auth disabled): never sent on
+    assert not may(_Caller(object()), (("token", "t"),))
+    set_identity(Principal(PrincipalKind.USER, "u", "token"))
+    try:
+        assert may(_Caller(object()), (("token", "t"),))
+        assert may(_Caller(object()), (("authorization", "Bearer t"),))
+    finally:
+        set_identity(ANONYMOUS)
 
 
 def test_merged_watches_are_bounded_per_stream_and_per_node() -> None:

@@ -18,6 +18,7 @@ from kvstore.server.audit_rpc import _txn_fields
 from kvstore.server.etcd.convert import RangeQuery, range_query
 from kvstore.server.etcd.kv import EtcdKV, _EtcdReading
 from kvstore.server.remote_reads import NotServed, PartReader
+from kvstore.server.scan_parts import ByteBudget
 from kvstore.server.txn_reading import cut_of
 from kvstore.shard.ranges import HASH_MAX
 from kvstore.v1 import kv_pb2
@@ -25,8 +26,12 @@ from kvstore.v1 import kv_pb2
 FULL = {"owned_lo": [0], "owned_hi": [HASH_MAX]}
 
 
+def _kv(key: bytes, create: int = 1, mod: int = 2) -> kv_pb2.KeyValue:
+    return kv_pb2.KeyValue(key=key, value=b"v", create_revision=create, mod_revision=mod)
+
+
 def _read(request: kv_pb2.ScanRequest, msgs: list[kv_pb2.ScanResponse], budget: int = 1 << 20) -> Any:
-    r = PartReader(request, budget)
+    r = PartReader(request, ByteBudget(budget))
     for m in msgs:
         if r.add(m):
             break
@@ -35,7 +40,7 @@ def _read(request: kv_pb2.ScanRequest, msgs: list[kv_pb2.ScanResponse], budget: 
 
 def test_a_part_in_several_messages_is_read_whole_and_cut_by_the_budget() -> None:
     req = kv_pb2.ScanRequest(start=b"a", end=b"z", group=3, revision=7)
-    kvs = [kv_pb2.KeyValue(key=b"k%d" % i, value=b"v", mod_revision=5) for i in range(6)]
+    kvs = [kv_pb2.KeyValue(key=b"k%d" % i, value=b"v", create_revision=2, mod_revision=5) for i in range(6)]
     msgs = [kv_pb2.ScanResponse(revision=7, more=True, items=kvs[:3], **FULL),  # type: ignore[arg-type]
             kv_pb2.ScanResponse(more=False, items=kvs[3:])]
     p = _read(req, msgs)
@@ -51,8 +56,11 @@ def test_a_part_in_several_messages_is_read_whole_and_cut_by_the_budget() -> Non
     ([kv_pb2.ScanResponse(revision=7, owned_lo=[5], owned_hi=[4])], "malformed"),
     ([kv_pb2.ScanResponse(revision=7, owned_lo=[5], owned_hi=[])], "malformed"),
     ([kv_pb2.ScanResponse(revision=7, items=[kv_pb2.KeyValue(key=b"zz")], **FULL)], "out of the range"),  # type: ignore[arg-type]
-    ([kv_pb2.ScanResponse(revision=7, items=[kv_pb2.KeyValue(key=b"b"), kv_pb2.KeyValue(key=b"b")],
-                          **FULL)], "out of order"),  # type: ignore[arg-type]
+    ([kv_pb2.ScanResponse(revision=7, items=[_kv(b"b"), _kv(b"b")], **FULL)], "out of order"),  # type: ignore[arg-type]
+    ([kv_pb2.ScanResponse(revision=7, items=[_kv(b"b", 0, 3)], **FULL)], "revisions"),  # type: ignore[arg-type]
+    ([kv_pb2.ScanResponse(revision=7, items=[_kv(b"b", 4, 3)], **FULL)], "revisions"),  # type: ignore[arg-type]
+    ([kv_pb2.ScanResponse(revision=7, items=[_kv(b"b", 1, 8)], **FULL)], "revisions"),  # type: ignore[arg-type]
+    ([kv_pb2.ScanResponse(revision=7, items=[_kv(b"b")], owned_lo=[0], owned_hi=[0])], "outside the ranges"),
     ([kv_pb2.ScanResponse(error=kv_pb2.Error(code=kv_pb2.WRONG_SHARD))], "WRONG_SHARD"),
     ([kv_pb2.ScanResponse(error=kv_pb2.Error(code=kv_pb2.STALE_REPLICA))], "STALE_REPLICA"),
 ])
@@ -68,7 +76,8 @@ def test_the_nodes_own_refusal_is_the_reads_definite_error() -> None:
     assert e.value.definite
 
 
-_items = st.lists(st.builds(kv_pb2.KeyValue, key=st.binary(max_size=4), value=st.binary(max_size=4)), max_size=4)
+_items = st.lists(st.builds(kv_pb2.KeyValue, key=st.binary(max_size=4), value=st.binary(max_size=4),
+                            create_revision=st.integers(-1, 9), mod_revision=st.integers(-1, 9)), max_size=4)
 _owned = st.sampled_from([([0], [HASH_MAX]), ([], []), ([0, 10], [5, HASH_MAX])]) | st.tuples(
     st.lists(st.integers(0, 2**64 - 1), max_size=3), st.lists(st.integers(0, 2**64 - 1), max_size=3))
 _msgs = st.lists(st.builds(
@@ -90,6 +99,8 @@ def test_any_reply_is_a_checked_part_or_one_refusal(msgs: list[kv_pb2.ScanRespon
         return
     keys = [kv.key for kv in p.items]
     assert keys == sorted(set(keys)) and all(start <= k and (not end or k < end) for k in keys)
+    assert all(p.owned.owns_key(k) for k in keys)
+    assert not revision or all(0 < kv.create_revision <= kv.mod_revision <= revision for kv in p.items)
     assert p.revision >= 0 and (not revision or p.revision == revision)
     assert all(0 <= lo <= hi <= HASH_MAX for lo, hi in p.owned)
 

@@ -1,6 +1,6 @@
 """Scans inside transactions, the pure parts: `kvstore.txnscan` (the refusal rule of a write
 after a scan of its key, against a model that runs every path; split / taken_scans / merge;
-totality on hostile bodies), `txn_scans.combine` (a scan's answer from its group parts: the
+totality on hostile bodies), `scan_parts.combine` (a scan's answer from its group parts: the
 key-order prefix of the whole range within the limit and budget) and `txn_reading.run_reading`
 (where a reading transaction lands) over a small multi-version store."""
 
@@ -17,8 +17,8 @@ from kvstore import errors
 from kvstore.client.checks import RequestChecks
 from kvstore.client.txns import first_key, txn_body
 from kvstore.client.types import Compare, Op, TxnResponse
+from kvstore.server.scan_parts import Part, combine
 from kvstore.server.txn_reading import Exhausted, evaluate_at, run_reading
-from kvstore.server.txn_scans import Part, combine
 from kvstore.shard.ranges import IntervalSet
 from kvstore.storage import txn
 from kvstore.txnscan import ScanRange, merge, split, taken_scans
@@ -238,7 +238,7 @@ def test_combine_is_the_key_order_prefix_within_limit_and_budget(groups: list[se
             if limit and len(items) > limit:
                 cut = True
                 break
-        parts.append(Part(items, cut, IntervalSet()))
+        parts.append(Part(0, IntervalSet(), items, cut))
     kept, more, used = combine(parts, limit, budget)
     keys = [kv.key for kv in kept]
     assert keys == everything[: len(keys)]
@@ -248,6 +248,12 @@ def test_combine_is_the_key_order_prefix_within_limit_and_budget(groups: list[se
     if more and len(keys) < (limit or len(everything)):  # cut by the budget: the next key would not fit
         nxt = kv_pb2.KeyValue(key=everything[len(keys)], value=b"v").ByteSize()
         assert used + nxt > budget
+
+
+def test_a_part_that_stopped_before_any_item_leaves_the_answer_empty() -> None:
+    """It read nothing: any key of the range may be in it, so no other part's key may be shown."""
+    kv = kv_pb2.KeyValue(key=b"a", value=b"v")
+    assert combine([Part(0, IntervalSet(), [kv], False), Part(0, IntervalSet(), [], True)], 0, 100) == ([], True, 0)
 
 
 # --- where a reading transaction lands -------------------------------------------------------
@@ -301,6 +307,9 @@ class _IO:
 
     async def get_at(self, key: bytes, revision: int) -> txn.Current | None:
         return self.s.at(key, revision)
+
+    def can_write(self) -> bool:
+        return True
 
 
 def test_run_reading_lands_at_the_write_or_at_a_cut() -> None:

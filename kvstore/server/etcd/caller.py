@@ -23,7 +23,7 @@ import grpc
 
 from kvstore import errors
 from kvstore.etcdpb.etcdserverpb import rpc_pb2
-from kvstore.node.watchspec import prefix_end
+from kvstore.keyspace import prefix_end
 from kvstore.v1 import kv_pb2
 
 from .base import EtcdNode

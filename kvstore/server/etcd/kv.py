@@ -29,6 +29,7 @@ from kvstore.storage import leases, txn
 from kvstore.storage.errors import StorageError
 from kvstore.v1 import kv_pb2
 
+from ..scan_parts import gather_parts, retrying
 from ..txn_reading import Exhausted, cut_of, run_reading, unchecked
 from ..txn_wire import txn_from_proto
 from .base import EtcdNode, fail
@@ -127,6 +128,9 @@ class _EtcdReading:
         _, _, floor = await self.kv._scan(self.cut_query, self.context)
         return cut_of([floor])  # a range read at the highest revision of its parts: 0 if none wrote
 
+    def can_write(self) -> bool:
+        return True  # no client session: each write is a new proposal
+
     async def write(self, body: kv_pb2.TxnBody, floor: int) -> tuple[kv_pb2.TxnResult, int]:
         t = await self.kv.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body, session=kv_pb2.Session(revision=floor)),
                                          self.context, is_write=True, group=self.group)
@@ -204,15 +208,16 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         all parts keep together is bounded (`MAX_RANGE_BYTES`)."""
         req = kv_pb2.ScanRequest(start=keys.start, end=keys.end or b"", group=group, revision=revision,
                                  consistency=consistency)  # type: ignore[arg-type]
-        for attempt in range(RANGE_TRIES):
+
+        async def once() -> tuple[list[kv_pb2.KeyValue], int, int, int]:
             items: list[kv_pb2.KeyValue] = []
             count = size = rev = 0
-            err: errors.KVError | None = None
             first = True
             async for msg in self.n.forward.scan(req, context):
                 err = errors.from_proto(msg.error, is_write=False) if msg.HasField("error") else None
                 if err is not None:
-                    break
+                    budget.give_back(size)
+                    raise err
                 if first:
                     rev, first = msg.revision, False
                 count += len(msg.items)
@@ -221,13 +226,9 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                 items.extend(kept)
                 size += n
                 budget.take(n)
-            if err is None:
-                return items, count, rev, size
-            budget.give_back(size)
-            if not isinstance(err, errors.ProposalDropped | errors.NoLeader) or attempt == RANGE_TRIES - 1:
-                raise err
-            await asyncio.sleep(0.02 * (1 << attempt))
-        raise AssertionError("unreachable")
+            return items, count, rev, size
+
+        return await retrying(once, RANGE_TRIES, 0.02)
 
     async def _scan(self, q: RangeQuery, context: grpc.aio.ServicerContext
                     ) -> tuple[list[kv_pb2.KeyValue], int, int]:
@@ -237,20 +238,9 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         keep = _keep(q)
         budget = _Budget()
 
-        gate = asyncio.Semaphore(RANGE_PARALLEL)
-
-        async def part(g: int, rev: int) -> tuple[list[kv_pb2.KeyValue], int, int, int]:
-            async with gate:
-                return await self._part(q.keys, g, rev, consistency, keep, q.keys_only, budget, context)
-
         async def read(rev: int, gs: list[int]) -> dict[int, tuple[list[kv_pb2.KeyValue], int, int, int]]:
-            tasks = [asyncio.ensure_future(part(g, rev)) for g in gs]
-            try:
-                got = await asyncio.gather(*tasks)
-            except BaseException:
-                for t in tasks:  # one part failed (or the budget ran out): the others stop too
-                    t.cancel()
-                raise
+            got = await gather_parts([functools.partial(self._part, q.keys, g, rev, consistency, keep, q.keys_only,
+                                                        budget, context) for g in gs], RANGE_PARALLEL)
             return dict(zip(gs, got, strict=True))
 
         parts = await read(q.revision, groups)

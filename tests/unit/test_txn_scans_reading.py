@@ -1,0 +1,238 @@
+"""kvstore's Txn with scans on the node receiving it (`server/txn_scans.py`), over a stand-in for
+the node's request layer (`_Node`: a tiny multi-version store of several groups, every group
+hosted here, a shard map that a test can split): the scans read exactly the groups of the cut,
+a map that changed since the cut starts the reading again, a write under the client's session
+that wrote nothing is not proposed again, and a scan's parts share one byte budget."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from kvstore import errors
+from kvstore.server.scan_parts import ByteBudget
+from kvstore.server.txn_reading import Exhausted, run_reading
+from kvstore.server.txn_scans import MapChanged, _Reading, scanning_txn
+from kvstore.shard.ranges import HASH_MAX, IntervalSet, key_hash
+from kvstore.txnscan import ScanRange
+from kvstore.v1 import kv_pb2
+
+HALF = HASH_MAX // 2
+LOW, HIGH = IntervalSet([(0, HALF)]), IntervalSet([(HALF + 1, HASH_MAX)])
+
+
+def _key_in(owned: IntervalSet, tag: bytes) -> bytes:
+    return next(k for i in itertools.count() if key_hash(k := tag + b"%d" % i) in owned)
+
+
+class _Map:
+    def __init__(self, owned: dict[int, IntervalSet]) -> None:
+        self.owned = owned
+
+    def data_groups(self) -> list[int]:
+        return sorted(self.owned)
+
+    def group_for_hash(self, h: int) -> int:
+        return next(g for g, o in self.owned.items() if h in o)
+
+
+class _Stream:
+    def __init__(self, chunk: list[tuple[bytes, Any]]) -> None:
+        self.chunk = chunk
+
+    def __iter__(self) -> Any:
+        return iter([self.chunk])
+
+    def close(self) -> None:
+        pass
+
+
+class _Node:
+    """The parts of `KVRequests` that `txn_scans` uses, over rows (key, revision, value, group)
+    written with one revision counter; `last[g]`: group g's applied last revision. `before_scan`
+    runs once, as the first part is opened; `before_cut` before each read point."""
+
+    def __init__(self) -> None:
+        self.tracker = SimpleNamespace(map=_Map({1: IntervalSet.full()}), version=1)
+        self.rows: list[tuple[bytes, int, bytes, int]] = []
+        self.last: dict[int, int] = {}
+        self.rev = itertools.count(1)
+        self.closes = SimpleNamespace(last=lambda g: self.last.get(g, 0))
+        self.metrics = SimpleNamespace(reads=SimpleNamespace(inc=lambda: None))
+        self.cfg = SimpleNamespace(id=1, limits=SimpleNamespace(max_key=64), request_timeout=1.0)
+        self.guard = None
+        self.caller = None
+        self.before_scan: Any = None
+        self.before_cut: Any = None
+        self.txns = 0
+        self.cached: dict[tuple[int, int], kv_pb2.TxnResponse] = {}
+
+    @property
+    def host(self) -> Any:
+        return SimpleNamespace(groups=set(self.tracker.map.data_groups()))
+
+    def write(self, key: bytes, value: bytes, group: int | None = None) -> int:
+        g = group or self.tracker.map.group_for_hash(key_hash(key))
+        rev = next(self.rev)
+        self.rows.append((key, rev, value, g))
+        self.last[g] = rev
+        return rev
+
+    def at(self, key: bytes, revision: int) -> tuple[bytes, int, int, int] | None:
+        vs = [(r, v) for k, r, v, _ in self.rows if k == key and r <= revision]
+        return (vs[-1][1], vs[0][0], vs[-1][0], len(vs)) if vs else None
+
+    async def read_point(self, g: int, consistency: int) -> None:
+        if self.before_cut is not None:
+            self.before_cut()
+
+    async def scan_start(self, req: kv_pb2.ScanRequest) -> tuple[kv_pb2.ScanResponse, _Stream]:
+        if self.before_scan is not None:
+            hook, self.before_scan = self.before_scan, None
+            hook()
+        owned = self.tracker.map.owned[req.group]
+        keys = sorted({k for k, *_ in self.rows if req.start <= k and (not req.end or k < req.end)
+                       and key_hash(k) in owned})
+        chunk = []
+        for k in keys:
+            got = self.at(k, req.revision)
+            if got is not None:
+                chunk.append((k, SimpleNamespace(value=got[0], meta=SimpleNamespace(
+                    create_revision=got[1], mod_revision=got[2], version=got[3]))))
+        msg = kv_pb2.ScanResponse(more=True, revision=req.revision, owned_lo=[a for a, _ in owned],
+                                  owned_hi=[b for _, b in owned])
+        return msg, _Stream(chunk[: req.limit or None])
+
+    async def get(self, req: kv_pb2.GetRequest) -> kv_pb2.GetResponse:
+        got = self.at(req.key, req.revision)
+        if got is None:
+            return kv_pb2.GetResponse(revision=req.revision)
+        return kv_pb2.GetResponse(found=True, value=got[0], create_revision=got[1], mod_revision=got[2],
+                                  version=got[3], revision=req.revision)
+
+    async def run_txn(self, req: kv_pb2.TxnRequest) -> kv_pb2.TxnResponse:
+        """A TXN whose branch takes the put if its one compare (value equal) holds, under the
+        session's cache: a (client, seq) answered before gets that answer again."""
+        self.txns += 1
+        s = req.session
+        if s.client_id and (s.client_id, s.seq) in self.cached:
+            return self.cached[(s.client_id, s.seq)]
+        c = req.txn.compares[0]
+        now = self.at(c.key, HASH_MAX)
+        resp = kv_pb2.TxnResponse(result=kv_pb2.TxnResult(succeeded=now is not None and now[0] == c.value))
+        if resp.result.succeeded:
+            put = req.txn.success[0].put
+            resp.revision = self.write(put.key, put.value)
+            resp.result.responses.add().put = resp.revision
+        else:
+            resp.result.responses.add().get.CopyFrom(kv_pb2.KeyValue())
+        if s.client_id:
+            self.cached[(s.client_id, s.seq)] = resp
+        return resp
+
+    def prepare_txn(self, req: kv_pb2.TxnRequest) -> None:
+        pass
+
+    def wrong_shard(self, message: str) -> errors.KVError:
+        return errors.WrongShard(message)
+
+    def ok(self) -> kv_pb2.Error:
+        return kv_pb2.Error()
+
+    def err(self, err: errors.KVError) -> kv_pb2.Error:
+        return errors.to_proto(err)
+
+    @staticmethod
+    def internal(op: str, err: BaseException, *, indeterminate: bool | None = None) -> errors.InternalError:
+        raise err
+
+
+def _split(n: _Node) -> None:
+    """The map as after a split of group 1: group 2 owns the upper half of the hashes."""
+    n.tracker.map = _Map({1: LOW, 2: HIGH})
+
+
+def _reading(n: _Node, session: kv_pb2.Session | None = None) -> _Reading:
+    return _Reading(cast(Any, n), session or kv_pb2.Session(), None, ScanRange(b"", None, 0))
+
+
+def test_a_scan_reads_exactly_the_groups_of_the_cut_and_a_changed_map_is_refused() -> None:
+    """The map gains group 2 (a split) between the cut and the scan, while group 2 already holds
+    a write acknowledged before the transaction, above the cut: read in the new map's groups at
+    R = M the scan would miss it; in the cut's groups the parts no longer cover the hashes."""
+    n = _Node()
+    low, high = _key_in(LOW, b"a"), _key_in(HIGH, b"b")
+    n.write(low, b"1")
+    io = _reading(n)
+    m = asyncio.run(io.cut())
+    assert (m, io.groups) == (1, [1])
+    _split(n)
+    n.write(high, b"2", group=2)  # acknowledged; its revision 2 is above M
+    with pytest.raises(MapChanged):
+        asyncio.run(io.scan(ScanRange(b"", None, 0), m, [1 << 20]))
+
+
+def test_a_txn_whose_map_changed_under_its_scan_reads_again_from_a_new_cut() -> None:
+    n = _Node()
+    low, high = _key_in(LOW, b"a"), _key_in(HIGH, b"b")
+    n.write(low, b"1")
+    n.write(high, b"2", group=2)  # in group 2, which this node's map does not show yet
+    n.before_scan = lambda: _split(n)
+    body = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(scan=kv_pb2.TxnScan(start=b"", end=b""))])
+    resp = asyncio.run(scanning_txn(cast(Any, n), kv_pb2.TxnRequest(txn=body)))
+    assert resp.error.code == kv_pb2.OK, resp.error
+    scan = resp.result.responses[0].scan
+    assert (sorted(kv.key for kv in scan.items), scan.revision) == (sorted([low, high]), 2)
+
+
+def _flipping(n: _Node) -> kv_pb2.TxnBody:
+    """Every cut finds k = "0" (so the body would write), every TXN finds k = "1" (it writes
+    nothing): the reading never lands."""
+    n.write(b"k", b"1")
+    n.before_cut = lambda: n.write(b"k", b"0")
+    real = n.run_txn
+
+    async def run_txn(req: kv_pb2.TxnRequest) -> kv_pb2.TxnResponse:
+        n.write(b"k", b"1")
+        return await real(req)
+
+    n.run_txn = run_txn  # type: ignore[method-assign]
+    return kv_pb2.TxnBody(compares=[kv_pb2.Compare(key=b"k", target=kv_pb2.COMPARE_VALUE, result=kv_pb2.EQUAL,
+                                                   value=b"0")],
+                          success=[kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=b"k", value=b"x"))],
+                          failure=[kv_pb2.TxnOp(get=b"k")])
+
+
+def test_under_a_session_a_txn_that_wrote_nothing_is_never_proposed_again() -> None:
+    n = _Node()
+    body = _flipping(n)
+    with pytest.raises(Exhausted):
+        asyncio.run(run_reading(body, _reading(n, kv_pb2.Session(client_id=7, seq=1)), tries=4))
+    assert n.txns == 1  # tries 2-4: a new cut, evaluated read-only (the session would answer the cached result)
+    n = _Node()
+    body = _flipping(n)
+    with pytest.raises(Exhausted):
+        asyncio.run(run_reading(body, _reading(n), tries=4))
+    assert n.txns == 4  # without a session each try is a new proposal
+
+
+def test_a_scans_parts_share_one_byte_budget() -> None:
+    n = _Node()
+    _split(n)
+    for i in range(40):
+        n.write(b"k%02d" % i, b"v" * 100)
+    io = _reading(n)
+    m = asyncio.run(io.cut())
+    one = kv_pb2.KeyValue(key=b"k00", value=b"v" * 100, create_revision=1, mod_revision=1, version=1).ByteSize()
+    budget = ByteBudget(5 * one)
+    parts = [asyncio.run(io.part(g, ScanRange(b"", None, 0), m, budget)) for g in io.groups]
+    assert all(p.cut for p in parts)
+    assert sum(len(p.items) for p in parts) <= 5 + len(parts)  # at most one item past the budget per part
+    left = [10 * one]
+    out = asyncio.run(io.scan(ScanRange(b"", None, 0), m, left))
+    assert out.more and [kv.key for kv in out.items] == [b"k%02d" % i for i in range(len(out.items))]
+    assert 0 < len(out.items) <= 10 and left[0] >= 0
