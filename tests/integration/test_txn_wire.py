@@ -152,6 +152,7 @@ def test_remote_reads_go_on_to_another_node_when_one_is_down_bounded(node: _Node
     from clusterharness import free_ports
 
     from kvstore.server.remote_reads import MAX_NODES, RemoteReads
+    from kvstore.server.scan_parts import ByteBudget
 
     (port,) = free_ports(1)
     dead = f"127.0.0.1:{port}"  # nothing listens there
@@ -167,14 +168,14 @@ def test_remote_reads_go_on_to_another_node_when_one_is_down_bounded(node: _Node
         try:
             live = RemoteReads(lambda g: [dead, node.n.address], channel, (), 5.0)
             part = await live.scan(kv_pb2.ScanRequest(prefix=b"", start=b"rr/", end=b"rr0", group=1,
-                                                      revision=p.revision), 1 << 20)
+                                                      revision=p.revision), ByteBudget(1 << 20))
             assert [(kv.key, kv.value) for kv in part.items] == [(b"rr/a", b"1"), (b"rr/b", b"2")]
             assert (part.revision, part.cut, part.owned.is_full()) == (p.revision, False, True)
             g = await live.get(kv_pb2.GetRequest(key=b"rr/a", revision=p.revision), 1)
             assert (g.value, g.node_id) == (b"1", 1)
             for reads, group in ((RemoteReads(lambda g: [dead], channel, (), 5.0), 1), (live, 2)):
                 with pytest.raises(errors.Unavailable) as e:  # group 2: WRONG_SHARD at the one node
-                    await reads.scan(kv_pb2.ScanRequest(start=b"rr/", end=b"rr0", group=group), 1 << 20)
+                    await reads.scan(kv_pb2.ScanRequest(start=b"rr/", end=b"rr0", group=group), ByteBudget(1 << 20))
                 assert e.value.definite and dead in e.value.message
             tried: list[str] = []
 
