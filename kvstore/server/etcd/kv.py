@@ -29,7 +29,7 @@ from kvstore.storage import leases, txn
 from kvstore.storage.errors import StorageError
 from kvstore.v1 import kv_pb2
 
-from ..scan_parts import gather_parts, retrying
+from ..scan_parts import PARALLEL, gather_parts, retrying
 from ..txn_reading import Exhausted, cut_of, run_reading, unchecked
 from ..txn_wire import txn_from_proto
 from .base import EtcdNode, fail
@@ -66,9 +66,9 @@ UNAVAILABLE: `EtcdKV._retries`)."""
 MAX_RANGE_BYTES = 64 << 20
 """The most key and value bytes a Range keeps to answer, all its group parts together (a definite
 RESOURCE_EXHAUSTED beyond)."""
-RANGE_PARALLEL = 8
-"""The most group parts of one Range read at once (a Range over many data groups reads the rest
-as these finish)."""
+RANGE_PARALLEL = PARALLEL
+"""The most group parts of one Range read at once (`scan_parts.gather_parts`: a Range over many
+data groups reads the rest as these finish)."""
 RANGE_TRIES = 8
 """A range part refused because a transaction holds an intent (PROPOSAL_DROPPED, definite) or no
 leader is known (an election) is read again this often, with a growing backoff."""
