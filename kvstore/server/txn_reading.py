@@ -27,7 +27,7 @@ later on the path into a range it read must be refused by the caller before anyt
 
 from __future__ import annotations
 
-import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -35,6 +35,7 @@ from typing import Protocol
 from kvstore.storage import txn
 from kvstore.v1 import kv_pb2
 
+from .scan_parts import gather_parts
 from .txn_wire import result_into, txn_from_proto
 
 TXN_READ_TRIES = 8
@@ -105,13 +106,14 @@ def unchecked(_b: bytes) -> None:
 async def evaluate_at(body: kv_pb2.TxnBody, revision: int,
                       get_at: Callable[[bytes, int], Awaitable[txn.Current | None]]) -> kv_pb2.TxnResult | None:
     """`body`'s result on the state at `revision` (every key it names read exactly there by
-    `get_at`), if the path it takes there writes nothing; else None. Raises
+    `get_at`: at most `scan_parts.PARALLEL` at once, one failing cancels the others), if the
+    path it takes there writes nothing; else None. Raises
     `txn.ResultTooLarge` as `txn.evaluate` does."""
     if not body.compares and not body.success and not body.failure:
         return kv_pb2.TxnResult(succeeded=True)
     t = txn_from_proto(body, unchecked, unchecked)
     keys = sorted({k for k, _ in txn.keys_of(t)})
-    state = dict(zip(keys, await asyncio.gather(*(get_at(k, revision) for k in keys)), strict=True))
+    state = dict(zip(keys, await gather_parts([functools.partial(get_at, k, revision) for k in keys]), strict=True))
     out = txn.evaluate(t, state.__getitem__, revision)
     if out.writes:
         return None
