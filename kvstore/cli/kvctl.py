@@ -400,11 +400,12 @@ def cas(c: _Ctx, args: tuple[str, ...], absent: bool) -> None:
 def txn(c: _Ctx) -> None:
     """Run a transaction read from standard input, in etcdctl's format: compare lines
     (value("k") = "v", version("k") > "3", create("k") = "0", mod("k") < "10"), a blank line,
-    the operations to run if every compare holds (put KEY VALUE, get KEY, del KEY), a blank
-    line, the operations to run otherwise. Prints SUCCESS or FAILURE, then each operation's
-    result after a blank line (put: OK; get: key and value lines, nothing if absent; del: the
-    number deleted), as etcdctl does. Exit 0 either way; 2 or 3 if it could not run. Every key
-    must live in one group (cross-group transactions are not supported yet)."""
+    the operations to run if every compare holds (put KEY VALUE, get KEY, del KEY, and the
+    range deletes del KEY RANGE_END, del --prefix KEY, del --from-key KEY), a blank line, the
+    operations to run otherwise. Prints SUCCESS or FAILURE, then each operation's result after
+    a blank line (put: OK; get: key and value lines, nothing if absent; del: the number
+    deleted), as etcdctl does. Exit 0 either way; 2 or 3 if it could not run. Keys may be in
+    several groups (a two-phase commit); a range delete runs across every group."""
     try:
         parsed = parse_txn(sys.stdin.read(), lambda t: c.parse(t, "key or value"))
     except (TxnSyntaxError, click.BadParameter) as err:
@@ -421,6 +422,8 @@ def txn(c: _Ctx) -> None:
             click.echo("OK")
         elif r.kind == "delete":
             click.echo("1" if r.deleted else "0")
+        elif r.kind == "delete_range":
+            click.echo(str(r.count))
         elif r.kind == "get" and r.kv is not None:
             click.echo(c.raw(r.kv.key))
             click.echo(c.raw(r.kv.value))
@@ -433,6 +436,8 @@ def _txn_json(c: _Ctx, resp: TxnResponse) -> dict[str, Any]:
             out.append({"put": {"revision": r.revision}})
         elif r.kind == "delete":
             out.append({"delete": {"deleted": int(r.deleted)}})
+        elif r.kind == "delete_range":
+            out.append({"delete_range": {"deleted": r.count}})
         elif r.kind == "get":
             kv = r.kv
             out.append({"get": None if kv is None else {

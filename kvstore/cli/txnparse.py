@@ -4,15 +4,25 @@
                     TARGET: value | val | version | ver | create | c | mod | m
                     OP: = != > <     (numbers for version / create / mod: decimal, >= 0)
     (blank line)
-    success ops     one a line: put KEY VALUE | get KEY | del KEY (delete KEY)
+    success ops     one a line: put KEY VALUE | get KEY | del KEY (delete KEY) |
+                    del KEY RANGE_END | del --prefix KEY | del --from-key KEY   (range deletes)
     (blank line)
     failure ops     likewise, up to a blank line or the end of the input
 
 KEY and VALUE in operation lines are shell words (quote them with "..." or '...' to include
 spaces); quoted strings in compares use the escapes Go and JSON share (\\" \\\\ \\n \\t \\uXXXX);
 Go's \\xNN and octal escapes (etcdctl's %q of bytes that are not UTF-8) are refused, not guessed
-at. Anything after the failure ops' closing blank line is refused (not dropped). Range flags
-(--prefix, --from-key) and leases are not supported: a line with them is refused. Every malformed line raises `TxnSyntaxError` naming it (nothing is sent).
+at. Anything after the failure ops' closing blank line is refused (not dropped).
+
+Range deletes take etcdctl's `del` forms (its `getDelOp`): `del KEY RANGE_END` deletes [KEY,
+RANGE_END) (etcdctl's `--range` flag, which only skips its 2 s warning, is accepted and
+changes nothing), `del --prefix KEY` every key starting with KEY (an empty KEY: every key),
+`del --from-key KEY` every key >= KEY (empty: every key); flags may come before or after the
+key; --prefix with --from-key, or either with a RANGE_END, is refused as etcdctl refuses it. An
+empty RANGE_END (`del a ""`) is etcdctl's one-key delete. `--prev-kv`, get's range flags and
+leases are not supported: a line with them is refused. A range delete's result prints as
+etcdctl prints it: the number of keys deleted. Every malformed line raises `TxnSyntaxError`
+naming it (nothing is sent).
 """
 
 from __future__ import annotations
@@ -82,18 +92,51 @@ def _op(line: str, encode: Callable[[str], bytes]) -> Op:
         words = shlex.split(line)
     except ValueError as err:
         raise TxnSyntaxError(f"malformed operation ({err}): {line}") from None
+    if words and words[0] in ("del", "delete"):
+        return _del(words, line, encode)
     if any(w.startswith("--") for w in words[1:]):
         raise TxnSyntaxError(f"operation flags (ranges, leases) are not supported: {line}")
     if words and words[0] == "put":
         if len(words) != 3:
             raise TxnSyntaxError(f"put takes KEY VALUE: {line}")
         return Op.put(encode(words[1]), encode(words[2]))
-    if words and words[0] in ("get", "del", "delete"):
+    if words and words[0] == "get":
         if len(words) != 2:
             raise TxnSyntaxError(f"{words[0]} takes KEY: {line}")
-        k = encode(words[1])
-        return Op.get(k) if words[0] == "get" else Op.delete(k)
+        return Op.get(encode(words[1]))
     raise TxnSyntaxError(f"unknown operation (expected put, get or del): {line}")
+
+
+_DEL_FLAGS = ("--prefix", "--from-key", "--range")
+
+
+def _del(words: list[str], line: str, encode: Callable[[str], bytes]) -> Op:
+    """etcdctl's `del [--prefix | --from-key | --range] KEY [RANGE_END]` (module docstring)."""
+    flags = {w for w in words[1:] if w.startswith("--")}
+    args = [w for w in words[1:] if not w.startswith("--")]
+    unknown = sorted(flags - set(_DEL_FLAGS))
+    if unknown:
+        raise TxnSyntaxError(f"del flag {unknown[0]} is not supported (only {', '.join(_DEL_FLAGS)}): {line}")
+    if not 1 <= len(args) <= 2:
+        raise TxnSyntaxError(f"del takes KEY and an optional RANGE_END: {line}")
+    prefix, from_key = "--prefix" in flags, "--from-key" in flags
+    if prefix and from_key:
+        raise TxnSyntaxError(f"--prefix and --from-key cannot be set at the same time, choose one: {line}")
+    if len(args) == 2 and (prefix or from_key):
+        raise TxnSyntaxError(f"too many arguments, only one is accepted with --prefix or --from-key: {line}")
+    key = encode(args[0])
+    if prefix:
+        return Op.delete_range(b"", prefix=key) if key else Op.delete_range(b"\x00")
+    if from_key:
+        return Op.delete_range(key or b"\x00")
+    if len(args) == 2:
+        end = encode(args[1])
+        if not end:  # etcd: an empty range_end is the one key
+            return Op.delete(key)
+        if not key:
+            raise TxnSyntaxError(f"a range delete needs a KEY: {line}")
+        return Op.delete_range(key, end)
+    return Op.delete(key)
 
 
 def parse_txn(text: str, encode: Callable[[str], bytes]) -> ParsedTxn:

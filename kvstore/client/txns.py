@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvstore.client.checks import RequestChecks
+from kvstore.client.checks import RequestChecks, check_bytes
 from kvstore.client.types import Compare, Op
 from kvstore.errors import InvalidArgument
-from kvstore.storage.txn import MAX_TXN_DEPTH, MAX_TXN_ITEMS, NUMBER_MAX
+from kvstore.storage.txn import MAX_TXN_DEPTH, MAX_TXN_ITEMS, NUMBER_MAX, check_range
 from kvstore.v1 import kv_pb2
 
 __all__ = ["first_key", "txn_body"]
@@ -64,11 +64,30 @@ def txn_body(
                     out.add(get=checks.key(o.key))
                 elif o.kind == "txn":
                     out.add().txn.CopyFrom(body(o.compares, o.success, o.failure, depth + 1))
+                elif o.kind == "delete_range":
+                    out.add().delete_range.CopyFrom(_range(checks, o))
                 else:
                     raise InvalidArgument(f"unknown operation kind {o.kind!r}")
         return b
 
     return body(compares, success, failure, 1)
+
+
+def _range(checks: RequestChecks, o: Op) -> kv_pb2.TxnRange:
+    """A range delete's wire form, checked as the server checks it (`server/txn_wire.range_of`)."""
+    start, end, prefix = (check_bytes(name, v) for name, v in (("start", o.key), ("end", o.end), ("prefix", o.prefix)))
+    for bound in (start, end, prefix):
+        if bound:
+            checks.key(bound)
+    if prefix:
+        if start or end:
+            raise InvalidArgument("a range delete with a prefix carries no start or end")
+        return kv_pb2.TxnRange(prefix=prefix)
+    try:
+        check_range(start, end)
+    except ValueError as err:
+        raise InvalidArgument(str(err)) from None
+    return kv_pb2.TxnRange(start=start, end=end)
 
 
 def first_key(b: kv_pb2.TxnBody) -> bytes | None:
@@ -86,4 +105,7 @@ def first_key(b: kv_pb2.TxnBody) -> bytes | None:
             k = first_key(o.txn)
             if k is not None:
                 return k
+        if which == "delete_range":  # names no key: any node coordinates it, routed by a bound
+            r = o.delete_range
+            return r.prefix or r.start or r.end
     return None

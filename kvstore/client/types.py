@@ -106,15 +106,17 @@ class Compare:
 
 @dataclass(frozen=True, slots=True)
 class Op:
-    """One operation of a transaction: ``Op.put(k, v)``, ``Op.delete(k)``, ``Op.get(k)`` or a
-    nested ``Op.txn(compares, success, failure)``."""
+    """One operation of a transaction: ``Op.put(k, v)``, ``Op.delete(k)``, ``Op.get(k)``,
+    ``Op.delete_range(start, end, prefix=...)`` or a nested ``Op.txn(compares, success, failure)``."""
 
-    kind: Literal["put", "delete", "get", "txn"]
+    kind: Literal["put", "delete", "get", "txn", "delete_range"]
     key: bytes = b""
     value: bytes = b""
     compares: tuple[Compare, ...] = ()
     success: tuple[Op, ...] = ()
     failure: tuple[Op, ...] = ()
+    end: bytes = b""
+    prefix: bytes = b""
 
     @classmethod
     def put(cls, key: bytes, value: bytes) -> Op:
@@ -132,18 +134,28 @@ class Op:
     def txn(cls, compares: Sequence[Compare] = (), success: Sequence[Op] = (), failure: Sequence[Op] = ()) -> Op:
         return cls("txn", compares=tuple(compares), success=tuple(success), failure=tuple(failure))
 
+    @classmethod
+    def delete_range(cls, start: bytes, end: bytes = b"", *, prefix: bytes = b"") -> Op:
+        """Delete every key of [start, end) (end b"": no upper bound), or with ``prefix`` every
+        key starting with it, at the transaction's revision; its response's ``count`` says how
+        many. The transaction then runs across every data group (cluster version 6); a key in
+        the range read after it in the transaction is absent, one put after it survives."""
+        return cls("delete_range", start, end=end, prefix=prefix)
+
 
 @dataclass(frozen=True, slots=True)
 class OpResponse:
     """What one operation of a transaction did: ``put`` (its ``revision``), ``delete``
-    (``deleted``: the key existed), ``get`` (``kv``: the key, None if absent) or ``txn``
-    (``txn``: the nested transaction's response)."""
+    (``deleted``: the key existed), ``get`` (``kv``: the key, None if absent), ``delete_range``
+    (``count``: how many keys it deleted) or ``txn`` (``txn``: the nested transaction's
+    response)."""
 
-    kind: Literal["put", "delete", "get", "txn"]
+    kind: Literal["put", "delete", "get", "txn", "delete_range"]
     revision: int = 0
     deleted: bool = False
     kv: KeyValue | None = None
     txn: TxnResponse | None = None
+    count: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +183,8 @@ class TxnResponse:
                 out.append(OpResponse("get", kv=kv))
             elif which == "txn":
                 out.append(OpResponse("txn", txn=cls.from_proto(o.txn, revision)))
+            elif which == "delete_range":
+                out.append(OpResponse("delete_range", count=o.delete_range))
             else:
                 raise InternalError(
                     f"malformed transaction response: an operation response of kind {which!r}", indeterminate=True

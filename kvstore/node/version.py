@@ -62,6 +62,7 @@ __all__ = [
     "LEVEL_LEASES",
     "LEVEL_LEASES_2",
     "LEVEL_TRANSACTIONS",
+    "LEVEL_TXN_RANGES",
     "MAX_LEVEL",
     "SUPPORTED_LEVEL",
     "SWEEP_OPS",
@@ -87,6 +88,7 @@ LEVEL_TRANSACTIONS = 2
 LEVEL_CROSS_TRANSACTIONS = 3
 LEVEL_LEASES = 4
 LEVEL_LEASES_2 = 5
+LEVEL_TXN_RANGES = 6
 
 FEATURES: dict[int, str] = {
     LEVEL_BASE: "PUT, DELETE, CAS, COMPACT, CLOSE, shard commands, the metadata keys",
@@ -97,10 +99,12 @@ FEATURES: dict[int, str] = {
                   "groups (the lease forms of PREPARE and RECORD)",
     LEVEL_LEASES_2: "TXN with a lease (a put that attaches its key to a lease, the PUT_LEASE operation, or a "
                     "LEASE compare, `storage/txn.py`); the orphan sweep's LEASE_STATUS and LEASE_ORPHAN",
+    LEVEL_TXN_RANGES: "range deletes inside transactions (a TXN's DELETE_RANGE operation; the COMMIT and RECORD "
+                      "form with the ranges, tail 3 of `storage/xtxn.py`)",
 }
 """What each feature level adds."""
 
-SUPPORTED_LEVEL = LEVEL_LEASES_2
+SUPPORTED_LEVEL = LEVEL_TXN_RANGES
 """The highest level this binary supports (it knows every command kind of `COMMAND_LEVELS`)."""
 
 MAX_LEVEL = 0xFFFF
@@ -125,7 +129,8 @@ orphan sweep's kinds (`SWEEP_OPS`) are level 5, not 4 like the other LEASE_* kin
 level 4 without them exist (they came after it), and such a member would stop on them."""
 
 FORM_LEVELS: dict[int, int] = {
-    commands.Op.PREPARE: LEVEL_LEASES, commands.Op.RECORD: LEVEL_LEASES, commands.Op.TXN: LEVEL_LEASES_2,
+    commands.Op.PREPARE: LEVEL_LEASES, commands.Op.RECORD: LEVEL_TXN_RANGES, commands.Op.TXN: LEVEL_TXN_RANGES,
+    commands.Op.COMMIT: LEVEL_TXN_RANGES,
 }
 """Kinds with a later form: the lease forms of PREPARE and RECORD (a lease's deletion across
 groups: PREPARE's range flag 2, RECORD's lease tail, `storage/xtxn.py`) need this level, above
@@ -140,7 +145,13 @@ Not here: the compact COMMIT/RECORD form of a range delete (tail 2, "delete ever
 prepared", `XCmd.delete_prepared`) is part of level 3's own meaning. No release of level 3 (or
 2) exists: the last release (the one `tests/integration/test_rolling_upgrade.py` upgrades from)
 supports level 1 only, so no member that knows COMMIT and RECORD without that form can meet it.
-A lease's deletion uses both tails; its lease tail alone makes it level 4."""
+A lease's deletion uses both tails; its lease tail alone makes it level 4.
+
+A kind may have several later forms: its entry is the highest, and `command_level` decodes the
+command (only while the cluster version is below that) to find which form it is. Level 6
+(`LEVEL_TXN_RANGES`): a TXN with a DELETE_RANGE operation (never applied as one group's TXN, but
+a level-5 node would decode it as malformed, not refuse it as level 6 does), and the COMMIT and
+RECORD with ranges (tail 3) that carry such a transaction's range deletes across groups."""
 
 
 def command_level(data: bytes, levels: Mapping[int, int] = COMMAND_LEVELS) -> int | None:
@@ -157,8 +168,21 @@ def command_level(data: bytes, levels: Mapping[int, int] = COMMAND_LEVELS) -> in
         cmd = commands.decode_command(data)
     except ValueError:
         return need
-    later = (cmd.x is not None and cmd.x.lease) or (cmd.txn is not None and txn.has_lease(cmd.txn))
-    return form if later else need
+    return max(need, form_level(cmd))
+
+
+def form_level(cmd: commands.Command) -> int:
+    """The level of `cmd`'s form (`LEVEL_BASE` for a kind's first form; see `FORM_LEVELS`)."""
+    if cmd.x is not None:
+        return LEVEL_TXN_RANGES if cmd.x.ranges else LEVEL_LEASES if cmd.x.lease else LEVEL_BASE
+    if cmd.txn is not None:
+        return (LEVEL_TXN_RANGES if txn.has_delete_range(cmd.txn)
+                else LEVEL_LEASES_2 if txn.has_lease(cmd.txn) else LEVEL_BASE)
+    return LEVEL_BASE
+
+
+_FORM_NAMES = {LEVEL_LEASES: " (a lease's deletion across groups)", LEVEL_LEASES_2: " with a lease",
+               LEVEL_TXN_RANGES: " with a range delete"}
 
 def install_level(data: bytes) -> int:
     """The lowest cluster version that may propose the shard command `data`: `LEVEL_LEASES` for
@@ -391,7 +415,7 @@ class CommandGate:
         lag = v.lagging(self.members(), need)
         name = commands.Op(data[1]).name if data[1] in commands.Op._value2member_map_ else f"kind {data[1]}"
         if need > self.levels.get(data[1], need):
-            name += " with a lease" if data[1] == commands.Op.TXN else " (a lease's deletion across groups)"
+            name += _FORM_NAMES.get(need, " (a later form)")
         raise errors.ClusterVersionTooLow(
             f"{name} needs cluster version {need} ({FEATURES.get(need, 'a newer feature level')}); the cluster "
             f"version is {v.cluster}" + (f"; members below level {need}: {', '.join(lag)}" if lag else

@@ -21,6 +21,12 @@ One attempt (docs/REVISIONS.md, "Transactions across groups"):
    aborted, the earlier result is the answer).
 4. COMMIT in every participant (`commit_commands`), then FINALIZE in the primary.
 
+A transaction with range deletes (`txn.delete_ranges`; `plan_ranges`) has every data group as a
+participant: each PREPARE names the group's keys and locks the hull of the ranges
+(`txn.range_hull`), answering the keys' values and every other key present in the hull; the
+evaluation (`after_prepare`) scans those, and its COMMITs and RECORD carry the ranges the path
+ran (`XCmd.ranges`: each group deletes every other key it prepared in one of them at R).
+
 A resolver (`resolve_commands`) meeting an old intent asks the primary (RESOLVE: absent record
 -> ABORTED is written), then COMMITs (with the record's writes of the intent's group) or ABORTs
 the intent's group.
@@ -76,6 +82,31 @@ def plan(t: txn.Txn, group_for: Iterable[tuple[bytes, int]]) -> Plan:
         raise ValueError("a transaction must name at least one key")
     primary = next(iter(keys))
     return Plan(primary, {g: tuple(ks) for g, ks in keys.items()}, group_of)
+
+
+def plan_ranges(t: txn.Txn, group_for: Iterable[tuple[bytes, int]], groups: Iterable[int]) -> Plan:
+    """The plan of `t`, a transaction with range deletes (`txn.has_delete_range`): every data
+    group in `groups` is a participant (keys are hashed whole: a range may have keys in each),
+    each with the keys `group_for` maps to it (as `plan`), all locking the hull of the ranges
+    (`txn.range_hull`); the primary is the group of the first key named, or the lowest group if
+    it names none. ValueError (definite) if a named key's group is not among `groups`, or as
+    `every_group`."""
+    hull = txn.range_hull(t)
+    if hull is None:
+        raise ValueError("the transaction has no range delete")
+    gs = every_group(groups, "a transaction with a range delete")
+    keys: dict[int, list[bytes]] = {g: [] for g in gs}
+    group_of: dict[bytes, int] = {}
+    primary: int | None = None
+    for k, g in group_for:
+        if k in group_of:
+            continue
+        if g not in keys:
+            raise ValueError(f"key {k[:32]!r} maps to group {g}, which is not a data group")
+        group_of[k] = g
+        keys[g].append(k)
+        primary = g if primary is None else primary
+    return Plan(gs[0] if primary is None else primary, {g: tuple(ks) for g, ks in keys.items()}, group_of, hull)
 
 
 def every_group(groups: Iterable[int], what: str) -> list[int]:
@@ -164,10 +195,13 @@ class Ready:
     each group found (for the answer), but its RECORD
     and COMMITs say "every key prepared" instead (`XCmd.delete_prepared`: a group may find more
     keys than a command may list)."""
+    ranges: tuple[tuple[bytes, bytes], ...] = ()
+    """A transaction's range deletes on the path taken (`txn.Outcome.ranges`): its RECORD and
+    every COMMIT carry them (`XCmd.ranges`), besides `writes`."""
 
     @property
     def writes_anything(self) -> bool:
-        return any(self.writes.values())
+        return any(self.writes.values()) or bool(self.result.revision)
 
 
 def _refusal(p: Plan, results: dict[int, ApplyResult]) -> Conflict | Refused | None:
@@ -210,8 +244,11 @@ def after_prepare_range(p: Plan, results: dict[int, ApplyResult]) -> Conflict | 
 
 def after_prepare(t: txn.Txn, p: Plan, results: dict[int, ApplyResult]) -> Conflict | Refused | Ready:
     """Decide after every participant's PREPARE result (see the module docstring). Raises
-    `txn.ResultTooLarge` if the transaction's GETs return too much (abort, definite)."""
+    `txn.ResultTooLarge` if the transaction's GETs return too much (abort, definite). With
+    range deletes (`plan_ranges`: `p.lock` set), each group also answered the other keys present
+    in the hull of the ranges; the evaluation scans those and the named keys present."""
     current: dict[bytes, txn.Current | None] = {}
+    found: list[bytes] = []
     at = 0
     refused = _refusal(p, results)
     if refused is not None:
@@ -223,12 +260,22 @@ def after_prepare(t: txn.Txn, p: Plan, results: dict[int, ApplyResult]) -> Confl
             return Refused(g, f"group {g} answered a PREPARE without the prepared values")
         for k, o in zip(ks, res.txn.responses, strict=True):
             current[k] = txn.Current(o.value, o.create_revision, o.mod_revision, o.version) if o.found else None
+        if p.lock is not None:
+            try:
+                found += (k for k in xtxn.decode_found(res.current or b"") if k not in p.group_of)
+            except ValueError:
+                return Refused(g, f"group {g} answered a malformed range")
         at = max(at, res.revision)
-    out = txn.evaluate(t, lambda k: current[k], at)
+    present = sorted({*found, *(k for k, c in current.items() if c is not None)})
+
+    def scan(lo: bytes, hi: bytes) -> list[bytes]:
+        return [k for k in present if txn.in_range(k, lo, hi)]
+
+    out = txn.evaluate(t, lambda k: current[k], at, scan if p.lock is not None else None)
     writes: dict[int, list[xtxn.Write]] = {g: [] for g in p.keys}
     for k, v in out.writes:
         writes[p.group_of[k]].append((k, v))
-    return Ready(at, out.result, {g: tuple(ws) for g, ws in writes.items()})
+    return Ready(at, out.result, {g: tuple(ws) for g, ws in writes.items()}, ranges=tuple(out.ranges))
 
 
 def record_command(
@@ -247,7 +294,8 @@ def record_command(
                  lease=lease, renews=renews, delete_prepared=True)
         return commands.encode_command(Command.cross(x))
     groups = tuple((g, ws) for g, ws in sorted(r.writes.items()))
-    x = XCmd(XOp.RECORD, tid, start=start, at=r.at, result=r.result, groups=groups, lease=lease, renews=renews)
+    x = XCmd(XOp.RECORD, tid, start=start, at=r.at, result=r.result, groups=groups, lease=lease, renews=renews,
+             ranges=r.ranges)
     return commands.encode_command(Command.cross(x, client_id, seq, ack, retry=retry, horizon=horizon))
 
 
@@ -286,7 +334,7 @@ def commit_commands(tid: TxnId, r: Ready, groups: Iterable[int]) -> dict[int, by
     def one(g: int) -> XCmd:
         if r.delete_prepared:
             return XCmd(XOp.COMMIT, tid, at=r.at, delete_prepared=True)
-        return XCmd(XOp.COMMIT, tid, at=r.at, writes=r.writes.get(g, ()))
+        return XCmd(XOp.COMMIT, tid, at=r.at, writes=r.writes.get(g, ()), ranges=r.ranges)
 
     return {g: commands.encode_command(Command.cross(one(g))) for g in sorted(groups)}
 
@@ -333,7 +381,8 @@ def _commit_from_record(tid: TxnId, rec: Record, group: int) -> XCmd:
     """The COMMIT of participant `group` as a COMMITTED record describes it (the resolver's and
     the record sweep's): its writes, or, for a range delete or a lease's deletion, "every key
     prepared here" (`delete_prepared`)."""
-    return XCmd(XOp.COMMIT, tid, at=rec.at, writes=rec.writes_of(group), delete_prepared=rec.delete_prepared)
+    return XCmd(XOp.COMMIT, tid, at=rec.at, writes=rec.writes_of(group), delete_prepared=rec.delete_prepared,
+                ranges=rec.ranges)
 
 
 # --- meeting intents -----------------------------------------------------------------------------
@@ -421,6 +470,7 @@ __all__ = [
     "plan",
     "plan_lease",
     "plan_range",
+    "plan_ranges",
     "prepare_commands",
     "record_command",
     "resolution",

@@ -36,7 +36,7 @@ from kvstore.node.store import ReadStream, RevisionReads
 from kvstore.security.guard import AuthGuard
 from kvstore.security.rbac import READ, READWRITE, WRITE, PermKind
 from kvstore.shard.ranges import IntervalSet, key_hash
-from kvstore.shard.shardmap import META_GROUP
+from kvstore.shard.shardmap import META_GROUP, ShardMap
 from kvstore.storage import commands, leases, mvcc, txn
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
@@ -194,6 +194,8 @@ class KVRequests:
         if m is None:
             raise errors.NoLeader("this node has no shard map yet")
         hashes = {k: key_hash(k) for k, _ in txn.keys_of(t)}
+        if txn.has_delete_range(t):
+            return self.route_ranges(t, data, m, hashes)
         if not hashes:
             raise errors.InvalidArgument("a transaction must name at least one key (it is routed by its keys)")
         groups: dict[int, bytes] = {}
@@ -222,12 +224,38 @@ class KVRequests:
             self.admission.check_write(gid, not _has_put(t))
         return gid
 
+    def route_ranges(self, t: txn.Txn, data: bytes, m: ShardMap, hashes: dict[bytes, int]) -> xlogic.Plan:
+        """The plan of transaction `t` with range deletes: a two-phase commit over every data
+        group, whatever groups its named keys are in (`xlogic.plan_ranges`). Definite errors: a
+        cluster version below `LEVEL_TXN_RANGES` (the gate, on the transaction's own command: a
+        TXN with a DELETE_RANGE is that level's form), a leased put or lease compare (one group
+        only), a node that runs no cross-group transactions, admission's refusals."""
+        if self.host.gate is not None:
+            self.host.gate(data)
+        if txn.has_lease(t):
+            raise errors.InvalidArgument("a transaction with a range delete runs across groups: it cannot attach keys "
+                                         "to a lease or compare their leases")
+        if self.cross is None:
+            raise errors.InvalidArgument("this node runs no cross-group transactions (a range delete needs one)")
+        groups = [g for g in m.data_groups() if g != META_GROUP]
+        try:
+            plan = xlogic.plan_ranges(t, ((k, m.group_for_hash(h)) for k, h in hashes.items()), groups)
+        except ValueError as err:
+            raise errors.InvalidArgument(str(err)) from None
+        if self.admission is not None:
+            for g in groups:
+                self.admission.check_write(g, not _has_put(t))
+        return plan
+
     def prepare_txn(self, r: kv_pb2.TxnRequest) -> tuple[txn.Txn, bytes]:
         """(transaction, command) of a checked transaction: read permission on every key it
         compares or gets, write permission on every key it puts or deletes (on any path)."""
         t = txn_from_proto(r.txn, self.check_key, self.check_value)
         for key, written in txn.keys_of(t):
             self.allow(key, WRITE if written else READ)
+        if self.guard is not None:
+            for lo, hi in txn.delete_ranges(t):
+                self.guard.check_range(lo, hi or None, WRITE)
         s = r.session
         return t, _encode(
             commands.encode_command,

@@ -14,19 +14,25 @@ were forgotten). Commands (op codes in `commands.Op`; none carries a client key 
                                                                   [start, end), end empty = no end;
                                                                   r = 2: then lease:u64, lock the
                                                                   keys attached to that lease)
-    COMMIT    id at:u64 n:u16 write* [2:u8]                      (in each participant; the tail:
-                                                                  delete every key prepared)
+    COMMIT    id at:u64 n:u16 write* [2:u8 | 3:u8 ranges]       (in each participant; tail 2:
+                                                                  delete every key prepared; tail 3:
+                                                                  also delete every key prepared in
+                                                                  one of the ranges but the writes')
     ABORT     id                                                  (in each participant)
     RECORD    id start:u64 at:u64 result-len:u32 result n:u16 (group:u64 n:u16 write*)*
-              [1:u8 lease:u64 renews:u64] [2:u8]                  (in the primary: the commit point;
+              [1:u8 lease:u64 renews:u64] [2:u8 | 3:u8 ranges]    (in the primary: the commit point;
                                                                   tail 1: a lease's deletion; tail 2:
                                                                   every group's COMMIT deletes every
-                                                                  key prepared; both: in that order)
+                                                                  key prepared; both: in that order;
+                                                                  tail 3: every group's COMMIT has
+                                                                  these ranges, as COMMIT's tail 3)
     RESOLVE   id start:u64                                        (in the primary)
     FINALIZE  id group:u64                                        (in the primary; group 0: every
                                                                   participant applied its COMMIT,
                                                                   else that participant did)
     write     flags:u8 (bit 0: a put) klen:u16 key [vlen:u32 value]
+    ranges    n:u16 (slen:u16 start elen:u16 end)*                (1 to `MAX_KEYS`, each a valid
+                                                                  `txn.check_range`, distinct)
 
 Group ids (PREPARE's primary, FINALIZE's group, a RECORD's groups) are below `mvcc.MAX_GROUPS`.
 The tail byte 2 (with no write listed; absent: not) is the compact form of a range delete and
@@ -40,6 +46,12 @@ group's intents fix them (its range lock refuses every insert into the range, it
 every attachment to the lease, until the COMMIT or ABORT), so the commit point and the COMMITs
 describe any deletion the PREPAREs accepted. The coordinator sends a lease's deletion as a
 RECORD with both tails (`node/xtxn.record_command`); the codec also takes the lease tail alone.
+Tail 3 (`XCmd.ranges`, level 6: a transaction with DELETE_RANGE operations, `storage/txn.py`)
+is the same idea for a transaction's range deletes: its PREPAREs name its keys and lock the hull
+of its ranges in every group, and its COMMIT makes the listed writes (of named keys, each its
+final state) and deletes every other key it prepared in the group that lies in one of the
+ranges the transaction's path ran; the RECORD carries the ranges for every group's COMMIT
+(a resolver's too). Tail 2 and tail 3 never come together.
 
 Rows (`row_*` give the keys; `check_rows` validates one, as a snapshot brings it):
 
@@ -51,7 +63,7 @@ Rows (`row_*` give the keys; `check_rows` validates one, as a snapshot brings it
     e + id                  -> intent lease:u64   a lease lock (a lease deletion's: no LEASE_PUT of it)
     p + prepared:u64 + id   -> b""      the transactions by prepared revision (the minimum pending)
     r + id                  -> record   state:u8 start:u64 at:u64 result-len:u32 result n:u16
-                                        (group:u64 n:u16 write*)* [2:u8]
+                                        (group:u64 n:u16 write*)* [2:u8 | 3:u8 ranges]
     d + id                  -> start:u64  the transaction is done in this group (committed or aborted)
     g + expiry:u64 + id     -> b""      age-ordered index of the rows forgotten at `expiry`
     u + start:u64 + id      -> b""      a COMMITTED record not FINALIZED yet, by start (the record
@@ -70,7 +82,7 @@ from dataclasses import dataclass, field
 
 from . import leases, mvcc
 from .keylimit import MAX_KEY_SIZE
-from .txn import MAX_TXN_BYTES, MAX_TXN_ITEMS, TxnResult, decode_txn_result, encode_txn_result
+from .txn import MAX_TXN_BYTES, MAX_TXN_ITEMS, TxnResult, check_range, decode_txn_result, encode_txn_result
 
 MAX_KEYS = MAX_TXN_ITEMS
 """The most keys (PREPARE) or writes (COMMIT, a group of a RECORD) per group and command."""
@@ -174,6 +186,9 @@ class Record:
     delete_prepared: bool = False
     """A range delete's (module docstring): each group's COMMIT deletes every key the
     transaction prepared there (`writes` lists the groups, with no write)."""
+    ranges: tuple[tuple[bytes, bytes], ...] = ()
+    """A transaction's range deletes (tail 3): each group's COMMIT also deletes every key the
+    transaction prepared there in one of them, except the keys its writes name."""
 
     def writes_of(self, group: int) -> tuple[Write, ...]:
         for g, ws in self.writes:
@@ -222,6 +237,10 @@ class XCmd:
     (its record becomes the tombstone)."""
     renews: int = 0
     """RECORD with a lease: the renew count an expiry was decided on (0: a revoke, any)."""
+    ranges: tuple[tuple[bytes, bytes], ...] = ()
+    """COMMIT, RECORD (tail 3, level 6): the range deletes a transaction's path ran; the COMMIT
+    also deletes every key the transaction prepared in the group in one of them but those its
+    writes name (`Record.ranges`)."""
 
 
 # --- rows ----------------------------------------------------------------------------------------
@@ -430,19 +449,56 @@ _TAIL_DELETE_PREPARED = 2
 tail: after a RECORD's lease tail, if any)."""
 
 
-def _enc_all(flag: bool, out: list[bytes]) -> None:
+_TAIL_RANGES = 3
+"""The tail tag of a COMMIT, RECORD or record row with a transaction's range deletes (then the
+ranges; the last tail, never with tag 2)."""
+Ranges = tuple[tuple[bytes, bytes], ...]
+
+
+def _enc_all(flag: bool, out: list[bytes], ranges: Ranges = ()) -> None:
+    if flag and ranges:
+        raise ValueError("a delete-prepared command carries no ranges")
     if flag:
         out.append(_U8.pack(_TAIL_DELETE_PREPARED))
+    elif ranges:
+        _check_ranges(ranges)
+        out += (_U8.pack(_TAIL_RANGES), _U16.pack(len(ranges)))
+        for lo, hi in ranges:
+            out += (_U16.pack(len(lo)), lo, _U16.pack(len(hi)), hi)
 
 
-def _dec_all(b: _Buf) -> bool:
-    """The optional delete-prepared tail (absent: False; any other tag here is refused: a
-    RECORD's lease tail, tag 1, was read before it)."""
+def _check_ranges(ranges: Ranges) -> None:
+    if not 0 < len(ranges) <= MAX_KEYS:
+        raise ValueError(f"{len(ranges)} ranges (must be 1 to {MAX_KEYS})")
+    if len(set(ranges)) != len(ranges):
+        raise ValueError("a range is listed twice")
+    for lo, hi in ranges:
+        try:
+            check_range(lo, hi)
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+
+
+def _dec_tail(b: _Buf) -> tuple[bool, Ranges]:
+    """The optional last tail: delete-prepared (tag 2) or ranges (tag 3); absent: (False, ())."""
     if b.pos == len(b.data):
-        return False
-    if b.u(_U8, "the tail's tag") != _TAIL_DELETE_PREPARED:
+        return False, ()
+    tag = b.u(_U8, "the tail's tag")
+    if tag == _TAIL_DELETE_PREPARED:
+        return True, ()
+    if tag != _TAIL_RANGES:
         raise ValueError("unknown tail")
-    return True
+    n = b.u(_U16, "the number of ranges")
+    if not 0 < n <= MAX_KEYS:
+        raise ValueError(f"{n} ranges (must be 1 to {MAX_KEYS})")
+    out: list[tuple[bytes, bytes]] = []
+    for _ in range(n):
+        lo = b.take(b.u(_U16, "a range start's length"), "a range start")
+        hi = b.take(b.u(_U16, "a range end's length"), "a range end")
+        out.append((lo, hi))
+    rs = tuple(out)
+    _check_ranges(rs)
+    return False, rs
 
 
 def _check_all(flag: bool, groups: tuple[tuple[int, tuple[Write, ...]], ...]) -> None:
@@ -557,12 +613,12 @@ def encode_body(c: XCmd) -> bytes:
             out += (_U8.pack(1), _U16.pack(len(lo)), lo, _U16.pack(len(hi)), hi)
     elif c.op == XOp.COMMIT:
         _check_rev("commit revision", c.at)
-        if c != XCmd(c.op, c.txn, at=c.at, writes=c.writes, delete_prepared=c.delete_prepared):
+        if c != XCmd(c.op, c.txn, at=c.at, writes=c.writes, delete_prepared=c.delete_prepared, ranges=c.ranges):
             raise ValueError("COMMIT carries fields it does not use")
         _check_all(c.delete_prepared, ((0, c.writes),))
         out.append(_U64.pack(c.at))
         _enc_writes(c.writes, out)
-        _enc_all(c.delete_prepared, out)
+        _enc_all(c.delete_prepared, out, c.ranges)
     elif c.op == XOp.ABORT:
         if c != defaults:
             raise ValueError(f"{c.op.name} carries nothing but the transaction id")
@@ -575,8 +631,8 @@ def encode_body(c: XCmd) -> bytes:
         _check_rev("start", c.start)
         _check_rev("commit revision", c.at)
         if c != XCmd(c.op, c.txn, start=c.start, at=c.at, result=c.result, groups=c.groups, lease=c.lease,
-                     renews=c.renews, delete_prepared=c.delete_prepared) or (c.renews and not c.lease) \
-                or not 0 <= c.renews < 1 << 64:
+                     renews=c.renews, delete_prepared=c.delete_prepared, ranges=c.ranges) \
+                or (c.renews and not c.lease) or not 0 <= c.renews < 1 << 64 or (c.lease and c.ranges):
             raise ValueError("RECORD carries fields it does not use")
         _check_all(c.delete_prepared, c.groups)
         out += (_U64.pack(c.start), _U64.pack(c.at))
@@ -584,7 +640,7 @@ def encode_body(c: XCmd) -> bytes:
         _enc_groups(c.groups, out)
         if c.lease:
             out += (_U8.pack(_TAIL_LEASE), _U64.pack(check_lease(c.lease)), _U64.pack(c.renews))
-        _enc_all(c.delete_prepared, out)
+        _enc_all(c.delete_prepared, out, c.ranges)
     elif c.op == XOp.RESOLVE:
         _check_rev("start", c.start)
         if c != XCmd(c.op, c.txn, start=c.start):
@@ -638,9 +694,9 @@ def decode_body(op: XOp, data: bytes, pos: int = 0) -> XCmd:
         at = b.u(_U64, "the commit revision")
         _check_rev("commit revision", at)
         writes = _dec_writes(b)
-        every = _dec_all(b)
+        every, ranges = _dec_tail(b)
         _check_all(every, ((0, writes),))
-        c = XCmd(op, t, at=at, writes=writes, delete_prepared=every)
+        c = XCmd(op, t, at=at, writes=writes, delete_prepared=every, ranges=ranges)
     elif op == XOp.ABORT:
         c = XCmd(op, t)
     elif op == XOp.FINALIZE:
@@ -658,10 +714,12 @@ def decode_body(op: XOp, data: bytes, pos: int = 0) -> XCmd:
             b.pos += 1
             lease = check_lease(b.u(_U64, "the lease id"))
             renews = b.u(_U64, "the renew count")
-        every = _dec_all(b)
+        every, ranges = _dec_tail(b)
         _check_all(every, groups)
+        if lease and ranges:
+            raise ValueError("a lease's deletion carries no ranges")
         c = XCmd(op, t, start=start, at=at, result=result, groups=groups, lease=lease, renews=renews,
-                 delete_prepared=every)
+                 delete_prepared=every, ranges=ranges)
     elif op == XOp.RESOLVE:
         start = b.u(_U64, "the start")
         _check_rev("start", start)
@@ -680,7 +738,7 @@ def encode_record(r: Record) -> bytes:
     out: list[bytes] = [_REC_HEAD.pack(int(r.state), r.start, r.at)]
     _enc_result(r.result, out)
     _enc_groups(r.writes, out)
-    _enc_all(r.delete_prepared, out)
+    _enc_all(r.delete_prepared, out, r.ranges)
     return b"".join(out)
 
 
@@ -699,10 +757,10 @@ def decode_record(raw: bytes) -> Record:
     _check_rev("commit revision", at)
     res = _dec_result(b)
     groups = _dec_groups(b)
-    every = _dec_all(b)
+    every, ranges = _dec_tail(b)
     _check_all(every, groups)
     b.end()
-    return Record(state, start, at, res, groups, every)
+    return Record(state, start, at, res, groups, every, ranges)
 
 
 # --- a lock met by a write -----------------------------------------------------------------------

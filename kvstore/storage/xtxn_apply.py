@@ -19,7 +19,8 @@ Rules (each command is idempotent: a coordinator or a resolver may propose it ag
   R >= p.
 - COMMIT(id, R, writes): every write's key must hold this transaction's intent (`delete_prepared`:
   the writes are the deletes of every key it prepared here, a range delete's or a lease
-  deletion's), R >= p and R
+  deletion's; `ranges`, a transaction's range deletes: the writes, then the deletes of every
+  other key it prepared here that lies in one of the ranges), R >= p and R
   above the compact revision; the writes are made at exactly R, each detaching its key from its
   lease (`leases.detach`, as a PUT does) (`mvcc.write_version(commit=True)`:
   last := max(last, R); the change log rows at (R, kid), possibly below last), the intents go,
@@ -265,7 +266,7 @@ def _apply(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult:
             left = tuple((g, ws) for g, ws in rec.writes if c.group and g != c.group)
             if left:  # one participant done (a resolver's): the others may still need their writes
                 rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(
-                    Record(State.COMMITTED, rec.start, rec.at, rec.result, left, rec.delete_prepared)))
+                    Record(State.COMMITTED, rec.start, rec.at, rec.result, left, rec.delete_prepared, rec.ranges)))
             else:
                 rows.put(mvcc.T_TXN, xtxn.row_record(c.txn),
                          xtxn.encode_record(Record(State.FINALIZED, rec.start, rec.at, rec.result)))
@@ -436,6 +437,10 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
         if not (c.at >= p and c.at > st.compact):
             return ApplyResult(error=f"COMMIT at {c.at} below the transaction's prepared revision {p}")
         writes: Iterable[xtxn.Write] = ((k, None) for k in keys) if c.delete_prepared else c.writes
+        if c.ranges:  # a transaction's range deletes: every other key it prepared in one of them
+            named = {k for k, _ in c.writes}
+            writes = (*c.writes, *((k, None) for k in keys
+                                   if k not in named and any(txn.in_range(k, lo, hi) for lo, hi in c.ranges)))
         for k, v in writes:
             prev = view.get(k)
             if v is None and prev is None:
@@ -486,7 +491,7 @@ def _record(rows: mvcc.Rows, c: XCmd, group: int) -> ApplyResult:
             rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(Record(State.ABORTED, c.start)))
             _gc_later(rows, c.start, c.txn)
             return ApplyResult(error=refused)
-    new = Record(State.COMMITTED, c.start, c.at, c.result, c.groups, c.delete_prepared)
+    new = Record(State.COMMITTED, c.start, c.at, c.result, c.groups, c.delete_prepared, c.ranges)
     rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(new))
     rows.put(mvcc.T_TXN, xtxn.row_unfinished(c.start, c.txn), b"")
     return _answer(new, c.txn)
