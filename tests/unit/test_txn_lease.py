@@ -129,7 +129,8 @@ def test_invalid_leases_are_refused_both_ways() -> None:
 
 
 def test_the_gate_refuses_a_leased_txn_below_level_5() -> None:
-    assert FORM_LEVELS[Op.TXN] == LEVEL_LEASES_2 == SUPPORTED_LEVEL
+    assert LEVEL_LEASES_2 < FORM_LEVELS[Op.TXN] == SUPPORTED_LEVEL  # TXN's newest form: a range delete, level 6
+    assert command_level(encode_command(Command.transaction(Txn((), (lput(b"k", b"v"),))))) == LEVEL_LEASES_2
     leased = encode_command(Command.transaction(Txn((), (lput(b"k", b"v"),))))
     plain = encode_command(Command.transaction(Txn((), (TxnOp(OpKind.PUT, b"k", b"v"),))))
     gate = CommandGate(lambda: ClusterVersion(LEVEL_LEASES, {1: LEVEL_LEASES}), lambda: {1})
