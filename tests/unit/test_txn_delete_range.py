@@ -424,3 +424,33 @@ def test_the_record_keeps_its_ranges_through_a_partial_finalize() -> None:
     assert left is not None and left.state == State.COMMITTED and left.ranges == ((b"a", b"b"),)
     assert logic.finish_commands(tid, left) == {
         2: encode_command(Command.cross(XCmd(XOp.COMMIT, tid, at=rec.at, ranges=((b"a", b"b"),))))}
+
+
+# --- the etcd layer's mapping (server/etcd/convert.py) -----------------------------------------------
+def test_etcd_txn_delete_range_maps_to_the_op() -> None:
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2
+    from kvstore.server.etcd.convert import EtcdRequestError, has_range_deletes, txn_body, txn_reply
+    from kvstore.v1 import kv_pb2
+
+    def dr(key: bytes, end: bytes, prev: bool = False) -> rpc_pb2.RequestOp:
+        return rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=key, range_end=end, prev_kv=prev))
+
+    def put(key: bytes) -> rpc_pb2.RequestOp:
+        return rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=b"v"))
+
+    body, plan = txn_body(rpc_pb2.TxnRequest(success=[dr(b"a/", b"a0"), put(b"b")], failure=[dr(b"\0", b"\0")]))
+    assert body.success[0].delete_range == kv_pb2.TxnRange(start=b"a/", end=b"a0")
+    assert body.failure[0].delete_range == kv_pb2.TxnRange(start=b"\0", end=b"") and has_range_deletes(body)
+    res = kv_pb2.TxnResult(succeeded=True, responses=[kv_pb2.TxnOpResponse(delete_range=4), kv_pb2.TxnOpResponse(put=9)])
+    out = rpc_pb2.TxnResponse()
+    txn_reply(plan, res, rpc_pb2.ResponseHeader(revision=9), out)
+    assert out.responses[0].response_delete_range.deleted == 4 and out.responses[1].HasField("response_put")
+    for bad, code in (([dr(b"a/", b"a0", prev=True)], "FAILED_PRECONDITION"), ([dr(b"a/", b"a0"), put(b"a/x")],
+                      "INVALID_ARGUMENT"), ([put(b"a/x"), dr(b"a/", b"a0")], "INVALID_ARGUMENT")):
+        with pytest.raises(EtcdRequestError) as e:
+            txn_body(rpc_pb2.TxnRequest(success=bad))
+        assert e.value.code == code
+    # a read over the range before it would be read at the revision, after the delete: refused
+    rng = rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=b"a/", range_end=b"a0"))
+    with pytest.raises(EtcdRequestError):
+        txn_body(rpc_pb2.TxnRequest(success=[rng, dr(b"a/", b"a0")]))

@@ -39,6 +39,7 @@ from .convert import (
     TxnPlan,
     check_put,
     compares_lease,
+    has_range_deletes,
     has_writes,
     ignored_puts,
     invalid,
@@ -424,6 +425,8 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                 resp.header.CopyFrom(self.n.header(0))
                 resp.succeeded = True
                 return resp
+            if has_range_deletes(body):  # kvstore's range delete: a two-phase commit over every group
+                return await self._txn_range_deletes(body, plan, context)
             groups = {self.n.group_of(k) for k in txn_keys(body)}
             one = groups.pop() if len(groups) == 1 else None
             if one is None and (plan.ranges or leased_puts(body)):
@@ -456,6 +459,22 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
             return resp
         except Exception as err:
             await fail(err, context, "Txn")
+
+    async def _txn_range_deletes(self, body: kv_pb2.TxnBody, plan: TxnPlan, context: grpc.aio.ServicerContext
+                                 ) -> rpc_pb2.TxnResponse:
+        """A Txn with a DeleteRange over a range: kvstore's Txn with `delete_range` ops, which the
+        node runs as a two-phase commit over every data group (atomic at one revision). What that
+        cannot carry is refused (`unsupported`): reads over several keys or at a revision, puts
+        with a lease or ignore_value / ignore_lease, lease compares (one group's features)."""
+        if plan.ranges:
+            raise unsupported("a read over several keys (or at a revision) in a transaction with a range delete")
+        if leased_puts(body) or compares_lease(body) or any(ignored_puts(plan, body)):
+            raise unsupported("a lease (a leased put, a lease compare, ignore_lease / ignore_value) in a "
+                              "transaction with a range delete")
+        t = await self.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True)
+        resp = rpc_pb2.TxnResponse()
+        txn_reply(plan, t.result, self.n.header(t.revision), resp)
+        return resp
 
     async def _txn_ignoring(self, body: kv_pb2.TxnBody, plan: TxnPlan, group: int,
                             context: grpc.aio.ServicerContext) -> rpc_pb2.TxnResponse:
