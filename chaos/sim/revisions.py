@@ -171,8 +171,12 @@ class RevisionChecker:
         if cmd.op == commands.Op.COMMIT and (group, x.txn.encode()) not in self.committed:
             self.committed.add((group, x.txn.encode()))
             if group != META_GROUP:
-                writes = ([(k, None) for k in self.held.get((group, x.txn.encode()), ())] if x.delete_prepared
-                          else x.writes)
+                held = self.held.get((group, x.txn.encode()), ())
+                writes = [(k, None) for k in held] if x.delete_prepared else list(x.writes)
+                if x.ranges:  # a transaction's range deletes: every other key it prepared in one
+                    named = {k for k, _ in x.writes}
+                    writes += [(k, None) for k in held
+                               if k not in named and any(txn.in_range(k, lo, hi) for lo, hi in x.ranges)]
                 for key, value in writes:
                     vs = self.versions.setdefault(key, [])
                     i = bisect_right(vs, x.at, key=_rev)
