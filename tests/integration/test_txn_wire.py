@@ -124,6 +124,11 @@ def test_txn_refusals_say_what_is_wrong(node: _Node) -> None:
         (body(*[kv_pb2.TxnOp(get=b"k%d" % i) for i in range(129)]), "more than 128"),
         (kv_pb2.TxnRequest(txn=deep), "deeper than 4"),
         (body(kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=b"k")), kv_pb2.TxnOp(delete=b"k")), "more than once"),
+        # range deletes (`TxnRange`): their bounds, checked before anything is proposed
+        (body(kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange())), "needs a start or an end"),
+        (body(kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange(start=b"b", end=b"a"))), "at or before its start"),
+        (body(kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange(start=b"a", prefix=b"p"))), "carries no start or end"),
+        (body(kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange(prefix=b"k" * 600))), "key"),
     ]
 
     async def main() -> None:
