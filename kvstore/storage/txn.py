@@ -19,7 +19,9 @@ same transaction (a GET after a PUT of the key returns the new value, at the tra
 revision). A DELETE of an absent key writes nothing. A DELETE_RANGE deletes every key present
 in its range at that point (its result: how many), so a GET of such a key after it reads it
 absent, and a PUT into the range after it survives (the PUT's value is the key's at the
-revision); a PUT before it is deleted again. Its keys are not named (`keys_of` skips it): the
+revision; a key present before the transaction keeps its history: its one version at the
+revision is the PUT's, the key's next version, as if overwritten, and a GET after the PUT says
+so); a PUT before it is deleted again. Its keys are not named (`keys_of` skips it): the
 caller hands `evaluate` a `Scanner` of the keys present in a range, and gets back, besides the
 writes of named keys (each key once, its final state), the ranges the path taken deleted
 (`Outcome.ranges`): the caller deletes every key present in one of them that is not among the
@@ -590,6 +592,7 @@ def evaluate(t: Txn, read: Reader, revision: int, scan: Scanner | None = None) -
     written: dict[bytes, bytes | None] = {}
     leased: list[tuple[bytes, int, int]] = []
     ranges: list[tuple[bytes, bytes]] = []
+    range_gone: set[bytes] = set()
     returned = 0
     range_deleted = 0
 
@@ -612,6 +615,8 @@ def evaluate(t: Txn, read: Reader, revision: int, scan: Scanner | None = None) -
                     op.kind, True, c.value, c.create_revision, c.mod_revision, c.version))
             elif op.kind == OpKind.PUT:
                 c = cur(op.key)
+                if c is None and op.key in range_gone:  # one version at R: the key's next (module docstring)
+                    c = read(op.key)
                 overlay[op.key] = (
                     Current(op.value, revision, revision, 1, op.lease) if c is None
                     else Current(op.value, c.create_revision, revision, c.version + 1, op.lease)
@@ -634,6 +639,7 @@ def evaluate(t: Txn, read: Reader, revision: int, scan: Scanner | None = None) -
                 present |= {k for k, v in overlay.items() if v is not None and in_range(k, lo, hi)}
                 for k in present:
                     overlay[k] = None
+                    range_gone.add(k)
                     if k in written:  # a PUT of this transaction before it: now deleted
                         written[k] = None
                 leased[:] = [x for x in leased if not in_range(x[0], lo, hi)]

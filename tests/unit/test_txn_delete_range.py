@@ -64,29 +64,32 @@ base_st = st.dictionaries(key_st, st.sampled_from([b"x", b"y"]))
 
 def model(t: Txn, state: dict[bytes, bytes]) -> tuple[list[tuple[OpKind, bool, bytes, int]], bool]:
     """The plain sequential meaning: each operation on a dict, in order; (kind, found, value,
-    deleted) per operation of the top level (nested ones flattened after their op)."""
+    deleted or a GET's version) per operation of the top level (nested ones flattened after
+    their op). A key deleted by a range and put again continues its versions (one version at
+    the revision: the put's)."""
     out: list[tuple[OpKind, bool, bytes, int]] = []
     version = {k: 1 for k in state}
+    gone: dict[bytes, int] = {}
 
     def run(t: Txn) -> bool:
         ok = all(version.get(c.key, 0) > c.number for c in t.compares)
         for op in t.success if ok else t.failure:
             if op.kind == OpKind.PUT:
                 state[op.key] = op.value
-                version[op.key] = version.get(op.key, 0) + 1
+                version[op.key] = version.get(op.key, gone.pop(op.key, 0)) + 1
                 out.append((op.kind, False, b"", 0))
             elif op.kind == OpKind.DELETE:
                 out.append((op.kind, state.pop(op.key, None) is not None, b"", 0))
                 version.pop(op.key, None)
             elif op.kind == OpKind.GET:
                 v = state.get(op.key)
-                out.append((op.kind, v is not None, v or b"", 0))
+                out.append((op.kind, v is not None, v or b"", version.get(op.key, 0)))
             elif op.kind == OpKind.DELETE_RANGE:
-                gone = [k for k in state if txn.in_range(k, op.key, op.end)]
-                for k in gone:
+                deleted = [k for k in state if txn.in_range(k, op.key, op.end)]
+                for k in deleted:
                     del state[k]
-                    version.pop(k)
-                out.append((op.kind, False, b"", len(gone)))
+                    gone[k] = version.pop(k)
+                out.append((op.kind, False, b"", len(deleted)))
             else:
                 assert op.txn is not None
                 out.append((op.kind, False, b"", 0))
@@ -99,7 +102,8 @@ def model(t: Txn, state: dict[bytes, bytes]) -> tuple[list[tuple[OpKind, bool, b
 def flatten(r: TxnResult) -> list[tuple[OpKind, bool, bytes, int]]:
     out: list[tuple[OpKind, bool, bytes, int]] = []
     for o in r.responses:
-        out.append((o.kind, o.found if o.kind != OpKind.PUT else False, o.value, o.deleted))
+        out.append((o.kind, o.found if o.kind != OpKind.PUT else False, o.value,
+                    o.version if o.kind == OpKind.GET else o.deleted))
         if o.txn is not None:
             out += flatten(o.txn)
     return out
@@ -141,7 +145,8 @@ def test_evaluate_is_sequential_over_range_deletes(t: Txn, base: dict[bytes, byt
     assert commit_rule(base, out) == state
     assert len({k for k, _ in out.writes}) == len(out.writes)  # each key once: one version at R
     deleted = any(k not in state for k in base)
-    assert (out.result.revision == R) == bool(out.writes or any(d for *_, d in want) or deleted)
+    ranged = any(d for kind, _, _, d in want if kind == OpKind.DELETE_RANGE)
+    assert (out.result.revision == R) == bool(out.writes or ranged or deleted)
     if not txn.has_delete_range(t):  # without one: exactly the old behaviour
         assert not out.ranges
 
@@ -150,12 +155,14 @@ def test_range_delete_semantics_spelled_out() -> None:
     base = {b"p/1": b"x", b"p/2": b"y", b"q": b"z"}
     t = Txn((), (TxnOp(OpKind.PUT, b"p/3", b"new"), TxnOp(OpKind.GET, b"p/1"),
                  TxnOp(OpKind.DELETE_RANGE, b"p/", end=b"p0"), TxnOp(OpKind.GET, b"p/1"),
-                 TxnOp(OpKind.PUT, b"p/2", b"again")))
+                 TxnOp(OpKind.PUT, b"p/2", b"again"), TxnOp(OpKind.GET, b"p/2")))
     out = txn.evaluate(t, lambda k: txn.Current(base[k], 1, 1, 1) if k in base else None, 77,
                        lambda lo, hi: [k for k in base if txn.in_range(k, lo, hi)])
     kinds = [(o.kind, o.found, o.value, o.deleted) for o in out.result.responses]
     assert kinds == [(OpKind.PUT, False, b"", 0), (OpKind.GET, True, b"x", 0), (OpKind.DELETE_RANGE, False, b"", 3),
-                     (OpKind.GET, False, b"", 0), (OpKind.PUT, False, b"", 0)]
+                     (OpKind.GET, False, b"", 0), (OpKind.PUT, False, b"", 0), (OpKind.GET, True, b"again", 0)]
+    again = out.result.responses[-1]  # p/2 deleted by the range, put again: its next version (1 + 1)
+    assert (again.create_revision, again.mod_revision, again.version) == (1, 77, 2)
     assert out.writes == [(b"p/3", None), (b"p/2", b"again")] and out.ranges == [(b"p/", b"p0")]
     assert out.result.revision == 77
     with pytest.raises(txn.NoScanner):  # a one-group evaluation has no scanner
@@ -300,11 +307,15 @@ def test_a_transaction_deletes_a_range_in_every_group_at_one_revision() -> None:
     assert g[3].apply(encode_command(Command.lease_command(LeaseCmd(Kind.GRANT, lid, ttl_s=60)))).found
     assert g[3].apply(encode_command(Command.lease_command(LeaseCmd(Kind.PUT, lid), b"p/4", b"l"))).error is None
     before = {gid: mvcc.rev_state(s.rows).last for gid, s in g.items()}
+    m0 = mvcc.current_meta(g[2].rows, b"p/2", g[2].get(b"p/2"))
+    assert m0 is not None
+    before_create = m0.create_revision
     t = Txn((Compare(b"k", Target.VALUE, CmpResult.EQUAL, b"0"),),
             (TxnOp(OpKind.PUT, b"p/1", b"kept?"), TxnOp(OpKind.DELETE_RANGE, b"p/", end=b"p0"),
-             TxnOp(OpKind.GET, b"p/1"), TxnOp(OpKind.PUT, b"p/9", b"new"), TxnOp(OpKind.PUT, b"k", b"1")))
+             TxnOp(OpKind.GET, b"p/1"), TxnOp(OpKind.PUT, b"p/9", b"new"), TxnOp(OpKind.PUT, b"k", b"1"),
+             TxnOp(OpKind.PUT, b"p/2", b"back"), TxnOp(OpKind.GET, b"p/2")))
     tid = TxnId(7, 7)
-    p, ready = prepared(g, t, {b"k": 1, b"p/1": 1, b"p/9": 2}, tid)
+    p, ready = prepared(g, t, {b"k": 1, b"p/1": 1, b"p/9": 2, b"p/2": 2}, tid)
     assert p.primary == 1 and p.lock == (b"p/", b"p0")
     assert isinstance(ready, logic.Ready) and ready.ranges == ((b"p/", b"p0"),)
     R = ready.at
@@ -320,14 +331,20 @@ def test_a_transaction_deletes_a_range_in_every_group_at_one_revision() -> None:
         logic.Committed(R, ready.result, True)
     for gid, data in logic.commit_commands(tid, ready, GROUPS).items():
         assert g[gid].apply(data).error is None
-    assert [g[1].get(b"p/1"), g[2].get(b"p/2"), g[3].get(b"p/3"), g[3].get(b"p/4")] == [None] * 4
+    assert [g[1].get(b"p/1"), g[3].get(b"p/3"), g[3].get(b"p/4")] == [None] * 3
+    # deleted by the range and put again: one version at R, the key's next, as the GET said
+    back = ready.result.responses[-1]
+    meta = mvcc.current_meta(g[2].rows, b"p/2", g[2].get(b"p/2"))
+    assert g[2].get(b"p/2") == back.value == b"back" and meta is not None
+    assert (meta.create_revision, meta.mod_revision, meta.version) == \
+        (back.create_revision, back.mod_revision, back.version) == (before_create, R, 2)
     assert g[2].get(b"p/9") == b"new" and g[2].get(b"q/1") == b"x" and g[1].get(b"k") == b"1"
     assert leases.lease_of(g[3].rows, b"p/4") == 0 and leases.attached_keys(g[3].rows, lid) == []
-    for gid, gone in ((1, [b"k", b"p/1"]), (2, [b"p/2", b"p/9"]), (3, [b"p/3", b"p/4"])):
+    for gid, gone in ((1, [b"k", b"p/1"]), (2, [b"p/2", b"p/9"]), (3, [b"p/3", b"p/4"])):  # p/2: put again
         batch = read_changes(g[gid].rows, before[gid] + 1, mvcc.REVISION_MAX, max_events=100, max_bytes=1 << 20,
                              prev_kv=False)
         assert sorted(c.key for c in batch.changes) == gone and {c.revision for c in batch.changes} == {R}
-        assert all(c.value is None for c in batch.changes if c.key != b"k" and c.key != b"p/9")
+        assert all(c.value is None for c in batch.changes if c.key not in (b"k", b"p/9", b"p/2"))
         assert xtxn_apply.min_pending(g[gid].rows) == 0 and not list(g[gid].rows.iter(mvcc.T_TXN, b"l", b"m"))
     # the next writer into the range goes through
     assert g[2].apply(encode_command(Command.put(b"p/new", b"x"))).error is None
