@@ -2,7 +2,8 @@
 revision (reads below it see neither write), the failure branch across groups, and a dead
 coordinator's intents recovered by the next reader or writer (to COMMITTED when its record says
 so, to ABORTED when it has none), planted through the node's own proposal path, and its COMMITTED
-record FINALIZEd by the node's record sweep."""
+record FINALIZEd by the node's record sweep; a dead coordinator's range delete inside a
+transaction committed by the resolver from its record, range included."""
 
 from __future__ import annotations
 

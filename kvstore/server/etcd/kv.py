@@ -10,7 +10,8 @@ linearizably unless `serializable`; what all its parts keep is bounded by one bu
 range is one consistent snapshot at one revision (as the client library's scans). Put's prev_kv
 and DeleteRange's prev_kv on one key, and Put's ignore_value and ignore_lease, are transactions
 (a get, then the write, at one revision; ignore_* compare the value's mod revision or the lease
-as read before, and retry)."""
+as read before, and retry). A Txn's DeleteRange over a range is kvstore's range delete inside a
+transaction (`_txn_range_deletes`: a two-phase commit over every data group)."""
 
 from __future__ import annotations
 
