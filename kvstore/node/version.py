@@ -412,6 +412,8 @@ class CommandGate:
             need = command_level(data, self.levels) or need  # decoded only below the form's level
         if need <= v.cluster:
             return
+        if data[1] in FORM_LEVELS:  # refused: name the level its form needs (decoded on this path only)
+            need = command_level(data, self.levels) or need
         lag = v.lagging(self.members(), need)
         name = commands.Op(data[1]).name if data[1] in commands.Op._value2member_map_ else f"kind {data[1]}"
         if need > self.levels.get(data[1], need):
