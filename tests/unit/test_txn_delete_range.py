@@ -471,3 +471,36 @@ def test_etcd_txn_delete_range_maps_to_the_op() -> None:
     rng = rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=b"a/", range_end=b"a0"))
     with pytest.raises(EtcdRequestError):
         txn_body(rpc_pb2.TxnRequest(success=[rng, dr(b"a/", b"a0")]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=12), st.binary(max_size=12), st.binary(max_size=12))
+def test_the_wire_range_is_checked_totally(start: bytes, end: bytes, prefix: bytes) -> None:
+    """`TxnRange` from the wire (`server/txn_wire.range_of`) and from the client (`client/txns`):
+    a valid range or a definite KVError, never anything else; both sides agree."""
+    from kvstore.client.checks import RequestChecks
+    from kvstore.client.txns import txn_body
+    from kvstore.server.txn_wire import range_of
+
+    def check_key(k: bytes) -> None:
+        if len(k) > 8:
+            raise errors.KeyTooLarge(len(k), 8)
+
+    try:
+        lo, hi = range_of(start, end, prefix, check_key)
+    except errors.KVError as err:
+        assert err.definite
+        server_ok = False
+    else:
+        txn.check_range(lo, hi)
+        assert all(txn.in_range(prefix + x, lo, hi) for x in (b"", b"\x00", b"\xff")) if prefix else (lo, hi) == (
+            start, end)
+        server_ok = True
+    checks = RequestChecks(timeout=1.0, max_key_size=8, max_value_size=8)
+    try:
+        txn_body(checks, (), (Op.delete_range(start, end, prefix=prefix),), ())
+        client_ok = True
+    except errors.KVError as err:
+        assert err.definite
+        client_ok = False
+    assert client_ok == server_ok
