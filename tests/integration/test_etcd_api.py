@@ -171,6 +171,8 @@ def test_kv_commands_answer_as_etcd(kv: str, etcd: str) -> None:
         run("txn", "-w", "json", stdin='\n\nget d/ --prefix --keys-only\nget d/ --prefix --count-only\n\n\n')
         # a read of the written key before its put sees the old value; other groups' keys and ranges after
         run("txn", "-w", "json", stdin='\n\nget d/a\nput d/a 12\nget d/b\nget d/ --prefix --keys-only\n\n\n')
+        # range deletes inside a Txn (kvstore: across every group at the Txn's revision): the counts
+        run("txn", stdin='value("d/b") = "22"\n\ndel --prefix d/x\ndel d/y d/z --range\nput d/n nv\n\nget d/b\n\n')
         run("put", "d/lk", "lv2", f"--lease={lid}", "--prev-kv")
         run("lease", "revoke", lid)
         run("get", "d/", "--prefix")
