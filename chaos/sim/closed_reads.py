@@ -42,7 +42,7 @@ from kvstore.node.closes import CloseCallback, NodeCloses
 from kvstore.node.hlc import MAX_CLOCK_OFFSET_MS, HybridClock
 from kvstore.node.reads import LINEARIZABLE, NodeReads, ReadPoint
 from kvstore.node.store import NodeStore
-from kvstore.shard.ranges import HASH_MAX, IntervalSet
+from kvstore.shard.ranges import IntervalSet, covers_once
 from kvstore.storage import mvcc
 from kvstore.storage.xtxn import IntentProbe
 
@@ -364,7 +364,7 @@ class ClosedReads:
             self.stats.failed += 1
             finish("a part failed")
             return
-        if not _covers_once([p.owned for p in parts]):
+        if not covers_once([p.owned for p in parts]):
             self.stats.raced_moves += 1
             finish("a range moved between the parts' read points (the client retries)")
             return
@@ -409,11 +409,3 @@ class ClosedReads:
         )
 
 
-def _covers_once(parts: list[IntervalSet]) -> bool:
-    total = sum(p.size() for p in parts)
-    if total != HASH_MAX + 1:
-        return False
-    union = IntervalSet()
-    for p in parts:
-        union = union.union(p)
-    return union.size() == total

@@ -45,11 +45,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kvstore.shard.ranges import covers_once
 from kvstore.storage import commands, leases
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.leases import Kind, LeaseCmd
 
-from .closed_reads import ClosedReads, _covers_once, _Part
+from .closed_reads import ClosedReads, _Part
 from .leases import STEP_MS, SimLeases
 
 PREFIX = b"lock/"
@@ -170,7 +171,7 @@ class LockScans(ClosedReads):
             self._phase(behind, at, lambda ps: done(ps, at), parts)
 
         def done(parts: list[_Part], at: int) -> None:
-            if any(p.items is None for p in parts) or not _covers_once([p.owned for p in parts]):
+            if any(p.items is None for p in parts) or not covers_once([p.owned for p in parts]):
                 finish(None, 0)
                 return
             q: dict[bytes, int] = {}

@@ -30,6 +30,7 @@ from kvstore.client import (
     Alarm,
     Client,
     GroupStatus,
+    KeyValue,
     Member,
     NodeStatus,
     Status,
@@ -400,12 +401,14 @@ def cas(c: _Ctx, args: tuple[str, ...], absent: bool) -> None:
 def txn(c: _Ctx) -> None:
     """Run a transaction read from standard input, in etcdctl's format: compare lines
     (value("k") = "v", version("k") > "3", create("k") = "0", mod("k") < "10"), a blank line,
-    the operations to run if every compare holds (put KEY VALUE, get KEY, del KEY, and the
-    range deletes del KEY RANGE_END, del --prefix KEY, del --from-key KEY), a blank line, the
-    operations to run otherwise. Prints SUCCESS or FAILURE, then each operation's result after
-    a blank line (put: OK; get: key and value lines, nothing if absent; del: the number
-    deleted), as etcdctl does. Exit 0 either way; 2 or 3 if it could not run. Keys may be in
-    several groups (a two-phase commit); a range delete runs across every group."""
+    the operations to run if every compare holds (put KEY VALUE, get KEY, del KEY; a range:
+    get KEY RANGE_END, get --prefix KEY, get --from-key KEY, with --limit N; a range delete:
+    del KEY RANGE_END, del --prefix KEY, del --from-key KEY), a blank line, the operations to run
+    otherwise. Prints SUCCESS or FAILURE, then each operation's result after a blank line (put:
+    OK; get: key and value lines for each key found, nothing if none; del: the number deleted),
+    as etcdctl does. Exit 0 either way; 2 or 3 if it could not run. Keys may be in several groups
+    (a two-phase commit); ranges are read at the transaction's revision; a range delete runs
+    across every group."""
     try:
         parsed = parse_txn(sys.stdin.read(), lambda t: c.parse(t, "key or value"))
     except (TxnSyntaxError, click.BadParameter) as err:
@@ -427,6 +430,15 @@ def txn(c: _Ctx) -> None:
         elif r.kind == "get" and r.kv is not None:
             click.echo(c.raw(r.kv.key))
             click.echo(c.raw(r.kv.value))
+        elif r.kind == "scan":
+            for kv in r.items:
+                click.echo(c.raw(kv.key))
+                click.echo(c.raw(kv.value))
+
+
+def _kv_json(c: _Ctx, kv: KeyValue) -> dict[str, Any]:
+    return {"key": c.show(kv.key), "value": c.show(kv.value), "create_revision": kv.create_revision,
+            "mod_revision": kv.mod_revision, "version": kv.version}
 
 
 def _txn_json(c: _Ctx, resp: TxnResponse) -> dict[str, Any]:
@@ -440,10 +452,9 @@ def _txn_json(c: _Ctx, resp: TxnResponse) -> dict[str, Any]:
             out.append({"delete_range": {"deleted": r.count}})
         elif r.kind == "get":
             kv = r.kv
-            out.append({"get": None if kv is None else {
-                "key": c.show(kv.key), "value": c.show(kv.value), "create_revision": kv.create_revision,
-                "mod_revision": kv.mod_revision, "version": kv.version,
-            }})
+            out.append({"get": None if kv is None else _kv_json(c, kv)})
+        elif r.kind == "scan":
+            out.append({"scan": {"revision": r.revision, "more": r.more, "items": [_kv_json(c, kv) for kv in r.items]}})
         elif r.txn is not None:
             out.append({"txn": _txn_json(c, r.txn)})
     return {"succeeded": resp.succeeded, "revision": resp.revision, "responses": out}

@@ -4,23 +4,28 @@
                     TARGET: value | val | version | ver | create | c | mod | m
                     OP: = != > <     (numbers for version / create / mod: decimal, >= 0)
     (blank line)
-    success ops     one a line: put KEY VALUE | get KEY | del KEY (delete KEY) |
-                    del KEY RANGE_END | del --prefix KEY | del --from-key KEY   (range deletes)
+    success ops     one a line: put KEY VALUE | get KEY | del KEY (delete KEY)
+                    | get KEY RANGE_END | get --prefix KEY | get --from-key KEY
+                    (a range: a scan at the transaction's revision; --limit N caps it)
+                    | del KEY RANGE_END | del --prefix KEY | del --from-key KEY   (range deletes)
     (blank line)
     failure ops     likewise, up to a blank line or the end of the input
 
 KEY and VALUE in operation lines are shell words (quote them with "..." or '...' to include
 spaces); quoted strings in compares use the escapes Go and JSON share (\\" \\\\ \\n \\t \\uXXXX);
 Go's \\xNN and octal escapes (etcdctl's %q of bytes that are not UTF-8) are refused, not guessed
-at. Anything after the failure ops' closing blank line is refused (not dropped).
+at. Anything after the failure ops' closing blank line is refused (not dropped). get's range
+forms are etcdctl's (`get KEY RANGE_END`: [KEY, RANGE_END); `--prefix KEY`: every key starting
+with KEY, every key for ""; `--from-key KEY`: every key >= KEY; `--limit N` / `--limit=N`: at
+most N keys, 0 = all; --prefix and --from-key take one KEY and not each other); other flags
+(put's leases, get's sorting and revisions, del's --prev-kv) are refused.
 
 Range deletes take etcdctl's `del` forms (its `getDelOp`): `del KEY RANGE_END` deletes [KEY,
 RANGE_END) (etcdctl's `--range` flag, which only skips its 2 s warning, is accepted and
 changes nothing), `del --prefix KEY` every key starting with KEY (an empty KEY: every key),
 `del --from-key KEY` every key >= KEY (empty: every key); flags may come before or after the
 key; --prefix with --from-key, or either with a RANGE_END, is refused as etcdctl refuses it. An
-empty RANGE_END (`del a ""`) is etcdctl's one-key delete. `--prev-kv`, get's range flags and
-leases are not supported: a line with them is refused. A range delete's result prints as
+empty RANGE_END (`del a ""`) is etcdctl's one-key delete. A range delete's result prints as
 etcdctl prints it: the number of keys deleted. Every malformed line raises `TxnSyntaxError`
 naming it (nothing is sent).
 """
@@ -92,18 +97,16 @@ def _op(line: str, encode: Callable[[str], bytes]) -> Op:
         words = shlex.split(line)
     except ValueError as err:
         raise TxnSyntaxError(f"malformed operation ({err}): {line}") from None
+    if words and words[0] == "get":
+        return _get(words[1:], line, encode)
     if words and words[0] in ("del", "delete"):
         return _del(words, line, encode)
     if any(w.startswith("--") for w in words[1:]):
-        raise TxnSyntaxError(f"operation flags (ranges, leases) are not supported: {line}")
+        raise TxnSyntaxError(f"operation flags (put's leases) are not supported: {line}")
     if words and words[0] == "put":
         if len(words) != 3:
             raise TxnSyntaxError(f"put takes KEY VALUE: {line}")
         return Op.put(encode(words[1]), encode(words[2]))
-    if words and words[0] == "get":
-        if len(words) != 2:
-            raise TxnSyntaxError(f"{words[0]} takes KEY: {line}")
-        return Op.get(encode(words[1]))
     raise TxnSyntaxError(f"unknown operation (expected put, get or del): {line}")
 
 
@@ -137,6 +140,59 @@ def _del(words: list[str], line: str, encode: Callable[[str], bytes]) -> Op:
             raise TxnSyntaxError(f"a range delete needs a KEY: {line}")
         return Op.delete_range(key, end)
     return Op.delete(key)
+
+
+def _limit(v: str, line: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,19}", v) or int(v) > INT64_MAX:
+        raise TxnSyntaxError(f"--limit needs a number in 0..{INT64_MAX}: {line}")
+    return int(v)
+
+
+def _get(args: list[str], line: str, encode: Callable[[str], bytes]) -> Op:
+    """etcdctl's get in a txn: `get KEY` (one key), or a range (`Op.scan`): `get KEY RANGE_END`,
+    `get --prefix KEY`, `get --from-key KEY`, each with an optional `--limit N`."""
+    prefix = from_key = False
+    limit = 0
+    pos: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        i += 1
+        if a == "--":
+            pos += args[i:]
+            break
+        if a == "--prefix":
+            prefix = True
+        elif a == "--from-key":
+            from_key = True
+        elif a == "--limit":
+            if i >= len(args):
+                raise TxnSyntaxError(f"--limit needs a number: {line}")
+            limit, i = _limit(args[i], line), i + 1
+        elif a.startswith("--limit="):
+            limit = _limit(a[len("--limit="):], line)
+        elif a.startswith("-") and a != "-":
+            raise TxnSyntaxError(f"get flag {a} is not supported (only --prefix, --from-key, --limit): {line}")
+        else:
+            pos.append(a)
+    if prefix and from_key:
+        raise TxnSyntaxError(f"`--prefix` and `--from-key` cannot be set at the same time, choose one: {line}")
+    if not pos:
+        raise TxnSyntaxError(f"get command needs one argument as key and an optional argument as range_end: {line}")
+    if len(pos) > 2 or (len(pos) == 2 and (prefix or from_key)):
+        raise TxnSyntaxError("too many arguments, only accept one argument when `--prefix` or `--from-key` is set"
+                             f" (and at most KEY RANGE_END otherwise): {line}")
+    key = encode(pos[0])
+    if prefix:
+        return Op.scan(prefix=key, limit=limit)
+    if from_key:
+        return Op.scan(key, limit=limit)
+    if len(pos) == 2:
+        end = encode(pos[1])
+        if not end:
+            raise TxnSyntaxError(f"get's RANGE_END must not be empty: {line}")
+        return Op.scan(key, end, limit=limit)
+    return Op.get(key)
 
 
 def parse_txn(text: str, encode: Callable[[str], bytes]) -> ParsedTxn:

@@ -351,7 +351,9 @@ class AsyncClient:
         else the ``failure`` ones, atomically at one revision. Keys in one group take one Raft
         proposal; keys in several groups a two-phase commit run by the server that receives it
         (docs/REVISIONS.md), with the same guarantees. Exactly-once like a put: a retried
-        transaction is not applied twice, and a timeout after sending is indeterminate. Example::
+        transaction is not applied twice, and a timeout after sending is indeterminate.
+        ``Op.scan`` reads a range of every group at the transaction's revision (a write after
+        it into its range is refused, definite). Example::
 
             await c.txn([Compare.value(b"k", "=", b"old")], [Op.put(b"k", b"new"), Op.get(b"j")])
         """

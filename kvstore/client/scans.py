@@ -41,7 +41,7 @@ from kvstore.client.invoke import FREE_REDIRECTS, Invoker
 from kvstore.client.retry import Backoff, Deadline, RetryPolicy
 from kvstore.client.types import Consistency, KeyValue, ReadPreference
 from kvstore.errors import InvalidArgument, KVError, Timeout, Unavailable, from_proto
-from kvstore.shard.ranges import HASH_MAX, IntervalSet
+from kvstore.shard.ranges import IntervalSet, covers_once
 from kvstore.storage.commands import U64_MAX
 from kvstore.v1 import kv_pb2
 
@@ -454,18 +454,7 @@ def _whole(parts: list[_ScanPart], sharded: bool) -> bool:
     owned = [p.owned or IntervalSet() for p in parts]
     if not sharded and not any(owned):
         return True
-    return _covers_once(owned)
-
-
-def _covers_once(parts: list[IntervalSet]) -> bool:
-    """True if the sets are disjoint and together cover the whole hash space."""
-    total = sum(p.size() for p in parts)
-    if total != HASH_MAX + 1:
-        return False
-    union = IntervalSet()
-    for p in parts:
-        union = union.union(p)
-    return union.size() == total
+    return covers_once(owned)
 
 
 def _prefix_end(prefix: bytes) -> bytes | None:

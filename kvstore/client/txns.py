@@ -2,7 +2,8 @@
 `TxnBody`. Everything the server would refuse for its shape is refused here first (definite
 InvalidArgument / KeyTooLarge / ValueTooLarge, nothing sent): unknown targets or operators, a
 number operand that is not a non-negative int (or a value operand that is not bytes), more than
-`MAX_TXN_ITEMS` compares and operations, nesting deeper than `MAX_TXN_DEPTH`. Whether the keys
+`MAX_TXN_ITEMS` compares and operations, nesting deeper than `MAX_TXN_DEPTH`, a scan's bounds
+too long or a put / delete after a scan of its key (`kvstore.txnscan`). Whether the keys
 share one group (one proposal) or not (a two-phase commit) is the server's call (its shard map
 is the authority)."""
 
@@ -14,6 +15,7 @@ from kvstore.client.checks import RequestChecks, check_bytes
 from kvstore.client.types import Compare, Op
 from kvstore.errors import InvalidArgument
 from kvstore.storage.txn import MAX_TXN_DEPTH, MAX_TXN_ITEMS, NUMBER_MAX, check_range
+from kvstore.txnscan import LIMIT_MAX, has_scans, split
 from kvstore.v1 import kv_pb2
 
 __all__ = ["first_key", "txn_body"]
@@ -64,13 +66,22 @@ def txn_body(
                     out.add(get=checks.key(o.key))
                 elif o.kind == "txn":
                     out.add().txn.CopyFrom(body(o.compares, o.success, o.failure, depth + 1))
+                elif o.kind == "scan":
+                    if isinstance(o.limit, bool) or not isinstance(o.limit, int) or not 0 <= o.limit <= LIMIT_MAX:
+                        raise InvalidArgument(f"a scan's limit must be an integer in 0..{LIMIT_MAX}, not {o.limit!r}")
+                    out.add().scan.CopyFrom(kv_pb2.TxnScan(
+                        start=check_bytes("start", o.key), end=check_bytes("end", o.end),
+                        prefix=check_bytes("prefix", o.prefix), limit=o.limit))
                 elif o.kind == "delete_range":
                     out.add().delete_range.CopyFrom(_range(checks, o))
                 else:
                     raise InvalidArgument(f"unknown operation kind {o.kind!r}")
         return b
 
-    return body(compares, success, failure, 1)
+    b = body(compares, success, failure, 1)
+    if has_scans(b):
+        split(b, checks.max_key_size)  # the server's checks of the scans (bounds, a write after a scan)
+    return b
 
 
 def _range(checks: RequestChecks, o: Op) -> kv_pb2.TxnRange:
@@ -92,7 +103,27 @@ def _range(checks: RequestChecks, o: Op) -> kv_pb2.TxnRange:
 
 def first_key(b: kv_pb2.TxnBody) -> bytes | None:
     """The first key the transaction names (routes it: to the leader of that key's group, which
-    proposes it, or coordinates it if its keys are in several groups)."""
+    proposes it, or coordinates it if its keys are in several groups); for one that names no
+    key but scans, the first scan's first key (any node serves it: it reads every group)."""
+    key = _first_named(b)
+    if key is None and has_scans(b):
+        return _first_scan_key(b)
+    return key
+
+
+def _first_scan_key(b: kv_pb2.TxnBody) -> bytes | None:
+    for o in (*b.success, *b.failure):
+        which = o.WhichOneof("op")
+        if which == "scan":
+            return o.scan.prefix or o.scan.start or b"\x00"
+        if which == "txn":
+            k = _first_scan_key(o.txn)
+            if k is not None:
+                return k
+    return None
+
+
+def _first_named(b: kv_pb2.TxnBody) -> bytes | None:
     for c in b.compares:
         return c.key
     for o in (*b.success, *b.failure):
@@ -102,7 +133,7 @@ def first_key(b: kv_pb2.TxnBody) -> bytes | None:
         if which in ("delete", "get"):
             return o.delete if which == "delete" else o.get
         if which == "txn":
-            k = first_key(o.txn)
+            k = _first_named(o.txn)
             if k is not None:
                 return k
         if which == "delete_range":  # names no key: any node coordinates it, routed by a bound

@@ -107,9 +107,11 @@ class Compare:
 @dataclass(frozen=True, slots=True)
 class Op:
     """One operation of a transaction: ``Op.put(k, v)``, ``Op.delete(k)``, ``Op.get(k)``,
-    ``Op.delete_range(start, end, prefix=...)`` or a nested ``Op.txn(compares, success, failure)``."""
+    ``Op.scan(start, end, prefix=, limit=)`` (the keys of a range in every group, at the
+    transaction's revision), ``Op.delete_range(start, end, prefix=...)`` or a nested
+    ``Op.txn(compares, success, failure)``."""
 
-    kind: Literal["put", "delete", "get", "txn", "delete_range"]
+    kind: Literal["put", "delete", "get", "txn", "scan", "delete_range"]
     key: bytes = b""
     value: bytes = b""
     compares: tuple[Compare, ...] = ()
@@ -117,6 +119,7 @@ class Op:
     failure: tuple[Op, ...] = ()
     end: bytes = b""
     prefix: bytes = b""
+    limit: int = 0
 
     @classmethod
     def put(cls, key: bytes, value: bytes) -> Op:
@@ -135,6 +138,14 @@ class Op:
         return cls("txn", compares=tuple(compares), success=tuple(success), failure=tuple(failure))
 
     @classmethod
+    def scan(cls, start: bytes = b"", end: bytes = b"", *, prefix: bytes = b"", limit: int = 0) -> Op:
+        """The keys of [start, end) (end b"": no upper bound), or with ``prefix`` (it overrides
+        both), at most ``limit`` of them (0: all), in key order, as they are at the
+        transaction's revision (its own writes before the scan included). A put or delete later
+        in the transaction into the range is refused (the scan is read after the writes)."""
+        return cls("scan", start, end=end, prefix=prefix, limit=limit)
+
+    @classmethod
     def delete_range(cls, start: bytes, end: bytes = b"", *, prefix: bytes = b"") -> Op:
         """Delete every key of [start, end) (end b"": no upper bound), or with ``prefix`` every
         key starting with it, at the transaction's revision; its response's ``count`` says how
@@ -146,15 +157,18 @@ class Op:
 @dataclass(frozen=True, slots=True)
 class OpResponse:
     """What one operation of a transaction did: ``put`` (its ``revision``), ``delete``
-    (``deleted``: the key existed), ``get`` (``kv``: the key, None if absent), ``delete_range``
-    (``count``: how many keys it deleted) or ``txn`` (``txn``: the nested transaction's
-    response)."""
+    (``deleted``: the key existed), ``get`` (``kv``: the key, None if absent), ``scan``
+    (``items`` in key order; ``more``: its limit, or the reply's size budget, cut it;
+    ``revision``: the revision it was read at), ``delete_range`` (``count``: how many keys it
+    deleted) or ``txn`` (``txn``: the nested transaction's response)."""
 
-    kind: Literal["put", "delete", "get", "txn", "delete_range"]
+    kind: Literal["put", "delete", "get", "txn", "scan", "delete_range"]
     revision: int = 0
     deleted: bool = False
     kv: KeyValue | None = None
     txn: TxnResponse | None = None
+    items: tuple[KeyValue, ...] = ()
+    more: bool = False
     count: int = 0
 
 
@@ -183,6 +197,10 @@ class TxnResponse:
                 out.append(OpResponse("get", kv=kv))
             elif which == "txn":
                 out.append(OpResponse("txn", txn=cls.from_proto(o.txn, revision)))
+            elif which == "scan":
+                items = tuple(KeyValue(i.key, i.value, i.create_revision, i.mod_revision, i.version)
+                              for i in o.scan.items)
+                out.append(OpResponse("scan", revision=o.scan.revision, items=items, more=o.scan.more))
             elif which == "delete_range":
                 out.append(OpResponse("delete_range", count=o.delete_range))
             else:

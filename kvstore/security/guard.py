@@ -158,6 +158,10 @@ ETCD_INVALID_TOKEN = "etcdserver: invalid auth token"
 
 ETCD_PERMISSION_DENIED = "etcdserver: permission denied"
 
+ETCD_USER_EMPTY = "etcdserver: user name is empty"
+"""etcd's answer (INVALID_ARGUMENT, rpctypes.ErrGRPCUserEmpty) to a call with neither a token nor
+a client certificate while auth is enabled."""
+
 
 def admin_refusal(path: str, p: Principal) -> str:
     """The message of a call refused for want of the admin permission: etcd's exact text on
@@ -325,6 +329,9 @@ class AuthGuard:
         if rule in (Rule.PUBLIC, Rule.INTERNAL) or not self.tracker.state.enabled:
             return c
         if p.kind is PrincipalKind.ANONYMOUS:
+            if path.startswith(ETCD_PACKAGES):
+                # etcd's exact refusal (clientv3 matches its text, and it is definite as ours is)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, ETCD_USER_EMPTY)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{path}: " + (
                 CLIENT_PORT_NEEDS_TOKEN if self.client_port
                 else "auth is enabled: log in (a token) or present a client certificate"))

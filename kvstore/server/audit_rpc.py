@@ -74,17 +74,24 @@ def key_fields(key: bytes, name: str = "key") -> dict[str, Value]:
 
 
 def _txn_fields(r: Any) -> dict[str, Value]:
-    """A transaction: its top level's sizes and the first key it names there (bounded work: the
-    request may be hostile; the server validates it after this)."""
+    """A transaction: its top level's sizes and the first key it names there (the first
+    operation of each branch; a scan's prefix or start only when neither names another key;
+    bounded work: the request may be hostile; the server validates it after this)."""
     b = r.txn
     out: dict[str, Value] = {"compares": len(b.compares), "success_ops": len(b.success), "failure_ops": len(b.failure)}
-    for op in (*b.success[:1], *b.failure[:1]):
-        which = op.WhichOneof("op")
-        key = op.put.key if which == "put" else op.delete if which == "delete" else op.get if which == "get" else None
-        if key is not None:
-            out.update(key_fields(key))
-            break
+    firsts = (*b.success[:1], *b.failure[:1])
+    keys = [_op_key(op, op.WhichOneof("op")) for op in firsts]
+    scans = [op.scan.prefix or op.scan.start for op in firsts if op.WhichOneof("op") == "scan"]
+    key = next((k for k in keys if k is not None), None)
+    if key is None:
+        key = next((k for k in scans if k), None)
+    if key is not None:
+        out.update(key_fields(key))
     return out
+
+
+def _op_key(op: Any, which: str | None) -> bytes | None:
+    return op.put.key if which == "put" else op.delete if which == "delete" else op.get if which == "get" else None
 
 
 def _groups(groups: Any) -> str:

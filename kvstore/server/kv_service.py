@@ -21,6 +21,7 @@ from kvstore.node.host import Host
 from kvstore.node.watch import StoreSource, WatchHub, WatchLimits
 from kvstore.security.guard import AuthGuard
 from kvstore.storage.errors import StorageError
+from kvstore.txnscan import has_scans
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 from .admission import Admission
@@ -33,6 +34,7 @@ from .orphan_sweep import OrphanDriver
 from .reads import ReplicaReads
 from .requests import KVRequests, add_items
 from .shards import GroupCaller, ShardTracker
+from .txn_scans import scanning_txn
 from .watch_service import WatchService
 
 
@@ -129,7 +131,10 @@ class KVService(kv_pb2_grpc.KVServicer):
             return kv_pb2.CasResponse(error=rq.err(rq.internal("Cas", err)))
 
     async def Txn(self, request: kv_pb2.TxnRequest, context: grpc.aio.ServicerContext) -> kv_pb2.TxnResponse:
-        """A transaction whose keys are all in one group (see `KVRequests.txn`)."""
+        """A transaction: in one group or across groups (see `KVRequests.txn`); with scans,
+        served by this node (`txn_scans.py`)."""
+        if has_scans(request.txn):
+            return await scanning_txn(self.requests, request, context)
         return await self.requests.txn(request)
 
     async def Compact(self, request: kv_pb2.CompactRequest, context: grpc.aio.ServicerContext) -> kv_pb2.CompactResponse:

@@ -49,6 +49,7 @@ from kvstore.v1 import kv_pb2
 
 from . import waiters
 from .coalesce import CoalescingQueue
+from .group_driver import GroupDriver
 from .requests import KVRequests
 
 log = logging.getLogger("kvstore.leases")
@@ -320,50 +321,43 @@ _UNPLANNABLE_LOGGED = 4096
 """How many unplannable lease deletions a `LeaseDriver` remembers having logged."""
 
 
-class LeaseDriver:
+class LeaseDriver(GroupDriver[Lessor]):
     """The node's lease clocks: every `period` seconds, a `Lessor` per data group hosted here is
     stepped with this node's monotonic clock and, if this node leads the group with a current
     view, its term; what it asks for is proposed (the home group's commands here, a DROP at the
-    other group's leader through `caller`). Counts the expiries that applied (`/metrics`)."""
+    other group's leader through `caller`). Counts the expiries that applied (`/metrics`).
+    `lessors` is the driver's `states` (`group_driver.GroupDriver`)."""
 
     def __init__(self, rq: KVRequests, caller: Any, params: LessorParams | None = None, period: float = 0.1) -> None:
-        self.rq = rq
+        super().__init__(rq, period, "lease clock")
         self.caller = caller
         self.params = params or LessorParams()
         self.period = period
-        self.lessors: dict[int, Lessor] = {}
+        self.lessors: dict[int, Lessor] = self.states
         self.expired = 0
-        self._tasks: set[asyncio.Task[None]] = set()
         self._deleting: set[int] = set()
         """Leases whose deletion across groups is under way here (one attempt at a time)."""
         self._unplannable: set[int] = set()
         """Leases whose deletion across groups could not be planned (logged once each; bounded by
         `_UNPLANNABLE_LOGGED`, then forgotten and logged again)."""
 
+    def new_state(self, group: int) -> Lessor:
+        return Lessor(group, self.params)
+
     def step(self) -> None:
         rq = self.rq
-        host = rq.host
-        smap = rq.tracker.map
-        groups = lessor_logic.deletion_groups(smap.data_groups()) if smap is not None else []
+        groups = self.deletion_groups()
         now = time.monotonic() * 1000
-        for g in [g for g in self.lessors if g not in host.groups or g not in groups]:
-            del self.lessors[g]  # no longer hosted here, or no longer a data group (a move dropped it)
-        for g in groups:
-            if g not in host.groups:
-                continue
-            lz = self.lessors.get(g)
-            if lz is None:
-                lz = self.lessors[g] = Lessor(g, self.params)
-            term = host.groups[g].core.term if host.leads_current(g) else 0
+        for g, lz, term in self.led(groups):
             props = lz.step(now, term, self._records(g), lambda: groups)
             for p in props:
                 if p.cmd.kind == Kind.EXPIRE and rq.cross is not None and lessor_logic.cross_group_deletion(groups):
-                    coro = self._expire_across(lz, p, list(groups))
+                    self.spawn(self._expire_across(lz, p, list(groups)))
                 else:
-                    coro = self._send(lz, p)
-                t = asyncio.get_running_loop().create_task(coro)
-                self._tasks.add(t)
-                t.add_done_callback(self._tasks.discard)
+                    self.spawn(self._send(lz, p))
+
+    def after_step(self) -> None:
+        self.rq.metrics.leases.set(self.live_count())
 
     def _records(self, g: int) -> Callable[[], list[tuple[int, leases.Record]]]:
         store = self.rq.store
@@ -427,12 +421,3 @@ class LeaseDriver:
     def live_count(self) -> int:
         """Live leases homed in the groups this node leads."""
         return sum(len(lz.leases) for lz in self.lessors.values())
-
-    async def run(self) -> None:
-        while True:
-            try:
-                self.step()
-                self.rq.metrics.leases.set(self.live_count())
-            except Exception as err:  # a bug: logged, the loop goes on
-                log.error("lease clock step failed: %s: %s", type(err).__name__, err, exc_info=err)
-            await asyncio.sleep(self.period)

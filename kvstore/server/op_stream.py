@@ -49,11 +49,13 @@ from kvstore.security.identity import identity_of_call
 from kvstore.security.rbac import READ
 from kvstore.storage import txn
 from kvstore.storage.commands import ApplyResult
+from kvstore.txnscan import has_scans
 from kvstore.v1 import kv_pb2
 
 from .admission import rate_key
 from .reads import LINEARIZABLE, ReadPoint
 from .requests import KVRequests
+from .txn_scans import scanning_txn
 
 MAX_PENDING = 4096
 
@@ -270,6 +272,9 @@ class OpStream:
         (KVError or anything else) only while validating: then nothing was queued."""
         svc = self.svc
         t: txn.Txn | None = None
+        if kind == "txn" and has_scans(req.txn):  # served by this node, reading every group
+            self._slow(op_id, "txn", scanning_txn(svc, req, self.context), write=True)
+            return
         if kind == "txn":
             t, data = svc.prepare_txn(req)
             routed = svc.route_txn(t, data)

@@ -9,14 +9,12 @@ proposes nothing and logs that once."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 from kvstore import errors
-from kvstore.node import lessor as lessor_logic
 from kvstore.node.orphans import OrphanSweep, Probe, SweepParams, status_of
 from kvstore.node.version import LEVEL_LEASES_2
 from kvstore.storage import commands, leases
@@ -24,6 +22,7 @@ from kvstore.storage.commands import ApplyResult
 from kvstore.storage.leases import LeaseCmd
 
 from . import waiters
+from .group_driver import GroupDriver
 from .requests import KVRequests
 
 log = logging.getLogger("kvstore.leases")
@@ -32,29 +31,31 @@ STEP_S = 0.5
 """How often (at most) the driver looks whether a pass is due (a pass itself runs every `period`)."""
 
 
-class OrphanDriver:
-    """The sweeps of the data groups this node leads."""
+class OrphanDriver(GroupDriver[OrphanSweep]):
+    """The sweeps of the data groups this node leads (`states`: an `OrphanSweep` per hosted
+    deletion group, `group_driver.GroupDriver`)."""
 
     def __init__(self, rq: KVRequests, caller: Any, period: float = 5.0,
                  cluster_version: Callable[[], int] | None = None) -> None:
-        self.rq = rq
+        super().__init__(rq, min(STEP_S, period), "orphan sweep")
         self.caller = caller
         self.cluster_version = cluster_version
         """Reads the applied cluster version (the node sets it; None: this binary's level is
         assumed, and the host's `CommandGate` remains the line that refuses a proposal)."""
         self.waiting_logged = False
         self.params = SweepParams(period_ms=period * 1000, answer_timeout_ms=max(2 * period, 10.0) * 1000)
-        self.tick = min(STEP_S, period)
-        self.sweeps: dict[int, OrphanSweep] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def sweeps(self) -> dict[int, OrphanSweep]:
+        """The sweep of each hosted deletion group."""
+        return self.states
+
+    def new_state(self, group: int) -> OrphanSweep:
+        return OrphanSweep(group, self.params)
 
     def step(self) -> None:
-        rq = self.rq
-        host = rq.host
-        smap = rq.tracker.map
-        groups = lessor_logic.deletion_groups(smap.data_groups()) if smap is not None else []
-        for g in [g for g in self.sweeps if g not in host.groups or g not in groups]:
-            del self.sweeps[g]
+        groups = self.deletion_groups()
+        led = self.led(groups)
         cluster = LEVEL_LEASES_2 if self.cluster_version is None else self.cluster_version()
         if cluster < LEVEL_LEASES_2:
             if not self.waiting_logged:
@@ -63,17 +64,9 @@ class OrphanDriver:
         else:
             self.waiting_logged = False
         now = time.monotonic() * 1000
-        for g in groups:
-            if g not in host.groups:
-                continue
-            sw = self.sweeps.get(g)
-            if sw is None:
-                sw = self.sweeps[g] = OrphanSweep(g, self.params)
-            term = host.groups[g].core.term if host.leads_current(g) else 0
+        for g, sw, term in led:
             for p in sw.step(now, term, self._page(g), cluster):
-                t = asyncio.get_running_loop().create_task(self._probe(sw, p))
-                self._tasks.add(t)
-                t.add_done_callback(self._tasks.discard)
+                self.spawn(self._probe(sw, p))
 
     def _page(self, g: int) -> Any:
         store = self.rq.store
@@ -113,11 +106,3 @@ class OrphanDriver:
             log.info("orphan sweep: group %d deleted %d keys of dead lease %x", sw.group,
                      int.from_bytes(res.current or b"", "big") if res is not None else 0, p.lease_id)
         sw.on_dropped(p.lease_id, ok)
-
-    async def run(self) -> None:
-        while True:
-            try:
-                self.step()
-            except Exception as err:  # a bug: logged, the loop goes on
-                log.error("orphan sweep step failed: %s: %s", type(err).__name__, err, exc_info=err)
-            await asyncio.sleep(self.tick)

@@ -286,19 +286,24 @@ class KVRequests:
         self.txn_reply_into(msg, t, res)
         return msg
 
+    async def run_txn(self, r: kv_pb2.TxnRequest) -> kv_pb2.TxnResponse:
+        """A transaction without scans, in one group or across groups: its reply, or a raised
+        KVError (`txn_scans.py` runs the transaction part of one with scans through here)."""
+        t, data = self.prepare_txn(r)
+        gid = self.route_txn(t, data)
+        if isinstance(gid, xlogic.Plan):
+            return await self.cross_txn(t, gid, r)
+        result = await waiters.propose(self.host, self.wake, gid, data, self.cfg.request_timeout)
+        res = self.write_outcome(gid, result)
+        self.metrics.writes.inc()
+        msg = kv_pb2.TxnResponse()
+        self.txn_reply_into(msg, t, res)
+        return msg
+
     async def txn(self, r: kv_pb2.TxnRequest) -> kv_pb2.TxnResponse:
-        """A whole transaction (`KV.Txn`), every failure in the reply."""
+        """A whole transaction without scans (`KV.Txn`), every failure in the reply."""
         try:
-            t, data = self.prepare_txn(r)
-            gid = self.route_txn(t, data)
-            if isinstance(gid, xlogic.Plan):
-                return await self.cross_txn(t, gid, r)
-            result = await waiters.propose(self.host, self.wake, gid, data, self.cfg.request_timeout)
-            res = self.write_outcome(gid, result)
-            self.metrics.writes.inc()
-            msg = kv_pb2.TxnResponse()
-            self.txn_reply_into(msg, t, res)
-            return msg
+            return await self.run_txn(r)
         except errors.KVError as err:
             return kv_pb2.TxnResponse(error=self.err(err))
         except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does

@@ -142,3 +142,16 @@ class IntervalSet:
         if end != len(data):
             raise ValueError(f"interval set has {len(data) - end} trailing bytes")
         return s
+
+
+def covers_once(parts: Iterable[IntervalSet]) -> bool:
+    """True if the sets are disjoint and together cover the whole hash space (the owned ranges
+    of a scan's group parts: every key read exactly once)."""
+    parts = list(parts)
+    total = sum(p.size() for p in parts)
+    if total != HASH_MAX + 1:
+        return False
+    union = IntervalSet()
+    for p in parts:
+        union = union.union(p)
+    return union.size() == total

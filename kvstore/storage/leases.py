@@ -863,7 +863,7 @@ class Status:
         state, until = _STATUS.unpack(raw)
         if state not in (ALIVE, DEAD, UNKNOWN):
             raise ValueError(f"lease status in state {state}")
-        if (state == DEAD) != (0 < until <= MAX_CHECKED):
+        if not (0 < until <= MAX_CHECKED if state == DEAD else until == 0):  # `until` > 0 exactly when DEAD
             raise ValueError(f"lease status {state} with until {until}")
         return Status(state, until)
 

@@ -307,18 +307,32 @@ class TxnRange(_message.Message):
     def __init__(self, start: _Optional[bytes] = ..., end: _Optional[bytes] = ..., prefix: _Optional[bytes] = ...) -> None: ...
 
 class TxnOp(_message.Message):
-    __slots__ = ("put", "delete", "get", "txn", "delete_range")
+    __slots__ = ("put", "delete", "get", "txn", "scan", "delete_range")
     PUT_FIELD_NUMBER: _ClassVar[int]
     DELETE_FIELD_NUMBER: _ClassVar[int]
     GET_FIELD_NUMBER: _ClassVar[int]
     TXN_FIELD_NUMBER: _ClassVar[int]
+    SCAN_FIELD_NUMBER: _ClassVar[int]
     DELETE_RANGE_FIELD_NUMBER: _ClassVar[int]
     put: TxnPut
     delete: bytes
     get: bytes
     txn: TxnBody
+    scan: TxnScan
     delete_range: TxnRange
-    def __init__(self, put: _Optional[_Union[TxnPut, _Mapping]] = ..., delete: _Optional[bytes] = ..., get: _Optional[bytes] = ..., txn: _Optional[_Union[TxnBody, _Mapping]] = ..., delete_range: _Optional[_Union[TxnRange, _Mapping]] = ...) -> None: ...
+    def __init__(self, put: _Optional[_Union[TxnPut, _Mapping]] = ..., delete: _Optional[bytes] = ..., get: _Optional[bytes] = ..., txn: _Optional[_Union[TxnBody, _Mapping]] = ..., scan: _Optional[_Union[TxnScan, _Mapping]] = ..., delete_range: _Optional[_Union[TxnRange, _Mapping]] = ...) -> None: ...
+
+class TxnScan(_message.Message):
+    __slots__ = ("start", "end", "prefix", "limit")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    start: bytes
+    end: bytes
+    prefix: bytes
+    limit: int
+    def __init__(self, start: _Optional[bytes] = ..., end: _Optional[bytes] = ..., prefix: _Optional[bytes] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class TxnBody(_message.Message):
     __slots__ = ("compares", "success", "failure")
@@ -339,18 +353,30 @@ class TxnRequest(_message.Message):
     def __init__(self, txn: _Optional[_Union[TxnBody, _Mapping]] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
 
 class TxnOpResponse(_message.Message):
-    __slots__ = ("put", "delete", "get", "txn", "delete_range")
+    __slots__ = ("put", "delete", "get", "txn", "scan", "delete_range")
     PUT_FIELD_NUMBER: _ClassVar[int]
     DELETE_FIELD_NUMBER: _ClassVar[int]
     GET_FIELD_NUMBER: _ClassVar[int]
     TXN_FIELD_NUMBER: _ClassVar[int]
+    SCAN_FIELD_NUMBER: _ClassVar[int]
     DELETE_RANGE_FIELD_NUMBER: _ClassVar[int]
     put: int
     delete: bool
     get: KeyValue
     txn: TxnResult
+    scan: TxnScanResult
     delete_range: int
-    def __init__(self, put: _Optional[int] = ..., delete: _Optional[bool] = ..., get: _Optional[_Union[KeyValue, _Mapping]] = ..., txn: _Optional[_Union[TxnResult, _Mapping]] = ..., delete_range: _Optional[int] = ...) -> None: ...
+    def __init__(self, put: _Optional[int] = ..., delete: _Optional[bool] = ..., get: _Optional[_Union[KeyValue, _Mapping]] = ..., txn: _Optional[_Union[TxnResult, _Mapping]] = ..., scan: _Optional[_Union[TxnScanResult, _Mapping]] = ..., delete_range: _Optional[int] = ...) -> None: ...
+
+class TxnScanResult(_message.Message):
+    __slots__ = ("items", "more", "revision")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[KeyValue]
+    more: bool
+    revision: int
+    def __init__(self, items: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ..., more: _Optional[bool] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class TxnResult(_message.Message):
     __slots__ = ("succeeded", "responses")

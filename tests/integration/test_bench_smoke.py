@@ -37,7 +37,7 @@ def test_bench_smoke_kvstore_vs_etcd(tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     cmd = [
         sys.executable, "-m", "bench.compare", "run", "--systems", "kvstore,etcd", "--workloads", "put,get",
-        "--inflight", "1,16", "--duration", "1.5", "--warmup", "0.5", "--reps", "1", "--keys", "1000",
+        "--inflight", "1,16", "--duration", "0.5", "--warmup", "0.2", "--reps", "1", "--keys", "1000",
         "--out", str(out_dir), "--data-root", str(tmp_path), "--no-plot",
     ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

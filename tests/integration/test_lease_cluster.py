@@ -75,6 +75,9 @@ def test_keep_alive_holds_across_a_leader_kill_and_expiry_deletes_everywhere(clu
         lid = c.lease_grant(TTL, leases.make_id(home, 0x5EED))
         assert leases.home_group(lid) == home
         revs = [c.put(k, b"v", lease=lid) for k in keys.values()]
+        # its keys come from the answering node's replicas, which may lag the key's group leader
+        _wait(lambda: sorted(c.lease_time_to_live(lid, keys=True).keys) == sorted(keys.values()),
+              "the lease's keys in the answering node's replicas")
         info = c.lease_time_to_live(lid, keys=True)
         assert info.granted_ttl == TTL and 0 <= info.ttl <= TTL and sorted(info.keys) == sorted(keys.values())
         assert lid in c.lease_list()

@@ -6,16 +6,20 @@ concurrent optimistic increments of a key pair that never lose an update."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 from clusterharness import Cluster
 
-from kvstore.client import AsyncClient, Client, Compare, Op
+from kvstore.client import AsyncClient, Client, Compare, Op, OpResponse, TxnResponse
+from kvstore.errors import InvalidArgument
 from kvstore.shard.shardmap import ShardMap
+from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 
 def _keys_by_group(m: ShardMap, prefix: bytes, n: int) -> dict[int, list[bytes]]:
@@ -200,6 +204,123 @@ def test_kvctl_delete_prefix_across_groups(cluster: Cluster) -> None:
     assert p.returncode == 0 and p.stdout == "8\n", (p.stdout, p.stderr)
     with Client(cluster.endpoints, timeout=20) as c:
         assert all(c.get(k) is None for k in keys)
+
+
+def _scan_at(c: Client, prefix: bytes, revision: int) -> list[tuple[bytes, bytes, int]]:
+    return [(kv.key, kv.value, kv.mod_revision) for kv in c.scan_kvs(prefix, revision=revision)]
+
+
+def _items(r: OpResponse) -> list[tuple[bytes, bytes, int]]:
+    assert r.kind == "scan"
+    return [(kv.key, kv.value, kv.mod_revision) for kv in r.items]
+
+
+def test_txn_scans_read_every_group_at_the_transactions_revision(cluster: Cluster) -> None:
+    with Client(cluster.endpoints, timeout=20) as c:
+        m = c.shard_map(refresh=True)
+        assert m is not None
+        (_, (a, b, _)), (_, (x, y, _)) = sorted((g, ks[:3]) for g, ks in _keys_by_group(m, b"sc/", 3).items())[:2]
+        assert c.txn([], [Op.put(k, b"0") for k in (a, b, x, y)]).succeeded
+
+        # compares and writes in one group, the scan over both: it sees the write, at its revision
+        r = c.txn([Compare.value(a, "=", b"0")], [Op.put(a, b"1"), Op.scan(prefix=b"sc/")], [Op.get(a)])
+        assert r.succeeded and r.revision > 0
+        scan = r.responses[1]
+        assert scan.revision == r.revision and not scan.more
+        assert _items(scan) == _scan_at(c, b"sc/", r.revision)
+        assert (a, b"1", r.revision) in _items(scan) and len(scan.items) == 4
+
+        # across groups (two-phase commit): both writes in the scan, at the commit revision
+        rx = c.txn([Compare.value(b, "=", b"0")], [Op.put(b, b"2"), Op.put(x, b"2"), Op.scan(b"sc/", b"sc0")])
+        sx = rx.responses[2]
+        assert rx.succeeded and sx.revision == rx.revision
+        assert _items(sx) == _scan_at(c, b"sc/", rx.revision)
+        assert {(k, v) for k, v, mod in _items(sx) if mod == rx.revision} == {(b, b"2"), (x, b"2")}
+
+        # the branch taken writes nothing: a read-only transaction at a cut, with a limit
+        ro = c.txn([Compare.value(a, "=", b"nope")], [Op.put(a, b"never")],
+                   [Op.get(y), Op.txn([], [Op.scan(prefix=b"sc/", limit=2)])])
+        assert not ro.succeeded and ro.revision == 0
+        nested = ro.responses[1].txn
+        assert nested is not None
+        sr = nested.responses[0]
+        assert sr.revision >= rx.revision and sr.more
+        assert _items(sr) == _scan_at(c, b"sc/", sr.revision)[:2]
+        assert ro.responses[0].kv is not None and ro.responses[0].kv.value == b"0"
+
+        # a write after a scan of its key: refused before anything is sent
+        with pytest.raises(InvalidArgument, match="after a scan"):
+            c.txn([], [Op.scan(prefix=b"sc/"), Op.put(y, b"no")])
+        assert c.get(y) == b"0"
+
+    # ... and by the server (a client that does not check)
+    body = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(scan=kv_pb2.TxnScan(prefix=b"sc/")),
+                                   kv_pb2.TxnOp(delete=y)])
+    with grpc.insecure_channel(cluster.endpoints[0]) as ch:
+        resp = kv_pb2_grpc.KVStub(ch).Txn(kv_pb2.TxnRequest(txn=body), timeout=20)
+    assert resp.error.code == kv_pb2.INVALID_ARGUMENT and "after a scan" in resp.error.message
+    assert not resp.error.indeterminate
+
+    # kvctl txn with etcdctl's range forms, printed as etcdctl prints a range
+    sa = a.decode()
+    p = _kvctl(cluster, f'value("{sa}") = "1"\n\nget --prefix sc/ --limit 1\nget {sa} sc0\n\n\n')
+    assert p.returncode == 0, p.stderr
+    first = min((a, b, x, y))
+    assert p.stdout.startswith(f"SUCCESS\n\n{first.decode()}\n")
+    assert p.stdout.count("\n") == 2 + 2 + 1 + 2 * sum(1 for k in (a, b, x, y) if a <= k < b"sc0")
+    p = _kvctl(cluster, "\nget --from-key sc/ --limit=2\n", "-o", "json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    (scan_json,) = out["responses"]
+    assert scan_json["scan"]["more"] and scan_json["scan"]["revision"] > 0
+    assert [i["key"] for i in scan_json["scan"]["items"]] == sorted(k.decode() for k in (a, b, x, y))[:2]
+
+
+def test_txn_scans_under_concurrent_writers_match_history(cluster: Cluster) -> None:
+    """Writers put into the scanned prefix (both groups) while transactions write a key of it
+    and scan it: each scan must be exactly the prefix at the revision it reports (the
+    history read at that revision), hold the transaction's own write at its revision, and
+    nothing newer. A scan read at any other revision than the writes' fails this."""
+    async def main() -> list[tuple[int, TxnResponse]]:
+        async with AsyncClient(cluster.endpoints, timeout=20) as c:
+            m = await c.shard_map(refresh=True)
+            assert m is not None
+            keys = [k for ks in _keys_by_group(m, b"cw/", 4).values() for k in ks[:4]]
+            stop = asyncio.Event()
+
+            async def writer(w: int) -> None:
+                n = 0
+                while not stop.is_set():
+                    await c.put(keys[(w * 3 + n) % len(keys)], b"w%d-%d" % (w, n))
+                    n += 1
+
+            async def txns() -> list[tuple[int, TxnResponse]]:
+                out = []
+                for i in range(8):
+                    own = b"cw/own%d" % (i % 2)
+                    if i % 3 == 2:  # read-only
+                        r = await c.txn([], [Op.scan(prefix=b"cw/")])
+                    else:
+                        r = await c.txn([Compare.version(own, ">", 1 << 40)], [Op.get(own)],
+                                        [Op.put(own, b"t%d" % i), Op.scan(prefix=b"cw/")])
+                    out.append((i, r))
+                stop.set()
+                return out
+
+            got = await asyncio.gather(writer(0), writer(1), txns())
+            return got[2]
+
+    results = asyncio.run(main())
+    with Client(cluster.endpoints, timeout=20) as c:
+        for i, r in results:
+            scan = r.responses[-1]
+            assert scan.kind == "scan"
+            items = _items(scan)
+            assert items == _scan_at(c, b"cw/", scan.revision), i
+            assert all(mod <= scan.revision for _, _, mod in items)
+            if i % 3 != 2:
+                assert not r.succeeded and scan.revision == r.revision > 0
+                assert (b"cw/own%d" % (i % 2), b"t%d" % i, r.revision) in items
 
 
 def test_a_txn_range_delete_across_groups_at_one_revision(cluster: Cluster) -> None:

@@ -1,5 +1,6 @@
 """Hostile transactions on one node, as `KV.Txn` calls and on `KV.Stream`: any field values (unknown enums, negative numbers,
-oversized or empty keys, unset operations, deep nesting, too many items, duplicate writes)
+oversized or empty keys, unset operations, scans with any bounds and limits, deep nesting, too many items, duplicate
+writes)
 get a success or a definite error in the reply, never UNKNOWN, never an indeterminate error;
 and a node keeps serving afterwards."""
 
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onenode import one_node
 
+from kvstore import errors
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 pytestmark = pytest.mark.timeout(300)
@@ -36,6 +38,8 @@ def _ops(body: st.SearchStrategy[kv_pb2.TxnBody]) -> st.SearchStrategy[kv_pb2.Tx
         st.builds(lambda k: kv_pb2.TxnOp(get=k), keys),
         st.builds(lambda k: kv_pb2.TxnOp(delete=k), keys),
         st.just(kv_pb2.TxnOp()),
+        st.builds(lambda a, b, p, n: kv_pb2.TxnOp(scan=kv_pb2.TxnScan(start=a, end=b, prefix=p, limit=n)),
+                  keys, keys, st.sampled_from([b"", b"a"]) | st.binary(max_size=600), st.integers(0, 2**64 - 1)),
         body.map(lambda b: kv_pb2.TxnOp(txn=b)),
     )
 
@@ -124,11 +128,20 @@ def test_txn_refusals_say_what_is_wrong(node: _Node) -> None:
         (body(*[kv_pb2.TxnOp(get=b"k%d" % i) for i in range(129)]), "more than 128"),
         (kv_pb2.TxnRequest(txn=deep), "deeper than 4"),
         (body(kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=b"k")), kv_pb2.TxnOp(delete=b"k")), "more than once"),
+        (body(kv_pb2.TxnOp(scan=kv_pb2.TxnScan(prefix=b"k")), kv_pb2.TxnOp(delete=b"k1")), "after a scan"),
+        (body(kv_pb2.TxnOp(scan=kv_pb2.TxnScan(start=b"k" * 600))), "longer than the longest key"),
+        (body(kv_pb2.TxnOp(scan=kv_pb2.TxnScan(start=b"b", end=b"a"))), "not after its start"),
+        (body(kv_pb2.TxnOp(scan=kv_pb2.TxnScan(limit=2**63))), "limit"),
+        (body(kv_pb2.TxnOp(scan=kv_pb2.TxnScan()), kv_pb2.TxnOp(get=b"")), "key must not be empty"),
         # range deletes (`TxnRange`): their bounds, checked before anything is proposed
         (body(kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange())), "needs a start or an end"),
         (body(kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange(start=b"b", end=b"a"))), "at or before its start"),
         (body(kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange(start=b"a", prefix=b"p"))), "carries no start or end"),
         (body(kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange(prefix=b"k" * 600))), "key"),
+        (body(kv_pb2.TxnOp(scan=kv_pb2.TxnScan(prefix=b"k")), kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange(start=b"k5"))),
+         "range delete comes after a scan"),
+        (body(kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange(prefix=b"k")), kv_pb2.TxnOp(scan=kv_pb2.TxnScan(prefix=b"j"))),
+         "both a scan and a range delete"),
     ]
 
     async def main() -> None:
@@ -136,5 +149,54 @@ def test_txn_refusals_say_what_is_wrong(node: _Node) -> None:
             r = await node.kv.Txn(req, timeout=20)
             assert r.error.code != kv_pb2.OK and not r.error.indeterminate, (req, r.error)
             assert msg in r.error.message, (msg, r.error.message)
+
+    node.run(main())
+
+
+def test_remote_reads_go_on_to_another_node_when_one_is_down_bounded(node: _Node) -> None:
+    """`RemoteReads` (how a transaction's scans read a group the serving node lacks): a node that
+    cannot be reached, or that does not host the group, is passed over for the next one that
+    hosts it (here the one node, group 1); with none left the read fails, definite, naming each
+    node tried; at most `MAX_NODES` nodes are tried."""
+    from clusterharness import free_ports
+
+    from kvstore.server.remote_reads import MAX_NODES, RemoteReads
+
+    (port,) = free_ports(1)
+    dead = f"127.0.0.1:{port}"  # nothing listens there
+
+    async def main() -> None:
+        assert (await node.kv.Put(kv_pb2.PutRequest(key=b"rr/a", value=b"1"), timeout=20)).error.code == kv_pb2.OK
+        p = await node.kv.Put(kv_pb2.PutRequest(key=b"rr/b", value=b"2"), timeout=20)
+        channels: dict[str, grpc.aio.Channel] = {}
+
+        def channel(addr: str) -> grpc.aio.Channel:
+            return channels.setdefault(addr, grpc.aio.insecure_channel(addr))
+
+        try:
+            live = RemoteReads(lambda g: [dead, node.n.address], channel, (), 5.0)
+            part = await live.scan(kv_pb2.ScanRequest(prefix=b"", start=b"rr/", end=b"rr0", group=1,
+                                                      revision=p.revision), 1 << 20)
+            assert [(kv.key, kv.value) for kv in part.items] == [(b"rr/a", b"1"), (b"rr/b", b"2")]
+            assert (part.revision, part.cut, part.owned.is_full()) == (p.revision, False, True)
+            g = await live.get(kv_pb2.GetRequest(key=b"rr/a", revision=p.revision), 1)
+            assert (g.value, g.node_id) == (b"1", 1)
+            for reads, group in ((RemoteReads(lambda g: [dead], channel, (), 5.0), 1), (live, 2)):
+                with pytest.raises(errors.Unavailable) as e:  # group 2: WRONG_SHARD at the one node
+                    await reads.scan(kv_pb2.ScanRequest(start=b"rr/", end=b"rr0", group=group), 1 << 20)
+                assert e.value.definite and dead in e.value.message
+            tried: list[str] = []
+
+            def counted(addr: str) -> grpc.aio.Channel:
+                tried.append(addr)
+                return channel(addr)
+
+            many = RemoteReads(lambda g: [dead] * 2 * MAX_NODES, counted, (), 5.0)
+            with pytest.raises(errors.Unavailable):
+                await many.get(kv_pb2.GetRequest(key=b"rr/a"), 1)
+            assert len(tried) == MAX_NODES
+        finally:
+            for ch in channels.values():
+                await ch.close()
 
     node.run(main())

@@ -2,7 +2,9 @@
 `kvstore serve` processes with 5 data groups of 3 replicas each, so every node hosts 3 of them.
 The client covers the groups with sub-watches at a few nodes and merges them
 (`kvstore/client/watchmerge.py`); checked: every put exactly once, in order, across the kill of a
-node serving a sub-watch; and `kvctl watch --prefix` from now sees every later put."""
+node serving a sub-watch; and `kvctl watch --prefix` from now sees every later put. The same
+cluster serves kvstore's Txn with scans at nodes lacking groups (`server/remote_reads.py`): the
+scans match the history under concurrent writers, and groups elsewhere are read as the caller."""
 
 from __future__ import annotations
 
@@ -14,12 +16,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
 from clusterharness import Cluster, start_watching_cli, stop_cli
 
-from kvstore.client import AsyncClient, WatchEvent
+from kvstore.client import AsyncClient, Compare, Op, WatchEvent
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 pytestmark = pytest.mark.timeout(240)
@@ -189,3 +192,114 @@ def test_kvctl_watch_prefix_from_now_sees_every_later_put_once_in_order(cluster:
     k = acked.index(revs[0])
     assert revs == acked[k:], "kvctl watch missed, repeated or reordered a put"
     assert all(x["type"] == "PUT" and x["key"].startswith("kc/") for x in lines)
+
+
+async def _history_at(kv: AsyncClient, prefix: bytes, revision: int) -> list[tuple[bytes, bytes, int]]:
+    """The prefix as the client's own fan-out scan reads it exactly at `revision`."""
+    return [(x.key, x.value, x.mod_revision) async for batch in kv.scan_kvs(prefix, revision=revision) for x in batch]
+
+
+def test_txn_scans_at_nodes_lacking_groups_match_history_under_writers(cluster: Cluster) -> None:
+    """kvstore's Txn with a scan over a prefix spread across every group, served by a node that
+    lacks some groups (every node here lacks two): the parts of those groups, their share of the
+    cut and the transaction's compare keys there are read at nodes that host them. Writers put
+    into the prefix meanwhile; each scan must be exactly the prefix at the revision it reports
+    (the history read there by the client), hold the transaction's own write, nothing newer."""
+    async def main() -> list[tuple[int, list[tuple[bytes, bytes, int]], int, bool, int]]:
+        async with AsyncClient(cluster.endpoints, timeout=30) as kv:
+            keys = await _keys_over_every_group(kv, b"tx/", 15)
+            m = await kv.shard_map()
+            assert m is not None
+            one_per_group = list({m.group_for_key(k): k for k in keys}.values())
+            stop = asyncio.Event()
+
+            async def writer(w: int) -> None:
+                n = 0
+                while not stop.is_set():
+                    await kv.put(keys[(w * 7 + n) % len(keys)], b"w%d-%d" % (w, n))
+                    n += 1
+
+            async def txns() -> list[tuple[int, list[tuple[bytes, bytes, int]], int, bool, int]]:
+                out = []
+                for i in range(6):
+                    own = keys[i * 2]  # in a different group each time: a different serving leader
+                    if i % 3 == 2:  # read-only, compares on a key of every group (read at the cut)
+                        r = await kv.txn([Compare.version(k, ">", 1 << 40) for k in one_per_group], [],
+                                         [Op.scan(prefix=b"tx/")])
+                    else:
+                        r = await kv.txn([Compare.version(own, ">", 1 << 40)], [Op.get(own)],
+                                         [Op.put(own, b"t%d" % i), Op.scan(prefix=b"tx/")])
+                    scan = r.responses[-1]
+                    assert scan.kind == "scan" and not scan.more
+                    items = [(x.key, x.value, x.mod_revision) for x in scan.items]
+                    out.append((i, items, scan.revision, r.succeeded, r.revision))
+                stop.set()
+                return out
+
+            got = (await asyncio.gather(writer(0), writer(1), txns()))[2]
+            for i, items, rev, succeeded, wrote in got:
+                assert items == await _history_at(kv, b"tx/", rev), i
+                assert all(mod <= rev for _, _, mod in items) and not succeeded
+                if i % 3 != 2:
+                    assert rev == wrote > 0 and (keys[i * 2], b"t%d" % i, wrote) in items, i
+            return got
+
+    got = asyncio.run(main())
+    assert len(got) == 6 and all(items for _, items, _, _, _ in got)
+
+
+def test_txn_scans_read_groups_elsewhere_as_the_caller(cluster: Cluster) -> None:
+    """With auth on, a Txn scanning a prefix over every group, sent to a node lacking two of
+    them, reads their parts at other nodes with the caller's token: a user with READ on the
+    prefix gets every key; one with READ on only part of it is refused (definite)."""
+    from kvstore.v1 import auth_pb2, auth_pb2_grpc
+
+    Change = auth_pb2.AuthChangeRequest
+    scan = kv_pb2.TxnRequest(txn=kv_pb2.TxnBody(success=[kv_pb2.TxnOp(scan=kv_pb2.TxnScan(prefix=b"ta/"))]))
+
+    def bearer(token: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {token}"),)
+
+    async def main() -> None:
+        async with AsyncClient(cluster.endpoints, timeout=30) as kv:
+            keys = await _keys_over_every_group(kv, b"ta/", 20)
+            for k in keys:
+                await kv.put(k, b"v")
+            m = await kv.shard_map()
+            assert m is not None
+        assert len(m.groups_of_node(1)) < len(m.data_groups())
+        async with grpc.aio.insecure_channel(cluster.nodes[1].address) as ch:
+            auth, kvs = auth_pb2_grpc.AuthStub(ch), kv_pb2_grpc.KVStub(ch)
+
+            async def change(token: str = "", **kw: Any) -> None:
+                r = await auth.Change(Change(**kw), metadata=bearer(token) if token else None, timeout=10)
+                assert r.error.code == kv_pb2.OK, (kw, r.error)
+
+            async def login(user: str) -> str:
+                r = await auth.Authenticate(auth_pb2.AuthenticateRequest(user=user, password=user + "pw"), timeout=10)
+                assert r.error.code == kv_pb2.OK, r.error
+                return r.token
+
+            for user, end in (("root", b""), ("tareader", b"ta0"), ("tahalf", b"ta/10")):
+                await change(op=Change.USER_ADD, user=user, password=user + "pw")
+                if end:
+                    await change(op=Change.ROLE_ADD, role=user)
+                    await change(op=Change.ROLE_GRANT, role=user,
+                                 permission=auth_pb2.Permission(kind=auth_pb2.READ, key=b"ta/", range_end=end))
+                    await change(op=Change.USER_GRANT_ROLE, user=user, role=user)
+            await change(op=Change.ENABLE)
+            root = await login("root")
+            try:
+                r = await kvs.Txn(scan, metadata=bearer(await login("tareader")), timeout=30)
+                assert r.error.code == kv_pb2.OK, r.error
+                assert [kv.key for kv in r.result.responses[0].scan.items] == sorted(keys)
+                r = await kvs.Txn(scan, metadata=bearer(await login("tahalf")), timeout=30)
+                assert r.error.code == kv_pb2.PERMISSION_DENIED and not r.error.indeterminate, r.error
+            finally:
+                await change(root, op=Change.DISABLE)
+                for user in ("tareader", "tahalf"):
+                    await change(op=Change.USER_DELETE, user=user)
+                    await change(op=Change.ROLE_DELETE, role=user)
+                await change(op=Change.USER_DELETE, user="root")
+
+    asyncio.run(main())

@@ -22,7 +22,6 @@ from kvstore.server.etcd.convert import (
     EtcdRequestError,
     check_put,
     cluster_id_of,
-    has_writes,
     ignored_puts,
     leased_puts,
     range_query,
@@ -34,6 +33,7 @@ from kvstore.server.etcd.convert import (
     watch_create,
 )
 from kvstore.server.etcd.lease import grant_id
+from kvstore.server.txn_reading import has_writes
 from kvstore.storage import leases, txn
 from kvstore.storage.txn import MAX_TXN_DEPTH, MAX_TXN_ITEMS
 from kvstore.v1 import kv_pb2

@@ -410,7 +410,7 @@ def test_txnparse_del_forms() -> None:
     assert ops('del --prefix ""') == ops('del --from-key ""') == (Op.delete_range(b"\x00"),)
     assert ops("del --from-key m") == (Op.delete_range(b"m"),)
     for bad in ("del --prefix --from-key a", "del --prefix a b", "del --from-key a b", "del --prev-kv a",
-                "del", "del a b c", "get --prefix a"):
+                "del", "del a b c", "put a b --lease=1"):
         with pytest.raises(TxnSyntaxError):
             ops(bad)
 
@@ -446,7 +446,8 @@ def test_the_record_keeps_its_ranges_through_a_partial_finalize() -> None:
 # --- the etcd layer's mapping (server/etcd/convert.py) -----------------------------------------------
 def test_etcd_txn_delete_range_maps_to_the_op() -> None:
     from kvstore.etcdpb.etcdserverpb import rpc_pb2
-    from kvstore.server.etcd.convert import EtcdRequestError, has_range_deletes, txn_body, txn_reply
+    from kvstore.server.etcd.convert import EtcdRequestError, txn_body, txn_reply
+    from kvstore.txnscan import has_range_deletes
     from kvstore.v1 import kv_pb2
 
     def dr(key: bytes, end: bytes, prev: bool = False) -> rpc_pb2.RequestOp:

@@ -53,8 +53,15 @@ def test_the_etcdctl_format() -> None:
     ('version("k") > "9223372036854775808"\n', "needs a number"),
     ('version("k") > "' + "9" * 5000 + '"\n', "needs a number"),  # past int()'s digit limit: still named
     ("\nput k\n", "put takes KEY VALUE"),
-    ("\nget k --prefix\n", "not supported"),
-    ("\nget\n", "get takes KEY"),
+    ("\nget --rev 3 k\n", "not supported"),
+    ("\ndel --prev-kv k\n", "not supported"),
+    ("\nget\n", "needs one argument"),
+    ("\nget --prefix a b\n", "too many arguments"),
+    ("\nget a b c\n", "too many arguments"),
+    ("\nget --prefix --from-key a\n", "cannot be set at the same time"),
+    ("\nget --limit -1 a b\n", "--limit needs a number"),
+    ("\nget a b --limit\n", "--limit needs a number"),
+    ("\nget a ''\n", "RANGE_END must not be empty"),
     ("\nrange k\n", "unknown operation"),
     ('\nput "k v\n', "malformed operation"),
     ('value("k\\q") = "v"\n', "malformed quoted string"),
@@ -62,6 +69,18 @@ def test_the_etcdctl_format() -> None:
 def test_refusals_name_the_line(text: str, msg: str) -> None:
     with pytest.raises(TxnSyntaxError, match=msg):
         parse_txn(text, enc)
+
+
+def test_gets_range_forms_are_scans() -> None:
+    """etcdctl's get of a range (get_command.go's getGetOp): KEY RANGE_END, --prefix KEY,
+    --from-key KEY (flags before or after the key, as cobra takes them), --limit N or =N; a get
+    of one key (with or without --limit) stays a get."""
+    p = parse_txn("\nget a b\nget --prefix p/\nget p/ --prefix --limit 2\nget --from-key m --limit=3\n"
+                  "get --prefix ''\nget --limit 5 k\nget -- --odd\n", enc)
+    assert p.success == (
+        Op.scan(b"a", b"b"), Op.scan(prefix=b"p/"), Op.scan(prefix=b"p/", limit=2), Op.scan(b"m", limit=3),
+        Op.scan(prefix=b""), Op.get(b"k"), Op.get(b"--odd"),
+    )
 
 
 def test_an_encoder_refusal_is_a_syntax_error() -> None:
@@ -74,7 +93,7 @@ def test_an_encoder_refusal_is_a_syntax_error() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet=st.sampled_from('valuesrinoc()"= !<>0123456789\\\n\'-kpdgt '), max_size=80))
+@given(st.text(alphabet=st.sampled_from('valuesrinoc()"= !<>0123456789\\\n\'-kpdgtfxym '), max_size=80))
 def test_parse_is_total(text: str) -> None:
     with contextlib.suppress(TxnSyntaxError):
         parse_txn(text, enc)

@@ -16,6 +16,7 @@ from typing import Any
 from kvstore.etcdpb.etcdserverpb import rpc_pb2
 from kvstore.etcdpb.mvccpb import kv_pb2 as mvcc_pb2
 from kvstore.storage.txn import MAX_TXN_DEPTH, MAX_TXN_ITEMS
+from kvstore.txnscan import both_branches
 from kvstore.v1 import kv_pb2
 
 MAX_INT64 = (1 << 63) - 1
@@ -403,14 +404,9 @@ def _txn(r: rpc_pb2.TxnRequest, body: kv_pb2.TxnBody, depth: int, count: list[in
             raise invalid(TOO_MANY_OPS)
         _compare(c, body.compares.add())
     plan = TxnPlan([], [])
-    succ: list[kv_pb2.TxnOp] = []
-    fail: list[kv_pb2.TxnOp] = []
-    then, other = list(read), list(read)
-    _ops(r.success, succ, plan.success, depth, count, ranges, outside, then)
-    _ops(r.failure, fail, plan.failure, depth, count, ranges, outside, other)
-    read[len(read):] = then[len(read):] + other[len(read):]
-    body.success.extend(succ)
-    body.failure.extend(fail)
+    both_branches(read, body, lambda ok, out, rd: _ops(r.success if ok else r.failure, out,
+                                                       plan.success if ok else plan.failure, depth, count, ranges,
+                                                       outside, rd))
     return plan
 
 
@@ -450,21 +446,6 @@ def txn_keys(body: kv_pb2.TxnBody, gets: bool = True) -> list[bytes]:
         elif which == "txn":
             out += txn_keys(op.txn, gets)
     return out
-
-
-def has_writes(body: kv_pb2.TxnBody) -> bool:
-    """Whether a put or a delete is on any path of `body`."""
-    for op in (*body.success, *body.failure):
-        which = op.WhichOneof("op")
-        if which in ("put", "delete", "delete_range") or (which == "txn" and has_writes(op.txn)):
-            return True
-    return False
-
-
-def has_range_deletes(body: kv_pb2.TxnBody) -> bool:
-    """Whether a range delete is on any path of `body` (kvstore runs it across every group)."""
-    return any(op.WhichOneof("op") == "delete_range" or (op.WhichOneof("op") == "txn" and has_range_deletes(op.txn))
-               for op in (*body.success, *body.failure))
 
 
 def compares_lease(body: kv_pb2.TxnBody) -> bool:

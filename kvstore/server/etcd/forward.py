@@ -20,23 +20,14 @@ import grpc
 
 from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
 from kvstore.node.grouprequests import leader_candidates
-from kvstore.security.identity import METADATA_KEY, token_of
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
+from ..remote_reads import token_metadata
 from ..shards import GroupCaller
 from .status import EtcdStatus, check_reply
 
 MAX_HOPS = 3
-
-
-def token_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
-    """The caller's token (kvstore's `authorization: Bearer` or etcd's `token` metadata) as
-    kvstore's metadata, to forward; () without one."""
-    try:
-        token = token_of(context.invocation_metadata() or ())
-    except Exception:  # a context without metadata (tests); malformed metadata was refused by the guard
-        return ()
-    return ((METADATA_KEY, f"Bearer {token}"),) if token else ()
+__all__ = ["MAX_HOPS", "Forwarder", "token_metadata"]
 
 
 @dataclass(slots=True)

@@ -28,9 +28,11 @@ from kvstore import errors
 from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
 from kvstore.storage import leases, txn
 from kvstore.storage.errors import StorageError
+from kvstore.txnscan import has_range_deletes
 from kvstore.v1 import kv_pb2
 
-from ..txn_wire import result_into, txn_from_proto
+from ..txn_reading import Exhausted, cut_of, run_reading, unchecked
+from ..txn_wire import txn_from_proto
 from .base import EtcdNode, fail
 from .convert import (
     MAX_INT64,
@@ -40,8 +42,6 @@ from .convert import (
     TxnPlan,
     check_put,
     compares_lease,
-    has_range_deletes,
-    has_writes,
     ignored_puts,
     invalid,
     key_range,
@@ -70,9 +70,6 @@ RESOURCE_EXHAUSTED beyond)."""
 RANGE_PARALLEL = 8
 """The most group parts of one Range read at once (a Range over many data groups reads the rest
 as these finish)."""
-TXN_READ_TRIES = 8
-"""A Txn with ranges whose branch taken wrote nothing, but whose keys then changed so that it
-would write, starts again this often (then a definite UNAVAILABLE: `EtcdKV._txn_reading`)."""
 RANGE_TRIES = 8
 """A range part refused because a transaction holds an intent (PROPOSAL_DROPPED, definite) or no
 leader is known (an election) is read again this often, with a growing backoff."""
@@ -108,10 +105,6 @@ class _Budget:
         self.used -= n
 
 
-def _any(_b: bytes) -> None:
-    """No limit (a transaction's keys and values are checked where they are read or written)."""
-
-
 def _leases_of(keys: list[bytes], rows: Any) -> dict[bytes, int]:
     return {k: leases.lease_of(rows, k) for k in keys}
 
@@ -120,6 +113,31 @@ def _state_of(state: dict[bytes, tuple[kv_pb2.KeyValue | None, int]], key: bytes
     """`key`'s state as read (`EtcdKV._current`: the key or None, its lease) for `txn.evaluate`."""
     kv, lease = state[key]
     return None if kv is None else txn.Current(kv.value, kv.create_revision, kv.mod_revision, kv.version, lease)
+
+
+@dataclass(slots=True)
+class _EtcdReading:
+    """`txn_reading.ReadingIO` through etcd's forwarder: the cut is a linearizable count-only
+    range (`cut`) across every data group, the write one TXN of `group`, the reads `Get`s."""
+
+    kv: EtcdKV
+    cut_query: RangeQuery
+    group: int | None
+    context: grpc.aio.ServicerContext
+
+    async def cut(self) -> int:
+        _, _, floor = await self.kv._scan(self.cut_query, self.context)
+        return cut_of([floor])  # a range read at the highest revision of its parts: 0 if none wrote
+
+    async def write(self, body: kv_pb2.TxnBody, floor: int) -> tuple[kv_pb2.TxnResult, int]:
+        t = await self.kv.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body, session=kv_pb2.Session(revision=floor)),
+                                         self.context, is_write=True, group=self.group)
+        return t.result, int(t.revision)
+
+    async def get_at(self, key: bytes, revision: int) -> txn.Current | None:
+        g = await self.kv.n.forward.call("Get", kv_pb2.GetRequest(key=key, revision=revision), self.context,
+                                         is_write=False, group=self.kv.n.group_of(key))
+        return txn.Current(g.value, g.create_revision, g.mod_revision, g.version) if g.found else None
 
 
 class EtcdKV(rpc_pb2_grpc.KVServicer):
@@ -513,7 +531,7 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                     put.value = kv.value if p.ignore_value else put.value
                     put.lease = lease if p.ignore_lease else put.lease
             try:
-                out = txn.evaluate(txn_from_proto(filled, _any, _any), functools.partial(_state_of, state), 1)
+                out = txn.evaluate(txn_from_proto(filled, unchecked, unchecked), functools.partial(_state_of, state), 1)
             except txn.ResultTooLarge as err:
                 raise EtcdStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, f"kvstore: {err}") from None
             taken = [(put, p) for put, p, on in ignored_puts(plan, filled, out.result) if on]
@@ -533,7 +551,7 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                     put.checked = await self.lease_checked(put.lease, group, context)
             outer = kv_pb2.TxnBody(compares=guards, success=[] if absent else [kv_pb2.TxnOp(txn=filled)])  # a copy
             try:
-                txn_from_proto(outer, _any, _any)
+                txn_from_proto(outer, unchecked, unchecked)
             except errors.InvalidArgument:
                 raise unsupported("Put's ignore_value or ignore_lease in a transaction nested 4 deep or with too "
                                   "many keys to guard (a compare of each key and one more level)") from None
@@ -564,57 +582,24 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                            context: grpc.aio.ServicerContext) -> rpc_pb2.TxnResponse:
         """A Txn with ranges over several keys (or at a revision, or its one-key reads:
         `TxnPlan.ranges`) whose compares and writes (`body`, with the gets of prev_kv) are all in
-        ONE `group` (or there are none):
-
-        1. M := the revision a linearizable range read across every data group was served at
-           (`_scan`: every write acknowledged before this call is at or below M).
-        2. If `body` can write: it runs as that group's one TXN command, proposed with M as its
-           floor (`Session.revision`), so its revision R > M. If the branch taken wrote, R is
-           the transaction's revision.
-        3. Otherwise (it cannot write, or the branch taken wrote nothing: no effect at all) the
-           whole body is evaluated here on the state at R := M (each key read exactly at M,
-           `txn.evaluate`, pure). Should that state take a branch that writes (the keys changed
-           in between), start again at 1 (at most `TXN_READ_TRIES` times).
-        4. Every range on the path taken is read exactly at R in every group (at the revision it
-           names, if it names one).
-
-        Why this is etcd's atomic Txn: revisions are unique per group (the group id is in the
-        low bits) and a group's writes are totally ordered by them, so the TXN's state in its
-        group is exactly that group's state at R (every write of the group below R applied
-        before it, none at R but its own, every later one above R). A read at R is exact in
-        every group (docs/REVISIONS.md, "Reads at a revision": a group is closed at R first, so
-        nothing can later appear at or below R): it returns exactly the writes <= R, the TXN's
-        own included. So compares, writes and reads all see the one cut "every write <= R" of the
-        whole store, and that cut is linearizable: it contains every write acknowledged before
-        the call (<= M <= R), and every write in it was applied (closed) before the reads
-        answered. In step 3 nothing was written, so the answer is a read-only transaction at
-        the cut R = M, the same argument without the TXN."""
+        ONE `group` (or there are none): `txn_reading.run_reading` (its docstring gives the
+        algorithm and why it is etcd's atomic Txn) finds the revision R the Txn landed at, with
+        the cut M a count-only range across every data group (`_scan`), the write `group`'s one
+        TXN proposed with floor M, and the keys of a read-only evaluation read exactly at M;
+        then every range on the path taken is read exactly at R in every group (at the revision
+        it names, if it names one). Keys that changed under each try: a definite UNAVAILABLE."""
         first = plan.ranges[0]
         # a count of one key's range across every data group: a linearizable cut of all groups
         # (any range over several keys reads every group) without scanning the Txn's ranges
         cut = dataclasses.replace(first, revision=0, serializable=False, count_only=True,
                                   keys=KeyRange(first.keys.start, first.keys.start + b"\x00"))
-        wrote = False
-        for _attempt in range(TXN_READ_TRIES):
-            _, _, floor = await self._scan(cut, context)  # every data group: a linearizable cut
-            result: kv_pb2.TxnResult | None = None
-            rev = 0
-            if has_writes(body):
-                t = await self.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body, session=kv_pb2.Session(revision=floor)),
-                                              context, is_write=True, group=group)
-                if t.revision:
-                    result, rev, wrote = t.result, t.revision, True
-                else:  # the branch taken wrote nothing: read again from a new cut
-                    _, _, floor = await self._scan(cut, context)
-            if result is None:
-                result = await self._evaluate_at(body, floor, context)
-                rev = floor
-            if result is not None:
-                break
-        else:
-            raise EtcdStatus(grpc.StatusCode.UNAVAILABLE,
-                             f"kvstore: the transaction's keys changed under each of {TXN_READ_TRIES} tries; "
-                             "nothing was written")
+        try:
+            landed = await run_reading(body, _EtcdReading(self, cut, group, context))
+        except Exhausted as err:
+            raise EtcdStatus(grpc.StatusCode.UNAVAILABLE, f"kvstore: {err}") from None
+        except txn.ResultTooLarge as err:
+            raise EtcdStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, f"kvstore: {err}") from None
+        result, rev, wrote = landed.result, landed.revision, landed.wrote
         answers: dict[int, RangeAnswer] = {}
         try:
             for i in taken_ranges(plan, result):
@@ -639,31 +624,6 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         txn_reply(plan, result, self.n.header(rev, group if wrote else None), resp, answers,
                   self._txn_leases(txn_gets(result)))
         return resp
-
-    async def _evaluate_at(self, body: kv_pb2.TxnBody, revision: int, context: grpc.aio.ServicerContext
-                           ) -> kv_pb2.TxnResult | None:
-        """`body`'s result on the state at `revision` (every key it names read exactly there),
-        if the path it takes there writes nothing; else None."""
-        if not body.compares and not body.success and not body.failure:
-            return kv_pb2.TxnResult(succeeded=True)
-        t = txn_from_proto(body, _any, _any)  # checked by convert; the reads below check the keys
-        keys = sorted({k for k, _ in txn.keys_of(t)})
-
-        async def read(key: bytes) -> txn.Current | None:
-            g = await self.n.forward.call("Get", kv_pb2.GetRequest(key=key, revision=revision), context,
-                                          is_write=False, group=self.n.group_of(key))
-            return txn.Current(g.value, g.create_revision, g.mod_revision, g.version) if g.found else None
-
-        state = dict(zip(keys, await asyncio.gather(*(read(k) for k in keys)), strict=True))
-        try:
-            out = txn.evaluate(t, state.__getitem__, revision)
-        except txn.ResultTooLarge as err:
-            raise EtcdStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, f"kvstore: {err}") from None
-        if out.writes:
-            return None
-        msg = kv_pb2.TxnResult()
-        result_into(msg, t, out.result)
-        return msg
 
     # --- Compact -------------------------------------------------------------------------
     async def Compact(self, request: rpc_pb2.CompactionRequest, context: grpc.aio.ServicerContext

@@ -1,0 +1,130 @@
+"""Transactions that read ranges at their revision: the algorithm that etcd's Txn with ranges
+(`etcd/kv.py`, `EtcdKV._txn_reading`) and kvstore's Txn with scans (`txn_scans.py`) share. The
+callers supply the I/O (`ReadingIO`); the logic here decides what to run and at which revision.
+
+1. M := a linearizable cut of every data group (`ReadingIO.cut`: every write acknowledged
+   before the call is at or below M).
+2. If the body can write (`has_writes`), it runs as one transaction (one group's TXN, or a
+   two-phase commit across groups) proposed with M as its floor (`ReadingIO.write`), so its
+   revision R > M. If the branch taken wrote, R is the transaction's revision.
+3. Otherwise (it cannot write, or the branch taken wrote nothing) the whole body is evaluated on
+   the state at R := a cut M (every key it names read exactly at M, `evaluate_at`, pure
+   `txn.evaluate`). Should that state take a branch that writes (the keys changed in between),
+   start again at 1 (at most `TXN_READ_TRIES` times; then `Exhausted`, nothing written).
+4. The caller reads every range on the path taken exactly at R in every group.
+
+Why this is one atomic transaction at R: revisions are unique per group and a group's writes
+are totally ordered by them, so the TXN's state in its group is that group's state at R (for a
+two-phase commit: every compare key was locked from its prepare to the commit at R, so the
+compares held at R too). A read at R is exact in every group (docs/REVISIONS.md, "Reads at a
+revision"): it returns exactly the writes <= R, the transaction's own included. Compares, writes
+and range reads all see the one cut "every write <= R", which contains every write acknowledged
+before the call (<= M <= R): linearizable. A range read is made after the writes, so a write
+later on the path into a range it read must be refused by the caller before anything runs
+(etcd's sequential semantics would not show it to the read)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from kvstore.storage import txn
+from kvstore.v1 import kv_pb2
+
+from .txn_wire import result_into, txn_from_proto
+
+TXN_READ_TRIES = 8
+"""A transaction with ranges whose branch taken wrote nothing, but whose keys then changed so
+that it would write, starts again this often (then `Exhausted`)."""
+
+
+class Exhausted(Exception):
+    """Every try found the keys changed between the write and the read-only evaluation: nothing
+    was written (definite)."""
+
+
+class ReadingIO(Protocol):
+    """The I/O of one reading transaction (see the module docstring)."""
+
+    async def cut(self) -> int:
+        """A revision M >= 1 at or above every write acknowledged before the call, in every data
+        group (`cut_of`)."""
+        ...
+
+    async def write(self, body: kv_pb2.TxnBody, floor: int) -> tuple[kv_pb2.TxnResult, int]:
+        """Run `body` as one transaction with revision > `floor`: (its result, its revision;
+        0 if the branch taken wrote nothing)."""
+        ...
+
+    async def get_at(self, key: bytes, revision: int) -> txn.Current | None:
+        """`key` exactly at `revision` (None: absent)."""
+        ...
+
+
+@dataclass(slots=True, frozen=True)
+class Reading:
+    """Where a reading transaction landed: its `result` (the body's), the revision R its ranges
+    are read at, and whether it wrote (at R)."""
+
+    result: kv_pb2.TxnResult
+    revision: int
+    wrote: bool
+
+
+def has_writes(body: kv_pb2.TxnBody) -> bool:
+    """Whether a put, a delete or a range delete is on any path of `body`."""
+    for op in (*body.success, *body.failure):
+        which = op.WhichOneof("op")
+        if which in ("put", "delete", "delete_range") or (which == "txn" and has_writes(op.txn)):
+            return True
+    return False
+
+
+def cut_of(lasts: Iterable[int]) -> int:
+    """A cut M from the revisions of every data group at a linearizable read point (each
+    group's applied last there): the highest, and at least 1. A read at revision 0 is of the
+    current state, not exact: a cluster that has written nothing is cut at 1, where it holds
+    nothing (every revision is positive)."""
+    return max(lasts, default=0) or 1
+
+
+def unchecked(_b: bytes) -> None:
+    """No limit (a transaction's keys and values are checked where they are read or written)."""
+
+
+async def evaluate_at(body: kv_pb2.TxnBody, revision: int,
+                      get_at: Callable[[bytes, int], Awaitable[txn.Current | None]]) -> kv_pb2.TxnResult | None:
+    """`body`'s result on the state at `revision` (every key it names read exactly there by
+    `get_at`), if the path it takes there writes nothing; else None. Raises
+    `txn.ResultTooLarge` as `txn.evaluate` does."""
+    if not body.compares and not body.success and not body.failure:
+        return kv_pb2.TxnResult(succeeded=True)
+    t = txn_from_proto(body, unchecked, unchecked)
+    keys = sorted({k for k, _ in txn.keys_of(t)})
+    state = dict(zip(keys, await asyncio.gather(*(get_at(k, revision) for k in keys)), strict=True))
+    out = txn.evaluate(t, state.__getitem__, revision)
+    if out.writes:
+        return None
+    msg = kv_pb2.TxnResult()
+    result_into(msg, t, out.result)
+    return msg
+
+
+async def run_reading(body: kv_pb2.TxnBody, io: ReadingIO, tries: int = TXN_READ_TRIES) -> Reading:
+    """Steps 1-3 of the module docstring: where `body` lands and the revision its ranges are to
+    be read at. Raises `Exhausted` (nothing written) after `tries` tries, and whatever the I/O
+    raises."""
+    writes = has_writes(body)
+    for _attempt in range(tries):
+        floor = await io.cut()
+        if writes:
+            result, rev = await io.write(body, floor)
+            if rev:
+                return Reading(result, rev, True)
+            floor = await io.cut()  # the branch taken wrote nothing: a new cut after it
+        evaluated = await evaluate_at(body, floor, io.get_at)
+        if evaluated is not None:
+            return Reading(evaluated, floor, False)
+    raise Exhausted(f"the transaction's keys changed under each of {tries} tries; nothing was written")

@@ -1,0 +1,338 @@
+"""Scans inside transactions, the pure parts: `kvstore.txnscan` (the refusal rule of a write
+after a scan of its key, against a model that runs every path; split / taken_scans / merge;
+totality on hostile bodies), `txn_scans.combine` (a scan's answer from its group parts: the
+key-order prefix of the whole range within the limit and budget) and `txn_reading.run_reading`
+(where a reading transaction lands) over a small multi-version store."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvstore import errors
+from kvstore.client.checks import RequestChecks
+from kvstore.client.txns import first_key, txn_body
+from kvstore.client.types import Compare, Op, TxnResponse
+from kvstore.server.txn_reading import Exhausted, evaluate_at, run_reading
+from kvstore.server.txn_scans import Part, combine
+from kvstore.shard.ranges import IntervalSet
+from kvstore.storage import txn
+from kvstore.txnscan import ScanRange, merge, split, taken_scans
+from kvstore.v1 import kv_pb2
+
+MAX_KEY = 64
+KEYS = [b"a", b"b", b"c", b"d"]
+
+
+# --- the refusal rule ------------------------------------------------------------------------
+def _scan_op(lo: int, hi: int) -> kv_pb2.TxnOp:
+    return kv_pb2.TxnOp(scan=kv_pb2.TxnScan(start=KEYS[lo], end=b"" if hi >= len(KEYS) else KEYS[hi]))
+
+
+def _op(depth: int) -> st.SearchStrategy[kv_pb2.TxnOp]:
+    key = st.sampled_from(KEYS)
+    leaves = st.one_of(
+        key.map(lambda k: kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=k, value=b"v"))),
+        key.map(lambda k: kv_pb2.TxnOp(delete=k)),
+        key.map(lambda k: kv_pb2.TxnOp(get=k)),
+        st.tuples(st.integers(0, 3), st.integers(1, 4)).filter(lambda t: t[0] < t[1]).map(lambda t: _scan_op(*t)),
+    )
+    if depth >= 3:
+        return leaves
+    nested = st.builds(lambda s, f: kv_pb2.TxnOp(txn=kv_pb2.TxnBody(success=s, failure=f)),
+                       st.lists(_op(depth + 1), max_size=3), st.lists(_op(depth + 1), max_size=3))
+    return st.one_of(leaves, nested)
+
+
+bodies = st.builds(lambda s, f: kv_pb2.TxnBody(success=s, failure=f),
+                   st.lists(_op(1), max_size=4), st.lists(_op(1), max_size=4))
+
+
+def _paths(ops: list[kv_pb2.TxnOp]) -> list[list[kv_pb2.TxnOp]]:
+    """Every sequence of leaf operations a run of `ops` can make (each nested transaction takes
+    one of its branches)."""
+    out: list[list[kv_pb2.TxnOp]] = [[]]
+    for op in ops:
+        if op.WhichOneof("op") == "txn":
+            subs = _paths(list(op.txn.success)) + _paths(list(op.txn.failure))
+            out = [p + s for p in out for s in subs]
+        else:
+            out = [[*p, op] for p in out]
+    return out
+
+
+def _written(op: kv_pb2.TxnOp) -> bytes | None:
+    which = op.WhichOneof("op")
+    return op.put.key if which == "put" else op.delete if which == "delete" else None
+
+
+def _write_after_scan(path: list[kv_pb2.TxnOp]) -> bool:
+    read: list[ScanRange] = []
+    for op in path:
+        if op.WhichOneof("op") == "scan":
+            read.append(ScanRange(op.scan.start, op.scan.end or None, 0))
+        elif (k := _written(op)) is not None and any(r.holds(k) for r in read):
+            return True
+    return False
+
+
+@settings(max_examples=200, deadline=None)
+@given(bodies)
+def test_the_refusal_rule_against_every_path(body: kv_pb2.TxnBody) -> None:
+    """Sound: a body accepted has no path on which a write follows a scan of its key. Exact
+    without nesting: a flat branch is refused iff such a pair is in it. Writes before scans are
+    never refused."""
+    paths = _paths(list(body.success)) + _paths(list(body.failure))
+    try:
+        split(body, MAX_KEY)
+        refused = False
+    except errors.InvalidArgument as err:
+        assert "after a scan" in err.message
+        refused = True
+    if not refused:
+        assert not any(_write_after_scan(p) for p in paths)
+    flat = all(op.WhichOneof("op") != "txn" for op in (*body.success, *body.failure))
+    if flat:
+        assert refused == any(_write_after_scan(p) for p in paths)
+    scans_last = kv_pb2.TxnBody(
+        success=sorted(body.success, key=lambda op: op.WhichOneof("op") == "scan"),
+        failure=sorted(body.failure, key=lambda op: op.WhichOneof("op") == "scan"))
+    if flat:
+        split(scans_last, MAX_KEY)
+
+
+def test_a_scan_in_one_branch_of_a_nested_txn_guards_the_writes_after_it() -> None:
+    nested = kv_pb2.TxnOp(txn=kv_pb2.TxnBody(success=[_scan_op(0, 2)], failure=[kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=b"a"))]))
+    split(kv_pb2.TxnBody(success=[nested]), MAX_KEY)  # the other branch: never after it
+    with pytest.raises(errors.InvalidArgument, match="after a scan"):  # after the nested txn: either branch
+        split(kv_pb2.TxnBody(success=[nested, kv_pb2.TxnOp(delete=b"b")]), MAX_KEY)
+    split(kv_pb2.TxnBody(success=[nested, kv_pb2.TxnOp(delete=b"c")]), MAX_KEY)  # outside [a, c)
+
+
+@settings(max_examples=100, deadline=None)
+@given(bodies, st.data())
+def test_split_taken_and_merge_put_every_scan_back_in_place(body: kv_pb2.TxnBody, data: st.DataObject) -> None:
+    try:
+        stripped, plan = split(body, MAX_KEY)
+    except errors.InvalidArgument:
+        return
+    assert "scan" not in str(stripped)
+    # a result of the stripped body along random branches: each op answered by its kind
+    def result(b: kv_pb2.TxnBody) -> kv_pb2.TxnResult:
+        ok = data.draw(st.booleans())
+        r = kv_pb2.TxnResult(succeeded=ok)
+        for op in b.success if ok else b.failure:
+            which = op.WhichOneof("op")
+            if which == "txn":
+                r.responses.add().txn.CopyFrom(result(op.txn))
+            elif which == "put":
+                r.responses.add().put = 7
+            elif which == "delete":
+                r.responses.add().delete = True
+            else:
+                r.responses.add().get.SetInParent()
+        return r
+
+    res = result(stripped)
+    taken = taken_scans(plan, res)
+    answers = {i: kv_pb2.TxnScanResult(revision=i + 1) for i in taken}
+    merged = merge(plan, res, answers)
+
+    def walk(b: kv_pb2.TxnBody, m: kv_pb2.TxnResult, seen: list[int]) -> None:
+        ops = b.success if m.succeeded else b.failure
+        assert len(ops) == len(m.responses)
+        for op, r in zip(ops, m.responses, strict=True):
+            which = op.WhichOneof("op")
+            assert r.WhichOneof("op") == which
+            if which == "scan":
+                seen.append(r.scan.revision - 1)
+            elif which == "txn":
+                walk(op.txn, r.txn, seen)
+
+    seen: list[int] = []
+    walk(body, merged, seen)
+    assert seen == taken
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.recursive(
+    st.builds(kv_pb2.TxnOp, scan=st.builds(kv_pb2.TxnScan, start=st.binary(max_size=70), end=st.binary(max_size=70),
+                                            prefix=st.binary(max_size=70), limit=st.integers(0, 2**64 - 1)))
+    | st.builds(kv_pb2.TxnOp, put=st.builds(kv_pb2.TxnPut, key=st.binary(max_size=4)))
+    | st.builds(kv_pb2.TxnOp, delete=st.binary(max_size=4)) | st.just(kv_pb2.TxnOp()),
+    lambda ops: st.builds(lambda s, f: kv_pb2.TxnOp(txn=kv_pb2.TxnBody(success=s, failure=f)),
+                          st.lists(ops, max_size=3), st.lists(ops, max_size=3)),
+    max_leaves=40))
+def test_split_is_total(op: kv_pb2.TxnOp) -> None:
+    """Hostile bodies: split answers or raises a definite InvalidArgument / KeyTooLarge."""
+    body = kv_pb2.TxnBody(success=[op] * 3)
+    try:
+        split(body, MAX_KEY)
+    except (errors.InvalidArgument, errors.KeyTooLarge) as err:
+        assert err.definite
+
+
+def test_scan_fields_are_checked() -> None:
+    def one(**kw: object) -> kv_pb2.TxnBody:
+        return kv_pb2.TxnBody(success=[kv_pb2.TxnOp(scan=kv_pb2.TxnScan(**kw))])  # type: ignore[arg-type]
+
+    _, plan = split(one(prefix=b"p\xff", start=b"z", end=b"a"), MAX_KEY)  # the prefix overrides both
+    assert plan.scans == [ScanRange(b"p\xff", b"q", 0)]
+    assert split(one(prefix=b"\xff\xff"), MAX_KEY)[1].scans == [ScanRange(b"\xff\xff", None, 0)]
+    assert split(one(start=b"k", limit=5), MAX_KEY)[1].scans == [ScanRange(b"k", None, 5)]
+    with pytest.raises(errors.KeyTooLarge):
+        split(one(start=b"x" * (MAX_KEY + 1)), MAX_KEY)
+    with pytest.raises(errors.InvalidArgument, match="not after its start"):
+        split(one(start=b"b", end=b"a"), MAX_KEY)
+    with pytest.raises(errors.InvalidArgument, match="limit"):
+        split(one(limit=2**63), MAX_KEY)
+    too_many = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(scan=kv_pb2.TxnScan())] * (txn.MAX_TXN_ITEMS + 1))
+    with pytest.raises(errors.InvalidArgument, match="more than"):
+        split(too_many, MAX_KEY)
+
+
+def test_client_side_scan_ops() -> None:
+    checks = RequestChecks(timeout=5.0)
+    b = txn_body(checks, [], [Op.put(b"k", b"v"), Op.scan(prefix=b"k")], [])
+    assert b.success[1].scan == kv_pb2.TxnScan(prefix=b"k")
+    with pytest.raises(errors.InvalidArgument, match="after a scan"):
+        txn_body(checks, [Compare.version(b"k", ">", 0)], [Op.scan(b"a", b"z"), Op.delete(b"k")], [])
+    with pytest.raises(errors.InvalidArgument, match="limit"):
+        txn_body(checks, [], [Op.scan(b"a", limit=-1)], [])
+    # a transaction that names no key is routed by its first scan
+    assert first_key(txn_body(checks, [], [Op.txn([], [Op.scan(prefix=b"p/")])], [])) == b"p/"
+    assert first_key(txn_body(checks, [], [Op.scan()], [])) == b"\x00"
+    r = kv_pb2.TxnResult(succeeded=True)
+    s = r.responses.add().scan
+    s.items.add(key=b"k", value=b"v", mod_revision=3)
+    s.more, s.revision = True, 9
+    got = TxnResponse.from_proto(r, 0).responses[0]
+    assert got.kind == "scan" and got.more and got.revision == 9
+    assert [(kv.key, kv.value, kv.mod_revision) for kv in got.items] == [(b"k", b"v", 3)]
+
+
+# --- a scan's answer from its parts ----------------------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sets(st.binary(min_size=1, max_size=3), max_size=12), min_size=1, max_size=3),
+       st.integers(0, 6), st.integers(0, 200))
+def test_combine_is_the_key_order_prefix_within_limit_and_budget(groups: list[set[bytes]], limit: int,
+                                                                  budget: int) -> None:
+    """Each part reads as `TxnLocalReading.part` does (its keys in order until the budget is
+    passed or limit + 1 are read); the answer is exactly the first keys of the whole range that
+    fit, and `more` says whether any key is left out."""
+    everything = sorted(k for g in groups for k in g)
+    parts = []
+    for g in groups:
+        items, size, cut = [], 0, False
+        for k in sorted(g):
+            kv = kv_pb2.KeyValue(key=k, value=b"v")
+            items.append(kv)
+            size += kv.ByteSize()
+            if size > budget:
+                cut = True
+                break
+            if limit and len(items) > limit:
+                cut = True
+                break
+        parts.append(Part(items, cut, IntervalSet()))
+    kept, more, used = combine(parts, limit, budget)
+    keys = [kv.key for kv in kept]
+    assert keys == everything[: len(keys)]
+    assert used == sum(kv.ByteSize() for kv in kept) <= budget
+    assert not limit or len(keys) <= limit
+    assert more == (len(keys) < len(everything))
+    if more and len(keys) < (limit or len(everything)):  # cut by the budget: the next key would not fit
+        nxt = kv_pb2.KeyValue(key=everything[len(keys)], value=b"v").ByteSize()
+        assert used + nxt > budget
+
+
+# --- where a reading transaction lands -------------------------------------------------------
+class _Store:
+    """A tiny multi-version store: key -> [(revision, value | None)], revisions from one counter."""
+
+    def __init__(self) -> None:
+        self.rev = itertools.count(10, 10)
+        self.history: dict[bytes, list[tuple[int, bytes | None]]] = {}
+        self.last = 0
+
+    def write(self, key: bytes, value: bytes | None, floor: int = 0) -> int:
+        rev = next(self.rev)
+        while rev <= floor:
+            rev = next(self.rev)
+        self.history.setdefault(key, []).append((rev, value))
+        self.last = rev
+        return rev
+
+    def at(self, key: bytes, revision: int) -> txn.Current | None:
+        vs = [(r, v) for r, v in self.history.get(key, []) if r <= revision]
+        if not vs or vs[-1][1] is None:
+            return None
+        return txn.Current(vs[-1][1] or b"", vs[0][0], vs[-1][0], len(vs))
+
+
+class _IO:
+    """`ReadingIO` over `_Store`, with a hook that lets another writer run before each cut."""
+
+    def __init__(self, store: _Store, before_cut: list[tuple[bytes, bytes]]) -> None:
+        self.s = store
+        self.before_cut = before_cut
+        self.writes = 0
+
+    async def cut(self) -> int:
+        if self.before_cut:
+            self.s.write(*self.before_cut.pop(0))
+        return self.s.last
+
+    async def write(self, body: kv_pb2.TxnBody, floor: int) -> tuple[kv_pb2.TxnResult, int]:
+        self.writes += 1
+        res = await evaluate_at(body, self.s.last, self.get_at)
+        if res is not None:
+            return res, 0
+        t = kv_pb2.TxnResult(succeeded=True)
+        rev = 0
+        for op in body.success:
+            rev = self.s.write(op.put.key, op.put.value, floor)
+            t.responses.add().put = rev
+        return t, rev
+
+    async def get_at(self, key: bytes, revision: int) -> txn.Current | None:
+        return self.s.at(key, revision)
+
+
+def test_run_reading_lands_at_the_write_or_at_a_cut() -> None:
+    s = _Store()
+    s.write(b"k", b"0")
+    body = kv_pb2.TxnBody(compares=[kv_pb2.Compare(key=b"k", target=kv_pb2.COMPARE_VALUE, result=kv_pb2.EQUAL,
+                                                   value=b"0")],
+                          success=[kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=b"k", value=b"1"))],
+                          failure=[kv_pb2.TxnOp(get=b"k")])
+    io = _IO(s, [])
+    landed = asyncio.run(run_reading(body, io))
+    assert landed.wrote and landed.revision == s.last and landed.result.succeeded
+    # now the compare fails: no write, evaluated read-only at a cut (the get sees "1")
+    landed = asyncio.run(run_reading(body, io))
+    assert not landed.wrote and landed.revision == s.last and not landed.result.succeeded
+    assert landed.result.responses[0].get.value == b"1"
+    # a writer flips the key back between the write (nothing written) and the cut, every time:
+    # each evaluation would write, so it starts again, and gives up (nothing written)
+
+    class Flipping(_IO):
+        async def cut(self) -> int:
+            s.write(b"k", b"0")  # after the write saw "1": the evaluation at the cut would write
+            return s.last
+
+        async def write(self, body: kv_pb2.TxnBody, floor: int) -> tuple[kv_pb2.TxnResult, int]:
+            s.write(b"k", b"1")
+            return await super().write(body, floor)
+
+    with pytest.raises(Exhausted):
+        asyncio.run(run_reading(body, Flipping(s, []), tries=3))
+    # read-only bodies never write
+    ro = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(get=b"k")])
+    io = _IO(s, [])
+    landed = asyncio.run(run_reading(ro, io))
+    assert io.writes == 0 and not landed.wrote and landed.revision == s.last
