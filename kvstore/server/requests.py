@@ -36,7 +36,7 @@ from kvstore.node.store import ReadStream, RevisionReads
 from kvstore.security.guard import AuthGuard
 from kvstore.security.rbac import READ, READWRITE, WRITE, PermKind
 from kvstore.shard.ranges import IntervalSet, key_hash
-from kvstore.shard.shardmap import META_GROUP
+from kvstore.shard.shardmap import META_GROUP, ShardMap
 from kvstore.storage import commands, leases, mvcc, txn
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
@@ -194,6 +194,8 @@ class KVRequests:
         if m is None:
             raise errors.NoLeader("this node has no shard map yet")
         hashes = {k: key_hash(k) for k, _ in txn.keys_of(t)}
+        if txn.has_delete_range(t):
+            return self.route_ranges(t, data, m, hashes)
         if not hashes:
             raise errors.InvalidArgument("a transaction must name at least one key (it is routed by its keys)")
         groups: dict[int, bytes] = {}
@@ -207,15 +209,7 @@ class KVRequests:
                 for g in sorted(groups):
                     self.admission.check_write(g, not _has_put(t))
             p = xlogic.plan(t, ((k, m.group_for_hash(h)) for k, h in hashes.items()))
-            if (p.leased or p.read_leases) and self.host.gate is not None:
-                # leased puts and lease compares across groups are PREPARE/COMMIT/RECORD forms of
-                # level 7: refused here (definite, ClusterVersionTooLow) while the cluster is below
-                try:
-                    probes = xlogic.prepare_commands(p, TxnId(0, 0), 0, 0)
-                except ValueError as bad:
-                    raise errors.InvalidArgument(f"the transaction cannot be prepared: {bad}") from None
-                for probe in probes.values():
-                    self.host.gate(probe)
+            self._gate_leases(p)
             return p
         (gid,) = groups
         if gid not in self.host.groups:
@@ -226,12 +220,49 @@ class KVRequests:
             self.admission.check_write(gid, not _has_put(t))
         return gid
 
+    def _gate_leases(self, p: xlogic.Plan) -> None:
+        """Leased puts and lease compares across groups are PREPARE/COMMIT/RECORD forms of level
+        7: refused here (definite, ClusterVersionTooLow) while the cluster is below it."""
+        if not (p.leased or p.read_leases) or self.host.gate is None:
+            return
+        try:
+            probes = xlogic.prepare_commands(p, TxnId(0, 0), 0, 0)
+        except ValueError as bad:
+            raise errors.InvalidArgument(f"the transaction cannot be prepared: {bad}") from None
+        for probe in probes.values():
+            self.host.gate(probe)
+
+    def route_ranges(self, t: txn.Txn, data: bytes, m: ShardMap, hashes: dict[bytes, int]) -> xlogic.Plan:
+        """The plan of transaction `t` with range deletes: a two-phase commit over every data
+        group, whatever groups its named keys are in (`xlogic.plan_ranges`). Definite errors: a
+        cluster version below `LEVEL_TXN_RANGES` (the gate, on the transaction's own command: a
+        TXN with a DELETE_RANGE is that level's form; with a leased put or lease compare too,
+        below `LEVEL_XTXN_LEASES`: its PREPAREs' form), a node that runs no cross-group
+        transactions, admission's refusals."""
+        if self.host.gate is not None:
+            self.host.gate(data)
+        if self.cross is None:
+            raise errors.InvalidArgument("this node runs no cross-group transactions (a range delete needs one)")
+        groups = [g for g in m.data_groups() if g != META_GROUP]
+        try:
+            plan = xlogic.plan_ranges(t, ((k, m.group_for_hash(h)) for k, h in hashes.items()), groups)
+        except ValueError as err:
+            raise errors.InvalidArgument(str(err)) from None
+        self._gate_leases(plan)
+        if self.admission is not None:
+            for g in groups:
+                self.admission.check_write(g, not _has_put(t))
+        return plan
+
     def prepare_txn(self, r: kv_pb2.TxnRequest) -> tuple[txn.Txn, bytes]:
         """(transaction, command) of a checked transaction: read permission on every key it
         compares or gets, write permission on every key it puts or deletes (on any path)."""
         t = txn_from_proto(r.txn, self.check_key, self.check_value)
         for key, written in txn.keys_of(t):
             self.allow(key, WRITE if written else READ)
+        if self.guard is not None:
+            for lo, hi in txn.delete_ranges(t):
+                self.guard.check_range(lo, hi or None, WRITE)
         s = r.session
         return t, _encode(
             commands.encode_command,
@@ -306,7 +337,10 @@ class KVRequests:
         if not stamps:
             return t, p
         t = xlogic.with_checked(t, stamps)
-        return t, xlogic.plan(t, ((k, p.group_of[k]) for k, _ in txn.keys_of(t)))
+        group_for = ((k, p.group_of[k]) for k, _ in txn.keys_of(t))
+        if p.lock is not None:  # a transaction with range deletes: every data group, as before
+            return t, xlogic.plan_ranges(t, group_for, p.keys)
+        return t, xlogic.plan(t, group_for)
 
     async def txn(self, r: kv_pb2.TxnRequest) -> kv_pb2.TxnResponse:
         """A whole transaction without scans (`KV.Txn`), every failure in the reply."""

@@ -310,9 +310,14 @@ def execute(view: StateView, cmd: Command) -> ApplyResult:
     return ApplyResult(error=f"unknown command op {op!r}")
 
 
+ONE_GROUP_RANGE_DELETE = "a transaction with a range delete runs across every data group, not as one group's TXN"
+
+
 def apply_txn(view: StateView, t: txn.Txn, proposed: int) -> ApplyResult:
     """Run transaction `t` at one revision (see the module docstring). RevisionError (a refused
     proposal) propagates before anything changed."""
+    if txn.has_delete_range(t):  # its keys are in every group: only a two-phase commit locks them all
+        return ApplyResult(error=ONE_GROUP_RANGE_DELETE)
     rows = view.mvcc
     rev = mvcc.next_revision(mvcc.rev_state(rows).last, proposed, view.group)
 

@@ -19,7 +19,8 @@ Rules (each command is idempotent: a coordinator or a resolver may propose it ag
   R >= p.
 - COMMIT(id, R, writes): every write's key must hold this transaction's intent (`delete_prepared`:
   the writes are the deletes of every key it prepared here, a range delete's or a lease
-  deletion's), R >= p and R
+  deletion's; `ranges`, a transaction's range deletes: the writes, then the deletes of every
+  other key it prepared here that lies in one of the ranges), R >= p and R
   above the compact revision; the writes are made at exactly R, each detaching its key from its
   lease (`leases.detach`, as a PUT does), then each leased put (`XCmd.leased`, level 7)
   attaching its key as a LEASE_PUT would (`attach_written`) - unless the lease is known dead
@@ -304,7 +305,8 @@ def _apply(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult:
             if left:  # one participant done (a resolver's): the others may still need their writes
                 kept = tuple(x for g, _ws in left for x in rec.leased_of(g))
                 rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(
-                    Record(State.COMMITTED, rec.start, rec.at, rec.result, left, rec.delete_prepared, kept)))
+                    Record(State.COMMITTED, rec.start, rec.at, rec.result, left, rec.delete_prepared, kept,
+                           rec.ranges)))
             else:
                 rows.put(mvcc.T_TXN, xtxn.row_record(c.txn),
                          xtxn.encode_record(Record(State.FINALIZED, rec.start, rec.at, rec.result)))
@@ -408,8 +410,18 @@ def _prepare(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult
         rows.put(mvcc.T_STATE, b"", mvcc.RevState(p, rs.compact, rs.next_kid).encode())
     return ApplyResult(
         revision=p, txn=txn.TxnResult(True, tuple(gets), p),
-        current=xtxn.encode_found(found) if c.lock is not None or c.lease else lease_answer,
+        current=_prepare_answer(c, found, lease_answer),
     )
+
+
+def _prepare_answer(c: XCmd, found: list[bytes], lease_answer: bytes | None) -> bytes | None:
+    """A PREPARE's `current`: the keys found in its range or lease (`xtxn.encode_found`), its
+    lease answer (`xtxn.encode_prepared_leases`), or both (form 4: a range lock with leases)."""
+    if c.lock is None and not c.lease:
+        return lease_answer
+    if lease_answer is None:
+        return xtxn.encode_found(found)
+    return lease_answer + xtxn.encode_found(found)
 
 
 def _attach_refusals(view: View, rows: mvcc.Rows, c: XCmd, p: int, again: bool) -> tuple[int, ...]:
@@ -520,6 +532,10 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
         if not (c.at >= p and c.at > st.compact):
             return ApplyResult(error=f"COMMIT at {c.at} below the transaction's prepared revision {p}")
         writes: Iterable[xtxn.Write] = ((k, None) for k in keys) if c.delete_prepared else c.writes
+        if c.ranges:  # a transaction's range deletes: every other key it prepared in one of them
+            named = {k for k, _ in c.writes}
+            writes = (*c.writes, *((k, None) for k in keys
+                                   if k not in named and any(txn.in_range(k, lo, hi) for lo, hi in c.ranges)))
         attaching = {k: lid for k, lid, _checked in c.leased}
         dead = {k for k, lid in attaching.items() if not leases.may_attach(rows, view.group, lid, c.at)}
         if dead:  # the lease died here after the commit point: the put is made and deleted with it
@@ -586,7 +602,7 @@ def _record(rows: mvcc.Rows, c: XCmd, group: int) -> ApplyResult:
             rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(Record(State.ABORTED, c.start)))
             _gc_later(rows, c.start, c.txn)
             return ApplyResult(error=refused)
-    new = Record(State.COMMITTED, c.start, c.at, c.result, c.groups, c.delete_prepared, c.leased)
+    new = Record(State.COMMITTED, c.start, c.at, c.result, c.groups, c.delete_prepared, c.leased, c.ranges)
     rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(new))
     rows.put(mvcc.T_TXN, xtxn.row_unfinished(c.start, c.txn), b"")
     return _answer(new, c.txn)

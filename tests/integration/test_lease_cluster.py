@@ -172,6 +172,8 @@ def test_a_txn_across_groups_puts_keys_on_one_lease_and_the_revoke_deletes_both(
         body = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=k, value=b"r", lease=lid))
                                        for k in raw.values()])
         with grpc.insecure_channel(cluster.endpoints[0]) as ch:
+            # an earlier test restarts a killed leader (maybe this node): wait until it listens
+            grpc.channel_ready_future(ch).result(timeout=30)
             got = kv_pb2_grpc.KVStub(ch).Txn(kv_pb2.TxnRequest(txn=body), timeout=20)
         assert got.error.code == kv_pb2.OK and got.result.succeeded, got.error
         every = [*keys.values(), *more.values(), *raw.values()]
