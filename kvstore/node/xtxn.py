@@ -70,7 +70,7 @@ in a group is asked about at its home, and its keys there deleted if it is dead)
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvstore.storage import commands, leases, mvcc, txn, xtxn
 from kvstore.storage.commands import ApplyResult, Command
@@ -121,9 +121,9 @@ def with_checked(t: txn.Txn, stamps: dict[int, int]) -> txn.Txn:
     `stamps[lease]` (the coordinator's reading before it found the lease live at its home)."""
     def op(o: txn.TxnOp) -> txn.TxnOp:
         if o.txn is not None:
-            return txn.TxnOp(o.kind, o.key, o.value, with_checked(o.txn, stamps), o.lease, o.checked)
+            return replace(o, txn=with_checked(o.txn, stamps))
         if o.lease and not o.checked and o.lease in stamps:
-            return txn.TxnOp(o.kind, o.key, o.value, None, o.lease, stamps[o.lease])
+            return replace(o, checked=stamps[o.lease])
         return o
     return txn.Txn(t.compares, tuple(map(op, t.success)), tuple(map(op, t.failure)))
 

@@ -588,7 +588,8 @@ RECORD's lease tail, if any)."""
 _TAIL_LEASED = 3
 """The tail tag of a COMMIT, RECORD or record row with leased puts (the last tail; never with
 tag 1 or 2)."""
-_LEASED_TAIL = struct.Struct(">QQ")
+_LEASED_ENTRY = struct.Struct(">QQ")
+"""A leased put's lease:u64 checked:u64 (after its key, in every `leased` list)."""
 
 
 _TAIL_RANGES = 4
@@ -660,7 +661,7 @@ def _enc_leased_list(ls: tuple[Leased, ...], out: list[bytes]) -> None:
         _check_key(k)
         check_lease(lid)
         _check_checked(checked)
-        out += (_U16.pack(len(k)), k, _LEASED_TAIL.pack(lid, checked))
+        out += (_U16.pack(len(k)), k, _LEASED_ENTRY.pack(lid, checked))
 
 
 def _dec_leased_list(b: _Buf) -> tuple[Leased, ...]:

@@ -164,14 +164,14 @@ def attach_locks(rows: mvcc.Rows) -> list[tuple[Intent, tuple[int, ...]]]:
     return out
 
 
-def attach_locked(rows: mvcc.Rows, lease_id: int, key: bytes, mine: TxnId | None = None) -> ApplyResult | None:
-    """The LOCKED result (naming `key`) if another transaction than `mine` holds an attach lock
-    on `lease_id` here (its PREPARE accepted a put attaching a key to the lease: no deletion of
-    the lease may run before its COMMIT or ABORT), or None."""
+def attach_locked(rows: mvcc.Rows, lease_id: int, key: bytes) -> ApplyResult | None:
+    """The LOCKED result (naming `key`) if a transaction holds an attach lock on `lease_id` here
+    (its PREPARE accepted a put attaching a key to the lease: no deletion of the lease may run
+    before its COMMIT or ABORT), or None."""
     if not rows.has_locks():
         return None
     for it, ids in attach_locks(rows):
-        if lease_id in ids and it.txn != mine:
+        if lease_id in ids:
             return _lock_result(key, it)
     return None
 
