@@ -362,18 +362,10 @@ def lease_refusal(rows: mvcc.Rows, group: int, leased: list[tuple[bytes, int, in
     `at`, may not attach in this group, or None: each by a LEASE_PUT's rules
     (`leases.attach_refusal`: else `leases.NOT_FOUND`); and no lease may end with more than
     `leases.MAX_KEYS_PER_LEASE` keys attached here (the new attachments of one transaction
-    counted together): else `leases.TOO_MANY_KEYS`. Pure: reads only."""
-    new: dict[int, int] = {}
-    for key, lid, checked in leased:
-        refused = leases.attach_refusal(rows, group, lid, checked, at)
-        if refused is not None:
-            return refused
-        if leases.lease_of(rows, key) != lid:
-            new[lid] = new.get(lid, 0) + 1
-    for lid, n in new.items():
-        if leases.attached_count(rows, lid) + n > leases.MAX_KEYS_PER_LEASE:
-            return leases.TOO_MANY_KEYS
-    return None
+    counted together): else `leases.TOO_MANY_KEYS` (`leases.attach_refusals`). Pure: reads only."""
+    refusals = leases.attach_refusals(rows, group, leased, at)
+    return next((r for r in refusals if r not in (None, leases.TOO_MANY_KEYS)),
+                leases.TOO_MANY_KEYS if leases.TOO_MANY_KEYS in refusals else None)
 
 
 def apply_lease(view: StateView, cmd: Command) -> ApplyResult:

@@ -430,27 +430,28 @@ def _attach_refusals(view: View, rows: mvcc.Rows, c: XCmd, p: int, again: bool) 
     limit, every path's new attachments of the lease counted together: `REFUSAL_TOO_MANY`).
     The same PREPARE `again` also refuses a put whose lease its attach lock does not hold (the
     first answer refused it: it must not attach unguarded now)."""
-    held: set[int] = set()
-    if again:
-        raw = rows.get(mvcc.T_TXN, xtxn.row_attach_lock(c.txn))
-        if raw is not None:
-            try:
-                held = set(xtxn.decode_attach_lock(bytes(raw))[1])
-            except ValueError as err:
-                raise mvcc.RevisionError(f"corrupt attach lock row: {err}") from None
-    new: dict[int, set[bytes]] = {}
-    for k, lid, _checked in c.leased:
-        if leases.lease_of(rows, k) != lid:
-            new.setdefault(lid, set()).add(k)
+    held = attach_lock_of(rows, c.txn) if again else ()
     out: list[int] = []
-    for _k, lid, checked in c.leased:
-        if leases.attach_refusal(rows, view.group, lid, checked, p) is not None or (again and lid not in held):
+    for (_k, lid, _checked), refused in zip(c.leased, leases.attach_refusals(rows, view.group, c.leased, p),
+                                            strict=True):
+        if (refused is not None and refused != leases.TOO_MANY_KEYS) or (again and lid not in held):
             out.append(xtxn.REFUSAL_NOT_FOUND)
-        elif leases.attached_count(rows, lid) + len(new.get(lid, ())) > leases.MAX_KEYS_PER_LEASE:
+        elif refused == leases.TOO_MANY_KEYS:
             out.append(xtxn.REFUSAL_TOO_MANY)
         else:
             out.append(xtxn.REFUSAL_NONE)
     return tuple(out)
+
+
+def attach_lock_of(rows: mvcc.Rows, t: TxnId) -> tuple[int, ...]:
+    """The leases transaction `t`'s attach lock holds here (none without its row)."""
+    raw = rows.get(mvcc.T_TXN, xtxn.row_attach_lock(t))
+    if raw is None:
+        return ()
+    try:
+        return xtxn.decode_attach_lock(bytes(raw))[1]
+    except ValueError as err:
+        raise mvcc.RevisionError(f"corrupt attach lock row: {err}") from None
 
 
 MAX_RANGE_KEYS = 10_000
@@ -537,8 +538,12 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
             writes = (*c.writes, *((k, None) for k in keys
                                    if k not in named and any(txn.in_range(k, lo, hi) for lo, hi in c.ranges)))
         attaching = {k: lid for k, lid, _checked in c.leased}
-        dead = {k for k, lid in attaching.items() if not leases.may_attach(rows, view.group, lid, c.at)}
-        if dead:  # the lease died here after the commit point: the put is made and deleted with it
+        locked_leases = attach_lock_of(rows, c.txn) if attaching else ()
+        # a lease its attach lock does not hold (the PREPARE refused it: a COMMIT must never
+        # carry it) is treated as dead, as is one that died here after the commit point: the
+        # put is made and deleted with it
+        dead = {k for k, lid in attaching.items() if lid not in locked_leases or not leases.may_attach(rows, view.group, lid, c.at)}
+        if dead:
             writes = [(k, None if k in dead else v) for k, v in writes]
         for k, v in writes:
             prev = view.get(k)

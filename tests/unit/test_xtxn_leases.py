@@ -429,3 +429,21 @@ def test_with_checked_stamps_only_unchecked_puts_of_the_leases_given() -> None:
     assert list(logic.leased_puts(got)) == [(b"a", LID, 9), (b"b", other, 5), (b"c", other, 11)]
     assert logic.with_checked(t, {}) == t
     txn.check_txn(got)
+
+
+def test_a_commit_attaching_a_lease_its_attach_lock_does_not_hold_deletes_the_key() -> None:
+    """Defence in depth: a COMMIT whose leased put names a lease the transaction's attach lock
+    here does not hold (its PREPARE never accepted it) attaches nothing: the key's deletion is
+    written at R instead, as for a lease found dead."""
+    gs = groups()
+    other_lease = leases.make_id(HOME, 4343)
+    assert lease(gs[HOME], LeaseCmd(Kind.GRANT, other_lease, ttl_s=10)).found  # live, but never locked
+    t = Txn((), (lput(b"h/1"), lput(b"o/1")))
+    p = plan_of(t, WHERE)
+    ready = logic.after_prepare(t, p, prepare(gs, p, T1))
+    assert isinstance(ready, logic.Ready)
+    forged = XCmd(XOp.COMMIT, T1, at=ready.at, writes=((b"o/1", b"v-o/1"),), leased=((b"o/1", other_lease, START),))
+    res = gs[OTHER].apply(encode_command(Command.cross(forged)))
+    assert res.error is None and xtxn.decode_found(res.current or b"") == [b"o/1"]
+    assert gs[OTHER].get(b"o/1") is None and leases.lease_of(gs[OTHER].rows, b"o/1") == 0
+    assert leases.attached_keys(gs[OTHER].rows, other_lease) == []
