@@ -96,6 +96,10 @@ Rows (`row_*` give the keys; `check_rows` validates one, as a snapshot brings it
     a + id                  -> intent (lease:u64)+  an attach lock: the leases the transaction's
                                         PREPARE will attach keys to here (ascending, distinct)
     d + id                  -> start:u64  the transaction is done in this group (committed or aborted)
+    w + lease:u64           -> intent   a lease's deletion waits here: its PREPARE met attach locks
+                                        (the deletion's intent, `prepared` = when it was refused);
+                                        new leased PREPAREs of the lease are refused LOCKED until
+                                        `LEASE_WAIT_MS` past it (`xtxn_apply.lease_waiting`)
     g + expiry:u64 + id     -> b""      age-ordered index of the rows forgotten at `expiry`
     u + start:u64 + id      -> b""      a COMMITTED record not FINALIZED yet, by start (the record
                                         sweep finishes those whose coordinator died before FINALIZE)
@@ -315,6 +319,16 @@ def row_attach_lock(t: TxnId) -> bytes:
     return b"a" + t.encode()
 
 
+def row_lease_wait(lease_id: int) -> bytes:
+    return b"w" + _U64.pack(lease_id)
+
+
+LEASE_WAIT_MS = 5_000
+"""How long a lease deletion's wait marker (row `w`) holds off new leased PREPAREs of its lease
+(the transaction timeout, `node/xtxn.TXN_TIMEOUT_MS`: every attach lock held when the deletion
+was refused is gone by then - committed, aborted, or resolved by whoever meets it)."""
+
+
 def row_record(t: TxnId) -> bytes:
     return b"r" + t.encode()
 
@@ -383,6 +397,11 @@ def check_rows(table: int, key: bytes, value: bytes) -> None:
             raise ValueError(f"done row of {len(value)} bytes (expected {_U64.size})")
         else:
             _check_rev("start", _U64.unpack(value)[0])
+    elif kind == b"w":
+        if len(key) != 1 + _U64.size:
+            raise ValueError(f"w row key of {len(key)} bytes (expected {1 + _U64.size})")
+        check_lease(_U64.unpack_from(key, 1)[0])
+        Intent.decode(value)
     elif kind in (b"p", b"g", b"u"):
         if len(key) != _ROW_REV_ID:
             raise ValueError(f"{kind.decode()} row key of {len(key)} bytes (expected {_ROW_REV_ID})")

@@ -37,7 +37,11 @@ Rules (each command is idempotent: a coordinator or a resolver may propose it ag
   per-lease key limit over every path's puts together), and the lease each named key is attached
   to if asked (`xtxn.encode_prepared_leases` in `current`), and writes an *attach lock* (row `a`)
   on the leases it accepted, until the COMMIT or ABORT: a lease's deletion (its PREPARE, and
-  REVOKE / EXPIRE / DROP / ORPHAN by one command, `machine._locked`) meets it LOCKED. The
+  REVOKE / EXPIRE / DROP / ORPHAN by one command, `machine._locked`) meets it LOCKED. A
+  deletion's PREPARE refused so leaves a wait marker (row `w`, `lease_waiting`): new leased
+  PREPAREs of the lease are refused LOCKED for `xtxn.LEASE_WAIT_MS` (the transaction timeout),
+  so the held attach locks drain and the deletion's retry proceeds (its COMMIT drops the
+  marker); without it a stream of overlapping leased transactions could starve it. The
   per-lease key limit is checked at the PREPARE only (the COMMIT, past the commit point, attaches
   whatever it must): LEASE_PUTs applied between the two may take a lease past
   `leases.MAX_KEYS_PER_LEASE` in the group by the transaction's own puts at most (a deletion has
@@ -357,12 +361,13 @@ def _prepare(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult
             conflict = _range_conflict(view, rows, c, found)
             if conflict is not None:
                 return conflict
+        now = max(mvcc.rev_state(rows).last, proposed)
         if c.lease:
-            conflict = _lease_conflict(view, rows, c, found)
+            conflict = _lease_conflict(view, rows, c, found, now)
             if conflict is not None:
                 return conflict
-        for k, lid, _checked in c.leased:  # as a LEASE_PUT: not while a deletion of its lease is prepared
-            lock = lease_locked(rows, lid, k)
+        for k, lid, _checked in c.leased:  # as a LEASE_PUT: not while a deletion of its lease is
+            lock = lease_locked(rows, lid, k) or lease_waiting(rows, lid, k, now)  # prepared or waits
             if lock is not None:
                 return lock
         p = mvcc.next_revision(mvcc.rev_state(rows).last, proposed, view.group)
@@ -491,7 +496,30 @@ def _range_conflict(view: View, rows: mvcc.Rows, c: XCmd, found: list[bytes]) ->
     return None
 
 
-def _lease_conflict(view: View, rows: mvcc.Rows, c: XCmd, found: list[bytes]) -> ApplyResult | None:
+def lease_waiting(rows: mvcc.Rows, lease_id: int, key: bytes, now: int) -> ApplyResult | None:
+    """The LOCKED result (naming `key` and the waiting deletion's intent) if a deletion of
+    `lease_id` was refused here by attach locks less than `xtxn.LEASE_WAIT_MS` before `now` (its
+    wait marker, row `w`): a new leased PREPARE of the lease waits, so the attach locks drain
+    and the deletion's retry proceeds (else a stream of overlapping leased transactions could
+    hold the lease's EXPIRE / REVOKE off without bound). None otherwise."""
+    raw = rows.get(mvcc.T_TXN, xtxn.row_lease_wait(lease_id))
+    if raw is None:
+        return None
+    try:
+        it = Intent.decode(bytes(raw))
+    except ValueError as err:
+        raise mvcc.RevisionError(f"corrupt lease wait row: {err}") from None
+    if _ms(now) - _ms(it.prepared) >= xtxn.LEASE_WAIT_MS:  # past its bound: forgotten
+        rows.delete(mvcc.T_TXN, xtxn.row_lease_wait(lease_id))
+        return None
+    return _lock_result(key, it)
+
+
+def _ms(revision: int) -> int:
+    return revision >> mvcc.PHYSICAL_SHIFT
+
+
+def _lease_conflict(view: View, rows: mvcc.Rows, c: XCmd, found: list[bytes], now: int) -> ApplyResult | None:
     """For a PREPARE with a lease: the LOCKED result if a key attached to it holds another
     transaction's intent or lies in a range lock, or another deletion of the lease holds its
     lease lock; else fill `found` with the attached keys present here (served, with a value).
@@ -500,8 +528,13 @@ def _lease_conflict(view: View, rows: mvcc.Rows, c: XCmd, found: list[bytes]) ->
     would leave the lease undeletable forever (a range move's INSTALL may bring more)."""
     keys = leases.attached_keys(rows, c.lease)
     first = keys[0] if keys else b"\x00"
-    lock = locked(rows, keys) or lease_locked(rows, c.lease, first) or attach_locked(rows, c.lease, first)
+    lock = locked(rows, keys) or lease_locked(rows, c.lease, first)
     if lock is not None:
+        return lock
+    lock = attach_locked(rows, c.lease, first)
+    if lock is not None:  # attach locks hold the deletion off: new ones wait (its marker) till they drain
+        if lease_waiting(rows, c.lease, first, now) is None:
+            rows.put(mvcc.T_TXN, xtxn.row_lease_wait(c.lease), Intent(c.txn, c.primary, c.start, now).encode())
         return lock
     st = view.shards
     for k in keys:
@@ -561,6 +594,7 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
     if lease_id is not None:
         if c.op == XOp.COMMIT:
             leases.deleted_everywhere(rows, view.group, lease_id, c.at)
+            rows.delete(mvcc.T_TXN, xtxn.row_lease_wait(lease_id))
         rows.delete(mvcc.T_TXN, xtxn.row_lease_lock(c.txn))
     for k in keys:
         rows.delete(mvcc.T_INTENTS, k)
