@@ -60,6 +60,10 @@ _REFUSALS: dict[str, type[errors.InvalidArgument]] = {
 the state machine writes it): the error class it is raised as."""
 
 
+LEASE_ASKS_AT_ONCE = 8
+"""How many leases' homes one transaction's coordinator asks at once (`_lease_stamps`)."""
+
+
 class KVRequests:
     """Each key is served by the data group the shard map routes it to, if that group is on this
     node (led here, or, for reads, a replica that may serve them; see reads.py). The group itself
@@ -263,8 +267,12 @@ class KVRequests:
         if self.guard is not None:
             for lo, hi in txn.delete_ranges(t):
                 self.guard.check_range(lo, hi or None, WRITE)
+        return t, self._txn_command(t, r)
+
+    def _txn_command(self, t: txn.Txn, r: kv_pb2.TxnRequest) -> bytes:
+        """The TXN command of transaction `t` under request `r`'s session."""
         s = r.session
-        return t, _encode(
+        return _encode(
             commands.encode_command,
             commands.Command.transaction(t, s.client_id, s.seq, s.ack, s.retry, s.horizon, self.clock.propose(s.revision)),
         )
@@ -296,11 +304,19 @@ class KVRequests:
 
     async def run_txn(self, r: kv_pb2.TxnRequest) -> kv_pb2.TxnResponse:
         """A transaction without scans, in one group or across groups: its reply, or a raised
-        KVError (`txn_scans.py` runs the transaction part of one with scans through here)."""
+        KVError (`txn_scans.py` runs the transaction part of one with scans through here). A
+        one-group transaction's leased puts get their `checked` stamps as a cross-group one's
+        (`_lease_stamps`: a raw KV.Txn without them is not refused for it)."""
         t, data = self.prepare_txn(r)
         gid = self.route_txn(t, data)
         if isinstance(gid, xlogic.Plan):
             return await self.cross_txn(t, gid, r)
+        if txn.has_lease(t):
+            one = gid
+            stamps = await self._lease_stamps(t, lambda _k: one)
+            if stamps:
+                t = xlogic.with_checked(t, stamps)
+                data = self._txn_command(t, r)
         result = await waiters.propose(self.host, self.wake, gid, data, self.cfg.request_timeout)
         res = self.write_outcome(gid, result)
         self.metrics.writes.inc()
@@ -309,31 +325,9 @@ class KVRequests:
         return msg
 
     async def _lease_checks(self, t: txn.Txn, p: xlogic.Plan) -> tuple[txn.Txn, xlogic.Plan]:
-        """The coordinator's check of the leases of a transaction across groups: a put with a
-        lease and no `checked` (the etcd layer and the client library send one: they asked the
-        lease's home first) whose key is outside the lease's home group gets, if the home
-        answers the lease ALIVE (a LEASE_STATUS through its log: linearizable), this node's
-        clock reading taken before it asked, as LeaseTimeToLive's `checked`; else it keeps 0 and
-        the key's group refuses it where it is on the path taken (`requested lease not found`).
-        The plan is made again with the stamps. A failure to ask is the request's (definite:
-        nothing was proposed but the read-only STATUS)."""
-        assert self.cross is not None
-        m = self.tracker.map
-        data_groups = set(m.data_groups()) if m is not None else set()
-        need = sorted({lid for k, lid, checked in xlogic.leased_puts(t)
-                       if not checked and leases.home_group(lid) != p.group_of[k]
-                       and leases.home_group(lid) in data_groups})
-        stamps: dict[int, int] = {}
-        for lid in need:
-            now = self.clock.propose(0)
-            ask = commands.encode_command(commands.Command.lease_command(leases.LeaseCmd(leases.Kind.STATUS, lid)))
-            res = await self.cross.propose(leases.home_group(lid), ask)
-            try:
-                alive = res.error is None and leases.Status.decode(res.current).state == leases.ALIVE
-            except ValueError:
-                alive = False
-            if alive:
-                stamps[lid] = now
+        """The coordinator's check of the leases of a transaction across groups (`_lease_stamps`),
+        the plan made again with the stamps."""
+        stamps = await self._lease_stamps(t, lambda k: p.group_of[k])
         if not stamps:
             return t, p
         t = xlogic.with_checked(t, stamps)
@@ -341,6 +335,42 @@ class KVRequests:
         if p.lock is not None:  # a transaction with range deletes: every data group, as before
             return t, xlogic.plan_ranges(t, group_for, p.keys)
         return t, xlogic.plan(t, group_for)
+
+    async def _lease_stamps(self, t: txn.Txn, group_of: Callable[[bytes], int]) -> dict[int, int]:
+        """Lease -> `checked` stamp for the leases of `t`'s puts that need one: a put with a
+        lease and no `checked` (the etcd layer and the client library send one: they asked the
+        lease's home first) whose key (in group `group_of(key)`) is outside the lease's home
+        group gets, if the home answers the lease ALIVE (a LEASE_STATUS through its log:
+        linearizable), this node's clock reading taken before it asked, as LeaseTimeToLive's
+        `checked`; else it keeps 0 and the key's group refuses it where it is on the path taken
+        (`requested lease not found`). The homes are asked concurrently, at most
+        `LEASE_ASKS_AT_ONCE` at a time, each within the request timeout (the proposals' own).
+        A failure to ask is the request's (definite: nothing was proposed but the read-only
+        STATUS). None needed, or no way to ask (no cross-group runner): no stamp."""
+        if self.cross is None:
+            return {}
+        cross = self.cross
+        m = self.tracker.map
+        data_groups = set(m.data_groups()) if m is not None else set()
+        need = sorted({lid for k, lid, checked in xlogic.leased_puts(t)
+                       if not checked and leases.home_group(lid) != group_of(k)
+                       and leases.home_group(lid) in data_groups})
+        if not need:
+            return {}
+        gate = asyncio.Semaphore(LEASE_ASKS_AT_ONCE)
+
+        async def ask(lid: int) -> tuple[int, int | None]:
+            async with gate:
+                now = self.clock.propose(0)
+                cmd = commands.encode_command(commands.Command.lease_command(leases.LeaseCmd(leases.Kind.STATUS, lid)))
+                res = await cross.propose(leases.home_group(lid), cmd)
+            try:
+                alive = res.error is None and leases.Status.decode(res.current).state == leases.ALIVE
+            except ValueError:
+                alive = False
+            return lid, now if alive else None
+
+        return {lid: now for lid, now in await asyncio.gather(*map(ask, need)) if now is not None}
 
     async def txn(self, r: kv_pb2.TxnRequest) -> kv_pb2.TxnResponse:
         """A whole transaction without scans (`KV.Txn`), every failure in the reply."""
