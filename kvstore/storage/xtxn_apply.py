@@ -79,8 +79,8 @@ Rules (each command is idempotent: a coordinator or a resolver may propose it ag
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
-from typing import Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol, TypeVar
 
 from ..shard.ranges import IntervalSet, key_hash
 from . import leases, mvcc, txn, xtxn
@@ -124,26 +124,28 @@ def intent_of(rows: mvcc.Rows, key: bytes) -> Intent | None:
         raise mvcc.RevisionError(f"corrupt intent row: {err}") from None
 
 
+_L = TypeVar("_L")
+
+
+def _lock_rows(rows: mvcc.Rows, tag: bytes, decode: Callable[[bytes], _L], what: str) -> list[_L]:
+    """Every `T_TXN` row of kind `tag` decoded (locks: few); a corrupt one is a RevisionError."""
+    out = []
+    for _k, v in rows.iter(mvcc.T_TXN, tag, bytes([tag[0] + 1])):
+        try:
+            out.append(decode(bytes(v)))
+        except ValueError as err:
+            raise mvcc.RevisionError(f"corrupt {what} row: {err}") from None
+    return out
+
+
 def range_locks(rows: mvcc.Rows) -> list[tuple[Intent, tuple[bytes, bytes]]]:
     """The group's range locks (range deletes in progress; few)."""
-    out = []
-    for _k, v in rows.iter(mvcc.T_TXN, b"l", b"m"):
-        try:
-            out.append(xtxn.decode_range_lock(bytes(v)))
-        except ValueError as err:
-            raise mvcc.RevisionError(f"corrupt range lock row: {err}") from None
-    return out
+    return _lock_rows(rows, b"l", xtxn.decode_range_lock, "range lock")
 
 
 def lease_locks(rows: mvcc.Rows) -> list[tuple[Intent, int]]:
     """The group's lease locks (lease deletions in progress; few)."""
-    out = []
-    for _k, v in rows.iter(mvcc.T_TXN, b"e", b"f"):
-        try:
-            out.append(xtxn.decode_lease_lock(bytes(v)))
-        except ValueError as err:
-            raise mvcc.RevisionError(f"corrupt lease lock row: {err}") from None
-    return out
+    return _lock_rows(rows, b"e", xtxn.decode_lease_lock, "lease lock")
 
 
 def lease_locked(rows: mvcc.Rows, lease_id: int, key: bytes, mine: TxnId | None = None) -> ApplyResult | None:
@@ -159,13 +161,7 @@ def lease_locked(rows: mvcc.Rows, lease_id: int, key: bytes, mine: TxnId | None 
 
 def attach_locks(rows: mvcc.Rows) -> list[tuple[Intent, tuple[int, ...]]]:
     """The group's attach locks (prepared transactions with leased puts; few)."""
-    out = []
-    for _k, v in rows.iter(mvcc.T_TXN, b"a", b"b"):
-        try:
-            out.append(xtxn.decode_attach_lock(bytes(v)))
-        except ValueError as err:
-            raise mvcc.RevisionError(f"corrupt attach lock row: {err}") from None
-    return out
+    return _lock_rows(rows, b"a", xtxn.decode_attach_lock, "attach lock")
 
 
 def attach_locked(rows: mvcc.Rows, lease_id: int, key: bytes) -> ApplyResult | None:
