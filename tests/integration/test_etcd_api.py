@@ -1428,3 +1428,11 @@ def test_txn_range_delete_over_etcdctl_and_grpc(kv: str) -> None:
             kvs.Txn(rpc_pb2.TxnRequest(success=[dr, rpc_pb2.RequestOp(
                 request_put=rpc_pb2.PutRequest(key=b"etx/b", value=b"x"))]), timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "duplicate key" in (e.value.details() or "")
+        # a leased put beside the range delete: carried by the two-phase commit (level 7)
+        lid = rpc_pb2_grpc.LeaseStub(ch).LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=60), timeout=30).ID
+        kvs.Put(rpc_pb2.PutRequest(key=b"etx/c", value=b"1"), timeout=30)
+        got = kvs.Txn(rpc_pb2.TxnRequest(success=[dr, rpc_pb2.RequestOp(
+            request_put=rpc_pb2.PutRequest(key=b"etxl", value=b"x", lease=lid))]), timeout=30)
+        assert got.succeeded and got.responses[0].response_delete_range.deleted == 1
+        ttl = rpc_pb2_grpc.LeaseStub(ch).LeaseTimeToLive(rpc_pb2.LeaseTimeToLiveRequest(ID=lid, keys=True), timeout=30)
+        assert list(ttl.keys) == [b"etxl"]
