@@ -5,9 +5,9 @@ refuses first what the server would) and the server (`server/txn_scans.py`, whic
   TXN or a two-phase commit runs: scans are never in the log) and the `ScanPlan` that puts the
   scans' answers back in place (`merge`), every scan field checked;
 - the refusal rule: a scan is read at the transaction's revision, AFTER all its writes, so a
-  put or delete later on the same path whose key falls in the scan's range would show in the
-  scan, where etcd's sequential semantics would not: such a transaction is refused (definite
-  InvalidArgument). After a nested transaction, the scans of either of its branches count (which
+  put or delete later on the same path whose key falls in the scan's range, or a range delete
+  later on it whose range meets the scan's, would show in the scan, where etcd's sequential
+  semantics would not: such a transaction is refused (definite InvalidArgument). After a nested transaction, the scans of either of its branches count (which
   one runs is not known before it runs). A write BEFORE a scan is fine: the scan sees it.
 
 Invariants: `split` raises only `errors.InvalidArgument` / `errors.KeyTooLarge` (definite);
@@ -25,7 +25,8 @@ from kvstore.keyspace import prefix_end
 from kvstore.storage.txn import MAX_TXN_DEPTH, MAX_TXN_ITEMS
 from kvstore.v1 import kv_pb2
 
-__all__ = ["LIMIT_MAX", "ScanPlan", "ScanRange", "Slot", "both_branches", "has_scans", "merge", "split", "taken_scans"]
+__all__ = ["LIMIT_MAX", "ScanPlan", "ScanRange", "Slot", "both_branches", "has_range_deletes", "has_scans", "merge",
+           "split", "taken_scans"]
 
 T = TypeVar("T")
 
@@ -117,6 +118,17 @@ def _refuse_after(read: list[ScanRange], key: bytes, what: str) -> None:
                 "is read at the transaction's revision, after its writes): scan after writing, or scan another range")
 
 
+def _refuse_range_after(read: list[ScanRange], d: kv_pb2.TxnRange) -> None:
+    """A range delete after the scans `read` on its path: refused if its range meets one (its
+    bounds are checked where the transaction is converted, `server/txn_wire.range_of`)."""
+    lo, hi = (d.prefix, prefix_end(d.prefix)) if d.prefix else (d.start, d.end or None)
+    for r in read:
+        if (hi is None or r.start < hi) and (r.end is None or lo < r.end):
+            raise errors.InvalidArgument(
+                "a transaction's range delete comes after a scan of a range it meets (the scan is read at the "
+                "transaction's revision, after its writes): scan after deleting, or scan another range")
+
+
 def _ops(ops: Iterable[kv_pb2.TxnOp], into: list[kv_pb2.TxnOp], slots: list[Slot], depth: int, count: list[int],
          scans: list[ScanRange], read: list[ScanRange], max_key: int) -> None:
     """`read`: the scans earlier on this path (grows as they come)."""
@@ -136,6 +148,9 @@ def _ops(ops: Iterable[kv_pb2.TxnOp], into: list[kv_pb2.TxnOp], slots: list[Slot
             into.append(op)
         elif which == "delete":
             _refuse_after(read, op.delete, "delete")
+            into.append(op)
+        elif which == "delete_range":
+            _refuse_range_after(read, op.delete_range)
             into.append(op)
         elif which == "txn":
             nested = kv_pb2.TxnBody()
@@ -165,14 +180,29 @@ def _txn(b: kv_pb2.TxnBody, into: kv_pb2.TxnBody, depth: int, count: list[int], 
 
 def split(body: kv_pb2.TxnBody, max_key: int) -> tuple[kv_pb2.TxnBody, ScanPlan]:
     """(`body` without its scans, the plan of its scans): see the module docstring. Raises a
-    definite InvalidArgument (a write after a scan of its key; more than `MAX_TXN_ITEMS`
+    definite InvalidArgument (a write after a scan of its key; scans with a range delete
+    anywhere in the transaction, not supported yet; more than `MAX_TXN_ITEMS`
     compares and operations, scans included; nesting deeper than `MAX_TXN_DEPTH`; a limit or an
     end out of range) or KeyTooLarge (a bound longer than `max_key`)."""
     out = kv_pb2.TxnBody()
     scans: list[ScanRange] = []
     plan = _txn(body, out, 1, [0], scans, [], max_key)
     plan.scans = scans
+    if scans and has_range_deletes(out):
+        raise errors.InvalidArgument(
+            "a transaction with both a scan and a range delete is not supported yet (a branch that deletes nothing "
+            "would be evaluated again without its range): send them as two transactions")
     return out, plan
+
+
+def has_range_deletes(body: kv_pb2.TxnBody) -> bool:
+    """Whether a range delete (`TxnOp.delete_range`) is on any path of `body` (a transaction
+    with one runs as a two-phase commit over every data group)."""
+    for op in (*body.success, *body.failure):
+        which = op.WhichOneof("op")
+        if which == "delete_range" or (which == "txn" and has_range_deletes(op.txn)):
+            return True
+    return False
 
 
 def taken_scans(plan: ScanPlan, result: kv_pb2.TxnResult) -> list[int]:

@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 import time
+from typing import Literal
 
 from .leases import leases_by_default
 from .locks import locks_by_default
@@ -53,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         help="the stores' state-machine durability (default: NodeSimParams.state_sync, checkpoint)",
     )
     ap.add_argument(
-        "--txn-pairs", choices=("auto", "on", "off"), default="auto",
+        "--txn-pairs", choices=("auto", "on", "ranges", "off"), default="auto",
         help="multi-key transactions on key pairs, checked for atomicity (chaos/sim/txn_pairs.py): on a fixed "
-             "fifth of the seeds (auto), on every seed, or off",
+             "fifth of the seeds (auto), on every seed, on every seed with the pairs across groups only and many "
+             "range deletes in transactions (ranges), or off",
     )
     ap.add_argument(
         "--leases", choices=("auto", "on", "off"), default="auto",
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     quiesce = {"auto": None, "on": True, "off": False}[args.quiesce]
     moves = {"auto": None, "on": True, "off": False}[args.moves]
     watches = {"auto": None, "on": True, "off": False}[args.watches]
-    txn_pairs = {"auto": None, "on": True, "off": False}[args.txn_pairs]
+    txn_pairs: bool | Literal["ranges"] | None = {"auto": None, "on": True, "ranges": "ranges", "off": False}[
+        args.txn_pairs]
     use_leases = {"auto": None, "on": True, "off": False}[args.leases]
     use_txns = {"auto": None, "on": True, "off": False}[args.txns]
     use_locks = {"auto": None, "on": True, "off": False}[args.locks]
@@ -210,7 +213,8 @@ def txn_pairs_summary(results: list[NodeSimResult]) -> str:
             f"{sum(s.answered for s in on)} answered ({sum(s.writes for s in on)} wrote), "
             f"{sum(s.reads_checked for s in on)} reads of both keys checked equal, "
             f"{sum(s.refused for s in on)} refused or unanswered; across groups {sum(s.cross_answered for s in on)} "
-            f"answered ({sum(s.range_deletes for s in on)} range deletes), {sum(s.cross_died for s in on)} "
+            f"answered ({sum(s.range_deletes for s in on)} range deletes, {sum(s.txn_range_deletes for s in on)} "
+            f"transactions with one), {sum(s.cross_died for s in on)} "
             f"coordinators died, {sum(s.cross_resolved for s in on)} intents resolved, "
             f"{sum(s.cross_finished for s in on)} records finished by the sweep")
 

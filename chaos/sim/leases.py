@@ -150,9 +150,9 @@ class LeaseStats:
     renewed: int = 0
     attached: int = 0
     attached_by_txn: int = 0
+    """Of `attached`: by a TXN's leased put (each client's first key)."""
     attached_across: int = 0
     """Leases whose two keys (in two groups) one transaction across groups attached (answered)."""
-    """Of `attached`: by a TXN's leased put (each client's first key)."""
     expired: int = 0
     kept: int = 0
     """Leases kept alive to the end (never expired)."""

@@ -49,7 +49,7 @@ import tempfile
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from chaos.checker import Verdict, check
 from chaos.checker.history import Operation, Status
@@ -341,7 +341,7 @@ class NodeSimulation:
         quiesce: bool | None = None,
         closed_reads: bool | None = None,
         watches: bool | None = None,
-        txn_pairs: bool | None = None,
+        txn_pairs: bool | Literal["ranges"] | None = None,
         leases: bool | None = None,
         txns: bool | None = None,
         locks: bool | None = None,
@@ -417,7 +417,7 @@ class NodeSimulation:
         if watches is None:
             watches = params is None and watches_by_default(seed)
         self.watches = SimWatches(self) if watches else None
-        self.txn_pairs = TxnPairs(self) if txn_pairs else None
+        self.txn_pairs = TxnPairs(self, ranges=txn_pairs == "ranges") if txn_pairs else None
         self.leases = SimLeases(self, across=lease_txns) if leases and self.quiet is None else None
         """Leases with the real lease clock on every node, drifting clocks, checked for early
         expiry and the expiry bound (`leases.py`; off unless asked for, and off with quiescence:
@@ -820,8 +820,8 @@ class NodeSimulation:
                     [k for k, _ in txn.keys_of(cmd.txn)] if cmd.txn is not None
                     else list(cmd.x.keys) if cmd.x is not None else [cmd.key]
                 )
-                if not keys:
-                    continue  # a range delete's PREPARE refused while a range moves
+                if not keys or (cmd.x is not None and cmd.x.lock is not None):
+                    continue  # a range delete's PREPARE (alone or a transaction's) refused while a range moves
                 key = keys[0]
                 if all(key_hash(k) in active for k in keys):
                     raise SimulationFailure(
@@ -1504,14 +1504,14 @@ def lmdb_store(node_id: int, directory: Path) -> NodeStore:
 def run_node_seed(seed: int, nodes: int = 3, trace: bool = False, params: NodeSimParams | None = None,
                   store_factory: StoreFactory | None = None, moves: bool | None = None,
                   quiesce: bool | None = None, closed_reads: bool | None = None,
-                  watches: bool | None = None, txn_pairs: bool | None = None,
+                  watches: bool | None = None, txn_pairs: bool | Literal["ranges"] | None = None,
                   leases: bool | None = None, txns: bool | None = None,
                   locks: bool | None = None, lease_txns: bool = False) -> NodeSimResult:
     """One seed; `moves` forces range moves on or off (default: drawn, on half of the seeds),
     `quiesce` quiescence (default: `quiesce_by_default`), `closed_reads` the cross-group scans
     (default: `closed_reads_by_default`, when the params are drawn), `watches` the watchers
     (default: `watches_by_default`, when the params are drawn), `txn_pairs` the pair
-    transactions (default: off), `leases` the lease clients (default: off), `txns` the general
+    transactions (default: off; "ranges": on, range-delete heavy, `TxnPairs.ranges`), `leases` the lease clients (default: off), `txns` the general
     transactions checked against a model (default: off), `locks` the lock clients with fencing
     (default: off), `lease_txns` (with `leases`) the lease clients attaching both keys of a
     lease in one transaction across groups, half the time (default: off)."""

@@ -171,9 +171,13 @@ class RevisionChecker:
         if cmd.op == commands.Op.COMMIT and (group, x.txn.encode()) not in self.committed:
             self.committed.add((group, x.txn.encode()))
             if group != META_GROUP:
+                held = self.held.get((group, x.txn.encode()), ())
                 writes: list[tuple[bytes, bytes | None]] = (
-                    [(k, None) for k in self.held.get((group, x.txn.encode()), ())] if x.delete_prepared
-                    else list(x.writes))
+                    [(k, None) for k in held] if x.delete_prepared else list(x.writes))
+                if x.ranges:  # a transaction's range deletes: every other key it prepared in one
+                    named = {k for k, _ in x.writes}
+                    writes += [(k, None) for k in held
+                               if k not in named and any(txn.in_range(k, lo, hi) for lo, hi in x.ranges)]
                 if x.leased and res.current:  # leased puts of a lease found dead here: deleted instead
                     dead = set(xtxn.decode_found(res.current))
                     writes = [(k, None if k in dead else v) for k, v in writes]

@@ -18,6 +18,11 @@ revisions, or a read between a transaction's writes, shows up as a pair that dif
 
 Some pairs (`CROSS_PAIRS`) have their keys in two groups: their transactions run the two-phase
 commit across groups, with coordinator crashes (`xtxn_pairs.py`), and are checked the same way.
+Their deletes are range deletes of the pair's prefix over every group: alone, or inside a
+transaction (if the first key exists: a DELETE_RANGE, then GETs of both keys, which must read
+them absent, or the DELETE_RANGE alone, so the second key is not named but found by the range;
+else GETs of both), whose COMMITs the revision checker records as deletes of every key each
+group prepared in the range (so closed scans and watches check them).
 
 The transactions carry no session (a retry may apply twice: harmless here, each keeps the pair
 equal) and are not part of the linearizability history. A one-group pair split by a range move
@@ -73,11 +78,16 @@ class TxnPairStats:
     """COMMITTED records the record sweep finished (coordinator died before its FINALIZE)."""
     range_deletes: int = 0
     """Answered range deletes of a cross pair's prefix (both keys at one revision)."""
+    txn_range_deletes: int = 0
+    """Answered transactions that ran a range delete of a cross pair's prefix (then read both)."""
 
 
 class TxnPairs:
-    def __init__(self, sim: Any) -> None:
+    def __init__(self, sim: Any, ranges: bool = False) -> None:
         self.sim = sim
+        self.ranges = ranges
+        """Range-delete heavy (`--txn-pairs ranges`): the pairs across groups only, a third of
+        their operations a transaction with a range delete of the pair's prefix."""
         self.rng = random.Random(f"txnpairs-run:{sim.seed}")
         self.pairs: list[tuple[bytes, bytes]] = []
         self.cross: dict[bytes, dict[bytes, int]] = {}
@@ -125,7 +135,7 @@ class TxnPairs:
         if not self.pairs and not self._choose_pairs():
             sim.at(rng.randrange(50, 150), self._next)
             return
-        a, b = rng.choice(self.pairs)
+        a, b = rng.choice([p for p in self.pairs if p[0] in self.cross] or self.pairs if self.ranges else self.pairs)
         r = rng.random()
         self._value += 1
         v = b"t%d" % self._value
@@ -145,9 +155,16 @@ class TxnPairs:
         self.stats.issued += 1
         members = [n for n in sim.nodes.values() if not n.removed]
         if a in self.cross:
-            if 0.35 <= r < 0.45:  # a pair delete: a range delete of the pair's prefix
-                prefix = a[:a.index(b"/") + 1]
+            prefix = a[:a.index(b"/") + 1]
+            if 0.35 <= r < 0.40:  # a pair delete: a range delete of the pair's prefix
                 self._cross_attempt(None, self.cross[a], 0, (prefix, prefix[:-1] + b"0"))
+            elif 0.40 <= r < (0.75 if self.ranges else 0.45):  # a pair delete inside a transaction
+                rd = txn.TxnOp(txn.OpKind.DELETE_RANGE, prefix, end=prefix[:-1] + b"0")
+                half = 0.575 if self.ranges else 0.425
+                then = (rd, txn.TxnOp(get, a), txn.TxnOp(get, b)) if r < half else (rd,)  # b named, or found
+                t = txn.Txn((txn.Compare(a, txn.Target.VERSION, txn.CmpResult.GREATER, b"", 0),),
+                            then, (txn.TxnOp(get, a), txn.TxnOp(get, b)))
+                self._cross_attempt(t, self.cross[a], 0)
             else:
                 self._cross_attempt(t, self.cross[a], 0)
         else:
@@ -239,7 +256,12 @@ class TxnPairs:
         for op, o in zip(ops, r.responses, strict=True):
             if op.kind == txn.OpKind.GET:
                 seen[op.key] = (o.found, o.value)
-        if txn.writes_of(t, r):
+        ranges = [o.deleted for o in r.responses if o.kind == txn.OpKind.DELETE_RANGE]
+        if ranges:
+            self.stats.txn_range_deletes += 1
+            if any(d > 2 for d in ranges) or bool(sum(ranges)) != bool(revision):
+                raise TxnPairViolation(f"a transaction's range delete of a pair deleted {ranges} at {revision}")
+        if ranges or txn.writes_of(t, r):
             self.stats.writes += 1
             if r.revision != revision or not revision:
                 raise TxnPairViolation(f"a transaction that wrote answered revision {revision}, its result {r.revision}")

@@ -197,17 +197,22 @@ class CrossPairs:
     def attempt(self, node: Any, t: txn.Txn | None, groups: dict[bytes, int], n: int, retry: Callable[[int], None],
                 lock: tuple[bytes, bytes] | None = None, plan: logic.Plan | None = None) -> None:
         """One attempt of `t` (None: a range delete of `lock`, over every data group of `node`'s
-        map, or `plan`: a lease's deletion, `logic.plan_lease`) coordinated at `node`;
+        map, as is a `t` with range deletes, `logic.plan_ranges`; or `plan`: a lease's deletion,
+        `logic.plan_lease`) coordinated at `node`;
         `retry(n + 1)` to try again later."""
         if plan is not None:
             p = plan
-        elif t is None:
-            assert lock is not None
+        elif t is None or txn.has_delete_range(t):  # a range delete, alone or in a transaction: every group
             smap = node.logic.shard_tracker.map if node.logic is not None else None
             if smap is None:
                 retry(n + 1)
                 return
-            p = logic.plan_range([g for g in smap.data_groups() if g != 0], *lock)
+            data_groups = [g for g in smap.data_groups() if g != 0]
+            if t is None:
+                assert lock is not None
+                p = logic.plan_range(data_groups, *lock)
+            else:
+                p = logic.plan_ranges(t, ((k, groups[k]) for k, _ in txn.keys_of(t)), data_groups)
         else:
             p = logic.plan(t, ((k, groups[k]) for k, _ in txn.keys_of(t)))
         clock = self.sim._clock(node)

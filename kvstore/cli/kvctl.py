@@ -402,11 +402,13 @@ def txn(c: _Ctx) -> None:
     """Run a transaction read from standard input, in etcdctl's format: compare lines
     (value("k") = "v", version("k") > "3", create("k") = "0", mod("k") < "10"), a blank line,
     the operations to run if every compare holds (put KEY VALUE, get KEY, del KEY; a range:
-    get KEY RANGE_END, get --prefix KEY, get --from-key KEY, with --limit N), a blank line, the
-    operations to run otherwise. Prints SUCCESS or FAILURE, then each operation's result after a
-    blank line (put: OK; get: key and value lines for each key found, nothing if none; del: the
-    number deleted), as etcdctl does. Exit 0 either way; 2 or 3 if it could not run. Keys may
-    be in several groups (a two-phase commit); ranges are read at the transaction's revision."""
+    get KEY RANGE_END, get --prefix KEY, get --from-key KEY, with --limit N; a range delete:
+    del KEY RANGE_END, del --prefix KEY, del --from-key KEY), a blank line, the operations to run
+    otherwise. Prints SUCCESS or FAILURE, then each operation's result after a blank line (put:
+    OK; get: key and value lines for each key found, nothing if none; del: the number deleted),
+    as etcdctl does. Exit 0 either way; 2 or 3 if it could not run. Keys may be in several groups
+    (a two-phase commit); ranges are read at the transaction's revision; a range delete runs
+    across every group."""
     try:
         parsed = parse_txn(sys.stdin.read(), lambda t: c.parse(t, "key or value"))
     except (TxnSyntaxError, click.BadParameter) as err:
@@ -423,6 +425,8 @@ def txn(c: _Ctx) -> None:
             click.echo("OK")
         elif r.kind == "delete":
             click.echo("1" if r.deleted else "0")
+        elif r.kind == "delete_range":
+            click.echo(str(r.count))
         elif r.kind == "get" and r.kv is not None:
             click.echo(c.raw(r.kv.key))
             click.echo(c.raw(r.kv.value))
@@ -444,6 +448,8 @@ def _txn_json(c: _Ctx, resp: TxnResponse) -> dict[str, Any]:
             out.append({"put": {"revision": r.revision}})
         elif r.kind == "delete":
             out.append({"delete": {"deleted": int(r.deleted)}})
+        elif r.kind == "delete_range":
+            out.append({"delete_range": {"deleted": r.count}})
         elif r.kind == "get":
             kv = r.kv
             out.append({"get": None if kv is None else _kv_json(c, kv)})

@@ -7,6 +7,7 @@
     success ops     one a line: put KEY VALUE [--lease=ID] | get KEY | del KEY (delete KEY)
                     | get KEY RANGE_END | get --prefix KEY | get --from-key KEY
                     (a range: a scan at the transaction's revision; --limit N caps it)
+                    | del KEY RANGE_END | del --prefix KEY | del --from-key KEY   (range deletes)
     (blank line)
     failure ops     likewise, up to a blank line or the end of the input
 
@@ -18,9 +19,17 @@ forms are etcdctl's (`get KEY RANGE_END`: [KEY, RANGE_END); `--prefix KEY`: ever
 with KEY, every key for ""; `--from-key KEY`: every key >= KEY; `--limit N` / `--limit=N`: at
 most N keys, 0 = all; --prefix and --from-key take one KEY and not each other); a put's
 ``--lease=ID`` (or ``--lease ID``, anywhere after ``put``) is etcdctl's: the lease id in
-hexadecimal (0: none); other flags (del's ranges, put's --prev-kv / --ignore-*, get's sorting
-and revisions) are refused. Every malformed line raises `TxnSyntaxError` naming it (nothing is
-sent).
+hexadecimal (0: none); other flags (put's --prev-kv / --ignore-*, get's sorting and revisions,
+del's --prev-kv) are refused.
+
+Range deletes take etcdctl's `del` forms (its `getDelOp`): `del KEY RANGE_END` deletes [KEY,
+RANGE_END) (etcdctl's `--range` flag, which only skips its 2 s warning, is accepted and
+changes nothing), `del --prefix KEY` every key starting with KEY (an empty KEY: every key),
+`del --from-key KEY` every key >= KEY (empty: every key); flags may come before or after the
+key; --prefix with --from-key, or either with a RANGE_END, is refused as etcdctl refuses it. An
+empty RANGE_END (`del a ""`) is etcdctl's one-key delete. A range delete's result prints as
+etcdctl prints it: the number of keys deleted. Every malformed line raises `TxnSyntaxError`
+naming it (nothing is sent).
 """
 
 from __future__ import annotations
@@ -92,19 +101,17 @@ def _op(line: str, encode: Callable[[str], bytes]) -> Op:
         raise TxnSyntaxError(f"malformed operation ({err}): {line}") from None
     if words and words[0] == "get":
         return _get(words[1:], line, encode)
+    if words and words[0] in ("del", "delete"):
+        return _del(words, line, encode)
     lease = 0
     if words and words[0] == "put":
         words, lease = _lease_flag(words, line)
     if any(w.startswith("--") for w in words[1:]):
-        raise TxnSyntaxError(f"operation flags (del's ranges, a put's flags but --lease) are not supported: {line}")
+        raise TxnSyntaxError(f"operation flags (a put's flags but --lease) are not supported: {line}")
     if words and words[0] == "put":
         if len(words) != 3:
             raise TxnSyntaxError(f"put takes KEY VALUE [--lease=ID]: {line}")
         return Op.put(encode(words[1]), encode(words[2]), lease=lease)
-    if words and words[0] in ("del", "delete"):
-        if len(words) != 2:
-            raise TxnSyntaxError(f"{words[0]} takes KEY: {line}")
-        return Op.delete(encode(words[1]))
     raise TxnSyntaxError(f"unknown operation (expected put, get or del): {line}")
 
 
@@ -133,6 +140,38 @@ def _lease_flag(words: list[str], line: str) -> tuple[list[str], int]:
     if not re.fullmatch(r"[0-9a-fA-F]{1,16}", raw) or int(raw, 16) > INT64_MAX:
         raise TxnSyntaxError(f"bad lease id {raw!r} (hexadecimal, at most {INT64_MAX:x}): {line}")
     return out, int(raw, 16)
+
+
+_DEL_FLAGS = ("--prefix", "--from-key", "--range")
+
+
+def _del(words: list[str], line: str, encode: Callable[[str], bytes]) -> Op:
+    """etcdctl's `del [--prefix | --from-key | --range] KEY [RANGE_END]` (module docstring)."""
+    flags = {w for w in words[1:] if w.startswith("--")}
+    args = [w for w in words[1:] if not w.startswith("--")]
+    unknown = sorted(flags - set(_DEL_FLAGS))
+    if unknown:
+        raise TxnSyntaxError(f"del flag {unknown[0]} is not supported (only {', '.join(_DEL_FLAGS)}): {line}")
+    if not 1 <= len(args) <= 2:
+        raise TxnSyntaxError(f"del takes KEY and an optional RANGE_END: {line}")
+    prefix, from_key = "--prefix" in flags, "--from-key" in flags
+    if prefix and from_key:
+        raise TxnSyntaxError(f"--prefix and --from-key cannot be set at the same time, choose one: {line}")
+    if len(args) == 2 and (prefix or from_key):
+        raise TxnSyntaxError(f"too many arguments, only one is accepted with --prefix or --from-key: {line}")
+    key = encode(args[0])
+    if prefix:
+        return Op.delete_range(b"", prefix=key) if key else Op.delete_range(b"\x00")
+    if from_key:
+        return Op.delete_range(key or b"\x00")
+    if len(args) == 2:
+        end = encode(args[1])
+        if not end:  # etcd: an empty range_end is the one key
+            return Op.delete(key)
+        if not key:
+            raise TxnSyntaxError(f"a range delete needs a KEY: {line}")
+        return Op.delete_range(key, end)
+    return Op.delete(key)
 
 
 def _limit(v: str, line: str) -> int:

@@ -32,6 +32,7 @@ private event loop.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
@@ -60,11 +61,12 @@ from kvstore.client.retry import (
     DEFAULT_BREAKER_THRESHOLD,
     DEFAULT_OVERLOAD_RETRIES,
     DEFAULT_TIMEOUT,
+    Deadline,
     RetryPolicy,
 )
 from kvstore.client.routing import Router
 from kvstore.client.scans import Scans
-from kvstore.client.txns import leased_ids
+from kvstore.client.txns import leased_ids, txn_body
 from kvstore.client.types import (
     AdminResult,
     Alarm,
@@ -82,12 +84,21 @@ from kvstore.client.types import (
 )
 from kvstore.client.watches import WatchBatch, Watches, WatchEvent
 from kvstore.client.writes import Writes
-from kvstore.errors import KVError
+from kvstore.errors import KVError, Timeout
 from kvstore.shard.shardmap import ShardMap
 from kvstore.storage import leases
 
 __all__ = ["AsyncClient"]
 
+
+
+def _left(deadline: Deadline) -> float:
+    """What is left of `deadline` for the next call; spent: `Timeout`, definite (the lease
+    lookups before a transaction are reads: nothing was written)."""
+    left = deadline.remaining()
+    if left <= 0:
+        raise Timeout("the transaction's lease lookups used up its timeout", indeterminate=False)
+    return left
 
 class AsyncClient:
     """Asynchronous kvstore client (grpc.aio). Use it from one event loop.
@@ -360,21 +371,29 @@ class AsyncClient:
             await c.txn([Compare.value(b"k", "=", b"old")], [Op.put(b"k", b"new"), Op.get(b"j")])
 
         A put with ``lease=`` attaches its key to that lease (in any group, as ``leases.put``):
-        each such lease is first checked live at its home (one LeaseTimeToLive per lease); a
-        lease not live there refuses the transaction (definite ``LeaseNotFound``) only if a put
-        with it is on the path taken, as etcd does.
+        each such lease is first checked live at its home (one LeaseTimeToLive per lease, all
+        at once, within the transaction's one ``timeout``); a lease not live there refuses the
+        transaction (definite ``LeaseNotFound``) only if a put with it is on the path taken, as
+        etcd does. The transaction is checked whole first: a malformed one is refused
+        (``InvalidArgument``) before anything is sent.
         """
-        checked: dict[int, int] = {}
-        for lid in sorted(set(leased_ids((*success, *failure)))):
+        txn_body(self.checks, compares, success, failure)  # refused here first: nothing sent
+        ids = sorted(set(leased_ids((*success, *failure))))  # valid lease ids (checked above)
+        if not ids:
+            return await self._writes.txn(compares, success, failure, timeout=timeout)
+        deadline = self.checks.deadline(timeout)
+
+        async def stamp(lid: int) -> tuple[int, int]:
             try:
-                info = await self.leases.time_to_live(lid, timeout=timeout)
+                info = await self.leases.time_to_live(lid, timeout=_left(deadline))
             except KVError as err:
                 if leases.NOT_FOUND in err.message:
-                    checked[lid] = 0
-                    continue
+                    return lid, 0
                 raise
-            checked[lid] = info.checked if info.ttl >= 0 else 0
-        return await self._writes.txn(compares, success, failure, timeout=timeout, checked=checked)
+            return lid, info.checked if info.ttl >= 0 else 0
+
+        checked = dict(await asyncio.gather(*map(stamp, ids)))
+        return await self._writes.txn(compares, success, failure, timeout=_left(deadline), checked=checked)
 
     def scan(
         self,

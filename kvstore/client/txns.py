@@ -15,7 +15,7 @@ from kvstore.client.checks import RequestChecks, check_bytes
 from kvstore.client.types import Compare, Op
 from kvstore.errors import InvalidArgument
 from kvstore.storage import leases
-from kvstore.storage.txn import MAX_TXN_DEPTH, MAX_TXN_ITEMS, NUMBER_MAX
+from kvstore.storage.txn import MAX_TXN_DEPTH, MAX_TXN_ITEMS, NUMBER_MAX, check_range
 from kvstore.txnscan import LIMIT_MAX, has_scans, split
 from kvstore.v1 import kv_pb2
 
@@ -94,6 +94,8 @@ def txn_body(
                     out.add().scan.CopyFrom(kv_pb2.TxnScan(
                         start=check_bytes("start", o.key), end=check_bytes("end", o.end),
                         prefix=check_bytes("prefix", o.prefix), limit=o.limit))
+                elif o.kind == "delete_range":
+                    out.add().delete_range.CopyFrom(_range(checks, o))
                 else:
                     raise InvalidArgument(f"unknown operation kind {o.kind!r}")
         return b
@@ -102,6 +104,23 @@ def txn_body(
     if has_scans(b):
         split(b, checks.max_key_size)  # the server's checks of the scans (bounds, a write after a scan)
     return b
+
+
+def _range(checks: RequestChecks, o: Op) -> kv_pb2.TxnRange:
+    """A range delete's wire form, checked as the server checks it (`server/txn_wire.range_of`)."""
+    start, end, prefix = (check_bytes(name, v) for name, v in (("start", o.key), ("end", o.end), ("prefix", o.prefix)))
+    for bound in (start, end, prefix):
+        if bound:
+            checks.key(bound)
+    if prefix:
+        if start or end:
+            raise InvalidArgument("a range delete with a prefix carries no start or end")
+        return kv_pb2.TxnRange(prefix=prefix)
+    try:
+        check_range(start, end)
+    except ValueError as err:
+        raise InvalidArgument(str(err)) from None
+    return kv_pb2.TxnRange(start=start, end=end)
 
 
 def first_key(b: kv_pb2.TxnBody) -> bytes | None:
@@ -139,4 +158,7 @@ def _first_named(b: kv_pb2.TxnBody) -> bytes | None:
             k = _first_named(o.txn)
             if k is not None:
                 return k
+        if which == "delete_range":  # names no key: any node coordinates it, routed by a bound
+            r = o.delete_range
+            return r.prefix or r.start or r.end
     return None

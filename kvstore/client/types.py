@@ -114,9 +114,10 @@ class Op:
     """One operation of a transaction: ``Op.put(k, v)`` (``lease=``: attach the key to that
     lease, as ``leases.put`` does), ``Op.delete(k)``, ``Op.get(k)``,
     ``Op.scan(start, end, prefix=, limit=)`` (the keys of a range in every group, at the
-    transaction's revision) or a nested ``Op.txn(compares, success, failure)``."""
+    transaction's revision), ``Op.delete_range(start, end, prefix=...)`` or a nested
+    ``Op.txn(compares, success, failure)``."""
 
-    kind: Literal["put", "delete", "get", "txn", "scan"]
+    kind: Literal["put", "delete", "get", "txn", "scan", "delete_range"]
     key: bytes = b""
     value: bytes = b""
     compares: tuple[Compare, ...] = ()
@@ -151,22 +152,31 @@ class Op:
         in the transaction into the range is refused (the scan is read after the writes)."""
         return cls("scan", start, end=end, prefix=prefix, limit=limit)
 
+    @classmethod
+    def delete_range(cls, start: bytes, end: bytes = b"", *, prefix: bytes = b"") -> Op:
+        """Delete every key of [start, end) (end b"": no upper bound), or with ``prefix`` every
+        key starting with it, at the transaction's revision; its response's ``count`` says how
+        many. The transaction then runs across every data group (cluster version 6); a key in
+        the range read after it in the transaction is absent, one put after it survives."""
+        return cls("delete_range", start, end=end, prefix=prefix)
+
 
 @dataclass(frozen=True, slots=True)
 class OpResponse:
     """What one operation of a transaction did: ``put`` (its ``revision``), ``delete``
     (``deleted``: the key existed), ``get`` (``kv``: the key, None if absent), ``scan``
     (``items`` in key order; ``more``: its limit, or the reply's size budget, cut it;
-    ``revision``: the revision it was read at) or ``txn`` (``txn``: the nested transaction's
-    response)."""
+    ``revision``: the revision it was read at), ``delete_range`` (``count``: how many keys it
+    deleted) or ``txn`` (``txn``: the nested transaction's response)."""
 
-    kind: Literal["put", "delete", "get", "txn", "scan"]
+    kind: Literal["put", "delete", "get", "txn", "scan", "delete_range"]
     revision: int = 0
     deleted: bool = False
     kv: KeyValue | None = None
     txn: TxnResponse | None = None
     items: tuple[KeyValue, ...] = ()
     more: bool = False
+    count: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +208,8 @@ class TxnResponse:
                 items = tuple(KeyValue(i.key, i.value, i.create_revision, i.mod_revision, i.version)
                               for i in o.scan.items)
                 out.append(OpResponse("scan", revision=o.scan.revision, items=items, more=o.scan.more))
+            elif which == "delete_range":
+                out.append(OpResponse("delete_range", count=o.delete_range))
             else:
                 raise InternalError(
                     f"malformed transaction response: an operation response of kind {which!r}", indeterminate=True

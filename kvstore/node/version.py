@@ -62,6 +62,7 @@ __all__ = [
     "LEVEL_LEASES",
     "LEVEL_LEASES_2",
     "LEVEL_TRANSACTIONS",
+    "LEVEL_TXN_RANGES",
     "LEVEL_XTXN_LEASES",
     "MAX_LEVEL",
     "SUPPORTED_LEVEL",
@@ -89,10 +90,8 @@ LEVEL_TRANSACTIONS = 2
 LEVEL_CROSS_TRANSACTIONS = 3
 LEVEL_LEASES = 4
 LEVEL_LEASES_2 = 5
+LEVEL_TXN_RANGES = 6
 LEVEL_XTXN_LEASES = 7
-"""Level 6 is another helper's (`LEVEL_TXN_RANGES`, on its own branch): levels need not
-be contiguous here (a binary of level 7 supports every lower level; `FEATURES` describes those
-it knows, and a level nothing adds is simply nothing new)."""
 
 FEATURES: dict[int, str] = {
     LEVEL_BASE: "PUT, DELETE, CAS, COMPACT, CLOSE, shard commands, the metadata keys",
@@ -103,6 +102,8 @@ FEATURES: dict[int, str] = {
                   "groups (the lease forms of PREPARE and RECORD)",
     LEVEL_LEASES_2: "TXN with a lease (a put that attaches its key to a lease, the PUT_LEASE operation, or a "
                     "LEASE compare, `storage/txn.py`); the orphan sweep's LEASE_STATUS and LEASE_ORPHAN",
+    LEVEL_TXN_RANGES: "range deletes inside transactions (a TXN's DELETE_RANGE operation; the COMMIT and RECORD "
+                      "form with the ranges, tail 4 of `storage/xtxn.py`)",
     LEVEL_XTXN_LEASES: "transactions across groups with leased puts or LEASE compares (the leased forms of "
                        "PREPARE, COMMIT and RECORD, `storage/xtxn.py`)",
 }
@@ -134,12 +135,13 @@ level 4 without them exist (they came after it), and such a member would stop on
 
 FORM_LEVELS: dict[int, int] = {
     commands.Op.PREPARE: LEVEL_XTXN_LEASES, commands.Op.RECORD: LEVEL_XTXN_LEASES,
-    commands.Op.COMMIT: LEVEL_XTXN_LEASES, commands.Op.TXN: LEVEL_LEASES_2,
+    commands.Op.COMMIT: LEVEL_XTXN_LEASES, commands.Op.TXN: LEVEL_TXN_RANGES,
 }
-"""Kinds with a later form: the lease forms of PREPARE and RECORD (a lease's deletion across
-groups: PREPARE's range flag 2, RECORD's lease tail, `storage/xtxn.py`) need this level, above
-their kind's (`command_level`). A node of level 3 decodes them as malformed, so they must never
-reach a log while such a member exists. Level 4 grew with these forms rather than taking a level
+"""Kinds with later forms -> the level of the kind's NEWEST form (`form_level` says which form a
+decoded command is; `command_level` decodes only while the cluster version is below this). The
+forms: the lease forms of PREPARE and RECORD (a lease's deletion across groups: PREPARE's range
+flag 2, RECORD's lease tail, `storage/xtxn.py`) are level 4, above their kind's: a node of level
+3 decodes them as malformed, so they must never reach a log while such a member exists. Level 4 grew with these forms rather than taking a level
 of their own (it had not been released then). A TXN with a leased put (`txn.PUT_LEASE`, etcd's
 Txn with a leased put: `etcdctl lock`) is level 5: a level-4 node decodes it as malformed (an
 unknown operation kind), and level-4 binaries exist. Shard commands have one such form too:
@@ -151,22 +153,32 @@ prepared", `XCmd.delete_prepared`) is part of level 3's own meaning. No release 
 supports level 1 only, so no member that knows COMMIT and RECORD without that form can meet it.
 A lease's deletion uses both tails; its lease tail alone makes it level 4.
 
-The table gives each kind its NEWEST form's level; `form_level` says which form a command is.
-PREPARE, COMMIT and RECORD with leased puts (and PREPARE reading keys' leases: range flag 3, the
-leased tail 3) are level 7 (`LEVEL_XTXN_LEASES`): a level-5 node decodes them as malformed."""
+A kind may have several later forms: its entry is the highest, and `command_level` decodes the
+command (only while the cluster version is below that) to find which form it is (`form_level`:
+a new form of a kind means a new line here AND a new case there). Level 6 (`LEVEL_TXN_RANGES`):
+a TXN with a DELETE_RANGE operation (never applied as one group's TXN, but a level-5 node would
+decode it as malformed, not refuse it as level 6 does), and the COMMIT and RECORD with ranges
+(tail 4) that carry such a transaction's range deletes across groups. Level 7
+(`LEVEL_XTXN_LEASES`): PREPARE, COMMIT and RECORD with leased puts (and PREPARE reading keys'
+leases: range flag 3, or 4 with a range lock too; the leased tail 3); a level-5 or level-6 node
+decodes them as malformed. A form using several later features needs the highest of their
+levels (a COMMIT with both leased puts and ranges: 7)."""
 
 
 def form_level(cmd: commands.Command) -> int:
-    """The level the form of decoded command `cmd` needs beyond its kind's (0: none)."""
+    """The level decoded command `cmd`'s form needs (`LEVEL_BASE` for a kind's first form; the
+    highest level among the later features it uses; see `FORM_LEVELS`)."""
     x = cmd.x
     if x is not None:
         if x.leased or x.read_leases:
             return LEVEL_XTXN_LEASES
-        if x.lease:
-            return LEVEL_LEASES
-    if cmd.txn is not None and txn.has_lease(cmd.txn):
-        return LEVEL_LEASES_2
-    return 0
+        if x.ranges:
+            return LEVEL_TXN_RANGES
+        return LEVEL_LEASES if x.lease else LEVEL_BASE
+    if cmd.txn is not None:
+        return (LEVEL_TXN_RANGES if txn.has_delete_range(cmd.txn)
+                else LEVEL_LEASES_2 if txn.has_lease(cmd.txn) else LEVEL_BASE)
+    return LEVEL_BASE
 
 
 def command_level(data: bytes, levels: Mapping[int, int] = COMMAND_LEVELS) -> int | None:
@@ -184,6 +196,12 @@ def command_level(data: bytes, levels: Mapping[int, int] = COMMAND_LEVELS) -> in
     except ValueError:
         return need
     return max(need, form_level(cmd))
+
+
+_FORM_NAMES = {LEVEL_LEASES: " (a lease's deletion across groups)", LEVEL_LEASES_2: " with a lease",
+               LEVEL_TXN_RANGES: " with a range delete",
+               LEVEL_XTXN_LEASES: " with leased puts or lease compares (a transaction across groups)"}
+
 
 def install_level(data: bytes) -> int:
     """The lowest cluster version that may propose the shard command `data`: `LEVEL_LEASES` for
@@ -413,12 +431,12 @@ class CommandGate:
             need = command_level(data, self.levels) or need  # decoded only below the form's level
         if need <= v.cluster:
             return
+        if data[1] in FORM_LEVELS:  # refused: name the level its form needs (decoded on this path only)
+            need = command_level(data, self.levels) or need
         lag = v.lagging(self.members(), need)
         name = commands.Op(data[1]).name if data[1] in commands.Op._value2member_map_ else f"kind {data[1]}"
-        if need == LEVEL_XTXN_LEASES:
-            name += " with leased puts or lease compares (a transaction across groups)"
-        elif need > self.levels.get(data[1], need):
-            name += " with a lease" if data[1] == commands.Op.TXN else " (a lease's deletion across groups)"
+        if need > self.levels.get(data[1], need):
+            name += _FORM_NAMES.get(need, " (a later form)")
         raise errors.ClusterVersionTooLow(
             f"{name} needs cluster version {need} ({FEATURES.get(need, 'a newer feature level')}); the cluster "
             f"version is {v.cluster}" + (f"; members below level {need}: {', '.join(lag)}" if lag else

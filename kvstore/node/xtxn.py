@@ -21,6 +21,16 @@ One attempt (docs/REVISIONS.md, "Transactions across groups"):
    aborted, the earlier result is the answer).
 4. COMMIT in every participant (`commit_commands`), then FINALIZE in the primary.
 
+A transaction with range deletes (`txn.delete_ranges`; `plan_ranges`) has every data group as a
+participant: each PREPARE names the group's keys and locks the hull of the ranges
+(`txn.range_hull`), answering the keys' values and every other key present in the hull; the
+evaluation (`after_prepare`) scans those, and its COMMITs and RECORD carry the ranges the path
+ran (`XCmd.ranges`: each group deletes every other key it prepared in one of them at R). With
+leased puts or a LEASE compare too (below), each PREPARE carries both (`storage/xtxn.py` form 4:
+level 7) and answers both; a range delete does not delete a key the path's writes name (a put
+with a lease after it in op order is that key's final state), and each key it deletes is
+detached from its lease, as any delete.
+
 A resolver (`resolve_commands`) meeting an old intent asks the primary (RESOLVE: absent record
 -> ABORTED is written), then COMMITs (with the record's writes of the intent's group) or ABORTs
 the intent's group.
@@ -60,7 +70,7 @@ in a group is asked about at its home, and its keys there deleted if it is dead)
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvstore.storage import commands, leases, mvcc, txn, xtxn
 from kvstore.storage.commands import ApplyResult, Command
@@ -111,9 +121,9 @@ def with_checked(t: txn.Txn, stamps: dict[int, int]) -> txn.Txn:
     `stamps[lease]` (the coordinator's reading before it found the lease live at its home)."""
     def op(o: txn.TxnOp) -> txn.TxnOp:
         if o.txn is not None:
-            return txn.TxnOp(o.kind, o.key, o.value, with_checked(o.txn, stamps), o.lease, o.checked)
+            return replace(o, txn=with_checked(o.txn, stamps))
         if o.lease and not o.checked and o.lease in stamps:
-            return txn.TxnOp(o.kind, o.key, o.value, None, o.lease, stamps[o.lease])
+            return replace(o, checked=stamps[o.lease])
         return o
     return txn.Txn(t.compares, tuple(map(op, t.success)), tuple(map(op, t.failure)))
 
@@ -131,11 +141,42 @@ def plan(t: txn.Txn, group_for: Iterable[tuple[bytes, int]]) -> Plan:
     if not group_of:
         raise ValueError("a transaction must name at least one key")
     primary = next(iter(keys))
+    return Plan(primary, {g: tuple(ks) for g, ks in keys.items()}, group_of,
+                leased=_leased_by_group(t, group_of), read_leases=txn.compares_lease(t))
+
+
+def _leased_by_group(t: txn.Txn, group_of: dict[bytes, int]) -> dict[int, tuple[xtxn.Leased, ...]]:
+    """Group -> the leased puts on any path of `t` whose key is there (distinct, in order)."""
     leased: dict[int, list[xtxn.Leased]] = {}
     for x in dict.fromkeys(leased_puts(t)):
         leased.setdefault(group_of[x[0]], []).append(x)
-    return Plan(primary, {g: tuple(ks) for g, ks in keys.items()}, group_of,
-                leased={g: tuple(xs) for g, xs in leased.items()}, read_leases=txn.compares_lease(t))
+    return {g: tuple(xs) for g, xs in leased.items()}
+
+
+def plan_ranges(t: txn.Txn, group_for: Iterable[tuple[bytes, int]], groups: Iterable[int]) -> Plan:
+    """The plan of `t`, a transaction with range deletes (`txn.has_delete_range`): every data
+    group in `groups` is a participant (keys are hashed whole: a range may have keys in each),
+    each with the keys `group_for` maps to it (as `plan`), all locking the hull of the ranges
+    (`txn.range_hull`); the primary is the group of the first key named, or the lowest group if
+    it names none. ValueError (definite) if a named key's group is not among `groups`, or as
+    `every_group`."""
+    hull = txn.range_hull(t)
+    if hull is None:
+        raise ValueError("the transaction has no range delete")
+    gs = every_group(groups, "a transaction with a range delete")
+    keys: dict[int, list[bytes]] = {g: [] for g in gs}
+    group_of: dict[bytes, int] = {}
+    primary: int | None = None
+    for k, g in group_for:
+        if k in group_of:
+            continue
+        if g not in keys:
+            raise ValueError(f"key {k[:32]!r} maps to group {g}, which is not a data group")
+        group_of[k] = g
+        keys[g].append(k)
+        primary = g if primary is None else primary
+    return Plan(gs[0] if primary is None else primary, {g: tuple(ks) for g, ks in keys.items()}, group_of, hull,
+                leased=_leased_by_group(t, group_of), read_leases=txn.compares_lease(t))
 
 
 def every_group(groups: Iterable[int], what: str) -> list[int]:
@@ -182,7 +223,8 @@ def prepare_commands(p: Plan, tid: TxnId, start: int, proposed: int) -> dict[int
     return {
         g: commands.encode_command(
             Command.cross(XCmd(XOp.PREPARE, tid, p.primary, start, keys=ks, lock=p.lock, lease=p.lease,
-                               leased=p.leased.get(g, ()), read_leases=p.read_leases), revision=proposed))
+                               leased=p.leased.get(g, ()), read_leases=p.read_leases and bool(ks)),
+                         revision=proposed))
         for g, ks in sorted(p.keys.items())
     }
 
@@ -228,10 +270,13 @@ class Ready:
     keys than a command may list)."""
     leased: dict[int, tuple[xtxn.Leased, ...]] = field(default_factory=dict)
     """Group -> the leased puts among its writes (the path taken)."""
+    ranges: tuple[tuple[bytes, bytes], ...] = ()
+    """A transaction's range deletes on the path taken (`txn.Outcome.ranges`): its RECORD and
+    every COMMIT carry them (`XCmd.ranges`), besides `writes`."""
 
     @property
     def writes_anything(self) -> bool:
-        return any(self.writes.values())
+        return any(self.writes.values()) or bool(self.result.revision)
 
 
 def _refusal(p: Plan, results: dict[int, ApplyResult]) -> Conflict | Refused | None:
@@ -274,8 +319,11 @@ def after_prepare_range(p: Plan, results: dict[int, ApplyResult]) -> Conflict | 
 
 def after_prepare(t: txn.Txn, p: Plan, results: dict[int, ApplyResult]) -> Conflict | Refused | Ready:
     """Decide after every participant's PREPARE result (see the module docstring). Raises
-    `txn.ResultTooLarge` if the transaction's GETs return too much (abort, definite)."""
+    `txn.ResultTooLarge` if the transaction's GETs return too much (abort, definite). With
+    range deletes (`plan_ranges`: `p.lock` set), each group also answered the other keys present
+    in the hull of the ranges; the evaluation scans those and the named keys present."""
     current: dict[bytes, txn.Current | None] = {}
+    found: list[bytes] = []
     at = 0
     refused = _refusal(p, results)
     if refused is not None:
@@ -287,20 +335,36 @@ def after_prepare(t: txn.Txn, p: Plan, results: dict[int, ApplyResult]) -> Confl
         if res.txn is None or len(res.txn.responses) != len(ks) or not res.revision:
             return Refused(g, f"group {g} answered a PREPARE without the prepared values")
         key_leases: tuple[int, ...] = ()
+        codes: tuple[int, ...] = ()
+        in_range: list[bytes] = []
         mine = p.leased.get(g, ())
-        if mine or p.read_leases:
-            try:
-                key_leases, codes = xtxn.decode_prepared_leases(res.current or b"")
-            except ValueError:
-                return Refused(g, f"group {g} answered a malformed lease answer")
-            if len(codes) != len(mine) or len(key_leases) != (len(ks) if p.read_leases else 0):
+        reads = p.read_leases and bool(ks)
+        raw = res.current or b""
+        try:
+            if mine or reads:
+                if p.lock is not None:
+                    in_range, key_leases, codes = xtxn.decode_prepared_found_leases(raw)
+                else:
+                    key_leases, codes = xtxn.decode_prepared_leases(raw)
+            elif p.lock is not None:
+                in_range = xtxn.decode_found(raw)
+        except ValueError:
+            return Refused(g, f"group {g} answered a malformed range or lease answer")
+        if mine or reads:
+            if len(codes) != len(mine) or len(key_leases) != (len(ks) if reads else 0):
                 return Refused(g, f"group {g} answered a PREPARE without its leases")
             refusal.update((x, (g, code)) for x, code in zip(mine, codes, strict=True))
+        found += (k for k in in_range if k not in p.group_of)
         for i, (k, o) in enumerate(zip(ks, res.txn.responses, strict=True)):
             current[k] = txn.Current(o.value, o.create_revision, o.mod_revision, o.version,
                                      key_leases[i] if key_leases else 0) if o.found else None
         at = max(at, res.revision)
-    out = txn.evaluate(t, lambda k: current[k], at)
+    present = sorted({*found, *(k for k, c in current.items() if c is not None)})
+
+    def scan(lo: bytes, hi: bytes) -> list[bytes]:
+        return [k for k in present if txn.in_range(k, lo, hi)]
+
+    out = txn.evaluate(t, lambda k: current[k], at, scan if p.lock is not None else None)
     leased: dict[int, list[xtxn.Leased]] = {}
     for x in out.leased:
         g, code = refusal.get(x, (p.group_of[x[0]], xtxn.REFUSAL_NOT_FOUND))
@@ -313,7 +377,7 @@ def after_prepare(t: txn.Txn, p: Plan, results: dict[int, ApplyResult]) -> Confl
     for k, v in out.writes:
         writes[p.group_of[k]].append((k, v))
     return Ready(at, out.result, {g: tuple(ws) for g, ws in writes.items()},
-                 leased={g: tuple(xs) for g, xs in leased.items()})
+                 leased={g: tuple(xs) for g, xs in leased.items()}, ranges=tuple(out.ranges))
 
 
 def record_command(
@@ -334,7 +398,7 @@ def record_command(
     groups = tuple((g, ws) for g, ws in sorted(r.writes.items()))
     leased = tuple(x for _g, xs in sorted(r.leased.items()) for x in xs)
     x = XCmd(XOp.RECORD, tid, start=start, at=r.at, result=r.result, groups=groups, lease=lease, renews=renews,
-             leased=leased)
+             leased=leased, ranges=r.ranges)
     return commands.encode_command(Command.cross(x, client_id, seq, ack, retry=retry, horizon=horizon))
 
 
@@ -373,7 +437,8 @@ def commit_commands(tid: TxnId, r: Ready, groups: Iterable[int]) -> dict[int, by
     def one(g: int) -> XCmd:
         if r.delete_prepared:
             return XCmd(XOp.COMMIT, tid, at=r.at, delete_prepared=True)
-        return XCmd(XOp.COMMIT, tid, at=r.at, writes=r.writes.get(g, ()), leased=r.leased.get(g, ()))
+        return XCmd(XOp.COMMIT, tid, at=r.at, writes=r.writes.get(g, ()), leased=r.leased.get(g, ()),
+                    ranges=r.ranges)
 
     return {g: commands.encode_command(Command.cross(one(g))) for g in sorted(groups)}
 
@@ -421,7 +486,7 @@ def _commit_from_record(tid: TxnId, rec: Record, group: int) -> XCmd:
     the record sweep's): its writes, or, for a range delete or a lease's deletion, "every key
     prepared here" (`delete_prepared`)."""
     return XCmd(XOp.COMMIT, tid, at=rec.at, writes=rec.writes_of(group), delete_prepared=rec.delete_prepared,
-                leased=rec.leased_of(group))
+                leased=rec.leased_of(group), ranges=rec.ranges)
 
 
 # --- meeting intents -----------------------------------------------------------------------------
@@ -510,6 +575,7 @@ __all__ = [
     "plan",
     "plan_lease",
     "plan_range",
+    "plan_ranges",
     "prepare_commands",
     "record_command",
     "resolution",

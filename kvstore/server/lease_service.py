@@ -322,7 +322,7 @@ _UNPLANNABLE_LOGGED = 4096
 
 
 class LeaseDriver(GroupDriver[Lessor]):
-    """The node's lease clocks: every `period` seconds, a `Lessor` per data group hosted here is
+    """The node's lease clocks: every `period` seconds (`GroupDriver.interval`), a `Lessor` per data group hosted here is
     stepped with this node's monotonic clock and, if this node leads the group with a current
     view, its term; what it asks for is proposed (the home group's commands here, a DROP at the
     other group's leader through `caller`). Counts the expiries that applied (`/metrics`).
@@ -332,7 +332,6 @@ class LeaseDriver(GroupDriver[Lessor]):
         super().__init__(rq, period, "lease clock")
         self.caller = caller
         self.params = params or LessorParams()
-        self.period = period
         self.lessors: dict[int, Lessor] = self.states
         self.expired = 0
         self._deleting: set[int] = set()

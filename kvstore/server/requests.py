@@ -37,7 +37,7 @@ from kvstore.node.store import ReadStream, RevisionReads
 from kvstore.security.guard import AuthGuard
 from kvstore.security.rbac import READ, READWRITE, WRITE, PermKind
 from kvstore.shard.ranges import IntervalSet, key_hash
-from kvstore.shard.shardmap import META_GROUP
+from kvstore.shard.shardmap import META_GROUP, ShardMap
 from kvstore.storage import commands, leases, mvcc, txn
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
@@ -59,6 +59,10 @@ _REFUSALS: dict[str, type[errors.InvalidArgument]] = {
     leases.NOT_FOUND: errors.LeaseNotFound, leases.EXISTS: errors.LeaseExists}
 """A state machine's result error that is one of its named refusals (equal to the constant, as
 the state machine writes it): the error class it is raised as."""
+
+
+LEASE_ASKS_AT_ONCE = 8
+"""How many leases' homes one transaction's coordinator asks at once (`_lease_stamps`)."""
 
 
 class KVRequests:
@@ -195,6 +199,8 @@ class KVRequests:
         if m is None:
             raise errors.NoLeader("this node has no shard map yet")
         hashes = {k: key_hash(k) for k, _ in txn.keys_of(t)}
+        if txn.has_delete_range(t):
+            return self.route_ranges(t, data, m, hashes)
         if not hashes:
             raise errors.InvalidArgument("a transaction must name at least one key (it is routed by its keys)")
         groups: dict[int, bytes] = {}
@@ -208,15 +214,7 @@ class KVRequests:
                 for g in sorted(groups):
                     self.admission.check_write(g, not _has_put(t))
             p = xlogic.plan(t, ((k, m.group_for_hash(h)) for k, h in hashes.items()))
-            if (p.leased or p.read_leases) and self.host.gate is not None:
-                # leased puts and lease compares across groups are PREPARE/COMMIT/RECORD forms of
-                # level 7: refused here (definite, ClusterVersionTooLow) while the cluster is below
-                try:
-                    probes = xlogic.prepare_commands(p, TxnId(0, 0), 0, 0)
-                except ValueError as bad:
-                    raise errors.InvalidArgument(f"the transaction cannot be prepared: {bad}") from None
-                for probe in probes.values():
-                    self.host.gate(probe)
+            self._gate_leases(p)
             return p
         (gid,) = groups
         if gid not in self.host.groups:
@@ -227,14 +225,55 @@ class KVRequests:
             self.admission.check_write(gid, not _has_put(t))
         return gid
 
+    def _gate_leases(self, p: xlogic.Plan) -> None:
+        """Leased puts and lease compares across groups are PREPARE/COMMIT/RECORD forms of level
+        7: refused here (definite, ClusterVersionTooLow) while the cluster is below it."""
+        if not (p.leased or p.read_leases) or self.host.gate is None:
+            return
+        try:
+            probes = xlogic.prepare_commands(p, TxnId(0, 0), 0, 0)
+        except ValueError as bad:
+            raise errors.InvalidArgument(f"the transaction cannot be prepared: {bad}") from None
+        for probe in probes.values():
+            self.host.gate(probe)
+
+    def route_ranges(self, t: txn.Txn, data: bytes, m: ShardMap, hashes: dict[bytes, int]) -> xlogic.Plan:
+        """The plan of transaction `t` with range deletes: a two-phase commit over every data
+        group, whatever groups its named keys are in (`xlogic.plan_ranges`). Definite errors: a
+        cluster version below `LEVEL_TXN_RANGES` (the gate, on the transaction's own command: a
+        TXN with a DELETE_RANGE is that level's form; with a leased put or lease compare too,
+        below `LEVEL_XTXN_LEASES`: its PREPAREs' form), a node that runs no cross-group
+        transactions, admission's refusals."""
+        if self.host.gate is not None:
+            self.host.gate(data)
+        if self.cross is None:
+            raise errors.InvalidArgument("this node runs no cross-group transactions (a range delete needs one)")
+        groups = [g for g in m.data_groups() if g != META_GROUP]
+        try:
+            plan = xlogic.plan_ranges(t, ((k, m.group_for_hash(h)) for k, h in hashes.items()), groups)
+        except ValueError as err:
+            raise errors.InvalidArgument(str(err)) from None
+        self._gate_leases(plan)
+        if self.admission is not None:
+            for g in groups:
+                self.admission.check_write(g, not _has_put(t))
+        return plan
+
     def prepare_txn(self, r: kv_pb2.TxnRequest) -> tuple[txn.Txn, bytes]:
         """(transaction, command) of a checked transaction: read permission on every key it
         compares or gets, write permission on every key it puts or deletes (on any path)."""
         t = txn_from_proto(r.txn, self.check_key, self.check_value)
         for key, written in txn.keys_of(t):
             self.allow(key, WRITE if written else READ)
+        if self.guard is not None:
+            for lo, hi in txn.delete_ranges(t):
+                self.guard.check_range(lo, hi or None, WRITE)
+        return t, self._txn_command(t, r)
+
+    def _txn_command(self, t: txn.Txn, r: kv_pb2.TxnRequest) -> bytes:
+        """The TXN command of transaction `t` under request `r`'s session."""
         s = r.session
-        return t, _encode(
+        return _encode(
             commands.encode_command,
             commands.Command.transaction(t, s.client_id, s.seq, s.ack, s.retry, s.horizon, self.clock.propose(s.revision)),
         )
@@ -266,11 +305,19 @@ class KVRequests:
 
     async def run_txn(self, r: kv_pb2.TxnRequest) -> kv_pb2.TxnResponse:
         """A transaction without scans, in one group or across groups: its reply, or a raised
-        KVError (`txn_scans.py` runs the transaction part of one with scans through here)."""
+        KVError (`txn_scans.py` runs the transaction part of one with scans through here). A
+        one-group transaction's leased puts get their `checked` stamps as a cross-group one's
+        (`_lease_stamps`: a raw KV.Txn without them is not refused for it)."""
         t, data = self.prepare_txn(r)
         gid = self.route_txn(t, data)
         if isinstance(gid, xlogic.Plan):
             return await self.cross_txn(t, gid, r)
+        if txn.has_lease(t):
+            one = gid
+            stamps = await self._lease_stamps(t, lambda _k: one)
+            if stamps:
+                t = xlogic.with_checked(t, stamps)
+                data = self._txn_command(t, r)
         result = await waiters.propose(self.host, self.wake, gid, data, self.cfg.request_timeout)
         res = self.write_outcome(gid, result)
         self.metrics.writes.inc()
@@ -279,35 +326,52 @@ class KVRequests:
         return msg
 
     async def _lease_checks(self, t: txn.Txn, p: xlogic.Plan) -> tuple[txn.Txn, xlogic.Plan]:
-        """The coordinator's check of the leases of a transaction across groups: a put with a
+        """The coordinator's check of the leases of a transaction across groups (`_lease_stamps`),
+        the plan made again with the stamps."""
+        stamps = await self._lease_stamps(t, lambda k: p.group_of[k])
+        if not stamps:
+            return t, p
+        t = xlogic.with_checked(t, stamps)
+        group_for = ((k, p.group_of[k]) for k, _ in txn.keys_of(t))
+        if p.lock is not None:  # a transaction with range deletes: every data group, as before
+            return t, xlogic.plan_ranges(t, group_for, p.keys)
+        return t, xlogic.plan(t, group_for)
+
+    async def _lease_stamps(self, t: txn.Txn, group_of: Callable[[bytes], int]) -> dict[int, int]:
+        """Lease -> `checked` stamp for the leases of `t`'s puts that need one: a put with a
         lease and no `checked` (the etcd layer and the client library send one: they asked the
-        lease's home first) whose key is outside the lease's home group gets, if the home
-        answers the lease ALIVE (a LEASE_STATUS through its log: linearizable), this node's
-        clock reading taken before it asked, as LeaseTimeToLive's `checked`; else it keeps 0 and
-        the key's group refuses it where it is on the path taken (`requested lease not found`).
-        The plan is made again with the stamps. A failure to ask is the request's (definite:
-        nothing was proposed but the read-only STATUS)."""
-        assert self.cross is not None
+        lease's home first) whose key (in group `group_of(key)`) is outside the lease's home
+        group gets, if the home answers the lease ALIVE (a LEASE_STATUS through its log:
+        linearizable), this node's clock reading taken before it asked, as LeaseTimeToLive's
+        `checked`; else it keeps 0 and the key's group refuses it where it is on the path taken
+        (`requested lease not found`). The homes are asked concurrently, at most
+        `LEASE_ASKS_AT_ONCE` at a time, each within the request timeout (the proposals' own).
+        A failure to ask is the request's (definite: nothing was proposed but the read-only
+        STATUS). None needed, or no way to ask (no cross-group runner): no stamp."""
+        if self.cross is None:
+            return {}
+        cross = self.cross
         m = self.tracker.map
         data_groups = set(m.data_groups()) if m is not None else set()
         need = sorted({lid for k, lid, checked in xlogic.leased_puts(t)
-                       if not checked and leases.home_group(lid) != p.group_of[k]
+                       if not checked and leases.home_group(lid) != group_of(k)
                        and leases.home_group(lid) in data_groups})
-        stamps: dict[int, int] = {}
-        for lid in need:
-            now = self.clock.propose(0)
-            ask = commands.encode_command(commands.Command.lease_command(leases.LeaseCmd(leases.Kind.STATUS, lid)))
-            res = await self.cross.propose(leases.home_group(lid), ask)
+        if not need:
+            return {}
+        gate = asyncio.Semaphore(LEASE_ASKS_AT_ONCE)
+
+        async def ask(lid: int) -> tuple[int, int | None]:
+            async with gate:
+                now = self.clock.propose(0)
+                cmd = commands.encode_command(commands.Command.lease_command(leases.LeaseCmd(leases.Kind.STATUS, lid)))
+                res = await cross.propose(leases.home_group(lid), cmd)
             try:
                 alive = res.error is None and leases.Status.decode(res.current).state == leases.ALIVE
             except ValueError:
                 alive = False
-            if alive:
-                stamps[lid] = now
-        if not stamps:
-            return t, p
-        t = xlogic.with_checked(t, stamps)
-        return t, xlogic.plan(t, ((k, p.group_of[k]) for k, _ in txn.keys_of(t)))
+            return lid, now if alive else None
+
+        return {lid: now for lid, now in await asyncio.gather(*map(ask, need)) if now is not None}
 
     async def txn(self, r: kv_pb2.TxnRequest) -> kv_pb2.TxnResponse:
         """A whole transaction without scans (`KV.Txn`), every failure in the reply."""

@@ -83,10 +83,10 @@ class Reading:
 
 
 def has_writes(body: kv_pb2.TxnBody) -> bool:
-    """Whether a put or a delete is on any path of `body`."""
+    """Whether a put, a delete or a range delete is on any path of `body`."""
     for op in (*body.success, *body.failure):
         which = op.WhichOneof("op")
-        if which in ("put", "delete") or (which == "txn" and has_writes(op.txn)):
+        if which in ("put", "delete", "delete_range") or (which == "txn" and has_writes(op.txn)):
             return True
     return False
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from kvstore import errors
+from kvstore.node.watchspec import prefix_end
 from kvstore.storage import leases, txn
 from kvstore.v1 import kv_pb2
 
@@ -84,8 +85,12 @@ def txn_from_proto(
                 out.append(txn.TxnOp(txn.OpKind.GET, op.get))
             elif which == "txn":
                 out.append(txn.TxnOp(txn.OpKind.TXN, txn=conv(op.txn, depth + 1)))
+            elif which == "delete_range":
+                lo, hi = range_of(op.delete_range.start, op.delete_range.end, op.delete_range.prefix, check_key)
+                out.append(txn.TxnOp(txn.OpKind.DELETE_RANGE, lo, end=hi))
             else:
-                raise errors.InvalidArgument("a transaction operation sets none of put, delete, get and txn")
+                raise errors.InvalidArgument(
+                    "a transaction operation sets none of put, delete, get, txn and delete_range")
         return tuple(out)
 
     t = conv(body, 1)
@@ -94,6 +99,26 @@ def txn_from_proto(
     except ValueError as err:
         raise errors.InvalidArgument(f"invalid transaction: {err}") from None
     return t
+
+
+def range_of(start: bytes, end: bytes, prefix: bytes, check_key: Callable[[bytes], None]) -> tuple[bytes, bytes]:
+    """A `TxnRange`'s [start, end) (end b"": no end), checked: `prefix` overrides start and end
+    (every key starting with it); each bound within the node's key size (`check_key`, given a
+    non-empty stand-in of the bound's length); not both empty; a non-empty end above the start.
+    Definite InvalidArgument / KeyTooLarge otherwise."""
+    if prefix:
+        if start or end:
+            raise errors.InvalidArgument("a range delete with a prefix carries no start or end")
+        check_key(prefix)
+        return prefix, prefix_end(prefix) or b""
+    for bound in (start, end):
+        if bound:
+            check_key(bound)
+    try:
+        txn.check_range(start, end)
+    except ValueError as err:
+        raise errors.InvalidArgument(str(err)) from None
+    return start, end
 
 
 def result_into(msg: kv_pb2.TxnResult, t: txn.Txn, r: txn.TxnResult) -> None:
@@ -113,6 +138,8 @@ def result_into(msg: kv_pb2.TxnResult, t: txn.Txn, r: txn.TxnResult) -> None:
             out.put = r.revision
         elif o.kind == txn.OpKind.DELETE:
             out.delete = o.found
+        elif o.kind == txn.OpKind.DELETE_RANGE:
+            out.delete_range = o.deleted
         elif o.kind == txn.OpKind.GET:
             kv = out.get
             kv.SetInParent()

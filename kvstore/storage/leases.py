@@ -148,7 +148,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from . import mvcc
@@ -615,6 +615,28 @@ def attach_refusal(rows: mvcc.Rows, group: int, lease_id: int, checked: int, at:
     if home_group(lease_id) != group and too_old(rows, checked, at):
         return NOT_FOUND
     return None
+
+
+def attach_refusals(rows: mvcc.Rows, group: int, leased: Iterable[tuple[bytes, int, int]],
+                    at: int = 0) -> list[str | None]:
+    """Per leased put (key, lease, checked) of one transaction, at revision `at`: why it may not
+    attach its key in this group (`attach_refusal`'s `NOT_FOUND`; else `TOO_MANY_KEYS` when its
+    lease would end with more than `MAX_KEYS_PER_LEASE` keys attached here, the transaction's
+    new attachments of the lease counted together, each key once), or None. Shared by a TXN's
+    leased puts (`machine.lease_refusal`) and a cross-group PREPARE's
+    (`xtxn_apply._attach_refusals`). Pure: reads only."""
+    leased = list(leased)
+    new: dict[int, set[bytes]] = {}
+    for key, lid, _checked in leased:
+        if lease_of(rows, key) != lid:
+            new.setdefault(lid, set()).add(key)
+    out: list[str | None] = []
+    for _key, lid, checked in leased:
+        refused = attach_refusal(rows, group, lid, checked, at)
+        if refused is None and attached_count(rows, lid) + len(new.get(lid, ())) > MAX_KEYS_PER_LEASE:
+            refused = TOO_MANY_KEYS
+        out.append(refused)
+    return out
 
 
 def check_rows(key: bytes, value: bytes) -> None:

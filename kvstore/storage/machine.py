@@ -310,9 +310,14 @@ def execute(view: StateView, cmd: Command) -> ApplyResult:
     return ApplyResult(error=f"unknown command op {op!r}")
 
 
+ONE_GROUP_RANGE_DELETE = "a transaction with a range delete runs across every data group, not as one group's TXN"
+
+
 def apply_txn(view: StateView, t: txn.Txn, proposed: int) -> ApplyResult:
     """Run transaction `t` at one revision (see the module docstring). RevisionError (a refused
     proposal) propagates before anything changed."""
+    if txn.has_delete_range(t):  # its keys are in every group: only a two-phase commit locks them all
+        return ApplyResult(error=ONE_GROUP_RANGE_DELETE)
     rows = view.mvcc
     rev = mvcc.next_revision(mvcc.rev_state(rows).last, proposed, view.group)
 
@@ -357,18 +362,10 @@ def lease_refusal(rows: mvcc.Rows, group: int, leased: list[tuple[bytes, int, in
     `at`, may not attach in this group, or None: each by a LEASE_PUT's rules
     (`leases.attach_refusal`: else `leases.NOT_FOUND`); and no lease may end with more than
     `leases.MAX_KEYS_PER_LEASE` keys attached here (the new attachments of one transaction
-    counted together): else `leases.TOO_MANY_KEYS`. Pure: reads only."""
-    new: dict[int, int] = {}
-    for key, lid, checked in leased:
-        refused = leases.attach_refusal(rows, group, lid, checked, at)
-        if refused is not None:
-            return refused
-        if leases.lease_of(rows, key) != lid:
-            new[lid] = new.get(lid, 0) + 1
-    for lid, n in new.items():
-        if leases.attached_count(rows, lid) + n > leases.MAX_KEYS_PER_LEASE:
-            return leases.TOO_MANY_KEYS
-    return None
+    counted together): else `leases.TOO_MANY_KEYS` (`leases.attach_refusals`). Pure: reads only."""
+    refusals = leases.attach_refusals(rows, group, leased, at)
+    return next((r for r in refusals if r not in (None, leases.TOO_MANY_KEYS)),
+                leases.TOO_MANY_KEYS if leases.TOO_MANY_KEYS in refusals else None)
 
 
 def apply_lease(view: StateView, cmd: Command) -> ApplyResult:

@@ -2,7 +2,8 @@
 
 A transaction is a list of compares, then the operations of the `success` branch if every
 compare holds, else those of the `failure` branch. Operations: PUT, DELETE and GET of one key,
-and a nested transaction. The apply logic (`machine.apply_txn`) runs it inside one group at one
+DELETE_RANGE of a key range [start, end) (end empty: no end; level 6, run only across groups:
+see below), and a nested transaction. The apply logic (`machine.apply_txn`) runs it inside one group at one
 revision; a later two-phase commit across groups is meant to reuse `evaluate` unchanged at a
 prepared revision (the function takes the revision and a reader, and returns the writes to make).
 
@@ -15,17 +16,30 @@ version = create = mod = 0, and every VALUE compare on it is false (whatever the
 
 Evaluation is sequential: each operation sees the writes of the operations before it in the
 same transaction (a GET after a PUT of the key returns the new value, at the transaction's
-revision). A DELETE of an absent key writes nothing.
+revision). A DELETE of an absent key writes nothing. A DELETE_RANGE deletes every key present
+in its range at that point (its result: how many), so a GET of such a key after it reads it
+absent, and a PUT into the range after it survives (the PUT's value is the key's at the
+revision; a key present before the transaction keeps its history: its one version at the
+revision is the PUT's, the key's next version, as if overwritten, and a GET after the PUT says
+so); a PUT before it is deleted again. Its keys are not named (`keys_of` skips it): the
+caller hands `evaluate` a `Scanner` of the keys present in a range, and gets back, besides the
+writes of named keys (each key once, its final state), the ranges the path taken deleted
+(`Outcome.ranges`): the caller deletes every key present in one of them that is not among the
+writes (`storage/xtxn_apply.py`'s COMMIT). Only a two-phase commit over every data group, which
+locks the ranges in each, can do that atomically: a one-group TXN with a DELETE_RANGE is refused
+at apply (`machine.apply_txn`).
 
 Wire format (big-endian `struct`; never pickle or json):
 
     txn     n_cmp:u16 n_success:u16 n_failure:u16  cmp*  op*  op*
     cmp     target:u8 result:u8 key_len:u16 key  (VALUE: len:u32 value | other: number:u64)
     op      kind:u8 key_len:u16 key  (PUT: len:u32 value | TXN: key_len 0, then a txn |
-                                      PUT_LEASE (5): len:u32 value lease:u64 checked:u64)
+                                      PUT_LEASE (5): len:u32 value lease:u64 checked:u64 |
+                                      DELETE_RANGE (6): the key is the start, end_len:u16 end)
     result  flags:u8 (bit 0 succeeded) revision:u64 n:u16  opres*
     opres   kind:u8  (PUT: nothing | DELETE: existed:u8 |
-                      GET: found:u8 [create:u64 mod:u64 version:u64 len:u32 value] | TXN: result)
+                      GET: found:u8 [create:u64 mod:u64 version:u64 len:u32 value] | TXN: result |
+                      DELETE_RANGE: deleted:u64)
 
 Invariants (checked by `check_txn`, run by both `encode_txn` and `decode_txn`):
 - at most `MAX_TXN_ITEMS` compares + operations in the whole tree, nesting at most
@@ -38,7 +52,11 @@ Invariants (checked by `check_txn`, run by both `encode_txn` and `decode_txn`):
   that a node below feature level 5 decodes as malformed (`node.version.FORM_LEVELS`);
 - no key is written (PUT or DELETE) twice on any path the transaction can take (etcd's rule:
   every write of a transaction has the same revision, and one key has one version per
-  revision); the two branches of one nested transaction may write the same key;
+  revision); the two branches of one nested transaction may write the same key. A DELETE_RANGE
+  may cover keys the transaction PUTs or DELETEs (unlike etcd, which refuses that overlap): the
+  operations are sequential and each key keeps its final state, one version at the revision;
+- a DELETE_RANGE's start and end are at most `MAX_KEY_SIZE` bytes, not both empty, and a
+  non-empty end is above the start; it is a later form of TXN (level 6, `has_delete_range`);
 - `decode_txn(encode_txn(t)) == t`, and decoding anything else raises ValueError (never another
   exception type), likewise for results.
 """
@@ -47,7 +65,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from . import leases
@@ -64,6 +82,7 @@ NUMBER_MAX = (1 << 63) - 1
 _COUNTS = struct.Struct(">HHH")
 _CMP = struct.Struct(">BBH")
 _OP = struct.Struct(">BH")
+_U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _RES = struct.Struct(">BQH")
@@ -90,6 +109,8 @@ class OpKind(enum.IntEnum):
     DELETE = 2
     GET = 3
     TXN = 4
+    DELETE_RANGE = 6
+    """Wire kind 6 (5 is PUT_LEASE, a PUT's form)."""
 
 
 _TARGETS = {int(t): t for t in Target}
@@ -113,9 +134,10 @@ class Compare:
 
 @dataclass(frozen=True, slots=True)
 class TxnOp:
-    """One operation: PUT `key` = `value`, DELETE `key`, GET `key`, or the nested `txn` (no key).
-    A PUT's `lease` (0: none) attaches the key to that lease; `checked` is a LEASE_PUT's (when
-    the lease was seen live at its home, `leases.LeaseCmd.checked`)."""
+    """One operation: PUT `key` = `value`, DELETE `key`, GET `key`, DELETE_RANGE [`key`, `end`)
+    (`end` b"": no end), or the nested `txn` (no key). A PUT's `lease` (0: none) attaches the key
+    to that lease; `checked` is a LEASE_PUT's (when the lease was seen live at its home,
+    `leases.LeaseCmd.checked`)."""
 
     kind: OpKind
     key: bytes = b""
@@ -123,6 +145,7 @@ class TxnOp:
     txn: Txn | None = None
     lease: int = 0
     checked: int = 0
+    end: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +159,7 @@ class Txn:
 class OpResult:
     """What one operation did. PUT: nothing more (its revision is the transaction's). DELETE:
     `found` = the key existed. GET: `found`, and when found `value` and the key's metadata.
-    TXN: `txn`, the nested transaction's result."""
+    TXN: `txn`, the nested transaction's result. DELETE_RANGE: `deleted`, how many keys."""
 
     kind: OpKind
     found: bool = False
@@ -145,6 +168,7 @@ class OpResult:
     mod_revision: int = 0
     version: int = 0
     txn: TxnResult | None = None
+    deleted: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +194,8 @@ class Current:
 
 
 Reader = Callable[[bytes], "Current | None"]
+Scanner = Callable[[bytes, bytes], "Iterable[bytes]"]
+"""The keys present in [start, end) (end b"": no end) before the transaction, in any order."""
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -225,6 +251,13 @@ def check_txn(t: Txn) -> None:
                 continue
             if not isinstance(op.kind, OpKind):
                 raise ValueError(f"bad operation kind {op.kind!r}")
+            if op.kind == OpKind.DELETE_RANGE:
+                if op.txn is not None or op.value or op.lease or op.checked:
+                    raise ValueError("a DELETE_RANGE operation carries only a start and an end")
+                check_range(op.key, op.end)
+                continue
+            if op.end:
+                raise ValueError(f"a {op.kind.name} operation carries no range end")
             _check_key(op.key)
             if op.txn is not None or (op.value and op.kind != OpKind.PUT):
                 raise ValueError(f"a {op.kind.name} operation carries only a key")
@@ -238,6 +271,47 @@ def check_txn(t: Txn) -> None:
     walk(t, 1)
     _writes(t.success)
     _writes(t.failure)
+
+
+def check_range(start: bytes, end: bytes) -> None:
+    """ValueError unless [start, end) is a DELETE_RANGE's range (module docstring)."""
+    if len(start) > MAX_KEY_SIZE or len(end) > MAX_KEY_SIZE:
+        raise ValueError(f"a range bound is longer than {MAX_KEY_SIZE} bytes")
+    if not start and not end:
+        raise ValueError("a range delete needs a start or an end (the whole key space: start b'\\x00')")
+    if end and end <= start:
+        raise ValueError("a range delete's end is at or before its start")
+
+
+def in_range(key: bytes, start: bytes, end: bytes) -> bool:
+    """Whether `key` is in [start, end) (end b"": no end)."""
+    return key >= start and (not end or key < end)
+
+
+def delete_ranges(t: Txn) -> Iterator[tuple[bytes, bytes]]:
+    """(start, end) of every DELETE_RANGE on any path of `t`."""
+    for op in (*t.success, *t.failure):
+        if op.kind == OpKind.DELETE_RANGE:
+            yield op.key, op.end
+        elif op.txn is not None:
+            yield from delete_ranges(op.txn)
+
+
+def has_delete_range(t: Txn) -> bool:
+    """Whether a DELETE_RANGE is on any path of `t` (its encoding then needs level 6, and it
+    runs only as a two-phase commit over every data group)."""
+    return any(True for _ in delete_ranges(t))
+
+
+def range_hull(t: Txn) -> tuple[bytes, bytes] | None:
+    """The smallest range [start, end) (end b"": no end) holding every DELETE_RANGE of `t` (the
+    range a two-phase commit locks in each group), or None without one."""
+    rs = list(delete_ranges(t))
+    if not rs:
+        return None
+    lo = min(s for s, _ in rs)
+    hi = b"" if any(not e for _, e in rs) else max(e for _, e in rs)
+    return lo, hi
 
 
 def compares_lease(t: Txn) -> bool:
@@ -262,14 +336,15 @@ def leased_puts(t: Txn) -> Iterator[tuple[bytes, int]]:
 
 
 def keys_of(t: Txn) -> Iterator[tuple[bytes, bool]]:
-    """Every (key, written) the transaction names, on every path (compares and GETs: read)."""
+    """Every (key, written) the transaction names, on every path (compares and GETs: read; a
+    DELETE_RANGE names none)."""
     for c in t.compares:
         yield c.key, False
     for op in (*t.success, *t.failure):
         if op.kind == OpKind.TXN:
             assert op.txn is not None
             yield from keys_of(op.txn)
-        else:
+        elif op.kind != OpKind.DELETE_RANGE:  # its keys are not named: `delete_ranges`
             yield op.key, op.kind != OpKind.GET
 
 
@@ -298,6 +373,8 @@ def _enc(t: Txn, out: bytearray) -> None:
         elif op.kind == OpKind.TXN:
             assert op.txn is not None
             _enc(op.txn, out)
+        elif op.kind == OpKind.DELETE_RANGE:
+            out += _U16.pack(len(op.end)) + op.end
 
 
 class _Buf:
@@ -375,6 +452,9 @@ def _dec(buf: _Buf, depth: int, items: list[int]) -> Txn:
             if key:
                 raise ValueError("a nested transaction operation carries a key")
             ops.append(TxnOp(kind, txn=_dec(buf, depth + 1, items)))
+        elif kind == OpKind.DELETE_RANGE:
+            (el,) = buf.unpack(_U16, "a range end length")
+            ops.append(TxnOp(kind, key, end=buf.take(el, "a range end")))
         else:
             ops.append(TxnOp(kind, key))
     return Txn(tuple(cmps), tuple(ops[:ns]), tuple(ops[ns:]))
@@ -399,6 +479,8 @@ def _enc_res(r: TxnResult, out: bytearray) -> None:
         elif o.kind == OpKind.TXN:
             assert o.txn is not None
             _enc_res(o.txn, out)
+        elif o.kind == OpKind.DELETE_RANGE:
+            out += _U64.pack(o.deleted)
 
 
 def decode_txn_result(data: bytes, pos: int = 0) -> tuple[TxnResult, int]:
@@ -427,6 +509,11 @@ def _dec_res(buf: _Buf, depth: int) -> TxnResult:
             out.append(OpResult(kind))
         elif kind == OpKind.TXN:
             out.append(OpResult(kind, txn=_dec_res(buf, depth + 1)))
+        elif kind == OpKind.DELETE_RANGE:
+            (n,) = buf.unpack(_U64, "a range delete's count")
+            if n > NUMBER_MAX:
+                raise ValueError(f"a range delete's count {n} is out of range")
+            out.append(OpResult(kind, deleted=n))
         else:
             (found,) = buf.take(1, "a response flag")
             if found > 1:
@@ -476,24 +563,38 @@ class ResultTooLarge(ValueError):
 @dataclass(slots=True)
 class Outcome:
     """`evaluate`'s answer: the result, and the writes to make at its revision in order (key,
-    new value; None: delete a present key); `leased`: (key, lease, checked) of every PUT with a
-    lease among them, in order (each key once: no key is written twice)."""
+    new value; None: delete a present key; each key once, its final state); `leased`: (key,
+    lease, checked) of every PUT with a lease among them, in order; `ranges`: the DELETE_RANGEs
+    the path taken ran, (start, end) in order, each once: every key present in one of them that
+    is not among `writes` is deleted at the revision too (`writes` holds every named key such a
+    range deleted that a PUT or DELETE of the transaction wrote before it)."""
 
     result: TxnResult
     writes: list[tuple[bytes, bytes | None]]
     leased: list[tuple[bytes, int, int]] = field(default_factory=list)
+    ranges: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
-def evaluate(t: Txn, read: Reader, revision: int) -> Outcome:
+class NoScanner(ValueError):
+    """A DELETE_RANGE met by an evaluation without a `Scanner` (a one-group TXN)."""
+
+
+def evaluate(t: Txn, read: Reader, revision: int, scan: Scanner | None = None) -> Outcome:
     """Evaluate `t` against the state `read` returns, as if its writes happen at `revision`
     (pure: nothing is written; deterministic). The caller makes `Outcome.writes`, all at
-    `revision`; the result's revision is `revision` if there are any, else 0. Raises
-    `ResultTooLarge` (nothing to write then) if the GETs would return more than
-    `MAX_RESULT_VALUE_BYTES` of values."""
+    `revision`, and deletes the keys of `Outcome.ranges` that are not among them; the result's
+    revision is `revision` if the transaction wrote or deleted anything, else 0. `scan` gives
+    the keys present in a range (a DELETE_RANGE's; it must agree with `read`: the keys it gives
+    are present, and every named key present in the range is among them); a DELETE_RANGE on the
+    path taken without one raises `NoScanner`. Raises `ResultTooLarge` (nothing to write then)
+    if the GETs would return more than `MAX_RESULT_VALUE_BYTES` of values."""
     overlay: dict[bytes, Current | None] = {}
-    writes: list[tuple[bytes, bytes | None]] = []
+    written: dict[bytes, bytes | None] = {}
     leased: list[tuple[bytes, int, int]] = []
+    ranges: list[tuple[bytes, bytes]] = []
+    range_gone: set[bytes] = set()
     returned = 0
+    range_deleted = 0
 
     def cur(key: bytes) -> Current | None:
         return overlay[key] if key in overlay else read(key)
@@ -501,7 +602,7 @@ def evaluate(t: Txn, read: Reader, revision: int) -> Outcome:
     def run(t: Txn) -> tuple[bool, list[OpResult]]:
         ok = all(_holds(c, cur(c.key)) for c in t.compares)
         res: list[OpResult] = []
-        nonlocal returned
+        nonlocal returned, range_deleted
         for op in t.success if ok else t.failure:
             if op.kind == OpKind.GET:
                 c = cur(op.key)
@@ -514,11 +615,13 @@ def evaluate(t: Txn, read: Reader, revision: int) -> Outcome:
                     op.kind, True, c.value, c.create_revision, c.mod_revision, c.version))
             elif op.kind == OpKind.PUT:
                 c = cur(op.key)
+                if c is None and op.key in range_gone:  # one version at R: the key's next (module docstring)
+                    c = read(op.key)
                 overlay[op.key] = (
                     Current(op.value, revision, revision, 1, op.lease) if c is None
                     else Current(op.value, c.create_revision, revision, c.version + 1, op.lease)
                 )
-                writes.append((op.key, op.value))
+                written[op.key] = op.value
                 if op.lease:
                     leased.append((op.key, op.lease, op.checked))
                 res.append(OpResult(op.kind))
@@ -526,8 +629,24 @@ def evaluate(t: Txn, read: Reader, revision: int) -> Outcome:
                 c = cur(op.key)
                 if c is not None:
                     overlay[op.key] = None
-                    writes.append((op.key, None))
+                    written[op.key] = None
                 res.append(OpResult(op.kind, c is not None))
+            elif op.kind == OpKind.DELETE_RANGE:
+                if scan is None:
+                    raise NoScanner("a range delete inside a transaction runs only across groups")
+                lo, hi = op.key, op.end
+                present = {k for k in scan(lo, hi) if k not in overlay and in_range(k, lo, hi)}
+                present |= {k for k, v in overlay.items() if v is not None and in_range(k, lo, hi)}
+                for k in present:
+                    overlay[k] = None
+                    range_gone.add(k)
+                    if k in written:  # a PUT of this transaction before it: now deleted
+                        written[k] = None
+                leased[:] = [x for x in leased if not in_range(x[0], lo, hi)]
+                if (lo, hi) not in ranges:
+                    ranges.append((lo, hi))
+                range_deleted += len(present)
+                res.append(OpResult(op.kind, deleted=len(present)))
             else:
                 assert op.txn is not None
                 sub_ok, sub = run(op.txn)
@@ -535,8 +654,8 @@ def evaluate(t: Txn, read: Reader, revision: int) -> Outcome:
         return ok, res
 
     ok, res = run(t)
-    rev = revision if writes else 0
-    return Outcome(_stamp(TxnResult(ok, tuple(res)), rev), writes, leased)
+    rev = revision if written or range_deleted else 0
+    return Outcome(_stamp(TxnResult(ok, tuple(res)), rev), list(written.items()), leased, ranges)
 
 
 def _stamp(r: TxnResult, rev: int) -> TxnResult:
@@ -566,4 +685,6 @@ def writes_of(t: Txn, r: TxnResult) -> list[tuple[bytes, bytes | None]]:
         elif op.kind == OpKind.TXN:
             assert op.txn is not None and o.txn is not None
             out += writes_of(op.txn, o.txn)
+        elif op.kind == OpKind.DELETE_RANGE:
+            raise ValueError("a range delete's writes are not in its result")
     return out

@@ -16,18 +16,25 @@ were forgotten). Commands (op codes in `commands.Op`; none carries a client key 
                                                                   keys attached to that lease;
                                                                   r = 3: then read:u8 leased, the
                                                                   keys' leased puts and whether to
-                                                                  answer the keys' leases)
+                                                                  answer the keys' leases;
+                                                                  r = 4: slen:u16 start elen:u16
+                                                                  end read:u8 leased: r = 1's
+                                                                  range lock and r = 3's leases)
     COMMIT    id at:u64 n:u16 write* [2:u8] [3:u8 leased]        (in each participant; tail 2:
-                                                                  delete every key prepared; tail
-                                                                  3: the puts' leases)
+              [4:u8 ranges]                                       delete every key prepared; tail
+                                                                  3: the puts' leases; tail 4:
+                                                                  also delete every key prepared in
+                                                                  one of the ranges but the writes')
     ABORT     id                                                  (in each participant)
     RECORD    id start:u64 at:u64 result-len:u32 result n:u16 (group:u64 n:u16 write*)*
               [1:u8 lease:u64 renews:u64] [2:u8] [3:u8 leased]    (in the primary: the commit point;
-                                                                  tail 1: a lease's deletion; tail 2:
+              [4:u8 ranges]                                       tail 1: a lease's deletion; tail 2:
                                                                   every group's COMMIT deletes every
                                                                   key prepared; both: in that order;
-                                                                  tail 3, alone: the leases of every
-                                                                  group's puts)
+                                                                  tail 3: the leases of every
+                                                                  group's puts; tail 4: every
+                                                                  group's COMMIT has these ranges,
+                                                                  as COMMIT's tail 4)
     RESOLVE   id start:u64                                        (in the primary)
     FINALIZE  id group:u64                                        (in the primary; group 0: every
                                                                   participant applied its COMMIT,
@@ -35,6 +42,11 @@ were forgotten). Commands (op codes in `commands.Op`; none carries a client key 
     write     flags:u8 (bit 0: a put) klen:u16 key [vlen:u32 value]
     leased    n:u16 (klen:u16 key lease:u64 checked:u64)*        (puts that attach their key to a
                                                                   lease, `Leased`; level 7)
+    ranges    n:u16 (slen:u16 start elen:u16 end)*                (1 to `MAX_KEYS`, each a valid
+                                                                  `txn.check_range`, distinct)
+
+Tails come in ascending tag order, each at most once; tags 3 and 4 never come with 1 or 2 (a
+lease's deletion and a delete-prepared range delete put nothing and name no ranges).
 
 Group ids (PREPARE's primary, FINALIZE's group, a RECORD's groups) are below `mvcc.MAX_GROUPS`.
 The tail byte 2 (with no write listed; absent: not) is the compact form of a range delete and
@@ -48,6 +60,12 @@ group's intents fix them (its range lock refuses every insert into the range, it
 every attachment to the lease, until the COMMIT or ABORT), so the commit point and the COMMITs
 describe any deletion the PREPAREs accepted. The coordinator sends a lease's deletion as a
 RECORD with both tails (`node/xtxn.record_command`); the codec also takes the lease tail alone.
+Tail 4 (`XCmd.ranges`, level 6: a transaction with DELETE_RANGE operations, `storage/txn.py`)
+is the same idea for a transaction's range deletes: its PREPAREs name its keys and lock the hull
+of its ranges in every group, and its COMMIT makes the listed writes (of named keys, each its
+final state) and deletes every other key it prepared in the group that lies in one of the
+ranges the transaction's path ran; the RECORD carries the ranges for every group's COMMIT
+(a resolver's too). Tail 4 never comes with tail 1 or 2.
 
 Leased puts (`XCmd.leased`, feature level 7, `node.version.LEVEL_XTXN_LEASES`): a transaction's
 put that attaches its key to a lease, as a LEASE_PUT does (`Leased`: key, lease, checked). A
@@ -60,7 +78,9 @@ it names is attached to (a LEASE compare is evaluated by the coordinator at R). 
 the leased puts among its writes (each a put it writes, each key once), a RECORD those of every
 group (as one list: each key is in one group), and so does the COMMITTED record row (the
 resolvers and the record sweep build the COMMITs from it). Tail 3 never comes with tail 1 or 2
-(a lease's deletion and a range delete put nothing).
+(a lease's deletion and a range delete put nothing), but may come with tail 4: a transaction
+with range deletes and leased puts (its PREPAREs: form 4, a range lock with the leases; the
+answer is the lease answer then the keys found, `encode_prepared_found_leases`).
 
 Rows (`row_*` give the keys; `check_rows` validates one, as a snapshot brings it):
 
@@ -72,10 +92,14 @@ Rows (`row_*` give the keys; `check_rows` validates one, as a snapshot brings it
     e + id                  -> intent lease:u64   a lease lock (a lease deletion's: no LEASE_PUT of it)
     p + prepared:u64 + id   -> b""      the transactions by prepared revision (the minimum pending)
     r + id                  -> record   state:u8 start:u64 at:u64 result-len:u32 result n:u16
-                                        (group:u64 n:u16 write*)* [2:u8] [3:u8 leased]
+                                        (group:u64 n:u16 write*)* [2:u8] [3:u8 leased] [4:u8 ranges]
     a + id                  -> intent (lease:u64)+  an attach lock: the leases the transaction's
                                         PREPARE will attach keys to here (ascending, distinct)
     d + id                  -> start:u64  the transaction is done in this group (committed or aborted)
+    w + lease:u64           -> intent   a lease's deletion waits here: its PREPARE met attach locks
+                                        (the deletion's intent, `prepared` = when it was refused);
+                                        new leased PREPAREs of the lease are refused LOCKED until
+                                        `LEASE_WAIT_MS` past it (`xtxn_apply.lease_waiting`)
     g + expiry:u64 + id     -> b""      age-ordered index of the rows forgotten at `expiry`
     u + start:u64 + id      -> b""      a COMMITTED record not FINALIZED yet, by start (the record
                                         sweep finishes those whose coordinator died before FINALIZE)
@@ -93,7 +117,7 @@ from dataclasses import dataclass, field
 
 from . import leases, mvcc
 from .keylimit import MAX_KEY_SIZE
-from .txn import MAX_TXN_BYTES, MAX_TXN_ITEMS, TxnResult, decode_txn_result, encode_txn_result
+from .txn import MAX_TXN_BYTES, MAX_TXN_ITEMS, TxnResult, check_range, decode_txn_result, encode_txn_result
 
 MAX_KEYS = MAX_TXN_ITEMS
 """The most keys (PREPARE) or writes (COMMIT, a group of a RECORD) per group and command."""
@@ -202,6 +226,9 @@ class Record:
     transaction prepared there (`writes` lists the groups, with no write)."""
     leased: tuple[Leased, ...] = ()
     """The leased puts among `writes` (every group's; a key at most once)."""
+    ranges: tuple[tuple[bytes, bytes], ...] = ()
+    """A transaction's range deletes (tail 4): each group's COMMIT also deletes every key the
+    transaction prepared there in one of them, except the keys its writes name."""
 
     def writes_of(self, group: int) -> tuple[Write, ...]:
         for g, ws in self.writes:
@@ -265,6 +292,10 @@ class XCmd:
     COMMIT: those among its writes; RECORD: those among every group's writes (module docstring)."""
     read_leases: bool = False
     """PREPARE: also answer the lease each named key is attached to (a LEASE compare)."""
+    ranges: tuple[tuple[bytes, bytes], ...] = ()
+    """COMMIT, RECORD (tail 4, level 6): the range deletes a transaction's path ran; the COMMIT
+    also deletes every key the transaction prepared in the group in one of them but those its
+    writes name (`Record.ranges`)."""
 
 
 # --- rows ----------------------------------------------------------------------------------------
@@ -286,6 +317,16 @@ def row_lease_lock(t: TxnId) -> bytes:
 
 def row_attach_lock(t: TxnId) -> bytes:
     return b"a" + t.encode()
+
+
+def row_lease_wait(lease_id: int) -> bytes:
+    return b"w" + _U64.pack(lease_id)
+
+
+LEASE_WAIT_MS = 5_000
+"""How long a lease deletion's wait marker (row `w`) holds off new leased PREPAREs of its lease
+(the transaction timeout, `node/xtxn.TXN_TIMEOUT_MS`: every attach lock held when the deletion
+was refused is gone by then - committed, aborted, or resolved by whoever meets it)."""
 
 
 def row_record(t: TxnId) -> bytes:
@@ -356,6 +397,11 @@ def check_rows(table: int, key: bytes, value: bytes) -> None:
             raise ValueError(f"done row of {len(value)} bytes (expected {_U64.size})")
         else:
             _check_rev("start", _U64.unpack(value)[0])
+    elif kind == b"w":
+        if len(key) != 1 + _U64.size:
+            raise ValueError(f"w row key of {len(key)} bytes (expected {1 + _U64.size})")
+        check_lease(_U64.unpack_from(key, 1)[0])
+        Intent.decode(value)
     elif kind in (b"p", b"g", b"u"):
         if len(key) != _ROW_REV_ID:
             raise ValueError(f"{kind.decode()} row key of {len(key)} bytes (expected {_ROW_REV_ID})")
@@ -489,6 +535,27 @@ def encode_prepared_leases(key_leases: tuple[int, ...], refusals: tuple[int, ...
 def decode_prepared_leases(raw: bytes) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Total: ValueError for anything malformed."""
     b = _Buf(bytes(raw), 0)
+    out = _dec_prepared_leases(b)
+    b.end()
+    return out
+
+
+def encode_prepared_found_leases(found: list[bytes], key_leases: tuple[int, ...],
+                                 refusals: tuple[int, ...]) -> bytes:
+    """A form-4 PREPARE's answer (a range lock with leased puts or `read_leases`): the lease
+    answer (`encode_prepared_leases`), then the keys found in the range (`encode_found`)."""
+    return encode_prepared_leases(key_leases, refusals) + encode_found(found)
+
+
+def decode_prepared_found_leases(raw: bytes) -> tuple[list[bytes], tuple[int, ...], tuple[int, ...]]:
+    """(found, key leases, refusals) of `encode_prepared_found_leases`. Total: ValueError for
+    anything malformed."""
+    b = _Buf(bytes(raw), 0)
+    ids, refusals = _dec_prepared_leases(b)
+    return decode_found(b.data[b.pos:]), ids, refusals
+
+
+def _dec_prepared_leases(b: _Buf) -> tuple[tuple[int, ...], tuple[int, ...]]:
     n = b.u(_U16, "the number of keys")
     if n > MAX_KEYS:
         raise ValueError(f"lease answer of {n} keys (at most {MAX_KEYS})")
@@ -501,7 +568,6 @@ def decode_prepared_leases(raw: bytes) -> tuple[tuple[int, ...], tuple[int, ...]
     refusals = tuple(b.take(m, "the refusals"))
     if any(r not in _REFUSALS for r in refusals):
         raise ValueError("unknown leased put refusal")
-    b.end()
     return ids, refusals
 
 
@@ -541,7 +607,14 @@ RECORD's lease tail, if any)."""
 _TAIL_LEASED = 3
 """The tail tag of a COMMIT, RECORD or record row with leased puts (the last tail; never with
 tag 1 or 2)."""
-_LEASED_TAIL = struct.Struct(">QQ")
+_LEASED_ENTRY = struct.Struct(">QQ")
+"""A leased put's lease:u64 checked:u64 (after its key, in every `leased` list)."""
+
+
+_TAIL_RANGES = 4
+"""The tail tag of a COMMIT, RECORD or record row with a transaction's range deletes (then the
+ranges; the last tail, never with tag 1 or 2)."""
+Ranges = tuple[tuple[bytes, bytes], ...]
 
 
 def _enc_all(flag: bool, out: list[bytes]) -> None:
@@ -551,11 +624,52 @@ def _enc_all(flag: bool, out: list[bytes]) -> None:
 
 def _dec_all(b: _Buf) -> bool:
     """The optional delete-prepared tail (absent: False; another byte is left for the next
-    tail's reader, `_dec_leased`, which refuses an unknown tag)."""
+    tail's reader, `_dec_leased`)."""
     if b.pos == len(b.data) or b.data[b.pos] != _TAIL_DELETE_PREPARED:
         return False
     b.pos += 1
     return True
+
+
+def _check_ranges(ranges: Ranges) -> None:
+    if not 0 < len(ranges) <= MAX_KEYS:
+        raise ValueError(f"{len(ranges)} ranges (must be 1 to {MAX_KEYS})")
+    if len(set(ranges)) != len(ranges):
+        raise ValueError("a range is listed twice")
+    for lo, hi in ranges:
+        try:
+            check_range(lo, hi)
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+
+
+def _enc_ranges(ranges: Ranges, out: list[bytes]) -> None:
+    """The optional ranges tail (tag 4: none when `ranges` is empty; the last tail)."""
+    if ranges:
+        _check_ranges(ranges)
+        out += (_U8.pack(_TAIL_RANGES), _U16.pack(len(ranges)))
+        for lo, hi in ranges:
+            out += (_U16.pack(len(lo)), lo, _U16.pack(len(hi)), hi)
+
+
+def _dec_ranges(b: _Buf) -> Ranges:
+    """The optional ranges tail (absent: no range; an unknown tag is refused; a tag-4 tail must
+    list 1 to `MAX_KEYS` distinct valid ranges)."""
+    if b.pos == len(b.data):
+        return ()
+    if b.u(_U8, "the tail's tag") != _TAIL_RANGES:
+        raise ValueError("unknown tail")
+    n = b.u(_U16, "the number of ranges")
+    if not 0 < n <= MAX_KEYS:
+        raise ValueError(f"{n} ranges (must be 1 to {MAX_KEYS})")
+    out: list[tuple[bytes, bytes]] = []
+    for _ in range(n):
+        lo = b.take(b.u(_U16, "a range start's length"), "a range start")
+        hi = b.take(b.u(_U16, "a range end's length"), "a range end")
+        out.append((lo, hi))
+    rs = tuple(out)
+    _check_ranges(rs)
+    return rs
 
 
 def _enc_leased_list(ls: tuple[Leased, ...], out: list[bytes]) -> None:
@@ -566,7 +680,7 @@ def _enc_leased_list(ls: tuple[Leased, ...], out: list[bytes]) -> None:
         _check_key(k)
         check_lease(lid)
         _check_checked(checked)
-        out += (_U16.pack(len(k)), k, _LEASED_TAIL.pack(lid, checked))
+        out += (_U16.pack(len(k)), k, _LEASED_ENTRY.pack(lid, checked))
 
 
 def _dec_leased_list(b: _Buf) -> tuple[Leased, ...]:
@@ -596,16 +710,23 @@ def _enc_leased(ls: tuple[Leased, ...], out: list[bytes]) -> None:
 
 
 def _dec_leased(b: _Buf) -> tuple[Leased, ...]:
-    """The optional leased tail (absent: no leased put; an unknown tag is refused; an empty
-    list is not canonical: refused)."""
-    if b.pos == len(b.data):
+    """The optional leased tail (absent: no leased put; another byte is left for the next
+    tail's reader, `_dec_ranges`, which refuses an unknown tag; an empty list is not canonical:
+    refused)."""
+    if b.pos == len(b.data) or b.data[b.pos] != _TAIL_LEASED:
         return ()
-    if b.u(_U8, "the tail's tag") != _TAIL_LEASED:
-        raise ValueError("unknown tail")
+    b.pos += 1
     ls = _dec_leased_list(b)
     if not ls:
         raise ValueError("a leased tail lists no leased put")
     return ls
+
+
+def _check_ranges_alone(ranges: Ranges, exclusive: bool) -> None:
+    """A COMMIT's, RECORD's or record's ranges never come with a delete-prepared or lease tail
+    (`exclusive`)."""
+    if ranges and exclusive:
+        raise ValueError("ranges never come with a delete-prepared range or a lease's deletion")
 
 
 def _check_leased(ls: tuple[Leased, ...], groups: tuple[tuple[int, tuple[Write, ...]], ...],
@@ -708,8 +829,8 @@ def _dec_result(b: _Buf) -> TxnResult | None:
 
 # --- command bodies ------------------------------------------------------------------------------
 def _check_prepare_leased(keys: tuple[bytes, ...], leased: tuple[Leased, ...], other: bool) -> None:
-    """A PREPARE's leased puts / lease read: keys named (no range, no lease deletion: `other`),
-    each leased put's key among them, no triple twice."""
+    """A PREPARE's leased puts / lease read: keys named (no lease deletion: `other`; a range
+    lock may come too, form 4), each leased put's key among them, no triple twice."""
     if other or not keys:
         raise ValueError("leased puts and lease reads come with named keys only")
     if len(set(leased)) != len(leased):
@@ -735,7 +856,7 @@ def encode_body(c: XCmd) -> bytes:
                      read_leases=c.read_leases):
             raise ValueError("PREPARE carries fields it does not use")
         if c.leased or c.read_leases:
-            _check_prepare_leased(c.keys, c.leased, c.lock is not None or bool(c.lease))
+            _check_prepare_leased(c.keys, c.leased, bool(c.lease))
         _check_group("primary group", c.primary)
         out += (_U64.pack(c.primary), _U64.pack(c.start), _U16.pack(len(c.keys)))
         for k in c.keys:
@@ -744,7 +865,13 @@ def encode_body(c: XCmd) -> bytes:
         if c.lease:
             out += (_U8.pack(2), _U64.pack(check_lease(c.lease)))
         elif c.leased or c.read_leases:
-            out += (_U8.pack(3), _U8.pack(1 if c.read_leases else 0))
+            if c.lock is None:
+                out.append(_U8.pack(3))
+            else:  # form 4: the range lock, then form 3's leases
+                lo, hi = c.lock
+                _check_range(lo, hi)
+                out += (_U8.pack(4), _U16.pack(len(lo)), lo, _U16.pack(len(hi)), hi)
+            out.append(_U8.pack(1 if c.read_leases else 0))
             _enc_leased_list(c.leased, out)
         elif c.lock is None:
             out.append(_U8.pack(0))
@@ -754,14 +881,17 @@ def encode_body(c: XCmd) -> bytes:
             out += (_U8.pack(1), _U16.pack(len(lo)), lo, _U16.pack(len(hi)), hi)
     elif c.op == XOp.COMMIT:
         _check_rev("commit revision", c.at)
-        if c != XCmd(c.op, c.txn, at=c.at, writes=c.writes, delete_prepared=c.delete_prepared, leased=c.leased):
+        if c != XCmd(c.op, c.txn, at=c.at, writes=c.writes, delete_prepared=c.delete_prepared, leased=c.leased,
+                     ranges=c.ranges):
             raise ValueError("COMMIT carries fields it does not use")
         _check_all(c.delete_prepared, ((0, c.writes),))
         _check_leased(c.leased, ((0, c.writes),), c.delete_prepared)
+        _check_ranges_alone(c.ranges, c.delete_prepared)
         out.append(_U64.pack(c.at))
         _enc_writes(c.writes, out)
         _enc_all(c.delete_prepared, out)
         _enc_leased(c.leased, out)
+        _enc_ranges(c.ranges, out)
     elif c.op == XOp.ABORT:
         if c != defaults:
             raise ValueError(f"{c.op.name} carries nothing but the transaction id")
@@ -774,11 +904,12 @@ def encode_body(c: XCmd) -> bytes:
         _check_rev("start", c.start)
         _check_rev("commit revision", c.at)
         if c != XCmd(c.op, c.txn, start=c.start, at=c.at, result=c.result, groups=c.groups, lease=c.lease,
-                     renews=c.renews, delete_prepared=c.delete_prepared, leased=c.leased) \
+                     renews=c.renews, delete_prepared=c.delete_prepared, leased=c.leased, ranges=c.ranges) \
                 or (c.renews and not c.lease) or not 0 <= c.renews < 1 << 64:
             raise ValueError("RECORD carries fields it does not use")
         _check_all(c.delete_prepared, c.groups)
         _check_leased(c.leased, c.groups, c.delete_prepared or bool(c.lease))
+        _check_ranges_alone(c.ranges, c.delete_prepared or bool(c.lease))
         out += (_U64.pack(c.start), _U64.pack(c.at))
         _enc_result(c.result, out)
         _enc_groups(c.groups, out)
@@ -786,6 +917,7 @@ def encode_body(c: XCmd) -> bytes:
             out += (_U8.pack(_TAIL_LEASE), _U64.pack(check_lease(c.lease)), _U64.pack(c.renews))
         _enc_all(c.delete_prepared, out)
         _enc_leased(c.leased, out)
+        _enc_ranges(c.ranges, out)
     elif c.op == XOp.RESOLVE:
         _check_rev("start", c.start)
         if c != XCmd(c.op, c.txn, start=c.start):
@@ -823,7 +955,12 @@ def decode_body(op: XOp, data: bytes, pos: int = 0) -> XCmd:
         lease = 0
         leased: tuple[Leased, ...] = ()
         read = False
-        if flag == 3:
+        if flag in (1, 4):
+            lo = b.take(b.u(_U16, "the range start's length"), "the range start")
+            hi = b.take(b.u(_U16, "the range end's length"), "the range end")
+            _check_range(lo, hi)
+            lock = (lo, hi)
+        if flag in (3, 4):
             r = b.u(_U8, "the read-leases flag")
             if r > 1:
                 raise ValueError(f"read-leases flag {r}")
@@ -836,12 +973,7 @@ def decode_body(op: XOp, data: bytes, pos: int = 0) -> XCmd:
             lease = check_lease(b.u(_U64, "the lease id"))
             if n:
                 raise ValueError("a lease's PREPARE names no keys")
-        elif flag == 1:
-            lo = b.take(b.u(_U16, "the range start's length"), "the range start")
-            hi = b.take(b.u(_U16, "the range end's length"), "the range end")
-            _check_range(lo, hi)
-            lock = (lo, hi)
-        elif flag != 0:
+        elif flag not in (0, 1, 4):
             raise ValueError(f"unknown range flag {flag}")
         if not n and lock is None and not lease:
             raise ValueError("PREPARE of no key and no range")
@@ -854,7 +986,9 @@ def decode_body(op: XOp, data: bytes, pos: int = 0) -> XCmd:
         _check_all(every, ((0, writes),))
         leased = _dec_leased(b)
         _check_leased(leased, ((0, writes),), every)
-        c = XCmd(op, t, at=at, writes=writes, delete_prepared=every, leased=leased)
+        ranges = _dec_ranges(b)
+        _check_ranges_alone(ranges, every)
+        c = XCmd(op, t, at=at, writes=writes, delete_prepared=every, leased=leased, ranges=ranges)
     elif op == XOp.ABORT:
         c = XCmd(op, t)
     elif op == XOp.FINALIZE:
@@ -876,8 +1010,10 @@ def decode_body(op: XOp, data: bytes, pos: int = 0) -> XCmd:
         _check_all(every, groups)
         leased = _dec_leased(b)
         _check_leased(leased, groups, every or bool(lease))
+        ranges = _dec_ranges(b)
+        _check_ranges_alone(ranges, every or bool(lease))
         c = XCmd(op, t, start=start, at=at, result=result, groups=groups, lease=lease, renews=renews,
-                 delete_prepared=every, leased=leased)
+                 delete_prepared=every, leased=leased, ranges=ranges)
     elif op == XOp.RESOLVE:
         start = b.u(_U64, "the start")
         _check_rev("start", start)
@@ -894,11 +1030,13 @@ def encode_record(r: Record) -> bytes:
     _check_rev("commit revision", r.at)
     _check_all(r.delete_prepared, r.writes)
     _check_leased(r.leased, r.writes, r.delete_prepared)
+    _check_ranges_alone(r.ranges, r.delete_prepared)
     out: list[bytes] = [_REC_HEAD.pack(int(r.state), r.start, r.at)]
     _enc_result(r.result, out)
     _enc_groups(r.writes, out)
     _enc_all(r.delete_prepared, out)
     _enc_leased(r.leased, out)
+    _enc_ranges(r.ranges, out)
     return b"".join(out)
 
 
@@ -921,8 +1059,10 @@ def decode_record(raw: bytes) -> Record:
     _check_all(every, groups)
     leased = _dec_leased(b)
     _check_leased(leased, groups, every)
+    ranges = _dec_ranges(b)
+    _check_ranges_alone(ranges, every)
     b.end()
-    return Record(state, start, at, res, groups, every, leased)
+    return Record(state, start, at, res, groups, every, leased, ranges)
 
 
 # --- a lock met by a write -----------------------------------------------------------------------

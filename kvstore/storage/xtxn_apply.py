@@ -19,7 +19,8 @@ Rules (each command is idempotent: a coordinator or a resolver may propose it ag
   R >= p.
 - COMMIT(id, R, writes): every write's key must hold this transaction's intent (`delete_prepared`:
   the writes are the deletes of every key it prepared here, a range delete's or a lease
-  deletion's), R >= p and R
+  deletion's; `ranges`, a transaction's range deletes: the writes, then the deletes of every
+  other key it prepared here that lies in one of the ranges), R >= p and R
   above the compact revision; the writes are made at exactly R, each detaching its key from its
   lease (`leases.detach`, as a PUT does), then each leased put (`XCmd.leased`, level 7)
   attaching its key as a LEASE_PUT would (`attach_written`) - unless the lease is known dead
@@ -36,7 +37,11 @@ Rules (each command is idempotent: a coordinator or a resolver may propose it ag
   per-lease key limit over every path's puts together), and the lease each named key is attached
   to if asked (`xtxn.encode_prepared_leases` in `current`), and writes an *attach lock* (row `a`)
   on the leases it accepted, until the COMMIT or ABORT: a lease's deletion (its PREPARE, and
-  REVOKE / EXPIRE / DROP / ORPHAN by one command, `machine._locked`) meets it LOCKED. The
+  REVOKE / EXPIRE / DROP / ORPHAN by one command, `machine._locked`) meets it LOCKED. A
+  deletion's PREPARE refused so leaves a wait marker (row `w`, `lease_waiting`): new leased
+  PREPAREs of the lease are refused LOCKED for `xtxn.LEASE_WAIT_MS` (the transaction timeout),
+  so the held attach locks drain and the deletion's retry proceeds (its COMMIT drops the
+  marker); without it a stream of overlapping leased transactions could starve it. The
   per-lease key limit is checked at the PREPARE only (the COMMIT, past the commit point, attaches
   whatever it must): LEASE_PUTs applied between the two may take a lease past
   `leases.MAX_KEYS_PER_LEASE` in the group by the transaction's own puts at most (a deletion has
@@ -74,8 +79,8 @@ Rules (each command is idempotent: a coordinator or a resolver may propose it ag
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
-from typing import Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol, TypeVar
 
 from ..shard.ranges import IntervalSet, key_hash
 from . import leases, mvcc, txn, xtxn
@@ -119,26 +124,28 @@ def intent_of(rows: mvcc.Rows, key: bytes) -> Intent | None:
         raise mvcc.RevisionError(f"corrupt intent row: {err}") from None
 
 
+_L = TypeVar("_L")
+
+
+def _lock_rows(rows: mvcc.Rows, tag: bytes, decode: Callable[[bytes], _L], what: str) -> list[_L]:
+    """Every `T_TXN` row of kind `tag` decoded (locks: few); a corrupt one is a RevisionError."""
+    out = []
+    for _k, v in rows.iter(mvcc.T_TXN, tag, bytes([tag[0] + 1])):
+        try:
+            out.append(decode(bytes(v)))
+        except ValueError as err:
+            raise mvcc.RevisionError(f"corrupt {what} row: {err}") from None
+    return out
+
+
 def range_locks(rows: mvcc.Rows) -> list[tuple[Intent, tuple[bytes, bytes]]]:
     """The group's range locks (range deletes in progress; few)."""
-    out = []
-    for _k, v in rows.iter(mvcc.T_TXN, b"l", b"m"):
-        try:
-            out.append(xtxn.decode_range_lock(bytes(v)))
-        except ValueError as err:
-            raise mvcc.RevisionError(f"corrupt range lock row: {err}") from None
-    return out
+    return _lock_rows(rows, b"l", xtxn.decode_range_lock, "range lock")
 
 
 def lease_locks(rows: mvcc.Rows) -> list[tuple[Intent, int]]:
     """The group's lease locks (lease deletions in progress; few)."""
-    out = []
-    for _k, v in rows.iter(mvcc.T_TXN, b"e", b"f"):
-        try:
-            out.append(xtxn.decode_lease_lock(bytes(v)))
-        except ValueError as err:
-            raise mvcc.RevisionError(f"corrupt lease lock row: {err}") from None
-    return out
+    return _lock_rows(rows, b"e", xtxn.decode_lease_lock, "lease lock")
 
 
 def lease_locked(rows: mvcc.Rows, lease_id: int, key: bytes, mine: TxnId | None = None) -> ApplyResult | None:
@@ -154,23 +161,17 @@ def lease_locked(rows: mvcc.Rows, lease_id: int, key: bytes, mine: TxnId | None 
 
 def attach_locks(rows: mvcc.Rows) -> list[tuple[Intent, tuple[int, ...]]]:
     """The group's attach locks (prepared transactions with leased puts; few)."""
-    out = []
-    for _k, v in rows.iter(mvcc.T_TXN, b"a", b"b"):
-        try:
-            out.append(xtxn.decode_attach_lock(bytes(v)))
-        except ValueError as err:
-            raise mvcc.RevisionError(f"corrupt attach lock row: {err}") from None
-    return out
+    return _lock_rows(rows, b"a", xtxn.decode_attach_lock, "attach lock")
 
 
-def attach_locked(rows: mvcc.Rows, lease_id: int, key: bytes, mine: TxnId | None = None) -> ApplyResult | None:
-    """The LOCKED result (naming `key`) if another transaction than `mine` holds an attach lock
-    on `lease_id` here (its PREPARE accepted a put attaching a key to the lease: no deletion of
-    the lease may run before its COMMIT or ABORT), or None."""
+def attach_locked(rows: mvcc.Rows, lease_id: int, key: bytes) -> ApplyResult | None:
+    """The LOCKED result (naming `key`) if a transaction holds an attach lock on `lease_id` here
+    (its PREPARE accepted a put attaching a key to the lease: no deletion of the lease may run
+    before its COMMIT or ABORT), or None."""
     if not rows.has_locks():
         return None
     for it, ids in attach_locks(rows):
-        if lease_id in ids and it.txn != mine:
+        if lease_id in ids:
             return _lock_result(key, it)
     return None
 
@@ -304,7 +305,8 @@ def _apply(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult:
             if left:  # one participant done (a resolver's): the others may still need their writes
                 kept = tuple(x for g, _ws in left for x in rec.leased_of(g))
                 rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(
-                    Record(State.COMMITTED, rec.start, rec.at, rec.result, left, rec.delete_prepared, kept)))
+                    Record(State.COMMITTED, rec.start, rec.at, rec.result, left, rec.delete_prepared, kept,
+                           rec.ranges)))
             else:
                 rows.put(mvcc.T_TXN, xtxn.row_record(c.txn),
                          xtxn.encode_record(Record(State.FINALIZED, rec.start, rec.at, rec.result)))
@@ -355,12 +357,13 @@ def _prepare(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult
             conflict = _range_conflict(view, rows, c, found)
             if conflict is not None:
                 return conflict
+        now = max(mvcc.rev_state(rows).last, proposed)
         if c.lease:
-            conflict = _lease_conflict(view, rows, c, found)
+            conflict = _lease_conflict(view, rows, c, found, now)
             if conflict is not None:
                 return conflict
-        for k, lid, _checked in c.leased:  # as a LEASE_PUT: not while a deletion of its lease is prepared
-            lock = lease_locked(rows, lid, k)
+        for k, lid, _checked in c.leased:  # as a LEASE_PUT: not while a deletion of its lease is
+            lock = lease_locked(rows, lid, k) or lease_waiting(rows, lid, k, now)  # prepared or waits
             if lock is not None:
                 return lock
         p = mvcc.next_revision(mvcc.rev_state(rows).last, proposed, view.group)
@@ -408,8 +411,18 @@ def _prepare(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult
         rows.put(mvcc.T_STATE, b"", mvcc.RevState(p, rs.compact, rs.next_kid).encode())
     return ApplyResult(
         revision=p, txn=txn.TxnResult(True, tuple(gets), p),
-        current=xtxn.encode_found(found) if c.lock is not None or c.lease else lease_answer,
+        current=_prepare_answer(c, found, lease_answer),
     )
+
+
+def _prepare_answer(c: XCmd, found: list[bytes], lease_answer: bytes | None) -> bytes | None:
+    """A PREPARE's `current`: the keys found in its range or lease (`xtxn.encode_found`), its
+    lease answer (`xtxn.encode_prepared_leases`), or both (form 4: a range lock with leases)."""
+    if c.lock is None and not c.lease:
+        return lease_answer
+    if lease_answer is None:
+        return xtxn.encode_found(found)
+    return lease_answer + xtxn.encode_found(found)
 
 
 def _attach_refusals(view: View, rows: mvcc.Rows, c: XCmd, p: int, again: bool) -> tuple[int, ...]:
@@ -418,27 +431,28 @@ def _attach_refusals(view: View, rows: mvcc.Rows, c: XCmd, p: int, again: bool) 
     limit, every path's new attachments of the lease counted together: `REFUSAL_TOO_MANY`).
     The same PREPARE `again` also refuses a put whose lease its attach lock does not hold (the
     first answer refused it: it must not attach unguarded now)."""
-    held: set[int] = set()
-    if again:
-        raw = rows.get(mvcc.T_TXN, xtxn.row_attach_lock(c.txn))
-        if raw is not None:
-            try:
-                held = set(xtxn.decode_attach_lock(bytes(raw))[1])
-            except ValueError as err:
-                raise mvcc.RevisionError(f"corrupt attach lock row: {err}") from None
-    new: dict[int, set[bytes]] = {}
-    for k, lid, _checked in c.leased:
-        if leases.lease_of(rows, k) != lid:
-            new.setdefault(lid, set()).add(k)
+    held = attach_lock_of(rows, c.txn) if again else ()
     out: list[int] = []
-    for _k, lid, checked in c.leased:
-        if leases.attach_refusal(rows, view.group, lid, checked, p) is not None or (again and lid not in held):
+    for (_k, lid, _checked), refused in zip(c.leased, leases.attach_refusals(rows, view.group, c.leased, p),
+                                            strict=True):
+        if (refused is not None and refused != leases.TOO_MANY_KEYS) or (again and lid not in held):
             out.append(xtxn.REFUSAL_NOT_FOUND)
-        elif leases.attached_count(rows, lid) + len(new.get(lid, ())) > leases.MAX_KEYS_PER_LEASE:
+        elif refused == leases.TOO_MANY_KEYS:
             out.append(xtxn.REFUSAL_TOO_MANY)
         else:
             out.append(xtxn.REFUSAL_NONE)
     return tuple(out)
+
+
+def attach_lock_of(rows: mvcc.Rows, t: TxnId) -> tuple[int, ...]:
+    """The leases transaction `t`'s attach lock holds here (none without its row)."""
+    raw = rows.get(mvcc.T_TXN, xtxn.row_attach_lock(t))
+    if raw is None:
+        return ()
+    try:
+        return xtxn.decode_attach_lock(bytes(raw))[1]
+    except ValueError as err:
+        raise mvcc.RevisionError(f"corrupt attach lock row: {err}") from None
 
 
 MAX_RANGE_KEYS = 10_000
@@ -478,7 +492,30 @@ def _range_conflict(view: View, rows: mvcc.Rows, c: XCmd, found: list[bytes]) ->
     return None
 
 
-def _lease_conflict(view: View, rows: mvcc.Rows, c: XCmd, found: list[bytes]) -> ApplyResult | None:
+def lease_waiting(rows: mvcc.Rows, lease_id: int, key: bytes, now: int) -> ApplyResult | None:
+    """The LOCKED result (naming `key` and the waiting deletion's intent) if a deletion of
+    `lease_id` was refused here by attach locks less than `xtxn.LEASE_WAIT_MS` before `now` (its
+    wait marker, row `w`): a new leased PREPARE of the lease waits, so the attach locks drain
+    and the deletion's retry proceeds (else a stream of overlapping leased transactions could
+    hold the lease's EXPIRE / REVOKE off without bound). None otherwise."""
+    raw = rows.get(mvcc.T_TXN, xtxn.row_lease_wait(lease_id))
+    if raw is None:
+        return None
+    try:
+        it = Intent.decode(bytes(raw))
+    except ValueError as err:
+        raise mvcc.RevisionError(f"corrupt lease wait row: {err}") from None
+    if _ms(now) - _ms(it.prepared) >= xtxn.LEASE_WAIT_MS:  # past its bound: forgotten
+        rows.delete(mvcc.T_TXN, xtxn.row_lease_wait(lease_id))
+        return None
+    return _lock_result(key, it)
+
+
+def _ms(revision: int) -> int:
+    return revision >> mvcc.PHYSICAL_SHIFT
+
+
+def _lease_conflict(view: View, rows: mvcc.Rows, c: XCmd, found: list[bytes], now: int) -> ApplyResult | None:
     """For a PREPARE with a lease: the LOCKED result if a key attached to it holds another
     transaction's intent or lies in a range lock, or another deletion of the lease holds its
     lease lock; else fill `found` with the attached keys present here (served, with a value).
@@ -487,8 +524,13 @@ def _lease_conflict(view: View, rows: mvcc.Rows, c: XCmd, found: list[bytes]) ->
     would leave the lease undeletable forever (a range move's INSTALL may bring more)."""
     keys = leases.attached_keys(rows, c.lease)
     first = keys[0] if keys else b"\x00"
-    lock = locked(rows, keys) or lease_locked(rows, c.lease, first) or attach_locked(rows, c.lease, first)
+    lock = locked(rows, keys) or lease_locked(rows, c.lease, first)
     if lock is not None:
+        return lock
+    lock = attach_locked(rows, c.lease, first)
+    if lock is not None:  # attach locks hold the deletion off: new ones wait (its marker) till they drain
+        if lease_waiting(rows, c.lease, first, now) is None:
+            rows.put(mvcc.T_TXN, xtxn.row_lease_wait(c.lease), Intent(c.txn, c.primary, c.start, now).encode())
         return lock
     st = view.shards
     for k in keys:
@@ -520,9 +562,17 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
         if not (c.at >= p and c.at > st.compact):
             return ApplyResult(error=f"COMMIT at {c.at} below the transaction's prepared revision {p}")
         writes: Iterable[xtxn.Write] = ((k, None) for k in keys) if c.delete_prepared else c.writes
+        if c.ranges:  # a transaction's range deletes: every other key it prepared in one of them
+            named = {k for k, _ in c.writes}
+            writes = (*c.writes, *((k, None) for k in keys
+                                   if k not in named and any(txn.in_range(k, lo, hi) for lo, hi in c.ranges)))
         attaching = {k: lid for k, lid, _checked in c.leased}
-        dead = {k for k, lid in attaching.items() if not leases.may_attach(rows, view.group, lid, c.at)}
-        if dead:  # the lease died here after the commit point: the put is made and deleted with it
+        locked_leases = attach_lock_of(rows, c.txn) if attaching else ()
+        # a lease its attach lock does not hold (the PREPARE refused it: a COMMIT must never
+        # carry it) is treated as dead, as is one that died here after the commit point: the
+        # put is made and deleted with it
+        dead = {k for k, lid in attaching.items() if lid not in locked_leases or not leases.may_attach(rows, view.group, lid, c.at)}
+        if dead:
             writes = [(k, None if k in dead else v) for k, v in writes]
         for k, v in writes:
             prev = view.get(k)
@@ -540,6 +590,7 @@ def _finish(view: View, rows: mvcc.Rows, c: XCmd) -> ApplyResult:
     if lease_id is not None:
         if c.op == XOp.COMMIT:
             leases.deleted_everywhere(rows, view.group, lease_id, c.at)
+            rows.delete(mvcc.T_TXN, xtxn.row_lease_wait(lease_id))
         rows.delete(mvcc.T_TXN, xtxn.row_lease_lock(c.txn))
     for k in keys:
         rows.delete(mvcc.T_INTENTS, k)
@@ -586,7 +637,7 @@ def _record(rows: mvcc.Rows, c: XCmd, group: int) -> ApplyResult:
             rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(Record(State.ABORTED, c.start)))
             _gc_later(rows, c.start, c.txn)
             return ApplyResult(error=refused)
-    new = Record(State.COMMITTED, c.start, c.at, c.result, c.groups, c.delete_prepared, c.leased)
+    new = Record(State.COMMITTED, c.start, c.at, c.result, c.groups, c.delete_prepared, c.leased, c.ranges)
     rows.put(mvcc.T_TXN, xtxn.row_record(c.txn), xtxn.encode_record(new))
     rows.put(mvcc.T_TXN, xtxn.row_unfinished(c.start, c.txn), b"")
     return _answer(new, c.txn)

@@ -296,19 +296,31 @@ class TxnPut(_message.Message):
     checked: int
     def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., lease: _Optional[int] = ..., checked: _Optional[int] = ...) -> None: ...
 
+class TxnRange(_message.Message):
+    __slots__ = ("start", "end", "prefix")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    start: bytes
+    end: bytes
+    prefix: bytes
+    def __init__(self, start: _Optional[bytes] = ..., end: _Optional[bytes] = ..., prefix: _Optional[bytes] = ...) -> None: ...
+
 class TxnOp(_message.Message):
-    __slots__ = ("put", "delete", "get", "txn", "scan")
+    __slots__ = ("put", "delete", "get", "txn", "scan", "delete_range")
     PUT_FIELD_NUMBER: _ClassVar[int]
     DELETE_FIELD_NUMBER: _ClassVar[int]
     GET_FIELD_NUMBER: _ClassVar[int]
     TXN_FIELD_NUMBER: _ClassVar[int]
     SCAN_FIELD_NUMBER: _ClassVar[int]
+    DELETE_RANGE_FIELD_NUMBER: _ClassVar[int]
     put: TxnPut
     delete: bytes
     get: bytes
     txn: TxnBody
     scan: TxnScan
-    def __init__(self, put: _Optional[_Union[TxnPut, _Mapping]] = ..., delete: _Optional[bytes] = ..., get: _Optional[bytes] = ..., txn: _Optional[_Union[TxnBody, _Mapping]] = ..., scan: _Optional[_Union[TxnScan, _Mapping]] = ...) -> None: ...
+    delete_range: TxnRange
+    def __init__(self, put: _Optional[_Union[TxnPut, _Mapping]] = ..., delete: _Optional[bytes] = ..., get: _Optional[bytes] = ..., txn: _Optional[_Union[TxnBody, _Mapping]] = ..., scan: _Optional[_Union[TxnScan, _Mapping]] = ..., delete_range: _Optional[_Union[TxnRange, _Mapping]] = ...) -> None: ...
 
 class TxnScan(_message.Message):
     __slots__ = ("start", "end", "prefix", "limit")
@@ -341,18 +353,20 @@ class TxnRequest(_message.Message):
     def __init__(self, txn: _Optional[_Union[TxnBody, _Mapping]] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
 
 class TxnOpResponse(_message.Message):
-    __slots__ = ("put", "delete", "get", "txn", "scan")
+    __slots__ = ("put", "delete", "get", "txn", "scan", "delete_range")
     PUT_FIELD_NUMBER: _ClassVar[int]
     DELETE_FIELD_NUMBER: _ClassVar[int]
     GET_FIELD_NUMBER: _ClassVar[int]
     TXN_FIELD_NUMBER: _ClassVar[int]
     SCAN_FIELD_NUMBER: _ClassVar[int]
+    DELETE_RANGE_FIELD_NUMBER: _ClassVar[int]
     put: int
     delete: bool
     get: KeyValue
     txn: TxnResult
     scan: TxnScanResult
-    def __init__(self, put: _Optional[int] = ..., delete: _Optional[bool] = ..., get: _Optional[_Union[KeyValue, _Mapping]] = ..., txn: _Optional[_Union[TxnResult, _Mapping]] = ..., scan: _Optional[_Union[TxnScanResult, _Mapping]] = ...) -> None: ...
+    delete_range: int
+    def __init__(self, put: _Optional[int] = ..., delete: _Optional[bool] = ..., get: _Optional[_Union[KeyValue, _Mapping]] = ..., txn: _Optional[_Union[TxnResult, _Mapping]] = ..., scan: _Optional[_Union[TxnScanResult, _Mapping]] = ..., delete_range: _Optional[int] = ...) -> None: ...
 
 class TxnScanResult(_message.Message):
     __slots__ = ("items", "more", "revision")

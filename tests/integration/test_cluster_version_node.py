@@ -64,6 +64,11 @@ async def _gate_on_a_node(tmp_path: Path) -> None:
         r = await kv.Txn(kv_pb2.TxnRequest(txn=body), timeout=5)
         assert r.error.code == kv_pb2.INVALID_ARGUMENT and not r.error.indeterminate
         assert "needs cluster version 2" in r.error.message and "node 1 (advertises 1)" in r.error.message
+        # a range delete inside a transaction is level 6's form of TXN: refused before anything is prepared
+        ranged = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange(prefix=b"gated"))])
+        r = await kv.Txn(kv_pb2.TxnRequest(txn=ranged), timeout=5)
+        assert r.error.code == kv_pb2.INVALID_ARGUMENT and not r.error.indeterminate
+        assert "TXN with a range delete needs cluster version 6" in r.error.message, r.error.message
         async with AsyncClient([n.address], timeout=5) as client:
             with pytest.raises(errors.InvalidArgument) as e:
                 await client.txn([], [Op.put(b"gated", b"v")])  # KV.Stream

@@ -171,6 +171,8 @@ def test_kv_commands_answer_as_etcd(kv: str, etcd: str) -> None:
         run("txn", "-w", "json", stdin='\n\nget d/ --prefix --keys-only\nget d/ --prefix --count-only\n\n\n')
         # a read of the written key before its put sees the old value; other groups' keys and ranges after
         run("txn", "-w", "json", stdin='\n\nget d/a\nput d/a 12\nget d/b\nget d/ --prefix --keys-only\n\n\n')
+        # range deletes inside a Txn (kvstore: across every group at the Txn's revision): the counts
+        run("txn", stdin='value("d/b") = "22"\n\ndel --prefix d/x\ndel d/y d/z --range\nput d/n nv\n\nget d/b\n\n')
         run("put", "d/lk", "lv2", f"--lease={lid}", "--prev-kv")
         run("lease", "revoke", lid)
         run("get", "d/", "--prefix")
@@ -1396,3 +1398,41 @@ def test_watch_fragment_splits_a_large_revision_as_etcd(kv: str, etcd: str) -> N
             stream.cancel()
         assert sorted(got) == [(k, len(value)) for k in keys], ep
         assert True in flags and flags[-1] is False, (ep, flags)
+
+
+def test_txn_range_delete_over_etcdctl_and_grpc(kv: str) -> None:
+    """etcdctl's `txn` with `del --prefix` (a DeleteRange over a range inside a Txn): kvstore's
+    range delete in a transaction, across both data groups at the Txn's one revision; the
+    count prints as etcd's. prev_kv of such a delete is refused (FAILED_PRECONDITION,
+    definite); a put into the deleted range in the same Txn is etcd's DUPLICATE_KEY."""
+    import grpc
+
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+
+    for i in range(6):
+        assert ctl(kv, "put", f"etx/{i}", "v").returncode == 0
+    p = ctl(kv, "txn", stdin='value("etx/0") = "v"\n\ndel --prefix etx/\nput etxdone yes\n\n\n')
+    assert p.returncode == 0 and p.stdout == "SUCCESS\n\n6\n\nOK\n", (p.stdout, p.stderr)
+    assert _keys(kv, "etx/") == []
+    with grpc.insecure_channel(kv) as ch:
+        kvs = rpc_pb2_grpc.KVStub(ch)
+        rev = kvs.Put(rpc_pb2.PutRequest(key=b"etx/a", value=b"1"), timeout=30).header.revision
+        dr = rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=b"etx/", range_end=b"etx0"))
+        got = kvs.Txn(rpc_pb2.TxnRequest(success=[dr]), timeout=30)
+        assert got.succeeded and got.responses[0].response_delete_range.deleted == 1 and got.header.revision > rev
+        with pytest.raises(grpc.RpcError) as e:
+            kvs.Txn(rpc_pb2.TxnRequest(success=[rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(
+                key=b"etx/", range_end=b"etx0", prev_kv=True))]), timeout=30)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "prev_kv" in (e.value.details() or "")
+        with pytest.raises(grpc.RpcError) as e:
+            kvs.Txn(rpc_pb2.TxnRequest(success=[dr, rpc_pb2.RequestOp(
+                request_put=rpc_pb2.PutRequest(key=b"etx/b", value=b"x"))]), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "duplicate key" in (e.value.details() or "")
+        # a leased put beside the range delete: carried by the two-phase commit (level 7)
+        lid = rpc_pb2_grpc.LeaseStub(ch).LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=60), timeout=30).ID
+        kvs.Put(rpc_pb2.PutRequest(key=b"etx/c", value=b"1"), timeout=30)
+        got = kvs.Txn(rpc_pb2.TxnRequest(success=[dr, rpc_pb2.RequestOp(
+            request_put=rpc_pb2.PutRequest(key=b"etxl", value=b"x", lease=lid))]), timeout=30)
+        assert got.succeeded and got.responses[0].response_delete_range.deleted == 1
+        ttl = rpc_pb2_grpc.LeaseStub(ch).LeaseTimeToLive(rpc_pb2.LeaseTimeToLiveRequest(ID=lid, keys=True), timeout=30)
+        assert list(ttl.keys) == [b"etxl"]

@@ -48,6 +48,26 @@ def _wait(cond: Callable[[], bool], what: str, timeout: float = 40.0) -> None:
         time.sleep(0.1)
 
 
+def _raw_txn(cluster: Cluster, body: kv_pb2.TxnBody) -> kv_pb2.TxnResponse:
+    """A raw KV.Txn (no session, no client library): sent to the first node, then where a
+    NOT_LEADER points, again while a group has no leader (an earlier test restarts a killed
+    leader: its groups may be electing). Those refusals are definite: nothing was applied."""
+    where = [cluster.endpoints[0]]
+    got: list[kv_pb2.TxnResponse] = []
+
+    def answered() -> bool:
+        with grpc.insecure_channel(where[0]) as ch:
+            grpc.channel_ready_future(ch).result(timeout=30)
+            r = kv_pb2_grpc.KVStub(ch).Txn(kv_pb2.TxnRequest(txn=body), timeout=20)
+        got[:] = [r]
+        if r.error.code == kv_pb2.NOT_LEADER and r.error.leader_hint:
+            where[0] = r.error.leader_hint
+        return r.error.code not in (kv_pb2.NOT_LEADER, kv_pb2.NO_LEADER)
+
+    _wait(answered, "a raw Txn answered by a leader")
+    return got[0]
+
+
 def _kvctl(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
@@ -171,10 +191,15 @@ def test_a_txn_across_groups_puts_keys_on_one_lease_and_the_revoke_deletes_both(
         raw = _keys_by_group(m, b"xr/")  # KV.Txn without `checked`: the coordinator asks the home
         body = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=k, value=b"r", lease=lid))
                                        for k in raw.values()])
-        with grpc.insecure_channel(cluster.endpoints[0]) as ch:
-            got = kv_pb2_grpc.KVStub(ch).Txn(kv_pb2.TxnRequest(txn=body), timeout=20)
+        got = _raw_txn(cluster, body)
         assert got.error.code == kv_pb2.OK and got.result.succeeded, got.error
-        every = [*keys.values(), *more.values(), *raw.values()]
+        # one leased put alone, in a group other than the lease's home (one group's TXN): the
+        # node stamps it as a cross-group one's, not refused for the missing `checked`
+        single = next(k for g, k in _keys_by_group(m, b"xs/").items() if g != leases.home_group(lid))
+        one = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=single, value=b"s", lease=lid))])
+        got = _raw_txn(cluster, one)
+        assert got.error.code == kv_pb2.OK and got.result.succeeded, got.error
+        every = [*keys.values(), *more.values(), *raw.values(), single]
         held = c.txn([Compare.lease(k, "=", lid) for k in every], [Op.get(k) for k in every])
         assert held.succeeded and sorted(c.lease_time_to_live(lid, keys=True).keys) == sorted(every)
         assert c.lease_revoke(lid) == len(every)

@@ -321,3 +321,36 @@ def test_txn_scans_under_concurrent_writers_match_history(cluster: Cluster) -> N
             if i % 3 != 2:
                 assert not r.succeeded and scan.revision == r.revision > 0
                 assert (b"cw/own%d" % (i % 2), b"t%d" % i, r.revision) in items
+
+
+def test_a_txn_range_delete_across_groups_at_one_revision(cluster: Cluster) -> None:
+    """A transaction with a range delete (`Op.delete_range`): every key of the prefix in both
+    groups deleted at the transaction's revision (a leased key detached from its lease), a get
+    after it reads the key absent, a put after it survives; a watch sees one DELETE per key at
+    that revision; `kvctl txn` takes etcdctl's `del --prefix` and prints the count."""
+    with Client(cluster.endpoints, timeout=20) as c:
+        m = c.shard_map(refresh=True)
+        assert m is not None
+        keys = [b"dr/%d" % i for i in range(6)]
+        assert len({m.group_for_key(k) for k in keys}) > 1
+        lid = c.lease_grant(60)
+        c.put(keys[0], b"leased", lease=lid)
+        assert c.txn([], [Op.put(k, b"x") for k in keys[1:]] + [Op.put(b"drc", b"go")]).succeeded
+        r = c.txn([Compare.value(b"drc", "=", b"go")],
+                  [Op.get(keys[1]), Op.delete_range(b"", prefix=b"dr/"), Op.get(keys[1]), Op.put(b"dr/new", b"n")])
+        assert r.succeeded and r.revision > 0
+        assert [x.kind for x in r.responses] == ["get", "delete_range", "get", "put"]
+        assert r.responses[0].kv is not None and r.responses[1].count == 6 and r.responses[2].kv is None
+        assert all(c.get(k) is None for k in keys) and c.read(b"dr/new").mod_revision == r.revision
+        assert c.lease_time_to_live(lid, keys=True).keys == ()
+        events: list[tuple[bytes, bool, int]] = []
+        for batch in c.watch_batches(prefix=b"dr/", start_revision=r.revision):
+            events += [(e.key, e.type == "DELETE", e.mod_revision) for e in batch.events]
+            if len(events) >= 7:
+                break
+        assert sorted(events) == sorted([(k, True, r.revision) for k in keys] + [(b"dr/new", False, r.revision)])
+        # the other branch: a compare that fails runs no range delete
+        r2 = c.txn([Compare.value(b"drc", "=", b"stop")], [Op.delete_range(b"dr/", b"dr0")], [Op.get(b"dr/new")])
+        assert not r2.succeeded and r2.revision == 0 and c.get(b"dr/new") == b"n"
+    p = _kvctl(cluster, '\ndel --prefix dr/\nget dr/new\n\n')
+    assert p.returncode == 0 and p.stdout == "SUCCESS\n\n1\n\n", (p.stdout, p.stderr)

@@ -133,6 +133,15 @@ def test_txn_refusals_say_what_is_wrong(node: _Node) -> None:
         (body(kv_pb2.TxnOp(scan=kv_pb2.TxnScan(start=b"b", end=b"a"))), "not after its start"),
         (body(kv_pb2.TxnOp(scan=kv_pb2.TxnScan(limit=2**63))), "limit"),
         (body(kv_pb2.TxnOp(scan=kv_pb2.TxnScan()), kv_pb2.TxnOp(get=b"")), "key must not be empty"),
+        # range deletes (`TxnRange`): their bounds, checked before anything is proposed
+        (body(kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange())), "needs a start or an end"),
+        (body(kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange(start=b"b", end=b"a"))), "at or before its start"),
+        (body(kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange(start=b"a", prefix=b"p"))), "carries no start or end"),
+        (body(kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange(prefix=b"k" * 600))), "key"),
+        (body(kv_pb2.TxnOp(scan=kv_pb2.TxnScan(prefix=b"k")), kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange(start=b"k5"))),
+         "range delete comes after a scan"),
+        (body(kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange(prefix=b"k")), kv_pb2.TxnOp(scan=kv_pb2.TxnScan(prefix=b"j"))),
+         "both a scan and a range delete"),
     ]
 
     async def main() -> None:

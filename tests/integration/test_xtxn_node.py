@@ -2,7 +2,8 @@
 revision (reads below it see neither write), the failure branch across groups, and a dead
 coordinator's intents recovered by the next reader or writer (to COMMITTED when its record says
 so, to ABORTED when it has none), planted through the node's own proposal path, and its COMMITTED
-record FINALIZEd by the node's record sweep."""
+record FINALIZEd by the node's record sweep; a dead coordinator's range delete inside a
+transaction committed by the resolver from its record, range included."""
 
 from __future__ import annotations
 
@@ -204,3 +205,40 @@ async def _reads(tmp_path: Path) -> None:
         # the coordinator aborts: the scan answers
         assert (await node.caller.propose(g, logic.abort_commands(tid, [g])[g])).error is None
         assert await scan() == [(b"s/old", b"1")]
+
+
+def test_a_dead_coordinators_range_delete_in_a_txn_is_recovered(tmp_path: Path) -> None:
+    asyncio.run(_txn_range(tmp_path))
+
+
+async def _txn_range(tmp_path: Path) -> None:
+    """A transaction with a range delete whose coordinator died after its commit point (every
+    group prepared, the record COMMITTED with the range, only the primary committed): a reader
+    in the other group meets the intent and the node's resolver commits it from the record,
+    range deletion included; the client's own `Op.delete_range` then counts what is left."""
+    async with one_node(tmp_path, groups=2) as n, AsyncClient([n.address], timeout=20) as c:
+        m = await c.shard_map(refresh=True)
+        assert m is not None
+        a, b = _pair(m, b"rd/")
+        ga, gb = m.group_for_key(a), m.group_for_key(b)
+        for k in (a, b):
+            await c.put(k, b"v")
+        node = n.node
+        assert node.caller is not None
+        propose = node.caller.propose
+        start = mvcc.make_revision(time.time_ns() // 1_000_000 - 2 * logic.TXN_TIMEOUT_MS, 0, 0)
+        tid = TxnId(98, 1)
+        t = txn.Txn(success=(txn.TxnOp(txn.OpKind.DELETE_RANGE, b"rd/", end=b"rd0"), txn.TxnOp(txn.OpKind.PUT, a, b"A")))
+        p = logic.plan_ranges(t, [(a, ga)], sorted({ga, gb}))
+        got = {g: await propose(g, d) for g, d in logic.prepare_commands(p, tid, start, 0).items()}
+        ready = logic.after_prepare(t, p, got)
+        assert isinstance(ready, logic.Ready) and ready.result.responses[0].deleted == 2
+        assert (await propose(p.primary, logic.record_command(tid, start, ready))).error is None
+        assert (await propose(ga, logic.commit_commands(tid, ready, [ga])[ga])).error is None
+        assert await c.get(b) is None  # the read met b's intent, resolved it: deleted at R
+        assert await c.get(a) == b"A"
+        hist = await c.read(b, revision=ready.at - 1)
+        assert hist.value == b"v"  # the state just below R still had it
+        await c.put(b, b"w")
+        r = await c.txn([], [Op.delete_range(b"rd/", b"rd0")])
+        assert r.succeeded and r.responses[0].count == 2 and await c.get(a) is None and await c.get(b) is None

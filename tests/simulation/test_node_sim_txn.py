@@ -7,7 +7,7 @@ the same seed passes without it."""
 from __future__ import annotations
 
 from chaos.sim.nodes import run_node_seed
-from chaos.sim.plant import TXN_BUGS, planted
+from chaos.sim.plant import TXN_BUGS, TXN_RANGE_BUGS, planted
 
 SEED_BUDGET = 12
 FIRST_SEED: dict[str, int] = {}
@@ -53,3 +53,30 @@ def test_resolver_waits_for_its_resolve_on_a_slow_primary() -> None:
     res = run_node_seed(seed, txn_pairs=True, leases=True)
     assert res.ok, res.violation
     assert res.txn_pairs is not None and res.txn_pairs.cross_resolved > 0
+
+
+RANGE_SEEDS = (4, 5)
+"""Seeds whose pairs are in two groups (seeds 0..3 have one data group) and commit transactions
+with a range delete (2 each)."""
+RANGE_BUG_SEED = 6
+"""The first seed (of 0..15, `txn_pairs="ranges"`) whose run finds the planted range bug (6, 10
+and 11 do: a pair read, or a closed scan at a revision, sees one key deleted and not the other)."""
+
+
+def test_range_deletes_in_transactions_hold_and_a_skipped_range_is_found() -> None:
+    """Transactions with a range delete of a pair's prefix (`--txn-pairs ranges`): seeds pass
+    and such transactions commit; a COMMIT that skips its range deletions in one group (the
+    planted `node-xtxn-commit-skips-ranges`) leaves a pair half deleted, which a later read of
+    the pair finds; the same seed passes without it."""
+    ranged = 0
+    for seed in RANGE_SEEDS:
+        res = run_node_seed(seed, txn_pairs="ranges")
+        assert res.ok, res.violation
+        assert res.txn_pairs is not None
+        ranged += res.txn_pairs.txn_range_deletes
+    assert ranged > 0
+    for bug in TXN_RANGE_BUGS:
+        with planted(bug):
+            res = run_node_seed(RANGE_BUG_SEED, txn_pairs="ranges")
+        assert not res.ok and "TxnPairViolation" in (res.violation or ""), res.violation
+        assert run_node_seed(RANGE_BUG_SEED, txn_pairs="ranges").ok

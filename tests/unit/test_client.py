@@ -333,8 +333,13 @@ def test_txn_retries_reuse_its_session_and_errors_say_definite_or_not(cluster: F
                 await c.txn([], [Op.put(b"tx", b"4")], timeout=0.3)
             assert et.value.indeterminate
             cluster.nodes[1].script.clear()
-            before = len(cluster.kv_calls("Txn"))
+            before, sent = len(cluster.kv_calls("Txn")), len(cluster.calls)
+            leased = Op.put(b"l", b"1", lease=0x5001)  # a valid lease: its LeaseTimeToLive must not go first
             for bad, msg in [
+                (([], [leased, Op.get(b"")]), "empty"),
+                (([Compare(b"k", "value", "==", b"v")], [leased]), "operator"),
+                (([], [Op.put(b"l", b"1", lease=[1])]), "lease"),  # type: ignore[arg-type]
+                (([], [leased, Op.put(b"m", b"1", lease="x")]), "lease"),  # type: ignore[arg-type]
                 (([], []), "at least one key"),
                 (([Compare.version(b"k", ">", -1)], [Op.get(b"k")]), "integer"),
                 (([Compare(b"k", "value", "==", b"v")], [Op.get(b"k")]), "operator"),
@@ -343,7 +348,7 @@ def test_txn_retries_reuse_its_session_and_errors_say_definite_or_not(cluster: F
             ]:
                 with pytest.raises(errors.InvalidArgument, match=msg):
                     await c.txn(*bad)  # type: ignore[arg-type]
-            assert len(cluster.kv_calls("Txn")) == before  # nothing sent
+            assert len(cluster.kv_calls("Txn")) == before and len(cluster.calls) == sent  # nothing sent
 
     run(main())
     txns = [t for t in cluster.kv_calls("Txn") if t.node == 1]

@@ -312,6 +312,8 @@ def _result_of(body: kv_pb2.TxnBody, succeeded: bool) -> kv_pb2.TxnResult:
             res.responses.add(delete=True)
         elif which == "get":
             res.responses.add(get=_kv(op.get, b"v", 3, 7, 1))
+        elif which == "delete_range":
+            res.responses.add(delete_range=2)
         else:
             res.responses.add(txn=_result_of(op.txn, True))
     return res
@@ -335,7 +337,7 @@ def test_every_converted_txn_maps_either_branch_back(t: rpc_pb2.TxnRequest, succ
     txn_reply(plan, res, rpc_pb2.ResponseHeader(revision=7), out, {i: ([], 0, {}) for i in taken})
     assert out.succeeded == succeeded
     assert len(out.responses) == len(t.success if succeeded else t.failure)
-    assert has_writes(body) == any(op.WhichOneof("op") in ("put", "delete") for op in _walk(body))
+    assert has_writes(body) == any(op.WhichOneof("op") in ("put", "delete", "delete_range") for op in _walk(body))
 
 
 def _walk(body: kv_pb2.TxnBody) -> list[kv_pb2.TxnOp]:

@@ -16,6 +16,7 @@ from kvstore.node.version import (
     LEVEL_LEASES,
     LEVEL_LEASES_2,
     LEVEL_TRANSACTIONS,
+    LEVEL_TXN_RANGES,
     SUPPORTED_LEVEL,
     ClusterVersion,
     CommandGate,
@@ -119,7 +120,8 @@ def test_invalid_leases_are_refused_both_ways() -> None:
 
 
 def test_the_gate_refuses_a_leased_txn_below_level_5() -> None:
-    assert FORM_LEVELS[Op.TXN] == LEVEL_LEASES_2 < SUPPORTED_LEVEL  # level 7 (leases across groups) came after
+    assert LEVEL_LEASES_2 < FORM_LEVELS[Op.TXN] == LEVEL_TXN_RANGES < SUPPORTED_LEVEL  # TXN's newest form: 6
+    assert command_level(encode_command(Command.transaction(Txn((), (lput(b"k", b"v"),))))) == LEVEL_LEASES_2
     leased = encode_command(Command.transaction(Txn((), (lput(b"k", b"v"),))))
     plain = encode_command(Command.transaction(Txn((), (TxnOp(OpKind.PUT, b"k", b"v"),))))
     gate = CommandGate(lambda: ClusterVersion(LEVEL_LEASES, {1: LEVEL_LEASES}), lambda: {1})

@@ -60,7 +60,7 @@ def test_the_etcdctl_format() -> None:
     ("\nput k v --lease=1 --lease=2\n", "twice"),
     ("\nget k --lease=1\n", "not supported"),
     ("\nget --rev 3 k\n", "not supported"),
-    ("\ndel --prefix k\n", "not supported"),
+    ("\ndel --prev-kv k\n", "not supported"),
     ("\nget\n", "needs one argument"),
     ("\nget --prefix a b\n", "too many arguments"),
     ("\nget a b c\n", "too many arguments"),

@@ -429,3 +429,66 @@ def test_with_checked_stamps_only_unchecked_puts_of_the_leases_given() -> None:
     assert list(logic.leased_puts(got)) == [(b"a", LID, 9), (b"b", other, 5), (b"c", other, 11)]
     assert logic.with_checked(t, {}) == t
     txn.check_txn(got)
+
+
+def test_a_commit_attaching_a_lease_its_attach_lock_does_not_hold_deletes_the_key() -> None:
+    """Defence in depth: a COMMIT whose leased put names a lease the transaction's attach lock
+    here does not hold (its PREPARE never accepted it) attaches nothing: the key's deletion is
+    written at R instead, as for a lease found dead."""
+    gs = groups()
+    other_lease = leases.make_id(HOME, 4343)
+    assert lease(gs[HOME], LeaseCmd(Kind.GRANT, other_lease, ttl_s=10)).found  # live, but never locked
+    t = Txn((), (lput(b"h/1"), lput(b"o/1")))
+    p = plan_of(t, WHERE)
+    ready = logic.after_prepare(t, p, prepare(gs, p, T1))
+    assert isinstance(ready, logic.Ready)
+    forged = XCmd(XOp.COMMIT, T1, at=ready.at, writes=((b"o/1", b"v-o/1"),), leased=((b"o/1", other_lease, START),))
+    res = gs[OTHER].apply(encode_command(Command.cross(forged)))
+    assert res.error is None and xtxn.decode_found(res.current or b"") == [b"o/1"]
+    assert gs[OTHER].get(b"o/1") is None and leases.lease_of(gs[OTHER].rows, b"o/1") == 0
+    assert leases.attached_keys(gs[OTHER].rows, other_lease) == []
+
+
+def test_a_lease_deletion_proceeds_under_a_stream_of_leased_transactions() -> None:
+    """Liveness: each round a new transaction prepares leased puts of the lease, the lease's
+    deletion tries, and the oldest transaction commits. Without the deletion's wait marker a
+    new attach lock is always held when the deletion tries (starved without bound); with it,
+    the new PREPAREs wait (LOCKED), the held attach locks drain, and the deletion proceeds."""
+    gs = groups()
+    pending: list[tuple[TxnId, logic.Plan, logic.Ready]] = []
+    waited = 0
+    for i in range(6):
+        tid = TxnId(10, i)
+        t = Txn((), (lput(b"h/1"), lput(b"o/1")))
+        p = plan_of(t, WHERE)
+        got = prepare(gs, p, tid)
+        r = logic.after_prepare(t, p, got)
+        if isinstance(r, logic.Ready):
+            pending.append((tid, p, r))
+        else:
+            assert isinstance(r, logic.Conflict), r  # the deletion's marker: wait, retry later
+            waited += 1
+            for g, data in logic.abort_commands(tid, [g for g, x in got.items() if x.error is None]).items():
+                gs[g].apply(data)
+        d = revoke_across(gs, TxnId(99, i))
+        if isinstance(d, logic.Ready):
+            break
+        assert isinstance(d, logic.Conflict), d
+        ptid, pp, pr = pending.pop(0)
+        assert gs[pp.primary].apply(logic.record_command(ptid, START, pr)).error is None
+        for g, data in logic.commit_commands(ptid, pr, sorted(pp.keys)).items():
+            assert gs[g].apply(data).error is None
+    else:
+        raise AssertionError("the lease's deletion never proceeded")
+    assert waited >= 1 and i <= 2
+    assert all(leases.attached_keys(s.rows, LID) == [] for s in gs.values())
+    assert gs[HOME].get(b"h/1") is None and gs[OTHER].get(b"o/1") is None
+    assert all(s.rows.get(mvcc.T_TXN, xtxn.row_lease_wait(LID)) is None for s in gs.values())  # gone at COMMIT
+
+
+def test_the_lease_wait_row_is_checked_as_a_snapshot_brings_it() -> None:
+    row, value = xtxn.row_lease_wait(LID), Intent(T1, HOME, START, START).encode()
+    xtxn.check_rows(mvcc.T_TXN, row, value)
+    for bad_row, bad_value in ((row[:-1], value), (row, value[:-1]), (b"w" + b"\x00" * 8, value)):
+        with pytest.raises(ValueError):
+            xtxn.check_rows(mvcc.T_TXN, bad_row, bad_value)

@@ -84,6 +84,14 @@ class KeyRange:
             return key == self.start
         return self.start <= key and (not self.end or key < self.end)
 
+    def overlaps(self, other: KeyRange) -> bool:
+        """Whether a key is in both."""
+        if self.end is None:
+            return other.holds(self.start)
+        if other.end is None:
+            return self.holds(other.start)
+        return (not self.end or other.start < self.end) and (not other.end or self.start < other.end)
+
 
 def key_range(key: bytes, range_end: bytes) -> KeyRange:
     """etcd's (key, range_end): "\\0" as range_end = every key >= key; key "\\0" with range_end
@@ -212,7 +220,8 @@ _TARGET = {
 
 @dataclass(slots=True)
 class OpPlan:
-    """How one etcd RequestOp became kvstore TxnOps: `kind` is range / put / delete / txn;
+    """How one etcd RequestOp became kvstore TxnOps: `kind` is range / put / delete /
+    delete_range / txn;
     `with_prev`: a get of the key was put before the write (prev_kv); `query`: a range's checked
     request (its reply is built by `range_reply`: limit, sort, revision filters, keys_only,
     count_only apply as on a Range); `nested`: a nested plan. `external`: for a range over
@@ -302,8 +311,19 @@ def _ops(ops: Iterable[rpc_pb2.RequestOp], into: list[kv_pb2.TxnOp], plans: list
         elif which == "request_delete_range":
             d = op.request_delete_range
             k = key_range(d.key, d.range_end)
-            if not k.single:
-                raise unsupported("a range delete (range_end) inside a transaction")
+            if not k.single:  # kvstore's range delete in a transaction (across every group)
+                if d.prev_kv:
+                    raise unsupported("prev_kv of a range delete (range_end) inside a transaction")
+                if any(r.overlaps(k) for r in read):
+                    raise unsupported("a range delete of keys a read over several keys (or outside the written "
+                                      "group) in the same transaction read before it")
+                assert k.end is not None
+                into.append(kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange(start=k.start, end=k.end)))
+                plans.append(OpPlan("delete_range"))
+                count[0] += 1
+                if count[0] > MAX_TXN_OPS:
+                    raise invalid(TOO_MANY_OPS)
+                continue
             _before(read, d.key)
             if d.prev_kv:
                 into.append(kv_pb2.TxnOp(get=d.key))
@@ -323,11 +343,14 @@ def _ops(ops: Iterable[rpc_pb2.RequestOp], into: list[kv_pb2.TxnOp], plans: list
 
 def _writes(ops: Iterable[rpc_pb2.RequestOp]) -> tuple[set[bytes], set[bytes]]:
     """The keys one branch puts and deletes, nested transactions' too, checked as etcd's
-    `checkIntervals`: a key put twice, or put and deleted, in one branch is refused
-    (DUPLICATE_KEY; deleting a key twice is not); a nested transaction's success and failure
-    may name the same keys (only one of them runs). Deletes here are single keys (`_ops`
-    refuses ranges)."""
-    dels = {op.request_delete_range.key for op in ops if op.WhichOneof("request") == "request_delete_range"}
+    `checkIntervals`: a key put twice, or put and deleted (by a delete of the key or one of a
+    range that holds it), in one branch is refused (DUPLICATE_KEY; deleting a key twice is
+    not); a nested transaction's success and failure may name the same keys (only one of them
+    runs). A range delete's keys are not listed: its range is checked against every put of the
+    branch (`_range_puts`)."""
+    ops = list(ops)
+    dels = {op.request_delete_range.key for op in ops if op.WhichOneof("request") == "request_delete_range"
+            and not op.request_delete_range.range_end}
     puts: set[bytes] = set()
     for op in ops:
         if op.WhichOneof("request") != "request_txn":
@@ -350,7 +373,23 @@ def _writes(ops: Iterable[rpc_pb2.RequestOp]) -> tuple[set[bytes], set[bytes]]:
         if k in puts or k in dels:
             raise invalid(DUPLICATE_KEY)
         puts.add(k)
+    _range_puts(ops, puts)
     return puts, dels
+
+
+def _range_puts(ops: list[rpc_pb2.RequestOp], puts: set[bytes]) -> None:
+    """DUPLICATE_KEY if a range delete of this branch (or of a nested transaction in it) holds
+    a key the branch puts (etcd's `checkIntervals`: its deletes' intervals against its puts)."""
+    for op in ops:
+        which = op.WhichOneof("request")
+        if which == "request_delete_range" and op.request_delete_range.range_end:
+            d = op.request_delete_range
+            k = key_range(d.key, d.range_end)
+            if any(k.holds(p) for p in puts):
+                raise invalid(DUPLICATE_KEY)
+        elif which == "request_txn":
+            _range_puts(list(op.request_txn.success), puts)
+            _range_puts(list(op.request_txn.failure), puts)
 
 
 def _txn(r: rpc_pb2.TxnRequest, body: kv_pb2.TxnBody, depth: int, count: list[int],
@@ -380,8 +419,9 @@ def txn_body(r: rpc_pb2.TxnRequest, reads_outside: Callable[[bytes], bool] | Non
     is carried (`TxnPut.lease`; its `checked` is left 0 for the caller), and so is a compare of
     a key's lease (COMPARE_LEASE). A put with ignore_value or ignore_lease is planned as such
     (`OpPlan.ignore_value`, `ignored_puts`: the caller fills in the key's value and lease).
-    Compares over a range and range deletes are refused (`unsupported`); prev_kv becomes a get
-    before the write. More than MAX_TXN_OPS kvstore ops
+    Compares over a range are refused (`unsupported`); a range delete becomes kvstore's
+    (`TxnOp.delete_range`, run across every group), refused with prev_kv or after an external
+    read of an overlapping range; prev_kv becomes a get before the write. More than MAX_TXN_OPS kvstore ops
     (an external range counts as one), nesting deeper than MAX_DEPTH, or a key put twice (or
     put and deleted) in one branch are refused as etcd refuses them (INVALID_ARGUMENT)."""
     body = kv_pb2.TxnBody()
@@ -522,6 +562,10 @@ def txn_reply(plan: TxnPlan, result: kv_pb2.TxnResult, header: rpc_pb2.ResponseH
             pr.header.CopyFrom(header)
             if prev is not None and _kv_found(prev):
                 pr.prev_kv.CopyFrom(to_mvcc(prev, lease=(prev_leases or {}).get(prev.key, 0)))
+        elif p.kind == "delete_range":
+            dr = out.response_delete_range
+            dr.header.CopyFrom(header)
+            dr.deleted = r.delete_range
         elif p.kind == "delete":
             dr = out.response_delete_range
             dr.header.CopyFrom(header)

@@ -10,7 +10,8 @@ linearizably unless `serializable`; what all its parts keep is bounded by one bu
 range is one consistent snapshot at one revision (as the client library's scans). Put's prev_kv
 and DeleteRange's prev_kv on one key, and Put's ignore_value and ignore_lease, are transactions
 (a get, then the write, at one revision; ignore_* compare the value's mod revision or the lease
-as read before, and retry)."""
+as read before, and retry). A Txn's DeleteRange over a range is kvstore's range delete inside a
+transaction (`_txn_range_deletes`: a two-phase commit over every data group)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from kvstore import errors
 from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
 from kvstore.storage import leases, txn
 from kvstore.storage.errors import StorageError
+from kvstore.txnscan import has_range_deletes
 from kvstore.v1 import kv_pb2
 
 from ..scan_parts import PARALLEL, gather_parts, retrying
@@ -432,6 +434,8 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                 resp.header.CopyFrom(self.n.header(0))
                 resp.succeeded = True
                 return resp
+            if has_range_deletes(body):  # kvstore's range delete: a two-phase commit over every group
+                return await self._txn_range_deletes(body, plan, context)
             groups = {self.n.group_of(k) for k in txn_keys(body)}
             one = groups.pop() if len(groups) == 1 else None
             if one is None and plan.ranges:
@@ -462,6 +466,24 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
             return resp
         except Exception as err:
             await fail(err, context, "Txn")
+
+    async def _txn_range_deletes(self, body: kv_pb2.TxnBody, plan: TxnPlan, context: grpc.aio.ServicerContext
+                                 ) -> rpc_pb2.TxnResponse:
+        """A Txn with a DeleteRange over a range: kvstore's Txn with `delete_range` ops, which the
+        node runs as a two-phase commit over every data group (atomic at one revision). What that
+        cannot carry is refused (`unsupported`): reads over several keys or at a revision, puts
+        with ignore_value / ignore_lease (one group's feature). Leased puts (checked at the
+        lease's home first, as a Put's) and lease compares are carried (level 7)."""
+        if plan.ranges:
+            raise unsupported("a read over several keys (or at a revision) in a transaction with a range delete")
+        if any(ignored_puts(plan, body)):
+            raise unsupported("Put's ignore_lease / ignore_value in a transaction with a range delete")
+        for put in leased_puts(body):
+            put.checked = await self.lease_checked(put.lease, self.n.group_of(put.key), context)
+        t = await self.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True)
+        resp = rpc_pb2.TxnResponse()
+        txn_reply(plan, t.result, self.n.header(t.revision), resp, None, self._txn_leases(txn_gets(t.result)))
+        return resp
 
     async def _txn_ignoring(self, body: kv_pb2.TxnBody, plan: TxnPlan, group: int,
                             context: grpc.aio.ServicerContext) -> rpc_pb2.TxnResponse:
