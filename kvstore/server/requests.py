@@ -34,6 +34,7 @@ from kvstore.node.closes import NodeCloses
 from kvstore.node.hlc import HybridClock
 from kvstore.node.host import Host
 from kvstore.node.store import ReadStream, RevisionReads
+from kvstore.raft import Role
 from kvstore.security.guard import AuthGuard
 from kvstore.security.rbac import READ, READWRITE, WRITE, PermKind
 from kvstore.shard.ranges import IntervalSet, key_hash
@@ -48,7 +49,7 @@ from . import waiters
 from .admission import Admission
 from .config import NodeConfig
 from .metrics import Metrics
-from .reads import ReadPoint, ReplicaReads
+from .reads import LINEARIZABLE, ReadPoint, ReplicaReads
 from .shards import GroupCaller, ShardTracker
 from .txn_wire import result_into, txn_from_proto
 from .xtxn_run import CrossTxns, planted_halt
@@ -557,7 +558,16 @@ class KVRequests:
             )
 
     async def read_point(self, gid: int, consistency: int, max_staleness_ms: int = 0) -> ReadPoint:
-        """Wait until the group may be read at `consistency` (see reads.py: replicas serve too)."""
+        """Wait until the group may be read at `consistency` (see reads.py: replicas serve too).
+        A linearizable read where this node leads the group is the host's ReadIndex round itself
+        (as `KV.Stream`'s gets): what `NodeReads.read` does for it, without its task and futures."""
+        if consistency == kv_pb2.LINEARIZABLE:
+            g = self.host.groups.get(gid)
+            if g is not None and g.core.role == Role.LEADER:
+                index = await waiters.read_point(self.host, self.wake, gid, self.cfg.request_timeout)
+                if (m := self.reads.metrics) is not None:
+                    m.served(LINEARIZABLE, "leader")
+                return ReadPoint(index, 0.0, LINEARIZABLE)
 
         def leader_read() -> Awaitable[int]:
             return waiters.read_point(self.host, self.wake, gid, self.cfg.request_timeout)

@@ -3,7 +3,8 @@ data directory and leaves nothing behind when the client goes away while the sav
 `HashKV`'s header carries the revision served; `Election.Proclaim` is etcd's one Txn (the leader
 key's create revision compared, the value put with the request's lease; a stale leader or a gone
 lease writes nothing); a node starts by removing the Snapshot files a crash left
-(kvstore/server/etcd/maintenance.py, recipes.py)."""
+(kvstore/server/etcd/maintenance.py, recipes.py); a linearizable Range at the leader is a
+counted ReadIndex read that sees the last write."""
 
 from __future__ import annotations
 
@@ -119,5 +120,34 @@ def test_hashkv_header_is_the_revision_served_and_proclaim_is_one_txn(tmp_path: 
                 assert (e.value.code(), e.value.details()) == (code, text)
                 assert dict(e.value.trailing_metadata() or ()).get("kvstore-outcome") == "definite"
             assert await held() == [(b"c", other.ID)]  # nothing written
+
+    asyncio.run(main())
+
+
+def test_linearizable_ranges_at_the_leader_are_readindex_reads_that_see_the_last_write(tmp_path: Path) -> None:
+    """etcd's Range at the leader is a ReadIndex read (`KVRequests.read_point`'s leader path,
+    counted as a linearizable leader read); concurrent Ranges after a Put all see it; a
+    serializable Range is not one."""
+
+    async def main() -> None:
+        async with one_node(tmp_path) as n, grpc.aio.insecure_channel(n.address) as ch:
+            kv = rpc_pb2_grpc.KVStub(ch)
+            registry = n.node.metrics.registry
+
+            def leader_reads() -> float:
+                got = registry.get_sample_value("kvstore_reads_by_level_total",
+                                                {"level": "linearizable", "role": "leader"})
+                return got or 0.0
+
+            before = leader_reads()
+            for i in range(5):
+                put = await kv.Put(rpc_pb2.PutRequest(key=b"lin", value=b"v%d" % i), timeout=10)
+                got = await asyncio.gather(*(kv.Range(rpc_pb2.RangeRequest(key=b"lin"), timeout=10) for _ in range(8)))
+                assert {r.kvs[0].value for r in got} == {b"v%d" % i}
+                assert all(r.header.revision >= put.header.revision for r in got)
+            assert leader_reads() - before == 40
+            ser = await kv.Range(rpc_pb2.RangeRequest(key=b"lin", serializable=True), timeout=10)
+            assert ser.kvs[0].value == b"v4"
+            assert leader_reads() - before == 40
 
     asyncio.run(main())

@@ -126,13 +126,17 @@ class RangeQuery:
     max_create: int
 
 
+_SORT_ORDERS = frozenset(rpc_pb2.RangeRequest.SortOrder.values())
+_SORT_TARGETS = frozenset(rpc_pb2.RangeRequest.SortTarget.values())
+
+
 def range_query(r: rpc_pb2.RangeRequest) -> RangeQuery:
     keys = key_range(r.key, r.range_end)
     if r.limit < 0:
         raise invalid(f"etcdserver: limit {r.limit} is negative")
-    if r.sort_order not in rpc_pb2.RangeRequest.SortOrder.values():
+    if r.sort_order not in _SORT_ORDERS:
         raise invalid(f"etcdserver: unknown sort order {r.sort_order}")
-    if r.sort_target not in rpc_pb2.RangeRequest.SortTarget.values():
+    if r.sort_target not in _SORT_TARGETS:
         raise invalid(f"etcdserver: unknown sort target {r.sort_target}")
     for name in ("min_mod_revision", "max_mod_revision", "min_create_revision", "max_create_revision"):
         _int64(getattr(r, name), name)
