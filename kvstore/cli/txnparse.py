@@ -1,8 +1,9 @@
 """`kvctl txn`'s input: etcdctl's non-interactive format, parsed into client types.
 
     compares        one a line: TARGET("KEY") OP "OPERAND"
-                    TARGET: value | val | version | ver | create | c | mod | m
-                    OP: = != > <     (numbers for version / create / mod: decimal, >= 0)
+                    TARGET: value | val | version | ver | create | c | mod | m | lease
+                    OP: = != > <     (numbers for version / create / mod: decimal, >= 0;
+                                      lease: the lease id in hexadecimal, 0 = no lease)
     (blank line)
     success ops     one a line: put KEY VALUE [--lease=ID] | get KEY | del KEY (delete KEY)
                     | get KEY RANGE_END | get --prefix KEY | get --from-key KEY
@@ -47,7 +48,7 @@ __all__ = ["ParsedTxn", "TxnSyntaxError", "parse_txn"]
 
 _TARGETS: dict[str, CompareTarget] = {
     "value": "value", "val": "value", "version": "version", "ver": "version",
-    "create": "create", "c": "create", "mod": "mod", "m": "mod",
+    "create": "create", "c": "create", "mod": "mod", "m": "mod", "lease": "lease",
 }
 _OPS: dict[str, CompareOp] = {"=": "=", "!=": "!=", ">": ">", "<": "<"}
 _QUOTED = r'"(?:[^"\\]|\\.)*"'
@@ -89,6 +90,10 @@ def _compare(line: str, encode: Callable[[str], bytes]) -> Compare:
     operand = _unquote(m.group(4), line)
     if target == "value":
         return Compare(key, target, op, encode(operand))
+    if target == "lease":  # etcdctl's: the id in hexadecimal, as put's --lease takes it
+        if not re.fullmatch(r"[0-9a-fA-F]{1,16}", operand) or int(operand, 16) > INT64_MAX:
+            raise TxnSyntaxError(f"malformed comparison: {line} (lease needs a hexadecimal id in 0..{INT64_MAX:x})")
+        return Compare(key, target, op, int(operand, 16))
     if not re.fullmatch(r"[0-9]{1,19}", operand) or int(operand) > INT64_MAX:
         raise TxnSyntaxError(f"malformed comparison: {line} ({target} needs a number in 0..{INT64_MAX})")
     return Compare(key, target, op, int(operand))

@@ -22,6 +22,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -50,6 +51,7 @@ from .admission import Admission
 from .config import NodeConfig
 from .metrics import Metrics
 from .reads import LINEARIZABLE, ReadPoint, ReplicaReads
+from .scan_parts import gather_parts
 from .shards import GroupCaller, ShardTracker
 from .txn_wire import result_into, txn_from_proto
 from .xtxn_run import CrossTxns, planted_halt
@@ -359,20 +361,20 @@ class KVRequests:
                        and leases.home_group(lid) in data_groups})
         if not need:
             return {}
-        gate = asyncio.Semaphore(LEASE_ASKS_AT_ONCE)
 
         async def ask(lid: int) -> tuple[int, int | None]:
-            async with gate:
-                now = self.clock.propose(0)
-                cmd = commands.encode_command(commands.Command.lease_command(leases.LeaseCmd(leases.Kind.STATUS, lid)))
-                res = await cross.propose(leases.home_group(lid), cmd)
+            now = self.clock.propose(0)
+            cmd = commands.encode_command(commands.Command.lease_command(leases.LeaseCmd(leases.Kind.STATUS, lid)))
+            res = await cross.propose(leases.home_group(lid), cmd)
             try:
                 alive = res.error is None and leases.Status.decode(res.current).state == leases.ALIVE
             except ValueError:
                 alive = False
             return lid, now if alive else None
 
-        return {lid: now for lid, now in await asyncio.gather(*map(ask, need)) if now is not None}
+        # at most LEASE_ASKS_AT_ONCE at once; one failing cancels (and awaits) the others
+        asked = await gather_parts([functools.partial(ask, lid) for lid in need], LEASE_ASKS_AT_ONCE)
+        return {lid: now for lid, now in asked if now is not None}
 
     async def txn(self, r: kv_pb2.TxnRequest) -> kv_pb2.TxnResponse:
         """A whole transaction without scans (`KV.Txn`), every failure in the reply."""

@@ -170,7 +170,7 @@ def test_a_revoke_deletes_keys_in_both_groups_at_one_revision(cluster: Cluster) 
 def test_a_txn_across_groups_puts_keys_on_one_lease_and_the_revoke_deletes_both(cluster: Cluster) -> None:
     """Issue 17: a transaction whose leased puts are in the two groups (a two-phase commit; the
     client checks the lease at its home for `checked`), its keys' leases compared across the
-    groups; `kvctl txn`'s `put --lease` likewise, and a raw KV.Txn without `checked` (the
+    groups; `kvctl txn`'s `put --lease` likewise (under `lease("k") = "ID"` compares), and a raw KV.Txn without `checked` (the
     coordinating node checks the lease at its home); the revoke deletes every key at one
     revision."""
     with Client(cluster.endpoints, timeout=20) as c:
@@ -183,9 +183,11 @@ def test_a_txn_across_groups_puts_keys_on_one_lease_and_the_revoke_deletes_both(
         assert first.succeeded and first.revision
         more = _keys_by_group(m, b"xm/")
         line = "".join(f"put {k.decode()} w --lease={lid:x}\n" for k in more.values())
+        # etcdctl's lease compare (the id in hex) on the keys the first transaction attached
+        held_by = "".join(f'lease("{k.decode()}") = "{lid:x}"\n' for k in keys.values())
         out = subprocess.run(
             [sys.executable, "-m", "kvstore.cli.kvctl", "--endpoints", ",".join(cluster.endpoints), "--timeout", "20",
-             "txn"], input="\n" + line + "\n", capture_output=True, text=True, timeout=60,
+             "txn"], input=held_by + "\n" + line + "\n", capture_output=True, text=True, timeout=60,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         assert out.returncode == 0 and out.stdout.startswith("SUCCESS"), (out.stdout, out.stderr)
         raw = _keys_by_group(m, b"xr/")  # KV.Txn without `checked`: the coordinator asks the home

@@ -256,6 +256,25 @@ def test_a_key_written_twice_in_one_branch_is_refused_as_etcd() -> None:
                                 failure=[_put(b"a")]))
 
 
+def test_range_deletes_are_checked_against_puts_in_etcds_order() -> None:
+    """etcd's `checkIntervals`: a branch's ranges hold against its own puts and its nested
+    transactions' puts; a nested transaction's then and else are apart (a range in one, a put
+    of a key in it in the other, is fine); a nested transaction's puts are not checked against
+    the ranges of nested transactions after it."""
+    dup = r"^etcdserver: duplicate key given in txn request$"
+    rng = rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=b"a", range_end=b"z"))
+
+    def txn(success: list[rpc_pb2.RequestOp], failure: list[rpc_pb2.RequestOp] = []) -> rpc_pb2.RequestOp:  # noqa: B006
+        return rpc_pb2.RequestOp(request_txn=rpc_pb2.TxnRequest(success=success, failure=failure))
+
+    for bad in ([rng, _put(b"b")], [_put(b"b"), rng], [rng, txn([_put(b"b")])], [txn([rng]), _put(b"b")],
+                [txn([rng]), txn([], [_put(b"b")])], [txn([rng, _put(b"b")])]):
+        with pytest.raises(EtcdRequestError, match=dup):
+            txn_body(rpc_pb2.TxnRequest(success=bad))
+    for good in ([txn([rng], [_put(b"b")])], [txn([_put(b"b")]), txn([rng])], [rng, _put(b"zz")]):
+        txn_body(rpc_pb2.TxnRequest(success=good))
+
+
 def test_a_range_in_a_txn_applies_its_filters_sort_and_limit() -> None:
     kv = _kv(b"k", b"v", 3, 7, 2)
     cases = [(rpc_pb2.RangeRequest(key=b"k", max_mod_revision=6), 1, []),

@@ -46,7 +46,9 @@ def test_the_etcdctl_format() -> None:
 
 @pytest.mark.parametrize(("text", "msg"), [
     ('value("k")="v"\n', "malformed comparison"),
-    ('lease("k") = "1"\n', "unknown target lease"),
+    ('lease("k") = "zz"\n', "lease needs a hexadecimal id"),
+    ('lease("k") = "8000000000000000"\n', "lease needs a hexadecimal id"),
+    ('lease("k") = ""\n', "lease needs a hexadecimal id"),
     ('value("k") == "v"\n', "unknown operator =="),
     ('version("k") > "-1"\n', "needs a number"),
     ('mod("k") < "x"\n', "needs a number"),
@@ -75,6 +77,11 @@ def test_the_etcdctl_format() -> None:
 def test_refusals_name_the_line(text: str, msg: str) -> None:
     with pytest.raises(TxnSyntaxError, match=msg):
         parse_txn(text, enc)
+
+
+def test_a_lease_compare_takes_a_hex_id() -> None:
+    p = parse_txn('lease("k") = "694d81a4b2c3"\nlease("j") != "0"\n\nput k v\n', enc)
+    assert p.compares == (Compare.lease(b"k", "=", 0x694D81A4B2C3), Compare.lease(b"j", "!=", 0))
 
 
 def test_a_puts_lease_is_etcdctls_hex_flag() -> None:

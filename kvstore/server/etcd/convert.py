@@ -350,11 +350,14 @@ def _writes(ops: Iterable[rpc_pb2.RequestOp]) -> tuple[set[bytes], set[bytes]]:
     `checkIntervals`: a key put twice, or put and deleted (by a delete of the key or one of a
     range that holds it), in one branch is refused (DUPLICATE_KEY; deleting a key twice is
     not); a nested transaction's success and failure may name the same keys (only one of them
-    runs). A range delete's keys are not listed: its range is checked against every put of the
-    branch (`_range_puts`)."""
+    runs). A range delete's keys are not listed; ranges are checked as etcd orders it: a nested
+    transaction's puts against the ranges this branch deletes itself and those of the nested
+    transactions before it, then this branch's own puts against all of them (each nested
+    transaction checked its own branches the same way, its then and else apart)."""
     ops = list(ops)
     dels = {op.request_delete_range.key for op in ops if op.WhichOneof("request") == "request_delete_range"
             and not op.request_delete_range.range_end}
+    ranges = _range_dels(ops, nested=False)
     puts: set[bytes] = set()
     for op in ops:
         if op.WhichOneof("request") != "request_txn":
@@ -362,38 +365,41 @@ def _writes(ops: Iterable[rpc_pb2.RequestOp]) -> tuple[set[bytes], set[bytes]]:
         puts_then, dels_then = _writes(op.request_txn.success)
         puts_else, dels_else = _writes(op.request_txn.failure)
         for k in puts_then:
-            if k in puts or k in dels:
+            if k in puts or k in dels or _in_any(ranges, k):
                 raise invalid(DUPLICATE_KEY)
             puts.add(k)
         for k in puts_else:
-            if (k in puts and k not in puts_then) or k in dels:
+            if (k in puts and k not in puts_then) or k in dels or _in_any(ranges, k):
                 raise invalid(DUPLICATE_KEY)
             puts.add(k)
         dels |= dels_then | dels_else
+        ranges += _range_dels([*op.request_txn.success, *op.request_txn.failure], nested=True)
     for op in ops:
         if op.WhichOneof("request") != "request_put":
             continue
         k = op.request_put.key
-        if k in puts or k in dels:
+        if k in puts or k in dels or _in_any(ranges, k):
             raise invalid(DUPLICATE_KEY)
         puts.add(k)
-    _range_puts(ops, puts)
     return puts, dels
 
 
-def _range_puts(ops: list[rpc_pb2.RequestOp], puts: set[bytes]) -> None:
-    """DUPLICATE_KEY if a range delete of this branch (or of a nested transaction in it) holds
-    a key the branch puts (etcd's `checkIntervals`: its deletes' intervals against its puts)."""
+def _range_dels(ops: Iterable[rpc_pb2.RequestOp], nested: bool) -> list[KeyRange]:
+    """The ranges the range deletes of `ops` cover (with `nested`, those of nested transactions
+    too, either branch)."""
+    out: list[KeyRange] = []
     for op in ops:
         which = op.WhichOneof("request")
         if which == "request_delete_range" and op.request_delete_range.range_end:
             d = op.request_delete_range
-            k = key_range(d.key, d.range_end)
-            if any(k.holds(p) for p in puts):
-                raise invalid(DUPLICATE_KEY)
-        elif which == "request_txn":
-            _range_puts(list(op.request_txn.success), puts)
-            _range_puts(list(op.request_txn.failure), puts)
+            out.append(key_range(d.key, d.range_end))
+        elif which == "request_txn" and nested:
+            out += _range_dels([*op.request_txn.success, *op.request_txn.failure], nested=True)
+    return out
+
+
+def _in_any(ranges: list[KeyRange], key: bytes) -> bool:
+    return any(r.holds(key) for r in ranges)
 
 
 def _txn(r: rpc_pb2.TxnRequest, body: kv_pb2.TxnBody, depth: int, count: list[int],
