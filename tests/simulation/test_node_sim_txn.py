@@ -80,3 +80,14 @@ def test_range_deletes_in_transactions_hold_and_a_skipped_range_is_found() -> No
             res = run_node_seed(RANGE_BUG_SEED, txn_pairs="ranges")
         assert not res.ok and "TxnPairViolation" in (res.violation or ""), res.violation
         assert run_node_seed(RANGE_BUG_SEED, txn_pairs="ranges").ok
+
+
+def test_a_refused_record_releases_its_intents_at_once() -> None:
+    """Seed 1031 with 5 nodes: after the heal, a cross-group attempt's RECORD is refused on every
+    try (nodes that do not host the primary, then a follower). The simulated coordinator used to
+    leave its PREPARE intents to the resolvers' timeout (a node's coordinator releases them at
+    once: `CrossTxns._record` answers Aborted on a definite error); the intents held both groups'
+    watch frontier below their revisions past the end of the run, a watch liveness violation."""
+    res = run_node_seed(1031, nodes=5, txn_pairs=True)
+    assert res.ok, res.violation
+    assert res.txn_pairs is not None and res.txn_pairs.cross_released > 0
