@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kvstore import errors
-from kvstore.node.grouprequests import check_group_request
+from kvstore.node.grouprequests import check_group_request, refused_for_good
 from kvstore.node.logic import NodeLogic
 from kvstore.node.moves import ExportChunk, MoveCoordinator, MoveFailed, Propose, Request, WaitMap, Work
 from kvstore.node.store import NodeStore
@@ -420,6 +420,10 @@ class SimMoves:
                     return
                 if final_invalid and isinstance(err, errors.InvalidArgument):
                     done(None, err)
+                    return
+                caller = sim.nodes[run.nid].logic
+                if caller is not None and refused_for_good(err, caller.shard_tracker.version):
+                    done(None, err)  # as `GroupCaller.call`: a stale step of a finished move
                     return
                 sim.at(delay * (0.5 + self.rng.random()), attempt, 0)
                 delay = min(delay * 2, 500.0)

@@ -76,6 +76,8 @@ class TxnPairStats:
     """Intents resolved by a later attempt that met them."""
     cross_finished: int = 0
     """COMMITTED records the record sweep finished (coordinator died before its FINALIZE)."""
+    cross_released: int = 0
+    """Attempts whose RECORD was refused for certain: their intents released at once."""
     range_deletes: int = 0
     """Answered range deletes of a cross pair's prefix (both keys at one revision)."""
     txn_range_deletes: int = 0
@@ -229,6 +231,7 @@ class TxnPairs:
             groups = {k: smap.group_for_key(k) for k in groups}
         d.attempt(node, t, groups, n, retry, lock)
         self.stats.cross_died, self.stats.cross_resolved, self.stats.cross_finished = d.died, d.resolved, d.finished
+        self.stats.cross_released = d.released
 
     def finished_record(self) -> None:
         """The record sweep finished a record (`CrossPairs._finish`)."""
@@ -241,6 +244,7 @@ class TxnPairs:
         self.stats.cross_answered += 1
         d = self.cross_driver
         self.stats.cross_died, self.stats.cross_resolved, self.stats.cross_finished = d.died, d.resolved, d.finished
+        self.stats.cross_released = d.released
         if t is None:
             self.stats.range_deletes += 1
             if len(r.responses) > 2 or bool(r.responses) != bool(revision) or r.revision != revision:

@@ -75,6 +75,8 @@ class CrossPairs:
         self.finished = 0
         """COMMITTED records the record sweep finished (their coordinator died before FINALIZE)."""
         self.conflicts = 0
+        self.released = 0
+        """Attempts whose RECORD was refused for certain (intents released at once)."""
         self.resolving: set[TxnId] = set()
 
     # --- proposing in a group --------------------------------------------------------------
@@ -244,11 +246,20 @@ class CrossPairs:
             if self._dies(0):
                 return
             record = logic.record_command(tid, start, decision, lease=p.lease, renews=p.renews)
-            commit_point(self, node, p.primary, record, lambda res, err: committed(decision, res if err is None else None))
+            commit_point(self, node, p.primary, record,
+                         lambda res, err: committed(decision, res if err is None else None, err))
 
-        def committed(r: logic.Ready, res: ApplyResult | None) -> None:
+        def committed(r: logic.Ready, res: ApplyResult | None, err: errors.KVError | None) -> None:
             if res is None:
-                return  # the commit point's outcome is unknown here: resolvers settle it
+                if err is not None and not err.indeterminate:
+                    # The RECORD was definitely not applied (every try refused: no leader there,
+                    # not a member): nothing is committed, so the coordinator releases its intents
+                    # now, as the node's does (`CrossTxns._record` answers Aborted, then
+                    # `_release`), instead of leaving them to the resolvers' timeout.
+                    self.released += 1
+                    self._forget(node, logic.abort_commands(tid, p.keys))
+                    retry(n + 1)
+                return  # otherwise the commit point's outcome is unknown here: resolvers settle it
             out = logic.after_record(tid, res)
             if isinstance(out, logic.Aborted):
                 self._forget(node, logic.abort_commands(tid, p.keys))

@@ -161,6 +161,19 @@ def check_group_request(request: GroupRequest, smap: ShardMap | None) -> ConfCha
     return None
 
 
+def refused_for_good(err: errors.KVError, map_version: int) -> bool:
+    """Whether a GroupPropose refusal is final for a caller whose shard map is at `map_version`:
+    a WrongShard from a node whose map is at least that new (`shard_version`; 0: not about the
+    map, e.g. a group not hosted there). The only such refusal is `check_group_request`'s "no
+    range move N in this node's shard map": a move leaves the map only when it finishes, and the
+    caller's step of it was planned from a map no newer than its own, so move N is finished (a
+    racing coordinator did it) and every node, now or later, refuses the step too. Retrying
+    helps only a node whose map is behind the caller's (it may not show the move yet); retried
+    until the caller's deadline, a stale coordinator's step kept its node's coordinator from the
+    next move for the whole deadline (simulator seed 1222)."""
+    return isinstance(err, errors.WrongShard) and 0 < map_version <= err.shard_version
+
+
 def check_client_addresses(old: ShardMap, new: ShardMap, sender: int) -> None:
     """A map CAS from node `sender` may change only `sender`'s own client address (each node
     publishes its own: `kvstore.node.clientaddr`), or drop the address of a node the new map no

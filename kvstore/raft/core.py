@@ -148,6 +148,12 @@ class Config:
     """Serve ReadIndex from the leader lease instead of a heartbeat round. Relies on
     check_quorum and on clocks drifting less than `lease_drift_ticks` per election timeout."""
     lease_drift_ticks: int = 2
+    max_read_rounds: int = 1
+    """ReadIndex rounds a leader keeps unconfirmed at once. Reads that arrive while that many are
+    out wait and leave together as the next round once one is confirmed (as etcd's server keeps one
+    ReadIndex in flight): reads arriving one by one (unary calls) then share rounds as their rate
+    grows instead of each costing a heartbeat to every follower. A round whose heartbeats were lost
+    is confirmed by the next periodic heartbeat, which carries the latest round number."""
     announce_commit: bool = False
     """Tell caught-up members a new commit index at once when it covers the whole log (see
     "Commit propagation"); off: they learn it from the next append or heartbeat."""
@@ -170,6 +176,8 @@ class Config:
             raise RaftError("lease_drift_ticks must be in [0, election_tick)")
         if self.quiesce_ticks < 0:
             raise RaftError("quiesce_ticks must be >= 0 (0 disables quiescence)")
+        if self.max_read_rounds < 1:
+            raise RaftError("max_read_rounds must be >= 1")
 
 
 class RaftNode:
@@ -802,9 +810,9 @@ class RaftNode:
             self._commit_notify.add(req.frm)
 
     def _flush_reads(self) -> None:
-        if self.role != Role.LEADER or not self.read_only.unsent:
+        if self.role != Role.LEADER:
             return
-        rnd = self.read_only.start_round(self.log.committed)
+        rnd = self.read_only.start_round(self.log.committed, self.cfg.max_read_rounds)
         if rnd is not None:
             self._bcast_heartbeat()
             self._check_read_rounds()
@@ -1115,7 +1123,7 @@ class RaftNode:
             or log.committed > log.applied
             or self._hard_state() != self._prev_hs
             or self._soft_state() != self._prev_ss
-            or (self.role == Role.LEADER and self.read_only.unsent)
+            or (self.role == Role.LEADER and self.read_only.may_start(self.cfg.max_read_rounds))
         )
 
     def ready(self) -> Ready:

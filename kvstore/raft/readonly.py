@@ -2,7 +2,9 @@
 
 Reads queue up as `unsent`. When the application next collects a Ready, all of them become one
 *round*: the round records the commit index at that moment and the leader broadcasts one heartbeat
-carrying the round number. A follower's heartbeat response echoes the highest round it has seen;
+carrying the round number. At most `max_rounds` rounds (the core's `Config.max_read_rounds`) are
+unconfirmed at once: reads arriving meanwhile stay `unsent` and leave together as the next round
+once an older one is confirmed, so reads that arrive one at a time share rounds under load. A follower's heartbeat response echoes the highest round it has seen;
 since a response to round r proves the leader was still leader after every round <= r started, a
 round is confirmed once a majority of voters has echoed it or a later one. Confirming round r
 releases every read of rounds <= r at that round's index.
@@ -40,9 +42,14 @@ class ReadOnly:
         self.rounds: deque[ReadRound] = deque()
         self.last_round = 0
 
-    def start_round(self, commit: int) -> ReadRound | None:
-        """Turn all unsent reads into one round at `commit`."""
-        if not self.unsent:
+    def may_start(self, max_rounds: int) -> bool:
+        """Whether unsent reads wait and fewer than `max_rounds` rounds are unconfirmed."""
+        return bool(self.unsent) and len(self.rounds) < max_rounds
+
+    def start_round(self, commit: int, max_rounds: int) -> ReadRound | None:
+        """Turn all unsent reads into one round at `commit`, unless `max_rounds` rounds are
+        unconfirmed already (then they wait for the next round, which starts once one is)."""
+        if not self.may_start(max_rounds):
             return None
         self.last_round += 1
         r = ReadRound(self.last_round, commit, self.unsent)

@@ -32,6 +32,7 @@ from kvstore.node.grouprequests import (
     describe_moves,
     is_close,
     leader_candidates,
+    refused_for_good,
 )
 from kvstore.node.host import Host
 from kvstore.node.inbound import RefusalLog
@@ -202,7 +203,7 @@ class GroupCaller:
                 if isinstance(err, errors.NotLeader) and err.leader_id and err.leader_id != target:
                     hint = err.leader_id
                     continue
-                if isinstance(err, errors.InvalidArgument):
+                if isinstance(err, errors.InvalidArgument) or refused_for_good(err, self.tracker.version):
                     raise err
                 if err.indeterminate and not retry_indeterminate:
                     raise err

@@ -55,8 +55,10 @@ def test_planted_lease_txn_bug_is_found() -> None:
         for seed in SEEDS:
             with planted(bug):
                 res = run_node_seed(seed, leases=True, quiesce=False, txn_pairs=True)
-            if not res.ok and res.violation is not None and "LeaseViolation" in res.violation:
-                assert "cross-group transaction" in res.violation
+            # (Under the bug a seed may fail another way first, e.g. a lease expiring late: what
+            # matters is that some seed shows the bug as itself and passes without it.)
+            if not res.ok and res.violation is not None and "cross-group transaction" in res.violation:
+                assert "LeaseViolation" in res.violation
                 clean = run_node_seed(seed, leases=True, quiesce=False, txn_pairs=True)
                 assert clean.ok, f"seed {seed} fails without {bug!r} too: {clean.violation}"
                 assert clean.leases is not None and clean.leases.rewrites > 0
@@ -82,7 +84,8 @@ def test_planted_lease_move_bug_is_found() -> None:
 
 def test_orphan_sweep_deletes_keys_a_stale_plan_left_out() -> None:
     # seeds where a key moved to a group added after its lease's grant: the deletion's plan lacks it
-    for seed in (1019, 1028, 1039, 1046):
+    # (schedule-dependent: found again when ReadIndex rounds became one at a time)
+    for seed in (1001, 1006, 1009, 1052):
         with planted("lease-no-orphan-sweep"):
             res = run_node_seed(seed, leases=True, quiesce=False, moves=True)
         if not res.ok and res.violation is not None and "still present" in res.violation:

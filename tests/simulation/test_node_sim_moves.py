@@ -158,3 +158,15 @@ def test_flip_before_activate_is_caught_by_its_scenario() -> None:
     assert clean.result.moves.get("moves_done", 0) == clean.result.moves.get("moves", -1) == 1
     assert not bad.result.ok and bad.result.violation
     assert bad.facts["flipped"] == "unserved"
+
+
+def test_a_stale_step_of_a_finished_move_stops_at_once() -> None:
+    """Seed 1222 (3 nodes, one ReadIndex round at a time): a coordinator deposed mid-step (a
+    leadership transfer aimed at the step) kept retrying the DROP of a move its successor had
+    finished, refused by every node ("no range move 1 in this node's shard map (version 5)"),
+    until its 1.5 s deadline, well after the heal; the next move then missed the liveness bound.
+    Refused by a map as new as the caller's, the step now fails at once
+    (`grouprequests.refused_for_good`, as `GroupCaller.call` does) and every move finishes."""
+    res = run_node_seed(1222, nodes=3)
+    assert res.ok, res.violation
+    assert res.moves and res.moves["moves"] == res.moves["moves_done"] == 2

@@ -10,9 +10,10 @@ from chaos.sim.nodes import run_node_seed
 from chaos.sim.plant import TXN_BUGS, TXN_RANGE_BUGS, planted
 
 SEED_BUDGET = 12
-FIRST_SEED: dict[str, int] = {}
+FIRST_SEED: dict[str, int] = {"node-xtxn-commit-without-record": 33}
 """Where a bug's search starts, if not at 0 (the cross-group one needs a coordinator death between
-its COMMITs followed by a read of the pair: found by seeds 7, 11, 35 and 41 of 0..47)."""
+its COMMITs followed by a read of the pair: found by seeds 7, 11, 35 and 41 of 0..47; since
+ReadIndex rounds are one at a time, the first of 0..79 is 33)."""
 
 
 def test_pair_transactions_hold_on_seeds() -> None:
@@ -58,9 +59,10 @@ def test_resolver_waits_for_its_resolve_on_a_slow_primary() -> None:
 RANGE_SEEDS = (4, 5)
 """Seeds whose pairs are in two groups (seeds 0..3 have one data group) and commit transactions
 with a range delete (2 each)."""
-RANGE_BUG_SEED = 6
-"""The first seed (of 0..15, `txn_pairs="ranges"`) whose run finds the planted range bug (6, 10
-and 11 do: a pair read, or a closed scan at a revision, sees one key deleted and not the other)."""
+RANGE_BUG_SEED = 10
+"""The first seed (of 0..15, `txn_pairs="ranges"`) whose run finds the planted range bug (10 and
+11 do: a pair read, or a closed scan at a revision, sees one key deleted and not the other; 6 did
+too before ReadIndex rounds became one at a time)."""
 
 
 def test_range_deletes_in_transactions_hold_and_a_skipped_range_is_found() -> None:
@@ -80,3 +82,14 @@ def test_range_deletes_in_transactions_hold_and_a_skipped_range_is_found() -> No
             res = run_node_seed(RANGE_BUG_SEED, txn_pairs="ranges")
         assert not res.ok and "TxnPairViolation" in (res.violation or ""), res.violation
         assert run_node_seed(RANGE_BUG_SEED, txn_pairs="ranges").ok
+
+
+def test_a_refused_record_releases_its_intents_at_once() -> None:
+    """Seed 1031 with 5 nodes: after the heal, a cross-group attempt's RECORD is refused on every
+    try (nodes that do not host the primary, then a follower). The simulated coordinator used to
+    leave its PREPARE intents to the resolvers' timeout (a node's coordinator releases them at
+    once: `CrossTxns._record` answers Aborted on a definite error); the intents held both groups'
+    watch frontier below their revisions past the end of the run, a watch liveness violation."""
+    res = run_node_seed(1031, nodes=5, txn_pairs=True)
+    assert res.ok, res.violation
+    assert res.txn_pairs is not None and res.txn_pairs.cross_released > 0

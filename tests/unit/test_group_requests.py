@@ -22,6 +22,7 @@ from kvstore.node.grouprequests import (
     check_wait_timeout,
     describe_moves,
     leader_candidates,
+    refused_for_good,
 )
 from kvstore.node.host import Host, RaftSettings
 from kvstore.node.memstore import MemoryNodeStore
@@ -239,3 +240,34 @@ def test_describe_moves() -> None:
     text = describe_moves(PLANNED)
     for mv in PLANNED.moves:
         assert f"move {mv.id}: group {mv.source} -> {mv.target} (pending)" in text
+
+
+def test_a_step_of_a_finished_move_is_refused_for_good_only_by_a_map_as_new_as_the_callers() -> None:
+    """`refused_for_good`: a stale coordinator's step of a move a racing coordinator finished is
+    refused by every node whose map is at least as new as the caller's (final: the caller stops
+    at once instead of retrying until its deadline); a node whose map is behind (it does not show
+    the move yet) refuses it too, but that refusal is retried. Other refusals are not final."""
+    mv = PLANNED.moves[0]
+    step = Req(mv.source, encode_shard_command(ShardOp.FREEZE, mv.ranges, move=mv.id))
+    assert check_group_request(step, PLANNED) is None  # the caller's map: the move is there
+    finished = PLANNED.finish_move(mv.id)
+    later = finished.with_nodes(dict(finished.nodes))  # one version newer still
+    for receiver in (finished, later):
+        with pytest.raises(errors.WrongShard) as got:
+            check_group_request(step, receiver)
+        assert got.value.shard_version == receiver.version
+        for caller_version in (PLANNED.version, finished.version):  # the caller knows the map it planned from or newer
+            if caller_version <= receiver.version:
+                assert refused_for_good(got.value, caller_version)
+    with pytest.raises(errors.WrongShard) as behind:  # a node whose map does not show the move yet
+        check_group_request(step, MAP)
+    assert not refused_for_good(behind.value, PLANNED.version)
+    assert not refused_for_good(errors.WrongShard("group 3 is not on this node"), PLANNED.version)
+    assert not refused_for_good(errors.NotLeader(2), PLANNED.version)
+    assert not refused_for_good(errors.WrongShard("x", shard_version=9), 0)  # a caller with no map
+
+
+@given(st.integers(0, 50), st.integers(0, 50))
+def test_refused_for_good_is_exactly_a_map_at_least_the_callers(receiver: int, caller: int) -> None:
+    err = errors.WrongShard("no range move 7 in this node's shard map", shard_version=receiver)
+    assert refused_for_good(err, caller) == (0 < caller <= receiver)

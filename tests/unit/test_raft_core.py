@@ -19,6 +19,7 @@ from kvstore.raft import (
     MessageType,
     ProgressState,
     ProposalDropped,
+    RaftError,
     RaftNode,
     Role,
 )
@@ -317,6 +318,60 @@ def test_read_index_batches_reads_into_one_confirmation_round() -> None:
     reads = net.members[1].reads
     assert [r.context for r in reads] == [b"r%d" % i for i in range(5)]
     assert all(r.index == leader.committed for r in reads)
+
+
+def test_reads_during_an_unconfirmed_round_wait_for_it_then_share_the_next_one() -> None:
+    net = Network()
+    leader = net.elect(1)
+    net.propose(1, b"v")
+    net.delivered.clear()
+    leader.read_index(b"a")
+    net._drain(1)  # round 1's heartbeats are out, not delivered yet
+    first = {m.seq for m in net.queue if m.type == MT.HEARTBEAT}
+    assert len(first) == 1
+    for i in range(3):
+        leader.read_index(b"b%d" % i)
+    assert not leader.has_ready()  # nothing to send while round 1 is unconfirmed
+    net.stabilize()
+    rounds = [m.seq for m in net.delivered if m.type == MT.HEARTBEAT]
+    (s,) = first
+    assert rounds == [s, s, s + 1, s + 1]  # two rounds for four reads, not four
+    assert [r.context for r in net.members[1].reads] == [b"a", b"b0", b"b1", b"b2"]
+    assert all(r.index == leader.committed for r in net.members[1].reads)
+
+
+def test_a_second_round_may_go_out_with_max_read_rounds_2() -> None:
+    net = Network(max_read_rounds=2)
+    leader = net.elect(1)
+    net.propose(1, b"v")
+    net.delivered.clear()
+    leader.read_index(b"a")
+    net._drain(1)
+    leader.read_index(b"b")
+    assert leader.has_ready()
+    net._drain(1)
+    leader.read_index(b"c")
+    assert not leader.has_ready()
+    net.stabilize()
+    assert [r.context for r in net.members[1].reads] == [b"a", b"b", b"c"]
+    with pytest.raises(RaftError):
+        Config(id=1, max_read_rounds=0).validate()
+
+
+def test_reads_held_behind_a_lost_round_leave_after_the_next_heartbeat_confirms_it() -> None:
+    net = Network()
+    leader = net.elect(1)
+    net.propose(1, b"v")
+    net.drop_types.add(MT.HEARTBEAT)
+    leader.read_index(b"a")
+    net.stabilize()
+    leader.read_index(b"b")
+    net.stabilize()
+    assert net.members[1].reads == []
+    assert leader.read_only.unsent  # held: round 1 is still unconfirmed
+    net.heal()
+    net.heartbeat(1)  # the periodic heartbeat carries round 1's number: confirmed, then "b" goes
+    assert [r.context for r in net.members[1].reads] == [b"a", b"b"]
 
 
 def test_read_index_is_not_served_without_a_quorum() -> None:
