@@ -511,7 +511,9 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         fw = self.n.forward
         last: Exception | None = None
         async for _ in self._retries():
-            read = await asyncio.gather(*(self._current(k, group, k in leased_keys, context) for k in keys))
+            # bounded, and one failing read cancels (and awaits) the others before a retry
+            read = await gather_parts([functools.partial(self._current, k, group, k in leased_keys, context)
+                                       for k in keys])
             state = dict(zip(keys, read, strict=True))
             filled = kv_pb2.TxnBody()
             filled.CopyFrom(body)
