@@ -127,9 +127,11 @@ def combine(parts: Sequence[Part], limit: int, budget: int) -> tuple[list[kv_pb2
     return kept, more, size
 
 
-RETRIED = (errors.ProposalDropped, errors.NoLeader)
-"""Definite refusals that pass: a transaction holds an intent on a read key (PROPOSAL_DROPPED),
-no leader is known (an election)."""
+RETRIED = (errors.ProposalDropped, errors.NoLeader, errors.StaleReplica)
+"""Refusals of a read part that an election or a leader's contact ends: a replica that knows no
+leader (or lost contact with it) refuses a linearizable read (STALE_REPLICA) until it hears
+from one; a read has no effects, so trying again is safe. Also: a transaction holds an intent
+on a read key (PROPOSAL_DROPPED), no leader is known (NO_LEADER, an election)."""
 
 
 async def retrying(attempt_once: Callable[[], Awaitable[T]], tries: int, backoff: float) -> T:

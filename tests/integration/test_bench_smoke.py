@@ -58,7 +58,7 @@ def test_bench_smoke_kvstore_vs_etcd(tmp_path: Path) -> None:
                 p = points.get((system, workload, inflight))
                 assert p is not None, f"no result for {system} {workload} {inflight}:\n{out[-3000:]}"
                 assert p["ops"] > 0 and p["ops_per_s"] > 0, p
-                assert p["errors"] == 0, p
+                assert p["errors"] == 0, (system, workload, inflight, p["error_sample"])
                 assert p["p50_us"] > 0 and p["p99_us"] >= p["p50_us"], p
                 assert p["server_cpu_s"] > 0, p
     for workload in ("put", "get"):
@@ -90,7 +90,7 @@ def test_bench_smoke_etcd_api(tmp_path: Path) -> None:
     points = {r["workload"]: r for r in records if r["kind"] == "point"}
     assert set(points) == {"put", "get", "txn"}, out[-3000:]
     for p in points.values():
-        assert p["system"] == "etcd-api" and p["ops"] > 0 and p["errors"] == 0, p
+        assert p["system"] == "etcd-api" and p["ops"] > 0 and p["errors"] == 0, (p["workload"], p["error_sample"])
     assert "etcd-api ops/s" in out  # the every-system table
 
 

@@ -56,7 +56,10 @@ class Forwarder:
         """The reply of KV.`method` for `request`, from this node or its group's leader; raises
         `EtcdStatus` for an error reply. A definite refusal that an election or a leadership
         transfer ends (no leader known, a dropped proposal) is retried with backoff for up to
-        `timeout`, as etcd's server waits for a leader: etcd clients do not retry a write.
+        `timeout`, as etcd's server waits for a leader: etcd clients do not retry a write. So is
+        a read a replica refused for want of its leader (STALE_REPLICA: no leader known, out of
+        contact, no read index in time): an etcd member waits for the leader rather than fail a
+        linearizable read; a read has no effects, so trying again is always safe.
         `group`: the one group the request touches, if known: a node that does not host it sends
         the request on to one that does (its leader, if known)."""
         loop = asyncio.get_running_loop()
@@ -66,7 +69,8 @@ class Forwarder:
             resp = await self._call_once(method, request, context, is_write=is_write, group=group)
             code, err = resp.error.code, resp.error
             retry = (code == kv_pb2.PROPOSAL_DROPPED or code == kv_pb2.NO_LEADER
-                     or (code == kv_pb2.NOT_LEADER and not err.leader_hint))
+                     or (code == kv_pb2.NOT_LEADER and not err.leader_hint)
+                     or (code == kv_pb2.STALE_REPLICA and not is_write))
             if not retry or err.indeterminate or loop.time() + delay > end:
                 break
             await asyncio.sleep(delay)
