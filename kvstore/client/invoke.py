@@ -50,10 +50,14 @@ from kvstore.errors import (
 )
 from kvstore.v1 import kv_pb2
 
-__all__ = ["FREE_REDIRECTS", "Invoker"]
+__all__ = ["FREE_REDIRECTS", "LAST_SLIVER", "Invoker"]
 
 #: Follow this many NOT_LEADER redirects in a row without sleeping, then back off.
 FREE_REDIRECTS = 3
+LAST_SLIVER = 0.25
+"""After the first attempt, none is started with less than this share of the attempt timeout
+left before the deadline: one the deadline cuts short would make a write that so far failed
+definitely (NO_LEADER, say) indeterminate, for a sliver that rarely succeeds."""
 
 R = TypeVar("R")
 
@@ -118,7 +122,9 @@ class Invoker:
                 await asyncio.sleep(deadline.bound(max(wait, backoff.next_delay())))
                 continue
             attempt_timeout = deadline.bound(self.policy.attempt_timeout)
-            if attempt_timeout <= 0:
+            if attempt_timeout <= 0 or (attempts and attempt_timeout < self.policy.attempt_timeout * LAST_SLIVER):
+                # What is left of the deadline would likely cut the attempt short, and a write cut
+                # short is indeterminate: give up with what the earlier attempts said instead.
                 break
             attempts += 1
             err: KVError
