@@ -187,6 +187,9 @@ def test_kv_commands_answer_as_etcd(kv: str, etcd: str) -> None:
         revs += [_rev(ep, "d/s1", "1"), _rev(ep, "d/s2", "2")]
         run("txn", stdin='\nget d/s --prefix\ndel --prefix d/s\nget d/s --prefix\n\n\n')  # get, then del, --prefix
         assert out[-1][1] == "SUCCESS\n\nd/s1\n1\nd/s2\n2\n\n2\n", out[-1]
+        revs += [_rev(ep, "d/s1", "3"), _rev(ep, "d/s2", "4")]
+        run("txn", "-w", "json", stdin='\ndel d/s1\ndel --prefix d/s --prev-kv\n\n\n')  # prev_kv at its place
+        assert '"succeeded": true' in out[-1][1], out[-1]
         run("get", "", "--prefix", "--keys-only")
         return out
 
@@ -1411,8 +1414,8 @@ def test_watch_fragment_splits_a_large_revision_as_etcd(kv: str, etcd: str) -> N
 def test_txn_range_delete_over_etcdctl_and_grpc(kv: str) -> None:
     """etcdctl's `txn` with `del --prefix` (a DeleteRange over a range inside a Txn): kvstore's
     range delete in a transaction, across both data groups at the Txn's one revision; the
-    count prints as etcd's. prev_kv of such a delete is refused (FAILED_PRECONDITION,
-    definite); a put into the deleted range in the same Txn is etcd's DUPLICATE_KEY."""
+    count prints as etcd's. prev_kv of such a delete: the keys as they are at its place in the
+    Txn; a put into the deleted range after it in the same Txn is etcd's DUPLICATE_KEY."""
     import grpc
 
     from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
@@ -1428,10 +1431,16 @@ def test_txn_range_delete_over_etcdctl_and_grpc(kv: str) -> None:
         dr = rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=b"etx/", range_end=b"etx0"))
         got = kvs.Txn(rpc_pb2.TxnRequest(success=[dr]), timeout=30)
         assert got.succeeded and got.responses[0].response_delete_range.deleted == 1 and got.header.revision > rev
-        with pytest.raises(grpc.RpcError) as e:
-            kvs.Txn(rpc_pb2.TxnRequest(success=[rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(
-                key=b"etx/", range_end=b"etx0", prev_kv=True))]), timeout=30)
-        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "prev_kv" in (e.value.details() or "")
+        # prev_kv: the keys as they are at the delete's place (one a delete before it removed: not there)
+        for k in (b"etx/p", b"etx/q"):
+            kvs.Put(rpc_pb2.PutRequest(key=k, value=b"1"), timeout=30)
+        got = kvs.Txn(rpc_pb2.TxnRequest(success=[
+            rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=b"etx/q")),
+            rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=b"etx/", range_end=b"etx0",
+                                                                              prev_kv=True))]), timeout=30)
+        d = got.responses[1].response_delete_range
+        assert got.succeeded and got.responses[0].response_delete_range.deleted == 1 and d.deleted == 1
+        assert [(x.key, x.value) for x in d.prev_kvs] == [(b"etx/p", b"1")] and _keys(kv, "etx/") == []
         with pytest.raises(grpc.RpcError) as e:
             kvs.Txn(rpc_pb2.TxnRequest(success=[dr, rpc_pb2.RequestOp(
                 request_put=rpc_pb2.PutRequest(key=b"etx/b", value=b"x"))]), timeout=30)

@@ -492,8 +492,9 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
     async def _txn_scanning(self, body: kv_pb2.TxnBody, plan: TxnPlan, context: grpc.aio.ServicerContext
                             ) -> rpc_pb2.TxnResponse:
         """A Txn with reads over several keys that `_txn_reading` cannot serve: a read before a
-        write into it on its path (`TxnPlan.sequential`), a range delete, or compares and writes
-        in several groups. Run as kvstore's Txn with each read a scan in its place
+        write into it on its path (`TxnPlan.sequential`), a range delete (its prev_kv too: its
+        range read right before it, `OpPlan.prev_range`), or compares and writes in several
+        groups. Run as kvstore's Txn with each read a scan in its place
         (`convert.with_scans`; `server/txn_scans.py`): one TXN or a two-phase commit at revision
         R, each scan showing the state at its place on the path taken (`kvstore/txnpath.py`),
         as etcd's sequential Txn; a scan reads every key of its range (the count is etcd's), and
