@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from kvstore.keyspace import prefix_end
 from kvstore.storage import txn
-from kvstore.txnscan import ScanPlan, ScanRange
+from kvstore.txnscan import LIMIT_MAX, ScanPlan, ScanRange
 from kvstore.v1 import kv_pb2
 
 __all__ = ["ScanRead", "Step", "at_position", "path_steps", "read_plan"]
@@ -139,7 +139,7 @@ def read_plan(steps: Sequence[Step], at: int, r: ScanRange) -> ScanRead:
         return ScanRead(False)
     writes = [s for s in steps[:at] if s.meets(r)]
     points = [s for s in writes if s.kind != RANGE]
-    limit = r.limit + len(points) if r.limit else 0
+    limit = min(r.limit + len(points), LIMIT_MAX) if r.limit else 0
     return ScanRead(True, _minus(r, [s for s in writes if s.kind == RANGE], limit),
                     [s.key for s in points if s.kind == PUT], writes)
 

@@ -8,6 +8,7 @@ reply maps every op back, whichever branch ran."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -522,6 +523,26 @@ def test_with_scans_puts_each_external_range_in_its_place(t: rpc_pb2.TxnRequest,
 
     back, got = scan_answers(plan, merge(splan, res, answers))
     assert back == res and got == answers
+
+
+_responses = st.lists(st.sampled_from([kv_pb2.TxnOpResponse(put=1), kv_pb2.TxnOpResponse(delete=True),
+                                       kv_pb2.TxnOpResponse(get=kv_pb2.KeyValue(key=b"k")),
+                                       kv_pb2.TxnOpResponse(delete_range=2),
+                                       kv_pb2.TxnOpResponse(scan=kv_pb2.TxnScanResult(revision=3)),
+                                       kv_pb2.TxnOpResponse(txn=kv_pb2.TxnResult(succeeded=True))]), max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(t=_txns(3), succeeded=st.booleans(), responses=_responses)
+def test_scan_answers_of_any_result_is_total(t: rpc_pb2.TxnRequest, succeeded: bool,
+                                             responses: list[kv_pb2.TxnOpResponse]) -> None:
+    """A result that does not fit the plan: ValueError, never another exception."""
+    try:
+        _, plan = txn_body(t)
+    except EtcdRequestError:
+        return
+    with contextlib.suppress(ValueError):
+        scan_answers(plan, kv_pb2.TxnResult(succeeded=succeeded, responses=responses))
 
 
 @pytest.mark.parametrize("success, failure", [
