@@ -472,15 +472,23 @@ def test_etcd_txn_delete_range_maps_to_the_op() -> None:
     out = rpc_pb2.TxnResponse()
     txn_reply(plan, res, rpc_pb2.ResponseHeader(revision=9), out)
     assert out.responses[0].response_delete_range.deleted == 4 and out.responses[1].HasField("response_put")
-    for bad, code in (([dr(b"a/", b"a0", prev=True)], "FAILED_PRECONDITION"), ([dr(b"a/", b"a0"), put(b"a/x")],
-                      "INVALID_ARGUMENT"), ([put(b"a/x"), dr(b"a/", b"a0")], "INVALID_ARGUMENT")):
+    for bad, code in (([dr(b"a/", b"a0"), put(b"a/x")], "INVALID_ARGUMENT"),
+                      ([put(b"a/x"), dr(b"a/", b"a0")], "INVALID_ARGUMENT")):
         with pytest.raises(EtcdRequestError) as e:
             txn_body(rpc_pb2.TxnRequest(success=bad))
         assert e.value.code == code
-    # a read over the range before it would be read at the revision, after the delete: refused
+    # prev_kv: its range read right before it (an external range), the prev_kvs from its answer
+    body, plan = txn_body(rpc_pb2.TxnRequest(success=[dr(b"a/", b"a0", prev=True)]))
+    assert plan.sequential and plan.success[0].prev_range == 0 and len(plan.ranges) == 1
+    kv = kv_pb2.KeyValue(key=b"a/1", value=b"v", create_revision=2, mod_revision=3, version=2)
+    out = rpc_pb2.TxnResponse()
+    txn_reply(plan, kv_pb2.TxnResult(succeeded=True, responses=[kv_pb2.TxnOpResponse(delete_range=1)]),
+              rpc_pb2.ResponseHeader(revision=9), out, {0: ([kv], 1, {})})
+    d = out.responses[0].response_delete_range
+    assert d.deleted == 1 and [(x.key, x.value, x.version) for x in d.prev_kvs] == [(b"a/1", b"v", 2)]
+    # a read over the range before it: read at its place (before the delete), as etcd's
     rng = rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=b"a/", range_end=b"a0"))
-    with pytest.raises(EtcdRequestError):
-        txn_body(rpc_pb2.TxnRequest(success=[rng, dr(b"a/", b"a0")]))
+    assert txn_body(rpc_pb2.TxnRequest(success=[rng, dr(b"a/", b"a0")]))[1].sequential
 
 
 @settings(max_examples=300, deadline=None)
