@@ -301,3 +301,30 @@ def test_run_reading_lands_at_the_write_or_at_a_cut() -> None:
     io = _IO(s, [])
     landed = asyncio.run(run_reading(ro, io))
     assert io.writes == 0 and not landed.wrote and landed.revision == s.last
+
+
+def test_a_read_only_evaluation_with_a_range_delete_reads_each_ranges_first_key() -> None:
+    """`evaluate_at` of a body with range deletes (a branch taken that deleted nothing): an empty
+    range on the path deletes nothing (count 0, the result stands); one holding a key would
+    write (None: start again); without `first_at` it is a bug (NoScanner)."""
+    s = _Store()
+    s.write(b"k/1", b"x")
+    at = s.last
+    dr = kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange(start=b"e/", end=b"e0"))
+    body = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(get=b"k/1"), dr])
+
+    async def get_at(key: bytes, revision: int) -> txn.Current | None:
+        return s.at(key, revision)
+
+    async def first_at(lo: bytes, hi: bytes, revision: int) -> bytes | None:
+        keys = sorted(k for k in s.history if s.at(k, revision) is not None and txn.in_range(k, lo, hi))
+        return keys[0] if keys else None
+
+    res = asyncio.run(evaluate_at(body, at, get_at, first_at))
+    assert res is not None and res.succeeded and res.responses[1].delete_range == 0
+    assert res.responses[0].get.value == b"x"
+    s.write(b"e/1", b"y")
+    assert asyncio.run(evaluate_at(body, s.last, get_at, first_at)) is None
+    assert asyncio.run(evaluate_at(body, at, get_at, first_at)) is not None  # at the earlier revision: empty
+    with pytest.raises(txn.NoScanner):
+        asyncio.run(evaluate_at(body, at, get_at))
