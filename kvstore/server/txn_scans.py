@@ -7,22 +7,23 @@ scan on the path taken is read exactly in every data group and put in its place
 (`txnscan.merge`), showing the state at its position on the path (etcd's sequential
 semantics, `kvstore/txnpath.py`): read at R if the branch taken wrote nothing or no write after
 the scan meets its range; else its range outside the ranges deleted before it read at R - 1,
-with the keys put before it read at R - 1 too, and the writes before it applied. A group hosted here is read here (a follower serves its part after a
-ReadIndex round); one this node lacks is read at a node that hosts it, as the caller
-(`remote_reads.RemoteReads`: the caller's token, so RBAC applies there as here; another replica
-if one is down, bounded): its part of a scan, its part of the cut M (a linearizable read point
-there), and the transaction's keys read at a revision.
+with the keys put before it read at R - 1 too, and the writes before it applied. A group
+hosted here is read here (a follower serves its part after a ReadIndex round); one this node
+lacks is read at a node that hosts it, as the caller (`remote_reads.RemoteReads`: the caller's
+token, so RBAC applies there as here; another replica if one is down, bounded): its part of a
+scan, its part of the cut M (a linearizable read point there), and the transaction's keys read
+at a revision.
 
 Invariants:
 - everything is checked (scans' bounds, the transaction's keys, values and permissions, READ
-  on every scan's range) before anything is proposed or read: a refusal
-  is definite;
+  on every scan's range) before anything is proposed or read: a refusal is definite;
 - a scan's parts cover the hash space exactly once (the groups' owned ranges at their read
-  points; a range moving between groups reads again), and it is read at R in exactly the groups
-  of the cut M (every write acknowledged before the call is at or below M in one of them): a
-  group the shard map gained since (a split) took no part in M, so a scan whose parts do not
-  cover the hash space while the map's data groups differ from the cut's starts again from a
-  new cut if nothing was written (`MapChanged`), or fails indeterminate after a write;
+  points; a range moving between groups reads again), and it is read at R (or R - 1, above) in
+  exactly the groups of the cut M (every write acknowledged before the call is at or below M
+  in one of them): a group the shard map gained since (a split) took no part in M, so a scan
+  whose parts do not cover the hash space while the map's data groups differ from the cut's
+  starts again from a new cut if nothing was written (`MapChanged`), or fails indeterminate
+  after a write;
 - a scan's parts are read at most `scan_parts.PARALLEL` at once, keep one byte budget together,
   and when one fails the others are cancelled and gone before anything is read again;
 - a read of a group hosted elsewhere is made as the caller, never as this node;

@@ -475,11 +475,11 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
     async def _txn_range_deletes(self, body: kv_pb2.TxnBody, plan: TxnPlan, context: grpc.aio.ServicerContext
                                  ) -> rpc_pb2.TxnResponse:
         """A Txn with a DeleteRange over a range: kvstore's Txn with `delete_range` ops, which the
-        node runs as a two-phase commit over every data group (atomic at one revision). What that
-        cannot carry is refused (`unsupported`): reads over several keys or at a revision, puts
-        with ignore_value / ignore_lease (one group's feature). Leased puts (checked at the
-        lease's home first, as a Put's) and lease compares are carried (level 7). (With a read over
-        several keys: `_txn_scanning`.)"""
+        node runs as a two-phase commit over every data group (atomic at one revision); one with
+        reads over several keys or at a revision (or a prev_kv of a range) is `_txn_scanning`'s.
+        Puts with ignore_value / ignore_lease (one group's feature) are refused (`unsupported`).
+        Leased puts (checked at the lease's home first, as a Put's) and lease compares are
+        carried (level 7)."""
         if any(ignored_puts(plan, body)):
             raise unsupported("Put's ignore_lease / ignore_value in a transaction with a range delete")
         for put in leased_puts(body):
