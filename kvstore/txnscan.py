@@ -4,11 +4,9 @@ refuses first what the server would) and the server (`server/txn_scans.py`, whic
 - `split`: a wire `TxnBody` (hostile input) as the transaction without its scans (what a group's
   TXN or a two-phase commit runs: scans are never in the log) and the `ScanPlan` that puts the
   scans' answers back in place (`merge`), every scan field checked;
-- the refusal rule: a scan is read at the transaction's revision, AFTER all its writes, so a
-  put or delete later on the same path whose key falls in the scan's range, or a range delete
-  later on it whose range meets the scan's, would show in the scan, where etcd's sequential
-  semantics would not: such a transaction is refused (definite InvalidArgument). After a nested transaction, the scans of either of its branches count (which
-  one runs is not known before it runs). A write BEFORE a scan is fine: the scan sees it.
+- the path taken (`taken_scans`; `txnpath.path_steps`): each scan shows the state at its
+  position on it (etcd's sequential semantics: the writes before it, not those after it;
+  `kvstore/txnpath.py` says how it is read).
 
 Invariants: `split` raises only `errors.InvalidArgument` / `errors.KeyTooLarge` (definite);
 the stripped body holds every non-scan operation in its order; `merge(plan, r, answers)` has
@@ -109,29 +107,8 @@ def both_branches(read: list[T], into: kv_pb2.TxnBody,
     into.failure.extend(fail)
 
 
-def _refuse_after(read: list[ScanRange], key: bytes, what: str) -> None:
-    """A write of `key` after the scans `read` on its path: refused if one holds it."""
-    for r in read:
-        if r.holds(key):
-            raise errors.InvalidArgument(
-                f"a transaction's {what} of key {key[:64]!r} comes after a scan of a range that holds it (the scan "
-                "is read at the transaction's revision, after its writes): scan after writing, or scan another range")
-
-
-def _refuse_range_after(read: list[ScanRange], d: kv_pb2.TxnRange) -> None:
-    """A range delete after the scans `read` on its path: refused if its range meets one (its
-    bounds are checked where the transaction is converted, `server/txn_wire.range_of`)."""
-    lo, hi = (d.prefix, prefix_end(d.prefix)) if d.prefix else (d.start, d.end or None)
-    for r in read:
-        if (hi is None or r.start < hi) and (r.end is None or lo < r.end):
-            raise errors.InvalidArgument(
-                "a transaction's range delete comes after a scan of a range it meets (the scan is read at the "
-                "transaction's revision, after its writes): scan after deleting, or scan another range")
-
-
 def _ops(ops: Iterable[kv_pb2.TxnOp], into: list[kv_pb2.TxnOp], slots: list[Slot], depth: int, count: list[int],
-         scans: list[ScanRange], read: list[ScanRange], max_key: int) -> None:
-    """`read`: the scans earlier on this path (grows as they come)."""
+         scans: list[ScanRange], max_key: int) -> None:
     for op in ops:
         count[0] += 1
         if count[0] > MAX_TXN_ITEMS:
@@ -141,57 +118,43 @@ def _ops(ops: Iterable[kv_pb2.TxnOp], into: list[kv_pb2.TxnOp], slots: list[Slot
             r = scan_range(op.scan, max_key)
             slots.append(Slot(scan=len(scans)))
             scans.append(r)
-            read.append(r)
             continue
-        if which == "put":
-            _refuse_after(read, op.put.key, "put")
-            into.append(op)
-        elif which == "delete":
-            _refuse_after(read, op.delete, "delete")
-            into.append(op)
-        elif which == "delete_range":
-            _refuse_range_after(read, op.delete_range)
-            into.append(op)
-        elif which == "txn":
+        if which == "txn":
             nested = kv_pb2.TxnBody()
-            plan = _txn(op.txn, nested, depth + 1, count, scans, read, max_key)
+            plan = _txn(op.txn, nested, depth + 1, count, scans, max_key)
             into.append(kv_pb2.TxnOp(txn=nested))
             slots.append(Slot(nested=plan))
             continue
-        else:  # get, or an unset / unknown operation: the transaction's own checks judge it
+        else:  # a write, a get, or an unset / unknown operation: the transaction's own checks judge it
             into.append(op)
         slots.append(Slot())
 
 
 def _txn(b: kv_pb2.TxnBody, into: kv_pb2.TxnBody, depth: int, count: list[int], scans: list[ScanRange],
-         read: list[ScanRange], max_key: int) -> ScanPlan:
-    """`read`: the scans before it on its path; afterwards it also holds its own (of either
-    branch: which one runs is not known here)."""
+         max_key: int) -> ScanPlan:
     if depth > MAX_TXN_DEPTH:
         raise errors.InvalidArgument(f"transaction nested deeper than {MAX_TXN_DEPTH}")
     count[0] += len(b.compares)
     into.compares.extend(b.compares)
     plan = ScanPlan([], [])
-    both_branches(read, into, lambda ok, out, rd: _ops(b.success if ok else b.failure, out,
-                                                       plan.success if ok else plan.failure, depth, count, scans,
-                                                       rd, max_key))
+    succ: list[kv_pb2.TxnOp] = []
+    fail: list[kv_pb2.TxnOp] = []
+    _ops(b.success, succ, plan.success, depth, count, scans, max_key)
+    _ops(b.failure, fail, plan.failure, depth, count, scans, max_key)
+    into.success.extend(succ)
+    into.failure.extend(fail)
     return plan
 
 
 def split(body: kv_pb2.TxnBody, max_key: int) -> tuple[kv_pb2.TxnBody, ScanPlan]:
     """(`body` without its scans, the plan of its scans): see the module docstring. Raises a
-    definite InvalidArgument (a write after a scan of its key; scans with a range delete
-    anywhere in the transaction, not supported yet; more than `MAX_TXN_ITEMS`
-    compares and operations, scans included; nesting deeper than `MAX_TXN_DEPTH`; a limit or an
-    end out of range) or KeyTooLarge (a bound longer than `max_key`)."""
+    definite InvalidArgument (more than `MAX_TXN_ITEMS` compares and operations, scans included;
+    nesting deeper than `MAX_TXN_DEPTH`; a limit or an end out of range) or KeyTooLarge (a bound
+    longer than `max_key`)."""
     out = kv_pb2.TxnBody()
     scans: list[ScanRange] = []
-    plan = _txn(body, out, 1, [0], scans, [], max_key)
+    plan = _txn(body, out, 1, [0], scans, max_key)
     plan.scans = scans
-    if scans and has_range_deletes(out):
-        raise errors.InvalidArgument(
-            "a transaction with both a scan and a range delete is not supported yet (a branch that deletes nothing "
-            "would be evaluated again without its range): send them as two transactions")
     return out, plan
 
 

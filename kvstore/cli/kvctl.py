@@ -407,8 +407,8 @@ def txn(c: _Ctx) -> None:
     otherwise. Prints SUCCESS or FAILURE, then each operation's result after a blank line (put:
     OK; get: key and value lines for each key found, nothing if none; del: the number deleted),
     as etcdctl does. Exit 0 either way; 2 or 3 if it could not run. Keys may be in several groups
-    (a two-phase commit); ranges are read at the transaction's revision; a range delete runs
-    across every group."""
+    (a two-phase commit); a range shows the keys as they are at its place in the transaction
+    (its writes before it, not those after it); a range delete runs across every group."""
     try:
         parsed = parse_txn(sys.stdin.read(), lambda t: c.parse(t, "key or value"))
     except (TxnSyntaxError, click.BadParameter) as err:

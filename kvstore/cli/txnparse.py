@@ -7,7 +7,7 @@
     (blank line)
     success ops     one a line: put KEY VALUE [--lease=ID] | get KEY | del KEY (delete KEY)
                     | get KEY RANGE_END | get --prefix KEY | get --from-key KEY
-                    (a range: a scan at the transaction's revision; --limit N caps it)
+                    (a range: a scan of the state at its place in the txn; --limit N caps it)
                     | del KEY RANGE_END | del --prefix KEY | del --from-key KEY   (range deletes)
     (blank line)
     failure ops     likewise, up to a blank line or the end of the input

@@ -3,7 +3,7 @@
 InvalidArgument / KeyTooLarge / ValueTooLarge, nothing sent): unknown targets or operators, a
 number operand that is not a non-negative int (or a value operand that is not bytes), more than
 `MAX_TXN_ITEMS` compares and operations, nesting deeper than `MAX_TXN_DEPTH`, a scan's bounds
-too long or a put / delete after a scan of its key (`kvstore.txnscan`). Whether the keys
+too long, a limit out of range (`kvstore.txnscan`). Whether the keys
 share one group (one proposal) or not (a two-phase commit) is the server's call (its shard map
 is the authority)."""
 
@@ -102,7 +102,7 @@ def txn_body(
 
     b = body(compares, success, failure, 1)
     if has_scans(b):
-        split(b, checks.max_key_size)  # the server's checks of the scans (bounds, a write after a scan)
+        split(b, checks.max_key_size)  # the server's checks of the scans (bounds, limits)
     return b
 
 

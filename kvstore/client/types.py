@@ -147,9 +147,9 @@ class Op:
     @classmethod
     def scan(cls, start: bytes = b"", end: bytes = b"", *, prefix: bytes = b"", limit: int = 0) -> Op:
         """The keys of [start, end) (end b"": no upper bound), or with ``prefix`` (it overrides
-        both), at most ``limit`` of them (0: all), in key order, as they are at the
-        transaction's revision (its own writes before the scan included). A put or delete later
-        in the transaction into the range is refused (the scan is read after the writes)."""
+        both), at most ``limit`` of them (0: all), in key order, as they are at the scan's place
+        in the transaction (etcd's sequential semantics: the transaction's writes before it
+        show, those after it do not); ``revision`` of its response: the transaction's."""
         return cls("scan", start, end=end, prefix=prefix, limit=limit)
 
     @classmethod
@@ -166,7 +166,7 @@ class OpResponse:
     """What one operation of a transaction did: ``put`` (its ``revision``), ``delete``
     (``deleted``: the key existed), ``get`` (``kv``: the key, None if absent), ``scan``
     (``items`` in key order; ``more``: its limit, or the reply's size budget, cut it;
-    ``revision``: the revision it was read at), ``delete_range`` (``count``: how many keys it
+    ``revision``: the transaction's revision, or the one it was read at if it wrote nothing), ``delete_range`` (``count``: how many keys it
     deleted) or ``txn`` (``txn``: the nested transaction's response)."""
 
     kind: Literal["put", "delete", "get", "txn", "scan", "delete_range"]

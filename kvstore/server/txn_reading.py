@@ -13,7 +13,10 @@ callers supply the I/O (`ReadingIO`); the logic here decides what to run and at 
    start again at 1 (at most `TXN_READ_TRIES` times; then `Exhausted`, nothing written). Once a
    write under the client's session wrote nothing (`ReadingIO.can_write` False: its retries
    would answer that cached result), every next try skips step 2: a new cut, evaluated read-only.
-4. The caller reads every range on the path taken exactly at R in every group.
+4. The caller reads every range on the path taken exactly in every group: at R, or, if the
+   transaction wrote at R and a write after the read on its path meets the range, at R - 1 with
+   the path's writes before the read applied (`kvstore/txnpath.py`: etcd's sequential
+   semantics).
 
 Why this is one atomic transaction at R: revisions are unique per group and a group's writes
 are totally ordered by them, so the TXN's state in its group is that group's state at R (for a
@@ -21,9 +24,9 @@ two-phase commit: every compare key was locked from its prepare to the commit at
 compares held at R too). A read at R is exact in every group (docs/REVISIONS.md, "Reads at a
 revision"): it returns exactly the writes <= R, the transaction's own included. Compares, writes
 and range reads all see the one cut "every write <= R", which contains every write acknowledged
-before the call (<= M <= R): linearizable. A range read is made after the writes, so a write
-later on the path into a range it read must be refused by the caller before anything runs
-(etcd's sequential semantics would not show it to the read)."""
+before the call (<= M <= R): linearizable. Every write of the transaction is at exactly R, so
+the state at R - 1 (read exactly, as at R) is the state just before it: a range read at its
+position on the path is that state with the writes before it applied (`txnpath`)."""
 
 from __future__ import annotations
 
@@ -103,29 +106,50 @@ def unchecked(_b: bytes) -> None:
     """No limit (a transaction's keys and values are checked where they are read or written)."""
 
 
+FirstAt = Callable[[bytes, bytes, int], Awaitable[bytes | None]]
+"""The first key present in [start, end) (end b"": no end) exactly at a revision (None: none)."""
+
+
 async def evaluate_at(body: kv_pb2.TxnBody, revision: int,
-                      get_at: Callable[[bytes, int], Awaitable[txn.Current | None]]) -> kv_pb2.TxnResult | None:
+                      get_at: Callable[[bytes, int], Awaitable[txn.Current | None]],
+                      first_at: FirstAt | None = None) -> kv_pb2.TxnResult | None:
     """`body`'s result on the state at `revision` (every key it names read exactly there by
     `get_at`: at most `scan_parts.PARALLEL` at once, one failing cancels the others), if the
-    path it takes there writes nothing; else None. Raises
-    `txn.ResultTooLarge` as `txn.evaluate` does."""
+    path it takes there writes nothing; else None. A body with range deletes needs `first_at`
+    (else `txn.NoScanner`): the first key of each of its ranges at `revision` is enough to know
+    whether the path writes (a range delete on a path that writes nothing before it deletes a
+    key iff its range holds one; when nothing is written, every range taken is empty and its
+    count, 0, exact). Raises `txn.ResultTooLarge` as `txn.evaluate` does."""
     if not body.compares and not body.success and not body.failure:
         return kv_pb2.TxnResult(succeeded=True)
     t = txn_from_proto(body, unchecked, unchecked)
     keys = sorted({k for k, _ in txn.keys_of(t)})
     state = dict(zip(keys, await gather_parts([functools.partial(get_at, k, revision) for k in keys]), strict=True))
-    out = txn.evaluate(t, state.__getitem__, revision)
-    if out.writes:
+    ranges = sorted(set(txn.delete_ranges(t)))
+    if ranges and first_at is None:
+        raise txn.NoScanner("a transaction with a range delete evaluated without reading its ranges")
+    firsts: dict[tuple[bytes, bytes], bytes | None] = {}
+    if ranges and first_at is not None:
+        found = await gather_parts([functools.partial(first_at, lo, hi, revision) for lo, hi in ranges])
+        firsts = dict(zip(ranges, found, strict=True))
+
+    def scan(lo: bytes, hi: bytes) -> list[bytes]:
+        k = firsts[(lo, hi)]
+        return [] if k is None else [k]
+
+    out = txn.evaluate(t, state.__getitem__, revision, scan if ranges else None)
+    if out.writes or out.result.revision:
         return None
     msg = kv_pb2.TxnResult()
     result_into(msg, t, out.result)
     return msg
 
 
-async def run_reading(body: kv_pb2.TxnBody, io: ReadingIO, tries: int = TXN_READ_TRIES) -> Reading:
+async def run_reading(body: kv_pb2.TxnBody, io: ReadingIO, tries: int = TXN_READ_TRIES,
+                      first_at: FirstAt | None = None) -> Reading:
     """Steps 1-3 of the module docstring: where `body` lands and the revision its ranges are to
-    be read at. Raises `Exhausted` (nothing written) after `tries` tries, and whatever the I/O
-    raises."""
+    be read at (`first_at`: for a body with range deletes, see `evaluate_at`). Raises
+    `Exhausted` (nothing written) after `tries` tries, and whatever the I/O raises."""
     writes = has_writes(body)
     for _attempt in range(tries):
         floor = await io.cut()
@@ -134,7 +158,7 @@ async def run_reading(body: kv_pb2.TxnBody, io: ReadingIO, tries: int = TXN_READ
             if rev:
                 return Reading(result, rev, True)
             floor = await io.cut()  # the branch taken wrote nothing: a new cut after it
-        evaluated = await evaluate_at(body, floor, io.get_at)
+        evaluated = await evaluate_at(body, floor, io.get_at, first_at)
         if evaluated is not None:
             return Reading(evaluated, floor, False)
     raise Exhausted(f"the transaction's keys changed under each of {tries} tries; nothing was written")

@@ -3,23 +3,27 @@ without its scans (`kvstore.txnscan.split`) runs as any transaction (one group's
 two-phase commit across groups: `KVRequests.run_txn`) proposed with the floor of a linearizable
 cut of every data group, or, if the branch taken writes nothing, is evaluated read-only at a cut
 (`txn_reading.run_reading`: the algorithm and why it is atomic at one revision R); then every
-scan on the path taken is read exactly at R in every data group and put in its place
-(`txnscan.merge`). A group hosted here is read here (a follower serves its part after a
-ReadIndex round); one this node lacks is read at a node that hosts it, as the caller
-(`remote_reads.RemoteReads`: the caller's token, so RBAC applies there as here; another replica
-if one is down, bounded): its part of a scan, its part of the cut M (a linearizable read point
-there), and the transaction's keys read at a revision.
+scan on the path taken is read exactly in every data group and put in its place
+(`txnscan.merge`), showing the state at its position on the path (etcd's sequential
+semantics, `kvstore/txnpath.py`): read at R if the branch taken wrote nothing or no write after
+the scan meets its range; else its range outside the ranges deleted before it read at R - 1,
+with the keys put before it read at R - 1 too, and the writes before it applied. A group
+hosted here is read here (a follower serves its part after a ReadIndex round); one this node
+lacks is read at a node that hosts it, as the caller (`remote_reads.RemoteReads`: the caller's
+token, so RBAC applies there as here; another replica if one is down, bounded): its part of a
+scan, its part of the cut M (a linearizable read point there), and the transaction's keys read
+at a revision.
 
 Invariants:
-- everything is checked (scans' bounds and the refusal rule, the transaction's keys, values
-  and permissions, READ on every scan's range) before anything is proposed or read: a refusal
-  is definite;
+- everything is checked (scans' bounds, the transaction's keys, values and permissions, READ
+  on every scan's range) before anything is proposed or read: a refusal is definite;
 - a scan's parts cover the hash space exactly once (the groups' owned ranges at their read
-  points; a range moving between groups reads again), and it is read at R in exactly the groups
-  of the cut M (every write acknowledged before the call is at or below M in one of them): a
-  group the shard map gained since (a split) took no part in M, so a scan whose parts do not
-  cover the hash space while the map's data groups differ from the cut's starts again from a
-  new cut if nothing was written (`MapChanged`), or fails indeterminate after a write;
+  points; a range moving between groups reads again), and it is read at R (or R - 1, above) in
+  exactly the groups of the cut M (every write acknowledged before the call is at or below M
+  in one of them): a group the shard map gained since (a split) took no part in M, so a scan
+  whose parts do not cover the hash space while the map's data groups differ from the cut's
+  starts again from a new cut if nothing was written (`MapChanged`), or fails indeterminate
+  after a write;
 - a scan's parts are read at most `scan_parts.PARALLEL` at once, keep one byte budget together,
   and when one fails the others are cancelled and gone before anything is read again;
 - a read of a group hosted elsewhere is made as the caller, never as this node;
@@ -39,13 +43,14 @@ from kvstore.security.rbac import READ
 from kvstore.shard.ranges import IntervalSet, covers_once, key_hash
 from kvstore.storage import txn
 from kvstore.storage.errors import StorageError
-from kvstore.txnscan import ScanRange, merge, split, taken_scans
+from kvstore.txnpath import at_position, path_steps, read_plan
+from kvstore.txnscan import ScanPlan, ScanRange, merge, split, taken_scans
 from kvstore.v1 import kv_pb2
 
 from .remote_reads import RemoteReads
 from .requests import KVRequests
 from .scan_parts import ByteBudget, Part, PartItems, combine, gather_parts, retrying
-from .txn_reading import TXN_READ_TRIES, Exhausted, cut_of, run_reading
+from .txn_reading import TXN_READ_TRIES, Exhausted, Reading, cut_of, run_reading
 
 MAX_TXN_SCAN_BYTES = 24 << 20
 """The most serialized item bytes all scans of one transaction return together (the GETs' values
@@ -159,6 +164,13 @@ class _Reading:
 
         return await retrying(once, READ_TRIES, _BACKOFF)
 
+    async def first_at(self, lo: bytes, hi: bytes, revision: int) -> bytes | None:
+        """The first key of [lo, hi) (hi b"": no end) exactly at `revision` in the cut's groups
+        (`txn_reading.evaluate_at`; a read cut by the budget before any key answers `lo`: it may
+        hold one, so the evaluation takes the range as not empty and starts again)."""
+        got = await self.scan(ScanRange(lo, hi or None, 1), revision, [MAX_TXN_SCAN_BYTES])
+        return got.items[0].key if got.items else (lo if got.more else None)
+
     async def part(self, g: int, r: ScanRange, revision: int, budget: ByteBudget) -> Part:
         """Group `g`'s keys of `r` at `revision`, their bytes taken from `budget` (`PartItems`:
         until it is spent, and the limit plus one)."""
@@ -218,6 +230,39 @@ class _Reading:
         return out
 
 
+async def _answers(io: _Reading, body: kv_pb2.TxnBody, plan: ScanPlan,
+                   landed: Reading) -> dict[int, kv_pb2.TxnScanResult]:
+    """Every scan on the path `landed` took, by index, each at its position on the path (module
+    docstring), all within `MAX_TXN_SCAN_BYTES`."""
+    answers: dict[int, kv_pb2.TxnScanResult] = {}
+    budget = [MAX_TXN_SCAN_BYTES]
+    rev = landed.revision
+    if not landed.wrote:
+        for i in taken_scans(plan, landed.result):
+            answers[i] = await io.scan(plan.scans[i], rev, budget)
+        return answers
+    steps = path_steps(plan, body, landed.result)
+    for at, step in enumerate(steps):
+        if step.scan < 0:
+            continue
+        r = plan.scans[step.scan]
+        how = read_plan(steps, at, r)
+        if not how.at_before:
+            answers[step.scan] = await io.scan(r, rev, budget)
+            continue
+        parts: list[tuple[list[kv_pb2.KeyValue], bool]] = []
+        for sub in how.ranges:
+            got = await io.scan(sub, rev - 1, budget)
+            parts.append((list(got.items), got.more))
+            if got.more:
+                break
+        found = await gather_parts([functools.partial(io.get_at, k, rev - 1) for k in how.puts])
+        items, more = at_position(how, r, rev, parts, dict(zip(how.puts, found, strict=True)))
+        budget[0] = max(0, budget[0] - sum(kv.ByteSize() for kv in items if kv.mod_revision == rev))
+        answers[step.scan] = kv_pb2.TxnScanResult(items=items, more=more, revision=rev)
+    return answers
+
+
 async def scanning_txn(rq: KVRequests, r: kv_pb2.TxnRequest, context: Any = None) -> kv_pb2.TxnResponse:
     """A whole transaction with scans (see the module docstring), every failure in the reply.
     `context`: the call's gRPC context (its token goes with reads of groups hosted elsewhere).
@@ -234,18 +279,17 @@ async def scanning_txn(rq: KVRequests, r: kv_pb2.TxnRequest, context: Any = None
         io = _Reading(rq, r.session, RemoteReads.of(rq.caller, context, rq.cfg.request_timeout), plan.scans[0])
         for _attempt in range(TXN_READ_TRIES):
             try:
-                landed = await run_reading(body, io)
+                landed = await run_reading(body, io, first_at=io.first_at)
+            except MapChanged:  # a range delete's range read at a new cut: nothing was written
+                continue
             except Exhausted as err:
                 raise errors.Unavailable(str(err)) from None
             except txn.ResultTooLarge as err:
                 raise errors.InvalidArgument(f"invalid transaction: {err}") from None
             if landed.wrote:
                 wrote = landed.revision
-            answers: dict[int, kv_pb2.TxnScanResult] = {}
-            budget = [MAX_TXN_SCAN_BYTES]
             try:
-                for i in taken_scans(plan, landed.result):
-                    answers[i] = await io.scan(plan.scans[i], landed.revision, budget)
+                answers = await _answers(io, body, plan, landed)
             except MapChanged as err:
                 if wrote:
                     raise errors.Unavailable(f"the transaction was written at revision {wrote} but its scans could not "

@@ -178,7 +178,18 @@ def test_kv_commands_answer_as_etcd(kv: str, etcd: str) -> None:
         run("get", "d/", "--prefix")
         run("del", "d/a", "--prev-kv")
         run("del", "d/nothing")
+        # ranges, then writes into them, in one Txn (etcd's sequential semantics: a range shows the
+        # writes before it, not those after it): kvstore's Txn with scans
+        run("txn", "-w", "json", stdin='value("d/b") = "22"\n\nget d/ --prefix --limit=2\nput d/b 33\n'
+                                       'get d/ --prefix --keys-only\ndel --prefix d/c\nget d/ --prefix\n\n\n')
+        assert '"succeeded": true' in out[-1][1], out[-1]
         run("del", "d/", "--prefix", "--prev-kv", "-w", "json")  # the deleted keys as they were, in key order
+        revs += [_rev(ep, "d/s1", "1"), _rev(ep, "d/s2", "2")]
+        run("txn", stdin='\nget d/s --prefix\ndel --prefix d/s\nget d/s --prefix\n\n\n')  # get, then del, --prefix
+        assert out[-1][1] == "SUCCESS\n\nd/s1\n1\nd/s2\n2\n\n2\n", out[-1]
+        revs += [_rev(ep, "d/s1", "3"), _rev(ep, "d/s2", "4")]
+        run("txn", "-w", "json", stdin='\ndel d/s1\ndel --prefix d/s --prev-kv\n\n\n')  # prev_kv at its place
+        assert '"succeeded": true' in out[-1][1], out[-1]
         run("get", "", "--prefix", "--keys-only")
         return out
 
@@ -1403,8 +1414,8 @@ def test_watch_fragment_splits_a_large_revision_as_etcd(kv: str, etcd: str) -> N
 def test_txn_range_delete_over_etcdctl_and_grpc(kv: str) -> None:
     """etcdctl's `txn` with `del --prefix` (a DeleteRange over a range inside a Txn): kvstore's
     range delete in a transaction, across both data groups at the Txn's one revision; the
-    count prints as etcd's. prev_kv of such a delete is refused (FAILED_PRECONDITION,
-    definite); a put into the deleted range in the same Txn is etcd's DUPLICATE_KEY."""
+    count prints as etcd's. prev_kv of such a delete: the keys as they are at its place in the
+    Txn; a put into the deleted range after it in the same Txn is etcd's DUPLICATE_KEY."""
     import grpc
 
     from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
@@ -1420,10 +1431,16 @@ def test_txn_range_delete_over_etcdctl_and_grpc(kv: str) -> None:
         dr = rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=b"etx/", range_end=b"etx0"))
         got = kvs.Txn(rpc_pb2.TxnRequest(success=[dr]), timeout=30)
         assert got.succeeded and got.responses[0].response_delete_range.deleted == 1 and got.header.revision > rev
-        with pytest.raises(grpc.RpcError) as e:
-            kvs.Txn(rpc_pb2.TxnRequest(success=[rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(
-                key=b"etx/", range_end=b"etx0", prev_kv=True))]), timeout=30)
-        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "prev_kv" in (e.value.details() or "")
+        # prev_kv: the keys as they are at the delete's place (one a delete before it removed: not there)
+        for k in (b"etx/p", b"etx/q"):
+            kvs.Put(rpc_pb2.PutRequest(key=k, value=b"1"), timeout=30)
+        got = kvs.Txn(rpc_pb2.TxnRequest(success=[
+            rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=b"etx/q")),
+            rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=b"etx/", range_end=b"etx0",
+                                                                              prev_kv=True))]), timeout=30)
+        d = got.responses[1].response_delete_range
+        assert got.succeeded and got.responses[0].response_delete_range.deleted == 1 and d.deleted == 1
+        assert [(x.key, x.value) for x in d.prev_kvs] == [(b"etx/p", b"1")] and _keys(kv, "etx/") == []
         with pytest.raises(grpc.RpcError) as e:
             kvs.Txn(rpc_pb2.TxnRequest(success=[dr, rpc_pb2.RequestOp(
                 request_put=rpc_pb2.PutRequest(key=b"etx/b", value=b"x"))]), timeout=30)
@@ -1436,3 +1453,39 @@ def test_txn_range_delete_over_etcdctl_and_grpc(kv: str) -> None:
         assert got.succeeded and got.responses[0].response_delete_range.deleted == 1
         ttl = rpc_pb2_grpc.LeaseStub(ch).LeaseTimeToLive(rpc_pb2.LeaseTimeToLiveRequest(ID=lid, keys=True), timeout=30)
         assert list(ttl.keys) == [b"etxl"]
+
+
+def test_txn_ranges_around_writes_in_two_groups_over_grpc(kv: str, kv_cluster: Cluster) -> None:
+    """A Txn whose compare and puts are in two groups, with a range over both keys before and
+    after the puts (kvstore's Txn with scans: a two-phase commit, each range read at its place):
+    the first shows the keys as they were, with etcd's count and more under a limit; the last
+    shows the puts at the Txn's revision."""
+    import grpc
+
+    from kvstore.client import Client
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+
+    with Client(kv_cluster.endpoints, timeout=20) as c:
+        m = c.shard_map(refresh=True)
+        assert m is not None
+        k0 = b"etr/k0"
+        far = next(b"etr/k%d" % i for i in range(1, 200) if m.group_for_key(b"etr/k%d" % i) != m.group_for_key(k0))
+
+    def rng(**kw: Any) -> rpc_pb2.RequestOp:
+        return rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=b"etr/", range_end=b"etr0", **kw))
+
+    def put(key: bytes) -> rpc_pb2.RequestOp:
+        return rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=b"1"))
+
+    with grpc.insecure_channel(kv) as ch:
+        kvs = rpc_pb2_grpc.KVStub(ch)
+        for k in (k0, far):
+            kvs.Put(rpc_pb2.PutRequest(key=k, value=b"0"), timeout=30)
+        got = kvs.Txn(rpc_pb2.TxnRequest(
+            compare=[rpc_pb2.Compare(key=k0, target=rpc_pb2.Compare.VALUE, result=rpc_pb2.Compare.EQUAL, value=b"0")],
+            success=[rng(limit=1), put(k0), put(far), rng()]), timeout=30)
+        assert got.succeeded
+        first, last = got.responses[0].response_range, got.responses[3].response_range
+        assert (first.count, first.more, [kv.value for kv in first.kvs]) == (2, True, [b"0"])
+        assert last.count == 2 and {(kv.key, kv.value, kv.mod_revision) for kv in last.kvs} == {
+            (k0, b"1", got.header.revision), (far, b"1", got.header.revision)}

@@ -17,7 +17,6 @@ import pytest
 from clusterharness import Cluster
 
 from kvstore.client import AsyncClient, Client, Compare, Op, OpResponse, TxnResponse
-from kvstore.errors import InvalidArgument
 from kvstore.shard.shardmap import ShardMap
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
@@ -248,39 +247,66 @@ def test_txn_scans_read_every_group_at_the_transactions_revision(cluster: Cluste
         assert _items(sr) == _scan_at(c, b"sc/", sr.revision)[:2]
         assert ro.responses[0].kv is not None and ro.responses[0].kv.value == b"0"
 
-        # a write after a scan of its key: refused before anything is sent
-        with pytest.raises(InvalidArgument, match="after a scan"):
-            c.txn([], [Op.scan(prefix=b"sc/"), Op.put(y, b"no")])
-        assert c.get(y) == b"0"
+        # kvctl txn with etcdctl's range forms, printed as etcdctl prints a range
+        sa = a.decode()
+        p = _kvctl(cluster, f'value("{sa}") = "1"\n\nget --prefix sc/ --limit 1\nget {sa} sc0\n\n\n')
+        assert p.returncode == 0, p.stderr
+        first = min((a, b, x, y))
+        assert p.stdout.startswith(f"SUCCESS\n\n{first.decode()}\n")
+        assert p.stdout.count("\n") == 2 + 2 + 1 + 2 * sum(1 for k in (a, b, x, y) if a <= k < b"sc0")
+        p = _kvctl(cluster, "\nget --from-key sc/ --limit=2\n", "-o", "json")
+        assert p.returncode == 0, p.stderr
+        out = json.loads(p.stdout)
+        (scan_json,) = out["responses"]
+        assert scan_json["scan"]["more"] and scan_json["scan"]["revision"] > 0
+        assert [i["key"] for i in scan_json["scan"]["items"]] == sorted(k.decode() for k in (a, b, x, y))[:2]
 
-    # ... and by the server (a client that does not check)
-    body = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(scan=kv_pb2.TxnScan(prefix=b"sc/")),
-                                   kv_pb2.TxnOp(delete=y)])
-    with grpc.insecure_channel(cluster.endpoints[0]) as ch:
-        resp = kv_pb2_grpc.KVStub(ch).Txn(kv_pb2.TxnRequest(txn=body), timeout=20)
-    assert resp.error.code == kv_pb2.INVALID_ARGUMENT and "after a scan" in resp.error.message
-    assert not resp.error.indeterminate
+        # a scan, then writes into its range in both groups (a two-phase commit): each scan shows
+        # the state at its place (etcd's sequential semantics): the first the history at the
+        # transaction's revision - 1, the one between the puts the first put too, the last (no
+        # write after it) the history at the revision
+        r = c.txn([], [Op.scan(prefix=b"sc/"), Op.put(y, b"3"), Op.scan(prefix=b"sc/"), Op.put(a, b"3"),
+                       Op.scan(prefix=b"sc/", limit=2)])
+        rev = r.revision
+        assert r.succeeded and rev > 0 and [o.revision for o in r.responses if o.kind == "scan"] == [rev] * 3
+        before = _scan_at(c, b"sc/", rev - 1)
+        assert _items(r.responses[0]) == before and not r.responses[0].more and (y, b"0") in [i[:2] for i in before]
+        assert _items(r.responses[2]) == [(k, b"3", rev) if k == y else (k, v, mod) for k, v, mod in before]
+        assert _items(r.responses[4]) == _scan_at(c, b"sc/", rev)[:2] and r.responses[4].more
 
-    # kvctl txn with etcdctl's range forms, printed as etcdctl prints a range
-    sa = a.decode()
-    p = _kvctl(cluster, f'value("{sa}") = "1"\n\nget --prefix sc/ --limit 1\nget {sa} sc0\n\n\n')
-    assert p.returncode == 0, p.stderr
-    first = min((a, b, x, y))
-    assert p.stdout.startswith(f"SUCCESS\n\n{first.decode()}\n")
-    assert p.stdout.count("\n") == 2 + 2 + 1 + 2 * sum(1 for k in (a, b, x, y) if a <= k < b"sc0")
-    p = _kvctl(cluster, "\nget --from-key sc/ --limit=2\n", "-o", "json")
-    assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout)
-    (scan_json,) = out["responses"]
-    assert scan_json["scan"]["more"] and scan_json["scan"]["revision"] > 0
-    assert [i["key"] for i in scan_json["scan"]["items"]] == sorted(k.decode() for k in (a, b, x, y))[:2]
+    # ... the same from a client that checks nothing (the server's own path): a scan then a delete
+    body = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(scan=kv_pb2.TxnScan(prefix=b"sc/")), kv_pb2.TxnOp(delete=y)])
+    for ep in cluster.endpoints:  # the write is proposed at y's group's leader
+        with grpc.insecure_channel(ep) as ch:
+            resp = kv_pb2_grpc.KVStub(ch).Txn(kv_pb2.TxnRequest(txn=body), timeout=20)
+        if resp.error.code != kv_pb2.NOT_LEADER:
+            break
+    assert resp.error.code == kv_pb2.OK and resp.revision > 0 and resp.result.responses[1].delete
+    assert (y, b"3") in [(kv.key, kv.value) for kv in resp.result.responses[0].scan.items]
+
+    with Client(cluster.endpoints, timeout=20) as c:
+        assert c.get(y) is None
+        # etcd's "get --prefix then del --prefix" in one transaction: the keys as they were, all deleted
+        r = c.txn([Compare.value(a, "=", b"3")], [Op.scan(prefix=b"sc/", limit=2), Op.delete_range(b"", prefix=b"sc/"),
+                                                  Op.scan(prefix=b"sc/")])
+        before = _scan_at(c, b"sc/", r.revision - 1)
+        assert r.succeeded and r.responses[1].count == len(before) == 3
+        assert _items(r.responses[0]) == before[:2] and r.responses[0].more and _items(r.responses[2]) == []
+        assert list(c.scan_kvs(b"sc/")) == []
+        # the same on an empty prefix writes nothing: evaluated read-only at a cut (the range read there)
+        r = c.txn([], [Op.scan(prefix=b"sc/"), Op.delete_range(b"", prefix=b"sc/")])
+        assert r.succeeded and r.revision == 0 and r.responses[1].count == 0 and _items(r.responses[0]) == []
+        assert c.txn([], [Op.put(b"sq/1", b"a"), Op.put(b"sq/2", b"b")]).succeeded
+    p = _kvctl(cluster, "\nget --prefix sq/\ndel --prefix sq/\n\n")  # as etcdctl txn takes it
+    assert p.returncode == 0 and p.stdout == "SUCCESS\n\nsq/1\na\nsq/2\nb\n\n2\n", (p.stdout, p.stderr)
 
 
 def test_txn_scans_under_concurrent_writers_match_history(cluster: Cluster) -> None:
     """Writers put into the scanned prefix (both groups) while transactions write a key of it
-    and scan it: each scan must be exactly the prefix at the revision it reports (the
-    history read at that revision), hold the transaction's own write at its revision, and
-    nothing newer. A scan read at any other revision than the writes' fails this."""
+    and scan it: each scan after the write must be exactly the prefix at the revision it reports
+    (the history read at that revision), hold the transaction's own write at its revision, and
+    nothing newer; each scan before the write (sequential) exactly the history at that revision
+    - 1. A scan read at any other revision than the writes' fails this."""
     async def main() -> list[tuple[int, TxnResponse]]:
         async with AsyncClient(cluster.endpoints, timeout=20) as c:
             m = await c.shard_map(refresh=True)
@@ -300,6 +326,9 @@ def test_txn_scans_under_concurrent_writers_match_history(cluster: Cluster) -> N
                     own = b"cw/own%d" % (i % 2)
                     if i % 3 == 2:  # read-only
                         r = await c.txn([], [Op.scan(prefix=b"cw/")])
+                    elif i % 3 == 1:  # the scan before the write into its range
+                        r = await c.txn([Compare.version(own, ">", 1 << 40)], [Op.get(own)],
+                                        [Op.scan(prefix=b"cw/"), Op.put(own, b"t%d" % i)])
                     else:
                         r = await c.txn([Compare.version(own, ">", 1 << 40)], [Op.get(own)],
                                         [Op.put(own, b"t%d" % i), Op.scan(prefix=b"cw/")])
@@ -313,9 +342,14 @@ def test_txn_scans_under_concurrent_writers_match_history(cluster: Cluster) -> N
     results = asyncio.run(main())
     with Client(cluster.endpoints, timeout=20) as c:
         for i, r in results:
-            scan = r.responses[-1]
+            scan = r.responses[0 if i % 3 == 1 else -1]
             assert scan.kind == "scan"
             items = _items(scan)
+            if i % 3 == 1:  # exactly the history just before the transaction's revision
+                assert not r.succeeded and scan.revision == r.revision > 0
+                assert items == _scan_at(c, b"cw/", r.revision - 1), i
+                assert all(mod < r.revision for _, _, mod in items)
+                continue
             assert items == _scan_at(c, b"cw/", scan.revision), i
             assert all(mod <= scan.revision for _, _, mod in items)
             if i % 3 != 2:

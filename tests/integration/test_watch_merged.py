@@ -204,7 +204,8 @@ def test_txn_scans_at_nodes_lacking_groups_match_history_under_writers(cluster: 
     lacks some groups (every node here lacks two): the parts of those groups, their share of the
     cut and the transaction's compare keys there are read at nodes that host them. Writers put
     into the prefix meanwhile; each scan must be exactly the prefix at the revision it reports
-    (the history read there by the client), hold the transaction's own write, nothing newer."""
+    (the history read there by the client), hold the transaction's own write, nothing newer; a
+    scan before the write (sequential) exactly the history at the revision - 1."""
     async def main() -> list[tuple[int, list[tuple[bytes, bytes, int]], int, bool, int]]:
         async with AsyncClient(cluster.endpoints, timeout=30) as kv:
             keys = await _keys_over_every_group(kv, b"tx/", 15)
@@ -226,10 +227,13 @@ def test_txn_scans_at_nodes_lacking_groups_match_history_under_writers(cluster: 
                     if i % 3 == 2:  # read-only, compares on a key of every group (read at the cut)
                         r = await kv.txn([Compare.version(k, ">", 1 << 40) for k in one_per_group], [],
                                          [Op.scan(prefix=b"tx/")])
+                    elif i % 3 == 1:  # the scan before the write into its range: at the revision - 1
+                        r = await kv.txn([Compare.version(own, ">", 1 << 40)], [Op.get(own)],
+                                         [Op.scan(prefix=b"tx/"), Op.put(own, b"t%d" % i)])
                     else:
                         r = await kv.txn([Compare.version(own, ">", 1 << 40)], [Op.get(own)],
                                          [Op.put(own, b"t%d" % i), Op.scan(prefix=b"tx/")])
-                    scan = r.responses[-1]
+                    scan = r.responses[0 if i % 3 == 1 else -1]
                     assert scan.kind == "scan" and not scan.more
                     items = [(x.key, x.value, x.mod_revision) for x in scan.items]
                     out.append((i, items, scan.revision, r.succeeded, r.revision))
@@ -238,6 +242,10 @@ def test_txn_scans_at_nodes_lacking_groups_match_history_under_writers(cluster: 
 
             got = (await asyncio.gather(writer(0), writer(1), txns()))[2]
             for i, items, rev, succeeded, wrote in got:
+                if i % 3 == 1:  # the state just before the transaction: the history at its revision - 1
+                    assert rev == wrote > 0 and not succeeded and items == await _history_at(kv, b"tx/", wrote - 1), i
+                    assert all(mod < wrote for _, _, mod in items)
+                    continue
                 assert items == await _history_at(kv, b"tx/", rev), i
                 assert all(mod <= rev for _, _, mod in items) and not succeeded
                 if i % 3 != 2:

@@ -8,6 +8,7 @@ reply maps every op back, whichever branch ran."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -26,11 +27,13 @@ from kvstore.server.etcd.convert import (
     leased_puts,
     range_query,
     range_reply,
+    scan_answers,
     taken_ranges,
     txn_body,
     txn_gets,
     txn_reply,
     watch_create,
+    with_scans,
 )
 from kvstore.server.etcd.lease import grant_id
 from kvstore.server.txn_reading import has_writes
@@ -475,13 +478,71 @@ def _t_nested(success: list[rpc_pb2.RequestOp], failure: list[rpc_pb2.RequestOp]
     [_t_nested([], [_t_rng(b"p/", b"\x00")]), _t_put(b"p/x")],   # a nested (else) range, then a put in it
     [_t_rng(b"p/x"), _t_put(b"p/x")],                          # an external one-key read (reads_outside), then its put
 ])
-def test_a_write_after_an_external_read_of_its_key_is_refused(success: list[rpc_pb2.RequestOp]) -> None:
-    """An external read is made at the transaction's revision, after all its writes; etcd's
-    sees only the writes before it (`storeTxnWrite.Range`): such a Txn is refused, not answered
-    differently from etcd."""
-    with pytest.raises(EtcdRequestError) as e:
-        txn_body(rpc_pb2.TxnRequest(success=success), reads_outside=lambda k: True)
-    assert e.value.code == "FAILED_PRECONDITION" and "writes after it" in e.value.message
+def test_a_write_after_an_external_read_of_its_key_is_sequential(success: list[rpc_pb2.RequestOp]) -> None:
+    """An external read at the transaction's revision would show the writes after it, where
+    etcd's sees only the writes before it (`storeTxnWrite.Range`): such a Txn is planned
+    `sequential` (the caller reads each range at its place: kvstore's Txn with scans)."""
+    _, plan = txn_body(rpc_pb2.TxnRequest(success=success), reads_outside=lambda k: True)
+    assert plan.sequential
+
+
+def test_a_range_delete_after_a_range_read_is_sequential() -> None:
+    """etcd's "get --prefix then del --prefix" in one Txn."""
+    dr = rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=b"p/", range_end=b"p0"))
+    body, plan = txn_body(rpc_pb2.TxnRequest(success=[_t_rng(b"p/", b"p0"), dr]))
+    assert plan.sequential and [op.WhichOneof("op") for op in body.success] == ["delete_range"]
+    body, plan = txn_body(rpc_pb2.TxnRequest(success=[_t_rng(b"q/", b"q0"), dr]))  # another range
+    assert not plan.sequential
+
+
+@settings(max_examples=200, deadline=None)
+@given(t=_txns(3), succeeded=st.booleans())
+def test_with_scans_puts_each_external_range_in_its_place(t: rpc_pb2.TxnRequest, succeeded: bool) -> None:
+    """`with_scans` turns each external range into a scan in its place (`txnscan.split` takes
+    them out again, leaving the body); `scan_answers` takes a result of that Txn apart into the
+    body's result (as `txn_reply` maps it) and the scans' answers, by external index."""
+    from kvstore.txnscan import split, taken_scans
+
+    try:
+        body, plan = txn_body(t)
+    except EtcdRequestError:
+        return
+    if any(q.revision for q in plan.ranges):
+        return
+    full = with_scans(plan, body)
+    stripped, splan = split(full, 1 << 16)
+    assert stripped == body and len(splan.scans) == len(plan.ranges)
+    for q, r in zip(plan.ranges, splan.scans, strict=True):
+        assert r.start == q.keys.start and r.limit == 0 and all(
+            q.keys.holds(k) == r.holds(k) for k in (q.keys.start, q.keys.start + b"\x00", b"\xff" * 3))
+    res = _result_of(body, succeeded)
+    taken = taken_ranges(plan, res)
+    assert taken == taken_scans(splan, res)
+    answers = {i: kv_pb2.TxnScanResult(revision=i + 1) for i in taken}
+    from kvstore.txnscan import merge
+
+    back, got = scan_answers(plan, merge(splan, res, answers))
+    assert back == res and got == answers
+
+
+_responses = st.lists(st.sampled_from([kv_pb2.TxnOpResponse(put=1), kv_pb2.TxnOpResponse(delete=True),
+                                       kv_pb2.TxnOpResponse(get=kv_pb2.KeyValue(key=b"k")),
+                                       kv_pb2.TxnOpResponse(delete_range=2),
+                                       kv_pb2.TxnOpResponse(scan=kv_pb2.TxnScanResult(revision=3)),
+                                       kv_pb2.TxnOpResponse(txn=kv_pb2.TxnResult(succeeded=True))]), max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(t=_txns(3), succeeded=st.booleans(), responses=_responses)
+def test_scan_answers_of_any_result_is_total(t: rpc_pb2.TxnRequest, succeeded: bool,
+                                             responses: list[kv_pb2.TxnOpResponse]) -> None:
+    """A result that does not fit the plan: ValueError, never another exception."""
+    try:
+        _, plan = txn_body(t)
+    except EtcdRequestError:
+        return
+    with contextlib.suppress(ValueError):
+        scan_answers(plan, kv_pb2.TxnResult(succeeded=succeeded, responses=responses))
 
 
 @pytest.mark.parametrize("success, failure", [
@@ -494,6 +555,7 @@ def test_a_write_after_an_external_read_of_its_key_is_refused(success: list[rpc_
 def test_reads_that_see_what_etcd_sees_are_accepted(success: list[rpc_pb2.RequestOp],
                                                      failure: list[rpc_pb2.RequestOp]) -> None:
     body, plan = txn_body(rpc_pb2.TxnRequest(success=success, failure=failure), reads_outside=lambda k: False)
+    assert not plan.sequential
     assert [op.put.key for op in (*body.success, *body.failure) if op.WhichOneof("op") == "put"] in ([b"p/x"], [b"q/x"])
     assert all(not q.keys.single or q.revision for q in plan.ranges)  # one-key reads went into the TXN
 

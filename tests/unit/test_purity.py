@@ -72,3 +72,11 @@ def test_the_node_package_loads_no_lmdb_and_no_grpc() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_txn_scan_logic_does_no_io() -> None:
+    """`txnscan` / `txnpath` (where a transaction's scans are read and how their answers are put
+    together) are pure: the server's shell (`server/txn_scans.py`) does the reads."""
+    for f in (ROOT / "kvstore" / "txnscan.py", ROOT / "kvstore" / "txnpath.py"):
+        for mod in _imports(f):
+            assert mod not in FORBIDDEN_STDLIB | IO_LIBRARIES, f"{f.name} imports {mod}: it does no I/O"

@@ -472,15 +472,23 @@ def test_etcd_txn_delete_range_maps_to_the_op() -> None:
     out = rpc_pb2.TxnResponse()
     txn_reply(plan, res, rpc_pb2.ResponseHeader(revision=9), out)
     assert out.responses[0].response_delete_range.deleted == 4 and out.responses[1].HasField("response_put")
-    for bad, code in (([dr(b"a/", b"a0", prev=True)], "FAILED_PRECONDITION"), ([dr(b"a/", b"a0"), put(b"a/x")],
-                      "INVALID_ARGUMENT"), ([put(b"a/x"), dr(b"a/", b"a0")], "INVALID_ARGUMENT")):
+    for bad, code in (([dr(b"a/", b"a0"), put(b"a/x")], "INVALID_ARGUMENT"),
+                      ([put(b"a/x"), dr(b"a/", b"a0")], "INVALID_ARGUMENT")):
         with pytest.raises(EtcdRequestError) as e:
             txn_body(rpc_pb2.TxnRequest(success=bad))
         assert e.value.code == code
-    # a read over the range before it would be read at the revision, after the delete: refused
+    # prev_kv: its range read right before it (an external range), the prev_kvs from its answer
+    body, plan = txn_body(rpc_pb2.TxnRequest(success=[dr(b"a/", b"a0", prev=True)]))
+    assert plan.sequential and plan.success[0].prev_range == 0 and len(plan.ranges) == 1
+    kv = kv_pb2.KeyValue(key=b"a/1", value=b"v", create_revision=2, mod_revision=3, version=2)
+    out = rpc_pb2.TxnResponse()
+    txn_reply(plan, kv_pb2.TxnResult(succeeded=True, responses=[kv_pb2.TxnOpResponse(delete_range=1)]),
+              rpc_pb2.ResponseHeader(revision=9), out, {0: ([kv], 1, {})})
+    d = out.responses[0].response_delete_range
+    assert d.deleted == 1 and [(x.key, x.value, x.version) for x in d.prev_kvs] == [(b"a/1", b"v", 2)]
+    # a read over the range before it: read at its place (before the delete), as etcd's
     rng = rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=b"a/", range_end=b"a0"))
-    with pytest.raises(EtcdRequestError):
-        txn_body(rpc_pb2.TxnRequest(success=[rng, dr(b"a/", b"a0")]))
+    assert txn_body(rpc_pb2.TxnRequest(success=[rng, dr(b"a/", b"a0")]))[1].sequential
 
 
 @settings(max_examples=300, deadline=None)
@@ -517,10 +525,9 @@ def test_the_wire_range_is_checked_totally(start: bytes, end: bytes, prefix: byt
 
 
 def test_scans_and_range_deletes_in_one_transaction() -> None:
-    """txnscan's rule (`kvstore/txnscan.split`, client and server): a range delete after a scan
-    whose range it meets is refused (the scan is read at the revision, after the delete); a
-    transaction with both a scan and a range delete is refused (not supported yet); a range
-    delete alone passes through untouched."""
+    """txnscan's split (`kvstore/txnscan.split`, client and server): scans and range deletes in
+    one transaction, in any order, are split apart (each scan shows the state at its place on the
+    path: `kvstore/txnpath.py`); a range delete alone passes through untouched."""
     from kvstore.txnscan import split
     from kvstore.v1 import kv_pb2
 
@@ -530,10 +537,9 @@ def test_scans_and_range_deletes_in_one_transaction() -> None:
     dr = kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange(prefix=b"a/"))
     out, plan = split(body(dr, kv_pb2.TxnOp(get=b"a/1")), 64)
     assert list(out.success) == [dr, kv_pb2.TxnOp(get=b"a/1")] and not plan.scans
-    for scan, msg in ((kv_pb2.TxnScan(start=b"a/5"), "range delete comes after a scan"),
-                      (kv_pb2.TxnScan(prefix=b"b/"), "both a scan and a range delete")):
-        with pytest.raises(errors.InvalidArgument, match=msg):
-            split(body(kv_pb2.TxnOp(scan=scan), dr), 64)
-    with pytest.raises(errors.InvalidArgument, match="both a scan and a range delete"):
-        split(kv_pb2.TxnBody(success=[kv_pb2.TxnOp(scan=kv_pb2.TxnScan(prefix=b"b/"))],
-                             failure=[kv_pb2.TxnOp(txn=body(dr))]), 64)
+    for scan in (kv_pb2.TxnScan(start=b"a/5"), kv_pb2.TxnScan(prefix=b"b/")):
+        out, plan = split(body(kv_pb2.TxnOp(scan=scan), dr), 64)
+        assert list(out.success) == [dr] and len(plan.scans) == 1
+    out, plan = split(kv_pb2.TxnBody(success=[kv_pb2.TxnOp(scan=kv_pb2.TxnScan(prefix=b"b/"))],
+                                     failure=[kv_pb2.TxnOp(txn=body(dr))]), 64)
+    assert list(out.failure) == [kv_pb2.TxnOp(txn=body(dr))] and len(plan.scans) == 1

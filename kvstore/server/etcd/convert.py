@@ -238,6 +238,9 @@ class OpPlan:
     query: RangeQuery | None = None
     nested: TxnPlan | None = None
     external: int = -1
+    prev_range: int = -1
+    """A range delete with prev_kv: the index in `TxnPlan.ranges` of the read of its range right
+    before it (the keys it deletes, as they are at its place: its prev_kvs)."""
     ignore_value: bool = False
     ignore_lease: bool = False
     """A put's etcd flags: its value / lease are the key's own, for the caller to fill in
@@ -253,6 +256,12 @@ class TxnPlan:
     success: list[OpPlan]
     failure: list[OpPlan]
     ranges: list[RangeQuery] = field(default_factory=list)
+    sequential: bool = False
+    """(Top-level plan only.) On some path an external read comes before a write that meets it
+    (a key in it, or a range delete's range overlapping it), or a range delete has prev_kv: read
+    at the transaction's revision, after its writes, it would show that write, where etcd's range
+    sees only the writes before it; the caller reads such ranges at their place (`with_scans`:
+    kvstore's Txn with scans)."""
 
 
 def _compare(c: rpc_pb2.Compare, into: kv_pb2.Compare) -> None:
@@ -275,19 +284,11 @@ def _compare(c: rpc_pb2.Compare, into: kv_pb2.Compare) -> None:
         into.number = _int64(getattr(c, field), field)
 
 
-def _before(read: list[KeyRange], key: bytes) -> None:
-    """A write of `key` after the external reads `read` on its path: refused if one holds it.
-    An external read is made at the transaction's revision, after all its writes, where etcd's
-    sees only the writes before it on its path (`storeTxnWrite.Range`)."""
-    if any(r.holds(key) for r in read):
-        raise unsupported("a read over several keys (or outside the written group) of a key the same "
-                          "transaction writes after it")
-
-
 def _ops(ops: Iterable[rpc_pb2.RequestOp], into: list[kv_pb2.TxnOp], plans: list[OpPlan], depth: int,
          count: list[int], ranges: list[RangeQuery], outside: Callable[[bytes], bool] | None,
-         read: list[KeyRange]) -> None:
-    """`read`: the keys external reads read earlier on this path (grows as they come)."""
+         read: list[KeyRange], seq: list[bool]) -> None:
+    """`read`: the keys external reads read earlier on this path (grows as they come); `seq[0]`
+    is set when a write meets one of them (`TxnPlan.sequential`)."""
     for op in ops:
         which = op.WhichOneof("request")
         if which == "request_range":
@@ -304,7 +305,7 @@ def _ops(ops: Iterable[rpc_pb2.RequestOp], into: list[kv_pb2.TxnOp], plans: list
         elif which == "request_put":
             p = op.request_put
             check_put(p)
-            _before(read, p.key)
+            seq[0] = seq[0] or any(r.holds(p.key) for r in read)
             if p.prev_kv:
                 into.append(kv_pb2.TxnOp(get=p.key))
             # a lease's `checked` is the caller's to fill in (it asks the lease's home), and so
@@ -316,26 +317,26 @@ def _ops(ops: Iterable[rpc_pb2.RequestOp], into: list[kv_pb2.TxnOp], plans: list
             d = op.request_delete_range
             k = key_range(d.key, d.range_end)
             if not k.single:  # kvstore's range delete in a transaction (across every group)
-                if d.prev_kv:
-                    raise unsupported("prev_kv of a range delete (range_end) inside a transaction")
-                if any(r.overlaps(k) for r in read):
-                    raise unsupported("a range delete of keys a read over several keys (or outside the written "
-                                      "group) in the same transaction read before it")
+                seq[0] = seq[0] or d.prev_kv or any(r.overlaps(k) for r in read)
                 assert k.end is not None
                 into.append(kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange(start=k.start, end=k.end)))
-                plans.append(OpPlan("delete_range"))
+                plans.append(OpPlan("delete_range", prev_range=len(ranges) if d.prev_kv else -1))
+                if d.prev_kv:  # its range read at its place, right before it (one more op)
+                    ranges.append(RangeQuery(k, 0, 0, rpc_pb2.RangeRequest.NONE, rpc_pb2.RangeRequest.KEY, False,
+                                             False, False, 0, 0, 0, 0))
+                    count[0] += 1
                 count[0] += 1
                 if count[0] > MAX_TXN_OPS:
                     raise invalid(TOO_MANY_OPS)
                 continue
-            _before(read, d.key)
+            seq[0] = seq[0] or any(r.holds(d.key) for r in read)
             if d.prev_kv:
                 into.append(kv_pb2.TxnOp(get=d.key))
             into.append(kv_pb2.TxnOp(delete=d.key))
             plans.append(OpPlan("delete", with_prev=d.prev_kv))
         elif which == "request_txn":
             body = kv_pb2.TxnBody()
-            nested = _txn(op.request_txn, body, depth + 1, count, ranges, outside, read)
+            nested = _txn(op.request_txn, body, depth + 1, count, ranges, outside, read, seq)
             into.append(kv_pb2.TxnOp(txn=body))
             plans.append(OpPlan("txn", nested=nested))
         else:
@@ -403,7 +404,8 @@ def _in_any(ranges: list[KeyRange], key: bytes) -> bool:
 
 
 def _txn(r: rpc_pb2.TxnRequest, body: kv_pb2.TxnBody, depth: int, count: list[int],
-         ranges: list[RangeQuery], outside: Callable[[bytes], bool] | None, read: list[KeyRange]) -> TxnPlan:
+         ranges: list[RangeQuery], outside: Callable[[bytes], bool] | None, read: list[KeyRange],
+         seq: list[bool]) -> TxnPlan:
     """`read`: the external reads before it on its path; afterwards it also holds its own (of
     either branch: which one runs is not known here)."""
     if depth > MAX_DEPTH:
@@ -416,7 +418,7 @@ def _txn(r: rpc_pb2.TxnRequest, body: kv_pb2.TxnBody, depth: int, count: list[in
     plan = TxnPlan([], [])
     both_branches(read, body, lambda ok, out, rd: _ops(r.success if ok else r.failure, out,
                                                        plan.success if ok else plan.failure, depth, count, ranges,
-                                                       outside, rd))
+                                                       outside, rd, seq))
     return plan
 
 
@@ -430,14 +432,17 @@ def txn_body(r: rpc_pb2.TxnRequest, reads_outside: Callable[[bytes], bool] | Non
     a key's lease (COMPARE_LEASE). A put with ignore_value or ignore_lease is planned as such
     (`OpPlan.ignore_value`, `ignored_puts`: the caller fills in the key's value and lease).
     Compares over a range are refused (`unsupported`); a range delete becomes kvstore's
-    (`TxnOp.delete_range`, run across every group), refused with prev_kv or after an external
-    read of an overlapping range; prev_kv becomes a get before the write. More than MAX_TXN_OPS kvstore ops
+    (`TxnOp.delete_range`, run across every group), its prev_kv an external read of its range
+    right before it (`OpPlan.prev_range`); a write after an external read that it meets, or a
+    range delete's prev_kv, sets `TxnPlan.sequential`; prev_kv of one key becomes a get before
+    the write. More than MAX_TXN_OPS kvstore ops
     (an external range counts as one), nesting deeper than MAX_DEPTH, or a key put twice (or
     put and deleted) in one branch are refused as etcd refuses them (INVALID_ARGUMENT)."""
     body = kv_pb2.TxnBody()
     ranges: list[RangeQuery] = []
-    plan = _txn(r, body, 1, [0], ranges, reads_outside, [])
-    plan.ranges = ranges
+    seq = [False]
+    plan = _txn(r, body, 1, [0], ranges, reads_outside, [], seq)
+    plan.ranges, plan.sequential = ranges, seq[0]
     _writes(r.success)
     _writes(r.failure)
     return body, plan
@@ -507,12 +512,81 @@ def taken_ranges(plan: TxnPlan, result: kv_pb2.TxnResult) -> list[int]:
         if p.external >= 0:
             out.append(p.external)
             continue
+        if p.prev_range >= 0:
+            out.append(p.prev_range)
         i += p.with_prev
         if p.kind == "txn":
             assert p.nested is not None
             out += taken_ranges(p.nested, responses[i].txn)
         i += 1
     return out
+
+
+def with_scans(plan: TxnPlan, body: kv_pb2.TxnBody) -> kv_pb2.TxnBody:
+    """`body` with each external range of `plan` (none at a revision) in its place as a
+    kvstore scan of its keys (`TxnOp.scan`, no limit: the reply's count is every key, and
+    `range_reply` applies the limit, sort and filters as on a Range), and each range delete's
+    prev_kv range as a scan right before it, which kvstore's Txn reads at its place on the path
+    taken (etcd's sequential semantics: `kvstore/txnpath.py`)."""
+    out = kv_pb2.TxnBody()
+    out.compares.extend(body.compares)
+    for plans, ops, into in ((plan.success, body.success, out.success), (plan.failure, body.failure, out.failure)):
+        i = 0
+        for p in plans:
+            if p.external >= 0:
+                q = p.query
+                assert q is not None and not q.revision
+                end = q.keys.start + b"\x00" if q.keys.end is None else q.keys.end  # one key: [key, key\0)
+                into.add().scan.CopyFrom(kv_pb2.TxnScan(start=q.keys.start, end=end))
+                continue
+            for _ in range(p.with_prev):
+                into.append(ops[i])
+                i += 1
+            if p.prev_range >= 0:
+                k = plan.ranges[p.prev_range].keys
+                assert k.end is not None
+                into.add().scan.CopyFrom(kv_pb2.TxnScan(start=k.start, end=k.end))
+            if p.kind == "txn":
+                assert p.nested is not None
+                into.add().txn.CopyFrom(with_scans(p.nested, ops[i].txn))
+            else:
+                into.append(ops[i])
+            i += 1
+    return out
+
+
+def scan_answers(plan: TxnPlan, result: kv_pb2.TxnResult
+                 ) -> tuple[kv_pb2.TxnResult, dict[int, kv_pb2.TxnScanResult]]:
+    """The result of kvstore's Txn of `with_scans(plan, body)` as (the result of `body`, the
+    scans' answers by `OpPlan.external`). Raises ValueError if `result` does not fit `plan`."""
+    out = kv_pb2.TxnResult(succeeded=result.succeeded)
+    answers: dict[int, kv_pb2.TxnScanResult] = {}
+    responses = list(result.responses)
+    i = 0
+    for p in plan.success if result.succeeded else plan.failure:
+        n = 1 if p.external >= 0 else 1 + p.with_prev + (p.prev_range >= 0)
+        if i + n > len(responses):
+            raise ValueError("a transaction's result does not fit its plan")
+        if p.prev_range >= 0:
+            if responses[i].WhichOneof("op") != "scan":
+                raise ValueError("a transaction's result does not fit its plan")
+            answers[p.prev_range] = responses[i].scan
+            out.responses.append(responses[i + 1])
+        elif p.external >= 0:
+            if responses[i].WhichOneof("op") != "scan":
+                raise ValueError("a transaction's result does not fit its plan")
+            answers[p.external] = responses[i].scan
+        elif p.kind == "txn":
+            assert p.nested is not None
+            sub, more = scan_answers(p.nested, responses[i].txn)
+            out.responses.add().txn.CopyFrom(sub)
+            answers.update(more)
+        else:
+            out.responses.extend(responses[i:i + n])
+        i += n
+    if i != len(responses):
+        raise ValueError("a transaction's result does not fit its plan")
+    return out, answers
 
 
 def _kv_found(kv: kv_pb2.KeyValue) -> bool:
@@ -576,6 +650,9 @@ def txn_reply(plan: TxnPlan, result: kv_pb2.TxnResult, header: rpc_pb2.ResponseH
             dr = out.response_delete_range
             dr.header.CopyFrom(header)
             dr.deleted = r.delete_range
+            if p.prev_range >= 0:
+                assert ranges is not None
+                dr.prev_kvs.extend(to_mvcc(kv) for kv in ranges[p.prev_range][0])
         elif p.kind == "delete":
             dr = out.response_delete_range
             dr.header.CopyFrom(header)

@@ -11,7 +11,9 @@ range is one consistent snapshot at one revision (as the client library's scans)
 and DeleteRange's prev_kv on one key, and Put's ignore_value and ignore_lease, are transactions
 (a get, then the write, at one revision; ignore_* compare the value's mod revision or the lease
 as read before, and retry). A Txn's DeleteRange over a range is kvstore's range delete inside a
-transaction (`_txn_range_deletes`: a two-phase commit over every data group)."""
+transaction (`_txn_range_deletes`: a two-phase commit over every data group). A Txn whose reads
+over several keys come before writes into them, or with such reads and a range delete or writes
+in several groups, is kvstore's Txn with scans (`_txn_scanning`: each read at its place)."""
 
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from kvstore.v1 import kv_pb2
 
 from ..scan_parts import PARALLEL, gather_parts, retrying
 from ..txn_reading import Exhausted, cut_of, run_reading, unchecked
+from ..txn_scans import MAX_TXN_SCAN_BYTES
 from ..txn_wire import txn_from_proto
 from .base import EtcdNode, fail
 from .convert import (
@@ -49,6 +52,7 @@ from .convert import (
     leased_puts,
     range_query,
     range_reply,
+    scan_answers,
     taken_ranges,
     to_mvcc,
     txn_body,
@@ -56,6 +60,7 @@ from .convert import (
     txn_keys,
     txn_reply,
     unsupported,
+    with_scans,
 )
 from .lease import _lease
 from .status import KEY_NOT_FOUND, LEASE_NOT_FOUND, EtcdStatus, check_reply
@@ -434,6 +439,9 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                 resp.header.CopyFrom(self.n.header(0))
                 resp.succeeded = True
                 return resp
+            if plan.ranges and (plan.sequential or has_range_deletes(body)
+                                or len({self.n.group_of(k) for k in txn_keys(body, gets=False)}) > 1):
+                return await self._txn_scanning(body, plan, context)
             if has_range_deletes(body):  # kvstore's range delete: a two-phase commit over every group
                 return await self._txn_range_deletes(body, plan, context)
             groups = {self.n.group_of(k) for k in txn_keys(body)}
@@ -457,9 +465,6 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
             for put in leased:
                 put.checked = await self.lease_checked(put.lease, self.n.group_of(put.key), context)
             if plan.ranges:
-                if one is None and (body.compares or body.success or body.failure):
-                    raise unsupported("a range read (range_end or a revision) in a transaction whose compares "
-                                      "and writes are in several groups")
                 return await self._txn_reading(body, plan, one, context)
             t = await self.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True, group=one)
             txn_reply(plan, t.result, self.n.header(t.revision, one), resp, None, self._txn_leases(txn_gets(t.result)))
@@ -470,12 +475,11 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
     async def _txn_range_deletes(self, body: kv_pb2.TxnBody, plan: TxnPlan, context: grpc.aio.ServicerContext
                                  ) -> rpc_pb2.TxnResponse:
         """A Txn with a DeleteRange over a range: kvstore's Txn with `delete_range` ops, which the
-        node runs as a two-phase commit over every data group (atomic at one revision). What that
-        cannot carry is refused (`unsupported`): reads over several keys or at a revision, puts
-        with ignore_value / ignore_lease (one group's feature). Leased puts (checked at the
-        lease's home first, as a Put's) and lease compares are carried (level 7)."""
-        if plan.ranges:
-            raise unsupported("a read over several keys (or at a revision) in a transaction with a range delete")
+        node runs as a two-phase commit over every data group (atomic at one revision); one with
+        reads over several keys or at a revision (or a prev_kv of a range) is `_txn_scanning`'s.
+        Puts with ignore_value / ignore_lease (one group's feature) are refused (`unsupported`).
+        Leased puts (checked at the lease's home first, as a Put's) and lease compares are
+        carried (level 7)."""
         if any(ignored_puts(plan, body)):
             raise unsupported("Put's ignore_lease / ignore_value in a transaction with a range delete")
         for put in leased_puts(body):
@@ -483,6 +487,50 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         t = await self.n.forward.call("Txn", kv_pb2.TxnRequest(txn=body), context, is_write=True)
         resp = rpc_pb2.TxnResponse()
         txn_reply(plan, t.result, self.n.header(t.revision), resp, None, self._txn_leases(txn_gets(t.result)))
+        return resp
+
+    async def _txn_scanning(self, body: kv_pb2.TxnBody, plan: TxnPlan, context: grpc.aio.ServicerContext
+                            ) -> rpc_pb2.TxnResponse:
+        """A Txn with reads over several keys that `_txn_reading` cannot serve: a read before a
+        write into it on its path (`TxnPlan.sequential`), a range delete (its prev_kv too: its
+        range read right before it, `OpPlan.prev_range`), or compares and writes in several
+        groups. Run as kvstore's Txn with each read a scan in its place
+        (`convert.with_scans`; `server/txn_scans.py`): one TXN or a two-phase commit at revision
+        R, each scan showing the state at its place on the path taken (`kvstore/txnpath.py`),
+        as etcd's sequential Txn; a scan reads every key of its range (the count is etcd's), and
+        `range_reply` applies the limit, sort and filters. Refused (FAILED_PRECONDITION): a read
+        at a revision, a lease compare, a put's ignore_value / ignore_lease here. A scan cut by the
+        reply's budget fails (RESOURCE_EXHAUSTED; indeterminate if the Txn wrote)."""
+        if any(q.revision for q in plan.ranges):
+            raise unsupported("a range read at a revision in a transaction that writes into a range it read "
+                              "before, deletes a range, or has compares and writes in several groups")
+        if any(ignored_puts(plan, body)):
+            raise unsupported("Put's ignore_value or ignore_lease in a transaction whose keys are in several "
+                              "groups or that reads a range (range_end or a revision)")
+        if compares_lease(body):
+            raise unsupported("a Compare of a key's lease in a transaction that reads a range (range_end or a "
+                              "revision)")
+        for put in leased_puts(body):
+            put.checked = await self.lease_checked(put.lease, self.n.group_of(put.key), context)
+        t = await self.n.forward.call("Txn", kv_pb2.TxnRequest(txn=with_scans(plan, body)), context, is_write=True)
+        wrote = int(t.revision)
+        try:
+            result, scans = scan_answers(plan, t.result)
+        except ValueError as err:
+            raise EtcdStatus(grpc.StatusCode.INTERNAL, f"kvstore: {err}", indeterminate=bool(wrote)) from None
+        answers: dict[int, RangeAnswer] = {}
+        for i, sc in scans.items():
+            if sc.more:
+                raise EtcdStatus(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"kvstore: a range of the transaction holds more than its reply's budget "
+                                 f"({MAX_TXN_SCAN_BYTES >> 20} MiB; a narrower range)"
+                                 + (f"; the transaction was written at revision {wrote}" if wrote else
+                                    "; nothing was written"), indeterminate=bool(wrote))
+            items = list(sc.items)
+            answers[i] = (items, len(items), {} if plan.ranges[i].count_only else self._txn_leases(items))
+        rev = wrote or max((sc.revision for sc in scans.values()), default=0)
+        resp = rpc_pb2.TxnResponse()
+        txn_reply(plan, result, self.n.header(rev), resp, answers, self._txn_leases(txn_gets(result)))
         return resp
 
     async def _txn_ignoring(self, body: kv_pb2.TxnBody, plan: TxnPlan, group: int,
