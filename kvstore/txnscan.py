@@ -8,6 +8,13 @@ refuses first what the server would) and the server (`server/txn_scans.py`, whic
   position on it (etcd's sequential semantics: the writes before it, not those after it;
   `kvstore/txnpath.py` says how it is read).
 
+A transaction with scans compares no key's lease (`split` refuses a LEASE compare anywhere in
+it, `LEASE_COMPARE_REFUSED`): when the branch taken writes nothing, the whole body is evaluated
+read-only on its keys read exactly at a revision (`server/txn_reading.evaluate_at`), and a key
+read at a revision carries no lease (the attachment rows hold the current attachment only, and
+kvstore's Get, local or at another node, answers none), so such a compare would see lease 0.
+etcd's API refuses a lease compare with ranges likewise (`server/etcd/kv.py`).
+
 Invariants: `split` raises only `errors.InvalidArgument` / `errors.KeyTooLarge` (definite);
 the stripped body holds every non-scan operation in its order; `merge(plan, r, answers)` has
 exactly one response per operation of the branch `r` took, scans included."""
@@ -23,13 +30,16 @@ from kvstore.keyspace import prefix_end
 from kvstore.storage.txn import MAX_TXN_DEPTH, MAX_TXN_ITEMS
 from kvstore.v1 import kv_pb2
 
-__all__ = ["LIMIT_MAX", "ScanPlan", "ScanRange", "Slot", "both_branches", "has_range_deletes", "has_scans", "merge",
+__all__ = ["LEASE_COMPARE_REFUSED", "LIMIT_MAX", "ScanPlan", "ScanRange", "Slot", "both_branches", "has_range_deletes", "has_scans", "merge",
            "split", "taken_scans"]
 
 T = TypeVar("T")
 
 LIMIT_MAX = (1 << 63) - 1
 """The largest limit a scan may ask for (0: none)."""
+LEASE_COMPARE_REFUSED = ("a transaction with scans cannot compare a key's lease (its read-only evaluation reads keys "
+                         "at a revision, which carries no lease): compare the lease in a transaction without scans")
+"""Why `split` refuses a LEASE compare (module docstring)."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -135,6 +145,8 @@ def _txn(b: kv_pb2.TxnBody, into: kv_pb2.TxnBody, depth: int, count: list[int], 
     if depth > MAX_TXN_DEPTH:
         raise errors.InvalidArgument(f"transaction nested deeper than {MAX_TXN_DEPTH}")
     count[0] += len(b.compares)
+    if any(c.target == kv_pb2.COMPARE_LEASE for c in b.compares):
+        raise errors.InvalidArgument(LEASE_COMPARE_REFUSED)
     into.compares.extend(b.compares)
     plan = ScanPlan([], [])
     succ: list[kv_pb2.TxnOp] = []
@@ -149,8 +161,8 @@ def _txn(b: kv_pb2.TxnBody, into: kv_pb2.TxnBody, depth: int, count: list[int], 
 def split(body: kv_pb2.TxnBody, max_key: int) -> tuple[kv_pb2.TxnBody, ScanPlan]:
     """(`body` without its scans, the plan of its scans): see the module docstring. Raises a
     definite InvalidArgument (more than `MAX_TXN_ITEMS` compares and operations, scans included;
-    nesting deeper than `MAX_TXN_DEPTH`; a limit or an end out of range) or KeyTooLarge (a bound
-    longer than `max_key`)."""
+    nesting deeper than `MAX_TXN_DEPTH`; a limit or an end out of range; a LEASE compare at any
+    depth, `LEASE_COMPARE_REFUSED`) or KeyTooLarge (a bound longer than `max_key`)."""
     out = kv_pb2.TxnBody()
     scans: list[ScanRange] = []
     plan = _txn(body, out, 1, [0], scans, max_key)

@@ -35,7 +35,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from kvstore import errors
 from kvstore.storage import txn
+from kvstore.txnscan import LEASE_COMPARE_REFUSED
 from kvstore.v1 import kv_pb2
 
 from .scan_parts import gather_parts
@@ -119,10 +121,14 @@ async def evaluate_at(body: kv_pb2.TxnBody, revision: int,
     (else `txn.NoScanner`): the first key of each of its ranges at `revision` is enough to know
     whether the path writes (a range delete on a path that writes nothing before it deletes a
     key iff its range holds one; when nothing is written, every range taken is empty and its
-    count, 0, exact). Raises `txn.ResultTooLarge` as `txn.evaluate` does."""
+    count, 0, exact). Raises `txn.ResultTooLarge` as `txn.evaluate` does, and a definite
+    `errors.InvalidArgument` for a LEASE compare: `get_at` reads no lease (`txn.Current.lease`
+    0), so the compare would see none (callers refuse it first: `txnscan.split`, etcd's Txn)."""
     if not body.compares and not body.success and not body.failure:
         return kv_pb2.TxnResult(succeeded=True)
     t = txn_from_proto(body, unchecked, unchecked)
+    if txn.compares_lease(t):
+        raise errors.InvalidArgument(LEASE_COMPARE_REFUSED)
     keys = sorted({k for k, _ in txn.keys_of(t)})
     state = dict(zip(keys, await gather_parts([functools.partial(get_at, k, revision) for k in keys]), strict=True))
     ranges = sorted(set(txn.delete_ranges(t)))

@@ -17,6 +17,7 @@ import pytest
 from clusterharness import Cluster
 
 from kvstore.client import AsyncClient, Client, Compare, Op, OpResponse, TxnResponse
+from kvstore.errors import InvalidArgument
 from kvstore.shard.shardmap import ShardMap
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
@@ -355,6 +356,36 @@ def test_txn_scans_under_concurrent_writers_match_history(cluster: Cluster) -> N
             if i % 3 != 2:
                 assert not r.succeeded and scan.revision == r.revision > 0
                 assert (b"cw/own%d" % (i % 2), b"t%d" % i, r.revision) in items
+
+
+def test_a_lease_compare_in_a_txn_with_scans_is_refused_definite(cluster: Cluster) -> None:
+    """Issue 17: a Txn with scans whose branch taken writes nothing is evaluated read-only on the
+    keys as read at a revision, which carries no lease: a lease compare there would always see
+    lease 0 and could take the wrong branch. It is refused up front (definite InvalidArgument),
+    by the client library before sending and by the server for a client that checks nothing;
+    nothing is written. Without scans the same compare runs (the group's TXN reads the lease)."""
+    with Client(cluster.endpoints, timeout=20) as c:
+        lid = c.lease_grant(60)
+        c.put(b"lc/k", b"v", lease=lid)
+        same = [Compare.lease(b"lc/k", "=", lid)]
+        with pytest.raises(InvalidArgument, match="lease") as info:
+            c.txn(same, [Op.scan(prefix=b"lc/")], [Op.put(b"lc/wrong", b"x")])
+        assert info.value.definite
+        assert c.txn(same, [Op.get(b"lc/k")], [Op.put(b"lc/wrong", b"x")]).succeeded  # no scans: served
+        assert c.get(b"lc/wrong") is None
+    body = kv_pb2.TxnBody(compares=[kv_pb2.Compare(key=b"lc/k", target=kv_pb2.COMPARE_LEASE, result=kv_pb2.EQUAL,
+                                                   number=lid)],
+                          success=[kv_pb2.TxnOp(txn=kv_pb2.TxnBody(success=[kv_pb2.TxnOp(scan=kv_pb2.TxnScan(
+                              prefix=b"lc/"))]))],
+                          failure=[kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=b"lc/wrong", value=b"x"))])
+    for ep in cluster.endpoints:  # a client that checks nothing: the server refuses it at any node
+        with grpc.insecure_channel(ep) as ch:
+            resp = kv_pb2_grpc.KVStub(ch).Txn(kv_pb2.TxnRequest(txn=body), timeout=20)
+        assert resp.error.code == kv_pb2.INVALID_ARGUMENT and "lease" in resp.error.message, resp.error
+    with Client(cluster.endpoints, timeout=20) as c:
+        assert c.get(b"lc/wrong") is None
+    p = _kvctl(cluster, f'lease("lc/k") = "{lid:x}"\n\nget --prefix lc/\n\nput lc/wrong x\n')
+    assert p.returncode != 0 and "lease" in p.stderr, (p.stdout, p.stderr)
 
 
 def test_a_txn_range_delete_across_groups_at_one_revision(cluster: Cluster) -> None:

@@ -122,10 +122,12 @@ def test_split_taken_and_merge_put_every_scan_back_in_place(body: kv_pb2.TxnBody
     | st.builds(kv_pb2.TxnOp, delete=st.binary(max_size=4)) | st.just(kv_pb2.TxnOp()),
     lambda ops: st.builds(lambda s, f: kv_pb2.TxnOp(txn=kv_pb2.TxnBody(success=s, failure=f)),
                           st.lists(ops, max_size=3), st.lists(ops, max_size=3)),
-    max_leaves=40))
-def test_split_is_total(op: kv_pb2.TxnOp) -> None:
+    max_leaves=40),
+    st.lists(st.builds(kv_pb2.Compare, key=st.binary(max_size=4), target=st.integers(0, 7),
+                       result=st.integers(0, 5), number=st.integers(-(2**63), 2**63 - 1)), max_size=3))
+def test_split_is_total(op: kv_pb2.TxnOp, compares: list[kv_pb2.Compare]) -> None:
     """Hostile bodies: split answers or raises a definite InvalidArgument / KeyTooLarge."""
-    body = kv_pb2.TxnBody(success=[op] * 3)
+    body = kv_pb2.TxnBody(compares=compares, success=[op] * 3)
     try:
         split(body, MAX_KEY)
     except (errors.InvalidArgument, errors.KeyTooLarge) as err:
@@ -149,6 +151,40 @@ def test_scan_fields_are_checked() -> None:
     too_many = kv_pb2.TxnBody(success=[kv_pb2.TxnOp(scan=kv_pb2.TxnScan())] * (txn.MAX_TXN_ITEMS + 1))
     with pytest.raises(errors.InvalidArgument, match="more than"):
         split(too_many, MAX_KEY)
+
+
+def _lease_cmp(lease: int = 7) -> kv_pb2.Compare:
+    return kv_pb2.Compare(key=b"k", target=kv_pb2.COMPARE_LEASE, result=kv_pb2.EQUAL, number=lease)
+
+
+def test_a_lease_compare_with_scans_is_refused_at_any_depth() -> None:
+    """Issue 17: the read-only evaluation reads keys at a revision, without their lease, so a
+    transaction with scans compares no lease: `split` (server and client) refuses it, definite,
+    wherever the compare or the scan is; `evaluate_at` refuses it too rather than see lease 0.
+    Other compare targets and lease compares without scans are untouched."""
+    scan = kv_pb2.TxnOp(scan=kv_pb2.TxnScan(prefix=b"k"))
+    nested_cmp = kv_pb2.TxnOp(txn=kv_pb2.TxnBody(compares=[_lease_cmp()], success=[kv_pb2.TxnOp(get=b"k")]))
+    nested_scan = kv_pb2.TxnOp(txn=kv_pb2.TxnBody(failure=[scan]))
+    for body in (kv_pb2.TxnBody(compares=[_lease_cmp()], success=[scan]),
+                 kv_pb2.TxnBody(compares=[_lease_cmp()], failure=[nested_scan]),
+                 kv_pb2.TxnBody(success=[scan], failure=[nested_cmp]),
+                 kv_pb2.TxnBody(success=[nested_scan, nested_cmp])):
+        with pytest.raises(errors.InvalidArgument, match="cannot compare a key's lease") as info:
+            split(body, MAX_KEY)
+        assert info.value.definite
+    other = kv_pb2.Compare(key=b"k", target=kv_pb2.COMPARE_VERSION, result=kv_pb2.EQUAL, number=7)
+    assert list(split(kv_pb2.TxnBody(compares=[other], success=[scan]), MAX_KEY)[0].compares) == [other]
+    checks = RequestChecks(timeout=5.0)
+    with pytest.raises(errors.InvalidArgument, match="lease"):
+        txn_body(checks, [Compare.lease(b"k", "=", 7)], [Op.scan(prefix=b"k")], [])
+    assert txn_body(checks, [Compare.lease(b"k", "=", 7)], [Op.get(b"k")], []).compares[0].number == 7
+
+    async def get_at(key: bytes, revision: int) -> txn.Current | None:
+        return txn.Current(b"v", 1, 1, 1)  # what a read at a revision answers: no lease
+
+    lease_only = kv_pb2.TxnBody(compares=[_lease_cmp()], success=[kv_pb2.TxnOp(get=b"k")])
+    with pytest.raises(errors.InvalidArgument, match="lease"):
+        asyncio.run(evaluate_at(lease_only, 1, get_at))
 
 
 def test_client_side_scan_ops() -> None:
