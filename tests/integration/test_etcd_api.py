@@ -131,13 +131,56 @@ def _differential(kv: str, etcd: str, script: Script) -> None:
         assert a == b, f"{cmd}:\n--- kvstore\n{a}\n--- etcd\n{b}"
 
 
+ANSWER, EMPTY, ERROR = "answer", "empty", "error"
+"""What a differential case's command must do on both stores (`_exercised`)."""
+
+
+def _exercised(ep: str, args: tuple[str, ...], stdin: str | None, p: subprocess.CompletedProcess[str],
+               expect: str) -> None:
+    """A case exercises what it names, so a vacuous one fails rather than compare two equal
+    non-answers: `ANSWER` exits 0 with output (a `txn`: at least one response on the path taken,
+    and etcdctl's txn input is compares, a blank line, success ops, a blank line, failure ops);
+    `EMPTY` exits 0 printing nothing; `ERROR` fails."""
+    where = f"{' '.join(args)} {stdin!r} at {ep}:\n{p.stdout}{p.stderr}"
+    if expect == ERROR:
+        assert p.returncode != 0, where
+        return
+    assert p.returncode == 0, where
+    if expect == EMPTY:
+        assert p.stdout == "", where
+        return
+    assert p.stdout.strip(), where
+    if args[0] == "txn":
+        if "json" in args:
+            assert json.loads(p.stdout).get("responses"), where
+        else:  # SUCCESS / FAILURE, then each response after a blank line
+            assert p.stdout.strip().splitlines()[1:], where
+
+
+def _etcd_txn(ep: str, request: Any) -> str:
+    """An etcd `Txn` sent over gRPC (what etcdctl 3.4 cannot say, e.g. a Range's count_only in a
+    Txn; its txn parser refuses `get --count-only`), as JSON with the proto's field names."""
+    import grpc
+    from google.protobuf.json_format import MessageToJson
+
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2_grpc
+
+    with grpc.insecure_channel(ep) as ch:
+        resp = rpc_pb2_grpc.KVStub(ch).Txn(request, timeout=15)
+    assert resp.responses, f"a vacuous Txn at {ep}: {resp}"
+    return MessageToJson(resp, preserving_proto_field_name=True, indent=None)
+
+
 def test_kv_commands_answer_as_etcd(kv: str, etcd: str) -> None:
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2
+
     def script(ep: str) -> list[tuple[str, str]]:
         revs = [_rev(ep, "d/a", "1"), _rev(ep, "d/b", "2"), _rev(ep, "d/c", "3"), _rev(ep, "d/b", "22")]
         out: list[tuple[str, str]] = []
 
-        def run(*args: str, stdin: str | None = None) -> None:
+        def run(*args: str, stdin: str | None = None, expect: str = ANSWER) -> None:
             p = ctl(ep, *args, stdin=stdin)
+            _exercised(ep, args, stdin, p, expect)
             text = p.stdout + (f"\nexit {p.returncode}: {p.stderr.strip().splitlines()[-1]}" if p.returncode else "")
             out.append((_norm(" ".join(args), revs), _norm(text, revs)))
 
@@ -151,11 +194,11 @@ def test_kv_commands_answer_as_etcd(kv: str, etcd: str) -> None:
         run("get", "d/b", f"--rev={revs[1]}")
         run("get", "d/", "--prefix", f"--rev={revs[2]}", "-w", "json")
         run("get", "d/", "--prefix", "--consistency=s", "--print-value-only")
-        run("get", "d/nothing")
+        run("get", "d/nothing", expect=EMPTY)
         run("put", "d/a", "11", "--prev-kv")
         run("put", "d/b", "--ignore-value", "--prev-kv")
         run("get", "d/b", "-w", "json")  # the same value, version 3
-        run("put", "d/nothing", "--ignore-value")
+        run("put", "d/nothing", "--ignore-value", expect=ERROR)
         run("txn", stdin='value("d/a") = "11"\nversion("d/b") = "2"\ncreate("d/none") = "0"\n\n'
                          'put d/x xv\nget d/a\ndel d/c\n\nget d/b\n\n')
         run("txn", "-w", "json", stdin='mod("d/a") < "1"\n\nput d/y yv\n\nget d/b\nget d/nothing\n\n')
@@ -168,11 +211,26 @@ def test_kv_commands_answer_as_etcd(kv: str, etcd: str) -> None:
         run("txn", "-w", "json", stdin=lock)
         run("txn", "-w", "json", stdin=lock)  # the key exists: the read-only branch
         run("get", "d/lk", "-w", "json")
-        run("txn", "-w", "json", stdin='\n\nget d/ --prefix --keys-only\nget d/ --prefix --count-only\n\n\n')
+        run("txn", "-w", "json", stdin='\nget d/ --prefix --keys-only\nget d/ --prefix --limit=1 --keys-only\n\n\n')
+        # count_only ranges in a Txn (etcdctl 3.4's txn has no --count-only: sent over gRPC), read
+        # only and after a write into the range (kvstore's Txn with scans: the count at its place)
+        count = rpc_pb2.RangeRequest(key=b"d/", range_end=b"d0", count_only=True)
+        count_1 = rpc_pb2.RangeRequest(key=b"d/", range_end=b"d0", count_only=True, limit=1)
+        req = rpc_pb2.TxnRequest(success=[rpc_pb2.RequestOp(request_range=count),
+                                          rpc_pb2.RequestOp(request_range=count_1)])
+        out.append(("Txn count_only", _norm(_etcd_txn(ep, req), revs)))
+        req = rpc_pb2.TxnRequest(success=[rpc_pb2.RequestOp(request_range=count),
+                                          rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=b"d/cnt", value=b"n")),
+                                          rpc_pb2.RequestOp(request_range=count)])
+        got = _etcd_txn(ep, req)
+        revs.append(int(json.loads(got)["header"]["revision"]))
+        out.append(("Txn count_only, put, count_only", _norm(got, revs)))
+        assert [r["response_range"].get("count") for r in json.loads(got)["responses"][::2]] == ["4", "5"], got
+        assert ctl(ep, "del", "d/cnt").returncode == 0
         # a read of the written key before its put sees the old value; other groups' keys and ranges after
-        run("txn", "-w", "json", stdin='\n\nget d/a\nput d/a 12\nget d/b\nget d/ --prefix --keys-only\n\n\n')
+        run("txn", "-w", "json", stdin='\nget d/a\nput d/a 12\nget d/b\nget d/ --prefix --keys-only\n\n\n')
         # range deletes inside a Txn (kvstore: across every group at the Txn's revision): the counts
-        run("txn", stdin='value("d/b") = "22"\n\ndel --prefix d/x\ndel d/y d/z --range\nput d/n nv\n\nget d/b\n\n')
+        run("txn", stdin='value("d/b") = "22"\n\ndel --prefix d/x\ndel d/y d/z\nput d/n nv\n\nget d/b\n\n')
         run("put", "d/lk", "lv2", f"--lease={lid}", "--prev-kv")
         run("lease", "revoke", lid)
         run("get", "d/", "--prefix")
@@ -190,7 +248,7 @@ def test_kv_commands_answer_as_etcd(kv: str, etcd: str) -> None:
         revs += [_rev(ep, "d/s1", "3"), _rev(ep, "d/s2", "4")]
         run("txn", "-w", "json", stdin='\ndel d/s1\ndel --prefix d/s --prev-kv\n\n\n')  # prev_kv at its place
         assert '"succeeded": true' in out[-1][1], out[-1]
-        run("get", "", "--prefix", "--keys-only")
+        run("get", "", "--prefix", "--keys-only", expect=EMPTY)  # every key the script wrote is gone (it runs first)
         return out
 
     _differential(kv, etcd, script)
@@ -210,8 +268,9 @@ def test_put_ignore_lease_answers_as_etcd(kv: str, etcd: str) -> None:
         revs.append(int(json.loads(p.stdout)["header"]["revision"]))
         out: list[tuple[str, str]] = []
 
-        def run(*args: str, stdin: str | None = None) -> None:
+        def run(*args: str, stdin: str | None = None, expect: str = ANSWER) -> None:
             p = ctl(ep, *args, stdin=stdin)
+            _exercised(ep, args, stdin, p, expect)
             if p.returncode == 0 and args[0] in ("put", "txn") and "json" in args:
                 revs.append(int(json.loads(p.stdout)["header"]["revision"]))
             text = p.stdout + (f"\nexit {p.returncode}: {p.stderr.strip().splitlines()[-1]}" if p.returncode else "")
@@ -223,15 +282,15 @@ def test_put_ignore_lease_answers_as_etcd(kv: str, etcd: str) -> None:
         run("get", "il/a", "-w", "json")
         run("put", "il/c", "c2", "--ignore-lease", "-w", "json")  # no lease: it stays without one
         run("get", "il/", "--prefix", "-w", "json")
-        run("put", "il/none", "x", "--ignore-lease")
-        run("put", "il/a", "3", "--ignore-lease", f"--lease={lid}")
+        run("put", "il/none", "x", "--ignore-lease", expect=ERROR)
+        run("put", "il/a", "3", "--ignore-lease", f"--lease={lid}", expect=ERROR)
         # inside a Txn (keys of one group): the put keeps the key's value and lease as it applies;
         # an absent key on the path taken fails the whole Txn, one on the other path does not
         run("txn", "-w", "json", stdin='value("il/a") = "2"\n\nput il/a --ignore-value --ignore-lease --prev-kv\n'
                                       'get il/a\n\nget il/a\n\n')
         run("get", "il/a", "-w", "json")
-        run("txn", stdin='\n\nput il/none x --ignore-lease\n\n\n')
-        run("txn", stdin='version("il/none") > "0"\n\nput il/none --ignore-value\n\nget il/none\n\n')
+        run("txn", stdin='\nput il/none x --ignore-lease\n\n\n', expect=ERROR)
+        run("txn", "-w", "json", stdin='version("il/none") > "0"\n\nput il/none --ignore-value\n\nget il/none\n\n')
         run("lease", "revoke", lid)
         assert ctl(ep, "del", "il/", "--prefix").returncode == 0
         return out
