@@ -317,6 +317,11 @@ def hist_key(kid: int, rev: int) -> bytes:
     return _PAIR_PACK(kid, rev)
 
 
+def change_key(rev: int, kid: int) -> bytes:
+    """The CHANGES row key of key id `kid`'s change at `rev`."""
+    return _PAIR.pack(rev, kid)
+
+
 def kid_of(rows: Rows, key: bytes) -> int | None:
     row = _key_row(rows, key)
     return None if row is None else row[0]
