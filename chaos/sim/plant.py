@@ -363,9 +363,20 @@ def _catch_up_past_cursor(self: StoreSource, group: int, lo: int, hi: int, max_e
     return _real_changes(self, group, lo + 1, hi, max_events, max_bytes, prev_kv)
 
 
+_real_rev_state = StoreSource.rev_state
+
+
+def _compact_revision_refused(self: StoreSource, group: int) -> Any:
+    # BUG: the hub takes a group's compact revision C for C + 1, so a watch from exactly C is
+    # refused as compacted (kvstore's rule before issue 18), where etcd serves it with C's changes.
+    st = _real_rev_state(self, group)
+    return mvcc.RevState(st.last, st.compact + 1, st.next_kid) if st.compact else st
+
+
 WATCH_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
     "watch-beyond-frontier": (WatchHub, "_frontier", _frontier_beyond),
     "watch-catch-up-off-by-one": (StoreSource, "changes", _catch_up_past_cursor),
+    "watch-compact-revision-refused": (StoreSource, "rev_state", _compact_revision_refused),
 }
 """Bugs planted into the watch hub (`kvstore/node/watch.py`): found by the simulator's watchers
 (`chaos/sim/watches.py`; `tests/simulation/test_node_sim_watches.py`)."""

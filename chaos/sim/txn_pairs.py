@@ -35,6 +35,7 @@ library's default is off, so the seeds tests pin replay as before.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,13 @@ PAIRS = 3
 CROSS_PAIRS = 2
 CROSS_RETRIES = 4
 RETRIES = 8
+IN_FLIGHT = 4
+"""The most pair transactions in flight at once: the workload is a few clients, each waiting for
+its transaction's end before the next (closed loop). An open loop (a new one every 100-400 ms
+whatever happened to the last) overloads the groups the simulator keeps slowest (one entry per
+append, one append in flight, 2-20 ms hops: ~35 entries a second): every transaction across
+groups is four proposals or more per group, its retries more, and the backlog grew until the
+plain clients' writes after the heal timed out (issue 17: `--txn-pairs ranges`, seeds 20, 28)."""
 
 
 class TxnPairViolation(AssertionError):
@@ -98,6 +106,8 @@ class TxnPairs:
         self.stats = TxnPairStats()
         self.refusals: dict[str, int] = {}
         self._value = 0
+        self.in_flight = 0
+        """Pair transactions issued and not over (`IN_FLIGHT` bounds it)."""
 
     def start(self) -> None:
         self.sim.at(self.rng.randrange(100, 300), self._next)
@@ -137,6 +147,9 @@ class TxnPairs:
         if not self.pairs and not self._choose_pairs():
             sim.at(rng.randrange(50, 150), self._next)
             return
+        if self.in_flight >= IN_FLIGHT:  # closed loop: wait for one to end
+            sim.at(rng.randrange(20, 60), self._next)
+            return
         a, b = rng.choice([p for p in self.pairs if p[0] in self.cross] or self.pairs if self.ranges else self.pairs)
         r = rng.random()
         self._value += 1
@@ -155,23 +168,28 @@ class TxnPairs:
         else:
             t = txn.Txn((), (txn.TxnOp(get, a), txn.TxnOp(get, b)))
         self.stats.issued += 1
+        self.in_flight += 1
         members = [n for n in sim.nodes.values() if not n.removed]
         if a in self.cross:
             prefix = a[:a.index(b"/") + 1]
             if 0.35 <= r < 0.40:  # a pair delete: a range delete of the pair's prefix
-                self._cross_attempt(None, self.cross[a], 0, (prefix, prefix[:-1] + b"0"))
+                self._cross_attempt(None, self.cross[a], 0, (prefix, prefix[:-1] + b"0"), self._ended)
             elif 0.40 <= r < (0.75 if self.ranges else 0.45):  # a pair delete inside a transaction
                 rd = txn.TxnOp(txn.OpKind.DELETE_RANGE, prefix, end=prefix[:-1] + b"0")
                 half = 0.575 if self.ranges else 0.425
                 then = (rd, txn.TxnOp(get, a), txn.TxnOp(get, b)) if r < half else (rd,)  # b named, or found
                 t = txn.Txn((txn.Compare(a, txn.Target.VERSION, txn.CmpResult.GREATER, b"", 0),),
                             then, (txn.TxnOp(get, a), txn.TxnOp(get, b)))
-                self._cross_attempt(t, self.cross[a], 0)
+                self._cross_attempt(t, self.cross[a], 0, ended=self._ended)
             else:
-                self._cross_attempt(t, self.cross[a], 0)
+                self._cross_attempt(t, self.cross[a], 0, ended=self._ended)
         else:
             self._attempt(rng.choice(members), a, t, 0)
         sim.at(rng.randrange(100, 400), self._next)  # light: small appends replicate slowly
+
+    def _ended(self) -> None:
+        """A pair transaction is over (answered, refused, or its outcome left to the resolvers)."""
+        self.in_flight -= 1
 
     def _attempt(self, node: Any, a: bytes, t: txn.Txn, n: int) -> None:
         sim = self.sim
@@ -185,9 +203,11 @@ class TxnPairs:
             done = True
             if err is None and res is not None and res.txn is not None and not res.error:
                 self.stats.answered += 1
+                self._ended()
                 self._check(t, res.txn, res.revision)
                 return
             if n >= RETRIES:
+                self._ended()
                 self.stats.refused += 1
                 why = type(err).__name__ if err is not None else (res.error or "refused") if res is not None else "no result"
                 self.refusals[why] = self.refusals.get(why, 0) + 1
@@ -201,7 +221,7 @@ class TxnPairs:
             if not done:
                 outcome(None, errors.Timeout("attempt timed out", indeterminate=True), 0)
 
-        sim.at(sim.p.client_timeout_ms // 4, lost)
+        sim.at(sim.p.client_timeout_ms, lost)
         sim._write(node, a, data, outcome)
 
     def cross_attempt(self, t: txn.Txn, groups: dict[bytes, int], n: int) -> None:
@@ -211,11 +231,14 @@ class TxnPairs:
         self._cross_attempt(t, groups, n)
 
     def _cross_attempt(self, t: txn.Txn | None, groups: dict[bytes, int], n: int,
-                       lock: tuple[bytes, bytes] | None = None) -> None:
+                       lock: tuple[bytes, bytes] | None = None, ended: Callable[[], None] | None = None) -> None:
+        """Attempt `n` of a transaction across groups; `ended()` once it is over (`CrossPairs.attempt`)."""
         sim = self.sim
         live = [x for x in sim.nodes.values() if not x.removed and x.logic is not None]
         late = sim.end is not None and sim.now >= sim.end - sim.p.client_timeout_ms
         if n > CROSS_RETRIES or not live or late or (sim.quiet is not None and sim.quiet.clients_wait()):
+            if ended is not None:
+                ended()
             self.stats.refused += 1
             self.refusals["cross-group attempts exhausted"] = self.refusals.get("cross-group attempts exhausted", 0) + 1
             return
@@ -223,13 +246,13 @@ class TxnPairs:
 
         def retry(m: int) -> None:
             # backoff: each attempt is four proposals or more, on groups the simulator keeps slow
-            self.sim.at(self.rng.randrange(100, 400) * m, self._cross_attempt, t, groups, m, lock)
+            self.sim.at(self.rng.randrange(100, 400) * m, self._cross_attempt, t, groups, m, lock, ended)
 
         node = self.rng.choice(live)
         smap = node.logic.shard_tracker.map
         if smap is not None:  # the coordinator routes by its own map (ranges move)
             groups = {k: smap.group_for_key(k) for k in groups}
-        d.attempt(node, t, groups, n, retry, lock)
+        d.attempt(node, t, groups, n, retry, lock, ended=ended)
         self.stats.cross_died, self.stats.cross_resolved, self.stats.cross_finished = d.died, d.resolved, d.finished
         self.stats.cross_released = d.released
 

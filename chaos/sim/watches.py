@@ -35,8 +35,8 @@ that breaks its contract is a violation), its progress requests at a revision se
 clock as the adapter does), `catch_up` every second, and any end of a sub restarting the whole
 merged watch from its last revision + 1; its batches go through the same checks. A *chain* is
 one client's watch across all its resumes. The groups are compacted now and then (at a past
-write's revision, each group through its log), so starts at or below the compact revision, and
-watchers compaction overtakes, are refused with COMPACTED; also on seeds with range moves, where
+write's revision, each group through its log), so starts below the compact revision, and
+watchers compaction overtakes, are refused with COMPACTED (a start at exactly it is served); also on seeds with range moves, where
 a move carries the source's compact revision to the target (`shardcmd`'s closed-revision record),
 so a watch resumed in the target after a move is refused there too, never shown a gap.
 
@@ -51,9 +51,10 @@ which kvchaos runs on its real watchers too):
 - **resumable**: a canceled reply's `resume_revision` is its `revision` + 1 and not below what
   was delivered; a created reply says `revision` = start - 1; every event is in the watched range
   and kind;
-- **compacted**: a start at or below a group's compact revision is refused with COMPACTED naming
-  a compact revision >= the start and <= the largest compaction asked for; a watcher canceled by
-  compaction is at or below it;
+- **compacted**: a start below a group's compact revision is refused with COMPACTED naming a
+  compact revision > the start and <= the largest compaction asked for (a start at exactly the
+  compact revision works, as in etcd, and is checked as reliable like any other); a watcher
+  canceled by compaction is below it;
 
 and at the end of the run against the final history of applied writes (`RevisionChecker`):
 - **live** (with clocks within the uncertainty bound `MAX_CLOCK_OFFSET_MS`): a watch that reads
@@ -435,6 +436,8 @@ class SimWatches:
                             continue
                         sim.log(f"watch: COMPACT g{g} at {at} (n{nid})")
                 sim._kick(n)
+            if self.rng.random() < 0.4:  # a watch from exactly the compact revision: served
+                sim.at(self.rng.randrange(50, 400), self._new_chain, False, at)
         sim.at(self.rng.randrange(500, 1500), self._compaction)
 
     def _revisions(self) -> list[int]:
@@ -460,7 +463,8 @@ class SimWatches:
                 c.ended = "clients idle"
                 self._drop_stream(c)
 
-    def _new_chain(self, slow: bool) -> None:
+    def _new_chain(self, slow: bool, start: int | None = None) -> None:
+        """A new watch (chain) of a random range, from `start` (None: a random start)."""
         if self._closing_time() or self.stats.chains >= MAX_CHAINS:
             return
         rng = self.rng
@@ -477,7 +481,7 @@ class SimWatches:
             spec = WatchSpec.make(f"k{a}".encode(), f"k{b}".encode() if b < keys else b"l")
         spec = WatchSpec(spec.start, spec.end, 0, rng.random() < 0.5, rng.random() < 0.8,
                          rng.random() < 0.1, rng.random() < 0.1)
-        c = _Chain(self.stats.chains, spec, self._pick_start(), slow)
+        c = _Chain(self.stats.chains, spec, self._pick_start() if start is None else start, slow)
         self.stats.chains += 1
         self.chains.append(c)
         self.sim.log(f"watch #{c.id} {spec} from {c.start}{' (slow reader)' if slow else ''}")
@@ -823,7 +827,7 @@ class SimWatches:
             self.stats.canceled[code] = self.stats.canceled.get(code, 0) + 1
         if isinstance(err, errors.Compacted):
             crev = r.compact_revision
-            if crev > self.compacted or (not c.created and c.asked and crev < c.asked):
+            if crev > self.compacted or (not c.created and c.asked and crev <= c.asked):
                 raise WatchViolation(
                     f"{where}: compacted at {crev} (start {c.asked}, largest compaction asked for: {self.compacted})")
             c.ended = "compacted"
@@ -873,7 +877,7 @@ class SimWatches:
             self.stats.refused[code] = self.stats.refused.get(code, 0) + 1
             if isinstance(err, errors.Compacted):
                 crev = r.compact_revision
-                if not c.asked or not (c.asked <= crev <= self.compacted):
+                if not c.asked or not (c.asked < crev <= self.compacted):
                     raise WatchViolation(
                         f"{where}: a start at {c.asked} refused as compacted at {crev} (largest compaction "
                         f"asked for: {self.compacted})")
@@ -887,7 +891,7 @@ class SimWatches:
         if r.revision < c.bookmark:
             raise WatchViolation(f"{where}: canceled at revision {r.revision}, below its last revision {c.bookmark}")
         if isinstance(err, errors.Compacted):
-            if r.compact_revision < r.revision + 1 or r.compact_revision > self.compacted:
+            if r.compact_revision <= r.revision + 1 or r.compact_revision > self.compacted:
                 raise WatchViolation(
                     f"{where}: canceled as compacted at {r.compact_revision} while at {r.revision + 1}")
             c.bookmark = r.revision

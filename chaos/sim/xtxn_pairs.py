@@ -83,8 +83,10 @@ class CrossPairs:
     def _send(self, node: Any, gid: int, data: bytes, answer: Answer, tries: int = 0, wait_ms: int = 0) -> None:
         """Propose `data` in group `gid` at its leader (starting from `node`, following hints);
         `answer(result, error)` once, from the applied result or the last failure. An attempt
-        is given up (indeterminate) after `wait_ms` (0: a quarter of the client timeout, as the
-        coordinator's own steps)."""
+        is given up (indeterminate) after `wait_ms` (0: the client timeout: a node's coordinator
+        awaits each step's proposal for the whole request timeout; given up after a quarter of
+        it, as before issue 17, a step queued behind a slow group's backlog was aborted and the
+        transaction retried while its commands were still queued, feeding the backlog)."""
         sim = self.sim
         done = False
 
@@ -115,7 +117,7 @@ class CrossPairs:
         def lost() -> None:
             outcome(None, errors.Timeout("attempt timed out", indeterminate=True), 0)
 
-        sim.at(wait_ms or sim.p.client_timeout_ms // 4, lost)
+        sim.at(wait_ms or sim.p.client_timeout_ms, lost)
         if node.logic is None or gid not in node.logic.host.groups:
             sim.at(1, outcome, None, errors.Unavailable(f"n{node.id} is down or does not host g{gid}"), 0)
             return
@@ -197,11 +199,20 @@ class CrossPairs:
 
     # --- one attempt -------------------------------------------------------------------------
     def attempt(self, node: Any, t: txn.Txn | None, groups: dict[bytes, int], n: int, retry: Callable[[int], None],
-                lock: tuple[bytes, bytes] | None = None, plan: logic.Plan | None = None) -> None:
+                lock: tuple[bytes, bytes] | None = None, plan: logic.Plan | None = None,
+                ended: Callable[[], None] | None = None) -> None:
         """One attempt of `t` (None: a range delete of `lock`, over every data group of `node`'s
         map, as is a `t` with range deletes, `logic.plan_ranges`; or `plan`: a lease's deletion,
         `logic.plan_lease`) coordinated at `node`;
-        `retry(n + 1)` to try again later."""
+        `retry(n + 1)` to try again later. Exactly one of the two follows every attempt:
+        `retry(n + 1)`, or `ended()` once the transaction is over for its client (answered, or
+        its outcome left to the resolvers: the coordinator died, or its RECORD's fate is
+        unknown), so a workload can bound how many of its transactions are in flight."""
+
+        def over() -> None:
+            if ended is not None:
+                ended()
+
         if plan is not None:
             p = plan
         elif t is None or txn.has_delete_range(t):  # a range delete, alone or in a transaction: every group
@@ -242,8 +253,10 @@ class CrossPairs:
             if not decision.writes_anything and not p.lease:
                 self._forget(node, logic.abort_commands(tid, got))
                 self.pairs.answered_cross(t, decision.result, decision.result.revision)
+                over()
                 return
             if self._dies(0):
+                over()
                 return
             record = logic.record_command(tid, start, decision, lease=p.lease, renews=p.renews)
             commit_point(self, node, p.primary, record,
@@ -259,13 +272,16 @@ class CrossPairs:
                     self.released += 1
                     self._forget(node, logic.abort_commands(tid, p.keys))
                     retry(n + 1)
-                return  # otherwise the commit point's outcome is unknown here: resolvers settle it
+                    return
+                over()  # the commit point's outcome is unknown here: resolvers settle it
+                return
             out = logic.after_record(tid, res)
             if isinstance(out, logic.Aborted):
                 self._forget(node, logic.abort_commands(tid, p.keys))
                 retry(n + 1)
                 return
             if self._dies(1):
+                over()
                 return
             commits = logic.commit_commands(tid, r, p.keys)
             first, *rest = sorted(commits)
@@ -282,10 +298,12 @@ class CrossPairs:
 
             self._send(node, first, commits[first], committed_in(first))
             if self._dies(2):
+                over()
                 return
             for g in rest:
                 self._send(node, g, commits[g], committed_in(g))
             self.pairs.answered_cross(t, r.result, r.at)
+            over()
 
         self._all(node, cmds, prepared)
 

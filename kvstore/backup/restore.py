@@ -53,6 +53,7 @@ from kvstore.storage.shardcmd import ShardState
 from kvstore.storage.snapfile import (
     TAG_DATA,
     TAG_LEASES,
+    TAG_REV_CHANGES,
     TAG_REV_HIST,
     TAG_REV_KEYS,
     TAG_REV_STATE,
@@ -102,6 +103,8 @@ def group_records(
             yield TAG_REV_KEYS, k.key, mvcc.encode_key_row(kid, meta)
             yield TAG_REV_HIST, mvcc.hist_key(kid, k.mod_revision), mvcc.encode_row(
                 mvcc.KIND_PUT, k.create_revision, k.version, k.value)
+            if k.mod_revision == revision:  # the change log holds the versions at the compact revision R
+                yield TAG_REV_CHANGES, mvcc.change_key(revision, kid), k.key
             kid += 1
     if reader.sha256 != sha256:
         raise RestoreError(f"{path} changed while it was being restored (sha256 {reader.sha256}, verified {sha256})")

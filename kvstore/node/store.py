@@ -152,7 +152,7 @@ class RevisionReads(Protocol):
     def changes(self, group: int, lo: int, hi: int, max_events: int, max_bytes: int, prev_kv: bool) -> ChangeBatch:
         """The group's changes with lo <= revision <= hi from its change log, in one view
         (`storage/changefeed.py`: whole revisions, at most about `max_events` / `max_bytes`;
-        `upto` says how far it got). Raises mvcc.Compacted if lo <= the compact revision."""
+        `upto` says how far it got). Raises mvcc.Compacted if lo < the compact revision."""
         ...
 
 

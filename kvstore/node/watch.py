@@ -50,9 +50,10 @@ How a watch is served:
   replies come from a heap of deadlines, slow-stream checks from the set of full streams,
   `lagging_groups` from per-set counts: no per-cycle walk over every watcher (`visits` counts
   the watchers steps looked at).
-- **Compaction.** A start revision at or
-  below a group's compact revision (or a cursor that compaction overtook) is canceled with
-  COMPACTED naming it: definite, never a silent gap.
+- **Compaction.** A start revision below a group's compact revision (or a cursor that
+  compaction overtook) is canceled with COMPACTED naming it: definite, never a silent gap. A
+  start at exactly the compact revision C works, as in etcd: compaction keeps the changes at C
+  (`mvcc.compact`), so the watch gets them (without prev_kv) and then everything after.
 - **Bounded memory.** A stream's queued replies are bounded (`stream_bytes`): above it the hub
   stops reading for it (its watchers fall behind and catch up from history when it drains). A
   stream that stays full for `slow_after` seconds, and the stream with the most queued bytes
@@ -714,10 +715,10 @@ class WatchHub:
             # Revision 1 holds the versions written before revisions existed (one row per such
             # key, all at 1, recorded lazily): the state before history began, not changes.
             start = mvcc.LEGACY_REVISION + 1
-        if start <= compact:
+        if start < compact:
             s.refuse(wid, errors.Compacted(
                 f"watch start revision {start} is compacted: the compact revision is {compact} "
-                f"(watch from {compact + 1} or later)", compact_revision=compact))
+                f"(watch from {compact} or later)", compact_revision=compact))
             return
         w = Watcher(wid, r.spec, r.groups, shards, start, start - 1, now, partial=r.partial)
         if not r.spec.start_revision and any(self.last[g] < start - 1 for g in r.groups):

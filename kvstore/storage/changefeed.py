@@ -11,8 +11,10 @@ Invariants (what watch builds on):
 - the changes come in revision order, and all changes of one revision come together: a read
   that stops early (`max_events` / `max_bytes`) stops after a whole revision, and says through
   which revision it is complete (`ChangeBatch.upto`);
-- a read that starts at or below the group's compact revision raises `mvcc.Compacted`: changes
-  there are gone, so nothing is silently skipped; the check and the read share the caller's view;
+- a read that starts below the group's compact revision C raises `mvcc.Compacted`: changes
+  there are gone, so nothing is silently skipped; the check and the read share the caller's view.
+  A read from C itself works: compaction keeps the changes at C (`mvcc.compact`), their prev_kv
+  gone (the versions before C are);
 - a change whose HIST row is missing or does not decode is a ValueError (the caller reports a
   corrupt store), never a skipped event.
 """
@@ -67,10 +69,10 @@ def read_changes(
     rows: mvcc.Rows, lo: int, hi: int, *, max_events: int, max_bytes: int, prev_kv: bool
 ) -> ChangeBatch:
     """The changes with `lo` <= revision <= `hi` of the group whose tables `rows` are (see the
-    module docstring). Raises mvcc.Compacted if `lo` is at or below the compact revision (the
-    changes of [lo, compact] are gone), ValueError for a corrupt row. `lo` >= 1."""
+    module docstring). Raises mvcc.Compacted if `lo` is below the compact revision (the changes
+    of [lo, compact) are gone), ValueError for a corrupt row. `lo` >= 1."""
     st = mvcc.rev_state(rows)
-    if lo <= st.compact:
+    if lo < st.compact:
         raise mvcc.Compacted(st.compact)
     out = ChangeBatch(st, [], hi)
     if hi < lo:

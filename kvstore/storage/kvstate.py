@@ -595,7 +595,7 @@ class KVState:
         self, group: int, lo: int, hi: int, max_events: int, max_bytes: int, prev_kv: bool
     ) -> changefeed.ChangeBatch:
         """The group's changes in [lo, hi] from ONE read transaction (`changefeed.read_changes`);
-        mvcc.Compacted at or below the compact revision, StorageError for a corrupt row."""
+        mvcc.Compacted below the compact revision, StorageError for a corrupt row."""
         with self._env.read() as txn:
             rows = LmdbRows(txn, group, rev_dbs(self._env))
             try:

@@ -640,14 +640,16 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
         if histories or closed:
             rows = view.mvcc
             rst = mvcc.rev_state(rows)
+            if closed > rst.last:  # the source's closed revision: later writes here go above it
+                rst = mvcc.RevState(closed, rst.compact, rst.next_kid)
             if compacted > rst.compact:
                 # The source compacted further: the moved keys' versions below its compact
                 # revision are gone, so this group's history below it is no longer whole either.
-                # Compact this group's own history there first (deterministic, like any COMPACT),
-                # then the moved rows land above it (no change-log rows at or below it).
+                # Compact this group's own history there first (deterministic, like any COMPACT;
+                # after `last` is raised to the source's closed revision, so the compaction
+                # reaches `compacted` and consumes every change below it), then the moved rows
+                # land (change-log rows at and above it only).
                 rst = mvcc.compact(rows, rst, compacted)
-            if closed > rst.last:  # the source's closed revision: later writes here go above it
-                rst = mvcc.RevState(closed, rst.compact, rst.next_kid)
             if compacted > rst.compact:  # compact() stops at this group's old last revision
                 rst = mvcc.RevState(rst.last, compacted, rst.next_kid)
             for key, versions in histories.items():

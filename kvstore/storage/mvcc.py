@@ -29,10 +29,11 @@ A key is identified in history by a group-local id (`kid`) because LMDB keys are
 bytes: user key + revision would not fit for the longest keys. Invariants:
 - every key with a KEYS row has at least one HIST row; its newest HIST row is its current state
   (a PUT row with the value in `data`, or a DELETE tombstone when the key is absent);
-- HIST and CHANGES hold the same (kid, revision) pairs, except the CHANGES rows at or below the
-  compact revision, which compaction already consumed;
+- CHANGES holds exactly the (kid, revision) pairs of HIST at or above the compact revision C
+  (compaction consumed the change-log rows below it; the rows at C stay, for a watch from C);
 - after compaction at C, each key keeps only its newest version at or below C (none if that is a
-  tombstone) and every version above C;
+  tombstone below C; a tombstone at exactly C stays until the next compaction) and every version
+  above C;
 - a key in `data` without a KEYS row is a LEGACY key, written before revisions existed: it reads
   as create_revision = mod_revision = version = `LEGACY_REVISION` (1); its first write under
   revisions first records that version as a HIST row at revision 1. This is the migration: lazy
@@ -316,6 +317,11 @@ def hist_key(kid: int, rev: int) -> bytes:
     return _PAIR_PACK(kid, rev)
 
 
+def change_key(rev: int, kid: int) -> bytes:
+    """The CHANGES row key of key id `kid`'s change at `rev`."""
+    return _PAIR.pack(rev, kid)
+
+
 def kid_of(rows: Rows, key: bytes) -> int | None:
     row = _key_row(rows, key)
     return None if row is None else row[0]
@@ -434,23 +440,28 @@ def write_version(
 
 
 def compact(rows: Rows, st: RevState, rev: int) -> RevState:
-    """Compact history at `rev` (clamped to the group's last revision; never backwards): walk the
-    changes in (old compact, rev]; each one supersedes every older version of its key; a tombstone
-    at or below `rev` goes too (and the key's id once it has no rows left). Work is proportional
-    to the changes compacted."""
+    """Compact history at `rev` = C (clamped to the group's last revision; never backwards): walk
+    the changes in [old compact, C]; each one supersedes every older version of its key. A change
+    below C is consumed: its change-log row goes, and so does its version if it is a tombstone
+    (and the key's id once it has no rows left). The changes at exactly C stay whole (version and
+    change-log row, tombstones too): a watch from C delivers them, as etcd's watch from its
+    compact revision does (without prev_kv: the versions before C are gone). The next compaction
+    walks from C again and consumes them. Work is proportional to the changes compacted."""
     c = min(rev, st.last)
     if c <= st.compact:
         return st
-    lo = _PAIR.pack(st.compact + 1, 0) if st.compact else b""
+    lo = _PAIR.pack(st.compact, 0) if st.compact else b""
     hi = _PAIR.pack(c + 1, 0) if c < REVISION_MAX else None
     done: list[tuple[bytes, int, int, bytes]] = [
         (bytes(k), *_PAIR.unpack(bytes(k)), bytes(v)) for k, v in rows.iter(T_CHANGES, lo, hi)
     ]
     for ck, r, kid, key in done:
-        rows.delete(T_CHANGES, ck)
         older = [bytes(k) for k, _ in rows.iter(T_HIST, _PAIR.pack(kid, 0), _PAIR.pack(kid, r))]
         for k in older:
             rows.delete(T_HIST, k)
+        if r == c:
+            continue
+        rows.delete(T_CHANGES, ck)
         hk = _PAIR.pack(kid, r)
         raw = rows.get(T_HIST, hk)
         if raw is not None and decode_row(r, bytes(raw)).value is None:
@@ -496,7 +507,7 @@ def install_history(rows: Rows, st: RevState, key: bytes, versions: list[tuple[i
     for r, row in versions:
         v = decode_row(r, row)  # total: the caller turns ValueError into a refusal
         rows.put(T_HIST, _PAIR.pack(kid, r), row)
-        if r > st.compact:
+        if r >= st.compact:
             rows.put(T_CHANGES, _PAIR.pack(r, kid), key)
         last = max(last, r)
         meta = v.meta if v.value is not None else KeyMeta(0, r, 0)

@@ -178,6 +178,7 @@ def test_restore_five_members_four_groups(tmp_path: Path) -> None:
     on every member."""
     keys = [BackupKey(f"key{i:04d}".encode(), f"value{i}".encode(), 4096 + i, 4096 * 2 + i, 1 + i % 3)
             for i in range(300)]
+    keys += [BackupKey(f"keyR{i}".encode(), b"at R", 4096, REV, 2) for i in range(8)]  # written at R itself
     path = tmp_path / "b.kvbk"
     auth = AuthState()
     for cmd in (AuthCommand(AuthOp.USER_ADD, user=ROOT, password=PW_HASH), AuthCommand(AuthOp.ENABLE, token_key=b"k" * 32)):
@@ -210,6 +211,10 @@ def test_restore_five_members_four_groups(tmp_path: Path) -> None:
                             k.create_revision, k.mod_revision, k.version)
                         with pytest.raises(mvcc.Compacted):
                             kv.get_version(g, k.key, REV - 1)
+                # a watch from R gets the versions written at R (the change log keeps them)
+                at_r = kv.changes(g, REV, REV, 1000, 1 << 20, True).changes
+                assert sorted(c.key for c in at_r) == sorted(k.key for k in keys if k.key in rows and k.mod_revision == REV)
+                assert all(c.value == b"at R" and c.prev is None for c in at_r)
                 shards = store.shard_state(g)
                 assert shards is not None and shards.active == smap.bootstrap_ranges(g)
     assert len(meta_logs) == 1

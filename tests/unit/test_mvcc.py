@@ -232,17 +232,25 @@ def _check(read: object, m: Model, keys: list[bytes]) -> None:
 def test_history_matches_a_model_at_every_revision(ops: list[tuple[str, bytes, bytes, int]]) -> None:
     s, m, _ = _run(ops, 5)
     _check(lambda k, r: mvcc.version_at(s.rows, k, r, s.data.get(k)), m, KEYS)
-    # The change feed a watch will read: every write above the compact revision, in order.
-    after = [r for r, _ in m.states if r > m.compact]
-    assert [r for r, _ in mvcc.changes_from(s.rows, m.compact + 1)] == after
-    # Compaction keeps at most the newest version at or below the compact revision per key.
+    # The change feed a watch will read: every write at or above the compact revision, in order
+    # (compaction keeps the changes at exactly it: a watch from it gets them).
+    after = [r for r, _ in m.states if r >= m.compact]
+    assert [r for r, _ in mvcc.changes_from(s.rows, m.compact)] == after
+    # Compaction keeps at most the newest version at or below the compact revision per key (a
+    # tombstone only at exactly it), and the change log holds exactly the versions at or above it.
     kids = {k: mvcc.kid_of(s.rows, k) for k in KEYS}
+    feed = {(r, k) for r, k in mvcc.changes_from(s.rows, 0)}
     for k, kid in kids.items():
         if kid is None:
             continue
-        revs = [r for r, _ in mvcc.key_history(s.rows, k)]
+        hist = mvcc.key_history(s.rows, k)
+        revs = [r for r, _ in hist]
         assert revs, "a key id without history rows"
         assert len([r for r in revs if r <= m.compact]) <= 1
+        for r, row in hist:
+            if r < m.compact:
+                assert mvcc.decode_row(r, row).value is not None, "a tombstone below the compact revision"
+        assert {(r, k) for r in revs if r >= m.compact} == {(r, kk) for r, kk in feed if kk == k}
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -214,8 +214,8 @@ def test_compacted_start_and_a_watcher_overtaken_by_compaction_are_canceled_nami
     [r] = drain(hub, s)
     assert r.canceled and not r.created and r.compact_revision == compact
     assert isinstance(r.error, errors.Compacted) and not r.error.indeterminate
-    # above it: served, one revision per step; then compaction overtakes the lagging watcher
-    s.create(WatchSpec.make(b"k", b"l", start_revision=compact + 1), (1, 2), 2)
+    # at it: served, one revision per step; then compaction overtakes the lagging watcher
+    s.create(WatchSpec.make(b"k", b"l", start_revision=compact), (1, 2), 2)
     assert hub.step(0.0)
     first = s.take()
     assert first[0].created and len(events(first)) == 1
@@ -224,6 +224,36 @@ def test_compacted_start_and_a_watcher_overtaken_by_compaction_are_canceled_nami
     got = drain(hub, s)
     assert got[-1].canceled and isinstance(got[-1].error, errors.Compacted) and got[-1].resume_revision == 0
     assert got[-1].compact_revision == c.store.revisions.rev_state(1).compact
+
+
+def test_a_start_at_exactly_the_compact_revision_gets_its_changes_without_prev_kv() -> None:
+    """As etcd's watch from its compact revision C: the changes at C come (they are the state
+    at C, which compaction keeps), without prev_kv (the versions before C are gone); a delete
+    at C comes too (etcd's compaction drops a tombstone at C, kvstore keeps it until the next
+    compaction); one below C is refused naming C."""
+    c = Cluster(groups=(1, 2))
+    c.put(1, b"ka", b"1")
+    c.put(1, b"kb", b"1")
+    r_put = c.put(1, b"ka", b"2")
+    r_del = c.delete(1, b"kb")
+    later = c.put(2, b"kc", b"3")
+    c.apply(1, [commands.encode_close(later)])
+    hub = c.hub()
+    for at, want in ((r_put, (r_put, b"ka", PUT, b"2")), (r_del, (r_del, b"kb", DELETE, None))):
+        [res] = c.apply(1, [commands.encode_compact(at)])
+        assert res is not None and res.revision == at
+        s = hub.open()
+        s.create(WatchSpec.make(b"k", b"l", start_revision=at, prev_kv=True), (1, 2), 1)
+        s.create(WatchSpec.make(b"k", b"l", start_revision=at - 1), (1, 2), 2)
+        got = drain(hub, s)
+        served = [r for r in got if r.watch_id == 1]
+        assert served[0].created and served[0].revision == at - 1
+        evs = events(served)
+        assert evs[0] == want and evs[-1] == (later, b"kc", PUT, b"3")
+        assert [ev.prev for r in served for ev in r.events if ev.revision == at] == [None]
+        [refused] = [r for r in got if r.watch_id == 2]
+        assert refused.canceled and isinstance(refused.error, errors.Compacted)
+        assert refused.compact_revision == at
 
 
 def test_start_one_begins_after_the_legacy_revision() -> None:
