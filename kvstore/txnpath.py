@@ -35,7 +35,7 @@ from kvstore.storage import txn
 from kvstore.txnscan import LIMIT_MAX, ScanPlan, ScanRange
 from kvstore.v1 import kv_pb2
 
-__all__ = ["ScanRead", "Step", "at_position", "path_steps", "read_plan"]
+__all__ = ["ScanRead", "Step", "at_position", "path_steps", "read_plan", "within_budget"]
 
 PUT, DELETE, RANGE = "put", "delete", "range"
 
@@ -180,3 +180,22 @@ def at_position(read: ScanRead, r: ScanRange, revision: int, parts: Sequence[tup
     if r.limit:
         keys = keys[: r.limit]
     return [state[k] for k in keys], more
+
+
+def within_budget(items: Sequence[kv_pb2.KeyValue], more: bool, revision: int,
+                  budget: int) -> tuple[list[kv_pb2.KeyValue], bool, int]:
+    """`at_position`'s answer (`items` in key order, `more`) kept within the `budget` bytes left:
+    (its longest prefix whose items stamped `revision` (the transaction's own puts, never read,
+    so never charged yet) fit together in `budget`, in key order; `more`, or True if cut; the
+    bytes those items take). The items read at `revision` - 1 were charged by their read and
+    pass. As `scan_parts.combine`: the answer is a prefix of the range at the scan's position,
+    cut at the first item that does not fit, and then says `more`."""
+    used = 0
+    for i, kv in enumerate(items):
+        if kv.mod_revision != revision:
+            continue
+        n = kv.ByteSize()
+        if used + n > budget:
+            return list(items[:i]), True, used
+        used += n
+    return list(items), more, used

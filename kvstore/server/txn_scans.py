@@ -43,7 +43,7 @@ from kvstore.security.rbac import READ
 from kvstore.shard.ranges import IntervalSet, covers_once, key_hash
 from kvstore.storage import txn
 from kvstore.storage.errors import StorageError
-from kvstore.txnpath import at_position, path_steps, read_plan
+from kvstore.txnpath import at_position, path_steps, read_plan, within_budget
 from kvstore.txnscan import ScanPlan, ScanRange, merge, split, taken_scans
 from kvstore.v1 import kv_pb2
 
@@ -258,7 +258,8 @@ async def _answers(io: _Reading, body: kv_pb2.TxnBody, plan: ScanPlan,
                 break
         found = await gather_parts([functools.partial(io.get_at, k, rev - 1) for k in how.puts])
         items, more = at_position(how, r, rev, parts, dict(zip(how.puts, found, strict=True)))
-        budget[0] = max(0, budget[0] - sum(kv.ByteSize() for kv in items if kv.mod_revision == rev))
+        items, more, used = within_budget(items, more, rev, budget[0])  # the puts: never read, not yet charged
+        budget[0] -= used
         answers[step.scan] = kv_pb2.TxnScanResult(items=items, more=more, revision=rev)
     return answers
 

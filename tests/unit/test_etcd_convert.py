@@ -570,3 +570,78 @@ def test_one_key_reads_after_an_external_range_keep_their_leases() -> None:
     out = rpc_pb2.TxnResponse()
     txn_reply(plan, res, rpc_pb2.ResponseHeader(revision=3), out, {0: ([], 0, {})}, {b"x": 77})
     assert out.responses[1].response_range.kvs[0].lease == 77
+
+
+def _t_drange(key: bytes, end: bytes, prev_kv: bool = True) -> rpc_pb2.RequestOp:
+    return rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=key, range_end=end, prev_kv=prev_kv))
+
+
+def test_a_nested_range_delete_with_prev_kv_reads_its_range_in_its_place() -> None:
+    """A nested plan's range deletes index the top-level plan's `ranges` (issue 18: IndexError)."""
+    from kvstore.txnscan import merge, split
+
+    t = rpc_pb2.TxnRequest(success=[_t_nested([_t_nested([_t_drange(b"a", b"b")])], [_t_drange(b"c", b"d")])])
+    body, plan = txn_body(t)
+    full = with_scans(plan, body)
+    inner = full.success[0].txn.success[0].txn.success
+    assert [op.WhichOneof("op") for op in inner] == ["scan", "delete_range"]
+    assert (inner[0].scan.start, inner[0].scan.end) == (b"a", b"b")
+    assert (full.success[0].txn.failure[0].scan.start, full.success[0].txn.failure[0].scan.end) == (b"c", b"d")
+    stripped, splan = split(full, 1 << 16)
+    assert stripped == body
+    res = _result_of(body, True)
+    answers = {0: kv_pb2.TxnScanResult(items=[_kv(b"a1", b"x", 2, 2, 1)], revision=5)}
+    back, got = scan_answers(plan, merge(splan, res, answers))
+    assert back == res and got == answers
+    out = rpc_pb2.TxnResponse()
+    txn_reply(plan, back, rpc_pb2.ResponseHeader(revision=5), out, {0: ([_kv(b"a1", b"x", 2, 2, 1)], 1, {})})
+    dr = out.responses[0].response_txn.responses[0].response_txn.responses[0].response_delete_range
+    assert [kv.key for kv in dr.prev_kvs] == [b"a1"]
+
+
+_NARROW = st.sampled_from([b"a", b"b", b"c", b"d", b"\x00"])
+
+
+def _narrow_ops(depth: int) -> st.SearchStrategy[rpc_pb2.RequestOp]:
+    leaf = st.one_of(
+        st.builds(rpc_pb2.RequestOp, request_range=st.builds(rpc_pb2.RangeRequest, key=_NARROW,
+                                                             range_end=st.sampled_from([b"", b"c", b"\x00"]))),
+        st.builds(rpc_pb2.RequestOp, request_put=st.builds(rpc_pb2.PutRequest, key=_NARROW, prev_kv=st.booleans())),
+        st.builds(rpc_pb2.RequestOp, request_delete_range=st.builds(
+            rpc_pb2.DeleteRangeRequest, key=_NARROW, range_end=st.sampled_from([b"", b"c", b"e", b"\x00"]),
+            prev_kv=st.booleans())),
+    )
+    if depth == 0:
+        return leaf
+    return st.one_of(leaf, st.builds(rpc_pb2.RequestOp, request_txn=_narrow_txns(depth - 1)))
+
+
+def _narrow_txns(depth: int) -> st.SearchStrategy[rpc_pb2.TxnRequest]:
+    return st.builds(rpc_pb2.TxnRequest, success=st.lists(_narrow_ops(depth), max_size=3),
+                     failure=st.lists(_narrow_ops(depth), max_size=3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(t=_narrow_txns(3), succeeded=st.booleans())
+def test_with_scans_of_nested_range_deletes_and_ranges_is_total(t: rpc_pb2.TxnRequest, succeeded: bool) -> None:
+    """Over nested Txns of few keys (so range deletes with prev_kv and ranges nest often):
+    `txn_body` refuses only with `EtcdRequestError`; what converts goes through `with_scans`,
+    `split`, `merge` and `scan_answers` back to its result and answers (no IndexError / KeyError)."""
+    from kvstore.txnscan import merge, split, taken_scans
+
+    try:
+        body, plan = txn_body(t)
+    except EtcdRequestError:
+        return
+    full = with_scans(plan, body)
+    stripped, splan = split(full, 1 << 16)
+    assert stripped == body and len(splan.scans) == len(plan.ranges)
+    res = _result_of(body, succeeded)
+    taken = taken_ranges(plan, res)
+    assert taken == taken_scans(splan, res)
+    answers = {i: kv_pb2.TxnScanResult(revision=i + 1) for i in taken}
+    back, got = scan_answers(plan, merge(splan, res, answers))
+    assert back == res and got == answers
+    out = rpc_pb2.TxnResponse()
+    txn_reply(plan, back, rpc_pb2.ResponseHeader(revision=7), out, {i: ([], 0, {}) for i in taken})
+    assert len(out.responses) == len(t.success if succeeded else t.failure)

@@ -14,11 +14,12 @@ from typing import Any, cast
 import pytest
 
 from kvstore import errors
+from kvstore.server import txn_scans
 from kvstore.server.scan_parts import ByteBudget
-from kvstore.server.txn_reading import Exhausted, run_reading
-from kvstore.server.txn_scans import MapChanged, _Reading, scanning_txn
+from kvstore.server.txn_reading import Exhausted, Reading, run_reading
+from kvstore.server.txn_scans import MapChanged, _answers, _Reading, scanning_txn
 from kvstore.shard.ranges import HASH_MAX, IntervalSet, key_hash
-from kvstore.txnscan import ScanRange
+from kvstore.txnscan import ScanRange, split
 from kvstore.v1 import kv_pb2
 
 HALF = HASH_MAX // 2
@@ -236,3 +237,33 @@ def test_a_scans_parts_share_one_byte_budget() -> None:
     out = asyncio.run(io.scan(ScanRange(b"", None, 0), m, left))
     assert out.more and [kv.key for kv in out.items] == [b"k%02d" % i for i in range(len(out.items))]
     assert 0 < len(out.items) <= 10 and left[0] >= 0
+
+
+def test_the_puts_a_scan_answers_before_a_later_write_are_charged_to_the_budget(monkeypatch: pytest.MonkeyPatch
+                                                                                ) -> None:
+    """Issue 18: 3 puts, then 100 scans of their prefix (empty before the transaction), then a
+    delete in it: each scan is answered from R - 1 plus the puts before it, and those puts take
+    their bytes from the transaction's one budget: once it is spent a scan answers a prefix
+    that says `more`, never the puts again (before the fix: all 100 answered all 3 puts)."""
+    monkeypatch.setattr(txn_scans, "MAX_TXN_SCAN_BYTES", 8 << 10)
+    n = _Node()
+    n.write(b"q", b"0")  # R - 1 holds nothing under p/
+    io = _reading(n)
+    asyncio.run(io.cut())
+    puts = [kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=b"p/%d" % i, value=b"v" * 1024)) for i in range(3)]
+    scans = [kv_pb2.TxnOp(scan=kv_pb2.TxnScan(prefix=b"p/")) for _ in range(100)]
+    body, plan = split(kv_pb2.TxnBody(success=[*puts, *scans, kv_pb2.TxnOp(delete=b"p/zz")]), 64)
+    rev = n.write(b"p/0", b"v" * 1024)  # the transaction's revision R
+    result = kv_pb2.TxnResult(succeeded=True, responses=[*(kv_pb2.TxnOpResponse(put=rev) for _ in puts),
+                                                         kv_pb2.TxnOpResponse(delete=False)])
+    answers = asyncio.run(_answers(io, body, plan, Reading(result, rev, True)))
+    assert sorted(answers) == list(range(100))
+    total = sum(kv.ByteSize() for a in answers.values() for kv in a.items)
+    assert total <= 8 << 10
+    keys = [b"p/0", b"p/1", b"p/2"]
+    full = [i for i in range(100) if [kv.key for kv in answers[i].items] == keys and not answers[i].more]
+    assert full == list(range(len(full))) and len(full) >= 1  # the first scans, while the budget lasts
+    for i in range(len(full), 100):  # then a prefix that says more
+        got = [kv.key for kv in answers[i].items]
+        assert answers[i].more and got == keys[:len(got)] and len(got) < 3
+    assert all(a.revision == rev for a in answers.values())

@@ -527,7 +527,13 @@ def with_scans(plan: TxnPlan, body: kv_pb2.TxnBody) -> kv_pb2.TxnBody:
     kvstore scan of its keys (`TxnOp.scan`, no limit: the reply's count is every key, and
     `range_reply` applies the limit, sort and filters as on a Range), and each range delete's
     prev_kv range as a scan right before it, which kvstore's Txn reads at its place on the path
-    taken (etcd's sequential semantics: `kvstore/txnpath.py`)."""
+    taken (etcd's sequential semantics: `kvstore/txnpath.py`). `plan` is the top-level plan
+    (`txn_body`'s): a nested plan's range deletes index its `ranges`."""
+    return _with_scans(plan, body, plan.ranges)
+
+
+def _with_scans(plan: TxnPlan, body: kv_pb2.TxnBody, ranges: list[RangeQuery]) -> kv_pb2.TxnBody:
+    """`with_scans` of `plan` (top-level or nested), `ranges` the top-level plan's."""
     out = kv_pb2.TxnBody()
     out.compares.extend(body.compares)
     for plans, ops, into in ((plan.success, body.success, out.success), (plan.failure, body.failure, out.failure)):
@@ -543,12 +549,12 @@ def with_scans(plan: TxnPlan, body: kv_pb2.TxnBody) -> kv_pb2.TxnBody:
                 into.append(ops[i])
                 i += 1
             if p.prev_range >= 0:
-                k = plan.ranges[p.prev_range].keys
+                k = ranges[p.prev_range].keys
                 assert k.end is not None
                 into.add().scan.CopyFrom(kv_pb2.TxnScan(start=k.start, end=k.end))
             if p.kind == "txn":
                 assert p.nested is not None
-                into.add().txn.CopyFrom(with_scans(p.nested, ops[i].txn))
+                into.add().txn.CopyFrom(_with_scans(p.nested, ops[i].txn, ranges))
             else:
                 into.append(ops[i])
             i += 1
