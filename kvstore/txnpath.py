@@ -30,9 +30,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from kvstore.keyspace import prefix_end
 from kvstore.storage import txn
-from kvstore.txnscan import LIMIT_MAX, ScanPlan, ScanRange
+from kvstore.txnscan import LIMIT_MAX, ScanPlan, ScanRange, outside, range_of
 from kvstore.v1 import kv_pb2
 
 __all__ = ["ScanRead", "Step", "at_position", "path_steps", "read_plan", "within_budget"]
@@ -64,9 +63,8 @@ class Step:
 
 
 def _range_step(d: kv_pb2.TxnRange) -> Step:
-    if d.prefix:
-        return Step(RANGE, d.prefix, prefix_end(d.prefix))
-    return Step(RANGE, d.start, d.end or None)
+    start, end = range_of(d)
+    return Step(RANGE, start, end)
 
 
 def path_steps(plan: ScanPlan, body: kv_pb2.TxnBody, result: kv_pb2.TxnResult) -> list[Step]:
@@ -114,23 +112,7 @@ class ScanRead:
 
 def _minus(r: ScanRange, gone: Sequence[Step], limit: int) -> list[ScanRange]:
     """The parts of `r` outside every RANGE of `gone`, in key order, each with `limit`."""
-    out: list[ScanRange] = []
-    lo: bytes | None = r.start  # None: past every key
-    for d in sorted(gone, key=lambda s: s.key):
-        if lo is None:
-            break
-        if d.end is not None and d.end <= lo:
-            continue
-        if d.key > lo:
-            hi = d.key if r.end is None else min(d.key, r.end)
-            if hi > lo:
-                out.append(ScanRange(lo, hi, limit))
-        lo = None if d.end is None else max(lo, d.end)
-        if lo is not None and r.end is not None and lo >= r.end:
-            lo = None
-    if lo is not None and (r.end is None or lo < r.end):
-        out.append(ScanRange(lo, r.end, limit))
-    return out
+    return outside(r, [(d.key, d.end) for d in gone], limit)
 
 
 def read_plan(steps: Sequence[Step], at: int, r: ScanRange) -> ScanRead:

@@ -30,8 +30,8 @@ from kvstore.keyspace import prefix_end
 from kvstore.storage.txn import MAX_TXN_DEPTH, MAX_TXN_ITEMS
 from kvstore.v1 import kv_pb2
 
-__all__ = ["LEASE_COMPARE_REFUSED", "LIMIT_MAX", "ScanPlan", "ScanRange", "Slot", "both_branches", "has_range_deletes", "has_scans", "merge",
-           "split", "taken_scans"]
+__all__ = ["LEASE_COMPARE_REFUSED", "LIMIT_MAX", "MAX_TXN_SCAN_PARTS", "ScanPlan", "ScanRange", "Slot", "both_branches",
+           "has_range_deletes", "has_scans", "merge", "outside", "split", "taken_scans"]
 
 T = TypeVar("T")
 
@@ -40,6 +40,14 @@ LIMIT_MAX = (1 << 63) - 1
 LEASE_COMPARE_REFUSED = ("a transaction with scans cannot compare a key's lease (its read-only evaluation reads keys "
                          "at a revision, which carries no lease): compare the lease in a transaction without scans")
 """Why `split` refuses a LEASE compare (module docstring)."""
+MAX_TXN_SCAN_PARTS = MAX_TXN_ITEMS
+"""The most range reads all scans of one transaction may need (`split` refuses more). A scan
+after range deletes on its path that meet its range may be read as its parts outside them
+(`outside`; `kvstore/txnpath.py`), each a read across every data group: a scan counts
+max(1, its parts outside the range deletes before it on its path that meet it), summed over
+every scan of both branches. Equal to `MAX_TXN_ITEMS`, so a transaction whose range deletes
+split no scan (any number of scans) is never refused, while 64 range deletes and 63 scans
+(about 4,000 reads) are."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -101,6 +109,35 @@ def scan_range(s: kv_pb2.TxnScan, max_key: int) -> ScanRange:
     return ScanRange(s.start, end, s.limit)
 
 
+def outside(r: ScanRange, gone: Iterable[tuple[bytes, bytes | None]], limit: int) -> list[ScanRange]:
+    """The parts of `r` outside every range [start, end) of `gone` (end None: no upper bound;
+    an empty range, end <= start, is skipped), disjoint and in key order, each with `limit`."""
+    out: list[ScanRange] = []
+    lo: bytes | None = r.start  # None: past every key
+    for start, end in sorted((d for d in gone if d[1] is None or d[0] < d[1]), key=lambda d: d[0]):
+        if lo is None:
+            break
+        if end is not None and end <= lo:
+            continue
+        if start > lo:
+            hi = start if r.end is None else min(start, r.end)
+            if hi > lo:
+                out.append(ScanRange(lo, hi, limit))
+        lo = None if end is None else max(lo, end)
+        if lo is not None and r.end is not None and lo >= r.end:
+            lo = None
+    if lo is not None and (r.end is None or lo < r.end):
+        out.append(ScanRange(lo, r.end, limit))
+    return out
+
+
+def range_of(d: kv_pb2.TxnRange) -> tuple[bytes, bytes | None]:
+    """A range delete's [start, end) (end None: no upper bound); prefix (if set) overrides."""
+    if d.prefix:
+        return d.prefix, prefix_end(d.prefix)
+    return d.start, d.end or None
+
+
 def both_branches(read: list[T], into: kv_pb2.TxnBody,
                   walk: Callable[[bool, list[kv_pb2.TxnOp], list[T]], None]) -> None:
     """Walk a transaction's two branches (`walk(is_success, ops_out, reads)`) from the reads
@@ -118,7 +155,9 @@ def both_branches(read: list[T], into: kv_pb2.TxnBody,
 
 
 def _ops(ops: Iterable[kv_pb2.TxnOp], into: list[kv_pb2.TxnOp], slots: list[Slot], depth: int, count: list[int],
-         scans: list[ScanRange], max_key: int) -> None:
+         scans: list[ScanRange], max_key: int, dels: list[tuple[bytes, bytes | None]], parts: list[int]) -> None:
+    """`dels`: the range deletes before these ops on their path (grows as they come); `parts[0]`:
+    the range reads counted so far (`MAX_TXN_SCAN_PARTS`)."""
     for op in ops:
         count[0] += 1
         if count[0] > MAX_TXN_ITEMS:
@@ -126,22 +165,32 @@ def _ops(ops: Iterable[kv_pb2.TxnOp], into: list[kv_pb2.TxnOp], slots: list[Slot
         which = op.WhichOneof("op")
         if which == "scan":
             r = scan_range(op.scan, max_key)
+            parts[0] += max(1, len(outside(r, dels, 0)))
+            if parts[0] > MAX_TXN_SCAN_PARTS:
+                raise errors.InvalidArgument(
+                    f"a transaction's scans would read more than {MAX_TXN_SCAN_PARTS} ranges: a scan after range "
+                    "deletes that meet its range is read as its parts outside them, each across every data group "
+                    "(fewer scans after the range deletes, or scans in a transaction of their own)")
             slots.append(Slot(scan=len(scans)))
             scans.append(r)
             continue
         if which == "txn":
             nested = kv_pb2.TxnBody()
-            plan = _txn(op.txn, nested, depth + 1, count, scans, max_key)
+            plan = _txn(op.txn, nested, depth + 1, count, scans, max_key, dels, parts)
             into.append(kv_pb2.TxnOp(txn=nested))
             slots.append(Slot(nested=plan))
             continue
         else:  # a write, a get, or an unset / unknown operation: the transaction's own checks judge it
+            if which == "delete_range":
+                dels.append(range_of(op.delete_range))
             into.append(op)
         slots.append(Slot())
 
 
 def _txn(b: kv_pb2.TxnBody, into: kv_pb2.TxnBody, depth: int, count: list[int], scans: list[ScanRange],
-         max_key: int) -> ScanPlan:
+         max_key: int, dels: list[tuple[bytes, bytes | None]], parts: list[int]) -> ScanPlan:
+    """`dels`: the range deletes before it on its path; afterwards it also holds its own (of
+    either branch: which one runs is not known here)."""
     if depth > MAX_TXN_DEPTH:
         raise errors.InvalidArgument(f"transaction nested deeper than {MAX_TXN_DEPTH}")
     count[0] += len(b.compares)
@@ -149,12 +198,9 @@ def _txn(b: kv_pb2.TxnBody, into: kv_pb2.TxnBody, depth: int, count: list[int], 
         raise errors.InvalidArgument(LEASE_COMPARE_REFUSED)
     into.compares.extend(b.compares)
     plan = ScanPlan([], [])
-    succ: list[kv_pb2.TxnOp] = []
-    fail: list[kv_pb2.TxnOp] = []
-    _ops(b.success, succ, plan.success, depth, count, scans, max_key)
-    _ops(b.failure, fail, plan.failure, depth, count, scans, max_key)
-    into.success.extend(succ)
-    into.failure.extend(fail)
+    both_branches(dels, into, lambda ok, out, rd: _ops(b.success if ok else b.failure, out,
+                                                       plan.success if ok else plan.failure, depth, count, scans,
+                                                       max_key, rd, parts))
     return plan
 
 
@@ -162,10 +208,11 @@ def split(body: kv_pb2.TxnBody, max_key: int) -> tuple[kv_pb2.TxnBody, ScanPlan]
     """(`body` without its scans, the plan of its scans): see the module docstring. Raises a
     definite InvalidArgument (more than `MAX_TXN_ITEMS` compares and operations, scans included;
     nesting deeper than `MAX_TXN_DEPTH`; a limit or an end out of range; a LEASE compare at any
-    depth, `LEASE_COMPARE_REFUSED`) or KeyTooLarge (a bound longer than `max_key`)."""
+    depth, `LEASE_COMPARE_REFUSED`; scans that would read more than `MAX_TXN_SCAN_PARTS`
+    ranges) or KeyTooLarge (a bound longer than `max_key`)."""
     out = kv_pb2.TxnBody()
     scans: list[ScanRange] = []
-    plan = _txn(body, out, 1, [0], scans, max_key)
+    plan = _txn(body, out, 1, [0], scans, max_key, [], [0])
     plan.scans = scans
     return out, plan
 

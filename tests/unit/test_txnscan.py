@@ -21,7 +21,7 @@ from kvstore.server.scan_parts import Part, combine
 from kvstore.server.txn_reading import Exhausted, evaluate_at, run_reading
 from kvstore.shard.ranges import IntervalSet
 from kvstore.storage import txn
-from kvstore.txnscan import ScanRange, merge, split, taken_scans
+from kvstore.txnscan import MAX_TXN_SCAN_PARTS, ScanRange, merge, outside, split, taken_scans
 from kvstore.v1 import kv_pb2
 
 MAX_KEY = 64
@@ -364,3 +364,43 @@ def test_a_read_only_evaluation_with_a_range_delete_reads_each_ranges_first_key(
     assert asyncio.run(evaluate_at(body, at, get_at, first_at)) is not None  # at the earlier revision: empty
     with pytest.raises(txn.NoScanner):
         asyncio.run(evaluate_at(body, at, get_at))
+
+
+def _drange(start: bytes, end: bytes) -> kv_pb2.TxnOp:
+    return kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange(start=start, end=end))
+
+
+def _scan(prefix: bytes) -> kv_pb2.TxnOp:
+    return kv_pb2.TxnOp(scan=kv_pb2.TxnScan(prefix=prefix))
+
+
+def test_scans_split_by_range_deletes_into_too_many_reads_are_refused() -> None:
+    """Issue 18: 64 disjoint range deletes, then 63 scans over them, would read each scan as
+    its 65 gaps across every data group (about 4,000 reads): refused up front, definite. A
+    transaction whose range deletes split no scan is never refused for its scans."""
+    dels = [_drange(b"p/%03d" % i, b"p/%03d\x00" % i) for i in range(64)]
+    with pytest.raises(errors.InvalidArgument, match=f"more than {MAX_TXN_SCAN_PARTS} ranges"):
+        split(kv_pb2.TxnBody(success=[*dels, *(_scan(b"p/") for _ in range(63))]), MAX_KEY)
+    with pytest.raises(errors.InvalidArgument, match="ranges"):  # nested deletes are before the scans too
+        split(kv_pb2.TxnBody(success=[kv_pb2.TxnOp(txn=kv_pb2.TxnBody(failure=dels[:3])),
+                                      *(_scan(b"p/") for _ in range(40))]), MAX_KEY)
+    split(kv_pb2.TxnBody(success=[_scan(b"p/") for _ in range(128)]), MAX_KEY)  # no range delete
+    split(kv_pb2.TxnBody(success=[*dels, *(_scan(b"q/") for _ in range(63))]), MAX_KEY)  # deletes meet no scan
+    split(kv_pb2.TxnBody(success=[_drange(b"p/", b"p0"), *(_scan(b"p/") for _ in range(100))]), MAX_KEY)  # covered
+    split(kv_pb2.TxnBody(success=dels, failure=[_scan(b"p/") for _ in range(63)]), MAX_KEY)  # another path
+    split(kv_pb2.TxnBody(success=[_drange(b"p/1", b"p/2"), *(_scan(b"p/") for _ in range(64))]), MAX_KEY)  # 2 each
+
+
+@settings(max_examples=200, deadline=None)
+@given(lo=st.sampled_from(KEYS), hi=st.sampled_from([*KEYS, None]),
+       gone=st.lists(st.tuples(st.sampled_from(KEYS), st.sampled_from([*KEYS, None])), max_size=4))
+def test_outside_is_the_range_minus_the_deleted_ranges(lo: bytes, hi: bytes | None,
+                                                       gone: list[tuple[bytes, bytes | None]]) -> None:
+    r = ScanRange(lo, hi, 3)
+    parts = outside(r, gone, 3)
+    probes = [k + t for k in KEYS for t in (b"", b"\x00", b"z")]
+    for k in probes:
+        kept = r.holds(k) and not any(s <= k and (e is None or k < e) for s, e in gone if e is None or s < e)
+        assert sum(p.holds(k) for p in parts) == int(kept), k
+    assert all(p.limit == 3 and (p.end is None or p.start < p.end) for p in parts)
+    assert all(a.end is not None and a.end <= b.start for a, b in itertools.pairwise(parts))
