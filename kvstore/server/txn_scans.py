@@ -16,7 +16,9 @@ at a revision.
 
 Invariants:
 - everything is checked (scans' bounds, the transaction's keys, values and permissions, READ
-  on every scan's range) before anything is proposed or read: a refusal is definite;
+  on every scan's range, and READ on what the read-only evaluation reads: every key the body
+  names, written ones too, and every range it deletes) before anything is proposed or read: a
+  refusal is definite, and never depends on the data;
 - a scan's parts cover the hash space exactly once (the groups' owned ranges at their read
   points; a range moving between groups reads again), and it is read at R (or R - 1, above) in
   exactly the groups of the cut M (every write acknowledged before the call is at or below M
@@ -276,7 +278,15 @@ async def scanning_txn(rq: KVRequests, r: kv_pb2.TxnRequest, context: Any = None
         if rq.guard is not None:
             for sr in plan.scans:
                 rq.guard.check_range(sr.start, sr.end, READ)
-        rq.prepare_txn(kv_pb2.TxnRequest(txn=body))  # checks every key, value and permission; nothing sent
+        t, _ = rq.prepare_txn(kv_pb2.TxnRequest(txn=body))  # checks every key, value and permission; nothing sent
+        if rq.guard is not None:
+            # the read-only evaluation (when the branch taken writes nothing) reads every key the
+            # body names and the first key of each range it deletes, as the caller (at another
+            # node too): READ on them, here, so that a refusal is definite and before any proposal
+            for key, _written in txn.keys_of(t):
+                rq.guard.check_key(key, READ)
+            for lo, hi in txn.delete_ranges(t):
+                rq.guard.check_range(lo, hi or None, READ)
         io = _Reading(rq, r.session, RemoteReads.of(rq.caller, context, rq.cfg.request_timeout), plan.scans[0])
         for _attempt in range(TXN_READ_TRIES):
             try:

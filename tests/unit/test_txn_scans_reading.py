@@ -14,11 +14,16 @@ from typing import Any, cast
 import pytest
 
 from kvstore import errors
+from kvstore.keyspace import prefix_end
+from kvstore.security.authstate import PermKind
+from kvstore.security.rbac import READ, WRITE
 from kvstore.server import txn_scans
 from kvstore.server.scan_parts import ByteBudget
 from kvstore.server.txn_reading import Exhausted, Reading, run_reading
 from kvstore.server.txn_scans import MapChanged, _answers, _Reading, scanning_txn
+from kvstore.server.txn_wire import txn_from_proto
 from kvstore.shard.ranges import HASH_MAX, IntervalSet, key_hash
+from kvstore.storage import txn
 from kvstore.txnscan import ScanRange, split
 from kvstore.v1 import kv_pb2
 
@@ -135,8 +140,15 @@ class _Node:
             self.cached[(s.client_id, s.seq)] = resp
         return resp
 
-    def prepare_txn(self, req: kv_pb2.TxnRequest) -> None:
-        pass
+    def prepare_txn(self, req: kv_pb2.TxnRequest) -> tuple[Any, bytes]:
+        """The checked transaction (the guard's WRITE / READ checks of the real one)."""
+        t = txn_from_proto(req.txn, lambda k: None, lambda v: None)
+        if self.guard is not None:
+            for key, written in txn.keys_of(t):
+                self.guard.check_key(key, WRITE if written else READ)
+            for lo, hi in txn.delete_ranges(t):
+                self.guard.check_range(lo, hi or None, WRITE)
+        return t, b""
 
     def wrong_shard(self, message: str) -> errors.KVError:
         return errors.WrongShard(message)
@@ -267,3 +279,37 @@ def test_the_puts_a_scan_answers_before_a_later_write_are_charged_to_the_budget(
         got = [kv.key for kv in answers[i].items]
         assert answers[i].more and got == keys[:len(got)] and len(got) < 3
     assert all(a.revision == rev for a in answers.values())
+
+
+class _Guard:
+    """A caller who may write every key, and read every key but those under `unread`."""
+
+    def __init__(self, unread: bytes) -> None:
+        self.unread = unread
+
+    def check_range(self, lo: bytes, hi: bytes | None, access: PermKind) -> None:
+        meets = (hi is None or hi > self.unread) and lo < prefix_end(self.unread)  # type: ignore[operator]
+        if access & READ and meets:
+            raise errors.PermissionDenied(f"may not read [{lo!r}, {hi!r})")
+
+    def check_key(self, key: bytes, access: PermKind) -> None:
+        self.check_range(key, key + b"\x00", access)
+
+
+@pytest.mark.parametrize("write", [
+    kv_pb2.TxnOp(delete_range=kv_pb2.TxnRange(prefix=b"w/")),  # its range's first key is read
+    kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=b"w/k", value=b"v")),   # its key is read
+])
+def test_what_the_read_only_evaluation_reads_is_checked_before_anything_is_proposed(write: kv_pb2.TxnOp) -> None:
+    """Issue 18: a caller who may write w/ but not read it, a scan it may read and a write into
+    w/: refused PERMISSION_DENIED (definite) before any proposal, whatever w/ holds (before the
+    fix: only when the branch taken wrote nothing, after its proposal went out)."""
+    n = _Node()
+    n.write(b"a", b"1")
+    n.guard = _Guard(b"w/")
+    body = kv_pb2.TxnBody(compares=[kv_pb2.Compare(key=b"a", target=kv_pb2.COMPARE_VALUE, result=kv_pb2.EQUAL,
+                                                   value=b"1")],
+                          success=[kv_pb2.TxnOp(scan=kv_pb2.TxnScan(prefix=b"a")), write])
+    resp = asyncio.run(scanning_txn(cast(Any, n), kv_pb2.TxnRequest(txn=body)))
+    assert resp.error.code == kv_pb2.PERMISSION_DENIED and not resp.error.indeterminate, resp.error
+    assert n.txns == 0
