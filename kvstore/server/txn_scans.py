@@ -312,7 +312,7 @@ async def scanning_txn(rq: KVRequests, r: kv_pb2.TxnRequest, context: Any = None
                 raise errors.Unavailable(f"the transaction was written at revision {wrote} but reading its scans "
                                          f"failed: {err.message}", indeterminate=True) from None
             return kv_pb2.TxnResponse(error=rq.ok(), result=merge(plan, landed.result, answers), index=io.index,
-                                      revision=wrote)
+                                      revision=wrote, read_revision=landed.revision)
         raise errors.Unavailable(f"the shard map's data groups changed under each of {TXN_READ_TRIES} tries to read "
                                  "the transaction's scans; nothing was written")
     except errors.KVError as err:

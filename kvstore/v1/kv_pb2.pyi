@@ -387,16 +387,18 @@ class TxnResult(_message.Message):
     def __init__(self, succeeded: _Optional[bool] = ..., responses: _Optional[_Iterable[_Union[TxnOpResponse, _Mapping]]] = ...) -> None: ...
 
 class TxnResponse(_message.Message):
-    __slots__ = ("error", "result", "index", "revision")
+    __slots__ = ("error", "result", "index", "revision", "read_revision")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    READ_REVISION_FIELD_NUMBER: _ClassVar[int]
     error: Error
     result: TxnResult
     index: int
     revision: int
-    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., result: _Optional[_Union[TxnResult, _Mapping]] = ..., index: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
+    read_revision: int
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., result: _Optional[_Union[TxnResult, _Mapping]] = ..., index: _Optional[int] = ..., revision: _Optional[int] = ..., read_revision: _Optional[int] = ...) -> None: ...
 
 class ScanRequest(_message.Message):
     __slots__ = ("start", "end", "prefix", "limit", "consistency", "group", "max_staleness_ms", "revision")

@@ -313,3 +313,22 @@ def test_what_the_read_only_evaluation_reads_is_checked_before_anything_is_propo
     resp = asyncio.run(scanning_txn(cast(Any, n), kv_pb2.TxnRequest(txn=body)))
     assert resp.error.code == kv_pb2.PERMISSION_DENIED and not resp.error.indeterminate, resp.error
     assert n.txns == 0
+
+
+def test_a_txn_that_wrote_nothing_answers_the_revision_it_was_evaluated_at() -> None:
+    """`read_revision`: the cut the transaction was evaluated at, also when the path taken has no
+    scan (etcd's Txn header reports it: `etcd/kv.py` `_txn_scanning`); its writes' if it wrote."""
+    n = _Node()
+    n.write(b"a", b"1")
+    m = n.write(b"b", b"2")
+    body = kv_pb2.TxnBody(compares=[kv_pb2.Compare(key=b"a", target=kv_pb2.COMPARE_VALUE, result=kv_pb2.EQUAL,
+                                                   value=b"0")],
+                          success=[kv_pb2.TxnOp(scan=kv_pb2.TxnScan(prefix=b"a")),
+                                   kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=b"a", value=b"x"))],
+                          failure=[kv_pb2.TxnOp(get=b"a")])
+    resp = asyncio.run(scanning_txn(cast(Any, n), kv_pb2.TxnRequest(txn=body)))
+    assert resp.error.code == kv_pb2.OK and not resp.result.succeeded, resp
+    assert (resp.revision, resp.read_revision) == (0, m)
+    body.compares[0].value = b"1"
+    resp = asyncio.run(scanning_txn(cast(Any, n), kv_pb2.TxnRequest(txn=body)))
+    assert resp.result.succeeded and resp.revision == resp.read_revision == resp.result.responses[0].scan.revision

@@ -500,7 +500,9 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         as etcd's sequential Txn; a scan reads every key of its range (the count is etcd's), and
         `range_reply` applies the limit, sort and filters. Refused (FAILED_PRECONDITION): a read
         at a revision, a lease compare, a put's ignore_value / ignore_lease here. A scan cut by the
-        reply's budget fails (RESOURCE_EXHAUSTED; indeterminate if the Txn wrote)."""
+        reply's budget (one for all the Txn's ranges together) fails (RESOURCE_EXHAUSTED;
+        indeterminate if the Txn wrote). The header's revision is the one the Txn landed at (its
+        write's, or the cut it was evaluated at: `TxnResponse.read_revision`)."""
         if any(q.revision for q in plan.ranges):
             raise unsupported("a range read at a revision in a transaction that writes into a range it read "
                               "before, deletes a range, or has compares and writes in several groups")
@@ -522,15 +524,19 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         for i, sc in scans.items():
             if sc.more:
                 raise EtcdStatus(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f"kvstore: a range of the transaction holds more than its reply's budget "
-                                 f"({MAX_TXN_SCAN_BYTES >> 20} MiB; a narrower range)"
+                                 f"kvstore: the ranges of the transaction hold more than its reply's budget "
+                                 f"({MAX_TXN_SCAN_BYTES >> 20} MiB for all of them together; narrower ranges)"
                                  + (f"; the transaction was written at revision {wrote}" if wrote else
                                     "; nothing was written"), indeterminate=bool(wrote))
             items = list(sc.items)
             answers[i] = (items, len(items), {} if plan.ranges[i].count_only else self._txn_leases(items))
-        rev = wrote or max((sc.revision for sc in scans.values()), default=0)
+        # the revision the Txn landed at (its write's, or the cut it was evaluated at), as the
+        # other Txn paths answer; a server before `read_revision`: a scan's, else the current one
+        rev = wrote or int(t.read_revision) or max((sc.revision for sc in scans.values()), default=0)
+        written = {self.n.group_of(k) for k in txn_keys(body, gets=False)}
+        group = written.pop() if wrote and len(written) == 1 and not has_range_deletes(body) else None
         resp = rpc_pb2.TxnResponse()
-        txn_reply(plan, result, self.n.header(rev), resp, answers, self._txn_leases(txn_gets(result)))
+        txn_reply(plan, result, self.n.header(rev, group), resp, answers, self._txn_leases(txn_gets(result)))
         return resp
 
     async def _txn_ignoring(self, body: kv_pb2.TxnBody, plan: TxnPlan, group: int,
