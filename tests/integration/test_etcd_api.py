@@ -1528,6 +1528,22 @@ def test_txn_range_delete_over_etcdctl_and_grpc(kv: str) -> None:
         d = got.responses[1].response_delete_range
         assert got.succeeded and got.responses[0].response_delete_range.deleted == 1 and d.deleted == 1
         assert [(x.key, x.value) for x in d.prev_kvs] == [(b"etx/p", b"1")] and _keys(kv, "etx/") == []
+        # ... in a nested Txn too (its range indexes the top-level plan's: was INTERNAL)
+        kvs.Put(rpc_pb2.PutRequest(key=b"etx/n", value=b"2"), timeout=30)
+        nested = rpc_pb2.RequestOp(request_txn=rpc_pb2.TxnRequest(success=[rpc_pb2.RequestOp(
+            request_txn=rpc_pb2.TxnRequest(success=[rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(
+                key=b"etx/", range_end=b"etx0", prev_kv=True))]))]))
+        got = kvs.Txn(rpc_pb2.TxnRequest(success=[nested]), timeout=30)
+        d = got.responses[0].response_txn.responses[0].response_txn.responses[0].response_delete_range
+        assert got.succeeded and d.deleted == 1 and [(x.key, x.value) for x in d.prev_kvs] == [(b"etx/n", b"2")]
+        # a Txn that writes nothing on the path taken, and reads no range there: its header's
+        # revision is the one it was evaluated at (at or above the last write), never 0
+        got2 = kvs.Txn(rpc_pb2.TxnRequest(
+            compare=[rpc_pb2.Compare(key=b"etx/n", target=rpc_pb2.Compare.VERSION, result=rpc_pb2.Compare.GREATER,
+                                     version=0)],
+            success=[nested], failure=[rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=b"etx/n"))]),
+            timeout=30)
+        assert not got2.succeeded and got2.header.revision >= got.header.revision > 0
         with pytest.raises(grpc.RpcError) as e:
             kvs.Txn(rpc_pb2.TxnRequest(success=[dr, rpc_pb2.RequestOp(
                 request_put=rpc_pb2.PutRequest(key=b"etx/b", value=b"x"))]), timeout=30)
