@@ -1558,6 +1558,34 @@ def test_txn_range_delete_over_etcdctl_and_grpc(kv: str) -> None:
         assert list(ttl.keys) == [b"etxl"]
 
 
+def test_a_txn_with_ranges_needs_read_on_the_range_it_deletes_under_auth(kv: str) -> None:
+    """With auth on, a Txn that reads a range and deletes another (kvstore's Txn with scans)
+    from a user who may read the first and only write the second: refused PERMISSION_DENIED
+    before anything is written, whether the deleted range holds keys or not (its read-only
+    evaluation would read that range as the user; before: refused only when it was empty)."""
+    root, bob = "--user=root:rootpw", "--user=bob:bobpw"
+    setup = [("user", "add", "root:rootpw"), ("role", "add", "tw1"),
+             ("role", "grant-permission", "tw1", "read", "tar/", "--prefix"),
+             ("role", "grant-permission", "tw1", "write", "taw/", "--prefix"),
+             ("user", "add", "bob:bobpw"), ("user", "grant-role", "bob", "tw1"), ("auth", "enable")]
+    try:
+        for args in setup:
+            p = ctl(kv, *args)
+            assert p.returncode == 0, (args, p.stderr)
+        assert ctl(kv, "put", "tar/a", "1", "--user=bob:bobpw").returncode != 0  # read only there
+        for held in (False, True):
+            if held:
+                assert ctl(kv, "put", "taw/k", "v", root).returncode == 0
+            p = ctl(kv, "txn", bob, stdin="\nget --prefix tar/\ndel --prefix taw/\n\n\n")
+            assert p.returncode != 0 and "permission denied" in p.stderr, (held, p.stdout, p.stderr)
+        got = ctl(kv, "get", "taw/k", "--print-value-only", root)
+        assert got.stdout == "v\n", got.stderr  # nothing was deleted
+    finally:
+        for args in [("auth", "disable", root), ("user", "delete", "bob"), ("role", "delete", "tw1"),
+                     ("user", "delete", "root"), ("role", "delete", "root"), ("del", "taw/k")]:
+            ctl(kv, *args)
+
+
 def test_txn_ranges_around_writes_in_two_groups_over_grpc(kv: str, kv_cluster: Cluster) -> None:
     """A Txn whose compare and puts are in two groups, with a range over both keys before and
     after the puts (kvstore's Txn with scans: a two-phase commit, each range read at its place):

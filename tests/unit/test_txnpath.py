@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvstore.storage import txn
-from kvstore.txnpath import DELETE, PUT, RANGE, Step, at_position, path_steps, read_plan
+from kvstore.txnpath import DELETE, PUT, RANGE, Step, at_position, path_steps, read_plan, within_budget
 from kvstore.txnscan import ScanRange, split
 from kvstore.v1 import kv_pb2
 
@@ -197,3 +197,23 @@ def test_path_steps_are_the_writes_and_scans_of_the_branches_taken(success: list
     taken = [s.scan for s in steps if s.scan >= 0]
     assert steps == walk(body, res, list(taken))
     assert all(plan.scans[i].start for i in taken)
+
+
+@settings(max_examples=200, deadline=None)
+@given(keys=st.lists(st.sampled_from(UNIVERSE), unique=True, max_size=8).map(sorted),
+       stamped=st.lists(st.booleans(), min_size=8, max_size=8), more=st.booleans(), budget=st.integers(0, 120))
+def test_within_budget_charges_the_puts_in_key_order_and_cuts_a_prefix(keys: list[bytes], stamped: list[bool],
+                                                                       more: bool, budget: int) -> None:
+    """The items stamped R (the transaction's puts, never read) take their bytes from the budget
+    in key order; the answer is cut before the first that does not fit and then says more; the
+    items read at R - 1 (charged by their read) pass."""
+    items = [kv_pb2.KeyValue(key=k, value=b"v" * 9, mod_revision=R if p else 7, version=1)
+             for k, p in zip(keys, stamped, strict=False)]
+    got, got_more, used = within_budget(items, more, R, budget)
+    assert got == items[:len(got)]
+    assert used == sum(kv.ByteSize() for kv in got if kv.mod_revision == R) <= budget
+    if len(got) < len(items):
+        assert got_more and items[len(got)].mod_revision == R
+        assert used + items[len(got)].ByteSize() > budget
+    else:
+        assert got_more == more
