@@ -12,7 +12,8 @@ RPCs, an admin planning changes, and clients that route by their own (stale) map
   voters; NOT_LEADER hints followed), locally or over the simulated network, where they can be
   lost or delayed while faults run (late requests that arrive after the caller gave up: up to
   1.5 s) or cut by a partition, and
-  are retried by the caller until a deadline (`CALL_MS`), after which the failure is thrown into
+  are retried by the caller (each attempt awaited for the request timeout, `REQUEST_MS`, as
+  `GroupCaller` awaits it) until a deadline (`CALL_MS`), after which the failure is thrown into
   the work (the coordinator retries the step from the map later). At the receiving node a
   proposal is checked by `kvstore.node.grouprequests.check_group_request` against that node's map and
   proposed to its host like `local_group_call`; an export waits for a read barrier
@@ -111,10 +112,16 @@ class NodeSimulation(Protocol):
 POLL_MS = 20
 """How often a metadata leader's coordinator looks for work (the product's is 200 ms, woken at
 once by a plan)."""
-CALL_MS = 1500
+REQUEST_MS = 375
+"""The nodes' request timeout, one attempt's timeout (`GroupCaller.call`: each attempt waits up
+to the node's request timeout, 5 s, which is 2.5 x the client library's attempt timeout of 2 s;
+here 2.5 x the simulated clients' 150 ms). An attempt given up sooner re-proposes its command
+while the first is still queued: on the slowest schedules (one entry per append, one append in
+flight, 2-20 ms hops) a group whose commit latency exceeded a 100 ms attempt never answered a
+FREEZE in time again, every retry adding to its backlog (seed 3108, 5 nodes: a move stuck in
+PENDING after the heal)."""
+CALL_MS = 4 * REQUEST_MS
 """A request's deadline over all its attempts (GroupCaller: 4 x the request timeout)."""
-ATTEMPT_MS = 100
-"""One attempt's timeout."""
 WAIT_MAP_MS = 500
 EXPORT_CHUNK_BYTES = 256
 """Small, so that a move installs its data in several INSTALLs."""
@@ -428,7 +435,9 @@ class SimMoves:
                 sim.at(delay * (0.5 + self.rng.random()), attempt, 0)
                 delay = min(delay * 2, 500.0)
 
-            sim.at(ATTEMPT_MS, answer, None, errors.Timeout("attempt timed out", indeterminate=True))
+            # as GroupCaller: the request timeout, or what is left of the deadline (at least 50 ms)
+            sim.at(min(REQUEST_MS, max(50, deadline - sim.now)), answer, None,
+                   errors.Timeout("attempt timed out", indeterminate=True))
             self._rpc(run.nid, target, serve, answer)
 
         attempt(0)

@@ -11,9 +11,14 @@ from collections.abc import Iterator
 
 import pytest
 
+from chaos.sim.leases import leases_by_default
+from chaos.sim.locks import locks_by_default
+from chaos.sim.moves import CALL_MS, REQUEST_MS
 from chaos.sim.nodes import NodeSimParams, run_node_seed
 from chaos.sim.plant import MOVE_BUGS, NODE_BUGS, planted
 from chaos.sim.scenarios import SCENARIOS, run_scenario
+from chaos.sim.txn_model import txn_model_by_default
+from chaos.sim.txn_pairs import txn_pairs_by_default
 
 SEED_BUDGET = {
     # bug -> seeds (0, 1, ...) with moves on within which it must show. Measured on the
@@ -170,3 +175,20 @@ def test_a_stale_step_of_a_finished_move_stops_at_once() -> None:
     res = run_node_seed(1222, nodes=3)
     assert res.ok, res.violation
     assert res.moves and res.moves["moves"] == res.moves["moves_done"] == 2
+
+
+def test_a_step_on_the_slowest_group_is_awaited_as_long_as_groupcaller_awaits_it() -> None:
+    """Seed 3108 as `python -m chaos.sim --nodes 5 --watches on --moves on` runs it: one entry per
+    append, one append in flight, 2-20 ms hops and a slow disk, so a loaded group commits a few
+    dozen entries a second and a command waits 300-800 ms for its commit. The simulator's
+    coordinator gave each attempt 100 ms (the product's `GroupCaller` awaits one for the node's
+    request timeout, a quarter of the call's deadline) and proposed the FREEZE again while the
+    last one was still queued: every FREEZE was applied, none within its attempt, and both moves
+    stayed PENDING 3 s after the heal. Each attempt now waits `REQUEST_MS`: every move finishes."""
+    assert CALL_MS == 4 * REQUEST_MS  # as GroupCaller: the deadline is four request timeouts
+    seed = 3108
+    res = run_node_seed(seed, nodes=5, moves=True, watches=True, txn_pairs=txn_pairs_by_default(seed),
+                        leases=leases_by_default(seed), txns=txn_model_by_default(seed),
+                        locks=locks_by_default(seed))
+    assert res.ok, res.violation
+    assert res.moves and res.moves["moves"] == res.moves["moves_done"] >= 2
