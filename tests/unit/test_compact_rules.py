@@ -150,3 +150,48 @@ def test_compact_decoding_is_total_and_names_its_rule(rev: int, tail: bytes) -> 
             cmds.decode_command(data)
     with pytest.raises(ValueError):
         cmds.encode_command(cmds.Command(cmds.Op.PUT, b"k", keep=True))
+
+
+def _install_closed(dst: DictState, last: int, compact: int, kept: bool) -> None:
+    from kvstore.shard.ranges import IntervalSet, key_hash
+    from kvstore.storage.shardcmd import REC_DATA
+
+    rng = IntervalSet([(key_hash(b"moved"), key_hash(b"moved"))])
+    records = encode_record(REC_CLOSED, b"", encode_closed(last, compact, kept)) + encode_record(REC_DATA, b"moved", b"v")
+    assert dst.apply(encode_shard_command(ShardOp.BEGIN, rng, move=1, token=5)).error is None
+    assert dst.apply(encode_shard_command(ShardOp.INSTALL, records=records, move=1, token=5)).error is None
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_an_install_compacts_the_target_under_its_sources_rule(kept: bool) -> None:
+    """The target of a move compacts at the source's compact revision under the rule the
+    source's closed record names (deterministic on every replica of the target), and records it."""
+    from kvstore.shard.ranges import IntervalSet, key_hash
+
+    dst = DictState(group=2)
+    assert dst.apply(encode_shard_command(ShardOp.SET, IntervalSet.full().difference(
+        IntervalSet([(key_hash(b"moved"), key_hash(b"moved"))])))).error is None
+    own = dst.apply(cmds.encode_put(b"own", b"1", revision=NOW)).revision
+    _install_closed(dst, own + 10 * mvcc.STEP, own, kept)
+    rs = mvcc.rev_state(dst.rows)
+    assert (rs.compact, rs.kept) == (own, kept)
+    assert [r for r, _ in mvcc.changes_from(dst.rows, 0)] == ([own] if kept else [])
+
+
+def test_a_kept_target_whose_source_did_not_keep_the_same_compact_revision_consumes_its_own() -> None:
+    """Same compact revision C, target kept, source not: the moved keys' changes at C are gone,
+    so the target consumes its own changes at C and stops claiming them (a watch from C is then
+    refused: no silent gap)."""
+    from kvstore.shard.ranges import IntervalSet, key_hash
+
+    dst = DictState(group=2)
+    assert dst.apply(encode_shard_command(ShardOp.SET, IntervalSet.full().difference(
+        IntervalSet([(key_hash(b"moved"), key_hash(b"moved"))])))).error is None
+    own = dst.apply(cmds.encode_put(b"own", b"1", revision=NOW)).revision
+    assert dst.apply(cmds.encode_compact(own, keep=True)).revision == own
+    assert mvcc.rev_state(dst.rows).kept
+    _install_closed(dst, own + 10 * mvcc.STEP, own, False)
+    rs = mvcc.rev_state(dst.rows)
+    assert (rs.compact, rs.kept) == (own, False)
+    assert list(mvcc.changes_from(dst.rows, 0)) == []
+    assert dst.data[b"own"] == b"1" and mvcc.version_at(dst.rows, b"own", own, b"1") is not None
