@@ -283,7 +283,7 @@ class _StateOneBehind:
         if t != mvcc.T_STATE or raw is None:
             return raw
         st = mvcc.RevState.decode(raw)
-        return mvcc.RevState(max(0, st.last - 1), st.compact, st.next_kid).encode()
+        return mvcc.RevState(max(0, st.last - 1), st.compact, st.next_kid, st.kept).encode()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._rows, name)
@@ -370,7 +370,7 @@ def _compact_revision_refused(self: StoreSource, group: int) -> Any:
     # BUG: the hub takes a group's compact revision C for C + 1, so a watch from exactly C is
     # refused as compacted (kvstore's rule before issue 18), where etcd serves it with C's changes.
     st = _real_rev_state(self, group)
-    return mvcc.RevState(st.last, st.compact + 1, st.next_kid) if st.compact else st
+    return mvcc.RevState(st.last, st.compact + 1, st.next_kid, st.kept) if st.compact else st
 
 
 WATCH_BUGS: dict[str, tuple[Any, str, Callable[..., Any]]] = {

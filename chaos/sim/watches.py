@@ -431,7 +431,7 @@ class SimWatches:
                 for g, grp in sorted(n.logic.host.groups.items()):
                     if m is not None and g in m.data_groups() and grp.core.role == Role.LEADER:
                         try:
-                            n.logic.host.propose(g, commands.encode_compact(at), lambda _r, _e: None)
+                            n.logic.host.propose(g, commands.encode_compact(at, keep=True), lambda _r, _e: None)
                         except errors.KVError:
                             continue
                         sim.log(f"watch: COMPACT g{g} at {at} (n{nid})")

@@ -109,7 +109,7 @@ def group_records(
     if reader.sha256 != sha256:
         raise RestoreError(f"{path} changed while it was being restored (sha256 {reader.sha256}, verified {sha256})")
     counts.append(kid - 1)
-    yield TAG_REV_STATE, b"", mvcc.RevState(revision, revision, kid).encode()
+    yield TAG_REV_STATE, b"", mvcc.RevState(revision, revision, kid, True).encode()
     rows: dict[bytes, bytes] = {}
     attached: dict[int, int] = {}
     """lease id -> how many of its keys are attached here: its count row, which a LEASE_PUT's

@@ -103,6 +103,7 @@ from ..storage.shardcmd import (
     U64,
     U64_PAIR,
     ShardState,
+    encode_closed,
     encode_record,
 )
 from ..storage.snapfile import (
@@ -1013,7 +1014,7 @@ class MemoryNodeStore:
         if g is None or st is None or not ranges.issubset(st.frozen):
             raise StorageError(f"group {group} has not frozen the ranges to export")
         rst = mvcc.rev_state(g.rows)
-        recs: list[tuple[bytes, bool]] = [(encode_record(REC_CLOSED, b"", U64_PAIR.pack(rst.last, rst.compact)), False)]
+        recs: list[tuple[bytes, bool]] = [(encode_record(REC_CLOSED, b"", encode_closed(rst.last, rst.compact, rst.kept)), False)]
         data = g.data
         for k in g.sorted_keys():
             if key_hash(k) in ranges:

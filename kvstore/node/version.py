@@ -51,13 +51,22 @@ from kvstore import errors
 from kvstore.node.metakey import MetaKeyTracker, MetaStore
 from kvstore.shard.shardmap import ShardMap
 from kvstore.storage import commands, txn
-from kvstore.storage.shardcmd import REC_LEASE, ShardOp, decode_shard_command, is_shard_command, iter_records
+from kvstore.storage.shardcmd import (
+    REC_CLOSED,
+    REC_LEASE,
+    ShardOp,
+    decode_closed,
+    decode_shard_command,
+    is_shard_command,
+    iter_records,
+)
 
 __all__ = [
     "COMMAND_LEVELS",
     "FEATURES",
     "FORM_LEVELS",
     "LEVEL_BASE",
+    "LEVEL_COMPACT_KEEP",
     "LEVEL_CROSS_TRANSACTIONS",
     "LEVEL_LEASES",
     "LEVEL_LEASES_2",
@@ -92,6 +101,7 @@ LEVEL_LEASES = 4
 LEVEL_LEASES_2 = 5
 LEVEL_TXN_RANGES = 6
 LEVEL_XTXN_LEASES = 7
+LEVEL_COMPACT_KEEP = 8
 
 FEATURES: dict[int, str] = {
     LEVEL_BASE: "PUT, DELETE, CAS, COMPACT, CLOSE, shard commands, the metadata keys",
@@ -106,10 +116,13 @@ FEATURES: dict[int, str] = {
                       "form with the ranges, tail 4 of `storage/xtxn.py`)",
     LEVEL_XTXN_LEASES: "transactions across groups with leased puts or LEASE compares (the leased forms of "
                        "PREPARE, COMMIT and RECORD, `storage/xtxn.py`)",
+    LEVEL_COMPACT_KEEP: "compaction that keeps the changes at the compact revision, so a watch from exactly it "
+                        "works (the COMPACT form with the keep byte; the INSTALL whose source kept them, "
+                        "`mvcc.compact`)",
 }
 """What each feature level adds."""
 
-SUPPORTED_LEVEL = LEVEL_XTXN_LEASES
+SUPPORTED_LEVEL = LEVEL_COMPACT_KEEP
 """The highest level this binary supports (it knows every command kind of `COMMAND_LEVELS`)."""
 
 MAX_LEVEL = 0xFFFF
@@ -136,6 +149,7 @@ level 4 without them exist (they came after it), and such a member would stop on
 FORM_LEVELS: dict[int, int] = {
     commands.Op.PREPARE: LEVEL_XTXN_LEASES, commands.Op.RECORD: LEVEL_XTXN_LEASES,
     commands.Op.COMMIT: LEVEL_XTXN_LEASES, commands.Op.TXN: LEVEL_TXN_RANGES,
+    commands.Op.COMPACT: LEVEL_COMPACT_KEEP,
 }
 """Kinds with later forms -> the level of the kind's NEWEST form (`form_level` says which form a
 decoded command is; `command_level` decodes only while the cluster version is below this). The
@@ -162,7 +176,12 @@ decode it as malformed, not refuse it as level 6 does), and the COMMIT and RECOR
 (`LEVEL_XTXN_LEASES`): PREPARE, COMMIT and RECORD with leased puts (and PREPARE reading keys'
 leases: range flag 3, or 4 with a range lock too; the leased tail 3); a level-5 or level-6 node
 decodes them as malformed. A form using several later features needs the highest of their
-levels (a COMMIT with both leased puts and ranges: 7)."""
+levels (a COMMIT with both leased puts and ranges: 7). Level 8 (`LEVEL_COMPACT_KEEP`): the
+COMPACT with the keep byte (`mvcc.compact`'s keep rule): a level-7 node decodes it as malformed
+(an error result that changes nothing) where newer ones compact, and the two rules leave
+different rows (key ids reused or not), so replicas would diverge: the compacting paths
+(`server/compaction.py`) propose it only once the cluster version is 8, and apply follows the
+command, never the binary."""
 
 
 def form_level(cmd: commands.Command) -> int:
@@ -178,6 +197,8 @@ def form_level(cmd: commands.Command) -> int:
     if cmd.txn is not None:
         return (LEVEL_TXN_RANGES if txn.has_delete_range(cmd.txn)
                 else LEVEL_LEASES_2 if txn.has_lease(cmd.txn) else LEVEL_BASE)
+    if cmd.keep:
+        return LEVEL_COMPACT_KEEP
     return LEVEL_BASE
 
 
@@ -200,24 +221,32 @@ def command_level(data: bytes, levels: Mapping[int, int] = COMMAND_LEVELS) -> in
 
 _FORM_NAMES = {LEVEL_LEASES: " (a lease's deletion across groups)", LEVEL_LEASES_2: " with a lease",
                LEVEL_TXN_RANGES: " with a range delete",
+               LEVEL_COMPACT_KEEP: " keeping the changes at the compact revision",
                LEVEL_XTXN_LEASES: " with leased puts or lease compares (a transaction across groups)"}
 
 
 def install_level(data: bytes) -> int:
-    """The lowest cluster version that may propose the shard command `data`: `LEVEL_LEASES` for
-    an INSTALL carrying a moved key's lease attachment (`shardcmd.REC_LEASE`, a later form of
-    INSTALL that a level-3 member decodes as malformed), else `LEVEL_BASE` (garbage too: it is
-    refused where it is decoded). Only a range holding an attached key exports one, and a key is
-    attached only by a LEASE_PUT, itself level 4, so the gate is a second line of defence."""
+    """The lowest cluster version that may propose the shard command `data`: `LEVEL_COMPACT_KEEP`
+    for an INSTALL whose source kept the changes at its compact revision (the 17-byte
+    `shardcmd.REC_CLOSED`, which a level-7 member decodes as malformed), `LEVEL_LEASES` for one
+    carrying a moved key's lease attachment (`shardcmd.REC_LEASE`, a later form of INSTALL that a
+    level-3 member decodes as malformed), else `LEVEL_BASE` (garbage too: it is refused where it
+    is decoded). Only a range holding an attached key exports a lease record, and a key is
+    attached only by a LEASE_PUT, itself level 4; only a source compacted under the keep rule
+    (level 8) exports the kept form: the gate is a second line of defence."""
     if len(data) < 2 or data[1] != ShardOp.INSTALL:
         return LEVEL_BASE
+    need = LEVEL_BASE
     try:
         body = decode_shard_command(data).records
-        if any(tag == REC_LEASE for tag, _, _ in iter_records(body)):
-            return LEVEL_LEASES
+        for tag, _, value in iter_records(body):
+            if tag == REC_CLOSED and decode_closed(value)[2]:
+                need = max(need, LEVEL_COMPACT_KEEP)
+            elif tag == REC_LEASE:
+                need = max(need, LEVEL_LEASES)
     except ValueError:
-        pass
-    return LEVEL_BASE
+        return LEVEL_BASE
+    return need
 
 
 VERSIONS_KEY = b"\x00kvstore/versions"
@@ -414,17 +443,20 @@ class CommandGate:
             return
         if is_shard_command(data):
             cluster = self.version().cluster
-            if cluster < LEVEL_LEASES and install_level(data) > cluster:  # LEVEL_BASE unless an INSTALL
-                raise errors.ClusterVersionTooLow(
-                    f"an INSTALL carrying lease attachments needs cluster version {LEVEL_LEASES} "
-                    f"({FEATURES[LEVEL_LEASES]}); the cluster version is {cluster}")
+            if cluster < LEVEL_COMPACT_KEEP:
+                inst = install_level(data)  # LEVEL_BASE unless an INSTALL
+                if inst > cluster:
+                    what = "lease attachments" if inst == LEVEL_LEASES else "changes kept at its compact revision"
+                    raise errors.ClusterVersionTooLow(
+                        f"an INSTALL carrying {what} needs cluster version {inst} "
+                        f"({FEATURES[inst]}); the cluster version is {cluster}")
             return
         need = self.levels.get(data[1])
         if need is None:
             if commands.unknown_kind(data) is not None:
                 raise errors.InvalidArgument(f"command kind {data[1]} is unknown to this release")
             return
-        if self.top <= LEVEL_BASE or need <= LEVEL_BASE:
+        if self.top <= LEVEL_BASE or (need <= LEVEL_BASE and data[1] not in FORM_LEVELS):
             return
         v = self.version()
         if need <= v.cluster and data[1] in FORM_LEVELS and v.cluster < FORM_LEVELS[data[1]]:

@@ -52,8 +52,11 @@ How a watch is served:
   the watchers steps looked at).
 - **Compaction.** A start revision below a group's compact revision (or a cursor that
   compaction overtook) is canceled with COMPACTED naming it: definite, never a silent gap. A
-  start at exactly the compact revision C works, as in etcd: compaction keeps the changes at C
-  (`mvcc.compact`), so the watch gets them (without prev_kv) and then everything after.
+  start at exactly the compact revision C works, as in etcd, when the group kept the changes at
+  C (`RevState.kept`: a compaction under the keep rule, `mvcc.compact`), so the watch gets them
+  (without prev_kv) and then everything after; a group compacted under the first rule (by a
+  binary before feature level 8, or before the cluster reached it) consumed them, so a start at
+  its C is refused too until its next keep-rule compaction.
 - **Bounded memory.** A stream's queued replies are bounded (`stream_bytes`): above it the hub
   stops reading for it (its watchers fall behind and catch up from history when it drains). A
   stream that stays full for `slow_after` seconds, and the stream with the most queued bytes
@@ -147,7 +150,7 @@ class StoreSource:
         st = revs.rev_state(group)
         pending = revs.min_pending(group)
         if pending and pending <= st.last:
-            return mvcc.RevState(pending - 1, st.compact, st.next_kid)
+            return mvcc.RevState(pending - 1, st.compact, st.next_kid, st.kept)
         return st
 
     def changes(self, group: int, lo: int, hi: int, max_events: int, max_bytes: int, prev_kv: bool) -> ChangeBatch:
@@ -715,10 +718,13 @@ class WatchHub:
             # Revision 1 holds the versions written before revisions existed (one row per such
             # key, all at 1, recorded lazily): the state before history began, not changes.
             start = mvcc.LEGACY_REVISION + 1
-        if start < compact:
+        # The first start each group serves: its compact revision C if it kept the changes at C
+        # (`RevState.kept`: a compaction under the keep rule), else C + 1 (an older rule consumed them).
+        first = max(st.compact + (0 if st.kept or not st.compact else 1) for st in states.values())
+        if start < first:
             s.refuse(wid, errors.Compacted(
                 f"watch start revision {start} is compacted: the compact revision is {compact} "
-                f"(watch from {compact} or later)", compact_revision=compact))
+                f"(watch from {first} or later)", compact_revision=compact))
             return
         w = Watcher(wid, r.spec, r.groups, shards, start, start - 1, now, partial=r.partial)
         if not r.spec.start_revision and any(self.last[g] < start - 1 for g in r.groups):

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from kvstore import errors
 from kvstore.node.host import Host
 from kvstore.node.retention import check_keep, cluster_point
+from kvstore.node.version import LEVEL_COMPACT_KEEP
 from kvstore.raft import Role
 from kvstore.shard.shardmap import META_GROUP
 from kvstore.storage import commands, mvcc
@@ -27,16 +28,26 @@ from .shards import GroupCaller, ShardTracker
 log = logging.getLogger("kvstore.compaction")
 
 
-async def compact_all(caller: GroupCaller, tracker: ShardTracker, revision: int) -> int:
+def keep_rule(cluster_version: Callable[[], int] | None) -> bool:
+    """Whether a COMPACT proposed now may use the keep rule (`mvcc.compact`): only once the
+    cluster version (None: not known, the first rule) is `LEVEL_COMPACT_KEEP`, so no member
+    that applies the rules differently can meet the command (the gate refuses it below that
+    level anyway)."""
+    return cluster_version is not None and cluster_version() >= LEVEL_COMPACT_KEEP
+
+
+async def compact_all(caller: GroupCaller, tracker: ShardTracker, revision: int, keep: bool = False) -> int:
     """Compact the metadata group and every data group of the shard map at `revision` (each
-    through its leader's log). Definite InvalidArgument for a revision out of 1..2^63-1; a group
-    that cannot be reached raises (retrying is safe: compaction is idempotent)."""
+    through its leader's log), under the keep rule if `keep` (`keep_rule`; the command carries
+    the rule, every replica applies it). Definite InvalidArgument for a revision out of
+    1..2^63-1; a group that cannot be reached raises (retrying is safe: compaction is
+    idempotent)."""
     if not 0 < revision <= mvcc.REVISION_MAX:
         raise errors.InvalidArgument(f"compact revision {revision} must be positive")
     smap = tracker.map
     if smap is None:
         raise errors.NoLeader("the shard map is not known on this node yet")
-    data = commands.encode_compact(revision)
+    data = commands.encode_compact(revision, keep)
     for gid in (META_GROUP, *sorted(smap.groups)):
         res = await caller.propose(gid, data)
         if res.error:
@@ -66,6 +77,8 @@ class Retention:
         self.now_ms = now_ms
         self.compacted = 0
         """The last revision this node compacted at."""
+        self.cluster_version: Callable[[], int] | None = None
+        """The applied cluster version (the node sets it): the keep rule once it allows (`keep_rule`)."""
 
     def leads_metadata(self) -> bool:
         g = self.host.groups.get(META_GROUP)
@@ -89,7 +102,7 @@ class Retention:
         if rev <= self.compacted:
             return
         try:
-            self.compacted = await compact_all(self.caller, self.tracker, rev)
+            self.compacted = await compact_all(self.caller, self.tracker, rev, keep_rule(self.cluster_version))
         except errors.KVError as err:  # no leader, a timeout: the next round tries again
             log.warning("history retention: compacting at %d failed: %s", rev, err)
 

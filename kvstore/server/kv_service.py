@@ -11,7 +11,7 @@ unexpected exception (INTERNAL, logged), is in its reply.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -25,7 +25,7 @@ from kvstore.txnscan import has_scans
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 from .admission import Admission
-from .compaction import compact_all
+from .compaction import compact_all, keep_rule
 from .config import NodeConfig
 from .lease_service import LeaseDriver, LeaseRequests
 from .metrics import Metrics
@@ -57,6 +57,9 @@ class KVService(kv_pb2_grpc.KVServicer):
         self.cfg = cfg
         self.caller = caller
         """Proposes a COMPACT to every group's leader (None: Compact is unavailable)."""
+        self.cluster_version: Callable[[], int] | None = None
+        """The applied cluster version (the node sets it): Compact uses the keep rule once it
+        allows (`compaction.keep_rule`)."""
         self.metrics = metrics
         self.requests = KVRequests(cfg, host, wake, metrics, tracker, reads, admission, guard, caller)
         self.watch_hub = WatchHub(StoreSource(host.store), host.groups.__contains__, WatchLimits())
@@ -147,7 +150,7 @@ class KVService(kv_pb2_grpc.KVServicer):
         try:
             if self.caller is None:
                 raise errors.NoLeader("compaction is not available on this node")
-            rev = await compact_all(self.caller, rq.tracker, request.revision)
+            rev = await compact_all(self.caller, rq.tracker, request.revision, keep_rule(self.cluster_version))
             return kv_pb2.CompactResponse(error=rq.ok(), revision=rev)
         except errors.KVError as err:
             return kv_pb2.CompactResponse(error=rq.err(err))

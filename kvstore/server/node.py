@@ -222,6 +222,7 @@ class Node:
 
         self.kv = kv = KVService(cfg, host, self.wake, self.metrics, tracker, self.reads, admission, guard, caller)
         kv.orphan_sweep.cluster_version = lambda: versions.value.cluster
+        kv.cluster_version = lambda: versions.value.cluster
         self.watch = watch = WatchDriver(kv.watch_hub, host, kv.requests, self.wake)
         hub = kv.watch_hub
         m = self.metrics
@@ -305,6 +306,7 @@ class Node:
             retention = RevisionRetention(self.host, self.caller, self.tracker, cfg.history_retention_revisions,
                                           interval=cfg.history_retention_interval)
         if retention is not None:
+            retention.cluster_version = lambda: self.versions.value.cluster
             self._tasks.append(loop.create_task(retention.run(), name="history-retention"))
         for t in self._tasks:
             t.add_done_callback(self._task_ended)

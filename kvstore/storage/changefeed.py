@@ -13,8 +13,8 @@ Invariants (what watch builds on):
   which revision it is complete (`ChangeBatch.upto`);
 - a read that starts below the group's compact revision C raises `mvcc.Compacted`: changes
   there are gone, so nothing is silently skipped; the check and the read share the caller's view.
-  A read from C itself works: compaction keeps the changes at C (`mvcc.compact`), their prev_kv
-  gone (the versions before C are);
+  A read from C itself works if the group kept the changes at C (`RevState.kept`: the keep rule
+  of `mvcc.compact`), their prev_kv gone (the versions before C are); otherwise it raises too;
 - a change whose HIST row is missing or does not decode is a ValueError (the caller reports a
   corrupt store), never a skipped event.
 """
@@ -70,9 +70,9 @@ def read_changes(
 ) -> ChangeBatch:
     """The changes with `lo` <= revision <= `hi` of the group whose tables `rows` are (see the
     module docstring). Raises mvcc.Compacted if `lo` is below the compact revision (the changes
-    of [lo, compact) are gone), ValueError for a corrupt row. `lo` >= 1."""
+    of [lo, compact) are gone), or at it when its changes were not kept (`RevState.kept`), ValueError for a corrupt row. `lo` >= 1."""
     st = mvcc.rev_state(rows)
-    if lo < st.compact:
+    if lo < st.compact or (lo == st.compact and not st.kept):
         raise mvcc.Compacted(st.compact)
     out = ChangeBatch(st, [], hi)
     if hi < lo:

@@ -12,7 +12,10 @@ Command wire format (big-endian, `struct`; never pickle or json):
     PUT      key_len:u32  key  value                          (value = the rest)
     DELETE   key_len:u32  key                                 (nothing may follow)
     CAS      flags:u8 (bit 0 = expect_absent)  key_len:u32  expected_len:u32  key  expected  value
-    COMPACT  revision:u64                                     (compact history at it; no key)
+    COMPACT  revision:u64 [keep:u8 = 1]                       (compact history at it; no key;
+                                                               with the keep byte: under the
+                                                               keep rule, `mvcc.compact`,
+                                                               feature level 8)
     CLOSE    revision:u64                                     (close the group at it; no key,
                                                                no session)
     TXN      txn                                              (`txn.py`'s encoding, the rest;
@@ -149,6 +152,9 @@ _BODY_ONLY = (Op.COMPACT, Op.CLOSE)
 
 _OPS = {int(o): o for o in Op}
 
+_COMPACT_KEEP = 1
+"""The COMPACT body's trailing byte of its keep-rule form."""
+
 
 @dataclass(slots=True)
 class Command:
@@ -183,6 +189,10 @@ class Command:
     """TXN: the transaction (its key is b"", its value and expected empty)."""
     x: XCmd | None = None
     """PREPARE .. FINALIZE: the cross-group command's body (`x.op` is the command's op)."""
+    keep: bool = False
+    """COMPACT: compact under the keep rule (the changes at the compact revision stay; the form
+    with the keep byte, feature level 8, `node.version.LEVEL_COMPACT_KEEP`); False: the first
+    rule (consumed), the only one binaries before that level know."""
     lease: LeaseCmd | None = None
     """LEASE_*: the lease fields (`leases.py`); LEASE_PUT's key and value are `key` and `value`,
     the other lease commands have neither."""
@@ -243,9 +253,10 @@ class Command:
                    revision=revision, x=x)
 
     @classmethod
-    def compact(cls, revision: int) -> Command:
-        """Compact the group's history at `revision` (no session: compaction is idempotent)."""
-        return cls(Op.COMPACT, b"", revision=revision)
+    def compact(cls, revision: int, keep: bool = False) -> Command:
+        """Compact the group's history at `revision` (no session: compaction is idempotent),
+        under the keep rule if `keep` (only once the cluster version allows it)."""
+        return cls(Op.COMPACT, b"", revision=revision, keep=keep)
 
     @classmethod
     def close(cls, revision: int) -> Command:
@@ -300,6 +311,8 @@ def encode_command(cmd: Command) -> bytes:
         if not 0 <= n <= U64_MAX:
             raise ValueError(f"{name} {n} is not a 64-bit unsigned integer")
     rev = 0 if cmd.op in _BODY_ONLY else cmd.revision
+    if cmd.keep and cmd.op != Op.COMPACT:
+        raise ValueError(f"{cmd.op.name} has no keep rule (only COMPACT has)")
     head = _HEAD.pack(
         FORMAT_VERSION, int(cmd.op), cmd.client_id, cmd.seq, cmd.ack, _RETRY if cmd.retry else 0, cmd.horizon, rev
     )
@@ -308,7 +321,7 @@ def encode_command(cmd: Command) -> bytes:
             raise ValueError(f"{cmd.op.name} carries no key or value")
         if cmd.op == Op.CLOSE and (cmd.client_id or cmd.seq or cmd.ack or cmd.retry or cmd.horizon):
             raise ValueError("CLOSE carries no session")
-        return head + _U64.pack(cmd.revision)
+        return head + _U64.pack(cmd.revision) + (bytes((_COMPACT_KEEP,)) if cmd.keep else b"")
     if cmd.op == Op.TXN:
         if key or cmd.value or cmd.expected or cmd.expect_absent or cmd.txn is None:
             raise ValueError("TXN carries a transaction and no key or value")
@@ -417,8 +430,9 @@ def encode_cas(
     return b"".join((head, _CAS.pack(flags, len(key), len(expected)), key, expected, value))
 
 
-def encode_compact(revision: int) -> bytes:
-    return encode_command(Command.compact(revision))
+def encode_compact(revision: int, keep: bool = False) -> bytes:
+    """A COMPACT at `revision`; with `keep`, its keep-rule form (feature level 8)."""
+    return encode_command(Command.compact(revision, keep))
 
 
 def encode_close(revision: int) -> bytes:
@@ -475,10 +489,14 @@ def decode_command(data: bytes) -> Command:
     if kind is None:
         raise ValueError(f"unknown command op {op}")
     if kind == Op.COMPACT:
-        if version != FORMAT_VERSION or n != pos + _U64.size or revision:
+        if version != FORMAT_VERSION or n not in (pos + _U64.size, pos + _U64.size + 1) or revision:
             raise ValueError("malformed COMPACT command")
+        keep = n == pos + _U64.size + 1
+        if keep and data[-1] != _COMPACT_KEEP:
+            raise ValueError(f"COMPACT command with an unknown rule byte {data[-1]:#x}")
         (at,) = _U64.unpack_from(data, pos)
-        return Command(Op.COMPACT, b"", client_id=client_id, seq=seq, ack=ack, retry=retry, horizon=horizon, revision=at)
+        return Command(Op.COMPACT, b"", client_id=client_id, seq=seq, ack=ack, retry=retry, horizon=horizon,
+                       revision=at, keep=keep)
     if kind == Op.CLOSE:
         if version != FORMAT_VERSION or n != pos + _U64.size or revision:
             raise ValueError("malformed CLOSE command")

@@ -63,6 +63,7 @@ from .shardcmd import (
     REC_LEASE,
     REC_RESULT,
     ShardState,
+    encode_closed,
     encode_record,
 )
 from .snapfile import (
@@ -682,7 +683,7 @@ class KVState:
         def gen() -> Iterator[tuple[bytes, int]]:
             rows = LmdbRows(txn, group, rev_dbs(env))
             rst = _rev_state(rows)
-            buf: list[bytes] = [encode_record(REC_CLOSED, b"", U64_PAIR.pack(rst.last, rst.compact))]
+            buf: list[bytes] = [encode_record(REC_CLOSED, b"", encode_closed(rst.last, rst.compact, rst.kept))]
             size = len(buf[0])
             keys = 0
             for k, v in _iter_range(txn, env.db(DB_DATA), group, b"", None):

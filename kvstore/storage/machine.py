@@ -111,6 +111,7 @@ from .shardcmd import (
     U64_PAIR,
     ShardOp,
     ShardState,
+    decode_closed,
     decode_shard_command,
     is_shard_command,
     iter_records,
@@ -300,7 +301,7 @@ def execute(view: StateView, cmd: Command) -> ApplyResult:
             assert cmd.x is not None  # decode_command guarantees it
             return xtxn_apply.apply(view, cmd.x, cmd.revision)
         if op == Op.COMPACT:
-            return compact(view, cmd.revision)
+            return compact(view, cmd.revision, cmd.keep)
         if op == Op.CLOSE:
             return close(view, cmd.revision)
         if cmd.lease is not None:
@@ -443,9 +444,9 @@ def _locked(view: StateView, cmd: Command) -> ApplyResult | None:
         return ApplyResult(error=f"revision refused: {err}")
 
 
-def compact(view: StateView, revision: int) -> ApplyResult:
+def compact(view: StateView, revision: int, keep: bool) -> ApplyResult:
     """Compact the group's history at `revision` (result revision: the group's compact revision
-    afterwards)."""
+    afterwards) under the rule the command names (`keep`: `mvcc.compact`), whatever this binary."""
     if not 0 < revision <= mvcc.REVISION_MAX:
         return ApplyResult(error=f"compact revision {revision} is out of range")
     rows = view.mvcc
@@ -453,7 +454,7 @@ def compact(view: StateView, revision: int) -> ApplyResult:
     pending = xtxn_apply.min_pending(rows)
     if pending:  # a cross-group commit may still write at or above it
         revision = min(revision, pending - 1)
-    new = mvcc.compact(rows, st, revision)
+    new = mvcc.compact(rows, st, revision, keep)
     if new != st:
         rows.put(mvcc.T_STATE, b"", new.encode())
     return ApplyResult(revision=new.compact)
@@ -470,7 +471,7 @@ def close(view: StateView, revision: int) -> ApplyResult:
     st = mvcc.rev_state(rows)
     if revision <= st.last:
         return ApplyResult(revision=st.last)
-    rows.put(mvcc.T_STATE, b"", mvcc.RevState(revision, st.compact, st.next_kid).encode())
+    rows.put(mvcc.T_STATE, b"", mvcc.RevState(revision, st.compact, st.next_kid, st.kept).encode())
     return ApplyResult(revision=revision)
 
 
@@ -616,11 +617,16 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
         records = list(iter_records(cmd.records))
         histories: dict[bytes, list[tuple[int, bytes]]] = {}
         closed = compacted = 0
+        keep = False
         for tag, key, value in records:  # all checks first: a refused INSTALL changes nothing
             if tag == REC_CLOSED:
-                at, comp = U64_PAIR.unpack(value)  # comp <= at: checked by iter_records
+                at, comp, kept = decode_closed(value)  # well-formed, comp <= at: checked by iter_records
                 if at > mvcc.PROPOSAL_MAX:
                     return ApplyResult(error=f"install with a closed revision {at} out of range")
+                if comp > compacted:
+                    keep = kept
+                elif comp == compacted:
+                    keep = keep and kept
                 closed, compacted = max(closed, at), max(compacted, comp)
             if tag == REC_HISTORY:
                 try:
@@ -641,17 +647,18 @@ def apply_shard_command(view: StateView, data: bytes) -> ApplyResult:
             rows = view.mvcc
             rst = mvcc.rev_state(rows)
             if closed > rst.last:  # the source's closed revision: later writes here go above it
-                rst = mvcc.RevState(closed, rst.compact, rst.next_kid)
-            if compacted > rst.compact:
+                rst = mvcc.RevState(closed, rst.compact, rst.next_kid, rst.kept)
+            if compacted and compacted >= rst.compact:
                 # The source compacted further: the moved keys' versions below its compact
                 # revision are gone, so this group's history below it is no longer whole either.
                 # Compact this group's own history there first (deterministic, like any COMPACT;
                 # after `last` is raised to the source's closed revision, so the compaction
-                # reaches `compacted` and consumes every change below it), then the moved rows
-                # land (change-log rows at and above it only).
-                rst = mvcc.compact(rows, rst, compacted)
-            if compacted > rst.compact:  # compact() stops at this group's old last revision
-                rst = mvcc.RevState(rst.last, compacted, rst.next_kid)
+                # reaches `compacted` and consumes every change below it), under the rule the
+                # source's compaction followed, as its record says (`keep`: never this binary's
+                # choice), then the moved rows land (change-log rows above it, and at it if
+                # kept). At the same compact revision a kept target whose source did not keep
+                # consumes its own changes there (the moved keys' are gone: no silent gap).
+                rst = mvcc.compact(rows, rst, compacted, keep)
             for key, versions in histories.items():
                 rst = mvcc.install_history(rows, rst, key, versions)
             rows.put(mvcc.T_STATE, b"", rst.encode())

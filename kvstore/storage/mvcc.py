@@ -29,11 +29,12 @@ A key is identified in history by a group-local id (`kid`) because LMDB keys are
 bytes: user key + revision would not fit for the longest keys. Invariants:
 - every key with a KEYS row has at least one HIST row; its newest HIST row is its current state
   (a PUT row with the value in `data`, or a DELETE tombstone when the key is absent);
-- CHANGES holds exactly the (kid, revision) pairs of HIST at or above the compact revision C
-  (compaction consumed the change-log rows below it; the rows at C stay, for a watch from C);
+- CHANGES holds exactly the (kid, revision) pairs of HIST above the compact revision C, and
+  those at C too if the revision state is `kept` (a compaction under the keep rule left them for
+  a watch from C; `compact`), none at C otherwise;
 - after compaction at C, each key keeps only its newest version at or below C (none if that is a
-  tombstone below C; a tombstone at exactly C stays until the next compaction) and every version
-  above C;
+  tombstone below C, or at C under the first rule; under the keep rule a tombstone at exactly C
+  stays until the next compaction) and every version above C;
 - a key in `data` without a KEYS row is a LEGACY key, written before revisions existed: it reads
   as create_revision = mod_revision = version = `LEGACY_REVISION` (1); its first write under
   revisions first records that version as a HIST row at revision 1. This is the migration: lazy
@@ -93,6 +94,8 @@ _ROW_PACK = _ROW.pack
 _STATE_PACK = _STATE.pack
 _STATE_UNPACK = _STATE.unpack
 _STATE_SIZE = _STATE.size
+_KEPT = b"\x01"
+"""The revision state row's trailing byte when the rows at the compact revision were kept."""
 _KEYROW_PACK = _KEYROW.pack
 _KEYROW_UNPACK = _KEYROW.unpack
 _KEYROW_SIZE = _KEYROW.size
@@ -160,15 +163,32 @@ class RevState:
     last: int = 0
     compact: int = 0
     next_kid: int = 1
+    kept: bool = False
+    """The change-log rows (and tombstones) at exactly `compact` were kept (a compaction under
+    the keep rule, `compact(keep=True)`, an INSTALL from such a source, a restore): a watch from
+    `compact` is served. False after a compaction under the first rule (everything at `compact`
+    consumed, as binaries before feature level `LEVEL_COMPACT_KEEP` compact), and when nothing
+    was compacted. Invariant: CHANGES holds rows at `compact` only if `kept`."""
 
     def encode(self) -> bytes:
-        return _STATE.pack(self.last, self.compact, self.next_kid)
+        """24 bytes (last, compact, next_kid) when not `kept`: exactly what binaries before the
+        flag write and read; 25 with a trailing 1 when `kept` (only written once the cluster is at
+        the keep rule's level, so no older binary meets it)."""
+        raw = _STATE.pack(self.last, self.compact, self.next_kid)
+        return raw + _KEPT if self.kept else raw
 
     @staticmethod
     def decode(raw: bytes) -> RevState:
-        if len(raw) != _STATE.size:
-            raise ValueError(f"revision state row of {len(raw)} bytes (expected {_STATE.size})")
-        return RevState(*_STATE.unpack(raw))
+        """Total: ValueError for anything but the two canonical forms `encode` writes."""
+        n = len(raw)
+        if n == _STATE.size:
+            return RevState(*_STATE.unpack(raw))
+        if n == _STATE.size + 1 and raw[-1:] == _KEPT:
+            last, compact, next_kid = _STATE.unpack_from(raw)
+            return RevState(last, compact, next_kid, True)
+        if n == _STATE.size + 1:
+            raise ValueError(f"revision state row with an unknown flag byte {raw[-1]:#x}")
+        raise ValueError(f"revision state row of {n} bytes (expected {_STATE.size} or {_STATE.size + 1})")
 
 
 @dataclass(slots=True)
@@ -385,10 +405,14 @@ def write_version(
     the key's intent held every other write of it back, so it is above the key's own versions);
     last := max(last, proposed)."""
     raw = rows.get(T_STATE, b"")
+    kept = b""
     if raw is None:
         last, compact, next_kid = 0, 0, 1
     elif len(raw) == _STATE_SIZE:
         last, compact, next_kid = _STATE_UNPACK(raw)
+    elif len(raw) == _STATE_SIZE + 1 and bytes(raw[-1:]) == _KEPT:
+        last, compact, next_kid = _STATE_UNPACK(bytes(raw[:_STATE_SIZE]))
+        kept = _KEPT
     else:
         raise RevisionError(f"corrupt revision state: a row of {len(raw)} bytes")
     if commit:
@@ -435,22 +459,31 @@ def write_version(
             create, version = rev, 1
         hrow = _ROW_PACK(KIND_PUT, create, version) + value
     rows.record(key, _PAIR_PACK(kid, rev), hrow, _PAIR_PACK(rev, kid), _KEYROW_PACK(kid, create, rev, version))
-    rows.put(T_STATE, b"", _STATE_PACK(rev if rev > last else last, compact, next_kid))
+    rows.put(T_STATE, b"", _STATE_PACK(rev if rev > last else last, compact, next_kid) + kept)
     return rev
 
 
-def compact(rows: Rows, st: RevState, rev: int) -> RevState:
+def compact(rows: Rows, st: RevState, rev: int, keep: bool) -> RevState:
     """Compact history at `rev` = C (clamped to the group's last revision; never backwards): walk
-    the changes in [old compact, C]; each one supersedes every older version of its key. A change
-    below C is consumed: its change-log row goes, and so does its version if it is a tombstone
-    (and the key's id once it has no rows left). The changes at exactly C stay whole (version and
-    change-log row, tombstones too): a watch from C delivers them, as etcd's watch from its
-    compact revision does (without prev_kv: the versions before C are gone). The next compaction
-    walks from C again and consumes them. Work is proportional to the changes compacted."""
+    the changes from the old compact revision (itself included only if its rows were `kept`)
+    through C (C may be the old compact revision only under the first rule with its rows kept:
+    they are consumed then; otherwise a C at or below it changes nothing); each one supersedes every older version of its key, and is consumed: its
+    change-log row goes, and so does its version if it is a tombstone (and the key's id once it
+    has no rows left). Work is proportional to the changes compacted.
+
+    Two rules, chosen by the COMPACT command (never by the binary, so every replica of a group
+    applies one command identically during a rolling upgrade): with `keep` (the keep rule,
+    feature level `LEVEL_COMPACT_KEEP`) the changes at exactly C stay whole (version and
+    change-log row, tombstones too) and the result is `kept`: a watch from C delivers them, as
+    etcd's watch from its compact revision does (without prev_kv: the versions before C are
+    gone); the next compaction walks from C again and consumes them. Without it (the first
+    rule, what binaries before that level do) the changes at C are consumed too and the result
+    is not `kept`: a watch from C is refused."""
     c = min(rev, st.last)
-    if c <= st.compact:
-        return st
-    lo = _PAIR.pack(st.compact, 0) if st.compact else b""
+    if c < st.compact or (c == st.compact and (keep or not st.kept)):
+        return st  # at the compact revision itself only the first rule on kept rows does anything
+    start = st.compact if st.kept else st.compact + 1
+    lo = _PAIR.pack(start, 0) if st.compact else b""
     hi = _PAIR.pack(c + 1, 0) if c < REVISION_MAX else None
     done: list[tuple[bytes, int, int, bytes]] = [
         (bytes(k), *_PAIR.unpack(bytes(k)), bytes(v)) for k, v in rows.iter(T_CHANGES, lo, hi)
@@ -459,7 +492,7 @@ def compact(rows: Rows, st: RevState, rev: int) -> RevState:
         older = [bytes(k) for k, _ in rows.iter(T_HIST, _PAIR.pack(kid, 0), _PAIR.pack(kid, r))]
         for k in older:
             rows.delete(T_HIST, k)
-        if r == c:
+        if keep and r == c:
             continue
         rows.delete(T_CHANGES, ck)
         hk = _PAIR.pack(kid, r)
@@ -468,7 +501,7 @@ def compact(rows: Rows, st: RevState, rev: int) -> RevState:
             rows.delete(T_HIST, hk)
             if rows.last_le(T_HIST, _PAIR.pack(kid, 0), _PAIR.pack(kid, REVISION_MAX)) is None:
                 rows.delete(T_KEYS, key)
-    return RevState(st.last, c, st.next_kid)
+    return RevState(st.last, c, st.next_kid, keep)
 
 
 def forget_key(rows: Rows, key: bytes) -> None:
@@ -507,12 +540,12 @@ def install_history(rows: Rows, st: RevState, key: bytes, versions: list[tuple[i
     for r, row in versions:
         v = decode_row(r, row)  # total: the caller turns ValueError into a refusal
         rows.put(T_HIST, _PAIR.pack(kid, r), row)
-        if r >= st.compact:
+        if r > st.compact or (st.kept and r == st.compact):
             rows.put(T_CHANGES, _PAIR.pack(r, kid), key)
         last = max(last, r)
         meta = v.meta if v.value is not None else KeyMeta(0, r, 0)
     _put_key_row(rows, key, kid, meta)
-    return RevState(last, st.compact, kid + 1)
+    return RevState(last, st.compact, kid + 1, st.kept)
 
 
 def encode_versions(versions: list[tuple[int, bytes]]) -> bytes:

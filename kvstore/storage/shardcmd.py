@@ -26,8 +26,9 @@ with their format version 1, shard commands with `SHARD_MAGIC`).
     token = u64;
     records = (tag:u8 key_len:u32 value_len:u32 key value)*, tag 1 = data row (key, value),
     2 = session floor (client:u64, floor:u64), 3 = session result (client:u64 seq:u64, result),
-    4 = a key's history, 5 = the source's closed and compact revisions, 6 = a key's lease
-    attachment (key, lease id:u64; `REC_LEASE`, feature level 4)
+    4 = a key's history, 5 = the source's closed and compact revisions (and, from feature
+    level 8, whether it kept the rows at the compact revision: `encode_closed`), 6 = a key's
+    lease attachment (key, lease id:u64; `REC_LEASE`, feature level 4)
 
 Invariants (with `machine.apply_command`):
 - a group serves a key iff its hash is in the group's active set (a group without shard state,
@@ -70,7 +71,35 @@ u64 last, u64 compact, compact <= last): the target's last revision is raised to
 read at R the source answered for a moved key (source last >= R) is not changed by a later write
 of the target; its compact revision to the second, so no read or watch of the target below it
 sees a moved key's history with the versions the source had compacted missing
-(docs/REVISIONS.md)."""
+(docs/REVISIONS.md). A 17-byte value ends with 1: the source kept the changes at its compact
+revision (`mvcc.RevState.kept`), so the target compacts under the keep rule
+(`machine.apply_shard_command`); only a source under the keep rule (feature level 8,
+`node.version.install_level`) exports that form."""
+_KEPT = b"\x01"
+
+
+def encode_closed(last: int, compact: int, kept: bool) -> bytes:
+    """A `REC_CLOSED` record's value: 16 bytes (last, compact), 17 with a trailing 1 if `kept`."""
+    raw = U64_PAIR.pack(last, compact)
+    return raw + _KEPT if kept else raw
+
+
+def decode_closed(value: bytes) -> tuple[int, int, bool]:
+    """(last, compact, kept) of a `REC_CLOSED` value; ValueError for anything but the two forms
+    `encode_closed` writes, or compact above last."""
+    n = len(value)
+    if n == U64_PAIR.size:
+        kept = False
+    elif n == U64_PAIR.size + 1 and value[-1:] == _KEPT:
+        kept = True
+    else:
+        raise ValueError("install closed-revision record is not (empty, u64 last, u64 compact[, kept 1])")
+    last, comp = U64_PAIR.unpack_from(value)
+    if comp > last:
+        raise ValueError(f"install closed-revision record with compact {comp} above last {last}")
+    return last, comp, kept
+
+
 REC_LEASE = 6
 """A moved key's lease attachment (key, lease id u64: a valid id, `leases.check_id`): the INSTALL
 attaches the key to the lease in the target as a LEASE_PUT would (`machine.apply_shard_command`).
@@ -209,11 +238,9 @@ def iter_records(data: bytes) -> Iterator[tuple[int, bytes, bytes]]:
         if tag == REC_FLOOR and (kl != 8 or vl != 8):
             raise ValueError("install floor record is not (u64, u64)")
         if tag == REC_CLOSED:
-            if kl != 0 or vl != 16:
-                raise ValueError("install closed-revision record is not (empty, u64 last, u64 compact)")
-            last, comp = U64_PAIR.unpack(value)
-            if comp > last:
-                raise ValueError(f"install closed-revision record with compact {comp} above last {last}")
+            if kl != 0:
+                raise ValueError("install closed-revision record has a key")
+            decode_closed(value)
         if tag == REC_LEASE:
             if vl != 8:
                 raise ValueError("install lease record's value is not a lease id (u64)")

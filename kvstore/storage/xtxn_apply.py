@@ -408,7 +408,7 @@ def _prepare(view: View, rows: mvcc.Rows, c: XCmd, proposed: int) -> ApplyResult
         if c.lease:
             rows.put(mvcc.T_TXN, xtxn.row_lease_lock(c.txn), xtxn.encode_lease_lock(it, c.lease))
         rs = mvcc.rev_state(rows)
-        rows.put(mvcc.T_STATE, b"", mvcc.RevState(p, rs.compact, rs.next_kid).encode())
+        rows.put(mvcc.T_STATE, b"", mvcc.RevState(p, rs.compact, rs.next_kid, rs.kept).encode())
     return ApplyResult(
         revision=p, txn=txn.TxnResult(True, tuple(gets), p),
         current=_prepare_answer(c, found, lease_answer),

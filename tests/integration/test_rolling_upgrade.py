@@ -7,7 +7,9 @@ are replaced one at a time (SIGTERM, then the current release on the same data d
 cluster version stays 1 while any member runs the previous release (a TXN is refused, nothing
 written) and rises (to the current release's level, at least 2) only once every member runs the
 current one; then a TXN commits, and
-every acknowledged write of the whole upgrade is there.
+every acknowledged write of the whole upgrade is there. A COMPACT in the mixed cluster is proposed
+under the first rule (the one both releases apply); once the cluster version reaches level 8, one
+keeps the changes at its revision, and a watch from exactly it gets them.
 
 Needs git and the repository's history (`.ci/run` runs on a clone of main with it, and unshallows
 a shallow one when it can); skipped without them, a failure in CI (CI=true) on a full clone.
@@ -159,12 +161,21 @@ def test_rolling_upgrade_from_the_previous_release_raises_the_cluster_version_la
                         c.txn([], [Op.put(b"txn/early", b"x")])
                     assert not refused.value.indeterminate, refused.value
                     assert c.get(b"txn/early") is None
+                    if step == 1:  # a COMPACT in the mixed cluster: the first rule, which both releases apply alike
+                        c.put(b"cmp/a", b"1")
+                        at = c.put(b"cmp/a", b"2")
+                        assert c.compact(at) == at
         _wait(lambda: all(_status_levels(n) == (SUPPORTED_LEVEL, SUPPORTED_LEVEL) for n in nodes.values()),
               "the cluster version rising to the current release's level once every member runs it")
         with Client(endpoints, timeout=5.0) as c:
             res = c.txn([], [Op.put(b"txn/after", b"ok")])
             assert res.succeeded
             assert c.get(b"txn/after") == b"ok"
+            # At level 8 compaction keeps the changes at its revision: a watch from exactly it gets them.
+            at = c.put(b"cmp/b", b"kept")
+            assert c.compact(at) == at
+            first = next(iter(c.watch(prefix=b"cmp/", start_revision=at)))
+            assert (first.revision, first.key, first.value) == (at, b"cmp/b", b"kept")
         writer.stop.set()
         writer.join(timeout=30)
         assert len(writer.acked) >= 80

@@ -202,7 +202,7 @@ def test_restore_five_members_four_groups(tmp_path: Path) -> None:
                 assert all(key_hash(k) in smap.bootstrap_ranges(g) for k in rows)
                 assert held.setdefault(g, rows) == rows  # every replica of a group holds the same
                 kv = store.revisions
-                assert kv.rev_state(g) == mvcc.RevState(REV, REV, n + 1)  # last = compact = R
+                assert kv.rev_state(g) == mvcc.RevState(REV, REV, n + 1, True)  # last = compact = R, its rows kept
                 for k in keys:
                     if k.key in rows:
                         v, _ = kv.get_version(g, k.key, REV)  # a read at R: the backup's version

@@ -303,7 +303,7 @@ def test_a_moved_range_lands_in_a_group_compacted_at_least_at_the_sources_compac
     puts = [cmds.encode_put(b"m", b"v%d" % i, revision=NOW) for i in range(4)]
     revs = [res.revision for res in _append_apply(src, 1, puts)[-4:]]  # (the bootstrap's entry first)
     c = revs[2]
-    assert _append_apply(src, 1, [cmds.encode_compact(c)])[-1].error is None
+    assert _append_apply(src, 1, [cmds.encode_compact(c, keep=True)])[-1].error is None
     rng = IntervalSet([(key_hash(b"m"), key_hash(b"m"))])
     assert _append_apply(src, 1, [encode_shard_command(ShardOp.FREEZE, rng, move=1)])[-1].error is None
     records = b"".join(chunk for chunk, _ in src.export_range(1, rng, 1 << 20))
@@ -316,7 +316,7 @@ def test_a_moved_range_lands_in_a_group_compacted_at_least_at_the_sources_compac
     assert dst.apply(encode_shard_command(ShardOp.INSTALL, records=records, move=1, token=5)).error is None
     assert dst.apply(encode_shard_command(ShardOp.ACTIVATE, rng, move=1, token=5)).error is None
     st = mvcc.rev_state(dst.rows)
-    assert st.compact == c and st.last >= revs[-1]
+    assert st.compact == c and st.last >= revs[-1] and st.kept  # the source kept C: so does the target
     # at and above C: the moved key reads as at the source
     for at, want in ((c, b"v2"), (revs[3], b"v3")):
         assert mvcc.version_at(dst.rows, b"m", at, dst.data[b"m"]).value == want  # type: ignore[union-attr]

@@ -152,7 +152,8 @@ def _command(op: tuple[str, bytes, bytes, int], revs: list[int]) -> bytes:
         return cmds.encode_delete(key, revision=proposed)
     if kind == "cas":
         return cmds.encode_cas(key, False, value, value + b"!", revision=proposed)
-    return cmds.encode_compact(revs[n % len(revs)] if revs else 1)
+    # Both rules, mixed (each COMPACT names its own: the keep rule on even n).
+    return cmds.encode_compact(revs[n % len(revs)] if revs else 1, keep=n % 2 == 0)
 
 
 class Model:
@@ -162,6 +163,7 @@ class Model:
         self.states: list[tuple[int, dict[bytes, tuple[bytes, int, int]]]] = []
         self.now: dict[bytes, tuple[bytes, int, int]] = {}
         self.compact = 0
+        self.kept = False
 
     def write(self, rev: int, key: bytes, value: bytes | None) -> None:
         if value is None:
@@ -194,6 +196,7 @@ def _run(ops: list[tuple[str, bytes, bytes, int]], group: int) -> tuple[DictStat
         if op[0] == "compact":
             m.compact = res.revision
             assert res.revision == mvcc.rev_state(s.rows).compact
+            m.kept = mvcc.rev_state(s.rows).kept
             continue
         changed = s.data != before or (op[0] == "put" and op[1] in before)
         if op[0] == "cas" and not res.swapped:
@@ -232,12 +235,14 @@ def _check(read: object, m: Model, keys: list[bytes]) -> None:
 def test_history_matches_a_model_at_every_revision(ops: list[tuple[str, bytes, bytes, int]]) -> None:
     s, m, _ = _run(ops, 5)
     _check(lambda k, r: mvcc.version_at(s.rows, k, r, s.data.get(k)), m, KEYS)
-    # The change feed a watch will read: every write at or above the compact revision, in order
-    # (compaction keeps the changes at exactly it: a watch from it gets them).
-    after = [r for r, _ in m.states if r >= m.compact]
+    # The change feed a watch will read: every write above the compact revision, in order, and
+    # at it too if the last compaction kept them (the keep rule: a watch from it gets them).
+    lo = m.compact if m.kept else m.compact + 1
+    after = [r for r, _ in m.states if r >= lo]
     assert [r for r, _ in mvcc.changes_from(s.rows, m.compact)] == after
     # Compaction keeps at most the newest version at or below the compact revision per key (a
-    # tombstone only at exactly it), and the change log holds exactly the versions at or above it.
+    # tombstone only at exactly it, and only if kept), and the change log holds exactly the
+    # versions from `lo` on.
     kids = {k: mvcc.kid_of(s.rows, k) for k in KEYS}
     feed = {(r, k) for r, k in mvcc.changes_from(s.rows, 0)}
     for k, kid in kids.items():
@@ -248,9 +253,9 @@ def test_history_matches_a_model_at_every_revision(ops: list[tuple[str, bytes, b
         assert revs, "a key id without history rows"
         assert len([r for r in revs if r <= m.compact]) <= 1
         for r, row in hist:
-            if r < m.compact:
+            if r < lo:
                 assert mvcc.decode_row(r, row).value is not None, "a tombstone below the compact revision"
-        assert {(r, k) for r in revs if r >= m.compact} == {(r, kk) for r, kk in feed if kk == k}
+        assert {(r, k) for r in revs if r >= lo} == {(r, kk) for r, kk in feed if kk == k}
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -289,7 +294,8 @@ def test_lmdb_history_and_its_snapshot_match_the_model(ops: list[tuple[str, byte
             meta, chunks = a.snapshot_chunks(4)
             path = b.receive_snapshot(4, list(chunks))
             b.persist_and_apply([GroupWrite(4, [], HardState(1, 0, meta.index), meta, path)], ())
-            assert b._kv.rev_state(4) == kv.rev_state(4)
+            assert b._kv.rev_state(4) == kv.rev_state(4)  # the kept flag too (a follower installed from it agrees)
+            assert b._kv.rev_state(4).kept == m.kept
             _check(lambda k, r: b._kv.get_version(4, k, r)[0], m, KEYS)
         finally:
             a.close()

@@ -205,7 +205,7 @@ def test_filters_and_single_key() -> None:
 def test_compacted_start_and_a_watcher_overtaken_by_compaction_are_canceled_naming_it() -> None:
     c = Cluster(groups=(1, 2))
     revs = [c.put(1 + i % 2, f"k{i}".encode(), b"v") for i in range(10)]
-    [res] = c.apply(1, [commands.encode_compact(revs[4])])
+    [res] = c.apply(1, [commands.encode_compact(revs[4], keep=True)])
     assert res is not None
     compact = res.revision
     hub = c.hub(WatchLimits(read_events=1, step_events=1))
@@ -219,7 +219,7 @@ def test_compacted_start_and_a_watcher_overtaken_by_compaction_are_canceled_nami
     assert hub.step(0.0)
     first = s.take()
     assert first[0].created and len(events(first)) == 1
-    c.apply(1, [commands.encode_compact(revs[9])])
+    c.apply(1, [commands.encode_compact(revs[9], keep=True)])
     hub.applied([1])
     got = drain(hub, s)
     assert got[-1].canceled and isinstance(got[-1].error, errors.Compacted) and got[-1].resume_revision == 0
@@ -240,7 +240,7 @@ def test_a_start_at_exactly_the_compact_revision_gets_its_changes_without_prev_k
     c.apply(1, [commands.encode_close(later)])
     hub = c.hub()
     for at, want in ((r_put, (r_put, b"ka", PUT, b"2")), (r_del, (r_del, b"kb", DELETE, None))):
-        [res] = c.apply(1, [commands.encode_compact(at)])
+        [res] = c.apply(1, [commands.encode_compact(at, keep=True)])
         assert res is not None and res.revision == at
         s = hub.open()
         s.create(WatchSpec.make(b"k", b"l", start_revision=at, prev_kv=True), (1, 2), 1)
@@ -254,6 +254,36 @@ def test_a_start_at_exactly_the_compact_revision_gets_its_changes_without_prev_k
         [refused] = [r for r in got if r.watch_id == 2]
         assert refused.canceled and isinstance(refused.error, errors.Compacted)
         assert refused.compact_revision == at
+
+
+def test_a_start_at_the_compact_revision_is_refused_unless_its_changes_were_kept() -> None:
+    """A group compacted under the first rule (a binary before feature level 8, or before the
+    cluster reached it) consumed the changes at its compact revision C: a start at C is refused
+    (COMPACTED naming C, a start at C + 1 is served), as is a lagging watcher's read from C,
+    never a silent gap; its next keep-rule compaction at C2 serves a start at C2 again."""
+    c = Cluster(groups=(1,))
+    r1 = c.put(1, b"ka", b"1")
+    r2 = c.put(1, b"kb", b"1")
+    r3 = c.put(1, b"ka", b"2")
+    [res] = c.apply(1, [commands.encode_compact(r2)])
+    assert res is not None and res.revision == r2
+    assert not c.store.revisions.rev_state(1).kept
+    hub = c.hub()
+    s = hub.open()
+    s.create(WatchSpec.make(b"k", b"l", start_revision=r2), (1,), 1)
+    s.create(WatchSpec.make(b"k", b"l", start_revision=r2 + 1), (1,), 2)
+    got = drain(hub, s)
+    [refused] = [r for r in got if r.watch_id == 1]
+    assert refused.canceled and isinstance(refused.error, errors.Compacted)
+    assert refused.compact_revision == r2 and f"watch from {r2 + 1}" in refused.cancel_reason
+    assert events([r for r in got if r.watch_id == 2]) == [(r3, b"ka", PUT, b"2")]
+    [res] = c.apply(1, [commands.encode_compact(r3, keep=True)])
+    assert res is not None and res.revision == r3 and c.store.revisions.rev_state(1).kept
+    s = hub.open()
+    s.create(WatchSpec.make(b"k", b"l", start_revision=r3), (1,), 3)
+    got = drain(hub, s)
+    assert got[0].created and events(got) == [(r3, b"ka", PUT, b"2")]
+    assert r1 < r2
 
 
 def test_start_one_begins_after_the_legacy_revision() -> None:
