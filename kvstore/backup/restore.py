@@ -53,7 +53,6 @@ from kvstore.storage.shardcmd import ShardState
 from kvstore.storage.snapfile import (
     TAG_DATA,
     TAG_LEASES,
-    TAG_REV_CHANGES,
     TAG_REV_HIST,
     TAG_REV_KEYS,
     TAG_REV_STATE,
@@ -103,13 +102,14 @@ def group_records(
             yield TAG_REV_KEYS, k.key, mvcc.encode_key_row(kid, meta)
             yield TAG_REV_HIST, mvcc.hist_key(kid, k.mod_revision), mvcc.encode_row(
                 mvcc.KIND_PUT, k.create_revision, k.version, k.value)
-            if k.mod_revision == revision:  # the change log holds the versions at the compact revision R
-                yield TAG_REV_CHANGES, mvcc.change_key(revision, kid), k.key
             kid += 1
     if reader.sha256 != sha256:
         raise RestoreError(f"{path} changed while it was being restored (sha256 {reader.sha256}, verified {sha256})")
     counts.append(kid - 1)
-    yield TAG_REV_STATE, b"", mvcc.RevState(revision, revision, kid, True).encode()
+    # Not `kept` (no change-log rows at R): the 24-byte state row every binary reads, whatever
+    # level the restored cluster will run at; a watch from R is refused COMPACTED (first R + 1),
+    # never served a partial R (the backup holds no deletes at R).
+    yield TAG_REV_STATE, b"", mvcc.RevState(revision, revision, kid).encode()
     rows: dict[bytes, bytes] = {}
     attached: dict[int, int] = {}
     """lease id -> how many of its keys are attached here: its count row, which a LEASE_PUT's

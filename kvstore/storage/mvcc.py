@@ -165,7 +165,7 @@ class RevState:
     next_kid: int = 1
     kept: bool = False
     """The change-log rows (and tombstones) at exactly `compact` were kept (a compaction under
-    the keep rule, `compact(keep=True)`, an INSTALL from such a source, a restore): a watch from
+    the keep rule, `compact(keep=True)`, an INSTALL from such a source): a watch from
     `compact` is served. False after a compaction under the first rule (everything at `compact`
     consumed, as binaries before feature level `LEVEL_COMPACT_KEEP` compact), and when nothing
     was compacted. Invariant: CHANGES holds rows at `compact` only if `kept`."""
@@ -335,11 +335,6 @@ def encode_key_row(kid: int, meta: KeyMeta) -> bytes:
 def hist_key(kid: int, rev: int) -> bytes:
     """The HIST key of version `rev` of key `kid` (and, swapped, a CHANGES key)."""
     return _PAIR_PACK(kid, rev)
-
-
-def change_key(rev: int, kid: int) -> bytes:
-    """The CHANGES row key of key id `kid`'s change at `rev`."""
-    return _PAIR.pack(rev, kid)
 
 
 def kid_of(rows: Rows, key: bytes) -> int | None:

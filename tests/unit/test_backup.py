@@ -202,7 +202,9 @@ def test_restore_five_members_four_groups(tmp_path: Path) -> None:
                 assert all(key_hash(k) in smap.bootstrap_ranges(g) for k in rows)
                 assert held.setdefault(g, rows) == rows  # every replica of a group holds the same
                 kv = store.revisions
-                assert kv.rev_state(g) == mvcc.RevState(REV, REV, n + 1, True)  # last = compact = R, its rows kept
+                # last = compact = R, not kept: the 24-byte state row any binary reads
+                assert kv.rev_state(g) == mvcc.RevState(REV, REV, n + 1)
+                assert len(mvcc.RevState(REV, REV, n + 1).encode()) == 24
                 for k in keys:
                     if k.key in rows:
                         v, _ = kv.get_version(g, k.key, REV)  # a read at R: the backup's version
@@ -211,10 +213,10 @@ def test_restore_five_members_four_groups(tmp_path: Path) -> None:
                             k.create_revision, k.mod_revision, k.version)
                         with pytest.raises(mvcc.Compacted):
                             kv.get_version(g, k.key, REV - 1)
-                # a watch from R gets the versions written at R (the change log keeps them)
-                at_r = kv.changes(g, REV, REV, 1000, 1 << 20, True).changes
-                assert sorted(c.key for c in at_r) == sorted(k.key for k in keys if k.key in rows and k.mod_revision == REV)
-                assert all(c.value == b"at R" and c.prev is None for c in at_r)
+                # a watch from R is refused (the backup has no deletes at R); from R + 1 it reads
+                with pytest.raises(mvcc.Compacted):
+                    kv.changes(g, REV, REV, 1000, 1 << 20, True)
+                assert kv.changes(g, REV + 1, REV + 1, 1000, 1 << 20, True).changes == []
                 shards = store.shard_state(g)
                 assert shards is not None and shards.active == smap.bootstrap_ranges(g)
     assert len(meta_logs) == 1
