@@ -228,7 +228,8 @@ def txn_model_summary(results: list[NodeSimResult]) -> str:
             f"{sum(s.failed_branch for s in on)} took the else branch): {sum(s.writers_checked for s in on)} writers "
             f"checked at their revision, {sum(s.readers_checked for s in on)} read-only ones at a state, "
             f"{sum(s.unanswered_committed for s in on)} unanswered write sets explained, "
-            f"{sum(s.realtime_pairs for s in on)} real-time pairs; {sum(s.refused for s in on)} refused or unanswered")
+            f"{sum(s.realtime_pairs for s in on)} real-time pairs; {sum(s.refused for s in on)} refused or unanswered; "
+            f"{sum(s.settled for s in on)} runs went on for a transaction's unfinished COMMIT")
 
 
 def quiesce_summary(results: list[NodeSimResult]) -> str:

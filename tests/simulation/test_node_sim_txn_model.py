@@ -1,12 +1,17 @@
 """General transactions in the whole-node simulator (`chaos/sim/txn_model.py`), forced on: seeds
 pass the model check (one-group and cross-group transactions, both branches, writers and
 read-only ones, real-time pairs), and a planted TXN that evaluates its compares on a stale read
-is found by the model on some seed of a small range, which passes without it."""
+is found by the model on some seed of a small range, which passes without it. A run that ends
+before a committed transaction's last COMMIT applied goes on until it has (seed 3919), and a
+planted split of a transaction across groups is still found then."""
 
 from __future__ import annotations
 
-from chaos.sim.nodes import run_node_seed
+import pytest
+
+from chaos.sim.nodes import NodeSimulation, run_node_seed
 from chaos.sim.plant import TXN_MODEL_BUGS, planted
+from chaos.sim.xtxn_pairs import CrossPairs
 
 SEED_BUDGET = 8
 
@@ -36,3 +41,60 @@ def test_planted_stale_compare_is_found_by_the_model() -> None:
                 break
         else:
             raise AssertionError(f"planted bug {bug!r} not found by the model in {SEED_BUDGET} seeds")
+
+
+LATE_DEATH_SEED = 3015
+"""With `_dies_after_the_heal_too`: a transaction across groups (tag 19: puts in g1 and g2,
+primary g2) commits, its coordinator dies after the COMMIT in g1, 0.5 s before the end."""
+PLANTED_LATE_DEATH_SEED = 3010
+"""With `_dies_after_the_heal_too` and `node-xtxn-commit-without-record`: a pair split for good."""
+
+
+def _dies_after_the_heal_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulated coordinators die between their COMMITs (after the first) after the heal
+    too, where they die only while faults run: the shape of seed 3919 (5 nodes, with the
+    pre-e02de4f simulated move coordinator and plain clients waiting the whole client timeout),
+    whose coordinator gave its last COMMIT up after the heal (every try refused NotLeader or by
+    a node not hosting the group): a committed transaction, its RECORD applied, whose COMMIT in
+    one group had not applied when the run ended."""
+    real = CrossPairs._dies
+
+    def dies(self: CrossPairs, point: int) -> bool:
+        if point == 2 and not self.sim._faults_on():
+            self.died += 1
+            return True
+        return real(self, point)
+
+    monkeypatch.setattr(CrossPairs, "_dies", dies)
+
+
+def test_a_run_ending_before_a_committed_transactions_last_commit_goes_on_until_it_applies(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The applied history lacks a committed transaction's writes in a group whose COMMIT has
+    not applied yet, but no reader sees that state: the group's intent (prepared below R) holds
+    every read there at or above it off until a resolver or the record sweep applies the COMMIT.
+    The model was checked against the applied history as the run ended and reported an atomicity
+    violation that was not one (seed 3919); such a run now goes on until the record sweep has
+    finished the transaction (`TxnModel.unfinished`, `SETTLE_MS`), and the same history passes.
+    Without the extra time the same run fails: the scenario is the one of seed 3919."""
+    _dies_after_the_heal_too(monkeypatch)
+    res = run_node_seed(LATE_DEATH_SEED, txns=True, watches=False)
+    assert res.ok, res.violation
+    assert res.txns is not None and res.txns.settled == 1
+    monkeypatch.setattr(NodeSimulation, "_extend_for_txns", lambda self: False)
+    cut = run_node_seed(LATE_DEATH_SEED, txns=True, watches=False)
+    assert cut.violation is not None and cut.violation.startswith("TxnModelViolation"), cut.violation
+
+
+def test_the_extra_time_hides_no_transaction_split_for_good(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A planted coordinator that commits without its record, dying between its COMMITs: a
+    resolver finds no record and aborts the group the COMMIT did not reach while the other
+    committed. The run goes on as above and the model still reports the half-applied
+    transaction, which the same seed without the bug does not."""
+    _dies_after_the_heal_too(monkeypatch)
+    with planted("node-xtxn-commit-without-record"):
+        res = run_node_seed(PLANTED_LATE_DEATH_SEED, txns=True, watches=False)
+    assert res.violation is not None and res.violation.startswith("TxnModelViolation"), res.violation
+    assert res.txns is not None and res.txns.settled == 1
+    clean = run_node_seed(PLANTED_LATE_DEATH_SEED, txns=True, watches=False)
+    assert clean.ok, clean.violation
