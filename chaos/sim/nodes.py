@@ -46,7 +46,7 @@ import itertools
 import random
 import shutil
 import tempfile
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -1214,6 +1214,16 @@ class NodeSimulation:
     def _lead(self, node: SimNode, gid: int) -> int:
         g = node.logic.host.groups.get(gid) if node.logic is not None else None
         return g.core.lead if g is not None else 0
+
+    def data_leaders(self) -> Iterator[tuple[SimNode, int]]:
+        """(node, group) for each data group a live node leads now, by node then group: where
+        a node's background work on its led groups (the intent sweep) runs."""
+        for node in sorted(self.nodes.values(), key=lambda x: x.id):
+            if node.removed or node.logic is None or node.store is None:
+                continue
+            for gid in sorted(node.logic.host.groups):
+                if gid != 0 and self._lead(node, gid) == node.id:
+                    yield node, gid
 
     def _write(self, node: SimNode, k: bytes, data: bytes,
                outcome: Callable[[ApplyResult | None, errors.KVError | None, int], None]) -> None:

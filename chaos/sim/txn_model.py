@@ -310,16 +310,10 @@ class TxnModel:
     def unfinished(self) -> str | None:
         """Which of these transactions' intents a data group's leader still holds (None: none),
         e.g. a committed transaction whose COMMIT there has not applied yet."""
-        sim = self.sim
-        for node in sorted(sim.nodes.values(), key=lambda x: x.id):
-            if node.removed or node.logic is None or node.store is None:
-                continue
-            for gid in sorted(node.logic.host.groups):
-                if gid == 0 or sim._lead(node, gid) != node.id:
-                    continue
-                rows = node.store.intents(gid, PREFIX, _PREFIX_END, 1)
-                if rows:
-                    return f"g{gid} at n{node.id} holds an intent on {rows[0][0]!r}"
+        for node, gid in self.sim.data_leaders():
+            rows = node.store.intents(gid, PREFIX, _PREFIX_END, 1)
+            if rows:
+                return f"g{gid} at n{node.id} holds an intent on {rows[0][0]!r}"
         return None
 
     # --- the check ---------------------------------------------------------------------------

@@ -154,22 +154,17 @@ class CrossPairs:
         node's background sweep does (so a dead coordinator's intents nobody meets do not hold
         a range move, a watch or compaction back for ever)."""
         sim = self.sim
-        for node in sorted(sim.nodes.values(), key=lambda x: x.id):
-            if node.removed or node.logic is None or node.store is None:
-                continue
-            for gid in sorted(node.logic.host.groups):
-                if gid == 0 or sim._lead(node, gid) != node.id:
+        for node, gid in sim.data_leaders():
+            rows = [raw for _k, raw in node.store.intents(gid, b"", None, 16)] + node.store.range_locks(gid)
+            for raw in rows:
+                try:
+                    self._meet(node, gid, Intent.decode(raw))
+                except ValueError:
                     continue
-                rows = [raw for _k, raw in node.store.intents(gid, b"", None, 16)] + node.store.range_locks(gid)
-                for raw in rows:
-                    try:
-                        self._meet(node, gid, Intent.decode(raw))
-                    except ValueError:
-                        continue
-                before = logic.sweep_before(self._now_ms(node), TIMEOUT_MS)
-                for tid, rec in node.store.revisions.read_rows(
-                        gid, lambda rows, b=before: xtxn_apply.unfinished(rows, b, logic.RECORD_SWEEP_BATCH)):
-                    self._finish(node, gid, tid, rec)
+            before = logic.sweep_before(self._now_ms(node), TIMEOUT_MS)
+            for tid, rec in node.store.revisions.read_rows(
+                    gid, lambda rows, b=before: xtxn_apply.unfinished(rows, b, logic.RECORD_SWEEP_BATCH)):
+                self._finish(node, gid, tid, rec)
         sim.at(SWEEP_MS, self._sweep)
 
     def _finish(self, node: Any, primary: int, tid: TxnId, rec: Record) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from typing import Any
 
 import pytest
 from google.protobuf.message import DecodeError
@@ -501,28 +502,33 @@ def test_with_scans_puts_each_external_range_in_its_place(t: rpc_pb2.TxnRequest,
     """`with_scans` turns each external range into a scan in its place (`txnscan.split` takes
     them out again, leaving the body); `scan_answers` takes a result of that Txn apart into the
     body's result (as `txn_reply` maps it) and the scans' answers, by external index."""
-    from kvstore.txnscan import split, taken_scans
-
     try:
         body, plan = txn_body(t)
     except EtcdRequestError:
         return
     if any(q.revision for q in plan.ranges):
         return
-    full = with_scans(plan, body)
-    stripped, splan = split(full, 1 << 16)
-    assert stripped == body and len(splan.scans) == len(plan.ranges)
+    splan = _scans_round_trip(plan, body, succeeded)[0]
     for q, r in zip(plan.ranges, splan.scans, strict=True):
         assert r.start == q.keys.start and r.limit == 0 and all(
             q.keys.holds(k) == r.holds(k) for k in (q.keys.start, q.keys.start + b"\x00", b"\xff" * 3))
+
+
+def _scans_round_trip(plan: Any, body: kv_pb2.TxnBody, succeeded: bool) -> tuple[Any, kv_pb2.TxnResult, list[int]]:
+    """`with_scans`, then `split` back to `body`; a result of the taken branch merged with an
+    answer per taken scan comes apart (`scan_answers`) into that result and those answers.
+    Returns (the scans' plan, the body's result, the taken ranges)."""
+    from kvstore.txnscan import merge, split, taken_scans
+
+    stripped, splan = split(with_scans(plan, body), 1 << 16)
+    assert stripped == body and len(splan.scans) == len(plan.ranges)
     res = _result_of(body, succeeded)
     taken = taken_ranges(plan, res)
     assert taken == taken_scans(splan, res)
     answers = {i: kv_pb2.TxnScanResult(revision=i + 1) for i in taken}
-    from kvstore.txnscan import merge
-
     back, got = scan_answers(plan, merge(splan, res, answers))
     assert back == res and got == answers
+    return splan, back, taken
 
 
 _responses = st.lists(st.sampled_from([kv_pb2.TxnOpResponse(put=1), kv_pb2.TxnOpResponse(delete=True),
@@ -627,21 +633,11 @@ def test_with_scans_of_nested_range_deletes_and_ranges_is_total(t: rpc_pb2.TxnRe
     """Over nested Txns of few keys (so range deletes with prev_kv and ranges nest often):
     `txn_body` refuses only with `EtcdRequestError`; what converts goes through `with_scans`,
     `split`, `merge` and `scan_answers` back to its result and answers (no IndexError / KeyError)."""
-    from kvstore.txnscan import merge, split, taken_scans
-
     try:
         body, plan = txn_body(t)
     except EtcdRequestError:
         return
-    full = with_scans(plan, body)
-    stripped, splan = split(full, 1 << 16)
-    assert stripped == body and len(splan.scans) == len(plan.ranges)
-    res = _result_of(body, succeeded)
-    taken = taken_ranges(plan, res)
-    assert taken == taken_scans(splan, res)
-    answers = {i: kv_pb2.TxnScanResult(revision=i + 1) for i in taken}
-    back, got = scan_answers(plan, merge(splan, res, answers))
-    assert back == res and got == answers
+    _, back, taken = _scans_round_trip(plan, body, succeeded)
     out = rpc_pb2.TxnResponse()
     txn_reply(plan, back, rpc_pb2.ResponseHeader(revision=7), out, {i: ([], 0, {}) for i in taken})
     assert len(out.responses) == len(t.success if succeeded else t.failure)
