@@ -42,6 +42,9 @@ MAX_COALESCE = 0.1
 IDLE_RESET = 5
 """A call made after no call ran for `IDLE_RESET * coalesce` leaves at once (and `_peak` restarts
 at 1): a client that sat idle holds nothing back for threads that may not be there."""
+_SIGNAL_SLICE = 0.2
+"""Seconds a calling thread waits for its call at a time, so that Ctrl-C interrupts it within this
+even when the kernel hands the signal to another thread (`_run`)."""
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -265,7 +268,11 @@ class Client:
                         self._inbox.remove(call)
                         call.fail(ClientClosed("client is closed"))
         try:
-            done.acquire()
+            # In slices: a signal (Ctrl-C's SIGINT) the kernel delivers to another thread (the loop's,
+            # grpc's) only sets a flag the main thread checks between bytecodes; an acquire without a
+            # timeout would wait for the call to end before the KeyboardInterrupt could be raised.
+            while not done.acquire(timeout=_SIGNAL_SLICE):
+                pass
         except BaseException:
             call.abandoned = True
             with contextlib.suppress(RuntimeError):  # the loop is closed
