@@ -150,6 +150,17 @@ def test_writes_applied_by_a_retried_cycle_are_in_the_history() -> None:
     assert res.watches is not None and res.watches.checked_events > 0
 
 
+def _judged(w: SimWatches, c: _Chain, reply: Reply, violation: str | None) -> None:
+    """`c` receives `reply`: a WatchViolation matching `violation`, or (None) none and the chain
+    ended as compacted."""
+    if violation is not None:
+        with pytest.raises(WatchViolation, match=violation):
+            w._receive(c, c.attempt, reply)
+    else:
+        w._receive(c, c.attempt, reply)
+        assert c.ended == "compacted"
+
+
 def test_the_checker_refuses_a_refusal_or_cancel_at_exactly_the_compact_revision() -> None:
     """etcd serves a watch from its compact revision C (only a start below C is compacted): a
     start at 20 refused as compacted at 20, or a watcher at 31 canceled as compacted at 31, is a
@@ -160,21 +171,11 @@ def test_the_checker_refuses_a_refusal_or_cancel_at_exactly_the_compact_revision
         c = _Chain(0, WatchSpec.make(b"k0"), 20, False, asked=20)
         w.chains.append(c)
         refused = Reply(1, canceled=True, error=errors.Compacted("c", compact_revision=crev), compact_revision=crev)
-        if bad:
-            with pytest.raises(WatchViolation, match=f"refused as compacted at {crev}"):
-                w._receive(c, c.attempt, refused)
-        else:
-            w._receive(c, c.attempt, refused)
-            assert c.ended == "compacted"
+        _judged(w, c, refused, f"refused as compacted at {crev}" if bad else None)
     for crev, bad in ((31, True), (32, False)):
         _, w = _checker()
         w.compacted = 40
         c = _created(w)
         canceled = Reply(1, revision=30, canceled=True, error=errors.Compacted("c", compact_revision=crev),
                          compact_revision=crev)
-        if bad:
-            with pytest.raises(WatchViolation, match=f"compacted at {crev} while at 31"):
-                w._receive(c, c.attempt, canceled)
-        else:
-            w._receive(c, c.attempt, canceled)
-            assert c.ended == "compacted"
+        _judged(w, c, canceled, f"compacted at {crev} while at 31" if bad else None)
