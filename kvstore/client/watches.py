@@ -263,7 +263,7 @@ class Watches:
         return [(some[self._rng.randrange(len(some))], ())], 0
 
     async def _stream(self, ep: str, create: kv_pb2.WatchCreateRequest,
-                      extra: asyncio.Queue[kv_pb2.WatchRequest | None]) -> AsyncIterator[kv_pb2.WatchResponse]:
+                      extra: asyncio.Queue[kv_pb2.WatchRequest | None]) -> AsyncGenerator[kv_pb2.WatchResponse, None]:
         """One `KV.Watch` stream at `ep` with one create, then the requests put in `extra`; its
         responses, raising `_Idle` when the node goes quiet for `idle_timeout`, `_Broken` when
         the call fails, `_Resume` when the node ends it."""
@@ -278,7 +278,8 @@ class Watches:
         try:
             while True:
                 try:
-                    resp = await asyncio.wait_for(it.__anext__(), self.idle_timeout)
+                    async with asyncio.timeout(self.idle_timeout):  # (not wait_for: it can lose a cancel)
+                        resp = await it.__anext__()
                 except StopAsyncIteration:
                     raise _Resume(errors.Unavailable(f"{ep} ended the watch stream"), ep) from None
                 except TimeoutError:
@@ -303,7 +304,7 @@ class _Subs:
         self.ends = (_Resume, _Broken, _Idle)
 
     def stream(self, key: str, create: kv_pb2.WatchCreateRequest,
-               extra: asyncio.Queue[kv_pb2.WatchRequest | None]) -> AsyncIterator[kv_pb2.WatchResponse]:
+               extra: asyncio.Queue[kv_pb2.WatchRequest | None]) -> AsyncGenerator[kv_pb2.WatchResponse, None]:
         return self.w._stream(key, create, extra)
 
     def canceled(self, resp: kv_pb2.WatchResponse, key: str) -> BaseException:

@@ -15,16 +15,21 @@ Invariants: the batches yielded are `Merge.take`'s (revision order, every revisi
 event once; the first one is the merged created point, no events); any end of a sub ends the
 run with the exception `SubStreams` makes of it (nothing is retried here: the caller restarts
 from its last delivered revision + 1 with a fresh cover); when the run ends (an exception, or
-the caller closing the generator) every task it started is cancelled and awaited, and each
-sub-stream's request queue gets None (its stream is closed by `SubStreams.stream`'s own
-`finally`).
+the caller closing the generator) every task it started is cancelled and awaited, each
+sub-stream's request queue gets None and each stream generator is closed (`aclose`: its own
+`finally` ends the call). The end never depends on a cancel arriving: a reader whose stream
+returns a read instead of raising its cancel (Python 3.11's `asyncio.wait_for` does when the
+read completed as the cancel came) stops at its next step (`over`), and nothing it waits on
+stays unset; so a run always ends and its caller resumes (CI once saw a merged watch hang for
+good after a node's kill: a reader waited forever for its last response to be taken). The
+caller's own cancel during the end is not swallowed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Protocol, TypeVar
 
 from kvstore import errors
@@ -60,7 +65,7 @@ class SubStreams(Protocol[K_contra]):
     """Exceptions `stream` raises that end the merged watch as they are."""
 
     def stream(self, key: K_contra, create: kv_pb2.WatchCreateRequest, extra: Requests
-               ) -> AsyncIterator[kv_pb2.WatchResponse]:
+               ) -> AsyncGenerator[kv_pb2.WatchResponse, None]:
         """One `KV.Watch` stream at `key` with `create` first, then the requests put in `extra`
         (None: close); raises one of `ends` when it ends."""
         ...
@@ -90,17 +95,26 @@ async def merged_watch(plan: Sequence[tuple[K, tuple[int, ...]]], create: kv_pb2
     """Set once the sub's last response was taken off the inbox (one in the inbox per sub)."""
     for g in gates:
         g.set()
+    over = asyncio.Event()
+    """Set when the run ends: a pump stops at its next step even if its cancel was lost (a
+    stream's `asyncio.wait_for` in Python 3.11 returns a read that completed as the cancel came
+    instead of raising it)."""
 
     async def pump(i: int, key: K, groups: tuple[int, ...]) -> None:
         c = kv_pb2.WatchCreateRequest()
         c.CopyFrom(create)
         c.groups.extend(groups)
         try:
-            async for resp in subs.stream(key, c, extra[i]):
-                taken[i].clear()
-                inbox.put_nowait((i, resp))
-                await taken[i].wait()
-                await gates[i].wait()  # far ahead of the others: read no more for now
+            async with contextlib.aclosing(subs.stream(key, c, extra[i])) as responses:
+                async for resp in responses:
+                    if over.is_set():  # the run ended (a cancel its stream swallowed): stop here
+                        return
+                    taken[i].clear()
+                    inbox.put_nowait((i, resp))
+                    await taken[i].wait()
+                    await gates[i].wait()  # far ahead of the others: read no more for now
+                    if over.is_set():
+                        return
         except subs.ends as err:
             await inbox.put((i, err))
         except Exception as err:  # (a bug): the merged watch starts again, not stuck
@@ -154,10 +168,11 @@ async def merged_watch(plan: Sequence[tuple[K, tuple[int, ...]]], create: kv_pb2
             for b in merge.take():
                 yield b, node
     finally:
+        over.set()
         for q in extra:
             q.put_nowait(None)
+        for e in (*taken, *gates):  # no pump waits on the loop that no longer runs
+            e.set()
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await asyncio.wait(tasks)  # (the caller's own cancel still propagates)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -49,10 +50,60 @@ async def _keys_over_every_group(kv: AsyncClient, prefix: bytes, n: int) -> list
 
 
 def test_a_prefix_watch_merged_across_nodes_sees_every_put_once_in_order_across_a_kill(cluster: Cluster) -> None:
+    """A stuck run fails with a report: which side (writer, watch) is stuck, the last acked put
+    and the last event, the client's watch attempts (revision, parts, their nodes, why each
+    ended) and where every task of the client waits."""
     asyncio.run(_merged_across_a_kill(cluster))
 
 
+BOUND = 150
+"""Seconds the writer and the watch get together (about 3 s unloaded)."""
+
+
+class _Attempts(logging.Handler):
+    """The client's watch log (each attempt: its revision, its parts and their nodes; why each
+    ended), with the time since the test began: what a stuck run's report shows."""
+
+    def __init__(self, t0: float) -> None:
+        super().__init__(logging.DEBUG)
+        self.t0 = t0
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{time.monotonic() - self.t0:7.2f}s {record.getMessage()}")
+
+
+def _task_stacks() -> str:
+    """Where every other task of the loop waits (coroutine frames, innermost last)."""
+    out = []
+    for t in asyncio.all_tasks():
+        if t is asyncio.current_task():
+            continue
+        frames = []
+        coro: Any = t.get_coro()
+        while coro is not None and hasattr(coro, "cr_frame"):
+            if coro.cr_frame is not None:
+                frames.append(f"{coro.cr_code.co_name}:{coro.cr_frame.f_lineno}")
+            coro = coro.cr_await
+        out.append(f"  {t.get_name()}: {' > '.join(frames) or '?'}")
+    return "\n".join(sorted(out))
+
+
 async def _merged_across_a_kill(cluster: Cluster) -> None:
+    t0 = time.monotonic()
+    attempts = _Attempts(t0)
+    wlog = logging.getLogger("kvstore.client.watches")
+    level = wlog.level
+    wlog.addHandler(attempts)
+    wlog.setLevel(logging.DEBUG)
+    try:
+        await _merged_across_a_kill_logged(cluster, attempts, t0)
+    finally:
+        wlog.removeHandler(attempts)
+        wlog.setLevel(level)
+
+
+async def _merged_across_a_kill_logged(cluster: Cluster, attempts: _Attempts, t0: float) -> None:
     async with AsyncClient(cluster.endpoints, timeout=30) as kv:
         keys = await _keys_over_every_group(kv, b"mk/", 40)
         start = await kv.put(b"mk/start", b"0")
@@ -60,6 +111,7 @@ async def _merged_across_a_kill(cluster: Cluster) -> None:
         seen: list[WatchEvent] = []
         serving: list[int] = []
         killed: list[int] = []
+        last_batch = [start, 0.0]  # its revision, when
 
         async def writer() -> None:
             for i in range(120):
@@ -71,20 +123,39 @@ async def _merged_across_a_kill(cluster: Cluster) -> None:
                     victim = cluster.nodes[serving[-1]]
                     victim.kill9()
                     killed.append(victim.id)
-
-        w = asyncio.create_task(writer())
+                    attempts.lines.append(f"{time.monotonic() - t0:7.2f}s (test) killed node {victim.id}")
 
         async def watch() -> None:
             async for batch in kv.watch_batches(prefix=b"mk/", start_revision=start + 1, progress=True):
                 seen.extend(batch.events)
+                last_batch[:] = [batch.revision, time.monotonic() - t0]
                 if batch.events:
                     serving.append(batch.node_id)
                 if w.done() and batch.revision >= max(a[0] for a in acked):
                     return
 
+        w = asyncio.create_task(writer(), name="writer")
+        wt = asyncio.create_task(watch(), name="watch")
         try:
-            await asyncio.wait_for(asyncio.gather(w, watch()), 150)
+            done, pending = await asyncio.wait({w, wt}, timeout=BOUND, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                t.result()  # a side that failed: its error
+            if pending:  # stuck: which side, and where
+                nodes = ", ".join(f"{n}={cluster.nodes[n].address}" for n in sorted(cluster.nodes))
+                report = (
+                    f"stuck after {BOUND} s: {' and '.join(sorted(t.get_name() for t in pending))}\n"
+                    f"writer: {len(acked)}/120 puts acked, the last at revision {acked[-1][0] if acked else 0}"
+                    f"{' (done)' if w.done() else ', a put in flight'}; killed {killed}\n"
+                    f"watch: {len(seen)} events, the last at revision {seen[-1].revision if seen else 0}; last "
+                    f"batch at revision {last_batch[0]} ({last_batch[1]:.2f}s); resumes {kv.watch_resumes}; "
+                    f"served by nodes {sorted(set(serving))}\nnodes: {nodes}\n"
+                    "the client's watch attempts:\n" + "\n".join(attempts.lines[-30:]) +
+                    "\ntasks:\n" + _task_stacks())
+                pytest.fail(report)
         finally:
+            for t in (w, wt):
+                t.cancel()
+            await asyncio.wait({w, wt})
             for nid in killed:
                 cluster.nodes[nid].start()
         resumes = kv.watch_resumes

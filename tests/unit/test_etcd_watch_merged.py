@@ -630,3 +630,37 @@ def test_a_create_whose_subs_keep_failing_is_answered_after_the_timeout() -> Non
         assert "a sub-watch failed" in got[1].cancel_reason and mw.restarts >= 1
         assert sorted(nodes.closed) == sorted(n for n, _, _ in nodes.opened) and mw.budget.running == 0
     _run(main)
+
+
+def test_a_sub_stream_read_canceled_as_its_response_arrives_ends_canceled() -> None:
+    """`PeerSubs.stream` (here the local sub): a cancel the reading task accepted always ends it
+    canceled, whichever turn of the loop the response came in (Python 3.11's `wait_for` would
+    return the read instead, and the merge loop's reader then waited forever: CI's hang of the
+    client's merged watch, `tests/unit/test_watch_client.py`)."""
+    from kvstore.server.etcd.watchmerged import PeerSubs
+
+    async def trial(turns: int) -> tuple[bool, bool]:
+        q: asyncio.Queue[bytes] = asyncio.Queue()
+
+        class _Local:
+            async def Watch(self, requests: AsyncIterator[kv_pb2.WatchRequest], context: object
+                            ) -> AsyncIterator[bytes]:
+                while True:
+                    yield await q.get()
+
+        subs = PeerSubs(ME, _Local(), None, None, lambda _: "", ())  # type: ignore[arg-type]
+        stream = subs.stream(ME, _create(), asyncio.Queue())
+        reader = asyncio.ensure_future(stream.__anext__())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        q.put_nowait(kv_pb2.WatchResponse(revision=7).SerializeToString())
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        accepted = reader.cancel()
+        await asyncio.wait([reader])
+        await stream.aclose()
+        return accepted, reader.cancelled()
+
+    for turns in range(6):
+        accepted, cancelled = asyncio.run(trial(turns))
+        assert cancelled == accepted, f"a cancel {turns} turns after the response was lost"

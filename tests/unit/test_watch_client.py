@@ -7,11 +7,15 @@ from __future__ import annotations
 import asyncio
 import random
 
+import grpc
+import grpc.aio
+
 from kvstore.client.checks import RequestChecks
 from kvstore.client.retry import Deadline, RetryPolicy
 from kvstore.client.routing import Router
-from kvstore.client.watches import Watches
+from kvstore.client.watches import Watches, _Broken, _Cursor
 from kvstore.shard.shardmap import ShardMap
+from kvstore.v1 import kv_pb2
 
 NODES = {n: f"127.0.0.1:{2378 + n}" for n in range(1, 6)}
 
@@ -85,3 +89,122 @@ def test_the_cover_avoids_nodes_that_failed_and_nodes_whose_breaker_is_open() ->
     assert not br.would_allow()
     c = cover_of(asyncio.run(w._plan(None, [NODES[1]])), m)
     assert not {1, 3} & set(c)
+
+
+# --- the merged watch's end, over the client's own streams -------------------------------------
+# CI once hung test_watch_merged's kill test for 150 s: the kill ended one sub's stream, and as
+# the merge loop canceled the other subs' readers, one of them had just received a response.
+# Python 3.11's `asyncio.wait_for` then returns that response instead of raising the cancel, so
+# that reader put it in the inbox nobody reads any more and waited forever for it to be taken;
+# the loop's teardown waited for that reader, and the watch never resumed.
+
+
+class _Call:
+    """A scripted `KV.Watch` call: its responses (or the error it fails with) come from `q`."""
+
+    def __init__(self, ep: str) -> None:
+        self.ep = ep
+        self.q: asyncio.Queue[kv_pb2.WatchResponse | BaseException] = asyncio.Queue()
+        self.canceled = False
+
+    def __aiter__(self) -> _Call:
+        return self
+
+    async def __anext__(self) -> kv_pb2.WatchResponse:
+        item = await self.q.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self.canceled = True
+
+
+class _Channels:
+    """The part of `Channels` a watch uses (`kv(ep).Watch`), answering with scripted calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[_Call] = []
+
+    def kv(self, ep: str) -> _Channels:
+        self._ep = ep
+        return self
+
+    def Watch(self, requests: object) -> _Call:  # (the stub's name)
+        c = _Call(self._ep)
+        self.calls.append(c)
+        return c
+
+
+async def _spin(n: int) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def _unavailable() -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "killed")
+
+
+def test_a_sub_stream_read_canceled_as_its_response_arrives_ends_canceled() -> None:
+    """`Watches._stream`: a cancel the task accepted (cancel() True) always ends it canceled,
+    whichever turn of the loop the response came in (the read is never returned instead)."""
+    m = ShardMap.initial(list(NODES), 5, replication=3, addresses=NODES)
+
+    async def trial(turns: int) -> tuple[bool, bool]:
+        ch = _Channels()
+        w = Watches(RequestChecks(timeout=5.0), ch, MapView(m), RetryPolicy(), random.Random(1))  # type: ignore[arg-type]
+        stream = w._stream(NODES[1], kv_pb2.WatchCreateRequest(prefix=b"p", watch_id=1), asyncio.Queue())
+        reader = asyncio.ensure_future(stream.__anext__())
+        await _spin(3)
+        ch.calls[0].q.put_nowait(kv_pb2.WatchResponse(revision=7))
+        await _spin(turns)
+        accepted = reader.cancel()
+        await asyncio.wait([reader])
+        await stream.aclose()
+        return accepted, reader.cancelled()
+
+    for turns in range(6):
+        accepted, cancelled = asyncio.run(trial(turns))
+        assert cancelled == accepted, f"a cancel {turns} turns after the response was lost"
+
+
+def test_a_merged_watch_ends_when_a_sub_fails_as_another_gets_a_response() -> None:
+    """`Watches._merged` over the client's streams: sub 1's stream fails (its node was killed)
+    and sub 2's response arrives `turns` turns of the loop later, for every `turns`: the merged
+    watch ends with the failure (the caller resumes from it) and closes both calls."""
+    m = ShardMap.initial(list(NODES), 5, replication=3, addresses=NODES)
+
+    async def trial(turns: int) -> None:
+        ch = _Channels()
+        w = Watches(RequestChecks(timeout=5.0), ch, MapView(m), RetryPolicy(), random.Random(1))  # type: ignore[arg-type]
+        plan = [(NODES[1], (1,)), (NODES[2], (2,))]
+        create = kv_pb2.WatchCreateRequest(prefix=b"p", start_revision=100, watch_id=1)
+        ended: list[BaseException] = []
+
+        async def consume() -> None:
+            try:
+                async for _ in w._merged(plan, create, _Cursor(100)):
+                    pass
+            except _Broken as err:
+                ended.append(err)
+
+        consumer = asyncio.ensure_future(consume())
+        await _spin(5)
+        a, b = ch.calls
+        for c in (a, b):
+            c.q.put_nowait(kv_pb2.WatchResponse(created=True, revision=99))
+        await _spin(10)
+        a.q.put_nowait(_unavailable())
+        await _spin(turns)
+        b.q.put_nowait(kv_pb2.WatchResponse(revision=150))
+        for _ in range(500):  # until nothing moves (no I/O, no timer: bounded)
+            if consumer.done():
+                break
+            await asyncio.sleep(0)
+        assert consumer.done(), f"the merged watch hung after sub 1 failed ({turns} turns)"
+        consumer.result()
+        assert [e.endpoint for e in ended] == [NODES[1]]  # type: ignore[attr-defined]
+        assert a.canceled and b.canceled
+
+    for turns in range(8):
+        asyncio.run(trial(turns))

@@ -48,7 +48,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,7 +243,7 @@ class PeerSubs:
         self.ends: tuple[type[BaseException], ...] = (Restart, Definite)
 
     async def stream(self, node: int, create: kv_pb2.WatchCreateRequest, extra: Requests
-                     ) -> AsyncIterator[kv_pb2.WatchResponse]:
+                     ) -> AsyncGenerator[kv_pb2.WatchResponse, None]:
         async def requests() -> AsyncIterator[kv_pb2.WatchRequest]:
             yield kv_pb2.WatchRequest(create_request=create)
             while (r := await extra.get()) is not None:
@@ -261,7 +261,8 @@ class PeerSubs:
         try:
             while True:
                 try:
-                    data = await asyncio.wait_for(it.__anext__(), self.idle)
+                    async with asyncio.timeout(self.idle):  # (not wait_for: it can lose a cancel)
+                        data = await it.__anext__()
                 except StopAsyncIteration:
                     raise Restart(node, f"node {node} ended the watch stream") from None
                 except TimeoutError:
