@@ -632,8 +632,9 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         ONE `group` (or there are none): `txn_reading.run_reading` (its docstring gives the
         algorithm and why it is etcd's atomic Txn) finds the revision R the Txn landed at, with
         the cut M a count-only range across every data group (`_scan`), the write `group`'s one
-        TXN proposed with floor M, and the keys of a read-only evaluation read exactly at M;
-        then every range on the path taken is read exactly at R in every group (at the revision
+        TXN proposed with floor M, and the keys of a read-only evaluation read exactly at M (a
+        compared lease: the key's current lease while its version is still the one at M,
+        `_EtcdReading.current`); then every range on the path taken is read exactly at R in every group (at the revision
         it names, if it names one). Keys that changed under each try: a definite UNAVAILABLE."""
         first = plan.ranges[0]
         # a count of one key's range across every data group: a linearizable cut of all groups
