@@ -8,12 +8,11 @@ refuses first what the server would) and the server (`server/txn_scans.py`, whic
   position on it (etcd's sequential semantics: the writes before it, not those after it;
   `kvstore/txnpath.py` says how it is read).
 
-A transaction with scans compares no key's lease (`split` refuses a LEASE compare anywhere in
-it, `LEASE_COMPARE_REFUSED`): when the branch taken writes nothing, the whole body is evaluated
-read-only on its keys read exactly at a revision (`server/txn_reading.evaluate_at`), and a key
-read at a revision carries no lease (the attachment rows hold the current attachment only, and
-kvstore's Get, local or at another node, answers none), so such a compare would see lease 0.
-etcd's API refuses a lease compare with ranges likewise (`server/etcd/kv.py`).
+A transaction with scans may compare a key's lease (LEASE) as any transaction: when the branch
+taken writes nothing, the whole body is evaluated read-only at a revision M
+(`server/txn_reading.evaluate_at`), where each key a LEASE compare names is compared on its
+lease at M (its current lease if its version is still the one at M, read with a Get
+with_lease; else the evaluation starts again from a new cut; an absent key: 0), as etcd does.
 
 Invariants: `split` raises only `errors.InvalidArgument` / `errors.KeyTooLarge` (definite);
 the stripped body holds every non-scan operation in its order; `merge(plan, r, answers)` has
@@ -30,16 +29,13 @@ from kvstore.keyspace import prefix_end
 from kvstore.storage.txn import MAX_TXN_DEPTH, MAX_TXN_ITEMS
 from kvstore.v1 import kv_pb2
 
-__all__ = ["LEASE_COMPARE_REFUSED", "LIMIT_MAX", "MAX_TXN_SCAN_PARTS", "ScanPlan", "ScanRange", "Slot", "both_branches",
+__all__ = ["LIMIT_MAX", "MAX_TXN_SCAN_PARTS", "ScanPlan", "ScanRange", "Slot", "both_branches",
            "has_range_deletes", "has_scans", "merge", "outside", "split", "taken_scans"]
 
 T = TypeVar("T")
 
 LIMIT_MAX = (1 << 63) - 1
 """The largest limit a scan may ask for (0: none)."""
-LEASE_COMPARE_REFUSED = ("a transaction with scans cannot compare a key's lease (its read-only evaluation reads keys "
-                         "at a revision, which carries no lease): compare the lease in a transaction without scans")
-"""Why `split` refuses a LEASE compare (module docstring)."""
 MAX_TXN_SCAN_PARTS = MAX_TXN_ITEMS
 """The most range reads all scans of one transaction may need (`split` refuses more). A scan
 after range deletes on its path that meet its range may be read as its parts outside them
@@ -194,8 +190,6 @@ def _txn(b: kv_pb2.TxnBody, into: kv_pb2.TxnBody, depth: int, count: list[int], 
     if depth > MAX_TXN_DEPTH:
         raise errors.InvalidArgument(f"transaction nested deeper than {MAX_TXN_DEPTH}")
     count[0] += len(b.compares)
-    if any(c.target == kv_pb2.COMPARE_LEASE for c in b.compares):
-        raise errors.InvalidArgument(LEASE_COMPARE_REFUSED)
     into.compares.extend(b.compares)
     plan = ScanPlan([], [])
     both_branches(dels, into, lambda ok, out, rd: _ops(b.success if ok else b.failure, out,
@@ -207,9 +201,8 @@ def _txn(b: kv_pb2.TxnBody, into: kv_pb2.TxnBody, depth: int, count: list[int], 
 def split(body: kv_pb2.TxnBody, max_key: int) -> tuple[kv_pb2.TxnBody, ScanPlan]:
     """(`body` without its scans, the plan of its scans): see the module docstring. Raises a
     definite InvalidArgument (more than `MAX_TXN_ITEMS` compares and operations, scans included;
-    nesting deeper than `MAX_TXN_DEPTH`; a limit or an end out of range; a LEASE compare at any
-    depth, `LEASE_COMPARE_REFUSED`; scans that would read more than `MAX_TXN_SCAN_PARTS`
-    ranges) or KeyTooLarge (a bound longer than `max_key`)."""
+    nesting deeper than `MAX_TXN_DEPTH`; a limit or an end out of range; scans that would read
+    more than `MAX_TXN_SCAN_PARTS` ranges) or KeyTooLarge (a bound longer than `max_key`)."""
     out = kv_pb2.TxnBody()
     scans: list[ScanRange] = []
     plan = _txn(body, out, 1, [0], scans, max_key, [], [0])

@@ -1073,7 +1073,9 @@ class MemoryNodeStore:
         return fn(MemRows() if g is None else g.rows)
 
     def get_version(self, group: int, key: bytes, rev: int = 0, probe: xtxn.IntentProbe | None = None,
-                    ) -> tuple[mvcc.Version | None, mvcc.RevState]:
+                    lease: leases.LeaseProbe | None = None) -> tuple[mvcc.Version | None, mvcc.RevState]:
+        if lease is not None and rev:
+            raise ValueError("a key's lease is read with its current version only")
         g = self._read(group)
         if g is None:
             return None, mvcc.RevState()
@@ -1084,6 +1086,8 @@ class MemoryNodeStore:
             probe.rows = xtxn_apply.intent_rows(g.rows, key, key + b"\x00", probe.limit)
         if len(key) > MAX_KEY_SIZE:
             return None, st
+        if lease is not None:
+            lease.lease = leases.lease_of(g.rows, key)
         return mvcc.version_at(g.rows, key, rev or mvcc.REVISION_MAX, g.data.get(key)), st
 
     def scan_versions(

@@ -38,7 +38,7 @@ from typing import Any, Protocol, TypeVar
 from ..raft.storage import LogStorage
 from ..raft.types import ConfState, Entry, HardState, SnapshotMeta
 from ..shard.ranges import IntervalSet
-from ..storage import mvcc, xtxn
+from ..storage import leases, mvcc, xtxn
 from ..storage.changefeed import ChangeBatch
 from ..storage.commands import ApplyResult
 from ..storage.machine import SessionMeta
@@ -127,10 +127,11 @@ class RevisionReads(Protocol):
         ...
 
     def get_version(self, group: int, key: bytes, rev: int = 0, probe: xtxn.IntentProbe | None = None,
-                    ) -> tuple[mvcc.Version | None, mvcc.RevState]:
+                    lease: leases.LeaseProbe | None = None) -> tuple[mvcc.Version | None, mvcc.RevState]:
         """The key's version at `rev` (0: now; None: absent) and the group's revision state;
-        `probe` (if given) gets the key's intent from the same view. Raises mvcc.Compacted below
-        the compact revision."""
+        `probe` (if given) gets the key's intent from the same view, `lease` (if given; `rev` 0
+        only: the attachment rows hold the current version's) the lease the key is attached to.
+        Raises mvcc.Compacted below the compact revision."""
         ...
 
     def scan_versions(

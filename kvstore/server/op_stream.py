@@ -54,7 +54,7 @@ from kvstore.v1 import kv_pb2
 
 from .admission import rate_key
 from .reads import LINEARIZABLE, ReadPoint
-from .requests import KVRequests
+from .requests import KVRequests, check_with_lease
 from .txn_scans import scanning_txn
 
 MAX_PENDING = 4096
@@ -346,13 +346,14 @@ class OpStream:
         svc = self.svc
         svc.check_key(req.key)
         svc.check_read_revision(req.revision)
+        check_with_lease(req)
         svc.allow(req.key, READ)
         gid = svc.group_for(req.key)
         g = svc.host.groups[gid]
         if req.consistency != kv_pb2.LINEARIZABLE or g.core.role != Role.LEADER or svc.needs_close(gid, req.revision):
             self._slow(op_id, "get", self.svc.get(req))
             return
-        key, revision = req.key, req.revision
+        key, revision, with_lease = req.key, req.revision, req.with_lease
 
         def done(index: int, err: errors.KVError | None) -> None:
             # Called by the host's Ready loop: must not raise.
@@ -363,7 +364,7 @@ class OpStream:
                     raise err
                 if self._leader_reads is not None:
                     self._leader_reads.inc()
-                reply = svc.get_reply(gid, key, ReadPoint(index, 0.0, LINEARIZABLE), revision)
+                reply = svc.get_reply(gid, key, ReadPoint(index, 0.0, LINEARIZABLE), revision, with_lease)
             except errors.KVError as e:
                 self._error(op_id, "get", e)
                 return

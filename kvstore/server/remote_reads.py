@@ -113,7 +113,9 @@ class RemoteReads:
 
     async def get(self, request: kv_pb2.GetRequest, group: int) -> kv_pb2.GetResponse:
         """`KV.Get` of `request` (a key of `group`) at a node hosting `group`: its successful
-        reply (at the revision asked for); raises its error (definite)."""
+        reply (at the revision asked for; with `with_lease`, one that read the lease: a node that
+        predates it answers without `lease_read` and counts as one that did not serve the read);
+        raises its error (definite)."""
         why: list[str] = []
         for addr in self._targets(group):
             try:
@@ -129,6 +131,9 @@ class RemoteReads:
             _raise_reply(resp.error)
             if request.revision and resp.revision != request.revision:  # malformed: not the read asked for
                 why.append(f"{addr}: served revision {resp.revision}, not {request.revision}")
+                continue
+            if request.with_lease and not resp.lease_read:  # an older node ignored with_lease
+                why.append(f"{addr}: read no lease (a version before Get's with_lease)")
                 continue
             return resp
         raise _unreached(group, why)

@@ -529,11 +529,15 @@ class KVRequests:
         return msg
 
     # --- reads ------------------------------------------------------------------------------
-    def get_reply(self, gid: int, key: bytes, point: ReadPoint, revision: int = 0) -> kv_pb2.GetResponse:
+    def get_reply(self, gid: int, key: bytes, point: ReadPoint, revision: int = 0,
+                  with_lease: bool = False) -> kv_pb2.GetResponse:
         """Read `key` from `gid`'s local state at `point` (ownership checked at the read point),
-        at `revision` (0: the current version), with its metadata."""
+        at `revision` (0: the current version), with its metadata; with `with_lease` (`revision`
+        0 only: `check_with_lease`) the lease a present key is attached to, from the same view
+        (`lease_read` set; nothing more is read without it)."""
         self.check_owned(gid, key)
-        v, st, blocking = read_version(self.store.revisions, gid, key, revision)
+        probe = leases.LeaseProbe() if with_lease else None
+        v, st, blocking = read_version(self.store.revisions, gid, key, revision, probe)
         served = served_at(revision, st)
         self.check_intents(gid, blocking)
         self.metrics.reads.inc()
@@ -546,6 +550,10 @@ class KVRequests:
             resp.create_revision, resp.mod_revision, resp.version = (
                 v.meta.create_revision, v.meta.mod_revision, v.meta.version,
             )
+            if probe is not None:
+                resp.lease = probe.lease
+        if probe is not None:
+            resp.lease_read = True
         return resp
 
     def check_intents(self, gid: int, blocking: tuple[bytes, Intent] | None) -> None:
@@ -581,11 +589,12 @@ class KVRequests:
         try:
             self.check_key(request.key)
             self.check_read_revision(request.revision)
+            check_with_lease(request)
             self.allow(request.key, READ)
             gid = self.group_for(request.key)
             point = await self.read_point(gid, request.consistency, request.max_staleness_ms)
             point = await self.closed_point(gid, request.revision, point)
-            return self.get_reply(gid, request.key, point, request.revision)
+            return self.get_reply(gid, request.key, point, request.revision, request.with_lease)
         except errors.KVError as err:
             return kv_pb2.GetResponse(error=self.err(err))
         except Exception as err:  # a bug: this request fails (INTERNAL), nobody else's does
@@ -734,13 +743,25 @@ def blocking_in_view(gid: int, probe: IntentProbe, served: int) -> tuple[bytes, 
         raise errors.InternalError(f"group {gid} holds a corrupt intent row", indeterminate=False) from None
 
 
-def read_version(revisions: RevisionReads, gid: int, key: bytes, revision: int
+WITH_LEASE_AT_REVISION = ("a Get with_lease reads the current version only (a key's lease is kept for its current "
+                          "version): no revision")
+
+
+def check_with_lease(request: kv_pb2.GetRequest) -> None:
+    """A Get's with_lease asks for a current read (definite INVALID_ARGUMENT with a revision)."""
+    if request.with_lease and request.revision:
+        raise errors.InvalidArgument(WITH_LEASE_AT_REVISION)
+
+
+def read_version(revisions: RevisionReads, gid: int, key: bytes, revision: int,
+                 lease: leases.LeaseProbe | None = None,
                  ) -> tuple[mvcc.Version | None, mvcc.RevState, tuple[bytes, Intent] | None]:
     """`key`'s version in `gid` at `revision` (0: now), the view's revision state and the intent
-    that blocks the answer (`blocking_in_view`), all from one read view."""
+    that blocks the answer (`blocking_in_view`), and (into `lease`, if given) the lease the key
+    is attached to, all from one read view."""
     probe = IntentProbe(xlogic.READ_INTENTS_MAX)
     try:
-        v, st = revisions.get_version(gid, key, revision, probe)
+        v, st = revisions.get_version(gid, key, revision, probe, lease)
     except mvcc.Compacted as err:
         raise errors.Compacted(compact_revision=err.compact_revision) from None
     return v, st, blocking_in_view(gid, probe, served_at(revision, st))

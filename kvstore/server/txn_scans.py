@@ -11,8 +11,9 @@ with the keys put before it read at R - 1 too, and the writes before it applied.
 hosted here is read here (a follower serves its part after a ReadIndex round); one this node
 lacks is read at a node that hosts it, as the caller (`remote_reads.RemoteReads`: the caller's
 token, so RBAC applies there as here; another replica if one is down, bounded): its part of a
-scan, its part of the cut M (a linearizable read point there), and the transaction's keys read
-at a revision.
+scan, its part of the cut M (a linearizable read point there), the transaction's keys read
+at a revision, and the current version and lease of a key a LEASE compare names (a Get
+with_lease: how the read-only evaluation knows a key's lease at the cut, `txn_reading`).
 
 Invariants:
 - everything is checked (scans' bounds, the transaction's keys, values and permissions, READ
@@ -52,7 +53,7 @@ from kvstore.v1 import kv_pb2
 from .remote_reads import RemoteReads
 from .requests import KVRequests
 from .scan_parts import ByteBudget, Part, PartItems, combine, gather_parts, retrying
-from .txn_reading import TXN_READ_TRIES, Exhausted, Reading, cut_of, run_reading
+from .txn_reading import TXN_READ_TRIES, Exhausted, Reading, cut_of, leased, run_reading
 
 MAX_TXN_SCAN_BYTES = 24 << 20
 """The most serialized item bytes all scans of one transaction return together (the GETs' values
@@ -79,7 +80,8 @@ class _Reading:
     """`txn_reading.ReadingIO` of the node receiving the transaction: the cut from every data
     group's linearizable read point, the write `KVRequests.run_txn` under the request's session,
     the reads of keys at a revision `KVRequests.get`; a group not hosted here is read through
-    `remote` (None: no other node, such a group is WRONG_SHARD). `probe`: a range the caller may
+    `remote` (None: no other node, such a group is WRONG_SHARD), a key's current version with its
+    lease (`current`, for LEASE compares) a Get with_lease. `probe`: a range the caller may
     read (the first scan's), whose one-key scan at a remote node gives that group's read point.
 
     `groups`: the data groups of the last cut, exactly the groups every scan reads. Under the
@@ -163,6 +165,26 @@ class _Reading:
                 if err is not None:
                     raise err
             return txn.Current(g.value, g.create_revision, g.mod_revision, g.version) if g.found else None
+
+        return await retrying(once, READ_TRIES, _BACKOFF)
+
+    async def current(self, key: bytes) -> txn.Current | None:
+        """`key`'s current version and lease from one view (a linearizable Get with_lease here,
+        or at a node hosting its group: `RemoteReads.get` skips one that reads no lease;
+        `txn_reading.leased` refuses such an answer, definite)."""
+        req = kv_pb2.GetRequest(key=key, with_lease=True, consistency=kv_pb2.LINEARIZABLE)
+        m = self.rq.tracker.map
+        group = m.group_for_hash(key_hash(key)) if m is not None else 0
+        remote = self._elsewhere(group) if group else None
+
+        async def once() -> txn.Current | None:
+            if remote is not None:
+                return leased(await remote.get(req, group))
+            g = await self.rq.get(req)
+            err = errors.from_proto(g.error, is_write=False) if g.error.code else None
+            if err is not None:
+                raise err
+            return leased(g)
 
         return await retrying(once, READ_TRIES, _BACKOFF)
 

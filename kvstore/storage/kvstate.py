@@ -523,10 +523,13 @@ class KVState:
             return fn(LmdbRows(txn, group, rev_dbs(self._env)))
 
     def get_version(self, group: int, key: bytes, rev: int = 0, probe: xtxn.IntentProbe | None = None,
-                    ) -> tuple[mvcc.Version | None, mvcc.RevState]:
-        """The key's version at revision `rev` (0: its current one), the group's revision state
-        and (into `probe`) the key's intent, from ONE read transaction. Raises mvcc.Compacted if
-        `rev` is below the compact revision."""
+                    lease: leases.LeaseProbe | None = None) -> tuple[mvcc.Version | None, mvcc.RevState]:
+        """The key's version at revision `rev` (0: its current one), the group's revision state,
+        (into `probe`) the key's intent and (into `lease`, `rev` 0 only) the lease it is attached
+        to, from ONE read transaction. Raises mvcc.Compacted if `rev` is below the compact
+        revision."""
+        if lease is not None and rev:
+            raise ValueError("a key's lease is read with its current version only")
         env = self._env
         with env.read() as txn:
             rows = LmdbRows(txn, group, rev_dbs(env))
@@ -535,6 +538,8 @@ class KVState:
                 probe.rows = xtxn_apply.intent_rows(rows, key, key + b"\x00", probe.limit)
             if len(key) > MAX_KEY_SIZE:
                 return None, st
+            if lease is not None:
+                lease.lease = leases.lease_of(rows, key)
             current = txn.get(group_prefix(group) + key, db=env.db(DB_DATA))
             return _version(rows, st, key, rev, None if current is None else bytes(current)), st
 

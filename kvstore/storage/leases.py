@@ -526,6 +526,16 @@ def lease_of(rows: mvcc.Rows, key: bytes) -> int:
     return 0 if raw is None else int(_U64.unpack(bytes(raw))[0])
 
 
+@dataclass(slots=True)
+class LeaseProbe:
+    """A current read's request for the lease its key is attached to, filled by the store from
+    the read's OWN view (the same read transaction as the key's current version: a write
+    between them may change both). `lease`: the attachment row's lease, 0 for none (read
+    whether or not the key is present: a caller takes it for a present key only)."""
+
+    lease: int = 0
+
+
 def detach(rows: mvcc.Rows, key: bytes) -> None:
     """Detach `key` from its lease, if any (a plain write or delete of the key). A group with
     no attachment at all answers from the rows' per-batch flag (`mvcc.Rows.has_attachments`)."""

@@ -159,19 +159,21 @@ class Session(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., seq: _Optional[int] = ..., ack: _Optional[int] = ..., retry: _Optional[bool] = ..., horizon: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("key", "consistency", "max_staleness_ms", "revision")
+    __slots__ = ("key", "consistency", "max_staleness_ms", "revision", "with_lease")
     KEY_FIELD_NUMBER: _ClassVar[int]
     CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     MAX_STALENESS_MS_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    WITH_LEASE_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     consistency: Consistency
     max_staleness_ms: int
     revision: int
-    def __init__(self, key: _Optional[bytes] = ..., consistency: _Optional[_Union[Consistency, str]] = ..., max_staleness_ms: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
+    with_lease: bool
+    def __init__(self, key: _Optional[bytes] = ..., consistency: _Optional[_Union[Consistency, str]] = ..., max_staleness_ms: _Optional[int] = ..., revision: _Optional[int] = ..., with_lease: _Optional[bool] = ...) -> None: ...
 
 class GetResponse(_message.Message):
-    __slots__ = ("error", "found", "value", "index", "staleness_ms", "node_id", "revision", "create_revision", "mod_revision", "version")
+    __slots__ = ("error", "found", "value", "index", "staleness_ms", "node_id", "revision", "create_revision", "mod_revision", "version", "lease", "lease_read")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     FOUND_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +184,8 @@ class GetResponse(_message.Message):
     CREATE_REVISION_FIELD_NUMBER: _ClassVar[int]
     MOD_REVISION_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_READ_FIELD_NUMBER: _ClassVar[int]
     error: Error
     found: bool
     value: bytes
@@ -192,7 +196,9 @@ class GetResponse(_message.Message):
     create_revision: int
     mod_revision: int
     version: int
-    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., found: _Optional[bool] = ..., value: _Optional[bytes] = ..., index: _Optional[int] = ..., staleness_ms: _Optional[int] = ..., node_id: _Optional[int] = ..., revision: _Optional[int] = ..., create_revision: _Optional[int] = ..., mod_revision: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    lease: int
+    lease_read: bool
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., found: _Optional[bool] = ..., value: _Optional[bytes] = ..., index: _Optional[int] = ..., staleness_ms: _Optional[int] = ..., node_id: _Optional[int] = ..., revision: _Optional[int] = ..., create_revision: _Optional[int] = ..., mod_revision: _Optional[int] = ..., version: _Optional[int] = ..., lease: _Optional[int] = ..., lease_read: _Optional[bool] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("key", "value", "session")

@@ -17,7 +17,6 @@ import pytest
 from clusterharness import Cluster
 
 from kvstore.client import AsyncClient, Client, Compare, Op, OpResponse, TxnResponse
-from kvstore.errors import InvalidArgument
 from kvstore.shard.shardmap import ShardMap
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
@@ -358,34 +357,50 @@ def test_txn_scans_under_concurrent_writers_match_history(cluster: Cluster) -> N
                 assert (b"cw/own%d" % (i % 2), b"t%d" % i, r.revision) in items
 
 
-def test_a_lease_compare_in_a_txn_with_scans_is_refused_definite(cluster: Cluster) -> None:
-    """Issue 17: a Txn with scans whose branch taken writes nothing is evaluated read-only on the
-    keys as read at a revision, which carries no lease: a lease compare there would always see
-    lease 0 and could take the wrong branch. It is refused up front (definite InvalidArgument),
-    by the client library before sending and by the server for a client that checks nothing;
-    nothing is written. Without scans the same compare runs (the group's TXN reads the lease)."""
+def test_a_lease_compare_in_a_txn_with_scans_compares_the_keys_lease(cluster: Cluster) -> None:
+    """Issue 17: a Txn with scans may compare a key's lease, as etcd: a read-only one (evaluated
+    at a cut, the lease read with the key's version) takes the branch the lease says, both ways,
+    for a leased key, a key without a lease and an absent key (lease 0); one whose failure branch
+    writes writes exactly when the compare fails. Through the client library, a raw KV.Txn at
+    every node (each hosts both groups here) and `kvctl txn`."""
     with Client(cluster.endpoints, timeout=20) as c:
         lid = c.lease_grant(60)
         c.put(b"lc/k", b"v", lease=lid)
-        same = [Compare.lease(b"lc/k", "=", lid)]
-        with pytest.raises(InvalidArgument, match="lease") as info:
-            c.txn(same, [Op.scan(prefix=b"lc/")], [Op.put(b"lc/wrong", b"x")])
-        assert info.value.definite
-        assert c.txn(same, [Op.get(b"lc/k")], [Op.put(b"lc/wrong", b"x")]).succeeded  # no scans: served
-        assert c.get(b"lc/wrong") is None
-    body = kv_pb2.TxnBody(compares=[kv_pb2.Compare(key=b"lc/k", target=kv_pb2.COMPARE_LEASE, result=kv_pb2.EQUAL,
-                                                   number=lid)],
-                          success=[kv_pb2.TxnOp(txn=kv_pb2.TxnBody(success=[kv_pb2.TxnOp(scan=kv_pb2.TxnScan(
-                              prefix=b"lc/"))]))],
-                          failure=[kv_pb2.TxnOp(put=kv_pb2.TxnPut(key=b"lc/wrong", value=b"x"))])
-    for ep in cluster.endpoints:  # a client that checks nothing: the server refuses it at any node
-        with grpc.insecure_channel(ep) as ch:
-            resp = kv_pb2_grpc.KVStub(ch).Txn(kv_pb2.TxnRequest(txn=body), timeout=20)
-        assert resp.error.code == kv_pb2.INVALID_ARGUMENT and "lease" in resp.error.message, resp.error
+        c.put(b"lc/plain", b"p")
+        scan = [Op.scan(prefix=b"lc/")]
+        held = c.txn([Compare.lease(b"lc/k", "=", lid)], scan, [Op.get(b"lc/k")])
+        assert held.succeeded and [kv.key for kv in held.responses[0].items] == [b"lc/k", b"lc/plain"]
+        assert not c.txn([Compare.lease(b"lc/k", "=", lid + 1)], scan, [Op.get(b"lc/k")]).succeeded
+        assert not c.txn([Compare.lease(b"lc/k", "=", 0)], scan, []).succeeded
+        assert c.txn([Compare.lease(b"lc/plain", "=", 0)], scan, []).succeeded
+        assert not c.txn([Compare.lease(b"lc/plain", ">", 0)], scan, []).succeeded
+        assert c.txn([Compare.lease(b"lc/absent", "=", 0)], scan, []).succeeded
+        # the failure branch writes: it runs (and writes) exactly when the compare fails
+        r = c.txn([Compare.lease(b"lc/k", "=", lid)], scan, [Op.put(b"lc/wrong", b"x")])
+        assert r.succeeded and c.get(b"lc/wrong") is None
+        r = c.txn([Compare.lease(b"lc/k", "!=", lid)], scan, [Op.put(b"lc/right", b"x"), Op.scan(prefix=b"lc/")])
+        assert not r.succeeded and r.revision > 0 and c.get(b"lc/right") == b"x"
+        assert [kv.key for kv in r.responses[1].items] == [b"lc/k", b"lc/plain", b"lc/right"]
+        c.put(b"lc/k", b"v2")  # a plain put detaches the key: its lease is 0 from then on
+        assert c.txn([Compare.lease(b"lc/k", "=", 0)], scan, []).succeeded
+        c.put(b"lc/k", b"v3", lease=lid)
+    for i, ep in enumerate(cluster.endpoints):  # a raw KV.Txn (nested compare and scan) at every node
+        for number, want in ((lid, True), (lid + 1, False)):
+            body = kv_pb2.TxnBody(
+                compares=[kv_pb2.Compare(key=b"lc/k", target=kv_pb2.COMPARE_LEASE, result=kv_pb2.EQUAL,
+                                         number=number)],
+                success=[kv_pb2.TxnOp(txn=kv_pb2.TxnBody(success=[kv_pb2.TxnOp(scan=kv_pb2.TxnScan(
+                    prefix=b"lc/"))]))],
+                failure=[kv_pb2.TxnOp(scan=kv_pb2.TxnScan(prefix=b"lc/k"))])
+            with grpc.insecure_channel(ep) as ch:
+                resp = kv_pb2_grpc.KVStub(ch).Txn(kv_pb2.TxnRequest(txn=body), timeout=20)
+            assert resp.error.code == kv_pb2.OK and resp.result.succeeded == want, (i, resp.error)
+    p = _kvctl(cluster, f'lease("lc/k") = "{lid:x}"\n\nget --prefix lc/\n\nput lc/wrong x\n')
+    assert p.returncode == 0 and p.stdout.startswith("SUCCESS"), (p.stdout, p.stderr)
+    p = _kvctl(cluster, f'lease("lc/k") = "{lid + 1:x}"\n\nget --prefix lc/\n\nget lc/k\n')
+    assert p.returncode == 0 and p.stdout.startswith("FAILURE"), (p.stdout, p.stderr)
     with Client(cluster.endpoints, timeout=20) as c:
         assert c.get(b"lc/wrong") is None
-    p = _kvctl(cluster, f'lease("lc/k") = "{lid:x}"\n\nget --prefix lc/\n\nput lc/wrong x\n')
-    assert p.returncode != 0 and "lease" in p.stderr, (p.stdout, p.stderr)
 
 
 def test_a_txn_range_delete_across_groups_at_one_revision(cluster: Cluster) -> None:

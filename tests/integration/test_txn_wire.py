@@ -198,3 +198,88 @@ def test_remote_reads_go_on_to_another_node_when_one_is_down_bounded(node: _Node
                 await ch.close()
 
     node.run(main())
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(key=keys, with_lease=st.booleans(), revision=st.integers(-(2**63), 2**63 - 1), consistency=st.integers(-1, 4))
+def test_any_get_with_lease_gets_the_lease_or_a_definite_error(node: _Node, key: bytes, with_lease: bool,
+                                                               revision: int, consistency: int) -> None:
+    """A Get's with_lease (hostile: any key, revision, consistency), on KV.Get and KV.Stream:
+    with a revision a definite INVALID_ARGUMENT; else, answered, `lease_read` says exactly
+    whether it was asked, and an unleased or absent key has lease 0. A valid revision with
+    with_lease is refused for with_lease itself."""
+    async def main() -> None:
+        req = kv_pb2.GetRequest(key=key, with_lease=with_lease, revision=revision)
+        req.consistency = consistency  # type: ignore[assignment]
+        node.ids += 1
+        batch = kv_pb2.OpBatch(ops=[kv_pb2.Op(id=node.ids, get=req)])
+        streamed = [res.get async for rb in node.kv.Stream(iter([batch]), timeout=20) for res in rb.results]
+        for r in (await node.kv.Get(req, timeout=20), *streamed):
+            assert not r.error.indeterminate, (req, r.error)
+            if with_lease and revision:
+                assert r.error.code == kv_pb2.INVALID_ARGUMENT, (req, r.error)  # this, or a bad revision's
+            if r.error.code == kv_pb2.OK:
+                assert r.lease_read == with_lease and r.lease == 0, (req, r)
+
+    node.run(main())
+
+
+def test_a_get_with_lease_at_a_valid_revision_is_refused_for_it(node: _Node) -> None:
+    async def main() -> None:
+        p = await node.kv.Put(kv_pb2.PutRequest(key=b"wl/a", value=b"1"), timeout=20)
+        r = await node.kv.Get(kv_pb2.GetRequest(key=b"wl/a", with_lease=True, revision=p.revision), timeout=20)
+        assert r.error.code == kv_pb2.INVALID_ARGUMENT and "with_lease" in r.error.message, r.error
+        assert not r.error.indeterminate
+        ok = await node.kv.Get(kv_pb2.GetRequest(key=b"wl/a", revision=p.revision), timeout=20)
+        assert ok.error.code == kv_pb2.OK and ok.value == b"1" and not ok.lease_read
+
+    node.run(main())
+
+
+def test_remote_reads_pass_over_a_node_that_reads_no_lease(node: _Node) -> None:
+    """A node that predates Get's with_lease ignores the field (proto3: an unknown field) and
+    answers without a lease. Here such a node is the real node behind a gRPC front that drops
+    the field as an older binary's decoder does. `RemoteReads.get` passes it over for a node
+    that reads the lease; with only such nodes the read fails, definite: its silence is never
+    taken for "no lease"."""
+    from kvstore.server.remote_reads import RemoteReads
+    from kvstore.storage import leases
+
+    class OldNode(kv_pb2_grpc.KVServicer):
+        async def Get(self, request: kv_pb2.GetRequest, context: Any) -> kv_pb2.GetResponse:
+            old = kv_pb2.GetRequest()
+            old.CopyFrom(request)
+            old.ClearField("with_lease")
+            resp: kv_pb2.GetResponse = await node.kv.Get(old, timeout=20)
+            return resp
+
+    async def main() -> None:
+        g = await node.kv.LeaseGrant(kv_pb2.LeaseGrantRequest(ttl=60, id=leases.make_id(1, 77)), timeout=20)
+        assert g.error.code == kv_pb2.OK, g.error
+        p = await node.kv.LeasePut(kv_pb2.LeasePutRequest(key=b"rl/a", value=b"1", lease=g.id), timeout=20)
+        assert p.error.code == kv_pb2.OK, p.error
+        server = grpc.aio.server()
+        kv_pb2_grpc.add_KVServicer_to_server(OldNode(), server)  # type: ignore[no-untyped-call]
+        old = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        channels: dict[str, grpc.aio.Channel] = {}
+
+        def channel(addr: str) -> grpc.aio.Channel:
+            return channels.setdefault(addr, grpc.aio.insecure_channel(addr))
+
+        req = kv_pb2.GetRequest(key=b"rl/a", with_lease=True)
+        try:
+            plain = await RemoteReads(lambda _g: [old], channel, (), 5.0).get(kv_pb2.GetRequest(key=b"rl/a"), 1)
+            assert plain.value == b"1"  # the old node serves what it knows
+            got = await RemoteReads(lambda _g: [old, node.n.address], channel, (), 5.0).get(req, 1)
+            assert got.lease_read and got.lease == g.id and got.value == b"1"
+            with pytest.raises(errors.Unavailable, match="read no lease") as e:
+                await RemoteReads(lambda _g: [old], channel, (), 5.0).get(req, 1)
+            assert e.value.definite
+        finally:
+            for ch in channels.values():
+                await ch.close()
+            await server.stop(None)
+
+    node.run(main())

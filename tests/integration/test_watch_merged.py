@@ -23,7 +23,7 @@ import grpc
 import pytest
 from clusterharness import Cluster, start_watching_cli, stop_cli
 
-from kvstore.client import AsyncClient, Compare, Op, WatchEvent
+from kvstore.client import AsyncClient, Client, Compare, Op, WatchEvent
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 pytestmark = pytest.mark.timeout(240)
@@ -382,3 +382,68 @@ def test_txn_scans_read_groups_elsewhere_as_the_caller(cluster: Cluster) -> None
                 await change(op=Change.USER_DELETE, user="root")
 
     asyncio.run(main())
+
+
+def test_a_lease_compare_with_scans_on_keys_of_groups_here_and_elsewhere(cluster: Cluster) -> None:
+    """Issue 17 at a node lacking groups: a read-only Txn with a scan and a LEASE compare, sent
+    to node 1, on a key of a group node 1 does NOT host (its version and lease read at a node
+    that does: a Get with_lease through `RemoteReads`) and on one of a group it hosts: each takes
+    the branch the key's lease says, both ways, in kvstore's Txn and in etcd's Txn with a range
+    (etcd's stubs). A Get with_lease answers the lease from the key's view; with a revision it
+    is a definite INVALID_ARGUMENT."""
+    from kvstore.etcdpb.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+
+    async def keys() -> list[bytes]:
+        async with AsyncClient(cluster.endpoints, timeout=30) as kv:
+            every = await _keys_over_every_group(kv, b"lq/", 20)
+            for k in every:
+                await kv.put(k, b"-")
+            return every
+
+    every = asyncio.run(keys())
+    with Client(cluster.endpoints, timeout=30) as c:
+        m = c.shard_map(refresh=True)
+        assert m is not None
+        node = cluster.nodes[1]
+        here = set(m.groups_of_node(node.id))
+        far = next(k for k in every if m.group_for_key(k) not in here)
+        near = next(k for k in every if m.group_for_key(k) in here)
+        host_of_far = next(n for n in cluster.nodes.values() if m.group_for_key(far) in m.groups_of_node(n.id))
+        lid = c.lease_grant(60)
+        for k in (far, near):
+            c.put(k, b"v", lease=lid)
+
+    def lease_is(key: bytes, number: int) -> kv_pb2.Compare:
+        return kv_pb2.Compare(key=key, target=kv_pb2.COMPARE_LEASE, result=kv_pb2.EQUAL, number=number)
+
+    for key, addr in ((far, host_of_far.address), (near, node.address)):  # a Get at a node hosting the key
+        with grpc.insecure_channel(addr) as ch:
+            kvs = kv_pb2_grpc.KVStub(ch)
+            got = kvs.Get(kv_pb2.GetRequest(key=key, with_lease=True), timeout=30)
+            assert got.error.code == kv_pb2.OK and got.lease_read and got.lease == lid and got.found, got
+            plain = kvs.Get(kv_pb2.GetRequest(key=key), timeout=30)
+            assert not plain.lease_read and plain.lease == 0
+            at = kvs.Get(kv_pb2.GetRequest(key=key, with_lease=True, revision=got.mod_revision), timeout=30)
+            assert at.error.code == kv_pb2.INVALID_ARGUMENT and not at.error.indeterminate, at.error
+            other = next(k for k in every if k != key and m.group_for_key(k) == m.group_for_key(key))
+            none = kvs.Get(kv_pb2.GetRequest(key=other, with_lease=True), timeout=30)  # no lease: 0, read
+            assert none.error.code == kv_pb2.OK and none.found and none.lease_read and none.lease == 0, none
+    with grpc.insecure_channel(node.address) as ch:  # node 1 lacks far's group
+        kvs, etcd = kv_pb2_grpc.KVStub(ch), rpc_pb2_grpc.KVStub(ch)
+        for key in (far, near):
+            for number, want in ((lid, True), (lid + 1, False), (0, False)):
+                body = kv_pb2.TxnBody(compares=[lease_is(key, number)],
+                                      success=[kv_pb2.TxnOp(scan=kv_pb2.TxnScan(prefix=b"lq/"))],
+                                      failure=[kv_pb2.TxnOp(get=key)])
+                r = kvs.Txn(kv_pb2.TxnRequest(txn=body), timeout=30)
+                assert r.error.code == kv_pb2.OK and r.result.succeeded == want and not r.revision, (key, r.error)
+                if want:
+                    assert len(r.result.responses[0].scan.items) == 20
+                e = etcd.Txn(rpc_pb2.TxnRequest(
+                    compare=[rpc_pb2.Compare(key=key, target=rpc_pb2.Compare.LEASE, result=rpc_pb2.Compare.EQUAL,
+                                             lease=number)],
+                    success=[rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=b"lq/", range_end=b"lq0"))],
+                    failure=[rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=key))]), timeout=30)
+                assert e.succeeded == want, (key, number)
+                rng = e.responses[0].response_range
+                assert rng.count == (20 if want else 1) and key in {kv.key for kv in rng.kvs}

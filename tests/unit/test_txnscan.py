@@ -18,7 +18,8 @@ from kvstore.client.checks import RequestChecks
 from kvstore.client.txns import first_key, txn_body
 from kvstore.client.types import Compare, Op, TxnResponse
 from kvstore.server.scan_parts import Part, combine
-from kvstore.server.txn_reading import Exhausted, evaluate_at, run_reading
+from kvstore.server.txn_reading import Exhausted, NoLeaseReader, evaluate_at, leased, run_reading, unchecked
+from kvstore.server.txn_wire import txn_from_proto
 from kvstore.shard.ranges import IntervalSet
 from kvstore.storage import txn
 from kvstore.txnscan import MAX_TXN_SCAN_PARTS, ScanRange, merge, outside, split, taken_scans
@@ -157,11 +158,9 @@ def _lease_cmp(lease: int = 7) -> kv_pb2.Compare:
     return kv_pb2.Compare(key=b"k", target=kv_pb2.COMPARE_LEASE, result=kv_pb2.EQUAL, number=lease)
 
 
-def test_a_lease_compare_with_scans_is_refused_at_any_depth() -> None:
-    """Issue 17: the read-only evaluation reads keys at a revision, without their lease, so a
-    transaction with scans compares no lease: `split` (server and client) refuses it, definite,
-    wherever the compare or the scan is; `evaluate_at` refuses it too rather than see lease 0.
-    Other compare targets and lease compares without scans are untouched."""
+def test_a_lease_compare_with_scans_is_kept_at_any_depth() -> None:
+    """Issue 17: a transaction with scans may compare a key's lease, wherever the compare or the
+    scan is: `split` (server and client) keeps the compare in the stripped body, as any other."""
     scan = kv_pb2.TxnOp(scan=kv_pb2.TxnScan(prefix=b"k"))
     nested_cmp = kv_pb2.TxnOp(txn=kv_pb2.TxnBody(compares=[_lease_cmp()], success=[kv_pb2.TxnOp(get=b"k")]))
     nested_scan = kv_pb2.TxnOp(txn=kv_pb2.TxnBody(failure=[scan]))
@@ -169,22 +168,11 @@ def test_a_lease_compare_with_scans_is_refused_at_any_depth() -> None:
                  kv_pb2.TxnBody(compares=[_lease_cmp()], failure=[nested_scan]),
                  kv_pb2.TxnBody(success=[scan], failure=[nested_cmp]),
                  kv_pb2.TxnBody(success=[nested_scan, nested_cmp])):
-        with pytest.raises(errors.InvalidArgument, match="cannot compare a key's lease") as info:
-            split(body, MAX_KEY)
-        assert info.value.definite
-    other = kv_pb2.Compare(key=b"k", target=kv_pb2.COMPARE_VERSION, result=kv_pb2.EQUAL, number=7)
-    assert list(split(kv_pb2.TxnBody(compares=[other], success=[scan]), MAX_KEY)[0].compares) == [other]
+        stripped, plan = split(body, MAX_KEY)
+        assert plan.scans and txn.compares_lease(txn_from_proto(stripped, unchecked, unchecked))
     checks = RequestChecks(timeout=5.0)
-    with pytest.raises(errors.InvalidArgument, match="lease"):
-        txn_body(checks, [Compare.lease(b"k", "=", 7)], [Op.scan(prefix=b"k")], [])
-    assert txn_body(checks, [Compare.lease(b"k", "=", 7)], [Op.get(b"k")], []).compares[0].number == 7
-
-    async def get_at(key: bytes, revision: int) -> txn.Current | None:
-        return txn.Current(b"v", 1, 1, 1)  # what a read at a revision answers: no lease
-
-    lease_only = kv_pb2.TxnBody(compares=[_lease_cmp()], success=[kv_pb2.TxnOp(get=b"k")])
-    with pytest.raises(errors.InvalidArgument, match="lease"):
-        asyncio.run(evaluate_at(lease_only, 1, get_at))
+    b = txn_body(checks, [Compare.lease(b"k", "=", 7)], [Op.scan(prefix=b"k")], [])
+    assert b.compares[0].target == kv_pb2.COMPARE_LEASE and b.compares[0].number == 7
 
 
 def test_client_side_scan_ops() -> None:
@@ -300,6 +288,9 @@ class _IO:
     async def get_at(self, key: bytes, revision: int) -> txn.Current | None:
         return self.s.at(key, revision)
 
+    async def current(self, key: bytes) -> txn.Current | None:
+        return self.s.at(key, self.s.last)  # no key is attached to a lease here
+
     def can_write(self) -> bool:
         return True
 
@@ -404,3 +395,164 @@ def test_outside_is_the_range_minus_the_deleted_ranges(lo: bytes, hi: bytes | No
         assert sum(p.holds(k) for p in parts) == int(kept), k
     assert all(p.limit == 3 and (p.end is None or p.start < p.end) for p in parts)
     assert all(a.end is not None and a.end <= b.start for a, b in itertools.pairwise(parts))
+
+
+# --- a LEASE compare in the read-only evaluation ----------------------------------------------
+class _Leased:
+    """Versions with their lease: key -> [(revision, value | None, lease)] (an attachment changes
+    only with a new version: `txn_reading`'s premise). A read at a revision carries no lease;
+    `current` reads the newest version with its lease, and counts its calls."""
+
+    def __init__(self) -> None:
+        self.history: dict[bytes, list[tuple[int, bytes | None, int]]] = {}
+        self.last = 0
+        self.current_reads: list[bytes] = []
+
+    def write(self, key: bytes, value: bytes | None, lease: int = 0) -> int:
+        self.last += 10
+        self.history.setdefault(key, []).append((self.last, value, 0 if value is None else lease))
+        return self.last
+
+    def _cur(self, key: bytes, revision: int, with_lease: bool) -> txn.Current | None:
+        vs = [v for v in self.history.get(key, []) if v[0] <= revision]
+        if not vs or vs[-1][1] is None:
+            return None
+        born = max((i for i, v in enumerate(vs) if i == 0 or vs[i - 1][1] is None), default=0)
+        return txn.Current(vs[-1][1] or b"", vs[born][0], vs[-1][0], len(vs) - born, vs[-1][2] if with_lease else 0)
+
+    def lease_at(self, key: bytes, revision: int) -> int:
+        """The model: the lease of the key's version at `revision` (0: absent), as etcd compares it."""
+        c = self._cur(key, revision, True)
+        return 0 if c is None else c.lease
+
+    async def get_at(self, key: bytes, revision: int) -> txn.Current | None:
+        return self._cur(key, revision, False)
+
+    async def current(self, key: bytes) -> txn.Current | None:
+        self.current_reads.append(key)
+        return self._cur(key, self.last, True)
+
+
+def _lease_body(key: bytes, op: int, lease: int) -> kv_pb2.TxnBody:
+    return kv_pb2.TxnBody(compares=[kv_pb2.Compare(key=key, target=kv_pb2.COMPARE_LEASE, result=op, number=lease)],
+                          success=[kv_pb2.TxnOp(get=key)], failure=[kv_pb2.TxnOp(get=b"other")])
+
+
+def test_a_lease_compare_is_evaluated_on_the_lease_at_the_cut() -> None:
+    """Same version now as at M: compared on its lease (holds / fails); a newer version or a
+    delete after M (even with the same lease): None, start again; absent at M: lease 0, and no
+    current read; no `current` reader: a bug (NoLeaseReader)."""
+    s = _Leased()
+    s.write(b"k", b"v", 7)
+    m = s.last
+
+    def ev(body: kv_pb2.TxnBody, at: int) -> kv_pb2.TxnResult | None:
+        return asyncio.run(evaluate_at(body, at, s.get_at, None, s.current))
+
+    held = ev(_lease_body(b"k", kv_pb2.EQUAL, 7), m)
+    assert held is not None and held.succeeded and held.responses[0].get.value == b"v"
+    failed = ev(_lease_body(b"k", kv_pb2.EQUAL, 8), m)
+    assert failed is not None and not failed.succeeded
+    assert ev(_lease_body(b"k", kv_pb2.EQUAL, 0), m).succeeded is False  # type: ignore[union-attr]
+    s.write(b"x", b"unrelated")  # other keys' writes after M change nothing
+    assert ev(_lease_body(b"k", kv_pb2.GREATER, 6), m).succeeded  # type: ignore[union-attr]
+    s.write(b"k", b"v2", 7)  # a newer version, the same lease: its lease at M is not known now
+    assert ev(_lease_body(b"k", kv_pb2.EQUAL, 7), m) is None
+    assert ev(_lease_body(b"k", kv_pb2.EQUAL, 7), s.last).succeeded  # type: ignore[union-attr]
+    s.write(b"k", None)
+    assert ev(_lease_body(b"k", kv_pb2.EQUAL, 0), s.last - 10) is None  # gone since
+    s.current_reads.clear()
+    absent = ev(_lease_body(b"k", kv_pb2.EQUAL, 0), s.last)
+    assert absent is not None and absent.succeeded and s.current_reads == []  # absent at M: lease 0
+    assert ev(_lease_body(b"nope", kv_pb2.NOT_EQUAL, 0), s.last).succeeded is False  # type: ignore[union-attr]
+    with pytest.raises(NoLeaseReader):
+        asyncio.run(evaluate_at(_lease_body(b"k", kv_pb2.EQUAL, 0), m, s.get_at))
+
+
+def test_only_the_keys_lease_compares_name_are_read_with_their_lease() -> None:
+    s = _Leased()
+    for k in (b"a", b"b", b"c"):
+        s.write(k, b"v", 5)
+    nested = kv_pb2.TxnOp(txn=kv_pb2.TxnBody(
+        compares=[kv_pb2.Compare(key=b"c", target=kv_pb2.COMPARE_LEASE, result=kv_pb2.EQUAL, number=5)]))
+    body = kv_pb2.TxnBody(compares=[kv_pb2.Compare(key=b"a", target=kv_pb2.COMPARE_LEASE, result=kv_pb2.EQUAL,
+                                                   number=5),
+                                    kv_pb2.Compare(key=b"b", target=kv_pb2.COMPARE_VERSION, result=kv_pb2.EQUAL,
+                                                   number=1)],
+                          success=[nested])
+    res = asyncio.run(evaluate_at(body, s.last, s.get_at, None, s.current))
+    assert res is not None and res.succeeded and res.responses[0].txn.succeeded
+    assert sorted(s.current_reads) == [b"a", b"c"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([b"k", b"j"]), st.one_of(st.none(), st.sampled_from([b"v", b"w"])),
+                          st.integers(0, 3)), max_size=8),
+       st.integers(0, 9), st.integers(0, 3), st.sampled_from([kv_pb2.EQUAL, kv_pb2.NOT_EQUAL, kv_pb2.GREATER,
+                                                              kv_pb2.LESS]))
+def test_a_lease_compare_at_a_cut_is_etcds_or_starts_again(writes: list[tuple[bytes, bytes | None, int]], cut: int,
+                                                           number: int, op: int) -> None:
+    """Against the model (the lease of the key's version at M; 0 when absent): the evaluation at
+    any M either compares exactly that lease, or (only when the key present at M has a newer
+    version or is gone now) starts again."""
+    s = _Leased()
+    for key, value, lease in writes:
+        s.write(key, value, lease)
+    m = min(cut * 10, s.last) or 1
+    res = asyncio.run(evaluate_at(_lease_body(b"k", op, number), m, s.get_at, None, s.current))
+    at, now = s._cur(b"k", m, True), s._cur(b"k", s.last, True)
+    if at is not None and (now is None or now.mod_revision != at.mod_revision):
+        assert res is None
+        return
+    want = s.lease_at(b"k", m)
+    holds = {kv_pb2.EQUAL: want == number, kv_pb2.NOT_EQUAL: want != number, kv_pb2.GREATER: want > number,
+             kv_pb2.LESS: want < number}[op]
+    assert res is not None and res.succeeded == holds
+
+
+def test_run_reading_starts_again_while_a_compared_key_changes_and_gives_up() -> None:
+    """A key a LEASE compare names rewritten after every cut: each evaluation starts again,
+    then `Exhausted` (nothing written); once it holds still, the reading lands at a cut."""
+    s = _Leased()
+    s.write(b"k", b"v", 7)
+
+    class Churning:
+        def __init__(self, churn: bool) -> None:
+            self.churn = churn
+
+        async def cut(self) -> int:
+            m = s.last
+            if self.churn:
+                s.write(b"k", b"v", 7)  # after the cut: a newer version, the same lease
+            return m
+
+        def can_write(self) -> bool:
+            return True
+
+        async def write(self, body: kv_pb2.TxnBody, floor: int) -> tuple[kv_pb2.TxnResult, int]:
+            raise AssertionError("a read-only body never writes")
+
+        async def get_at(self, key: bytes, revision: int) -> txn.Current | None:
+            return await s.get_at(key, revision)
+
+        async def current(self, key: bytes) -> txn.Current | None:
+            return await s.current(key)
+
+    body = _lease_body(b"k", kv_pb2.EQUAL, 7)
+    with pytest.raises(Exhausted):
+        asyncio.run(run_reading(body, Churning(True), tries=3))
+    landed = asyncio.run(run_reading(body, Churning(False)))
+    assert not landed.wrote and landed.result.succeeded and landed.revision == s.last
+
+
+def test_leased_refuses_an_answer_that_read_no_lease() -> None:
+    """A node before Get's with_lease ignores it: its answer (lease_read false) is never taken
+    for "no lease" (definite UNAVAILABLE: nothing was written)."""
+    old = kv_pb2.GetResponse(found=True, value=b"v", mod_revision=3, node_id=4)
+    with pytest.raises(errors.Unavailable, match="no lease") as info:
+        leased(old)
+    assert info.value.definite
+    got = leased(kv_pb2.GetResponse(found=True, value=b"v", create_revision=2, mod_revision=3, version=2, lease=9,
+                                    lease_read=True))
+    assert got == txn.Current(b"v", 2, 3, 2, 9)
+    assert leased(kv_pb2.GetResponse(lease_read=True)) is None

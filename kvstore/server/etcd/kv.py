@@ -34,7 +34,7 @@ from kvstore.txnscan import has_range_deletes
 from kvstore.v1 import kv_pb2
 
 from ..scan_parts import PARALLEL, gather_parts, retrying
-from ..txn_reading import Exhausted, cut_of, run_reading, unchecked
+from ..txn_reading import Exhausted, cut_of, leased, run_reading, unchecked
 from ..txn_scans import MAX_TXN_SCAN_BYTES
 from ..txn_wire import txn_from_proto
 from .base import EtcdNode, fail
@@ -124,7 +124,8 @@ def _state_of(state: dict[bytes, tuple[kv_pb2.KeyValue | None, int]], key: bytes
 @dataclass(slots=True)
 class _EtcdReading:
     """`txn_reading.ReadingIO` through etcd's forwarder: the cut is a linearizable count-only
-    range (`cut`) across every data group, the write one TXN of `group`, the reads `Get`s."""
+    range (`cut`) across every data group, the write one TXN of `group`, the reads `Get`s (a
+    key's current lease: a linearizable Get with_lease, `current`)."""
 
     kv: EtcdKV
     cut_query: RangeQuery
@@ -147,6 +148,11 @@ class _EtcdReading:
         g = await self.kv.n.forward.call("Get", kv_pb2.GetRequest(key=key, revision=revision), self.context,
                                          is_write=False, group=self.kv.n.group_of(key))
         return txn.Current(g.value, g.create_revision, g.mod_revision, g.version) if g.found else None
+
+    async def current(self, key: bytes) -> txn.Current | None:
+        req = kv_pb2.GetRequest(key=key, with_lease=True, consistency=kv_pb2.LINEARIZABLE)
+        g = await self.kv.n.forward.call("Get", req, self.context, is_write=False, group=self.kv.n.group_of(key))
+        return leased(g)
 
 
 class EtcdKV(rpc_pb2_grpc.KVServicer):
@@ -459,9 +465,6 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
                                       "groups or that reads a range (range_end or a revision)")
                 return await self._txn_ignoring(body, plan, one, context)
             leased = leased_puts(body)  # across groups too: the two-phase commit carries them (level 7)
-            if compares_lease(body) and plan.ranges:
-                raise unsupported("a Compare of a key's lease in a transaction that reads a range (range_end or a "
-                                  "revision)")
             for put in leased:
                 put.checked = await self.lease_checked(put.lease, self.n.group_of(put.key), context)
             if plan.ranges:
@@ -498,8 +501,9 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         (`convert.with_scans`; `server/txn_scans.py`): one TXN or a two-phase commit at revision
         R, each scan showing the state at its place on the path taken (`kvstore/txnpath.py`),
         as etcd's sequential Txn; a scan reads every key of its range (the count is etcd's), and
-        `range_reply` applies the limit, sort and filters. Refused (FAILED_PRECONDITION): a read
-        at a revision, a lease compare, a put's ignore_value / ignore_lease here. A scan cut by the
+        `range_reply` applies the limit, sort and filters; a lease compare is kvstore's (its
+        read-only evaluation reads the lease: `txn_reading`). Refused (FAILED_PRECONDITION): a
+        read at a revision, a put's ignore_value / ignore_lease here. A scan cut by the
         reply's budget (one for all the Txn's ranges together) fails (RESOURCE_EXHAUSTED;
         indeterminate if the Txn wrote). The header's revision is the one the Txn landed at (its
         write's, or the cut it was evaluated at: `TxnResponse.read_revision`)."""
@@ -509,9 +513,6 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         if any(ignored_puts(plan, body)):
             raise unsupported("Put's ignore_value or ignore_lease in a transaction whose keys are in several "
                               "groups or that reads a range (range_end or a revision)")
-        if compares_lease(body):
-            raise unsupported("a Compare of a key's lease in a transaction that reads a range (range_end or a "
-                              "revision)")
         for put in leased_puts(body):
             put.checked = await self.lease_checked(put.lease, self.n.group_of(put.key), context)
         t = await self.n.forward.call("Txn", kv_pb2.TxnRequest(txn=with_scans(plan, body)), context, is_write=True)
@@ -631,8 +632,9 @@ class EtcdKV(rpc_pb2_grpc.KVServicer):
         ONE `group` (or there are none): `txn_reading.run_reading` (its docstring gives the
         algorithm and why it is etcd's atomic Txn) finds the revision R the Txn landed at, with
         the cut M a count-only range across every data group (`_scan`), the write `group`'s one
-        TXN proposed with floor M, and the keys of a read-only evaluation read exactly at M;
-        then every range on the path taken is read exactly at R in every group (at the revision
+        TXN proposed with floor M, and the keys of a read-only evaluation read exactly at M (a
+        compared lease: the key's current lease while its version is still the one at M,
+        `_EtcdReading.current`); then every range on the path taken is read exactly at R in every group (at the revision
         it names, if it names one). Keys that changed under each try: a definite UNAVAILABLE."""
         first = plan.ranges[0]
         # a count of one key's range across every data group: a linearizable cut of all groups
