@@ -37,7 +37,9 @@ def kvchaos(args: list[str], *, env: dict[str, str] | None = None, timeout: floa
         [sys.executable, "-m", "chaos.cli", *args], capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})},
     )
-    return proc.returncode, proc.stdout + proc.stderr
+    # stderr first: the verdict is stdout's last line, and grpc's C core may log to stderr at any
+    # moment (e.g. a failed TLS handshake with a port another test's node took after a kill).
+    return proc.returncode, proc.stderr + proc.stdout
 
 
 def run_dir_of(out: Path) -> Path:

@@ -30,7 +30,9 @@ def private_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def kvchaos(args: list[str], timeout: float = 180) -> tuple[int, str]:
     proc = subprocess.run([sys.executable, "-m", "chaos.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=dict(os.environ))
-    return proc.returncode, proc.stdout + proc.stderr
+    # stderr first: the verdict is stdout's last line, and grpc's C core may log to stderr at any
+    # moment (e.g. a failed TLS handshake with a port another test's node took after a kill).
+    return proc.returncode, proc.stderr + proc.stdout
 
 
 def summary_of(out: Path) -> dict[str, Any]:
