@@ -155,10 +155,10 @@ def faulty(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
             raise RuntimeError("planted bug in prepare_put")
         return prepare(self, r)
 
-    def bad_reply(self: KVRequests, gid: int, key: bytes, point: Any, revision: int = 0) -> kv_pb2.GetResponse:
+    def bad_reply(self: KVRequests, gid: int, key: bytes, point: Any, *args: Any, **kw: Any) -> kv_pb2.GetResponse:
         if key == b"boom":
             raise KeyError("planted bug in get_reply")
-        return reply(self, gid, key, point, revision)
+        return reply(self, gid, key, point, *args, **kw)
 
     async def bad_scan(self: KVRequests, request: kv_pb2.ScanRequest) -> kv_pb2.ScanResponse:
         if request.prefix == b"boom":
