@@ -240,8 +240,10 @@ def test_netns_tls_run_refuses_every_forged_identity_under_partitions_and_kills(
         assert fg["tls_refused"].get(case, 0) > 20, (case, fg["tls_codes"])
         assert "OK" not in fg["tls_codes"][case], (case, fg["tls_codes"])
     for case in ("client_cert", "wrong_node"):
+        # (CALL_BROKEN: a client-streaming call gRPC broke off as the node ended it, its refusal
+        # unread: counted unreached, as forge.CALL_BROKEN says)
         assert set(fg["tls_codes"][case]) <= {"PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED",
-                                              "CANCELLED"}, fg["tls_codes"]
+                                              "CANCELLED", "CALL_BROKEN"}, fg["tls_codes"]
     assert fg["not_refused"] == 0 and fg["accepted_from_outsider"] == 0, fg
     assert fg["handshakes_failed"] > 50, fg
     # node 99 with a genuine certificate is still not a member; a member's malformed traffic

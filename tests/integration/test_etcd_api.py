@@ -912,7 +912,11 @@ def test_cluster_and_maintenance_commands(kv_cluster: Cluster, kv: str, etcd: st
     assert p.returncode != 0 and "etcdserver: Peer URLs already exists" in p.stderr, p.stderr
     p = ctl(kv, "member", "remove", f"{new:x}")
     assert p.returncode == 0 and re.match(rf"Member +{new:x} removed", p.stdout), p.stdout + p.stderr
-    assert [m["ID"] for m in json.loads(ctl(kv, "member", "list", "-w", "json").stdout)["members"]] == [1, 2, 3]
+    # The endpoint lists the members as it has applied them: a remove it forwarded to the leader
+    # returns once the leader applied it, and this endpoint follows when it applies it too.
+    deadline = time.monotonic() + 30
+    while (ids := [m["ID"] for m in json.loads(ctl(kv, "member", "list", "-w", "json").stdout)["members"]]) != [1, 2, 3]:
+        assert time.monotonic() < deadline, ids
 
     # move-leader: etcdctl sends it to the (metadata group's) leader; every group follows
     leader = json.loads(ctl(kv, "endpoint", "status", "-w", "json").stdout)[0]["Status"]["leader"]
