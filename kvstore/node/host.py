@@ -30,6 +30,10 @@ Invariants:
   definitely failed;
 - a read is answered only after a ReadIndex round confirmed leadership and the group has applied
   through that index;
+- a retried session write joined to a pending entry (`pending.PendingWrites`: proposed here in
+  the current term, the same command) is answered exactly as that entry's write, by the rules
+  above; the table of pending writes empties as entries apply, when the group closes and when
+  storage fails;
 - a failed storage call (disk full) stops the loop before any dependent message leaves or any
   group advances: the node keeps its last durable state and refuses further work (new
   proposals and reads get a definite STORAGE_FULL) until the same cycle persists.

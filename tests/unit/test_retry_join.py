@@ -118,7 +118,7 @@ def test_a_retry_after_the_first_attempt_applied_is_proposed_and_answered_from_t
     commands.encode_delete(b"k", 7, 1, 1),  # another op
     _put(b"v")[:-1],  # another body
     commands.encode_put(b"k", b"v"),  # no session: never joined
-])
+], ids=["other-value", "other-seq", "other-client", "other-op", "other-body", "no-session"])
 def test_a_write_that_is_not_the_same_session_write_is_proposed(other: bytes) -> None:
     hosts, outbox = _cluster()
     leader = hosts[1]
@@ -329,3 +329,37 @@ def test_the_pending_table_stays_bounded_and_consistent(ops: list[tuple[str, int
         assert all(len(w.joined or ()) <= MAX_JOINED for w in table.values())
     table.drain()
     assert len(table) == 0 and not table.by_session
+
+
+def test_the_first_attempt_and_the_joined_retry_keep_their_own_deadlines() -> None:
+    """Through the server's waiters: the first attempt gives up (its Timeout, indeterminate)
+    while its entry is pending; the retry joins the entry and is answered with its result."""
+    import asyncio
+
+    from kvstore.server import waiters
+
+    host = Host(1, MemoryNodeStore(), lambda msgs: None, RaftSettings(), random.Random(1))
+    host.open_group(0, ConfState((1,)))
+    host.groups[0].core.campaign()
+    while host.has_work():
+        host.run_cycle()
+    assert host.groups[0].core.role == Role.LEADER
+
+    async def run() -> None:
+        with pytest.raises(errors.Timeout) as first:  # nothing runs the host meanwhile
+            await waiters.propose(host, lambda: None, 0, _put(b"v"), 0.01)
+        assert first.value.indeterminate
+        pending = host.groups[0].writes
+        assert len(pending) == 1
+        index = next(iter(pending.by_index))
+        last = host.groups[0].core.log.last_index()
+
+        def wake() -> None:  # the driver's Ready loop, run once the retry is registered
+            asyncio.get_running_loop().call_soon(lambda: [host.run_cycle() for _ in range(3) if host.has_work()])
+
+        res = await waiters.propose(host, wake, 0, _put(b"v", retry=True), 5.0)
+        assert host.groups[0].core.log.last_index() == last  # joined: nothing appended
+        assert res is not None and res.error is None and res.index == index
+        assert len(pending) == 0
+
+    asyncio.run(run())
