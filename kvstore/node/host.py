@@ -436,7 +436,7 @@ class Host:
         except ProposalDropped as err:
             raise errors.ProposalDropped(str(err)) from err
         self._dirty.add(group)
-        g.writes.add(index, term, data, callback)
+        _lost(g.writes.add(index, term, data, callback))
         return index
 
     def propose_many(self, group: int, datas: list[bytes], callbacks: list[WriteCallback]) -> int:
@@ -478,7 +478,7 @@ class Host:
                 raise errors.ProposalDropped(str(err)) from err
             self._dirty.add(group)
             for index, (data, callback) in enumerate(zip(fresh, fresh_callbacks, strict=True), last - len(fresh) + 1):
-                writes.add(index, term, data, callback)
+                _lost(writes.add(index, term, data, callback))
         return last
 
     def propose_conf_change(self, group: int, cc: ConfChange, callback: WriteCallback) -> int:
@@ -492,7 +492,7 @@ class Host:
             raise errors.ProposalDropped(str(err)) from err
         self.hosted.update(group, g.core.conf)  # the leader's configuration changes on append
         self._dirty.add(group)
-        g.writes.add(index, g.core.term, b"", callback)  # no session: never joined
+        _lost(g.writes.add(index, g.core.term, b"", callback))  # no session: never joined
         return index
 
     def read(self, group: int, callback: ReadCallback) -> None:
@@ -833,6 +833,14 @@ def _stage(writes: list[GroupWrite], applies: list[ApplyBatch], g: Group, core: 
     if rd.committed_entries:
         last = rd.committed_entries[-1].index
         applies.append(ApplyBatch(g.id, rd.committed_entries, core.conf_state_at(last)))
+
+
+def _lost(w: PendingWrite | None) -> None:
+    """Answer a write whose entry this node's log lost at its index (`PendingWrites.add` took
+    the index for a later term's entry): indeterminate, another node may still commit it."""
+    if w is not None:
+        w.answer(None, errors.LeadershipLost("a leader change cut the write's entry off this node's log",
+                                             indeterminate=True))
 
 
 def _answer(w: PendingWrite, term: int, result: Any) -> None:

@@ -12,7 +12,9 @@ Invariants:
   `by_session` maps a session (client_id, seq) to an index in `by_index` whose entry carries that
   session; every `by_session` entry goes when its index leaves `by_index` (`pop`, `drain`), so
   `len(by_session) <= len(by_index)`, and each entry holds at most `MAX_JOINED` joined retries:
-  the table is bounded by the writes pending in the log.
+  the table is bounded by the writes pending in the log. An index this node appends at again in
+  a later term (its entry there was cut off by a leader change) displaces the write waiting
+  there, session and joined retries included (`add` hands it back to be answered as lost).
 - A retry is joined only to an entry proposed by this node in `term`, the term it leads in now
   (`Host.propose` checks it is the leader): an entry of an earlier term may have been overwritten
   by another leader's. The caller passes the current term; entries of other terms never match.
@@ -79,20 +81,24 @@ class PendingWrites:
     def values(self) -> Iterator[PendingWrite]:
         return iter(self.by_index.values())
 
-    def add(self, index: int, term: int, data: bytes, callback: WriteCallback) -> None:
+    def add(self, index: int, term: int, data: bytes, callback: WriteCallback) -> PendingWrite | None:
         """Record the write proposed at `index` in `term`. Its session (if any) points at it
         unless a still joinable entry of the same term already holds that session (the first
-        attempt stays the one retries join: a later copy is a duplicate the cache answers)."""
+        attempt stays the one retries join: a later copy is a duplicate the cache answers).
+
+        Returns the write of an earlier term still waiting at `index`, now removed (with its
+        session), for the caller to answer: this node's log no longer holds its entry there (it
+        was cut off by a leader change and this node appended anew at that index), so it is
+        answered as lost, indeterminate (another node may still hold and commit it)."""
+        displaced = self.pop(index)
         self.by_index[index] = PendingWrite(term, callback, data)
         s = commands.session_of(data)
         if s is None:
-            return
+            return displaced
         held = self.by_session.get(s)
-        if held is not None:
-            w = self.by_index.get(held)
-            if w is not None and w.term == term:
-                return
-        self.by_session[s] = index
+        if held is None or self.by_index[held].term != term:
+            self.by_session[s] = index
+        return displaced
 
     def join(self, term: int, data: bytes, callback: WriteCallback) -> int | None:
         """Attach `callback` to the pending entry proposed in `term` whose write `data` retries

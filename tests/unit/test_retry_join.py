@@ -233,6 +233,25 @@ def test_closing_the_group_fails_the_entry_and_its_joined_retries_alike() -> Non
     assert joined == first
 
 
+def test_an_index_taken_by_a_later_term_displaces_its_write_with_its_session() -> None:
+    """A node whose log lost an entry in a leader change can append at that index again in a
+    later term (the simulator's seed 1120): the write waiting there is handed back (the host
+    answers it as lost, indeterminate) and its session no longer points anywhere."""
+    table = PendingWrites()
+    answers: Answers = []
+    table.add(20, 4, _put(b"v"), _collect(answers))
+    assert table.join(4, _put(b"v", retry=True), _collect(answers)) == 20
+    displaced = table.add(20, 7, _put(b"x", seq=9), lambda r, e: None)
+    assert displaced is not None and displaced.term == 4 and displaced.joined
+    assert table.by_session == {(7, 9): 20}
+    assert table.join(7, _put(b"v", retry=True), lambda r, e: None) is None  # nothing to join: proposed
+    assert table.add(21, 7, _put(b"v", retry=True), lambda r, e: None) is None
+    assert table.by_session == {(7, 9): 20, (7, 1): 21}
+    table.pop(20)
+    table.pop(21)
+    assert not table.by_session
+
+
 def test_joined_retries_per_entry_are_bounded() -> None:
     hosts, outbox = _cluster()
     leader = hosts[1]
@@ -314,8 +333,10 @@ def test_the_pending_table_stays_bounded_and_consistent(ops: list[tuple[str, int
     table = PendingWrites()
     for op, index, seq, term, cid in ops:
         data = commands.encode_put(b"k", b"v", cid, seq, 0)
-        if op == "add" and index not in table.by_index:
-            table.add(index, term, data, lambda r, e: None)
+        if op == "add":
+            had = table.by_index.get(index)
+            displaced = table.add(index, term, data, lambda r, e: None)
+            assert displaced is had
         elif op == "join":
             got = table.join(term, data, lambda r, e: None)
             if got is not None:
