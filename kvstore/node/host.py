@@ -33,7 +33,8 @@ Invariants:
 - a retried session write joined to a pending entry (`pending.PendingWrites`: proposed here in
   the current term, the same command) is answered exactly as that entry's write, by the rules
   above; the table of pending writes empties as entries apply, when the group closes and when
-  storage fails;
+  storage fails; a write whose index this node appends at again in a later term (its entry was
+  cut off its log by a leader change) is answered at once as lost, indeterminate;
 - a failed storage call (disk full) stops the loop before any dependent message leaves or any
   group advances: the node keeps its last durable state and refuses further work (new
   proposals and reads get a definite STORAGE_FULL) until the same cycle persists.

@@ -29,6 +29,16 @@ Invariants:
   authority on duplicates, applied identically on every replica.
 - Each joined waiter keeps its own deadline: the table holds callbacks only; a waiter that gave
   up ignores its later answer (`kvstore.server.waiters`).
+
+Which writes: every command with a session, whatever its kind (PUT, DELETE, CAS, TXN, the
+LEASE_* ops a client sends under its session, and a two-phase commit's RECORD, the one step
+that carries the client's session; PREPARE .. FINALIZE carry none and are never joined), since
+the check is on the header and the bytes, in `Host.propose` and `Host.propose_many`, which every
+write path goes through (unary, `KV.Stream`, the internal propose RPC, the simulator).
+
+Not covered (as before this table): a write pending at a node whose log then jumps past it by an
+installed snapshot is never answered here (its waiter times out, indeterminate); its entry stays
+in the table, with its session, until the group closes on this node.
 """
 
 from __future__ import annotations
