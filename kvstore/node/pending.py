@@ -14,7 +14,8 @@ Invariants:
   `len(by_session) <= len(by_index)`, and each entry holds at most `MAX_JOINED` joined retries:
   the table is bounded by the writes pending in the log. An index this node appends at again in
   a later term (its entry there was cut off by a leader change) displaces the write waiting
-  there, session and joined retries included (`add` hands it back to be answered as lost).
+  there, session and joined retries included (`add` hands it back; the host leaves it
+  unanswered, so its waiters time out, indeterminate, as they did before this table).
 - A retry is joined only to an entry proposed by this node in `term`, the term it leads in now
   (`Host.propose` checks it is the leader): an entry of an earlier term may have been overwritten
   by another leader's. The caller passes the current term; entries of other terms never match.
@@ -97,9 +98,9 @@ class PendingWrites:
         attempt stays the one retries join: a later copy is a duplicate the cache answers).
 
         Returns the write of an earlier term still waiting at `index`, now removed (with its
-        session), for the caller to answer: this node's log no longer holds its entry there (it
-        was cut off by a leader change and this node appended anew at that index), so it is
-        answered as lost, indeterminate (another node may still hold and commit it)."""
+        session): this node's log no longer holds its entry there (it was cut off by a leader
+        change and this node appended anew at that index); its outcome is unknown here (another
+        node may still hold and commit it)."""
         displaced = self.pop(index)
         self.by_index[index] = PendingWrite(term, callback, data)
         s = commands.session_of(data)

@@ -235,8 +235,8 @@ def test_closing_the_group_fails_the_entry_and_its_joined_retries_alike() -> Non
 
 def test_an_index_taken_by_a_later_term_displaces_its_write_with_its_session() -> None:
     """A node whose log lost an entry in a leader change can append at that index again in a
-    later term (the simulator's seed 1120): the write waiting there is handed back (the host
-    answers it as lost, indeterminate) and its session no longer points anywhere."""
+    later term (the simulator's seed 1120): the write waiting there is handed back and its
+    session no longer points anywhere (it pointed at the new entry's index: a KeyError)."""
     table = PendingWrites()
     answers: Answers = []
     table.add(20, 4, _put(b"v"), _collect(answers))
