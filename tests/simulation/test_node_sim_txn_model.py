@@ -46,7 +46,7 @@ def test_planted_stale_compare_is_found_by_the_model() -> None:
 LATE_DEATH_SEED = 3015
 """With `_dies_after_the_heal_too`: a transaction across groups (tag 19: puts in g1 and g2,
 primary g2) commits, its coordinator dies after the COMMIT in g1, 0.5 s before the end."""
-PLANTED_LATE_DEATH_SEED = 3010
+PLANTED_LATE_DEATH_SEED = 3015
 """With `_dies_after_the_heal_too` and `node-xtxn-commit-without-record`: a pair split for good."""
 
 
