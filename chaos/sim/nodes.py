@@ -1074,7 +1074,9 @@ class NodeSimulation:
         """One client operation, as the client library does it: reads go to one node; writes
         carry the process's session (client id, seq) and are retried at the leader (hinted or
         another node) under the same session while an attempt's outcome is unknown, so the state
-        machine's deduplication is what keeps a retried write from applying twice."""
+        machine's deduplication is what keeps a retried write from applying twice (a retry that
+        reaches the leader while its first attempt is still pending there, in the same term, is
+        joined to that entry by the real host instead: `kvstore/node/pending.py`)."""
         invoked = self.now
         finished = False
         op_id = next(self._op_ids)

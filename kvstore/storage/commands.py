@@ -85,6 +85,8 @@ U64_MAX = (1 << 64) - 1
 _HEAD = struct.Struct(">BBQQQBQQ")
 _HEAD_V2 = struct.Struct(">BBQQQBQ")
 _HEAD_V1 = struct.Struct(">BBQQQ")
+_SESSION = struct.Struct(">BBQQ")
+"""The current header's first fields: version, op, client_id, seq."""
 _RETRY = 0x01
 _U32 = struct.Struct(">I")
 _CAS = struct.Struct(">BII")
@@ -451,6 +453,36 @@ def unknown_kind(data: bytes) -> int | None:
     if _HEAD.unpack_from(data)[5] & ~_RETRY:
         return None
     return data[1]
+
+
+def session_of(data: bytes) -> tuple[int, int] | None:
+    """(client_id, seq) of a command in the current format that carries a session, else None
+    (client_id 0: no session; an older format or a short header: never a retry to join). Reads
+    only the header: cheap enough for every proposal. Says nothing about the rest being valid."""
+    if len(data) < _HEAD.size or data[0] != FORMAT_VERSION:
+        return None
+    _, _, client_id, seq = _SESSION.unpack_from(data)
+    return (client_id, seq) if client_id else None
+
+
+def same_write(a: bytes, b: bytes) -> bool:
+    """Are `a` and `b` attempts of one session write: the same format, op, client_id, seq and
+    body byte for byte, differing at most in the header fields an attempt sets for itself (ack,
+    the retry flag, horizon, the proposed revision), and both valid commands?
+
+    Invariant: when it holds, applying `b` right after `a` answers `b` with `a`'s result (the
+    session cache holds it: `machine.apply_command`; ack is capped by seq there, so neither ack
+    changes the write's own outcome) or changes nothing at all (a result that is not cached:
+    a refusal); so `a`'s result is a true answer for `b`. Both are decoded: a header only one of
+    them has valid (unknown flags, a revision on a RECORD) must not borrow the other's result."""
+    if session_of(a) is None or a[:_SESSION.size] != b[:_SESSION.size] or a[_HEAD.size:] != b[_HEAD.size:]:
+        return False
+    try:
+        decode_command(a)
+        decode_command(b)
+    except ValueError:
+        return False
+    return True
 
 
 def decode_command(data: bytes) -> Command:

@@ -24,7 +24,9 @@ SEEDS = range(1000, 1010)
 
 def test_leases_hold_on_seeds() -> None:
     expired = kept = atomic = 0
-    for seed in range(1000, 1006):
+    # seed 1025: a lease deletion across groups checked for atomicity (one of 1000..1005 was,
+    # until retries joined their pending entries at the leader changed the schedules)
+    for seed in (*range(1000, 1006), 1025):
         res = run_node_seed(seed, leases=True, quiesce=False)
         assert res.ok, res.violation
         assert res.leases is not None

@@ -14,7 +14,9 @@ SEED_BUDGET = 6
 
 def test_locks_hold_and_make_progress_on_seeds() -> None:
     acquired = accepted = refused = 0
-    for seed in range(3):  # seed 1: a paused holder's stale token refused
+    # seed 13: a paused holder's stale token refused (seed 1 was, until retries joined their
+    # pending entries at the leader changed its schedule)
+    for seed in (0, 1, 2, 13):
         res = run_node_seed(seed, locks=True, quiesce=False)
         assert res.ok, res.violation
         assert res.locks is not None
