@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from cancelcheck import assert_cancels_kept, cancel_as_it_arrives
 from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -650,17 +651,7 @@ def test_a_sub_stream_read_canceled_as_its_response_arrives_ends_canceled() -> N
 
         subs = PeerSubs(ME, _Local(), None, None, lambda _: "", ())  # type: ignore[arg-type]
         stream = subs.stream(ME, _create(), asyncio.Queue())
-        reader = asyncio.ensure_future(stream.__anext__())
-        for _ in range(3):
-            await asyncio.sleep(0)
-        q.put_nowait(kv_pb2.WatchResponse(revision=7).SerializeToString())
-        for _ in range(turns):
-            await asyncio.sleep(0)
-        accepted = reader.cancel()
-        await asyncio.wait([reader])
-        await stream.aclose()
-        return accepted, reader.cancelled()
+        return await cancel_as_it_arrives(
+            stream, lambda: q.put_nowait(kv_pb2.WatchResponse(revision=7).SerializeToString()), turns)
 
-    for turns in range(6):
-        accepted, cancelled = asyncio.run(trial(turns))
-        assert cancelled == accepted, f"a cancel {turns} turns after the response was lost"
+    assert_cancels_kept(trial)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from hostpump import pump
+
 from kvstore.node.host import Host, RaftSettings
 from kvstore.node.memstore import MemoryNodeStore
 from kvstore.raft import ConfState, Message, MessageType, Role
@@ -15,20 +17,7 @@ from kvstore.storage import commands
 
 
 def _pump(hosts: dict[int, Host], outbox: list[Message], cut: frozenset[int] = frozenset()) -> None:
-    for _ in range(200):
-        busy = False
-        for h in hosts.values():
-            while h.has_work():
-                h.run_cycle()
-                busy = True
-        msgs, outbox[:] = list(outbox), []
-        for m in msgs:
-            if m.to not in cut and m.frm not in cut:
-                hosts[m.to].step(m)
-                busy = True
-        if not busy:
-            return
-    raise AssertionError("never went quiet")
+    pump(hosts, outbox, cut)
 
 
 def test_a_new_leader_is_current_only_after_applying_an_entry_of_its_term() -> None:

@@ -9,6 +9,7 @@ import random
 
 import grpc
 import grpc.aio
+from cancelcheck import assert_cancels_kept, cancel_as_it_arrives, spin
 
 from kvstore.client.checks import RequestChecks
 from kvstore.client.retry import Deadline, RetryPolicy
@@ -136,11 +137,6 @@ class _Channels:
         return c
 
 
-async def _spin(n: int) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
-
-
 def _unavailable() -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "killed")
 
@@ -154,18 +150,10 @@ def test_a_sub_stream_read_canceled_as_its_response_arrives_ends_canceled() -> N
         ch = _Channels()
         w = Watches(RequestChecks(timeout=5.0), ch, MapView(m), RetryPolicy(), random.Random(1))  # type: ignore[arg-type]
         stream = w._stream(NODES[1], kv_pb2.WatchCreateRequest(prefix=b"p", watch_id=1), asyncio.Queue())
-        reader = asyncio.ensure_future(stream.__anext__())
-        await _spin(3)
-        ch.calls[0].q.put_nowait(kv_pb2.WatchResponse(revision=7))
-        await _spin(turns)
-        accepted = reader.cancel()
-        await asyncio.wait([reader])
-        await stream.aclose()
-        return accepted, reader.cancelled()
+        return await cancel_as_it_arrives(stream, lambda: ch.calls[0].q.put_nowait(kv_pb2.WatchResponse(revision=7)),
+                                          turns)
 
-    for turns in range(6):
-        accepted, cancelled = asyncio.run(trial(turns))
-        assert cancelled == accepted, f"a cancel {turns} turns after the response was lost"
+    assert_cancels_kept(trial)
 
 
 def test_a_merged_watch_ends_when_a_sub_fails_as_another_gets_a_response() -> None:
@@ -189,13 +177,13 @@ def test_a_merged_watch_ends_when_a_sub_fails_as_another_gets_a_response() -> No
                 ended.append(err)
 
         consumer = asyncio.ensure_future(consume())
-        await _spin(5)
+        await spin(5)
         a, b = ch.calls
         for c in (a, b):
             c.q.put_nowait(kv_pb2.WatchResponse(created=True, revision=99))
-        await _spin(10)
+        await spin(10)
         a.q.put_nowait(_unavailable())
-        await _spin(turns)
+        await spin(turns)
         b.q.put_nowait(kv_pb2.WatchResponse(revision=150))
         for _ in range(500):  # until nothing moves (no I/O, no timer: bounded)
             if consumer.done():
