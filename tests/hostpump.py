@@ -3,10 +3,12 @@ by the node-level unit tests that script elections and partitions without the si
 
 from __future__ import annotations
 
+import random
 from collections.abc import Collection
 
-from kvstore.node.host import Host
-from kvstore.raft import Message
+from kvstore.node.host import Host, RaftSettings
+from kvstore.node.memstore import MemoryNodeStore
+from kvstore.raft import ConfState, Message, Role
 
 
 def pump(hosts: dict[int, Host], outbox: list[Message], cut: Collection[int] = frozenset(), *,
@@ -28,3 +30,16 @@ def pump(hosts: dict[int, Host], outbox: list[Message], cut: Collection[int] = f
         if not busy:
             return
     raise AssertionError("never went quiet")
+
+
+def elected_three() -> tuple[dict[int, Host], list[Message]]:
+    """Hosts 1, 2 and 3 of group 0 on memory stores (their messages land in the returned outbox),
+    node 1 elected by its campaign and the cluster quiet."""
+    outbox: list[Message] = []
+    hosts = {i: Host(i, MemoryNodeStore(), outbox.extend, RaftSettings(), random.Random(i)) for i in (1, 2, 3)}
+    for h in hosts.values():
+        h.open_group(0, ConfState((1, 2, 3)))
+    hosts[1].groups[0].core.campaign()
+    pump(hosts, outbox)
+    assert hosts[1].groups[0].core.role == Role.LEADER
+    return hosts, outbox

@@ -5,14 +5,12 @@ request's deadline: a stall after every metadata failover, found by the whole-no
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 
-from hostpump import pump
+from hostpump import elected_three, pump
 
-from kvstore.node.host import Host, RaftSettings
-from kvstore.node.memstore import MemoryNodeStore
-from kvstore.raft import ConfState, Message, MessageType, Role
+from kvstore.node.host import Host
+from kvstore.raft import Message, MessageType, Role
 from kvstore.storage import commands
 
 
@@ -21,12 +19,7 @@ def _pump(hosts: dict[int, Host], outbox: list[Message], cut: frozenset[int] = f
 
 
 def test_a_new_leader_is_current_only_after_applying_an_entry_of_its_term() -> None:
-    outbox: list[Message] = []
-    hosts = {i: Host(i, MemoryNodeStore(), outbox.extend, RaftSettings(), random.Random(i)) for i in (1, 2, 3)}
-    for h in hosts.values():
-        h.open_group(0, ConfState((1, 2, 3)))
-    hosts[1].groups[0].core.campaign()
-    _pump(hosts, outbox)
+    hosts, outbox = elected_three()
     assert hosts[1].leads_current(0)
     assert not hosts[2].leads_current(0) and not hosts[3].leads_current(0)  # followers
     assert not hosts[1].leads_current(7)  # a group it does not host

@@ -10,7 +10,7 @@ import random
 from typing import Any
 
 import pytest
-from hostpump import pump
+from hostpump import elected_three, pump
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,14 +26,7 @@ Answers = list[tuple[Any, errors.KVError | None]]
 
 
 def _cluster() -> tuple[dict[int, Host], list[Message]]:
-    outbox: list[Message] = []
-    hosts = {i: Host(i, MemoryNodeStore(), outbox.extend, RaftSettings(), random.Random(i)) for i in (1, 2, 3)}
-    for h in hosts.values():
-        h.open_group(0, ConfState((1, 2, 3)))
-    hosts[1].groups[0].core.campaign()
-    _pump(hosts, outbox)
-    assert hosts[1].groups[0].core.role == Role.LEADER
-    return hosts, outbox
+    return elected_three()
 
 
 def _pump(hosts: dict[int, Host], outbox: list[Message], cut: frozenset[int] = frozenset()) -> None:
