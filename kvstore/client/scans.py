@@ -283,8 +283,9 @@ class Scans:
                 try:
                     if stream is None:
                         resp = await self.channels.mux(target).call("scan", req, wait if wait > 0 else 0.001)
-                    else:
-                        resp = await asyncio.wait_for(stream.read(), wait if wait > 0 else 0.001)
+                    else:  # (asyncio.timeout, not wait_for: wait_for can lose a cancel to a read that completed)
+                        async with asyncio.timeout(wait if wait > 0 else 0.001):
+                            resp = await stream.read()
                 except TimeoutError:
                     err = Timeout(f"{target} did not answer in time")
                     self.router.on_transport_failure(group, target, "timed out")
@@ -353,7 +354,8 @@ class Scans:
             target = part.target
             try:
                 wait = deadline.bound(self.policy.attempt_timeout)
-                resp = await asyncio.wait_for(part.stream.read(), wait if wait > 0 else 0.001)
+                async with asyncio.timeout(wait if wait > 0 else 0.001):  # (a cancel is never lost to the read)
+                    resp = await part.stream.read()
             except TimeoutError:
                 self.router.on_transport_failure(part.group, target, "timed out")
                 part.close()
