@@ -110,44 +110,68 @@ class Forwarder:
                          group: int) -> rpc_pb2.RangeResponse:
         """etcd's `KV.Range` of `request` at a node that hosts `group`, which this node does not
         (with the caller's token, under the same rule as `call`): its answer reports each key's
-        lease as attached on that node's replica of the group. A failure is that node's status
-        (definite: a read); a call that may not be forwarded (TLS without a token) or a group
-        with no known member is FAILED_PRECONDITION, definite."""
-        c = self.caller
-        if c is not None and self.may_forward(context):
-            for n in leader_candidates(c.host, c.tracker.map, group):
-                if n != c.node_id and (addr := c.address(n)):
-                    try:
-                        return await rpc_pb2_grpc.KVStub(c.channel(addr)).Range(
-                            request, metadata=token_metadata(context), timeout=self.timeout)
-                    except grpc.aio.AioRpcError as e:
-                        raise EtcdStatus(e.code(), e.details() or f"kvstore: reading group {group} at {addr} failed"
-                                         ) from None
+        lease as attached on that node's replica of the group. A node that cannot be reached or
+        is unavailable (UNAVAILABLE: down, restarting, no leader) is passed over for the next
+        one that hosts the group (a read: trying another is always safe); any other failure is
+        that node's status (definite: a read), as is the last node's. A call that may not be
+        forwarded (TLS without a token) or a group with no known member is FAILED_PRECONDITION,
+        definite."""
+        addrs = self._hosts(group, context)
+        for i, addr in enumerate(addrs):
+            try:
+                return await rpc_pb2_grpc.KVStub(self._channel(addr)).Range(
+                    request, metadata=token_metadata(context), timeout=self.timeout)
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNAVAILABLE and i + 1 < len(addrs):
+                    continue
+                raise EtcdStatus(e.code(), e.details() or f"kvstore: reading group {group} at {addr} failed"
+                                 ) from None
         raise EtcdStatus(grpc.StatusCode.FAILED_PRECONDITION,
                          f"kvstore: this reads a key's lease where its data group {group} is hosted; this node does "
                          "not host it and may not send the call on (on a TLS cluster only a call with a token is): "
                          "send it to a node that hosts the group")
 
+    def _hosts(self, group: int, context: grpc.aio.ServicerContext) -> list[str]:
+        """The addresses of the other nodes to read `group` at, best guess first (its leader,
+        then its members: `leader_candidates`); none if the call may not be sent on."""
+        c = self.caller
+        if c is None or not self.may_forward(context):
+            return []
+        return [addr for n in leader_candidates(c.host, c.tracker.map, group)
+                if n != c.node_id and (addr := c.address(n))]
+
+    def _channel(self, addr: str) -> grpc.aio.Channel:
+        assert self.caller is not None
+        return self.caller.channel(addr)
+
     def scan(self, request: kv_pb2.ScanRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[kv_pb2.ScanResponse]:
         """KV.Scan of one group's part: here if this node hosts the group, else at a node that
         does (any replica serves it; with the caller's token, under the same rule as `call`)."""
         c = self.caller
-        if c is None or request.group in c.host.groups or not self.may_forward(context):
+        if c is None or request.group in c.host.groups:
             return self.kv.Scan(request, context)
-        for n in leader_candidates(c.host, c.tracker.map, request.group):
-            if n != c.node_id and (addr := c.address(n)):
-                return self._remote_scan(addr, request, context)
-        return self.kv.Scan(request, context)
+        addrs = self._hosts(request.group, context)
+        return self._remote_scan(addrs, request, context) if addrs else self.kv.Scan(request, context)
 
-    async def _remote_scan(self, addr: str, request: kv_pb2.ScanRequest, context: grpc.aio.ServicerContext
+    async def _remote_scan(self, addrs: list[str], request: kv_pb2.ScanRequest, context: grpc.aio.ServicerContext
                            ) -> AsyncIterator[kv_pb2.ScanResponse]:
-        try:
-            async for msg in self.stub(addr).Scan(request, metadata=token_metadata(context), timeout=self.timeout):
-                yield msg
-        except grpc.aio.AioRpcError as e:
-            raise EtcdStatus(grpc.StatusCode.UNAVAILABLE,
-                             f"kvstore: reading group {request.group} at {addr} failed: {e.code().name} {e.details()}"
-                             ) from None
+        """The scan's messages from the first of `addrs` that serves it. A node that fails
+        UNAVAILABLE (down, restarting) before its first message is passed over for the next (a
+        read: trying another replica is always safe); once a message was passed on, a failure
+        ends the scan (the caller retries the part whole), as does the last node's."""
+        why: list[str] = []
+        for i, addr in enumerate(addrs):
+            sent = False
+            try:
+                async for msg in self.stub(addr).Scan(request, metadata=token_metadata(context), timeout=self.timeout):
+                    sent = True
+                    yield msg
+                return
+            except grpc.aio.AioRpcError as e:
+                why.append(f"at {addr} failed: {e.code().name} {e.details()}")
+                if sent or e.code() != grpc.StatusCode.UNAVAILABLE or i + 1 == len(addrs):
+                    raise EtcdStatus(grpc.StatusCode.UNAVAILABLE,
+                                     f"kvstore: reading group {request.group} {'; '.join(why)}") from None
 
     async def keep_alive(self, local: Any, request: kv_pb2.LeaseKeepAliveRequest, context: grpc.aio.ServicerContext,
                          group: int) -> kv_pb2.LeaseKeepAliveResponse:
