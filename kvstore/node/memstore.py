@@ -727,6 +727,10 @@ class MemoryNodeStore:
     def apply(self, batches: Sequence[ApplyBatch]) -> ApplyResults:
         return self.persist_and_apply((), batches)
 
+    def waits_for_disk(self, writes: Sequence[GroupWrite], batches: Sequence[ApplyBatch]) -> bool:
+        """Always (conservative): the simulator's drivers call `persist_and_apply` in line anyway."""
+        return True
+
     def persist_and_apply(
         self,
         writes: Sequence[GroupWrite],

@@ -203,6 +203,14 @@ class NodeStore(Protocol):
         ...
 
     # --- the Ready loop ------------------------------------------------------------------------
+    def waits_for_disk(self, writes: Sequence[GroupWrite], batches: Sequence[ApplyBatch]) -> bool:
+        """Might `persist_and_apply(writes, batches)` wait for the disk (an `fdatasync`, or a
+        checkpoint made now)? False only when it is sure not to: no entries, snapshot, term or
+        vote to make durable (a hard state that moves only the commit index needs no flush)
+        and an apply whose commit is not flushed. A driver may run such a call on its event
+        loop instead of a thread; the call and its effects are the same either way."""
+        ...
+
     def persist_and_apply(
         self,
         writes: Sequence[GroupWrite],

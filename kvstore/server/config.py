@@ -94,6 +94,10 @@ class NodeConfig:
     no apply transaction synced; the checkpointer makes them durable and a restart after a crash
     replays the WAL from the last checkpoint: `storage/store.py`) or `commit` (every apply
     transaction synced)."""
+    inline_apply: int = 16
+    """A Ready cycle that only applies at most this many committed entries and waits for no
+    disk (`NodeStore.waits_for_disk`) runs on the event loop, not the persist thread
+    (`--inline-apply`; 0: never)."""
     wal_segment_bytes: int = 8 << 20
     """Size of a segment of the node's write-ahead log (`--wal-segment-bytes`; preallocated)."""
     raft: RaftSettings = field(default_factory=RaftSettings)

@@ -400,6 +400,8 @@ class Node:
                 hoptrace.mark("n.applied")
             loop.call_soon_threadsafe(host.answer_writes, cycle, results)
 
+        inline_max = self.cfg.inline_apply
+
         watch = self.watch
         assert watch is not None
         with PersistThread(loop) as io:
@@ -415,7 +417,15 @@ class Node:
                     if hoptrace.ON:
                         hoptrace.mark("n.begin")
                     stored = cycle.touches_storage()
-                    if stored:
+                    if stored and _applies_here(cycle, inline_max):
+                        # Only committed entries to apply and nothing to flush (the leader's
+                        # commit of a small batch): the same call on this thread, no hand-off
+                        # to the persist thread and back (issue 20: two wake-ups off a put).
+                        # `end_cycle` answers the writes applied, right after.
+                        if cycle.sent_early:
+                            await asyncio.sleep(0)  # the appends and commits leave first
+                        _timed_persist(cycle)
+                    elif stored:
                         if host.awaits_writes(cycle):
                             cycle.on_applied = early
                         # The fsync runs off the event loop: requests and messages that arrive
@@ -631,6 +641,14 @@ class _CountingTransport:
     @property
     def peer_ids(self) -> list[int]:
         return self._t.peer_ids
+
+
+def _applies_here(cycle: Cycle, most: int) -> bool:
+    """Does the Ready loop run `cycle`'s storage call itself: at most `most` entries to apply
+    and a call that waits for no disk (`NodeStore.waits_for_disk`)? Never with `most` 0."""
+    if most <= 0 or sum(len(b.entries) for b in cycle.applies) > most:
+        return False
+    return not cycle.store.waits_for_disk(cycle.writes, cycle.applies)
 
 
 def _timed_persist(cycle: Cycle) -> None:

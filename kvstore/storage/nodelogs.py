@@ -254,6 +254,10 @@ class NodeLogs:
             raise self._failure(err) from err
         self.full = False
 
+    def checkpoint_due(self) -> bool:
+        """Will the next `sync` checkpoint the log (it has grown by enough segments)?"""
+        return len(self.rw.wal.segments()) >= self._ckpt_at
+
     def write_synced(self, records: list[GroupRecord]) -> None:
         """`write` then `sync`, under the lock."""
         with self.lock:

@@ -367,6 +367,28 @@ class LmdbNodeStore:
         with its configuration. Returns one result per entry (None for non-data entries)."""
         return self.persist_and_apply((), batches)
 
+    def waits_for_disk(self, writes: Sequence[GroupWrite], batches: Sequence[ApplyBatch]) -> bool:
+        """See `NodeStore.waits_for_disk`: True for entries, a snapshot, a term or vote change, a
+        group with no log yet, an apply in `commit` mode (each apply commit is flushed), a
+        checkpoint due now (of LMDB: forced, or failed: the call raises; of the log: it has grown
+        by enough segments). Read without the WAL's lock:
+        the caller is the one thread that writes (between its cycles nothing changes what it
+        reads but its own next call)."""
+        if batches and not self.checkpointed:
+            return True
+        if self._ckpt_now or self._ckpt_failed is not None or (writes and self._wal.checkpoint_due()):
+            return True
+        for w in writes:
+            if w.entries or w.snapshot is not None:
+                return True
+            hs = w.hard_state
+            if hs is None:
+                continue
+            lg = self._wal.log(w.group)
+            if lg is None or (lg.hard_state.term, lg.hard_state.vote) != (hs.term, hs.vote):
+                return True
+        return False
+
     def persist_and_apply(
         self,
         writes: Sequence[GroupWrite],
