@@ -28,7 +28,6 @@ from typing import Any
 import grpc
 
 from kvstore import errors
-from kvstore.node.grouprequests import leader_candidates
 from kvstore.security.identity import METADATA_KEY, identity_of_call, token_of
 from kvstore.shard.ranges import IntervalSet
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
@@ -92,10 +91,6 @@ class RemoteReads:
             return None
         meta = token_metadata(context)
 
-        def nodes(group: int) -> list[str]:
-            ids = leader_candidates(caller.host, caller.tracker.map, group)
-            return [a for n in ids if n != caller.node_id and (a := caller.address(n))]
-
         if caller.credentials is not None and not meta:
             def refuse(group: int) -> list[str]:
                 raise errors.PermissionDenied(
@@ -103,7 +98,7 @@ class RemoteReads:
                     "as the caller, which on a TLS cluster needs the caller's token (log in, or send the "
                     "transaction to a node that hosts every group it reads)")
             return RemoteReads(refuse, caller.channel, meta, timeout)
-        return RemoteReads(nodes, caller.channel, meta, timeout)
+        return RemoteReads(caller.replica_addresses, caller.channel, meta, timeout)
 
     def _targets(self, group: int) -> list[str]:
         addrs = list(self.nodes(group))[:MAX_NODES]

@@ -150,6 +150,11 @@ class GroupCaller:
             addr = self.tracker.map.nodes.get(node, "")
         return addr
 
+    def replica_addresses(self, group: int) -> list[str]:
+        """The addresses of the other nodes to read `group` at, best guess first (its leader,
+        then its members: `leader_candidates`), each once; nodes with no known address left out."""
+        return [a for n in self._candidates(group) if n != self.node_id and (a := self.address(n))]
+
     def _pick(self, group: int, tried: int) -> int:
         """The node to try for `group` on attempt number `tried`: round robin over the
         candidates, best guess first (this node if it knows none)."""

@@ -60,6 +60,13 @@ _EMPTY_BASE = SnapshotMeta()
 log = logging.getLogger("kvstore.storage")
 
 
+def hard_state_needs_sync(before: HardState, after: HardState) -> bool:
+    """Does going from `before` to `after` change what a Raft message may promise (etcd's
+    `MustSync`)? The term or the vote do; the commit index alone does not: it becomes durable with
+    the next sync, and one lost in a crash is learnt again from the leader."""
+    return after.term != before.term or after.vote != before.vote
+
+
 def log_is_empty(g: GroupLog | None) -> bool:
     """No entries, no base, the zero hard state (a group that never persisted anything)."""
     return g is None or (not g.ents and g.base.index == 0 and g.hard_state == HardState())
@@ -218,7 +225,7 @@ class NodeLogs:
                     return True
                 before = lg.hard_state
             hs = r.hard_state
-            if (hs.term, hs.vote) != (before.term, before.vote):
+            if hard_state_needs_sync(before, hs):
                 return True
             prev[r.group] = hs
         return False

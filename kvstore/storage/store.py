@@ -112,7 +112,7 @@ from .layout import (
 from .lmdb_env import LmdbEnv
 from .lmdbckpt import STATE_SYNC_MODES
 from .machine import SessionMeta
-from .nodelogs import SEGMENT_BYTES, NodeLogs, WalLogStorage, log_is_empty
+from .nodelogs import SEGMENT_BYTES, NodeLogs, WalLogStorage, hard_state_needs_sync, log_is_empty
 from .shardcmd import ShardState
 from .snapfile import SnapshotHeader, read_snapshot_header, write_frames
 from .wal import FileSystem, OsFileSystem, WalOptions
@@ -385,7 +385,7 @@ class LmdbNodeStore:
             if hs is None:
                 continue
             lg = self._wal.log(w.group)
-            if lg is None or (lg.hard_state.term, lg.hard_state.vote) != (hs.term, hs.vote):
+            if lg is None or hard_state_needs_sync(lg.hard_state, hs):
                 return True
         return False
 

@@ -78,7 +78,8 @@ def _forwarder(addrs: dict[int, str], channels: dict[str, grpc.aio.Channel]) -> 
 
     host = SimpleNamespace(groups={}, members={n: None for n in addrs}, leader_of=lambda g: (0, 0))
     caller = SimpleNamespace(credentials=None, node_id=1, host=host, tracker=SimpleNamespace(map=None),
-                             channel=channel, address=addrs.get)
+                             channel=channel, address=addrs.get,
+                             replica_addresses=lambda group: [addrs[n] for n in sorted(addrs) if n != 1])
     return Forwarder(kv=None, caller=cast(Any, caller), timeout=10.0)
 
 
@@ -160,3 +161,19 @@ def test_a_lease_reading_refused_otherwise_is_that_nodes_status_and_tries_no_oth
     with pytest.raises(EtcdStatus) as e:
         _run(bad, other, _range)
     assert e.value.code == grpc.StatusCode.PERMISSION_DENIED and other[1].calls == 0
+
+
+def test_the_replicas_to_read_a_group_at_are_its_leader_then_its_members_never_this_node() -> None:
+    """`GroupCaller.replica_addresses`, the list both the etcd API's reads and the transactions'
+    remote reads walk: the known leader first, then the group's members, each once; this node
+    and nodes with no known address left out."""
+    from kvstore.raft import ConfState
+    from kvstore.server.shards import GroupCaller
+
+    conf = ConfState((1, 2, 3, 4))
+    host = SimpleNamespace(groups={5: SimpleNamespace(core=SimpleNamespace(conf=conf))},
+                           members={1: "a1", 2: "a2", 3: "a3", 4: ""}, leader_of=lambda g: (3, "a3"))
+    caller = GroupCaller(1, cast(Any, host), lambda: None, cast(Any, SimpleNamespace(map=None)), 1.0)
+    assert caller.replica_addresses(5) == ["a3", "a2"]
+    host.leader_of = lambda g: (1, "a1")  # this node leads it: only the others, in id order
+    assert caller.replica_addresses(5) == ["a2", "a3"]

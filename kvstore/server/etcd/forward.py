@@ -137,8 +137,7 @@ class Forwarder:
         c = self.caller
         if c is None or not self.may_forward(context):
             return []
-        return [addr for n in leader_candidates(c.host, c.tracker.map, group)
-                if n != c.node_id and (addr := c.address(n))]
+        return c.replica_addresses(group)
 
     def _channel(self, addr: str) -> grpc.aio.Channel:
         assert self.caller is not None
