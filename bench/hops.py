@@ -52,13 +52,13 @@ PUT_CHAIN: list[tuple[str, str, str]] = [
     ("peer stream writes the append", "L", "t.out"),
     ("gRPC: leader -> follower", "F", "r.recv"),
     ("follower step + Ready loop wakes", "F", "n.cycle"),
-    ("follower Ready -> persist thread", "F", "n.persist0"),
+    ("follower Ready -> persist call (thread or loop)", "F", "n.persist0"),
     ("follower persist (txn + fsync)", "F", "n.persist1"),
     ("follower end_cycle -> transport.send", "F", "t.send"),
     ("follower peer stream writes the response", "F", "t.out"),
     ("gRPC: follower -> leader", "L", "r.recv"),
     ("leader step + Ready loop wakes", "L", "n.cycle"),
-    ("leader commit: Ready -> persist thread", "L", "n.persist0"),
+    ("leader commit: Ready -> persist call", "L", "n.persist0"),
     ("apply (txn until results)", "L", "n.applied"),
     ("reply written (loop hand-off -> stream)", "L", "s.reply"),
     ("gRPC: leader -> client", "C", "c.read"),
@@ -205,13 +205,14 @@ class ModeResult:
     profile: str
 
 
-def run_mode(mode: str, root: Path, n: int, warmup: int, profile: bool, top: int) -> ModeResult:
+def run_mode(mode: str, root: Path, n: int, warmup: int, profile: bool, top: int,
+             server_args: Sequence[str] = ()) -> ModeResult:
     trace_dir = root / "trace"
     trace_dir.mkdir(parents=True)
     prof_path = root / "leader.prof"
     os.environ[hoptrace.ENV] = str(trace_dir)
     os.environ[PROFILE_ENV] = str(prof_path)
-    cluster = KvstoreCluster(root / "data")
+    cluster = KvstoreCluster(root / "data", extra_args=server_args)
     try:
         cluster.start()
     finally:
@@ -281,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=25, help="profile rows printed")
     ap.add_argument("--keep", action="store_true", help="keep the data and trace directories")
     ap.add_argument("--out", type=Path, default=None, help="also write the report to OUT/hops.md")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra argument for every `kvstore serve`, e.g. --server-arg=--inline-persist=0 (repeatable)")
     args = ap.parse_args(argv)
     hoptrace.enable(None)  # this process's client marks (the servers get KVSTORE_HOPTRACE)
     report = []
@@ -291,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         root = Path(tempfile.mkdtemp(prefix="kvhops-", dir=base))
         try:
-            r = run_mode(mode, root, args.ops, args.warmup, not args.no_profile, args.top)
+            r = run_mode(mode, root, args.ops, args.warmup, not args.no_profile, args.top, args.server_arg)
         finally:
             if not args.keep:
                 shutil.rmtree(root, ignore_errors=True)

@@ -731,6 +731,10 @@ class MemoryNodeStore:
         """Always (conservative): the simulator's drivers call `persist_and_apply` in line anyway."""
         return True
 
+    def flushes_only_log(self, writes: Sequence[GroupWrite], batches: Sequence[ApplyBatch]) -> bool:
+        """Never (conservative), as `waits_for_disk`."""
+        return False
+
     def persist_and_apply(
         self,
         writes: Sequence[GroupWrite],

@@ -211,6 +211,13 @@ class NodeStore(Protocol):
         loop instead of a thread; the call and its effects are the same either way."""
         ...
 
+    def flushes_only_log(self, writes: Sequence[GroupWrite], batches: Sequence[ApplyBatch]) -> bool:
+        """Is the write-ahead log's one `fdatasync` the most `persist_and_apply(writes, batches)`
+        may wait for: no snapshot to install, no group without a log yet, no apply whose commit is
+        flushed, no checkpoint made now? (`waits_for_disk` is then a question of entries, term
+        and vote.) A driver may wait out such a call on its event loop when it is small."""
+        ...
+
     def persist_and_apply(
         self,
         writes: Sequence[GroupWrite],

@@ -98,6 +98,11 @@ class NodeConfig:
     """A Ready cycle that only applies at most this many committed entries and waits for no
     disk (`NodeStore.waits_for_disk`) runs on the event loop, not the persist thread
     (`--inline-apply`; 0: never)."""
+    inline_persist: int = 4
+    """A Ready cycle that writes at most this many new entries (and applies at most
+    `inline_apply`) runs on the event loop although it flushes: the loop waits out the
+    `fdatasync` instead of handing the call to the persist thread and back (`--inline-persist`;
+    0: never)."""
     wal_segment_bytes: int = 8 << 20
     """Size of a segment of the node's write-ahead log (`--wal-segment-bytes`; preallocated)."""
     raft: RaftSettings = field(default_factory=RaftSettings)

@@ -401,6 +401,7 @@ class Node:
             loop.call_soon_threadsafe(host.answer_writes, cycle, results)
 
         inline_max = self.cfg.inline_apply
+        inline_writes = self.cfg.inline_persist
 
         watch = self.watch
         assert watch is not None
@@ -417,14 +418,18 @@ class Node:
                     if hoptrace.ON:
                         hoptrace.mark("n.begin")
                     stored = cycle.touches_storage()
-                    if stored and _applies_here(cycle, inline_max):
+                    if stored and _applies_here(cycle, inline_max, inline_writes):
                         # Only committed entries to apply and nothing to flush (the leader's
-                        # commit of a small batch): the same call on this thread, no hand-off
-                        # to the persist thread and back (issue 20: two wake-ups off a put).
-                        # `end_cycle` answers the writes applied, right after.
+                        # commit of a small batch), or a few new entries whose only wait is the
+                        # log's flush (a follower's append; `--inline-persist`): the same call
+                        # on this thread, no hand-off to the persist thread and back (issue 20:
+                        # two wake-ups off a put). `end_cycle` answers the writes applied, right
+                        # after.
                         if cycle.sent_early:
                             await asyncio.sleep(0)  # the appends and commits leave first
                         _timed_persist(cycle)
+                        if hoptrace.ON and cycle.applies:
+                            hoptrace.mark("n.applied")  # (the thread's path marks it in `early`)
                     elif stored:
                         if host.awaits_writes(cycle):
                             cycle.on_applied = early
@@ -643,16 +648,20 @@ class _CountingTransport:
         return self._t.peer_ids
 
 
-def _applies_here(cycle: Cycle, most: int) -> bool:
-    """Does the Ready loop run `cycle`'s storage call itself: at most `most` entries to apply
-    and a call that waits for no disk (`NodeStore.waits_for_disk`)? Never with `most` 0."""
+def _applies_here(cycle: Cycle, most: int, most_written: int = 0) -> bool:
+    """Does the Ready loop run `cycle`'s storage call itself: at most `most` entries to apply,
+    and either a call that waits for no disk (`NodeStore.waits_for_disk`) or, with at most
+    `most_written` new entries, one whose only wait is the log's flush
+    (`NodeStore.flushes_only_log`: the loop then waits it out)? Never with `most` 0."""
     if most <= 0 or sum(len(b.entries) for b in cycle.applies) > most:
         return False
+    if most_written > 0 and sum(len(w.entries) for w in cycle.writes) <= most_written:
+        return cycle.store.flushes_only_log(cycle.writes, cycle.applies)
     return not cycle.store.waits_for_disk(cycle.writes, cycle.applies)
 
 
 def _timed_persist(cycle: Cycle) -> None:
-    """`cycle.persist()`, timed for the persist metric (runs on the persist thread)."""
+    """`cycle.persist()`, timed for the persist metric (on the persist thread, or the loop)."""
     if hoptrace.ON:
         hoptrace.mark("n.persist0")
     t0 = time.perf_counter()

@@ -368,18 +368,13 @@ class LmdbNodeStore:
         return self.persist_and_apply((), batches)
 
     def waits_for_disk(self, writes: Sequence[GroupWrite], batches: Sequence[ApplyBatch]) -> bool:
-        """See `NodeStore.waits_for_disk`: True for entries, a snapshot, a term or vote change, a
-        group with no log yet, an apply in `commit` mode (each apply commit is flushed), a
-        checkpoint due now (of LMDB: forced, or failed: the call raises; of the log: it has grown
-        by enough segments). Read without the WAL's lock:
-        the caller is the one thread that writes (between its cycles nothing changes what it
-        reads but its own next call)."""
-        if batches and not self.checkpointed:
-            return True
-        if self._ckpt_now or self._ckpt_failed is not None or (writes and self._wal.checkpoint_due()):
+        """See `NodeStore.waits_for_disk`: True for entries, a term or vote change, or anything
+        `flushes_only_log` refuses (a snapshot, a group with no log yet, an apply in `commit`
+        mode, a checkpoint due now)."""
+        if not self.flushes_only_log(writes, batches):
             return True
         for w in writes:
-            if w.entries or w.snapshot is not None:
+            if w.entries:
                 return True
             hs = w.hard_state
             if hs is None:
@@ -388,6 +383,19 @@ class LmdbNodeStore:
             if lg is None or hard_state_needs_sync(lg.hard_state, hs):
                 return True
         return False
+
+    def flushes_only_log(self, writes: Sequence[GroupWrite], batches: Sequence[ApplyBatch]) -> bool:
+        """See `NodeStore.flushes_only_log`: False for a snapshot, a group with no log yet, an
+        apply in `commit` mode (each apply commit is flushed), a checkpoint due now (of LMDB:
+        forced, or failed: the call raises; of the log: it has grown by enough segments). Read
+        without the WAL's lock: the caller is the one thread that writes (between its cycles
+        nothing changes what it reads but its own next call)."""
+        if batches and not self.checkpointed:
+            return False
+        if self._ckpt_now or self._ckpt_failed is not None or (writes and self._wal.checkpoint_due()):
+            return False
+        wal = self._wal
+        return all(w.snapshot is None and wal.log(w.group) is not None for w in writes)
 
     def persist_and_apply(
         self,

@@ -3,7 +3,11 @@
 no disk. `NodeStore.waits_for_disk` decides the second half; it must be sound: whenever it says
 no, `persist_and_apply` makes no `fdatasync` of the WAL and no LMDB flush (else the event loop
 would stall on the disk); and it must say yes for entries, terms, votes, new groups and commit
-mode (else the same call would block the loop on a flush)."""
+mode (else the same call would block the loop on a flush).
+
+`--inline-persist N` also runs a cycle with at most N new entries on the loop when its only wait
+is the WAL's one `fdatasync` (`NodeStore.flushes_only_log`): never a snapshot, a new group, an
+apply flushed in `commit` mode, or a checkpoint made now (those may take far longer)."""
 
 from __future__ import annotations
 
@@ -108,12 +112,15 @@ def test_a_cycle_said_not_to_wait_makes_no_flush(tmp_path_factory: pytest.TempPa
             due = [e for e in log.entries(applied + 1, last + 1) + ents if e.index <= new_hs.commit]
             batches = [ApplyBatch(1, due, CONF)] if apply and due else []
             waits = s.waits_for_disk(writes, batches)
+            only_log = s.flushes_only_log(writes, batches)
             before = flushes.n
             s.persist_and_apply(writes, batches)
             if not waits:
                 assert flushes.n == before, (writes, batches)
             if ents:
                 assert waits and flushes.n == before + 1
+            if only_log:
+                assert flushes.n <= before + 1  # at most the log's one flush
             hs = log.initial_state()[0]
             if batches:
                 applied = batches[-1].entries[-1].index
@@ -134,5 +141,50 @@ def test_the_loop_runs_only_small_cycles_that_wait_for_nothing(tmp_path: Path) -
         assert not _applies_here(cycle([GroupWrite(1, [], moved)], [ApplyBatch(1, ents, CONF)]), 2)  # too many
         assert not _applies_here(cycle([GroupWrite(1, [], moved)], [ApplyBatch(1, ents, CONF)]), 0)  # off
         assert not _applies_here(cycle([GroupWrite(1, ents, moved)], []), 16)  # entries to flush
+    finally:
+        s.close()
+
+
+def test_what_flushes_only_the_log(tmp_path: Path) -> None:
+    s, hs = _store(tmp_path / "a", "checkpoint")
+    try:
+        last = s.log_storage(1).last_index()
+        ents = _puts(last + 1, 2, hs.term)
+        moved = HardState(hs.term, hs.vote, hs.commit + 1)
+        assert s.flushes_only_log([GroupWrite(1, ents, None)], [ApplyBatch(1, ents, CONF)])  # entries, an apply
+        assert s.flushes_only_log([GroupWrite(1, [], HardState(hs.term + 1, 0, hs.commit))], [])  # a term
+        assert s.flushes_only_log([GroupWrite(1, [], moved)], [])
+        assert not s.flushes_only_log([GroupWrite(9, ents, moved)], [])  # a group with no log yet
+        s._ckpt_now = True  # a checkpoint forced: made by the next call, synchronously
+        assert not s.flushes_only_log([GroupWrite(1, ents, None)], [])
+        assert s.waits_for_disk([GroupWrite(1, [], moved)], [])
+    finally:
+        s.close()
+    c, hs = _store(tmp_path / "b", "commit")
+    try:
+        ents = _puts(2, 1, hs.term)
+        assert not c.flushes_only_log([], [ApplyBatch(1, ents, CONF)])  # the apply commit is flushed
+        assert c.flushes_only_log([GroupWrite(1, ents, None)], [])
+    finally:
+        c.close()
+
+
+def test_the_loop_waits_out_a_small_flush_only_when_asked(tmp_path: Path) -> None:
+    s, hs = _store(tmp_path / "a", "checkpoint")
+    try:
+        last = s.log_storage(1).last_index()
+        ents = _puts(last + 1, 3, hs.term)
+        moved = HardState(hs.term, hs.vote, hs.commit + 1)
+
+        def cycle(writes: list[GroupWrite], applies: list[ApplyBatch]) -> Cycle:
+            return Cycle(store=s, turn=None, writes=writes, applies=applies)  # type: ignore[arg-type]
+
+        assert not _applies_here(cycle([GroupWrite(1, ents, moved)], []), 16)  # off (the function's default)
+        assert _applies_here(cycle([GroupWrite(1, ents, moved)], []), 16, 3)
+        assert not _applies_here(cycle([GroupWrite(1, ents, moved)], []), 16, 2)  # too many entries
+        assert _applies_here(cycle([GroupWrite(1, ents[:1], moved)], [ApplyBatch(1, ents[:1], CONF)]), 16, 1)
+        assert not _applies_here(cycle([GroupWrite(1, ents[:1], moved)], [ApplyBatch(1, ents, CONF)]), 2, 1)  # applies
+        assert not _applies_here(cycle([GroupWrite(9, ents[:1], moved)], []), 16, 4)  # a new group
+        assert not _applies_here(cycle([GroupWrite(1, ents, moved)], []), 0, 4)  # inline off altogether
     finally:
         s.close()

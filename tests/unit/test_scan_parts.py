@@ -66,7 +66,7 @@ class _Ctx:
 
 def _caller(tls: bool) -> Any:
     return SimpleNamespace(credentials=object() if tls else None, node_id=1, host=None, tracker=None,
-                           channel=lambda addr: None, address=lambda n: None)
+                           channel=lambda addr: None, address=lambda n: None, replica_addresses=lambda g: [])
 
 
 @pytest.mark.parametrize(("via", "forwarded"), [("token", True), ("certificate", False), ("none", False)])
