@@ -74,12 +74,23 @@ def test_what_waits_for_the_disk(tmp_path: Path) -> None:
         assert not s.waits_for_disk([GroupWrite(1, [], moved)], [])  # only the commit index
         assert not s.waits_for_disk([], [ApplyBatch(1, ents, CONF)])  # an apply: unsynced here
         assert not s.waits_for_disk([GroupWrite(1, [], moved), GroupWrite(1, [], None)], [ApplyBatch(1, ents, CONF)])
+        # What may wait for the log's one flush and nothing else (--inline-persist)
+        assert s.flushes_only_log([GroupWrite(1, ents, None)], [ApplyBatch(1, ents, CONF)])  # entries, an apply
+        assert s.flushes_only_log([GroupWrite(1, [], HardState(hs.term + 1, 0, hs.commit))], [])  # a term
+        assert s.flushes_only_log([GroupWrite(1, [], moved)], [])
+        assert not s.flushes_only_log([GroupWrite(9, ents, moved)], [])  # a group with no log yet
+        s._ckpt_now = True  # a checkpoint forced: made by the next call, synchronously
+        assert not s.flushes_only_log([GroupWrite(1, ents, None)], [])
+        assert s.waits_for_disk([GroupWrite(1, [], moved)], [])
     finally:
         s.close()
     c, hs = _store(tmp_path / "b", "commit")
     try:
-        assert c.waits_for_disk([], [ApplyBatch(1, _puts(2, 1, hs.term), CONF)])  # every apply commit flushed
+        ents = _puts(2, 1, hs.term)
+        assert c.waits_for_disk([], [ApplyBatch(1, ents, CONF)])  # every apply commit flushed
         assert not c.waits_for_disk([GroupWrite(1, [], HardState(hs.term, hs.vote, hs.commit + 1))], [])
+        assert not c.flushes_only_log([], [ApplyBatch(1, ents, CONF)])
+        assert c.flushes_only_log([GroupWrite(1, ents, None)], [])
     finally:
         c.close()
 
@@ -141,45 +152,7 @@ def test_the_loop_runs_only_small_cycles_that_wait_for_nothing(tmp_path: Path) -
         assert not _applies_here(cycle([GroupWrite(1, [], moved)], [ApplyBatch(1, ents, CONF)]), 2)  # too many
         assert not _applies_here(cycle([GroupWrite(1, [], moved)], [ApplyBatch(1, ents, CONF)]), 0)  # off
         assert not _applies_here(cycle([GroupWrite(1, ents, moved)], []), 16)  # entries to flush
-    finally:
-        s.close()
-
-
-def test_what_flushes_only_the_log(tmp_path: Path) -> None:
-    s, hs = _store(tmp_path / "a", "checkpoint")
-    try:
-        last = s.log_storage(1).last_index()
-        ents = _puts(last + 1, 2, hs.term)
-        moved = HardState(hs.term, hs.vote, hs.commit + 1)
-        assert s.flushes_only_log([GroupWrite(1, ents, None)], [ApplyBatch(1, ents, CONF)])  # entries, an apply
-        assert s.flushes_only_log([GroupWrite(1, [], HardState(hs.term + 1, 0, hs.commit))], [])  # a term
-        assert s.flushes_only_log([GroupWrite(1, [], moved)], [])
-        assert not s.flushes_only_log([GroupWrite(9, ents, moved)], [])  # a group with no log yet
-        s._ckpt_now = True  # a checkpoint forced: made by the next call, synchronously
-        assert not s.flushes_only_log([GroupWrite(1, ents, None)], [])
-        assert s.waits_for_disk([GroupWrite(1, [], moved)], [])
-    finally:
-        s.close()
-    c, hs = _store(tmp_path / "b", "commit")
-    try:
-        ents = _puts(2, 1, hs.term)
-        assert not c.flushes_only_log([], [ApplyBatch(1, ents, CONF)])  # the apply commit is flushed
-        assert c.flushes_only_log([GroupWrite(1, ents, None)], [])
-    finally:
-        c.close()
-
-
-def test_the_loop_waits_out_a_small_flush_only_when_asked(tmp_path: Path) -> None:
-    s, hs = _store(tmp_path / "a", "checkpoint")
-    try:
-        last = s.log_storage(1).last_index()
-        ents = _puts(last + 1, 3, hs.term)
-        moved = HardState(hs.term, hs.vote, hs.commit + 1)
-
-        def cycle(writes: list[GroupWrite], applies: list[ApplyBatch]) -> Cycle:
-            return Cycle(store=s, turn=None, writes=writes, applies=applies)  # type: ignore[arg-type]
-
-        assert not _applies_here(cycle([GroupWrite(1, ents, moved)], []), 16)  # off (the function's default)
+        # --inline-persist: a few entries whose only wait is the log's flush
         assert _applies_here(cycle([GroupWrite(1, ents, moved)], []), 16, 3)
         assert not _applies_here(cycle([GroupWrite(1, ents, moved)], []), 16, 2)  # too many entries
         assert _applies_here(cycle([GroupWrite(1, ents[:1], moved)], [ApplyBatch(1, ents[:1], CONF)]), 16, 1)
