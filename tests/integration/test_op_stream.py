@@ -167,8 +167,9 @@ def test_stream_to_a_follower_redirects_writes_and_serves_reads(cluster: Cluster
             kv_pb2.Op(id=2, get=kv_pb2.GetRequest(key=b"f")),  # linearizable, through the leader's read index
             kv_pb2.Op(id=3, get=kv_pb2.GetRequest(key=b"f", consistency=kv_pb2.STALE)),
         ]]))
-        # STALE_REPLICA: the follower's read-index round did not finish in time (a loaded machine,
-        # or the round went to a leader that stepped down): the definite "read elsewhere" answer.
+        # STALE_REPLICA: the follower's read-index round did not finish within its wait (a loaded
+        # machine): the definite "read elsewhere" answer. (A change of leader fails the read at
+        # once with NOT_LEADER / NO_LEADER instead: `Host._drop_reads`.)
         retry = (kv_pb2.NO_LEADER, kv_pb2.NOT_LEADER, kv_pb2.TIMEOUT, kv_pb2.STALE_REPLICA)
         if got[2][0].get.error.code not in retry and got[1][0].put.error.code != kv_pb2.OK:
             break  # put OK: the follower had become the leader meanwhile
