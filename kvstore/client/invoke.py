@@ -100,6 +100,7 @@ class Invoker:
         redirects = 0
         overloaded = 0
         last: KVError | None = None
+        telling: KVError | None = None  # the last error that was not a redirect followed at once
         indeterminate: KVError | None = None
         only_transport = True
         unreachable: dict[str, str] = {}
@@ -189,9 +190,13 @@ class Invoker:
             if endpoint is None and self.reroute(group, target, err) and redirects < FREE_REDIRECTS:
                 redirects += 1
                 continue
+            telling = err
             redirects = 0
             await asyncio.sleep(deadline.bound(backoff.next_delay()))
-        raise self.give_up(op, deadline, attempts, last, indeterminate, only_transport, unreachable, endpoint)
+        # A NOT_LEADER whose redirect the deadline cut short says only where to go next: report
+        # what the node it pointed at last said (a leader's TIMEOUT, say), if anything.
+        told = telling if telling is not None and isinstance(last, NotLeader) else last
+        raise self.give_up(op, deadline, attempts, told, indeterminate, only_transport, unreachable, endpoint)
 
     @staticmethod
     def _overloaded(err: ResourceExhausted, refusals: int, indeterminate: KVError | None) -> KVError:

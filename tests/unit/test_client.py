@@ -421,6 +421,38 @@ def test_indeterminate_until_deadline_raises_indeterminate_timeout(cluster: Fake
     run(main())
 
 
+def test_giving_up_mid_redirect_reports_what_the_leader_said_not_the_redirect(cluster: FakeCluster) -> None:
+    """The leader answers a read TIMEOUT (definite for a read), so the client tries another node,
+    whose NOT_LEADER points back at the leader; the deadline passes before that redirect is
+    followed. The error is the leader's TIMEOUT, not the follower's "not leader" (a CI run saw
+    "not leader (gave up after 61 attempts)" for a read the leader kept timing out)."""
+    now = [0.0]
+    a, b = cluster.addr(1), cluster.addr(2)
+
+    async def main() -> None:
+        async with AsyncClient([a, b], timeout=5, **FAST) as c:
+            invoker = c._reads.invoker
+            invoker.router.on_success(DEFAULT_GROUP, a)
+            seen: list[str] = []
+
+            async def call(ep: str, t: float) -> kv_pb2.GetResponse:
+                seen.append(ep)
+                if ep == a:
+                    now[0] += 0.01
+                    return kv_pb2.GetResponse(error=kv_pb2.Error(code=kv_pb2.TIMEOUT, message="read index timed out"))
+                now[0] += 0.5  # the follower's answer takes half the deadline
+                return kv_pb2.GetResponse(error=kv_pb2.Error(
+                    code=kv_pb2.NOT_LEADER, message="not leader", leader_id=1, leader_hint=a))
+
+            with pytest.raises(errors.Timeout) as ei:
+                await invoker.invoke("get", call, deadline=Deadline(1.0, clock=lambda: now[0]), is_write=False)
+            assert seen[-1] == b and seen[0] == a  # the deadline passed right after a redirect
+            assert ei.value.definite and "read index timed out" in ei.value.message
+            assert "gave up after" in ei.value.message
+
+    run(main())
+
+
 def test_indeterminate_then_definite_stays_indeterminate(cluster: FakeCluster) -> None:
     cluster.script(1, Action("error", kv_pb2.INTERNAL, indeterminate=True),
                    Action("error", kv_pb2.INVALID_ARGUMENT))
