@@ -135,9 +135,12 @@ class CrossTxns:
         end = loop.time() + self.timeout
         delay = 0.005
         last = "no attempt finished"
+        start = 0
         while True:
             tid = self.new_id()
-            start = self.clock.propose(floor)
+            # Every attempt keeps the first one's start: it is the run's age, by which conflicts
+            # are decided (`met`: an older run aborts a younger one's intents at once).
+            start = start or self.clock.propose(floor)
             try:
                 prepares = logic.prepare_commands(p, tid, start, self.clock.propose(floor))
             except ValueError as bad:  # nothing proposed
@@ -168,7 +171,7 @@ class CrossTxns:
                 if isinstance(decision, logic.Conflict):
                     await self._release(tid, [g for g, r in results.items() if r.error is None])
                     last = f"key {decision.key[:32]!r} is locked by transaction {decision.intent.txn}"
-                    self.met(decision.group, decision.intent)
+                    self.met(decision.group, decision.intent, wounds=start)
                 else:
                     done = await self._commit(t, p, tid, start, decision, (client_id, seq, ack, retry, horizon), end)
                     if done is not None:
@@ -259,10 +262,23 @@ class CrossTxns:
         raise errors.Timeout("the transaction's commit point could not be confirmed in time", indeterminate=True)
 
     # --- meeting intents ---------------------------------------------------------------------
-    def met(self, group: int, intent: Intent) -> None:
+    def met(self, group: int, intent: Intent, wounds: int = 0) -> None:
         """An intent met in `group`: resolve it in the background if it is older than the
-        transaction timeout (at most one resolution per transaction at a time)."""
-        if not logic.expired(intent, self.now_ms(), self.txn_timeout_ms) or intent.txn in self._resolving:
+        transaction timeout, or (`wounds`: the start of the transaction that met it) if its
+        transaction started after that one (at most one resolution per transaction at a time).
+
+        The second rule is wound-wait (Rosenkrantz, Stearns and Lewis, 1978): an older
+        transaction aborts a younger one in its way (RESOLVE in the younger's primary writes
+        ABORTED unless its RECORD committed first, and then it is rolled forward), a younger one
+        waits for an older one. Without it, runs over the same keys only backed off and retried,
+        and enough of them at once (kvchaos bank: five clients creating the same accounts, each
+        retry one more run) could all keep failing their PREPAREs for longer than any deadline.
+        With it the oldest run still going is never aborted by another, so it commits. Safety
+        does not depend on the rule: a resolution is the same whoever asks for it and when."""
+        if intent.txn in self._resolving:
+            return
+        younger = 0 < wounds < intent.start
+        if not younger and not logic.expired(intent, self.now_ms(), self.txn_timeout_ms):
             return
         task = asyncio.get_running_loop().create_task(self._resolve(group, intent))
         self._resolving[intent.txn] = task
