@@ -133,6 +133,9 @@ def cli() -> None:
               help="A Ready cycle that writes at most this many new log entries (and applies at most "
               "--inline-apply) runs on the event loop, which waits out its fdatasync, instead of the persist "
               "thread (0: never).")
+@click.option("--gc-threshold", type=click.IntRange(min=0), default=50_000, show_default=True,
+              help="Allocations per young garbage collection once the node started, whose objects are then "
+              "frozen out of every collection (fewer, shorter pauses of the event loop; 0: Python's settings).")
 @click.option("--max-streams-per-connection", type=click.IntRange(min=0), default=0, show_default=True,
               help="Concurrent RPCs one client connection may have open (HTTP/2 MAX_CONCURRENT_STREAMS; "
               "0: gRPC's default).")
@@ -156,7 +159,8 @@ def serve(
     audit_log: Path | None, audit_writes: bool, audit_max_bytes: int, audit_keep: int, audit_sync_lines: int,
     audit_sync_ms: int, rate_limit: str, max_apply_lag: int, memory_limit: str, quota_bytes: str, max_streams_per_connection: int,
     idle_timeout: float, max_ping_strikes: int, history_retention: float, history_retention_revisions: int,
-    history_retention_interval: float, wal_segment_bytes: str, state_sync: str, inline_apply: int, inline_persist: int, plant_xtxn_halt: str,
+    history_retention_interval: float, wal_segment_bytes: str, state_sync: str, inline_apply: int, inline_persist: int, gc_threshold: int,
+    plant_xtxn_halt: str,
     plant_watch_bug: str, lease_orphan_sweep: float,
 ) -> None:
     """Run one node of a cluster. Restarting with the same --data-dir resumes it.
@@ -190,7 +194,8 @@ def serve(
             metrics_listen=metrics_listen, drain_timeout=drain_timeout,
             client_listen=client_listen, client_advertise=client_advertise,
             request_timeout=request_timeout, wal_segment_bytes=parse_bytes(wal_segment_bytes),
-            state_sync=state_sync, inline_apply=inline_apply, inline_persist=inline_persist, plant_xtxn_halt=plant_xtxn_halt, plant_watch_bug=plant_watch_bug,
+            state_sync=state_sync, inline_apply=inline_apply, inline_persist=inline_persist, gc_threshold=gc_threshold,
+            plant_xtxn_halt=plant_xtxn_halt, plant_watch_bug=plant_watch_bug,
             raft=RaftSettings(
                 tick_ms=tick_ms, election_tick=election_ticks, lease_read=lease_read, quiesce_ticks=quiesce_ticks,
                 compact_threshold=compact_threshold, compact_keep=min(1000, compact_threshold // 2),

@@ -103,6 +103,10 @@ class NodeConfig:
     `inline_apply`) runs on the event loop although it flushes: the loop waits out the
     `fdatasync` instead of handing the call to the persist thread and back (`--inline-persist`;
     0: never)."""
+    gc_threshold: int = 50_000
+    """Allocations per young garbage collection once the node started; what exists then is
+    frozen out of every collection (`--gc-threshold`; `server/gctune.py`; 0: CPython's
+    settings)."""
     wal_segment_bytes: int = 8 << 20
     """Size of a segment of the node's write-ahead log (`--wal-segment-bytes`; preallocated)."""
     raft: RaftSettings = field(default_factory=RaftSettings)

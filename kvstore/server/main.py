@@ -12,6 +12,7 @@ from kvstore.node.forcenew import ForceError
 from kvstore.security.audit import AuditOpenError, KeyFileError
 from kvstore.storage.dataformat import FormatError
 
+from . import gctune
 from .config import NodeConfig
 from .metrics_http import MetricsEndpoint
 from .node import Node
@@ -54,6 +55,26 @@ async def serve(cfg: NodeConfig) -> int:
     after logging why: a supervisor should restart it)."""
     node = Node(cfg)
     await node.start()
+    pauses = gctune.GcPauses()
+    untune = gctune.tune(cfg.gc_threshold, pauses)
+    drain = asyncio.get_running_loop().create_task(_report_gc_pauses(pauses, node))
+    try:
+        return await _serve_started(cfg, node)
+    finally:
+        drain.cancel()
+        untune()
+
+
+async def _report_gc_pauses(pauses: gctune.GcPauses, node: Node, every: float = 1.0) -> None:
+    """Hand the collections' pauses to the node's histogram, from the event loop (see
+    `gctune.GcPauses`: the collector's hook must not touch a metric itself)."""
+    hist = node.metrics.gc_pause_seconds
+    while True:
+        await asyncio.sleep(every)
+        pauses.drain(lambda gen, seconds: hist.labels(str(gen)).observe(seconds))
+
+
+async def _serve_started(cfg: NodeConfig, node: Node) -> int:
     loop = asyncio.get_running_loop()
     metrics: MetricsEndpoint | None = None
     if cfg.metrics_listen:

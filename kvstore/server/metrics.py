@@ -28,6 +28,11 @@ class Metrics:
             "kvstore_persist_seconds", "Time of one persist+apply transaction (including fsync)", registry=r,
             buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
         )
+        self.gc_pause_seconds = Histogram(
+            "kvstore_gc_pause_seconds", "Pause of one cyclic garbage collection, by generation (2: full)",
+            ["generation"], registry=r,
+            buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
+        )
         self.ready_groups = Histogram(
             "kvstore_ready_groups", "Groups handled per Ready cycle", registry=r, buckets=(1, 2, 4, 8, 16, 64, 256)
         )
