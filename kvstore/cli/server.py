@@ -19,6 +19,7 @@ from kvstore.cli.restore import restore
 from kvstore.cli.serve_env import NodeIdParam, add_natural_envvars, natural_envvars, resolve_node_id
 from kvstore.node.host import RaftSettings
 from kvstore.server.config import NodeConfig, parse_peers
+from kvstore.server.gctune import DEFAULT_GEN0
 from kvstore.storage.commands import MAX_KEY_SIZE
 
 DEV_BASE_PORT = 2379
@@ -133,7 +134,7 @@ def cli() -> None:
               help="A Ready cycle that writes at most this many new log entries (and applies at most "
               "--inline-apply) runs on the event loop, which waits out its fdatasync, instead of the persist "
               "thread (0: never).")
-@click.option("--gc-threshold", type=click.IntRange(min=0), default=50_000, show_default=True,
+@click.option("--gc-threshold", type=click.IntRange(min=0), default=DEFAULT_GEN0, show_default=True,
               help="Allocations per young garbage collection once the node started, whose objects are then "
               "frozen out of every collection (fewer, shorter pauses of the event loop; 0: Python's settings).")
 @click.option("--max-streams-per-connection", type=click.IntRange(min=0), default=0, show_default=True,

@@ -16,6 +16,7 @@ from kvstore.storage.commands import MAX_KEY_SIZE, command_size_bound
 from kvstore.storage.lmdbckpt import STATE_SYNC_MODES
 
 from .admission_settings import AdmissionSettings
+from .gctune import DEFAULT_GEN0
 from .reads import ReadSettings
 
 META_GROUP = 0
@@ -103,7 +104,7 @@ class NodeConfig:
     `inline_apply`) runs on the event loop although it flushes: the loop waits out the
     `fdatasync` instead of handing the call to the persist thread and back (`--inline-persist`;
     0: never)."""
-    gc_threshold: int = 50_000
+    gc_threshold: int = DEFAULT_GEN0
     """Allocations per young garbage collection once the node started; what exists then is
     frozen out of every collection (`--gc-threshold`; `server/gctune.py`; 0: CPython's
     settings)."""
