@@ -170,7 +170,8 @@ def refused_for_good(err: errors.KVError, map_version: int) -> bool:
     racing coordinator did it) and every node, now or later, refuses the step too. Retrying
     helps only a node whose map is behind the caller's (it may not show the move yet); retried
     until the caller's deadline, a stale coordinator's step kept its node's coordinator from the
-    next move for the whole deadline (simulator seed 1222)."""
+    next move for the whole deadline (found by the simulator; `test_node_sim_moves.py`'s
+    stale-step test searches seeds for the scenario)."""
     return isinstance(err, errors.WrongShard) and 0 < map_version <= err.shard_version
 
 

@@ -23,7 +23,9 @@ messages and follower write transactions per write). Once the whole log is commi
 append would come soon to carry it, `Config.announce_commit` sends each caught-up member that was
 not yet told it one empty append carrying it (`_announce_commit`): followers and learners apply a
 lone write within a round trip instead of at the next heartbeat (a watch or a replica read served
-there waited up to a heartbeat for it). Without it they learn from the next heartbeat
+there waited up to a heartbeat for it). Such an append is marked `commit_only`, and a member that
+accepts it does not answer: the answer would repeat the match the leader already holds, and on a
+lone write it was two of the four messages the leader took in per write. Without it they learn from the next heartbeat
 (`heartbeat_tick`). Either way, a follower or learner that asked for a read index is sent an
 append with the commit index right after the answer. Which index is committed, and when, is
 unchanged.
@@ -628,7 +630,9 @@ class RaftNode:
         if self._scan_conf(ents):
             self._conf_changed()
 
-    def _send_append(self, to: int, send_if_empty: bool = True) -> bool:
+    def _send_append(self, to: int, send_if_empty: bool = True, commit_only: bool = False) -> bool:
+        """Send `to` the entries from its `next` (an empty append if none and `send_if_empty`);
+        `commit_only`: mark an empty one as a commit announcement (`_announce_commit`)."""
         pr = self.prs[to]
         if pr.is_paused(self.cfg.max_inflight_msgs):
             return False
@@ -643,7 +647,7 @@ class RaftNode:
         self._send(
             Message(
                 MT.APP, to, self.id, index=pr.next - 1, log_term=prev_term, entries=ents,
-                commit=commit,
+                commit=commit, commit_only=commit_only and not ents,
             )
         )
         pr.commit_sent = commit
@@ -662,7 +666,7 @@ class RaftNode:
             pr = self.prs.get(nid)
             if nid != self.id and pr is not None and pr.state == ProgressState.REPLICATE \
                     and pr.match == commit and pr.commit_sent < commit:
-                self._send_append(nid)
+                self._send_append(nid, commit_only=True)
 
     def _send_snapshot(self, to: int, pr: Progress) -> bool:
         try:
@@ -1048,7 +1052,9 @@ class RaftNode:
                 if changed:
                     self._conf_changed()
             log.commit_to(min(m.commit, last_new))
-            self._send(Message(MT.APP_RESP, m.frm, self.id, index=last_new))
+            if not (m.commit_only and not ents):
+                # (A commit announcement's answer would only repeat the match the leader knows.)
+                self._send(Message(MT.APP_RESP, m.frm, self.id, index=last_new))
             return
         hint = min(m.index, log.last_index())
         hint, hint_term = log.find_conflict_by_term(hint, m.log_term)

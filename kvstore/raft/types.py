@@ -208,7 +208,10 @@ class Message:
     """A Raft message between two nodes of one group.
 
     Field use by type:
-    - APP: index/log_term = entry preceding `entries`; commit = leader commit.
+    - APP: index/log_term = entry preceding `entries`; commit = leader commit. commit_only = True
+      marks a commit announcement (core docstring, "Commit propagation"): no entries, sent to a
+      member the leader knows holds its whole log (match = index = commit); a member that accepts
+      it sends no APP_RESP, which would tell the leader nothing it does not know.
     - APP_RESP: index = last index matched (accept) or the rejected index (reject);
       reject_hint/log_term = the follower's hint for fast backtracking.
     - VOTE/PRE_VOTE: index/log_term = candidate's last entry; context = b"transfer" for a
@@ -241,6 +244,7 @@ class Message:
     context: bytes = b""
     seq: int = 0
     quiesce: bool = False
+    commit_only: bool = False
 
 
 @dataclass(slots=True, frozen=True)

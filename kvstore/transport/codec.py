@@ -37,7 +37,7 @@ def to_proto(m: Message) -> raft_pb2.RaftMessage:
     pm = raft_pb2.RaftMessage(
         group=m.group, type=int(m.type), to=m.to, term=m.term, log_term=m.log_term,
         index=m.index, commit=m.commit, reject=m.reject, reject_hint=m.reject_hint, context=m.context,
-        seq=m.seq, quiesce=m.quiesce,
+        seq=m.seq, quiesce=m.quiesce, commit_only=m.commit_only,
     )
     setattr(pm, "from", m.frm)
     if m.entries:
@@ -87,6 +87,8 @@ def from_proto(pm: raft_pb2.RaftMessage, snapshot_data: bytes = b"") -> Message:
         raise MessageError(f"{mtype.name} context of {len(pm.context)} bytes exceeds {MAX_CONTEXT}")
     group = pm.group
     entries: list[Entry] = []
+    if pm.commit_only and (mtype != MessageType.APP or pm.entries):
+        raise MessageError(f"{mtype.name} marked commit-only (only an empty APP may be)")
     if pm.entries:
         if mtype != MessageType.APP:
             raise MessageError(f"{mtype.name} carries entries")
@@ -121,4 +123,5 @@ def from_proto(pm: raft_pb2.RaftMessage, snapshot_data: bytes = b"") -> Message:
         mtype, pm.to, frm, term=term, group=group, log_term=pm.log_term,
         index=pm.index, entries=entries, commit=pm.commit, reject=pm.reject,
         reject_hint=pm.reject_hint, snapshot=snap, context=pm.context, seq=pm.seq, quiesce=pm.quiesce,
+        commit_only=pm.commit_only,
     )

@@ -37,7 +37,7 @@ class SnapshotMeta(_message.Message):
     def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., conf_state: _Optional[_Union[ConfState, _Mapping]] = ...) -> None: ...
 
 class RaftMessage(_message.Message):
-    __slots__ = ("group", "type", "to", "term", "log_term", "index", "entries", "commit", "reject", "reject_hint", "context", "seq", "snapshot", "quiesce")
+    __slots__ = ("group", "type", "to", "term", "log_term", "index", "entries", "commit", "reject", "reject_hint", "context", "seq", "snapshot", "quiesce", "commit_only")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class RaftMessage(_message.Message):
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     QUIESCE_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_ONLY_FIELD_NUMBER: _ClassVar[int]
     group: int
     type: int
     to: int
@@ -67,7 +68,8 @@ class RaftMessage(_message.Message):
     seq: int
     snapshot: SnapshotMeta
     quiesce: bool
-    def __init__(self, group: _Optional[int] = ..., type: _Optional[int] = ..., to: _Optional[int] = ..., term: _Optional[int] = ..., log_term: _Optional[int] = ..., index: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., commit: _Optional[int] = ..., reject: _Optional[bool] = ..., reject_hint: _Optional[int] = ..., context: _Optional[bytes] = ..., seq: _Optional[int] = ..., snapshot: _Optional[_Union[SnapshotMeta, _Mapping]] = ..., quiesce: _Optional[bool] = ..., **kwargs) -> None: ...
+    commit_only: bool
+    def __init__(self, group: _Optional[int] = ..., type: _Optional[int] = ..., to: _Optional[int] = ..., term: _Optional[int] = ..., log_term: _Optional[int] = ..., index: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., commit: _Optional[int] = ..., reject: _Optional[bool] = ..., reject_hint: _Optional[int] = ..., context: _Optional[bytes] = ..., seq: _Optional[int] = ..., snapshot: _Optional[_Union[SnapshotMeta, _Mapping]] = ..., quiesce: _Optional[bool] = ..., commit_only: _Optional[bool] = ..., **kwargs) -> None: ...
 
 class RaftBatch(_message.Message):
     __slots__ = ("cluster_id", "to", "messages")

@@ -85,19 +85,22 @@ def test_planted_lease_move_bug_is_found() -> None:
 
 
 def test_orphan_sweep_deletes_keys_a_stale_plan_left_out() -> None:
-    # seeds where a key moved to a group added after its lease's grant: the deletion's plan lacks it
-    # (schedule-dependent: found again when ReadIndex rounds became one at a time)
-    for seed in (1001, 1006, 1009, 1052):
+    # The first seed where a key moved to a group added after its lease's grant, so that the
+    # deletion's plan lacks it, and the run without the planted bug sweeps it. Which seeds do is
+    # schedule-dependent (any change to message timing moves them; 1003 and 1008 when commit
+    # announcements stopped being answered), so the test searches a range rather than naming one.
+    for seed in range(1000, 1040):
         with planted("lease-no-orphan-sweep"):
             res = run_node_seed(seed, leases=True, quiesce=False, moves=True)
         if not res.ok and res.violation is not None and "still present" in res.violation:
             assert res.leases is not None and res.leases.stale_plans > 0
             clean = run_node_seed(seed, leases=True, quiesce=False, moves=True)
             assert clean.ok, clean.violation
-            assert clean.leases is not None and clean.leases.stale_plans > 0 and clean.leases.orphans_swept > 0
-            break
+            assert clean.leases is not None
+            if clean.leases.stale_plans > 0 and clean.leases.orphans_swept > 0:
+                break  # (a clean run whose schedule no longer strands a key proves nothing: go on)
     else:
-        raise AssertionError("the planted missing orphan sweep was not found")
+        raise AssertionError("the planted missing orphan sweep was not found, or never swept without it")
 
 
 def test_leased_puts_across_groups_hold_on_seeds() -> None:

@@ -14,7 +14,7 @@ import pytest
 from chaos.sim.leases import leases_by_default
 from chaos.sim.locks import locks_by_default
 from chaos.sim.moves import CALL_MS, REQUEST_MS
-from chaos.sim.nodes import NodeSimParams, run_node_seed
+from chaos.sim.nodes import NodeSimParams, NodeSimulation, run_node_seed
 from chaos.sim.plant import MOVE_BUGS, NODE_BUGS, planted
 from chaos.sim.scenarios import SCENARIOS, run_scenario
 from chaos.sim.txn_model import txn_model_by_default
@@ -82,9 +82,20 @@ def test_move_seeds_hold_every_invariant(nodes: int, seeds: int) -> None:
 
 
 def test_a_move_seed_replays_exactly() -> None:
-    a, b = run_node_seed(3, moves=True), run_node_seed(3, moves=True)
-    assert a.ok and b.ok, a.violation or b.violation
-    assert a.moves == b.moves and a.moves.get("moves", 0) > 0
+    """The first seed (of 0..9, moves on) whose admin planned a range move, run twice: the same
+    moves and the same history. Which seeds plan one is schedule-dependent (any change to message
+    timing moves them; seed 3, named here before, planned none once commit announcements stopped
+    being answered), so the test searches a range rather than naming one."""
+    for seed in range(10):
+        a = run_node_seed(seed, moves=True)
+        assert a.ok, (seed, a.violation)
+        if a.moves.get("moves", 0) > 0:
+            break
+    else:
+        raise AssertionError("no seed of 0..9 planned a range move")
+    b = run_node_seed(seed, moves=True)
+    assert b.ok, (seed, b.violation)
+    assert a.moves == b.moves
     assert [(o.process, o.f, o.key, o.value, o.output, o.invoke, o.complete) for o in a.history] == [
         (o.process, o.f, o.key, o.value, o.output, o.invoke, o.complete) for o in b.history
     ]
@@ -171,10 +182,25 @@ def test_a_stale_step_of_a_finished_move_stops_at_once() -> None:
     finished, refused by every node ("no range move 1 in this node's shard map (version 5)"),
     until its 1.5 s deadline, well after the heal; the next move then missed the liveness bound.
     Refused by a map as new as the caller's, the step now fails at once
-    (`grouprequests.refused_for_good`, as `GroupCaller.call` does) and every move finishes."""
-    res = run_node_seed(1222, nodes=3)
-    assert res.ok, res.violation
-    assert res.moves and res.moves["moves"] == res.moves["moves_done"] == 2
+    (`grouprequests.refused_for_good`, as `GroupCaller.call` does) and every move finishes.
+
+    The test runs 3-node seeds from 1200 (moves drawn), each of which must pass, up to the first
+    whose coordinator had such a step refused (a failure "no range move N in this node's shard
+    map") in a run of two moves or more, all finished. Which seeds do is schedule-dependent (any
+    change to message timing moves them: 1222 planned a single move, none refused, once commit
+    announcements stopped being answered; 1225 then was the first), so the test searches a range
+    rather than naming one (about one seed in twenty does)."""
+    for seed in range(1200, 1300):
+        sim = NodeSimulation(seed, nodes=3)
+        res = sim.run()
+        assert res.ok, (seed, res.violation)
+        if sim.moves is None:
+            continue
+        stale = [f for f in sim.moves.failures if "coordinator: no range move" in f]
+        if stale and res.moves["moves"] == res.moves["moves_done"] >= 2:
+            break
+    else:
+        raise AssertionError("no stale step of a finished move refused in seeds 1200..1299")
 
 
 def test_a_step_on_the_slowest_group_is_awaited_as_long_as_groupcaller_awaits_it() -> None:

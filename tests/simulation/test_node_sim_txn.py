@@ -12,33 +12,44 @@ from chaos.sim.nodes import run_node_seed
 from chaos.sim.plant import TXN_BUGS, TXN_RANGE_BUGS, planted
 from chaos.sim.txn_model import txn_model_by_default
 
-SEED_BUDGET = 12
-FIRST_SEED: dict[str, int] = {"node-xtxn-commit-without-record": 11}
-"""Where a bug's search starts, if not at 0 (the cross-group one needs a coordinator death between
-its COMMITs followed by a read of the pair: since the simulated move coordinator awaits each
-attempt for the request timeout (seed 3108), found by seeds 11 and 68 of 0..89; since the pair
-workload is a closed loop (issue 17), by 19, 58 and 61 of 0..61; before, by 33, the first of
-0..79)."""
+SEED_BUDGET: dict[str, int] = {"node-txn-partial": 12, "node-xtxn-commit-without-record": 80}
+"""bug -> seeds (0, 1, ...) within which it must show; the search stops at the first seed that
+finds it. The cross-group one needs a coordinator death between its COMMITs followed by a read of
+the pair, so few seeds find it, and which do is schedule-dependent (any change to message timing
+moves them): since commit announcements go unanswered, seeds 39, 62, 103 and 116 of 0..159; since
+the simulated move coordinator awaits each attempt for the request timeout (seed 3108), 11 and 68
+of 0..89; since the pair workload is a closed loop (issue 17), 19, 58 and 61 of 0..61; before, 33,
+the first of 0..79. Hence a range twice as long as the latest first finding, rather than a named
+seed. (The non-atomic apply is found by most seeds: 0, 1 and 3 of 0..3.)"""
 
 
 def test_pair_transactions_hold_on_seeds() -> None:
+    """Seeds from 2000 pass (six at least), up to where, in all, pairs were checked, two-phase
+    commits ran, some coordinators died, and a record whose coordinator died before FINALIZE was
+    finished by the sweep. Which seeds have a coordinator die is schedule-dependent (any change to
+    message timing moves them: none of 2000..2005 did once commit announcements stopped being
+    answered; 2018 then was the first), so the test searches a range rather than naming seeds."""
     checked = crossed = died = finished = 0
-    for seed in range(2000, 2006):
+    for seed in range(2000, 2060):
         res = run_node_seed(seed, txn_pairs=True)
-        assert res.ok, res.violation
+        assert res.ok, (seed, res.violation)
         assert res.txn_pairs is not None
         checked += res.txn_pairs.reads_checked
         crossed += res.txn_pairs.cross_answered
         died += res.txn_pairs.cross_died
         finished += res.txn_pairs.cross_finished
-    assert checked > 0 and crossed > 0 and died > 0  # two-phase commits ran, some coordinators died
-    assert finished > 0  # a record whose coordinator died before FINALIZE was finished by the sweep
+        if seed >= 2005 and checked > 0 and crossed > 0 and died > 0 and finished > 0:
+            break
+    else:
+        raise AssertionError(f"not every one seen in seeds 2000..2059: {checked} pair reads checked, "
+                             f"{crossed} two-phase commits, {died} coordinators died, "
+                             f"{finished} records finished by the sweep")
 
 
 def test_planted_txn_bug_is_found() -> None:
+    assert set(SEED_BUDGET) == set(TXN_BUGS)
     for bug in TXN_BUGS:
-        first = FIRST_SEED.get(bug, 0)
-        for seed in range(first, first + SEED_BUDGET):
+        for seed in range(SEED_BUDGET[bug]):
             with planted(bug):
                 res = run_node_seed(seed, txn_pairs=True)
             if not res.ok:  # the pair check, or the scans / watches checked against each write's keys
@@ -46,7 +57,7 @@ def test_planted_txn_bug_is_found() -> None:
                 assert clean.ok, f"seed {seed} fails without {bug!r} too: {clean.violation}"
                 break
         else:
-            raise AssertionError(f"planted bug {bug!r} not found in {SEED_BUDGET} seeds")
+            raise AssertionError(f"planted bug {bug!r} not found in seeds 0..{SEED_BUDGET[bug] - 1}")
 
 
 def test_resolver_waits_for_its_resolve_on_a_slow_primary() -> None:
@@ -63,13 +74,16 @@ def test_resolver_waits_for_its_resolve_on_a_slow_primary() -> None:
 
 RANGE_SEEDS = (4, 5)
 """Seeds whose pairs are in two groups (seeds 0..3 have one data group) and commit transactions
-with a range delete (2 each)."""
-RANGE_BUG_SEED = 19
-"""The first seed (of 0..39, `txn_pairs="ranges"`) whose run finds the planted range bug with a
-pair read (19, 24, 30 and 33 do; 18 and 27 by a closed scan at a revision: one key deleted and
-not the other; 20 by a watch). Before the simulated move coordinator awaited each attempt for the
-request timeout (seed 3108) it was 11; before the pair workload became a closed loop (issue 17),
-10; before ReadIndex rounds became one at a time, 6."""
+with a range delete (seed 4 three, seed 5 one)."""
+RANGE_BUG_SEEDS = range(40)
+"""Where to look (`txn_pairs="ranges"`) for a seed whose run finds the planted range bug with a
+pair read; the search stops at the first. Which seeds do is schedule-dependent (any change to
+message timing moves them), so the test searches a range rather than naming one: since commit
+announcements go unanswered, 4, 6, 10, 32, 33 and 35 of 0..39 do (18 by a closed scan at a
+revision: one key deleted and not the other). Before, the first was 19 (18 by a closed scan, 20
+by a watch); before the simulated move coordinator awaited each attempt for the request timeout
+(seed 3108), 11; before the pair workload became a closed loop (issue 17), 10; before ReadIndex
+rounds became one at a time, 6."""
 
 
 def test_range_deletes_in_transactions_hold_and_a_skipped_range_is_found() -> None:
@@ -85,10 +99,19 @@ def test_range_deletes_in_transactions_hold_and_a_skipped_range_is_found() -> No
         ranged += res.txn_pairs.txn_range_deletes
     assert ranged > 0
     for bug in TXN_RANGE_BUGS:
-        with planted(bug):
-            res = run_node_seed(RANGE_BUG_SEED, txn_pairs="ranges")
-        assert not res.ok and "TxnPairViolation" in (res.violation or ""), res.violation
-        assert run_node_seed(RANGE_BUG_SEED, txn_pairs="ranges").ok
+        for seed in RANGE_BUG_SEEDS:
+            with planted(bug):
+                res = run_node_seed(seed, txn_pairs="ranges")
+            if res.ok:
+                continue
+            # the bug, not the seed: the same seed passes without it (whichever check found it)
+            clean = run_node_seed(seed, txn_pairs="ranges")
+            assert clean.ok, f"seed {seed} fails without {bug!r} too: {clean.violation}"
+            if "TxnPairViolation" in (res.violation or ""):
+                break
+        else:
+            raise AssertionError(f"planted bug {bug!r} not found by a pair read in seeds "
+                                 f"{RANGE_BUG_SEEDS[0]}..{RANGE_BUG_SEEDS[-1]}")
 
 
 def test_a_refused_record_releases_its_intents_at_once() -> None:
@@ -96,10 +119,21 @@ def test_a_refused_record_releases_its_intents_at_once() -> None:
     try (nodes that do not host the primary, then a follower). The simulated coordinator used to
     leave its PREPARE intents to the resolvers' timeout (a node's coordinator releases them at
     once: `CrossTxns._record` answers Aborted on a definite error); the intents held both groups'
-    watch frontier below their revisions past the end of the run, a watch liveness violation."""
-    res = run_node_seed(1031, nodes=5, txn_pairs=True)
-    assert res.ok, res.violation
-    assert res.txn_pairs is not None and res.txn_pairs.cross_released > 0
+    watch frontier below their revisions past the end of the run, a watch liveness violation.
+
+    The test runs 5-node seeds from 1000, each of which must pass, up to the first where an
+    attempt's RECORD was refused for certain and its intents released. Which seeds do is
+    schedule-dependent (any change to message timing moves them; 1031 did not once commit
+    announcements stopped being answered, 1020 then was the first, about one seed in ten), so the
+    test searches a range rather than naming one."""
+    for seed in range(1000, 1060):
+        res = run_node_seed(seed, nodes=5, txn_pairs=True)
+        assert res.ok, (seed, res.violation)
+        assert res.txn_pairs is not None
+        if res.txn_pairs.cross_released > 0:
+            break
+    else:
+        raise AssertionError("no RECORD refused for certain (intents released) in seeds 1000..1059")
 
 
 def test_range_pairs_on_the_slowest_groups_leave_the_clients_served() -> None:

@@ -60,12 +60,16 @@ def test_watchers_run_on_a_fixed_fifth_of_the_seeds_and_replay() -> None:
 
 
 WATCH_BUG_SEEDS = {
-    "watch-beyond-frontier": 4,  # found by seeds 4, 10, 11 and 12 of 0..13 (since merged watches)
-    "watch-catch-up-off-by-one": 0,  # found by seeds 0, 13, 14 (since one ReadIndex round at a time)
-    "watch-compact-revision-refused": 1,  # found by seed 1 (a watch from the compact revision; seed 0 no longer reaches it since retries join pending entries)
+    "watch-beyond-frontier": 4,  # found by seeds 4, 6, 10, 11 and 12 of 0..13
+    "watch-catch-up-off-by-one": 1,  # found by seeds 1, 2, 3, 6, 7 and 9 of 0..9 (0 no longer does)
+    "watch-compact-revision-refused": 1,  # found by seeds 0, 1, 3, 4, 6 and 7 of 0..7
 }
-"""Every hub bug of `plant.WATCH_BUGS`, with a seed that finds it (3 nodes, watchers on; a
-regression target: searching from seed 0 takes 5 to 15 s each on this shared machine)."""
+"""Every hub bug of `plant.WATCH_BUGS`, with a seed that found it when last measured (3 nodes,
+watchers on), where the test's search for it starts. Which seeds find a bug is schedule-dependent
+(any change to message timing moves them: seed 0 stopped finding the catch-up off-by-one when
+commit announcements stopped being answered), so the test searches `WATCH_BUG_SEARCH` seeds from
+there rather than naming one; each run takes about a second."""
+WATCH_BUG_SEARCH = 20
 
 
 def test_every_watch_bug_has_a_seed() -> None:
@@ -74,13 +78,21 @@ def test_every_watch_bug_has_a_seed() -> None:
 
 @pytest.mark.parametrize("bug", sorted(WATCH_BUG_SEEDS))
 def test_planted_watch_bug_is_found(bug: str) -> None:
-    seed = WATCH_BUG_SEEDS[bug]
-    with planted(bug):
-        res = run_node_seed(seed, watches=True)
-    assert not res.ok and res.violation is not None and res.violation.startswith("WatchViolation"), res.violation
-    clean = run_node_seed(seed, watches=True)  # the bug, not the seed: the same seed passes without it
-    assert clean.ok, clean.violation
-
+    """The first seed from the bug's `WATCH_BUG_SEEDS` on which the planted bug breaks a watch
+    guarantee, and which passes without it (the bug, not the seed)."""
+    first = WATCH_BUG_SEEDS[bug]
+    for seed in range(first, first + WATCH_BUG_SEARCH):
+        with planted(bug):
+            res = run_node_seed(seed, watches=True)
+        if res.ok:
+            continue
+        assert res.violation is not None and res.violation.startswith("WatchViolation"), (seed, res.violation)
+        clean = run_node_seed(seed, watches=True)
+        assert clean.ok, f"seed {seed} fails without {bug!r} too: {clean.violation}"
+        break
+    else:
+        last = first + WATCH_BUG_SEARCH - 1
+        raise AssertionError(f"planted bug {bug!r} not found in seeds {first}..{last}")
 
 
 def _checker() -> tuple[NodeSimulation, SimWatches]:

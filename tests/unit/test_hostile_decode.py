@@ -55,7 +55,7 @@ def wire_messages(draw: st.DrawFn) -> raft_pb2.RaftMessage:
         group=draw(num), type=draw(st.integers(0, 16)), to=draw(num), term=draw(num),
         log_term=draw(num), index=draw(num), commit=draw(num), reject=draw(st.booleans()),
         reject_hint=draw(num), context=draw(st.binary(max_size=8)) if draw(st.booleans()) else b"x" * 2000,
-        seq=draw(num), quiesce=draw(st.booleans()),
+        seq=draw(num), quiesce=draw(st.booleans()), commit_only=draw(st.booleans()),
     )
     setattr(pm, "from", draw(num))
     for _ in range(draw(st.integers(0, 4))):
@@ -89,6 +89,8 @@ def test_from_proto_is_total_and_what_it_accepts_is_well_formed(pm: raft_pb2.Raf
             if e.type == EntryType.CONF_CHANGE:
                 ConfChange.decode(e.data)
     assert (m.snapshot is not None) == (m.type == MessageType.SNAP)
+    if m.commit_only:
+        assert m.type == MessageType.APP and not m.entries
     if m.snapshot is not None:
         assert m.snapshot.meta.conf_state.voters
     if not pm.HasField("snapshot"):  # (a snapshot's configuration comes back sorted)
@@ -105,6 +107,14 @@ def test_from_proto_refuses_the_findings_messages() -> None:
     setattr(hb, "from", 2)
     with pytest.raises(MessageError, match="2\\^63"):
         from_proto(hb)
+    hb.term, hb.commit_only = 2, True  # only an empty APP announces a commit
+    with pytest.raises(MessageError, match="commit-only"):
+        from_proto(hb)
+    pm.entries[0].type, pm.commit_only = int(EntryType.NORMAL), True
+    with pytest.raises(MessageError, match="commit-only"):
+        from_proto(pm)
+    del pm.entries[:]
+    assert from_proto(pm).commit_only
 
 
 @settings(max_examples=1000, deadline=None)

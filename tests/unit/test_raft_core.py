@@ -577,6 +577,30 @@ def test_group_id_is_stamped_on_messages_and_entries() -> None:
         node.step(Message(MT.HEARTBEAT, 1, 2, term=5, group=8))
 
 
+def test_a_commit_only_append_goes_unanswered_only_when_accepted() -> None:
+    """A member answers a commit announcement it cannot accept (a gap: the leader must back up)
+    and one behind its own commit (the leader learns the member's commit); it applies one it
+    accepts without an answer, since the answer would only repeat the match the leader knows."""
+    st = MemoryStorage.bootstrap(ConfState((1, 2, 3)))
+    node = RaftNode(Config(id=3), st, random.Random(1))
+    last = node.log.last_index()
+
+    def answers(m: Message) -> list[Message]:
+        node.step(m)
+        rd = node.ready()
+        node.advance(rd)
+        return [x for x in rd.messages + rd.persisted_messages if x.type == MT.APP_RESP]
+
+    (gap,) = answers(Message(MT.APP, 3, 1, term=2, index=last + 5, log_term=2, commit=last + 5, commit_only=True))
+    assert gap.reject and gap.to == 1
+    assert answers(Message(MT.APP, 3, 1, term=2, index=last, log_term=node.log.term(last), commit=last,
+                           commit_only=True)) == []
+    assert node.committed == last and node.lead == 1
+    (behind,) = answers(Message(MT.APP, 3, 1, term=2, index=last - 1, log_term=node.log.term(last - 1),
+                                commit=last - 1, commit_only=True))
+    assert not behind.reject and behind.index == node.committed
+
+
 def test_conf_change_entry_roundtrip() -> None:
     cc = ConfChange(ConfChangeType.ADD_LEARNER, 12345, b"addr:1")
     assert ConfChange.decode(cc.encode()) == cc
@@ -643,6 +667,11 @@ def test_announce_commit_tells_followers_and_learners_a_lone_write_without_a_hea
     assert (net.applied_data(4) == [b"lone"]) is announce
     empties = [m for m in net.delivered if m.type == MT.APP and not m.entries and m.frm == 1]
     assert len(empties) == (3 if announce else 0)
+    # Each announcement is marked commit-only and goes unanswered: the members' only answers are
+    # to the append carrying the entry (one per member).
+    assert all(m.commit_only for m in empties)
+    answers = [m for m in net.delivered if m.type == MT.APP_RESP and m.to == 1]
+    assert sorted(m.frm for m in answers) == [2, 3, 4] and all(m.index == idx for m in answers)
     net.heartbeat(1)
     assert all(net.node(n).committed == idx for n in (2, 3, 4))  # a heartbeat tells them anyway
     # A burst proposed before any answer: only the last commit, covering the whole log, is
