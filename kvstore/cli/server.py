@@ -18,7 +18,7 @@ from kvstore.cli.cert import cert
 from kvstore.cli.restore import restore
 from kvstore.cli.serve_env import NodeIdParam, add_natural_envvars, natural_envvars, resolve_node_id
 from kvstore.node.host import RaftSettings
-from kvstore.server.config import NodeConfig, parse_peers
+from kvstore.server.config import DEFAULT_WRITEBACK_MS, MAX_WRITEBACK_MS, NodeConfig, parse_peers
 from kvstore.server.gctune import DEFAULT_GEN0
 from kvstore.storage.commands import MAX_KEY_SIZE
 
@@ -134,6 +134,11 @@ def cli() -> None:
               help="A Ready cycle that writes at most this many new log entries (and applies at most "
               "--inline-apply) runs on the event loop, which waits out its fdatasync, instead of the persist "
               "thread (0: never).")
+@click.option("--lmdb-writeback-ms", type=click.IntRange(min=0, max=MAX_WRITEBACK_MS), default=DEFAULT_WRITEBACK_MS,
+              show_default=True,
+              help="With --state-sync checkpoint: start the writeback of the state machine's dirty pages every N "
+              "ms between checkpoints, so they reach the disk steadily, not in bursts that stall the WAL's "
+              "flushes (timing only: nothing becomes durable by it; 0: off).")
 @click.option("--gc-threshold", type=click.IntRange(min=0), default=DEFAULT_GEN0, show_default=True,
               help="Allocations per young garbage collection once the node started, whose objects are then "
               "frozen out of every collection (fewer, shorter pauses of the event loop; 0: Python's settings).")
@@ -161,7 +166,7 @@ def serve(
     audit_sync_ms: int, rate_limit: str, max_apply_lag: int, memory_limit: str, quota_bytes: str, max_streams_per_connection: int,
     idle_timeout: float, max_ping_strikes: int, history_retention: float, history_retention_revisions: int,
     history_retention_interval: float, wal_segment_bytes: str, state_sync: str, inline_apply: int, inline_persist: int, gc_threshold: int,
-    plant_xtxn_halt: str,
+    lmdb_writeback_ms: int, plant_xtxn_halt: str,
     plant_watch_bug: str, lease_orphan_sweep: float,
 ) -> None:
     """Run one node of a cluster. Restarting with the same --data-dir resumes it.
@@ -196,7 +201,7 @@ def serve(
             client_listen=client_listen, client_advertise=client_advertise,
             request_timeout=request_timeout, wal_segment_bytes=parse_bytes(wal_segment_bytes),
             state_sync=state_sync, inline_apply=inline_apply, inline_persist=inline_persist, gc_threshold=gc_threshold,
-            plant_xtxn_halt=plant_xtxn_halt, plant_watch_bug=plant_watch_bug,
+            lmdb_writeback_ms=lmdb_writeback_ms, plant_xtxn_halt=plant_xtxn_halt, plant_watch_bug=plant_watch_bug,
             raft=RaftSettings(
                 tick_ms=tick_ms, election_tick=election_ticks, lease_read=lease_read, quiesce_ticks=quiesce_ticks,
                 compact_threshold=compact_threshold, compact_keep=min(1000, compact_threshold // 2),

@@ -14,10 +14,13 @@ from kvstore.shard.endpoints import check_address
 from kvstore.shard.shardmap import MAX_GROUP_ID
 from kvstore.storage.commands import MAX_KEY_SIZE, command_size_bound
 from kvstore.storage.lmdbckpt import STATE_SYNC_MODES
+from kvstore.storage.writeback import DEFAULT_INTERVAL_MS as DEFAULT_WRITEBACK_MS
 
 from .admission_settings import AdmissionSettings
 from .gctune import DEFAULT_GEN0
 from .reads import ReadSettings
+
+MAX_WRITEBACK_MS = 60_000
 
 META_GROUP = 0
 """The metadata group: holds the shard map, replicated on every voter of the cluster."""
@@ -104,6 +107,10 @@ class NodeConfig:
     `inline_apply`) runs on the event loop although it flushes: the loop waits out the
     `fdatasync` instead of handing the call to the persist thread and back (`--inline-persist`;
     0: never)."""
+    lmdb_writeback_ms: int = DEFAULT_WRITEBACK_MS
+    """Checkpoint mode: start the writeback of LMDB's dirty pages every this many milliseconds
+    between checkpoints, so they reach the disk steadily instead of in bursts that stall every
+    WAL flush (`--lmdb-writeback-ms`; `storage/writeback.py`; timing only; 0: off)."""
     gc_threshold: int = DEFAULT_GEN0
     """Allocations per young garbage collection once the node started; what exists then is
     frozen out of every collection (`--gc-threshold`; `server/gctune.py`; 0: CPython's
@@ -159,6 +166,8 @@ class NodeConfig:
             raise ValueError(f"--history-retention-interval {self.history_retention_interval} must be 0 or in 0.1..86400")
         if not 0.1 <= self.lease_orphan_sweep <= 3600:
             raise ValueError(f"--lease-orphan-sweep {self.lease_orphan_sweep} must be in 0.1..3600 seconds")
+        if not 0 <= self.lmdb_writeback_ms <= MAX_WRITEBACK_MS:
+            raise ValueError(f"--lmdb-writeback-ms {self.lmdb_writeback_ms} must be in 0..{MAX_WRITEBACK_MS}")
         if not 0 <= self.drain_timeout <= 3600:
             raise ValueError(f"--drain-timeout {self.drain_timeout} must be in 0..3600 seconds")
         if not 1 <= self.feature_level <= SUPPORTED_LEVEL:

@@ -163,7 +163,7 @@ class Node:
         tls = self.tls
         self.store = store = LmdbNodeStore(
             cfg.data_dir / "db", sync=cfg.sync, map_size=1 << 36, wal_segment_bytes=cfg.wal_segment_bytes,
-            state_sync=cfg.state_sync,
+            state_sync=cfg.state_sync, writeback_interval=cfg.lmdb_writeback_ms / 1000,
         )
         if cfg.audit is not None:
             self.audit = AuditLog(cfg.audit, load_or_create_key(cfg.data_dir / KEY_FILE), store, cfg.id)

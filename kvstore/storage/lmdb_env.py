@@ -12,7 +12,10 @@ makes them durable by checkpoints instead (`lmdbckpt.py`, `store.LmdbNodeStore.c
 `sync_all()` flushes everything committed, and `pin(txn)` keeps a read transaction open on the
 checkpointed snapshot until the next checkpoint, so LMDB reuses none of its pages. Growing the
 map kills that pin with every other reader of the process: `after_grow` (the store's checkpoint)
-runs at once, before any later commit could reuse a page of the checkpointed tree.
+runs at once, before any later commit could reuse a page of the checkpointed tree. Between
+checkpoints, `writeback_interval` starts the kernel's writeback of the file's dirty pages every
+few milliseconds (`writeback.py`), so they do not pile up and leave in bursts that stall the
+WAL's flushes; it makes nothing durable.
 
 Threading: use an `LmdbEnv` from ONE thread (the node's asyncio loop; its Ready cycles' writes run
 on the persist thread), except that `write` may be called from any thread: a lock serializes the
@@ -54,8 +57,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import lmdb
 
+from . import writeback
 from .errors import ReadInvalidatedError, StorageClosedError, StorageError, StorageFullError, StorageIOError
 from .layout import DB_NAMES
+from .writeback import WritebackPacer
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -121,7 +126,10 @@ class LmdbEnv:
         max_readers: int = 126,
         db_names: Sequence[bytes] = DB_NAMES,
         checkpointed: bool = False,
+        writeback_interval: float = 0.0,
     ) -> None:
+        """`writeback_interval` (seconds; checkpointed mode, 0 = off): start the writeback of
+        `data.mdb`'s dirty pages that often (`writeback.WritebackPacer`: timing only)."""
         self.path = Path(path)
         self.checkpointed = checkpointed
         self.after_grow: Callable[[], None] | None = None
@@ -165,6 +173,9 @@ class LmdbEnv:
         self.dbs: dict[bytes, Db] = self.write(create)
         if checkpointed:
             self.sync_all()  # a new file is durable before the first checkpoint names it
+        self.pacer: WritebackPacer | None = None
+        if checkpointed and writeback_interval > 0 and writeback.available():
+            self.pacer = WritebackPacer(self.path / "data.mdb", writeback_interval)
 
     # --- checkpoints (checkpointed mode) ----------------------------------------------------------
     @property
@@ -378,6 +389,8 @@ class LmdbEnv:
         if self._closed:
             return
         self._closed = True
+        if self.pacer is not None:
+            self.pacer.close()
         self.generation += 1
         self._readers.clear()
         self.pin_release()

@@ -158,10 +158,13 @@ class LmdbNodeStore:
         state_sync: str = "commit",
         checkpoint_policy: CheckpointPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        writeback_interval: float = 0.0,
     ) -> None:
         """`wal_fs`: the WAL's directory (default: `<path>/wal` on the OS; tests wrap it to
         inject faults). `state_sync`: one of `STATE_SYNC_MODES` (checkpoint mode needs `sync`;
-        without it nothing is flushed either way)."""
+        without it nothing is flushed either way). `writeback_interval` (seconds, checkpoint mode;
+        0 = off): how often LMDB's dirty pages are sent on to the disk between checkpoints
+        (`LmdbEnv`, `writeback.py`: timing only)."""
         if state_sync not in STATE_SYNC_MODES:
             raise ValueError(f"state_sync must be one of {STATE_SYNC_MODES}, not {state_sync!r}")
         self.path = Path(path)
@@ -214,7 +217,8 @@ class LmdbNodeStore:
                             "LMDB transaction %d; the WAL's committed entries after it are replayed", saved.txnid)
         try:
             self._env = LmdbEnv(
-                self.path, sync=sync, map_size=map_size, max_map_size=max_map_size, checkpointed=self.checkpointed
+                self.path, sync=sync, map_size=map_size, max_map_size=max_map_size, checkpointed=self.checkpointed,
+                writeback_interval=writeback_interval,
             )
         except BaseException:
             self._unlock()
