@@ -27,7 +27,6 @@ the GIL). Where libc has none (not Linux), `available()` is False and the store 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -44,8 +43,10 @@ DEFAULT_INTERVAL_MS = 200
 
 
 def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's `sync_file_range`, from the symbols the process already has (`CDLL(None)`: no
+    library search, which would start `ldconfig` at import), or None."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.sync_file_range
     except (OSError, AttributeError):
         return None

@@ -177,3 +177,52 @@ def test_the_replicas_to_read_a_group_at_are_its_leader_then_its_members_never_t
     assert caller.replica_addresses(5) == ["a3", "a2"]
     host.leader_of = lambda g: (1, "a1")  # this node leads it: only the others, in id order
     assert caller.replica_addresses(5) == ["a2", "a3"]
+
+
+class _Renewals:
+    """A node's `keep_alive_one`: answers the scripted errors in turn, then a renewal."""
+
+    def __init__(self, *errors: kv_pb2.Error) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    async def keep_alive_one(self, r: kv_pb2.LeaseKeepAliveRequest) -> kv_pb2.LeaseKeepAliveResponse:
+        self.calls += 1
+        if self.errors:
+            return kv_pb2.LeaseKeepAliveResponse(error=self.errors.pop(0), id=r.id)
+        return kv_pb2.LeaseKeepAliveResponse(id=r.id, ttl=30)
+
+
+_NO_LEADER = kv_pb2.Error(code=kv_pb2.NO_LEADER, message="no leader")
+
+
+def test_a_keep_alive_waits_out_an_election_as_etcd_does() -> None:
+    """No leader known, a dropped proposal, a NOT_LEADER naming nobody: definite refusals that
+    an election ends, retried within the timeout (etcdctl's `keep-alive --once` does not retry:
+    in CI it failed "no leader" while a group changed leaders)."""
+    local = _Renewals(_NO_LEADER, kv_pb2.Error(code=kv_pb2.PROPOSAL_DROPPED),
+                      kv_pb2.Error(code=kv_pb2.NOT_LEADER))
+    fwd = Forwarder(kv=None, caller=None, timeout=10.0)
+    resp = asyncio.run(fwd.keep_alive(local, kv_pb2.LeaseKeepAliveRequest(id=5), cast(Any, _Ctx()), group=2))
+    assert (resp.id, resp.ttl, local.calls) == (5, 30, 4)
+
+
+def test_a_keep_alive_without_a_leader_for_the_whole_timeout_fails_definite() -> None:
+    local = _Renewals(*[_NO_LEADER] * 1000)
+    fwd = Forwarder(kv=None, caller=None, timeout=0.3)
+    with pytest.raises(EtcdStatus) as err:
+        asyncio.run(fwd.keep_alive(local, kv_pb2.LeaseKeepAliveRequest(id=5), cast(Any, _Ctx()), group=2))
+    assert "no leader" in err.value.message and not err.value.indeterminate, (err.value.code, err.value.message)
+    assert 2 <= local.calls < 1000
+
+
+@pytest.mark.parametrize("error", [
+    kv_pb2.Error(code=kv_pb2.INVALID_ARGUMENT, refusal=kv_pb2.REFUSAL_LEASE_NOT_FOUND, message="lease not found"),
+    kv_pb2.Error(code=kv_pb2.NO_LEADER, indeterminate=True, message="lost"),
+])
+def test_a_keep_alive_refused_for_good_or_maybe_applied_is_not_retried(error: kv_pb2.Error) -> None:
+    local = _Renewals(error)
+    fwd = Forwarder(kv=None, caller=None, timeout=10.0)
+    with pytest.raises(EtcdStatus):
+        asyncio.run(fwd.keep_alive(local, kv_pb2.LeaseKeepAliveRequest(id=5), cast(Any, _Ctx()), group=2))
+    assert local.calls == 1

@@ -27,7 +27,19 @@ from ..shards import GroupCaller
 from .status import EtcdStatus, check_reply
 
 MAX_HOPS = 3
-__all__ = ["MAX_HOPS", "Forwarder", "token_metadata"]
+__all__ = ["MAX_HOPS", "Forwarder", "token_metadata", "waits_for_leader"]
+
+
+def waits_for_leader(err: kv_pb2.Error, is_write: bool) -> bool:
+    """Whether a reply's error is a definite refusal that an election or a leadership transfer
+    ends (no leader known, a dropped proposal, a NOT_LEADER naming nobody; for a read also a
+    replica's STALE_REPLICA), so the etcd API retries it within its timeout."""
+    code = err.code
+    if err.indeterminate:
+        return False
+    return (code == kv_pb2.PROPOSAL_DROPPED or code == kv_pb2.NO_LEADER
+            or (code == kv_pb2.NOT_LEADER and not err.leader_hint)
+            or (code == kv_pb2.STALE_REPLICA and not is_write))
 
 
 @dataclass(slots=True)
@@ -67,11 +79,7 @@ class Forwarder:
         delay = 0.02
         while True:
             resp = await self._call_once(method, request, context, is_write=is_write, group=group)
-            code, err = resp.error.code, resp.error
-            retry = (code == kv_pb2.PROPOSAL_DROPPED or code == kv_pb2.NO_LEADER
-                     or (code == kv_pb2.NOT_LEADER and not err.leader_hint)
-                     or (code == kv_pb2.STALE_REPLICA and not is_write))
-            if not retry or err.indeterminate or loop.time() + delay > end:
+            if not waits_for_leader(resp.error, is_write) or loop.time() + delay > end:
                 break
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
@@ -175,7 +183,24 @@ class Forwarder:
     async def keep_alive(self, local: Any, request: kv_pb2.LeaseKeepAliveRequest, context: grpc.aio.ServicerContext,
                          group: int) -> kv_pb2.LeaseKeepAliveResponse:
         """One keep-alive: `local.keep_alive_one` here, or one message on a LeaseKeepAlive
-        stream to the leader of the lease's home `group`."""
+        stream to the leader of the lease's home `group`. A definite refusal that an election or
+        a leadership transfer ends is retried with backoff for up to `timeout`, as `call` does
+        (etcd's server waits for a leader to renew a lease, and `etcdctl lease keep-alive --once`
+        does not retry: it failed with "no leader" while a group changed leaders)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.timeout
+        delay = 0.02
+        while True:
+            resp = await self._keep_alive_once(local, request, context, group)
+            if not waits_for_leader(resp.error, True) or loop.time() + delay > end:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        check_reply(resp.error, is_write=True)
+        return resp
+
+    async def _keep_alive_once(self, local: Any, request: kv_pb2.LeaseKeepAliveRequest,
+                               context: grpc.aio.ServicerContext, group: int) -> kv_pb2.LeaseKeepAliveResponse:
         resp = await local.keep_alive_one(request)
         hops = 0
         while hops < MAX_HOPS and (addr := self._target(resp.error, group)) and self.may_forward(context):
@@ -200,6 +225,5 @@ class Forwarder:
                 raise EtcdStatus(grpc.StatusCode.UNAVAILABLE, "kvstore: the leader ended the keep-alive stream",
                                  indeterminate=True)
             resp = got
-        check_reply(resp.error, is_write=True)
         return resp
 
