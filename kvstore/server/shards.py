@@ -344,7 +344,11 @@ async def local_export(
 
 
 async def transfer_leader(host: Host, wake: Callable[[], None], group: int, to: int, timeout: float) -> None:
-    """Hand `group`'s leadership (held here) to `to` and wait until this node stepped down."""
+    """Hand `group`'s leadership (held here) to `to` (0: the most up-to-date other voter) and
+    wait until this node sees the target leading, as etcd's MoveLeader waits: stepping down
+    alone is not enough (the target is then only a candidate, and may lose). Raises
+    ProposalDropped (definite) if the core gave the transfer up or another node won, Timeout
+    (indeterminate) if neither happened in time."""
     core = host.groups[group].core
     if to == host.node_id and core.role == Role.LEADER:
         return
@@ -353,13 +357,19 @@ async def transfer_leader(host: Host, wake: Callable[[], None], group: int, to: 
     target = core.lead_transferee
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while core.role == Role.LEADER and loop.time() < deadline:
-        if core.lead_transferee == 0:
-            # The core gave up (the target did not catch up within an election timeout).
-            raise errors.ProposalDropped(f"leadership transfer to node {target} did not complete; retry")
+    while loop.time() < deadline:
+        if core.role == Role.LEADER:
+            if core.lead_transferee == 0:
+                # The core gave up (the target did not catch up within an election timeout).
+                raise errors.ProposalDropped(f"leadership transfer to node {target} did not complete; retry")
+        elif core.lead == target:
+            return
+        elif core.lead != 0:
+            raise errors.ProposalDropped(f"leadership went to node {core.lead}, not node {target}; retry")
         await asyncio.sleep(0.01)
     if core.role == Role.LEADER:
         raise errors.Timeout("leadership transfer did not complete in time", indeterminate=True)
+    raise errors.Timeout(f"this node stepped down but did not see node {target} lead in time", indeterminate=True)
 
 
 class NodeCluster:

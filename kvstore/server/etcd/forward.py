@@ -12,9 +12,9 @@ another endpoint."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -28,6 +28,14 @@ from .status import EtcdStatus, check_reply
 
 MAX_HOPS = 3
 __all__ = ["MAX_HOPS", "Forwarder", "token_metadata", "waits_for_leader"]
+
+
+class _Replied(Protocol):
+    @property
+    def error(self) -> kv_pb2.Error: ...
+
+
+_R = TypeVar("_R", bound=_Replied)
 
 
 def waits_for_leader(err: kv_pb2.Error, is_write: bool) -> bool:
@@ -74,16 +82,24 @@ class Forwarder:
         linearizable read; a read has no effects, so trying again is always safe.
         `group`: the one group the request touches, if known: a node that does not host it sends
         the request on to one that does (its leader, if known)."""
+        return await self._until_led(
+            lambda: self._call_once(method, request, context, is_write=is_write, group=group), is_write)
+
+    async def _until_led(self, attempt: Callable[[], Awaitable[_R]], is_write: bool) -> _R:
+        """`attempt()`'s reply once its error is not one an election ends (`waits_for_leader`),
+        or the last one when `timeout` runs out (backoff 20 ms doubling to 250 ms); raises the
+        EtcdStatus of an error reply."""
         loop = asyncio.get_running_loop()
         end = loop.time() + self.timeout
         delay = 0.02
         while True:
-            resp = await self._call_once(method, request, context, is_write=is_write, group=group)
-            if not waits_for_leader(resp.error, is_write) or loop.time() + delay > end:
+            resp = await attempt()
+            error = resp.error
+            if not waits_for_leader(error, is_write) or loop.time() + delay > end:
                 break
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
-        check_reply(resp.error, is_write=is_write)
+        check_reply(error, is_write=is_write)
         return resp
 
     def _target(self, err: kv_pb2.Error, group: int | None) -> str:
@@ -187,17 +203,7 @@ class Forwarder:
         a leadership transfer ends is retried with backoff for up to `timeout`, as `call` does
         (etcd's server waits for a leader to renew a lease, and `etcdctl lease keep-alive --once`
         does not retry: it failed with "no leader" while a group changed leaders)."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + self.timeout
-        delay = 0.02
-        while True:
-            resp = await self._keep_alive_once(local, request, context, group)
-            if not waits_for_leader(resp.error, True) or loop.time() + delay > end:
-                break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.25)
-        check_reply(resp.error, is_write=True)
-        return resp
+        return await self._until_led(lambda: self._keep_alive_once(local, request, context, group), True)
 
     async def _keep_alive_once(self, local: Any, request: kv_pb2.LeaseKeepAliveRequest,
                                context: grpc.aio.ServicerContext, group: int) -> kv_pb2.LeaseKeepAliveResponse:
