@@ -1519,13 +1519,14 @@ STATE_SYNC: str | None = None
 
 def memory_store(sim: NodeSimulation) -> StoreFactory:
     """In-memory stores with the run's disk faults: failed fsyncs and torn writes at the seed's
-    rates (a crash recovers only what was synced). A store made after the heal (a replacement
-    node started then) has none, like every other store from then on (`_heal_all`)."""
+    rates (a crash recovers only what was synced). A store made once the faults stopped (after
+    the heal, or in the quiet scenario's calm: a replacement node started then) has none, like
+    every other store from then on (`calm_down`)."""
     rates = FaultRates(fsync=sim.p.fsync_fail, torn=sim.p.torn_write)
 
     def factory(node_id: int, directory: Path) -> NodeStore:
         return MemoryNodeStore(sync=syncs_writes(sim.p), rng=random.Random(sim.rng.getrandbits(64)),
-                               rates=rates if sim.healed_at is None else FaultRates(), snapshot_chunk_size=4096,
+                               rates=rates if sim._faults_on() else FaultRates(), snapshot_chunk_size=4096,
                                state_sync=STATE_SYNC or sim.p.state_sync)
 
     return factory
