@@ -681,7 +681,7 @@ class NodeSimulation:
             n.cycling = False  # (a failed store: `_retry_storage` is running)
             return
         delay = self.rng.randint(*self.p.persist_ms) * n.disk_factor if cycle.touches_storage() else 0
-        if cycle.touches_storage() and host.awaits_writes(cycle):
+        if cycle.touches_storage() and host.answers_early(cycle):
             cycle.on_applied = host.answer_writes
 
         def finish() -> None:

@@ -17,7 +17,9 @@ module supplies the staging into one store batch, the sending and the answering)
 6. advance every group.
 
 Writes are answered as soon as step 3 has computed their results (`Cycle.on_applied`, called
-from inside the transaction, before its fsync), not after the transaction is durable: an entry
+from inside the transaction, before its fsync) when that transaction's commit may wait for the
+disk (`answers_early`; otherwise in step 5, right after it), not after the transaction is
+durable: an entry
 being applied is committed (durable on a majority), so its outcome is decided whatever happens
 to this node's transaction, and a crash re-applies it from the log with the same result (the
 session table makes that deterministic). What the answer must not precede is visibility to
@@ -648,9 +650,18 @@ class Host:
         )
 
     def awaits_writes(self, cycle: Cycle) -> bool:
-        """Does any group `cycle` applies have writes waiting here (worth answering early)?"""
+        """Does any group `cycle` applies have writes waiting here?"""
         groups = self.groups
         return any((g := groups.get(a.group)) is not None and g.writes for a in cycle.applies)
+
+    def answers_early(self, cycle: Cycle) -> bool:
+        """Is answering `cycle`'s writes from inside its apply transaction (`Cycle.on_applied`)
+        worth a hand-off: writes wait here, and the transaction's commit may wait for the disk
+        (`NodeStore.waits_for_disk` of the apply alone: a commit flushed in `commit` mode, a
+        checkpoint due)? In checkpoint mode the commit is not flushed: the answers then leave
+        with `end_cycle`, together with the reads the cycle releases, in one wake-up of the
+        driver's loop instead of two (bench/README.md, "Answers at the end of the cycle")."""
+        return self.awaits_writes(cycle) and self.store.waits_for_disk((), cycle.applies)
 
     def answer_writes(self, cycle: Cycle, results: list[list[Any]]) -> None:
         """Answer the writes whose entries `cycle` is applying, from `results` (computed inside

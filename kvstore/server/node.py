@@ -431,7 +431,7 @@ class Node:
                         if hoptrace.ON and cycle.applies:
                             hoptrace.mark("n.applied")  # (the thread's path marks it in `early`)
                     elif stored:
-                        if host.awaits_writes(cycle):
+                        if host.answers_early(cycle):
                             cycle.on_applied = early
                         # The fsync runs off the event loop: requests and messages that arrive
                         # meanwhile are stepped into the cores and go out in the next cycle.

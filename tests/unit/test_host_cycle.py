@@ -282,3 +282,46 @@ def test_a_cycle_that_failed_on_a_full_disk_is_retried_until_it_persists(tmp_pat
         assert late[0][1] is None and not late[0][0].swapped and late[0][0].current == b"v2"
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(("state_sync", "early"), [("commit", True), ("checkpoint", False)])
+def test_writes_are_answered_from_inside_the_apply_only_when_its_commit_waits_for_the_disk(
+    tmp_path: Path, state_sync: str, early: bool
+) -> None:
+    """`Host.answers_early`: worth the hand-off when the apply's commit is flushed (`commit` mode);
+    in checkpoint mode (the server's default) the commit is not, and the driver answers at the
+    end of the cycle. A cycle with no write waiting here never answers early. Either way the
+    write is answered once, with its result."""
+    store = NodeStore(tmp_path / "n1", sync=True, state_sync=state_sync)
+    host = Host(1, store, lambda msgs: None, RaftSettings(), random.Random(1))
+    try:
+        host.open_group(1, ConfState((1,)))
+        host.groups[1].core.campaign()
+        while host.has_work():
+            host.run_cycle()
+        answers: list[tuple[Any, Any]] = []
+        idx = host.propose(1, commands.encode_cas(b"k", True, b"", b"v", 7, 1, 1), lambda r, e: answers.append((r, e)))
+        cycle = host.begin_cycle()
+        assert cycle is not None and not cycle.applies
+        assert not host.answers_early(cycle)  # nothing to apply yet
+        cycle.persist()
+        host.end_cycle(cycle)
+        cycle = host.begin_cycle()
+        assert cycle is not None and [e.index for a in cycle.applies for e in a.entries] == [idx]
+        assert host.answers_early(cycle) is early
+        if host.answers_early(cycle):
+            cycle.on_applied = host.answer_writes
+        cycle.persist()
+        assert len(answers) == (1 if early else 0)
+        host.end_cycle(cycle)
+        assert len(answers) == 1 and answers[0][1] is None and getattr(answers[0][0], "swapped", None) is True
+        host.propose(1, commands.encode_put(b"x", b"1"), lambda r, e: None)
+        while host.has_work():
+            cycle = host.begin_cycle()
+            assert cycle is not None
+            host.groups[1].writes.drain()  # nobody waits here any more
+            assert not host.answers_early(cycle)
+            cycle.persist()
+            host.end_cycle(cycle)
+    finally:
+        store.close()
