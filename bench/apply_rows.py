@@ -92,7 +92,6 @@ def run(datas: list[bytes], batch: int, parent: str | None) -> tuple[float, floa
             first = s.log_storage(1).last_index() + 1
             s.persist_and_apply([], [ApplyBatch(1, s.log_storage(1).entries(1, first), conf)])
             index, prev = first, None
-            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             for part in (datas[:KEYS], datas[KEYS:]):  # the keys' first writes, then the measured puts
                 r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
                 for lo in range(0, len(part), batch):
