@@ -1,4 +1,4 @@
-"""Micro-benchmark: what two of the rows a put's apply writes cost, per put (issue 20).
+"""Micro-benchmark: what the rows a put's apply writes cost, per put (issue 20).
 
     python -m bench.apply_rows [--puts N] [--batch B] [--rounds R] [--dir DIR]
 
@@ -6,20 +6,19 @@ The persist thread's work per put, as `bench/persist_cycle.py` measures it (one 
 `LmdbNodeStore` in checkpoint mode, the server's default; one WAL `fdatasync` per cycle; each
 call persists batch k and applies batch k-1), under the load of `bench.compare`'s put workload:
 one client session (seq rising, 64 in flight: ack = seq - 64), 10,000 keys of 16 bytes written
-once, then N puts of 128-byte values to random keys. Four variants, each in a fresh directory,
+once, then N puts of 128-byte values to random keys. Two variants, each in a fresh directory,
 rounds alternating, medians printed:
 
 - `as is`: the apply as the server runs it;
 - `no data row`: without the `data` table's row (the key's current value), i.e. what keeping the
-  value in the key's metadata row (`rev_keys`, written by every put anyway) would save;
-- `history in revision order`: the history row keyed (revision, kid) instead of (kid,
-  revision), so that each batch appends at the end of the table instead of touching one random
-  page per put, i.e. what a history kept in revision order (etcd's layout) would save;
-- both.
+  value in the key's metadata row (`rev_keys`, written by every put anyway) would save.
 
-A variant is NOT a working layout (reads of the rows it skips or moves would fail): it measures
-what those writes cost. The cost is in the pages, not the bytes: each put dirties one page of
-each random-key table, copy-on-write copies it, and the commit writes it out (the system time).
+The variant is NOT a working layout (reads of the rows it skips would fail): it measures what
+those writes cost. The cost is in the pages, not the bytes: each put dirties one page of each
+random-key table, copy-on-write copies it, and the commit writes it out (the system time). Until
+data format 3 the history was a third such table (keyed by key id, then revision); the history
+in revision order appends at the table's end instead (`bench/README.md`, "The history in
+revision order", has the before and after).
 Prints CPU µs per put (user, system) of this process and puts/s.
 """
 
@@ -38,36 +37,28 @@ from pathlib import Path
 from kvstore.node.store import ApplyBatch, GroupWrite
 from kvstore.raft import ConfState
 from kvstore.raft.types import Entry, EntryType, HardState
-from kvstore.storage import commands, kvstate, mvcc_lmdb
+from kvstore.storage import commands, kvstate
 from kvstore.storage.store import LmdbNodeStore
 
 KEYS = 10_000
 VALUE_SIZE = 128
 INFLIGHT = 64
-VARIANTS = ("as is", "no data row", "history in revision order", "both")
+VARIANTS = ("as is", "no data row")
 
 
 @contextlib.contextmanager
 def variant(name: str) -> Iterator[None]:
     """Patch the apply's row writes for `name` (restored on exit)."""
     view_put = kvstate.LmdbGroupView.put
-    record = mvcc_lmdb.LmdbRows.record
-    if name in ("no data row", "both"):
+    if name == "no data row":
         def put(self: kvstate.LmdbGroupView, key: bytes, value: bytes) -> None:
             return None
 
         kvstate.LmdbGroupView.put = put  # type: ignore[method-assign]
-    if name in ("history in revision order", "both"):
-        def in_order(self: mvcc_lmdb.LmdbRows, key: bytes, kid_rev: bytes, row: bytes, rev_kid: bytes,
-                     key_row: bytes | None) -> None:
-            record(self, key, rev_kid, row, rev_kid, key_row)
-
-        mvcc_lmdb.LmdbRows.record = in_order  # type: ignore[method-assign]
     try:
         yield
     finally:
         kvstate.LmdbGroupView.put = view_put  # type: ignore[method-assign]
-        mvcc_lmdb.LmdbRows.record = record  # type: ignore[method-assign]
 
 
 def commands_for(puts: int) -> list[bytes]:

@@ -111,6 +111,9 @@ from ..storage.snapfile import (
     TAG_LEASES,
     TAG_MEMBER,
     TAG_REV_BASE,
+    TAG_REV_CHANGES,
+    TAG_REV_HIST,
+    TAG_REV_KEYS,
     TAG_REV_STATE,
     TAG_SESSION,
     TAG_SHARDS,
@@ -944,6 +947,9 @@ class MemoryNodeStore:
                         leases.check_rows(key, value)
                     elif tag - TAG_REV_BASE in (mvcc.T_TXN, mvcc.T_INTENTS):
                         xtxn.check_rows(tag - TAG_REV_BASE, key, value)
+                    elif tag == TAG_REV_CHANGES:  # derived again from the history (`mvcc.rebuild_log`)
+                        mvcc.check_change_row(key, value)
+                        continue
                     rows.put(tag - TAG_REV_BASE, key, value)
                 elif tag == TAG_DATA:
                     data[key] = value
@@ -964,6 +970,10 @@ class MemoryNodeStore:
                     members[U64.unpack(key)[0]] = value
             except ValueError as err:
                 raise SnapshotFormatError(f"snapshot file {name} has a bad row: {err}") from None
+        try:
+            mvcc.rebuild_log(rows)
+        except ValueError as err:
+            raise SnapshotFormatError(f"snapshot file {name} has a bad history: {err}") from None
         for attr, new in (
             ("data", data), ("heads", heads), ("results", results), ("members", members), ("rows", rows),
             ("lru", sorted((h.last, cid) for cid, h in heads.items())),
@@ -1212,7 +1222,14 @@ class MemoryNodeStore:
         records += [(TAG_SESSION, k, v) for k, v in _session_rows(g, meta=True)]
         records += [(TAG_MEMBER, U64.pack(n), g.members[n]) for n in sorted(g.members)]
         for t in range(N_TABLES):
-            records += [(TAG_REV_BASE + t, k, v) for k, v in g.rows.iter(t, b"", None)]
+            if TAG_REV_BASE + t == TAG_REV_KEYS:  # the history in the exchange form, as `LmdbNodeStore`
+                records += [(TAG_REV_KEYS, k, v) for k, v in mvcc.snapshot_keys(g.rows)]
+            elif TAG_REV_BASE + t == TAG_REV_HIST:
+                records += [(TAG_REV_HIST, k, v) for k, v in mvcc.snapshot_history(g.rows)]
+            elif TAG_REV_BASE + t == TAG_REV_CHANGES:
+                records += [(TAG_REV_CHANGES, k, v) for k, v in mvcc.snapshot_changes(g.rows, mvcc.rev_state(g.rows))]
+            else:
+                records += [(TAG_REV_BASE + t, k, v) for k, v in g.rows.iter(t, b"", None)]
         return meta, encode_snapshot(group, meta, records, self.snapshot_chunk_size)
 
     def receive_snapshot(self, group: int, chunks: Iterable[bytes], directory: Path | None = None) -> Path:

@@ -1,10 +1,9 @@
 """Reading a group's change log for watch: the changes of a revision interval with their values.
 STANDARD LIBRARY ONLY.
 
-The change log (`mvcc.T_CHANGES`, `revision:u64 kid:u64 -> user key`) holds one row per retained
-version, in revision order; the version itself is the HIST row `(kid, revision)`, and the
-version before it (a watcher's `prev_kv`) is the greatest HIST row of the same kid below the
-revision. `read_changes` turns an interval of it into `Change`s, inside one read view the caller
+The change log (`mvcc.T_CHANGES`, the LOG table: `revision:u64 kid:u64 -> version`) holds one
+row per retained version, in revision order, with its key and value; the version before it (a
+watcher's `prev_kv`) is the row its `prev` link names. `read_changes` turns an interval of it into `Change`s, inside one read view the caller
 provides (an LMDB read transaction, or the in-memory rows).
 
 Invariants (what watch builds on):
@@ -15,8 +14,8 @@ Invariants (what watch builds on):
   there are gone, so nothing is silently skipped; the check and the read share the caller's view.
   A read from C itself works if the group kept the changes at C (`RevState.kept`: the keep rule
   of `mvcc.compact`), their prev_kv gone (the versions before C are); otherwise it raises too;
-- a change whose HIST row is missing or does not decode is a ValueError (the caller reports a
-  corrupt store), never a skipped event.
+- a change whose row does not decode is a ValueError (the caller reports a corrupt store), never
+  a skipped event.
 """
 
 from __future__ import annotations
@@ -91,18 +90,14 @@ def read_changes(
     return out
 
 
-def _change(rows: mvcc.Rows, rev: int, kid: int, key: bytes, prev_kv: bool) -> Change:
-    raw = rows.get(mvcc.T_HIST, _PAIR.pack(kid, rev))
-    if raw is None:
-        raise ValueError(f"change at revision {rev} of key id {kid} has no history row")
-    ver = mvcc.decode_row(rev, bytes(raw))
+def _change(rows: mvcc.Rows, rev: int, kid: int, raw: bytes, prev_kv: bool) -> Change:
+    lr = mvcc.decode_log_row(rev, raw)
     prev = None
-    if prev_kv and rev > 1:
-        got = rows.last_le(mvcc.T_HIST, _PAIR.pack(kid, 0), _PAIR.pack(kid, rev - 1))
-        if got is not None:
-            r = _PAIR.unpack(bytes(got[0]))[1]
-            pv = mvcc.decode_row(r, bytes(got[1]))
-            prev = pv if pv.value is not None else None
-    if ver.value is None:
-        return Change(rev, key, DELETE, None, 0, 0, prev)
-    return Change(rev, key, PUT, ver.value, ver.meta.create_revision, ver.meta.version, prev)
+    if prev_kv and lr.prev:
+        got = rows.get(mvcc.T_CHANGES, _PAIR.pack(lr.prev, kid))
+        if got is not None:  # missing: a tombstone compacted away (absent then)
+            pv = mvcc.decode_log_row(lr.prev, bytes(got))
+            prev = pv.at(lr.prev) if pv.kind == PUT else None
+    if lr.kind == DELETE:
+        return Change(rev, lr.key, DELETE, None, 0, 0, prev)
+    return Change(rev, lr.key, PUT, lr.value, lr.create, lr.version, prev)

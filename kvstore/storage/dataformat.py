@@ -33,10 +33,11 @@ __all__ = ["FORMATS", "FORMAT_FILE", "FORMAT_NO_RECORD", "FORMAT_VERSION", "Form
 FORMATS: dict[int, str] = {
     1: "the Raft logs in LMDB (before the write-ahead log)",
     2: "the Raft logs in the write-ahead log (<db>/wal), LMDB holds the state machines",
+    3: "each group's history in revision order (one LOG row per version, `mvcc.py`)",
 }
 """Every format version and what it is."""
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """The format this binary writes; it migrates every older one up to it."""
 
 FORMAT_NO_RECORD = 1

@@ -71,6 +71,9 @@ from .snapfile import (
     TAG_LEASES,
     TAG_MEMBER,
     TAG_REV_BASE,
+    TAG_REV_CHANGES,
+    TAG_REV_HIST,
+    TAG_REV_KEYS,
     TAG_REV_STATE,
     TAG_SESSION,
     TAG_SHARDS,
@@ -412,6 +415,12 @@ class KVState:
                         xtxn.check_rows(tag - TAG_REV_BASE, key, value)
                     except ValueError as err:
                         raise SnapshotFormatError(f"snapshot file {path} has a bad transaction row: {err}") from None
+                if tag == TAG_REV_CHANGES:  # derived again from the history (`mvcc.rebuild_log`)
+                    try:
+                        mvcc.check_change_row(key, value)
+                    except ValueError as err:
+                        raise SnapshotFormatError(f"snapshot file {path} has a bad change row: {err}") from None
+                    continue
                 if len(key) > MAX_KEY_SIZE:
                     raise SnapshotFormatError(f"snapshot file {path} has a key of {len(key)} bytes")
                 if tag == TAG_SESSION:
@@ -432,6 +441,10 @@ class KVState:
                 put(p + key, value, db=dbs[tag])
             if heads or smeta != SessionMeta():
                 put(p + SESSION_META_TAG, SessionMeta(heads, smeta.horizon, smeta.evicted).encode(), db=env.db(DB_SESSIONS))
+            try:
+                mvcc.rebuild_log(LmdbRows(txn, group, rev_dbs(env)))
+            except ValueError as err:
+                raise SnapshotFormatError(f"snapshot file {path} has a bad history: {err}") from None
         txn.put(p, encode_applied(hm.index, hm.conf_state), db=env.db(DB_APPLIED))
         return AppliedState(hm.index, hm.conf_state, shards)
 
@@ -658,9 +671,20 @@ class KVState:
                 yield TAG_SHARDS, b"", shards
             tables = [(TAG_DATA, DB_DATA), (TAG_SESSION, DB_SESSIONS), (TAG_MEMBER, DB_MEMBERS)]
             tables += [(TAG_REV_BASE + t, name) for t, name in enumerate(DB_REVS)]
+            rows = LmdbRows(txn, group, rev_dbs(env))
             for tag, name in tables:
-                for k, v in _iter_range(txn, env.db(name), group, b"", None):
-                    yield tag, k, v
+                if tag == TAG_REV_KEYS:  # the history in the exchange form (`mvcc.snapshot_keys` ..)
+                    for k, v in mvcc.snapshot_keys(rows):
+                        yield tag, k, v
+                elif tag == TAG_REV_HIST:
+                    for k, v in mvcc.snapshot_history(rows):
+                        yield tag, k, v
+                elif tag == TAG_REV_CHANGES:
+                    for k, v in mvcc.snapshot_changes(rows, _rev_state(rows)):
+                        yield tag, k, v
+                else:
+                    for k, v in _iter_range(txn, env.db(name), group, b"", None):
+                        yield tag, k, v
 
         return meta, TxnStream(reader, encode_snapshot(group, meta, records(), chunk_size))
 

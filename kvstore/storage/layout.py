@@ -27,9 +27,14 @@ order equals numeric order.
     shards     group:u64                       -> shardcmd.ShardState (served and frozen ranges)
                group:u64 b"T"                  -> b"" (tombstone: the group was destroyed here)
 
-    rev_keys   group:u64 user_key              -> kid:u64     } the MVCC history of `mvcc.py`:
-    rev_hist   group:u64 kid:u64 rev:u64       -> history row } versions, tombstones, the changes
-    rev_changes group:u64 rev:u64 kid:u64      -> user_key    } in revision order, and the
+    rev_keys   group:u64 user_key              -> kid:u64 ...  } the MVCC history of `mvcc.py`:
+    rev_changes group:u64 rev:u64 kid:u64      -> LOG row      } every version and tombstone in
+                                                                 revision order (since data
+                                                                 format 3; format 2 held the
+                                                                 user key alone here)
+    rev_hist   group:u64 kid:u64 rev:u64       -> history row  } empty but while `rebuild_log`
+                                                                 runs (a snapshot's install, the
+                                                                 migration from format 2)
     rev_state  group:u64                       -> last:u64 compact:u64 next_kid:u64   } counters
     leases     group:u64 lease row             -> `leases.py`'s rows (records, attachments,
                                                   tombstones); table 6 of the group's `mvcc.Rows`

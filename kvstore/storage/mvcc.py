@@ -16,29 +16,52 @@ the proposal, in the group's own slot: the same on every replica, whatever the l
 
 Tables (ordered byte maps the view provides, one set per group; `Rows`):
 
-    KEYS     user key                 -> kid:u64 create:u64 mod:u64 version:u64
+    KEYS     user key                 -> kid:u64 create:u64 mod:u64 version:u64 depth:u64
+                                         jump:u64 jump_depth:u64 jump_jump:u64 jump_jump_depth:u64
                                          (a key that has history rows, and its current metadata:
                                          mod = the revision of its newest version; create =
-                                         version = 0 when that version is a tombstone)
+                                         version = 0 when that version is a tombstone; then that
+                                         version's links and its jump's, `_links_after`; the
+                                         first 32 bytes are the exchange form)
+    LOG      revision:u64 kid:u64     -> kind:u8 create:u64 version:u64 prev:u64 jump:u64
+             (table T_CHANGES)           depth:u64 jump_depth:u64 key_len:u16 user_key value
+                                         (every retained version of every key, in revision
+                                         order: a batch of writes appends at the table's end;
+                                         watch reads it from a revision onward, compaction walks
+                                         it; `LogRow`)
     HIST     kid:u64 revision:u64     -> kind:u8 create_revision:u64 version:u64 value
-    CHANGES  revision:u64 kid:u64     -> user key           (apply order: watch reads it from a
-                                                             revision onward; compaction walks it)
+                                         (a version in the exchange form: only while snapshot
+                                         rows or data format 2's history are turned into LOG
+                                         rows, `rebuild_log`; empty otherwise)
     STATE    b""                      -> last:u64 compact:u64 next_kid:u64
 
 A key is identified in history by a group-local id (`kid`) because LMDB keys are at most 511
-bytes: user key + revision would not fit for the longest keys. Invariants:
-- every key with a KEYS row has at least one HIST row; its newest HIST row is its current state
-  (a PUT row with the value in `data`, or a DELETE tombstone when the key is absent);
-- CHANGES holds exactly the (kid, revision) pairs of HIST above the compact revision C, and
-  those at C too if the revision state is `kept` (a compaction under the keep rule left them for
-  a watch from C; `compact`), none at C otherwise;
+bytes: user key + revision would not fit for the longest keys. A key's versions form a chain
+through `prev` (the revision of its version before, 0: none); `jump` points further back (a
+skew-binary jump pointer, Myers 1983: `depth` counts the versions before this one in the chain,
+`jump_depth` is the jump target's), so the newest version at or below a revision is found in
+O(log n) lookups (`_version_at`); a write sets them from its KEYS row, reading a LOG row only
+for half the versions of a long chain. Any older version of
+the key is a correct jump target; the rule only bounds the walk. Invariants:
+- every key with a KEYS row has at least one LOG row; its newest, at (mod, kid), is its current
+  state (a PUT row whose value is also in `data`, or a DELETE tombstone when the key is absent);
+- the versions above the compact revision C, and those at C too if the revision state is `kept`
+  (a compaction under the keep rule left them for a watch from C; `compact`), are the changes a
+  watch replays; readers never look below C (reads there raise `Compacted`);
 - after compaction at C, each key keeps only its newest version at or below C (none if that is a
   tombstone below C, or at C under the first rule; under the keep rule a tombstone at exactly C
-  stays until the next compaction) and every version above C;
+  stays until the next compaction) and every version above C. So a `prev` that is missing names
+  a tombstone compacted away (the key was absent there), and nothing of the key is older;
 - a key in `data` without a KEYS row is a LEGACY key, written before revisions existed: it reads
   as create_revision = mod_revision = version = `LEGACY_REVISION` (1); its first write under
-  revisions first records that version as a HIST row at revision 1. This is the migration: lazy
+  revisions first records that version as a LOG row at revision 1. This is the migration: lazy
   and deterministic (every replica has the same data at the same entry), with no format bump.
+
+Snapshots and range moves carry versions in the exchange form (KEYS rows of 32 bytes, HIST rows, and CHANGES rows
+`revision:u64 kid:u64 -> user key` for the changes above C, which data format 2 kept as a table
+of its own): the same records any release writes and reads (`snapshot_keys`,
+`snapshot_history`, `snapshot_changes`, `rebuild_log`), so a snapshot crosses a rolling upgrade
+either way.
 """
 
 from __future__ import annotations
@@ -87,6 +110,12 @@ ROW_HEADER_BYTES = _ROW.size
 """Bytes a history row adds to its value (`encode_row`)."""
 _STATE = struct.Struct(">QQQ")
 _KEYROW = struct.Struct(">QQQQ")
+"""A KEYS row in the exchange form (snapshots, restores; data format 2's rows)."""
+_KEYROW3 = struct.Struct(">QQQQQQQQQ")
+"""A KEYS row: the exchange form, then the current version's links (`_links_after`)."""
+_KEYROW3_PACK = _KEYROW3.pack
+_KEYROW3_UNPACK = _KEYROW3.unpack
+_KEYROW3_SIZE = _KEYROW3.size
 _MAX_KEY = _U64.pack((1 << 64) - 1)
 # Bound methods and sizes of the hot path (write_version), looked up once.
 _PAIR_PACK = _PAIR.pack
@@ -100,6 +129,98 @@ _KEYROW_PACK = _KEYROW.pack
 _KEYROW_UNPACK = _KEYROW.unpack
 _KEYROW_SIZE = _KEYROW.size
 _TOMBSTONE = _ROW.pack(KIND_DELETE, 0, 0)
+_LOG = struct.Struct(">BQQQQQQH")
+"""A LOG row's header: kind, create, version, prev, jump, depth, jump_depth, key_len."""
+LOG_HEADER_BYTES = _LOG.size
+_LOG_PACK = _LOG.pack
+_LOG_UNPACK_FROM = _LOG.unpack_from
+_LOG_SIZE = _LOG.size
+_MAX_KEY_LEN = (1 << 16) - 1
+
+
+@dataclass(slots=True)
+class LogRow:
+    """A decoded LOG row (`decode_log_row`): one version of a key and its chain links."""
+
+    kind: int
+    create: int
+    version: int
+    prev: int
+    jump: int
+    depth: int
+    jump_depth: int
+    key: bytes
+    value: bytes
+
+    def at(self, rev: int) -> Version:
+        """This version as read at its revision `rev`."""
+        if self.kind == KIND_PUT:
+            return Version(self.value, KeyMeta(self.create, rev, self.version))
+        return Version(None, KeyMeta(0, rev, 0))
+
+    def exchange(self) -> bytes:
+        """The version in the exchange form (a HIST row: snapshots, range moves)."""
+        if self.kind == KIND_PUT:
+            return _ROW_PACK(KIND_PUT, self.create, self.version) + self.value
+        return _TOMBSTONE
+
+
+def encode_log_row(
+    kind: int, create: int, version: int, prev: int, jump: int, depth: int, jump_depth: int, key: bytes,
+    value: bytes,
+) -> bytes:
+    return _LOG_PACK(kind, create, version, prev, jump, depth, jump_depth, len(key)) + key + value
+
+
+def decode_log_row(rev: int, raw: bytes) -> LogRow:
+    """Decode the LOG row at revision `rev`. Total: ValueError for anything malformed (a short
+    row, an unknown kind, a tombstone with a value, links that do not point below `rev`)."""
+    if len(raw) < _LOG_SIZE:
+        raise ValueError(f"log row of {len(raw)} bytes")
+    kind, create, version, prev, jump, depth, jump_depth, klen = _LOG_UNPACK_FROM(raw)
+    end = _LOG_SIZE + klen
+    if end > len(raw):
+        raise ValueError(f"log row of {len(raw)} bytes with a key of {klen}")
+    if kind == KIND_DELETE:
+        if end != len(raw) or create or version:
+            raise ValueError("log row: a tombstone with a value or metadata")
+    elif kind != KIND_PUT:
+        raise ValueError(f"log row of kind {kind}")
+    if prev >= rev or jump >= rev or (jump and not prev) or (prev and not depth):
+        raise ValueError(f"log row at revision {rev} links to {prev} / {jump} (depth {depth})")
+    return LogRow(kind, create, version, prev, jump, depth, jump_depth, bytes(raw[_LOG_SIZE:end]),
+                  bytes(raw[end:]))
+
+
+def log_row_key(raw: bytes) -> bytes:
+    """The user key of a LOG row (ValueError if it is too short to hold one)."""
+    if len(raw) < _LOG_SIZE:
+        raise ValueError(f"log row of {len(raw)} bytes")
+    (klen,) = struct.unpack_from(">H", raw, _LOG_SIZE - 2)
+    if _LOG_SIZE + klen > len(raw):
+        raise ValueError(f"log row of {len(raw)} bytes with a key of {klen}")
+    return bytes(raw[_LOG_SIZE:_LOG_SIZE + klen])
+
+
+def _links_after(
+    rows: Rows, kid: int, prev: int, pd: int, pj: int, pjd: int, pjj: int, pjjd: int
+) -> tuple[int, int, int, int, int]:
+    """The links of a new version of key `kid` whose version before is at `prev` (0: none), given
+    that version's (depth, jump, jump_depth) and its jump's (jump, jump_depth), as its KEYS row
+    keeps them: (depth, jump, jump_depth) of the new version and its jump's (jump, jump_depth),
+    for the new KEYS row. Myers' skew-binary rule: jump to the jump's jump if prev..jump and
+    jump..jump's jump span as many versions, else to prev. Only the first case reads a row (the
+    jump target's, for its own jump: half the writes); a missing one (compacted below C) leaves
+    it 0, so the next write jumps to its prev: any older version is a correct jump target."""
+    if not prev:
+        return 0, 0, 0, 0, 0
+    if pj and pjj and pd - pjd == pjd - pjjd:
+        raw = rows.get(T_CHANGES, _PAIR_PACK(pjj, kid))
+        if raw is None or len(raw) < _LOG_SIZE:
+            return pd + 1, pjj, pjjd, 0, 0
+        _, _, _, _, jj, _, jjd, _ = _LOG_UNPACK_FROM(raw)
+        return pd + 1, pjj, pjjd, jj, jjd
+    return pd + 1, prev, pd, pj, pjd
 
 
 class RevisionError(ValueError):
@@ -236,10 +357,9 @@ class Rows(Protocol):
 
     def put(self, t: int, k: bytes, v: bytes) -> None: ...
 
-    def record(self, key: bytes, kid_rev: bytes, row: bytes, rev_kid: bytes, key_row: bytes | None) -> None:
-        """One version of `key`, in one call (the write path): HIST[kid_rev] = row,
-        CHANGES[rev_kid] = key and, unless key_row is None, KEYS[key] = key_row. The same as
-        three `put`s; `rev_kid` is above every CHANGES key of the group (revisions only grow)."""
+    def record(self, key: bytes, rev_kid: bytes, row: bytes, key_row: bytes | None) -> None:
+        """One version of `key`, in one call (the write path): LOG[rev_kid] = row and, unless
+        key_row is None, KEYS[key] = key_row. The same as two `put`s."""
         ...
 
     def delete(self, t: int, k: bytes) -> None: ...
@@ -304,12 +424,26 @@ def rev_state(rows: Rows) -> RevState:
         raise RevisionError(f"corrupt revision state: {err}") from None
 
 
-def _version_at(rows: Rows, kid: int, rev: int) -> tuple[int, Version] | None:
-    row = rows.last_le(T_HIST, _PAIR.pack(kid, 0), _PAIR.pack(kid, rev))
-    if row is None:
-        return None
-    r = _PAIR.unpack(bytes(row[0]))[1]
-    return r, decode_row(r, bytes(row[1]))
+def _version_at(rows: Rows, kid: int, top: int, rev: int) -> tuple[int, Version] | None:
+    """The newest version of key `kid` at or below `rev`, walking back from its version at `top`
+    (its newest): by `jump` while the jump target is still above `rev`, else by `prev`. Every
+    version above `rev` >= C exists (compaction removes none), so the walk meets no hole above
+    `rev`; a missing row at or below it is a compacted tombstone: absent. ValueError for a
+    corrupt row."""
+    r = top
+    while True:
+        raw = rows.get(T_CHANGES, _PAIR_PACK(r, kid))
+        if raw is None:
+            return None
+        lr = decode_log_row(r, bytes(raw))
+        if r <= rev:
+            return r, lr.at(r)
+        if lr.jump > rev:
+            r = lr.jump
+        elif lr.prev:
+            r = lr.prev
+        else:
+            return None
 
 
 def _key_row(rows: Rows, key: bytes) -> tuple[int, KeyMeta] | None:
@@ -317,19 +451,22 @@ def _key_row(rows: Rows, key: bytes) -> tuple[int, KeyMeta] | None:
     raw = rows.get(T_KEYS, key)
     if raw is None:
         return None
-    if len(raw) != _KEYROW.size:
-        raise ValueError(f"key row of {len(raw)} bytes (expected {_KEYROW.size})")
-    kid, create, mod, version = _KEYROW.unpack(bytes(raw))
+    if len(raw) != _KEYROW3_SIZE:
+        raise ValueError(f"key row of {len(raw)} bytes (expected {_KEYROW3_SIZE})")
+    kid, create, mod, version = _KEYROW.unpack_from(bytes(raw))
     return kid, KeyMeta(create, mod, version)
 
 
-def _put_key_row(rows: Rows, key: bytes, kid: int, meta: KeyMeta) -> None:
-    rows.put(T_KEYS, key, _KEYROW.pack(kid, meta.create_revision, meta.mod_revision, meta.version))
-
-
 def encode_key_row(kid: int, meta: KeyMeta) -> bytes:
-    """A KEYS row: the key's id and current metadata (for writers of whole tables: restore)."""
+    """A KEYS row in the exchange form: the key's id and current metadata (for writers of whole
+    tables: restore; the receiver's `rebuild_log` adds the links)."""
     return _KEYROW_PACK(kid, meta.create_revision, meta.mod_revision, meta.version)
+
+
+def snapshot_keys(rows: Rows) -> Iterator[tuple[bytes, bytes]]:
+    """The group's KEYS rows in the exchange form (without the links), in key order."""
+    for k, v in rows.iter(T_KEYS, b"", None):
+        yield bytes(k), bytes(v[:_KEYROW.size])
 
 
 def hist_key(kid: int, rev: int) -> bytes:
@@ -352,7 +489,7 @@ def version_at(rows: Rows, key: bytes, rev: int, current: bytes | None) -> Versi
     kid, meta = row
     if rev >= meta.mod_revision:  # the current version: no history lookup
         return None if current is None or not meta.version else Version(current, meta)
-    got = _version_at(rows, kid, rev)
+    got = _version_at(rows, kid, meta.mod_revision, rev)
     if got is None or got[1].value is None:
         return None
     return got[1]
@@ -432,28 +569,33 @@ def write_version(
         if read_prev is not None:
             prev = read_prev(key)
         kid, next_kid = next_kid, next_kid + 1
+        pd = pj = pjd = pjj = pjjd = 0
         if prev is not None:
-            create, version = LEGACY_REVISION, 1
+            create, version, mod = LEGACY_REVISION, 1, LEGACY_REVISION
             rows.record(
-                key, _PAIR_PACK(kid, LEGACY_REVISION), _ROW_PACK(KIND_PUT, LEGACY_REVISION, 1) + prev,
-                _PAIR_PACK(LEGACY_REVISION, kid), None,
+                key, _PAIR_PACK(LEGACY_REVISION, kid),
+                _LOG_PACK(KIND_PUT, LEGACY_REVISION, 1, 0, 0, 0, 0, len(key)) + key + prev, None,
             )
         else:
-            create = version = 0
-    elif len(krow) == _KEYROW_SIZE:
-        kid, create, _, version = _KEYROW_UNPACK(krow)
+            create = version = mod = 0
+    elif len(krow) == _KEYROW3_SIZE:
+        kid, create, mod, version, pd, pj, pjd, pjj, pjjd = _KEYROW3_UNPACK(krow)
     else:
         raise RevisionError(f"corrupt key row of {len(krow)} bytes")
+    if mod:
+        depth, jump, jdepth, jj, jjd = _links_after(rows, kid, mod, pd, pj, pjd, pjj, pjjd)
+    else:
+        depth = jump = jdepth = jj = jjd = 0
     if value is None:
-        hrow = _TOMBSTONE
+        row = _LOG_PACK(KIND_DELETE, 0, 0, mod, jump, depth, jdepth, len(key)) + key
         create = version = 0
     else:
         if version:
             version += 1
         else:
             create, version = rev, 1
-        hrow = _ROW_PACK(KIND_PUT, create, version) + value
-    rows.record(key, _PAIR_PACK(kid, rev), hrow, _PAIR_PACK(rev, kid), _KEYROW_PACK(kid, create, rev, version))
+        row = _LOG_PACK(KIND_PUT, create, version, mod, jump, depth, jdepth, len(key)) + key + value
+    rows.record(key, _PAIR_PACK(rev, kid), row, _KEYROW3_PACK(kid, create, rev, version, depth, jump, jdepth, jj, jjd))
     rows.put(T_STATE, b"", _STATE_PACK(rev if rev > last else last, compact, next_kid) + kept)
     return rev
 
@@ -480,67 +622,172 @@ def compact(rows: Rows, st: RevState, rev: int, keep: bool) -> RevState:
     start = st.compact if st.kept else st.compact + 1
     lo = _PAIR.pack(start, 0) if st.compact else b""
     hi = _PAIR.pack(c + 1, 0) if c < REVISION_MAX else None
-    done: list[tuple[bytes, int, int, bytes]] = [
-        (bytes(k), *_PAIR.unpack(bytes(k)), bytes(v)) for k, v in rows.iter(T_CHANGES, lo, hi)
-    ]
-    for ck, r, kid, key in done:
-        older = [bytes(k) for k, _ in rows.iter(T_HIST, _PAIR.pack(kid, 0), _PAIR.pack(kid, r))]
-        for k in older:
-            rows.delete(T_HIST, k)
-        if keep and r == c:
+    done: list[tuple[bytes, int, int, int, int, bytes]] = []
+    for k, v in rows.iter(T_CHANGES, lo, hi):
+        r, kid = _PAIR.unpack(bytes(k))
+        lr = decode_log_row(r, bytes(v))
+        done.append((bytes(k), r, kid, lr.prev, lr.kind, lr.key))
+    for lk, r, kid, prev, kind, key in done:
+        if prev:  # superseded: the key's newest version at or below C is at r now
+            rows.delete(T_CHANGES, _PAIR.pack(prev, kid))
+        if kind != KIND_DELETE or (keep and r == c):
             continue
-        rows.delete(T_CHANGES, ck)
-        hk = _PAIR.pack(kid, r)
-        raw = rows.get(T_HIST, hk)
-        if raw is not None and decode_row(r, bytes(raw)).value is None:
-            rows.delete(T_HIST, hk)
-            if rows.last_le(T_HIST, _PAIR.pack(kid, 0), _PAIR.pack(kid, REVISION_MAX)) is None:
-                rows.delete(T_KEYS, key)
+        rows.delete(T_CHANGES, lk)  # a tombstone at or below C reads as absent without its row
+        krow = _key_row(rows, key)
+        if krow is not None and krow[0] == kid and krow[1].mod_revision == r:
+            rows.delete(T_KEYS, key)  # its newest version: the key has no rows left
     return RevState(st.last, c, st.next_kid, keep)
+
+
+def _chain(rows: Rows, kid: int, top: int) -> list[tuple[int, LogRow]]:
+    """Every retained version of key `kid` from its newest (at `top`) back, by `prev` (a missing
+    row ends it: nothing older is left, see the invariants)."""
+    out: list[tuple[int, LogRow]] = []
+    r = top
+    while r:
+        raw = rows.get(T_CHANGES, _PAIR.pack(r, kid))
+        if raw is None:
+            break
+        lr = decode_log_row(r, bytes(raw))
+        out.append((r, lr))
+        r = lr.prev
+    return out
 
 
 def forget_key(rows: Rows, key: bytes) -> None:
     """Drop every history row of `key` (its range moved away)."""
-    kid = kid_of(rows, key)
-    if kid is None:
+    row = _key_row(rows, key)
+    if row is None:
         return
-    hist = [bytes(k) for k, _ in rows.iter(T_HIST, _PAIR.pack(kid, 0), _PAIR.pack(kid + 1, 0))]
-    for k in hist:
-        rows.delete(T_HIST, k)
-        r = _PAIR.unpack(k)[1]
+    kid, meta = row
+    for r, _ in _chain(rows, kid, meta.mod_revision):
         rows.delete(T_CHANGES, _PAIR.pack(r, kid))
     rows.delete(T_KEYS, key)
 
 
 def key_history(rows: Rows, key: bytes) -> list[tuple[int, bytes]]:
-    """Every retained (revision, HIST row) of `key`, ascending (moves carry them)."""
-    kid = kid_of(rows, key)
-    if kid is None:
+    """Every retained (revision, version in the exchange form) of `key`, ascending (moves carry
+    them)."""
+    row = _key_row(rows, key)
+    if row is None:
         return []
-    return [
-        (_PAIR.unpack(bytes(k))[1], bytes(v))
-        for k, v in rows.iter(T_HIST, _PAIR.pack(kid, 0), _PAIR.pack(kid + 1, 0))
-    ]
+    kid, meta = row
+    return [(r, lr.exchange()) for r, lr in reversed(_chain(rows, kid, meta.mod_revision))]
+
+
+def _write_chain(rows: Rows, kid: int, key: bytes, versions: list[tuple[int, Version]]) -> None:
+    """Write the LOG rows of key `kid`'s versions (ascending revisions, at least one), linked as
+    `write_version` links them, and its KEYS row (the newest version's metadata and links)."""
+    info: dict[int, tuple[int, int, int]] = {}  # revision -> (depth, jump, jump_depth), as written
+    prev = 0
+    for r, v in versions:
+        depth = jump = jdepth = 0
+        if prev:
+            pd, pj, pjd = info[prev]
+            depth, jump, jdepth = pd + 1, prev, pd
+            if pj:
+                _, jj, jjd = info[pj]
+                if jj and pd - pjd == pjd - jjd:
+                    jump, jdepth = jj, jjd
+        info[r] = (depth, jump, jdepth)
+        if v.value is None:
+            row = _LOG_PACK(KIND_DELETE, 0, 0, prev, jump, depth, jdepth, len(key)) + key
+        else:
+            m = v.meta
+            row = _LOG_PACK(KIND_PUT, m.create_revision, m.version, prev, jump, depth, jdepth, len(key)) + key + v.value
+        rows.put(T_CHANGES, _PAIR.pack(r, kid), row)
+        prev = r
+    r, v = versions[-1]
+    depth, jump, jdepth = info[r]
+    jj, jjd = (info[jump][1], info[jump][2]) if jump else (0, 0)
+    m = v.meta if v.value is not None else KeyMeta(0, r, 0)
+    rows.put(T_KEYS, key, _KEYROW3_PACK(kid, m.create_revision, r, m.version, depth, jump, jdepth, jj, jjd))
 
 
 def install_history(rows: Rows, st: RevState, key: bytes, versions: list[tuple[int, bytes]]) -> RevState:
     """Install a moved key's history (from another group): its rows under a new id here, and the
-    group's last revision raised past them so later writes of the key come after its history."""
+    group's last revision raised past them so later writes of the key come after its history.
+    Of the versions at or below this group's compact revision only the newest is kept (the
+    invariant after compaction: the others are never read here)."""
     forget_key(rows, key)
     if not versions:
         return st
+    decoded = [(r, decode_row(r, row)) for r, row in versions]  # total: the caller turns ValueError into a refusal
+    below = [i for i, (r, _) in enumerate(decoded) if r <= st.compact]
+    if len(below) > 1:
+        decoded = decoded[below[-1]:]
     kid = st.next_kid
-    last = st.last
-    meta = KeyMeta(0, 0, 0)
-    for r, row in versions:
-        v = decode_row(r, row)  # total: the caller turns ValueError into a refusal
-        rows.put(T_HIST, _PAIR.pack(kid, r), row)
-        if r > st.compact or (st.kept and r == st.compact):
-            rows.put(T_CHANGES, _PAIR.pack(r, kid), key)
-        last = max(last, r)
-        meta = v.meta if v.value is not None else KeyMeta(0, r, 0)
-    _put_key_row(rows, key, kid, meta)
-    return RevState(last, st.compact, kid + 1, st.kept)
+    _write_chain(rows, kid, key, decoded)
+    return RevState(max(st.last, decoded[-1][0]), st.compact, kid + 1, st.kept)
+
+
+def snapshot_history(rows: Rows) -> Iterator[tuple[bytes, bytes]]:
+    """Every retained version of the group in the exchange form, (HIST key `kid:u64 rev:u64`,
+    HIST row), in revision order: what a snapshot carries (`rebuild_log` reads it back)."""
+    for k, v in rows.iter(T_CHANGES, b"", None):
+        r, kid = _PAIR.unpack(bytes(k))
+        yield _PAIR.pack(kid, r), decode_log_row(r, bytes(v)).exchange()
+
+
+def snapshot_changes(rows: Rows, st: RevState) -> Iterator[tuple[bytes, bytes]]:
+    """The group's changes as data format 2's CHANGES table held them, (`rev:u64 kid:u64`, user
+    key), for the versions above the compact revision (and at it if `kept`): a snapshot carries
+    them for releases that read them; this one derives them (`rebuild_log`)."""
+    lo = _PAIR.pack(st.compact if st.kept else st.compact + 1, 0)
+    for k, v in rows.iter(T_CHANGES, lo, None):
+        yield bytes(k), log_row_key(bytes(v))
+
+
+def check_change_row(k: bytes, v: bytes) -> None:
+    """A snapshot's CHANGES row (derived again from its HIST rows, so only checked for shape)."""
+    if len(k) != _PAIR.size or not v or len(v) > _MAX_KEY_LEN:
+        raise ValueError(f"change row with a key of {len(k)} bytes and a value of {len(v)}")
+
+
+def rebuild_log(rows: Rows) -> int:
+    """Turn the group's rows in the exchange form (KEYS rows without links, HIST rows: a
+    snapshot's, or data format 2's tables) into LOG rows and linked KEYS rows, and return how
+    many versions: every key gets its chain, and the HIST rows go (any of a key id no KEYS row
+    names too). Any LOG row the group held before is dropped first (format 2's CHANGES rows
+    share the table and the keys). ValueError for a malformed row, a KEYS row not in the
+    exchange form, or one that does not name its newest version (the caller's refusal). Memory:
+    the group's keys (their KEYS rows are rewritten after the walk over them)."""
+    for k in [bytes(k) for k, _ in rows.iter(T_CHANGES, b"", None)]:
+        rows.delete(T_CHANGES, k)
+    keyrows: list[tuple[bytes, int, int]] = []
+    for k, v in rows.iter(T_KEYS, b"", None):
+        if len(v) != _KEYROW_SIZE or len(k) > _MAX_KEY_LEN:
+            raise ValueError(f"key row of {len(v)} bytes, not in the exchange form ({_KEYROW_SIZE})")
+        kid, _, mod, _ = _KEYROW_UNPACK(bytes(v))
+        keyrows.append((bytes(k), kid, mod))
+    n = 0
+    for key, kid, mod in keyrows:
+        versions: list[tuple[int, Version]] = []
+        for hk, hv in rows.iter(T_HIST, _PAIR.pack(kid, 0), _PAIR.pack(kid + 1, 0)):
+            if len(hk) != _PAIR.size:
+                raise ValueError(f"history row key of {len(hk)} bytes")
+            r = _PAIR.unpack(bytes(hk))[1]
+            if r == 0 or r > REVISION_MAX:
+                raise ValueError(f"history row of key id {kid} at revision {r}")
+            versions.append((r, decode_row(r, bytes(hv))))
+        if not versions or versions[-1][0] != mod:
+            raise ValueError(f"key row of key id {kid} names revision {mod}, its newest version is "
+                             f"{versions[-1][0] if versions else 'missing'}")
+        _write_chain(rows, kid, key, versions)
+        n += len(versions)
+    for k in [bytes(k) for k, _ in rows.iter(T_HIST, b"", None)]:
+        rows.delete(T_HIST, k)
+    return n
+
+
+def needs_rebuild(rows: Rows) -> bool:
+    """Whether the group holds rows in the exchange form (`rebuild_log` has work): HIST rows, or
+    a KEYS row without links. False for a group already rebuilt, so a migration cut short after
+    some groups (or all) may run again."""
+    if next(rows.iter(T_HIST, b"", None), None) is not None:
+        return True
+    first = next(rows.iter(T_KEYS, b"", None), None)
+    return first is not None and len(first[1]) != _KEYROW3_SIZE
 
 
 def encode_versions(versions: list[tuple[int, bytes]]) -> bytes:
@@ -662,6 +909,9 @@ def retention_point(rows: Rows, keep: int) -> int:
 
 def changes_from(rows: Rows, rev: int) -> Iterator[tuple[int, bytes]]:
     """(revision, key) of every retained change at or after `rev`, in revision order: what a
-    watch starting at `rev` replays (the caller checks `rev` against the compact revision)."""
-    for k, v in rows.iter(T_CHANGES, _PAIR.pack(rev, 0), None):
-        yield _PAIR.unpack(bytes(k))[0], bytes(v)
+    watch starting at `rev` replays. A change is a version above the compact revision (or at it,
+    if `kept`); the versions kept below it are not changes (a watch from there is refused)."""
+    st = rev_state(rows)
+    lo = max(rev, st.compact if st.kept else st.compact + 1)
+    for k, v in rows.iter(T_CHANGES, _PAIR.pack(lo, 0), None):
+        yield _PAIR.unpack(bytes(k))[0], log_row_key(bytes(v))

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 from .layout import DB_REVS, group_end, group_prefix
 from .mvcc import T_CHANGES as _T_CHANGES
-from .mvcc import T_HIST as _T_HIST
 from .mvcc import T_INTENTS as _T_INTENTS
 from .mvcc import T_KEYS as _T_KEYS
 from .mvcc import T_LEASES as _T_LEASES
@@ -28,13 +27,13 @@ class LmdbRows:
     """The MVCC tables of `group` seen through `txn` (a write transaction, or a read one for
     `get`, `last_le` and `iter` only).
 
-    The key rows are read, and the write path's three rows written, through cursors kept for the
+    The key rows are read, and the write path's two rows written, through cursors kept for the
     view's life (made on first use): a cursor operation skips the cursor setup that every
     `txn.get` / `txn.put` does (measured ~0.6 -> ~0.3 µs for a key row's read and rewrite). LMDB
     keeps cursors of a write transaction valid across the transaction's other writes."""
 
     __slots__ = (
-        "_attached", "_changes", "_dbs", "_dirty", "_end", "_hist", "_keycur", "_keys", "_locks", "_p", "_puts", "_state",
+        "_attached", "_changes", "_dbs", "_dirty", "_end", "_keycur", "_keys", "_locks", "_logcur", "_p", "_puts", "_state",
         "_tombs", "_txn",
     )
 
@@ -43,10 +42,11 @@ class LmdbRows:
         self._p = group_prefix(group)
         self._end = group_end(group)
         self._dbs = dbs
-        self._hist, self._changes, self._keys = dbs[_T_HIST], dbs[_T_CHANGES], dbs[_T_KEYS]
+        self._changes, self._keys = dbs[_T_CHANGES], dbs[_T_KEYS]
         self._keycur: Cursor | None = None
+        self._logcur: Cursor | None = None
         self._puts: tuple[Callable[[bytes, bytes], bool], ...] | None = None
-        """The write path's (HIST, CHANGES, KEYS) cursors' `put`, once `record` ran."""
+        """The write path's (LOG, KEYS) cursors' `put`, once `record` ran."""
         self._state: bytes | None = None
         """The group's revision state row, once read or written: read once per batch, written
         once per batch by `flush` (the caller's, before its transaction commits)."""
@@ -64,6 +64,11 @@ class LmdbRows:
             cur = self._keycur
             if cur is None:
                 cur = self._keycur = self._txn.cursor(db=self._keys)
+            return cur.get(self._p + k)
+        if t == _T_CHANGES:  # the write path's links (`mvcc._links`) and the chain's walks
+            cur = self._logcur
+            if cur is None:
+                cur = self._logcur = self._txn.cursor(db=self._changes)
             return cur.get(self._p + k)
         if t == _T_STATE:
             if self._state is None:
@@ -117,16 +122,15 @@ class LmdbRows:
             self._tombs = bool(cur.set_range(lo)) and cur.key()[:len(lo)] == lo
         return self._tombs
 
-    def record(self, key: bytes, kid_rev: bytes, row: bytes, rev_kid: bytes, key_row: bytes | None) -> None:
+    def record(self, key: bytes, rev_kid: bytes, row: bytes, key_row: bytes | None) -> None:
         puts = self._puts
         if puts is None:
             txn = self._txn
-            puts = self._puts = tuple(txn.cursor(db=db).put for db in (self._hist, self._changes, self._keys))
+            puts = self._puts = tuple(txn.cursor(db=db).put for db in (self._changes, self._keys))
         p = self._p
-        puts[0](p + kid_rev, row)
-        puts[1](p + rev_kid, key)
+        puts[0](p + rev_kid, row)
         if key_row is not None:
-            puts[2](p + key, key_row)
+            puts[1](p + key, key_row)
 
     def flush(self) -> None:
         """Write the revision state row if it changed (once per apply batch)."""

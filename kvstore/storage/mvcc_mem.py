@@ -7,7 +7,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from .mvcc import T_CHANGES, T_HIST, T_INTENTS, T_KEYS, T_LEASES, T_TXN
+from .mvcc import T_CHANGES, T_INTENTS, T_KEYS, T_LEASES, T_TXN
 
 N_TABLES = 7
 """The six MVCC tables and the lease table (`leases.T_LEASES`)."""
@@ -42,9 +42,8 @@ class MemRows:
             insort(self.keys[t], k)
         d[k] = v
 
-    def record(self, key: bytes, kid_rev: bytes, row: bytes, rev_kid: bytes, key_row: bytes | None) -> None:
-        self.put(T_HIST, kid_rev, row)
-        self.put(T_CHANGES, rev_kid, key)
+    def record(self, key: bytes, rev_kid: bytes, row: bytes, key_row: bytes | None) -> None:
+        self.put(T_CHANGES, rev_kid, row)
         if key_row is not None:
             self.put(T_KEYS, key, key_row)
 

@@ -90,7 +90,7 @@ from kvstore.raft.types import (
 )
 from kvstore.shard.ranges import IntervalSet
 
-from . import dataformat, lmdbckpt
+from . import dataformat, lmdbckpt, mvcc
 from .commands import ApplyResult
 from .errors import StorageError, StorageIOError
 from .kvstate import AppliedState, KVState, TxnStream
@@ -99,6 +99,8 @@ from .layout import (
     DB_APPLIED,
     DB_NODEMETA,
     DB_RAFTSTATE,
+    DB_REV_HIST,
+    DB_REV_KEYS,
     DB_SHARDS,
     SNAPSHOT_BASE_TAG,
     TOMBSTONE_TAG,
@@ -112,6 +114,7 @@ from .layout import (
 from .lmdb_env import LmdbEnv
 from .lmdbckpt import STATE_SYNC_MODES
 from .machine import SessionMeta
+from .mvcc_lmdb import LmdbRows, rev_dbs
 from .nodelogs import SEGMENT_BYTES, NodeLogs, WalLogStorage, hard_state_needs_sync, log_is_empty
 from .shardcmd import ShardState
 from .snapfile import SnapshotHeader, read_snapshot_header, write_frames
@@ -274,6 +277,38 @@ class LmdbNodeStore:
         moved = migrate(self._env, self._wal.rw)
         if moved:
             log.info("moved the Raft logs of groups %s from LMDB into the write-ahead log", moved)
+
+    def _migrate_history_to_log(self) -> None:
+        """Format 2 -> 3: every group's history (`rev_hist`, keyed by key id) and change log
+        (`rev_changes`) become one table in revision order, and the key rows gain their links
+        (`mvcc.rebuild_log`), all groups in one LMDB transaction. A group already rebuilt is
+        skipped (`mvcc.needs_rebuild`), so a migration cut short runs again whole."""
+        env = self._env
+
+        def run(txn: Txn) -> tuple[list[int], int]:
+            groups: set[int] = set()
+            for db in (env.db(DB_REV_HIST), env.db(DB_REV_KEYS)):
+                cur = txn.cursor(db=db)
+                ok = cur.first()
+                while ok:
+                    g = U64.unpack_from(cur.key())[0]
+                    groups.add(g)
+                    ok = g < (1 << 64) - 1 and cur.set_range(U64.pack(g + 1))
+            done, n = [], 0
+            for g in sorted(groups):
+                rows = LmdbRows(txn, g, rev_dbs(env))
+                if not mvcc.needs_rebuild(rows):
+                    continue
+                try:
+                    n += mvcc.rebuild_log(rows)
+                except ValueError as err:
+                    raise StorageError(f"group {g}'s history cannot be migrated: {err}") from None
+                done.append(g)
+            return done, n
+
+        groups, n = env.write(run)
+        if groups:
+            log.info("rebuilt the history of groups %s in revision order (%d versions)", groups, n)
 
     # --- groups ---------------------------------------------------------------------------------
     def _scan_groups(self) -> set[int]:
@@ -939,5 +974,6 @@ def _is_a_node_store(store: LmdbNodeStore) -> ProtocolNodeStore:
 
 MIGRATIONS: dict[int, Callable[[LmdbNodeStore], None]] = {
     1: LmdbNodeStore._migrate_logs_to_wal,
+    2: LmdbNodeStore._migrate_history_to_log,
 }
 """Data format v -> the migration to v + 1 (`dataformat.py`): one per older format, in order."""
