@@ -933,6 +933,7 @@ class MemoryNodeStore:
         shards: ShardState | None = None
         smeta = SessionMeta()
         rows = MemRows()
+        log = mvcc.LogBuilder(rows)
         for tag, key, value in records:
             if tag == TAG_SHARDS:
                 shards = _decode_shards(value)
@@ -942,12 +943,15 @@ class MemoryNodeStore:
             try:
                 if TAG_REV_BASE <= tag <= TAG_LEASES:
                     if tag == TAG_REV_STATE:
-                        mvcc.RevState.decode(value)
+                        log.compact = mvcc.RevState.decode(value).compact
+                    elif tag in (TAG_REV_KEYS, TAG_REV_HIST):  # as `LmdbNodeStore`: built as they come
+                        (log.key if tag == TAG_REV_KEYS else log.hist)(key, value)
+                        continue
                     elif tag == TAG_LEASES:
                         leases.check_rows(key, value)
                     elif tag - TAG_REV_BASE in (mvcc.T_TXN, mvcc.T_INTENTS):
                         xtxn.check_rows(tag - TAG_REV_BASE, key, value)
-                    elif tag == TAG_REV_CHANGES:  # derived again from the history (`mvcc.rebuild_log`)
+                    elif tag == TAG_REV_CHANGES:  # derived again from the history (`mvcc.LogBuilder`)
                         mvcc.check_change_row(key, value)
                         continue
                     rows.put(tag - TAG_REV_BASE, key, value)
@@ -971,7 +975,7 @@ class MemoryNodeStore:
             except ValueError as err:
                 raise SnapshotFormatError(f"snapshot file {name} has a bad row: {err}") from None
         try:
-            mvcc.rebuild_log(rows)
+            log.finish()
         except ValueError as err:
             raise SnapshotFormatError(f"snapshot file {name} has a bad history: {err}") from None
         for attr, new in (
@@ -1221,13 +1225,11 @@ class MemoryNodeStore:
         records += [(TAG_DATA, k, data[k]) for k in g.sorted_keys()]
         records += [(TAG_SESSION, k, v) for k, v in _session_rows(g, meta=True)]
         records += [(TAG_MEMBER, U64.pack(n), g.members[n]) for n in sorted(g.members)]
-        for t in range(N_TABLES):
+        for t in sorted(range(N_TABLES), key=lambda t: TAG_REV_BASE + t != TAG_REV_STATE):  # as `LmdbNodeStore`
             if TAG_REV_BASE + t == TAG_REV_KEYS:  # the history in the exchange form, as `LmdbNodeStore`
-                records += [(TAG_REV_KEYS, k, v) for k, v in mvcc.snapshot_keys(g.rows)]
-            elif TAG_REV_BASE + t == TAG_REV_HIST:
-                records += [(TAG_REV_HIST, k, v) for k, v in mvcc.snapshot_history(g.rows)]
-            elif TAG_REV_BASE + t == TAG_REV_CHANGES:
-                records += [(TAG_REV_CHANGES, k, v) for k, v in mvcc.snapshot_changes(g.rows, mvcc.rev_state(g.rows))]
+                records += [(TAG_REV_BASE + u, k, v) for u, k, v in mvcc.snapshot_records(g.rows, mvcc.rev_state(g.rows))]
+            elif TAG_REV_BASE + t in (TAG_REV_HIST, TAG_REV_CHANGES):
+                continue
             else:
                 records += [(TAG_REV_BASE + t, k, v) for k, v in g.rows.iter(t, b"", None)]
         return meta, encode_snapshot(group, meta, records, self.snapshot_chunk_size)

@@ -392,6 +392,7 @@ class KVState:
             }
             put = txn.put
             shards = None
+            log = mvcc.LogBuilder(LmdbRows(txn, group, rev_dbs(env)))
             lru = env.db(DB_SESSION_LRU)
             heads = 0
             smeta = SessionMeta()
@@ -402,9 +403,15 @@ class KVState:
                     continue
                 if tag == TAG_REV_STATE:
                     try:
-                        mvcc.RevState.decode(value)
+                        log.compact = mvcc.RevState.decode(value).compact
                     except ValueError as err:
                         raise SnapshotFormatError(f"snapshot file {path} has a bad revision state: {err}") from None
+                if tag in (TAG_REV_KEYS, TAG_REV_HIST):  # the LOG and key rows built as they come
+                    try:
+                        (log.key if tag == TAG_REV_KEYS else log.hist)(key, value)
+                    except ValueError as err:
+                        raise SnapshotFormatError(f"snapshot file {path} has a bad history: {err}") from None
+                    continue
                 if tag == TAG_LEASES:
                     try:
                         leases.check_rows(key, value)
@@ -415,7 +422,7 @@ class KVState:
                         xtxn.check_rows(tag - TAG_REV_BASE, key, value)
                     except ValueError as err:
                         raise SnapshotFormatError(f"snapshot file {path} has a bad transaction row: {err}") from None
-                if tag == TAG_REV_CHANGES:  # derived again from the history (`mvcc.rebuild_log`)
+                if tag == TAG_REV_CHANGES:  # derived again from the history (`mvcc.LogBuilder`)
                     try:
                         mvcc.check_change_row(key, value)
                     except ValueError as err:
@@ -442,7 +449,7 @@ class KVState:
             if heads or smeta != SessionMeta():
                 put(p + SESSION_META_TAG, SessionMeta(heads, smeta.horizon, smeta.evicted).encode(), db=env.db(DB_SESSIONS))
             try:
-                mvcc.rebuild_log(LmdbRows(txn, group, rev_dbs(env)))
+                log.finish()
             except ValueError as err:
                 raise SnapshotFormatError(f"snapshot file {path} has a bad history: {err}") from None
         txn.put(p, encode_applied(hm.index, hm.conf_state), db=env.db(DB_APPLIED))
@@ -670,18 +677,17 @@ class KVState:
             if shards is not None:
                 yield TAG_SHARDS, b"", shards
             tables = [(TAG_DATA, DB_DATA), (TAG_SESSION, DB_SESSIONS), (TAG_MEMBER, DB_MEMBERS)]
-            tables += [(TAG_REV_BASE + t, name) for t, name in enumerate(DB_REVS)]
+            # The revision state before the history: a receiver that knows the compact revision
+            # drops what compaction would (`mvcc.LogBuilder`); any order installs.
+            revs = [(TAG_REV_BASE + t, name) for t, name in enumerate(DB_REVS)]
+            tables += sorted(revs, key=lambda tn: tn[0] != TAG_REV_STATE)
             rows = LmdbRows(txn, group, rev_dbs(env))
             for tag, name in tables:
-                if tag == TAG_REV_KEYS:  # the history in the exchange form (`mvcc.snapshot_keys` ..)
-                    for k, v in mvcc.snapshot_keys(rows):
-                        yield tag, k, v
-                elif tag == TAG_REV_HIST:
-                    for k, v in mvcc.snapshot_history(rows):
-                        yield tag, k, v
-                elif tag == TAG_REV_CHANGES:
-                    for k, v in mvcc.snapshot_changes(rows, _rev_state(rows)):
-                        yield tag, k, v
+                if tag == TAG_REV_KEYS:  # the history in the exchange form, per key (`mvcc.snapshot_records`)
+                    for t, k, v in mvcc.snapshot_records(rows, _rev_state(rows)):
+                        yield TAG_REV_BASE + t, k, v
+                elif tag in (TAG_REV_HIST, TAG_REV_CHANGES):
+                    continue
                 else:
                     for k, v in _iter_range(txn, env.db(name), group, b"", None):
                         yield tag, k, v

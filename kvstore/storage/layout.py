@@ -32,9 +32,9 @@ order equals numeric order.
                                                                  revision order (since data
                                                                  format 3; format 2 held the
                                                                  user key alone here)
-    rev_hist   group:u64 kid:u64 rev:u64       -> history row  } empty but while `rebuild_log`
-                                                                 runs (a snapshot's install, the
-                                                                 migration from format 2)
+    rev_hist   group:u64 kid:u64 rev:u64       -> history row  } data format 2's history; empty
+                                                                 since the migration to format 3
+                                                                 (`mvcc.rebuild_log`)
     rev_state  group:u64                       -> last:u64 compact:u64 next_kid:u64   } counters
     leases     group:u64 lease row             -> `leases.py`'s rows (records, attachments,
                                                   tombstones); table 6 of the group's `mvcc.Rows`

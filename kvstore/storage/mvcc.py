@@ -30,9 +30,8 @@ Tables (ordered byte maps the view provides, one set per group; `Rows`):
                                          watch reads it from a revision onward, compaction walks
                                          it; `LogRow`)
     HIST     kid:u64 revision:u64     -> kind:u8 create_revision:u64 version:u64 value
-                                         (a version in the exchange form: only while snapshot
-                                         rows or data format 2's history are turned into LOG
-                                         rows, `rebuild_log`; empty otherwise)
+                                         (a version in the exchange form: data format 2's
+                                         history, until `rebuild_log` migrates it; empty since)
     STATE    b""                      -> last:u64 compact:u64 next_kid:u64
 
 A key is identified in history by a group-local id (`kid`) because LMDB keys are at most 511
@@ -60,8 +59,8 @@ the key is a correct jump target; the rule only bounds the walk. Invariants:
 Snapshots and range moves carry versions in the exchange form (KEYS rows of 32 bytes, HIST rows, and CHANGES rows
 `revision:u64 kid:u64 -> user key` for the changes above C, which data format 2 kept as a table
 of its own): the same records any release writes and reads (`snapshot_keys`,
-`snapshot_history`, `snapshot_changes`, `rebuild_log`), so a snapshot crosses a rolling upgrade
-either way.
+`snapshot_records` writes them, `LogBuilder` reads them), so a snapshot crosses a rolling
+upgrade either way.
 """
 
 from __future__ import annotations
@@ -135,6 +134,12 @@ LOG_HEADER_BYTES = _LOG.size
 _LOG_PACK = _LOG.pack
 _LOG_UNPACK_FROM = _LOG.unpack_from
 _LOG_SIZE = _LOG.size
+_LINKS_PACK = struct.Struct(">QQQQH").pack
+"""A LOG row's links and key length: its header after the HIST row's head (`_ROW`)."""
+_U16 = struct.Struct(">H")
+_PREV_FROM = struct.Struct(">Q").unpack_from
+_ROW_SIZE = _ROW.size
+_PAIR_UNPACK = _PAIR.unpack
 _MAX_KEY_LEN = (1 << 16) - 1
 
 
@@ -364,6 +369,10 @@ class Rows(Protocol):
 
     def delete(self, t: int, k: bytes) -> None: ...
 
+    def clear(self, t: int) -> None:
+        """Delete every row of table `t` (a rebuild's staging rows: `rebuild_log`)."""
+        ...
+
     def has_locks(self) -> bool:
         """Whether the group holds any cross-group intent (`T_INTENTS`), range lock (`T_TXN` rows
         `l...`), lease lock (`T_TXN` rows `e...`, a lease deletion's, possibly with no intent) or attach lock (`a...`):
@@ -461,12 +470,6 @@ def encode_key_row(kid: int, meta: KeyMeta) -> bytes:
     """A KEYS row in the exchange form: the key's id and current metadata (for writers of whole
     tables: restore; the receiver's `rebuild_log` adds the links)."""
     return _KEYROW_PACK(kid, meta.create_revision, meta.mod_revision, meta.version)
-
-
-def snapshot_keys(rows: Rows) -> Iterator[tuple[bytes, bytes]]:
-    """The group's KEYS rows in the exchange form (without the links), in key order."""
-    for k, v in rows.iter(T_KEYS, b"", None):
-        yield bytes(k), bytes(v[:_KEYROW.size])
 
 
 def hist_key(kid: int, rev: int) -> bytes:
@@ -704,6 +707,16 @@ def _write_chain(rows: Rows, kid: int, key: bytes, versions: list[tuple[int, Ver
     rows.put(T_KEYS, key, _KEYROW3_PACK(kid, m.create_revision, r, m.version, depth, jump, jdepth, jj, jjd))
 
 
+def _retained(versions: list[tuple[int, Version]], compact: int) -> list[tuple[int, Version]]:
+    """The versions (ascending) a key keeps after compaction at `compact`: every one above it and
+    the newest at or below it (the invariant after compaction; the others are never read)."""
+    below = 0
+    for i, (r, _) in enumerate(versions):
+        if r <= compact:
+            below = i
+    return versions[below:]
+
+
 def install_history(rows: Rows, st: RevState, key: bytes, versions: list[tuple[int, bytes]]) -> RevState:
     """Install a moved key's history (from another group): its rows under a new id here, and the
     group's last revision raised past them so later writes of the key come after its history.
@@ -712,30 +725,59 @@ def install_history(rows: Rows, st: RevState, key: bytes, versions: list[tuple[i
     forget_key(rows, key)
     if not versions:
         return st
-    decoded = [(r, decode_row(r, row)) for r, row in versions]  # total: the caller turns ValueError into a refusal
-    below = [i for i, (r, _) in enumerate(decoded) if r <= st.compact]
-    if len(below) > 1:
-        decoded = decoded[below[-1]:]
-    kid = st.next_kid
+    decoded = _retained([(r, decode_row(r, row)) for r, row in versions], st.compact)  # total: the caller
+    kid = st.next_kid                                                                  # refuses a ValueError
     _write_chain(rows, kid, key, decoded)
     return RevState(max(st.last, decoded[-1][0]), st.compact, kid + 1, st.kept)
 
 
-def snapshot_history(rows: Rows) -> Iterator[tuple[bytes, bytes]]:
-    """Every retained version of the group in the exchange form, (HIST key `kid:u64 rev:u64`,
-    HIST row), in revision order: what a snapshot carries (`rebuild_log` reads it back)."""
-    for k, v in rows.iter(T_CHANGES, b"", None):
-        r, kid = _PAIR.unpack(bytes(k))
-        yield _PAIR.pack(kid, r), decode_log_row(r, bytes(v)).exchange()
+INLINE_VERSIONS = 4096
+INLINE_BYTES = 1 << 20
+"""A key's versions go out right after its KEYS row (`snapshot_records`) if they are at most
+this many and this many bytes; a longer history goes after every key, in revision order."""
 
 
-def snapshot_changes(rows: Rows, st: RevState) -> Iterator[tuple[bytes, bytes]]:
-    """The group's changes as data format 2's CHANGES table held them, (`rev:u64 kid:u64`, user
-    key), for the versions above the compact revision (and at it if `kept`): a snapshot carries
-    them for releases that read them; this one derives them (`rebuild_log`)."""
-    lo = _PAIR.pack(st.compact if st.kept else st.compact + 1, 0)
-    for k, v in rows.iter(T_CHANGES, lo, None):
-        yield bytes(k), log_row_key(bytes(v))
+def snapshot_records(rows: Rows, st: RevState) -> Iterator[tuple[int, bytes, bytes]]:
+    """The group's history in the exchange form, as (table, key, value) with table T_KEYS (the
+    32-byte KEYS row), T_HIST (`kid:u64 rev:u64` -> HIST row) or T_CHANGES (`rev:u64 kid:u64` ->
+    user key, for the versions above the compact revision, and at it if `kept`: data format 2's
+    change rows, which releases before format 3 read): per key in key order its KEYS row, then
+    its versions in ascending revisions with their change rows, so a receiver builds its LOG
+    holding one key at a time (`LogBuilder`). A key with more than `INLINE_VERSIONS` versions or
+    `INLINE_BYTES` of them sends its versions after every key, in revision order (memory here
+    stays bounded; the receiver stages them). Bytes only: a LOG row is the HIST row's 17-byte
+    head, the links, the key, then the HIST row's value; the receiver checks every row."""
+    lo = st.compact if st.kept else st.compact + 1
+    later: set[int] = set()
+    for k, v in rows.iter(T_KEYS, b"", None):
+        kid, _, mod, _ = _KEYROW_UNPACK(v[:_KEYROW_SIZE])
+        yield T_KEYS, k, v[:_KEYROW_SIZE]
+        chain: list[tuple[int, bytes]] = []
+        size, r = 0, mod
+        while r and len(chain) < INLINE_VERSIONS and size < INLINE_BYTES:
+            raw = rows.get(T_CHANGES, _PAIR_PACK(r, kid))
+            if raw is None:
+                break
+            chain.append((r, raw))
+            size += len(raw)
+            r = _PREV_FROM(raw, _ROW_SIZE)[0]
+        if r and (len(chain) >= INLINE_VERSIONS or size >= INLINE_BYTES):
+            later.add(kid)
+            continue
+        hk = _U64.pack(kid)
+        for r, raw in reversed(chain):
+            (klen,) = _U16.unpack_from(raw, _LOG_SIZE - 2)
+            rk = _U64.pack(r)
+            yield T_HIST, hk + rk, raw[:_ROW_SIZE] + raw[_LOG_SIZE + klen:]
+            if r >= lo:
+                yield T_CHANGES, rk + hk, raw[_LOG_SIZE:_LOG_SIZE + klen]
+    if later:
+        for k, raw in rows.iter(T_CHANGES, b"", None):
+            if _U64.unpack_from(k, 8)[0] in later:
+                (klen,) = _U16.unpack_from(raw, _LOG_SIZE - 2)
+                yield T_HIST, k[8:] + k[:8], raw[:_ROW_SIZE] + raw[_LOG_SIZE + klen:]
+                if _U64.unpack_from(k)[0] >= lo:
+                    yield T_CHANGES, k, raw[_LOG_SIZE:_LOG_SIZE + klen]
 
 
 def check_change_row(k: bytes, v: bytes) -> None:
@@ -744,40 +786,159 @@ def check_change_row(k: bytes, v: bytes) -> None:
         raise ValueError(f"change row with a key of {len(k)} bytes and a value of {len(v)}")
 
 
-def rebuild_log(rows: Rows) -> int:
-    """Turn the group's rows in the exchange form (KEYS rows without links, HIST rows: a
-    snapshot's, or data format 2's tables) into LOG rows and linked KEYS rows, and return how
-    many versions: every key gets its chain, and the HIST rows go (any of a key id no KEYS row
-    names too). Any LOG row the group held before is dropped first (format 2's CHANGES rows
-    share the table and the keys). ValueError for a malformed row, a KEYS row not in the
-    exchange form, or one that does not name its newest version (the caller's refusal). Memory:
-    the group's keys (their KEYS rows are rewritten after the walk over them)."""
-    for k in [bytes(k) for k, _ in rows.iter(T_CHANGES, b"", None)]:
-        rows.delete(T_CHANGES, k)
-    keyrows: list[tuple[bytes, int, int]] = []
-    for k, v in rows.iter(T_KEYS, b"", None):
+def _check_hist(kid: int, r: int, row: bytes) -> None:
+    if not 0 < r <= REVISION_MAX:
+        raise ValueError(f"history row of key id {kid} at revision {r}")
+    if len(row) < _ROW_SIZE or not (row[0] == KIND_PUT or (row[0] == KIND_DELETE and len(row) == _ROW_SIZE)):
+        raise ValueError(f"history row of kind {row[0] if row else None} and {len(row)} bytes")
+
+
+@dataclass(slots=True)
+class _KeyBuild:
+    """The key a `LogBuilder` builds: its KEYS row (exchange form) and its newest version written
+    so far (revision, links, and its jump's links; the HIST row's 17-byte head)."""
+
+    kid: int
+    key: bytes
+    mod: int
+    row: bytes
+    prev: int = 0
+    depth: int = 0
+    jump: int = 0
+    jdepth: int = 0
+    jj: int = 0
+    jjd: int = 0
+    head: bytes = b""
+
+
+class LogBuilder:
+    """Builds a group's LOG rows and linked KEYS rows from records in the exchange form, streamed,
+    holding one key at a time: a KEYS row (`key`), then the HIST rows of its key id in ascending
+    revisions (`hist`) become its LOG rows at once and, when the next key comes, its KEYS row
+    (what this release's snapshots send, `snapshot_records`, and a restore). Anything else (a
+    KEYS row with no versions right after it, a HIST row of another key id: a snapshot of data
+    format 2, which sends all KEYS rows, then all HIST rows by key id; a key whose long history
+    comes last) is staged in the KEYS and HIST tables, and `finish` builds those keys from them
+    (`rebuild_log`). Memory: one key's state, whatever the group's size.
+
+    With `compact` known, a key's versions below its newest at or below it are dropped (what
+    compaction keeps; format 2 kept those of a key moved in). Every row is checked: ValueError
+    (the caller's refusal) for a malformed row, a KEYS row not in the exchange form, revisions
+    out of order, two versions at one (revision, key id), or a key whose newest version is not
+    the one its KEYS row names; a HIST row of a key id no KEYS row names is dropped."""
+
+    __slots__ = ("_cur", "_rows", "_staged", "compact", "versions")
+
+    def __init__(self, rows: Rows, compact: int | None = None) -> None:
+        self._rows = rows
+        self._cur: _KeyBuild | None = None
+        self._staged = False
+        self.compact = compact
+        self.versions = 0
+
+    def key(self, k: bytes, v: bytes) -> None:
         if len(v) != _KEYROW_SIZE or len(k) > _MAX_KEY_LEN:
             raise ValueError(f"key row of {len(v)} bytes, not in the exchange form ({_KEYROW_SIZE})")
-        kid, _, mod, _ = _KEYROW_UNPACK(bytes(v))
-        keyrows.append((bytes(k), kid, mod))
-    n = 0
-    for key, kid, mod in keyrows:
-        versions: list[tuple[int, Version]] = []
-        for hk, hv in rows.iter(T_HIST, _PAIR.pack(kid, 0), _PAIR.pack(kid + 1, 0)):
-            if len(hk) != _PAIR.size:
-                raise ValueError(f"history row key of {len(hk)} bytes")
-            r = _PAIR.unpack(bytes(hk))[1]
-            if r == 0 or r > REVISION_MAX:
-                raise ValueError(f"history row of key id {kid} at revision {r}")
-            versions.append((r, decode_row(r, bytes(hv))))
-        if not versions or versions[-1][0] != mod:
-            raise ValueError(f"key row of key id {kid} names revision {mod}, its newest version is "
-                             f"{versions[-1][0] if versions else 'missing'}")
-        _write_chain(rows, kid, key, versions)
-        n += len(versions)
-    for k in [bytes(k) for k, _ in rows.iter(T_HIST, b"", None)]:
-        rows.delete(T_HIST, k)
-    return n
+        self._end_key()
+        kid, _, mod, _ = _KEYROW_UNPACK(v)
+        self._cur = _KeyBuild(kid, bytes(k), mod, bytes(v))
+
+    def hist(self, hk: bytes, row: bytes) -> None:
+        if len(hk) != _PAIR.size:
+            raise ValueError(f"history row key of {len(hk)} bytes")
+        kid, r = _PAIR_UNPACK(hk)
+        _check_hist(kid, r, row)
+        st = self._cur
+        rows = self._rows
+        if st is None or st.kid != kid:
+            rows.put(T_HIST, hk, row)
+            self._staged = True
+            return
+        prev = st.prev
+        if r <= prev:
+            raise ValueError(f"history row of key id {kid} at revision {r} after {prev}")
+        c = self.compact
+        if c is not None and prev and r <= c:  # prev is superseded at or below C: compaction's rule
+            rows.delete(T_CHANGES, _PAIR_PACK(prev, kid))
+            self.versions -= 1
+            prev = 0
+        if prev:
+            depth, jump, jdepth, jj, jjd = _links_after(rows, kid, prev, st.depth, st.jump, st.jdepth, st.jj, st.jjd)
+        else:
+            depth = jump = jdepth = jj = jjd = 0
+        lk = _PAIR_PACK(r, kid)
+        if rows.get(T_CHANGES, lk) is not None:  # another key with this id wrote it: forged
+            raise ValueError(f"two versions at revision {r} of key id {kid}")
+        key = st.key
+        rows.put(T_CHANGES, lk, row[:_ROW_SIZE] + _LINKS_PACK(prev, jump, depth, jdepth, len(key)) + key + row[_ROW_SIZE:])
+        st.prev, st.depth, st.jump, st.jdepth, st.jj, st.jjd, st.head = r, depth, jump, jdepth, jj, jjd, row[:_ROW_SIZE]
+        self.versions += 1
+
+    def _end_key(self) -> None:
+        st, self._cur = self._cur, None
+        if st is None:
+            return
+        rows = self._rows
+        if not st.prev:  # nothing came right after it: staged, for `finish`
+            rows.put(T_KEYS, st.key, st.row)
+            self._staged = True
+            return
+        if st.prev != st.mod:
+            raise ValueError(f"key row of key id {st.kid} names revision {st.mod}, its newest version is {st.prev}")
+        kind, create, version = _ROW.unpack(st.head)
+        if kind != KIND_PUT:
+            create = version = 0
+        rows.put(T_KEYS, st.key, _KEYROW3_PACK(st.kid, create, st.mod, version, st.depth, st.jump, st.jdepth, st.jj,
+                                               st.jjd))
+
+    def finish(self) -> int:
+        """End the last key, build the staged ones (`rebuild_log`); the number of versions written."""
+        self._end_key()
+        if self._staged:
+            self._staged = False
+            self.versions += rebuild_log(self._rows, self.compact, keep_log=True)
+        return self.versions
+
+
+_BATCH = 1024
+
+
+def rebuild_log(rows: Rows, compact: int | None = None, keep_log: bool = False) -> int:
+    """Turn the group's staged rows in the exchange form (32-byte KEYS rows, HIST rows: data
+    format 2's tables, or what a `LogBuilder` staged) into LOG rows and linked KEYS rows, and
+    return how many versions; the HIST rows go (any of a key id no KEYS row names too). KEYS
+    rows already linked are left alone. Unless `keep_log`, any LOG row the group held before is
+    dropped first (format 2's CHANGES rows share the table and the keys), and the compact
+    revision is the group's. Memory: `_BATCH` keys at a time, and one key's state. ValueError as
+    `LogBuilder`."""
+    if not keep_log:
+        rows.clear(T_CHANGES)
+        compact = rev_state(rows).compact  # RevisionError (a ValueError) for a corrupt state row
+    b = LogBuilder(rows, compact)
+    after = b""
+    while True:
+        batch: list[tuple[bytes, bytes]] = []
+        for k, v in rows.iter(T_KEYS, after, None):
+            batch.append((bytes(k), bytes(v)))
+            if len(batch) >= _BATCH:
+                break
+        if not batch:
+            break
+        after = batch[-1][0] + b"\x00"  # the least key above the batch's last
+        for k, v in batch:
+            if len(v) == _KEYROW3_SIZE:
+                continue  # built already
+            b.key(k, v)
+            kid = _KEYROW_UNPACK(v)[0]
+            for hk, hv in rows.iter(T_HIST, _U64.pack(kid), _U64.pack(kid + 1)):
+                b.hist(bytes(hk), bytes(hv))
+            st = b._cur
+            if st is None or not st.prev:
+                raise ValueError(f"key row of key id {kid} names revision {_KEYROW_UNPACK(v)[2]}, its "
+                                 f"newest version is missing")
+            b._end_key()
+    rows.clear(T_HIST)
+    return b.versions
 
 
 def needs_rebuild(rows: Rows) -> bool:

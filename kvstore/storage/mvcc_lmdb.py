@@ -145,6 +145,19 @@ class LmdbRows:
             self._attached = self._tombs = None
         self._txn.delete(self._p + k, db=self._dbs[t])
 
+    def clear(self, t: int) -> None:
+        if t in (_T_INTENTS, _T_TXN):
+            self._locks = None
+        elif t == _T_LEASES:
+            self._attached = self._tombs = None
+        elif t == _T_STATE:
+            self._state, self._dirty = None, False
+        p, n = self._p, len(self._p)
+        cur = self._txn.cursor(db=self._dbs[t])
+        ok = cur.set_range(p)
+        while ok and cur.key()[:n] == p:
+            ok = cur.delete()  # deletes the row, and moves to the next
+
     def last_le(self, t: int, lo: bytes, k: bytes) -> tuple[bytes, bytes] | None:
         p = self._p
         target, low = p + k, p + lo

@@ -80,6 +80,10 @@ class MemRows:
         ks = self.keys[t]
         del ks[bisect_left(ks, k)]
 
+    def clear(self, t: int) -> None:
+        for k in list(self.keys[t]):
+            self.delete(t, k)
+
     def restore(self, t: int, k: bytes, old: bytes | None) -> None:
         """Undo one change: the row `k` back to `old` (None: absent)."""
         d = self.tables[t]

@@ -50,7 +50,7 @@ TAG_REV_BASE = 5
 """Tags TAG_REV_BASE + t carry the rows of MVCC table t (`mvcc.T_KEYS` .. `mvcc.T_INTENTS`: 9 and
 10 carry the records and intents of cross-group transactions; 11 the lease table), except the
 history: 6 and 7 carry it in the exchange form (`mvcc.snapshot_history`, `snapshot_changes`: the
-rows data format 2 kept), which the receiver turns into its LOG (`mvcc.rebuild_log`)."""
+rows data format 2 kept), which the receiver turns into its LOG as they come (`mvcc.LogBuilder`)."""
 TAG_REV_KEYS, TAG_REV_HIST, TAG_REV_CHANGES, TAG_REV_STATE, TAG_REV_TXN, TAG_REV_INTENTS = 5, 6, 7, 8, 9, 10
 TAG_LEASES = 11
 """The rows of the lease table (`leases.py`, table 6 of the group's rows: TAG_REV_BASE + 6)."""

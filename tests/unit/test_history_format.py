@@ -296,3 +296,50 @@ def test_rebuilding_from_hostile_rows_is_a_value_error_or_a_consistent_log(
             if hk == kid:
                 got = mvcc._version_at(rows, kid, mod, r)
                 assert got is not None and got[0] == r and got[1].value == mvcc.decode_row(r, v).value
+
+
+def test_a_rebuild_keeps_what_compaction_keeps_of_a_key_moved_in_under_format_2() -> None:
+    """Format 2 installed a moved key's every version, some below the group's compact revision
+    C: the rebuild keeps the newest at or below C and those above, as a compaction would."""
+    rows = MemRows()
+    rows.put(mvcc.T_STATE, b"", mvcc.RevState(30, 10, 2).encode())
+    for r in (3, 5, 20):
+        rows.put(mvcc.T_HIST, mvcc._PAIR.pack(1, r), mvcc.encode_row(mvcc.KIND_PUT, 3, 1, b"v%d" % r))
+    rows.put(mvcc.T_KEYS, b"k", mvcc._KEYROW.pack(1, 3, 20, 1))
+    assert mvcc.rebuild_log(rows) == 2
+    assert [r for r, _ in mvcc.key_history(rows, b"k")] == [5, 20]
+    assert mvcc.version_at(rows, b"k", 10, b"v20").value == b"v5"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("inline", [mvcc.INLINE_VERSIONS, 5])
+def test_a_new_snapshot_installs_and_reads_as_its_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         inline: int) -> None:
+    """Per key inline (held one key at a time by the receiver), and with the long histories sent
+    after every key (`INLINE_VERSIONS` lowered: the fixture's hot key has more), which the
+    receiver stages and builds at the end."""
+    monkeypatch.setattr(mvcc, "INLINE_VERSIONS", inline)
+    staged: list[int] = []
+    rebuild = mvcc.rebuild_log
+
+    def counting(*a: object, **kw: object) -> int:
+        n = rebuild(*a, **kw)  # type: ignore[arg-type]
+        staged.append(n)
+        return n
+
+    monkeypatch.setattr(mvcc, "rebuild_log", counting)
+    fresh = _fresh(tmp_path / "fresh")
+    b = LmdbNodeStore(tmp_path / "b")
+    try:
+        i = fresh.log_storage(GROUP).last_index() + 1  # a key after "hot", whose history is long
+        e = Entry(1, i, EntryType.NORMAL, cmds.encode_put(b"zz", b"last key"), GROUP)
+        fresh.persist_and_apply([GroupWrite(GROUP, [e], HardState(1, 0, i))], ())
+        fresh.persist_and_apply((), [ApplyBatch(GROUP, [e], CONF)])
+        meta, chunks = fresh.snapshot_chunks(GROUP)
+        path = b.receive_snapshot(GROUP, list(chunks))
+        b.persist_and_apply([GroupWrite(GROUP, [], HardState(1, 0, meta.index), meta, path)], ())
+        assert _reads(b) == _reads(fresh)
+        assert _check_links(b) == _check_links(fresh)
+        assert bool(staged) == (inline == 5) and all(n > 5 for n in staged)  # only the long histories staged
+    finally:
+        fresh.close()
+        b.close()
