@@ -5,14 +5,15 @@ the last format-2 release)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
 import tarfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
+from fixturemod import fixture_module
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -30,17 +31,9 @@ from kvstore.storage.store import LmdbNodeStore
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
-def _fixture_module() -> object:
-    spec = importlib.util.spec_from_file_location("make_history_v2", FIXTURES / "make_history_v2.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_FIX = _fixture_module()
-GROUP: int = _FIX.GROUP  # type: ignore[attr-defined]
-commands = _FIX.commands  # type: ignore[attr-defined]
+_FIX: Any = fixture_module("make_history_v2")
+GROUP: int = _FIX.GROUP
+commands = _FIX.commands
 CONF = ConfState((1,))
 KEYS = [b"a%d" % i for i in range(10)] + [b"hot", b"gone", b"never"]
 

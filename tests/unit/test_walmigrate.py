@@ -5,12 +5,12 @@ state machine is untouched, and a crash at any point of the migration loses noth
 
 from __future__ import annotations
 
-import importlib.util
 import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fixturemod import fixture_module
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,15 +23,7 @@ from kvstore.storage.walmigrate import drop_lmdb_logs, import_lmdb_logs, lmdb_lo
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
-def _fixture_module() -> Any:
-    spec = importlib.util.spec_from_file_location("make_lmdb_raftlog_v1", FIXTURES / "make_lmdb_raftlog_v1.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-FIX = _fixture_module()
+FIX: Any = fixture_module("make_lmdb_raftlog_v1")
 
 
 def _unpack(tmp: Path) -> Path:
