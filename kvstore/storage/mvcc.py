@@ -870,8 +870,10 @@ class LogBuilder:
         if rows.get(T_CHANGES, lk) is not None:  # another key with this id wrote it: forged
             raise ValueError(f"two versions at revision {r} of key id {kid}")
         key = st.key
-        rows.put(T_CHANGES, lk, row[:_ROW_SIZE] + _LINKS_PACK(prev, jump, depth, jdepth, len(key)) + key + row[_ROW_SIZE:])
-        st.prev, st.depth, st.jump, st.jdepth, st.jj, st.jjd, st.head = r, depth, jump, jdepth, jj, jjd, row[:_ROW_SIZE]
+        # A tombstone's metadata reads as 0 whatever the row says (`decode_row`): written as 0.
+        head = bytes(row[:_ROW_SIZE]) if row[0] == KIND_PUT else _TOMBSTONE
+        rows.put(T_CHANGES, lk, head + _LINKS_PACK(prev, jump, depth, jdepth, len(key)) + key + row[_ROW_SIZE:])
+        st.prev, st.depth, st.jump, st.jdepth, st.jj, st.jjd, st.head = r, depth, jump, jdepth, jj, jjd, head
         self.versions += 1
 
     def _end_key(self) -> None:

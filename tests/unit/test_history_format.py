@@ -336,3 +336,17 @@ def test_a_new_snapshot_installs_and_reads_as_its_source(tmp_path: Path, monkeyp
     finally:
         fresh.close()
         b.close()
+
+
+def test_a_tombstone_row_with_metadata_reads_as_a_tombstone() -> None:
+    """Hypothesis found it: a HIST tombstone row saying create 0, version 1 (format 2's decoder
+    ignores a tombstone's metadata) was copied into a LOG row that the LOG's decoder refuses, so
+    a later read failed. The builder writes a tombstone's metadata as 0."""
+    rows = MemRows()
+    rows.put(mvcc.T_HIST, mvcc._PAIR.pack(1, 1), mvcc.encode_row(mvcc.KIND_PUT, 1, 1, b"v1"))
+    rows.put(mvcc.T_HIST, mvcc._PAIR.pack(1, 2), mvcc._ROW.pack(mvcc.KIND_DELETE, 7, 1))
+    rows.put(mvcc.T_KEYS, b"k", mvcc._KEYROW.pack(1, 0, 2, 0))
+    assert mvcc.rebuild_log(rows) == 2
+    assert mvcc.version_at(rows, b"k", 1, None).value == b"v1"  # type: ignore[union-attr]
+    assert mvcc.version_at(rows, b"k", 2, None) is None
+    assert mvcc.key_history(rows, b"k")[-1] == (2, mvcc._ROW.pack(mvcc.KIND_DELETE, 0, 0))
