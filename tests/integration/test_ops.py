@@ -173,13 +173,13 @@ def _kvctl(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
 
 def _plant(data_dir: Path, value: bytes, planted: bytes) -> int:
     """Change `value` to `planted` wherever the stopped node's LMDB holds it (the current value
-    in `data`, the version in `rev_hist`: what a bit flip or a bug in one replica's apply would
-    leave); returns the rows changed."""
+    in `data`, the version in the history, `rev_changes`, whose rows end with the value: what a
+    bit flip or a bug in one replica's apply would leave); returns the rows changed."""
     env = lmdb.open(str(data_dir / "db"), max_dbs=32, subdir=True)
     changed = 0
     try:
         with env.begin(write=True) as txn:
-            for name in (b"data", b"rev_hist"):
+            for name in (b"data", b"rev_changes"):
                 db = env.open_db(name, txn=txn, create=False)
                 rows = [(k, v) for k, v in txn.cursor(db=db) if v.endswith(value)]
                 for k, v in rows:
