@@ -130,7 +130,6 @@ _KEYROW_SIZE = _KEYROW.size
 _TOMBSTONE = _ROW.pack(KIND_DELETE, 0, 0)
 _LOG = struct.Struct(">BQQQQQQH")
 """A LOG row's header: kind, create, version, prev, jump, depth, jump_depth, key_len."""
-LOG_HEADER_BYTES = _LOG.size
 _LOG_PACK = _LOG.pack
 _LOG_UNPACK_FROM = _LOG.unpack_from
 _LOG_SIZE = _LOG.size
@@ -170,13 +169,6 @@ class LogRow:
         return _TOMBSTONE
 
 
-def encode_log_row(
-    kind: int, create: int, version: int, prev: int, jump: int, depth: int, jump_depth: int, key: bytes,
-    value: bytes,
-) -> bytes:
-    return _LOG_PACK(kind, create, version, prev, jump, depth, jump_depth, len(key)) + key + value
-
-
 def decode_log_row(rev: int, raw: bytes) -> LogRow:
     """Decode the LOG row at revision `rev`. Total: ValueError for anything malformed (a short
     row, an unknown kind, a tombstone with a value, links that do not point below `rev`)."""
@@ -201,7 +193,7 @@ def log_row_key(raw: bytes) -> bytes:
     """The user key of a LOG row (ValueError if it is too short to hold one)."""
     if len(raw) < _LOG_SIZE:
         raise ValueError(f"log row of {len(raw)} bytes")
-    (klen,) = struct.unpack_from(">H", raw, _LOG_SIZE - 2)
+    (klen,) = _U16.unpack_from(raw, _LOG_SIZE - 2)
     if _LOG_SIZE + klen > len(raw):
         raise ValueError(f"log row of {len(raw)} bytes with a key of {klen}")
     return bytes(raw[_LOG_SIZE:_LOG_SIZE + klen])
@@ -758,6 +750,7 @@ def snapshot_records(rows: Rows, st: RevState) -> Iterator[tuple[int, bytes, byt
             raw = rows.get(T_CHANGES, _PAIR_PACK(r, kid))
             if raw is None:
                 break
+            log_row_key(raw)  # checked: a truncated row on disk is a ValueError, not a struct.error
             chain.append((r, raw))
             size += len(raw)
             r = _PREV_FROM(raw, _ROW_SIZE)[0]
@@ -774,10 +767,10 @@ def snapshot_records(rows: Rows, st: RevState) -> Iterator[tuple[int, bytes, byt
     if later:
         for k, raw in rows.iter(T_CHANGES, b"", None):
             if _U64.unpack_from(k, 8)[0] in later:
-                (klen,) = _U16.unpack_from(raw, _LOG_SIZE - 2)
-                yield T_HIST, k[8:] + k[:8], raw[:_ROW_SIZE] + raw[_LOG_SIZE + klen:]
+                key = log_row_key(raw)  # checked: a truncated row on disk is a ValueError
+                yield T_HIST, k[8:] + k[:8], raw[:_ROW_SIZE] + raw[_LOG_SIZE + len(key):]
                 if _U64.unpack_from(k)[0] >= lo:
-                    yield T_CHANGES, k, raw[_LOG_SIZE:_LOG_SIZE + klen]
+                    yield T_CHANGES, k, key
 
 
 def check_change_row(k: bytes, v: bytes) -> None:
