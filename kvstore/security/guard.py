@@ -36,8 +36,9 @@ import enum
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 
@@ -311,17 +312,27 @@ class AuthGuard:
                     "token revoked (the user's password changed or the user was deleted): log in again")
         c.version = state.version
 
-    async def admit(self, path: str, rule: Rule, context: grpc.aio.ServicerContext) -> Credential:
-        """Authenticate the call and apply `rule`; aborts the call (definite) on refusal. The
-        call's principal (`identity_of_call`) and credential (`credential_of_call`) are recorded
-        for its handler; the credential is returned."""
+    async def admit(self, path: str, rule: Rule, context: grpc.aio.ServicerContext,
+                    before_refusal: Callable[[], Awaitable[None]] | None = None) -> Credential:
+        """Authenticate the call and apply `rule`; aborts the call (definite) on refusal, after
+        awaiting `before_refusal()` if given (a streaming-request call waits there for the
+        caller's first message: see `wire.first_request`). The call's principal
+        (`identity_of_call`) and credential (`credential_of_call`) are recorded for its handler;
+        the credential is returned."""
+
+        async def refuse(code: grpc.StatusCode, details: str) -> NoReturn:
+            if before_refusal is not None:
+                await before_refusal()
+            await context.abort(code, details)
+            raise AssertionError("context.abort returned")  # it raises (grpc.aio's AbortError)
+
         if self.client_port and rule in (Rule.USER, Rule.ADMIN) and not self.tracker.state.enabled:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{path}: {CLIENT_PORT_NEEDS_AUTH}")
+            await refuse(grpc.StatusCode.UNAUTHENTICATED, f"{path}: {CLIENT_PORT_NEEDS_AUTH}")
         try:
             c = self.credential(context)
         except errors.Unauthenticated as err:
             if rule not in (Rule.PUBLIC, Rule.INTERNAL):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, token_refusal(path, err.message))
+                await refuse(grpc.StatusCode.UNAUTHENTICATED, token_refusal(path, err.message))
             c = Credential(Principal(PrincipalKind.ANONYMOUS, "", "none", 0, _peer(context)))
         p = c.principal
         set_identity(p)
@@ -331,12 +342,12 @@ class AuthGuard:
         if p.kind is PrincipalKind.ANONYMOUS:
             if path.startswith(ETCD_PACKAGES):
                 # etcd's exact refusal (clientv3 matches its text, and it is definite as ours is)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, ETCD_USER_EMPTY)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{path}: " + (
+                await refuse(grpc.StatusCode.INVALID_ARGUMENT, ETCD_USER_EMPTY)
+            await refuse(grpc.StatusCode.UNAUTHENTICATED, f"{path}: " + (
                 CLIENT_PORT_NEEDS_TOKEN if self.client_port
                 else "auth is enabled: log in (a token) or present a client certificate"))
         if rule is Rule.ADMIN and not self.grants(p).admin:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, admin_refusal(path, p))
+            await refuse(grpc.StatusCode.PERMISSION_DENIED, admin_refusal(path, p))
         return c
 
     # --- authorization ----------------------------------------------------------------------
