@@ -670,57 +670,23 @@ def key_history(rows: Rows, key: bytes) -> list[tuple[int, bytes]]:
     return [(r, lr.exchange()) for r, lr in reversed(_chain(rows, kid, meta.mod_revision))]
 
 
-def _write_chain(rows: Rows, kid: int, key: bytes, versions: list[tuple[int, Version]]) -> None:
-    """Write the LOG rows of key `kid`'s versions (ascending revisions, at least one), linked as
-    `write_version` links them, and its KEYS row (the newest version's metadata and links)."""
-    info: dict[int, tuple[int, int, int]] = {}  # revision -> (depth, jump, jump_depth), as written
-    prev = 0
-    for r, v in versions:
-        depth = jump = jdepth = 0
-        if prev:
-            pd, pj, pjd = info[prev]
-            depth, jump, jdepth = pd + 1, prev, pd
-            if pj:
-                _, jj, jjd = info[pj]
-                if jj and pd - pjd == pjd - jjd:
-                    jump, jdepth = jj, jjd
-        info[r] = (depth, jump, jdepth)
-        if v.value is None:
-            row = _LOG_PACK(KIND_DELETE, 0, 0, prev, jump, depth, jdepth, len(key)) + key
-        else:
-            m = v.meta
-            row = _LOG_PACK(KIND_PUT, m.create_revision, m.version, prev, jump, depth, jdepth, len(key)) + key + v.value
-        rows.put(T_CHANGES, _PAIR.pack(r, kid), row)
-        prev = r
-    r, v = versions[-1]
-    depth, jump, jdepth = info[r]
-    jj, jjd = (info[jump][1], info[jump][2]) if jump else (0, 0)
-    m = v.meta if v.value is not None else KeyMeta(0, r, 0)
-    rows.put(T_KEYS, key, _KEYROW3_PACK(kid, m.create_revision, r, m.version, depth, jump, jdepth, jj, jjd))
-
-
-def _retained(versions: list[tuple[int, Version]], compact: int) -> list[tuple[int, Version]]:
-    """The versions (ascending) a key keeps after compaction at `compact`: every one above it and
-    the newest at or below it (the invariant after compaction; the others are never read)."""
-    below = 0
-    for i, (r, _) in enumerate(versions):
-        if r <= compact:
-            below = i
-    return versions[below:]
-
-
 def install_history(rows: Rows, st: RevState, key: bytes, versions: list[tuple[int, bytes]]) -> RevState:
-    """Install a moved key's history (from another group): its rows under a new id here, and the
-    group's last revision raised past them so later writes of the key come after its history.
-    Of the versions at or below this group's compact revision only the newest is kept (the
-    invariant after compaction: the others are never read here)."""
+    """Install a moved key's history (from another group; ascending revisions, each row checked:
+    `decode_versions`): its rows under a new id here, built as a snapshot's are (`LogBuilder`),
+    and the group's last revision raised past them so later writes of the key come after its
+    history. Of the versions at or below this group's compact revision only the newest is kept
+    (the invariant after compaction: the others are never read here)."""
     forget_key(rows, key)
     if not versions:
         return st
-    decoded = _retained([(r, decode_row(r, row)) for r, row in versions], st.compact)  # total: the caller
-    kid = st.next_kid                                                                  # refuses a ValueError
-    _write_chain(rows, kid, key, decoded)
-    return RevState(max(st.last, decoded[-1][0]), st.compact, kid + 1, st.kept)
+    kid = st.next_kid
+    last, newest = versions[-1]
+    b = LogBuilder(rows, st.compact)
+    b.key(key, encode_key_row(kid, decode_row(last, newest).meta))  # ValueError: the caller's refusal
+    for r, row in versions:
+        b.hist(hist_key(kid, r), row)
+    b.finish()
+    return RevState(max(st.last, last), st.compact, kid + 1, st.kept)
 
 
 INLINE_VERSIONS = 4096
