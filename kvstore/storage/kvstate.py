@@ -396,7 +396,28 @@ class KVState:
             lru = env.db(DB_SESSION_LRU)
             heads = 0
             smeta = SessionMeta()
+            data_put = txn.cursor(db=dbs[TAG_DATA]).put  # a kept cursor: no cursor set up per row
+            log_key, log_hist = log.key, log.hist
             for tag, key, value in sf.records():
+                # the most frequent records first: a key's data, key and history rows (the
+                # change rows are derived again from the history, `mvcc.LogBuilder`)
+                if tag in (TAG_REV_HIST, TAG_REV_KEYS):
+                    try:
+                        (log_hist if tag == TAG_REV_HIST else log_key)(key, value)
+                    except ValueError as err:
+                        raise SnapshotFormatError(f"snapshot file {path} has a bad history: {err}") from None
+                    continue
+                if tag == TAG_REV_CHANGES:
+                    try:
+                        mvcc.check_change_row(key, value)
+                    except ValueError as err:
+                        raise SnapshotFormatError(f"snapshot file {path} has a bad change row: {err}") from None
+                    continue
+                if tag == TAG_DATA:
+                    if len(key) > MAX_KEY_SIZE:
+                        raise SnapshotFormatError(f"snapshot file {path} has a key of {len(key)} bytes")
+                    data_put(p + key, value)
+                    continue
                 if tag == TAG_SHARDS:
                     shards = _decode_shards(value)
                     put(p, value, db=env.db(DB_SHARDS))
@@ -406,12 +427,6 @@ class KVState:
                         log.compact = mvcc.RevState.decode(value).compact
                     except ValueError as err:
                         raise SnapshotFormatError(f"snapshot file {path} has a bad revision state: {err}") from None
-                if tag in (TAG_REV_KEYS, TAG_REV_HIST):  # the LOG and key rows built as they come
-                    try:
-                        (log.key if tag == TAG_REV_KEYS else log.hist)(key, value)
-                    except ValueError as err:
-                        raise SnapshotFormatError(f"snapshot file {path} has a bad history: {err}") from None
-                    continue
                 if tag == TAG_LEASES:
                     try:
                         leases.check_rows(key, value)
@@ -422,12 +437,6 @@ class KVState:
                         xtxn.check_rows(tag - TAG_REV_BASE, key, value)
                     except ValueError as err:
                         raise SnapshotFormatError(f"snapshot file {path} has a bad transaction row: {err}") from None
-                if tag == TAG_REV_CHANGES:  # derived again from the history (`mvcc.LogBuilder`)
-                    try:
-                        mvcc.check_change_row(key, value)
-                    except ValueError as err:
-                        raise SnapshotFormatError(f"snapshot file {path} has a bad change row: {err}") from None
-                    continue
                 if len(key) > MAX_KEY_SIZE:
                     raise SnapshotFormatError(f"snapshot file {path} has a key of {len(key)} bytes")
                 if tag == TAG_SESSION:

@@ -359,6 +359,12 @@ class Rows(Protocol):
         key_row is None, KEYS[key] = key_row. The same as two `put`s."""
         ...
 
+    def add_log(self, rev_kid: bytes, row: bytes) -> bool:
+        """LOG[rev_kid] = row unless a row is there already: then nothing is written and False
+        returned (a builder's check that no two versions share a (revision, key id), in the same
+        lookup as the write)."""
+        ...
+
     def delete(self, t: int, k: bytes) -> None: ...
 
     def clear(self, t: int) -> None:
@@ -707,29 +713,41 @@ def snapshot_records(rows: Rows, st: RevState) -> Iterator[tuple[int, bytes, byt
     head, the links, the key, then the HIST row's value; the receiver checks every row."""
     lo = st.compact if st.kept else st.compact + 1
     later: set[int] = set()
+    get = rows.get
+    u64 = _U64.pack
     for k, v in rows.iter(T_KEYS, b"", None):
-        kid, _, mod, _ = _KEYROW_UNPACK(v[:_KEYROW_SIZE])
-        yield T_KEYS, k, v[:_KEYROW_SIZE]
-        chain: list[tuple[int, bytes]] = []
-        size, r = 0, mod
+        v = v[:_KEYROW_SIZE]
+        kid, _, mod, _ = _KEYROW_UNPACK(v)
+        yield T_KEYS, k, v
+        hk = u64(kid)
+        raw = get(T_CHANGES, _PAIR_PACK(mod, kid)) if mod else None
+        if raw is None:
+            continue
+        key = log_row_key(raw)  # checked: a truncated row on disk is a ValueError, not a struct.error
+        r = _PREV_FROM(raw, _ROW_SIZE)[0]
+        if not r:  # one version (most keys): no chain to gather
+            rk = u64(mod)
+            yield T_HIST, hk + rk, raw[:_ROW_SIZE] + raw[_LOG_SIZE + len(key):]
+            if mod >= lo:
+                yield T_CHANGES, rk + hk, key
+            continue
+        chain: list[tuple[int, bytes, bytes]] = [(mod, raw, key)]
+        size = len(raw)
         while r and len(chain) < INLINE_VERSIONS and size < INLINE_BYTES:
-            raw = rows.get(T_CHANGES, _PAIR_PACK(r, kid))
+            raw = get(T_CHANGES, _PAIR_PACK(r, kid))
             if raw is None:
                 break
-            log_row_key(raw)  # checked: a truncated row on disk is a ValueError, not a struct.error
-            chain.append((r, raw))
+            chain.append((r, raw, log_row_key(raw)))
             size += len(raw)
             r = _PREV_FROM(raw, _ROW_SIZE)[0]
         if r and (len(chain) >= INLINE_VERSIONS or size >= INLINE_BYTES):
             later.add(kid)
             continue
-        hk = _U64.pack(kid)
-        for r, raw in reversed(chain):
-            (klen,) = _U16.unpack_from(raw, _LOG_SIZE - 2)
-            rk = _U64.pack(r)
-            yield T_HIST, hk + rk, raw[:_ROW_SIZE] + raw[_LOG_SIZE + klen:]
+        for r, raw, key in reversed(chain):
+            rk = u64(r)
+            yield T_HIST, hk + rk, raw[:_ROW_SIZE] + raw[_LOG_SIZE + len(key):]
             if r >= lo:
-                yield T_CHANGES, rk + hk, raw[_LOG_SIZE:_LOG_SIZE + klen]
+                yield T_CHANGES, rk + hk, key
     if later:
         for k, raw in rows.iter(T_CHANGES, b"", None):
             if _U64.unpack_from(k, 8)[0] in later:
@@ -743,31 +761,6 @@ def check_change_row(k: bytes, v: bytes) -> None:
     """A snapshot's CHANGES row (derived again from its HIST rows, so only checked for shape)."""
     if len(k) != _PAIR.size or not v or len(v) > _MAX_KEY_LEN:
         raise ValueError(f"change row with a key of {len(k)} bytes and a value of {len(v)}")
-
-
-def _check_hist(kid: int, r: int, row: bytes) -> None:
-    if not 0 < r <= REVISION_MAX:
-        raise ValueError(f"history row of key id {kid} at revision {r}")
-    if len(row) < _ROW_SIZE or not (row[0] == KIND_PUT or (row[0] == KIND_DELETE and len(row) == _ROW_SIZE)):
-        raise ValueError(f"history row of kind {row[0] if row else None} and {len(row)} bytes")
-
-
-@dataclass(slots=True)
-class _KeyBuild:
-    """The key a `LogBuilder` builds: its KEYS row (exchange form) and its newest version written
-    so far (revision, links, and its jump's links; the HIST row's 17-byte head)."""
-
-    kid: int
-    key: bytes
-    mod: int
-    row: bytes
-    prev: int = 0
-    depth: int = 0
-    jump: int = 0
-    jdepth: int = 0
-    jj: int = 0
-    jjd: int = 0
-    head: bytes = b""
 
 
 class LogBuilder:
@@ -786,34 +779,50 @@ class LogBuilder:
     out of order, two versions at one (revision, key id), or a key whose newest version is not
     the one its KEYS row names; a HIST row of a key id no KEYS row names is dropped."""
 
-    __slots__ = ("_cur", "_rows", "_staged", "compact", "versions")
+    __slots__ = ("_depth", "_head", "_jdepth", "_jj", "_jjd", "_jump", "_key", "_kid", "_mod", "_prev", "_row",
+                 "_rows", "_staged", "compact", "versions")
 
     def __init__(self, rows: Rows, compact: int | None = None) -> None:
         self._rows = rows
-        self._cur: _KeyBuild | None = None
         self._staged = False
         self.compact = compact
         self.versions = 0
+        # The key being built (`_key` None: none): its id, the revision its KEYS row names, that
+        # row (exchange form), and its newest version written so far (revision, 0 for none yet;
+        # links; its jump's links; the HIST row's 17-byte head). In slots, not an object per key.
+        self._key: bytes | None = None
+        self._kid = self._mod = self._prev = self._depth = self._jump = self._jdepth = self._jj = self._jjd = 0
+        self._row = self._head = b""
 
     def key(self, k: bytes, v: bytes) -> None:
         if len(v) != _KEYROW_SIZE or len(k) > _MAX_KEY_LEN:
             raise ValueError(f"key row of {len(v)} bytes, not in the exchange form ({_KEYROW_SIZE})")
-        self._end_key()
-        kid, _, mod, _ = _KEYROW_UNPACK(v)
-        self._cur = _KeyBuild(kid, bytes(k), mod, bytes(v))
+        if self._key is not None:
+            self._end_key()
+        self._kid, _, self._mod, _ = _KEYROW_UNPACK(v)
+        self._key, self._row, self._prev = bytes(k), bytes(v), 0
 
     def hist(self, hk: bytes, row: bytes) -> None:
         if len(hk) != _PAIR.size:
             raise ValueError(f"history row key of {len(hk)} bytes")
         kid, r = _PAIR_UNPACK(hk)
-        _check_hist(kid, r, row)
-        st = self._cur
+        if not 0 < r <= REVISION_MAX:
+            raise ValueError(f"history row of key id {kid} at revision {r}")
+        n = len(row)
+        kind = row[0] if n else None
+        if n >= _ROW_SIZE and kind == KIND_PUT:
+            head = bytes(row[:_ROW_SIZE])
+        elif n == _ROW_SIZE and kind == KIND_DELETE:
+            head = _TOMBSTONE  # a tombstone's metadata reads as 0 whatever the row says (`decode_row`)
+        else:
+            raise ValueError(f"history row of kind {kind} and {n} bytes")
+        key = self._key
         rows = self._rows
-        if st is None or st.kid != kid:
+        if key is None or self._kid != kid:
             rows.put(T_HIST, hk, row)
             self._staged = True
             return
-        prev = st.prev
+        prev = self._prev
         if r <= prev:
             raise ValueError(f"history row of key id {kid} at revision {r} after {prev}")
         c = self.compact
@@ -822,35 +831,34 @@ class LogBuilder:
             self.versions -= 1
             prev = 0
         if prev:
-            depth, jump, jdepth, jj, jjd = _links_after(rows, kid, prev, st.depth, st.jump, st.jdepth, st.jj, st.jjd)
+            depth, jump, jdepth, jj, jjd = _links_after(rows, kid, prev, self._depth, self._jump, self._jdepth,
+                                                        self._jj, self._jjd)
         else:
             depth = jump = jdepth = jj = jjd = 0
-        lk = _PAIR_PACK(r, kid)
-        if rows.get(T_CHANGES, lk) is not None:  # another key with this id wrote it: forged
+        if not rows.add_log(_PAIR_PACK(r, kid), head + _LINKS_PACK(prev, jump, depth, jdepth, len(key)) + key
+                            + row[_ROW_SIZE:]):  # another key with this id wrote it: forged
             raise ValueError(f"two versions at revision {r} of key id {kid}")
-        key = st.key
-        # A tombstone's metadata reads as 0 whatever the row says (`decode_row`): written as 0.
-        head = bytes(row[:_ROW_SIZE]) if row[0] == KIND_PUT else _TOMBSTONE
-        rows.put(T_CHANGES, lk, head + _LINKS_PACK(prev, jump, depth, jdepth, len(key)) + key + row[_ROW_SIZE:])
-        st.prev, st.depth, st.jump, st.jdepth, st.jj, st.jjd, st.head = r, depth, jump, jdepth, jj, jjd, head
+        self._prev, self._depth, self._jump, self._jdepth, self._jj, self._jjd, self._head = (
+            r, depth, jump, jdepth, jj, jjd, head)
         self.versions += 1
 
     def _end_key(self) -> None:
-        st, self._cur = self._cur, None
-        if st is None:
+        key, self._key = self._key, None
+        if key is None:
             return
         rows = self._rows
-        if not st.prev:  # nothing came right after it: staged, for `finish`
-            rows.put(T_KEYS, st.key, st.row)
+        prev, mod = self._prev, self._mod
+        if not prev:  # nothing came right after it: staged, for `finish`
+            rows.put(T_KEYS, key, self._row)
             self._staged = True
             return
-        if st.prev != st.mod:
-            raise ValueError(f"key row of key id {st.kid} names revision {st.mod}, its newest version is {st.prev}")
-        kind, create, version = _ROW.unpack(st.head)
+        if prev != mod:
+            raise ValueError(f"key row of key id {self._kid} names revision {mod}, its newest version is {prev}")
+        kind, create, version = _ROW.unpack(self._head)
         if kind != KIND_PUT:
             create = version = 0
-        rows.put(T_KEYS, st.key, _KEYROW3_PACK(st.kid, create, st.mod, version, st.depth, st.jump, st.jdepth, st.jj,
-                                               st.jjd))
+        rows.put(T_KEYS, key, _KEYROW3_PACK(self._kid, create, mod, version, self._depth, self._jump, self._jdepth,
+                                            self._jj, self._jjd))
 
     def finish(self) -> int:
         """End the last key, build the staged ones (`rebuild_log`); the number of versions written."""
@@ -893,8 +901,7 @@ def rebuild_log(rows: Rows, compact: int | None = None, keep_log: bool = False) 
             kid = _KEYROW_UNPACK(v)[0]
             for hk, hv in rows.iter(T_HIST, _U64.pack(kid), _U64.pack(kid + 1)):
                 b.hist(bytes(hk), bytes(hv))
-            st = b._cur
-            if st is None or not st.prev:
+            if b._key is None or not b._prev:
                 raise ValueError(f"key row of key id {kid} names revision {_KEYROW_UNPACK(v)[2]}, its "
                                  f"newest version is missing")
             b._end_key()

@@ -77,6 +77,12 @@ class LmdbRows:
         return self._txn.get(self._p + k, db=self._dbs[t])
 
     def put(self, t: int, k: bytes, v: bytes) -> None:
+        if t == _T_KEYS:  # a builder's key rows (`mvcc.LogBuilder`): through the kept cursor
+            cur = self._keycur
+            if cur is None:
+                cur = self._keycur = self._txn.cursor(db=self._keys)
+            cur.put(self._p + k, v)
+            return
         if t == _T_STATE:
             self._state, self._dirty = v, True
             return
@@ -131,6 +137,12 @@ class LmdbRows:
         puts[0](p + rev_kid, row)
         if key_row is not None:
             puts[1](p + key, key_row)
+
+    def add_log(self, rev_kid: bytes, row: bytes) -> bool:
+        cur = self._logcur
+        if cur is None:
+            cur = self._logcur = self._txn.cursor(db=self._changes)
+        return bool(cur.put(self._p + rev_kid, row, overwrite=False))
 
     def flush(self) -> None:
         """Write the revision state row if it changed (once per apply batch)."""

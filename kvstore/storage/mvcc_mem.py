@@ -42,6 +42,12 @@ class MemRows:
             insort(self.keys[t], k)
         d[k] = v
 
+    def add_log(self, rev_kid: bytes, row: bytes) -> bool:
+        if rev_kid in self.tables[T_CHANGES]:
+            return False
+        self.put(T_CHANGES, rev_kid, row)
+        return True
+
     def record(self, key: bytes, rev_kid: bytes, row: bytes, key_row: bytes | None) -> None:
         self.put(T_CHANGES, rev_kid, row)
         if key_row is not None:

@@ -90,17 +90,22 @@ def encode_snapshot(
     if chunk_size < 1:
         raise ValueError("chunk_size must be positive")
     buf = bytearray(_header_bytes(group, meta))
-    crc = zlib.crc32(buf)
-    count = 0
+    # The checksum covers every byte before the end record; it is taken over what the buffer
+    # holds before each drain (`summed`: the bytes at its front already in it), not per record.
+    crc = summed = count = 0
+    pack = _REC.pack
     for tag, key, value in records:
-        head = _REC.pack(tag, len(key), len(value))
-        crc = zlib.crc32(value, zlib.crc32(key, zlib.crc32(head, crc)))
-        buf += head
+        buf += pack(tag, len(key), len(value))
         buf += key
         buf += value
         count += 1
         if len(buf) >= chunk_size:
+            with memoryview(buf) as mv:
+                crc = zlib.crc32(mv[summed:], crc)
             yield from _drain(buf, chunk_size)
+            summed = len(buf)
+    with memoryview(buf) as mv:
+        crc = zlib.crc32(mv[summed:], crc)
     buf += _REC.pack(TAG_END, 0, _END.size) + _END.pack(count, crc)
     yield from _drain(buf, chunk_size)
     if buf:
@@ -158,36 +163,54 @@ class SnapshotDecoder:
                 self.header = SnapshotHeader(group, SnapshotMeta(index, term, ConfState(ids[:nv], ids[nv:])))
                 self._crc = zlib.crc32(mv[:end])
                 pos = end
-            crc = self._crc
-            while n - pos >= _REC.size:
-                tag, klen, vlen = _REC.unpack_from(buf, pos)
-                if klen > MAX_RECORD_KEY or vlen > MAX_RECORD_VALUE:
-                    raise SnapshotFormatError(f"snapshot record of {klen}+{vlen} bytes exceeds the limits")
-                total = _REC.size + klen + vlen
-                if n - pos < total:
-                    break
-                if tag == TAG_END:
-                    if klen != 0 or vlen != _END.size:
-                        raise SnapshotFormatError("snapshot end record is malformed")
-                    count, want = _END.unpack_from(buf, pos + _REC.size)
-                    if count != self._count + len(out):
-                        raise SnapshotFormatError(
-                            f"snapshot record count mismatch: end says {count}, read {self._count + len(out)}"
-                        )
-                    if want != crc:
-                        raise SnapshotFormatError(f"snapshot checksum mismatch: {crc:#010x} != {want:#010x}")
-                    self.done = True
-                    pos += total
-                    if pos != n:
-                        raise SnapshotFormatError("snapshot has data after its end record")
-                    break
-                if tag not in _TAGS:
-                    raise SnapshotFormatError(f"unknown snapshot record tag {tag}")
-                k0 = pos + _REC.size
-                crc = zlib.crc32(mv[pos : pos + total], crc)
-                out.append((tag, bytes(mv[k0 : k0 + klen]), bytes(mv[k0 + klen : pos + total])))
-                pos += total
-            self._crc = crc
+            # One copy of what is buffered: each field is then one slice of it (bytes, no views);
+            # none while the next record is not complete (a big one arriving frame by frame).
+            waiting = n - pos < _REC.size
+            if not waiting:
+                _, klen, vlen = _REC.unpack_from(buf, pos)
+                waiting = pos + _REC.size + klen + vlen > n and klen <= MAX_RECORD_KEY and vlen <= MAX_RECORD_VALUE
+            tail = b"" if waiting else bytes(mv[pos:])
+        crc = self._crc
+        summed = 0  # the checksum is taken over the records read, at once (not per record)
+        base, pos, n = pos, 0, len(tail)
+        out_append = out.append
+        unpack_from = _REC.unpack_from
+        rec, tags = _REC.size, _TAGS
+        while n - pos >= rec:
+            tag, klen, vlen = unpack_from(tail, pos)
+            if klen > MAX_RECORD_KEY or vlen > MAX_RECORD_VALUE:
+                raise SnapshotFormatError(f"snapshot record of {klen}+{vlen} bytes exceeds the limits")
+            k0 = pos + rec
+            end = k0 + klen + vlen
+            if end > n:
+                break
+            if tag == TAG_END:
+                if klen != 0 or vlen != _END.size:
+                    raise SnapshotFormatError("snapshot end record is malformed")
+                count, want = _END.unpack_from(tail, k0)
+                with memoryview(tail) as tv:
+                    crc = zlib.crc32(tv[summed:pos], crc)
+                summed = pos
+                if count != self._count + len(out):
+                    raise SnapshotFormatError(
+                        f"snapshot record count mismatch: end says {count}, read {self._count + len(out)}"
+                    )
+                if want != crc:
+                    raise SnapshotFormatError(f"snapshot checksum mismatch: {crc:#010x} != {want:#010x}")
+                self.done = True
+                pos = end
+                if pos != n:
+                    raise SnapshotFormatError("snapshot has data after its end record")
+                break
+            if tag not in tags:
+                raise SnapshotFormatError(f"unknown snapshot record tag {tag}")
+            out_append((tag, tail[k0:k0 + klen], tail[k0 + klen:end]))
+            pos = end
+        if not self.done:
+            with memoryview(tail) as tv:
+                crc = zlib.crc32(tv[summed:pos], crc)
+        self._crc = crc
+        pos += base
         del buf[:pos]
         self._count += len(out)
         return out

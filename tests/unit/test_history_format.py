@@ -350,3 +350,40 @@ def test_a_tombstone_row_with_metadata_reads_as_a_tombstone() -> None:
     assert mvcc.version_at(rows, b"k", 1, None).value == b"v1"  # type: ignore[union-attr]
     assert mvcc.version_at(rows, b"k", 2, None) is None
     assert mvcc.key_history(rows, b"k")[-1] == (2, mvcc._ROW.pack(mvcc.KIND_DELETE, 0, 0))
+
+
+@pytest.mark.parametrize("store", ["memory", "lmdb"])
+def test_two_keys_claiming_one_version_are_refused(tmp_path: Path, store: str) -> None:
+    """A forged snapshot gives two keys the same key id and a version at the same revision: the
+    second LOG row would overwrite the first (one key's reads would return the other's value).
+    The builder writes each LOG row only where none is (`Rows.add_log`) and refuses the rest, in
+    both `Rows` (the simulator's and LMDB's), as rows come and when staged ones are rebuilt."""
+    v1 = mvcc.encode_row(mvcc.KIND_PUT, 5, 1, b"a's value")
+    v2 = mvcc.encode_row(mvcc.KIND_PUT, 5, 1, b"b's value")
+    for inline in (True, False):
+        if store == "memory":
+            rows: Any = MemRows()
+            s = None
+        else:
+            s = LmdbNodeStore(tmp_path / f"s{inline}")
+            txn = s._env.env.begin(write=True)
+            rows = LmdbRows(txn, GROUP, rev_dbs(s._env))
+        try:
+            b = mvcc.LogBuilder(rows, 0)
+            with pytest.raises(ValueError, match="two versions at revision 5 of key id 1"):
+                for key, row in ((b"a", v1), (b"b", v2)):
+                    if inline:
+                        b.key(key, mvcc._KEYROW.pack(1, 5, 5, 1))
+                        b.hist(mvcc._PAIR.pack(1, 5), row)
+                    else:
+                        rows.put(mvcc.T_KEYS, key, mvcc._KEYROW.pack(1, 5, 5, 1))
+                        rows.put(mvcc.T_HIST, mvcc._PAIR.pack(1, 5), row)
+                if inline:
+                    b.finish()
+                else:
+                    rows.put(mvcc.T_HIST, mvcc._PAIR.pack(1, 5), v1)  # both keys name it
+                    mvcc.rebuild_log(rows, 0, keep_log=True)
+        finally:
+            if s is not None:
+                txn.abort()
+                s.close()
