@@ -1227,7 +1227,7 @@ class MemoryNodeStore:
         records += [(TAG_MEMBER, U64.pack(n), g.members[n]) for n in sorted(g.members)]
         for t in sorted(range(N_TABLES), key=lambda t: TAG_REV_BASE + t != TAG_REV_STATE):  # as `LmdbNodeStore`
             if TAG_REV_BASE + t == TAG_REV_KEYS:  # the history in the exchange form, as `LmdbNodeStore`
-                records += [(TAG_REV_BASE + u, k, v) for u, k, v in mvcc.snapshot_records(g.rows, mvcc.rev_state(g.rows))]
+                records += mvcc.snapshot_records(g.rows, mvcc.rev_state(g.rows), TAG_REV_BASE)
             elif TAG_REV_BASE + t in (TAG_REV_HIST, TAG_REV_CHANGES):
                 continue
             else:

@@ -693,8 +693,7 @@ class KVState:
             rows = LmdbRows(txn, group, rev_dbs(env))
             for tag, name in tables:
                 if tag == TAG_REV_KEYS:  # the history in the exchange form, per key (`mvcc.snapshot_records`)
-                    for t, k, v in mvcc.snapshot_records(rows, _rev_state(rows)):
-                        yield TAG_REV_BASE + t, k, v
+                    yield from mvcc.snapshot_records(rows, _rev_state(rows), TAG_REV_BASE)
                 elif tag in (TAG_REV_HIST, TAG_REV_CHANGES):
                     continue
                 else:

@@ -137,6 +137,7 @@ _LINKS_PACK = struct.Struct(">QQQQH").pack
 """A LOG row's links and key length: its header after the HIST row's head (`_ROW`)."""
 _U16 = struct.Struct(">H")
 _PREV_FROM = struct.Struct(">Q").unpack_from
+_KLEN_FROM = struct.Struct(">H").unpack_from
 _ROW_SIZE = _ROW.size
 _PAIR_UNPACK = _PAIR.unpack
 _MAX_KEY_LEN = (1 << 16) - 1
@@ -701,7 +702,7 @@ INLINE_BYTES = 1 << 20
 this many and this many bytes; a longer history goes after every key, in revision order."""
 
 
-def snapshot_records(rows: Rows, st: RevState) -> Iterator[tuple[int, bytes, bytes]]:
+def snapshot_records(rows: Rows, st: RevState, base: int = 0) -> Iterator[tuple[int, bytes, bytes]]:
     """The group's history in the exchange form, as (table, key, value) with table T_KEYS (the
     32-byte KEYS row), T_HIST (`kid:u64 rev:u64` -> HIST row) or T_CHANGES (`rev:u64 kid:u64` ->
     user key, for the versions above the compact revision, and at it if `kept`: data format 2's
@@ -709,16 +710,19 @@ def snapshot_records(rows: Rows, st: RevState) -> Iterator[tuple[int, bytes, byt
     its versions in ascending revisions with their change rows, so a receiver builds its LOG
     holding one key at a time (`LogBuilder`). A key with more than `INLINE_VERSIONS` versions or
     `INLINE_BYTES` of them sends its versions after every key, in revision order (memory here
-    stays bounded; the receiver stages them). Bytes only: a LOG row is the HIST row's 17-byte
-    head, the links, the key, then the HIST row's value; the receiver checks every row."""
+    stays bounded; the receiver stages them). `base` is added to each table number (a snapshot's
+    record tags: the caller delegates with `yield from`, no generator step per record of its
+    own). Bytes only: a LOG row is the HIST row's 17-byte head, the links, the key, then the HIST
+    row's value; the receiver checks every row."""
     lo = st.compact if st.kept else st.compact + 1
+    t_keys, t_hist, t_changes = base + T_KEYS, base + T_HIST, base + T_CHANGES
     later: set[int] = set()
     get = rows.get
     u64 = _U64.pack
     for k, v in rows.iter(T_KEYS, b"", None):
         v = v[:_KEYROW_SIZE]
         kid, _, mod, _ = _KEYROW_UNPACK(v)
-        yield T_KEYS, k, v
+        yield t_keys, k, v
         hk = u64(kid)
         raw = get(T_CHANGES, _PAIR_PACK(mod, kid)) if mod else None
         if raw is None:
@@ -727,34 +731,37 @@ def snapshot_records(rows: Rows, st: RevState) -> Iterator[tuple[int, bytes, byt
         r = _PREV_FROM(raw, _ROW_SIZE)[0]
         if not r:  # one version (most keys): no chain to gather
             rk = u64(mod)
-            yield T_HIST, hk + rk, raw[:_ROW_SIZE] + raw[_LOG_SIZE + len(key):]
+            yield t_hist, hk + rk, raw[:_ROW_SIZE] + raw[_LOG_SIZE + len(key):]
             if mod >= lo:
-                yield T_CHANGES, rk + hk, key
+                yield t_changes, rk + hk, key
             continue
-        chain: list[tuple[int, bytes, bytes]] = [(mod, raw, key)]
+        chain: list[tuple[int, bytes]] = [(mod, raw)]
         size = len(raw)
+        end = _LOG_SIZE + len(key)
         while r and len(chain) < INLINE_VERSIONS and size < INLINE_BYTES:
             raw = get(T_CHANGES, _PAIR_PACK(r, kid))
             if raw is None:
                 break
-            chain.append((r, raw, log_row_key(raw)))
+            if len(raw) < end or _KLEN_FROM(raw, _LOG_SIZE - 2)[0] != end - _LOG_SIZE:
+                raise ValueError(f"log row at revision {r} of key id {kid} does not hold the key's {end - _LOG_SIZE} bytes")
+            chain.append((r, raw))
             size += len(raw)
             r = _PREV_FROM(raw, _ROW_SIZE)[0]
         if r and (len(chain) >= INLINE_VERSIONS or size >= INLINE_BYTES):
             later.add(kid)
             continue
-        for r, raw, key in reversed(chain):
+        for r, raw in reversed(chain):  # every version holds the key (each row checked above)
             rk = u64(r)
-            yield T_HIST, hk + rk, raw[:_ROW_SIZE] + raw[_LOG_SIZE + len(key):]
+            yield t_hist, hk + rk, raw[:_ROW_SIZE] + raw[end:]
             if r >= lo:
-                yield T_CHANGES, rk + hk, key
+                yield t_changes, rk + hk, key
     if later:
         for k, raw in rows.iter(T_CHANGES, b"", None):
             if _U64.unpack_from(k, 8)[0] in later:
                 key = log_row_key(raw)  # checked: a truncated row on disk is a ValueError
-                yield T_HIST, k[8:] + k[:8], raw[:_ROW_SIZE] + raw[_LOG_SIZE + len(key):]
+                yield t_hist, k[8:] + k[:8], raw[:_ROW_SIZE] + raw[_LOG_SIZE + len(key):]
                 if _U64.unpack_from(k)[0] >= lo:
-                    yield T_CHANGES, k, key
+                    yield t_changes, k, key
 
 
 def check_change_row(k: bytes, v: bytes) -> None:

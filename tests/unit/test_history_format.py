@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+import struct
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -387,3 +388,26 @@ def test_two_keys_claiming_one_version_are_refused(tmp_path: Path, store: str) -
             if s is not None:
                 txn.abort()
                 s.close()
+
+
+@pytest.mark.parametrize("which", ["newest", "older", "other key"])
+def test_a_damaged_log_row_on_disk_stops_a_snapshot_with_a_value_error(which: str) -> None:
+    """Producing a snapshot reads each LOG row it sends: one cut short on disk (or holding another
+    key's bytes) is a ValueError (a corrupt store, reported), never a struct.error or a record
+    sliced at the wrong place."""
+    rows = MemRows()
+    base = mvcc.EPOCH_MS + 3_600_000
+    for i in range(3):
+        mvcc.write_version(rows, GROUP, b"key", b"value-%d" % i, None if i == 0 else b"value-%d" % (i - 1),
+                           mvcc.make_revision(base + i, 0, GROUP))
+    chain = sorted(rows.tables[mvcc.T_CHANGES])
+    assert len(chain) == 3
+    list(mvcc.snapshot_records(rows, mvcc.rev_state(rows)))  # whole, it is sent
+    k = chain[-1] if which == "newest" else chain[0]
+    raw = rows.tables[mvcc.T_CHANGES][k]
+    if which == "other key":  # the same length field, a longer key: the value would be cut wrong
+        rows.tables[mvcc.T_CHANGES][k] = raw[:mvcc._LOG_SIZE - 2] + struct.pack(">H", 5) + b"key!!" + raw[mvcc._LOG_SIZE + 3:]
+    else:
+        rows.tables[mvcc.T_CHANGES][k] = raw[:mvcc._LOG_SIZE - 1]
+    with pytest.raises(ValueError):
+        list(mvcc.snapshot_records(rows, mvcc.rev_state(rows)))
