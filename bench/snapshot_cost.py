@@ -24,7 +24,10 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
@@ -35,6 +38,7 @@ from kvstore.storage import mvcc
 from kvstore.storage.snapfile import SnapshotFile
 from kvstore.storage.store import LmdbNodeStore
 
+T = TypeVar("T")
 GROUP = 1
 CONF = ConfState((1,))
 BATCH = 2000
@@ -75,6 +79,18 @@ def install(snap: Path, path: Path) -> LmdbNodeStore:
     return b
 
 
+def timed(step: Callable[[], T], prof: cProfile.Profile | None) -> tuple[T, float, float]:
+    """`step()`'s result, wall and CPU seconds (under `prof` if given)."""
+    if prof is not None:
+        prof.enable()
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = step()
+    t1, c1 = time.perf_counter(), time.process_time()
+    if prof is not None:
+        prof.disable()
+    return out, t1 - t0, c1 - c0
+
+
 @click.command()
 @click.option("--keys", type=int, default=125_000, show_default=True)
 @click.option("--versions", type=int, default=1, show_default=True, help="Writes of each key.")
@@ -99,33 +115,21 @@ def main(keys: int, versions: int, value_bytes: int, rounds: int, root: Path | N
             prof = cProfile.Profile() if profile is not None and r == rounds else None
             if snap.exists():
                 shutil.rmtree(snap)
-            if prof is not None and profile == "produce":
-                prof.enable()
-            t0, c0 = time.perf_counter(), time.process_time()
-            path = produce(src, snap)
-            t1, c1 = time.perf_counter(), time.process_time()
-            if prof is not None and profile == "produce":
-                prof.disable()
+            path, wall_p, cpu_p = timed(partial(produce, src, snap), prof if profile == "produce" else None)
             size = path.stat().st_size
             dst = work / f"dst{r}"
-            if prof is not None and profile == "install":
-                prof.enable()
-            t2, c2 = time.perf_counter(), time.process_time()
-            b = install(path, dst)
-            t3, c3 = time.perf_counter(), time.process_time()
-            if prof is not None and profile == "install":
-                prof.disable()
+            b, wall_i, cpu_i = timed(partial(install, path, dst), prof if profile == "install" else None)
             b.close()
             shutil.rmtree(dst)
             if prof is not None:
                 pstats.Stats(prof).sort_stats("tottime").print_stats(top)
                 continue
-            times["produce"].append(t1 - t0)
-            times["install"].append(t3 - t2)
-            cpu["produce"].append(c1 - c0)
-            cpu["install"].append(c3 - c2)
-            print(f"round {r}: produce {t1 - t0:.3f} s (CPU {c1 - c0:.3f} s, {size / 1e6:.1f} MB), "
-                  f"install {t3 - t2:.3f} s (CPU {c3 - c2:.3f} s)")
+            times["produce"].append(wall_p)
+            times["install"].append(wall_i)
+            cpu["produce"].append(cpu_p)
+            cpu["install"].append(cpu_i)
+            print(f"round {r}: produce {wall_p:.3f} s (CPU {cpu_p:.3f} s, {size / 1e6:.1f} MB), "
+                  f"install {wall_i:.3f} s (CPU {cpu_i:.3f} s)")
         src.close()
         for step, ts in times.items():
             if ts:
