@@ -175,8 +175,12 @@ def _wrap(fn: Callable[..., Any], m: MethodDescriptor, guard: AuthGuard | None =
     return unary_unary_sync
 
 
-FIRST_REQUEST_WAIT = 2.0
+FIRST_REQUEST_WAIT = 0.5
 """How long a refused streaming-request call waits for the caller's first message (seconds)."""
+MAX_REFUSALS_WAITING = 256
+"""At most this many refused calls wait for a first message at once (per process); beyond, a
+refusal is sent at once: callers that open streams and send nothing hold no more than this."""
+_waiting = 0
 
 
 def first_request(requests: AsyncIterator[Any]) -> Callable[[], Awaitable[None]]:
@@ -190,13 +194,22 @@ def first_request(requests: AsyncIterator[Any]) -> Callable[[], Awaitable[None]]
     that opens a stream and writes at once (KV.Stream, KV.Watch, etcd's Watch and LeaseKeepAlive)
     would then read a refusal as INTERNAL, which says nothing definite: 3 refused KV.Streams in
     2,000 on a loaded machine. Refused once its first message arrived, that write has completed,
-    and the caller reads UNAUTHENTICATED or PERMISSION_DENIED. Nothing of the message is used."""
+    and the caller reads UNAUTHENTICATED or PERMISSION_DENIED. Nothing of the message is used.
+    The wait is short (a client writes at once) and bounded in number (`MAX_REFUSALS_WAITING`), so
+    unauthenticated callers that send nothing cannot hold the server's memory."""
 
     async def wait() -> None:
-        # the end of the requests, a malformed first message or the wait running out: the
-        # refusal is sent all the same
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(anext(aiter(requests)), FIRST_REQUEST_WAIT)
+        global _waiting
+        if _waiting >= MAX_REFUSALS_WAITING:
+            return
+        _waiting += 1
+        try:
+            # the end of the requests, a malformed first message or the wait running out: the
+            # refusal is sent all the same
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(anext(aiter(requests)), FIRST_REQUEST_WAIT)
+        finally:
+            _waiting -= 1
 
     return wait
 

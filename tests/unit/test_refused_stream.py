@@ -136,3 +136,33 @@ def test_a_caller_that_ends_its_requests_or_sends_nothing_is_refused_all_the_sam
         events: list[str] = []
         assert asyncio.run(refuse(requests(), events)) is grpc.StatusCode.UNAUTHENTICATED, requests
         assert events == ["abort"], requests
+
+
+def test_refusals_waiting_for_a_first_message_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Callers that open streams and send nothing hold at most `MAX_REFUSALS_WAITING` waits; the
+    next is refused at once, and a wait ended gives its place back."""
+    monkeypatch.setattr(wire, "FIRST_REQUEST_WAIT", 3600.0)
+    monkeypatch.setattr(wire, "MAX_REFUSALS_WAITING", 2)
+
+    async def silent() -> AsyncIterator[kv_pb2.OpBatch]:
+        await asyncio.Event().wait()
+        yield kv_pb2.OpBatch()
+
+    async def run() -> None:
+        events: list[str] = []
+        held = [asyncio.create_task(refuse(silent(), events)) for _ in range(2)]
+        while wire._waiting < 2:
+            await asyncio.sleep(0)
+        # the third is refused without waiting (its wait would last an hour)
+        assert await asyncio.wait_for(refuse(silent(), events), 10) is grpc.StatusCode.UNAUTHENTICATED
+        assert events == ["abort"] and not any(t.done() for t in held)
+        held[0].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held[0]
+        assert wire._waiting == 1
+        held[1].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held[1]
+        assert wire._waiting == 0
+
+    asyncio.run(run())
