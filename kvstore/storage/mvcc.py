@@ -137,7 +137,6 @@ _LINKS_PACK = struct.Struct(">QQQQH").pack
 """A LOG row's links and key length: its header after the HIST row's head (`_ROW`)."""
 _U16 = struct.Struct(">H")
 _PREV_FROM = struct.Struct(">Q").unpack_from
-_KLEN_FROM = struct.Struct(">H").unpack_from
 _ROW_SIZE = _ROW.size
 _PAIR_UNPACK = _PAIR.unpack
 _MAX_KEY_LEN = (1 << 16) - 1
@@ -742,7 +741,7 @@ def snapshot_records(rows: Rows, st: RevState, base: int = 0) -> Iterator[tuple[
             raw = get(T_CHANGES, _PAIR_PACK(r, kid))
             if raw is None:
                 break
-            if len(raw) < end or _KLEN_FROM(raw, _LOG_SIZE - 2)[0] != end - _LOG_SIZE:
+            if len(raw) < end or _U16.unpack_from(raw, _LOG_SIZE - 2)[0] != end - _LOG_SIZE:
                 raise ValueError(f"log row at revision {r} of key id {kid} does not hold the key's {end - _LOG_SIZE} bytes")
             chain.append((r, raw))
             size += len(raw)

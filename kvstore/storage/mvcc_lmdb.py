@@ -61,15 +61,9 @@ class LmdbRows:
 
     def get(self, t: int, k: bytes) -> bytes | None:
         if t == _T_KEYS:
-            cur = self._keycur
-            if cur is None:
-                cur = self._keycur = self._txn.cursor(db=self._keys)
-            return cur.get(self._p + k)
+            return self._key_cursor().get(self._p + k)
         if t == _T_CHANGES:  # the write path's links (`mvcc._links`) and the chain's walks
-            cur = self._logcur
-            if cur is None:
-                cur = self._logcur = self._txn.cursor(db=self._changes)
-            return cur.get(self._p + k)
+            return self._log_cursor().get(self._p + k)
         if t == _T_STATE:
             if self._state is None:
                 self._state = self._txn.get(self._p + k, db=self._dbs[t])
@@ -78,10 +72,7 @@ class LmdbRows:
 
     def put(self, t: int, k: bytes, v: bytes) -> None:
         if t == _T_KEYS:  # a builder's key rows (`mvcc.LogBuilder`): through the kept cursor
-            cur = self._keycur
-            if cur is None:
-                cur = self._keycur = self._txn.cursor(db=self._keys)
-            cur.put(self._p + k, v)
+            self._key_cursor().put(self._p + k, v)
             return
         if t == _T_STATE:
             self._state, self._dirty = v, True
@@ -139,10 +130,19 @@ class LmdbRows:
             puts[1](p + key, key_row)
 
     def add_log(self, rev_kid: bytes, row: bytes) -> bool:
+        return bool(self._log_cursor().put(self._p + rev_kid, row, overwrite=False))
+
+    def _key_cursor(self) -> Cursor:
+        cur = self._keycur
+        if cur is None:
+            cur = self._keycur = self._txn.cursor(db=self._keys)
+        return cur
+
+    def _log_cursor(self) -> Cursor:
         cur = self._logcur
         if cur is None:
             cur = self._logcur = self._txn.cursor(db=self._changes)
-        return bool(cur.put(self._p + rev_kid, row, overwrite=False))
+        return cur
 
     def flush(self) -> None:
         """Write the revision state row if it changed (once per apply batch)."""
