@@ -126,6 +126,7 @@ class OpMux:
                     w.sent = True
             if hoptrace.ON:
                 hoptrace.mark("c.write")
+                hoptrace.mark(f"c.ops:{len(ops)}")
             try:
                 await call.write(kv_pb2.OpBatch(ops=ops))
             except (asyncio.InvalidStateError, grpc.aio.AioRpcError) as err:
@@ -144,6 +145,7 @@ class OpMux:
                 return
             if hoptrace.ON:
                 hoptrace.mark("c.read")
+                hoptrace.mark(f"c.results:{len(batch.results)}")
             for r in batch.results:
                 kind = r.WhichOneof("result")
                 if kind is not None and getattr(r, kind).error.code == kv_pb2.UNAUTHENTICATED and r.id in pending:

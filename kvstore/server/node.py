@@ -417,6 +417,8 @@ class Node:
                         break
                     if hoptrace.ON:
                         hoptrace.mark("n.begin")
+                        written = sum(len(w.entries) for w in cycle.writes)
+                        hoptrace.mark(f"n.size:{written}:{sum(len(a.entries) for a in cycle.applies)}")
                     stored = cycle.touches_storage()
                     if stored and _applies_here(cycle, inline_max, inline_writes):
                         # Only committed entries to apply and nothing to flush (the leader's

@@ -133,6 +133,7 @@ class OpStream:
                 out, self.out = self.out, []
                 if hoptrace.ON:
                     hoptrace.mark("s.reply")
+                    hoptrace.mark(f"s.results:{len(out)}")
                 yield kv_pb2.ResultBatch(results=out)
             if self.revoked is not None and self.context is not None:
                 await self.context.abort(grpc.StatusCode.UNAUTHENTICATED, f"KV.Stream: {self.revoked.message}")
@@ -147,6 +148,7 @@ class OpStream:
             async for batch in requests:
                 if hoptrace.ON:
                     hoptrace.mark("s.batch")
+                    hoptrace.mark(f"s.ops:{len(batch.ops)}")
                 if self.credential is not None and not self._still_valid(batch):
                     break
                 if self._limited:

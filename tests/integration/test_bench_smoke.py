@@ -236,3 +236,21 @@ def test_watch_bench_smoke_etcd(tmp_path: Path) -> None:
     assert point["duplicates"] == 0 and point["unexpected"] == 0 and point["write_errors"] == 0, point
     assert point["send_p50_ms"] > 0 and point["send_p99_ms"] >= point["send_p50_ms"], point
     assert "| prefix x2 @50/s | etcd |" in (out_dir / "watch.md").read_text()
+
+
+def test_waves_smoke_traces_every_stage_of_a_batch(tmp_path: Path) -> None:
+    """`bench/waves.py` at 8 in flight for 1 s: the client's batches, the leader's proposals and
+    every node's append and apply cycles were traced (the count marks reach the report)."""
+    cmd = [sys.executable, "-m", "bench.waves", "--inflight", "8", "--seconds", "1", "--warmup", "0.2",
+           "--data-root", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    rows = {m.group(1): (int(m.group(2)), m.group(3))
+            for m in re.finditer(r"^\| ([^|]+?) \| (\d+) \| [\d,]* \| ([\d.]*) \|", proc.stdout, re.M)}
+    for stage in ("client: answers read -> next batch written", "leader: batch taken -> proposed",
+                  "leader: append cycle, begin -> end (ops: entries)",
+                  "leader: apply cycle, begin -> end (ops: entries)"):
+        assert stage in rows and rows[stage][0] > 0, (stage, proc.stdout[-3000:])
+        assert rows[stage][1] and float(rows[stage][1]) >= 1, (stage, rows[stage])  # the batch's size
+    assert sum(1 for s in rows if s.startswith("follower ") and "append cycle, begin" in s) == 2, proc.stdout
+    assert list(tmp_path.iterdir()) == [], "the benchmark left its data directory behind"

@@ -102,3 +102,37 @@ def test_node_switch_interval_and_its_override(monkeypatch: pytest.MonkeyPatch) 
             assert abs(sys.getswitchinterval() - want / 1e6) < 1e-9
     finally:
         sys.setswitchinterval(before)
+
+
+def test_waves_splits_cycles_by_what_they_do_and_pairs_marks_with_their_counts() -> None:
+    from bench.waves import cycles, gaps, pairs
+    leader = [
+        (100, "s.batch"), (101, "s.ops:64"), (900, "s.proposed"),
+        (1000, "n.begin"), (1001, "n.size:64:0"), (1100, "n.persist0"), (1700, "n.persist1"), (1800, "n.end"),
+        (2500, "n.begin"), (2501, "n.size:0:64"), (2600, "n.persist0"), (4600, "n.persist1"), (5000, "n.end"),
+        (5100, "n.begin"), (5101, "n.size:0:0"), (5110, "n.end"),
+        (6000, "n.begin"), (6001, "n.size:3:5"), (6500, "n.end"),
+        (7000, "n.begin"), (7001, "n.size:x:"),  # malformed counts, a cycle that never ended
+    ]
+    got = cycles(leader)
+    assert got == {"append": [(800, 600, 64)], "apply": [(2500, 2000, 64)], "other": [(10, 0, 0)],
+                   "append+apply": [(500, 0, 8)]}
+    assert gaps(leader) == [700, 100, 890, 500]
+    assert pairs(leader, "s.batch", "s.proposed", "s.ops") == [(800, 64)]
+    client = [(0, "c.read"), (1, "c.results:64"), (2000, "c.write"), (2001, "c.ops:64"), (9000, "c.read"),
+              (9001, "c.results:bad"), (9500, "c.write")]
+    assert pairs(client, "c.read", "c.write", "c.results") == [(2000, 64), (500, 0)]
+    assert pairs(client, "c.write", "c.read", "c.ops") == [(7000, 64)]
+
+
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(
+    ["n.begin", "n.end", "n.persist0", "n.persist1", "n.size:1:2", "n.size::", "s.batch", "s.ops:7", "s.proposed",
+     "s.ops:", "c.read", "c.write", "c.ops:99999999999"])), max_size=60))
+def test_waves_parsers_are_total(marks: list[tuple[int, str]]) -> None:
+    from bench.waves import cycles, gaps, pairs
+    marks.sort()
+    for kind, cs in cycles(marks).items():
+        assert kind in ("append", "apply", "append+apply", "other")
+        assert all(d >= 0 and p >= 0 and n >= 0 for d, p, n in cs)
+    assert all(g >= 0 for g in gaps(marks))
+    assert all(d >= 0 and n >= 0 for d, n in pairs(marks, "s.batch", "s.proposed", "s.ops"))
