@@ -44,7 +44,7 @@ from kvstore.shard.shardmap import META_GROUP, ShardMap, ShardMapError
 from kvstore.storage import commands
 from kvstore.storage.commands import ApplyResult
 from kvstore.storage.errors import StorageError
-from kvstore.transport.peer import CHANNEL_OPTIONS
+from kvstore.transport.peer import DIAL_OPTIONS
 from kvstore.v1 import shard_pb2, shard_pb2_grpc
 
 from . import waiters
@@ -124,8 +124,8 @@ class GroupCaller:
         ch = self._channels.get(addr)
         if ch is None:
             ch = self._channels[addr] = (
-                grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS) if self.credentials is None
-                else grpc.aio.secure_channel(addr, self.credentials(), options=CHANNEL_OPTIONS)
+                grpc.aio.insecure_channel(addr, options=DIAL_OPTIONS) if self.credentials is None
+                else grpc.aio.secure_channel(addr, self.credentials(), options=DIAL_OPTIONS)
             )
         return ch
 
