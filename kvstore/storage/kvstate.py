@@ -102,20 +102,40 @@ class AppliedState:
     shards: ShardState | None = None
 
 
+_HEAD_UNREAD = SessionHead(-1, -1, -1)
+"""`LmdbGroupView._heads`' marker of a client whose head row was not read yet (never a row)."""
+MAX_DIRTY_HEADS = 16
+"""Session heads `LmdbGroupView` holds back before it writes them all (bounds `oldest_session`'s
+merge, which is linear in them)."""
+MAX_STALE_LRU_SKIPS = 4
+"""LRU rows of held-back heads `oldest_session` steps over before it writes the heads instead."""
+
+
 class LmdbGroupView:
     """`machine.StateView` of one group inside a write transaction. The session meta row is read
     once and written through on every change. Values, session rows and the session LRU are read
     and written through cursors kept for the view's life (cheaper than `txn.get` / `txn.put` /
-    `txn.delete`, which set one up per call; LMDB keeps them valid across the other writes)."""
+    `txn.delete`, which set one up per call; LMDB keeps them valid across the other writes).
+
+    Session heads are written back, not through: every entry of a session touches its head (and
+    so its LRU row), and a batch holds many entries of few sessions. `set_session_head` keeps the
+    new head in `_heads` and, the first time in the view, the row it replaces in `_dirty`;
+    `flush_sessions` (the end of `stage_apply`, or at once when more than `MAX_DIRTY_HEADS` are
+    held) writes each held head once: the replaced row's LRU row deleted, the head and its LRU row
+    put. Invariant: the tables plus `_dirty`'s heads are exactly what writing through would have
+    left; every read of heads or LRU order merges them (`session_head`, `oldest_session`), and
+    `delete_session` flushes first. So the results and the rows do not depend on where batches
+    begin and end, which every replica's apply must not (`tests/unit/test_sessions.py`). A batch
+    of one entry writes through (`hold_heads` False: holding back would only add work)."""
 
     __slots__ = (
-        "_data", "_dcur", "_lcur", "_lru", "_meta", "_p", "_scur", "_sessions", "_shards_db", "_txn", "changed",
-        "group", "index", "mvcc", "shards",
+        "_data", "_dcur", "_dirty", "_front", "_front_end", "_heads", "_hold", "_lcur", "_lru", "_meta", "_p", "_scur", "_sessions",
+        "_shards_db", "_txn", "changed", "group", "index", "mvcc", "shards",
     )
 
     def __init__(
         self, txn: Txn, group: int, data: Db, sessions: Db, shards_db: Db, shards: ShardState | None,
-        lru: Db, revs: tuple[Db, ...],
+        lru: Db, revs: tuple[Db, ...], hold_heads: bool = True,
     ) -> None:
         self._txn = txn
         self.group = group
@@ -131,6 +151,18 @@ class LmdbGroupView:
         self._shards_db = shards_db
         self._lru = lru
         self._meta: SessionMeta | None = None
+        self._heads: dict[int, SessionHead | None] = {}
+        """Each client's head as writing through would have left it (None: no head), once read."""
+        self._dirty: dict[int, tuple[SessionHead, SessionHead | None]] = {}
+        """Clients whose head is held back -> (that head, the head row the tables hold or None)."""
+        self._front: list[tuple[int, int]] | None = None
+        """The group's first LRU rows as the table holds them, as far as `_lru_row` read them;
+        None after the table changed."""
+        self._front_end = False
+        """Whether `_front` holds all of them."""
+        self._hold = hold_heads
+        """Whether heads are held back (False: written through, for a batch of one entry, where
+        holding back saves nothing)."""
         self.shards = shards
         self.changed = False
         self.index = 0
@@ -168,17 +200,47 @@ class LmdbGroupView:
 
     # --- sessions -----------------------------------------------------------------------------
     def session_head(self, client_id: int) -> SessionHead | None:
-        raw = self._scur.get(self._p + U64.pack(client_id))
-        return None if raw is None else _decode_head(raw)
+        h = self._heads.get(client_id, _HEAD_UNREAD)
+        if h is _HEAD_UNREAD:
+            raw = self._scur.get(self._p + U64.pack(client_id))
+            h = self._heads[client_id] = None if raw is None else _decode_head(raw)
+        return h
 
     def set_session_head(self, client_id: int, head: SessionHead, old: SessionHead | None) -> None:
-        p, lcur = self._p, self._lcur
-        if old is not None and lcur.set_key(p + U64_PAIR.pack(old.last, client_id)):
-            lcur.delete()
-        self._scur.put(p + U64.pack(client_id), head.encode())
-        lcur.put(p + U64_PAIR.pack(head.last, client_id), b"")
+        if not self._hold:
+            p, lcur = self._p, self._lcur
+            if old is not None and lcur.set_key(p + U64_PAIR.pack(old.last, client_id)):
+                lcur.delete()
+            self._scur.put(p + U64.pack(client_id), head.encode())
+            lcur.put(p + U64_PAIR.pack(head.last, client_id), b"")
+            self._heads[client_id] = head
+            self._front = None
+            return
+        held = self._dirty.get(client_id)
+        if held is not None:
+            old = held[1]
+        elif len(self._dirty) >= MAX_DIRTY_HEADS:
+            self.flush_sessions()
+        self._dirty[client_id] = (head, old)
+        self._heads[client_id] = head
+
+    def flush_sessions(self) -> None:
+        """Write every held-back head (see the class docstring)."""
+        if not self._dirty:
+            return
+        p, lcur, scur = self._p, self._lcur, self._scur
+        for cid, (head, old) in self._dirty.items():
+            if old is not None and lcur.set_key(p + U64_PAIR.pack(old.last, cid)):
+                lcur.delete()
+            scur.put(p + U64.pack(cid), head.encode())
+            lcur.put(p + U64_PAIR.pack(head.last, cid), b"")
+        self._dirty.clear()
+        self._front = None
 
     def delete_session(self, client_id: int, head: SessionHead) -> None:
+        self.flush_sessions()
+        self._front = None
+        self._heads[client_id] = None
         txn, db, p = self._txn, self._sessions, self._p
         txn.delete(p + U64_PAIR.pack(head.last, client_id), db=self._lru)
         txn.delete(p + U64.pack(client_id), db=db)
@@ -191,16 +253,45 @@ class LmdbGroupView:
             if not cur.delete():
                 break
 
+    def _lru_row(self, i: int) -> tuple[int, int] | None:
+        """The group's `i`-th LRU row as the table holds it (None: it has fewer), read once: the
+        rows read are kept in `_front` until the table changes, and the kept cursor stays on the
+        last of them (only `flush_sessions` moves it otherwise, and it clears `_front`)."""
+        front = self._front
+        if front is None:
+            front = self._front = []
+            self._front_end = False
+        if i < len(front):
+            return front[i]
+        if self._front_end:
+            return None
+        cur, p = self._lcur, self._p
+        while len(front) <= i:
+            if not (cur.set_range(p) if not front else cur.next()) or (k := cur.key())[:8] != p:
+                self._front_end = True  # (an exhausted cursor's next() would start over)
+                return None
+            front.append(U64_PAIR.unpack_from(k, 8))
+        return front[i]
+
     def oldest_session(self) -> tuple[int, int] | None:
-        p = self._p
-        cur = self._lcur
-        if not cur.set_range(p):
-            return None
-        k = cur.key()
-        if k[:8] != p:
-            return None
-        last, cid = U64_PAIR.unpack_from(k, 8)
-        return int(last), int(cid)
+        dirty = self._dirty
+        found = self._lru_row(0)
+        if dirty:
+            i = 0
+            while found is not None:
+                held = dirty.get(found[1])
+                if held is None or held[1] is None or held[1].last != found[0]:
+                    break
+                # the row a held-back head replaces: gone when written through
+                i += 1
+                if i > MAX_STALE_LRU_SKIPS:
+                    self.flush_sessions()
+                    return self.oldest_session()
+                found = self._lru_row(i)
+            first = min((h.last, c) for c, (h, _) in dirty.items())
+            if found is None or first < found:
+                return first
+        return found
 
     def session_meta(self) -> SessionMeta:
         m = self._meta
@@ -332,7 +423,7 @@ class KVState:
         env = self._env
         view = LmdbGroupView(
             txn, group, env.db(DB_DATA), env.db(DB_SESSIONS), env.db(DB_SHARDS), cur.shards, env.db(DB_SESSION_LRU),
-            rev_dbs(env),
+            rev_dbs(env), len(entries) > 1,
         )
         limits = self.session_limits
         idx = cur.index
@@ -355,6 +446,7 @@ class KVState:
                 results.append(None)
                 if e.type == _CONF_CHANGE:
                     _apply_member(txn, env.db(DB_MEMBERS), group, e.data)
+        view.flush_sessions()  # the held-back session heads, once per batch
         view.mvcc.flush()  # the revision state, once per batch
         if idx == cur.index:
             return results, cur

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import random
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -312,6 +314,50 @@ def test_dict_lmdb_and_memory_agree_under_churn(tmp_path: Path) -> None:
         assert d.meta().evicted > 10
     finally:
         lm.store.close()
+
+
+@pytest.mark.parametrize("dirty_cap,skip_cap", [(1, 0), (2, 1), (3, 4), (16, 4)])
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_held_back_heads_agree_with_dict_state_at_any_batch_boundaries(
+    dirty_cap: int, skip_cap: int, data: st.DataObject) -> None:
+    """`LmdbGroupView` holds session heads back within a batch (`flush_sessions`); whatever the
+    caps on what it holds and wherever batches begin and end, the results, heads, LRU rows,
+    cached results and meta row equal `DictState`'s, which writes every entry through."""
+    from unittest import mock
+
+    from kvstore.storage import kvstate
+
+    with (mock.patch.object(kvstate, "MAX_DIRTY_HEADS", dirty_cap),
+          mock.patch.object(kvstate, "MAX_STALE_LRU_SKIPS", skip_cap)):
+        _held_back_agree(data)
+
+
+def _held_back_agree(data: st.DataObject) -> None:
+    limits = SessionLimits(data.draw(st.integers(2, 6)), data.draw(st.integers(1, 12)), data.draw(st.integers(0, 2)))
+    clients = data.draw(st.lists(st.integers(1, 12), min_size=1, max_size=8, unique=True))
+    seqs: dict[int, int] = {}
+    cmds_: list[bytes] = []
+    for _ in range(data.draw(st.integers(1, 60))):
+        cid = data.draw(st.sampled_from([*clients, 0]))
+        seq = seqs[cid] = seqs.get(cid, 0) + data.draw(st.integers(0, 1))  # 0: a repeat (cached result)
+        cmds_.append(put(data.draw(st.sampled_from([b"a", b"b", b"c"])), cid, max(seq, 1),
+                         ack=data.draw(st.integers(0, max(seq, 1))), retry=data.draw(st.booleans())))
+    d = DictBackend(limits)
+    root = Path(tempfile.mkdtemp(prefix="held-"))
+    lm = LmdbBackend(root / "n", limits)
+    try:
+        i = 0
+        while i < len(cmds_):
+            n = data.draw(st.integers(1, 20))
+            batch = cmds_[i : i + n]
+            i += n
+            assert lm.run(*batch) == d.run(*batch)
+            assert (lm.heads(), lm.results(), lm.meta(), lm.lru()) == (d.heads(), d.results(), d.meta(), d.lru())
+            consistent(lm)
+    finally:
+        lm.store.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # --- old rows, snapshots ---------------------------------------------------------------------------
