@@ -34,10 +34,11 @@ MAX_PUTS = 10_000
 SERVE_DEADLINE = 120.0
 
 
-def one_round(down: float) -> tuple[float, int, dict[str, int]]:
+def one_round(down: float, data_root: Path | None = None) -> tuple[float, int, dict[str, int]]:
     """(seconds from the node's start to its first serving of the last put, puts while it was
-    down, answers it gave before by code)."""
-    root = Path(tempfile.mkdtemp(prefix="kvbench-rejoin-"))
+    down, answers it gave before by code); the cluster's data in a new directory under
+    `data_root` (None: the system's temporary directory), removed at the end."""
+    root = Path(tempfile.mkdtemp(prefix="kvbench-rejoin-", dir=data_root))
     cluster = Cluster(root, 3)
     try:
         cluster.start()
@@ -80,9 +81,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--down", type=float, default=30.0, help="seconds the node stays down")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--data-root", type=Path, default=None, help="where the cluster's data directory goes")
     a = ap.parse_args()
     for r in range(a.rounds):
-        took, puts, answers = one_round(a.down)
+        took, puts, answers = one_round(a.down, a.data_root)
         print(f"round {r + 1}: down {a.down:.0f} s ({puts} puts meanwhile); served the last put "
               f"{took:.2f} s after its start; before that it answered {answers}", flush=True)
 

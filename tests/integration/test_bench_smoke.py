@@ -254,3 +254,15 @@ def test_waves_smoke_traces_every_stage_of_a_batch(tmp_path: Path) -> None:
         assert rows[stage][1] and float(rows[stage][1]) >= 1, (stage, rows[stage])  # the batch's size
     assert sum(1 for s in rows if s.startswith("follower ") and "append cycle, begin" in s) == 2, proc.stdout
     assert list(tmp_path.iterdir()) == [], "the benchmark left its data directory behind"
+
+
+def test_rejoin_smoke_a_node_back_from_an_outage_serves(tmp_path: Path) -> None:
+    """`bench/rejoin.py` with a 2 s outage: the restarted follower served the last put written
+    while it was down, the round's line says so, and the data directory is gone afterwards."""
+    cmd = [sys.executable, "-m", "bench.rejoin", "--down", "2", "--data-root", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    m = re.search(r"^round 1: down 2 s \((\d+) puts meanwhile\); served the last put ([\d.]+) s after its start",
+                  proc.stdout, re.M)
+    assert m is not None and int(m.group(1)) > 0, proc.stdout[-3000:]
+    assert list(tmp_path.iterdir()) == [], "the benchmark left its data directory behind"
