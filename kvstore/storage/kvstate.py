@@ -129,8 +129,8 @@ class LmdbGroupView:
     of one entry writes through (`hold_heads` False: holding back would only add work)."""
 
     __slots__ = (
-        "_data", "_dcur", "_dirty", "_front", "_front_end", "_heads", "_hold", "_lcur", "_lru", "_meta", "_p", "_scur", "_sessions",
-        "_shards_db", "_txn", "changed", "group", "index", "mvcc", "shards",
+        "_data", "_dcur", "_dirty", "_front", "_front_end", "_heads", "_hold", "_lcur", "_lru", "_meta", "_p", "_scur",
+        "_sessions", "_shards_db", "_txn", "changed", "group", "index", "mvcc", "shards",
     )
 
     def __init__(
@@ -208,11 +208,7 @@ class LmdbGroupView:
 
     def set_session_head(self, client_id: int, head: SessionHead, old: SessionHead | None) -> None:
         if not self._hold:
-            p, lcur = self._p, self._lcur
-            if old is not None and lcur.set_key(p + U64_PAIR.pack(old.last, client_id)):
-                lcur.delete()
-            self._scur.put(p + U64.pack(client_id), head.encode())
-            lcur.put(p + U64_PAIR.pack(head.last, client_id), b"")
+            self._write_head(client_id, head, old)
             self._heads[client_id] = head
             self._front = None
             return
@@ -224,16 +220,20 @@ class LmdbGroupView:
         self._dirty[client_id] = (head, old)
         self._heads[client_id] = head
 
+    def _write_head(self, client_id: int, head: SessionHead, old: SessionHead | None) -> None:
+        """Store `head` in place of the head row `old` (None: none), its LRU row with it."""
+        p, lcur = self._p, self._lcur
+        if old is not None and lcur.set_key(p + U64_PAIR.pack(old.last, client_id)):
+            lcur.delete()
+        self._scur.put(p + U64.pack(client_id), head.encode())
+        lcur.put(p + U64_PAIR.pack(head.last, client_id), b"")
+
     def flush_sessions(self) -> None:
         """Write every held-back head (see the class docstring)."""
         if not self._dirty:
             return
-        p, lcur, scur = self._p, self._lcur, self._scur
         for cid, (head, old) in self._dirty.items():
-            if old is not None and lcur.set_key(p + U64_PAIR.pack(old.last, cid)):
-                lcur.delete()
-            scur.put(p + U64.pack(cid), head.encode())
-            lcur.put(p + U64_PAIR.pack(head.last, cid), b"")
+            self._write_head(cid, head, old)
         self._dirty.clear()
         self._front = None
 
